@@ -1,0 +1,33 @@
+# A fresh machine needs nothing by hand: `make test` / `make serve` build .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: venv test test-gpu serve smoke lint clean
+
+$(BIN)/pdlaunch: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: anything that depends on torch (nixl does) must find it installed,
+	# otherwise pip pulls a CUDA build of several GB.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(BIN)/pdlaunch
+
+venv: $(BIN)/pdlaunch
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+test-gpu: venv
+	$(BIN)/python -m pytest -q -m gpu tests
+
+serve: venv
+	$(BIN)/pdlaunch serve --model demo --device auto
+
+smoke: venv
+	$(BIN)/pdlaunch smoke --model demo --device cpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,145 @@
+"""The `pdlaunch` command: one function per command, wiring only.
+
+Every command turns a PdlaunchError into one readable message and exit code 1 (never a traceback
+for a user mistake). The work lives in the modules each command calls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from pdlaunch import __version__
+from pdlaunch.config.flags import with_serve_options
+from pdlaunch.errors import PdlaunchError
+
+app = typer.Typer(
+    name="pdlaunch",
+    help="Launch and run disaggregated prefill/decode LLM serving from one command.",
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Config schema and examples.", no_args_is_help=True)
+bench_app = typer.Typer(help="Load generator and KV transfer benchmark.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(bench_app, name="bench")
+
+err_console = Console(stderr=True)
+
+
+def _fail(exc: PdlaunchError) -> typer.Exit:
+    for line in exc.render().splitlines():
+        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"pdlaunch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
+) -> None:
+    """pdlaunch: prefill instances, decode instances and an OpenAI-compatible proxy, from one command."""
+
+
+@app.command()
+@with_serve_options
+def serve(config: Optional[Path], overrides: dict[str, Any]) -> None:
+    """Start prefill and decode instances plus the proxy; Ctrl-C stops everything."""
+    from pdlaunch.config.loader import load_valid_deployment
+    from pdlaunch.launcher.serve import run_serve
+
+    try:
+        code = run_serve(load_valid_deployment(config, overrides))
+    except PdlaunchError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code=code)
+
+
+@app.command("check-config")
+@with_serve_options
+def check_config(
+    config: Optional[Path],
+    overrides: dict[str, Any],
+    json_output: Annotated[bool, typer.Option("--json", help="Print {valid, problems, config} as JSON.")] = False,
+    target_gpus: Annotated[
+        Optional[int], typer.Option("--target-gpus", help="Check as if on a host with N GPUs.")
+    ] = None,
+    target_gpu_memory: Annotated[
+        Optional[float], typer.Option("--target-gpu-memory", help="GiB per GPU of that host.")
+    ] = None,
+) -> None:
+    """Validate a deployment without starting anything: exit 0 valid, 1 invalid."""
+    from pdlaunch.config.check import run_check
+
+    try:
+        code = run_check(config, overrides, json_output, target_gpus, target_gpu_memory)
+    except PdlaunchError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code=code)
+
+
+@app.command()
+@with_serve_options
+def smoke(config: Optional[Path], overrides: dict[str, Any]) -> None:
+    """Launch a deployment, check PD answers against colocated ones, exit 0 or 1 (for CI)."""
+    from pdlaunch.config.loader import load_valid_deployment
+    from pdlaunch.launcher.smoke import run_smoke
+
+    try:
+        code = run_smoke(load_valid_deployment(config, overrides))
+    except PdlaunchError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", help="Local HF checkpoint directory, or `demo`.")] = "demo",
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt; repeat for more.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate per prompt.")] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+    dtype: Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")] = False,
+) -> None:
+    """Offline generation with the engine (no server)."""
+    from pdlaunch.engine.generate_cmd import run_generate
+
+    try:
+        run_generate(model, device, prompt or ["Hello, my name is"], max_tokens, temperature, dtype, json_output)
+    except PdlaunchError as exc:
+        raise _fail(exc) from None
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of the deployment config."""
+    import json
+
+    from pdlaunch.config.models import DeploymentConfig
+
+    typer.echo(json.dumps(DeploymentConfig.model_json_schema(), indent=2))
+
+
+@config_app.command("example")
+def config_example() -> None:
+    """Print a commented example deployment YAML."""
+    from pdlaunch.config.loader import example_yaml
+
+    typer.echo(example_yaml())
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,125 @@
+"""Deployment config: one pydantic model per concern, composed into `DeploymentConfig`.
+
+Field names are the YAML keys. Every CLI flag maps onto one of them (see `pdlaunch.config.flags`).
+Cross-field rules live in `pdlaunch.config.validate`; these models only check single values.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["prefill", "decode", "colocated"]
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    path: str = Field("demo", description="Local HF checkpoint directory, or `demo` for the built-in model.")
+    dtype: DType = Field("auto", description="Weights/KV dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    max_model_len: int | None = Field(None, gt=0, description="Longest prompt+output; default: the model's limit.")
+    seed: int = Field(0, description="Default sampling seed of the engine.")
+    enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
+    enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
+
+
+class CacheConfig(StrictModel):
+    block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of device memory an instance may use.")
+    num_gpu_blocks: int | None = Field(None, gt=0, description="Override the profiled KV block count.")
+    cpu_offload_gb: float = Field(0.0, ge=0, description="CPU tier for offloaded KV blocks, GiB; 0 = off.")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
+    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="KV cache budget when running on CPU, GiB.")
+
+
+class SchedulerConfig(StrictModel):
+    max_num_seqs: int = Field(64, gt=0, description="Most sequences in one batch.")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="Most tokens in one step (chunked prefill).")
+
+
+class NodeConfig(StrictModel):
+    address: str = Field(..., description="Address other nodes reach this node at.")
+    devices: list[int] = Field(default_factory=list, description="CUDA device indices on this node.")
+
+
+class ParallelConfig(StrictModel):
+    tp: int = Field(1, gt=0, description="Default tensor-parallel size of every instance.")
+    prefill_tp: int | None = Field(None, gt=0, description="TP size of prefill instances (default: tp).")
+    decode_tp: int | None = Field(None, gt=0, description="TP size of decode instances (default: tp).")
+    nodes: list[NodeConfig] = Field(default_factory=list, description="Multi-node: one entry per node.")
+    node_rank: int = Field(0, ge=0, description="Which entry of `nodes` this process runs.")
+    master_addr: str = Field("127.0.0.1", description="torch.distributed rendezvous address.")
+    master_port: int | None = Field(None, description="Rendezvous port; default: a free port.")
+
+
+class KVTransferConfig(StrictModel):
+    connector: Literal["nixl", "storage"] = Field("nixl", description="How KV moves from prefill to decode.")
+    transfer_mode: Literal["auto", "pull", "push"] = Field(
+        "auto", description="pull: decode READs; push: prefill WRITEs; auto: push where pull cannot work."
+    )
+    engine_id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="Base engine id of instances.")
+    side_channel_host: str = Field("127.0.0.1", description="Host the handshake side channel binds to.")
+    side_channel_port: int | None = Field(None, description="First side-channel port; default: free ports.")
+    kv_lease_seconds: float = Field(60.0, gt=0, description="Prefill frees unread KV blocks after this.")
+    handshake_timeout_seconds: float = Field(10.0, gt=0, description="Decode gives up a handshake after this.")
+    transfer_timeout_seconds: float = Field(30.0, gt=0, description="Decode fails a request whose KV is late.")
+    storage_path: str = Field("~/.cache/pdlaunch/kv", description="Directory of the storage connector.")
+    verify_kv: bool = Field(False, description="Checksum every transferred request end to end.")
+
+
+class ProxyConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="Proxy bind address.")
+    port: int = Field(8000, description="Proxy port (the one clients use).")
+    routing_policy: Literal["round_robin", "least_loaded"] = Field("round_robin", description="Instance choice.")
+    request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")
+
+
+class InstanceGroupConfig(StrictModel):
+    role: Role
+    count: int = Field(1, ge=0, description="Number of instances in this group.")
+    tp: int | None = Field(None, gt=0, description="TP size (default: parallel.prefill_tp/decode_tp/tp).")
+    devices: list[int] | None = Field(None, description="CUDA devices for the group, tp per instance, in order.")
+    node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
+    base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
+
+
+def default_instances() -> list[InstanceGroupConfig]:
+    return [InstanceGroupConfig(role="prefill"), InstanceGroupConfig(role="decode")]
+
+
+class DeploymentConfig(StrictModel):
+    device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
+    colocated: bool = Field(False, description="One instance doing both phases, no KV transfer.")
+    log_dir: str = Field("logs", description="One log file per instance is written here.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    instances: list[InstanceGroupConfig] = Field(default_factory=default_instances)
+
+
+class InstanceSpec(StrictModel):
+    """What one instance process needs to know about itself; produced by the launcher."""
+
+    role: Role
+    index: int = 0
+    host: str = "127.0.0.1"
+    port: int
+    tp: int = 1
+    devices: list[int] = Field(default_factory=list)
+    device: Literal["cpu", "cuda"] = "cpu"
+    engine_id: str
+    side_channel_port: int | None = None
+    master_port: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"

@@ -1,0 +1,50 @@
+"""Request-facing types of the engine: sampling parameters in, request outputs out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingParams(BaseModel):
+    """Per-request sampling. Invalid values raise a pydantic ValidationError naming the field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)  # -1 or 0 = off
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)  # top-n alternatives per token; 0 = chosen token only
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # top-n alternatives, token_id -> logprob
+
+
+@dataclass
+class RequestOutput:
+    """A step's news about one request. `new_*` are what this step added."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str  # incremental text; stop strings are cut, partial stop matches held back
+    output_token_ids: list[int]  # all generated so far
+    text: str  # all generated text so far
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # set with finish_reason == "error" (e.g. KV transfer failed)
+    error_status: int = 500  # HTTP status a server should use for `error`
+    new_logprobs: list[TokenLogprob] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache or remote KV)
+    kv_transfer_params: dict[str, Any] | None = None  # prefill side: what decode needs

@@ -1,0 +1,39 @@
+"""The one domain error type. The CLI turns it into a readable message and exit code 1."""
+
+from __future__ import annotations
+
+
+class PdlaunchError(Exception):
+    """A user-facing error. `field` is the config path or flag it is about (e.g. `cache.block_size`)."""
+
+    def __init__(self, message: str, field: str | None = None, hint: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        text = f"{self.field}: {self.message}" if self.field else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class ConfigError(PdlaunchError):
+    """A deployment config problem; may carry several problems at once."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        field, message = problems[0] if problems else ("", "invalid configuration")
+        super().__init__(message if len(problems) == 1 else f"{len(problems)} problems", field=field or None)
+
+    def render(self) -> str:
+        return "\n".join(f"{f}: {m}" if f else m for f, m in getattr(self, "problems", [])) or super().render()
+
+
+class EngineError(PdlaunchError):
+    """A problem in the engine that a request can be failed with (HTTP 4xx/5xx once served)."""
+
+
+class KVTransferError(PdlaunchError):
+    """A KV transfer failure: handshake, engine_id mismatch, incompatibility, timeout, checksum."""

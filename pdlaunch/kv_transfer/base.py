@@ -1,0 +1,122 @@
+"""The connector interface: the slots a KV connector (nixl, storage) fills in the engine.
+
+Scheduler side (called by the engine loop, one thread): which requests load KV, which keep their
+blocks after finishing, and what finished. Worker side: register the KV memory, move blocks.
+Both sides live in one object per engine process.
+
+Flow on a PD pair (prompt of n tokens, block_size B):
+  prefill: request carries kv_transfer_params={"do_remote_decode": True}; it runs normally with
+    max_tokens=1; when it finishes the engine calls `request_finished`, which returns
+    (hold=True, params) -> the engine keeps the request's blocks, answers with `params`, and frees
+    the blocks only when `get_finished().finished_sending` names the request (decode read them,
+    or the lease expired).
+  decode: request carries the params above (do_remote_prefill=True, remote_block_ids, ...). The
+    engine matches its local prefix cache (k tokens, full blocks), asks
+    `get_num_new_matched_tokens` how many more tokens the connector provides (n - 1 - k: the
+    last prompt token is always recomputed to get logits), allocates blocks for all n tokens,
+    calls `start_load` and parks the request until `get_finished().finished_recving` names it
+    (or `failed_recving` does: the engine then finishes it with an error and frees its blocks).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class KVCacheSpec:
+    """The engine's KV cache as a connector sees it (see model/attention_metadata.py for layout).
+
+    kv_caches[g]: [num_blocks, num_layers_g, 2, block_size, num_kv_heads, head_dim], contiguous;
+    block b of group g is bytes [data_ptr + b * block_bytes[g], + block_bytes[g]).
+    """
+
+    kv_caches: list[torch.Tensor]
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int  # per TP rank
+    head_dim: int
+    dtype: torch.dtype
+    group_layers: list[list[int]]  # global layer indices of each group
+    group_sliding_window: list[int | None]  # window (tokens) of each group, None = full attention
+    model_name: str  # architecture + a hash of the config, for the compatibility check
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_caches[0].device
+
+    @property
+    def block_bytes(self) -> list[int]:
+        return [t[0].numel() * t.element_size() for t in self.kv_caches]
+
+
+@dataclass
+class KVConnectorEvents:
+    finished_sending: set[str] = field(default_factory=set)  # prefill: held blocks may be freed now
+    finished_recving: set[str] = field(default_factory=set)  # decode: KV is in the local blocks
+    failed_recving: dict[str, str] = field(default_factory=dict)  # decode: request_id -> error message
+
+
+class KVConnector(ABC):
+    """One per engine. Request ids are the engine's own request ids."""
+
+    # -- worker side --------------------------------------------------------------------------
+    @abstractmethod
+    def register_kv_caches(self, spec: KVCacheSpec) -> None:
+        """Register the KV memory (once, after the engine allocated it)."""
+
+    # -- scheduler side -----------------------------------------------------------------------
+    @abstractmethod
+    def get_num_new_matched_tokens(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None,
+        num_local_computed_tokens: int,
+    ) -> int:
+        """Prompt tokens beyond the local prefix hit that this connector will load (0: none)."""
+
+    @abstractmethod
+    def start_load(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None,
+        block_ids: list[list[int]],
+        num_local_computed_tokens: int,
+        num_external_tokens: int,
+    ) -> None:
+        """Start loading positions [num_local_computed_tokens, + num_external_tokens) into the
+        request's per-group block tables `block_ids` (covering the whole prompt). Asynchronous:
+        the outcome comes from `get_finished`. Called even when num_external_tokens == 0 and
+        params ask for remote prefill, so the prefill side is told it may free its blocks."""
+
+    @abstractmethod
+    def request_finished(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        kv_transfer_params: dict[str, Any] | None,
+        block_ids: list[list[int]],
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """A request finished here. Returns (hold_blocks, kv_transfer_params for the response)."""
+
+    @abstractmethod
+    def get_finished(self) -> KVConnectorEvents:
+        """Progress transfers, handle notifications and leases; report what completed."""
+
+    def abort_load(self, request_id: str) -> None:
+        """The engine aborted a request that was waiting for KV; stop caring about it."""
+
+    def info(self) -> dict[str, Any]:
+        """What /info shows about the connector (transfer mode and why, agent names...)."""
+        return {}
+
+    def shutdown(self) -> None:
+        """Release agents, threads and sockets."""

@@ -1,0 +1,66 @@
+"""The platform layer: which device, bind it, how much memory. Nothing else hard-codes a device."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a CUDA device is visible, else `cpu`."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return device
+
+
+def current_device_index() -> int:
+    """The calling thread's current device index (0 on CPU)."""
+    return torch.cuda.current_device() if cuda_available() else 0
+
+
+def set_device(index: int) -> None:
+    """Bind the calling thread to a device. CUDA's current device is thread-local (seed 000)."""
+    if cuda_available():
+        torch.cuda.set_device(index)
+    _thread_device.index = index
+
+
+def bound_device_index() -> int | None:
+    """The index `set_device` last bound in this thread (also on CPU, for tests), or None."""
+    return getattr(_thread_device, "index", None)
+
+
+def device_memory_bytes(index: int = 0) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device."""
+    free, total = torch.cuda.mem_get_info(index)
+    return int(free), int(total)
+
+
+@lru_cache(maxsize=1)
+def is_cumem_allocator_available() -> bool:
+    """True when the CuMem (cuMemCreate/cuMemMap) allocator can run here: CUDA and the driver API."""
+    if not cuda_available() or torch.version.cuda is None:
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def expandable_segments_enabled() -> bool:
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
+
+
+import threading  # noqa: E402  (kept at the end: only the thread-local below needs it)
+
+_thread_device = threading.local()
