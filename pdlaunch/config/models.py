@@ -7,9 +7,9 @@ Cross-field rules live in `pdlaunch.config.validate`; these models only check si
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["prefill", "decode", "colocated"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -17,7 +17,7 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(StrictModel):
@@ -104,6 +104,14 @@ class DeploymentConfig(StrictModel):
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     instances: list[InstanceGroupConfig] = Field(default_factory=default_instances)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _colocated_default_instances(cls, data: Any) -> Any:
+        # Without an explicit `instances`, a colocated deployment is one colocated instance.
+        if isinstance(data, dict) and data.get("colocated") is True and "instances" not in data:
+            return {**data, "instances": [{"role": "colocated"}]}
+        return data
 
 
 class InstanceSpec(StrictModel):

@@ -1,0 +1,132 @@
+"""Turn pydantic ValidationErrors into one Problem per field: dotted path, readable message, fix hint."""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.problems import Problem, problem
+
+
+def loc_to_path(loc: tuple[int | str, ...]) -> str:
+    """('instances', 1, 'count') -> 'instances[1].count'."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path or "config"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside `Model`, `list[Model]`, `Model | None`, else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The config model whose keys live at `loc` (list indices are skipped), or None past a leaf."""
+    model: type[BaseModel] | None = DeploymentConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if model is None or part not in model.model_fields:
+            return None
+        model = _model_in(model.model_fields[part].annotation)
+    return model
+
+
+def _field_info(loc: tuple[int | str, ...]) -> FieldInfo | None:
+    names = [p for p in loc if isinstance(p, str)]
+    if not names:
+        return None
+    parent = model_at(loc[: max(i for i, p in enumerate(loc) if isinstance(p, str))])
+    if parent is None:
+        return None
+    return parent.model_fields.get(names[-1])
+
+
+def all_key_paths(model: type[BaseModel] = DeploymentConfig, prefix: str = "") -> list[str]:
+    """Every dotted key path of the config (list items written as `[]`)."""
+    paths: list[str] = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}.{name}" if prefix else name
+        paths.append(path)
+        child = _model_in(info.annotation)
+        if child is not None:
+            is_list = typing.get_origin(info.annotation) is list
+            paths += all_key_paths(child, path + ("[]" if is_list else ""))
+    return paths
+
+
+def did_you_mean(key: str, loc: tuple[int | str, ...]) -> str:
+    """A fix hint for an unknown key: a close local key, or where a same-named key lives elsewhere."""
+    parent = model_at(loc[:-1])
+    local = list(parent.model_fields) if parent is not None else []
+    norm = key.strip().replace("-", "_").lower()
+    close = difflib.get_close_matches(norm, local, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    elsewhere = [p for p in all_key_paths() if p.rsplit(".", 1)[-1] == norm]
+    if elsewhere:
+        return f"did you mean `{elsewhere[0]}`? (that key lives there)"
+    leaves = {p.rsplit(".", 1)[-1]: p for p in all_key_paths()}
+    close = difflib.get_close_matches(norm, list(leaves), n=1, cutoff=0.75)
+    if close:
+        return f"did you mean `{leaves[close[0]]}`?"
+    return "valid keys here: " + ", ".join(local) if local else "remove it"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    """(what is wrong, how to fix it) for one pydantic error."""
+    kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
+    info = _field_info(loc)
+    hint = f"expected: {info.description}" if info is not None and info.description else "fix the value"
+    if kind == "extra_forbidden":
+        return f"unknown key `{loc[-1]}`", did_you_mean(str(loc[-1]), loc)
+    if kind == "invalid_key":
+        return f"key {_short(value)} is not a string", "config keys are names like `block_size`"
+    if kind == "missing":
+        return "required key is missing", f"add it ({hint})"
+    if kind == "literal_error":
+        return f"{_short(value)} is not allowed", f"use {err.get('ctx', {}).get('expected', 'a listed value')}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"expected a mapping of keys, got {type(value).__name__}", "write `key: value` pairs under it"
+    if kind == "list_type":
+        return f"expected a list, got {type(value).__name__}", hint
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg[0].lower() + msg[1:] if msg else "invalid value"
+    return f"{msg}, got {_short(value)}", hint
+
+
+def problems_from_validation_error(exc: ValidationError, flags: dict[str, str] | None = None) -> list[Problem]:
+    """One Problem per pydantic error; `flags` maps dotted paths to the flag that set them."""
+    flags = flags or {}
+    problems: list[Problem] = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = loc_to_path(loc[:-1] if err["type"] == "invalid_key" else loc)
+        what, hint = _describe(err)
+        if path in flags:
+            what += f" (from {flags[path]})"
+        problems.append(problem(path, what, hint))
+    return problems

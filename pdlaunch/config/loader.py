@@ -1,0 +1,143 @@
+"""Load a deployment: YAML file, then flag overrides, then pydantic; every mistake becomes a Problem.
+
+Precedence: flags override the file, the file overrides the model defaults. Override keys are the
+dotted paths of `pdlaunch.config.flags.FLAG_PATHS`, plus `instances[<role>].count`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from pdlaunch.config.errors_format import problems_from_validation_error
+from pdlaunch.config.flags import FLAG_PATHS
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_ROLE_PATH = re.compile(r"^instances\[(prefill|decode|colocated)\]\.(\w+)$")
+_FLAG_FOR_PATH = {path: "--" + name.replace("_", "-") for name, path in FLAG_PATHS.items()}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([problem("config", f"file {str(path)!r} does not exist", "check the path")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([problem("config", f"cannot read {str(path)!r}: {exc}", "pass a readable UTF-8 file")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([problem("config", f"YAML syntax error in {str(path)!r}{where}: {what}",
+                                   "fix the YAML there (indentation, ':' after keys, quotes)")]) from None
+    except RecursionError:
+        raise ConfigError([problem("config", f"{str(path)!r} nests too deeply", "flatten the document")]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([problem("config", f"{str(path)!r} holds a {type(data).__name__}, not a mapping of keys",
+                                   "write `key: value` lines, e.g. `model: {path: demo}`")])
+    return data
+
+
+def _set_role_field(raw: dict[str, Any], role: str, key: str, value: Any, flag: str) -> list[Problem]:
+    if "instances" not in raw:
+        colocated = raw.get("colocated") is True
+        raw["instances"] = [{"role": "colocated"}] if colocated else [{"role": "prefill"}, {"role": "decode"}]
+    groups = raw["instances"]
+    if not isinstance(groups, list):
+        return [problem("instances", f"expected a list of instance groups, got {type(groups).__name__}",
+                        "write `instances: [{role: prefill, count: 1}, {role: decode, count: 1}]`")]
+    matching = [g for g in groups if isinstance(g, dict) and g.get("role") == role]
+    if len(matching) > 1:
+        return [problem("instances", f"{flag} is ambiguous: the file has {len(matching)} {role} groups",
+                        f"set `count` on each {role} group in the file instead of {flag}")]
+    if matching:
+        matching[0][key] = value
+    else:
+        groups.append({"role": role, key: value})
+    return []
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Problem]:
+    """Write each dotted-path override into `raw` (in place). Returns problems for paths that cannot take it."""
+    problems: list[Problem] = []
+    for path, value in overrides.items():
+        flag = _FLAG_FOR_PATH.get(path, path)
+        role_match = _ROLE_PATH.match(path)
+        if role_match:
+            problems += _set_role_field(raw, role_match.group(1), role_match.group(2), value, flag)
+            continue
+        parts = path.split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                problems.append(problem(where, f"expected a mapping of keys, got {type(child).__name__}",
+                                        f"make `{where}` a mapping so that {flag} can set `{path}`"))
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    return problems
+
+
+def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentConfig:
+    """Parse and type-check a deployment (no host checks). Raises ConfigError listing every problem."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = copy.deepcopy(raw)
+    problems = apply_overrides(raw, overrides)
+    try:
+        cfg = DeploymentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems += problems_from_validation_error(exc, flags=_flags_given(overrides))
+        raise ConfigError(problems) from None
+    except RecursionError:
+        problems.append(problem("config", "the document refers to itself (recursive YAML anchor)",
+                                "remove the recursive alias"))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _flags_given(overrides: dict[str, Any]) -> dict[str, str]:
+    """Dotted path -> the flag that set it, so messages can name the flag the user typed."""
+    return {path: _FLAG_FOR_PATH[path] for path in overrides if path in _FLAG_FOR_PATH}
+
+
+def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentConfig:
+    """Load, validate against this host, and resolve (sleep mode -> cumem, TP per group, device, dtype).
+
+    Raises ConfigError with every problem; the returned config is the resolved one.
+    """
+    from pdlaunch.config.validate import validate_deployment
+
+    cfg = load_deployment(path, overrides)
+    problems, resolved = validate_deployment(cfg, target=None)
+    if problems:
+        raise ConfigError(list(problems))
+    return resolved
+
+
+def example_yaml() -> str:
+    """A commented deployment that validates on this machine (`pdlaunch config example`)."""
+    from pdlaunch.config.example import EXAMPLE_YAML
+
+    return EXAMPLE_YAML

@@ -1,0 +1,140 @@
+"""Cross-field validation of a deployment against a host, and the resolved config it runs with.
+
+`validate_deployment(cfg, target)` returns every problem (never stops at the first) and the resolved
+config: device and dtype made concrete, TP filled in per instance group, `max_model_len` from the
+model, and the cumem allocator turned on by sleep mode (seed 003).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
+from pdlaunch.config.problems import Problem, problem
+from pdlaunch.memory import platform
+
+logger = logging.getLogger(__name__)
+
+SLEEP_ENABLES_CUMEM = "Enabling cumem allocator because sleep mode requires it."
+_logged_once: set[str] = set()
+
+
+def _info_once(message: str) -> None:
+    if message not in _logged_once:
+        _logged_once.add(message)
+        logger.info(message)
+
+
+@dataclass(frozen=True)
+class TargetHost:
+    """The GPU host a config is meant for (`--target-gpus N --target-gpu-memory GIB`), when not this one."""
+
+    gpus: int
+    gpu_memory_gib: float
+
+
+def target_problems(target_gpus: int | None, target_gpu_memory: float | None) -> tuple[TargetHost | None, list[Problem]]:
+    """The declared target host from the two check-config flags, or the problems with them."""
+    if target_gpus is None and target_gpu_memory is None:
+        return None, []
+    problems: list[Problem] = []
+    if target_gpus is None or target_gpu_memory is None:
+        missing = "--target-gpus" if target_gpus is None else "--target-gpu-memory"
+        problems.append(problem(missing, "a target host needs both --target-gpus and --target-gpu-memory",
+                                f"add {missing}"))
+    if target_gpus is not None and target_gpus < 1:
+        problems.append(problem("--target-gpus", f"must be at least 1, got {target_gpus}", "give the GPU count"))
+    if target_gpu_memory is not None and not 0 < target_gpu_memory < float("inf"):
+        problems.append(problem("--target-gpu-memory", f"must be a positive number of GiB, got {target_gpu_memory}",
+                                "e.g. --target-gpu-memory 80"))
+    if problems:
+        return None, problems
+    assert target_gpus is not None and target_gpu_memory is not None
+    return TargetHost(gpus=target_gpus, gpu_memory_gib=target_gpu_memory), []
+
+
+def resolved_device(cfg: DeploymentConfig, target: TargetHost | None) -> str:
+    """cpu | cuda. With a target host, `auto` means cuda (the config is checked as if on that host)."""
+    if cfg.device == "cpu":
+        return "cpu"
+    if target is not None:
+        return "cuda"
+    return platform.resolve_device(cfg.device)
+
+
+def group_tp(cfg: DeploymentConfig, group: InstanceGroupConfig) -> int:
+    """group.tp, else parallel.prefill_tp / decode_tp for that role, else parallel.tp."""
+    if group.tp is not None:
+        return group.tp
+    role_tp = {"prefill": cfg.parallel.prefill_tp, "decode": cfg.parallel.decode_tp}.get(group.role)
+    return role_tp if role_tp is not None else cfg.parallel.tp
+
+
+def cumem_reason(cfg: DeploymentConfig) -> str:
+    """Why the resolved config has the cumem allocator on or off (for the check-config summary)."""
+    if cfg.model.enable_sleep_mode:
+        return "on (sleep mode requires it)"
+    if cfg.model.enable_cumem_allocator:
+        return "on (enable_cumem_allocator)"
+    return "off"
+
+
+def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
+    """Seed 003: sleep mode turns cumem on; cumem needs CUDA; expandable_segments + connector needs cumem.
+
+    Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy).
+    """
+    problems: list[Problem] = []
+    cumem_available = device == "cuda" and (target is not None or platform.is_cumem_allocator_available())
+    model = cfg.model
+    if model.enable_sleep_mode:
+        if not cumem_available:
+            problems.append(problem("model.enable_sleep_mode", "sleep mode is not supported on current platform",
+                                    f"it needs CUDA (device is {device}); drop --enable-sleep-mode or use --device cuda"))
+        elif not model.enable_cumem_allocator:
+            _info_once(SLEEP_ENABLES_CUMEM)
+            model.enable_cumem_allocator = True
+    if model.enable_cumem_allocator and not cumem_available:
+        problems.append(problem("model.enable_cumem_allocator", "cumem allocator is not supported on current platform",
+                                f"it needs CUDA (device is {device}); drop --enable-cumem-allocator or use --device cuda"))
+    uses_connector = not cfg.colocated
+    if device == "cuda" and uses_connector and not model.enable_cumem_allocator and platform.expandable_segments_enabled():
+        problems.append(problem(
+            "model.enable_cumem_allocator",
+            "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which breaks KV connector memory registration",
+            "pass --enable-cumem-allocator or --enable-sleep-mode, or unset expandable_segments"))
+    return problems
+
+
+def _device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
+    problems: list[Problem] = []
+    if cfg.device == "cuda" and target is None and not platform.cuda_available():
+        problems.append(problem("device", "cuda requested but no CUDA device is visible on this machine",
+                                "use --device cpu, or declare the GPU host with --target-gpus N --target-gpu-memory GIB"))
+    if device == "cpu" and cfg.model.dtype == "float16":
+        problems.append(problem("model.dtype", "float16 is not supported on CPU",
+                                "use --dtype bfloat16 or float32 (or auto) on CPU"))
+    return problems
+
+
+def resolve(cfg: DeploymentConfig, target: TargetHost | None) -> DeploymentConfig:
+    """A copy with device, dtype and per-group TP made concrete (cumem is settled by the rules)."""
+    out = cfg.model_copy(deep=True)
+    device = resolved_device(cfg, target)
+    out.device = device  # type: ignore[assignment]
+    if out.model.dtype == "auto":
+        out.model.dtype = "bfloat16" if device == "cuda" else "float32"
+    for group in out.instances:
+        group.tp = group_tp(cfg, group)
+    return out
+
+
+def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tuple[list[Problem], DeploymentConfig]:
+    """Every problem of `cfg` on this host (target=None) or on the declared target host, and the resolved config."""
+    device = resolved_device(cfg, target)
+    out = resolve(cfg, target)
+    problems: list[Problem] = []
+    problems += _device_rules(cfg, device, target)
+    problems += _cumem_rules(out, device, target)
+    return problems, out
