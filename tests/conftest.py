@@ -1,0 +1,67 @@
+"""Session fixtures shared by every test package: tiny random HF checkpoints, gpu marker skip.
+
+The demo model is built into the real user cache (`~/.cache/pdlaunch`, or `$PDLAUNCH_CACHE_DIR`
+when set), exactly as a user's first `--model demo` run does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the hub; quiet transformers' progress bars in test output.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `make test-gpu` on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama, llama3 rope scaling, GQA, 2 layers, untied."""
+    from tests.helpers.checkpoints import make_llama
+
+    return make_llama(tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2 with qkv bias."""
+    from tests.helpers.checkpoints import make_qwen2
+
+    return make_qwen2(tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def mistral_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mistral with sliding_window=8 on every layer."""
+    from tests.helpers.checkpoints import make_mistral
+
+    return make_mistral(tmp_path_factory.mktemp("mistral"))
+
+
+@pytest.fixture(scope="session")
+def hybrid_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2, layer_types alternating full/sliding (window 6), 4 layers."""
+    from tests.helpers.checkpoints import make_qwen2_hybrid
+
+    return make_qwen2_hybrid(tmp_path_factory.mktemp("hybrid"))
+
+
+@pytest.fixture(scope="session")
+def sharded_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama, 3 layers, saved in several shards with model.safetensors.index.json."""
+    from tests.helpers.checkpoints import make_sharded
+
+    return make_sharded(tmp_path_factory.mktemp("sharded"))
