@@ -1,0 +1,131 @@
+"""`pdlaunch bench ...`: typer sub-app, mounted by pdlaunch/cli.py as `bench`. Wiring only."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from pdlaunch.errors import PdlaunchError
+
+bench_app = typer.Typer(
+    help="Load generator, KV transfer benchmark and benchmark checkpoints.",
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _fail(lines: list[str]) -> typer.Exit:
+    for line in lines:
+        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _validation_lines(exc: ValidationError) -> list[str]:
+    """One line per field, named as its flag (`random_input_len` -> `--random-input-len`)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        where = f"--{loc.replace('_', '-')}: " if loc else ""
+        lines.append(f"{where}{err['msg'].removeprefix('Value error, ')}")
+    return lines
+
+
+@bench_app.command("serve")
+def serve(
+    base_url: Annotated[str, typer.Option("--base-url", help="Server root, e.g. http://127.0.0.1:8000.")],
+    slo_args: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="[SLO]...", help="More NAME:MS SLOs after --goodput, vLLM style.", show_default=False),
+    ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model name; default: first of /v1/models.")] = None,
+    endpoint: Annotated[str, typer.Option("--endpoint", help="/v1/completions or /v1/chat/completions.")] = "/v1/completions",
+    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests to send.")] = 1000,
+    random_input_len: Annotated[int, typer.Option("--random-input-len", help="Prompt tokens (mean).")] = 1024,
+    random_output_len: Annotated[int, typer.Option("--random-output-len", help="Output tokens (mean).")] = 128,
+    random_range_ratio: Annotated[
+        float, typer.Option("--random-range-ratio", help="Lengths uniform in mean*[1-r, 1+r], 0 <= r < 1.")
+    ] = 0.0,
+    request_rate: Annotated[
+        float, typer.Option("--request-rate", help="Requests/s (gamma arrivals); inf sends all at once.")
+    ] = math.inf,
+    burstiness: Annotated[
+        float, typer.Option("--burstiness", help="Gamma shape: 1 Poisson, <1 burstier, >1 more regular.")
+    ] = 1.0,
+    max_concurrency: Annotated[Optional[int], typer.Option("--max-concurrency", help="Cap on requests in flight.")] = None,
+    num_warmups: Annotated[int, typer.Option("--num-warmups", help="Unmeasured requests sent first.")] = 0,
+    goodput: Annotated[
+        Optional[list[str]], typer.Option("--goodput", help="SLO NAME:MS, NAME in ttft, tpot, e2el; repeatable.")
+    ] = None,
+    prompt_format: Annotated[
+        Optional[str], typer.Option("--prompt-format", help="ids | words (default: ids, words for chat).")
+    ] = None,
+    vocab_size: Annotated[
+        int, typer.Option("--vocab-size", help="Prompt token ids drawn from [10, V); raise it for real tokenizers.")
+    ] = 500,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos/--no-ignore-eos", help="Ask for exactly max_tokens (vLLM extension).")
+    ] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for prompts, lengths and arrivals.")] = 0,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 600.0,
+    save_result: Annotated[bool, typer.Option("--save-result", help="Write the JSON result file.")] = False,
+    result_dir: Annotated[Path, typer.Option("--result-dir", help="Folder of the JSON result file.")] = Path("."),
+    result_filename: Annotated[
+        Optional[str], typer.Option("--result-filename", help="JSON file name (implies --save-result).")
+    ] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")] = None,
+) -> None:
+    """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
+    from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
+
+    stray = [a for a in slo_args or [] if ":" not in a]
+    if stray:
+        raise _fail([f"unexpected argument(s) {' '.join(stray)} (only NAME:MS SLOs may follow --goodput)"])
+    try:
+        cfg = ServeBenchConfig.model_validate(dict(
+            base_url=base_url, endpoint=endpoint, model=model, num_prompts=num_prompts,
+            random_input_len=random_input_len, random_output_len=random_output_len,
+            random_range_ratio=random_range_ratio, request_rate=request_rate, burstiness=burstiness,
+            max_concurrency=max_concurrency, num_warmups=num_warmups, goodput=[*(goodput or []), *(slo_args or [])],
+            prompt_format=prompt_format, vocab_size=vocab_size, ignore_eos=ignore_eos, seed=seed,
+            request_timeout=request_timeout, save_result=save_result, result_dir=result_dir,
+            result_filename=result_filename, plot_dir=plot,
+        ))
+        run_serve_bench(cfg)
+    except ValidationError as exc:
+        raise _fail(_validation_lines(exc)) from None
+    except PdlaunchError as exc:
+        raise _fail(exc.render().splitlines()) from None
+
+
+@bench_app.command("make-checkpoint")
+def make_checkpoint(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.", show_default=False)],
+    num_layers: Annotated[int, typer.Option("--num-layers", help="Decoder layers (32 for the real shape).")] = 32,
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+    seed: Annotated[int, typer.Option("--seed", help="Weight seed.")] = 0,
+    max_shard_gib: Annotated[float, typer.Option("--max-shard-gib", help="Largest safetensors shard, GiB.")] = 4.0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that has files.")] = False,
+) -> None:
+    """Write a random-weight Llama-3-8B-shaped checkpoint (shard by shard) for benchmarks."""
+    from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped, parse_dtype
+
+    try:
+        path = make_llama3_8b_shaped(
+            out_dir, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
+            max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True,
+        )
+    except PdlaunchError as exc:
+        raise _fail(exc.render().splitlines()) from None
+    typer.echo(f"checkpoint written to {path}")
+
+
+# `pdlaunch bench kv-transfer` lands here: a command that calls
+# pdlaunch.bench.kv_transfer.run_kv_transfer_bench(...) (written with the KV transfer benchmark).

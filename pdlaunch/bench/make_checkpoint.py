@@ -1,0 +1,194 @@
+"""A random-weight Llama-3-8B-shaped checkpoint on local disk, for benchmarks.
+
+Same tensor names, shapes and config as meta-llama/Meta-Llama-3-8B (with llama3 rope scaling), so
+speed figures are those of the real model; the weights are random and the tokenizer is byte-level
+with filler tokens up to the full vocabulary, so the text is noise. Written shard by shard: at most one shard
+(`max_shard_bytes`) plus one tensor is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from pdlaunch.errors import PdlaunchError
+
+LLAMA3_8B: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "mlp_bias": False,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+}
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise PdlaunchError(f"unknown dtype {name!r}", field="--dtype", hint=f"one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """HF LlamaForCausalLM parameter names and shapes, in file order (embedding, layers, norm, head)."""
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim = cfg["head_dim"]
+    q_out, kv_out = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes += [
+            (f"{p}.input_layernorm.weight", (h,)),
+            (f"{p}.self_attn.q_proj.weight", (q_out, h)),
+            (f"{p}.self_attn.k_proj.weight", (kv_out, h)),
+            (f"{p}.self_attn.v_proj.weight", (kv_out, h)),
+            (f"{p}.self_attn.o_proj.weight", (h, q_out)),
+            (f"{p}.post_attention_layernorm.weight", (h,)),
+            (f"{p}.mlp.gate_proj.weight", (inter, h)),
+            (f"{p}.mlp.up_proj.weight", (inter, h)),
+            (f"{p}.mlp.down_proj.weight", (h, inter)),
+        ]
+    shapes.append(("model.norm.weight", (h,)))
+    if not cfg["tie_word_embeddings"]:
+        shapes.append(("lm_head.weight", (vocab, h)))
+    return shapes
+
+
+def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
+                max_shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """Greedy split in file order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    # Seeded per tensor name: a tensor's values do not depend on the shard plan.
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=gen)
+
+
+def special_token_ids(vocab_size: int) -> tuple[int, int]:
+    """(bos, eos): Llama-3 keeps its last 256 ids for specials (bos 128000, eos 128001); a tiny
+    vocabulary keeps its last 2."""
+    num_special = 256 if vocab_size > 1024 else 2
+    return vocab_size - num_special, vocab_size - num_special + 1
+
+
+def write_byte_level_tokenizer(out_dir: Path, vocab_size: int) -> None:
+    """tokenizer.json covering all `vocab_size` ids, and tokenizer_config.json.
+
+    Encoding is byte-level (ids 0..255, one per byte, no merges); the ids above are filler tokens
+    `<tN>` that decode to themselves, so every id a random model samples has text; the last ids are
+    specials as in Llama 3."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    bos_id, eos_id = special_token_ids(vocab_size)
+    vocab = {sym: i for i, sym in enumerate(sorted(ByteLevel.alphabet(), key=ord))}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), bos_id)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    specials = [BOS_TOKEN, EOS_TOKEN] + [f"<|reserved_special_token_{i}|>" for i in range(vocab_size - eos_id - 1)]
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOS_TOKEN) != eos_id:
+        raise PdlaunchError(f"tokenizer came out with {tok.get_vocab_size()} ids, not {vocab_size}", field="vocab_size")
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "model_max_length": LLAMA3_8B["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+    }, indent=2) + "\n")
+
+
+def make_llama3_8b_shaped(
+    out_dir: Path | str,
+    *,
+    num_layers: int = 32,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    max_shard_bytes: int = 4 * 2**30,
+    overrides: Optional[dict[str, Any]] = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write config.json, generation_config.json, tokenizer files and sharded safetensors with
+    model.safetensors.index.json. `overrides` changes config keys (e.g. a tiny hidden_size for tests).
+    Returns the checkpoint folder."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise PdlaunchError(f"{out} is not empty", field="out_dir", hint="pick an empty folder or pass --overwrite")
+    if num_layers < 1:
+        raise PdlaunchError("must be at least 1", field="--num-layers", hint="32 is the real Llama-3-8B depth")
+    cfg = {**LLAMA3_8B, "num_hidden_layers": num_layers, **(overrides or {})}
+    if "head_dim" not in (overrides or {}):
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
+        raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
+    if cfg["vocab_size"] < 260:
+        raise PdlaunchError("must be at least 260 (256 bytes + specials)", field="vocab_size")
+    bos_id, eos_id = special_token_ids(cfg["vocab_size"])
+    cfg.update(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=bos_id, eos_token_id=eos_id)
+    out.mkdir(parents=True, exist_ok=True)
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = plan_shards(tensor_shapes(cfg), itemsize, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k, shard in enumerate(shards, start=1):
+        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: _random_tensor(name, shape, dtype, seed, cfg["initializer_range"]) for name, shape in shard}
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        total += sum(t.numel() * itemsize for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+        if progress:
+            print(f"wrote {fname} ({k}/{len(shards)})", flush=True)
+
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}, indent=2) + "\n")
+    write_byte_level_tokenizer(out, cfg["vocab_size"])
+    return out

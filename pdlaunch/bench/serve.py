@@ -1,0 +1,313 @@
+"""`pdlaunch bench serve`: a load generator for any OpenAI-compatible server.
+
+Random prompts (token ids, or words for chat endpoints) with random lengths around the asked
+ones, arrivals as a gamma process (Poisson at burstiness 1, like vLLM), an optional concurrency
+cap, streaming requests with `ignore_eos` and `max_tokens` so output lengths are exact. Timing and
+metric definitions: see report.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, Field, model_validator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pdlaunch.bench.report import (
+    RequestResult,
+    calculate_metrics,
+    parse_goodput,
+    print_report,
+    require_matplotlib,
+    result_dict,
+    write_json,
+    write_plots,
+)
+from pdlaunch.errors import PdlaunchError
+
+# Token ids below this are left out: byte-level and sentencepiece vocabularies keep control and
+# special tokens there.
+MIN_TOKEN_ID = 10
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but "
+    "have an they you were her she there one all we their can has been if more when will would who "
+    "so no time about many then them these some could other two into first like new only year"
+).split()
+
+
+class ServeBenchConfig(BaseModel):
+    """Everything one `bench serve` run needs; built from the CLI flags."""
+
+    base_url: str
+    endpoint: str = "/v1/completions"
+    model: Optional[str] = None  # None: the first id from GET /v1/models
+    num_prompts: int = Field(1000, ge=1)
+    random_input_len: int = Field(1024, ge=1)
+    random_output_len: int = Field(128, ge=1)
+    random_range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    request_rate: float = Field(math.inf, gt=0.0)  # req/s; inf sends everything at once
+    burstiness: float = Field(1.0, gt=0.0)  # gamma shape; 1 = Poisson, < 1 burstier, > 1 more regular
+    max_concurrency: Optional[int] = Field(None, ge=1)
+    num_warmups: int = Field(0, ge=0)
+    goodput: list[str] = []
+    prompt_format: Optional[Literal["ids", "words"]] = None  # None: ids for completions, words for chat
+    vocab_size: int = Field(500, gt=MIN_TOKEN_ID)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
+    ignore_eos: bool = True
+    seed: int = 0
+    request_timeout: float = Field(600.0, gt=0.0)  # s, per request
+    save_result: bool = False
+    result_dir: Path = Path(".")
+    result_filename: Optional[str] = None
+    plot_dir: Optional[Path] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeBenchConfig":
+        parse_goodput(self.goodput)
+        if self.is_chat and self.prompt_format == "ids":
+            raise ValueError("token-id prompts need a completions endpoint; use --prompt-format words for chat")
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.endpoint.rstrip("/").endswith("chat/completions")
+
+    @property
+    def url(self) -> str:
+        base = self.base_url.rstrip("/")
+        path = "/" + self.endpoint.lstrip("/")
+        if base.endswith("/v1") and path.startswith("/v1/"):
+            path = path[3:]
+        return base + path
+
+    @property
+    def models_url(self) -> str:
+        base = self.base_url.rstrip("/")
+        return base + ("/models" if base.endswith("/v1") else "/v1/models")
+
+
+@dataclass
+class BenchRequest:
+    prompt: list[int] | str
+    prompt_len: int  # tokens for id prompts, words for word prompts
+    output_len: int
+
+
+def _lengths(mean: int, ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    low = max(1, math.floor(mean * (1 - ratio)))
+    high = max(low, math.ceil(mean * (1 + ratio)))
+    return rng.integers(low, high + 1, size=n)
+
+
+def sample_requests(cfg: ServeBenchConfig, n: int, rng: np.random.Generator) -> list[BenchRequest]:
+    """`n` prompts with input/output lengths uniform in mean * [1 - ratio, 1 + ratio]."""
+    fmt = cfg.prompt_format or ("words" if cfg.is_chat else "ids")
+    in_lens = _lengths(cfg.random_input_len, cfg.random_range_ratio, n, rng)
+    out_lens = _lengths(cfg.random_output_len, cfg.random_range_ratio, n, rng)
+    requests = []
+    for in_len, out_len in zip(in_lens.tolist(), out_lens.tolist()):
+        if fmt == "ids":
+            prompt: list[int] | str = rng.integers(MIN_TOKEN_ID, cfg.vocab_size, size=in_len).tolist()
+        else:
+            prompt = " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=in_len).tolist())
+        requests.append(BenchRequest(prompt=prompt, prompt_len=in_len, output_len=out_len))
+    return requests
+
+
+def arrival_times(n: int, request_rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:
+    """Send offsets (s) of `n` requests: the first at 0, then gamma(burstiness, 1/(rate*burstiness))
+    gaps, whose mean is 1/rate and coefficient of variation 1/sqrt(burstiness)."""
+    if math.isinf(request_rate):
+        return np.zeros(n)
+    gaps = rng.gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n - 1)
+    return np.concatenate([[0.0], np.cumsum(gaps)])
+
+
+def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": req.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    if cfg.is_chat:
+        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["max_completion_tokens"] = req.output_len
+    else:
+        body["prompt"] = req.prompt
+    return body
+
+
+async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
+                       bench_start: float) -> RequestResult:
+    """One streaming request. Never raises: a failure is a result with `error` set."""
+    result = RequestResult(prompt_len=req.prompt_len)
+    chunks = 0
+    st = time.perf_counter()
+    result.start = st - bench_start
+    last = st
+    try:
+        async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode(errors="replace")
+                result.error = f"HTTP {resp.status_code}: {body[:300]}"
+                return result
+            async for line in resp.aiter_lines():
+                line = line.strip()
+                if not line.startswith("data:"):
+                    continue
+                data_str = line[len("data:"):].strip()
+                if data_str == "[DONE]":
+                    break
+                data = json.loads(data_str)
+                if data.get("error"):
+                    result.error = f"server error in stream: {str(data['error'])[:300]}"
+                    return result
+                if data.get("choices"):
+                    now = time.perf_counter()
+                    if chunks == 0:
+                        result.ttft = now - st
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                    chunks += 1
+                usage = data.get("usage")
+                if usage:
+                    result.output_len = int(usage.get("completion_tokens") or 0)
+                    result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
+    except httpx.TimeoutException:
+        result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url}"
+        return result
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if chunks == 0:
+        result.error = "no chunk with a choice received (cannot measure TTFT)"
+        return result
+    result.success = True
+    result.latency = last - st
+    if result.output_len == 0:
+        result.output_len = chunks  # server sent no usage: one token per chunk
+    return result
+
+
+async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str:
+    """Check the server answers, and pick the model: --model, else the first of GET /v1/models."""
+    try:
+        resp = await client.get(cfg.models_url, timeout=30.0)
+    except httpx.ConnectError:
+        raise PdlaunchError(
+            f"cannot connect to {cfg.base_url}", field="--base-url", hint="is the server running and the URL right?"
+        ) from None
+    except httpx.TimeoutException:
+        raise PdlaunchError(
+            f"no answer from {cfg.models_url} within 30s", field="--base-url", hint="is the server overloaded?"
+        ) from None
+    if cfg.model:
+        return cfg.model
+    try:
+        models = resp.json().get("data", []) if resp.status_code == 200 else []
+    except ValueError:
+        models = []
+    if not models:
+        raise PdlaunchError(
+            f"{cfg.models_url} answered HTTP {resp.status_code} without a model list", field="--model",
+            hint="pass --model NAME",
+        )
+    return str(models[0]["id"])
+
+
+async def _run_requests(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, requests: list[BenchRequest],
+                        arrivals: np.ndarray, progress: Optional[Progress]) -> tuple[list[RequestResult], float]:
+    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
+    task_id = progress.add_task("requests", total=len(requests)) if progress else None
+    start = time.perf_counter()
+
+    async def one(req: BenchRequest) -> RequestResult:
+        if sem is None:
+            res = await send_request(client, cfg, model, req, start)
+        else:
+            async with sem:
+                res = await send_request(client, cfg, model, req, start)
+        if progress is not None and task_id is not None:
+            progress.advance(task_id)
+        return res
+
+    tasks = []
+    for req, at in zip(requests, arrivals.tolist()):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(req)))
+    results = list(await asyncio.gather(*tasks))
+    return results, time.perf_counter() - start
+
+
+async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestResult], float, str]:
+    rng = np.random.default_rng(cfg.seed)
+    requests = sample_requests(cfg, cfg.num_prompts, rng)
+    arrivals = arrival_times(cfg.num_prompts, cfg.request_rate, cfg.burstiness, rng)
+    limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
+    timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        model = await resolve_model(client, cfg)
+        if cfg.num_warmups:
+            console.print(f"Warming up with {cfg.num_warmups} request(s) ...")
+            warm = sample_requests(cfg, cfg.num_warmups, rng)
+            warm_results, _ = await _run_requests(client, cfg, model, warm, np.zeros(len(warm)), None)
+            if not any(r.success for r in warm_results):
+                raise PdlaunchError(f"every warmup request failed; first error: {warm_results[0].error}",
+                                    hint="check --model, --endpoint and the server log")
+        rate = "inf" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g}"
+        console.print(f"{cfg.num_prompts} requests to {cfg.url} (model {model}), rate {rate} req/s, "
+                      f"burstiness {cfg.burstiness:g}, max concurrency {cfg.max_concurrency or 'none'}")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            results, duration = await _run_requests(client, cfg, model, requests, arrivals, progress)
+    return results, duration, model
+
+
+def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) -> dict[str, Any]:
+    """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
+    console = console or Console()
+    goodput_ms = parse_goodput(cfg.goodput)
+    if cfg.plot_dir is not None:
+        require_matplotlib()  # fail before the run, not after it
+    results, duration, model = asyncio.run(_bench(cfg, console))
+    metrics = calculate_metrics(results, duration, goodput_ms)
+    print_report(console, metrics, results, goodput_ms)
+    run_info = {
+        "backend": "openai-chat" if cfg.is_chat else "openai",
+        "base_url": cfg.base_url,
+        "endpoint": cfg.endpoint,
+        "model_id": model,
+        "num_prompts": cfg.num_prompts,
+        "random_input_len": cfg.random_input_len,
+        "random_output_len": cfg.random_output_len,
+        "random_range_ratio": cfg.random_range_ratio,
+        "request_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,
+        "burstiness": cfg.burstiness,
+        "max_concurrency": cfg.max_concurrency,
+        "goodput_slos_ms": goodput_ms,
+    }
+    doc = result_dict(metrics, results, run_info)
+    if cfg.save_result or cfg.result_filename:
+        name = cfg.result_filename or f"pdlaunch-{run_info['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
+        path = cfg.result_dir / name
+        write_json(doc, path)
+        console.print(f"Saved results to {path}")
+    if cfg.plot_dir is not None:
+        for path in write_plots(doc, cfg.plot_dir):
+            console.print(f"Wrote {path}")
+    return doc
