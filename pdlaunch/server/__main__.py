@@ -1,0 +1,77 @@
+"""One instance process: `python -m pdlaunch.server --deployment FILE.json --instance SPEC_JSON`.
+
+The launcher writes the validated DeploymentConfig to FILE.json and passes this instance's
+InstanceSpec as JSON. Exit code 0 on a requested shutdown, 1 when the engine failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.server.app import build_app
+from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.watchdog import watch_parent
+
+GRACEFUL_SHUTDOWN_S = 3  # the proxy drained in-flight requests before instances are stopped
+
+log = logging.getLogger("pdlaunch.server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pdlaunch.server", description=__doc__)
+    parser.add_argument("--deployment", required=True, type=Path, help="DeploymentConfig as JSON.")
+    parser.add_argument("--instance", required=True, help="InstanceSpec as JSON.")
+    parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
+    return parser.parse_args(argv)
+
+
+def max_pending_requests(config: DeploymentConfig) -> int:
+    """Requests an instance queues before answering 503: a few batches' worth."""
+    return max(256, 8 * config.scheduler.max_num_seqs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = DeploymentConfig.model_validate_json(args.deployment.read_text())
+    spec = InstanceSpec.model_validate_json(args.instance)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {spec.name} %(name)s: %(message)s")
+    log.info("starting %s on %s:%d (engine_id %s, device %s %s)",
+             spec.name, spec.host, spec.port, spec.engine_id, spec.device, spec.devices)
+
+    server: uvicorn.Server | None = None
+    failure: list[str] = []
+
+    def on_fatal(message: str) -> None:
+        failure.append(message)
+        if server is not None:
+            server.should_exit = True
+
+    def build_engine() -> object:
+        from pdlaunch.engine.llm_engine import LLMEngine
+
+        return LLMEngine(config, spec)
+
+    engine_loop = EngineLoop(build_engine, max_pending_requests=max_pending_requests(config), on_fatal=on_fatal)
+    app = build_app(engine_loop, config, spec)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=spec.host, port=spec.port, log_level="info", access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
+    ))
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
+    server.run()
+    if failure:
+        log.error("exiting: %s", failure[0])
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

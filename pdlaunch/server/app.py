@@ -1,0 +1,217 @@
+"""The instance HTTP API: OpenAI routes plus health, info, metrics and sleep control.
+
+Handlers never touch the engine directly: requests go through the EngineLoop (engine thread) and
+their outputs come back on per-request asyncio queues, so the event loop never blocks on a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import PurePath
+from typing import Any, AsyncIterator, Union
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
+from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
+from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from pdlaunch.server.responses import ResponseBuilder
+from pdlaunch.server.sleep import SleepControl
+from pdlaunch.server.sse import DONE, sse_event
+
+KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
+CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; never seen by the client
+
+
+def served_model_name(config: DeploymentConfig) -> str:
+    return config.model.path
+
+
+def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceSpec) -> FastAPI:
+    """The FastAPI app of one instance. The lifespan starts and stops the engine thread."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine_loop.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine_loop.stop)
+
+    app = FastAPI(title=f"pdlaunch {spec.name}", lifespan=lifespan)
+    install_error_handlers(app)
+    model_name = served_model_name(config)
+    accepted_names = {model_name, PurePath(model_name).name}
+    sleep = SleepControl(engine_loop, config)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model not in accepted_names:
+            raise OpenAIError(404, f"model {model!r} is not served here (this instance serves {model_name!r})",
+                              param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        state = "sleeping" if sleep.sleeping else engine_loop.state
+        if state == "ready":
+            return JSONResponse({"status": "ok", "role": spec.role, "engine_id": spec.engine_id})
+        status = 500 if state == "failed" else 503
+        body = error_body(status, engine_loop.error or f"instance is {state}", code=state)
+        body["status"] = state
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        engine = engine_loop.engine
+        connector_info: dict[str, Any] = {}
+        if engine_loop.state == "ready":
+            connector_info = await engine_loop.call(
+                lambda e: e.connector.info() if getattr(e, "connector", None) is not None else {})
+        engine_id = getattr(engine, "engine_id", None) or spec.engine_id
+        stats = dict(engine_loop.stats)
+        return {
+            "name": spec.name,
+            "role": spec.role,
+            "state": "sleeping" if sleep.sleeping else engine_loop.state,
+            "model": model_name,
+            "engine_id": engine_id,
+            "tp_size": spec.tp,
+            "rank_engine_ids": list(getattr(engine, "rank_engine_ids", None) or [engine_id] * spec.tp),
+            "device": spec.device,
+            "devices": spec.devices,
+            "transfer_mode": connector_info.get("transfer_mode", config.kv_transfer.transfer_mode)
+            if spec.role != "colocated" else None,
+            "kv_connector": config.kv_transfer.connector if spec.role != "colocated" else None,
+            "kv_layout": getattr(engine, "kv_layout", None) or KV_LAYOUT,
+            "block_size": config.cache.block_size,
+            "num_blocks_total": stats.get("num_blocks_total"),
+            "num_blocks_used": stats.get("num_blocks_used"),
+            "max_model_len": getattr(engine, "max_model_len", None),
+            "num_pending_requests": engine_loop.num_pending,
+            "stats": stats,
+            "connector": connector_info,
+        }
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        engine = engine_loop.engine
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": 0, "owned_by": "pdlaunch",
+            "max_model_len": getattr(engine, "max_model_len", None),
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        check_model(body.model)
+        return await _serve(body, body.single_prompt(), "completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        body.check_supported()
+        check_model(body.model)
+        return await _serve(body, body.template_messages(), "chat", request)
+
+    async def _serve(body: Union[CompletionRequest, ChatCompletionRequest], prompt: Any,
+                     endpoint: Endpoint, request: Request) -> Response:
+        if sleep.sleeping:
+            raise OpenAIError(503, "instance is sleeping; POST /wake_up first", code="sleeping")
+        params = body.sampling_params()
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        stream = engine_loop.submit(request_id, prompt, params, body.kv_transfer_params)
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            first = await _race(stream.queue.get(), watch)
+            if first is None:
+                engine_loop.abort(request_id)
+                return Response(status_code=CLIENT_CLOSED)
+            if not isinstance(first, Accepted):
+                _raise_if_error(first)
+                raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
+            builder = ResponseBuilder(
+                endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
+                response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + request_id,
+                detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),
+            )
+            headers = {"X-Request-Id": request_id}
+            if body.stream:
+                return StreamingResponse(
+                    _stream(stream, builder, body.include_usage()), media_type="text/event-stream",
+                    headers={**headers, "Cache-Control": "no-cache"})
+            result = await _race(_collect(stream, builder), watch)
+            if result is None:
+                engine_loop.abort(request_id)
+                return Response(status_code=CLIENT_CLOSED)
+            return JSONResponse(result, headers=headers)
+        except BaseException:
+            engine_loop.abort(request_id)
+            raise
+        finally:
+            watch.cancel()
+
+    async def _collect(stream: RequestStream, builder: ResponseBuilder) -> dict[str, Any]:
+        while True:
+            out = _raise_if_error(await stream.queue.get())
+            builder.add(out)
+            if out.finished:
+                return builder.response()
+
+    async def _stream(stream: RequestStream, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                item = await stream.queue.get()
+                try:
+                    out = _raise_if_error(item)
+                except OpenAIError as exc:
+                    yield sse_event(exc.body())
+                    return
+                chunk = builder.chunk(out, final_usage=not include_usage)
+                if chunk is not None:
+                    yield sse_event(chunk)
+                if out.finished:
+                    break
+            if include_usage:
+                yield sse_event(builder.usage_chunk())
+            yield DONE
+        finally:
+            engine_loop.abort(stream.request_id)  # no-op once finished; frees blocks if the client left
+
+    sleep.add_routes(app)
+    return app
+
+
+def _raise_if_error(item: StreamItem) -> RequestOutput:
+    if isinstance(item, OpenAIError):
+        raise item
+    if not isinstance(item, RequestOutput):
+        raise OpenAIError(500, f"unexpected {type(item).__name__} on a request's output queue")
+    if item.finished and item.finish_reason == "error":
+        raise OpenAIError(item.error_status, item.error or "the engine failed the request", code="engine_error")
+    return item
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body is already read by then)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _race(work: Any, watch: "asyncio.Future[None]") -> Any:
+    """Result of `work`, or None if the client disconnected first (work is cancelled then)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return task.result()
+    task.cancel()
+    return None

@@ -1,0 +1,324 @@
+"""The engine thread: the only thread that touches the LLMEngine (it is not thread-safe).
+
+HTTP handlers (asyncio) send commands through a thread-safe queue; the thread drains it before
+every step, runs `step()`, and hands each request's outputs to that request's asyncio queue with
+`loop.call_soon_threadsafe`. When nothing runs it blocks on the command queue for at most
+`idle_wait_s` and then steps anyway: step() also polls KV transfers and leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+from pdlaunch import metrics
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.server.errors import OpenAIError
+
+log = logging.getLogger("pdlaunch.server")
+
+# What a request's prompt can be when submitted: text, token ids, or chat messages.
+Prompt = Union[str, list[int], list[dict[str, Any]]]
+
+
+@dataclass
+class Accepted:
+    """First item of a request's queue once the engine took it."""
+
+    num_prompt_tokens: int
+
+
+StreamItem = Union[Accepted, RequestOutput, OpenAIError]
+
+
+@dataclass
+class RequestStream:
+    """One request as the HTTP side sees it: an asyncio queue the engine thread feeds."""
+
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[StreamItem] = field(default_factory=asyncio.Queue)
+    arrival: float = field(default_factory=time.monotonic)
+    last_token_time: float | None = None
+
+    def put(self, item: StreamItem) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt: Prompt
+    params: SamplingParams
+    kv_transfer_params: dict[str, Any] | None
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    """Run fn(engine) on the engine thread; the result goes to a concurrent future."""
+
+    fn: Callable[[Any], Any]
+    future: "asyncio.Future[Any]"
+    loop: asyncio.AbstractEventLoop
+
+
+class EngineLoop:
+    """Owns the engine thread. `engine_factory` runs on that thread (device binding stays there)."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], Any],
+        max_pending_requests: int = 1024,
+        idle_wait_s: float = 0.01,
+        on_fatal: Callable[[str], None] | None = None,
+    ) -> None:
+        self._factory = engine_factory
+        self.max_pending_requests = max_pending_requests
+        self.idle_wait_s = idle_wait_s
+        self._on_fatal = on_fatal
+        self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.engine: Any = None
+        self.state = "loading"  # loading | ready | failed | stopped
+        self.error: str | None = None
+        self.stats: dict[str, Any] = {}
+
+    # -- HTTP side (event loop thread) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the engine is built (or failed); False if it took longer than `timeout`."""
+        return self._ready.wait(timeout)
+
+    @property
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def submit(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        kv_transfer_params: dict[str, Any] | None = None,
+    ) -> RequestStream:
+        """Queue a request; outputs arrive on the returned stream's queue (first item: Accepted or error)."""
+        if self.state != "ready":
+            raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
+        with self._lock:
+            if request_id in self._streams:
+                raise OpenAIError(409, f"request id {request_id!r} is already in flight", param="X-Request-Id")
+            if len(self._streams) >= self.max_pending_requests:
+                raise OpenAIError(
+                    503, f"server overloaded: {len(self._streams)} requests pending "
+                    f"(limit {self.max_pending_requests}); retry later", code="overloaded")
+            self._streams[request_id] = stream
+        self._commands.put(_Add(stream, prompt, params, kv_transfer_params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (client went away); its blocks are freed by the engine."""
+        with self._lock:
+            known = self._streams.pop(request_id, None) is not None
+        if known:
+            self._commands.put(_Abort(request_id))
+
+    async def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
+        """Run fn(engine) on the engine thread (for anything that must not race with step())."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._commands.put(_Call(fn, future, loop))
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise OpenAIError(503, f"engine thread did not answer within {timeout:.0f}s") from None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("engine thread did not stop within %.0fs", timeout)
+
+    # -- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+        except Exception as exc:  # noqa: BLE001 - any build failure ends the instance with its message
+            self._fatal(f"engine failed to start: {exc}", exc)
+            self._ready.set()
+            return
+        self.state = "ready"
+        self._ready.set()
+        log.info("engine ready")
+        busy = False
+        try:
+            while not self._stop.is_set():
+                self._drain_commands(block=not busy)
+                if self._stop.is_set():
+                    break
+                outputs = self.engine.step()
+                self._dispatch(outputs)
+                self._update_stats()
+                was_busy, busy = busy, self.engine.has_unfinished_requests()
+                if was_busy and not busy:
+                    self._check_integrity()
+        except Exception as exc:  # noqa: BLE001 - a crashed engine fails every request and the instance
+            self._fatal(f"engine step failed: {exc}", exc)
+            return
+        finally:
+            if self.state != "failed":
+                self.state = "stopped"
+            self._fail_all(OpenAIError(503, "server is shutting down", code="shutting_down"))
+            self._shutdown_engine()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:  # None: the stop sentinel
+            self._execute(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _execute(self, command: _Add | _Abort | _Call) -> None:
+        if isinstance(command, _Add):
+            self._add(command)
+        elif isinstance(command, _Abort):
+            try:
+                self.engine.abort_request(command.request_id)
+            except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
+                log.debug("abort of %s: %s", command.request_id, exc)
+        else:
+            try:
+                result: Any = command.fn(self.engine)
+                command.loop.call_soon_threadsafe(_set_result, command.future, result, None)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                command.loop.call_soon_threadsafe(_set_result, command.future, None, exc)
+
+    def _add(self, command: _Add) -> None:
+        stream = command.stream
+        with self._lock:
+            if self._streams.get(stream.request_id) is not stream:
+                return  # aborted before the engine saw it
+        try:
+            prompt_ids = self._tokenize(command.prompt)
+            self.engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params)
+        except PdlaunchError as exc:
+            self._finish(stream.request_id, OpenAIError(400, exc.message, param=exc.field or "prompt"))
+            return
+        except Exception as exc:  # noqa: BLE001 - this request fails, the engine serves on
+            log.exception("adding request %s failed", stream.request_id)
+            self._finish(stream.request_id, OpenAIError(500, f"could not add the request: {exc}"))
+            return
+        stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if isinstance(prompt, str):
+            return list(tokenizer.encode(prompt))
+        if prompt and isinstance(prompt[0], dict):
+            templated = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return list(tokenizer.encode(templated)) if isinstance(templated, str) else list(templated)
+        vocab = getattr(self.engine, "vocab_size", None) or getattr(tokenizer, "vocab_size", None)
+        ids = list(prompt)  # type: ignore[arg-type]
+        if vocab is not None and any(not 0 <= t < vocab for t in ids):  # type: ignore[operator]
+            raise PdlaunchError(f"token ids must lie in [0, {vocab})", field="prompt")
+        return ids  # type: ignore[return-value]
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted: the client is gone
+            if out.new_token_ids:
+                if stream.last_token_time is None:
+                    metrics.TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
+                else:
+                    gap = (now - stream.last_token_time) / len(out.new_token_ids)
+                    for _ in out.new_token_ids:
+                        metrics.INTER_TOKEN_LATENCY.observe(gap)
+                stream.last_token_time = now
+            if out.finished:
+                self._finish(out.request_id, out)
+            else:
+                stream.put(out)
+
+    def _finish(self, request_id: str, item: StreamItem) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(item)
+
+    def _fail_all(self, error: OpenAIError) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.put(error)
+
+    def _update_stats(self) -> None:
+        stats = self.engine.stats()
+        self.stats = stats
+        metrics.REQUESTS_RUNNING.set(stats.get("num_running", 0))
+        metrics.REQUESTS_WAITING.set(stats.get("num_waiting", 0))
+        if "num_blocks_total" in stats:
+            metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
+        if "num_blocks_used" in stats:
+            metrics.KV_BLOCKS_USED.set(stats["num_blocks_used"])
+
+    def _check_integrity(self) -> None:
+        try:
+            self.engine.check_integrity()
+        except Exception as exc:  # noqa: BLE001 - a leak is logged loudly, serving goes on
+            log.error("KV block integrity check failed after the engine went idle: %s", exc)
+
+    def _fatal(self, message: str, exc: BaseException) -> None:
+        self.state = "failed"
+        self.error = message
+        log.error("%s", message, exc_info=exc)
+        self._fail_all(OpenAIError(500, message, code="engine_failed"))
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    def _shutdown_engine(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            self.engine.shutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("engine shutdown raised: %s", exc)
+
+
+def _set_result(future: "asyncio.Future[Any]", result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,90 @@
+"""OpenAI-format errors: `{"error": {"message", "type", "param", "code"}}` with a matching HTTP status.
+
+Used by the instance server and the proxy, so a client sees the same shape whichever answered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+# HTTP status -> OpenAI error type (the names OpenAI and vLLM use).
+_ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "internal_server_error",
+    502: "bad_gateway_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class OpenAIError(Exception):
+    """A request failure to answer in the OpenAI error format."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or str(status)}}
+
+
+def param_of(loc: tuple[Any, ...] | list[Any]) -> str:
+    """Dotted parameter path from a pydantic error location, without the `body` prefix."""
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or "body"
+
+
+def validation_error(exc: ValidationError | RequestValidationError) -> OpenAIError:
+    """The first problem of a pydantic error as a 400 naming the parameter."""
+    errors = exc.errors()
+    if not errors:
+        return OpenAIError(400, "invalid request body")
+    first = errors[0]
+    param = param_of(first.get("loc", ()))
+    message = f"{param}: {first.get('msg', 'invalid value')}"
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem(s))"
+    return OpenAIError(400, message, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app raises leaves in the OpenAI format (never FastAPI's `detail` shape)."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_model(_: Request, exc: ValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return OpenAIError(exc.status_code, str(exc.detail)).response()

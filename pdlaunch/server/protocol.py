@@ -1,0 +1,139 @@
+"""OpenAI request bodies of the instance server and their translation to engine inputs.
+
+Unknown fields are ignored (clients send many optional ones); fields we cannot honour (n > 1,
+best_of, echo) fail with a 400 naming the parameter instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.server.errors import OpenAIError, param_of
+
+DEFAULT_MAX_TOKENS = 16
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise OpenAIError(400, "only n=1 is supported", param="n")
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        values: dict[str, Any] = {
+            "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs,
+        }
+        try:
+            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = param_of(first.get("loc", ()))
+            raise OpenAIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
+
+
+PromptType = Union[str, list[int], list[str], list[list[int]]]
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptType
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise OpenAIError(400, "echo is not supported", param="echo")
+        if self.best_of not in (None, 1):
+            raise OpenAIError(400, "only best_of=1 is supported", param="best_of")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request: a string or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) for x in prompt):
+            return list(prompt)  # type: ignore[arg-type]
+        if len(prompt) != 1:
+            raise OpenAIError(400, "a list of prompts must hold exactly one prompt (batching is not supported)",
+                              param="prompt")
+        return prompt[0]  # type: ignore[return-value]
+
+    def sampling_params(self) -> SamplingParams:
+        return self._sampling(self.max_tokens, self.logprobs)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):  # content parts: only text parts exist for a text model
+            parts = []
+            for part in content:
+                if part.get("type") != "text":
+                    raise OpenAIError(400, f"content part type {part.get('type')!r} is not supported",
+                                      param="messages")
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling(max_tokens, logprobs)
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.as_template_input() for m in self.messages]
+
+
+Endpoint = Literal["completion", "chat"]

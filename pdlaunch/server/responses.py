@@ -1,0 +1,141 @@
+"""OpenAI response bodies built from engine outputs: whole responses and streamed chunks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
+from pdlaunch.server.protocol import Endpoint
+
+Detokenize = Callable[[int], str]
+
+
+@dataclass
+class ResponseBuilder:
+    """Accumulates one request's outputs and renders OpenAI JSON for completions or chat."""
+
+    endpoint: Endpoint
+    response_id: str
+    model: str
+    detokenize: Detokenize
+    num_prompt_tokens: int = 0
+    created: int = field(default_factory=lambda: int(time.time()))
+    text: str = ""
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    _text_offset: int = 0
+    _sent_role: bool = False
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.num_output_tokens = len(out.output_token_ids)
+        if out.num_prompt_tokens:
+            self.num_prompt_tokens = out.num_prompt_tokens
+        self.num_cached_tokens = out.num_cached_tokens
+        if out.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + list(out.new_logprobs)
+        if out.finished:
+            self.finish_reason = out.finish_reason
+            self.kv_transfer_params = out.kv_transfer_params
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": self.num_output_tokens,
+            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens},
+        }
+
+    # -- whole responses ---------------------------------------------------------------------------
+    def response(self) -> dict[str, Any]:
+        if self.endpoint == "completion":
+            choice: dict[str, Any] = {
+                "index": 0, "text": self.text, "finish_reason": self.finish_reason,
+                "logprobs": self._completion_logprobs(self.logprobs, 0),
+            }
+            obj = "text_completion"
+        else:
+            choice = {
+                "index": 0, "message": {"role": "assistant", "content": self.text},
+                "finish_reason": self.finish_reason, "logprobs": self._chat_logprobs(self.logprobs),
+            }
+            obj = "chat.completion"
+        body = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage()}
+        if self.kv_transfer_params is not None:
+            body["kv_transfer_params"] = self.kv_transfer_params
+        return body
+
+    # -- streaming -----------------------------------------------------------------------------------
+    def chunk(self, out: RequestOutput, final_usage: bool) -> dict[str, Any] | None:
+        """The chunk for one step's output, or None when it carries nothing to send.
+
+        `final_usage`: the chunk that finishes the request also carries `usage` (when the client
+        did not ask for a separate usage chunk, so that every stream ends with its usage).
+        """
+        self.add(out)
+        if not out.new_text and not out.finished and not (self.endpoint == "chat" and not self._sent_role):
+            return None
+        finish = out.finish_reason if out.finished else None
+        if self.endpoint == "completion":
+            choice: dict[str, Any] = {
+                "index": 0, "text": out.new_text, "finish_reason": finish,
+                "logprobs": self._completion_logprobs(out.new_logprobs, self._text_offset),
+            }
+            obj = "text_completion"
+        else:
+            delta: dict[str, Any] = {"content": out.new_text}
+            if not self._sent_role:
+                delta["role"] = "assistant"
+                self._sent_role = True
+            choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                      "logprobs": self._chat_logprobs(out.new_logprobs)}
+            obj = "chat.completion.chunk"
+        self._text_offset += len(out.new_text)
+        body: dict[str, Any] = {"id": self.response_id, "object": obj, "created": self.created,
+                                "model": self.model, "choices": [choice]}
+        if out.finished:
+            if final_usage:
+                body["usage"] = self.usage()
+            if self.kv_transfer_params is not None:
+                body["kv_transfer_params"] = self.kv_transfer_params
+        return body
+
+    def usage_chunk(self) -> dict[str, Any]:
+        obj = "text_completion" if self.endpoint == "completion" else "chat.completion.chunk"
+        return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
+                "choices": [], "usage": self.usage()}
+
+    # -- logprobs ------------------------------------------------------------------------------------
+    def _completion_logprobs(self, items: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+        if items is None:
+            return None
+        tokens = [self.detokenize(lp.token_id) for lp in items]
+        offsets = []
+        for tok in tokens:
+            offsets.append(offset)
+            offset += len(tok)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{self.detokenize(t): v for t, v in lp.top.items()} for lp in items],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        if items is None:
+            return None
+
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            token = self.detokenize(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {"content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
+            for lp in items
+        ]}

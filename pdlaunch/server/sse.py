@@ -1,0 +1,45 @@
+"""Server-sent events as the OpenAI API uses them: `data: {json}\\n\\n` frames ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+class SSEParser:
+    """Incremental parser: feed raw bytes as they arrive, get the `data:` payloads of complete events.
+
+    Handles events split across chunks, CRLF line ends, comments and multi-line data fields.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        self._buffer += chunk.replace(b"\r\n", b"\n")
+        events: list[str] = []
+        while b"\n\n" in self._buffer:
+            raw, self._buffer = self._buffer.split(b"\n\n", 1)
+            data_lines = [
+                line[5:].removeprefix(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
+            ]
+            if data_lines:
+                events.append(b"\n".join(data_lines).decode())
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not terminated yet (a truncated stream leaves them here)."""
+        return self._buffer
+
+
+def parse_sse(body: bytes) -> list[str]:
+    """All `data:` payloads of a complete SSE body."""
+    parser = SSEParser()
+    return parser.feed(body if body.endswith(b"\n\n") else body + b"\n\n")
