@@ -1,0 +1,68 @@
+"""One request's state inside the engine: tokens, progress, status."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pdlaunch.engine.outputs import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued; may already hold blocks (after a remote KV load)
+    WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # holds blocks, KV arriving through the connector
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks freed, queued again for recompute
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int  # monotonic admission counter: lower = older = higher priority
+    kv_transfer_params: dict[str, Any] | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step
+    status: RequestStatus = RequestStatus.WAITING
+    # Tokens of all_token_ids whose KV is in the cache (computed here, prefix hit, or loaded).
+    num_computed_tokens: int = 0
+    # Prompt tokens not computed here (prefix-cache hit or remote KV), set at first admission.
+    num_cached_tokens: int = 0
+    num_cached_tokens_set: bool = False
+    # The connector has been consulted for this request (done once, not again after preemption).
+    connector_consulted: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    error_status: int = 500
+    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def finish(self, reason: str, error: str | None = None, error_status: int = 500) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
+        self.error_status = error_status
