@@ -75,7 +75,9 @@ def _set_role_field(raw: dict[str, Any], role: str, key: str, value: Any, flag: 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Problem]:
     """Write each dotted-path override into `raw` (in place). Returns problems for paths that cannot take it."""
     problems: list[Problem] = []
-    for path, value in overrides.items():
+    # Plain paths first: `instances[<role>]` defaults depend on `colocated`, which may itself be a flag.
+    ordered = sorted(overrides.items(), key=lambda item: bool(_ROLE_PATH.match(item[0])))
+    for path, value in ordered:
         flag = _FLAG_FOR_PATH.get(path, path)
         role_match = _ROLE_PATH.match(path)
         if role_match:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pdlaunch.config import memory_estimate, resources, rules
+from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.memory import platform
@@ -87,9 +89,10 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
     """
     problems: list[Problem] = []
     cumem_available = device == "cuda" and (target is not None or platform.is_cumem_allocator_available())
+    sleep_available = device == "cuda" and (target is not None or platform.is_sleep_mode_available())
     model = cfg.model
     if model.enable_sleep_mode:
-        if not cumem_available:
+        if not sleep_available:
             problems.append(problem("model.enable_sleep_mode", "sleep mode is not supported on current platform",
                                     f"it needs CUDA (device is {device}); drop --enable-sleep-mode or use --device cuda"))
         elif not model.enable_cumem_allocator:
@@ -130,6 +133,27 @@ def resolve(cfg: DeploymentConfig, target: TargetHost | None) -> DeploymentConfi
     return out
 
 
+def visible_gpus(device: str, target: TargetHost | None) -> int:
+    """GPUs per node that devices are checked against: the target host's, else this machine's."""
+    if target is not None:
+        return target.gpus
+    return platform.device_count() if device == "cuda" else 0
+
+
+def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
+    """Memory of one GPU (the smallest visible one), or None on CPU / without a GPU."""
+    if device != "cuda":
+        return None
+    if target is not None:
+        return int(target.gpu_memory_gib * memory_estimate.GIB)
+    count = platform.device_count()
+    return min(platform.device_memory_bytes(i)[1] for i in range(count)) if count else None
+
+
+def model_info_for(cfg: DeploymentConfig) -> tuple[ModelInfo | None, list[Problem]]:
+    return load_model_info(cfg.model.path)
+
+
 def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tuple[list[Problem], DeploymentConfig]:
     """Every problem of `cfg` on this host (target=None) or on the declared target host, and the resolved config."""
     device = resolved_device(cfg, target)
@@ -137,4 +161,21 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems: list[Problem] = []
     problems += _device_rules(cfg, device, target)
     problems += _cumem_rules(out, device, target)
+    info, model_problems = model_info_for(out)
+    problems += model_problems
+    if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
+        out.model.max_model_len = info.max_position_embeddings
+    problems += rules.role_problems(out)
+    problems += rules.node_problems(out)
+    problems += rules.cache_problems(out, info)
+    if info is not None:
+        problems += rules.tp_problems(out, info)
+    problems += resources.port_problems(out)
+    gpus = visible_gpus(device, target)
+    if device == "cuda" and (gpus > 0 or target is not None):
+        where = "the target host" if target is not None else "this machine"
+        problems += resources.device_problems(out, gpus, where)
+    if info is not None and out.model.max_model_len is not None:
+        estimates = memory_estimate.estimate(out, info)
+        problems += memory_estimate.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
     return problems, out

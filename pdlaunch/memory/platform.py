@@ -12,6 +12,11 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def device_count() -> int:
+    """Visible CUDA devices (0 without CUDA)."""
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
 def resolve_device(device: str) -> str:
     """`auto` -> `cuda` when a CUDA device is visible, else `cpu`."""
     if device == "auto":
@@ -56,7 +61,13 @@ def is_cumem_allocator_available() -> bool:
     return True
 
 
+def is_sleep_mode_available() -> bool:
+    """Sleep mode backs weights up and discards KV through the CuMem pools, so it needs the same support."""
+    return is_cumem_allocator_available()
+
+
 def expandable_segments_enabled() -> bool:
+    """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, seed 003)."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
 

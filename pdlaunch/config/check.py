@@ -1,0 +1,115 @@
+"""`pdlaunch check-config`: load + validate a deployment, print a summary and every problem, exit 0/1."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from pdlaunch.config.loader import load_deployment
+from pdlaunch.config.memory_estimate import GIB, device_budget_bytes, estimate
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.problems import Problem
+from pdlaunch.config.resources import port_plan
+from pdlaunch.config.validate import (
+    TargetHost,
+    cumem_reason,
+    gpu_memory_bytes,
+    model_info_for,
+    target_problems,
+    validate_deployment,
+)
+from pdlaunch.errors import ConfigError
+
+
+def check(config_path: Path | None, overrides: dict[str, Any], target_gpus: int | None,
+          target_gpu_memory: float | None) -> tuple[list[Problem], DeploymentConfig | None, TargetHost | None]:
+    """Every problem, the resolved config (None when the file or values could not be parsed), the target."""
+    target, problems = target_problems(target_gpus, target_gpu_memory)
+    try:
+        cfg = load_deployment(config_path, overrides)
+    except ConfigError as exc:
+        return problems + [Problem(field, message) for field, message in exc.problems], None, target
+    if problems:  # a half-declared target host: checking against this machine instead would mislead
+        return problems, None, target
+    found, resolved = validate_deployment(cfg, target)
+    return found, resolved, target
+
+
+def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
+    if target is not None:
+        return f"target host: {target.gpus} GPU(s) x {target.gpu_memory_gib:g} GiB (declared)"
+    return f"this machine ({cfg.device})"
+
+
+def _ports_of_group(cfg: DeploymentConfig, index: int) -> str:
+    group = cfg.instances[index]
+    if group.base_port is None:
+        return "free"
+    return f"{group.base_port}" if group.count <= 1 else f"{group.base_port}-{group.base_port + group.count - 1}"
+
+
+def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None) -> None:
+    console.print(Text(f"model {cfg.model.path}  dtype {cfg.model.dtype}  max_model_len {cfg.model.max_model_len}  "
+                       f"block_size {cfg.cache.block_size}  on {_host_line(cfg, target)}"))
+    table = Table(title="instances", title_justify="left")
+    for column in ("group", "role", "count", "tp", "devices", "node", "http ports"):
+        table.add_column(column)
+    for i, group in enumerate(cfg.instances):
+        devices = "cpu" if cfg.device == "cpu" else (",".join(map(str, group.devices)) if group.devices else "auto")
+        table.add_row(str(i), group.role, str(group.count), str(group.tp), devices, str(group.node),
+                      _ports_of_group(cfg, i))
+    console.print(table)
+    transfer = ("none (colocated)" if cfg.colocated
+                else f"{cfg.kv_transfer.connector}, mode {cfg.kv_transfer.transfer_mode}")
+    side = cfg.kv_transfer.side_channel_port
+    fixed = sorted({u.port for u in port_plan(cfg)})
+    console.print(Text(f"proxy {cfg.proxy.host}:{cfg.proxy.port}  side channel "
+                       f"{cfg.kv_transfer.side_channel_host}:{side if side is not None else 'free'}  "
+                       f"fixed ports {fixed}"))
+    console.print(Text(f"kv transfer: {transfer}   cumem allocator: {cumem_reason(cfg)}   "
+                       f"sleep mode: {'on' if cfg.model.enable_sleep_mode else 'off'}"))
+    info, _ = model_info_for(cfg)
+    if info is None or cfg.model.max_model_len is None:
+        return
+    memory = Table(title="memory estimate per TP rank (weights + KV of one max_model_len sequence)",
+                   title_justify="left")
+    for column in ("group", "role", "weights GiB", "kv GiB", "total GiB", "budget GiB"):
+        memory.add_column(column)
+    gpu_bytes = gpu_memory_bytes(cfg.device, target)
+    budget = (f"{device_budget_bytes(cfg, gpu_bytes) / GIB:.2f}" if gpu_bytes is not None
+              else f"{cfg.cache.cpu_kv_cache_gb:g} (cpu kv)")
+    for est in estimate(cfg, info):
+        memory.add_row(str(est.group), est.role, f"{est.weights_bytes / GIB:.3f}", f"{est.kv_bytes / GIB:.3f}",
+                       f"{est.total_bytes / GIB:.3f}", budget)
+    console.print(memory)
+
+
+def run_check(config_path: Path | None, overrides: dict[str, Any], json_output: bool,
+              target_gpus: int | None, target_gpu_memory: float | None) -> int:
+    """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
+    problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
+    if json_output:
+        report = {
+            "valid": not problems,
+            "problems": [p.as_dict() for p in problems],
+            "config": resolved.model_dump(mode="json") if resolved is not None else None,
+        }
+        print(json.dumps(report, indent=2))
+        return 0 if not problems else 1
+    console = Console(highlight=False, soft_wrap=True)
+    if resolved is not None:
+        _summary(console, resolved, target)
+    for field, message in problems:
+        line = Text("error: ", style="bold red")
+        line.append(f"{field}: {message}")
+        console.print(line)
+    if problems:
+        console.print(Text(f"invalid: {len(problems)} problem(s)", style="bold red"))
+        return 1
+    console.print(Text("valid", style="bold green"))
+    return 0

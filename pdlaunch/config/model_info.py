@@ -1,0 +1,111 @@
+"""What validation needs from a checkpoint's config.json: architecture, heads, sizes, parameter count.
+
+Only config.json is read (no weights), so a GPU deployment can be checked on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pdlaunch.config.problems import Problem, problem
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+_REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int | None
+    tie_word_embeddings: bool
+    qkv_bias: bool
+
+    def num_parameters(self) -> int:
+        """Weights of a Llama-family decoder: embeddings, per-layer attention + gated MLP + 2 norms, lm_head."""
+        h, d = self.hidden_size, self.head_dim
+        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
+        attn = h * q_out + 2 * h * kv_out + q_out * h
+        if self.qkv_bias:
+            attn += q_out + 2 * kv_out
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        lm_head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return embed + self.num_layers * per_layer + h + lm_head
+
+    def kv_bytes_per_token(self, dtype_bytes: int, tp: int) -> int:
+        """K and V of one token, all layers, on one TP rank (KV heads are replicated when tp > kv heads)."""
+        kv_heads_per_rank = max(1, self.num_kv_heads // tp)
+        return 2 * self.num_layers * kv_heads_per_rank * self.head_dim * dtype_bytes
+
+
+def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, list[Problem]]:
+    archs = hf.get("architectures") or []
+    if not isinstance(archs, list):
+        archs = [archs]
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        return None, [problem("model.path", f"{source} has architectures {archs!r}, which pdlaunch cannot run",
+                              "use a checkpoint of " + ", ".join(SUPPORTED_ARCHITECTURES))]
+    bad = [k for k in _REQUIRED_INTS if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool) or hf[k] <= 0]
+    if bad:
+        return None, [problem("model.path", f"{source} lacks positive integers for {', '.join(bad)}",
+                              "use the checkpoint's original config.json")]
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    max_pos = hf.get("max_position_embeddings")
+    if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0:
+        return None, [problem("model.path", f"{source} has invalid num_key_value_heads/head_dim",
+                              "use the checkpoint's original config.json")]
+    info = ModelInfo(
+        architecture=arch,
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+    )
+    return info, []
+
+
+def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
+    """ModelInfo of `demo` or of a checkpoint directory, or the problems that make it unusable."""
+    if path == "demo":
+        from pdlaunch.model.demo import DEMO_HF_CONFIG  # lazy: the model package imports torch
+
+        return _from_hf_dict(dict(DEMO_HF_CONFIG), "the demo model")
+    model_dir = Path(path).expanduser()
+    if not model_dir.is_dir():
+        what = "is a file, not a directory" if model_dir.exists() else "does not exist"
+        return None, [problem("model.path", f"{path!r} {what}",
+                              "give a local HF checkpoint directory (config.json + safetensors) or `demo`")]
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        return None, [problem("model.path", f"{path!r} has no config.json",
+                              "point at the checkpoint directory that holds config.json")]
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, [problem("model.path", f"{str(config_file)!r} is not valid JSON ({exc})",
+                              "restore the checkpoint's config.json")]
+    if not isinstance(hf, dict):
+        return None, [problem("model.path", f"{str(config_file)!r} is not a JSON object",
+                              "restore the checkpoint's config.json")]
+    return _from_hf_dict(hf, str(config_file))

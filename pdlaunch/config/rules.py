@@ -1,0 +1,106 @@
+"""Cross-field rules on the resolved config: roles and nodes, TP vs heads, P/D TP ratio, cache sizes.
+
+Each rule takes the resolved config (group.tp filled in) and returns problems; none raises.
+"""
+
+from __future__ import annotations
+
+from pdlaunch.config.model_info import ModelInfo
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.problems import Problem, problem
+
+BLOCK_SIZES = (8, 16, 32, 64, 128)
+
+
+def role_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """At least one prefill and one decode instance, unless colocated; no P/D groups when colocated."""
+    problems: list[Problem] = []
+    counts = {"prefill": 0, "decode": 0, "colocated": 0}
+    for group in cfg.instances:
+        counts[group.role] += group.count
+    if cfg.colocated:
+        for i, group in enumerate(cfg.instances):
+            if group.role != "colocated" and group.count > 0:
+                problems.append(problem(f"instances[{i}].role", f"a {group.role} group in a colocated deployment",
+                                        "remove the group (and --prefill/--decode) or drop colocated"))
+        if counts["colocated"] == 0:
+            problems.append(problem("instances", "colocated deployment without a colocated instance",
+                                    "add `{role: colocated, count: 1}` to instances"))
+        return problems
+    for i, group in enumerate(cfg.instances):
+        if group.role == "colocated":
+            problems.append(problem(f"instances[{i}].role", "a colocated group needs `colocated: true`",
+                                    "pass --colocated, or use roles prefill and decode"))
+    for role in ("prefill", "decode"):
+        if counts[role] == 0:
+            problems.append(problem("instances", f"no {role} instance (PD needs at least one prefill and one decode)",
+                                    f"pass --{role} 1 or add `{{role: {role}, count: 1}}`; or use --colocated"))
+    return problems
+
+
+def node_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """node_rank and every group's node index point into parallel.nodes (or are 0 without nodes)."""
+    problems: list[Problem] = []
+    n_nodes = max(1, len(cfg.parallel.nodes))
+    if cfg.parallel.node_rank >= n_nodes:
+        problems.append(problem("parallel.node_rank", f"{cfg.parallel.node_rank} is not below the node count {n_nodes}",
+                                f"use --node-rank 0..{n_nodes - 1}, or list the nodes under parallel.nodes"))
+    for i, group in enumerate(cfg.instances):
+        if group.node >= n_nodes:
+            problems.append(problem(f"instances[{i}].node", f"node {group.node} does not exist ({n_nodes} node(s))",
+                                    "use an index into parallel.nodes"))
+    addresses = [node.address for node in cfg.parallel.nodes]
+    for k, address in enumerate(addresses):
+        if address in addresses[:k]:
+            problems.append(problem(f"parallel.nodes[{k}].address", f"{address!r} is listed twice",
+                                    "give each node its own address"))
+    return problems
+
+
+def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
+    """TP divides the attention heads; TP and KV heads divide one another; P and D TP sizes divide one another."""
+    problems: list[Problem] = []
+    for i, group in enumerate(cfg.instances):
+        tp = group.tp or 1
+        field = f"instances[{i}].tp"
+        if info.num_heads % tp:
+            problems.append(problem(field, f"TP {tp} does not divide the model's {info.num_heads} attention heads",
+                                    f"use a TP size that divides {info.num_heads}"))
+        elif tp % info.num_kv_heads and info.num_kv_heads % tp:
+            problems.append(problem(field, f"TP {tp} and the model's {info.num_kv_heads} KV heads do not divide each other",
+                                    f"use a TP size that divides {info.num_kv_heads} or a multiple of it"))
+    prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
+    decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
+    for p_tp in sorted(prefill):
+        for d_tp in sorted(decode):
+            if p_tp % d_tp and d_tp % p_tp:
+                problems.append(problem("parallel.decode_tp", f"prefill TP {p_tp} and decode TP {d_tp} do not divide "
+                                        "each other, so KV heads cannot be mapped between them",
+                                        "make one TP size a multiple of the other (e.g. 1/2, 2/4)"))
+    return problems
+
+
+def cache_problems(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
+    """Block size, max_model_len vs the model's positions, num_gpu_blocks vs one full-length sequence."""
+    problems: list[Problem] = []
+    block_size = cfg.cache.block_size
+    if block_size not in BLOCK_SIZES:
+        problems.append(problem("cache.block_size", f"{block_size} is not a supported block size",
+                                "use one of " + ", ".join(map(str, BLOCK_SIZES))))
+    max_len = cfg.model.max_model_len
+    if info is not None and info.max_position_embeddings is not None and max_len is not None:
+        if max_len > info.max_position_embeddings:
+            problems.append(problem("model.max_model_len",
+                                    f"{max_len} exceeds the model's max_position_embeddings {info.max_position_embeddings}",
+                                    f"use --max-model-len {info.max_position_embeddings} or less"))
+    if max_len is None and (info is None or info.max_position_embeddings is None) and info is not None:
+        problems.append(problem("model.max_model_len", "the model's config.json has no max_position_embeddings",
+                                "set --max-model-len"))
+    blocks = cfg.cache.num_gpu_blocks
+    if blocks is not None and max_len is not None and block_size in BLOCK_SIZES:
+        needed = -(-max_len // block_size)
+        if blocks < needed:
+            problems.append(problem("cache.num_gpu_blocks", f"{blocks} blocks of {block_size} tokens cannot hold one "
+                                    f"{max_len}-token sequence ({needed} blocks)",
+                                    f"use at least {needed} blocks or a smaller --max-model-len"))
+    return problems
