@@ -77,40 +77,70 @@ def _node_capacity(cfg: DeploymentConfig, visible_gpus: int) -> list[list[int]]:
     return [node.devices or list(range(visible_gpus)) for node in cfg.parallel.nodes]
 
 
+def _explicit_device_problems(cfg: DeploymentConfig, capacity: list[list[int]], where: str,
+                              users: dict[tuple[int, int], list[int]]) -> list[Problem]:
+    """Explicit lists: count*tp long, indices on the node. Fills `users`: (node, device) -> group indices."""
+    problems: list[Problem] = []
+    for i, group in enumerate(cfg.instances):
+        if group.devices is None or group.count == 0 or group.node >= len(capacity):
+            continue  # a bad node index is reported by node_problems
+        field, tp, node = f"instances[{i}].devices", group.tp or 1, group.node
+        if len(group.devices) != group.count * tp:
+            problems.append(problem(field, f"{len(group.devices)} devices for {group.count} instance(s) of TP {tp}",
+                                    f"list exactly count*tp = {group.count * tp} device indices"))
+        for dev in group.devices:
+            if dev not in capacity[node]:
+                problems.append(problem(field, f"device {dev} does not exist on node {node} ({where} has "
+                                        f"{capacity[node]})", "use indices of that node's GPUs"))
+            else:
+                users.setdefault((node, dev), []).append(i)
+    return problems
+
+
+def _sharing_problems(cfg: DeploymentConfig, users: dict[tuple[int, int], list[int]]) -> list[Problem]:
+    """A GPU listed by several instances is fine only if their memory shares fit in it together."""
+    problems: list[Problem] = []
+    util = cfg.cache.gpu_memory_utilization
+    for (node, dev), groups in sorted(users.items()):
+        if len(groups) < 2:
+            continue
+        field = f"instances[{groups[-1]}].devices"
+        if len(groups) * util > 1.0 + 1e-9:
+            problems.append(problem(field, f"GPU {dev} on node {node} is listed {len(groups)} times (groups "
+                                    f"{sorted(set(groups))}) and {len(groups)} x gpu_memory_utilization {util} > 1",
+                                    f"give each instance its own GPU, or set --gpu-memory-utilization "
+                                    f"{int(100 / len(groups)) / 100} or less"))
+        roles = {cfg.instances[g].role for g in groups}
+        if {"prefill", "decode"} <= roles and cfg.kv_transfer.transfer_mode == "pull" and not cfg.colocated:
+            problems.append(problem("kv_transfer.transfer_mode", f"pull between prefill and decode on the same GPU "
+                                    f"{dev} fails (UCX disables cuda_ipc GET without NVLink)",
+                                    "use --transfer-mode push or auto"))
+    return problems
+
+
 def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> list[Problem]:
-    """Explicit device lists are valid and disjoint; count*tp per node fits the node's GPUs.
+    """Explicit device lists are valid (sharing a GPU only if the memory shares fit); count*tp per node
+    fits the node's GPUs.
 
     `visible_gpus`: GPUs per node (this host's, or the declared target's); `where` names them in messages.
     An instance whose TP exceeds its node's GPUs spans the following nodes (multi-node TP).
     """
-    problems: list[Problem] = []
     capacity = _node_capacity(cfg, visible_gpus)
-    demand = [0] * len(capacity)
-    taken: dict[tuple[int, int], str] = {}
+    users: dict[tuple[int, int], list[int]] = {}
+    problems = _explicit_device_problems(cfg, capacity, where, users)
+    problems += _sharing_problems(cfg, users)
+    demand = [len({dev for (n, dev) in users if n == k}) for k in range(len(capacity))]
     for i, group in enumerate(cfg.instances):
         tp, node = group.tp or 1, group.node
-        if node >= len(capacity) or group.count == 0:
-            continue  # a bad node index is reported by node_problems
-        if group.devices is not None:
-            field = f"instances[{i}].devices"
-            if len(group.devices) != group.count * tp:
-                problems.append(problem(field, f"{len(group.devices)} devices for {group.count} instance(s) of TP {tp}",
-                                        f"list exactly count*tp = {group.count * tp} device indices"))
-            for dev in group.devices:
-                if dev not in capacity[node]:
-                    problems.append(problem(field, f"device {dev} does not exist on node {node} ({where}: "
-                                            f"{capacity[node]})", "use indices of that node's GPUs"))
-                elif (node, dev) in taken:
-                    problems.append(problem(field, f"device {dev} on node {node} is also used by {taken[(node, dev)]}",
-                                            "give every instance its own devices"))
-                else:
-                    taken[(node, dev)] = f"instances[{i}]"
-            demand[node] += len(group.devices)
+        if group.devices is not None or node >= len(capacity) or group.count == 0:
             continue
         for _ in range(group.count):
+            if tp <= len(capacity[node]):
+                demand[node] += tp
+                continue
             need, k = tp, node
             while need > 0 and k < len(capacity):
-                share = need if k == node and tp <= len(capacity[node]) else min(need, len(capacity[k]))
+                share = min(need, len(capacity[k]))
                 demand[k] += share
                 need -= share
                 k += 1
