@@ -13,7 +13,7 @@ from pathlib import PurePath
 from typing import Any, AsyncIterator, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
@@ -23,7 +23,7 @@ from pdlaunch.server.errors import OpenAIError, error_body, install_error_handle
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.sleep import SleepControl
-from pdlaunch.server.sse import DONE, sse_event
+from pdlaunch.server.sse import DONE, ClosingStreamingResponse, sse_event
 
 KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; never seen by the client
@@ -144,8 +144,11 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             )
             headers = {"X-Request-Id": request_id}
             if body.stream:
-                return StreamingResponse(
-                    _stream(stream, builder, body.include_usage()), media_type="text/event-stream",
+                async def abort() -> None:  # no-op once finished; frees the blocks if the client left
+                    engine_loop.abort(request_id)
+
+                return ClosingStreamingResponse(
+                    _stream(stream, builder, body.include_usage()), on_close=abort,
                     headers={**headers, "Cache-Control": "no-cache"})
             result = await _race(_collect(stream, builder), watch)
             if result is None:

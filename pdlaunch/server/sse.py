@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from starlette.responses import StreamingResponse
 
 DONE = b"data: [DONE]\n\n"
 
@@ -43,3 +45,18 @@ def parse_sse(body: bytes) -> list[str]:
     """All `data:` payloads of a complete SSE body."""
     parser = SSEParser()
     return parser.feed(body if body.endswith(b"\n\n") else body + b"\n\n")
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A streaming response whose `on_close` runs however it ends: finished, failed, or the client
+    left before the body iterator even started (then the iterator's own `finally` never runs)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(content, media_type="text/event-stream", **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()

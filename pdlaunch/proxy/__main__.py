@@ -1,0 +1,74 @@
+"""The PD proxy process.
+
+    python -m pdlaunch.proxy --port 8000 --prefill http://127.0.0.1:8100 --decode http://127.0.0.1:8200
+    python -m pdlaunch.proxy --port 8000 --colocated http://127.0.0.1:8100
+
+Instances may be named as NAME=URL (the launcher does: prefill-0=http://...); repeat a flag for more.
+It also drives vLLM-style instances that speak the same kv_transfer_params.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import POLICIES, Instance, InstancePool, Role
+from pdlaunch.server.watchdog import watch_parent
+
+DEFAULT_DRAIN_S = 5.0
+
+
+def parse_instances(role: Role, values: list[str]) -> list[Instance]:
+    out = []
+    for index, value in enumerate(values):
+        name, _, url = value.partition("=") if "=" in value.split("://", 1)[0] else ("", "", value)
+        if not url.startswith(("http://", "https://")):
+            raise SystemExit(f"--{role} {value!r}: expected http://HOST:PORT (optionally NAME=URL)")
+        out.append(Instance(role=role, url=url.rstrip("/"), name=name or f"{role}-{index}"))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pdlaunch.proxy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--prefill", action="append", default=[], help="Prefill instance URL (repeatable).")
+    parser.add_argument("--decode", action="append", default=[], help="Decode instance URL (repeatable).")
+    parser.add_argument("--colocated", action="append", default=[], help="Colocated instance URL.")
+    parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="round_robin")
+    parser.add_argument("--request-timeout", type=float, default=300.0, help="Whole-request timeout, seconds.")
+    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
+                        help="On SIGTERM, wait this long for in-flight requests.")
+    parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
+    args = parser.parse_args(argv)
+    if args.colocated and (args.prefill or args.decode):
+        parser.error("give either --colocated or --prefill/--decode instances, not both")
+    if not args.colocated and not (args.prefill and args.decode):
+        parser.error("a PD proxy needs at least one --prefill and one --decode instance (or --colocated)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
+    instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
+                 + parse_instances("colocated", args.colocated))
+    app = build_proxy_app(InstancePool(instances, args.routing_policy), args.request_timeout)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info", access_log=False,
+        timeout_graceful_shutdown=max(1, int(round(args.drain_timeout))), lifespan="on",
+    ))
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (DESIGN.md "Request flow").
+
+Every upstream call runs under the request's deadline (proxy.request_timeout_seconds); a failed or
+vanished instance becomes an OpenAI-format 502/503/504 (mid-stream: an SSE error event), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.metrics import ProxyMetrics
+from pdlaunch.proxy.translate import (
+    decode_body,
+    error_from_exception,
+    error_from_response,
+    is_connection_failure,
+    kv_params_of,
+    parse_client_body,
+    prefill_body,
+)
+from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
+from pdlaunch.server.sse import ClosingStreamingResponse, SSEParser, sse_event
+
+CONNECT_TIMEOUT_S = 5.0
+CLIENT_CLOSED = 499
+
+
+@dataclass
+class Upstream:
+    """An open streaming answer of an instance; holds one in-flight count until closed."""
+
+    instance: Instance
+    response: httpx.Response
+    closed: bool = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.instance.in_flight -= 1
+        await self.response.aclose()
+
+
+class Proxy:
+    """Routes client requests to instances. One per proxy process; the app's lifespan owns the client."""
+
+    def __init__(self, pool: InstancePool, request_timeout_s: float) -> None:
+        self.pool = pool
+        self.request_timeout_s = request_timeout_s
+        self.metrics = ProxyMetrics(pool)
+        self.client: httpx.AsyncClient | None = None
+
+    def http(self) -> httpx.AsyncClient:
+        if self.client is None:
+            raise OpenAIError(503, "proxy is not started", code="not_ready")
+        return self.client
+
+    def _timeout(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OpenAIError(504, f"request timed out after {self.request_timeout_s:g}s at the proxy "
+                                   "(proxy.request_timeout_seconds)", code="timeout")
+        return remaining
+
+    def _failed(self, instance: Instance, exc: BaseException) -> OpenAIError:
+        if is_connection_failure(exc):
+            self.pool.mark_down(instance, f"{type(exc).__name__} during a request")
+        return error_from_exception(instance, exc, self.request_timeout_s)
+
+    async def post_json(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
+                        deadline: float) -> dict[str, Any]:
+        remaining = self._timeout(deadline)
+        with instance.lease():
+            try:
+                response = await asyncio.wait_for(self.http().post(
+                    instance.url + path, json=body, headers=headers,
+                    timeout=httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))), remaining)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                raise self._failed(instance, exc) from None
+        if response.status_code != 200:
+            raise error_from_response(instance, response.status_code, response.content)
+        return response.json()
+
+    async def open_stream(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
+                          deadline: float) -> Upstream:
+        """Send a streaming request; on success the caller must close the returned Upstream."""
+        remaining = self._timeout(deadline)
+        client = self.http()
+        request = client.build_request("POST", instance.url + path, json=body, headers=headers, timeout=httpx.Timeout(
+            remaining, connect=min(CONNECT_TIMEOUT_S, remaining)))
+        instance.in_flight += 1
+        try:
+            response = await asyncio.wait_for(client.send(request, stream=True), remaining)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            instance.in_flight -= 1
+            raise self._failed(instance, exc) from None
+        if response.status_code != 200:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError:
+                content = b""
+            await response.aclose()
+            instance.in_flight -= 1
+            raise error_from_response(instance, response.status_code, content)
+        return Upstream(instance, response)
+
+    async def relay(self, upstream: Upstream, deadline: float) -> AsyncIterator[bytes]:
+        """Pass SSE events through one by one; end with an error event if the instance fails."""
+        instance, response = upstream.instance, upstream.response
+        parser = SSEParser()
+        finished = False
+        try:
+            chunks = response.aiter_raw()
+            while True:
+                remaining = self._timeout(deadline)
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), remaining)
+                except StopAsyncIteration:
+                    break
+                for data in parser.feed(chunk):
+                    if data == "[DONE]" or data.startswith('{"error"'):
+                        finished = True
+                    yield b"data: " + data.encode() + b"\n\n"
+            if not finished:
+                yield sse_event(error_body(502, f"{instance.name} ({instance.url}) closed the stream before it "
+                                                "finished", code="instance_failed"))
+        except OpenAIError as exc:
+            yield sse_event(exc.body())
+        except (httpx.HTTPError, TimeoutError) as exc:
+            yield sse_event(self._failed(instance, exc).body())
+        finally:
+            await upstream.close()
+
+
+def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
+    proxy = Proxy(pool, request_timeout_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+        async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+            proxy.client = client
+            await pool.check_all(client)
+            pool.start_monitor(client)
+            try:
+                yield
+            finally:
+                await pool.stop_monitor()
+                proxy.client = None
+
+    app = FastAPI(title="pdlaunch proxy", lifespan=lifespan)
+    app.state.proxy = proxy
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        proxy.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = pool.ready()
+        body = {"status": "ok" if ok else "unavailable", "instances": [i.as_dict() for i in pool.instances]}
+        if not ok:
+            missing = [r for r in pool.required_roles()
+                       if not any(i.role == r and i.state == "ready" for i in pool.instances)]
+            body.update(error_body(503, f"no ready {' / '.join(missing)} instance"))
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/instances")
+    async def instances() -> list[dict[str, object]]:
+        return [i.as_dict() for i in pool.instances]
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        instance = pool.pick(pool.required_roles()[-1])
+        try:
+            response = await proxy.http().get(instance.url + "/v1/models", timeout=CONNECT_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            raise proxy._failed(instance, exc) from None
+        return Response(response.content, status_code=response.status_code, media_type="application/json")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _route(request, "/v1/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _route(request, "/v1/chat/completions", chat=True)
+
+    async def _route(request: Request, path: str, chat: bool) -> Response:
+        body = parse_client_body(await request.body())
+        request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
+        headers = {"X-Request-Id": request_id}
+        deadline = time.monotonic() + request_timeout_s
+        watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            if pool.colocated:
+                target, leg = pool.pick("colocated"), body
+            else:
+                # Both picked up front: no prefill work (and no held KV) when no decode instance is up.
+                prefill, decode = pool.pick("prefill"), pool.pick("decode")
+                started = time.monotonic()
+                done, answer = await _race(proxy.post_json(
+                    prefill, path, prefill_body(body, chat), headers, deadline), watch)
+                if not done:
+                    return Response(status_code=CLIENT_CLOSED)
+                proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
+                target, leg = decode, decode_body(body, kv_params_of(prefill, answer))
+            if body.get("stream"):
+                done, upstream = await _race(proxy.open_stream(target, path, leg, headers, deadline), watch)
+                if not done:
+                    return Response(status_code=CLIENT_CLOSED)
+                return ClosingStreamingResponse(proxy.relay(upstream, deadline), on_close=upstream.close,
+                                                headers={**headers, "Cache-Control": "no-cache"})
+            done, answer = await _race(proxy.post_json(target, path, leg, headers, deadline), watch)
+            if not done:
+                return Response(status_code=CLIENT_CLOSED)
+            return JSONResponse(answer, headers=headers)
+        finally:
+            watch.cancel()
+
+    async def _fan_out(method: str, path: str, request: Request) -> JSONResponse:
+        async def one(instance: Instance) -> dict[str, Any]:
+            try:
+                response = await proxy.http().request(method, instance.url + path, params=request.query_params,
+                                                      timeout=request_timeout_s)
+                content = response.json() if response.content else {}
+                return {"name": instance.name, "status": response.status_code, "body": content}
+            except (httpx.HTTPError, json.JSONDecodeError) as exc:
+                return {"name": instance.name, "status": 502, "body": error_body(502, f"{type(exc).__name__}: {exc}")}
+
+        results = await asyncio.gather(*(one(i) for i in pool.instances))
+        failed = [r for r in results if r["status"] != 200]
+        if not failed:
+            return JSONResponse({"instances": results})
+        first = failed[0]
+        inner = first["body"].get("error", {}) if isinstance(first["body"], dict) else {}
+        body = error_body(first["status"], f"{first['name']}: {inner.get('message', 'failed')}",
+                          param=inner.get("param"), code=inner.get("code"))
+        body["instances"] = results
+        return JSONResponse(body, status_code=first["status"])
+
+    @app.post("/sleep")
+    async def sleep(request: Request) -> JSONResponse:
+        return await _fan_out("POST", "/sleep", request)
+
+    @app.post("/wake_up")
+    async def wake_up(request: Request) -> JSONResponse:
+        return await _fan_out("POST", "/wake_up", request)
+
+    @app.get("/is_sleeping")
+    async def is_sleeping(request: Request) -> JSONResponse:
+        return await _fan_out("GET", "/is_sleeping", request)
+
+    return app
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
+async def _race(work: Any, watch: "asyncio.Future[None]") -> tuple[bool, Any]:
+    """(True, result of work), or (False, None) when the client went away first (work is cancelled)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        return True, task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: BLE001 - cancelled or failed: the client is gone either way
+        pass
+    return False, None

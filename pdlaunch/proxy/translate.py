@@ -1,0 +1,80 @@
+"""Request translation for the two PD legs, and upstream failures turned into OpenAI errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from pdlaunch.proxy.instances import Instance
+from pdlaunch.server.errors import OpenAIError
+
+
+def prefill_body(body: dict[str, Any], chat: bool) -> dict[str, Any]:
+    """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode."""
+    leg = {k: v for k, v in body.items() if k not in ("stream_options",)}
+    leg["max_tokens"] = 1
+    if chat and "max_completion_tokens" in leg:
+        leg["max_completion_tokens"] = 1
+    leg["stream"] = False
+    leg["kv_transfer_params"] = {"do_remote_decode": True}
+    return leg
+
+
+def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
+    """The decode leg: the client's request unchanged plus where its KV lies."""
+    return {**body, "kv_transfer_params": kv_transfer_params}
+
+
+def kv_params_of(instance: Instance, response_json: Any) -> dict[str, Any]:
+    params = response_json.get("kv_transfer_params") if isinstance(response_json, dict) else None
+    if not isinstance(params, dict) or not params:
+        raise OpenAIError(502, f"{instance.name} ({instance.url}) answered the prefill leg without "
+                               "kv_transfer_params; is it a prefill instance with a KV connector?",
+                          code="bad_prefill_response")
+    return params
+
+
+def parse_client_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"request body is not valid JSON: {exc}", param="body") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "request body must be a JSON object", param="body")
+    return body
+
+
+def error_from_response(instance: Instance, status: int, content: bytes) -> OpenAIError:
+    """An instance's non-200 answer. 4xx are the client's problem and pass through unchanged;
+    503 stays 503 (try again); any other 5xx becomes a 502 naming the instance."""
+    message, param, code = f"HTTP {status}", None, None
+    try:
+        err = json.loads(content).get("error", {})
+        message, param, code = err.get("message", message), err.get("param"), err.get("code")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        if content:
+            message = content[:200].decode(errors="replace")
+    if status < 500:
+        return OpenAIError(status, message, param=param, code=code)
+    if status == 503:
+        return OpenAIError(503, f"{instance.name} is unavailable: {message}", code=code or "unavailable")
+    return OpenAIError(502, f"{instance.name} ({instance.url}) failed: {message}", code=code or "instance_failed")
+
+
+def error_from_exception(instance: Instance, exc: BaseException, timeout_s: float) -> OpenAIError:
+    """A failed call to an instance: unreachable -> 503, dropped connection -> 502, too slow -> 504."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return OpenAIError(503, f"{instance.name} ({instance.url}) is unreachable: {exc or type(exc).__name__}",
+                           code="instance_unreachable")
+    if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
+        return OpenAIError(504, f"request timed out after {timeout_s:g}s waiting for {instance.name} "
+                                "(proxy.request_timeout_seconds)", code="timeout")
+    return OpenAIError(502, f"{instance.name} ({instance.url}) failed mid-request: "
+                            f"{type(exc).__name__}: {exc}", code="instance_failed")
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """Failures that say the instance itself is gone (mark it down), not just slow."""
+    return isinstance(exc, (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError))
