@@ -67,10 +67,10 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
     transfer = ("none (colocated)" if cfg.colocated
                 else f"{cfg.kv_transfer.connector}, mode {cfg.kv_transfer.transfer_mode}")
     side = cfg.kv_transfer.side_channel_port
-    fixed = sorted({u.port for u in port_plan(cfg)})
+    fixed = ", ".join((f"node {r.node} " if cfg.parallel.nodes else "") + r.label() for r in port_plan(cfg)) or "none"
     console.print(Text(f"proxy {cfg.proxy.host}:{cfg.proxy.port}  side channel "
                        f"{cfg.kv_transfer.side_channel_host}:{side if side is not None else 'free'}  "
-                       f"fixed ports {fixed}"))
+                       f"fixed: {fixed}"))
     console.print(Text(f"kv transfer: {transfer}   cumem allocator: {cumem_reason(cfg)}   "
                        f"sleep mode: {'on' if cfg.model.enable_sleep_mode else 'off'}"))
     info, _ = model_info_for(cfg)

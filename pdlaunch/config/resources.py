@@ -3,9 +3,11 @@
 Port plan (ports only collide on the same node; the proxy and the rendezvous live on node 0):
 - proxy.port; parallel.master_port when set;
 - group i with base_port b: its instances use b, b+1, ..., b+count-1 (HTTP);
-- kv_transfer.side_channel_port s: on each node, instance after instance in group order, TP rank r of an
-  instance whose ranks start at offset o uses s+o+r (one handshake port per TP rank).
+- kv_transfer.side_channel_port s: on each node, one port per TP rank of every instance placed there,
+  s, s+1, ... in group order (instance by instance, rank by rank).
 Unset ports are picked free by the launcher and cannot collide.
+
+Devices: a GPU may be listed by several instances only when their gpu_memory_utilization shares fit.
 """
 
 from __future__ import annotations
@@ -17,56 +19,58 @@ from pdlaunch.config.problems import Problem, problem
 
 
 @dataclass(frozen=True)
-class PortUse:
-    field: str  # config path that claims the port
+class PortRange:
+    field: str  # config path that claims the ports
     node: int
-    port: int
-    what: str  # e.g. "proxy", "prefill-0 HTTP", "decode-1 side channel rank 0"
+    first: int
+    count: int
+    what: str  # e.g. "proxy", "prefill HTTP", "side channel"
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def label(self) -> str:
+        ports = f"port {self.first}" if self.count == 1 else f"ports {self.first}-{self.last}"
+        return f"{ports} ({self.what})"
 
 
-def port_plan(cfg: DeploymentConfig) -> list[PortUse]:
-    """Every fixed port of the (resolved) deployment, in the order described in the module docstring."""
-    uses = [PortUse("proxy.port", 0, cfg.proxy.port, "proxy")]
+def port_plan(cfg: DeploymentConfig) -> list[PortRange]:
+    """Every fixed port range of the (resolved) deployment, as described in the module docstring."""
+    plan = [PortRange("proxy.port", 0, cfg.proxy.port, 1, "proxy")]
     if cfg.parallel.master_port is not None:
-        uses.append(PortUse("parallel.master_port", 0, cfg.parallel.master_port, "torch.distributed rendezvous"))
+        plan.append(PortRange("parallel.master_port", 0, cfg.parallel.master_port, 1, "torch.distributed rendezvous"))
     for i, group in enumerate(cfg.instances):
-        if group.base_port is not None:
-            for k in range(group.count):
-                uses.append(PortUse(f"instances[{i}].base_port", group.node, group.base_port + k, f"{group.role}-{k} HTTP"))
+        if group.base_port is not None and group.count > 0:
+            plan.append(PortRange(f"instances[{i}].base_port", group.node, group.base_port, group.count,
+                                  f"{group.role} HTTP"))
     side = cfg.kv_transfer.side_channel_port
     if side is not None and not cfg.colocated:
-        offsets: dict[int, int] = {}
+        ranks: dict[int, int] = {}
         for group in cfg.instances:
-            for k in range(group.count):
-                for rank in range(group.tp or 1):
-                    offset = offsets.get(group.node, 0)
-                    uses.append(PortUse("kv_transfer.side_channel_port", group.node, side + offset,
-                                        f"{group.role}-{k} side channel rank {rank}"))
-                    offsets[group.node] = offset + 1
-    return uses
+            ranks[group.node] = ranks.get(group.node, 0) + group.count * (group.tp or 1)
+        for node, count in sorted(ranks.items()):
+            if count > 0:
+                plan.append(PortRange("kv_transfer.side_channel_port", node, side, count, "side channel"))
+    return plan
 
 
 def port_problems(cfg: DeploymentConfig) -> list[Problem]:
-    """Ports in 1..65535 and no two uses of one port on one node."""
+    """Ports in 1..65535 and no two ranges overlapping on one node."""
     problems: list[Problem] = []
-    seen: dict[tuple[int, int], PortUse] = {}
-    reported: set[str] = set()
-    for use in port_plan(cfg):
-        if not 1 <= use.port <= 65535:
-            if use.field not in reported:
-                reported.add(use.field)
-                problems.append(problem(use.field, f"port {use.port} ({use.what}) is outside 1..65535",
-                                        "choose a port (range) inside 1..65535, e.g. 8000-20000"))
+    valid: list[PortRange] = []
+    for used in port_plan(cfg):
+        if used.first < 1 or used.last > 65535:
+            problems.append(problem(used.field, f"{used.label()} is outside 1..65535",
+                                    "choose ports inside 1..65535, e.g. 8000-20000"))
             continue
-        other = seen.get((use.node, use.port))
-        if other is None:
-            seen[(use.node, use.port)] = use
-            continue
-        key = f"{use.field}|{other.field}"
-        if key not in reported:
-            reported.add(key)
-            problems.append(problem(use.field, f"port {use.port} ({use.what}) collides with {other.field} ({other.what})",
-                                    "move one of them; a group uses base_port..base_port+count-1"))
+        for other in valid:
+            if other.node == used.node and used.first <= other.last and other.first <= used.last:
+                problems.append(problem(used.field, f"{used.label()} collides with {other.field} {other.label()}"
+                                        + (f" on node {used.node}" if cfg.parallel.nodes else ""),
+                                        "move one of them; a group uses base_port..base_port+count-1"))
+                break
+        valid.append(used)
     return problems
 
 
@@ -134,20 +138,19 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> lis
         tp, node = group.tp or 1, group.node
         if group.devices is not None or node >= len(capacity) or group.count == 0:
             continue
-        for _ in range(group.count):
-            if tp <= len(capacity[node]):
-                demand[node] += tp
-                continue
-            need, k = tp, node
-            while need > 0 and k < len(capacity):
-                share = min(need, len(capacity[k]))
-                demand[k] += share
-                need -= share
-                k += 1
-            if need > 0:
-                problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than node {node} onward has",
-                                        "lower the TP size or add nodes"))
-                break
+        if tp <= len(capacity[node]):
+            demand[node] += group.count * tp
+            continue
+        # Multi-node TP: each instance takes its node's GPUs, then the next node's, ...
+        need, k = tp, node
+        while need > 0 and k < len(capacity):
+            share = min(need, len(capacity[k]))
+            demand[k] += group.count * share
+            need -= share
+            k += 1
+        if need > 0:
+            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than node {node} onward has",
+                                    "lower the TP size or add nodes"))
     for k, cap in enumerate(capacity):
         if demand[k] > len(cap):
             node_name = f"node {k}" if cfg.parallel.nodes else "this deployment"

@@ -175,7 +175,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if device == "cuda" and (gpus > 0 or target is not None):
         where = "the target host" if target is not None else "this machine"
         problems += resources.device_problems(out, gpus, where)
-    if info is not None and out.model.max_model_len is not None:
+    if info is not None and out.model.max_model_len is not None and out.cache.block_size in rules.BLOCK_SIZES:
         estimates = memory_estimate.estimate(out, info)
         problems += memory_estimate.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
     return problems, out
