@@ -1,0 +1,96 @@
+"""Incremental detokenization with stop strings.
+
+Text is produced by decoding a short window of tokens twice, with and without the newest tokens,
+and taking the difference: the window's first tokens give the decoder context (leading spaces,
+byte merges). While the newest text ends in U+FFFD the tokens so far end inside a multi-byte
+character, so nothing is emitted until a later token completes it (or the request ends).
+
+Stop strings: the text is cut before the first stop string found (which then finishes the
+request with "stop"); while streaming, a tail that could still grow into a stop string is held
+back and only released when it cannot, or when the request finishes for another reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+Decode = Callable[[Sequence[int]], str]
+
+# Prompt tokens kept in front of the output as decoding context.
+_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, decode: Decode, prompt_token_ids: Sequence[int] = (), stop: Sequence[str] = ()) -> None:
+        self._decode = decode
+        self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._stop = [s for s in stop if s]
+        self._max_stop_len = max((len(s) for s in self._stop), default=0)
+        self.decoded = ""  # all output text decoded so far (may include a held-back tail)
+        self.emitted = 0  # characters of `decoded` already handed out
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The text handed out so far."""
+        return self.decoded[:self.emitted]
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated token; returns the text that may be emitted now."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset:])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""  # mid-character, or a token without text yet
+        self._append(new_text[len(prefix_text):])
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return self._release()
+
+    def finish(self) -> str:
+        """The request ends: decode what is pending (incomplete characters included) and release
+        any held-back tail."""
+        if self.stopped:
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset:])
+        if len(new_text) > len(prefix_text):
+            self._append(new_text[len(prefix_text):])
+            self._prefix_offset = self._read_offset = len(self._ids)
+        if self.stopped:
+            return self._release()
+        out = self.decoded[self.emitted:]
+        self.emitted = len(self.decoded)
+        return out
+
+    def _append(self, piece: str) -> None:
+        old_len = len(self.decoded)
+        self.decoded += piece
+        if not self._stop:
+            return
+        search_from = max(0, old_len - self._max_stop_len + 1)
+        hits = [i for i in (self.decoded.find(s, search_from) for s in self._stop) if i >= 0]
+        if hits:
+            self.decoded = self.decoded[:min(hits)]
+            self.stopped = True
+
+    def _release(self) -> str:
+        end = len(self.decoded)
+        if not self.stopped:
+            end -= self._partial_stop_len()
+        out = self.decoded[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def _partial_stop_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        text = self.decoded
+        for n in range(min(self._max_stop_len - 1, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0

@@ -1,0 +1,110 @@
+"""Token sampling for a batch of requests, each with its own SamplingParams.
+
+Greedy rows take the argmax. Random rows scale by temperature, keep the top_k logits and the
+smallest set whose probability reaches top_p, then sample by the exponential race
+(argmax p_i / E_i with E_i ~ Exp(1), which draws i with probability p_i). A seeded request draws
+its E from its own generator, one draw of V values per token, so its tokens do not depend on what
+else is in the batch; unseeded requests share the engine's generator.
+
+Logprobs are those of the model's distribution (log_softmax of the raw logits), before
+temperature, top_k and top_p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdlaunch.engine.outputs import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set logits outside each row's top_k / top_p set to -inf.
+
+    logits: [N, V] float32; top_k: [N] int64 (V = off); top_p: [N] float32 (1.0 = off).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[-1], device=logits.device)
+    drop = ranks.unsqueeze(0) >= top_k.unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the mass of the tokens before it already reaches top_p (the first stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str, seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def new_request_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
+        """logits: [N, V] float32, one row per request in `rows`."""
+        num_rows, vocab = logits.shape
+        chosen = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0 and r.params.top_k != 1]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            sub = logits.index_select(0, idx)
+            temps = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
+            sub = sub / temps.unsqueeze(1)
+            top_k = [rows[i].params.top_k if rows[i].params.top_k > 0 else vocab for i in random_rows]
+            top_p = [rows[i].params.top_p for i in random_rows]
+            if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
+                sub = apply_top_k_top_p(
+                    sub,
+                    torch.tensor(top_k, device=logits.device),
+                    torch.tensor(top_p, dtype=sub.dtype, device=logits.device),
+                )
+            probs = sub.softmax(dim=-1)
+            race = torch.empty_like(probs)
+            shared = [j for j, i in enumerate(random_rows) if rows[i].generator is None]
+            if shared:
+                race[shared] = torch.empty(len(shared), vocab, device=logits.device).exponential_(
+                    generator=self.generator)
+            for j, i in enumerate(random_rows):
+                gen = rows[i].generator
+                if gen is not None:
+                    race[j] = torch.empty(vocab, device=logits.device).exponential_(generator=gen)
+            chosen = chosen.index_copy(0, idx, (probs / race).argmax(dim=-1))
+        token_ids = chosen.tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids))
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, rows: Sequence[SampleRow], chosen: torch.Tensor,
+                  token_ids: list[int]) -> list[TokenLogprob | None]:
+        wanted = [r.params.logprobs for r in rows]
+        if all(n is None for n in wanted):
+            return [None] * len(rows)
+        logp = logits.log_softmax(dim=-1)
+        chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        top_n = max(n or 0 for n in wanted)
+        top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (None, None))
+        out: list[TokenLogprob | None] = []
+        for i, n in enumerate(wanted):
+            if n is None:
+                out.append(None)
+                continue
+            top = {}
+            if n and top_ids is not None and top_vals is not None:
+                top = dict(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist()))
+            out.append(TokenLogprob(token_ids[i], chosen_lp[i], top))
+        return out
