@@ -1,9 +1,9 @@
 """A random-weight Llama-3-8B-shaped checkpoint on local disk, for benchmarks.
 
 Same tensor names, shapes and config as meta-llama/Meta-Llama-3-8B (with llama3 rope scaling), so
-speed figures are those of the real model; the weights are random and the tokenizer is byte-level
-with filler tokens up to the full vocabulary, so the text is noise. Written shard by shard: at most one shard
-(`max_shard_bytes`) plus one tensor is in memory at a time.
+speed figures are those of the real model; the weights are random (std 0.02, norms 1) and the
+tokenizer is the demo model's byte-level BPE padded to the full vocabulary, so the text is noise.
+Written shard by shard: at most one shard (`max_shard_bytes`) is in memory at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -48,7 +49,6 @@ LLAMA3_8B: dict[str, Any] = {
     "use_cache": True,
 }
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-BOS_TOKEN, EOS_TOKEN = "<|begin_of_text|>", "<|end_of_text|>"
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -105,40 +105,35 @@ def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: 
     return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=gen)
 
 
-def special_token_ids(vocab_size: int) -> tuple[int, int]:
-    """(bos, eos): Llama-3 keeps its last 256 ids for specials (bos 128000, eos 128001); a tiny
-    vocabulary keeps its last 2."""
-    num_special = 256 if vocab_size > 1024 else 2
-    return vocab_size - num_special, vocab_size - num_special + 1
+def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> None:
+    """The demo tokenizer's files (pdlaunch.model.demo_tokenizer), its vocabulary padded to
+    `vocab_size` with filler tokens `<tN>` that decode to themselves.
 
+    Ids below the demo's 512 keep their meaning (bytes, merges, specials, chat template), so text
+    encodes as it does for the demo model, and every id a random 128256-way model samples decodes.
+    The fillers go into the BPE vocabulary (never produced by encoding: no merge makes them), and the
+    specials are listed there too so that they keep their ids."""
+    from tokenizers import Tokenizer
 
-def write_byte_level_tokenizer(out_dir: Path, vocab_size: int) -> None:
-    """tokenizer.json covering all `vocab_size` ids, and tokenizer_config.json.
+    from pdlaunch.model.demo_tokenizer import VOCAB_SIZE, build_demo_tokenizer, write_tokenizer_files
 
-    Encoding is byte-level (ids 0..255, one per byte, no merges); the ids above are filler tokens
-    `<tN>` that decode to themselves, so every id a random model samples has text; the last ids are
-    specials as in Llama 3."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    bos_id, eos_id = special_token_ids(vocab_size)
-    vocab = {sym: i for i, sym in enumerate(sorted(ByteLevel.alphabet(), key=ord))}
-    vocab.update({f"<t{i}>": i for i in range(len(vocab), bos_id)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    specials = [BOS_TOKEN, EOS_TOKEN] + [f"<|reserved_special_token_{i}|>" for i in range(vocab_size - eos_id - 1)]
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    if tok.get_vocab_size() != vocab_size or tok.token_to_id(EOS_TOKEN) != eos_id:
-        raise PdlaunchError(f"tokenizer came out with {tok.get_vocab_size()} ids, not {vocab_size}", field="vocab_size")
-    tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "model_max_length": LLAMA3_8B["max_position_embeddings"],
-        "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n")
+    if vocab_size < VOCAB_SIZE:
+        raise PdlaunchError(f"must be at least {VOCAB_SIZE} (the demo tokenizer's ids)", field="vocab_size")
+    write_tokenizer_files(out_dir)  # tokenizer_config.json (chat template, bos/eos), tokenizer.json
+    spec = json.loads(build_demo_tokenizer().to_str())
+    vocab = spec["model"]["vocab"]
+    for added in spec["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    vocab.update({f"<t{i}>": i for i in range(VOCAB_SIZE, vocab_size)})
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise PdlaunchError(f"tokenizer came out with {tokenizer.get_vocab_size()} ids, not {vocab_size}",
+                            field="vocab_size")
+    tokenizer.save(str(out_dir / "tokenizer.json"), pretty=False)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_max_length"] = model_max_length
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def make_llama3_8b_shaped(
@@ -165,10 +160,7 @@ def make_llama3_8b_shaped(
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
-    if cfg["vocab_size"] < 260:
-        raise PdlaunchError("must be at least 260 (256 bytes + specials)", field="vocab_size")
-    bos_id, eos_id = special_token_ids(cfg["vocab_size"])
-    cfg.update(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=bos_id, eos_token_id=eos_id)
+    cfg.update(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
     out.mkdir(parents=True, exist_ok=True)
 
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -188,7 +180,6 @@ def make_llama3_8b_shaped(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}, indent=2) + "\n")
-    write_byte_level_tokenizer(out, cfg["vocab_size"])
+    (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
+    write_tokenizer(out, cfg["vocab_size"], cfg["max_position_embeddings"])
     return out

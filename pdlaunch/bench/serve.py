@@ -307,7 +307,10 @@ def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) ->
         path = cfg.result_dir / name
         write_json(doc, path)
         console.print(f"Saved results to {path}")
-    if cfg.plot_dir is not None:
+    if cfg.plot_dir is not None and metrics.completed:
         for path in write_plots(doc, cfg.plot_dir):
             console.print(f"Wrote {path}")
+    if not metrics.completed:
+        raise PdlaunchError(f"all {cfg.num_prompts} requests failed; first error: {results[0].error}",
+                            hint="check --base-url, --endpoint, --model and the server log")
     return doc

@@ -1,12 +1,14 @@
 """A minimal OpenAI-compatible streaming server for bench tests, run by uvicorn in a thread.
 
-Streams `max_tokens` completion chunks then a usage chunk, like vLLM with
-stream_options.include_usage. A request whose first prompt id is FAIL_TOKEN gets HTTP 500.
+Streams one chunk per token (`max_tokens` of them) then a usage chunk, as vLLM does with
+stream_options.include_usage; answers /v1/completions and /v1/chat/completions. With
+`fail_every=k`, every k-th request (in arrival order) gets HTTP 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import threading
@@ -19,38 +21,44 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-FAIL_TOKEN = 7
 MODEL = "fake-model"
 
 
-def make_app(seen: list[dict[str, Any]]) -> FastAPI:
+def make_app(seen: list[dict[str, Any]], fail_every: int = 0) -> FastAPI:
     app = FastAPI()
+    counter = itertools.count(1)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": MODEL, "object": "model"}]}
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Any:
+    async def answer(request: Request, chat: bool) -> Any:
         body = await request.json()
         seen.append(body)
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and prompt and prompt[0] == FAIL_TOKEN:
+        if fail_every and next(counter) % fail_every == 0:
             return JSONResponse({"error": {"message": "planted failure"}}, status_code=500)
         n = int(body["max_tokens"])
+        prompt = body["messages"][0]["content"] if chat else body["prompt"]
         n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())
 
         async def stream() -> AsyncIterator[str]:
             for i in range(n):
                 await asyncio.sleep(0.001)
-                chunk = {"id": "cmpl-1", "object": "text_completion", "model": MODEL,
-                         "choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
+                choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
+                yield f"data: {json.dumps({'id': 'cmpl-1', 'model': MODEL, 'choices': [choice]})}\n\n"
             usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
             yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await answer(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await answer(request, chat=True)
 
     return app
 
@@ -62,11 +70,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def fake_server(timeout_s: float = 20.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def fake_server(fail_every: int = 0, timeout_s: float = 20.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Yields (base_url, request bodies seen); stops the server and joins its thread on exit."""
     seen: list[dict[str, Any]] = []
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(seen), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(make_app(seen, fail_every), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout_s

@@ -1,0 +1,97 @@
+"""The Llama-3-8B-shaped checkpoint generator: full-size shapes by arithmetic, a tiny one on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from pdlaunch.bench.cli import bench_app
+from pdlaunch.bench.make_checkpoint import LLAMA3_8B, make_llama3_8b_shaped, plan_shards, tensor_shapes
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.demo_tokenizer import build_demo_tokenizer
+
+TINY = {"hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def test_full_shape_is_llama3_8b() -> None:
+    cfg = {**LLAMA3_8B, "head_dim": 128}
+    shapes = dict(tensor_shapes(cfg))
+    assert sum(math.prod(s) for s in shapes.values()) == 8_030_261_248  # Meta-Llama-3-8B parameter count
+    assert shapes["model.layers.31.self_attn.k_proj.weight"] == (1024, 4096)  # 8 KV heads x 128
+    assert shapes["model.layers.0.mlp.down_proj.weight"] == (4096, 14336)
+    assert shapes["lm_head.weight"] == (128256, 4096)
+    assert cfg["rope_scaling"]["rope_type"] == "llama3" and cfg["max_position_embeddings"] == 8192
+    # 4 GiB bf16 shards: every shard but those holding one oversized tensor stays under the limit
+    shards = plan_shards(tensor_shapes(cfg), 2, 4 * 2**30)
+    assert [name for shard in shards for name, _ in shard] == list(shapes)
+    assert all(sum(math.prod(s) * 2 for _, s in shard) <= 4 * 2**30 for shard in shards)
+    assert len(shards) == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama3_8b_shaped(tmp_path_factory.mktemp("llama3") / "ckpt", num_layers=2, overrides=TINY,
+                                 max_shard_bytes=2**20, seed=3)
+
+
+def test_tiny_checkpoint_is_sharded_with_a_complete_index(tiny_ckpt: Path) -> None:
+    index = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files == sorted(p.name for p in tiny_ckpt.glob("*.safetensors"))
+    total = 0
+    for fname in files:
+        with safe_open(str(tiny_ckpt / fname), "pt") as f:
+            for name in f.keys():
+                assert index["weight_map"][name] == fname
+                t = f.get_tensor(name)
+                assert t.dtype == torch.bfloat16
+                total += t.numel() * t.element_size()
+    assert total == index["metadata"]["total_size"]
+    assert set(index["weight_map"]) == {name for name, _ in tensor_shapes(json.loads((tiny_ckpt / "config.json").read_text()))}
+
+
+def test_tiny_checkpoint_loads_with_transformers(tiny_ckpt: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(tiny_ckpt)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads, cfg.vocab_size) == (2, 64, 2, 128256)
+    model = AutoModelForCausalLM.from_pretrained(tiny_ckpt)
+    assert model.model.layers[1].self_attn.k_proj.weight.shape == (2 * 16, 64)
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (160, 64)
+    assert model.lm_head.weight.shape == (128256, 64)
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)
+    assert len(tok) == 128256
+    text = "The capital of France is Paris."
+    assert tok(text).input_ids == build_demo_tokenizer().encode(text).ids  # same ids as the demo model
+    ids = tok(text, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+    assert tok.decode(out[0, -4:]) != ""  # every id of the 128256-way vocabulary has text
+
+
+def test_weights_depend_on_the_seed_only(tmp_path: Path, tiny_ckpt: Path) -> None:
+    other = make_llama3_8b_shaped(tmp_path / "again", num_layers=2, overrides=TINY, max_shard_bytes=2**30, seed=3)
+    name = "model.layers.1.mlp.gate_proj.weight"
+    index = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())
+    with safe_open(str(tiny_ckpt / index["weight_map"][name]), "pt") as a, \
+            safe_open(str(other / "model-00001-of-00001.safetensors"), "pt") as b:
+        assert torch.equal(a.get_tensor(name), b.get_tensor(name))  # a different shard plan, same values
+
+
+def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(PdlaunchError, match="not empty"):
+        make_llama3_8b_shaped(tmp_path, num_layers=1, overrides=TINY)
+    result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path), "--num-layers", "1"])
+    assert result.exit_code == 1 and "--overwrite" in result.output
+
+
+def test_cli_rejects_unknown_dtype(tmp_path: Path) -> None:
+    result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path / "x"), "--dtype", "fp8"])
+    assert result.exit_code == 1 and "--dtype" in result.output and "bfloat16" in result.output
