@@ -1,0 +1,237 @@
+"""Continuous batching: which requests compute how many tokens this step.
+
+Each step gets at most `max_num_batched_tokens` tokens and `max_num_seqs` running requests.
+Running requests go first (oldest first): a decode needs 1 token, an unfinished prompt the next
+chunk that fits the token budget (chunked prefill). When blocks run out the newest running request
+is preempted (blocks freed, requeued at the front, recomputed later: its prefix cache usually makes
+that cheap). Waiting requests are admitted oldest first while budget, sequence slots and blocks
+last, and only in steps that preempted nothing.
+
+KV connector (kv_transfer/base.py): a request whose KV comes from elsewhere holds blocks for its
+whole prompt and sits in `waiting_for_kv` until the connector reports it; a finished request the
+connector wants held sits in `held`, its blocks counted as used, until `finished_sending` names it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdlaunch.engine.block_manager import BlockManager, PrefixHit
+from pdlaunch.engine.request import Request, RequestStatus
+from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int  # first position computed this step (== num_computed_tokens when scheduled)
+    num_new_tokens: int
+    # The step feeds the request's last known token, so its logits give the next one.
+    needs_sample: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.needs_sample = self.end == self.request.num_tokens
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        connector: KVConnector | None = None,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.connector = connector
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.waiting_for_kv: dict[str, Request] = {}
+        self.held: dict[str, Request] = {}  # finished; blocks kept for a remote decode
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.num_preemptions = 0
+        self.prompt_tokens_computed = 0  # prompt positions computed here (recomputes included)
+        self.prompt_tokens_cached = 0  # prompt positions from the prefix cache or a connector
+
+    # -- admission and removal -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def finish_request(self, request: Request, reason: str, error: str | None = None,
+                       error_status: int = 500, abort_load: bool = True) -> dict[str, Any] | None:
+        """End a request in any state; returns the connector's kv_transfer_params for the answer.
+
+        The connector's `request_finished` is called for every request so it can clean up; its
+        hold is honoured only for requests that completed normally (stop/length): an aborted or
+        failed request's blocks are always freed at once, and no params leave the engine for it.
+        """
+        rid = request.request_id
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self.waiting.remove(request)
+        elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+            del self.waiting_for_kv[rid]
+            if self.connector is not None and abort_load:
+                self.connector.abort_load(rid)
+        self.requests.pop(rid, None)
+        request.finish(reason, error, error_status)
+        hold, params = False, None
+        if self.connector is not None:
+            hold, params = self.connector.request_finished(
+                rid, request.prompt_token_ids, request.kv_transfer_params, self.block_manager.block_ids(rid))
+            if reason not in ("stop", "length"):
+                hold, params = False, None
+        if hold and self.block_manager.has_blocks(rid):
+            self.held[rid] = request
+        else:
+            self.block_manager.free(rid)
+        return params
+
+    def handle_connector_events(self, events: KVConnectorEvents) -> list[Request]:
+        """Apply what the connector reported; returns the requests it failed (finished now)."""
+        for rid in events.finished_sending:
+            if self.held.pop(rid, None) is not None:
+                self.block_manager.free(rid)
+        for rid in events.finished_recving:
+            request = self.waiting_for_kv.pop(rid, None)
+            if request is None:
+                continue  # aborted meanwhile, or failed in the same poll
+            request.status = RequestStatus.WAITING
+            self.block_manager.cache_blocks(rid, request.all_token_ids, request.num_computed_tokens)
+            self.waiting.appendleft(request)  # holds its blocks: run it before admitting others
+        failed = []
+        for rid, message in events.failed_recving.items():
+            request = self.waiting_for_kv.get(rid)
+            if request is not None:
+                self.finish_request(request, "error", f"KV transfer failed: {message}", 502, abort_load=False)
+                failed.append(request)
+        return failed
+
+    # -- scheduling ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            start = request.num_computed_tokens
+            n = min(request.num_tokens - start, budget)
+            self.block_manager.release_out_of_window(request.request_id, start)
+            while not self.block_manager.allocate(request.request_id, start + n, start):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, start, n))
+                budget -= n
+                i += 1
+                continue
+            break
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+        for s in out.scheduled:
+            self.prompt_tokens_computed += max(0, min(s.end, s.request.num_prompt_tokens) - s.start)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            rid = request.request_id
+            if bm.has_blocks(rid):  # its KV arrived through the connector
+                start = request.num_computed_tokens
+                n = min(request.num_tokens - start, budget)
+                bm.release_out_of_window(rid, start)
+                if not bm.allocate(rid, start + n, start):
+                    break
+            else:
+                hit = bm.match_prefix(request.all_token_ids, request.num_tokens - 1)
+                start = hit.num_tokens
+                n = min(request.num_tokens - start, budget)
+                if self.connector is not None and not request.connector_consulted:
+                    parked = self._consult_connector(request, hit, n)
+                    if parked is None:
+                        break  # not enough free blocks yet
+                    if parked:
+                        continue
+                else:
+                    if not bm.allocate(rid, start + n, start, hit):
+                        break
+                    self._note_cached(request, start)
+                request.num_computed_tokens = start
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, start, n))
+            budget -= n
+        return budget
+
+    def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int) -> bool | None:
+        """Ask the connector about a fresh request. Returns True when the request was parked
+        waiting for KV, False when it runs `num_new_tokens` now (blocks allocated), None when
+        blocks ran out (nothing changed)."""
+        assert self.connector is not None
+        rid = request.request_id
+        k = hit.num_tokens
+        params = request.kv_transfer_params
+        ext = self.connector.get_num_new_matched_tokens(rid, request.prompt_token_ids, params, k)
+        ext = max(0, min(ext, request.num_tokens - 1 - k))
+        remote = ext > 0 or bool(params and params.get("do_remote_prefill"))
+        total = request.num_tokens if remote else k + num_new_tokens
+        if not self.block_manager.allocate(rid, total, k, hit):
+            return None
+        request.connector_consulted = True
+        self._note_cached(request, k + ext)
+        if remote:
+            self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
+        if ext == 0:
+            return False
+        self.waiting.popleft()
+        request.num_computed_tokens = k + ext  # valid once the connector reports the load
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.waiting_for_kv[rid] = request
+        return True
+
+    def _note_cached(self, request: Request, num_cached: int) -> None:
+        if not request.num_cached_tokens_set:
+            request.num_cached_tokens = num_cached
+            request.num_cached_tokens_set = True
+            self.prompt_tokens_cached += num_cached
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def after_step(self, out: SchedulerOutput) -> None:
+        """The step's KV is written: advance progress and register newly full blocks."""
+        for s in out.scheduled:
+            request = s.request
+            request.num_computed_tokens = s.end
+            self.block_manager.cache_blocks(request.request_id, request.all_token_ids, s.end)
