@@ -1,0 +1,191 @@
+"""Parse a HF config.json into `ModelArch`: the shapes and options the Llama-family model needs.
+
+Accepts both config dialects: transformers 4.x (`rope_theta` + `rope_scaling`, `torch_dtype`) and
+5.x (`rope_parameters`, `dtype`). Per-layer attention types follow HF's own derivation rules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pdlaunch.errors import PdlaunchError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+LayerType = Literal["full_attention", "sliding_attention"]
+
+
+@dataclass(frozen=True)
+class KVCacheGroup:
+    """Layers that share one KV cache tensor and one block table (same attention type)."""
+
+    layers: list[int]
+    sliding_window: int | None
+
+
+class ModelArch(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    architecture: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int
+    rope_theta: float
+    # None, or a dict with `rope_type` ("linear" | "llama3") and that type's parameters.
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q/k/v projections
+    o_proj_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    layer_types: list[LayerType]
+    max_position_embeddings: int
+    torch_dtype: str
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def kv_cache_groups(self) -> list[KVCacheGroup]:
+        """One group per attention type, in order of first appearance (plain model: one group)."""
+        groups: dict[int | None, list[int]] = {}
+        for layer, window in enumerate(self.layer_windows()):
+            groups.setdefault(window, []).append(layer)
+        return [KVCacheGroup(layers=layers, sliding_window=window) for window, layers in groups.items()]
+
+    def layer_windows(self) -> list[int | None]:
+        """Per layer: its sliding window in tokens, or None for full attention."""
+        return [self.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
+
+    def layer_group_index(self) -> list[tuple[int, int]]:
+        """Per layer: (KV cache group index, index of the layer inside that group)."""
+        where: list[tuple[int, int]] = [(0, 0)] * self.num_layers
+        for g, group in enumerate(self.kv_cache_groups()):
+            for i, layer in enumerate(group.layers):
+                where[layer] = (g, i)
+        return where
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, scaling dict or None) from either config dialect."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_type" not in params and params:
+        # Per-layer-type rope parameters (not used by the supported families).
+        raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
+    scaling = dict(params) if isinstance(params, dict) else dict(cfg.get("rope_scaling") or {})
+    theta = float(scaling.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise PdlaunchError(
+            f"rope type {rope_type!r} is not supported",
+            field="config.json:rope_scaling",
+            hint=f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}",
+        )
+    if rope_type == "default":
+        return theta, None
+    return theta, {"rope_type": rope_type, **scaling}
+
+
+def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[int | None, list[LayerType]]:
+    """(sliding_window, layer_types) as HF derives them for each family."""
+    window = cfg.get("sliding_window")
+    if architecture == "LlamaForCausalLM":
+        window = None
+    elif architecture == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return None, ["full_attention"] * num_layers
+    if architecture == "MistralForCausalLM":
+        return int(window), ["sliding_attention"] * num_layers
+    types = cfg.get("layer_types")
+    if types is None:
+        first_sliding = cfg.get("max_window_layers", 28)
+        types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise PdlaunchError(
+            f"layer_types must list full_attention/sliding_attention for each of {num_layers} layers",
+            field="config.json:layer_types",
+        )
+    return int(window), list(types)
+
+
+def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
+    """A config.json dict -> ModelArch (PdlaunchError for unsupported or inconsistent configs)."""
+    archs = cfg.get("architectures") or []
+    architecture = archs[0] if archs else "<missing `architectures`>"
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise PdlaunchError(
+            f"architecture {architecture!r} is not supported",
+            field="config.json:architectures",
+            hint=f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
+    try:
+        hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        vocab, inter = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
+    except KeyError as exc:
+        raise PdlaunchError(f"config.json lacks {exc.args[0]!r}", field=f"config.json:{exc.args[0]}") from exc
+    if heads % kv_heads:
+        raise PdlaunchError(
+            f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}",
+            field="config.json:num_key_value_heads",
+        )
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise PdlaunchError(f"hidden_act {act!r} is not supported (only silu)", field="config.json:hidden_act")
+    theta, scaling = _rope(cfg)
+    window, types = _layer_types(cfg, architecture, layers)
+    is_qwen2 = architecture == "Qwen2ForCausalLM"
+    llama_bias = bool(cfg.get("attention_bias", False)) and not is_qwen2
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    return ModelArch(
+        architecture=architecture,
+        model_type=str(cfg.get("model_type", "")),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab,
+        intermediate_size=inter,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=is_qwen2 or llama_bias,
+        o_proj_bias=llama_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        sliding_window=window,
+        layer_types=types,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        torch_dtype=str(dtype).removeprefix("torch."),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+    )
+
+
+def load_arch(directory: Path) -> ModelArch:
+    """Read `directory/config.json` (clear errors when it is missing or not JSON)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise PdlaunchError(
+            f"{path} is missing",
+            field="model.path",
+            hint="a checkpoint directory needs config.json, *.safetensors and tokenizer.json",
+        )
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
+    return parse_hf_config(cfg)

@@ -1,0 +1,173 @@
+"""Paged attention over the block-major KV cache (layout: pdlaunch/model/attention_metadata.py).
+
+Each step first writes the new k/v of every token into its slot, then every query attends to
+its sequence's keys: fresh prefills directly over the new k/v (causal; flash SDPA on CUDA),
+prefills with cached context over keys gathered through the block table, and all decode
+sequences (query_len == 1) together in one batched gather. Sliding-window layers follow HF: a
+query at position p sees keys at positions in (p - window, p].
+
+The index arithmetic depends only on the step and the KV-cache group, so it is built once per
+group per step (`build_group_plan`) and reused by every layer of the group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from pdlaunch.model.attention_metadata import AttentionMetadata
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int  # token range [q_start, q_end) in the flattened step
+    q_end: int
+    # Fresh prefill (no cached context): keys are the new k/v themselves, rows is None.
+    rows: torch.Tensor | None  # [K] flat cache row of each key (layer 0, k), or None
+    mask: torch.Tensor | None  # [Q, K] bool, None = plain causal
+
+
+@dataclass
+class GroupPlan:
+    """Per KV-cache group, per step: where to write and what each query reads."""
+
+    layers_in_group: int
+    block_size: int
+    write_tokens: torch.Tensor | None  # [Tw] tokens that have a slot; None = every token
+    write_rows: torch.Tensor  # [Tw] flat row of (block, layer 0, k, offset)
+    decode_tokens: torch.Tensor | None  # [Sd] token index of each decode sequence
+    decode_rows: torch.Tensor | None  # [Sd, K] flat rows of the keys each decode query may see
+    decode_mask: torch.Tensor | None  # [Sd, 1, 1, K] bool
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+    def layer_offset(self, layer_in_group: int, kv: int) -> int:
+        """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
+        return (2 * layer_in_group + kv) * self.block_size
+
+
+def _window_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[..., Q, K] bool: key visible to query (causal, within the window)."""
+    mask = kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)
+    if window is not None:
+        mask &= kpos.unsqueeze(-2) > qpos.unsqueeze(-1) - window
+    return mask
+
+
+def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor | None,
+                     sliding_window: int | None) -> GroupPlan:
+    """Index tensors for one KV-cache group. kv_cache None: no cache (only fresh prefills)."""
+    device = attn.query_start_loc.device
+    if kv_cache is None:
+        layers, block_size = 0, 1
+        write_tokens: torch.Tensor | None = torch.empty(0, dtype=torch.long, device=device)
+        write_rows = torch.empty(0, dtype=torch.long, device=device)
+    else:
+        _, layers, _, block_size, _, _ = kv_cache.shape
+        slots = attn.slot_mapping[group].long()
+        row_base = (slots // block_size) * (layers * 2 * block_size) + slots % block_size
+        valid = slots >= 0
+        if bool(valid.all()):
+            write_tokens, write_rows = None, row_base
+        else:
+            write_tokens = valid.nonzero().squeeze(-1)
+            write_rows = row_base[write_tokens]
+    block_table = attn.block_tables[group].long() if kv_cache is not None else None
+    plan = GroupPlan(layers, block_size, write_tokens, write_rows, None, None, None)
+
+    starts = [0]
+    for qlen in attn.query_lens_cpu:
+        starts.append(starts[-1] + qlen)
+    decode_seqs: list[int] = []
+    for i, (qlen, slen) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu)):
+        ctx = slen - qlen
+        if qlen == 1 and ctx > 0:
+            decode_seqs.append(i)
+            continue
+        if ctx == 0:
+            qpos = torch.arange(qlen, device=device)
+            mask = None if sliding_window is None or qlen <= sliding_window else _window_mask(qpos, qpos, sliding_window)
+            plan.prefills.append(PrefillSeq(starts[i], starts[i] + qlen, None, mask))
+            continue
+        if block_table is None:
+            raise ValueError("a sequence with cached context needs a KV cache")
+        first_key = 0 if sliding_window is None else max(0, ctx - sliding_window + 1)
+        kpos = torch.arange(first_key, slen, device=device)
+        qpos = torch.arange(ctx, slen, device=device)
+        blocks = block_table[i, kpos // block_size]
+        rows = blocks * (layers * 2 * block_size) + kpos % block_size
+        plan.prefills.append(PrefillSeq(starts[i], starts[i] + qlen, rows, _window_mask(kpos, qpos, sliding_window)))
+
+    if decode_seqs:
+        if block_table is None:
+            raise ValueError("decode steps need a KV cache")
+        max_len = max(attn.seq_lens_cpu[i] for i in decode_seqs)
+        if sliding_window is None:
+            num_blocks = -(-max_len // block_size)
+        else:
+            # A window of w keys touches at most ceil(w / block_size) + 1 blocks.
+            num_blocks = min(-(-max_len // block_size), -(-sliding_window // block_size) + 1)
+        seq_idx = torch.tensor(decode_seqs, device=device)
+        qpos = attn.seq_lens[seq_idx].long() - 1  # [Sd]
+        first_block = torch.zeros_like(qpos)
+        if sliding_window is not None:
+            first_block = (qpos - sliding_window + 1).clamp(min=0) // block_size
+        block_idx = first_block.unsqueeze(1) + torch.arange(num_blocks, device=device)  # [Sd, nb]
+        blocks = block_table[seq_idx].gather(1, block_idx.clamp(max=block_table.shape[1] - 1))
+        offsets = torch.arange(block_size, device=device)
+        kpos = (block_idx.unsqueeze(-1) * block_size + offsets).flatten(1)  # [Sd, K]
+        rows = ((blocks * (layers * 2 * block_size)).unsqueeze(-1) + offsets).flatten(1)
+        visible = kpos <= qpos.unsqueeze(1)  # [Sd, K]
+        if sliding_window is not None:
+            visible &= kpos > qpos.unsqueeze(1) - sliding_window
+        # Masked keys still take part in the matmul (weight 0), and 0 * NaN = NaN: point them at
+        # the query's own, just-written row so never-written cache memory is never read.
+        own_block = block_table[seq_idx].gather(1, (qpos // block_size).unsqueeze(1))
+        own_row = own_block * (layers * 2 * block_size) + (qpos % block_size).unsqueeze(1)
+        plan.decode_rows = torch.where(visible, rows, own_row)
+        plan.decode_mask = visible.view(len(decode_seqs), 1, 1, -1)
+        plan.decode_tokens = torch.tensor([starts[i] for i in decode_seqs], device=device)
+    return plan
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                    layer_in_group: int, plan: GroupPlan, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache."""
+    flat = None
+    if kv_cache is not None:
+        if not kv_cache.is_contiguous():
+            raise ValueError("the KV cache tensor must be contiguous (block-major layout)")
+        flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
+        k_rows = plan.write_rows + plan.layer_offset(layer_in_group, 0)
+        v_rows = plan.write_rows + plan.layer_offset(layer_in_group, 1)
+        new_k = k if plan.write_tokens is None else k[plan.write_tokens]
+        new_v = v if plan.write_tokens is None else v[plan.write_tokens]
+        flat.index_copy_(0, k_rows, new_k.to(flat.dtype))
+        flat.index_copy_(0, v_rows, new_v.to(flat.dtype))
+
+    out = torch.empty_like(q)
+    for seq in plan.prefills:
+        qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
+        if seq.rows is None:
+            ks = k[seq.q_start:seq.q_end]
+            vs = v[seq.q_start:seq.q_end]
+        else:
+            assert flat is not None
+            ks = flat[seq.rows + plan.layer_offset(layer_in_group, 0)]
+            vs = flat[seq.rows + plan.layer_offset(layer_in_group, 1)]
+        ks = ks.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, K, D]
+        vs = vs.transpose(0, 1).unsqueeze(0).to(q.dtype)
+        causal = seq.rows is None and seq.mask is None
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask, is_causal=causal,
+                                           scale=scale, enable_gqa=True)
+        out[seq.q_start:seq.q_end] = o[0].transpose(0, 1)
+
+    if plan.decode_tokens is not None:
+        assert flat is not None and plan.decode_rows is not None
+        qd = q[plan.decode_tokens].unsqueeze(2)  # [Sd, Hq, 1, D]
+        kd = flat[plan.decode_rows + plan.layer_offset(layer_in_group, 0)].transpose(1, 2).to(q.dtype)
+        vd = flat[plan.decode_rows + plan.layer_offset(layer_in_group, 1)].transpose(1, 2).to(q.dtype)
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
+        out[plan.decode_tokens] = o.squeeze(2)
+    return out

@@ -1,0 +1,176 @@
+"""Model layers whose parameters carry their own `weight_loader` (tensor-parallel sharding at load).
+
+A weight loader receives the full checkpoint tensor and copies this rank's shard into the
+parameter in place: column-parallel layers split the output dim, row-parallel ones the input dim,
+vocab-parallel ones the vocabulary. At tp_size=1 every loader is a plain copy. Forward passes
+all-reduce / all-gather only when tp_size > 1 (a torch.distributed group must then exist).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    _copy_checked(param, loaded, "parameter")
+
+
+def _set_loader(param: nn.Parameter, loader: Callable[..., None]) -> None:
+    param.weight_loader = loader  # type: ignore[attr-defined]
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split along the output dim: this rank holds out/tp rows."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        if out_features % tp_size:
+            raise ValueError(f"output size {out_features} is not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.weight = nn.Parameter(torch.empty(out_features // tp_size, in_features), requires_grad=False)
+        _set_loader(self.weight, self.weight_loader)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features // tp_size), requires_grad=False)
+            _set_loader(self.bias, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        size = param.shape[0]
+        _copy_checked(param, loaded.narrow(0, self.tp_rank * size, size), "column-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of one input in one matmul (e.g. gate and up).
+
+    `output_sizes` are the full (unsharded) sizes; shard_id indexes them. Each rank's weight is
+    the concatenation of its shard of every projection.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
+        self.output_sizes = output_sizes
+
+    def _shard_range(self, shard_id: int) -> tuple[int, int]:
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        return offset, self.output_sizes[shard_id] // self.tp_size
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        offset, size = self._shard_range(int(shard_id))
+        dest = param.data.narrow(0, offset, size)
+        _copy_checked(dest, loaded.narrow(0, self.tp_rank * size, size), f"merged shard {shard_id}")
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k, v projections in one matmul; shard_id is "q", "k" or "v". KV heads split across ranks."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp_rank: int = 0, tp_size: int = 1) -> None:
+        if num_heads % tp_size or num_kv_heads % tp_size:
+            raise ValueError(f"{num_heads} heads / {num_kv_heads} KV heads do not split over tp_size {tp_size}")
+        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
+        super().__init__(hidden, sizes, bias, tp_rank, tp_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        super().weight_loader(param, loaded, {"q": 0, "k": 1, "v": 2}[shard_id])
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split along the input dim; partial sums are all-reduced across ranks."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        if in_features % tp_size:
+            raise ValueError(f"input size {in_features} is not divisible by tp_size {tp_size}")
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp_size), requires_grad=False)
+        _set_loader(self.weight, self.weight_loader)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            _set_loader(self.bias, default_weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        size = param.shape[1]
+        _copy_checked(param, loaded.narrow(1, self.tp_rank * size, size), "row-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias is added once, after the reduction, not once per rank.
+        y = F.linear(x, self.weight)
+        if self.tp_size > 1:
+            dist.all_reduce(y)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split along the vocabulary; ids outside this rank's range contribute 0."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.shard_size = math.ceil(vocab_size / tp_size)
+        self.vocab_start = tp_rank * self.shard_size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden), requires_grad=False)
+        _set_loader(self.weight, self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        rows = max(0, min(self.shard_size, loaded.shape[0] - self.vocab_start))
+        if loaded.shape[1] != param.shape[1]:
+            raise ValueError(f"embedding width mismatch: checkpoint {loaded.shape[1]}, model {param.shape[1]}")
+        param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
+        param.data[rows:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        in_range = (local >= 0) & (local < self.shard_size)
+        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_range.unsqueeze(-1)
+        dist.all_reduce(out)
+        return out
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection split along the vocabulary; logits are gathered to full width."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__(vocab_size, hidden, tp_rank, tp_size)
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(hidden, self.weight)  # [N, vocab / tp]
+        if self.tp_size > 1:
+            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            dist.all_gather(parts, logits)
+            logits = torch.cat(parts, dim=-1)
+        return logits[..., : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale (order matters for bf16 parity)."""
+
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
+        _set_loader(self.weight, default_weight_loader)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)

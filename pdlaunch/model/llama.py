@@ -1,0 +1,142 @@
+"""One decoder for the Llama family (Llama 2/3.x, Qwen2, Mistral), driven by `ModelArch`.
+
+Differences between the families are configuration, not code: qkv bias (Qwen2), sliding window
+per layer (Mistral: all layers; Qwen2 hybrids: per `layer_types`), llama3 rope scaling, tied
+embeddings. The layer math follows HF's modeling code operation for operation so float32 output
+matches transformers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdlaunch.model.arch import KVCacheGroup, ModelArch
+from pdlaunch.model.attention import GroupPlan, build_group_plan, paged_attention
+from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.layers import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from pdlaunch.model.rotary import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, layer: int, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.head_dim = arch.head_dim
+        self.num_heads = arch.num_heads // tp_size
+        self.num_kv_heads = arch.num_kv_heads // tp_size
+        self.scale = arch.head_dim**-0.5
+        self.sliding_window = arch.layer_windows()[layer]
+        self.kv_group, self.index_in_group = arch.layer_group_index()[layer]
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads,
+                                          arch.attention_bias, tp_rank, tp_size)
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, arch.o_proj_bias,
+                                        tp_rank, tp_size)
+        self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling,
+                                          arch.max_position_embeddings)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor | None,
+                plan: GroupPlan) -> torch.Tensor:
+        t = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary_emb(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(t, q_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up in one matmul."""
+
+    def __init__(self, arch: ModelArch, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        inter = arch.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [inter, inter], arch.mlp_bias, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer: int, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch, layer, tp_rank, tp_size)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch, tp_rank, tp_size)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor | None,
+                plan: GroupPlan) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, plan)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp_rank, tp_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, tp_rank, tp_size) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Llama-family causal LM over a paged KV cache. Parameter names follow HF checkpoints, with
+    q/k/v merged into `qkv_proj` and gate/up into `gate_up_proj` (see `PACKED_MODULES`)."""
+
+    # checkpoint module name -> (our module name, shard id for its weight_loader)
+    PACKED_MODULES = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1) -> None:
+        super().__init__()
+        self.arch = arch
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.kv_cache_groups: list[KVCacheGroup] = arch.kv_cache_groups()
+        self.model = LlamaModel(arch, tp_rank, tp_size)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp_rank, tp_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def layer_kv_group(self, layer: int) -> tuple[int, int]:
+        """(KV cache group index, index of the layer inside its group) for `layer`."""
+        attn = self.model.layers[layer].self_attn
+        return attn.kv_group, attn.index_in_group
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden].
+
+        kv_caches[g]: [num_blocks, layers_in_group, 2, block_size, num_kv_heads, head_dim] per
+        KV-cache group; an empty list runs without a cache (fresh prefills only, e.g. profiling).
+        """
+        caches: list[torch.Tensor | None] = list(kv_caches) if kv_caches else [None] * len(self.kv_cache_groups)
+        if len(caches) != len(self.kv_cache_groups):
+            raise ValueError(f"model has {len(self.kv_cache_groups)} KV cache groups, got {len(caches)} caches")
+        plans = [build_group_plan(attn, g, caches[g], group.sliding_window)
+                 for g, group in enumerate(self.kv_cache_groups)]
+        h = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            g = layer.self_attn.kv_group
+            h = layer(positions, h, caches[g], plans[g])
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] float32."""
+        return self.lm_head(hidden).float()

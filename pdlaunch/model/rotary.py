@@ -1,0 +1,61 @@
+"""Rotary position embedding (HF "rotate_half" convention) with default, linear and llama3 scaling.
+
+cos/sin are computed from the positions at every step, in float32, exactly as HF does (one
+product per element, so the results match bit for bit); no [max_positions, head_dim] table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                     max_position_embeddings: int) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies, with the scaling HF applies for rope_type."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = scaling.get("original_max_position_embeddings", max_position_embeddings)
+    low_freq_wavelen = old_context / low
+    high_freq_wavelen = old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                 max_position_embeddings: int) -> None:
+        super().__init__()
+        self._args = (head_dim, theta, scaling, max_position_embeddings)
+        self.register_buffer("inv_freq", compute_inv_freq(*self._args), persistent=False)
+
+    def init_buffers(self) -> None:
+        """Recompute inv_freq after the module was materialised from the meta device."""
+        self.inv_freq = compute_inv_freq(*self._args).to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T]; q: [T, Hq, D], k: [T, Hkv, D] -> rotated (q, k) in their dtype."""
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(q.dtype).unsqueeze(1)  # [T, 1, D]
+        sin = emb.sin().to(q.dtype).unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -1,0 +1,133 @@
+"""Tokenizer of a checkpoint directory: tokenizer.json via `tokenizers`, chat template via jinja2.
+
+Reads tokenizer_config.json (bos/eos, add_bos_token, chat_template), chat_template.jinja (newer
+HF saves the template there) and generation_config.json (extra EOS ids). No hub access.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from pdlaunch.errors import PdlaunchError
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    """Encode/decode and chat formatting for one checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise PdlaunchError(
+                f"{path} is missing",
+                field="model.path",
+                hint="pdlaunch needs a fast-tokenizer tokenizer.json in the checkpoint directory",
+            )
+        self._tok = HFTokenizer.from_file(str(path))
+        config = _read_json(directory / "tokenizer_config.json")
+        gen_config = _read_json(directory / "generation_config.json")
+        model_config = _read_json(directory / "config.json")
+
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token_id: int | None = self._tok.token_to_id(self.bos_token) if self.bos_token else None
+        if self.bos_token_id is None and gen_config.get("bos_token_id") is not None:
+            self.bos_token_id = int(gen_config["bos_token_id"])
+        self.add_bos_token = bool(config.get("add_bos_token", False))
+
+        eos: list[int] = []
+        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
+            eos.append(self._tok.token_to_id(self.eos_token))
+        for source in (gen_config.get("eos_token_id"), model_config.get("eos_token_id")):
+            eos.extend(_as_id_list(source))
+        self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
+        self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
+        self.chat_template: str | None = self._load_chat_template(directory, config)
+
+    @staticmethod
+    def _load_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+        jinja_file = directory / "chat_template.jinja"
+        if jinja_file.is_file():
+            return jinja_file.read_text()
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            return named.get("default") or next(iter(named.values()), None)
+        return template if isinstance(template, str) else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with special tokens, exactly one BOS when the tokenizer uses one."""
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if not add_special_tokens or bos is None:
+            return ids
+        if self.add_bos_token and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        # A chat template that renders the BOS text itself would otherwise get a second one.
+        if len(ids) >= 2 and ids[0] == bos and ids[1] == bos and self.bos_token and text.startswith(self.bos_token):
+            ids = ids[1:]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the checkpoint's jinja2 template."""
+        if not self.chat_template:
+            raise PdlaunchError(
+                "this checkpoint has no chat template",
+                field="model.path",
+                hint="add `chat_template` to tokenizer_config.json (or chat_template.jinja), "
+                "or use /v1/completions with a plain prompt",
+            )
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as exc:
+            raise PdlaunchError(f"chat template failed: {exc}", field="messages") from exc
