@@ -33,7 +33,7 @@ def estimate(cfg: DeploymentConfig, info: ModelInfo) -> list[GroupMemory]:
     """Per-rank estimate of every instance group of the resolved config (dtype and max_model_len concrete)."""
     dtype_bytes = DTYPE_BYTES.get(cfg.model.dtype, 4)
     weights = info.num_parameters() * dtype_bytes
-    block = cfg.cache.block_size
+    block = max(1, cfg.cache.block_size)  # an invalid block size is reported by rules; estimate anyway
     max_len = cfg.model.max_model_len or info.max_position_embeddings or 0
     tokens = cfg.cache.num_gpu_blocks * block if cfg.cache.num_gpu_blocks else -(-max_len // block) * block
     out = []
