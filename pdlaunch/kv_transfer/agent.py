@@ -1,0 +1,140 @@
+"""A thin wrapper over one NIXL agent (UCX backend): register KV memory, READ/WRITE byte ranges, notify.
+
+The agent is used from the engine thread (polling, notifications), the side-channel threads (adding
+peers) and the push sender threads, so it runs in NIXL's STRICT thread-sync mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import torch
+
+from pdlaunch.errors import KVTransferError
+
+logger = logging.getLogger(__name__)
+
+
+def _nixl() -> Any:
+    try:
+        from nixl import _api
+    except ImportError as e:
+        raise KVTransferError(
+            f"the nixl package cannot be imported: {e}",
+            field="kv_transfer.connector",
+            hint="install it (`pip install nixl`) or use --kv-connector storage",
+        ) from e
+    return _api
+
+
+def encode_notif(kind: str, **fields: Any) -> bytes:
+    return json.dumps({"kind": kind, **fields}, separators=(",", ":")).encode()
+
+
+def decode_notif(message: bytes) -> dict[str, Any] | None:
+    try:
+        notif = json.loads(message)
+    except ValueError:
+        return None
+    return notif if isinstance(notif, dict) and "kind" in notif else None
+
+
+class XferHandle:
+    """One posted READ or WRITE; `state()` is "PROC", "DONE" or "ERR"."""
+
+    def __init__(self, agent: "KVAgent", handle: Any, status: str, num_bytes: int) -> None:
+        self._agent = agent
+        self._handle = handle
+        self._status = status
+        self.num_bytes = num_bytes
+
+    def state(self) -> str:
+        if self._status == "PROC":
+            self._status = self._agent.nixl.check_xfer_state(self._handle)
+        return self._status
+
+    def release(self) -> None:
+        """Free the request; an active transfer is cancelled (NIXL refuses if it cannot be)."""
+        if self._handle is None:
+            return
+        try:
+            self._agent.nixl.release_xfer_handle(self._handle)
+        except Exception as e:  # the handle stays with NIXL; the agent frees it at shutdown
+            logger.warning("could not release a NIXL transfer handle: %s", e)
+        self._handle = None
+
+
+class KVAgent:
+    """One NIXL agent with the KV cache tensors of one engine (one TP rank) registered."""
+
+    def __init__(self, name: str) -> None:
+        api = _nixl()
+        config = api.nixl_agent_config(
+            backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+        )
+        self.name = name
+        self.nixl = api.nixl_agent(name, config)
+        self._registered: Any = None
+        self._remote_agents: set[str] = set()
+        self.mem_type = "DRAM"
+        self.device_id = 0
+
+    def register(self, kv_caches: list[torch.Tensor]) -> None:
+        """Register each group tensor as one region (once)."""
+        if self._registered is not None:
+            raise KVTransferError("KV caches are already registered with NIXL", hint="register_kv_caches runs once")
+        for t in kv_caches:
+            if not t.is_contiguous():
+                raise KVTransferError("a KV cache tensor is not contiguous", hint="allocate it with torch.empty")
+        self.mem_type = "DRAM" if kv_caches[0].device.type == "cpu" else "VRAM"
+        self.device_id = max(kv_caches[0].get_device(), 0)
+        self._registered = self.nixl.register_memory(kv_caches)
+
+    def metadata(self) -> bytes:
+        return self.nixl.get_agent_metadata()
+
+    def add_remote(self, metadata: bytes) -> str:
+        """Load a peer's metadata (once per peer name); returns the peer's agent name."""
+        name = self.nixl.add_remote_agent(metadata)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        self._remote_agents.add(name)
+        return name
+
+    def transfer(
+        self,
+        op: str,
+        local: list[tuple[int, int]],
+        remote: list[tuple[int, int]],
+        remote_agent: str,
+        remote_device_id: int,
+        notif: bytes,
+    ) -> XferHandle:
+        """Post op ("READ": remote -> local, "WRITE": local -> remote) of matching (address, length) lists."""
+        local_descs = self.nixl.get_xfer_descs([(a, n, self.device_id) for a, n in local], self.mem_type)
+        remote_descs = self.nixl.get_xfer_descs([(a, n, remote_device_id) for a, n in remote], self.mem_type)
+        handle = self.nixl.initialize_xfer(op, local_descs, remote_descs, remote_agent, notif)
+        status = self.nixl.transfer(handle)
+        xfer = XferHandle(self, handle, status, sum(n for _, n in local))
+        if status == "ERR":
+            xfer.release()
+            raise KVTransferError(f"NIXL could not post a {op} of {xfer.num_bytes} bytes to agent {remote_agent}")
+        return xfer
+
+    def notify(self, remote_agent: str, message: bytes) -> None:
+        self.nixl.send_notif(remote_agent, message)
+
+    def new_notifs(self) -> list[bytes]:
+        return [m for messages in self.nixl.get_new_notifs().values() for m in messages]
+
+    def close(self) -> None:
+        for name in list(self._remote_agents):
+            try:
+                self.nixl.remove_remote_agent(name)
+            except Exception as e:
+                logger.debug("removing NIXL peer %s: %s", name, e)
+        self._remote_agents.clear()
+        if self._registered is not None:
+            self.nixl.deregister_memory(self._registered)
+            self._registered = None

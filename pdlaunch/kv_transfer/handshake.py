@@ -1,0 +1,120 @@
+"""What a prefill engine tells a decode engine about its KV cache, and the compatibility check.
+
+The decode side asks the prefill side channel once per remote engine (cached) and refuses to move
+bytes between caches whose blocks do not mean the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from functools import lru_cache
+
+import torch
+from pydantic import BaseModel
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.base import KVCacheSpec
+
+KV_LAYOUT = "block_major[num_blocks,num_layers,2,block_size,num_kv_heads,head_dim]"
+
+# Handshake field -> (config key it comes from, how to make the two instances agree).
+_COMPAT_FIELDS: dict[str, tuple[str, str]] = {
+    "kv_layout": ("kv_layout", "run the same pdlaunch version on both instances"),
+    "model_name": ("model.path", "serve the same checkpoint (--model) on prefill and decode"),
+    "dtype": ("model.dtype", "use the same --dtype on prefill and decode"),
+    "block_size": ("cache.block_size", "use the same --block-size on prefill and decode"),
+    "num_kv_heads": ("parallel.tp", "serve the same model with the same TP size on prefill and decode"),
+    "head_dim": ("model.path", "serve the same checkpoint (--model) on prefill and decode"),
+    "group_layers": ("model.path", "serve the same checkpoint (--model) on prefill and decode"),
+    "tp_size": ("parallel.tp", "use the same TP size on prefill and decode (--prefill-tp / --decode-tp)"),
+}
+
+
+class DeviceInfo(BaseModel):
+    """Where an engine's KV cache lives, for choosing pull or push."""
+
+    type: str  # "cpu" | "cuda"
+    index: int = 0  # CUDA device index in the owning process (0 on CPU)
+    pci_bus_id: str = ""  # physical identity of the GPU (CUDA_VISIBLE_DEVICES may renumber)
+    host_id: str = ""  # hostname + boot id: same value = same machine
+
+
+class HandshakeInfo(BaseModel):
+    """The prefill side's answer to {"type": "handshake"} (one TP rank)."""
+
+    engine_id: str
+    agent_name: str
+    agent_metadata: str  # hex of nixl_agent.get_agent_metadata()
+    base_addrs: list[int]  # per group: data_ptr of the KV cache tensor
+    block_bytes: list[int]  # per group
+    num_blocks: int
+    block_size: int
+    dtype: str
+    kv_layout: str
+    num_kv_heads: int
+    head_dim: int
+    group_layers: list[list[int]]
+    model_name: str
+    tp_size: int
+    tp_rank: int
+    device: DeviceInfo
+    compat_hash: str
+
+
+def compat_fields(spec: KVCacheSpec) -> dict[str, object]:
+    return {
+        "kv_layout": KV_LAYOUT,
+        "model_name": spec.model_name,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "block_size": spec.block_size,
+        "num_kv_heads": spec.num_kv_heads,
+        "head_dim": spec.head_dim,
+        "group_layers": spec.group_layers,
+        "tp_size": spec.tp_size,
+    }
+
+
+def compat_hash(fields: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def host_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type != "cuda":
+        return DeviceInfo(type=device.type, host_id=host_id())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    return DeviceInfo(type="cuda", index=index, pci_bus_id=bus, host_id=host_id())
+
+
+def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str = "prefill") -> None:
+    """Raise KVTransferError naming the first field that differs, both values, and the fix."""
+    mine = compat_fields(local)
+    if compat_hash(mine) == remote.compat_hash:
+        return
+    theirs = {name: getattr(remote, name) for name in mine}
+    for name, (config_key, hint) in _COMPAT_FIELDS.items():
+        if mine[name] != theirs[name]:
+            raise KVTransferError(
+                f"KV caches are incompatible: {name} differs ({remote_role} engine {remote.engine_id}: "
+                f"{theirs[name]!r}, this engine: {mine[name]!r})",
+                field=config_key,
+                hint=hint,
+            )
+    raise KVTransferError(
+        f"KV caches are incompatible: compatibility hash differs ({remote_role} engine {remote.engine_id}: "
+        f"{remote.compat_hash}, this engine: {compat_hash(mine)}) although every field matches",
+        hint="run the same pdlaunch version on both instances",
+    )

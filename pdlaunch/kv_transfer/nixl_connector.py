@@ -1,0 +1,252 @@
+"""NixlConnector: KV moves between a prefill and a decode engine through NIXL (UCX), pull or push.
+
+One NIXL agent per engine process (per TP rank); the KV cache tensors are registered once, one region
+per group. The prefill instance serves the handshake side channel on
+instance.side_channel_port (+ tp_rank); decode connects to it with the params prefill returned.
+See nixl_sender.py (prefill: holds, leases, push) and nixl_receiver.py (decode: handshake, loads).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.agent import KVAgent, decode_notif
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
+from pdlaunch.kv_transfer.checksum import block_checksums
+from pdlaunch.kv_transfer.handshake import (
+    KV_LAYOUT, DeviceInfo, HandshakeInfo, compat_fields, compat_hash, device_info,
+)
+from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
+from pdlaunch.kv_transfer.nixl_sender import PrefillSide
+from pdlaunch.kv_transfer.side_channel import SideChannelServer
+from pdlaunch.memory import platform
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id")
+
+
+class NixlConnector(KVConnector):
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec) -> None:
+        if instance.role not in ("prefill", "decode"):
+            raise KVTransferError(f"a NIXL connector serves prefill or decode instances, not {instance.role!r}",
+                                  field="role")
+        self.config = config
+        self.kv = config.kv_transfer
+        self.instance = instance
+        self.role = instance.role
+        self.engine_id = instance.engine_id
+        # Seed 000: capture the device before the transfer engine exists (it may change the current
+        # device while initialising) and bind it; sender threads bind this index in their initializer.
+        self.device_index = platform.current_device_index()
+        platform.set_device(self.device_index)
+        self.agent = KVAgent(f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}")
+        self.spec: KVCacheSpec | None = None
+        self.server: SideChannelServer | None = None
+        self._local_device: DeviceInfo | None = None
+        self._handshake: HandshakeInfo | None = None
+        self.sender: PrefillSide | None = None
+        self.receiver: DecodeSide | None = None
+        if self.role == "prefill":
+            self.sender = PrefillSide(self.agent, self.kv.kv_lease_seconds, self.kv.transfer_timeout_seconds,
+                                      self.device_index)
+        else:
+            self.receiver = DecodeSide(
+                self.agent, self._require_spec, self._device, self.kv.transfer_mode,
+                self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds, self.kv.verify_kv,
+            )
+        self._mode, self._mode_reason = self._initial_mode()
+        logger.info("NIXL connector (%s, engine %s): transfer mode %s: %s", self.role, self.engine_id,
+                    self._mode, self._mode_reason)
+
+    def _initial_mode(self) -> tuple[str, str]:
+        if self.role == "prefill":
+            return self.kv.transfer_mode, "prefill serves both: decode READs (pull) or asks for a WRITE (push)"
+        if self.kv.transfer_mode != "auto":
+            return self.kv.transfer_mode, f"kv_transfer.transfer_mode is {self.kv.transfer_mode}"
+        if self.instance.device == "cpu":
+            return "pull", "CPU DRAM on both sides: UCX reads between processes, so decode pulls"
+        return "auto", "decided per prefill engine at the first handshake (push unless NVLink joins the GPUs)"
+
+    # -- worker side --------------------------------------------------------------------------
+    def register_kv_caches(self, spec: KVCacheSpec) -> None:
+        self.agent.register(spec.kv_caches)
+        self.spec = spec
+        if self.sender is not None:
+            self.sender.spec = spec
+            self._handshake = self._handshake_info(spec)
+            base = self.instance.side_channel_port or self.kv.side_channel_port or 0
+            port = base + spec.tp_rank if base else 0
+            self.server = SideChannelServer(
+                self.kv.side_channel_host, port,
+                {"handshake": self._on_handshake, "push": self.sender.handle_push},
+                io_timeout=max(self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds),
+            )
+            logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
+                        spec.tp_rank, self.kv.side_channel_host, self.server.port)
+
+    def _require_spec(self) -> KVCacheSpec:
+        if self.spec is None:
+            raise KVTransferError("the KV cache is not registered yet", hint="the engine calls register_kv_caches first")
+        return self.spec
+
+    def _device(self) -> DeviceInfo:
+        if self._local_device is None:
+            self._local_device = device_info(self._require_spec().device)
+        return self._local_device
+
+    def _handshake_info(self, spec: KVCacheSpec) -> HandshakeInfo:
+        fields = compat_fields(spec)
+        return HandshakeInfo(
+            engine_id=self.engine_id, agent_name=self.agent.name, agent_metadata=self.agent.metadata().hex(),
+            base_addrs=[t.data_ptr() for t in spec.kv_caches], block_bytes=spec.block_bytes,
+            num_blocks=spec.num_blocks, block_size=spec.block_size, dtype=str(fields["dtype"]), kv_layout=KV_LAYOUT,
+            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, group_layers=spec.group_layers,
+            model_name=spec.model_name, tp_size=spec.tp_size, tp_rank=spec.tp_rank, device=self._device(),
+            compat_hash=compat_hash(fields),
+        )
+
+    def _on_handshake(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self._handshake is not None
+        return {"info": self._handshake.model_dump()}
+
+    @property
+    def side_channel_address(self) -> tuple[str, int]:
+        host = self.kv.side_channel_host
+        if host in ("", "0.0.0.0", "::"):
+            host = self.instance.host
+        return host, self.server.port if self.server is not None else 0
+
+    # -- scheduler side -----------------------------------------------------------------------
+    def get_num_new_matched_tokens(
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        num_local_computed_tokens: int,
+    ) -> int:
+        if self.receiver is None or not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
+            return 0
+        # The last prompt token is always recomputed locally: it yields the first token's logits.
+        return max(0, len(prompt_token_ids) - 1 - num_local_computed_tokens)
+
+    def start_load(
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int,
+    ) -> None:
+        params = kv_transfer_params or {}
+        if self.receiver is None or not params.get("do_remote_prefill"):
+            return
+        try:
+            pairs = self._plan(prompt_token_ids, params, block_ids, num_local_computed_tokens, num_external_tokens)
+        except KVTransferError as e:
+            self.receiver.fail_now(request_id, params, e.render())
+            return
+        self.receiver.start(request_id, params, pairs)
+
+    def _plan(
+        self, prompt: list[int], params: dict[str, Any], block_ids: list[list[int]], start: int, count: int,
+    ) -> list[list[tuple[int, int, int]]]:
+        spec = self._require_spec()
+        missing = [k for k in _REQUIRED_PARAMS if k not in params]
+        if missing:
+            raise KVTransferError(f"kv_transfer_params lack {', '.join(missing)}",
+                                  hint="send decode the kv_transfer_params the prefill response carried")
+        expected = params.get("num_prompt_tokens")
+        if expected is not None and int(expected) != len(prompt):
+            raise KVTransferError(
+                f"the prompt has {len(prompt)} tokens here but {expected} on prefill engine {params['remote_engine_id']}",
+                hint="send the same prompt (token ids) to prefill and decode",
+            )
+        remote_ids = params["remote_block_ids"]
+        if len(remote_ids) != len(block_ids):
+            raise KVTransferError(f"prefill sent block ids of {len(remote_ids)} KV-cache groups, this engine has "
+                                  f"{len(block_ids)}", hint="serve the same model on prefill and decode")
+        return [
+            pair_blocks(block_ids[g], remote_ids[g],
+                        needed_block_indices(spec.block_size, start, count, spec.group_sliding_window[g]), g)
+            for g in range(len(block_ids))
+        ]
+
+    def request_finished(
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        block_ids: list[list[int]],
+    ) -> tuple[bool, dict[str, Any] | None]:
+        if self.sender is None or not kv_transfer_params or not kv_transfer_params.get("do_remote_decode"):
+            return False, None
+        spec = self._require_spec()
+        host, port = self.side_channel_address
+        params: dict[str, Any] = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.engine_id,
+            "remote_block_ids": [list(b) for b in block_ids],
+            "remote_host": host,
+            "remote_port": port,
+            "remote_request_id": request_id,
+            "tp_size": spec.tp_size,
+            "transfer_mode": self.kv.transfer_mode,
+            "num_prompt_tokens": len(prompt_token_ids),
+        }
+        if self.kv.verify_kv:
+            params["kv_checksum"] = [block_checksums(spec.kv_caches[g], b) for g, b in enumerate(block_ids)]
+        self.sender.hold(request_id, block_ids)
+        return True, params
+
+    def get_finished(self) -> KVConnectorEvents:
+        events = KVConnectorEvents()
+        if self.spec is None:
+            return events
+        for message in self.agent.new_notifs():
+            notif = decode_notif(message)
+            if notif is None:
+                logger.warning("ignoring a malformed NIXL notification: %r", message[:200])
+            elif notif["kind"] in ("read_done", "release") and self.sender is not None:
+                self.sender.on_notif(notif)
+            elif notif["kind"] in ("push_done", "push_failed") and self.receiver is not None:
+                self.receiver.on_notif(notif)
+        now = time.monotonic()
+        if self.sender is not None:
+            events.finished_sending = self.sender.poll(now)
+        if self.receiver is not None:
+            events.finished_recving, events.failed_recving = self.receiver.poll(now)
+        return events
+
+    def abort_load(self, request_id: str) -> None:
+        if self.receiver is not None:
+            self.receiver.abort(request_id)
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "connector": "nixl",
+            "role": self.role,
+            "engine_id": self.engine_id,
+            "agent_name": self.agent.name,
+            "transfer_mode": self._mode,
+            "transfer_mode_reason": self._mode_reason,
+            "kv_layout": KV_LAYOUT,
+        }
+        if self.server is not None:
+            info["side_channel"] = "%s:%d" % self.side_channel_address
+            info["held_requests"] = self.sender.num_held() if self.sender else 0
+        if self.receiver is not None:
+            info["loading_requests"] = self.receiver.num_loading()
+            info["peers"] = {eid: {"transfer_mode": r.mode, "reason": r.reason}
+                             for eid, r in list(self.receiver.remotes.items())}
+            if self._mode == "auto" and info["peers"]:
+                first = next(iter(info["peers"].values()))
+                info["transfer_mode"], info["transfer_mode_reason"] = first["transfer_mode"], first["reason"]
+        return info
+
+    def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        if self.sender is not None:
+            self.sender.shutdown()
+        if self.receiver is not None:
+            self.receiver.shutdown()
+        self.agent.close()

@@ -1,0 +1,317 @@
+"""Decode side of the NIXL connector: handshakes (cached per prefill engine) and loads.
+
+A load moves the blocks covering positions [num_local_computed, + num_external) of a prompt:
+- pull: a loader thread posts one READ (coalesced runs of all groups) with a "read_done"
+  notification for the prefill agent; the engine thread polls the READ.
+- push: a loader thread sends {"type": "push"} with this agent's metadata and block ids over the
+  side channel; the prefill side WRITEs and its "push_done"/"push_failed" notification ends the load.
+Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer import side_channel
+from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
+from pdlaunch.kv_transfer.base import KVCacheSpec
+from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
+from pdlaunch.kv_transfer.checksum import verify_blocks
+from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
+from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
+from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RemoteEngine:
+    info: HandshakeInfo
+    agent_name: str
+    mode: str  # "pull" | "push"
+    reason: str
+
+
+@dataclass
+class Load:
+    request_id: str
+    params: dict[str, Any]
+    pairs: list[list[tuple[int, int, int]]]  # per group: (block-table index, local id, remote id)
+    deadline: float
+    started: float
+    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    state: str = "handshake"  # handshake -> posted (pull) | pushing (push) -> ok | failed
+    mode: str = ""
+    xfer: XferHandle | None = None
+    remote_agent: str | None = None
+    num_bytes: int = 0
+    error: str | None = None
+    abandoned: bool = False
+
+    @property
+    def where(self) -> str:
+        p = self.params
+        return f"prefill engine {p.get('remote_engine_id')} at {p.get('remote_host')}:{p.get('remote_port')}"
+
+
+class DecodeSide:
+    def __init__(
+        self,
+        agent: KVAgent,
+        spec: Callable[[], KVCacheSpec],
+        local_device: Callable[[], DeviceInfo],
+        transfer_mode: str,
+        handshake_timeout: float,
+        transfer_timeout: float,
+        verify_kv: bool,
+        workers: int = 4,
+    ) -> None:
+        self.agent = agent
+        self._spec = spec
+        self._local_device = local_device
+        self.transfer_mode = transfer_mode
+        self.handshake_timeout = handshake_timeout
+        self.transfer_timeout = transfer_timeout
+        self.verify_kv = verify_kv
+        self.remotes: dict[str, RemoteEngine] = {}
+        self._handshake_locks: dict[str, threading.Lock] = {}
+        self._loads: dict[str, Load] = {}
+        self._by_nonce: dict[str, Load] = {}
+        self._lock = threading.Lock()
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader")
+
+    # -- engine thread ------------------------------------------------------------------------
+    def start(self, request_id: str, params: dict[str, Any], pairs: list[list[tuple[int, int, int]]]) -> None:
+        now = time.monotonic()
+        load = Load(request_id, params, pairs, deadline=now + self.transfer_timeout, started=now)
+        with self._lock:
+            self._loads[request_id] = load
+            self._by_nonce[load.nonce] = load
+        self.executor.submit(self._run, load)
+
+    def fail_now(self, request_id: str, params: dict[str, Any], error: str) -> None:
+        """A load that cannot start (bad params); reported failed at the next poll."""
+        now = time.monotonic()
+        load = Load(request_id, params, [], deadline=now, started=now, state="failed", error=error)
+        with self._lock:
+            self._loads[request_id] = load
+
+    def on_notif(self, notif: dict[str, Any]) -> None:
+        with self._lock:
+            load = self._by_nonce.get(str(notif.get("nonce")))
+            if load is None or load.state in ("ok", "failed"):
+                return
+            if notif["kind"] == "push_done":
+                load.state = "ok"
+            else:
+                load.state, load.error = "failed", f"the prefill side could not push: {notif.get('error')}"
+
+    def poll(self, now: float) -> tuple[set[str], dict[str, str]]:
+        finished: set[str] = set()
+        failed: dict[str, str] = {}
+        with self._lock:
+            loads = list(self._loads.values())
+        for load in loads:
+            with self._lock:
+                if load.state == "posted" and load.xfer is not None:
+                    xfer_state = load.xfer.state()
+                    if xfer_state == "DONE":
+                        load.state = "ok"
+                    elif xfer_state == "ERR":
+                        load.state, load.error = "failed", f"NIXL READ of {load.xfer.num_bytes} bytes failed"
+                if load.state not in ("ok", "failed") and now > load.deadline:
+                    load.error = (
+                        f"KV of request {load.request_id} did not arrive within {self.transfer_timeout:g}s "
+                        f"({load.mode or 'handshake'} from {load.where}, stage: {load.state})"
+                    )
+                    load.state = "failed"
+                state = load.state
+            if state == "ok":
+                try:
+                    self._complete(load, now)
+                    finished.add(load.request_id)
+                except KVTransferError as e:
+                    load.state, load.error = "failed", e.render()
+            if load.state == "failed":
+                failed[load.request_id] = self._fail(load)
+            if load.state in ("ok", "failed"):
+                self._forget(load)
+        return finished, failed
+
+    def _complete(self, load: Load, now: float) -> None:
+        expected = load.params.get("kv_checksum")
+        if expected is None and self.verify_kv and load.num_bytes:
+            raise KVTransferError(
+                f"request {load.request_id}: kv_transfer.verify_kv is on here but {load.where} sent no kv_checksum",
+                field="kv_transfer.verify_kv",
+                hint="turn verify_kv on for the prefill instances too",
+            )
+        if expected is not None:
+            spec = self._spec()
+            for g, pairs in enumerate(load.pairs):
+                verify_blocks(spec.kv_caches[g], g, [p[1] for p in pairs], [expected[g][p[0]] for p in pairs],
+                              load.request_id)
+        KV_TRANSFER_BYTES.inc(load.num_bytes)
+        KV_TRANSFER_SECONDS.observe(now - load.started)
+        self._release(load)
+
+    def _fail(self, load: Load) -> str:
+        KV_TRANSFER_FAILURES.inc()
+        self._release(load)
+        if load.mode == "pull" and load.remote_agent is not None:
+            self._tell_prefill_release(load)
+        error = load.error or f"KV transfer of request {load.request_id} failed"
+        logger.error("KV load of request %s failed: %s", load.request_id, error)
+        return error
+
+    def _release(self, load: Load) -> None:
+        if load.xfer is not None:
+            load.xfer.release()
+            load.xfer = None
+
+    def _tell_prefill_release(self, load: Load) -> None:
+        try:  # best effort: otherwise the prefill side frees at lease expiry
+            self.agent.notify(load.remote_agent or "", encode_notif("release", request_id=load.params["remote_request_id"]))
+        except Exception as e:
+            logger.debug("could not tell prefill to release request %s: %s", load.request_id, e)
+
+    def _forget(self, load: Load) -> None:
+        with self._lock:
+            if self._loads.get(load.request_id) is load:
+                del self._loads[load.request_id]
+            self._by_nonce.pop(load.nonce, None)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            load = self._loads.get(request_id)
+            if load is None:
+                return
+            load.abandoned = True
+            state = load.state
+            if state not in ("ok", "failed"):
+                load.state, load.error = "failed", "aborted"
+        if state not in ("ok", "failed"):
+            self._release(load)
+            if load.mode == "pull" and load.remote_agent is not None:
+                self._tell_prefill_release(load)
+        self._forget(load)
+
+    def num_loading(self) -> int:
+        with self._lock:
+            return len(self._loads)
+
+    # -- loader threads -----------------------------------------------------------------------
+    def _run(self, load: Load) -> None:
+        try:
+            remote = self.remote(load.params)
+            spec = self._spec()
+            local: list[tuple[int, int]] = []
+            rem: list[tuple[int, int]] = []
+            runs_msg: list[dict[str, int]] = []
+            for g, pairs in enumerate(load.pairs):
+                runs = coalesce([(p[1], p[2]) for p in pairs])
+                lo, ro = run_descriptors(runs, spec.kv_caches[g].data_ptr(), remote.info.base_addrs[g], spec.block_bytes[g])
+                local += lo
+                rem += ro
+                runs_msg += [{"group": g, "decode_start": r.local_start, "prefill_start": r.remote_start,
+                              "count": r.count} for r in runs]
+            with self._lock:
+                if load.abandoned or load.state != "handshake":
+                    return
+                load.mode, load.remote_agent = remote.mode, remote.agent_name
+                load.num_bytes = sum(n for _, n in local)
+            if remote.mode == "pull":
+                self._pull(load, remote, local, rem)
+            else:
+                self._push(load, remote, runs_msg, spec)
+        except KVTransferError as e:
+            self._set_failed(load, e.render())
+        except Exception as e:  # a bug must fail the request, not leave it parked until the timeout
+            logger.exception("KV load of request %s", load.request_id)
+            self._set_failed(load, f"{type(e).__name__}: {e}")
+
+    def _pull(self, load: Load, remote: RemoteEngine, local: list[tuple[int, int]], rem: list[tuple[int, int]]) -> None:
+        notif = encode_notif("read_done", request_id=load.params["remote_request_id"])
+        if not local:  # nothing to read (1-token prompt, full prefix hit): still let prefill free
+            self.agent.notify(remote.agent_name, notif)
+            with self._lock:
+                load.state = "ok" if load.state == "handshake" else load.state
+            return
+        xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
+        with self._lock:
+            if load.state == "handshake" and not load.abandoned:
+                load.xfer, load.state = xfer, "posted"
+                return
+        xfer.release()  # timed out or aborted meanwhile
+
+    def _push(self, load: Load, remote: RemoteEngine, runs: list[dict[str, int]], spec: KVCacheSpec) -> None:
+        with self._lock:
+            if load.state == "handshake":
+                load.state = "pushing"  # before asking: the notification may beat the answer
+        message = {
+            "type": "push",
+            "request_id": load.params["remote_request_id"],
+            "nonce": load.nonce,
+            "agent_name": self.agent.name,
+            "agent_metadata": self.agent.metadata().hex(),
+            "runs": runs,
+            "base_addrs": [t.data_ptr() for t in spec.kv_caches],
+            "block_bytes": spec.block_bytes,
+            "device_id": self.agent.device_id,
+        }
+        p = load.params
+        timeout = max(load.deadline - time.monotonic(), 0.001)
+        side_channel.call(p["remote_host"], int(p["remote_port"]), message, timeout, f"push request to {load.where}")
+
+    def _set_failed(self, load: Load, error: str) -> None:
+        with self._lock:
+            if load.state not in ("ok", "failed"):
+                load.state, load.error = "failed", error
+
+    def remote(self, params: dict[str, Any]) -> RemoteEngine:
+        """Handshake with the prefill engine named in params (once per engine_id, then cached)."""
+        engine_id = str(params["remote_engine_id"])
+        with self._lock:
+            cached = self.remotes.get(engine_id)
+            lock = self._handshake_locks.setdefault(engine_id, threading.Lock())
+        if cached is not None:
+            return cached
+        with lock:
+            with self._lock:
+                cached = self.remotes.get(engine_id)
+            if cached is not None:
+                return cached
+            host, port = str(params["remote_host"]), int(params["remote_port"])
+            answer = side_channel.call(host, port, {"type": "handshake", "engine_id": engine_id},
+                                       self.handshake_timeout, f"KV handshake with prefill engine {engine_id}")
+            info = HandshakeInfo.model_validate(answer["info"])
+            if info.engine_id != engine_id:
+                raise KVTransferError(
+                    f"engine_id mismatch: kv_transfer_params name prefill engine {engine_id}, but the side "
+                    f"channel at {host}:{port} answers as engine {info.engine_id}",
+                    field="kv_transfer.engine_id",
+                    hint="the params came from another prefill instance, or that port now belongs to a "
+                    "restarted one; every TP rank of an instance must share one engine_id (sync_engine_id)",
+                )
+            check_compatible(self._spec(), info)
+            agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
+            mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
+            logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)
+            remote = RemoteEngine(info, agent_name, mode, reason)
+            with self._lock:
+                self.remotes[engine_id] = remote
+            return remote
+
+    def shutdown(self) -> None:
+        with self._lock:
+            loads = list(self._loads.values())
+        for load in loads:
+            self.abort(load.request_id)
+        self.executor.shutdown(wait=True, cancel_futures=True)
