@@ -193,7 +193,10 @@ class CuMemAllocator:
                     raise
                 self._allocations[ptr] = _Allocation(ptr, size, device, tag, handle)
             return ptr
-        except Exception:  # torch turns a null pointer into its out-of-memory path
+        except CuMemError as exc:  # torch turns a null pointer into its out-of-memory path
+            logger.warning("cumem: allocation of %d bytes on device %d failed: %s", size, device, exc)
+            return 0
+        except Exception:
             logger.exception("cumem: allocation of %d bytes on device %d failed", size, device)
             return 0
 
@@ -332,6 +335,10 @@ class CuMemAllocator:
     def rdma_capable(self, device: int | None = None) -> bool:
         """Whether this device's CuMem allocations are GPUDirect-RDMA capable (cross-node NIXL)."""
         return self._device_props(torch.cuda.current_device() if device is None else device).rdma_capable
+
+    def granularity(self, device: int | None = None) -> int:
+        """Bytes every allocation is rounded up to on this device."""
+        return self._device_props(torch.cuda.current_device() if device is None else device).granularity
 
 
 def memory_pool_context(enabled: bool, tag: str) -> contextlib.AbstractContextManager[None]:
