@@ -1,0 +1,206 @@
+"""A running deployment: instance processes and the proxy, their readiness, and their orderly stop.
+
+Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / tests (programmatic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan, plan_deployment
+from pdlaunch.launcher.process import ChildProcess, stop_all
+from pdlaunch.launcher.status import StatusRow, StatusView
+
+READY_TIMEOUT_S = 900.0  # a large checkpoint on a slow disk; a dead child is noticed at once anyway
+POLL_S = 0.25
+HTTP_TIMEOUT_S = 2.0
+DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
+INSTANCE_TERM_TIMEOUT_S = 5.0
+
+
+class ChildExited(PdlaunchError):
+    """A child process ended while it should have been serving."""
+
+    def __init__(self, child: ChildProcess, code: int) -> None:
+        self.child = child
+        self.code = code
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        super().__init__(f"{child.name} (pid {child.pid}) {how}", hint=f"its log: {child.log_path}")
+
+
+def _instance_argv(deployment_file: Path, plan: InstancePlan) -> list[str]:
+    return [sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment_file),
+            "--instance", plan.spec.model_dump_json(), "--parent-pid", str(os.getpid())]
+
+
+def _cpu_threads(num_local: int) -> dict[str, str]:
+    """Instances on CPU share the cores instead of each spawning one thread per core."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, num_local)))}
+
+
+class Deployment:
+    def __init__(self, cfg: DeploymentConfig, console: Console | None = None, log_dir: Path | None = None,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        self.cfg = cfg
+        self.console = console or Console()
+        self.log_dir = Path(log_dir or cfg.log_dir)
+        self.drain_timeout_s = drain_timeout_s
+        self.plan: DeploymentPlan = plan_deployment(cfg)
+        self.instances: list[ChildProcess] = []
+        self.proxy: ChildProcess | None = None
+        self.rows: dict[str, StatusRow] = {}
+        self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S)
+        self._stopping = False
+
+    @property
+    def proxy_url(self) -> str | None:
+        return self.plan.proxy_url
+
+    @property
+    def children(self) -> list[ChildProcess]:
+        return self.instances + ([self.proxy] if self.proxy is not None else [])
+
+    def url_of(self, name: str) -> str:
+        for plan in self.plan.instances:
+            if plan.spec.name == name:
+                return plan.url
+        raise KeyError(name)
+
+    # -- start ---------------------------------------------------------------------------------------
+    def start(self, ready_timeout: float = READY_TIMEOUT_S, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Start the instances, wait until they answer /health, then the proxy likewise.
+
+        Returns False when `should_stop()` turned true meanwhile. Raises ChildExited if a child died,
+        PdlaunchError if not everything was ready within `ready_timeout` seconds.
+        """
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        deployment_file = self.log_dir / "deployment.json"
+        deployment_file.write_text(self.cfg.model_dump_json(indent=2))
+        device = self.plan.instances[0].spec.device
+        threads = _cpu_threads(len(self.plan.local)) if device == "cpu" else {}
+        for plan in self.plan.instances:
+            spec = plan.spec
+            devices = f"cuda:{','.join(map(str, spec.devices))}" if spec.device == "cuda" else spec.device
+            self.rows[spec.name] = StatusRow(spec.name, spec.role, devices, plan.url,
+                                             state="starting" if plan.local else "remote")
+            if plan.local:
+                child = ChildProcess(spec.name, _instance_argv(deployment_file, plan),
+                                     self.log_dir / f"{spec.name}.log", env={**threads, **plan.env})
+                child.start()
+                self.instances.append(child)
+        if self.plan.proxy_url is not None:
+            self.rows["proxy"] = StatusRow("proxy", "proxy", "-", self.plan.proxy_url, state="waiting")
+        view = StatusView(self.console, list(self.rows.values()), title=f"pdlaunch: {self.cfg.model.path}")
+        view.start()
+        deadline = time.monotonic() + ready_timeout
+        try:
+            if not self._wait_ready(self.instances, view, deadline, ready_timeout, should_stop):
+                return False
+            if self.plan.proxy_url is None:
+                return True
+            self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log")
+            self.proxy.start()
+            self.rows["proxy"].state = "starting"
+            view.update()
+            return self._wait_ready([self.proxy], view, deadline, ready_timeout, should_stop)
+        finally:
+            view.stop()
+
+    def _proxy_argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", self.plan.proxy_host,
+                "--port", str(self.plan.proxy_port), "--routing-policy", self.cfg.proxy.routing_policy,
+                "--request-timeout", str(self.cfg.proxy.request_timeout_seconds),
+                "--drain-timeout", str(self.drain_timeout_s), "--parent-pid", str(os.getpid())]
+        for plan in self.plan.instances:
+            argv += [f"--{plan.spec.role}", f"{plan.spec.name}={plan.url}"]
+        return argv
+
+    def _health_url(self, child: ChildProcess) -> str:
+        return (self.plan.proxy_url if child is self.proxy else self.url_of(child.name)) + "/health"
+
+    def _wait_ready(self, children: list[ChildProcess], view: StatusView, deadline: float, timeout: float,
+                    should_stop: Callable[[], bool]) -> bool:
+        pending = list(children)
+        while pending:
+            if should_stop():
+                return False
+            dead = self.dead_child()
+            if dead is not None:
+                self.rows[dead[0].name].state = f"exited ({dead[1]})"
+                view.update()
+                raise ChildExited(*dead)
+            for child in list(pending):
+                state = self._probe(child)
+                if state == "ready":
+                    pending.remove(child)
+            view.update()
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                waiting = ", ".join(f"{c.name} ({self.rows[c.name].state})" for c in pending)
+                raise PdlaunchError(f"not ready after {timeout:.0f}s: {waiting}",
+                                    hint=f"see the logs in {self.log_dir}")
+            time.sleep(POLL_S)
+        return True
+
+    def _probe(self, child: ChildProcess) -> str:
+        """GET /health (and /info for block counts) of one child; updates its status row."""
+        row = self.rows[child.name]
+        try:
+            response = self._http.get(self._health_url(child))
+        except httpx.HTTPError:
+            return row.state
+        row.state = "ready" if response.status_code == 200 else "loading"
+        if row.state == "ready" and child is not self.proxy:
+            self.refresh_blocks(child.name)
+        return row.state
+
+    def refresh_blocks(self, name: str) -> None:
+        try:
+            info = self._http.get(self.url_of(name) + "/info").json()
+        except (httpx.HTTPError, json.JSONDecodeError):
+            return
+        self.rows[name].blocks_used = info.get("num_blocks_used")
+        self.rows[name].blocks_total = info.get("num_blocks_total")
+
+    # -- supervise and stop --------------------------------------------------------------------------
+    def dead_child(self) -> tuple[ChildProcess, int] | None:
+        """A child that ended (with its exit code), if any."""
+        for child in self.children:
+            code = child.poll()
+            if code is not None:
+                return child, code
+        return None
+
+    def stop(self, drain: bool = True) -> None:
+        """Proxy first (it drains in-flight requests up to drain_timeout_s), then every instance;
+        SIGTERM, then SIGKILL after a timeout. Every child is reaped. Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        try:
+            if self.proxy is not None:
+                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5)
+            stop_all(self.instances, INSTANCE_TERM_TIMEOUT_S if drain else 0.5)
+        finally:
+            for child in self.children:
+                child.close_log()
+            self._http.close()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,68 @@
+"""Ports for the processes of a deployment: configured ones are bind-tested, the rest picked free.
+
+The launcher binds a port only to test it, closes it and hands the number to the child, which binds
+it for real a moment later. A port handed out once is never handed out again by the same allocator.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+
+from pdlaunch.errors import PdlaunchError
+
+# Free consecutive ranges are searched here: above the usual service ports, below the Linux
+# ephemeral range (32768+), so an outgoing connection cannot take one between test and bind.
+_RANGE_LOW, _RANGE_HIGH = 20000, 32000
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when a server could bind host:port now (SO_REUSEADDR, as uvicorn binds)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class PortAllocator:
+    """Hands out ports on one host without handing any out twice."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.taken: set[int] = set()
+
+    def claim(self, port: int, field: str, what: str) -> int:
+        """A configured port: it must be free now. `field` is the config path that set it."""
+        if port in self.taken or not port_is_free(self.host, port):
+            raise PdlaunchError(f"port {port} ({what}) on {self.host} is already in use", field=field,
+                                hint="stop what uses it or choose another port")
+        self.taken.add(port)
+        return port
+
+    def free(self, what: str) -> int:
+        """Any free port (the kernel picks it)."""
+        for _ in range(100):
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((self.host, 0))
+                port = sock.getsockname()[1]
+            if port not in self.taken:
+                self.taken.add(port)
+                return port
+        raise PdlaunchError(f"found no free port for {what} on {self.host}", hint="free some ports")
+
+    def free_range(self, count: int, what: str) -> int:
+        """First of `count` consecutive free ports (count=1: any free port)."""
+        if count == 1:
+            return self.free(what)
+        rng = random.Random()
+        for _ in range(200):
+            base = rng.randrange(_RANGE_LOW, _RANGE_HIGH - count)
+            ports = range(base, base + count)
+            if not self.taken.intersection(ports) and all(port_is_free(self.host, p) for p in ports):
+                self.taken.update(ports)
+                return base
+        raise PdlaunchError(f"found no {count} consecutive free ports for {what} on {self.host}",
+                            hint="set kv_transfer.side_channel_port to a free range")

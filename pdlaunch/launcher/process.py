@@ -1,0 +1,104 @@
+"""One supervised child process: its own process group, its own log file, always reaped.
+
+Each child leads a new session (process group), so a terminal's Ctrl-C reaches only the launcher,
+which then stops the children in order; signalling the group also reaches TP worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import deque
+from pathlib import Path
+from typing import IO
+
+
+class ChildProcess:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env or {}
+        self.popen: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.popen = subprocess.Popen(
+            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+
+    def poll(self) -> int | None:
+        """Exit code once the process ended (it is reaped then), else None."""
+        return self.popen.poll() if self.popen is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the child's whole process group (gone already: nothing to do)."""
+        if self.popen is None:
+            return
+        try:
+            os.killpg(self.popen.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """True when the process ended within `timeout` seconds (and is reaped)."""
+        if self.popen is None:
+            return True
+        try:
+            self.popen.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def stop(self, term_timeout: float) -> None:
+        """SIGTERM, up to `term_timeout` s to exit, then SIGKILL; the group's stragglers are killed too."""
+        if self.popen is None:
+            return
+        if self.running:
+            self.signal_group(signal.SIGTERM)
+            if not self.wait(term_timeout):
+                self.signal_group(signal.SIGKILL)
+                self.wait(10.0)
+        self.signal_group(signal.SIGKILL)  # workers the leader left behind
+        self.close_log()
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def tail(self, lines: int = 20) -> list[str]:
+        """The last `lines` lines of the child's log."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                return [line.decode(errors="replace").rstrip() for line in deque(f, maxlen=lines)]
+        except OSError:
+            return []
+
+
+def stop_all(children: list[ChildProcess], term_timeout: float) -> None:
+    """SIGTERM all at once, wait for all up to `term_timeout` together, then SIGKILL what is left."""
+    for child in children:
+        if child.running:
+            child.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + term_timeout
+    for child in children:
+        child.wait(deadline - time.monotonic())
+    for child in children:
+        child.stop(0.0)

@@ -1,0 +1,94 @@
+"""`pdlaunch serve`: start a deployment, supervise it, stop it cleanly.
+
+Exit codes: 0 after Ctrl-C/SIGTERM (in-flight requests drained, children reaped, ports free);
+1 when a child died unexpectedly (named, with its last log lines) or startup failed.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, ChildExited, Deployment
+
+SUPERVISE_POLL_S = 0.2
+LOG_TAIL_LINES = 20
+
+
+class StopSignals:
+    """SIGINT/SIGTERM set a flag instead of raising; a second signal asks to skip the drain."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.forced = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _: FrameType | None) -> None:
+        if self.requested.is_set():
+            self.forced = True
+        self.signal_name = signal.Signals(signum).name
+        self.requested.set()
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def report_child_exit(console: Console, exc: ChildExited) -> None:
+    console.print(f"[red]error:[/red] {exc.message}; stopping the deployment", highlight=False)
+    lines = exc.child.tail(LOG_TAIL_LINES)
+    if lines:
+        console.print(f"last {len(lines)} lines of {exc.child.log_path}:", highlight=False)
+        for line in lines:
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+
+
+def run_serve(cfg: DeploymentConfig) -> int:
+    console = Console()
+    deployment = Deployment(cfg, console)
+    with StopSignals() as signals:
+        try:
+            if not deployment.start(should_stop=signals.requested.is_set):
+                console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
+                return 0
+            _announce(console, deployment)
+            while not signals.requested.wait(SUPERVISE_POLL_S):
+                dead = deployment.dead_child()
+                if dead is not None:
+                    raise ChildExited(*dead)
+            console.print(f"{signals.signal_name} received: draining in-flight requests "
+                          f"(up to {DRAIN_TIMEOUT_S:.0f}s), then stopping", highlight=False)
+            deployment.stop(drain=not signals.forced)
+            console.print("stopped: all processes reaped", highlight=False)
+            return 0
+        except ChildExited as exc:
+            report_child_exit(console, exc)
+            deployment.stop(drain=False)
+            return 1
+        except PdlaunchError:
+            deployment.stop(drain=False)
+            raise
+        finally:
+            deployment.stop(drain=not signals.forced)
+
+
+def _announce(console: Console, deployment: Deployment) -> None:
+    if deployment.proxy_url is None:
+        console.print(f"node {deployment.cfg.parallel.node_rank}: instances ready; the proxy runs on node 0")
+        return
+    console.print(f"[green]ready[/green]: OpenAI API at [bold]{deployment.proxy_url}/v1[/bold] "
+                  f"(model {deployment.cfg.model.path!r}; logs in {deployment.log_dir}); Ctrl-C to stop",
+                  soft_wrap=True)

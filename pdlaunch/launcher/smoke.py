@@ -1,0 +1,152 @@
+"""`pdlaunch smoke`: bring a deployment up, exercise it, compare PD with colocated, exit 0 or 1.
+
+Runs the configured PD deployment, then a colocated deployment of the same model (one instance
+shaped like a decode instance), sends the same greedy requests to both through the proxy and checks:
+completions, chat and streaming answer; streamed text == non-streamed text; PD text == colocated
+text; KV bytes moved between the PD instances. Every process is stopped whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.serve import report_child_exit
+from pdlaunch.server.sse import parse_sse
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
+CHAT = [{"role": "user", "content": "Name three colors."}]
+MAX_TOKENS = 16
+REQUEST_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+@dataclass
+class RunResult:
+    """What one deployment answered (greedy), keyed by request."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    kv_bytes: float = 0.0
+
+
+def colocated_variant(cfg: DeploymentConfig) -> DeploymentConfig:
+    """The same model as one colocated instance, shaped (TP, devices, node) like the first decode group."""
+    decode = next((g for g in cfg.instances if g.role == "decode" and g.count > 0), None)
+    group = InstanceGroupConfig(role="colocated", count=1)
+    if decode is not None:
+        tp = decode.tp or 1
+        group = InstanceGroupConfig(role="colocated", count=1, tp=decode.tp, node=decode.node,
+                                    devices=decode.devices[:tp] if decode.devices else None)
+    return cfg.model_copy(update={"colocated": True, "instances": [group]}, deep=True)
+
+
+def _kv_bytes(client: httpx.Client, url: str) -> float:
+    text = client.get(f"{url}/metrics").text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "pdlaunch_kv_transfer_bytes_total")
+
+
+def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> httpx.Response:
+    response = client.post(url, json=body)
+    if response.status_code != 200:
+        raise PdlaunchError(f"POST {url} answered {response.status_code}: {response.text[:300]}")
+    return response
+
+
+def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunResult:
+    """Send the smoke requests through the proxy; record checks prefixed by `label`."""
+    result = RunResult()
+    base = deployment.proxy_url
+    greedy = {"model": deployment.cfg.model.path, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+    with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S) as client:
+        for i, prompt in enumerate(PROMPTS):
+            answer = _post(client, f"{base}/v1/completions", {**greedy, "prompt": prompt}).json()
+            result.texts[f"completion {i}"] = answer["choices"][0]["text"]
+        ok = all(result.texts[f"completion {i}"] for i in range(len(PROMPTS)))
+        checks.append(Check(f"{label}: completions", ok, f"{len(PROMPTS)} prompts, {MAX_TOKENS} tokens each"))
+
+        chat = _post(client, f"{base}/v1/chat/completions", {**greedy, "messages": CHAT}).json()
+        result.texts["chat"] = chat["choices"][0]["message"]["content"]
+        checks.append(Check(f"{label}: chat completion", bool(result.texts["chat"]), repr(result.texts["chat"][:40])))
+
+        body = {**greedy, "prompt": PROMPTS[0], "stream": True, "stream_options": {"include_usage": True}}
+        events = parse_sse(_post(client, f"{base}/v1/completions", body).content)
+        chunks = [json.loads(e) for e in events if e != "[DONE]"]
+        streamed = "".join(c["choices"][0]["text"] for c in chunks if c.get("choices"))
+        ended = bool(events) and events[-1] == "[DONE]" and "usage" in chunks[-1]
+        same = streamed == result.texts["completion 0"]
+        checks.append(Check(f"{label}: streaming", ended and same,
+                            f"{len(chunks)} chunks, usage + [DONE] at the end: {ended}, equals non-streamed: {same}"))
+
+        if not deployment.cfg.colocated:
+            for plan in deployment.plan.local:
+                result.kv_bytes += _kv_bytes(client, plan.url)
+            checks.append(Check(f"{label}: KV bytes moved", result.kv_bytes > 0,
+                                f"pdlaunch_kv_transfer_bytes_total = {result.kv_bytes:.0f} B over the instances"))
+    return result
+
+
+def _run(cfg: DeploymentConfig, label: str, console: Console, checks: list[Check]) -> RunResult | None:
+    console.rule(f"smoke: {label} deployment")
+    deployment = Deployment(cfg, console)
+    try:
+        deployment.start()
+        return _exercise(deployment, label, checks)
+    except ChildExited as exc:
+        report_child_exit(console, exc)
+        checks.append(Check(f"{label}: deployment", False, exc.message))
+    except (PdlaunchError, httpx.HTTPError, KeyError, ValueError) as exc:
+        checks.append(Check(f"{label}: deployment", False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        deployment.stop()
+    return None
+
+
+def run_smoke(cfg: DeploymentConfig) -> int:
+    console = Console()
+    checks: list[Check] = []
+    if cfg.colocated:
+        _run(cfg, "colocated", console, checks)
+    else:
+        pd = _run(cfg, "PD", console, checks)
+        ref_cfg = colocated_variant(cfg)
+        ref_cfg.log_dir = str(Path(cfg.log_dir) / "smoke-colocated")
+        ref = _run(ref_cfg, "colocated", console, checks) if pd is not None else None
+        if pd is not None and ref is not None:
+            for key, text in pd.texts.items():
+                same = text == ref.texts.get(key)
+                checks.append(Check(f"PD == colocated: {key}", same,
+                                    "identical greedy text" if same else f"PD {text!r} vs {ref.texts.get(key)!r}"))
+    return _report(console, checks)
+
+
+def _report(console: Console, checks: list[Check]) -> int:
+    table = Table(title="pdlaunch smoke", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for check in checks:
+        table.add_row(check.name, "[green]PASS[/green]" if check.passed else "[red]FAIL[/red]", check.detail)
+    console.print(table)
+    failed = [c for c in checks if not c.passed]
+    if failed or not checks:
+        console.print(f"[red]smoke failed[/red]: {len(failed)} of {len(checks)} checks failed")
+        return 1
+    console.print(f"[green]smoke passed[/green]: {len(checks)} checks")
+    return 0

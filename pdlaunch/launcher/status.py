@@ -1,0 +1,76 @@
+"""What the launcher shows while a deployment comes up: a rich Live table on a TTY, plain lines otherwise."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "failed": "red", "exited": "red",
+                "stopping": "magenta", "stopped": "dim"}
+
+
+@dataclass
+class StatusRow:
+    name: str
+    role: str
+    devices: str  # "cpu", "cuda:0,1"
+    url: str
+    state: str = "starting"  # starting | loading | ready | exited | stopping | stopped
+    blocks_used: int | None = None
+    blocks_total: int | None = None
+
+    @property
+    def blocks(self) -> str:
+        if self.blocks_total is None:
+            return "-"
+        return f"{self.blocks_used or 0}/{self.blocks_total}"
+
+    def line(self) -> str:
+        return f"{self.name:<12} {self.role:<9} {self.devices:<10} {self.url:<26} {self.state:<8} blocks {self.blocks}"
+
+
+class StatusView:
+    """Call `update()` whenever rows changed; on a TTY the table redraws, else changed rows print once."""
+
+    def __init__(self, console: Console, rows: list[StatusRow], title: str) -> None:
+        self.console = console
+        self.rows = rows
+        self.title = title
+        self._live: Live | None = None
+        self._printed: dict[str, str] = {}
+
+    def table(self) -> Table:
+        table = Table(title=self.title, title_justify="left")
+        for column in ("instance", "role", "devices", "URL", "state", "KV blocks"):
+            table.add_column(column, no_wrap=True)
+        for row in self.rows:
+            style = _STATE_STYLE.get(row.state.split()[0], "")
+            table.add_row(row.name, row.role, row.devices, row.url, f"[{style}]{row.state}[/]" if style else row.state,
+                          row.blocks)
+        return table
+
+    def start(self) -> None:
+        if self.console.is_terminal:
+            self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False)
+            self._live.start()
+        else:
+            self.update()
+
+    def update(self) -> None:
+        if self._live is not None:
+            self._live.update(self.table())
+            return
+        for row in self.rows:
+            key = f"{row.state}|{row.blocks if row.state == 'ready' else ''}"
+            if self._printed.get(row.name) != key:
+                self._printed[row.name] = key
+                self.console.print(f"[pdlaunch] {row.line()}", highlight=False, markup=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.update(self.table())
+            self._live.stop()
+            self._live = None
