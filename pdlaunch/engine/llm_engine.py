@@ -1,0 +1,303 @@
+"""The engine of one instance: requests in, RequestOutputs out, one `step()` at a time.
+
+A step polls the KV connector, schedules, runs the model, samples, detokenizes, applies the stop
+rules and frees what finished. Not thread-safe: the server drives it from one engine thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+import torch
+
+from pdlaunch import metrics
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.engine.detokenizer import IncrementalDetokenizer
+from pdlaunch.engine.model_runner import ModelRunner
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.engine.request import Request, RequestStatus
+from pdlaunch.engine.sampler import Sampler, SampleRow
+from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.errors import EngineError
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
+from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
+from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+class EngineStats(TypedDict):
+    num_running: int
+    num_waiting: int
+    num_waiting_for_kv: int
+    num_held: int
+    num_blocks_total: int
+    num_blocks_used: int
+    num_preemptions: int
+    prompt_tokens_computed: int
+    prompt_tokens_cached: int
+
+
+@dataclass
+class _Tracked:
+    """Engine-side extras of a live request."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]
+
+
+class LLMEngine:
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec | None = None,
+                 connector: KVConnector | None = None) -> None:
+        self.config = config
+        self.instance = instance
+        self.role = instance.role if instance is not None else "colocated"
+        self.engine_id = instance.engine_id if instance is not None else config.kv_transfer.engine_id
+        self.device = self._bind_device(resolve_device(instance.device if instance is not None else config.device))
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        torch.manual_seed(config.model.seed)
+
+        self.checkpoint = load_checkpoint(config.model.path)
+        self.tokenizer = self.checkpoint.tokenizer
+        arch = self.checkpoint.arch
+        self.vocab_size = arch.vocab_size
+        self.max_model_len = self._max_model_len()
+        self.block_size = config.cache.block_size
+        self.tp_size = instance.tp if instance is not None else config.parallel.tp
+        if self.tp_size != 1:
+            raise EngineError(f"this engine runs tensor-parallel size 1, got {self.tp_size}",
+                              field="parallel.tp", hint="tensor parallelism runs through pdlaunch.distributed")
+        self.runner = ModelRunner(
+            self.checkpoint, self.device, self.dtype, config.cache, config.scheduler, self.max_model_len,
+            use_cumem=config.model.enable_cumem_allocator,
+        )
+        groups = self.runner.groups
+        self.block_manager = BlockManager(self.runner.num_blocks, self.block_size,
+                                          [g.sliding_window for g in groups], config.cache.enable_prefix_caching)
+        if connector is None and instance is not None and self.role in ("prefill", "decode"):
+            connector = self._create_connector(config, instance)
+        self.connector = connector
+        if connector is not None:
+            connector.register_kv_caches(self.kv_cache_spec())
+        self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
+                                   config.scheduler.max_num_batched_tokens, connector)
+        self.sampler = Sampler(self.device, config.model.seed)
+        self._tracked: dict[str, _Tracked] = {}
+        self._arrival = itertools.count()
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
+        self._shut_down = False
+        metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
+        log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
+                 self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
+                 self.block_manager.num_blocks, self.block_size, self.max_model_len)
+
+    # -- construction helpers --------------------------------------------------------------------
+    def _bind_device(self, device: str) -> torch.device:
+        if device == "cuda":
+            if not torch.cuda.is_available():
+                raise EngineError("CUDA was asked for but no CUDA device is visible", field="device",
+                                  hint="use --device cpu or auto")
+            index = self.instance.devices[0] if self.instance is not None and self.instance.devices else \
+                current_device_index()
+            set_device(index)
+            return torch.device("cuda", index)
+        if device != "cpu":
+            raise EngineError(f"unknown device {device!r}", field="device", hint="use auto, cpu or cuda")
+        return torch.device("cpu")
+
+    def _max_model_len(self) -> int:
+        limit = self.checkpoint.arch.max_position_embeddings
+        wanted = self.config.model.max_model_len
+        if wanted is None:
+            return limit
+        if wanted > limit:
+            raise EngineError(f"max_model_len {wanted} exceeds the model's {limit} positions",
+                              field="model.max_model_len", hint=f"use at most {limit}")
+        return wanted
+
+    @staticmethod
+    def _create_connector(config: DeploymentConfig, instance: InstanceSpec) -> KVConnector | None:
+        try:
+            from pdlaunch.kv_transfer.factory import create_connector
+        except ImportError as exc:
+            log.warning("no KV connector available (%s): running %s without KV transfer", exc, instance.role)
+            return None
+        return create_connector(config, instance)
+
+    def kv_cache_spec(self) -> KVCacheSpec:
+        arch = self.checkpoint.arch
+        digest = hashlib.sha256(f"{arch.model_dump_json()}|{self.dtype}".encode()).hexdigest()[:12]
+        return KVCacheSpec(
+            kv_caches=self.runner.kv_caches,
+            num_blocks=self.block_manager.num_blocks,
+            block_size=self.block_size,
+            num_kv_heads=self.runner.num_kv_heads,
+            head_dim=self.runner.head_dim,
+            dtype=self.dtype,
+            group_layers=[list(g.layers) for g in self.runner.groups],
+            group_sliding_window=[g.sliding_window for g in self.runner.groups],
+            model_name=f"{arch.architecture}-{digest}",
+            tp_size=self.tp_size,
+            tp_rank=0,
+        )
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    kv_transfer_params: dict[str, Any] | None = None) -> None:
+        if request_id in self._tracked or request_id in self.scheduler.held:
+            raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
+                              hint="use a unique id per request")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise EngineError(f"token ids must lie in [0, {self.vocab_size})", field="prompt")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"max_model_len {self.max_model_len}", field="prompt",
+                hint="shorten the prompt or lower max_tokens")
+        if any(g.sliding_window is None for g in self.runner.groups):
+            need = -(-total // self.block_size)
+            if need > self.block_manager.num_blocks:
+                raise EngineError(
+                    f"the request needs {need} KV blocks but the cache has {self.block_manager.num_blocks}",
+                    field="prompt", hint="shorten the request or give the KV cache more memory")
+        request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params, self._eos)
+        if params.seed is not None:
+            request.generator = self.sampler.new_request_generator(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer.decode, prompt, params.stop)
+        self._tracked[request_id] = _Tracked(request, detok, frozenset(params.stop_token_ids))
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; None when it is not running here."""
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return None
+        self.scheduler.finish_request(tracked.request, "abort")
+        return self._output(tracked, [], "", None, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        if self.connector is not None:
+            for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
+                tracked = self._tracked.pop(request.request_id)
+                outputs.append(self._output(tracked, [], "", None, None))
+        sched = self.scheduler.schedule()
+        if sched.scheduled:
+            logits = self.runner.execute(sched.scheduled, self.block_manager)
+            sampling = [s.request for s in sched.scheduled if s.needs_sample]
+            sampled = self.sampler(logits, [SampleRow(r.params, r.generator) for r in sampling]) if sampling else None
+            self.scheduler.after_step(sched)
+            if sampled is not None:
+                for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+                    outputs.append(self._append_token(request, token_id, logprob))
+        elif self.scheduler.waiting_for_kv:
+            time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
+        self._update_metrics()
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        tracked = self._tracked[request.request_id]
+        params = request.params
+        request.append_output_token(token_id)
+        new_text = ""
+        reason = None
+        if token_id in tracked.stop_token_ids or (not params.ignore_eos and token_id in self._eos):
+            reason = "stop"  # the stop token's id is returned, its text is not
+        else:
+            new_text = tracked.detokenizer.add(token_id)
+            if tracked.detokenizer.stopped:
+                reason = "stop"
+        if reason is None and (len(request.output_token_ids) >= params.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            reason = "length"
+        kv_params = None
+        if reason is not None:
+            new_text += tracked.detokenizer.finish()
+            kv_params = self.scheduler.finish_request(request, reason)
+            del self._tracked[request.request_id]
+        return self._output(tracked, [token_id], new_text, [logprob] if logprob is not None else None, kv_params)
+
+    @staticmethod
+    def _output(tracked: _Tracked, new_ids: list[int], new_text: str, logprobs: list[TokenLogprob] | None,
+                kv_params: dict[str, Any] | None) -> RequestOutput:
+        r = tracked.request
+        return RequestOutput(
+            request_id=r.request_id,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            output_token_ids=list(r.output_token_ids),
+            text=tracked.detokenizer.text,
+            finished=r.is_finished,
+            finish_reason=r.finish_reason,
+            error=r.error,
+            error_status=r.error_status,
+            new_logprobs=logprobs,
+            num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=r.num_cached_tokens,
+            kv_transfer_params=kv_params,
+        )
+
+    # -- observability ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_waiting_for_kv=len(s.waiting_for_kv),
+            num_held=len(s.held),
+            num_blocks_total=self.block_manager.num_blocks,
+            num_blocks_used=self.block_manager.num_used_blocks(),
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_computed=s.prompt_tokens_computed,
+            prompt_tokens_cached=s.prompt_tokens_cached,
+        )
+
+    def _update_metrics(self) -> None:
+        metrics.KV_BLOCKS_USED.set(self.block_manager.num_used_blocks())
+        metrics.REQUESTS_RUNNING.set(len(self.scheduler.running))
+        metrics.REQUESTS_WAITING.set(len(self.scheduler.waiting) + len(self.scheduler.waiting_for_kv))
+
+    def check_integrity(self) -> None:
+        """Raise BlockIntegrityError unless the block manager is consistent and exactly the
+        requests that should hold blocks (running, loaded or loading KV, held) do."""
+        self.block_manager.check_integrity()
+        s = self.scheduler
+        holders = {r.request_id for r in s.running} | set(s.waiting_for_kv) | set(s.held)
+        holders |= {r.request_id for r in s.waiting if self.block_manager.has_blocks(r.request_id)}
+        if set(self.block_manager.tables) != holders:
+            raise BlockIntegrityError(
+                f"block tables of {sorted(self.block_manager.tables)} but holders {sorted(holders)}")
+        for r in s.waiting:
+            if r.status == RequestStatus.PREEMPTED and self.block_manager.has_blocks(r.request_id):
+                raise BlockIntegrityError(f"preempted request {r.request_id} still holds blocks")
+        if set(self._tracked) != set(s.requests):
+            raise BlockIntegrityError(f"engine tracks {sorted(self._tracked)}, scheduler {sorted(s.requests)}")
+
+    def shutdown(self) -> None:
+        """Abort what is left, release the connector and the device memory. Idempotent."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        for request_id in list(self._tracked):
+            self.abort_request(request_id)
+        for request_id in list(self.scheduler.held):
+            self.scheduler.held.pop(request_id)
+            self.block_manager.free(request_id)
+        if self.connector is not None:
+            self.connector.shutdown()
+        self.runner.release()

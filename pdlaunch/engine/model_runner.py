@@ -1,0 +1,199 @@
+"""Runs the model for a scheduled batch: owns the weights, the KV cache tensors and the inputs.
+
+KV cache: one tensor per KV-cache group in the block-major layout of
+model/attention_metadata.py, [num_blocks, layers_in_group, 2, block_size, kv_heads, head_dim], so
+one block of every layer of a group is one contiguous byte range and runs of blocks coalesce into
+MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on CUDA what is left of
+`gpu_memory_utilization * total` after the weights and the activations of a profiled
+`max_num_batched_tokens` step; on CPU `cache.cpu_kv_cache_gb`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.engine.block_manager import BlockManager
+from pdlaunch.engine.scheduler import ScheduledRequest
+from pdlaunch.errors import EngineError
+from pdlaunch.memory.cumem import memory_pool_context
+from pdlaunch.memory.platform import device_memory_bytes
+from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.loader import Checkpoint, load_model
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache: CacheConfig,
+        scheduler: SchedulerConfig,
+        max_model_len: int,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        use_cumem: bool = False,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.device = device
+        self.dtype = dtype
+        self.cache_config = cache
+        self.scheduler_config = scheduler
+        self.max_model_len = max_model_len
+        self.block_size = cache.block_size
+        self.use_cumem = use_cumem
+        arch = checkpoint.arch
+        self.groups = arch.kv_cache_groups()
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)  # per TP rank
+        self.head_dim = arch.head_dim
+        free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
+        with memory_pool_context(use_cumem, "weights"):
+            self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size)
+        self.num_blocks = self._determine_num_blocks(free_at_start)
+        self.kv_caches: list[torch.Tensor] = []
+        self.allocate_kv_caches()
+
+    # -- KV cache --------------------------------------------------------------------------------
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block id across every group (each group has its own tensor)."""
+        elem = torch.tensor([], dtype=self.dtype).element_size()
+        per_layer = 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
+        return per_layer * sum(len(g.layers) for g in self.groups)
+
+    def allocate_kv_caches(self) -> None:
+        """(Re)create the zeroed cache tensors, e.g. after a sleep discarded them."""
+        with memory_pool_context(self.use_cumem, "kv_cache"):
+            self.kv_caches = [
+                torch.zeros(self.num_blocks, len(g.layers), 2, self.block_size, self.num_kv_heads, self.head_dim,
+                            dtype=self.dtype, device=self.device)
+                for g in self.groups
+            ]
+
+    def _determine_num_blocks(self, free_at_start: int) -> int:
+        if self.cache_config.num_gpu_blocks is not None:
+            return self.cache_config.num_gpu_blocks
+        if self.device.type == "cuda":
+            kv_bytes = self._profile_cuda_kv_bytes(free_at_start)
+            field = "cache.gpu_memory_utilization"
+        else:
+            kv_bytes = int(self.cache_config.cpu_kv_cache_gb * 2**30)
+            field = "cache.cpu_kv_cache_gb"
+        num_blocks = kv_bytes // self.block_bytes
+        if num_blocks <= 0:
+            raise EngineError(
+                f"no memory is left for the KV cache ({kv_bytes / 2**20:.0f} MiB budget, "
+                f"{self.block_bytes / 2**20:.2f} MiB per block)",
+                field=field,
+                hint="raise it, lower scheduler.max_num_batched_tokens, or set cache.num_gpu_blocks",
+            )
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                 num_blocks * self.block_bytes / 2**30)
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_cuda_kv_bytes(self, free_at_start: int) -> int:
+        """Run the largest step once without a cache and measure what it needs."""
+        index = self.device.index or 0
+        _, total = device_memory_bytes(index)
+        requested = int(self.cache_config.gpu_memory_utilization * total)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = self.scheduler_config.max_num_batched_tokens
+        lens = []
+        while sum(lens) < num_tokens:
+            lens.append(min(self.max_model_len, num_tokens - sum(lens)))
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        attn = self._metadata(lens, [0] * len(lens), [torch.full((num_tokens,), -1, dtype=torch.long)] * len(self.groups),
+                              [torch.zeros(len(lens), 1, dtype=torch.long)] * len(self.groups))
+        hidden = self.model(ids, positions, attn, [])
+        rows = min(self.scheduler_config.max_num_seqs, num_tokens)
+        self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free_now, _ = device_memory_bytes(index)
+        # Memory this process took outside torch's allocator (CUDA context, cuBLAS workspaces).
+        non_torch = max(0, (free_at_start - free_now) - torch.cuda.memory_reserved(self.device))
+        del hidden
+        torch.cuda.empty_cache()
+        kv_bytes = requested - peak - non_torch
+        log.info("memory profile: %.2f GiB requested, %.2f GiB peak torch, %.2f GiB other -> %.2f GiB KV",
+                 requested / 2**30, peak / 2**30, non_torch / 2**30, kv_bytes / 2**30)
+        return kv_bytes
+
+    # -- one step --------------------------------------------------------------------------------
+    def _metadata(self, query_lens: Sequence[int], context_lens: Sequence[int], slot_mapping: list[torch.Tensor],
+                  block_tables: list[torch.Tensor]) -> AttentionMetadata:
+        dev = self.device
+        q = torch.tensor(query_lens, dtype=torch.long)
+        ctx = torch.tensor(context_lens, dtype=torch.long)
+        seq_lens = q + ctx
+        qsl = torch.zeros(len(query_lens) + 1, dtype=torch.long)
+        torch.cumsum(q, 0, out=qsl[1:])
+        return AttentionMetadata(
+            query_start_loc=qsl.to(dev),
+            seq_lens=seq_lens.to(dev),
+            context_lens=ctx.to(dev),
+            slot_mapping=[s.to(dev) for s in slot_mapping],
+            block_tables=[t.clamp(min=0).to(dev) for t in block_tables],
+            max_query_len=max(query_lens),
+            max_seq_len=int(seq_lens.max()),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+
+    def prepare(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids [T], positions [T], metadata) for the scheduled chunks, on the device."""
+        ids: list[int] = []
+        pos_parts = []
+        seq_index = []
+        tables: list[list[list[int]]] = [[] for _ in self.groups]
+        for i, s in enumerate(scheduled):
+            ids.extend(s.request.all_token_ids[s.start:s.end])
+            pos_parts.append(torch.arange(s.start, s.end, dtype=torch.long))
+            seq_index.append(torch.full((s.num_new_tokens,), i, dtype=torch.long))
+            for g, table in enumerate(block_manager.tables[s.request.request_id]):
+                tables[g].append(table)
+        positions = torch.cat(pos_parts)
+        seq_of_token = torch.cat(seq_index)
+        slot_mapping, block_tables = [], []
+        for g in range(len(self.groups)):
+            width = max(len(t) for t in tables[g])
+            bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables[g]], dtype=torch.long)
+            blocks = bt[seq_of_token, positions // self.block_size]  # [T]
+            if bool((blocks < 0).any()):
+                raise EngineError("a scheduled token has no KV block", field="kv_cache",
+                                  hint="a pdlaunch bug; please report it with the log")
+            slot_mapping.append(blocks * self.block_size + positions % self.block_size)
+            block_tables.append(bt)
+        attn = self._metadata([s.num_new_tokens for s in scheduled], [s.start for s in scheduled],
+                              slot_mapping, block_tables)
+        return torch.tensor(ids, dtype=torch.long).to(self.device), positions.to(self.device), attn
+
+    @torch.inference_mode()
+    def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
+        """Run one step; returns float32 logits [N, V] of the requests that need a sample, in order."""
+        input_ids, positions, attn = self.prepare(scheduled, block_manager)
+        hidden = self.model(input_ids, positions, attn, self.kv_caches)
+        last = [attn.query_lens_cpu[0] - 1]
+        for q in attn.query_lens_cpu[1:]:
+            last.append(last[-1] + q)
+        rows = [t for t, s in zip(last, scheduled) if s.needs_sample]
+        if not rows:
+            return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+
+    def release(self) -> None:
+        """Drop the cache tensors and the weights (shutdown)."""
+        self.kv_caches = []
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
