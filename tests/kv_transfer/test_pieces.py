@@ -1,0 +1,123 @@
+"""Block selection, coalescing, side channel, checksums, compatibility and mode choice, without NIXL."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer import side_channel, transfer_mode
+from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, needed_block_indices, pair_blocks, run_descriptors
+from pdlaunch.kv_transfer.checksum import block_checksums, verify_blocks
+from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, compat_fields, compat_hash
+from tests.kv_transfer.pd_procs import make_spec
+
+
+def test_needed_blocks_cover_the_loaded_positions() -> None:
+    assert list(needed_block_indices(4, 0, 16, None)) == [0, 1, 2, 3]
+    assert list(needed_block_indices(4, 0, 17, None)) == [0, 1, 2, 3, 4]
+    assert list(needed_block_indices(4, 8, 2, None)) == [2]
+    assert list(needed_block_indices(4, 0, 0, None)) == []
+    # window 6, loading [0, 15): only positions >= 9 are still visible -> blocks 2, 3
+    assert list(needed_block_indices(4, 0, 15, 6)) == [2, 3]
+
+
+def test_pairs_skip_local_holes_and_refuse_remote_ones() -> None:
+    assert pair_blocks([5, -1, 7], [1, 2, 3], range(3), 0) == [(0, 5, 1), (2, 7, 3)]
+    with pytest.raises(KVTransferError, match="does not hold block 1 of group 0"):
+        pair_blocks([5, 6], [1, -1], range(2), 0)
+
+
+def test_coalesce_merges_runs_consecutive_on_both_sides() -> None:
+    pairs = [(3, 5), (4, 6), (10, 7), (11, 2), (20, 9), (21, 10), (22, 11)]
+    assert coalesce(pairs) == [BlockRun(3, 5, 2), BlockRun(10, 7, 1), BlockRun(11, 2, 1), BlockRun(20, 9, 3)]
+    local, remote = run_descriptors(coalesce(pairs), 1000, 5000, 100)
+    assert local == [(1300, 200), (2000, 100), (2100, 100), (3000, 300)]
+    assert remote == [(5500, 200), (5700, 100), (5200, 100), (5900, 300)]
+
+
+def test_coalesced_descriptor_is_the_bytes_of_the_block_run() -> None:
+    spec = make_spec(num_blocks=8)
+    cache = spec.kv_caches[0]
+    (run,) = coalesce([(2, 0), (3, 1), (4, 2)])
+    (local,), _ = run_descriptors([run], cache.data_ptr(), 0, spec.block_bytes[0])
+    assert local == (cache[2].data_ptr(), cache[2:5].numel() * cache.element_size())
+
+
+def test_side_channel_round_trip_and_errors() -> None:
+    def boom(message: dict) -> dict:
+        raise KVTransferError("refused on purpose")
+
+    server = side_channel.SideChannelServer("127.0.0.1", 0, {"echo": lambda m: {"got": m["x"]}, "boom": boom})
+    try:
+        assert side_channel.call("127.0.0.1", server.port, {"type": "echo", "x": [1, "a"]}, 5, "echo")["got"] == [1, "a"]
+        with pytest.raises(KVTransferError, match="refused on purpose"):
+            side_channel.call("127.0.0.1", server.port, {"type": "boom"}, 5, "boom")
+        with pytest.raises(KVTransferError, match="unknown side-channel message type"):
+            side_channel.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope")
+    finally:
+        server.close()
+
+
+def test_side_channel_silent_peer_times_out_with_what_was_awaited() -> None:
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(KVTransferError, match=r"KV handshake with prefill engine E: no answer .* within 0.3s"):
+            side_channel.call("127.0.0.1", port, {"type": "handshake"}, 0.3, "KV handshake with prefill engine E")
+
+
+def test_block_checksums_detect_one_changed_value() -> None:
+    cache = make_spec(num_blocks=4).kv_caches[0]
+    sums = block_checksums(cache, [0, 2, -1])
+    assert sums[2] == "" and len(set(sums[:2])) == 2
+    verify_blocks(cache, 0, [0, 2], sums[:2], "r")
+    cache[2].view(-1)[5] += 1
+    with pytest.raises(KVTransferError, match="local block 2"):
+        verify_blocks(cache, 0, [0, 2], sums[:2], "r")
+
+
+def _info(spec, **overrides) -> HandshakeInfo:
+    fields = compat_fields(spec)
+    values = dict(engine_id="P", agent_name="a", agent_metadata="", base_addrs=[0], block_bytes=spec.block_bytes,
+                  num_blocks=spec.num_blocks, block_size=spec.block_size, dtype=fields["dtype"],
+                  kv_layout=fields["kv_layout"], num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                  group_layers=spec.group_layers, model_name=spec.model_name, tp_size=1, tp_rank=0,
+                  device=DeviceInfo(type="cpu"), compat_hash=compat_hash(fields))
+    values.update(overrides)
+    if overrides:
+        values["compat_hash"] = "different"
+    return HandshakeInfo(**values)
+
+
+@pytest.mark.parametrize(
+    "field, value, config_key",
+    [("dtype", "bfloat16", "model.dtype"), ("model_name", "other", "model.path"),
+     ("num_kv_heads", 4, "parallel.tp"), ("kv_layout", "layer_major", "kv_layout")],
+)
+def test_compatibility_check_names_the_differing_field(field: str, value: object, config_key: str) -> None:
+    spec = make_spec()
+    check_compatible(spec, _info(spec))
+    with pytest.raises(KVTransferError) as err:
+        check_compatible(spec, _info(spec, **{field: value}))
+    assert f"{field} differs (prefill engine P: {value!r}" in str(err.value)
+    assert err.value.field == config_key and err.value.hint
+
+
+def test_auto_mode_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = DeviceInfo(type="cpu", host_id="h")
+    assert transfer_mode.resolve_transfer_mode("auto", cpu, cpu)[0] == "pull"
+    assert transfer_mode.resolve_transfer_mode("push", cpu, cpu) == ("push", "kv_transfer.transfer_mode is push")
+    gpu0 = DeviceInfo(type="cuda", index=0, pci_bus_id="00000000:1b:00.0", host_id="h")
+    gpu1 = DeviceInfo(type="cuda", index=1, pci_bus_id="00000000:2c:00.0", host_id="h")
+    mode, reason = transfer_mode.resolve_transfer_mode("auto", gpu0, gpu0)
+    assert mode == "push" and "share GPU" in reason
+    monkeypatch.setattr(transfer_mode, "nvlink_between", lambda a, b: True)
+    assert transfer_mode.resolve_transfer_mode("auto", gpu0, gpu1)[0] == "pull"
+    monkeypatch.setattr(transfer_mode, "nvlink_between", lambda a, b: False)
+    mode, reason = transfer_mode.resolve_transfer_mode("auto", gpu0, gpu1)
+    assert mode == "push" and "no NVLink" in reason
+    other_host = gpu1.model_copy(update={"host_id": "elsewhere"})
+    assert transfer_mode.resolve_transfer_mode("auto", gpu0, other_host)[0] == "push"
