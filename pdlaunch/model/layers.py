@@ -23,6 +23,12 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     param.data.copy_(loaded)
 
 
+def _check_full(loaded: torch.Tensor, expected: tuple[int, ...], name: str) -> None:
+    """The checkpoint tensor must have the unsharded size, not merely one that can be narrowed."""
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model expects {expected}")
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
     _copy_checked(param, loaded, "parameter")
 
@@ -48,6 +54,7 @@ class ColumnParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         size = param.shape[0]
+        _check_full(loaded, (size * self.tp_size, *param.shape[1:]), "column-parallel weight")
         _copy_checked(param, loaded.narrow(0, self.tp_rank * size, size), "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +78,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         offset, size = self._shard_range(int(shard_id))
+        _check_full(loaded, (self.output_sizes[int(shard_id)], *param.shape[1:]), f"merged shard {shard_id}")
         dest = param.data.narrow(0, offset, size)
         _copy_checked(dest, loaded.narrow(0, self.tp_rank * size, size), f"merged shard {shard_id}")
 
@@ -106,6 +114,7 @@ class RowParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
         size = param.shape[1]
+        _check_full(loaded, (param.shape[0], size * self.tp_size), "row-parallel weight")
         _copy_checked(param, loaded.narrow(1, self.tp_rank * size, size), "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
