@@ -48,3 +48,16 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache or remote KV)
     kv_transfer_params: dict[str, Any] | None = None  # prefill side: what decode needs
+
+
+@dataclass
+class CompletionOutput:
+    """One prompt's result from offline `LLM.generate`."""
+
+    prompt: str | None  # None when the prompt was given as token ids
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
