@@ -1,0 +1,178 @@
+"""The proxy over real HTTP against scripted instances that fail the ways real ones do:
+unreachable, crashing mid-stream, hanging, and a client that goes away. Never a hang at the proxy.
+
+The scripted instance speaks the instance API (health, kv_transfer_params, SSE) and misbehaves on
+cue (the prompt says how); the engine-backed paths are covered by test_server.py and the e2e tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from typing import Any, AsyncIterator, Iterator
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.server.sse import DONE, parse_sse, sse_event
+
+
+class ScriptedInstance:
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.cancelled = threading.Event()
+        self.healthy = True
+        self.requests: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.get("/health")(self.health)
+        self.app.post("/v1/completions")(self.completions)
+
+    async def health(self) -> Any:
+        return JSONResponse({"status": "ok"} if self.healthy else {"status": "loading"},
+                            status_code=200 if self.healthy else 503)
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        if self.role == "prefill":
+            return {"choices": [{"text": "x"}], "kv_transfer_params": {"do_remote_prefill": True}}
+        if body["prompt"] == "hang" and not body.get("stream"):
+            await asyncio.sleep(3600)
+        return StreamingResponse(self._stream(body["prompt"]), media_type="text/event-stream")
+
+    async def _stream(self, prompt: str) -> AsyncIterator[bytes]:
+        try:
+            for i in range(3):
+                yield sse_event({"choices": [{"index": 0, "text": f"t{i}"}]})
+            if prompt == "drop":
+                raise RuntimeError("instance crashed mid-stream")
+            if prompt in ("hang", "slow"):
+                await asyncio.sleep(3600)
+            yield DONE
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+class ThreadServer:
+    def __init__(self, app: FastAPI, port: int) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                                   timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, f"test server on {self.url} did not start within 10s"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def setup() -> Iterator[tuple[str, ScriptedInstance, InstancePool]]:
+    ports = PortAllocator("127.0.0.1")
+    prefill, decode = ScriptedInstance("prefill"), ScriptedInstance("decode")
+    unreachable = f"http://127.0.0.1:{ports.free('nothing listens')}"
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0"),
+                             Instance("prefill", unreachable, "prefill-1")], "round_robin")
+        with ThreadServer(build_proxy_app(pool, request_timeout_s=2.0), ports.free("proxy")) as proxy:
+            yield proxy.url, decode, pool
+
+
+def _mark_ready(pool: InstancePool) -> None:
+    for inst in pool.instances:
+        inst.state = "ready"
+
+
+def test_stream_passes_through_and_legs_share_the_request_id(setup: Any) -> None:
+    url, decode, pool = setup
+    _mark_ready(pool)
+    pool.instances[2].state = "down"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True, "max_tokens": 5},
+                   headers={"X-Request-Id": "rid-1"}, timeout=10)
+    events = parse_sse(r.content)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "rid-1"
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == ["t0", "t1", "t2"] and events[-1] == "[DONE]"
+    assert decode.requests[-1]["kv_transfer_params"] == {"do_remote_prefill": True}
+    assert decode.requests[-1]["max_tokens"] == 5
+
+
+def test_unreachable_prefill_is_a_503_and_is_marked_down(setup: Any) -> None:
+    url, _, pool = setup
+    _mark_ready(pool)
+    statuses = {httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=10).status_code for _ in range(2)}
+    assert 503 in statuses  # round robin hits prefill-1 once
+    assert pool.instances[2].state == "down"
+    r = httpx.get(f"{url}/instances", timeout=5).json()
+    assert {i["name"]: i["state"] for i in r}["prefill-1"] == "down"
+
+
+def test_crash_mid_stream_ends_with_an_openai_error_event(setup: Any) -> None:
+    url, _, pool = setup
+    _mark_ready(pool)
+    pool.instances[2].state = "down"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "drop", "stream": True}, timeout=10)
+    events = parse_sse(r.content)
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == ["t0", "t1", "t2"]
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "instance_failed" and "decode-0" in error["message"]
+
+
+def test_hanging_instance_hits_the_request_timeout(setup: Any) -> None:
+    url, _, pool = setup
+    _mark_ready(pool)
+    pool.instances[2].state = "down"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hang"}, timeout=30)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hang", "stream": True}, timeout=30)
+    assert json.loads(parse_sse(r.content)[-1])["error"]["code"] == "timeout"
+
+
+def test_client_disconnect_closes_the_upstream_stream(setup: Any) -> None:
+    url, decode, pool = setup
+    _mark_ready(pool)
+    pool.instances[2].state = "down"
+    decode.cancelled.clear()
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "slow", "stream": True}, timeout=10) as r:
+        first = next(r.iter_bytes())
+        assert first.startswith(b"data: ")
+    assert decode.cancelled.wait(10), "the decode instance's stream was not cancelled after the client left"
+    _wait_for(lambda: pool.instances[1].in_flight == 0, "the decode leg to be released")
+
+
+def _wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_health_follows_the_instances(setup: Any) -> None:
+    url, decode, pool = setup
+    _mark_ready(pool)
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    decode.healthy = False
+    try:
+        _wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, "proxy /health to turn 503")
+        r = httpx.get(f"{url}/health", timeout=5)
+        assert "decode" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=5)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+    finally:
+        decode.healthy = True
+    _wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "proxy /health to recover")
