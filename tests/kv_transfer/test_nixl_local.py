@@ -162,6 +162,10 @@ def test_params_for_another_prompt_length_fail_clearly() -> None:
         decode.shutdown()
 
 
-def test_factory_roles() -> None:
+def test_factory_roles(tmp_path) -> None:
+    from pdlaunch.kv_transfer.storage_connector import StorageConnector
+
     config = DeploymentConfig(device="cpu")
     assert create_connector(config, InstanceSpec(role="colocated", port=1, engine_id="c")) is None
+    storage = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="storage", storage_path=str(tmp_path)))
+    assert isinstance(create_connector(storage, InstanceSpec(role="decode", port=1, engine_id="d")), StorageConnector)
