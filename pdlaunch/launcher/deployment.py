@@ -92,7 +92,7 @@ class Deployment:
         threads = _cpu_threads(len(self.plan.local)) if device == "cpu" else {}
         for plan in self.plan.instances:
             spec = plan.spec
-            devices = f"cuda:{','.join(map(str, spec.devices))}" if spec.device == "cuda" else spec.device
+            devices = f"cuda:{','.join(map(str, plan.physical_devices))}" if spec.device == "cuda" else spec.device
             self.rows[spec.name] = StatusRow(spec.name, spec.role, devices, plan.url,
                                              state="starting" if plan.local else "remote")
             if plan.local:

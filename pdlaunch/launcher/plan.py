@@ -20,6 +20,7 @@ class InstancePlan:
     url: str
     local: bool  # runs on this node (else another node's launcher starts it)
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the process
+    physical_devices: list[int] = field(default_factory=list)  # CUDA indices on the node (status view)
 
 
 @dataclass
@@ -126,12 +127,15 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
                                             hint="lower --prefill/--decode or TP, or list devices to share")
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
 
+            # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
             spec = InstanceSpec(
-                role=group.role, index=k, host=host, port=port, tp=tp, devices=devices, device=device,
+                role=group.role, index=k, host=host, port=port, tp=tp, devices=list(range(len(devices))),
+                device=device,
                 engine_id=f"{cfg.kv_transfer.engine_id}-{name}", side_channel_port=side_port,
                 master_port=master_port,
             )
-            plans.append(InstancePlan(spec=spec, url=f"http://{_url_host(host)}:{port}", local=local, env=env))
+            plans.append(InstancePlan(spec=spec, url=f"http://{_url_host(host)}:{port}", local=local, env=env,
+                                      physical_devices=devices))
     if not plans:
         raise PdlaunchError("the deployment has no instances", field="instances",
                             hint="pass --prefill 1 --decode 1, or --colocated")

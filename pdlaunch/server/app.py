@@ -7,6 +7,7 @@ their outputs come back on per-request asyncio queues, so the event loop never b
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import PurePath
@@ -84,6 +85,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "rank_engine_ids": list(getattr(engine, "rank_engine_ids", None) or [engine_id] * spec.tp),
             "device": spec.device,
             "devices": spec.devices,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "transfer_mode": connector_info.get("transfer_mode", config.kv_transfer.transfer_mode)
             if spec.role != "colocated" else None,
             "kv_connector": config.kv_transfer.connector if spec.role != "colocated" else None,
@@ -126,7 +128,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         if sleep.sleeping:
             raise OpenAIError(503, "instance is sleeping; POST /wake_up first", code="sleeping")
         params = body.sampling_params()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # The client's X-Request-Id names the response; the engine id gets a suffix so that a reused
+        # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
+        client_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
         stream = engine_loop.submit(request_id, prompt, params, body.kv_transfer_params)
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
@@ -139,10 +144,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                 raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
             builder = ResponseBuilder(
                 endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
-                response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + request_id,
+                response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + client_id,
                 detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),
             )
-            headers = {"X-Request-Id": request_id}
+            headers = {"X-Request-Id": client_id}
             if body.stream:
                 async def abort() -> None:  # no-op once finished; frees the blocks if the client left
                     engine_loop.abort(request_id)

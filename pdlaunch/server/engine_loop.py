@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
+from jinja2 import TemplateError
+
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
@@ -230,6 +232,9 @@ class EngineLoop:
             self.engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params)
         except PdlaunchError as exc:
             self._finish(stream.request_id, OpenAIError(400, exc.message, param=exc.field or "prompt"))
+            return
+        except TemplateError as exc:
+            self._finish(stream.request_id, OpenAIError(400, f"chat template failed: {exc}", param="messages"))
             return
         except Exception as exc:  # noqa: BLE001 - this request fails, the engine serves on
             log.exception("adding request %s failed", stream.request_id)
