@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from pdlaunch import __version__
+from pdlaunch.bench.cli import bench_app
 from pdlaunch.config.flags import with_serve_options
 from pdlaunch.errors import PdlaunchError
 
@@ -25,7 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Config schema and examples.", no_args_is_help=True)
-bench_app = typer.Typer(help="Load generator and KV transfer benchmark.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
 
