@@ -165,18 +165,26 @@ class LLMEngine:
                 f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
                 f"max_model_len {self.max_model_len}", field="prompt",
                 hint="shorten the prompt or lower max_tokens")
-        if any(g.sliding_window is None for g in self.runner.groups):
-            need = -(-total // self.block_size)
-            if need > self.block_manager.num_blocks:
-                raise EngineError(
-                    f"the request needs {need} KV blocks but the cache has {self.block_manager.num_blocks}",
-                    field="prompt", hint="shorten the request or give the KV cache more memory")
+        need = self._max_blocks_needed(total)
+        if need > self.block_manager.num_blocks:
+            raise EngineError(
+                f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
+                field="prompt", hint="shorten the request or give the KV cache more memory")
         request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params, self._eos)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
         detok = IncrementalDetokenizer(self.tokenizer.decode, prompt, params.stop)
         self._tracked[request_id] = _Tracked(request, detok, frozenset(params.stop_token_ids))
         self.scheduler.add_request(request)
+
+    def _max_blocks_needed(self, num_tokens: int) -> int:
+        """Most blocks a request of `num_tokens` holds in one group at any step (a request that
+        alone needs more than the cache has would preempt itself forever)."""
+        bs = self.block_size
+        whole = -(-num_tokens // bs)
+        chunk = self.config.scheduler.max_num_batched_tokens
+        return max(whole if g.sliding_window is None else min(whole, -(-(chunk + g.sliding_window) // bs) + 1)
+                   for g in self.runner.groups)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; None when it is not running here."""

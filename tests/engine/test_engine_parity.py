@@ -7,8 +7,8 @@ import random
 import pytest
 
 from pdlaunch.engine.outputs import SamplingParams
-from tests.engine.conftest import MakeEngine, run_all
 from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID
+from tests.engine.conftest import MakeEngine, run_all
 from tests.helpers.checkpoints import hf_greedy
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
