@@ -1,22 +1,17 @@
-"""A connector in its own process (multiprocessing spawn), driven over a pipe by the test.
+"""A connector in its own process with a KV cache in the engine's layout (random bytes, seeded).
 
-Each process owns a KV cache in the engine's layout (random bytes, seeded per process), a real
-connector from the factory, and answers calls: connector methods by name, plus helpers to read,
-overwrite and compare blocks. Every call has a timeout; the process is reaped by `close`.
+The test calls connector methods by name plus helpers that read, corrupt and count.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
-import traceback
 from typing import Any
 
 import torch
 
-from pdlaunch.kv_transfer.base import KVCacheSpec
-
-CALL_TIMEOUT = 60.0
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from tests.kv_transfer.rpc import Built, ProcessRPC
 
 
 def make_spec(
@@ -30,34 +25,26 @@ def make_spec(
     caches = [torch.randn(shape, generator=gen).to(dtype=dtype, device=device) for _ in range(groups)]
     return KVCacheSpec(
         kv_caches=caches, num_blocks=num_blocks, block_size=block_size, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, dtype=dtype, group_layers=[list(range(g * num_layers, (g + 1) * num_layers)) for g in range(groups)],
+        head_dim=head_dim, dtype=dtype,
+        group_layers=[list(range(g * num_layers, (g + 1) * num_layers)) for g in range(groups)],
         group_sliding_window=sliding_window or [None] * groups, model_name=model_name,
     )
 
 
-def _serve(conn: Any, config_json: str, instance_json: str, spec_kwargs: dict[str, Any]) -> None:
+def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any]) -> Built:
+    from pdlaunch import metrics
     from pdlaunch.config.models import DeploymentConfig, InstanceSpec
     from pdlaunch.kv_transfer.factory import create_connector
-    from pdlaunch import metrics
 
-    connector = None
-    try:
-        config = DeploymentConfig.model_validate_json(config_json)
-        instance = InstanceSpec.model_validate_json(instance_json)
-        spec = make_spec(**spec_kwargs)
-        connector = create_connector(config, instance)
-        assert connector is not None
-        connector.register_kv_caches(spec)
-        conn.send(("ok", connector.info()))
-    except Exception:
-        conn.send(("err", traceback.format_exc()))
-        return
+    config = DeploymentConfig.model_validate_json(config_json)
+    instance = InstanceSpec.model_validate_json(instance_json)
+    spec = make_spec(**spec_kwargs)
+    connector = create_connector(config, instance)
+    assert connector is not None
+    connector.register_kv_caches(spec)
 
     def blocks(group: int, ids: list[int]) -> torch.Tensor:
         return spec.kv_caches[group][torch.tensor(ids, dtype=torch.long)].clone()
-
-    def write_blocks(group: int, ids: list[int], data: torch.Tensor) -> None:
-        spec.kv_caches[group][torch.tensor(ids, dtype=torch.long)] = data
 
     def corrupt(group: int, block: int) -> None:
         spec.kv_caches[group][block].view(-1)[:7] += 1.0
@@ -65,46 +52,18 @@ def _serve(conn: Any, config_json: str, instance_json: str, spec_kwargs: dict[st
     def metric(name: str) -> float:
         return float(getattr(metrics, name)._value.get())
 
-    helpers = {"blocks": blocks, "write_blocks": write_blocks, "corrupt": corrupt, "metric": metric}
-    while True:
-        method, args = conn.recv()
-        if method == "close":
-            connector.shutdown()
-            conn.send(("ok", None))
-            return
-        try:
-            fn = helpers.get(method) or getattr(connector, method)
-            conn.send(("ok", fn(*args)))
-        except Exception:
-            conn.send(("err", traceback.format_exc()))
+    handlers = {name: getattr(connector, name) for name in (
+        "request_finished", "get_num_new_matched_tokens", "start_load", "get_finished", "abort_load", "info")}
+    handlers.update(blocks=blocks, corrupt=corrupt, metric=metric)
+    return handlers, connector.shutdown, connector.info()
 
 
-class ConnectorProcess:
+class ConnectorProcess(ProcessRPC):
     def __init__(self, config: Any, instance: Any, **spec_kwargs: Any) -> None:
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(
-            target=_serve, args=(child, config.model_dump_json(), instance.model_dump_json(), spec_kwargs), daemon=True
-        )
-        self.proc.start()
-        self.info = self._result("start")
+        super().__init__(build_connector, config.model_dump_json(), instance.model_dump_json(), spec_kwargs)
 
-    def _result(self, what: str) -> Any:
-        if not self._conn.poll(CALL_TIMEOUT):
-            raise TimeoutError(f"connector process did not answer {what} within {CALL_TIMEOUT}s")
-        status, value = self._conn.recv()
-        if status == "err":
-            raise RuntimeError(f"{what} failed in the connector process:\n{value}")
-        return value
-
-    def call(self, method: str, *args: Any) -> Any:
-        self._conn.send((method, args))
-        return self._result(method)
-
-    def wait_events(self, predicate: Any, timeout: float = 30.0, what: str = "KV events") -> Any:
+    def wait_events(self, predicate: Any, timeout: float = 30.0, what: str = "KV events") -> KVConnectorEvents:
         """Poll get_finished, merging events, until predicate(merged) holds."""
-        from pdlaunch.kv_transfer.base import KVConnectorEvents
-
         merged = KVConnectorEvents()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -116,14 +75,3 @@ class ConnectorProcess:
                 return merged
             time.sleep(0.01)
         raise TimeoutError(f"waited {timeout}s for {what}; got {merged}")
-
-    def close(self) -> None:
-        try:
-            if self.proc.is_alive():
-                self._conn.send(("close", ()))
-                self._conn.poll(CALL_TIMEOUT) and self._conn.recv()
-        finally:
-            self.proc.join(10)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(5)
