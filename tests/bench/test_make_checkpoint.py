@@ -75,7 +75,7 @@ def test_tiny_checkpoint_loads_with_transformers(tiny_ckpt: Path) -> None:
     assert tok.decode(out[0, -4:]) != ""  # every id of the 128256-way vocabulary has text
 
 
-def test_weights_depend_on_the_seed_only(tmp_path: Path, tiny_ckpt: Path) -> None:
+def test_weights_do_not_depend_on_the_shard_plan(tmp_path: Path, tiny_ckpt: Path) -> None:
     other = make_llama3_8b_shaped(tmp_path / "again", num_layers=2, overrides=TINY, max_shard_bytes=2**30, seed=3)
     name = "model.layers.1.mlp.gate_proj.weight"
     index = json.loads((tiny_ckpt / "model.safetensors.index.json").read_text())
@@ -95,3 +95,8 @@ def test_refuses_a_non_empty_folder(tmp_path: Path) -> None:
 def test_cli_rejects_unknown_dtype(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path / "x"), "--dtype", "fp8"])
     assert result.exit_code == 1 and "--dtype" in result.output and "bfloat16" in result.output
+
+
+def test_cli_rejects_unknown_device(tmp_path: Path) -> None:
+    result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path / "x"), "--device", "tpu"])
+    assert result.exit_code == 1 and "--device" in result.output and "Traceback" not in result.output
