@@ -3,7 +3,9 @@
 Each step first writes the new k/v of every token into its slot, then every query attends to
 its sequence's keys: fresh prefills directly over the new k/v (causal; flash SDPA on CUDA),
 prefills with cached context over keys gathered through the block table, and all decode
-sequences (query_len == 1) together in one batched gather. Sliding-window layers follow HF: a
+sequences (query_len == 1) together: one batched torch gather (CPU, reference), or the Triton
+paged decode kernel on CUDA (pdlaunch/model/triton_decode.py; PDLAUNCH_PAGED_DECODE=torch forces
+the gather path there). Sliding-window layers follow HF: a
 query at position p sees keys at positions in (p - window, p].
 
 The index arithmetic depends only on the step and the KV-cache group, so it is built once per
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.triton_decode import paged_decode, paged_decode_available
 
 
 @dataclass
@@ -41,6 +44,10 @@ class GroupPlan:
     decode_rows: torch.Tensor | None  # [Sd, K] flat rows of the keys each decode query may see
     decode_mask: torch.Tensor | None  # [Sd, 1, 1, K] bool
     prefills: list[PrefillSeq] = field(default_factory=list)
+    # CUDA paged decode kernel inputs (set instead of decode_rows/decode_mask when it is used).
+    decode_block_table: torch.Tensor | None = None  # [Sd, max_blocks]
+    decode_seq_lens: torch.Tensor | None = None  # [Sd]
+    sliding_window: int | None = None
 
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
@@ -74,7 +81,7 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
             write_tokens = valid.nonzero().squeeze(-1)
             write_rows = row_base[write_tokens]
     block_table = attn.block_tables[group].long() if kv_cache is not None else None
-    plan = GroupPlan(layers, block_size, write_tokens, write_rows, None, None, None)
+    plan = GroupPlan(layers, block_size, write_tokens, write_rows, None, None, None, sliding_window=sliding_window)
 
     starts = [0]
     for qlen in attn.query_lens_cpu:
@@ -109,6 +116,11 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
             # A window of w keys touches at most ceil(w / block_size) + 1 blocks.
             num_blocks = min(-(-max_len // block_size), -(-sliding_window // block_size) + 1)
         seq_idx = torch.tensor(decode_seqs, device=device)
+        plan.decode_tokens = torch.tensor([starts[i] for i in decode_seqs], device=device)
+        if kv_cache is not None and paged_decode_available(kv_cache):
+            plan.decode_block_table = block_table[seq_idx]
+            plan.decode_seq_lens = attn.seq_lens[seq_idx].long()
+            return plan
         qpos = attn.seq_lens[seq_idx].long() - 1  # [Sd]
         first_block = torch.zeros_like(qpos)
         if sliding_window is not None:
@@ -127,7 +139,6 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         own_row = own_block * (layers * 2 * block_size) + (qpos % block_size).unsqueeze(1)
         plan.decode_rows = torch.where(visible, rows, own_row)
         plan.decode_mask = visible.view(len(decode_seqs), 1, 1, -1)
-        plan.decode_tokens = torch.tensor([starts[i] for i in decode_seqs], device=device)
     return plan
 
 
@@ -163,7 +174,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                                            scale=scale, enable_gqa=True)
         out[seq.q_start:seq.q_end] = o[0].transpose(0, 1)
 
-    if plan.decode_tokens is not None:
+    if plan.decode_block_table is not None:
+        assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
+        out[plan.decode_tokens] = paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens,
+                                               plan.decode_block_table, plan.decode_seq_lens,
+                                               plan.sliding_window, scale)
+    elif plan.decode_tokens is not None:
         assert flat is not None and plan.decode_rows is not None
         qd = q[plan.decode_tokens].unsqueeze(2)  # [Sd, Hq, 1, D]
         kd = flat[plan.decode_rows + plan.layer_offset(layer_in_group, 0)].transpose(1, 2).to(q.dtype)
