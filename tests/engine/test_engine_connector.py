@@ -1,0 +1,165 @@
+"""The engine side of KV transfer, with an in-process connector that copies blocks between two
+engines (the real NIXL path is tested in tests/kv_transfer)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from pdlaunch.config.models import InstanceSpec
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from tests.engine.conftest import MakeEngine, run_all
+
+
+class Hub:
+    """What the network would be: registered caches and 'you may free it' notifications."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, KVCacheSpec] = {}
+        self.notices: dict[str, set[str]] = {}
+
+
+class CopyConnector(KVConnector):
+    def __init__(self, hub: Hub, engine_id: str, fail: bool = False) -> None:
+        self.hub, self.engine_id, self.fail = hub, engine_id, fail
+        self.loading: set[str] = set()
+        self.aborted: list[str] = []
+        self.calls: list[tuple[str, int, int]] = []
+
+    def register_kv_caches(self, spec: KVCacheSpec) -> None:
+        self.spec = spec
+        self.hub.specs[self.engine_id] = spec
+
+    def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
+                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
+        if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):
+            return len(prompt_token_ids) - 1 - num_local_computed_tokens
+        return 0
+
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+                   block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
+        assert kv_transfer_params is not None
+        self.calls.append((request_id, num_local_computed_tokens, num_external_tokens))
+        remote = self.hub.specs[kv_transfer_params["remote_engine_id"]]
+        bs = self.spec.block_size
+        first, end = num_local_computed_tokens // bs, -(-(num_local_computed_tokens + num_external_tokens) // bs)
+        if not self.fail:
+            for g, (local_ids, remote_ids) in enumerate(zip(block_ids, kv_transfer_params["remote_block_ids"])):
+                for j in range(first, end):
+                    if local_ids[j] >= 0 and remote_ids[j] >= 0:
+                        self.spec.kv_caches[g][local_ids[j]].copy_(remote.kv_caches[g][remote_ids[j]])
+            self.hub.notices.setdefault(kv_transfer_params["remote_engine_id"], set()).add(
+                kv_transfer_params["remote_request_id"])
+        self.loading.add(request_id)
+
+    def request_finished(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: dict[str, Any] | None,
+                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+        if kv_transfer_params and kv_transfer_params.get("do_remote_decode"):
+            return True, {"do_remote_prefill": True, "remote_engine_id": self.engine_id,
+                          "remote_block_ids": block_ids, "remote_request_id": request_id}
+        return False, None
+
+    def get_finished(self) -> KVConnectorEvents:
+        events = KVConnectorEvents(finished_sending=self.hub.notices.pop(self.engine_id, set()))
+        if self.fail:
+            events.failed_recving = {rid: "peer went away" for rid in self.loading}
+        else:
+            events.finished_recving = set(self.loading)
+        self.loading.clear()
+        return events
+
+    def abort_load(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+        self.loading.discard(request_id)
+
+
+def spec(role: str, engine_id: str) -> InstanceSpec:
+    return InstanceSpec(role=role, port=8100 if role == "prefill" else 8200, engine_id=engine_id)  # type: ignore[arg-type]
+
+
+def prefill(engine: LLMEngine, prompts: list[list[int]]) -> list[RequestOutput]:
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    outs = []
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, params, kv_transfer_params={"do_remote_decode": True})
+    while engine.has_unfinished_requests():
+        outs.extend(o for o in engine.step() if o.finished)
+    return sorted(outs, key=lambda o: int(o.request_id[1:]))
+
+
+def prompts_with_shared_prefix() -> list[list[int]]:
+    rng = random.Random(11)
+    shared = [rng.randrange(500) for _ in range(20)]
+    return [[rng.randrange(500) for _ in range(n)] for n in (1, 9, 30)] + [shared + [7, 8, 9], shared + [1]]
+
+
+def test_pd_pair_matches_colocated_and_frees_held_blocks(hybrid_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
+    prompts = prompts_with_shared_prefix()
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    reference = [o.output_token_ids for o in run_all(make_engine(hybrid_ckpt), prompts, greedy)]
+
+    hub = Hub()
+    p_conn, d_conn = CopyConnector(hub, "P"), CopyConnector(hub, "D")
+    p_engine = make_engine(hybrid_ckpt, instance=spec("prefill", "P"), connector=p_conn, max_num_batched_tokens=16)
+    d_engine = make_engine(hybrid_ckpt, instance=spec("decode", "D"), connector=d_conn)
+    assert p_engine.role == "prefill" and p_engine.connector is p_conn and hub.specs["P"].kv_caches[0].is_contiguous()
+
+    p_outs = prefill(p_engine, prompts)
+    assert [o.output_token_ids for o in p_outs] == [r[:1] for r in reference]
+    assert all(o.kv_transfer_params and o.kv_transfer_params["remote_engine_id"] == "P" for o in p_outs)
+    assert p_engine.stats()["num_held"] == len(prompts) and p_engine.block_manager.num_used_blocks() > 0
+    p_engine.check_integrity()
+
+    d_outs: dict[str, RequestOutput] = {}
+    for batch in (p_outs[:-1], p_outs[-1:]):  # the last prompt shares a prefix with the one before
+        for o in batch:
+            d_engine.add_request(o.request_id, prompts[int(o.request_id[1:])], greedy, o.kv_transfer_params)
+        while d_engine.has_unfinished_requests():
+            d_outs.update({o.request_id: o for o in d_engine.step() if o.finished})
+            d_engine.check_integrity()
+    assert [d_outs[f"p{i}"].output_token_ids for i in range(len(prompts))] == reference
+    # Every prompt token but the last came from the prefill side (or the decode's own prefix cache).
+    assert [d_outs[f"p{i}"].num_cached_tokens for i in range(len(prompts))] == [len(p) - 1 for p in prompts]
+    assert any(k > 0 for _, k, _ in d_conn.calls)  # the shared prefix hit the decode's local cache
+    assert d_engine.stats()["prompt_tokens_computed"] == len(prompts)
+
+    p_engine.step()  # the notifications arrive: held blocks go back
+    assert p_engine.stats()["num_held"] == 0 and p_engine.block_manager.num_used_blocks() == 0
+
+
+def test_failed_load_finishes_with_error_and_frees_blocks(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
+    hub = Hub()
+    p_engine = make_engine(llama_ckpt, instance=spec("prefill", "P"), connector=CopyConnector(hub, "P"))
+    d_conn = CopyConnector(hub, "D", fail=True)
+    d_engine = make_engine(llama_ckpt, instance=spec("decode", "D"), connector=d_conn)
+    (p_out,) = prefill(p_engine, [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+    d_engine.add_request("d", [3, 4, 5, 6, 7, 8, 9, 10, 11, 12], SamplingParams(max_tokens=4), p_out.kv_transfer_params)
+    outs = d_engine.step() + d_engine.step()
+    assert len(outs) == 1 and outs[0].finished and outs[0].finish_reason == "error"
+    assert "peer went away" in (outs[0].error or "") and outs[0].kv_transfer_params is None
+    assert d_engine.block_manager.num_used_blocks() == 0 and not d_engine.has_unfinished_requests()
+    # The prefill side keeps its blocks until its connector says so (the lease, here by hand).
+    assert p_engine.stats()["num_held"] == 1
+    hub.notices["P"] = {p_out.request_id}
+    p_engine.step()
+    assert p_engine.block_manager.num_used_blocks() == 0
+
+
+def test_abort_while_waiting_for_kv(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
+    hub = Hub()
+    p_engine = make_engine(llama_ckpt, instance=spec("prefill", "P"), connector=CopyConnector(hub, "P"))
+    d_conn = CopyConnector(hub, "D")
+    d_engine = make_engine(llama_ckpt, instance=spec("decode", "D"), connector=d_conn)
+    (p_out,) = prefill(p_engine, [list(range(40, 60))])
+    d_engine.add_request("d", list(range(40, 60)), SamplingParams(max_tokens=4), p_out.kv_transfer_params)
+    d_conn.get_finished = lambda: KVConnectorEvents()  # type: ignore[method-assign]  # the load never completes
+    d_engine.step()
+    assert d_engine.stats()["num_waiting_for_kv"] == 1 and d_engine.block_manager.num_used_blocks() == 3
+    out = d_engine.abort_request("d")
+    assert out is not None and out.finish_reason == "abort" and d_conn.aborted == ["d"]
+    assert d_engine.block_manager.num_used_blocks() == 0
+    p_engine.step()
+    assert p_engine.block_manager.num_used_blocks() == 0  # the load had notified the prefill side
