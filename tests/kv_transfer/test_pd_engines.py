@@ -1,0 +1,119 @@
+"""PD end to end: a prefill LLMEngine and a decode LLMEngine in two processes, real connectors.
+
+Greedy outputs of decode must equal a colocated engine's, for 1-token prompts, exactly-one-block
+prompts, many blocks, and a decode-side prefix-cache hit (only the missing blocks move); both
+engines pass check_integrity and hold no block afterwards.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.config.models import InstanceSpec
+from pdlaunch.engine.llm import build_config
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.engine.outputs import SamplingParams
+from tests.kv_transfer.engine_procs import EngineProcess, pd_config
+
+BLOCK = 8
+GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+
+_rng = random.Random(7)
+MANY = [_rng.randrange(3, 500) for _ in range(6 * BLOCK + 3)]
+PROMPTS = {
+    "one-token": [17],
+    "one-block": [_rng.randrange(3, 500) for _ in range(BLOCK)],
+    "block-plus-one": [_rng.randrange(3, 500) for _ in range(BLOCK + 1)],
+    "many-blocks": MANY,
+}
+# Shares MANY's first 3 blocks: decode's prefix cache holds them after the first batch.
+PREFIX_HIT = MANY[:3 * BLOCK] + [_rng.randrange(3, 500) for _ in range(5)]
+
+
+def colocated(model: Path, prompts: dict[str, list[int]], **overrides: object) -> dict[str, list[int]]:
+    overrides = {"block_size": BLOCK, "num_gpu_blocks": 96, **overrides}
+    engine = LLMEngine(build_config(str(model), "cpu", "float32", overrides))
+    try:
+        for rid, prompt in prompts.items():
+            engine.add_request(rid, prompt, SamplingParams(**GREEDY))
+        final: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            final.update({o.request_id: o.output_token_ids for o in engine.step() if o.finished})
+        return final
+    finally:
+        engine.shutdown()
+
+
+def _pd(model: Path, connector: str, mode: str, storage: str = "", **overrides: object
+        ) -> Iterator[tuple[EngineProcess, EngineProcess]]:
+    config = pd_config(str(model), connector, mode, storage, **overrides)
+    prefill = EngineProcess(config, InstanceSpec(role="prefill", port=1, engine_id=f"P-{mode}", device="cpu"))
+    try:
+        decode = EngineProcess(config, InstanceSpec(role="decode", port=2, engine_id=f"D-{mode}", device="cpu"))
+        try:
+            yield prefill, decode
+        finally:
+            decode.close()
+    finally:
+        prefill.close()
+
+
+def run_pd(prefill: EngineProcess, decode: EngineProcess, prompts: dict[str, list[int]]) -> dict[str, dict]:
+    first = prefill.call("generate", [(rid, p, {**GREEDY, "max_tokens": 1}, {"do_remote_decode": True})
+                                      for rid, p in prompts.items()])
+    for rid, out in first.items():
+        assert out["finish_reason"] == "length" and out["kv_transfer_params"]["do_remote_prefill"], out
+    outs = decode.call("generate", [(rid, p, GREEDY, first[rid]["kv_transfer_params"]) for rid, p in prompts.items()])
+    for rid, out in outs.items():
+        assert out["error"] is None, f"{rid}: {out['error']}"
+        assert out["num_cached_tokens"] == len(prompts[rid]) - 1  # everything but the last token came in
+    assert prefill.call("drain") == 0  # every held block came back
+    return outs
+
+
+def _check_pd(model: Path, prefill: EngineProcess, decode: EngineProcess, connector: str) -> None:
+    expected = colocated(model, {**PROMPTS, "prefix-hit": PREFIX_HIT})
+    outs = run_pd(prefill, decode, PROMPTS)
+    assert {rid: o["tokens"] for rid, o in outs.items()} == {rid: expected[rid] for rid in PROMPTS}
+
+    before = decode.call("check")
+    hit = run_pd(prefill, decode, {"prefix-hit": PREFIX_HIT})
+    assert hit["prefix-hit"]["tokens"] == expected["prefix-hit"]
+    after = decode.call("check")
+    # Decode had 3 blocks locally: only the 4th block (positions 24..27) moved, per group.
+    moved = after["bytes_moved"] - before["bytes_moved"]
+    per_block = sum(after["block_bytes"])
+    assert moved == (per_block if connector == "nixl" else per_block * 4 // BLOCK)
+    for side in (prefill, decode):
+        state = side.call("check")
+        assert state["used_blocks"] == 0 and state["stats"]["num_held"] == 0
+    assert prefill.call("check")["expired"] == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_nixl_pd_equals_colocated(llama_ckpt: Path, mode: str) -> None:
+    for prefill, decode in _pd(llama_ckpt, "nixl", mode):
+        assert decode.info["transfer_mode"] == mode
+        _check_pd(llama_ckpt, prefill, decode, "nixl")
+
+
+@pytest.mark.e2e
+def test_storage_pd_equals_colocated(llama_ckpt: Path, tmp_path: Path) -> None:
+    for prefill, decode in _pd(llama_ckpt, "storage", "auto", str(tmp_path)):
+        _check_pd(llama_ckpt, prefill, decode, "storage")
+
+
+@pytest.mark.e2e
+def test_hybrid_sliding_window_groups_over_push(hybrid_ckpt: Path) -> None:
+    # Chunked prefill (16-token steps) makes prefill drop sliding-window blocks before it finishes.
+    prompts = {"long": MANY, "short": PROMPTS["block-plus-one"]}
+    expected = colocated(hybrid_ckpt, prompts)
+    for prefill, decode in _pd(hybrid_ckpt, "nixl", "push", max_num_batched_tokens=16):
+        outs = run_pd(prefill, decode, prompts)
+        assert {rid: o["tokens"] for rid, o in outs.items()} == expected
+        assert decode.call("check")["used_blocks"] == 0
