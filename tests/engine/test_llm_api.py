@@ -1,0 +1,58 @@
+"""Offline API and `pdlaunch generate`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pdlaunch.cli import app
+from pdlaunch.engine.llm import LLM
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.errors import EngineError
+
+
+def test_llm_generate_strings_and_token_ids(llama_ckpt) -> None:  # type: ignore[no-untyped-def]
+    with LLM(str(llama_ckpt), device="cpu", num_gpu_blocks=64, block_size=8, max_num_seqs=4) as llm:
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        text_out, ids_out = llm.generate(["Hello, my name is", [5, 6, 7]], params)
+        assert text_out.prompt == "Hello, my name is"
+        assert text_out.prompt_token_ids == llm.tokenizer.encode("Hello, my name is")
+        assert len(text_out.token_ids) == 6 and text_out.finish_reason == "length"
+        assert text_out.text == llm.tokenizer.decode(text_out.token_ids)
+        assert ids_out.prompt is None and ids_out.prompt_token_ids == [5, 6, 7]
+        # Per-prompt params; logprobs come back per generated token.
+        a, b = llm.generate([[5, 6, 7], [5, 6, 7]], [params, params.model_copy(update={"max_tokens": 2, "logprobs": 1})])
+        assert a.token_ids[:2] == b.token_ids and a.token_ids == ids_out.token_ids
+        assert a.logprobs is None and b.logprobs is not None and len(b.logprobs) == 2
+        llm.engine.check_integrity()
+
+
+def test_llm_rejects_unknown_options_and_bad_prompts(llama_ckpt) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(EngineError, match="unknown option") as info:
+        LLM(str(llama_ckpt), device="cpu", max_num_sequences=3)
+    assert info.value.field == "max_num_sequences"
+    with LLM(str(llama_ckpt), device="cpu", num_gpu_blocks=64, max_model_len=32) as llm:
+        with pytest.raises(EngineError) as info:
+            llm.generate([[1, 2], list(range(40))], SamplingParams(max_tokens=4))
+        assert info.value.field == "prompt"
+        assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks() == 0
+
+
+def test_generate_command_prints_json_lines() -> None:
+    result = CliRunner().invoke(app, ["generate", "--model", "demo", "--device", "cpu", "--json", "--max-tokens", "5",
+                                      "--prompt", "Hello", "--prompt", "What is the capital of France?"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert [line["prompt"] for line in lines] == ["Hello", "What is the capital of France?"]
+    assert all(set(line) == {"prompt", "text", "token_ids"} and 1 <= len(line["token_ids"]) <= 5 for line in lines)
+
+
+def test_generate_command_table_and_bad_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(app, ["generate", "--model", "demo", "--device", "cpu", "--max-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert "Hello, my name is" in result.output and "completion" in result.output
+    result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "model" in result.output and "Traceback" not in result.output
