@@ -78,7 +78,9 @@ def test_sleep_releases_memory_and_wake_restores_at_same_address(allocator: CuMe
     assert allocator.get_current_usage() == pool_bytes  # the virtual ranges stay reserved
 
     assert allocator.wake_up() == pool_bytes
-    assert abs(_free_bytes() - awake) <= SLACK
+    # Wake takes back what sleep gave; the first sleep's copy stream and pinned buffers may cost a
+    # few driver MiB once (test_twenty_cycles_do_not_grow checks that nothing grows after that).
+    assert abs((asleep - _free_bytes()) - pool_bytes) <= SLACK
     assert [w.data_ptr() for w in weights] + [kv_cache.data_ptr()] == pointers
     assert all(torch.equal(w, c) for w, c in zip(weights, copies))
     torch.testing.assert_close(x @ weights[0], expected)
