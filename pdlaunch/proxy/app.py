@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -173,7 +174,8 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = pool.ready()
-        body = {"status": "ok" if ok else "unavailable", "instances": [i.as_dict() for i in pool.instances]}
+        body = {"status": "ok" if ok else "unavailable", "pid": os.getpid(),
+                "instances": [i.as_dict() for i in pool.instances]}
         if not ok:
             missing = [r for r in pool.required_roles()
                        if not any(i.role == r and i.state == "ready" for i in pool.instances)]

@@ -77,6 +77,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         stats = dict(engine_loop.stats)
         return {
             "name": spec.name,
+            "pid": os.getpid(),
             "role": spec.role,
             "state": "sleeping" if sleep.sleeping else engine_loop.state,
             "model": model_name,
@@ -89,12 +90,13 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "transfer_mode": connector_info.get("transfer_mode", config.kv_transfer.transfer_mode)
             if spec.role != "colocated" else None,
             "kv_connector": config.kv_transfer.connector if spec.role != "colocated" else None,
-            "kv_layout": getattr(engine, "kv_layout", None) or KV_LAYOUT,
+            "kv_layout": connector_info.get("kv_layout") or KV_LAYOUT,
             "block_size": config.cache.block_size,
             "num_blocks_total": stats.get("num_blocks_total"),
             "num_blocks_used": stats.get("num_blocks_used"),
             "max_model_len": getattr(engine, "max_model_len", None),
             "num_pending_requests": engine_loop.num_pending,
+            "num_aborted_requests": engine_loop.num_aborted,
             "stats": stats,
             "connector": connector_info,
         }

@@ -102,6 +102,7 @@ class EngineLoop:
         self.state = "loading"  # loading | ready | failed | stopped
         self.error: str | None = None
         self.stats: dict[str, Any] = {}
+        self.num_aborted = 0  # requests stopped before they finished (client went away)
 
     # -- HTTP side (event loop thread) ------------------------------------------------------------
     def start(self) -> None:
@@ -212,7 +213,8 @@ class EngineLoop:
             self._add(command)
         elif isinstance(command, _Abort):
             try:
-                self.engine.abort_request(command.request_id)
+                if self.engine.abort_request(command.request_id) is not None:
+                    self.num_aborted += 1
             except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
                 log.debug("abort of %s: %s", command.request_id, exc)
         else:

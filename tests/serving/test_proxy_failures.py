@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -23,6 +21,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server.sse import DONE, parse_sse, sse_event
+from tests.serving.helpers import ThreadServer, wait_for
 
 
 class ScriptedInstance:
@@ -60,26 +59,6 @@ class ScriptedInstance:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
-
-
-class ThreadServer:
-    def __init__(self, app: FastAPI, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                                   timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def __enter__(self) -> "ThreadServer":
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, f"test server on {self.url} did not start within 10s"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -152,14 +131,7 @@ def test_client_disconnect_closes_the_upstream_stream(setup: Any) -> None:
         first = next(r.iter_bytes())
         assert first.startswith(b"data: ")
     assert decode.cancelled.wait(10), "the decode instance's stream was not cancelled after the client left"
-    _wait_for(lambda: pool.instances[1].in_flight == 0, "the decode leg to be released")
-
-
-def _wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.05)
+    wait_for(lambda: pool.instances[1].in_flight == 0, "the decode leg to be released")
 
 
 def test_health_follows_the_instances(setup: Any) -> None:
@@ -168,11 +140,11 @@ def test_health_follows_the_instances(setup: Any) -> None:
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     decode.healthy = False
     try:
-        _wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, "proxy /health to turn 503")
+        wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, "proxy /health to turn 503")
         r = httpx.get(f"{url}/health", timeout=5)
         assert "decode" in r.json()["error"]["message"]
         r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=5)
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
     finally:
         decode.healthy = True
-    _wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "proxy /health to recover")
+    wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "proxy /health to recover")

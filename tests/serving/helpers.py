@@ -1,0 +1,42 @@
+"""Helpers of the serving tests: an app served by uvicorn in a thread, bounded waits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import uvicorn
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0, poll: float = 0.05) -> Any:
+    """Poll until `predicate()` is truthy; fail saying what was awaited if it takes over `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
+        time.sleep(poll)
+
+
+class ThreadServer:
+    """Serve an ASGI app on 127.0.0.1:port from a daemon thread (lifespan included)."""
+
+    def __init__(self, app: Any, port: int, start_timeout: float = 120.0) -> None:
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                                   timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+        self.start_timeout = start_timeout
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), f"test server on {self.url}",
+                 self.start_timeout)
+        assert self.server.started, f"test server on {self.url} failed to start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -1,0 +1,160 @@
+"""The instance server over real HTTP with a real LLMEngine on the demo model (colocated role)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.server.app import build_app
+from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.sse import parse_sse
+from tests.serving.helpers import ThreadServer, wait_for
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, EngineLoop]]:
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "demo", "max_model_len": 256}, "cache": {"num_gpu_blocks": 64},
+        "scheduler": {"max_num_seqs": 8},
+    })
+    port = PortAllocator("127.0.0.1").free("test instance")
+    spec = InstanceSpec(role="colocated", port=port, engine_id="test-colocated-0")
+    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=64)
+    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
+        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
+        yield srv.url, loop
+
+
+def _greedy(**extra: Any) -> dict[str, Any]:
+    return {"model": "demo", "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0, **extra}
+
+
+def test_health_info_models_metrics(server: tuple[str, EngineLoop]) -> None:
+    url, _ = server
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    info = httpx.get(f"{url}/info").json()
+    assert info["role"] == "colocated" and info["engine_id"] == "test-colocated-0"
+    assert info["rank_engine_ids"] == ["test-colocated-0"] and info["tp_size"] == 1
+    assert info["num_blocks_total"] == 64 and "block-major" in info["kv_layout"].replace("_", "-")
+    models = httpx.get(f"{url}/v1/models").json()
+    assert models["data"][0]["id"] == "demo" and models["data"][0]["max_model_len"] == 256
+    httpx.post(f"{url}/v1/completions", json=_greedy(stream=True), timeout=60)
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("pdlaunch_kv_blocks_total", "pdlaunch_requests_running", "pdlaunch_time_to_first_token_seconds",
+                 "pdlaunch_inter_token_latency_seconds"):
+        assert name in text
+    assert "pdlaunch_time_to_first_token_seconds_count 0.0" not in text
+
+
+def test_completion_matches_the_engine_and_stream_matches_whole(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    whole = httpx.post(f"{url}/v1/completions", json=_greedy(), headers={"X-Request-Id": "abc"}, timeout=60)
+    assert whole.status_code == 200 and whole.headers["x-request-id"] == "abc"
+    body = whole.json()
+    assert body["id"] == "cmpl-abc" and body["object"] == "text_completion"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("length", "stop")
+    usage = body["usage"]
+    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    events = parse_sse(httpx.post(f"{url}/v1/completions", json=_greedy(stream=True), timeout=60).content)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert chunks[-1]["usage"] == {**usage, "prompt_tokens_details": chunks[-1]["usage"]["prompt_tokens_details"]}
+
+    events = parse_sse(httpx.post(f"{url}/v1/completions", timeout=60,
+                                  json=_greedy(stream=True, stream_options={"include_usage": True})).content)
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == usage["completion_tokens"]
+
+    ids = loop.engine.tokenizer.encode(PROMPT)
+    by_ids = httpx.post(f"{url}/v1/completions", json=_greedy(prompt=ids), timeout=60).json()
+    assert by_ids["choices"][0]["text"] == choice["text"]
+
+
+def test_chat_uses_the_template_and_streams_the_same_text(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    messages = [{"role": "user", "content": "Name three colors."}]
+    body = {"model": "demo", "messages": messages, "max_tokens": 10, "temperature": 0.0}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    expected_prompt = len(loop.engine.tokenizer.encode(
+        loop.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)))
+    assert whole["object"] == "chat.completion" and whole["usage"]["prompt_tokens"] == expected_prompt
+    message = whole["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    events = parse_sse(httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60).content)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == message["content"]
+
+
+def test_logprobs_and_stop(server: tuple[str, EngineLoop]) -> None:
+    url, _ = server
+    body = httpx.post(f"{url}/v1/completions", json=_greedy(logprobs=2), timeout=60).json()
+    logprobs = body["choices"][0]["logprobs"]
+    n = body["usage"]["completion_tokens"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == n
+    assert all(lp <= 0.0 for lp in logprobs["token_logprobs"]) and all(len(t) <= 2 for t in logprobs["top_logprobs"])
+    full = httpx.post(f"{url}/v1/completions", json=_greedy(), timeout=60).json()["choices"][0]["text"]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    cut = httpx.post(f"{url}/v1/completions", json=_greedy(stop=[stop]), timeout=60).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[:full.index(stop)]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"prompt": "x" * 400, "max_tokens": 8}, 400, "prompt"),
+    ({"prompt": [], "max_tokens": 8}, 400, "prompt"),
+    ({"prompt": [10**9], "max_tokens": 8}, 400, "prompt"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": "x", "model": "other"}, 404, "model"),
+])
+def test_bad_requests_are_openai_errors_naming_the_param(server: tuple[str, EngineLoop], body: dict,
+                                                         status: int, param: str) -> None:
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_sleep_routes_refuse_without_sleep_mode(server: tuple[str, EngineLoop]) -> None:
+    url, _ = server
+    for method, path in (("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping")):
+        r = httpx.request(method, f"{url}{path}")
+        assert r.status_code == 400 and "sleep mode is not enabled" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    aborted = loop.num_aborted
+    body = _greedy(max_tokens=240, ignore_eos=True, stream=True)
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert next(r.iter_bytes()).startswith(b"data: ")
+    wait_for(lambda: loop.num_pending == 0, "the request to leave the engine")
+    assert loop.num_aborted == aborted + 1, "the request ran to its end instead of being aborted"
+    wait_for(lambda: httpx.get(f"{url}/info").json()["num_blocks_used"] == 0, "the blocks to be freed")
+    asyncio.run(loop.call(lambda engine: engine.check_integrity()))  # on the engine thread
+
+
+def test_engine_step_params_reach_the_engine(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    seeded = _greedy(temperature=1.0, seed=7, max_tokens=8)
+    a, b = (httpx.post(f"{url}/v1/completions", json=seeded, timeout=60).json()["choices"][0]["text"] for _ in "ab")
+    assert a == b
+    ignored = httpx.post(f"{url}/v1/completions", json=_greedy(max_tokens=20, ignore_eos=True), timeout=60).json()
+    assert ignored["usage"]["completion_tokens"] == 20
+    assert SamplingParams(max_tokens=20, ignore_eos=True).ignore_eos
