@@ -1,0 +1,139 @@
+"""PD time to first token at low load against colocated, and the KV transfer time in between.
+
+    python benchmarks/pd_ttft.py --model CKPT|demo --device cuda|cpu [--num-prompts 20]
+        [--input-len 4096] [--output-len 16] [--request-rate 0.5] [--json OUT] [-- extra serve flags]
+
+Runs `pdlaunch serve --colocated`, then `pdlaunch serve` (1 prefill + 1 decode), each with the same
+`pdlaunch bench serve` workload (one request in flight at a time: low load), and reads the mean
+KV transfer time of the PD run from the instances' `pdlaunch_kv_transfer_seconds` histograms.
+Target (issue 9): PD median TTFT <= colocated median TTFT + 1.2 x mean transfer time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+
+from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
+
+READY_TIMEOUT_S = 900.0  # an 8B checkpoint loads and profiles in minutes on a cold disk
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def deployment(serve_args: list[str], log_dir: Path) -> Iterator[str]:
+    """Start `pdlaunch serve ARGS`, yield the proxy URL once /health is 200, SIGTERM it on exit."""
+    port = _free_port()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_dir / "launcher.out", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", *serve_args, "--port", str(port),
+                             "--log-dir", str(log_dir)], stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"pdlaunch serve exited with {proc.returncode}; see {log_dir}/launcher.out")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"gave up after {READY_TIMEOUT_S:.0f}s waiting for {url}/health")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        out.close()
+
+
+def transfer_totals(proxy_url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of pdlaunch_kv_transfer_seconds over every instance behind the proxy."""
+    total = count = 0.0
+    for inst in httpx.get(f"{proxy_url}/instances", timeout=10).json():
+        for line in httpx.get(f"{inst['url']}/metrics", timeout=10).text.splitlines():
+            if line.startswith("pdlaunch_kv_transfer_seconds_sum"):
+                total += float(line.split()[-1])
+            elif line.startswith("pdlaunch_kv_transfer_seconds_count"):
+                count += float(line.split()[-1])
+    return total, count
+
+
+def bench(url: str, args: argparse.Namespace, console: Console, num_prompts: int) -> dict[str, Any]:
+    cfg = ServeBenchConfig(base_url=url, num_prompts=num_prompts, random_input_len=args.input_len,
+                           random_output_len=args.output_len, request_rate=args.request_rate, max_concurrency=1,
+                           vocab_size=args.vocab_size, seed=args.seed)
+    return run_serve_bench(cfg, console)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--input-len", type=int, default=4096)
+    parser.add_argument("--output-len", type=int, default=16)
+    parser.add_argument("--request-rate", type=float, default=0.5)
+    parser.add_argument("--vocab-size", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("serve_flags", nargs="*", help="more `pdlaunch serve` flags, after --")
+    args = parser.parse_args()
+    console = Console()
+    common = ["--model", args.model, "--device", args.device, *args.serve_flags]
+    logs = Path(tempfile.mkdtemp(prefix="pd_ttft_"))
+
+    console.rule("colocated")
+    with deployment([*common, "--colocated"], logs / "colocated") as url:
+        bench(url, args, console, 2)  # warm-up
+        colo = bench(url, args, console, args.num_prompts)
+    console.rule("PD (1 prefill + 1 decode)")
+    with deployment(common, logs / "pd") as url:
+        bench(url, args, console, 2)  # warm-up, NIXL handshake included
+        before = transfer_totals(url)
+        pd = bench(url, args, console, args.num_prompts)
+        after = transfer_totals(url)
+    n_transfers = after[1] - before[1]
+    if n_transfers < 1:
+        raise SystemExit("the PD run recorded no KV transfer (pdlaunch_kv_transfer_seconds_count did not move)")
+    transfer_ms = (after[0] - before[0]) / n_transfers * 1e3
+    bound_ms = colo["median_ttft_ms"] + 1.2 * transfer_ms
+    doc = {"model": args.model, "device": args.device, "input_len": args.input_len, "num_prompts": args.num_prompts,
+           "colocated_median_ttft_ms": colo["median_ttft_ms"], "pd_median_ttft_ms": pd["median_ttft_ms"],
+           "mean_transfer_ms": transfer_ms, "transfers": n_transfers, "target_ttft_ms": bound_ms,
+           "met": pd["median_ttft_ms"] <= bound_ms, "logs": str(logs)}
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"colocated median TTFT {doc['colocated_median_ttft_ms']:.1f} ms; PD median TTFT "
+                  f"{doc['pd_median_ttft_ms']:.1f} ms; mean KV transfer {transfer_ms:.1f} ms over "
+                  f"{n_transfers:.0f} requests; target <= {bound_ms:.1f} ms: {'met' if doc['met'] else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
