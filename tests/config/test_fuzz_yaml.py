@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import tempfile
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from pdlaunch.config.errors_format import all_key_paths
+from pdlaunch.config.errors_format import _model_in, all_key_paths
+from pdlaunch.config.models import DeploymentConfig
 from tests.config.cli_helpers import check
 
 REAL_KEYS = sorted({p.replace("[]", "").rsplit(".", 1)[-1] for p in all_key_paths()})
@@ -28,8 +31,48 @@ documents = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=6)),
     max_leaves=25,
 )
-top_level = st.one_of(st.dictionaries(st.sampled_from(REAL_KEYS + ["instances", "model"]), documents, max_size=6),
-                      documents)
+
+
+def _plausible(annotation: Any) -> st.SearchStrategy[Any]:
+    """Values of the field's own type, mostly in range, so that documents get past type checks."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return st.sampled_from(args)
+    if args and typing.get_origin(annotation) is not list:
+        return st.one_of(*[_plausible(a) for a in args])
+    if annotation is bool:
+        return st.booleans()
+    if annotation is int:
+        return st.one_of(st.integers(0, 8), st.sampled_from([16, 128, 512, 2048, 8000, 8100, 65535, 70000]))
+    if annotation is float:
+        return st.floats(0, 2, allow_nan=False)
+    if annotation is str:
+        return st.sampled_from(REAL_VALUES)
+    if typing.get_origin(annotation) is list:
+        return st.lists(st.integers(-1, 9), max_size=4)
+    return scalars
+
+
+def _shaped(model: type[BaseModel], wild: bool) -> st.SearchStrategy[dict[str, Any]]:
+    """Documents with the config's own shape (real keys per section, random leaves), to reach deep rules."""
+    fields: dict[str, st.SearchStrategy[Any]] = {}
+    for name, info in model.model_fields.items():
+        child = _model_in(info.annotation)
+        if child is None:
+            fields[name] = st.one_of(_plausible(info.annotation), scalars) if wild else _plausible(info.annotation)
+        elif typing.get_origin(info.annotation) is list:
+            fields[name] = st.lists(st.deferred(lambda child=child: _shaped(child, wild)), max_size=3)
+        else:
+            fields[name] = st.deferred(lambda child=child: _shaped(child, wild))
+    return st.fixed_dictionaries({}, optional=fields)
+
+
+top_level = st.one_of(
+    st.dictionaries(st.sampled_from(REAL_KEYS + ["instances", "model"]), documents, max_size=6),
+    _shaped(DeploymentConfig, wild=False),
+    _shaped(DeploymentConfig, wild=True),
+    documents,
+)
 
 
 def _dump(doc: Any) -> str:
