@@ -1,0 +1,243 @@
+"""`pdlaunch bench kv-transfer`: GB/s of one request's KV through the real NIXL connector path.
+
+Two processes (multiprocessing spawn): a prefill connector and a decode connector, each with a
+synthetic KV cache in the engine's block-major layout. For every mode and prompt length the decode
+side times start_load -> finished_recving (handshake done beforehand, as in steady state), checks
+the moved bytes, and the same run measures a raw torch copy of the same number of bytes on the
+decode device (and a peer copy prefill device -> decode device when they differ): the ceiling.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import statistics
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.blocks import coalesce
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_CALL_TIMEOUT = 300.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _copy_gbps(src: torch.Tensor, dst: torch.Tensor, iterations: int) -> float:
+    dst.copy_(src)
+    _sync(dst.device)
+    _sync(src.device)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        dst.copy_(src)
+    _sync(dst.device)
+    _sync(src.device)
+    return src.numel() * src.element_size() * iterations / (time.perf_counter() - t0) / 1e9
+
+
+def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
+    """One side: builds connectors on a synthetic KV cache and answers the parent's commands."""
+    from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+    from pdlaunch.kv_transfer.base import KVCacheSpec
+    from pdlaunch.kv_transfer.factory import create_connector
+    from pdlaunch.memory import platform
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        platform.set_device(dev.index or 0)
+    dtype = _DTYPES[shape["dtype"]]
+    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+    cache = torch.empty((shape["num_blocks"], shape["num_layers"], 2, shape["block_size"], shape["num_kv_heads"],
+                         shape["head_dim"]), dtype=dtype, device=dev)
+    if role == "prefill":
+        cache.normal_()
+    else:
+        cache.zero_()
+    spec = KVCacheSpec(kv_caches=[cache], num_blocks=shape["num_blocks"], block_size=shape["block_size"],
+                       num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=dtype,
+                       group_layers=[list(range(shape["num_layers"]))], group_sliding_window=[None],
+                       model_name="bench-kv")
+    connector = None
+
+    def make(mode: str) -> Any:
+        config = DeploymentConfig(device=dev.type, kv_transfer=KVTransferConfig(transfer_mode=mode))
+        instance = InstanceSpec(role=role, port=1, engine_id=f"bench-{role}-{mode}", device=dev.type)
+        c = create_connector(config, instance)
+        assert c is not None
+        c.register_kv_caches(spec)
+        return c
+
+    def region_sum(num_blocks: int) -> float:
+        return float(cache[:num_blocks].double().sum())
+
+    try:
+        if role == "prefill":
+            connector = make("auto")
+        conn.send(("ok", None))
+        while True:
+            cmd, args = conn.recv()
+            if cmd == "close":
+                break
+            try:
+                if cmd == "mode":  # decode: a fresh connector for this mode
+                    if connector is not None:
+                        connector.shutdown()
+                    connector = make(args[0])
+                    result: Any = connector.info()
+                elif cmd == "finish":
+                    rid, n, ids = args
+                    result = connector.request_finished(rid, list(range(n)), {"do_remote_decode": True}, [ids])[1]
+                elif cmd == "freed":
+                    result = connector.get_finished().finished_sending
+                elif cmd == "load":
+                    result = _timed_load(connector, *args)
+                elif cmd == "sum":
+                    result = region_sum(args[0])
+                elif cmd == "zero":
+                    cache.zero_()
+                    _sync(dev)
+                    result = None
+                elif cmd == "copy":
+                    nbytes_blocks, iterations, peer = args
+                    src = cache[:nbytes_blocks]
+                    result = {"raw": _copy_gbps(src, torch.empty_like(src), iterations)}
+                    if peer and peer != device:
+                        result["peer"] = _copy_gbps(torch.empty_like(src, device=peer), torch.empty_like(src), iterations)
+                else:
+                    raise ValueError(f"unknown command {cmd}")
+                conn.send(("ok", result))
+            except Exception:
+                conn.send(("err", traceback.format_exc()))
+    finally:
+        if connector is not None:
+            connector.shutdown()
+        conn.send(("ok", None))
+
+
+def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, Any], timeout: float) -> float:
+    prompt = list(range(n))
+    external = connector.get_num_new_matched_tokens(rid, prompt, params, 0)
+    t0 = time.perf_counter()
+    connector.start_load(rid, prompt, params, [ids], 0, external)
+    deadline = t0 + timeout
+    while time.perf_counter() < deadline:
+        events = connector.get_finished()
+        if rid in events.failed_recving:
+            raise KVTransferError(events.failed_recving[rid])
+        if rid in events.finished_recving:
+            return time.perf_counter() - t0
+    raise KVTransferError(f"bench load of {n} tokens did not finish within {timeout:g}s")
+
+
+class _Side:
+    def __init__(self, role: str, shape: dict[str, Any], device: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, role, shape, device), daemon=True)
+        self.proc.start()
+        self._answer(f"{role} start")
+
+    def _answer(self, what: str) -> Any:
+        if not self.conn.poll(_CALL_TIMEOUT):
+            raise KVTransferError(f"kv-transfer bench: the worker did not answer {what} within {_CALL_TIMEOUT:g}s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise KVTransferError(f"kv-transfer bench: {what} failed in the worker:\n{value}")
+        return value
+
+    def __call__(self, cmd: str, *args: Any) -> Any:
+        self.conn.send((cmd, args))
+        return self._answer(cmd)
+
+    def close(self) -> None:
+        try:
+            if self.proc.is_alive():
+                self.conn.send(("close", ()))
+                if self.conn.poll(30):
+                    self.conn.recv()
+        except (OSError, EOFError):
+            pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _devices(device: str, decode_device: str | None) -> tuple[str, str]:
+    if device == "cuda":
+        device = "cuda:0"
+    if decode_device is None:
+        decode_device = device
+        if device.startswith("cuda") and torch.cuda.device_count() > 1:
+            decode_device = "cuda:1"
+    return device, decode_device
+
+
+def run_kv_transfer_bench(
+    num_layers: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype: str = "bfloat16", block_size: int = 16,
+    num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
+    device: str = "cpu", decode_device: str | None = None, iterations: int = 5, timeout: float = 60.0,
+) -> list[dict[str, Any]]:
+    """One row per (mode, num_tokens): bytes moved, median seconds, GB/s, raw copy GB/s of the same bytes.
+
+    `device` is the prefill device ("cpu", "cuda", "cuda:N"); decode runs on `decode_device`, by default
+    the second GPU when there are two (NVLink case), else the same device.
+    """
+    if dtype not in _DTYPES:
+        raise KVTransferError(f"unknown dtype {dtype!r}", field="dtype", hint=f"one of {', '.join(_DTYPES)}")
+    prefill_device, decode_device = _devices(device, decode_device)
+    max_blocks = -(-max(num_tokens_list) // block_size)
+    shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                 block_size=block_size, num_blocks=max_blocks + 1)
+    block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * _DTYPES[dtype].itemsize
+    rows: list[dict[str, Any]] = []
+    prefill = _Side("prefill", shape, prefill_device)
+    decode = None
+    try:
+        decode = _Side("decode", shape, decode_device)
+        for mode in modes:
+            info = decode("mode", mode)
+            for n in num_tokens_list:
+                blocks = -(-(n - 1) // block_size)
+                ids = list(range(blocks))
+                seconds = []
+                for i in range(iterations + 1):  # the first is warm-up (handshake, registration caches)
+                    decode("zero")
+                    rid = f"{mode}-{n}-{i}"
+                    params = prefill("finish", rid, n, ids)
+                    seconds.append(decode("load", rid, n, ids, params, timeout))
+                    _wait_freed(prefill, rid, timeout)
+                verified = decode("sum", blocks) == prefill("sum", blocks)
+                copies = decode("copy", blocks, iterations, prefill_device)
+                median = statistics.median(seconds[1:])
+                nbytes = blocks * block_bytes
+                rows.append({
+                    "mode": info.get("transfer_mode", mode), "num_tokens": n, "bytes": nbytes, "descriptors": len(coalesce(list(zip(ids, ids)))),
+                    "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
+                    "peer_copy_gbps": copies.get("peer"), "verified": verified,
+                    "prefill_device": prefill_device, "decode_device": decode_device,
+                })
+                logger.info("kv-transfer %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", mode, n,
+                            rows[-1]["gbps"], copies["raw"])
+    finally:
+        if decode is not None:
+            decode.close()
+        prefill.close()
+    return rows
+
+
+def _wait_freed(prefill: _Side, rid: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while rid not in prefill("freed"):
+        if time.monotonic() > deadline:
+            raise KVTransferError(f"prefill did not free request {rid} within {timeout:g}s")
+        time.sleep(0.001)

@@ -1,0 +1,19 @@
+"""The KV transfer benchmark runs the real connector path in both modes and checks the bytes it moved."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
+
+
+@pytest.mark.e2e
+def test_bench_rows_on_cpu() -> None:
+    rows = run_kv_transfer_bench(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=4,
+                                 num_tokens_list=[5, 33], modes=["pull", "push"], device="cpu", iterations=2)
+    assert [(r["mode"], r["num_tokens"]) for r in rows] == [("pull", 5), ("pull", 33), ("push", 5), ("push", 33)]
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4
+    assert [r["bytes"] for r in rows] == [block_bytes, 8 * block_bytes] * 2
+    for r in rows:
+        assert r["verified"] is True and r["descriptors"] == 1
+        assert r["gbps"] > 0 and r["raw_copy_gbps"] > 0 and r["peer_copy_gbps"] is None
