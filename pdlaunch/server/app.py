@@ -146,6 +146,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                 raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
             builder = ResponseBuilder(
                 endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
+                return_token_ids=body.return_token_ids,
                 response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + client_id,
                 detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),
             )

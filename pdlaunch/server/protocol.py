@@ -40,6 +40,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
 
     def check_supported(self) -> None:
         if self.n != 1:

@@ -21,9 +21,11 @@ class ResponseBuilder:
     model: str
     detokenize: Detokenize
     num_prompt_tokens: int = 0
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""
     num_output_tokens: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
@@ -33,6 +35,7 @@ class ResponseBuilder:
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
+        self.output_token_ids = list(out.output_token_ids)
         self.num_output_tokens = len(out.output_token_ids)
         if out.num_prompt_tokens:
             self.num_prompt_tokens = out.num_prompt_tokens
@@ -65,6 +68,8 @@ class ResponseBuilder:
                 "finish_reason": self.finish_reason, "logprobs": self._chat_logprobs(self.logprobs),
             }
             obj = "chat.completion"
+        if self.return_token_ids:
+            choice["token_ids"] = self.output_token_ids
         body = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage()}
         if self.kv_transfer_params is not None:
@@ -79,8 +84,10 @@ class ResponseBuilder:
         did not ask for a separate usage chunk, so that every stream ends with its usage).
         """
         self.add(out)
-        if not out.new_text and not out.finished and not (self.endpoint == "chat" and not self._sent_role):
-            return None
+        carries = (out.new_text or out.finished or out.new_logprobs or (self.return_token_ids and out.new_token_ids)
+                   or (self.endpoint == "chat" and not self._sent_role))
+        if not carries:
+            return None  # e.g. a token that ends mid-character: its text comes with the next one
         finish = out.finish_reason if out.finished else None
         if self.endpoint == "completion":
             choice: dict[str, Any] = {
@@ -96,6 +103,8 @@ class ResponseBuilder:
             choice = {"index": 0, "delta": delta, "finish_reason": finish,
                       "logprobs": self._chat_logprobs(out.new_logprobs)}
             obj = "chat.completion.chunk"
+        if self.return_token_ids:
+            choice["token_ids"] = list(out.new_token_ids)
         self._text_offset += len(out.new_text)
         body: dict[str, Any] = {"id": self.response_id, "object": obj, "created": self.created,
                                 "model": self.model, "choices": [choice]}

@@ -80,8 +80,13 @@ def test_completion_matches_the_engine_and_stream_matches_whole(server: tuple[st
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == usage["completion_tokens"]
 
     ids = loop.engine.tokenizer.encode(PROMPT)
-    by_ids = httpx.post(f"{url}/v1/completions", json=_greedy(prompt=ids), timeout=60).json()
+    by_ids = httpx.post(f"{url}/v1/completions", json=_greedy(prompt=ids, return_token_ids=True), timeout=60).json()
     assert by_ids["choices"][0]["text"] == choice["text"]
+    output_ids = by_ids["choices"][0]["token_ids"]
+    assert len(output_ids) == usage["completion_tokens"]
+    events = parse_sse(httpx.post(f"{url}/v1/completions", timeout=60,
+                                  json=_greedy(prompt=ids, return_token_ids=True, stream=True)).content)
+    assert [t for e in events[:-1] for t in json.loads(e)["choices"][0]["token_ids"]] == output_ids
 
 
 def test_chat_uses_the_template_and_streams_the_same_text(server: tuple[str, EngineLoop]) -> None:
