@@ -227,6 +227,16 @@ class BlockManager:
                 if block_id >= 0:
                     pool.release(block_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (their KV is about to be discarded). Only when idle."""
+        if self.tables:
+            raise BlockIntegrityError(f"prefix cache reset while {len(self.tables)} request(s) hold blocks")
+        for pool in self.pools:
+            for node in list(pool.node_block):
+                self.index.unref(node)
+            pool.block_node.clear()
+            pool.node_block.clear()
+
     # -- integrity -------------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise BlockIntegrityError unless every block is free xor owned, ref counts equal the

@@ -24,8 +24,10 @@ from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler, SampleRow
 from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
+from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
 
@@ -93,6 +95,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._shut_down = False
+        self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
@@ -148,12 +151,32 @@ class LLMEngine:
             tp_rank=0,
         )
 
+    # -- sleep mode ------------------------------------------------------------------------------
+    def _sleep_mode(self) -> EngineSleep:
+        if self._sleep is None:
+            raise EngineError("sleep mode is not enabled", field="model.enable_sleep_mode",
+                              hint="start the instance with --enable-sleep-mode")
+        return self._sleep
+
+    def sleep(self, level: int = 1) -> SleepResult:
+        """Give the device memory back: level 1 keeps the weights in CPU memory, 2 discards them."""
+        return self._sleep_mode().sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> WakeResult:
+        """Take memory again for `tags` ("weights", "kv_cache"; None = both)."""
+        return self._sleep_mode().wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self._sleep is not None and self._sleep.is_sleeping()
+
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     kv_transfer_params: dict[str, Any] | None = None) -> None:
         if request_id in self._tracked or request_id in self.scheduler.held:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
                               hint="use a unique id per request")
+        if self.is_sleeping():
+            raise EngineError("the instance is sleeping", field="sleep", hint="POST /wake_up first")
         prompt = list(prompt_token_ids)
         if not prompt:
             raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")

@@ -201,3 +201,15 @@ def test_random_operations_keep_integrity_and_return_every_block(ops: list[tuple
         bm.free(rid)
     bm.check_integrity()
     assert bm.num_free_blocks() == 12
+
+
+def test_reset_prefix_cache_forgets_everything_and_refuses_while_busy() -> None:
+    bm = BlockManager(16, BS, sliding_windows=[None, 8])
+    run_prompt(bm, "a", list(range(20)))
+    with pytest.raises(BlockIntegrityError, match="hold blocks"):
+        bm.reset_prefix_cache()
+    bm.free("a")
+    bm.reset_prefix_cache()
+    assert bm.index.buckets == {} and bm.match_prefix(list(range(20)), 19).num_tokens == 0
+    bm.check_integrity()
+    assert bm.num_free_blocks() == 16

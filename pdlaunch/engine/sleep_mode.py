@@ -1,0 +1,80 @@
+"""Sleep mode of an engine (DESIGN.md "CuMem and sleep"): weights and KV cache give back their memory.
+
+The memory work is the SleepController's (pdlaunch/memory/sleep.py): on CUDA with the cumem
+allocator the pools keep their virtual addresses; otherwise (CPU, tests) the tensors' storages are
+freed and re-allocated. What the engine adds: sleep only when idle, forget the prefix cache (the
+KV is discarded), zero the KV cache after it wakes, re-register it with the connector (its physical
+pages, and without cumem its addresses, are new), and reload the weights after a level-2 sleep.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from pdlaunch.errors import EngineError
+from pdlaunch.memory.sleep import SleepBackend, SleepController, SleepResult, TensorSleepBackend, WakeResult
+from pdlaunch.model.loader import load_model
+
+if TYPE_CHECKING:
+    from pdlaunch.engine.llm_engine import LLMEngine
+
+log = logging.getLogger(__name__)
+
+
+class EngineSleep:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.controller = SleepController(self._backend(), reload_weights=self._reload_weights)
+        self.controller.add_before_sleep_hook(self._before_sleep)
+        self.controller.add_after_wake_hook(self._after_wake)
+
+    def _backend(self) -> SleepBackend:
+        runner = self.engine.runner
+        if runner.use_cumem:
+            from pdlaunch.memory.cumem import CuMemAllocator
+
+            return CuMemAllocator.get_instance()
+        backend = TensorSleepBackend()
+        backend.register("weights", list(runner.model.parameters()) + list(runner.model.buffers()))
+        backend.register("kv_cache", runner.kv_caches)
+        return backend
+
+    def sleep(self, level: int) -> SleepResult:
+        return self.controller.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> WakeResult:
+        return self.controller.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.controller.is_sleeping()
+
+    def _before_sleep(self, level: int) -> None:
+        engine = self.engine
+        if engine.has_unfinished_requests() or engine.scheduler.held:
+            raise EngineError(
+                f"{len(engine.scheduler.requests)} request(s) running and {len(engine.scheduler.held)} "
+                "KV hold(s) waiting for a decode instance", field="sleep", hint="sleep when the instance is idle")
+        engine.block_manager.reset_prefix_cache()
+
+    def _after_wake(self, tags: tuple[str, ...]) -> None:
+        engine = self.engine
+        if "kv_cache" in tags:
+            with torch.no_grad():
+                for cache in engine.runner.kv_caches:
+                    cache.zero_()
+            if engine.connector is not None:
+                engine.connector.register_kv_caches(engine.kv_cache_spec())
+
+    def _reload_weights(self) -> None:
+        runner = self.engine.runner
+        log.info("reloading weights of %s after a level-2 sleep", self.engine.checkpoint.name)
+        fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype)
+        with torch.no_grad():
+            for (name, param), (_, new) in zip(runner.model.named_parameters(), fresh.named_parameters()):
+                param.copy_(new)
+            for buf, new in zip(runner.model.buffers(), fresh.buffers()):
+                buf.copy_(new)
+        del fresh
