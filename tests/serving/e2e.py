@@ -1,0 +1,106 @@
+"""`pdlaunch serve` as a real subprocess for the e2e tests: start, wait, find its children, stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from pdlaunch.launcher.ports import PortAllocator
+from tests.serving.helpers import wait_for
+
+START_TIMEOUT_S = 240.0  # three processes importing torch and building engines on a shared 2-core box
+
+
+def children_of(launcher_pid: int) -> list[int]:
+    """Pids of live processes the launcher started (they carry `--parent-pid <launcher pid>`)."""
+    marker = f"--parent-pid\0{launcher_pid}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline + b"\0" and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+class Serve:
+    """One `pdlaunch serve` process with its stdout+stderr in a file."""
+
+    def __init__(self, tmp: Path, args: list[str]) -> None:
+        self.port = PortAllocator("127.0.0.1").free("e2e proxy")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = tmp / "logs"
+        self.output_path = tmp / "serve.out"
+        argv = [sys.executable, "-m", "pdlaunch", "serve", "--device", "cpu", "--port", str(self.port),
+                "--log-dir", str(self.log_dir), *args]
+        self._out = open(self.output_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.children: list[int] = []
+
+    @property
+    def output(self) -> str:
+        return self.output_path.read_text(errors="replace")
+
+    def wait_ready(self) -> "Serve":
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"pdlaunch serve exited with {self.proc.returncode}:\n{self.output}"
+            try:
+                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "pdlaunch serve to become ready", START_TIMEOUT_S, poll=0.5)
+        self.children = children_of(self.proc.pid)
+        return self
+
+    def instance_urls(self) -> dict[str, str]:
+        return {i["name"]: i["url"] for i in httpx.get(f"{self.url}/instances", timeout=5).json()}
+
+    def instance_pid(self, name: str) -> int:
+        return int(httpx.get(f"{self.instance_urls()[name]}/info", timeout=5).json()["pid"])
+
+    def stop(self) -> None:
+        """Ctrl-C, and if anything is left after 30 s, SIGKILL what this test started."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._out.close()
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pids), f"processes still running after {timeout:.0f}s: {alive(pids)}"
