@@ -156,5 +156,7 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> lis
             node_name = f"node {k}" if cfg.parallel.nodes else "this deployment"
             problems.append(problem("instances", f"{node_name} needs {demand[k]} GPUs (count x tp summed over groups) "
                                     f"but {where} has {len(cap)}",
-                                    "lower --prefill/--decode or TP, or declare a larger host with --target-gpus"))
+                                    "lower --prefill/--decode or TP; or let instances share a GPU by listing "
+                                    "`devices` per group with gpu_memory_utilization <= 1/sharers "
+                                    "(examples/gpu-1p1d-single.yaml); or check for a larger host with --target-gpus"))
     return problems

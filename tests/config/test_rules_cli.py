@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from pdlaunch.config.validate import SLEEP_ENABLES_CUMEM
 from tests.config.cli_helpers import assert_invalid, check, check_json, write_model, write_yaml
@@ -65,6 +66,7 @@ def test_expandable_segments_false_is_fine(monkeypatch: pytest.MonkeyPatch) -> N
 
 # --- device and target host -------------------------------------------------------------------
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
 def test_cuda_without_gpu_or_target_is_a_problem() -> None:
     assert_invalid(check(["--model", "demo", "--device", "cuda"]), "device", "--target-gpus")
 
