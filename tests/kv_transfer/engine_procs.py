@@ -12,10 +12,11 @@ from tests.kv_transfer.rpc import Built, ProcessRPC
 STEP_TIMEOUT = 120.0
 
 
-def pd_config(model: str, connector: str, mode: str, storage_path: str = "", **overrides: Any) -> DeploymentConfig:
+def pd_config(model: str, connector: str, mode: str, storage_path: str = "", device: str = "cpu",
+              **overrides: Any) -> DeploymentConfig:
     overrides.setdefault("block_size", 8)
     overrides.setdefault("num_gpu_blocks", 96)
-    config = build_config(model, "cpu", "float32", overrides)
+    config = build_config(model, device, "float32", overrides)
     config.colocated = False
     config.kv_transfer.connector = connector
     config.kv_transfer.transfer_mode = mode
@@ -70,8 +71,10 @@ def build_engine(config_json: str, instance_json: str) -> Built:
                 "bytes_moved": float(metrics.KV_TRANSFER_BYTES._value.get()),
                 "expired": float(metrics.KV_EXPIRED_REQUESTS._value.get())}
 
-    info = engine.connector.info() if engine.connector is not None else {}
-    return {"generate": generate, "drain": drain, "check": check}, engine.shutdown, info
+    def info() -> dict[str, Any]:
+        return engine.connector.info() if engine.connector is not None else {}
+
+    return {"generate": generate, "drain": drain, "check": check, "info": info}, engine.shutdown, info()
 
 
 class EngineProcess(ProcessRPC):

@@ -34,9 +34,10 @@ PROMPTS = {
 PREFIX_HIT = MANY[:3 * BLOCK] + [_rng.randrange(3, 500) for _ in range(5)]
 
 
-def colocated(model: Path, prompts: dict[str, list[int]], **overrides: object) -> dict[str, list[int]]:
+def colocated(model: Path, prompts: dict[str, list[int]], device: str = "cpu", **overrides: object
+              ) -> dict[str, list[int]]:
     overrides = {"block_size": BLOCK, "num_gpu_blocks": 96, **overrides}
-    engine = LLMEngine(build_config(str(model), "cpu", "float32", overrides))
+    engine = LLMEngine(build_config(str(model), device, "float32", overrides))
     try:
         for rid, prompt in prompts.items():
             engine.add_request(rid, prompt, SamplingParams(**GREEDY))
@@ -48,12 +49,16 @@ def colocated(model: Path, prompts: dict[str, list[int]], **overrides: object) -
         engine.shutdown()
 
 
-def _pd(model: Path, connector: str, mode: str, storage: str = "", **overrides: object
-        ) -> Iterator[tuple[EngineProcess, EngineProcess]]:
-    config = pd_config(str(model), connector, mode, storage, **overrides)
-    prefill = EngineProcess(config, InstanceSpec(role="prefill", port=1, engine_id=f"P-{mode}", device="cpu"))
+def pd_pair(model: Path, connector: str, mode: str, storage: str = "", device: str = "cpu",
+            devices: tuple[int, int] = (0, 0), **overrides: object) -> Iterator[tuple[EngineProcess, EngineProcess]]:
+    """Yields once: (prefill, decode) engine processes; both closed afterwards."""
+    config = pd_config(str(model), connector, mode, storage, device, **overrides)
+    gpu = device == "cuda"
+    prefill = EngineProcess(config, InstanceSpec(role="prefill", port=1, engine_id=f"P-{mode}", device=device,
+                                                 devices=[devices[0]] if gpu else []))
     try:
-        decode = EngineProcess(config, InstanceSpec(role="decode", port=2, engine_id=f"D-{mode}", device="cpu"))
+        decode = EngineProcess(config, InstanceSpec(role="decode", port=2, engine_id=f"D-{mode}", device=device,
+                                                    devices=[devices[1]] if gpu else []))
         try:
             yield prefill, decode
         finally:
@@ -75,8 +80,8 @@ def run_pd(prefill: EngineProcess, decode: EngineProcess, prompts: dict[str, lis
     return outs
 
 
-def _check_pd(model: Path, prefill: EngineProcess, decode: EngineProcess, connector: str) -> None:
-    expected = colocated(model, {**PROMPTS, "prefix-hit": PREFIX_HIT})
+def check_pd(model: Path, prefill: EngineProcess, decode: EngineProcess, connector: str, device: str = "cpu") -> None:
+    expected = colocated(model, {**PROMPTS, "prefix-hit": PREFIX_HIT}, device)
     outs = run_pd(prefill, decode, PROMPTS)
     assert {rid: o["tokens"] for rid, o in outs.items()} == {rid: expected[rid] for rid in PROMPTS}
 
@@ -97,15 +102,15 @@ def _check_pd(model: Path, prefill: EngineProcess, decode: EngineProcess, connec
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["pull", "push"])
 def test_nixl_pd_equals_colocated(llama_ckpt: Path, mode: str) -> None:
-    for prefill, decode in _pd(llama_ckpt, "nixl", mode):
+    for prefill, decode in pd_pair(llama_ckpt, "nixl", mode):
         assert decode.info["transfer_mode"] == mode
-        _check_pd(llama_ckpt, prefill, decode, "nixl")
+        check_pd(llama_ckpt, prefill, decode, "nixl")
 
 
 @pytest.mark.e2e
 def test_storage_pd_equals_colocated(llama_ckpt: Path, tmp_path: Path) -> None:
-    for prefill, decode in _pd(llama_ckpt, "storage", "auto", str(tmp_path)):
-        _check_pd(llama_ckpt, prefill, decode, "storage")
+    for prefill, decode in pd_pair(llama_ckpt, "storage", "auto", str(tmp_path)):
+        check_pd(llama_ckpt, prefill, decode, "storage")
 
 
 @pytest.mark.e2e
@@ -113,7 +118,7 @@ def test_hybrid_sliding_window_groups_over_push(hybrid_ckpt: Path) -> None:
     # Chunked prefill (16-token steps) makes prefill drop sliding-window blocks before it finishes.
     prompts = {"long": MANY, "short": PROMPTS["block-plus-one"]}
     expected = colocated(hybrid_ckpt, prompts)
-    for prefill, decode in _pd(hybrid_ckpt, "nixl", "push", max_num_batched_tokens=16):
+    for prefill, decode in pd_pair(hybrid_ckpt, "nixl", "push", max_num_batched_tokens=16):
         outs = run_pd(prefill, decode, prompts)
         assert {rid: o["tokens"] for rid, o in outs.items()} == expected
         assert decode.call("check")["used_blocks"] == 0
