@@ -181,3 +181,21 @@ def test_resolve_dtype() -> None:
     with pytest.raises(PdlaunchError) as err:
         resolve_dtype("int8", torch.device("cpu"))
     assert err.value.field == "model.dtype"
+
+
+def test_large_checkpoint_shows_a_progress_bar_on_a_tty(llama_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from pdlaunch.model import loader
+
+    monkeypatch.setattr(loader, "PROGRESS_BAR_MIN_BYTES", 0)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    load_model(load_checkpoint(str(llama_ckpt)), torch.device("cpu"), torch.float32)
+    assert "loading" in capsys.readouterr().out
+
+
+def test_cpu_caches_never_use_the_cuda_decode_kernel() -> None:
+    from pdlaunch.model.triton_decode import paged_decode_available
+
+    assert not paged_decode_available(torch.zeros(2, 1, 2, 4, 1, 8))
