@@ -138,7 +138,7 @@ def run_smoke(cfg: DeploymentConfig) -> int:
 
 def _report(console: Console, checks: list[Check]) -> int:
     table = Table(title="pdlaunch smoke", title_justify="left")
-    table.add_column("check")
+    table.add_column("check", no_wrap=True)
     table.add_column("result")
     table.add_column("detail", overflow="fold")
     for check in checks:

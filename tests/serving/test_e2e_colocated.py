@@ -53,7 +53,13 @@ def test_ctrl_c_exits_0_and_frees_everything(serve: Serve) -> None:
     ports = [serve.port] + [int(url.rsplit(":", 1)[1]) for url in serve.instance_urls().values()]
     children = list(serve.children)
     assert len(children) == 2  # colocated-0 and the proxy
+    client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=10, max_retries=0)
+    stream = client.completions.create(model=client.models.list().data[0].id, prompt="drain me", max_tokens=40,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]
     serve.proc.send_signal(signal.SIGINT)
+    chunks += list(stream)  # in flight at Ctrl-C: drained, not cut
+    assert chunks[-1].choices[0].finish_reason == "length"
     try:
         code = serve.proc.wait(10)
     except subprocess.TimeoutExpired:
