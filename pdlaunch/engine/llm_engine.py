@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import torch
@@ -18,9 +17,9 @@ import torch
 from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
-from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.engine.model_runner import ModelRunner
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.engine.output_processor import OutputProcessor
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler, SampleRow
 from pdlaunch.engine.scheduler import Scheduler
@@ -44,15 +43,6 @@ class EngineStats(TypedDict):
     num_preemptions: int
     prompt_tokens_computed: int
     prompt_tokens_cached: int
-
-
-@dataclass
-class _Tracked:
-    """Engine-side extras of a live request."""
-
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    stop_token_ids: frozenset[int]
 
 
 class LLMEngine:
@@ -91,9 +81,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, connector)
         self.sampler = Sampler(self.device, config.model.seed)
-        self._tracked: dict[str, _Tracked] = {}
+        self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len)
         self._arrival = itertools.count()
-        self._eos = frozenset(self.tokenizer.eos_token_ids)
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
@@ -172,7 +161,7 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     kv_transfer_params: dict[str, Any] | None = None) -> None:
-        if request_id in self._tracked or request_id in self.scheduler.held:
+        if request_id in self.outputs.tracked or request_id in self.scheduler.held:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
                               hint="use a unique id per request")
         if self.is_sleeping():
@@ -193,11 +182,10 @@ class LLMEngine:
             raise EngineError(
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
-        request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params, self._eos)
+        request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer.decode, prompt, params.stop)
-        self._tracked[request_id] = _Tracked(request, detok, frozenset(params.stop_token_ids))
+        self.outputs.add(request)
         self.scheduler.add_request(request)
 
     def _max_blocks_needed(self, num_tokens: int) -> int:
@@ -211,11 +199,11 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; None when it is not running here."""
-        tracked = self._tracked.pop(request_id, None)
+        tracked = self.outputs.tracked.get(request_id)
         if tracked is None:
             return None
         self.scheduler.finish_request(tracked.request, "abort")
-        return self._output(tracked, [], "", None, None)
+        return self.outputs.output(request_id, [], "")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -225,8 +213,7 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self.connector is not None:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
-                tracked = self._tracked.pop(request.request_id)
-                outputs.append(self._output(tracked, [], "", None, None))
+                outputs.append(self.outputs.output(request.request_id, [], ""))
         sched = self.scheduler.schedule()
         if sched.scheduled:
             logits = self.runner.execute(sched.scheduled, self.block_manager)
@@ -235,53 +222,14 @@ class LLMEngine:
             self.scheduler.after_step(sched)
             if sampled is not None:
                 for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
-                    outputs.append(self._append_token(request, token_id, logprob))
+                    new_text, reason = self.outputs.append_token(request, token_id)
+                    kv_params = self.scheduler.finish_request(request, reason) if reason is not None else None
+                    outputs.append(self.outputs.output(request.request_id, [token_id], new_text,
+                                                       [logprob] if logprob is not None else None, kv_params))
         elif self.scheduler.waiting_for_kv:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
         self._update_metrics()
         return outputs
-
-    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
-        tracked = self._tracked[request.request_id]
-        params = request.params
-        request.append_output_token(token_id)
-        new_text = ""
-        reason = None
-        if token_id in tracked.stop_token_ids or (not params.ignore_eos and token_id in self._eos):
-            reason = "stop"  # the stop token's id is returned, its text is not
-        else:
-            new_text = tracked.detokenizer.add(token_id)
-            if tracked.detokenizer.stopped:
-                reason = "stop"
-        if reason is None and (len(request.output_token_ids) >= params.max_tokens
-                               or request.num_tokens >= self.max_model_len):
-            reason = "length"
-        kv_params = None
-        if reason is not None:
-            new_text += tracked.detokenizer.finish()
-            kv_params = self.scheduler.finish_request(request, reason)
-            del self._tracked[request.request_id]
-        return self._output(tracked, [token_id], new_text, [logprob] if logprob is not None else None, kv_params)
-
-    @staticmethod
-    def _output(tracked: _Tracked, new_ids: list[int], new_text: str, logprobs: list[TokenLogprob] | None,
-                kv_params: dict[str, Any] | None) -> RequestOutput:
-        r = tracked.request
-        return RequestOutput(
-            request_id=r.request_id,
-            new_token_ids=new_ids,
-            new_text=new_text,
-            output_token_ids=list(r.output_token_ids),
-            text=tracked.detokenizer.text,
-            finished=r.is_finished,
-            finish_reason=r.finish_reason,
-            error=r.error,
-            error_status=r.error_status,
-            new_logprobs=logprobs,
-            num_prompt_tokens=r.num_prompt_tokens,
-            num_cached_tokens=r.num_cached_tokens,
-            kv_transfer_params=kv_params,
-        )
 
     # -- observability ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -316,15 +264,15 @@ class LLMEngine:
         for r in s.waiting:
             if r.status == RequestStatus.PREEMPTED and self.block_manager.has_blocks(r.request_id):
                 raise BlockIntegrityError(f"preempted request {r.request_id} still holds blocks")
-        if set(self._tracked) != set(s.requests):
-            raise BlockIntegrityError(f"engine tracks {sorted(self._tracked)}, scheduler {sorted(s.requests)}")
+        if set(self.outputs.tracked) != set(s.requests):
+            raise BlockIntegrityError(f"engine tracks {sorted(self.outputs.tracked)}, scheduler {sorted(s.requests)}")
 
     def shutdown(self) -> None:
         """Abort what is left, release the connector and the device memory. Idempotent."""
         if self._shut_down:
             return
         self._shut_down = True
-        for request_id in list(self._tracked):
+        for request_id in list(self.outputs.tracked):
             self.abort_request(request_id)
         for request_id in list(self.scheduler.held):
             self.scheduler.held.pop(request_id)

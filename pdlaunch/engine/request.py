@@ -26,7 +26,6 @@ class Request:
     params: SamplingParams
     arrival: int  # monotonic admission counter: lower = older = higher priority
     kv_transfer_params: dict[str, Any] | None = None
-    eos_token_ids: frozenset[int] = frozenset()
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step
     status: RequestStatus = RequestStatus.WAITING

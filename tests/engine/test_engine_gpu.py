@@ -87,3 +87,21 @@ def test_cuda_memory_profile_sizes_the_kv_cache(llama_ckpt, make_engine: MakeEng
     assert 0.1 * total < kv_bytes < 0.2 * total
     assert torch.cuda.memory_allocated() < 0.2 * total + 2**28
     assert run_all(engine, prompts([10]), GREEDY)[0].finish_reason == "length"
+
+
+def test_cuda_sleep_with_cumem_keeps_addresses_and_outputs(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
+    from pdlaunch.memory.platform import is_cumem_allocator_available
+
+    if not is_cumem_allocator_available():
+        pytest.skip("the cumem allocator is not available on this host")
+    engine = make_engine(llama_ckpt, device="cuda", enable_sleep_mode=True, enable_cumem_allocator=True)
+    batch = prompts([9, 30], seed=4)
+    before = [o.output_token_ids for o in run_all(engine, batch, GREEDY)]
+    kv_ptr = engine.runner.kv_caches[0].data_ptr()
+    weight_ptr = next(engine.runner.model.parameters()).data_ptr()
+    for level in (1, 2):
+        assert engine.sleep(level).freed_bytes > 0 and engine.is_sleeping()
+        engine.wake_up()
+        assert engine.runner.kv_caches[0].data_ptr() == kv_ptr
+        assert next(engine.runner.model.parameters()).data_ptr() == weight_ptr
+        assert [o.output_token_ids for o in run_all(engine, batch, GREEDY)] == before

@@ -71,7 +71,7 @@ def test_stop_token_ids_and_eos(llama_ckpt, make_engine: MakeEngine) -> None:  #
 
     # EOS ends a request unless ignore_eos: make EOS the greedy pick by aborting on it.
     eos_engine = make_engine(llama_ckpt)
-    eos_engine._eos = frozenset({ref[stop_at]})
+    eos_engine.outputs.eos_token_ids = frozenset({ref[stop_at]})
     out = run_all(eos_engine, [PROMPT], SamplingParams(max_tokens=12, temperature=0.0))[0]
     assert out.finish_reason == "stop" and out.output_token_ids == ref[:stop_at + 1]
     assert run_all(eos_engine, [PROMPT], greedy())[0].output_token_ids == ref

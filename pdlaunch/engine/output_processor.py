@@ -1,0 +1,83 @@
+"""From sampled tokens to RequestOutputs: detokenization and the stop rules of each request.
+
+Stop order for a new token: a stop token id or (unless ignore_eos) an EOS id finishes with "stop"
+(its id is returned, its text is not); a stop string in the text finishes with "stop" (text cut
+before it); otherwise max_tokens or max_model_len finishes with "length".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pdlaunch.engine.detokenizer import IncrementalDetokenizer
+from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
+from pdlaunch.engine.request import Request
+
+
+@dataclass
+class TrackedRequest:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]
+
+
+class OutputProcessor:
+    def __init__(self, decode: Callable[[Sequence[int]], str], eos_token_ids: Sequence[int], max_model_len: int) -> None:
+        self.decode = decode
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.tracked: dict[str, TrackedRequest] = {}
+
+    def add(self, request: Request) -> None:
+        params = request.params
+        detokenizer = IncrementalDetokenizer(self.decode, request.prompt_token_ids, params.stop)
+        self.tracked[request.request_id] = TrackedRequest(request, detokenizer, frozenset(params.stop_token_ids))
+
+    def pop(self, request_id: str) -> TrackedRequest | None:
+        return self.tracked.pop(request_id, None)
+
+    def append_token(self, request: Request, token_id: int) -> tuple[str, str | None]:
+        """Add a sampled token: (text that may be emitted now, finish reason or None)."""
+        tracked = self.tracked[request.request_id]
+        params = request.params
+        request.append_output_token(token_id)
+        new_text = ""
+        reason = None
+        if token_id in tracked.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            reason = "stop"
+        else:
+            new_text = tracked.detokenizer.add(token_id)
+            if tracked.detokenizer.stopped:
+                reason = "stop"
+        if reason is None and (len(request.output_token_ids) >= params.max_tokens
+                               or request.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            new_text += tracked.detokenizer.finish()
+        return new_text, reason
+
+    def output(self, request_id: str, new_token_ids: list[int], new_text: str,
+               new_logprobs: list[TokenLogprob] | None = None,
+               kv_transfer_params: dict[str, Any] | None = None) -> RequestOutput:
+        """The RequestOutput of a tracked request; a finished request stops being tracked."""
+        tracked = self.tracked[request_id]
+        r = tracked.request
+        if r.is_finished:
+            del self.tracked[request_id]
+        return RequestOutput(
+            request_id=r.request_id,
+            new_token_ids=new_token_ids,
+            new_text=new_text,
+            output_token_ids=list(r.output_token_ids),
+            text=tracked.detokenizer.text,
+            finished=r.is_finished,
+            finish_reason=r.finish_reason,
+            error=r.error,
+            error_status=r.error_status,
+            new_logprobs=new_logprobs,
+            num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=r.num_cached_tokens,
+            kv_transfer_params=kv_transfer_params,
+        )
