@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ _FLAG_FOR_PATH = {path: "--" + name.replace("_", "-") for name, path in FLAG_PAT
 def read_yaml(path: Path) -> dict[str, Any]:
     """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
     try:
-        text = Path(path).expanduser().read_text(encoding="utf-8")
+        # os.path.expanduser leaves `~nosuchuser` as is (Path.expanduser raises RuntimeError).
+        text = Path(os.path.expanduser(str(path))).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([problem("config", f"file {str(path)!r} does not exist", "check the path")]) from None
     except (OSError, UnicodeDecodeError) as exc:

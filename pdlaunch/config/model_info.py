@@ -6,6 +6,7 @@ Only config.json is read (no weights), so a GPU deployment can be checked on a l
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
         from pdlaunch.model.demo import DEMO_HF_CONFIG  # lazy: the model package imports torch
 
         return _from_hf_dict(dict(DEMO_HF_CONFIG), "the demo model")
-    model_dir = Path(path).expanduser()
+    model_dir = Path(os.path.expanduser(path))  # Path.expanduser raises on `~nosuchuser`
     if not model_dir.is_dir():
         what = "is a file, not a directory" if model_dir.exists() else "does not exist"
         return None, [problem("model.path", f"{path!r} {what}",

@@ -19,7 +19,7 @@ from tests.config.cli_helpers import check
 
 REAL_KEYS = sorted({p.replace("[]", "").rsplit(".", 1)[-1] for p in all_key_paths()})
 REAL_VALUES = ["demo", "cpu", "cuda", "auto", "prefill", "decode", "colocated", "nixl", "storage", "push",
-               "pull", "bfloat16", "float16", "float32", "round_robin", "", "/", "."]
+               "pull", "bfloat16", "float16", "float32", "round_robin", "", "/", ".", "~nosuchuser/x"]
 
 keys = st.one_of(st.sampled_from(REAL_KEYS), st.text(max_size=12), st.integers(-3, 3), st.booleans())
 scalars = st.one_of(

@@ -72,6 +72,9 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
     ("flag-missing-model", None, ["--model", "/nonexistent/model", "--device", "cpu"], "model.path"),
     ("flag-target-half", None, ["--model", "demo", "--target-gpus", "2"], "--target-gpu-memory"),
     ("flag-missing-file", None, ["/nonexistent/deploy.yaml", *CPU], "config"),
+    ("flag-config-unknown-user-home", None, ["~nosuchuser-pdlaunch/deploy.yaml", *CPU], "config"),
+    ("flag-config-is-directory", None, ["/", *CPU], "config"),
+    ("flag-model-unknown-user-home", None, ["--model", "~nosuchuser-pdlaunch/m", "--device", "cpu"], "model.path"),
 ]
 
 if not torch.cuda.is_available():  # on a CUDA host this one is valid
