@@ -22,7 +22,7 @@ LOG_TAIL_LINES = 20
 
 
 class StopSignals:
-    """SIGINT/SIGTERM set a flag instead of raising; a second signal asks to skip the drain."""
+    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising; a second signal asks to skip the drain."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -38,7 +38,7 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
