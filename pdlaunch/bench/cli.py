@@ -128,5 +128,48 @@ def make_checkpoint(
     typer.echo(f"checkpoint written to {path}")
 
 
-# `pdlaunch bench kv-transfer` lands here: a command that calls
-# pdlaunch.bench.kv_transfer.run_kv_transfer_bench(...) (written with the KV transfer benchmark).
+@bench_app.command("kv-transfer")
+def kv_transfer(
+    num_tokens: Annotated[
+        Optional[list[int]], typer.Option("--num-tokens", help="Prompt length(s) to move; repeatable [default: 1024 8192].")
+    ] = None,
+    mode: Annotated[
+        Optional[list[str]], typer.Option("--mode", help="pull | push; repeatable [default: both].")
+    ] = None,
+    num_layers: Annotated[int, typer.Option("--num-layers", help="KV layers (Llama-3-8B: 32).")] = 32,
+    num_kv_heads: Annotated[int, typer.Option("--num-kv-heads", help="KV heads (Llama-3-8B: 8).")] = 8,
+    head_dim: Annotated[int, typer.Option("--head-dim", help="Head size (Llama-3-8B: 128).")] = 128,
+    dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+    block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="Prefill side: auto | cpu | cuda | cuda:N.")] = "auto",
+    decode_device: Annotated[
+        Optional[str], typer.Option("--decode-device", help="Decode side [default: cuda:1 with two GPUs, else --device].")
+    ] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="Timed transfers per row (median).")] = 5,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for one transfer.")] = 60.0,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the rows here as JSON.")] = None,
+) -> None:
+    """Move a synthetic KV cache between two processes through the real connector, in each transfer mode."""
+    import json
+
+    from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
+    from pdlaunch.bench.report import print_kv_transfer_table
+    from pdlaunch.memory.platform import resolve_device
+
+    modes = mode or ["pull", "push"]
+    bad = [m for m in modes if m not in ("pull", "push")]
+    if bad:
+        raise _fail([f"--mode: unknown transfer mode {bad[0]!r} (pull or push)"])
+    try:
+        rows = run_kv_transfer_bench(
+            num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, block_size=block_size,
+            num_tokens_list=num_tokens or [1024, 8192], modes=modes, device=resolve_device(device),
+            decode_device=decode_device, iterations=iterations, timeout=timeout,
+        )
+    except PdlaunchError as exc:
+        raise _fail(exc.render().splitlines()) from None
+    print_kv_transfer_table(Console(), rows)
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    if not all(r["verified"] for r in rows):
+        raise _fail(["the decode side's KV bytes differ from the prefill side's after a transfer (rows marked NO)"])

@@ -269,3 +269,23 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def print_kv_transfer_table(console: Console, rows: list[dict[str, Any]]) -> None:
+    """Rows of run_kv_transfer_bench: GB/s of the connector next to the raw copies of the same run."""
+    table = Table(title="KV transfer through the connector; raw, peer: GB/s of torch copies of the same bytes",
+                  title_justify="left")
+    for col in ("mode", "tokens", "MiB", "descs", "ms", "GB/s", "raw", "%raw", "peer", "%peer", "ok"):
+        table.add_column(col, justify="left" if col in ("mode", "ok") else "right")
+    for r in rows:
+        peer = r.get("peer_copy_gbps")
+        table.add_row(
+            str(r["mode"]), str(r["num_tokens"]), f"{r['bytes'] / 2**20:.1f}", str(r["descriptors"]),
+            f"{r['seconds'] * MS_PER_S:.2f}", f"{r['gbps']:.2f}", f"{r['raw_copy_gbps']:.1f}",
+            f"{100 * r['gbps'] / r['raw_copy_gbps']:.0f}%", "-" if peer is None else f"{peer:.1f}",
+            "-" if peer is None else f"{100 * r['gbps'] / peer:.0f}%", "yes" if r["verified"] else "[red]NO[/red]",
+        )
+    if rows:
+        console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False)
+    console.print(table)
+

@@ -114,3 +114,23 @@ def test_plot_writes_pngs(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in tmp_path.glob("*.png"))
     assert names == ["e2el.png", "itl.png", "latency_over_time.png", "tpot.png", "ttft.png"]
+
+
+@pytest.mark.e2e
+def test_kv_transfer_command_prints_rows_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "kv.json"
+    result = runner.invoke(bench_app, [
+        "kv-transfer", "--device", "cpu", "--mode", "push", "--num-tokens", "9", "--num-layers", "2",
+        "--num-kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--block-size", "4", "--iterations", "1",
+        "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "KV transfer through the connector" in result.output and "push" in result.output
+    (row,) = json.loads(out.read_text())
+    assert row["mode"] == "push" and row["num_tokens"] == 9 and row["verified"] is True
+    assert row["bytes"] == 2 * (2 * 2 * 4 * 2 * 16 * 4)  # 2 blocks of 2 layers x (k, v) x 4 tokens x 2 heads x 16 x fp32
+
+
+def test_kv_transfer_rejects_unknown_mode() -> None:
+    result = runner.invoke(bench_app, ["kv-transfer", "--mode", "teleport"])
+    assert result.exit_code == 1 and "--mode" in result.output
