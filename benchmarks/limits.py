@@ -155,7 +155,8 @@ def main() -> None:
           f"target <= {doc['decode_target_ms']:.2f} ms")
     print(f"prefill {doc['prefill_tokens']} tokens = {doc['prefill_flops'] / 1e12:.1f} TFLOP: floor "
           f"{doc['prefill_floor_ms']:.1f} ms, target <= {doc['prefill_target_ms']:.1f} ms")
-    line = f"KV of {doc['kv_tokens']} tokens {doc['kv_bytes'] / 2**30:.2f} GiB: d2d copy {doc['kv_copy_floor_ms']:.2f} ms"
+    line = (f"KV of {doc['kv_tokens']} tokens {doc['kv_bytes'] / 2**30:.2f} GiB: "
+            f"d2d copy {doc['kv_copy_floor_ms']:.2f} ms")
     if "kv_peer_floor_ms" in doc:
         line += f", peer copy {doc['kv_peer_floor_ms']:.2f} ms"
     print(line)

@@ -46,7 +46,9 @@ def serve(
         typer.Argument(metavar="[SLO]...", help="More NAME:MS SLOs after --goodput, vLLM style.", show_default=False),
     ] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model name; default: first of /v1/models.")] = None,
-    endpoint: Annotated[str, typer.Option("--endpoint", help="/v1/completions or /v1/chat/completions.")] = "/v1/completions",
+    endpoint: Annotated[
+        str, typer.Option("--endpoint", help="/v1/completions or /v1/chat/completions.")
+    ] = "/v1/completions",
     num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests to send.")] = 1000,
     random_input_len: Annotated[int, typer.Option("--random-input-len", help="Prompt tokens (mean).")] = 1024,
     random_output_len: Annotated[int, typer.Option("--random-output-len", help="Output tokens (mean).")] = 128,
@@ -59,7 +61,9 @@ def serve(
     burstiness: Annotated[
         float, typer.Option("--burstiness", help="Gamma shape: 1 Poisson, <1 burstier, >1 more regular.")
     ] = 1.0,
-    max_concurrency: Annotated[Optional[int], typer.Option("--max-concurrency", help="Cap on requests in flight.")] = None,
+    max_concurrency: Annotated[
+        Optional[int], typer.Option("--max-concurrency", help="Cap on requests in flight.")
+    ] = None,
     num_warmups: Annotated[int, typer.Option("--num-warmups", help="Unmeasured requests sent first.")] = 0,
     goodput: Annotated[
         Optional[list[str]], typer.Option("--goodput", help="SLO NAME:MS, NAME in ttft, tpot, e2el; repeatable.")
@@ -80,7 +84,9 @@ def serve(
     result_filename: Annotated[
         Optional[str], typer.Option("--result-filename", help="JSON file name (implies --save-result).")
     ] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")] = None,
+    plot: Annotated[
+        Optional[Path], typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")
+    ] = None,
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
     from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
@@ -99,6 +105,9 @@ def serve(
             result_filename=result_filename, plot_dir=plot,
         ))
         run_serve_bench(cfg)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: no report")
+        raise typer.Exit(code=130) from None
     except ValidationError as exc:
         raise _fail(_validation_lines(exc)) from None
     except PdlaunchError as exc:
@@ -131,7 +140,8 @@ def make_checkpoint(
 @bench_app.command("kv-transfer")
 def kv_transfer(
     num_tokens: Annotated[
-        Optional[list[int]], typer.Option("--num-tokens", help="Prompt length(s) to move; repeatable [default: 1024 8192].")
+        Optional[list[int]],
+        typer.Option("--num-tokens", help="Prompt length(s) to move; repeatable [default: 1024 8192]."),
     ] = None,
     mode: Annotated[
         Optional[list[str]], typer.Option("--mode", help="pull | push; repeatable [default: both].")
@@ -143,7 +153,8 @@ def kv_transfer(
     block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")] = 16,
     device: Annotated[str, typer.Option("--device", help="Prefill side: auto | cpu | cuda | cuda:N.")] = "auto",
     decode_device: Annotated[
-        Optional[str], typer.Option("--decode-device", help="Decode side [default: cuda:1 with two GPUs, else --device].")
+        Optional[str],
+        typer.Option("--decode-device", help="Decode side [default: cuda:1 with two GPUs, else --device]."),
     ] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed transfers per row (median).")] = 5,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for one transfer.")] = 60.0,

@@ -177,7 +177,8 @@ def make_llama3_8b_shaped(
     total = 0
     for k, shard in enumerate(shards, start=1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: _random_tensor(name, shape, dtype, seed, cfg["initializer_range"], device) for name, shape in shard}
+        std = cfg["initializer_range"]
+        tensors = {name: _random_tensor(name, shape, dtype, seed, std, device) for name, shape in shard}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         total += sum(t.numel() * itemsize for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, fname))

@@ -148,7 +148,9 @@ def calculate_metrics(results: list[RequestResult], duration: float, goodput_ms:
         request_goodput=goodput,
         output_throughput=total_output / duration,
         total_token_throughput=(total_input + total_output) / duration,
-        latency_ms={"ttft": _stats_ms(ttfts), "tpot": _stats_ms(tpots), "itl": _stats_ms(itls), "e2el": _stats_ms(e2els)},
+        latency_ms={
+            "ttft": _stats_ms(ttfts), "tpot": _stats_ms(tpots), "itl": _stats_ms(itls), "e2el": _stats_ms(e2els)
+        },
     )
 
 

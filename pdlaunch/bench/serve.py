@@ -149,54 +149,65 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
     return body
 
 
+async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
+                  result: RequestResult, st: float) -> int:
+    """Send one request and read its stream into `result` (times relative to `st`); returns the
+    number of chunks that carried a choice. Sets `result.error` for an HTTP or in-stream error."""
+    chunks = 0
+    last = st
+    async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
+        if resp.status_code != 200:
+            body = (await resp.aread()).decode(errors="replace")
+            result.error = f"HTTP {resp.status_code}: {body[:300]}"
+            return chunks
+        async for line in resp.aiter_lines():
+            line = line.strip()
+            if not line.startswith("data:"):
+                continue
+            data_str = line[len("data:"):].strip()
+            if data_str == "[DONE]":
+                break
+            data = json.loads(data_str)
+            if data.get("error"):
+                result.error = f"server error in stream: {str(data['error'])[:300]}"
+                return chunks
+            if data.get("choices"):
+                now = time.perf_counter()
+                if chunks == 0:
+                    result.ttft = now - st
+                else:
+                    result.itl.append(now - last)
+                last = now
+                result.latency = now - st
+                chunks += 1
+            usage = data.get("usage")
+            if usage:
+                result.output_len = int(usage.get("completion_tokens") or 0)
+                result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
+    return chunks
+
+
 async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
                        bench_start: float) -> RequestResult:
-    """One streaming request. Never raises: a failure is a result with `error` set."""
+    """One streaming request, at most `request_timeout` s in all. Never raises: a failure is a
+    result with `error` set."""
     result = RequestResult(prompt_len=req.prompt_len)
-    chunks = 0
     st = time.perf_counter()
     result.start = st - bench_start
-    last = st
     try:
-        async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode(errors="replace")
-                result.error = f"HTTP {resp.status_code}: {body[:300]}"
-                return result
-            async for line in resp.aiter_lines():
-                line = line.strip()
-                if not line.startswith("data:"):
-                    continue
-                data_str = line[len("data:"):].strip()
-                if data_str == "[DONE]":
-                    break
-                data = json.loads(data_str)
-                if data.get("error"):
-                    result.error = f"server error in stream: {str(data['error'])[:300]}"
-                    return result
-                if data.get("choices"):
-                    now = time.perf_counter()
-                    if chunks == 0:
-                        result.ttft = now - st
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    chunks += 1
-                usage = data.get("usage")
-                if usage:
-                    result.output_len = int(usage.get("completion_tokens") or 0)
-                    result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
-    except httpx.TimeoutException:
-        result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url}"
+        chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st), cfg.request_timeout)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url} to finish a request"
         return result
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if result.error:
         return result
     if chunks == 0:
         result.error = "no chunk with a choice received (cannot measure TTFT)"
         return result
     result.success = True
-    result.latency = last - st
     if result.output_len == 0:
         result.output_len = chunks  # server sent no usage: one token per chunk
     return result
@@ -303,7 +314,8 @@ def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) ->
     }
     doc = result_dict(metrics, results, run_info)
     if cfg.save_result or cfg.result_filename:
-        name = cfg.result_filename or f"pdlaunch-{run_info['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
+        default_name = f"pdlaunch-{run_info['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
+        name = cfg.result_filename or default_name
         path = cfg.result_dir / name
         write_json(doc, path)
         console.print(f"Saved results to {path}")

@@ -53,7 +53,8 @@ def test_tiny_checkpoint_is_sharded_with_a_complete_index(tiny_ckpt: Path) -> No
                 assert t.dtype == torch.bfloat16
                 total += t.numel() * t.element_size()
     assert total == index["metadata"]["total_size"]
-    assert set(index["weight_map"]) == {name for name, _ in tensor_shapes(json.loads((tiny_ckpt / "config.json").read_text()))}
+    config = json.loads((tiny_ckpt / "config.json").read_text())
+    assert set(index["weight_map"]) == {name for name, _ in tensor_shapes(config)}
 
 
 def test_tiny_checkpoint_loads_with_transformers(tiny_ckpt: Path) -> None:

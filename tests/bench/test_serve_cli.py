@@ -68,7 +68,8 @@ def test_failed_requests_are_counted_and_first_errors_shown(tmp_path: Path) -> N
 
 def test_all_requests_failing_exits_1_with_the_error() -> None:
     with fake_server(fail_every=1) as (url, _):
-        result = _serve(url, "--model", "m", "--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2")
+        result = _serve(url, "--model", "m", "--num-prompts", "2", "--random-input-len", "4",
+                        "--random-output-len", "2")
     assert result.exit_code == 1
     assert "all 2 requests failed" in result.output and "planted failure" in result.output
 
@@ -128,9 +129,19 @@ def test_kv_transfer_command_prints_rows_and_writes_json(tmp_path: Path) -> None
     assert "KV transfer through the connector" in result.output and "push" in result.output
     (row,) = json.loads(out.read_text())
     assert row["mode"] == "push" and row["num_tokens"] == 9 and row["verified"] is True
-    assert row["bytes"] == 2 * (2 * 2 * 4 * 2 * 16 * 4)  # 2 blocks of 2 layers x (k, v) x 4 tokens x 2 heads x 16 x fp32
+    # 2 blocks (the last prompt token is recomputed) of 2 layers x (k, v) x 4 tokens x 2 heads x 16 x fp32
+    assert row["bytes"] == 2 * (2 * 2 * 4 * 2 * 16 * 4)
 
 
 def test_kv_transfer_rejects_unknown_mode() -> None:
     result = runner.invoke(bench_app, ["kv-transfer", "--mode", "teleport"])
     assert result.exit_code == 1 and "--mode" in result.output
+
+
+def test_request_timeout_bounds_a_whole_request() -> None:
+    # 200 chunks at >= 1 ms each cannot finish within 50 ms, however fast the first chunk comes
+    with fake_server() as (url, _):
+        result = _serve(url, "--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "200",
+                        "--request-timeout", "0.05")
+    assert result.exit_code == 1
+    assert "all 2 requests failed" in result.output and "timed out after 0.05s" in result.output
