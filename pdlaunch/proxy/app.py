@@ -75,7 +75,7 @@ class Proxy:
                                    "(proxy.request_timeout_seconds)", code="timeout")
         return remaining
 
-    def _failed(self, instance: Instance, exc: BaseException) -> OpenAIError:
+    def failed(self, instance: Instance, exc: BaseException) -> OpenAIError:
         if is_connection_failure(exc):
             self.pool.mark_down(instance, f"{type(exc).__name__} during a request")
         return error_from_exception(instance, exc, self.request_timeout_s)
@@ -89,7 +89,7 @@ class Proxy:
                     instance.url + path, json=body, headers=headers,
                     timeout=httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))), remaining)
             except (httpx.HTTPError, TimeoutError) as exc:
-                raise self._failed(instance, exc) from None
+                raise self.failed(instance, exc) from None
         if response.status_code != 200:
             raise error_from_response(instance, response.status_code, response.content)
         return response.json()
@@ -106,7 +106,7 @@ class Proxy:
             response = await asyncio.wait_for(client.send(request, stream=True), remaining)
         except (httpx.HTTPError, TimeoutError) as exc:
             instance.in_flight -= 1
-            raise self._failed(instance, exc) from None
+            raise self.failed(instance, exc) from None
         if response.status_code != 200:
             try:
                 content = await response.aread()
@@ -140,7 +140,7 @@ class Proxy:
         except OpenAIError as exc:
             yield sse_event(exc.body())
         except (httpx.HTTPError, TimeoutError) as exc:
-            yield sse_event(self._failed(instance, exc).body())
+            yield sse_event(self.failed(instance, exc).body())
         finally:
             await upstream.close()
 
@@ -196,7 +196,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
         try:
             response = await proxy.http().get(instance.url + "/v1/models", timeout=CONNECT_TIMEOUT_S)
         except httpx.HTTPError as exc:
-            raise proxy._failed(instance, exc) from None
+            raise proxy.failed(instance, exc) from None
         return Response(response.content, status_code=response.status_code, media_type="application/json")
 
     @app.post("/v1/completions")
