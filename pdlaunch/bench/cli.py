@@ -43,7 +43,7 @@ def serve(
     base_url: Annotated[str, typer.Option("--base-url", help="Server root, e.g. http://127.0.0.1:8000.")],
     slo_args: Annotated[
         Optional[list[str]],
-        typer.Argument(metavar="[SLO]...", help="More NAME:MS SLOs after --goodput, vLLM style.", show_default=False),
+        typer.Argument(metavar="SLO", help="More NAME:MS SLOs after --goodput, vLLM style.", show_default=False),
     ] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Model name; default: first of /v1/models.")] = None,
     endpoint: Annotated[
