@@ -55,9 +55,13 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     if dev.type == "cuda":
         platform.set_device(dev.index or 0)
     dtype = _DTYPES[shape["dtype"]]
-    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-    cache = torch.empty((shape["num_blocks"], shape["num_layers"], 2, shape["block_size"], shape["num_kv_heads"],
-                         shape["head_dim"]), dtype=dtype, device=dev)
+    from pdlaunch.memory.cumem import memory_pool_context
+
+    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; in a CuMem pool like the engine's
+    # KV cache under --enable-cumem-allocator when asked.
+    with memory_pool_context(shape["cumem"], "kv_cache"):
+        cache = torch.empty((shape["num_blocks"], shape["num_layers"], 2, shape["block_size"],
+                             shape["num_kv_heads"], shape["head_dim"]), dtype=dtype, device=dev)
     if role == "prefill":
         cache.normal_()
     else:
@@ -186,18 +190,20 @@ def run_kv_transfer_bench(
     num_layers: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype: str = "bfloat16", block_size: int = 16,
     num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
     device: str = "cpu", decode_device: str | None = None, iterations: int = 5, timeout: float = 60.0,
+    cumem: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per (mode, num_tokens): bytes moved, median seconds, GB/s, raw copy GB/s of the same bytes.
 
     `device` is the prefill device ("cpu", "cuda", "cuda:N"); decode runs on `decode_device`, by default
-    the second GPU when there are two (NVLink case), else the same device.
+    the second GPU when there are two (NVLink case), else the same device. `cumem` puts both KV caches
+    in CuMem pools, as the engine does with --enable-cumem-allocator.
     """
     if dtype not in _DTYPES:
         raise KVTransferError(f"unknown dtype {dtype!r}", field="dtype", hint=f"one of {', '.join(_DTYPES)}")
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
     shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                 block_size=block_size, num_blocks=max_blocks + 1)
+                 block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem)
     block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * _DTYPES[dtype].itemsize
     rows: list[dict[str, Any]] = []
     prefill = _Side("prefill", shape, prefill_device)
@@ -224,7 +230,7 @@ def run_kv_transfer_bench(
                     "mode": info.get("transfer_mode", mode), "num_tokens": n, "bytes": nbytes, "descriptors": len(coalesce(list(zip(ids, ids)))),
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
-                    "prefill_device": prefill_device, "decode_device": decode_device,
+                    "prefill_device": prefill_device, "decode_device": decode_device, "cumem": cumem,
                 })
                 logger.info("kv-transfer %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", mode, n,
                             rows[-1]["gbps"], copies["raw"])
