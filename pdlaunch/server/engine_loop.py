@@ -304,7 +304,8 @@ class EngineLoop:
     def _fatal(self, message: str, exc: BaseException) -> None:
         self.state = "failed"
         self.error = message
-        log.error("%s", message, exc_info=exc)
+        # A PdlaunchError is a user-facing problem: its message says it all, no traceback.
+        log.error("%s", message, exc_info=None if isinstance(exc, PdlaunchError) else exc)
         self._fail_all(OpenAIError(500, message, code="engine_failed"))
         if self._on_fatal is not None:
             self._on_fatal(message)
