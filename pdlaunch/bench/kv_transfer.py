@@ -46,7 +46,7 @@ def _copy_gbps(src: torch.Tensor, dst: torch.Tensor, iterations: int) -> float:
 
 def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     """One side: builds connectors on a synthetic KV cache and answers the parent's commands."""
-    from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+    from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig, ModelConfig
     from pdlaunch.kv_transfer.base import KVCacheSpec
     from pdlaunch.kv_transfer.factory import create_connector
     from pdlaunch.memory import platform
@@ -73,7 +73,9 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     connector = None
 
     def make(mode: str) -> Any:
-        config = DeploymentConfig(device=dev.type, kv_transfer=KVTransferConfig(transfer_mode=mode))
+        # enable_cumem_allocator as the engine's config would say: the connector then stages.
+        config = DeploymentConfig(device=dev.type, model=ModelConfig(enable_cumem_allocator=shape["cumem"]),
+                                  kv_transfer=KVTransferConfig(transfer_mode=mode))
         instance = InstanceSpec(role=role, port=1, engine_id=f"bench-{role}-{mode}", device=dev.type)
         c = create_connector(config, instance)
         assert c is not None
@@ -231,6 +233,7 @@ def run_kv_transfer_bench(
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
                     "prefill_device": prefill_device, "decode_device": decode_device, "cumem": cumem,
+                    "staging": info.get("staging"),
                 })
                 logger.info("kv-transfer %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", mode, n,
                             rows[-1]["gbps"], copies["raw"])

@@ -61,6 +61,7 @@ class HandshakeInfo(BaseModel):
     tp_rank: int
     device: DeviceInfo
     compat_hash: str
+    staging_slots: int = 0  # > 0: base_addrs are a staging buffer of this many slots (staging.py)
 
 
 def compat_fields(spec: KVCacheSpec) -> dict[str, object]:

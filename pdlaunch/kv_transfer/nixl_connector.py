@@ -25,6 +25,7 @@ from pdlaunch.kv_transfer.handshake import (
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
 from pdlaunch.kv_transfer.nixl_sender import PrefillSide
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
+from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,11 @@ _REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remo
 
 
 class NixlConnector(KVConnector):
-    def __init__(self, config: DeploymentConfig, instance: InstanceSpec) -> None:
+    """`staging_bytes`: size of the staging buffer KV moves through (0: none, register the KV cache
+    itself); default: DEFAULT_STAGING_BYTES on CUDA when the KV cache lives in CuMem pools
+    (model.enable_cumem_allocator or enable_sleep_mode), else none."""
+
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, staging_bytes: int | None = None) -> None:
         if instance.role not in ("prefill", "decode"):
             raise KVTransferError(f"a NIXL connector serves prefill or decode instances, not {instance.role!r}",
                                   field="role")
@@ -48,6 +53,8 @@ class NixlConnector(KVConnector):
         platform.set_device(self.device_index)
         self.agent = KVAgent(f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}")
         self.spec: KVCacheSpec | None = None
+        self.staging_bytes = staging_bytes
+        self.staging: StagingArea | None = None
         self.server: SideChannelServer | None = None
         self._local_device: DeviceInfo | None = None
         self._handshake: HandshakeInfo | None = None
@@ -60,6 +67,7 @@ class NixlConnector(KVConnector):
             self.receiver = DecodeSide(
                 self.agent, self._require_spec, self._device, self.kv.transfer_mode,
                 self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds, self.kv.verify_kv,
+                self.device_index,
             )
         self._mode, self._mode_reason = self._initial_mode()
         logger.info("NIXL connector (%s, engine %s): transfer mode %s: %s", self.role, self.engine_id,
@@ -75,17 +83,35 @@ class NixlConnector(KVConnector):
         return "auto", "decided per prefill engine at the first handshake (push unless NVLink joins the GPUs)"
 
     # -- worker side --------------------------------------------------------------------------
+    def _staging_budget(self, spec: KVCacheSpec) -> int:
+        if self.staging_bytes is not None:
+            return self.staging_bytes
+        model = self.config.model
+        if spec.device.type == "cuda" and (model.enable_cumem_allocator or model.enable_sleep_mode):
+            return DEFAULT_STAGING_BYTES
+        return 0
+
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
-        self.agent.register(spec.kv_caches)
+        budget = self._staging_budget(spec)
+        if budget > 0:
+            # Outside any CuMem pool: plain memory that NIXL reaches at full speed (staging.py).
+            self.staging = StagingArea(spec.kv_caches, budget)
+            logger.info("KV moves through a staging buffer of %d slots (%.0f MiB)", self.staging.num_slots,
+                        self.staging.nbytes / 2**20)
+        self.agent.register(self.staging.buffers if self.staging is not None else spec.kv_caches)
         self.spec = spec
+        if self.receiver is not None:
+            self.receiver.staging = self.staging
         if self.sender is not None:
             self.sender.spec = spec
+            self.sender.staging = self.staging
             self._handshake = self._handshake_info(spec)
             base = self.instance.side_channel_port or self.kv.side_channel_port or 0
             port = base + spec.tp_rank if base else 0
             self.server = SideChannelServer(
                 self.kv.side_channel_host, port,
-                {"handshake": self._on_handshake, "push": self.sender.handle_push},
+                {"handshake": self._on_handshake, "push": self.sender.handle_push,
+                 "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage},
                 io_timeout=max(self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds),
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
@@ -103,13 +129,14 @@ class NixlConnector(KVConnector):
 
     def _handshake_info(self, spec: KVCacheSpec) -> HandshakeInfo:
         fields = compat_fields(spec)
+        registered = self.staging.buffers if self.staging is not None else spec.kv_caches
         return HandshakeInfo(
             engine_id=self.engine_id, agent_name=self.agent.name, agent_metadata=self.agent.metadata().hex(),
-            base_addrs=[t.data_ptr() for t in spec.kv_caches], block_bytes=spec.block_bytes,
+            base_addrs=[t.data_ptr() for t in registered], block_bytes=spec.block_bytes,
             num_blocks=spec.num_blocks, block_size=spec.block_size, dtype=str(fields["dtype"]), kv_layout=KV_LAYOUT,
             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, group_layers=spec.group_layers,
             model_name=spec.model_name, tp_size=spec.tp_size, tp_rank=spec.tp_rank, device=self._device(),
-            compat_hash=compat_hash(fields),
+            compat_hash=compat_hash(fields), staging_slots=self.staging.num_slots if self.staging else 0,
         )
 
     def _on_handshake(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +255,7 @@ class NixlConnector(KVConnector):
             "transfer_mode": self._mode,
             "transfer_mode_reason": self._mode_reason,
             "kv_layout": KV_LAYOUT,
+            "staging": {"slots": self.staging.num_slots, "bytes": self.staging.nbytes} if self.staging else None,
         }
         if self.server is not None:
             info["side_channel"] = "%s:%d" % self.side_channel_address

@@ -5,7 +5,11 @@ A load moves the blocks covering positions [num_local_computed, + num_external) 
   notification for the prefill agent; the engine thread polls the READ.
 - push: a loader thread sends {"type": "push"} with this agent's metadata and block ids over the
   side channel; the prefill side WRITEs and its "push_done"/"push_failed" notification ends the load.
-Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread.
+- staged (either side copies KV through a staging buffer, see staging.py): the loader thread runs
+  the whole load in chunks of at most the smaller slot count: (prefill stages, decode READs, unstage)
+  or (prefill stages and WRITEs into decode's slots), then decode copies its slots into its blocks.
+Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
+loader threads bind the instance's device when they start (seed 000), since they copy KV.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
+from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
+from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -47,7 +53,7 @@ class Load:
     deadline: float
     started: float
     nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    state: str = "handshake"  # handshake -> posted (pull) | pushing (push) -> ok | failed
+    state: str = "handshake"  # handshake -> posted (pull) | pushing (push) | staging (staged) -> ok | failed
     mode: str = ""
     xfer: XferHandle | None = None
     remote_agent: str | None = None
@@ -71,6 +77,7 @@ class DecodeSide:
         handshake_timeout: float,
         transfer_timeout: float,
         verify_kv: bool,
+        device_index: int = 0,
         workers: int = 4,
     ) -> None:
         self.agent = agent
@@ -80,12 +87,19 @@ class DecodeSide:
         self.handshake_timeout = handshake_timeout
         self.transfer_timeout = transfer_timeout
         self.verify_kv = verify_kv
+        self.device_index = device_index
+        self.staging: StagingArea | None = None
         self.remotes: dict[str, RemoteEngine] = {}
+        self._chunk_events: dict[str, tuple[threading.Event, list[str]]] = {}
         self._handshake_locks: dict[str, threading.Lock] = {}
         self._loads: dict[str, Load] = {}
         self._by_nonce: dict[str, Load] = {}
         self._lock = threading.Lock()
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader")
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader",
+                                           initializer=self._bind_loader_thread_device)
+
+    def _bind_loader_thread_device(self) -> None:
+        platform.set_device(self.device_index)
 
     # -- engine thread ------------------------------------------------------------------------
     def start(self, request_id: str, params: dict[str, Any], pairs: list[list[tuple[int, int, int]]]) -> None:
@@ -105,6 +119,12 @@ class DecodeSide:
 
     def on_notif(self, notif: dict[str, Any]) -> None:
         with self._lock:
+            chunk = self._chunk_events.pop(str(notif.get("nonce")), None)
+            if chunk is not None:  # one chunk of a staged push; its loader thread waits on the event
+                if notif["kind"] != "push_done":
+                    chunk[1].append(f"the prefill side could not push: {notif.get('error')}")
+                chunk[0].set()
+                return
             load = self._by_nonce.get(str(notif.get("nonce")))
             if load is None or load.state in ("ok", "failed"):
                 return
@@ -126,7 +146,9 @@ class DecodeSide:
                         load.state = "ok"
                     elif xfer_state == "ERR":
                         load.state, load.error = "failed", f"NIXL READ of {load.xfer.num_bytes} bytes failed"
-                if load.state not in ("ok", "failed") and now > load.deadline:
+                # A staged load enforces the deadline in its loader thread; the grace covers a stuck one.
+                grace = 5.0 if load.state == "staging" else 0.0
+                if load.state not in ("ok", "failed") and now > load.deadline + grace:
                     load.error = (
                         f"KV of request {load.request_id} did not arrive within {self.transfer_timeout:g}s "
                         f"({load.mode or 'handshake'} from {load.where}, stage: {load.state})"
@@ -212,30 +234,112 @@ class DecodeSide:
         try:
             remote = self.remote(load.params)
             spec = self._spec()
+            with self._lock:
+                if load.abandoned or load.state != "handshake":
+                    return
+                load.mode, load.remote_agent = remote.mode, remote.agent_name
+                load.num_bytes = sum(len(pairs) * spec.block_bytes[g] for g, pairs in enumerate(load.pairs))
+                if self.staging is not None or remote.info.staging_slots:
+                    load.state = "staging"
+            if load.state == "staging":
+                self._run_staged(load, remote, spec)
+                return
             local: list[tuple[int, int]] = []
             rem: list[tuple[int, int]] = []
-            runs_msg: list[dict[str, int]] = []
             for g, pairs in enumerate(load.pairs):
                 runs = coalesce([(p[1], p[2]) for p in pairs])
                 lo, ro = run_descriptors(runs, spec.kv_caches[g].data_ptr(), remote.info.base_addrs[g], spec.block_bytes[g])
                 local += lo
                 rem += ro
-                runs_msg += [{"group": g, "decode_start": r.local_start, "prefill_start": r.remote_start,
-                              "count": r.count} for r in runs]
-            with self._lock:
-                if load.abandoned or load.state != "handshake":
-                    return
-                load.mode, load.remote_agent = remote.mode, remote.agent_name
-                load.num_bytes = sum(n for _, n in local)
             if remote.mode == "pull":
                 self._pull(load, remote, local, rem)
             else:
-                self._push(load, remote, runs_msg, spec)
+                pairs = [[[p[1], p[2]] for p in group] for group in load.pairs]
+                self._push(load, [t.data_ptr() for t in spec.kv_caches], pairs, spec, last=True)
         except KVTransferError as e:
             self._set_failed(load, e.render())
         except Exception as e:  # a bug must fail the request, not leave it parked until the timeout
             logger.exception("KV load of request %s", load.request_id)
             self._set_failed(load, f"{type(e).__name__}: {e}")
+
+    def _remaining(self, load: Load, what: str) -> float:
+        remaining = load.deadline - time.monotonic()
+        if remaining <= 0 or load.abandoned:
+            raise KVTransferError(
+                f"KV of request {load.request_id} did not arrive within {self.transfer_timeout:g}s "
+                f"({load.mode} from {load.where}, stage: {what})" if remaining <= 0 else "aborted",
+                field="kv_transfer.transfer_timeout_seconds",
+            )
+        return remaining
+
+    def _run_staged(self, load: Load, remote: RemoteEngine, spec: KVCacheSpec) -> None:
+        """The whole load in chunks through staging slots (this side's, the prefill side's, or both)."""
+        p = load.params
+        host, port = str(p["remote_host"]), int(p["remote_port"])
+        chunk = min(c for c in (self.staging.num_slots if self.staging else 0, remote.info.staging_slots) if c)
+        longest = max((len(g) for g in load.pairs), default=0)
+        dst_bases = [b.data_ptr() for b in (self.staging.buffers if self.staging else spec.kv_caches)]
+        for start in range(0, longest, chunk):
+            part = [group[start:start + chunk] for group in load.pairs]
+            local_ids = [[x[1] for x in group] for group in part]
+            remote_ids = [[x[2] for x in group] for group in part]
+            slots: list[int] = []
+            if self.staging is not None:
+                slots = self.staging.acquire(max(map(len, local_ids)), self._remaining(load, "staging slots"))
+            try:
+                dst = [slots[:len(ids)] for ids in local_ids] if self.staging is not None else local_ids
+                if remote.mode == "pull":
+                    self._read_chunk(load, remote, host, port, dst, dst_bases, remote_ids, spec)
+                else:
+                    pairs = [[[d, r] for d, r in zip(dst[g], remote_ids[g])] for g in range(len(dst))]
+                    self._push(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True)
+                if self.staging is not None:
+                    with self._lock:  # never write into blocks the engine freed after a timeout or abort
+                        if load.state != "staging" or load.abandoned:
+                            return
+                        self.staging.scatter(spec.kv_caches, local_ids, slots)
+            finally:
+                if slots and self.staging is not None:
+                    self.staging.release(slots)
+        if remote.mode == "pull" or longest == 0:
+            self.agent.notify(remote.agent_name, encode_notif("read_done", request_id=p["remote_request_id"]))
+        with self._lock:
+            if load.state == "staging":
+                load.state = "ok"
+
+    def _read_chunk(self, load: Load, remote: RemoteEngine, host: str, port: int, dst: list[list[int]],
+                    dst_bases: list[int], remote_ids: list[list[int]], spec: KVCacheSpec) -> None:
+        src, ticket = remote_ids, None
+        if remote.info.staging_slots:
+            answer = side_channel.call(host, port, {"type": "stage", "request_id": load.params["remote_request_id"],
+                                                    "blocks": remote_ids},
+                                       self._remaining(load, "prefill staging"), f"staging request to {load.where}")
+            src, ticket = answer["slots"], answer["ticket"]
+        try:
+            local: list[tuple[int, int]] = []
+            rem: list[tuple[int, int]] = []
+            for g in range(len(dst)):
+                runs = coalesce(list(zip(dst[g], src[g])))
+                lo, ro = run_descriptors(runs, dst_bases[g], remote.info.base_addrs[g], spec.block_bytes[g])
+                local += lo
+                rem += ro
+            if local:
+                xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, b"")
+                try:
+                    while (state := xfer.state()) == "PROC":
+                        self._remaining(load, "READ")
+                        time.sleep(0.0002)
+                    if state != "DONE":
+                        raise KVTransferError(f"NIXL READ of {xfer.num_bytes} bytes failed")
+                finally:
+                    xfer.release()
+        finally:
+            if ticket is not None:
+                try:
+                    side_channel.call(host, port, {"type": "unstage", "ticket": ticket}, self.handshake_timeout,
+                                      f"unstage request to {load.where}")
+                except KVTransferError as e:  # the prefill side frees the slots at the ticket deadline
+                    logger.warning("%s", e)
 
     def _pull(self, load: Load, remote: RemoteEngine, local: list[tuple[int, int]], rem: list[tuple[int, int]]) -> None:
         notif = encode_notif("read_done", request_id=load.params["remote_request_id"])
@@ -251,24 +355,44 @@ class DecodeSide:
                 return
         xfer.release()  # timed out or aborted meanwhile
 
-    def _push(self, load: Load, remote: RemoteEngine, runs: list[dict[str, int]], spec: KVCacheSpec) -> None:
+    def _push(self, load: Load, bases: list[int], pairs: list[list[list[int]]], spec: KVCacheSpec, last: bool,
+              wait: bool = False) -> None:
+        """Ask the prefill side to WRITE pairs [[my_id, its_block], ...] per group into `bases` (my blocks
+        or staging slots). wait=True: block until its notification (staged chunks), else the engine
+        thread sees it in poll."""
+        nonce = load.nonce
+        event: tuple[threading.Event, list[str]] | None = None
         with self._lock:
-            if load.state == "handshake":
+            if wait:
+                nonce = uuid.uuid4().hex[:16]
+                event = self._chunk_events[nonce] = (threading.Event(), [])
+            elif load.state == "handshake":
                 load.state = "pushing"  # before asking: the notification may beat the answer
         message = {
             "type": "push",
             "request_id": load.params["remote_request_id"],
-            "nonce": load.nonce,
+            "nonce": nonce,
+            "last": last,
             "agent_name": self.agent.name,
             "agent_metadata": self.agent.metadata().hex(),
-            "runs": runs,
-            "base_addrs": [t.data_ptr() for t in spec.kv_caches],
+            "pairs": pairs,
+            "base_addrs": bases,
             "block_bytes": spec.block_bytes,
             "device_id": self.agent.device_id,
         }
         p = load.params
-        timeout = max(load.deadline - time.monotonic(), 0.001)
-        side_channel.call(p["remote_host"], int(p["remote_port"]), message, timeout, f"push request to {load.where}")
+        try:
+            side_channel.call(p["remote_host"], int(p["remote_port"]), message, self._remaining(load, "push request"),
+                              f"push request to {load.where}")
+            if event is not None:
+                if not event[0].wait(self._remaining(load, "push")):
+                    self._remaining(load, "push")  # raises the timeout
+                if event[1]:
+                    raise KVTransferError(event[1][0])
+        finally:
+            if event is not None:
+                with self._lock:
+                    self._chunk_events.pop(nonce, None)
 
     def _set_failed(self, load: Load, error: str) -> None:
         with self._lock:

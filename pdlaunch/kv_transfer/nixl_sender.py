@@ -13,13 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
 from pdlaunch.kv_transfer.base import KVCacheSpec
+from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
+from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 
@@ -38,6 +41,16 @@ class Hold:
     expired: bool = False
 
 
+@dataclass
+class Ticket:
+    """Staging slots holding a copy of some held blocks until decode has read them ("unstage")."""
+
+    slots: list[int]
+    deadline: float
+    request_id: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+
 class PrefillSide:
     """Owns the holds; `poll` is called from the engine thread, `handle_push` from side-channel threads."""
 
@@ -49,7 +62,9 @@ class PrefillSide:
         self.transfer_timeout = transfer_timeout
         self.device_index = device_index
         self.spec: KVCacheSpec | None = None
+        self.staging: StagingArea | None = None
         self._holds: dict[str, Hold] = {}
+        self._tickets: dict[str, Ticket] = {}
         self._peers: dict[str, str] = {}  # decode agent name -> loaded name
         self._lock = threading.Lock()
         # Seed 000: CUDA's current device is per thread; bind it once when each sender thread starts.
@@ -90,6 +105,13 @@ class PrefillSide:
                         KV_EXPIRED_REQUESTS.inc()
                         logger.warning("KV of request %s was not fetched within the %.1fs lease: freed",
                                        hold.request_id, self.lease_seconds)
+            stale = [t for t in self._tickets.values() if now > t.deadline]
+            for ticket in stale:
+                del self._tickets[ticket.id]
+        for ticket in stale:  # decode never said it read them (died, timed out)
+            logger.warning("staging slots of request %s were not unstaged in time: released", ticket.request_id)
+            assert self.staging is not None
+            self.staging.release(ticket.slots)
         return finished
 
     def num_held(self) -> int:
@@ -98,12 +120,55 @@ class PrefillSide:
 
     # -- side-channel threads -----------------------------------------------------------------
     def handle_push(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Decode asks: WRITE the blocks of `request_id` into mine, then notify me with `nonce`."""
+        """Decode asks: WRITE held blocks into its blocks (or staging slots), then notify it with `nonce`.
+
+        message["pairs"][g] = [[decode_id, prefill_block_id], ...]; "last" marks the final chunk of
+        the request (the hold is freed after it).
+        """
+        request_id = str(message["request_id"])
+        hold = self._claim(request_id, message["pairs"], message["block_bytes"])
+        try:
+            peer = self._peer(message["agent_name"], message["agent_metadata"])
+            self.executor.submit(self._push, hold, message, peer)
+        except Exception:
+            with self._lock:
+                hold.busy = False
+            raise
+        return {}
+
+    def handle_stage(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Copy held blocks into staging slots for a decode READ; the answer names the slots and a ticket."""
+        if self.staging is None:
+            raise KVTransferError("this prefill engine does not stage its KV cache")
+        request_id = str(message["request_id"])
+        blocks = message["blocks"]
+        hold = self._claim(request_id, [[[0, b] for b in ids] for ids in blocks], self.spec.block_bytes if self.spec else [])
+        try:
+            ticket = self.executor.submit(self._stage, request_id, blocks).result(timeout=self.transfer_timeout)
+        finally:
+            with self._lock:
+                hold.busy = False
+        return {"ticket": ticket.id, "slots": [ticket.slots[:len(ids)] for ids in blocks]}
+
+    def handle_unstage(self, message: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            ticket = self._tickets.pop(str(message["ticket"]), None)
+        if ticket is not None and self.staging is not None:
+            self.staging.release(ticket.slots)
+        return {}
+
+    def _claim(self, request_id: str, pairs: list[list[list[int]]], block_bytes: list[int]) -> Hold:
+        """The hold of `request_id`, marked busy, after checking the request only names blocks it holds."""
         if self.spec is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
-        request_id = str(message["request_id"])
-        runs = message["runs"]
-        self._check_runs(request_id, runs, message["block_bytes"])
+        if block_bytes != self.spec.block_bytes:
+            raise KVTransferError(
+                f"request {request_id}: decode blocks are {block_bytes} bytes, mine {self.spec.block_bytes}",
+                hint="prefill and decode must run the same model, dtype, block size and TP size",
+            )
+        if len(pairs) != len(self.spec.kv_caches):
+            raise KVTransferError(f"request {request_id}: {len(pairs)} KV-cache groups named, this engine has "
+                                  f"{len(self.spec.kv_caches)}")
         with self._lock:
             hold = self._holds.get(request_id)
             if hold is None:
@@ -114,32 +179,12 @@ class PrefillSide:
                     hint="raise the lease if decode queues requests longer than that",
                 )
             if hold.busy:
-                raise KVTransferError(f"request {request_id} is already being pushed")
-            held = [set(b) for b in hold.block_ids]
-            for run in runs:
-                wanted = range(run["prefill_start"], run["prefill_start"] + run["count"])
-                if not set(wanted) <= held[run["group"]]:
-                    raise KVTransferError(f"push of request {request_id} names blocks it does not hold: {run}")
+                raise KVTransferError(f"request {request_id} is already being sent")
+            for g, group_pairs in enumerate(pairs):
+                if not {p[1] for p in group_pairs} <= set(hold.block_ids[g]) - {-1}:
+                    raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
             hold.busy = True
-        try:
-            peer = self._peer(message["agent_name"], message["agent_metadata"])
-            self.executor.submit(self._push, hold, message, peer)
-        except Exception:
-            with self._lock:
-                hold.busy = False
-            raise
-        return {}
-
-    def _check_runs(self, request_id: str, runs: list[dict[str, int]], block_bytes: list[int]) -> None:
-        assert self.spec is not None
-        if block_bytes != self.spec.block_bytes:
-            raise KVTransferError(
-                f"push of request {request_id}: decode blocks are {block_bytes} bytes, mine {self.spec.block_bytes}",
-                hint="prefill and decode must run the same model, dtype, block size and TP size",
-            )
-        for run in runs:
-            if not 0 <= run["group"] < len(self.spec.kv_caches) or run["count"] <= 0:
-                raise KVTransferError(f"push of request {request_id}: malformed run {run}")
+        return hold
 
     def _peer(self, name: str, metadata_hex: str) -> str:
         with self._lock:
@@ -151,22 +196,46 @@ class PrefillSide:
         return loaded
 
     # -- sender threads -----------------------------------------------------------------------
+    def _stage(self, request_id: str, blocks: list[list[int]]) -> Ticket:
+        assert self.staging is not None and self.spec is not None
+        slots = self.staging.acquire(max(map(len, blocks), default=0), self.transfer_timeout)
+        try:
+            self.staging.gather(self.spec.kv_caches, blocks, slots)
+        except Exception:
+            self.staging.release(slots)
+            raise
+        ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id)
+        with self._lock:
+            self._tickets[ticket.id] = ticket
+        return ticket
+
     def _push(self, hold: Hold, message: dict[str, Any], peer: str) -> None:
         assert self.spec is not None
         nonce = message["nonce"]
         xfer: XferHandle | None = None
+        slots: list[int] = []
+        failed = False
         try:
+            pairs = message["pairs"]
+            sources = [[p[1] for p in group] for group in pairs]
+            bases = [t.data_ptr() for t in self.spec.kv_caches]
+            if self.staging is not None:  # copy the blocks into plain memory first
+                slots = self.staging.acquire(max(map(len, sources), default=0), self.transfer_timeout)
+                self.staging.gather(self.spec.kv_caches, sources, slots)
+                sources = [slots[:len(ids)] for ids in sources]
+                bases = [b.data_ptr() for b in self.staging.buffers]
             local: list[tuple[int, int]] = []
             remote: list[tuple[int, int]] = []
-            for run in message["runs"]:
-                g, size = run["group"], self.spec.block_bytes[run["group"]]
-                local.append((self.spec.kv_caches[g].data_ptr() + run["prefill_start"] * size, run["count"] * size))
-                remote.append((message["base_addrs"][g] + run["decode_start"] * size, run["count"] * size))
+            for g, group in enumerate(pairs):
+                runs = coalesce([(src, p[0]) for src, p in zip(sources[g], group)])
+                lo, re = run_descriptors(runs, bases[g], message["base_addrs"][g], self.spec.block_bytes[g])
+                local += lo
+                remote += re
+            notif = encode_notif("push_done", nonce=nonce)
             if not local:
-                self.agent.notify(peer, encode_notif("push_done", nonce=nonce))
+                self.agent.notify(peer, notif)
                 return
-            xfer = self.agent.transfer("WRITE", local, remote, peer, message["device_id"],
-                                       encode_notif("push_done", nonce=nonce))
+            xfer = self.agent.transfer("WRITE", local, remote, peer, message["device_id"], notif)
             deadline = time.monotonic() + self.transfer_timeout
             while (state := xfer.state()) == "PROC" and time.monotonic() < deadline:
                 time.sleep(_POLL_SECONDS)
@@ -176,6 +245,7 @@ class PrefillSide:
                     + ("failed in NIXL" if state == "ERR" else f"did not finish within {self.transfer_timeout:g}s")
                 )
         except Exception as e:
+            failed = True  # decode fails the request: free the blocks now
             text = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
             logger.error("push of request %s failed: %s", hold.request_id, text)
             try:
@@ -185,9 +255,11 @@ class PrefillSide:
         finally:
             if xfer is not None:
                 xfer.release()
+            if slots and self.staging is not None:
+                self.staging.release(slots)
             with self._lock:
                 hold.busy = False
-                hold.done = True
+                hold.done = hold.done or failed or bool(message.get("last", True))
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)

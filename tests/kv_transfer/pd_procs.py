@@ -31,15 +31,21 @@ def make_spec(
     )
 
 
-def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any]) -> Built:
+def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any],
+                    staging_slots: int = 0) -> Built:
     from pdlaunch import metrics
     from pdlaunch.config.models import DeploymentConfig, InstanceSpec
     from pdlaunch.kv_transfer.factory import create_connector
+    from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 
     config = DeploymentConfig.model_validate_json(config_json)
     instance = InstanceSpec.model_validate_json(instance_json)
     spec = make_spec(**spec_kwargs)
-    connector = create_connector(config, instance)
+    if staging_slots:  # what CuMem KV caches get on CUDA, forced here with a tiny buffer to chunk
+        slot_bytes = sum(spec.block_bytes)
+        connector = NixlConnector(config, instance, staging_bytes=staging_slots * slot_bytes)
+    else:
+        connector = create_connector(config, instance)
     assert connector is not None
     connector.register_kv_caches(spec)
 
@@ -59,8 +65,9 @@ def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str,
 
 
 class ConnectorProcess(ProcessRPC):
-    def __init__(self, config: Any, instance: Any, **spec_kwargs: Any) -> None:
-        super().__init__(build_connector, config.model_dump_json(), instance.model_dump_json(), spec_kwargs)
+    def __init__(self, config: Any, instance: Any, staging_slots: int = 0, **spec_kwargs: Any) -> None:
+        super().__init__(build_connector, config.model_dump_json(), instance.model_dump_json(), spec_kwargs,
+                         staging_slots)
 
     def wait_events(self, predicate: Any, timeout: float = 30.0, what: str = "KV events") -> KVConnectorEvents:
         """Poll get_finished, merging events, until predicate(merged) holds."""

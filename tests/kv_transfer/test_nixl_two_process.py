@@ -21,16 +21,24 @@ def _config(mode: str) -> DeploymentConfig:
     return DeploymentConfig(device="cpu", kv_transfer=kv)
 
 
-@pytest.fixture(scope="module", params=["pull", "push"])
+# (mode, prefill staging slots, decode staging slots): 0 = the KV cache itself is registered; staging
+# (what CuMem KV caches use on CUDA) with fewer slots than a request's blocks moves it in chunks.
+SETUPS = [("pull", 0, 0), ("push", 0, 0), ("pull", 3, 2), ("push", 2, 0), ("push", 0, 3)]
+
+
+@pytest.fixture(scope="module", params=SETUPS, ids=lambda s: f"{s[0]}-stage{s[1]}x{s[2]}")
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[ConnectorProcess, ConnectorProcess]]:
-    config = _config(request.param)
+    mode, prefill_slots, decode_slots = request.param
+    config = _config(mode)
     spec = dict(block_size=BLOCK_SIZE, groups=GROUPS, num_blocks=24)
     prefill = ConnectorProcess(config, InstanceSpec(role="prefill", port=1, engine_id="engine-P", device="cpu"),
-                               seed=1, **spec)
+                               staging_slots=prefill_slots, seed=1, **spec)
     decode = None
     try:
         decode = ConnectorProcess(config, InstanceSpec(role="decode", port=2, engine_id="engine-D", device="cpu"),
-                                  seed=2, **spec)
+                                  staging_slots=decode_slots, seed=2, **spec)
+        for side, slots in ((prefill, prefill_slots), (decode, decode_slots)):
+            assert (side.info["staging"] or {"slots": 0})["slots"] == slots
         yield prefill, decode
     finally:
         prefill.close()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel, transfer_mode
 from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, needed_block_indices, pair_blocks, run_descriptors
 from pdlaunch.kv_transfer.checksum import block_checksums, verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, compat_fields, compat_hash
+from pdlaunch.kv_transfer.staging import StagingArea
 from tests.kv_transfer.pd_procs import make_spec
 
 
@@ -121,3 +123,22 @@ def test_auto_mode_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mode == "push" and "no NVLink" in reason
     other_host = gpu1.model_copy(update={"host_id": "elsewhere"})
     assert transfer_mode.resolve_transfer_mode("auto", gpu0, other_host)[0] == "push"
+
+
+def test_staging_slots_prefer_runs_and_round_trip_blocks() -> None:
+    spec = make_spec(num_blocks=10, groups=2, seed=3)
+    staging = StagingArea(spec.kv_caches, budget_bytes=5 * sum(spec.block_bytes))
+    assert staging.num_slots == 5
+    first = staging.acquire(2, timeout=1)
+    second = staging.acquire(2, timeout=1)
+    staging.release(first)
+    assert staging.acquire(3, timeout=1) == [0, 1, 4]  # no free run of 3: any 3
+    with pytest.raises(KVTransferError, match="no 2 free KV staging slots within 0.05s"):
+        staging.acquire(2, timeout=0.05)
+    staging.release(second + [0, 1, 4])
+    slots = staging.acquire(3, timeout=1)
+    target = make_spec(num_blocks=10, groups=2, seed=4)
+    staging.gather(spec.kv_caches, [[7, 2, 5], [1]], slots)
+    staging.scatter(target.kv_caches, [[0, 1, 9], [3]], slots)
+    assert torch.equal(target.kv_caches[0][[0, 1, 9]], spec.kv_caches[0][[7, 2, 5]])
+    assert torch.equal(target.kv_caches[1][3], spec.kv_caches[1][1])
