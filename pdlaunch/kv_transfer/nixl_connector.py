@@ -263,7 +263,7 @@ class NixlConnector(KVConnector):
         if self.receiver is not None:
             info["loading_requests"] = self.receiver.num_loading()
             info["peers"] = {eid: {"transfer_mode": r.mode, "reason": r.reason}
-                             for eid, r in list(self.receiver.remotes.items())}
+                             for eid, r in self.receiver.peers.snapshot().items()}
             if self._mode == "auto" and info["peers"]:
                 first = next(iter(info["peers"].values()))
                 info["transfer_mode"], info["transfer_mode_reason"] = first["transfer_mode"], first["reason"]

@@ -28,21 +28,13 @@ from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.checksum import verify_blocks
-from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
+from pdlaunch.kv_transfer.handshake import DeviceInfo
+from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.staging import StagingArea
-from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RemoteEngine:
-    info: HandshakeInfo
-    agent_name: str
-    mode: str  # "pull" | "push"
-    reason: str
 
 
 @dataclass
@@ -82,16 +74,13 @@ class DecodeSide:
     ) -> None:
         self.agent = agent
         self._spec = spec
-        self._local_device = local_device
-        self.transfer_mode = transfer_mode
+        self.peers = PeerCache(agent, spec, local_device, transfer_mode, handshake_timeout)
         self.handshake_timeout = handshake_timeout
         self.transfer_timeout = transfer_timeout
         self.verify_kv = verify_kv
         self.device_index = device_index
         self.staging: StagingArea | None = None
-        self.remotes: dict[str, RemoteEngine] = {}
         self._chunk_events: dict[str, tuple[threading.Event, list[str]]] = {}
-        self._handshake_locks: dict[str, threading.Lock] = {}
         self._loads: dict[str, Load] = {}
         self._by_nonce: dict[str, Load] = {}
         self._lock = threading.Lock()
@@ -232,7 +221,7 @@ class DecodeSide:
     # -- loader threads -----------------------------------------------------------------------
     def _run(self, load: Load) -> None:
         try:
-            remote = self.remote(load.params)
+            remote = self.peers.get(load.params)
             spec = self._spec()
             with self._lock:
                 if load.abandoned or load.state != "handshake":
@@ -398,40 +387,6 @@ class DecodeSide:
         with self._lock:
             if load.state not in ("ok", "failed"):
                 load.state, load.error = "failed", error
-
-    def remote(self, params: dict[str, Any]) -> RemoteEngine:
-        """Handshake with the prefill engine named in params (once per engine_id, then cached)."""
-        engine_id = str(params["remote_engine_id"])
-        with self._lock:
-            cached = self.remotes.get(engine_id)
-            lock = self._handshake_locks.setdefault(engine_id, threading.Lock())
-        if cached is not None:
-            return cached
-        with lock:
-            with self._lock:
-                cached = self.remotes.get(engine_id)
-            if cached is not None:
-                return cached
-            host, port = str(params["remote_host"]), int(params["remote_port"])
-            answer = side_channel.call(host, port, {"type": "handshake", "engine_id": engine_id},
-                                       self.handshake_timeout, f"KV handshake with prefill engine {engine_id}")
-            info = HandshakeInfo.model_validate(answer["info"])
-            if info.engine_id != engine_id:
-                raise KVTransferError(
-                    f"engine_id mismatch: kv_transfer_params name prefill engine {engine_id}, but the side "
-                    f"channel at {host}:{port} answers as engine {info.engine_id}",
-                    field="kv_transfer.engine_id",
-                    hint="the params came from another prefill instance, or that port now belongs to a "
-                    "restarted one; every TP rank of an instance must share one engine_id (sync_engine_id)",
-                )
-            check_compatible(self._spec(), info)
-            agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
-            mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
-            logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)
-            remote = RemoteEngine(info, agent_name, mode, reason)
-            with self._lock:
-                self.remotes[engine_id] = remote
-            return remote
 
     def shutdown(self) -> None:
         with self._lock:

@@ -1,0 +1,81 @@
+"""Decode side: the prefill engines it has shaken hands with, cached per engine_id.
+
+One handshake per remote engine (concurrent loads for the same engine wait for the first one); a
+failed handshake is not cached, so the next request tries again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer import side_channel
+from pdlaunch.kv_transfer.agent import KVAgent
+from pdlaunch.kv_transfer.base import KVCacheSpec
+from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
+from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RemoteEngine:
+    info: HandshakeInfo
+    agent_name: str  # its NIXL agent, loaded into ours
+    mode: str  # "pull" | "push"
+    reason: str
+
+
+class PeerCache:
+    def __init__(self, agent: KVAgent, spec: Callable[[], KVCacheSpec], local_device: Callable[[], DeviceInfo],
+                 transfer_mode: str, handshake_timeout: float) -> None:
+        self.agent = agent
+        self._spec = spec
+        self._local_device = local_device
+        self.transfer_mode = transfer_mode
+        self.handshake_timeout = handshake_timeout
+        self._remotes: dict[str, RemoteEngine] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def snapshot(self) -> dict[str, RemoteEngine]:
+        with self._lock:
+            return dict(self._remotes)
+
+    def get(self, params: dict[str, Any]) -> RemoteEngine:
+        """The prefill engine named in kv_transfer_params, shaking hands on first use."""
+        engine_id = str(params["remote_engine_id"])
+        with self._lock:
+            cached = self._remotes.get(engine_id)
+            lock = self._locks.setdefault(engine_id, threading.Lock())
+        if cached is not None:
+            return cached
+        with lock:
+            with self._lock:
+                cached = self._remotes.get(engine_id)
+            if cached is None:
+                cached = self._handshake(engine_id, str(params["remote_host"]), int(params["remote_port"]))
+                with self._lock:
+                    self._remotes[engine_id] = cached
+            return cached
+
+    def _handshake(self, engine_id: str, host: str, port: int) -> RemoteEngine:
+        answer = side_channel.call(host, port, {"type": "handshake", "engine_id": engine_id},
+                                   self.handshake_timeout, f"KV handshake with prefill engine {engine_id}")
+        info = HandshakeInfo.model_validate(answer["info"])
+        if info.engine_id != engine_id:
+            raise KVTransferError(
+                f"engine_id mismatch: kv_transfer_params name prefill engine {engine_id}, but the side "
+                f"channel at {host}:{port} answers as engine {info.engine_id}",
+                field="kv_transfer.engine_id",
+                hint="the params came from another prefill instance, or that port now belongs to a "
+                "restarted one; every TP rank of an instance must share one engine_id (sync_engine_id)",
+            )
+        check_compatible(self._spec(), info)
+        agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
+        mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
+        logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)
+        return RemoteEngine(info, agent_name, mode, reason)
