@@ -48,3 +48,17 @@ def test_storage_loads_onto_the_cache_device(llama_ckpt: Path, tmp_path: Path) -
     _need_gpus(1)
     for prefill, decode in pd_pair(llama_ckpt, "storage", "auto", str(tmp_path), device="cuda", devices=(0, 0)):
         check_pd(llama_ckpt, prefill, decode, "storage", device="cuda")
+
+
+@pytest.mark.parametrize("devices", [(0, 0), (0, 1)], ids=["one-gpu", "two-gpus"])
+def test_pd_with_cumem_kv_moves_through_staging(llama_ckpt: Path, devices: tuple[int, int]) -> None:
+    from pdlaunch.memory.platform import is_cumem_allocator_available
+
+    _need_gpus(max(devices) + 1)
+    if not is_cumem_allocator_available():
+        pytest.skip("the CuMem allocator is not available on this host")
+    for prefill, decode in pd_pair(llama_ckpt, "nixl", "auto", device="cuda", devices=devices,
+                                   enable_cumem_allocator=True):
+        check_pd(llama_ckpt, prefill, decode, "nixl", device="cuda")
+        for side in (prefill, decode):
+            assert side.call("info")["staging"]["slots"] > 0
