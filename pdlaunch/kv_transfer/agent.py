@@ -129,6 +129,9 @@ class KVAgent:
         return [m for messages in self.nixl.get_new_notifs().values() for m in messages]
 
     def close(self) -> None:
+        """Forget peers, deregister memory, destroy the agent. Idempotent."""
+        if self.nixl is None:
+            return
         for name in list(self._remote_agents):
             try:
                 self.nixl.remove_remote_agent(name)
@@ -138,3 +141,5 @@ class KVAgent:
         if self._registered is not None:
             self.nixl.deregister_memory(self._registered)
             self._registered = None
+        # Dropping the last reference destroys the native agent (UCX workers, listen sockets).
+        self.nixl = None
