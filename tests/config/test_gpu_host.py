@@ -41,5 +41,6 @@ def test_more_instances_than_this_hosts_gpus() -> None:
 
 
 def test_memory_budget_uses_this_hosts_gpu_memory() -> None:
-    result = check(["--model", "demo", "--device", "cuda", "--gpu-memory-utilization", "0.0001"])
+    # 1e-5 of even a 141 GiB GPU is ~1.4 MiB, below the demo model's ~9 MiB of weights + KV per instance.
+    result = check([*ONE_GPU_PD, "--gpu-memory-utilization", "0.00001"])
     assert_invalid(result, "instances[0]", "GiB per GPU")
