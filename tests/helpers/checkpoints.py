@@ -148,18 +148,19 @@ def hf_greedy(directory: Path, prompt_ids: list[int], max_new_tokens: int, *, st
     By default EOS does not stop generation (compare with `ignore_eos=True` runs), so exactly
     `max_new_tokens` ids come back.
     """
-    from transformers import GenerationConfig
-
+    # A plain argmax loop over the HF forward with its own KV cache: `generate` merges the
+    # checkpoint's generation_config (EOS included) into ours under transformers 5.
     model = hf_model(directory, dtype, device)
-    gen_config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0,
-        eos_token_id=[EOS_TOKEN_ID] if stop_at_eos else None,
-        pad_token_id=EOS_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-    )
     input_ids = torch.tensor([prompt_ids], device=device)
+    new_ids: list[int] = []
+    past = None
     with torch.no_grad():
-        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gen_config)
-    return out[0, len(prompt_ids):].tolist()
+        for _ in range(max_new_tokens):
+            out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            next_id = int(out.logits[0, -1].float().argmax())
+            new_ids.append(next_id)
+            if stop_at_eos and next_id == EOS_TOKEN_ID:
+                break
+            input_ids = torch.tensor([[next_id]], device=device)
+    return new_ids
