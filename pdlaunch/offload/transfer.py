@@ -1,0 +1,252 @@
+"""Block copies between the device KV cache and the CPU tier, for every KV-cache group in one job.
+
+Addressing. Both sides use the block-major layout of model/attention_metadata.py, one tensor per
+KV-cache group: `[num_blocks, layers_in_group, 2, block_size, kv_heads, head_dim]`. A job moves a
+request's *logical* blocks (token block j of its sequence) 0..N-1 relative to the job:
+
+- the CPU side (`CPULoadStoreSpec.block_ids`) names one CPU block per `block_size_factor` logical
+  blocks; logical block j lives in CPU block `block_ids[j // f]` at sub-block `j % f` (a CPU block
+  holds f device blocks, in every group);
+- the device side (`GPULoadStoreSpec`) lists, group after group, the device block ids it moves:
+  `group_sizes[g]` ids for group g, the first of which is logical block `block_indices[g]`. A
+  sliding-window group that only keeps a request's tail starts later than a full-attention group,
+  and its start need not be a multiple of f (an unaligned start skips `block_indices[g] % f`
+  sub-blocks of its first CPU block and leaves them untouched).
+
+Ordering. One worker thread issues every job in submission order (on CUDA onto one transfer
+stream), so transfers never overtake each other: a load submitted after a store reads what that
+store wrote, and a store into a CPU block runs after any earlier load from it. Against compute: a
+job starts after the compute queued before `transfer_async` (CUDA: an event recorded on the
+caller's stream), and `order_before_compute` makes the next compute wait for every submitted job
+(CUDA: the compute stream waits on the jobs' events; CPU: the host waits, copies being synchronous).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import nullcontext
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from pdlaunch.errors import EngineError
+from pdlaunch.memory.platform import set_device
+
+__all__ = ["CPULoadStoreSpec", "GPULoadStoreSpec", "TransferResult", "TransferSpec", "CpuGpuTransfer", "block_runs"]
+
+
+@dataclass(frozen=True)
+class GPULoadStoreSpec:
+    """Device blocks of every group of one job (see the module docstring for the addressing)."""
+
+    block_ids: tuple[int, ...]  # sum(group_sizes) ids, group 0 first
+    group_sizes: tuple[int, ...]  # per group: how many of block_ids belong to it (0 = group not moved)
+    block_indices: tuple[int, ...]  # per group: logical block (job-relative) of its first id
+
+    def __post_init__(self) -> None:
+        if len(self.group_sizes) != len(self.block_indices):
+            raise EngineError(f"{len(self.group_sizes)} group sizes but {len(self.block_indices)} block indices",
+                              field="offload.spec", hint="give one block index per KV-cache group")
+        if sum(self.group_sizes) != len(self.block_ids) or min(self.group_sizes + self.block_indices, default=0) < 0:
+            raise EngineError(f"group sizes {self.group_sizes} do not split {len(self.block_ids)} block ids",
+                              field="offload.spec", hint="group_sizes must be >= 0 and sum to len(block_ids)")
+
+    def group_block_ids(self, group: int) -> tuple[int, ...]:
+        start = sum(self.group_sizes[:group])
+        return self.block_ids[start:start + self.group_sizes[group]]
+
+
+@dataclass(frozen=True)
+class CPULoadStoreSpec:
+    block_ids: tuple[int, ...]  # CPU blocks; logical block j of the job is in block_ids[j // factor]
+
+
+TransferSpec = tuple[GPULoadStoreSpec, CPULoadStoreSpec] | tuple[CPULoadStoreSpec, GPULoadStoreSpec]
+
+
+@dataclass
+class TransferResult:
+    job_id: int
+    success: bool
+    num_bytes: int
+    seconds: float
+    store: bool  # device -> CPU
+    error: str | None = None
+
+
+def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, length) runs where both sides advance by one: fewer, larger copies."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+@dataclass
+class _Job:
+    job_id: int
+    issued: Future[None]  # done once every copy is issued (on CPU: done)
+    done: torch.cuda.Event | None  # CUDA: recorded after the last copy
+    start: torch.cuda.Event | None
+    started_at: float
+    num_bytes: int
+    store: bool
+
+
+class CpuGpuTransfer:
+    """Runs transfer jobs between per-group device caches and per-group CPU caches."""
+
+    def __init__(self, gpu_caches: Sequence[torch.Tensor], cpu_caches: Sequence[torch.Tensor],
+                 block_size_factor: int = 1) -> None:
+        if len(gpu_caches) != len(cpu_caches):
+            raise EngineError(f"{len(gpu_caches)} device cache groups but {len(cpu_caches)} CPU ones",
+                              field="offload", hint="build the CPU tier from the same KV-cache groups")
+        for g, (dev, cpu) in enumerate(zip(gpu_caches, cpu_caches)):
+            if dev.shape[1:] != cpu.shape[1:] or dev.dtype != cpu.dtype or cpu.shape[0] % block_size_factor:
+                raise EngineError(f"group {g}: device blocks {tuple(dev.shape[1:])} {dev.dtype} and CPU blocks "
+                                  f"{tuple(cpu.shape[1:])} {cpu.dtype} (x{block_size_factor}) differ",
+                                  field="offload", hint="the CPU tier must use the device cache's block layout")
+        self.gpu_caches = list(gpu_caches)  # replaced by the owner when the device cache is reallocated
+        self.cpu_caches = list(cpu_caches)  # per group [num_cpu_blocks * factor, ...]: sub-block addressing
+        self.factor = block_size_factor
+        device = gpu_caches[0].device if gpu_caches else torch.device("cpu")
+        self.cuda = device.type == "cuda"
+        # Captured here, in the constructing thread: the worker binds it once at start (seed 000).
+        self.device_index = device.index if self.cuda and device.index is not None else 0
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-offload",
+                                        initializer=set_device, initargs=(self.device_index,))
+        self._jobs: dict[int, _Job] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- addressing ------------------------------------------------------------------------------
+    def _copies(self, gpu: GPULoadStoreSpec, cpu: CPULoadStoreSpec) -> list[tuple[int, list[tuple[int, int, int]]]]:
+        """Per group: runs of (device block, CPU sub-block, length)."""
+        if len(gpu.group_sizes) != len(self.gpu_caches):
+            raise EngineError(f"spec has {len(gpu.group_sizes)} groups, the cache {len(self.gpu_caches)}",
+                              field="offload.spec", hint="give group_sizes/block_indices for every group")
+        f = self.factor
+        out = []
+        for g in range(len(self.gpu_caches)):
+            ids = gpu.group_block_ids(g)
+            if not ids:
+                continue
+            first = gpu.block_indices[g]
+            if (first + len(ids) - 1) // f >= len(cpu.block_ids):
+                raise EngineError(
+                    f"group {g}: logical blocks {first}..{first + len(ids) - 1} need "
+                    f"{(first + len(ids) - 1) // f + 1} CPU blocks, the spec has {len(cpu.block_ids)}",
+                    field="offload.spec", hint="block_indices + group_sizes must fit the CPU block list")
+            subs = [cpu.block_ids[j // f] * f + j % f for j in range(first, first + len(ids))]
+            num_gpu, num_cpu = self.gpu_caches[g].shape[0], self.cpu_caches[g].shape[0]
+            if any(not 0 <= b < num_gpu for b in ids) or any(not 0 <= s < num_cpu for s in subs):
+                raise EngineError(f"group {g}: a block id is out of range", field="offload.spec",
+                                  hint=f"device blocks < {num_gpu}, CPU blocks < {num_cpu // f}")
+            out.append((g, block_runs(ids, subs)))
+        return out
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def transfer_async(self, job_id: int, spec: TransferSpec) -> bool:
+        """Queue one job (device->CPU when spec[0] is the device side). False when it cannot run."""
+        src, dst = spec
+        store = isinstance(src, GPULoadStoreSpec)
+        gpu, cpu = (src, dst) if store else (dst, src)
+        if not isinstance(gpu, GPULoadStoreSpec) or not isinstance(cpu, CPULoadStoreSpec):
+            raise EngineError("a transfer spec pairs one device side with one CPU side", field="offload.spec")
+        if self._closed or job_id in self._jobs:
+            return False
+        copies = self._copies(gpu, cpu)
+        gpu_caches, cpu_caches = list(self.gpu_caches), list(self.cpu_caches)
+        num_bytes = sum(n * gpu_caches[g][0].nbytes for g, runs in copies for _, _, n in runs)
+        ready = done = start = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(gpu_caches[0].device))  # compute queued so far
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def issue() -> None:
+            ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+            with ctx:
+                if self.stream is not None:
+                    self.stream.wait_event(ready)
+                    start.record(self.stream)
+                for g, runs in copies:
+                    dev, host = gpu_caches[g], cpu_caches[g]
+                    for b, s, n in runs:
+                        if store:
+                            host[s:s + n].copy_(dev[b:b + n], non_blocking=self.cuda)
+                        else:
+                            dev[b:b + n].copy_(host[s:s + n], non_blocking=self.cuda)
+                if self.stream is not None:
+                    done.record(self.stream)
+
+        job = _Job(job_id, self._pool.submit(issue), done, start, time.perf_counter(), num_bytes, store)
+        with self._lock:
+            self._jobs[job_id] = job
+        return True
+
+    def _finished(self, job: _Job) -> bool:
+        if not job.issued.done():
+            return False
+        return job.issued.exception() is not None or job.done is None or job.done.query()
+
+    def get_finished(self) -> list[TransferResult]:
+        """Jobs completed since the last call (never blocks)."""
+        with self._lock:
+            ready = [j for j in self._jobs.values() if self._finished(j)]
+            for j in ready:
+                del self._jobs[j.job_id]
+        results = []
+        for j in ready:
+            exc = j.issued.exception()
+            if j.start is not None and j.done is not None and exc is None:
+                seconds = j.start.elapsed_time(j.done) / 1e3
+            else:
+                seconds = time.perf_counter() - j.started_at
+            results.append(TransferResult(j.job_id, exc is None, j.num_bytes if exc is None else 0, seconds, j.store,
+                                          None if exc is None else f"{type(exc).__name__}: {exc}"))
+        return results
+
+    def order_before_compute(self, timeout: float = 60.0) -> None:
+        """Make the next compute on this device wait for every job submitted so far."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        deadline = time.monotonic() + timeout
+        for j in jobs:
+            try:
+                j.issued.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError as exc:
+                raise EngineError(f"KV offload job {j.job_id} was not issued within {timeout:.0f}s",
+                                  field="offload", hint="the transfer thread is stuck; see the log") from exc
+            except Exception:  # noqa: BLE001 - a failed job is reported by get_finished
+                continue
+            if j.done is not None:
+                torch.cuda.current_stream(self.gpu_caches[0].device).wait_event(j.done)
+
+    def wait_all(self, timeout: float = 60.0) -> None:
+        """Block the host until every submitted job has completed (tests, shutdown, sleep)."""
+        self.order_before_compute(timeout)
+        with self._lock:
+            events = [j.done for j in self._jobs.values() if j.done is not None]
+        for e in events:
+            e.synchronize()
+
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def shutdown(self) -> None:
+        """Finish what was queued, stop the worker thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.wait_all()
+        self._pool.shutdown(wait=True)
+
