@@ -69,10 +69,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     @app.get("/info")
     async def info() -> dict[str, Any]:
         engine = engine_loop.engine
-        connector_info: dict[str, Any] = {}
+        snapshot: dict[str, Any] = {}
         if engine_loop.state == "ready":
-            connector_info = await engine_loop.call(
-                lambda e: e.connector.info() if getattr(e, "connector", None) is not None else {})
+            snapshot = await engine_loop.call(_engine_snapshot)  # on the engine thread: no race with step()
+        connector_info: dict[str, Any] = snapshot.get("connector", {})
         engine_id = getattr(engine, "engine_id", None) or spec.engine_id
         stats = dict(engine_loop.stats)
         return {
@@ -83,7 +83,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "model": model_name,
             "engine_id": engine_id,
             "tp_size": spec.tp,
-            "rank_engine_ids": list(getattr(engine, "rank_engine_ids", None) or [engine_id] * spec.tp),
+            "rank_engine_ids": snapshot.get("rank_engine_ids") or [engine_id] * spec.tp,
             "device": spec.device,
             "devices": spec.devices,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -198,6 +198,15 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     sleep.add_routes(app)
     return app
+
+
+def _engine_snapshot(engine: Any) -> dict[str, Any]:
+    """What /info reads from the engine itself (runs on the engine thread)."""
+    ids = getattr(engine, "rank_engine_ids", None)
+    ids = ids() if callable(ids) else ids
+    connector = getattr(engine, "connector", None)
+    return {"rank_engine_ids": list(ids) if ids else None,
+            "connector": connector.info() if connector is not None else {}}
 
 
 def _raise_if_error(item: StreamItem) -> RequestOutput:

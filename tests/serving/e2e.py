@@ -37,12 +37,12 @@ def children_of(launcher_pid: int) -> list[int]:
 class Serve:
     """One `pdlaunch serve` process with its stdout+stderr in a file."""
 
-    def __init__(self, tmp: Path, args: list[str]) -> None:
+    def __init__(self, tmp: Path, args: list[str], device: str = "cpu") -> None:
         self.port = PortAllocator("127.0.0.1").free("e2e proxy")
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = tmp / "logs"
         self.output_path = tmp / "serve.out"
-        argv = [sys.executable, "-m", "pdlaunch", "serve", "--device", "cpu", "--port", str(self.port),
+        argv = [sys.executable, "-m", "pdlaunch", "serve", "--device", device, "--port", str(self.port),
                 "--log-dir", str(self.log_dir), *args]
         self._out = open(self.output_path, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -6,10 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from pdlaunch.launcher.ports import PortAllocator
-from tests.serving.e2e import children_of
+from tests.serving.e2e import Serve, children_of
+from tests.serving.helpers import wait_for
 
 pytestmark = [pytest.mark.gpu, pytest.mark.e2e]
 
@@ -31,3 +33,39 @@ def test_gpu_smoke_one_shared_gpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, output
     assert "smoke passed" in output and "cuda:0" in output
     assert children_of(proc.pid) == []
+
+
+SLEEP_YAML = """
+device: cuda
+model: {path: demo, dtype: bfloat16, enable_sleep_mode: true, max_model_len: 1024}
+cache: {gpu_memory_utilization: 0.4}
+kv_transfer: {transfer_mode: push}
+instances:
+  - {role: prefill, count: 1, devices: [0]}
+  - {role: decode, count: 1, devices: [0]}
+"""
+
+
+def test_sleep_and_wake_through_the_proxy(tmp_path: Path) -> None:
+    config = tmp_path / "sleep.yaml"
+    config.write_text(SLEEP_YAML)
+    serve = Serve(tmp_path, [str(config)], device="cuda")
+    try:
+        serve.wait_ready()
+        body = {"model": "demo", "prompt": "Sleep well", "max_tokens": 8, "temperature": 0}
+        before = httpx.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        slept = httpx.post(f"{serve.url}/sleep", params={"level": 1}, timeout=120)
+        assert slept.status_code == 200, slept.text
+        assert all(i["body"]["freed_bytes"] > 0 for i in slept.json()["instances"])
+        states = httpx.get(f"{serve.url}/is_sleeping", timeout=30).json()["instances"]
+        assert all(i["body"]["is_sleeping"] for i in states)
+        wait_for(lambda: httpx.post(f"{serve.url}/v1/completions", json=body, timeout=30).status_code == 503,
+                 "the proxy to stop routing to sleeping instances")
+        woke = httpx.post(f"{serve.url}/wake_up", timeout=120)
+        assert woke.status_code == 200 and not any(i["body"]["is_sleeping"] for i in woke.json()["instances"])
+        wait_for(lambda: httpx.get(f"{serve.url}/health", timeout=5).status_code == 200, "the proxy to see them awake")
+        after = httpx.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert after == before
+    finally:
+        serve.stop()
+    assert serve.proc.returncode == 0, serve.output

@@ -25,7 +25,7 @@ PROMPT = "The capital of France is"
 def server() -> Iterator[tuple[str, EngineLoop]]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "demo", "max_model_len": 256}, "cache": {"num_gpu_blocks": 64},
+        "model": {"path": "demo", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 160},
         "scheduler": {"max_num_seqs": 8},
     })
     port = PortAllocator("127.0.0.1").free("test instance")
@@ -46,9 +46,9 @@ def test_health_info_models_metrics(server: tuple[str, EngineLoop]) -> None:
     info = httpx.get(f"{url}/info").json()
     assert info["role"] == "colocated" and info["engine_id"] == "test-colocated-0"
     assert info["rank_engine_ids"] == ["test-colocated-0"] and info["tp_size"] == 1
-    assert info["num_blocks_total"] == 64 and "block-major" in info["kv_layout"].replace("_", "-")
+    assert info["num_blocks_total"] == 160 and "block-major" in info["kv_layout"].replace("_", "-")
     models = httpx.get(f"{url}/v1/models").json()
-    assert models["data"][0]["id"] == "demo" and models["data"][0]["max_model_len"] == 256
+    assert models["data"][0]["id"] == "demo" and models["data"][0]["max_model_len"] == 2048
     httpx.post(f"{url}/v1/completions", json=_greedy(stream=True), timeout=60)
     text = httpx.get(f"{url}/metrics").text
     for name in ("pdlaunch_kv_blocks_total", "pdlaunch_requests_running", "pdlaunch_time_to_first_token_seconds",
@@ -119,7 +119,7 @@ def test_logprobs_and_stop(server: tuple[str, EngineLoop]) -> None:
 
 
 @pytest.mark.parametrize(("body", "status", "param"), [
-    ({"prompt": "x" * 400, "max_tokens": 8}, 400, "prompt"),
+    ({"prompt": "x " * 2100, "max_tokens": 8}, 400, "prompt"),
     ({"prompt": [], "max_tokens": 8}, 400, "prompt"),
     ({"prompt": [10**9], "max_tokens": 8}, 400, "prompt"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
@@ -146,7 +146,8 @@ def test_sleep_routes_refuse_without_sleep_mode(server: tuple[str, EngineLoop]) 
 def test_client_disconnect_aborts_and_frees_blocks(server: tuple[str, EngineLoop]) -> None:
     url, loop = server
     aborted = loop.num_aborted
-    body = _greedy(max_tokens=240, ignore_eos=True, stream=True)
+    # Far more tokens than can be generated before the disconnect lands, even on a loaded machine.
+    body = _greedy(max_tokens=2000, ignore_eos=True, stream=True)
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
         assert next(r.iter_bytes()).startswith(b"data: ")
     wait_for(lambda: loop.num_pending == 0, "the request to leave the engine")
