@@ -16,8 +16,8 @@ import torch
 
 from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.executor import create_executor
 from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
-from pdlaunch.engine.model_runner import ModelRunner
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
@@ -63,13 +63,11 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.block_size = config.cache.block_size
         self.tp_size = instance.tp if instance is not None else config.parallel.tp
-        if self.tp_size != 1:
-            raise EngineError(f"this engine runs tensor-parallel size 1, got {self.tp_size}",
-                              field="parallel.tp", hint="tensor parallelism runs through pdlaunch.distributed")
-        self.runner = ModelRunner(
-            self.checkpoint, self.device, self.dtype, config.cache, config.scheduler, self.max_model_len,
-            use_cumem=config.model.enable_cumem_allocator,
-        )
+        # tp > 1: this process becomes TP rank 0 and spawns the other ranks (pdlaunch.distributed).
+        self.executor = create_executor(config, instance, self.checkpoint, self.device, self.dtype,
+                                        self.max_model_len, self.engine_id)
+        self.engine_id = self.executor.engine_id  # rank 0's, adopted by every rank (seed 002)
+        self.runner = self.executor.runner
         groups = self.runner.groups
         self.block_manager = BlockManager(self.runner.num_blocks, self.block_size,
                                           [g.sliding_window for g in groups], config.cache.enable_prefix_caching)
@@ -205,18 +203,24 @@ class LLMEngine:
         self.scheduler.finish_request(tracked.request, "abort")
         return self.outputs.output(request_id, [], "")
 
+    @property
+    def rank_engine_ids(self) -> list[str]:
+        """engine_id as each TP rank holds it, in rank order (all equal after the sync); /info shows it."""
+        return self.executor.rank_engine_ids()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
+        self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
                 outputs.append(self.outputs.output(request.request_id, [], ""))
         sched = self.scheduler.schedule()
         if sched.scheduled:
-            logits = self.runner.execute(sched.scheduled, self.block_manager)
+            logits = self.executor.execute(sched.scheduled, self.block_manager)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
             sampled = self.sampler(logits, [SampleRow(r.params, r.generator) for r in sampling]) if sampling else None
             self.scheduler.after_step(sched)
@@ -279,4 +283,4 @@ class LLMEngine:
             self.block_manager.free(request_id)
         if self.connector is not None:
             self.connector.shutdown()
-        self.runner.release()
+        self.executor.shutdown()

@@ -10,8 +10,10 @@ MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on C
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +29,19 @@ from pdlaunch.model.loader import Checkpoint, load_model
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StepInputs:
+    """One step's batch on the host; identical for every TP rank (rank 0 builds it, sends it on)."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    query_lens: list[int]  # per scheduled request
+    context_lens: list[int]  # tokens already in the cache, per scheduled request
+    slot_mapping: list[torch.Tensor]  # per KV-cache group, [T] long
+    block_tables: list[torch.Tensor]  # per KV-cache group, [N, max_blocks] long, -1 padded
+    sample_rows: list[int]  # token rows whose logits are returned, in order
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -39,7 +54,10 @@ class ModelRunner:
         tp_rank: int = 0,
         tp_size: int = 1,
         use_cumem: bool = False,
+        agree_num_blocks: Callable[[int], int] | None = None,
     ) -> None:
+        """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
+        (the minimum over ranks), so block ids mean the same slots on every rank."""
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = dtype
@@ -50,12 +68,15 @@ class ModelRunner:
         self.use_cumem = use_cumem
         arch = checkpoint.arch
         self.groups = arch.kv_cache_groups()
-        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)  # per TP rank
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)  # per TP rank (replicated when tp > kv heads)
         self.head_dim = arch.head_dim
         free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
         with memory_pool_context(use_cumem, "weights"):
             self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size)
         self.num_blocks = self._determine_num_blocks(free_at_start)
+        if agree_num_blocks is not None:
+            self.num_blocks = agree_num_blocks(self.num_blocks)
         self.kv_caches: list[torch.Tensor] = []
         self.allocate_kv_caches()
 
@@ -149,9 +170,8 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
         )
 
-    def prepare(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """(input_ids [T], positions [T], metadata) for the scheduled chunks, on the device."""
+    def prepare_inputs(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> StepInputs:
+        """The host-side inputs of the scheduled chunks (what every TP rank needs for the step)."""
         ids: list[int] = []
         pos_parts = []
         seq_index = []
@@ -174,22 +194,37 @@ class ModelRunner:
                                   hint="a pdlaunch bug; please report it with the log")
             slot_mapping.append(blocks * self.block_size + positions % self.block_size)
             block_tables.append(bt)
-        attn = self._metadata([s.num_new_tokens for s in scheduled], [s.start for s in scheduled],
-                              slot_mapping, block_tables)
-        return torch.tensor(ids, dtype=torch.long).to(self.device), positions.to(self.device), attn
+        query_lens = [s.num_new_tokens for s in scheduled]
+        last = list(itertools.accumulate(query_lens, initial=-1))[1:]  # last token row of each request
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long), positions=positions, query_lens=query_lens,
+            context_lens=[s.start for s in scheduled], slot_mapping=slot_mapping, block_tables=block_tables,
+            sample_rows=[t for t, s in zip(last, scheduled) if s.needs_sample],
+        )
+
+    def prepare(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids [T], positions [T], metadata) for the scheduled chunks, on the device."""
+        inputs = self.prepare_inputs(scheduled, block_manager)
+        attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
+        return inputs.input_ids.to(self.device), inputs.positions.to(self.device), attn
 
     @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Forward one step on this rank's shard; float32 logits [len(sample_rows), V].
+
+        Under TP every rank calls this with the same inputs (the forward's collectives pair up);
+        only rank 0's logits are sampled.
+        """
+        attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
+        hidden = self.model(inputs.input_ids.to(self.device), inputs.positions.to(self.device), attn, self.kv_caches)
+        if not inputs.sample_rows:
+            return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
+        return self.model.compute_logits(hidden[torch.tensor(inputs.sample_rows, device=self.device)])
+
     def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
         """Run one step; returns float32 logits [N, V] of the requests that need a sample, in order."""
-        input_ids, positions, attn = self.prepare(scheduled, block_manager)
-        hidden = self.model(input_ids, positions, attn, self.kv_caches)
-        last = [attn.query_lens_cpu[0] - 1]
-        for q in attn.query_lens_cpu[1:]:
-            last.append(last[-1] + q)
-        rows = [t for t, s in zip(last, scheduled) if s.needs_sample]
-        if not rows:
-            return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return self.run(self.prepare_inputs(scheduled, block_manager))
 
     def release(self) -> None:
         """Drop the cache tensors and the weights (shutdown)."""

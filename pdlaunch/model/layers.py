@@ -83,18 +83,32 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         _copy_checked(dest, loaded.narrow(0, self.tp_rank * size, size), f"merged shard {shard_id}")
 
 
-class QKVParallelLinear(MergedColumnParallelLinear):
-    """q, k, v projections in one matmul; shard_id is "q", "k" or "v". KV heads split across ranks."""
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k, v projections in one matmul; shard_id is "q", "k" or "v".
+
+    Query heads split across ranks. KV heads split too when tp divides them; when tp exceeds them
+    each KV head is replicated on tp / num_kv_heads consecutive ranks (rank r holds KV head
+    r * num_kv_heads // tp), so every rank keeps the KV head its query heads attend to.
+    """
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1) -> None:
-        if num_heads % tp_size or num_kv_heads % tp_size:
+        if num_heads % tp_size or (num_kv_heads % tp_size and tp_size % num_kv_heads):
             raise ValueError(f"{num_heads} heads / {num_kv_heads} KV heads do not split over tp_size {tp_size}")
-        sizes = [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim]
-        super().__init__(hidden, sizes, bias, tp_rank, tp_size)
+        self.head_dim = head_dim
+        self.q_heads = num_heads // tp_size
+        self.kv_heads = max(1, num_kv_heads // tp_size)  # per rank
+        self.kv_head_start = tp_rank * num_kv_heads // tp_size  # first KV head of this rank
+        per_rank = (self.q_heads + 2 * self.kv_heads) * head_dim
+        super().__init__(hidden, per_rank * tp_size, bias, tp_rank, tp_size)
+        self.full_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        super().weight_loader(param, loaded, {"q": 0, "k": 1, "v": 2}[shard_id])
+        q, kv = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        offset, size, src = {"q": (0, q, self.tp_rank * q), "k": (q, kv, self.kv_head_start * self.head_dim),
+                             "v": (q + kv, kv, self.kv_head_start * self.head_dim)}[shard_id]
+        _check_full(loaded, (self.full_sizes[shard_id], *param.shape[1:]), f"qkv shard {shard_id}")
+        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, src, size), f"qkv shard {shard_id}")
 
 
 class RowParallelLinear(nn.Module):

@@ -31,7 +31,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = arch.head_dim
         self.num_heads = arch.num_heads // tp_size
-        self.num_kv_heads = arch.num_kv_heads // tp_size
+        self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)  # replicated when tp > KV heads
         self.scale = arch.head_dim**-0.5
         self.sliding_window = arch.layer_windows()[layer]
         self.kv_group, self.index_in_group = arch.layer_group_index()[layer]

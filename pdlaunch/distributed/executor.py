@@ -1,0 +1,203 @@
+"""Executors: how an engine runs its model, on one process (tp 1) or on a TP group (tp > 1).
+
+`TPExecutor` lives in the engine process, which is TP rank 0: it hosts the rendezvous, spawns one
+worker process per rank 1..T-1, schedules, hands every step's inputs to the workers over pipes,
+runs its own shard, and returns the logits it samples from. A watchdog thread follows the workers'
+process sentinels: a rank that dies fails the next step (idle engines step every few seconds too)
+with an error naming the rank; a collective that a dead rank never joins fails with gloo at once
+and with NCCL at COLLECTIVE_TIMEOUT_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import torch
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
+from pdlaunch.distributed.rank import build_rank
+from pdlaunch.distributed.worker import recv, run_worker, send
+from pdlaunch.engine.block_manager import BlockManager
+from pdlaunch.engine.model_runner import ModelRunner
+from pdlaunch.engine.scheduler import ScheduledRequest
+from pdlaunch.errors import EngineError
+from pdlaunch.model.loader import Checkpoint
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 10.0  # a worker that does not exit after "shutdown" within this is terminated
+DEATH_REPORT_WAIT_S = 2.0  # after a failed collective, how long to wait for the watchdog to name the rank
+
+
+class UniprocExecutor:
+    """tp 1: the model runs in the engine process."""
+
+    def __init__(self, runner: ModelRunner, engine_id: str) -> None:
+        self.runner = runner
+        self.engine_id = engine_id
+
+    def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
+        return self.runner.execute(scheduled, block_manager)
+
+    def check_health(self) -> None:
+        """Nothing to watch in one process."""
+
+    def rank_engine_ids(self) -> list[str]:
+        return [self.engine_id]
+
+    def shutdown(self) -> None:
+        self.runner.release()
+
+
+class TPExecutor:
+    """tp > 1: this process is rank 0 of the instance's TP group."""
+
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
+                 device: torch.device, dtype: torch.dtype, max_model_len: int, dtype_name: str) -> None:
+        self.tp_size = instance.tp if instance is not None else config.parallel.tp
+        self.failure: str | None = None
+        self._closing = threading.Event()
+        self._workers: list[BaseProcess] = []
+        self._conns: list[Connection] = []
+        port = instance.master_port if instance is not None else config.parallel.master_port
+        self._store = create_store(config.parallel.master_addr, port, self.tp_size)
+        ctx = mp.get_context("spawn")
+        try:
+            for rank in range(1, self.tp_size):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=run_worker, name=f"pdlaunch-tp-rank-{rank}", daemon=True,
+                                   args=(rank, config, instance, device.type, dtype_name, max_model_len,
+                                         self._store.port, child_end))
+                proc.start()
+                child_end.close()
+                self._workers.append(proc)
+                self._conns.append(parent_end)
+            state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, self._store.port,
+                               self._store)
+            self.runner = state.runner
+            self.engine_id = state.engine_id
+            self._rank_engine_ids = [self.engine_id] + [self._wait_ready(r) for r in range(1, self.tp_size)]
+        except BaseException:
+            self._stop_workers()
+            destroy_tp_group()
+            raise
+        self._watchdog = threading.Thread(target=self._watch, name="pdlaunch-tp-watchdog", daemon=True)
+        self._watchdog.start()
+        log.info("TP group of %d ranks ready (worker pids %s)", self.tp_size, [p.pid for p in self._workers])
+
+    # -- startup ---------------------------------------------------------------------------------
+    def _wait_ready(self, rank: int) -> str:
+        conn, proc = self._conns[rank - 1], self._workers[rank - 1]
+        if not conn.poll(RENDEZVOUS_TIMEOUT_S):
+            raise EngineError(f"TP rank {rank} (pid {proc.pid}) was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
+                              field="parallel.tp", hint="see the rank's log lines above")
+        try:
+            message = recv(conn)
+        except EOFError:
+            raise EngineError(f"TP rank {rank} (pid {proc.pid}) exited during startup", field="parallel.tp",
+                              hint="see the rank's log lines above") from None
+        if message[0] != "ready":
+            raise EngineError(str(message[1]), field="parallel.tp", hint="see the rank's log lines above")
+        return str(message[1])
+
+    # -- steps -----------------------------------------------------------------------------------
+    def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
+        self.check_health()
+        inputs = self.runner.prepare_inputs(scheduled, block_manager)
+        self._send_all(("execute", inputs))
+        try:
+            return self.runner.run(inputs)
+        except RuntimeError as exc:
+            raise self._rank_failure(exc) from exc
+
+    def _send_all(self, message: tuple[Any, ...]) -> None:
+        for rank, conn in enumerate(self._conns, start=1):
+            try:
+                send(conn, message)
+            except OSError as exc:
+                raise self._rank_failure(exc, rank) from exc
+
+    def _rank_failure(self, exc: BaseException, rank: int | None = None) -> EngineError:
+        deadline = time.monotonic() + DEATH_REPORT_WAIT_S
+        while self.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        message = self.failure or (f"TP rank {rank} is unreachable: {exc}" if rank is not None
+                                   else f"a TP collective failed: {exc}")
+        self.failure = message
+        return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
+
+    def check_health(self) -> None:
+        """Raise EngineError naming the rank if a worker died."""
+        if self.failure is not None:
+            raise EngineError(self.failure, field="parallel.tp", hint="see that rank's log; the instance must restart")
+
+    def rank_engine_ids(self) -> list[str]:
+        """engine_id as each rank holds it, in rank order."""
+        return list(self._rank_engine_ids)
+
+    # -- watchdog and shutdown -------------------------------------------------------------------
+    def _watch(self) -> None:
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self._workers, start=1)}
+        while not self._closing.is_set() and sentinels:
+            for sentinel in wait(list(sentinels), timeout=0.5):
+                rank = sentinels.pop(sentinel)  # type: ignore[call-overload]
+                if self._closing.is_set():
+                    return
+                proc = self._workers[rank - 1]
+                proc.join(0)
+                self.failure = f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
+                log.error("%s: the instance cannot serve without it", self.failure)
+
+    def _stop_workers(self) -> None:
+        self._closing.set()
+        for conn, proc in zip(self._conns, self._workers):
+            if proc.is_alive():
+                try:
+                    send(conn, ("shutdown",))
+                except OSError:
+                    pass
+        for rank, proc in enumerate(self._workers, start=1):
+            proc.join(JOIN_TIMEOUT_S)
+            if proc.is_alive():
+                log.warning("TP rank %d (pid %s) did not exit within %.0fs: terminating", rank, proc.pid,
+                            JOIN_TIMEOUT_S)
+                proc.terminate()
+                proc.join(JOIN_TIMEOUT_S)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+        for conn in self._conns:
+            conn.close()
+
+    def shutdown(self) -> None:
+        """Stop and reap every worker, leave the group, free this rank's memory. Idempotent."""
+        if self._closing.is_set() and not self._workers:
+            return
+        self._stop_workers()
+        self._workers = []
+        self._conns = []
+        destroy_tp_group()
+        self.runner.release()
+
+
+def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
+                    device: torch.device, dtype: torch.dtype, max_model_len: int,
+                    engine_id: str) -> UniprocExecutor | TPExecutor:
+    """The executor for the instance's TP size."""
+    tp = instance.tp if instance is not None else config.parallel.tp
+    if tp == 1:
+        runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
+                             use_cumem=config.model.enable_cumem_allocator)
+        return UniprocExecutor(runner, engine_id)
+    if config.model.enable_sleep_mode:
+        raise EngineError(f"sleep mode is not supported with TP {tp} yet", field="model.enable_sleep_mode",
+                          hint="run sleep mode with --tp 1")
+    return TPExecutor(config, instance, checkpoint, device, dtype, max_model_len, config.model.dtype)

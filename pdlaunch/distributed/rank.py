@@ -1,0 +1,47 @@
+"""What every TP rank builds the same way, in the same order: group, engine_id, model shard, KV cache.
+
+The order matters: each step below runs collectives, and ranks must call them in lockstep.
+  1. join the TP group            2. adopt rank 0's engine_id (seed 002, before any connector)
+  3. load this rank's shard and agree on the KV block count (minimum over ranks)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.engine_id import sync_engine_id
+from pdlaunch.distributed.parallel_state import TPGroup, init_tp_group
+from pdlaunch.engine.model_runner import ModelRunner
+from pdlaunch.model.loader import Checkpoint
+
+
+@dataclass
+class RankState:
+    group: TPGroup
+    engine_id: str
+    runner: ModelRunner
+
+
+def rank_device(device_type: str, instance: InstanceSpec | None, rank: int) -> torch.device:
+    """Rank r's device: instance.devices[r] as this process sees them (CUDA), else the CPU."""
+    if device_type != "cuda":
+        return torch.device("cpu")
+    if instance is not None and instance.devices:
+        return torch.device("cuda", instance.devices[rank])
+    return torch.device("cuda", rank)
+
+
+def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
+               device: torch.device, dtype: torch.dtype, max_model_len: int, master_port: int,
+               store: object | None = None) -> RankState:
+    """Steps 1-3 for `rank`; rank 0 passes the store it hosts."""
+    tp = instance.tp if instance is not None else config.parallel.tp
+    group = init_tp_group(rank, tp, device, config.parallel.master_addr, master_port, store)  # type: ignore[arg-type]
+    engine_id = sync_engine_id(config, group.cpu_group, instance)
+    runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
+                         tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
+                         agree_num_blocks=group.min_int)
+    return RankState(group=group, engine_id=engine_id, runner=runner)

@@ -1,0 +1,94 @@
+"""A TP worker process (ranks 1..T-1): builds its shard, then runs whatever rank 0 hands it.
+
+Messages from rank 0 arrive on a pipe as pickled tuples (plain pickle: a tensor is copied, never
+shared through file descriptors):
+  ("execute", StepInputs)                  forward this rank's shard (logits are rank 0's business)
+  ("connector", method, args, want_reply)  mirror a connector call on this rank's connector
+  ("shutdown",)                            leave the group and exit 0
+Replies: ("ready", engine_id) once built, ("reply", value) when asked, ("error", message) before
+dying. The worker exits when rank 0 is gone (pipe closed or parent changed) instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.parallel_state import destroy_tp_group
+from pdlaunch.distributed.rank import build_rank, rank_device
+from pdlaunch.memory.platform import set_device
+from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+PARENT_POLL_S = 1.0  # how often an idle worker checks that rank 0 is still alive
+
+
+def send(conn: Connection, message: tuple[Any, ...]) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> tuple[Any, ...]:
+    return pickle.loads(conn.recv_bytes())
+
+
+def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
+               dtype_name: str, max_model_len: int, master_port: int, conn: Connection) -> None:
+    """Process entry point (multiprocessing spawn target) of TP rank `rank`."""
+    name = instance.name if instance is not None else "engine"
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {name} rank {rank} %(name)s: %(message)s")
+    parent = os.getppid()
+    tp = instance.tp if instance is not None else config.parallel.tp
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    state = None
+    try:
+        device = rank_device(device_type, instance, rank)
+        if device.type == "cuda":
+            set_device(device.index or 0)
+        checkpoint = load_checkpoint(config.model.path)
+        dtype = resolve_dtype(dtype_name, device)
+        state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port)
+        send(conn, ("ready", state.engine_id))
+        _serve(rank, state.runner, conn, parent)
+    except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
+        log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
+        try:
+            send(conn, ("error", f"TP rank {rank} failed: {exc}"))
+        except OSError:
+            pass
+        sys.exit(1)
+    finally:
+        if state is not None:
+            state.runner.release()
+        destroy_tp_group()
+
+
+def _serve(rank: int, runner: Any, conn: Connection, parent: int) -> None:
+    while True:
+        if not conn.poll(PARENT_POLL_S):
+            if os.getppid() != parent:
+                log.error("TP rank %d: rank 0 (pid %d) is gone, exiting", rank, parent)
+                return
+            continue
+        try:
+            message = recv(conn)
+        except EOFError:
+            log.error("TP rank %d: rank 0 closed the pipe, exiting", rank)
+            return
+        kind = message[0]
+        if kind == "execute":
+            runner.run(message[1])
+        elif kind == "shutdown":
+            log.info("TP rank %d shutting down", rank)
+            return
+        else:
+            raise RuntimeError(f"unknown message {kind!r} from rank 0")
