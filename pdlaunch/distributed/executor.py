@@ -14,6 +14,7 @@ import logging
 import multiprocessing as mp
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -73,9 +74,10 @@ class TPExecutor:
         try:
             for rank in range(1, self.tp_size):
                 parent_end, child_end = ctx.Pipe(duplex=True)
+                worker_config, worker_instance = _as_drawn_by_worker(config, instance)
                 proc = ctx.Process(target=run_worker, name=f"pdlaunch-tp-rank-{rank}", daemon=True,
-                                   args=(rank, config, instance, device.type, dtype_name, max_model_len,
-                                         self._store.port, child_end))
+                                   args=(rank, worker_config, worker_instance, device.type, dtype_name,
+                                         max_model_len, self._store.port, child_end))
                 proc.start()
                 child_end.close()
                 self._workers.append(proc)
@@ -186,6 +188,17 @@ class TPExecutor:
         self._conns = []
         destroy_tp_group()
         self.runner.release()
+
+
+def _as_drawn_by_worker(config: DeploymentConfig, instance: InstanceSpec | None
+                        ) -> tuple[DeploymentConfig, InstanceSpec | None]:
+    """The worker's copy of the config with its own default engine_id, as a rank that parsed the
+    config itself (e.g. on another node) would hold: only the sync makes it rank 0's (seed 002)."""
+    config = config.model_copy(deep=True)
+    config.kv_transfer.engine_id = uuid.uuid4().hex
+    if instance is not None:
+        instance = instance.model_copy(update={"engine_id": f"{config.kv_transfer.engine_id}-{instance.name}"})
+    return config, instance
 
 
 def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,

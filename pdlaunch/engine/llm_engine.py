@@ -29,6 +29,7 @@ from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+from pdlaunch.offload.manager import OffloadManager
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class EngineStats(TypedDict):
     num_preemptions: int
     prompt_tokens_computed: int
     prompt_tokens_cached: int
+    offload_stored_blocks: int  # CPU offload tier (0 when off): logical blocks stored, loaded, hit
+    offload_loaded_blocks: int
+    offload_hit_blocks: int
 
 
 class LLMEngine:
@@ -76,8 +80,9 @@ class LLMEngine:
         self.connector = connector
         if connector is not None:
             connector.register_kv_caches(self.kv_cache_spec())
+        self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens, connector)
+                                   config.scheduler.max_num_batched_tokens, connector, self.offload)
         self.sampler = Sampler(self.device, config.model.seed)
         self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len)
         self._arrival = itertools.count()
@@ -121,6 +126,18 @@ class LLMEngine:
             return None
         return create_connector(config, instance)
 
+    def _create_offload(self, config: DeploymentConfig) -> OffloadManager | None:
+        """The CPU tier for KV blocks evicted from the prefix cache (cache.cpu_offload_gb > 0)."""
+        if config.cache.cpu_offload_gb <= 0:
+            return None
+        if not config.cache.enable_prefix_caching:
+            raise EngineError("KV offload needs prefix caching (blocks are found again by prefix)",
+                              field="cache.cpu_offload_gb", hint="enable prefix caching or set --cpu-offload-gb 0")
+        if self.tp_size != 1:
+            raise EngineError(f"KV offload runs with tensor-parallel size 1, got {self.tp_size}",
+                              field="cache.cpu_offload_gb", hint="set --cpu-offload-gb 0 or --tp 1")
+        return OffloadManager(self.block_manager, lambda: self.runner.kv_caches, config.cache.cpu_offload_gb)
+
     def kv_cache_spec(self) -> KVCacheSpec:
         arch = self.checkpoint.arch
         digest = hashlib.sha256(f"{arch.model_dump_json()}|{self.dtype}".encode()).hexdigest()[:12]
@@ -147,6 +164,8 @@ class LLMEngine:
 
     def sleep(self, level: int = 1) -> SleepResult:
         """Give the device memory back: level 1 keeps the weights in CPU memory, 2 discards them."""
+        if self.offload is not None:
+            self.offload.wait_idle()  # no copy may touch the KV cache while it is released
         return self._sleep_mode().sleep(level)
 
     def wake_up(self, tags: list[str] | None = None) -> WakeResult:
@@ -219,6 +238,8 @@ class LLMEngine:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
                 outputs.append(self.outputs.output(request.request_id, [], ""))
         sched = self.scheduler.schedule()
+        if self.offload is not None:
+            self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
         if sched.scheduled:
             logits = self.executor.execute(sched.scheduled, self.block_manager)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
@@ -248,6 +269,9 @@ class LLMEngine:
             num_preemptions=s.num_preemptions,
             prompt_tokens_computed=s.prompt_tokens_computed,
             prompt_tokens_cached=s.prompt_tokens_cached,
+            offload_stored_blocks=self.offload.stored_blocks if self.offload is not None else 0,
+            offload_loaded_blocks=self.offload.loaded_blocks if self.offload is not None else 0,
+            offload_hit_blocks=self.offload.hit_blocks if self.offload is not None else 0,
         )
 
     def _update_metrics(self) -> None:
@@ -259,6 +283,8 @@ class LLMEngine:
         """Raise BlockIntegrityError unless the block manager is consistent and exactly the
         requests that should hold blocks (running, loaded or loading KV, held) do."""
         self.block_manager.check_integrity()
+        if self.offload is not None:
+            self.offload.check_integrity()
         s = self.scheduler
         holders = {r.request_id for r in s.running} | set(s.waiting_for_kv) | set(s.held)
         holders |= {r.request_id for r in s.waiting if self.block_manager.has_blocks(r.request_id)}
@@ -281,6 +307,8 @@ class LLMEngine:
         for request_id in list(self.scheduler.held):
             self.scheduler.held.pop(request_id)
             self.block_manager.free(request_id)
+        if self.offload is not None:
+            self.offload.shutdown()
         if self.connector is not None:
             self.connector.shutdown()
         self.executor.shutdown()
