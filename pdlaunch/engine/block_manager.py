@@ -18,7 +18,7 @@ W + 1 visible keys, is safe.)
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.engine.prefix_cache import HashFn, PrefixIndex, PrefixNode, hash_block
@@ -45,6 +45,8 @@ class _GroupPool:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.block_node: dict[int, PrefixNode] = {}  # cached block -> the prefix it holds
         self.node_block: dict[PrefixNode, int] = {}  # prefix -> the block caching it in this group
+        # Called with (block_id, node) when a cached block is reused, before its KV is overwritten.
+        self.on_evict: Callable[[int, PrefixNode], None] | None = None
 
     def take(self, block_id: int) -> None:
         if self.ref_cnt[block_id] == 0:
@@ -56,6 +58,8 @@ class _GroupPool:
         if block_id in self.block_node:
             node = self.block_node.pop(block_id)
             del self.node_block[node]
+            if self.on_evict is not None:
+                self.on_evict(block_id, node)
             self.index.unref(node)
         self.ref_cnt[block_id] = 1
         return block_id
@@ -104,6 +108,12 @@ class BlockManager:
         self.pools = [_GroupPool(num_blocks, self.index) for _ in self.sliding_windows]
         self.tables: dict[str, list[list[int]]] = {}
         self.chains: dict[str, list[PrefixNode]] = {}  # prefix nodes of a request's registered blocks
+
+    def set_evict_hook(self, hook: Callable[[int, int, PrefixNode], None] | None) -> None:
+        """Call `hook(group, block_id, node)` whenever a cached free block is reused (evicted from
+        the prefix cache); its KV is intact until the next model step (KV offload stores it)."""
+        for g, pool in enumerate(self.pools):
+            pool.on_evict = None if hook is None else (lambda block_id, node, g=g: hook(g, block_id, node))
 
     # -- queries ---------------------------------------------------------------------------------
     @property

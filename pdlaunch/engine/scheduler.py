@@ -10,17 +10,24 @@ last, and only in steps that preempted nothing.
 KV connector (kv_transfer/base.py): a request whose KV comes from elsewhere holds blocks for its
 whole prompt and sits in `waiting_for_kv` until the connector reports it; a finished request the
 connector wants held sits in `held`, its blocks counted as used, until `finished_sending` names it.
+
+KV offload (offload/manager.py): a fresh request's device prefix hit is extended with blocks from
+the CPU tier; they are loaded into the blocks allocated for it and it runs from the end of the hit
+in the same step (the load is ordered before the step's compute).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdlaunch.engine.block_manager import BlockManager, PrefixHit
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
+
+if TYPE_CHECKING:
+    from pdlaunch.offload.manager import CPUHit, OffloadManager
 
 
 @dataclass
@@ -56,11 +63,13 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         connector: KVConnector | None = None,
+        offload: OffloadManager | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.connector = connector
+        self.offload = offload
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
@@ -170,10 +179,12 @@ class Scheduler:
                     break
             else:
                 hit = bm.match_prefix(request.all_token_ids, request.num_tokens - 1)
-                start = hit.num_tokens
+                cpu_hit = self.offload.match(request.all_token_ids, hit, request.num_tokens - 1) \
+                    if self.offload is not None else None
+                start = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
                 n = min(request.num_tokens - start, budget)
                 if self.connector is not None and not request.connector_consulted:
-                    parked = self._consult_connector(request, hit, n)
+                    parked = self._consult_connector(request, hit, n, cpu_hit)
                     if parked is None:
                         break  # not enough free blocks yet
                     if parked:
@@ -181,6 +192,7 @@ class Scheduler:
                 else:
                     if not bm.allocate(rid, start + n, start, hit):
                         break
+                    self._load_from_cpu(rid, cpu_hit)
                     self._note_cached(request, start)
                 request.num_computed_tokens = start
             self.waiting.popleft()
@@ -190,13 +202,15 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int) -> bool | None:
+    def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int,
+                           cpu_hit: CPUHit | None = None) -> bool | None:
         """Ask the connector about a fresh request. Returns True when the request was parked
         waiting for KV, False when it runs `num_new_tokens` now (blocks allocated), None when
-        blocks ran out (nothing changed)."""
+        blocks ran out (nothing changed). The local prefix (device hit, extended by `cpu_hit`
+        from the CPU offload tier) is not asked of the connector."""
         assert self.connector is not None
         rid = request.request_id
-        k = hit.num_tokens
+        k = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
         params = request.kv_transfer_params
         ext = self.connector.get_num_new_matched_tokens(rid, request.prompt_token_ids, params, k)
         ext = max(0, min(ext, request.num_tokens - 1 - k))
@@ -204,6 +218,7 @@ class Scheduler:
         total = request.num_tokens if remote else k + num_new_tokens
         if not self.block_manager.allocate(rid, total, k, hit):
             return None
+        self._load_from_cpu(rid, cpu_hit)
         request.connector_consulted = True
         self._note_cached(request, k + ext)
         if remote:
@@ -215,6 +230,11 @@ class Scheduler:
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.waiting_for_kv[rid] = request
         return True
+
+    def _load_from_cpu(self, request_id: str, cpu_hit: CPUHit | None) -> None:
+        """Queue the CPU-tier part of a prefix hit into the blocks just allocated for it."""
+        if cpu_hit is not None and self.offload is not None:
+            self.offload.start_load(self.block_manager.block_ids(request_id), cpu_hit)
 
     def _note_cached(self, request: Request, num_cached: int) -> None:
         if not request.num_cached_tokens_set:

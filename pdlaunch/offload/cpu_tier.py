@@ -1,0 +1,96 @@
+"""The CPU tier: KV blocks that left the device prefix cache, kept in host memory.
+
+One region per KV-cache group with the device cache's per-block layout
+`[num_blocks, layers_in_group, 2, block_size, kv_heads, head_dim]` (pinned on CUDA hosts so copies
+are asynchronous DMA; plain memory on CPU). CPU block b holds one token block of a prefix in every
+group at index b; `groups` says which groups hold valid KV (a sliding-window group may not have had
+the block any more). Blocks are indexed by the same chained block hash as the device prefix cache
+(engine/prefix_cache.py) and verified by parent hash and token ids, so a hash collision is a miss.
+Eviction is least recently used (stored or hit).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdlaunch.engine.block_manager import BlockIntegrityError
+from pdlaunch.errors import EngineError
+
+
+@dataclass
+class CPUBlock:
+    block_id: int
+    block_hash: int
+    parent_hash: int | None
+    token_ids: tuple[int, ...]
+    groups: frozenset[int]  # groups whose KV this block holds
+
+
+class CPUTier:
+    def __init__(self, num_blocks: int, block_shapes: Sequence[Sequence[int]], dtype: torch.dtype,
+                 pin_memory: bool) -> None:
+        """`block_shapes[g]`: the device cache's shape without its leading num_blocks dimension."""
+        if num_blocks <= 0:
+            raise EngineError(f"the CPU offload tier would hold {num_blocks} blocks", field="cache.cpu_offload_gb",
+                              hint="raise --cpu-offload-gb to at least one KV block, or 0 to turn offload off")
+        self.num_blocks = num_blocks
+        self.caches = [torch.zeros(num_blocks, *shape, dtype=dtype, pin_memory=pin_memory) for shape in block_shapes]
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.entries: OrderedDict[int, CPUBlock] = OrderedDict()  # block hash -> block, LRU first
+        self.num_evicted = 0
+
+    @staticmethod
+    def bytes_per_block(block_shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> int:
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return sum(int(torch.Size(shape).numel()) * elem for shape in block_shapes)
+
+    def lookup(self, block_hash: int, parent_hash: int | None, token_ids: tuple[int, ...]) -> CPUBlock | None:
+        """The block holding exactly this prefix block, marked recently used; None on a miss."""
+        entry = self.entries.get(block_hash)
+        if entry is None or entry.parent_hash != parent_hash or entry.token_ids != token_ids:
+            return None
+        self.entries.move_to_end(block_hash)
+        return entry
+
+    def allocate(self, block_hash: int, parent_hash: int | None, token_ids: tuple[int, ...],
+                 groups: frozenset[int], protect: frozenset[int] = frozenset()) -> CPUBlock | None:
+        """A CPU block for this prefix block: a free one, else the least recently used one whose
+        hash is not in `protect`; None when every used block is protected. The caller stores its KV
+        before anything can read it (transfers run in submission order)."""
+        old = self.entries.pop(block_hash, None)
+        if old is not None:
+            block_id = old.block_id
+        elif self.free:
+            block_id = self.free.pop()
+        else:
+            victim = next((h for h in self.entries if h not in protect), None)
+            if victim is None:
+                return None
+            block_id = self.entries.pop(victim).block_id
+            self.num_evicted += 1
+        entry = CPUBlock(block_id, block_hash, parent_hash, token_ids, groups)
+        self.entries[block_hash] = entry
+        return entry
+
+    def drop(self, entry: CPUBlock) -> None:
+        """Forget `entry` (its store failed) unless its hash has been stored again since."""
+        if self.entries.get(entry.block_hash) is entry:
+            del self.entries[entry.block_hash]
+            self.free.append(entry.block_id)
+
+    def num_used_blocks(self) -> int:
+        return len(self.entries)
+
+    def check_integrity(self) -> None:
+        used = [e.block_id for e in self.entries.values()]
+        if len(set(used)) != len(used) or set(used) & set(self.free):
+            raise BlockIntegrityError("CPU offload tier: a block is used twice or both used and free")
+        if len(used) + len(self.free) != self.num_blocks or any(not 0 <= b < self.num_blocks for b in used):
+            raise BlockIntegrityError("CPU offload tier: used and free blocks do not add up")
+        for block_hash, e in self.entries.items():
+            if e.block_hash != block_hash or not e.groups:
+                raise BlockIntegrityError(f"CPU offload tier: block {e.block_id} is indexed wrongly")

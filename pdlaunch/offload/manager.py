@@ -1,0 +1,199 @@
+"""KV offload for one engine: device prefix-cache evictions go to the CPU tier, prefix hits there
+come back into freshly allocated device blocks instead of being recomputed.
+
+Flow inside an engine step:
+1. The scheduler allocates blocks; a cached free block that gets reused is reported through the
+   block manager's evict hook (`on_evict`). Its KV is still intact: nothing has run since.
+2. `flush_stores` turns the evicted prefix blocks into store jobs (every group's copy of a block in
+   one CPU block). It runs before any load and before the step's compute, and transfers run in
+   submission order, so the copy always precedes the block's reuse.
+3. For a waiting request, `match` extends the device prefix hit with consecutive blocks found in
+   the CPU tier; after allocation `start_load` moves them, all groups in one job, each group's
+   device blocks starting at its own `block_indices` entry (a sliding-window group loads only what
+   its window still needs). The request is scheduled in the same step from the end of the hit.
+4. `before_compute` orders every job before the step's compute (CUDA: stream waits on events).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdlaunch.engine.block_manager import BlockManager, PrefixHit
+from pdlaunch.engine.prefix_cache import PrefixNode
+from pdlaunch.errors import EngineError
+from pdlaunch.offload import metrics
+from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
+from pdlaunch.offload.transfer import CPULoadStoreSpec, CpuGpuTransfer, GPULoadStoreSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CPUHit:
+    num_tokens: int  # device hit + CPU blocks, a multiple of block_size
+    first_block: int  # logical block of blocks[0] (== the device hit's block count)
+    blocks: list[CPUBlock]
+
+
+@dataclass
+class _JobInfo:
+    store: bool
+    num_blocks: int  # logical blocks
+    entries: list[CPUBlock]
+
+
+class OffloadManager:
+    def __init__(self, block_manager: BlockManager, gpu_caches: Callable[[], Sequence[torch.Tensor]],
+                 cpu_offload_gb: float) -> None:
+        caches = list(gpu_caches())
+        shapes = [tuple(c.shape[1:]) for c in caches]
+        dtype = caches[0].dtype
+        num_blocks = int(cpu_offload_gb * 2**30) // CPUTier.bytes_per_block(shapes, dtype)
+        self.block_manager = block_manager
+        self.gpu_caches = gpu_caches
+        self.tier = CPUTier(num_blocks, shapes, dtype, pin_memory=caches[0].device.type == "cuda")
+        self.transfer = CpuGpuTransfer(caches, self.tier.caches)
+        self._evicted: dict[PrefixNode, dict[int, int]] = {}  # node -> {group: evicted device block}
+        self._jobs: dict[int, _JobInfo] = {}
+        self._job_ids = itertools.count()
+        self.stored_blocks = 0
+        self.loaded_blocks = 0
+        self.hit_blocks = 0
+        block_manager.set_evict_hook(self.on_evict)
+        log.info("KV offload: CPU tier of %d blocks (%.2f GiB%s)", num_blocks,
+                 num_blocks * CPUTier.bytes_per_block(shapes, dtype) / 2**30,
+                 ", pinned" if caches[0].device.type == "cuda" else "")
+
+    # -- stores ----------------------------------------------------------------------------------
+    def on_evict(self, group: int, block_id: int, node: PrefixNode) -> None:
+        self._evicted.setdefault(node, {})[group] = block_id
+
+    def flush_stores(self, protect: frozenset[int] = frozenset()) -> None:
+        """Queue store jobs for the blocks evicted since the last flush (CPU blocks of `protect`
+        hashes are not evicted to make room: a load is about to read them)."""
+        if not self._evicted:
+            return
+        evicted, self._evicted = self._evicted, {}
+        by_groups: dict[frozenset[int], list[tuple[CPUBlock, dict[int, int]]]] = {}
+        for node, blocks in evicted.items():
+            # Groups that still cache this prefix block hold the same KV: store them with it.
+            for g, pool in enumerate(self.block_manager.pools):
+                if g not in blocks and node in pool.node_block:
+                    blocks[g] = pool.node_block[node]
+            groups = frozenset(blocks)
+            parent = node.parent.block_hash if node.parent is not None else None
+            known = self.tier.lookup(node.block_hash, parent, node.token_ids)
+            if known is not None and known.groups >= groups:
+                continue
+            entry = self.tier.allocate(node.block_hash, parent, node.token_ids, groups, protect)
+            if entry is not None:
+                by_groups.setdefault(groups, []).append((entry, blocks))
+        num_groups = self.block_manager.num_groups
+        for groups, items in by_groups.items():
+            ids = tuple(blocks[g] for g in range(num_groups) if g in groups for _, blocks in items)
+            sizes = tuple(len(items) if g in groups else 0 for g in range(num_groups))
+            gpu = GPULoadStoreSpec(ids, sizes, (0,) * num_groups)
+            cpu = CPULoadStoreSpec(tuple(entry.block_id for entry, _ in items))
+            self._submit(_JobInfo(True, len(items), [entry for entry, _ in items]), (gpu, cpu))
+
+    # -- loads -----------------------------------------------------------------------------------
+    def match(self, token_ids: Sequence[int], hit: PrefixHit, max_tokens: int) -> CPUHit | None:
+        """Extend the device `hit` with CPU blocks (at most `max_tokens` tokens in all), or None."""
+        bm = self.block_manager
+        bs = bm.block_size
+        first = hit.num_tokens // bs
+        limit = min(max_tokens, len(token_ids)) // bs
+        parent = hit.nodes[-1].block_hash if hit.nodes else None
+        found: list[CPUBlock] = []
+        for j in range(first, limit):
+            tokens = tuple(token_ids[j * bs:(j + 1) * bs])
+            block_hash = bm.index.hash_fn(parent, tokens)
+            entry = self.tier.lookup(block_hash, parent, tokens)
+            if entry is None:
+                break
+            found.append(entry)
+            parent = block_hash
+        for m in range(first + len(found), first, -1):
+            # Every group needs the blocks its window still sees at position m * bs.
+            if all(g in found[j - first].groups for g in range(bm.num_groups)
+                   for j in range(max(first, bm._first_needed_block(g, m * bs)), m)):
+                return CPUHit(m * bs, first, found[:m - first])
+        return None
+
+    def start_load(self, block_ids: Sequence[Sequence[int]], cpu_hit: CPUHit) -> None:
+        """Queue the load of `cpu_hit` into the request's tables `block_ids` (just allocated)."""
+        self.flush_stores(protect=frozenset(b.block_hash for b in cpu_hit.blocks))
+        bm = self.block_manager
+        first, end = cpu_hit.first_block, cpu_hit.num_tokens // bm.block_size
+        ids: list[int] = []
+        sizes, indices = [], []
+        for g in range(bm.num_groups):
+            lo = max(first, bm._first_needed_block(g, end * bm.block_size))
+            segment = list(block_ids[g][lo:end])
+            if any(b < 0 for b in segment):
+                raise EngineError(f"group {g}: no device block to load CPU blocks into: {segment}",
+                                  field="kv_cache", hint="a pdlaunch bug; please report it with the log")
+            ids.extend(segment)
+            sizes.append(len(segment))
+            indices.append(lo - first)
+        gpu = GPULoadStoreSpec(tuple(ids), tuple(sizes), tuple(indices))
+        cpu = CPULoadStoreSpec(tuple(b.block_id for b in cpu_hit.blocks))
+        self.hit_blocks += len(cpu_hit.blocks)
+        metrics.OFFLOAD_HIT_BLOCKS.inc(len(cpu_hit.blocks))
+        self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks)), (cpu, gpu))
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def _submit(self, info: _JobInfo, spec: tuple[GPULoadStoreSpec, CPULoadStoreSpec] |
+                tuple[CPULoadStoreSpec, GPULoadStoreSpec]) -> None:
+        job_id = next(self._job_ids)
+        self.transfer.gpu_caches = list(self.gpu_caches())  # the device cache is re-created after sleep
+        if not self.transfer.transfer_async(job_id, spec):
+            raise EngineError("the KV offload transfer thread is shut down", field="offload")
+        self._jobs[job_id] = info
+
+    def before_compute(self) -> None:
+        """Queue pending stores, then make the step's compute wait for every job."""
+        self.flush_stores()
+        self.transfer.order_before_compute()
+        self.poll()
+
+    def poll(self) -> None:
+        """Account finished jobs; a failed store drops its CPU blocks, a failed load is fatal."""
+        for result in self.transfer.get_finished():
+            info = self._jobs.pop(result.job_id)
+            direction = "store" if info.store else "load"
+            if not result.success:
+                if not info.store:
+                    raise EngineError(f"loading KV blocks from the CPU tier failed: {result.error}",
+                                      field="cache.cpu_offload_gb", hint="restart the instance; see the log")
+                log.error("storing KV blocks to the CPU tier failed: %s", result.error)
+                for entry in info.entries:
+                    self.tier.drop(entry)
+                continue
+            if info.store:
+                self.stored_blocks += info.num_blocks
+                metrics.OFFLOAD_STORED_BLOCKS.inc(info.num_blocks)
+            else:
+                self.loaded_blocks += info.num_blocks
+                metrics.OFFLOAD_LOADED_BLOCKS.inc(info.num_blocks)
+            metrics.OFFLOAD_BYTES.labels(direction).inc(result.num_bytes)
+            metrics.OFFLOAD_SECONDS.labels(direction).observe(result.seconds)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Queue pending stores and block until every job finished (sleep, tests)."""
+        self.flush_stores()
+        self.transfer.wait_all(timeout)
+        self.poll()
+
+    def check_integrity(self) -> None:
+        self.tier.check_integrity()
+
+    def shutdown(self) -> None:
+        self._evicted.clear()
+        self.transfer.shutdown()
+        self.poll()
