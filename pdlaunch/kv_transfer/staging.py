@@ -16,6 +16,7 @@ import threading
 import torch
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.blocks import coalesce
 
 DEFAULT_STAGING_BYTES = 1 << 30  # 8k tokens of a Llama-3-8B-shaped bf16 KV cache; larger loads are chunked
 
@@ -60,21 +61,21 @@ class StagingArea:
         with self._cond:
             return len(self._free)
 
-    def _index(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
-
     def gather(self, kv_caches: list[torch.Tensor], blocks: list[list[int]], slots: list[int]) -> None:
         """buffers[g][slots[i]] = kv_caches[g][blocks[g][i]], finished before returning."""
         for g, ids in enumerate(blocks):
-            if ids:
-                self.buffers[g][self._index(slots[:len(ids)])] = kv_caches[g][self._index(ids)]
+            # One slice copy per run of consecutive ids on both sides (plain memcpy speed).
+            for run in coalesce(list(zip(slots[:len(ids)], ids))):
+                self.buffers[g][run.local_start:run.local_start + run.count].copy_(
+                    kv_caches[g][run.remote_start:run.remote_start + run.count])
         self._sync()
 
     def scatter(self, kv_caches: list[torch.Tensor], blocks: list[list[int]], slots: list[int]) -> None:
         """kv_caches[g][blocks[g][i]] = buffers[g][slots[i]], finished before returning."""
         for g, ids in enumerate(blocks):
-            if ids:
-                kv_caches[g][self._index(ids)] = self.buffers[g][self._index(slots[:len(ids)])]
+            for run in coalesce(list(zip(ids, slots[:len(ids)]))):
+                kv_caches[g][run.local_start:run.local_start + run.count].copy_(
+                    self.buffers[g][run.remote_start:run.remote_start + run.count])
         self._sync()
 
     def _sync(self) -> None:
