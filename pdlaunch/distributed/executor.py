@@ -29,12 +29,15 @@ from pdlaunch.distributed.worker import recv, run_worker, send
 from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.model_runner import ModelRunner
 from pdlaunch.engine.scheduler import ScheduledRequest
+from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.errors import EngineError
+from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.model.loader import Checkpoint
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 10.0  # a worker that does not exit after "shutdown" within this is terminated
+REPLY_TIMEOUT_S = 30.0  # a rank that does not answer a connector call within this is failed
 DEATH_REPORT_WAIT_S = 2.0  # after a failed collective, how long to wait for the watchdog to name the rank
 
 
@@ -50,6 +53,9 @@ class UniprocExecutor:
 
     def check_health(self) -> None:
         """Nothing to watch in one process."""
+
+    def wrap_connector(self, connector: KVConnector) -> KVConnector:
+        return connector
 
     def rank_engine_ids(self) -> list[str]:
         return [self.engine_id]
@@ -86,7 +92,9 @@ class TPExecutor:
                                self._store)
             self.runner = state.runner
             self.engine_id = state.engine_id
-            self._rank_engine_ids = [self.engine_id] + [self._wait_ready(r) for r in range(1, self.tp_size)]
+            ready = [self._wait_ready(r) for r in range(1, self.tp_size)]
+            self._rank_engine_ids = [self.engine_id] + [engine_id for engine_id, _ in ready]
+            self._side_ports: list[int | None] = [None] + [port for _, port in ready]
         except BaseException:
             self._stop_workers()
             destroy_tp_group()
@@ -96,7 +104,8 @@ class TPExecutor:
         log.info("TP group of %d ranks ready (worker pids %s)", self.tp_size, [p.pid for p in self._workers])
 
     # -- startup ---------------------------------------------------------------------------------
-    def _wait_ready(self, rank: int) -> str:
+    def _wait_ready(self, rank: int) -> tuple[str, int | None]:
+        """(engine_id, side-channel port or None) as rank `rank` reports them once built."""
         conn, proc = self._conns[rank - 1], self._workers[rank - 1]
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):
             raise EngineError(f"TP rank {rank} (pid {proc.pid}) was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
@@ -108,7 +117,7 @@ class TPExecutor:
                               hint="see the rank's log lines above") from None
         if message[0] != "ready":
             raise EngineError(str(message[1]), field="parallel.tp", hint="see the rank's log lines above")
-        return str(message[1])
+        return str(message[1]), message[2]
 
     # -- steps -----------------------------------------------------------------------------------
     def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
@@ -135,6 +144,29 @@ class TPExecutor:
                                    else f"a TP collective failed: {exc}")
         self.failure = message
         return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
+
+    def wrap_connector(self, connector: KVConnector) -> KVConnector:
+        """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
+        return TPConnector(connector, self.tp_size, self._mirror, self._side_ports)
+
+    def _mirror(self, method: str, args: tuple[Any, ...], want_reply: bool) -> list[Any]:
+        """Call `method` on the connector of every rank > 0 (in step order); their replies if wanted."""
+        self.check_health()
+        self._send_all(("connector", method, args, want_reply))
+        if not want_reply:
+            return []
+        replies = []
+        for rank, conn in enumerate(self._conns, start=1):
+            if not conn.poll(REPLY_TIMEOUT_S):
+                raise self._rank_failure(TimeoutError(f"no answer to {method} within {REPLY_TIMEOUT_S:.0f}s"), rank)
+            try:
+                message = recv(conn)
+            except EOFError as exc:
+                raise self._rank_failure(exc, rank) from exc
+            if message[0] != "reply":
+                raise EngineError(str(message[1]), field="parallel.tp", hint="see that rank's log")
+            replies.append(message[1])
+        return replies
 
     def check_health(self) -> None:
         """Raise EngineError naming the rank if a worker died."""
@@ -213,4 +245,7 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
     if config.model.enable_sleep_mode:
         raise EngineError(f"sleep mode is not supported with TP {tp} yet", field="model.enable_sleep_mode",
                           hint="run sleep mode with --tp 1")
+    if instance is not None and instance.role != "colocated" and config.kv_transfer.connector != "nixl":
+        raise EngineError(f"the {config.kv_transfer.connector} connector does not run with TP {tp} yet",
+                          field="kv_transfer.connector", hint="use --kv-connector nixl with TP > 1")
     return TPExecutor(config, instance, checkpoint, device, dtype, max_model_len, config.model.dtype)

@@ -7,6 +7,7 @@ The order matters: each step below runs collectives, and ranks must call them in
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.engine_id import sync_engine_id
 from pdlaunch.distributed.parallel_state import TPGroup, init_tp_group
 from pdlaunch.engine.model_runner import ModelRunner
+from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.model.loader import Checkpoint
 
 
@@ -45,3 +47,16 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
                          agree_num_blocks=group.min_int)
     return RankState(group=group, engine_id=engine_id, runner=runner)
+
+
+def kv_cache_spec(checkpoint: Checkpoint, runner: ModelRunner) -> KVCacheSpec:
+    """This rank's KV cache as its connector sees it (its KV-head slice, the shared block ids)."""
+    arch = checkpoint.arch
+    digest = hashlib.sha256(f"{arch.model_dump_json()}|{runner.dtype}".encode()).hexdigest()[:12]
+    return KVCacheSpec(
+        kv_caches=runner.kv_caches, num_blocks=runner.num_blocks, block_size=runner.block_size,
+        num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim, dtype=runner.dtype,
+        group_layers=[list(g.layers) for g in runner.groups],
+        group_sliding_window=[g.sliding_window for g in runner.groups],
+        model_name=f"{arch.architecture}-{digest}", tp_size=runner.tp_size, tp_rank=runner.tp_rank,
+    )

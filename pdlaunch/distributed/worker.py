@@ -3,9 +3,9 @@
 Messages from rank 0 arrive on a pipe as pickled tuples (plain pickle: a tensor is copied, never
 shared through file descriptors):
   ("execute", StepInputs)                  forward this rank's shard (logits are rank 0's business)
-  ("connector", method, args, want_reply)  mirror a connector call on this rank's connector
+  ("connector", method, args, want_reply)  mirror a scheduler-side call on this rank's own connector
   ("shutdown",)                            leave the group and exit 0
-Replies: ("ready", engine_id) once built, ("reply", value) when asked, ("error", message) before
+Replies: ("ready", engine_id, side_channel_port) once built, ("reply", value) when asked, ("error", message) before
 dying. The worker exits when rank 0 is gone (pipe closed or parent changed) instead of hanging.
 """
 
@@ -23,7 +23,9 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.parallel_state import destroy_tp_group
-from pdlaunch.distributed.rank import build_rank, rank_device
+from pdlaunch.distributed.rank import build_rank, kv_cache_spec, rank_device
+from pdlaunch.distributed.tp_connector import rank_connector_call
+from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.memory.platform import set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
 
@@ -50,6 +52,7 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     tp = instance.tp if instance is not None else config.parallel.tp
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     state = None
+    connector: KVConnector | None = None
     try:
         device = rank_device(device_type, instance, rank)
         if device.type == "cuda":
@@ -57,8 +60,15 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         checkpoint = load_checkpoint(config.model.path)
         dtype = resolve_dtype(dtype_name, device)
         state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port)
-        send(conn, ("ready", state.engine_id))
-        _serve(rank, state.runner, conn, parent)
+        if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:
+            from pdlaunch.kv_transfer.factory import create_connector
+
+            connector = create_connector(config, instance)  # after the engine_id sync (seed 002)
+            if connector is not None:
+                connector.register_kv_caches(kv_cache_spec(checkpoint, state.runner))
+        server = getattr(connector, "server", None)
+        send(conn, ("ready", state.engine_id, server.port if server is not None else None))
+        _serve(rank, tp, state.runner, connector, conn, parent)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
         try:
@@ -67,12 +77,14 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
             pass
         sys.exit(1)
     finally:
+        if connector is not None:
+            connector.shutdown()
         if state is not None:
             state.runner.release()
         destroy_tp_group()
 
 
-def _serve(rank: int, runner: Any, conn: Connection, parent: int) -> None:
+def _serve(rank: int, tp: int, runner: Any, connector: KVConnector | None, conn: Connection, parent: int) -> None:
     while True:
         if not conn.poll(PARENT_POLL_S):
             if os.getppid() != parent:
@@ -87,6 +99,13 @@ def _serve(rank: int, runner: Any, conn: Connection, parent: int) -> None:
         kind = message[0]
         if kind == "execute":
             runner.run(message[1])
+        elif kind == "connector":
+            _, method, args, want_reply = message
+            if connector is None:
+                raise RuntimeError(f"rank 0 mirrored {method} but TP rank {rank} has no connector")
+            result = rank_connector_call(connector, rank, tp, method, args)
+            if want_reply:
+                send(conn, ("reply", result))
         elif kind == "shutdown":
             log.info("TP rank %d shutting down", rank)
             return

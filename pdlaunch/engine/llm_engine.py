@@ -6,7 +6,6 @@ rules and frees what finished. Not thread-safe: the server drives it from one en
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
@@ -17,6 +16,7 @@ import torch
 from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
+from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
@@ -77,6 +77,8 @@ class LLMEngine:
                                           [g.sliding_window for g in groups], config.cache.enable_prefix_caching)
         if connector is None and instance is not None and self.role in ("prefill", "decode"):
             connector = self._create_connector(config, instance)
+        if connector is not None:
+            connector = self.executor.wrap_connector(connector)  # tp > 1: mirrored to every rank's own
         self.connector = connector
         if connector is not None:
             connector.register_kv_caches(self.kv_cache_spec())
@@ -139,21 +141,7 @@ class LLMEngine:
         return OffloadManager(self.block_manager, lambda: self.runner.kv_caches, config.cache.cpu_offload_gb)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        arch = self.checkpoint.arch
-        digest = hashlib.sha256(f"{arch.model_dump_json()}|{self.dtype}".encode()).hexdigest()[:12]
-        return KVCacheSpec(
-            kv_caches=self.runner.kv_caches,
-            num_blocks=self.block_manager.num_blocks,
-            block_size=self.block_size,
-            num_kv_heads=self.runner.num_kv_heads,
-            head_dim=self.runner.head_dim,
-            dtype=self.dtype,
-            group_layers=[list(g.layers) for g in self.runner.groups],
-            group_sliding_window=[g.sliding_window for g in self.runner.groups],
-            model_name=f"{arch.architecture}-{digest}",
-            tp_size=self.tp_size,
-            tp_rank=0,
-        )
+        return kv_cache_spec(self.checkpoint, self.runner)  # rank 0's slice under TP
 
     # -- sleep mode ------------------------------------------------------------------------------
     def _sleep_mode(self) -> EngineSleep:

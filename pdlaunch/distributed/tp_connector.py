@@ -1,0 +1,165 @@
+"""Per-rank KV transfer: every TP rank has its own connector (own NIXL agent, own side channel).
+
+The scheduler runs on rank 0 and sees one `TPConnector`. It calls rank 0's connector and mirrors
+each scheduler-side call to the other ranks' connectors with the step stream, so every rank holds,
+loads and frees the same block ids (each for its own KV-head slice). A request counts as sent or
+received only when every rank reported it; a failure on any rank fails it (and the other ranks
+drop their part of the load).
+
+Which prefill rank a decode rank reads: prefill's response carries `remote_ports` (the side channel
+of each prefill rank); decode rank r of a same-size group reads prefill rank r.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+
+log = logging.getLogger(__name__)
+
+Mirror = Callable[[str, tuple[Any, ...], bool], list[Any]]  # (method, args, want_reply) -> replies of ranks 1..
+
+
+def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> dict[str, Any] | None:
+    """The kv_transfer_params decode rank `rank` uses: the side channel of the prefill rank holding its heads."""
+    if not params or not params.get("do_remote_prefill"):
+        return params
+    remote_tp = int(params.get("tp_size", 1))
+    ports = params.get("remote_ports") or [params.get("remote_port")]
+    if remote_tp != tp_size:
+        raise KVTransferError(
+            f"prefill TP {remote_tp} and decode TP {tp_size} differ; this decode instance reads same-size groups only",
+            field="parallel.decode_tp", hint="use the same TP size for prefill and decode")
+    if len(ports) != remote_tp:
+        raise KVTransferError(f"prefill sent {len(ports)} side-channel ports for TP {remote_tp}",
+                              hint="run the same pdlaunch version on prefill and decode")
+    out = {**params, "remote_port": int(ports[rank])}
+    if "rank_kv_checksums" in params:
+        out["kv_checksum"] = params["rank_kv_checksums"][rank]
+    return out
+
+
+class RankEvents:
+    """Per-request reports of each rank until every rank has made the same one."""
+
+    def __init__(self, tp_size: int) -> None:
+        self.tp_size = tp_size
+        self._sent: dict[str, set[int]] = {}
+        self._recvd: dict[str, set[int]] = {}
+        self._failed: set[str] = set()  # failed requests whose late reports from other ranks are dropped
+
+    def merge(self, per_rank: list[KVConnectorEvents]) -> tuple[KVConnectorEvents, set[str]]:
+        """(events every rank agrees on, requests to abort on the ranks still loading them)."""
+        out = KVConnectorEvents()
+        to_abort: set[str] = set()
+        for rank, events in enumerate(per_rank):
+            for rid, error in events.failed_recving.items():
+                if rid not in self._failed:
+                    self._failed.add(rid)
+                    self._recvd.pop(rid, None)
+                    out.failed_recving[rid] = f"TP rank {rank}: {error}"
+                    to_abort.add(rid)
+            for rid in events.finished_recving:
+                if rid not in self._failed:
+                    self._recvd.setdefault(rid, set()).add(rank)
+            for rid in events.finished_sending:
+                self._sent.setdefault(rid, set()).add(rank)
+        for table, target in ((self._recvd, out.finished_recving), (self._sent, out.finished_sending)):
+            for rid in [r for r, ranks in table.items() if len(ranks) == self.tp_size]:
+                del table[rid]
+                target.add(rid)
+        return out, to_abort
+
+    def forget(self, request_id: str) -> None:
+        self._recvd.pop(request_id, None)
+        self._failed.discard(request_id)
+
+
+class TPConnector(KVConnector):
+    """Rank 0's view: `local` is rank 0's connector, `mirror` reaches the others' (executor pipes)."""
+
+    def __init__(self, local: KVConnector, tp_size: int, mirror: Mirror, side_ports: list[int | None]) -> None:
+        self.local = local
+        self.tp_size = tp_size
+        self.mirror = mirror
+        self.side_ports = side_ports  # rank r's side channel (prefill), filled as ranks register
+        self.events = RankEvents(tp_size)
+        self._failed_now: dict[str, str] = {}  # request_id -> why its load could not start
+
+    def register_kv_caches(self, spec: KVCacheSpec) -> None:
+        self.local.register_kv_caches(spec)  # the other ranks registered their slices at startup
+        server = getattr(self.local, "server", None)
+        if server is not None:
+            self.side_ports[0] = server.port
+
+    def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
+                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
+        return self.local.get_num_new_matched_tokens(request_id, prompt_token_ids, kv_transfer_params,
+                                                     num_local_computed_tokens)
+
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+                   block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
+        args = (request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
+                num_external_tokens)
+        self.events.forget(request_id)
+        try:
+            params = params_for_rank(kv_transfer_params, 0, self.tp_size)
+        except KVTransferError as exc:
+            self._failed_now[request_id] = exc.render()  # reported by the next get_finished
+            return
+        self.mirror("start_load", args, False)
+        self.local.start_load(request_id, prompt_token_ids, params, block_ids, num_local_computed_tokens,
+                              num_external_tokens)
+
+    def request_finished(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: dict[str, Any] | None, block_ids: list[list[int]]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        replies = self.mirror("request_finished", (request_id, prompt_token_ids, kv_transfer_params, block_ids), True)
+        hold, params = self.local.request_finished(request_id, prompt_token_ids, kv_transfer_params, block_ids)
+        if params is not None and params.get("do_remote_prefill"):
+            params["remote_ports"] = list(self.side_ports)
+            if "kv_checksum" in params:  # each rank's bytes differ: decode rank r checks against rank r's
+                params["rank_kv_checksums"] = [params.pop("kv_checksum")] + [
+                    (p or {}).get("kv_checksum") for _, p in replies]
+        return hold, params
+
+    def get_finished(self) -> KVConnectorEvents:
+        per_rank = [self.local.get_finished(), *self.mirror("get_finished", (), True)]
+        merged, to_abort = self.events.merge(per_rank)
+        merged.failed_recving.update(self._failed_now)
+        self._failed_now.clear()
+        for request_id in to_abort:
+            self.abort_load(request_id)
+        return merged
+
+    def abort_load(self, request_id: str) -> None:
+        self.mirror("abort_load", (request_id,), False)
+        self.local.abort_load(request_id)
+
+    def info(self) -> dict[str, Any]:
+        info = dict(self.local.info())
+        info["tp_size"] = self.tp_size
+        info["rank_side_channel_ports"] = list(self.side_ports) if any(self.side_ports) else None
+        return info
+
+    def shutdown(self) -> None:
+        self.local.shutdown()  # the other ranks close theirs when their worker stops
+
+
+def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, method: str, args: tuple[Any, ...]) -> Any:
+    """A mirrored scheduler-side call on rank `rank`'s own connector (worker side)."""
+    if method == "start_load":
+        request_id, prompt, params, block_ids, start, count = args
+        return connector.start_load(request_id, prompt, params_for_rank(params, rank, tp_size), block_ids, start,
+                                    count)
+    if method == "request_finished":
+        return connector.request_finished(*args)
+    if method == "get_finished":
+        return connector.get_finished()
+    if method == "abort_load":
+        return connector.abort_load(*args)
+    raise ValueError(f"connector method {method!r} is not mirrored")
