@@ -20,13 +20,14 @@ MakeTPEngine = Callable[..., LLMEngine]
 
 @pytest.fixture
 def make_tp_engine() -> Iterator[MakeTPEngine]:
-    """make_tp_engine(path, tp, instance=None, **config overrides): a CPU float32 engine, shut down after."""
+    """make_tp_engine(path, tp, instance=None, device="cpu", **overrides): a float32 engine, shut down after."""
     engines: list[LLMEngine] = []
 
-    def make(path: Path | str, tp: int, instance: InstanceSpec | None = None, **overrides: Any) -> LLMEngine:
+    def make(path: Path | str, tp: int, instance: InstanceSpec | None = None, device: str = "cpu",
+             **overrides: Any) -> LLMEngine:
         overrides.setdefault("block_size", 8)
         overrides.setdefault("num_gpu_blocks", 128)
-        config = build_config(str(path), "cpu", "float32", overrides)
+        config = build_config(str(path), device, "float32", overrides)
         config.parallel.tp = tp
         engine = LLMEngine(config, instance)
         engines.append(engine)
