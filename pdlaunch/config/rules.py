@@ -76,7 +76,13 @@ def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
             if p_tp % d_tp and d_tp % p_tp:
                 problems.append(problem("parallel.decode_tp", f"prefill TP {p_tp} and decode TP {d_tp} do not divide "
                                         "each other, so KV heads cannot be mapped between them",
-                                        "make one TP size a multiple of the other (e.g. 1/2, 2/4)"))
+                                        "use the same TP size for prefill and decode (--tp N)"))
+            elif p_tp != d_tp:
+                # Moving KV between different head splits (resharding) is not implemented yet: such
+                # a request would fail at transfer time, so refuse the deployment up front.
+                problems.append(problem("parallel.decode_tp", f"prefill TP {p_tp} and decode TP {d_tp} differ; "
+                                        "KV transfer between different TP sizes is not supported yet",
+                                        "use the same TP size for prefill and decode (--tp N)"))
     return problems
 
 

@@ -96,9 +96,9 @@ def test_load_valid_deployment_raises_every_problem() -> None:
 
 
 def test_load_valid_deployment_returns_resolved_config() -> None:
-    cfg = load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "parallel.decode_tp": 2})
+    cfg = load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "parallel.tp": 2})
     assert cfg.device == "cpu" and cfg.model.dtype == "float32"
-    assert [(g.role, g.tp) for g in cfg.instances] == [("prefill", 1), ("decode", 2)]
+    assert [(g.role, g.tp) for g in cfg.instances] == [("prefill", 2), ("decode", 2)]
     assert cfg.model.max_model_len is not None
 
 
