@@ -166,7 +166,8 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     kv_transfer_params: dict[str, Any] | None = None) -> None:
-        if request_id in self.outputs.tracked or request_id in self.scheduler.held:
+        s = self.scheduler
+        if request_id in self.outputs.tracked or request_id in s.held or request_id in s.draining:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
                               hint="use a unique id per request")
         if self.is_sleeping():
@@ -269,12 +270,12 @@ class LLMEngine:
 
     def check_integrity(self) -> None:
         """Raise BlockIntegrityError unless the block manager is consistent and exactly the
-        requests that should hold blocks (running, loaded or loading KV, held) do."""
+        requests that should hold blocks (running, loaded or loading KV, held, draining) do."""
         self.block_manager.check_integrity()
         if self.offload is not None:
             self.offload.check_integrity()
         s = self.scheduler
-        holders = {r.request_id for r in s.running} | set(s.waiting_for_kv) | set(s.held)
+        holders = {r.request_id for r in s.running} | set(s.waiting_for_kv) | set(s.held) | set(s.draining)
         holders |= {r.request_id for r in s.waiting if self.block_manager.has_blocks(r.request_id)}
         if set(self.block_manager.tables) != holders:
             raise BlockIntegrityError(
@@ -292,9 +293,10 @@ class LLMEngine:
         self._shut_down = True
         for request_id in list(self.outputs.tracked):
             self.abort_request(request_id)
-        for request_id in list(self.scheduler.held):
-            self.scheduler.held.pop(request_id)
-            self.block_manager.free(request_id)
+        for kept in (self.scheduler.held, self.scheduler.draining):
+            for request_id in list(kept):
+                kept.pop(request_id)
+                self.block_manager.free(request_id)
         if self.offload is not None:
             self.offload.shutdown()
         if self.connector is not None:

@@ -10,6 +10,8 @@ last, and only in steps that preempted nothing.
 KV connector (kv_transfer/base.py): a request whose KV comes from elsewhere holds blocks for its
 whole prompt and sits in `waiting_for_kv` until the connector reports it; a finished request the
 connector wants held sits in `held`, its blocks counted as used, until `finished_sending` names it.
+A request that ended (aborted, failed) while a transfer may still write into its blocks sits in
+`draining` until the connector's `safe_to_free` names it, so no block is reused under a late write.
 
 KV offload (offload/manager.py): a fresh request's device prefix hit is extended with blocks from
 the CPU tier; they are loaded into the blocks allocated for it and it runs from the end of the hit
@@ -74,6 +76,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.waiting_for_kv: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished; blocks kept for a remote decode
+        self.draining: dict[str, Request] = {}  # ended; blocks kept until no transfer can write them
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0  # prompt positions computed here (recomputes included)
@@ -88,12 +91,14 @@ class Scheduler:
         return bool(self.requests)
 
     def finish_request(self, request: Request, reason: str, error: str | None = None,
-                       error_status: int = 500, abort_load: bool = True) -> dict[str, Any] | None:
+                       error_status: int = 500, abort_load: bool = True,
+                       blocks_busy: bool = False) -> dict[str, Any] | None:
         """End a request in any state; returns the connector's kv_transfer_params for the answer.
 
-        The connector's `request_finished` is called for every request so it can clean up; its
-        hold is honoured only for requests that completed normally (stop/length): an aborted or
-        failed request's blocks are always freed at once, and no params leave the engine for it.
+        Only a request that completed normally (stop/length) is offered to the connector's
+        `request_finished` (its hold is then honoured); an aborted or failed one never leaves
+        params or a remote hold behind. Its blocks are freed at once unless a transfer may still
+        write them (`blocks_busy`, or `abort_load` says so): then they wait in `draining`.
         """
         rid = request.request_id
         if request.status == RequestStatus.RUNNING:
@@ -103,17 +108,17 @@ class Scheduler:
         elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             del self.waiting_for_kv[rid]
             if self.connector is not None and abort_load:
-                self.connector.abort_load(rid)
+                blocks_busy = bool(self.connector.abort_load(rid)) or blocks_busy
         self.requests.pop(rid, None)
         request.finish(reason, error, error_status)
         hold, params = False, None
-        if self.connector is not None:
+        if self.connector is not None and reason in ("stop", "length"):
             hold, params = self.connector.request_finished(
                 rid, request.prompt_token_ids, request.kv_transfer_params, self.block_manager.block_ids(rid))
-            if reason not in ("stop", "length"):
-                hold, params = False, None
         if hold and self.block_manager.has_blocks(rid):
             self.held[rid] = request
+        elif blocks_busy and self.block_manager.has_blocks(rid):
+            self.draining[rid] = request
         else:
             self.block_manager.free(rid)
         return params
@@ -134,8 +139,12 @@ class Scheduler:
         for rid, message in events.failed_recving.items():
             request = self.waiting_for_kv.get(rid)
             if request is not None:
-                self.finish_request(request, "error", f"KV transfer failed: {message}", 502, abort_load=False)
+                self.finish_request(request, "error", f"KV transfer failed: {message}", 502, abort_load=False,
+                                    blocks_busy=rid in events.draining)
                 failed.append(request)
+        for rid in events.safe_to_free:
+            if self.draining.pop(rid, None) is not None:
+                self.block_manager.free(rid)
         return failed
 
     # -- scheduling ------------------------------------------------------------------------------

@@ -16,6 +16,21 @@ Flow on a PD pair (prompt of n tokens, block_size B):
     last prompt token is always recomputed to get logits), allocates blocks for all n tokens,
     calls `start_load` and parks the request until `get_finished().finished_recving` names it
     (or `failed_recving` does: the engine then finishes it with an error and frees its blocks).
+
+Lifecycle contract (no block is written, read or held after the engine lets it go):
+  - `request_finished` is called only for requests that finished normally (stop/length): their
+    KV is complete, so a returned hold=True is always honoured. A request that is aborted or fails
+    is never offered for a remote decode and the connector is not asked about it.
+  - A decode request aborted while its KV is loading gets `abort_load`. It returns True when a
+    transfer may still write into the request's blocks (a push WRITE the prefill side posted, a
+    READ that could not be cancelled): the engine then keeps the blocks out of the free list
+    ("draining") until `get_finished().safe_to_free` names the request. A failed load does the
+    same by naming the request in `draining` next to `failed_recving`. The connector bounds this:
+    at most the transfer timeout plus a grace period after the load started.
+  - Pull: before decode READs a held request's blocks it claims them on the prefill side
+    (side channel, synchronous); a claimed hold outlives its lease until decode's "read_done" /
+    "release" notification or a hard cap (decode's transfer deadline plus a grace period), so the
+    prefill blocks are never reused mid-read. A claim after the lease expired fails the request.
 """
 
 from __future__ import annotations
@@ -61,6 +76,10 @@ class KVConnectorEvents:
     finished_sending: set[str] = field(default_factory=set)  # prefill: held blocks may be freed now
     finished_recving: set[str] = field(default_factory=set)  # decode: KV is in the local blocks
     failed_recving: dict[str, str] = field(default_factory=dict)  # decode: request_id -> error message
+    # decode: requests of failed_recving whose blocks a transfer may still write: keep them until safe_to_free
+    draining: set[str] = field(default_factory=set)
+    # decode: draining (failed or aborted) loads whose blocks no transfer can write any more
+    safe_to_free: set[str] = field(default_factory=set)
 
 
 class KVConnector(ABC):
@@ -111,8 +130,12 @@ class KVConnector(ABC):
     def get_finished(self) -> KVConnectorEvents:
         """Progress transfers, handle notifications and leases; report what completed."""
 
-    def abort_load(self, request_id: str) -> None:
-        """The engine aborted a request that was waiting for KV; stop caring about it."""
+    def abort_load(self, request_id: str) -> bool | None:
+        """The engine aborted a request that was waiting for KV; stop caring about it.
+
+        True: a transfer may still write into its blocks; the engine keeps them until
+        `get_finished().safe_to_free` names the request. False/None: free them now."""
+        return False
 
     def info(self) -> dict[str, Any]:
         """What /info shows about the connector (transfer mode and why, agent names...)."""
