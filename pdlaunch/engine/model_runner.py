@@ -42,6 +42,9 @@ class StepInputs:
     sample_rows: list[int]  # token rows whose logits are returned, in order
 
 
+NON_TORCH_CAP_BYTES = 2 * 2**30
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -140,8 +143,11 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free_now, _ = device_memory_bytes(index)
-        # Memory this process took outside torch's allocator (CUDA context, cuBLAS workspaces).
-        non_torch = max(0, (free_at_start - free_now) - torch.cuda.memory_reserved(self.device))
+        # Memory this process took outside torch's allocator (CUDA context, cuBLAS workspaces). When
+        # instances share a GPU, the free-memory delta also holds what the others allocated in the
+        # meantime (an 8B instance loads 16 GiB), so cap it at what one process's context can take.
+        measured = max(0, (free_at_start - free_now) - torch.cuda.memory_reserved(self.device))
+        non_torch = min(measured, NON_TORCH_CAP_BYTES)
         del hidden
         torch.cuda.empty_cache()
         kv_bytes = requested - peak - non_torch
