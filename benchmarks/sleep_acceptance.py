@@ -179,6 +179,11 @@ instances:
             serve.kill()
             serve.wait()
         log.close()
+        if os.environ.get("LOGS_OUT"):  # keep the logs (e.g. the device machine's $OUT)
+            import shutil
+
+            for f in [work / "serve.log", *sorted((work / "logs").glob("*.log"))]:
+                shutil.copy(f, Path(os.environ["LOGS_OUT"]) / f.name)
         if serve.returncode not in (0, None) or os.environ.get("SHOW_LOGS"):
             print((work / "serve.log").read_text()[-4000:])
             for f in sorted((work / "logs").glob("*.log")):
