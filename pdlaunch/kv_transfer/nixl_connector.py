@@ -111,7 +111,8 @@ class NixlConnector(KVConnector):
             self.server = SideChannelServer(
                 self.kv.side_channel_host, port,
                 {"handshake": self._on_handshake, "push": self.sender.handle_push,
-                 "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage},
+                 "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage,
+                 "claim_read": self.sender.handle_claim_read, "cancel_push": self.sender.handle_cancel_push},
                 io_timeout=max(self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds),
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
@@ -240,11 +241,11 @@ class NixlConnector(KVConnector):
             events.finished_sending = self.sender.poll(now)
         if self.receiver is not None:
             events.finished_recving, events.failed_recving = self.receiver.poll(now)
+            events.draining, events.safe_to_free = self.receiver.poll_draining(now)
         return events
 
-    def abort_load(self, request_id: str) -> None:
-        if self.receiver is not None:
-            self.receiver.abort(request_id)
+    def abort_load(self, request_id: str) -> bool:
+        return self.receiver.abort(request_id) if self.receiver is not None else False
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {

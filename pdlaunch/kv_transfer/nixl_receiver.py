@@ -9,6 +9,12 @@ A load moves the blocks covering positions [num_local_computed, + num_external) 
   the whole load in chunks of at most the smaller slot count: (prefill stages, decode READs, unstage)
   or (prefill stages and WRITEs into decode's slots), then decode copies its slots into its blocks.
 Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
+Safety (base.py's lifecycle contract): a pull first claims the prefill hold ("claim_read") so it
+outlives its lease while the READ runs, and a READ seen done after the load's deadline does not count.
+A load that fails or is aborted while a push WRITE may still land (or a READ could not be stopped)
+"drains": decode asks prefill to cancel ("cancel_push") and reports the request in `safe_to_free`
+once prefill says nothing is in flight, the push_done/push_failed notification arrived, the READ
+ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline).
 loader threads bind the instance's device when they start (seed 000), since they copy KV.
 """
 
@@ -36,6 +42,10 @@ from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFE
 
 logger = logging.getLogger(__name__)
 
+# After a load's deadline: a WRITE the prefill side posted before it has ended (prefill stops
+# waiting for its WRITE at decode's deadline and cancels it), and message latency is covered.
+DRAIN_GRACE_SECONDS = 5.0
+
 
 @dataclass
 class Load:
@@ -52,6 +62,9 @@ class Load:
     num_bytes: int = 0
     error: str | None = None
     abandoned: bool = False
+    push_sent: bool = False  # a push request (WRITE into the local blocks) may have reached prefill
+    write_ended: bool = False  # prefill said no WRITE of this load is in flight any more
+    drain_until: float = 0.0  # draining: blocks may be freed after this even without word from prefill
 
     @property
     def where(self) -> str:
@@ -83,6 +96,8 @@ class DecodeSide:
         self._chunk_events: dict[str, tuple[threading.Event, list[str]]] = {}
         self._loads: dict[str, Load] = {}
         self._by_nonce: dict[str, Load] = {}
+        self._draining: dict[str, Load] = {}  # failed/aborted loads whose blocks a transfer may still write
+        self._new_draining: set[str] = set()  # failed loads of the last poll that drain
         self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader",
                                            initializer=self._bind_loader_thread_device)
@@ -115,7 +130,10 @@ class DecodeSide:
                 chunk[0].set()
                 return
             load = self._by_nonce.get(str(notif.get("nonce")))
-            if load is None or load.state in ("ok", "failed"):
+            if load is None:
+                return
+            load.write_ended = True  # push_done comes after the WRITE, push_failed after it was stopped
+            if load.state in ("ok", "failed"):
                 return
             if notif["kind"] == "push_done":
                 load.state = "ok"
@@ -131,8 +149,8 @@ class DecodeSide:
             with self._lock:
                 if load.state == "posted" and load.xfer is not None:
                     xfer_state = load.xfer.state()
-                    if xfer_state == "DONE":
-                        load.state = "ok"
+                    if xfer_state == "DONE" and now <= load.deadline:
+                        load.state = "ok"  # (after the deadline the prefill hold's cap may have passed)
                     elif xfer_state == "ERR":
                         load.state, load.error = "failed", f"NIXL READ of {load.xfer.num_bytes} bytes failed"
                 # A staged load enforces the deadline in its loader thread; the grace covers a stuck one.
@@ -150,11 +168,70 @@ class DecodeSide:
                     finished.add(load.request_id)
                 except KVTransferError as e:
                     load.state, load.error = "failed", e.render()
+            drain = False
             if load.state == "failed":
-                failed[load.request_id] = self._fail(load)
-            if load.state in ("ok", "failed"):
+                with self._lock:
+                    drain = self._may_write(load)
+                    if drain:
+                        self._start_drain(load, now)
+                failed[load.request_id] = self._fail(load, drain)
+            if drain:
+                self._new_draining.add(load.request_id)
+            elif load.state in ("ok", "failed"):
                 self._forget(load)
         return finished, failed
+
+    def _may_write(self, load: Load) -> bool:
+        """Whether a transfer may still write into the load's blocks (the lock is held)."""
+        if load.push_sent and not load.write_ended:
+            return True
+        return load.xfer is not None and load.xfer.state() == "PROC"
+
+    def _start_drain(self, load: Load, now: float) -> None:
+        """Keep a failed/aborted load's blocks from the engine until no transfer can write them (lock held)."""
+        load.drain_until = max(now, load.deadline) + DRAIN_GRACE_SECONDS
+        self._draining[load.request_id] = load
+        if self._loads.get(load.request_id) is load:
+            del self._loads[load.request_id]
+        if load.push_sent and not load.write_ended:
+            self.executor.submit(self._cancel_push, load)
+
+    def poll_draining(self, now: float) -> tuple[set[str], set[str]]:
+        """(failed loads of the last poll that drain, draining loads whose blocks may be freed now)."""
+        safe: set[str] = set()
+        with self._lock:
+            loads = list(self._draining.values())
+            new, self._new_draining = self._new_draining, set()
+        for load in loads:
+            with self._lock:
+                busy = self._may_write(load)
+            if busy and now <= load.drain_until:
+                continue
+            if busy:
+                logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
+                               "its blocks", load.request_id, DRAIN_GRACE_SECONDS)
+            self._release(load)
+            if load.mode == "pull" and load.remote_agent is not None:
+                self._tell_prefill_release(load)
+            with self._lock:
+                del self._draining[load.request_id]
+                self._by_nonce.pop(load.nonce, None)
+            safe.add(load.request_id)
+        return new, safe
+
+    def _cancel_push(self, load: Load) -> None:
+        """Loader thread: ask prefill to drop the push; no WRITE in flight ends the drain at once."""
+        p = load.params
+        message = {"type": "cancel_push", "request_id": p["remote_request_id"], "nonce": load.nonce}
+        try:
+            answer = side_channel.call(p["remote_host"], int(p["remote_port"]), message, self.handshake_timeout,
+                                       f"push cancel to {load.where}")
+        except KVTransferError as e:  # the drain then ends by notification or at drain_until
+            logger.warning("request %s: %s", load.request_id, e)
+            return
+        if not answer.get("in_flight"):
+            with self._lock:
+                load.write_ended = True
 
     def _complete(self, load: Load, now: float) -> None:
         expected = load.params.get("kv_checksum")
@@ -173,11 +250,12 @@ class DecodeSide:
         KV_TRANSFER_SECONDS.observe(now - load.started)
         self._release(load)
 
-    def _fail(self, load: Load) -> str:
+    def _fail(self, load: Load, draining: bool = False) -> str:
         KV_TRANSFER_FAILURES.inc()
-        self._release(load)
-        if load.mode == "pull" and load.remote_agent is not None:
-            self._tell_prefill_release(load)
+        if not draining:  # else poll_draining releases once the transfer ended
+            self._release(load)
+            if load.mode == "pull" and load.remote_agent is not None:
+                self._tell_prefill_release(load)
         error = load.error or f"KV transfer of request {load.request_id} failed"
         logger.error("KV load of request %s failed: %s", load.request_id, error)
         return error
@@ -199,20 +277,24 @@ class DecodeSide:
                 del self._loads[load.request_id]
             self._by_nonce.pop(load.nonce, None)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Drop a load; True when its blocks drain (a transfer may still write them: see poll_draining)."""
         with self._lock:
             load = self._loads.get(request_id)
             if load is None:
-                return
+                return request_id in self._draining
             load.abandoned = True
             state = load.state
             if state not in ("ok", "failed"):
                 load.state, load.error = "failed", "aborted"
-        if state not in ("ok", "failed"):
-            self._release(load)
-            if load.mode == "pull" and load.remote_agent is not None:
-                self._tell_prefill_release(load)
+            if self._may_write(load):
+                self._start_drain(load, time.monotonic())
+                return True
+        self._release(load)
+        if state not in ("ok", "failed") and load.mode == "pull" and load.remote_agent is not None:
+            self._tell_prefill_release(load)
         self._forget(load)
+        return False
 
     def num_loading(self) -> int:
         with self._lock:
@@ -337,6 +419,12 @@ class DecodeSide:
             with self._lock:
                 load.state = "ok" if load.state == "handshake" else load.state
             return
+        # Claim the prefill hold first: it then outlives its lease until our read_done/release (capped).
+        p = load.params
+        remaining = self._remaining(load, "READ claim")
+        side_channel.call(p["remote_host"], int(p["remote_port"]),
+                          {"type": "claim_read", "request_id": p["remote_request_id"], "seconds": remaining},
+                          remaining, f"READ claim to {load.where}")
         xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
         with self._lock:
             if load.state == "handshake" and not load.abandoned:
@@ -351,12 +439,17 @@ class DecodeSide:
         thread sees it in poll."""
         nonce = load.nonce
         event: tuple[threading.Event, list[str]] | None = None
+        remaining = self._remaining(load, "push request")
         with self._lock:
+            if load.abandoned or load.state in ("ok", "failed"):
+                raise KVTransferError(f"push of request {load.request_id} not sent: {load.error or 'aborted'}")
             if wait:
                 nonce = uuid.uuid4().hex[:16]
                 event = self._chunk_events[nonce] = (threading.Event(), [])
-            elif load.state == "handshake":
-                load.state = "pushing"  # before asking: the notification may beat the answer
+            else:
+                load.push_sent = True  # from here on prefill may WRITE into our blocks: abort/fail drain
+                if load.state == "handshake":
+                    load.state = "pushing"  # before asking: the notification may beat the answer
         message = {
             "type": "push",
             "request_id": load.params["remote_request_id"],
@@ -368,10 +461,11 @@ class DecodeSide:
             "base_addrs": bases,
             "block_bytes": spec.block_bytes,
             "device_id": self.agent.device_id,
+            "deadline_in": remaining,  # prefill posts no WRITE after this (seconds from receipt)
         }
         p = load.params
         try:
-            side_channel.call(p["remote_host"], int(p["remote_port"]), message, self._remaining(load, "push request"),
+            side_channel.call(p["remote_host"], int(p["remote_port"]), message, remaining,
                               f"push request to {load.where}")
             if event is not None:
                 if not event[0].wait(self._remaining(load, "push")):

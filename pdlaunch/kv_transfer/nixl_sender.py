@@ -5,6 +5,12 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 - push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
+Pull: decode claims the hold ("claim_read" on the side channel) before it READs; a claimed hold
+lives until the read_done/release notification or a hard cap (decode's remaining transfer time plus
+READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are never reused mid-read.
+Push: a WRITE is never posted after decode's deadline (its remaining time travels with the push
+request) nor after decode cancelled it ("cancel_push"); an in-flight WRITE is waited for (bounded)
+and then push_done/push_failed tells decode that nothing more lands in its blocks.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
 
@@ -29,6 +35,9 @@ from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 logger = logging.getLogger(__name__)
 
 _POLL_SECONDS = 0.0005  # sender threads poll their WRITE; completion is usually sub-millisecond per MiB
+# A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
+# decode gives up); decode accepts a READ only when it saw it done before its own deadline.
+READ_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -39,6 +48,8 @@ class Hold:
     busy: bool = False  # a push WRITE is reading these blocks: neither expire nor free them yet
     done: bool = False  # may be freed
     expired: bool = False
+    cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
+    read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
 
 
 @dataclass
@@ -98,6 +109,8 @@ class PrefillSide:
             for hold in list(self._holds.values()):
                 if not hold.done and not hold.busy and now > hold.deadline:
                     hold.done = hold.expired = True
+                    if hold.read_claimed:
+                        logger.warning("decode's READ of request %s did not end by its hard cap", hold.request_id)
                 if hold.done and not hold.busy:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
@@ -119,6 +132,35 @@ class PrefillSide:
             return len(self._holds)
 
     # -- side-channel threads -----------------------------------------------------------------
+    def handle_claim_read(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Decode is about to READ the blocks of a held request: keep them past the lease until its
+        read_done/release notification, at most `seconds` (decode's remaining time) + READ_GRACE_SECONDS."""
+        request_id = str(message["request_id"])
+        cap = time.monotonic() + max(0.0, float(message["seconds"])) + READ_GRACE_SECONDS
+        with self._lock:
+            hold = self._holds.get(request_id)
+            if hold is None or hold.done or hold.cancelled:
+                raise KVTransferError(
+                    f"request {request_id} is not held here any more: its lease ({self.lease_seconds:g}s) expired "
+                    "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
+                    hint="raise the lease if decode queues requests longer than that")
+            hold.read_claimed = True
+            hold.deadline = max(hold.deadline, cap)
+        return {}
+
+    def handle_cancel_push(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Decode gave up a push (abort, timeout). Answers in_flight: whether a WRITE may still land in
+        its blocks; if so, the sender thread's push_done/push_failed notification says when it ended."""
+        with self._lock:
+            hold = self._holds.get(str(message["request_id"]))
+            if hold is None:
+                return {"in_flight": False}
+            hold.cancelled = True
+            in_flight = bool(hold.busy)
+            if not in_flight:
+                hold.done = True
+        return {"in_flight": in_flight}
+
     def handle_push(self, message: dict[str, Any]) -> dict[str, Any]:
         """Decode asks: WRITE held blocks into its blocks (or staging slots), then notify it with `nonce`.
 
@@ -126,10 +168,11 @@ class PrefillSide:
         the request (the hold is freed after it).
         """
         request_id = str(message["request_id"])
+        received = time.monotonic()
         hold = self._claim(request_id, message["pairs"], message["block_bytes"])
         try:
             peer = self._peer(message["agent_name"], message["agent_metadata"])
-            self.executor.submit(self._push, hold, message, peer)
+            self.executor.submit(self._push, hold, message, peer, received)
         except Exception:
             with self._lock:
                 hold.busy = False
@@ -171,7 +214,7 @@ class PrefillSide:
                                   f"{len(self.spec.kv_caches)}")
         with self._lock:
             hold = self._holds.get(request_id)
-            if hold is None:
+            if hold is None or hold.done or hold.cancelled:
                 raise KVTransferError(
                     f"request {request_id} is not held here: its lease ({self.lease_seconds:g}s) expired "
                     "or its KV was already sent",
@@ -209,9 +252,11 @@ class PrefillSide:
             self._tickets[ticket.id] = ticket
         return ticket
 
-    def _push(self, hold: Hold, message: dict[str, Any], peer: str) -> None:
+    def _push(self, hold: Hold, message: dict[str, Any], peer: str, received: float) -> None:
         assert self.spec is not None
         nonce = message["nonce"]
+        # Never write after decode gave up: it frees its blocks soon after its own deadline.
+        deadline = min(received + self.transfer_timeout, received + float(message.get("deadline_in", float("inf"))))
         xfer: XferHandle | None = None
         slots: list[int] = []
         failed = False
@@ -235,19 +280,25 @@ class PrefillSide:
             if not local:
                 self.agent.notify(peer, notif)
                 return
+            # A cancel that comes after this check answers in_flight (busy): decode then waits for our
+            # push_done/push_failed, so posting without the lock is safe.
+            if hold.cancelled or time.monotonic() >= deadline:
+                raise KVTransferError(f"push of request {hold.request_id} cancelled: decode gave up on it")
             xfer = self.agent.transfer("WRITE", local, remote, peer, message["device_id"], notif)
-            deadline = time.monotonic() + self.transfer_timeout
             while (state := xfer.state()) == "PROC" and time.monotonic() < deadline:
                 time.sleep(_POLL_SECONDS)
             if state != "DONE":
                 raise KVTransferError(
                     f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
-                    + ("failed in NIXL" if state == "ERR" else f"did not finish within {self.transfer_timeout:g}s")
+                    + ("failed in NIXL" if state == "ERR" else "did not finish before decode's deadline")
                 )
         except Exception as e:
             failed = True  # decode fails the request: free the blocks now
             text = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
             logger.error("push of request %s failed: %s", hold.request_id, text)
+            if xfer is not None:  # cancel a WRITE still running before telling decode nothing more lands
+                xfer.release()
+                xfer = None
             try:
                 self.agent.notify(peer, encode_notif("push_failed", nonce=nonce, error=text))
             except Exception as notify_error:  # decode then times out with its own message
