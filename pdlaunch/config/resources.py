@@ -127,7 +127,7 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> lis
     fits the node's GPUs.
 
     `visible_gpus`: GPUs per node (this host's, or the declared target's); `where` names them in messages.
-    An instance whose TP exceeds its node's GPUs spans the following nodes (multi-node TP).
+    An instance's TP group must fit on its node (TP groups do not span nodes).
     """
     capacity = _node_capacity(cfg, visible_gpus)
     users: dict[tuple[int, int], list[int]] = {}
@@ -141,16 +141,11 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> lis
         if tp <= len(capacity[node]):
             demand[node] += group.count * tp
             continue
-        # Multi-node TP: each instance takes its node's GPUs, then the next node's, ...
-        need, k = tp, node
-        while need > 0 and k < len(capacity):
-            share = min(need, len(capacity[k]))
-            demand[k] += group.count * share
-            need -= share
-            k += 1
-        if need > 0:
-            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than node {node} onward has",
-                                    "lower the TP size or add nodes"))
+        # A TP group spanning nodes would need workers started by other nodes' launchers and steps
+        # sent over the network; TP workers are local processes fed over pipes, so refuse it here.
+        problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than node {node} has "
+                                f"({len(capacity[node])} on {where}); TP groups spanning nodes are not supported",
+                                "lower the TP size to the GPUs of one node, or add instances instead"))
     for k, cap in enumerate(capacity):
         if demand[k] > len(cap):
             node_name = f"node {k}" if cfg.parallel.nodes else "this deployment"

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan, plan_deployment
+from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan, check_side_channel_reach, plan_deployment
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
 
@@ -57,6 +57,7 @@ class Deployment:
         self.console = console or Console()
         self.log_dir = Path(log_dir or cfg.log_dir)
         self.drain_timeout_s = drain_timeout_s
+        check_side_channel_reach(cfg)
         self.plan: DeploymentPlan = plan_deployment(cfg)
         self.instances: list[ChildProcess] = []
         self.proxy: ChildProcess | None = None
@@ -110,6 +111,8 @@ class Deployment:
                 return False
             if self.plan.proxy_url is None:
                 return True
+            if not self._wait_remote(view, deadline, ready_timeout, should_stop):
+                return False
             self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log")
             self.proxy.start()
             self.rows["proxy"].state = "starting"
@@ -152,6 +155,37 @@ class Deployment:
                 waiting = ", ".join(f"{c.name} ({self.rows[c.name].state})" for c in pending)
                 raise PdlaunchError(f"not ready after {timeout:.0f}s: {waiting}",
                                     hint=f"see the logs in {self.log_dir}")
+            time.sleep(POLL_S)
+        return True
+
+    def _wait_remote(self, view: StatusView, deadline: float, timeout: float,
+                     should_stop: Callable[[], bool]) -> bool:
+        """Node 0: wait until every instance other nodes' launchers start answers /health."""
+        pending = [plan for plan in self.plan.instances if not plan.local]
+        while pending:
+            if should_stop():
+                return False
+            dead = self.dead_child()
+            if dead is not None:
+                raise ChildExited(*dead)
+            for plan in list(pending):
+                try:
+                    ready = self._http.get(plan.url + "/health").status_code == 200
+                except httpx.HTTPError:
+                    ready = False
+                if ready:
+                    self.rows[plan.spec.name].state = "ready"
+                    self.refresh_blocks(plan.spec.name)
+                    pending.remove(plan)
+            view.update()
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                waiting = ", ".join(f"{p.spec.name} on node {p.node} ({p.url})" for p in pending)
+                nodes = sorted({p.node for p in pending})
+                raise PdlaunchError(f"instances on other nodes not ready after {timeout:.0f}s: {waiting}",
+                                    hint="run `pdlaunch serve CONFIG --node-rank K` on node(s) "
+                                    f"{', '.join(map(str, nodes))} and check that node 0 reaches their addresses")
             time.sleep(POLL_S)
         return True
 

@@ -21,6 +21,7 @@ class InstancePlan:
     local: bool  # runs on this node (else another node's launcher starts it)
     env: dict[str, str] = field(default_factory=dict)  # extra environment of the process
     physical_devices: list[int] = field(default_factory=list)  # CUDA indices on the node (status view)
+    node: int = 0  # index into parallel.nodes
 
 
 @dataclass
@@ -52,6 +53,23 @@ def _node_devices(cfg: DeploymentConfig, node: int) -> list[int]:
     if cfg.parallel.nodes and cfg.parallel.nodes[node].devices:
         return list(cfg.parallel.nodes[node].devices)
     return list(range(platform.device_count())) if platform.cuda_available() else []
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_side_channel_reach(cfg: DeploymentConfig) -> None:
+    """Raises PdlaunchError when prefill and decode run on different nodes and the KV side channel
+    binds a loopback address (decode on the other node could not reach it)."""
+    if cfg.colocated or cfg.kv_transfer.connector != "nixl" or cfg.kv_transfer.side_channel_host not in _LOOPBACK:
+        return
+    prefill_nodes = {g.node for g in cfg.instances if g.role == "prefill" and g.count > 0}
+    decode_nodes = {g.node for g in cfg.instances if g.role == "decode" and g.count > 0}
+    if any(d != p for d in decode_nodes for p in prefill_nodes):
+        raise PdlaunchError(
+            f"the KV side channel binds {cfg.kv_transfer.side_channel_host}, which decode instances on other "
+            "nodes cannot reach", field="kv_transfer.side_channel_host",
+            hint="set it to 0.0.0.0: each prefill instance then advertises its node's address")
 
 
 def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
@@ -135,7 +153,7 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
                 master_port=master_port,
             )
             plans.append(InstancePlan(spec=spec, url=f"http://{_url_host(host)}:{port}", local=local, env=env,
-                                      physical_devices=devices))
+                                      physical_devices=devices, node=node))
     if not plans:
         raise PdlaunchError("the deployment has no instances", field="instances",
                             hint="pass --prefill 1 --decode 1, or --colocated")
