@@ -7,7 +7,8 @@ received only when every rank reported it; a failure on any rank fails it (and t
 drop their part of the load).
 
 Which prefill rank a decode rank reads: prefill's response carries `remote_ports` (the side channel
-of each prefill rank); decode rank r of a same-size group reads prefill rank r.
+of each prefill rank); decode rank r of a same-size group reads prefill rank r. Between different
+TP sizes each rank's connector reads the prefill ranks holding its KV heads (kv_transfer/reshard.py).
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> d
     remote_tp = int(params.get("tp_size", 1))
     ports = params.get("remote_ports") or [params.get("remote_port")]
     if remote_tp != tp_size:
-        raise KVTransferError(
-            f"prefill TP {remote_tp} and decode TP {tp_size} differ; this decode instance reads same-size groups only",
-            field="parallel.decode_tp", hint="use the same TP size for prefill and decode")
+        return params  # each rank's connector plans its sources itself (kv_transfer/reshard.py)
     if len(ports) != remote_tp:
         raise KVTransferError(f"prefill sent {len(ports)} side-channel ports for TP {remote_tp}",
                               hint="run the same pdlaunch version on prefill and decode")

@@ -77,6 +77,7 @@ class KVAgent:
         self.name = name
         self.nixl = api.nixl_agent(name, config)
         self._registered: Any = None
+        self._extra: list[Any] = []  # later registrations (resharding staging buffers)
         self._remote_agents: set[str] = set()
         self.mem_type = "DRAM"
         self.device_id = 0
@@ -91,6 +92,12 @@ class KVAgent:
         self.mem_type = "DRAM" if kv_caches[0].device.type == "cpu" else "VRAM"
         self.device_id = max(kv_caches[0].get_device(), 0)
         self._registered = self.nixl.register_memory(kv_caches)
+
+    def register_extra(self, tensors: list[torch.Tensor]) -> None:
+        """Register more memory of the same kind after `register` (a buffer allocated on first need)."""
+        if self._registered is None:
+            raise KVTransferError("register the KV caches before extra buffers")
+        self._extra.append(self.nixl.register_memory(tensors))
 
     def metadata(self) -> bytes:
         return self.nixl.get_agent_metadata()
@@ -138,6 +145,9 @@ class KVAgent:
             except Exception as e:
                 logger.debug("removing NIXL peer %s: %s", name, e)
         self._remote_agents.clear()
+        for extra in self._extra:
+            self.nixl.deregister_memory(extra)
+        self._extra.clear()
         if self._registered is not None:
             self.nixl.deregister_memory(self._registered)
             self._registered = None

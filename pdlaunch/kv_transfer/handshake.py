@@ -100,13 +100,21 @@ def device_info(device: torch.device) -> DeviceInfo:
     return DeviceInfo(type="cuda", index=index, pci_bus_id=bus, host_id=host_id())
 
 
-def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str = "prefill") -> None:
-    """Raise KVTransferError naming the first field that differs, both values, and the fix."""
+_RESHARDED_FIELDS = ("tp_size", "num_kv_heads")  # may differ when the decode side reshards (reshard.py)
+
+
+def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str = "prefill",
+                     reshard: bool = False) -> None:
+    """Raise KVTransferError naming the first field that differs, both values, and the fix.
+
+    reshard=True: the TP split may differ (the caller maps heads); everything else must match."""
     mine = compat_fields(local)
-    if compat_hash(mine) == remote.compat_hash:
+    if not reshard and compat_hash(mine) == remote.compat_hash:
         return
     theirs = {name: getattr(remote, name) for name in mine}
     for name, (config_key, hint) in _COMPAT_FIELDS.items():
+        if reshard and name in _RESHARDED_FIELDS:
+            continue
         if mine[name] != theirs[name]:
             raise KVTransferError(
                 f"KV caches are incompatible: {name} differs ({remote_role} engine {remote.engine_id}: "
@@ -114,6 +122,8 @@ def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str
                 field=config_key,
                 hint=hint,
             )
+    if reshard:
+        return
     raise KVTransferError(
         f"KV caches are incompatible: compatibility hash differs ({remote_role} engine {remote.engine_id}: "
         f"{remote.compat_hash}, this engine: {compat_hash(mine)}) although every field matches",

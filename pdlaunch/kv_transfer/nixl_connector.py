@@ -24,6 +24,7 @@ from pdlaunch.kv_transfer.handshake import (
 )
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
 from pdlaunch.kv_transfer.nixl_sender import PrefillSide
+from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
 from pdlaunch.memory import platform
@@ -170,10 +171,18 @@ class NixlConnector(KVConnector):
             return
         try:
             pairs = self._plan(prompt_token_ids, params, block_ids, num_local_computed_tokens, num_external_tokens)
+            reshard = self._reshard_plan(params)
         except KVTransferError as e:
             self.receiver.fail_now(request_id, params, e.render())
             return
-        self.receiver.start(request_id, params, pairs)
+        self.receiver.start(request_id, params, pairs, reshard)
+
+    def _reshard_plan(self, params: dict[str, Any]) -> ReshardPlan | None:
+        """None when prefill has this engine's TP size (rank r reads rank r), else this rank's sources."""
+        spec = self._require_spec()
+        if int(params.get("tp_size", 1)) == spec.tp_size:
+            return None
+        return plan_reshard(params, spec.tp_rank, spec.tp_size, spec.num_kv_heads)
 
     def _plan(
         self, prompt: list[int], params: dict[str, Any], block_ids: list[list[int]], start: int, count: int,
@@ -216,6 +225,7 @@ class NixlConnector(KVConnector):
             "remote_port": port,
             "remote_request_id": request_id,
             "tp_size": spec.tp_size,
+            "kv_heads_per_rank": spec.num_kv_heads,
             "transfer_mode": self.kv.transfer_mode,
             "num_prompt_tokens": len(prompt_token_ids),
         }

@@ -8,13 +8,14 @@ A load moves the blocks covering positions [num_local_computed, + num_external) 
 - staged (either side copies KV through a staging buffer, see staging.py): the loader thread runs
   the whole load in chunks of at most the smaller slot count: (prefill stages, decode READs, unstage)
   or (prefill stages and WRITEs into decode's slots), then decode copies its slots into its blocks.
-Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
+- resharded (prefill has another TP size): reshard_load.py, pull only.
 Safety (base.py's lifecycle contract): a pull first claims the prefill hold ("claim_read") so it
 outlives its lease while the READ runs, and a READ seen done after the load's deadline does not count.
 A load that fails or is aborted while a push WRITE may still land (or a READ could not be stopped)
 "drains": decode asks prefill to cancel ("cancel_push") and reports the request in `safe_to_free`
 once prefill says nothing is in flight, the push_done/push_failed notification arrived, the READ
 ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline).
+Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
 loader threads bind the instance's device when they start (seed 000), since they copy KV.
 """
 
@@ -36,6 +37,8 @@ from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo
 from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
+from pdlaunch.kv_transfer.reshard import ReshardPlan
+from pdlaunch.kv_transfer.reshard_load import ReshardStaging, run_resharded_load
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
@@ -65,6 +68,7 @@ class Load:
     push_sent: bool = False  # a push request (WRITE into the local blocks) may have reached prefill
     write_ended: bool = False  # prefill said no WRITE of this load is in flight any more
     drain_until: float = 0.0  # draining: blocks may be freed after this even without word from prefill
+    reshard: ReshardPlan | None = None  # prefill has another TP size (reshard_load.py)
 
     @property
     def where(self) -> str:
@@ -93,6 +97,7 @@ class DecodeSide:
         self.verify_kv = verify_kv
         self.device_index = device_index
         self.staging: StagingArea | None = None
+        self.reshard_staging = ReshardStaging(agent)
         self._chunk_events: dict[str, tuple[threading.Event, list[str]]] = {}
         self._loads: dict[str, Load] = {}
         self._by_nonce: dict[str, Load] = {}
@@ -106,9 +111,10 @@ class DecodeSide:
         platform.set_device(self.device_index)
 
     # -- engine thread ------------------------------------------------------------------------
-    def start(self, request_id: str, params: dict[str, Any], pairs: list[list[tuple[int, int, int]]]) -> None:
+    def start(self, request_id: str, params: dict[str, Any], pairs: list[list[tuple[int, int, int]]],
+              reshard: ReshardPlan | None = None) -> None:
         now = time.monotonic()
-        load = Load(request_id, params, pairs, deadline=now + self.transfer_timeout, started=now)
+        load = Load(request_id, params, pairs, deadline=now + self.transfer_timeout, started=now, reshard=reshard)
         with self._lock:
             self._loads[request_id] = load
             self._by_nonce[load.nonce] = load
@@ -234,8 +240,8 @@ class DecodeSide:
                 load.write_ended = True
 
     def _complete(self, load: Load, now: float) -> None:
-        expected = load.params.get("kv_checksum")
-        if expected is None and self.verify_kv and load.num_bytes:
+        expected = load.params.get("kv_checksum") if load.reshard is None else None  # resharded: checked per chunk
+        if expected is None and self.verify_kv and load.num_bytes and load.reshard is None:
             raise KVTransferError(
                 f"request {load.request_id}: kv_transfer.verify_kv is on here but {load.where} sent no kv_checksum",
                 field="kv_transfer.verify_kv",
@@ -303,6 +309,9 @@ class DecodeSide:
     # -- loader threads -----------------------------------------------------------------------
     def _run(self, load: Load) -> None:
         try:
+            if load.reshard is not None:
+                run_resharded_load(self, load, load.reshard)
+                return
             remote = self.peers.get(load.params)
             spec = self._spec()
             with self._lock:
@@ -360,7 +369,7 @@ class DecodeSide:
             try:
                 dst = [slots[:len(ids)] for ids in local_ids] if self.staging is not None else local_ids
                 if remote.mode == "pull":
-                    self._read_chunk(load, remote, host, port, dst, dst_bases, remote_ids, spec)
+                    self._read_chunk(load, remote, host, port, dst, dst_bases, remote_ids, spec.block_bytes)
                 else:
                     pairs = [[[d, r] for d, r in zip(dst[g], remote_ids[g])] for g in range(len(dst))]
                     self._push(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True)
@@ -379,7 +388,9 @@ class DecodeSide:
                 load.state = "ok"
 
     def _read_chunk(self, load: Load, remote: RemoteEngine, host: str, port: int, dst: list[list[int]],
-                    dst_bases: list[int], remote_ids: list[list[int]], spec: KVCacheSpec) -> None:
+                    dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None:
+        """READ remote blocks (or, from a staging prefill side, the slots it stages them in) of
+        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g]."""
         src, ticket = remote_ids, None
         if remote.info.staging_slots:
             answer = side_channel.call(host, port, {"type": "stage", "request_id": load.params["remote_request_id"],
@@ -391,7 +402,7 @@ class DecodeSide:
             rem: list[tuple[int, int]] = []
             for g in range(len(dst)):
                 runs = coalesce(list(zip(dst[g], src[g])))
-                lo, ro = run_descriptors(runs, dst_bases[g], remote.info.base_addrs[g], spec.block_bytes[g])
+                lo, ro = run_descriptors(runs, dst_bases[g], remote.info.base_addrs[g], block_bytes[g])
                 local += lo
                 rem += ro
             if local:

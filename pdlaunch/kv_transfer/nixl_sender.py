@@ -1,7 +1,8 @@
 """Prefill side of the NIXL connector: held requests, leases, and the push sender pool.
 
 A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
-- pull: the decode agent's READ completes and its notification ("read_done") arrives, or
+- pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
+  the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
 - push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
@@ -45,8 +46,10 @@ class Hold:
     request_id: str
     block_ids: list[list[int]]
     deadline: float  # time.monotonic() when the lease expires
-    busy: bool = False  # a push WRITE is reading these blocks: neither expire nor free them yet
+    busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
     done: bool = False  # may be freed
+    notified: int = 0  # read_done/release notifications received
+    readers: int = 1  # notifications to wait for (the largest `readers` a notification named)
     expired: bool = False
     cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
@@ -97,7 +100,9 @@ class PrefillSide:
         with self._lock:
             hold = self._holds.get(request_id)
             if hold is not None:
-                hold.done = True
+                hold.notified += 1
+                hold.readers = max(hold.readers, int(notif.get("readers", 1)))
+                hold.done = hold.done or hold.notified >= hold.readers
         if hold is None:
             logger.warning("KV %s notification for request %s, which is not held (lease expired?)",
                            notif.get("kind"), request_id)
@@ -169,13 +174,13 @@ class PrefillSide:
         """
         request_id = str(message["request_id"])
         received = time.monotonic()
-        hold = self._claim(request_id, message["pairs"], message["block_bytes"])
+        hold = self._claim(request_id, message["pairs"], message["block_bytes"], exclusive=True)
         try:
             peer = self._peer(message["agent_name"], message["agent_metadata"])
             self.executor.submit(self._push, hold, message, peer, received)
         except Exception:
             with self._lock:
-                hold.busy = False
+                hold.busy -= 1
             raise
         return {}
 
@@ -190,7 +195,7 @@ class PrefillSide:
             ticket = self.executor.submit(self._stage, request_id, blocks).result(timeout=self.transfer_timeout)
         finally:
             with self._lock:
-                hold.busy = False
+                hold.busy -= 1
         return {"ticket": ticket.id, "slots": [ticket.slots[:len(ids)] for ids in blocks]}
 
     def handle_unstage(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -200,8 +205,11 @@ class PrefillSide:
             self.staging.release(ticket.slots)
         return {}
 
-    def _claim(self, request_id: str, pairs: list[list[list[int]]], block_bytes: list[int]) -> Hold:
-        """The hold of `request_id`, marked busy, after checking the request only names blocks it holds."""
+    def _claim(self, request_id: str, pairs: list[list[list[int]]], block_bytes: list[int],
+               exclusive: bool = False) -> Hold:
+        """The hold of `request_id`, marked busy, after checking the request only names blocks it holds.
+        exclusive: refuse while another claim is active (a push); stagings of several decode ranks
+        reading one request (resharding) may overlap."""
         if self.spec is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
         if block_bytes != self.spec.block_bytes:
@@ -221,12 +229,12 @@ class PrefillSide:
                     field="kv_transfer.kv_lease_seconds",
                     hint="raise the lease if decode queues requests longer than that",
                 )
-            if hold.busy:
+            if exclusive and hold.busy:
                 raise KVTransferError(f"request {request_id} is already being sent")
             for g, group_pairs in enumerate(pairs):
                 if not {p[1] for p in group_pairs} <= set(hold.block_ids[g]) - {-1}:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
-            hold.busy = True
+            hold.busy += 1
         return hold
 
     def _peer(self, name: str, metadata_hex: str) -> str:
@@ -309,7 +317,7 @@ class PrefillSide:
             if slots and self.staging is not None:
                 self.staging.release(slots)
             with self._lock:
-                hold.busy = False
+                hold.busy -= 1
                 hold.done = hold.done or failed or bool(message.get("last", True))
 
     def shutdown(self) -> None:

@@ -48,21 +48,25 @@ class PeerCache:
     def get(self, params: dict[str, Any]) -> RemoteEngine:
         """The prefill engine named in kv_transfer_params, shaking hands on first use."""
         engine_id = str(params["remote_engine_id"])
+        # A resharding load talks to several ranks of one prefill engine: one entry per rank.
+        rank = params.get("remote_tp_rank")
+        key = engine_id if rank is None else f"{engine_id}/rank{rank}"
         with self._lock:
-            cached = self._remotes.get(engine_id)
-            lock = self._locks.setdefault(engine_id, threading.Lock())
+            cached = self._remotes.get(key)
+            lock = self._locks.setdefault(key, threading.Lock())
         if cached is not None:
             return cached
         with lock:
             with self._lock:
-                cached = self._remotes.get(engine_id)
+                cached = self._remotes.get(key)
             if cached is None:
-                cached = self._handshake(engine_id, str(params["remote_host"]), int(params["remote_port"]))
+                cached = self._handshake(engine_id, str(params["remote_host"]), int(params["remote_port"]),
+                                         None if rank is None else int(rank))
                 with self._lock:
-                    self._remotes[engine_id] = cached
+                    self._remotes[key] = cached
             return cached
 
-    def _handshake(self, engine_id: str, host: str, port: int) -> RemoteEngine:
+    def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
         answer = side_channel.call(host, port, {"type": "handshake", "engine_id": engine_id},
                                    self.handshake_timeout, f"KV handshake with prefill engine {engine_id}")
         info = HandshakeInfo.model_validate(answer["info"])
@@ -74,7 +78,11 @@ class PeerCache:
                 hint="the params came from another prefill instance, or that port now belongs to a "
                 "restarted one; every TP rank of an instance must share one engine_id (sync_engine_id)",
             )
-        check_compatible(self._spec(), info)
+        if rank is not None and info.tp_rank != rank:
+            raise KVTransferError(f"the side channel at {host}:{port} is TP rank {info.tp_rank} of prefill engine "
+                                  f"{engine_id}, not rank {rank}",
+                                  hint="the prefill instance restarted or its ports moved; retry the request")
+        check_compatible(self._spec(), info, reshard=rank is not None)
         agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
         mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
         logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)

@@ -22,11 +22,16 @@ DEFAULT_STAGING_BYTES = 1 << 30  # 8k tokens of a Llama-3-8B-shaped bf16 KV cach
 
 
 class StagingArea:
-    def __init__(self, kv_caches: list[torch.Tensor], budget_bytes: int) -> None:
-        slot_bytes = sum(t[0].numel() * t.element_size() for t in kv_caches)
+    """Slots shaped like one block of `kv_caches`, or with `kv_heads` KV heads instead: a block of a
+    prefill rank of another TP size (reshard.py)."""
+
+    def __init__(self, kv_caches: list[torch.Tensor], budget_bytes: int, kv_heads: int | None = None) -> None:
+        shapes = [(*t.shape[1:4], kv_heads if kv_heads is not None else t.shape[4], *t.shape[5:]) for t in kv_caches]
+        slot_bytes = sum(torch.Size(s).numel() * t.element_size() for s, t in zip(shapes, kv_caches))
         self.num_slots = max(1, min(budget_bytes // slot_bytes, kv_caches[0].shape[0]))
         # buffers[g]: [num_slots, num_layers_g, 2, block_size, num_kv_heads, head_dim], plain allocation.
-        self.buffers = [torch.empty((self.num_slots, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in kv_caches]
+        self.buffers = [torch.empty((self.num_slots, *s), dtype=t.dtype, device=t.device)
+                        for s, t in zip(shapes, kv_caches)]
         self.device = kv_caches[0].device
         self._free: set[int] = set(range(self.num_slots))
         self._cond = threading.Condition()
