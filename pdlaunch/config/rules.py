@@ -58,7 +58,8 @@ def node_problems(cfg: DeploymentConfig) -> list[Problem]:
 
 
 def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
-    """TP divides the attention heads; TP and KV heads divide one another; P and D TP sizes divide one another."""
+    """TP divides the attention heads; TP and KV heads divide one another; P and D TP sizes divide one
+    another (and, when they differ, KV moves by pull: kv_transfer/reshard.py)."""
     problems: list[Problem] = []
     for i, group in enumerate(cfg.instances):
         tp = group.tp or 1
@@ -77,12 +78,12 @@ def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
                 problems.append(problem("parallel.decode_tp", f"prefill TP {p_tp} and decode TP {d_tp} do not divide "
                                         "each other, so KV heads cannot be mapped between them",
                                         "use the same TP size for prefill and decode (--tp N)"))
-            elif p_tp != d_tp:
-                # Moving KV between different head splits (resharding) is not implemented yet: such
-                # a request would fail at transfer time, so refuse the deployment up front.
-                problems.append(problem("parallel.decode_tp", f"prefill TP {p_tp} and decode TP {d_tp} differ; "
-                                        "KV transfer between different TP sizes is not supported yet",
-                                        "use the same TP size for prefill and decode (--tp N)"))
+            elif p_tp != d_tp and cfg.kv_transfer.transfer_mode == "push":
+                # Resharding reads whole prefill blocks and slices them on the decode side (pull only).
+                problems.append(problem("kv_transfer.transfer_mode", f"prefill TP {p_tp} and decode TP {d_tp} "
+                                        "differ, and KV transfer between different TP sizes is pull only",
+                                        "use --transfer-mode pull or auto (CPU, or GPUs joined by NVLink), "
+                                        "or the same TP size for prefill and decode"))
     return problems
 
 

@@ -137,9 +137,13 @@ def test_prefill_decode_tp_ratio(tmp_path: Path) -> None:
     model = write_model(tmp_path, num_attention_heads=24, num_key_value_heads=24, hidden_size=192)
     result = check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "3", "--target-gpus", "8"])
     assert_invalid(result, "parallel.decode_tp", "prefill TP 2 and decode TP 3")
-    # dividing sizes are still refused until KV resharding between TP sizes exists
-    result = check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "4", "--target-gpus", "8"])
-    assert_invalid(result, "parallel.decode_tp", "not supported yet")
+    # dividing sizes reshard KV heads on the decode side, which reads (pull)
+    for p_tp, d_tp in (("2", "4"), ("4", "2")):
+        assert check(["--model", str(model), *GPU2, "--prefill-tp", p_tp, "--decode-tp", d_tp,
+                      "--target-gpus", "8"]).exit_code == 0
+    result = check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "4", "--target-gpus", "8",
+                    "--transfer-mode", "push"])
+    assert_invalid(result, "kv_transfer.transfer_mode", "pull only")
     assert check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "2",
                   "--target-gpus", "8"]).exit_code == 0
 
