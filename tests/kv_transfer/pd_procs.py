@@ -17,7 +17,7 @@ from tests.kv_transfer.rpc import Built, ProcessRPC
 def make_spec(
     num_blocks: int = 24, block_size: int = 4, num_layers: int = 2, num_kv_heads: int = 2, head_dim: int = 8,
     dtype: torch.dtype = torch.float32, groups: int = 1, seed: int = 0, model_name: str = "test-llama",
-    sliding_window: list[int | None] | None = None, device: str = "cpu",
+    sliding_window: list[int | None] | None = None, device: str = "cpu", tp_size: int = 1, tp_rank: int = 0,
 ) -> KVCacheSpec:
     """kv_caches[g]: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], random values."""
     gen = torch.Generator().manual_seed(seed)
@@ -28,6 +28,7 @@ def make_spec(
         head_dim=head_dim, dtype=dtype,
         group_layers=[list(range(g * num_layers, (g + 1) * num_layers)) for g in range(groups)],
         group_sliding_window=sliding_window or [None] * groups, model_name=model_name,
+        tp_size=tp_size, tp_rank=tp_rank,
     )
 
 
