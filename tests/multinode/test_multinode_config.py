@@ -1,0 +1,63 @@
+"""Multi-node mistakes caught before anything runs: an unreachable side channel, a node that never
+comes up, a TP group larger than its node. No engine is started here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.deployment import Deployment
+from tests.config.cli_helpers import check, invoke
+
+NODES = {"nodes": [{"address": "127.0.0.1"}, {"address": "127.0.0.2"}]}
+
+
+def _cfg(tmp_path: Path, **data: object) -> DeploymentConfig:
+    return DeploymentConfig.model_validate({"device": "cpu", "log_dir": str(tmp_path / "logs"),
+                                            "proxy": {"port": 0}, "parallel": NODES, **data})
+
+
+def test_serve_refuses_a_loopback_side_channel_between_nodes(tmp_path: Path) -> None:
+    path = tmp_path / "two.yaml"
+    path.write_text("parallel: {nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]}\n"
+                    "instances:\n  - {role: prefill, node: 0}\n  - {role: decode, node: 1, base_port: 9100}\n")
+    result = invoke(["serve", str(path), "--model", "demo", "--device", "cpu", "--log-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "kv_transfer.side_channel_host" in result.output and "0.0.0.0" in result.output
+
+
+def test_loopback_side_channel_is_fine_when_prefill_and_decode_share_a_node(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, instances=[{"role": "prefill", "node": 1, "base_port": 9100},
+                                    {"role": "decode", "node": 1, "base_port": 9200}])
+    with Deployment(cfg, Console(quiet=True)) as deployment:
+        assert [p.node for p in deployment.plan.instances] == [1, 1]
+
+
+def test_node0_names_the_instances_of_a_node_that_never_came_up(tmp_path: Path) -> None:
+    # Node 0 runs only the proxy; nothing answers at node 1's address, so the wait must time out.
+    cfg = _cfg(tmp_path, kv_transfer={"side_channel_host": "0.0.0.0"},
+               instances=[{"role": "prefill", "node": 1, "base_port": 9100},
+                          {"role": "decode", "node": 1, "base_port": 9101}])
+    with Deployment(cfg, Console(quiet=True)) as deployment:
+        with pytest.raises(PdlaunchError) as err:
+            deployment.start(ready_timeout=1.0)
+        assert deployment.children == []
+    message = err.value.render()
+    assert "prefill-0 on node 1 (http://127.0.0.2:9100)" in message and "decode-0 on node 1" in message
+    assert "--node-rank" in message
+
+
+def test_check_config_refuses_tp_groups_spanning_nodes(tmp_path: Path) -> None:
+    path = tmp_path / "span.yaml"
+    path.write_text("parallel: {nodes: [{address: a}, {address: b}]}\nkv_transfer: {side_channel_host: 0.0.0.0}\n"
+                    "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 2, node: 1}\n")
+    args = [str(path), "--model", "demo", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+    result = check(args)
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error: instances[0].tp:")]
+    assert lines and "spanning nodes are not supported" in lines[0]
+    assert not any(line.startswith("error: instances[1]") for line in result.output.splitlines())
