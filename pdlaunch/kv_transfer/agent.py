@@ -93,6 +93,20 @@ class KVAgent:
         self.device_id = max(kv_caches[0].get_device(), 0)
         self._registered = self.nixl.register_memory(kv_caches)
 
+    def reregister(self, kv_caches: list[torch.Tensor]) -> None:
+        """Register the KV caches again: after a wake-up their physical pages are new (CuMem keeps
+        the virtual addresses), so the old registration no longer describes them."""
+        if self._registered is not None:
+            self.nixl.deregister_memory(self._registered)
+            self._registered = None
+        self.register(kv_caches)
+
+    def forget_remote(self, name: str) -> None:
+        """Drop a peer's metadata so that a newer one can be loaded (the peer re-registered)."""
+        if name in self._remote_agents:
+            self.nixl.remove_remote_agent(name)
+            self._remote_agents.discard(name)
+
     def register_extra(self, tensors: list[torch.Tensor]) -> None:
         """Register more memory of the same kind after `register` (a buffer allocated on first need)."""
         if self._registered is None:

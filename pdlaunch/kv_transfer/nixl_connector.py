@@ -54,6 +54,7 @@ class NixlConnector(KVConnector):
         platform.set_device(self.device_index)
         self.agent = KVAgent(f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}")
         self.spec: KVCacheSpec | None = None
+        self.kv_epoch = 0  # grows each time the KV memory is registered again (after a wake-up)
         self.staging_bytes = staging_bytes
         self.staging: StagingArea | None = None
         self.server: SideChannelServer | None = None
@@ -93,6 +94,9 @@ class NixlConnector(KVConnector):
         return 0
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
+        if self.spec is not None:
+            self._reregister(spec)
+            return
         budget = self._staging_budget(spec)
         if budget > 0:
             # Outside any CuMem pool: plain memory that NIXL reaches at full speed (staging.py).
@@ -118,6 +122,19 @@ class NixlConnector(KVConnector):
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
                         spec.tp_rank, self.kv.side_channel_host, self.server.port)
+
+    def _reregister(self, spec: KVCacheSpec) -> None:
+        """The engine woke up (sleep mode): same tensors, new physical pages. A staging buffer is plain
+        memory that sleep never touches, so only the spec changes; KV registered directly is
+        registered again and `kv_epoch` grows, so that decode peers shake hands anew."""
+        if self.staging is None:
+            self.agent.reregister(spec.kv_caches)
+            self.kv_epoch += 1
+        self.spec = spec
+        if self.sender is not None:
+            self.sender.spec = spec
+            self._handshake = self._handshake_info(spec)
+        logger.info("KV cache registered again after a wake-up (epoch %d)", self.kv_epoch)
 
     def _require_spec(self) -> KVCacheSpec:
         if self.spec is None:
@@ -228,6 +245,7 @@ class NixlConnector(KVConnector):
             "kv_heads_per_rank": spec.num_kv_heads,
             "transfer_mode": self.kv.transfer_mode,
             "num_prompt_tokens": len(prompt_token_ids),
+            "kv_epoch": self.kv_epoch,
         }
         if self.kv.verify_kv:
             params["kv_checksum"] = [block_checksums(spec.kv_caches[g], b) for g, b in enumerate(block_ids)]

@@ -51,6 +51,8 @@ class PeerCache:
         # A resharding load talks to several ranks of one prefill engine: one entry per rank.
         rank = params.get("remote_tp_rank")
         key = engine_id if rank is None else f"{engine_id}/rank{rank}"
+        # A prefill engine that registered its KV again (woke up) has new agent metadata.
+        key += f"@{params.get('kv_epoch', 0)}"
         with self._lock:
             cached = self._remotes.get(key)
             lock = self._locks.setdefault(key, threading.Lock())
@@ -83,6 +85,7 @@ class PeerCache:
                                   f"{engine_id}, not rank {rank}",
                                   hint="the prefill instance restarted or its ports moved; retry the request")
         check_compatible(self._spec(), info, reshard=rank is not None)
+        self.agent.forget_remote(info.agent_name)  # stale metadata of an earlier epoch
         agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
         mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
         logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)
