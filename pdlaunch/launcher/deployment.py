@@ -17,7 +17,9 @@ from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan, check_side_channel_reach, plan_deployment
+from pdlaunch.launcher.plan import (
+    DeploymentPlan, InstancePlan, check_side_channel_reach, instance_config, plan_deployment,
+)
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
 
@@ -88,7 +90,7 @@ class Deployment:
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         deployment_file = self.log_dir / "deployment.json"
-        deployment_file.write_text(self.cfg.model_dump_json(indent=2))
+        deployment_file.write_text(instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
         threads = _cpu_threads(len(self.plan.local)) if device == "cpu" else {}
         for plan in self.plan.instances:

@@ -72,6 +72,16 @@ def check_side_channel_reach(cfg: DeploymentConfig) -> None:
             hint="set it to 0.0.0.0: each prefill instance then advertises its node's address")
 
 
+def instance_config(cfg: DeploymentConfig) -> DeploymentConfig:
+    """The config this node's instances run with. Multi-node: TP groups never span nodes, so each
+    group's rendezvous (hosted by its rank 0) is on its own node's loopback; parallel.master_addr
+    names node 0 and would send node K's ranks into node 0's stores (same master_port numbering)."""
+    if not cfg.parallel.nodes or cfg.parallel.master_addr in _LOOPBACK:
+        return cfg
+    parallel = cfg.parallel.model_copy(update={"master_addr": "127.0.0.1"})
+    return cfg.model_copy(update={"parallel": parallel})
+
+
 def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
     """Assign every instance its ports, devices and engine_id. Raises PdlaunchError naming the field."""
     device = platform.resolve_device(cfg.device)

@@ -61,3 +61,16 @@ def test_check_config_refuses_tp_groups_spanning_nodes(tmp_path: Path) -> None:
     lines = [line for line in result.output.splitlines() if line.startswith("error: instances[0].tp:")]
     assert lines and "spanning nodes are not supported" in lines[0]
     assert not any(line.startswith("error: instances[1]") for line in result.output.splitlines())
+
+
+def test_instances_rendezvous_on_their_own_node(tmp_path: Path) -> None:
+    # parallel.master_addr names node 0; node 1's TP groups must not join node 0's stores.
+    cfg = _cfg(tmp_path, parallel={**NODES, "node_rank": 1, "master_addr": "10.0.0.1", "master_port": 29500},
+               kv_transfer={"side_channel_host": "0.0.0.0"},
+               instances=[{"role": "prefill", "node": 0, "base_port": 9100},
+                          {"role": "decode", "node": 0, "base_port": 9101}])
+    with Deployment(cfg, Console(quiet=True)) as deployment:
+        assert deployment.start(ready_timeout=1.0)  # node 1 runs nothing: nothing to wait for
+    written = DeploymentConfig.model_validate_json((tmp_path / "logs" / "deployment.json").read_text())
+    assert written.parallel.master_addr == "127.0.0.1"
+    assert written.model_copy(update={"parallel": cfg.parallel}) == cfg
