@@ -8,9 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from pdlaunch.config.models import InstanceSpec
+from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.test_pd_engines import GREEDY, PROMPTS, colocated
-from tests.tp.pd_procs import tp_pd_pair
+from tests.tp.pd_procs import TPEngineProcess, tp_pd_pair
 
 
 def run_pd(prefill, decode, prompts: dict[str, list[int]]) -> dict[str, dict]:  # type: ignore[no-untyped-def]
@@ -53,3 +56,34 @@ def test_tp_pd_replicated_kv_head_equals_colocated(one_kv_head_ckpt: Path, prefi
         outs = run_pd(prefill, decode, prompts)
         assert {rid: o["tokens"] for rid, o in outs.items()} == expected
         assert decode.call("check")["used_blocks"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+@pytest.mark.parametrize("cumem", [False, True], ids=["cudamalloc", "cumem-staging"])
+@pytest.mark.parametrize("prefill_devices,decode_devices", [([0], [1, 2]), ([0, 1], [2])], ids=["p1d2", "p2d1"])
+def test_tp_pd_resharding_on_gpus(llama_ckpt: Path, prefill_devices: list[int], decode_devices: list[int],
+                                  cumem: bool) -> None:
+    # Every prefill rank on its own GPU, apart from the decode ranks: resharding pulls, and pull needs
+    # NVLink between two GPUs (auto picks it). cumem: both sides' KV in CuMem pools, so the prefill
+    # side stages its blocks and decode reads those slots.
+    if torch.cuda.device_count() < 3:
+        pytest.skip(f"needs 3 CUDA devices joined by NVLink, found {torch.cuda.device_count()}")
+    expected = colocated(llama_ckpt, PROMPTS, device="cuda")
+    config = pd_config(str(llama_ckpt), "nixl", "auto", device="cuda", enable_cumem_allocator=cumem)
+    prefill = TPEngineProcess(config, InstanceSpec(role="prefill", port=1, tp=len(prefill_devices), device="cuda",
+                                                   devices=prefill_devices, engine_id="P-gpu"))
+    try:
+        decode = TPEngineProcess(config, InstanceSpec(role="decode", port=2, tp=len(decode_devices), device="cuda",
+                                                      devices=decode_devices, engine_id="D-gpu"))
+        try:
+            outs = run_pd(prefill, decode, PROMPTS)
+            assert {rid: o["tokens"] for rid, o in outs.items()} == expected
+            info = decode.call("info")
+            assert info["transfer_mode"] == "pull", info
+            for side in (prefill, decode):
+                assert side.call("check")["used_blocks"] == 0
+        finally:
+            decode.close()
+    finally:
+        prefill.close()
