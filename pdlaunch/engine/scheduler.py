@@ -105,6 +105,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
+            if self.connector is not None and abort_load:
+                self.connector.abort_load(rid)  # nothing was started; drops what matching planned
         elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             del self.waiting_for_kv[rid]
             if self.connector is not None and abort_load:

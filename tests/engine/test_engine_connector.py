@@ -163,3 +163,15 @@ def test_abort_while_waiting_for_kv(llama_ckpt, make_engine: MakeEngine) -> None
     assert d_engine.block_manager.num_used_blocks() == 0
     p_engine.step()
     assert p_engine.block_manager.num_used_blocks() == 0  # the load had notified the prefill side
+
+
+def test_abort_of_a_waiting_request_tells_the_connector(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
+    """A request aborted before it got blocks may have been matched already (the storage connector
+    plans its load then): the connector must hear of the abort so that nothing it planned lingers."""
+    d_conn = CopyConnector(Hub(), "D")
+    d_engine = make_engine(llama_ckpt, instance=spec("decode", "D"), connector=d_conn)
+    d_engine.add_request("w", [3, 4, 5, 6], SamplingParams(max_tokens=4))
+    d_engine.abort_request("w")
+    assert d_conn.aborted == ["w"]
+    assert not d_engine.has_unfinished_requests() and d_engine.block_manager.num_used_blocks() == 0
+    d_engine.check_integrity()
