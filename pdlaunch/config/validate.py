@@ -133,6 +133,25 @@ def resolve(cfg: DeploymentConfig, target: TargetHost | None) -> DeploymentConfi
     return out
 
 
+def share_one_gpu(cfg: DeploymentConfig) -> None:
+    """On a one-GPU host, a deployment that names no devices puts every instance on GPU 0 and splits
+    its memory: what `pdlaunch serve --model demo` on a workstation needs. (KV then moves by push:
+    a GPU cannot READ its own memory over cuda_ipc without NVLink.) Mutates the resolved copy."""
+    groups = [g for g in cfg.instances if g.count > 0]
+    if cfg.parallel.nodes or any(g.devices is not None or (g.tp or 1) != 1 for g in groups):
+        return
+    sharers = sum(g.count for g in groups)
+    if sharers < 2:
+        return
+    for group in groups:
+        group.devices = [0] * group.count
+    share = int(0.9 / sharers * 100) / 100  # leave 10% of the GPU to CUDA contexts and fragmentation
+    if cfg.cache.gpu_memory_utilization > share:
+        cfg.cache.gpu_memory_utilization = share
+    _info_once(f"One GPU: {sharers} instances share GPU 0 with gpu_memory_utilization {cfg.cache.gpu_memory_utilization} "
+               "each (list `devices` per instance group to choose yourself).")
+
+
 def visible_gpus(device: str, target: TargetHost | None) -> int:
     """GPUs per node that devices are checked against: the target host's, else this machine's."""
     if target is not None:
@@ -172,6 +191,8 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         problems += rules.tp_problems(out, info)
     problems += resources.port_problems(out)
     gpus = visible_gpus(device, target)
+    if device == "cuda" and gpus == 1:
+        share_one_gpu(out)
     if device == "cuda" and (gpus > 0 or target is not None):
         where = "the target host" if target is not None else "this machine"
         problems += resources.device_problems(out, gpus, where)
