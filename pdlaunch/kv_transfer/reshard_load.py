@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, encode_notif
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
@@ -116,6 +117,10 @@ def _read_source(side: DecodeSide, load: Load, src: Source, remote: RemoteEngine
                  spec: KVCacheSpec) -> None:
     """Chunks of at most the slot count: READ remote blocks into slots, verify, copy the head slices."""
     host, port = str(src.params["remote_host"]), int(src.params["remote_port"])
+    if not remote.info.staging_slots:  # READs its blocks directly: keep them held past the lease (capped)
+        remaining = side._remaining(load, "READ claim")
+        side_channel.call(host, port, {"type": "claim_read", "request_id": src.params["remote_request_id"],
+                                       "seconds": remaining}, remaining, f"READ claim to prefill rank {src.rank}")
     chunk = min(c for c in (area.num_slots, remote.info.staging_slots) if c)
     longest = max((len(group) for group in load.pairs), default=0)
     bases = [b.data_ptr() for b in area.buffers]
