@@ -88,6 +88,9 @@ class TPConnector(KVConnector):
         self.side_ports = side_ports  # rank r's side channel (prefill), filled as ranks register
         self.events = RankEvents(tp_size)
         self._failed_now: dict[str, str] = {}  # request_id -> why its load could not start
+        # Ended loads whose blocks a transfer may still write, and on which ranks: the blocks are
+        # safe to free only when every one of those ranks said so (base.py "Lifecycle contract").
+        self._drain: dict[str, set[int]] = {}
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
         self.local.register_kv_caches(spec)  # the other ranks registered their slices at startup
@@ -131,13 +134,30 @@ class TPConnector(KVConnector):
         merged, to_abort = self.events.merge(per_rank)
         merged.failed_recving.update(self._failed_now)
         self._failed_now.clear()
+        for rank, events in enumerate(per_rank):
+            for rid in events.draining:
+                self._drain.setdefault(rid, set()).add(rank)
         for request_id in to_abort:
-            self.abort_load(request_id)
+            self.abort_load(request_id)  # the other ranks stop loading; busy ones join _drain
+        for rank, events in enumerate(per_rank):
+            for rid in events.safe_to_free:
+                ranks = self._drain.get(rid)
+                if ranks is not None:
+                    ranks.discard(rank)
+        merged.draining = {rid for rid in merged.failed_recving if self._drain.get(rid)}
+        for rid in [rid for rid, ranks in self._drain.items() if not ranks]:
+            del self._drain[rid]
+            if rid not in merged.failed_recving:  # freed with the failure itself otherwise
+                merged.safe_to_free.add(rid)
         return merged
 
-    def abort_load(self, request_id: str) -> None:
-        self.mirror("abort_load", (request_id,), False)
-        self.local.abort_load(request_id)
+    def abort_load(self, request_id: str) -> bool:
+        """True when a transfer on some rank may still write the request's blocks."""
+        replies = [self.local.abort_load(request_id), *self.mirror("abort_load", (request_id,), True)]
+        busy = {rank for rank, reply in enumerate(replies) if reply}
+        if busy:
+            self._drain.setdefault(request_id, set()).update(busy)
+        return bool(self._drain.get(request_id))
 
     def info(self) -> dict[str, Any]:
         info = dict(self.local.info())
