@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
@@ -48,6 +49,11 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     name = instance.name if instance is not None else "engine"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {name} rank {rank} %(name)s: %(message)s")
+    # Rank 0 stops this rank (a message, or the pipe closing when it dies). The launcher signals the
+    # whole process group on Ctrl-C; dying on that signal first would make rank 0 report a dead rank
+    # while it shuts down cleanly. SIGKILL (the launcher's last resort) still ends it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     parent = os.getppid()
     tp = instance.tp if instance is not None else config.parallel.tp
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
