@@ -54,7 +54,27 @@ def node_problems(cfg: DeploymentConfig) -> list[Problem]:
         if address in addresses[:k]:
             problems.append(problem(f"parallel.nodes[{k}].address", f"{address!r} is listed twice",
                                     "give each node its own address"))
+    reach = side_channel_reach_problem(cfg)
+    if reach is not None:
+        problems.append(reach)
     return problems
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
+    """Prefill and decode on different nodes need a KV side channel the other node can reach."""
+    if cfg.colocated or cfg.kv_transfer.connector != "nixl" or cfg.kv_transfer.side_channel_host not in LOOPBACK_HOSTS:
+        return None
+    prefill_nodes = {g.node for g in cfg.instances if g.role == "prefill" and g.count > 0}
+    decode_nodes = {g.node for g in cfg.instances if g.role == "decode" and g.count > 0}
+    if all(d == p for d in decode_nodes for p in prefill_nodes):
+        return None
+    return problem("kv_transfer.side_channel_host",
+                   f"the KV side channel binds {cfg.kv_transfer.side_channel_host}, which decode instances on "
+                   "other nodes cannot reach", "set it to 0.0.0.0: each prefill instance then advertises its "
+                   "node's address")
 
 
 def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:

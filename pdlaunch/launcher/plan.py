@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.rules import LOOPBACK_HOSTS, side_channel_reach_problem
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import platform
@@ -55,28 +56,22 @@ def _node_devices(cfg: DeploymentConfig, node: int) -> list[int]:
     return list(range(platform.device_count())) if platform.cuda_available() else []
 
 
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def check_side_channel_reach(cfg: DeploymentConfig) -> None:
     """Raises PdlaunchError when prefill and decode run on different nodes and the KV side channel
     binds a loopback address (decode on the other node could not reach it)."""
-    if cfg.colocated or cfg.kv_transfer.connector != "nixl" or cfg.kv_transfer.side_channel_host not in _LOOPBACK:
-        return
-    prefill_nodes = {g.node for g in cfg.instances if g.role == "prefill" and g.count > 0}
-    decode_nodes = {g.node for g in cfg.instances if g.role == "decode" and g.count > 0}
-    if any(d != p for d in decode_nodes for p in prefill_nodes):
-        raise PdlaunchError(
-            f"the KV side channel binds {cfg.kv_transfer.side_channel_host}, which decode instances on other "
-            "nodes cannot reach", field="kv_transfer.side_channel_host",
-            hint="set it to 0.0.0.0: each prefill instance then advertises its node's address")
+    reach = side_channel_reach_problem(cfg)
+    if reach is not None:
+        field, message = reach
+        raise PdlaunchError(message, field=field)
 
 
 def instance_config(cfg: DeploymentConfig) -> DeploymentConfig:
     """The config this node's instances run with. Multi-node: TP groups never span nodes, so each
     group's rendezvous (hosted by its rank 0) is on its own node's loopback; parallel.master_addr
     names node 0 and would send node K's ranks into node 0's stores (same master_port numbering)."""
-    if not cfg.parallel.nodes or cfg.parallel.master_addr in _LOOPBACK:
+    if not cfg.parallel.nodes or cfg.parallel.master_addr in LOOPBACK_HOSTS:
         return cfg
     parallel = cfg.parallel.model_copy(update={"master_addr": "127.0.0.1"})
     return cfg.model_copy(update={"parallel": parallel})

@@ -202,9 +202,17 @@ def test_side_channel_range_collides_with_master_port(tmp_path: Path) -> None:
 
 def test_same_ports_on_different_nodes_are_fine(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: a}, {address: b}]\n"
+                      "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                       "instances:\n  - {role: prefill, base_port: 8100, node: 0}\n"
                       "  - {role: decode, base_port: 8100, node: 1}\n")
     assert check([str(path), "--model", "demo", *GPU2]).exit_code == 0
+
+
+def test_loopback_side_channel_across_nodes(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: a}, {address: b}]\n"
+                      "instances:\n  - {role: prefill, base_port: 8100, node: 0}\n"
+                      "  - {role: decode, base_port: 8100, node: 1}\n")
+    assert_invalid(check([str(path), "--model", "demo", *GPU2]), "kv_transfer.side_channel_host", "0.0.0.0")
 
 
 # --- devices ----------------------------------------------------------------------------------
@@ -239,6 +247,7 @@ def test_pull_between_instances_on_one_gpu_fails(tmp_path: Path) -> None:
 
 def test_multi_node_tp_spans_nodes(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: a}, {address: b}]\n"
+                      "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                       "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 4, node: 1}\n")
     base = [str(path), "--model", "demo", "--device", "cuda", "--target-gpu-memory", "80"]
     assert check([*base, "--target-gpus", "4"]).exit_code == 0
