@@ -21,6 +21,7 @@ from rich.table import Table
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from pdlaunch.launcher.serve import report_child_exit
 from pdlaunch.server.sse import parse_sse
 
@@ -121,6 +122,12 @@ def _run(cfg: DeploymentConfig, label: str, console: Console, checks: list[Check
 def run_smoke(cfg: DeploymentConfig) -> int:
     console = Console()
     checks: list[Check] = []
+    if not port_is_free(cfg.proxy.host, cfg.proxy.port):
+        # A smoke run only needs some port; CI machines often have 8000 taken.
+        taken = cfg.proxy.port
+        cfg = cfg.model_copy(deep=True)
+        cfg.proxy.port = PortAllocator(cfg.proxy.host).free("smoke proxy")
+        console.print(f"proxy port {taken} is in use: the smoke run uses {cfg.proxy.port}")
     if cfg.colocated:
         _run(cfg, "colocated", console, checks)
     else:

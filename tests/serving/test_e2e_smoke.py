@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,10 @@ pytestmark = pytest.mark.e2e
 
 def test_smoke_passes_and_leaves_no_process(tmp_path: Path) -> None:
     port = PortAllocator("127.0.0.1").free("smoke proxy")
+    # Something else holds the asked-for port (as 8000 often is on CI machines): smoke moves on.
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port))
+    squatter.listen()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdlaunch", "smoke", "--model", "demo", "--device", "cpu", "--port", str(port),
          "--log-dir", str(tmp_path / "logs"), "--num-gpu-blocks", "256"],
@@ -23,10 +28,12 @@ def test_smoke_passes_and_leaves_no_process(tmp_path: Path) -> None:
     try:
         output, _ = proc.communicate(timeout=400)
     finally:
+        squatter.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, output
+    assert f"proxy port {port} is in use" in output
     assert "smoke passed" in output and "FAIL" not in output
     for check in ("PD: KV bytes moved", "PD == colocated: completion 0", "PD: streaming", "colocated: chat"):
         assert check in output
