@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pdlaunch.config.loader import load_deployment
+from pdlaunch.config.loader import load_deployment, with_rule_problems
 from pdlaunch.config.memory_estimate import GIB, device_budget_bytes, estimate
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem
@@ -33,6 +33,8 @@ def check(config_path: Path | None, overrides: dict[str, Any], target_gpus: int 
     try:
         cfg = load_deployment(config_path, overrides)
     except ConfigError as exc:
+        if not problems:  # with a half-declared target host the rules would check the wrong host
+            with_rule_problems(exc, target)
         return problems + [Problem(field, message) for field, message in exc.problems], None, target
     if problems:  # a half-declared target host: checking against this machine instead would mislead
         return problems, None, target

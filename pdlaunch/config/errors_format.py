@@ -113,6 +113,9 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
         return f"expected a mapping of keys, got {type(value).__name__}", "write `key: value` pairs under it"
     if kind == "list_type":
         return f"expected a list, got {type(value).__name__}", hint
+    if kind == "value_error":  # our own validators write "what is wrong; how to fix it"
+        what, _, fix = str(err.get("msg", "")).removeprefix("Value error, ").partition("; ")
+        return what, fix or hint
     msg = str(err.get("msg", "invalid value"))
     msg = msg[0].lower() + msg[1:] if msg else "invalid value"
     return f"{msg}, got {_short(value)}", hint

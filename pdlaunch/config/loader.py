@@ -111,7 +111,9 @@ def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentC
         cfg = DeploymentConfig.model_validate(raw)
     except ValidationError as exc:
         problems += problems_from_validation_error(exc, flags=_flags_given(overrides))
-        raise ConfigError(problems) from None
+        error = ConfigError(problems)
+        error.partial = _salvage(raw, exc)  # type: ignore[attr-defined]
+        raise error from None
     except RecursionError:
         problems.append(problem("config", "the document refers to itself (recursive YAML anchor)",
                                 "remove the recursive alias"))
@@ -119,6 +121,36 @@ def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentC
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _salvage(raw: dict[str, Any], exc: ValidationError) -> DeploymentConfig | None:
+    """The config with every invalid value put back to its default, so that the cross-field rules
+    can still report their problems next to the field errors; None when that does not parse."""
+    salvaged = copy.deepcopy(raw)
+    for err in exc.errors():
+        *parents, last = err["loc"]
+        node: Any = salvaged
+        for part in parents:
+            node = node[part] if isinstance(node, (dict, list)) else None
+        if not isinstance(node, dict) or last not in node:
+            return None  # a whole list item or section is wrong: nothing sensible to salvage
+        del node[last]
+    try:
+        return DeploymentConfig.model_validate(salvaged)
+    except (ValidationError, KeyError, IndexError, TypeError):
+        return None
+
+
+def with_rule_problems(error: ConfigError, target: Any = None) -> ConfigError:
+    """Add the cross-field problems of the salvaged config to a parse error (fields not yet named)."""
+    from pdlaunch.config.validate import validate_deployment
+
+    partial = getattr(error, "partial", None)
+    if partial is not None:
+        reported = {field for field, _ in error.problems}
+        more, _ = validate_deployment(partial, target)
+        error.problems += [p for p in more if p[0] not in reported]
+    return error
 
 
 def _flags_given(overrides: dict[str, Any]) -> dict[str, str]:
@@ -133,7 +165,10 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
     """
     from pdlaunch.config.validate import validate_deployment
 
-    cfg = load_deployment(path, overrides)
+    try:
+        cfg = load_deployment(path, overrides)
+    except ConfigError as exc:
+        raise with_rule_problems(exc) from None
     problems, resolved = validate_deployment(cfg, target=None)
     if problems:
         raise ConfigError(list(problems))

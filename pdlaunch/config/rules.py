@@ -6,10 +6,9 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 
-BLOCK_SIZES = (8, 16, 32, 64, 128)
 
 
 def role_problems(cfg: DeploymentConfig) -> list[Problem]:
