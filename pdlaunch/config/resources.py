@@ -127,7 +127,7 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> lis
     fits the node's GPUs.
 
     `visible_gpus`: GPUs per node (this host's, or the declared target's); `where` names them in messages.
-    An instance's TP group must fit on its node (TP groups do not span nodes).
+    A TP group larger than its node spans the nodes after it (multi-node only).
     """
     capacity = _node_capacity(cfg, visible_gpus)
     users: dict[tuple[int, int], list[int]] = {}
@@ -141,11 +141,21 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> lis
         if tp <= len(capacity[node]):
             demand[node] += group.count * tp
             continue
-        # A TP group spanning nodes would need workers started by other nodes' launchers and steps
-        # sent over the network; TP workers are local processes fed over pipes, so refuse it here.
-        problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than node {node} has "
-                                f"({len(capacity[node])} on {where}); TP groups spanning nodes are not supported",
-                                "lower the TP size to the GPUs of one node, or add instances instead"))
+        # A group larger than its node spans it and the nodes after it (distributed/placement.py):
+        # its ranks fill its node's GPUs first, then the next node's.
+        spanned = range(node, len(capacity)) if cfg.parallel.nodes else range(node, node + 1)
+        if sum(len(capacity[k]) for k in spanned) < tp:
+            have = sum(len(capacity[k]) for k in spanned)
+            where_nodes = f"nodes {node}..{spanned[-1]} have together" if cfg.parallel.nodes else "this deployment has"
+            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than {where_nodes} ({have} on "
+                                    f"{where}); a group larger than its node spans the nodes after it",
+                                    "lower the TP size, or add nodes/devices after the group's node"))
+            continue
+        left = group.count * tp
+        for k in spanned:
+            take = min(left, len(capacity[k]) - demand[k]) if k != spanned[-1] else left
+            demand[k] += max(0, take)
+            left -= max(0, take)
     for k, cap in enumerate(capacity):
         if demand[k] > len(cap):
             node_name = f"node {k}" if cfg.parallel.nodes else "this deployment"

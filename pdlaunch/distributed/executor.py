@@ -6,6 +6,10 @@ runs its own shard, and returns the logits it samples from. A watchdog thread fo
 process sentinels: a rank that dies fails the next step (idle engines step every few seconds too)
 with an error naming the rank; a collective that a dead rank never joins fails with gloo at once
 and with NCCL at COLLECTIVE_TIMEOUT_S.
+
+A group spanning nodes (distributed/placement.py) spawns only this node's ranks; the others are
+started by their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py),
+within RENDEZVOUS_TIMEOUT_S. The watchdog treats a closed connection as a dead rank.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
+from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
+from pdlaunch.distributed.remote_link import RankListener, is_closed
 from pdlaunch.distributed.worker import recv, run_worker, send
 from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.model_runner import ModelRunner
@@ -72,13 +78,23 @@ class TPExecutor:
         self.tp_size = instance.tp if instance is not None else config.parallel.tp
         self.failure: str | None = None
         self._closing = threading.Event()
-        self._workers: list[BaseProcess] = []
-        self._conns: list[Connection] = []
+        self._procs: dict[int, BaseProcess] = {}  # local ranks (spawned here)
+        self._remote: dict[int, str] = {}  # ranks on other nodes -> "node K (address)"
+        self._conns: list[Connection] = []  # ranks 1..T-1 in order: pipes, or TCP links for remote ranks
+        placement = RankPlacement.from_env()
         port = instance.master_port if instance is not None else config.parallel.master_port
         self._store = create_store(config.parallel.master_addr, port, self.tp_size)
         ctx = mp.get_context("spawn")
+        listener: RankListener | None = None
+        links: dict[int, Connection] = {}
         try:
+            if placement is not None and instance is not None:
+                self._remote = {r: f"node {placement.nodes[r]} ({placement.hosts[r]})" for r in placement.remote_ranks()}
+                listener = RankListener(placement.hosts[0], link_authkey(config, instance.name, self._store.port))
+                listener.publish(self._store)
             for rank in range(1, self.tp_size):
+                if rank in self._remote:
+                    continue
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 worker_config, worker_instance = _as_drawn_by_worker(config, instance)
                 proc = ctx.Process(target=run_worker, name=f"pdlaunch-tp-rank-{rank}", daemon=True,
@@ -86,38 +102,53 @@ class TPExecutor:
                                          max_model_len, self._store.port, child_end))
                 proc.start()
                 child_end.close()
-                self._workers.append(proc)
-                self._conns.append(parent_end)
+                self._procs[rank] = proc
+                links[rank] = parent_end
+            if listener is not None:
+                links.update(listener.accept(self._remote, RENDEZVOUS_TIMEOUT_S))
+                for rank in self._remote:
+                    send(links[rank], ("setup", device.type, dtype_name, max_model_len))
+            self._conns = [links[r] for r in range(1, self.tp_size)]
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, self._store.port,
                                self._store)
             self.runner = state.runner
             self.engine_id = state.engine_id
             ready = [self._wait_ready(r) for r in range(1, self.tp_size)]
-            self._rank_engine_ids = [self.engine_id] + [engine_id for engine_id, _ in ready]
-            self._side_ports: list[int | None] = [None] + [port for _, port in ready]
+            self._rank_engine_ids = [self.engine_id] + [engine_id for engine_id, _, _ in ready]
+            self._side_ports: list[int | None] = [None] + [port for _, port, _ in ready]
+            self._side_hosts: list[str | None] = [None] + [host for _, _, host in ready]
         except BaseException:
+            self._conns = [links[r] for r in sorted(links)]
             self._stop_workers()
             destroy_tp_group()
             raise
+        finally:
+            if listener is not None:
+                listener.close()
         self._watchdog = threading.Thread(target=self._watch, name="pdlaunch-tp-watchdog", daemon=True)
         self._watchdog.start()
-        log.info("TP group of %d ranks ready (worker pids %s)", self.tp_size, [p.pid for p in self._workers])
+        log.info("TP group of %d ranks ready (local worker pids %s, ranks on other nodes: %s)", self.tp_size,
+                 [p.pid for p in self._procs.values()], self._remote or "none")
 
     # -- startup ---------------------------------------------------------------------------------
-    def _wait_ready(self, rank: int) -> tuple[str, int | None]:
-        """(engine_id, side-channel port or None) as rank `rank` reports them once built."""
-        conn, proc = self._conns[rank - 1], self._workers[rank - 1]
+    def _where(self, rank: int) -> str:
+        proc = self._procs.get(rank)
+        return f"TP rank {rank} (pid {proc.pid})" if proc is not None else f"TP rank {rank} on {self._remote[rank]}"
+
+    def _wait_ready(self, rank: int) -> tuple[str, int | None, str | None]:
+        """(engine_id, side-channel port or None, advertised side-channel host) as rank `rank` reports them."""
+        conn = self._conns[rank - 1]
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):
-            raise EngineError(f"TP rank {rank} (pid {proc.pid}) was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
-                              field="parallel.tp", hint="see the rank's log lines above")
+            raise EngineError(f"{self._where(rank)} was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
+                              field="parallel.tp", hint="see the rank's log lines")
         try:
             message = recv(conn)
-        except EOFError:
-            raise EngineError(f"TP rank {rank} (pid {proc.pid}) exited during startup", field="parallel.tp",
-                              hint="see the rank's log lines above") from None
+        except (EOFError, OSError):
+            raise EngineError(f"{self._where(rank)} exited during startup", field="parallel.tp",
+                              hint="see the rank's log lines") from None
         if message[0] != "ready":
-            raise EngineError(str(message[1]), field="parallel.tp", hint="see the rank's log lines above")
-        return str(message[1]), message[2]
+            raise EngineError(str(message[1]), field="parallel.tp", hint="see the rank's log lines")
+        return str(message[1]), message[2], message[3]
 
     # -- steps -----------------------------------------------------------------------------------
     def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
@@ -147,7 +178,7 @@ class TPExecutor:
 
     def wrap_connector(self, connector: KVConnector) -> KVConnector:
         """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
-        return TPConnector(connector, self.tp_size, self._mirror, self._side_ports)
+        return TPConnector(connector, self.tp_size, self._mirror, self._side_ports, self._side_hosts)
 
     def _mirror(self, method: str, args: tuple[Any, ...], want_reply: bool) -> list[Any]:
         """Call `method` on the connector of every rank > 0 (in step order); their replies if wanted."""
@@ -161,7 +192,7 @@ class TPExecutor:
                 raise self._rank_failure(TimeoutError(f"no answer to {method} within {REPLY_TIMEOUT_S:.0f}s"), rank)
             try:
                 message = recv(conn)
-            except EOFError as exc:
+            except (EOFError, OSError) as exc:
                 raise self._rank_failure(exc, rank) from exc
             if message[0] != "reply":
                 raise EngineError(str(message[1]), field="parallel.tp", hint="see that rank's log")
@@ -179,26 +210,37 @@ class TPExecutor:
 
     # -- watchdog and shutdown -------------------------------------------------------------------
     def _watch(self) -> None:
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self._workers, start=1)}
-        while not self._closing.is_set() and sentinels:
-            for sentinel in wait(list(sentinels), timeout=0.5):
+        sentinels = {p.sentinel: rank for rank, p in self._procs.items()}
+        remote = dict(self._remote)
+        while not self._closing.is_set() and (sentinels or remote):
+            ended = wait(list(sentinels), timeout=0.5) if sentinels else []
+            if not sentinels:
+                self._closing.wait(0.5)
+            for sentinel in ended:
                 rank = sentinels.pop(sentinel)  # type: ignore[call-overload]
                 if self._closing.is_set():
                     return
-                proc = self._workers[rank - 1]
+                proc = self._procs[rank]
                 proc.join(0)
-                self.failure = f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
-                log.error("%s: the instance cannot serve without it", self.failure)
+                self._report_dead(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+            for rank in [r for r in remote if is_closed(self._conns[r - 1])]:
+                if self._closing.is_set():
+                    return
+                self._report_dead(f"TP rank {rank} on {remote.pop(rank)} closed its connection (the rank, its "
+                                  "node's launcher or the node is gone)")
+
+    def _report_dead(self, message: str) -> None:
+        self.failure = message
+        log.error("%s: the instance cannot serve without it", message)
 
     def _stop_workers(self) -> None:
         self._closing.set()
-        for conn, proc in zip(self._conns, self._workers):
-            if proc.is_alive():
-                try:
-                    send(conn, ("shutdown",))
-                except OSError:
-                    pass
-        for rank, proc in enumerate(self._workers, start=1):
+        for conn in self._conns:
+            try:
+                send(conn, ("shutdown",))
+            except OSError:  # that rank is gone already
+                pass
+        for rank, proc in self._procs.items():
             proc.join(JOIN_TIMEOUT_S)
             if proc.is_alive():
                 log.warning("TP rank %d (pid %s) did not exit within %.0fs: terminating", rank, proc.pid,
@@ -209,14 +251,14 @@ class TPExecutor:
                     proc.kill()
                     proc.join()
         for conn in self._conns:
-            conn.close()
+            conn.close()  # a remote rank leaves the group on "shutdown"; its own node's launcher reaps it
 
     def shutdown(self) -> None:
         """Stop and reap every worker, leave the group, free this rank's memory. Idempotent."""
-        if self._closing.is_set() and not self._workers:
+        if self._closing.is_set() and not self._conns:
             return
         self._stop_workers()
-        self._workers = []
+        self._procs = {}
         self._conns = []
         destroy_tp_group()
         self.runner.release()

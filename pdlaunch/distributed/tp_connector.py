@@ -7,7 +7,8 @@ received only when every rank reported it; a failure on any rank fails it (and t
 drop their part of the load).
 
 Which prefill rank a decode rank reads: prefill's response carries `remote_ports` (the side channel
-of each prefill rank); decode rank r of a same-size group reads prefill rank r. Between different
+of each prefill rank) and `remote_hosts` (each rank's advertised address: a group spanning nodes
+has ranks on several); decode rank r of a same-size group reads prefill rank r. Between different
 TP sizes each rank's connector reads the prefill ranks holding its KV heads (kv_transfer/reshard.py).
 """
 
@@ -31,12 +32,17 @@ def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> d
         return params
     remote_tp = int(params.get("tp_size", 1))
     ports = params.get("remote_ports") or [params.get("remote_port")]
+    hosts = params.get("remote_hosts") or [params.get("remote_host")] * len(ports)
     if remote_tp != tp_size:
+        if len(set(hosts)) > 1:  # reshard.py reads every source at `remote_host`
+            raise KVTransferError(f"prefill TP {remote_tp} spans nodes ({sorted(set(map(str, hosts)))}) and decode "
+                                  f"TP {tp_size} differs: resharding reads every prefill rank at one address",
+                                  hint="give prefill and decode the same TP size, or keep the prefill group on one node")
         return params  # each rank's connector plans its sources itself (kv_transfer/reshard.py)
-    if len(ports) != remote_tp:
-        raise KVTransferError(f"prefill sent {len(ports)} side-channel ports for TP {remote_tp}",
-                              hint="run the same pdlaunch version on prefill and decode")
-    out = {**params, "remote_port": int(ports[rank])}
+    if len(ports) != remote_tp or len(hosts) != remote_tp:
+        raise KVTransferError(f"prefill sent {len(ports)} side-channel ports and {len(hosts)} hosts for TP "
+                              f"{remote_tp}", hint="run the same pdlaunch version on prefill and decode")
+    out = {**params, "remote_port": int(ports[rank]), "remote_host": hosts[rank]}
     if "rank_kv_checksums" in params:
         out["kv_checksum"] = params["rank_kv_checksums"][rank]
     return out
@@ -81,11 +87,13 @@ class RankEvents:
 class TPConnector(KVConnector):
     """Rank 0's view: `local` is rank 0's connector, `mirror` reaches the others' (executor pipes)."""
 
-    def __init__(self, local: KVConnector, tp_size: int, mirror: Mirror, side_ports: list[int | None]) -> None:
+    def __init__(self, local: KVConnector, tp_size: int, mirror: Mirror, side_ports: list[int | None],
+                 side_hosts: list[str | None] | None = None) -> None:
         self.local = local
         self.tp_size = tp_size
         self.mirror = mirror
         self.side_ports = side_ports  # rank r's side channel (prefill), filled as ranks register
+        self.side_hosts = side_hosts or [None] * tp_size  # the address rank r advertises (its node's)
         self.events = RankEvents(tp_size)
         self._failed_now: dict[str, str] = {}  # request_id -> why its load could not start
         # Ended loads whose blocks a transfer may still write, and on which ranks: the blocks are
@@ -96,7 +104,7 @@ class TPConnector(KVConnector):
         self.local.register_kv_caches(spec)  # the other ranks registered their slices at startup
         server = getattr(self.local, "server", None)
         if server is not None:
-            self.side_ports[0] = server.port
+            self.side_hosts[0], self.side_ports[0] = self.local.side_channel_address  # type: ignore[attr-defined]
 
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
                                    kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
@@ -124,6 +132,7 @@ class TPConnector(KVConnector):
         hold, params = self.local.request_finished(request_id, prompt_token_ids, kv_transfer_params, block_ids)
         if params is not None and params.get("do_remote_prefill"):
             params["remote_ports"] = list(self.side_ports)
+            params["remote_hosts"] = [host or params.get("remote_host") for host in self.side_hosts]
             if "kv_checksum" in params:  # each rank's bytes differ: decode rank r checks against rank r's
                 params["rank_kv_checksums"] = [params.pop("kv_checksum")] + [
                     (p or {}).get("kv_checksum") for _, p in replies]

@@ -5,8 +5,9 @@ shared through file descriptors):
   ("execute", StepInputs)                  forward this rank's shard (logits are rank 0's business)
   ("connector", method, args, want_reply)  mirror a scheduler-side call on this rank's own connector
   ("shutdown",)                            leave the group and exit 0
-Replies: ("ready", engine_id, side_channel_port) once built, ("reply", value) when asked, ("error", message) before
+Replies: ("ready", engine_id, side_channel_port, side_channel_host) once built, ("reply", value) when asked, ("error", message) before
 dying. The worker exits when rank 0 is gone (pipe closed or parent changed) instead of hanging.
+Ranks on other nodes (remote_rank.py) run the same `serve_rank` over a TCP connection.
 """
 
 from __future__ import annotations
@@ -54,7 +55,14 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     # while it shuts down cleanly. SIGKILL (the launcher's last resort) still ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    parent = os.getppid()
+    serve_rank(rank, config, instance, device_type, dtype_name, max_model_len, master_port, conn, os.getppid())
+
+
+def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
+               dtype_name: str, max_model_len: int, master_port: int, conn: Connection, parent: int,
+               store: object | None = None) -> None:
+    """Build rank `rank` (joining the group through `store` when given), report ready, serve rank 0's
+    messages until it says shutdown or is gone (`parent` is the process whose end ends this rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     state = None
@@ -65,7 +73,7 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
             set_device(device.index or 0)
         checkpoint = load_checkpoint(config.model.path)
         dtype = resolve_dtype(dtype_name, device)
-        state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port)
+        state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port, store)
         if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:
             from pdlaunch.kv_transfer.factory import create_connector
 
@@ -73,7 +81,8 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
             if connector is not None:
                 connector.register_kv_caches(kv_cache_spec(checkpoint, state.runner))
         server = getattr(connector, "server", None)
-        send(conn, ("ready", state.engine_id, server.port if server is not None else None))
+        side = connector.side_channel_address if server is not None else (None, None)  # type: ignore[union-attr]
+        send(conn, ("ready", state.engine_id, side[1], side[0]))
         _serve(rank, tp, state.runner, connector, conn, parent)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())

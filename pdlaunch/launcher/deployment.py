@@ -18,7 +18,7 @@ from rich.console import Console
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import (
-    DeploymentPlan, InstancePlan, check_side_channel_reach, instance_config, plan_deployment,
+    DeploymentPlan, InstancePlan, RemoteRankPlan, check_side_channel_reach, instance_config, plan_deployment,
 )
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
@@ -45,6 +45,12 @@ def _instance_argv(deployment_file: Path, plan: InstancePlan) -> list[str]:
             "--instance", plan.spec.model_dump_json(), "--parent-pid", str(os.getpid())]
 
 
+def _rank_argv(deployment_file: Path, plan: RemoteRankPlan) -> list[str]:
+    return [sys.executable, "-m", "pdlaunch.distributed.remote_rank", "--deployment", str(deployment_file),
+            "--instance", plan.spec.model_dump_json(), "--rank", str(plan.rank),
+            "--placement", plan.placement.model_dump_json()]
+
+
 def _cpu_threads(num_local: int) -> dict[str, str]:
     """Instances on CPU share the cores instead of each spawning one thread per core."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -62,10 +68,12 @@ class Deployment:
         check_side_channel_reach(cfg)
         self.plan: DeploymentPlan = plan_deployment(cfg)
         self.instances: list[ChildProcess] = []
+        self.ranks: list[ChildProcess] = []  # this node's ranks of instances whose rank 0 is on another node
         self.proxy: ChildProcess | None = None
         self.rows: dict[str, StatusRow] = {}
         self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S)
         self._stopping = False
+        self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
 
     @property
     def proxy_url(self) -> str | None:
@@ -73,7 +81,7 @@ class Deployment:
 
     @property
     def children(self) -> list[ChildProcess]:
-        return self.instances + ([self.proxy] if self.proxy is not None else [])
+        return self.instances + self.ranks + ([self.proxy] if self.proxy is not None else [])
 
     def url_of(self, name: str) -> str:
         for plan in self.plan.instances:
@@ -92,7 +100,7 @@ class Deployment:
         deployment_file = self.log_dir / "deployment.json"
         deployment_file.write_text(instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
-        threads = _cpu_threads(len(self.plan.local)) if device == "cpu" else {}
+        threads = _cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
         for plan in self.plan.instances:
             spec = plan.spec
             devices = f"cuda:{','.join(map(str, plan.physical_devices))}" if spec.device == "cuda" else spec.device
@@ -103,6 +111,15 @@ class Deployment:
                                      self.log_dir / f"{spec.name}.log", env={**threads, **plan.env})
                 child.start()
                 self.instances.append(child)
+        for rank in self.plan.remote_ranks:
+            where = f"node {rank.placement.nodes[0]}"
+            devices = f"cuda:{rank.physical_device}" if rank.physical_device is not None else rank.spec.device
+            self.rows[rank.name] = StatusRow(rank.name, f"rank {rank.rank}", devices, f"rank 0 on {where}",
+                                             state="running")
+            child = ChildProcess(rank.name, _rank_argv(deployment_file, rank), self.log_dir / f"{rank.name}.log",
+                                 env={**threads, **rank.env})
+            child.start()
+            self.ranks.append(child)
         if self.plan.proxy_url is not None:
             self.rows["proxy"] = StatusRow("proxy", "proxy", "-", self.plan.proxy_url, state="waiting")
         view = StatusView(self.console, list(self.rows.values()), title=f"pdlaunch: {self.cfg.model.path}")
@@ -213,9 +230,16 @@ class Deployment:
 
     # -- supervise and stop --------------------------------------------------------------------------
     def dead_child(self) -> tuple[ChildProcess, int] | None:
-        """A child that ended (with its exit code), if any."""
+        """A child that ended (with its exit code), if any. A remote rank that ended cleanly (its rank 0
+        on another node shut its instance down) is no failure: it is reaped and dropped."""
         for child in self.children:
             code = child.poll()
+            if code == 0 and child in self.ranks:
+                self.ranks.remove(child)
+                self._ended.append(child)
+                self.rows[child.name].state = "ended"
+                self.console.print(f"{child.name} ended: its instance on another node stopped", highlight=False)
+                continue
             if code is not None:
                 return child, code
         return None
@@ -229,9 +253,9 @@ class Deployment:
         try:
             if self.proxy is not None:
                 self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5)
-            stop_all(self.instances, INSTANCE_TERM_TIMEOUT_S if drain else 0.5)
+            stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain else 0.5)
         finally:
-            for child in self.children:
+            for child in self.children + self._ended:
                 child.close_log()
             self._http.close()
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.config.rules import LOOPBACK_HOSTS, side_channel_reach_problem
+from pdlaunch.distributed.placement import PlacedRank, RankPlacement, interface_env, node_pool, place_group
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import platform
@@ -26,10 +27,27 @@ class InstancePlan:
 
 
 @dataclass
+class RemoteRankPlan:
+    """A TP rank this node runs for an instance whose rank 0 is on another node (distributed/remote_rank.py)."""
+
+    instance: str  # the instance's name
+    rank: int
+    spec: InstanceSpec  # the instance as this rank sees it: this node's host, its own side-channel port
+    placement: RankPlacement
+    env: dict[str, str] = field(default_factory=dict)
+    physical_device: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.instance}-rank{self.rank}"
+
+
+@dataclass
 class DeploymentPlan:
     instances: list[InstancePlan]
     proxy_host: str
     proxy_port: int | None  # None: this node runs no proxy (node_rank > 0)
+    remote_ranks: list[RemoteRankPlan] = field(default_factory=list)  # this node's ranks of other nodes' instances
 
     @property
     def proxy_url(self) -> str | None:
@@ -50,13 +68,6 @@ def _node_host(cfg: DeploymentConfig, node: int) -> str:
     return cfg.parallel.nodes[node].address if cfg.parallel.nodes else "127.0.0.1"
 
 
-def _node_devices(cfg: DeploymentConfig, node: int) -> list[int]:
-    if cfg.parallel.nodes and cfg.parallel.nodes[node].devices:
-        return list(cfg.parallel.nodes[node].devices)
-    return list(range(platform.device_count())) if platform.cuda_available() else []
-
-
-
 
 def check_side_channel_reach(cfg: DeploymentConfig) -> None:
     """Raises PdlaunchError when prefill and decode run on different nodes and the KV side channel
@@ -67,10 +78,42 @@ def check_side_channel_reach(cfg: DeploymentConfig) -> None:
         raise PdlaunchError(message, field=field)
 
 
+def _check_spanning(cfg: DeploymentConfig, g: int, name: str, role: str) -> None:
+    """What a TP group spanning nodes needs beyond a group on one node."""
+    if cfg.parallel.master_port is None:
+        raise PdlaunchError(f"{name}'s TP group spans nodes, so every node must know its rendezvous port",
+                            field="parallel.master_port", hint="set parallel.master_port (e.g. 29500) in the config")
+    if role != "colocated" and not cfg.colocated and cfg.kv_transfer.connector == "nixl" \
+            and cfg.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
+        raise PdlaunchError(f"{name}'s TP group spans nodes but the KV side channel binds "
+                            f"{cfg.kv_transfer.side_channel_host}: its ranks on other nodes could not be reached",
+                            field="kv_transfer.side_channel_host",
+                            hint="set it to 0.0.0.0: each rank then advertises its own node's address")
+
+
+def _remote_rank_plan(spec: InstanceSpec, rank: int, placement: RankPlacement, placed: PlacedRank,
+                      side_port: int | None) -> RemoteRankPlan:
+    """Rank `rank` of `spec` as the node hosting it runs it: it advertises that node's address, its
+    connector binds spec.side_channel_port + rank (so that is its planned port), and on CUDA it sees
+    one device (CUDA_VISIBLE_DEVICES), index 0."""
+    env: dict[str, str] = {}
+    devices: list[int] = []
+    if placed.device is not None and spec.device == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = str(placed.device)
+        devices = [0] * spec.tp
+    rank_spec = spec.model_copy(update={
+        "host": placement.hosts[rank], "devices": devices,
+        "side_channel_port": None if side_port is None else side_port - rank,
+    })
+    return RemoteRankPlan(instance=spec.name, rank=rank, spec=rank_spec, placement=placement, env=env,
+                          physical_device=placed.device)
+
+
 def instance_config(cfg: DeploymentConfig) -> DeploymentConfig:
-    """The config this node's instances run with. Multi-node: TP groups never span nodes, so each
-    group's rendezvous (hosted by its rank 0) is on its own node's loopback; parallel.master_addr
-    names node 0 and would send node K's ranks into node 0's stores (same master_port numbering)."""
+    """The config this node's instances run with. Multi-node: each group's rendezvous store is hosted
+    by its rank 0 (on every interface); ranks on its node reach it on loopback, while parallel.master_addr
+    names node 0 and would send node K's ranks into node 0's stores (same master_port numbering).
+    Ranks on other nodes (a spanning group) connect to the rank-0 node's address instead."""
     if not cfg.parallel.nodes or cfg.parallel.master_addr in LOOPBACK_HOSTS:
         return cfg
     parallel = cfg.parallel.model_copy(update={"master_addr": "127.0.0.1"})
@@ -95,9 +138,13 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
                       else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy"))
 
     side_offsets: dict[int, int] = {}  # node -> next side-channel offset (resources.port_plan order)
-    next_device: dict[int, int] = {}  # node -> index into that node's free devices
-    master_index = 0
+    used_devices: dict[int, int] = {}  # node -> devices (rank slots on CPU) taken so far
+    master_index: dict[int, int] = {}  # node -> next rendezvous port offset (per rank-0 node)
+    cuda_pool = list(range(platform.device_count())) if device == "cuda" and platform.cuda_available() else []
+    pools = {k: node_pool(cfg, k, cuda_pool if device == "cuda" else [])
+             for k in range(max(1, len(cfg.parallel.nodes)))}
     plans: list[InstancePlan] = []
+    remote_ranks: list[RemoteRankPlan] = []
     for g, group in enumerate(cfg.instances):
         tp = group.tp or 1
         node, host = group.node, _node_host(cfg, group.node)
@@ -114,40 +161,61 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
                 raise PdlaunchError(f"{name} runs on node {node}, so its port must be known to node {me}",
                                     field=f"instances[{g}].base_port", hint="set base_port for groups on other nodes")
 
+            if group.devices is not None:
+                placed = [PlacedRank(node, d) for d in group.devices[k * tp:(k + 1) * tp]]
+            else:
+                placed = place_group(cfg, node, tp, used_devices, pools, f"instances[{g}].tp")
+                placed += [PlacedRank(node, None)] * (tp - len(placed))  # a full node: reported below on CUDA
+            rank_nodes = [p.node for p in placed]
+            placement = RankPlacement(nodes=rank_nodes, hosts=[_node_host(cfg, n) for n in rank_nodes])
+            if placement.spans_nodes:
+                _check_spanning(cfg, g, name, group.role)
+            here = [r for r, n in enumerate(rank_nodes) if n == node]  # ranks 0..L-1 on the instance's node
+
             side_port = None
-            offset = side_offsets.get(node, 0)
-            side_offsets[node] = offset + tp
-            if group.role != "colocated" and local:
+            side_ports: dict[int, int | None] = {}  # rank -> its side-channel port (remote ranks of this node)
+            for rank_node in sorted(set(rank_nodes)):
+                ranks = [r for r, n in enumerate(rank_nodes) if n == rank_node]
+                offset = side_offsets.get(rank_node, 0)
+                side_offsets[rank_node] = offset + len(ranks)
+                if group.role == "colocated" or rank_node != me:
+                    continue
+                rank_alloc = ports(_node_host(cfg, rank_node))
                 base = cfg.kv_transfer.side_channel_port
                 if base is None:
-                    side_port = alloc.free_range(tp, f"{name} side channel")
+                    first = rank_alloc.free_range(len(ranks), f"{name} side channel")
                 else:  # rank r of this instance uses side_port + r
-                    for rank in range(tp):
-                        alloc.claim(base + offset + rank, "kv_transfer.side_channel_port",
-                                    f"{name} side channel rank {rank}")
-                    side_port = base + offset
+                    for i, rank in enumerate(ranks):
+                        rank_alloc.claim(base + offset + i, "kv_transfer.side_channel_port",
+                                         f"{name} side channel rank {rank}")
+                    first = base + offset
+                for i, rank in enumerate(ranks):
+                    side_ports[rank] = first + i
+                if rank_node == node:
+                    side_port = first
 
             master_port = None
-            if tp > 1 and local:
-                master_port = (alloc.free(f"{name} rendezvous") if cfg.parallel.master_port is None else
-                               alloc.claim(cfg.parallel.master_port + master_index, "parallel.master_port",
-                                           f"{name} rendezvous"))
-                master_index += 1
+            if tp > 1:
+                index = master_index.get(node, 0)
+                master_index[node] = index + 1
+                if placement.spans_nodes:  # every node computes it: fixed numbering from parallel.master_port
+                    master_port = cfg.parallel.master_port + index if cfg.parallel.master_port is not None else None
+                    if local:
+                        alloc.claim(master_port, "parallel.master_port", f"{name} rendezvous")
+                elif local:
+                    master_port = (alloc.free(f"{name} rendezvous") if cfg.parallel.master_port is None else
+                                   alloc.claim(cfg.parallel.master_port + index, "parallel.master_port",
+                                               f"{name} rendezvous"))
 
             devices: list[int] = []
-            env: dict[str, str] = {}
+            env: dict[str, str] = {**placement.to_env(), **interface_env(host)} \
+                if local and placement.spans_nodes else {}
             if device == "cuda":
-                if group.devices is not None:
-                    devices = list(group.devices[k * tp:(k + 1) * tp])
-                else:
-                    pool = _node_devices(cfg, node)
-                    start = next_device.get(node, 0)
-                    devices = pool[start:start + tp]
-                    next_device[node] = start + tp
-                    if len(devices) < tp and local:
-                        raise PdlaunchError(f"{name} needs {tp} GPU(s) but node {node} has only "
-                                            f"{len(pool)} for all instances", field=f"instances[{g}].devices",
-                                            hint="lower --prefill/--decode or TP, or list devices to share")
+                devices = [p.device for p in placed[:len(here)] if p.device is not None]
+                if len(devices) < len(here) and local:
+                    raise PdlaunchError(f"{name} needs {tp} GPU(s) but node {node} has only "
+                                        f"{len(pools[node] or [])} for all instances", field=f"instances[{g}].devices",
+                                        hint="lower --prefill/--decode or TP, or list devices to share")
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
 
             # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
@@ -159,7 +227,13 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
             )
             plans.append(InstancePlan(spec=spec, url=f"http://{_url_host(host)}:{port}", local=local, env=env,
                                       physical_devices=devices, node=node))
+            for rank, placed_rank in enumerate(placed):
+                if placed_rank.node == me and placed_rank.node != node:
+                    remote = _remote_rank_plan(spec, rank, placement, placed_rank, side_ports.get(rank))
+                    remote.env.update(interface_env(placement.hosts[rank]))
+                    remote_ranks.append(remote)
     if not plans:
         raise PdlaunchError("the deployment has no instances", field="instances",
                             hint="pass --prefill 1 --decode 1, or --colocated")
-    return DeploymentPlan(instances=plans, proxy_host=cfg.proxy.host, proxy_port=proxy_port)
+    return DeploymentPlan(instances=plans, proxy_host=cfg.proxy.host, proxy_port=proxy_port,
+                          remote_ranks=remote_ranks)

@@ -1,0 +1,135 @@
+"""The step stream between rank 0 and ranks on other nodes: a TCP `Connection` (the same API as the
+pipes local workers use), authenticated with the instance's link key.
+
+Rank 0 opens a `RankListener` on its node's address and publishes it in the group's rendezvous
+store (torch.distributed TCPStore at the rank-0 node's address and the instance's master_port); a
+remote rank reads it there and connects. The first message names the rank; rank 0 answers with
+what the rank cannot read from its own config ("setup").
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import time
+from datetime import timedelta
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+
+import torch.distributed as dist
+
+from pdlaunch.distributed.worker import recv, send
+from pdlaunch.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+LISTENER_KEY = "pdlaunch/remote_rank_listener"  # store key: "host:port" of rank 0's listener
+HELLO_TIMEOUT_S = 10.0  # a connected peer names its rank within this
+
+
+class RankListener:
+    """Rank 0's side: accepts the remote ranks of its group, each within a bounded wait."""
+
+    def __init__(self, host: str, authkey: bytes) -> None:
+        self.authkey = authkey
+        self._sock = socket.create_server((host, 0))
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+
+    def publish(self, store: dist.Store) -> None:
+        store.set(LISTENER_KEY, self.address)
+
+    def accept(self, expected: dict[int, str], timeout_s: float) -> dict[int, Connection]:
+        """Connections of every rank in `expected` (rank -> "node K (address)"), or EngineError naming
+        the ranks that never came."""
+        conns: dict[int, Connection] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(conns) < len(expected):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = ", ".join(f"TP rank {r} on {where}" for r, where in expected.items() if r not in conns)
+                for conn in conns.values():
+                    conn.close()
+                raise EngineError(f"{missing} did not connect to rank 0 at {self.address} within {timeout_s:.0f}s",
+                                  field="parallel.nodes",
+                                  hint="run `pdlaunch serve CONFIG --node-rank K` on that node with the same "
+                                  "config (and PDLAUNCH_TP_SECRET), and check it reaches this address")
+            self._sock.settimeout(remaining)
+            try:
+                raw, peer = self._sock.accept()
+            except socket.timeout:
+                continue
+            hello = self._handshake(raw, peer)
+            if hello is None:
+                continue
+            rank, conn = hello
+            if rank not in expected or rank in conns:
+                log.warning("a peer at %s claimed TP rank %s, which is not awaited here: ignored", peer, rank)
+                conn.close()
+                continue
+            conns[rank] = conn
+            log.info("TP rank %d connected from %s:%d", rank, peer[0], peer[1])
+        return conns
+
+    def _handshake(self, raw: socket.socket, peer: tuple[str, int]) -> tuple[int, Connection] | None:
+        raw.setblocking(True)  # Connection reads a blocking fd; a silent peer times out through SO_RCVTIMEO
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(HELLO_TIMEOUT_S), 0))
+        conn = Connection(raw.detach())
+        try:
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+            if not conn.poll(HELLO_TIMEOUT_S):
+                raise TimeoutError("no hello")
+            message = recv(conn)
+        except (AuthenticationError, OSError, EOFError, TimeoutError) as exc:
+            log.warning("refused a connection from %s:%d: %s", peer[0], peer[1], exc)
+            conn.close()
+            return None
+        if message[0] != "hello":
+            conn.close()
+            return None
+        probe = socket.socket(fileno=conn.fileno())
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        probe.detach()
+        return int(message[1]), conn
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def connect_to_rank0(store: dist.Store, rank: int, authkey: bytes) -> Connection:
+    """A remote rank's side: find rank 0's listener in the store and say who we are."""
+    address = store.get(LISTENER_KEY).decode()
+    host, port = address.rsplit(":", 1)
+    try:
+        conn = Client((host, int(port)), authkey=authkey)
+    except (AuthenticationError, OSError) as exc:
+        raise EngineError(f"TP rank {rank} cannot join rank 0's link at {address}: {exc}", field="parallel.nodes",
+                          hint="every node must run the same config (and the same PDLAUNCH_TP_SECRET)") from exc
+    send(conn, ("hello", rank))
+    return conn
+
+
+def open_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
+    """A client of the rendezvous store rank 0 hosts (waits up to `timeout_s` for it to come up)."""
+    try:
+        return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, dist.DistError) as exc:
+        raise EngineError(f"no TP rendezvous at {host}:{port} within {timeout_s:.0f}s: {exc}",
+                          field="parallel.master_port",
+                          hint="start node 0's launcher (it runs rank 0) and check the nodes reach each other"
+                          ) from exc
+
+
+def is_closed(conn: Connection) -> bool:
+    """True when the peer closed `conn` (a pending message is not a close)."""
+    probe = socket.socket(fileno=conn.fileno())
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.detach()  # the fd stays owned by `conn`

@@ -1,0 +1,86 @@
+"""A TP rank whose instance's rank 0 runs on another node:
+`python -m pdlaunch.distributed.remote_rank --deployment FILE --instance SPEC_JSON --rank R --placement JSON`.
+
+This node's launcher starts it (launcher/plan.py plans one per remote rank). It finds rank 0 through
+the group's rendezvous store (the rank-0 node's address, the instance's master_port), connects to
+it (remote_link.py), receives what only rank 0 knows (device type, dtype, max_model_len), then runs
+exactly what a local worker runs (worker.serve_rank) over the TCP connection.
+
+Exit codes: 0 once rank 0 ended the session (shutdown, or its connection closed) or this node's
+launcher stopped it (SIGTERM); 1 when it could not join its group or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S
+from pdlaunch.distributed.placement import RankPlacement, link_authkey
+from pdlaunch.distributed.remote_link import connect_to_rank0, open_store
+from pdlaunch.distributed.worker import recv, serve_rank
+from pdlaunch.errors import PdlaunchError
+
+log = logging.getLogger("pdlaunch.remote_rank")
+
+# This node's launcher may be started long before node 0's: wait this long for rank 0's store.
+STORE_WAIT_S = 900.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pdlaunch.distributed.remote_rank", description=__doc__)
+    parser.add_argument("--deployment", required=True, type=Path, help="DeploymentConfig as JSON.")
+    parser.add_argument("--instance", required=True, help="InstanceSpec as JSON (as this rank sees it).")
+    parser.add_argument("--rank", required=True, type=int, help="This process's TP rank.")
+    parser.add_argument("--placement", required=True, help="RankPlacement as JSON.")
+    return parser.parse_args(argv)
+
+
+def _stop(signum: int, _: FrameType | None) -> None:
+    # The launcher of this node stops its children with SIGTERM: leave the group (rank 0 then sees
+    # this rank gone and takes its instance down, naming it).
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = DeploymentConfig.model_validate_json(args.deployment.read_text())
+    spec = InstanceSpec.model_validate_json(args.instance)
+    placement = RankPlacement.model_validate_json(args.placement)
+    rank = args.rank
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s {spec.name} rank {rank} %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which sends SIGTERM
+    signal.signal(signal.SIGTERM, _stop)
+    host, port = placement.hosts[0], spec.master_port
+    if port is None:
+        log.error("instance %s has no rendezvous port: set parallel.master_port", spec.name)
+        return 1
+    try:
+        log.info("TP rank %d of %s: waiting for rank 0 at %s:%d (node %d)", rank, spec.name, host, port,
+                 placement.nodes[0])
+        store = open_store(host, port, STORE_WAIT_S)
+        conn = connect_to_rank0(store, rank, link_authkey(config, spec.name, port))
+        if not conn.poll(RENDEZVOUS_TIMEOUT_S):
+            raise PdlaunchError(f"rank 0 of {spec.name} sent no setup within {RENDEZVOUS_TIMEOUT_S:.0f}s")
+        kind, device_type, dtype_name, max_model_len = recv(conn)
+        if kind != "setup":
+            raise PdlaunchError(f"rank 0 of {spec.name} sent {kind!r} instead of its setup")
+    except (PdlaunchError, OSError, EOFError) as exc:
+        log.error("TP rank %d cannot join %s: %s", rank, spec.name, exc)
+        return 1
+    # rank 0's config names its own node's loopback as master_addr; this rank's store client is at `host`
+    config = config.model_copy(update={"parallel": config.parallel.model_copy(update={"master_addr": host})})
+    serve_rank(rank, config, spec, device_type, dtype_name, max_model_len, port, conn, os.getppid(), store)
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
