@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["prefill", "decode", "colocated"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -37,15 +37,6 @@ class CacheConfig(StrictModel):
     cpu_offload_gb: float = Field(0.0, ge=0, description="CPU tier for offloaded KV blocks, GiB; 0 = off.")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
     cpu_kv_cache_gb: float = Field(1.0, gt=0, description="KV cache budget when running on CPU, GiB.")
-
-    @field_validator("block_size")
-    @classmethod
-    def _supported_block_size(cls, value: int) -> int:
-        # A field rule (not a cross-field one) so that it is reported next to other field errors.
-        if value not in BLOCK_SIZES:
-            raise ValueError(f"{value} is not a supported block size; use one of "
-                             + ", ".join(map(str, BLOCK_SIZES)))
-        return value
 
 
 class SchedulerConfig(StrictModel):
