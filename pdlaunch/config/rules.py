@@ -56,6 +56,29 @@ def node_problems(cfg: DeploymentConfig) -> list[Problem]:
     reach = side_channel_reach_problem(cfg)
     if reach is not None:
         problems.append(reach)
+    problems += _spanning_problems(cfg)
+    return problems
+
+
+def _spanning_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """A TP group larger than its node's listed devices spans the next nodes (distributed/placement.py):
+    every node must then know the rendezvous port, and each rank's side channel must be reachable."""
+    problems: list[Problem] = []
+    nodes = cfg.parallel.nodes
+    for i, group in enumerate(cfg.instances):
+        if group.count == 0 or group.node >= len(nodes) or not nodes[group.node].devices:
+            continue
+        if (group.tp or 1) <= len(nodes[group.node].devices):
+            continue
+        if cfg.parallel.master_port is None:
+            problems.append(problem("parallel.master_port", f"instances[{i}] has TP {group.tp} but node {group.node} "
+                                    f"lists {len(nodes[group.node].devices)} device(s), so its TP group spans nodes "
+                                    "and every node must know the rendezvous port", "set parallel.master_port "
+                                    "(e.g. 29500)"))
+        if not cfg.colocated and cfg.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
+            problems.append(problem("kv_transfer.side_channel_host", f"instances[{i}]'s TP group spans nodes, but "
+                                    f"the KV side channel binds {cfg.kv_transfer.side_channel_host}",
+                                    "set it to 0.0.0.0 so each rank advertises its own node's address"))
     return problems
 
 

@@ -307,3 +307,16 @@ def test_summary_shows_instances_ports_memory_and_transfer() -> None:
     for text in ("prefill", "decode", "port 9100 (proxy)", "memory estimate", "nixl, mode push",
                  "cumem allocator: off", "valid"):
         assert text in result.output, text
+
+
+def test_tp_group_spanning_nodes_needs_master_port_and_reachable_side_channel(tmp_path: Path) -> None:
+    spanning = ("parallel:\n  nodes: [{address: a, devices: [0]}, {address: b, devices: [0, 1]}]\n"
+                "instances:\n  - {role: prefill, tp: 2, node: 0, base_port: 8100}\n"
+                "  - {role: decode, tp: 2, node: 1, base_port: 8200}\n")
+    cpu = ["--model", "demo", "--device", "cpu"]
+    result = check([str(write_yaml(tmp_path, spanning)), *cpu])
+    assert_invalid(result, "parallel.master_port", "spans nodes")
+    assert "kv_transfer.side_channel_host" in result.output
+    fixed = spanning.replace("parallel:\n", "parallel:\n  master_port: 29500\n") + \
+        "kv_transfer: {side_channel_host: 0.0.0.0}\n"
+    assert check([str(write_yaml(tmp_path, fixed)), *cpu]).exit_code == 0
