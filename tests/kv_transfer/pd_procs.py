@@ -72,14 +72,22 @@ class ConnectorProcess(ProcessRPC):
 
     def wait_events(self, predicate: Any, timeout: float = 30.0, what: str = "KV events") -> KVConnectorEvents:
         """Poll get_finished, merging events, until predicate(merged) holds."""
-        merged = KVConnectorEvents()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ev = self.call("get_finished")
-            merged.finished_sending |= ev.finished_sending
-            merged.finished_recving |= ev.finished_recving
-            merged.failed_recving.update(ev.failed_recving)
-            if predicate(merged):
-                return merged
-            time.sleep(0.01)
-        raise TimeoutError(f"waited {timeout}s for {what}; got {merged}")
+        return wait_events(lambda: self.call("get_finished"), predicate, timeout, what)
+
+
+def wait_events(get_finished: Any, predicate: Any, timeout: float = 30.0, what: str = "KV events"
+                ) -> KVConnectorEvents:
+    """Call get_finished() until predicate(every field of every event so far, merged) holds."""
+    merged = KVConnectorEvents()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ev = get_finished()
+        merged.finished_sending |= ev.finished_sending
+        merged.finished_recving |= ev.finished_recving
+        merged.failed_recving.update(ev.failed_recving)
+        merged.draining |= ev.draining
+        merged.safe_to_free |= ev.safe_to_free
+        if predicate(merged):
+            return merged
+        time.sleep(0.01)
+    raise TimeoutError(f"waited {timeout}s for {what}; got {merged}")

@@ -28,7 +28,7 @@ from pdlaunch.engine.request import Request
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from tests.kv_transfer.engine_procs import pd_config
-from tests.kv_transfer.pd_procs import build_connector
+from tests.kv_transfer.pd_procs import build_connector, wait_events
 from tests.kv_transfer.rpc import Built, ProcessRPC
 
 BLOCK_SIZE = 4
@@ -46,19 +46,7 @@ def _until(predicate: Any, what: str, timeout: float = 30.0) -> None:
 
 def _wait(side: ProcessRPC, predicate: Any, what: str, timeout: float = 30.0) -> KVConnectorEvents:
     """Poll side's get_finished, merging every field, until predicate(merged) holds."""
-    merged = KVConnectorEvents()
-
-    def poll() -> bool:
-        ev = side.call("get_finished")
-        merged.finished_sending |= ev.finished_sending
-        merged.finished_recving |= ev.finished_recving
-        merged.failed_recving.update(ev.failed_recving)
-        merged.draining |= ev.draining
-        merged.safe_to_free |= ev.safe_to_free
-        return bool(predicate(merged))
-
-    _until(poll, what, timeout)
-    return merged
+    return wait_events(lambda: side.call("get_finished"), predicate, timeout, what)
 
 
 # -- 1. aborted prefill requests ------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_EXPIRED_REQUESTS
-from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.pd_procs import make_spec, wait_events
 
 
 def _connector(role: str, engine_id: str, **kv: object) -> NixlConnector:
@@ -26,17 +26,7 @@ def _connector(role: str, engine_id: str, **kv: object) -> NixlConnector:
 
 
 def _wait(connector: NixlConnector, predicate, timeout: float = 20.0) -> KVConnectorEvents:
-    merged = KVConnectorEvents()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ev = connector.get_finished()
-        merged.finished_sending |= ev.finished_sending
-        merged.finished_recving |= ev.finished_recving
-        merged.failed_recving.update(ev.failed_recving)
-        if predicate(merged):
-            return merged
-        time.sleep(0.01)
-    raise TimeoutError(f"waited {timeout}s for connector events; got {merged}")
+    return wait_events(connector.get_finished, predicate, timeout, "connector events")
 
 
 def test_lease_expiry_frees_blocks_and_counts() -> None:
