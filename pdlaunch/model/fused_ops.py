@@ -1,0 +1,329 @@
+"""Fused elementwise ops for the model's hot path: one Triton kernel each on CUDA, torch elsewhere.
+
+Each public op dispatches through `_use_triton`: the Triton kernel runs for CUDA tensors (or any
+tensor under TRITON_INTERPRET=1) when Triton is importable and PDLAUNCH_FUSED_OPS is not `torch`;
+otherwise the `*_torch` reference runs. The references are the model's eager semantics and the
+kernels reproduce them rounding step for rounding step: every bf16/fp16 op of the eager code is an
+fp32 op rounded to the dtype, so the kernels round at the same points, use correctly rounded
+division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is approximate) and launch with
+`enable_fp_fusion=False` so fp32 `a*b + c*d` is not contracted into an FMA.
+
+Kernels are CUDA-graph capturable: outputs are sized from input shapes only, there is no host
+sync, and write_kv skips slot < 0 with a store mask rather than a host-side filter.
+Kernels are built lazily per interpret mode because Triton reads TRITON_INTERPRET when
+`@triton.jit` decorates, not when a kernel launches.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from pdlaunch.errors import PdlaunchError
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpret_mode() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """True when `t`'s op should run the Triton kernel (CUDA or interpreter, not forced off)."""
+    if os.environ.get("PDLAUNCH_FUSED_OPS", "auto") == "torch" or not _triton_importable():
+        return False
+    return t.is_cuda or _interpret_mode()
+
+
+def _check(ok: bool, field: str, message: str, hint: str) -> None:
+    if not ok:
+        raise PdlaunchError(message, field=field, hint=hint)
+
+
+def _check_dtype(t: torch.Tensor, field: str) -> None:
+    _check(t.dtype in _KERNEL_DTYPES, field, f"dtype {t.dtype} has no fused kernel",
+           "use float16/bfloat16/float32, or set PDLAUNCH_FUSED_OPS=torch")
+
+
+@lru_cache(maxsize=2)
+def _kernels(interpret: bool) -> SimpleNamespace:
+    """The Triton kernels, decorated in the given interpret mode (the cache key keeps modes apart)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, H, eps,
+                        sx_t, sx_h, sr_t, sr_h, w_stride,
+                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One program per token row; y/res_out are contiguous [T, H].
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        dtype = y_ptr.dtype.element_ty
+        x = tl.load(x_ptr + t * sx_t + cols * sx_h, mask=mask, other=0.0)
+        if ADD_RESIDUAL:
+            r = tl.load(r_ptr + t * sr_t + cols * sr_h, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(res_out_ptr + t * H + cols, x, mask=mask)
+        # HF order: normalise in fp32, round to dtype, then scale (a dtype product).
+        x = x.to(tl.float32)
+        var = tl.sum(x * x, axis=0) / H
+        y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
+        w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
+
+    @triton.jit
+    def rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_q_heads, num_kv_heads,
+                      sq_t, sq_h, sq_d, sk_t, sk_h, sk_d, sc_t, sc_d, ss_t, ss_d,
+                      D: tl.constexpr, D_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr):
+        # One program per token: cos/sin [D] loaded once for its q [Hq, D] and k [Hkv, D];
+        # outputs are contiguous. rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (d >= D/2).
+        t = tl.program_id(0).to(tl.int64)
+        dtype = q_out_ptr.dtype.element_ty
+        d = tl.arange(0, D_PAD)
+        first_half = (d < D // 2)[None, :]
+        partner = tl.where(d < D // 2, d + D // 2, d - D // 2)[None, :]
+        cos = tl.load(cos_ptr + t * sc_t + d * sc_d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        sin = tl.load(sin_ptr + t * ss_t + d * ss_d, mask=d < D, other=0.0).to(tl.float32)[None, :]
+        d = d[None, :]
+
+        hq = tl.arange(0, HQ_PAD)[:, None]
+        mask = (hq < num_q_heads) & (d < D)
+        x = tl.load(q_ptr + t * sq_t + hq * sq_h + d * sq_d, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(q_ptr + t * sq_t + hq * sq_h + partner * sq_d, mask=mask, other=0.0).to(tl.float32)
+        a = (x * cos).to(dtype).to(tl.float32)
+        b = (tl.where(first_half, -xp, xp) * sin).to(dtype).to(tl.float32)
+        tl.store(q_out_ptr + (t * num_q_heads + hq) * D + d, (a + b).to(dtype), mask=mask)
+
+        hk = tl.arange(0, HKV_PAD)[:, None]
+        mask = (hk < num_kv_heads) & (d < D)
+        x = tl.load(k_ptr + t * sk_t + hk * sk_h + d * sk_d, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(k_ptr + t * sk_t + hk * sk_h + partner * sk_d, mask=mask, other=0.0).to(tl.float32)
+        a = (x * cos).to(dtype).to(tl.float32)
+        b = (tl.where(first_half, -xp, xp) * sin).to(dtype).to(tl.float32)
+        tl.store(k_out_ptr + (t * num_kv_heads + hk) * D + d, (a + b).to(dtype), mask=mask)
+
+    @triton.jit
+    def silu_and_mul_kernel(x_ptr, out_ptr, inter, sx_t, sx_i,
+                            BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+        # grid (T, cdiv(I, BLOCK)); x: [T, 2I] -> out: [T, I] contiguous.
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < inter
+        gate = tl.load(x_ptr + t * sx_t + cols * sx_i, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + t * sx_t + (cols + inter) * sx_i, mask=mask, other=0.0).to(tl.float32)
+        # torch's CUDA silu is x / (1 + expf(-x)); libdevice expf is that expf, tl.exp is ex2.approx.
+        if LIBDEVICE_EXP:
+            e = tl.extra.cuda.libdevice.exp(-gate)
+        else:
+            e = tl.exp(-gate)  # the interpreter has no libdevice; numpy's exp
+        dtype = out_ptr.dtype.element_ty
+        silu = tl.math.div_rn(gate, 1.0 + e).to(dtype).to(tl.float32)
+        tl.store(out_ptr + t * inter + cols, (silu * up).to(dtype), mask=mask)
+
+    @triton.jit
+    def write_kv_kernel(cache_ptr, k_ptr, v_ptr, slot_ptr, num_kv_heads, block_size, block_stride, layer_offset,
+                        sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
+                        D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr):
+        # One program per token; the cache plane [block_size, Hkv, D] of (block, layer, k|v) is contiguous.
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        heads = tl.arange(0, H_PAD)
+        d = tl.arange(0, D_PAD)
+        mask = (heads < num_kv_heads)[:, None] & (d < D)[None, :] & (tl.full([H_PAD, D_PAD], 0, tl.int64) <= slot)
+        plane = block_size * num_kv_heads * D
+        row = (slot // block_size) * block_stride + layer_offset + (slot % block_size) * num_kv_heads * D
+        dst = cache_ptr + row + heads[:, None] * D + d[None, :]
+        dtype = cache_ptr.dtype.element_ty
+        k = tl.load(k_ptr + t * sk_t + heads[:, None] * sk_h + d[None, :] * sk_d, mask=mask)
+        tl.store(dst, k.to(dtype), mask=mask)
+        v = tl.load(v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :] * sv_d, mask=mask)
+        tl.store(dst + plane, v.to(dtype), mask=mask)
+
+    return SimpleNamespace(rms_norm=rms_norm_kernel, rotary=rotary_kernel, silu_and_mul=silu_and_mul_kernel,
+                           write_kv=write_kv_kernel, next_power_of_2=triton.next_power_of_2)
+
+
+def _num_warps(elements: int) -> int:
+    return max(1, min(8, elements // 256))
+
+
+# ---- torch references: the eager semantics the kernels reproduce --------------------------------
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H], weight: [H] -> [T, H]; HF LlamaRMSNorm."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def fused_add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, H] -> (rms_norm(x + residual) [T, H], x + residual [T, H])."""
+    new_residual = x + residual
+    return rms_norm_torch(new_residual, weight, eps), new_residual
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: [T], inv_freq: [D/2] fp32 -> cos, sin: [T, D] in dtype, as RotaryEmbedding builds them."""
+    freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.unsqueeze(0)  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hkv, D], cos/sin: [T, D] -> rotated (q, k)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] -> silu(gate) * up: [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _kv_rows(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layer_in_group: int) -> torch.Tensor:
+    """[T] row of (block, layer_in_group, k, offset) in kv_cache viewed as [rows, Hkv, D]."""
+    _, layers, _, block_size, _, _ = kv_cache.shape
+    slots = slot_mapping.long()
+    return (slots // block_size) * (layers * 2 * block_size) + 2 * layer_in_group * block_size + slots % block_size
+
+
+def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                   layer_in_group: int) -> None:
+    """In place: k, v [T, Hkv, D] into their slots of kv_cache; slots < 0 are skipped (host sync)."""
+    flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
+    tokens = (slot_mapping >= 0).nonzero().squeeze(-1)
+    rows = _kv_rows(kv_cache, slot_mapping, layer_in_group)[tokens]
+    flat.index_copy_(0, rows, k[tokens].to(flat.dtype))
+    flat.index_copy_(0, rows + kv_cache.shape[3], v[tokens].to(flat.dtype))
+
+
+# ---- public ops --------------------------------------------------------------------------------
+
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    _check_dtype(x, "x")
+    _check(weight.dtype == x.dtype and weight.shape == (x.shape[1],), "weight",
+           f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}",
+           "weight must be [H] in x's dtype")
+    kernels = _kernels(_interpret_mode())
+    tokens, hidden = x.shape
+    y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(y) if residual is not None else None
+    r = residual if residual is not None else x
+    block = kernels.next_power_of_2(hidden)
+    kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
+                                x.stride(0), x.stride(1), r.stride(0), r.stride(1), weight.stride(0),
+                                ADD_RESIDUAL=residual is not None, BLOCK_H=block,
+                                num_warps=_num_warps(block), enable_fp_fusion=False)
+    return y, res_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H] (any strides), weight: [H] in x's dtype -> new [T, H]."""
+    if not _use_triton(x):
+        return rms_norm_torch(x, weight, eps)
+    return _rms_norm_launch(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [T, H] -> (y, new_residual), both new [T, H]: new_residual = x + residual."""
+    if not _use_triton(x):
+        return fused_add_rms_norm_torch(x, residual, weight, eps)
+    _check(residual.shape == x.shape and residual.dtype == x.dtype, "residual",
+           f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
+           "pass the residual stream of the same tokens")
+    y, new_residual = _rms_norm_launch(x, residual, weight, eps)
+    assert new_residual is not None
+    return y, new_residual
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hkv, D] (strided views allowed), cos/sin: [T, D] in q's dtype
+    -> new contiguous (q_out, k_out)."""
+    if not _use_triton(q):
+        return apply_rotary_torch(q, k, cos, sin)
+    _check_dtype(q, "q")
+    tokens, num_q_heads, head_dim = q.shape
+    _check(k.dtype == q.dtype and k.shape[0] == tokens and k.shape[2] == head_dim and head_dim % 2 == 0, "k",
+           f"k {tuple(k.shape)} {k.dtype} does not pair with q {tuple(q.shape)} {q.dtype}",
+           "q and k need the same tokens, head_dim (even) and dtype")
+    _check(cos.shape == (tokens, head_dim) and sin.shape == cos.shape and cos.dtype == q.dtype == sin.dtype,
+           "cos", f"cos/sin must be [{tokens}, {head_dim}] in {q.dtype}", "build them with rotary_cos_sin")
+    kernels = _kernels(_interpret_mode())
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    npow2 = kernels.next_power_of_2
+    kernels.rotary[(tokens,)](q, k, cos, sin, q_out, k_out, num_q_heads, k.shape[1], *q.stride(), *k.stride(),
+                              *cos.stride(), *sin.stride(), D=head_dim, D_PAD=npow2(head_dim),
+                              HQ_PAD=npow2(num_q_heads), HKV_PAD=npow2(k.shape[1]),
+                              num_warps=_num_warps(npow2(num_q_heads) * head_dim), enable_fp_fusion=False)
+    return q_out, k_out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] (any strides) -> new [T, I] = silu(gate) * up."""
+    if not _use_triton(gate_up):
+        return silu_and_mul_torch(gate_up)
+    _check_dtype(gate_up, "gate_up")
+    tokens, width = gate_up.shape
+    _check(width % 2 == 0, "gate_up", f"last dim {width} is odd", "pass the [T, 2I] gate_up projection")
+    inter = width // 2
+    out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    interpret = _interpret_mode()
+    block = min(1024, _kernels(interpret).next_power_of_2(inter))
+    _kernels(interpret).silu_and_mul[(tokens, -(-inter // block))](
+        gate_up, out, inter, gate_up.stride(0), gate_up.stride(1), BLOCK=block, LIBDEVICE_EXP=not interpret,
+        num_warps=_num_warps(block), enable_fp_fusion=False)
+    return out
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             layer_in_group: int) -> None:
+    """In place. kv_cache: [num_blocks, layers_in_group, 2, block_size, Hkv, D] contiguous;
+    k, v: [T, Hkv, D] (strided views allowed); slot_mapping: [T] int, slot < 0 = skip the token."""
+    _check(kv_cache.is_contiguous(), "kv_cache", "the KV cache tensor must be contiguous",
+           "allocate it block-major as in pdlaunch/model/attention_metadata.py")
+    _, layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    _check(0 <= layer_in_group < layers, "layer_in_group", f"{layer_in_group} is outside 0..{layers - 1}",
+           "pass the layer's index within its KV-cache group")
+    _check(k.shape == v.shape == (slot_mapping.shape[0], num_kv_heads, head_dim), "k",
+           f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit slots {tuple(slot_mapping.shape)} and cache "
+           f"heads [{num_kv_heads}, {head_dim}]", "k and v are [T, num_kv_heads, head_dim], one slot per token")
+    if not _use_triton(kv_cache):
+        write_kv_torch(kv_cache, k, v, slot_mapping, layer_in_group)
+        return
+    _check_dtype(kv_cache, "kv_cache")
+    kernels = _kernels(_interpret_mode())
+    npow2 = kernels.next_power_of_2
+    plane = block_size * num_kv_heads * head_dim  # elements of one (block, layer, k|v) slice
+    kernels.write_kv[(slot_mapping.shape[0],)](
+        kv_cache, k, v, slot_mapping, num_kv_heads, block_size, layers * 2 * plane, 2 * layer_in_group * plane,
+        *k.stride(), *v.stride(), D=head_dim, D_PAD=npow2(head_dim), H_PAD=npow2(num_kv_heads),
+        num_warps=_num_warps(npow2(num_kv_heads) * head_dim))
