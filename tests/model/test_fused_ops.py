@@ -1,0 +1,279 @@
+"""Fused ops: Triton kernels == torch references (bit for bit where the spec says so), and the
+references == the model code they replace.
+
+Kernel cases run on "cuda" (gpu marker) and on CPU tensors under TRITON_INTERPRET=1 ("interpret",
+skipped without triton). Triton decorates its own library helpers (tl.sum) when it is first
+imported, so the interpreter cases need the variable set before any import of triton: they run in
+a child pytest started with it (test_interpreter_cases_in_a_subprocess). In the kernel cases the
+torch references inside fused_ops are replaced by a function that fails, so a silent fallback
+cannot compare the reference with itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model import fused_ops
+from pdlaunch.model.attention import build_group_plan, paged_attention
+from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.fused_ops import (apply_rotary_torch, fused_add_rms_norm_torch, rms_norm_torch,
+                                      rotary_cos_sin, silu_and_mul_torch, write_kv_torch)
+from pdlaunch.model.layers import RMSNorm
+from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+REFERENCES = ["rms_norm_torch", "fused_add_rms_norm_torch", "apply_rotary_torch", "silu_and_mul_torch",
+              "write_kv_torch"]
+# Set when this process started as the interpreter child (before torch or triton were imported).
+INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+def _interpreter_rounds_bf16_to_nearest_even(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton 3.x interpreter truncates fp32 -> bf16 (create_fp_trunc ignores rounding), while
+    compiled kernels (cvt.rn.bf16.f32) and torch round to nearest even: make the emulator do that."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_fp_trunc
+
+    def fp_trunc(self: object, src: interpreter.TensorHandle, dst_type: tl.dtype) -> interpreter.TensorHandle:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_fp_trunc", fp_trunc)
+
+
+def _forbid(name: str):  # noqa: ANN202
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"{name} ran: the kernel case fell back to the torch reference")
+    return fail
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "interpret"])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the Triton kernels run; set up before the first kernel is built (lazily, per mode)."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
+    if request.param == "interpret":
+        if not INTERPRET_AT_START:
+            pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
+        _interpreter_rounds_bf16_to_nearest_even(monkeypatch)
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in REFERENCES:
+        monkeypatch.setattr(fused_ops, name, _forbid(name))
+    return "cuda" if request.param == "cuda" else "cpu"
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in units in the last place between same-dtype tensors (values of equal sign)."""
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[a.dtype]
+    return (a.view(ints).long() - b.view(ints).long()).abs()
+
+
+def _assert_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    bad = (got.cpu() != want.cpu()).sum().item()
+    assert bad == 0, f"{bad} of {want.numel()} elements differ (max {_ulps(got.cpu(), want.cpu()).max()} ulp)"
+
+
+def _assert_rms_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The row sum of squares may be added in another order: half-precision results then differ
+    rarely by one ulp; fp32 results (no rounding step after the scale) by a few ulp per row."""
+    ulps = _ulps(got.cpu(), want.cpu())
+    if want.dtype == torch.float32:
+        assert ulps.max() <= 4, f"max {ulps.max()} ulp"
+        return
+    assert ulps.max() <= 1, f"max {ulps.max()} ulp"
+    assert (ulps > 0).float().mean() < 0.005, f"{(ulps > 0).sum()} of {ulps.numel()} elements differ"
+
+
+def _qkv_views(tokens: int, hq: int, hkv: int, head_dim: int, dtype: torch.dtype, device: str,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q/k/v as the attention layer gets them: strided views of one qkv matmul output."""
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * head_dim, dtype=dtype, device=device)
+    q, k, v = qkv.split([hq * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
+    return q.view(tokens, hq, head_dim), k.view(tokens, hkv, head_dim), v.view(tokens, hkv, head_dim)
+
+
+# ---- kernels vs references -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(3, 96), (4, 200)])
+def test_rms_norm_kernel_matches_reference(device: str, dtype: torch.dtype, tokens: int, hidden: int) -> None:
+    torch.manual_seed(hidden)
+    wide = torch.randn(tokens, hidden + 16, dtype=dtype, device=device) * 3
+    x = wide[:, 8:8 + hidden]  # a strided view
+    weight = torch.randn(hidden, dtype=dtype, device=device)
+    _assert_rms_close(fused_ops.rms_norm(x, weight, 1e-5), rms_norm_torch(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_kernel_matches_reference(device: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(5, 96, dtype=dtype, device=device)
+    residual = torch.randn(5, 96, dtype=dtype, device=device) * 4
+    weight = torch.randn(96, dtype=dtype, device=device)
+    y, new_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    want_residual = x + residual
+    want_y = rms_norm_torch(want_residual, weight, 1e-6)
+    _assert_equal(new_residual, want_residual)
+    _assert_rms_close(y, want_y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_apply_rotary_kernel_matches_reference_bit_for_bit(device: str, dtype: torch.dtype, head_dim: int) -> None:
+    torch.manual_seed(head_dim)
+    q, k, _ = _qkv_views(5, 8, 2, head_dim, dtype, device)
+    positions = torch.tensor([0, 1, 17, 4095, 131000], device=device)
+    inv_freq = compute_inv_freq(head_dim, 500000.0, LLAMA3_SCALING, 131072).to(device)
+    cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
+    q_out, k_out = fused_ops.apply_rotary(q, k, cos, sin)
+    want_q, want_k = apply_rotary_torch(q, k, cos, sin)
+    _assert_equal(q_out, want_q)
+    _assert_equal(k_out, want_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [75, 1100])
+def test_silu_and_mul_kernel_matches_reference(device: str, dtype: torch.dtype, inter: int) -> None:
+    torch.manual_seed(inter)
+    wide = torch.randn(3, 2 * inter + 6, dtype=dtype, device=device) * 4
+    gate_up = wide[:, 3:3 + 2 * inter]  # a strided view; the second block (inter > 1024) is partial
+    got, want = fused_ops.silu_and_mul(gate_up), silu_and_mul_torch(gate_up)
+    if device == "cuda":
+        _assert_equal(got, want)  # libdevice expf is the expf of torch's CUDA silu
+        return
+    # The interpreter's exp is numpy's, torch's CPU exp is SLEEF's (or libm's for tail elements):
+    # both accurate, not always the same float, so results differ by a few fp32 ulp, and after
+    # rounding to bf16/fp16 rarely by one ulp.
+    ulps = _ulps(got, want)
+    assert ulps.max() <= (4 if dtype == torch.float32 else 1), f"max {ulps.max()} ulp"
+    if dtype != torch.float32:
+        assert (ulps > 0).float().mean() < 0.005
+
+
+@pytest.mark.parametrize("cache_dtype,kv_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("layer_in_group", [0, 2])
+def test_write_kv_kernel_matches_reference(device: str, cache_dtype: torch.dtype, kv_dtype: torch.dtype,
+                                           layer_in_group: int) -> None:
+    torch.manual_seed(layer_in_group)
+    num_blocks, layers, block_size, hkv, head_dim = 7, 3, 4, 2, 64
+    cache = torch.randn(num_blocks, layers, 2, block_size, hkv, head_dim, dtype=cache_dtype, device=device)
+    before, want = cache.clone(), cache.clone()
+    _, k, v = _qkv_views(6, 8, hkv, head_dim, kv_dtype, device)
+    blocks = torch.randperm(num_blocks)[:6]
+    offsets = torch.randint(0, block_size, (6,))
+    slots = (blocks * block_size + offsets).to(device)
+    slots[1] = -1
+    slots[4] = -1
+    fused_ops.write_kv(cache, k, v, slots, layer_in_group)
+    write_kv_torch(want, k, v, slots, layer_in_group)
+    _assert_equal(cache, want)
+    assert not torch.equal(cache, before)
+
+
+def test_interpreter_cases_in_a_subprocess() -> None:
+    pytest.importorskip("triton")
+    if INTERPRET_AT_START:
+        pytest.skip("this is the child")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    # -ra (pyproject addopts) lists skip reasons: none of the cases may have skipped as "not the child".
+    assert " passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
+
+
+def test_interpret_mode_builds_interpreted_kernels(device: str) -> None:
+    if device == "cuda":
+        pytest.skip("interpreter check")
+    kernels = fused_ops._kernels(fused_ops._interpret_mode())
+    assert type(kernels.rms_norm).__name__ == "InterpretedFunction"
+    assert fused_ops._use_triton(torch.zeros(1))
+
+
+# ---- dispatch and errors (no triton needed) ------------------------------------------------------
+
+def test_cpu_without_interpreter_runs_the_references(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
+    assert not fused_ops._use_triton(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PDLAUNCH_FUSED_OPS", "torch")
+    assert not fused_ops._use_triton(torch.zeros(1))
+    x, w = torch.randn(2, 32), torch.randn(32)
+    assert torch.equal(fused_ops.rms_norm(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
+
+
+def test_write_kv_rejects_a_non_contiguous_cache() -> None:
+    cache = torch.zeros(2, 2, 2, 4, 3, 8).transpose(0, 1)
+    with pytest.raises(PdlaunchError) as err:
+        fused_ops.write_kv(cache, torch.zeros(1, 3, 8), torch.zeros(1, 3, 8), torch.tensor([0]), 0)
+    assert err.value.field == "kv_cache"
+
+
+# ---- references vs the model code they replace (CPU, always run) ---------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_reference_is_the_model_rmsnorm(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    norm.weight.data.copy_(torch.randn(96))
+    x = torch.randn(7, 96, dtype=dtype) * 2
+    assert torch.equal(rms_norm_torch(x, norm.weight, 1e-5), norm(x))
+    # The decoder layer's `h = h + attn_out; post_attention_layernorm(h)`.
+    attn_out = torch.randn(7, 96, dtype=dtype)
+    y, new_residual = fused_add_rms_norm_torch(attn_out, x, norm.weight, 1e-5)
+    assert torch.equal(new_residual, x + attn_out) and torch.equal(y, norm(x + attn_out))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
+def test_rotary_reference_is_the_model_rotary_embedding(dtype: torch.dtype, scaling: dict | None) -> None:
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(128, 500000.0, scaling, 131072)
+    positions = torch.tensor([0, 3, 900, 70000])
+    q, k, _ = _qkv_views(4, 8, 2, 128, dtype, "cpu")
+    want_q, want_k = rope(positions, q, k)
+    got_q, got_k = apply_rotary_torch(q, k, *rotary_cos_sin(positions, rope.inv_freq, dtype))
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_silu_and_mul_reference_is_the_model_mlp_activation() -> None:
+    gate_up = torch.randn(3, 2 * 40, dtype=torch.bfloat16) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(silu_and_mul_torch(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("layer_in_group", [0, 1])
+def test_write_kv_reference_is_the_paged_attention_write(layer_in_group: int) -> None:
+    """paged_attention writes k/v of a fresh prefill into the cache; write_kv_torch must agree."""
+    torch.manual_seed(layer_in_group)
+    tokens, block_size, hkv, head_dim = 6, 4, 2, 16
+    cache = torch.randn(5, 2, 2, block_size, hkv, head_dim)
+    want = cache.clone()
+    q, k, v = _qkv_views(tokens, 4, hkv, head_dim, torch.float32, "cpu")
+    slots = torch.tensor([13, -1, 2, 19, 8, -1])
+    attn = AttentionMetadata(
+        query_start_loc=torch.tensor([0, tokens]), seq_lens=torch.tensor([tokens]), context_lens=torch.tensor([0]),
+        slot_mapping=[slots], block_tables=[torch.tensor([[3, 0, 4, 2]])], max_query_len=tokens,
+        max_seq_len=tokens, query_lens_cpu=[tokens], seq_lens_cpu=[tokens])
+    plan = build_group_plan(attn, 0, want, None)
+    paged_attention(q, k, v, want, layer_in_group, plan, head_dim ** -0.5)
+    write_kv_torch(cache, k, v, slots, layer_in_group)
+    assert torch.equal(cache, want)
