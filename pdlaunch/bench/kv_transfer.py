@@ -5,6 +5,9 @@ synthetic KV cache in the engine's block-major layout. For every mode and prompt
 side times start_load -> finished_recving (handshake done beforehand, as in steady state), checks
 the moved bytes, and the same run measures a raw torch copy of the same number of bytes on the
 decode device (and a peer copy prefill device -> decode device when they differ): the ceiling.
+Push rows also split the time (medians, ms; time.monotonic() is one clock for both processes):
+to_post = start_load -> prefill posted the WRITE (side-channel request, sender thread, descriptors),
+write = posted -> a sender check saw it done, notify = done -> decode reported the load finished.
 """
 
 from __future__ import annotations
@@ -104,6 +107,9 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                     result = connector.request_finished(rid, list(range(n)), {"do_remote_decode": True}, [ids])[1]
                 elif cmd == "freed":
                     result = connector.get_finished().finished_sending
+                elif cmd == "push_timing":  # prefill: the phases of the push of request args[0], if any
+                    found = [t for t in connector.sender.push_timings() if t.request_id == args[0]]
+                    result = vars(found[-1]) if found else None
                 elif cmd == "load":
                     result = _timed_load(connector, *args)
                 elif cmd == "sum":
@@ -129,9 +135,12 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
         conn.send(("ok", None))
 
 
-def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, Any], timeout: float) -> float:
+def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, Any],
+                timeout: float) -> tuple[float, float, float]:
+    """(seconds, time.monotonic() at start_load, at finished_recving)."""
     prompt = list(range(n))
     external = connector.get_num_new_matched_tokens(rid, prompt, params, 0)
+    start = time.monotonic()
     t0 = time.perf_counter()
     connector.start_load(rid, prompt, params, [ids], 0, external)
     deadline = t0 + timeout
@@ -140,8 +149,22 @@ def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[s
         if rid in events.failed_recving:
             raise KVTransferError(events.failed_recving[rid])
         if rid in events.finished_recving:
-            return time.perf_counter() - t0
+            return time.perf_counter() - t0, start, time.monotonic()
     raise KVTransferError(f"bench load of {n} tokens did not finish within {timeout:g}s")
+
+
+def _push_phases(loads: list[tuple[float, float, float]], timings: list[dict[str, Any] | None]) -> dict[str, float] | None:
+    """Median ms of (to_post, write, notify) over the timed loads whose push the prefill side recorded."""
+    phases: dict[str, list[float]] = {"to_post": [], "write": [], "notify": []}
+    for (_, start, end), t in zip(loads, timings):
+        if t is None:
+            continue
+        phases["to_post"].append(t["posted"] - start)
+        phases["write"].append(t["done"] - t["posted"])
+        phases["notify"].append(end - t["done"])
+    if not phases["write"]:
+        return None
+    return {k: statistics.median(v) * 1e3 for k, v in phases.items()}
 
 
 class _Side:
@@ -217,13 +240,16 @@ def run_kv_transfer_bench(
             for n in num_tokens_list:
                 blocks = -(-(n - 1) // block_size)
                 ids = list(range(blocks))
-                seconds = []
+                loads: list[tuple[float, float, float]] = []
+                timings: list[dict[str, Any] | None] = []
                 for i in range(iterations + 1):  # the first is warm-up (handshake, registration caches)
                     decode("zero")
                     rid = f"{mode}-{n}-{i}"
                     params = prefill("finish", rid, n, ids)
-                    seconds.append(decode("load", rid, n, ids, params, timeout))
+                    loads.append(tuple(decode("load", rid, n, ids, params, timeout)))
                     _wait_freed(prefill, rid, timeout)
+                    timings.append(prefill("push_timing", rid))
+                seconds = [load[0] for load in loads]
                 verified = decode("sum", blocks) == prefill("sum", blocks)
                 copies = decode("copy", blocks, iterations, prefill_device)
                 median = statistics.median(seconds[1:])
@@ -233,7 +259,7 @@ def run_kv_transfer_bench(
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
                     "prefill_device": prefill_device, "decode_device": decode_device, "cumem": cumem,
-                    "staging": info.get("staging"),
+                    "staging": info.get("staging"), "push_phases_ms": _push_phases(loads[1:], timings[1:]),
                 })
                 logger.info("kv-transfer %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", mode, n,
                             rows[-1]["gbps"], copies["raw"])

@@ -18,9 +18,11 @@ Each of these reports the request in `finished_sending` exactly once, so the eng
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +37,13 @@ from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 
 logger = logging.getLogger(__name__)
 
-_POLL_SECONDS = 0.0005  # sender threads poll their WRITE; completion is usually sub-millisecond per MiB
+# NIXL's UCX backend sends a WRITE's notification (push_done) only from check_xfer_state, once that call
+# sees the WRITE complete: the time between two checks adds straight to decode's wait. A sender thread
+# checks back to back (yielding the CPU and the GIL between checks) for up to _SPIN_SECONDS, which covers
+# GiB-sized WRITEs on GPUs, then every _POLL_SECONDS (slow CPU/TCP transfers). A fixed 0.5 ms sleep
+# here cost 0.3-0.6 ms per push on CPU, and a sleep is only as fine as the host's timer.
+_SPIN_SECONDS = 0.05
+_POLL_SECONDS = 0.0002
 # A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
 # decode gives up); decode accepts a READ only when it saw it done before its own deadline.
 READ_GRACE_SECONDS = 5.0
@@ -53,6 +61,17 @@ class Hold:
     expired: bool = False
     cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
+
+
+@dataclass
+class PushTiming:
+    """Where one push spent its time; time.monotonic() values (comparable across processes of one host)."""
+
+    request_id: str
+    num_bytes: int
+    received: float  # the push request arrived on the side channel
+    posted: float  # the WRITE was posted to NIXL
+    done: float  # a check saw the WRITE complete (NIXL sent push_done then)
 
 
 @dataclass
@@ -79,7 +98,8 @@ class PrefillSide:
         self.staging: StagingArea | None = None
         self._holds: dict[str, Hold] = {}
         self._tickets: dict[str, Ticket] = {}
-        self._peers: dict[str, str] = {}  # decode agent name -> loaded name
+        self._peers: dict[str, tuple[str, str]] = {}  # decode agent name -> (loaded name, its metadata hex)
+        self._timings: deque[PushTiming] = deque(maxlen=256)
         self._lock = threading.Lock()
         # Seed 000: CUDA's current device is per thread; bind it once when each sender thread starts.
         self.executor = ThreadPoolExecutor(
@@ -135,6 +155,11 @@ class PrefillSide:
     def num_held(self) -> int:
         with self._lock:
             return len(self._holds)
+
+    def push_timings(self) -> list[PushTiming]:
+        """The phases of the last (at most 256) pushes that completed, oldest first."""
+        with self._lock:
+            return list(self._timings)
 
     # -- side-channel threads -----------------------------------------------------------------
     def handle_claim_read(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -238,13 +263,17 @@ class PrefillSide:
         return hold
 
     def _peer(self, name: str, metadata_hex: str) -> str:
+        """The decode agent `name` loaded with `metadata_hex`. A decode that woke up registered new memory
+        (its staging buffer, or on CPU its KV tensors, moved): its push carries new metadata, which
+        replaces the stale one. Under the lock: two pushes of a woken decode must not load it twice."""
         with self._lock:
             loaded = self._peers.get(name)
-        if loaded is None:
-            loaded = self.agent.add_remote(bytes.fromhex(metadata_hex))
-            with self._lock:
-                self._peers[name] = loaded
-        return loaded
+            if loaded is not None and loaded[1] == metadata_hex:
+                return loaded[0]
+            if loaded is not None:
+                self.agent.forget_remote(loaded[0])
+            self._peers[name] = (self.agent.add_remote(bytes.fromhex(metadata_hex)), metadata_hex)
+            return self._peers[name][0]
 
     # -- sender threads -----------------------------------------------------------------------
     def _stage(self, request_id: str, blocks: list[list[int]]) -> Ticket:
@@ -293,8 +322,12 @@ class PrefillSide:
             if hold.cancelled or time.monotonic() >= deadline:
                 raise KVTransferError(f"push of request {hold.request_id} cancelled: decode gave up on it")
             xfer = self.agent.transfer("WRITE", local, remote, peer, message["device_id"], notif)
-            while (state := xfer.state()) == "PROC" and time.monotonic() < deadline:
-                time.sleep(_POLL_SECONDS)
+            posted = time.monotonic()
+            state = _wait_write(xfer, posted, deadline)
+            if state == "DONE":
+                with self._lock:
+                    self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posted,
+                                                    time.monotonic()))
             if state != "DONE":
                 raise KVTransferError(
                     f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
@@ -322,3 +355,17 @@ class PrefillSide:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _wait_write(xfer: XferHandle, posted: float, deadline: float) -> str:
+    """The WRITE's final state ("DONE"/"ERR"), or "PROC" when `deadline` (time.monotonic()) came first."""
+    spin_until = posted + _SPIN_SECONDS
+    while (state := xfer.state()) == "PROC":
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        if now < spin_until:
+            os.sched_yield()  # releases the GIL: the engine and side-channel threads keep running
+        else:
+            time.sleep(_POLL_SECONDS)
+    return state

@@ -1,0 +1,78 @@
+"""Push (prefill WRITEs into decode's blocks) in one process: bytes land, and the sender records where the time went."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer import nixl_sender
+from pdlaunch.kv_transfer.factory import create_connector
+from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from tests.kv_transfer.pd_procs import make_spec, wait_events
+
+
+def _connector(role: str, engine_id: str, mode: str) -> NixlConnector:
+    config = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(transfer_mode=mode))
+    connector = create_connector(config, InstanceSpec(role=role, port=1, engine_id=engine_id, device="cpu"))
+    assert isinstance(connector, NixlConnector)
+    return connector
+
+
+def test_push_moves_scattered_blocks_and_records_its_phases() -> None:
+    prefill = _connector("prefill", "push-path-P", "auto")
+    decode = _connector("decode", "push-path-D", "push")
+    try:
+        p_spec, d_spec = make_spec(seed=1), make_spec(seed=2)
+        prefill.register_kv_caches(p_spec)
+        decode.register_kv_caches(d_spec)
+        d_spec.kv_caches[0].zero_()
+        prompt = list(range(4 * 5 + 1))  # 5 full blocks moved; the last token is recomputed
+        remote_blocks = [3, 4, 5, 10, 11, 2]  # runs 3-5, 10-11 on the prefill side
+        local_blocks = [7, 8, 20, 21, 22, 1]  # runs 7-8, 20-22 on the decode side
+        _, params = prefill.request_finished("r", prompt, {"do_remote_decode": True}, [remote_blocks])
+        assert params is not None
+        external = decode.get_num_new_matched_tokens("r", prompt, params, 0)
+        decode.start_load("r", prompt, params, [local_blocks], 0, external)
+        ev = wait_events(decode.get_finished, lambda e: "r" in e.finished_recving or "r" in e.failed_recving,
+                         30.0, "the push of request r")
+        assert ev.failed_recving == {}
+        wait_events(prefill.get_finished, lambda e: "r" in e.finished_sending, 30.0, "prefill to free request r")
+        for local, remote in zip(local_blocks[:5], remote_blocks[:5]):
+            assert torch.equal(d_spec.kv_caches[0][local], p_spec.kv_caches[0][remote])
+        assert int(d_spec.kv_caches[0][local_blocks[5]].count_nonzero()) == 0  # the recomputed block is not sent
+
+        (timing,) = prefill.sender.push_timings()
+        assert timing.request_id == "r"
+        assert timing.num_bytes == 5 * p_spec.block_bytes[0]
+        assert timing.received <= timing.posted <= timing.done
+    finally:
+        decode.shutdown()
+        prefill.shutdown()
+
+
+class _FakeXfer:
+    """A WRITE that completes after `checks` state() calls, or never (None)."""
+
+    def __init__(self, checks: int | None) -> None:
+        self.checks = checks
+        self.calls = 0
+
+    def state(self) -> str:
+        self.calls += 1
+        return "DONE" if self.checks is not None and self.calls >= self.checks else "PROC"
+
+
+def test_wait_write_checks_back_to_back_until_done() -> None:
+    xfer = _FakeXfer(checks=50)
+    start = time.monotonic()
+    assert nixl_sender._wait_write(xfer, start, start + 30.0) == "DONE"  # type: ignore[arg-type]
+    assert xfer.calls == 50
+
+
+def test_wait_write_gives_up_at_the_deadline() -> None:
+    xfer = _FakeXfer(checks=None)
+    start = time.monotonic()
+    assert nixl_sender._wait_write(xfer, start, start + 0.1) == "PROC"  # type: ignore[arg-type]
+    assert time.monotonic() >= start + 0.1
