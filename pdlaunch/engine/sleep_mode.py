@@ -3,8 +3,9 @@
 The memory work is the SleepController's (pdlaunch/memory/sleep.py): on CUDA with the cumem
 allocator the pools keep their virtual addresses; otherwise (CPU, tests) the tensors' storages are
 freed and re-allocated. What the engine adds: sleep only when idle, forget the prefix cache (the
-KV is discarded), zero the KV cache after it wakes, re-register it with the connector (its physical
-pages, and without cumem its addresses, are new), and reload the weights after a level-2 sleep.
+KV is discarded), let the connector drop its own device memory (a staging buffer), zero the KV cache
+after it wakes, re-register it with the connector (its physical pages, and without cumem its
+addresses, are new), and reload the weights after a level-2 sleep.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class EngineSleep:
                 f"{len(engine.scheduler.requests)} request(s) running and {len(engine.scheduler.held)} "
                 "KV hold(s) waiting for a decode instance", field="sleep", hint="sleep when the instance is idle")
         engine.block_manager.reset_prefix_cache()
+        if engine.connector is not None:  # last: a connector that refuses leaves everything in place
+            engine.connector.before_sleep()
 
     def _after_wake(self, tags: tuple[str, ...]) -> None:
         engine = self.engine

@@ -137,6 +137,11 @@ class KVConnector(ABC):
         `get_finished().safe_to_free` names the request. False/None: free them now."""
         return False
 
+    def before_sleep(self) -> None:
+        """The engine is idle and about to release its device memory (sleep mode): drop the device
+        memory this connector holds itself (e.g. a staging buffer). `register_kv_caches`, called
+        again after the wake-up, creates it anew. Raising refuses the sleep before anything is freed."""
+
     def info(self) -> dict[str, Any]:
         """What /info shows about the connector (transfer mode and why, agent names...)."""
         return {}

@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import Any
 
+import torch
+
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.agent import KVAgent, decode_notif
@@ -27,6 +29,7 @@ from pdlaunch.kv_transfer.nixl_sender import PrefillSide
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
+from pdlaunch.kv_transfer.staging_sleep import deregister_kv_memory, staging_users
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class NixlConnector(KVConnector):
         self.kv_epoch = 0  # grows each time the KV memory is registered again (after a wake-up)
         self.staging_bytes = staging_bytes
         self.staging: StagingArea | None = None
+        self._slept_staging_bytes = 0  # budget of the staging buffer before_sleep dropped (0: none)
         self.server: SideChannelServer | None = None
         self._local_device: DeviceInfo | None = None
         self._handshake: HandshakeInfo | None = None
@@ -124,10 +128,20 @@ class NixlConnector(KVConnector):
                         spec.tp_rank, self.kv.side_channel_host, self.server.port)
 
     def _reregister(self, spec: KVCacheSpec) -> None:
-        """The engine woke up (sleep mode): same tensors, new physical pages. A staging buffer is plain
-        memory that sleep never touches, so only the spec changes; KV registered directly is
-        registered again and `kv_epoch` grows, so that decode peers shake hands anew."""
-        if self.staging is None:
+        """The engine woke up (sleep mode): same tensors, new physical pages. A staging buffer that
+        before_sleep dropped is allocated again with the same budget; KV registered directly is
+        registered again. Either way `kv_epoch` grows, so that decode peers shake hands anew. A staging
+        buffer kept across the sleep (no before_sleep: sleep never touches it) stays registered."""
+        if self._slept_staging_bytes:
+            self.staging = StagingArea(spec.kv_caches, self._slept_staging_bytes)
+            self._slept_staging_bytes = 0
+            self.agent.reregister(self.staging.buffers)
+            self.kv_epoch += 1
+            if self.receiver is not None:
+                self.receiver.staging = self.staging
+            if self.sender is not None:
+                self.sender.staging = self.staging
+        elif self.staging is None:
             self.agent.reregister(spec.kv_caches)
             self.kv_epoch += 1
         self.spec = spec
@@ -135,6 +149,36 @@ class NixlConnector(KVConnector):
             self.sender.spec = spec
             self._handshake = self._handshake_info(spec)
         logger.info("KV cache registered again after a wake-up (epoch %d)", self.kv_epoch)
+
+    def before_sleep(self) -> None:
+        """Deregister and free the staging buffer (1 GiB by default on CUDA); `_reregister` makes a new
+        one after the wake-up. Refused while a transfer holds staging slots: freeing them would pull
+        memory from under a NIXL READ/WRITE or a copy."""
+        staging = self.staging
+        if staging is None:
+            return
+        in_use = staging.num_slots - staging.num_free()
+        if in_use:
+            users = staging_users(self.sender, self.receiver)
+            raise KVTransferError(
+                f"{in_use} of {staging.num_slots} KV staging slots are in use by "
+                + (f"request(s) {', '.join(sorted(users))}" if users else "a transfer that is ending"),
+                field="sleep",
+                hint="sleep once the KV transfers have ended (at most kv_transfer.transfer_timeout_seconds)",
+            )
+        deregister_kv_memory(self.agent)
+        if self.sender is not None:
+            self.sender.staging = None
+        if self.receiver is not None:
+            self.receiver.staging = None
+        self.staging = None
+        spec = self._require_spec()
+        self._slept_staging_bytes = self._staging_budget(spec)
+        nbytes = staging.nbytes
+        del staging
+        if spec.device.type == "cuda":
+            torch.cuda.empty_cache()  # the buffer came from the caching allocator, outside the CuMem pools
+        logger.info("KV staging buffer deregistered and freed before sleep (%.0f MiB)", nbytes / 2**20)
 
     def _require_spec(self) -> KVCacheSpec:
         if self.spec is None:

@@ -1,0 +1,143 @@
+"""Sleep releases the NIXL staging buffer too, and PD works after either side woke up.
+
+On CUDA with sleep mode the KV cache lives in CuMem pools and KV moves through a staging buffer
+(staging.py); here the buffer is forced on CPU with a few slots, so loads move in chunks. The CPU
+sleep backend gives the KV cache new storage, so a decode that woke up has new NIXL registrations
+that the prefill side must load before it pushes (verify_kv is on: stale ones fail the request).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer import side_channel
+from tests.kv_transfer.engine_procs import build_engine, pd_config
+from tests.kv_transfer.pd_procs import build_connector
+from tests.kv_transfer.rpc import Built, ProcessRPC
+from tests.kv_transfer.test_pd_engines import PROMPTS, colocated, run_pd
+
+pytestmark = pytest.mark.e2e
+
+STAGING_SLOTS = 2  # fewer than the 7 blocks of PROMPTS["many-blocks"]: its loads move in chunks
+
+
+def build_sleepy_engine(config_json: str, instance_json: str, staging_slots: int) -> Built:
+    """An engine process whose connector stages KV through `staging_slots` slots (0: none), with sleep_wake."""
+    from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+
+    if staging_slots:  # what a CuMem KV cache gets on CUDA (DEFAULT_STAGING_BYTES), forced on CPU
+        NixlConnector._staging_budget = lambda self, spec: staging_slots * sum(spec.block_bytes)  # type: ignore
+    methods, shutdown, info = build_engine(config_json, instance_json)
+    engine = shutdown.__self__  # type: ignore[attr-defined]  # the bound LLMEngine.shutdown
+
+    def sleep_wake() -> dict[str, Any]:
+        before = [t.data_ptr() for t in engine.runner.kv_caches]
+        epoch = engine.connector.kv_epoch
+        engine.sleep(1)
+        asleep = engine.connector.info()
+        engine.wake_up(None)
+        return {"moved": before != [t.data_ptr() for t in engine.runner.kv_caches], "asleep": asleep,
+                "awake": engine.connector.info(), "epochs": [epoch, engine.connector.kv_epoch]}
+
+    return {**methods, "sleep_wake": sleep_wake}, shutdown, info
+
+
+def _engine(config: DeploymentConfig, role: str, name: str, staging_slots: int) -> ProcessRPC:
+    instance = InstanceSpec(role=role, port=1 if role == "prefill" else 2, engine_id=name, device="cpu")
+    return ProcessRPC(build_sleepy_engine, config.model_dump_json(), instance.model_dump_json(), staging_slots)
+
+
+def _tokens(outs: dict[str, dict]) -> dict[str, list[int]]:
+    return {rid: out["tokens"] for rid, out in outs.items()}
+
+
+@pytest.fixture(scope="module")
+def expected(llama_ckpt: Path) -> dict[str, list[int]]:
+    return colocated(llama_ckpt, PROMPTS)
+
+
+def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], mode: str, sleeper: str,
+                              staging_slots: int) -> dict[str, Any]:
+    """PD, then `sleeper` ("prefill"/"decode") sleeps and wakes, then PD again; both equal colocated."""
+    config = pd_config(str(llama_ckpt), "nixl", mode)
+    config.model.enable_sleep_mode = True
+    tag = f"{sleeper}-{mode}-{staging_slots}"
+    prefill = _engine(config, "prefill", f"P-sleep-{tag}", staging_slots)
+    try:
+        decode = _engine(config, "decode", f"D-sleep-{tag}", staging_slots)
+        try:
+            assert _tokens(run_pd(prefill, decode, PROMPTS)) == expected
+            woke = (prefill if sleeper == "prefill" else decode).call("sleep_wake")
+            again = run_pd(prefill, decode, {f"{rid}-2": p for rid, p in PROMPTS.items()})
+            assert _tokens(again) == {f"{rid}-2": toks for rid, toks in expected.items()}
+            prefill.call("check")
+            decode.call("check")
+            return woke
+        finally:
+            decode.close()
+    finally:
+        prefill.close()
+
+
+@pytest.mark.parametrize("mode", ["pull", "push"])
+def test_prefill_sleep_frees_and_recreates_staging(llama_ckpt: Path, expected: dict[str, list[int]],
+                                                   mode: str) -> None:
+    woke = _run_twice_around_a_sleep(llama_ckpt, expected, mode, "prefill", STAGING_SLOTS)
+    assert woke["asleep"]["staging"] is None, "the staging buffer should be gone while asleep"
+    assert woke["awake"]["staging"]["slots"] == STAGING_SLOTS
+    assert woke["epochs"][1] == woke["epochs"][0] + 1, "decode must shake hands with the woken prefill anew"
+
+
+@pytest.mark.parametrize("staging_slots", [0, STAGING_SLOTS])
+def test_push_into_a_decode_that_woke_up(llama_ckpt: Path, expected: dict[str, list[int]],
+                                         staging_slots: int) -> None:
+    woke = _run_twice_around_a_sleep(llama_ckpt, expected, "push", "decode", staging_slots)
+    assert woke["moved"], "the CPU sleep backend should have given the KV new storage"
+    if staging_slots:
+        assert woke["asleep"]["staging"] is None
+        assert woke["awake"]["staging"]["slots"] == staging_slots
+
+
+def build_sleepy_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any],
+                           staging_slots: int) -> Built:
+    handlers, close, info = build_connector(config_json, instance_json, spec_kwargs, staging_slots)
+    connector = handlers["info"].__self__
+
+    def before_sleep() -> dict[str, Any]:
+        connector.before_sleep()
+        return connector.info()
+
+    def wake() -> dict[str, Any]:
+        connector.register_kv_caches(connector.spec)
+        return {**connector.info(), "kv_epoch": connector.kv_epoch}
+
+    return {**handlers, "before_sleep": before_sleep, "wake": wake}, close, info
+
+
+def test_sleep_refused_while_a_staging_slot_is_held() -> None:
+    kv = KVTransferConfig(transfer_mode="pull", handshake_timeout_seconds=3.0, transfer_timeout_seconds=30.0,
+                          engine_id="unused")
+    config = DeploymentConfig(device="cpu", kv_transfer=kv)
+    instance = InstanceSpec(role="prefill", port=1, engine_id="P-staged", device="cpu")
+    prefill = ProcessRPC(build_sleepy_connector, config.model_dump_json(), instance.model_dump_json(),
+                         {"block_size": 4, "num_blocks": 16}, 3)
+    try:
+        _, params = prefill.call("request_finished", "req-held", list(range(9)), {"do_remote_decode": True},
+                                 [[4, 5, 6]])
+        host, port = params["remote_host"], params["remote_port"]
+        # What a pulling decode does first: prefill copies the blocks into slots until "unstage".
+        staged = side_channel.call(host, port, {"type": "stage", "request_id": "req-held", "blocks": [[4, 5]]},
+                                   10.0, "stage request")
+        with pytest.raises(RuntimeError, match=r"2 of 3 KV staging slots are in use by request\(s\) req-held"):
+            prefill.call("before_sleep")
+        assert prefill.call("info")["staging"]["slots"] == 3, "a refused sleep must keep the buffer"
+        side_channel.call(host, port, {"type": "unstage", "ticket": staged["ticket"]}, 10.0, "unstage request")
+        assert prefill.call("before_sleep")["staging"] is None
+        woke = prefill.call("wake")
+        assert woke["staging"]["slots"] == 3 and woke["kv_epoch"] == 1
+    finally:
+        prefill.close()
