@@ -18,7 +18,6 @@ Each of these reports the request in `finished_sending` exactly once, so the eng
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -38,12 +37,13 @@ from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 logger = logging.getLogger(__name__)
 
 # NIXL's UCX backend sends a WRITE's notification (push_done) only from check_xfer_state, once that call
-# sees the WRITE complete: the time between two checks adds straight to decode's wait. A sender thread
-# checks back to back (yielding the CPU and the GIL between checks) for up to _SPIN_SECONDS, which covers
-# GiB-sized WRITEs on GPUs, then every _POLL_SECONDS (slow CPU/TCP transfers). A fixed 0.5 ms sleep
-# here cost 0.3-0.6 ms per push on CPU, and a sleep is only as fine as the host's timer.
-_SPIN_SECONDS = 0.05
-_POLL_SECONDS = 0.0002
+# sees the WRITE complete: the time between two checks adds straight to decode's wait. The check interval
+# grows with the time the WRITE has run (1/16 of it, within [_MIN_CHECK_SECONDS, _MAX_CHECK_SECONDS]), so
+# a WRITE is seen done at most ~6% (or 0.25 ms) after it ended, with a few dozen checks per WRITE. A fixed
+# 0.5 ms sleep cost ~0.3 ms on average per push; spinning instead fought NIXL's own progress thread for
+# the UCX worker (measured on CPU: WRITE and notify both slower).
+_MIN_CHECK_SECONDS = 0.00002
+_MAX_CHECK_SECONDS = 0.00025
 # A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
 # decode gives up); decode accepts a READ only when it saw it done before its own deadline.
 READ_GRACE_SECONDS = 5.0
@@ -359,13 +359,9 @@ class PrefillSide:
 
 def _wait_write(xfer: XferHandle, posted: float, deadline: float) -> str:
     """The WRITE's final state ("DONE"/"ERR"), or "PROC" when `deadline` (time.monotonic()) came first."""
-    spin_until = posted + _SPIN_SECONDS
     while (state := xfer.state()) == "PROC":
         now = time.monotonic()
         if now >= deadline:
             break
-        if now < spin_until:
-            os.sched_yield()  # releases the GIL: the engine and side-channel threads keep running
-        else:
-            time.sleep(_POLL_SECONDS)
+        time.sleep(min(max((now - posted) / 16, _MIN_CHECK_SECONDS), _MAX_CHECK_SECONDS, deadline - now))
     return state

@@ -64,7 +64,7 @@ class _FakeXfer:
         return "DONE" if self.checks is not None and self.calls >= self.checks else "PROC"
 
 
-def test_wait_write_checks_back_to_back_until_done() -> None:
+def test_wait_write_checks_until_done() -> None:
     xfer = _FakeXfer(checks=50)
     start = time.monotonic()
     assert nixl_sender._wait_write(xfer, start, start + 30.0) == "DONE"  # type: ignore[arg-type]
