@@ -1,8 +1,8 @@
 """Fused elementwise ops for the model's hot path: one Triton kernel each on CUDA, torch elsewhere.
 
-Each public op dispatches through `_use_triton`: the Triton kernel runs for CUDA tensors (or any
-tensor under TRITON_INTERPRET=1) when Triton is importable and PDLAUNCH_FUSED_OPS is not `torch`;
-otherwise the `*_torch` reference runs. The references are the model's eager semantics and the
+Each public op dispatches through `fused_available`: the Triton kernel runs for fp16/bf16/fp32
+CUDA tensors (or CPU ones under TRITON_INTERPRET=1) when Triton is importable and
+PDLAUNCH_FUSED_OPS is not `torch`; otherwise the `*_torch` reference runs. The references are the model's eager semantics and the
 kernels reproduce them rounding step for rounding step: every bf16/fp16 op of the eager code is an
 fp32 op rounded to the dtype, so the kernels round at the same points, use correctly rounded
 division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is approximate) and launch with
@@ -11,7 +11,8 @@ division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is approximate) and launch with
 Kernels are CUDA-graph capturable: outputs are sized from input shapes only, there is no host
 sync, and write_kv skips slot < 0 with a store mask rather than a host-side filter.
 Kernels are built lazily per interpret mode because Triton reads TRITON_INTERPRET when
-`@triton.jit` decorates, not when a kernel launches.
+`@triton.jit` decorates, not when a kernel launches; its own library helpers (tl.sum) are
+decorated at `import triton`, so the interpreter needs the variable set before that import.
 """
 
 from __future__ import annotations
@@ -50,14 +51,20 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or _interpret_mode()
 
 
+def fused_available(t: torch.Tensor) -> bool:
+    """True when the ops run their Triton kernel for tensors like `t` (a kernel dtype, fp16/bf16/fp32;
+    other dtypes, e.g. an fp8 KV cache, take the torch reference)."""
+    return t.dtype in _KERNEL_DTYPES and _use_triton(t)
+
+
+def triton_serves(t: torch.Tensor) -> bool:
+    """True when the ops on `t` run as Triton kernels: no host sync in them (write_kv), graph-capturable."""
+    return _use_triton(t)
+
+
 def _check(ok: bool, field: str, message: str, hint: str) -> None:
     if not ok:
         raise PdlaunchError(message, field=field, hint=hint)
-
-
-def _check_dtype(t: torch.Tensor, field: str) -> None:
-    _check(t.dtype in _KERNEL_DTYPES, field, f"dtype {t.dtype} has no fused kernel",
-           "use float16/bfloat16/float32, or set PDLAUNCH_FUSED_OPS=torch")
 
 
 @lru_cache(maxsize=2)
@@ -82,7 +89,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             tl.store(res_out_ptr + t * H + cols, x, mask=mask)
         # HF order: normalise in fp32, round to dtype, then scale (a dtype product).
         x = x.to(tl.float32)
-        var = tl.sum(x * x, axis=0) / H
+        var = tl.math.div_rn(tl.sum(x * x, axis=0), H * 1.0)
         y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
         w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
@@ -226,7 +233,6 @@ def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
 
 def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check_dtype(x, "x")
     _check(weight.dtype == x.dtype and weight.shape == (x.shape[1],), "weight",
            f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}",
            "weight must be [H] in x's dtype")
@@ -245,7 +251,7 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, H] (any strides), weight: [H] in x's dtype -> new [T, H]."""
-    if not _use_triton(x):
+    if not fused_available(x):
         return rms_norm_torch(x, weight, eps)
     return _rms_norm_launch(x, None, weight, eps)[0]
 
@@ -253,7 +259,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, H] -> (y, new_residual), both new [T, H]: new_residual = x + residual."""
-    if not _use_triton(x):
+    if not fused_available(x):
         return fused_add_rms_norm_torch(x, residual, weight, eps)
     _check(residual.shape == x.shape and residual.dtype == x.dtype, "residual",
            f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
@@ -267,9 +273,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hkv, D] (strided views allowed), cos/sin: [T, D] in q's dtype
     -> new contiguous (q_out, k_out)."""
-    if not _use_triton(q):
+    if not fused_available(q):
         return apply_rotary_torch(q, k, cos, sin)
-    _check_dtype(q, "q")
     tokens, num_q_heads, head_dim = q.shape
     _check(k.dtype == q.dtype and k.shape[0] == tokens and k.shape[2] == head_dim and head_dim % 2 == 0, "k",
            f"k {tuple(k.shape)} {k.dtype} does not pair with q {tuple(q.shape)} {q.dtype}",
@@ -289,9 +294,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2I] (any strides) -> new [T, I] = silu(gate) * up."""
-    if not _use_triton(gate_up):
+    if not fused_available(gate_up):
         return silu_and_mul_torch(gate_up)
-    _check_dtype(gate_up, "gate_up")
     tokens, width = gate_up.shape
     _check(width % 2 == 0, "gate_up", f"last dim {width} is odd", "pass the [T, 2I] gate_up projection")
     inter = width // 2
@@ -316,14 +320,13 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     _check(k.shape == v.shape == (slot_mapping.shape[0], num_kv_heads, head_dim), "k",
            f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit slots {tuple(slot_mapping.shape)} and cache "
            f"heads [{num_kv_heads}, {head_dim}]", "k and v are [T, num_kv_heads, head_dim], one slot per token")
-    if not _use_triton(kv_cache):
+    if not fused_available(kv_cache):
         write_kv_torch(kv_cache, k, v, slot_mapping, layer_in_group)
         return
-    _check_dtype(kv_cache, "kv_cache")
     kernels = _kernels(_interpret_mode())
     npow2 = kernels.next_power_of_2
     plane = block_size * num_kv_heads * head_dim  # elements of one (block, layer, k|v) slice
     kernels.write_kv[(slot_mapping.shape[0],)](
         kv_cache, k, v, slot_mapping, num_kv_heads, block_size, layers * 2 * plane, 2 * layer_in_group * plane,
         *k.stride(), *v.stride(), D=head_dim, D_PAD=npow2(head_dim), H_PAD=npow2(num_kv_heads),
-        num_warps=_num_warps(npow2(num_kv_heads) * head_dim))
+        num_warps=_num_warps(npow2(num_kv_heads) * head_dim), enable_fp_fusion=False)

@@ -204,7 +204,41 @@ def test_interpret_mode_builds_interpreted_kernels(device: str) -> None:
         pytest.skip("interpreter check")
     kernels = fused_ops._kernels(fused_ops._interpret_mode())
     assert type(kernels.rms_norm).__name__ == "InterpretedFunction"
-    assert fused_ops._use_triton(torch.zeros(1))
+    assert fused_ops._use_triton(torch.zeros(1)) and fused_ops.fused_available(torch.zeros(1))
+    assert not fused_ops.fused_available(torch.zeros(1, dtype=torch.float64))  # no kernel: the reference
+
+
+def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
+    """Compile (no GPU needed) for sm_90 at Llama-8B sizes and read the PTX: correctly rounded
+    division/sqrt, libdevice expf, and no FMA contraction in rotary's a*cos + b*sin."""
+    pytest.importorskip("triton.backends.nvidia")
+    if INTERPRET_AT_START:
+        pytest.skip("the interpreter child decorates interpreted kernels")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = fused_ops._kernels(False)
+
+    def ptx(fn: object, types: dict[str, str], constexprs: dict[str, object]) -> str:
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
+                     for name in fn.arg_names}  # type: ignore[attr-defined]
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+        return compiled.asm["ptx"]
+
+    bf16 = "*bf16"
+    rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": bf16, "res_out_ptr": bf16,
+                                 "eps": "fp32"}, {"ADD_RESIDUAL": True, "BLOCK_H": 4096})
+    assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
+    rotary = ptx(kernels.rotary, dict.fromkeys(["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr"], bf16),
+                 {"D": 128, "D_PAD": 128, "HQ_PAD": 32, "HKV_PAD": 8})
+    assert "fma" not in rotary and "cvt.rn.bf16.f32" in rotary
+    silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": bf16}, {"BLOCK": 1024, "LIBDEVICE_EXP": True})
+    assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rm" in silu  # expf's range reduction
+    write = ptx(kernels.write_kv, {"cache_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64",
+                                   "block_stride": "i64", "layer_offset": "i64"}, {"D": 128, "D_PAD": 128, "H_PAD": 8})
+    assert "st.global" in write
 
 
 # ---- dispatch and errors (no triton needed) ------------------------------------------------------
