@@ -28,6 +28,7 @@ class ModelConfig(StrictModel):
     seed: int = Field(0, description="Default sampling seed of the engine.")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
+    enforce_eager: bool = Field(False, description="Run decode steps eagerly: no CUDA graphs (CUDA only).")
 
 
 class CacheConfig(StrictModel):

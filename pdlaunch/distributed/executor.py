@@ -281,8 +281,11 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
     """The executor for the instance's TP size."""
     tp = instance.tp if instance is not None else config.parallel.tp
     if tp == 1:
+        # Prefill instances never run a decode batch: no graphs to capture there.
+        graphs = device.type == "cuda" and not config.model.enforce_eager and (
+            instance is None or instance.role != "prefill")
         runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
-                             use_cumem=config.model.enable_cumem_allocator)
+                             use_cumem=config.model.enable_cumem_allocator, decode_graphs=graphs)
         return UniprocExecutor(runner, engine_id)
     if config.model.enable_sleep_mode:
         raise EngineError(f"sleep mode is not supported with TP {tp} yet", field="model.enable_sleep_mode",

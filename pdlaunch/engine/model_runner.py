@@ -19,10 +19,12 @@ import torch
 
 from pdlaunch.config.models import CacheConfig, SchedulerConfig
 from pdlaunch.engine.block_manager import BlockManager
+from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
 from pdlaunch.engine.scheduler import ScheduledRequest
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes
+from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
 
@@ -45,6 +47,13 @@ class StepInputs:
 NON_TORCH_CAP_BYTES = 2 * 2**30
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA from pinned memory without a stream sync."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -58,9 +67,13 @@ class ModelRunner:
         tp_size: int = 1,
         use_cumem: bool = False,
         agree_num_blocks: Callable[[int], int] | None = None,
+        decode_graphs: bool = False,
     ) -> None:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
-        (the minimum over ranks), so block ids mean the same slots on every rank."""
+        (the minimum over ranks), so block ids mean the same slots on every rank.
+
+        `decode_graphs`: replay decode steps from CUDA graphs (engine/cuda_graphs.py; TP 1 and a
+        cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly."""
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = dtype
@@ -82,6 +95,7 @@ class ModelRunner:
             self.num_blocks = agree_num_blocks(self.num_blocks)
         self.kv_caches: list[torch.Tensor] = []
         self.allocate_kv_caches()
+        self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
 
     # -- KV cache --------------------------------------------------------------------------------
     @property
@@ -155,6 +169,26 @@ class ModelRunner:
                  requested / 2**30, peak / 2**30, non_torch / 2**30, kv_bytes / 2**30)
         return kv_bytes
 
+    # -- CUDA graphs ------------------------------------------------------------------------------
+    def _init_graphs(self) -> DecodeGraphs | None:
+        if self.device.type == "cuda" and (self.tp_size > 1 or not all(graph_safe(c) for c in self.kv_caches)):
+            log.info("decode runs eagerly: CUDA graphs need TP 1 and the Triton decode kernels")
+            return None
+        max_blocks = -(-self.max_model_len // self.block_size)
+        graphs = DecodeGraphs(ladder(self.scheduler_config.max_num_seqs), len(self.groups), self.block_size,
+                              max_blocks, self.device, lambda: self.kv_caches)
+        self.graphs = graphs
+        graphs.capture(self._graph_forward)
+        return graphs
+
+    @torch.inference_mode()
+    def _graph_forward(self, batch: int) -> torch.Tensor:
+        """The captured computation: float32 logits [batch, V] of the static decode buffers."""
+        graphs = self.graphs
+        assert graphs is not None
+        hidden = self.model(graphs.input_ids(batch), graphs.positions(batch), graphs.attention(batch), self.kv_caches)
+        return self.model.compute_logits(hidden)
+
     # -- one step --------------------------------------------------------------------------------
     def _metadata(self, query_lens: Sequence[int], context_lens: Sequence[int], slot_mapping: list[torch.Tensor],
                   block_tables: list[torch.Tensor]) -> AttentionMetadata:
@@ -165,11 +199,11 @@ class ModelRunner:
         qsl = torch.zeros(len(query_lens) + 1, dtype=torch.long)
         torch.cumsum(q, 0, out=qsl[1:])
         return AttentionMetadata(
-            query_start_loc=qsl.to(dev),
-            seq_lens=seq_lens.to(dev),
-            context_lens=ctx.to(dev),
-            slot_mapping=[s.to(dev) for s in slot_mapping],
-            block_tables=[t.clamp(min=0).to(dev) for t in block_tables],
+            query_start_loc=_to(qsl, dev),
+            seq_lens=_to(seq_lens, dev),
+            context_lens=_to(ctx, dev),
+            slot_mapping=[_to(s, dev) for s in slot_mapping],
+            block_tables=[_to(t.clamp(min=0), dev) for t in block_tables],
             max_query_len=max(query_lens),
             max_seq_len=int(seq_lens.max()),
             query_lens_cpu=list(query_lens),
@@ -222,11 +256,17 @@ class ModelRunner:
         Under TP every rank calls this with the same inputs (the forward's collectives pair up);
         only rank 0's logits are sampled.
         """
+        batch = self.graphs.batch_size_for(inputs) if self.graphs is not None else None
+        if self.graphs is not None and batch is not None:
+            logits = self.graphs.run(inputs, batch, self._graph_forward)
+            if inputs.sample_rows == list(range(len(inputs.query_lens))):
+                return logits
+            return logits[torch.tensor(inputs.sample_rows, device=self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
-        hidden = self.model(inputs.input_ids.to(self.device), inputs.positions.to(self.device), attn, self.kv_caches)
+        hidden = self.model(_to(inputs.input_ids, self.device), _to(inputs.positions, self.device), attn, self.kv_caches)
         if not inputs.sample_rows:
             return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
-        return self.model.compute_logits(hidden[torch.tensor(inputs.sample_rows, device=self.device)])
+        return self.model.compute_logits(hidden[_to(torch.tensor(inputs.sample_rows), self.device)])
 
     def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
         """Run one step; returns float32 logits [N, V] of the requests that need a sample, in order."""
@@ -235,6 +275,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the cache tensors and the weights (shutdown)."""
         self.kv_caches = []
+        self.graphs = None
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -8,6 +8,9 @@ else is in the batch; unseeded requests share the engine's generator.
 
 Logprobs are those of the model's distribution (log_softmax of the raw logits), before
 temperature, top_k and top_p.
+
+On CUDA the per-row parameters go to the device from pinned memory without blocking, so the one
+host sync of a step is reading the chosen token ids back (`tolist`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor without a stream sync (pinned source, async copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, device: torch.device | str, seed: int = 0) -> None:
         self.device = torch.device(device)
@@ -62,18 +73,15 @@ class Sampler:
         chosen = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0 and r.params.top_k != 1]
         if random_rows:
-            idx = torch.tensor(random_rows, device=logits.device)
+            dev = logits.device
+            idx = to_device(random_rows, torch.long, dev)
             sub = logits.index_select(0, idx)
-            temps = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
+            temps = to_device([rows[i].params.temperature for i in random_rows], sub.dtype, dev)
             sub = sub / temps.unsqueeze(1)
             top_k = [rows[i].params.top_k if rows[i].params.top_k > 0 else vocab for i in random_rows]
             top_p = [rows[i].params.top_p for i in random_rows]
             if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
-                sub = apply_top_k_top_p(
-                    sub,
-                    torch.tensor(top_k, device=logits.device),
-                    torch.tensor(top_p, dtype=sub.dtype, device=logits.device),
-                )
+                sub = apply_top_k_top_p(sub, to_device(top_k, torch.long, dev), to_device(top_p, sub.dtype, dev))
             probs = sub.softmax(dim=-1)
             race = torch.empty_like(probs)
             shared = [j for j, i in enumerate(random_rows) if rows[i].generator is None]

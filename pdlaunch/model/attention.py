@@ -9,7 +9,9 @@ the gather path there). Sliding-window layers follow HF: a
 query at position p sees keys at positions in (p - window, p].
 
 The index arithmetic depends only on the step and the KV-cache group, so it is built once per
-group per step (`build_group_plan`) and reused by every layer of the group.
+group per step (`build_group_plan`) and reused by every layer of the group. On CUDA the k/v
+writes go through one fused kernel that skips slot -1 (no host sync), and a `uniform_decode`
+step (CUDA graphs, engine/cuda_graphs.py) builds its plan from device tensors only.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.fused_ops import triton_serves, write_kv
 from pdlaunch.model.triton_decode import paged_decode, paged_decode_available
 
 
@@ -48,6 +51,8 @@ class GroupPlan:
     decode_block_table: torch.Tensor | None = None  # [Sd, max_blocks]
     decode_seq_lens: torch.Tensor | None = None  # [Sd]
     sliding_window: int | None = None
+    # CUDA: the slot of every token (-1: not written), for the fused write; replaces write_rows.
+    write_slots: torch.Tensor | None = None
 
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
@@ -66,6 +71,14 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
                      sliding_window: int | None) -> GroupPlan:
     """Index tensors for one KV-cache group. kv_cache None: no cache (only fresh prefills)."""
     device = attn.query_start_loc.device
+    if kv_cache is not None and attn.uniform_decode and graph_safe(kv_cache):
+        _, layers, _, block_size, _, _ = kv_cache.shape
+        num_seqs = attn.seq_lens.shape[0]
+        return GroupPlan(layers, block_size, None, attn.slot_mapping[group], None, None, None,
+                         decode_tokens=torch.arange(num_seqs, device=device),
+                         decode_block_table=attn.block_tables[group], decode_seq_lens=attn.seq_lens,
+                         sliding_window=sliding_window, write_slots=attn.slot_mapping[group])
+    write_slots = None
     if kv_cache is None:
         layers, block_size = 0, 1
         write_tokens: torch.Tensor | None = torch.empty(0, dtype=torch.long, device=device)
@@ -75,13 +88,16 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         slots = attn.slot_mapping[group].long()
         row_base = (slots // block_size) * (layers * 2 * block_size) + slots % block_size
         valid = slots >= 0
-        if bool(valid.all()):
+        if triton_serves(kv_cache):
+            write_tokens, write_rows, write_slots = None, row_base, slots
+        elif bool(valid.all()):
             write_tokens, write_rows = None, row_base
         else:
             write_tokens = valid.nonzero().squeeze(-1)
             write_rows = row_base[write_tokens]
     block_table = attn.block_tables[group].long() if kv_cache is not None else None
-    plan = GroupPlan(layers, block_size, write_tokens, write_rows, None, None, None, sliding_window=sliding_window)
+    plan = GroupPlan(layers, block_size, write_tokens, write_rows, None, None, None, sliding_window=sliding_window,
+                     write_slots=write_slots)
 
     starts = [0]
     for qlen in attn.query_lens_cpu:
@@ -142,6 +158,12 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     return plan
 
 
+def graph_safe(kv_cache: torch.Tensor) -> bool:
+    """True when a uniform-decode step over this cache runs without host syncs (CUDA graphs): the
+    Triton paged decode kernel and the fused KV write both serve it."""
+    return paged_decode_available(kv_cache) and triton_serves(kv_cache)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                     layer_in_group: int, plan: GroupPlan, scale: float) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache."""
@@ -150,6 +172,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         if not kv_cache.is_contiguous():
             raise ValueError("the KV cache tensor must be contiguous (block-major layout)")
         flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
+    if kv_cache is not None and plan.write_slots is not None:
+        write_kv(kv_cache, k, v, plan.write_slots, layer_in_group)
+    elif kv_cache is not None:
+        assert flat is not None
         k_rows = plan.write_rows + plan.layer_offset(layer_in_group, 0)
         v_rows = plan.write_rows + plan.layer_offset(layer_in_group, 1)
         new_k = k if plan.write_tokens is None else k[plan.write_tokens]

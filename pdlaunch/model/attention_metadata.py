@@ -34,6 +34,10 @@ class AttentionMetadata:
     # Host copies for loops and kernel choice (avoid device syncs in the hot path).
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Every sequence has query length 1 and the tensors above are all the plan may read: no host
+    # values, no host syncs (a CUDA graph replays it with new contents). seq_lens_cpu is then
+    # only an upper bound. Set by engine/cuda_graphs.py.
+    uniform_decode: bool = False
 
     @property
     def num_seqs(self) -> int:

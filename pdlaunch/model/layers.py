@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm
+
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     if param.shape != loaded.shape:
@@ -184,7 +186,11 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalise in float32, cast back, then scale (order matters for bf16 parity)."""
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale (order matters for bf16 parity).
+
+    With `residual`, first adds it (the decoder's skip connection) and returns (normed, x + residual):
+    one fused kernel on CUDA (model/fused_ops.py), the same rounding steps as eager torch.
+    """
 
     def __init__(self, hidden: int, eps: float) -> None:
         super().__init__()
@@ -192,8 +198,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
         _set_loader(self.weight, default_weight_loader)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)

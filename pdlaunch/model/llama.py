@@ -9,12 +9,12 @@ matches transformers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.arch import KVCacheGroup, ModelArch
 from pdlaunch.model.attention import GroupPlan, build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -42,15 +42,16 @@ class Attention(nn.Module):
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                           arch.max_position_embeddings)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor | None,
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
                 plan: GroupPlan) -> torch.Tensor:
+        """cos_sin: the step's rotary tables [T, D] (RotaryEmbedding.cos_sin); x: [T, hidden]."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self.rotary_emb.apply(q, k, *cos_sin)
         o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, q_size))
 
@@ -65,8 +66,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -77,10 +77,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch, tp_rank, tp_size)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor | None,
-                plan: GroupPlan) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, plan)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
+                kv_cache: torch.Tensor | None, plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's `h = h + attn(norm(h)); h = h + mlp(norm(h))` with each skip-add fused into the next
+        norm: takes and returns (output of the previous sublayer, residual stream before adding it);
+        the first layer gets residual None. Same values, fewer kernels."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -132,10 +139,13 @@ class CausalLM(nn.Module):
         plans = [build_group_plan(attn, g, caches[g], group.sliding_window)
                  for g, group in enumerate(self.kv_cache_groups)]
         h = self.model.embed_tokens(input_ids)
+        residual = None
+        # Every layer has the same rotary parameters (ModelArch has one rope config).
+        cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin(positions, h.dtype)
         for layer in self.model.layers:
             g = layer.self_attn.kv_group
-            h = layer(positions, h, caches[g], plans[g])
-        return self.model.norm(h)
+            h, residual = layer(cos_sin, h, residual, caches[g], plans[g])
+        return self.model.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""

@@ -1,7 +1,8 @@
 """Rotary position embedding (HF "rotate_half" convention) with default, linear and llama3 scaling.
 
 cos/sin are computed from the positions at every step, in float32, exactly as HF does (one
-product per element, so the results match bit for bit); no [max_positions, head_dim] table.
+product per element, so the results match bit for bit); no [max_positions, head_dim] table. The
+model computes them once per step (`cos_sin`) and every layer applies them (`apply`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pdlaunch.model.fused_ops import apply_rotary, rotary_cos_sin
 
 
 def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
@@ -51,6 +54,16 @@ class RotaryEmbedding(nn.Module):
     def init_buffers(self) -> None:
         """Recompute inv_freq after the module was materialised from the meta device."""
         self.inv_freq = compute_inv_freq(*self._args).to(self.inv_freq.device)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, D] in dtype for `positions` [T]; computed once per step, shared by every layer."""
+        return rotary_cos_sin(positions, self.inv_freq, dtype)
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] (one fused kernel on CUDA); same values as forward."""
+        return apply_rotary(q, k, cos, sin)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T]; q: [T, Hq, D], k: [T, Hkv, D] -> rotated (q, k) in their dtype."""

@@ -1,0 +1,113 @@
+"""Decode steps through the static, padded buffers of engine/cuda_graphs.py.
+
+CPU runs the padded path eagerly (what CUDA replays from graphs), so the padding and input staging
+are checked here on every run; the GPU cases compare replayed graphs with eager steps.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from pdlaunch.distributed import executor as executor_module
+from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
+from pdlaunch.engine.model_runner import ModelRunner
+from pdlaunch.engine.outputs import SamplingParams
+from tests.engine.conftest import MakeEngine, run_all
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 500) for _ in range(n)] for n in lengths]
+
+
+def test_ladder_covers_every_batch_up_to_max_num_seqs() -> None:
+    assert ladder(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert ladder(5) == [1, 2, 4, 5]
+    assert ladder(1) == [1]
+    assert ladder(1000)[-1] == 256 and ladder(40) == [1, 2, 4, 8, 16, 32, 40]
+
+
+class PaddedPath(list):  # type: ignore[type-arg]
+    """(rows, ladder size) of every step that ran the padded path; `force` turns it on for engines
+    built on CPU from then on."""
+
+    force = True
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> PaddedPath:
+    runs = PaddedPath()
+    real_run = DecodeGraphs.run
+
+    def run(self: DecodeGraphs, inputs: Any, batch: int, forward: Any) -> torch.Tensor:
+        runs.append((len(inputs.query_lens), batch))
+        return real_run(self, inputs, batch, forward)
+
+    monkeypatch.setattr(DecodeGraphs, "run", run)
+    monkeypatch.setattr(executor_module, "ModelRunner",
+                        lambda *a, **k: ModelRunner(*a, **{**k, "decode_graphs": runs.force}))
+    return runs
+
+
+@pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt"])
+def test_padded_decode_equals_eager(fixture: str, request: pytest.FixtureRequest, make_engine: MakeEngine,
+                                    graphs_on_cpu: PaddedPath) -> None:
+    """Batches of 1..6 sequences padded to the ladder (max_num_seqs 6: sizes 1, 2, 4, 6), a
+    sliding-window group (hybrid), and preemption under a small cache: same tokens as eager."""
+    path = request.getfixturevalue(fixture)
+    batch = prompts([3, 17, 9, 30, 1, 12], seed=3)
+    graphed = make_engine(path, max_num_seqs=6, max_num_batched_tokens=40, num_gpu_blocks=24)
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.sizes == [1, 2, 4, 6]
+    got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
+    assert graphs_on_cpu and any(rows < size for rows, size in graphs_on_cpu), "no padded step ran"
+    assert {size for _, size in graphs_on_cpu} <= {1, 2, 4, 6}
+    graphs_on_cpu.clear()
+    graphs_on_cpu.force = False
+    eager = make_engine(path, max_num_seqs=6, max_num_batched_tokens=40, num_gpu_blocks=24)
+    assert eager.runner.graphs is None
+    assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
+
+
+def test_steps_the_buffers_cannot_hold_run_eagerly(llama_ckpt, make_engine: MakeEngine,  # type: ignore[no-untyped-def]
+                                                   graphs_on_cpu: PaddedPath) -> None:
+    """Prefill steps never take the padded path; decode steps do."""
+    engine = make_engine(llama_ckpt, max_num_seqs=2)
+    out = run_all(engine, prompts([20, 4]), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert all(len(o.output_token_ids) == 3 for o in out)
+    # Step 1 prefills both prompts (eager); steps 2 and 3 decode both (padded path).
+    assert graphs_on_cpu == [(2, 2), (2, 2)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixture", ["llama_ckpt", "mistral_ckpt", "hybrid_ckpt"])
+def test_cuda_graph_replay_equals_eager(fixture: str, request: pytest.FixtureRequest,
+                                        make_engine: MakeEngine) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    path = request.getfixturevalue(fixture)
+    batch = prompts([5, 40, 1, 23, 64, 9, 11], seed=7)
+    graphed = make_engine(path, device="cuda", max_num_seqs=8)
+    graphs = graphed.runner.graphs
+    assert graphs is not None and set(graphs.graphs) == set(graphs.sizes)
+    replays = 0
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def counting_replay(self: torch.cuda.CUDAGraph) -> None:
+        nonlocal replays
+        replays += 1
+        real_replay(self)
+
+    torch.cuda.CUDAGraph.replay = counting_replay  # type: ignore[method-assign]
+    try:
+        got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
+    finally:
+        torch.cuda.CUDAGraph.replay = real_replay  # type: ignore[method-assign]
+    assert replays >= GREEDY.max_tokens - 1
+    eager = make_engine(path, device="cuda", max_num_seqs=8, enforce_eager=True)
+    assert eager.runner.graphs is None
+    assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
