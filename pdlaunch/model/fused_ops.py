@@ -57,11 +57,6 @@ def fused_available(t: torch.Tensor) -> bool:
     return t.dtype in _KERNEL_DTYPES and _use_triton(t)
 
 
-def triton_serves(t: torch.Tensor) -> bool:
-    """True when the ops on `t` run as Triton kernels: no host sync in them (write_kv), graph-capturable."""
-    return _use_triton(t)
-
-
 def _check(ok: bool, field: str, message: str, hint: str) -> None:
     if not ok:
         raise PdlaunchError(message, field=field, hint=hint)

@@ -91,10 +91,11 @@ def _assert_equal(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def _assert_rms_close(got: torch.Tensor, want: torch.Tensor) -> None:
     """The row sum of squares may be added in another order: half-precision results then differ
-    rarely by one ulp; fp32 results (no rounding step after the scale) by a few ulp per row."""
+    rarely by one ulp; fp32 results (no rounding step after the scale) by a few ulp per row, more
+    on CUDA where torch's rsqrt is rsqrtf (2 ulp) and the kernel's a correctly rounded 1/sqrt."""
     ulps = _ulps(got.cpu(), want.cpu())
     if want.dtype == torch.float32:
-        assert ulps.max() <= 4, f"max {ulps.max()} ulp"
+        assert ulps.max() <= 8, f"max {ulps.max()} ulp"
         return
     assert ulps.max() <= 1, f"max {ulps.max()} ulp"
     assert (ulps > 0).float().mean() < 0.005, f"{(ulps > 0).sum()} of {ulps.numel()} elements differ"
@@ -134,7 +135,7 @@ def test_fused_add_rms_norm_kernel_matches_reference(device: str, dtype: torch.d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
 def test_apply_rotary_kernel_matches_reference_bit_for_bit(device: str, dtype: torch.dtype, head_dim: int) -> None:
     torch.manual_seed(head_dim)
     q, k, _ = _qkv_views(5, 8, 2, head_dim, dtype, device)
