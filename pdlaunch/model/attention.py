@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import triton_serves, write_kv
+from pdlaunch.model.fused_ops import fused_available, write_kv
 from pdlaunch.model.triton_decode import paged_decode, paged_decode_available
 
 
@@ -88,7 +88,7 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         slots = attn.slot_mapping[group].long()
         row_base = (slots // block_size) * (layers * 2 * block_size) + slots % block_size
         valid = slots >= 0
-        if triton_serves(kv_cache):
+        if fused_available(kv_cache):
             write_tokens, write_rows, write_slots = None, row_base, slots
         elif bool(valid.all()):
             write_tokens, write_rows = None, row_base
@@ -161,7 +161,7 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
 def graph_safe(kv_cache: torch.Tensor) -> bool:
     """True when a uniform-decode step over this cache runs without host syncs (CUDA graphs): the
     Triton paged decode kernel and the fused KV write both serve it."""
-    return paged_decode_available(kv_cache) and triton_serves(kv_cache)
+    return paged_decode_available(kv_cache) and fused_available(kv_cache)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
