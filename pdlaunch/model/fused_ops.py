@@ -2,10 +2,10 @@
 
 Each public op dispatches through `fused_available`: the Triton kernel runs for fp16/bf16/fp32
 CUDA tensors (or CPU ones under TRITON_INTERPRET=1) when Triton is importable and
-PDLAUNCH_FUSED_OPS is not `torch`; otherwise the `*_torch` reference runs. The references are the model's eager semantics and the
-kernels reproduce them rounding step for rounding step: every bf16/fp16 op of the eager code is an
-fp32 op rounded to the dtype, so the kernels round at the same points, use correctly rounded
-division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is approximate) and launch with
+PDLAUNCH_FUSED_OPS is not `torch`; otherwise the `*_torch` reference runs. The references are
+the model's eager semantics and the kernels reproduce them rounding step for rounding step:
+every bf16/fp16 op of the eager code is an fp32 op rounded to the dtype, so the kernels round
+at the same points, use correctly rounded division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is approximate) and launch with
 `enable_fp_fusion=False` so fp32 `a*b + c*d` is not contracted into an FMA.
 
 Kernels are CUDA-graph capturable: outputs are sized from input shapes only, there is no host
@@ -52,8 +52,8 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def fused_available(t: torch.Tensor) -> bool:
-    """True when the ops run their Triton kernel for tensors like `t` (a kernel dtype, fp16/bf16/fp32;
-    other dtypes, e.g. an fp8 KV cache, take the torch reference)."""
+    """True when the ops on tensors like `t` run their Triton kernel: no host sync, CUDA-graph
+    capturable. Needs a kernel dtype (fp16/bf16/fp32); others (an fp8 KV cache) take the reference."""
     return t.dtype in _KERNEL_DTYPES and _use_triton(t)
 
 
