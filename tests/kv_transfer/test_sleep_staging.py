@@ -60,18 +60,19 @@ def expected(llama_ckpt: Path) -> dict[str, list[int]]:
     return colocated(llama_ckpt, PROMPTS)
 
 
-def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], mode: str, sleeper: str,
-                              staging_slots: int) -> dict[str, Any]:
-    """PD, then `sleeper` ("prefill"/"decode") sleeps and wakes, then PD again; both equal colocated."""
+def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], mode: str, sleepers: list[str],
+                              staging_slots: int) -> dict[str, dict[str, Any]]:
+    """PD, then `sleepers` ("prefill", "decode") sleep and wake, then PD again; both equal colocated.
+    Returns each sleeper's sleep_wake report."""
     config = pd_config(str(llama_ckpt), "nixl", mode)
     config.model.enable_sleep_mode = True
-    tag = f"{sleeper}-{mode}-{staging_slots}"
+    tag = f"{'+'.join(sleepers)}-{mode}-{staging_slots}"
     prefill = _engine(config, "prefill", f"P-sleep-{tag}", staging_slots)
     try:
         decode = _engine(config, "decode", f"D-sleep-{tag}", staging_slots)
         try:
             assert _tokens(run_pd(prefill, decode, PROMPTS)) == expected
-            woke = (prefill if sleeper == "prefill" else decode).call("sleep_wake")
+            woke = {role: {"prefill": prefill, "decode": decode}[role].call("sleep_wake") for role in sleepers}
             again = run_pd(prefill, decode, {f"{rid}-2": p for rid, p in PROMPTS.items()})
             assert _tokens(again) == {f"{rid}-2": toks for rid, toks in expected.items()}
             prefill.call("check")
@@ -83,23 +84,22 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
         prefill.close()
 
 
-@pytest.mark.parametrize("mode", ["pull", "push"])
-def test_prefill_sleep_frees_and_recreates_staging(llama_ckpt: Path, expected: dict[str, list[int]],
-                                                   mode: str) -> None:
-    woke = _run_twice_around_a_sleep(llama_ckpt, expected, mode, "prefill", STAGING_SLOTS)
-    assert woke["asleep"]["staging"] is None, "the staging buffer should be gone while asleep"
-    assert woke["awake"]["staging"]["slots"] == STAGING_SLOTS
-    assert woke["epochs"][1] == woke["epochs"][0] + 1, "decode must shake hands with the woken prefill anew"
+# Pull: prefill sleeps (decode shakes hands anew). Push: decode sleeps too, so the prefill side WRITEs
+# into a staging buffer decode re-created.
+@pytest.mark.parametrize("mode, sleepers", [("pull", ["prefill"]), ("push", ["prefill", "decode"])])
+def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected: dict[str, list[int]],
+                                                      mode: str, sleepers: list[str]) -> None:
+    woke = _run_twice_around_a_sleep(llama_ckpt, expected, mode, sleepers, STAGING_SLOTS)
+    for role, report in woke.items():
+        assert report["asleep"]["staging"] is None, f"{role}: the staging buffer should be gone while asleep"
+        assert report["awake"]["staging"]["slots"] == STAGING_SLOTS, role
+        assert report["epochs"][1] == report["epochs"][0] + 1, f"{role}: its KV memory was registered anew"
 
 
-@pytest.mark.parametrize("staging_slots", [0, STAGING_SLOTS])
-def test_push_into_a_decode_that_woke_up(llama_ckpt: Path, expected: dict[str, list[int]],
-                                         staging_slots: int) -> None:
-    woke = _run_twice_around_a_sleep(llama_ckpt, expected, "push", "decode", staging_slots)
-    assert woke["moved"], "the CPU sleep backend should have given the KV new storage"
-    if staging_slots:
-        assert woke["asleep"]["staging"] is None
-        assert woke["awake"]["staging"]["slots"] == staging_slots
+def test_push_into_a_decode_that_woke_up(llama_ckpt: Path, expected: dict[str, list[int]]) -> None:
+    """Decode's KV tensors move (no staging): prefill must load decode's new NIXL metadata to push."""
+    woke = _run_twice_around_a_sleep(llama_ckpt, expected, "push", ["decode"], 0)
+    assert woke["decode"]["moved"], "the CPU sleep backend should have given the KV new storage"
 
 
 def build_sleepy_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any],
