@@ -5,8 +5,9 @@ CUDA tensors (or CPU ones under TRITON_INTERPRET=1) when Triton is importable an
 PDLAUNCH_FUSED_OPS is not `torch`; otherwise the `*_torch` reference runs. The references are
 the model's eager semantics and the kernels reproduce them rounding step for rounding step:
 every bf16/fp16 op of the eager code is an fp32 op rounded to the dtype, so the kernels round
-at the same points, use correctly rounded division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is approximate) and launch with
-`enable_fp_fusion=False` so fp32 `a*b + c*d` is not contracted into an FMA.
+at the same points, use correctly rounded division/sqrt (`div_rn`, `sqrt_rn`; Triton's `/` is
+approximate) and launch with `enable_fp_fusion=False` so fp32 `a*b + c*d` is not contracted
+into an FMA.
 
 Kernels are CUDA-graph capturable: outputs are sized from input shapes only, there is no host
 sync, and write_kv skips slot < 0 with a store mask rather than a host-side filter.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,8 +194,9 @@ def test_interpreter_cases_in_a_subprocess() -> None:
     if INTERPRET_AT_START:
         pytest.skip("this is the child")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"],
-                           env=env, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"]
+    child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                           timeout=240)
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
     # -ra (pyproject addopts) lists skip reasons: none of the cases may have skipped as "not the child".
     assert " passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
@@ -232,7 +234,8 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
     rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": bf16, "res_out_ptr": bf16,
                                  "eps": "fp32"}, {"ADD_RESIDUAL": True, "BLOCK_H": 4096})
     assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
-    rotary = ptx(kernels.rotary, dict.fromkeys(["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr"], bf16),
+    pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr"]
+    rotary = ptx(kernels.rotary, dict.fromkeys(pointers, bf16),
                  {"D": 128, "D_PAD": 128, "HQ_PAD": 32, "HKV_PAD": 8})
     assert "fma" not in rotary and "cvt.rn.bf16.f32" in rotary
     silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": bf16}, {"BLOCK": 1024, "LIBDEVICE_EXP": True})
