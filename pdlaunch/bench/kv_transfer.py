@@ -6,7 +6,8 @@ side times start_load -> finished_recving (handshake done beforehand, as in stea
 the moved bytes, and the same run measures a raw torch copy of the same number of bytes on the
 decode device (and a peer copy prefill device -> decode device when they differ): the ceiling.
 Push rows also split the time (medians, ms; time.monotonic() is one clock for both processes):
-to_post = start_load -> prefill posted the WRITE (side-channel request, sender thread, descriptors),
+to_post = start_load -> prefill is about to post the WRITE (decode loader thread, side-channel request,
+prefill sender thread, descriptors), post = NIXL's post call (on CPU DRAM UCX copies inside it),
 write = posted -> a sender check saw it done, notify = done -> decode reported the load finished.
 """
 
@@ -154,12 +155,13 @@ def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[s
 
 
 def _push_phases(loads: list[tuple[float, float, float]], timings: list[dict[str, Any] | None]) -> dict[str, float] | None:
-    """Median ms of (to_post, write, notify) over the timed loads whose push the prefill side recorded."""
-    phases: dict[str, list[float]] = {"to_post": [], "write": [], "notify": []}
+    """Median ms of (to_post, post, write, notify) over the timed loads whose push the prefill side recorded."""
+    phases: dict[str, list[float]] = {"to_post": [], "post": [], "write": [], "notify": []}
     for (_, start, end), t in zip(loads, timings):
         if t is None:
             continue
-        phases["to_post"].append(t["posted"] - start)
+        phases["to_post"].append(t["posting"] - start)
+        phases["post"].append(t["posted"] - t["posting"])
         phases["write"].append(t["done"] - t["posted"])
         phases["notify"].append(end - t["done"])
     if not phases["write"]:

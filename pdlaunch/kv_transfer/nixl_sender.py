@@ -70,7 +70,8 @@ class PushTiming:
     request_id: str
     num_bytes: int
     received: float  # the push request arrived on the side channel
-    posted: float  # the WRITE was posted to NIXL
+    posting: float  # descriptors built, about to post the WRITE
+    posted: float  # NIXL's post returned (on CPU DRAM, UCX copies within the post)
     done: float  # a check saw the WRITE complete (NIXL sent push_done then)
 
 
@@ -321,13 +322,14 @@ class PrefillSide:
             # push_done/push_failed, so posting without the lock is safe.
             if hold.cancelled or time.monotonic() >= deadline:
                 raise KVTransferError(f"push of request {hold.request_id} cancelled: decode gave up on it")
+            posting = time.monotonic()
             xfer = self.agent.transfer("WRITE", local, remote, peer, message["device_id"], notif)
             posted = time.monotonic()
             state = _wait_write(xfer, posted, deadline)
             if state == "DONE":
                 with self._lock:
-                    self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posted,
-                                                    time.monotonic()))
+                    self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posting,
+                                                    posted, time.monotonic()))
             if state != "DONE":
                 raise KVTransferError(
                     f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
