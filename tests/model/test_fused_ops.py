@@ -245,6 +245,59 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
     assert "st.global" in write
 
 
+@pytest.mark.gpu
+def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capture every op once (after a warm-up that compiles the kernels), then replay on new
+    contents: different values, and a different set of slot -1 padding rows."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    dtype, device = torch.bfloat16, "cuda"
+    x, residual = torch.randn(4, 96, dtype=dtype, device=device), torch.randn(4, 96, dtype=dtype, device=device)
+    weight = torch.randn(96, dtype=dtype, device=device)
+    q, k, v = _qkv_views(4, 8, 2, 64, dtype, device)
+    cos, sin = rotary_cos_sin(torch.arange(4, device=device), compute_inv_freq(64, 10000.0, None, 4096).to(device),
+                              dtype)
+    gate_up = torch.randn(4, 2 * 75, dtype=dtype, device=device)
+    cache = torch.zeros(7, 2, 2, 4, 2, 64, dtype=dtype, device=device)
+    slots = torch.tensor([3, -1, 9, 20], device=device)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        normed = fused_ops.rms_norm(x, weight, 1e-5)
+        y, new_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-5)
+        q_out, k_out = fused_ops.apply_rotary(q, k, cos, sin)
+        fused_ops.write_kv(cache, k_out, v, slots, 1)
+        return normed, y, new_residual, q_out, k_out, fused_ops.silu_and_mul(gate_up)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        normed, y, new_residual, q_out, k_out, act = step()
+
+    for t in (x, residual, q, k, v, gate_up):
+        t.copy_(torch.randn_like(t))
+    slots.copy_(torch.tensor([-1, 27, 0, -1], device=device))
+    cache.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    _assert_rms_close(normed, rms_norm_torch(x, weight, 1e-5))
+    _assert_equal(new_residual, x + residual)
+    _assert_rms_close(y, rms_norm_torch(x + residual, weight, 1e-5))
+    want_q, want_k = apply_rotary_torch(q, k, cos, sin)
+    _assert_equal(q_out, want_q)
+    _assert_equal(k_out, want_k)
+    _assert_equal(act, silu_and_mul_torch(gate_up))
+    want_cache = torch.zeros_like(cache)
+    write_kv_torch(want_cache, want_k, v, slots, 1)
+    _assert_equal(cache, want_cache)
+
+
 # ---- dispatch and errors (no triton needed) ------------------------------------------------------
 
 def test_cpu_without_interpreter_runs_the_references(monkeypatch: pytest.MonkeyPatch) -> None:
