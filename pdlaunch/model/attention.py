@@ -74,8 +74,8 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     if kv_cache is not None and attn.uniform_decode and graph_safe(kv_cache):
         _, layers, _, block_size, _, _ = kv_cache.shape
         num_seqs = attn.seq_lens.shape[0]
-        return GroupPlan(layers, block_size, None, attn.slot_mapping[group], None, None, None,
-                         decode_tokens=torch.arange(num_seqs, device=device),
+        return GroupPlan(layers, block_size, write_tokens=None, write_rows=attn.slot_mapping[group],
+                         decode_tokens=torch.arange(num_seqs, device=device), decode_rows=None, decode_mask=None,
                          decode_block_table=attn.block_tables[group], decode_seq_lens=attn.seq_lens,
                          sliding_window=sliding_window, write_slots=attn.slot_mapping[group])
     write_slots = None
