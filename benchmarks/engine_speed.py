@@ -73,6 +73,18 @@ def prefill_ms(engine: LLMEngine, tokens: int, repeat: int = 5) -> float:
     return statistics.median(times)
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, repeat: int = 50) -> float:
+    for _ in range(3):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
 def engine_figures(ckpt: str, eager: bool, with_prefill: bool) -> dict[str, Any]:
     config = build_config(ckpt, "cuda", "bfloat16", {"max_num_seqs": 64, "max_num_batched_tokens": 8192,
                                                       "max_model_len": 8192, "enable_prefix_caching": False,
@@ -87,6 +99,10 @@ def engine_figures(ckpt: str, eager: bool, with_prefill: bool) -> dict[str, Any]
         b64 = step_times(engine, [random_prompt(128) for _ in range(64)], 128)
         out["decode_b64_step_ms"] = statistics.median(b64) * 1e3
         out["decode_b64_tokens_per_s"] = 64 / statistics.median(b64)
+        graphs = engine.runner.graphs
+        if graphs is not None:  # GPU time alone: replays of the last inputs (finished requests' slots)
+            for size in (1, 64):
+                out[f"graph_b{size}_replay_ms"] = replay_ms(graphs.graphs[size][0])
         if with_prefill:
             out["prefill_4096_ms"] = prefill_ms(engine, 4096)
         return out

@@ -9,6 +9,7 @@ See nixl_sender.py (prefill: holds, leases, push) and nixl_receiver.py (decode: 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -55,6 +56,11 @@ class NixlConnector(KVConnector):
         # device while initialising) and bind it; sender threads bind this index in their initializer.
         self.device_index = platform.current_device_index()
         platform.set_device(self.device_index)
+        if config.model.enable_sleep_mode:
+            # UCX caches the CUDA IPC mapping of a peer's buffer until this process exits, and a
+            # mapped buffer stays allocated on the peer after it frees it: a sleeping peer could not
+            # give its staging buffer back. Without the cache each transfer maps and unmaps it.
+            os.environ.setdefault("UCX_CUDA_IPC_CACHE", "n")
         self.agent = KVAgent(f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}")
         self.spec: KVCacheSpec | None = None
         self.kv_epoch = 0  # grows each time the KV memory is registered again (after a wake-up)
