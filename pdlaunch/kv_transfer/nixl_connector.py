@@ -18,6 +18,7 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, decode_notif
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
@@ -127,7 +128,8 @@ class NixlConnector(KVConnector):
                 self.kv.side_channel_host, port,
                 {"handshake": self._on_handshake, "push": self.sender.handle_push,
                  "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage,
-                 "claim_read": self.sender.handle_claim_read, "cancel_push": self.sender.handle_cancel_push},
+                 "claim_read": self.sender.handle_claim_read, "cancel_push": self.sender.handle_cancel_push,
+                 "forget": self.sender.handle_forget},
                 io_timeout=max(self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds),
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
@@ -172,6 +174,7 @@ class NixlConnector(KVConnector):
                 field="sleep",
                 hint="sleep once the KV transfers have ended (at most kv_transfer.transfer_timeout_seconds)",
             )
+        self._tell_pushers_to_forget()
         deregister_kv_memory(self.agent)
         if self.sender is not None:
             self.sender.staging = None
@@ -185,6 +188,23 @@ class NixlConnector(KVConnector):
         if spec.device.type == "cuda":
             torch.cuda.empty_cache()  # the buffer came from the caching allocator, outside the CuMem pools
         logger.info("KV staging buffer deregistered and freed before sleep (%.0f MiB)", nbytes / 2**20)
+
+    def _tell_pushers_to_forget(self) -> None:
+        """Prefill engines that pushed into this decode hold UCX mappings of its staging buffer, which
+        keep the buffer allocated after we free it; ask each to drop our metadata first. An engine
+        that does not answer is logged and skipped (its mapping then lives until it exits)."""
+        if self.receiver is None:
+            return
+        for remote in self.receiver.peers.snapshot().values():
+            if remote.mode != "push":
+                continue
+            host, port = remote.address
+            try:
+                side_channel.call(host, port, {"type": "forget", "agent_name": self.agent.name},
+                                  self.kv.handshake_timeout_seconds, f"asking prefill engine {remote.info.engine_id} "
+                                  "to forget this decode before sleep")
+            except KVTransferError as exc:
+                logger.warning("%s; its mapping of the staging buffer stays until it exits", exc)
 
     def _require_spec(self) -> KVCacheSpec:
         if self.spec is None:

@@ -276,6 +276,16 @@ class PrefillSide:
             self._peers[name] = (self.agent.add_remote(bytes.fromhex(metadata_hex)), metadata_hex)
             return self._peers[name][0]
 
+    def handle_forget(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A decode agent is about to free the memory it registered (sleep): drop its metadata, so
+        that UCX closes the mappings it opened of that memory (a mapped buffer stays allocated)."""
+        name = str(message["agent_name"])
+        with self._lock:
+            loaded = self._peers.pop(name, None)
+            if loaded is not None:
+                self.agent.forget_remote(loaded[0])
+        return {"forgot": loaded is not None}
+
     # -- sender threads -----------------------------------------------------------------------
     def _stage(self, request_id: str, blocks: list[list[int]]) -> Ticket:
         assert self.staging is not None and self.spec is not None

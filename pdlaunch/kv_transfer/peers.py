@@ -27,6 +27,7 @@ class RemoteEngine:
     agent_name: str  # its NIXL agent, loaded into ours
     mode: str  # "pull" | "push"
     reason: str
+    address: tuple[str, int] = ("", 0)  # its side channel
 
 
 class PeerCache:
@@ -89,4 +90,4 @@ class PeerCache:
         agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
         mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
         logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)
-        return RemoteEngine(info, agent_name, mode, reason)
+        return RemoteEngine(info, agent_name, mode, reason, (host, port))

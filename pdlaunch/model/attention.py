@@ -53,6 +53,7 @@ class GroupPlan:
     sliding_window: int | None = None
     # CUDA: the slot of every token (-1: not written), for the fused write; replaces write_rows.
     write_slots: torch.Tensor | None = None
+    decode_only: bool = False  # every token is a decode_tokens row, in order (uniform decode)
 
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
@@ -77,7 +78,7 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         return GroupPlan(layers, block_size, write_tokens=None, write_rows=attn.slot_mapping[group],
                          decode_tokens=torch.arange(num_seqs, device=device), decode_rows=None, decode_mask=None,
                          decode_block_table=attn.block_tables[group], decode_seq_lens=attn.seq_lens,
-                         sliding_window=sliding_window, write_slots=attn.slot_mapping[group])
+                         sliding_window=sliding_window, write_slots=attn.slot_mapping[group], decode_only=True)
     write_slots = None
     if kv_cache is None:
         layers, block_size = 0, 1
@@ -183,6 +184,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         flat.index_copy_(0, k_rows, new_k.to(flat.dtype))
         flat.index_copy_(0, v_rows, new_v.to(flat.dtype))
 
+    if plan.decode_only:
+        assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
+        assert plan.decode_block_table is not None
+        return paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
+                            plan.decode_seq_lens, plan.sliding_window, scale)
     out = torch.empty_like(q)
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]

@@ -43,7 +43,12 @@ def build_sleepy_engine(config_json: str, instance_json: str, staging_slots: int
         return {"moved": before != [t.data_ptr() for t in engine.runner.kv_caches], "asleep": asleep,
                 "awake": engine.connector.info(), "epochs": [epoch, engine.connector.kv_epoch]}
 
-    return {**methods, "sleep_wake": sleep_wake}, shutdown, info
+    def pushed_to() -> list[str]:
+        """Decode agents whose NIXL metadata this prefill holds (it pushed to them)."""
+        sender = engine.connector.sender
+        return sorted(sender._peers) if sender is not None else []
+
+    return {**methods, "sleep_wake": sleep_wake, "pushed_to": pushed_to}, shutdown, info
 
 
 def _engine(config: DeploymentConfig, role: str, name: str, staging_slots: int) -> ProcessRPC:
@@ -72,7 +77,9 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
         decode = _engine(config, "decode", f"D-sleep-{tag}", staging_slots)
         try:
             assert _tokens(run_pd(prefill, decode, PROMPTS)) == expected
+            known = prefill.call("pushed_to")
             woke = {role: {"prefill": prefill, "decode": decode}[role].call("sleep_wake") for role in sleepers}
+            woke["prefill_pushed_to"] = {"before": known, "after_sleeps": prefill.call("pushed_to")}
             again = run_pd(prefill, decode, {f"{rid}-2": p for rid, p in PROMPTS.items()})
             assert _tokens(again) == {f"{rid}-2": toks for rid, toks in expected.items()}
             prefill.call("check")
@@ -90,6 +97,11 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
 def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected: dict[str, list[int]],
                                                       mode: str, sleepers: list[str]) -> None:
     woke = _run_twice_around_a_sleep(llama_ckpt, expected, mode, sleepers, STAGING_SLOTS)
+    pushed_to = woke.pop("prefill_pushed_to")
+    if mode == "push":
+        # Decode asked the prefill to drop its metadata before freeing the buffer the prefill had
+        # mapped (on CUDA the mapping would keep the freed buffer allocated).
+        assert len(pushed_to["before"]) == 1 and pushed_to["after_sleeps"] == []
     for role, report in woke.items():
         assert report["asleep"]["staging"] is None, f"{role}: the staging buffer should be gone while asleep"
         assert report["awake"]["staging"]["slots"] == STAGING_SLOTS, role
