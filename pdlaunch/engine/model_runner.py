@@ -181,6 +181,15 @@ class ModelRunner:
         graphs.capture(self._graph_forward)
         return graphs
 
+    def release_graphs(self) -> None:
+        """Free the CUDA graphs' memory (before sleep); `recapture_graphs` restores them."""
+        if self.graphs is not None:
+            self.graphs.release()
+
+    def recapture_graphs(self) -> None:
+        if self.graphs is not None and not self.graphs.graphs:
+            self.graphs.capture(self._graph_forward)
+
     @torch.inference_mode()
     def _graph_forward(self, batch: int) -> torch.Tensor:
         """The captured computation: float32 logits [batch, V] of the static decode buffers."""

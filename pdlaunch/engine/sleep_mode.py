@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class EngineSleep:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self.controller = SleepController(self._backend(), reload_weights=self._reload_weights)
+        self.backend = self._backend()
+        self.controller = SleepController(self.backend, reload_weights=self._reload_weights)
         self.controller.add_before_sleep_hook(self._before_sleep)
         self.controller.add_after_wake_hook(self._after_wake)
 
@@ -59,8 +60,9 @@ class EngineSleep:
                 f"{len(engine.scheduler.requests)} request(s) running and {len(engine.scheduler.held)} "
                 "KV hold(s) waiting for a decode instance", field="sleep", hint="sleep when the instance is idle")
         engine.block_manager.reset_prefix_cache()
-        if engine.connector is not None:  # last: a connector that refuses leaves everything in place
+        if engine.connector is not None:  # a connector that refuses leaves everything in place
             engine.connector.before_sleep()
+        engine.runner.release_graphs()
 
     def _after_wake(self, tags: tuple[str, ...]) -> None:
         engine = self.engine
@@ -70,6 +72,8 @@ class EngineSleep:
                     cache.zero_()
             if engine.connector is not None:
                 engine.connector.register_kv_caches(engine.kv_cache_spec())
+        if not self.backend.asleep_tags():  # all awake: weights and KV are back at their addresses
+            engine.runner.recapture_graphs()
 
     def _reload_weights(self) -> None:
         runner = self.engine.runner

@@ -111,3 +111,38 @@ def test_cuda_graph_replay_equals_eager(fixture: str, request: pytest.FixtureReq
     eager = make_engine(path, device="cuda", max_num_seqs=8, enforce_eager=True)
     assert eager.runner.graphs is None
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
+
+
+
+def _sleep_cycle_with_graphs(path: str) -> dict[str, Any]:
+    """In a fresh process (the CuMem allocator serves one engine per process)."""
+    from pdlaunch.engine.llm import build_config
+    from pdlaunch.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(build_config(path, "cuda", "float32", {"enable_sleep_mode": True, "max_num_seqs": 4,
+                                                               "block_size": 8, "num_gpu_blocks": 256}))
+    try:
+        graphs = engine.runner.graphs
+        assert graphs is not None
+        batch = prompts([5, 9, 30], seed=11)
+        report: dict[str, Any] = {"captured": sorted(graphs.graphs)}
+        report["before"] = [o.output_token_ids for o in run_all(engine, batch, GREEDY)]
+        engine.sleep(1)
+        report["asleep"] = sorted(graphs.graphs)
+        engine.wake_up(None)
+        report["awake"] = sorted(graphs.graphs)
+        report["after"] = [o.output_token_ids for o in run_all(engine, batch, GREEDY)]
+        return report
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_are_dropped_for_sleep_and_captured_again(llama_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """The graphs' memory pool is plain memory: sleep frees it, the wake-up captures again."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        report = pool.apply(_sleep_cycle_with_graphs, (str(llama_ckpt),))
+    assert report["captured"] == [1, 2, 4] and report["asleep"] == [] and report["awake"] == [1, 2, 4]
+    assert report["after"] == report["before"]
