@@ -121,23 +121,20 @@ class DecodeGraphs:
 
     def load(self, inputs: StepInputs, batch: int) -> None:
         """Copy the step's inputs into the static buffers; rows past the step are padding."""
-        n = len(inputs.query_lens)
-        host = self.host
-        host[_IDS, :n] = inputs.input_ids
-        host[_POS, :n] = inputs.positions
-        host[_CTX_LENS, :n] = torch.tensor(inputs.context_lens, dtype=torch.long)
-        host[_SEQ_LENS, :n] = host[_CTX_LENS, :n] + 1
-        host[_IDS:_SEQ_LENS, n:batch] = 0
-        host[_SEQ_LENS, n:batch] = 1
-        host[_CTX_LENS, n:batch] = 0
-        host[_SLOTS:, n:batch] = -1
+        n, pad = len(inputs.query_lens), batch - len(inputs.query_lens)
+        ctx = list(inputs.context_lens)
+        # One host tensor of every 1-D input, padded (a few large ops beat many small ones: the GPU
+        # waits for this).
+        rows = [inputs.input_ids.tolist() + [0] * pad, inputs.positions.tolist() + [0] * pad,
+                [c + 1 for c in ctx] + [1] * pad, ctx + [0] * pad,
+                *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups))]
+        self.host[:, :batch] = torch.tensor(rows, dtype=torch.long)
         for g in range(self.num_groups):
-            host[_SLOTS + g, :n] = inputs.slot_mapping[g]
             width = inputs.block_tables[g].shape[1]
             # -1 (a block left the sliding window) reads as block 0, masked by the kernel.
             self.host_tables[g][:n, :width] = inputs.block_tables[g].clamp(min=0)
             self.tables[g][:n, :width].copy_(self.host_tables[g][:n, :width], non_blocking=True)
-        self.packed[:, :batch].copy_(host[:, :batch], non_blocking=True)
+        self.packed[:, :batch].copy_(self.host[:, :batch], non_blocking=True)
 
     # -- capture and replay ----------------------------------------------------------------------
     def _kv_pointers(self) -> list[int]:

@@ -221,6 +221,8 @@ class ModelRunner:
 
     def prepare_inputs(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> StepInputs:
         """The host-side inputs of the scheduled chunks (what every TP rank needs for the step)."""
+        if all(s.num_new_tokens == 1 for s in scheduled):
+            return self._prepare_one_token_each(scheduled, block_manager)
         ids: list[int] = []
         pos_parts = []
         seq_index = []
@@ -249,6 +251,34 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long), positions=positions, query_lens=query_lens,
             context_lens=[s.start for s in scheduled], slot_mapping=slot_mapping, block_tables=block_tables,
             sample_rows=[t for t, s in zip(last, scheduled) if s.needs_sample],
+        )
+
+    def _prepare_one_token_each(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
+                                ) -> StepInputs:
+        """prepare_inputs for a step of one token per request (decodes): plain Python lists and one
+        tensor each, since a decode step's host time is time the GPU waits (the same values)."""
+        bs = self.block_size
+        positions = [s.start for s in scheduled]
+        slots: list[list[int]] = [[] for _ in self.groups]
+        tables: list[list[list[int]]] = [[] for _ in self.groups]
+        for s, pos in zip(scheduled, positions):
+            for g, table in enumerate(block_manager.tables[s.request.request_id]):
+                block = table[pos // bs] if pos // bs < len(table) else -1
+                if block < 0:
+                    raise EngineError("a scheduled token has no KV block", field="kv_cache",
+                                      hint="a pdlaunch bug; please report it with the log")
+                slots[g].append(block * bs + pos % bs)
+                tables[g].append(table)
+        block_tables = []
+        for g in range(len(self.groups)):
+            width = max(len(t) for t in tables[g])
+            block_tables.append(torch.tensor([t + [-1] * (width - len(t)) for t in tables[g]], dtype=torch.long))
+        n = len(scheduled)
+        return StepInputs(
+            input_ids=torch.tensor([s.request.all_token_ids[s.start] for s in scheduled], dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long), query_lens=[1] * n, context_lens=positions,
+            slot_mapping=[torch.tensor(x, dtype=torch.long) for x in slots], block_tables=block_tables,
+            sample_rows=[i for i, s in enumerate(scheduled) if s.needs_sample],
         )
 
     def prepare(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
