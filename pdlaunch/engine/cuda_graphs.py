@@ -162,7 +162,9 @@ class DecodeGraphs:
                     forward(batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: NIXL/UCX threads keep making CUDA calls of their own while a wake-up
+            # captures again; they touch none of the captured stream's work.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = forward(batch)
             self.graphs[batch] = (graph, out)
         torch.cuda.synchronize(self.device)
