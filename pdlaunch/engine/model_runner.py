@@ -181,23 +181,6 @@ class ModelRunner:
         graphs.capture(self._graph_forward)
         return graphs
 
-    def release_graphs(self) -> None:
-        """Free the CUDA graphs' memory (before sleep); `recapture_graphs` restores them."""
-        if self.graphs is not None:
-            self.graphs.release()
-
-    def recapture_graphs(self) -> None:
-        """Capture the graphs again after a wake-up; if that fails, decode runs eagerly from now on
-        (slower, still correct) rather than failing the wake-up."""
-        if self.graphs is None or self.graphs.graphs:
-            return
-        try:
-            self.graphs.capture(self._graph_forward)
-        except Exception:
-            log.exception("capturing the CUDA graphs again after the wake-up failed: decode runs eagerly")
-            self.graphs.release()
-            self.graphs = None
-
     @torch.inference_mode()
     def _graph_forward(self, batch: int) -> torch.Tensor:
         """The captured computation: float32 logits [batch, V] of the static decode buffers."""
