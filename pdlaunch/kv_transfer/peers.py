@@ -46,6 +46,17 @@ class PeerCache:
         with self._lock:
             return dict(self._remotes)
 
+    def forget_all(self) -> None:
+        """Drop every prefill engine's metadata (this decode goes to sleep): UCX closes the mappings it
+        opened of their memory when the keys go, and a mapping keeps the mapped buffer allocated and
+        counted to this process. The next load shakes hands again."""
+        with self._lock:
+            remotes = list(self._remotes.values())
+            self._remotes.clear()
+            self._locks.clear()
+        for remote in remotes:
+            self.agent.forget_remote(remote.agent_name)
+
     def get(self, params: dict[str, Any]) -> RemoteEngine:
         """The prefill engine named in kv_transfer_params, shaking hands on first use."""
         engine_id = str(params["remote_engine_id"])

@@ -48,7 +48,13 @@ def build_sleepy_engine(config_json: str, instance_json: str, staging_slots: int
         sender = engine.connector.sender
         return sorted(sender._peers) if sender is not None else []
 
-    return {**methods, "sleep_wake": sleep_wake, "pushed_to": pushed_to}, shutdown, info
+    def prefills_known() -> list[str]:
+        """Prefill engines whose NIXL metadata this decode holds (it shook hands with them)."""
+        receiver = engine.connector.receiver
+        return sorted(receiver.peers.snapshot()) if receiver is not None else []
+
+    return {**methods, "sleep_wake": sleep_wake, "pushed_to": pushed_to, "prefills_known": prefills_known}, \
+        shutdown, info
 
 
 def _engine(config: DeploymentConfig, role: str, name: str, staging_slots: int) -> ProcessRPC:
@@ -78,8 +84,10 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
         try:
             assert _tokens(run_pd(prefill, decode, PROMPTS)) == expected
             known = prefill.call("pushed_to")
+            handshakes = decode.call("prefills_known")
             woke = {role: {"prefill": prefill, "decode": decode}[role].call("sleep_wake") for role in sleepers}
             woke["prefill_pushed_to"] = {"before": known, "after_sleeps": prefill.call("pushed_to")}
+            woke["decode_knows"] = {"before": handshakes, "after_sleeps": decode.call("prefills_known")}
             again = run_pd(prefill, decode, {f"{rid}-2": p for rid, p in PROMPTS.items()})
             assert _tokens(again) == {f"{rid}-2": toks for rid, toks in expected.items()}
             prefill.call("check")
@@ -98,6 +106,9 @@ def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected
                                                       mode: str, sleepers: list[str]) -> None:
     woke = _run_twice_around_a_sleep(llama_ckpt, expected, mode, sleepers, STAGING_SLOTS)
     pushed_to = woke.pop("prefill_pushed_to")
+    decode_knows = woke.pop("decode_knows")
+    if "decode" in sleepers:  # a sleeping decode drops the prefills' metadata (and their mappings)
+        assert len(decode_knows["before"]) == 1 and decode_knows["after_sleeps"] == []
     if mode == "push":
         # Decode asked the prefill to drop its metadata before freeing the buffer the prefill had
         # mapped (on CUDA the mapping would keep the freed buffer allocated).
@@ -111,6 +122,7 @@ def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected
 def test_push_into_a_decode_that_woke_up(llama_ckpt: Path, expected: dict[str, list[int]]) -> None:
     """Decode's KV tensors move (no staging): prefill must load decode's new NIXL metadata to push."""
     woke = _run_twice_around_a_sleep(llama_ckpt, expected, "push", ["decode"], 0)
+    assert woke["decode_knows"]["after_sleeps"] == []
     assert woke["decode"]["moved"], "the CPU sleep backend should have given the KV new storage"
 
 
