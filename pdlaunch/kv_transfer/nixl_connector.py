@@ -59,9 +59,8 @@ class NixlConnector(KVConnector):
         platform.set_device(self.device_index)
         if config.model.enable_sleep_mode:
             # A mapped buffer stays allocated after its owner frees it, so a sleeping peer's staging
-            # buffer must be unmapped here. before_sleep drops the peers' keys (UCX unmaps what it
-            # opened for them); with UCX's mapping cache on, mappings can outlive the keys (UCX issue
-            # 11753). Measured together (one H100): a sleeping decode then frees 97%, not 94%.
+            # buffer must be unmapped here: before_sleep drops the peers' keys, and with UCX's mapping
+            # cache on, mappings can outlive the keys (UCX issue 11753).
             os.environ.setdefault("UCX_CUDA_IPC_CACHE", "n")
         self.agent = KVAgent(f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}")
         self.spec: KVCacheSpec | None = None
