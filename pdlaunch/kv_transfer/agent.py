@@ -93,12 +93,16 @@ class KVAgent:
         self.device_id = max(kv_caches[0].get_device(), 0)
         self._registered = self.nixl.register_memory(kv_caches)
 
-    def reregister(self, kv_caches: list[torch.Tensor]) -> None:
-        """Register the KV caches again: after a wake-up their physical pages are new (CuMem keeps
-        the virtual addresses), so the old registration no longer describes them."""
+    def deregister(self) -> None:
+        """Deregister what `register` registered (before that memory is freed, e.g. for sleep)."""
         if self._registered is not None:
             self.nixl.deregister_memory(self._registered)
             self._registered = None
+
+    def reregister(self, kv_caches: list[torch.Tensor]) -> None:
+        """Register the KV caches again: after a wake-up their physical pages are new (CuMem keeps
+        the virtual addresses), so the old registration no longer describes them."""
+        self.deregister()
         self.register(kv_caches)
 
     def forget_remote(self, name: str) -> None:

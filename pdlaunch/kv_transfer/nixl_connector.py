@@ -31,7 +31,6 @@ from pdlaunch.kv_transfer.nixl_sender import PrefillSide
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
-from pdlaunch.kv_transfer.staging_sleep import deregister_kv_memory, staging_users
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -170,7 +169,10 @@ class NixlConnector(KVConnector):
         staging = self.staging
         in_use = staging.num_slots - staging.num_free() if staging is not None else 0
         if staging is not None and in_use:
-            users = staging_users(self.sender, self.receiver)
+            users: set[str] = set()
+            for side in (self.sender, self.receiver):
+                if side is not None:
+                    users |= side.staging_users()
             raise KVTransferError(
                 f"{in_use} of {staging.num_slots} KV staging slots are in use by "
                 + (f"request(s) {', '.join(sorted(users))}" if users else "a transfer that is ending"),
@@ -182,7 +184,7 @@ class NixlConnector(KVConnector):
             self.receiver.peers.forget_all()
         if staging is None:
             return
-        deregister_kv_memory(self.agent)
+        self.agent.deregister()
         if self.sender is not None:
             self.sender.staging = None
         if self.receiver is not None:

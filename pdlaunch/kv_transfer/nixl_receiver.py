@@ -302,6 +302,11 @@ class DecodeSide:
         self._forget(load)
         return False
 
+    def staging_users(self) -> set[str]:
+        """Request ids that may hold staging slots now: loads still running or draining."""
+        with self._lock:
+            return set(self._loads) | set(self._draining)
+
     def num_loading(self) -> int:
         with self._lock:
             return len(self._loads)

@@ -276,6 +276,13 @@ class PrefillSide:
             self._peers[name] = (self.agent.add_remote(bytes.fromhex(metadata_hex)), metadata_hex)
             return self._peers[name][0]
 
+    def staging_users(self) -> set[str]:
+        """Request ids that may hold staging slots now: stagings not yet unstaged, and holds a push or
+        staging copy is reading."""
+        with self._lock:
+            return ({t.request_id for t in self._tickets.values()}
+                    | {h.request_id for h in self._holds.values() if h.busy})
+
     def handle_forget(self, message: dict[str, Any]) -> dict[str, Any]:
         """A decode agent is about to free the memory it registered (sleep): drop its metadata, so
         that UCX closes the mappings it opened of that memory (a mapped buffer stays allocated)."""
