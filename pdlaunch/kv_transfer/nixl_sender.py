@@ -283,6 +283,19 @@ class PrefillSide:
             return ({t.request_id for t in self._tickets.values()}
                     | {h.request_id for h in self._holds.values() if h.busy})
 
+    def tell_decodes_to_forget(self) -> None:
+        """Before this prefill frees the memory it registered (sleep): ask every decode it pushed to,
+        by NIXL notification, to drop this agent's metadata (their mapping of that memory goes with
+        it). A decode that cannot be reached is logged and skipped."""
+        with self._lock:
+            loaded = [name for name, _ in self._peers.values()]
+        message = encode_notif("forget", agent_name=self.agent.name)
+        for name in loaded:
+            try:
+                self.agent.notify(name, message)
+            except Exception as exc:  # noqa: BLE001 (a NIXL error type per backend): sleep goes on
+                logger.warning("could not ask decode agent %s to forget this prefill before sleep: %s", name, exc)
+
     def handle_forget(self, message: dict[str, Any]) -> dict[str, Any]:
         """A decode agent is about to free the memory it registered (sleep): drop its metadata, so
         that UCX closes the mappings it opened of that memory (a mapped buffer stays allocated)."""

@@ -57,6 +57,17 @@ class PeerCache:
         for remote in remotes:
             self.agent.forget_remote(remote.agent_name)
 
+    def forget_agent(self, agent_name: str) -> None:
+        """Drop one prefill agent's metadata (it is going to sleep and asked for it); the next load
+        from that engine shakes hands again."""
+        with self._lock:
+            keys = [key for key, remote in self._remotes.items() if remote.agent_name == agent_name]
+            for key in keys:
+                del self._remotes[key]
+        if keys:
+            self.agent.forget_remote(agent_name)
+            logger.info("dropped the NIXL metadata of prefill agent %s (it goes to sleep)", agent_name)
+
     def get(self, params: dict[str, Any]) -> RemoteEngine:
         """The prefill engine named in kv_transfer_params, shaking hands on first use."""
         engine_id = str(params["remote_engine_id"])

@@ -48,9 +48,17 @@ def build_sleepy_engine(config_json: str, instance_json: str, staging_slots: int
         sender = engine.connector.sender
         return sorted(sender._peers) if sender is not None else []
 
-    def prefills_known() -> list[str]:
-        """Prefill engines whose NIXL metadata this decode holds (it shook hands with them)."""
+    def prefills_known(settle_s: float = 0.0) -> list[str]:
+        """Prefill engines whose NIXL metadata this decode holds (it shook hands with them). With
+        settle_s, first step the idle engine (as its loop does every 10 ms) until none is left or
+        settle_s passed: a sleeping prefill's "forget" notification arrives asynchronously."""
+        import time
+
         receiver = engine.connector.receiver
+        deadline = time.monotonic() + settle_s
+        while receiver is not None and receiver.peers.snapshot() and time.monotonic() < deadline:
+            engine.step()
+            time.sleep(0.01)
         return sorted(receiver.peers.snapshot()) if receiver is not None else []
 
     return {**methods, "sleep_wake": sleep_wake, "pushed_to": pushed_to, "prefills_known": prefills_known}, \
@@ -87,7 +95,7 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
             handshakes = decode.call("prefills_known")
             woke = {role: {"prefill": prefill, "decode": decode}[role].call("sleep_wake") for role in sleepers}
             woke["prefill_pushed_to"] = {"before": known, "after_sleeps": prefill.call("pushed_to")}
-            woke["decode_knows"] = {"before": handshakes, "after_sleeps": decode.call("prefills_known")}
+            woke["decode_knows"] = {"before": handshakes, "after_sleeps": decode.call("prefills_known", 5.0)}
             again = run_pd(prefill, decode, {f"{rid}-2": p for rid, p in PROMPTS.items()})
             assert _tokens(again) == {f"{rid}-2": toks for rid, toks in expected.items()}
             prefill.call("check")
@@ -100,8 +108,9 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
 
 
 # Pull: prefill sleeps (decode shakes hands anew). Push: decode sleeps too, so the prefill side WRITEs
-# into a staging buffer decode re-created.
-@pytest.mark.parametrize("mode, sleepers", [("pull", ["prefill"]), ("push", ["prefill", "decode"])])
+# into a staging buffer decode re-created; or only the prefill sleeps, and tells decode to forget it.
+@pytest.mark.parametrize("mode, sleepers", [("pull", ["prefill"]), ("push", ["prefill", "decode"]),
+                                            ("push", ["prefill"])])
 def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected: dict[str, list[int]],
                                                       mode: str, sleepers: list[str]) -> None:
     woke = _run_twice_around_a_sleep(llama_ckpt, expected, mode, sleepers, STAGING_SLOTS)
@@ -110,6 +119,10 @@ def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected
     if "decode" in sleepers:  # a sleeping decode drops the prefills' metadata (and their mappings)
         assert len(decode_knows["before"]) == 1 and decode_knows["after_sleeps"] == []
     if mode == "push":
+        # A sleeping prefill that pushed to the decode has it drop the prefill's metadata (its mapping
+        # of the prefill's freed staging buffer would keep that allocated on CUDA).
+        assert decode_knows["after_sleeps"] == []
+    if mode == "push" and "decode" in sleepers:
         # Decode asked the prefill to drop its metadata before freeing the buffer the prefill had
         # mapped (on CUDA the mapping would keep the freed buffer allocated).
         assert len(pushed_to["before"]) == 1 and pushed_to["after_sleeps"] == []
