@@ -1,6 +1,6 @@
 """Decode steps replayed from CUDA graphs, one graph per batch size of a ladder.
 
-A decode step of an 8B model is ~350 kernels that each run for microseconds; launched one by one
+A decode step of an 8B model is ~400 kernels that each run for microseconds; launched one by one
 from Python the host is the bottleneck (HF `generate`: 55 ms per token on an H100 against a 5.3 ms
 memory floor). A captured graph launches them all at once.
 
@@ -70,7 +70,7 @@ class DecodeGraphs:
         self._kv_caches = kv_caches
         b = self.max_batch
         pin = device.type == "cuda"
-        # [5 + G - 1, B]: ids, positions, seq_lens, context_lens, slots of group 0..G-1.
+        # [4 + G, B]: ids, positions, seq_lens, context_lens, slots of group 0..G-1.
         rows = _SLOTS + num_groups
         self.host = torch.zeros(rows, b, dtype=torch.long, pin_memory=pin)
         self.packed = torch.zeros(rows, b, dtype=torch.long, device=device)
@@ -162,8 +162,8 @@ class DecodeGraphs:
                     forward(batch)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            # thread_local: NIXL/UCX threads keep making CUDA calls of their own while a wake-up
-            # captures again; they touch none of the captured stream's work.
+            # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture (one
+            # run() starts after the KV moved); they touch none of the captured stream's work.
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = forward(batch)
             self.graphs[batch] = (graph, out)
