@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, llama3_8b_figures, matmul_rate  # noqa: E402
+from limits import copy_bandwidth, llama3_8b_figures, matmul_rate, time_ms  # noqa: E402
 
 from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
@@ -73,18 +73,6 @@ def prefill_ms(engine: LLMEngine, tokens: int, repeat: int = 5) -> float:
     return statistics.median(times)
 
 
-def replay_ms(graph: torch.cuda.CUDAGraph, repeat: int = 50) -> float:
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeat
-
-
 def engine_figures(ckpt: str, eager: bool, with_prefill: bool) -> dict[str, Any]:
     config = build_config(ckpt, "cuda", "bfloat16", {"max_num_seqs": 64, "max_num_batched_tokens": 8192,
                                                       "max_model_len": 8192, "enable_prefix_caching": False,
@@ -102,7 +90,7 @@ def engine_figures(ckpt: str, eager: bool, with_prefill: bool) -> dict[str, Any]
         graphs = engine.runner.graphs
         if graphs is not None:  # GPU time alone: replays of the last inputs (finished requests' slots)
             for size in (1, 64):
-                out[f"graph_b{size}_replay_ms"] = replay_ms(graphs.graphs[size][0])
+                out[f"graph_b{size}_replay_ms"] = time_ms(graphs.graphs[size][0].replay)
         if with_prefill:
             out["prefill_4096_ms"] = prefill_ms(engine, 4096)
         return out

@@ -23,7 +23,7 @@ from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
 from pdlaunch.engine.scheduler import ScheduledRequest
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
-from pdlaunch.memory.platform import device_memory_bytes
+from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
@@ -45,13 +45,6 @@ class StepInputs:
 
 
 NON_TORCH_CAP_BYTES = 2 * 2**30
-
-
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`; to CUDA from pinned memory without a stream sync."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class ModelRunner:
@@ -199,11 +192,11 @@ class ModelRunner:
         qsl = torch.zeros(len(query_lens) + 1, dtype=torch.long)
         torch.cumsum(q, 0, out=qsl[1:])
         return AttentionMetadata(
-            query_start_loc=_to(qsl, dev),
-            seq_lens=_to(seq_lens, dev),
-            context_lens=_to(ctx, dev),
-            slot_mapping=[_to(s, dev) for s in slot_mapping],
-            block_tables=[_to(t.clamp(min=0), dev) for t in block_tables],
+            query_start_loc=to_device_async(qsl, dev),
+            seq_lens=to_device_async(seq_lens, dev),
+            context_lens=to_device_async(ctx, dev),
+            slot_mapping=[to_device_async(s, dev) for s in slot_mapping],
+            block_tables=[to_device_async(t.clamp(min=0), dev) for t in block_tables],
             max_query_len=max(query_lens),
             max_seq_len=int(seq_lens.max()),
             query_lens_cpu=list(query_lens),
@@ -293,10 +286,11 @@ class ModelRunner:
                 return logits
             return logits[torch.tensor(inputs.sample_rows, device=self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
-        hidden = self.model(_to(inputs.input_ids, self.device), _to(inputs.positions, self.device), attn, self.kv_caches)
+        ids, positions = to_device_async(inputs.input_ids, self.device), to_device_async(inputs.positions, self.device)
+        hidden = self.model(ids, positions, attn, self.kv_caches)
         if not inputs.sample_rows:
             return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
-        return self.model.compute_logits(hidden[_to(torch.tensor(inputs.sample_rows), self.device)])
+        return self.model.compute_logits(hidden[to_device_async(torch.tensor(inputs.sample_rows), self.device)])
 
     def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
         """Run one step; returns float32 logits [N, V] of the requests that need a sample, in order."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from pdlaunch.engine.outputs import SamplingParams, TokenLogprob
+from pdlaunch.memory.platform import to_device_async
 
 
 @dataclass
@@ -52,11 +53,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 
 
 def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor without a stream sync (pinned source, async copy)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    """A small host list as a device tensor without a stream sync."""
+    return to_device_async(torch.tensor(values, dtype=dtype), device)
 
 
 class Sampler:

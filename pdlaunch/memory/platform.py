@@ -48,6 +48,14 @@ def device_memory_bytes(index: int = 0) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=1)
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA from pinned memory without a stream sync (torch's blocking
+    host-to-device copy synchronizes the stream, which would stall a step)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def is_cumem_allocator_available() -> bool:
     """True when the CuMem (cuMemCreate/cuMemMap) allocator can run here: CUDA and the driver API."""
     if not cuda_available() or torch.version.cuda is None:

@@ -26,17 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.triton_decode import triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@lru_cache(maxsize=1)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _interpret_mode() -> bool:
@@ -47,7 +39,7 @@ def _interpret_mode() -> bool:
 
 def _use_triton(t: torch.Tensor) -> bool:
     """True when `t`'s op should run the Triton kernel (CUDA or interpreter, not forced off)."""
-    if os.environ.get("PDLAUNCH_FUSED_OPS", "auto") == "torch" or not _triton_importable():
+    if os.environ.get("PDLAUNCH_FUSED_OPS", "auto") == "torch" or not triton_importable():
         return False
     return t.is_cuda or _interpret_mode()
 

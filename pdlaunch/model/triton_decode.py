@@ -22,7 +22,7 @@ import torch
 
 
 @lru_cache(maxsize=1)
-def _triton_importable() -> bool:
+def triton_importable() -> bool:
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -37,7 +37,7 @@ def paged_decode_available(kv_cache: torch.Tensor) -> bool:
         return False
     head_dim, block_size = kv_cache.shape[-1], kv_cache.shape[3]
     pow2 = head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
-    return pow2 and _triton_importable()
+    return pow2 and triton_importable()
 
 
 @lru_cache(maxsize=1)
