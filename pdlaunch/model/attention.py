@@ -42,7 +42,7 @@ class GroupPlan:
     layers_in_group: int
     block_size: int
     write_tokens: torch.Tensor | None  # [Tw] tokens that have a slot; None = every token
-    write_rows: torch.Tensor  # [Tw] flat row of (block, layer 0, k, offset)
+    write_rows: torch.Tensor | None  # [Tw] flat row of (block, layer 0, k, offset); None with write_slots
     decode_tokens: torch.Tensor | None  # [Sd] token index of each decode sequence
     decode_rows: torch.Tensor | None  # [Sd, K] flat rows of the keys each decode query may see
     decode_mask: torch.Tensor | None  # [Sd, 1, 1, K] bool
@@ -75,7 +75,7 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     if kv_cache is not None and attn.uniform_decode and graph_safe(kv_cache):
         _, layers, _, block_size, _, _ = kv_cache.shape
         num_seqs = attn.seq_lens.shape[0]
-        return GroupPlan(layers, block_size, write_tokens=None, write_rows=attn.slot_mapping[group],
+        return GroupPlan(layers, block_size, write_tokens=None, write_rows=None,
                          decode_tokens=torch.arange(num_seqs, device=device), decode_rows=None, decode_mask=None,
                          decode_block_table=attn.block_tables[group], decode_seq_lens=attn.seq_lens,
                          sliding_window=sliding_window, write_slots=attn.slot_mapping[group], decode_only=True)
@@ -87,15 +87,16 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     else:
         _, layers, _, block_size, _, _ = kv_cache.shape
         slots = attn.slot_mapping[group].long()
-        row_base = (slots // block_size) * (layers * 2 * block_size) + slots % block_size
-        valid = slots >= 0
-        if fused_available(kv_cache):
-            write_tokens, write_rows, write_slots = None, row_base, slots
-        elif bool(valid.all()):
-            write_tokens, write_rows = None, row_base
+        if fused_available(kv_cache):  # the kernel finds the rows and skips slot -1 itself
+            write_tokens, write_rows, write_slots = None, None, slots
         else:
-            write_tokens = valid.nonzero().squeeze(-1)
-            write_rows = row_base[write_tokens]
+            row_base = (slots // block_size) * (layers * 2 * block_size) + slots % block_size
+            valid = slots >= 0
+            if bool(valid.all()):
+                write_tokens, write_rows = None, row_base
+            else:
+                write_tokens = valid.nonzero().squeeze(-1)
+                write_rows = row_base[write_tokens]
     block_table = attn.block_tables[group].long() if kv_cache is not None else None
     plan = GroupPlan(layers, block_size, write_tokens, write_rows, None, None, None, sliding_window=sliding_window,
                      write_slots=write_slots)
@@ -176,7 +177,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if kv_cache is not None and plan.write_slots is not None:
         write_kv(kv_cache, k, v, plan.write_slots, layer_in_group)
     elif kv_cache is not None:
-        assert flat is not None
+        assert flat is not None and plan.write_rows is not None
         k_rows = plan.write_rows + plan.layer_offset(layer_in_group, 0)
         v_rows = plan.write_rows + plan.layer_offset(layer_in_group, 1)
         new_k = k if plan.write_tokens is None else k[plan.write_tokens]
