@@ -166,7 +166,7 @@ def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
     if target is not None:
         return int(target.gpu_memory_gib * memory_estimate.GIB)
     count = platform.device_count()
-    return min(platform.device_memory_bytes(i)[1] for i in range(count)) if count else None
+    return min(platform.device_total_bytes(i) for i in range(count)) if count else None
 
 
 def model_info_for(cfg: DeploymentConfig) -> tuple[ModelInfo | None, list[Problem]]:

@@ -204,17 +204,15 @@ class NixlConnector(KVConnector):
 
     def _tell_pushers_to_forget(self) -> None:
         """Prefill engines that pushed into this decode hold UCX mappings of its staging buffer, which
-        keep the buffer allocated after we free it; ask each to drop our metadata first. An engine
-        that does not answer is logged and skipped (its mapping then lives until it exits)."""
+        keep the buffer allocated after we free it; ask each to drop our metadata first (also one
+        that went to sleep before us and so left our peer cache). An engine that does not answer is
+        logged and skipped (its mapping then lives until it exits)."""
         if self.receiver is None:
             return
-        for remote in self.receiver.peers.snapshot().values():
-            if remote.mode != "push":
-                continue
-            host, port = remote.address
+        for (host, port), engine_id in self.receiver.peers.take_pushers().items():
             try:
                 side_channel.call(host, port, {"type": "forget", "agent_name": self.agent.name},
-                                  self.kv.handshake_timeout_seconds, f"asking prefill engine {remote.info.engine_id} "
+                                  self.kv.handshake_timeout_seconds, f"asking prefill engine {engine_id} "
                                   "to forget this decode before sleep")
             except KVTransferError as exc:
                 logger.warning("%s; its mapping of the staging buffer stays until it exits", exc)

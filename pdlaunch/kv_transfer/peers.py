@@ -40,11 +40,22 @@ class PeerCache:
         self.handshake_timeout = handshake_timeout
         self._remotes: dict[str, RemoteEngine] = {}
         self._locks: dict[str, threading.Lock] = {}
+        # Side channels of the prefill engines this decode handed its memory to for a push: each holds
+        # that metadata (and, on CUDA, a mapping of our staging buffer) until we ask it to forget. Kept
+        # apart from _remotes, which loses an engine when that engine goes to sleep first.
+        self._pushers: dict[tuple[str, int], str] = {}
         self._lock = threading.Lock()
 
     def snapshot(self) -> dict[str, RemoteEngine]:
         with self._lock:
             return dict(self._remotes)
+
+    def take_pushers(self) -> dict[tuple[str, int], str]:
+        """Side-channel address -> engine_id of every prefill engine shaken hands with in push mode
+        since the last call; the list starts empty again."""
+        with self._lock:
+            pushers, self._pushers = self._pushers, {}
+        return pushers
 
     def forget_all(self) -> None:
         """Drop every prefill engine's metadata (this decode goes to sleep): UCX closes the mappings it
@@ -89,6 +100,8 @@ class PeerCache:
                                          None if rank is None else int(rank))
                 with self._lock:
                     self._remotes[key] = cached
+                    if cached.mode == "push":
+                        self._pushers[cached.address] = engine_id
             return cached
 
     def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:

@@ -42,12 +42,12 @@ def bound_device_index() -> int | None:
 
 
 def device_memory_bytes(index: int = 0) -> tuple[int, int]:
-    """(free, total) bytes of a CUDA device."""
+    """(free, total) bytes of a CUDA device. This creates a CUDA context on it (about 500 MiB that the
+    process holds until it exits): the launcher uses `device_total_bytes` instead."""
     free, total = torch.cuda.mem_get_info(index)
     return int(free), int(total)
 
 
-@lru_cache(maxsize=1)
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`; to CUDA from pinned memory without a stream sync (torch's blocking
     host-to-device copy synchronizes the stream, which would stall a step)."""
@@ -56,6 +56,12 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def device_total_bytes(index: int = 0) -> int:
+    """Total bytes of a CUDA device, read without creating a CUDA context on it."""
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+@lru_cache(maxsize=1)
 def is_cumem_allocator_available() -> bool:
     """True when the CuMem (cuMemCreate/cuMemMap) allocator can run here: CUDA and the driver API."""
     if not cuda_available() or torch.version.cuda is None:

@@ -93,7 +93,14 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
             assert _tokens(run_pd(prefill, decode, PROMPTS)) == expected
             known = prefill.call("pushed_to")
             handshakes = decode.call("prefills_known")
-            woke = {role: {"prefill": prefill, "decode": decode}[role].call("sleep_wake") for role in sleepers}
+            woke = {}
+            for role in sleepers:
+                woke[role] = {"prefill": prefill, "decode": decode}[role].call("sleep_wake")
+                if role == "prefill":
+                    # As a serving decode's engine loop would: take the sleeping prefill's "forget"
+                    # notification before anything else happens, so a decode that sleeps next no
+                    # longer has that prefill in its peer cache.
+                    decode.call("prefills_known", 5.0)
             woke["prefill_pushed_to"] = {"before": known, "after_sleeps": prefill.call("pushed_to")}
             woke["decode_knows"] = {"before": handshakes, "after_sleeps": decode.call("prefills_known", 5.0)}
             again = run_pd(prefill, decode, {f"{rid}-2": p for rid, p in PROMPTS.items()})
@@ -124,7 +131,8 @@ def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected
         assert decode_knows["after_sleeps"] == []
     if mode == "push" and "decode" in sleepers:
         # Decode asked the prefill to drop its metadata before freeing the buffer the prefill had
-        # mapped (on CUDA the mapping would keep the freed buffer allocated).
+        # mapped (on CUDA the mapping would keep the freed buffer allocated), even though the
+        # prefill slept first and so had already left the decode's peer cache.
         assert len(pushed_to["before"]) == 1 and pushed_to["after_sleeps"] == []
     for role, report in woke.items():
         assert report["asleep"]["staging"] is None, f"{role}: the staging buffer should be gone while asleep"
