@@ -1,6 +1,7 @@
 """Sleep-mode acceptance run: a 1P1D deployment on one GPU with --enable-sleep-mode.
 
-Starts `pdlaunch serve` (prefill and decode sharing GPU 0, KV pushed), records greedy answers,
+Starts `pdlaunch serve` (prefill and decode sharing GPU 0, KV pushed; `--gpus 0,1 --mode pull` puts
+them on two GPUs and has decode READ), records greedy answers,
 then per instance: level-1 sleep (time, GPU memory the process held before/after, from
 nvidia-smi, plus the device-wide free memory from torch.cuda.mem_get_info), wake (time), answers
 again (must be identical, served PD through the proxy), and N more sleep/wake cycles watching the
@@ -51,15 +52,15 @@ def process_gpu_mib() -> dict[int, int]:
     return usage
 
 
-def device_used_gib() -> float:
+def device_used_gib(index: int = 0) -> float:
     import torch
 
-    free, total = torch.cuda.mem_get_info(0)
+    free, total = torch.cuda.mem_get_info(index)
     return (total - free) / 2**30
 
 
-def gpu_used_mib() -> int:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+def gpu_used_mib(index: int = 0) -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", str(index)],
                          capture_output=True, text=True, timeout=30).stdout
     return int(out.strip().splitlines()[0])
 
@@ -84,6 +85,8 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=20)
     parser.add_argument("--port", type=int, default=8300)
     parser.add_argument("--utilization", type=float, default=0.42)
+    parser.add_argument("--mode", default="push", choices=["push", "pull", "auto"], help="kv_transfer.transfer_mode")
+    parser.add_argument("--gpus", default="0", help="prefill's and decode's GPU: '0' shares one, '0,1' splits")
     parser.add_argument("--no-sleep", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -91,23 +94,25 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="pdl-sleep-"))
     sleep_yaml = "true" if not args.no_sleep else "false"
     config = work / "deploy.yaml"
-    devices = "devices: [0]" if args.device == "cuda" else ""
+    gpus = [int(g) for g in args.gpus.split(",")]
+    gpu_of = {"prefill": gpus[0], "decode": gpus[-1]}
+    placement = {role: f"devices: [{gpu}]" if args.device == "cuda" else "" for role, gpu in gpu_of.items()}
     config.write_text(f"""
 device: {args.device}
 model: {{path: {args.model}, dtype: {'bfloat16' if args.device == 'cuda' else 'float32'},
          enable_sleep_mode: {sleep_yaml}, max_model_len: 2048}}
 cache: {{gpu_memory_utilization: {args.utilization}, cpu_kv_cache_gb: 0.25}}
-kv_transfer: {{transfer_mode: push}}
+kv_transfer: {{transfer_mode: {args.mode}}}
 instances:
-  - {{role: prefill, count: 1, {devices}}}
-  - {{role: decode, count: 1, {devices}}}
+  - {{role: prefill, count: 1, {placement['prefill']}}}
+  - {{role: decode, count: 1, {placement['decode']}}}
 """)
     url = f"http://127.0.0.1:{args.port}"
     log = open(work / "serve.log", "w")
-    result: dict = {"model": args.model, "device": args.device}
+    result: dict = {"model": args.model, "device": args.device, "mode": args.mode, "gpus": gpus}
     if args.device == "cuda" and not args.no_sleep:
         # What is in use before the deployment starts: this process's own CUDA context and what the driver keeps.
-        result["baseline_used_gib"] = round(device_used_gib(), 3)
+        result["baseline_used_gib"] = {gpu: round(device_used_gib(gpu), 3) for gpu in sorted(set(gpus))}
     t0 = time.monotonic()
     serve = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(args.port),
                               "--log-dir", str(work / "logs")], stdout=log, stderr=subprocess.STDOUT)
@@ -127,13 +132,13 @@ instances:
         for role, info in infos.items():
             pid = info["pid"]
             held_before = process_gpu_mib().get(pid, 0)
-            used_before = device_used_gib()
+            used_before = device_used_gib(gpu_of[role])
             t = time.perf_counter()
             r = httpx.post(f"{info['url']}/sleep", params={"level": 1}, timeout=300)
             sleep_s = time.perf_counter() - t
             r.raise_for_status()
             held_asleep = process_gpu_mib().get(pid, 0)
-            used_asleep = device_used_gib()
+            used_asleep = device_used_gib(gpu_of[role])
             device_freed_mib = (used_before - used_asleep) * 1024
             per_instance[role] = {
                 "pid": pid, "held_before_mib": held_before, "held_asleep_mib": held_asleep,
@@ -146,7 +151,8 @@ instances:
         # Both asleep: where does the device's used memory sit? Every compute process (this one included)
         # against the device-wide figures, the baseline taken before the deployment started.
         result["both_asleep"] = {
-            "device_used_gib": round(device_used_gib(), 3), "nvidia_smi_used_mib": gpu_used_mib(),
+            "device_used_gib": {gpu: round(device_used_gib(gpu), 3) for gpu in sorted(set(gpus))},
+            "nvidia_smi_used_mib": {gpu: gpu_used_mib(gpu) for gpu in sorted(set(gpus))},
             "apps_mib": {str(pid): mib for pid, mib in process_gpu_mib().items()},
         }
         for role, info in infos.items():
@@ -170,7 +176,7 @@ instances:
                 t = time.perf_counter()
                 httpx.post(f"{info['url']}/wake_up", timeout=300).raise_for_status()
                 wakes.append(time.perf_counter() - t)
-            used_after_wake.append(round(device_used_gib(), 3))
+            used_after_wake.append(round(sum(device_used_gib(gpu) for gpu in set(gpus)), 3))
         wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "the proxy after the cycles", 60)
         result["answers_after_cycles_equal"] = answers(url) == before
         if sleeps:

@@ -120,6 +120,13 @@ class KVAgent:
     def metadata(self) -> bytes:
         return self.nixl.get_agent_metadata()
 
+    def connection_metadata(self) -> bytes:
+        """This agent's connection info and none of its memory: a peer that loads it can send us
+        notifications, and maps nothing of ours."""
+        from nixl import _bindings
+
+        return self.nixl.get_partial_agent_metadata(_bindings.nixlRegDList(_bindings.DRAM_SEG), True, ["UCX"])
+
     def add_remote(self, metadata: bytes) -> str:
         """Load a peer's metadata (once per peer name); returns the peer's agent name."""
         name = self.nixl.add_remote_agent(metadata)

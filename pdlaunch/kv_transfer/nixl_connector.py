@@ -128,7 +128,7 @@ class NixlConnector(KVConnector):
                 {"handshake": self._on_handshake, "push": self.sender.handle_push,
                  "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage,
                  "claim_read": self.sender.handle_claim_read, "cancel_push": self.sender.handle_cancel_push,
-                 "forget": self.sender.handle_forget},
+                 "forget": self.sender.handle_forget, "listen": self.sender.handle_listen},
                 io_timeout=max(self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds),
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
@@ -166,7 +166,8 @@ class NixlConnector(KVConnector):
         that pushed to it to drop its own: UCX maps a peer's registered GPU memory when it loads the
         peer's keys and unmaps it when they go, and until then the mapping keeps the memory allocated
         (1 GiB staging buffers; on one H100 a sleeping decode kept 1.1 GiB this way). A prefill has
-        no side channel to its decodes: it sends the decodes it pushed to a NIXL notification, which
+        no side channel to its decodes: it sends a NIXL notification to the decodes it pushed to and
+        to those that READ from it (they gave it their connection info at the handshake), which
         their engine loops handle within a step (~10 ms when idle)."""
         staging = self.staging
         in_use = staging.num_slots - staging.num_free() if staging is not None else 0
@@ -185,7 +186,7 @@ class NixlConnector(KVConnector):
         if self.receiver is not None:
             self.receiver.peers.forget_all()
         if self.sender is not None:
-            self.sender.tell_decodes_to_forget()
+            self.sender.tell_decodes_to_forget(self.kv_epoch)
         if staging is None:
             return
         self.agent.deregister()
@@ -346,7 +347,8 @@ class NixlConnector(KVConnector):
             elif notif["kind"] in ("push_done", "push_failed") and self.receiver is not None:
                 self.receiver.on_notif(notif)
             elif notif["kind"] == "forget" and self.receiver is not None:
-                self.receiver.peers.forget_agent(str(notif.get("agent_name")))
+                epoch = notif.get("kv_epoch")
+                self.receiver.peers.forget_agent(str(notif.get("agent_name")), None if epoch is None else int(epoch))
         now = time.monotonic()
         if self.sender is not None:
             events.finished_sending = self.sender.poll(now)

@@ -100,6 +100,9 @@ class PrefillSide:
         self._holds: dict[str, Hold] = {}
         self._tickets: dict[str, Ticket] = {}
         self._peers: dict[str, tuple[str, str]] = {}  # decode agent name -> (loaded name, its metadata hex)
+        # Decode agents that READ from us (pull) and gave their connection info only, so that a sleep
+        # can reach them: name -> loaded name.
+        self._listeners: dict[str, str] = {}
         self._timings: deque[PushTiming] = deque(maxlen=256)
         self._lock = threading.Lock()
         # Seed 000: CUDA's current device is per thread; bind it once when each sender thread starts.
@@ -273,6 +276,9 @@ class PrefillSide:
                 return loaded[0]
             if loaded is not None:
                 self.agent.forget_remote(loaded[0])
+            listener = self._listeners.pop(name, None)
+            if listener is not None:  # its connection info only: the full metadata replaces it
+                self.agent.forget_remote(listener)
             self._peers[name] = (self.agent.add_remote(bytes.fromhex(metadata_hex)), metadata_hex)
             return self._peers[name][0]
 
@@ -283,18 +289,28 @@ class PrefillSide:
             return ({t.request_id for t in self._tickets.values()}
                     | {h.request_id for h in self._holds.values() if h.busy})
 
-    def tell_decodes_to_forget(self) -> None:
-        """Before this prefill frees the memory it registered (sleep): ask every decode it pushed to,
-        by NIXL notification, to drop this agent's metadata (their mapping of that memory goes with
-        it). A decode that cannot be reached is logged and skipped."""
+    def tell_decodes_to_forget(self, kv_epoch: int) -> None:
+        """Before this prefill frees the memory it registered (sleep): ask every decode it pushed to
+        or that reads from it, by NIXL notification, to drop this agent's metadata of `kv_epoch`
+        (their mapping of that memory goes with it). A decode that cannot be reached is logged and
+        skipped."""
         with self._lock:
-            loaded = [name for name, _ in self._peers.values()]
-        message = encode_notif("forget", agent_name=self.agent.name)
+            loaded = [name for name, _ in self._peers.values()] + list(self._listeners.values())
+        message = encode_notif("forget", agent_name=self.agent.name, kv_epoch=kv_epoch)
         for name in loaded:
             try:
                 self.agent.notify(name, message)
             except Exception as exc:  # noqa: BLE001 (a NIXL error type per backend): sleep goes on
                 logger.warning("could not ask decode agent %s to forget this prefill before sleep: %s", name, exc)
+
+    def handle_listen(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A decode that READs from us (pull) gives its connection info, so that `tell_decodes_to_forget`
+        can reach it; we never load its memory's metadata in pull mode."""
+        name = str(message["agent_name"])
+        with self._lock:
+            if name not in self._peers and name not in self._listeners:
+                self._listeners[name] = self.agent.add_remote(bytes.fromhex(str(message["agent_metadata"])))
+        return {"listening": True}
 
     def handle_forget(self, message: dict[str, Any]) -> dict[str, Any]:
         """A decode agent is about to free the memory it registered (sleep): drop its metadata, so

@@ -68,14 +68,18 @@ class PeerCache:
         for remote in remotes:
             self.agent.forget_remote(remote.agent_name)
 
-    def forget_agent(self, agent_name: str) -> None:
-        """Drop one prefill agent's metadata (it is going to sleep and asked for it); the next load
-        from that engine shakes hands again."""
+    def forget_agent(self, agent_name: str, kv_epoch: int | None = None) -> None:
+        """Drop one prefill agent's metadata of `kv_epoch` (None: any): it is going to sleep and asked
+        for it; the next load from that engine shakes hands again. A notification that arrives late,
+        after a handshake with the woken engine loaded its newer metadata, leaves that alone."""
+        suffix = None if kv_epoch is None else f"@{kv_epoch}"
         with self._lock:
-            keys = [key for key, remote in self._remotes.items() if remote.agent_name == agent_name]
+            keys = [key for key, remote in self._remotes.items()
+                    if remote.agent_name == agent_name and (suffix is None or key.endswith(suffix))]
             for key in keys:
                 del self._remotes[key]
-        if keys:
+            still_used = any(remote.agent_name == agent_name for remote in self._remotes.values())
+        if keys and not still_used:
             self.agent.forget_remote(agent_name)
             logger.info("dropped the NIXL metadata of prefill agent %s (it goes to sleep)", agent_name)
 
@@ -125,4 +129,17 @@ class PeerCache:
         agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
         mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)
         logger.info("KV transfer with prefill engine %s (%s:%d): %s, because %s", engine_id, host, port, mode, reason)
+        if mode == "pull":
+            self._listen(engine_id, host, port)
         return RemoteEngine(info, agent_name, mode, reason, (host, port))
+
+    def _listen(self, engine_id: str, host: str, port: int) -> None:
+        """Give a prefill we READ from our connection info (no memory), so that it can tell us to drop
+        its metadata when it goes to sleep: our mapping of its memory would keep that allocated. Only
+        that release depends on it, so a failure is logged and the load goes on."""
+        try:
+            side_channel.call(host, port, {"type": "listen", "agent_name": self.agent.name,
+                                           "agent_metadata": self.agent.connection_metadata().hex()},
+                              self.handshake_timeout, f"giving prefill engine {engine_id} our NIXL connection info")
+        except KVTransferError as exc:
+            logger.warning("%s; if it sleeps, its freed KV memory stays mapped here until our next handshake", exc)

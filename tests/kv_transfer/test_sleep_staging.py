@@ -114,8 +114,9 @@ def _run_twice_around_a_sleep(llama_ckpt: Path, expected: dict[str, list[int]], 
         prefill.close()
 
 
-# Pull: prefill sleeps (decode shakes hands anew). Push: decode sleeps too, so the prefill side WRITEs
-# into a staging buffer decode re-created; or only the prefill sleeps, and tells decode to forget it.
+# Pull: prefill sleeps and tells the decode that READs from it to forget it (decode shakes hands anew).
+# Push: decode sleeps too, so the prefill side WRITEs into a staging buffer decode re-created; or only
+# the prefill sleeps, and tells decode to forget it.
 @pytest.mark.parametrize("mode, sleepers", [("pull", ["prefill"]), ("push", ["prefill", "decode"]),
                                             ("push", ["prefill"])])
 def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected: dict[str, list[int]],
@@ -125,10 +126,11 @@ def test_sleep_frees_and_recreates_the_staging_buffer(llama_ckpt: Path, expected
     decode_knows = woke.pop("decode_knows")
     if "decode" in sleepers:  # a sleeping decode drops the prefills' metadata (and their mappings)
         assert len(decode_knows["before"]) == 1 and decode_knows["after_sleeps"] == []
-    if mode == "push":
-        # A sleeping prefill that pushed to the decode has it drop the prefill's metadata (its mapping
-        # of the prefill's freed staging buffer would keep that allocated on CUDA).
-        assert decode_knows["after_sleeps"] == []
+    if "prefill" in sleepers:
+        # A sleeping prefill has the decode drop the prefill's metadata (its mapping of the prefill's
+        # freed staging buffer would keep that allocated on CUDA): by notification to a decode it
+        # pushed to, and in pull mode to one that gave it its connection info at the handshake.
+        assert len(decode_knows["before"]) == 1 and decode_knows["after_sleeps"] == []
     if mode == "push" and "decode" in sleepers:
         # Decode asked the prefill to drop its metadata before freeing the buffer the prefill had
         # mapped (on CUDA the mapping would keep the freed buffer allocated), even though the

@@ -1,0 +1,73 @@
+"""PeerCache: which prefill metadata a decode drops when a prefill says it goes to sleep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdlaunch.kv_transfer.handshake import HandshakeInfo
+from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
+
+
+class RecordingAgent:
+    name = "decode-agent"
+
+    def __init__(self) -> None:
+        self.forgotten: list[str] = []
+
+    def forget_remote(self, name: str) -> None:
+        self.forgotten.append(name)
+
+
+def _cache(mode: str) -> tuple[PeerCache, RecordingAgent, list[int]]:
+    agent = RecordingAgent()
+    cache = PeerCache(agent, spec=lambda: None, local_device=lambda: None,  # type: ignore[arg-type]
+                      transfer_mode=mode, handshake_timeout=1.0)
+    handshakes: list[int] = []
+
+    def handshake(engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
+        handshakes.append(port)
+        info = HandshakeInfo.model_construct(engine_id=engine_id)
+        return RemoteEngine(info, "prefill-agent", mode, "test", (host, port))
+
+    cache._handshake = handshake  # type: ignore[method-assign]  # no side channel in a unit test
+    return cache, agent, handshakes
+
+
+def _params(epoch: int) -> dict[str, Any]:
+    return {"remote_engine_id": "P", "remote_host": "127.0.0.1", "remote_port": 7000, "kv_epoch": epoch}
+
+
+def test_a_late_forget_leaves_the_woken_engines_metadata_alone() -> None:
+    """The prefill slept at epoch 0 and woke (epoch 1); our handshake with epoch 1 came before its
+    epoch-0 notification was read: only the epoch-0 entry goes, and NIXL keeps the loaded agent."""
+    cache, agent, handshakes = _cache("pull")
+    cache.get(_params(0))
+    cache.get(_params(1))
+    cache.forget_agent("prefill-agent", 0)
+    assert list(cache.snapshot()) == ["P@1"] and agent.forgotten == []
+    cache.get(_params(1))
+    assert len(handshakes) == 2, "the epoch-1 entry should still be cached"
+    cache.forget_agent("prefill-agent", 1)
+    assert cache.snapshot() == {} and agent.forgotten == ["prefill-agent"]
+
+
+def test_forget_without_an_epoch_drops_every_entry_of_the_agent() -> None:
+    cache, agent, _ = _cache("pull")
+    cache.get(_params(0))
+    cache.get(_params(1))
+    cache.forget_agent("prefill-agent")
+    assert cache.snapshot() == {} and agent.forgotten == ["prefill-agent"]
+
+
+def test_pushers_outlive_the_peer_cache_until_taken() -> None:
+    """A prefill we handed memory to for a push stays on the list to ask at our sleep, even after it
+    slept first and left the peer cache; pull peers never hold our memory and are not listed."""
+    cache, _, _ = _cache("push")
+    cache.get(_params(0))
+    cache.forget_agent("prefill-agent", 0)
+    assert cache.snapshot() == {}
+    assert cache.take_pushers() == {("127.0.0.1", 7000): "P"}
+    assert cache.take_pushers() == {}
+    pull, _, _ = _cache("pull")
+    pull.get(_params(0))
+    assert pull.take_pushers() == {}
