@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import Any
 
 import torch
@@ -78,6 +79,10 @@ class KVAgent:
         self.nixl = api.nixl_agent(name, config)
         self._registered: Any = None
         self._extra: list[Any] = []  # later registrations (resharding staging buffers)
+        # Our metadata, packed once per set of registrations (every push request carries it; packing
+        # walks every registered region). The lock keeps a registration change and a packing apart.
+        self._metadata: bytes | None = None
+        self._metadata_lock = threading.Lock()
         self._remote_agents: set[str] = set()
         self.mem_type = "DRAM"
         self.device_id = 0
@@ -91,13 +96,17 @@ class KVAgent:
                 raise KVTransferError("a KV cache tensor is not contiguous", hint="allocate it with torch.empty")
         self.mem_type = "DRAM" if kv_caches[0].device.type == "cpu" else "VRAM"
         self.device_id = max(kv_caches[0].get_device(), 0)
-        self._registered = self.nixl.register_memory(kv_caches)
+        with self._metadata_lock:
+            self._registered = self.nixl.register_memory(kv_caches)
+            self._metadata = None
 
     def deregister(self) -> None:
         """Deregister what `register` registered (before that memory is freed, e.g. for sleep)."""
-        if self._registered is not None:
-            self.nixl.deregister_memory(self._registered)
-            self._registered = None
+        with self._metadata_lock:
+            if self._registered is not None:
+                self.nixl.deregister_memory(self._registered)
+                self._registered = None
+                self._metadata = None
 
     def reregister(self, kv_caches: list[torch.Tensor]) -> None:
         """Register the KV caches again: after a wake-up their physical pages are new (CuMem keeps
@@ -115,10 +124,16 @@ class KVAgent:
         """Register more memory of the same kind after `register` (a buffer allocated on first need)."""
         if self._registered is None:
             raise KVTransferError("register the KV caches before extra buffers")
-        self._extra.append(self.nixl.register_memory(tensors))
+        with self._metadata_lock:
+            self._extra.append(self.nixl.register_memory(tensors))
+            self._metadata = None
 
     def metadata(self) -> bytes:
-        return self.nixl.get_agent_metadata()
+        """Everything a peer needs to reach our registered memory (packed again after a registration change)."""
+        with self._metadata_lock:
+            if self._metadata is None:
+                self._metadata = self.nixl.get_agent_metadata()
+            return self._metadata
 
     def connection_metadata(self) -> bytes:
         """This agent's connection info and none of its memory: a peer that loads it can send us
@@ -176,5 +191,6 @@ class KVAgent:
         if self._registered is not None:
             self.nixl.deregister_memory(self._registered)
             self._registered = None
+        self._metadata = None
         # Dropping the last reference destroys the native agent (UCX workers, listen sockets).
         self.nixl = None
