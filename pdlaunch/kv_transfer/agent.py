@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any
 
 import torch
@@ -79,10 +78,6 @@ class KVAgent:
         self.nixl = api.nixl_agent(name, config)
         self._registered: Any = None
         self._extra: list[Any] = []  # later registrations (resharding staging buffers)
-        # Our metadata, packed once per set of registrations (every push request carries it; packing
-        # walks every registered region). The lock keeps a registration change and a packing apart.
-        self._metadata: bytes | None = None
-        self._metadata_lock = threading.Lock()
         self._remote_agents: set[str] = set()
         self.mem_type = "DRAM"
         self.device_id = 0
@@ -96,17 +91,13 @@ class KVAgent:
                 raise KVTransferError("a KV cache tensor is not contiguous", hint="allocate it with torch.empty")
         self.mem_type = "DRAM" if kv_caches[0].device.type == "cpu" else "VRAM"
         self.device_id = max(kv_caches[0].get_device(), 0)
-        with self._metadata_lock:
-            self._registered = self.nixl.register_memory(kv_caches)
-            self._metadata = None
+        self._registered = self.nixl.register_memory(kv_caches)
 
     def deregister(self) -> None:
         """Deregister what `register` registered (before that memory is freed, e.g. for sleep)."""
-        with self._metadata_lock:
-            if self._registered is not None:
-                self.nixl.deregister_memory(self._registered)
-                self._registered = None
-                self._metadata = None
+        if self._registered is not None:
+            self.nixl.deregister_memory(self._registered)
+            self._registered = None
 
     def reregister(self, kv_caches: list[torch.Tensor]) -> None:
         """Register the KV caches again: after a wake-up their physical pages are new (CuMem keeps
@@ -124,16 +115,10 @@ class KVAgent:
         """Register more memory of the same kind after `register` (a buffer allocated on first need)."""
         if self._registered is None:
             raise KVTransferError("register the KV caches before extra buffers")
-        with self._metadata_lock:
-            self._extra.append(self.nixl.register_memory(tensors))
-            self._metadata = None
+        self._extra.append(self.nixl.register_memory(tensors))
 
     def metadata(self) -> bytes:
-        """Everything a peer needs to reach our registered memory (packed again after a registration change)."""
-        with self._metadata_lock:
-            if self._metadata is None:
-                self._metadata = self.nixl.get_agent_metadata()
-            return self._metadata
+        return self.nixl.get_agent_metadata()
 
     def connection_metadata(self) -> bytes:
         """This agent's connection info and none of its memory: a peer that loads it can send us
@@ -191,6 +176,5 @@ class KVAgent:
         if self._registered is not None:
             self.nixl.deregister_memory(self._registered)
             self._registered = None
-        self._metadata = None
         # Dropping the last reference destroys the native agent (UCX workers, listen sockets).
         self.nixl = None
