@@ -153,8 +153,7 @@ def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[s
         if rid in events.finished_recving:
             return time.perf_counter() - t0, start, time.monotonic()
         # Yield the GIL between polls, as the engine does while only transfers are in flight: a busy
-        # loop here starves the connector's loader thread (Python hands the GIL over every 5 ms) and
-        # timed that wait, 1-4 ms per load on an H100, rather than the transfer path.
+        # loop here would compete with the connector's loader thread for it.
         time.sleep(_POLL_SECONDS)
     raise KVTransferError(f"bench load of {n} tokens did not finish within {timeout:g}s")
 
