@@ -8,6 +8,7 @@ one descriptor of `count * block_bytes` bytes: MiB-sized for real models.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pdlaunch.errors import KVTransferError
@@ -65,16 +66,20 @@ def pair_blocks(
     return pairs
 
 
-def coalesce(pairs: list[tuple[int, int]]) -> list[BlockRun]:
-    """Merge pairs whose local and remote ids both continue the previous run (order kept)."""
+def coalesce(pairs: Iterable[tuple[int, int]]) -> list[BlockRun]:
+    """Merge pairs whose local and remote ids both continue the previous run (order kept). One
+    BlockRun per run, not per pair: a push of an 8k-token prompt passes 512 pairs through here."""
     runs: list[BlockRun] = []
+    local_start = remote_start = count = 0
     for local, remote in pairs:
-        if runs:
-            last = runs[-1]
-            if local == last.local_start + last.count and remote == last.remote_start + last.count:
-                runs[-1] = BlockRun(last.local_start, last.remote_start, last.count + 1)
-                continue
-        runs.append(BlockRun(local, remote, 1))
+        if count and local == local_start + count and remote == remote_start + count:
+            count += 1
+            continue
+        if count:
+            runs.append(BlockRun(local_start, remote_start, count))
+        local_start, remote_start, count = local, remote, 1
+    if count:
+        runs.append(BlockRun(local_start, remote_start, count))
     return runs
 
 

@@ -329,16 +329,17 @@ class DecodeSide:
             if load.state == "staging":
                 self._run_staged(load, remote, spec)
                 return
-            local: list[tuple[int, int]] = []
-            rem: list[tuple[int, int]] = []
-            for g, pairs in enumerate(load.pairs):
-                runs = coalesce([(p[1], p[2]) for p in pairs])
-                lo, ro = run_descriptors(runs, spec.kv_caches[g].data_ptr(), remote.info.base_addrs[g], spec.block_bytes[g])
-                local += lo
-                rem += ro
             if remote.mode == "pull":
+                local: list[tuple[int, int]] = []
+                rem: list[tuple[int, int]] = []
+                for g, pairs in enumerate(load.pairs):
+                    runs = coalesce((p[1], p[2]) for p in pairs)
+                    lo, ro = run_descriptors(runs, spec.kv_caches[g].data_ptr(), remote.info.base_addrs[g],
+                                             spec.block_bytes[g])
+                    local += lo
+                    rem += ro
                 self._pull(load, remote, local, rem)
-            else:
+            else:  # the prefill side builds the descriptors of a push
                 pairs = [[[p[1], p[2]] for p in group] for group in load.pairs]
                 self._push(load, [t.data_ptr() for t in spec.kv_caches], pairs, spec, last=True)
         except KVTransferError as e:

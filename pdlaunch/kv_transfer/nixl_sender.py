@@ -356,7 +356,7 @@ class PrefillSide:
             local: list[tuple[int, int]] = []
             remote: list[tuple[int, int]] = []
             for g, group in enumerate(pairs):
-                runs = coalesce([(src, p[0]) for src, p in zip(sources[g], group)])
+                runs = coalesce((src, p[0]) for src, p in zip(sources[g], group))
                 lo, re = run_descriptors(runs, bases[g], message["base_addrs"][g], self.spec.block_bytes[g])
                 local += lo
                 remote += re

@@ -39,6 +39,24 @@ def test_coalesce_merges_runs_consecutive_on_both_sides() -> None:
     assert remote == [(5500, 200), (5700, 100), (5200, 100), (5900, 300)]
 
 
+def test_coalesce_gives_back_every_pair_in_maximal_runs() -> None:
+    import random
+
+    rng = random.Random(0)
+    for _ in range(500):
+        pairs, local, remote = [], rng.randint(0, 9), rng.randint(0, 9)
+        for _ in range(rng.randint(0, 30)):
+            if rng.random() < 0.3:
+                local, remote = rng.randint(0, 60), rng.randint(0, 60)
+            pairs.append((local, remote))
+            local, remote = local + 1, remote + (1 if rng.random() < 0.9 else 2)
+        runs = coalesce(iter(pairs))  # any iterable, consumed once
+        assert [(r.local_start + i, r.remote_start + i) for r in runs for i in range(r.count)] == pairs
+        for a, b in zip(runs, runs[1:]):
+            assert (b.local_start, b.remote_start) != (a.local_start + a.count, a.remote_start + a.count)
+    assert coalesce([]) == []
+
+
 def test_coalesced_descriptor_is_the_bytes_of_the_block_run() -> None:
     spec = make_spec(num_blocks=8)
     cache = spec.kv_caches[0]
