@@ -1,4 +1,4 @@
-"""Sleep-mode acceptance run: a 1P1D deployment on one GPU with --enable-sleep-mode.
+"""Sleep-mode acceptance run: a 1P1D deployment with --enable-sleep-mode (one GPU by default).
 
 Starts `pdlaunch serve` (prefill and decode sharing GPU 0, KV pushed; `--gpus 0,1 --mode pull` puts
 them on two GPUs and has decode READ), records greedy answers,
