@@ -39,6 +39,7 @@ FLAG_PATHS: dict[str, str] = {
     "log_dir": "log_dir",
     "node_rank": "parallel.node_rank",
     "seed": "model.seed",
+    "api_key": "security.api_key",
 }
 
 # Flags typed as str so that a bad value reaches our validation (field named, fix hinted)
@@ -73,13 +74,16 @@ _OPTS: list[tuple[str, Any, str]] = [
     ("log_dir", Optional[str], "Directory for per-instance logs."),
     ("node_rank", Optional[int], "Which node of `parallel.nodes` this is."),
     ("seed", Optional[int], "Default sampling seed."),
+    ("api_key", Optional[str], "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY)."),
 ]
+_ENVVARS = {"api_key": "PDLAUNCH_API_KEY"}
 for _name, _type, _help in _OPTS:
     _flag = "--" + _name.replace("_", "-")
     _default = False if _type is bool else None
     _SERVE_PARAMS.append(inspect.Parameter(
         _name, inspect.Parameter.KEYWORD_ONLY, default=_default,
-        annotation=Annotated[_type, typer.Option(_flag, help=_help, show_default=False)]))
+        annotation=Annotated[_type, typer.Option(_flag, help=_help, show_default=False,
+                                                 envvar=_ENVVARS.get(_name))]))
 
 
 def with_serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -80,6 +80,26 @@ class ProxyConfig(StrictModel):
     port: int = Field(8000, description="Proxy port (the one clients use).")
     routing_policy: Literal["round_robin", "least_loaded"] = Field("round_robin", description="Instance choice.")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")
+    restart: bool = Field(True, description="Restart the proxy if it dies (same port).")
+
+
+class SecurityConfig(StrictModel):
+    api_key: str | None = Field(None, min_length=1, description="Clients must send `Authorization: Bearer KEY` "
+                                "(also PDLAUNCH_API_KEY); /health stays open. Unset: no client auth.")
+    deployment_secret: str | None = Field(None, min_length=16, description="Shared by every instance, rank and "
+                                          "the proxy to authenticate KV side-channel messages and internal "
+                                          "kv_transfer_params (also PDLAUNCH_DEPLOYMENT_SECRET). Unset: the "
+                                          "launcher makes one; multi-node: give the same value on every node.")
+    max_request_bytes: int = Field(16 << 20, gt=0, description="Largest HTTP request body accepted (413 above).")
+
+
+class SupervisionConfig(StrictModel):
+    restart_backoff_seconds: float = Field(1.0, gt=0, description="Wait before the first restart of a dead "
+                                           "process; doubles per consecutive failure (at most 30 s).")
+    max_restarts: int = Field(5, ge=0, description="Consecutive failed restarts (died before ready) of one "
+                              "process before the deployment stops with exit 1.")
+    role_down_grace_seconds: float = Field(120.0, gt=0, description="Stop with exit 1 when a role has had no "
+                                           "live instance for this long.")
 
 
 class InstanceGroupConfig(StrictModel):
@@ -89,6 +109,8 @@ class InstanceGroupConfig(StrictModel):
     devices: list[int] | None = Field(None, description="CUDA devices for the group, tp per instance, in order.")
     node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
     base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
+    restart: bool = Field(True, description="Restart a dead instance of this group (with backoff) instead of "
+                                            "stopping the deployment.")
 
 
 def default_instances() -> list[InstanceGroupConfig]:
@@ -105,6 +127,8 @@ class DeploymentConfig(StrictModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     instances: list[InstanceGroupConfig] = Field(default_factory=default_instances)
 
     @model_validator(mode="before")
