@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,32 @@ POLL_S = 0.25
 HTTP_TIMEOUT_S = 2.0
 DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
 INSTANCE_TERM_TIMEOUT_S = 5.0
+
+
+SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
+API_KEY_ENV = "PDLAUNCH_API_KEY"
+
+
+def with_deployment_secret(cfg: DeploymentConfig) -> DeploymentConfig:
+    """The config with `security.deployment_secret` filled: the user's (config or PDLAUNCH_DEPLOYMENT_SECRET,
+    needed to be the same on every node), else a fresh random one for this single-node deployment."""
+    if cfg.security.deployment_secret:
+        return cfg
+    given = os.environ.get(SECRET_ENV)
+    if not given and cfg.parallel.nodes and len(cfg.parallel.nodes) > 1:
+        raise PdlaunchError("a multi-node deployment needs one shared secret", field="security.deployment_secret",
+                            hint=f"set security.deployment_secret (16+ characters) or {SECRET_ENV} to the same "
+                                 "value on every node, e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`")
+    security = cfg.security.model_copy(update={"deployment_secret": given or secrets.token_hex(32)})
+    return cfg.model_copy(update={"security": security})
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` readable by this user only: the file carries the deployment secret and API key."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 class ChildExited(PdlaunchError):
@@ -61,11 +88,11 @@ def _cpu_threads(num_local: int) -> dict[str, str]:
 class Deployment:
     def __init__(self, cfg: DeploymentConfig, console: Console | None = None, log_dir: Path | None = None,
                  drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
-        self.cfg = cfg
+        check_side_channel_reach(cfg)
+        self.cfg = cfg = with_deployment_secret(cfg)
         self.console = console or Console()
         self.log_dir = Path(log_dir or cfg.log_dir)
         self.drain_timeout_s = drain_timeout_s
-        check_side_channel_reach(cfg)
         self.plan: DeploymentPlan = plan_deployment(cfg)
         self.instances: list[ChildProcess] = []
         self.ranks: list[ChildProcess] = []  # this node's ranks of instances whose rank 0 is on another node
@@ -98,7 +125,7 @@ class Deployment:
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
         deployment_file = self.log_dir / "deployment.json"
-        deployment_file.write_text(instance_config(self.cfg).model_dump_json(indent=2))
+        write_private(deployment_file, instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
         threads = _cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
         for plan in self.plan.instances:
@@ -132,7 +159,7 @@ class Deployment:
                 return True
             if not self._wait_remote(view, deadline, ready_timeout, should_stop):
                 return False
-            self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log")
+            self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log", env=self._proxy_env())
             self.proxy.start()
             self.rows["proxy"].state = "starting"
             view.update()
@@ -148,6 +175,14 @@ class Deployment:
         for plan in self.plan.instances:
             argv += [f"--{plan.spec.role}", f"{plan.spec.name}={plan.url}"]
         return argv
+
+    def _proxy_env(self) -> dict[str, str]:
+        """Secrets reach the proxy through its environment, never its argv (visible in `ps`)."""
+        security = self.cfg.security
+        env = {SECRET_ENV: security.deployment_secret or ""}
+        if security.api_key:
+            env[API_KEY_ENV] = security.api_key
+        return env
 
     def _health_url(self, child: ChildProcess) -> str:
         return (self.plan.proxy_url if child is self.proxy else self.url_of(child.name)) + "/health"

@@ -16,17 +16,19 @@ from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.plan import plan_deployment
 from tests.config.cli_helpers import check, invoke
 
+SECURITY = {"deployment_secret": "multinode-test-secret-0123456789"}
 NODES = {"nodes": [{"address": "127.0.0.1"}, {"address": "127.0.0.2"}]}
 
 
 def _cfg(tmp_path: Path, **data: object) -> DeploymentConfig:
     return DeploymentConfig.model_validate({"device": "cpu", "log_dir": str(tmp_path / "logs"),
-                                            "proxy": {"port": 0}, "parallel": NODES, **data})
+                                            "proxy": {"port": 0}, "parallel": NODES, "security": SECURITY, **data})
 
 
 def test_serve_refuses_a_loopback_side_channel_between_nodes(tmp_path: Path) -> None:
     path = tmp_path / "two.yaml"
     path.write_text("parallel: {nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]}\n"
+                    "security: {deployment_secret: multinode-test-secret-0123456789}\n"
                     "instances:\n  - {role: prefill, node: 0}\n  - {role: decode, node: 1, base_port: 9100}\n")
     result = invoke(["serve", str(path), "--model", "demo", "--device", "cpu", "--log-dir", str(tmp_path)])
     assert result.exit_code == 1

@@ -41,6 +41,7 @@ kv_transfer:
   side_channel_host: 0.0.0.0
   side_channel_port: {SIDE_CHANNEL_PORT}
 proxy: {{host: {a}, port: {PROXY_PORT}}}
+security: {{deployment_secret: multinode-test-secret-0123456789}}
 instances:
   - {{role: prefill, count: 1, tp: 2, node: 0, base_port: {PREFILL_PORT}}}
   - {{role: decode, count: 1, tp: 2, node: 1, base_port: {DECODE_PORT}}}
