@@ -3,25 +3,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+# vLLM's thresholds (vllm/sampling_params.py): a temperature below SAMPLING_EPS is greedy; one in
+# [SAMPLING_EPS, MIN_RANDOM_TEMPERATURE) is raised to MIN_RANDOM_TEMPERATURE, because dividing float32
+# logits by less overflows to inf and the softmax turns into NaN (1e-40 sampled token 0 every time).
+SAMPLING_EPS = 1e-5
+MIN_RANDOM_TEMPERATURE = 1e-2
+MAX_INT32 = 2**31 - 1
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 class SamplingParams(BaseModel):
-    """Per-request sampling. Invalid values raise a pydantic ValidationError naming the field."""
+    """Per-request sampling. Invalid values raise a pydantic ValidationError naming the field.
 
-    model_config = ConfigDict(extra="forbid")
+    Every number is finite and bounded (NaN, Infinity and 100-digit integers are refused here,
+    not somewhere inside a tensor), with vLLM's ranges.
+    """
 
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0)  # 0 = greedy
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_tokens: int = Field(16, ge=1, le=MAX_INT32)
+    temperature: float = Field(1.0, ge=0.0)  # 0 (or below SAMPLING_EPS) = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)  # -1 or 0 = off
-    seed: int | None = None
+    top_k: int = Field(-1, ge=-1, le=MAX_INT32)  # -1 or 0 = off
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # top-n alternatives per token; 0 = chosen token only
+
+    @field_validator("temperature")
+    @classmethod
+    def _numerically_safe(cls, value: float) -> float:
+        if value < SAMPLING_EPS:
+            return 0.0
+        return max(value, MIN_RANDOM_TEMPERATURE)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Token sampling for a batch of requests, each with its own SamplingParams.
 
-Greedy rows take the argmax. Random rows scale by temperature, keep the top_k logits and the
+Greedy rows (temperature below SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by temperature, keep the top_k logits and the
 smallest set whose probability reaches top_p, then sample by the exponential race
 (argmax p_i / E_i with E_i ~ Exp(1), which draws i with probability p_i). A seeded request draws
 its E from its own generator, one draw of V values per token, so its tokens do not depend on what
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdlaunch.engine.outputs import SamplingParams, TokenLogprob
+from pdlaunch.engine.outputs import MIN_RANDOM_TEMPERATURE, SamplingParams, TokenLogprob
 from pdlaunch.memory.platform import to_device_async
 
 
@@ -69,13 +69,15 @@ class Sampler:
         """logits: [N, V] float32, one row per request in `rows`."""
         num_rows, vocab = logits.shape
         chosen = logits.argmax(dim=-1)
-        random_rows = [i for i, r in enumerate(rows) if r.params.temperature > 0 and r.params.top_k != 1]
+        random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             dev = logits.device
             idx = to_device(random_rows, torch.long, dev)
             sub = logits.index_select(0, idx)
             temps = to_device([rows[i].params.temperature for i in random_rows], sub.dtype, dev)
-            sub = sub / temps.unsqueeze(1)
+            # SamplingParams already keeps temperatures >= MIN_RANDOM_TEMPERATURE; the clamp keeps the
+            # division finite for params built without validation (model_construct).
+            sub = sub / temps.clamp_min(MIN_RANDOM_TEMPERATURE).unsqueeze(1)
             top_k = [rows[i].params.top_k if rows[i].params.top_k > 0 else vocab for i in random_rows]
             top_p = [rows[i].params.top_p for i in random_rows]
             if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):

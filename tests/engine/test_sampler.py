@@ -106,3 +106,33 @@ def test_invalid_sampling_values_name_the_field() -> None:
         with pytest.raises(ValidationError) as info:
             SamplingParams(**bad)  # type: ignore[arg-type]
         assert list(bad)[0] in str(info.value)
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
+    {"seed": -1}, {"seed": 2**64}, {"max_tokens": 2**40}, {"top_k": 10**30}, {"stop_token_ids": [-1]},
+])
+def test_non_finite_and_out_of_range_values_are_refused(bad: dict) -> None:
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(**bad)
+    assert list(bad)[0] in str(info.value)
+    assert SamplingParams(seed=2**64 - 1).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("tiny", [1e-40, 1e-30, 1e-6, 0.0])
+def test_temperature_below_eps_is_greedy(tiny: float) -> None:
+    s = Sampler("cpu", seed=9)
+    x = logits(3, seed=9)
+    params = SamplingParams(temperature=tiny)
+    assert params.temperature == 0.0 and params.greedy
+    assert s(x, [row(s, temperature=tiny) for _ in range(3)]).token_ids == x.argmax(-1).tolist()
+
+
+def test_small_temperature_is_raised_to_a_finite_division_and_stays_near_greedy() -> None:
+    assert SamplingParams(temperature=1e-4).temperature == 1e-2
+    s = Sampler("cpu", seed=10)
+    x = logits(4, seed=10) * 1e4  # large logits: a 1e-4 division would overflow float32 to inf
+    out = s(x, [row(s, temperature=1e-4) for _ in range(4)])
+    assert out.token_ids == x.argmax(-1).tolist()
+    unchecked = SampleRow(SamplingParams.model_construct(temperature=1e-40, top_k=-1, top_p=1.0, logprobs=None))
+    assert s(x[:1], [unchecked]).token_ids == x[:1].argmax(-1).tolist()
