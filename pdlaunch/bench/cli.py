@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -184,3 +184,80 @@ def kv_transfer(
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
     if not all(r["verified"] for r in rows):
         raise _fail(["the decode side's KV bytes differ from the prefill side's after a transfer (rows marked NO)"])
+
+
+def _number_list(text: Optional[str], flag: str, cast: type) -> Optional[list[Any]]:
+    """`"2,4,8"` -> [2, 4, 8]; None stays None. A bad item fails naming `flag`."""
+    if text is None:
+        return None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        values = [cast(item) for item in items]
+    except ValueError:
+        kind = "integers" if cast is int else "numbers"
+        raise _fail([f"{flag}: {text!r} is not a comma-separated list of {kind}"]) from None
+    if not values:
+        raise _fail([f"{flag}: the list is empty"])
+    return values
+
+
+@bench_app.command("compare")
+def compare(
+    model: Annotated[str, typer.Option("--model", help="Local HF checkpoint directory, or `demo`.")],
+    rates: Annotated[str, typer.Option("--rates", help="Offered request rates, req/s, comma-separated: 2,4,8.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for compare.json, goodput.png and the logs.")],
+    gpus: Annotated[
+        Optional[str], typer.Option("--gpus", help="GPU indices both deployments use, e.g. 0,1 (default: 0..P+D-1).")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests per rate.")] = 160,
+    input_len: Annotated[int, typer.Option("--input-len", help="Prompt tokens per request.")] = 3072,
+    output_len: Annotated[int, typer.Option("--output-len", help="Output tokens per request (ignore_eos).")] = 128,
+    ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms", help="TTFT SLO, ms.")] = 400.0,
+    tpot_slo_ms: Annotated[float, typer.Option("--tpot-slo-ms", help="TPOT SLO, ms.")] = 15.0,
+    colocated_instances: Annotated[
+        Optional[int], typer.Option("--colocated-instances", help="Colocated instances (default: one per GPU; "
+                                    "CPU: prefill + decode).")
+    ] = None,
+    prefill: Annotated[int, typer.Option("--prefill", help="Prefill instances of the PD deployment.")] = 1,
+    decode: Annotated[int, typer.Option("--decode", help="Decode instances of the PD deployment.")] = 1,
+    burstiness: Annotated[
+        float, typer.Option("--burstiness", help="Gamma shape of arrivals: 1 Poisson, <1 burstier.")
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Workload seed (rate i uses seed + i).")] = 0,
+    num_warmups: Annotated[int, typer.Option("--num-warmups", help="Unmeasured requests before each rate.")] = 2,
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Prompt token ids drawn from [10, V).")] = 500,
+    max_model_len: Annotated[
+        Optional[int], typer.Option("--max-model-len", help="Longest prompt + output of every instance.")
+    ] = None,
+    config: Annotated[
+        Optional[Path], typer.Option("--config", help="Base deployment YAML (its instances are replaced).")
+    ] = None,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 600.0,
+    ready_timeout: Annotated[
+        float, typer.Option("--ready-timeout", help="Seconds to wait for a deployment to be ready.")
+    ] = 900.0,
+) -> None:
+    """Colocated instances, then a PD deployment, on the same devices: goodput, TTFT, TPOT per rate, side by side."""
+    from pdlaunch.bench.compare import CompareConfig, run_compare
+    from pdlaunch.bench.compare_report import report_comparison
+
+    console = Console()
+    try:
+        cfg = CompareConfig.model_validate(dict(
+            model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
+            rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
+            output_len=output_len, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+            colocated_instances=colocated_instances, prefill=prefill, decode=decode, burstiness=burstiness,
+            seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len, config=config,
+            request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
+        ))
+        runs = run_compare(cfg, console)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: both deployments stopped, no report")
+        raise typer.Exit(code=130) from None
+    except ValidationError as exc:
+        raise _fail(_validation_lines(exc)) from None
+    except PdlaunchError as exc:
+        raise _fail(exc.render().splitlines()) from None
+    report_comparison(console, cfg, runs)

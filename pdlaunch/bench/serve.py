@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pdlaunch.bench.report import (
+    BenchMetrics,
     RequestResult,
     calculate_metrics,
     parse_goodput,
@@ -289,15 +290,12 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestR
     return results, duration, model
 
 
-def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) -> dict[str, Any]:
-    """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
-    console = console or Console()
+def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list[RequestResult], dict[str, Any]]:
+    """Run the workload of `cfg` once; returns the metrics, per-request results and the JSON document.
+    Prints only the progress line; a run where every request failed is returned, not raised."""
     goodput_ms = parse_goodput(cfg.goodput)
-    if cfg.plot_dir is not None:
-        require_matplotlib()  # fail before the run, not after it
     results, duration, model = asyncio.run(_bench(cfg, console))
     metrics = calculate_metrics(results, duration, goodput_ms)
-    print_report(console, metrics, results, goodput_ms)
     run_info = {
         "backend": "openai-chat" if cfg.is_chat else "openai",
         "base_url": cfg.base_url,
@@ -310,11 +308,22 @@ def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) ->
         "request_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,
         "burstiness": cfg.burstiness,
         "max_concurrency": cfg.max_concurrency,
+        "seed": cfg.seed,
         "goodput_slos_ms": goodput_ms,
     }
-    doc = result_dict(metrics, results, run_info)
+    return metrics, results, result_dict(metrics, results, run_info)
+
+
+def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) -> dict[str, Any]:
+    """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
+    console = console or Console()
+    if cfg.plot_dir is not None:
+        require_matplotlib()  # fail before the run, not after it
+    metrics, results, doc = measure(cfg, console)
+    print_report(console, metrics, results, doc["goodput_slos_ms"])
+    model = doc["model_id"]
     if cfg.save_result or cfg.result_filename:
-        default_name = f"pdlaunch-{run_info['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
+        default_name = f"pdlaunch-{doc['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
         name = cfg.result_filename or default_name
         path = cfg.result_dir / name
         write_json(doc, path)

@@ -1,0 +1,218 @@
+"""`pdlaunch bench compare`: colocated instances, then a PD deployment, on the same devices in turn,
+each driven through the same `bench serve` workload at every rate.
+
+Both deployments see the same requests: prompts, lengths and arrivals come from `seed + i` at the
+i-th rate (fresh prompts per rate, so that prefix caching cannot serve a later rate from an earlier
+one), identical for the two deployments. Every instance runs with TP 1, one per GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from rich.console import Console
+
+from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
+from pdlaunch.bench.serve import ServeBenchConfig, measure
+from pdlaunch.config.loader import load_valid_deployment
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.launcher.serve import report_child_exit
+
+DeploymentKind = Literal["colocated", "pd"]
+KINDS: tuple[DeploymentKind, ...] = ("colocated", "pd")
+
+
+class CompareConfig(BaseModel):
+    """Every flag of `bench compare`; field names are the flag names (`input_len` -> `--input-len`)."""
+
+    model: str
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: Optional[list[int]] = None  # None: GPUs 0 .. prefill+decode-1
+    rates: list[float] = Field(min_length=1)  # requests/s
+    num_prompts: int = Field(160, ge=1)
+    input_len: int = Field(3072, ge=1)
+    output_len: int = Field(128, ge=1)
+    ttft_slo_ms: float = Field(400.0, gt=0)
+    tpot_slo_ms: float = Field(15.0, gt=0)
+    colocated_instances: Optional[int] = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
+    prefill: int = Field(1, ge=1)
+    decode: int = Field(1, ge=1)
+    burstiness: float = Field(1.0, gt=0)
+    seed: int = 0
+    num_warmups: int = Field(2, ge=0)
+    vocab_size: int = Field(500, gt=10)
+    max_model_len: Optional[int] = Field(None, ge=1)
+    config: Optional[Path] = None  # base deployment YAML; its instances/colocated are replaced
+    request_timeout: float = Field(600.0, gt=0)
+    ready_timeout: float = Field(READY_TIMEOUT_S, gt=0)
+    out: Path
+
+    @field_validator("rates")
+    @classmethod
+    def _positive_rates(cls, rates: list[float]) -> list[float]:
+        bad = [r for r in rates if not (r > 0 and math.isfinite(r))]
+        if bad:
+            raise ValueError(f"every rate must be a positive, finite number of requests/s; got {bad[0]:g}")
+        if len(set(rates)) != len(rates):
+            raise ValueError("a rate is listed twice")
+        return sorted(rates)
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "CompareConfig":
+        if self.model != "demo" and not Path(os.path.expanduser(self.model)).is_dir():
+            raise ValueError(f"--model: {self.model!r} is not a directory (give a local HF checkpoint or `demo`)")
+        if self.config is not None and not self.config.is_file():
+            raise ValueError(f"--config: {str(self.config)!r} is not a file")
+        return self
+
+    @property
+    def slo(self) -> Slo:
+        return Slo(ttft_ms=self.ttft_slo_ms, tpot_ms=self.tpot_slo_ms)
+
+
+class Layout(BaseModel):
+    """Where the two deployments run: resolved device, GPUs, instance counts."""
+
+    device: Literal["cpu", "cuda"]
+    gpus: list[int]  # empty on CPU
+    colocated: int
+    prefill: int
+    decode: int
+
+
+def resolve_layout(cfg: CompareConfig) -> Layout:
+    """Check the devices against this machine. Raises PdlaunchError naming the flag."""
+    from pdlaunch.memory import platform
+
+    device = "cpu" if cfg.device == "cpu" else platform.resolve_device(cfg.device)
+    if cfg.device == "cuda" and not platform.cuda_available():
+        raise PdlaunchError("no CUDA device is visible on this machine", field="--device", hint="use --device cpu")
+    pd_count = cfg.prefill + cfg.decode
+    if device == "cpu":
+        if cfg.gpus is not None:
+            raise PdlaunchError("GPUs were listed but the deployments run on CPU", field="--gpus",
+                                hint="drop --gpus, or pass --device cuda on a GPU host")
+        return Layout(device="cpu", gpus=[], colocated=cfg.colocated_instances or pd_count,
+                      prefill=cfg.prefill, decode=cfg.decode)
+    visible = platform.device_count()
+    gpus = cfg.gpus if cfg.gpus is not None else list(range(pd_count))
+    for gpu in gpus:
+        if not 0 <= gpu < visible:
+            raise PdlaunchError(f"GPU {gpu} does not exist (this machine has {visible}: 0..{visible - 1})",
+                                field="--gpus", hint="list visible GPU indices, e.g. --gpus 0,1")
+    if len(set(gpus)) != len(gpus):
+        raise PdlaunchError("a GPU is listed twice", field="--gpus", hint="list each GPU once")
+    if pd_count != len(gpus):
+        raise PdlaunchError(f"{cfg.prefill} prefill + {cfg.decode} decode instances need {pd_count} GPUs, "
+                            f"--gpus lists {len(gpus)}", field="--gpus",
+                            hint="both deployments run one instance per listed GPU: make --prefill + --decode "
+                                 "equal the number of GPUs")
+    colocated = cfg.colocated_instances or len(gpus)
+    if colocated != len(gpus):
+        raise PdlaunchError(f"{colocated} colocated instances on {len(gpus)} GPUs", field="--colocated-instances",
+                            hint="on GPUs the colocated deployment is one instance per listed GPU; drop the flag")
+    return Layout(device="cuda", gpus=gpus, colocated=colocated, prefill=cfg.prefill, decode=cfg.decode)
+
+
+def _groups(kind: DeploymentKind, layout: Layout) -> list[dict[str, Any]]:
+    def group(role: str, count: int, first: int) -> dict[str, Any]:
+        g: dict[str, Any] = {"role": role, "count": count, "tp": 1}
+        if layout.device == "cuda":
+            g["devices"] = layout.gpus[first:first + count]
+        return g
+
+    if kind == "colocated":
+        return [group("colocated", layout.colocated, 0)]
+    return [group("prefill", layout.prefill, 0), group("decode", layout.decode, layout.prefill)]
+
+
+def describe(kind: DeploymentKind, layout: Layout) -> str:
+    where = (lambda gs: f"GPU {','.join(map(str, gs))}") if layout.device == "cuda" else (lambda gs: "CPU")
+    if kind == "colocated":
+        return f"{layout.colocated} colocated ({where(layout.gpus)})"
+    return (f"{layout.prefill}P ({where(layout.gpus[:layout.prefill])}) + "
+            f"{layout.decode}D ({where(layout.gpus[layout.prefill:])})")
+
+
+def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) -> DeploymentConfig:
+    """The validated config of one deployment (the same validation as `pdlaunch serve`)."""
+    overrides: dict[str, Any] = {
+        "model.path": cfg.model, "device": layout.device, "colocated": kind == "colocated",
+        "instances": _groups(kind, layout), "log_dir": str(cfg.out / "logs" / kind),
+        "proxy.port": PortAllocator("127.0.0.1").free("the proxy"),
+        # the client gives up on a request after --request-timeout; the proxy must not give up first
+        "proxy.request_timeout_seconds": cfg.request_timeout + 30.0,
+    }
+    if cfg.max_model_len is not None:
+        overrides["model.max_model_len"] = cfg.max_model_len
+    return load_valid_deployment(cfg.config, overrides)
+
+
+class DeploymentRun(BaseModel):
+    kind: DeploymentKind
+    description: str
+    pids: list[int] = []  # every child process (instances and proxy)
+    stopped: bool = False  # every child ended and was reaped
+    points: list[RatePoint] = []
+    raw: list[dict[str, Any]] = []  # the `bench serve` result document per rate
+
+
+def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchConfig:
+    return ServeBenchConfig(
+        base_url=base_url, num_prompts=cfg.num_prompts, random_input_len=cfg.input_len,
+        random_output_len=cfg.output_len, request_rate=cfg.rates[index], burstiness=cfg.burstiness,
+        num_warmups=cfg.num_warmups, goodput=cfg.slo.as_goodput_specs(), vocab_size=cfg.vocab_size,
+        ignore_eos=True, seed=cfg.seed + index, request_timeout=cfg.request_timeout,
+    )
+
+
+def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console) -> DeploymentRun:
+    """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C)."""
+    run = DeploymentRun(kind=kind, description=describe(kind, layout))
+    console.rule(f"{kind}: {run.description}")
+    deployment = Deployment(deployment_config(cfg, layout, kind), console)
+    clean = False
+    try:
+        deployment.start(ready_timeout=cfg.ready_timeout)
+        run.pids = [c.pid for c in deployment.children if c.pid is not None]
+        if deployment.proxy_url is None:
+            raise PdlaunchError("the deployment has no proxy on this node", field="--config",
+                                hint="compare runs on one node; drop parallel.nodes from the config")
+        for i, rate in enumerate(cfg.rates):
+            dead = deployment.dead_child()
+            if dead is not None:
+                raise ChildExited(*dead)
+            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
+            point = rate_point(rate, doc, cfg.slo)
+            run.points.append(point)
+            run.raw.append(doc)
+            console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s, served {point.served:.2f}/s, "
+                          f"{point.within_slo}/{point.num_prompts} within SLOs, TTFT p50 {point.ttft_p50_ms:.0f} ms, "
+                          f"TPOT p50 {point.tpot_p50_ms:.1f} ms", highlight=False)
+        clean = True
+    except ChildExited as exc:
+        report_child_exit(console, exc)
+        raise PdlaunchError(f"the {kind} deployment lost a process: {exc.message}",
+                            hint=f"its log: {exc.child.log_path}") from None
+    finally:
+        deployment.stop(drain=clean)
+        run.stopped = all(c.poll() is not None for c in deployment.children)
+        console.print(f"{kind} deployment stopped: {len(run.pids)} processes reaped" if run.stopped
+                      else f"[red]{kind} deployment: a child did not stop[/red]", highlight=False)
+    return run
+
+
+def run_compare(cfg: CompareConfig, console: Console) -> list[DeploymentRun]:
+    """Both deployments in turn on the same devices; each is stopped before the next starts."""
+    layout = resolve_layout(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:  # fail on a config problem of either before spending time on the first
+        deployment_config(cfg, layout, kind)
+    return [run_deployment(cfg, layout, kind, console) for kind in KINDS]

@@ -1,0 +1,101 @@
+"""What `pdlaunch bench compare` reports: a side-by-side table per rate, a JSON of every raw figure,
+a goodput-against-rate PNG (matplotlib is optional) and the highest rate PD sustains within the SLOs."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from pdlaunch.bench.compare import CompareConfig, DeploymentRun
+from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, highest_rate_within
+from pdlaunch.bench.report import require_matplotlib, write_json
+from pdlaunch.errors import PdlaunchError
+
+JSON_NAME = "compare.json"
+PLOT_NAME = "goodput.png"
+
+
+def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
+    table = Table(title=f"Goodput: requests with TTFT <= {cfg.ttft_slo_ms:g} ms and TPOT <= {cfg.tpot_slo_ms:g} ms, "
+                        "per second", title_justify="left")
+    for col in ("rate/s", "deployment", "goodput/s", "served/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+                "within SLO"):
+        table.add_column(col, justify="left" if col == "deployment" else "right")
+    for i, rate in enumerate(cfg.rates):
+        for k, run in enumerate(runs):
+            if i >= len(run.points):
+                continue
+            p = run.points[i]
+            table.add_row(
+                f"{rate:g}" if k == 0 else "", run.description, f"{p.goodput:.2f}", f"{p.served:.2f}",
+                f"{p.ttft_p50_ms:.0f} ms", f"{p.ttft_p99_ms:.0f} ms", f"{p.tpot_p50_ms:.1f} ms",
+                f"{p.tpot_p99_ms:.1f} ms", f"{100 * p.within_share:.0f}%",
+                end_section=k == len(runs) - 1,
+            )
+    return table
+
+
+def verdict(run: DeploymentRun) -> tuple[Optional[float], str]:
+    """The highest rate `run` keeps >= 90% of requests within the SLOs at, and the sentence that says so."""
+    best = highest_rate_within(run.points)
+    share = f"{100 * WITHIN_SLO_SHARE:.0f}%"
+    if best is None:
+        lowest = min(p.rate for p in run.points)
+        return None, f"{run.description} keeps < {share} of requests within the SLOs already at {lowest:g} req/s"
+    tail = " (the highest rate measured: try higher rates)" if best == max(p.rate for p in run.points) else ""
+    return best, f"{run.description} keeps >= {share} of requests within the SLOs up to {best:g} req/s{tail}"
+
+
+def compare_document(cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str, Any]:
+    pd = next(run for run in runs if run.kind == "pd")
+    best, sentence = verdict(pd)
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
+        "settings": cfg.model_dump(mode="json"),
+        "within_slo_share": WITHIN_SLO_SHARE,
+        "pd_highest_rate_within_slo": best,
+        "verdict": sentence,
+        "deployments": [
+            {"kind": run.kind, "description": run.description, "pids": run.pids, "stopped": run.stopped,
+             "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
+             "highest_rate_within_slo": highest_rate_within(run.points), "raw": run.raw}
+            for run in runs
+        ],
+    }
+
+
+def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path) -> Path:
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run in runs:
+        ax.plot([p.rate for p in run.points], [p.goodput for p in run.points], marker="o", label=run.description)
+    ax.plot(cfg.rates, cfg.rates, linestyle=":", color="grey", label="offered rate")
+    ax.set_xlabel("offered rate (requests/s)")
+    ax.set_ylabel("goodput (requests/s within SLOs)")
+    ax.set_title(f"TTFT <= {cfg.ttft_slo_ms:g} ms, TPOT <= {cfg.tpot_slo_ms:g} ms; "
+                 f"{cfg.input_len} in / {cfg.output_len} out tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_comparison(console: Console, cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str, Any]:
+    """Print the table and the verdict, write the JSON and (with matplotlib) the plot into `cfg.out`."""
+    console.print(comparison_table(runs, cfg))
+    doc = compare_document(cfg, runs)
+    json_path = cfg.out / JSON_NAME
+    write_json(doc, json_path)
+    console.print(doc["verdict"], highlight=False)
+    console.print(f"Wrote {json_path}", highlight=False)
+    try:
+        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME)}", highlight=False)
+    except PdlaunchError:
+        console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False)
+    return doc

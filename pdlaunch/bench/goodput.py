@@ -1,0 +1,90 @@
+"""Goodput arithmetic of `pdlaunch bench compare`: which requests meet the SLOs, one figure row per rate,
+and the highest rate a deployment sustains.
+
+A request is within the SLOs when it completed, its TTFT <= ttft_slo_ms and its TPOT <= tpot_slo_ms,
+TPOT as in report.py: (E2EL - TTFT) / (output_len - 1), counted 0 for output_len <= 1. A failed
+request is never within. Goodput = requests within / benchmark duration (s), as `bench serve` reports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field
+
+from pdlaunch.bench.report import MS_PER_S
+
+WITHIN_SLO_SHARE = 0.9  # "PD keeps >= 90% of requests within the SLOs" (issue 15)
+
+
+class Slo(BaseModel):
+    ttft_ms: float = Field(gt=0)
+    tpot_ms: float = Field(gt=0)
+
+    def as_goodput_specs(self) -> list[str]:
+        """The same SLOs as `bench serve --goodput` takes them."""
+        return [f"ttft:{self.ttft_ms:g}", f"tpot:{self.tpot_ms:g}"]
+
+
+def request_tpot_s(ttft_s: float, e2el_s: float, output_len: int) -> float:
+    return (e2el_s - ttft_s) / (output_len - 1) if output_len > 1 else 0.0
+
+
+def meets_slo(slo: Slo, ok: bool, ttft_s: float, e2el_s: float, output_len: int) -> bool:
+    if not ok:
+        return False
+    tpot_s = request_tpot_s(ttft_s, e2el_s, output_len)
+    return ttft_s * MS_PER_S <= slo.ttft_ms and tpot_s * MS_PER_S <= slo.tpot_ms
+
+
+def count_within(doc: dict[str, Any], slo: Slo) -> int:
+    """Requests of one `bench serve` result document (per-request lists) that meet both SLOs."""
+    return sum(
+        meets_slo(slo, not err, ttft, e2el, out)
+        for err, ttft, e2el, out in zip(doc["errors"], doc["ttfts"], doc["e2els"], doc["output_lens"])
+    )
+
+
+class RatePoint(BaseModel):
+    """One deployment at one offered rate. Latencies in ms, rates in requests/s."""
+
+    rate: float
+    num_prompts: int
+    completed: int
+    within_slo: int
+    duration_s: float
+    goodput: float
+    served: float  # completed requests per second
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tpot_p50_ms: float
+    tpot_p99_ms: float
+
+    @property
+    def within_share(self) -> float:
+        return self.within_slo / self.num_prompts if self.num_prompts else 0.0
+
+
+def rate_point(rate: float, doc: dict[str, Any], slo: Slo) -> RatePoint:
+    """The comparison row of one `bench serve` result document."""
+    within = count_within(doc, slo)
+    duration = float(doc["duration"])
+    return RatePoint(
+        rate=rate, num_prompts=len(doc["errors"]), completed=int(doc["completed"]), within_slo=within,
+        duration_s=duration, goodput=within / duration if duration > 0 else 0.0,
+        served=float(doc["request_throughput"]),
+        ttft_p50_ms=float(doc["median_ttft_ms"]), ttft_p99_ms=float(doc["p99_ttft_ms"]),
+        tpot_p50_ms=float(doc["median_tpot_ms"]), tpot_p99_ms=float(doc["p99_tpot_ms"]),
+    )
+
+
+def highest_rate_within(points: list[RatePoint], share: float = WITHIN_SLO_SHARE) -> Optional[float]:
+    """The highest rate up to which the deployment *keeps* >= `share` of requests within the SLOs: every
+    measured rate up to and including it qualifies. A pass above a failed lower rate is noise, not
+    capacity, so it does not count. None when the lowest measured rate already misses."""
+    best: Optional[float] = None
+    for point in sorted(points, key=lambda p: p.rate):
+        if point.within_share < share:
+            break
+        best = point.rate
+    return best
