@@ -168,6 +168,12 @@ class TPConnector(KVConnector):
             self._drain.setdefault(request_id, set()).update(busy)
         return bool(self._drain.get(request_id))
 
+    def release_held(self, request_id: str) -> bool:
+        """Every rank holds its slice of the request's blocks: release them all (each rank reports
+        finished_sending, and the request is freed when all have)."""
+        replies = [*self.mirror("release_held", (request_id,), True), self.local.release_held(request_id)]
+        return any(replies)
+
     def info(self) -> dict[str, Any]:
         info = dict(self.local.info())
         info["tp_size"] = self.tp_size
@@ -190,4 +196,6 @@ def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, method:
         return connector.get_finished()
     if method == "abort_load":
         return connector.abort_load(*args)
+    if method == "release_held":
+        return connector.release_held(*args)
     raise ValueError(f"connector method {method!r} is not mirrored")

@@ -211,6 +211,13 @@ class LLMEngine:
         self.scheduler.finish_request(tracked.request, "abort")
         return self.outputs.output(request_id, [], "")
 
+    def release_held_kv(self, request_id: str) -> bool:
+        """Prefill: free the blocks held for `request_id`'s decode leg now (it will not run); the next
+        step frees them. False when nothing is held for it (never held, already sent or expired)."""
+        if self.connector is None or request_id not in self.scheduler.held:
+            return False
+        return self.connector.release_held(request_id)
+
     @property
     def rank_engine_ids(self) -> list[str]:
         """engine_id as each TP rank holds it, in rank order (all equal after the sync); /info shows it."""

@@ -137,6 +137,14 @@ class KVConnector(ABC):
         `get_finished().safe_to_free` names the request. False/None: free them now."""
         return False
 
+    def release_held(self, request_id: str) -> bool:
+        """Prefill: the decode leg of `request_id` will not run (the client went away, the decode
+        refused the request): free its held blocks now instead of at the lease's end. The blocks
+        are reported in a later `get_finished().finished_sending` (at once, or when a push or
+        staging copy that is reading them ends). Returns False when the request is not held here,
+        or a decode READ has claimed it (that claim's own cap bounds it)."""
+        return False
+
     def before_sleep(self) -> None:
         """The engine is idle and about to release its device memory (sleep mode): drop the device
         memory this connector holds itself (e.g. a staging buffer). `register_kv_caches`, called

@@ -357,6 +357,9 @@ class NixlConnector(KVConnector):
             events.draining, events.safe_to_free = self.receiver.poll_draining(now)
         return events
 
+    def release_held(self, request_id: str) -> bool:
+        return self.sender.release(request_id) if self.sender is not None else False
+
     def abort_load(self, request_id: str) -> bool:
         return self.receiver.abort(request_id) if self.receiver is not None else False
 

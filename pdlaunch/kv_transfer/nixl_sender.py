@@ -131,6 +131,18 @@ class PrefillSide:
             logger.warning("KV %s notification for request %s, which is not held (lease expired?)",
                            notif.get("kind"), request_id)
 
+    def release(self, request_id: str) -> bool:
+        """The decode leg of `request_id` will not run: free the hold at the next `poll`, or once a push
+        or staging copy reading it ends (no new one starts: cancelled). A hold a decode READ claimed
+        stays until that READ's notification or cap."""
+        with self._lock:
+            hold = self._holds.get(request_id)
+            if hold is None or hold.read_claimed:
+                return False
+            hold.cancelled = hold.done = True
+        logger.info("KV of request %s released early: its decode leg will not run", request_id)
+        return True
+
     def poll(self, now: float) -> set[str]:
         """Requests whose blocks may be freed now; counts lease expiries."""
         finished: set[str] = set()

@@ -241,6 +241,11 @@ class StorageConnector(KVConnector):
         self._finished.discard(request_id)
         self._failed.pop(request_id, None)
 
+    def release_held(self, request_id: str) -> bool:
+        """Nothing to release: a prefill saves its KV to files when the request finishes and holds
+        no blocks for the decode leg."""
+        return False
+
     def info(self) -> dict[str, Any]:
         return {"connector": "storage", "role": self.role, "engine_id": self.engine_id,
                 "transfer_mode": "storage", "transfer_mode_reason": "kv_transfer.connector is storage",

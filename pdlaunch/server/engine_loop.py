@@ -156,6 +156,22 @@ class EngineLoop:
         except asyncio.TimeoutError:
             raise OpenAIError(503, f"engine thread did not answer within {timeout:.0f}s") from None
 
+    async def release_held_kv(self, request_id: str, timeout: float = 10.0) -> bool:
+        """Prefill: free the KV blocks held for a request whose decode leg will not run (the client
+        went away after the prefill leg, or the decode refused the request), instead of keeping
+        them for the whole kv_transfer.kv_lease_seconds.
+
+        `request_id` is the engine's request id, which the prefill's answer carries as
+        `kv_transfer_params.remote_request_id`. Usage from a route handler (authenticate first):
+        `released = await engine_loop.release_held_kv(params["remote_request_id"])`.
+        Returns True when the blocks are freed at the next engine step (or once a transfer still
+        reading them ends), False when nothing is held for that id (never held, already sent,
+        expired, or a decode is reading it now). Raises OpenAIError 503 when the engine is not
+        ready or does not answer within `timeout` seconds."""
+        if self.state != "ready":
+            raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        return bool(await self.call(lambda engine: engine.release_held_kv(request_id), timeout))
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._commands.put(None)
