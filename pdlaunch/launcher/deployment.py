@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -100,6 +101,7 @@ class Deployment:
         self.rows: dict[str, StatusRow] = {}
         self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S)
         self._stopping = False
+        self.deployment_file = self.log_dir / "deployment.json"
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
 
     @property
@@ -124,7 +126,7 @@ class Deployment:
         PdlaunchError if not everything was ready within `ready_timeout` seconds.
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        deployment_file = self.log_dir / "deployment.json"
+        deployment_file = self.deployment_file
         write_private(deployment_file, instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
         threads = _cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
@@ -184,7 +186,22 @@ class Deployment:
             env[API_KEY_ENV] = security.api_key
         return env
 
-    def _health_url(self, child: ChildProcess) -> str:
+    def restart_child(self, child: ChildProcess, restart: int, why: str) -> str:
+        """Start a dead local instance or the proxy again, its log appended to. An instance keeps its
+        planned ports but gets a new engine_id (planned id + "-r<restart>"): its NIXL agent is new, and
+        peers must not reuse what they cached for the dead one. Returns the new engine_id ("" for the proxy)."""
+        child.signal_group(signal.SIGKILL)  # TP workers the dead leader left behind
+        if child is self.proxy:
+            child.start(note=f"restart {restart} of the proxy ({why})")
+            return ""
+        plan = next(p for p in self.plan.local if p.spec.name == child.name)
+        engine_id = f"{plan.spec.engine_id}-r{restart}"
+        spec = plan.spec.model_copy(update={"engine_id": engine_id})
+        child.argv = _instance_argv(self.deployment_file, InstancePlan(spec, plan.url, plan.local))
+        child.start(note=f"restart {restart} of {child.name} ({why}); engine_id {engine_id}")
+        return engine_id
+
+    def health_url(self, child: ChildProcess) -> str:
         return (self.plan.proxy_url if child is self.proxy else self.url_of(child.name)) + "/health"
 
     def _wait_ready(self, children: list[ChildProcess], view: StatusView, deadline: float, timeout: float,
@@ -247,7 +264,7 @@ class Deployment:
         """GET /health (and /info for block counts) of one child; updates its status row."""
         row = self.rows[child.name]
         try:
-            response = self._http.get(self._health_url(child))
+            response = self._http.get(self.health_url(child))
         except httpx.HTTPError:
             return row.state
         row.state = "ready" if response.status_code == 200 else "loading"
@@ -264,10 +281,10 @@ class Deployment:
         self.rows[name].blocks_total = info.get("num_blocks_total")
 
     # -- supervise and stop --------------------------------------------------------------------------
-    def dead_child(self) -> tuple[ChildProcess, int] | None:
-        """A child that ended (with its exit code), if any. A remote rank that ended cleanly (its rank 0
-        on another node shut its instance down) is no failure: it is reaped and dropped."""
-        for child in self.children:
+    def dead_child(self, only: list[ChildProcess] | None = None) -> tuple[ChildProcess, int] | None:
+        """A child (of `only`, default all) that ended, with its exit code, if any. A remote rank that ended
+        cleanly (its rank 0 on another node shut its instance down) is no failure: it is reaped and dropped."""
+        for child in list(self.children if only is None else only):
             code = child.poll()
             if code == 0 and child in self.ranks:
                 self.ranks.remove(child)

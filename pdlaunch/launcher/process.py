@@ -28,14 +28,26 @@ class ChildProcess:
     def pid(self) -> int | None:
         return self.popen.pid if self.popen is not None else None
 
-    def start(self) -> None:
+    def start(self, note: str | None = None) -> None:
+        """Start the process. With `note` (a restart), the log is appended to, after a line saying so."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "wb")
+        self.close_log()
+        self._log = open(self.log_path, "ab" if note else "wb")
+        if note:
+            self._log.write(f"\n===== pdlaunch: {note} =====\n".encode())
+            self._log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.popen = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
         )
+
+    def describe_exit(self) -> str:
+        """How the process ended, in words ("was killed by signal 9", "exited with code 1")."""
+        code = self.poll()
+        if code is None:
+            return "is running"
+        return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
     def poll(self) -> int | None:
         """Exit code once the process ended (it is reaped then), else None."""

@@ -1,7 +1,9 @@
 """`pdlaunch serve`: start a deployment, supervise it, stop it cleanly.
 
 Exit codes: 0 after Ctrl-C/SIGTERM (in-flight requests drained, children reaped, ports free);
-1 when a child died unexpectedly (named, with its last log lines) or startup failed.
+1 when startup failed, or while serving (launcher/supervisor.py) when a dead process may not be
+restarted, its restarts keep failing, or a role stayed without a live instance past the grace
+(named, with its log file and last log lines).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from types import FrameType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, ChildExited, Deployment
+from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
 
 SUPERVISE_POLL_S = 0.2
 LOG_TAIL_LINES = 20
@@ -47,13 +52,17 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def report_child_exit(console: Console, exc: ChildExited) -> None:
-    console.print(f"[red]error:[/red] {exc.message}; stopping the deployment", highlight=False)
-    lines = exc.child.tail(LOG_TAIL_LINES)
+def report_failure(console: Console, message: str, child: ChildProcess) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}; stopping the deployment", highlight=False, soft_wrap=True)
+    lines = child.tail(LOG_TAIL_LINES)
     if lines:
-        console.print(f"last {len(lines)} lines of {exc.child.log_path}:", highlight=False)
+        console.print(f"last {len(lines)} lines of {child.log_path}:", highlight=False, markup=False)
         for line in lines:
             console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
+
+
+def report_child_exit(console: Console, exc: ChildExited) -> None:
+    report_failure(console, exc.message, exc.child)
 
 
 def run_serve(cfg: DeploymentConfig) -> int:
@@ -65,17 +74,20 @@ def run_serve(cfg: DeploymentConfig) -> int:
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
                 return 0
             _announce(console, deployment)
-            while not signals.requested.wait(SUPERVISE_POLL_S):
-                dead = deployment.dead_child()
-                if dead is not None:
-                    raise ChildExited(*dead)
+            with Supervisor(deployment, console) as supervisor:
+                while not signals.requested.wait(SUPERVISE_POLL_S):
+                    supervisor.tick()
             console.print(f"{signals.signal_name} received: draining in-flight requests "
                           f"(up to {DRAIN_TIMEOUT_S:.0f}s), then stopping", highlight=False)
             deployment.stop(drain=not signals.forced)
             console.print("stopped: all processes reaped", highlight=False)
             return 0
         except ChildExited as exc:
-            report_child_exit(console, exc)
+            report_failure(console, exc.message, exc.child)
+            deployment.stop(drain=False)
+            return 1
+        except SupervisionFailed as exc:
+            report_failure(console, f"{exc.message} (log: {exc.child.log_path})", exc.child)
             deployment.stop(drain=False)
             return 1
         except PdlaunchError:

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "failed": "red", "exited": "red",
+_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow", "failed": "red", "exited": "red",
                 "stopping": "magenta", "stopped": "dim"}
 
 
@@ -18,7 +18,7 @@ class StatusRow:
     role: str
     devices: str  # "cpu", "cuda:0,1"
     url: str
-    state: str = "starting"  # starting | loading | ready | exited | stopping | stopped
+    state: str = "starting"  # starting | loading | ready | restarting (N) | failed | exited | stopping | stopped
     blocks_used: int | None = None
     blocks_total: int | None = None
 
@@ -52,19 +52,27 @@ class StatusView:
                           row.blocks)
         return table
 
-    def start(self) -> None:
+    def start(self, print_rows: bool = True) -> None:
+        """On a TTY the live table appears; otherwise the rows print now, or (print_rows False: they
+        were just printed by another view) only once they change."""
         if self.console.is_terminal:
             self._live = Live(self.table(), console=self.console, refresh_per_second=4, transient=False)
             self._live.start()
-        else:
+        elif print_rows:
             self.update()
+        else:
+            self._printed = {row.name: self._key(row) for row in self.rows}
+
+    @staticmethod
+    def _key(row: StatusRow) -> str:
+        return f"{row.state}|{row.blocks if row.state == 'ready' else ''}"
 
     def update(self) -> None:
         if self._live is not None:
             self._live.update(self.table())
             return
         for row in self.rows:
-            key = f"{row.state}|{row.blocks if row.state == 'ready' else ''}"
+            key = self._key(row)
             if self._printed.get(row.name) != key:
                 self._printed[row.name] = key
                 self.console.print(f"[pdlaunch] {row.line()}", highlight=False, markup=False, soft_wrap=True)

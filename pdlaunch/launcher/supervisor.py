@@ -1,0 +1,138 @@
+"""`pdlaunch serve` after startup: restart this node's dead instances and the proxy, or give up clearly.
+
+A dead instance is restarted with backoff on its planned ports and with a new engine_id
+(Deployment.restart_child); meanwhile the proxy routes around it (it marks an unreachable instance
+down and its health monitor brings it back). Ranks this node runs for instances whose rank 0 is on
+another node are not restarted: a failing one stops this node, as before.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from rich.console import Console
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
+from pdlaunch.launcher.status import StatusView
+
+PROBE_TIMEOUT_S = 1.0
+
+
+class SupervisionFailed(PdlaunchError):
+    """The deployment cannot keep serving: restarts keep failing, are off, or a role stayed down."""
+
+    def __init__(self, message: str, child: ChildProcess) -> None:
+        self.child = child
+        super().__init__(message, hint=f"its log: {child.log_path}")
+
+
+def _records(deployment: Deployment) -> list[tuple[ChildProcess, ProcessRecord]]:
+    cfg = deployment.cfg
+    group_of: dict[str, int] = {}
+    plans = iter(deployment.plan.instances)  # planned group after group, `count` each
+    for g, group in enumerate(cfg.instances):
+        for _ in range(group.count):
+            group_of[next(plans).spec.name] = g
+    out = []
+    for child in deployment.instances:
+        g = group_of[child.name]
+        out.append((child, ProcessRecord(child.name, cfg.instances[g].role, f"instances[{g}].restart",
+                                         cfg.instances[g].restart)))
+    if deployment.proxy is not None:
+        out.append((deployment.proxy, ProcessRecord("proxy", "proxy", "proxy.restart", cfg.proxy.restart)))
+    return out
+
+
+class Supervisor:
+    """Call `tick()` a few times a second while serving; it raises SupervisionFailed (or ChildExited for
+    a rank of another node's instance) when the deployment has to stop."""
+
+    def __init__(self, deployment: Deployment, console: Console) -> None:
+        self.deployment = deployment
+        self.console = console
+        self.policy = RestartPolicy.from_config(deployment.cfg.supervision)
+        self.records = _records(deployment)
+        # A role with instances on other nodes is judged by the proxy there, not by this node's grace.
+        remote_roles = {p.spec.role for p in deployment.plan.instances if not p.local}
+        self.roles = sorted({r.role for _, r in self.records} - remote_roles)
+        self.role_watch = RoleWatch(self.policy.grace_s)
+        self.view = StatusView(console, list(deployment.rows.values()),
+                               title=f"pdlaunch: {deployment.cfg.model.path}")
+        self._http = httpx.Client(trust_env=False, timeout=PROBE_TIMEOUT_S)
+
+    def __enter__(self) -> "Supervisor":
+        self.view.start(print_rows=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.view.stop()
+        self._http.close()
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._check_ranks()
+        for child, record in self.records:
+            row = self.deployment.rows[record.name]
+            if record.due is None and child.poll() is not None:
+                self._ended(child, record, now)
+            elif record.due is not None and now >= record.due:
+                record.due = None
+                record.restarts += 1
+                engine_id = self.deployment.restart_child(child, record.restarts, record.last_exit)
+                row.state = f"restarting ({record.restarts})"
+                new_id = f" with engine_id {engine_id}" if engine_id else ""
+                self._say(f"{record.name}: restart {record.restarts}{new_id} (log: {child.log_path})")
+            elif not record.ready and record.due is None and self._answers(child):
+                record.ready = True
+                row.state = "ready"
+                self._say(f"{record.name} is ready again after restart {record.restarts}")
+                if child is not self.deployment.proxy:
+                    self.deployment.refresh_blocks(record.name)
+        self._check_roles(now)
+        self.view.update()
+
+    def _ended(self, child: ChildProcess, record: ProcessRecord, now: float) -> None:
+        how = child.describe_exit()
+        decision = on_exit(record, how, now, self.policy)
+        row = self.deployment.rows[record.name]
+        if isinstance(decision, GiveUp):
+            row.state = "failed"
+            self.view.update()
+            raise SupervisionFailed(decision.reason, child)
+        row.state = f"restarting ({record.restarts + 1})"
+        self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} "
+                  f"in {decision.delay:.1f}s")
+
+    def _answers(self, child: ChildProcess) -> bool:
+        """An instance is ready when /health says 200; the proxy once it answers at all (it says 503 while
+        an instance role is down, which is not the proxy's fault)."""
+        try:
+            response = self._http.get(self.deployment.health_url(child))
+        except httpx.HTTPError:
+            return False
+        return child is self.deployment.proxy or response.status_code == 200
+
+    def _check_ranks(self) -> None:
+        dead = self.deployment.dead_child(only=self.deployment.ranks)
+        if dead is not None:
+            raise ChildExited(*dead)
+
+    def _check_roles(self, now: float) -> None:
+        live = {role: any(r.live for c, r in self.records if r.role == role and c.running) for role in self.roles}
+        role = self.role_watch.overdue(live, now)
+        if role is None:
+            return
+        members = [(c, r) for c, r in self.records if r.role == role]
+        states = "; ".join(f"{r.name} {self.deployment.rows[r.name].state}, last {r.last_exit or 'running'}, "
+                           f"log {c.log_path}" for c, r in members)
+        what = "the proxy has not been live" if role == "proxy" else f"no live {role} instance"
+        raise SupervisionFailed(
+            f"{what} for {self.role_watch.down_for(role, now):.0f}s "
+            f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}", members[0][0])
+
+    def _say(self, text: str) -> None:
+        self.console.print(f"[pdlaunch] {text}", highlight=False, markup=False, soft_wrap=True)
