@@ -19,8 +19,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.server.auth import AccessPolicy, RequireAuth
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
+from pdlaunch.server.internal import HeldKV, add_internal_routes
+from pdlaunch.server.limits import BodyLimit, parse_json_object
+from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.sleep import SleepControl
@@ -47,6 +51,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     app = FastAPI(title=f"pdlaunch {spec.name}", lifespan=lifespan)
     install_error_handlers(app)
+    security = config.security
+    app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
+    app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
+    held_kv = HeldKV(engine_loop)
     model_name = served_model_name(config)
     accepted_names = {model_name, PurePath(model_name).name}
     sleep = SleepControl(engine_loop, config)
@@ -114,13 +122,15 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         }]}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        body = CompletionRequest.model_validate(parse_json_object(await request.body()))
         body.check_supported()
         check_model(body.model)
         return await _serve(body, body.single_prompt(), "completion", request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
+        body = ChatCompletionRequest.model_validate(parse_json_object(await request.body()))
         body.check_supported()
         check_model(body.model)
         return await _serve(body, body.template_messages(), "chat", request)
@@ -134,7 +144,11 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
         client_id = request.headers.get("x-request-id") or uuid.uuid4().hex
         request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
-        stream = engine_loop.submit(request_id, prompt, params, body.kv_transfer_params)
+        if engine_loop.state != "ready":
+            raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
+        engine = engine_loop.engine
+        prompt_ids = await prompt_token_ids(engine.tokenizer, prompt, engine.max_model_len)
+        stream = engine_loop.submit(request_id, prompt_ids, params, body.kv_transfer_params)
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
             first = await _race(stream.queue.get(), watch)
@@ -159,8 +173,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                     _stream(stream, builder, body.include_usage()), on_close=abort,
                     headers={**headers, "Cache-Control": "no-cache"})
             result = await _race(_collect(stream, builder), watch)
-            if result is None:
+            if result is None or watch.done():
                 engine_loop.abort(request_id)
+                if result is not None and result.get("kv_transfer_params"):
+                    held_kv.release_soon(request_id)  # finished for a decode leg that will never come
                 return Response(status_code=CLIENT_CLOSED)
             return JSONResponse(result, headers=headers)
         except BaseException:
@@ -197,6 +213,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             engine_loop.abort(stream.request_id)  # no-op once finished; frees blocks if the client left
 
     sleep.add_routes(app)
+    add_internal_routes(app, held_kv)
     return app
 
 

@@ -16,6 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 # HTTP status -> OpenAI error type (the names OpenAI and vLLM use).
 _ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
+    401: "invalid_request_error",  # OpenAI answers a bad key with this type and code "invalid_api_key"
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     408: "timeout_error",

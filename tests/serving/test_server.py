@@ -14,11 +14,13 @@ from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.app import build_app
+from pdlaunch.server.auth import internal_headers
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.sse import parse_sse
 from tests.serving.helpers import ThreadServer, wait_for
 
 PROMPT = "The capital of France is"
+SECRET = "test-deployment-secret-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def server() -> Iterator[tuple[str, EngineLoop]]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
         "model": {"path": "demo", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 160},
-        "scheduler": {"max_num_seqs": 8},
+        "scheduler": {"max_num_seqs": 8}, "security": {"deployment_secret": SECRET},
     })
     port = PortAllocator("127.0.0.1").free("test instance")
     spec = InstanceSpec(role="colocated", port=port, engine_id="test-colocated-0")
@@ -139,7 +141,9 @@ def test_bad_requests_are_openai_errors_naming_the_param(server: tuple[str, Engi
 def test_sleep_routes_refuse_without_sleep_mode(server: tuple[str, EngineLoop]) -> None:
     url, _ = server
     for method, path in (("POST", "/sleep"), ("POST", "/wake_up"), ("GET", "/is_sleeping")):
-        r = httpx.request(method, f"{url}{path}")
+        anonymous = httpx.request(method, f"{url}{path}")
+        assert anonymous.status_code == 403 and "--api-key" in anonymous.json()["error"]["message"]
+        r = httpx.request(method, f"{url}{path}", headers=internal_headers(SECRET))
         assert r.status_code == 400 and "sleep mode is not enabled" in r.json()["error"]["message"]
 
 

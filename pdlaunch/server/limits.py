@@ -1,0 +1,150 @@
+"""Bounds on what a client may send, checked before anything else looks at it.
+
+- Body size: `BodyLimit` reads the body itself, counting bytes as they arrive (a Content-Length is
+  a claim, not a bound), and answers 413 past `security.max_request_bytes`, before any parsing.
+- JSON shape: `parse_json_object` refuses, with a 400 naming the field, what Python's json accepts
+  but nothing downstream can handle: NaN/Infinity (and 1e999, which parses as inf), nesting deeper
+  than MAX_JSON_DEPTH (1,000 levels raise RecursionError), lone UTF-16 surrogates ("a\\ud800b"
+  cannot be encoded, so a tokenizer fails on it) and integers of more than 4,300 digits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Any
+
+from pdlaunch.server.auth import ASGIApp
+from pdlaunch.server.errors import OpenAIError
+
+MAX_JSON_DEPTH = 64  # OpenAI bodies nest 4-5 levels (messages -> content parts -> ...)
+# Past the limit the rest of the body is read and dropped (up to this much, this long) so that the
+# client, still sending, receives the 413 instead of a reset connection.
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 5.0
+
+
+class _NonFinite:
+    def __init__(self, literal: str) -> None:
+        self.literal = literal
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object whose every value is finite, shallow and encodable."""
+    try:
+        body = json.loads(raw, parse_constant=_NonFinite)
+    except RecursionError:
+        raise OpenAIError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels", param="body") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, over-long integers, bad UTF-8
+        raise OpenAIError(400, f"request body is not valid JSON: {exc}", param="body") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "request body must be a JSON object", param="body")
+    check_json_values(body)
+    return body
+
+
+def check_json_values(body: dict[str, Any]) -> None:
+    """400 naming the first field (dotted path) that holds a non-finite number, a lone surrogate,
+    or nests deeper than MAX_JSON_DEPTH. Iterative, so depth cannot overflow the stack here."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        field = path or "body"
+        if depth > MAX_JSON_DEPTH:
+            raise OpenAIError(400, f"{field}: nests deeper than {MAX_JSON_DEPTH} levels", param=field)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                _check_text(key, child)
+                stack.append((item, child, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}.{i}", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, field)
+        elif isinstance(value, _NonFinite) or (isinstance(value, float) and not math.isfinite(value)):
+            literal = value.literal if isinstance(value, _NonFinite) else repr(value)
+            raise OpenAIError(400, f"{field}: {literal} is not a finite number", param=field)
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError(400, f"{field}: holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair); "
+                               "send valid Unicode", param=field) from None
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"request body exceeds {limit} bytes (security.max_request_bytes)",
+                       param="body", code="request_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: buffer the body up to `max_bytes`, then hand it to the app; 413 beyond."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes + DRAIN_BYTES:
+            await _too_large(self.max_bytes).response()(scope, receive, send)  # too much to drain: reset
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _drain(receive, size, message.get("more_body", False))
+                await _too_large(self.max_bytes).response()(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # later calls: the disconnect watch of streaming handlers
+
+        await self.app(scope, replay, send)
+
+
+async def _drain(receive: Any, size: int, more: bool) -> None:
+    deadline = time.monotonic() + DRAIN_SECONDS
+    drained = 0
+    while more and drained < DRAIN_BYTES:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), remaining)
+        except asyncio.TimeoutError:
+            return
+        if message["type"] == "http.disconnect":
+            return
+        drained += len(message.get("body", b""))
+        more = message.get("more_body", False)
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

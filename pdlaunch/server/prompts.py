@@ -1,0 +1,66 @@
+"""Prompts to token ids, in the HTTP process but off the engine thread and off the event loop.
+
+A prompt longer than MAX_PROMPT_CHARS_PER_TOKEN characters per token of max_model_len cannot fit
+whatever the tokenizer does, so it is refused with a 400 before any tokenizing (a 10 MB prompt took
+59 s to tokenize on the engine thread while every other request of the instance waited). Real
+tokenizers average 3-5 characters per token and the longest single tokens (runs of spaces in code
+vocabularies) stay well below 32, so nothing that could fit is refused. Tokenizing and chat
+templating run in a worker thread (`asyncio.to_thread`); the engine thread only gets token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Union
+
+from jinja2 import TemplateError
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.server.errors import OpenAIError
+
+MAX_PROMPT_CHARS_PER_TOKEN = 32
+
+# Text, token ids, or chat messages ([{"role", "content"}], content already flattened to text).
+Prompt = Union[str, list[int], list[dict[str, Any]]]
+
+
+def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:
+    """400 when the prompt cannot fit in max_model_len tokens, decided without tokenizing."""
+    param = "prompt"
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    elif prompt and isinstance(prompt[0], dict):
+        param = "messages"
+        chars = sum(len(str(m.get("content") or "")) for m in prompt)  # type: ignore[union-attr]
+    else:
+        if len(prompt) > max_model_len:
+            raise OpenAIError(400, f"prompt has {len(prompt)} token ids; max_model_len is {max_model_len}",
+                              param="prompt")
+        return
+    bound = max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
+    if chars > bound:
+        raise OpenAIError(400, f"{param} has {chars} characters, more than {max_model_len} tokens (max_model_len) "
+                               f"can hold at {MAX_PROMPT_CHARS_PER_TOKEN} characters per token; shorten it",
+                          param=param)
+
+
+def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt; chat messages go through the checkpoint's chat template first."""
+    try:
+        if isinstance(prompt, str):
+            return list(tokenizer.encode(prompt))
+        if prompt and isinstance(prompt[0], dict):
+            templated = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            return list(tokenizer.encode(templated)) if isinstance(templated, str) else list(templated)
+    except PdlaunchError as exc:
+        raise OpenAIError(400, exc.render(), param=exc.field or "prompt") from None
+    except TemplateError as exc:
+        raise OpenAIError(400, f"chat template failed: {exc}", param="messages") from None
+    return list(prompt)  # type: ignore[arg-type]  # token ids: the engine checks their range
+
+
+async def prompt_token_ids(tokenizer: Any, prompt: Prompt, max_model_len: int) -> list[int]:
+    check_prompt_size(prompt, max_model_len)
+    if isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict)):
+        return list(prompt)  # type: ignore[arg-type]
+    return await asyncio.to_thread(tokenize, tokenizer, prompt)
