@@ -133,6 +133,11 @@ def _groups(kind: DeploymentKind, layout: Layout) -> list[dict[str, Any]]:
     return [group("prefill", layout.prefill, 0), group("decode", layout.decode, layout.prefill)]
 
 
+def label(kind: DeploymentKind, layout: Layout) -> str:
+    """Short name for the table: `colocated x2`, `PD 1P1D`."""
+    return f"colocated x{layout.colocated}" if kind == "colocated" else f"PD {layout.prefill}P{layout.decode}D"
+
+
 def describe(kind: DeploymentKind, layout: Layout) -> str:
     where = (lambda gs: f"GPU {','.join(map(str, gs))}") if layout.device == "cuda" else (lambda gs: "CPU")
     if kind == "colocated":
@@ -157,6 +162,7 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
 
 class DeploymentRun(BaseModel):
     kind: DeploymentKind
+    label: str
     description: str
     pids: list[int] = []  # every child process (instances and proxy)
     stopped: bool = False  # every child ended and was reaped
@@ -175,7 +181,7 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
 
 def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console) -> DeploymentRun:
     """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C)."""
-    run = DeploymentRun(kind=kind, description=describe(kind, layout))
+    run = DeploymentRun(kind=kind, label=label(kind, layout), description=describe(kind, layout))
     console.rule(f"{kind}: {run.description}")
     deployment = Deployment(deployment_config(cfg, layout, kind), console)
     clean = False

@@ -22,18 +22,18 @@ PLOT_NAME = "goodput.png"
 def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
     table = Table(title=f"Goodput: requests with TTFT <= {cfg.ttft_slo_ms:g} ms and TPOT <= {cfg.tpot_slo_ms:g} ms, "
                         "per second", title_justify="left")
-    for col in ("rate/s", "deployment", "goodput/s", "served/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
-                "within SLO"):
-        table.add_column(col, justify="left" if col == "deployment" else "right")
+    table.caption = "; ".join(f"{run.label}: {run.description}" for run in runs) + "; latencies in ms"
+    for col in ("rate/s", "deployment", "goodput/s", "served/s", "TTFT p50", "p99", "TPOT p50", "p99", "in SLO"):
+        table.add_column(col, justify="left" if col == "deployment" else "right", no_wrap=True)
     for i, rate in enumerate(cfg.rates):
         for k, run in enumerate(runs):
             if i >= len(run.points):
                 continue
             p = run.points[i]
             table.add_row(
-                f"{rate:g}" if k == 0 else "", run.description, f"{p.goodput:.2f}", f"{p.served:.2f}",
-                f"{p.ttft_p50_ms:.0f} ms", f"{p.ttft_p99_ms:.0f} ms", f"{p.tpot_p50_ms:.1f} ms",
-                f"{p.tpot_p99_ms:.1f} ms", f"{100 * p.within_share:.0f}%",
+                f"{rate:g}" if k == 0 else "", run.label, f"{p.goodput:.2f}", f"{p.served:.2f}",
+                f"{p.ttft_p50_ms:.0f}", f"{p.ttft_p99_ms:.0f}", f"{p.tpot_p50_ms:.1f}", f"{p.tpot_p99_ms:.1f}",
+                f"{100 * p.within_share:.0f}%",
                 end_section=k == len(runs) - 1,
             )
     return table
@@ -60,7 +60,7 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str,
         "pd_highest_rate_within_slo": best,
         "verdict": sentence,
         "deployments": [
-            {"kind": run.kind, "description": run.description, "pids": run.pids, "stopped": run.stopped,
+            {"kind": run.kind, "label": run.label, "description": run.description, "pids": run.pids, "stopped": run.stopped,
              "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
              "highest_rate_within_slo": highest_rate_within(run.points), "raw": run.raw}
             for run in runs
@@ -97,5 +97,6 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     try:
         console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME)}", highlight=False)
     except PdlaunchError:
-        console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False)
+        console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False,
+                      markup=False)
     return doc

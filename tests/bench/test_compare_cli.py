@@ -1,0 +1,165 @@
+"""`pdlaunch bench compare`: bad input exits 1 naming the flag; a deployment is stopped whatever ends
+the run; and one small real run on CPU (demo model) of both deployments, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from pdlaunch.bench import compare
+from pdlaunch.bench.cli import bench_app
+from pdlaunch.bench.compare import CompareConfig, Layout, resolve_layout, run_deployment
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.memory import platform
+
+WORKLOAD = ["--num-prompts", "5", "--input-len", "12", "--output-len", "4", "--max-model-len", "64",
+            "--ttft-slo-ms", "5000", "--tpot-slo-ms", "2000", "--num-warmups", "1"]
+
+
+def _invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(bench_app, ["compare", *args])
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    (["--model", "/no/such/checkpoint", "--rates", "2"], "--model"),
+    (["--model", "demo", "--rates", "0,2"], "--rates"),
+    (["--model", "demo", "--rates", "-1"], "--rates"),
+    (["--model", "demo", "--rates", "two"], "--rates"),
+    (["--model", "demo", "--rates", "2", "--device", "cpu", "--gpus", "0,1"], "--gpus"),
+    (["--model", "demo", "--rates", "2", "--gpus", "0,x"], "--gpus"),
+    (["--model", "demo", "--rates", "2", "--num-prompts", "0"], "--num-prompts"),
+])
+def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
+    result = _invoke([*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert f"error: {flag}" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine as a 2-GPU host, for the device checks only."""
+    monkeypatch.setattr(platform, "cuda_available", lambda: True)
+    monkeypatch.setattr(platform, "device_count", lambda: 2)
+    monkeypatch.setattr(platform, "resolve_device", lambda device: "cuda")
+
+
+def _cfg(tmp_path: Path, **kw: Any) -> CompareConfig:
+    return CompareConfig(model="demo", rates=[2.0], out=tmp_path, **kw)
+
+
+def test_gpu_checks(two_gpus: None, tmp_path: Path) -> None:
+    layout = resolve_layout(_cfg(tmp_path))
+    assert (layout.device, layout.gpus, layout.colocated, layout.prefill, layout.decode) == ("cuda", [0, 1], 2, 1, 1)
+    for kw, flag, words in [
+        (dict(gpus=[0, 5]), "--gpus", "GPU 5 does not exist"),
+        (dict(gpus=[1, 1]), "--gpus", "listed twice"),
+        (dict(gpus=[0, 1], decode=2), "--gpus", "need 3 GPUs"),
+        (dict(gpus=[0, 1], colocated_instances=1), "--colocated-instances", "1 colocated instances on 2 GPUs"),
+    ]:
+        with pytest.raises(PdlaunchError) as info:
+            resolve_layout(_cfg(tmp_path, **kw))
+        assert info.value.field == flag and words in info.value.message
+    result = _invoke(["--model", "demo", "--rates", "2", "--gpus", "0,7", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "error: --gpus: GPU 7 does not exist" in " ".join(result.output.split())
+
+
+class _FakeDeployment:
+    """Records start/stop; stands in for launcher.Deployment so no process starts."""
+
+    made: list["_FakeDeployment"] = []
+
+    def __init__(self, cfg: Any, console: Any) -> None:
+        self.proxy_url = "http://127.0.0.1:9"
+        self.children: list[Any] = []
+        self.stops: list[bool] = []
+        _FakeDeployment.made.append(self)
+
+    def start(self, ready_timeout: float) -> bool:
+        return True
+
+    def dead_child(self) -> None:
+        return None
+
+    def stop(self, drain: bool = True) -> None:
+        self.stops.append(drain)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
+def test_deployment_is_stopped_when_the_run_is_interrupted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           exc: BaseException) -> None:
+    def measure(*_: Any) -> Any:
+        raise exc
+
+    _FakeDeployment.made = []
+    monkeypatch.setattr(compare, "Deployment", _FakeDeployment)
+    monkeypatch.setattr(compare, "measure", measure)
+    layout = Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1)
+    with pytest.raises(type(exc)):
+        run_deployment(_cfg(tmp_path), layout, "pd", compare.Console(quiet=True))
+    assert [d.stops for d in _FakeDeployment.made] == [[False]]  # stopped once, without waiting for a drain
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (the deployments' log folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    result = _invoke(["--model", "demo", "--device", "cpu", "--rates", "4,8", *WORKLOAD, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "colocated x2" in text and "PD 1P1D" in text and "goodput/s" in text
+    assert "keeps >= 90% of requests within the SLOs" in text
+    assert "colocated deployment stopped: 3 processes reaped" in text
+    assert "pd deployment stopped: 3 processes reaped" in text
+
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["settings"]["rates"] == [4.0, 8.0] and doc["within_slo_share"] == 0.9
+    assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd"]
+    # generous SLOs on an idle demo model: every request is within, so PD passes at both rates
+    assert doc["pd_highest_rate_within_slo"] == 8.0
+    for dep in doc["deployments"]:
+        assert dep["stopped"] is True and len(dep["pids"]) == 3
+        for pid in dep["pids"]:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert [p["rate"] for p in dep["points"]] == [4.0, 8.0]
+        for point, raw in zip(dep["points"], dep["raw"]):
+            assert point["completed"] == point["num_prompts"] == point["within_slo"] == 5
+            assert point["goodput"] == pytest.approx(5 / raw["duration"])
+            assert point["within_share"] == 1.0
+            assert point["ttft_p50_ms"] > 0 and point["tpot_p99_ms"] >= point["tpot_p50_ms"] > 0
+            assert raw["output_lens"] == [4] * 5  # ignore_eos: exactly --output-len tokens
+            assert raw["input_lens"] == [12] * 5
+    # the same workload for both deployments at each rate: same seed, same send schedule
+    colocated, pd = doc["deployments"]
+    for a, b in zip(colocated["raw"], pd["raw"]):
+        assert a["seed"] == b["seed"] and a["request_rate"] == b["request_rate"]
+    assert [r["seed"] for r in pd["raw"]] == [0, 1]
+    assert _leftovers(str(out)) == []
+    plot = out / "goodput.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plot: matplotlib is not installed" in text and not plot.exists()
+    else:
+        assert plot.stat().st_size > 0
