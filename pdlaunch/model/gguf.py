@@ -9,8 +9,11 @@ path (TP, PD, CUDA graphs) works unchanged. Architectures: llama (Llama, Mistral
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,12 +34,6 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
-
-
-@dataclass
-class GGUFProblem:
-    field: str
-    message: str
 
 
 def _reader(path: Path) -> Any:
@@ -123,8 +120,9 @@ def hf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype) -> Itera
         elif base in _GLOBAL_NAMES:
             name, kind = f"{_GLOBAL_NAMES[base]}.{suffix}", base
         else:
-            if base == "rope_freqs":  # llama3 rope factors, recomputed from config by the engine
-                continue
+            if base == "rope_freqs":  # per-frequency factors: the llama3 parameters behind them are not stored
+                raise PdlaunchError("GGUF files with llama3 rope scaling (rope_freqs) are not supported yet",
+                                    field="model.path", hint="use the model's HF checkpoint directory instead")
             raise PdlaunchError(f"GGUF tensor {tensor.name!r} has no place in a {arch} model", field="model.path",
                                 hint="the file holds an architecture variant pdlaunch does not load")
         values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
@@ -196,3 +194,33 @@ def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) 
     eos = _value(reader, "tokenizer.ggml.eos_token_id")
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "bos_token_id": _value(
         reader, "tokenizer.ggml.bos_token_id")}, indent=2) + "\n")
+
+
+def ensure_converted(path: Path, cache_root: Path) -> Path:
+    """The HF-format directory of the GGUF file `path`, converted once into `cache_root/gguf/`.
+
+    Keyed by the file's resolved path, size and mtime: a replaced file converts again."""
+    path = path.expanduser().resolve()
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise PdlaunchError(f"cannot read {path}: {exc.strerror or exc}", field="model.path",
+                            hint="pass an existing .gguf file or an HF checkpoint directory") from exc
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    final = cache_root / "gguf" / f"{path.stem}-{key}"
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        tmp.chmod(0o755)
+        convert_gguf(path, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # else a concurrent converter finished first
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

