@@ -5,21 +5,29 @@
 
 Instances may be named as NAME=URL (the launcher does: prefill-0=http://...); repeat a flag for more.
 It also drives vLLM-style instances that speak the same kv_transfer_params.
+
+Secrets come from the environment, never argv (visible in `ps`): PDLAUNCH_API_KEY (clients must send
+`Authorization: Bearer KEY`) and PDLAUNCH_DEPLOYMENT_SECRET (the proxy's calls to instances carry
+the internal token derived from it; see pdlaunch/server/auth.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import uvicorn
 
+from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import POLICIES, Instance, InstancePool, Role
 from pdlaunch.server.watchdog import watch_parent
 
 DEFAULT_DRAIN_S = 5.0
+API_KEY_ENV = "PDLAUNCH_API_KEY"
+SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
 
 
 def parse_instances(role: Role, values: list[str]) -> list[Instance]:
@@ -45,7 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
                         help="On SIGTERM, wait this long for in-flight requests.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
+    parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
+                        help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
+    if args.max_request_bytes <= 0:
+        parser.error("--max-request-bytes must be positive")
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
@@ -59,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
                  + parse_instances("colocated", args.colocated))
-    app = build_proxy_app(InstancePool(instances, args.routing_policy), args.request_timeout)
+    app = build_proxy_app(InstancePool(instances, args.routing_policy), args.request_timeout,
+                          api_key=os.environ.get(API_KEY_ENV) or None,
+                          deployment_secret=os.environ.get(SECRET_ENV) or None,
+                          max_request_bytes=args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=False,
         timeout_graceful_shutdown=max(1, int(round(args.drain_timeout))), lifespan="on",

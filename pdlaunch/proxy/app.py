@@ -20,8 +20,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.metrics import ProxyMetrics
+from pdlaunch.proxy.metrics import CountRequests, ProxyMetrics
+from pdlaunch.proxy.release import KVReleaser
 from pdlaunch.proxy.translate import (
     decode_body,
     error_from_exception,
@@ -31,7 +33,9 @@ from pdlaunch.proxy.translate import (
     parse_client_body,
     prefill_body,
 )
+from pdlaunch.server.auth import AccessPolicy, RequireAuth, internal_headers
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
+from pdlaunch.server.limits import BodyLimit
 from pdlaunch.server.sse import ClosingStreamingResponse, SSEParser, sse_event
 
 CONNECT_TIMEOUT_S = 5.0
@@ -57,11 +61,14 @@ class Upstream:
 class Proxy:
     """Routes client requests to instances. One per proxy process; the app's lifespan owns the client."""
 
-    def __init__(self, pool: InstancePool, request_timeout_s: float) -> None:
+    def __init__(self, pool: InstancePool, request_timeout_s: float, deployment_secret: str | None = None) -> None:
         self.pool = pool
         self.request_timeout_s = request_timeout_s
         self.metrics = ProxyMetrics(pool)
         self.client: httpx.AsyncClient | None = None
+        # Every call to an instance carries the internal token: instances with an API key accept it.
+        self.upstream_headers = internal_headers(deployment_secret)
+        self.kv = KVReleaser(self.upstream_headers)
 
     def http(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -145,31 +152,36 @@ class Proxy:
             await upstream.close()
 
 
-def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
-    proxy = Proxy(pool, request_timeout_s)
+def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str | None = None,
+                    deployment_secret: str | None = None,
+                    max_request_bytes: int = SecurityConfig().max_request_bytes) -> FastAPI:
+    """The proxy app. Access as at the instances (server/auth.py): `api_key` for clients, the internal
+    token derived from `deployment_secret` towards the instances."""
+    proxy = Proxy(pool, request_timeout_s, deployment_secret)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
         async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-            proxy.client = client
+            proxy.client = proxy.kv.client = client
             await pool.check_all(client)
             pool.start_monitor(client)
             try:
                 yield
             finally:
                 await pool.stop_monitor()
-                proxy.client = None
+                await proxy.kv.drain()
+                proxy.client = proxy.kv.client = None
 
     app = FastAPI(title="pdlaunch proxy", lifespan=lifespan)
     app.state.proxy = proxy
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        response = await call_next(request)
-        proxy.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    # Outermost first: count every answer, then authenticate, then bound the body.
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(api_key, deployment_secret))
+    known_paths = {getattr(route, "path", "") for route in app.router.routes}
+    app.add_middleware(CountRequests, counter=proxy.metrics.requests, known_paths=lambda: known_paths)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -194,7 +206,8 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
     async def models() -> Response:
         instance = pool.pick(pool.required_roles()[-1])
         try:
-            response = await proxy.http().get(instance.url + "/v1/models", timeout=CONNECT_TIMEOUT_S)
+            response = await proxy.http().get(instance.url + "/v1/models", headers=proxy.upstream_headers,
+                                              timeout=CONNECT_TIMEOUT_S)
         except httpx.HTTPError as exc:
             raise proxy.failed(instance, exc) from None
         return Response(response.content, status_code=response.status_code, media_type="application/json")
@@ -208,11 +221,19 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
         return await _route(request, "/v1/chat/completions", chat=True)
 
     async def _route(request: Request, path: str, chat: bool) -> Response:
-        body = parse_client_body(await request.body())
+        body = parse_client_body(await request.body(), chat)
         request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": request_id, **proxy.upstream_headers}
+        if not proxy.upstream_headers and "authorization" in request.headers:  # foreign instances with a key
+            headers["Authorization"] = request.headers["authorization"]
         deadline = time.monotonic() + request_timeout_s
         watch = asyncio.ensure_future(_wait_disconnect(request))
+        held: tuple[Instance, dict[str, Any]] | None = None  # a prefill's KV waiting for our decode leg
+
+        def release_held() -> None:
+            if held is not None:
+                proxy.kv.release_soon(*held)
+
         try:
             if pool.colocated:
                 target, leg = pool.pick("colocated"), body
@@ -225,17 +246,23 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
                 if not done:
                     return Response(status_code=CLIENT_CLOSED)
                 proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
-                target, leg = decode, decode_body(body, kv_params_of(prefill, answer))
+                held = (prefill, kv_params_of(prefill, answer))
+                target, leg = decode, decode_body(body, held[1])
             if body.get("stream"):
                 done, upstream = await _race(proxy.open_stream(target, path, leg, headers, deadline), watch)
                 if not done:
+                    release_held()
                     return Response(status_code=CLIENT_CLOSED)
                 return ClosingStreamingResponse(proxy.relay(upstream, deadline), on_close=upstream.close,
-                                                headers={**headers, "Cache-Control": "no-cache"})
+                                                headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
             done, answer = await _race(proxy.post_json(target, path, leg, headers, deadline), watch)
             if not done:
+                release_held()
                 return Response(status_code=CLIENT_CLOSED)
-            return JSONResponse(answer, headers=headers)
+            return JSONResponse(answer, headers={"X-Request-Id": request_id})
+        except OpenAIError:
+            release_held()  # the decode refused the request, failed, or could not be reached
+            raise
         finally:
             watch.cancel()
 
@@ -243,7 +270,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float) -> FastAPI:
         async def one(instance: Instance) -> dict[str, Any]:
             try:
                 response = await proxy.http().request(method, instance.url + path, params=request.query_params,
-                                                      timeout=request_timeout_s)
+                                                      headers=proxy.upstream_headers, timeout=request_timeout_s)
                 content = response.json() if response.content else {}
                 return {"name": instance.name, "status": response.status_code, "body": content}
             except (httpx.HTTPError, json.JSONDecodeError) as exc:

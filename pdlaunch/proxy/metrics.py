@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -39,3 +39,35 @@ class _PoolCollector(Collector):
             up.add_metric([inst.name, inst.role], 1.0 if inst.state == "ready" else 0.0)
         yield in_flight
         yield up
+
+
+OTHER_ROUTE = "other"
+
+
+class CountRequests:
+    """ASGI middleware counting every answer by route and status. The route label is the request's
+    path only when the app has that route, else OTHER_ROUTE: a scan of random paths must not add a
+    series per path (5,000 unknown GETs grew /metrics from 5 KB to 2.7 MB)."""
+
+    def __init__(self, app: Any, counter: Counter, known_paths: Callable[[], set[str]]) -> None:
+        self.app = app
+        self.counter = counter
+        self._known_paths = known_paths
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]  # what the client sees if the app fails before answering
+
+        async def recording_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            path = scope.get("path", "")
+            route = path if path in self._known_paths() else OTHER_ROUTE
+            self.counter.labels(route, str(status[0])).inc()

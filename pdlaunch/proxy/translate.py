@@ -9,6 +9,8 @@ import httpx
 
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.errors import OpenAIError
+from pdlaunch.server.limits import parse_json_object
+from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def prefill_body(body: dict[str, Any], chat: bool) -> dict[str, Any]:
@@ -36,13 +38,14 @@ def kv_params_of(instance: Instance, response_json: Any) -> dict[str, Any]:
     return params
 
 
-def parse_client_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(400, f"request body is not valid JSON: {exc}", param="body") from None
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "request body must be a JSON object", param="body")
+def parse_client_body(raw: bytes, chat: bool) -> dict[str, Any]:
+    """The client's body, refused with a 400 naming the field unless it is JSON an instance accepts:
+    finite, shallow, valid Unicode (server/limits.py), with every sampling value in range. Checked
+    here so that a bad request never costs a prefill leg (nor holds KV for a decode that refuses it).
+    Fields the instances may support and we do not know (n, echo) are left for them to judge."""
+    body = parse_json_object(raw)
+    request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+    request.sampling_params()
     return body
 
 

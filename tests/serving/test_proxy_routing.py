@@ -95,10 +95,10 @@ def test_prefill_answer_without_kv_params_is_a_502() -> None:
 
 
 def test_client_body_must_be_a_json_object() -> None:
-    assert parse_client_body(b'{"prompt": "x"}') == {"prompt": "x"}
-    for raw in (b"not json", b"[1, 2]", b"\xff"):
+    assert parse_client_body(b'{"prompt": "x"}', chat=False) == {"prompt": "x"}
+    for raw in (b"not json", b"[1, 2]", b"\xff", b"[" * 1000 + b"]" * 1000, b'{"a": ' + b"9" * 5000 + b"}"):
         with pytest.raises(OpenAIError) as err:
-            parse_client_body(raw)
+            parse_client_body(raw, chat=False)
         assert err.value.status == 400 and err.value.param == "body"
 
 

@@ -1,0 +1,63 @@
+"""Tell a prefill to free the KV it holds for a decode leg that will not run.
+
+After a prefill leg the prefill keeps the request's blocks for the decode side until the decode
+reads them or kv_transfer.kv_lease_seconds pass. When the proxy knows the decode leg will not run
+(the client went away, the decode refused the request or could not be reached), it calls the
+prefill's `POST /internal/kv/release` with the internal token, so the blocks come back at once.
+A prefill that a decode is reading from answers `released: false` and keeps them: nothing is freed
+under a transfer. Fire and forget: the client's answer never waits for this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import httpx
+
+from pdlaunch.proxy.instances import Instance
+from pdlaunch.server.internal import KV_RELEASE_PATH
+
+RELEASE_TIMEOUT_S = 5.0
+
+log = logging.getLogger("pdlaunch.proxy")
+
+
+class KVReleaser:
+    def __init__(self, internal_headers: dict[str, str]) -> None:
+        self._headers = internal_headers
+        self._tasks: set[asyncio.Task[None]] = set()  # referenced until done, or the loop may drop them
+        self.client: httpx.AsyncClient | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Without the deployment secret (a proxy in front of foreign instances) the leases free the KV."""
+        return bool(self._headers)
+
+    def release_soon(self, prefill: Instance, kv_transfer_params: dict[str, Any]) -> None:
+        request_id = kv_transfer_params.get("remote_request_id")
+        if not self.enabled or not isinstance(request_id, str) or not request_id:
+            return
+        task = asyncio.ensure_future(self._release(prefill, request_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, prefill: Instance, request_id: str) -> None:
+        if self.client is None:
+            return
+        try:
+            response = await self.client.post(prefill.url + KV_RELEASE_PATH, json={"request_id": request_id},
+                                              headers=self._headers, timeout=RELEASE_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            log.warning("could not ask %s to release the KV of %s (its lease frees it): %s: %s",
+                        prefill.name, request_id, type(exc).__name__, exc)
+            return
+        if response.status_code != 200:
+            log.warning("%s refused to release the KV of %s (HTTP %d): %s", prefill.name, request_id,
+                        response.status_code, response.text[:200])
+
+    async def drain(self, timeout: float = RELEASE_TIMEOUT_S) -> None:
+        """Wait for releases in flight (at shutdown), at most `timeout` seconds."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
