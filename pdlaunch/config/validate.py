@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from pdlaunch.config import memory_estimate, resources, rules
+from pdlaunch.config.checkpoint_check import checkpoint_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
@@ -182,6 +183,8 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += _cumem_rules(out, device, target)
     info, model_problems = model_info_for(out)
     problems += model_problems
+    if info is not None:  # config.json parsed: now open what serve opens (tokenizer, weight headers)
+        problems += checkpoint_problems(out.model.path)
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
     problems += rules.role_problems(out)

@@ -8,14 +8,15 @@ and every checkpoint tensor must be used, otherwise the error names the tensor.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from pdlaunch.errors import PdlaunchError
@@ -24,6 +25,7 @@ from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.model.layers import default_weight_loader
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.tokenizer import Tokenizer
+from pdlaunch.model.weight_files import safetensors_files, unreadable
 
 PROGRESS_BAR_MIN_BYTES = 1 << 30
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -44,9 +46,28 @@ def load_checkpoint(path_or_demo: str) -> Checkpoint:
     """Parse config.json and the tokenizer of a checkpoint directory (or `demo`)."""
     path = resolve_model_path(path_or_demo)
     arch = load_arch(path)
-    tokenizer = Tokenizer(path)
+    tokenizer = open_tokenizer(path)
     name = "demo" if path_or_demo == "demo" else path.resolve().name
     return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name)
+
+
+def open_tokenizer(path: Path) -> Tokenizer:
+    """The checkpoint's tokenizer, its chat template compiled; a broken file is a PdlaunchError naming it."""
+    try:
+        tokenizer = Tokenizer(path)
+    except PdlaunchError:
+        raise
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise PdlaunchError(f"{path / 'tokenizer.json'} does not load: {exc}", field="model.path",
+                            hint="restore the checkpoint's tokenizer.json (a fast-tokenizer file)") from exc
+    if tokenizer.chat_template:
+        try:
+            ImmutableSandboxedEnvironment().parse(tokenizer.chat_template)
+        except TemplateSyntaxError as exc:
+            raise PdlaunchError(f"the chat template of {path} does not parse: {exc.message} (line {exc.lineno})",
+                                field="model.path", hint="fix chat_template in tokenizer_config.json "
+                                "(or chat_template.jinja)") from exc
+    return tokenizer
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -56,30 +77,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise PdlaunchError(f"unknown dtype {dtype!r}", field="model.dtype", hint=f"use auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files: those named by model.safetensors.index.json, else *.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise PdlaunchError(f"cannot read {index}: {exc}", field="model.path") from exc
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise PdlaunchError(f"{file} is missing (listed in {index.name})", field="model.path",
-                                    hint="copy every shard of the checkpoint")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise PdlaunchError(
-            f"no *.safetensors weights in {path}",
-            field="model.path",
-            hint="pdlaunch loads safetensors only; convert .bin/.pt weights with transformers' save_pretrained",
-        )
-    return files
 
 
 def _materialize(model: nn.Module, device: torch.device) -> None:
@@ -106,9 +103,12 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
 
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name), file
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name), file
+        except SafetensorError as exc:
+            raise unreadable(file, exc) from exc
 
 
 def _target(name: str) -> tuple[str, object]:
@@ -137,19 +137,61 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
     return names
 
 
+def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
+    """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory."""
+    with torch.device("meta"):
+        model = CausalLM(arch, tp_rank, tp_size)
+    return model.to(dtype)  # meta: changes dtypes only, allocates nothing
+
+
+def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, tensor: torch.Tensor,
+                file: Path) -> bool:
+    """Copy one checkpoint tensor into its parameter through the parameter's weight_loader (which
+    checks the unsharded shape). False when the tensor is deliberately not used. With meta parameters
+    and a meta tensor only the name and shape are checked: what `check-config` does from headers."""
+    if name.endswith(_IGNORED_SUFFIXES):
+        return False
+    if name == "lm_head.weight" and arch.tie_word_embeddings:
+        return False  # tied: the embedding table is the output projection
+    pname, shard = _target(name)
+    param = params.get(pname)
+    if param is None:
+        raise PdlaunchError(f"unexpected tensor {name!r} in {file.name}", field="model.path",
+                            hint=f"the checkpoint does not match its config.json ({arch.architecture})")
+    if not tensor.is_floating_point():
+        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
+                            "not a float dtype", field="model.path",
+                            hint="pdlaunch loads float32/bfloat16/float16 weights; quantized checkpoints are "
+                                 "not supported")
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    try:
+        loader(param, tensor, shard)
+    except ValueError as exc:
+        raise PdlaunchError(f"tensor {name!r} in {file.name}: {exc}", field="model.path",
+                            hint="the checkpoint does not match its config.json") from exc
+    return True
+
+
+def missing_tensors(params: dict[str, nn.Parameter], seen: set[str]) -> PdlaunchError | None:
+    """The error naming the tensors the model needs that were not loaded, or None."""
+    missing = sorted(_expected_names(params) - seen)
+    if not missing:
+        return None
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return PdlaunchError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}", field="model.path",
+                         hint="the checkpoint is incomplete or does not match its config.json")
+
+
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
     """Build the model on the meta device and load the checkpoint's weights in place."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
-    with torch.device("meta"):
-        model = CausalLM(ckpt.arch, tp_rank, tp_size)
-    model.to(dtype)  # meta: changes dtypes only, allocates nothing
+    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size)
     _materialize(model, device)
     model.eval()
 
     params = dict(model.named_parameters())
-    expected = _expected_names(params)
     seen: set[str] = set()
     total_bytes = sum(f.stat().st_size for f in files)
     show_bar = total_bytes > PROGRESS_BAR_MIN_BYTES and sys.stdout.isatty()
@@ -164,36 +206,14 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     try:
         with torch.no_grad():
             for name, tensor, file in _iter_tensors(files):
-                if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                if name == "lm_head.weight" and ckpt.arch.tie_word_embeddings:
-                    continue  # tied: the embedding table is the output projection
-                pname, shard = _target(name)
-                param = params.get(pname)
-                if param is None:
-                    raise PdlaunchError(
-                        f"unexpected tensor {name!r} in {file.name}",
-                        field="model.path",
-                        hint=f"the checkpoint does not match its config.json ({ckpt.arch.architecture})",
-                    )
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                try:
-                    loader(param, tensor, shard)
-                except ValueError as exc:
-                    raise PdlaunchError(f"tensor {name!r} in {file.name}: {exc}", field="model.path",
-                                        hint="the checkpoint does not match its config.json") from exc
-                seen.add(name)
-                if progress is not None:
-                    progress.advance(task, tensor.numel() * tensor.element_size())
+                if load_tensor(params, ckpt.arch, name, tensor, file):
+                    seen.add(name)
+                    if progress is not None:
+                        progress.advance(task, tensor.numel() * tensor.element_size())
     finally:
         if progress is not None:
             progress.stop()
-    missing = sorted(expected - seen)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise PdlaunchError(
-            f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}",
-            field="model.path",
-            hint="the checkpoint is incomplete or does not match its config.json",
-        )
+    missing = missing_tensors(params, seen)
+    if missing is not None:
+        raise missing
     return model

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
+from pdlaunch.model.demo_tokenizer import write_tokenizer_files
 
 LLAMA_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -54,12 +57,53 @@ def assert_invalid(result: Result, field: str, text: str | None = None) -> None:
         assert any(text in line for line in lines), f"{text!r} not in {lines}"
 
 
+def hf_tensor_shapes(hf: dict[str, Any]) -> dict[str, list[int]]:
+    """The tensors a transformers Llama/Qwen2/Mistral checkpoint of this config.json holds, by HF name
+    (written out here, independently of pdlaunch's model code, so that a test can catch that code)."""
+    h, inter, vocab = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    d = hf.get("head_dim") or h // heads
+    shapes = {"model.embed_tokens.weight": [vocab, h], "model.norm.weight": [h]}
+    if not hf.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = [vocab, h]
+    for i in range(hf["num_hidden_layers"]):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        shapes.update({f"{attn}.q_proj.weight": [heads * d, h], f"{attn}.k_proj.weight": [kv_heads * d, h],
+                       f"{attn}.v_proj.weight": [kv_heads * d, h], f"{attn}.o_proj.weight": [h, heads * d],
+                       f"{mlp}.gate_proj.weight": [inter, h], f"{mlp}.up_proj.weight": [inter, h],
+                       f"{mlp}.down_proj.weight": [h, inter], f"model.layers.{i}.input_layernorm.weight": [h],
+                       f"model.layers.{i}.post_attention_layernorm.weight": [h]})
+        if "Qwen2ForCausalLM" in hf.get("architectures", []):
+            shapes.update({f"{attn}.q_proj.bias": [heads * d], f"{attn}.k_proj.bias": [kv_heads * d],
+                           f"{attn}.v_proj.bias": [kv_heads * d]})
+    return shapes
+
+
+def write_safetensors_zeros(file: Path, shapes: dict[str, list[int]]) -> None:
+    """A valid bfloat16 safetensors file of all-zero tensors. The data region is a sparse hole, so a
+    70B-parameter checkpoint costs a few KiB of disk and is still a file safetensors loads."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 2 * math.prod(shape)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors aligns the data region to 8 bytes
+    with file.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(8 + len(text) + offset)
+
+
 def write_model(root: Path, name: str = "model", **changes: Any) -> Path:
-    """A checkpoint directory holding only config.json (validation reads nothing else)."""
+    """A complete checkpoint directory: config.json, zero weights of the right shapes, the demo tokenizer."""
     model_dir = root / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    hf = {**LLAMA_CONFIG, **changes}
-    (model_dir / "config.json").write_text(json.dumps({k: v for k, v in hf.items() if v is not None}))
+    hf = {k: v for k, v in {**LLAMA_CONFIG, **changes}.items() if v is not None}
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    write_safetensors_zeros(model_dir / "model.safetensors", hf_tensor_shapes(hf))
+    write_tokenizer_files(model_dir)
     return model_dir
 
 

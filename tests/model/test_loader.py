@@ -199,3 +199,30 @@ def test_cpu_caches_never_use_the_cuda_decode_kernel() -> None:
     from pdlaunch.model.triton_decode import paged_decode_available
 
     assert not paged_decode_available(torch.zeros(2, 1, 2, 4, 1, 8))
+
+
+def test_truncated_weights_fail_with_a_readable_error(llama_ckpt: Path, tmp_path: Path) -> None:
+    # An instance loading a damaged file says what is wrong, not safetensors' raw header error.
+    path = _copy(llama_ckpt, tmp_path / "truncated")
+    file = path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(PdlaunchError, match="truncated") as err:
+        load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+    assert err.value.field == "model.path" and "deserializing" not in str(err.value)
+
+
+def test_broken_tokenizer_json_is_a_pdlaunch_error(llama_ckpt: Path, tmp_path: Path) -> None:
+    path = _copy(llama_ckpt, tmp_path / "badtok")
+    (path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(PdlaunchError, match="tokenizer.json does not load") as err:
+        load_checkpoint(str(path))
+    assert err.value.field == "model.path"
+
+
+def test_integer_weights_are_refused(llama_ckpt: Path, tmp_path: Path) -> None:
+    path = _copy(llama_ckpt, tmp_path / "int8")
+    weights = load_file(path / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(PdlaunchError, match="int8, not a float dtype"):
+        load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)

@@ -1,0 +1,121 @@
+"""check-config opens what serve opens: the tokenizer, every safetensors header, every tensor's shape.
+
+Weights are never read: shapes come from the file headers and are fed as meta tensors through the
+loader's own `load_tensor` (the weight_loader of each parameter), so check-config and the load
+agree on every name and shape by construction.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pdlaunch.model.arch import ModelArch
+    from pdlaunch.model.weight_files import TensorHeader
+
+# safetensors dtype names -> torch attribute names (an unknown one is reported, not guessed)
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+MAX_TENSOR_PROBLEMS = 5  # a checkpoint of another model would otherwise print one line per tensor
+
+
+def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem:
+    field = exc.field if exc.field and not exc.field.startswith("config.json:") else default_field
+    where = f" ({exc.field})" if exc.field and exc.field.startswith("config.json:") else ""
+    return problem(field, exc.message + where, exc.hint or "use a complete checkpoint that matches its config.json")
+
+
+def checkpoint_problems(model_path: str) -> list[Problem]:
+    """What serve would fail on when it opens this checkpoint directory (the demo is built by us)."""
+    if model_path == "demo":
+        return []
+    directory = Path(os.path.expanduser(model_path))
+    from pdlaunch.model import loader  # lazy: imports torch
+
+    problems: list[Problem] = []
+    try:
+        loader.open_tokenizer(directory)
+    except PdlaunchError as exc:
+        problems.append(as_problem(exc))
+    try:
+        arch = loader.load_arch(directory)
+    except PdlaunchError as exc:
+        return problems + [as_problem(exc)]
+    return problems + weight_problems(directory, arch)
+
+
+def _headers(directory: Path) -> tuple[list[TensorHeader], list[Problem]]:
+    """Every tensor header of the checkpoint, and the problems with its files and index."""
+    from pdlaunch.model.weight_files import index_map, read_header, safetensors_files
+
+    try:
+        files = safetensors_files(directory)
+        weight_map = index_map(directory)
+    except PdlaunchError as exc:
+        return [], [as_problem(exc)]
+    headers: list[TensorHeader] = []
+    problems: list[Problem] = []
+    for file in files:
+        try:
+            headers += read_header(file)
+        except PdlaunchError as exc:
+            problems.append(as_problem(exc))
+    if weight_map is not None and not problems:
+        where = {(h.name, h.file.name) for h in headers}
+        for name, shard in sorted(weight_map.items()):
+            if (name, shard) not in where:
+                problems.append(problem("model.path", f"model.safetensors.index.json puts {name!r} in {shard}, "
+                                        "which does not hold it", "re-download the checkpoint: its shards and "
+                                        "index do not match"))
+                break
+    return headers, problems
+
+
+def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
+    """Files readable, headers valid, every needed tensor present with the loader's shape and a float dtype."""
+    import torch
+
+    from pdlaunch.model import loader
+
+    headers, problems = _headers(directory)
+    if problems:
+        return problems  # tensors of an unreadable file cannot be checked
+    params = dict(loader.meta_model(arch, torch.float32).named_parameters())
+    seen: set[str] = set()
+    found: list[Problem] = []
+    for header in headers:
+        dtype = _torch_dtype(header.dtype)
+        if dtype is None:
+            found.append(problem("model.path", f"tensor {header.name!r} in {header.file.name} has dtype "
+                                 f"{header.dtype}, which pdlaunch cannot load", "use float32, bfloat16 or float16 "
+                                 "weights; quantized checkpoints are not supported"))
+            continue
+        try:
+            meta = torch.empty(header.shape, dtype=dtype, device="meta")
+            if loader.load_tensor(params, arch, header.name, meta, header.file):
+                seen.add(header.name)
+        except PdlaunchError as exc:
+            found.append(as_problem(exc))
+    missing = loader.missing_tensors(params, seen)
+    if missing is not None:
+        found.append(as_problem(missing))
+    if len(found) > MAX_TENSOR_PROBLEMS:
+        more = len(found) - MAX_TENSOR_PROBLEMS
+        found = found[:MAX_TENSOR_PROBLEMS] + [problem("model.path", f"{more} more tensor problem(s)",
+                                                       "the checkpoint does not match its config.json")]
+    return found
+
+
+def _torch_dtype(name: str) -> "torch.dtype | None":
+    import torch
+
+    dtype = getattr(torch, _SAFETENSORS_DTYPES.get(name, ""), None)
+    return dtype if isinstance(dtype, torch.dtype) else None

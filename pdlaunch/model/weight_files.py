@@ -1,0 +1,144 @@
+"""A checkpoint's safetensors files: which ones, and what their headers say, without reading weights.
+
+`read_header` reads the 8-byte length and the JSON header only, and checks what safetensors checks
+on open, so a corrupt, truncated or empty file fails `check-config` as it would fail the load. It
+does not map the file: one 140 GB file cannot be mapped where memory overcommit is limited.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from pdlaunch.errors import PdlaunchError
+
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+INDEX_FILE = "model.safetensors.index.json"
+REFETCH_HINT = "re-download or re-save the checkpoint (transformers' save_pretrained writes safetensors)"
+
+# safetensors' header errors, by the text it puts after "Error while deserializing header: ".
+_HEADER_ERRORS = {
+    "header too small": "is empty or shorter than a safetensors header",
+    "header too large": "declares a header larger than safetensors allows: the file is corrupt or not safetensors",
+    "incomplete metadata": "is truncated or has bytes past its last tensor: its size does not match its header",
+    "invalid json": "has a header that is not valid JSON: the file is corrupt",
+    "invalid header": "has a malformed header: the file is corrupt",
+    "invalid offset": "has tensor offsets outside the file: the file is corrupt",
+    "invalid utf-8": "has a header that is not UTF-8: the file is corrupt",
+}
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: F32, BF16, F16, I8, ...
+    file: Path
+
+
+def unreadable(file: Path, exc: Exception) -> PdlaunchError:
+    """The readable form of a safetensors error (never the library's raw text alone)."""
+    text = str(exc).removeprefix("Error while deserializing header: ")
+    what = next((msg for key, msg in _HEADER_ERRORS.items() if text.lower().startswith(key)), None)
+    if what is None:
+        what = f"cannot be read as safetensors ({text})"
+    return PdlaunchError(f"{file} {what}", field="model.path", hint=REFETCH_HINT)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise PdlaunchError(f"cannot read {index}: {exc}", field="model.path", hint=REFETCH_HINT) from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise PdlaunchError(f"{index} has no weight_map of tensor name -> file name", field="model.path",
+                            hint=REFETCH_HINT)
+    return weight_map
+
+
+def index_map(path: Path) -> dict[str, str] | None:
+    """Tensor name -> shard file name from model.safetensors.index.json, or None without one."""
+    index = path / INDEX_FILE
+    return _weight_map(index) if index.is_file() else None
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files: those named by model.safetensors.index.json, else *.safetensors."""
+    weight_map = index_map(path)
+    if weight_map is not None:
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise PdlaunchError(f"{file} is missing (listed in {INDEX_FILE})", field="model.path",
+                                    hint="copy every shard of the checkpoint")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise PdlaunchError(
+            f"no *.safetensors weights in {path}",
+            field="model.path",
+            hint="pdlaunch loads safetensors only; convert .bin/.pt weights with transformers' save_pretrained",
+        )
+    return files
+
+
+def _bad(file: Path, what: str) -> PdlaunchError:
+    return PdlaunchError(f"{file} {what}", field="model.path", hint=REFETCH_HINT)
+
+
+def _entry(file: Path, name: str, entry: object) -> tuple[TensorHeader, int, int]:
+    """One header entry -> (header, data start, data end), with the checks safetensors makes on load."""
+    if not isinstance(entry, dict):
+        raise _bad(file, f"has a header entry {name!r} that is not a tensor description: the file is corrupt")
+    if entry.get("dtype") not in DTYPE_BYTES:
+        raise _bad(file, f"has tensor {name!r} with an unknown dtype {entry.get('dtype')!r}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        raise _bad(file, f"has tensor {name!r} with an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise _bad(file, f"has tensor {name!r} with invalid data_offsets {offsets!r}")
+    if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[entry["dtype"]]:
+        raise _bad(file, f"has tensor {name!r} whose data_offsets do not match its shape {shape}")
+    return TensorHeader(name, tuple(shape), entry["dtype"], file), offsets[0], offsets[1]
+
+
+def read_header(file: Path) -> list[TensorHeader]:
+    """Every tensor's name, shape and dtype, reading the header only (a 140 GB file costs one small read).
+
+    Checks what safetensors checks when it opens the file: header size, JSON, offsets that tile the
+    data region exactly (a truncated or padded file fails here, as it would fail the load).
+    """
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _bad(file, _HEADER_ERRORS["header too small"])
+            header_len = struct.unpack("<Q", prefix)[0]
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise _bad(file, _HEADER_ERRORS["header too large"])
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise _bad(file, f"cannot be read ({exc.strerror or exc})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(file, _HEADER_ERRORS["invalid json"]) from exc
+    if not isinstance(header, dict):
+        raise _bad(file, _HEADER_ERRORS["invalid header"])
+    entries = sorted((_entry(file, name, entry) for name, entry in header.items() if name != "__metadata__"),
+                     key=lambda item: item[1])
+    end = 0
+    for tensor, start, stop in entries:
+        if start != end:
+            raise _bad(file, f"has a gap or overlap before tensor {tensor.name!r}: the file is corrupt")
+        end = stop
+    if 8 + header_len + end != size:
+        raise _bad(file, _HEADER_ERRORS["incomplete metadata"])
+    return [tensor for tensor, _, _ in entries]

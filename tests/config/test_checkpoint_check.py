@@ -1,0 +1,177 @@
+"""check-config opens what serve opens: broken weights, shapes and tokenizer files are reported by
+check-config, and serve refuses them with the same line before it starts any process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import Result
+from safetensors.torch import load_file, save_file
+
+from tests.config.cli_helpers import assert_invalid, check, invoke
+
+CPU = ["--device", "cpu"]
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(src, tmp_path / "ckpt"))
+
+
+def _check(model: Path) -> Result:
+    return check(["--model", str(model), *CPU])
+
+
+def _errors(result: Result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error: ")]
+
+
+def _serve_fails_the_same_way(model: Path, checked: Result) -> None:
+    served = invoke(["serve", "--model", str(model), *CPU, "--port", "1"])
+    assert served.exit_code == 1, served.output
+    assert set(_errors(served)) == set(_errors(checked)), served.output
+    assert "ready" not in served.output
+
+
+@pytest.mark.parametrize("name", ["llama_ckpt", "qwen2_ckpt", "mistral_ckpt", "hybrid_ckpt", "sharded_ckpt"])
+def test_real_checkpoints_are_valid(name: str, request: pytest.FixtureRequest) -> None:
+    result = _check(request.getfixturevalue(name))
+    assert result.exit_code == 0, result.output
+
+
+def _corrupt_header(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[8:40] = b"#" * 32
+    file.write_bytes(bytes(data))
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def _empty(file: Path) -> None:
+    file.write_bytes(b"")
+
+
+def _huge_header_length(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(struct.pack("<Q", 1 << 40) + data[8:])
+
+
+@pytest.mark.parametrize(("damage", "text"), [
+    (_corrupt_header, "not valid JSON"),
+    (_truncate, "truncated"),
+    (_empty, "empty"),
+    (_huge_header_length, "header larger than"),
+])
+def test_broken_safetensors_file(llama_ckpt: Path, tmp_path: Path, damage: object, text: str) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    damage(model / "model.safetensors")  # type: ignore[operator]
+    result = _check(model)
+    assert_invalid(result, "model.path", text)
+    assert "model.safetensors" in result.output and "re-download" in result.output
+    _serve_fails_the_same_way(model, result)
+
+
+def test_missing_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, model / "model.safetensors")
+    assert_invalid(_check(model), "model.path", "lacks tensor(s) model.layers.1.mlp.down_proj.weight")
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    save_file(weights, model / "model.safetensors")
+    result = _check(model)
+    assert_invalid(result, "model.path", "'model.layers.0.self_attn.k_proj.weight'")
+    assert "checkpoint (16, 64), model expects (32, 64)" in result.output
+    _serve_fails_the_same_way(model, result)
+
+
+def test_config_json_that_does_not_match_the_weights(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    hf = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, "intermediate_size": 96}))
+    assert_invalid(_check(model), "model.path", "shape mismatch")
+
+
+def test_unexpected_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.0.mystery.weight"] = torch.zeros(2)
+    save_file(weights, model / "model.safetensors")
+    assert_invalid(_check(model), "model.path", "unexpected tensor 'model.layers.0.mystery.weight'")
+
+
+def test_integer_weights_are_not_loadable(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
+    save_file(weights, model / "model.safetensors")
+    assert_invalid(_check(model), "model.path", "'model.norm.weight' in model.safetensors is int8, not a float")
+
+
+def test_shard_missing_or_not_holding_what_the_index_says(sharded_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(sharded_ckpt, tmp_path)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    name, shard = sorted(index["weight_map"].items())[0]
+    other = next(s for s in sorted(set(index["weight_map"].values())) if s != shard)
+    index["weight_map"][name] = other
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_invalid(_check(model), "model.path", f"puts {name!r} in {other}")
+    (model / other).unlink()
+    assert_invalid(_check(model), "model.path", f"{other} is missing")
+
+
+def test_broken_index_file(sharded_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(sharded_ckpt, tmp_path)
+    (model / "model.safetensors.index.json").write_text("{")
+    assert_invalid(_check(model), "model.path", "model.safetensors.index.json")
+
+
+def test_missing_tokenizer_json(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    (model / "tokenizer.json").unlink()
+    result = _check(model)
+    assert_invalid(result, "model.path", "tokenizer.json is missing")
+    _serve_fails_the_same_way(model, result)
+
+
+@pytest.mark.parametrize("text", ['{"version": "1.0", "model": ', "{}", ""])
+def test_broken_tokenizer_json(llama_ckpt: Path, tmp_path: Path, text: str) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    (model / "tokenizer.json").write_text(text)
+    result = _check(model)
+    assert_invalid(result, "model.path", "tokenizer.json does not load")
+    _serve_fails_the_same_way(model, result)
+
+
+def test_broken_tokenizer_config(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    (model / "tokenizer_config.json").write_text("{'single quotes': 1}")
+    assert_invalid(_check(model), "model.path", "tokenizer_config.json")
+
+
+def test_chat_template_that_does_not_parse(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m.content }"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert_invalid(_check(model), "model.path", "chat template")
+
+
+def test_every_problem_is_one_line_and_capped(llama_ckpt: Path, tmp_path: Path) -> None:
+    model = _copy(llama_ckpt, tmp_path)
+    weights = {f"junk.{i}": torch.zeros(1) for i in range(40)}
+    save_file(weights, model / "model.safetensors")
+    errors = _errors(_check(model))
+    assert 2 <= len(errors) <= 8, errors
+    assert any("more tensor problem" in line for line in errors)
