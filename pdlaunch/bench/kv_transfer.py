@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import secrets
 import statistics
 import time
 import traceback
@@ -51,7 +52,7 @@ def _copy_gbps(src: torch.Tensor, dst: torch.Tensor, iterations: int) -> float:
 
 def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     """One side: builds connectors on a synthetic KV cache and answers the parent's commands."""
-    from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig, ModelConfig
+    from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig, ModelConfig, SecurityConfig
     from pdlaunch.kv_transfer.base import KVCacheSpec
     from pdlaunch.kv_transfer.factory import create_connector
     from pdlaunch.memory import platform
@@ -80,7 +81,8 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     def make(mode: str) -> Any:
         # enable_cumem_allocator as the engine's config would say: the connector then stages.
         config = DeploymentConfig(device=dev.type, model=ModelConfig(enable_cumem_allocator=shape["cumem"]),
-                                  kv_transfer=KVTransferConfig(transfer_mode=mode))
+                                  kv_transfer=KVTransferConfig(transfer_mode=mode),
+                                  security=SecurityConfig(deployment_secret=shape["secret"]))
         instance = InstanceSpec(role=role, port=1, engine_id=f"bench-{role}-{mode}", device=dev.type)
         c = create_connector(config, instance)
         assert c is not None
@@ -234,7 +236,8 @@ def run_kv_transfer_bench(
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
     shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                 block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem)
+                 block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem,
+                 secret=secrets.token_hex(32))  # both sides sign side-channel messages with it, as a deployment does
     block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * _DTYPES[dtype].itemsize
     rows: list[dict[str, Any]] = []
     prefill = _Side("prefill", shape, prefill_device)
