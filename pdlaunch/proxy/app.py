@@ -180,8 +180,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     # Outermost first: count every answer, then authenticate, then bound the body.
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(api_key, deployment_secret))
-    known_paths = {getattr(route, "path", "") for route in app.router.routes}
-    app.add_middleware(CountRequests, counter=proxy.metrics.requests, known_paths=lambda: known_paths)
+    app.add_middleware(CountRequests, counter=proxy.metrics.requests, router=app.router)
 
     @app.get("/health")
     async def health() -> JSONResponse:

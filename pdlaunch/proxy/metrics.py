@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -49,10 +49,16 @@ class CountRequests:
     path only when the app has that route, else OTHER_ROUTE: a scan of random paths must not add a
     series per path (5,000 unknown GETs grew /metrics from 5 KB to 2.7 MB)."""
 
-    def __init__(self, app: Any, counter: Counter, known_paths: Callable[[], set[str]]) -> None:
+    def __init__(self, app: Any, counter: Counter, router: Any) -> None:
         self.app = app
         self.counter = counter
-        self._known_paths = known_paths
+        self._router = router  # routes are added after the middleware: read them at the first request
+        self._known: frozenset[str] | None = None
+
+    def _route_label(self, path: str) -> str:
+        if self._known is None:
+            self._known = frozenset(getattr(route, "path", "") for route in self._router.routes)
+        return path if path in self._known else OTHER_ROUTE
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -69,5 +75,4 @@ class CountRequests:
             await self.app(scope, receive, recording_send)
         finally:
             path = scope.get("path", "")
-            route = path if path in self._known_paths() else OTHER_ROUTE
-            self.counter.labels(route, str(status[0])).inc()
+            self.counter.labels(self._route_label(path), str(status[0])).inc()

@@ -39,8 +39,8 @@ def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:
         return
     bound = max_model_len * MAX_PROMPT_CHARS_PER_TOKEN
     if chars > bound:
-        raise OpenAIError(400, f"{param} has {chars} characters, more than {max_model_len} tokens (max_model_len) "
-                               f"can hold at {MAX_PROMPT_CHARS_PER_TOKEN} characters per token; shorten it",
+        raise OpenAIError(400, f"{param} has {chars} characters; at most {bound} can fit (max_model_len "
+                               f"{max_model_len} x {MAX_PROMPT_CHARS_PER_TOKEN} characters per token); shorten it",
                           param=param)
 
 
