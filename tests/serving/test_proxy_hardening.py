@@ -1,0 +1,168 @@
+"""The proxy over real HTTP against scripted instances: client errors stay 4xx and cost no prefill
+leg, /metrics stays bounded under a path scan, and a prefill's held KV is released when the decode
+leg will not run (decode refused, failed, unreachable, or the client left)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.server.auth import INTERNAL_TOKEN_HEADER, internal_token
+from tests.serving.helpers import ThreadServer, wait_for
+
+SECRET = "proxy-hardening-secret-0123456789"
+MAX_REQUEST_BYTES = 1 << 20
+
+
+class Prefill:
+    """Answers every prefill leg with KV held under a fresh remote_request_id; records releases."""
+
+    def __init__(self) -> None:
+        self.legs: list[str] = []
+        self.released: list[str] = []
+        self.tokens: set[str | None] = set()
+        self._ids = itertools.count()
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+        self.app.post("/internal/kv/release")(self.release)
+
+    async def completions(self, request: Request) -> Any:
+        self.tokens.add(request.headers.get(INTERNAL_TOKEN_HEADER))
+        rid = f"held-{next(self._ids)}"
+        self.legs.append(rid)
+        return {"choices": [{"text": "x"}], "kv_transfer_params": {"do_remote_prefill": True, "remote_request_id": rid}}
+
+    async def release(self, request: Request) -> Any:
+        if request.headers.get(INTERNAL_TOKEN_HEADER) != internal_token(SECRET):
+            return JSONResponse({"error": {"message": "no token"}}, status_code=403)
+        self.released.append((await request.json())["request_id"])
+        return {"released": True}
+
+
+class Decode:
+    """Behaves as the prompt says: ok, refuse (400), fail (500), wait (answers after 30 s)."""
+
+    def __init__(self) -> None:
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+        self.waiting = threading.Event()
+
+    async def completions(self, request: Request) -> Any:
+        prompt = (await request.json())["prompt"]
+        if prompt == "refuse":
+            return JSONResponse({"error": {"message": "prompt + max_tokens exceeds max_model_len",
+                                           "type": "invalid_request_error", "param": "prompt"}}, status_code=400)
+        if prompt == "fail":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if prompt == "wait":
+            self.waiting.set()
+            await asyncio.sleep(30)
+        return {"choices": [{"text": "done"}]}
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[tuple[str, Prefill, InstancePool]]:
+    ports = PortAllocator("127.0.0.1")
+    prefill, decode = Prefill(), Decode()
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, max_request_bytes=MAX_REQUEST_BYTES)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both")
+            yield proxy.url, prefill, pool
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    ('{"prompt": "ok", "temperature": NaN}', "temperature"),
+    ('{"prompt": "ok", "temperature": Infinity}', "temperature"),
+    ('{"prompt": "ok", "seed": 18446744073709551616}', "seed"),
+    ('{"prompt": "ok", "max_tokens": -3}', "max_tokens"),
+    ('{"prompt": "a\\ud800b"}', "prompt"),
+    ('{"prompt": "ok", "stop": "\\ud800"}', "stop"),
+    ('{"prompt": "ok", "x": ' + "[" * 1000 + "]" * 1000 + "}", "body"),
+    ('{"prompt": ', "body"),
+])
+def test_client_errors_are_400_before_any_leg(deployment: Any, raw: str, param: str) -> None:
+    url, prefill, _ = deployment
+    legs = len(prefill.legs)
+    answer = httpx.post(f"{url}/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    assert len(prefill.legs) == legs
+
+
+def test_body_over_the_limit_is_413(deployment: Any) -> None:
+    url, prefill, _ = deployment
+    legs = len(prefill.legs)
+    answer = httpx.post(f"{url}/v1/completions", json={"prompt": "x" * MAX_REQUEST_BYTES})
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
+    assert len(prefill.legs) == legs
+
+
+def test_unknown_paths_share_one_metrics_label(deployment: Any) -> None:
+    url, _, _ = deployment
+    httpx.get(f"{url}/no-such-path-warmup")
+    before = len(httpx.get(f"{url}/metrics").content)
+    with httpx.Client() as client:
+        for i in range(500):
+            assert client.get(f"{url}/scan/{i}/x{i}").status_code == 404
+    metrics = httpx.get(f"{url}/metrics").text
+    assert len(metrics) - before < 200, f"/metrics grew by {len(metrics) - before} bytes"
+    assert 'route="other",status="404"' in metrics and "/scan/" not in metrics
+
+
+def test_legs_carry_the_internal_token(deployment: Any) -> None:
+    url, prefill, _ = deployment
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=30).status_code == 200
+    assert prefill.tokens == {internal_token(SECRET)}
+
+
+@pytest.mark.parametrize(("prompt", "status"), [("refuse", 400), ("fail", 502)])
+def test_decode_refusal_or_failure_releases_the_prefill_kv(deployment: Any, prompt: str, status: int) -> None:
+    url, prefill, _ = deployment
+    for stream in (False, True):
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "stream": stream}, timeout=30)
+        assert answer.status_code == status
+        held = prefill.legs[-1]
+        wait_for(lambda: held in prefill.released, f"the proxy to release {held}", timeout=5)
+
+
+def test_success_releases_nothing(deployment: Any) -> None:
+    url, prefill, _ = deployment
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=30).status_code == 200
+    assert prefill.legs[-1] not in prefill.released
+
+
+def test_client_gone_before_the_decode_answers_releases_the_prefill_kv(deployment: Any) -> None:
+    url, prefill, _ = deployment
+    for stream in (False, True):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "wait", "stream": stream}, timeout=1.5)
+        held = prefill.legs[-1]
+        wait_for(lambda: held in prefill.released, f"the proxy to release {held} after the client left", timeout=5)
+
+
+def test_unreachable_decode_releases_the_prefill_kv(deployment: Any) -> None:
+    url, prefill, pool = deployment
+    decode = pool.instances[1]
+    real_url, decode.url = decode.url, f"http://127.0.0.1:{PortAllocator('127.0.0.1').free('nothing listens')}"
+    try:
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=30)
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "instance_unreachable"
+        held = prefill.legs[-1]
+        wait_for(lambda: held in prefill.released, f"the proxy to release {held}", timeout=5)
+    finally:
+        decode.url = real_url
+        wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, "the decode to be routed to again", 10)
