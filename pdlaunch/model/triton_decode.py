@@ -1,24 +1,36 @@
 """CUDA paged decode attention (Triton): programs per (decode sequence, KV head, context split).
 
-Each program walks its share of the blocks its query can see (the whole context, or the blocks
-that overlap the sliding window), reading k/v straight from the block-major cache through the
-block table, with an online softmax in float32. Scores use broadcast products rather than tl.dot
-so any block size and GQA group size work.
+Each program streams its share of the keys its query can see (the whole context, or the part in
+the sliding window) straight from the block-major cache, `tile` tokens per loop iteration: the
+tile's rows are gathered through the block table (a tile may span several blocks, or be part of
+one), so the loop does the same work for every block size. Scores and the weighted values are
+tensor-core products over the whole GQA group at once, [group padded to 16, head_dim] x
+[head_dim, tile], with an online softmax in float32; probabilities enter the value product in the
+cache dtype, as in FlashAttention (float32 caches use exact float32 products).
 
-Few sequences give few programs (batch 1 of an 8-KV-head model: 8), each walking the context
-serially: 57 us per layer at 256 tokens on an H100, a fifth of the decode step. So the visible
-blocks are split into `SPLITS` contiguous ranges (enough programs to fill the SMs twice, at most
-32); each writes its partial (max, sum, weighted values) and a second kernel merges them. The
-split count depends only on the batch and head counts, so a CUDA graph replays it for any context.
-Only imported on CUDA (`paged_decode_available`).
+The first version walked one 16-token block per iteration with broadcast products: ~0.6 TB/s of
+KV on an H200 that streams ~4.2 TB/s (benchmarks/RESULTS.md has the before/after).
+
+Few sequences give few programs (batch 1 of an 8-KV-head model: 8), so the visible tiles are
+split into up to `splits` contiguous ranges, each at least `min_tiles` long; each writes its
+partial (weighted values, max, sum) and a second kernel merges them. A sequence whose context
+needs one range writes its output directly and the merge skips it. The split count depends only
+on the batch and head counts and the ranges on device values, so a CUDA graph replays it for any
+context. Also runs under TRITON_INTERPRET=1 on CPU tensors (tests); the engine uses it on CUDA
+only (`paged_decode_available`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_SPLITS = 64
+MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in partials and merging than they gain
 
 
 @lru_cache(maxsize=1)
@@ -33,15 +45,20 @@ def triton_importable() -> bool:
 def paged_decode_available(kv_cache: torch.Tensor) -> bool:
     """True when the Triton kernel serves this cache: CUDA, Triton installed, not forced off."""
     choice = os.environ.get("PDLAUNCH_PAGED_DECODE", "auto")
-    if choice == "torch" or not kv_cache.is_cuda:
+    if choice == "torch" or not kv_cache.is_cuda or kv_cache.dtype not in _KERNEL_DTYPES:
         return False
-    head_dim, block_size = kv_cache.shape[-1], kv_cache.shape[3]
-    pow2 = head_dim & (head_dim - 1) == 0 and block_size & (block_size - 1) == 0
-    return pow2 and triton_importable()
+    block_size = kv_cache.shape[3]
+    return block_size & (block_size - 1) == 0 and triton_importable()
 
 
-@lru_cache(maxsize=1)
-def _kernel():  # noqa: ANN202 (a triton.JITFunction)
+def _interpret_mode() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+@lru_cache(maxsize=2)
+def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by interpret mode
     import triton
     import triton.language as tl
 
@@ -51,72 +68,104 @@ def _kernel():  # noqa: ANN202 (a triton.JITFunction)
         scale, window, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
         block_stride, k_offset, v_offset,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+        TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        token = tl.load(tokens_ptr + seq)
-        qpos = tl.load(seq_lens_ptr + seq) - 1
-        g = tl.arange(0, GROUP_PAD)
-        d = tl.arange(0, HEAD_DIM)
-        heads = kv_head * GROUP + g
-        q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=(g < GROUP)[:, None], other=0.0).to(tl.float32)  # [G, D]
+        seq_len = tl.load(seq_lens_ptr + seq)
+        # This split's tiles [start, stop) of the visible ones, and how many splits have any
+        # (merge_splits_kernel repeats this arithmetic).
+        qpos = seq_len - 1
         first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
+        first_tile = first // TILE
+        num_tiles = qpos // TILE + 1 - first_tile
+        per_split = tl.maximum(tl.cdiv(num_tiles, SPLITS), MIN_TILES)
+        active = tl.cdiv(num_tiles, per_split)
+        start = first_tile + split * per_split
+        stop = tl.minimum(start + per_split, first_tile + num_tiles)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_PAD)
+        d_ok = d < HEAD_DIM
+        heads = kv_head * GROUP + g
+        head_ok = g < GROUP
+        token = tl.load(tokens_ptr + seq)
+        # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
+        dtype = tl.float32 if DOT_FP32 else cache_ptr.dtype.element_ty
+        q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                    mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        offs = tl.arange(0, BLOCK_SIZE)
-        first_block = first // BLOCK_SIZE
-        num_visible = qpos // BLOCK_SIZE + 1 - first_block
-        per_split = (num_visible + SPLITS - 1) // SPLITS
-        start = first_block + split * per_split
-        stop = tl.minimum(start + per_split, qpos // BLOCK_SIZE + 1)
-        for b in range(start, stop):
-            block = tl.load(block_table_ptr + seq * stride_bt + b).to(tl.int64)
-            kpos = b * BLOCK_SIZE + offs
+        acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+        offs = tl.arange(0, TILE)
+        table = block_table_ptr + seq * stride_bt
+        head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
+        for t in range(start, stop):
+            kpos = t * TILE + offs
             valid = (kpos <= qpos) & (kpos >= first)
-            row = block * block_stride + offs[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
-            k = tl.load(cache_ptr + k_offset + row, mask=valid[:, None], other=0.0).to(tl.float32)  # [B, D]
-            v = tl.load(cache_ptr + v_offset + row, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, B]
+            block = tl.load(table + kpos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
+            kv_mask = valid[:, None] & d_ok[None, :]
+            k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             denom = denom * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0).to(dtype)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             m = m_new
-        if SPLITS == 1:
-            out = acc / denom[:, None]
-            tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
-        else:
-            # part: [Sd, Hq, SPLITS, HEAD_DIM + 2] float32 = (weighted values, max, sum) per split.
-            row = ((seq * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_DIM + 2)  # [G]
-            valid = (g < GROUP)
-            tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=valid[:, None])
-            tl.store(part_ptr + row + HEAD_DIM, m, mask=valid)
-            tl.store(part_ptr + row + HEAD_DIM + 1, denom, mask=valid)
+        # One range: the output itself (the merge skips this sequence). Several: partials
+        # part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted values, max, sum).
+        # (Conditions as vector compares: the interpreter rejects masks of a scalar bool broadcast.)
+        direct = head_ok & ((g * 0 + active) == 1) & ((g * 0 + split) == 0)
+        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=direct[:, None] & d_ok[None, :])
+        row = ((seq * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_PAD + 2)  # [G]
+        keep = head_ok & ((g * 0 + active) > 1) & ((g * 0 + split) < active)
+        tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=keep[:, None] & d_ok[None, :])
+        tl.store(part_ptr + row + HEAD_PAD, m, mask=keep)
+        tl.store(part_ptr + row + HEAD_PAD + 1, denom, mask=keep)
 
     @triton.jit
-    def merge_splits_kernel(part_ptr, out_ptr, num_heads, stride_ot, stride_oh,
-                            SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def merge_splits_kernel(part_ptr, out_ptr, seq_lens_ptr, window, num_heads, stride_ot, stride_oh,
+                            HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, TILE: tl.constexpr,
+                            SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):
         seq = tl.program_id(0)
         head = tl.program_id(1)
+        qpos = tl.load(seq_lens_ptr + seq) - 1
+        first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
+        num_tiles = qpos // TILE + 1 - first // TILE
+        active = tl.cdiv(num_tiles, tl.maximum(tl.cdiv(num_tiles, SPLITS), MIN_TILES))
         sp = tl.arange(0, SPLITS)
-        d = tl.arange(0, HEAD_DIM)
-        base = ((seq * num_heads + head) * SPLITS + sp) * (HEAD_DIM + 2)  # [S]
-        m = tl.load(part_ptr + base + HEAD_DIM)
-        denom = tl.load(part_ptr + base + HEAD_DIM + 1)
-        acc = tl.load(part_ptr + base[:, None] + d[None, :])  # [S, D]
+        d = tl.arange(0, HEAD_PAD)
+        used = (sp < active) & ((sp * 0 + active) > 1)
+        base = ((seq * num_heads + head) * SPLITS + sp) * (HEAD_PAD + 2)  # [S]
+        m = tl.load(part_ptr + base + HEAD_PAD, mask=used, other=float("-inf"))
+        denom = tl.load(part_ptr + base + HEAD_PAD + 1, mask=used, other=0.0)
+        acc = tl.load(part_ptr + base[:, None] + d[None, :], mask=used[:, None] & (d < HEAD_DIM)[None, :],
+                      other=0.0)  # [S, D]
         m_all = tl.max(m, axis=0)
-        w = tl.where(m > float("-inf"), tl.exp(m - m_all), 0.0)  # empty splits weigh nothing
+        w = tl.where(used, tl.exp(m - m_all), 0.0)
         out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
-        tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
+                 mask=(d < HEAD_DIM) & ((d * 0 + active) > 1))
 
     return paged_decode_kernel, merge_splits_kernel
+
+
+@dataclass(frozen=True)
+class DecodeLaunch:
+    """How one paged_decode call is cut: tokens per loop iteration, context ranges, Triton knobs."""
+
+    tile: int
+    splits: int
+    min_tiles: int
+    num_warps: int
+    num_stages: int
 
 
 @lru_cache(maxsize=8)
@@ -124,16 +173,21 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_splits(num_seqs: int, num_kv_heads: int, device_index: int) -> int:
-    """Context splits per (sequence, KV head): enough programs for two waves over the SMs, <= 32."""
+def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2) -> DecodeLaunch:
+    """Splits: enough (sequence, KV head, range) programs for `waves` programs per SM, a power of
+    two <= MAX_SPLITS; each range at least MIN_SPLIT_TOKENS long. Depends on the batch and head
+    counts only, so a CUDA graph captured for this batch serves every context."""
+    tile = 64 if head_dim <= 128 else 32
     programs = max(1, num_seqs * num_kv_heads)
-    wanted = -(-2 * _num_sms(device_index) // programs)
-    return min(32, 1 << (wanted - 1).bit_length()) if wanted > 1 else 1
+    wanted = -(-waves * num_sms // programs)
+    splits = min(MAX_SPLITS, 1 << (wanted - 1).bit_length()) if wanted > 1 else 1
+    return DecodeLaunch(tile=tile, splits=splits, min_tiles=max(1, MIN_SPLIT_TOKENS // tile),
+                        num_warps=4, num_stages=2)
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tokens: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, window: int | None,
-                 scale: float) -> torch.Tensor:
+                 scale: float, launch: DecodeLaunch | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; tokens/seq_lens: [Sd]; block_table: [Sd, max_blocks] -> [Sd, Hq, D]."""
     import triton
 
@@ -141,21 +195,29 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
     num_seqs = tokens.shape[0]
+    if launch is None:
+        sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
+        launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms)
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     block_table = block_table.contiguous()
     plane = block_size * num_kv_heads * head_dim  # elements of one (layer, k|v) slice of a block
-    splits = num_splits(num_seqs, num_kv_heads, q.device.index or 0)
-    part = (torch.empty(num_seqs, num_heads, splits, head_dim + 2, dtype=torch.float32, device=q.device)
-            if splits > 1 else out)
-    decode_kernel, merge_kernel = _kernel()
-    decode_kernel[(num_seqs, num_kv_heads, splits)](
+    head_pad = max(16, triton.next_power_of_2(head_dim))
+    part = (torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
+            if launch.splits > 1 else out)
+    interpret = _interpret_mode()
+    decode_kernel, merge_kernel = _kernels(interpret)
+    decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part,
         scale, window or 0, q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
-        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, SPLITS=splits,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
+        MIN_TILES=launch.min_tiles, PRECISION="ieee" if kv_cache.dtype == torch.float32 or interpret else "tf32",
+        DOT_FP32=interpret,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    if splits > 1:
-        merge_kernel[(num_seqs, num_heads)](part, out, num_heads, out.stride(0), out.stride(1),
-                                            SPLITS=splits, HEAD_DIM=head_dim)
+    if launch.splits > 1:
+        merge_kernel[(num_seqs, num_heads)](part, out, seq_lens, window or 0, num_heads, out.stride(0),
+                                            out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile,
+                                            SPLITS=launch.splits, MIN_TILES=launch.min_tiles)
     return out

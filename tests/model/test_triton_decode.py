@@ -1,0 +1,136 @@
+"""Paged decode kernel == the torch gather path of model/attention.py, on any shape the engine makes.
+
+Kernel cases run on "cuda" (gpu marker) and on CPU tensors under TRITON_INTERPRET=1 ("interpret",
+in a child pytest started with the variable set, as in test_fused_ops.py). Each case: random
+caches and queries, scrambled block ids, released (out-of-window) and unused blocks filled with
+NaN so that any read of them poisons the output, several sequences of different lengths; block
+sizes 4..128, GQA groups 1, 3, 4, 5 and 8 (padded to 16 rows), a non-power-of-2 head_dim, sliding
+windows, tiles smaller and larger than a block, and context splits with and without merging.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdlaunch.model.attention import build_group_plan, paged_attention
+from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.triton_decode import DecodeLaunch, choose_launch, paged_decode
+
+INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
+POISON = 0  # block id of padded table entries and released blocks: filled with NaN
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "interpret"])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    pytest.importorskip("triton")
+    if request.param == "interpret" and not INTERPRET_AT_START:
+        pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.setenv("PDLAUNCH_PAGED_DECODE", "torch")  # the reference plan: the gather path
+    return request.param if request.param == "cuda" else "cpu"
+
+
+def _case(device: str, dtype: torch.dtype, seq_lens: list[int], block_size: int, num_kv_heads: int, group: int,
+          head_dim: int, window: int | None, layers: int = 2, seed: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """(q [S, Hq, D], new k and v [S, Hkv, D], decode metadata) over a fresh poisoned cache."""
+    gen = torch.Generator().manual_seed(seed)
+    tables: list[list[int]] = []
+    free = torch.randperm(4096, generator=gen).tolist()
+    free.remove(POISON)
+    for n in seq_lens:
+        blocks = [free.pop() for _ in range(-(-n // block_size))]
+        if window is not None:  # blocks wholly before the window were released (engine: -1 -> 0)
+            first = max(0, n - window)
+            blocks = [POISON if (i + 1) * block_size <= first else b for i, b in enumerate(blocks)]
+        tables.append(blocks)
+    width = max(len(t) for t in tables) + 2  # padding past every sequence's blocks, as in batches
+    table = torch.tensor([t + [POISON] * (width - len(t)) for t in tables])
+    used = sorted({b for t in tables for b in t} | {POISON})
+    num_blocks = max(used) + 1
+    shape = (num_blocks, layers, 2, block_size, num_kv_heads, head_dim)
+    cache = torch.full(shape, float("nan"), dtype=dtype)
+    live = torch.tensor([b for b in used if b != POISON])
+    cache[live] = torch.randn((len(live), *shape[1:]), generator=gen).to(dtype)
+    hq = num_kv_heads * group
+    s = len(seq_lens)
+    q = torch.randn(s, hq, head_dim, generator=gen).to(dtype)
+    k = torch.randn(s, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(s, num_kv_heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor(seq_lens)
+    slots = torch.tensor([tables[i][(n - 1) // block_size] * block_size + (n - 1) % block_size
+                          for i, n in enumerate(seq_lens)])
+    attn = AttentionMetadata(
+        query_start_loc=torch.arange(s + 1).to(device), seq_lens=lens.to(device), context_lens=(lens - 1).to(device),
+        slot_mapping=[slots.to(device)], block_tables=[table.to(device)], max_query_len=1,
+        max_seq_len=max(seq_lens), query_lens_cpu=[1] * s, seq_lens_cpu=list(seq_lens))
+    return cache.to(device), q.to(device), torch.stack([k, v]).to(device), attn
+
+
+def _check(device: str, dtype: torch.dtype, seq_lens: list[int], block_size: int, num_kv_heads: int, group: int,
+           head_dim: int, window: int | None, launch: DecodeLaunch | None, layer: int = 1) -> None:
+    cache, q, kv, attn = _case(device, dtype, seq_lens, block_size, num_kv_heads, group, head_dim, window)
+    scale = head_dim**-0.5
+    plan = build_group_plan(attn, 0, cache, window)
+    assert plan.decode_rows is not None, "the reference must be the torch gather path"
+    want = paged_attention(q, kv[0], kv[1], cache, layer, plan, scale)  # writes the new k/v, then attends
+    tokens = torch.arange(len(seq_lens), device=cache.device)
+    got = paged_decode(q, cache, layer, tokens, attn.block_tables[0], attn.seq_lens, window, scale, launch)
+    assert got.shape == want.shape and got.dtype == q.dtype
+    assert not got.isnan().any(), "read a poisoned (released, padded or unwritten) block"
+    err = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    # bf16: probabilities enter the value product in bf16 (FlashAttention), the output is bf16.
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
+CASES = {  # id: (dtype, seq_lens, block_size, kv heads, group, head_dim, window, launch)
+    "b16-g4-default": (torch.float32, [1, 37, 300], 16, 2, 4, 64, None, None),
+    "b8-g1-window-splits": (torch.bfloat16, [9, 150, 200], 8, 2, 1, 16, 20, DecodeLaunch(16, 4, 1, 4, 2)),
+    "b128-g3-d24-tile-inside-block": (torch.float32, [130, 257, 3], 128, 2, 3, 24, None, DecodeLaunch(64, 2, 1, 4, 2)),
+    "b32-g8-window-8-splits": (torch.float32, [5, 120, 260], 32, 1, 8, 32, 37, DecodeLaunch(32, 8, 1, 4, 2)),
+    "b4-g5-bf16-one-range": (torch.bfloat16, [2, 66, 91], 4, 2, 5, 16, None, DecodeLaunch(16, 1, 1, 4, 1)),
+    "b64-g2-d128-window-splits": (torch.float32, [64, 65, 190], 64, 2, 2, 128, 100, DecodeLaunch(64, 4, 1, 4, 2)),
+    "b8-g4-empty-splits": (torch.float32, [3, 40], 8, 2, 4, 16, None, DecodeLaunch(16, 8, 2, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_matches_the_torch_gather_path(device: str, case: str) -> None:
+    dtype, seq_lens, block_size, hkv, group, head_dim, window, launch = CASES[case]
+    _check(device, dtype, seq_lens, block_size, hkv, group, head_dim, window, launch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("window", [None, 1000])
+def test_cuda_8b_head_shapes_at_long_context(device: str, block_size: int, window: int | None) -> None:
+    """Llama-3-8B heads (8 KV heads, group 4, head_dim 128, bf16) with the launch the engine picks."""
+    if device != "cuda":
+        pytest.skip("CUDA sizes")
+    _check(device, torch.bfloat16, [1, 700, 4100, 8000, 2049], block_size, 8, 4, 128, window, None)
+
+
+def test_launch_depends_on_batch_and_heads_only() -> None:
+    one = choose_launch(1, 8, 128, num_sms=132)
+    assert one.splits == 64 and one.tile * one.min_tiles >= 256  # 8 programs: split the context
+    assert choose_launch(128, 8, 128, num_sms=132).splits == 1  # 1024 programs fill 132 SMs
+    assert choose_launch(1, 8, 256, num_sms=132).tile == 32  # keep a tile's registers in bounds
+
+
+def test_interpreter_cases_in_a_subprocess() -> None:
+    pytest.importorskip("triton")
+    if INTERPRET_AT_START:
+        pytest.skip("this is the child")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"]
+    child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
+    assert f"{len(CASES)} passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
