@@ -7,6 +7,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -21,9 +22,11 @@ PLOT_NAME = "goodput.png"
 
 def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
     table = Table(title=f"Goodput: requests with TTFT <= {cfg.ttft_slo_ms:g} ms and TPOT <= {cfg.tpot_slo_ms:g} ms, "
-                        "per second", title_justify="left")
+                        "per second", title_justify="left", box=box.SIMPLE_HEAD, caption_justify="left")
     table.caption = "; ".join(f"{run.label}: {run.description}" for run in runs) + "; latencies in ms"
-    for col in ("rate/s", "deployment", "goodput/s", "served/s", "TTFT p50", "p99", "TPOT p50", "p99", "in SLO"):
+    # two-line headers keep the table within 80 columns
+    for col in ("rate\n/s", "deployment", "goodput\n/s", "served\n/s", "TTFT\np50", "TTFT\np99", "TPOT\np50",
+                "TPOT\np99", "in\nSLO"):
         table.add_column(col, justify="left" if col == "deployment" else "right", no_wrap=True)
     for i, rate in enumerate(cfg.rates):
         for k, run in enumerate(runs):

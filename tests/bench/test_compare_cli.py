@@ -127,7 +127,7 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
     result = _invoke(["--model", "demo", "--device", "cpu", "--rates", "4,8", *WORKLOAD, "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "colocated x2" in text and "PD 1P1D" in text and "goodput/s" in text
+    assert "colocated x2" in text and "PD 1P1D" in text and "goodput" in text and "TPOT" in text
     assert "keeps >= 90% of requests within the SLOs" in text
     assert "colocated deployment stopped: 3 processes reaped" in text
     assert "pd deployment stopped: 3 processes reaped" in text
