@@ -26,6 +26,7 @@ from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
+from pdlaunch.kv_transfer.params import check_kv_transfer_params, params_key, sign_kv_transfer_params
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
@@ -66,6 +67,8 @@ class LLMEngine:
         self.vocab_size = arch.vocab_size
         self.max_model_len = self._max_model_len()
         self.block_size = config.cache.block_size
+        secret = config.security.deployment_secret
+        self._params_key = params_key(secret) if secret else None  # signs and checks kv_transfer_params
         self.tp_size = instance.tp if instance is not None else config.parallel.tp
         # tp > 1: this process becomes TP rank 0 and spawns the other ranks (pdlaunch.distributed).
         self.executor = create_executor(config, instance, self.checkpoint, self.device, self.dtype,
@@ -164,6 +167,21 @@ class LLMEngine:
         return self._sleep is not None and self._sleep.is_sleeping()
 
     # -- requests --------------------------------------------------------------------------------
+    def check_kv_transfer_params(self, raw: Any) -> dict[str, Any] | None:
+        """`raw` validated (typed, bounded, and signed by a prefill of this deployment when it asks for
+        a remote prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it
+        before the request reaches the engine thread."""
+        max_blocks = -(-self.max_model_len // self.block_size) + 1
+        return check_kv_transfer_params(raw, self._params_key, max_blocks=max_blocks,
+                                        lease_seconds=self.config.kv_transfer.kv_lease_seconds, now=time.time())
+
+    def _sign(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A prefill's answer leaves the engine signed, valid for the KV lease (the blocks go after it)."""
+        if params is None or not params.get("do_remote_prefill") or self._params_key is None:
+            return params
+        return sign_kv_transfer_params(params, self._params_key, self.config.kv_transfer.kv_lease_seconds,
+                                       time.time())
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     kv_transfer_params: dict[str, Any] | None = None) -> None:
         s = self.scheduler
@@ -188,6 +206,7 @@ class LLMEngine:
             raise EngineError(
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
+        kv_transfer_params = self.check_kv_transfer_params(kv_transfer_params)
         request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
@@ -234,6 +253,8 @@ class LLMEngine:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
                 outputs.append(self.outputs.output(request.request_id, [], ""))
         sched = self.scheduler.schedule()
+        for request in self.scheduler.take_failed():  # the connector raised for it
+            outputs.append(self.outputs.output(request.request_id, [], ""))
         if self.offload is not None:
             self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
         if sched.scheduled:
@@ -244,7 +265,9 @@ class LLMEngine:
             if sampled is not None:
                 for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
                     new_text, reason = self.outputs.append_token(request, token_id)
-                    kv_params = self.scheduler.finish_request(request, reason) if reason is not None else None
+                    kv_params = None
+                    if reason is not None:
+                        kv_params = self._sign(self.scheduler.finish_request(request, reason))
                     outputs.append(self.outputs.output(request.request_id, [token_id], new_text,
                                                        [logprob] if logprob is not None else None, kv_params))
         elif self.scheduler.waiting_for_kv:

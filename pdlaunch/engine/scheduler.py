@@ -20,16 +20,20 @@ in the same step (the load is ordered before the step's compute).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pdlaunch.engine.block_manager import BlockManager, PrefixHit
 from pdlaunch.engine.request import Request, RequestStatus
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
 
 if TYPE_CHECKING:
     from pdlaunch.offload.manager import CPUHit, OffloadManager
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # finished; blocks kept for a remote decode
         self.draining: dict[str, Request] = {}  # ended; blocks kept until no transfer can write them
         self.requests: dict[str, Request] = {}  # every unfinished request
+        self.failed: list[Request] = []  # failed while scheduling (connector error); the engine answers them
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0  # prompt positions computed here (recomputes included)
         self.prompt_tokens_cached = 0  # prompt positions from the prefix cache or a connector
@@ -105,18 +110,21 @@ class Scheduler:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
-            if self.connector is not None and abort_load:
-                self.connector.abort_load(rid)  # nothing was started; drops what matching planned
+            if abort_load:
+                self._abort_load(rid)  # nothing was started; drops what matching planned
         elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
             del self.waiting_for_kv[rid]
-            if self.connector is not None and abort_load:
-                blocks_busy = bool(self.connector.abort_load(rid)) or blocks_busy
+            if abort_load:
+                blocks_busy = self._abort_load(rid) or blocks_busy
         self.requests.pop(rid, None)
         request.finish(reason, error, error_status)
         hold, params = False, None
         if self.connector is not None and reason in ("stop", "length"):
-            hold, params = self.connector.request_finished(
-                rid, request.prompt_token_ids, request.kv_transfer_params, self.block_manager.block_ids(rid))
+            try:
+                hold, params = self.connector.request_finished(
+                    rid, request.prompt_token_ids, request.kv_transfer_params, self.block_manager.block_ids(rid))
+            except Exception as exc:  # noqa: BLE001 - one request's KV failure must not end the engine
+                request.finish("error", f"KV connector failed: {_describe(rid, exc)}", 502)
         if hold and self.block_manager.has_blocks(rid):
             self.held[rid] = request
         elif blocks_busy and self.block_manager.has_blocks(rid):
@@ -124,6 +132,21 @@ class Scheduler:
         else:
             self.block_manager.free(rid)
         return params
+
+    def _abort_load(self, request_id: str) -> bool:
+        """connector.abort_load; True when a transfer may still write the blocks. A connector that raises
+        is logged and taken at its word that nothing was started."""
+        if self.connector is None:
+            return False
+        try:
+            return bool(self.connector.abort_load(request_id))
+        except Exception as exc:  # noqa: BLE001 - one request's KV failure must not end the engine
+            _describe(request_id, exc)
+            return False
+
+    def take_failed(self) -> list[Request]:
+        failed, self.failed = self.failed, []
+        return failed
 
     def handle_connector_events(self, events: KVConnectorEvents) -> list[Request]:
         """Apply what the connector reported; returns the requests it failed (finished now)."""
@@ -195,7 +218,12 @@ class Scheduler:
                 start = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
                 n = min(request.num_tokens - start, budget)
                 if self.connector is not None and not request.connector_consulted:
-                    parked = self._consult_connector(request, hit, n, cpu_hit)
+                    try:
+                        parked = self._consult_connector(request, hit, n, cpu_hit)
+                    except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
+                        self.finish_request(request, "error", f"KV transfer failed: {_describe(rid, exc)}", 502)
+                        self.failed.append(request)
+                        continue
                     if parked is None:
                         break  # not enough free blocks yet
                     if parked:
@@ -266,3 +294,10 @@ class Scheduler:
             request = s.request
             request.num_computed_tokens = s.end
             self.block_manager.cache_blocks(request.request_id, request.all_token_ids, s.end)
+
+
+def _describe(request_id: str, exc: Exception) -> str:
+    """Log a connector exception for one request (a traceback only for what is not our own error type)
+    and return the text its client gets."""
+    log.error("KV connector failed for request %s: %s", request_id, exc, exc_info=not isinstance(exc, PdlaunchError))
+    return exc.render() if isinstance(exc, PdlaunchError) else f"{type(exc).__name__}: {exc}"

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.messages import parse_notification
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,8 @@ def encode_notif(kind: str, **fields: Any) -> bytes:
 
 
 def decode_notif(message: bytes) -> dict[str, Any] | None:
-    try:
-        notif = json.loads(message)
-    except ValueError:
-        return None
-    return notif if isinstance(notif, dict) and "kind" in notif else None
+    """A notification validated against messages.Notification, or None when it is not one of ours."""
+    return parse_notification(message)
 
 
 class XferHandle:

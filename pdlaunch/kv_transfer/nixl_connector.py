@@ -20,6 +20,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, decode_notif
+from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
 from pdlaunch.kv_transfer.checksum import block_checksums
@@ -36,6 +37,21 @@ from pdlaunch.memory import platform
 logger = logging.getLogger(__name__)
 
 _REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def bind_ucx_to_loopback(side_channel_host: str) -> None:
+    """One-host deployments (side channel on loopback): UCX's TCP transport listens on loopback only.
+
+    Verified here with nixl 1.5 / UCX on CPU: without it an agent listens on 127.0.0.1 and on the
+    host's external address (`ss -ltnp`); with UCX_NET_DEVICES=lo only on 127.0.0.1, and KV still
+    moves between processes (shared memory and TCP over lo). UCX reads its environment when the
+    agent's UCX backend starts, so this runs before the agent is created. UCX_NET_DEVICES names
+    network devices only: shared-memory and CUDA transports (cuda_ipc) are not filtered by it. A
+    value the user set is kept (setdefault); multi-node deployments bind the side channel to a
+    routable address and keep UCX's default devices."""
+    if side_channel_host in _LOOPBACK_HOSTS or side_channel_host.startswith("127."):
+        os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
 class NixlConnector(KVConnector):
@@ -52,6 +68,9 @@ class NixlConnector(KVConnector):
         self.instance = instance
         self.role = instance.role
         self.engine_id = instance.engine_id
+        self.keys = SideChannelKeys.from_secret(require_secret(config.security.deployment_secret,
+                                                               "the NIXL KV connector's side channel"))
+        self._bad_notif = RateLimitedWarning(logger)
         # Seed 000: capture the device before the transfer engine exists (it may change the current
         # device while initialising) and bind it; sender threads bind this index in their initializer.
         self.device_index = platform.current_device_index()
@@ -61,6 +80,7 @@ class NixlConnector(KVConnector):
             # buffer must be unmapped here: before_sleep drops the peers' keys, and with UCX's mapping
             # cache on, mappings can outlive the keys (UCX issue 11753).
             os.environ.setdefault("UCX_CUDA_IPC_CACHE", "n")
+        bind_ucx_to_loopback(self.kv.side_channel_host)
         self.agent = KVAgent(f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}")
         self.spec: KVCacheSpec | None = None
         self.kv_epoch = 0  # grows each time the KV memory is registered again (after a wake-up)
@@ -79,7 +99,7 @@ class NixlConnector(KVConnector):
             self.receiver = DecodeSide(
                 self.agent, self._require_spec, self._device, self.kv.transfer_mode,
                 self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds, self.kv.verify_kv,
-                self.device_index,
+                self.keys, self.device_index,
             )
         self._mode, self._mode_reason = self._initial_mode()
         logger.info("NIXL connector (%s, engine %s): transfer mode %s: %s", self.role, self.engine_id,
@@ -129,7 +149,7 @@ class NixlConnector(KVConnector):
                  "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage,
                  "claim_read": self.sender.handle_claim_read, "cancel_push": self.sender.handle_cancel_push,
                  "forget": self.sender.handle_forget, "listen": self.sender.handle_listen},
-                io_timeout=max(self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds),
+                self.keys,
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
                         spec.tp_rank, self.kv.side_channel_host, self.server.port)
@@ -214,7 +234,7 @@ class NixlConnector(KVConnector):
             try:
                 side_channel.call(host, port, {"type": "forget", "agent_name": self.agent.name},
                                   self.kv.handshake_timeout_seconds, f"asking prefill engine {engine_id} "
-                                  "to forget this decode before sleep")
+                                  "to forget this decode before sleep", self.keys)
             except KVTransferError as exc:
                 logger.warning("%s; its mapping of the staging buffer stays until it exits", exc)
 
@@ -341,14 +361,13 @@ class NixlConnector(KVConnector):
         for message in self.agent.new_notifs():
             notif = decode_notif(message)
             if notif is None:
-                logger.warning("ignoring a malformed NIXL notification: %r", message[:200])
+                self._bad_notif.warn("notif", "ignoring a malformed NIXL notification: %r", message[:200])
             elif notif["kind"] in ("read_done", "release") and self.sender is not None:
                 self.sender.on_notif(notif)
             elif notif["kind"] in ("push_done", "push_failed") and self.receiver is not None:
                 self.receiver.on_notif(notif)
             elif notif["kind"] == "forget" and self.receiver is not None:
-                epoch = notif.get("kv_epoch")
-                self.receiver.peers.forget_agent(str(notif.get("agent_name")), None if epoch is None else int(epoch))
+                self.receiver.peers.forget_agent(notif["agent_name"], notif["kv_epoch"])
         now = time.monotonic()
         if self.sender is not None:
             events.finished_sending = self.sender.poll(now)

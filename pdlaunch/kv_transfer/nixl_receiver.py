@@ -32,9 +32,11 @@ from typing import Any, Callable
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
+from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.checksum import verify_blocks
+from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import DeviceInfo
 from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.reshard import ReshardPlan
@@ -86,18 +88,21 @@ class DecodeSide:
         handshake_timeout: float,
         transfer_timeout: float,
         verify_kv: bool,
+        keys: SideChannelKeys,
         device_index: int = 0,
         workers: int = 4,
     ) -> None:
         self.agent = agent
+        self.keys = keys
         self._spec = spec
-        self.peers = PeerCache(agent, spec, local_device, transfer_mode, handshake_timeout)
+        self.peers = PeerCache(agent, spec, local_device, transfer_mode, handshake_timeout, keys)
         self.handshake_timeout = handshake_timeout
         self.transfer_timeout = transfer_timeout
         self.verify_kv = verify_kv
         self.device_index = device_index
         self.staging: StagingArea | None = None
         self.reshard_staging = ReshardStaging(agent)
+        self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
         self._chunk_events: dict[str, tuple[threading.Event, list[str]]] = {}
         self._loads: dict[str, Load] = {}
         self._by_nonce: dict[str, Load] = {}
@@ -231,7 +236,7 @@ class DecodeSide:
         message = {"type": "cancel_push", "request_id": p["remote_request_id"], "nonce": load.nonce}
         try:
             answer = side_channel.call(p["remote_host"], int(p["remote_port"]), message, self.handshake_timeout,
-                                       f"push cancel to {load.where}")
+                                       f"push cancel to {load.where}", self.keys)
         except KVTransferError as e:  # the drain then ends by notification or at drain_until
             logger.warning("request %s: %s", load.request_id, e)
             return
@@ -262,6 +267,8 @@ class DecodeSide:
             self._release(load)
             if load.mode == "pull" and load.remote_agent is not None:
                 self._tell_prefill_release(load)
+            elif load.mode == "push" and not load.push_sent:  # never asked: the prefill may free it now
+                self.executor.submit(self._cancel_push, load)
         error = load.error or f"KV transfer of request {load.request_id} failed"
         logger.error("KV load of request %s failed: %s", load.request_id, error)
         return error
@@ -315,6 +322,7 @@ class DecodeSide:
     def _run(self, load: Load) -> None:
         try:
             if load.reshard is not None:
+                self.faults.maybe_fail(load.request_id)
                 run_resharded_load(self, load, load.reshard)
                 return
             remote = self.peers.get(load.params)
@@ -323,6 +331,8 @@ class DecodeSide:
                 if load.abandoned or load.state != "handshake":
                     return
                 load.mode, load.remote_agent = remote.mode, remote.agent_name
+            self.faults.maybe_fail(load.request_id)  # after the handshake, as a failed transfer would
+            with self._lock:
                 load.num_bytes = sum(len(pairs) * spec.block_bytes[g] for g, pairs in enumerate(load.pairs))
                 if self.staging is not None or remote.info.staging_slots:
                     load.state = "staging"
@@ -401,7 +411,8 @@ class DecodeSide:
         if remote.info.staging_slots:
             answer = side_channel.call(host, port, {"type": "stage", "request_id": load.params["remote_request_id"],
                                                     "blocks": remote_ids},
-                                       self._remaining(load, "prefill staging"), f"staging request to {load.where}")
+                                       self._remaining(load, "prefill staging"), f"staging request to {load.where}",
+                                       self.keys)
             src, ticket = answer["slots"], answer["ticket"]
         try:
             local: list[tuple[int, int]] = []
@@ -425,7 +436,7 @@ class DecodeSide:
             if ticket is not None:
                 try:
                     side_channel.call(host, port, {"type": "unstage", "ticket": ticket}, self.handshake_timeout,
-                                      f"unstage request to {load.where}")
+                                      f"unstage request to {load.where}", self.keys)
                 except KVTransferError as e:  # the prefill side frees the slots at the ticket deadline
                     logger.warning("%s", e)
 
@@ -441,7 +452,7 @@ class DecodeSide:
         remaining = self._remaining(load, "READ claim")
         side_channel.call(p["remote_host"], int(p["remote_port"]),
                           {"type": "claim_read", "request_id": p["remote_request_id"], "seconds": remaining},
-                          remaining, f"READ claim to {load.where}")
+                          remaining, f"READ claim to {load.where}", self.keys)
         xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
         with self._lock:
             if load.state == "handshake" and not load.abandoned:
@@ -483,7 +494,7 @@ class DecodeSide:
         p = load.params
         try:
             side_channel.call(p["remote_host"], int(p["remote_port"]), message, remaining,
-                              f"push request to {load.where}")
+                              f"push request to {load.where}", self.keys)
             if event is not None:
                 if not event[0].wait(self._remaining(load, "push")):
                     self._remaining(load, "push")  # raises the timeout

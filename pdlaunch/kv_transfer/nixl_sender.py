@@ -180,9 +180,13 @@ class PrefillSide:
     # -- side-channel threads -----------------------------------------------------------------
     def handle_claim_read(self, message: dict[str, Any]) -> dict[str, Any]:
         """Decode is about to READ the blocks of a held request: keep them past the lease until its
-        read_done/release notification, at most `seconds` (decode's remaining time) + READ_GRACE_SECONDS."""
+        read_done/release notification, at most `seconds` (decode's remaining time, clamped to the lease:
+        a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
         request_id = str(message["request_id"])
-        cap = time.monotonic() + max(0.0, float(message["seconds"])) + READ_GRACE_SECONDS
+        seconds = float(message["seconds"])
+        if not 0.0 <= seconds < float("inf"):  # messages.py refuses these already; the clamp must hold alone
+            raise KVTransferError(f"claim of {seconds!r} seconds", field="claim_read.seconds")
+        cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
         with self._lock:
             hold = self._holds.get(request_id)
             if hold is None or hold.done or hold.cancelled:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent
+from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
 from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
@@ -32,8 +33,9 @@ class RemoteEngine:
 
 class PeerCache:
     def __init__(self, agent: KVAgent, spec: Callable[[], KVCacheSpec], local_device: Callable[[], DeviceInfo],
-                 transfer_mode: str, handshake_timeout: float) -> None:
+                 transfer_mode: str, handshake_timeout: float, keys: SideChannelKeys) -> None:
         self.agent = agent
+        self.keys = keys
         self._spec = spec
         self._local_device = local_device
         self.transfer_mode = transfer_mode
@@ -103,14 +105,22 @@ class PeerCache:
                 cached = self._handshake(engine_id, str(params["remote_host"]), int(params["remote_port"]),
                                          None if rank is None else int(rank))
                 with self._lock:
+                    stale = [k for k, r in self._remotes.items()
+                             if r.address == cached.address and r.info.engine_id != engine_id]
+                    gone = {self._remotes.pop(k).agent_name for k in stale}
                     self._remotes[key] = cached
+                    gone -= {r.agent_name for r in self._remotes.values()}
                     if cached.mode == "push":
                         self._pushers[cached.address] = engine_id
+                for name in gone:  # the engine that served this address before restarted as engine_id
+                    self.agent.forget_remote(name)
+                    logger.info("dropped the NIXL metadata of %s: %s:%d now serves prefill engine %s",
+                                name, *cached.address, engine_id)
             return cached
 
     def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
         answer = side_channel.call(host, port, {"type": "handshake", "engine_id": engine_id},
-                                   self.handshake_timeout, f"KV handshake with prefill engine {engine_id}")
+                                   self.handshake_timeout, f"KV handshake with prefill engine {engine_id}", self.keys)
         info = HandshakeInfo.model_validate(answer["info"])
         if info.engine_id != engine_id:
             raise KVTransferError(
@@ -140,6 +150,7 @@ class PeerCache:
         try:
             side_channel.call(host, port, {"type": "listen", "agent_name": self.agent.name,
                                            "agent_metadata": self.agent.connection_metadata().hex()},
-                              self.handshake_timeout, f"giving prefill engine {engine_id} our NIXL connection info")
+                              self.handshake_timeout, f"giving prefill engine {engine_id} our NIXL connection info",
+                              self.keys)
         except KVTransferError as exc:
             logger.warning("%s; if it sleeps, its freed KV memory stays mapped here until our next handshake", exc)

@@ -120,7 +120,8 @@ def _read_source(side: DecodeSide, load: Load, src: Source, remote: RemoteEngine
     if not remote.info.staging_slots:  # READs its blocks directly: keep them held past the lease (capped)
         remaining = side._remaining(load, "READ claim")
         side_channel.call(host, port, {"type": "claim_read", "request_id": src.params["remote_request_id"],
-                                       "seconds": remaining}, remaining, f"READ claim to prefill rank {src.rank}")
+                                       "seconds": remaining}, remaining, f"READ claim to prefill rank {src.rank}",
+                          side.keys)
     chunk = min(c for c in (area.num_slots, remote.info.staging_slots) if c)
     longest = max((len(group) for group in load.pairs), default=0)
     bases = [b.data_ptr() for b in area.buffers]

@@ -1,7 +1,15 @@
-"""The handshake side channel: a small threaded TCP server with length-prefixed JSON messages.
+"""The KV side channel: a small threaded TCP server with authenticated, length-prefixed JSON frames.
 
-Frame: 4-byte big-endian length, then that many bytes of UTF-8 JSON (an object with a "type").
-Every request gets exactly one answer frame: {"ok": true, ...} or {"ok": false, "error": "..."}.
+Frame: 4-byte big-endian length N (N <= MAX_FRAME_BYTES), then N bytes: a 32-byte HMAC-SHA256 tag
+and the JSON body it covers. Request bodies are `messages.Envelope` ({ts, nonce, msg}) tagged with
+the request key, answers `messages.Answer` ({ts, re: the request's nonce, answer}) tagged with the
+answer key (auth.SideChannelKeys: both derived from the deployment secret). So:
+- a peer without the secret gets an error answer and the connection closes: no metadata, no claim,
+  no cancel; a frame captured on the wire is refused once its nonce was seen or REPLAY_WINDOW_SECONDS
+  passed; a decode accepts only answers tagged by the deployment that answer its own nonce;
+- every request is validated against the typed messages before a handler runs.
+Bounds: MAX_FRAME_BYTES per frame, MAX_CONNECTIONS handled at once (more are refused), and a frame
+must arrive within FRAME_READ_SECONDS of waiting for it (a slow-loris peer holds a thread that long).
 The prefill instance serves it (handshake and push requests); decode connects per call.
 """
 
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import socket
 import socketserver
 import struct
@@ -16,25 +25,44 @@ import threading
 import time
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.auth import MAC_BYTES, RateLimitedWarning, SideChannelKeys, mac, mac_ok
+from pdlaunch.kv_transfer.messages import Answer, Envelope
 
 logger = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES = 64 << 20  # agent metadata is KiBs; anything this big is not our protocol
+# The largest frame we send is a push request naming every block of a prompt: at 131072 tokens and
+# block size 8 (the smallest), 16384 pairs of ids (~14 bytes each) per group, ~0.5 MB for two groups.
+# NIXL agent metadata is ~0.5 KiB on CPU (measured) and KiBs with GPU memory keys. 1 MiB covers both,
+# and bounds what MAX_CONNECTIONS peers can make us buffer to 64 MiB.
+MAX_FRAME_BYTES = 1 << 20
+MAX_CONNECTIONS = 64  # decode ranks open one connection per call, 4 loader threads each
+FRAME_READ_SECONDS = 10.0
+REPLAY_WINDOW_SECONDS = 30.0  # a request's ts must lie this close to our clock (multi-node skew included)
 _HEADER = struct.Struct(">I")
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def send_frame(sock: socket.socket, message: dict[str, Any]) -> None:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(body)) + body)
+class FrameError(Exception):
+    """The peer broke the framing (too large, too slow, closed mid-frame): close the connection."""
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def _pack(key: bytes, body: dict[str, Any]) -> bytes:
+    data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return _HEADER.pack(MAC_BYTES + len(data)) + mac(key, data) + data
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes | None:
     chunks: list[bytes] = []
     while n:
-        chunk = sock.recv(min(n, 1 << 20))
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FrameError(f"frame not received within {FRAME_READ_SECONDS:g}s")
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(n, 1 << 16))
         if not chunk:
             return None
         chunks.append(chunk)
@@ -42,44 +70,53 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket) -> dict[str, Any] | None:
-    """The next message, or None when the peer closed the connection cleanly."""
-    header = _recv_exact(sock, _HEADER.size)
+def recv_raw_frame(sock: socket.socket, timeout: float) -> tuple[bytes, bytes] | None:
+    """(tag, body) of the next frame, None when the peer closed cleanly between frames."""
+    deadline = time.monotonic() + timeout
+    header = _recv_exact(sock, _HEADER.size, deadline)
     if header is None:
         return None
     (length,) = _HEADER.unpack(header)
-    if length > MAX_FRAME_BYTES:
-        raise ValueError(f"side-channel frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
-    body = _recv_exact(sock, length)
-    if body is None:
-        raise ConnectionError("side-channel peer closed the connection mid-frame")
-    return json.loads(body)
+    if length > MAX_FRAME_BYTES or length < MAC_BYTES:
+        raise FrameError(f"frame of {length} bytes (the side channel takes {MAC_BYTES} to {MAX_FRAME_BYTES})")
+    data = _recv_exact(sock, length, deadline)
+    if data is None:
+        raise FrameError("peer closed the connection mid-frame")
+    return data[:MAC_BYTES], data[MAC_BYTES:]
 
 
 class _RequestHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server: SideChannelServer = self.server  # type: ignore[assignment]
-        self.request.settimeout(server.io_timeout)
+        peer = "%s:%s" % self.client_address[:2]
         while True:
             try:
-                message = recv_frame(self.request)
-            except (OSError, ValueError) as e:
-                logger.debug("side channel: dropping connection from %s: %s", self.client_address, e)
+                frame = recv_raw_frame(self.request, FRAME_READ_SECONDS)
+            except (OSError, FrameError) as e:  # socket.timeout is an OSError
+                server.refuse(self.request, peer, "frame", str(e))
                 return
-            if message is None:
+            if frame is None:
                 return
-            send_frame(self.request, server.dispatch(message))
+            if not server.serve_frame(self.request, peer, *frame):
+                return
 
 
 class SideChannelServer(socketserver.ThreadingTCPServer):
-    """Serves `handlers[message["type"]](message)` on host:port (port 0 = a free port)."""
+    """Serves `handlers[msg.type](msg as a dict)` on host:port (port 0 = a free port) to peers that
+    hold the deployment secret."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str, port: int, handlers: dict[str, Handler], io_timeout: float = 30.0) -> None:
+    def __init__(self, host: str, port: int, handlers: dict[str, Handler], keys: SideChannelKeys,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.handlers = handlers
-        self.io_timeout = io_timeout
+        self.keys = keys
+        self.max_connections = max_connections
+        self._active = 0
+        self._seen: dict[str, float] = {}  # request nonce -> when it leaves the replay window (monotonic)
+        self._lock = threading.Lock()
+        self._warn = RateLimitedWarning(logger)
         try:
             super().__init__((host, port), _RequestHandler)
         except OSError as e:
@@ -96,16 +133,86 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
+    # -- connections ------------------------------------------------------------------------------
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self.refuse(request, "%s:%s" % client_address[:2], "busy",
+                        f"too many side-channel connections (limit {self.max_connections})")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self._active -= 1
+
+    def num_connections(self) -> int:
+        with self._lock:
+            return self._active
+
+    def refuse(self, sock: socket.socket, peer: str, kind: str, why: str) -> None:
+        """Answer an error to a peer we will not serve (best effort) and log it, rate-limited."""
+        self._warn.warn(kind, "KV side channel: refused %s: %s", peer, why)
+        self._answer(sock, None, {"ok": False, "error": f"refused: {why}"})
+
+    def _answer(self, sock: socket.socket, nonce: str | None, answer: dict[str, Any]) -> bool:
+        try:
+            sock.settimeout(FRAME_READ_SECONDS)
+            sock.sendall(_pack(self.keys.answer, {"ts": time.time(), "re": nonce, "answer": answer}))
+            return True
+        except OSError:
+            return False
+
+    # -- frames -----------------------------------------------------------------------------------
+    def serve_frame(self, sock: socket.socket, peer: str, tag: bytes, body: bytes) -> bool:
+        """Answer one frame; False: close the connection (the peer is not authenticated)."""
+        if not mac_ok(self.keys.request, body, tag):
+            self.refuse(sock, peer, "auth", "the frame is not authenticated with this deployment's secret")
+            return False
+        try:
+            envelope = Envelope.model_validate_json(body)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            return self._answer(sock, None, {"ok": False, "error": f"invalid side-channel message: {where}: {first['msg']}"})
+        fresh = self._fresh(envelope)
+        if fresh is not None:
+            self.refuse(sock, peer, "replay", fresh)
+            return False
+        return self._answer(sock, envelope.nonce, self.dispatch(envelope.msg.model_dump()))
+
+    def _fresh(self, envelope: Envelope) -> str | None:
+        """None when the request is new: its ts is within the window and its nonce unseen; else why not."""
+        skew = envelope.ts - time.time()
+        if abs(skew) > REPLAY_WINDOW_SECONDS:
+            return f"the frame is {abs(skew):.0f}s {'ahead of' if skew > 0 else 'behind'} this host's clock " \
+                f"(window {REPLAY_WINDOW_SECONDS:g}s)"
+        now = time.monotonic()
+        with self._lock:
+            if envelope.nonce in self._seen:
+                return "the frame was seen before (a replay)"
+            if len(self._seen) > 4096:  # prune what left the window (each nonce is kept ~2 windows at most)
+                self._seen = {n: t for n, t in self._seen.items() if t > now}
+            self._seen[envelope.nonce] = now + 2 * REPLAY_WINDOW_SECONDS
+        return None
+
     def dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
-        handler = self.handlers.get(str(message.get("type")))
+        handler = self.handlers.get(message["type"])
         if handler is None:
-            return {"ok": False, "error": f"unknown side-channel message type {message.get('type')!r}"}
+            return {"ok": False, "error": f"side-channel message type {message['type']!r} is not served here"}
         try:
             return {"ok": True, **handler(message)}
         except KVTransferError as e:
             return {"ok": False, "error": e.render()}
         except Exception as e:  # a bug on this side must not kill the server thread; the peer gets the text
-            logger.exception("side-channel handler %s failed", message.get("type"))
+            logger.exception("side-channel handler %s failed", message["type"])
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
     def close(self) -> None:
@@ -114,11 +221,13 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         self._thread.join(timeout=5.0)
 
 
-def call(host: str, port: int, message: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
-    """One request/answer with the side channel at host:port within `timeout` seconds.
+def call(host: str, port: int, message: dict[str, Any], timeout: float, what: str,
+         keys: SideChannelKeys) -> dict[str, Any]:
+    """One authenticated request/answer with the side channel at host:port within `timeout` seconds.
 
     Connection refused is retried (the peer may still be starting) until the deadline. Raises
-    KVTransferError saying `what` was being waited for; an {"ok": false} answer raises too.
+    KVTransferError saying `what` was being waited for; an {"ok": false} answer raises too, and so
+    does an answer that is not authenticated or does not answer this request.
     """
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -126,20 +235,26 @@ def call(host: str, port: int, message: dict[str, Any], timeout: float, what: st
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
+        nonce = secrets.token_hex(16)
+        frame = _pack(keys.request, {"ts": time.time(), "nonce": nonce, "msg": message})
+        if len(frame) - _HEADER.size > MAX_FRAME_BYTES:
+            raise KVTransferError(f"{what}: the message has {len(frame)} bytes, over the side channel's "
+                                  f"{MAX_FRAME_BYTES} (a prompt of too many blocks)",
+                                  hint="use a larger cache.block_size or a shorter max_model_len")
         try:
             with socket.create_connection((host, port), timeout=remaining) as sock:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                send_frame(sock, message)
-                answer = recv_frame(sock)
-            if answer is None:
+                sock.sendall(frame)
+                raw = recv_raw_frame(sock, max(deadline - time.monotonic(), 0.001))
+            if raw is None:
                 raise ConnectionError("peer closed the connection without answering")
+            answer = _open_answer(raw, keys, nonce, host, port, what)
             if not answer.get("ok"):
                 raise KVTransferError(f"{what}: the peer at {host}:{port} answered: {answer.get('error')}")
             return answer
         except (ConnectionRefusedError, ConnectionResetError) as e:
             last_error = e
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
-        except (OSError, ValueError) as e:  # socket.timeout is an OSError
+        except (OSError, FrameError) as e:  # socket.timeout is an OSError
             last_error = e
             break
     raise KVTransferError(
@@ -147,3 +262,22 @@ def call(host: str, port: int, message: dict[str, Any], timeout: float, what: st
         field="kv_transfer.handshake_timeout_seconds",
         hint="is the prefill instance running, and is its kv_transfer.side_channel_host reachable from here?",
     )
+
+
+def _open_answer(raw: tuple[bytes, bytes], keys: SideChannelKeys, nonce: str, host: str, port: int,
+                 what: str) -> dict[str, Any]:
+    tag, body = raw
+    try:
+        answer = Answer.model_validate_json(body) if mac_ok(keys.answer, body, tag) else None
+    except ValidationError:
+        answer = None
+    if answer is not None and answer.re is None and not answer.answer.get("ok"):
+        # Refused before our request was authenticated (e.g. busy): its error is the useful part.
+        raise KVTransferError(f"{what}: the peer at {host}:{port} answered: {answer.answer.get('error')}")
+    if answer is None or answer.re != nonce:
+        raise KVTransferError(
+            f"{what}: the answer from {host}:{port} is not authenticated for this request",
+            field="security.deployment_secret",
+            hint="every instance of a deployment must have the same deployment secret; is something else "
+            "listening on that port?")
+    return answer.answer

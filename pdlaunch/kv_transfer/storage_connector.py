@@ -35,6 +35,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices
+from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import compat_fields, compat_hash
 from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES
 
@@ -64,6 +65,7 @@ class StorageConnector(KVConnector):
         self._plans: dict[str, tuple[int, list[Chunk | None]]] = {}
         self._finished: set[str] = set()
         self._failed: dict[str, str] = {}
+        self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 
     def register_kv_caches(self, spec: KVCacheSpec) -> None:
         fields = {**compat_fields(spec), "tp_rank": spec.tp_rank}
@@ -204,6 +206,7 @@ class StorageConnector(KVConnector):
             if plan is None or plan[0] < num_local_computed_tokens + num_external_tokens:
                 raise KVTransferError(f"request {request_id}: no storage lookup covers the load",
                                       hint="the engine calls get_num_new_matched_tokens before start_load")
+            self.faults.maybe_fail(request_id)
             moved = self._load(plan[1], block_ids, num_local_computed_tokens,
                                num_local_computed_tokens + num_external_tokens)
             KV_TRANSFER_BYTES.inc(moved)

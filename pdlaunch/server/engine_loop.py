@@ -127,6 +127,10 @@ class EngineLoop:
         """Queue a request; outputs arrive on the returned stream's queue (first item: Accepted or error)."""
         if self.state != "ready":
             raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        try:  # here, not on the engine thread: a bad value fails this request before the engine sees it
+            kv_transfer_params = self.engine.check_kv_transfer_params(kv_transfer_params)
+        except PdlaunchError as exc:
+            raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
         with self._lock:
             if request_id in self._streams:

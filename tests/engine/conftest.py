@@ -14,6 +14,7 @@ from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.kv_transfer.base import KVConnector
+from tests.kv_transfer.deployment_secret import secured
 
 MakeEngine = Callable[..., LLMEngine]
 _request_ids = itertools.count()
@@ -28,7 +29,7 @@ def make_engine() -> Iterator[MakeEngine]:
              connector: KVConnector | None = None, **overrides: Any) -> LLMEngine:
         overrides.setdefault("block_size", 8)
         overrides.setdefault("num_gpu_blocks", 256)
-        engine = LLMEngine(build_config(str(path), device, dtype, overrides), instance, connector)
+        engine = LLMEngine(secured(build_config(str(path), device, dtype, overrides)), instance, connector)
         engines.append(engine)
         return engine
 

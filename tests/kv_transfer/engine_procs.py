@@ -8,6 +8,7 @@ from typing import Any
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm import build_config
 from tests.kv_transfer.rpc import Built, ProcessRPC
+from tests.kv_transfer.deployment_secret import secured
 
 STEP_TIMEOUT = 120.0
 
@@ -16,7 +17,7 @@ def pd_config(model: str, connector: str, mode: str, storage_path: str = "", dev
               **overrides: Any) -> DeploymentConfig:
     overrides.setdefault("block_size", 8)
     overrides.setdefault("num_gpu_blocks", 96)
-    config = build_config(model, device, "float32", overrides)
+    config = secured(build_config(model, device, "float32", overrides))
     config.colocated = False
     config.kv_transfer.connector = connector
     config.kv_transfer.transfer_mode = mode

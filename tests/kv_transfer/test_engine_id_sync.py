@@ -9,6 +9,7 @@ from typing import Any
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.distributed.engine_id import sync_engine_id
+from tests.kv_transfer.deployment_secret import secured
 
 
 def _rank(rank: int, port: int, queue: Any) -> None:
@@ -17,7 +18,7 @@ def _rank(rank: int, port: int, queue: Any) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        config = DeploymentConfig(kv_transfer=KVTransferConfig(engine_id=f"config-id-of-rank-{rank}"))
+        config = secured(DeploymentConfig(kv_transfer=KVTransferConfig(engine_id=f"config-id-of-rank-{rank}")))
         instance = InstanceSpec(role="prefill", port=1, engine_id=f"instance-id-of-rank-{rank}")
         group = dist.new_group([0, 1])
         result = sync_engine_id(config, group=group, instance=instance)
@@ -49,7 +50,7 @@ def test_rank0_engine_id_wins_on_every_rank() -> None:
 
 
 def test_without_torch_distributed_it_is_a_no_op() -> None:
-    config = DeploymentConfig(kv_transfer=KVTransferConfig(engine_id="solo"))
+    config = secured(DeploymentConfig(kv_transfer=KVTransferConfig(engine_id="solo")))
     assert sync_engine_id(config) == "solo"
     assert config.kv_transfer.engine_id == "solo"
     instance = InstanceSpec(role="decode", port=1, engine_id="inst")

@@ -30,6 +30,7 @@ from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvent
 from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.pd_procs import build_connector, wait_events
 from tests.kv_transfer.rpc import Built, ProcessRPC
+from tests.kv_transfer.deployment_secret import secured
 
 BLOCK_SIZE = 4
 SENTINEL = -7.0
@@ -171,7 +172,7 @@ class SlowConnectorProcess(ProcessRPC):
 def _config(mode: str, transfer_timeout: float = 20.0, lease: float = 60.0) -> DeploymentConfig:
     kv = KVTransferConfig(transfer_mode=mode, verify_kv=True, handshake_timeout_seconds=3.0,
                           transfer_timeout_seconds=transfer_timeout, kv_lease_seconds=lease, engine_id="unused")
-    return DeploymentConfig(device="cpu", kv_transfer=kv)
+    return secured(DeploymentConfig(device="cpu", kv_transfer=kv))
 
 
 def _pair(config: DeploymentConfig, slow: str, slow_op: str) -> Iterator[tuple[Any, Any]]:

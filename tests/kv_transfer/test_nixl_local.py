@@ -15,10 +15,11 @@ from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 from tests.kv_transfer.pd_procs import make_spec, wait_events
+from tests.kv_transfer.deployment_secret import secured
 
 
 def _connector(role: str, engine_id: str, **kv: object) -> NixlConnector:
-    config = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(**kv))
+    config = secured(DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(**kv)))
     connector = create_connector(config, InstanceSpec(role=role, port=1, engine_id=engine_id, device="cpu"))
     assert isinstance(connector, NixlConnector)
     return connector
@@ -154,7 +155,8 @@ def test_params_for_another_prompt_length_fail_clearly() -> None:
 def test_factory_roles(tmp_path) -> None:
     from pdlaunch.kv_transfer.storage_connector import StorageConnector
 
-    config = DeploymentConfig(device="cpu")
+    config = secured(DeploymentConfig(device="cpu"))
     assert create_connector(config, InstanceSpec(role="colocated", port=1, engine_id="c")) is None
-    storage = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="storage", storage_path=str(tmp_path)))
+    storage = secured(DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="storage",
+                                                                             storage_path=str(tmp_path))))
     assert isinstance(create_connector(storage, InstanceSpec(role="decode", port=1, engine_id="d")), StorageConnector)

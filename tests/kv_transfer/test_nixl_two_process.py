@@ -10,6 +10,7 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from tests.kv_transfer.pd_procs import ConnectorProcess
+from tests.kv_transfer.deployment_secret import secured
 
 BLOCK_SIZE = 4
 GROUPS = 2
@@ -18,7 +19,7 @@ GROUPS = 2
 def _config(mode: str) -> DeploymentConfig:
     kv = KVTransferConfig(transfer_mode=mode, verify_kv=True, handshake_timeout_seconds=3.0,
                           transfer_timeout_seconds=30.0, engine_id="unused")
-    return DeploymentConfig(device="cpu", kv_transfer=kv)
+    return secured(DeploymentConfig(device="cpu", kv_transfer=kv))
 
 
 # (mode, prefill staging slots, decode staging slots): 0 = the KV cache itself is registered; staging

@@ -18,6 +18,7 @@ from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from tests.kv_transfer.engine_procs import EngineProcess, pd_config
+from tests.kv_transfer.deployment_secret import secured
 
 BLOCK = 8
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
@@ -37,7 +38,7 @@ PREFIX_HIT = MANY[:3 * BLOCK] + [_rng.randrange(3, 500) for _ in range(5)]
 def colocated(model: Path, prompts: dict[str, list[int]], device: str = "cpu", **overrides: object
               ) -> dict[str, list[int]]:
     overrides = {"block_size": BLOCK, "num_gpu_blocks": 96, **overrides}
-    engine = LLMEngine(build_config(str(model), device, "float32", overrides))
+    engine = LLMEngine(secured(build_config(str(model), device, "float32", overrides)))
     try:
         for rid, prompt in prompts.items():
             engine.add_request(rid, prompt, SamplingParams(**GREEDY))

@@ -6,6 +6,7 @@ from typing import Any
 
 from pdlaunch.kv_transfer.handshake import HandshakeInfo
 from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
+from tests.kv_transfer.deployment_secret import KEYS
 
 
 class RecordingAgent:
@@ -21,20 +22,21 @@ class RecordingAgent:
 def _cache(mode: str) -> tuple[PeerCache, RecordingAgent, list[int]]:
     agent = RecordingAgent()
     cache = PeerCache(agent, spec=lambda: None, local_device=lambda: None,  # type: ignore[arg-type]
-                      transfer_mode=mode, handshake_timeout=1.0)
+                      transfer_mode=mode, handshake_timeout=1.0, keys=KEYS)
     handshakes: list[int] = []
 
     def handshake(engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
         handshakes.append(port)
         info = HandshakeInfo.model_construct(engine_id=engine_id)
-        return RemoteEngine(info, "prefill-agent", mode, "test", (host, port))
+        agent_name = "prefill-agent" if engine_id == "P" else f"agent-of-{engine_id}"
+        return RemoteEngine(info, agent_name, mode, "test", (host, port))
 
     cache._handshake = handshake  # type: ignore[method-assign]  # no side channel in a unit test
     return cache, agent, handshakes
 
 
-def _params(epoch: int) -> dict[str, Any]:
-    return {"remote_engine_id": "P", "remote_host": "127.0.0.1", "remote_port": 7000, "kv_epoch": epoch}
+def _params(epoch: int, engine_id: str = "P") -> dict[str, Any]:
+    return {"remote_engine_id": engine_id, "remote_host": "127.0.0.1", "remote_port": 7000, "kv_epoch": epoch}
 
 
 def test_a_late_forget_leaves_the_woken_engines_metadata_alone() -> None:
@@ -71,3 +73,15 @@ def test_pushers_outlive_the_peer_cache_until_taken() -> None:
     pull, _, _ = _cache("pull")
     pull.get(_params(0))
     assert pull.take_pushers() == {}
+
+
+def test_a_restarted_prefill_at_the_same_address_replaces_the_old_one() -> None:
+    """A prefill restarted at the same side-channel address with a new engine_id: the old engine's
+    entry and its NIXL agent go, the new one is used; engine_ids are not fixed for a deployment's life."""
+    cache, agent, handshakes = _cache("pull")
+    old = cache.get(_params(0, "P-old"))
+    new = cache.get(_params(0, "P-new"))
+    assert old.agent_name == "agent-of-P-old" and new.agent_name == "agent-of-P-new"
+    assert list(cache.snapshot()) == ["P-new@0"]
+    assert agent.forgotten == ["agent-of-P-old"]
+    assert cache.get(_params(0, "P-new")) is new and len(handshakes) == 2

@@ -13,6 +13,7 @@ from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, needed_block_indices
 from pdlaunch.kv_transfer.checksum import block_checksums, verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, compat_fields, compat_hash
 from pdlaunch.kv_transfer.staging import StagingArea
+from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
 
 
@@ -69,13 +70,18 @@ def test_side_channel_round_trip_and_errors() -> None:
     def boom(message: dict) -> dict:
         raise KVTransferError("refused on purpose")
 
-    server = side_channel.SideChannelServer("127.0.0.1", 0, {"echo": lambda m: {"got": m["x"]}, "boom": boom})
+    server = side_channel.SideChannelServer(
+        "127.0.0.1", 0, {"forget": lambda m: {"got": m["agent_name"]}, "unstage": boom}, KEYS)
     try:
-        assert side_channel.call("127.0.0.1", server.port, {"type": "echo", "x": [1, "a"]}, 5, "echo")["got"] == [1, "a"]
+        answer = side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "a"}, 5, "echo", KEYS)
+        assert answer["got"] == "a"
         with pytest.raises(KVTransferError, match="refused on purpose"):
-            side_channel.call("127.0.0.1", server.port, {"type": "boom"}, 5, "boom")
-        with pytest.raises(KVTransferError, match="unknown side-channel message type"):
-            side_channel.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope")
+            side_channel.call("127.0.0.1", server.port, {"type": "unstage", "ticket": "t"}, 5, "boom", KEYS)
+        with pytest.raises(KVTransferError, match="is not served here"):
+            side_channel.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
+                              5, "listen", KEYS)
+        with pytest.raises(KVTransferError, match=r"invalid side-channel message: msg: .*'nope'"):
+            side_channel.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope", KEYS)
     finally:
         server.close()
 
@@ -86,7 +92,7 @@ def test_side_channel_silent_peer_times_out_with_what_was_awaited() -> None:
         silent.listen()
         port = silent.getsockname()[1]
         with pytest.raises(KVTransferError, match=r"KV handshake with prefill engine E: no answer .* within 0.3s"):
-            side_channel.call("127.0.0.1", port, {"type": "handshake"}, 0.3, "KV handshake with prefill engine E")
+            side_channel.call("127.0.0.1", port, {"type": "handshake"}, 0.3, "KV handshake with prefill engine E", KEYS)
 
 
 def test_block_checksums_detect_one_changed_value() -> None:

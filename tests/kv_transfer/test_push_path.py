@@ -13,10 +13,11 @@ from pdlaunch.kv_transfer import nixl_sender
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from tests.kv_transfer.pd_procs import make_spec, wait_events
+from tests.kv_transfer.deployment_secret import secured
 
 
 def _connector(role: str, engine_id: str, mode: str) -> NixlConnector:
-    config = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(transfer_mode=mode))
+    config = secured(DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(transfer_mode=mode)))
     connector = create_connector(config, InstanceSpec(role=role, port=1, engine_id=engine_id, device="cpu"))
     assert isinstance(connector, NixlConnector)
     return connector

@@ -15,6 +15,7 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from tests.kv_transfer.pd_procs import ConnectorProcess
+from tests.kv_transfer.deployment_secret import secured
 
 BLOCK_SIZE = 4
 SPEC = dict(block_size=BLOCK_SIZE, groups=2, num_blocks=24)
@@ -26,7 +27,7 @@ D_IDS = [[5, 6, 7, 1, 2], [10, 3, 4, 5, 6]]
 def _config() -> DeploymentConfig:
     kv = KVTransferConfig(transfer_mode="pull", verify_kv=True, handshake_timeout_seconds=3.0,
                           transfer_timeout_seconds=30.0, engine_id="unused")
-    return DeploymentConfig(device="cpu", kv_transfer=kv)
+    return secured(DeploymentConfig(device="cpu", kv_transfer=kv))
 
 
 def _ranks(role: str, tp: int, heads: int, staging_slots: int = 0) -> list[ConnectorProcess]:

@@ -19,6 +19,7 @@ from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.pd_procs import build_connector
 from tests.kv_transfer.rpc import Built, ProcessRPC
 from tests.kv_transfer.test_pd_engines import PROMPTS, colocated, run_pd
+from tests.kv_transfer.deployment_secret import KEYS, secured
 
 pytestmark = pytest.mark.e2e
 
@@ -168,7 +169,7 @@ def build_sleepy_connector(config_json: str, instance_json: str, spec_kwargs: di
 def test_sleep_refused_while_a_staging_slot_is_held() -> None:
     kv = KVTransferConfig(transfer_mode="pull", handshake_timeout_seconds=3.0, transfer_timeout_seconds=30.0,
                           engine_id="unused")
-    config = DeploymentConfig(device="cpu", kv_transfer=kv)
+    config = secured(DeploymentConfig(device="cpu", kv_transfer=kv))
     instance = InstanceSpec(role="prefill", port=1, engine_id="P-staged", device="cpu")
     prefill = ProcessRPC(build_sleepy_connector, config.model_dump_json(), instance.model_dump_json(),
                          {"block_size": 4, "num_blocks": 16}, 3)
@@ -178,11 +179,11 @@ def test_sleep_refused_while_a_staging_slot_is_held() -> None:
         host, port = params["remote_host"], params["remote_port"]
         # What a pulling decode does first: prefill copies the blocks into slots until "unstage".
         staged = side_channel.call(host, port, {"type": "stage", "request_id": "req-held", "blocks": [[4, 5]]},
-                                   10.0, "stage request")
+                                   10.0, "stage request", KEYS)
         with pytest.raises(RuntimeError, match=r"2 of 3 KV staging slots are in use by request\(s\) req-held"):
             prefill.call("before_sleep")
         assert prefill.call("info")["staging"]["slots"] == 3, "a refused sleep must keep the buffer"
-        side_channel.call(host, port, {"type": "unstage", "ticket": staged["ticket"]}, 10.0, "unstage request")
+        side_channel.call(host, port, {"type": "unstage", "ticket": staged["ticket"]}, 10.0, "unstage request", KEYS)
         assert prefill.call("before_sleep")["staging"] is None
         woke = prefill.call("wake")
         assert woke["staging"]["slots"] == 3 and woke["kv_epoch"] == 1

@@ -11,12 +11,14 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferCon
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.storage_connector import StorageConnector
 from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.deployment_secret import secured
 
 B = 4
 
 
 def _connector(role: str, path: Path, **spec_kwargs) -> tuple[StorageConnector, object]:
-    config = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="storage", storage_path=str(path)))
+    config = secured(DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="storage",
+                                                                           storage_path=str(path))))
     connector = create_connector(config, InstanceSpec(role=role, port=1, engine_id=f"{role}-engine"))
     assert isinstance(connector, StorageConnector)
     spec = make_spec(block_size=B, groups=2, **spec_kwargs)

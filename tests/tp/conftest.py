@@ -14,6 +14,7 @@ from pdlaunch.config.models import InstanceSpec
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, generation_config, write_tokenizer_files
+from tests.kv_transfer.deployment_secret import secured
 
 MakeTPEngine = Callable[..., LLMEngine]
 
@@ -27,7 +28,7 @@ def make_tp_engine() -> Iterator[MakeTPEngine]:
              **overrides: Any) -> LLMEngine:
         overrides.setdefault("block_size", 8)
         overrides.setdefault("num_gpu_blocks", 128)
-        config = build_config(str(path), device, "float32", overrides)
+        config = secured(build_config(str(path), device, "float32", overrides))
         config.parallel.tp = tp
         engine = LLMEngine(config, instance)
         engines.append(engine)

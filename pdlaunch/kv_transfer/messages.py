@@ -1,0 +1,152 @@
+"""The typed messages of the KV plane: side-channel requests (a discriminated union on "type") and
+NIXL notifications (on "kind"). Everything a peer sends is validated against these before any
+handler runs; a message that does not fit is refused (side channel) or dropped (notification).
+
+Bounds: ids and names at most 512 characters, at most MAX_GROUPS KV-cache groups, block ids in
+[-1, 2**31), NIXL metadata as lowercase hex, seconds finite and within a day (the prefill clamps
+claims to its lease on top).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+logger = logging.getLogger(__name__)
+
+MAX_GROUPS = 16
+MAX_NAME_CHARS = 512
+MAX_SECONDS = 86400.0  # a claim or push deadline beyond a day is not ours: 1e308 is refused
+MAX_METADATA_HEX = 512 << 10  # NIXL agent metadata is a few hundred bytes on CPU, KiBs with GPU rkeys
+
+_Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+_Nonce = Annotated[str, Field(min_length=1, max_length=64)]
+_Hex = Annotated[str, Field(min_length=2, max_length=MAX_METADATA_HEX, pattern=r"^(?:[0-9a-f]{2})+$")]
+_BlockId = Annotated[int, Field(ge=-1, lt=2**31)]
+_Seconds = Annotated[float, Field(ge=0.0, le=MAX_SECONDS, allow_inf_nan=False)]
+_Address = Annotated[int, Field(ge=0, lt=2**64)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class HandshakeRequest(_Message):
+    type: Literal["handshake"]
+    engine_id: _Name
+
+
+class PushRequest(_Message):
+    """WRITE held blocks into the decode's blocks (or staging slots): pairs[g] = [[decode_id, prefill_id], ...]."""
+
+    type: Literal["push"]
+    request_id: _Name
+    nonce: _Nonce
+    last: bool = True
+    agent_name: _Name
+    agent_metadata: _Hex
+    pairs: list[list[tuple[_BlockId, _BlockId]]] = Field(max_length=MAX_GROUPS)
+    base_addrs: list[_Address] = Field(max_length=MAX_GROUPS)
+    block_bytes: list[Annotated[int, Field(ge=1)]] = Field(max_length=MAX_GROUPS)
+    device_id: int = Field(0, ge=0, le=1024)
+    deadline_in: _Seconds
+
+
+class StageRequest(_Message):
+    type: Literal["stage"]
+    request_id: _Name
+    blocks: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
+
+
+class UnstageRequest(_Message):
+    type: Literal["unstage"]
+    ticket: _Nonce
+
+
+class ClaimReadRequest(_Message):
+    type: Literal["claim_read"]
+    request_id: _Name
+    seconds: _Seconds
+
+
+class CancelPushRequest(_Message):
+    type: Literal["cancel_push"]
+    request_id: _Name
+    nonce: Optional[_Nonce] = None
+
+
+class ForgetRequest(_Message):
+    type: Literal["forget"]
+    agent_name: _Name
+
+
+class ListenRequest(_Message):
+    type: Literal["listen"]
+    agent_name: _Name
+    agent_metadata: _Hex
+
+
+SideChannelMessage = Annotated[
+    Union[HandshakeRequest, PushRequest, StageRequest, UnstageRequest, ClaimReadRequest, CancelPushRequest,
+          ForgetRequest, ListenRequest],
+    Field(discriminator="type"),
+]
+
+
+class Envelope(_Message):
+    """A request frame's body: the message, when it was sent (unix seconds) and a nonce never reused."""
+
+    ts: Annotated[float, Field(allow_inf_nan=False)]
+    nonce: Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")]
+    msg: SideChannelMessage
+
+
+class Answer(_Message):
+    """An answer frame's body: `re` is the nonce of the request it answers (None: the request was
+    not authenticated, so nothing of it is echoed)."""
+
+    ts: Annotated[float, Field(allow_inf_nan=False)]
+    re: Optional[str] = None
+    answer: dict[str, Any]
+
+
+# -- NIXL notifications ---------------------------------------------------------------------------
+class _Notif(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ReadDone(_Notif):
+    kind: Literal["read_done", "release"]
+    request_id: _Name
+    readers: int = Field(1, ge=1, le=1024)  # decode ranks that each send one (resharding)
+
+
+class PushDone(_Notif):
+    kind: Literal["push_done"]
+    nonce: _Nonce
+
+
+class PushFailed(_Notif):
+    kind: Literal["push_failed"]
+    nonce: _Nonce
+    error: Annotated[str, Field(max_length=4096)] = ""
+
+
+class Forget(_Notif):
+    kind: Literal["forget"]
+    agent_name: _Name
+    kv_epoch: Optional[int] = Field(None, ge=0, lt=2**31)
+
+
+Notification = Annotated[Union[ReadDone, PushDone, PushFailed, Forget], Field(discriminator="kind")]
+_NOTIFICATION = TypeAdapter(Notification)
+
+
+def parse_notification(message: bytes) -> dict[str, Any] | None:
+    """A NIXL notification as a validated dict, or None when it is not one of ours (malformed)."""
+    try:
+        return _NOTIFICATION.validate_json(message).model_dump()
+    except (ValidationError, ValueError):
+        return None

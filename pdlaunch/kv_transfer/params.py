@@ -1,0 +1,199 @@
+"""kv_transfer_params as typed, bounded, signed models (field names as vLLM's NIXL connector uses them).
+
+Two directions:
+- `RemoteDecodeRequest`: what the proxy (or a vLLM-style proxy) sends a prefill instance:
+  {"do_remote_decode": true} plus, from vLLM's proxies, the remote_* fields set to null.
+- `PrefillAnswer`: what a prefill instance answers and the proxy hands to a decode instance
+  ({"do_remote_prefill": true, remote_engine_id, remote_block_ids, ...}). The prefill signs it
+  (HMAC-SHA256 with a key derived from the deployment secret, over the canonical JSON of every other
+  field, `expires_at` included); a decode accepts it only with a valid signature before its expiry,
+  so a client can neither forge one nor point the decode at an address of its choice.
+
+`check_kv_transfer_params` runs where a request is submitted (the HTTP side) and again in the
+engine's add_request; a bad value raises KVTransferError naming `kv_transfer_params.<field>`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.auth import PARAMS_PURPOSE, canonical, derive_key, mac, mac_ok
+
+MAX_ID_CHARS = 512  # request ids carry the client's X-Request-Id plus a suffix
+MAX_HOST_CHARS = 253  # a DNS name
+MAX_TP = 64
+MAX_GROUPS = 16  # KV-cache groups (full + sliding-window layers)
+MAX_BLOCK_ID = 2**31 - 1
+MAX_PROMPT_TOKENS = 10**8
+CLOCK_SKEW_SECONDS = 5  # prefill and decode of a multi-node deployment read different wall clocks
+SIGNATURE_FIELD = "signature"
+EXPIRY_FIELD = "expires_at"  # unix seconds (an int: a re-serializing proxy keeps it exact)
+
+_Id = Field(min_length=1, max_length=MAX_ID_CHARS)
+_Digest = Field(max_length=128)
+
+
+class _Strict(BaseModel):
+    # strict: "5" is not 5, "abc" is not a TP size; forbid: a field we do not know is refused, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class RemoteDecodeRequest(_Strict):
+    """Prefill leg: keep this request's KV for a remote decode (do_remote_decode) or not."""
+
+    do_remote_decode: bool = False
+    do_remote_prefill: Optional[Literal[False]] = None
+    remote_engine_id: None = None
+    remote_block_ids: None = None
+    remote_host: None = None
+    remote_port: None = None
+    remote_request_id: None = None
+
+
+def _bounded_blocks(value: list[list[int]] | None, info: ValidationInfo) -> list[list[int]] | None:
+    limit = (info.context or {}).get("max_blocks")
+    if value is not None and limit is not None:
+        for group in value:
+            if len(group) > limit:
+                raise ValueError(f"a group names {len(group)} blocks; a request here has at most {limit}")
+    return value
+
+
+class PrefillAnswer(_Strict):
+    """Decode leg: load the prompt's KV from the prefill engine these params name."""
+
+    do_remote_prefill: Literal[True]
+    do_remote_decode: Literal[False] = False
+    remote_engine_id: str = _Id
+    remote_request_id: str = _Id
+    # Per KV-cache group, one block id per block of the prompt (-1: a sliding-window block not kept).
+    remote_block_ids: Optional[list[list[int]]] = Field(None, max_length=MAX_GROUPS)
+    remote_host: Optional[str] = Field(None, min_length=1, max_length=MAX_HOST_CHARS)
+    remote_port: Optional[int] = Field(None, ge=1, le=65535)
+    tp_size: int = Field(1, ge=1, le=MAX_TP)
+    kv_heads_per_rank: Optional[int] = Field(None, ge=1, le=4096)
+    transfer_mode: Literal["auto", "pull", "push", "storage"] = "auto"
+    num_prompt_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
+    kv_epoch: Optional[int] = Field(None, ge=0, le=2**31)
+    kv_checksum: Optional[list[list[str]]] = Field(None, max_length=MAX_GROUPS)
+    # TP prefill: each rank's side channel and advertised address, and its block digests.
+    remote_ports: Optional[list[int]] = Field(None, max_length=MAX_TP)
+    remote_hosts: Optional[list[str]] = Field(None, max_length=MAX_TP)
+    rank_kv_checksums: Optional[list[Optional[list[list[str]]]]] = Field(None, max_length=MAX_TP)
+    expires_at: Optional[int] = Field(None, ge=0, le=2**40)
+    signature: Optional[str] = Field(None, max_length=128)
+
+    @field_validator("remote_block_ids")
+    @classmethod
+    def _block_ids(cls, value: list[list[int]] | None, info: ValidationInfo) -> list[list[int]] | None:
+        for group in value or []:
+            if any(not -1 <= b <= MAX_BLOCK_ID for b in group):
+                raise ValueError(f"block ids lie in [-1, {MAX_BLOCK_ID}]")
+        return _bounded_blocks(value, info)
+
+    @field_validator("remote_ports")
+    @classmethod
+    def _ports(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 1 <= p <= 65535 for p in value):
+            raise ValueError("ports lie in [1, 65535]")
+        return value
+
+    @field_validator("remote_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not 1 <= len(h) <= MAX_HOST_CHARS for h in value):
+            raise ValueError(f"host names have 1 to {MAX_HOST_CHARS} characters")
+        return value
+
+    @field_validator("kv_checksum")
+    @classmethod
+    def _digests(cls, value: list[list[str]] | None, info: ValidationInfo) -> list[list[str]] | None:
+        if value is not None and any(len(d) > 128 for group in value for d in group):
+            raise ValueError("block digests have at most 128 characters")
+        return _bounded_blocks(value, info)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PrefillAnswer":
+        for name in ("remote_ports", "remote_hosts", "rank_kv_checksums"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.tp_size:
+                raise ValueError(f"{name} has {len(value)} entries for tp_size {self.tp_size}")
+        if self.transfer_mode != "storage":
+            missing = [n for n in ("remote_block_ids", "remote_host", "remote_port") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"a NIXL transfer needs {', '.join(missing)}")
+        return self
+
+
+def params_key(secret: str) -> bytes:
+    return derive_key(secret, PARAMS_PURPOSE)
+
+
+def _signed_bytes(params: dict[str, Any]) -> bytes:
+    return canonical({k: v for k, v in params.items() if k != SIGNATURE_FIELD})
+
+
+def sign_kv_transfer_params(params: dict[str, Any], key: bytes, valid_seconds: float, now: float) -> dict[str, Any]:
+    """The prefill's answer with `expires_at` (now + valid_seconds, the KV lease: the blocks are gone
+    after it anyway) and `signature` added. `now` is time.time()."""
+    signed = {k: v for k, v in params.items() if k not in (SIGNATURE_FIELD, EXPIRY_FIELD)}
+    signed[EXPIRY_FIELD] = int(math.floor(now + valid_seconds))
+    signed[SIGNATURE_FIELD] = mac(key, _signed_bytes(signed)).hex()
+    return signed
+
+
+def _field_error(exc: ValidationError) -> KVTransferError:
+    first = exc.errors()[0]
+    path = ".".join(str(p) for p in first["loc"])
+    field = "kv_transfer_params" + (f".{path}" if path else "")
+    return KVTransferError(first["msg"], field=field,
+                           hint="send the kv_transfer_params the prefill instance answered, unchanged")
+
+
+def check_kv_transfer_params(raw: Any, key: bytes | None, *, max_blocks: int, lease_seconds: float,
+                             now: float) -> dict[str, Any] | None:
+    """`raw` validated: the same dict, or KVTransferError naming the field. Params that ask for a
+    remote prefill must carry a valid signature made with `key` and not be expired (`now`: time.time()).
+    key None: this instance has no deployment secret, so it accepts no remote-prefill params."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise KVTransferError(f"expected an object, got {type(raw).__name__}", field="kv_transfer_params")
+    remote_prefill = raw.get("do_remote_prefill") not in (None, False)
+    try:
+        if not remote_prefill:
+            RemoteDecodeRequest.model_validate(raw)
+            return raw
+        answer = PrefillAnswer.model_validate(raw, context={"max_blocks": max_blocks})
+    except ValidationError as e:
+        raise _field_error(e) from None
+    if key is None:
+        raise KVTransferError("this instance has no deployment secret to check the prefill's signature with",
+                              field="kv_transfer_params.signature",
+                              hint="set security.deployment_secret (pdlaunch serve fills it)")
+    if answer.signature is None or answer.expires_at is None:
+        raise KVTransferError(
+            f"missing: only kv_transfer_params a prefill instance of this deployment signed are accepted",
+            field=f"kv_transfer_params.{SIGNATURE_FIELD if answer.signature is None else EXPIRY_FIELD}",
+            hint="send the kv_transfer_params the prefill instance answered, unchanged")
+    try:
+        tag = bytes.fromhex(answer.signature)
+    except ValueError:
+        tag = b""
+    if not mac_ok(key, _signed_bytes(raw), tag):
+        raise KVTransferError("does not match: the params were changed or not signed by this deployment",
+                              field="kv_transfer_params.signature",
+                              hint="send the kv_transfer_params the prefill instance answered, unchanged")
+    if answer.expires_at < now:
+        raise KVTransferError(
+            f"expired {now - answer.expires_at:.0f}s ago: the prefill freed that KV at the end of its lease",
+            field=f"kv_transfer_params.{EXPIRY_FIELD}",
+            hint="send the decode request sooner, or raise kv_transfer.kv_lease_seconds")
+    if answer.expires_at > now + lease_seconds + CLOCK_SKEW_SECONDS:
+        raise KVTransferError(f"lies beyond the {lease_seconds:g}s KV lease", field=f"kv_transfer_params.{EXPIRY_FIELD}",
+                              hint="prefill and decode must share kv_transfer.kv_lease_seconds and a synced clock")
+    return raw
