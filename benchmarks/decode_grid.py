@@ -1,0 +1,203 @@
+"""Decode speed on a batch x context grid against the memory floor, in one run (issue 15).
+
+    python benchmarks/decode_grid.py CKPT [--batch 1 8 32 64 128] [--context 128 1024 4096 16384]
+        [--steps 16] [--json OUT] [--baseline-kernel OLD_triton_decode.py] [--sweep]
+
+One process: the copy bandwidth (benchmarks/limits.py: read + write), then an in-process engine
+(bf16, CUDA graphs, prefix caching off) whose prompts' KV is taken as already there
+(benchmarks/ready_kv.py: the blocks hold random values written once), so every cell is decode
+steps only. For each batch x context that fits in the cache:
+
+- step: median wall time of `engine.step()` over `--steps` steps with every sequence decoding
+  (scheduler, input staging, graph replay, sampling, detokenizing); replay: the captured graph
+  alone (GPU time);
+- floor: (weight bytes + KV bytes the step reads) / copy bandwidth; ratio = step / floor;
+- attention: the paged decode kernel alone on one layer of this batch x context (CUDA events),
+  KV bytes read / time, against the copy bandwidth (the same convention as the floor).
+
+`--baseline-kernel FILE` also times another triton_decode.py (e.g. the previous version) on the
+same cells; `--sweep` times kernel launch configurations on a few cells (benchmarks/decode_sweep.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits import copy_bandwidth, time_ms  # noqa: E402
+from ready_kv import ReadyKVConnector  # noqa: E402
+
+from pdlaunch.engine.llm import build_config  # noqa: E402
+from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
+from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
+from pdlaunch.model import triton_decode  # noqa: E402
+
+WARMUP_STEPS = 4  # connector hand-off and first replays
+rng = random.Random(0)
+
+
+def load_kernel_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("baseline_triton_decode", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class KernelBench:
+    """Times one paged_decode call (layer 0) over the engine's cache at a batch x context."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.cache = engine.runner.kv_caches[0]
+        arch = engine.checkpoint.arch
+        self.num_heads, self.head_dim = arch.num_heads, arch.head_dim
+        _, _, _, self.block_size, self.num_kv_heads, _ = self.cache.shape
+
+    def inputs(self, batch: int, context: int) -> tuple[torch.Tensor, ...]:
+        dev = self.cache.device
+        per_seq = -(-context // self.block_size)
+        blocks = torch.randperm(self.cache.shape[0], device=dev)[:batch * per_seq].view(batch, per_seq)
+        q = torch.randn(batch, self.num_heads, self.head_dim, device=dev, dtype=self.cache.dtype)
+        lens = torch.full((batch,), context, dtype=torch.long, device=dev)
+        return q, torch.arange(batch, device=dev), blocks, lens
+
+    def kv_bytes(self, batch: int, context: int) -> int:
+        return batch * context * self.num_kv_heads * self.head_dim * 2 * self.cache.element_size()
+
+    def time(self, decode: Callable[..., torch.Tensor], batch: int, context: int, **kw: Any) -> float:
+        q, tokens, table, lens = self.inputs(batch, context)
+        scale = self.head_dim**-0.5
+        return time_ms(lambda: decode(q, self.cache, 0, tokens, table, lens, None, scale, **kw), warmup=3, repeat=20)
+
+    def check(self, batch: int, context: int, launch: triton_decode.DecodeLaunch | None = None) -> float:
+        """Relative error of the kernel against float64 attention over the same keys."""
+        q, tokens, table, lens = self.inputs(min(batch, 4), context)
+        got = triton_decode.paged_decode(q, self.cache, 0, tokens, table, lens, None, self.head_dim**-0.5, launch)
+        pos = torch.arange(context, device=q.device)
+        rows = table[:, pos // self.block_size]  # [S, C]
+        k = self.cache[rows, 0, 0, pos % self.block_size].double()  # [S, C, Hkv, D]
+        v = self.cache[rows, 0, 1, pos % self.block_size].double()
+        group = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+        s = torch.einsum("shd,schd->shc", q.double(), k) * self.head_dim**-0.5
+        want = torch.einsum("shc,schd->shd", s.softmax(-1), v)
+        return ((got.double() - want).norm() / want.norm()).item()
+
+
+def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int) -> dict[str, float]:
+    params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"g{batch}x{context}-{i}", [rng.randrange(1000, 100000) for _ in range(context)], params)
+    times = []
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    decode = times[WARMUP_STEPS:]
+    out = {"step_ms": statistics.median(decode) * 1e3, "steps": len(decode)}
+    graphs = engine.runner.graphs
+    if graphs is not None and batch in graphs.graphs:  # the last inputs are still in its buffers
+        out["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
+    return out
+
+
+def fits(engine: LLMEngine, batch: int, context: int, steps: int) -> bool:
+    bs = engine.block_size
+    return (context + steps + WARMUP_STEPS + 1 <= engine.max_model_len
+            and batch * -(-(context + steps + WARMUP_STEPS + 1) // bs) <= engine.block_manager.num_blocks)
+
+
+def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    config = build_config(args.checkpoint, "cuda", "bfloat16", {
+        "max_num_seqs": max(args.batch), "max_num_batched_tokens": 8192, "enable_prefix_caching": False,
+        "max_model_len": max(args.context) + args.steps + 64, "gpu_memory_utilization": args.gpu_memory_utilization})
+    engine = LLMEngine(config, connector=ReadyKVConnector())
+    try:
+        for cache in engine.runner.kv_caches:
+            cache.normal_()  # never time reads of zeros
+        weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+        arch = engine.checkpoint.arch
+        kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * engine.runner.kv_caches[0].element_size()
+        doc.update(weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token, num_kv_blocks=engine.block_manager.num_blocks,
+                   cuda_graphs=engine.runner.graphs is not None, block_size=engine.block_size)
+        bench = KernelBench(engine)
+        baseline = load_kernel_module(args.baseline_kernel) if args.baseline_kernel else None
+        bw = doc["copy_gbps"] * 1e9
+        if args.sweep:
+            from decode_sweep import sweep
+            doc["sweep"] = sweep(bench, bw)
+        cells = []
+        for context in args.context:
+            for batch in args.batch:
+                if not fits(engine, batch, context, args.steps):
+                    cells.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})
+                    continue
+                cell: dict[str, Any] = {"batch": batch, "context": context}
+                cell.update(engine_cell(engine, batch, context, args.steps))
+                mean_ctx = context + WARMUP_STEPS + args.steps / 2
+                cell["floor_ms"] = (weight_bytes + batch * mean_ctx * kv_per_token) / bw * 1e3
+                cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
+                ms = bench.time(triton_decode.paged_decode, batch, context)
+                cell["attn_ms"] = ms
+                cell["attn_gbps"] = bench.kv_bytes(batch, context) / ms / 1e6
+                cell["attn_of_copy"] = cell["attn_gbps"] * 1e9 / bw
+                if baseline is not None:
+                    old = bench.time(baseline.paged_decode, batch, context)
+                    cell["baseline_attn_ms"] = old
+                    cell["baseline_attn_gbps"] = bench.kv_bytes(batch, context) / old / 1e6
+                cells.append(cell)
+                print(json.dumps(cell), flush=True)
+        doc["cells"] = cells
+        doc["kernel_rel_err_48x3072"] = bench.check(48, 3072)
+    finally:
+        engine.shutdown()
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = ["| batch x context | step | replay | floor | ratio | attention kernel | of copy BW |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for c in doc["cells"]:
+        if "skipped" in c:
+            lines.append(f"| {c['batch']} x {c['context']} | {c['skipped']} | | | | | |")
+            continue
+        old = f" (was {c['baseline_attn_gbps']:.0f})" if "baseline_attn_gbps" in c else ""
+        lines.append(f"| {c['batch']} x {c['context']} | {c['step_ms']:.2f} ms | {c.get('replay_ms', float('nan')):.2f} ms "
+                     f"| {c['floor_ms']:.2f} ms | {c['ratio']:.2f}x | {c['attn_ms'] * 1e3:.0f} us = "
+                     f"{c['attn_gbps']:.0f} GB/s{old} | {100 * c['attn_of_copy']:.0f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64, 128])
+    parser.add_argument("--context", type=int, nargs="+", default=[128, 1024, 4096, 16384])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--baseline-kernel", type=Path)
+    parser.add_argument("--sweep", action="store_true")
+    args = parser.parse_args()
+    doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    doc.update(copy_bandwidth(2.0))
+    run_grid(args, doc)
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+    print(f"{doc['device']}: copy {doc['copy_gbps']:.0f} GB/s (read + write), weights {doc['weight_bytes'] / 1e9:.2f} GB, "
+          f"kernel rel. error at 48 x 3072 {doc['kernel_rel_err_48x3072']:.1e}")
+    print(table(doc))
+
+
+if __name__ == "__main__":
+    main()
