@@ -29,10 +29,11 @@ class Instance:
     state: State = "starting"
     in_flight: int = 0
     detail: str = ""  # why it is not ready
+    engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "role": self.role, "url": self.url, "state": self.state,
-                "in_flight": self.in_flight, "detail": self.detail}
+                "in_flight": self.in_flight, "detail": self.detail, "engine_id": self.engine_id}
 
     @contextmanager
     def lease(self) -> Iterator["Instance"]:
@@ -42,6 +43,16 @@ class Instance:
             yield self
         finally:
             self.in_flight -= 1
+
+
+def _engine_id(response: httpx.Response) -> str:
+    """The engine_id a pdlaunch instance's /health names ("" for an instance that names none)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    engine_id = body.get("engine_id") if isinstance(body, dict) else None
+    return engine_id if isinstance(engine_id, str) else ""
 
 
 class RoundRobin:
@@ -115,9 +126,14 @@ class InstancePool:
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
         if response.status_code == 200:
+            engine_id = _engine_id(response)
             if instance.state != "ready":
-                log.info("%s (%s) is ready", instance.name, instance.url)
-            instance.state, instance.detail = "ready", ""
+                log.info("%s (%s) is ready (engine_id %s)", instance.name, instance.url, engine_id or "unknown")
+            elif instance.engine_id and engine_id != instance.engine_id:
+                # Restarted between two checks: it was never seen down, but it is a new engine.
+                log.warning("%s (%s) restarted: engine_id %s -> %s", instance.name, instance.url,
+                            instance.engine_id, engine_id)
+            instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
         else:
             instance.state = "unhealthy" if instance.state != "starting" else "starting"
             instance.detail = f"/health answered {response.status_code}"

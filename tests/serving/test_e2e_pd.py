@@ -27,8 +27,11 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def serve(llama_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    deployment = Serve(tmp_path_factory.mktemp("e2e-pd"), [
-        "--model", str(llama_ckpt), "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "512",
+    tmp = tmp_path_factory.mktemp("e2e-pd")
+    config = tmp / "no-restart.yaml"  # the last test checks that a death stops serve when restarts are off
+    config.write_text("supervision: {max_restarts: 0}\n")
+    deployment = Serve(tmp, [
+        str(config), "--model", str(llama_ckpt), "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "512",
         "--max-num-seqs", "64"])
     try:
         yield deployment.wait_ready()
