@@ -81,6 +81,8 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
     ax.set_ylabel("goodput (requests/s within SLOs)")
     ax.set_title(f"TTFT <= {cfg.ttft_slo_ms:g} ms, TPOT <= {cfg.tpot_slo_ms:g} ms; "
                  f"{cfg.input_len} in / {cfg.output_len} out tokens")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -95,7 +97,10 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     doc = compare_document(cfg, runs)
     json_path = cfg.out / JSON_NAME
     write_json(doc, json_path)
-    console.print(doc["verdict"], highlight=False)
+    for run in runs:
+        if run.kind != "pd":
+            console.print(verdict(run)[1], highlight=False)
+    console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
     console.print(f"Wrote {json_path}", highlight=False)
     try:
         console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME)}", highlight=False)

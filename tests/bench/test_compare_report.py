@@ -1,0 +1,62 @@
+"""`bench compare` report from synthetic runs: table, verdicts, JSON, and the plot with or without matplotlib."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pdlaunch.bench import compare_report
+from pdlaunch.bench.compare import CompareConfig, DeploymentRun
+from pdlaunch.bench.goodput import RatePoint
+from pdlaunch.errors import PdlaunchError
+
+
+def _point(rate: float, within: int, goodput: float) -> RatePoint:
+    return RatePoint(rate=rate, num_prompts=100, completed=100, within_slo=within, duration_s=10.0, goodput=goodput,
+                     served=rate, ttft_p50_ms=130.0, ttft_p99_ms=410.0, tpot_p50_ms=13.5, tpot_p99_ms=21.0)
+
+
+def _runs() -> list[DeploymentRun]:
+    return [
+        DeploymentRun(kind="colocated", label="colocated x2", description="2 colocated (GPU 0,1)",
+                      points=[_point(2, 80, 1.6), _point(4, 50, 2.05), _point(8, 4, 0.3)]),
+        DeploymentRun(kind="pd", label="PD 1P1D", description="1P (GPU 0) + 1D (GPU 1)",
+                      points=[_point(2, 100, 2.0), _point(4, 95, 3.8), _point(8, 60, 4.8)]),
+    ]
+
+
+def _cfg(tmp_path: Path) -> CompareConfig:
+    return CompareConfig(model="demo", rates=[2, 4, 8], out=tmp_path)
+
+
+def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_matplotlib() -> None:
+        raise PdlaunchError("--plot needs matplotlib, which is not installed")
+
+    monkeypatch.setattr(compare_report, "require_matplotlib", no_matplotlib)
+    console = Console(width=80, record=True)
+    doc = compare_report.report_comparison(console, _cfg(tmp_path), _runs())
+    text = console.export_text()
+    rows = [line.split() for line in text.splitlines()]
+    assert ["4", "colocated", "x2", "2.05", "4.00", "130", "410", "13.5", "21.0", "50%"] in rows
+    assert ["PD", "1P1D", "3.80", "4.00", "130", "410", "13.5", "21.0", "95%"] in rows
+    assert "2 colocated (GPU 0,1) keeps < 90% of requests within the SLOs already at 2 req/s" in text
+    assert "1P (GPU 0) + 1D (GPU 1) keeps >= 90% of requests within the SLOs up to 4 req/s" in text
+    assert "no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')" in text
+    assert not (tmp_path / "goodput.png").exists()
+    on_disk = json.loads((tmp_path / "compare.json").read_text())
+    assert on_disk == json.loads(json.dumps(doc))
+    assert on_disk["pd_highest_rate_within_slo"] == 4
+    colocated, pd = on_disk["deployments"]
+    assert colocated["highest_rate_within_slo"] is None and pd["highest_rate_within_slo"] == 4
+    assert [p["within_share"] for p in pd["points"]] == [1.0, 0.95, 0.6]
+    assert on_disk["settings"]["ttft_slo_ms"] == 400 and on_disk["settings"]["tpot_slo_ms"] == 15
+
+
+def test_plot_is_written_with_matplotlib(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = compare_report.write_goodput_plot(_cfg(tmp_path), _runs(), tmp_path / "goodput.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
