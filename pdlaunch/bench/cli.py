@@ -254,7 +254,7 @@ def compare(
         ))
         runs = run_compare(cfg, console)
     except KeyboardInterrupt:
-        err_console.print("interrupted: both deployments stopped, no report")
+        err_console.print("interrupted: the running deployment was stopped and its processes reaped; no report")
         raise typer.Exit(code=130) from None
     except ValidationError as exc:
         raise _fail(_validation_lines(exc)) from None

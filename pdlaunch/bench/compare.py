@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from rich.console import Console
 
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
+from pdlaunch.bench.report import write_json
 from pdlaunch.bench.serve import ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.models import DeploymentConfig
@@ -215,10 +221,35 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
     return run
 
 
+@contextmanager
+def _termination_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so that the `finally` stopping the deployment runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _: FrameType | None) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_compare(cfg: CompareConfig, console: Console) -> list[DeploymentRun]:
-    """Both deployments in turn on the same devices; each is stopped before the next starts."""
+    """Both deployments in turn on the same devices; each is stopped before the next starts. Each
+    deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:  # fail on a config problem of either before spending time on the first
         deployment_config(cfg, layout, kind)
-    return [run_deployment(cfg, layout, kind, console) for kind in KINDS]
+    runs = []
+    with _termination_as_interrupt():
+        for kind in KINDS:
+            run = run_deployment(cfg, layout, kind, console)
+            write_json(run.model_dump(mode="json"), cfg.out / f"{kind}.json")
+            runs.append(run)
+    return runs

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +160,9 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
         assert a["seed"] == b["seed"] and a["request_rate"] == b["request_rate"]
     assert [r["seed"] for r in pd["raw"]] == [0, 1]
     assert _leftovers(str(out)) == []
+    for dep in doc["deployments"]:  # each deployment's figures were saved as soon as it was done
+        assert json.loads((out / f"{dep['kind']}.json").read_text())["points"] == [
+            {k: v for k, v in p.items() if k != "within_share"} for p in dep["points"]]
     plot = out / "goodput.png"
     try:
         import matplotlib  # noqa: F401
@@ -163,3 +170,32 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
         assert "no plot: matplotlib is not installed" in text and not plot.exists()
     else:
         assert plot.stat().st_size > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(120)
+def test_sigterm_while_starting_stops_the_deployment(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    log = open(tmp_path / "compare.out", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdlaunch", "bench", "compare", "--model", "demo", "--device", "cpu", "--rates", "2",
+         *WORKLOAD, "--out", str(out)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(_leftovers(str(out))) < 2:  # both colocated instances run (the proxy comes once they are ready)
+            assert proc.poll() is None, (tmp_path / "compare.out").read_text()
+            assert time.monotonic() < deadline, "gave up after 60s waiting for the colocated instances to start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+    text = (tmp_path / "compare.out").read_text()
+    assert "interrupted: the running deployment was stopped" in text
+    assert _leftovers(str(out)) == []
+    assert not (out / "compare.json").exists()
