@@ -55,14 +55,17 @@ def _pack(key: bytes, body: dict[str, Any]) -> bytes:
     return _HEADER.pack(MAC_BYTES + len(data)) + mac(key, data) + data
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes | None:
+def _recv_exact(sock: socket.socket, n: int, deadline: float, timeout: float) -> bytes | None:
     chunks: list[bytes] = []
     while n:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise FrameError(f"frame not received within {FRAME_READ_SECONDS:g}s")
+            raise FrameError(f"frame not received within {timeout:g}s")
         sock.settimeout(remaining)
-        chunk = sock.recv(min(n, 1 << 16))
+        try:
+            chunk = sock.recv(min(n, 1 << 16))
+        except TimeoutError:  # socket.timeout
+            raise FrameError(f"frame not received within {timeout:g}s") from None
         if not chunk:
             return None
         chunks.append(chunk)
@@ -73,13 +76,13 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> bytes | None:
 def recv_raw_frame(sock: socket.socket, timeout: float) -> tuple[bytes, bytes] | None:
     """(tag, body) of the next frame, None when the peer closed cleanly between frames."""
     deadline = time.monotonic() + timeout
-    header = _recv_exact(sock, _HEADER.size, deadline)
+    header = _recv_exact(sock, _HEADER.size, deadline, timeout)
     if header is None:
         return None
     (length,) = _HEADER.unpack(header)
     if length > MAX_FRAME_BYTES or length < MAC_BYTES:
         raise FrameError(f"frame of {length} bytes (the side channel takes {MAC_BYTES} to {MAX_FRAME_BYTES})")
-    data = _recv_exact(sock, length, deadline)
+    data = _recv_exact(sock, length, deadline, timeout)
     if data is None:
         raise FrameError("peer closed the connection mid-frame")
     return data[:MAC_BYTES], data[MAC_BYTES:]

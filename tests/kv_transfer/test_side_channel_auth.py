@@ -1,0 +1,141 @@
+"""Issue 14's KV-read test: a peer without the deployment secret gets neither NIXL metadata nor data
+from a prefill's side channel, and can neither hold (claim_read) nor free (cancel_push) its blocks.
+Oversized frames, too many connections, replays and slow peers are refused; the server keeps serving."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Iterator
+
+import pytest
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer import side_channel
+from pdlaunch.kv_transfer.auth import SideChannelKeys
+from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from tests.kv_transfer.deployment_secret import KEYS
+from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.side_channel_client import authed, envelope, exchange, frame, read_answer
+from tests.kv_transfer.test_nixl_local import _connector
+
+WRONG = SideChannelKeys.from_secret("not-the-deployment-secret-0123")
+HOLD = "req-held"
+
+
+@pytest.fixture
+def prefill() -> Iterator[NixlConnector]:
+    connector = _connector("prefill", "auth-P", kv_lease_seconds=60.0)
+    try:
+        connector.register_kv_caches(make_spec())
+        hold, _ = connector.request_finished(HOLD, list(range(9)), {"do_remote_decode": True}, [[3, 4, 5]])
+        assert hold
+        yield connector
+    finally:
+        connector.shutdown()
+
+
+def _hold(prefill: NixlConnector):  # the Hold of HOLD on the prefill side
+    return prefill.sender._holds[HOLD]
+
+
+def _no_metadata(answer: dict | None, prefill: NixlConnector) -> None:
+    text = repr(answer)
+    assert "agent_metadata" not in text and "base_addrs" not in text and prefill.agent.metadata().hex() not in text
+
+
+def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: NixlConnector,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    port = prefill.server.port
+    caplog.set_level(logging.WARNING)
+    # The issue's probe: a plain JSON frame as the old protocol took it.
+    for attempt in (frame(b'{"type":"handshake"}', b""), frame(envelope({"type": "handshake", "engine_id": "auth-P"}),
+                                                                b"\0" * 32)):
+        answer = exchange(port, attempt)
+        _no_metadata(answer, prefill)
+        assert answer is None or answer["answer"]["ok"] is False
+    # A made-up HMAC (another secret) for each message that reveals or changes something.
+    for message in ({"type": "handshake", "engine_id": "auth-P"},
+                    {"type": "claim_read", "request_id": HOLD, "seconds": 1e5},
+                    {"type": "cancel_push", "request_id": HOLD, "nonce": "n"},
+                    {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]]}):
+        answer = exchange(port, authed(WRONG, message))
+        assert answer is not None and answer["answer"] == {
+            "ok": False, "error": "refused: the frame is not authenticated with this deployment's secret"}
+        _no_metadata(answer, prefill)
+    hold = _hold(prefill)
+    assert not hold.read_claimed and not hold.cancelled and not hold.done
+    assert hold.deadline - time.monotonic() < 61, "the lease must not have been extended"
+    assert prefill.info()["held_requests"] == 1
+    # The client library refuses an answer it cannot authenticate (a decode with the wrong secret).
+    with pytest.raises(KVTransferError, match="not authenticated for this request"):
+        side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", WRONG)
+    assert "Traceback" not in caplog.text
+    assert "KV side channel: refused" in caplog.text
+
+
+def test_a_captured_frame_cannot_be_replayed(prefill: NixlConnector) -> None:
+    port = prefill.server.port
+    captured = authed(KEYS, {"type": "handshake", "engine_id": "auth-P"})
+    first = exchange(port, captured)
+    assert first is not None and first["answer"]["ok"] and "agent_metadata" in first["answer"]["info"]
+    replay = exchange(port, captured)
+    assert replay is not None and "refused: the frame was seen before" in replay["answer"]["error"]
+    old = exchange(port, authed(KEYS, {"type": "handshake", "engine_id": "auth-P"}, ts=time.time() - 600))
+    assert old is not None and "behind this host's clock" in old["answer"]["error"]
+
+
+def test_claims_are_bounded_by_the_lease(prefill: NixlConnector) -> None:
+    port = prefill.server.port
+    for seconds, why in ((1e308, "less than or equal"), (-1.0, "greater than or equal"), (float("nan"), "finite")):
+        body = envelope({"type": "claim_read", "request_id": HOLD, "seconds": seconds})
+        from pdlaunch.kv_transfer.auth import mac
+        answer = exchange(port, frame(body, mac(KEYS.request, body)))
+        assert answer is not None and not answer["answer"]["ok"]
+        assert "msg.claim_read.seconds" in answer["answer"]["error"] and why in answer["answer"]["error"]
+    assert not _hold(prefill).read_claimed
+    side_channel.call("127.0.0.1", port, {"type": "claim_read", "request_id": HOLD, "seconds": 3000.0}, 5, "claim",
+                      KEYS)
+    hold = _hold(prefill)
+    assert hold.read_claimed and hold.deadline - time.monotonic() <= 60.0 + 5.0 + 1.0  # lease + READ grace
+
+
+def test_oversized_frames_and_too_many_connections_are_refused(prefill: NixlConnector) -> None:
+    port = prefill.server.port
+    with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+        sock.sendall((64 << 20).to_bytes(4, "big"))  # announces 64 MiB: refused before anything is read
+        answer = read_answer(sock)
+        assert answer is not None and "the side channel takes 32 to 1048576" in answer["answer"]["error"]
+    server = prefill.server
+    held: list[socket.socket] = []
+    try:
+        for _ in range(server.max_connections):  # slow peers that send nothing
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=15))
+        deadline = time.monotonic() + 10
+        while server.num_connections() < server.max_connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.num_connections() == server.max_connections
+        with pytest.raises(KVTransferError, match="too many side-channel connections"):
+            side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", KEYS)
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while server.num_connections() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    answer = side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", KEYS)
+    assert answer["info"]["engine_id"] == "auth-P"
+
+
+def test_a_slow_loris_is_dropped_within_the_frame_timeout(prefill: NixlConnector, monkeypatch) -> None:
+    monkeypatch.setattr(side_channel, "FRAME_READ_SECONDS", 0.5)
+    with socket.create_connection(("127.0.0.1", prefill.server.port), timeout=15) as sock:
+        sock.sendall(b"\0\0")  # half a header, then nothing
+        started = time.monotonic()
+        answer = read_answer(sock)
+        assert time.monotonic() - started < 5
+        assert answer is not None and "not received within" in answer["answer"]["error"]
+    threading.Event().wait(0.1)
+    assert prefill.server.num_connections() == 0
