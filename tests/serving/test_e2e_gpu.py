@@ -49,23 +49,26 @@ instances:
 def test_sleep_and_wake_through_the_proxy(tmp_path: Path) -> None:
     config = tmp_path / "sleep.yaml"
     config.write_text(SLEEP_YAML)
-    serve = Serve(tmp_path, [str(config)], device="cuda")
+    serve = Serve(tmp_path, [str(config), "--api-key", "sk-sleep"], device="cuda")  # control routes need a key
+    http = httpx.Client(headers={"Authorization": "Bearer sk-sleep"})
     try:
         serve.wait_ready()
+        assert http.post(f"{serve.url}/sleep", headers={"Authorization": ""}).status_code == 401
         body = {"model": "demo", "prompt": "Sleep well", "max_tokens": 8, "temperature": 0}
-        before = httpx.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-        slept = httpx.post(f"{serve.url}/sleep", params={"level": 1}, timeout=120)
+        before = http.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        slept = http.post(f"{serve.url}/sleep", params={"level": 1}, timeout=120)
         assert slept.status_code == 200, slept.text
         assert all(i["body"]["freed_bytes"] > 0 for i in slept.json()["instances"])
-        states = httpx.get(f"{serve.url}/is_sleeping", timeout=30).json()["instances"]
+        states = http.get(f"{serve.url}/is_sleeping", timeout=30).json()["instances"]
         assert all(i["body"]["is_sleeping"] for i in states)
-        wait_for(lambda: httpx.post(f"{serve.url}/v1/completions", json=body, timeout=30).status_code == 503,
+        wait_for(lambda: http.post(f"{serve.url}/v1/completions", json=body, timeout=30).status_code == 503,
                  "the proxy to stop routing to sleeping instances")
-        woke = httpx.post(f"{serve.url}/wake_up", timeout=120)
+        woke = http.post(f"{serve.url}/wake_up", timeout=120)
         assert woke.status_code == 200 and not any(i["body"]["is_sleeping"] for i in woke.json()["instances"])
         wait_for(lambda: httpx.get(f"{serve.url}/health", timeout=5).status_code == 200, "the proxy to see them awake")
-        after = httpx.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        after = http.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         assert after == before
     finally:
+        http.close()
         serve.stop()
     assert serve.proc.returncode == 0, serve.output
