@@ -127,7 +127,11 @@ class KVAgent:
 
     def add_remote(self, metadata: bytes) -> str:
         """Load a peer's metadata (once per peer name); returns the peer's agent name."""
-        name = self.nixl.add_remote_agent(metadata)
+        try:
+            name = self.nixl.add_remote_agent(metadata)
+        except Exception as e:  # noqa: BLE001 - NIXL raises its own types for metadata it cannot parse
+            raise KVTransferError(f"the peer's NIXL agent metadata cannot be loaded: {type(e).__name__}: {e}",
+                                  hint="peers must run the same nixl version") from None
         name = name.decode() if isinstance(name, bytes) else str(name)
         self._remote_agents.add(name)
         return name
