@@ -12,8 +12,9 @@ steps only. For each batch x context that fits in the cache:
   (scheduler, input staging, graph replay, sampling, detokenizing); replay: the captured graph
   alone (GPU time);
 - floor: (weight bytes + KV bytes the step reads) / copy bandwidth; ratio = step / floor;
-- attention: the paged decode kernel alone on one layer of this batch x context (CUDA events),
-  KV bytes read / time, against the copy bandwidth (the same convention as the floor).
+- attention: the paged decode kernel alone on one layer of this batch x context (replays of a
+  CUDA graph of 10 calls, as the engine runs it: no launch gaps), KV bytes read / time, against
+  the copy bandwidth (the same convention as the floor).
 
 `--baseline-kernel FILE` also times another triton_decode.py (e.g. the previous version) on the
 same cells; `--sweep` times kernel launch configurations on a few cells (benchmarks/decode_sweep.py).
@@ -22,8 +23,11 @@ same cells; `--sweep` times kernel launch configurations on a few cells (benchma
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.util
+import io
 import json
+import pstats
 import random
 import statistics
 import sys
@@ -44,6 +48,7 @@ from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 from pdlaunch.model import triton_decode  # noqa: E402
 
 WARMUP_STEPS = 4  # connector hand-off and first replays
+GRAPH_CALLS = 10
 rng = random.Random(0)
 
 
@@ -76,9 +81,15 @@ class KernelBench:
         return batch * context * self.num_kv_heads * self.head_dim * 2 * self.cache.element_size()
 
     def time(self, decode: Callable[..., torch.Tensor], batch: int, context: int, **kw: Any) -> float:
+        """Milliseconds per call, as in the engine: replays of a CUDA graph of GRAPH_CALLS calls."""
         q, tokens, table, lens = self.inputs(batch, context)
         scale = self.head_dim**-0.5
-        return time_ms(lambda: decode(q, self.cache, 0, tokens, table, lens, None, scale, **kw), warmup=3, repeat=20)
+        decode(q, self.cache, 0, tokens, table, lens, None, scale, **kw)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                decode(q, self.cache, 0, tokens, table, lens, None, scale, **kw)
+        return time_ms(graph.replay, warmup=2, repeat=10) / GRAPH_CALLS
 
     def check(self, batch: int, context: int, launch: triton_decode.DecodeLaunch | None = None) -> float:
         """Relative error of the kernel against float64 attention over the same keys."""
@@ -95,17 +106,26 @@ class KernelBench:
         return ((got.double() - want).norm() / want.norm()).item()
 
 
-def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int) -> dict[str, float]:
+def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_profile: bool) -> dict[str, Any]:
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"g{batch}x{context}-{i}", [rng.randrange(1000, 100000) for _ in range(context)], params)
     times = []
+    profiler = cProfile.Profile() if host_profile else None
     while engine.has_unfinished_requests():
+        if profiler is not None and len(times) == WARMUP_STEPS:
+            profiler.enable()
         t0 = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t0)
     decode = times[WARMUP_STEPS:]
-    out = {"step_ms": statistics.median(decode) * 1e3, "steps": len(decode)}
+    out: dict[str, Any] = {"step_ms": statistics.median(decode) * 1e3, "steps": len(decode)}
+    if profiler is not None:  # where the host time of the steps goes (the GPU wait shows as tolist)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+        out["host_profile"] = text.getvalue()
+        print(text.getvalue(), flush=True)
     graphs = engine.runner.graphs
     if graphs is not None and batch in graphs.graphs:  # the last inputs are still in its buffers
         out["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
@@ -138,26 +158,27 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
             from decode_sweep import sweep
             doc["sweep"] = sweep(bench, bw)
         cells = []
-        for context in args.context:
-            for batch in args.batch:
-                if not fits(engine, batch, context, args.steps):
-                    cells.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})
-                    continue
-                cell: dict[str, Any] = {"batch": batch, "context": context}
-                cell.update(engine_cell(engine, batch, context, args.steps))
-                mean_ctx = context + WARMUP_STEPS + args.steps / 2
-                cell["floor_ms"] = (weight_bytes + batch * mean_ctx * kv_per_token) / bw * 1e3
-                cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
-                ms = bench.time(triton_decode.paged_decode, batch, context)
-                cell["attn_ms"] = ms
-                cell["attn_gbps"] = bench.kv_bytes(batch, context) / ms / 1e6
-                cell["attn_of_copy"] = cell["attn_gbps"] * 1e9 / bw
-                if baseline is not None:
-                    old = bench.time(baseline.paged_decode, batch, context)
-                    cell["baseline_attn_ms"] = old
-                    cell["baseline_attn_gbps"] = bench.kv_bytes(batch, context) / old / 1e6
-                cells.append(cell)
-                print(json.dumps(cell), flush=True)
+        grid = [(b, c) for c in args.context for b in args.batch]
+        grid += [(int(b), int(c)) for b, c in (cell.split("x") for cell in args.cells)]
+        for batch, context in grid:
+            if not fits(engine, batch, context, args.steps):
+                cells.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})
+                continue
+            cell: dict[str, Any] = {"batch": batch, "context": context}
+            cell.update(engine_cell(engine, batch, context, args.steps, f"{batch}x{context}" in args.host_profile))
+            mean_ctx = context + WARMUP_STEPS + args.steps / 2
+            cell["floor_ms"] = (weight_bytes + batch * mean_ctx * kv_per_token) / bw * 1e3
+            cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
+            ms = bench.time(triton_decode.paged_decode, batch, context)
+            cell["attn_ms"] = ms
+            cell["attn_gbps"] = bench.kv_bytes(batch, context) / ms / 1e6
+            cell["attn_of_copy"] = cell["attn_gbps"] * 1e9 / bw
+            if baseline is not None:
+                old = bench.time(baseline.paged_decode, batch, context)
+                cell["baseline_attn_ms"] = old
+                cell["baseline_attn_gbps"] = bench.kv_bytes(batch, context) / old / 1e6
+            cells.append(cell)
+            print(json.dumps(cell), flush=True)
         doc["cells"] = cells
         doc["kernel_rel_err_48x3072"] = bench.check(48, 3072)
     finally:
@@ -188,6 +209,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--baseline-kernel", type=Path)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--cells", nargs="*", default=[], help="more cells, e.g. 48x3072 1x8000")
+    parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
     args = parser.parse_args()
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     doc.update(copy_bandwidth(2.0))
