@@ -198,10 +198,10 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             raise PdlaunchError("the deployment has no proxy on this node", field="--config",
                                 hint="compare runs on one node; drop parallel.nodes from the config")
         for i, rate in enumerate(cfg.rates):
-            dead = deployment.dead_child()
+            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
+            dead = deployment.dead_child()  # figures of a rate that lost a process would mislead
             if dead is not None:
                 raise ChildExited(*dead)
-            _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
             point = rate_point(rate, doc, cfg.slo)
             run.points.append(point)
             run.raw.append(doc)
