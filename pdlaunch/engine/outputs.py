@@ -15,6 +15,8 @@ SAMPLING_EPS = 1e-5
 MIN_RANDOM_TEMPERATURE = 1e-2
 MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MAX_STOPS = 256
+MAX_STOP_CHARS = 4096
 
 
 class SamplingParams(BaseModel):
@@ -31,8 +33,10 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, le=MAX_INT32)  # -1 or 0 = off
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: list[str] = Field(default_factory=list)
-    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] = Field(default_factory=list)
+    # Bounded because every stop string and id is checked on the engine thread after every token.
+    stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOPS)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] = Field(default_factory=list,
+                                                                            max_length=MAX_STOPS)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # top-n alternatives per token; 0 = chosen token only
 

@@ -35,7 +35,7 @@ from pdlaunch.proxy.translate import (
 )
 from pdlaunch.server.auth import AccessPolicy, RequireAuth, internal_headers
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
-from pdlaunch.server.limits import BodyLimit
+from pdlaunch.server.limits import BodyLimit, client_request_id
 from pdlaunch.server.sse import ClosingStreamingResponse, SSEParser, sse_event
 
 CONNECT_TIMEOUT_S = 5.0
@@ -221,7 +221,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
 
     async def _route(request: Request, path: str, chat: bool) -> Response:
         body = parse_client_body(await request.body(), chat)
-        request_id = request.headers.get("x-request-id") or f"pd-{uuid.uuid4().hex}"
+        request_id = client_request_id(request.headers.get("x-request-id"), f"pd-{uuid.uuid4().hex}")
         headers = {"X-Request-Id": request_id, **proxy.upstream_headers}
         if not proxy.upstream_headers and "authorization" in request.headers:  # foreign instances with a key
             headers["Authorization"] = request.headers["authorization"]

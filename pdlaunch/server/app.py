@@ -23,7 +23,7 @@ from pdlaunch.server.auth import AccessPolicy, RequireAuth
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.internal import HeldKV, add_internal_routes
-from pdlaunch.server.limits import BodyLimit, parse_json_object
+from pdlaunch.server.limits import BodyLimit, client_request_id, parse_json_object
 from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.responses import ResponseBuilder
@@ -142,7 +142,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         params = body.sampling_params()
         # The client's X-Request-Id names the response; the engine id gets a suffix so that a reused
         # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
-        client_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        client_id = client_request_id(request.headers.get("x-request-id"), uuid.uuid4().hex)
         request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
         if engine_loop.state != "ready":
             raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")

@@ -148,3 +148,16 @@ def _content_length(scope: dict[str, Any]) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+MAX_REQUEST_ID_CHARS = 256  # the engine id adds a suffix; kv_transfer_params ids hold at most 512
+
+
+def client_request_id(value: str | None, default: str) -> str:
+    """The client's X-Request-Id (it names the response and both PD legs), or `default` when absent."""
+    if not value:
+        return default
+    if len(value) > MAX_REQUEST_ID_CHARS or not value.isprintable() or not value.isascii():
+        raise OpenAIError(400, f"X-Request-Id must be at most {MAX_REQUEST_ID_CHARS} printable ASCII characters",
+                          param="X-Request-Id")
+    return value

@@ -43,9 +43,10 @@ def server() -> Iterator[tuple[str, EngineLoop]]:
         yield srv.url, loop
 
 
-def post_raw(url: str, raw: str | bytes, path: str = "/v1/completions", **kw: Any) -> httpx.Response:
+def post_raw(url: str, raw: str | bytes, path: str = "/v1/completions",
+             headers_extra: dict[str, str] | None = None) -> httpx.Response:
     return httpx.post(f"{url}{path}", content=raw, timeout=60,
-                      headers={**AUTH, "Content-Type": "application/json"}, **kw)
+                      headers={**AUTH, "Content-Type": "application/json", **(headers_extra or {})})
 
 
 def assert_400(response: httpx.Response, param: str) -> None:
@@ -72,6 +73,14 @@ def assert_400(response: httpx.Response, param: str) -> None:
 def test_bad_values_are_400_naming_the_field(server: tuple[str, EngineLoop], raw: str, param: str) -> None:
     url, _ = server
     assert_400(post_raw(url, raw), param)
+
+
+def test_request_ids_and_stop_lists_are_bounded(server: tuple[str, EngineLoop]) -> None:
+    url, _ = server
+    assert_400(post_raw(url, '{"prompt": "x"}', headers_extra={"X-Request-Id": "r" * 300}), "X-Request-Id")
+    assert_400(post_raw(url, json.dumps({"prompt": "x", "stop": ["s"] * 1000})), "stop")
+    ok = post_raw(url, '{"prompt": "x", "max_tokens": 1}', headers_extra={"X-Request-Id": "r" * 256})
+    assert ok.status_code == 200 and ok.json()["id"] == "cmpl-" + "r" * 256
 
 
 def test_chat_fields_are_checked_too(server: tuple[str, EngineLoop]) -> None:

@@ -103,6 +103,12 @@ def test_client_errors_are_400_before_any_leg(deployment: Any, raw: str, param: 
     assert len(prefill.legs) == legs
 
 
+def test_overlong_request_id_is_400(deployment: Any) -> None:
+    url, prefill, _ = deployment
+    answer = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, headers={"X-Request-Id": "r" * 257})
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "X-Request-Id"
+
+
 def test_body_over_the_limit_is_413(deployment: Any) -> None:
     url, prefill, _ = deployment
     legs = len(prefill.legs)
