@@ -173,7 +173,7 @@ def check_kv_transfer_params(raw: Any, key: bytes | None, *, max_blocks: int, le
                               hint="set security.deployment_secret (pdlaunch serve fills it)")
     if answer.signature is None or answer.expires_at is None:
         raise KVTransferError(
-            f"missing: only kv_transfer_params a prefill instance of this deployment signed are accepted",
+            "missing: only kv_transfer_params a prefill instance of this deployment signed are accepted",
             field=f"kv_transfer_params.{SIGNATURE_FIELD if answer.signature is None else EXPIRY_FIELD}",
             hint="send the kv_transfer_params the prefill instance answered, unchanged")
     try:
@@ -190,6 +190,7 @@ def check_kv_transfer_params(raw: Any, key: bytes | None, *, max_blocks: int, le
             field=f"kv_transfer_params.{EXPIRY_FIELD}",
             hint="send the decode request sooner, or raise kv_transfer.kv_lease_seconds")
     if answer.expires_at > now + lease_seconds + CLOCK_SKEW_SECONDS:
-        raise KVTransferError(f"lies beyond the {lease_seconds:g}s KV lease", field=f"kv_transfer_params.{EXPIRY_FIELD}",
+        raise KVTransferError(f"lies beyond the {lease_seconds:g}s KV lease",
+                              field=f"kv_transfer_params.{EXPIRY_FIELD}",
                               hint="prefill and decode must share kv_transfer.kv_lease_seconds and a synced clock")
     return raw

@@ -184,7 +184,8 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            return self._answer(sock, None, {"ok": False, "error": f"invalid side-channel message: {where}: {first['msg']}"})
+            error = f"invalid side-channel message: {where}: {first['msg']}"
+            return self._answer(sock, None, {"ok": False, "error": error})
         fresh = self._fresh(envelope)
         if fresh is not None:
             self.refuse(sock, peer, "replay", fresh)
