@@ -109,6 +109,35 @@ def test_deployment_is_stopped_when_the_run_is_interrupted(monkeypatch: pytest.M
     assert [d.stops for d in _FakeDeployment.made] == [[False]]  # stopped once, without waiting for a drain
 
 
+class _DeadChild:
+    name, pid, log_path = "decode-0", 4242, Path("decode-0.log")
+
+    def tail(self, lines: int) -> list[str]:
+        return ["CUDA error: out of memory"]
+
+
+def test_a_process_lost_during_a_rate_fails_the_run_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    class Dying(_FakeDeployment):
+        def dead_child(self) -> Any:
+            return _DeadChild(), -9
+
+    def measure(*_: Any) -> Any:
+        return None, [], {"errors": [""], "ttfts": [0.1], "e2els": [0.2], "output_lens": [4], "duration": 1.0,
+                          "completed": 1, "request_throughput": 1.0, "median_ttft_ms": 100.0, "p99_ttft_ms": 100.0,
+                          "median_tpot_ms": 33.0, "p99_tpot_ms": 33.0}
+
+    _FakeDeployment.made = []
+    monkeypatch.setattr(compare, "Deployment", Dying)
+    monkeypatch.setattr(compare, "measure", measure)
+    console = compare.Console(record=True, width=200)
+    layout = Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1)
+    with pytest.raises(PdlaunchError) as info:
+        run_deployment(_cfg(tmp_path), layout, "pd", console)
+    assert "the pd deployment lost a process: decode-0 (pid 4242) was killed by signal 9" in info.value.message
+    assert "CUDA error: out of memory" in console.export_text()
+    assert [d.stops for d in _FakeDeployment.made] == [[False]]
+
+
 def _leftovers(marker: str) -> list[str]:
     """Command lines of live processes that mention `marker` (the deployments' log folder)."""
     found = []
