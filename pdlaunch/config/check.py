@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.loader import load_deployment, with_rule_problems
 from pdlaunch.config.memory_estimate import GIB, device_budget_bytes, estimate
 from pdlaunch.config.models import DeploymentConfig
@@ -39,7 +40,7 @@ def check(config_path: Path | None, overrides: dict[str, Any], target_gpus: int 
     if problems:  # a half-declared target host: checking against this machine instead would mislead
         return problems, None, target
     found, resolved = validate_deployment(cfg, target)
-    return found, resolved, target
+    return name_flags(found, flag_fields(overrides, cfg.instances)), resolved, target
 
 
 def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:

@@ -96,6 +96,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+           "less_than": ("<", "lt")}
+
+
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
     """(what is wrong, how to fix it) for one pydantic error."""
     kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
@@ -113,6 +117,9 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
         return f"expected a mapping of keys, got {type(value).__name__}", "write `key: value` pairs under it"
     if kind == "list_type":
         return f"expected a list, got {type(value).__name__}", hint
+    if kind in _BOUNDS:
+        symbol, key = _BOUNDS[kind]
+        return f"must be {symbol} {err.get('ctx', {}).get(key)}, got {_short(value)}", hint
     if kind == "value_error":  # our own validators write "what is wrong; how to fix it"
         what, _, fix = str(err.get("msg", "")).removeprefix("Value error, ").partition("; ")
         return what, fix or hint
@@ -121,15 +128,12 @@ def _describe(err: dict[str, Any]) -> tuple[str, str]:
     return f"{msg}, got {_short(value)}", hint
 
 
-def problems_from_validation_error(exc: ValidationError, flags: dict[str, str] | None = None) -> list[Problem]:
-    """One Problem per pydantic error; `flags` maps dotted paths to the flag that set them."""
-    flags = flags or {}
+def problems_from_validation_error(exc: ValidationError) -> list[Problem]:
+    """One Problem per pydantic error, named by its dotted path (flag_names renames flag-set ones)."""
     problems: list[Problem] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         path = loc_to_path(loc[:-1] if err["type"] == "invalid_key" else loc)
         what, hint = _describe(err)
-        if path in flags:
-            what += f" (from {flags[path]})"
         problems.append(problem(path, what, hint))
     return problems

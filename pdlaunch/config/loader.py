@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +16,14 @@ import yaml
 from pydantic import ValidationError
 
 from pdlaunch.config.errors_format import problems_from_validation_error
-from pdlaunch.config.flags import FLAG_PATHS
+from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.yaml_strict import load_strict
 from pdlaunch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-_ROLE_PATH = re.compile(r"^instances\[(prefill|decode|colocated)\]\.(\w+)$")
-_FLAG_FOR_PATH = {path: "--" + name.replace("_", "-") for name, path in FLAG_PATHS.items()}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -38,7 +36,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([problem("config", f"cannot read {str(path)!r}: {exc}", "pass a readable UTF-8 file")]) from None
     try:
-        data = yaml.safe_load(text)
+        data, duplicates = load_strict(text, repr(str(path)))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -47,6 +45,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
                                    "fix the YAML there (indentation, ':' after keys, quotes)")]) from None
     except RecursionError:
         raise ConfigError([problem("config", f"{str(path)!r} nests too deeply", "flatten the document")]) from None
+    if duplicates:
+        raise ConfigError(duplicates)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -78,10 +78,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Prob
     """Write each dotted-path override into `raw` (in place). Returns problems for paths that cannot take it."""
     problems: list[Problem] = []
     # Plain paths first: `instances[<role>]` defaults depend on `colocated`, which may itself be a flag.
-    ordered = sorted(overrides.items(), key=lambda item: bool(_ROLE_PATH.match(item[0])))
+    ordered = sorted(overrides.items(), key=lambda item: bool(ROLE_PATH.match(item[0])))
     for path, value in ordered:
-        flag = _FLAG_FOR_PATH.get(path, path)
-        role_match = _ROLE_PATH.match(path)
+        flag = FLAG_FOR_PATH.get(path, path)
+        role_match = ROLE_PATH.match(path)
         if role_match:
             problems += _set_role_field(raw, role_match.group(1), role_match.group(2), value, flag)
             continue
@@ -107,12 +107,14 @@ def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentC
     raw = read_yaml(path) if path is not None else {}
     raw = copy.deepcopy(raw)
     problems = apply_overrides(raw, overrides)
+    flags = flag_fields(overrides, raw.get("instances"))
     try:
         cfg = DeploymentConfig.model_validate(raw)
     except ValidationError as exc:
-        problems += problems_from_validation_error(exc, flags=_flags_given(overrides))
+        problems += name_flags(problems_from_validation_error(exc), flags)
         error = ConfigError(problems)
         error.partial = _salvage(raw, exc)  # type: ignore[attr-defined]
+        error.flags = flags  # type: ignore[attr-defined]
         raise error from None
     except RecursionError:
         problems.append(problem("config", "the document refers to itself (recursive YAML anchor)",
@@ -149,13 +151,9 @@ def with_rule_problems(error: ConfigError, target: Any = None) -> ConfigError:
     if partial is not None:
         reported = {field for field, _ in error.problems}
         more, _ = validate_deployment(partial, target)
+        more = name_flags(more, getattr(error, "flags", {}))
         error.problems += [p for p in more if p[0] not in reported]
     return error
-
-
-def _flags_given(overrides: dict[str, Any]) -> dict[str, str]:
-    """Dotted path -> the flag that set it, so messages can name the flag the user typed."""
-    return {path: _FLAG_FOR_PATH[path] for path in overrides if path in _FLAG_FOR_PATH}
 
 
 def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentConfig:
@@ -171,7 +169,7 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
         raise with_rule_problems(exc) from None
     problems, resolved = validate_deployment(cfg, target=None)
     if problems:
-        raise ConfigError(list(problems))
+        raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     return resolved
 
 

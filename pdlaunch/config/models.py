@@ -11,10 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pdlaunch.config.addresses import Host
+
 Role = Literal["prefill", "decode", "colocated"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 BLOCK_SIZES = (8, 16, 32, 64, 128)
+SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
 
 
 class StrictModel(BaseModel):
@@ -25,7 +28,7 @@ class ModelConfig(StrictModel):
     path: str = Field("demo", description="Local HF checkpoint directory, or `demo` for the built-in model.")
     dtype: DType = Field("auto", description="Weights/KV dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt+output; default: the model's limit.")
-    seed: int = Field(0, description="Default sampling seed of the engine.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Default sampling seed of the engine (0..2**64-1).")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
     enforce_eager: bool = Field(False, description="Run decode steps eagerly: no CUDA graphs (CUDA only).")
@@ -46,7 +49,7 @@ class SchedulerConfig(StrictModel):
 
 
 class NodeConfig(StrictModel):
-    address: str = Field(..., description="Address other nodes reach this node at.")
+    address: Host = Field(..., description="Address other nodes reach this node at.")
     devices: list[int] = Field(default_factory=list, description="CUDA device indices on this node.")
 
 
@@ -56,7 +59,7 @@ class ParallelConfig(StrictModel):
     decode_tp: int | None = Field(None, gt=0, description="TP size of decode instances (default: tp).")
     nodes: list[NodeConfig] = Field(default_factory=list, description="Multi-node: one entry per node.")
     node_rank: int = Field(0, ge=0, description="Which entry of `nodes` this process runs.")
-    master_addr: str = Field("127.0.0.1", description="torch.distributed rendezvous address.")
+    master_addr: Host = Field("127.0.0.1", description="torch.distributed rendezvous address.")
     master_port: int | None = Field(None, description="Rendezvous port; default: a free port.")
 
 
@@ -66,7 +69,7 @@ class KVTransferConfig(StrictModel):
         "auto", description="pull: decode READs; push: prefill WRITEs; auto: push where pull cannot work."
     )
     engine_id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="Base engine id of instances.")
-    side_channel_host: str = Field("127.0.0.1", description="Host the handshake side channel binds to.")
+    side_channel_host: Host = Field("127.0.0.1", description="Host the handshake side channel binds to.")
     side_channel_port: int | None = Field(None, description="First side-channel port; default: free ports.")
     kv_lease_seconds: float = Field(60.0, gt=0, description="Prefill frees unread KV blocks after this.")
     handshake_timeout_seconds: float = Field(10.0, gt=0, description="Decode gives up a handshake after this.")
@@ -76,7 +79,7 @@ class KVTransferConfig(StrictModel):
 
 
 class ProxyConfig(StrictModel):
-    host: str = Field("127.0.0.1", description="Proxy bind address.")
+    host: Host = Field("127.0.0.1", description="Proxy bind address.")
     port: int = Field(8000, description="Proxy port (the one clients use).")
     routing_policy: Literal["round_robin", "least_loaded"] = Field("round_robin", description="Instance choice.")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")

@@ -11,7 +11,9 @@ import logging
 from dataclasses import dataclass
 
 from pdlaunch.config import memory_estimate, resources, rules
+from pdlaunch.config.addresses import local_bind_problems
 from pdlaunch.config.checkpoint_check import checkpoint_problems
+from pdlaunch.config.log_dir import log_dir_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
@@ -193,6 +195,9 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if info is not None:
         problems += rules.tp_problems(out, info)
     problems += resources.port_problems(out)
+    problems += log_dir_problems(out.log_dir)
+    if target is None:  # addresses of another host cannot be checked from here
+        problems += local_bind_problems(out)
     gpus = visible_gpus(device, target)
     if device == "cuda" and gpus == 1:
         share_one_gpu(out)

@@ -6,6 +6,7 @@ it for real a moment later. A port handed out once is never handed out again by 
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 
@@ -16,14 +17,31 @@ from pdlaunch.errors import PdlaunchError
 _RANGE_LOW, _RANGE_HIGH = 20000, 32000
 
 
+def _unusable_host(host: str, reason: str) -> PdlaunchError:
+    return PdlaunchError(f"cannot bind {host}: {reason}", field="host",
+                         hint="set proxy.host / kv_transfer.side_channel_host to 127.0.0.1, 0.0.0.0 or an "
+                              "address of this machine; `pdlaunch check-config` names the key")
+
+
 def port_is_free(host: str, port: int) -> bool:
-    """True when a server could bind host:port now (SO_REUSEADDR, as uvicorn binds)."""
+    """True when a server could bind host:port now (SO_REUSEADDR, as uvicorn binds), False when the
+    port is taken. A host that does not resolve or is not this machine's raises PdlaunchError
+    instead: "port in use" would send the user after the wrong problem."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-        except OSError:
-            return False
+        except socket.gaierror as exc:
+            raise _unusable_host(host, f"the name does not resolve ({exc.strerror or exc})") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise _unusable_host(host, "it is not an address of this machine") from None
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            if exc.errno == errno.EACCES:
+                raise PdlaunchError(f"port {port} on {host} needs privileges (ports below 1024 are root's)",
+                                    field="port", hint="choose a port above 1024") from None
+            raise _unusable_host(host, exc.strerror or str(exc)) from None
     return True
 
 
@@ -36,7 +54,13 @@ class PortAllocator:
 
     def claim(self, port: int, field: str, what: str) -> int:
         """A configured port: it must be free now. `field` is the config path that set it."""
-        if port in self.taken or not port_is_free(self.host, port):
+        try:
+            free = port not in self.taken and port_is_free(self.host, port)
+        except PdlaunchError as exc:
+            if exc.field == "port":
+                raise PdlaunchError(exc.message, field=field, hint=exc.hint) from None
+            raise
+        if not free:
             raise PdlaunchError(f"port {port} ({what}) on {self.host} is already in use", field=field,
                                 hint="stop what uses it or choose another port")
         self.taken.add(port)
@@ -46,7 +70,11 @@ class PortAllocator:
         """Any free port (the kernel picks it)."""
         for _ in range(100):
             with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((self.host, 0))
+                try:
+                    sock.bind((self.host, 0))
+                except OSError:
+                    port_is_free(self.host, 0)  # raises the readable reason
+                    raise
                 port = sock.getsockname()[1]
             if port not in self.taken:
                 self.taken.add(port)

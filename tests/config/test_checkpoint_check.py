@@ -72,7 +72,7 @@ def test_broken_safetensors_file(llama_ckpt: Path, tmp_path: Path, damage: objec
     model = _copy(llama_ckpt, tmp_path)
     damage(model / "model.safetensors")  # type: ignore[operator]
     result = _check(model)
-    assert_invalid(result, "model.path", text)
+    assert_invalid(result, "--model", text)
     assert "model.safetensors" in result.output and "re-download" in result.output
     _serve_fails_the_same_way(model, result)
 
@@ -82,7 +82,7 @@ def test_missing_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
     weights = load_file(model / "model.safetensors")
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, model / "model.safetensors")
-    assert_invalid(_check(model), "model.path", "lacks tensor(s) model.layers.1.mlp.down_proj.weight")
+    assert_invalid(_check(model), "--model", "lacks tensor(s) model.layers.1.mlp.down_proj.weight")
 
 
 def test_wrong_shape_names_tensor_and_both_shapes(llama_ckpt: Path, tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_wrong_shape_names_tensor_and_both_shapes(llama_ckpt: Path, tmp_path: Pa
     weights["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
     save_file(weights, model / "model.safetensors")
     result = _check(model)
-    assert_invalid(result, "model.path", "'model.layers.0.self_attn.k_proj.weight'")
+    assert_invalid(result, "--model", "'model.layers.0.self_attn.k_proj.weight'")
     assert "checkpoint (16, 64), model expects (32, 64)" in result.output
     _serve_fails_the_same_way(model, result)
 
@@ -100,7 +100,7 @@ def test_config_json_that_does_not_match_the_weights(llama_ckpt: Path, tmp_path:
     model = _copy(llama_ckpt, tmp_path)
     hf = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**hf, "intermediate_size": 96}))
-    assert_invalid(_check(model), "model.path", "shape mismatch")
+    assert_invalid(_check(model), "--model", "shape mismatch")
 
 
 def test_unexpected_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
@@ -108,7 +108,7 @@ def test_unexpected_tensor(llama_ckpt: Path, tmp_path: Path) -> None:
     weights = load_file(model / "model.safetensors")
     weights["model.layers.0.mystery.weight"] = torch.zeros(2)
     save_file(weights, model / "model.safetensors")
-    assert_invalid(_check(model), "model.path", "unexpected tensor 'model.layers.0.mystery.weight'")
+    assert_invalid(_check(model), "--model", "unexpected tensor 'model.layers.0.mystery.weight'")
 
 
 def test_integer_weights_are_not_loadable(llama_ckpt: Path, tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ def test_integer_weights_are_not_loadable(llama_ckpt: Path, tmp_path: Path) -> N
     weights = load_file(model / "model.safetensors")
     weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int8)
     save_file(weights, model / "model.safetensors")
-    assert_invalid(_check(model), "model.path", "'model.norm.weight' in model.safetensors is int8, not a float")
+    assert_invalid(_check(model), "--model", "'model.norm.weight' in model.safetensors is int8, not a float")
 
 
 def test_shard_missing_or_not_holding_what_the_index_says(sharded_ckpt: Path, tmp_path: Path) -> None:
@@ -126,22 +126,22 @@ def test_shard_missing_or_not_holding_what_the_index_says(sharded_ckpt: Path, tm
     other = next(s for s in sorted(set(index["weight_map"].values())) if s != shard)
     index["weight_map"][name] = other
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert_invalid(_check(model), "model.path", f"puts {name!r} in {other}")
+    assert_invalid(_check(model), "--model", f"puts {name!r} in {other}")
     (model / other).unlink()
-    assert_invalid(_check(model), "model.path", f"{other} is missing")
+    assert_invalid(_check(model), "--model", f"{other} is missing")
 
 
 def test_broken_index_file(sharded_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(sharded_ckpt, tmp_path)
     (model / "model.safetensors.index.json").write_text("{")
-    assert_invalid(_check(model), "model.path", "model.safetensors.index.json")
+    assert_invalid(_check(model), "--model", "model.safetensors.index.json")
 
 
 def test_missing_tokenizer_json(llama_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(llama_ckpt, tmp_path)
     (model / "tokenizer.json").unlink()
     result = _check(model)
-    assert_invalid(result, "model.path", "tokenizer.json is missing")
+    assert_invalid(result, "--model", "tokenizer.json is missing")
     _serve_fails_the_same_way(model, result)
 
 
@@ -150,14 +150,14 @@ def test_broken_tokenizer_json(llama_ckpt: Path, tmp_path: Path, text: str) -> N
     model = _copy(llama_ckpt, tmp_path)
     (model / "tokenizer.json").write_text(text)
     result = _check(model)
-    assert_invalid(result, "model.path", "tokenizer.json does not load")
+    assert_invalid(result, "--model", "tokenizer.json does not load")
     _serve_fails_the_same_way(model, result)
 
 
 def test_broken_tokenizer_config(llama_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(llama_ckpt, tmp_path)
     (model / "tokenizer_config.json").write_text("{'single quotes': 1}")
-    assert_invalid(_check(model), "model.path", "tokenizer_config.json")
+    assert_invalid(_check(model), "--model", "tokenizer_config.json")
 
 
 def test_chat_template_that_does_not_parse(llama_ckpt: Path, tmp_path: Path) -> None:
@@ -165,7 +165,7 @@ def test_chat_template_that_does_not_parse(llama_ckpt: Path, tmp_path: Path) -> 
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["chat_template"] = "{% for m in messages %}{{ m.content }"
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    assert_invalid(_check(model), "model.path", "chat template")
+    assert_invalid(_check(model), "--model", "chat template")
 
 
 def test_every_problem_is_one_line_and_capped(llama_ckpt: Path, tmp_path: Path) -> None:

@@ -15,11 +15,11 @@ def test_field_errors_and_rule_problems_together() -> None:
     result = check(args)
     assert result.exit_code == 1 and "Traceback" not in result.output
     fields = {p["field"] for p in check_json(args)["problems"]}
-    assert fields == {"cache.block_size", "kv_transfer.transfer_mode", "model.enable_cumem_allocator", "instances"}
+    assert fields == {"--block-size", "--transfer-mode", "--enable-cumem-allocator", "instances"}
 
 
 def test_serve_path_reports_them_too() -> None:
     with pytest.raises(ConfigError) as info:
         load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "cache.block_size": 12,
                                      "proxy.port": "x", "instances[decode].count": 0})
-    assert {field for field, _ in info.value.problems} == {"cache.block_size", "proxy.port", "instances"}
+    assert {field for field, _ in info.value.problems} == {"--block-size", "--port", "instances"}

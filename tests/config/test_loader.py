@@ -66,8 +66,7 @@ def test_every_field_error_is_reported_with_its_path(tmp_path: Path) -> None:
 
 def test_flag_value_errors_name_the_flag() -> None:
     problems = dict(_problems(None, {"kv_transfer.transfer_mode": "pul"}))
-    message = problems["kv_transfer.transfer_mode"]
-    assert "--transfer-mode" in message and "'pull'" in message
+    assert "'pull'" in problems["--transfer-mode"]
 
 
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
@@ -92,7 +91,7 @@ def test_load_valid_deployment_raises_every_problem() -> None:
         load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "cache.block_size": 12,
                                      "model.enable_cumem_allocator": True, "instances[decode].count": 0})
     fields = {field for field, _ in info.value.problems}
-    assert fields == {"cache.block_size", "model.enable_cumem_allocator", "instances"}
+    assert fields == {"--block-size", "--enable-cumem-allocator", "instances"}
 
 
 def test_load_valid_deployment_returns_resolved_config() -> None:

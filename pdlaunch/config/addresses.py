@@ -1,0 +1,97 @@
+"""Host addresses in the config: syntax (any host), and for the ones this machine binds, that they
+resolve and belong to it, so a bad address is reported as such and not as "port already in use".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import ipaddress
+import re
+import socket
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import AfterValidator
+
+from pdlaunch.config.problems import Problem, problem
+
+if TYPE_CHECKING:
+    from pdlaunch.config.models import DeploymentConfig
+
+RESOLVE_TIMEOUT_S = 5.0
+# RFC 1123 labels; `_` is accepted because container runtimes name hosts with it.
+_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+HOST_FIX = "use an IP address (127.0.0.1 this machine only, 0.0.0.0 every interface) or a host name like node1.example"
+
+
+def host_syntax_error(value: str) -> str | None:
+    """Why `value` is neither an IP literal nor a host name, or None when it is one."""
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    if not value:
+        return "an empty address"
+    if value.startswith("[") and value.endswith("]"):
+        return f"{value!r} has brackets (write an IPv6 address without them)"
+    name = value[:-1] if value.endswith(".") else value
+    labels = name.split(".")
+    if len(name) > 253 or not all(_LABEL.match(label) for label in labels):
+        return f"{value!r} is not an IP address or host name"
+    if all(label.isdigit() for label in labels):
+        return f"{value!r} is not a valid IPv4 address"
+    return None
+
+
+def _check_host(value: str) -> str:
+    reason = host_syntax_error(value)
+    if reason is not None:
+        raise ValueError(f"{reason}; {HOST_FIX}")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_check_host)]
+
+
+def _resolve(host: str) -> list[tuple[int, tuple[str, int]]]:
+    infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    return [(family, sockaddr[:2]) for family, _, _, _, sockaddr in infos]  # type: ignore[misc]
+
+
+def bind_problem(field: str, host: str) -> Problem | None:
+    """Whether a server on this machine can bind `host`: it resolves (within RESOLVE_TIMEOUT_S) and is
+    one of this machine's addresses. Ports are not the question here (port 0 is bound)."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        addresses = pool.submit(_resolve, host).result(timeout=RESOLVE_TIMEOUT_S)
+    except concurrent.futures.TimeoutError:
+        return problem(field, f"{host!r} did not resolve within {RESOLVE_TIMEOUT_S:.0f}s", HOST_FIX)
+    except (socket.gaierror, UnicodeError) as exc:
+        return problem(field, f"{host!r} does not resolve on this machine ({exc})",
+                       "use an IP address, or a name listed in /etc/hosts or DNS")
+    finally:
+        pool.shutdown(wait=False)
+    family, sockaddr = addresses[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((sockaddr[0], 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                shown = host if host == sockaddr[0] else f"{host} ({sockaddr[0]})"
+                return problem(field, f"{shown} is not an address of this machine",
+                               "bind 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of "
+                               "this machine's own addresses")
+            return problem(field, f"cannot bind {host!r}: {exc.strerror or exc}", HOST_FIX)
+    return None
+
+
+def local_bind_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """The addresses this node's processes bind: the proxy's (node 0) and the KV side channel's."""
+    hosts: list[tuple[str, str]] = []
+    if cfg.parallel.node_rank == 0:
+        hosts.append(("proxy.host", cfg.proxy.host))
+    if not cfg.colocated and cfg.kv_transfer.connector == "nixl":
+        hosts.append(("kv_transfer.side_channel_host", cfg.kv_transfer.side_channel_host))
+    found = (bind_problem(field, host) for field, host in hosts)
+    return [p for p in found if p is not None]

@@ -1,0 +1,42 @@
+"""Problems name what the user typed: a value set by a flag is reported as that flag (`--prefill`),
+a value from the YAML file by its key path (`instances[0].count`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pdlaunch.config.flags import FLAG_PATHS
+from pdlaunch.config.problems import Problem
+
+FLAG_FOR_PATH = {path: "--" + name.replace("_", "-") for name, path in FLAG_PATHS.items()}
+ROLE_PATH = re.compile(r"^instances\[(prefill|decode|colocated)\]\.(\w+)$")
+
+
+def _role(group: Any) -> Any:
+    return group.get("role") if isinstance(group, dict) else getattr(group, "role", None)
+
+
+def flag_fields(overrides: dict[str, Any], groups: Any) -> dict[str, str]:
+    """Config path -> the flag that set it. `groups` is the instance list the overrides landed in
+    (raw dicts or models), which turns `instances[prefill].count` into `instances[<i>].count`."""
+    fields: dict[str, str] = {}
+    for path in overrides:
+        flag = FLAG_FOR_PATH.get(path)
+        if flag is None:
+            continue
+        role = ROLE_PATH.match(path)
+        if role is None:
+            fields[path] = flag
+            continue
+        if isinstance(groups, list):
+            index = next((i for i, g in enumerate(groups) if _role(g) == role.group(1)), None)
+            if index is not None:
+                fields[f"instances[{index}].{role.group(2)}"] = flag
+    return fields
+
+
+def name_flags(problems: list[Problem], flags: dict[str, str]) -> list[Problem]:
+    """Each problem about a flag-set value, renamed to the flag; the others unchanged."""
+    return [Problem(flags.get(field, field), message) for field, message in problems]

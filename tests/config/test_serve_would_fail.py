@@ -1,0 +1,125 @@
+"""Values that used to pass check-config and then failed serve: log_dir, seeds, addresses, duplicate keys."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.ports import PortAllocator, port_is_free
+from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
+
+CPU = ["--model", "demo", "--device", "cpu"]
+
+
+# --- log_dir ----------------------------------------------------------------------------------
+
+def test_log_dir_that_is_a_file(tmp_path: Path) -> None:
+    file = tmp_path / "logs"
+    file.write_text("not a directory")
+    path = write_yaml(tmp_path, f"log_dir: {file}\n")
+    assert_invalid(check([str(path), *CPU]), "log_dir", "is a file, not a directory")
+    served = invoke(["serve", str(path), *CPU])
+    assert served.exit_code == 1 and "error: log_dir:" in served.output and "FileExistsError" not in served.output
+
+
+def test_log_dir_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    assert_invalid(check([*CPU, "--log-dir", str(tmp_path / "f" / "logs")]), "--log-dir", "is a file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_log_dir_not_writable(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert_invalid(check([*CPU, "--log-dir", str(locked / "logs")]), "--log-dir", "not writable")
+
+
+def test_log_dir_that_does_not_exist_yet_is_fine(tmp_path: Path) -> None:
+    assert check([*CPU, "--log-dir", str(tmp_path / "a" / "b")]).exit_code == 0
+
+
+# --- seeds ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_seed_outside_64_bits(seed: str, tmp_path: Path) -> None:
+    assert_invalid(check([*CPU, "--seed", seed]), "--seed", "must be")
+    assert_invalid(check([str(write_yaml(tmp_path, f"model: {{seed: {seed}}}\n")), *CPU]), "model.seed")
+
+
+def test_largest_seed_is_valid() -> None:
+    assert check([*CPU, "--seed", str(2**64 - 1)]).exit_code == 0
+
+
+# --- addresses --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "yaml_text"), [
+    ("proxy.host", "proxy: {host: 'bad host!'}\n"),
+    ("kv_transfer.side_channel_host", "kv_transfer: {side_channel_host: '-leading.dash'}\n"),
+    ("parallel.master_addr", "parallel: {master_addr: '999.1.1.1'}\n"),
+    ("parallel.nodes[1].address", "parallel: {nodes: [{address: a}, {address: 'x..y'}]}\n"),
+    ("proxy.host", "proxy: {host: '[::1]'}\n"),
+    ("proxy.host", "proxy: {host: ''}\n"),
+])
+def test_address_syntax(tmp_path: Path, key: str, yaml_text: str) -> None:
+    result = check([str(write_yaml(tmp_path, yaml_text)), *CPU])
+    assert_invalid(result, key)
+    assert "in use" not in result.output
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::1", "localhost", "node-1.example.com", "my_service"])
+def test_address_syntax_accepted(tmp_path: Path, host: str) -> None:
+    path = write_yaml(tmp_path, f"parallel: {{master_addr: '{host}'}}\n")
+    assert check([str(path), *CPU]).exit_code == 0
+
+
+def test_host_that_is_not_this_machines(tmp_path: Path) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never assigned to a real interface.
+    result = check([*CPU, "--host", "192.0.2.7"])
+    assert_invalid(result, "--host", "not an address of this machine")
+    assert "in use" not in result.output
+    path = write_yaml(tmp_path, "kv_transfer: {side_channel_host: 192.0.2.7}\n")
+    assert_invalid(check([str(path), *CPU]), "kv_transfer.side_channel_host", "not an address of this machine")
+
+
+def test_host_that_does_not_resolve() -> None:
+    assert_invalid(check([*CPU, "--host", "nosuchhost.invalid"]), "--host", "does not resolve")
+
+
+def test_port_allocator_tells_a_bad_host_from_a_used_port() -> None:
+    with pytest.raises(PdlaunchError, match="not an address of this machine"):
+        PortAllocator("192.0.2.7").claim(8123, "proxy.port", "proxy")
+    with pytest.raises(PdlaunchError, match="not an address of this machine"):
+        PortAllocator("192.0.2.7").free("proxy")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert not port_is_free("127.0.0.1", port)
+        with pytest.raises(PdlaunchError, match="already in use") as err:
+            PortAllocator("127.0.0.1").claim(port, "proxy.port", "proxy")
+        assert err.value.field == "proxy.port"
+
+
+# --- duplicate YAML keys ----------------------------------------------------------------------
+
+def test_duplicate_keys_name_the_path_and_lines(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "proxy:\n  port: 8000\n  host: 127.0.0.1\n  port: 9000\n"
+                                "instances:\n  - {role: prefill, count: 1, count: 2}\n  - {role: decode}\n")
+    result = check([str(path), *CPU])
+    assert_invalid(result, "proxy.port", "duplicate key `port`")
+    assert "at line 4 (first at line 2)" in result.output
+    assert_invalid(result, "instances[0].count", "duplicate key `count`")
+
+
+def test_duplicate_top_level_section(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "cache: {block_size: 16}\nmodel: {path: demo}\ncache: {block_size: 32}\n")
+    assert_invalid(check([str(path), "--device", "cpu"]), "cache", "line 3 (first at line 1)")
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "instances:\n  - &p {role: prefill, count: 1}\n  - {<<: *p, role: decode}\n")
+    assert check([str(path), *CPU]).exit_code == 0
