@@ -34,12 +34,16 @@ def _instance(role: str) -> tuple[DeploymentConfig, InstanceSpec, EngineLoop]:
     return cfg, spec, EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
 
 
+LOOPS: dict[str, EngineLoop] = {}
+
+
 @pytest.fixture(scope="module")
 def pair() -> Iterator[tuple[str, str]]:
     servers = []
     try:
         for role in ("prefill", "decode"):
             cfg, spec, loop = _instance(role)
+            LOOPS[role] = loop
             srv = ThreadServer(build_app(loop, cfg, spec), spec.port).__enter__()
             servers.append(srv)
             wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, f"the {role} engine", 180)
@@ -131,3 +135,22 @@ def test_release_held_kv_frees_the_prefill_at_once(pair: tuple[str, str]) -> Non
     r = _post(decode, real)  # the decode leg after all: a clean error, the decode serves on
     assert r.status_code == 502 and "not held" in r.json()["error"]["message"], r.text
     _healthy_and_idle(prefill, decode)
+
+
+def test_injected_transfer_failures_give_a_clear_error_and_free_the_prefill(pair: tuple[str, str]) -> None:
+    """PDLAUNCH_TEST_FAIL_TRANSFER_RATE (test only) fails a load the way a real failure does: a 502 that
+    says why, and the prefill is told to release its blocks at once (not at the end of its lease)."""
+    prefill, decode = pair
+    faults = LOOPS["decode"].engine.connector.receiver.faults
+    faults.rate = 1.0
+    try:
+        real = _prefill(prefill)
+        r = _post(decode, real)
+        assert r.status_code == 502, r.text
+        assert "injected by PDLAUNCH_TEST_FAIL_TRANSFER_RATE" in r.json()["error"]["message"]
+        wait_for(lambda: httpx.get(f"{prefill}/info").json()["num_blocks_used"] == 0,
+                 "the prefill to free the failed request's blocks well before its 30 s lease", 10)
+    finally:
+        faults.rate = 0.0
+    _healthy_and_idle(prefill, decode)
+    assert _post(decode, _prefill(prefill)).status_code == 200
