@@ -7,7 +7,6 @@ vanished instance becomes an OpenAI-format 502/503/504 (mid-stream: an SSE error
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -21,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdlaunch.config.models import SecurityConfig
+from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests, ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
@@ -265,39 +265,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         finally:
             watch.cancel()
 
-    async def _fan_out(method: str, path: str, request: Request) -> JSONResponse:
-        async def one(instance: Instance) -> dict[str, Any]:
-            try:
-                response = await proxy.http().request(method, instance.url + path, params=request.query_params,
-                                                      headers=proxy.upstream_headers, timeout=request_timeout_s)
-                content = response.json() if response.content else {}
-                return {"name": instance.name, "status": response.status_code, "body": content}
-            except (httpx.HTTPError, json.JSONDecodeError) as exc:
-                return {"name": instance.name, "status": 502, "body": error_body(502, f"{type(exc).__name__}: {exc}")}
-
-        results = await asyncio.gather(*(one(i) for i in pool.instances))
-        failed = [r for r in results if r["status"] != 200]
-        if not failed:
-            return JSONResponse({"instances": results})
-        first = failed[0]
-        inner = first["body"].get("error", {}) if isinstance(first["body"], dict) else {}
-        body = error_body(first["status"], f"{first['name']}: {inner.get('message', 'failed')}",
-                          param=inner.get("param"), code=inner.get("code"))
-        body["instances"] = results
-        return JSONResponse(body, status_code=first["status"])
-
-    @app.post("/sleep")
-    async def sleep(request: Request) -> JSONResponse:
-        return await _fan_out("POST", "/sleep", request)
-
-    @app.post("/wake_up")
-    async def wake_up(request: Request) -> JSONResponse:
-        return await _fan_out("POST", "/wake_up", request)
-
-    @app.get("/is_sleeping")
-    async def is_sleeping(request: Request) -> JSONResponse:
-        return await _fan_out("GET", "/is_sleeping", request)
-
+    add_control_routes(app, pool, proxy.http, proxy.upstream_headers, request_timeout_s)
     return app
 
 
