@@ -16,6 +16,7 @@ from pdlaunch.config.memory_estimate import GIB, device_budget_bytes, estimate
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem
 from pdlaunch.config.resources import port_plan
+from pdlaunch.config.security_rules import world_readable_secret_warnings
 from pdlaunch.config.validate import (
     TargetHost,
     cumem_reason,
@@ -96,10 +97,12 @@ def run_check(config_path: Path | None, overrides: dict[str, Any], json_output: 
               target_gpus: int | None, target_gpu_memory: float | None) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
+    warnings = world_readable_secret_warnings(config_path)
     if json_output:
         report = {
             "valid": not problems,
             "problems": [p.as_dict() for p in problems],
+            "warnings": [w.as_dict() for w in warnings],
             "config": resolved.model_dump(mode="json") if resolved is not None else None,
         }
         print(json.dumps(report, indent=2))
@@ -107,6 +110,10 @@ def run_check(config_path: Path | None, overrides: dict[str, Any], json_output: 
     console = Console(highlight=False, soft_wrap=True)
     if resolved is not None:
         _summary(console, resolved, target)
+    for field, message in warnings:
+        line = Text("warning: ", style="bold yellow")
+        line.append(f"{field}: {message}")
+        console.print(line)
     for field, message in problems:
         line = Text("error: ", style="bold red")
         line.append(f"{field}: {message}")

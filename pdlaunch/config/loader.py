@@ -161,6 +161,7 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
 
     Raises ConfigError with every problem; the returned config is the resolved one.
     """
+    from pdlaunch.config.security_rules import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
 
     try:
@@ -168,6 +169,8 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
     except ConfigError as exc:
         raise with_rule_problems(exc) from None
     problems, resolved = validate_deployment(cfg, target=None)
+    for field, message in world_readable_secret_warnings(path):
+        logger.warning("warning: %s: %s", field, message)
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     return resolved

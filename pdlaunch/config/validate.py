@@ -8,12 +8,14 @@ model, and the cumem allocator turned on by sleep mode (seed 003).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from pdlaunch.config import memory_estimate, resources, rules
 from pdlaunch.config.addresses import local_bind_problems
 from pdlaunch.config.checkpoint_check import checkpoint_problems
 from pdlaunch.config.log_dir import log_dir_problems
+from pdlaunch.config.security_rules import secret_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
@@ -196,6 +198,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         problems += rules.tp_problems(out, info)
     problems += resources.port_problems(out)
     problems += log_dir_problems(out.log_dir)
+    problems += secret_problems(out, os.environ)
     if target is None:  # addresses of another host cannot be checked from here
         problems += local_bind_problems(out)
     gpus = visible_gpus(device, target)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pdlaunch.config.security_rules import SECRET_ENV
 from tests.config.cli_helpers import check, check_json, invoke
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
@@ -25,7 +26,9 @@ def test_the_five_examples_exist() -> None:
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_validates(example: Path) -> None:
+def test_example_validates(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A multi-node example takes its shared secret from the environment, as on real nodes.
+    monkeypatch.setenv(SECRET_ENV, "example-secret-0123456789abcdef")
     args = _check_args(example)
     assert str(example) in args
     result = check(args)

@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdlaunch.config.security_rules import SECRET_ENV
 from pdlaunch.config.validate import SLEEP_ENABLES_CUMEM
 from tests.config.cli_helpers import assert_invalid, check, check_json, write_model, write_yaml
 
 GPU2 = ["--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+
+
+@pytest.fixture(autouse=True)
+def _deployment_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-node configs here are about other rules; a shared secret is tested in test_security_rules."""
+    monkeypatch.setenv(SECRET_ENV, "rules-test-secret-0123456789")
 
 
 # --- seed 003: cumem allocator and sleep mode -------------------------------------------------
