@@ -56,7 +56,7 @@ def report_failure(console: Console, message: str, child: ChildProcess) -> None:
     console.print(f"[red]error:[/red] {escape(message)}; stopping the deployment", highlight=False, soft_wrap=True)
     lines = child.tail(LOG_TAIL_LINES)
     if lines:
-        console.print(f"last {len(lines)} lines of {child.log_path}:", highlight=False, markup=False)
+        console.print(f"last {len(lines)} lines of {child.log_path}:", highlight=False, markup=False, soft_wrap=True)
         for line in lines:
             console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
@@ -87,7 +87,7 @@ def run_serve(cfg: DeploymentConfig) -> int:
             deployment.stop(drain=False)
             return 1
         except SupervisionFailed as exc:
-            report_failure(console, f"{exc.message} (log: {exc.child.log_path})", exc.child)
+            report_failure(console, exc.message, exc.child)
             deployment.stop(drain=False)
             return 1
         except PdlaunchError:

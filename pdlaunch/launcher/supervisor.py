@@ -27,7 +27,7 @@ class SupervisionFailed(PdlaunchError):
 
     def __init__(self, message: str, child: ChildProcess) -> None:
         self.child = child
-        super().__init__(message, hint=f"its log: {child.log_path}")
+        super().__init__(message)  # the message names the log file(s)
 
 
 def _records(deployment: Deployment) -> list[tuple[ChildProcess, ProcessRecord]]:
@@ -102,7 +102,7 @@ class Supervisor:
         if isinstance(decision, GiveUp):
             row.state = "failed"
             self.view.update()
-            raise SupervisionFailed(decision.reason, child)
+            raise SupervisionFailed(f"{decision.reason} (log: {child.log_path})", child)
         row.state = f"restarting ({record.restarts + 1})"
         self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} "
                   f"in {decision.delay:.1f}s")
@@ -127,8 +127,8 @@ class Supervisor:
         if role is None:
             return
         members = [(c, r) for c, r in self.records if r.role == role]
-        states = "; ".join(f"{r.name} {self.deployment.rows[r.name].state}, last {r.last_exit or 'running'}, "
-                           f"log {c.log_path}" for c, r in members)
+        states = "; ".join(f"{r.name} {self.deployment.rows[r.name].state} (it {r.last_exit or 'is running'}; "
+                           f"log {c.log_path})" for c, r in members)
         what = "the proxy has not been live" if role == "proxy" else f"no live {role} instance"
         raise SupervisionFailed(
             f"{what} for {self.role_watch.down_for(role, now):.0f}s "

@@ -183,6 +183,8 @@ def test_one_prefill_then_one_decode_then_the_proxy_die_and_come_back(serve: Ser
     for victim, killed, back in windows:
         print(f"{victim}: back after {back - killed:.1f}s; failed requests: "
               f"{sum(1 for o in failed if _touched(o, victim) and o.ended >= killed and o.started < back)}")
+    unclean = [o.error for o in failed if not o.error.startswith(("HTTP 5", "stream: ", "client: "))]
+    assert not unclean, f"failures without an OpenAI error (body or SSE event): {unclean[:5]}"
     stray = [o.error for o in failed
              if not any(_touched(o, v) and o.ended >= killed and o.started < back for v, killed, back in windows)]
     assert not stray, f"requests that did not touch the killed process failed: {stray[:5]}"
