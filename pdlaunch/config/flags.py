@@ -59,7 +59,7 @@ _OPTS: list[tuple[str, Any, str]] = [
     ("tp", Optional[int], "Tensor-parallel size of every instance."),
     ("prefill_tp", Optional[int], "TP size of prefill instances."),
     ("decode_tp", Optional[int], "TP size of decode instances."),
-    ("kv_connector", Optional[str], "nixl | storage."),
+    ("kv_connector", Optional[str], "nixl | mooncake | storage."),
     ("transfer_mode", Optional[str], "auto | pull | push."),
     ("block_size", Optional[int], "Tokens per KV block."),
     ("num_gpu_blocks", Optional[int], "Override the profiled KV block count."),

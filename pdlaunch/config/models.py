@@ -64,7 +64,8 @@ class ParallelConfig(StrictModel):
 
 
 class KVTransferConfig(StrictModel):
-    connector: Literal["nixl", "storage"] = Field("nixl", description="How KV moves from prefill to decode.")
+    connector: Literal["nixl", "mooncake", "storage"] = Field(
+        "nixl", description="How KV moves from prefill to decode.")
     transfer_mode: Literal["auto", "pull", "push"] = Field(
         "auto", description="pull: decode READs; push: prefill WRITEs; auto: push where pull cannot work."
     )
@@ -76,6 +77,11 @@ class KVTransferConfig(StrictModel):
     transfer_timeout_seconds: float = Field(30.0, gt=0, description="Decode fails a request whose KV is late.")
     storage_path: str = Field("~/.cache/pdlaunch/kv", description="Directory of the storage connector.")
     verify_kv: bool = Field(False, description="Checksum every transferred request end to end.")
+    mooncake_protocol: Literal["auto", "tcp", "rdma"] = Field(
+        "auto", description="Mooncake transport (connector mooncake): auto = rdma where an RDMA device exists, else tcp.")
+    mooncake_metadata_server: str | None = Field(
+        None, min_length=1, description="Mooncake metadata server (etcd://host:port, http://...); "
+        "None: peers exchange metadata directly (P2P handshake), enough on one host and across hosts.")
 
 
 class ProxyConfig(StrictModel):
