@@ -28,6 +28,7 @@ MAX_TENSOR_PROBLEMS = 5  # a checkpoint of another model would otherwise print o
 
 
 def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem:
+    """A model-side PdlaunchError as a config problem (config.json keys are named in the message)."""
     field = exc.field if exc.field and not exc.field.startswith("config.json:") else default_field
     where = f" ({exc.field})" if exc.field and exc.field.startswith("config.json:") else ""
     return problem(field, exc.message + where, exc.hint or "use a complete checkpoint that matches its config.json")
@@ -41,14 +42,19 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
     from pdlaunch.model import loader  # lazy: imports torch
 
     problems: list[Problem] = []
+    tokenizer = None
     try:
-        loader.open_tokenizer(directory)
+        tokenizer = loader.open_tokenizer(directory)
     except PdlaunchError as exc:
         problems.append(as_problem(exc))
     try:
         arch = loader.load_arch(directory)
     except PdlaunchError as exc:
         return problems + [as_problem(exc)]
+    if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
+        # A token id past the embedding table would fail the request that produced it, at run time.
+        problems.append(problem("model.path", f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
+                                f"vocab_size is {arch.vocab_size}", "use the tokenizer that belongs to these weights"))
     return problems + weight_problems(directory, arch)
 
 
@@ -114,7 +120,7 @@ def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
     return found
 
 
-def _torch_dtype(name: str) -> "torch.dtype | None":
+def _torch_dtype(name: str) -> torch.dtype | None:
     import torch
 
     dtype = getattr(torch, _SAFETENSORS_DTYPES.get(name, ""), None)

@@ -13,7 +13,7 @@ import torch
 from click.testing import Result
 from safetensors.torch import load_file, save_file
 
-from tests.config.cli_helpers import assert_invalid, check, invoke
+from tests.config.cli_helpers import assert_invalid, check, invoke, write_model
 
 CPU = ["--device", "cpu"]
 
@@ -158,6 +158,11 @@ def test_broken_tokenizer_config(llama_ckpt: Path, tmp_path: Path) -> None:
     model = _copy(llama_ckpt, tmp_path)
     (model / "tokenizer_config.json").write_text("{'single quotes': 1}")
     assert_invalid(_check(model), "--model", "tokenizer_config.json")
+
+
+def test_tokenizer_larger_than_the_embedding_table(tmp_path: Path) -> None:
+    model = write_model(tmp_path, vocab_size=300)  # the demo tokenizer has 512 tokens
+    assert_invalid(_check(model), "--model", "tokenizer.json has 512 tokens but config.json's vocab_size is 300")
 
 
 def test_chat_template_that_does_not_parse(llama_ckpt: Path, tmp_path: Path) -> None:
