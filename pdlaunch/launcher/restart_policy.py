@@ -42,6 +42,7 @@ class ProcessRecord:
     failures: int = 0  # restarts in a row that died before they were ready
     ready: bool = True  # ready since its last (re)start; the launcher only supervises a started deployment
     due: float | None = None  # dead, to be restarted at this monotonic time
+    started: float = 0.0  # monotonic time of the last restart
     last_exit: str = ""  # "was killed by signal 9"
 
     @property

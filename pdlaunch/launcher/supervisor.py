@@ -8,13 +8,14 @@ another node are not restarted: a failing one stops this node, as before.
 
 from __future__ import annotations
 
+import signal
 import time
 
 import httpx
 from rich.console import Console
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
 from pdlaunch.launcher.status import StatusView
@@ -82,11 +83,20 @@ class Supervisor:
             elif record.due is not None and now >= record.due:
                 record.due = None
                 record.restarts += 1
+                record.started = now
                 engine_id = self.deployment.restart_child(child, record.restarts, record.last_exit)
                 row.state = f"restarting ({record.restarts})"
                 new_id = f" with engine_id {engine_id}" if engine_id else ""
                 self._say(f"{record.name}: restart {record.restarts}{new_id} (log: {child.log_path})")
-            elif not record.ready and record.due is None and self._answers(child):
+            elif record.due is not None or record.ready:
+                continue
+            elif now - record.started > READY_TIMEOUT_S:
+                # Stuck while starting: kill it; its exit then counts as a failed restart.
+                self._say(f"{record.name} is not ready {READY_TIMEOUT_S:.0f}s after restart {record.restarts}; "
+                          "killing it")
+                record.started = now
+                child.signal_group(signal.SIGKILL)
+            elif self._answers(child):
                 record.ready = True
                 row.state = "ready"
                 self._say(f"{record.name} is ready again after restart {record.restarts}")

@@ -1,0 +1,167 @@
+"""Supervisor.tick on a deployment whose children are fakes and whose clock the test sets: what is
+restarted when, with which engine_id, what the status rows say, and when serve gives up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.status import StatusRow
+from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
+
+
+@dataclass
+class FakeChild:
+    name: str
+    log_path: Path
+    code: int | None = None  # None: running
+    pid: int = 1000
+    signals: list[int] = field(default_factory=list)
+
+    def poll(self) -> int | None:
+        return self.code
+
+    @property
+    def running(self) -> bool:
+        return self.code is None
+
+    def describe_exit(self) -> str:
+        if self.code is None:
+            return "is running"
+        return f"was killed by signal {-self.code}" if self.code < 0 else f"exited with code {self.code}"
+
+    def signal_group(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+class FakeDeployment(Deployment):
+    """The real plan and rows; children are FakeChild and restarts only record what they would start."""
+
+    def __init__(self, cfg: DeploymentConfig, tmp: Path) -> None:
+        super().__init__(cfg, Console(quiet=True), log_dir=tmp)
+        self.instances = [FakeChild(p.spec.name, tmp / f"{p.spec.name}.log") for p in self.plan.instances]  # type: ignore[misc]
+        self.proxy = FakeChild("proxy", tmp / "proxy.log")  # type: ignore[assignment]
+        self.rows = {p.spec.name: StatusRow(p.spec.name, p.spec.role, "cpu", p.url, "ready")
+                     for p in self.plan.instances} | {"proxy": StatusRow("proxy", "proxy", "-", "", "ready")}
+        self.restarted: list[tuple[str, int, str]] = []
+
+    def restart_child(self, child, restart: int, why: str) -> str:  # type: ignore[no-untyped-def]
+        child.code, child.pid = None, child.pid + 1
+        engine_id = "" if child is self.proxy else f"planned-{child.name}-r{restart}"
+        self.restarted.append((child.name, restart, engine_id))
+        return engine_id
+
+    def refresh_blocks(self, name: str) -> None:
+        pass
+
+
+@pytest.fixture()
+def make(tmp_path: Path) -> Iterator[object]:
+    made: list[Supervisor] = []
+
+    def build(**data: object) -> tuple[FakeDeployment, Supervisor]:
+        cfg = DeploymentConfig.model_validate({"device": "cpu", "proxy": {"port": 0}, **data})
+        deployment = FakeDeployment(cfg, tmp_path)
+        supervisor = Supervisor(deployment, deployment.console)
+        made.append(supervisor)
+        return deployment, supervisor
+
+    yield build
+    for supervisor in made:
+        supervisor.__exit__()
+
+
+def _answering(supervisor: Supervisor, names: set[str]) -> None:
+    supervisor._answers = lambda child: child.name in names  # type: ignore[method-assign]  # noqa: SLF001
+
+
+def test_a_killed_decode_is_restarted_after_the_backoff_with_a_new_engine_id(make) -> None:  # type: ignore[no-untyped-def]
+    deployment, supervisor = make(instances=[{"role": "prefill"}, {"role": "decode", "count": 2}],
+                                  supervision={"restart_backoff_seconds": 2})
+    _answering(supervisor, set())
+    decode = deployment.instances[1]
+    decode.code = -9
+    supervisor.tick(now=100.0)
+    assert deployment.rows["decode-0"].state == "restarting (1)" and deployment.restarted == []
+    supervisor.tick(now=101.9)
+    assert deployment.restarted == []
+    supervisor.tick(now=102.0)
+    assert deployment.restarted == [("decode-0", 1, "planned-decode-0-r1")]
+    assert decode.signals == []  # the restart itself (Deployment.restart_child) clears the old group
+    supervisor.tick(now=103.0)
+    assert deployment.rows["decode-0"].state == "restarting (1)"  # not answering /health yet
+    _answering(supervisor, {"decode-0"})
+    supervisor.tick(now=104.0)
+    assert deployment.rows["decode-0"].state == "ready" and supervisor.records[1][1].live
+
+
+def test_the_proxy_is_restarted_unless_its_restart_is_off(make) -> None:  # type: ignore[no-untyped-def]
+    deployment, supervisor = make(supervision={"restart_backoff_seconds": 1})
+    deployment.proxy.code = -9
+    supervisor.tick(now=0.0)
+    supervisor.tick(now=1.0)
+    assert deployment.restarted == [("proxy", 1, "")]
+
+    deployment, supervisor = make(proxy={"port": 0, "restart": False})
+    deployment.proxy.code = 1
+    with pytest.raises(SupervisionFailed) as err:
+        supervisor.tick(now=0.0)
+    assert "proxy exited with code 1, and restarts are off for it (proxy.restart: false)" in err.value.message
+    assert str(deployment.proxy.log_path) in err.value.message and deployment.rows["proxy"].state == "failed"
+
+
+def test_a_role_down_past_the_grace_stops_serve_naming_its_instances(make) -> None:  # type: ignore[no-untyped-def]
+    deployment, supervisor = make(supervision={"restart_backoff_seconds": 1, "role_down_grace_seconds": 10,
+                                               "max_restarts": 100})
+    _answering(supervisor, set())
+    prefill = deployment.instances[0]
+    prefill.code = -9
+    supervisor.tick(now=0.0)
+    supervisor.tick(now=1.0)  # restart 1 starts, never answers
+    supervisor.tick(now=10.0)
+    with pytest.raises(SupervisionFailed) as err:
+        supervisor.tick(now=10.5)
+    message = err.value.message
+    assert message.startswith("no live prefill instance for 10s (supervision.role_down_grace_seconds: 10)")
+    assert "prefill-0 restarting (1) (it was killed by signal 9; log " in message and str(prefill.log_path) in message
+
+
+def test_max_restarts_failures_in_a_row_stop_serve(make) -> None:  # type: ignore[no-untyped-def]
+    deployment, supervisor = make(supervision={"restart_backoff_seconds": 1, "max_restarts": 2,
+                                               "role_down_grace_seconds": 1000})
+    _answering(supervisor, set())
+    decode = deployment.instances[1]
+    decode.code = -9
+    supervisor.tick(now=0.0)
+    supervisor.tick(now=1.0)  # restart 1
+    decode.code = -11  # dies before it was ready: 1 failure, next wait 2 s
+    supervisor.tick(now=2.0)
+    supervisor.tick(now=3.9)
+    assert [r[1] for r in deployment.restarted] == [1]
+    supervisor.tick(now=4.0)  # restart 2
+    decode.code = -11
+    with pytest.raises(SupervisionFailed) as err:
+        supervisor.tick(now=5.0)
+    assert "decode-0 was killed by signal 11 before it was ready again: 2 restart(s) in a row failed" in err.value.message
+
+
+def test_a_restart_stuck_starting_is_killed_after_the_ready_timeout(make, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("pdlaunch.launcher.supervisor.READY_TIMEOUT_S", 50.0)
+    deployment, supervisor = make(supervision={"restart_backoff_seconds": 1, "role_down_grace_seconds": 1000})
+    _answering(supervisor, set())
+    decode = deployment.instances[1]
+    decode.code = -9
+    supervisor.tick(now=0.0)
+    supervisor.tick(now=1.0)
+    supervisor.tick(now=50.0)
+    assert decode.signals == []
+    supervisor.tick(now=51.5)
+    assert decode.signals == [9]
+    supervisor.tick(now=52.0)
+    assert decode.signals == [9]  # once, not every tick
