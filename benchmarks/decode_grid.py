@@ -139,9 +139,12 @@ def fits(engine: LLMEngine, batch: int, context: int, steps: int) -> bool:
 
 
 def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    grid = [(b, c) for c in args.context for b in args.batch]
+    grid += [(int(b), int(c)) for b, c in (cell.split("x") for cell in args.cells)]
     config = build_config(args.checkpoint, "cuda", "bfloat16", {
-        "max_num_seqs": max(args.batch), "max_num_batched_tokens": 8192, "enable_prefix_caching": False,
-        "max_model_len": max(args.context) + args.steps + 64, "gpu_memory_utilization": args.gpu_memory_utilization})
+        "max_num_seqs": max(b for b, _ in grid), "max_num_batched_tokens": 8192, "enable_prefix_caching": False,
+        "max_model_len": max(c for _, c in grid) + args.steps + 64,
+        "gpu_memory_utilization": args.gpu_memory_utilization})
     engine = LLMEngine(config, connector=ReadyKVConnector())
     try:
         for cache in engine.runner.kv_caches:
@@ -158,8 +161,6 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
             from decode_sweep import sweep
             doc["sweep"] = sweep(bench, bw)
         cells = []
-        grid = [(b, c) for c in args.context for b in args.batch]
-        grid += [(int(b), int(c)) for b, c in (cell.split("x") for cell in args.cells)]
         for batch, context in grid:
             if not fits(engine, batch, context, args.steps):
                 cells.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})

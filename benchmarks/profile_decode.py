@@ -31,8 +31,10 @@ def main() -> None:
     rng = random.Random(0)
     engine = LLMEngine(build_config(args.checkpoint, "cuda", "bfloat16",
                                     {"enforce_eager": True, "enable_prefix_caching": False, "max_num_seqs": max(64, args.batch),
-                                     "max_model_len": args.context + 64}))
-    params = SamplingParams(max_tokens=4 + args.steps, temperature=0.0, ignore_eos=True)
+                                     "max_num_batched_tokens": 8192,
+                                     "max_model_len": args.context + 256}))
+    # Enough tokens that the first prompts still decode when the last prefill ends (shutdown aborts them).
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
     for i in range(args.batch):
         engine.add_request(f"r{i}", [rng.randrange(1000, 100000) for _ in range(args.context)], params)
     requests = engine.scheduler.requests.values

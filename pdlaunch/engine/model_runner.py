@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdlaunch.config.models import CacheConfig, SchedulerConfig
@@ -253,11 +254,15 @@ class ModelRunner:
                                       hint="a pdlaunch bug; please report it with the log")
                 slots[g].append(block * bs + pos % bs)
                 tables[g].append(table)
+        n = len(scheduled)
         block_tables = []
         for g in range(len(self.groups)):
-            width = max(len(t) for t in tables[g])
-            block_tables.append(torch.tensor([t + [-1] * (width - len(t)) for t in tables[g]], dtype=torch.long))
-        n = len(scheduled)
+            # Row by row into numpy: a third of the time of torch.tensor over padded nested lists
+            # (64 x 256 blocks: 0.6 vs 1.9 ms on a slow host), which the GPU waits for.
+            table_array = np.full((n, max(len(t) for t in tables[g])), -1, dtype=np.int64)
+            for i, t in enumerate(tables[g]):
+                table_array[i, :len(t)] = t
+            block_tables.append(torch.from_numpy(table_array))
         return StepInputs(
             input_ids=torch.tensor([s.request.all_token_ids[s.start] for s in scheduled], dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long), query_lens=[1] * n, context_lens=positions,

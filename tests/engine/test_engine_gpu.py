@@ -3,7 +3,10 @@ Run by `make test-gpu`."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +108,26 @@ def test_cuda_sleep_with_cumem_keeps_addresses_and_outputs(llama_ckpt, make_engi
         assert engine.runner.kv_caches[0].data_ptr() == kv_ptr
         assert next(engine.runner.model.parameters()).data_ptr() == weight_ptr
         assert [o.output_token_ids for o in run_all(engine, batch, GREEDY)] == before
+
+
+def _with_positions(path: Path, tmp_path: Path, positions: int) -> Path:
+    """A copy of a tiny checkpoint that allows `positions` tokens (the weights do not depend on it)."""
+    copy = tmp_path / f"{path.name}-{positions}"
+    shutil.copytree(path, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["max_position_embeddings"] = positions
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt"])
+def test_cuda_long_context_greedy_matches_transformers(fixture: str, request: pytest.FixtureRequest,
+                                                       make_engine: MakeEngine, tmp_path: Path) -> None:
+    """Prompts of 700-3000 tokens decode through CUDA graphs and the Triton kernel (several blocks per
+    tile, context ranges merged; full and sliding-window groups) to transformers' greedy tokens."""
+    path = _with_positions(request.getfixturevalue(fixture), tmp_path, 4096)
+    batch = prompts([3000, 1500, 700], seed=3)
+    engine = make_engine(path, device="cuda", block_size=16, num_gpu_blocks=1024, max_num_batched_tokens=1024)
+    assert engine.runner.graphs is not None
+    for prompt, out in zip(batch, run_all(engine, batch, GREEDY)):
+        assert out.output_token_ids == hf_greedy(path, prompt, GREEDY.max_tokens, device="cuda")

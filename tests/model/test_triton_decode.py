@@ -117,6 +117,34 @@ def test_cuda_8b_head_shapes_at_long_context(device: str, block_size: int, windo
     _check(device, torch.bfloat16, [1, 700, 4100, 8000, 2049], block_size, 8, 4, 128, window, None)
 
 
+@pytest.mark.gpu
+def test_cuda_graph_replays_for_new_contexts_and_windows(device: str) -> None:
+    """Captured at short contexts (one range each), replayed at long ones (several ranges merged)
+    after the block tables and lengths changed in place: equals an eager call."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs")
+    cache, long_q, _, long_attn = _case(device, torch.bfloat16, [5000, 1, 2500], 16, 8, 4, 128, None, layers=1)
+    q = torch.zeros_like(long_q)
+    table = torch.zeros_like(long_attn.block_tables[0])
+    lens = torch.empty(3, dtype=torch.long, device=device)
+    tokens = torch.arange(3, device=device)
+    for window in (None, 700):
+        q.zero_()
+        table.zero_()
+        lens.copy_(torch.tensor([3, 40, 17]))
+        args = (q, cache, 0, tokens, table, lens, window, 0.1)
+        paged_decode(*args)  # compiles outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = paged_decode(*args)
+        q.copy_(long_q)
+        table.copy_(long_attn.block_tables[0])
+        lens.copy_(long_attn.seq_lens)
+        graph.replay()
+        torch.testing.assert_close(out, paged_decode(*args), atol=0, rtol=0)
+        assert not out.isnan().any()
+
+
 def test_launch_depends_on_batch_and_heads_only() -> None:
     one = choose_launch(1, 8, 128, num_sms=132)
     assert one.splits == 64 and one.tile * one.min_tiles >= 256  # 8 programs: split the context
