@@ -7,13 +7,17 @@ from pdlaunch.kv_transfer.base import KVConnector
 
 
 def create_connector(config: DeploymentConfig, instance: InstanceSpec) -> KVConnector | None:
-    """None for colocated instances (no KV moves); NixlConnector or StorageConnector otherwise."""
+    """None for colocated instances (no KV moves); NixlConnector, MooncakeConnector or StorageConnector otherwise."""
     if instance.role == "colocated" or config.colocated:
         return None
     if config.kv_transfer.connector == "storage":
         from pdlaunch.kv_transfer.storage_connector import StorageConnector
 
         return StorageConnector(config, instance)
+    if config.kv_transfer.connector == "mooncake":
+        from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
+
+        return MooncakeConnector(config, instance)
     from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 
     return NixlConnector(config, instance)

@@ -1,0 +1,155 @@
+"""MooncakeAgent: agent.KVAgent's surface over a Mooncake TransferEngine, so that the NIXL connector's
+prefill side (holds, leases, push sender pool: nixl_sender.py), decode side (handshakes, loads, drains:
+nixl_receiver.py, peers.py) and resharding (reshard_load.py) run unchanged on Mooncake.
+
+What maps to what:
+- agent metadata: {"name", "session"} (the engine's "host:rpc_port"); the prefill gives it only in its
+  authenticated handshake answer, the decode only in an authenticated push request (side_channel.py).
+- READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake_sender.py).
+- notifications: Mooncake's TransferNotify, which any process that reaches the engine's port can send,
+  so each one carries an HMAC of its payload under a key derived from the deployment secret; one
+  without a valid MAC is dropped (a forged push_done would pass garbage KV to the model, a forged
+  release would free another request's blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
+from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake_sender import MooncakeXfer, TransferPool
+
+logger = logging.getLogger(__name__)
+
+NOTIFY_PURPOSE = "pdlaunch mooncake notification v1"
+MAX_NOTIFY_CHARS = 8192
+_MAC_HEX = 64
+
+
+class PeerMetadata(BaseModel):
+    """What a Mooncake agent tells its peers: its name and the session id transfers address."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[str, Field(min_length=1, max_length=512)]
+    session: Annotated[str, Field(min_length=3, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")]
+
+
+class MooncakeAgent:
+    """One TransferEngine with one engine's (one TP rank's) KV cache registered."""
+
+    def __init__(self, name: str, engine: MooncakeEngine, pool: TransferPool, secret: str) -> None:
+        self.name = name
+        self.engine = engine
+        self.pool = pool
+        self._key = derive_key(secret, NOTIFY_PURPOSE)
+        self._remotes: dict[str, str] = {}  # agent name -> session id
+        self._kv_addrs: list[int] = []  # what `register` registered (extra buffers stay across a sleep)
+        self._bad = RateLimitedWarning(logger)
+        self.mem_type = "DRAM"
+        self.device_id = 0
+
+    # -- memory -------------------------------------------------------------------------------
+    def register(self, kv_caches: list[torch.Tensor]) -> None:
+        if self._kv_addrs:
+            raise KVTransferError("KV caches are already registered with Mooncake", hint="register_kv_caches runs once")
+        self._kv_addrs = self._register(kv_caches)
+
+    def _register(self, tensors: list[torch.Tensor]) -> list[int]:
+        for t in tensors:
+            if not t.is_contiguous():
+                raise KVTransferError("a KV cache tensor is not contiguous", hint="allocate it with torch.empty")
+        self.mem_type = "DRAM" if tensors[0].device.type == "cpu" else "VRAM"
+        self.device_id = max(tensors[0].get_device(), 0)
+        location = "*" if tensors[0].device.type == "cpu" else f"cuda:{self.device_id}"
+        for t in tensors:
+            self.engine.register(t.data_ptr(), t.numel() * t.element_size(), location)
+        return [t.data_ptr() for t in tensors]
+
+    def deregister(self) -> None:
+        """Deregister what `register` registered (before that memory is freed: sleep)."""
+        for address in self._kv_addrs:
+            self.engine.unregister(address)
+        self._kv_addrs = []
+
+    def reregister(self, kv_caches: list[torch.Tensor]) -> None:
+        self.deregister()
+        self.register(kv_caches)
+
+    def register_extra(self, tensors: list[torch.Tensor]) -> None:
+        if not self._kv_addrs:
+            raise KVTransferError("register the KV caches before extra buffers")
+        self._register(tensors)
+
+    # -- peers --------------------------------------------------------------------------------
+    def metadata(self) -> bytes:
+        return PeerMetadata(name=self.name, session=self.engine.session_id).model_dump_json().encode()
+
+    def connection_metadata(self) -> bytes:
+        """Mooncake's metadata holds no memory keys: the same as `metadata`."""
+        return self.metadata()
+
+    def add_remote(self, metadata: bytes) -> str:
+        try:
+            peer = PeerMetadata.model_validate_json(metadata)
+        except ValidationError as e:
+            raise KVTransferError(f"the peer's Mooncake metadata is not valid: {e.errors()[0]['msg']}",
+                                  hint="peers must run the same pdlaunch version") from None
+        self._remotes[peer.name] = peer.session
+        return peer.name
+
+    def forget_remote(self, name: str) -> None:
+        self._remotes.pop(name, None)
+
+    def _session(self, name: str) -> str:
+        session = self._remotes.get(name)
+        if session is None:
+            raise KVTransferError(f"Mooncake peer {name} is not known here (no handshake yet, or it was forgotten)")
+        return session
+
+    # -- transfers and notifications ----------------------------------------------------------
+    def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
+                 remote_device_id: int, notif: bytes) -> MooncakeXfer:
+        """Post op ("READ": remote -> local, "WRITE": local -> remote); `notif` goes to the peer after it."""
+        session = self._session(remote_agent)
+
+        def run() -> None:
+            self.engine.transfer(op, session, local, remote)
+            if notif:
+                self.engine.notify(session, self.name, self._sign(notif))
+
+        num_bytes = sum(n for _, n in local)
+        return self.pool.post(run, num_bytes, f"{op} with {remote_agent}", wait_on_release=op == "WRITE")
+
+    def notify(self, remote_agent: str, message: bytes) -> None:
+        self.engine.notify(self._session(remote_agent), self.name, self._sign(message))
+
+    def _sign(self, message: bytes) -> str:
+        return mac(self._key, message).hex() + message.decode()
+
+    def new_notifs(self) -> list[bytes]:
+        """Notifications with a valid MAC (payload only); others are dropped with a rate-limited warning."""
+        out: list[bytes] = []
+        for sender, text in self.engine.notifications():
+            payload = text[_MAC_HEX:].encode("utf-8", "replace")
+            try:
+                tag = bytes.fromhex(text[:_MAC_HEX])
+            except ValueError:
+                tag = b""
+            if len(text) > MAX_NOTIFY_CHARS or len(tag) != _MAC_HEX // 2 or not mac_ok(self._key, payload, tag):
+                self._bad.warn("notify", "dropped a Mooncake notification without a valid MAC (claimed sender "
+                               "%r, %d chars)", sender[:100], len(text))
+                continue
+            out.append(payload)
+        return out
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self._remotes.clear()
+        self.engine.close()
+

@@ -1,0 +1,83 @@
+"""The thread pool that runs Mooncake transfers, and the handle a posted transfer returns.
+
+Mooncake's Python transfers block until they end (mooncake_engine.py), so every READ and WRITE runs
+on this pool: the caller (the prefill's push sender thread, the decode's loader thread) gets a handle
+at once and polls `state()` like a NIXL transfer. A transfer that carries a notification sends it
+from the same pool thread right after the bytes landed, so the peer learns of the transfer only once
+it is complete (push_done, read_done).
+
+Seed 000: the CUDA device is per thread, and Mooncake's NVLink/CUDA-IPC paths use the calling thread's
+device. The connector captures the device index before the TransferEngine exists (it may change the
+current device while initialising); each pool thread binds that index once, in the pool's initializer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.memory import platform
+
+logger = logging.getLogger(__name__)
+
+# Mooncake stops a transfer by its own timeout; release() waits this long for a running one to end
+# before giving up (its blocks then stay with whoever drains them).
+RELEASE_WAIT_SECONDS = 60.0
+
+
+class TransferPool:
+    """Threads bound to `device_index` (captured before the transfer engine was created)."""
+
+    def __init__(self, device_index: int, workers: int = 4) -> None:
+        self.device_index = device_index
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-mooncake-xfer",
+                                           initializer=self._bind_sender_thread_device)
+
+    def _bind_sender_thread_device(self) -> None:
+        platform.set_device(self.device_index)
+
+    def post(self, run: Callable[[], None], num_bytes: int, what: str, wait_on_release: bool) -> "MooncakeXfer":
+        return MooncakeXfer(self.executor.submit(run), num_bytes, what, wait_on_release)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class MooncakeXfer:
+    """One posted transfer; `state()` is "PROC", "DONE" or "ERR" (the XferHandle contract of agent.py)."""
+
+    def __init__(self, future: Future[None], num_bytes: int, what: str, wait_on_release: bool) -> None:
+        self._future = future
+        self._wait_on_release = wait_on_release
+        self.num_bytes = num_bytes
+        self.what = what
+        self.error: str | None = None
+
+    def state(self) -> str:
+        if not self._future.done():
+            return "PROC"
+        if self._future.cancelled():
+            self.error = "cancelled before it started"
+            return "ERR"
+        exc = self._future.exception()
+        if exc is None:
+            return "DONE"
+        self.error = exc.render() if isinstance(exc, KVTransferError) else f"{type(exc).__name__}: {exc}"
+        return "ERR"
+
+    def release(self) -> None:
+        """Mooncake cannot cancel a transfer that runs: one not started is dropped. A running WRITE
+        (prefill push sender thread) is waited for, at most RELEASE_WAIT_SECONDS, so that push_failed
+        means nothing more lands in the decode's blocks. A running READ is not: the decode's engine
+        thread releases it only after its drain bounded the wait (nixl_receiver.py)."""
+        if self._future.cancel() or self._future.done() or not self._wait_on_release:
+            return
+        deadline = time.monotonic() + RELEASE_WAIT_SECONDS
+        while not self._future.done() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not self._future.done():
+            logger.error("Mooncake %s of %d bytes still runs %.0fs after it was released", self.what,
+                         self.num_bytes, RELEASE_WAIT_SECONDS)
