@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pdlaunch.config import memory_estimate, resources, rules
 from pdlaunch.config.addresses import local_bind_problems
 from pdlaunch.config.checkpoint_check import checkpoint_problems
+from pdlaunch.config.kv_connector_rules import kv_connector_problems
 from pdlaunch.config.log_dir import log_dir_problems
 from pdlaunch.config.security_rules import secret_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
@@ -197,10 +198,11 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if info is not None:
         problems += rules.tp_problems(out, info)
     problems += resources.port_problems(out)
-    problems += log_dir_problems(out.log_dir)
     problems += secret_problems(out, os.environ)
-    if target is None:  # addresses of another host cannot be checked from here
+    if target is None:  # another host's addresses and directories cannot be checked from here
         problems += local_bind_problems(out)
+        problems += kv_connector_problems(out)
+        problems += log_dir_problems(out.log_dir)
     gpus = visible_gpus(device, target)
     if device == "cuda" and gpus == 1:
         share_one_gpu(out)

@@ -123,3 +123,10 @@ def test_duplicate_top_level_section(tmp_path: Path) -> None:
 def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - &p {role: prefill, count: 1}\n  - {<<: *p, role: decode}\n")
     assert check([str(path), *CPU]).exit_code == 0
+
+
+def test_another_hosts_log_dir_and_addresses_are_not_checked_here(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("")
+    path = write_yaml(tmp_path, f"log_dir: {tmp_path / 'f'}\nproxy: {{host: 192.0.2.7}}\n")
+    target = ["--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+    assert check([str(path), "--model", "demo", *target]).exit_code == 0
