@@ -91,7 +91,7 @@ def local_bind_problems(cfg: DeploymentConfig) -> list[Problem]:
     hosts: list[tuple[str, str]] = []
     if cfg.parallel.node_rank == 0:
         hosts.append(("proxy.host", cfg.proxy.host))
-    if not cfg.colocated and cfg.kv_transfer.connector == "nixl":
+    if not cfg.colocated and cfg.kv_transfer.connector in ("nixl", "mooncake"):
         hosts.append(("kv_transfer.side_channel_host", cfg.kv_transfer.side_channel_host))
     found = (bind_problem(field, host) for field, host in hosts)
     return [p for p in found if p is not None]

@@ -87,7 +87,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
     """Prefill and decode on different nodes need a KV side channel the other node can reach."""
-    if cfg.colocated or cfg.kv_transfer.connector != "nixl" or cfg.kv_transfer.side_channel_host not in LOOPBACK_HOSTS:
+    if cfg.colocated or cfg.kv_transfer.connector not in ("nixl", "mooncake") \
+            or cfg.kv_transfer.side_channel_host not in LOOPBACK_HOSTS:
         return None
     prefill_nodes = {g.node for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode_nodes = {g.node for g in cfg.instances if g.role == "decode" and g.count > 0}

@@ -1,0 +1,24 @@
+"""What the chosen KV connector needs on this host: check-config says what is missing before serve."""
+
+from __future__ import annotations
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.problems import Problem, problem
+
+# Connectors that serve a KV side channel on kv_transfer.side_channel_host (storage moves KV through files).
+SIDE_CHANNEL_CONNECTORS = ("nixl", "mooncake")
+
+
+def kv_connector_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """Mooncake: the package and the system libraries it links import here; rdma has a device."""
+    if cfg.colocated or cfg.kv_transfer.connector != "mooncake":
+        return []
+    from pdlaunch.kv_transfer.mooncake_engine import INSTALL_HINT, missing_reason, resolve_protocol
+
+    reason = missing_reason()
+    if reason is not None:
+        return [problem("kv_transfer.connector", f"the mooncake connector is chosen but {reason}", INSTALL_HINT)]
+    if cfg.kv_transfer.mooncake_protocol == "rdma" and resolve_protocol("auto")[0] != "rdma":
+        return [problem("kv_transfer.mooncake_protocol", "rdma is chosen but this host lists no RDMA device "
+                        "(/sys/class/infiniband)", "use mooncake_protocol auto or tcp")]
+    return []
