@@ -290,7 +290,7 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
     if config.model.enable_sleep_mode:
         raise EngineError(f"sleep mode is not supported with TP {tp} yet", field="model.enable_sleep_mode",
                           hint="run sleep mode with --tp 1")
-    if instance is not None and instance.role != "colocated" and config.kv_transfer.connector != "nixl":
+    if instance is not None and instance.role != "colocated" and config.kv_transfer.connector == "storage":
         raise EngineError(f"the {config.kv_transfer.connector} connector does not run with TP {tp} yet",
-                          field="kv_transfer.connector", hint="use --kv-connector nixl with TP > 1")
+                          field="kv_transfer.connector", hint="use --kv-connector nixl or mooncake with TP > 1")
     return TPExecutor(config, instance, checkpoint, device, dtype, max_model_len, config.model.dtype)

@@ -83,7 +83,7 @@ def _check_spanning(cfg: DeploymentConfig, g: int, name: str, role: str) -> None
     if cfg.parallel.master_port is None:
         raise PdlaunchError(f"{name}'s TP group spans nodes, so every node must know its rendezvous port",
                             field="parallel.master_port", hint="set parallel.master_port (e.g. 29500) in the config")
-    if role != "colocated" and not cfg.colocated and cfg.kv_transfer.connector == "nixl" \
+    if role != "colocated" and not cfg.colocated and cfg.kv_transfer.connector in ("nixl", "mooncake") \
             and cfg.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
         raise PdlaunchError(f"{name}'s TP group spans nodes but the KV side channel binds "
                             f"{cfg.kv_transfer.side_channel_host}: its ranks on other nodes could not be reached",
