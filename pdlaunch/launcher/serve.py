@@ -82,11 +82,7 @@ def run_serve(cfg: DeploymentConfig) -> int:
             deployment.stop(drain=not signals.forced)
             console.print("stopped: all processes reaped", highlight=False)
             return 0
-        except ChildExited as exc:
-            report_failure(console, exc.message, exc.child)
-            deployment.stop(drain=False)
-            return 1
-        except SupervisionFailed as exc:
+        except (ChildExited, SupervisionFailed) as exc:
             report_failure(console, exc.message, exc.child)
             deployment.stop(drain=False)
             return 1
