@@ -34,7 +34,7 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
     ("offload-negative", "cache: {cpu_offload_gb: -1}\n", CPU, "cache.cpu_offload_gb"),
     ("node-missing-address", "parallel: {nodes: [{devices: [0]}]}\n", CPU, "parallel.nodes[0].address"),
     ("lease-zero", "kv_transfer: {kv_lease_seconds: 0}\n", CPU, "kv_transfer.kv_lease_seconds"),
-    ("bad-connector", "kv_transfer: {connector: mooncake}\n", CPU, "kv_transfer.connector"),
+    ("bad-connector", "kv_transfer: {connector: redis}\n", CPU, "kv_transfer.connector"),
     ("bad-routing", "proxy: {routing_policy: random}\n", CPU, "proxy.routing_policy"),
     ("proxy-port-zero", "proxy: {port: 0}\n", CPU, "proxy.port"),
     ("base-port-range-overflow", "instances: [{role: prefill, count: 2, base_port: 65535}, {role: decode}]\n",
