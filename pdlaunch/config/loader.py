@@ -25,7 +25,6 @@ from pdlaunch.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 
-
 def read_yaml(path: Path) -> dict[str, Any]:
     """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
     try:
