@@ -159,7 +159,7 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         bw = doc["copy_gbps"] * 1e9
         if args.sweep:
             from decode_sweep import sweep
-            doc["sweep"] = sweep(bench, bw)
+            doc["sweep"] = sweep(bench, bw, [(int(b), int(c)) for b, c in (x.split("x") for x in args.sweep_cells)])
         cells = []
         for batch, context in grid:
             if not fits(engine, batch, context, args.steps):
@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--baseline-kernel", type=Path)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--sweep-cells", nargs="*", default=[], help="cells (BxC) to sweep; default decode_sweep.CELLS")
     parser.add_argument("--cells", nargs="*", default=[], help="more cells, e.g. 48x3072 1x8000")
     parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
     args = parser.parse_args()
