@@ -149,12 +149,19 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         engine = engine_loop.engine
         prompt_ids = await prompt_token_ids(engine.tokenizer, prompt, engine.max_model_len)
         stream = engine_loop.submit(request_id, prompt_ids, params, body.kv_transfer_params)
+        remote_decode = bool((body.kv_transfer_params or {}).get("do_remote_decode"))
+
+        def client_gone() -> Response:
+            engine_loop.abort(request_id)  # a no-op once the engine finished the request
+            if remote_decode:  # finished already, the KV is held for a decode leg that will not come
+                held_kv.release_soon(request_id)  # queued after the abort: frees only what is held
+            return Response(status_code=CLIENT_CLOSED)
+
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
             first = await _race(stream.queue.get(), watch)
             if first is None:
-                engine_loop.abort(request_id)
-                return Response(status_code=CLIENT_CLOSED)
+                return client_gone()
             if not isinstance(first, Accepted):
                 _raise_if_error(first)
                 raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
@@ -174,10 +181,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                     headers={**headers, "Cache-Control": "no-cache"})
             result = await _race(_collect(stream, builder), watch)
             if result is None or watch.done():
-                engine_loop.abort(request_id)
-                if result is not None and result.get("kv_transfer_params"):
-                    held_kv.release_soon(request_id)  # finished for a decode leg that will never come
-                return Response(status_code=CLIENT_CLOSED)
+                return client_gone()
             return JSONResponse(result, headers=headers)
         except BaseException:
             engine_loop.abort(request_id)

@@ -61,6 +61,28 @@ def test_refused_decodes_hold_no_prefill_kv(serve: Serve) -> None:
     assert time.monotonic() - started < 3
 
 
+def test_clients_leaving_at_any_moment_hold_no_kv(serve: Serve) -> None:
+    targets = urls(serve)
+    rng = random.Random(5)
+    left = 0
+    for i in range(20):  # gone during the prefill leg, between the legs, or during the decode leg
+        body = {"prompt": [rng.randrange(3, 500) for _ in range(150)], "max_tokens": 80, "ignore_eos": True}
+        try:
+            if i % 2:
+                httpx.post(f"{serve.url}/v1/completions", json=body, headers=AUTH, timeout=0.02 + 0.05 * (i % 10))
+                continue
+            with httpx.stream("POST", f"{serve.url}/v1/completions", json={**body, "stream": True}, headers=AUTH,
+                              timeout=10) as stream:
+                next(stream.iter_bytes())  # the first token, then away
+            left += 1
+        except httpx.TimeoutException:
+            left += 1
+    assert left >= 10
+    for role in ("prefill", "decode"):
+        wait_for(lambda: blocks_used(targets[role]) == 0, f"the {role} to free the KV of 20 departed clients",
+                 timeout=5)
+
+
 # -- the fuzz --------------------------------------------------------------------------------------
 scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12)
            | st.sampled_from(["a\ud800b", "\udfff", "", "NaN", "1e999"]))
