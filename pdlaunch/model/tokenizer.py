@@ -90,6 +90,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with special tokens, exactly one BOS when the tokenizer uses one."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # `tokenizers` would raise a bare TypeError
+            raise PdlaunchError(f"the text holds a lone UTF-16 surrogate at character {exc.start}",
+                                field="prompt", hint="send valid Unicode") from None
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
         if not add_special_tokens or bos is None:

@@ -14,6 +14,7 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
@@ -165,3 +166,10 @@ def test_json_errors_name_the_problem_in_openai_shape(server: tuple[str, EngineL
         answer = post_raw(url, raw)
         assert answer.status_code == 400 and set(answer.json()["error"]) >= {"message", "type", "param", "code"}
     assert json.loads(post_raw(url, '{"prompt": "x", "max_tokens": 1}').text)["usage"]["completion_tokens"] == 1
+
+
+def test_tokenizer_names_a_lone_surrogate_for_offline_callers(server: tuple[str, EngineLoop]) -> None:
+    _, loop = server
+    with pytest.raises(PdlaunchError) as err:
+        loop.engine.tokenizer.encode("a\ud800b")
+    assert err.value.field == "prompt" and "surrogate" in err.value.message

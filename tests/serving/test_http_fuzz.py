@@ -138,7 +138,7 @@ def test_fuzzed_requests_never_5xx_and_leave_the_deployment_clean(serve: Serve) 
     targets = urls(serve)
     seen: dict[int, int] = {}
 
-    @settings(max_examples=300, deadline=None, database=None,
+    @settings(max_examples=200, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(target=st.sampled_from(sorted(targets)), request=requests, extra_headers=headers,
            keyed=st.sampled_from([True, True, True, False]))
