@@ -35,7 +35,7 @@ from pdlaunch.proxy.translate import (
 )
 from pdlaunch.server.auth import AccessPolicy, RequireAuth, internal_headers
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
-from pdlaunch.server.limits import BodyLimit, client_request_id
+from pdlaunch.server.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
 from pdlaunch.server.sse import ClosingStreamingResponse, SSEParser, sse_event
 
 CONNECT_TIMEOUT_S = 5.0
@@ -99,7 +99,11 @@ class Proxy:
                 raise self.failed(instance, exc) from None
         if response.status_code != 200:
             raise error_from_response(instance, response.status_code, response.content)
-        return response.json()
+        try:
+            return response.json()
+        except ValueError:
+            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON",
+                              code="instance_failed") from None
 
     async def open_stream(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
                           deadline: float) -> Upstream:
@@ -220,7 +224,9 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         return await _route(request, "/v1/chat/completions", chat=True)
 
     async def _route(request: Request, path: str, chat: bool) -> Response:
-        body = parse_client_body(await request.body(), chat)
+        raw = await request.body()
+        body = parse_client_body(raw, chat) if len(raw) <= PARSE_INLINE_BYTES else \
+            await asyncio.to_thread(parse_client_body, raw, chat)  # the event loop serves every stream
         request_id = client_request_id(request.headers.get("x-request-id"), f"pd-{uuid.uuid4().hex}")
         headers = {"X-Request-Id": request_id, **proxy.upstream_headers}
         if not proxy.upstream_headers and "authorization" in request.headers:  # foreign instances with a key

@@ -23,7 +23,7 @@ from pdlaunch.server.auth import AccessPolicy, RequireAuth
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.internal import HeldKV, add_internal_routes
-from pdlaunch.server.limits import BodyLimit, client_request_id, parse_json_object
+from pdlaunch.server.limits import BodyLimit, client_request_id, read_json_object
 from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.responses import ResponseBuilder
@@ -123,14 +123,14 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = CompletionRequest.model_validate(parse_json_object(await request.body()))
+        body = CompletionRequest.model_validate(await read_json_object(request))
         body.check_supported()
         check_model(body.model)
         return await _serve(body, body.single_prompt(), "completion", request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = ChatCompletionRequest.model_validate(parse_json_object(await request.body()))
+        body = ChatCompletionRequest.model_validate(await read_json_object(request))
         body.check_supported()
         check_model(body.model)
         return await _serve(body, body.template_messages(), "chat", request)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.errors import OpenAIError
-from pdlaunch.server.limits import parse_json_object
+from pdlaunch.server.limits import read_json_object
 
 KV_RELEASE_PATH = "/internal/kv/release"
 
@@ -56,5 +56,5 @@ class HeldKV:
 def add_internal_routes(app: FastAPI, held_kv: HeldKV) -> None:
     @app.post(KV_RELEASE_PATH)
     async def release_kv(request: Request) -> dict[str, Any]:
-        body = KVReleaseRequest.model_validate(parse_json_object(await request.body()))
+        body = KVReleaseRequest.model_validate(await read_json_object(request))
         return {"request_id": body.request_id, "released": await held_kv.release(body.request_id)}

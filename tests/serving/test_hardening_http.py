@@ -173,3 +173,13 @@ def test_tokenizer_names_a_lone_surrogate_for_offline_callers(server: tuple[str,
     with pytest.raises(PdlaunchError) as err:
         loop.engine.tokenizer.encode("a\ud800b")
     assert err.value.field == "prompt" and "surrogate" in err.value.message
+
+
+def test_millions_of_token_ids_are_refused_quickly(server: tuple[str, EngineLoop]) -> None:
+    url, _ = server
+    raw = '{"max_tokens": 2, "prompt": [' + ",".join(["123"] * 2_000_000) + "]}"  # 8 MB
+    started = time.monotonic()
+    answer = post_raw(url, raw)
+    assert_400(answer, "prompt")
+    assert "2000000 token ids" in answer.json()["error"]["message"]
+    assert time.monotonic() - started < 15
