@@ -36,8 +36,8 @@ def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem
 
 def checkpoint_problems(model_path: str) -> list[Problem]:
     """What serve would fail on when it opens this checkpoint directory (the demo is built by us)."""
-    if model_path == "demo":
-        return []
+    if model_path in ("demo", "tiny") or model_path.lower().endswith(".gguf"):
+        return []  # built by us, or a GGUF file whose header model_info.py already opened
     directory = Path(os.path.expanduser(model_path))
     from pdlaunch.model import loader  # lazy: imports torch
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -88,15 +89,22 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
 
 def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
     """ModelInfo of `demo` or of a checkpoint directory, or the problems that make it unusable."""
-    if path == "demo":
+    if path in ("tiny", "demo"):  # SWITCH-PENDING
         from pdlaunch.model.demo import DEMO_HF_CONFIG  # lazy: the model package imports torch
 
-        return _from_hf_dict(dict(DEMO_HF_CONFIG), "the demo model")
+        return _from_hf_dict(dict(DEMO_HF_CONFIG), "the tiny random model")
+    if path == "smollm2-demo":
+        from pdlaunch.model.demo_model import DEMO_MODEL_CONFIG
+
+        return _from_hf_dict(dict(DEMO_MODEL_CONFIG), "the demo model")
+    if path.lower().endswith(".gguf") and Path(os.path.expanduser(path)).is_file():
+        return _from_gguf(Path(os.path.expanduser(path)))
     model_dir = Path(os.path.expanduser(path))  # Path.expanduser raises on `~nosuchuser`
     if not model_dir.is_dir():
         what = "is a file, not a directory" if model_dir.exists() else "does not exist"
         return None, [problem("model.path", f"{path!r} {what}",
-                              "give a local HF checkpoint directory (config.json + safetensors) or `demo`")]
+                              "give a local HF checkpoint directory (config.json + safetensors), a .gguf file, "
+                              "`demo` or `tiny`")]
     config_file = model_dir / "config.json"
     if not config_file.is_file():
         return None, [problem("model.path", f"{path!r} has no config.json",
@@ -110,3 +118,20 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
         return None, [problem("model.path", f"{str(config_file)!r} is not a JSON object",
                               "restore the checkpoint's config.json")]
     return _from_hf_dict(hf, str(config_file))
+
+
+def _from_gguf(path: Path) -> tuple[ModelInfo | None, list[Problem]]:
+    """ModelInfo from a GGUF file's metadata (the header only: no tensor is read or dequantized)."""
+    from pdlaunch.model import gguf  # lazy: imports numpy and the gguf package
+
+    try:
+        reader = gguf.open_reader(path)
+        missing = gguf.unreadable_quant_types(reader)
+        hf = gguf.hf_config(reader)
+    except PdlaunchError as exc:
+        return None, [problem("model.path", exc.message, exc.hint or "use an intact .gguf file")]
+    if missing:
+        return None, [problem("model.path", f"{path.name} uses quantization types pdlaunch cannot dequantize: "
+                              f"{', '.join(missing)}", "upgrade the gguf package (pip install -U gguf) or use a "
+                              "file with other quantization types")]
+    return _from_hf_dict(hf, str(path))

