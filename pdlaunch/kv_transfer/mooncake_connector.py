@@ -33,11 +33,25 @@ from pdlaunch.kv_transfer.mooncake_sender import TransferPool
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
 from pdlaunch.kv_transfer.nixl_sender import PrefillSide
+from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
 _NATIVE = "auto: Mooncake's native pattern (vLLM, SGLang): the prefill WRITEs into blocks the decode announced"
+
+
+class MooncakePeerCache(PeerCache):
+    """transfer_mode auto: push with each prefill engine of this decode's TP size (Mooncake's native
+    pattern); resharding loads (one handshake per prefill rank) keep the NIXL rules, which pick pull
+    where the decode can READ (resharding reads whole prefill blocks)."""
+
+    def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
+        remote = super()._handshake(engine_id, host, port, rank)
+        if self.transfer_mode != "auto" or rank is not None or remote.mode == "push":
+            return remote
+        logger.info("KV transfer with prefill engine %s (%s:%d): push, because %s", engine_id, host, port, _NATIVE)
+        return RemoteEngine(remote.info, remote.agent_name, "push", _NATIVE, remote.address)
 
 
 class MooncakeConnector(NixlConnector):
@@ -75,16 +89,18 @@ class MooncakeConnector(NixlConnector):
         self._handshake = None
         self.sender: PrefillSide | None = None
         self.receiver: DecodeSide | None = None
-        mode = "push" if self.kv.transfer_mode == "auto" else self.kv.transfer_mode
         if self.role == "prefill":
             self.sender = PrefillSide(self.agent, self.kv.kv_lease_seconds,  # type: ignore[arg-type]
                                       self.kv.transfer_timeout_seconds, self.device_index)
         else:
             self.receiver = DecodeSide(
-                self.agent, self._require_spec, self._device, mode,  # type: ignore[arg-type]
+                self.agent, self._require_spec, self._device, self.kv.transfer_mode,  # type: ignore[arg-type]
                 self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds, self.kv.verify_kv,
                 self.keys, self.device_index,
             )
+            self.receiver.peers = MooncakePeerCache(
+                self.agent, self._require_spec, self._device, self.kv.transfer_mode,  # type: ignore[arg-type]
+                self.kv.handshake_timeout_seconds, self.keys)
         self._mode, self._mode_reason = self._initial_mode()
         logger.info("Mooncake connector (%s, engine %s): transport %s (%s), metadata %s, session %s; "
                     "transfer mode %s: %s", self.role, self.engine_id, self.protocol, self.protocol_reason,
@@ -94,7 +110,7 @@ class MooncakeConnector(NixlConnector):
         if self.role == "prefill":
             return self.kv.transfer_mode, "prefill serves both: decode READs (pull) or asks for a WRITE (push)"
         if self.kv.transfer_mode == "auto":
-            return "push", _NATIVE
+            return "push", _NATIVE + " (loads that reshard between TP sizes pull)"
         return self.kv.transfer_mode, f"kv_transfer.transfer_mode is {self.kv.transfer_mode}"
 
     def _metadata_text(self) -> str:

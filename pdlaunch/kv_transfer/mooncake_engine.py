@@ -66,6 +66,8 @@ class MooncakeEngine:
     """One TransferEngine. `session_id` ("host:port") is how peers name it in transfers."""
 
     def __init__(self, hostname: str, protocol: str, metadata_server: str | None) -> None:
+        # Mooncake logs every handshake and batch at INFO to stderr: our log keeps its warnings and errors.
+        os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
         engine = import_engine()
         self._mc = engine
         self.protocol = protocol
