@@ -1,7 +1,8 @@
 """Token sampling for a batch of requests, each with its own SamplingParams.
 
-Greedy rows (temperature below SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by temperature, keep the top_k logits and the
-smallest set whose probability reaches top_p, then sample by the exponential race
+Greedy rows (temperature below SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by
+temperature (at least MIN_RANDOM_TEMPERATURE, so the division stays finite), keep the top_k logits
+and the smallest set whose probability reaches top_p, then sample by the exponential race
 (argmax p_i / E_i with E_i ~ Exp(1), which draws i with probability p_i). A seeded request draws
 its E from its own generator, one draw of V values per token, so its tokens do not depend on what
 else is in the batch; unseeded requests share the engine's generator.

@@ -28,8 +28,8 @@ OPEN_PATHS = frozenset({"/health"})
 CONTROL_PATHS = frozenset({"/sleep", "/wake_up", "/is_sleeping"})
 INTERNAL_PREFIX = "/internal/"
 
-ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
-                   Awaitable[None]]
+Message = dict[str, Any]
+ASGIApp = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 
 def internal_token(deployment_secret: str) -> str:

@@ -76,7 +76,8 @@ def test_instance_needs_the_key_everywhere_but_health(instance: str) -> None:
 
 def test_internal_routes_take_only_the_internal_token(instance: str) -> None:
     body = {"request_id": "never-held"}
-    for headers in ({}, bearer(INSTANCE_KEY), {INTERNAL_TOKEN_HEADER: "0" * 64}, internal_headers("another-secret-123456")):
+    forged = ({}, bearer(INSTANCE_KEY), {INTERNAL_TOKEN_HEADER: "0" * 64}, internal_headers("another-secret-123456"))
+    for headers in forged:
         refused = httpx.post(f"{instance}/internal/kv/release", json=body, headers=headers)
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "internal_only"
     answer = httpx.post(f"{instance}/internal/kv/release", json=body, headers=internal_headers(SECRET), timeout=30)
