@@ -35,7 +35,7 @@ def bearer(key: str) -> dict[str, str]:
 def instance() -> Iterator[str]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "demo", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64},
+        "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64},
         "security": {"api_key": INSTANCE_KEY, "deployment_secret": SECRET},
     })
     port = PortAllocator("127.0.0.1").free("test instance")
@@ -97,7 +97,7 @@ def test_proxy_key_and_internal_token_to_instances(instance: str) -> None:
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
         assert INTERNAL_TOKEN_HEADER.lower() not in answer.headers  # the token never goes back to a client
         models = httpx.get(f"{proxy.url}/v1/models", headers=bearer(PROXY_KEY))
-        assert models.status_code == 200 and models.json()["data"][0]["id"] == "demo"
+        assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny"
         fanned = httpx.post(f"{proxy.url}/sleep", headers=bearer(PROXY_KEY), timeout=30)
         assert fanned.status_code == 400  # reached the instance, which has no sleep mode
         assert fanned.json()["instances"][0]["body"]["error"]["code"] == "sleep_mode_disabled"

@@ -1,4 +1,4 @@
-"""Client mistakes at an instance (real HTTP, real engine on the demo model): every one is a 4xx
+"""Client mistakes at an instance (real HTTP, real engine on the tiny random model): every one is a 4xx
 naming the field, never a 5xx, a stall or garbage (issue 14, item 4)."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MAX_REQUEST_BYTES = 12 << 20
 def server() -> Iterator[tuple[str, EngineLoop]]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "demo", "max_model_len": MAX_MODEL_LEN}, "cache": {"num_gpu_blocks": 160},
+        "model": {"path": "tiny", "max_model_len": MAX_MODEL_LEN}, "cache": {"num_gpu_blocks": 160},
         "scheduler": {"max_num_seqs": 8},
         "security": {"api_key": API_KEY, "deployment_secret": "hardening-secret-0123456789",
                      "max_request_bytes": MAX_REQUEST_BYTES},

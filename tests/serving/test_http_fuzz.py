@@ -1,4 +1,4 @@
-"""A real 1P1D demo deployment (`pdlaunch serve --api-key`) under hostile HTTP: hypothesis throws
+"""A real 1P1D deployment of the tiny random model (`pdlaunch serve --api-key`) under hostile HTTP: hypothesis throws
 random bodies, paths and headers at the proxy and at both instances. A client error is never a 5xx,
 no log gets a traceback, the deployment stays healthy and no KV block stays held (issue 14).
 Also: a decode that refuses requests (prompt + max_tokens > max_model_len) leaves no KV held at the
@@ -31,7 +31,7 @@ MAX_MODEL_LEN = 256
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     deployment = Serve(tmp_path_factory.mktemp("fuzz"), [
-        "--model", "demo", "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "512",
+        "--model", "tiny", "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "512",
         "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "16", "--api-key", API_KEY])
     try:
         yield deployment.wait_ready()
@@ -90,7 +90,7 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 small_ints = st.integers(-3, 6)
 fields: dict[str, st.SearchStrategy[Any]] = {
-    "model": st.sampled_from(["demo", "other"]) | json_values,
+    "model": st.sampled_from(["tiny", "other"]) | json_values,
     "prompt": st.text(max_size=40) | st.lists(st.integers(-3, 600), max_size=6) | json_values,
     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", 5]),
                                                 "content": st.text(max_size=30) | json_values}), max_size=2)
