@@ -51,7 +51,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     app = FastAPI(title=f"pdlaunch {spec.name}", lifespan=lifespan)
     install_error_handlers(app)
-    security = config.security
+    security = config.security  # the last middleware added runs first: no body is read before auth
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
     held_kv = HeldKV(engine_loop)
