@@ -29,6 +29,9 @@ _RDMA_DEVICES = "/sys/class/infiniband"
 
 def missing_reason() -> str | None:
     """What keeps `mooncake.engine` from importing here (the package, or a system library it links), or None."""
+    # Mooncake reads its log level when it loads, and logs every handshake and batch at INFO to stderr:
+    # our logs keep its warnings and errors.
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
     try:
         from mooncake import engine  # noqa: F401
     except ImportError as e:
@@ -66,8 +69,6 @@ class MooncakeEngine:
     """One TransferEngine. `session_id` ("host:port") is how peers name it in transfers."""
 
     def __init__(self, hostname: str, protocol: str, metadata_server: str | None) -> None:
-        # Mooncake logs every handshake and batch at INFO to stderr: our log keeps its warnings and errors.
-        os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
         engine = import_engine()
         self._mc = engine
         self.protocol = protocol

@@ -1,0 +1,171 @@
+"""Mooncake connector pieces in one process: seed 000's device binding on the transfer threads, signed
+notifications, what check-config and the skip line say when Mooncake is missing, transport in /info
+and the log, and deregistration around sleep."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from pdlaunch.config.kv_connector_rules import kv_connector_problems
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer import mooncake_connector, mooncake_engine
+from pdlaunch.kv_transfer.agent import encode_notif
+from pdlaunch.kv_transfer.factory import create_connector
+from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
+from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
+from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake_sender import TransferPool
+from pdlaunch.memory import platform
+from tests.kv_transfer.deployment_secret import TEST_SECRET, secured
+from tests.kv_transfer.mooncake_skip import requires_mooncake
+from tests.kv_transfer.pd_procs import make_spec, wait_events
+
+
+def _connector(role: str, engine_id: str, mode: str = "auto") -> MooncakeConnector:
+    kv = KVTransferConfig(connector="mooncake", transfer_mode=mode, verify_kv=True)
+    connector = create_connector(secured(DeploymentConfig(device="cpu", kv_transfer=kv)),
+                                 InstanceSpec(role=role, port=1, engine_id=engine_id, device="cpu"))
+    assert isinstance(connector, MooncakeConnector)
+    return connector
+
+
+def _push(prefill: MooncakeConnector, decode: MooncakeConnector, rid: str) -> None:
+    prompt = list(range(4 * 3 + 1))
+    _, params = prefill.request_finished(rid, prompt, {"do_remote_decode": True}, [[1, 2, 3, 4]])
+    assert params is not None
+    decode.start_load(rid, prompt, params, [[5, 6, 7, 8]], 0, decode.get_num_new_matched_tokens(rid, prompt, params, 0))
+    ev = wait_events(decode.get_finished, lambda e: rid in e.finished_recving or rid in e.failed_recving, 30.0, rid)
+    assert rid in ev.finished_recving, ev.failed_recving
+    wait_events(prefill.get_finished, lambda e: rid in e.finished_sending, 30.0, f"prefill freeing {rid}")
+
+
+@requires_mooncake
+def test_transfer_threads_bind_the_device_captured_before_the_engine_once_each(monkeypatch: pytest.MonkeyPatch
+                                                                             ) -> None:
+    events: list[tuple[str, Any]] = []
+    real_set_device = platform.set_device
+
+    def set_device_spy(index: int) -> None:
+        events.append(("set_device", (threading.current_thread().name, index)))
+        real_set_device(index)
+
+    class EngineSpy(MooncakeEngine):
+        def __init__(self, *args: Any) -> None:
+            events.append(("engine", platform.bound_device_index()))
+            super().__init__(*args)
+
+        def transfer(self, *args: Any) -> None:
+            events.append(("transfer", (threading.current_thread().name, platform.bound_device_index())))
+            super().transfer(*args)
+
+    monkeypatch.setattr(platform, "current_device_index", lambda: 3)
+    monkeypatch.setattr(platform, "set_device", set_device_spy)
+    monkeypatch.setattr(mooncake_connector, "MooncakeEngine", EngineSpy)
+    prefill, decode = _connector("prefill", "seed-P"), _connector("decode", "seed-D")
+    try:
+        # The index was captured and bound before each transfer engine was created.
+        assert [e for e in events if e[0] == "engine"] == [("engine", 3), ("engine", 3)]
+        assert prefill.device_index == decode.device_index == 3
+        prefill.register_kv_caches(make_spec(seed=1))
+        decode.register_kv_caches(make_spec(seed=2))
+        for i in range(6):
+            _push(prefill, decode, f"r{i}")
+    finally:
+        decode.shutdown()
+        prefill.shutdown()
+        real_set_device(0)
+    transfers = [data for kind, data in events if kind == "transfer"]
+    assert len(transfers) == 6 and all(name.startswith("pdlaunch-mooncake-xfer") and index == 3
+                                       for name, index in transfers)
+    # The pool initializer bound each transfer thread exactly once, with the captured index.
+    pool_binds = Counter(data for kind, data in events if kind == "set_device" and data[0].startswith(
+        "pdlaunch-mooncake-xfer"))
+    assert {name for name, _ in transfers} <= {name for name, _ in pool_binds}
+    assert all(index == 3 and count == 1 for (_, index), count in pool_binds.items())
+
+
+@requires_mooncake
+def test_notifications_without_the_deployment_mac_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    pool = TransferPool(0, workers=1)
+    ours = MooncakeAgent("ours", MooncakeEngine("127.0.0.1", "tcp", None), pool, TEST_SECRET)
+    other = MooncakeAgent("other", MooncakeEngine("127.0.0.1", "tcp", None), TransferPool(0, 1), "x" * 32)
+    try:
+        for agent in (ours, other):
+            agent.add_remote(ours.metadata())
+        message = encode_notif("release", request_id="someone-else")
+        other.notify("ours", message)  # MACed with another deployment's key
+        other.engine.notify(ours.engine.session_id, "ours", message.decode())  # no MAC at all
+        ours.notify("ours", message)
+        received: list[bytes] = []
+        deadline = time.monotonic() + 5.0
+        while not received and time.monotonic() < deadline:  # the signed one is sent last
+            received += ours.new_notifs()
+            time.sleep(0.01)
+        assert received == [message]
+        assert "dropped a Mooncake notification without a valid MAC" in caplog.text
+    finally:
+        other.close()
+        ours.close()
+
+
+def test_missing_package_and_system_library_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_import = builtins.__import__
+
+    def failing(error: ImportError) -> Any:
+        def fake_import(name: str, *args: Any, **kwargs: Any) -> Any:
+            if name.startswith("mooncake"):
+                raise error
+            return real_import(name, *args, **kwargs)
+        return fake_import
+
+    monkeypatch.setattr(builtins, "__import__", failing(ModuleNotFoundError("No module named 'mooncake'",
+                                                                            name="mooncake")))
+    assert "package is not installed (mooncake-transfer-engine-non-cuda)" in mooncake_engine.missing_reason()
+    config = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="mooncake"))
+    (problem,) = kv_connector_problems(config)
+    assert problem.field == "kv_transfer.connector" and "apt-get install libibverbs1" in problem.message
+    monkeypatch.setattr(builtins, "__import__", failing(ImportError(
+        "libibverbs.so.1: cannot open shared object file: No such file or directory")))
+    assert "the system library libibverbs.so.1 that Mooncake links is missing" in mooncake_engine.missing_reason()
+    assert kv_connector_problems(DeploymentConfig(device="cpu")) == []  # nixl: nothing to say
+
+
+@requires_mooncake
+def test_info_and_log_state_the_transport(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.mooncake_connector"):
+        decode = _connector("decode", "info-D")
+    try:
+        info = decode.info()
+        assert (info["connector"], info["transport"], info["transfer_mode"]) == ("mooncake", "tcp", "push")
+        assert info["metadata"] == "P2P handshake (no metadata server)" and info["session"].startswith("127.0.0.1:")
+        assert "transport tcp (no RDMA device" in caplog.text
+    finally:
+        decode.shutdown()
+
+
+@requires_mooncake
+def test_sleep_deregisters_and_wake_registers_the_new_storage() -> None:
+    prefill, decode = _connector("prefill", "sleep-P"), _connector("decode", "sleep-D")
+    try:
+        spec = make_spec(seed=1)
+        prefill.register_kv_caches(spec)
+        decode.register_kv_caches(make_spec(seed=2))
+        _push(prefill, decode, "before")
+        prefill.before_sleep()
+        assert prefill.transfer_engine._registered == []
+        woke = make_spec(seed=3)  # what the CPU sleep backend does: new storage for the same tensors
+        spec.kv_caches = woke.kv_caches
+        prefill.register_kv_caches(spec)
+        assert prefill.kv_epoch == 1
+        assert prefill.transfer_engine._registered == [t.data_ptr() for t in woke.kv_caches]
+        _push(prefill, decode, "after")
+    finally:
+        decode.shutdown()
+        prefill.shutdown()
