@@ -69,8 +69,10 @@ class KVAgent:
 
     def __init__(self, name: str) -> None:
         api = _nixl()
+        # No NIXL metadata listener: it would hand our agent metadata (which lets a peer READ and WRITE
+        # the KV memory) to any local process; peers get it only through the authenticated side channel.
         config = api.nixl_agent_config(
-            backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+            backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT, enable_listen_thread=False,
         )
         self.name = name
         self.nixl = api.nixl_agent(name, config)
