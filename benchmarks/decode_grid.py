@@ -94,7 +94,8 @@ class KernelBench:
     def check(self, batch: int, context: int, launch: triton_decode.DecodeLaunch | None = None) -> float:
         """Relative error of the kernel against float64 attention over the same keys."""
         q, tokens, table, lens = self.inputs(min(batch, 4), context)
-        got = triton_decode.paged_decode(q, self.cache, 0, tokens, table, lens, None, self.head_dim**-0.5, launch)
+        extra = {} if launch is None else {"launch": launch}
+        got = triton_decode.paged_decode(q, self.cache, 0, tokens, table, lens, None, self.head_dim**-0.5, **extra)
         pos = torch.arange(context, device=q.device)
         rows = table[:, pos // self.block_size]  # [S, C]
         k = self.cache[rows, 0, 0, pos % self.block_size].double()  # [S, C, Hkv, D]
