@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+AUTH: dict[str, str] = {}  # the API key header, set in main(); /health stays open
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 
 
@@ -67,11 +69,11 @@ def gpu_used_mib(index: int = 0) -> int:
 
 def answers(url: str) -> list[list[int]]:
     out = []
-    model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    model = httpx.get(f"{url}/v1/models", timeout=10, headers=AUTH).json()["data"][0]["id"]
     for prompt in PROMPTS:
         body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True}
-        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120, headers=AUTH)
         r.raise_for_status()
         choice = r.json()["choices"][0]
         out.append(choice.get("token_ids") or choice["text"])
@@ -89,7 +91,11 @@ def main() -> int:
     parser.add_argument("--gpus", default="0", help="prefill's and decode's GPU: '0' shares one, '0,1' splits")
     parser.add_argument("--no-sleep", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--api-key", default=None, help="the deployment's API key (/sleep and /wake_up need one); "
+                        "default: a random key for this run")
     args = parser.parse_args()
+    api_key = args.api_key or secrets.token_hex(16)
+    AUTH["Authorization"] = f"Bearer {api_key}"
 
     work = Path(tempfile.mkdtemp(prefix="pdl-sleep-"))
     sleep_yaml = "true" if not args.no_sleep else "false"
@@ -115,13 +121,15 @@ instances:
         result["baseline_used_gib"] = {gpu: round(device_used_gib(gpu), 3) for gpu in sorted(set(gpus))}
     t0 = time.monotonic()
     serve = subprocess.Popen([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(args.port),
-                              "--log-dir", str(work / "logs")], stdout=log, stderr=subprocess.STDOUT)
+                              "--log-dir", str(work / "logs")],
+                             env={**os.environ, "PDLAUNCH_API_KEY": api_key}, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "the deployment to be ready",
                    600)
         result["startup_s"] = round(time.monotonic() - t0, 1)
-        instances = httpx.get(f"{url}/instances", timeout=10).json()
-        infos = {i["role"]: httpx.get(f"{i['url']}/info", timeout=10).json() | {"url": i["url"]} for i in instances}
+        instances = httpx.get(f"{url}/instances", timeout=10, headers=AUTH).json()
+        infos = {i["role"]: httpx.get(f"{i['url']}/info", timeout=10, headers=AUTH).json() | {"url": i["url"]}
+                 for i in instances}
         before = answers(url)
         result["answers_before"] = before
         if args.no_sleep:
@@ -134,7 +142,7 @@ instances:
             held_before = process_gpu_mib().get(pid, 0)
             used_before = device_used_gib(gpu_of[role])
             t = time.perf_counter()
-            r = httpx.post(f"{info['url']}/sleep", params={"level": 1}, timeout=300)
+            r = httpx.post(f"{info['url']}/sleep", params={"level": 1}, timeout=300, headers=AUTH)
             sleep_s = time.perf_counter() - t
             r.raise_for_status()
             held_asleep = process_gpu_mib().get(pid, 0)
@@ -157,7 +165,7 @@ instances:
         }
         for role, info in infos.items():
             t = time.perf_counter()
-            r = httpx.post(f"{info['url']}/wake_up", timeout=300)
+            r = httpx.post(f"{info['url']}/wake_up", timeout=300, headers=AUTH)
             per_instance[role]["first_wake_s"] = round(time.perf_counter() - t, 2)
             r.raise_for_status()
         wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "the proxy to see both awake",
@@ -170,11 +178,12 @@ instances:
         for _ in range(args.cycles):
             for info in infos.values():
                 t = time.perf_counter()
-                httpx.post(f"{info['url']}/sleep", params={"level": 1}, timeout=300).raise_for_status()
+                httpx.post(f"{info['url']}/sleep", params={"level": 1}, timeout=300,
+                           headers=AUTH).raise_for_status()
                 sleeps.append(time.perf_counter() - t)
             for info in infos.values():
                 t = time.perf_counter()
-                httpx.post(f"{info['url']}/wake_up", timeout=300).raise_for_status()
+                httpx.post(f"{info['url']}/wake_up", timeout=300, headers=AUTH).raise_for_status()
                 wakes.append(time.perf_counter() - t)
             used_after_wake.append(round(sum(device_used_gib(gpu) for gpu in set(gpus)), 3))
         wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, "the proxy after the cycles", 60)

@@ -22,8 +22,10 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import (
     DeploymentPlan, InstancePlan, RemoteRankPlan, check_side_channel_reach, instance_config, plan_deployment,
 )
+from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
+from pdlaunch.server.auth import internal_headers
 
 READY_TIMEOUT_S = 900.0  # a large checkpoint on a slow disk; a dead child is noticed at once anyway
 POLL_S = 0.25
@@ -99,7 +101,9 @@ class Deployment:
         self.ranks: list[ChildProcess] = []  # this node's ranks of instances whose rank 0 is on another node
         self.proxy: ChildProcess | None = None
         self.rows: dict[str, StatusRow] = {}
-        self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S)
+        # /info and /metrics need a credential when the deployment has an API key: the internal token.
+        self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S,
+                                  headers=internal_headers(cfg.security.deployment_secret))
         self._stopping = False
         self.deployment_file = self.log_dir / "deployment.json"
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
@@ -126,6 +130,8 @@ class Deployment:
         PdlaunchError if not everything was ready within `ready_timeout` seconds.
         """
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Fetch/convert a built-in or GGUF model once here, not in every instance at the same time.
+        resolve_model_path(self.cfg.model.path, say=lambda text: self.console.print(f"[dim]{text}[/dim]"))
         deployment_file = self.deployment_file
         write_private(deployment_file, instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
@@ -173,7 +179,8 @@ class Deployment:
         argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", self.plan.proxy_host,
                 "--port", str(self.plan.proxy_port), "--routing-policy", self.cfg.proxy.routing_policy,
                 "--request-timeout", str(self.cfg.proxy.request_timeout_seconds),
-                "--drain-timeout", str(self.drain_timeout_s), "--parent-pid", str(os.getpid())]
+                "--drain-timeout", str(self.drain_timeout_s), "--parent-pid", str(os.getpid()),
+                "--max-request-bytes", str(self.cfg.security.max_request_bytes)]
         for plan in self.plan.instances:
             argv += [f"--{plan.spec.role}", f"{plan.spec.name}={plan.url}"]
         return argv

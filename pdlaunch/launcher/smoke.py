@@ -23,6 +23,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import ChildExited, Deployment
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from pdlaunch.launcher.serve import report_child_exit
+from pdlaunch.server.auth import internal_headers
 from pdlaunch.server.sse import parse_sse
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
@@ -57,8 +58,8 @@ def colocated_variant(cfg: DeploymentConfig) -> DeploymentConfig:
     return cfg.model_copy(update={"colocated": True, "instances": [group]}, deep=True)
 
 
-def _kv_bytes(client: httpx.Client, url: str) -> float:
-    text = client.get(f"{url}/metrics").text
+def _kv_bytes(client: httpx.Client, url: str, headers: dict[str, str]) -> float:
+    text = client.get(f"{url}/metrics", headers=headers).text
     return sum(sample.value for family in text_string_to_metric_families(text)
                for sample in family.samples if sample.name == "pdlaunch_kv_transfer_bytes_total")
 
@@ -75,7 +76,9 @@ def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunRes
     result = RunResult()
     base = deployment.proxy_url
     greedy = {"model": deployment.cfg.model.path, "max_tokens": MAX_TOKENS, "temperature": 0.0}
-    with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S) as client:
+    api_key = deployment.cfg.security.api_key
+    client_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S, headers=client_headers) as client:
         for i, prompt in enumerate(PROMPTS):
             answer = _post(client, f"{base}/v1/completions", {**greedy, "prompt": prompt}).json()
             result.texts[f"completion {i}"] = answer["choices"][0]["text"]
@@ -97,7 +100,8 @@ def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunRes
 
         if not deployment.cfg.colocated:
             for plan in deployment.plan.local:
-                result.kv_bytes += _kv_bytes(client, plan.url)
+                result.kv_bytes += _kv_bytes(client, plan.url,
+                                             internal_headers(deployment.cfg.security.deployment_secret))
             checks.append(Check(f"{label}: KV bytes moved", result.kv_bytes > 0,
                                 f"pdlaunch_kv_transfer_bytes_total = {result.kv_bytes:.0f} B over the instances"))
     return result
