@@ -1,7 +1,7 @@
 """Session fixtures shared by every test package: tiny random HF checkpoints, gpu marker skip.
 
 The demo model is built into the real user cache (`~/.cache/pdlaunch`, or `$PDLAUNCH_CACHE_DIR`
-when set), exactly as a user's first `--model demo` run does.
+when set), exactly as a user's first `--model tiny` run does.
 """
 
 from __future__ import annotations
@@ -69,3 +69,27 @@ def sharded_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers.checkpoints import make_sharded
 
     return make_sharded(tmp_path_factory.mktemp("sharded"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3: q_norm/k_norm per head, head_dim 32 != hidden/heads, GQA, untied."""
+    from tests.helpers.checkpoints import make_qwen3
+
+    return make_qwen3(tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_tied_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3 with tied embeddings and 4 layers alternating full/sliding (window 6)."""
+    from tests.helpers.checkpoints import make_qwen3
+
+    return make_qwen3(tmp_path_factory.mktemp("qwen3_tied"), tie=True, sliding_window=6)
+
+
+@pytest.fixture(scope="session")
+def llama32_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Llama 3.2 shape: tied (no lm_head.weight saved), llama3 rope scaling, head_dim 64, GQA."""
+    from tests.helpers.checkpoints import make_llama32
+
+    return make_llama32(tmp_path_factory.mktemp("llama32"))

@@ -13,8 +13,8 @@ from typing import Any
 
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.arch import SUPPORTED_ARCHITECTURES  # torch-free: only pydantic and json
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -32,6 +32,8 @@ class ModelInfo:
     max_position_embeddings: int | None
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_proj_bias: bool = False
+    qk_norm: bool = False  # Qwen3: q_norm and k_norm, [head_dim] each, per layer
 
     def num_parameters(self) -> int:
         """Weights of a Llama-family decoder: embeddings, per-layer attention + gated MLP + 2 norms, lm_head."""
@@ -40,6 +42,10 @@ class ModelInfo:
         attn = h * q_out + 2 * h * kv_out + q_out * h
         if self.qkv_bias:
             attn += q_out + 2 * kv_out
+        if self.o_proj_bias:
+            attn += h
+        if self.qk_norm:
+            attn += 2 * d
         mlp = 3 * h * self.intermediate_size
         per_layer = attn + mlp + 2 * h
         embed = self.vocab_size * h
@@ -66,7 +72,8 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
                               "use the checkpoint's original config.json")]
     heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    # Qwen3Config defaults head_dim to 128 rather than deriving it.
+    head_dim = hf.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else hf["hidden_size"] // heads)
     max_pos = hf.get("max_position_embeddings")
     if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0:
         return None, [problem("model.path", f"{source} has invalid num_key_value_heads/head_dim",
@@ -83,17 +90,19 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
         max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+        o_proj_bias=arch != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
     )
     return info, []
 
 
 def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
-    """ModelInfo of `demo` or of a checkpoint directory, or the problems that make it unusable."""
-    if path in ("tiny", "demo"):  # SWITCH-PENDING
+    """ModelInfo of `demo`, `tiny`, a .gguf file or a checkpoint directory, or the problems that make it unusable."""
+    if path == "tiny":
         from pdlaunch.model.demo import DEMO_HF_CONFIG  # lazy: the model package imports torch
 
         return _from_hf_dict(dict(DEMO_HF_CONFIG), "the tiny random model")
-    if path == "smollm2-demo":
+    if path == "demo":
         from pdlaunch.model.demo_model import DEMO_MODEL_CONFIG
 
         return _from_hf_dict(dict(DEMO_MODEL_CONFIG), "the demo model")

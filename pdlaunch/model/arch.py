@@ -15,7 +15,12 @@ from pydantic import BaseModel, ConfigDict
 
 from pdlaunch.errors import PdlaunchError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+# Families whose sliding window is switched on by `use_sliding_window` and placed by
+# `layer_types` (or, when absent, on every layer from `max_window_layers` on).
+_WINDOW_BY_LAYER_TYPES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# transformers' default head_dim per family when config.json omits it (Qwen3Config: 128).
+_DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -47,6 +52,7 @@ class ModelArch(BaseModel):
     rms_norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q and k head, before rotary
     o_proj_bias: bool
     mlp_bias: bool
     sliding_window: int | None
@@ -101,7 +107,7 @@ def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int) -> tup
     window = cfg.get("sliding_window")
     if architecture == "LlamaForCausalLM":
         window = None
-    elif architecture == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
+    elif architecture in _WINDOW_BY_LAYER_TYPES and not cfg.get("use_sliding_window", False):
         window = None
     if window is None:
         return None, ["full_attention"] * num_layers
@@ -132,7 +138,7 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
     try:
         hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
         kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        head_dim = int(cfg.get("head_dim") or _DEFAULT_HEAD_DIM.get(architecture, hidden // heads))
         vocab, inter = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
     except KeyError as exc:
         raise PdlaunchError(f"config.json lacks {exc.args[0]!r}", field=f"config.json:{exc.args[0]}") from exc
@@ -164,6 +170,7 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=is_qwen2 or llama_bias,
+        qk_norm=architecture == "Qwen3ForCausalLM",
         o_proj_bias=llama_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=window,

@@ -1,6 +1,7 @@
-"""One decoder for the Llama family (Llama 2/3.x, Qwen2, Mistral), driven by `ModelArch`.
+"""One decoder for the Llama family (Llama 2/3.x, Qwen2, Qwen3, Mistral), driven by `ModelArch`.
 
-Differences between the families are configuration, not code: qkv bias (Qwen2), sliding window
+Differences between the families are configuration, not code: qkv bias (Qwen2), per-head q/k
+RMSNorm (Qwen3), sliding window
 per layer (Mistral: all layers; Qwen2 hybrids: per `layer_types`), llama3 rope scaling, tied
 embeddings. The layer math follows HF's modeling code operation for operation so float32 output
 matches transformers.
@@ -41,6 +42,9 @@ class Attention(nn.Module):
                                         tp_rank, tp_size)
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                           arch.max_position_embeddings)
+        # Qwen3: weights are [head_dim], shared by every head, so each TP rank holds them whole.
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
                 plan: GroupPlan) -> torch.Tensor:
@@ -51,6 +55,10 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            # HF Qwen3 order: project, norm each head, then rotary. Rows are heads: [T*H, D].
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb.apply(q, k, *cos_sin)
         o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(t, q_size))

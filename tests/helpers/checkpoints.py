@@ -121,6 +121,35 @@ def make_qwen2_hybrid(directory: Path, sliding_window: int = 6, *, seed: int = 3
     return _save(_build(config, seed), directory, seed)
 
 
+def make_qwen3(directory: Path, *, seed: int = 5, tie: bool = False, gqa: bool = True,
+               sliding_window: int | None = None) -> Path:
+    """Qwen3 (per-head q_norm/k_norm, no qkv bias) with head_dim 32 set explicitly (hidden / heads
+    is 16), as real Qwen3 configs set it. With `sliding_window`, 4 layers alternate full/sliding."""
+    from transformers import Qwen3Config
+
+    window: dict[str, Any] = {}
+    if sliding_window is not None:
+        window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 0,
+                  "layer_types": ["full_attention", "sliding_attention"] * 2}
+    config = Qwen3Config(**_TINY, num_hidden_layers=2 if sliding_window is None else 4,
+                         num_key_value_heads=2 if gqa else 4, head_dim=32, rope_theta=1000000.0,
+                         tie_word_embeddings=tie, **window)
+    return _save(_build(config, seed), directory, seed)
+
+
+def make_llama32(directory: Path, *, seed: int = 6) -> Path:
+    """Llama 3.2 shape: tied embeddings, Llama 3.2's llama3 rope scaling, head_dim 64, GQA 4:2.
+    The saved checkpoint has no lm_head.weight, like the real Llama-3.2-1B/3B."""
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = LlamaConfig(**{**_TINY, "hidden_size": 256, "max_position_embeddings": 131072},
+                         num_hidden_layers=2, num_key_value_heads=2,
+                         rope_parameters=rope, tie_word_embeddings=True)
+    return _save(_build(config, seed), directory, seed)
+
+
 def make_sharded(directory: Path, *, seed: int = 4) -> Path:
     """Llama saved in several safetensors shards with model.safetensors.index.json."""
     return make_llama(directory, num_layers=3, seed=seed, max_shard_size="100KB")

@@ -12,7 +12,8 @@ from pdlaunch.model.loader import load_checkpoint, load_model
 from tests.helpers.checkpoints import hf_greedy, hf_logits, make_llama
 from tests.model.paged_runner import PagedRunner
 
-KINDS = ["llama_ckpt", "qwen2_ckpt", "mistral_ckpt", "hybrid_ckpt", "sharded_ckpt"]
+KINDS = ["llama_ckpt", "qwen2_ckpt", "mistral_ckpt", "hybrid_ckpt", "sharded_ckpt", "qwen3_ckpt", "qwen3_tied_ckpt",
+         "llama32_ckpt"]
 # 21 tokens: longer than the Mistral window (8) and the hybrid window (6).
 PROMPT = [507, 72, 366, 111, 44, 432, 108, 100, 33, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310, 311]
 
@@ -35,7 +36,7 @@ def test_greedy_decode_through_paged_cache_matches_transformers(kind: str, reque
     assert ours == hf_greedy(path, PROMPT, 16)
 
 
-@pytest.mark.parametrize("kind", ["llama_ckpt", "mistral_ckpt", "hybrid_ckpt"])
+@pytest.mark.parametrize("kind", ["llama_ckpt", "mistral_ckpt", "hybrid_ckpt", "qwen3_tied_ckpt"])
 def test_chunked_prefill_matches_transformers(kind: str, request: pytest.FixtureRequest) -> None:
     """Prefill in chunks of 5: later chunks attend to earlier ones through the block table."""
     path = request.getfixturevalue(kind)
@@ -43,7 +44,7 @@ def test_chunked_prefill_matches_transformers(kind: str, request: pytest.Fixture
     assert ours == hf_greedy(path, PROMPT, 10)
 
 
-@pytest.mark.parametrize("kind", ["llama_ckpt", "mistral_ckpt", "hybrid_ckpt"])
+@pytest.mark.parametrize("kind", ["llama_ckpt", "mistral_ckpt", "hybrid_ckpt", "qwen3_tied_ckpt"])
 def test_mixed_batch_of_prefills_and_decodes_matches_transformers(kind: str, request: pytest.FixtureRequest) -> None:
     """Three sequences of different lengths share steps: a fresh prefill, a chunked prefill and
     decodes run in the same forward pass, and each sequence still matches HF on its own."""
