@@ -110,6 +110,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # listen backlog: connections past MAX_CONNECTIONS are accepted to be refused
 
     def __init__(self, host: str, port: int, handlers: dict[str, Handler], keys: SideChannelKeys,
                  max_connections: int = MAX_CONNECTIONS) -> None:
