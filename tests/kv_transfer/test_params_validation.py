@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.fault import ENV, TransferFaults
@@ -95,3 +97,32 @@ def test_fault_hook_fails_the_configured_fraction() -> None:
     for bad in ("abc", "2", "nan", "-0.1"):
         with pytest.raises(KVTransferError, match=ENV):
             TransferFaults({ENV: bad})
+
+
+_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(),
+              st.text(max_size=20)),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(change=st.dictionaries(st.sampled_from(sorted(ANSWER) + ["signature", "expires_at", "remote_ports",
+                                                                "remote_hosts", "rank_kv_checksums", "x"]),
+                              _values, max_size=4),
+       sign=st.booleans())
+def test_random_values_fail_with_a_field_or_pass_signed(change: dict, sign: bool) -> None:
+    """Whatever a client puts in kv_transfer_params: a KVTransferError naming a kv_transfer_params field,
+    or (only when it is a genuine signed answer) acceptance; never another exception."""
+    raw = {**ANSWER, **change}
+    if sign:
+        try:
+            raw = signed(raw)
+        except ValueError:  # NaN/inf cannot be signed (strict JSON): a prefill never emits them
+            return
+    try:
+        assert _check(raw) is raw
+    except KVTransferError as e:
+        assert str(e.field).startswith("kv_transfer_params")
+    else:
+        assert sign and raw["do_remote_prefill"] is True or raw.get("do_remote_prefill") in (None, False)
