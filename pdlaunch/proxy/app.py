@@ -7,6 +7,7 @@ vanished instance becomes an OpenAI-format 502/503/504 (mid-stream: an SSE error
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -24,6 +25,7 @@ from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests, ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
+from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import (
     decode_body,
     error_from_exception,
@@ -37,6 +39,8 @@ from pdlaunch.server.auth import AccessPolicy, RequireAuth, internal_headers
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
 from pdlaunch.server.sse import ClosingStreamingResponse, SSEParser, sse_event
+
+log = logging.getLogger("pdlaunch.proxy")
 
 CONNECT_TIMEOUT_S = 5.0
 CLIENT_CLOSED = 499
@@ -239,37 +243,56 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             if held is not None:
                 proxy.kv.release_soon(*held)
 
+        legs: list[str] = []  # instances that served this request, for the DEBUG line
+        outcome = "error"
         try:
             if pool.colocated:
                 target, leg = pool.pick("colocated"), body
             else:
                 # Both picked up front: no prefill work (and no held KV) when no decode instance is up.
-                prefill, decode = pool.pick("prefill"), pool.pick("decode")
+                target, first_prefill = pool.pick("decode"), pool.pick("prefill")
+                prefill_leg = prefill_body(body, chat)
                 started = time.monotonic()
-                done, answer = await _race(proxy.post_json(
-                    prefill, path, prefill_body(body, chat), headers, deadline), watch)
+                done, result = await _race(on_live_instance(
+                    pool, "prefill", first_prefill,
+                    lambda p: proxy.post_json(p, path, prefill_leg, headers, deadline)), watch)
                 if not done:
+                    outcome = "client closed"
                     return Response(status_code=CLIENT_CLOSED)
+                prefill, answer = result
+                legs.append(prefill.name)
                 proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
                 held = (prefill, kv_params_of(prefill, answer))
-                target, leg = decode, decode_body(body, held[1])
+                leg = decode_body(body, held[1])
+            role = target.role
             if body.get("stream"):
-                done, upstream = await _race(proxy.open_stream(target, path, leg, headers, deadline), watch)
+                done, result = await _race(on_live_instance(
+                    pool, role, target, lambda d: proxy.open_stream(d, path, leg, headers, deadline)), watch)
                 if not done:
                     release_held()
+                    outcome = "client closed"
                     return Response(status_code=CLIENT_CLOSED)
+                upstream = result[1]
+                legs.append(upstream.instance.name)
+                outcome = "streaming"
                 return ClosingStreamingResponse(proxy.relay(upstream, deadline), on_close=upstream.close,
                                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
-            done, answer = await _race(proxy.post_json(target, path, leg, headers, deadline), watch)
+            done, result = await _race(on_live_instance(
+                pool, role, target, lambda d: proxy.post_json(d, path, leg, headers, deadline)), watch)
             if not done:
                 release_held()
+                outcome = "client closed"
                 return Response(status_code=CLIENT_CLOSED)
-            return JSONResponse(answer, headers={"X-Request-Id": request_id})
-        except OpenAIError:
+            legs.append(result[0].name)
+            outcome = "ok"
+            return JSONResponse(result[1], headers={"X-Request-Id": request_id})
+        except OpenAIError as exc:
             release_held()  # the decode refused the request, failed, or could not be reached
+            outcome = f"error {exc.status}"
             raise
         finally:
             watch.cancel()
+            log.debug("request %s %s via %s: %s", request_id, path, " -> ".join(legs) or "no instance", outcome)
 
     add_control_routes(app, pool, proxy.http, proxy.upstream_headers, request_timeout_s)
     return app

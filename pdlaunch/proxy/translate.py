@@ -13,9 +13,14 @@ from pdlaunch.server.limits import parse_json_object
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
+# Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
+# min_tokens <= max_tokens (a vLLM prefill answers 400); the decode leg keeps them.
+_DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
+
+
 def prefill_body(body: dict[str, Any], chat: bool) -> dict[str, Any]:
     """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode."""
-    leg = {k: v for k, v in body.items() if k not in ("stream_options",)}
+    leg = {k: v for k, v in body.items() if k not in _DECODE_ONLY_FIELDS}
     leg["max_tokens"] = 1
     if chat and "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1

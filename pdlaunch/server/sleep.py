@@ -67,6 +67,8 @@ class SleepControl:
         return {**_as_dict(result), "is_sleeping": self.sleeping}
 
     async def is_sleeping(self) -> dict[str, Any]:
+        if not self._enabled:  # as vLLM answers: an instance that cannot sleep is not sleeping
+            return {"is_sleeping": False}
         self._check_supported()
         self.sleeping = await self._engine(lambda e: bool(e.is_sleeping()))
         return {"is_sleeping": self.sleeping}

@@ -91,14 +91,24 @@ def test_stream_passes_through_and_legs_share_the_request_id(setup: Any) -> None
     assert decode.requests[-1]["max_tokens"] == 5
 
 
-def test_unreachable_prefill_is_a_503_and_is_marked_down(setup: Any) -> None:
+def test_unreachable_prefill_is_retried_on_a_live_one_and_marked_down(setup: Any) -> None:
     url, _, pool = setup
     _mark_ready(pool)
-    statuses = {httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=10).status_code for _ in range(2)}
-    assert 503 in statuses  # round robin hits prefill-1 once
+    body = {"prompt": "ok", "stream": True}
+    statuses = [httpx.post(f"{url}/v1/completions", json=body, timeout=10).status_code for _ in range(2)]
+    assert statuses == [200, 200]  # round robin hits prefill-1 once: refused, so prefill-0 serves it
     assert pool.instances[2].state == "down"
     r = httpx.get(f"{url}/instances", timeout=5).json()
     assert {i["name"]: i["state"] for i in r}["prefill-1"] == "down"
+
+
+def test_unreachable_prefill_without_another_is_a_503(setup: Any) -> None:
+    url, _, pool = setup
+    _mark_ready(pool)
+    pool.instances[0].state = "down"  # only the unreachable prefill-1 is left
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True}, timeout=10)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "instance_unreachable"
+    assert "prefill-1" in r.json()["error"]["message"]
 
 
 def test_crash_mid_stream_ends_with_an_openai_error_event(setup: Any) -> None:

@@ -1,0 +1,45 @@
+"""An idle proxy writes no log lines: its health checks (two a second) log nothing at INFO."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from pdlaunch.launcher.ports import PortAllocator
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.test_proxy_failures import ScriptedInstance
+
+IDLE_S = 5.0
+
+
+def test_idle_proxy_log_stays_quiet(tmp_path: Path) -> None:
+    ports = PortAllocator("127.0.0.1")
+    prefill, decode = ScriptedInstance("prefill"), ScriptedInstance("decode")
+    log_file = tmp_path / "proxy.log"
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d, \
+            open(log_file, "w") as log:
+        port = ports.free("proxy")
+        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--prefill", p.url,
+                                 "--decode", d.url], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), "the proxy to answer /health with 200", 30)
+            time.sleep(1.0)  # startup lines are written by now
+            before = log_file.read_text().splitlines()
+            time.sleep(IDLE_S)
+            after = log_file.read_text().splitlines()
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    assert after == before, f"{len(after) - len(before)} lines while idle: {after[len(before):][:5]}"
+    assert len(before) < 15, before
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
