@@ -40,6 +40,8 @@ FLAG_PATHS: dict[str, str] = {
     "node_rank": "parallel.node_rank",
     "seed": "model.seed",
     "api_key": "security.api_key",
+    "served_model_name": "model.served_model_name",
+    "kv_load_failure_policy": "kv_transfer.load_failure_policy",
 }
 
 # Flags typed as str so that a bad value reaches our validation (field named, fix hinted)
@@ -75,6 +77,8 @@ _OPTS: list[tuple[str, Any, str]] = [
     ("node_rank", Optional[int], "Which node of `parallel.nodes` this is."),
     ("seed", Optional[int], "Default sampling seed."),
     ("api_key", Optional[str], "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY)."),
+    ("served_model_name", Optional[str], "Model name the API answers to (default: the --model value)."),
+    ("kv_load_failure_policy", Optional[str], "recompute | fail: when a decode cannot load KV."),
 ]
 _ENVVARS = {"api_key": "PDLAUNCH_API_KEY"}
 for _name, _type, _help in _OPTS:

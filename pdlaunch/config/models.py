@@ -33,6 +33,9 @@ class ModelConfig(StrictModel):
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
     enforce_eager: bool = Field(False, description="Run decode steps eagerly: no CUDA graphs (CUDA only).")
 
+    served_model_name: str | list[str] | None = Field(
+        None, min_length=1, description="Model name(s) the API answers to (as vLLM's --served-model-name; the "
+        "first is reported); default: the --model value as given, its directory name also accepted.")
 
 class CacheConfig(StrictModel):
     block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")
@@ -78,6 +81,9 @@ class KVTransferConfig(StrictModel):
     storage_path: str = Field("~/.cache/pdlaunch/kv", description="Directory of the storage connector.")
     verify_kv: bool = Field(False, description="Checksum every transferred request end to end.")
     mooncake_protocol: Literal["auto", "tcp", "rdma"] = Field(
+    load_failure_policy: Literal["recompute", "fail"] = Field(
+        "recompute", description="When a decode cannot load a request's KV (prefill gone, lease expired, "
+        "transfer failed): recompute the prompt locally and answer normally, or fail the request (502).")
         "auto", description="Mooncake transport (connector mooncake): auto = rdma where an RDMA device exists, else tcp.")
     mooncake_metadata_server: str | None = Field(
         None, min_length=1, description="Mooncake metadata server (etcd://host:port, http://...); "
