@@ -5,8 +5,9 @@ and taking the difference: the window's first tokens give the decoder context (l
 byte merges). While the newest text ends in U+FFFD the tokens so far end inside a multi-byte
 character, so nothing is emitted until a later token completes it (or the request ends).
 
-Stop strings: the text is cut before the first stop string found (which then finishes the
-request with "stop"); while streaming, a tail that could still grow into a stop string is held
+Stop strings: the text is cut before the first stop string found, or after it with
+`include_stop_str_in_output` (which then finishes the request with "stop"); no stop string is
+looked for while `check_stop` is off (min_tokens not reached yet); while streaming, a tail that could still grow into a stop string is held
 back and only released when it cannot, or when the request finishes for another reason.
 """
 
@@ -21,13 +22,16 @@ _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, decode: Decode, prompt_token_ids: Sequence[int] = (), stop: Sequence[str] = ()) -> None:
+    def __init__(self, decode: Decode, prompt_token_ids: Sequence[int] = (), stop: Sequence[str] = (),
+                 include_stop_str_in_output: bool = False) -> None:
         self._decode = decode
         self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = [s for s in stop if s]
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
+        self._include_stop = include_stop_str_in_output
+        self.check_stop = True
         self.decoded = ""  # all output text decoded so far (may include a held-back tail)
         self.emitted = 0  # characters of `decoded` already handed out
         self.stopped = False
@@ -70,12 +74,13 @@ class IncrementalDetokenizer:
     def _append(self, piece: str) -> None:
         old_len = len(self.decoded)
         self.decoded += piece
-        if not self._stop:
+        if not self._stop or not self.check_stop:
             return
         search_from = max(0, old_len - self._max_stop_len + 1)
-        hits = [i for i in (self.decoded.find(s, search_from) for s in self._stop) if i >= 0]
+        hits = [(i, i + len(s) if self._include_stop else i)
+                for i, s in ((self.decoded.find(s, search_from), s) for s in self._stop) if i >= 0]
         if hits:
-            self.decoded = self.decoded[:min(hits)]
+            self.decoded = self.decoded[:min(hits)[1]]
             self.stopped = True
 
     def _release(self) -> str:

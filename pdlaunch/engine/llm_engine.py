@@ -18,6 +18,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
@@ -88,7 +89,8 @@ class LLMEngine:
         self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.max_num_batched_tokens, connector, self.offload)
-        self.sampler = Sampler(self.device, config.model.seed)
+        self.sampler = Sampler(self.device, config.model.seed, self.tokenizer.eos_token_ids,
+                               lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len)
         self._arrival = itertools.count()
         self._shut_down = False
@@ -206,6 +208,7 @@ class LLMEngine:
             raise EngineError(
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
+        check_token_ids(params, self.vocab_size)
         kv_transfer_params = self.check_kv_transfer_params(kv_transfer_params)
         request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params)
         if params.seed is not None:
@@ -260,7 +263,8 @@ class LLMEngine:
         if sched.scheduled:
             logits = self.executor.execute(sched.scheduled, self.block_manager)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
-            sampled = self.sampler(logits, [SampleRow(r.params, r.generator) for r in sampling]) if sampling else None
+            rows = [SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids) for r in sampling]
+            sampled = self.sampler(logits, rows) if sampling else None
             self.scheduler.after_step(sched)
             if sampled is not None:
                 for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):

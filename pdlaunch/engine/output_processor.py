@@ -1,12 +1,16 @@
 """From sampled tokens to RequestOutputs: detokenization and the stop rules of each request.
 
 Stop order for a new token: a stop token id or (unless ignore_eos) an EOS id finishes with "stop"
-(its id is returned, its text is not); a stop string in the text finishes with "stop" (text cut
-before it); otherwise max_tokens or max_model_len finishes with "length".
+(its id is returned, its text only with include_stop_str_in_output); a stop string in the text
+finishes with "stop" (text cut before it, or after it with include_stop_str_in_output); otherwise
+max_tokens or max_model_len finishes with "length". Before min_tokens tokens are out, neither stop
+ids nor stop strings finish a request (the sampler also holds EOS and stop ids back until then).
+Text is decoded with the request's skip_special_tokens.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +36,9 @@ class OutputProcessor:
 
     def add(self, request: Request) -> None:
         params = request.params
-        detokenizer = IncrementalDetokenizer(self.decode, request.prompt_token_ids, params.stop)
+        decode = functools.partial(self.decode, skip_special_tokens=params.skip_special_tokens)
+        detokenizer = IncrementalDetokenizer(decode, request.prompt_token_ids, params.stop,
+                                             params.include_stop_str_in_output)
         self.tracked[request.request_id] = TrackedRequest(request, detokenizer, frozenset(params.stop_token_ids))
 
     def pop(self, request_id: str) -> TrackedRequest | None:
@@ -45,8 +51,13 @@ class OutputProcessor:
         request.append_output_token(token_id)
         new_text = ""
         reason = None
-        if token_id in tracked.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        may_stop = len(request.output_token_ids) >= params.min_tokens
+        tracked.detokenizer.check_stop = may_stop
+        if may_stop and (token_id in tracked.stop_token_ids
+                         or (not params.ignore_eos and token_id in self.eos_token_ids)):
             reason = "stop"
+            if params.include_stop_str_in_output:
+                new_text = tracked.detokenizer.add(token_id)
         else:
             new_text = tracked.detokenizer.add(token_id)
             if tracked.detokenizer.stopped:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 # vLLM's thresholds (vllm/sampling_params.py): a temperature below SAMPLING_EPS is greedy; one in
@@ -17,6 +17,8 @@ MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 MAX_STOPS = 256
 MAX_STOP_CHARS = 4096
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range; vLLM clamps to it
+MAX_TOKEN_LISTS = 4096  # entries of logit_bias / allowed_token_ids / bad_words
 
 
 class SamplingParams(BaseModel):
@@ -39,6 +41,23 @@ class SamplingParams(BaseModel):
                                                                             max_length=MAX_STOPS)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # top-n alternatives per token; 0 = chosen token only
+    # vLLM's ranges (vllm/sampling_params.py _verify_args).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    logit_bias: dict[Annotated[int, Field(ge=0, le=MAX_INT32)], float] = Field(default_factory=dict,
+                                                                                max_length=MAX_TOKEN_LISTS)
+    allowed_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] | None = Field(
+        None, min_length=1, max_length=1 << 20)
+    bad_words: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOPS)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    # vLLM honours it only in its slow-tokenizer path; fast tokenizers (all we load) never insert
+    # spaces around special tokens, so True and False decode alike, as in vLLM.
+    spaces_between_special_tokens: bool = True
 
     @field_validator("temperature")
     @classmethod
@@ -47,9 +66,35 @@ class SamplingParams(BaseModel):
             return 0.0
         return max(value, MIN_RANDOM_TEMPERATURE)
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _clamp_bias(cls, value: dict[int, float]) -> dict[int, float]:
+        return {t: min(MAX_LOGIT_BIAS, max(-MAX_LOGIT_BIAS, b)) for t, b in value.items()}
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop cannot contain an empty string")
+        return value
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_le_max(cls, value: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and value > max_tokens:
+            raise ValueError(f"min_tokens ({value}) must be less than or equal to max_tokens ({max_tokens})")
+        return value
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether the logits need more than temperature / top-k / top-p (engine/logits_processors.py)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias or self.allowed_token_ids is not None or self.bad_words)
 
 
 @dataclass

@@ -1,14 +1,20 @@
 """Token sampling for a batch of requests, each with its own SamplingParams.
 
-Greedy rows (temperature below SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by
-temperature (at least MIN_RANDOM_TEMPERATURE, so the division stays finite), keep the top_k logits
-and the smallest set whose probability reaches top_p, then sample by the exponential race
+The logits first go through the requests' logits processors (engine/logits_processors.py:
+allowed_token_ids, bad_words, min_tokens, logit_bias, penalties). Greedy rows (temperature below
+SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by temperature (at least
+MIN_RANDOM_TEMPERATURE, so the division stays finite), drop tokens below min_p times the most
+likely one's probability, keep the top_k logits and the smallest set whose probability reaches
+top_p, then sample by the exponential race
 (argmax p_i / E_i with E_i ~ Exp(1), which draws i with probability p_i). A seeded request draws
 its E from its own generator, one draw of V values per token, so its tokens do not depend on what
 else is in the batch; unseeded requests share the engine's generator.
 
 Logprobs are those of the model's distribution (log_softmax of the raw logits), before
-temperature, top_k and top_p.
+processors, temperature, top_k and top_p (vLLM's default, raw logprobs).
+
+Decode steps replayed from CUDA graphs return logits like eager steps: all of this runs after the
+replay, outside the graph.
 
 On CUDA the per-row parameters go to the device from pinned memory without blocking, so the one
 host sync of a step is reading the chosen token ids back (`tolist`).
@@ -17,10 +23,11 @@ host sync of a step is reading the chosen token ids back (`tolist`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from pdlaunch.engine.logits_processors import Encode, LogitsProcessors
 from pdlaunch.engine.outputs import MIN_RANDOM_TEMPERATURE, SamplingParams, TokenLogprob
 from pdlaunch.memory.platform import to_device_async
 
@@ -29,6 +36,8 @@ from pdlaunch.memory.platform import to_device_async
 class SampleRow:
     params: SamplingParams
     generator: torch.Generator | None = None
+    prompt_token_ids: Sequence[int] = field(default_factory=list)  # read by penalties
+    output_token_ids: Sequence[int] = field(default_factory=list)  # penalties, min_tokens, bad_words
 
 
 @dataclass
@@ -58,10 +67,20 @@ def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, devic
     return to_device_async(torch.tensor(values, dtype=dtype), device)
 
 
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero the probabilities below min_p x the row's largest. probs: [N, V]; min_p: [N]."""
+    floor = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
+    return probs.masked_fill(probs < floor, 0.0)
+
+
 class Sampler:
-    def __init__(self, device: torch.device | str, seed: int = 0) -> None:
+    def __init__(self, device: torch.device | str, seed: int = 0, eos_token_ids: Sequence[int] = (),
+                 encode: Encode | None = None) -> None:
+        """`eos_token_ids`: what min_tokens holds back; `encode`: text -> ids without special
+        tokens, for bad_words."""
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.processors = LogitsProcessors(eos_token_ids, encode)
 
     def new_request_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
@@ -69,6 +88,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
         """logits: [N, V] float32, one row per request in `rows`."""
         num_rows, vocab = logits.shape
+        raw = logits
+        logits = self.processors(logits, rows)
         chosen = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
@@ -84,6 +105,9 @@ class Sampler:
             if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
                 sub = apply_top_k_top_p(sub, to_device(top_k, torch.long, dev), to_device(top_p, sub.dtype, dev))
             probs = sub.softmax(dim=-1)
+            min_p = [rows[i].params.min_p for i in random_rows]
+            if any(min_p):
+                probs = apply_min_p(probs, to_device(min_p, probs.dtype, dev))
             race = torch.empty_like(probs)
             shared = [j for j, i in enumerate(random_rows) if rows[i].generator is None]
             if shared:
@@ -95,7 +119,7 @@ class Sampler:
                     race[j] = torch.empty(vocab, device=logits.device).exponential_(generator=gen)
             chosen = chosen.index_copy(0, idx, (probs / race).argmax(dim=-1))
         token_ids = chosen.tolist()
-        return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids))
+        return SamplerOutput(token_ids, self._logprobs(raw, rows, chosen, token_ids))
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, rows: Sequence[SampleRow], chosen: torch.Tensor,

@@ -1,17 +1,19 @@
 """OpenAI request bodies of the instance server and their translation to engine inputs.
 
-Unknown fields are ignored (clients send many optional ones); fields we cannot honour (n > 1,
-best_of, echo) fail with a 400 naming the parameter instead of being silently dropped.
+Unknown fields are ignored (clients send many optional ones); fields vLLM knows and we cannot
+honour fail with a 400 naming the parameter instead of being silently dropped
+(server/unsupported_fields.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.server.errors import OpenAIError, param_of
+from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -36,15 +38,33 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    n: int = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None  # JSON keys are strings of token ids
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None
     return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
 
+    chat: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            refuse_unsupported(data, cls.chat)
+        return data
+
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise OpenAIError(400, "only n=1 is supported", param="n")
+        """Unsupported fields are refused while validating; kept for the callers' flow."""
 
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -60,6 +80,7 @@ class _SamplingFields(BaseModel):
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
+            **{name: getattr(self, name) for name in _PASSED_THROUGH},
         }
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})
@@ -69,21 +90,16 @@ class _SamplingFields(BaseModel):
             raise OpenAIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
 
 
+_PASSED_THROUGH = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+                   "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output",
+                   "skip_special_tokens", "spaces_between_special_tokens")
+
 PromptType = Union[str, list[int], list[str], list[list[int]]]
 
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptType
     logprobs: int | None = None
-    echo: bool = False
-    best_of: int | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo:
-            raise OpenAIError(400, "echo is not supported", param="echo")
-        if self.best_of not in (None, 1):
-            raise OpenAIError(400, "only best_of=1 is supported", param="best_of")
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request: a string or a list of token ids."""
@@ -123,6 +139,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    chat: ClassVar[bool] = True
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False

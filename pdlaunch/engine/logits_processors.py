@@ -1,0 +1,151 @@
+"""Per-request logits processing for a batch, before the sampler picks tokens.
+
+In vLLM's order: allowed_token_ids (everything else to -inf), bad_words, min_tokens (EOS and stop
+ids to -inf until min_tokens are out), logit_bias (added), then the penalties on the raw model
+scores: repetition (prompt and output tokens: positive logits divided, negative multiplied),
+frequency (minus penalty x count in the output) and presence (minus penalty once a token is in the
+output).
+
+Batched: each kind of change is gathered over the rows into flat (row, token[, value]) index lists
+and applied with one scatter / index_put on the device; Python walks requests and their token
+lists, never the vocabulary. Rows that need none of this cost nothing (the all-greedy step of a
+plain batch is unchanged): `SamplingParams.processes_logits` selects the rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.errors import EngineError
+from pdlaunch.memory.platform import to_device_async
+
+Encode = Callable[[str], list[int]]
+BAD_WORDS_CACHE = 4096  # tokenized bad words kept between steps
+
+
+class RowState(Protocol):
+    """What the processors read of one request (engine/sampler.py SampleRow)."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """EngineError naming the field when logit_bias or allowed_token_ids hold an id the model lacks
+    (it would index past the logits inside a step)."""
+    for name, ids in (("logit_bias", params.logit_bias.keys()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise EngineError(f"{name} holds token id {bad[0]} out of the vocabulary [0, {vocab_size})",
+                              field=name, hint=f"use token ids below {vocab_size}")
+
+
+def _flat(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, tokens = zip(*pairs)
+    return (to_device_async(torch.tensor(rows, dtype=torch.long), device),
+            to_device_async(torch.tensor(tokens, dtype=torch.long), device))
+
+
+class LogitsProcessors:
+    def __init__(self, eos_token_ids: Sequence[int], encode: Encode | None = None) -> None:
+        self.eos_token_ids = list(eos_token_ids)
+        self._encode = encode
+        self._bad_words: dict[str, tuple[tuple[int, ...], ...]] = {}  # word -> its token sequences
+
+    def bad_word_token_ids(self, word: str) -> tuple[tuple[int, ...], ...]:
+        """Token sequences of a bad word, as vLLM bans them: the word alone and after a space."""
+        if word not in self._bad_words:
+            if self._encode is None:
+                raise EngineError("bad_words needs a tokenizer", field="bad_words")
+            if len(self._bad_words) >= BAD_WORDS_CACHE:
+                self._bad_words.clear()
+            seqs = {tuple(self._encode(text)) for text in (word.lstrip(), " " + word.lstrip())}
+            self._bad_words[word] = tuple(sorted(s for s in seqs if s))
+        return self._bad_words[word]
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
+        """logits: [N, V] float32; returns the processed logits (a new tensor when any row needs it)."""
+        picked = [i for i, r in enumerate(rows) if r.params.processes_logits]
+        if not picked:
+            return logits
+        logits = logits.clone()  # the raw scores still give the logprobs
+        dev = logits.device
+        allowed = [(i, t) for i in picked for t in (rows[i].params.allowed_token_ids or ())]
+        if allowed:
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            masked = to_device_async(torch.tensor(sorted({i for i, _ in allowed}), dtype=torch.long), dev)
+            keep[_flat(allowed, dev)] = True
+            keep_rows = keep.index_select(0, masked)
+            logits.index_copy_(0, masked, logits.index_select(0, masked).masked_fill(~keep_rows, float("-inf")))
+        banned = self._banned(rows, picked)
+        if banned:
+            logits[_flat(banned, dev)] = float("-inf")
+        bias = [(i, t, b) for i in picked for t, b in rows[i].params.logit_bias.items()]
+        if bias:
+            r, t = _flat([(i, t) for i, t, _ in bias], dev)
+            values = to_device_async(torch.tensor([b for _, _, b in bias], dtype=logits.dtype), dev)
+            logits.index_put_((r, t), values, accumulate=True)
+        penalized = [i for i in picked if _has_penalty(rows[i].params)]
+        if penalized:
+            self._penalize(logits, rows, penalized)
+        return logits
+
+    def _banned(self, rows: Sequence[RowState], picked: list[int]) -> list[tuple[int, int]]:
+        """(row, token) pairs set to -inf: stop ids before min_tokens, the last token of a bad word
+        whose other tokens end the output."""
+        out: list[tuple[int, int]] = []
+        for i in picked:
+            row = rows[i]
+            p = row.params
+            if len(row.output_token_ids) < p.min_tokens:
+                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+                out.extend((i, t) for t in stops)
+            for word in p.bad_words:
+                for seq in self.bad_word_token_ids(word):
+                    before = len(seq) - 1
+                    if before == 0 or list(row.output_token_ids[-before:]) == list(seq[:-1]):
+                        out.append((i, seq[-1]))
+        return out
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, rows: Sequence[RowState], penalized: list[int]) -> None:
+        dev = logits.device
+        vocab = logits.shape[1]
+        idx = to_device_async(torch.tensor(penalized, dtype=torch.long), dev)
+        sub = logits.index_select(0, idx)  # [M, V]
+        counts = torch.zeros_like(sub)
+        lens = [len(rows[i].output_token_ids) for i in penalized]
+        if sum(lens):
+            out_rows = torch.repeat_interleave(torch.arange(len(penalized)), torch.tensor(lens))
+            out_ids = torch.tensor(list(itertools.chain.from_iterable(rows[i].output_token_ids for i in penalized)),
+                                   dtype=torch.long)
+            counts.index_put_((to_device_async(out_rows, dev), to_device_async(out_ids, dev)),
+                              torch.ones(len(out_ids), device=dev), accumulate=True)
+        params = [rows[i].params for i in penalized]
+        rep = [p.repetition_penalty for p in params]
+        if any(r != 1.0 for r in rep):
+            seen = counts > 0
+            prompt_lens = [len(rows[i].prompt_token_ids) if p.repetition_penalty != 1.0 else 0
+                           for i, p in zip(penalized, params)]
+            if sum(prompt_lens):
+                p_rows = torch.repeat_interleave(torch.arange(len(penalized)), torch.tensor(prompt_lens))
+                p_ids = torch.tensor(list(itertools.chain.from_iterable(
+                    rows[i].prompt_token_ids for i, n in zip(penalized, prompt_lens) if n)), dtype=torch.long)
+                seen[to_device_async(p_rows, dev), to_device_async(p_ids.clamp(max=vocab - 1), dev)] = True
+            rep_t = to_device_async(torch.tensor(rep, dtype=sub.dtype), dev).unsqueeze(1)
+            sub = torch.where(seen, torch.where(sub > 0, sub / rep_t, sub * rep_t), sub)
+        freq = to_device_async(torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype), dev)
+        pres = to_device_async(torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype), dev)
+        sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0).to(sub.dtype)
+        logits.index_copy_(0, idx, sub)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return bool(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0)
+
