@@ -108,6 +108,8 @@ class PeerCache:
                     stale = [k for k, r in self._remotes.items()
                              if r.address == cached.address and r.info.engine_id != engine_id]
                     gone = {self._remotes.pop(k).agent_name for k in stale}
+                    for k in stale:
+                        self._locks.pop(k, None)
                     self._remotes[key] = cached
                     gone -= {r.agent_name for r in self._remotes.values()}
                     if cached.mode == "push":
