@@ -31,7 +31,8 @@ def random_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(0, 500) for _ in range(n)] for n in lengths]
 
 
-@pytest.mark.parametrize("fixture", ["llama_ckpt", "qwen2_ckpt", "mistral_ckpt", "hybrid_ckpt", "sharded_ckpt"])
+@pytest.mark.parametrize("fixture", ["llama_ckpt", "qwen2_ckpt", "mistral_ckpt", "hybrid_ckpt", "sharded_ckpt",
+                                     "qwen3_ckpt", "qwen3_tied_ckpt", "llama32_ckpt"])
 def test_greedy_matches_transformers(fixture: str, request: pytest.FixtureRequest, make_engine: MakeEngine) -> None:
     path = request.getfixturevalue(fixture)
     prompts = random_prompts([5, 19, 33])  # 19 and 33 are longer than the mistral/hybrid windows

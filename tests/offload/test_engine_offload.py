@@ -30,14 +30,17 @@ def _hf(path: Path, prompt: list[int]) -> list[int]:
     return hf_greedy(path, prompt, GREEDY.max_tokens)
 
 
+@pytest.mark.parametrize("fixture", ["hybrid_ckpt", "qwen3_tied_ckpt"])  # both: full + sliding groups
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_repeated_prompt_is_served_from_cpu_tier(device: str, hybrid_ckpt: Path, make_engine: MakeEngine) -> None:
-    engine = make_engine(hybrid_ckpt, device=device, **OPTIONS)
+def test_repeated_prompt_is_served_from_cpu_tier(device: str, fixture: str, request: pytest.FixtureRequest,
+                                                 make_engine: MakeEngine) -> None:
+    model = request.getfixturevalue(fixture)
+    engine = make_engine(model, device=device, **OPTIONS)
     if device == "cuda":
         assert engine.offload is not None and engine.offload.tier.caches[0].is_pinned()
     assert engine.offload is not None and len(engine.runner.groups) == 2
     prompt = _prompts([30], seed=11)[0]
-    reference = _hf(hybrid_ckpt, prompt)
+    reference = _hf(model, prompt)
     loaded_metric = metrics.OFFLOAD_LOADED_BLOCKS._value.get()
 
     first = run_all(engine, [prompt], GREEDY)[0]
