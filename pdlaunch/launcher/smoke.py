@@ -24,6 +24,7 @@ from pdlaunch.launcher.deployment import ChildExited, Deployment
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from pdlaunch.launcher.serve import report_child_exit
 from pdlaunch.server.auth import internal_headers
+from pdlaunch.server.model_names import served_model_names
 from pdlaunch.server.sse import parse_sse
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
@@ -75,7 +76,7 @@ def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunRes
     """Send the smoke requests through the proxy; record checks prefixed by `label`."""
     result = RunResult()
     base = deployment.proxy_url
-    greedy = {"model": deployment.cfg.model.path, "max_tokens": MAX_TOKENS, "temperature": 0.0}
+    greedy = {"model": served_model_names(deployment.cfg)[0], "max_tokens": MAX_TOKENS, "temperature": 0.0}
     api_key = deployment.cfg.security.api_key
     client_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S, headers=client_headers) as client:

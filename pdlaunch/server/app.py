@@ -10,7 +10,6 @@ import asyncio
 import os
 import uuid
 from contextlib import asynccontextmanager
-from pathlib import PurePath
 from typing import Any, AsyncIterator, Union
 
 from fastapi import FastAPI, Request
@@ -24,6 +23,7 @@ from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, Str
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.internal import HeldKV, add_internal_routes
 from pdlaunch.server.limits import BodyLimit, client_request_id, read_json_object
+from pdlaunch.server.model_names import accepted_model_names, served_model_names
 from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.responses import ResponseBuilder
@@ -35,7 +35,7 @@ CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; never see
 
 
 def served_model_name(config: DeploymentConfig) -> str:
-    return config.model.path
+    return served_model_names(config)[0]
 
 
 def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceSpec) -> FastAPI:
@@ -56,7 +56,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
     held_kv = HeldKV(engine_loop)
     model_name = served_model_name(config)
-    accepted_names = {model_name, PurePath(model_name).name}
+    accepted_names = accepted_model_names(config)
     sleep = SleepControl(engine_loop, config)
 
     def check_model(model: str | None) -> None:
@@ -117,9 +117,9 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     async def models() -> dict[str, Any]:
         engine = engine_loop.engine
         return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": 0, "owned_by": "pdlaunch",
+            "id": name, "object": "model", "created": 0, "owned_by": "pdlaunch", "root": config.model.path,
             "max_model_len": getattr(engine, "max_model_len", None),
-        }]}
+        } for name in served_model_names(config)]}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
