@@ -106,7 +106,7 @@ def smoke(config: Optional[Path], overrides: dict[str, Any]) -> None:
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option("--model", help="Local HF checkpoint directory, or `demo`.")] = "demo",
+    model: Annotated[str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")] = "demo",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt; repeat for more.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate per prompt.")] = 32,

@@ -72,8 +72,9 @@ class CompareConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_model(self) -> "CompareConfig":
-        if self.model != "demo" and not Path(os.path.expanduser(self.model)).is_dir():
-            raise ValueError(f"--model: {self.model!r} is not a directory (give a local HF checkpoint or `demo`)")
+        if self.model not in ("demo", "tiny") and not Path(os.path.expanduser(self.model)).exists():
+            raise ValueError(f"--model: {self.model!r} does not exist (give a local HF checkpoint, a .gguf file, "
+                             "`demo` or `tiny`)")
         if self.config is not None and not self.config.is_file():
             raise ValueError(f"--config: {str(self.config)!r} is not a file")
         return self

@@ -11,7 +11,7 @@ colocated: false        # true: one instance does prefill and decode (no KV tran
 log_dir: logs           # one log file per instance
 
 model:
-  path: demo            # a local HF checkpoint directory (config.json + safetensors), or `demo`
+  path: demo            # HF checkpoint directory, FILE.gguf, `demo` (SmolLM2-135M-Instruct) or `tiny`
   dtype: auto           # auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)
   max_model_len: 512    # longest prompt + output, tokens; at most the model's max_position_embeddings
   seed: 0

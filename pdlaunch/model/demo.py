@@ -1,4 +1,7 @@
-"""`--model demo`: a small deterministic random Llama checkpoint, built once into the user cache.
+"""`--model tiny`: a small deterministic random Llama checkpoint, built once into the user cache (tests use it).
+
+Model names are resolved here too: `demo` is SmolLM2-135M-Instruct (model/demo_model.py), a `.gguf`
+file is converted once (model/gguf.py), anything else is a checkpoint directory.
 
 The weights come from a seeded CPU torch.Generator and are written with safetensors directly (no
 transformers needed at run time), so every machine builds the same bytes. The build goes into a
@@ -139,9 +142,9 @@ def is_gguf(path: str) -> bool:
 def resolve_model_path(path: str, say: Callable[[str], None] | None = None) -> Path:
     """`demo`/`tiny` -> the built-in checkpoint; `FILE.gguf` -> its converted directory (cached);
     otherwise the checkpoint directory, which must exist. `say` reports a first-use fetch/conversion."""
-    if path in (TINY_MODEL, DEMO_MODEL):  # SWITCH-PENDING: demo becomes SmolLM2 once the tests say `tiny`
+    if path == TINY_MODEL:
         return ensure_demo_checkpoint()
-    if path == "smollm2-demo":
+    if path == DEMO_MODEL:
         from pdlaunch.model.demo_model import ensure_demo_model
 
         return ensure_demo_model(say)

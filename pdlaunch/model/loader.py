@@ -39,7 +39,7 @@ class Checkpoint:
     arch: ModelArch
     tokenizer: Tokenizer
     path: Path
-    name: str  # served model name: "demo" or the directory name
+    name: str  # served model name: "demo", "tiny" or the directory name
 
 
 def load_checkpoint(path_or_demo: str) -> Checkpoint:

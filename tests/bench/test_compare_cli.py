@@ -31,12 +31,12 @@ def _invoke(args: list[str]) -> Any:
 
 @pytest.mark.parametrize(("args", "flag"), [
     (["--model", "/no/such/checkpoint", "--rates", "2"], "--model"),
-    (["--model", "demo", "--rates", "0,2"], "--rates"),
-    (["--model", "demo", "--rates", "-1"], "--rates"),
-    (["--model", "demo", "--rates", "two"], "--rates"),
-    (["--model", "demo", "--rates", "2", "--device", "cpu", "--gpus", "0,1"], "--gpus"),
-    (["--model", "demo", "--rates", "2", "--gpus", "0,x"], "--gpus"),
-    (["--model", "demo", "--rates", "2", "--num-prompts", "0"], "--num-prompts"),
+    (["--model", "tiny", "--rates", "0,2"], "--rates"),
+    (["--model", "tiny", "--rates", "-1"], "--rates"),
+    (["--model", "tiny", "--rates", "two"], "--rates"),
+    (["--model", "tiny", "--rates", "2", "--device", "cpu", "--gpus", "0,1"], "--gpus"),
+    (["--model", "tiny", "--rates", "2", "--gpus", "0,x"], "--gpus"),
+    (["--model", "tiny", "--rates", "2", "--num-prompts", "0"], "--num-prompts"),
 ])
 def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     result = _invoke([*args, "--out", str(tmp_path / "out")])
@@ -54,7 +54,7 @@ def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> CompareConfig:
-    return CompareConfig(model="demo", rates=[2.0], out=tmp_path, **kw)
+    return CompareConfig(model="tiny", rates=[2.0], out=tmp_path, **kw)
 
 
 def test_gpu_checks(two_gpus: None, tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_gpu_checks(two_gpus: None, tmp_path: Path) -> None:
         with pytest.raises(PdlaunchError) as info:
             resolve_layout(_cfg(tmp_path, **kw))
         assert info.value.field == flag and words in info.value.message
-    result = _invoke(["--model", "demo", "--rates", "2", "--gpus", "0,7", "--out", str(tmp_path)])
+    result = _invoke(["--model", "tiny", "--rates", "2", "--gpus", "0,7", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "error: --gpus: GPU 7 does not exist" in " ".join(result.output.split())
 
 
@@ -157,7 +157,7 @@ def _leftovers(marker: str) -> list[str]:
 @pytest.mark.timeout(240)
 def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    result = _invoke(["--model", "demo", "--device", "cpu", "--rates", "4,8", *WORKLOAD, "--out", str(out)])
+    result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4,8", *WORKLOAD, "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = result.output
     assert "colocated x2" in text and "PD 1P1D" in text and "goodput" in text and "TPOT" in text
@@ -207,7 +207,7 @@ def test_sigterm_while_starting_stops_the_deployment(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     log = open(tmp_path / "compare.out", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdlaunch", "bench", "compare", "--model", "demo", "--device", "cpu", "--rates", "2",
+        [sys.executable, "-m", "pdlaunch", "bench", "compare", "--model", "tiny", "--device", "cpu", "--rates", "2",
          *WORKLOAD, "--out", str(out)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

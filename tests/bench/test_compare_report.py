@@ -29,7 +29,7 @@ def _runs() -> list[DeploymentRun]:
 
 
 def _cfg(tmp_path: Path) -> CompareConfig:
-    return CompareConfig(model="demo", rates=[2, 4, 8], out=tmp_path)
+    return CompareConfig(model="tiny", rates=[2, 4, 8], out=tmp_path)
 
 
 def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

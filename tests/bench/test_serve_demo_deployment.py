@@ -1,4 +1,4 @@
-"""`pdlaunch bench serve` against a real demo PD deployment (`pdlaunch serve --model demo --device cpu`:
+"""`pdlaunch bench serve` against a real demo PD deployment (`pdlaunch serve --model tiny --device cpu`:
 prefill + decode instances over NIXL, proxy in front). Numbers are not asserted."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def demo_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     out = open(logs / "launcher.out", "w")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "pdlaunch", "serve", "--model", "demo", "--device", "cpu", "--port", str(port),
+        [sys.executable, "-m", "pdlaunch", "serve", "--model", "tiny", "--device", "cpu", "--port", str(port),
          "--max-model-len", "512", "--log-dir", str(logs)],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -68,7 +68,7 @@ def test_bench_serve_against_demo_pd_deployment(demo_deployment: str, tmp_path: 
     assert result.exit_code == 0, result.output
     doc = json.loads(result_file.read_text())
     assert doc["completed"] == 6 and doc["failed"] == 0
-    assert doc["model_id"] == "demo"
+    assert doc["model_id"] == "tiny"
     # ignore_eos + max_tokens: every request produced exactly the tokens it asked for (the same seed
     # draws the same requests, in order)
     cfg = ServeBenchConfig(base_url=demo_deployment, num_prompts=6, random_input_len=24, random_output_len=6,

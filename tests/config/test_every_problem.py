@@ -10,7 +10,7 @@ from tests.config.cli_helpers import check, check_json
 
 
 def test_field_errors_and_rule_problems_together() -> None:
-    args = ["--model", "demo", "--device", "cpu", "--block-size", "7", "--transfer-mode", "sideways",
+    args = ["--model", "tiny", "--device", "cpu", "--block-size", "7", "--transfer-mode", "sideways",
             "--enable-cumem-allocator", "--decode", "0"]
     result = check(args)
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -20,6 +20,6 @@ def test_field_errors_and_rule_problems_together() -> None:
 
 def test_serve_path_reports_them_too() -> None:
     with pytest.raises(ConfigError) as info:
-        load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "cache.block_size": 12,
+        load_valid_deployment(None, {"model.path": "tiny", "device": "cpu", "cache.block_size": 12,
                                      "proxy.port": "x", "instances[decode].count": 0})
     assert {field for field, _ in info.value.problems} == {"--block-size", "--port", "instances"}

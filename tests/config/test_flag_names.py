@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tests.config.cli_helpers import assert_invalid, check, check_json, invoke, write_yaml
 
-CPU = ["--model", "demo", "--device", "cpu"]
+CPU = ["--model", "tiny", "--device", "cpu"]
 
 
 def test_prefill_flag_is_named_not_the_group_it_lands_in() -> None:

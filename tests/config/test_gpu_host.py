@@ -17,7 +17,7 @@ ONE_GPU_PD = [str(Path(__file__).resolve().parents[2] / "examples" / "gpu-1p1d-s
 
 def test_demo_on_cuda_is_valid_and_auto_means_cuda() -> None:
     assert check(ONE_GPU_PD).exit_code == 0
-    config = check_json(["--model", "demo", "--device", "auto", "--colocated"])["config"]
+    config = check_json(["--model", "tiny", "--device", "auto", "--colocated"])["config"]
     assert config["device"] == "cuda" and config["model"]["dtype"] == "bfloat16"
 
 
@@ -31,16 +31,16 @@ def test_expandable_segments_rule_on_this_host(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     assert_invalid(check(ONE_GPU_PD), "model.enable_cumem_allocator", "--enable-sleep-mode")
     assert check([*ONE_GPU_PD, "--enable-cumem-allocator"]).exit_code == 0
-    assert check(["--model", "demo", "--device", "cuda", "--colocated"]).exit_code == 0
+    assert check(["--model", "tiny", "--device", "cuda", "--colocated"]).exit_code == 0
 
 
 def test_more_instances_than_this_hosts_gpus() -> None:
     if torch.cuda.device_count() == 1:  # one GPU: instances that name no devices share it
-        config = check_json(["--model", "demo", "--device", "cuda", "--decode", "2"])["config"]
+        config = check_json(["--model", "tiny", "--device", "cuda", "--decode", "2"])["config"]
         assert [g["devices"] for g in config["instances"]] == [[0], [0, 0]]
         return
     too_many = str(torch.cuda.device_count() + 1)
-    result = check(["--model", "demo", "--device", "cuda", "--decode", too_many])
+    result = check(["--model", "tiny", "--device", "cuda", "--decode", too_many])
     assert_invalid(result, "instances", "this machine has")
 
 

@@ -9,8 +9,8 @@ import torch
 
 from tests.config.cli_helpers import assert_invalid, check, check_json, write_yaml
 
-CPU = ["--model", "demo", "--device", "cpu"]
-GPU2 = ["--model", "demo", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+CPU = ["--model", "tiny", "--device", "cpu"]
+GPU2 = ["--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
 
 # (id, YAML text or None, flags, field the problem must name)
 CORPUS: list[tuple[str, str | None, list[str], str]] = [
@@ -49,8 +49,8 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
      "kv_transfer.side_channel_port"),
     ("colocated-with-prefill", "colocated: true\ninstances: [{role: prefill}, {role: colocated}]\n", CPU,
      "instances[0].role"),
-    ("flag-bad-device", None, ["--model", "demo", "--device", "tpu"], "--device"),
-    ("flag-bad-dtype", None, ["--model", "demo", "--device", "cpu", "--dtype", "int8"], "--dtype"),
+    ("flag-bad-device", None, ["--model", "tiny", "--device", "tpu"], "--device"),
+    ("flag-bad-dtype", None, ["--model", "tiny", "--device", "cpu", "--dtype", "int8"], "--dtype"),
     ("flag-bad-transfer-mode", None, [*CPU, "--transfer-mode", "pul"], "--transfer-mode"),
     ("flag-bad-connector", None, [*CPU, "--kv-connector", "redis"], "--kv-connector"),
     ("flag-zero-tp", None, [*CPU, "--tp", "0"], "--tp"),
@@ -70,7 +70,7 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
     ("flag-decode-tp-vs-heads", None, [*CPU, "--decode-tp", "16"], "instances[1].tp"),
     ("flag-too-many-gpus", None, [*GPU2, "--decode", "4"], "instances"),
     ("flag-missing-model", None, ["--model", "/nonexistent/model", "--device", "cpu"], "--model"),
-    ("flag-target-half", None, ["--model", "demo", "--target-gpus", "2"], "--target-gpu-memory"),
+    ("flag-target-half", None, ["--model", "tiny", "--target-gpus", "2"], "--target-gpu-memory"),
     ("flag-missing-file", None, ["/nonexistent/deploy.yaml", *CPU], "config"),
     ("flag-config-unknown-user-home", None, ["~nosuchuser-pdlaunch/deploy.yaml", *CPU], "config"),
     ("flag-config-is-directory", None, ["/", *CPU], "config"),
@@ -78,7 +78,7 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
 ]
 
 if not torch.cuda.is_available():  # on a CUDA host this one is valid
-    CORPUS.append(("flag-cuda-no-target", None, ["--model", "demo", "--device", "cuda"], "--device"))
+    CORPUS.append(("flag-cuda-no-target", None, ["--model", "tiny", "--device", "cuda"], "--device"))
 
 
 def test_corpus_is_large_enough() -> None:

@@ -49,7 +49,7 @@ def test_colocated_without_instances_is_one_colocated_instance() -> None:
 
 
 def test_unknown_keys_get_did_you_mean(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path, "cache:\n  blok_size: 16\nblock_size: 8\nmodle: {path: demo}\n")
+    path = write_yaml(tmp_path, "cache:\n  blok_size: 16\nblock_size: 8\nmodle: {path: tiny}\n")
     problems = dict(_problems(path, {}))
     assert "did you mean `block_size`" in problems["cache.blok_size"]
     assert "did you mean `cache.block_size`" in problems["block_size"]
@@ -70,7 +70,7 @@ def test_flag_value_errors_name_the_flag() -> None:
 
 
 def test_yaml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path, "model:\n  path: demo\n   dtype: float32\n")
+    path = write_yaml(tmp_path, "model:\n  path: tiny\n   dtype: float32\n")
     (field, message), = _problems(path, {})
     assert field == "config" and str(path) in message and "line 3" in message and "column" in message
 
@@ -88,14 +88,14 @@ def test_empty_file_is_all_defaults(tmp_path: Path) -> None:
 
 def test_load_valid_deployment_raises_every_problem() -> None:
     with pytest.raises(ConfigError) as info:
-        load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "cache.block_size": 12,
+        load_valid_deployment(None, {"model.path": "tiny", "device": "cpu", "cache.block_size": 12,
                                      "model.enable_cumem_allocator": True, "instances[decode].count": 0})
     fields = {field for field, _ in info.value.problems}
     assert fields == {"--block-size", "--enable-cumem-allocator", "instances"}
 
 
 def test_load_valid_deployment_returns_resolved_config() -> None:
-    cfg = load_valid_deployment(None, {"model.path": "demo", "device": "cpu", "parallel.tp": 2})
+    cfg = load_valid_deployment(None, {"model.path": "tiny", "device": "cpu", "parallel.tp": 2})
     assert cfg.device == "cpu" and cfg.model.dtype == "float32"
     assert [(g.role, g.tp) for g in cfg.instances] == [("prefill", 2), ("decode", 2)]
     assert cfg.model.max_model_len is not None

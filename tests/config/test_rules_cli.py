@@ -24,36 +24,36 @@ def _deployment_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 # --- seed 003: cumem allocator and sleep mode -------------------------------------------------
 
 def test_cumem_on_cpu_is_not_supported() -> None:
-    result = check(["--model", "demo", "--device", "cpu", "--enable-cumem-allocator"])
+    result = check(["--model", "tiny", "--device", "cpu", "--enable-cumem-allocator"])
     assert_invalid(result, "--enable-cumem-allocator", "cumem allocator is not supported on current platform")
 
 
 def test_sleep_mode_on_cpu_is_not_supported() -> None:
-    result = check(["--model", "demo", "--device", "cpu", "--enable-sleep-mode"])
+    result = check(["--model", "tiny", "--device", "cpu", "--enable-sleep-mode"])
     assert_invalid(result, "--enable-sleep-mode", "sleep mode is not supported on current platform")
 
 
 def test_sleep_mode_turns_cumem_on_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="pdlaunch.config.validate")
     for _ in range(2):
-        report = check_json(["--model", "demo", *GPU2, "--enable-sleep-mode"])
+        report = check_json(["--model", "tiny", *GPU2, "--enable-sleep-mode"])
         assert report["valid"] and report["config"]["model"]["enable_cumem_allocator"] is True
     assert [r.getMessage() for r in caplog.records].count(SLEEP_ENABLES_CUMEM) == 1
 
 
 def test_summary_says_why_cumem_is_on() -> None:
-    result = check(["--model", "demo", *GPU2, "--enable-sleep-mode"])
+    result = check(["--model", "tiny", *GPU2, "--enable-sleep-mode"])
     assert result.exit_code == 0 and "cumem allocator: on (sleep mode requires it)" in result.output
 
 
 def test_cumem_without_sleep_mode_stays_on_and_sleep_off() -> None:
-    config = check_json(["--model", "demo", *GPU2, "--enable-cumem-allocator"])["config"]
+    config = check_json(["--model", "tiny", *GPU2, "--enable-cumem-allocator"])["config"]
     assert config["model"]["enable_cumem_allocator"] is True and config["model"]["enable_sleep_mode"] is False
 
 
 def test_expandable_segments_with_connector_needs_cumem(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512,expandable_segments:True")
-    result = check(["--model", "demo", *GPU2])
+    result = check(["--model", "tiny", *GPU2])
     assert_invalid(result, "model.enable_cumem_allocator", "expandable_segments:True")
     line = next(x for x in result.output.splitlines() if "expandable_segments" in x)
     assert "--enable-cumem-allocator" in line and "--enable-sleep-mode" in line
@@ -63,37 +63,37 @@ def test_expandable_segments_with_connector_needs_cumem(monkeypatch: pytest.Monk
 def test_expandable_segments_allowed_with_cumem_or_without_connector(
         monkeypatch: pytest.MonkeyPatch, fix: list[str]) -> None:
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    assert check(["--model", "demo", *GPU2, *fix]).exit_code == 0
+    assert check(["--model", "tiny", *GPU2, *fix]).exit_code == 0
 
 
 def test_expandable_segments_false_is_fine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
-    assert check(["--model", "demo", *GPU2]).exit_code == 0
+    assert check(["--model", "tiny", *GPU2]).exit_code == 0
 
 
 # --- device and target host -------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this host has CUDA")
 def test_cuda_without_gpu_or_target_is_a_problem() -> None:
-    assert_invalid(check(["--model", "demo", "--device", "cuda"]), "--device", "--target-gpus")
+    assert_invalid(check(["--model", "tiny", "--device", "cuda"]), "--device", "--target-gpus")
 
 
 def test_auto_with_target_host_means_cuda() -> None:
-    config = check_json(["--model", "demo", "--target-gpus", "2", "--target-gpu-memory", "80"])["config"]
+    config = check_json(["--model", "tiny", "--target-gpus", "2", "--target-gpu-memory", "80"])["config"]
     assert config["device"] == "cuda" and config["model"]["dtype"] == "bfloat16"
 
 
 def test_target_flags_must_come_together_and_be_positive() -> None:
-    assert_invalid(check(["--model", "demo", "--target-gpus", "2"]), "--target-gpu-memory")
-    assert_invalid(check(["--model", "demo", "--target-gpus", "0", "--target-gpu-memory", "80"]), "--target-gpus")
-    assert_invalid(check(["--model", "demo", "--target-gpus", "2", "--target-gpu-memory", "-1"]),
+    assert_invalid(check(["--model", "tiny", "--target-gpus", "2"]), "--target-gpu-memory")
+    assert_invalid(check(["--model", "tiny", "--target-gpus", "0", "--target-gpu-memory", "80"]), "--target-gpus")
+    assert_invalid(check(["--model", "tiny", "--target-gpus", "2", "--target-gpu-memory", "-1"]),
                    "--target-gpu-memory")
 
 
 def test_float16_rejected_on_cpu_bfloat16_allowed() -> None:
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--dtype", "float16"]), "--dtype", "CPU")
-    assert check(["--model", "demo", "--device", "cpu", "--dtype", "bfloat16"]).exit_code == 0
-    assert check(["--model", "demo", *GPU2, "--dtype", "float16"]).exit_code == 0
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--dtype", "float16"]), "--dtype", "CPU")
+    assert check(["--model", "tiny", "--device", "cpu", "--dtype", "bfloat16"]).exit_code == 0
+    assert check(["--model", "tiny", *GPU2, "--dtype", "float16"]).exit_code == 0
 
 
 # --- model directory --------------------------------------------------------------------------
@@ -159,12 +159,12 @@ def test_prefill_decode_tp_ratio(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("size", ["8", "16", "32", "64", "128"])
 def test_supported_block_sizes(size: str) -> None:
-    assert check(["--model", "demo", "--device", "cpu", "--block-size", size]).exit_code == 0
+    assert check(["--model", "tiny", "--device", "cpu", "--block-size", size]).exit_code == 0
 
 
 @pytest.mark.parametrize("size", ["0", "12", "256"])
 def test_unsupported_block_sizes(size: str) -> None:
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--block-size", size]), "--block-size")
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--block-size", size]), "--block-size")
 
 
 def test_max_model_len_within_positions(tmp_path: Path) -> None:
@@ -180,31 +180,31 @@ def test_max_model_len_defaults_to_model_positions(tmp_path: Path) -> None:
 
 
 def test_num_gpu_blocks_must_hold_one_sequence() -> None:
-    result = check(["--model", "demo", "--device", "cpu", "--max-model-len", "1024", "--num-gpu-blocks", "10"])
+    result = check(["--model", "tiny", "--device", "cpu", "--max-model-len", "1024", "--num-gpu-blocks", "10"])
     assert_invalid(result, "--num-gpu-blocks", "64 blocks")
 
 
 # --- ports ------------------------------------------------------------------------------------
 
 def test_port_out_of_range() -> None:
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--port", "70000"]), "--port", "1..65535")
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--port", "70000"]), "--port", "1..65535")
 
 
 def test_instance_ports_collide_with_proxy(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "proxy: {port: 8101}\ninstances:\n  - {role: prefill, count: 2, base_port: 8100}\n"
                       "  - {role: decode, count: 1, base_port: 8200}\n")
-    assert_invalid(check([str(path), "--model", "demo", "--device", "cpu"]), "instances[0].base_port", "8101")
+    assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "instances[0].base_port", "8101")
 
 
 def test_instance_groups_collide(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - {role: prefill, count: 3, base_port: 8100}\n"
                       "  - {role: decode, count: 1, base_port: 8102}\n")
-    assert_invalid(check([str(path), "--model", "demo", "--device", "cpu"]), "instances[1].base_port")
+    assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "instances[1].base_port")
 
 
 def test_side_channel_range_collides_with_master_port(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "kv_transfer: {side_channel_port: 29499}\nparallel: {master_port: 29500}\n")
-    assert_invalid(check([str(path), "--model", "demo", "--device", "cpu"]), "kv_transfer.side_channel_port")
+    assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "kv_transfer.side_channel_port")
 
 
 def test_same_ports_on_different_nodes_are_fine(tmp_path: Path) -> None:
@@ -212,43 +212,43 @@ def test_same_ports_on_different_nodes_are_fine(tmp_path: Path) -> None:
                       "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                       "instances:\n  - {role: prefill, base_port: 8100, node: 0}\n"
                       "  - {role: decode, base_port: 8100, node: 1}\n")
-    assert check([str(path), "--model", "demo", *GPU2]).exit_code == 0
+    assert check([str(path), "--model", "tiny", *GPU2]).exit_code == 0
 
 
 def test_loopback_side_channel_across_nodes(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: a}, {address: b}]\n"
                       "instances:\n  - {role: prefill, base_port: 8100, node: 0}\n"
                       "  - {role: decode, base_port: 8100, node: 1}\n")
-    assert_invalid(check([str(path), "--model", "demo", *GPU2]), "kv_transfer.side_channel_host", "0.0.0.0")
+    assert_invalid(check([str(path), "--model", "tiny", *GPU2]), "kv_transfer.side_channel_host", "0.0.0.0")
 
 
 # --- devices ----------------------------------------------------------------------------------
 
 def test_devices_over_subscribed_on_target() -> None:
-    assert_invalid(check(["--model", "demo", *GPU2, "--prefill", "2"]), "instances", "needs 3 GPUs")
+    assert_invalid(check(["--model", "tiny", *GPU2, "--prefill", "2"]), "instances", "needs 3 GPUs")
 
 
 def test_explicit_devices_beyond_host(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - {role: prefill, devices: [0]}\n  - {role: decode, devices: [5]}\n")
-    assert_invalid(check([str(path), "--model", "demo", *GPU2]), "instances[1].devices", "device 5")
+    assert_invalid(check([str(path), "--model", "tiny", *GPU2]), "instances[1].devices", "device 5")
 
 
 def test_explicit_devices_length_must_be_count_times_tp(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - {role: prefill, tp: 2, devices: [0]}\n  - {role: decode}\n")
-    assert_invalid(check([str(path), "--model", "demo", *GPU2, "--target-gpus", "4"]), "instances[0].devices")
+    assert_invalid(check([str(path), "--model", "tiny", *GPU2, "--target-gpus", "4"]), "instances[0].devices")
 
 
 def test_explicit_devices_overlap_needs_memory_shares_that_fit(tmp_path: Path) -> None:
     text = "instances:\n  - {role: prefill, devices: [0]}\n  - {role: decode, devices: [0]}\n"
     path = write_yaml(tmp_path, text)
-    assert_invalid(check([str(path), "--model", "demo", *GPU2]), "instances[1].devices", "gpu_memory_utilization")
-    assert check([str(path), "--model", "demo", *GPU2, "--gpu-memory-utilization", "0.45"]).exit_code == 0
+    assert_invalid(check([str(path), "--model", "tiny", *GPU2]), "instances[1].devices", "gpu_memory_utilization")
+    assert check([str(path), "--model", "tiny", *GPU2, "--gpu-memory-utilization", "0.45"]).exit_code == 0
 
 
 def test_pull_between_instances_on_one_gpu_fails(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "cache: {gpu_memory_utilization: 0.4}\n"
                       "instances:\n  - {role: prefill, devices: [0]}\n  - {role: decode, devices: [0]}\n")
-    assert_invalid(check([str(path), "--model", "demo", *GPU2, "--transfer-mode", "pull"]),
+    assert_invalid(check([str(path), "--model", "tiny", *GPU2, "--transfer-mode", "pull"]),
                    "--transfer-mode", "push")
 
 
@@ -256,7 +256,7 @@ def test_multi_node_tp_spans_nodes(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: a}, {address: b}]\n"
                       "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                       "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 4, node: 1}\n")
-    base = [str(path), "--model", "demo", "--device", "cuda", "--target-gpu-memory", "80"]
+    base = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpu-memory", "80"]
     assert check([*base, "--target-gpus", "4"]).exit_code == 0
     assert_invalid(check([*base, "--target-gpus", "2"]), "instances[1].tp", "more GPUs")
 
@@ -264,31 +264,31 @@ def test_multi_node_tp_spans_nodes(tmp_path: Path) -> None:
 # --- roles and nodes --------------------------------------------------------------------------
 
 def test_pd_needs_a_prefill_and_a_decode() -> None:
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--prefill", "0"]), "instances", "no prefill")
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--decode", "0"]), "instances", "no decode")
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--prefill", "0"]), "instances", "no prefill")
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--decode", "0"]), "instances", "no decode")
 
 
 def test_colocated_needs_no_prefill_or_decode() -> None:
-    assert check(["--model", "demo", "--device", "cpu", "--colocated"]).exit_code == 0
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--colocated", "--decode", "2"]),
+    assert check(["--model", "tiny", "--device", "cpu", "--colocated"]).exit_code == 0
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--colocated", "--decode", "2"]),
                    "instances[1].role", "colocated")
 
 
 def test_colocated_group_needs_colocated_flag(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances: [{role: colocated}]\n")
-    assert_invalid(check([str(path), "--model", "demo", "--device", "cpu"]), "instances[0].role", "--colocated")
+    assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "instances[0].role", "--colocated")
 
 
 def test_node_rank_within_nodes(tmp_path: Path) -> None:
-    assert_invalid(check(["--model", "demo", "--device", "cpu", "--node-rank", "1"]), "--node-rank")
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--node-rank", "1"]), "--node-rank")
     path = write_yaml(tmp_path, "parallel: {nodes: [{address: a}, {address: b}]}\n")
-    assert check([str(path), "--model", "demo", *GPU2, "--node-rank", "1"]).exit_code == 0
-    assert_invalid(check([str(path), "--model", "demo", *GPU2, "--node-rank", "2"]), "--node-rank")
+    assert check([str(path), "--model", "tiny", *GPU2, "--node-rank", "1"]).exit_code == 0
+    assert_invalid(check([str(path), "--model", "tiny", *GPU2, "--node-rank", "2"]), "--node-rank")
 
 
 def test_group_node_within_nodes(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - {role: prefill}\n  - {role: decode, node: 1}\n")
-    assert_invalid(check([str(path), "--model", "demo", "--device", "cpu"]), "instances[1].node")
+    assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "instances[1].node")
 
 
 # --- memory estimate --------------------------------------------------------------------------
@@ -305,11 +305,11 @@ def test_model_too_big_for_the_target_gpus(tmp_path: Path) -> None:
 
 def test_cpu_kv_budget_must_hold_one_sequence(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "cache: {cpu_kv_cache_gb: 0.001}\n")
-    assert_invalid(check([str(path), "--model", "demo", "--device", "cpu"]), "cache.cpu_kv_cache_gb")
+    assert_invalid(check([str(path), "--model", "tiny", "--device", "cpu"]), "cache.cpu_kv_cache_gb")
 
 
 def test_summary_shows_instances_ports_memory_and_transfer() -> None:
-    result = check(["--model", "demo", "--device", "cpu", "--transfer-mode", "push", "--port", "9100"])
+    result = check(["--model", "tiny", "--device", "cpu", "--transfer-mode", "push", "--port", "9100"])
     assert result.exit_code == 0
     for text in ("prefill", "decode", "port 9100 (proxy)", "memory estimate", "nixl, mode push",
                  "cumem allocator: off", "valid"):
@@ -320,7 +320,7 @@ def test_tp_group_spanning_nodes_needs_master_port_and_reachable_side_channel(tm
     spanning = ("parallel:\n  nodes: [{address: a, devices: [0]}, {address: b, devices: [0, 1]}]\n"
                 "instances:\n  - {role: prefill, tp: 2, node: 0, base_port: 8100}\n"
                 "  - {role: decode, tp: 2, node: 1, base_port: 8200}\n")
-    cpu = ["--model", "demo", "--device", "cpu"]
+    cpu = ["--model", "tiny", "--device", "cpu"]
     result = check([str(write_yaml(tmp_path, spanning)), *cpu])
     assert_invalid(result, "parallel.master_port", "spans nodes")
     assert "kv_transfer.side_channel_host" in result.output

@@ -11,7 +11,7 @@ import pytest
 from pdlaunch.config.security_rules import SECRET_ENV
 from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
 
-CPU = ["--model", "demo", "--device", "cpu"]
+CPU = ["--model", "tiny", "--device", "cpu"]
 TWO_NODES = ("parallel: {nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]}\n"
              "instances:\n  - {role: prefill, node: 0}\n  - {role: decode, node: 0}\n")
 

@@ -12,7 +12,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
 
-CPU = ["--model", "demo", "--device", "cpu"]
+CPU = ["--model", "tiny", "--device", "cpu"]
 
 
 # --- log_dir ----------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_duplicate_keys_name_the_path_and_lines(tmp_path: Path) -> None:
 
 
 def test_duplicate_top_level_section(tmp_path: Path) -> None:
-    path = write_yaml(tmp_path, "cache: {block_size: 16}\nmodel: {path: demo}\ncache: {block_size: 32}\n")
+    path = write_yaml(tmp_path, "cache: {block_size: 16}\nmodel: {path: tiny}\ncache: {block_size: 32}\n")
     assert_invalid(check([str(path), "--device", "cpu"]), "cache", "line 3 (first at line 1)")
 
 
@@ -129,4 +129,4 @@ def test_another_hosts_log_dir_and_addresses_are_not_checked_here(tmp_path: Path
     (tmp_path / "f").write_text("")
     path = write_yaml(tmp_path, f"log_dir: {tmp_path / 'f'}\nproxy: {{host: 192.0.2.7}}\n")
     target = ["--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
-    assert check([str(path), "--model", "demo", *target]).exit_code == 0
+    assert check([str(path), "--model", "tiny", *target]).exit_code == 0

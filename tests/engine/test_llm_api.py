@@ -41,7 +41,7 @@ def test_llm_rejects_unknown_options_and_bad_prompts(llama_ckpt) -> None:  # typ
 
 
 def test_generate_command_prints_json_lines() -> None:
-    result = CliRunner().invoke(app, ["generate", "--model", "demo", "--device", "cpu", "--json", "--max-tokens", "5",
+    result = CliRunner().invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--json", "--max-tokens", "5",
                                       "--prompt", "Hello", "--prompt", "What is the capital of France?"])
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in result.output.strip().splitlines()]
@@ -50,7 +50,7 @@ def test_generate_command_prints_json_lines() -> None:
 
 
 def test_generate_command_table_and_bad_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    result = CliRunner().invoke(app, ["generate", "--model", "demo", "--device", "cpu", "--max-tokens", "3"])
+    result = CliRunner().invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--max-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert "Hello, my name is" in result.output and "completion" in result.output
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--device", "cpu"])

@@ -25,7 +25,7 @@ PROMPT = "The capital of France is"
 def _instance(role: str) -> tuple[DeploymentConfig, InstanceSpec, EngineLoop]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "instances": [{"role": "prefill"}, {"role": "decode"}],
-        "model": {"path": "demo", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64, "block_size": 8},
+        "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64, "block_size": 8},
         "kv_transfer": {"transfer_mode": "pull", "kv_lease_seconds": 30.0},
         "security": {"deployment_secret": TEST_SECRET},
     })
@@ -54,7 +54,7 @@ def pair() -> Iterator[tuple[str, str]]:
 
 
 def _post(url: str, kv: Any, max_tokens: int = 2) -> httpx.Response:
-    body = {"model": "demo", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "kv_transfer_params": kv}
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0, "kv_transfer_params": kv}
     return httpx.post(f"{url}/v1/completions", json=body, timeout=120)
 
 

@@ -101,11 +101,13 @@ def check_pd(model: Path, prefill: EngineProcess, decode: EngineProcess, connect
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("mode", ["pull", "push"])
-def test_nixl_pd_equals_colocated(llama_ckpt: Path, mode: str) -> None:
-    for prefill, decode in pd_pair(llama_ckpt, "nixl", mode):
+@pytest.mark.parametrize("fixture,mode", [("llama_ckpt", "pull"), ("llama_ckpt", "push"), ("qwen3_ckpt", "pull"),
+                                          ("llama32_ckpt", "push")])
+def test_nixl_pd_equals_colocated(fixture: str, mode: str, request: pytest.FixtureRequest) -> None:
+    model = request.getfixturevalue(fixture)
+    for prefill, decode in pd_pair(model, "nixl", mode):
         assert decode.info["transfer_mode"] == mode
-        check_pd(llama_ckpt, prefill, decode, "nixl")
+        check_pd(model, prefill, decode, "nixl")
 
 
 @pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""`--model demo`: deterministic bytes, atomic build into the cache, tokenizer and chat template."""
+"""`--model tiny`: deterministic bytes, atomic build into the cache, tokenizer and chat template."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_ensure_demo_builds_once_into_the_cache_dir(tmp_path: Path, monkeypatch:
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_demo_checkpoint() == path
     assert (path / "model.safetensors").stat().st_mtime_ns == mtime
-    assert resolve_model_path("demo") == path
+    assert resolve_model_path("tiny") == path
 
 
 def test_racing_builders_all_get_one_complete_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,7 +72,7 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path: Path, monkeypatch: pyte
 
 
 def test_demo_config_is_the_documented_llama() -> None:
-    arch = load_checkpoint("demo").arch
+    arch = load_checkpoint("tiny").arch
     assert arch.architecture == "LlamaForCausalLM"
     assert (arch.hidden_size, arch.num_layers, arch.num_heads, arch.num_kv_heads) == (256, 4, 8, 4)
     assert (arch.intermediate_size, arch.vocab_size, arch.max_position_embeddings) == (512, 512, 2048)
@@ -80,7 +80,7 @@ def test_demo_config_is_the_documented_llama() -> None:
 
 
 def test_demo_greedy_matches_transformers() -> None:
-    ckpt = load_checkpoint("demo")
+    ckpt = load_checkpoint("tiny")
     prompt = ckpt.tokenizer.encode("The capital of France is")
     model = load_model(ckpt, torch.device("cpu"), torch.float32)
     assert PagedRunner(model, block_size=16).greedy(prompt, 12) == hf_greedy(ckpt.path, prompt, 12)
@@ -88,7 +88,7 @@ def test_demo_greedy_matches_transformers() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    return load_checkpoint("demo").tokenizer
+    return load_checkpoint("tiny").tokenizer
 
 
 @pytest.mark.parametrize("text", ["Hello, world!", "ünïcödé 日本語 🙂", "  spaces\tand\nnewlines  ", ""])
@@ -122,7 +122,7 @@ def test_chat_template_renders_and_tokenizes_with_one_bos(tokenizer: Tokenizer) 
 def test_demo_tokenizer_agrees_with_transformers(tokenizer: Tokenizer) -> None:
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(load_checkpoint("demo").path)
+    hf = AutoTokenizer.from_pretrained(load_checkpoint("tiny").path)
     text = "The quick brown fox, 123!"
     assert hf(text)["input_ids"] == tokenizer.encode(text)
     messages = [{"role": "user", "content": "Hi!"}]

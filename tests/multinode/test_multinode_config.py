@@ -30,7 +30,7 @@ def test_serve_refuses_a_loopback_side_channel_between_nodes(tmp_path: Path) -> 
     path.write_text("parallel: {nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]}\n"
                     "security: {deployment_secret: multinode-test-secret-0123456789}\n"
                     "instances:\n  - {role: prefill, node: 0}\n  - {role: decode, node: 1, base_port: 9100}\n")
-    result = invoke(["serve", str(path), "--model", "demo", "--device", "cpu", "--log-dir", str(tmp_path)])
+    result = invoke(["serve", str(path), "--model", "tiny", "--device", "cpu", "--log-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert "kv_transfer.side_channel_host" in result.output and "0.0.0.0" in result.output
 
@@ -62,7 +62,7 @@ def test_check_config_lets_a_tp_group_span_the_nodes_after_its_own(tmp_path: Pat
     path.write_text("parallel: {nodes: [{address: a}, {address: b}], master_port: 29500}\n"
                     "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                     "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 2, node: 1}\n")
-    args = [str(path), "--model", "demo", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+    args = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
     result = check(args)
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
@@ -75,7 +75,7 @@ def test_check_config_refuses_a_tp_group_larger_than_the_nodes_together(tmp_path
     path.write_text("parallel: {nodes: [{address: a}, {address: b}], master_port: 29500}\n"
                     "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                     "instances:\n  - {role: prefill, tp: 8, node: 0}\n  - {role: decode, tp: 2, node: 1}\n")
-    args = [str(path), "--model", "demo", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+    args = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
     result = check(args)
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.startswith("error: instances[0].tp:")]

@@ -37,7 +37,7 @@ def test_gpu_smoke_one_shared_gpu(tmp_path: Path) -> None:
 
 SLEEP_YAML = """
 device: cuda
-model: {path: demo, dtype: bfloat16, enable_sleep_mode: true, max_model_len: 1024}
+model: {path: tiny, dtype: bfloat16, enable_sleep_mode: true, max_model_len: 1024}
 cache: {gpu_memory_utilization: 0.4}
 kv_transfer: {transfer_mode: push}
 instances:
@@ -54,7 +54,7 @@ def test_sleep_and_wake_through_the_proxy(tmp_path: Path) -> None:
     try:
         serve.wait_ready()
         assert http.post(f"{serve.url}/sleep", headers={"Authorization": ""}).status_code == 401
-        body = {"model": "demo", "prompt": "Sleep well", "max_tokens": 8, "temperature": 0}
+        body = {"model": "tiny", "prompt": "Sleep well", "max_tokens": 8, "temperature": 0}
         before = http.post(f"{serve.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
         slept = http.post(f"{serve.url}/sleep", params={"level": 1}, timeout=120)
         assert slept.status_code == 200, slept.text

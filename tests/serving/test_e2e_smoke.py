@@ -22,7 +22,7 @@ def test_smoke_passes_and_leaves_no_process(tmp_path: Path) -> None:
     squatter.bind(("127.0.0.1", port))
     squatter.listen()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdlaunch", "smoke", "--model", "demo", "--device", "cpu", "--port", str(port),
+        [sys.executable, "-m", "pdlaunch", "smoke", "--model", "tiny", "--device", "cpu", "--port", str(port),
          "--log-dir", str(tmp_path / "logs"), "--num-gpu-blocks", "256"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

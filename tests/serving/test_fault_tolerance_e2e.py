@@ -110,7 +110,7 @@ class Load:
 def serve(tmp_path: Path) -> Iterator[Serve]:
     config = tmp_path / "pd.yaml"
     config.write_text(CONFIG)
-    deployment = Serve(tmp_path, [str(config), "--model", "demo", "--num-gpu-blocks", "128", "--max-num-seqs", "16"])
+    deployment = Serve(tmp_path, [str(config), "--model", "tiny", "--num-gpu-blocks", "128", "--max-num-seqs", "16"])
     try:
         yield deployment.wait_ready()
     finally:

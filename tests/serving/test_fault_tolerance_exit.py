@@ -38,7 +38,7 @@ def case(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Serve
     config_text, expected = CASES[request.param]
     config = tmp_path / "colocated.yaml"
     config.write_text(config_text)
-    deployment = Serve(tmp_path, [str(config), "--colocated", "--model", "demo", "--num-gpu-blocks", "128"])
+    deployment = Serve(tmp_path, [str(config), "--colocated", "--model", "tiny", "--num-gpu-blocks", "128"])
     try:
         yield deployment.wait_ready(), expected
     finally:

@@ -24,7 +24,7 @@ RESTART_TIMEOUT_S = 180.0  # the engine notices a dead rank on its next (idle) s
 def serve(tmp_path: Path) -> Iterator[Serve]:
     config = tmp_path / "tp.yaml"
     config.write_text(CONFIG)
-    deployment = Serve(tmp_path, [str(config), "--colocated", "--tp", "2", "--model", "demo",
+    deployment = Serve(tmp_path, [str(config), "--colocated", "--tp", "2", "--model", "tiny",
                                   "--num-gpu-blocks", "128"])
     try:
         yield deployment.wait_ready()
