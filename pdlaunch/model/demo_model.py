@@ -103,3 +103,21 @@ def ensure_demo_model(say: Callable[[str], None] | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def main() -> int:
+    """`python -m pdlaunch.model.demo_model`: fetch and convert the demo model now (the Makefile's set-up)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    try:
+        path = ensure_demo_model(say=lambda text: console.print(f"[dim]{text}[/dim]"))
+    except PdlaunchError as exc:
+        console.print(f"[red]error:[/red] {exc.render()}")
+        return 1
+    console.print(f"demo model ready: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
