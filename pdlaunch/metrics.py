@@ -1,6 +1,15 @@
-"""Prometheus metrics of an instance (names from DESIGN.md). Import the objects, never re-create them."""
+"""Prometheus metrics of an instance. Import the objects, never re-create them.
+
+Two families in the one default registry:
+- `pdlaunch_*` (DESIGN.md), unlabelled: the PD-specific series (KV transfer, held blocks).
+- `vllm:*` under vLLM's names and labels (`model_name`, `engine`), so vLLM's Grafana dashboards work
+  unchanged. Label them through `vllm(metric)`, which applies this instance's model name
+  (`set_model_name`, called once when the instance starts).
+"""
 
 from __future__ import annotations
+
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -11,6 +20,9 @@ KV_TRANSFER_SECONDS = Histogram(
 )
 KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
 KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by lease expiry")
+KV_LOAD_RECOMPUTES = Counter(
+    "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
+    "locally instead (kv_transfer.load_failure_policy: recompute)")
 KV_BLOCKS_USED = Gauge("pdlaunch_kv_blocks_used", "KV blocks in use")
 KV_BLOCKS_TOTAL = Gauge("pdlaunch_kv_blocks_total", "KV blocks in the cache")
 REQUESTS_RUNNING = Gauge("pdlaunch_requests_running", "Requests being computed")
@@ -23,3 +35,80 @@ INTER_TOKEN_LATENCY = Histogram(
     "pdlaunch_inter_token_latency_seconds", "Time between streamed tokens",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+
+# -- vLLM's series (names, types and labels as vLLM's V1 engine exports them) --------------------
+LABELS = ["model_name", "engine"]
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                    240.0, 480.0, 960.0, 1920.0, 7680.0)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0)
+_XFER_SECONDS_BUCKETS = (0.001, 0.005, 0.0125, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+_XFER_BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 35, 2))  # 1 KiB .. 16 GiB
+
+NUM_REQUESTS_RUNNING = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", LABELS)
+NUM_REQUESTS_WAITING = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed "
+                             "(for blocks or for their KV from a prefill instance).", LABELS)
+KV_CACHE_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", LABELS)
+NUM_PREEMPTIONS = Counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.", LABELS)
+PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", LABELS)
+GENERATION_TOKENS = Counter("vllm:generation_tokens", "Number of generation tokens processed.", LABELS)
+REQUEST_SUCCESS = Counter("vllm:request_success", "Count of successfully processed requests.",
+                          LABELS + ["finished_reason"])
+PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
+                               "queried tokens.", LABELS)
+PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+                            LABELS)
+TIME_TO_FIRST_TOKEN_VLLM = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in "
+                                     "seconds.", LABELS, buckets=_TTFT_BUCKETS)
+INTER_TOKEN_LATENCY_VLLM = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in "
+                                     "seconds.", LABELS, buckets=_ITL_BUCKETS)
+E2E_REQUEST_LATENCY = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
+                                "seconds.", LABELS, buckets=_REQUEST_BUCKETS)
+REQUEST_QUEUE_TIME = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase "
+                               "for request.", LABELS, buckets=_REQUEST_BUCKETS)
+REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", LABELS,
+                                  buckets=tuple(float(2**k) for k in range(0, 18)))
+REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
+                                      LABELS, buckets=tuple(float(2**k) for k in range(0, 18)))
+NIXL_XFER_TIME = Histogram("vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache "
+                           "transfers.", LABELS, buckets=_XFER_SECONDS_BUCKETS)
+NIXL_BYTES_TRANSFERRED = Histogram("vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV "
+                                   "Cache transfers.", LABELS, buckets=_XFER_BYTES_BUCKETS)
+NIXL_NUM_FAILED_TRANSFERS = Counter("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache "
+                                    "transfers.", LABELS)
+
+_model_name = ""
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+def set_model_name(name: str) -> None:
+    """The `model_name` label of every vllm:* series of this process (its served model name)."""
+    global _model_name
+    _model_name = name
+    for metric in (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, NUM_PREEMPTIONS, PROMPT_TOKENS,
+                   GENERATION_TOKENS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, TIME_TO_FIRST_TOKEN_VLLM,
+                   INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_PROMPT_TOKENS,
+                   REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS):
+        vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
+    for reason in ("stop", "length", "abort"):
+        vllm(REQUEST_SUCCESS, finished_reason=reason)
+
+
+def vllm(metric: M, **extra: str) -> M:
+    """`metric` labelled for this instance (`extra`: further labels, e.g. finished_reason)."""
+    return metric.labels(model_name=_model_name, engine="0", **extra)  # type: ignore[return-value]
+
+
+def observe_kv_transfer(num_bytes: int, seconds: float) -> None:
+    """One request's KV arrived: ours and vLLM's NIXL series."""
+    KV_TRANSFER_BYTES.inc(num_bytes)
+    KV_TRANSFER_SECONDS.observe(seconds)
+    vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
+    vllm(NIXL_XFER_TIME).observe(seconds)
+
+
+def count_kv_transfer_failure() -> None:
+    KV_TRANSFER_FAILURES.inc()
+    vllm(NIXL_NUM_FAILED_TRANSFERS).inc()

@@ -43,7 +43,7 @@ from pdlaunch.kv_transfer.reshard import ReshardPlan
 from pdlaunch.kv_transfer.reshard_load import ReshardStaging, run_resharded_load
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
-from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+from pdlaunch.metrics import count_kv_transfer_failure, observe_kv_transfer
 
 logger = logging.getLogger(__name__)
 
@@ -257,12 +257,11 @@ class DecodeSide:
             for g, pairs in enumerate(load.pairs):
                 verify_blocks(spec.kv_caches[g], g, [p[1] for p in pairs], [expected[g][p[0]] for p in pairs],
                               load.request_id)
-        KV_TRANSFER_BYTES.inc(load.num_bytes)
-        KV_TRANSFER_SECONDS.observe(now - load.started)
+        observe_kv_transfer(load.num_bytes, now - load.started)
         self._release(load)
 
     def _fail(self, load: Load, draining: bool = False) -> str:
-        KV_TRANSFER_FAILURES.inc()
+        count_kv_transfer_failure()
         if not draining:  # else poll_draining releases once the transfer ended
             self._release(load)
             if load.mode == "pull" and load.remote_agent is not None:
