@@ -159,6 +159,11 @@ def kv_transfer(
     iterations: Annotated[int, typer.Option("--iterations", help="Timed transfers per row (median).")] = 5,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for one transfer.")] = 60.0,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the rows here as JSON.")] = None,
+    kv_connector: Annotated[
+        Optional[list[str]],
+        typer.Option("--kv-connector", help="nixl | mooncake; repeatable [default: nixl]. Another connector "
+                     "than nixl is measured next to NIXL (same host, same run) unless nixl cannot run here."),
+    ] = None,
 ) -> None:
     """Move a synthetic KV cache between two processes through the real connector, in each transfer mode."""
     import json
@@ -171,12 +176,13 @@ def kv_transfer(
     bad = [m for m in modes if m not in ("pull", "push")]
     if bad:
         raise _fail([f"--mode: unknown transfer mode {bad[0]!r} (pull or push)"])
+    connectors = _bench_connectors(kv_connector or ["nixl"])
     try:
-        rows = run_kv_transfer_bench(
+        rows = [row for connector in connectors for row in run_kv_transfer_bench(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, block_size=block_size,
             num_tokens_list=num_tokens or [1024, 8192], modes=modes, device=resolve_device(device),
-            decode_device=decode_device, iterations=iterations, timeout=timeout,
-        )
+            decode_device=decode_device, iterations=iterations, timeout=timeout, connector=connector,
+        )]
     except PdlaunchError as exc:
         raise _fail(exc.render().splitlines()) from None
     print_kv_transfer_table(Console(), rows)
@@ -184,6 +190,27 @@ def kv_transfer(
         json_path.write_text(json.dumps(rows, indent=2) + "\n")
     if not all(r["verified"] for r in rows):
         raise _fail(["the decode side's KV bytes differ from the prefill side's after a transfer (rows marked NO)"])
+
+
+def _bench_connectors(asked: list[str]) -> list[str]:
+    """The connectors to measure, NIXL first as the reference; one that cannot be imported fails naming why."""
+    from pdlaunch.kv_transfer.mooncake_engine import INSTALL_HINT, missing_reason
+
+    bad = [c for c in asked if c not in ("nixl", "mooncake")]
+    if bad:
+        raise _fail([f"--kv-connector: unknown connector {bad[0]!r} (nixl or mooncake)"])
+    if "mooncake" in asked:
+        reason = missing_reason()
+        if reason is not None:
+            raise _fail([f"--kv-connector mooncake: {reason}", f"  fix: {INSTALL_HINT}"])
+    connectors = list(dict.fromkeys(asked))
+    if "nixl" not in connectors:
+        try:
+            import nixl  # noqa: F401
+        except ImportError:
+            return connectors
+        connectors.insert(0, "nixl")
+    return connectors
 
 
 def _number_list(text: Optional[str], flag: str, cast: type) -> Optional[list[Any]]:

@@ -1,4 +1,4 @@
-"""`pdlaunch bench kv-transfer`: GB/s of one request's KV through the real NIXL connector path.
+"""`pdlaunch bench kv-transfer`: GB/s of one request's KV through the real connector path (NIXL, Mooncake).
 
 Two processes (multiprocessing spawn): a prefill connector and a decode connector, each with a
 synthetic KV cache in the engine's block-major layout. For every mode and prompt length the decode
@@ -81,7 +81,7 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     def make(mode: str) -> Any:
         # enable_cumem_allocator as the engine's config would say: the connector then stages.
         config = DeploymentConfig(device=dev.type, model=ModelConfig(enable_cumem_allocator=shape["cumem"]),
-                                  kv_transfer=KVTransferConfig(transfer_mode=mode),
+                                  kv_transfer=KVTransferConfig(connector=shape["connector"], transfer_mode=mode),
                                   security=SecurityConfig(deployment_secret=shape["secret"]))
         instance = InstanceSpec(role=role, port=1, engine_id=f"bench-{role}-{mode}", device=dev.type)
         c = create_connector(config, instance)
@@ -223,20 +223,20 @@ def run_kv_transfer_bench(
     num_layers: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype: str = "bfloat16", block_size: int = 16,
     num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
     device: str = "cpu", decode_device: str | None = None, iterations: int = 5, timeout: float = 60.0,
-    cumem: bool = False,
+    cumem: bool = False, connector: str = "nixl",
 ) -> list[dict[str, Any]]:
     """One row per (mode, num_tokens): bytes moved, median seconds, GB/s, raw copy GB/s of the same bytes.
 
     `device` is the prefill device ("cpu", "cuda", "cuda:N"); decode runs on `decode_device`, by default
     the second GPU when there are two (NVLink case), else the same device. `cumem` puts both KV caches
-    in CuMem pools, as the engine does with --enable-cumem-allocator.
+    in CuMem pools, as the engine does with --enable-cumem-allocator. `connector`: nixl or mooncake.
     """
     if dtype not in _DTYPES:
         raise KVTransferError(f"unknown dtype {dtype!r}", field="dtype", hint=f"one of {', '.join(_DTYPES)}")
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
     shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                 block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem,
+                 block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem, connector=connector,
                  secret=secrets.token_hex(32))  # both sides sign side-channel messages with it, as a deployment does
     block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * _DTYPES[dtype].itemsize
     rows: list[dict[str, Any]] = []
@@ -264,13 +264,14 @@ def run_kv_transfer_bench(
                 median = statistics.median(seconds[1:])
                 nbytes = blocks * block_bytes
                 rows.append({
+                    "connector": connector, "transport": info.get("transport"),
                     "mode": info.get("transfer_mode", mode), "num_tokens": n, "bytes": nbytes, "descriptors": len(coalesce(list(zip(ids, ids)))),
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
                     "prefill_device": prefill_device, "decode_device": decode_device, "cumem": cumem,
                     "staging": info.get("staging"), "push_phases_ms": _push_phases(loads[1:], timings[1:]),
                 })
-                logger.info("kv-transfer %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", mode, n,
+                logger.info("kv-transfer %s %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", connector, mode, n,
                             rows[-1]["gbps"], copies["raw"])
     finally:
         if decode is not None:

@@ -274,9 +274,20 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def print_kv_transfer_table(console: Console, rows: list[dict[str, Any]]) -> None:
-    """Rows of run_kv_transfer_bench: GB/s of the connector next to the raw copies of the same run."""
-    table = Table(title="KV transfer through the connector; raw, peer: GB/s of torch copies of the same bytes",
-                  title_justify="left")
+    """Rows of run_kv_transfer_bench: GB/s of the connector next to the raw copies of the same run; one
+    table per connector (NIXL first when there are several)."""
+    if rows:
+        console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False)
+    for connector in dict.fromkeys(r.get("connector", "nixl") for r in rows):
+        own = [r for r in rows if r.get("connector", "nixl") == connector]
+        transport = f" over {own[0]['transport']}" if own[0].get("transport") else ""
+        _print_kv_connector_table(console, own, "" if connector == "nixl" and len(own) == len(rows)
+                                  else f" ({connector}{transport})")
+
+
+def _print_kv_connector_table(console: Console, rows: list[dict[str, Any]], which: str) -> None:
+    table = Table(title=f"KV transfer through the connector{which}", title_justify="left",
+                  caption="raw, peer: GB/s of torch copies of the same bytes", caption_justify="left")
     for col in ("mode", "tokens", "MiB", "descs", "ms", "GB/s", "raw", "%raw", "peer", "%peer", "ok"):
         table.add_column(col, justify="left" if col in ("mode", "ok") else "right")
     for r in rows:
@@ -287,7 +298,5 @@ def print_kv_transfer_table(console: Console, rows: list[dict[str, Any]]) -> Non
             f"{100 * r['gbps'] / r['raw_copy_gbps']:.0f}%", "-" if peer is None else f"{peer:.1f}",
             "-" if peer is None else f"{100 * r['gbps'] / peer:.0f}%", "yes" if r["verified"] else "[red]NO[/red]",
         )
-    if rows:
-        console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False)
     console.print(table)
 
