@@ -1,0 +1,107 @@
+"""Every sampling field through the proxy with the openai client, PD (1P1D) and colocated, on CPU:
+each changes the output as specified (or is refused with a 400 naming it), and PD == colocated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID
+from tests.serving.e2e import Serve
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+
+
+@pytest.fixture(scope="module")
+def deployments(llama_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
+    common = ["--model", str(llama_ckpt), "--num-gpu-blocks", "256", "--max-num-seqs", "16"]
+    started: dict[str, Serve] = {}
+    try:
+        started["pd"] = Serve(tmp_path_factory.mktemp("pd"), [*common, "--prefill", "1", "--decode", "1"])
+        started["colocated"] = Serve(tmp_path_factory.mktemp("colocated"), [*common, "--colocated"])
+        yield {name: s.wait_ready() for name, s in started.items()}
+    finally:
+        for s in started.values():
+            s.stop()
+
+
+def complete(serve: Serve, **fields: Any) -> dict[str, Any]:
+    client = openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    model = httpx.get(f"{serve.url}/v1/models", timeout=5).json()["data"][0]["id"]
+    standard = {k: fields.pop(k) for k in list(fields) if k in ("temperature", "max_tokens", "seed", "stop",
+                                                               "presence_penalty", "frequency_penalty",
+                                                               "logit_bias")}
+    out = client.completions.create(model=model, prompt=PROMPT, **standard,
+                                    extra_body={"return_token_ids": True, "ignore_eos": True, **fields})
+    choice = out.choices[0].model_dump()
+    return {"text": choice["text"], "ids": choice["token_ids"], "finish": choice["finish_reason"]}
+
+
+def both(deployments: dict[str, Serve], **fields: Any) -> dict[str, Any]:
+    """The colocated answer, after checking that PD gives the same one."""
+    pd, colocated = (complete(deployments[name], **dict(fields)) for name in ("pd", "colocated"))
+    assert pd == colocated, f"PD and colocated differ for {fields}"
+    return colocated
+
+
+@pytest.fixture(scope="module")
+def base(deployments: dict[str, Serve]) -> dict[str, Any]:
+    out = both(deployments, **GREEDY)
+    assert len(set(out["ids"])) < len(out["ids"]), "the random model should repeat itself"
+    return out
+
+
+CHANGES = {
+    "logit_bias": (lambda b: {"logit_bias": {str(b["ids"][0]): -100}}, lambda o, b: o["ids"][0] != b["ids"][0]),
+    "allowed_token_ids": (lambda b: {"allowed_token_ids": [3, 4]}, lambda o, b: set(o["ids"]) <= {3, 4}),
+    "repetition_penalty": (lambda b: {"repetition_penalty": 2.0}, lambda o, b: o["ids"] != b["ids"]),
+    "frequency_penalty": (lambda b: {"frequency_penalty": 2.0}, lambda o, b: o["ids"] != b["ids"]),
+    "presence_penalty": (lambda b: {"presence_penalty": 2.0}, lambda o, b: o["ids"] != b["ids"]),
+    "stop_token_ids": (lambda b: {"stop_token_ids": [b["ids"][2]], "ignore_eos": False},
+                       lambda o, b: o["ids"] == b["ids"][:b["ids"].index(b["ids"][2]) + 1] and o["finish"] == "stop"),
+    "stop": (lambda b: {"stop": [b["text"][4:7]]}, lambda o, b: o["text"] == b["text"][:4]),
+    "include_stop_str_in_output": (lambda b: {"stop": [b["text"][4:7]], "include_stop_str_in_output": True},
+                                   lambda o, b: o["text"] == b["text"][:7]),
+    "min_tokens": (lambda b: {"min_tokens": 5, "ignore_eos": False, "logit_bias": {str(EOS_TOKEN_ID): 100}},
+                   lambda o, b: len(o["ids"]) == 6 and o["ids"][-1] == EOS_TOKEN_ID),
+    "skip_special_tokens": (lambda b: {"skip_special_tokens": False, "logit_bias": {str(EOS_TOKEN_ID): 100}},
+                            lambda o, b: o["ids"] == [EOS_TOKEN_ID] * 12 and o["text"] != ""),
+    "min_p": (lambda b: {"temperature": 1.5, "seed": 5, "min_p": 1.0}, lambda o, b: o["ids"] == b["ids"]),
+    "bad_words": (lambda b: {"bad_words": [b["text"].split()[0]]},  # several tokens: the last one is banned
+                  lambda o, b: b["text"].split()[0] not in o["text"] and o["ids"] != b["ids"]),
+}
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_field_changes_output_pd_equals_colocated(deployments: dict[str, Serve], base: dict[str, Any],
+                                                  field: str) -> None:
+    make, holds = CHANGES[field]
+    out = both(deployments, **{**GREEDY, **make(base)})
+    assert holds(out, base), f"{field}: {out} vs greedy {base}"
+
+
+def test_seeded_sampling_is_reproducible_across_pd_and_colocated(deployments: dict[str, Serve]) -> None:
+    a = both(deployments, temperature=1.0, max_tokens=12, seed=11)
+    b = both(deployments, temperature=1.0, max_tokens=12, seed=12)
+    assert a != b
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"min_tokens": 50}, "min_tokens"), ({"min_p": 2}, "min_p"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"n": 2}, "n"), ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_regex": "a+"}, "guided_regex"), ({"echo": True}, "echo"),
+])
+def test_refused_fields_are_a_400_naming_them(deployments: dict[str, Serve], fields: dict[str, Any],
+                                              param: str) -> None:
+    for serve in deployments.values():
+        answer = httpx.post(f"{serve.url}/v1/completions", json={"prompt": PROMPT, **GREEDY, **fields}, timeout=60)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["param"] == param
