@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# --kv-connector mooncake links these Debian libraries; installed where we may (root, or sudo without a password).
+MOONCAKE_DEBS := libibverbs1 librdmacm1 libnuma1
+APT = $(shell command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo -n apt-get"; }; })
 
 .PHONY: venv demo-model test test-gpu serve smoke lint clean
 
@@ -12,7 +15,8 @@ $(BIN)/pdlaunch: pyproject.toml
 	# torch first: anything that depends on torch (nixl does) must find it installed,
 	# otherwise pip pulls a CUDA build of several GB.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(if $(APT),$(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && $(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null; } || true)
+	$(BIN)/python -m pip install -q -e ".[test,mooncake]" || { echo "pdlaunch[mooncake] did not install here: the Mooncake tests will skip"; $(BIN)/python -m pip install -q -e ".[test]"; }
 	touch $(BIN)/pdlaunch
 
 venv: $(BIN)/pdlaunch
