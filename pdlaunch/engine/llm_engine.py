@@ -25,9 +25,11 @@ from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler, SampleRow
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
-from pdlaunch.errors import EngineError
+from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
-from pdlaunch.kv_transfer.params import check_kv_transfer_params, params_key, sign_kv_transfer_params
+from pdlaunch.kv_transfer.params import (
+    EXPIRY_FIELD, check_kv_transfer_params, params_key, sign_kv_transfer_params,
+)
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
@@ -88,7 +90,8 @@ class LLMEngine:
             connector.register_kv_caches(self.kv_cache_spec())
         self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens, connector, self.offload)
+                                   config.scheduler.max_num_batched_tokens, connector, self.offload,
+                                   recompute_failed_loads=config.kv_transfer.load_failure_policy == "recompute")
         self.sampler = Sampler(self.device, config.model.seed, self.tokenizer.eos_token_ids,
                                lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len)
@@ -174,8 +177,18 @@ class LLMEngine:
         a remote prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it
         before the request reaches the engine thread."""
         max_blocks = -(-self.max_model_len // self.block_size) + 1
-        return check_kv_transfer_params(raw, self._params_key, max_blocks=max_blocks,
-                                        lease_seconds=self.config.kv_transfer.kv_lease_seconds, now=time.time())
+        try:
+            return check_kv_transfer_params(raw, self._params_key, max_blocks=max_blocks,
+                                            lease_seconds=self.config.kv_transfer.kv_lease_seconds, now=time.time())
+        except KVTransferError as exc:
+            # Signed by our prefill but past its lease: the KV is gone, the prompt is not (recompute policy).
+            expired = exc.field == f"kv_transfer_params.{EXPIRY_FIELD}" and exc.message.startswith("expired")
+            if not expired or self.config.kv_transfer.load_failure_policy != "recompute":
+                raise
+            log.warning("kv_transfer_params %s; computing the prompt here (kv_transfer.load_failure_policy: "
+                        "recompute)", exc.message)
+            metrics.KV_LOAD_RECOMPUTES.inc()
+            return None
 
     def _sign(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
         """A prefill's answer leaves the engine signed, valid for the KV lease (the blocks go after it)."""
@@ -298,9 +311,14 @@ class LLMEngine:
         )
 
     def _update_metrics(self) -> None:
-        metrics.KV_BLOCKS_USED.set(self.block_manager.num_used_blocks())
-        metrics.REQUESTS_RUNNING.set(len(self.scheduler.running))
-        metrics.REQUESTS_WAITING.set(len(self.scheduler.waiting) + len(self.scheduler.waiting_for_kv))
+        s, used = self.scheduler, self.block_manager.num_used_blocks()
+        waiting = len(s.waiting) + len(s.waiting_for_kv) + len(s.recomputing)  # KV waits count as waiting
+        metrics.KV_BLOCKS_USED.set(used)
+        metrics.REQUESTS_RUNNING.set(len(s.running))
+        metrics.REQUESTS_WAITING.set(waiting)
+        metrics.vllm(metrics.NUM_REQUESTS_RUNNING).set(len(s.running))
+        metrics.vllm(metrics.NUM_REQUESTS_WAITING).set(waiting)
+        metrics.vllm(metrics.KV_CACHE_USAGE).set(used / max(1, self.block_manager.num_blocks))
 
     def check_integrity(self) -> None:
         """Raise BlockIntegrityError unless the block manager is consistent and exactly the
@@ -310,6 +328,7 @@ class LLMEngine:
             self.offload.check_integrity()
         s = self.scheduler
         holders = {r.request_id for r in s.running} | set(s.waiting_for_kv) | set(s.held) | set(s.draining)
+        holders |= set(s.recomputing)
         holders |= {r.request_id for r in s.waiting if self.block_manager.has_blocks(r.request_id)}
         if set(self.block_manager.tables) != holders:
             raise BlockIntegrityError(

@@ -21,10 +21,12 @@ in the same step (the load is ordered before the step's compute).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pdlaunch import metrics
 from pdlaunch.engine.block_manager import BlockManager, PrefixHit
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.errors import PdlaunchError
@@ -70,6 +72,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         connector: KVConnector | None = None,
         offload: OffloadManager | None = None,
+        recompute_failed_loads: bool = False,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -81,6 +84,12 @@ class Scheduler:
         self.waiting_for_kv: dict[str, Request] = {}
         self.held: dict[str, Request] = {}  # finished; blocks kept for a remote decode
         self.draining: dict[str, Request] = {}  # ended; blocks kept until no transfer can write them
+        # kv_transfer.load_failure_policy recompute: a request whose KV load failed computes its prompt
+        # here; while a transfer may still write its old blocks it waits in `recomputing` for safe_to_free.
+        self.recompute_failed_loads = recompute_failed_loads
+        self.recomputing: dict[str, Request] = {}
+        self.num_recomputed_loads = 0
+        self._queued_at: dict[str, float] = {}  # request id -> time.monotonic() it was added (queue time)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.failed: list[Request] = []  # failed while scheduling (connector error); the engine answers them
         self.num_preemptions = 0
@@ -91,6 +100,13 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._queued_at[request.request_id] = time.monotonic()
+
+    def _left_queue(self, request_id: str) -> None:
+        """First admission (to run, or to wait for its KV): vllm:request_queue_time_seconds."""
+        queued = self._queued_at.pop(request_id, None)
+        if queued is not None:
+            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(time.monotonic() - queued)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -106,7 +122,9 @@ class Scheduler:
         write them (`blocks_busy`, or `abort_load` says so): then they wait in `draining`.
         """
         rid = request.request_id
-        if request.status == RequestStatus.RUNNING:
+        if self.recomputing.pop(rid, None) is not None:
+            blocks_busy = True  # its failed load still drains: the blocks wait for safe_to_free
+        elif request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             self.waiting.remove(request)
@@ -117,6 +135,7 @@ class Scheduler:
             if abort_load:
                 blocks_busy = self._abort_load(rid) or blocks_busy
         self.requests.pop(rid, None)
+        self._queued_at.pop(rid, None)
         request.finish(reason, error, error_status)
         hold, params = False, None
         if self.connector is not None and reason in ("stop", "length"):
@@ -163,14 +182,41 @@ class Scheduler:
         failed = []
         for rid, message in events.failed_recving.items():
             request = self.waiting_for_kv.get(rid)
-            if request is not None:
+            if request is not None and self.recompute_failed_loads:
+                self._recompute(request, message, busy=rid in events.draining)
+            elif request is not None:
                 self.finish_request(request, "error", f"KV transfer failed: {message}", 502, abort_load=False,
                                     blocks_busy=rid in events.draining)
                 failed.append(request)
         for rid in events.safe_to_free:
             if self.draining.pop(rid, None) is not None:
                 self.block_manager.free(rid)
+            elif (request := self.recomputing.pop(rid, None)) is not None:
+                self.block_manager.free(rid)
+                self._requeue_for_recompute(request)
         return failed
+
+    def _recompute(self, request: Request, message: str, busy: bool) -> None:
+        """The request's KV could not be loaded: compute its whole prompt here instead (once its old
+        blocks are free of any transfer that may still write them)."""
+        rid = request.request_id
+        del self.waiting_for_kv[rid]
+        self.num_recomputed_loads += 1
+        metrics.KV_LOAD_RECOMPUTES.inc()
+        log.warning("request %s: KV could not be loaded (%s); computing its prompt here "
+                    "(kv_transfer.load_failure_policy: recompute)", rid, message)
+        if busy and self.block_manager.has_blocks(rid):
+            self.recomputing[rid] = request
+            return
+        self.block_manager.free(rid)
+        self._requeue_for_recompute(request)
+
+    def _requeue_for_recompute(self, request: Request) -> None:
+        self.prompt_tokens_cached -= request.num_cached_tokens  # counted again when it is admitted
+        request.num_cached_tokens, request.num_cached_tokens_set = 0, False
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING  # connector_consulted stays set: no second load
+        self.waiting.appendleft(request)
 
     # -- scheduling ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -235,6 +281,7 @@ class Scheduler:
                     self._note_cached(request, start)
                 request.num_computed_tokens = start
             self.waiting.popleft()
+            self._left_queue(rid)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, start, n))
@@ -259,12 +306,13 @@ class Scheduler:
             return None
         self._load_from_cpu(rid, cpu_hit)
         request.connector_consulted = True
-        self._note_cached(request, k + ext)
+        self._note_cached(request, k + ext, local=k)
         if remote:
             self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
         if ext == 0:
             return False
         self.waiting.popleft()
+        self._left_queue(rid)
         request.num_computed_tokens = k + ext  # valid once the connector reports the load
         request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
         self.waiting_for_kv[rid] = request
@@ -275,11 +323,15 @@ class Scheduler:
         if cpu_hit is not None and self.offload is not None:
             self.offload.start_load(self.block_manager.block_ids(request_id), cpu_hit)
 
-    def _note_cached(self, request: Request, num_cached: int) -> None:
+    def _note_cached(self, request: Request, num_cached: int, local: int | None = None) -> None:
+        """Once per admission: cached prompt positions (`local` of them from this instance's prefix
+        cache and CPU tier, the rest from a connector)."""
         if not request.num_cached_tokens_set:
             request.num_cached_tokens = num_cached
             request.num_cached_tokens_set = True
             self.prompt_tokens_cached += num_cached
+            metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
+            metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(num_cached if local is None else local)
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
@@ -287,6 +339,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        metrics.vllm(metrics.NUM_PREEMPTIONS).inc()
 
     def after_step(self, out: SchedulerOutput) -> None:
         """The step's KV is written: advance progress and register newly full blocks."""

@@ -309,7 +309,8 @@ class EngineLoop:
         stats = self.engine.stats()
         self.stats = stats
         metrics.REQUESTS_RUNNING.set(stats.get("num_running", 0))
-        metrics.REQUESTS_WAITING.set(stats.get("num_waiting", 0))
+        # Waiting for KV is waiting too (it was left out, and overwrote the engine's full count each step).
+        metrics.REQUESTS_WAITING.set(stats.get("num_waiting", 0) + stats.get("num_waiting_for_kv", 0))
         if "num_blocks_total" in stats:
             metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
         if "num_blocks_used" in stats:

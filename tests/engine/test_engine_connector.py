@@ -135,6 +135,7 @@ def test_failed_load_finishes_with_error_and_frees_blocks(llama_ckpt, make_engin
     p_engine = make_engine(llama_ckpt, instance=spec("prefill", "P"), connector=CopyConnector(hub, "P"))
     d_conn = CopyConnector(hub, "D", fail=True)
     d_engine = make_engine(llama_ckpt, instance=spec("decode", "D"), connector=d_conn)
+    d_engine.scheduler.recompute_failed_loads = False  # kv_transfer.load_failure_policy: fail
     (p_out,) = prefill(p_engine, [[3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
     d_engine.add_request("d", [3, 4, 5, 6, 7, 8, 9, 10, 11, 12], SamplingParams(max_tokens=4), p_out.kv_transfer_params)
     outs = d_engine.step() + d_engine.step()

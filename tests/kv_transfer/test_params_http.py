@@ -26,7 +26,7 @@ def _instance(role: str) -> tuple[DeploymentConfig, InstanceSpec, EngineLoop]:
     cfg = DeploymentConfig.model_validate({
         "device": "cpu", "instances": [{"role": "prefill"}, {"role": "decode"}],
         "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64, "block_size": 8},
-        "kv_transfer": {"transfer_mode": "pull", "kv_lease_seconds": 30.0},
+        "kv_transfer": {"transfer_mode": "pull", "kv_lease_seconds": 30.0, "load_failure_policy": "fail"},
         "security": {"deployment_secret": TEST_SECRET},
     })
     port = PortAllocator("127.0.0.1").free(f"test {role}")
