@@ -42,6 +42,7 @@ FLAG_PATHS: dict[str, str] = {
     "api_key": "security.api_key",
     "served_model_name": "model.served_model_name",
     "kv_load_failure_policy": "kv_transfer.load_failure_policy",
+    "chat_template": "model.chat_template",
 }
 
 # Flags typed as str so that a bad value reaches our validation (field named, fix hinted)
@@ -79,6 +80,7 @@ _OPTS: list[tuple[str, Any, str]] = [
     ("api_key", Optional[str], "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY)."),
     ("served_model_name", Optional[str], "Model name the API answers to (default: the --model value)."),
     ("kv_load_failure_policy", Optional[str], "recompute | fail: when a decode cannot load KV."),
+    ("chat_template", Optional[str], "Jinja2 chat template FILE overriding the checkpoint's."),
 ]
 _ENVVARS = {"api_key": "PDLAUNCH_API_KEY"}
 for _name, _type, _help in _OPTS:

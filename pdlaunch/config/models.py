@@ -36,6 +36,9 @@ class ModelConfig(StrictModel):
     served_model_name: str | list[str] | None = Field(
         None, min_length=1, description="Model name(s) the API answers to (as vLLM's --served-model-name; the "
         "first is reported); default: the --model value as given, its directory name also accepted.")
+    chat_template: str | None = Field(
+        None, min_length=1, description="Jinja2 chat template that overrides the checkpoint's: a file path, or the "
+        "template itself on one line (as vLLM's --chat-template).")
 
 
 class CacheConfig(StrictModel):
