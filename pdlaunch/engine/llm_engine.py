@@ -66,6 +66,8 @@ class LLMEngine:
 
         self.checkpoint = load_checkpoint(config.model.path)
         self.tokenizer = self.checkpoint.tokenizer
+        if config.model.chat_template is not None:
+            self.tokenizer.override_chat_template(config.model.chat_template)
         arch = self.checkpoint.arch
         self.vocab_size = arch.vocab_size
         self.max_model_len = self._max_model_len()

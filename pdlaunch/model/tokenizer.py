@@ -115,8 +115,28 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` ([{"role", "content"}, ...]) with the checkpoint's jinja2 template."""
+    def override_chat_template(self, value: str) -> None:
+        """Use `value` (a file path, or the template text itself) instead of the checkpoint's template."""
+        path = Path(value)
+        if path.is_file():
+            try:
+                value = path.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PdlaunchError(f"cannot read chat template {path}: {exc}", field="model.chat_template") from None
+        elif "{{" not in value and "{%" not in value:
+            raise PdlaunchError(f"chat template {value!r} is neither a file nor a Jinja2 template",
+                                field="model.chat_template", hint="give the path of a .jinja file")
+        try:
+            _environment().from_string(value)
+        except TemplateError as exc:
+            raise PdlaunchError(f"chat template does not compile: {exc}", field="model.chat_template") from None
+        self.chat_template = value
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None,
+                            extra: dict[str, Any] | None = None) -> str:
+        """Render `messages` ([{"role", "content"}, ...]) with the chat template; `tools` (OpenAI tool
+        definitions) and `extra` (chat_template_kwargs) become template variables too."""
         if not self.chat_template:
             raise PdlaunchError(
                 "this checkpoint has no chat template",
@@ -124,15 +144,21 @@ class Tokenizer:
                 hint="add `chat_template` to tokenizer_config.json (or chat_template.jinja), "
                 "or use /v1/completions with a plain prompt",
             )
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
-            return env.from_string(self.chat_template).render(
+            return _environment().from_string(self.chat_template).render(
+                **(extra or {}),
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
         except TemplateError as exc:
             raise PdlaunchError(f"chat template failed: {exc}", field="messages") from exc
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env

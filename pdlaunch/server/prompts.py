@@ -16,12 +16,13 @@ from typing import Any, Union
 from jinja2 import TemplateError
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.server.chat_template import ChatPrompt, render
 from pdlaunch.server.errors import OpenAIError
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32
 
-# Text, token ids, or chat messages ([{"role", "content"}], content already flattened to text).
-Prompt = Union[str, list[int], list[dict[str, Any]]]
+# Text, token ids, or a chat request (messages with text content, template controls).
+Prompt = Union[str, list[int], ChatPrompt]
 
 
 def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:
@@ -29,9 +30,9 @@ def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:
     param = "prompt"
     if isinstance(prompt, str):
         chars = len(prompt)
-    elif prompt and isinstance(prompt[0], dict):
+    elif isinstance(prompt, ChatPrompt):
         param = "messages"
-        chars = sum(len(str(m.get("content") or "")) for m in prompt)  # type: ignore[union-attr]
+        chars = prompt.num_chars()
     else:
         if len(prompt) > max_model_len:
             raise OpenAIError(400, f"prompt has {len(prompt)} token ids; max_model_len is {max_model_len}",
@@ -49,9 +50,11 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:
     try:
         if isinstance(prompt, str):
             return list(tokenizer.encode(prompt))
-        if prompt and isinstance(prompt[0], dict):
-            templated = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return list(tokenizer.encode(templated)) if isinstance(templated, str) else list(templated)
+        if isinstance(prompt, ChatPrompt):
+            templated = render(tokenizer, prompt)
+            if prompt.add_special_tokens is None:
+                return list(tokenizer.encode(templated))
+            return list(tokenizer.encode(templated, add_special_tokens=prompt.add_special_tokens))
     except PdlaunchError as exc:
         raise OpenAIError(400, exc.render(), param=exc.field or "prompt") from None
     except TemplateError as exc:
@@ -61,6 +64,6 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:
 
 async def prompt_token_ids(tokenizer: Any, prompt: Prompt, max_model_len: int) -> list[int]:
     check_prompt_size(prompt, max_model_len)
-    if isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict)):
-        return list(prompt)  # type: ignore[arg-type]
+    if isinstance(prompt, list):
+        return list(prompt)
     return await asyncio.to_thread(tokenize, tokenizer, prompt)

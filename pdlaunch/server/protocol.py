@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.errors import OpenAIError, param_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
@@ -135,7 +136,7 @@ class ChatMessage(BaseModel):
                                       param="messages")
                 parts.append(str(part.get("text", "")))
             content = "".join(parts)
-        return {"role": self.role, "content": content or ""}
+        return template_message(self.role, content, self.model_extra or {})
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -144,14 +145,19 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling(max_tokens, logprobs)
 
-    def template_messages(self) -> list[dict[str, Any]]:
-        return [m.as_template_input() for m in self.messages]
+    def template_messages(self) -> ChatPrompt:
+        return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
+                          self.continue_final_message, None, self.chat_template_kwargs, self.add_special_tokens)
 
 
 Endpoint = Literal["completion", "chat"]

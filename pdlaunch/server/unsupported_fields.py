@@ -53,6 +53,7 @@ CHAT_ONLY: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
     "prediction": (),
     "web_search_options": (),
+    "chat_template": (),  # as newer vLLM without --trust-request-chat-template: the server's template applies
 }
 
 

@@ -1,0 +1,101 @@
+"""A chat request as the chat template sees it, and its rendering with vLLM's controls.
+
+- add_generation_prompt (default on): the template appends the assistant's turn header.
+- continue_final_message: the rendered text ends right after the last message's content (the
+  template's end-of-turn after it is cut), so the model continues that message; vLLM refuses it
+  together with add_generation_prompt, and so do we.
+- chat_template_kwargs: extra template variables (e.g. enable_thinking); the names the server
+  sets itself are refused rather than silently overridden.
+- tools: the request's tool definitions, the `tools` variable of Qwen / Llama 3 templates.
+- Assistant tool_calls keep their arguments as a mapping (OpenAI sends a JSON string; templates
+  render `arguments | tojson`), as vLLM does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pdlaunch.server.errors import OpenAIError
+
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+@dataclass
+class ChatPrompt:
+    messages: list[dict[str, Any]]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None
+    template_kwargs: dict[str, Any] | None = None
+    add_special_tokens: bool | None = None  # None: one BOS, whether or not the template renders it
+
+    def __post_init__(self) -> None:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise OpenAIError(400, "continue_final_message and add_generation_prompt cannot both be true; "
+                                   "set add_generation_prompt to false", param="continue_final_message")
+        if self.continue_final_message and not _text(self.messages[-1].get("content")):
+            raise OpenAIError(400, "continue_final_message needs a final message with text content",
+                              param="continue_final_message")
+        clash = sorted(RESERVED_TEMPLATE_VARIABLES & set(self.template_kwargs or {}))
+        if clash:
+            raise OpenAIError(400, f"chat_template_kwargs may not set {', '.join(clash)} (the request's own "
+                                   "fields set them)", param=f"chat_template_kwargs.{clash[0]}")
+
+    def num_chars(self) -> int:
+        """Characters the template will see (for the size bound before tokenizing)."""
+        return sum(len(_text(m.get("content"))) for m in self.messages) + len(json.dumps(self.tools or []))
+
+
+def render(tokenizer: Any, prompt: ChatPrompt) -> str:
+    text: str = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools,
+                                              prompt.template_kwargs)
+    if prompt.continue_final_message:
+        final = _text(prompt.messages[-1].get("content"))
+        end = text.rfind(final)
+        if end < 0:
+            raise OpenAIError(400, "the chat template does not render the final message's text verbatim, so it "
+                                   "cannot be continued", param="continue_final_message")
+        text = text[:end + len(final)]
+    return text
+
+
+def template_message(role: str, content: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """One message for the template: role, text content, and what tool calling adds."""
+    message: dict[str, Any] = {"role": role, "content": content or ""}
+    for key in ("name", "tool_call_id"):
+        if isinstance(extra.get(key), str):
+            message[key] = extra[key]
+    calls = extra.get("tool_calls")
+    if calls is not None:
+        message["tool_calls"] = [_template_tool_call(call, i) for i, call in enumerate(_as_list(calls))]
+    return message
+
+
+def _template_tool_call(call: Any, index: int) -> dict[str, Any]:
+    param = f"messages.tool_calls.{index}"
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise OpenAIError(400, "a tool call needs a `function` object", param=param)
+    function = dict(call["function"])
+    if not isinstance(function.get("name"), str):
+        raise OpenAIError(400, "a tool call's function needs a `name`", param=f"{param}.function.name")
+    arguments = function.get("arguments", "{}")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError as exc:
+            raise OpenAIError(400, f"tool call arguments are not JSON: {exc}",
+                              param=f"{param}.function.arguments") from None
+    function["arguments"] = arguments
+    return {**call, "type": call.get("type", "function"), "function": function}
+
+
+def _as_list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise OpenAIError(400, "tool_calls must be a list", param="messages.tool_calls")
+    return value
+
+
+def _text(content: Any) -> str:
+    return content if isinstance(content, str) else ""
