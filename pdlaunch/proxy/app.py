@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.control import add_control_routes
+from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests, ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
@@ -207,7 +208,9 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(proxy.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        federated, missed = await instance_metrics(proxy.http(), pool, proxy.upstream_headers)
+        proxy.metrics.federation_errors.inc(missed)
+        return Response(generate_latest(proxy.metrics.registry) + federated, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> Response:

@@ -20,6 +20,9 @@ class ProxyMetrics:
         self.prefill_seconds = Histogram(
             "pdlaunch_proxy_prefill_seconds", "Time of the prefill leg of PD requests",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=self.registry)
+        self.federation_errors = Counter(
+            "pdlaunch_proxy_federation_errors", "Instances whose /metrics the proxy's /metrics could not include",
+            registry=self.registry)
         self.registry.register(_PoolCollector(pool))
 
 

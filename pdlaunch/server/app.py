@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.outputs import RequestOutput
 from pdlaunch.server.auth import AccessPolicy, RequireAuth
@@ -26,6 +27,7 @@ from pdlaunch.server.limits import BodyLimit, client_request_id, read_json_objec
 from pdlaunch.server.model_names import accepted_model_names, served_model_names
 from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from pdlaunch.server.request_metrics import RequestMetrics
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.sleep import SleepControl
 from pdlaunch.server.sse import DONE, ClosingStreamingResponse, sse_event
@@ -56,6 +58,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
     held_kv = HeldKV(engine_loop)
     model_name = served_model_name(config)
+    metrics.set_model_name(model_name)
     accepted_names = accepted_model_names(config)
     sleep = SleepControl(engine_loop, config)
 
@@ -139,6 +142,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                      endpoint: Endpoint, request: Request) -> Response:
         if sleep.sleeping:
             raise OpenAIError(503, "instance is sleeping; POST /wake_up first", code="sleeping")
+        recorder = RequestMetrics()
         params = body.sampling_params()
         # The client's X-Request-Id names the response; the engine id gets a suffix so that a reused
         # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
@@ -165,6 +169,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             if not isinstance(first, Accepted):
                 _raise_if_error(first)
                 raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
+            recorder.accepted(first.num_prompt_tokens)
             builder = ResponseBuilder(
                 endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
                 return_token_ids=body.return_token_ids,
@@ -177,9 +182,9 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                     engine_loop.abort(request_id)
 
                 return ClosingStreamingResponse(
-                    _stream(stream, builder, body.include_usage()), on_close=abort,
+                    _stream(stream, builder, recorder, body.include_usage()), on_close=abort,
                     headers={**headers, "Cache-Control": "no-cache"})
-            result = await _race(_collect(stream, builder), watch)
+            result = await _race(_collect(stream, builder, recorder), watch)
             if result is None or watch.done():
                 return client_gone()
             return JSONResponse(result, headers=headers)
@@ -189,14 +194,16 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         finally:
             watch.cancel()
 
-    async def _collect(stream: RequestStream, builder: ResponseBuilder) -> dict[str, Any]:
+    async def _collect(stream: RequestStream, builder: ResponseBuilder, recorder: RequestMetrics) -> dict[str, Any]:
         while True:
             out = _raise_if_error(await stream.queue.get())
             builder.add(out)
+            recorder.output(out)
             if out.finished:
                 return builder.response()
 
-    async def _stream(stream: RequestStream, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[bytes]:
+    async def _stream(stream: RequestStream, builder: ResponseBuilder, recorder: RequestMetrics,
+                      include_usage: bool) -> AsyncIterator[bytes]:
         try:
             while True:
                 item = await stream.queue.get()
@@ -205,6 +212,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                 except OpenAIError as exc:
                     yield sse_event(exc.body())
                     return
+                recorder.output(out)
                 chunk = builder.chunk(out, final_usage=not include_usage)
                 if chunk is not None:
                     yield sse_event(chunk)

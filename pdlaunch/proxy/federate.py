@@ -1,0 +1,72 @@
+"""The proxy's /metrics also serves every instance's series, so one scrape target covers a deployment.
+
+Instance ports are picked at start (and a restarted instance may move), so users should not have to
+discover them: at each scrape the proxy fetches every ready instance's /metrics (internal token, short
+timeout, all at once) and re-emits each sample with `instance` (its name, e.g. decode-0) and `role`
+labels added. Sums across instances are the dashboard's job (`sum by (role) (...)`); vLLM's series
+keep their own labels (model_name, engine, finished_reason). An instance that does not answer in
+time is left out of that scrape and counted in pdlaunch_proxy_federation_errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterator
+
+import httpx
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from pdlaunch.proxy.instances import Instance, InstancePool
+
+SCRAPE_TIMEOUT_S = 2.0
+
+
+class _Fetched(Collector):
+    """Families already fetched and relabelled, merged by name across instances."""
+
+    def __init__(self, families: dict[str, Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families.values()
+
+
+async def _scrape(client: httpx.AsyncClient, instance: Instance, headers: dict[str, str]) -> str | None:
+    try:
+        response = await client.get(instance.url + "/metrics", headers=headers, timeout=SCRAPE_TIMEOUT_S)
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+def _merge(families: dict[str, Metric], text: str, instance: Instance) -> None:
+    extra = {"instance": instance.name, "role": instance.role}
+    for family in text_string_to_metric_families(text):
+        merged = families.get(family.name)
+        if merged is None:
+            merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+        for sample in family.samples:
+            merged.add_sample(sample.name, {**sample.labels, **extra}, sample.value, sample.timestamp,
+                              sample.exemplar)
+
+
+async def instance_metrics(client: httpx.AsyncClient, pool: InstancePool, headers: dict[str, str]) -> tuple[bytes, int]:
+    """(exposition text of every ready instance's series with instance/role labels, instances missed)."""
+    ready = [i for i in pool.instances if i.state == "ready"]
+    texts = await asyncio.gather(*(_scrape(client, i, headers) for i in ready))
+    families: dict[str, Metric] = {}
+    missed = 0
+    for instance, text in zip(ready, texts):
+        if text is None:
+            missed += 1
+            continue
+        try:
+            _merge(families, text, instance)
+        except ValueError:  # not Prometheus text (a foreign instance's 200 of something else)
+            missed += 1
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fetched(families))
+    return generate_latest(registry), missed

@@ -1,0 +1,80 @@
+"""The proxy's /metrics carries every ready instance's series, labelled by instance and role."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client.parser import text_string_to_metric_families
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.serving.helpers import ThreadServer, wait_for
+
+SECRET = "federation-test-secret-0123456789"
+
+
+def _instance(tokens: int) -> FastAPI:
+    app = FastAPI()
+    seen: list[dict[str, str]] = []
+    app.state.seen = seen
+
+    @app.get("/health")
+    async def health() -> Any:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(request: Any = None) -> Any:
+        return PlainTextResponse(
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
+            "# TYPE vllm:prompt_tokens_total counter\n"
+            f'vllm:prompt_tokens_total{{engine="0",model_name="tiny"}} {tokens}.0\n'
+            "# HELP pdlaunch_kv_blocks_used KV blocks in use\n# TYPE pdlaunch_kv_blocks_used gauge\n"
+            "pdlaunch_kv_blocks_used 3.0\n")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[tuple[str, InstancePool]]:
+    ports = PortAllocator("127.0.0.1")
+    with ThreadServer(_instance(5), ports.free("p")) as p, ThreadServer(_instance(7), ports.free("d")) as d:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")])
+        with ThreadServer(build_proxy_app(pool, 5.0, deployment_secret=SECRET), ports.free("proxy")) as srv:
+            wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the proxy to see both instances")
+            yield srv.url, pool
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_one_scrape_has_every_instance_labelled(proxy: tuple[str, InstancePool]) -> None:
+    url, _ = proxy
+    samples = _samples(httpx.get(f"{url}/metrics", timeout=10).text)
+    labels = (("engine", "0"), ("instance", "prefill-0"), ("model_name", "tiny"), ("role", "prefill"))
+    assert samples[("vllm:prompt_tokens_total", labels)] == 5
+    labels = (("engine", "0"), ("instance", "decode-0"), ("model_name", "tiny"), ("role", "decode"))
+    assert samples[("vllm:prompt_tokens_total", labels)] == 7
+    assert samples[("pdlaunch_kv_blocks_used", (("instance", "decode-0"), ("role", "decode")))] == 3
+    assert any(name == "pdlaunch_proxy_requests_total" for name, _ in samples)
+
+
+def test_an_unreachable_instance_is_left_out(proxy: tuple[str, InstancePool]) -> None:
+    url, pool = proxy
+    gone = Instance("decode", f"http://127.0.0.1:{PortAllocator('127.0.0.1').free('nothing')}", "decode-1", "ready")
+    pool.instances.append(gone)
+    try:
+        response = httpx.get(f"{url}/metrics", timeout=10)
+    finally:
+        pool.instances.remove(gone)
+    samples = _samples(response.text)
+    assert response.status_code == 200
+    federated = [dict(labels)["instance"] for name, labels in samples
+                 if not name.startswith("pdlaunch_proxy_") and "instance" in dict(labels)]
+    assert "decode-1" not in federated and "decode-0" in federated
