@@ -114,6 +114,14 @@ class NixlConnector(KVConnector):
             return "pull", "CPU DRAM on both sides: UCX reads between processes, so decode pulls"
         return "auto", "decided per prefill engine at the first handshake (push unless NVLink joins the GPUs)"
 
+    def _answer_mode(self) -> str:
+        """The transfer mode a prefill's answer names (vLLM's field; never "auto"): the configured one,
+        else what a decode of this deployment resolves: pull between CPU processes, push between GPUs
+        (a decode joined to this GPU by NVLink may still choose pull: it decides per prefill engine)."""
+        if self.kv.transfer_mode != "auto":
+            return self.kv.transfer_mode
+        return "pull" if self.instance.device == "cpu" else "push"
+
     # -- worker side --------------------------------------------------------------------------
     def _staging_budget(self, spec: KVCacheSpec) -> int:
         if self.staging_bytes is not None:
@@ -345,8 +353,10 @@ class NixlConnector(KVConnector):
             "remote_request_id": request_id,
             "tp_size": spec.tp_size,
             "kv_heads_per_rank": spec.num_kv_heads,
-            "transfer_mode": self.kv.transfer_mode,
+            "transfer_mode": self._answer_mode(),
             "num_prompt_tokens": len(prompt_token_ids),
+            "remote_num_tokens": len(prompt_token_ids),
+            "remote_blocks_expiry_time": time.time() + self.kv.kv_lease_seconds,  # unix seconds, as vLLM
             "kv_epoch": self.kv_epoch,
         }
         if self.kv.verify_kv:

@@ -78,6 +78,11 @@ class PrefillAnswer(_Strict):
     kv_heads_per_rank: Optional[int] = Field(None, ge=1, le=4096)
     transfer_mode: Literal["auto", "pull", "push", "storage"] = "auto"
     num_prompt_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
+    # vLLM's NIXL connector also answers these (we send them; a vLLM prefill's answer may carry them).
+    remote_num_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
+    remote_blocks_expiry_time: Optional[float] = Field(None, ge=0, le=2**40)
+    dcp_size: Optional[int] = Field(None, ge=1, le=MAX_TP)
+    pp_size: Optional[int] = Field(None, ge=1, le=MAX_TP)
     kv_epoch: Optional[int] = Field(None, ge=0, le=2**31)
     kv_checksum: Optional[list[list[str]]] = Field(None, max_length=MAX_GROUPS)
     # TP prefill: each rank's side channel and advertised address, and its block digests.
