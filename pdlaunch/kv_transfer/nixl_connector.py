@@ -116,10 +116,13 @@ class NixlConnector(KVConnector):
 
     def _answer_mode(self) -> str:
         """The transfer mode a prefill's answer names (vLLM's field; never "auto"): the configured one,
-        else what a decode of this deployment resolves: pull between CPU processes, push between GPUs
-        (a decode joined to this GPU by NVLink may still choose pull: it decides per prefill engine)."""
+        else what a decode of this deployment resolves: NIXL pulls between CPU processes and pushes
+        between GPUs (a decode joined to this GPU by NVLink may still pull: it decides per prefill
+        engine); Mooncake pushes."""
         if self.kv.transfer_mode != "auto":
             return self.kv.transfer_mode
+        if self.kv.connector == "mooncake":  # auto pushes (pulls only to reshard between TP sizes)
+            return "push"
         return "pull" if self.instance.device == "cpu" else "push"
 
     # -- worker side --------------------------------------------------------------------------
