@@ -1,9 +1,8 @@
 """One decoder for the Llama family (Llama 2/3.x, Qwen2, Qwen3, Mistral), driven by `ModelArch`.
 
 Differences between the families are configuration, not code: qkv bias (Qwen2), per-head q/k
-RMSNorm (Qwen3), sliding window
-per layer (Mistral: all layers; Qwen2 hybrids: per `layer_types`), llama3 rope scaling, tied
-embeddings. The layer math follows HF's modeling code operation for operation so float32 output
+RMSNorm (Qwen3), sliding window per layer (Mistral: all layers; Qwen2/Qwen3 hybrids: per
+`layer_types`), llama3 rope scaling, tied embeddings. The layer math follows HF's modeling code operation for operation so float32 output
 matches transformers.
 """
 
