@@ -55,7 +55,7 @@ def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> PaddedPath:
     return runs
 
 
-@pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt"])
+@pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt", "qwen3_tied_ckpt", "llama32_ckpt"])
 def test_padded_decode_equals_eager(fixture: str, request: pytest.FixtureRequest, make_engine: MakeEngine,
                                     graphs_on_cpu: PaddedPath) -> None:
     """Batches of 1..6 sequences padded to the ladder (max_num_seqs 6: sizes 1, 2, 4, 6), a
