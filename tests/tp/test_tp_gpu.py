@@ -17,7 +17,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("fixture", ["llama_ckpt", "one_kv_head_ckpt"])
+@pytest.mark.parametrize("fixture", ["llama_ckpt", "one_kv_head_ckpt", "qwen3_tied_ckpt", "llama32_ckpt"])
 def test_tp2_nccl_greedy_matches_transformers(fixture: str, request: pytest.FixtureRequest,
                                               make_tp_engine: MakeTPEngine) -> None:
     path = request.getfixturevalue(fixture)
