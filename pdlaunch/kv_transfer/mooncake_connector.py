@@ -12,10 +12,13 @@ landed. Pull (transfer_mode pull, and always when P and D TP sizes differ): the 
 hold, READs, and notifies read_done. Peers find each other by P2P handshake (the session id travels
 in the authenticated handshake), or through kv_transfer.mooncake_metadata_server on clusters.
 
-Trust: Mooncake's transfer engine does not authenticate peers. A process that reaches its ports (on
-one host: any local process; the engine binds the side-channel host) and learns registered addresses
-can read or write registered KV memory. Our notifications are MACed, so a forged one is dropped;
-where local users are not trusted, use the NIXL connector (its memory keys go to authenticated peers only).
+Trust: Mooncake's transfer engine authenticates no peer, and 0.3.13 listens on every interface
+whatever host it is given (measured with `ss -ltnp`: its handshake RPC on 0.0.0.0, its TCP data port
+on *; MC_TCP_BIND_ADDRESS did not change that). A process that reaches those ports can learn the
+registered addresses from the handshake and read or write registered KV memory. Our notifications are
+MACed, so a forged one is dropped, and kv_transfer_params and side-channel messages stay authenticated;
+but where the network or local users are not trusted, firewall Mooncake's ports or use the NIXL
+connector (its memory keys go to authenticated peers only, and UCX binds loopback on one host).
 """
 
 from __future__ import annotations
@@ -106,6 +109,11 @@ class MooncakeConnector(NixlConnector):
                     "transfer mode %s: %s", self.role, self.engine_id, self.protocol, self.protocol_reason,
                     self._metadata_text(), self.transfer_engine.session_id, self._mode, self._mode_reason)
 
+        logger.warning("Mooncake's transfer engine listens on all interfaces and authenticates no peer: a host "
+                       "that reaches its ports (session %s) can read or write this engine's registered KV memory; "
+                       "firewall them, or use --kv-connector nixl where the network is not trusted",
+                       self.transfer_engine.session_id)
+
     def _initial_mode(self) -> tuple[str, str]:
         if self.role == "prefill":
             return self.kv.transfer_mode, "prefill serves both: decode READs (pull) or asks for a WRITE (push)"
@@ -130,5 +138,6 @@ class MooncakeConnector(NixlConnector):
     def info(self) -> dict[str, Any]:
         info = super().info()
         info.update(connector="mooncake", transport=self.protocol, transport_reason=self.protocol_reason,
-                    session=self.transfer_engine.session_id, metadata=self._metadata_text())
+                    session=self.transfer_engine.session_id, metadata=self._metadata_text(),
+                    data_plane_auth="none: Mooncake listens on all interfaces; firewall its ports")
         return info

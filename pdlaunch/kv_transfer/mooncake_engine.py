@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from typing import Any
 
 from pdlaunch.errors import KVTransferError
@@ -65,6 +66,12 @@ def resolve_protocol(configured: str) -> tuple[str, str]:
     return "tcp", f"no RDMA device in {_RDMA_DEVICES}"
 
 
+def _unused_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 class MooncakeEngine:
     """One TransferEngine. `session_id` ("host:port") is how peers name it in transfers."""
 
@@ -74,7 +81,10 @@ class MooncakeEngine:
         self.protocol = protocol
         self.metadata_server = metadata_server or "P2PHANDSHAKE"
         self.engine = engine.TransferEngine()
-        code = self.engine.initialize(hostname, self.metadata_server, protocol, "")
+        # P2P handshake: the engine picks its RPC port and peers address it as host:port. With a metadata
+        # server the name given here is the key peers look up (not a listening port): unique per host.
+        name = f"{hostname}:{_unused_port(hostname)}" if metadata_server else hostname
+        code = self.engine.initialize(name, self.metadata_server, protocol, "")
         if code != 0:
             raise KVTransferError(
                 f"the Mooncake transfer engine did not start on {hostname} ({protocol}, metadata "
@@ -83,7 +93,7 @@ class MooncakeEngine:
                 hint="the host must be an address of this machine; rdma needs an RDMA device "
                 "(mooncake_protocol: tcp works everywhere); a metadata server must be reachable",
             )
-        self.session_id = f"{hostname}:{self.engine.get_rpc_port()}"
+        self.session_id = name if metadata_server else f"{hostname}:{self.engine.get_rpc_port()}"
         self._registered: list[int] = []
 
     def register(self, address: int, nbytes: int, location: str) -> None:

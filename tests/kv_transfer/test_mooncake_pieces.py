@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import builtins
 import logging
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from typing import Any
 
+import httpx
 import pytest
 
 from pdlaunch.config.kv_connector_rules import kv_connector_problems
@@ -169,3 +173,40 @@ def test_sleep_deregisters_and_wake_registers_the_new_storage() -> None:
     finally:
         decode.shutdown()
         prefill.shutdown()
+
+
+@requires_mooncake
+def test_metadata_server_option_for_clusters(tmp_path: Any) -> None:
+    """Peers register and look up their segments in Mooncake's HTTP metadata server instead of the P2P
+    handshake (what kv_transfer.mooncake_metadata_server is for on clusters)."""
+    pytest.importorskip("aiohttp", reason="Mooncake's HTTP metadata server needs aiohttp")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mooncake.http_metadata_server", "--host", "127.0.0.1",
+                               "--port", str(port), "--log-level", "WARNING"], stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/metadata"
+        deadline = time.monotonic() + 30
+        while True:  # until the server answers (any HTTP status)
+            try:
+                httpx.get(url, params={"key": "probe"}, timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "Mooncake's metadata server did not start within 30s"
+                time.sleep(0.1)
+        kv = KVTransferConfig(connector="mooncake", mooncake_metadata_server=url, verify_kv=True)
+        config = secured(DeploymentConfig(device="cpu", kv_transfer=kv))
+        prefill, decode = (create_connector(config, InstanceSpec(role=role, port=1, engine_id=f"meta-{role}",
+                                                                  device="cpu")) for role in ("prefill", "decode"))
+        try:
+            assert decode.info()["metadata"] == f"server {url}"
+            prefill.register_kv_caches(make_spec(seed=1))
+            decode.register_kv_caches(make_spec(seed=2))
+            _push(prefill, decode, "via-metadata-server")
+        finally:
+            decode.shutdown()
+            prefill.shutdown()
+    finally:
+        server.terminate()
+        server.wait(10)
