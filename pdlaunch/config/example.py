@@ -34,7 +34,7 @@ parallel:
   node_rank: 0          # multi-node: which entry of `nodes` this machine is
 
 kv_transfer:
-  connector: nixl       # nixl | storage
+  connector: nixl       # nixl | mooncake (pip install 'pdlaunch[mooncake]') | storage
   transfer_mode: auto   # pull (decode READs, needs NVLink between GPUs) | push | auto
   side_channel_host: 127.0.0.1
   kv_lease_seconds: 60  # prefill frees KV blocks nobody read after this

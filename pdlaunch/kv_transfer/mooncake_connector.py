@@ -108,7 +108,6 @@ class MooncakeConnector(NixlConnector):
         logger.info("Mooncake connector (%s, engine %s): transport %s (%s), metadata %s, session %s; "
                     "transfer mode %s: %s", self.role, self.engine_id, self.protocol, self.protocol_reason,
                     self._metadata_text(), self.transfer_engine.session_id, self._mode, self._mode_reason)
-
         logger.warning("Mooncake's transfer engine listens on all interfaces and authenticates no peer: a host "
                        "that reaches its ports (session %s) can read or write this engine's registered KV memory; "
                        "firewall them, or use --kv-connector nixl where the network is not trusted",
