@@ -22,14 +22,16 @@ from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
-from pdlaunch.engine.sampler import Sampler, SampleRow
+from pdlaunch.engine.sampler import Sampler
 from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.engine.structured_output import grammar_backend
 from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.params import (
     EXPIRY_FIELD, check_kv_transfer_params, params_key, sign_kv_transfer_params,
 )
+from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
@@ -74,6 +76,7 @@ class LLMEngine:
         self.block_size = config.cache.block_size
         secret = config.security.deployment_secret
         self._params_key = params_key(secret) if secret else None  # signs and checks kv_transfer_params
+        self._prefill_side_channels = prefill_side_channels()  # where unsigned push params may point
         self.tp_size = instance.tp if instance is not None else config.parallel.tp
         # tp > 1: this process becomes TP rank 0 and spawns the other ranks (pdlaunch.distributed).
         self.executor = create_executor(config, instance, self.checkpoint, self.device, self.dtype,
@@ -96,7 +99,8 @@ class LLMEngine:
                                    recompute_failed_loads=config.kv_transfer.load_failure_policy == "recompute")
         self.sampler = Sampler(self.device, config.model.seed, self.tokenizer.eos_token_ids,
                                lambda text: self.tokenizer.encode(text, add_special_tokens=False))
-        self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len,
+                                       grammar_backend(self.tokenizer, self.vocab_size))
         self._arrival = itertools.count()
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
@@ -179,6 +183,8 @@ class LLMEngine:
         a remote prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it
         before the request reaches the engine thread."""
         max_blocks = -(-self.max_model_len // self.block_size) + 1
+        if is_unsigned_push(raw):  # vLLM's push proxy: only to a prefill of this deployment (push_params.py)
+            return check_unsigned_push(raw, self._prefill_side_channels)
         try:
             return check_kv_transfer_params(raw, self._params_key, max_blocks=max_blocks,
                                             lease_seconds=self.config.kv_transfer.kv_lease_seconds, now=time.time())
@@ -278,8 +284,7 @@ class LLMEngine:
         if sched.scheduled:
             logits = self.executor.execute(sched.scheduled, self.block_manager)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
-            rows = [SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids) for r in sampling]
-            sampled = self.sampler(logits, rows) if sampling else None
+            sampled = self.sampler(logits, self.outputs.sample_rows(sampling)) if sampling else None
             self.scheduler.after_step(sched)
             if sampled is not None:
                 for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):

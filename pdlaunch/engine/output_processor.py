@@ -18,6 +18,9 @@ from typing import Any
 from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.engine.request import Request
+from pdlaunch.engine.sampler import SampleRow
+from pdlaunch.engine.structured_output import GrammarBackend, advance
+from pdlaunch.errors import EngineError
 
 
 @dataclass
@@ -25,21 +28,38 @@ class TrackedRequest:
     request: Request
     detokenizer: IncrementalDetokenizer
     stop_token_ids: frozenset[int]
+    matcher: Any = None  # structured output: the grammar's state after the output so far
 
 
 class OutputProcessor:
-    def __init__(self, decode: Callable[[Sequence[int]], str], eos_token_ids: Sequence[int], max_model_len: int) -> None:
+    def __init__(self, decode: Callable[[Sequence[int]], str], eos_token_ids: Sequence[int], max_model_len: int,
+                 grammars: GrammarBackend | None = None) -> None:
         self.decode = decode
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        self.grammars = grammars
         self.tracked: dict[str, TrackedRequest] = {}
 
     def add(self, request: Request) -> None:
+        """Track a new request; EngineError (naming the field) when its grammar cannot be built."""
         params = request.params
+        matcher = None
+        if params.structured_output is not None:
+            if self.grammars is None:
+                raise EngineError("structured output needs the engine's tokenizer", field=params.structured_output.field)
+            matcher = self.grammars.matcher(params.structured_output)
+            for token_id in request.output_token_ids:  # a request that already has output replays it
+                advance(matcher, token_id)
         decode = functools.partial(self.decode, skip_special_tokens=params.skip_special_tokens)
         detokenizer = IncrementalDetokenizer(decode, request.prompt_token_ids, params.stop,
                                              params.include_stop_str_in_output)
-        self.tracked[request.request_id] = TrackedRequest(request, detokenizer, frozenset(params.stop_token_ids))
+        self.tracked[request.request_id] = TrackedRequest(request, detokenizer, frozenset(params.stop_token_ids),
+                                                          matcher)
+
+    def sample_rows(self, requests: Sequence[Request]) -> list[SampleRow]:
+        """What the sampler needs of each request, in order."""
+        return [SampleRow(r.params, r.generator, r.prompt_token_ids, r.output_token_ids,
+                          self.tracked[r.request_id].matcher) for r in requests]
 
     def pop(self, request_id: str) -> TrackedRequest | None:
         return self.tracked.pop(request_id, None)
@@ -62,6 +82,8 @@ class OutputProcessor:
             new_text = tracked.detokenizer.add(token_id)
             if tracked.detokenizer.stopped:
                 reason = "stop"
+        if tracked.matcher is not None and advance(tracked.matcher, token_id) and reason is None:
+            reason = "stop"  # the grammar is complete: nothing but EOS may follow
         if reason is None and (len(request.output_token_ids) >= params.max_tokens
                                or request.num_tokens >= self.max_model_len):
             reason = "length"

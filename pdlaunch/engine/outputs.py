@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from pdlaunch.engine.structured_output import StructuredOutput
+
 
 # vLLM's thresholds (vllm/sampling_params.py): a temperature below SAMPLING_EPS is greedy; one in
 # [SAMPLING_EPS, MIN_RANDOM_TEMPERATURE) is raised to MIN_RANDOM_TEMPERATURE, because dividing float32
@@ -58,6 +60,7 @@ class SamplingParams(BaseModel):
     # vLLM honours it only in its slow-tokenizer path; fast tokenizers (all we load) never insert
     # spaces around special tokens, so True and False decode alike, as in vLLM.
     spaces_between_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None  # grammar the output must match
 
     @field_validator("temperature")
     @classmethod

@@ -1,6 +1,7 @@
 """Token sampling for a batch of requests, each with its own SamplingParams.
 
-The logits first go through the requests' logits processors (engine/logits_processors.py:
+The logits first go through the grammar masks of structured-output requests
+(engine/structured_output.py), then the requests' logits processors (engine/logits_processors.py:
 allowed_token_ids, bad_words, min_tokens, logit_bias, penalties). Greedy rows (temperature below
 SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by temperature (at least
 MIN_RANDOM_TEMPERATURE, so the division stays finite), drop tokens below min_p times the most
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from pdlaunch.engine.logits_processors import Encode, LogitsProcessors
 from pdlaunch.engine.outputs import MIN_RANDOM_TEMPERATURE, SamplingParams, TokenLogprob
+from pdlaunch.engine.structured_output import apply_grammar_masks
 from pdlaunch.memory.platform import to_device_async
 
 
@@ -38,6 +41,7 @@ class SampleRow:
     generator: torch.Generator | None = None
     prompt_token_ids: Sequence[int] = field(default_factory=list)  # read by penalties
     output_token_ids: Sequence[int] = field(default_factory=list)  # penalties, min_tokens, bad_words
+    matcher: Any = None  # llguidance matcher of a structured-output request (engine/structured_output.py)
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Sampler:
         """logits: [N, V] float32, one row per request in `rows`."""
         num_rows, vocab = logits.shape
         raw = logits
+        logits = apply_grammar_masks(logits, [r.matcher for r in rows])
         logits = self.processors(logits, rows)
         chosen = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -12,8 +12,10 @@ from typing import Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.errors import OpenAIError, param_of
+from pdlaunch.server.structured_fields import structured_output_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 DEFAULT_MAX_TOKENS = 16
@@ -50,6 +52,12 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
+    response_format: Any = None  # server/structured_fields.py reads these five
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None
@@ -67,6 +75,11 @@ class _SamplingFields(BaseModel):
     def check_supported(self) -> None:
         """Unsupported fields are refused while validating; kept for the callers' flow."""
 
+    def structured_output(self) -> StructuredOutput | None:
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        return structured_output_of(self.response_format, self.structured_outputs, guided)
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -82,6 +95,7 @@ class _SamplingFields(BaseModel):
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
             **{name: getattr(self, name) for name in _PASSED_THROUGH},
+            "structured_output": self.structured_output(),
         }
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})

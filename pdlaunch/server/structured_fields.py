@@ -1,0 +1,92 @@
+"""The request fields that ask for structured output, as one `StructuredOutput`.
+
+OpenAI's `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema":
+{"schema": ...}}), vLLM's `structured_outputs` ({json | regex | choice | grammar | json_object})
+and its older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`. At most one
+may ask; options we do not implement (structural tags, whitespace patterns, a backend choice)
+are refused with a 400 naming them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pdlaunch.engine.structured_output import StructuredOutput, check
+from pdlaunch.server.errors import OpenAIError
+
+# structured_outputs keys that ask for something we do not do (when truthy).
+_UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern", "disable_additional_properties")
+_KINDS = ("json", "regex", "choice", "grammar")
+
+
+def structured_output_of(response_format: Any, structured_outputs: Any, guided: dict[str, Any]) -> StructuredOutput | None:
+    """The one structured-output request of a body (checked: the grammar compiles), or None."""
+    found: list[StructuredOutput] = []
+    if response_format is not None:
+        spec = _from_response_format(response_format)
+        if spec is not None:
+            found.append(spec)
+    if structured_outputs is not None:
+        found.extend(_from_structured_outputs(structured_outputs))
+    for kind in _KINDS:
+        value = guided.get(kind)
+        if value is not None:
+            found.append(_spec(kind, value, f"guided_{kind}"))
+    if len(found) > 1:
+        raise OpenAIError(400, f"{found[1].field}: only one structured output may be asked for (also got "
+                               f"{found[0].field})", param=found[1].field)
+    if not found:
+        return None
+    try:
+        check(found[0])
+    except ValueError as exc:
+        raise OpenAIError(400, f"invalid grammar: {exc}", param=found[0].field) from None
+    return found[0]
+
+
+def _from_response_format(value: Any) -> StructuredOutput | None:
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise OpenAIError(400, "response_format must be an object with a `type`", param="response_format.type")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(kind="json_object", value="", field="response_format")
+    if kind == "json_schema":
+        inner = value.get("json_schema")
+        schema = inner.get("schema") if isinstance(inner, dict) else None
+        if not isinstance(schema, dict):
+            raise OpenAIError(400, "response_format json_schema needs json_schema.schema (an object)",
+                              param="response_format.json_schema.schema")
+        return StructuredOutput(kind="json", value=json.dumps(schema), field="response_format.json_schema.schema")
+    raise OpenAIError(400, f"response_format type {kind!r} is not supported (text, json_object, json_schema)",
+                      param="response_format.type")
+
+
+def _from_structured_outputs(value: Any) -> list[StructuredOutput]:
+    if not isinstance(value, dict):
+        raise OpenAIError(400, "structured_outputs must be an object", param="structured_outputs")
+    for option in _UNSUPPORTED_OPTIONS:
+        if value.get(option):
+            raise OpenAIError(400, f"structured_outputs.{option} is not supported", param=f"structured_outputs.{option}")
+    found = [_spec(kind, value[kind], f"structured_outputs.{kind}") for kind in _KINDS if value.get(kind) is not None]
+    if value.get("json_object"):
+        found.append(StructuredOutput(kind="json_object", value="", field="structured_outputs.json_object"))
+    # disable_fallback asks that no other backend be tried: there is only one. Whitespace in JSON is
+    # off by default (as with disable_any_whitespace: true); false allows it.
+    if value.get("disable_any_whitespace") is False:
+        found = [spec.model_copy(update={"any_whitespace": True}) for spec in found]
+    return found
+
+
+def _spec(kind: str, value: Any, field: str) -> StructuredOutput:
+    if kind == "json" and isinstance(value, (dict, str)):
+        text = value if isinstance(value, str) else json.dumps(value)
+        return StructuredOutput(kind="json", value=text, field=field)
+    if kind == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
+        return StructuredOutput(kind="choice", value=json.dumps(value), field=field)
+    if kind in ("regex", "grammar") and isinstance(value, str) and value:
+        return StructuredOutput(kind=kind, value=value, field=field)  # type: ignore[arg-type]
+    expected = {"json": "a JSON schema", "choice": "a non-empty list of strings"}.get(kind, "a non-empty string")
+    raise OpenAIError(400, f"{field} must be {expected}", param=field)
