@@ -11,6 +11,7 @@ with a TransferNotify delivers just the notification to the peer's `get_notifies
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import re
@@ -44,6 +45,20 @@ def missing_reason() -> str | None:
             return f"the system library {library.group(1)} that Mooncake links is missing ({text})"
         return f"mooncake.engine cannot be imported: {text}"
     return None
+
+
+def cpu_only_build() -> bool:
+    """Whether the Mooncake installed here is the CPU-only wheel, which cannot move GPU memory."""
+    cuda_builds = ("mooncake-transfer-engine", "mooncake-transfer-engine-cuda13")
+    return _installed(PACKAGE) and not any(_installed(name) for name in cuda_builds)
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def import_engine() -> Any:

@@ -22,6 +22,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferCon
 from pdlaunch.kv_transfer import mooncake_connector, mooncake_engine
 from pdlaunch.kv_transfer.agent import encode_notif
 from pdlaunch.kv_transfer.factory import create_connector
+from pdlaunch.kv_transfer.fault import ENV
 from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
 from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
@@ -210,3 +211,37 @@ def test_metadata_server_option_for_clusters(tmp_path: Any) -> None:
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_cuda_kv_with_the_cpu_only_wheel_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mooncake_engine, "missing_reason", lambda: None)
+    monkeypatch.setattr(mooncake_engine, "_installed", lambda name: name == mooncake_engine.PACKAGE)
+    kv = KVTransferConfig(connector="mooncake")
+    (problem,) = kv_connector_problems(DeploymentConfig(device="cuda", kv_transfer=kv))
+    assert problem.field == "kv_transfer.connector" and "CPU-only wheel" in problem.message
+    assert "pip install mooncake-transfer-engine" in problem.message
+    assert kv_connector_problems(DeploymentConfig(device="cpu", kv_transfer=kv)) == []
+    monkeypatch.setattr(mooncake_engine, "_installed", lambda name: True)  # a CUDA build is there too
+    assert kv_connector_problems(DeploymentConfig(device="cuda", kv_transfer=kv)) == []
+
+
+@requires_mooncake
+def test_injected_failure_releases_the_prefill_through_a_signed_notification(monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    prefill = _connector("prefill", "fault-P", mode="pull")
+    monkeypatch.setenv(ENV, "1.0")
+    decode = _connector("decode", "fault-D", mode="pull")
+    try:
+        prefill.register_kv_caches(make_spec(seed=1))
+        decode.register_kv_caches(make_spec(seed=2))
+        prompt = list(range(9))
+        _, params = prefill.request_finished("r", prompt, {"do_remote_decode": True}, [[1, 2, 3]])
+        decode.start_load("r", prompt, params, [[4, 5, 6]], 0, 8)
+        ev = wait_events(decode.get_finished, lambda e: "r" in e.failed_recving, 30.0, "the injected failure")
+        assert "injected by PDLAUNCH_TEST_FAIL_TRANSFER_RATE" in ev.failed_recving["r"]
+        # The decode's "release" notification (MACed, over Mooncake) frees the hold long before its lease.
+        wait_events(prefill.get_finished, lambda e: "r" in e.finished_sending, 10.0, "prefill releasing r")
+        assert prefill.sender is not None and prefill.sender.num_held() == 0
+    finally:
+        decode.shutdown()
+        prefill.shutdown()
