@@ -88,9 +88,20 @@ class ListenRequest(_Message):
     agent_metadata: _Hex
 
 
+class HeldBlocksRequest(_Message):
+    """Decode with push params that lack block ids (vLLM's push proxy): which blocks hold the request of
+    this prompt? By its request id, else by the client's X-Request-Id; waits up to `wait` for the hold."""
+
+    type: Literal["held_blocks"]
+    request_id: Optional[_Name] = None
+    client_request_id: _Name
+    prompt_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    wait: _Seconds
+
+
 SideChannelMessage = Annotated[
     Union[HandshakeRequest, PushRequest, StageRequest, UnstageRequest, ClaimReadRequest, CancelPushRequest,
-          ForgetRequest, ListenRequest],
+          ForgetRequest, ListenRequest, HeldBlocksRequest],
     Field(discriminator="type"),
 ]
 

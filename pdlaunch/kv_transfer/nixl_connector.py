@@ -29,6 +29,7 @@ from pdlaunch.kv_transfer.handshake import (
 )
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
 from pdlaunch.kv_transfer.nixl_sender import PrefillSide
+from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
@@ -159,7 +160,8 @@ class NixlConnector(KVConnector):
                 {"handshake": self._on_handshake, "push": self.sender.handle_push,
                  "stage": self.sender.handle_stage, "unstage": self.sender.handle_unstage,
                  "claim_read": self.sender.handle_claim_read, "cancel_push": self.sender.handle_cancel_push,
-                 "forget": self.sender.handle_forget, "listen": self.sender.handle_listen},
+                 "forget": self.sender.handle_forget, "listen": self.sender.handle_listen,
+                 "held_blocks": self._on_held_blocks},
                 self.keys,
             )
             logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id,
@@ -271,6 +273,10 @@ class NixlConnector(KVConnector):
             compat_hash=compat_hash(fields), staging_slots=self.staging.num_slots if self.staging else 0,
         )
 
+    def _on_held_blocks(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.sender is not None
+        return {**self.sender.handle_held_blocks(message), "kv_epoch": self.kv_epoch}
+
     def _on_handshake(self, message: dict[str, Any]) -> dict[str, Any]:
         assert self._handshake is not None
         return {"info": self._handshake.model_dump()}
@@ -300,12 +306,26 @@ class NixlConnector(KVConnector):
         if self.receiver is None or not params.get("do_remote_prefill"):
             return
         try:
+            if params.get("remote_block_ids") is None and "signature" not in params:
+                # vLLM's push proxy: the block ids come from the prefill itself (push_params.py).
+                self._check_unsigned_push(params)
+                self.receiver.start_unplanned(request_id, params, prompt_digest(prompt_token_ids), lambda p: self._plan(
+                    prompt_token_ids, p, block_ids, num_local_computed_tokens, num_external_tokens))
+                return
             pairs = self._plan(prompt_token_ids, params, block_ids, num_local_computed_tokens, num_external_tokens)
             reshard = self._reshard_plan(params)
         except KVTransferError as e:
             self.receiver.fail_now(request_id, params, e.render())
             return
         self.receiver.start(request_id, params, pairs, reshard)
+
+    def _check_unsigned_push(self, params: dict[str, Any]) -> None:
+        spec = self._require_spec()
+        if int(params.get("tp_size") or 1) != spec.tp_size or spec.tp_size != 1:
+            raise KVTransferError(
+                f"params without remote_block_ids need prefill and decode at TP size 1 (prefill "
+                f"{params.get('tp_size')}, decode {spec.tp_size})",
+                hint="send the prefill's kv_transfer_params unchanged (as vLLM's pull proxy does)")
 
     def _reshard_plan(self, params: dict[str, Any]) -> ReshardPlan | None:
         """None when prefill has this engine's TP size (rank r reads rank r), else this rank's sources."""
@@ -364,7 +384,7 @@ class NixlConnector(KVConnector):
         }
         if self.kv.verify_kv:
             params["kv_checksum"] = [block_checksums(spec.kv_caches[g], b) for g, b in enumerate(block_ids)]
-        self.sender.hold(request_id, block_ids)
+        self.sender.hold(request_id, block_ids, prompt_digest(prompt_token_ids))
         return True, params
 
     def get_finished(self) -> KVConnectorEvents:

@@ -39,6 +39,7 @@ from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import DeviceInfo
 from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
+from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.kv_transfer.reshard import ReshardPlan
 from pdlaunch.kv_transfer.reshard_load import ReshardStaging, run_resharded_load
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -71,6 +72,9 @@ class Load:
     write_ended: bool = False  # prefill said no WRITE of this load is in flight any more
     drain_until: float = 0.0  # draining: blocks may be freed after this even without word from prefill
     reshard: ReshardPlan | None = None  # prefill has another TP size (reshard_load.py)
+    # Params without block ids (vLLM's push proxy): ask the prefill for them, then plan the pairs.
+    plan: Callable[[dict[str, Any]], list[list[tuple[int, int, int]]]] | None = None
+    prompt_digest: str = ""
 
     @property
     def where(self) -> str:
@@ -120,6 +124,17 @@ class DecodeSide:
               reshard: ReshardPlan | None = None) -> None:
         now = time.monotonic()
         load = Load(request_id, params, pairs, deadline=now + self.transfer_timeout, started=now, reshard=reshard)
+        with self._lock:
+            self._loads[request_id] = load
+            self._by_nonce[load.nonce] = load
+        self.executor.submit(self._run, load)
+
+    def start_unplanned(self, request_id: str, params: dict[str, Any], digest: str,
+                        plan: Callable[[dict[str, Any]], list[list[tuple[int, int, int]]]]) -> None:
+        """A load whose params lack the prefill's block ids: the loader thread asks for them first."""
+        now = time.monotonic()
+        load = Load(request_id, params, [], deadline=now + self.transfer_timeout, started=now, plan=plan,
+                    prompt_digest=digest)
         with self._lock:
             self._loads[request_id] = load
             self._by_nonce[load.nonce] = load
@@ -320,6 +335,8 @@ class DecodeSide:
     # -- loader threads -----------------------------------------------------------------------
     def _run(self, load: Load) -> None:
         try:
+            if load.plan is not None:
+                self._ask_block_ids(load)
             if load.reshard is not None:
                 self.faults.maybe_fail(load.request_id)
                 run_resharded_load(self, load, load.reshard)
@@ -356,6 +373,22 @@ class DecodeSide:
         except Exception as e:  # a bug must fail the request, not leave it parked until the timeout
             logger.exception("KV load of request %s", load.request_id)
             self._set_failed(load, f"{type(e).__name__}: {e}")
+
+    def _ask_block_ids(self, load: Load) -> None:
+        """The prefill names the blocks holding this prompt's request ("held_blocks", push_params.py)."""
+        assert load.plan is not None
+        p = load.params
+        remaining = self._remaining(load, "block ids")
+        answer = side_channel.call(
+            p["remote_host"], int(p["remote_port"]),
+            {"type": "held_blocks", "request_id": p.get("remote_request_id"), "wait": remaining,
+             "client_request_id": client_request_id(load.request_id), "prompt_digest": load.prompt_digest},
+            remaining, f"block ids request to {load.where}", self.keys)
+        params = {**p, "remote_request_id": answer["request_id"], "remote_block_ids": answer["block_ids"],
+                  "kv_epoch": answer.get("kv_epoch", 0)}
+        pairs = load.plan(params)
+        with self._lock:
+            load.params, load.pairs, load.plan = params, pairs, None
 
     def _remaining(self, load: Load, what: str) -> float:
         remaining = load.deadline - time.monotonic()

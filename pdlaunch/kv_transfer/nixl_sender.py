@@ -30,6 +30,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
+from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_EXPIRED_REQUESTS
@@ -61,6 +62,7 @@ class Hold:
     expired: bool = False
     cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
+    prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
 
 
 @dataclass
@@ -114,9 +116,10 @@ class PrefillSide:
         platform.set_device(self.device_index)
 
     # -- engine thread ------------------------------------------------------------------------
-    def hold(self, request_id: str, block_ids: list[list[int]]) -> None:
+    def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self._lock:
-            self._holds[request_id] = Hold(request_id, [list(b) for b in block_ids], time.monotonic() + self.lease_seconds)
+            self._holds[request_id] = Hold(request_id, [list(b) for b in block_ids],
+                                           time.monotonic() + self.lease_seconds, prompt_digest=prompt_digest)
 
     def on_notif(self, notif: dict[str, Any]) -> None:
         """A decode agent finished reading (read_done) or gave up (release) on a request."""
@@ -228,6 +231,26 @@ class PrefillSide:
                 hold.busy -= 1
             raise
         return {}
+
+    def handle_held_blocks(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A decode holding push params without block ids (vLLM's push proxy) asks which blocks hold
+        its request: found by request id, else by the client's X-Request-Id, and only when the held
+        prompt's digest is the decode's (push_params.py). Waits for the hold up to `wait` seconds
+        (capped by the transfer timeout): the decode leg may arrive before the prefill finished."""
+        wanted, client_id = message.get("request_id"), str(message["client_request_id"])
+        deadline = time.monotonic() + min(float(message["wait"]), self.transfer_timeout)
+        while True:
+            with self._lock:
+                for hold in self._holds.values():
+                    named = hold.request_id == wanted if wanted else client_request_id(hold.request_id) == client_id
+                    if named and not (hold.done or hold.cancelled or hold.expired or hold.busy) \
+                            and hold.prompt_digest == message["prompt_digest"]:
+                        return {"request_id": hold.request_id, "block_ids": hold.block_ids}
+            if time.monotonic() >= deadline:
+                raise KVTransferError(
+                    f"no request {wanted or f'with X-Request-Id {client_id}'} of this prompt is held here",
+                    hint="its lease may have expired, or the decode got another prompt than the prefill")
+            time.sleep(0.005)
 
     def handle_stage(self, message: dict[str, Any]) -> dict[str, Any]:
         """Copy held blocks into staging slots for a decode READ; the answer names the slots and a ticket."""

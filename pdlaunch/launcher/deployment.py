@@ -19,6 +19,7 @@ from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.plan import (
     DeploymentPlan, InstancePlan, RemoteRankPlan, check_side_channel_reach, instance_config, plan_deployment,
 )
@@ -81,6 +82,15 @@ def _rank_argv(deployment_file: Path, plan: RemoteRankPlan) -> list[str]:
             "--placement", plan.placement.model_dump_json()]
 
 
+def prefill_side_channels_env(cfg: DeploymentConfig, plan: DeploymentPlan) -> dict[str, str]:
+    """Decode instances learn the prefill side channels of the deployment (the addresses the prefills'
+    answers name): params without a signature may point only there (kv_transfer/push_params.py)."""
+    bound = cfg.kv_transfer.side_channel_host
+    channels = [f"{p.spec.host if bound in ('', '0.0.0.0', '::') else bound}:{p.spec.side_channel_port}"
+                for p in plan.instances if p.spec.role == "prefill" and p.spec.side_channel_port]
+    return {PREFILL_SIDE_CHANNELS_ENV: ",".join(channels)}
+
+
 def _cpu_threads(num_local: int) -> dict[str, str]:
     """Instances on CPU share the cores instead of each spawning one thread per core."""
     if "OMP_NUM_THREADS" in os.environ:
@@ -136,6 +146,7 @@ class Deployment:
         write_private(deployment_file, instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
         threads = _cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
+        prefills = prefill_side_channels_env(self.cfg, self.plan)
         for plan in self.plan.instances:
             spec = plan.spec
             devices = f"cuda:{','.join(map(str, plan.physical_devices))}" if spec.device == "cuda" else spec.device
@@ -143,7 +154,8 @@ class Deployment:
                                              state="starting" if plan.local else "remote")
             if plan.local:
                 child = ChildProcess(spec.name, _instance_argv(deployment_file, plan),
-                                     self.log_dir / f"{spec.name}.log", env={**threads, **plan.env})
+                                     self.log_dir / f"{spec.name}.log",
+                                     env={**threads, **plan.env, **(prefills if spec.role == "decode" else {})})
                 child.start()
                 self.instances.append(child)
         for rank in self.plan.remote_ranks:

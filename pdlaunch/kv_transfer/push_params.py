@@ -1,0 +1,86 @@
+"""Decode params from vLLM's push-mode proxy: the prefill's coordinates without its block ids.
+
+vLLM's toy push proxy (tests/v1/kv_connector/nixl_integration/toy_push_proxy_server.py) gives the
+decode only {do_remote_prefill, do_remote_decode, remote_engine_id, remote_request_id, remote_host,
+remote_port, tp_size} out of the prefill's answer: no remote_block_ids, and so none of our signature
+either. A decode takes such params (`UnsignedPush`) only under three rules that keep what signing
+gives us:
+- it connects only to a prefill side channel of this deployment: the launcher lists them in
+  PREFILL_SIDE_CHANNELS_ENV; an address a client made up is refused before anything connects;
+- it asks that prefill for the request's block ids over the authenticated side channel
+  ("held_blocks"), naming the digest of its own prompt: the prefill answers only for a held request
+  of the same prompt, so naming another user's request id gets nothing (nor its KV);
+- remote_request_id may be left out (a proxy that sends both legs at once cannot know it): the
+  prefill then matches the held request by the client's X-Request-Id, shared by both legs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.params import MAX_HOST_CHARS, MAX_ID_CHARS, MAX_TP
+
+PREFILL_SIDE_CHANNELS_ENV = "PDLAUNCH_PREFILL_SIDE_CHANNELS"  # "host:port,host:port" (set by the launcher)
+
+
+class UnsignedPush(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    do_remote_prefill: Literal[True]
+    do_remote_decode: Optional[Literal[False]] = False
+    remote_engine_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    remote_request_id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    remote_host: str = Field(min_length=1, max_length=MAX_HOST_CHARS)
+    remote_port: int = Field(ge=1, le=65535)
+    tp_size: Optional[int] = Field(1, ge=1, le=MAX_TP)
+    remote_block_ids: None = None
+
+
+def is_unsigned_push(raw: Any) -> bool:
+    """Params asking for a remote prefill with neither our signature nor block ids (vLLM's push proxy)."""
+    return (isinstance(raw, dict) and raw.get("do_remote_prefill") not in (None, False)
+            and raw.get("signature") is None and raw.get("remote_block_ids") is None)
+
+
+def prefill_side_channels(env: dict[str, str] | None = None) -> frozenset[tuple[str, int]]:
+    """The deployment's prefill side channels this decode may connect to for unsigned push params."""
+    value = (os.environ if env is None else env).get(PREFILL_SIDE_CHANNELS_ENV, "")
+    out = set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        host, _, port = item.rpartition(":")
+        if host and port.isdigit():
+            out.add((host.strip("[]"), int(port)))
+    return frozenset(out)
+
+
+def check_unsigned_push(raw: dict[str, Any], allowed: frozenset[tuple[str, int]]) -> dict[str, Any]:
+    """`raw` as a push registration (tp_size filled), or KVTransferError naming the field."""
+    try:
+        push = UnsignedPush.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path = ".".join(str(p) for p in first["loc"])
+        raise KVTransferError(first["msg"], field="kv_transfer_params" + (f".{path}" if path else ""),
+                              hint="send the kv_transfer_params the prefill instance answered") from None
+    if (push.remote_host, push.remote_port) not in allowed:
+        raise KVTransferError(
+            f"{push.remote_host}:{push.remote_port} is not a prefill side channel of this deployment",
+            field="kv_transfer_params.remote_host",
+            hint="params without remote_block_ids must name a prefill instance of this deployment "
+                 "(as its answer did); or send the prefill's answer unchanged")
+    return {**push.model_dump(exclude_none=True), "tp_size": push.tp_size or 1}
+
+
+def prompt_digest(prompt_token_ids: list[int]) -> str:
+    """What binds a decode's block-id request to the held request of the same prompt."""
+    return hashlib.sha256(b",".join(str(t).encode() for t in prompt_token_ids)).hexdigest()
+
+
+def client_request_id(engine_request_id: str) -> str:
+    """The client's X-Request-Id inside an instance's engine request id ("{client id}-{8 hex}")."""
+    return engine_request_id.rsplit("-", 1)[0]
