@@ -6,10 +6,13 @@ What maps to what:
 - agent metadata: {"name", "session"} (the engine's "host:rpc_port"); the prefill gives it only in its
   authenticated handshake answer, the decode only in an authenticated push request (side_channel.py).
 - READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake_sender.py).
-- notifications: Mooncake's TransferNotify, which any process that reaches the engine's port can send,
-  so each one carries an HMAC of its payload under a key derived from the deployment secret; one
-  without a valid MAC is dropped (a forged push_done would pass garbage KV to the model, a forged
-  release would free another request's blocks).
+- notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
+  connect timeout when the peer's host is gone), sent from one notifier thread so that the engine
+  thread never waits on the network and notifications leave in order; push_done and read_done leave
+  from the transfer's own thread right after the bytes. Any process that reaches the engine's port
+  can send one, so each carries an HMAC of its payload under a key derived from the deployment
+  secret; one without a valid MAC is dropped (a forged push_done would pass garbage KV to the model,
+  a forged release would free another request's blocks).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class MooncakeAgent:
         self.name = name
         self.engine = engine
         self.pool = pool
+        self._notifier = TransferPool(pool.device_index, workers=1, name="pdlaunch-mooncake-notify")
         self._key = derive_key(secret, NOTIFY_PURPOSE)
         self._remotes: dict[str, str] = {}  # agent name -> session id
         self._kv_addrs: list[int] = []  # what `register` registered (extra buffers stay across a sleep)
@@ -127,7 +131,16 @@ class MooncakeAgent:
         return self.pool.post(run, num_bytes, f"{op} with {remote_agent}", wait_on_release=op == "WRITE")
 
     def notify(self, remote_agent: str, message: bytes) -> None:
-        self.engine.notify(self._session(remote_agent), self.name, self._sign(message))
+        """Queue `message` for the peer (best effort, like a NIXL notification: a failure is logged)."""
+        session, signed = self._session(remote_agent), self._sign(message)
+
+        def send() -> None:
+            try:
+                self.engine.notify(session, self.name, signed)
+            except KVTransferError as e:
+                self._bad.warn("notify-send", "Mooncake notification to %s not delivered: %s", remote_agent, e)
+
+        self._notifier.executor.submit(send)
 
     def _sign(self, message: bytes) -> str:
         return mac(self._key, message).hex() + message.decode()
@@ -149,6 +162,7 @@ class MooncakeAgent:
         return out
 
     def close(self) -> None:
+        self._notifier.shutdown()
         self.pool.shutdown()
         self._remotes.clear()
         self.engine.close()

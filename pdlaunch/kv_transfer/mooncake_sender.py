@@ -31,9 +31,9 @@ RELEASE_WAIT_SECONDS = 60.0
 class TransferPool:
     """Threads bound to `device_index` (captured before the transfer engine was created)."""
 
-    def __init__(self, device_index: int, workers: int = 4) -> None:
+    def __init__(self, device_index: int, workers: int = 4, name: str = "pdlaunch-mooncake-xfer") -> None:
         self.device_index = device_index
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-mooncake-xfer",
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
                                            initializer=self._bind_sender_thread_device)
 
     def _bind_sender_thread_device(self) -> None:
