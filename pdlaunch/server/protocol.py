@@ -16,6 +16,7 @@ from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.errors import OpenAIError, param_of
 from pdlaunch.server.structured_fields import structured_output_of
+from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 DEFAULT_MAX_TOKENS = 16
@@ -163,6 +164,21 @@ class ChatCompletionRequest(_SamplingFields):
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool | None = None
+    tools: Any = None  # server/tool_calls.py reads these three
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+
+    def tool_calling(self) -> ToolCalling | None:
+        return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_output(self) -> StructuredOutput | None:
+        asked = super().structured_output()
+        calling = self.tool_calling()
+        forced = calling.structured_output() if calling is not None else None
+        if forced is not None and asked is not None:
+            raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "  # type: ignore[union-attr]
+                                   "send one", param="tool_choice")
+        return forced or asked
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -170,8 +186,10 @@ class ChatCompletionRequest(_SamplingFields):
         return self._sampling(max_tokens, logprobs)
 
     def template_messages(self) -> ChatPrompt:
+        calling = self.tool_calling()
         return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
-                          self.continue_final_message, None, self.chat_template_kwargs, self.add_special_tokens)
+                          self.continue_final_message, calling.template_tools() if calling else None,
+                          self.chat_template_kwargs, self.add_special_tokens)
 
 
 Endpoint = Literal["completion", "chat"]

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.server.protocol import Endpoint
+from pdlaunch.server.tool_calls import ToolCalling, ToolStream
 
 Detokenize = Callable[[int], str]
 
@@ -30,8 +31,10 @@ class ResponseBuilder:
     finish_reason: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calling: ToolCalling | None = None  # chat with tools (server/tool_calls.py)
     _text_offset: int = 0
     _sent_role: bool = False
+    _tool_stream: ToolStream | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
@@ -63,9 +66,15 @@ class ResponseBuilder:
             }
             obj = "text_completion"
         else:
+            message: dict[str, Any] = {"role": "assistant", "content": self.text}
+            finish_reason = self.finish_reason
+            if self.tool_calling is not None:
+                content, calls = self.tool_calling.parse(self.text)
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish_reason = self._tool_finish_reason(bool(calls))
             choice = {
-                "index": 0, "message": {"role": "assistant", "content": self.text},
-                "finish_reason": self.finish_reason, "logprobs": self._chat_logprobs(self.logprobs),
+                "index": 0, "message": message,
+                "finish_reason": finish_reason, "logprobs": self._chat_logprobs(self.logprobs),
             }
             obj = "chat.completion"
         if self.return_token_ids:
@@ -97,6 +106,15 @@ class ResponseBuilder:
             obj = "text_completion"
         else:
             delta: dict[str, Any] = {"content": out.new_text}
+            if self.tool_calling is not None:
+                if self._tool_stream is None:
+                    self._tool_stream = ToolStream(self.tool_calling)
+                delta = self._tool_stream.delta(out.new_text, out.finished)
+                if finish is not None:
+                    finish = self._tool_finish_reason("tool_calls" in delta or self._tool_stream.opened)
+                if not delta and finish is None and self._sent_role and not out.new_logprobs:
+                    self._text_offset += len(out.new_text)
+                    return None  # held back: a tool call may be starting
             if not self._sent_role:
                 delta["role"] = "assistant"
                 self._sent_role = True
@@ -114,6 +132,13 @@ class ResponseBuilder:
             if self.kv_transfer_params is not None:
                 body["kv_transfer_params"] = self.kv_transfer_params
         return body
+
+    def _tool_finish_reason(self, called: bool) -> str | None:
+        """vLLM's: "tool_calls" when auto or required called tools; a named call stays "stop"."""
+        if called and self.finish_reason == "stop" and self.tool_calling is not None \
+                and self.tool_calling.mode != "named":
+            return "tool_calls"
+        return self.finish_reason
 
     def usage_chunk(self) -> dict[str, Any]:
         obj = "text_completion" if self.endpoint == "completion" else "chat.completion.chunk"

@@ -35,11 +35,8 @@ COMPLETION_ONLY: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
 }
 CHAT_ONLY: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "parallel_tool_calls": (True, False),  # without tools it asks for nothing
     "documents": ([],),
     "reasoning_effort": (),
     "include_reasoning": (False,),

@@ -1,0 +1,222 @@
+"""Tool calling: the request's tools and tool_choice, and tool calls parsed out of the output.
+
+- tool_choice "none": no tools reach the template and the output is plain content.
+- "auto" (the default with tools): the model decides. Its output is parsed for Qwen / Hermes
+  style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, or for a Llama 3 JSON
+  call (`{"name": ..., "parameters": {...}}`, optionally after <|python_tag|>, several joined by
+  ";"). Found calls become `tool_calls` with finish_reason "tool_calls"; text before them stays
+  content.
+- "required": structured output forces a JSON array of {"name", "parameters"} of the given
+  tools (at least one), as vLLM does; each element is a call.
+- a named function: structured output forces that function's parameters schema; the output is
+  the arguments (finish_reason stays "stop", as in vLLM).
+
+Streaming (shaped like vLLM's deltas: `delta.tool_calls[i] = {index, id, type, function: {name,
+arguments}}`, later ones only `{index, function: {arguments}}`): a named call streams its
+arguments as they come; auto streams content until a tool call may start (the text from
+`<tool_call>`, or a reply that opens with "{", is held back) and sends the parsed calls when the
+request ends; required sends them at the end too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.server.errors import OpenAIError, param_of
+
+HERMES_START = "<tool_call>"
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_PYTHON_TAG = "<|python_tag|>"
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+@dataclass
+class ToolCalling:
+    mode: Literal["auto", "required", "named"]
+    tools: list[Tool]
+    named: str | None = None
+    parallel: bool = True  # parallel_tool_calls: false keeps one call
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The grammar that required / named tool choice imposes (None for auto)."""
+        if self.mode == "named":
+            tool = next(t for t in self.tools if t.function.name == self.named)
+            return StructuredOutput(kind="json", value=json.dumps(_parameters(tool)), field="tool_choice")
+        if self.mode == "required":
+            one_of = [{"type": "object", "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
+                       "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
+            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+            if not self.parallel:
+                schema["maxItems"] = 1
+            return StructuredOutput(kind="json", value=json.dumps(schema), field="tool_choice")
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, tool calls) of a finished output."""
+        content, calls = self._parse(text)
+        return content, calls if self.parallel else calls[:1]
+
+    def _parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        if self.mode == "named":
+            return None, [_call(self.named or "", text)]
+        if self.mode == "required":
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                return text, []  # cut by max_tokens: no whole call
+            return None, [_call(i["name"], json.dumps(i.get("parameters", {}))) for i in items if isinstance(i, dict)]
+        return parse_auto(text)
+
+
+def tool_calling_of(tools: Any, tool_choice: Any, parallel: bool | None = None) -> ToolCalling | None:
+    """The request's tool calling (None: plain chat), 400 naming the field when it is malformed."""
+    calling = _tool_calling(tools, tool_choice)
+    if calling is not None and parallel is False:
+        calling.parallel = False
+    return calling
+
+
+def _tool_calling(tools: Any, tool_choice: Any) -> ToolCalling | None:
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none", "auto"):
+            raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+        return None
+    try:
+        parsed = [Tool.model_validate(t) for t in tools] if isinstance(tools, list) else None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise OpenAIError(400, f"tools: {first.get('msg')}", param="tools." + param_of(first.get("loc", ()))) from None
+    if parsed is None:
+        raise OpenAIError(400, "tools must be a list of function tools", param="tools")
+    if tool_choice in (None, "auto"):
+        return ToolCalling("auto", parsed)
+    if tool_choice == "none":
+        return None
+    if tool_choice == "required":
+        return ToolCalling("required", parsed)
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(name, str):
+        raise OpenAIError(400, "tool_choice must be none, auto, required or {\"type\": \"function\", "
+                               "\"function\": {\"name\": ...}}", param="tool_choice")
+    if name not in {t.function.name for t in parsed}:
+        raise OpenAIError(400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice.function.name")
+    return ToolCalling("named", parsed, name)
+
+
+def parse_auto(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """Hermes / Qwen blocks, else a Llama 3 JSON call; (text, []) when neither parses."""
+    start = text.find(HERMES_START)
+    if start >= 0:
+        calls = []
+        for body in _HERMES.findall(text[start:]):
+            try:
+                item = json.loads(body)
+            except json.JSONDecodeError:
+                return text, []
+            calls.append(_call_of(item))
+        if calls and all(c is not None for c in calls):
+            return (text[:start].strip() or None), calls  # type: ignore[return-value]
+        return text, []
+    stripped = text.strip().removeprefix(_PYTHON_TAG).strip()
+    if not stripped.startswith("{"):
+        return text, []
+    calls = []
+    for part in stripped.split(";"):
+        try:
+            call = _call_of(json.loads(part))
+        except json.JSONDecodeError:
+            return text, []
+        if call is None:
+            return text, []
+        calls.append(call)
+    return None, calls
+
+
+def _call_of(item: Any) -> dict[str, Any] | None:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        return None
+    arguments = item.get("arguments", item.get("parameters", {}))
+    return _call(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _parameters(tool: Tool) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object"}
+
+
+@dataclass
+class ToolStream:
+    """The streamed view of one choice's tool calling: what each chunk's delta carries."""
+
+    calling: ToolCalling
+    text: str = ""
+    sent: int = 0  # characters of `text` sent as content (auto) or arguments (named)
+    call_id: str = field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
+
+    opened: bool = False  # named: the first delta (id, type, name) went out
+
+    def delta(self, new_text: str, finished: bool) -> dict[str, Any]:
+        self.text += new_text
+        if self.calling.mode == "named":
+            piece, self.sent = self.text[self.sent:], len(self.text)
+            if self.opened:
+                return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}
+            self.opened = True
+            return {"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
+                                    "function": {"name": self.calling.named, "arguments": piece}}]}
+        delta: dict[str, Any] = {}
+        if self.calling.mode == "auto":
+            safe = self._content_end(finished)
+            if safe > self.sent:
+                delta["content"] = self.text[self.sent:safe]
+                self.sent = safe
+        if finished:
+            content, calls = self.calling.parse(self.text)
+            if calls:
+                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
+            elif len(self.text) > self.sent:
+                delta["content"] = delta.get("content", "") + self.text[self.sent:]
+                self.sent = len(self.text)
+        return delta
+
+    def _content_end(self, finished: bool) -> int:
+        """How far the text is surely content: up to a tool call's possible start."""
+        start = self.text.find(HERMES_START)
+        if start >= 0:
+            return start
+        if self.text.lstrip().startswith(("{", _PYTHON_TAG)):
+            return 0
+        if finished:
+            return len(self.text)
+        for n in range(min(len(HERMES_START) - 1, len(self.text)), 0, -1):  # a marker may be arriving
+            if HERMES_START.startswith(self.text[-n:]):
+                return len(self.text) - n
+        return len(self.text) if self.text.strip() else 0

@@ -1,0 +1,136 @@
+"""Tool calling: parsing Qwen / Hermes and Llama 3 JSON calls, vLLM-shaped streamed deltas,
+tool_choice validation, and required / named tool choice forced by structured output through a
+real instance with the openai client (streaming and not)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.server.app import build_app
+from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.errors import OpenAIError
+from pdlaunch.server.tool_calls import ToolStream, parse_auto, tool_calling_of
+from tests.serving.helpers import ThreadServer, wait_for
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 8},
+                                                "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                                                "required": ["city", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+
+
+def test_hermes_blocks_after_text_and_llama_json() -> None:
+    content, calls = parse_auto('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+                                '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    assert content == "Let me look."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}), ("get_time", {})]
+    assert all(c["type"] == "function" and c["id"].startswith("chatcmpl-tool-") for c in calls)
+    content, calls = parse_auto('<|python_tag|>{"name": "get_time", "parameters": {"zone": "UTC"}}; '
+                                '{"name": "get_weather", "parameters": {"city": "Rome"}}')
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_time", "get_weather"]
+    assert parse_auto("Just words {not json}") == ("Just words {not json}", [])
+    assert parse_auto("<tool_call>{broken</tool_call>")[1] == []
+
+
+def test_auto_stream_holds_back_a_call_and_sends_it_as_deltas() -> None:
+    calling = tool_calling_of([WEATHER], "auto")
+    assert calling is not None and calling.mode == "auto"
+    stream = ToolStream(calling)
+    pieces = ["Sure", ", checking.", "<tool", '_call>{"name": "get_weather", ', '"arguments": {"city": "Oslo"}}',
+              "</tool_call>"]
+    deltas = [stream.delta(p, finished=i == len(pieces) - 1) for i, p in enumerate(pieces)]
+    assert "".join(d.get("content", "") for d in deltas) == "Sure, checking."
+    assert all("<" not in d.get("content", "") for d in deltas)
+    last = deltas[-1]["tool_calls"]
+    assert last[0]["index"] == 0 and last[0]["function"]["name"] == "get_weather"
+    assert json.loads(last[0]["function"]["arguments"]) == {"city": "Oslo"}
+
+
+def test_named_stream_opens_the_call_then_streams_arguments() -> None:
+    stream = ToolStream(tool_calling_of([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}))
+    first, second, end = stream.delta('{"zone"', False), stream.delta(': "UTC"}', False), stream.delta("", True)
+    assert first["tool_calls"][0]["function"] == {"name": "get_time", "arguments": '{"zone"'}
+    assert first["tool_calls"][0]["id"].startswith("chatcmpl-tool-") and first["tool_calls"][0]["type"] == "function"
+    assert second == {"tool_calls": [{"index": 0, "function": {"arguments": ': "UTC"}'}}]} and end == {}
+
+
+@pytest.mark.parametrize(("tools", "choice", "param"), [
+    (None, "required", "tool_choice"),
+    ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice.function.name"),
+    ([WEATHER], "sometimes", "tool_choice"),
+    ([{"type": "function", "function": {"description": "no name"}}], "auto", "tools.function.name"),
+])
+def test_bad_tool_requests_name_the_field(tools: Any, choice: Any, param: str) -> None:
+    with pytest.raises(OpenAIError) as info:
+        tool_calling_of(tools, choice)
+    assert info.value.status == 400 and info.value.param.startswith(param.split(".")[0])
+    assert info.value.param.replace(".0", "") == param
+
+
+def test_none_keeps_tools_out_and_parallel_false_limits_required() -> None:
+    assert tool_calling_of([WEATHER], "none") is None
+    calling = tool_calling_of([WEATHER, TIME], "required", parallel=False)
+    assert calling is not None and json.loads(calling.structured_output().value)["maxItems"] == 1  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[openai.OpenAI]:
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny"}, "cache": {"num_gpu_blocks": 96},
+        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+    })
+    port = PortAllocator("127.0.0.1").free("test instance")
+    spec = InstanceSpec(role="colocated", port=port, engine_id="tools-0")
+    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=8)
+    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
+        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
+        yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+MESSAGES = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]
+
+
+def test_named_tool_choice_gives_the_functions_arguments(client: openai.OpenAI) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME], tool_choice=choice,
+                                         max_tokens=80, temperature=0)
+    call = out.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and set(args) == {"city", "days"} and 1 <= args["days"] <= 7
+    assert out.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=[WEATHER, TIME],
+                                            tool_choice=choice, max_tokens=80, temperature=0, stream=True)
+    deltas = [c.choices[0].delta for c in stream if c.choices]
+    calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+    assert calls[0].function.name == "get_weather" and calls[0].id
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == args
+
+
+def test_required_tool_choice_calls_one_of_the_tools(client: openai.OpenAI) -> None:
+    for stream in (False, True):
+        kwargs: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "tools": [WEATHER, TIME],
+                                  "tool_choice": "required", "max_tokens": 120, "temperature": 0}
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kwargs))
+            calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            named = [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls]
+        else:
+            out = client.chat.completions.create(**kwargs)
+            finish = [out.choices[0].finish_reason]
+            named = [(tc.function.name, json.loads(tc.function.arguments)) for tc in out.choices[0].message.tool_calls]
+        assert finish == ["tool_calls"] and named
+        for name, args in named:
+            assert name in ("get_weather", "get_time") and isinstance(args, dict)
