@@ -48,10 +48,10 @@ def test_mooncake_pd_after_prefill_sleep_and_wake(llama_ckpt: Path, mode: str) -
     expected = colocated(llama_ckpt, PROMPTS)
     config = pd_config(str(llama_ckpt), "mooncake", mode)
     config.model.enable_sleep_mode = True
-    prefill = ProcessRPC(build_sleepy_engine, config.model_dump_json(),
-                         InstanceSpec(role="prefill", port=1, engine_id=f"P-mc-wake-{mode}", device="cpu").model_dump_json())
-    decode = ProcessRPC(build_engine, config.model_dump_json(),
-                        InstanceSpec(role="decode", port=2, engine_id=f"D-mc-wake-{mode}", device="cpu").model_dump_json())
+    p_spec = InstanceSpec(role="prefill", port=1, engine_id=f"P-mc-wake-{mode}", device="cpu")
+    d_spec = InstanceSpec(role="decode", port=2, engine_id=f"D-mc-wake-{mode}", device="cpu")
+    prefill = ProcessRPC(build_sleepy_engine, config.model_dump_json(), p_spec.model_dump_json())
+    decode = ProcessRPC(build_engine, config.model_dump_json(), d_spec.model_dump_json())
     try:
         assert {rid: o["tokens"] for rid, o in run_pd(prefill, decode, PROMPTS).items()} == expected
         woke = prefill.call("sleep_wake")
