@@ -7,9 +7,9 @@ Cross-field rules live in `pdlaunch.config.validate`; these models only check si
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdlaunch.config.addresses import Host
 
@@ -18,6 +18,7 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
+_Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class StrictModel(BaseModel):
@@ -33,12 +34,17 @@ class ModelConfig(StrictModel):
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
     enforce_eager: bool = Field(False, description="Run decode steps eagerly: no CUDA graphs (CUDA only).")
-    served_model_name: str | list[str] | None = Field(
+    served_model_name: list[_Name] | None = Field(
         None, min_length=1, description="Model name(s) the API answers to (as vLLM's --served-model-name; the "
         "first is reported); default: the --model value as given, its directory name also accepted.")
     chat_template: str | None = Field(
         None, min_length=1, description="Jinja2 chat template that overrides the checkpoint's: a file path, or the "
         "template itself on one line (as vLLM's --chat-template).")
+
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --served-model-name NAME, or a YAML list
 
 
 class CacheConfig(StrictModel):
