@@ -1,8 +1,11 @@
 """Every sampling field through the proxy with the openai client, PD (1P1D) and colocated, on CPU:
-each changes the output as specified (or is refused with a 400 naming it), and PD == colocated."""
+each changes the output as specified (or is refused with a 400 naming it), and PD == colocated;
+json_schema outputs validate and tool calls parse, streaming and not."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,3 +108,55 @@ def test_refused_fields_are_a_400_naming_them(deployments: dict[str, Serve], fie
         answer = httpx.post(f"{serve.url}/v1/completions", json={"prompt": PROMPT, **GREEDY, **fields}, timeout=60)
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["param"] == param
+
+
+def chat_client(serve: Serve) -> tuple[openai.OpenAI, str]:
+    model = httpx.get(f"{serve.url}/v1/models", timeout=5).json()["data"][0]["id"]
+    return openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=120, max_retries=0), model
+
+
+def test_json_schema_validates_streaming_and_not_pd_equals_colocated(deployments: dict[str, Serve]) -> None:
+    import jsonschema
+
+    from tests.engine.test_structured_output import random_schema
+
+    rng = random.Random(3)
+    for i in range(5):
+        schema = random_schema(rng)
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+        texts = []
+        for name in ("pd", "colocated"):
+            client, model = chat_client(deployments[name])
+            kwargs: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Give JSON"}],
+                                      "response_format": fmt, "max_tokens": 160, "temperature": 0}
+            whole = client.chat.completions.create(**kwargs).choices[0].message.content or ""
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                stream=True, **kwargs) if c.choices)
+            assert whole == streamed
+            jsonschema.validate(json.loads(whole), schema)
+            texts.append(whole)
+        assert texts[0] == texts[1]
+
+
+def test_tool_calls_through_the_proxy_parse_into_the_functions_arguments(deployments: dict[str, Serve]) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 6},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 5}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+    seen = []
+    for name in ("pd", "colocated"):
+        client, model = chat_client(deployments[name])
+        for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+            # One call: a random model would otherwise add array elements until max_tokens.
+            kwargs: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "Weather?"}],
+                                      "tools": [tool], "tool_choice": choice, "max_tokens": 120, "temperature": 0,
+                                      "parallel_tool_calls": False}
+            calls = client.chat.completions.create(**kwargs).choices[0].message.tool_calls or []
+            streamed = [tc for c in client.chat.completions.create(stream=True, **kwargs) if c.choices
+                        for tc in (c.choices[0].delta.tool_calls or [])]
+            assert calls and calls[0].function.name == "get_weather"
+            args = json.loads(calls[0].function.arguments)
+            assert set(args) == {"city", "days"} and 1 <= args["days"] <= 5
+            assert streamed[0].function.name == "get_weather"
+            seen.append(args)
+    assert seen[:2] == seen[2:]  # PD == colocated
