@@ -5,7 +5,10 @@ Oversized frames, too many connections, replays and slow peers are refused; the 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from typing import Iterator
@@ -139,3 +142,14 @@ def test_a_slow_loris_is_dropped_within_the_frame_timeout(prefill: NixlConnector
         assert answer is not None and "not received within" in answer["answer"]["error"]
     threading.Event().wait(0.1)
     assert prefill.server.num_connections() == 0
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` to list listening sockets")
+def test_ucx_listens_on_loopback_only_on_one_host(prefill: NixlConnector) -> None:
+    """The issue saw UCX listen on the host's external address too; a one-host deployment (side channel
+    on 127.0.0.1) keeps every listening socket of this process on loopback."""
+    assert os.environ.get("UCX_NET_DEVICES") == "lo"
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout
+    mine = [line.split()[3] for line in out.splitlines() if f"pid={os.getpid()}," in line]
+    assert mine, "this process listens somewhere (side channel, UCX)"
+    assert all(addr.rsplit(":", 1)[0] in ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]") for addr in mine), mine
