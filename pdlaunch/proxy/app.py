@@ -1,7 +1,7 @@
 """The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (DESIGN.md "Request flow").
 
-Every upstream call runs under the request's deadline (proxy.request_timeout_seconds); a failed or
-vanished instance becomes an OpenAI-format 502/503/504 (mid-stream: an SSE error event), never a hang.
+The calls to instances (deadlines, errors, relaying a stream) live in upstream.py; a leg refused by a
+dead instance is retried once on another (retry.py); /metrics adds every instance's series (federate.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import httpx
@@ -24,141 +23,18 @@ from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.metrics import CountRequests, ProxyMetrics
-from pdlaunch.proxy.release import KVReleaser
+from pdlaunch.proxy.metrics import CountRequests
 from pdlaunch.proxy.retry import on_live_instance
-from pdlaunch.proxy.translate import (
-    decode_body,
-    error_from_exception,
-    error_from_response,
-    is_connection_failure,
-    kv_params_of,
-    parse_client_body,
-    prefill_body,
-)
-from pdlaunch.server.auth import AccessPolicy, RequireAuth, internal_headers
+from pdlaunch.proxy.translate import decode_body, kv_params_of, parse_client_body, prefill_body
+from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy
+from pdlaunch.server.auth import AccessPolicy, RequireAuth
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
-from pdlaunch.server.sse import ClosingStreamingResponse, SSEParser, sse_event
+from pdlaunch.server.sse import ClosingStreamingResponse
 
 log = logging.getLogger("pdlaunch.proxy")
 
-CONNECT_TIMEOUT_S = 5.0
 CLIENT_CLOSED = 499
-
-
-@dataclass
-class Upstream:
-    """An open streaming answer of an instance; holds one in-flight count until closed."""
-
-    instance: Instance
-    response: httpx.Response
-    closed: bool = False
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.instance.in_flight -= 1
-        await self.response.aclose()
-
-
-class Proxy:
-    """Routes client requests to instances. One per proxy process; the app's lifespan owns the client."""
-
-    def __init__(self, pool: InstancePool, request_timeout_s: float, deployment_secret: str | None = None) -> None:
-        self.pool = pool
-        self.request_timeout_s = request_timeout_s
-        self.metrics = ProxyMetrics(pool)
-        self.client: httpx.AsyncClient | None = None
-        # Every call to an instance carries the internal token: instances with an API key accept it.
-        self.upstream_headers = internal_headers(deployment_secret)
-        self.kv = KVReleaser(self.upstream_headers)
-
-    def http(self) -> httpx.AsyncClient:
-        if self.client is None:
-            raise OpenAIError(503, "proxy is not started", code="not_ready")
-        return self.client
-
-    def _timeout(self, deadline: float) -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise OpenAIError(504, f"request timed out after {self.request_timeout_s:g}s at the proxy "
-                                   "(proxy.request_timeout_seconds)", code="timeout")
-        return remaining
-
-    def failed(self, instance: Instance, exc: BaseException) -> OpenAIError:
-        if is_connection_failure(exc):
-            self.pool.mark_down(instance, f"{type(exc).__name__} during a request")
-        return error_from_exception(instance, exc, self.request_timeout_s)
-
-    async def post_json(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
-                        deadline: float) -> dict[str, Any]:
-        remaining = self._timeout(deadline)
-        with instance.lease():
-            try:
-                response = await asyncio.wait_for(self.http().post(
-                    instance.url + path, json=body, headers=headers,
-                    timeout=httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))), remaining)
-            except (httpx.HTTPError, TimeoutError) as exc:
-                raise self.failed(instance, exc) from None
-        if response.status_code != 200:
-            raise error_from_response(instance, response.status_code, response.content)
-        try:
-            return response.json()
-        except ValueError:
-            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON",
-                              code="instance_failed") from None
-
-    async def open_stream(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
-                          deadline: float) -> Upstream:
-        """Send a streaming request; on success the caller must close the returned Upstream."""
-        remaining = self._timeout(deadline)
-        client = self.http()
-        request = client.build_request("POST", instance.url + path, json=body, headers=headers, timeout=httpx.Timeout(
-            remaining, connect=min(CONNECT_TIMEOUT_S, remaining)))
-        instance.in_flight += 1
-        try:
-            response = await asyncio.wait_for(client.send(request, stream=True), remaining)
-        except (httpx.HTTPError, TimeoutError) as exc:
-            instance.in_flight -= 1
-            raise self.failed(instance, exc) from None
-        if response.status_code != 200:
-            try:
-                content = await response.aread()
-            except httpx.HTTPError:
-                content = b""
-            await response.aclose()
-            instance.in_flight -= 1
-            raise error_from_response(instance, response.status_code, content)
-        return Upstream(instance, response)
-
-    async def relay(self, upstream: Upstream, deadline: float) -> AsyncIterator[bytes]:
-        """Pass SSE events through one by one; end with an error event if the instance fails."""
-        instance, response = upstream.instance, upstream.response
-        parser = SSEParser()
-        finished = False
-        try:
-            chunks = response.aiter_raw()
-            while True:
-                remaining = self._timeout(deadline)
-                try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), remaining)
-                except StopAsyncIteration:
-                    break
-                for data in parser.feed(chunk):
-                    if data == "[DONE]" or data.startswith('{"error"'):
-                        finished = True
-                    yield b"data: " + data.encode() + b"\n\n"
-            if not finished:
-                yield sse_event(error_body(502, f"{instance.name} ({instance.url}) closed the stream before it "
-                                                "finished", code="instance_failed"))
-        except OpenAIError as exc:
-            yield sse_event(exc.body())
-        except (httpx.HTTPError, TimeoutError) as exc:
-            yield sse_event(self.failed(instance, exc).body())
-        finally:
-            await upstream.close()
 
 
 def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str | None = None,

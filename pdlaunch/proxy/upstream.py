@@ -1,0 +1,139 @@
+"""Calls from the proxy to one instance: a JSON leg, or a streamed leg relayed event by event.
+
+Every call runs under the request's deadline (proxy.request_timeout_seconds); a failed or vanished
+instance becomes an OpenAI-format 502/503/504 (mid-stream: an SSE error event), never a hang, and an
+instance that dropped the connection is marked down at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+import httpx
+
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.metrics import ProxyMetrics
+from pdlaunch.proxy.release import KVReleaser
+from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure
+from pdlaunch.server.auth import internal_headers
+from pdlaunch.server.errors import OpenAIError, error_body
+from pdlaunch.server.sse import SSEParser, sse_event
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Upstream:
+    """An open streaming answer of an instance; holds one in-flight count until closed."""
+
+    instance: Instance
+    response: httpx.Response
+    closed: bool = False
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.instance.in_flight -= 1
+        await self.response.aclose()
+
+
+class Proxy:
+    """Routes client requests to instances. One per proxy process; the app's lifespan owns the client."""
+
+    def __init__(self, pool: InstancePool, request_timeout_s: float, deployment_secret: str | None = None) -> None:
+        self.pool = pool
+        self.request_timeout_s = request_timeout_s
+        self.metrics = ProxyMetrics(pool)
+        self.client: httpx.AsyncClient | None = None
+        # Every call to an instance carries the internal token: instances with an API key accept it.
+        self.upstream_headers = internal_headers(deployment_secret)
+        self.kv = KVReleaser(self.upstream_headers)
+
+    def http(self) -> httpx.AsyncClient:
+        if self.client is None:
+            raise OpenAIError(503, "proxy is not started", code="not_ready")
+        return self.client
+
+    def _timeout(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OpenAIError(504, f"request timed out after {self.request_timeout_s:g}s at the proxy "
+                                   "(proxy.request_timeout_seconds)", code="timeout")
+        return remaining
+
+    def failed(self, instance: Instance, exc: BaseException) -> OpenAIError:
+        if is_connection_failure(exc):
+            self.pool.mark_down(instance, f"{type(exc).__name__} during a request")
+        return error_from_exception(instance, exc, self.request_timeout_s)
+
+    async def post_json(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
+                        deadline: float) -> dict[str, Any]:
+        remaining = self._timeout(deadline)
+        with instance.lease():
+            try:
+                response = await asyncio.wait_for(self.http().post(
+                    instance.url + path, json=body, headers=headers,
+                    timeout=httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))), remaining)
+            except (httpx.HTTPError, TimeoutError) as exc:
+                raise self.failed(instance, exc) from None
+        if response.status_code != 200:
+            raise error_from_response(instance, response.status_code, response.content)
+        try:
+            return response.json()
+        except ValueError:
+            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON",
+                              code="instance_failed") from None
+
+    async def open_stream(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
+                          deadline: float) -> Upstream:
+        """Send a streaming request; on success the caller must close the returned Upstream."""
+        remaining = self._timeout(deadline)
+        client = self.http()
+        request = client.build_request("POST", instance.url + path, json=body, headers=headers, timeout=httpx.Timeout(
+            remaining, connect=min(CONNECT_TIMEOUT_S, remaining)))
+        instance.in_flight += 1
+        try:
+            response = await asyncio.wait_for(client.send(request, stream=True), remaining)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            instance.in_flight -= 1
+            raise self.failed(instance, exc) from None
+        if response.status_code != 200:
+            try:
+                content = await response.aread()
+            except httpx.HTTPError:
+                content = b""
+            await response.aclose()
+            instance.in_flight -= 1
+            raise error_from_response(instance, response.status_code, content)
+        return Upstream(instance, response)
+
+    async def relay(self, upstream: Upstream, deadline: float) -> AsyncIterator[bytes]:
+        """Pass SSE events through one by one; end with an error event if the instance fails."""
+        instance, response = upstream.instance, upstream.response
+        parser = SSEParser()
+        finished = False
+        try:
+            chunks = response.aiter_raw()
+            while True:
+                remaining = self._timeout(deadline)
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), remaining)
+                except StopAsyncIteration:
+                    break
+                for data in parser.feed(chunk):
+                    if data == "[DONE]" or data.startswith('{"error"'):
+                        finished = True
+                    yield b"data: " + data.encode() + b"\n\n"
+            if not finished:
+                yield sse_event(error_body(502, f"{instance.name} ({instance.url}) closed the stream before it "
+                                                "finished", code="instance_failed"))
+        except OpenAIError as exc:
+            yield sse_event(exc.body())
+        except (httpx.HTTPError, TimeoutError) as exc:
+            yield sse_event(self.failed(instance, exc).body())
+        finally:
+            await upstream.close()
