@@ -61,6 +61,8 @@ def test_bad_values_name_their_field(change: dict, field: str) -> None:
 
 def test_unsigned_forged_expired_and_overlong_params_are_refused() -> None:
     assert _field(ANSWER) == "kv_transfer_params.signature"
+    nan = {**ANSWER, "remote_blocks_expiry_time": float("nan"), "signature": "00" * 32, "expires_at": 1}
+    assert _field(nan) == "kv_transfer_params.remote_blocks_expiry_time"  # never reaches the JSON encoder
     good = signed(ANSWER)
     assert _field({**good, "remote_port": 7001}) == "kv_transfer_params.signature"
     assert _field({**good, "signature": "zz"}) == "kv_transfer_params.signature"
@@ -108,7 +110,8 @@ _values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(change=st.dictionaries(st.sampled_from(sorted(ANSWER) + ["signature", "expires_at", "remote_ports",
-                                                                "remote_hosts", "rank_kv_checksums", "x"]),
+                                                                "remote_hosts", "rank_kv_checksums", "x",
+                                                                "remote_blocks_expiry_time", "remote_num_tokens"]),
                               _values, max_size=4),
        sign=st.booleans())
 def test_random_values_fail_with_a_field_or_pass_signed(change: dict, sign: bool) -> None:
