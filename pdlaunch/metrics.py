@@ -66,6 +66,12 @@ INTER_TOKEN_LATENCY_VLLM = Histogram("vllm:inter_token_latency_seconds", "Histog
                                      "seconds.", LABELS, buckets=_ITL_BUCKETS)
 E2E_REQUEST_LATENCY = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
                                 "seconds.", LABELS, buckets=_REQUEST_BUCKETS)
+TIME_PER_OUTPUT_TOKEN = Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in "
+                                  "seconds.", LABELS, buckets=_ITL_BUCKETS)
+REQUEST_DECODE_TIME = Histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for "
+                                "request.", LABELS, buckets=_REQUEST_BUCKETS)
+ITERATION_TOKENS = Histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", LABELS,
+                             buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
 REQUEST_QUEUE_TIME = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase "
                                "for request.", LABELS, buckets=_REQUEST_BUCKETS)
 REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", LABELS,
@@ -90,6 +96,7 @@ def set_model_name(name: str) -> None:
     for metric in (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, NUM_PREEMPTIONS, PROMPT_TOKENS,
                    GENERATION_TOKENS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, TIME_TO_FIRST_TOKEN_VLLM,
                    INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_PROMPT_TOKENS,
+                   TIME_PER_OUTPUT_TOKEN, REQUEST_DECODE_TIME, ITERATION_TOKENS,
                    REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
     for reason in ("stop", "length", "abort"):

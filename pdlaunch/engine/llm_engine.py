@@ -282,6 +282,7 @@ class LLMEngine:
         if self.offload is not None:
             self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
         if sched.scheduled:
+            metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
             logits = self.executor.execute(sched.scheduled, self.block_manager)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
             sampled = self.sampler(logits, self.outputs.sample_rows(sampling)) if sampling else None

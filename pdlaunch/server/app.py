@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Union
@@ -20,6 +21,7 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.outputs import RequestOutput
 from pdlaunch.server.auth import AccessPolicy, RequireAuth
+from pdlaunch.server.choices import serve_multi
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.internal import HeldKV, add_internal_routes
@@ -129,6 +131,9 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         body = CompletionRequest.model_validate(await read_json_object(request))
         body.check_supported()
         check_model(body.model)
+        if body.fans_out():  # n > 1, best_of, a list of prompts, echo
+            return await serve_multi(engine_loop, body, body.prompts(), "completion", request, model_name,
+                                     sleep.sleeping)
         return await _serve(body, body.single_prompt(), "completion", request)
 
     @app.post("/v1/chat/completions")
@@ -136,18 +141,22 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         body = ChatCompletionRequest.model_validate(await read_json_object(request))
         body.check_supported()
         check_model(body.model)
+        if body.fans_out():  # n > 1
+            return await serve_multi(engine_loop, body, [body.template_messages()], "chat", request, model_name,
+                                     sleep.sleeping)
         return await _serve(body, body.template_messages(), "chat", request)
 
     async def _serve(body: Union[CompletionRequest, ChatCompletionRequest], prompt: Any,
                      endpoint: Endpoint, request: Request) -> Response:
         if sleep.sleeping:
             raise OpenAIError(503, "instance is sleeping; POST /wake_up first", code="sleeping")
-        recorder = RequestMetrics()
+        arrival = time.monotonic()
         params = body.sampling_params()
         # The client's X-Request-Id names the response; the engine id gets a suffix so that a reused
         # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
         client_id = client_request_id(request.headers.get("x-request-id"), uuid.uuid4().hex)
         request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
+        recorder = RequestMetrics(request_id, endpoint, arrival)
         if engine_loop.state != "ready":
             raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
         engine = engine_loop.engine

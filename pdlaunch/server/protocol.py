@@ -20,6 +20,7 @@ from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
 
 
 class StreamOptions(BaseModel):
@@ -42,6 +43,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -116,6 +118,33 @@ PromptType = Union[str, list[int], list[str], list[list[int]]]
 class CompletionRequest(_SamplingFields):
     prompt: PromptType
     logprobs: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _choices(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of < self.n:
+            raise OpenAIError(400, f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})",
+                              param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise OpenAIError(400, "best_of > n cannot be streamed", param="best_of")
+        if self.echo and self.logprobs is not None:
+            raise OpenAIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
+                              param="echo")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request: a list of strings or of token-id lists is a batch."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
+            return [self.single_prompt()]
+        if not prompt:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        return list(prompt)  # type: ignore[arg-type]
+
+    def fans_out(self) -> bool:
+        """Answered by several engine requests (server/choices.py), or by one with echo."""
+        return self.n > 1 or (self.best_of or 1) > 1 or self.echo or len(self.prompts()) > 1
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request: a string or a list of token ids."""
@@ -127,8 +156,7 @@ class CompletionRequest(_SamplingFields):
         if all(isinstance(x, int) for x in prompt):
             return list(prompt)  # type: ignore[arg-type]
         if len(prompt) != 1:
-            raise OpenAIError(400, "a list of prompts must hold exactly one prompt (batching is not supported)",
-                              param="prompt")
+            raise OpenAIError(400, "a list of prompts is answered by prompts(), not as one prompt", param="prompt")
         return prompt[0]  # type: ignore[return-value]
 
     def sampling_params(self) -> SamplingParams:
@@ -167,6 +195,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: Any = None  # server/tool_calls.py reads these three
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+
+    def fans_out(self) -> bool:
+        return self.n > 1
 
     def tool_calling(self) -> ToolCalling | None:
         return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)

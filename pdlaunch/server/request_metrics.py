@@ -1,26 +1,35 @@
 """vLLM's per-request series, recorded as an instance answers one request (pdlaunch/metrics.py).
 
 Times run from when the instance received the request: time to first token, inter-token latency,
-end-to-end latency; counts are exact: every prompt token of an accepted request, every generated
-token, one success per request that finished (stop / length) under its finished_reason.
+end-to-end latency, decode time (first to last token), time per output token; counts are exact:
+every prompt token of an accepted request, every generated token, one success per request that
+finished (stop / length) under its finished_reason.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput
 
+log = logging.getLogger("pdlaunch.server.requests")
+
 
 class RequestMetrics:
-    def __init__(self) -> None:
-        self.arrival = time.monotonic()
+    """One request's series; `arrival` is time.monotonic() when the instance received it."""
+
+    def __init__(self, request_id: str, endpoint: str, arrival: float) -> None:
+        self.request_id, self.endpoint, self.arrival = request_id, endpoint, arrival
+        self._first_token: float | None = None
         self._last_token: float | None = None
+        self._num_prompt = 0
         self._num_generated = 0
         self._ended = False
 
     def accepted(self, num_prompt_tokens: int) -> None:
+        self._num_prompt = num_prompt_tokens
         metrics.vllm(metrics.PROMPT_TOKENS).inc(num_prompt_tokens)
         metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(num_prompt_tokens)
 
@@ -28,6 +37,7 @@ class RequestMetrics:
         now, count = time.monotonic(), len(out.new_token_ids)
         if count:
             if self._last_token is None:
+                self._first_token = now
                 metrics.vllm(metrics.TIME_TO_FIRST_TOKEN_VLLM).observe(now - self.arrival)
             else:
                 for _ in range(count):
@@ -35,8 +45,21 @@ class RequestMetrics:
             self._last_token = now
             self._num_generated += count
             metrics.vllm(metrics.GENERATION_TOKENS).inc(count)
-        if out.finished and not self._ended and out.finish_reason in ("stop", "length"):
+        if out.finished and not self._ended:
             self._ended = True
-            metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
-            metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
-            metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
+            self._finished(out.finish_reason or "", now)
+
+    def _finished(self, reason: str, now: float) -> None:
+        # One line per request at DEBUG (the proxy logs the same X-Request-Id with the instances it used).
+        log.debug("request %s %s: %s, %d prompt + %d generated tokens, %.3fs", self.request_id, self.endpoint,
+                  reason, self._num_prompt, self._num_generated, now - self.arrival)
+        if reason not in ("stop", "length"):
+            return
+        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=reason).inc()
+        metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
+        metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
+        if self._first_token is not None:
+            metrics.vllm(metrics.REQUEST_DECODE_TIME).observe(now - self._first_token)
+            if self._num_generated > 1:
+                per_token = (now - self._first_token) / (self._num_generated - 1)
+                metrics.vllm(metrics.TIME_PER_OUTPUT_TOKEN).observe(per_token)

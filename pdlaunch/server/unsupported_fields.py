@@ -14,8 +14,6 @@ from pdlaunch.server.errors import OpenAIError
 
 # field -> values that ask for nothing (None always does).
 _COMMON: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "best_of": (1,),
     "use_beam_search": (False,),
     "length_penalty": (1, 1.0),
     "truncate_prompt_tokens": (),
@@ -31,10 +29,11 @@ _COMMON: dict[str, tuple[Any, ...]] = {
     "mm_processor_kwargs": ({},),
 }
 COMPLETION_ONLY: dict[str, tuple[Any, ...]] = {
-    "echo": (False,),
     "suffix": ("",),
 }
 CHAT_ONLY: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,),
+    "echo": (False,),  # vLLM's chat echo (repeat the last message)
     "functions": ([],),
     "function_call": ("none",),
     "documents": ([],),

@@ -19,9 +19,9 @@ def test_single_prompt_forms(prompt: object, expected: object) -> None:
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "echo": True}, "echo"),
-    ({"prompt": "x", "best_of": 3}, "best_of"),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
 ])
 def test_unsupported_requests_name_the_param(body: dict, param: str) -> None:
     with pytest.raises(OpenAIError) as err:  # fields we cannot honour are refused while validating

@@ -125,7 +125,7 @@ def test_logprobs_and_stop(server: tuple[str, EngineLoop]) -> None:
     ({"prompt": [], "max_tokens": 8}, 400, "prompt"),
     ({"prompt": [10**9], "max_tokens": 8}, 400, "prompt"),
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
     ({"max_tokens": 3}, 400, "prompt"),
     ({"prompt": "x", "model": "other"}, 404, "model"),
 ])
