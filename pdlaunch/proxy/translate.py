@@ -14,8 +14,9 @@ from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
-# min_tokens <= max_tokens (a vLLM prefill answers 400); the decode leg keeps them.
-_DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens")
+# min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
+# computed once and the decode leg makes the samples; the decode leg keeps them all.
+_DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens", "n", "best_of", "echo")
 
 
 def prefill_body(body: dict[str, Any], chat: bool) -> dict[str, Any]:

@@ -160,3 +160,27 @@ def test_tool_calls_through_the_proxy_parse_into_the_functions_arguments(deploym
             assert streamed[0].function.name == "get_weather"
             seen.append(args)
     assert seen[:2] == seen[2:]  # PD == colocated
+
+
+def transfer_count(serve: Serve) -> float:
+    """KV transfers the instances of `serve` recorded (the seconds histogram counts one per transfer)."""
+    total = 0.0
+    for url in serve.instance_urls().values():
+        for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+            if line.startswith("pdlaunch_kv_transfer_seconds_count"):
+                total += float(line.split()[1])
+    return total
+
+
+def test_n_4_moves_the_prompt_kv_once_and_equals_colocated(deployments: dict[str, Serve]) -> None:
+    answers = []
+    for name in ("pd", "colocated"):
+        client, model = chat_client(deployments[name])
+        before = transfer_count(deployments[name])
+        out = client.completions.create(model=model, prompt=PROMPT * 3, n=4, max_tokens=8, temperature=1.0, seed=21,
+                                        extra_body={"ignore_eos": True})
+        assert [c.index for c in out.choices] == [0, 1, 2, 3]
+        answers.append([c.text for c in out.choices])
+        if name == "pd":
+            assert transfer_count(deployments[name]) - before == 1
+    assert answers[0] == answers[1] and len(set(answers[0])) > 1
