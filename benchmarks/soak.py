@@ -85,10 +85,10 @@ def snapshot(client: httpx.Client, base: str, headers: dict[str, str]) -> dict[s
     return out
 
 
-def body_of(rng: random.Random, chat: bool, stream: bool) -> dict[str, Any]:
+def body_of(rng: random.Random, model: str, chat: bool, stream: bool) -> dict[str, Any]:
     words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "kv", "block", "decode"])
                      for _ in range(rng.randint(1, 120)))
-    body: dict[str, Any] = {"model": "demo", "max_tokens": rng.randint(1, 24), "stream": stream,
+    body: dict[str, Any] = {"model": model, "max_tokens": rng.randint(1, 24), "stream": stream,
                             "temperature": rng.choice([0.0, 0.7]), "seed": rng.randint(0, 1000)}
     if chat:
         body["messages"] = [{"role": "user", "content": words}]
@@ -98,10 +98,10 @@ def body_of(rng: random.Random, chat: bool, stream: bool) -> dict[str, Any]:
 
 
 async def one_request(client: httpx.AsyncClient, base: str, headers: dict[str, str], rng: random.Random,
-                      tally: Tally, disconnect_rate: float) -> None:
+                      model: str, tally: Tally, disconnect_rate: float) -> None:
     chat, stream = rng.random() < 0.5, rng.random() < 0.5
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    body = body_of(rng, chat, stream)
+    body = body_of(rng, model, chat, stream)
     leave = rng.random() < disconnect_rate
     try:
         if not stream:
@@ -154,17 +154,30 @@ def classify(status: int, content: bytes, tally: Tally) -> None:
     tally.error(f"{status}: {message}")
 
 
-async def drive(base: str, headers: dict[str, str], seconds: float, concurrency: int, disconnect_rate: float,
-                seed: int, tally: Tally) -> None:
+async def drive(base: str, headers: dict[str, str], model: str, seconds: float, concurrency: int,
+                disconnect_rate: float, seed: int, tally: Tally) -> None:
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
         async def worker(k: int) -> None:
             rng = random.Random(seed * 1000 + k)
             while time.monotonic() < deadline:
-                await one_request(client, base, headers, rng, tally, disconnect_rate)
+                await one_request(client, base, headers, rng, model, tally, disconnect_rate)
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
+
+
+def kv_counters(client: httpx.Client, base: str, headers: dict[str, str]) -> dict[str, float]:
+    """Summed over the instances: transfer failures and local recomputes (what the injected failures became)."""
+    wanted = ("pdlaunch_kv_transfer_failures_total", "pdlaunch_kv_load_recomputes_total",
+              "pdlaunch_kv_transfer_bytes_total")
+    totals = dict.fromkeys(wanted, 0.0)
+    for inst in client.get(f"{base}/instances", headers=headers).json():
+        for line in client.get(f"{inst['url']}/metrics", headers=headers).text.splitlines():
+            name = line.split("{")[0].split(" ")[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def wait_idle(client: httpx.Client, base: str, headers: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -203,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--warmup-seconds", type=float, default=30.0)
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="tiny")
     parser.add_argument("--prefill", type=int, default=2)
     parser.add_argument("--decode", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -247,17 +260,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("pdlaunch serve did not become ready within 300 s")
             time.sleep(0.5)
         warm = Tally()
-        asyncio.run(drive(base, headers, args.warmup_seconds, args.concurrency, args.disconnect_rate, args.seed, warm))
+        asyncio.run(drive(base, headers, args.model, args.warmup_seconds, args.concurrency, args.disconnect_rate, args.seed, warm))
         before = wait_idle(client, base, headers, args.lease_seconds + 30)
         tally = Tally()
         started = time.monotonic()
-        asyncio.run(drive(base, headers, args.minutes * 60, args.concurrency, args.disconnect_rate,
+        asyncio.run(drive(base, headers, args.model, args.minutes * 60, args.concurrency, args.disconnect_rate,
                           args.seed + 1, tally))
         elapsed = time.monotonic() - started
         after = wait_idle(client, base, headers, args.lease_seconds + 30)
         logs = sorted((args.log_dir / "logs").glob("*.log"))
         tracebacks = [str(p) for p in logs if "Traceback" in p.read_text(errors="replace")]
         problems = verdict(before, after, tally, tracebacks)
+        result["kv_counters"] = kv_counters(client, base, headers)
         result.update({"seconds": round(elapsed, 1), "requests": asdict(tally), "before": before, "after": after,
                        "problems": problems, "pass": not problems})
     finally:
@@ -269,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 serve.kill()
         out.close()
-    print(json.dumps({k: result[k] for k in ("seconds", "requests", "problems", "pass") if k in result}, indent=2))
+    print(json.dumps({k: result[k] for k in ("seconds", "requests", "kv_counters", "problems", "pass") if k in result},
+                     indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0 if result.get("pass") else 1
