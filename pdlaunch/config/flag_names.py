@@ -38,5 +38,9 @@ def flag_fields(overrides: dict[str, Any], groups: Any) -> dict[str, str]:
 
 
 def name_flags(problems: list[Problem], flags: dict[str, str]) -> list[Problem]:
-    """Each problem about a flag-set value, renamed to the flag; the others unchanged."""
-    return [Problem(flags.get(field, field), message) for field, message in problems]
+    """Each problem about a flag-set value (or an item of it: `model.served_model_name[0]`), renamed to
+    the flag; the others unchanged."""
+    def named(field: str) -> str:
+        return flags.get(field) or flags.get(re.sub(r"\[\d+\]$", "", field), field)
+
+    return [Problem(named(field), message) for field, message in problems]
