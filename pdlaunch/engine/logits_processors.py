@@ -115,35 +115,39 @@ class LogitsProcessors:
 
     @staticmethod
     def _penalize(logits: torch.Tensor, rows: Sequence[RowState], penalized: list[int]) -> None:
+        """Only the logits of tokens that occurred change, so the work is over (row, token) pairs
+        (prompt and output lengths), never over [rows, vocab]."""
         dev = logits.device
         vocab = logits.shape[1]
-        idx = to_device_async(torch.tensor(penalized, dtype=torch.long), dev)
-        sub = logits.index_select(0, idx)  # [M, V]
-        counts = torch.zeros_like(sub)
-        lens = [len(rows[i].output_token_ids) for i in penalized]
-        if sum(lens):
-            out_rows = torch.repeat_interleave(torch.arange(len(penalized)), torch.tensor(lens))
-            out_ids = torch.tensor(list(itertools.chain.from_iterable(rows[i].output_token_ids for i in penalized)),
-                                   dtype=torch.long)
-            counts.index_put_((to_device_async(out_rows, dev), to_device_async(out_ids, dev)),
-                              torch.ones(len(out_ids), device=dev), accumulate=True)
+        flat = logits.view(-1)  # a fresh contiguous clone (__call__)
         params = [rows[i].params for i in penalized]
+        out_keys = _keys(penalized, [rows[i].output_token_ids for i in penalized], vocab, dev)
         rep = [p.repetition_penalty for p in params]
         if any(r != 1.0 for r in rep):
-            seen = counts > 0
-            prompt_lens = [len(rows[i].prompt_token_ids) if p.repetition_penalty != 1.0 else 0
-                           for i, p in zip(penalized, params)]
-            if sum(prompt_lens):
-                p_rows = torch.repeat_interleave(torch.arange(len(penalized)), torch.tensor(prompt_lens))
-                p_ids = torch.tensor(list(itertools.chain.from_iterable(
-                    rows[i].prompt_token_ids for i, n in zip(penalized, prompt_lens) if n)), dtype=torch.long)
-                seen[to_device_async(p_rows, dev), to_device_async(p_ids.clamp(max=vocab - 1), dev)] = True
-            rep_t = to_device_async(torch.tensor(rep, dtype=sub.dtype), dev).unsqueeze(1)
-            sub = torch.where(seen, torch.where(sub > 0, sub / rep_t, sub * rep_t), sub)
-        freq = to_device_async(torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype), dev)
-        pres = to_device_async(torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype), dev)
-        sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0).to(sub.dtype)
-        logits.index_copy_(0, idx, sub)
+            prompts = [rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else () for i, p in zip(penalized, params)]
+            keys = torch.unique(torch.cat([out_keys, _keys(penalized, prompts, vocab, dev)]))
+            per_row = torch.ones(logits.shape[0], dtype=logits.dtype)
+            per_row[penalized] = torch.tensor(rep, dtype=logits.dtype)
+            penalty = to_device_async(per_row, dev)[keys // vocab]
+            values = flat[keys]
+            flat[keys] = torch.where(values > 0, values / penalty, values * penalty)
+        if out_keys.numel() and any(p.frequency_penalty or p.presence_penalty for p in params):
+            keys, counts = torch.unique(out_keys, return_counts=True)
+            freq = torch.zeros(logits.shape[0], dtype=logits.dtype)
+            pres = torch.zeros(logits.shape[0], dtype=logits.dtype)
+            freq[penalized] = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype)
+            pres[penalized] = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype)
+            row = keys // vocab
+            flat[keys] -= to_device_async(freq, dev)[row] * counts.to(logits.dtype) + to_device_async(pres, dev)[row]
+
+
+def _keys(batch_rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab: int,
+          device: torch.device) -> torch.Tensor:
+    """row * vocab + token for every token of every list (row: the list's batch row), on `device`."""
+    lens = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    flat = torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.long).clamp_(0, vocab - 1)
+    keys = torch.repeat_interleave(torch.tensor(list(batch_rows), dtype=torch.long), lens) * vocab + flat
+    return to_device_async(keys, device)
 
 
 def _has_penalty(p: SamplingParams) -> bool:
