@@ -28,6 +28,13 @@ from pdlaunch.server.watchdog import watch_parent
 DEFAULT_DRAIN_S = 5.0
 API_KEY_ENV = "PDLAUNCH_API_KEY"
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
+LOG_LEVEL_ENV = "PDLAUNCH_LOG_LEVEL"  # `PDLAUNCH_LOG_LEVEL=debug pdlaunch serve`: per-request lines everywhere
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+def _env_log_level() -> str:
+    level = os.environ.get(LOG_LEVEL_ENV, "info").lower()
+    return level if level in LOG_LEVELS else "info"
 
 
 def quiet_http_client_logs() -> None:
@@ -61,8 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
                         help="On SIGTERM, wait this long for in-flight requests.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
-                        help="debug adds one line per request (its X-Request-Id, legs, status, seconds).")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=_env_log_level(),
+                        help=f"debug adds one line per request (its X-Request-Id, instances, outcome); "
+                        f"default from {LOG_LEVEL_ENV}, else info.")
+    parser.add_argument("--access-log", action="store_true", help="One line per HTTP request (uvicorn's).")
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
@@ -87,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="info", access_log=False,
+        app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
         timeout_graceful_shutdown=max(1, int(round(args.drain_timeout))), lifespan="on",
     ))
     if args.parent_pid is not None:

@@ -9,12 +9,15 @@ finished (stop / length) under its finished_reason.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput
 
 log = logging.getLogger("pdlaunch.server.requests")
+if os.environ.get("PDLAUNCH_LOG_LEVEL", "").lower() == "debug":  # as the proxy's --log-level default
+    log.setLevel(logging.DEBUG)
 
 
 class RequestMetrics:

@@ -43,3 +43,26 @@ def _ready(url: str) -> bool:
         return httpx.get(url + "/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_debug_gives_one_line_per_request_with_its_id(tmp_path: Path) -> None:
+    ports = PortAllocator("127.0.0.1")
+    prefill, decode = ScriptedInstance("prefill"), ScriptedInstance("decode")
+    log_file = tmp_path / "proxy.log"
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d, \
+            open(log_file, "w") as log:
+        port = ports.free("proxy")
+        proc = subprocess.Popen([sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--prefill", p.url,
+                                 "--decode", d.url, "--log-level", "debug"], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_for(lambda: _ready(url), "the proxy to answer /health with 200", 30)
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True},
+                           headers={"X-Request-Id": "rid-debug-1"}, timeout=10)
+            assert r.status_code == 200
+            wait_for(lambda: "rid-debug-1" in log_file.read_text(), "the request's DEBUG line", 10)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    lines = [line for line in log_file.read_text().splitlines() if "rid-debug-1" in line]
+    assert len(lines) == 1 and "prefill-0 -> decode-0" in lines[0] and "DEBUG" in lines[0], lines
