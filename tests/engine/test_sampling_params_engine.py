@@ -93,3 +93,21 @@ def test_out_of_vocabulary_ids_fail_the_request_not_the_step(engine) -> None:  #
         engine.add_request("oov", PROMPT, greedy(logit_bias={engine.vocab_size: 5.0}))
     assert info.value.field == "logit_bias"
     assert run_all(engine, [PROMPT], greedy(max_tokens=2))[0].finish_reason == "length"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_and_eager_agree_with_every_parameter(make_engine: MakeEngine, llama_ckpt: Path) -> None:
+    """Decode steps replayed from CUDA graphs hand their logits to the same sampler as eager steps:
+    penalties, bias, min_p, bad words, allowed ids and grammar masks run after the replay."""
+    from pdlaunch.engine.structured_output import StructuredOutput
+
+    params = [greedy(repetition_penalty=1.8), greedy(frequency_penalty=1.5, presence_penalty=0.5),
+              greedy(logit_bias={7: 4.0}, min_tokens=4, ignore_eos=False), greedy(allowed_token_ids=[3, 4, 9]),
+              SamplingParams(temperature=1.0, seed=4, min_p=0.2, max_tokens=12, ignore_eos=True),
+              greedy(structured_output=StructuredOutput(kind="regex", value="[a-e]{3,9}"))]
+    outs = []
+    for eager in (False, True):
+        engine = make_engine(llama_ckpt, device="cuda", enforce_eager=eager, max_num_seqs=8)
+        assert (engine.runner.graphs is None) == eager
+        outs.append([o.output_token_ids for o in run_all(engine, [PROMPT] * len(params), params)])
+    assert outs[0] == outs[1]
