@@ -27,6 +27,14 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_continuous_usage(self) -> "StreamOptions":
+        if self.continuous_usage_stats:
+            raise OpenAIError(400, "stream_options.continuous_usage_stats is not supported; usage comes with the "
+                                   "last chunk", param="stream_options.continuous_usage_stats")
+        return self
 
 
 class _SamplingFields(BaseModel):

@@ -18,7 +18,7 @@ _COMMON: dict[str, tuple[Any, ...]] = {
     "length_penalty": (1, 1.0),
     "truncate_prompt_tokens": (),
     "prompt_logprobs": (),
-    "guided_decoding_backend": (),
+    "guided_decoding_backend": ("auto", "guidance", "llguidance"),  # the one we run
     "guided_whitespace_pattern": (),
     "logits_processors": ((), []),
     "return_tokens_as_token_ids": (False,),
@@ -27,9 +27,13 @@ _COMMON: dict[str, tuple[Any, ...]] = {
     "vllm_xargs": ({},),
     "prompt_embeds": (),
     "mm_processor_kwargs": ({},),
+    "request_id": (),  # send X-Request-Id instead
+    "store": (False,),
+    "service_tier": ("auto", "default"),
 }
 COMPLETION_ONLY: dict[str, tuple[Any, ...]] = {
     "suffix": ("",),
+    "add_special_tokens": (True,),  # completion prompts are always encoded with special tokens
 }
 CHAT_ONLY: dict[str, tuple[Any, ...]] = {
     "best_of": (1,),
@@ -43,6 +47,7 @@ CHAT_ONLY: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
     "prediction": (),
     "web_search_options": (),
+    "verbosity": (),
     "chat_template": (),  # as newer vLLM without --trust-request-chat-template: the server's template applies
 }
 

@@ -1,0 +1,76 @@
+"""Every vLLM / OpenAI request field is honoured or refused: each refused one is a 400 naming it
+when it asks for something, and passes at its neutral value; each honoured one reaches the
+engine's SamplingParams (their effect on outputs: test_openai_sampling_e2e.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pdlaunch.server.errors import OpenAIError
+from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.unsupported_fields import _COMMON, CHAT_ONLY, COMPLETION_ONLY
+
+ASKING: dict[str, Any] = {
+    "use_beam_search": True, "length_penalty": 0.5, "truncate_prompt_tokens": 5, "prompt_logprobs": 1,
+    "guided_decoding_backend": "xgrammar", "guided_whitespace_pattern": " ", "logits_processors": ["x"],
+    "return_tokens_as_token_ids": True, "priority": 1, "cache_salt": "s", "vllm_xargs": {"a": 1},
+    "prompt_embeds": "AAAA", "mm_processor_kwargs": {"a": 1}, "request_id": "r", "store": True,
+    "service_tier": "flex", "suffix": "end", "add_special_tokens": False, "best_of": 2, "echo": True,
+    "functions": [{"name": "f"}], "function_call": "auto", "documents": [{"a": "b"}], "reasoning_effort": "low",
+    "include_reasoning": True, "audio": {"voice": "x"}, "modalities": ["audio"], "prediction": {"type": "content"},
+    "web_search_options": {}, "verbosity": "low", "chat_template": "{{ messages }}",
+}
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def build(chat: bool, **fields: Any) -> CompletionRequest | ChatCompletionRequest:
+    if chat:
+        return ChatCompletionRequest.model_validate({"messages": MESSAGES, **fields})
+    return CompletionRequest.model_validate({"prompt": "hi", **fields})
+
+
+CASES = [(name, False) for name in {**_COMMON, **COMPLETION_ONLY}] + [(name, True) for name in {**_COMMON, **CHAT_ONLY}]
+
+
+@pytest.mark.parametrize(("field", "chat"), CASES)
+def test_refused_field_is_a_400_naming_it(field: str, chat: bool) -> None:
+    with pytest.raises(OpenAIError) as info:
+        build(chat, **{field: ASKING[field]}).sampling_params()
+    assert info.value.status == 400 and info.value.param == field
+
+
+@pytest.mark.parametrize(("field", "chat"), [c for c in CASES if {**_COMMON, **COMPLETION_ONLY, **CHAT_ONLY}[c[0]]])
+def test_refused_field_at_its_neutral_value_passes(field: str, chat: bool) -> None:
+    neutral = {**_COMMON, **(CHAT_ONLY if chat else COMPLETION_ONLY)}[field][0]
+    build(chat, **{field: neutral}).sampling_params()
+
+
+HONOURED = {
+    "max_tokens": 7, "temperature": 0.5, "top_p": 0.5, "top_k": 3, "seed": 1, "stop": ["x"], "stop_token_ids": [2],
+    "ignore_eos": True, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.5, "min_p": 0.1,
+    "min_tokens": 2, "logit_bias": {3: 1.0}, "allowed_token_ids": [1, 2], "bad_words": ["no"],
+    "include_stop_str_in_output": True, "skip_special_tokens": False, "spaces_between_special_tokens": False,
+}
+
+
+@pytest.mark.parametrize("field", sorted(HONOURED))
+@pytest.mark.parametrize("chat", [False, True])
+def test_honoured_field_reaches_sampling_params(field: str, chat: bool) -> None:
+    params = build(chat, **{field: HONOURED[field]}).sampling_params()
+    assert getattr(params, field) == HONOURED[field]
+
+
+def test_structured_output_fields_reach_sampling_params() -> None:
+    for fields, kind in (({"response_format": {"type": "json_object"}}, "json_object"),
+                         ({"guided_choice": ["a", "b"]}, "choice"), ({"structured_outputs": {"regex": "a+"}}, "regex"),
+                         ({"guided_grammar": 'root ::= "a"'}, "grammar"), ({"guided_json": {"type": "object"}}, "json")):
+        spec = build(False, **fields).sampling_params().structured_output
+        assert spec is not None and spec.kind == kind
+
+
+def test_continuous_usage_stats_is_refused() -> None:
+    with pytest.raises(OpenAIError) as info:
+        build(False, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    assert info.value.param == "stream_options.continuous_usage_stats"
