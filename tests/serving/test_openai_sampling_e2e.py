@@ -110,6 +110,17 @@ def test_refused_fields_are_a_400_naming_them(deployments: dict[str, Serve], fie
         assert answer.json()["error"]["param"] == param
 
 
+def test_every_refused_field_is_a_400_through_the_proxy(deployments: dict[str, Serve]) -> None:
+    from tests.serving.test_openai_fields import ASKING, CASES
+
+    for serve in deployments.values():
+        for field, chat in CASES:
+            path, body = ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}) if chat else \
+                ("/v1/completions", {"prompt": PROMPT})
+            answer = httpx.post(f"{serve.url}{path}", json={**body, **GREEDY, field: ASKING[field]}, timeout=60)
+            assert answer.status_code == 400 and answer.json()["error"]["param"] == field, (field, answer.text)
+
+
 def chat_client(serve: Serve) -> tuple[openai.OpenAI, str]:
     model = httpx.get(f"{serve.url}/v1/models", timeout=5).json()["data"][0]["id"]
     return openai.OpenAI(base_url=f"{serve.url}/v1", api_key="unused", timeout=120, max_retries=0), model
