@@ -1,6 +1,7 @@
 """Tool calling: the request's tools and tool_choice, and tool calls parsed out of the output.
 
-- tool_choice "none": no tools reach the template and the output is plain content.
+- tool_choice "none": the tools still reach the template (vLLM's default, without
+  --exclude-tools-when-tool-choice-none) and the output is plain content, never parsed.
 - "auto" (the default with tools): the model decides. Its output is parsed for Qwen / Hermes
   style `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, or for a Llama 3 JSON
   call (`{"name": ..., "parameters": {...}}`, optionally after <|python_tag|>, several joined by
@@ -53,7 +54,7 @@ class Tool(BaseModel):
 
 @dataclass
 class ToolCalling:
-    mode: Literal["auto", "required", "named"]
+    mode: Literal["none", "auto", "required", "named"]
     tools: list[Tool]
     named: str | None = None
     parallel: bool = True  # parallel_tool_calls: false keeps one call
@@ -81,6 +82,8 @@ class ToolCalling:
         return content, calls if self.parallel else calls[:1]
 
     def _parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        if self.mode == "none":
+            return text, []
         if self.mode == "named":
             return None, [_call(self.named or "", text)]
         if self.mode == "required":
@@ -115,7 +118,7 @@ def _tool_calling(tools: Any, tool_choice: Any) -> ToolCalling | None:
     if tool_choice in (None, "auto"):
         return ToolCalling("auto", parsed)
     if tool_choice == "none":
-        return None
+        return ToolCalling("none", parsed)
     if tool_choice == "required":
         return ToolCalling("required", parsed)
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
@@ -193,6 +196,9 @@ class ToolStream:
             return {"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
                                     "function": {"name": self.calling.named, "arguments": piece}}]}
         delta: dict[str, Any] = {}
+        if self.calling.mode == "none":
+            self.sent = len(self.text)
+            return {"content": new_text} if new_text or finished else {}
         if self.calling.mode == "auto":
             safe = self._content_end(finished)
             if safe > self.sent:

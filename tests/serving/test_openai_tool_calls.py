@@ -79,7 +79,10 @@ def test_bad_tool_requests_name_the_field(tools: Any, choice: Any, param: str) -
 
 
 def test_none_keeps_tools_out_and_parallel_false_limits_required() -> None:
-    assert tool_calling_of([WEATHER], "none") is None
+    none = tool_calling_of([WEATHER], "none")
+    assert none is not None and none.structured_output() is None and none.template_tools()[0]["function"]["name"]
+    assert none.parse('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>')[1] == []
+    assert ToolStream(none).delta("<tool_call>", False) == {"content": "<tool_call>"}
     calling = tool_calling_of([WEATHER, TIME], "required", parallel=False)
     assert calling is not None and json.loads(calling.structured_output().value)["maxItems"] == 1  # type: ignore[union-attr]
 
