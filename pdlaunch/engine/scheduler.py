@@ -302,7 +302,9 @@ class Scheduler:
         ext = max(0, min(ext, request.num_tokens - 1 - k))
         remote = ext > 0 or bool(params and params.get("do_remote_prefill"))
         total = request.num_tokens if remote else k + num_new_tokens
-        if not self.block_manager.allocate(rid, total, k, hit):
+        # The load fills a sliding-window group only from k + ext - window on: entries before that stay -1,
+        # else cache_blocks would register never-written blocks as this prompt's prefix.
+        if not self.block_manager.allocate(rid, total, k + ext, hit):
             return None
         self._load_from_cpu(rid, cpu_hit)
         request.connector_consulted = True
