@@ -1,5 +1,10 @@
 """The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (DESIGN.md "Request flow").
 
+The prefill leg asks for its sampled token in the signed answer (when the request allows it:
+translate.continues_from_first_token); the decode hands that token to the client at admission and
+continues from it (engine/first_token.py), so the client's first token does not wait for the KV
+transfer. A token that ends the request (or max_tokens 1) ends it at the prefill's answer.
+
 The calls to instances (deadlines, errors, relaying a stream) live in upstream.py; a leg refused by a
 dead instance is retried once on another (retry.py); /metrics adds every instance's series (federate.py).
 """
@@ -25,7 +30,10 @@ from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
 from pdlaunch.proxy.retry import on_live_instance
-from pdlaunch.proxy.translate import decode_body, kv_params_of, parse_client_body, prefill_body
+from pdlaunch.proxy.translate import (
+    continues_from_first_token, decode_body, ended_by_first_token, kv_params_of, parse_client_body, prefill_body,
+    without_kv_params,
+)
 from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy
 from pdlaunch.server.auth import AccessPolicy, RequireAuth
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
@@ -90,12 +98,15 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
 
     @app.get("/v1/models")
     async def models() -> Response:
-        instance = pool.pick(pool.required_roles()[-1])
-        try:
-            response = await proxy.http().get(instance.url + "/v1/models", headers=proxy.upstream_headers,
+        async def ask(instance: Instance) -> httpx.Response:
+            try:
+                return await proxy.http().get(instance.url + "/v1/models", headers=proxy.upstream_headers,
                                               timeout=CONNECT_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            raise proxy.failed(instance, exc) from None
+            except httpx.HTTPError as exc:
+                raise proxy.failed(instance, exc) from None
+
+        role = pool.required_roles()[-1]
+        _, response = await on_live_instance(pool, role, pool.pick(role), ask)
         return Response(response.content, status_code=response.status_code, media_type="application/json")
 
     @app.post("/v1/completions")
@@ -130,7 +141,8 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             else:
                 # Both picked up front: no prefill work (and no held KV) when no decode instance is up.
                 target, first_prefill = pool.pick("decode"), pool.pick("prefill")
-                prefill_leg = prefill_body(body, chat)
+                first_token = continues_from_first_token(body)
+                prefill_leg = prefill_body(body, chat, first_token)
                 started = time.monotonic()
                 done, result = await _race(on_live_instance(
                     pool, "prefill", first_prefill,
@@ -143,6 +155,14 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
                 held = (prefill, kv_params_of(prefill, answer))
                 leg = decode_body(body, held[1])
+                if first_token and ended_by_first_token(body, chat, answer):
+                    # Its one token is the whole answer: the decode (if asked) ends at admission without
+                    # loading, so the prefill's KV goes back now rather than at the end of its lease.
+                    release_held()
+                    held = None
+                    if not body.get("stream"):
+                        outcome = "ok (prefill only)"
+                        return JSONResponse(without_kv_params(answer), headers={"X-Request-Id": request_id})
             role = target.role
             if body.get("stream"):
                 done, result = await _race(on_live_instance(

@@ -53,3 +53,13 @@ def test_a_stream_that_broke_after_bytes_is_not_retried(setup: Any) -> None:
     assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == ["t0", "t1", "t2"]
     assert "error" in json.loads(events[-1])
     assert len(decode.requests) == before + 1  # one decode leg: no second try after bytes went out
+
+
+def test_models_is_retried_too(setup: Any) -> None:
+    url, _, _, pool = setup
+    for inst in pool.instances:
+        inst.state = "ready"
+    for _ in range(2):  # round robin: one of two picks is the dead decode
+        r = httpx.get(f"{url}/v1/models", timeout=10)
+        assert r.status_code != 503, r.text  # the scripted decode has no /v1/models: its 404 passes through
+    assert {i.name: i.state for i in pool.instances}["decode-dead"] == "down"
