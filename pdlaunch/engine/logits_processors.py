@@ -124,7 +124,8 @@ class LogitsProcessors:
         out_keys = _keys(penalized, [rows[i].output_token_ids for i in penalized], vocab, dev)
         rep = [p.repetition_penalty for p in params]
         if any(r != 1.0 for r in rep):
-            prompts = [rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else () for i, p in zip(penalized, params)]
+            prompts = [rows[i].prompt_token_ids if p.repetition_penalty != 1.0 else ()
+                       for i, p in zip(penalized, params)]
             keys = torch.unique(torch.cat([out_keys, _keys(penalized, prompts, vocab, dev)]))
             per_row = torch.ones(logits.shape[0], dtype=logits.dtype)
             per_row[penalized] = torch.tensor(rep, dtype=logits.dtype)

@@ -46,7 +46,8 @@ class OutputProcessor:
         matcher = None
         if params.structured_output is not None:
             if self.grammars is None:
-                raise EngineError("structured output needs the engine's tokenizer", field=params.structured_output.field)
+                raise EngineError("structured output needs the engine's tokenizer",
+                                  field=params.structured_output.field)
             matcher = self.grammars.matcher(params.structured_output)
             for token_id in request.output_token_ids:  # a request that already has output replays it
                 advance(matcher, token_id)

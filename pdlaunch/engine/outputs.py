@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from pdlaunch.engine.structured_output import StructuredOutput
 
-
 # vLLM's thresholds (vllm/sampling_params.py): a temperature below SAMPLING_EPS is greedy; one in
 # [SAMPLING_EPS, MIN_RANDOM_TEMPERATURE) is raised to MIN_RANDOM_TEMPERATURE, because dividing float32
 # logits by less overflows to inf and the softmax turns into NaN (1e-40 sampled token 0 every time).

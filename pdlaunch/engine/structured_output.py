@@ -13,9 +13,11 @@ HTTP side (400 naming the request field). The engine makes one `LLMatcher` per r
 set), and the output processor advances the matcher with the sampled token. When the grammar is
 complete only EOS stays allowed, so the request stops.
 
-PD: the prefill leg samples its one token under the same grammar; the decode does not take that
-token, it samples the first token again from the last prompt position (engine/scheduler.py), with
-a fresh matcher, so the grammar state of both legs starts at the prompt and agrees.
+PD: the prefill leg samples its one token under the same grammar (the leg carries the request's
+structured-output fields). A decode that continues from that token (engine/first_token.py) takes
+it through OutputProcessor.append_token like a token sampled here, which advances its matcher
+from the prompt state; a decode that recomputes the last prompt token samples the first token
+under its own fresh matcher. Either way both legs' grammar state starts at the prompt and agrees.
 """
 
 from __future__ import annotations

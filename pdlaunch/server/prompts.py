@@ -11,7 +11,7 @@ templating run in a worker thread (`asyncio.to_thread`); the engine thread only 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Union
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -22,7 +22,7 @@ from pdlaunch.server.errors import OpenAIError
 MAX_PROMPT_CHARS_PER_TOKEN = 32
 
 # Text, token ids, or a chat request (messages with text content, template controls).
-Prompt = Union[str, list[int], ChatPrompt]
+Prompt = str | list[int] | ChatPrompt
 
 
 def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:

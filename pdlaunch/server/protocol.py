@@ -7,7 +7,7 @@ honour fail with a 400 naming the parameter instead of being silently dropped
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,7 +30,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
     @model_validator(mode="after")
-    def _refuse_continuous_usage(self) -> "StreamOptions":
+    def _refuse_continuous_usage(self) -> StreamOptions:
         if self.continuous_usage_stats:
             raise OpenAIError(400, "stream_options.continuous_usage_stats is not supported; usage comes with the "
                                    "last chunk", param="stream_options.continuous_usage_stats")
@@ -120,7 +120,7 @@ _PASSED_THROUGH = ("presence_penalty", "frequency_penalty", "repetition_penalty"
                    "logit_bias", "allowed_token_ids", "bad_words", "include_stop_str_in_output",
                    "skip_special_tokens", "spaces_between_special_tokens")
 
-PromptType = Union[str, list[int], list[str], list[list[int]]]
+PromptType = str | list[int] | list[str] | list[list[int]]
 
 
 class CompletionRequest(_SamplingFields):
@@ -130,7 +130,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
 
     @model_validator(mode="after")
-    def _choices(self) -> "CompletionRequest":
+    def _choices(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of < self.n:
             raise OpenAIError(400, f"best_of ({self.best_of}) must be greater than or equal to n ({self.n})",
                               param="best_of")

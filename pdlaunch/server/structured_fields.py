@@ -20,7 +20,8 @@ _UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern", "disable_additio
 _KINDS = ("json", "regex", "choice", "grammar")
 
 
-def structured_output_of(response_format: Any, structured_outputs: Any, guided: dict[str, Any]) -> StructuredOutput | None:
+def structured_output_of(response_format: Any, structured_outputs: Any,
+                         guided: dict[str, Any]) -> StructuredOutput | None:
     """The one structured-output request of a body (checked: the grammar compiles), or None."""
     found: list[StructuredOutput] = []
     if response_format is not None:
@@ -69,7 +70,8 @@ def _from_structured_outputs(value: Any) -> list[StructuredOutput]:
         raise OpenAIError(400, "structured_outputs must be an object", param="structured_outputs")
     for option in _UNSUPPORTED_OPTIONS:
         if value.get(option):
-            raise OpenAIError(400, f"structured_outputs.{option} is not supported", param=f"structured_outputs.{option}")
+            raise OpenAIError(400, f"structured_outputs.{option} is not supported",
+                              param=f"structured_outputs.{option}")
     found = [_spec(kind, value[kind], f"structured_outputs.{kind}") for kind in _KINDS if value.get(kind) is not None]
     if value.get("json_object"):
         found.append(StructuredOutput(kind="json_object", value="", field="structured_outputs.json_object"))

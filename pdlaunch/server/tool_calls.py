@@ -68,7 +68,8 @@ class ToolCalling:
             tool = next(t for t in self.tools if t.function.name == self.named)
             return StructuredOutput(kind="json", value=json.dumps(_parameters(tool)), field="tool_choice")
         if self.mode == "required":
-            one_of = [{"type": "object", "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
+            one_of = [{"type": "object",
+                       "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
                        "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
             schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
             if not self.parallel:

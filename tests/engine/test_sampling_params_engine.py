@@ -63,7 +63,8 @@ def test_stop_string_kept_with_include_stop_str_in_output(engine) -> None:  # ty
     base = run_all(engine, [PROMPT], greedy())[0]
     stop = base.text[4:7]
     assert stop and base.text.find(stop) == 4
-    cut, kept = run_all(engine, [PROMPT] * 2, [greedy(stop=[stop]), greedy(stop=[stop], include_stop_str_in_output=True)])
+    cut, kept = run_all(engine, [PROMPT] * 2,
+                        [greedy(stop=[stop]), greedy(stop=[stop], include_stop_str_in_output=True)])
     assert cut.text == base.text[:4] and kept.text == base.text[:7]
     late = run_all(engine, [PROMPT], greedy(stop=[stop], min_tokens=len(base.output_token_ids)))[0]
     assert late.finish_reason == "length"  # no stop string before min_tokens

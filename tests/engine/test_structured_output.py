@@ -34,7 +34,8 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict[str, Any]:
     ]
     props = {}
     for i in range(rng.randint(1, 4)):
-        props[f"f{depth}{i}"] = random_schema(rng, depth + 1) if depth < 1 and rng.random() < 0.25 else rng.choice(leaves)
+        nested = depth < 1 and rng.random() < 0.25
+        props[f"f{depth}{i}"] = random_schema(rng, depth + 1) if nested else rng.choice(leaves)
     return {"type": "object", "properties": props, "required": sorted(props), "additionalProperties": False}
 
 

@@ -4,8 +4,9 @@ tool messages and assistant tool_calls in the history, and `--chat-template FILE
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -37,7 +38,8 @@ TOOL_TEMPLATE = (
 HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
 ]
 
@@ -134,7 +136,8 @@ def test_chat_template_file_and_controls_over_http(server: tuple[str, LLMEngine]
     assert prompt_tokens(add_special_tokens=False) == len(tok.encode(expected.removeprefix("[hi]") + "<assistant>",
                                                                      add_special_tokens=False))
     bad = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": "tiny", "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]})
+        "model": "tiny",
+        "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages.tool_calls.0.function.arguments"
     assert json.loads(json.dumps(HISTORY))  # the history itself stays OpenAI-shaped (arguments a string)
     assert isinstance(HISTORY[1]["tool_calls"][0]["function"]["arguments"], str)  # type: ignore[index]

@@ -5,7 +5,8 @@ prompt blocks (prefix cache), streaming gives what the whole response gives."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

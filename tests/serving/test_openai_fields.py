@@ -65,7 +65,8 @@ def test_honoured_field_reaches_sampling_params(field: str, chat: bool) -> None:
 def test_structured_output_fields_reach_sampling_params() -> None:
     for fields, kind in (({"response_format": {"type": "json_object"}}, "json_object"),
                          ({"guided_choice": ["a", "b"]}, "choice"), ({"structured_outputs": {"regex": "a+"}}, "regex"),
-                         ({"guided_grammar": 'root ::= "a"'}, "grammar"), ({"guided_json": {"type": "object"}}, "json")):
+                         ({"guided_grammar": 'root ::= "a"'}, "grammar"),
+                         ({"guided_json": {"type": "object"}}, "json")):
         spec = build(False, **fields).sampling_params().structured_output
         assert spec is not None and spec.kind == kind
 

@@ -5,7 +5,8 @@ real instance with the openai client (streaming and not)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
