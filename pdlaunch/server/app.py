@@ -21,12 +21,12 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.outputs import RequestOutput
 from pdlaunch.server.auth import AccessPolicy, RequireAuth
-from pdlaunch.server.choices import serve_multi
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.internal import HeldKV, add_internal_routes
 from pdlaunch.server.limits import BodyLimit, client_request_id, read_json_object
 from pdlaunch.server.model_names import accepted_model_names, served_model_names
+from pdlaunch.server.multi_serve import serve_multi
 from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.request_metrics import RequestMetrics
