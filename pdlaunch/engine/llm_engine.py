@@ -18,6 +18,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
@@ -102,6 +103,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len,
                                        grammar_backend(self.tokenizer, self.vocab_size))
         self._arrival = itertools.count()
+        self._admitted: list[RequestOutput] = []  # first tokens taken from a prefill's answer, out next step
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
@@ -231,11 +233,32 @@ class LLMEngine:
                 field="prompt", hint="shorten the request or give the KV cache more memory")
         check_token_ids(params, self.vocab_size)
         kv_transfer_params = self.check_kv_transfer_params(kv_transfer_params)
+        first = first_token_ids(kv_transfer_params)
+        if any(not 0 <= t < self.vocab_size for t in first):
+            raise EngineError(f"token ids must lie in [0, {self.vocab_size})", field="kv_transfer_params.first_token_ids")
         request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
         self.outputs.add(request)
         self.scheduler.add_request(request)
+        if first:
+            self._admitted.append(self._continue_from(request, first))
+
+    def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
+        """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""
+        assert request.kv_transfer_params is not None
+        text, reason, logprobs = "", None, []
+        for token_id in first:
+            skip_prefill_draw(request, self.vocab_size, self.device)
+            new_text, reason = self.outputs.append_token(request, token_id)
+            text += new_text
+            logprob = first_token_logprob(request.kv_transfer_params, token_id, request.params.logprobs)
+            if logprob is not None:
+                logprobs.append(logprob)
+            if reason is not None:  # ended by its first token: the prompt's KV is never loaded
+                self.scheduler.finish_request(request, reason)
+                break
+        return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
 
     def _max_blocks_needed(self, num_tokens: int) -> int:
         """Most blocks a request of `num_tokens` holds in one group at any step (a request that
@@ -271,7 +294,7 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+        outputs, self._admitted = self._admitted, []
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
@@ -292,7 +315,8 @@ class LLMEngine:
                     new_text, reason = self.outputs.append_token(request, token_id)
                     kv_params = None
                     if reason is not None:
-                        kv_params = self._sign(self.scheduler.finish_request(request, reason))
+                        kv_params = self._sign(with_first_token(self.scheduler.finish_request(request, reason),
+                                                                request, logprob))
                     outputs.append(self.outputs.output(request.request_id, [token_id], new_text,
                                                        [logprob] if logprob is not None else None, kv_params))
         elif self.scheduler.waiting_for_kv:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.first_token import first_token_ids
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, decode_notif
@@ -295,8 +296,10 @@ class NixlConnector(KVConnector):
     ) -> int:
         if self.receiver is None or not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
             return 0
-        # The last prompt token is always recomputed locally: it yields the first token's logits.
-        return max(0, len(prompt_token_ids) - 1 - num_local_computed_tokens)
+        # The last prompt token is recomputed locally for the first token's logits, unless the prefill
+        # handed that token over (engine/first_token.py): then every prompt position is loaded.
+        recompute = 0 if first_token_ids(kv_transfer_params) else 1
+        return max(0, len(prompt_token_ids) - recompute - num_local_computed_tokens)
 
     def start_load(
         self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,

@@ -29,9 +29,14 @@ MAX_TP = 64
 MAX_GROUPS = 16  # KV-cache groups (full + sliding-window layers)
 MAX_BLOCK_ID = 2**31 - 1
 MAX_PROMPT_TOKENS = 10**8
+MAX_TOP_LOGPROBS = 64
 CLOCK_SKEW_SECONDS = 5  # prefill and decode of a multi-node deployment read different wall clocks
 SIGNATURE_FIELD = "signature"
 EXPIRY_FIELD = "expires_at"  # unix seconds (an int: a re-serializing proxy keeps it exact)
+# PD first token (engine/first_token.py): asked for in the prefill leg, answered signed.
+RETURN_FIRST_TOKEN = "return_first_token"
+FIRST_TOKEN_IDS = "first_token_ids"
+FIRST_TOKEN_LOGPROBS = "first_token_logprobs"
 
 _Id = Field(min_length=1, max_length=MAX_ID_CHARS)
 _Digest = Field(max_length=128)
@@ -52,6 +57,20 @@ class RemoteDecodeRequest(_Strict):
     remote_host: None = None
     remote_port: None = None
     remote_request_id: None = None
+    # Our proxy asks for the sampled token in the signed answer (first_token.py); vLLM's proxies do not.
+    return_first_token: bool = False
+
+
+class TopLogprob(_Strict):
+    token_id: int = Field(ge=0, le=MAX_BLOCK_ID)
+    logprob: float
+
+
+class FirstTokenLogprob(_Strict):
+    """The logprob (and top alternatives) of the prefill's sampled token, for a decode whose client asked."""
+
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
 
 
 def _bounded_blocks(value: list[list[int]] | None, info: ValidationInfo) -> list[list[int]] | None:
@@ -89,6 +108,10 @@ class PrefillAnswer(_Strict):
     remote_ports: Optional[list[int]] = Field(None, max_length=MAX_TP)
     remote_hosts: Optional[list[str]] = Field(None, max_length=MAX_TP)
     rank_kv_checksums: Optional[list[Optional[list[list[str]]]]] = Field(None, max_length=MAX_TP)
+    # The token the prefill sampled (signed with the rest, so a client cannot inject output): the decode
+    # continues from prompt + these instead of recomputing the last prompt token (engine/first_token.py).
+    first_token_ids: Optional[list[int]] = Field(None, min_length=1, max_length=1)
+    first_token_logprobs: Optional[list[FirstTokenLogprob]] = Field(None, min_length=1, max_length=1)
     expires_at: Optional[int] = Field(None, ge=0, le=2**40)
     signature: Optional[str] = Field(None, max_length=128)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.errors import OpenAIError
 from pdlaunch.server.limits import parse_json_object
@@ -19,15 +20,44 @@ from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 _DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens", "n", "best_of", "echo")
 
 
-def prefill_body(body: dict[str, Any], chat: bool) -> dict[str, Any]:
-    """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode."""
+def prefill_body(body: dict[str, Any], chat: bool, first_token: bool = False) -> dict[str, Any]:
+    """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode
+    (and, with `first_token`, to sign the token it sampled into its answer for the decode to continue from)."""
     leg = {k: v for k, v in body.items() if k not in _DECODE_ONLY_FIELDS}
     leg["max_tokens"] = 1
     if chat and "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1
     leg["stream"] = False
-    leg["kv_transfer_params"] = {"do_remote_decode": True}
+    leg["kv_transfer_params"] = {"do_remote_decode": True, **({RETURN_FIRST_TOKEN: True} if first_token else {})}
     return leg
+
+
+def continues_from_first_token(body: dict[str, Any]) -> bool:
+    """Whether the decode may continue from the prefill's sampled token (engine/first_token.py). Not with
+    several samples or echo (the decode makes those choices itself) nor min_tokens (the prefill leg drops
+    it, so its token may be one min_tokens holds back): those decodes recompute the last prompt token."""
+    several = any(body.get(k) not in (None, 1) for k in ("n", "best_of"))
+    held_back = any(body.get(k) not in (None, 0) for k in ("min_tokens", "min_completion_tokens"))
+    return not several and not held_back and not body.get("echo")
+
+
+def ended_by_first_token(body: dict[str, Any], chat: bool, answer: Any) -> bool:
+    """The prefill's answer is already the whole answer: its token stopped the request, or the client
+    asked for one token. Only for answers that carry the first token (our prefill, asked for it)."""
+    params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(params, dict) or not params.get(FIRST_TOKEN_IDS) or not isinstance(choices, list) or \
+            len(choices) != 1 or not isinstance(choices[0], dict):
+        return False
+    reason = choices[0].get("finish_reason")
+    limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+        else body.get("max_tokens")
+    return reason == "stop" or (reason == "length" and limit == 1)
+
+
+def without_kv_params(answer: dict[str, Any]) -> dict[str, Any]:
+    """A prefill's answer as the client's: the KV hand-over is not the client's business."""
+    return {k: v for k, v in answer.items() if k != "kv_transfer_params"}
 
 
 def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
