@@ -1,0 +1,172 @@
+"""PD first token (engine/first_token.py) through real `pdlaunch serve` processes, `--model tiny` on CPU:
+a 1P1D deployment answers exactly what a colocated one does (text, token ids, logprobs, finish reason,
+usage) for greedy and seeded sampling, streaming or not, including max_tokens 1, a first token that
+is a stop token or contains a stop string, and min_tokens (which takes the recompute path); the
+decode continues from the prefill's token (no recomputed last prompt token); no KV stays held.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from pdlaunch.server.sse import parse_sse
+from tests.serving.e2e import Serve
+from tests.serving.helpers import wait_for
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "The first token of this answer was already sampled by the prefill instance, so"
+GREEDY = {"temperature": 0.0}
+SEEDED = {"temperature": 1.0, "top_p": 0.95, "seed": 1234}
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
+    common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
+    started: dict[str, Serve] = {}
+    try:
+        started["pd"] = Serve(tmp_path_factory.mktemp("pd-first-token"), [*common, "--prefill", "1", "--decode", "1"])
+        started["colocated"] = Serve(tmp_path_factory.mktemp("colocated-first-token"), [*common, "--colocated"])
+        for serve in started.values():
+            serve.wait_ready()
+        yield started
+    finally:
+        for serve in started.values():
+            serve.stop()
+
+
+def _ask(serve: Serve, body: dict[str, Any], chat: bool = False) -> dict[str, Any]:
+    """One request; a streamed answer is folded into the shape of a whole one (text, token ids, logprobs,
+    finish reason, usage) so streamed and whole answers compare field by field."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    response = httpx.post(serve.url + path, json={"model": "tiny", "return_token_ids": True, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    if not body.get("stream"):
+        answer = response.json()
+        choice = answer["choices"][0]
+        text = choice["message"]["content"] if chat else choice["text"]
+        return {"text": text, "token_ids": choice["token_ids"], "finish_reason": choice["finish_reason"],
+                "logprobs": _logprobs(choice.get("logprobs"), chat), "usage": answer["usage"]}
+    folded: dict[str, Any] = {"text": "", "token_ids": [], "finish_reason": None, "logprobs": [], "usage": None}
+    for data in parse_sse(response.content):
+        if data == "[DONE]":
+            continue
+        event = json.loads(data)
+        assert "error" not in event, event
+        if event.get("usage"):
+            folded["usage"] = event["usage"]
+        for choice in event.get("choices", []):
+            folded["text"] += (choice.get("delta", {}).get("content") or "") if chat else choice.get("text", "")
+            folded["token_ids"] += choice.get("token_ids") or []
+            folded["logprobs"] += _logprobs(choice.get("logprobs"), chat)
+            folded["finish_reason"] = choice.get("finish_reason") or folded["finish_reason"]
+    return folded
+
+
+def _logprobs(logprobs: Any, chat: bool) -> list[Any]:
+    """(token, logprob, {alternative: logprob}) per generated token."""
+    if not logprobs:
+        return []
+    if chat:
+        return [(e["token"], e["logprob"], {t["token"]: t["logprob"] for t in e["top_logprobs"]})
+                for e in logprobs["content"]]
+    return [(t, lp, dict(top or {}))
+            for t, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"] or [])]
+
+
+def _same_logprobs(pd: list[Any], colocated: list[Any]) -> None:
+    """Same tokens and alternatives; values equal up to float noise (the decode computes a token in a
+    batch of another shape than colocated's prefill chunk)."""
+    assert [(t, sorted(top)) for t, _, top in pd] == [(t, sorted(top)) for t, _, top in colocated]
+    for (_, lp, top), (_, lp_c, top_c) in zip(pd, colocated):
+        assert lp == pytest.approx(lp_c, abs=1e-3) and top == pytest.approx(top_c, abs=1e-3)
+
+
+def _same(deployments: dict[str, Serve], body: dict[str, Any], chat: bool = False) -> dict[str, Any]:
+    pd, colocated = _ask(deployments["pd"], body, chat), _ask(deployments["colocated"], body, chat)
+    for answer in (pd, colocated):  # cached-token details differ by design (the decode loaded the prompt)
+        answer["usage"] = {k: answer["usage"][k] for k in ("prompt_tokens", "completion_tokens")}
+    _same_logprobs(pd.pop("logprobs"), colocated.pop("logprobs"))
+    assert pd == colocated
+    return pd
+
+
+def _stream(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "stream": True, "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_pd_equals_colocated(deployments: dict[str, Serve], sampling: dict[str, Any], stream: bool) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 12, "ignore_eos": True, **sampling}
+    answer = _same(deployments, _stream(body) if stream else body)
+    assert len(answer["token_ids"]) == 12 and answer["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_with_logprobs(deployments: dict[str, Serve], stream: bool) -> None:
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 6, "logprobs": True,
+            "top_logprobs": 2, "ignore_eos": True, **SEEDED}
+    answer = _same(deployments, _stream(body) if stream else body, chat=True)
+    assert len(answer["token_ids"]) == 6 and _ask(deployments["pd"], body, chat=True)["logprobs"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs(deployments: dict[str, Serve], stream: bool) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 5, "logprobs": 3, "ignore_eos": True, **GREEDY}
+    _same(deployments, _stream(body) if stream else body)
+    logprobs = _ask(deployments["pd"], _stream(body) if stream else body)["logprobs"]
+    assert len(logprobs) == 5 and all(top for _, _, top in logprobs)  # byte tokens may share a string
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_one(deployments: dict[str, Serve], stream: bool) -> None:
+    body = {"prompt": PROMPT + " one", "max_tokens": 1, **SEEDED}
+    answer = _same(deployments, _stream(body) if stream else body)
+    assert len(answer["token_ids"]) == 1 and answer["finish_reason"] == "length"
+    _no_blocks_held(deployments["pd"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_first_token_that_is_a_stop_token_or_string(deployments: dict[str, Serve], stream: bool) -> None:
+    base = {"prompt": PROMPT + " stop", "max_tokens": 8, **GREEDY}
+    first = _ask(deployments["colocated"], {**base, "max_tokens": 1})
+    by_id = _same(deployments, {**(_stream(base) if stream else base), "stop_token_ids": first["token_ids"]})
+    assert by_id["token_ids"] == first["token_ids"] and by_id["finish_reason"] == "stop" and by_id["text"] == ""
+    if first["text"].strip():
+        by_text = _same(deployments, {**(_stream(base) if stream else base), "stop": [first["text"].strip()]})
+        # Ends at the token whose text completes the stop string (the first, unless its bytes are partial).
+        assert by_text["finish_reason"] == "stop" and by_text["token_ids"][:1] == first["token_ids"]
+    _no_blocks_held(deployments["pd"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_the_stop_token_back(deployments: dict[str, Serve], stream: bool) -> None:
+    base = {"prompt": PROMPT + " min", "max_tokens": 6, **GREEDY}
+    first = _ask(deployments["colocated"], {**base, "max_tokens": 1})
+    body = {**base, "min_tokens": 3, "stop_token_ids": first["token_ids"]}
+    answer = _same(deployments, _stream(body) if stream else body)
+    assert len(answer["token_ids"]) >= 3 and answer["token_ids"][0] != first["token_ids"][0]
+
+
+def test_decode_continues_from_the_prefill_token(deployments: dict[str, Serve]) -> None:
+    """The decode computed no prompt position itself (every one was loaded); the first token was not
+    sampled twice."""
+    decode = next(url for name, url in deployments["pd"].instance_urls().items() if name.startswith("decode"))
+    before = httpx.get(f"{decode}/info", timeout=5).json()
+    body = {"prompt": PROMPT + " and one more time, with a longer prompt than before", "max_tokens": 4,
+            "ignore_eos": True, **GREEDY}
+    _same(deployments, body)
+    after = httpx.get(f"{decode}/info", timeout=5).json()
+    assert after["stats"]["prompt_tokens_computed"] == before["stats"]["prompt_tokens_computed"], (before, after)
+    _no_blocks_held(deployments["pd"])
+
+
+def _no_blocks_held(serve: Serve) -> None:
+    for url in serve.instance_urls().values():
+        wait_for(lambda: httpx.get(f"{url}/info", timeout=5).json()["num_blocks_used"] == 0,
+                 f"{url} to hold no KV blocks", 10)
