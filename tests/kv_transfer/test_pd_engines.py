@@ -2,7 +2,9 @@
 
 Greedy outputs of decode must equal a colocated engine's, for 1-token prompts, exactly-one-block
 prompts, many blocks, and a decode-side prefix-cache hit (only the missing blocks move); both
-engines pass check_integrity and hold no block afterwards.
+engines pass check_integrity and hold no block afterwards. A model with a sliding-window group gets
+no such hit: the earlier load moved only that group's last window, so decode never held the shared
+blocks there (they must not be cached as if it had).
 """
 
 from __future__ import annotations
@@ -90,19 +92,31 @@ def check_pd(model: Path, prefill: EngineProcess, decode: EngineProcess, connect
     hit = run_pd(prefill, decode, {"prefix-hit": PREFIX_HIT})
     assert hit["prefix-hit"]["tokens"] == expected["prefix-hit"]
     after = decode.call("check")
-    # Decode had 3 blocks locally: only the 4th block (positions 24..27) moved, per group.
     moved = after["bytes_moved"] - before["bytes_moved"]
-    per_block = sum(after["block_bytes"])
-    assert moved == (per_block if connector == "nixl" else per_block * 4 // BLOCK)
+    if connector == "nixl":
+        assert moved == _prefix_hit_bytes(after["block_bytes"], after["windows"])
+    else:  # storage moves tokens: positions 24..27 of the 4th block
+        assert moved == sum(after["block_bytes"]) * 4 // BLOCK
     for side in (prefill, decode):
         state = side.call("check")
         assert state["used_blocks"] == 0 and state["stats"]["num_held"] == 0
     assert prefill.call("check")["expired"] == 0
 
 
+def _prefix_hit_bytes(block_bytes: list[int], windows: list[int | None]) -> int:
+    """Bytes a NIXL load of PREFIX_HIT moves: full-attention groups hold MANY's first 3 blocks, so only
+    the 4th block (positions 24..27) moves. A sliding-window group got only MANY's last window, so no group
+    has a hit: full groups move blocks 0..3, sliding ones the window before position 28."""
+    end = len(PREFIX_HIT) - 1  # decode computes the last prompt token itself
+    local = 0 if any(w is not None for w in windows) else 3 * BLOCK
+    first = [local if w is None else max(local, end - w) for w in windows]
+    return sum(b * ((end - 1) // BLOCK - f // BLOCK + 1) for b, f in zip(block_bytes, first))
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("fixture,mode", [("llama_ckpt", "pull"), ("llama_ckpt", "push"), ("qwen3_ckpt", "pull"),
-                                          ("llama32_ckpt", "push")])
+                                          ("llama32_ckpt", "push"), ("qwen3_tied_ckpt", "push"),
+                                          ("qwen3_tied_ckpt", "pull")])
 def test_nixl_pd_equals_colocated(fixture: str, mode: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(fixture)
     for prefill, decode in pd_pair(model, "nixl", mode):
