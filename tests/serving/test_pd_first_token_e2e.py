@@ -170,3 +170,55 @@ def _no_blocks_held(serve: Serve) -> None:
     for url in serve.instance_urls().values():
         wait_for(lambda: httpx.get(f"{url}/info", timeout=5).json()["num_blocks_used"] == 0,
                  f"{url} to hold no KV blocks", 10)
+
+
+def _instance(serve: Serve, role: str) -> str:
+    return next(url for name, url in serve.instance_urls().items() if name.startswith(role))
+
+
+def _prefill_leg(serve: Serve, prompt: str, kv: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0.0, "kv_transfer_params": kv}
+    response = httpx.post(_instance(serve, "prefill") + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["kv_transfer_params"]
+
+
+def _decode_leg(serve: Serve, prompt: str, kv: dict[str, Any]) -> httpx.Response:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True, "kv_transfer_params": kv}
+    return httpx.post(_instance(serve, "decode") + "/v1/completions", json=body, timeout=120)
+
+
+def test_vllm_style_legs_without_first_token_still_recompute(deployments: dict[str, Serve]) -> None:
+    """vLLM's proxies send {"do_remote_decode": true}: the answer has no first token, and the decode
+    recomputes the last prompt token, with the same answer."""
+    pd, prompt = deployments["pd"], PROMPT + " as vLLM's toy proxy drives it"
+    params = _prefill_leg(pd, prompt, {"do_remote_decode": True})
+    assert "first_token_ids" not in params and "first_token_logprobs" not in params
+    decode = _instance(pd, "decode")
+    before = httpx.get(f"{decode}/info", timeout=5).json()["stats"]["prompt_tokens_computed"]
+    response = _decode_leg(pd, prompt, params)
+    assert response.status_code == 200, response.text
+    after = httpx.get(f"{decode}/info", timeout=5).json()["stats"]["prompt_tokens_computed"]
+    assert after == before + 1  # the last prompt token, recomputed
+    colocated = _ask(deployments["colocated"], {"prompt": prompt, "max_tokens": 6, "temperature": 0.0,
+                                                "ignore_eos": True})
+    assert response.json()["choices"][0]["token_ids"] == colocated["token_ids"]
+    _no_blocks_held(pd)
+
+
+def test_forged_first_token_is_refused(deployments: dict[str, Serve]) -> None:
+    """A client cannot make the decode continue from a token of its choice: first_token_ids is signed."""
+    pd, prompt = deployments["pd"], PROMPT + " with a forged token"
+    params = _prefill_leg(pd, prompt, {"do_remote_decode": True, "return_first_token": True})
+    assert len(params["first_token_ids"]) == 1
+    forged = {**params, "first_token_ids": [(params["first_token_ids"][0] + 1) % 100]}
+    unsigned = {k: v for k, v in forged.items() if k != "signature"}
+    for bad, field in ((forged, "kv_transfer_params.signature"), (unsigned, "kv_transfer_params.signature")):
+        response = _decode_leg(pd, prompt, bad)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == field
+    response = _decode_leg(pd, prompt, params)  # the genuine answer still works, and takes the KV
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["token_ids"][:1] == params["first_token_ids"]
+    _no_blocks_held(pd)
