@@ -112,9 +112,11 @@ class KVConnector(ABC):
         num_external_tokens: int,
     ) -> None:
         """Start loading positions [num_local_computed_tokens, + num_external_tokens) into the
-        request's per-group block tables `block_ids` (covering the whole prompt). Asynchronous:
-        the outcome comes from `get_finished`. Called even when num_external_tokens == 0 and
-        params ask for remote prefill, so the prefill side is told it may free its blocks."""
+        request's per-group block tables `block_ids` (covering the whole prompt; in a sliding-window
+        group, entries before the window of the last loaded position are -1: nothing reads them, so
+        nothing is loaded there). Asynchronous: the outcome comes from `get_finished`. Called even
+        when num_external_tokens == 0 and params ask for remote prefill, so the prefill side is told
+        it may free its blocks."""
 
     @abstractmethod
     def request_finished(

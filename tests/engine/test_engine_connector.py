@@ -92,7 +92,9 @@ def prefill(engine: LLMEngine, prompts: list[list[int]]) -> list[RequestOutput]:
 
 def prompts_with_shared_prefix() -> list[list[int]]:
     rng = random.Random(11)
-    shared = [rng.randrange(500) for _ in range(20)]
+    # 3 shared blocks: the last prompt's hit (24 tokens) reads sliding-window block 2 (positions 18..23),
+    # which the load of the prompt before moved; a shorter hit would need a block no load moves.
+    shared = [rng.randrange(500) for _ in range(24)]
     return [[rng.randrange(500) for _ in range(n)] for n in (1, 9, 30)] + [shared + [7, 8, 9], shared + [1]]
 
 
