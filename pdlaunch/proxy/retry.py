@@ -1,10 +1,13 @@
-"""One retry on another instance when the picked one refused the connection.
+"""One retry on another instance when the picked one is gone.
 
-A refused connection means the request never reached the instance (it died, or restarts on its
-port): sending it to another live instance of the same role is safe and hides the kill from the
-client (with 2 prefill + 2 decode, 1-2 requests per kill failed before). Nothing else is retried:
-a timeout or a dropped connection may have run the request already, and a streamed answer is
-never retried once any byte reached the client (the retry happens before the stream opens).
+An instance that refused the connection, or dropped it before answering, is dead or restarting (the
+proxy marks it down at once): sending the leg to another live instance of the same role hides the
+kill from the client (with 2 prefill + 2 decode, 1-2 requests per kill failed before; a killed
+process often leaves a pooled keep-alive connection that drops on the next request rather than
+refusing it). Running a leg twice is safe: generation has no side effect, and a prefill's KV held for
+a leg that died with its instance is gone with it. Nothing else is retried: a timeout may be a slow
+instance, an error answer is the instance's word, and a streamed answer is never retried once any
+byte reached the client (this runs before the stream is handed to the client).
 """
 
 from __future__ import annotations
@@ -19,20 +22,26 @@ log = logging.getLogger("pdlaunch.proxy")
 
 T = TypeVar("T")
 REFUSED_CODE = "instance_unreachable"  # translate.error_from_exception's code for a failed connect
+DROPPED_CODE = "instance_failed"  # ... for a connection dropped mid-request (the instance is marked down)
+
+
+def _gone(instance: Instance, exc: OpenAIError) -> bool:
+    return exc.code == REFUSED_CODE or (exc.code == DROPPED_CODE and instance.state == "down")
 
 
 async def on_live_instance(pool: InstancePool, role: str, first: Instance,
                            call: Callable[[Instance], Awaitable[T]]) -> tuple[Instance, T]:
-    """(instance that answered, its result): `call(first)`, or, when `first` refused the connection,
-    `call` once on another ready instance of `role`. The first error stands when there is none."""
+    """(instance that answered, its result): `call(first)`, or, when `first` is gone (refused or
+    dropped the connection), `call` once on another ready instance of `role`. The first error stands
+    when there is none."""
     try:
         return first, await call(first)
     except OpenAIError as exc:
-        if exc.code != REFUSED_CODE:
+        if not _gone(first, exc):
             raise
         others = [i for i in pool.instances if i.role == role and i.state == "ready" and i is not first]
         if not others:
             raise
         second = pool.policy.choose(role, others)
-        log.info("%s refused the connection; retrying on %s", first.name, second.name)
+        log.info("%s is gone (%s); retrying on %s", first.name, exc.code, second.name)
         return second, await call(second)
