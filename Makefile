@@ -37,5 +37,9 @@ serve: demo-model
 smoke: demo-model
 	$(BIN)/pdlaunch smoke --model demo --device cpu
 
+# ruff, with the rules in pyproject.toml.
+lint: venv
+	$(BIN)/python -m ruff check pdlaunch tests benchmarks
+
 clean:
 	rm -rf $(VENV) .pytest_cache

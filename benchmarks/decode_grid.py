@@ -32,9 +32,10 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -152,9 +153,11 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
             cache.normal_()  # never time reads of zeros
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         arch = engine.checkpoint.arch
-        kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * engine.runner.kv_caches[0].element_size()
-        doc.update(weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token, num_kv_blocks=engine.block_manager.num_blocks,
-                   cuda_graphs=engine.runner.graphs is not None, block_size=engine.block_size)
+        element_size = engine.runner.kv_caches[0].element_size()
+        kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * element_size
+        doc.update(weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token,
+                   num_kv_blocks=engine.block_manager.num_blocks, cuda_graphs=engine.runner.graphs is not None,
+                   block_size=engine.block_size)
         bench = KernelBench(engine)
         baseline = load_kernel_module(args.baseline_kernel) if args.baseline_kernel else None
         bw = doc["copy_gbps"] * 1e9
@@ -195,7 +198,8 @@ def table(doc: dict[str, Any]) -> str:
             lines.append(f"| {c['batch']} x {c['context']} | {c['skipped']} | | | | | |")
             continue
         old = f" (was {c['baseline_attn_gbps']:.0f})" if "baseline_attn_gbps" in c else ""
-        lines.append(f"| {c['batch']} x {c['context']} | {c['step_ms']:.2f} ms | {c.get('replay_ms', float('nan')):.2f} ms "
+        replay_ms = c.get("replay_ms", float("nan"))
+        lines.append(f"| {c['batch']} x {c['context']} | {c['step_ms']:.2f} ms | {replay_ms:.2f} ms "
                      f"| {c['floor_ms']:.2f} ms | {c['ratio']:.2f}x | {c['attn_ms'] * 1e3:.0f} us = "
                      f"{c['attn_gbps']:.0f} GB/s{old} | {100 * c['attn_of_copy']:.0f}% |")
     return "\n".join(lines)
@@ -220,7 +224,8 @@ def main() -> None:
     run_grid(args, doc)
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
-    print(f"{doc['device']}: copy {doc['copy_gbps']:.0f} GB/s (read + write), weights {doc['weight_bytes'] / 1e9:.2f} GB, "
+    print(f"{doc['device']}: copy {doc['copy_gbps']:.0f} GB/s (read + write), "
+          f"weights {doc['weight_bytes'] / 1e9:.2f} GB, "
           f"kernel rel. error at 48 x 3072 {doc['kernel_rel_err_48x3072']:.1e}")
     print(table(doc))
 

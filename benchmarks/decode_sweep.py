@@ -38,7 +38,8 @@ def sweep(bench: Any, copy_bps: float, cells: list[tuple[int, int]] | None = Non
             ms = bench.time(paged_decode, batch, context, launch=launch)
             gbps = bench.kv_bytes(batch, context) / ms / 1e6
             rows.append({"batch": batch, "context": context, "tile": tile, "num_warps": warps, "num_stages": stages,
-                         "waves": waves, "splits": splits, "min_tokens": min_tokens, "us": ms * 1e3, "gbps": gbps, "of_copy": gbps * 1e9 / copy_bps,
+                         "waves": waves, "splits": splits, "min_tokens": min_tokens, "us": ms * 1e3, "gbps": gbps,
+                         "of_copy": gbps * 1e9 / copy_bps,
                          "rel_err": errors[key]})
         rows.sort(key=lambda r: r["us"])
         results.extend(rows)

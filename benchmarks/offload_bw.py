@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pdlaunch.offload.transfer import CPULoadStoreSpec, CpuGpuTransfer, GPULoadStoreSpec  # noqa: E402
+from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -86,8 +86,10 @@ def bench(blocks: int, block_size: int, groups: int, jobs: int, scattered: bool)
         starts = tuple(0 if g < groups - 1 else skip for g in range(groups))
         src = [src_pool[j * per_job + starts[g]:(j + 1) * per_job] for g in range(groups)]
         dsts = [dst_pool[j * per_job + starts[g]:(j + 1) * per_job] for g in range(groups)]
-        store_specs.append((GPULoadStoreSpec(tuple(b for s in src for b in s), sizes, starts), CPULoadStoreSpec(cpu_ids)))
-        load_specs.append((CPULoadStoreSpec(cpu_ids), GPULoadStoreSpec(tuple(b for s in dsts for b in s), sizes, starts)))
+        src_spec = GPULoadStoreSpec(tuple(b for s in src for b in s), sizes, starts)
+        dst_spec = GPULoadStoreSpec(tuple(b for s in dsts for b in s), sizes, starts)
+        store_specs.append((src_spec, CPULoadStoreSpec(cpu_ids)))
+        load_specs.append((CPULoadStoreSpec(cpu_ids), dst_spec))
         moved.append((src, dsts))
     nbytes = sum(sum(spec[0].group_sizes) for spec in store_specs) * gpu[0][0].nbytes  # equal groups
     run_jobs(transfer, store_specs[:1], sum(store_specs[0][0].group_sizes) * gpu[0][0].nbytes, 10**6)  # warm-up
@@ -96,7 +98,8 @@ def bench(blocks: int, block_size: int, groups: int, jobs: int, scattered: bool)
     load = run_jobs(transfer, load_specs, nbytes, 1000)
     for src, dsts in moved:
         for g in range(groups):
-            if not torch.equal(dst[g][torch.tensor(dsts[g], device="cuda")], gpu[g][torch.tensor(src[g], device="cuda")]):
+            landed = dst[g][torch.tensor(dsts[g], device="cuda")]
+            if not torch.equal(landed, gpu[g][torch.tensor(src[g], device="cuda")]):
                 raise RuntimeError("round trip is not bit-exact")
     transfer.shutdown()
     return {"case": "scattered" if scattered else "runs", "bytes": nbytes, "jobs": jobs,

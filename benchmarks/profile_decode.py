@@ -30,7 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     engine = LLMEngine(build_config(args.checkpoint, "cuda", "bfloat16",
-                                    {"enforce_eager": True, "enable_prefix_caching": False, "max_num_seqs": max(64, args.batch),
+                                    {"enforce_eager": True, "enable_prefix_caching": False,
+                                     "max_num_seqs": max(64, args.batch),
                                      "max_num_batched_tokens": 8192,
                                      "max_model_len": args.context + 256}))
     # Enough tokens that the first prompts still decode when the last prefill ends (shutdown aborts them).

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit("pdlaunch serve did not become ready within 300 s")
             time.sleep(0.5)
         warm = Tally()
-        asyncio.run(drive(base, headers, args.model, args.warmup_seconds, args.concurrency, args.disconnect_rate, args.seed, warm))
+        asyncio.run(drive(base, headers, args.model, args.warmup_seconds, args.concurrency, args.disconnect_rate,
+                          args.seed, warm))
         before = wait_idle(client, base, headers, args.lease_seconds + 30)
         tally = Tally()
         started = time.monotonic()

@@ -7,7 +7,7 @@ for a user mistake). The work lives in the modules each command calls.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -55,7 +55,7 @@ def _root(
 
 @app.command()
 @with_serve_options
-def serve(config: Optional[Path], overrides: dict[str, Any]) -> None:
+def serve(config: Path | None, overrides: dict[str, Any]) -> None:
     """Start prefill and decode instances plus the proxy; Ctrl-C stops everything."""
     from pdlaunch.config.loader import load_valid_deployment
     from pdlaunch.launcher.serve import run_serve
@@ -70,14 +70,14 @@ def serve(config: Optional[Path], overrides: dict[str, Any]) -> None:
 @app.command("check-config")
 @with_serve_options
 def check_config(
-    config: Optional[Path],
+    config: Path | None,
     overrides: dict[str, Any],
     json_output: Annotated[bool, typer.Option("--json", help="Print {valid, problems, config} as JSON.")] = False,
     target_gpus: Annotated[
-        Optional[int], typer.Option("--target-gpus", help="Check as if on a host with N GPUs.")
+        int | None, typer.Option("--target-gpus", help="Check as if on a host with N GPUs.")
     ] = None,
     target_gpu_memory: Annotated[
-        Optional[float], typer.Option("--target-gpu-memory", help="GiB per GPU of that host.")
+        float | None, typer.Option("--target-gpu-memory", help="GiB per GPU of that host.")
     ] = None,
 ) -> None:
     """Validate a deployment without starting anything: exit 0 valid, 1 invalid."""
@@ -92,7 +92,7 @@ def check_config(
 
 @app.command()
 @with_serve_options
-def smoke(config: Optional[Path], overrides: dict[str, Any]) -> None:
+def smoke(config: Path | None, overrides: dict[str, Any]) -> None:
     """Launch a deployment, check PD answers against colocated ones, exit 0 or 1 (for CI)."""
     from pdlaunch.config.loader import load_valid_deployment
     from pdlaunch.launcher.smoke import run_smoke
@@ -106,9 +106,11 @@ def smoke(config: Optional[Path], overrides: dict[str, Any]) -> None:
 
 @app.command()
 def generate(
-    model: Annotated[str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")] = "demo",
+    model: Annotated[
+        str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")
+    ] = "demo",
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
-    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt; repeat for more.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for more.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate per prompt.")] = 32,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
     dtype: Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = "auto",

@@ -66,7 +66,8 @@ def memory_problems(cfg: DeploymentConfig, estimates: list[GroupMemory], device:
             if cfg.instances[est.group].count and est.total_bytes > budget:
                 problems.append(problem(
                     f"instances[{est.group}]",
-                    f"{est.role} needs {est.total_bytes / GIB:.2f} GiB per GPU (weights {est.weights_bytes / GIB:.2f} + "
+                    f"{est.role} needs {est.total_bytes / GIB:.2f} GiB per GPU "
+                    f"(weights {est.weights_bytes / GIB:.2f} + "
                     f"KV {est.kv_bytes / GIB:.2f}) but the budget is {budget / GIB:.2f} GiB "
                     f"({cfg.cache.gpu_memory_utilization} x {gpu_memory_bytes / GIB:.1f} GiB)",
                     "raise TP, lower --max-model-len/--num-gpu-blocks, or raise --gpu-memory-utilization"))

@@ -10,7 +10,6 @@ from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 
 
-
 def role_problems(cfg: DeploymentConfig) -> list[Problem]:
     """At least one prefill and one decode instance, unless colocated; no P/D groups when colocated."""
     problems: list[Problem] = []
@@ -111,7 +110,8 @@ def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
             problems.append(problem(field, f"TP {tp} does not divide the model's {info.num_heads} attention heads",
                                     f"use a TP size that divides {info.num_heads}"))
         elif tp % info.num_kv_heads and info.num_kv_heads % tp:
-            problems.append(problem(field, f"TP {tp} and the model's {info.num_kv_heads} KV heads do not divide each other",
+            problems.append(problem(field,
+                                    f"TP {tp} and the model's {info.num_kv_heads} KV heads do not divide each other",
                                     f"use a TP size that divides {info.num_kv_heads} or a multiple of it"))
     prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
@@ -141,7 +141,8 @@ def cache_problems(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Proble
     if info is not None and info.max_position_embeddings is not None and max_len is not None:
         if max_len > info.max_position_embeddings:
             problems.append(problem("model.max_model_len",
-                                    f"{max_len} exceeds the model's max_position_embeddings {info.max_position_embeddings}",
+                                    f"{max_len} exceeds the model's max_position_embeddings "
+                                    f"{info.max_position_embeddings}",
                                     f"use --max-model-len {info.max_position_embeddings} or less"))
     if max_len is None and (info is None or info.max_position_embeddings is None) and info is not None:
         problems.append(problem("model.max_model_len", "the model's config.json has no max_position_embeddings",

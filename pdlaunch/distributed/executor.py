@@ -31,11 +31,11 @@ from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_sto
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.remote_link import RankListener, is_closed
+from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.distributed.worker import recv, run_worker, send
 from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.model_runner import ModelRunner
 from pdlaunch.engine.scheduler import ScheduledRequest
-from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.model.loader import Checkpoint
@@ -89,7 +89,8 @@ class TPExecutor:
         links: dict[int, Connection] = {}
         try:
             if placement is not None and instance is not None:
-                self._remote = {r: f"node {placement.nodes[r]} ({placement.hosts[r]})" for r in placement.remote_ranks()}
+                self._remote = {r: f"node {placement.nodes[r]} ({placement.hosts[r]})"
+                                for r in placement.remote_ranks()}
                 listener = RankListener(placement.hosts[0], link_authkey(config, instance.name, self._store.port))
                 listener.publish(self._store)
             for rank in range(1, self.tp_size):

@@ -45,7 +45,7 @@ class RankPlacement(BaseModel):
         return {PLACEMENT_ENV: self.model_dump_json()} if self.spans_nodes else {}
 
     @classmethod
-    def from_env(cls) -> "RankPlacement | None":
+    def from_env(cls) -> RankPlacement | None:
         raw = os.environ.get(PLACEMENT_ENV)
         return cls.model_validate_json(raw) if raw else None
 
@@ -64,7 +64,7 @@ def node_pool(cfg: DeploymentConfig, node: int, cuda_devices: list[int]) -> list
 
 
 def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
-                pool_of: "dict[int, list[int] | None]", field: str) -> list[PlacedRank]:
+                pool_of: dict[int, list[int] | None], field: str) -> list[PlacedRank]:
     """The node and device of every rank of one instance placed on `node`. `used[k]` counts the
     devices of node k taken so far (updated). A group that fits its node comes back short when the
     node's devices are taken; a spanning group the nodes cannot host raises PdlaunchError."""

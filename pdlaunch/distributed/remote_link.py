@@ -57,7 +57,7 @@ class RankListener:
             self._sock.settimeout(remaining)
             try:
                 raw, peer = self._sock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             hello = self._handshake(raw, peer)
             if hello is None:

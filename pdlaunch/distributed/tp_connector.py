@@ -37,7 +37,8 @@ def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> d
         if len(set(hosts)) > 1:  # reshard.py reads every source at `remote_host`
             raise KVTransferError(f"prefill TP {remote_tp} spans nodes ({sorted(set(map(str, hosts)))}) and decode "
                                   f"TP {tp_size} differs: resharding reads every prefill rank at one address",
-                                  hint="give prefill and decode the same TP size, or keep the prefill group on one node")
+                                  hint="give prefill and decode the same TP size, "
+                                  "or keep the prefill group on one node")
         return params  # each rank's connector plans its sources itself (kv_transfer/reshard.py)
     if len(ports) != remote_tp or len(hosts) != remote_tp:
         raise KVTransferError(f"prefill sent {len(ports)} side-channel ports and {len(hosts)} hosts for TP "

@@ -5,8 +5,9 @@ shared through file descriptors):
   ("execute", StepInputs)                  forward this rank's shard (logits are rank 0's business)
   ("connector", method, args, want_reply)  mirror a scheduler-side call on this rank's own connector
   ("shutdown",)                            leave the group and exit 0
-Replies: ("ready", engine_id, side_channel_port, side_channel_host) once built, ("reply", value) when asked, ("error", message) before
-dying. The worker exits when rank 0 is gone (pipe closed or parent changed) instead of hanging.
+Replies: ("ready", engine_id, side_channel_port, side_channel_host) once built, ("reply", value) when asked,
+("error", message) before dying. The worker exits when rank 0 is gone (pipe closed or parent changed) instead of
+hanging.
 Ranks on other nodes (remote_rank.py) run the same `serve_rank` over a TCP connection.
 """
 

@@ -112,7 +112,8 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
             continue
         if ctx == 0:
             qpos = torch.arange(qlen, device=device)
-            mask = None if sliding_window is None or qlen <= sliding_window else _window_mask(qpos, qpos, sliding_window)
+            windowed = sliding_window is not None and qlen > sliding_window
+            mask = _window_mask(qpos, qpos, sliding_window) if windowed else None
             plan.prefills.append(PrefillSeq(starts[i], starts[i] + qlen, None, mask))
             continue
         if block_table is None:

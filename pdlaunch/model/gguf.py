@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,10 +85,12 @@ def hf_config(reader: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "architectures": [hf_arch], "model_type": model_type,
         "hidden_size": hidden, "num_hidden_layers": int(need("block_count")),
-        "num_attention_heads": heads, "num_key_value_heads": int(_value(reader, f"{arch}.attention.head_count_kv", heads)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_value(reader, f"{arch}.attention.head_count_kv", heads)),
         "head_dim": head_dim, "intermediate_size": int(need("feed_forward_length")), "vocab_size": vocab,
         "max_position_embeddings": int(need("context_length")),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0))},
+        "rope_parameters": {"rope_type": "default",
+                            "rope_theta": float(_value(reader, f"{arch}.rope.freq_base", 10000.0))},
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")), "hidden_act": "silu",
         "attention_bias": "blk.0.attn_q.bias" in tensor_names, "mlp_bias": False,
         "tie_word_embeddings": "output.weight" not in tensor_names,

@@ -9,7 +9,8 @@ all-reduce / all-gather only when tp_size > 1 (a torch.distributed group must th
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,7 +71,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     the concatenation of its shard of every projection.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int], bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(
+        self, in_features: int, output_sizes: list[int], bias: bool, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
         self.output_sizes = output_sizes
 

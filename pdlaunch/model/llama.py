@@ -2,8 +2,8 @@
 
 Differences between the families are configuration, not code: qkv bias (Qwen2), per-head q/k
 RMSNorm (Qwen3), sliding window per layer (Mistral: all layers; Qwen2/Qwen3 hybrids: per
-`layer_types`), llama3 rope scaling, tied embeddings. The layer math follows HF's modeling code operation for operation so float32 output
-matches transformers.
+`layer_types`), llama3 rope scaling, tied embeddings. The layer math follows HF's modeling code operation for
+operation so float32 output matches transformers.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ class MLP(nn.Module):
     def __init__(self, arch: ModelArch, tp_rank: int, tp_size: int) -> None:
         super().__init__()
         inter = arch.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(arch.hidden_size, [inter, inter], arch.mlp_bias, tp_rank, tp_size)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            arch.hidden_size, [inter, inter], arch.mlp_bias, tp_rank, tp_size)
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

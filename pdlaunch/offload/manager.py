@@ -28,7 +28,7 @@ from pdlaunch.engine.prefix_cache import PrefixNode
 from pdlaunch.errors import EngineError
 from pdlaunch.offload import metrics
 from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
-from pdlaunch.offload.transfer import CPULoadStoreSpec, CpuGpuTransfer, GPULoadStoreSpec
+from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch

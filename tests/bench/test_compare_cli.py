@@ -76,7 +76,7 @@ def test_gpu_checks(two_gpus: None, tmp_path: Path) -> None:
 class _FakeDeployment:
     """Records start/stop; stands in for launcher.Deployment so no process starts."""
 
-    made: list["_FakeDeployment"] = []
+    made: list[_FakeDeployment] = []
 
     def __init__(self, cfg: Any, console: Any) -> None:
         self.proxy_url = "http://127.0.0.1:9"

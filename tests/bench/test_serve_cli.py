@@ -15,7 +15,7 @@ from tests.bench.fake_openai import MODEL, fake_server, free_port
 runner = CliRunner()
 
 
-def _serve(url: str, *extra: str) -> "object":
+def _serve(url: str, *extra: str) -> object:
     return runner.invoke(bench_app, ["serve", "--base-url", url, *extra])
 
 

@@ -14,7 +14,13 @@ from typing import Any
 
 import torch
 
-from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, generation_config, write_tokenizer_files
+from pdlaunch.model.demo_tokenizer import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    VOCAB_SIZE,
+    generation_config,
+    write_tokenizer_files,
+)
 
 _TINY: dict[str, Any] = {
     "hidden_size": 64,

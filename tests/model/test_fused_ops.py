@@ -25,8 +25,14 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_ops
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import (apply_rotary_torch, fused_add_rms_norm_torch, rms_norm_torch,
-                                      rotary_cos_sin, silu_and_mul_torch, write_kv_torch)
+from pdlaunch.model.fused_ops import (
+    apply_rotary_torch,
+    fused_add_rms_norm_torch,
+    rms_norm_torch,
+    rotary_cos_sin,
+    silu_and_mul_torch,
+    write_kv_torch,
+)
 from pdlaunch.model.layers import RMSNorm
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
 

@@ -53,7 +53,7 @@ class TwoNodes:
     def addresses(self) -> list[str]:
         return [f"{SUBNET}.1", f"{SUBNET}.2"]
 
-    def create(self) -> "TwoNodes":
+    def create(self) -> TwoNodes:
         if os.geteuid() != 0:
             raise NamespacesUnavailable("creating network namespaces needs root (CI runs this test as root)")
         if shutil.which("ip") is None:

@@ -42,7 +42,8 @@ class NodeLauncher:
         return self.output_path.read_text(errors="replace")
 
     def check_alive(self) -> None:
-        assert self.proc.poll() is None, f"node {self.rank}'s launcher exited with {self.proc.returncode}:\n{self.output}"
+        if self.proc.poll() is not None:
+            raise AssertionError(f"node {self.rank}'s launcher exited with {self.proc.returncode}:\n{self.output}")
 
     def interrupt(self) -> None:
         if self.proc.poll() is None:

@@ -10,7 +10,7 @@ import torch
 
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.platform import bound_device_index
-from pdlaunch.offload.transfer import CPULoadStoreSpec, CpuGpuTransfer, GPULoadStoreSpec, block_runs
+from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec, block_runs
 
 BLOCK_SHAPE = (2, 4, 2, 8)  # 2 (k, v), block_size 4, 2 kv heads, head_dim 8
 

@@ -13,7 +13,13 @@ import torch
 from pdlaunch.config.models import InstanceSpec
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
-from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, VOCAB_SIZE, generation_config, write_tokenizer_files
+from pdlaunch.model.demo_tokenizer import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    VOCAB_SIZE,
+    generation_config,
+    write_tokenizer_files,
+)
 from tests.kv_transfer.deployment_secret import secured
 
 MakeTPEngine = Callable[..., LLMEngine]

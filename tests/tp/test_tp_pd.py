@@ -19,7 +19,7 @@ from tests.tp.pd_procs import TPEngineProcess, tp_pd_pair
 def run_pd(prefill, decode, prompts: dict[str, list[int]]) -> dict[str, dict]:  # type: ignore[no-untyped-def]
     first = prefill.call("generate", [(rid, p, {**GREEDY, "max_tokens": 1}, {"do_remote_decode": True})
                                       for rid, p in prompts.items()])
-    for rid, out in first.items():
+    for out in first.values():
         params = out["kv_transfer_params"]
         ports = params.get("remote_ports", [params["remote_port"]])  # a TP-1 prefill has one side channel
         assert params["do_remote_prefill"] and len(ports) == params["tp_size"], out
