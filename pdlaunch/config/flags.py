@@ -1,6 +1,7 @@
 """Serve flags shared by `serve`, `check-config` and `smoke`, and where each lands in the config.
 
-Every flag has a YAML key: FLAG_PATHS maps the flag's parameter name to its dotted config path.
+Every flag has a YAML key: SERVE_FLAGS declares each flag once (name, type, config path, help);
+FLAG_PATHS maps the flag's parameter name to its dotted config path.
 `--prefill N` / `--decode N` set the count of the instance group with that role.
 """
 
@@ -8,95 +9,87 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
-FLAG_PATHS: dict[str, str] = {
-    "model": "model.path",
-    "device": "device",
-    "host": "proxy.host",
-    "port": "proxy.port",
-    "prefill": "instances[prefill].count",
-    "decode": "instances[decode].count",
-    "colocated": "colocated",
-    "tp": "parallel.tp",
-    "prefill_tp": "parallel.prefill_tp",
-    "decode_tp": "parallel.decode_tp",
-    "kv_connector": "kv_transfer.connector",
-    "transfer_mode": "kv_transfer.transfer_mode",
-    "block_size": "cache.block_size",
-    "num_gpu_blocks": "cache.num_gpu_blocks",
-    "max_model_len": "model.max_model_len",
-    "max_num_seqs": "scheduler.max_num_seqs",
-    "dtype": "model.dtype",
-    "gpu_memory_utilization": "cache.gpu_memory_utilization",
-    "enable_cumem_allocator": "model.enable_cumem_allocator",
-    "enable_sleep_mode": "model.enable_sleep_mode",
-    "enforce_eager": "model.enforce_eager",
-    "cpu_offload_gb": "cache.cpu_offload_gb",
-    "log_dir": "log_dir",
-    "node_rank": "parallel.node_rank",
-    "seed": "model.seed",
-    "api_key": "security.api_key",
-    "served_model_name": "model.served_model_name",
-    "kv_load_failure_policy": "kv_transfer.load_failure_policy",
-    "chat_template": "model.chat_template",
-}
+
+@dataclass(frozen=True)
+class Flag:
+    """One serve flag: its parameter name (`--prefill-tp` is `prefill_tp`), its type, the dotted
+    config path it overrides, its help text and, for secrets, the environment variable it reads."""
+
+    name: str
+    type: Any
+    path: str
+    help: str
+    envvar: str | None = None
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
 
 # Flags typed as str so that a bad value reaches our validation (field named, fix hinted)
 # instead of click's own message.
+SERVE_FLAGS: tuple[Flag, ...] = (
+    Flag("model", str | None, "model.path",
+         "HF checkpoint directory, FILE.gguf, `demo` (SmolLM2-135M-Instruct) or `tiny`."),
+    Flag("device", str | None, "device", "auto | cpu | cuda."),
+    Flag("host", str | None, "proxy.host", "Proxy bind address."),
+    Flag("port", int | None, "proxy.port", "Proxy port."),
+    Flag("prefill", int | None, "instances[prefill].count", "Number of prefill instances."),
+    Flag("decode", int | None, "instances[decode].count", "Number of decode instances."),
+    Flag("colocated", bool, "colocated", "One instance doing both phases (no KV transfer)."),
+    Flag("tp", int | None, "parallel.tp", "Tensor-parallel size of every instance."),
+    Flag("prefill_tp", int | None, "parallel.prefill_tp", "TP size of prefill instances."),
+    Flag("decode_tp", int | None, "parallel.decode_tp", "TP size of decode instances."),
+    Flag("kv_connector", str | None, "kv_transfer.connector", "nixl | mooncake | storage."),
+    Flag("transfer_mode", str | None, "kv_transfer.transfer_mode", "auto | pull | push."),
+    Flag("block_size", int | None, "cache.block_size", "Tokens per KV block."),
+    Flag("num_gpu_blocks", int | None, "cache.num_gpu_blocks", "Override the profiled KV block count."),
+    Flag("max_model_len", int | None, "model.max_model_len", "Longest prompt + output."),
+    Flag("max_num_seqs", int | None, "scheduler.max_num_seqs", "Most sequences per batch."),
+    Flag("dtype", str | None, "model.dtype", "auto | float32 | bfloat16 | float16."),
+    Flag("gpu_memory_utilization", float | None, "cache.gpu_memory_utilization",
+         "Fraction of GPU memory an instance may use."),
+    Flag("enable_cumem_allocator", bool, "model.enable_cumem_allocator", "Weights and KV cache in CuMem pools."),
+    Flag("enable_sleep_mode", bool, "model.enable_sleep_mode", "Allow /sleep and /wake_up (turns cumem on)."),
+    Flag("enforce_eager", bool, "model.enforce_eager", "Decode without CUDA graphs."),
+    Flag("cpu_offload_gb", float | None, "cache.cpu_offload_gb", "CPU tier for KV offload, GiB."),
+    Flag("log_dir", str | None, "log_dir", "Directory for per-instance logs."),
+    Flag("node_rank", int | None, "parallel.node_rank", "Which node of `parallel.nodes` this is."),
+    Flag("seed", int | None, "model.seed", "Default sampling seed."),
+    Flag("api_key", str | None, "security.api_key",
+         "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY).", envvar="PDLAUNCH_API_KEY"),
+    Flag("served_model_name", str | None, "model.served_model_name",
+         "Model name the API answers to (default: the --model value)."),
+    Flag("kv_load_failure_policy", str | None, "kv_transfer.load_failure_policy",
+         "recompute | fail: when a decode cannot load KV."),
+    Flag("chat_template", str | None, "model.chat_template", "Jinja2 chat template FILE overriding the checkpoint's."),
+)
+FLAG_PATHS: dict[str, str] = {flag.name: flag.path for flag in SERVE_FLAGS}
+
 _SERVE_PARAMS: list[inspect.Parameter] = [
     inspect.Parameter("config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
-        Optional[Path], typer.Argument(help="Deployment YAML file; flags override it.", show_default=False)]),
+        Path | None, typer.Argument(help="Deployment YAML file; flags override it.", show_default=False)]),
+] + [
+    inspect.Parameter(
+        flag.name, inspect.Parameter.KEYWORD_ONLY, default=False if flag.type is bool else None,
+        annotation=Annotated[flag.type, typer.Option(flag.option, help=flag.help, show_default=False,
+                                                     envvar=flag.envvar)])
+    for flag in SERVE_FLAGS
 ]
-_OPTS: list[tuple[str, Any, str]] = [
-    ("model", Optional[str], "HF checkpoint directory, FILE.gguf, `demo` (SmolLM2-135M-Instruct) or `tiny`."),
-    ("device", Optional[str], "auto | cpu | cuda."),
-    ("host", Optional[str], "Proxy bind address."),
-    ("port", Optional[int], "Proxy port."),
-    ("prefill", Optional[int], "Number of prefill instances."),
-    ("decode", Optional[int], "Number of decode instances."),
-    ("colocated", bool, "One instance doing both phases (no KV transfer)."),
-    ("tp", Optional[int], "Tensor-parallel size of every instance."),
-    ("prefill_tp", Optional[int], "TP size of prefill instances."),
-    ("decode_tp", Optional[int], "TP size of decode instances."),
-    ("kv_connector", Optional[str], "nixl | mooncake | storage."),
-    ("transfer_mode", Optional[str], "auto | pull | push."),
-    ("block_size", Optional[int], "Tokens per KV block."),
-    ("num_gpu_blocks", Optional[int], "Override the profiled KV block count."),
-    ("max_model_len", Optional[int], "Longest prompt + output."),
-    ("max_num_seqs", Optional[int], "Most sequences per batch."),
-    ("dtype", Optional[str], "auto | float32 | bfloat16 | float16."),
-    ("gpu_memory_utilization", Optional[float], "Fraction of GPU memory an instance may use."),
-    ("enable_cumem_allocator", bool, "Weights and KV cache in CuMem pools."),
-    ("enable_sleep_mode", bool, "Allow /sleep and /wake_up (turns cumem on)."),
-    ("enforce_eager", bool, "Decode without CUDA graphs."),
-    ("cpu_offload_gb", Optional[float], "CPU tier for KV offload, GiB."),
-    ("log_dir", Optional[str], "Directory for per-instance logs."),
-    ("node_rank", Optional[int], "Which node of `parallel.nodes` this is."),
-    ("seed", Optional[int], "Default sampling seed."),
-    ("api_key", Optional[str], "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY)."),
-    ("served_model_name", Optional[str], "Model name the API answers to (default: the --model value)."),
-    ("kv_load_failure_policy", Optional[str], "recompute | fail: when a decode cannot load KV."),
-    ("chat_template", Optional[str], "Jinja2 chat template FILE overriding the checkpoint's."),
-]
-_ENVVARS = {"api_key": "PDLAUNCH_API_KEY"}
-for _name, _type, _help in _OPTS:
-    _flag = "--" + _name.replace("_", "-")
-    _default = False if _type is bool else None
-    _SERVE_PARAMS.append(inspect.Parameter(
-        _name, inspect.Parameter.KEYWORD_ONLY, default=_default,
-        annotation=Annotated[_type, typer.Option(_flag, help=_help, show_default=False,
-                                                 envvar=_ENVVARS.get(_name))]))
 
 
 def with_serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Add the shared serve flags to a typer command. The command receives `config: Path | None`
     and `overrides: dict[str, Any]` (only the flags the user gave) besides its own parameters."""
     own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("config", "overrides")]
-    names = {name for name, _, _ in _OPTS}
+    names = set(FLAG_PATHS)
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:
