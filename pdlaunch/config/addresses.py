@@ -9,14 +9,11 @@ import errno
 import ipaddress
 import re
 import socket
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from pydantic import AfterValidator
 
 from pdlaunch.config.problems import Problem, problem
-
-if TYPE_CHECKING:
-    from pdlaunch.config.models import DeploymentConfig
 
 RESOLVE_TIMEOUT_S = 5.0
 # RFC 1123 labels; `_` is accepted because container runtimes name hosts with it.
@@ -84,14 +81,3 @@ def bind_problem(field: str, host: str) -> Problem | None:
                                "this machine's own addresses")
             return problem(field, f"cannot bind {host!r}: {exc.strerror or exc}", HOST_FIX)
     return None
-
-
-def local_bind_problems(cfg: DeploymentConfig) -> list[Problem]:
-    """The addresses this node's processes bind: the proxy's (node 0) and the KV side channel's."""
-    hosts: list[tuple[str, str]] = []
-    if cfg.parallel.node_rank == 0:
-        hosts.append(("proxy.host", cfg.proxy.host))
-    if not cfg.colocated and cfg.kv_transfer.connector in ("nixl", "mooncake"):
-        hosts.append(("kv_transfer.side_channel_host", cfg.kv_transfer.side_channel_host))
-    found = (bind_problem(field, host) for field, host in hosts)
-    return [p for p in found if p is not None]

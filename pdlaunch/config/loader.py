@@ -8,50 +8,19 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from pdlaunch.config.errors_format import problems_from_validation_error
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.yaml_strict import load_strict
+from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
-    try:
-        # os.path.expanduser leaves `~nosuchuser` as is (Path.expanduser raises RuntimeError).
-        text = Path(os.path.expanduser(str(path))).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([problem("config", f"file {str(path)!r} does not exist", "check the path")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([problem("config", f"cannot read {str(path)!r}: {exc}", "pass a readable UTF-8 file")]) from None
-    try:
-        data, duplicates = load_strict(text, repr(str(path)))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([problem("config", f"YAML syntax error in {str(path)!r}{where}: {what}",
-                                   "fix the YAML there (indentation, ':' after keys, quotes)")]) from None
-    except RecursionError:
-        raise ConfigError([problem("config", f"{str(path)!r} nests too deeply", "flatten the document")]) from None
-    if duplicates:
-        raise ConfigError(duplicates)
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([problem("config", f"{str(path)!r} holds a {type(data).__name__}, not a mapping of keys",
-                                   "write `key: value` lines, e.g. `model: {path: demo}`")])
-    return data
 
 
 def _set_role_field(raw: dict[str, Any], role: str, key: str, value: Any, flag: str) -> list[Problem]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"  # the launcher reads the same variable
@@ -37,7 +38,6 @@ def secret_problems(cfg: DeploymentConfig, env: Mapping[str, str]) -> list[Probl
 
 def world_readable_secret_warnings(path: Path | None) -> list[Problem]:
     """Warnings (not errors) for secrets written into a YAML file that any local user may read."""
-    from pdlaunch.config.loader import read_yaml  # the loader imports the rules
 
     if path is None:
         return []

@@ -12,14 +12,14 @@ import os
 from dataclasses import dataclass
 
 from pdlaunch.config import memory_estimate, resources, rules
-from pdlaunch.config.addresses import local_bind_problems
+from pdlaunch.config.addresses import bind_problem
 from pdlaunch.config.checkpoint_check import checkpoint_problems
 from pdlaunch.config.kv_connector_rules import kv_connector_problems
 from pdlaunch.config.log_dir import log_dir_problems
-from pdlaunch.config.security_rules import secret_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.security_rules import secret_problems
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ class TargetHost:
     gpu_memory_gib: float
 
 
-def target_problems(target_gpus: int | None, target_gpu_memory: float | None) -> tuple[TargetHost | None, list[Problem]]:
+def target_problems(
+    target_gpus: int | None, target_gpu_memory: float | None
+) -> tuple[TargetHost | None, list[Problem]]:
     """The declared target host from the two check-config flags, or the problems with them."""
     if target_gpus is None and target_gpu_memory is None:
         return None, []
@@ -100,15 +102,18 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
     if model.enable_sleep_mode:
         if not sleep_available:
             problems.append(problem("model.enable_sleep_mode", "sleep mode is not supported on current platform",
-                                    f"it needs CUDA (device is {device}); drop --enable-sleep-mode or use --device cuda"))
+                                    f"it needs CUDA (device is {device}); "
+                                    "drop --enable-sleep-mode or use --device cuda"))
         elif not model.enable_cumem_allocator:
             _info_once(SLEEP_ENABLES_CUMEM)
             model.enable_cumem_allocator = True
     if model.enable_cumem_allocator and not cumem_available:
         problems.append(problem("model.enable_cumem_allocator", "cumem allocator is not supported on current platform",
-                                f"it needs CUDA (device is {device}); drop --enable-cumem-allocator or use --device cuda"))
+                                f"it needs CUDA (device is {device}); "
+                                "drop --enable-cumem-allocator or use --device cuda"))
     uses_connector = not cfg.colocated
-    if device == "cuda" and uses_connector and not model.enable_cumem_allocator and platform.expandable_segments_enabled():
+    if (device == "cuda" and uses_connector and not model.enable_cumem_allocator
+            and platform.expandable_segments_enabled()):
         problems.append(problem(
             "model.enable_cumem_allocator",
             "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which breaks KV connector memory registration",
@@ -120,7 +125,8 @@ def _device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None)
     problems: list[Problem] = []
     if cfg.device == "cuda" and target is None and not platform.cuda_available():
         problems.append(problem("device", "cuda requested but no CUDA device is visible on this machine",
-                                "use --device cpu, or declare the GPU host with --target-gpus N --target-gpu-memory GIB"))
+                                "use --device cpu, or declare the GPU host with "
+                                "--target-gpus N --target-gpu-memory GIB"))
     if device == "cpu" and cfg.model.dtype == "float16":
         problems.append(problem("model.dtype", "float16 is not supported on CPU",
                                 "use --dtype bfloat16 or float32 (or auto) on CPU"))
@@ -154,7 +160,8 @@ def share_one_gpu(cfg: DeploymentConfig) -> None:
     share = int(0.9 / sharers * 100) / 100  # leave 10% of the GPU to CUDA contexts and fragmentation
     if cfg.cache.gpu_memory_utilization > share:
         cfg.cache.gpu_memory_utilization = share
-    _info_once(f"One GPU: {sharers} instances share GPU 0 with gpu_memory_utilization {cfg.cache.gpu_memory_utilization} "
+    _info_once(f"One GPU: {sharers} instances share GPU 0 with gpu_memory_utilization "
+               f"{cfg.cache.gpu_memory_utilization} "
                "each (list `devices` per instance group to choose yourself).")
 
 
@@ -213,3 +220,14 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         estimates = memory_estimate.estimate(out, info)
         problems += memory_estimate.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
     return problems, out
+
+
+def local_bind_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """The addresses this node's processes bind: the proxy's (node 0) and the KV side channel's."""
+    hosts: list[tuple[str, str]] = []
+    if cfg.parallel.node_rank == 0:
+        hosts.append(("proxy.host", cfg.proxy.host))
+    if not cfg.colocated and cfg.kv_transfer.connector in ("nixl", "mooncake"):
+        hosts.append(("kv_transfer.side_channel_host", cfg.kv_transfer.side_channel_host))
+    found = (bind_problem(field, host) for field, host in hosts)
+    return [p for p in found if p is not None]

@@ -1,14 +1,18 @@
-"""YAML with duplicate keys refused: PyYAML keeps the last of two equal keys without a word, so a
-deployment file that sets `port` twice would silently run on the second value.
+"""Reading a deployment YAML file: duplicate keys refused (PyYAML keeps the last of two equal keys
+without a word, so a file that sets `port` twice would silently run on the second value), and every
+other failure reported as a problem naming the file, line and column.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import ConfigError
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by explicit keys
 
@@ -37,7 +41,8 @@ class StrictLoader(yaml.SafeLoader):
                 child = f"{path}.{key}" if path else key
                 line = key_node.start_mark.line + 1
                 if key in first_line:
-                    problems.append(problem(child, f"duplicate key `{key}` in {self.source} at line {line} (first at line "
+                    problems.append(problem(child, f"duplicate key `{key}` in {self.source} at line {line} "
+                                            "(first at line "
                                             f"{first_line[key]}); YAML would silently keep only the last one",
                                             "keep one of the two"))
                 else:
@@ -60,3 +65,33 @@ def load_strict(text: str, source: str) -> tuple[Any, list[Problem]]:
         return loader.construct_document(node), problems
     finally:
         loader.dispose()
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
+    try:
+        # os.path.expanduser leaves `~nosuchuser` as is (Path.expanduser raises RuntimeError).
+        text = Path(os.path.expanduser(str(path))).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([problem("config", f"file {str(path)!r} does not exist", "check the path")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        unreadable = problem("config", f"cannot read {str(path)!r}: {exc}", "pass a readable UTF-8 file")
+        raise ConfigError([unreadable]) from None
+    try:
+        data, duplicates = load_strict(text, repr(str(path)))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([problem("config", f"YAML syntax error in {str(path)!r}{where}: {what}",
+                                   "fix the YAML there (indentation, ':' after keys, quotes)")]) from None
+    except RecursionError:
+        raise ConfigError([problem("config", f"{str(path)!r} nests too deeply", "flatten the document")]) from None
+    if duplicates:
+        raise ConfigError(duplicates)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([problem("config", f"{str(path)!r} holds a {type(data).__name__}, not a mapping of keys",
+                                   "write `key: value` lines, e.g. `model: {path: demo}`")])
+    return data

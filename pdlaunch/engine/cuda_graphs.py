@@ -25,14 +25,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
+from pdlaunch.engine.step_inputs import StepInputs
 from pdlaunch.model.attention_metadata import AttentionMetadata
-
-if TYPE_CHECKING:
-    from pdlaunch.engine.model_runner import StepInputs
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from pdlaunch.config.models import CacheConfig, SchedulerConfig
 from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
 from pdlaunch.engine.scheduler import ScheduledRequest
+from pdlaunch.engine.step_inputs import StepInputs
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async
@@ -30,19 +30,6 @@ from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepInputs:
-    """One step's batch on the host; identical for every TP rank (rank 0 builds it, sends it on)."""
-
-    input_ids: torch.Tensor  # [T] long
-    positions: torch.Tensor  # [T] long
-    query_lens: list[int]  # per scheduled request
-    context_lens: list[int]  # tokens already in the cache, per scheduled request
-    slot_mapping: list[torch.Tensor]  # per KV-cache group, [T] long
-    block_tables: list[torch.Tensor]  # per KV-cache group, [N, max_blocks] long, -1 padded
-    sample_rows: list[int]  # token rows whose logits are returned, in order
 
 
 NON_TORCH_CAP_BYTES = 2 * 2**30
@@ -143,7 +130,8 @@ class ModelRunner:
             lens.append(min(self.max_model_len, num_tokens - sum(lens)))
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        attn = self._metadata(lens, [0] * len(lens), [torch.full((num_tokens,), -1, dtype=torch.long)] * len(self.groups),
+        no_slots = [torch.full((num_tokens,), -1, dtype=torch.long)] * len(self.groups)
+        attn = self._metadata(lens, [0] * len(lens), no_slots,
                               [torch.zeros(len(lens), 1, dtype=torch.long)] * len(self.groups))
         hidden = self.model(ids, positions, attn, [])
         rows = min(self.scheduler_config.max_num_seqs, num_tokens)

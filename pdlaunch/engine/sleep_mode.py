@@ -11,7 +11,7 @@ addresses, are new), and reload the weights after a level-2 sleep.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -20,13 +20,32 @@ from pdlaunch.memory.sleep import SleepBackend, SleepController, SleepResult, Te
 from pdlaunch.model.loader import load_model
 
 if TYPE_CHECKING:
-    from pdlaunch.engine.llm_engine import LLMEngine
+    from pdlaunch.engine.block_manager import BlockManager
+    from pdlaunch.engine.model_runner import ModelRunner
+    from pdlaunch.engine.scheduler import Scheduler
+    from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
+    from pdlaunch.model.loader import Checkpoint
 
 log = logging.getLogger(__name__)
 
 
+class SleepableEngine(Protocol):
+    """What sleep needs of an engine (LLMEngine is one); a protocol, so that this module sits below
+    llm_engine.py instead of importing it back."""
+
+    runner: ModelRunner
+    scheduler: Scheduler
+    block_manager: BlockManager
+    connector: KVConnector | None
+    checkpoint: Checkpoint
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def kv_cache_spec(self) -> KVCacheSpec: ...
+
+
 class EngineSleep:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: SleepableEngine) -> None:
         self.engine = engine
         self.controller = SleepController(self._backend(), reload_weights=self._reload_weights)
         self.controller.add_before_sleep_hook(self._before_sleep)
@@ -83,7 +102,7 @@ class EngineSleep:
         log.info("reloading weights of %s after a level-2 sleep", self.engine.checkpoint.name)
         fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype)
         with torch.no_grad():
-            for (name, param), (_, new) in zip(runner.model.named_parameters(), fresh.named_parameters()):
+            for param, new in zip(runner.model.parameters(), fresh.parameters()):
                 param.copy_(new)
             for buf, new in zip(runner.model.buffers(), fresh.buffers()):
                 buf.copy_(new)

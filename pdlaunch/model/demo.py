@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.cache_dir import cache_dir
 from pdlaunch.model.demo_tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -55,12 +56,6 @@ DEMO_HF_CONFIG: dict = {
     "eos_token_id": EOS_TOKEN_ID,
     "torch_dtype": "float32",
 }
-
-
-def cache_dir() -> Path:
-    """`$PDLAUNCH_CACHE_DIR`, else `~/.cache/pdlaunch`."""
-    override = os.environ.get("PDLAUNCH_CACHE_DIR")
-    return Path(override).expanduser() if override else Path.home() / ".cache" / "pdlaunch"
 
 
 def _demo_weights() -> dict[str, torch.Tensor]:

