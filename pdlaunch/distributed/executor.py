@@ -268,7 +268,7 @@ class TPExecutor:
 def _as_drawn_by_worker(config: DeploymentConfig, instance: InstanceSpec | None
                         ) -> tuple[DeploymentConfig, InstanceSpec | None]:
     """The worker's copy of the config with its own default engine_id, as a rank that parsed the
-    config itself (e.g. on another node) would hold: only the sync makes it rank 0's (seed 002)."""
+    config itself (e.g. on another node) would hold: only the sync makes it rank 0's (vLLM #39907)."""
     config = config.model_copy(deep=True)
     config.kv_transfer.engine_id = uuid.uuid4().hex
     if instance is not None:

@@ -1,7 +1,7 @@
 """What every TP rank builds the same way, in the same order: group, engine_id, model shard, KV cache.
 
 The order matters: each step below runs collectives, and ranks must call them in lockstep.
-  1. join the TP group            2. adopt rank 0's engine_id (seed 002, before any connector)
+  1. join the TP group            2. adopt rank 0's engine_id (vLLM #39907, before any connector)
   3. load this rank's shard and agree on the KV block count (minimum over ranks)
 """
 

@@ -78,7 +78,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:
             from pdlaunch.kv_transfer.factory import create_connector
 
-            connector = create_connector(config, instance)  # after the engine_id sync (seed 002)
+            connector = create_connector(config, instance)  # after the engine_id sync (vLLM #39907)
             if connector is not None:
                 connector.register_kv_caches(kv_cache_spec(checkpoint, state.runner))
         server = getattr(connector, "server", None)

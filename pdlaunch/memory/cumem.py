@@ -342,7 +342,7 @@ class CuMemAllocator:
 
 
 def memory_pool_context(enabled: bool, tag: str) -> contextlib.AbstractContextManager[None]:
-    """The worker's way in (seed 003): a no-op unless the cumem allocator is enabled. Loading weights
+    """The worker's way in (vLLM #33540): a no-op unless the cumem allocator is enabled. Loading weights
     into an allocator that already holds memory means a second instance in this process: refused."""
     if not enabled:
         return contextlib.nullcontext()

@@ -30,7 +30,7 @@ def current_device_index() -> int:
 
 
 def set_device(index: int) -> None:
-    """Bind the calling thread to a device. CUDA's current device is thread-local (seed 000)."""
+    """Bind the calling thread to a device. CUDA's current device is thread-local (vLLM #39548)."""
     if cuda_available():
         torch.cuda.set_device(index)
     _thread_device.index = index
@@ -81,7 +81,7 @@ def is_sleep_mode_available() -> bool:
 
 
 def expandable_segments_enabled() -> bool:
-    """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, seed 003)."""
+    """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, vLLM #33540)."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
 

@@ -117,7 +117,7 @@ class CpuGpuTransfer:
         self.factor = block_size_factor
         device = gpu_caches[0].device if gpu_caches else torch.device("cpu")
         self.cuda = device.type == "cuda"
-        # Captured here, in the constructing thread: the worker binds it once at start (seed 000).
+        # Captured here, in the constructing thread: the worker binds it once at start (vLLM #39548).
         self.device_index = device.index if self.cuda and device.index is not None else 0
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-offload",

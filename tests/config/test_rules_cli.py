@@ -21,7 +21,7 @@ def _deployment_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, "rules-test-secret-0123456789")
 
 
-# --- seed 003: cumem allocator and sleep mode -------------------------------------------------
+# --- vLLM #33540: cumem allocator and sleep mode ---------------------------------------------
 
 def test_cumem_on_cpu_is_not_supported() -> None:
     result = check(["--model", "tiny", "--device", "cpu", "--enable-cumem-allocator"])
