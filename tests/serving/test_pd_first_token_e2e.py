@@ -222,3 +222,32 @@ def test_forged_first_token_is_refused(deployments: dict[str, Serve]) -> None:
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["token_ids"][:1] == params["first_token_ids"]
     _no_blocks_held(pd)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_continues_the_grammar_from_the_first_token(deployments: dict[str, Serve],
+                                                                       stream: bool) -> None:
+    """The decode's grammar replays the prefill's token before it constrains the next one."""
+    body = {"prompt": PROMPT + " json", "max_tokens": 12, "guided_regex": "(yes|no|maybe)-[0-9]{3}", **SEEDED}
+    answer = _same(deployments, _stream(body) if stream else body)
+    assert answer["finish_reason"] == "stop" and answer["text"].split("-")[0] in ("yes", "no", "maybe")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_samples_keep_the_recompute_path(deployments: dict[str, Serve], stream: bool) -> None:
+    body = {"prompt": PROMPT + " n", "max_tokens": 5, "n": 3, "ignore_eos": True, **SEEDED}
+    path = "/v1/completions"
+    answers = []
+    for serve in (deployments["pd"], deployments["colocated"]):
+        response = httpx.post(serve.url + path, json={"model": "tiny", **body, "stream": stream}, timeout=120)
+        assert response.status_code == 200, response.text
+        if stream:
+            texts = ["", "", ""]
+            for data in parse_sse(response.content):
+                if data != "[DONE]":
+                    for choice in json.loads(data)["choices"]:
+                        texts[choice["index"]] += choice.get("text", "")
+        else:
+            texts = [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+        answers.append(texts)
+    assert answers[0] == answers[1]
