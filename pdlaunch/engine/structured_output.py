@@ -23,6 +23,7 @@ under its own fresh matcher. Either way both legs' grammar state starts at the p
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from pdlaunch.errors import EngineError
 from pdlaunch.memory.platform import to_device_async
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
+TOKENIZER_BUILD_TIMEOUT_S = 120.0
 _FORMATS = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
 
 
@@ -73,22 +75,53 @@ def check(spec: StructuredOutput) -> str:
 
 
 class GrammarBackend:
-    """llguidance over one engine's tokenizer (built on first use: ~0.3 s for a 50k vocabulary)."""
+    """llguidance over one engine's tokenizer. Its token table takes 0.3-1 s to build for a 50k
+    vocabulary, so a daemon thread builds it when the engine starts (`warm`): the first
+    structured-output request does not stall every other request's step."""
 
-    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_id: int | None) -> None:
+    def __init__(self, tokenizer_json: Callable[[], str], vocab_size: int, eos_token_id: int | None,
+                 warm: bool = True) -> None:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self._eos = eos_token_id
         self._tokenizer: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        self._started = False
+        if warm:
+            self._start()
+
+    def _start(self) -> None:
+        self._started = True
+        threading.Thread(target=self._build, name="llguidance-tokenizer", daemon=True).start()
+
+    def _build(self) -> None:
+        try:
+            import llguidance
+
+            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size,
+                                                     eos_token=self._eos)
+        except Exception as exc:  # noqa: BLE001 - reported to the first request that needs it
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _llg_tokenizer(self, field: str) -> Any:
+        if not self._started:
+            self._start()
+        if not self._ready.wait(TOKENIZER_BUILD_TIMEOUT_S):
+            raise EngineError(f"llguidance's token table was not built within {TOKENIZER_BUILD_TIMEOUT_S:.0f} s",
+                              field=field, hint="retry; the instance is overloaded")
+        if self._error is not None:
+            raise EngineError(f"structured output cannot use this tokenizer: {self._error}", field=field)
+        return self._tokenizer
 
     def matcher(self, spec: StructuredOutput) -> Any:
         import llguidance
 
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), n_vocab=self.vocab_size,
-                                                     eos_token=self._eos)
+        tokenizer = self._llg_tokenizer(spec.field)
         try:
-            matcher = llguidance.LLMatcher(self._tokenizer, spec.grammar())
+            matcher = llguidance.LLMatcher(tokenizer, spec.grammar())
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"{spec.field}: {exc}", field=spec.field) from None
         if matcher.is_error():

@@ -115,3 +115,12 @@ def test_masks_leave_unconstrained_rows_alone() -> None:
     assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
     assert torch.isfinite(out[1]).nonzero().flatten().tolist() == [5]
     assert apply_grammar_masks(logits, [None, None, None]) is logits
+
+
+def test_a_tokenizer_llguidance_cannot_use_fails_the_request_not_the_engine() -> None:
+    from pdlaunch.engine.structured_output import GrammarBackend
+
+    backend = GrammarBackend(lambda: "not a tokenizer.json", 100, None)  # built in its thread at once
+    with pytest.raises(EngineError) as info:
+        backend.matcher(StructuredOutput(kind="regex", value="a+", field="guided_regex"))
+    assert info.value.field == "guided_regex" and "cannot use this tokenizer" in info.value.message
