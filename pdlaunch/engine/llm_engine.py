@@ -25,16 +25,19 @@ from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler
 from pdlaunch.engine.scheduler import Scheduler
-from pdlaunch.engine.structured_output import grammar_backend
 from pdlaunch.engine.sleep_mode import EngineSleep
+from pdlaunch.engine.structured_output import grammar_backend
 from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.params import (
-    EXPIRY_FIELD, check_kv_transfer_params, params_key, sign_kv_transfer_params,
+    EXPIRY_FIELD,
+    check_kv_transfer_params,
+    params_key,
+    sign_kv_transfer_params,
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
-from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
+from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
 from pdlaunch.offload.manager import OffloadManager
 
@@ -235,7 +238,8 @@ class LLMEngine:
         kv_transfer_params = self.check_kv_transfer_params(kv_transfer_params)
         first = first_token_ids(kv_transfer_params)
         if any(not 0 <= t < self.vocab_size for t in first):
-            raise EngineError(f"token ids must lie in [0, {self.vocab_size})", field="kv_transfer_params.first_token_ids")
+            raise EngineError(f"token ids must lie in [0, {self.vocab_size})",
+                              field="kv_transfer_params.first_token_ids")
         request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)

@@ -26,7 +26,12 @@ from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvent
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
 from pdlaunch.kv_transfer.checksum import block_checksums
 from pdlaunch.kv_transfer.handshake import (
-    KV_LAYOUT, DeviceInfo, HandshakeInfo, compat_fields, compat_hash, device_info,
+    KV_LAYOUT,
+    DeviceInfo,
+    HandshakeInfo,
+    compat_fields,
+    compat_hash,
+    device_info,
 )
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
 from pdlaunch.kv_transfer.nixl_sender import PrefillSide

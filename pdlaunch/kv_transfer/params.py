@@ -16,7 +16,7 @@ engine's add_request; a bad value raises KVTransferError naming `kv_transfer_par
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -51,7 +51,7 @@ class RemoteDecodeRequest(_Strict):
     """Prefill leg: keep this request's KV for a remote decode (do_remote_decode) or not."""
 
     do_remote_decode: bool = False
-    do_remote_prefill: Optional[Literal[False]] = None
+    do_remote_prefill: Literal[False] | None = None
     remote_engine_id: None = None
     remote_block_ids: None = None
     remote_host: None = None
@@ -90,30 +90,30 @@ class PrefillAnswer(_Strict):
     remote_engine_id: str = _Id
     remote_request_id: str = _Id
     # Per KV-cache group, one block id per block of the prompt (-1: a sliding-window block not kept).
-    remote_block_ids: Optional[list[list[int]]] = Field(None, max_length=MAX_GROUPS)
-    remote_host: Optional[str] = Field(None, min_length=1, max_length=MAX_HOST_CHARS)
-    remote_port: Optional[int] = Field(None, ge=1, le=65535)
+    remote_block_ids: list[list[int]] | None = Field(None, max_length=MAX_GROUPS)
+    remote_host: str | None = Field(None, min_length=1, max_length=MAX_HOST_CHARS)
+    remote_port: int | None = Field(None, ge=1, le=65535)
     tp_size: int = Field(1, ge=1, le=MAX_TP)
-    kv_heads_per_rank: Optional[int] = Field(None, ge=1, le=4096)
+    kv_heads_per_rank: int | None = Field(None, ge=1, le=4096)
     transfer_mode: Literal["auto", "pull", "push", "storage"] = "auto"
-    num_prompt_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
+    num_prompt_tokens: int | None = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
     # vLLM's NIXL connector also answers these (we send them; a vLLM prefill's answer may carry them).
-    remote_num_tokens: Optional[int] = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
-    remote_blocks_expiry_time: Optional[float] = Field(None, ge=0, le=2**40)
-    dcp_size: Optional[int] = Field(None, ge=1, le=MAX_TP)
-    pp_size: Optional[int] = Field(None, ge=1, le=MAX_TP)
-    kv_epoch: Optional[int] = Field(None, ge=0, le=2**31)
-    kv_checksum: Optional[list[list[str]]] = Field(None, max_length=MAX_GROUPS)
+    remote_num_tokens: int | None = Field(None, ge=1, le=MAX_PROMPT_TOKENS)
+    remote_blocks_expiry_time: float | None = Field(None, ge=0, le=2**40)
+    dcp_size: int | None = Field(None, ge=1, le=MAX_TP)
+    pp_size: int | None = Field(None, ge=1, le=MAX_TP)
+    kv_epoch: int | None = Field(None, ge=0, le=2**31)
+    kv_checksum: list[list[str]] | None = Field(None, max_length=MAX_GROUPS)
     # TP prefill: each rank's side channel and advertised address, and its block digests.
-    remote_ports: Optional[list[int]] = Field(None, max_length=MAX_TP)
-    remote_hosts: Optional[list[str]] = Field(None, max_length=MAX_TP)
-    rank_kv_checksums: Optional[list[Optional[list[list[str]]]]] = Field(None, max_length=MAX_TP)
+    remote_ports: list[int] | None = Field(None, max_length=MAX_TP)
+    remote_hosts: list[str] | None = Field(None, max_length=MAX_TP)
+    rank_kv_checksums: list[list[list[str]] | None] | None = Field(None, max_length=MAX_TP)
     # The token the prefill sampled (signed with the rest, so a client cannot inject output): the decode
     # continues from prompt + these instead of recomputing the last prompt token (engine/first_token.py).
-    first_token_ids: Optional[list[int]] = Field(None, min_length=1, max_length=1)
-    first_token_logprobs: Optional[list[FirstTokenLogprob]] = Field(None, min_length=1, max_length=1)
-    expires_at: Optional[int] = Field(None, ge=0, le=2**40)
-    signature: Optional[str] = Field(None, max_length=128)
+    first_token_ids: list[int] | None = Field(None, min_length=1, max_length=1)
+    first_token_logprobs: list[FirstTokenLogprob] | None = Field(None, min_length=1, max_length=1)
+    expires_at: int | None = Field(None, ge=0, le=2**40)
+    signature: str | None = Field(None, max_length=128)
 
     @field_validator("remote_block_ids")
     @classmethod
@@ -145,7 +145,7 @@ class PrefillAnswer(_Strict):
         return _bounded_blocks(value, info)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PrefillAnswer":
+    def _consistent(self) -> PrefillAnswer:
         for name in ("remote_ports", "remote_hosts", "rank_kv_checksums"):
             value = getattr(self, name)
             if value is not None and len(value) != self.tp_size:

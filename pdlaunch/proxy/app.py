@@ -16,8 +16,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -31,7 +32,12 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import (
-    continues_from_first_token, decode_body, ended_by_first_token, kv_params_of, parse_client_body, prefill_body,
+    continues_from_first_token,
+    decode_body,
+    ended_by_first_token,
+    kv_params_of,
+    parse_client_body,
+    prefill_body,
     without_kv_params,
 )
 from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy
@@ -203,7 +209,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _race(work: Any, watch: "asyncio.Future[None]") -> tuple[bool, Any]:
+async def _race(work: Any, watch: asyncio.Future[None]) -> tuple[bool, Any]:
     """(True, result of work), or (False, None) when the client went away first (work is cancelled)."""
     task = asyncio.ensure_future(work)
     done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)

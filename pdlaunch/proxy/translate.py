@@ -13,7 +13,6 @@ from pdlaunch.server.errors import OpenAIError
 from pdlaunch.server.limits import parse_json_object
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
-
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
 # min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
 # computed once and the decode leg makes the samples; the decode leg keeps them all.

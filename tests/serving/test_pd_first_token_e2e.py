@@ -8,7 +8,8 @@ decode continues from the prefill's token (no recomputed last prompt token); no 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
