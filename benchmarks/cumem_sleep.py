@@ -1,5 +1,5 @@
 """Sleep/wake cost of the CuMem pools: N GiB of "weights" and M GiB of "kv_cache", timed through the
-SleepController (the engine's path), with the fraction of pool memory the GPU really gets back.
+MemorySleep (the engine's path), with the fraction of pool memory the GPU really gets back.
 
     python benchmarks/cumem_sleep.py --weights-gib 16 --kv-gib 40 --cycles 5 [--json out.json]
 
@@ -18,7 +18,7 @@ import time
 import torch
 
 from pdlaunch.memory.cumem import CuMemAllocator
-from pdlaunch.memory.sleep import SleepController
+from pdlaunch.memory.sleep import MemorySleep
 
 GiB = 1 << 30
 CHUNK = 256 << 20  # bytes per weight tensor, about a large layer's matrix
@@ -44,7 +44,7 @@ def run(weights_gib: float, kv_gib: float, cycles: int) -> dict[str, object]:
     expected = _checksums(weights)
     pointers = [t.data_ptr() for t in weights] + [kv_cache.data_ptr()]
     pool_bytes = allocator.get_current_usage()
-    controller = SleepController(allocator, reload_weights=lambda: None)
+    controller = MemorySleep(allocator, reload_weights=lambda: None)
 
     results: dict[str, object] = {
         "device": torch.cuda.get_device_name(),

@@ -1,6 +1,6 @@
 """Sleep mode of an engine (docs/design.md "CuMem and sleep"): weights and KV cache give back their memory.
 
-The memory work is the SleepController's (pdlaunch/memory/sleep.py): on CUDA with the cumem
+The memory work is the MemorySleep's (pdlaunch/memory/sleep.py): on CUDA with the cumem
 allocator the pools keep their virtual addresses; otherwise (CPU, tests) the tensors' storages are
 freed and re-allocated. What the engine adds: sleep only when idle, forget the prefix cache (the
 KV is discarded), let the connector drop its own device memory (a staging buffer), zero the KV cache
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from pdlaunch.errors import EngineError
-from pdlaunch.memory.sleep import SleepBackend, SleepController, SleepResult, TensorSleepBackend, WakeResult
+from pdlaunch.memory.sleep import MemorySleep, SleepBackend, SleepResult, TensorSleepBackend, WakeResult
 from pdlaunch.model.loader import load_model
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class SleepableEngine(Protocol):
 class EngineSleep:
     def __init__(self, engine: SleepableEngine) -> None:
         self.engine = engine
-        self.controller = SleepController(self._backend(), reload_weights=self._reload_weights)
+        self.controller = MemorySleep(self._backend(), reload_weights=self._reload_weights)
         self.controller.add_before_sleep_hook(self._before_sleep)
         self.controller.add_after_wake_hook(self._after_wake)
 

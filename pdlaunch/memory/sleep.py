@@ -1,6 +1,8 @@
 """Sleep mode: an instance gives its accelerator memory back and takes it again later.
 
-`SleepController` is owned by the engine. It holds the level/tag rules, runs the engine's hooks
+Sleep has three layers, each its own class: `MemorySleep` here (the memory), `EngineSleep`
+(engine/sleep_mode.py: the engine's part) and the HTTP routes (server/sleep.py).
+`MemorySleep` is owned by the engine. It holds the level/tag rules, runs the engine's hooks
 around the memory operations (stop scheduling and deregister KV from NIXL before sleeping;
 reload weights at level 2, re-create and re-register KV, recapture CUDA graphs after waking) and
 delegates the memory work to a `SleepBackend`: the `CuMemAllocator` on GPUs, or the
@@ -75,8 +77,8 @@ def parse_tags(tags: str | Iterable[str] | None, known: Sequence[str] = SLEEP_TA
     return parsed or None
 
 
-class SleepController:
-    """Sleep/wake state of one engine. Calls are serialised; a call made while another runs is refused."""
+class MemorySleep:
+    """Sleep/wake state of one engine's memory. Calls are serialised; a call made while another runs is refused."""
 
     def __init__(self, backend: SleepBackend, reload_weights: Callable[[], None] | None = None,
                  tags: Sequence[str] = SLEEP_TAGS) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdlaunch.memory.cumem import CuMemAllocator, CuMemError, _expandable_segments_on, memory_pool_context
-from pdlaunch.memory.sleep import SleepController
+from pdlaunch.memory.sleep import MemorySleep
 
 MiB = 1 << 20
 SLACK = 64 * MiB  # device-wide free memory also moves with the driver's own bookkeeping
@@ -105,7 +105,7 @@ def test_twenty_cycles_do_not_grow(allocator: CuMemAllocator) -> None:
     with allocator.use_memory_pool("kv_cache"):
         kv_cache = torch.zeros(512 * MiB, dtype=torch.uint8, device="cuda")
     copies = [w.clone() for w in weights]
-    controller = SleepController(allocator)
+    controller = MemorySleep(allocator)
     awake_free, asleep_free = [], []
     for _ in range(20):
         controller.sleep(level=1)

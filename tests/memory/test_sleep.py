@@ -1,4 +1,4 @@
-"""SleepController level/tag rules on real memory: the TensorSleepBackend really frees and restores
+"""MemorySleep level/tag rules on real memory: the TensorSleepBackend really frees and restores
 tensor storages (CPU here; the CuMem backend is covered by test_cumem.py on a GPU)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pdlaunch.memory.sleep import SleepController, SleepModeError, TensorSleepBackend, parse_tags
+from pdlaunch.memory.sleep import MemorySleep, SleepModeError, TensorSleepBackend, parse_tags
 
 
 class Instance:
@@ -26,7 +26,7 @@ class Instance:
         self.backend.register("weights", self.model.parameters())
         self.backend.register("kv_cache", [self.kv_cache])
         self.reloads = 0
-        self.controller = SleepController(self.backend, reload_weights=self.reload_weights)
+        self.controller = MemorySleep(self.backend, reload_weights=self.reload_weights)
         self.x = torch.randn(3, 16)
 
     def reload_weights(self) -> None:
@@ -124,7 +124,7 @@ def test_bad_level_and_tags_are_refused_before_anything_happens(instance: Instan
     with pytest.raises(SleepModeError) as err:
         instance.controller.sleep(level=3)
     assert err.value.field == "level"
-    no_reload = SleepController(TensorSleepBackend())
+    no_reload = MemorySleep(TensorSleepBackend())
     with pytest.raises(SleepModeError, match="reload") as err:
         no_reload.sleep(level=2)
     assert err.value.field == "level" and not no_reload.is_sleeping()
