@@ -138,3 +138,21 @@ def test_required_tool_choice_calls_one_of_the_tools(client: openai.OpenAI) -> N
         assert finish == ["tool_calls"] and named
         for name, args in named:
             assert name in ("get_weather", "get_time") and isinstance(args, dict)
+
+
+def test_auto_parses_a_hermes_call_whole_and_streamed(client: openai.OpenAI) -> None:
+    """The random model's output is forced (guided_regex) into a Qwen-style call; tool_choice auto
+    must find it, whole and as streamed deltas, with the text before it as content."""
+    forced = r'Checking\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "Oslo", "days": 2\}\}</tool_call>'
+    kwargs: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "tools": [WEATHER], "max_tokens": 120,
+                              "temperature": 0, "extra_body": {"guided_regex": forced}}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content == "Checking."
+    call = whole.message.tool_calls[0]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo", "days": 2}
+    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks)
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert content.strip() == "Checking." and "<tool_call>" not in content
+    assert [(tc.index, tc.function.name) for tc in calls] == [(0, "get_weather")]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
