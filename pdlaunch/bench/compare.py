@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from rich.console import Console
@@ -40,22 +40,22 @@ class CompareConfig(BaseModel):
 
     model: str
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gpus: Optional[list[int]] = None  # None: GPUs 0 .. prefill+decode-1
+    gpus: list[int] | None = None  # None: GPUs 0 .. prefill+decode-1
     rates: list[float] = Field(min_length=1)  # requests/s
     num_prompts: int = Field(160, ge=1)
     input_len: int = Field(3072, ge=1)
     output_len: int = Field(128, ge=1)
     ttft_slo_ms: float = Field(400.0, gt=0)
     tpot_slo_ms: float = Field(15.0, gt=0)
-    colocated_instances: Optional[int] = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
+    colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
     burstiness: float = Field(1.0, gt=0)
     seed: int = 0
     num_warmups: int = Field(2, ge=0)
     vocab_size: int = Field(500, gt=10)
-    max_model_len: Optional[int] = Field(None, ge=1)
-    config: Optional[Path] = None  # base deployment YAML; its instances/colocated are replaced
+    max_model_len: int | None = Field(None, ge=1)
+    config: Path | None = None  # base deployment YAML; its instances/colocated are replaced
     request_timeout: float = Field(600.0, gt=0)
     ready_timeout: float = Field(READY_TIMEOUT_S, gt=0)
     out: Path
@@ -71,7 +71,7 @@ class CompareConfig(BaseModel):
         return sorted(rates)
 
     @model_validator(mode="after")
-    def _check_model(self) -> "CompareConfig":
+    def _check_model(self) -> CompareConfig:
         if self.model not in ("demo", "tiny") and not Path(os.path.expanduser(self.model)).exists():
             raise ValueError(f"--model: {self.model!r} does not exist (give a local HF checkpoint, a .gguf file, "
                              "`demo` or `tiny`)")

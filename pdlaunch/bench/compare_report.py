@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -42,7 +42,7 @@ def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
     return table
 
 
-def verdict(run: DeploymentRun) -> tuple[Optional[float], str]:
+def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     """The highest rate `run` keeps >= 90% of requests within the SLOs at, and the sentence that says so."""
     best = highest_rate_within(run.points)
     share = f"{100 * WITHIN_SLO_SHARE:.0f}%"
@@ -63,7 +63,8 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str,
         "pd_highest_rate_within_slo": best,
         "verdict": sentence,
         "deployments": [
-            {"kind": run.kind, "label": run.label, "description": run.description, "pids": run.pids, "stopped": run.stopped,
+            {"kind": run.kind, "label": run.label, "description": run.description, "pids": run.pids,
+             "stopped": run.stopped,
              "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
              "highest_rate_within_slo": highest_rate_within(run.points), "raw": run.raw}
             for run in runs

@@ -8,7 +8,7 @@ request is never within. Goodput = requests within / benchmark duration (s), as 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -78,11 +78,11 @@ def rate_point(rate: float, doc: dict[str, Any], slo: Slo) -> RatePoint:
     )
 
 
-def highest_rate_within(points: list[RatePoint], share: float = WITHIN_SLO_SHARE) -> Optional[float]:
+def highest_rate_within(points: list[RatePoint], share: float = WITHIN_SLO_SHARE) -> float | None:
     """The highest rate up to which the deployment *keeps* >= `share` of requests within the SLOs: every
     measured rate up to and including it qualifies. A pass above a failed lower rate is noise, not
     capacity, so it does not count. None when the lowest measured rate already misses."""
-    best: Optional[float] = None
+    best: float | None = None
     for point in sorted(points, key=lambda p: p.rate):
         if point.within_share < share:
             break

@@ -127,7 +127,8 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                     src = cache[:nbytes_blocks]
                     result = {"raw": _copy_gbps(src, torch.empty_like(src), iterations)}
                     if peer and peer != device:
-                        result["peer"] = _copy_gbps(torch.empty_like(src, device=peer), torch.empty_like(src), iterations)
+                        result["peer"] = _copy_gbps(torch.empty_like(src, device=peer), torch.empty_like(src),
+                                                    iterations)
                 else:
                     raise ValueError(f"unknown command {cmd}")
                 conn.send(("ok", result))
@@ -160,7 +161,9 @@ def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[s
     raise KVTransferError(f"bench load of {n} tokens did not finish within {timeout:g}s")
 
 
-def _push_phases(loads: list[tuple[float, float, float]], timings: list[dict[str, Any] | None]) -> dict[str, float] | None:
+def _push_phases(
+    loads: list[tuple[float, float, float]], timings: list[dict[str, Any] | None]
+) -> dict[str, float] | None:
     """Median ms of (to_post, post, write, notify) over the timed loads whose push the prefill side recorded."""
     phases: dict[str, list[float]] = {"to_post": [], "post": [], "write": [], "notify": []}
     for (_, start, end), t in zip(loads, timings):
@@ -265,7 +268,8 @@ def run_kv_transfer_bench(
                 nbytes = blocks * block_bytes
                 rows.append({
                     "connector": connector, "transport": info.get("transport"),
-                    "mode": info.get("transfer_mode", mode), "num_tokens": n, "bytes": nbytes, "descriptors": len(coalesce(list(zip(ids, ids)))),
+                    "mode": info.get("transfer_mode", mode), "num_tokens": n, "bytes": nbytes,
+                    "descriptors": len(coalesce(list(zip(ids, ids)))),
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
                     "prefill_device": prefill_device, "decode_device": decode_device, "cumem": cumem,

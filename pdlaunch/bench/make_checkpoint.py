@@ -12,7 +12,7 @@ import json
 import math
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -146,7 +146,7 @@ def make_llama3_8b_shaped(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     max_shard_bytes: int = 4 * 2**30,
-    overrides: Optional[dict[str, Any]] = None,
+    overrides: dict[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = False,
     device: str = "cpu",

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -50,28 +50,28 @@ class ServeBenchConfig(BaseModel):
 
     base_url: str
     endpoint: str = "/v1/completions"
-    model: Optional[str] = None  # None: the first id from GET /v1/models
+    model: str | None = None  # None: the first id from GET /v1/models
     num_prompts: int = Field(1000, ge=1)
     random_input_len: int = Field(1024, ge=1)
     random_output_len: int = Field(128, ge=1)
     random_range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     request_rate: float = Field(math.inf, gt=0.0)  # req/s; inf sends everything at once
     burstiness: float = Field(1.0, gt=0.0)  # gamma shape; 1 = Poisson, < 1 burstier, > 1 more regular
-    max_concurrency: Optional[int] = Field(None, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
     num_warmups: int = Field(0, ge=0)
     goodput: list[str] = []
-    prompt_format: Optional[Literal["ids", "words"]] = None  # None: ids for completions, words for chat
+    prompt_format: Literal["ids", "words"] | None = None  # None: ids for completions, words for chat
     vocab_size: int = Field(500, gt=MIN_TOKEN_ID)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
     ignore_eos: bool = True
     seed: int = 0
     request_timeout: float = Field(600.0, gt=0.0)  # s, per request
     save_result: bool = False
     result_dir: Path = Path(".")
-    result_filename: Optional[str] = None
-    plot_dir: Optional[Path] = None
+    result_filename: str | None = None
+    plot_dir: Path | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeBenchConfig":
+    def _check(self) -> ServeBenchConfig:
         parse_goodput(self.goodput)
         if self.is_chat and self.prompt_format == "ids":
             raise ValueError("token-id prompts need a completions endpoint; use --prompt-format words for chat")
@@ -241,7 +241,7 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str
 
 
 async def _run_requests(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, requests: list[BenchRequest],
-                        arrivals: np.ndarray, progress: Optional[Progress]) -> tuple[list[RequestResult], float]:
+                        arrivals: np.ndarray, progress: Progress | None) -> tuple[list[RequestResult], float]:
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     task_id = progress.add_task("requests", total=len(requests)) if progress else None
     start = time.perf_counter()
@@ -314,7 +314,7 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
     return metrics, results, result_dict(metrics, results, run_info)
 
 
-def run_serve_bench(cfg: ServeBenchConfig, console: Optional[Console] = None) -> dict[str, Any]:
+def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
     if cfg.plot_dir is not None:
