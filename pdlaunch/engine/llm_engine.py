@@ -298,7 +298,10 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs, self._admitted = self._admitted, []
+        if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
+            outputs, self._admitted = self._admitted, []
+            return outputs
+        outputs: list[RequestOutput] = []
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
