@@ -198,3 +198,16 @@ def test_n_4_moves_the_prompt_kv_once_and_equals_colocated(deployments: dict[str
         if name == "pd":
             assert transfer_count(deployments[name]) - before == 1
     assert answers[0] == answers[1] and len(set(answers[0])) > 1
+
+
+def test_n_2_streamed_chat_through_pd_equals_colocated(deployments: dict[str, Serve]) -> None:
+    texts = []
+    for name in ("pd", "colocated"):
+        client, model = chat_client(deployments[name])
+        streamed = ["", ""]
+        for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                                    max_tokens=8, temperature=1.0, seed=4, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.delta.content or ""
+        texts.append(streamed)
+    assert texts[0] == texts[1] and texts[0][0] != texts[0][1]
