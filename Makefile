@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 MOONCAKE_DEBS := libibverbs1 librdmacm1 libnuma1
 APT = $(shell command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo -n apt-get"; }; })
 
-.PHONY: venv demo-model test test-gpu serve smoke lint clean
+.PHONY: venv demo-model test test-fast test-gpu serve smoke lint clean
 
 $(BIN)/pdlaunch: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo-model: venv
 
 test: demo-model
 	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+# The inner loop: everything but the GPU tests and the ones marked slow (`make test` runs those too).
+test-fast: demo-model
+	$(BIN)/python -m pytest -q -m "not gpu and not slow" tests
 
 test-gpu: venv
 	$(BIN)/python -m pytest -q -m gpu tests

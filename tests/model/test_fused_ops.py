@@ -195,6 +195,7 @@ def test_write_kv_kernel_matches_reference(device: str, cache_dtype: torch.dtype
     assert not torch.equal(cache, before)
 
 
+@pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     pytest.importorskip("triton")
     if INTERPRET_AT_START:

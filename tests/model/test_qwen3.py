@@ -125,6 +125,7 @@ def _forbid(name: str):  # noqa: ANN202
     return fail
 
 
+@pytest.mark.slow
 def test_interpreter_case_in_a_subprocess() -> None:
     pytest.importorskip("triton")
     if INTERPRET_AT_START:

@@ -183,6 +183,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads() -
     assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx
 
 
+@pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     pytest.importorskip("triton")
     if INTERPRET_AT_START:

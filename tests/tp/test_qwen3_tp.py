@@ -13,6 +13,7 @@ from tests.tp.test_tp_pd import run_pd
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture,prefill_tp,decode_tp", [("qwen3_ckpt", 1, 2), ("llama32_ckpt", 2, 1)])
 def test_tp_pd_equals_colocated(fixture: str, prefill_tp: int, decode_tp: int, request: pytest.FixtureRequest) -> None:
     # P1/D2 splits each prefill block between the decode ranks; P2/D1 gathers one block from two ranks.

@@ -16,6 +16,7 @@ from tests.tp.conftest import MakeTPEngine
 DEATH_GUARD_S = 30.0  # only bounds a broken test; the engine fails on its next step
 
 
+@pytest.mark.slow
 def test_rank_engine_ids_all_equal_the_instance_engine_id(llama_ckpt, make_tp_engine: MakeTPEngine) -> None:  # type: ignore[no-untyped-def]
     # Workers start from their own fresh engine_id (as a rank on another node would): only the
     # broadcast from rank 0 makes them agree.

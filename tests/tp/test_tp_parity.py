@@ -12,6 +12,7 @@ from tests.tp.conftest import MakeTPEngine
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["llama_ckpt", "qwen2_ckpt", "one_kv_head_ckpt", "qwen3_tied_ckpt", "llama32_ckpt"])
 def test_tp2_greedy_matches_transformers(fixture: str, request: pytest.FixtureRequest,
                                          make_tp_engine: MakeTPEngine) -> None:

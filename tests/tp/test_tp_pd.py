@@ -32,6 +32,7 @@ def run_pd(prefill, decode, prompts: dict[str, list[int]]) -> dict[str, dict]:  
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 2), (1, 2), (2, 1)])
 def test_tp_pd_equals_colocated(llama_ckpt: Path, prefill_tp: int, decode_tp: int) -> None:
     # llama_ckpt has 2 KV heads: P1/D2 splits prefill's block between two decode ranks, P2/D1
@@ -46,6 +47,7 @@ def test_tp_pd_equals_colocated(llama_ckpt: Path, prefill_tp: int, decode_tp: in
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 2), (2, 1)])
 def test_tp_pd_replicated_kv_head_equals_colocated(one_kv_head_ckpt: Path, prefill_tp: int, decode_tp: int) -> None:
     # One KV head: the TP-2 side holds it on both ranks. P1/D2: both decode ranks read prefill
