@@ -52,8 +52,6 @@ KNOWN_UPWARD: dict[tuple[str, str], str] = {
         "PrefixNode identifies an evicted block; goes with the block bookkeeping move",
     ("pdlaunch.config.kv_connector_rules", "pdlaunch.kv_transfer.mooncake_engine"):
         "check-config asks whether Mooncake is installed; goes when that probe moves below kv_transfer/",
-    ("pdlaunch.kv_transfer.nixl_connector", "pdlaunch.engine.first_token"):
-        "first_token_ids() reads kv_transfer_params; goes when it moves into kv_transfer/params.py",
 }
 
 # Import cycles not broken yet, each with its way out. Same rule: fix, then delete here.

@@ -28,7 +28,9 @@ import torch
 
 from pdlaunch.engine.outputs import TokenLogprob
 from pdlaunch.engine.request import Request
-from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, FIRST_TOKEN_LOGPROBS, RETURN_FIRST_TOKEN
+from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, FIRST_TOKEN_LOGPROBS, RETURN_FIRST_TOKEN, first_token_ids
+
+__all__ = ["first_token_ids", "first_token_logprob", "skip_prefill_draw", "with_first_token"]
 
 _LOGPROB_FLOOR = -9999.0  # JSON (and the signature) cannot carry -inf
 
@@ -46,15 +48,6 @@ def with_first_token(answer: dict[str, Any] | None, request: Request,
             "top": [{"token_id": t, "logprob": _finite(lp)} for t, lp in logprob.top.items()],
         }]
     return answer
-
-
-def first_token_ids(kv_transfer_params: dict[str, Any] | None) -> list[int]:
-    """Decode: the prefill's sampled token(s) from validated params; only signed params are trusted
-    (unsigned push registrations never carry them: push_params.py drops unknown fields)."""
-    params = kv_transfer_params or {}
-    if not params.get("do_remote_prefill") or params.get("signature") is None:
-        return []
-    return list(params.get(FIRST_TOKEN_IDS) or [])
 
 
 def first_token_logprob(kv_transfer_params: dict[str, Any], token_id: int, wanted: int | None) -> TokenLogprob | None:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.first_token import first_token_ids
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, decode_notif
@@ -35,6 +34,7 @@ from pdlaunch.kv_transfer.handshake import (
 )
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
 from pdlaunch.kv_transfer.nixl_sender import PrefillSide
+from pdlaunch.kv_transfer.params import first_token_ids
 from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
 from pdlaunch.kv_transfer.side_channel import SideChannelServer

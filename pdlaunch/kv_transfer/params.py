@@ -153,6 +153,15 @@ class PrefillAnswer(_Strict):
         return self  # which fields a transfer needs is the connector's to say (nixl: _REQUIRED_PARAMS)
 
 
+def first_token_ids(kv_transfer_params: dict[str, Any] | None) -> list[int]:
+    """Decode: the prefill's sampled token(s) from validated params (engine/first_token.py). Only signed
+    params are trusted; unsigned push registrations never carry them (push_params.py drops unknown fields)."""
+    params = kv_transfer_params or {}
+    if not params.get("do_remote_prefill") or params.get(SIGNATURE_FIELD) is None:
+        return []
+    return list(params.get(FIRST_TOKEN_IDS) or [])
+
+
 def params_key(secret: str) -> bytes:
     return derive_key(secret, PARAMS_PURPOSE)
 
