@@ -21,8 +21,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "gpu-1p1d-single.ya
 def test_gpu_smoke_one_shared_gpu(tmp_path: Path) -> None:
     port = PortAllocator("127.0.0.1").free("smoke proxy")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdlaunch", "smoke", str(EXAMPLE), "--port", str(port),
-         "--log-dir", str(tmp_path / "logs")],
+        [sys.executable, "-m", "pdlaunch", "smoke", str(EXAMPLE), "--port", str(port), "--model", "tiny",
+         "--log-dir", str(tmp_path / "logs")],  # tiny: GPU hosts here cannot fetch the demo model from PyPI
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=600)
