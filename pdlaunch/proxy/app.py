@@ -7,11 +7,13 @@ transfer. A token that ends the request (or max_tokens 1) ends it at the prefill
 
 The calls to instances (deadlines, errors, relaying a stream) live in upstream.py; a leg refused by a
 dead instance is retried once on another (retry.py); /metrics adds every instance's series (federate.py).
+A list of prompts in /v1/completions becomes one PD request per prompt, merged (prompt_lists.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -30,6 +32,7 @@ from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
+from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import (
     continues_from_first_token,
@@ -133,6 +136,33 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             headers["Authorization"] = request.headers["authorization"]
         deadline = time.monotonic() + request_timeout_s
         watch = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            parts = None if chat or pool.colocated else split_prompts(body)
+            if parts is None:
+                return await _serve_one(path, chat, body, request_id, headers, deadline, watch)
+            return await _serve_prompts(path, parts, body, request_id, headers, deadline, watch)
+        finally:
+            watch.cancel()
+
+    async def _serve_prompts(path: str, parts: list[dict[str, Any]], body: dict[str, Any], request_id: str,
+                             headers: dict[str, str], deadline: float, watch: asyncio.Future[None]) -> Response:
+        """A list of prompts in PD: one PD request per prompt, concurrently, merged (prompt_lists.py)."""
+        n, response_id = body.get("n") or 1, f"cmpl-{request_id}"
+        calls = [_serve_one(path, False, part, f"{request_id}-{p}", {**headers, "X-Request-Id": f"{request_id}-{p}"},
+                            deadline, watch) for p, part in enumerate(parts)]
+        answers = await gather_legs(calls, _close_streams)
+        if any(a.status_code == CLIENT_CLOSED for a in answers):
+            await _close_streams(answers)
+            return Response(status_code=CLIENT_CLOSED)
+        if body.get("stream"):
+            merged = MergedStream(answers, n, response_id)
+            return ClosingStreamingResponse(merged.events(), on_close=merged.close,
+                                            headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
+        return JSONResponse(merge_answers([json.loads(a.body) for a in answers], n, response_id),
+                            headers={"X-Request-Id": request_id})
+
+    async def _serve_one(path: str, chat: bool, body: dict[str, Any], request_id: str, headers: dict[str, str],
+                         deadline: float, watch: asyncio.Future[None]) -> Response:
         held: tuple[Instance, dict[str, Any]] | None = None  # a prefill's KV waiting for our decode leg
 
         def release_held() -> None:
@@ -195,12 +225,21 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             release_held()  # the decode refused the request, failed, or could not be reached
             outcome = f"error {exc.status}"
             raise
+        except asyncio.CancelledError:
+            release_held()  # another prompt of the same request failed
+            outcome = "cancelled"
+            raise
         finally:
-            watch.cancel()
             log.debug("request %s %s via %s: %s", request_id, path, " -> ".join(legs) or "no instance", outcome)
 
     add_control_routes(app, pool, proxy.http, proxy.upstream_headers, request_timeout_s)
     return app
+
+
+async def _close_streams(answers: list[Response]) -> None:
+    for answer in answers:
+        if isinstance(answer, ClosingStreamingResponse):
+            await answer.close()
 
 
 async def _wait_disconnect(request: Request) -> None:

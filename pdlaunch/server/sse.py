@@ -60,3 +60,7 @@ class ClosingStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._on_close()
+
+    async def close(self) -> None:
+        """Run `on_close` for a response that is never sent (its body consumed elsewhere)."""
+        await self._on_close()

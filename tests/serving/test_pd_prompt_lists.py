@@ -1,0 +1,93 @@
+"""A list of prompts in /v1/completions through the PD proxy (proxy/prompt_lists.py), real `pdlaunch serve`
+processes with `--model tiny` on CPU: one PD request per prompt, merged into what a colocated instance
+answers (choices indexed prompt * n + sample, text, token ids, finish reasons, usage), whole or streamed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pdlaunch.server.sse import parse_sse
+from tests.serving.e2e import Serve
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["The capital of France is a city with", "Once upon a time in a small village", "Numbers: 1, 2, 3,"]
+SEEDED = {"temperature": 1.0, "seed": 77}
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
+    common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
+    started: dict[str, Serve] = {}
+    try:
+        started["pd"] = Serve(tmp_path_factory.mktemp("pd-lists"), [*common, "--prefill", "1", "--decode", "1"])
+        started["colocated"] = Serve(tmp_path_factory.mktemp("colocated-lists"), [*common, "--colocated"])
+        for serve in started.values():
+            serve.wait_ready()
+        yield started
+    finally:
+        for serve in started.values():
+            serve.stop()
+
+
+def _ask(serve: Serve, body: dict[str, Any]) -> dict[str, Any]:
+    """Choices by index (text, token ids, finish reason) and the token counts of usage; a streamed
+    answer is folded into the same shape."""
+    response = httpx.post(serve.url + "/v1/completions", timeout=180, json={
+        "model": "tiny", "return_token_ids": True, "max_tokens": 6, "ignore_eos": True, **body})
+    assert response.status_code == 200, response.text
+    choices: dict[int, dict[str, Any]] = {}
+    usage: dict[str, Any] | None = None
+    if body.get("stream"):
+        events = [json.loads(d) for d in parse_sse(response.content) if d != "[DONE]"]
+        assert parse_sse(response.content)[-1] == "[DONE]"
+        assert len({e["id"] for e in events}) == 1
+        assert sum(1 for e in events if e.get("usage")) == (1 if body.get("stream_options") else 0)
+    else:
+        answer = response.json()
+        assert [c["index"] for c in answer["choices"]] == list(range(len(answer["choices"])))
+        events = [answer]
+    for event in events:
+        assert "error" not in event, event
+        usage = event.get("usage") or usage
+        for c in event["choices"]:
+            folded = choices.setdefault(c["index"], {"text": "", "token_ids": [], "finish_reason": None})
+            folded["text"] += c["text"]
+            folded["token_ids"] += c.get("token_ids") or []
+            folded["finish_reason"] = c.get("finish_reason") or folded["finish_reason"]
+    counts = {k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")} if usage else None
+    return {"choices": dict(sorted(choices.items())), "usage": counts}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("body", [
+    {"prompt": PROMPTS, "temperature": 0.0},
+    {"prompt": PROMPTS, "n": 2, **SEEDED},
+    {"prompt": [[11, 12, 13, 14, 15, 16, 17, 18, 19], [21, 22, 23]], "best_of": 3, "n": 2, **SEEDED},
+], ids=["greedy", "n2-seeded", "token-ids-best-of"])
+def test_pd_prompt_list_equals_colocated(deployments: dict[str, Serve], body: dict[str, Any], stream: bool) -> None:
+    if stream and body.get("best_of"):
+        pytest.skip("best_of is not streamable (as in vLLM)")
+    body = {**body, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    pd, colocated = _ask(deployments["pd"], body), _ask(deployments["colocated"], body)
+    n = body.get("n", 1)
+    assert list(pd["choices"]) == list(range(len(body["prompt"]) * n))
+    assert pd == colocated
+    assert all(len(c["token_ids"]) == 6 for c in pd["choices"].values())
+    # Each prompt's choices come from that prompt: different prompts give different greedy texts.
+    if n == 1:
+        assert len({c["text"] for c in pd["choices"].values()}) == len(body["prompt"])
+
+
+def test_pd_prompt_list_refusal_names_the_field(deployments: dict[str, Serve]) -> None:
+    response = httpx.post(deployments["pd"].url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": PROMPTS, "max_tokens": 4, "n": 0})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n", response.text
+    response = httpx.post(deployments["pd"].url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": ["a"] * 65, "max_tokens": 4, "n": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
