@@ -43,6 +43,7 @@ class _SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
+    user: str | None = None  # the client's end-user id: no effect on the output (as in vLLM and OpenAI)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -48,6 +48,7 @@ CHAT_ONLY: dict[str, tuple[Any, ...]] = {
     "prediction": (),
     "web_search_options": (),
     "verbosity": (),
+    "structural_tag": (),
     "chat_template": (),  # as newer vLLM without --trust-request-chat-template: the server's template applies
 }
 

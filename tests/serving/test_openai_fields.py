@@ -21,6 +21,7 @@ ASKING: dict[str, Any] = {
     "functions": [{"name": "f"}], "function_call": "auto", "documents": [{"a": "b"}], "reasoning_effort": "low",
     "include_reasoning": True, "audio": {"voice": "x"}, "modalities": ["audio"], "prediction": {"type": "content"},
     "web_search_options": {}, "verbosity": "low", "chat_template": "{{ messages }}",
+    "structural_tag": "{}",
 }
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -1,0 +1,173 @@
+"""README's "### Request fields" table: every request field vLLM's OpenAI server accepts for completions
+and chat, each honoured (a field of our protocol models) or refused with a 400 (server/unsupported_fields.py).
+
+The table is generated from those lists: `python -m tests.test_readme_fields` prints it. The test fails
+when a vLLM field is neither modelled nor refused (it would be silently ignored), when a field is both,
+or when README's table is not the one the code gives.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.structured_fields import _UNSUPPORTED_OPTIONS
+from pdlaunch.server.unsupported_fields import _COMMON, CHAT_ONLY, COMPLETION_ONLY
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HEADING = "### Request fields"
+
+_BOTH = ("completions", "chat")
+# vLLM's CompletionRequest and ChatCompletionRequest (vllm/entrypoints/openai/protocol.py), in its order:
+# the OpenAI fields, then vLLM's sampling and extra parameters; newer vLLM adds structured_outputs and
+# return_token_ids. field -> the endpoints whose request has it.
+VLLM_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": _BOTH,
+    "prompt": ("completions",),
+    "prompt_embeds": ("completions",),
+    "suffix": ("completions",),
+    "messages": ("chat",),
+    "best_of": _BOTH,
+    "echo": _BOTH,
+    "frequency_penalty": _BOTH,
+    "logit_bias": _BOTH,
+    "logprobs": _BOTH,
+    "top_logprobs": ("chat",),
+    "max_tokens": _BOTH,
+    "max_completion_tokens": ("chat",),
+    "n": _BOTH,
+    "presence_penalty": _BOTH,
+    "response_format": _BOTH,
+    "seed": _BOTH,
+    "stop": _BOTH,
+    "stream": _BOTH,
+    "stream_options": _BOTH,
+    "temperature": _BOTH,
+    "top_p": _BOTH,
+    "tools": ("chat",),
+    "tool_choice": ("chat",),
+    "reasoning_effort": ("chat",),
+    "include_reasoning": ("chat",),
+    "parallel_tool_calls": ("chat",),
+    "user": _BOTH,
+    "use_beam_search": _BOTH,
+    "top_k": _BOTH,
+    "min_p": _BOTH,
+    "repetition_penalty": _BOTH,
+    "length_penalty": _BOTH,
+    "stop_token_ids": _BOTH,
+    "include_stop_str_in_output": _BOTH,
+    "ignore_eos": _BOTH,
+    "min_tokens": _BOTH,
+    "skip_special_tokens": _BOTH,
+    "spaces_between_special_tokens": _BOTH,
+    "truncate_prompt_tokens": _BOTH,
+    "prompt_logprobs": _BOTH,
+    "allowed_token_ids": _BOTH,
+    "bad_words": ("chat",),
+    "add_generation_prompt": ("chat",),
+    "continue_final_message": ("chat",),
+    "add_special_tokens": _BOTH,
+    "documents": ("chat",),
+    "chat_template": ("chat",),
+    "chat_template_kwargs": ("chat",),
+    "mm_processor_kwargs": ("chat",),
+    "guided_json": _BOTH,
+    "guided_regex": _BOTH,
+    "guided_choice": _BOTH,
+    "guided_grammar": _BOTH,
+    "structural_tag": ("chat",),
+    "guided_decoding_backend": _BOTH,
+    "guided_whitespace_pattern": _BOTH,
+    "structured_outputs": _BOTH,
+    "priority": _BOTH,
+    "request_id": _BOTH,
+    "logits_processors": _BOTH,
+    "return_tokens_as_token_ids": _BOTH,
+    "return_token_ids": _BOTH,
+    "cache_salt": _BOTH,
+    "kv_transfer_params": _BOTH,
+    "vllm_xargs": _BOTH,
+}
+
+# What an honoured field does not do (each is a 400 naming it), from the code where it has a list.
+NOTES: dict[str, str] = {
+    "prompt": "a list of prompts is a batch, colocated and through PD",
+    "echo": "completions: with `logprobs`, refused with 400 (no prompt logprobs)",
+    "stream_options": "`continuous_usage_stats` refused with 400",
+    "response_format": "type `structural_tag` refused with 400",
+    "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400",
+    "request_id": "send the `X-Request-Id` header instead",
+    "guided_decoding_backend": "llguidance is the backend we run",
+}
+
+_MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
+
+
+def _refused(endpoint: str) -> dict[str, tuple[Any, ...]]:
+    return {**_COMMON, **(CHAT_ONLY if endpoint == "chat" else COMPLETION_ONLY)}
+
+
+def status(field: str, endpoint: str) -> str:
+    """"honoured" or "refused with 400", or "-" where vLLM's request for `endpoint` has no such field."""
+    if endpoint not in VLLM_FIELDS[field]:
+        return "-"
+    refused = _refused(endpoint)
+    if field in refused:
+        neutral = ", ".join(dict.fromkeys(f"`{_json(v)}`" for v in refused[field]))
+        return "refused with 400" + (f" (passes at {neutral})" if neutral else "")
+    if field in _MODELS[endpoint].model_fields:
+        return "honoured"
+    return "IGNORED"  # neither modelled nor refused: the test below fails
+
+
+def render_table() -> str:
+    lines = ["| Field | Completions | Chat | Note |", "| --- | --- | --- | --- |"]
+    for field in VLLM_FIELDS:
+        note = NOTES.get(field, "")
+        lines.append(f"| `{field}` | {status(field, 'completions')} | {status(field, 'chat')} | {note} |")
+    return "\n".join(lines)
+
+
+def readme_table() -> str:
+    text = README.read_text()
+    start = text.index(HEADING)
+    rows: list[str] = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:  # the table ended
+            break
+    return "\n".join(rows)
+
+
+def _json(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).replace("'", '"').replace("()", "[]")
+
+
+@pytest.mark.parametrize("field", list(VLLM_FIELDS))
+def test_every_vllm_field_is_honoured_or_refused(field: str) -> None:
+    for endpoint in VLLM_FIELDS[field]:
+        modelled, refused = field in _MODELS[endpoint].model_fields, field in _refused(endpoint)
+        assert modelled != refused, f"{field} ({endpoint}): modelled={modelled}, refused={refused}"
+
+
+def test_readme_table_is_the_one_the_code_gives() -> None:
+    assert HEADING in README.read_text(), f"README.md has no {HEADING!r} subsection"
+    table = readme_table()
+    assert [re.match(r"\| `([a-z_]+)`", row).group(1) for row in table.splitlines()[2:]] == list(VLLM_FIELDS)
+    assert table == render_table(), "regenerate with: python -m tests.test_readme_fields"
+
+
+if __name__ == "__main__":
+    print(render_table())
