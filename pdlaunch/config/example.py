@@ -22,7 +22,7 @@ cache:
   block_size: 16                 # tokens per KV block: 8, 16, 32, 64 or 128
   gpu_memory_utilization: 0.9    # fraction of each GPU an instance may use
   enable_prefix_caching: true
-  cpu_offload_gb: 0              # CPU tier for offloaded KV blocks, GiB (0 = off)
+  kv_offload_gb: 0               # CPU tier for offloaded KV blocks, GiB (0 = off)
   cpu_kv_cache_gb: 1.0           # KV cache budget per instance when running on CPU, GiB
 
 scheduler:

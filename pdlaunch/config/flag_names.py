@@ -7,10 +7,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pdlaunch.config.flags import FLAG_PATHS
+from pdlaunch.config.flags import SERVE_FLAGS
 from pdlaunch.config.problems import Problem
 
-FLAG_FOR_PATH = {path: "--" + name.replace("_", "-") for name, path in FLAG_PATHS.items()}
+# The canonical flag of each path (`--tp`, not `--tensor-parallel-size`): what a problem names when the
+# overrides do not say which spelling set the value.
+FLAG_FOR_PATH: dict[str, str] = {}
+for _flag in SERVE_FLAGS:
+    if _flag.refused is None:
+        FLAG_FOR_PATH.setdefault(_flag.path, _flag.option)
 ROLE_PATH = re.compile(r"^instances\[(prefill|decode|colocated)\]\.(\w+)$")
 
 
@@ -20,10 +25,12 @@ def _role(group: Any) -> Any:
 
 def flag_fields(overrides: dict[str, Any], groups: Any) -> dict[str, str]:
     """Config path -> the flag that set it. `groups` is the instance list the overrides landed in
-    (raw dicts or models), which turns `instances[prefill].count` into `instances[<i>].count`."""
+    (raw dicts or models), which turns `instances[prefill].count` into `instances[<i>].count`. The flag
+    is the spelling the user typed where the overrides recorded it (`Overrides.flags`)."""
+    typed: dict[str, str] = getattr(overrides, "flags", {})
     fields: dict[str, str] = {}
     for path in overrides:
-        flag = FLAG_FOR_PATH.get(path)
+        flag = typed.get(path) or FLAG_FOR_PATH.get(path)
         if flag is None:
             continue
         role = ROLE_PATH.match(path)

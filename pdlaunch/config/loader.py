@@ -2,6 +2,9 @@
 
 Precedence: flags override the file, the file overrides the model defaults. Override keys are the
 dotted paths of `pdlaunch.config.flags.FLAG_PATHS`, plus `instances[<role>].count`.
+
+`cache.cpu_offload_gb` (before it became `cache.kv_offload_gb`, since vLLM's `--cpu-offload-gb`
+offloads weights) is still read from a file, with a warning, and problems about it name the old key.
 """
 
 from __future__ import annotations
@@ -21,6 +24,28 @@ from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+RENAMED_KEYS = {"cache.cpu_offload_gb": "cache.kv_offload_gb"}  # old YAML key -> its name now
+
+
+def rename_old_keys(raw: dict[str, Any]) -> tuple[dict[str, str], list[Problem]]:
+    """Move each old key of `raw` (in place) to its new name. Returns new path -> old path, for naming
+    problems after what the file says, and a problem where a file has both."""
+    renamed: dict[str, str] = {}
+    problems: list[Problem] = []
+    for old, new in RENAMED_KEYS.items():
+        section, old_key = old.split(".")
+        new_key = new.split(".")[1]
+        node = raw.get(section)
+        if not isinstance(node, dict) or old_key not in node:
+            continue
+        if new_key in node:
+            problems.append(problem(old, f"given together with {new}, its new name", f"keep only `{new_key}`"))
+            continue
+        logger.warning("warning: %s: renamed %s (vLLM's cpu_offload_gb offloads weights); read as %s",
+                       old, new, new)
+        node[new_key] = node.pop(old_key)
+        renamed[new] = old
+    return renamed, problems
 
 
 def _set_role_field(raw: dict[str, Any], role: str, key: str, value: Any, flag: str) -> list[Problem]:
@@ -47,8 +72,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Prob
     problems: list[Problem] = []
     # Plain paths first: `instances[<role>]` defaults depend on `colocated`, which may itself be a flag.
     ordered = sorted(overrides.items(), key=lambda item: bool(ROLE_PATH.match(item[0])))
+    typed: dict[str, str] = getattr(overrides, "flags", {})
     for path, value in ordered:
-        flag = FLAG_FOR_PATH.get(path, path)
+        flag = typed.get(path) or FLAG_FOR_PATH.get(path, path)
         role_match = ROLE_PATH.match(path)
         if role_match:
             problems += _set_role_field(raw, role_match.group(1), role_match.group(2), value, flag)
@@ -74,8 +100,9 @@ def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentC
     """Parse and type-check a deployment (no host checks). Raises ConfigError listing every problem."""
     raw = read_yaml(path) if path is not None else {}
     raw = copy.deepcopy(raw)
-    problems = apply_overrides(raw, overrides)
-    flags = flag_fields(overrides, raw.get("instances"))
+    renamed, problems = rename_old_keys(raw)
+    problems = list(getattr(overrides, "problems", [])) + problems + apply_overrides(raw, overrides)
+    flags = {**renamed, **flag_fields(overrides, raw.get("instances"))}
     try:
         cfg = DeploymentConfig.model_validate(raw)
     except ValidationError as exc:

@@ -51,7 +51,8 @@ class CacheConfig(StrictModel):
     block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of device memory an instance may use.")
     num_gpu_blocks: int | None = Field(None, gt=0, description="Override the profiled KV block count.")
-    cpu_offload_gb: float = Field(0.0, ge=0, description="CPU tier for offloaded KV blocks, GiB; 0 = off.")
+    kv_offload_gb: float = Field(0.0, ge=0, description="CPU tier for KV blocks evicted from the GPU prefix cache, "
+                                 "GiB; 0 = off. Was `cpu_offload_gb` (still read, with a warning).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
     cpu_kv_cache_gb: float = Field(1.0, gt=0, description="KV cache budget when running on CPU, GiB.")
 

@@ -148,16 +148,16 @@ class LLMEngine:
         return create_connector(config, instance)
 
     def _create_offload(self, config: DeploymentConfig) -> OffloadManager | None:
-        """The CPU tier for KV blocks evicted from the prefix cache (cache.cpu_offload_gb > 0)."""
-        if config.cache.cpu_offload_gb <= 0:
+        """The CPU tier for KV blocks evicted from the prefix cache (cache.kv_offload_gb > 0)."""
+        if config.cache.kv_offload_gb <= 0:
             return None
         if not config.cache.enable_prefix_caching:
             raise EngineError("KV offload needs prefix caching (blocks are found again by prefix)",
-                              field="cache.cpu_offload_gb", hint="enable prefix caching or set --cpu-offload-gb 0")
+                              field="cache.kv_offload_gb", hint="enable prefix caching or set --kv-offload-gb 0")
         if self.tp_size != 1:
             raise EngineError(f"KV offload runs with tensor-parallel size 1, got {self.tp_size}",
-                              field="cache.cpu_offload_gb", hint="set --cpu-offload-gb 0 or --tp 1")
-        return OffloadManager(self.block_manager, lambda: self.runner.kv_caches, config.cache.cpu_offload_gb)
+                              field="cache.kv_offload_gb", hint="set --kv-offload-gb 0 or --tp 1")
+        return OffloadManager(self.block_manager, lambda: self.runner.kv_caches, config.cache.kv_offload_gb)
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return kv_cache_spec(self.checkpoint, self.runner)  # rank 0's slice under TP

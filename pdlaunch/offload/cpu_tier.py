@@ -35,8 +35,8 @@ class CPUTier:
                  pin_memory: bool) -> None:
         """`block_shapes[g]`: the device cache's shape without its leading num_blocks dimension."""
         if num_blocks <= 0:
-            raise EngineError(f"the CPU offload tier would hold {num_blocks} blocks", field="cache.cpu_offload_gb",
-                              hint="raise --cpu-offload-gb to at least one KV block, or 0 to turn offload off")
+            raise EngineError(f"the CPU offload tier would hold {num_blocks} blocks", field="cache.kv_offload_gb",
+                              hint="raise --kv-offload-gb to at least one KV block, or 0 to turn offload off")
         self.num_blocks = num_blocks
         self.caches = [torch.zeros(num_blocks, *shape, dtype=dtype, pin_memory=pin_memory) for shape in block_shapes]
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))

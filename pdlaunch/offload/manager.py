@@ -49,11 +49,11 @@ class _JobInfo:
 
 class OffloadManager:
     def __init__(self, block_manager: BlockManager, gpu_caches: Callable[[], Sequence[torch.Tensor]],
-                 cpu_offload_gb: float) -> None:
+                 kv_offload_gb: float) -> None:
         caches = list(gpu_caches())
         shapes = [tuple(c.shape[1:]) for c in caches]
         dtype = caches[0].dtype
-        num_blocks = int(cpu_offload_gb * 2**30) // CPUTier.bytes_per_block(shapes, dtype)
+        num_blocks = int(kv_offload_gb * 2**30) // CPUTier.bytes_per_block(shapes, dtype)
         self.block_manager = block_manager
         self.gpu_caches = gpu_caches
         self.tier = CPUTier(num_blocks, shapes, dtype, pin_memory=caches[0].device.type == "cuda")
@@ -170,7 +170,7 @@ class OffloadManager:
             if not result.success:
                 if not info.store:
                     raise EngineError(f"loading KV blocks from the CPU tier failed: {result.error}",
-                                      field="cache.cpu_offload_gb", hint="restart the instance; see the log")
+                                      field="cache.kv_offload_gb", hint="restart the instance; see the log")
                 log.error("storing KV blocks to the CPU tier failed: %s", result.error)
                 for entry in info.entries:
                     self.tier.drop(entry)

@@ -31,7 +31,7 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
     ("tp-string", "parallel: {tp: two}\n", CPU, "parallel.tp"),
     ("gpu-util-above-1", "cache: {gpu_memory_utilization: 1.5}\n", CPU, "cache.gpu_memory_utilization"),
     ("gpu-util-nan", "cache: {gpu_memory_utilization: .nan}\n", CPU, "cache.gpu_memory_utilization"),
-    ("offload-negative", "cache: {cpu_offload_gb: -1}\n", CPU, "cache.cpu_offload_gb"),
+    ("offload-negative", "cache: {kv_offload_gb: -1}\n", CPU, "cache.kv_offload_gb"),
     ("node-missing-address", "parallel: {nodes: [{devices: [0]}]}\n", CPU, "parallel.nodes[0].address"),
     ("lease-zero", "kv_transfer: {kv_lease_seconds: 0}\n", CPU, "kv_transfer.kv_lease_seconds"),
     ("bad-connector", "kv_transfer: {connector: redis}\n", CPU, "kv_transfer.connector"),
@@ -73,7 +73,7 @@ CORPUS: list[tuple[str, str | None, list[str], str]] = [
     ("flag-target-half", None, ["--model", "tiny", "--target-gpus", "2"], "--target-gpu-memory"),
     ("flag-missing-file", None, ["/nonexistent/deploy.yaml", *CPU], "config"),
     ("flag-config-unknown-user-home", None, ["~nosuchuser-pdlaunch/deploy.yaml", *CPU], "config"),
-    ("flag-config-is-directory", None, ["/", *CPU], "config"),
+    ("flag-directory-is-a-second-model", None, ["/", *CPU], "MODEL"),  # a directory positional is the model
     ("flag-model-unknown-user-home", None, ["--model", "~nosuchuser-pdlaunch/m", "--device", "cpu"], "--model"),
 ]
 

@@ -18,7 +18,7 @@ from tests.helpers.checkpoints import hf_greedy
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 # block_size 4 with window 6: the sliding group keeps only the last 2-3 blocks, so loads start
 # its device blocks at a later (and not block-aligned) logical index than the full group's.
-OPTIONS = {"block_size": 4, "num_gpu_blocks": 12, "cpu_offload_gb": 0.001, "max_num_batched_tokens": 16}
+OPTIONS = {"block_size": 4, "num_gpu_blocks": 12, "kv_offload_gb": 0.001, "max_num_batched_tokens": 16}
 
 
 def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
@@ -87,7 +87,7 @@ def test_mixed_prefixes_match_transformers(hybrid_ckpt: Path, make_engine: MakeE
 
 def test_cpu_tier_lru_eviction_keeps_engine_consistent(hybrid_ckpt: Path, make_engine: MakeEngine) -> None:
     """A CPU tier of 8 blocks overflows: old blocks leave it LRU-first, nothing breaks, outputs stay right."""
-    opts = dict(OPTIONS, cpu_offload_gb=8 * 4096 / 2**30)  # 4 KiB per block in every group together
+    opts = dict(OPTIONS, kv_offload_gb=8 * 4096 / 2**30)  # 4 KiB per block in every group together
     engine = make_engine(hybrid_ckpt, **opts)
     assert engine.offload is not None and engine.offload.tier.num_blocks == 8
     prompts = _prompts([30, 29, 28, 31, 30], seed=31)
@@ -101,4 +101,4 @@ def test_cpu_tier_lru_eviction_keeps_engine_consistent(hybrid_ckpt: Path, make_e
 def test_offload_needs_prefix_caching(hybrid_ckpt: Path, make_engine: MakeEngine) -> None:
     with pytest.raises(EngineError, match="prefix caching") as info:
         make_engine(hybrid_ckpt, **OPTIONS, enable_prefix_caching=False)
-    assert info.value.field == "cache.cpu_offload_gb"
+    assert info.value.field == "cache.kv_offload_gb"
