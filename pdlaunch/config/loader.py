@@ -98,10 +98,15 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Prob
 
 def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentConfig:
     """Parse and type-check a deployment (no host checks). Raises ConfigError listing every problem."""
-    raw = read_yaml(path) if path is not None else {}
+    command_line: list[Problem] = list(getattr(overrides, "problems", []))
+    try:
+        raw = read_yaml(path) if path is not None else {}
+    except ConfigError as exc:
+        exc.problems[:0] = command_line
+        raise
     raw = copy.deepcopy(raw)
     renamed, problems = rename_old_keys(raw)
-    problems = list(getattr(overrides, "problems", [])) + problems + apply_overrides(raw, overrides)
+    problems = command_line + problems + apply_overrides(raw, overrides)
     flags = {**renamed, **flag_fields(overrides, raw.get("instances"))}
     try:
         cfg = DeploymentConfig.model_validate(raw)
