@@ -99,9 +99,11 @@ def test_kv_offload_gb_and_the_old_yaml_key(tmp_path: Path, caplog: pytest.LogCa
     (["--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_ip": "10.0.0.1"}'],
      "--kv-transfer-config", "kv_ip has no pdlaunch equivalent; the KV handshake address is "
      "`kv_transfer.side_channel_host`"),
-    (["--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_connector_extra_config": {"backends": ["GDS"]}}'],
+    (["--kv-transfer-config", json.dumps({"kv_connector": "NixlConnector",
+                                          "kv_connector_extra_config": {"backends": ["GDS"]}})],
      "--kv-transfer-config", "UCX backend only"),
-    (["--kv-transfer-config", '{"kv_connector": "MooncakeConnector", "kv_connector_extra_config": {"device_name": "x"}}'],
+    (["--kv-transfer-config", json.dumps({"kv_connector": "MooncakeConnector",
+                                          "kv_connector_extra_config": {"device_name": "x"}})],
      "--kv-transfer-config", "kv_connector_extra_config.device_name has no pdlaunch equivalent"),
     (["--kv-transfer-config", "{kv_connector: NixlConnector}"], "--kv-transfer-config", "not valid JSON"),
     (["--kv-transfer-config", '{"kv_load_failure_policy": "retry"}'], "--kv-transfer-config", "recompute"),
