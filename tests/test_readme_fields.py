@@ -97,7 +97,8 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
 # What an honoured field does not do (each is a 400 naming it), from the code where it has a list.
 NOTES: dict[str, str] = {
     "prompt": "a list of prompts is a batch, colocated and through PD",
-    "echo": "completions: with `logprobs`, refused with 400 (no prompt logprobs)",
+    "echo": "completions: with `logprobs` the prompt's logprobs lead; refused with 400 through PD and with stream",
+    "prompt_logprobs": "refused with 400 with stream (as vLLM); through PD the prefill computes them",
     "stream_options": "`continuous_usage_stats` refused with 400",
     "response_format": "type `structural_tag` refused with 400",
     "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400",

@@ -22,6 +22,8 @@ from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, sk
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
+from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler
 from pdlaunch.engine.scheduler import Scheduler
@@ -314,6 +316,9 @@ class LLMEngine:
         if sched.scheduled:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
             logits = self.executor.execute(sched.scheduled, self.block_manager)
+            if self.executor.runner.prompt_logprobs is not None:
+                distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
+                                           self.executor.runner.prompt_logprobs)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
             sampled = self.sampler(logits, self.outputs.sample_rows(sampling)) if sampling else None
             self.scheduler.after_step(sched)
@@ -324,8 +329,11 @@ class LLMEngine:
                     if reason is not None:
                         kv_params = self._sign(with_first_token(self.scheduler.finish_request(request, reason),
                                                                 request, logprob))
-                    outputs.append(self.outputs.output(request.request_id, [token_id], new_text,
-                                                       [logprob] if logprob is not None else None, kv_params))
+                    out = self.outputs.output(request.request_id, [token_id], new_text,
+                                              [logprob] if logprob is not None else None, kv_params)
+                    if request.wants_prompt_logprobs:
+                        out.prompt_logprobs = take_prompt_logprobs(request)
+                    outputs.append(out)
         elif self.scheduler.waiting_for_kv:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
         self._update_metrics()

@@ -20,6 +20,8 @@ import torch
 from pdlaunch.config.models import CacheConfig, SchedulerConfig
 from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
+from pdlaunch.engine.prompt_logprobs import PromptLogprobsOut, PromptRows, prompt_rows
+from pdlaunch.engine.prompt_logprobs import compute as compute_prompt_logprobs
 from pdlaunch.engine.scheduler import ScheduledRequest
 from pdlaunch.engine.step_inputs import StepInputs
 from pdlaunch.errors import EngineError
@@ -77,6 +79,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.allocate_kv_caches()
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
+        self.prompt_logprobs: PromptLogprobsOut | None = None  # of the last step run
 
     # -- KV cache --------------------------------------------------------------------------------
     @property
@@ -220,10 +223,12 @@ class ModelRunner:
             block_tables.append(bt)
         query_lens = [s.num_new_tokens for s in scheduled]
         last = list(itertools.accumulate(query_lens, initial=-1))[1:]  # last token row of each request
+        prompt = prompt_rows([(s.request, s.start, s.end) for s in scheduled])
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long), positions=positions, query_lens=query_lens,
             context_lens=[s.start for s in scheduled], slot_mapping=slot_mapping, block_tables=block_tables,
             sample_rows=[t for t, s in zip(last, scheduled) if s.needs_sample],
+            prompt_rows=prompt.rows, prompt_targets=prompt.targets, prompt_top_k=prompt.top_k,
         )
 
     def _prepare_one_token_each(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
@@ -251,11 +256,13 @@ class ModelRunner:
             for i, t in enumerate(tables[g]):
                 table_array[i, :len(t)] = t
             block_tables.append(torch.from_numpy(table_array))
+        prompt = prompt_rows([(s.request, s.start, s.end) for s in scheduled])
         return StepInputs(
             input_ids=torch.tensor([s.request.all_token_ids[s.start] for s in scheduled], dtype=torch.long),
             positions=torch.tensor(positions, dtype=torch.long), query_lens=[1] * n, context_lens=positions,
             slot_mapping=[torch.tensor(x, dtype=torch.long) for x in slots], block_tables=block_tables,
             sample_rows=[i for i, s in enumerate(scheduled) if s.needs_sample],
+            prompt_rows=prompt.rows, prompt_targets=prompt.targets, prompt_top_k=prompt.top_k,
         )
 
     def prepare(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
@@ -270,9 +277,11 @@ class ModelRunner:
         """Forward one step on this rank's shard; float32 logits [len(sample_rows), V].
 
         Under TP every rank calls this with the same inputs (the forward's collectives pair up);
-        only rank 0's logits are sampled.
+        only rank 0's logits are sampled. The step's prompt logprobs (engine/prompt_logprobs.py) are left
+        in `self.prompt_logprobs` (None when no request asked).
         """
-        batch = self.graphs.batch_size_for(inputs) if self.graphs is not None else None
+        self.prompt_logprobs = None
+        batch = self.graphs.batch_size_for(inputs) if self.graphs is not None and not inputs.prompt_rows else None
         if self.graphs is not None and batch is not None:
             logits = self.graphs.run(inputs, batch, self._graph_forward)
             if inputs.sample_rows == list(range(len(inputs.query_lens))):
@@ -281,6 +290,9 @@ class ModelRunner:
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
         ids, positions = to_device_async(inputs.input_ids, self.device), to_device_async(inputs.positions, self.device)
         hidden = self.model(ids, positions, attn, self.kv_caches)
+        if inputs.prompt_rows:
+            rows = PromptRows(inputs.prompt_rows, inputs.prompt_targets, inputs.prompt_top_k)
+            self.prompt_logprobs = compute_prompt_logprobs(self.model.compute_logits, hidden, rows)
         if not inputs.sample_rows:
             return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
         return self.model.compute_logits(hidden[to_device_async(torch.tensor(inputs.sample_rows), self.device)])

@@ -42,6 +42,7 @@ class SamplingParams(BaseModel):
                                                                             max_length=MAX_STOPS)
     ignore_eos: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)  # top-n alternatives per token; 0 = chosen token only
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # the same for prompt tokens (engine/prompt_logprobs.py)
     # vLLM's ranges (vllm/sampling_params.py _verify_args).
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -104,6 +105,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: dict[int, float] = field(default_factory=dict)  # top-n alternatives, token_id -> logprob
+    rank: int | None = None  # 1 + how many tokens are more likely (set for prompt tokens)
 
 
 @dataclass
@@ -123,6 +125,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache or remote KV)
     kv_transfer_params: dict[str, Any] | None = None  # prefill side: what decode needs
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when asked (None first)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.engine.outputs import SamplingParams, TokenLogprob
 
 
 class RequestStatus(enum.Enum):
@@ -40,10 +40,17 @@ class Request:
     error: str | None = None
     error_status: int = 500
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    # position -> logprob of the prompt token there, filled chunk by chunk (engine/prompt_logprobs.py)
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
 
     @property
     def num_tokens(self) -> int:

@@ -258,8 +258,10 @@ class Scheduler:
                 if not bm.allocate(rid, start + n, start):
                     break
             else:
-                hit = bm.match_prefix(request.all_token_ids, request.num_tokens - 1)
-                cpu_hit = self.offload.match(request.all_token_ids, hit, request.num_tokens - 1) \
+                # Prompt logprobs need every prompt position computed here: no prefix hit (as vLLM).
+                usable = 0 if request.wants_prompt_logprobs else request.num_tokens - 1
+                hit = bm.match_prefix(request.all_token_ids, usable)
+                cpu_hit = self.offload.match(request.all_token_ids, hit, usable) \
                     if self.offload is not None else None
                 start = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
                 n = min(request.num_tokens - start, budget)

@@ -6,7 +6,7 @@ depend on it instead of on each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,3 +22,7 @@ class StepInputs:
     slot_mapping: list[torch.Tensor]  # per KV-cache group, [T] long
     block_tables: list[torch.Tensor]  # per KV-cache group, [N, max_blocks] long, -1 padded
     sample_rows: list[int]  # token rows whose logits are returned, in order
+    # Rows whose logits give prompt logprobs (engine/prompt_logprobs.py), with the tokens they predict.
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top_k: int = 0

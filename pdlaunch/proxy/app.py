@@ -41,6 +41,8 @@ from pdlaunch.proxy.translate import (
     kv_params_of,
     parse_client_body,
     prefill_body,
+    refuse_in_pd,
+    with_prompt_logprobs,
     without_kv_params,
 )
 from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy
@@ -137,6 +139,8 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         deadline = time.monotonic() + request_timeout_s
         watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
+            if not pool.colocated:
+                refuse_in_pd(body, chat)
             parts = None if chat or pool.colocated else split_prompts(body)
             if parts is None:
                 return await _serve_one(path, chat, body, request_id, headers, deadline, watch)
@@ -164,6 +168,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     async def _serve_one(path: str, chat: bool, body: dict[str, Any], request_id: str, headers: dict[str, str],
                          deadline: float, watch: asyncio.Future[None]) -> Response:
         held: tuple[Instance, dict[str, Any]] | None = None  # a prefill's KV waiting for our decode leg
+        prefill_answer: Any = None
 
         def release_held() -> None:
             if held is not None:
@@ -187,6 +192,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     outcome = "client closed"
                     return Response(status_code=CLIENT_CLOSED)
                 prefill, answer = result
+                prefill_answer = answer
                 legs.append(prefill.name)
                 proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
                 held = (prefill, kv_params_of(prefill, answer))
@@ -220,7 +226,10 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 return Response(status_code=CLIENT_CLOSED)
             legs.append(result[0].name)
             outcome = "ok"
-            return JSONResponse(result[1], headers={"X-Request-Id": request_id})
+            answer = result[1]
+            if prefill_answer is not None and body.get("prompt_logprobs") is not None:
+                answer = with_prompt_logprobs(answer, prefill_answer, chat)
+            return JSONResponse(answer, headers={"X-Request-Id": request_id})
         except OpenAIError as exc:
             release_held()  # the decode refused the request, failed, or could not be reached
             outcome = f"error {exc.status}"

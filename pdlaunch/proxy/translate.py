@@ -60,8 +60,29 @@ def without_kv_params(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
-    """The decode leg: the client's request unchanged plus where its KV lies."""
-    return {**body, "kv_transfer_params": kv_transfer_params}
+    """The decode leg: the client's request plus where its KV lies. Without prompt_logprobs: the decode
+    loads the prompt's KV and never computes its logits; the prefill's answer carries them."""
+    return {**{k: v for k, v in body.items() if k != "prompt_logprobs"}, "kv_transfer_params": kv_transfer_params}
+
+
+def refuse_in_pd(body: dict[str, Any], chat: bool) -> None:
+    """echo with logprobs puts the prompt's logprobs inside each choice's logprobs, which the decode
+    (that has no prompt logits) builds: refused in PD; prompt_logprobs alone are taken from the prefill."""
+    if not chat and body.get("echo") and body.get("logprobs") is not None:
+        raise OpenAIError(400, "echo with logprobs is not available through PD (the decode never computes the "
+                               "prompt); send prompt_logprobs, or ask a colocated deployment", param="echo")
+
+
+def with_prompt_logprobs(answer: Any, prefill_answer: Any, chat: bool) -> Any:
+    """The decode's whole answer with the prompt logprobs the prefill computed: top-level for chat,
+    in every choice for completions (vLLM's places)."""
+    if not isinstance(answer, dict) or not isinstance(prefill_answer, dict):
+        return answer
+    if chat:
+        return {**answer, "prompt_logprobs": prefill_answer.get("prompt_logprobs")}
+    first = (prefill_answer.get("choices") or [{}])[0]
+    prompt = first.get("prompt_logprobs") if isinstance(first, dict) else None
+    return {**answer, "choices": [{**c, "prompt_logprobs": prompt} for c in answer.get("choices", [])]}
 
 
 def kv_params_of(instance: Instance, response_json: Any) -> dict[str, Any]:

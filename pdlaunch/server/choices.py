@@ -10,7 +10,7 @@ Seeds: sample i of a seeded request uses seed + i (vLLM's rule), so every sample
 whole answer is reproducible. best_of: best_of samples are generated and the n with the highest
 cumulative logprob are returned (not streamable, as in vLLM). Choices are indexed as OpenAI does:
 prompt p, sample i -> index p * n + i. echo (completions): the prompt's text precedes each
-choice's text; prompt logprobs are not computed, so echo with logprobs is refused in protocol.py.
+choice's text, and with logprobs the prompt's logprobs (engine/prompt_logprobs.py) precede its logprobs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.errors import OpenAIError
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
@@ -57,6 +57,7 @@ class MultiChoice:
         self.engine_loop, self.prompts, self.n, self.best_of = engine_loop, prompts, n, best_of
         self.kv_transfer_params = kv_transfer_params
         self.keep_logprobs = params.logprobs is not None
+        self.prompt_ids: list[list[int]] = []
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
         self.choices = [
@@ -72,6 +73,7 @@ class MultiChoice:
         """Tokenize, submit every choice (the first of each prompt first) and await their acceptance."""
         engine = self.engine_loop.engine
         ids = [await prompt_token_ids(engine.tokenizer, p, engine.max_model_len) for p in self.prompts]
+        self.prompt_ids = ids
         firsts = [c for c in self.choices if c.index % self.best_of == 0]
         for c in firsts:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, self.kv_transfer_params)
@@ -109,6 +111,12 @@ class MultiChoice:
             if not self.keep_logprobs:
                 c.builder.logprobs = None
             c.builder.text = c.echo_text + c.builder.text
+            if c.echo_text and self.keep_logprobs and c.builder.prompt_logprobs is not None:
+                # echo with logprobs: the prompt's tokens lead the choice's logprobs (vLLM's shape).
+                first = TokenLogprob(self.prompt_ids[c.prompt_index][0], 0.0)
+                prompt = [lp for lp in c.builder.prompt_logprobs[1:] if lp is not None]
+                c.builder.logprobs = [first, *prompt, *(c.builder.logprobs or [])]
+                c.builder.echo_logprobs = True
             bodies.append(c.builder.response())
         body = bodies[0]
         body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]

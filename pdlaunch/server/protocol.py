@@ -73,6 +73,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    prompt_logprobs: int | None = None  # engine/prompt_logprobs.py; completions' echo + logprobs asks too
     return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
 
     chat: ClassVar[bool] = False
@@ -92,11 +93,24 @@ class _SamplingFields(BaseModel):
                   "grammar": self.guided_grammar}
         return structured_output_of(self.response_format, self.structured_outputs, guided)
 
+    def _check_prompt_logprobs(self, asked: int | None, field: str) -> None:
+        """Prompt logprobs come whole with the first output: not streamed (as vLLM refuses them with
+        stream), and not on a PD decode, which loads the prompt's KV instead of computing it."""
+        if asked is None:
+            return
+        if self.stream:
+            raise OpenAIError(400, f"{field}: prompt logprobs are not available when stream=true", param=field)
+        if (self.kv_transfer_params or {}).get("do_remote_prefill"):
+            raise OpenAIError(400, f"{field}: prompt logprobs are computed where the prompt is; a PD decode loads "
+                                   "its KV (ask a colocated instance)", param=field)
+
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None,
+                  prompt_logprobs: int | None = None) -> SamplingParams:
         values: dict[str, Any] = {
+            "prompt_logprobs": prompt_logprobs,
             "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -137,9 +151,9 @@ class CompletionRequest(_SamplingFields):
                               param="best_of")
         if self.best_of is not None and self.best_of > self.n and self.stream:
             raise OpenAIError(400, "best_of > n cannot be streamed", param="best_of")
+        self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
         if self.echo and self.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
-                              param="echo")
+            self._check_prompt_logprobs(self.logprobs, "echo")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -169,7 +183,9 @@ class CompletionRequest(_SamplingFields):
         return prompt[0]  # type: ignore[return-value]
 
     def sampling_params(self) -> SamplingParams:
-        return self._sampling(self.max_tokens, self.logprobs)
+        # vLLM's rule: echo with logprobs asks for as many prompt logprobs as for output tokens.
+        asked = self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
+        return self._sampling(self.max_tokens, self.logprobs, asked)
 
 
 class ChatMessage(BaseModel):
@@ -223,7 +239,8 @@ class ChatCompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(max_tokens, logprobs)
+        self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
+        return self._sampling(max_tokens, logprobs, self.prompt_logprobs)
 
     def template_messages(self) -> ChatPrompt:
         calling = self.tool_calling()

@@ -32,6 +32,8 @@ class ResponseBuilder:
     finish_reason: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # vLLM's prompt_logprobs (first entry None)
+    echo_logprobs: bool = False  # `logprobs` starts with the echoed prompt: its first token has none
     tool_calling: ToolCalling | None = None  # chat with tools (server/tool_calls.py)
     _text_offset: int = 0
     _sent_role: bool = False
@@ -46,6 +48,8 @@ class ResponseBuilder:
         self.num_cached_tokens = out.num_cached_tokens
         if out.new_logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason = out.finish_reason
             self.kv_transfer_params = out.kv_transfer_params
@@ -63,8 +67,10 @@ class ResponseBuilder:
         if self.endpoint == "completion":
             choice: dict[str, Any] = {
                 "index": 0, "text": self.text, "finish_reason": self.finish_reason,
-                "logprobs": self._completion_logprobs(self.logprobs, 0),
+                "logprobs": self._completion_logprobs(self.logprobs, 0, self.echo_logprobs),
             }
+            if self.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
             obj = "text_completion"
         else:
             message: dict[str, Any] = {"role": "assistant", "content": self.text}
@@ -82,6 +88,8 @@ class ResponseBuilder:
             choice["token_ids"] = self.output_token_ids
         body = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage()}
+        if self.endpoint == "chat" and self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
         if self.kv_transfer_params is not None:
             body["kv_transfer_params"] = self.kv_transfer_params
         return body
@@ -147,7 +155,9 @@ class ResponseBuilder:
                 "choices": [], "usage": self.usage()}
 
     # -- logprobs ------------------------------------------------------------------------------------
-    def _completion_logprobs(self, items: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    def _completion_logprobs(self, items: list[TokenLogprob] | None, offset: int,
+                             first_has_none: bool = False) -> dict[str, Any] | None:
+        """`first_has_none`: the first item is an echoed prompt's first token, which nothing predicts."""
         if items is None:
             return None
         tokens = [self.detokenize(lp.token_id) for lp in items]
@@ -155,12 +165,28 @@ class ResponseBuilder:
         for tok in tokens:
             offsets.append(offset)
             offset += len(tok)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{self.detokenize(t): v for t, v in lp.top.items()} for lp in items],
-            "text_offset": offsets,
-        }
+        token_logprobs: list[float | None] = [lp.logprob for lp in items]
+        top: list[dict[str, float] | None] = [{self.detokenize(t): v for t, v in lp.top.items()} for lp in items]
+        if first_has_none and items:
+            token_logprobs[0] = top[0] = None
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _vllm_prompt_logprobs(self, items: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+        """vLLM's shape: per prompt position None (the first) or {token id: {logprob, rank, decoded_token}},
+        the prompt's token first, then the top alternatives (ranked 1..k)."""
+        def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+            return {"logprob": logprob, "rank": rank, "decoded_token": self.detokenize(token_id)}
+
+        out: list[dict[str, Any] | None] = []
+        for lp in items:
+            if lp is None:
+                out.append(None)
+                continue
+            ranked = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+            for rank, (token_id, value) in enumerate(lp.top.items(), start=1):
+                ranked.setdefault(str(token_id), entry(token_id, value, rank))
+            out.append(ranked)
+        return out
 
     def _chat_logprobs(self, items: list[TokenLogprob] | None) -> dict[str, Any] | None:
         if items is None:

@@ -17,7 +17,6 @@ _COMMON: dict[str, tuple[Any, ...]] = {
     "use_beam_search": (False,),
     "length_penalty": (1, 1.0),
     "truncate_prompt_tokens": (),
-    "prompt_logprobs": (),
     "guided_decoding_backend": ("auto", "guidance", "llguidance"),  # the one we run
     "guided_whitespace_pattern": (),
     "logits_processors": ((), []),

@@ -117,7 +117,7 @@ def test_streamed_choices_equal_the_whole_response(server: tuple[str, EngineLoop
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"n": 0}, "n"), ({"n": 3, "best_of": 2}, "best_of"), ({"best_of": 3, "stream": True}, "best_of"),
-    ({"echo": True, "logprobs": 1}, "echo"), ({"n": 129}, "n"),
+    ({"echo": True, "logprobs": 1, "stream": True}, "echo"), ({"n": 129}, "n"),
 ])
 def test_bad_choice_requests_are_a_400_naming_the_field(server: tuple[str, EngineLoop], body: dict[str, Any],
                                                          param: str) -> None:

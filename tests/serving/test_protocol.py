@@ -19,7 +19,7 @@ def test_single_prompt_forms(prompt: object, expected: object) -> None:
 @pytest.mark.parametrize(("body", "param"), [
     ({"prompt": ["a", "b"]}, "prompt"),
     ({"prompt": []}, "prompt"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True}, "echo"),
     ({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
 ])

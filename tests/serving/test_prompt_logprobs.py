@@ -1,0 +1,123 @@
+"""Prompt logprobs (engine/prompt_logprobs.py) through HTTP on a random Llama checkpoint, CPU: vLLM's
+`prompt_logprobs` (completions and chat) and completions' echo with logprobs equal transformers'
+log-softmax at every prompt position, also when the prompt is prefilled in chunks over several steps and
+when its blocks are already in the prefix cache; what cannot be honoured is a 400 naming the field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.server.app import build_app
+from pdlaunch.server.engine_loop import EngineLoop
+from tests.helpers.checkpoints import hf_logits, make_llama
+from tests.serving.helpers import ThreadServer, wait_for
+
+PROMPT = [(7 * i + 3) % 500 + 5 for i in range(41)]  # 41 tokens: 3 chunks of 16 at most
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("prompt-logprobs-llama"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint: Path) -> torch.Tensor:
+    """transformers' log-softmax at every prompt position: row p gives the logprob of token p + 1."""
+    return hf_logits(checkpoint, PROMPT).log_softmax(dim=-1)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint: Path) -> Iterator[str]:
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": str(checkpoint)}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
+        "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 16},
+        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+    })
+    port = PortAllocator("127.0.0.1").free("test instance")
+    spec = InstanceSpec(role="colocated", port=port, engine_id="prompt-logprobs-0")
+    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
+    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
+        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
+        yield srv.url
+
+
+def post(url: str, path: str = "/v1/completions", **body: Any) -> httpx.Response:
+    if path == "/v1/completions":
+        body.setdefault("prompt", PROMPT)
+    return httpx.post(f"{url}{path}", json={"max_tokens": 3, "temperature": 0.0, **body}, timeout=120)
+
+
+def check_against(prompt_logprobs: list[Any], expected: torch.Tensor, k: int) -> None:
+    assert len(prompt_logprobs) == len(PROMPT) and prompt_logprobs[0] is None
+    for p in range(1, len(PROMPT)):
+        row, token = expected[p - 1], PROMPT[p]
+        entry = prompt_logprobs[p]
+        assert entry[str(token)]["logprob"] == pytest.approx(row[token].item(), abs=1e-4)
+        assert entry[str(token)]["rank"] == int((row > row[token]).sum()) + 1
+        top = [int(t) for t in row.topk(k).indices] if k else []
+        others = {int(t) for t in entry} - {token}
+        assert others <= set(top) and set(top) <= {int(t) for t in entry}
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_completion_prompt_logprobs_equal_transformers(url: str, expected: torch.Tensor, k: int) -> None:
+    answer = post(url, prompt_logprobs=k)
+    assert answer.status_code == 200, answer.text
+    check_against(answer.json()["choices"][0]["prompt_logprobs"], expected, k)
+
+
+def test_prompt_logprobs_after_a_prefix_cache_hit(url: str, expected: torch.Tensor) -> None:
+    assert post(url).status_code == 200  # the prompt's blocks are cached now
+    answer = post(url, prompt_logprobs=1)
+    assert answer.status_code == 200, answer.text
+    check_against(answer.json()["choices"][0]["prompt_logprobs"], expected, 1)
+    assert "prompt_logprobs" not in post(url).json()["choices"][0]  # only when asked
+
+
+def test_echo_with_logprobs_leads_with_the_prompt(url: str, expected: torch.Tensor) -> None:
+    answer = post(url, echo=True, logprobs=2)
+    assert answer.status_code == 200, answer.text
+    logprobs = answer.json()["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(PROMPT) + 3
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    got = logprobs["token_logprobs"][1:len(PROMPT)]
+    want = [expected[p - 1, PROMPT[p]].item() for p in range(1, len(PROMPT))]
+    assert got == pytest.approx(want, abs=1e-4)
+    # Alternatives are keyed by their text (OpenAI's shape), so two tokens of one text share an entry.
+    for p, top in enumerate(logprobs["top_logprobs"][1:len(PROMPT)], start=1):
+        best = expected[p - 1].topk(2).values.tolist()
+        assert 1 <= len(top) <= 2 and all(min(abs(v - b) for b in best) < 1e-4 for v in top.values())
+    plain = post(url, logprobs=2).json()["choices"][0]["logprobs"]
+    assert logprobs["token_logprobs"][len(PROMPT):] == pytest.approx(plain["token_logprobs"], abs=1e-5)
+
+
+def test_chat_prompt_logprobs(url: str) -> None:
+    answer = post(url, "/v1/chat/completions", messages=[{"role": "user", "content": "hello there"}],
+                  prompt_logprobs=2)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["prompt_logprobs"][0] is None
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"]
+    assert all(1 <= len(e) <= 3 for e in body["prompt_logprobs"][1:])
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "kv_transfer_params": {"do_remote_prefill": True}}, "prompt_logprobs"),
+])
+def test_what_cannot_be_honoured_is_a_400(url: str, body: dict[str, Any], param: str) -> None:
+    answer = post(url, **body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param, answer.text
