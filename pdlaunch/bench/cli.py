@@ -230,7 +230,7 @@ def _number_list(text: Optional[str], flag: str, cast: type) -> Optional[list[An
 
 @bench_app.command("compare")
 def compare(
-    model: Annotated[str, typer.Option("--model", help="Local HF checkpoint directory, or `demo`.")],
+    model: Annotated[str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")],
     rates: Annotated[str, typer.Option("--rates", help="Offered request rates, req/s, comma-separated: 2,4,8.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for compare.json, goodput.png and the logs.")],
     gpus: Annotated[
