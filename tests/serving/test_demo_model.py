@@ -38,3 +38,20 @@ def test_demo_answers_a_chat_question_through_pd(demo_dir: Path, tmp_path: Path)
         assert moved and float(moved[0].split()[-1]) > 0, info[:2000]
     finally:
         serve.stop()
+
+
+def test_demo_greedy_ids_equal_transformers(demo_dir: Path) -> None:
+    """Our engine on the converted SmolLM2 (float32, CPU) against transformers on the same directory: 32 tokens."""
+    from pdlaunch.engine.llm import LLM
+    from pdlaunch.engine.outputs import SamplingParams
+    from pdlaunch.model.tokenizer import Tokenizer
+    from tests.helpers.checkpoints import hf_greedy
+
+    tokenizer = Tokenizer(demo_dir)
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]))
+               for text in ("What is the capital of France?", "Name three colours.")]
+    prompts.append(tokenizer.encode("Hello, my name is"))
+    with LLM(str(demo_dir), device="cpu", dtype="float32", num_gpu_blocks=256) as llm:
+        ours = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    for prompt, out in zip(prompts, ours):
+        assert list(out.token_ids) == hf_greedy(demo_dir, prompt, 32), tokenizer.decode(prompt)
