@@ -1,4 +1,4 @@
-"""The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (DESIGN.md "Request flow").
+"""The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (docs/design.md "Request flow").
 
 The prefill leg asks for its sampled token in the signed answer (when the request allows it:
 translate.continues_from_first_token); the decode hands that token to the client at admission and
@@ -43,7 +43,6 @@ from pdlaunch.proxy.translate import (
     prefill_body,
     refuse_in_pd,
     with_prompt_logprobs,
-    without_kv_params,
 )
 from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy
 from pdlaunch.server.auth import AccessPolicy, RequireAuth
@@ -198,13 +197,12 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 held = (prefill, kv_params_of(prefill, answer))
                 leg = decode_body(body, held[1])
                 if first_token and ended_by_first_token(body, chat, answer):
-                    # Its one token is the whole answer: the decode (if asked) ends at admission without
-                    # loading, so the prefill's KV goes back now rather than at the end of its lease.
+                    # Its one token is the whole answer: the decode ends at admission without loading, so
+                    # the prefill's KV goes back now rather than at the end of its lease. The decode leg
+                    # still runs: it applies the request's own limits (prompt + max_tokens against
+                    # max_model_len) that the prefill's one-token leg never saw, as colocated would.
                     release_held()
                     held = None
-                    if not body.get("stream"):
-                        outcome = "ok (prefill only)"
-                        return JSONResponse(without_kv_params(answer), headers={"X-Request-Id": request_id})
             role = target.role
             if body.get("stream"):
                 done, result = await _race(on_live_instance(

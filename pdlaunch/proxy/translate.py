@@ -54,11 +54,6 @@ def ended_by_first_token(body: dict[str, Any], chat: bool, answer: Any) -> bool:
     return reason == "stop" or (reason == "length" and limit == 1)
 
 
-def without_kv_params(answer: dict[str, Any]) -> dict[str, Any]:
-    """A prefill's answer as the client's: the KV hand-over is not the client's business."""
-    return {k: v for k, v in answer.items() if k != "kv_transfer_params"}
-
-
 def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
     """The decode leg: the client's request plus where its KV lies. Without prompt_logprobs: the decode
     loads the prompt's KV and never computes its logits; the prefill's answer carries them."""
