@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -42,10 +42,10 @@ def _validation_lines(exc: ValidationError) -> list[str]:
 def serve(
     base_url: Annotated[str, typer.Option("--base-url", help="Server root, e.g. http://127.0.0.1:8000.")],
     slo_args: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Argument(metavar="SLO", help="More NAME:MS SLOs after --goodput, vLLM style.", show_default=False),
     ] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Model name; default: first of /v1/models.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name; default: first of /v1/models.")] = None,
     endpoint: Annotated[
         str, typer.Option("--endpoint", help="/v1/completions or /v1/chat/completions.")
     ] = "/v1/completions",
@@ -62,14 +62,14 @@ def serve(
         float, typer.Option("--burstiness", help="Gamma shape: 1 Poisson, <1 burstier, >1 more regular.")
     ] = 1.0,
     max_concurrency: Annotated[
-        Optional[int], typer.Option("--max-concurrency", help="Cap on requests in flight.")
+        int | None, typer.Option("--max-concurrency", help="Cap on requests in flight.")
     ] = None,
     num_warmups: Annotated[int, typer.Option("--num-warmups", help="Unmeasured requests sent first.")] = 0,
     goodput: Annotated[
-        Optional[list[str]], typer.Option("--goodput", help="SLO NAME:MS, NAME in ttft, tpot, e2el; repeatable.")
+        list[str] | None, typer.Option("--goodput", help="SLO NAME:MS, NAME in ttft, tpot, e2el; repeatable.")
     ] = None,
     prompt_format: Annotated[
-        Optional[str], typer.Option("--prompt-format", help="ids | words (default: ids, words for chat).")
+        str | None, typer.Option("--prompt-format", help="ids | words (default: ids, words for chat).")
     ] = None,
     vocab_size: Annotated[
         int, typer.Option("--vocab-size", help="Prompt token ids drawn from [10, V); raise it for real tokenizers.")
@@ -82,10 +82,10 @@ def serve(
     save_result: Annotated[bool, typer.Option("--save-result", help="Write the JSON result file.")] = False,
     result_dir: Annotated[Path, typer.Option("--result-dir", help="Folder of the JSON result file.")] = Path("."),
     result_filename: Annotated[
-        Optional[str], typer.Option("--result-filename", help="JSON file name (implies --save-result).")
+        str | None, typer.Option("--result-filename", help="JSON file name (implies --save-result).")
     ] = None,
     plot: Annotated[
-        Optional[Path], typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")
+        Path | None, typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")
     ] = None,
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
@@ -140,11 +140,11 @@ def make_checkpoint(
 @bench_app.command("kv-transfer")
 def kv_transfer(
     num_tokens: Annotated[
-        Optional[list[int]],
+        list[int] | None,
         typer.Option("--num-tokens", help="Prompt length(s) to move; repeatable [default: 1024 8192]."),
     ] = None,
     mode: Annotated[
-        Optional[list[str]], typer.Option("--mode", help="pull | push; repeatable [default: both].")
+        list[str] | None, typer.Option("--mode", help="pull | push; repeatable [default: both].")
     ] = None,
     num_layers: Annotated[int, typer.Option("--num-layers", help="KV layers (Llama-3-8B: 32).")] = 32,
     num_kv_heads: Annotated[int, typer.Option("--num-kv-heads", help="KV heads (Llama-3-8B: 8).")] = 8,
@@ -153,14 +153,14 @@ def kv_transfer(
     block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")] = 16,
     device: Annotated[str, typer.Option("--device", help="Prefill side: auto | cpu | cuda | cuda:N.")] = "auto",
     decode_device: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--decode-device", help="Decode side [default: cuda:1 with two GPUs, else --device]."),
     ] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed transfers per row (median).")] = 5,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for one transfer.")] = 60.0,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the rows here as JSON.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows here as JSON.")] = None,
     kv_connector: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--kv-connector", help="nixl | mooncake; repeatable [default: nixl]. Another connector "
                      "than nixl is measured next to NIXL (same host, same run) unless nixl cannot run here."),
     ] = None,
@@ -213,7 +213,7 @@ def _bench_connectors(asked: list[str]) -> list[str]:
     return connectors
 
 
-def _number_list(text: Optional[str], flag: str, cast: type) -> Optional[list[Any]]:
+def _number_list(text: str | None, flag: str, cast: type) -> list[Any] | None:
     """`"2,4,8"` -> [2, 4, 8]; None stays None. A bad item fails naming `flag`."""
     if text is None:
         return None
@@ -234,7 +234,7 @@ def compare(
     rates: Annotated[str, typer.Option("--rates", help="Offered request rates, req/s, comma-separated: 2,4,8.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for compare.json, goodput.png and the logs.")],
     gpus: Annotated[
-        Optional[str], typer.Option("--gpus", help="GPU indices both deployments use, e.g. 0,1 (default: 0..P+D-1).")
+        str | None, typer.Option("--gpus", help="GPU indices both deployments use, e.g. 0,1 (default: 0..P+D-1).")
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests per rate.")] = 160,
@@ -243,7 +243,7 @@ def compare(
     ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms", help="TTFT SLO, ms.")] = 400.0,
     tpot_slo_ms: Annotated[float, typer.Option("--tpot-slo-ms", help="TPOT SLO, ms.")] = 15.0,
     colocated_instances: Annotated[
-        Optional[int], typer.Option("--colocated-instances", help="Colocated instances (default: one per GPU; "
+        int | None, typer.Option("--colocated-instances", help="Colocated instances (default: one per GPU; "
                                     "CPU: prefill + decode).")
     ] = None,
     prefill: Annotated[int, typer.Option("--prefill", help="Prefill instances of the PD deployment.")] = 1,
@@ -255,10 +255,10 @@ def compare(
     num_warmups: Annotated[int, typer.Option("--num-warmups", help="Unmeasured requests before each rate.")] = 2,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Prompt token ids drawn from [10, V).")] = 500,
     max_model_len: Annotated[
-        Optional[int], typer.Option("--max-model-len", help="Longest prompt + output of every instance.")
+        int | None, typer.Option("--max-model-len", help="Longest prompt + output of every instance.")
     ] = None,
     config: Annotated[
-        Optional[Path], typer.Option("--config", help="Base deployment YAML (its instances are replaced).")
+        Path | None, typer.Option("--config", help="Base deployment YAML (its instances are replaced).")
     ] = None,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 600.0,
     ready_timeout: Annotated[

@@ -95,7 +95,8 @@ class KVTransferConfig(StrictModel):
         "recompute", description="When a decode cannot load a request's KV (prefill gone, lease expired, "
         "transfer failed): recompute the prompt locally and answer normally, or fail the request (502).")
     mooncake_protocol: Literal["auto", "tcp", "rdma"] = Field(
-        "auto", description="Mooncake transport (connector mooncake): auto = rdma where an RDMA device exists, else tcp.")
+        "auto",
+        description="Mooncake transport (connector mooncake): auto = rdma where an RDMA device exists, else tcp.")
     mooncake_metadata_server: str | None = Field(
         None, min_length=1, description="Mooncake metadata server (etcd://host:port, http://...); "
         "None: peers exchange metadata directly (P2P handshake), enough on one host and across hosts.")

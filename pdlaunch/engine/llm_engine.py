@@ -87,7 +87,7 @@ class LLMEngine:
         # tp > 1: this process becomes TP rank 0 and spawns the other ranks (pdlaunch.distributed).
         self.executor = create_executor(config, instance, self.checkpoint, self.device, self.dtype,
                                         self.max_model_len, self.engine_id)
-        self.engine_id = self.executor.engine_id  # rank 0's, adopted by every rank (seed 002)
+        self.engine_id = self.executor.engine_id  # rank 0's, adopted by every rank (vLLM #39907)
         self.runner = self.executor.runner
         groups = self.runner.groups
         self.block_manager = BlockManager(self.runner.num_blocks, self.block_size,

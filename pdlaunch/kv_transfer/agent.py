@@ -42,7 +42,7 @@ def decode_notif(message: bytes) -> dict[str, Any] | None:
 class XferHandle:
     """One posted READ or WRITE; `state()` is "PROC", "DONE" or "ERR"."""
 
-    def __init__(self, agent: "KVAgent", handle: Any, status: str, num_bytes: int) -> None:
+    def __init__(self, agent: KVAgent, handle: Any, status: str, num_bytes: int) -> None:
         self._agent = agent
         self._handle = handle
         self._status = status

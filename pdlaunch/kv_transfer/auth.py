@@ -63,7 +63,7 @@ class SideChannelKeys:
     answer: bytes
 
     @classmethod
-    def from_secret(cls, secret: str) -> "SideChannelKeys":
+    def from_secret(cls, secret: str) -> SideChannelKeys:
         return cls(derive_key(secret, REQUEST_PURPOSE), derive_key(secret, ANSWER_PURPOSE))
 
 

@@ -147,7 +147,7 @@ class KVConnector(ABC):
         or a decode READ has claimed it (that claim's own cap bounds it)."""
         return False
 
-    def before_sleep(self) -> None:
+    def before_sleep(self) -> None:  # noqa: B027 - an optional hook: most connectors hold no device memory
         """The engine is idle and about to release its device memory (sleep mode): drop the device
         memory this connector holds itself (e.g. a staging buffer). `register_kv_caches`, called
         again after the wake-up, creates it anew. Raising refuses the sleep before anything is freed."""
@@ -156,5 +156,5 @@ class KVConnector(ABC):
         """What /info shows about the connector (transfer mode and why, agent names...)."""
         return {}
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - an optional hook: a connector may own nothing to release
         """Release agents, threads and sockets."""

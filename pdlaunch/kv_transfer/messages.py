@@ -10,7 +10,7 @@ claims to its lease on top).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -74,7 +74,7 @@ class ClaimReadRequest(_Message):
 class CancelPushRequest(_Message):
     type: Literal["cancel_push"]
     request_id: _Name
-    nonce: Optional[_Nonce] = None
+    nonce: _Nonce | None = None
 
 
 class ForgetRequest(_Message):
@@ -93,15 +93,15 @@ class HeldBlocksRequest(_Message):
     this prompt? By its request id, else by the client's X-Request-Id; waits up to `wait` for the hold."""
 
     type: Literal["held_blocks"]
-    request_id: Optional[_Name] = None
+    request_id: _Name | None = None
     client_request_id: _Name
     prompt_digest: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     wait: _Seconds
 
 
 SideChannelMessage = Annotated[
-    Union[HandshakeRequest, PushRequest, StageRequest, UnstageRequest, ClaimReadRequest, CancelPushRequest,
-          ForgetRequest, ListenRequest, HeldBlocksRequest],
+    HandshakeRequest | PushRequest | StageRequest | UnstageRequest | ClaimReadRequest | CancelPushRequest
+    | ForgetRequest | ListenRequest | HeldBlocksRequest,
     Field(discriminator="type"),
 ]
 
@@ -119,7 +119,7 @@ class Answer(_Message):
     not authenticated, so nothing of it is echoed)."""
 
     ts: Annotated[float, Field(allow_inf_nan=False)]
-    re: Optional[str] = None
+    re: str | None = None
     answer: dict[str, Any]
 
 
@@ -148,10 +148,10 @@ class PushFailed(_Notif):
 class Forget(_Notif):
     kind: Literal["forget"]
     agent_name: _Name
-    kv_epoch: Optional[int] = Field(None, ge=0, lt=2**31)
+    kv_epoch: int | None = Field(None, ge=0, lt=2**31)
 
 
-Notification = Annotated[Union[ReadDone, PushDone, PushFailed, Forget], Field(discriminator="kind")]
+Notification = Annotated[ReadDone | PushDone | PushFailed | Forget, Field(discriminator="kind")]
 _NOTIFICATION = TypeAdapter(Notification)
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.memory import platform
@@ -39,7 +39,7 @@ class TransferPool:
     def _bind_sender_thread_device(self) -> None:
         platform.set_device(self.device_index)
 
-    def post(self, run: Callable[[], None], num_bytes: int, what: str, wait_on_release: bool) -> "MooncakeXfer":
+    def post(self, run: Callable[[], None], num_bytes: int, what: str, wait_on_release: bool) -> MooncakeXfer:
         return MooncakeXfer(self.executor.submit(run), num_bytes, what, wait_on_release)
 
     def shutdown(self) -> None:

@@ -259,7 +259,8 @@ class NixlConnector(KVConnector):
 
     def _require_spec(self) -> KVCacheSpec:
         if self.spec is None:
-            raise KVTransferError("the KV cache is not registered yet", hint="the engine calls register_kv_caches first")
+            raise KVTransferError("the KV cache is not registered yet",
+                                  hint="the engine calls register_kv_caches first")
         return self.spec
 
     def _device(self) -> DeviceInfo:
@@ -353,7 +354,8 @@ class NixlConnector(KVConnector):
         expected = params.get("num_prompt_tokens")
         if expected is not None and int(expected) != len(prompt):
             raise KVTransferError(
-                f"the prompt has {len(prompt)} tokens here but {expected} on prefill engine {params['remote_engine_id']}",
+                f"the prompt has {len(prompt)} tokens here but {expected} on prefill engine "
+                f"{params['remote_engine_id']}",
                 hint="send the same prompt (token ids) to prefill and decode",
             )
         remote_ids = params["remote_block_ids"]
@@ -435,7 +437,8 @@ class NixlConnector(KVConnector):
             "staging": {"slots": self.staging.num_slots, "bytes": self.staging.nbytes} if self.staging else None,
         }
         if self.server is not None:
-            info["side_channel"] = "%s:%d" % self.side_channel_address
+            host, port = self.side_channel_address
+            info["side_channel"] = f"{host}:{port}"
             info["held_requests"] = self.sender.num_held() if self.sender else 0
         if self.receiver is not None:
             info["loading_requests"] = self.receiver.num_loading()

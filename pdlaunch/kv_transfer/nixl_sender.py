@@ -258,7 +258,8 @@ class PrefillSide:
             raise KVTransferError("this prefill engine does not stage its KV cache")
         request_id = str(message["request_id"])
         blocks = message["blocks"]
-        hold = self._claim(request_id, [[[0, b] for b in ids] for ids in blocks], self.spec.block_bytes if self.spec else [])
+        block_bytes = self.spec.block_bytes if self.spec else []
+        hold = self._claim(request_id, [[[0, b] for b in ids] for ids in blocks], block_bytes)
         try:
             ticket = self.executor.submit(self._stage, request_id, blocks).result(timeout=self.transfer_timeout)
         finally:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,12 +32,12 @@ class UnsignedPush(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     do_remote_prefill: Literal[True]
-    do_remote_decode: Optional[Literal[False]] = False
+    do_remote_decode: Literal[False] | None = False
     remote_engine_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    remote_request_id: Optional[str] = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    remote_request_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
     remote_host: str = Field(min_length=1, max_length=MAX_HOST_CHARS)
     remote_port: int = Field(ge=1, le=65535)
-    tp_size: Optional[int] = Field(1, ge=1, le=MAX_TP)
+    tp_size: int | None = Field(1, ge=1, le=MAX_TP)
     remote_block_ids: None = None
 
 

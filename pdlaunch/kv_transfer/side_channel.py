@@ -23,7 +23,8 @@ import socketserver
 import struct
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -91,7 +92,7 @@ def recv_raw_frame(sock: socket.socket, timeout: float) -> tuple[bytes, bytes] |
 class _RequestHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         server: SideChannelServer = self.server  # type: ignore[assignment]
-        peer = "%s:%s" % self.client_address[:2]
+        peer = "{}:{}".format(*self.client_address[:2])
         while True:
             try:
                 frame = recv_raw_frame(self.request, FRAME_READ_SECONDS)
@@ -144,7 +145,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
             if not full:
                 self._active += 1
         if full:
-            self.refuse(request, "%s:%s" % client_address[:2], "busy",
+            self.refuse(request, "{}:{}".format(*client_address[:2]), "busy",
                         f"too many side-channel connections (limit {self.max_connections})")
             self.shutdown_request(request)
             return

@@ -1,4 +1,4 @@
-"""StorageConnector: KV blocks through safetensors files (seed 001); also a prefix store across restarts.
+"""StorageConnector: KV blocks through safetensors files (vLLM #42926); also a prefix store across restarts.
 
 Layout under `kv_transfer.storage_path`:
 

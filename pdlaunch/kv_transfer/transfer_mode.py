@@ -1,4 +1,4 @@
-"""pull | push | auto: which side initiates the NIXL transfer, and why (DESIGN.md, measured table).
+"""pull | push | auto: which side initiates the NIXL transfer, and why (docs/design.md "Measured facts").
 
 pull (decode READs) needs NVLink between the two GPUs: UCX disables cuda_ipc GET without it, and on
 one GPU shared by prefill and decode it fails too. push (prefill WRITEs) works everywhere. On CPU,
@@ -61,7 +61,8 @@ def _nvlink_from_nvidia_smi(bus_a: str, bus_b: str) -> bool | None:
             ["nvidia-smi", "--query-gpu=index,pci.bus_id", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout
-        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=10, check=True).stdout
+        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=10,
+                              check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     index_of = {}

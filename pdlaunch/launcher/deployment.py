@@ -11,8 +11,8 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 from rich.console import Console
@@ -21,11 +21,16 @@ from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.plan import (
-    DeploymentPlan, InstancePlan, RemoteRankPlan, check_side_channel_reach, instance_config, plan_deployment,
+    DeploymentPlan,
+    InstancePlan,
+    RemoteRankPlan,
+    check_side_channel_reach,
+    instance_config,
+    plan_deployment,
 )
-from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
+from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.server.auth import internal_headers
 
 READY_TIMEOUT_S = 900.0  # a large checkpoint on a slow disk; a dead child is noticed at once anyway
@@ -330,7 +335,7 @@ class Deployment:
                 child.close_log()
             self._http.close()
 
-    def __enter__(self) -> "Deployment":
+    def __enter__(self) -> Deployment:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -22,7 +22,7 @@ class RestartPolicy:
     grace_s: float
 
     @classmethod
-    def from_config(cls, cfg: SupervisionConfig) -> "RestartPolicy":
+    def from_config(cls, cfg: SupervisionConfig) -> RestartPolicy:
         return cls(cfg.restart_backoff_seconds, cfg.max_restarts, cfg.role_down_grace_seconds)
 
     def delay(self, failures: int) -> float:

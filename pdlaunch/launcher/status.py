@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow", "failed": "red", "exited": "red",
-                "stopping": "magenta", "stopped": "dim"}
+_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow",
+                "failed": "red", "exited": "red", "stopping": "magenta", "stopped": "dim"}
 
 
 @dataclass

@@ -65,7 +65,7 @@ class Supervisor:
                                title=f"pdlaunch: {deployment.cfg.model.path}")
         self._http = httpx.Client(trust_env=False, timeout=PROBE_TIMEOUT_S)
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         self.view.start(print_rows=False)
         return self
 

@@ -214,7 +214,22 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 upstream = result[1]
                 legs.append(upstream.instance.name)
                 outcome = "streaming"
-                return ClosingStreamingResponse(proxy.relay(upstream, deadline), on_close=upstream.close,
+                relayed_all = False
+
+                async def relay() -> AsyncIterator[bytes]:
+                    nonlocal relayed_all
+                    async for chunk in proxy.relay(upstream, deadline):
+                        yield chunk
+                    relayed_all = True
+
+                async def close() -> None:
+                    await upstream.close()
+                    if not relayed_all:
+                        # The client left mid-stream (the decode streams the first token before the KV
+                        # arrives): the decode may never read the prefill's KV, so it goes back now.
+                        release_held()
+
+                return ClosingStreamingResponse(relay(), on_close=close,
                                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
             done, result = await _race(on_live_instance(
                 pool, role, target, lambda d: proxy.post_json(d, path, leg, headers, deadline)), watch)

@@ -11,7 +11,7 @@ time is left out of that scrape and counted in pdlaunch_proxy_federation_errors.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 from prometheus_client import CollectorRegistry, generate_latest

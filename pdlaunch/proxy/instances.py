@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import httpx
 
@@ -36,7 +37,7 @@ class Instance:
                 "in_flight": self.in_flight, "detail": self.detail, "engine_id": self.engine_id}
 
     @contextmanager
-    def lease(self) -> Iterator["Instance"]:
+    def lease(self) -> Iterator[Instance]:
         """Counts a leg in flight on this instance (least_loaded reads it)."""
         self.in_flight += 1
         try:

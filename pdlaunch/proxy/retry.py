@@ -13,7 +13,8 @@ byte reached the client (this runs before the stream is handed to the client).
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server.errors import OpenAIError

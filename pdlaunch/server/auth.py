@@ -1,4 +1,4 @@
-"""Who may call what, at the proxy and at every instance (DESIGN.md "Trust boundaries").
+"""Who may call what, at the proxy and at every instance (docs/design.md "Trust boundaries").
 
 - `/health` is always open (the launcher and load balancers probe it).
 - With an API key (`security.api_key`, `--api-key`, PDLAUNCH_API_KEY), every other route needs
@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from pdlaunch.server.errors import OpenAIError
 
@@ -55,7 +56,7 @@ class AccessPolicy:
     internal: str | None = None  # internal_token(deployment_secret)
 
     @classmethod
-    def from_secrets(cls, api_key: str | None, deployment_secret: str | None) -> "AccessPolicy":
+    def from_secrets(cls, api_key: str | None, deployment_secret: str | None) -> AccessPolicy:
         return cls(api_key or None, internal_token(deployment_secret) if deployment_secret else None)
 
     def check(self, path: str, authorization: str | None, token: str | None) -> OpenAIError | None:

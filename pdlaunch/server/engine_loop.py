@@ -13,8 +13,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -26,7 +27,7 @@ from pdlaunch.server.errors import OpenAIError
 log = logging.getLogger("pdlaunch.server")
 
 # What a request's prompt can be when submitted: text, token ids, or chat messages.
-Prompt = Union[str, list[int], list[dict[str, Any]]]
+Prompt = str | list[int] | list[dict[str, Any]]
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Accepted:
     num_prompt_tokens: int
 
 
-StreamItem = Union[Accepted, RequestOutput, OpenAIError]
+StreamItem = Accepted | RequestOutput | OpenAIError
 
 
 @dataclass
@@ -74,7 +75,7 @@ class _Call:
     """Run fn(engine) on the engine thread; the result goes to a concurrent future."""
 
     fn: Callable[[Any], Any]
-    future: "asyncio.Future[Any]"
+    future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
 
 
@@ -340,7 +341,7 @@ class EngineLoop:
             log.warning("engine shutdown raised: %s", exc)
 
 
-def _set_result(future: "asyncio.Future[Any]", result: Any, exc: BaseException | None) -> None:
+def _set_result(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
     if future.done():
         return
     if exc is not None:

@@ -23,7 +23,8 @@ def test_llm_generate_strings_and_token_ids(llama_ckpt) -> None:  # type: ignore
         assert text_out.text == llm.tokenizer.decode(text_out.token_ids)
         assert ids_out.prompt is None and ids_out.prompt_token_ids == [5, 6, 7]
         # Per-prompt params; logprobs come back per generated token.
-        a, b = llm.generate([[5, 6, 7], [5, 6, 7]], [params, params.model_copy(update={"max_tokens": 2, "logprobs": 1})])
+        shorter = params.model_copy(update={"max_tokens": 2, "logprobs": 1})
+        a, b = llm.generate([[5, 6, 7], [5, 6, 7]], [params, shorter])
         assert a.token_ids[:2] == b.token_ids and a.token_ids == ids_out.token_ids
         assert a.logprobs is None and b.logprobs is not None and len(b.logprobs) == 2
         llm.engine.check_integrity()

@@ -7,8 +7,8 @@ from typing import Any
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm import build_config
-from tests.kv_transfer.rpc import Built, ProcessRPC
 from tests.kv_transfer.deployment_secret import secured
+from tests.kv_transfer.rpc import Built, ProcessRPC
 
 STEP_TIMEOUT = 120.0
 
@@ -32,7 +32,8 @@ def build_engine(config_json: str, instance_json: str) -> Built:
     from pdlaunch.engine.llm_engine import LLMEngine
     from pdlaunch.engine.outputs import SamplingParams
 
-    engine = LLMEngine(DeploymentConfig.model_validate_json(config_json), InstanceSpec.model_validate_json(instance_json))
+    engine = LLMEngine(DeploymentConfig.model_validate_json(config_json),
+                       InstanceSpec.model_validate_json(instance_json))
 
     def generate(requests: list[tuple[str, list[int], dict[str, Any], dict[str, Any] | None]]) -> dict[str, dict]:
         """Run (request_id, prompt, sampling, kv_transfer_params) to completion; final outputs by id."""

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 CALL_TIMEOUT = 120.0
 

@@ -1,4 +1,4 @@
-"""engine_id sync over a real gloo TP group of two CPU processes (seed 002)."""
+"""engine_id sync over a real gloo TP group of two CPU processes (vLLM #39907)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Mooncake connector pieces in one process: seed 000's device binding on the transfer threads, signed
+"""Mooncake connector pieces in one process: vLLM #39548's device binding on the transfer threads, signed
 notifications, what check-config and the skip line say when Mooncake is missing, transport in /info
 and the log, and deregistration around sleep."""
 

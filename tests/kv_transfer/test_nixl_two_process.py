@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from tests.kv_transfer.pd_procs import ConnectorProcess
 from tests.kv_transfer.deployment_secret import secured
+from tests.kv_transfer.pd_procs import ConnectorProcess
 
 BLOCK_SIZE = 4
 GROUPS = 2

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest

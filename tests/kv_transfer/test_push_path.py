@@ -12,8 +12,8 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferCon
 from pdlaunch.kv_transfer import nixl_sender
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
-from tests.kv_transfer.pd_procs import make_spec, wait_events
 from tests.kv_transfer.deployment_secret import secured
+from tests.kv_transfer.pd_procs import make_spec, wait_events
 
 
 def _connector(role: str, engine_id: str, mode: str) -> NixlConnector:

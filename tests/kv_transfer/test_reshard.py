@@ -14,7 +14,12 @@ import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.reshard import (
-    HeadSlice, kv_head_range, notifying_ranks, plan_head_slices, plan_reshard, total_kv_heads,
+    HeadSlice,
+    kv_head_range,
+    notifying_ranks,
+    plan_head_slices,
+    plan_reshard,
+    total_kv_heads,
 )
 from pdlaunch.kv_transfer.reshard_load import copy_head_slices
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -53,7 +58,8 @@ def test_every_decode_rank_rebuilds_its_heads_from_the_plan(total: int, tp_p: in
         area = StagingArea([mine], 1 << 20, kv_heads=heads_p)
         for src in plan.sources:
             assert src.params["remote_port"] == 9000 + src.rank and src.checksums == [[f"p{src.rank}"]]
-            assert "remote_ports" not in src.params and src.readers == len(notifying_ranks(tp_d, tp_p, inferred)[src.rank])
+            assert "remote_ports" not in src.params
+            assert src.readers == len(notifying_ranks(tp_d, tp_p, inferred)[src.rank])
             readers[src.rank] += 1
             if not src.slices:
                 continue

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from tests.kv_transfer.pd_procs import ConnectorProcess
 from tests.kv_transfer.deployment_secret import secured
+from tests.kv_transfer.pd_procs import ConnectorProcess
 
 BLOCK_SIZE = 4
 SPEC = dict(block_size=BLOCK_SIZE, groups=2, num_blocks=24)

@@ -10,8 +10,8 @@ import torch
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.storage_connector import StorageConnector
-from tests.kv_transfer.pd_procs import make_spec
 from tests.kv_transfer.deployment_secret import secured
+from tests.kv_transfer.pd_procs import make_spec
 
 B = 4
 

@@ -52,7 +52,7 @@ class Serve:
     def output(self) -> str:
         return self.output_path.read_text(errors="replace")
 
-    def wait_ready(self) -> "Serve":
+    def wait_ready(self) -> Serve:
         def ready() -> bool:
             assert self.proc.poll() is None, f"pdlaunch serve exited with {self.proc.returncode}:\n{self.output}"
             try:

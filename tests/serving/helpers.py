@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -30,7 +31,7 @@ class ThreadServer:
         self.url = f"http://127.0.0.1:{port}"
         self.start_timeout = start_timeout
 
-    def __enter__(self) -> "ThreadServer":
+    def __enter__(self) -> ThreadServer:
         self.thread.start()
         wait_for(lambda: self.server.started or not self.thread.is_alive(), f"test server on {self.url}",
                  self.start_timeout)

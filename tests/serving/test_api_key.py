@@ -6,7 +6,7 @@ only because they carry the internal token derived from the shared deployment se
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest

@@ -3,9 +3,9 @@ restarted when, with which engine_id, what the status rows say, and when serve g
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from rich.console import Console
@@ -148,7 +148,8 @@ def test_max_restarts_failures_in_a_row_stop_serve(make) -> None:  # type: ignor
     decode.code = -11
     with pytest.raises(SupervisionFailed) as err:
         supervisor.tick(now=5.0)
-    assert "decode-0 was killed by signal 11 before it was ready again: 2 restart(s) in a row failed" in err.value.message
+    assert ("decode-0 was killed by signal 11 before it was ready again: 2 restart(s) in a row failed"
+            in err.value.message)
 
 
 def test_a_restart_stuck_starting_is_killed_after_the_ready_timeout(make, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,13 @@ import pytest
 
 from pdlaunch.config.models import SupervisionConfig
 from pdlaunch.launcher.restart_policy import (
-    MAX_BACKOFF_S, GiveUp, ProcessRecord, Restart, RestartPolicy, RoleWatch, on_exit,
+    MAX_BACKOFF_S,
+    GiveUp,
+    ProcessRecord,
+    Restart,
+    RestartPolicy,
+    RoleWatch,
+    on_exit,
 )
 
 

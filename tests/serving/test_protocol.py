@@ -65,7 +65,8 @@ def test_chat_text_content_parts_are_joined_and_images_refused() -> None:
         {"role": "system", "content": None},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
     ])
-    assert request.template_messages().messages == [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]
+    expected = [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]
+    assert request.template_messages().messages == expected
     with pytest.raises(OpenAIError) as err:
         ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).template_messages()
     assert err.value.param == "messages"

@@ -6,7 +6,8 @@ gets them unchanged with the same X-Request-Id."""
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ from tests.serving.helpers import ThreadServer, wait_for
 class VllmInstance:
     """What vLLM's OpenAI server checks of a request, and how its NIXL connector answers."""
 
-    def __init__(self, role: str, peer: "VllmInstance | None" = None) -> None:
+    def __init__(self, role: str, peer: VllmInstance | None = None) -> None:
         self.role, self.peer = role, peer
         self.seen: list[tuple[dict[str, Any], str]] = []
         self.answered: dict[str, dict[str, Any]] = {}  # X-Request-Id -> kv_transfer_params given out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -68,7 +69,8 @@ def test_completion_matches_the_engine_and_stream_matches_whole(server: tuple[st
     choice = body["choices"][0]
     assert choice["finish_reason"] in ("length", "stop")
     usage = body["usage"]
-    assert usage["completion_tokens"] <= 12 and usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
     events = parse_sse(httpx.post(f"{url}/v1/completions", json=_greedy(stream=True), timeout=60).content)
     assert events[-1] == "[DONE]"

@@ -80,7 +80,7 @@ def test_fail_policy_keeps_the_error() -> None:
     assert s.handle_connector_events(conn.get_finished()) == [r] and r.finish_reason == "error"
 
 
-def test_engine_recompute_answers_what_a_colocated_engine_answers(llama_ckpt, make_engine) -> None:  # type: ignore[no-untyped-def]
+def test_engine_recompute_answers_what_a_colocated_engine_answers(llama_ckpt, make_engine) -> None:  # type: ignore[no-untyped-def]  # noqa: F811 - the fixture imported above
     from pdlaunch.engine.outputs import SamplingParams
     from tests.engine.test_engine_connector import CopyConnector, Hub, prefill, spec
 

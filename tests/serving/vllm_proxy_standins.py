@@ -19,7 +19,8 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
