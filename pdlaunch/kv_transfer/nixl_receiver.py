@@ -16,7 +16,7 @@ A load that fails or is aborted while a push WRITE may still land (or a READ cou
 once prefill says nothing is in flight, the push_done/push_failed notification arrived, the READ
 ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline).
 Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
-loader threads bind the instance's device when they start (seed 000), since they copy KV.
+loader threads bind the instance's device when they start (vLLM #39548), since they copy KV.
 """
 
 from __future__ import annotations
@@ -25,19 +25,20 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
-from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
+from pdlaunch.kv_transfer.agent import KVAgent, encode_notif
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import DeviceInfo
+from pdlaunch.kv_transfer.load import Load
 from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.kv_transfer.reshard import ReshardPlan
@@ -51,35 +52,6 @@ logger = logging.getLogger(__name__)
 # After a load's deadline: a WRITE the prefill side posted before it has ended (prefill stops
 # waiting for its WRITE at decode's deadline and cancels it), and message latency is covered.
 DRAIN_GRACE_SECONDS = 5.0
-
-
-@dataclass
-class Load:
-    request_id: str
-    params: dict[str, Any]
-    pairs: list[list[tuple[int, int, int]]]  # per group: (block-table index, local id, remote id)
-    deadline: float
-    started: float
-    nonce: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-    state: str = "handshake"  # handshake -> posted (pull) | pushing (push) | staging (staged) -> ok | failed
-    mode: str = ""
-    xfer: XferHandle | None = None
-    remote_agent: str | None = None
-    num_bytes: int = 0
-    error: str | None = None
-    abandoned: bool = False
-    push_sent: bool = False  # a push request (WRITE into the local blocks) may have reached prefill
-    write_ended: bool = False  # prefill said no WRITE of this load is in flight any more
-    drain_until: float = 0.0  # draining: blocks may be freed after this even without word from prefill
-    reshard: ReshardPlan | None = None  # prefill has another TP size (reshard_load.py)
-    # Params without block ids (vLLM's push proxy): ask the prefill for them, then plan the pairs.
-    plan: Callable[[dict[str, Any]], list[list[tuple[int, int, int]]]] | None = None
-    prompt_digest: str = ""
-
-    @property
-    def where(self) -> str:
-        p = self.params
-        return f"prefill engine {p.get('remote_engine_id')} at {p.get('remote_host')}:{p.get('remote_port')}"
 
 
 class DecodeSide:
@@ -294,7 +266,8 @@ class DecodeSide:
 
     def _tell_prefill_release(self, load: Load) -> None:
         try:  # best effort: otherwise the prefill side frees at lease expiry
-            self.agent.notify(load.remote_agent or "", encode_notif("release", request_id=load.params["remote_request_id"]))
+            release = encode_notif("release", request_id=load.params["remote_request_id"])
+            self.agent.notify(load.remote_agent or "", release)
         except Exception as e:
             logger.debug("could not tell prefill to release request %s: %s", load.request_id, e)
 

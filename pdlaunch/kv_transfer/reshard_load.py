@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.agent import KVAgent, encode_notif
+from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.checksum import verify_blocks
-from pdlaunch.kv_transfer.peers import RemoteEngine
+from pdlaunch.kv_transfer.load import Load
+from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.reshard import HeadSlice, ReshardPlan, Source
 from pdlaunch.kv_transfer.staging import StagingArea
-
-if TYPE_CHECKING:
-    from pdlaunch.kv_transfer.nixl_receiver import DecodeSide, Load
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,25 @@ class ReshardStaging:
             return area
 
 
-def run_resharded_load(side: DecodeSide, load: Load, plan: ReshardPlan) -> None:
+class ReshardingSide(Protocol):
+    """What a resharding load uses of the decode side (nixl_receiver.py's DecodeSide is one): a
+    protocol, so that this module does not import nixl_receiver.py back."""
+
+    agent: KVAgent
+    keys: SideChannelKeys
+    peers: PeerCache
+    verify_kv: bool
+    reshard_staging: ReshardStaging
+    _lock: threading.Lock
+    _spec: Callable[[], KVCacheSpec]
+
+    def _remaining(self, load: Load, what: str) -> float: ...
+
+    def _read_chunk(self, load: Load, remote: RemoteEngine, host: str, port: int, dst: list[list[int]],
+                    dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None: ...
+
+
+def run_resharded_load(side: ReshardingSide, load: Load, plan: ReshardPlan) -> None:
     """The whole load; raises KVTransferError on failure (the caller fails the request)."""
     spec = side._spec()
     request_id = load.params["remote_request_id"]
@@ -92,7 +110,8 @@ def run_resharded_load(side: DecodeSide, load: Load, plan: ReshardPlan) -> None:
             if rank not in notified:
                 try:  # best effort: otherwise that prefill rank frees at lease expiry
                     readers = next(s.readers for s in plan.sources if s.rank == rank)
-                    side.agent.notify(remote.agent_name, encode_notif("release", request_id=request_id, readers=readers))
+                    release = encode_notif("release", request_id=request_id, readers=readers)
+                    side.agent.notify(remote.agent_name, release)
                 except Exception as e:
                     logger.debug("could not tell prefill rank %d to release request %s: %s", rank, request_id, e)
 
@@ -113,7 +132,7 @@ def _check_source(src: Source, remote: RemoteEngine, plan: ReshardPlan, spec: KV
             "TP size for prefill and decode")
 
 
-def _read_source(side: DecodeSide, load: Load, src: Source, remote: RemoteEngine, area: StagingArea,
+def _read_source(side: ReshardingSide, load: Load, src: Source, remote: RemoteEngine, area: StagingArea,
                  spec: KVCacheSpec) -> None:
     """Chunks of at most the slot count: READ remote blocks into slots, verify, copy the head slices."""
     host, port = str(src.params["remote_host"]), int(src.params["remote_port"])
