@@ -10,8 +10,9 @@ import asyncio
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Union
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +32,7 @@ from pdlaunch.server.prompts import prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from pdlaunch.server.request_metrics import RequestMetrics
 from pdlaunch.server.responses import ResponseBuilder
-from pdlaunch.server.sleep import SleepControl
+from pdlaunch.server.sleep import SleepRoutes
 from pdlaunch.server.sse import DONE, ClosingStreamingResponse, sse_event
 
 KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
@@ -62,7 +63,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     model_name = served_model_name(config)
     metrics.set_model_name(model_name)
     accepted_names = accepted_model_names(config)
-    sleep = SleepControl(engine_loop, config)
+    sleep = SleepRoutes(engine_loop, config)
 
     def check_model(model: str | None) -> None:
         if model is not None and model not in accepted_names:
@@ -146,7 +147,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                                      sleep.sleeping)
         return await _serve(body, body.template_messages(), "chat", request)
 
-    async def _serve(body: Union[CompletionRequest, ChatCompletionRequest], prompt: Any,
+    async def _serve(body: CompletionRequest | ChatCompletionRequest, prompt: Any,
                      endpoint: Endpoint, request: Request) -> Response:
         if sleep.sleeping:
             raise OpenAIError(503, "instance is sleeping; POST /wake_up first", code="sleeping")
@@ -266,7 +267,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _race(work: Any, watch: "asyncio.Future[None]") -> Any:
+async def _race(work: Any, watch: asyncio.Future[None]) -> Any:
     """Result of `work`, or None if the client disconnected first (work is cancelled then)."""
     task = asyncio.ensure_future(work)
     done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)

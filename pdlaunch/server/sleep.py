@@ -1,4 +1,4 @@
-"""`/sleep`, `/wake_up`, `/is_sleeping`: engine sleep control (CuMem pools, DESIGN.md "CuMem and sleep").
+"""`/sleep`, `/wake_up`, `/is_sleeping`: engine sleep control (CuMem pools, docs/design.md "CuMem and sleep").
 
 Refused with a 400 naming the fix unless the deployment enables sleep mode and the engine offers
 `sleep(level)`, `wake_up(tags)` and `is_sleeping()`; the engine calls run on the engine thread.
@@ -7,7 +7,8 @@ A sleeping instance answers /health with 503, so the proxy routes nothing to it 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Query
 
@@ -24,7 +25,10 @@ def _as_dict(result: Any) -> dict[str, Any]:
     return result.model_dump() if hasattr(result, "model_dump") else {}
 
 
-class SleepControl:
+class SleepRoutes:
+    """The HTTP layer of sleep for one instance; the engine's part is EngineSleep (engine/sleep_mode.py),
+    the memory's MemorySleep (memory/sleep.py)."""
+
     def __init__(self, engine_loop: EngineLoop, config: DeploymentConfig) -> None:
         self._loop = engine_loop
         self._enabled = config.model.enable_sleep_mode
@@ -56,7 +60,7 @@ class SleepControl:
         self.sleeping = True
         return {"is_sleeping": True, **_as_dict(result)}
 
-    async def wake_up(self, tags: Optional[list[str]]) -> dict[str, Any]:
+    async def wake_up(self, tags: list[str] | None) -> dict[str, Any]:
         self._check_supported()
         wanted = [t for item in tags or [] for t in item.split(",") if t]  # ?tags=a&tags=b or ?tags=a,b
         unknown = sorted(set(wanted) - set(TAGS))
@@ -79,7 +83,7 @@ class SleepControl:
             return await self.sleep(level)
 
         @app.post("/wake_up")
-        async def wake_up(tags: Optional[list[str]] = Query(None)) -> dict[str, Any]:
+        async def wake_up(tags: list[str] | None = Query(None)) -> dict[str, Any]:
             return await self.wake_up(tags)
 
         @app.get("/is_sleeping")
