@@ -155,6 +155,7 @@ def _leftovers(marker: str) -> list[str]:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4,8", *WORKLOAD, "--out", str(out)])

@@ -21,7 +21,7 @@ from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.serve import ServeBenchConfig, sample_requests
 from tests.bench.fake_openai import free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 READY_TIMEOUT_S = 240.0
 
 

@@ -27,10 +27,10 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.pd_procs import build_connector, wait_events
 from tests.kv_transfer.rpc import Built, ProcessRPC
-from tests.kv_transfer.deployment_secret import secured
 
 BLOCK_SIZE = 4
 SENTINEL = -7.0
@@ -193,6 +193,7 @@ P_IDS, D_IDS, PROMPT = [[2, 3, 4]], [[9, 10, 11]], list(range(100, 111))  # 10 p
 
 # -- 2. push: decode gives up while the WRITE is coming -----------------------------------------
 @pytest.mark.parametrize("how", ["abort", "timeout"])
+@pytest.mark.slow
 def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
     config = _config("push", transfer_timeout=1.5 if how == "timeout" else 20.0)
     for prefill, decode in _pair(config, slow="prefill", slow_op="WRITE"):
@@ -223,6 +224,7 @@ def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
 
 
 # -- 3. pull: decode's READ outlasts the prefill lease ------------------------------------------
+@pytest.mark.slow
 def test_pull_read_keeps_prefill_blocks_past_the_lease() -> None:
     config = _config("pull", transfer_timeout=20.0, lease=0.5)
     for prefill, decode in _pair(config, slow="decode", slow_op="READ"):
@@ -250,6 +252,7 @@ def test_pull_read_keeps_prefill_blocks_past_the_lease() -> None:
         assert prefill.call("metric", "KV_EXPIRED_REQUESTS") == expired  # read_done, not the lease
 
 
+@pytest.mark.slow
 def test_pull_claim_after_the_lease_fails_cleanly() -> None:
     config = _config("pull", transfer_timeout=20.0, lease=0.3)
     for prefill, decode in _pair(config, slow="", slow_op=""):

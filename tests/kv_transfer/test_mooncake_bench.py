@@ -18,6 +18,7 @@ SMALL = ["--device", "cpu", "--num-tokens", "9", "--num-layers", "2", "--num-kv-
 
 @pytest.mark.e2e
 @requires_mooncake
+@pytest.mark.slow
 def test_mooncake_rows_next_to_nixl(tmp_path: Path) -> None:
     out = tmp_path / "kv.json"
     result = runner.invoke(bench_app, ["kv-transfer", "--kv-connector", "mooncake", *SMALL, "--json", str(out)])

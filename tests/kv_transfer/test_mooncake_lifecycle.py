@@ -25,7 +25,7 @@ from tests.kv_transfer.pd_procs import build_connector
 from tests.kv_transfer.rpc import Built, ProcessRPC
 from tests.kv_transfer.test_lifecycle_safety import D_IDS, P_IDS, PROMPT, SENTINEL, _until, _wait
 
-pytestmark = [pytest.mark.e2e, requires_mooncake]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires_mooncake]
 
 SLOW_SECONDS = 2.0
 

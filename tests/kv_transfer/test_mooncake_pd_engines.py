@@ -18,7 +18,7 @@ from tests.kv_transfer.rpc import ProcessRPC
 from tests.kv_transfer.test_pd_engines import PREFIX_HIT, PROMPTS, colocated, pd_pair, run_pd
 from tests.kv_transfer.test_wake_reregister import build_sleepy_engine
 
-pytestmark = [pytest.mark.e2e, requires_mooncake]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires_mooncake]
 
 
 @pytest.mark.parametrize("mode", ["auto", "pull"])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -17,7 +17,7 @@ from tests.helpers.checkpoints import hf_greedy
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.serving.e2e import Serve
 
-pytestmark = [pytest.mark.e2e, requires_mooncake]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires_mooncake]
 
 BLOCK = 16  # cache.block_size default
 _rng = random.Random(19)

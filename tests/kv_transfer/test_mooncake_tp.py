@@ -15,7 +15,7 @@ from tests.kv_transfer.test_pd_engines import PROMPTS, colocated
 from tests.tp.pd_procs import TPEngineProcess
 from tests.tp.test_tp_pd import run_pd
 
-pytestmark = [pytest.mark.e2e, requires_mooncake]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, requires_mooncake]
 
 
 @pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 2), (1, 2), (2, 1)])

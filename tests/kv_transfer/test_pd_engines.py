@@ -19,8 +19,8 @@ from pdlaunch.config.models import InstanceSpec
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
-from tests.kv_transfer.engine_procs import EngineProcess, pd_config
 from tests.kv_transfer.deployment_secret import secured
+from tests.kv_transfer.engine_procs import EngineProcess, pd_config
 
 BLOCK = 8
 GREEDY = {"max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
@@ -73,7 +73,7 @@ def pd_pair(model: Path, connector: str, mode: str, storage: str = "", device: s
 def run_pd(prefill: EngineProcess, decode: EngineProcess, prompts: dict[str, list[int]]) -> dict[str, dict]:
     first = prefill.call("generate", [(rid, p, {**GREEDY, "max_tokens": 1}, {"do_remote_decode": True})
                                       for rid, p in prompts.items()])
-    for rid, out in first.items():
+    for out in first.values():
         assert out["finish_reason"] == "length" and out["kv_transfer_params"]["do_remote_prefill"], out
     outs = decode.call("generate", [(rid, p, GREEDY, first[rid]["kv_transfer_params"]) for rid, p in prompts.items()])
     for rid, out in outs.items():
@@ -117,6 +117,7 @@ def _prefix_hit_bytes(block_bytes: list[int], windows: list[int | None]) -> int:
 @pytest.mark.parametrize("fixture,mode", [("llama_ckpt", "pull"), ("llama_ckpt", "push"), ("qwen3_ckpt", "pull"),
                                           ("llama32_ckpt", "push"), ("qwen3_tied_ckpt", "push"),
                                           ("qwen3_tied_ckpt", "pull")])
+@pytest.mark.slow
 def test_nixl_pd_equals_colocated(fixture: str, mode: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(fixture)
     for prefill, decode in pd_pair(model, "nixl", mode):
@@ -125,12 +126,14 @@ def test_nixl_pd_equals_colocated(fixture: str, mode: str, request: pytest.Fixtu
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_storage_pd_equals_colocated(llama_ckpt: Path, tmp_path: Path) -> None:
     for prefill, decode in pd_pair(llama_ckpt, "storage", "auto", str(tmp_path)):
         check_pd(llama_ckpt, prefill, decode, "storage")
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_hybrid_sliding_window_groups_over_push(hybrid_ckpt: Path) -> None:
     # Chunked prefill (16-token steps) makes prefill drop sliding-window blocks before it finishes.
     prompts = {"long": MANY, "short": PROMPTS["block-plus-one"]}

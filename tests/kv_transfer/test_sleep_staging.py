@@ -15,13 +15,13 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer import side_channel
+from tests.kv_transfer.deployment_secret import KEYS, secured
 from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.pd_procs import build_connector
 from tests.kv_transfer.rpc import Built, ProcessRPC
 from tests.kv_transfer.test_pd_engines import PROMPTS, colocated, run_pd
-from tests.kv_transfer.deployment_secret import KEYS, secured
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STAGING_SLOTS = 2  # fewer than the 7 blocks of PROMPTS["many-blocks"]: its loads move in chunks
 

@@ -16,7 +16,7 @@ from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.rpc import Built, ProcessRPC
 from tests.kv_transfer.test_pd_engines import PROMPTS, colocated, run_pd
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def build_sleepy_engine(config_json: str, instance_json: str) -> Built:

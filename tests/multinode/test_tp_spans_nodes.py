@@ -19,7 +19,7 @@ from pdlaunch.engine.outputs import SamplingParams
 from tests.multinode.netns import TwoNodes
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, run_pd_across_nodes
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROXY_PORT, PREFILL_PORT, DECODE_PORT, SIDE_CHANNEL_PORT, MASTER_PORT = 8000, 8100, 8200, 5600, 29600
 MAX_TOKENS = 6

@@ -25,6 +25,7 @@ def test_check_config_knows_the_demo_shape_before_fetching(demo_dir: Path) -> No
     assert json.loads((demo_dir / "config.json").read_text()) == DEMO_MODEL_CONFIG
 
 
+@pytest.mark.slow
 def test_demo_answers_a_chat_question_through_pd(demo_dir: Path, tmp_path: Path) -> None:
     serve = Serve(tmp_path, ["--model", "demo"]).wait_ready()
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -16,7 +16,7 @@ from pdlaunch.launcher.ports import port_is_free
 from tests.helpers.checkpoints import hf_greedy
 from tests.serving.e2e import Serve, alive, wait_gone
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

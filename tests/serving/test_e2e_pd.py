@@ -10,8 +10,8 @@ import os
 import random
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import openai
@@ -20,7 +20,7 @@ import pytest
 from tests.helpers.checkpoints import hf_greedy
 from tests.serving.e2e import Serve, alive, wait_gone
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROMPT = "The quick brown fox"
 

@@ -12,7 +12,7 @@ import pytest
 from pdlaunch.launcher.ports import PortAllocator
 from tests.serving.e2e import children_of
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_smoke_passes_and_leaves_no_process(tmp_path: Path) -> None:

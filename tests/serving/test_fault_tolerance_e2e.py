@@ -10,9 +10,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ import pytest
 from tests.serving.e2e import Serve, alive, children_of, wait_gone
 from tests.serving.helpers import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONFIG = """\
 supervision: {restart_backoff_seconds: 0.5, max_restarts: 5, role_down_grace_seconds: 120}
@@ -54,7 +54,7 @@ class Load:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(STREAMS)]
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self

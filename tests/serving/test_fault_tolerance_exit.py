@@ -8,8 +8,8 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -17,7 +17,7 @@ import pytest
 from tests.serving.e2e import Serve, alive, children_of, wait_gone
 from tests.serving.helpers import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EXIT_TIMEOUT_S = 120.0  # a few failed restarts, each importing torch on a loaded 2-core box
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -14,7 +14,7 @@ import pytest
 from tests.serving.e2e import Serve, alive, children_of, wait_gone
 from tests.serving.helpers import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CONFIG = "supervision: {restart_backoff_seconds: 0.5, role_down_grace_seconds: 300}\n"
 RESTART_TIMEOUT_S = 180.0  # the engine notices a dead rank on its next (idle) step, then 2 ranks start anew

@@ -17,7 +17,7 @@ import pytest
 from pdlaunch.model.demo_tokenizer import EOS_TOKEN_ID
 from tests.serving.e2e import Serve
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown"
 GREEDY = {"temperature": 0.0, "max_tokens": 12}

@@ -18,7 +18,7 @@ from pdlaunch.server.sse import parse_sse
 from tests.serving.e2e import Serve
 from tests.serving.helpers import wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROMPT = "The first token of this answer was already sampled by the prefill instance, so"
 GREEDY = {"temperature": 0.0}

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from pdlaunch.launcher.ports import PortAllocator
 from tests.serving.helpers import ThreadServer, wait_for
@@ -16,6 +17,7 @@ from tests.serving.test_proxy_failures import ScriptedInstance
 IDLE_S = 5.0
 
 
+@pytest.mark.slow
 def test_idle_proxy_log_stays_quiet(tmp_path: Path) -> None:
     ports = PortAllocator("127.0.0.1")
     prefill, decode = ScriptedInstance("prefill"), ScriptedInstance("decode")

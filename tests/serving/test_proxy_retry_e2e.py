@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -27,6 +27,7 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         deployment.stop()
 
 
+@pytest.mark.slow
 def test_requests_after_a_prefill_kill_all_succeed(serve: Serve) -> None:
     results: list[tuple[float, int]] = []
     stop = threading.Event()

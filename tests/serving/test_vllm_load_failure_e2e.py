@@ -4,7 +4,8 @@ transfer failure, killed prefill); with fail a clear 502; no block stays held an
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -76,6 +77,7 @@ def test_injected_transfer_failure_is_recomputed_or_fails_clearly(pair: Any) -> 
         loops["decode"].engine.scheduler.recompute_failed_loads = True
 
 
+@pytest.mark.slow
 def test_killed_prefill_between_the_legs(pair: Any) -> None:
     servers, loops = pair
     prefill, decode = servers["prefill"].url, servers["decode"].url

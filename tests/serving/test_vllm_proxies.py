@@ -6,7 +6,8 @@ only for the decode's own prompt. Instances run in this process on the tiny mode
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -147,6 +148,7 @@ def test_unsigned_params_to_an_address_outside_the_deployment_are_refused(pair: 
     release(pair, params)
 
 
+@pytest.mark.slow
 def test_naming_another_prompts_request_gets_none_of_its_kv(pair: dict[str, str]) -> None:
     """A client who learnt a held request id sends its own prompt with it: the prefill gives no block
     ids for another prompt, the decode computes the client's prompt itself (recompute policy), and the

@@ -6,8 +6,9 @@ deployment writes no log lines."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -52,6 +53,7 @@ def _scrape(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
+@pytest.mark.slow
 def test_push_proxy_drives_the_launched_instances(serve: Serve) -> None:
     urls = {i["role"]: i["url"] for i in httpx.get(f"{serve.url}/instances", timeout=5).json()}
     body: dict[str, Any] = {"model": "tiny", "prompt": "Push mode through a launched deployment, please",
@@ -64,6 +66,7 @@ def test_push_proxy_drives_the_launched_instances(serve: Serve) -> None:
     assert answer.json()["choices"][0]["text"] == ours
 
 
+@pytest.mark.slow
 def test_one_scrape_has_every_vllm_series_with_exact_token_counts(serve: Serve) -> None:
     before = _scrape(serve.url)
     prompts = ["Metrics are counted exactly here", "and a second prompt for the count", "third one"]
@@ -97,6 +100,7 @@ def test_one_scrape_has_every_vllm_series_with_exact_token_counts(serve: Serve) 
     assert 0.0 <= after[("vllm:kv_cache_usage_perc", "decode")] <= 1.0
 
 
+@pytest.mark.slow
 def test_idle_deployment_writes_no_log_lines(serve: Serve) -> None:
     time.sleep(2.0)  # the last requests' lines are out
     files = sorted(Path(serve.log_dir).glob("*.log")) + [serve.output_path]
