@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,6 +58,11 @@ def _info(url: str) -> dict[str, object] | None:
         return None
 
 
+def _ready_models(proxy_url: str) -> dict[str, Any] | None:
+    response = httpx.get(f"{proxy_url}/v1/models", timeout=5, trust_env=False)
+    return response.json() if response.status_code == 200 else None
+
+
 def test_dead_rank_then_dead_rank0_restart_the_whole_instance(serve: Serve) -> None:
     url = serve.instance_urls()["colocated-0"]
     info = _info(url)
@@ -78,9 +84,10 @@ def test_dead_rank_then_dead_rank0_restart_the_whole_instance(serve: Serve) -> N
         assert info["rank_engine_ids"] == [f"{planned}-r{restart}"] * 2
         wait_gone(old)  # every rank of the dead instance, not only the one killed
         assert f"colocated-0: restart {restart} with engine_id {planned}-r{restart}" in serve.output
+    # The proxy's health monitor marks the instance ready again on its next probe; until then it answers 503.
+    models = wait_for(lambda: _ready_models(serve.url), "the proxy to route to colocated-0 again", 30, poll=0.5)
     answer = httpx.post(f"{serve.url}/v1/completions", timeout=60, trust_env=False, json={
-        "model": httpx.get(f"{serve.url}/v1/models", timeout=5).json()["data"][0]["id"], "prompt": "Hello",
-        "max_tokens": 4, "temperature": 0})
+        "model": models["data"][0]["id"], "prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert answer.status_code == 200, answer.text
     current = [int(info["pid"]), *_workers(int(info["pid"]))]
     serve.stop()
