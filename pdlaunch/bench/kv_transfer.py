@@ -172,7 +172,9 @@ def _push_phases(
         phases["to_post"].append(t["posting"] - start)
         phases["post"].append(t["posted"] - t["posting"])
         phases["write"].append(t["done"] - t["posted"])
-        phases["notify"].append(end - t["done"])
+        # The decode can learn of the finished WRITE (NIXL notification) before the prefill's sender thread
+        # polls it done, so this slice may come out below 0 under load: it is then 0 (no wait for the notice).
+        phases["notify"].append(max(0.0, end - t["done"]))
     if not phases["write"]:
         return None
     return {k: statistics.median(v) * 1e3 for k, v in phases.items()}

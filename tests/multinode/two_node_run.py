@@ -31,7 +31,10 @@ class NodeLauncher:
         self.output_path = tmp / f"node{rank}.out"
         argv = [sys.executable, "-m", "pdlaunch", "serve", str(config), "--node-rank", str(rank),
                 "--log-dir", str(tmp / f"logs-node{rank}")]
-        env = {**os.environ, "UCX_TLS": "tcp", "OMP_NUM_THREADS": "1"}
+        # An in-process connector of an earlier test may have set UCX_NET_DEVICES=lo in this process (one-host
+        # loopback binding): these nodes talk over the veth pair, so the launcher must not inherit it.
+        env = {k: v for k, v in os.environ.items() if k != "UCX_NET_DEVICES"}
+        env.update({"UCX_TLS": "tcp", "OMP_NUM_THREADS": "1"})
         self._out = open(self.output_path, "wb")
         # `ip netns exec` execs the command: this pid is the launcher's.
         self.proc = subprocess.Popen(nodes.exec_argv(rank, argv), stdout=self._out, stderr=subprocess.STDOUT,
