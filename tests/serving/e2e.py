@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
 from pdlaunch.launcher.ports import PortAllocator
 from tests.serving.helpers import wait_for
@@ -104,3 +106,18 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
     while alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(pids), f"processes still running after {timeout:.0f}s: {alive(pids)}"
+
+
+def pd_and_colocated(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[dict[str, Serve]]:
+    """A 1P1D and a colocated `pdlaunch serve` of the tiny model, both ready; stopped when the caller ends."""
+    common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
+    started: dict[str, Serve] = {}
+    try:
+        started["pd"] = Serve(tmp_path_factory.mktemp(f"pd-{name}"), [*common, "--prefill", "1", "--decode", "1"])
+        started["colocated"] = Serve(tmp_path_factory.mktemp(f"colocated-{name}"), [*common, "--colocated"])
+        for serve in started.values():
+            serve.wait_ready()
+        yield started
+    finally:
+        for serve in started.values():
+            serve.stop()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pdlaunch.server.sse import parse_sse
-from tests.serving.e2e import Serve
+from tests.serving.e2e import Serve, pd_and_colocated
 from tests.serving.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,17 +27,7 @@ SEEDED = {"temperature": 1.0, "top_p": 0.95, "seed": 1234}
 
 @pytest.fixture(scope="module")
 def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
-    common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
-    started: dict[str, Serve] = {}
-    try:
-        started["pd"] = Serve(tmp_path_factory.mktemp("pd-first-token"), [*common, "--prefill", "1", "--decode", "1"])
-        started["colocated"] = Serve(tmp_path_factory.mktemp("colocated-first-token"), [*common, "--colocated"])
-        for serve in started.values():
-            serve.wait_ready()
-        yield started
-    finally:
-        for serve in started.values():
-            serve.stop()
+    yield from pd_and_colocated(tmp_path_factory, "first-token")
 
 
 def _ask(serve: Serve, body: dict[str, Any], chat: bool = False) -> dict[str, Any]:

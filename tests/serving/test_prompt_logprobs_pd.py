@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving.e2e import Serve
+from tests.serving.e2e import Serve, pd_and_colocated
 
 pytestmark = pytest.mark.e2e
 
@@ -20,17 +20,7 @@ PROMPT = "Prompt logprobs come from the prefill instance, which computes every p
 
 @pytest.fixture(scope="module")
 def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve]]:
-    common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
-    started: dict[str, Serve] = {}
-    try:
-        started["pd"] = Serve(tmp_path_factory.mktemp("pd-plp"), [*common, "--prefill", "1", "--decode", "1"])
-        started["colocated"] = Serve(tmp_path_factory.mktemp("colocated-plp"), [*common, "--colocated"])
-        for serve in started.values():
-            serve.wait_ready()
-        yield started
-    finally:
-        for serve in started.values():
-            serve.stop()
+    yield from pd_and_colocated(tmp_path_factory, "plp")
 
 
 def _ask(serve: Serve, path: str, body: dict[str, Any]) -> httpx.Response:
