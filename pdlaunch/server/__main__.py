@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,12 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     ))
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
-    server.run()
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn could not start (3: the port is taken); the engine is already stopped
+        return exc.code if isinstance(exc.code, int) else 1
     if failure:
         log.error("exiting: %s", failure[0])
         return 1
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the process with `code` once logs are flushed, skipping interpreter finalization: the engine
+    thread has stopped and released its KV by then, and tearing down torch's and UCX's native state
+    while daemon threads still run can crash the process (a signal 11 instead of the exit code, which
+    the launcher reports to the user)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
