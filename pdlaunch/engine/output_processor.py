@@ -32,7 +32,7 @@ class TrackedRequest:
 
 
 class OutputProcessor:
-    def __init__(self, decode: Callable[[Sequence[int]], str], eos_token_ids: Sequence[int], max_model_len: int,
+    def __init__(self, decode: Callable[..., str], eos_token_ids: Sequence[int], max_model_len: int,
                  grammars: GrammarBackend | None = None) -> None:
         self.decode = decode
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -51,7 +51,8 @@ class OutputProcessor:
             matcher = self.grammars.matcher(params.structured_output)
             for token_id in request.output_token_ids:  # a request that already has output replays it
                 advance(matcher, token_id)
-        decode = functools.partial(self.decode, skip_special_tokens=params.skip_special_tokens)
+        decode = functools.partial(self.decode, skip_special_tokens=params.skip_special_tokens,
+                                   spaces_between_special_tokens=params.spaces_between_special_tokens)
         detokenizer = IncrementalDetokenizer(decode, request.prompt_token_ids, params.stop,
                                              params.include_stop_str_in_output)
         self.tracked[request.request_id] = TrackedRequest(request, detokenizer, frozenset(params.stop_token_ids),

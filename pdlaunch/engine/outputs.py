@@ -57,9 +57,10 @@ class SamplingParams(BaseModel):
         default_factory=list, max_length=MAX_STOPS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # vLLM honours it only in its slow-tokenizer path; fast tokenizers (all we load) never insert
-    # spaces around special tokens, so True and False decode alike, as in vLLM.
-    spaces_between_special_tokens: bool = True
+    # With skip_special_tokens off: join special tokens and the text between them with a space (True)
+    # or nothing (False). None (not asked for) keeps the fast tokenizer's joining, which is vLLM's
+    # output for the fast tokenizers we load.
+    spaces_between_special_tokens: bool | None = None
     structured_output: StructuredOutput | None = None  # grammar the output must match
 
     @field_validator("temperature")

@@ -7,6 +7,7 @@ HF saves the template there) and generation_config.json (extra EOS ids). No hub 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ class Tokenizer:
                 hint="pdlaunch needs a fast-tokenizer tokenizer.json in the checkpoint directory",
             )
         self._tok = HFTokenizer.from_file(str(path))
+        self._special: frozenset[int] | None = None
         config = _read_json(directory / "tokenizer_config.json")
         gen_config = _read_json(directory / "generation_config.json")
         model_config = _read_json(directory / "config.json")
@@ -106,8 +108,33 @@ class Tokenizer:
             ids = ids[1:]
         return ids
 
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True,
+               spaces_between_special_tokens: bool | None = None) -> str:
+        """The text of `ids`. With special tokens kept and `spaces_between_special_tokens` given, each
+        special token and each run of other tokens is decoded on its own and the pieces are joined
+        with one space (True) or nothing (False), as transformers' slow tokenizers and vLLM do; None
+        keeps the fast tokenizer's own joining."""
+        if skip_special_tokens or spaces_between_special_tokens is None:
+            return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        special = self._special_ids()
+        pieces: list[str] = []
+        run: list[int] = []
+        for token_id in ids:
+            if token_id not in special:
+                run.append(token_id)
+                continue
+            if run:
+                pieces.append(self._tok.decode(run, skip_special_tokens=False))
+                run = []
+            pieces.append(self._tok.decode([token_id], skip_special_tokens=False))
+        if run:
+            pieces.append(self._tok.decode(run, skip_special_tokens=False))
+        return (" " if spaces_between_special_tokens else "").join(pieces)
+
+    def _special_ids(self) -> frozenset[int]:
+        if self._special is None:
+            self._special = frozenset(i for i, token in self._tok.get_added_tokens_decoder().items() if token.special)
+        return self._special
 
     def to_json(self) -> str:
         """The tokenizer.json text (what grammar libraries build their token tables from)."""
