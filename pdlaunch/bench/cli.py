@@ -10,6 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from pdlaunch.config.mooncake_install import INSTALL_HINT, missing_reason
 from pdlaunch.errors import PdlaunchError
 
 bench_app = typer.Typer(
@@ -194,8 +195,6 @@ def kv_transfer(
 
 def _bench_connectors(asked: list[str]) -> list[str]:
     """The connectors to measure, NIXL first as the reference; one that cannot be imported fails naming why."""
-    from pdlaunch.kv_transfer.mooncake_engine import INSTALL_HINT, missing_reason
-
     bad = [c for c in asked if c not in ("nixl", "mooncake")]
     if bad:
         raise _fail([f"--kv-connector: unknown connector {bad[0]!r} (nixl or mooncake)"])

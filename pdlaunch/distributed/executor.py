@@ -19,7 +19,6 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -33,12 +32,11 @@ from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.remote_link import RankListener, is_closed
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.distributed.worker import recv, run_worker, send
-from pdlaunch.engine.block_manager import BlockManager
-from pdlaunch.engine.model_runner import ModelRunner
-from pdlaunch.engine.scheduler import ScheduledRequest
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.model.loader import Checkpoint
+from pdlaunch.runner.model_runner import ModelRunner
+from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,8 @@ class UniprocExecutor:
         self.runner = runner
         self.engine_id = engine_id
 
-    def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
-        return self.runner.execute(scheduled, block_manager)
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        return self.runner.run(inputs)
 
     def check_health(self) -> None:
         """Nothing to watch in one process."""
@@ -152,9 +150,8 @@ class TPExecutor:
         return str(message[1]), message[2], message[3]
 
     # -- steps -----------------------------------------------------------------------------------
-    def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
         self.check_health()
-        inputs = self.runner.prepare_inputs(scheduled, block_manager)
         self._send_all(("execute", inputs))
         try:
             return self.runner.run(inputs)

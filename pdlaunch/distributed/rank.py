@@ -15,9 +15,9 @@ import torch
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.engine_id import sync_engine_id
 from pdlaunch.distributed.parallel_state import TPGroup, init_tp_group
-from pdlaunch.engine.model_runner import ModelRunner
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.model.loader import Checkpoint
+from pdlaunch.runner.model_runner import ModelRunner
 
 
 @dataclass

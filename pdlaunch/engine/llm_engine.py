@@ -17,7 +17,6 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
-from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
@@ -28,6 +27,7 @@ from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
+from pdlaunch.engine.step_builder import build_step_inputs
 from pdlaunch.engine.structured_output import grammar_backend
 from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
@@ -38,6 +38,7 @@ from pdlaunch.kv_transfer.params import (
     sign_kv_transfer_params,
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
+from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
@@ -315,7 +316,7 @@ class LLMEngine:
             self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
         if sched.scheduled:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
-            logits = self.executor.execute(sched.scheduled, self.block_manager)
+            logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager))
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
                                            self.executor.runner.prompt_logprobs)

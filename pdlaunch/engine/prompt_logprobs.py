@@ -5,44 +5,22 @@ prompt logprobs also has its prompt rows computed: the logits at position p give
 prompt token at p + 1. Only those rows, and only for those requests: a step without them is unchanged
 (no extra work on the decode path, CUDA graphs untouched: such a step runs eagerly).
 
-The [rows, V] logits are reduced in slices on the device (the token's logprob, its rank, the top k), so
-a long prompt never holds [prompt_len, V] floats at once. Under chunked prefill each step adds the
-positions of its chunk to the request (`Request.prompt_logprobs`, by position, so a recompute after
-preemption overwrites rather than appends); the whole list leaves with the request's first output.
+This module is the engine's side: which rows of a step those are, and storing the results on their
+requests; the runner reduces the rows' logits on the device (runner/prompt_logprobs.py). Under
+chunked prefill each step adds the positions of its chunk to the request (`Request.prompt_logprobs`,
+by position, so a recompute after preemption overwrites rather than appends); the whole list leaves
+with the request's first output.
 Requests asking for them take no prefix-cache hit: every prompt position must be computed here (the
 same rule as vLLM's), and a PD decode, which loads the prompt's KV, is refused them (server side).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-
-import torch
+from collections.abc import Sequence
 
 from pdlaunch.engine.outputs import TokenLogprob
 from pdlaunch.engine.request import Request
-
-ROWS_PER_SLICE = 256  # [256, V] float32 at a time: 150 MiB for a 150k vocabulary
-
-
-@dataclass
-class PromptRows:
-    """The prompt rows of one step, in scheduled order."""
-
-    rows: list[int]  # token rows of the step's batch
-    targets: list[int]  # the prompt token each row's logits predict
-    top_k: int  # the most alternatives any of these requests asks for
-
-
-@dataclass
-class PromptLogprobsOut:
-    """Per prompt row: the target token's logprob and rank, and the top_k alternatives."""
-
-    logprobs: list[float]
-    ranks: list[int]
-    top_ids: list[list[int]]
-    top_values: list[list[float]]
+from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 
 
 def positions_of(request: Request, start: int, end: int) -> range:
@@ -66,30 +44,6 @@ def prompt_rows(chunks: Sequence[tuple[Request, int, int]]) -> PromptRows:
             top_k = max(top_k, request.params.prompt_logprobs or 0)
         base += end - start
     return PromptRows(rows, targets, top_k)
-
-
-@torch.inference_mode()
-def compute(logits_of: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: PromptRows
-            ) -> PromptLogprobsOut:
-    """Reduce the prompt rows' logits. `logits_of`: hidden [n, H] -> float32 logits [n, V] (every TP
-    rank calls it alike, so its collectives pair up)."""
-    dev = hidden.device
-    out = PromptLogprobsOut([], [], [], [])
-    for first in range(0, len(rows.rows), ROWS_PER_SLICE):
-        index = torch.tensor(rows.rows[first:first + ROWS_PER_SLICE], device=dev)
-        target = torch.tensor(rows.targets[first:first + ROWS_PER_SLICE], device=dev).unsqueeze(1)
-        logp = logits_of(hidden.index_select(0, index)).log_softmax(dim=-1)  # [n, V]
-        chosen = logp.gather(1, target)  # [n, 1]
-        out.logprobs += chosen.squeeze(1).tolist()
-        out.ranks += ((logp > chosen).sum(dim=-1) + 1).tolist()
-        if rows.top_k:
-            values, ids = logp.topk(rows.top_k, dim=-1)
-            out.top_ids += ids.tolist()
-            out.top_values += values.tolist()
-        else:
-            out.top_ids += [[] for _ in range(index.numel())]
-            out.top_values += [[] for _ in range(index.numel())]
-    return out
 
 
 def distribute(chunks: Sequence[tuple[Request, int, int]], result: PromptLogprobsOut) -> None:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pdlaunch import metrics
-from pdlaunch.engine.block_manager import BlockManager, PrefixHit
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
+from pdlaunch.kvcache.block_manager import BlockManager, PrefixHit
 
 if TYPE_CHECKING:
     from pdlaunch.offload.manager import CPUHit, OffloadManager

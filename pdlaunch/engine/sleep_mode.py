@@ -20,11 +20,11 @@ from pdlaunch.memory.sleep import MemorySleep, SleepBackend, SleepResult, Tensor
 from pdlaunch.model.loader import load_model
 
 if TYPE_CHECKING:
-    from pdlaunch.engine.block_manager import BlockManager
-    from pdlaunch.engine.model_runner import ModelRunner
     from pdlaunch.engine.scheduler import Scheduler
     from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
+    from pdlaunch.kvcache.block_manager import BlockManager
     from pdlaunch.model.loader import Checkpoint
+    from pdlaunch.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,11 @@ import uuid
 from typing import Any
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.mooncake_install import resolve_protocol
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret
 from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
-from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine, resolve_protocol
+from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake_sender import TransferPool
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.kv_transfer.nixl_receiver import DecodeSide

@@ -11,55 +11,14 @@ with a TransferNotify delivers just the notification to the peer's `get_notifies
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-import os
-import re
 import socket
 from typing import Any
 
+from pdlaunch.config.mooncake_install import INSTALL_HINT, missing_reason
 from pdlaunch.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
-
-PACKAGE = "mooncake-transfer-engine-non-cuda"  # CPU; on CUDA hosts mooncake-transfer-engine (CUDA 12)
-SYSTEM_LIBRARIES = "libibverbs1 librdmacm1 libnuma1"
-INSTALL_HINT = (f"pip install 'pdlaunch[mooncake]' (or {PACKAGE}; mooncake-transfer-engine on CUDA 12 hosts), "
-                f"and on Debian/Ubuntu: apt-get install {SYSTEM_LIBRARIES}; or use --kv-connector nixl")
-_RDMA_DEVICES = "/sys/class/infiniband"
-
-
-def missing_reason() -> str | None:
-    """What keeps `mooncake.engine` from importing here (the package, or a system library it links), or None."""
-    # Mooncake reads its log level when it loads, and logs every handshake and batch at INFO to stderr:
-    # our logs keep its warnings and errors.
-    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")
-    try:
-        from mooncake import engine  # noqa: F401
-    except ImportError as e:
-        text = str(e)
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "mooncake":
-            return f"the Mooncake transfer engine package is not installed ({PACKAGE})"
-        library = re.search(r"(lib[\w+-]+\.so[.\d]*)", text)
-        if library:
-            return f"the system library {library.group(1)} that Mooncake links is missing ({text})"
-        return f"mooncake.engine cannot be imported: {text}"
-    return None
-
-
-def cpu_only_build() -> bool:
-    """Whether the Mooncake installed here is the CPU-only wheel, which cannot move GPU memory."""
-    cuda_builds = ("mooncake-transfer-engine", "mooncake-transfer-engine-cuda13")
-    return _installed(PACKAGE) and not any(_installed(name) for name in cuda_builds)
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
 
 def import_engine() -> Any:
     """The `mooncake.engine` module, or a KVTransferError saying what is missing."""
@@ -69,16 +28,6 @@ def import_engine() -> Any:
     from mooncake import engine
 
     return engine
-
-
-def resolve_protocol(configured: str) -> tuple[str, str]:
-    """(protocol, why): auto is rdma where the kernel lists an RDMA device, else tcp."""
-    if configured != "auto":
-        return configured, f"kv_transfer.mooncake_protocol is {configured}"
-    devices = sorted(os.listdir(_RDMA_DEVICES)) if os.path.isdir(_RDMA_DEVICES) else []
-    if devices:
-        return "rdma", f"RDMA device(s) {', '.join(devices)} found in {_RDMA_DEVICES}"
-    return "tcp", f"no RDMA device in {_RDMA_DEVICES}"
 
 
 def _unused_port(host: str) -> int:

@@ -11,7 +11,7 @@ query at position p sees keys at positions in (p - window, p].
 The index arithmetic depends only on the step and the KV-cache group, so it is built once per
 group per step (`build_group_plan`) and reused by every layer of the group. On CUDA the k/v
 writes go through one fused kernel that skips slot -1 (no host sync), and a `uniform_decode`
-step (CUDA graphs, engine/cuda_graphs.py) builds its plan from device tensors only.
+step (CUDA graphs, runner/cuda_graphs.py) builds its plan from device tensors only.
 """
 
 from __future__ import annotations

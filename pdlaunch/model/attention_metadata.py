@@ -1,4 +1,4 @@
-"""What one forward step tells the attention layers. Built by engine/model_runner.py.
+"""What one forward step tells the attention layers. Built by runner/model_runner.py.
 
 A step runs T tokens of S sequences, flattened: sequence i owns tokens
 query_start_loc[i] : query_start_loc[i+1]. Its context before this step is context_lens[i]
@@ -36,7 +36,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     # Every sequence has query length 1 and the tensors above are all the plan may read: no host
     # values, no host syncs (a CUDA graph replays it with new contents). seq_lens_cpu is then
-    # only an upper bound. Set by engine/cuda_graphs.py.
+    # only an upper bound. Set by runner/cuda_graphs.py.
     uniform_decode: bool = False
 
     @property

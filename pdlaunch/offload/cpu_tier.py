@@ -5,7 +5,7 @@ One region per KV-cache group with the device cache's per-block layout
 are asynchronous DMA; plain memory on CPU). CPU block b holds one token block of a prefix in every
 group at index b; `groups` says which groups hold valid KV (a sliding-window group may not have had
 the block any more). Blocks are indexed by the same chained block hash as the device prefix cache
-(engine/prefix_cache.py) and verified by parent hash and token ids, so a hash collision is a miss.
+(kvcache/prefix_cache.py) and verified by parent hash and token ids, so a hash collision is a miss.
 Eviction is least recently used (stored or hit).
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pdlaunch.engine.block_manager import BlockIntegrityError
 from pdlaunch.errors import EngineError
+from pdlaunch.kvcache.block_manager import BlockIntegrityError
 
 
 @dataclass

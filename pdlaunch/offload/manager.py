@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pdlaunch.engine.block_manager import BlockManager, PrefixHit
-from pdlaunch.engine.prefix_cache import PrefixNode
 from pdlaunch.errors import EngineError
+from pdlaunch.kvcache.block_manager import BlockManager, PrefixHit
+from pdlaunch.kvcache.prefix_cache import PrefixNode
 from pdlaunch.offload import metrics
 from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
 from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec

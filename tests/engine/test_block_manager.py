@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdlaunch.engine.block_manager import BlockIntegrityError, BlockManager
-from pdlaunch.engine.prefix_cache import hash_block
 from pdlaunch.errors import EngineError
+from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.kvcache.prefix_cache import hash_block
 
 BS = 4
 

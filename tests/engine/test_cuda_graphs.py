@@ -1,4 +1,4 @@
-"""Decode steps through the static, padded buffers of engine/cuda_graphs.py.
+"""Decode steps through the static, padded buffers of runner/cuda_graphs.py.
 
 CPU runs the padded path eagerly (what CUDA replays from graphs), so the padding and input staging
 are checked here on every run; the GPU cases compare replayed graphs with eager steps.
@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pdlaunch.distributed import executor as executor_module
-from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
-from pdlaunch.engine.model_runner import ModelRunner
 from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
+from pdlaunch.runner.model_runner import ModelRunner
 from tests.engine.conftest import MakeEngine, run_all
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.scheduler import Scheduler, SchedulerOutput
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kvcache.block_manager import BlockManager
 
 BS = 4
 _arrival = itertools.count()

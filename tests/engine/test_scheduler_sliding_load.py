@@ -8,8 +8,8 @@ greedy tokens for a Qwen3 hybrid while the colocated engine was right).
 
 from __future__ import annotations
 
-from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.kvcache.block_manager import BlockManager
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req, step
 
 WINDOW = 4

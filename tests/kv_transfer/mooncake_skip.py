@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdlaunch.kv_transfer.mooncake_engine import INSTALL_HINT, missing_reason
+from pdlaunch.config.mooncake_install import INSTALL_HINT, missing_reason
 
 MISSING = missing_reason()
 requires_mooncake = pytest.mark.skipif(MISSING is not None, reason=f"Mooncake tests skipped: {MISSING}; "

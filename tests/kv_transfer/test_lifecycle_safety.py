@@ -21,12 +21,12 @@ import torch
 
 from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kvcache.block_manager import BlockManager
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.pd_procs import build_connector, wait_events

@@ -17,9 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from pdlaunch.config import mooncake_install
 from pdlaunch.config.kv_connector_rules import kv_connector_problems
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from pdlaunch.kv_transfer import mooncake_connector, mooncake_engine
+from pdlaunch.kv_transfer import mooncake_connector
 from pdlaunch.kv_transfer.agent import encode_notif
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.fault import ENV
@@ -135,13 +136,13 @@ def test_missing_package_and_system_library_are_named(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(builtins, "__import__", failing(ModuleNotFoundError("No module named 'mooncake'",
                                                                             name="mooncake")))
-    assert "package is not installed (mooncake-transfer-engine-non-cuda)" in mooncake_engine.missing_reason()
+    assert "package is not installed (mooncake-transfer-engine-non-cuda)" in mooncake_install.missing_reason()
     config = DeploymentConfig(device="cpu", kv_transfer=KVTransferConfig(connector="mooncake"))
     (problem,) = kv_connector_problems(config)
     assert problem.field == "kv_transfer.connector" and "apt-get install libibverbs1" in problem.message
     monkeypatch.setattr(builtins, "__import__", failing(ImportError(
         "libibverbs.so.1: cannot open shared object file: No such file or directory")))
-    assert "the system library libibverbs.so.1 that Mooncake links is missing" in mooncake_engine.missing_reason()
+    assert "the system library libibverbs.so.1 that Mooncake links is missing" in mooncake_install.missing_reason()
     assert kv_connector_problems(DeploymentConfig(device="cpu")) == []  # nixl: nothing to say
 
 
@@ -217,14 +218,14 @@ def test_metadata_server_option_for_clusters(tmp_path: Any) -> None:
 
 
 def test_cuda_kv_with_the_cpu_only_wheel_is_a_problem(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mooncake_engine, "missing_reason", lambda: None)
-    monkeypatch.setattr(mooncake_engine, "_installed", lambda name: name == mooncake_engine.PACKAGE)
+    monkeypatch.setattr(mooncake_install, "missing_reason", lambda: None)
+    monkeypatch.setattr(mooncake_install, "_installed", lambda name: name == mooncake_install.PACKAGE)
     kv = KVTransferConfig(connector="mooncake")
     (problem,) = kv_connector_problems(DeploymentConfig(device="cuda", kv_transfer=kv))
     assert problem.field == "kv_transfer.connector" and "CPU-only wheel" in problem.message
     assert "pip install mooncake-transfer-engine" in problem.message
     assert kv_connector_problems(DeploymentConfig(device="cpu", kv_transfer=kv)) == []
-    monkeypatch.setattr(mooncake_engine, "_installed", lambda name: True)  # a CUDA build is there too
+    monkeypatch.setattr(mooncake_install, "_installed", lambda name: True)  # a CUDA build is there too
     assert kv_connector_problems(DeploymentConfig(device="cuda", kv_transfer=kv)) == []
 
 

@@ -4,9 +4,9 @@ itself; with its old blocks still draining it waits for safe_to_free; an abort m
 from __future__ import annotations
 
 from pdlaunch import metrics
-from pdlaunch.engine.block_manager import BlockManager
 from pdlaunch.engine.request import RequestStatus
 from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.kvcache.block_manager import BlockManager
 from tests.engine.conftest import make_engine  # noqa: F401 - the fixture
 from tests.engine.test_scheduler import BS, FakeConnector, drain, req, step
 

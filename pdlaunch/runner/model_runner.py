@@ -1,4 +1,7 @@
-"""Runs the model for a scheduled batch: owns the weights, the KV cache tensors and the inputs.
+"""Runs the model for one step's batch: owns the weights and the KV cache tensors.
+
+The step's inputs (runner/step_inputs.py) are built above, by the engine (engine/step_builder.py),
+from its schedule and block tables; every TP rank runs the same inputs.
 
 KV cache: one tensor per KV-cache group in the block-major layout of
 model/attention_metadata.py, [num_blocks, layers_in_group, 2, block_size, kv_heads, head_dim], so
@@ -10,26 +13,22 @@ MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on C
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from pdlaunch.config.models import CacheConfig, SchedulerConfig
-from pdlaunch.engine.block_manager import BlockManager
-from pdlaunch.engine.cuda_graphs import DecodeGraphs, ladder
-from pdlaunch.engine.prompt_logprobs import PromptLogprobsOut, PromptRows, prompt_rows
-from pdlaunch.engine.prompt_logprobs import compute as compute_prompt_logprobs
-from pdlaunch.engine.scheduler import ScheduledRequest
-from pdlaunch.engine.step_inputs import StepInputs
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
+from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
+from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
+from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
+from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ class ModelRunner:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
         (the minimum over ranks), so block ids mean the same slots on every rank.
 
-        `decode_graphs`: replay decode steps from CUDA graphs (engine/cuda_graphs.py; TP 1 and a
+        `decode_graphs`: replay decode steps from CUDA graphs (runner/cuda_graphs.py; TP 1 and a
         cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly."""
         self.checkpoint = checkpoint
         self.device = device
@@ -195,89 +194,12 @@ class ModelRunner:
             seq_lens_cpu=seq_lens.tolist(),
         )
 
-    def prepare_inputs(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> StepInputs:
-        """The host-side inputs of the scheduled chunks (what every TP rank needs for the step)."""
-        if all(s.num_new_tokens == 1 for s in scheduled):
-            return self._prepare_one_token_each(scheduled, block_manager)
-        ids: list[int] = []
-        pos_parts = []
-        seq_index = []
-        tables: list[list[list[int]]] = [[] for _ in self.groups]
-        for i, s in enumerate(scheduled):
-            ids.extend(s.request.all_token_ids[s.start:s.end])
-            pos_parts.append(torch.arange(s.start, s.end, dtype=torch.long))
-            seq_index.append(torch.full((s.num_new_tokens,), i, dtype=torch.long))
-            for g, table in enumerate(block_manager.tables[s.request.request_id]):
-                tables[g].append(table)
-        positions = torch.cat(pos_parts)
-        seq_of_token = torch.cat(seq_index)
-        slot_mapping, block_tables = [], []
-        for g in range(len(self.groups)):
-            width = max(len(t) for t in tables[g])
-            bt = torch.tensor([t + [-1] * (width - len(t)) for t in tables[g]], dtype=torch.long)
-            blocks = bt[seq_of_token, positions // self.block_size]  # [T]
-            if bool((blocks < 0).any()):
-                raise EngineError("a scheduled token has no KV block", field="kv_cache",
-                                  hint="a pdlaunch bug; please report it with the log")
-            slot_mapping.append(blocks * self.block_size + positions % self.block_size)
-            block_tables.append(bt)
-        query_lens = [s.num_new_tokens for s in scheduled]
-        last = list(itertools.accumulate(query_lens, initial=-1))[1:]  # last token row of each request
-        prompt = prompt_rows([(s.request, s.start, s.end) for s in scheduled])
-        return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long), positions=positions, query_lens=query_lens,
-            context_lens=[s.start for s in scheduled], slot_mapping=slot_mapping, block_tables=block_tables,
-            sample_rows=[t for t, s in zip(last, scheduled) if s.needs_sample],
-            prompt_rows=prompt.rows, prompt_targets=prompt.targets, prompt_top_k=prompt.top_k,
-        )
-
-    def _prepare_one_token_each(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
-                                ) -> StepInputs:
-        """prepare_inputs for a step of one token per request (decodes): plain Python lists and one
-        tensor each, since a decode step's host time is time the GPU waits (the same values)."""
-        bs = self.block_size
-        positions = [s.start for s in scheduled]
-        slots: list[list[int]] = [[] for _ in self.groups]
-        tables: list[list[list[int]]] = [[] for _ in self.groups]
-        for s, pos in zip(scheduled, positions):
-            for g, table in enumerate(block_manager.tables[s.request.request_id]):
-                block = table[pos // bs] if pos // bs < len(table) else -1
-                if block < 0:
-                    raise EngineError("a scheduled token has no KV block", field="kv_cache",
-                                      hint="a pdlaunch bug; please report it with the log")
-                slots[g].append(block * bs + pos % bs)
-                tables[g].append(table)
-        n = len(scheduled)
-        block_tables = []
-        for g in range(len(self.groups)):
-            # Row by row into numpy: a third of the time of torch.tensor over padded nested lists
-            # (64 x 256 blocks: 0.6 vs 1.9 ms on a slow host), which the GPU waits for.
-            table_array = np.full((n, max(len(t) for t in tables[g])), -1, dtype=np.int64)
-            for i, t in enumerate(tables[g]):
-                table_array[i, :len(t)] = t
-            block_tables.append(torch.from_numpy(table_array))
-        prompt = prompt_rows([(s.request, s.start, s.end) for s in scheduled])
-        return StepInputs(
-            input_ids=torch.tensor([s.request.all_token_ids[s.start] for s in scheduled], dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long), query_lens=[1] * n, context_lens=positions,
-            slot_mapping=[torch.tensor(x, dtype=torch.long) for x in slots], block_tables=block_tables,
-            sample_rows=[i for i, s in enumerate(scheduled) if s.needs_sample],
-            prompt_rows=prompt.rows, prompt_targets=prompt.targets, prompt_top_k=prompt.top_k,
-        )
-
-    def prepare(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """(input_ids [T], positions [T], metadata) for the scheduled chunks, on the device."""
-        inputs = self.prepare_inputs(scheduled, block_manager)
-        attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
-        return inputs.input_ids.to(self.device), inputs.positions.to(self.device), attn
-
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor:
         """Forward one step on this rank's shard; float32 logits [len(sample_rows), V].
 
         Under TP every rank calls this with the same inputs (the forward's collectives pair up);
-        only rank 0's logits are sampled. The step's prompt logprobs (engine/prompt_logprobs.py) are left
+        only rank 0's logits are sampled. The step's prompt logprobs (runner/prompt_logprobs.py) are left
         in `self.prompt_logprobs` (None when no request asked).
         """
         self.prompt_logprobs = None
@@ -296,10 +218,6 @@ class ModelRunner:
         if not inputs.sample_rows:
             return torch.empty(0, self.checkpoint.arch.vocab_size, dtype=torch.float32, device=self.device)
         return self.model.compute_logits(hidden[to_device_async(torch.tensor(inputs.sample_rows), self.device)])
-
-    def execute(self, scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> torch.Tensor:
-        """Run one step; returns float32 logits [N, V] of the requests that need a sample, in order."""
-        return self.run(self.prepare_inputs(scheduled, block_manager))
 
     def release(self) -> None:
         """Drop the cache tensors and the weights (shutdown)."""

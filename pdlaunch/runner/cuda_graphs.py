@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdlaunch.engine.step_inputs import StepInputs
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ group has its own pool of `num_blocks` blocks (its own cache tensor) and each re
 table per group. A request's tables are allocated and freed together, so a request either holds
 what it needs in every group or nothing.
 
-Prefix caching (engine/prefix_cache.py): a block is registered under its prefix node once all its
+Prefix caching (kvcache/prefix_cache.py): a block is registered under its prefix node once all its
 positions hold KV. Freed cached blocks stay findable and are reused least-recently-freed first;
 freed uncached blocks are reused before any cached one.
 
@@ -21,8 +21,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pdlaunch.engine.prefix_cache import HashFn, PrefixIndex, PrefixNode, hash_block
 from pdlaunch.errors import EngineError
+from pdlaunch.kvcache.prefix_cache import HashFn, PrefixIndex, PrefixNode, hash_block
 
 __all__ = ["BlockIntegrityError", "BlockManager", "PrefixHit", "hash_block"]
 
