@@ -35,11 +35,14 @@ def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem
 
 
 def checkpoint_problems(model_path: str) -> list[Problem]:
-    """What serve would fail on when it opens this checkpoint directory (the demo is built by us)."""
-    if model_path in ("demo", "tiny") or model_path.lower().endswith(".gguf"):
-        return []  # built by us, or a GGUF file whose header model_info.py already opened
+    """What serve would fail on when it opens this checkpoint directory or GGUF file (the demo is built by us)."""
+    if model_path in ("demo", "tiny"):
+        return []
+    if model_path.lower().endswith(".gguf"):
+        return gguf_file_problems(Path(os.path.expanduser(model_path)))
     directory = Path(os.path.expanduser(model_path))
     from pdlaunch.model import loader  # lazy: imports torch
+    from pdlaunch.model.arch import load_arch
 
     problems: list[Problem] = []
     tokenizer = None
@@ -48,7 +51,7 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
     except PdlaunchError as exc:
         problems.append(as_problem(exc))
     try:
-        arch = loader.load_arch(directory)
+        arch = load_arch(directory)
     except PdlaunchError as exc:
         return problems + [as_problem(exc)]
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
@@ -56,6 +59,17 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
         problems.append(problem("model.path", f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
                                 f"vocab_size is {arch.vocab_size}", "use the tokenizer that belongs to these weights"))
     return problems + weight_problems(directory, arch)
+
+
+def gguf_file_problems(path: Path) -> list[Problem]:
+    """Tensors, shapes, tokenizer and quant types of a GGUF file, from its header (no weight is dequantized)."""
+    from pdlaunch.model import gguf_check, gguf_metadata  # lazy: imports numpy and the gguf package
+
+    try:
+        reader = gguf_metadata.open_reader(path)
+    except PdlaunchError as exc:
+        return [as_problem(exc)]
+    return [as_problem(exc) for exc in gguf_check.gguf_problems(reader)]
 
 
 def _headers(directory: Path) -> tuple[list[TensorHeader], list[Problem]]:

@@ -130,17 +130,12 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
 
 
 def _from_gguf(path: Path) -> tuple[ModelInfo | None, list[Problem]]:
-    """ModelInfo from a GGUF file's metadata (the header only: no tensor is read or dequantized)."""
-    from pdlaunch.model import gguf  # lazy: imports numpy and the gguf package
+    """ModelInfo from a GGUF file's metadata (the header only: no weight is dequantized). Tensors, tokenizer
+    and quant types are checked by checkpoint_check.py, as a directory's weights are."""
+    from pdlaunch.model import gguf_metadata  # lazy: imports numpy and the gguf package
 
     try:
-        reader = gguf.open_reader(path)
-        missing = gguf.unreadable_quant_types(reader)
-        hf = gguf.hf_config(reader)
+        hf = gguf_metadata.hf_config(gguf_metadata.open_reader(path))
     except PdlaunchError as exc:
         return None, [problem("model.path", exc.message, exc.hint or "use an intact .gguf file")]
-    if missing:
-        return None, [problem("model.path", f"{path.name} uses quantization types pdlaunch cannot dequantize: "
-                              f"{', '.join(missing)}", "upgrade the gguf package (pip install -U gguf) or use a "
-                              "file with other quantization types")]
     return _from_hf_dict(hf, str(path))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,72 +16,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf import convert_gguf, ensure_converted
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.helpers.checkpoints import hf_greedy, make_llama, make_qwen2
-
-gguf = pytest.importorskip("gguf")
-
-_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-_GLOBAL = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's q/k row order: each head's two rotary halves interleaved."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_name(name: str) -> str:
-    base, _, suffix = name.rpartition(".")
-    if base in _GLOBAL:
-        return f"{_GLOBAL[base]}.{suffix}"
-    _, _, layer, rest = base.split(".", 3)
-    return f"blk.{layer}.{_LAYER[rest]}.{suffix}"
-
-
-def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32") -> Path:
-    """A GGUF file of the HF checkpoint `hf_dir` (weights as `quant`, 2-D weights only are quantized)."""
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    tok = json.loads((hf_dir / "tokenizer.json").read_text())
-    writer = gguf.GGUFWriter(str(out), arch)
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(cfg["num_attention_heads"])
-    writer.add_head_count_kv(cfg["num_key_value_heads"])
-    rope = cfg.get("rope_parameters") or {"rope_theta": cfg.get("rope_theta", 10000.0)}
-    writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    specials = {t["id"]: t["content"] for t in tok["added_tokens"]}
-    tokens = [specials.get(i, text) for i, (text, _) in enumerate(vocab)]
-    tokens += [specials[i] for i in sorted(specials) if i >= len(tokens)]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
-    merges = tok["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(cfg["bos_token_id"])
-    writer.add_eos_token_id(cfg["eos_token_id"])
-    writer.add_add_bos_token(True)
-    writer.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}")
-    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    for name, tensor in load_file(str(hf_dir / "model.safetensors")).items():
-        values = tensor.float().numpy()
-        if arch == "llama" and ".q_proj.weight" in name:
-            values = _permute(values, heads)
-        elif arch == "llama" and ".k_proj.weight" in name:
-            values = _permute(values, kv_heads)
-        if quant != "F32" and values.ndim == 2:
-            qtype = getattr(gguf.GGMLQuantizationType, quant)
-            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(values, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(_gguf_name(name), values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+from tests.model.gguf_files import gguf, write_gguf
 
 
 def _greedy(model_dir: Path, prompt_ids: list[int], n: int) -> list[int]:

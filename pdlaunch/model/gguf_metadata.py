@@ -1,0 +1,129 @@
+"""A GGUF file's header: open it, read its metadata, and derive the HF config.json it stands for.
+
+Only the header and the small `rope_freqs` tensor are read here (the file is memory-mapped), so
+check-config can use it without dequantizing any weight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.gguf_rope import llama3_rope_parameters
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+_HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+            "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def open_reader(path: Path) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, OSError, IndexError, KeyError) as exc:  # gguf raises bare ValueError for bad magic
+        raise PdlaunchError(f"{path} is not a readable GGUF file: {exc}", field="model.path",
+                            hint="pass an intact .gguf file (re-download it) or an HF checkpoint directory") from exc
+
+
+def value(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def tensor(reader: Any, name: str) -> Any | None:
+    return next((t for t in reader.tensors if t.name == name), None)
+
+
+def hf_shape(gguf_tensor: Any) -> tuple[int, ...]:
+    """The tensor's shape in HF (row-major) order: GGUF lists dims innermost first."""
+    return tuple(int(n) for n in reversed(gguf_tensor.shape))
+
+
+def dequantized(gguf_tensor: Any) -> np.ndarray:
+    """float32 values in HF shape."""
+    from gguf.quants import dequantize
+
+    values = np.asarray(dequantize(gguf_tensor.data, gguf_tensor.tensor_type), dtype=np.float32)
+    return values.reshape(hf_shape(gguf_tensor))
+
+
+def unreadable_quant_types(reader: Any) -> list[str]:
+    """Quantization types in the file that the installed `gguf` package cannot dequantize."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits  # the package's registry of dequantizers
+
+    plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    missing = {t.tensor_type.name for t in reader.tensors
+               if t.tensor_type not in plain and t.tensor_type not in _type_traits}
+    return sorted(missing)
+
+
+def architecture(reader: Any) -> str:
+    arch = value(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise PdlaunchError(f"GGUF architecture {arch!r} is not supported", field="model.path",
+                            hint=f"pdlaunch reads GGUF files of these architectures: {', '.join(SUPPORTED_ARCHS)}")
+    return str(arch)
+
+
+def _rope_parameters(reader: Any, arch: str, head_dim: int) -> dict[str, Any]:
+    """transformers 5 `rope_parameters`: plain, linear (metadata) or llama3 (the rope_freqs tensor)."""
+    theta = float(value(reader, f"{arch}.rope.freq_base", 10000.0))
+    kind = value(reader, f"{arch}.rope.scaling.type", "none")
+    factor = value(reader, f"{arch}.rope.scaling.factor")
+    freqs = tensor(reader, ROPE_FREQS)
+    if freqs is not None:
+        scaling = llama3_rope_parameters(dequantized(freqs), head_dim, theta, factor,
+                                         value(reader, f"{arch}.rope.scaling.original_context_length"))
+        return {**(scaling or {"rope_type": "default"}), "rope_theta": theta}
+    if kind == "linear" and factor:
+        return {"rope_type": "linear", "factor": float(factor), "rope_theta": theta}
+    if kind not in ("none", "linear"):
+        raise PdlaunchError(f"GGUF rope scaling {kind!r} ({arch}.rope.scaling.type) is not supported",
+                            field="model.path", hint="pdlaunch reads plain, linear and llama3 (rope_freqs) rope "
+                            "from GGUF files; use the model's HF checkpoint directory")
+    return {"rope_type": "default", "rope_theta": theta}
+
+
+def hf_config(reader: Any) -> dict[str, Any]:
+    """config.json (transformers 5 layout) from the GGUF metadata. Raises PdlaunchError naming what is missing."""
+    arch = architecture(reader)
+
+    def need(key: str) -> Any:
+        found = value(reader, f"{arch}.{key}")
+        if found is None:
+            raise PdlaunchError(f"GGUF metadata lacks {arch}.{key}", field="model.path",
+                                hint="the file is incomplete or was written by an unknown converter")
+        return found
+
+    heads, hidden = int(need("attention.head_count")), int(need("embedding_length"))
+    head_dim = int(value(reader, f"{arch}.attention.key_length", hidden // heads))
+    tensor_names = {t.name for t in reader.tensors}
+    embedding = tensor(reader, "token_embd.weight")
+    # The embedding's rows are the model's vocabulary (a tokenizer may list fewer tokens, or none).
+    vocab = (hf_shape(embedding)[0] if embedding is not None and len(embedding.shape) == 2 else
+             len(value(reader, "tokenizer.ggml.tokens", []) or []) or int(need("vocab_size")))
+    hf_arch, model_type = _HF_ARCH[arch]
+    config: dict[str, Any] = {
+        "architectures": [hf_arch], "model_type": model_type,
+        "hidden_size": hidden, "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(value(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": head_dim, "intermediate_size": int(need("feed_forward_length")), "vocab_size": vocab,
+        "max_position_embeddings": int(need("context_length")),
+        "rope_parameters": _rope_parameters(reader, arch, head_dim),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")), "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names, "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": value(reader, "tokenizer.ggml.eos_token_id"), "dtype": "float32",
+    }
+    window = value(reader, f"{arch}.attention.sliding_window")
+    if window:
+        config["sliding_window"] = int(window)
+    return config

@@ -1,0 +1,54 @@
+"""The tokenizer of a GGUF file, rebuilt from its metadata as tokenizer.json + tokenizer_config.json.
+
+Byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: Llama 3, Qwen2/3, SmolLM) are rebuilt
+the way transformers' own GGUF tokenizer converter builds them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.gguf_metadata import value
+
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
+NO_TOKENIZER_HINT = ("use a GGUF file that embeds its tokenizer (llama.cpp's converter writes tokenizer.ggml.*) "
+                     "or the model's HF checkpoint directory with tokenizer.json")
+
+
+def tokenizer_json(reader: Any) -> dict[str, Any]:
+    """tokenizer.json for a byte-level BPE vocabulary (tokenizer.ggml.model == "gpt2")."""
+    model = value(reader, "tokenizer.ggml.model")
+    tokens: list[str] = list(value(reader, "tokenizer.ggml.tokens", []) or [])
+    if model is None or not tokens:
+        raise PdlaunchError("GGUF metadata holds no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens)",
+                            field="model.path", hint=NO_TOKENIZER_HINT)
+    if model != "gpt2":
+        raise PdlaunchError(f"GGUF tokenizer model {model!r} is not supported", field="model.path",
+                            hint="pdlaunch rebuilds byte-level BPE (gpt2-style) tokenizers from GGUF metadata; "
+                                 "use an HF checkpoint directory with tokenizer.json for this model")
+    types: list[int] = list(value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges: list[str] = list(value(reader, "tokenizer.ggml.merges", []))
+    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": byte_level, "post_processor": None, "decoder": {**byte_level, "add_prefix_space": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": merges},
+    }
+
+
+def tokenizer_config(reader: Any) -> dict[str, Any]:
+    tokens = list(value(reader, "tokenizer.ggml.tokens", []) or [])
+
+    def token(key: str) -> str | None:
+        index = value(reader, f"tokenizer.ggml.{key}_token_id")
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    return {"bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding"),
+            "unk_token": token("unknown"), "add_bos_token": bool(value(reader, "tokenizer.ggml.add_bos_token", False)),
+            "model_max_length": int(value(reader, f"{value(reader, 'general.architecture')}.context_length", 0))}
