@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
-from pdlaunch.server.errors import OpenAIError
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from pdlaunch.http.asgi import HTTPMiddleware
+from pdlaunch.http.errors import OpenAIError
 
 INTERNAL_TOKEN_HEADER = "X-Pdlaunch-Internal-Token"
 INTERNAL_LABEL = b"pdlaunch-internal-http-v1"
 OPEN_PATHS = frozenset({"/health"})
 CONTROL_PATHS = frozenset({"/sleep", "/wake_up", "/is_sleeping"})
 INTERNAL_PREFIX = "/internal/"
-
-Message = dict[str, Any]
-ASGIApp = Callable[[Message, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 
 def internal_token(deployment_secret: str) -> str:
@@ -87,17 +85,14 @@ class AccessPolicy:
         return None
 
 
-class RequireAuth:
+class RequireAuth(HTTPMiddleware):
     """ASGI middleware applying an AccessPolicy before the request body is read."""
 
     def __init__(self, app: ASGIApp, policy: AccessPolicy) -> None:
-        self.app = app
+        super().__init__(app)
         self.policy = policy
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         error = self.policy.check(scope.get("path", ""), headers.get("authorization"),
                                   headers.get(INTERNAL_TOKEN_HEADER.lower()))

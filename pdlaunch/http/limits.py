@@ -16,8 +16,10 @@ import math
 import time
 from typing import Any
 
-from pdlaunch.server.auth import ASGIApp
-from pdlaunch.server.errors import OpenAIError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pdlaunch.http.asgi import HTTPMiddleware
+from pdlaunch.http.errors import OpenAIError
 
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest 4-5 levels (messages -> content parts -> ...)
 # Past the limit the rest of the body is read and dropped (up to this much, this long) so that the
@@ -93,17 +95,14 @@ def _too_large(limit: int) -> OpenAIError:
                        param="body", code="request_too_large")
 
 
-class BodyLimit:
+class BodyLimit(HTTPMiddleware):
     """ASGI middleware: buffer the body up to `max_bytes`, then hand it to the app; 413 beyond."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes + DRAIN_BYTES:
             await _too_large(self.max_bytes).response()(scope, receive, send)  # too much to drain: reset
@@ -125,7 +124,7 @@ class BodyLimit:
                 break
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -135,7 +134,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _drain(receive: Any, size: int, more: bool) -> None:
+async def _drain(receive: Receive, size: int, more: bool) -> None:
     deadline = time.monotonic() + DRAIN_SECONDS
     drained = 0
     while more and drained < DRAIN_BYTES:
@@ -152,7 +151,7 @@ async def _drain(receive: Any, size: int, more: bool) -> None:
         more = message.get("more_body", False)
 
 
-def _content_length(scope: dict[str, Any]) -> int | None:
+def _content_length(scope: Scope) -> int | None:
     for key, value in scope.get("headers", []):
         if key.lower() == b"content-length":
             try:

@@ -8,11 +8,17 @@ from typing import Any
 
 from starlette.responses import StreamingResponse
 
-DONE = b"data: [DONE]\n\n"
+DONE = b"data: [DONE]\n\n"  # the last event of every OpenAI stream
+
+
+def sse_data(data: str) -> bytes:
+    """One event carrying `data` as it is (a payload relayed from another stream, or [DONE])."""
+    return b"data: " + data.encode() + b"\n\n"
 
 
 def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    """One event carrying `payload` as compact JSON."""
+    return sse_data(json.dumps(payload, separators=(",", ":")))
 
 
 class SSEParser:

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.plan import (
     DeploymentPlan,
@@ -31,7 +32,6 @@ from pdlaunch.launcher.plan import (
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
-from pdlaunch.server.auth import internal_headers
 
 READY_TIMEOUT_S = 900.0  # a large checkpoint on a slow disk; a dead child is noticed at once anyway
 POLL_S = 0.25

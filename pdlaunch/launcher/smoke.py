@@ -20,12 +20,12 @@ from rich.table import Table
 
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.auth import internal_headers
+from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.deployment import ChildExited, Deployment
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from pdlaunch.launcher.serve import report_child_exit
-from pdlaunch.server.auth import internal_headers
 from pdlaunch.server.model_names import served_model_names
-from pdlaunch.server.sse import parse_sse
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 CHAT = [{"role": "user", "content": "Name three colors."}]

@@ -8,7 +8,7 @@ It also drives vLLM-style instances that speak the same kv_transfer_params.
 
 Secrets come from the environment, never argv (visible in `ps`): PDLAUNCH_API_KEY (clients must send
 `Authorization: Bearer KEY`) and PDLAUNCH_DEPLOYMENT_SECRET (the proxy's calls to instances carry
-the internal token derived from it; see pdlaunch/server/auth.py).
+the internal token derived from it; see pdlaunch/http/auth.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from pdlaunch.config.models import SecurityConfig
+from pdlaunch.http.auth import AccessPolicy, RequireAuth
+from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
+from pdlaunch.http.errors import OpenAIError, error_body, install_error_handlers
+from pdlaunch.http.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
+from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -44,21 +49,15 @@ from pdlaunch.proxy.translate import (
     refuse_in_pd,
     with_prompt_logprobs,
 )
-from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy
-from pdlaunch.server.auth import AccessPolicy, RequireAuth
-from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
-from pdlaunch.server.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
-from pdlaunch.server.sse import ClosingStreamingResponse
+from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S, Proxy, Upstream
 
 log = logging.getLogger("pdlaunch.proxy")
-
-CLIENT_CLOSED = 499
 
 
 def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str | None = None,
                     deployment_secret: str | None = None,
                     max_request_bytes: int = SecurityConfig().max_request_bytes) -> FastAPI:
-    """The proxy app. Access as at the instances (server/auth.py): `api_key` for clients, the internal
+    """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances."""
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
 
@@ -136,19 +135,16 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         if not proxy.upstream_headers and "authorization" in request.headers:  # foreign instances with a key
             headers["Authorization"] = request.headers["authorization"]
         deadline = time.monotonic() + request_timeout_s
-        watch = asyncio.ensure_future(_wait_disconnect(request))
-        try:
+        with DisconnectWatch(request) as watch:
             if not pool.colocated:
                 refuse_in_pd(body, chat)
             parts = None if chat or pool.colocated else split_prompts(body)
             if parts is None:
                 return await _serve_one(path, chat, body, request_id, headers, deadline, watch)
             return await _serve_prompts(path, parts, body, request_id, headers, deadline, watch)
-        finally:
-            watch.cancel()
 
     async def _serve_prompts(path: str, parts: list[dict[str, Any]], body: dict[str, Any], request_id: str,
-                             headers: dict[str, str], deadline: float, watch: asyncio.Future[None]) -> Response:
+                             headers: dict[str, str], deadline: float, watch: DisconnectWatch) -> Response:
         """A list of prompts in PD: one PD request per prompt, concurrently, merged (prompt_lists.py)."""
         n, response_id = body.get("n") or 1, f"cmpl-{request_id}"
         calls = [_serve_one(path, False, part, f"{request_id}-{p}", {**headers, "X-Request-Id": f"{request_id}-{p}"},
@@ -158,14 +154,19 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             await _close_streams(answers)
             return Response(status_code=CLIENT_CLOSED)
         if body.get("stream"):
-            merged = MergedStream(answers, n, response_id)
+            streams = [a for a in answers if isinstance(a, ClosingStreamingResponse)]
+            if len(streams) != len(answers):
+                await _close_streams(answers)
+                raise OpenAIError(502, "an instance answered a streamed prompt without a stream",
+                                  code="instance_failed")
+            merged = MergedStream(streams, n, response_id)
             return ClosingStreamingResponse(merged.events(), on_close=merged.close,
                                             headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
-        return JSONResponse(merge_answers([json.loads(a.body) for a in answers], n, response_id),
+        return JSONResponse(merge_answers([json.loads(bytes(a.body)) for a in answers], n, response_id),
                             headers={"X-Request-Id": request_id})
 
     async def _serve_one(path: str, chat: bool, body: dict[str, Any], request_id: str, headers: dict[str, str],
-                         deadline: float, watch: asyncio.Future[None]) -> Response:
+                         deadline: float, watch: DisconnectWatch) -> Response:
         held: tuple[Instance, dict[str, Any]] | None = None  # a prefill's KV waiting for our decode leg
         prefill_answer: Any = None
 
@@ -184,13 +185,9 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 first_token = continues_from_first_token(body)
                 prefill_leg = prefill_body(body, chat, first_token)
                 started = time.monotonic()
-                done, result = await _race(on_live_instance(
+                prefill, answer = await watch.run(on_live_instance(
                     pool, "prefill", first_prefill,
-                    lambda p: proxy.post_json(p, path, prefill_leg, headers, deadline)), watch)
-                if not done:
-                    outcome = "client closed"
-                    return Response(status_code=CLIENT_CLOSED)
-                prefill, answer = result
+                    lambda p: proxy.post_json(p, path, prefill_leg, headers, deadline)))
                 prefill_answer = answer
                 legs.append(prefill.name)
                 proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
@@ -205,44 +202,22 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     held = None
             role = target.role
             if body.get("stream"):
-                done, result = await _race(on_live_instance(
-                    pool, role, target, lambda d: proxy.open_stream(d, path, leg, headers, deadline)), watch)
-                if not done:
-                    release_held()
-                    outcome = "client closed"
-                    return Response(status_code=CLIENT_CLOSED)
-                upstream = result[1]
+                _, upstream = await watch.run(on_live_instance(
+                    pool, role, target, lambda d: proxy.open_stream(d, path, leg, headers, deadline)))
                 legs.append(upstream.instance.name)
                 outcome = "streaming"
-                relayed_all = False
-
-                async def relay() -> AsyncIterator[bytes]:
-                    nonlocal relayed_all
-                    async for chunk in proxy.relay(upstream, deadline):
-                        yield chunk
-                    relayed_all = True
-
-                async def close() -> None:
-                    await upstream.close()
-                    if not relayed_all:
-                        # The client left mid-stream (the decode streams the first token before the KV
-                        # arrives): the decode may never read the prefill's KV, so it goes back now.
-                        release_held()
-
-                return ClosingStreamingResponse(relay(), on_close=close,
-                                                headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
-            done, result = await _race(on_live_instance(
-                pool, role, target, lambda d: proxy.post_json(d, path, leg, headers, deadline)), watch)
-            if not done:
-                release_held()
-                outcome = "client closed"
-                return Response(status_code=CLIENT_CLOSED)
-            legs.append(result[0].name)
+                return _relayed(upstream, deadline, request_id, release_held)
+            decode, answer = await watch.run(on_live_instance(
+                pool, role, target, lambda d: proxy.post_json(d, path, leg, headers, deadline)))
+            legs.append(decode.name)
             outcome = "ok"
-            answer = result[1]
             if prefill_answer is not None and body.get("prompt_logprobs") is not None:
                 answer = with_prompt_logprobs(answer, prefill_answer, chat)
             return JSONResponse(answer, headers={"X-Request-Id": request_id})
+        except ClientDisconnected:
+            release_held()
+            outcome = "client closed"
+            return Response(status_code=CLIENT_CLOSED)
         except OpenAIError as exc:
             release_held()  # the decode refused the request, failed, or could not be reached
             outcome = f"error {exc.status}"
@@ -254,6 +229,27 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         finally:
             log.debug("request %s %s via %s: %s", request_id, path, " -> ".join(legs) or "no instance", outcome)
 
+    def _relayed(upstream: Upstream, deadline: float, request_id: str,
+                 release_held: Callable[[], None]) -> ClosingStreamingResponse:
+        """The decode's stream passed through to the client."""
+        relayed_all = False
+
+        async def relay() -> AsyncIterator[bytes]:
+            nonlocal relayed_all
+            async for chunk in proxy.relay(upstream, deadline):
+                yield chunk
+            relayed_all = True
+
+        async def close() -> None:
+            await upstream.close()
+            if not relayed_all:
+                # The client left mid-stream (the decode streams the first token before the KV
+                # arrives): the decode may never read the prefill's KV, so it goes back now.
+                release_held()
+
+        return ClosingStreamingResponse(relay(), on_close=close,
+                                        headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
+
     add_control_routes(app, pool, proxy.http, proxy.upstream_headers, request_timeout_s)
     return app
 
@@ -262,23 +258,3 @@ async def _close_streams(answers: list[Response]) -> None:
     for answer in answers:
         if isinstance(answer, ClosingStreamingResponse):
             await answer.close()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        if (await request.receive())["type"] == "http.disconnect":
-            return
-
-
-async def _race(work: Any, watch: asyncio.Future[None]) -> tuple[bool, Any]:
-    """(True, result of work), or (False, None) when the client went away first (work is cancelled)."""
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        return True, task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: BLE001 - cancelled or failed: the client is gone either way
-        pass
-    return False, None

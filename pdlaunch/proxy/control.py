@@ -1,5 +1,5 @@
 """`/sleep`, `/wake_up`, `/is_sleeping` at the proxy: fanned out to every instance (docs/design.md "CuMem
-and sleep"). RequireAuth has already checked the caller's API key (server/auth.py); the calls to the
+and sleep"). RequireAuth has already checked the caller's API key (http/auth.py); the calls to the
 instances carry the internal token."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from pdlaunch.http.errors import error_body
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.errors import error_body
 
 
 def add_control_routes(app: FastAPI, pool: InstancePool, client: Any, headers: dict[str, str],

@@ -12,7 +12,7 @@ from typing import Literal
 
 import httpx
 
-from pdlaunch.server.errors import OpenAIError
+from pdlaunch.http.errors import OpenAIError
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -78,7 +78,7 @@ class LeastLoaded:
         return self._tie_break.choose(role, [c for c in candidates if c.in_flight == fewest])
 
 
-POLICIES = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+POLICIES: dict[str, type[RoundRobin | LeastLoaded]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
 
 
 class InstancePool:

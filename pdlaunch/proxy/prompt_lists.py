@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_event
 from pdlaunch.server.choices import MAX_CHOICES
-from pdlaunch.server.errors import OpenAIError
-from pdlaunch.server.sse import DONE, ClosingStreamingResponse, SSEParser, sse_event
 
+T = TypeVar("T")
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
@@ -58,7 +59,7 @@ class MergedStream:
     async def events(self) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
 
-        async def pump(p: int, body: AsyncIterator[Any]) -> None:
+        async def pump(p: int, body: AsyncIterable[Any]) -> None:
             parser = SSEParser()
             try:
                 async for chunk in body:
@@ -99,7 +100,7 @@ class MergedStream:
             await self.close()
 
 
-async def gather_legs(calls: list[Awaitable[Any]], on_failure: Callable[[list[Any]], Awaitable[None]]) -> list[Any]:
+async def gather_legs(calls: Sequence[Awaitable[T]], on_failure: Callable[[list[T]], Awaitable[None]]) -> list[T]:
     """Run every prompt's request concurrently. The first failure cancels the others and hands the
     results already in to `on_failure` (to close their streams) before it is raised."""
     tasks = [asyncio.ensure_future(c) for c in calls]

@@ -16,8 +16,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.errors import OpenAIError
 
 log = logging.getLogger("pdlaunch.proxy")
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import httpx
 
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.instances import Instance
-from pdlaunch.server.errors import OpenAIError
-from pdlaunch.server.limits import parse_json_object
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
@@ -91,7 +91,7 @@ def kv_params_of(instance: Instance, response_json: Any) -> dict[str, Any]:
 
 def parse_client_body(raw: bytes, chat: bool) -> dict[str, Any]:
     """The client's body, refused with a 400 naming the field unless it is JSON an instance accepts:
-    finite, shallow, valid Unicode (server/limits.py), with every sampling value in range. Checked
+    finite, shallow, valid Unicode (http/limits.py), with every sampling value in range. Checked
     here so that a bad request never costs a prefill leg (nor holds KV for a decode that refuses it).
     Fields the instances may support and we do not know (n, echo) are left for them to judge."""
     body = parse_json_object(raw)

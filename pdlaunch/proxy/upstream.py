@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 
+from pdlaunch.http.auth import internal_headers
+from pdlaunch.http.errors import OpenAIError, error_body
+from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
 from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure
-from pdlaunch.server.auth import internal_headers
-from pdlaunch.server.errors import OpenAIError, error_body
-from pdlaunch.server.sse import SSEParser, sse_event
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -84,10 +84,13 @@ class Proxy:
         if response.status_code != 200:
             raise error_from_response(instance, response.status_code, response.content)
         try:
-            return response.json()
+            answer = response.json()
         except ValueError:
-            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON",
-                              code="instance_failed") from None
+            answer = None
+        if not isinstance(answer, dict):
+            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON "
+                                   "(an object)", code="instance_failed")
+        return answer
 
     async def open_stream(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
                           deadline: float) -> Upstream:
@@ -128,7 +131,7 @@ class Proxy:
                 for data in parser.feed(chunk):
                     if data == "[DONE]" or data.startswith('{"error"'):
                         finished = True
-                    yield b"data: " + data.encode() + b"\n\n"
+                    yield sse_data(data)
             if not finished:
                 yield sse_event(error_body(502, f"{instance.name} ({instance.url}) closed the stream before it "
                                                 "finished", code="instance_failed"))

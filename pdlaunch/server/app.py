@@ -21,11 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.outputs import RequestOutput
-from pdlaunch.server.auth import AccessPolicy, RequireAuth
+from pdlaunch.http.auth import AccessPolicy, RequireAuth
+from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
+from pdlaunch.http.errors import OpenAIError, error_body, install_error_handlers
+from pdlaunch.http.limits import BodyLimit, client_request_id, read_json_object
+from pdlaunch.http.sse import DONE, ClosingStreamingResponse, sse_event
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
-from pdlaunch.server.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.server.internal import HeldKV, add_internal_routes
-from pdlaunch.server.limits import BodyLimit, client_request_id, read_json_object
 from pdlaunch.server.model_names import accepted_model_names, served_model_names
 from pdlaunch.server.multi_serve import serve_multi
 from pdlaunch.server.prompts import prompt_token_ids
@@ -33,10 +35,8 @@ from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, E
 from pdlaunch.server.request_metrics import RequestMetrics
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.sleep import SleepRoutes
-from pdlaunch.server.sse import DONE, ClosingStreamingResponse, sse_event
 
 KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
-CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; never seen by the client
 
 
 def served_model_name(config: DeploymentConfig) -> str:
@@ -171,39 +171,37 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                 held_kv.release_soon(request_id)  # queued after the abort: frees only what is held
             return Response(status_code=CLIENT_CLOSED)
 
-        watch = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            first = await _race(stream.queue.get(), watch)
-            if first is None:
-                return client_gone()
-            if not isinstance(first, Accepted):
-                _raise_if_error(first)
-                raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
-            recorder.accepted(first.num_prompt_tokens)
-            builder = ResponseBuilder(
-                endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
-                return_token_ids=body.return_token_ids,
-                tool_calling=body.tool_calling() if isinstance(body, ChatCompletionRequest) else None,
-                response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + client_id,
-                detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),
-            )
-            headers = {"X-Request-Id": client_id}
-            if body.stream:
-                async def abort() -> None:  # no-op once finished; frees the blocks if the client left
-                    engine_loop.abort(request_id)
+            with DisconnectWatch(request) as watch:
+                first = await watch.run(stream.queue.get())
+                if not isinstance(first, Accepted):
+                    _raise_if_error(first)
+                    raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
+                recorder.accepted(first.num_prompt_tokens)
+                builder = ResponseBuilder(
+                    endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
+                    return_token_ids=body.return_token_ids,
+                    tool_calling=body.tool_calling() if isinstance(body, ChatCompletionRequest) else None,
+                    response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + client_id,
+                    detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),
+                )
+                headers = {"X-Request-Id": client_id}
+                if body.stream:
+                    async def abort() -> None:  # no-op once finished; frees the blocks if the client left
+                        engine_loop.abort(request_id)
 
-                return ClosingStreamingResponse(
-                    _stream(stream, builder, recorder, body.include_usage()), on_close=abort,
-                    headers={**headers, "Cache-Control": "no-cache"})
-            result = await _race(_collect(stream, builder, recorder), watch)
-            if result is None or watch.done():
-                return client_gone()
-            return JSONResponse(result, headers=headers)
+                    return ClosingStreamingResponse(
+                        _stream(stream, builder, recorder, body.include_usage()), on_close=abort,
+                        headers={**headers, "Cache-Control": "no-cache"})
+                result = await watch.run(_collect(stream, builder, recorder))
+                if watch.gone:
+                    return client_gone()
+                return JSONResponse(result, headers=headers)
+        except ClientDisconnected:
+            return client_gone()
         except BaseException:
             engine_loop.abort(request_id)
             raise
-        finally:
-            watch.cancel()
 
     async def _collect(stream: RequestStream, builder: ResponseBuilder, recorder: RequestMetrics) -> dict[str, Any]:
         while True:
@@ -257,21 +255,3 @@ def _raise_if_error(item: StreamItem) -> RequestOutput:
     if item.finished and item.finish_reason == "error":
         raise OpenAIError(item.error_status, item.error or "the engine failed the request", code="engine_error")
     return item
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Returns when the client closes the connection (the body is already read by then)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _race(work: Any, watch: asyncio.Future[None]) -> Any:
-    """Result of `work`, or None if the client disconnected first (work is cancelled then)."""
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        return task.result()
-    task.cancel()
-    return None

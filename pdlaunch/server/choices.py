@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.sse import DONE, sse_event
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
-from pdlaunch.server.errors import OpenAIError
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
 from pdlaunch.server.responses import ResponseBuilder
-from pdlaunch.server.sse import DONE, sse_event
 
 MAX_CHOICES = 128  # engine requests one HTTP request may start (prompts x best_of)
 
@@ -45,7 +45,7 @@ class Choice:
 class MultiChoice:
     """One request's choices: submitting them, collecting or streaming their outputs."""
 
-    def __init__(self, engine_loop: EngineLoop, prompts: list[Prompt], params: SamplingParams, n: int, best_of: int,
+    def __init__(self, engine_loop: EngineLoop, prompts: Sequence[Prompt], params: SamplingParams, n: int, best_of: int,
                  make_builder: Callable[[], ResponseBuilder], client_id: str,
                  kv_transfer_params: dict[str, Any] | None) -> None:
         if len(prompts) * best_of > MAX_CHOICES:

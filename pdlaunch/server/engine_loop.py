@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.server.errors import OpenAIError
+from pdlaunch.http.errors import OpenAIError
 
 log = logging.getLogger("pdlaunch.server")
 

@@ -1,5 +1,5 @@
 """Routes only the deployment itself may call (RequireAuth lets `/internal/...` through with the
-internal token alone, see server/auth.py).
+internal token alone, see http/auth.py).
 
 `POST /internal/kv/release {"request_id": ...}`: a prefill frees the KV it holds for a decode leg
 that will not run (the client went away after the prefill leg, the decode refused the request or
@@ -16,9 +16,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.limits import read_json_object
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.errors import OpenAIError
-from pdlaunch.server.limits import read_json_object
 
 KV_RELEASE_PATH = "/internal/kv/release"
 

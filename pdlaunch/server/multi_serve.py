@@ -3,27 +3,25 @@ response builders, the client's disconnect, and the whole or streamed answer."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.limits import client_request_id
+from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.server.choices import MultiChoice
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.errors import OpenAIError
-from pdlaunch.server.limits import client_request_id
 from pdlaunch.server.prompts import Prompt
 from pdlaunch.server.protocol import Endpoint
 from pdlaunch.server.responses import ResponseBuilder
-from pdlaunch.server.sse import ClosingStreamingResponse
-
-CLIENT_CLOSED = 499  # never seen by the client
 
 
-async def serve_multi(engine_loop: EngineLoop, body: Any, prompts: list[Prompt], endpoint: Endpoint,
+async def serve_multi(engine_loop: EngineLoop, body: Any, prompts: Sequence[Prompt], endpoint: Endpoint,
                       request: Request, model_name: str, sleeping: bool) -> Response:
     """The instance's answer to a request with several choices (app.py hands them here)."""
     if sleeping:
@@ -55,44 +53,19 @@ async def serve_choices(multi: MultiChoice, request: Request, stream: bool, incl
                         headers: dict[str, str], echo: Callable[[int, list[int]], str] | None) -> Response:
     """Start the choices and answer: a whole response or an SSE stream. A failure, or the client
     leaving before the answer, aborts them all."""
-    watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        if not await _race(multi.start(echo), watch):
-            multi.abort_all()
-            return Response(status_code=CLIENT_CLOSED)
-        if stream:
-            async def on_close() -> None:
-                multi.abort_all()
+        with DisconnectWatch(request) as watch:
+            await watch.run(multi.start(echo))
+            if stream:
+                async def on_close() -> None:
+                    multi.abort_all()
 
-            return ClosingStreamingResponse(multi.events(include_usage), on_close=on_close,
-                                            headers={**headers, "Cache-Control": "no-cache"})
-        body: list[dict[str, Any]] = []
-
-        async def respond() -> None:
-            body.append(await multi.response())
-
-        if not await _race(respond(), watch):
-            multi.abort_all()
-            return Response(status_code=CLIENT_CLOSED)
-        return JSONResponse(body[0], headers=headers)
+                return ClosingStreamingResponse(multi.events(include_usage), on_close=on_close,
+                                                headers={**headers, "Cache-Control": "no-cache"})
+            return JSONResponse(await watch.run(multi.response()), headers=headers)
+    except ClientDisconnected:
+        multi.abort_all()
+        return Response(status_code=CLIENT_CLOSED)
     except BaseException:
         multi.abort_all()
         raise
-    finally:
-        watch.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _race(work: Any, watch: asyncio.Future[None]) -> bool:
-    """Run `work` to its end (True), unless the client disconnects first (False; work cancelled)."""
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        task.result()
-        return True
-    task.cancel()
-    return False

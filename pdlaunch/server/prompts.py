@@ -16,8 +16,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_template import ChatPrompt, render
-from pdlaunch.server.errors import OpenAIError
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32
 
@@ -59,7 +59,7 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:
         raise OpenAIError(400, exc.render(), param=exc.field or "prompt") from None
     except TemplateError as exc:
         raise OpenAIError(400, f"chat template failed: {exc}", param="messages") from None
-    return list(prompt)  # type: ignore[arg-type]  # token ids: the engine checks their range
+    return list(prompt)  # token ids: the engine checks their range
 
 
 async def prompt_token_ids(tokenizer: Any, prompt: Prompt, max_model_len: int) -> list[int]:

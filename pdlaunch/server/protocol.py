@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.chat_template import ChatPrompt, template_message
-from pdlaunch.server.errors import OpenAIError, param_of
 from pdlaunch.server.structured_fields import structured_output_of
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
@@ -66,10 +66,11 @@ class _SamplingFields(BaseModel):
     spaces_between_special_tokens: bool | None = None
     response_format: Any = None  # server/structured_fields.py reads these five
     structured_outputs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
+    # vLLM's older names for structured_outputs.json / .regex / .choice / .grammar
+    guided_json: Any = Field(None, description="a JSON schema the output follows")
+    guided_regex: Any = Field(None, description="a regular expression the output matches")
+    guided_choice: Any = Field(None, description="the output is one of these strings")
+    guided_grammar: Any = Field(None, description="a grammar the output follows")
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None

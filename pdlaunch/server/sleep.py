@@ -14,8 +14,8 @@ from fastapi import FastAPI, Query
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.errors import OpenAIError
 
 SLEEP_CALL_TIMEOUT_S = 120.0  # level 1 copies every weight to host memory; level-2 wake reloads the checkpoint
 TAGS = ("weights", "kv_cache")

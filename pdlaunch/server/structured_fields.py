@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from pdlaunch.engine.structured_output import StructuredOutput, check
-from pdlaunch.server.errors import OpenAIError
+from pdlaunch.http.errors import OpenAIError
 
 # structured_outputs keys that ask for something we do not do (when truthy).
 _UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern", "disable_additional_properties")
@@ -89,6 +89,6 @@ def _spec(kind: str, value: Any, field: str) -> StructuredOutput:
     if kind == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):
         return StructuredOutput(kind="choice", value=json.dumps(value), field=field)
     if kind in ("regex", "grammar") and isinstance(value, str) and value:
-        return StructuredOutput(kind=kind, value=value, field=field)  # type: ignore[arg-type]
+        return StructuredOutput(kind=kind, value=value, field=field)
     expected = {"json": "a JSON schema", "choice": "a non-empty list of strings"}.get(kind, "a non-empty string")
     raise OpenAIError(400, f"{field} must be {expected}", param=field)

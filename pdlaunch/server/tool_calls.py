@@ -30,7 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdlaunch.engine.structured_output import StructuredOutput
-from pdlaunch.server.errors import OpenAIError, param_of
+from pdlaunch.http.errors import OpenAIError, param_of
 
 HERMES_START = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
@@ -135,29 +135,27 @@ def parse_auto(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     """Hermes / Qwen blocks, else a Llama 3 JSON call; (text, []) when neither parses."""
     start = text.find(HERMES_START)
     if start >= 0:
-        calls = []
-        for body in _HERMES.findall(text[start:]):
-            try:
-                item = json.loads(body)
-            except json.JSONDecodeError:
-                return text, []
-            calls.append(_call_of(item))
-        if calls and all(c is not None for c in calls):
-            return (text[:start].strip() or None), calls  # type: ignore[return-value]
-        return text, []
+        calls = _calls_of(_HERMES.findall(text[start:]))
+        return ((text[:start].strip() or None), calls) if calls else (text, [])
     stripped = text.strip().removeprefix(_PYTHON_TAG).strip()
     if not stripped.startswith("{"):
         return text, []
-    calls = []
-    for part in stripped.split(";"):
+    calls = _calls_of(stripped.split(";"))
+    return (None, calls) if calls is not None else (text, [])
+
+
+def _calls_of(bodies: list[str]) -> list[dict[str, Any]] | None:
+    """The call in every JSON body, or None when one of them is not a call."""
+    calls: list[dict[str, Any]] = []
+    for body in bodies:
         try:
-            call = _call_of(json.loads(part))
+            call = _call_of(json.loads(body))
         except json.JSONDecodeError:
-            return text, []
+            return None
         if call is None:
-            return text, []
+            return None
         calls.append(call)
-    return None, calls
+    return calls
 
 
 def _call_of(item: Any) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdlaunch.server.errors import OpenAIError
+from pdlaunch.http.errors import OpenAIError
 
 # field -> values that ask for nothing (None always does).
 _COMMON: dict[str, tuple[Any, ...]] = {

@@ -121,7 +121,7 @@ def test_forged_and_expired_params_are_refused_and_real_ones_served(pair: tuple[
 def test_release_held_kv_frees_the_prefill_at_once(pair: tuple[str, str]) -> None:
     """The internal route (server/internal.py) reaches EngineLoop.release_held_kv: the blocks go now,
     not at the end of the 30 s lease."""
-    from pdlaunch.server.auth import internal_headers
+    from pdlaunch.http.auth import internal_headers
     from pdlaunch.server.internal import KV_RELEASE_PATH
 
     prefill, decode = pair

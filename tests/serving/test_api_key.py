@@ -1,4 +1,4 @@
-"""API key and internal token (server/auth.py) at a real instance and at the proxy in front of it.
+"""API key and internal token (http/auth.py) at a real instance and at the proxy in front of it.
 
 The instance and the proxy get different client keys on purpose: the proxy's legs are accepted
 only because they carry the internal token derived from the shared deployment secret.
@@ -13,11 +13,11 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_headers
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.server.app import build_app
-from pdlaunch.server.auth import INTERNAL_TOKEN_HEADER, internal_headers
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import ThreadServer, wait_for
 

@@ -14,13 +14,13 @@ import pytest
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo_tokenizer import write_tokenizer_files
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.server.app import build_app
 from pdlaunch.server.chat_template import ChatPrompt, render
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.errors import OpenAIError
 from pdlaunch.server.protocol import ChatCompletionRequest
 from tests.serving.helpers import ThreadServer, wait_for
 

@@ -13,10 +13,10 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.sse import parse_sse
 from tests.serving.helpers import ThreadServer, wait_for
 
 PROMPT = "The capital of France is a city that has many old buildings and"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.server.errors import OpenAIError
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdlaunch.server.unsupported_fields import _COMMON, CHAT_ONLY, COMPLETION_ONLY
 

@@ -14,10 +14,10 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
-from pdlaunch.server.errors import OpenAIError
 from pdlaunch.server.tool_calls import ToolStream, parse_auto, tool_calling_of
 from tests.serving.helpers import ThreadServer, wait_for
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.server.sse import parse_sse
+from pdlaunch.http.sse import parse_sse
 from tests.serving.e2e import Serve, pd_and_colocated
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdlaunch.server.errors import OpenAIError
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 

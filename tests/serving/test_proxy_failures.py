@@ -18,10 +18,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pdlaunch.http.sse import DONE, parse_sse, sse_event
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.sse import DONE, parse_sse, sse_event
 from tests.serving.helpers import ThreadServer, wait_for
 
 

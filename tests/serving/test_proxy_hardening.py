@@ -15,10 +15,10 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_token
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.auth import INTERNAL_TOKEN_HEADER, internal_token
 from tests.serving.helpers import ThreadServer, wait_for
 
 SECRET = "proxy-hardening-secret-0123456789"

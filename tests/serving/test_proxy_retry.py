@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.sse import parse_sse
 from tests.serving.helpers import ThreadServer
 from tests.serving.test_proxy_failures import ScriptedInstance
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance, InstancePool, LeastLoaded, RoundRobin
 from pdlaunch.proxy.translate import (
     decode_body,
@@ -14,7 +15,6 @@ from pdlaunch.proxy.translate import (
     parse_client_body,
     prefill_body,
 )
-from pdlaunch.server.errors import OpenAIError
 
 
 def _instances(role: str, n: int) -> list[Instance]:

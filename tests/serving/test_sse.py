@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdlaunch.server.sse import DONE, SSEParser, parse_sse, sse_event
+from pdlaunch.http.sse import DONE, SSEParser, parse_sse, sse_event
 
 
 def test_event_roundtrip_with_done() -> None:

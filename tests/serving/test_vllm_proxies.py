@@ -15,12 +15,12 @@ from prometheus_client import REGISTRY
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.http.auth import internal_headers
+from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.app import build_app
-from pdlaunch.server.auth import internal_headers
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.internal import KV_RELEASE_PATH
-from pdlaunch.server.sse import parse_sse
 from tests.kv_transfer.deployment_secret import TEST_SECRET
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.vllm_proxy_standins import vllm_proxy_app
