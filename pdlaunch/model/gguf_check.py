@@ -23,8 +23,8 @@ def _expected(config: dict[str, Any], arch: str) -> tuple[dict[str, tuple[int, .
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q_out = config["num_attention_heads"] * config["head_dim"]
     kv_out = config["num_key_value_heads"] * config["head_dim"]
-    why_q = f"{arch}.attention.head_count x key_length, {arch}.embedding_length"
-    why_kv = f"{arch}.attention.head_count_kv x key_length, {arch}.embedding_length"
+    why_q = f"{arch}.attention.head_count x {arch}.attention.key_length, {arch}.embedding_length"
+    why_kv = f"{arch}.attention.head_count_kv x {arch}.attention.key_length, {arch}.embedding_length"
     why_ffn = f"{arch}.feed_forward_length, {arch}.embedding_length"
     shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,)}
     why = {"token_embd.weight": f"vocabulary {vocab}, {arch}.embedding_length",

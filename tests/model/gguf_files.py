@@ -75,10 +75,12 @@ def _add_tokenizer(writer: Any, hf_dir: Path, cfg: dict[str, Any]) -> None:
 
 
 def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokenizer: bool = True,
-               edit: Edit | None = None, rope_metadata: bool = False) -> Path:
+               edit: Edit | None = None, rope_metadata: bool = False, raw_types: dict[str, str] | None = None,
+               extra: dict[str, np.ndarray] | None = None) -> Path:
     """A GGUF file of the HF checkpoint `hf_dir` (weights as `quant`: 2-D weights only are quantized).
     A llama3-scaled checkpoint gets `rope_freqs`; `rope_metadata` also writes rope.scaling.factor and
-    rope.scaling.original_context_length (llama.cpp's converter does not)."""
+    rope.scaling.original_context_length (llama.cpp's converter does not). `raw_types` stores the named
+    tensors as zero bytes of another ggml type (one the gguf package may not dequantize)."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_block_count(cfg["num_hidden_layers"])
@@ -101,6 +103,7 @@ def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokeni
         if rope_metadata:
             writer.add_rope_scaling_factor(float(rope["factor"]))
             writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    tensors |= extra or {}
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     for name, values in tensors.items():
         if arch == "llama" and name.endswith("attn_q.weight"):
@@ -110,7 +113,12 @@ def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokeni
         edited = values if edit is None else edit(name, values)
         if edited is None:
             continue
-        if quant != "F32" and edited.ndim == 2:
+        if raw_types and name in raw_types:
+            qtype = getattr(gguf.GGMLQuantizationType, raw_types[name])
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            raw = np.zeros((*edited.shape[:-1], edited.shape[-1] // block * size), dtype=np.uint8)
+            writer.add_tensor(name, raw, raw_dtype=qtype)
+        elif quant != "F32" and edited.ndim == 2:
             qtype = getattr(gguf.GGMLQuantizationType, quant)
             writer.add_tensor(name, gguf.quants.quantize(edited, qtype), raw_dtype=qtype)
         else:

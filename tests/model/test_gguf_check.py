@@ -1,0 +1,90 @@
+"""check-config validates a GGUF file like a checkpoint directory: every tensor the architecture needs,
+with the shape its metadata implies, a tokenizer that builds, and quant types we can dequantize. Each
+problem is one `--model` line with a fix; serve and the conversion refuse the file with the same words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import Result
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.gguf import convert_gguf
+from tests.config.cli_helpers import assert_invalid, check, invoke
+from tests.helpers.checkpoints import make_llama, make_qwen3
+from tests.model.gguf_files import write_gguf
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_llama(tmp_path_factory.mktemp("hf") / "llama", rope_scaling_llama3=False)
+
+
+def _check(path: Path) -> Result:
+    return check(["--model", str(path), *CPU])
+
+
+def _errors(result: Result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error: ")]
+
+
+def test_an_intact_file_is_valid(llama_dir: Path, tmp_path: Path) -> None:
+    result = _check(write_gguf(llama_dir, tmp_path / "m.gguf", "llama", quant="Q8_0"))
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_tensor_is_named(llama_dir: Path, tmp_path: Path) -> None:
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama",
+                      edit=lambda name, v: None if name == "blk.1.ffn_down.weight" else v)
+    result = _check(path)
+    assert_invalid(result, "--model", "GGUF file lacks tensor(s) blk.1.ffn_down.weight that a 2-layer llama model")
+    assert "re-download or re-convert" in result.output
+    with pytest.raises(PdlaunchError, match="lacks tensor"):  # refused before any weight is dequantized
+        convert_gguf(path, tmp_path)
+
+
+def test_wrong_shape_names_tensor_both_shapes_and_the_metadata(llama_dir: Path, tmp_path: Path) -> None:
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama",
+                      edit=lambda name, v: v[:16] if name == "blk.0.attn_k.weight" else v)
+    result = _check(path)
+    assert_invalid(result, "--model", "GGUF tensor 'blk.0.attn_k.weight' has shape (16, 64), the metadata "
+                   "(llama.attention.head_count_kv x llama.attention.key_length, llama.embedding_length) "
+                   "implies (32, 64)")
+    served = invoke(["serve", "--model", str(path), *CPU, "--port", "1"])
+    assert served.exit_code == 1 and set(_errors(served)) == set(_errors(result)), served.output
+
+
+def test_no_tokenizer_in_the_metadata(llama_dir: Path, tmp_path: Path) -> None:
+    result = _check(write_gguf(llama_dir, tmp_path / "m.gguf", "llama", tokenizer=False))
+    assert_invalid(result, "--model", "GGUF metadata holds no tokenizer (tokenizer.ggml.model and "
+                   "tokenizer.ggml.tokens)")
+    assert "embeds its tokenizer" in result.output
+
+
+def test_unreadable_quant_type_is_named(llama_dir: Path, tmp_path: Path) -> None:
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama", raw_types={"blk.0.ffn_up.weight": "Q8_1"})
+    result = _check(path)
+    assert_invalid(result, "--model", "quantization types the installed gguf package cannot dequantize: Q8_1")
+    assert "pip install -U gguf" in result.output and len(_errors(result)) == 1, result.output
+
+
+def test_unexpected_tensor_and_a_capped_list(llama_dir: Path, tmp_path: Path) -> None:
+    def junk(name: str, values: np.ndarray) -> np.ndarray:
+        return values[:, :8] if values.ndim == 2 else values  # every matrix too narrow: many problems
+
+    errors = _errors(_check(write_gguf(llama_dir, tmp_path / "m.gguf", "llama", edit=junk)))
+    assert 2 <= len(errors) <= 7 and any("more GGUF tensor problem" in line for line in errors), errors
+    extra = write_gguf(llama_dir, tmp_path / "x.gguf", "llama", extra={"blk.0.mystery.weight": np.ones(4, np.float32)})
+    assert_invalid(_check(extra), "--model", "GGUF tensor 'blk.0.mystery.weight' has no place in a llama model")
+
+
+def test_qwen3_needs_its_q_and_k_norms(tmp_path: Path) -> None:
+    hf_dir = make_qwen3(tmp_path / "hf")
+    assert _check(write_gguf(hf_dir, tmp_path / "ok.gguf", "qwen3")).exit_code == 0
+    path = write_gguf(hf_dir, tmp_path / "m.gguf", "qwen3",
+                      edit=lambda name, v: None if name.endswith("attn_k_norm.weight") else v)
+    assert_invalid(_check(path), "--model", "lacks tensor(s) blk.0.attn_k_norm.weight, blk.1.attn_k_norm.weight")
