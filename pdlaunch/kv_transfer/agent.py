@@ -6,14 +6,12 @@ peers) and the push sender threads, so it runs in NIXL's STRICT thread-sync mode
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 import torch
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import parse_notification
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +26,6 @@ def _nixl() -> Any:
             hint="install it (`pip install nixl`) or use --kv-connector storage",
         ) from e
     return _api
-
-
-def encode_notif(kind: str, **fields: Any) -> bytes:
-    return json.dumps({"kind": kind, **fields}, separators=(",", ":")).encode()
-
-
-def decode_notif(message: bytes) -> dict[str, Any] | None:
-    """A notification validated against messages.Notification, or None when it is not one of ours."""
-    return parse_notification(message)
 
 
 class XferHandle:
@@ -118,14 +107,14 @@ class KVAgent:
         self._extra.append(self.nixl.register_memory(tensors))
 
     def metadata(self) -> bytes:
-        return self.nixl.get_agent_metadata()
+        return bytes(self.nixl.get_agent_metadata())
 
     def connection_metadata(self) -> bytes:
         """This agent's connection info and none of its memory: a peer that loads it can send us
         notifications, and maps nothing of ours."""
         from nixl import _bindings
 
-        return self.nixl.get_partial_agent_metadata(_bindings.nixlRegDList(_bindings.DRAM_SEG), True, ["UCX"])
+        return bytes(self.nixl.get_partial_agent_metadata(_bindings.nixlRegDList(_bindings.DRAM_SEG), True, ["UCX"]))
 
     def add_remote(self, metadata: bytes) -> str:
         """Load a peer's metadata (once per peer name); returns the peer's agent name."""

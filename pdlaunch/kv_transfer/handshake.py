@@ -96,7 +96,9 @@ def device_info(device: torch.device) -> DeviceInfo:
         return DeviceInfo(type=device.type, host_id=host_id())
     index = device.index if device.index is not None else torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
-    bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    # torch's stubs omit the PCI fields that _CudaDeviceProperties has at run time (torch >= 2.1).
+    domain, bus_id, dev = (int(getattr(props, f"pci_{name}_id")) for name in ("domain", "bus", "device"))
+    bus = f"{domain:08x}:{bus_id:02x}:{dev:02x}.0"
     return DeviceInfo(type="cuda", index=index, pci_bus_id=bus, host_id=host_id())
 
 

@@ -1,6 +1,7 @@
-"""The typed messages of the KV plane: side-channel requests (a discriminated union on "type") and
-NIXL notifications (on "kind"). Everything a peer sends is validated against these before any
-handler runs; a message that does not fit is refused (side channel) or dropped (notification).
+"""The typed messages of the KV plane: side-channel requests (a discriminated union on "type"), their
+answers, and NIXL notifications (on "kind"). Everything a peer sends is validated against these before
+any handler runs; a message that does not fit is refused (side channel) or dropped (notification).
+Notifications are built from these models too (`encode_notification`), never as hand-made strings.
 
 Bounds: ids and names at most 512 characters, at most MAX_GROUPS KV-cache groups, block ids in
 [-1, 2**31), NIXL metadata as lowercase hex, seconds finite and within a day (the prefill clamps
@@ -13,6 +14,8 @@ import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from pdlaunch.kv_transfer.handshake import HandshakeInfo
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,46 @@ class Envelope(_Message):
     msg: SideChannelMessage
 
 
+SideChannelRequest = (HandshakeRequest | PushRequest | StageRequest | UnstageRequest | ClaimReadRequest
+                      | CancelPushRequest | ForgetRequest | ListenRequest | HeldBlocksRequest)
+
+
+# -- side-channel answers (the body a handler returns; the server adds "ok") ---------------------
+class _Reply(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # "ok" (and "error") travel next to the fields
+
+
+class Empty(_Reply):
+    """An answer that only says the request was served."""
+
+
+class HandshakeAnswer(_Reply):
+    info: HandshakeInfo
+
+
+class StageAnswer(_Reply):
+    ticket: _Nonce
+    slots: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
+
+
+class CancelPushAnswer(_Reply):
+    in_flight: bool  # a WRITE may still land in the decode's blocks: push_done/push_failed follows
+
+
+class HeldBlocksAnswer(_Reply):
+    request_id: _Name
+    block_ids: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
+    kv_epoch: int = Field(0, ge=0, lt=2**31)
+
+
+class ListenAnswer(_Reply):
+    listening: bool
+
+
+class ForgetAnswer(_Reply):
+    forgot: bool
+
+
 class Answer(_Message):
     """An answer frame's body: `re` is the nonce of the request it answers (None: the request was
     not authenticated, so nothing of it is echoed)."""
@@ -155,9 +198,14 @@ Notification = Annotated[ReadDone | PushDone | PushFailed | Forget, Field(discri
 _NOTIFICATION = TypeAdapter(Notification)
 
 
-def parse_notification(message: bytes) -> dict[str, Any] | None:
-    """A NIXL notification as a validated dict, or None when it is not one of ours (malformed)."""
+def parse_notification(message: bytes) -> Notification | None:
+    """A NIXL notification as a validated model, or None when it is not one of ours (malformed)."""
     try:
-        return _NOTIFICATION.validate_json(message).model_dump()
+        return _NOTIFICATION.validate_json(message)
     except (ValidationError, ValueError):
         return None
+
+
+def encode_notification(notif: ReadDone | PushDone | PushFailed | Forget) -> bytes:
+    """The bytes a NIXL (or Mooncake) notification carries."""
+    return notif.model_dump_json().encode()

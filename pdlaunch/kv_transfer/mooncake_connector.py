@@ -24,21 +24,15 @@ connector (its memory keys go to authenticated peers only, and UCX binds loopbac
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.config.mooncake_install import resolve_protocol
-from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret
+from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake_sender import TransferPool
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
-from pdlaunch.kv_transfer.nixl_receiver import DecodeSide
-from pdlaunch.kv_transfer.nixl_sender import PrefillSide
-from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
-from pdlaunch.memory import platform
+from pdlaunch.kv_transfer.transport import TransferAgent
 
 logger = logging.getLogger(__name__)
 
@@ -59,67 +53,35 @@ class MooncakePeerCache(PeerCache):
 
 
 class MooncakeConnector(NixlConnector):
-    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, staging_bytes: int | None = None) -> None:
-        if instance.role not in ("prefill", "decode"):
-            raise KVTransferError(f"a Mooncake connector serves prefill or decode instances, not {instance.role!r}",
-                                  field="role")
-        self.config = config
-        self.kv = config.kv_transfer
-        self.instance = instance
-        self.role = instance.role
-        self.engine_id = instance.engine_id
-        secret = require_secret(config.security.deployment_secret, "the Mooncake KV connector")
-        self.keys = SideChannelKeys.from_secret(secret)
-        self._bad_notif = RateLimitedWarning(logger)
-        # Seed 000: capture the device before the transfer engine exists (it may change the current
-        # device while initialising) and bind it; every transfer thread binds this index once.
-        self.device_index = platform.current_device_index()
-        platform.set_device(self.device_index)
+    """The NIXL connector with a Mooncake agent (`_make_agent`) and Mooncake's push-first peers."""
+
+    name = "mooncake"
+    title = "Mooncake"
+    peer_cache = MooncakePeerCache
+
+    def _make_agent(self, name: str) -> TransferAgent:
         self.protocol, self.protocol_reason = resolve_protocol(self.kv.mooncake_protocol)
         host = self.kv.side_channel_host
         if host in ("", "0.0.0.0", "::"):
-            host = instance.host
+            host = self.instance.host
         self.transfer_engine = MooncakeEngine(host, self.protocol, self.kv.mooncake_metadata_server)
         self.transfer_pool = TransferPool(self.device_index)
-        name = f"pdlaunch-{self.role}-{self.engine_id[:12]}-{uuid.uuid4().hex[:8]}"
-        self.agent = MooncakeAgent(name, self.transfer_engine, self.transfer_pool, secret)  # type: ignore[assignment]
-        self.spec = None
-        self.kv_epoch = 0
-        self.staging_bytes = staging_bytes
-        self.staging = None
-        self._slept_staging_bytes = 0
-        self.server = None
-        self._local_device = None
-        self._handshake = None
-        self.sender: PrefillSide | None = None
-        self.receiver: DecodeSide | None = None
-        if self.role == "prefill":
-            self.sender = PrefillSide(self.agent, self.kv.kv_lease_seconds,  # type: ignore[arg-type]
-                                      self.kv.transfer_timeout_seconds, self.device_index)
-        else:
-            self.receiver = DecodeSide(
-                self.agent, self._require_spec, self._device, self.kv.transfer_mode,  # type: ignore[arg-type]
-                self.kv.handshake_timeout_seconds, self.kv.transfer_timeout_seconds, self.kv.verify_kv,
-                self.keys, self.device_index,
-            )
-            self.receiver.peers = MooncakePeerCache(
-                self.agent, self._require_spec, self._device, self.kv.transfer_mode,  # type: ignore[arg-type]
-                self.kv.handshake_timeout_seconds, self.keys)
-        self._mode, self._mode_reason = self._initial_mode()
-        logger.info("Mooncake connector (%s, engine %s): transport %s (%s), metadata %s, session %s; "
-                    "transfer mode %s: %s", self.role, self.engine_id, self.protocol, self.protocol_reason,
-                    self._metadata_text(), self.transfer_engine.session_id, self._mode, self._mode_reason)
+        logger.info("Mooncake transport %s (%s), metadata %s, session %s", self.protocol, self.protocol_reason,
+                    self._metadata_text(), self.transfer_engine.session_id)
         logger.warning("Mooncake's transfer engine listens on all interfaces and authenticates no peer: a host "
                        "that reaches its ports (session %s) can read or write this engine's registered KV memory; "
                        "firewall them, or use --kv-connector nixl where the network is not trusted",
                        self.transfer_engine.session_id)
+        return MooncakeAgent(name, self.transfer_engine, self.transfer_pool, self.secret)
 
     def _initial_mode(self) -> tuple[str, str]:
-        if self.role == "prefill":
-            return self.kv.transfer_mode, "prefill serves both: decode READs (pull) or asks for a WRITE (push)"
-        if self.kv.transfer_mode == "auto":
+        if self.role == "decode" and self.kv.transfer_mode == "auto":
             return "push", _NATIVE + " (loads that reshard between TP sizes pull)"
-        return self.kv.transfer_mode, f"kv_transfer.transfer_mode is {self.kv.transfer_mode}"
+        return super()._initial_mode()
+
+    def _answer_mode(self) -> str:
+        """auto pushes (pulls only to reshard between TP sizes)."""
+        return "push" if self.kv.transfer_mode == "auto" else self.kv.transfer_mode
 
     def _metadata_text(self) -> str:
         server = self.kv.mooncake_metadata_server
@@ -137,7 +99,7 @@ class MooncakeConnector(NixlConnector):
 
     def info(self) -> dict[str, Any]:
         info = super().info()
-        info.update(connector="mooncake", transport=self.protocol, transport_reason=self.protocol_reason,
+        info.update(transport=self.protocol, transport_reason=self.protocol_reason,
                     session=self.transfer_engine.session_id, metadata=self._metadata_text(),
                     data_plane_auth="none: Mooncake listens on all interfaces; firewall its ports")
         return info

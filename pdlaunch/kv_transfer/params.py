@@ -16,7 +16,7 @@ engine's add_request; a bad value raises KVTransferError naming `kv_transfer_par
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -38,6 +38,7 @@ RETURN_FIRST_TOKEN = "return_first_token"
 FIRST_TOKEN_IDS = "first_token_ids"
 FIRST_TOKEN_LOGPROBS = "first_token_logprobs"
 
+_Groups = TypeVar("_Groups", list[list[int]], list[list[str]])  # per KV-cache group, one entry per block
 _Id = Field(min_length=1, max_length=MAX_ID_CHARS)
 _Digest = Field(max_length=128)
 
@@ -73,7 +74,7 @@ class FirstTokenLogprob(_Strict):
     top: list[TopLogprob] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
 
 
-def _bounded_blocks(value: list[list[int]] | None, info: ValidationInfo) -> list[list[int]] | None:
+def _bounded_blocks(value: _Groups | None, info: ValidationInfo) -> _Groups | None:
     limit = (info.context or {}).get("max_blocks")
     if value is not None and limit is not None:
         for group in value:

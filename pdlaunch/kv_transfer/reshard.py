@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
 
 def kv_head_range(rank: int, tp: int, total: int) -> tuple[int, int]:
@@ -99,7 +100,7 @@ class Source:
     """One prefill rank this decode rank talks to for a request."""
 
     rank: int
-    params: dict[str, Any]  # the request's kv_transfer_params aimed at this rank's side channel
+    remote: RemoteKV  # the request's KV on this rank (its side channel, tp_rank set)
     slices: list[HeadSlice]  # empty: nothing to read, only tell it to free
     readers: int  # notifications that prefill rank waits for
     checksums: list[list[str]] | None  # that rank's per-group block digests (verify_kv)
@@ -128,14 +129,14 @@ def plan_reshard(params: dict[str, Any], rank: int, tp: int, heads: int) -> Resh
                               hint="run the same pdlaunch version on prefill and decode")
     sums = params.get("rank_kv_checksums") or ([params["kv_checksum"]] if "kv_checksum" in params else None)
     total = total_kv_heads(remote_tp, remote_heads, tp, heads)
+    base = RemoteKV.from_params(params)
     slices = plan_head_slices(rank, tp, remote_tp, total)
     plan = ReshardPlan(remote_tp, remote_heads)
     for p, ranks in notifying_ranks(tp, remote_tp, total).items():
         if rank not in ranks:
             continue
-        base = {k: v for k, v in params.items() if k not in ("remote_ports", "rank_kv_checksums", "kv_checksum")}
         plan.sources.append(Source(
-            rank=p, params={**base, "remote_port": int(ports[p]), "remote_tp_rank": p},
+            rank=p, remote=base.model_copy(update={"port": int(ports[p]), "tp_rank": p, "checksums": None}),
             slices=[s for s in slices if s.src_rank == p], readers=len(ranks),
             checksums=sums[p] if sums is not None else None,
         ))

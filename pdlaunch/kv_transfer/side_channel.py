@@ -24,13 +24,13 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import MAC_BYTES, RateLimitedWarning, SideChannelKeys, mac, mac_ok
-from pdlaunch.kv_transfer.messages import Answer, Envelope
+from pdlaunch.kv_transfer.messages import Answer, Envelope, SideChannelRequest
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ FRAME_READ_SECONDS = 10.0
 REPLAY_WINDOW_SECONDS = 30.0  # a request's ts must lie this close to our clock (multi-node skew included)
 _HEADER = struct.Struct(">I")
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[Any], BaseModel]  # takes the messages.py model its "type" names
+Reply = TypeVar("Reply", bound=BaseModel)
 
 
 class FrameError(Exception):
@@ -106,7 +107,7 @@ class _RequestHandler(socketserver.BaseRequestHandler):
 
 
 class SideChannelServer(socketserver.ThreadingTCPServer):
-    """Serves `handlers[msg.type](msg as a dict)` on host:port (port 0 = a free port) to peers that
+    """Serves `handlers[msg.type](msg)` (msg: its messages.py model) on host:port (port 0 = a free port) to peers that
     hold the deployment secret."""
 
     daemon_threads = True
@@ -192,7 +193,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         if fresh is not None:
             self.refuse(sock, peer, "replay", fresh)
             return False
-        return self._answer(sock, envelope.nonce, self.dispatch(envelope.msg.model_dump()))
+        return self._answer(sock, envelope.nonce, self.dispatch(envelope.msg))
 
     def _fresh(self, envelope: Envelope) -> str | None:
         """None when the request is new: its ts is within the window and its nonce unseen; else why not."""
@@ -209,16 +210,16 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
             self._seen[envelope.nonce] = now + 2 * REPLAY_WINDOW_SECONDS
         return None
 
-    def dispatch(self, message: dict[str, Any]) -> dict[str, Any]:
-        handler = self.handlers.get(message["type"])
+    def dispatch(self, message: SideChannelRequest) -> dict[str, Any]:
+        handler = self.handlers.get(message.type)
         if handler is None:
-            return {"ok": False, "error": f"side-channel message type {message['type']!r} is not served here"}
+            return {"ok": False, "error": f"side-channel message type {message.type!r} is not served here"}
         try:
-            return {"ok": True, **handler(message)}
+            return {"ok": True, **handler(message).model_dump(mode="json")}
         except KVTransferError as e:
             return {"ok": False, "error": e.render()}
         except Exception as e:  # a bug on this side must not kill the server thread; the peer gets the text
-            logger.exception("side-channel handler %s failed", message["type"])
+            logger.exception("side-channel handler %s failed", message.type)
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
     def close(self) -> None:
@@ -227,9 +228,22 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         self._thread.join(timeout=5.0)
 
 
+def request(host: str, port: int, message: SideChannelRequest, reply: type[Reply], timeout: float, what: str,
+            keys: SideChannelKeys) -> Reply:
+    """`call` with typed ends: `message` is sent, the answer is validated as `reply` (KVTransferError
+    naming `what` when it does not fit)."""
+    answer = call(host, port, message.model_dump(mode="json"), timeout, what, keys)
+    try:
+        return reply.model_validate(answer)
+    except ValidationError as e:
+        raise KVTransferError(f"{what}: the answer from {host}:{port} does not fit: {e.errors()[0]['msg']}",
+                              hint="run the same pdlaunch version on prefill and decode") from None
+
+
 def call(host: str, port: int, message: dict[str, Any], timeout: float, what: str,
          keys: SideChannelKeys) -> dict[str, Any]:
-    """One authenticated request/answer with the side channel at host:port within `timeout` seconds.
+    """One authenticated request/answer with the side channel at host:port within `timeout` seconds
+    (`message` as a dict: tests also send what no model allows; the KV plane uses `request`).
 
     Connection refused is retried (the peer may still be starting) until the deadline. Raises
     KVTransferError saying `what` was being waited for; an {"ok": false} answer raises too, and so

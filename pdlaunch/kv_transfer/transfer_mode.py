@@ -25,7 +25,7 @@ def _norm_bus_id(bus_id: str) -> str:
 def nvlink_between(bus_a: str, bus_b: str) -> bool | None:
     """True/False when NVML can tell whether an NVLink joins the two GPUs, None when it cannot."""
     try:
-        import pynvml
+        import pynvml  # type: ignore[import-not-found]  # optional (nvidia-ml-py), untyped
     except ImportError:
         return _nvlink_from_nvidia_smi(bus_a, bus_b)
     try:
@@ -46,7 +46,7 @@ def nvlink_between(bus_a: str, bus_b: str) -> bool | None:
             p2p = pynvml.nvmlDeviceGetP2PStatus(
                 handle, pynvml.nvmlDeviceGetHandleByPciBusId(bus_b), pynvml.NVML_P2P_CAPS_INDEX_NVLINK
             )
-            return p2p == pynvml.NVML_P2P_STATUS_OK
+            return bool(p2p == pynvml.NVML_P2P_STATUS_OK)
         finally:
             pynvml.nvmlShutdown()
     except Exception as e:  # no driver, old NVML without the call: fall back to the CLI

@@ -21,9 +21,9 @@ from pdlaunch.config import mooncake_install
 from pdlaunch.config.kv_connector_rules import kv_connector_problems
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer import mooncake_connector
-from pdlaunch.kv_transfer.agent import encode_notif
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.fault import ENV
+from pdlaunch.kv_transfer.messages import ReadDone, encode_notification
 from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
 from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
@@ -105,7 +105,7 @@ def test_notifications_without_the_deployment_mac_are_dropped(caplog: pytest.Log
     try:
         for agent in (ours, other):
             agent.add_remote(ours.metadata())
-        message = encode_notif("release", request_id="someone-else")
+        message = encode_notification(ReadDone(kind="release", request_id="someone-else"))
         other.notify("ours", message)  # MACed with another deployment's key
         other.engine.notify(ours.engine.session_id, "ours", message.decode())  # no MAC at all
         ours.notify("ours", message)

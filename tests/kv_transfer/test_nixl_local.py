@@ -43,7 +43,7 @@ def test_lease_expiry_frees_blocks_and_counts() -> None:
         assert prefill.info()["held_requests"] == 0
         # A decode that asks for the push now is told why it cannot have it.
         with pytest.raises(KVTransferError, match="lease"):
-            prefill.sender.handle_push({"request_id": "r1", "pairs": [[]], "block_bytes": prefill.spec.block_bytes})
+            prefill.sender.holds.claim("r1", [[]], prefill.spec.block_bytes, prefill.spec, exclusive=True)
         # Reported once only.
         assert "r1" not in prefill.get_finished().finished_sending
     finally:

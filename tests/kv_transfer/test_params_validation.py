@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.fault import ENV, TransferFaults
-from pdlaunch.kv_transfer.messages import parse_notification
+from pdlaunch.kv_transfer.messages import Forget, PushFailed, ReadDone, encode_notification, parse_notification
 from pdlaunch.kv_transfer.params import check_kv_transfer_params, params_key
 from tests.kv_transfer.deployment_secret import TEST_SECRET, signed
 
@@ -74,10 +74,11 @@ def test_unsigned_forged_expired_and_overlong_params_are_refused() -> None:
 
 
 def test_notifications_are_typed_and_malformed_ones_dropped() -> None:
-    assert parse_notification(b'{"kind":"read_done","request_id":"r","readers":2}') == {
-        "kind": "read_done", "request_id": "r", "readers": 2}
-    assert parse_notification(b'{"kind":"forget","agent_name":"a"}') == {"kind": "forget", "agent_name": "a",
-                                                                         "kv_epoch": None}
+    assert parse_notification(b'{"kind":"read_done","request_id":"r","readers":2}') == ReadDone(
+        kind="read_done", request_id="r", readers=2)
+    assert parse_notification(b'{"kind":"forget","agent_name":"a"}') == Forget(kind="forget", agent_name="a")
+    sent = PushFailed(kind="push_failed", nonce="n1", error="boom")
+    assert parse_notification(encode_notification(sent)) == sent
     for bad in (b"", b"\xff", b"[]", b'{"kind":"read_done"}', b'{"kind":"read_done","request_id":"r","readers":"x"}',
                 b'{"kind":"forget","agent_name":"a","kv_epoch":-1}', b'{"kind":"boom"}', b'{"kind":"push_done"}'):
         assert parse_notification(bad) is None, bad

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.handshake import HandshakeInfo
-from pdlaunch.kv_transfer.peers import PeerCache, RemoteEngine
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from tests.kv_transfer.deployment_secret import KEYS
 
 
@@ -35,8 +34,8 @@ def _cache(mode: str) -> tuple[PeerCache, RecordingAgent, list[int]]:
     return cache, agent, handshakes
 
 
-def _params(epoch: int, engine_id: str = "P") -> dict[str, Any]:
-    return {"remote_engine_id": engine_id, "remote_host": "127.0.0.1", "remote_port": 7000, "kv_epoch": epoch}
+def _params(epoch: int, engine_id: str = "P") -> RemoteKV:
+    return RemoteKV(engine_id=engine_id, request_id=None, host="127.0.0.1", port=7000, kv_epoch=epoch)
 
 
 def test_a_late_forget_leaves_the_woken_engines_metadata_alone() -> None:

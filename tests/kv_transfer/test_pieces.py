@@ -6,12 +6,14 @@ import socket
 
 import pytest
 import torch
+from pydantic import BaseModel
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel, transfer_mode
 from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, needed_block_indices, pair_blocks, run_descriptors
 from pdlaunch.kv_transfer.checksum import block_checksums, verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, compat_fields, compat_hash
+from pdlaunch.kv_transfer.messages import ForgetRequest, StageAnswer, UnstageRequest
 from pdlaunch.kv_transfer.staging import StagingArea
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
@@ -67,14 +69,25 @@ def test_coalesced_descriptor_is_the_bytes_of_the_block_run() -> None:
 
 
 def test_side_channel_round_trip_and_errors() -> None:
-    def boom(message: dict) -> dict:
+    class Got(BaseModel):
+        got: str
+
+    def boom(message: UnstageRequest) -> Got:
         raise KVTransferError("refused on purpose")
 
-    server = side_channel.SideChannelServer(
-        "127.0.0.1", 0, {"forget": lambda m: {"got": m["agent_name"]}, "unstage": boom}, KEYS)
+    def echo(message: ForgetRequest) -> Got:
+        return Got(got=message.agent_name)
+
+    server = side_channel.SideChannelServer("127.0.0.1", 0, {"forget": echo, "unstage": boom}, KEYS)
     try:
         answer = side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "a"}, 5, "echo", KEYS)
         assert answer["got"] == "a"
+        typed = side_channel.request("127.0.0.1", server.port, ForgetRequest(type="forget", agent_name="b"), Got, 5,
+                                     "echo", KEYS)
+        assert typed == Got(got="b")
+        with pytest.raises(KVTransferError, match="does not fit"):
+            side_channel.request("127.0.0.1", server.port, ForgetRequest(type="forget", agent_name="b"),
+                                 StageAnswer, 5, "echo", KEYS)
         with pytest.raises(KVTransferError, match="refused on purpose"):
             side_channel.call("127.0.0.1", server.port, {"type": "unstage", "ticket": "t"}, 5, "boom", KEYS)
         with pytest.raises(KVTransferError, match="is not served here"):

@@ -9,9 +9,9 @@ import torch
 
 from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from pdlaunch.kv_transfer import nixl_sender
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.prefill.push_sender import wait_write
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import make_spec, wait_events
 
@@ -70,14 +70,14 @@ class _FakeXfer:
 def test_wait_write_checks_until_done() -> None:
     xfer = _FakeXfer(checks=50)
     start = time.monotonic()
-    assert nixl_sender._wait_write(xfer, start, start + 30.0) == "DONE"  # type: ignore[arg-type]
+    assert wait_write(xfer, start, start + 30.0) == "DONE"  # type: ignore[arg-type]
     assert xfer.calls == 50
 
 
 def test_wait_write_gives_up_at_the_deadline() -> None:
     xfer = _FakeXfer(checks=None)
     start = time.monotonic()
-    assert nixl_sender._wait_write(xfer, start, start + 0.1) == "PROC"  # type: ignore[arg-type]
+    assert wait_write(xfer, start, start + 0.1) == "PROC"  # type: ignore[arg-type]
     assert time.monotonic() >= start + 0.1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pdlaunch.kv_transfer.base import KVConnectorEvents
+from pdlaunch.kv_transfer.messages import ClaimReadRequest
 from tests.kv_transfer.pd_procs import make_spec, wait_events
 from tests.kv_transfer.test_nixl_local import _connector
 
@@ -33,7 +34,7 @@ def test_release_held_leaves_a_claimed_read_alone() -> None:
     try:
         prefill.register_kv_caches(make_spec())
         prefill.request_finished("r1", [1, 2, 3, 4, 5], {"do_remote_decode": True}, [[3, 4]])
-        prefill.sender.handle_claim_read({"request_id": "r1", "seconds": 5.0})
+        prefill.sender.holds.claim_read(ClaimReadRequest(type="claim_read", request_id="r1", seconds=5.0))
         assert prefill.release_held("r1") is False
         assert prefill.info()["held_requests"] == 1
     finally:

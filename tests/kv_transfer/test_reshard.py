@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.decode.reshard_load import copy_head_slices
 from pdlaunch.kv_transfer.reshard import (
     HeadSlice,
     kv_head_range,
@@ -21,7 +22,6 @@ from pdlaunch.kv_transfer.reshard import (
     plan_reshard,
     total_kv_heads,
 )
-from pdlaunch.kv_transfer.reshard_load import copy_head_slices
 from pdlaunch.kv_transfer.staging import StagingArea
 
 NUM_BLOCKS, LAYERS, BLOCK_SIZE, HEAD_DIM = 6, 2, 4, 3
@@ -52,13 +52,14 @@ def test_every_decode_rank_rebuilds_its_heads_from_the_plan(total: int, tp_p: in
     readers = {p: 0 for p in range(tp_p)}
     for r in range(tp_d):
         params = {"tp_size": tp_p, "kv_heads_per_rank": heads_p, "remote_ports": list(range(9000, 9000 + tp_p)),
-                  "remote_port": 9000, "rank_kv_checksums": [[[f"p{p}"]] for p in range(tp_p)]}
+                  "remote_port": 9000, "remote_engine_id": "P", "remote_host": "h",
+                  "rank_kv_checksums": [[[f"p{p}"]] for p in range(tp_p)]}
         plan = plan_reshard(params, r, tp_d, heads_d)
         mine = torch.zeros(NUM_BLOCKS, LAYERS, 2, BLOCK_SIZE, heads_d, HEAD_DIM)
         area = StagingArea([mine], 1 << 20, kv_heads=heads_p)
         for src in plan.sources:
-            assert src.params["remote_port"] == 9000 + src.rank and src.checksums == [[f"p{src.rank}"]]
-            assert "remote_ports" not in src.params
+            assert src.remote.port == 9000 + src.rank and src.checksums == [[f"p{src.rank}"]]
+            assert src.remote.tp_rank == src.rank and src.remote.checksums is None
             assert src.readers == len(notifying_ranks(tp_d, tp_p, inferred)[src.rank])
             readers[src.rank] += 1
             if not src.slices:

@@ -41,7 +41,9 @@ def prefill() -> Iterator[NixlConnector]:
 
 
 def _hold(prefill: NixlConnector):  # the Hold of HOLD on the prefill side
-    return prefill.sender._holds[HOLD]
+    hold = prefill.sender.holds.get(HOLD)
+    assert hold is not None
+    return hold
 
 
 def _no_metadata(answer: dict | None, prefill: NixlConnector) -> None:
@@ -51,7 +53,7 @@ def _no_metadata(answer: dict | None, prefill: NixlConnector) -> None:
 
 def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: NixlConnector,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
-    port = prefill.server.port
+    port = prefill.sender.server.port
     caplog.set_level(logging.WARNING)
     # The probe: a plain JSON frame as the old protocol took it.
     for attempt in (frame(b'{"type":"handshake"}', b""), frame(envelope({"type": "handshake", "engine_id": "auth-P"}),
@@ -80,7 +82,7 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
 
 
 def test_a_captured_frame_cannot_be_replayed(prefill: NixlConnector) -> None:
-    port = prefill.server.port
+    port = prefill.sender.server.port
     captured = authed(KEYS, {"type": "handshake", "engine_id": "auth-P"})
     first = exchange(port, captured)
     assert first is not None and first["answer"]["ok"] and "agent_metadata" in first["answer"]["info"]
@@ -91,7 +93,7 @@ def test_a_captured_frame_cannot_be_replayed(prefill: NixlConnector) -> None:
 
 
 def test_claims_are_bounded_by_the_lease(prefill: NixlConnector) -> None:
-    port = prefill.server.port
+    port = prefill.sender.server.port
     for seconds, why in ((1e308, "less than or equal"), (-1.0, "greater than or equal"), (float("nan"), "finite")):
         body = envelope({"type": "claim_read", "request_id": HOLD, "seconds": seconds})
         from pdlaunch.kv_transfer.auth import mac
@@ -106,12 +108,12 @@ def test_claims_are_bounded_by_the_lease(prefill: NixlConnector) -> None:
 
 
 def test_oversized_frames_and_too_many_connections_are_refused(prefill: NixlConnector) -> None:
-    port = prefill.server.port
+    port = prefill.sender.server.port
     with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
         sock.sendall((64 << 20).to_bytes(4, "big"))  # announces 64 MiB: refused before anything is read
         answer = read_answer(sock)
         assert answer is not None and "the side channel takes 32 to 1048576" in answer["answer"]["error"]
-    server = prefill.server
+    server = prefill.sender.server
     held: list[socket.socket] = []
     try:
         for _ in range(server.max_connections):  # slow peers that send nothing
@@ -134,14 +136,14 @@ def test_oversized_frames_and_too_many_connections_are_refused(prefill: NixlConn
 
 def test_a_slow_loris_is_dropped_within_the_frame_timeout(prefill: NixlConnector, monkeypatch) -> None:
     monkeypatch.setattr(side_channel, "FRAME_READ_SECONDS", 0.5)
-    with socket.create_connection(("127.0.0.1", prefill.server.port), timeout=15) as sock:
+    with socket.create_connection(("127.0.0.1", prefill.sender.server.port), timeout=15) as sock:
         sock.sendall(b"\0\0")  # half a header, then nothing
         started = time.monotonic()
         answer = read_answer(sock)
         assert time.monotonic() - started < 5
         assert answer is not None and "not received within" in answer["answer"]["error"]
     threading.Event().wait(0.1)
-    assert prefill.server.num_connections() == 0
+    assert prefill.sender.server.num_connections() == 0
 
 
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` to list listening sockets")

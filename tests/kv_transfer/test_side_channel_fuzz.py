@@ -80,7 +80,7 @@ def _send(port: int, data: bytes) -> dict[str, Any] | None:
 @FUZZ
 @given(data=st.binary(max_size=300))
 def test_random_bytes(prefill: NixlConnector, data: bytes) -> None:
-    answer = _send(prefill.server.port, data)
+    answer = _send(prefill.sender.server.port, data)
     assert answer is None or answer["answer"]["ok"] is False
 
 
@@ -88,7 +88,7 @@ def test_random_bytes(prefill: NixlConnector, data: bytes) -> None:
 @given(body=st.binary(max_size=200), tag=st.binary(min_size=32, max_size=32), length=st.integers(0, 2**32 - 1))
 def test_random_frames(prefill: NixlConnector, body: bytes, tag: bytes, length: int) -> None:
     for data in (frame(body, tag), struct.pack(">I", length) + tag + body):
-        answer = _send(prefill.server.port, data)
+        answer = _send(prefill.sender.server.port, data)
         assert answer is None or answer["answer"]["ok"] is False
 
 
@@ -99,14 +99,14 @@ def test_authenticated_random_messages(prefill: NixlConnector, message: Any, ts:
         data = authed(KEYS, message, ts=ts)
     except ValueError:  # NaN/inf do not encode as strict JSON... python's json writes them: still sent
         return
-    answer = _send(prefill.server.port, data)
+    answer = _send(prefill.sender.server.port, data)
     assert answer is not None and isinstance(answer["answer"]["ok"], bool)
 
 
 @FUZZ
 @given(message=messages)
 def test_unauthenticated_messages(prefill: NixlConnector, message: Any) -> None:
-    answer = _send(prefill.server.port, authed(side_channel_wrong_keys(), message))
+    answer = _send(prefill.sender.server.port, authed(side_channel_wrong_keys(), message))
     assert answer is not None and answer["answer"]["ok"] is False and "info" not in answer["answer"]
 
 
@@ -119,12 +119,12 @@ def side_channel_wrong_keys():  # type: ignore[no-untyped-def]
 def test_after_fuzzing_the_server_serves_and_holds_nothing(prefill: NixlConnector, records: _Records) -> None:
     """Runs last in this module (pytest keeps file order): one more round of every kind, then the checks
     over everything the module logged."""
-    port = prefill.server.port
+    port = prefill.sender.server.port
     for data in (b"\0\0\0\5hello", frame(b"{}", b"\1" * 32), authed(KEYS, {"type": "push"}),
                  authed(KEYS, {"type": "claim_read", "request_id": "x", "seconds": float("nan")}),
                  authed(KEYS, {"type": "listen", "agent_name": "a", "agent_metadata": "00ff"})):
         _send(port, data)
-    assert prefill.server._thread.is_alive()
+    assert prefill.sender.server._thread.is_alive()
     assert records.records, "the refusals are logged (rate-limited)"
     assert not [r for r in records.records if r.exc_info or "Traceback" in r.getMessage()]
     answer = side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "fuzz-P"}, 10, "handshake", KEYS)

@@ -47,7 +47,7 @@ def build_sleepy_engine(config_json: str, instance_json: str, staging_slots: int
     def pushed_to() -> list[str]:
         """Decode agents whose NIXL metadata this prefill holds (it pushed to them)."""
         sender = engine.connector.sender
-        return sorted(sender._peers) if sender is not None else []
+        return sender.decodes.names() if sender is not None else []
 
     def prefills_known(settle_s: float = 0.0) -> list[str]:
         """Prefill engines whose NIXL metadata this decode holds (it shook hands with them). With

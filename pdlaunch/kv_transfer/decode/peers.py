@@ -10,15 +10,16 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
-from pdlaunch.kv_transfer.agent import KVAgent
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
+from pdlaunch.kv_transfer.messages import HandshakeAnswer, HandshakeRequest, ListenAnswer, ListenRequest
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
+from pdlaunch.kv_transfer.transport import TransferAgent
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class RemoteEngine:
 
 
 class PeerCache:
-    def __init__(self, agent: KVAgent, spec: Callable[[], KVCacheSpec], local_device: Callable[[], DeviceInfo],
+    def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], local_device: Callable[[], DeviceInfo],
                  transfer_mode: str, handshake_timeout: float, keys: SideChannelKeys) -> None:
         self.agent = agent
         self.keys = keys
@@ -86,14 +87,13 @@ class PeerCache:
             self.agent.forget_remote(agent_name)
             logger.info("dropped the NIXL metadata of prefill agent %s (it goes to sleep)", agent_name)
 
-    def get(self, params: dict[str, Any]) -> RemoteEngine:
-        """The prefill engine named in kv_transfer_params, shaking hands on first use."""
-        engine_id = str(params["remote_engine_id"])
+    def get(self, remote: RemoteKV) -> RemoteEngine:
+        """The prefill engine (rank) `remote` names, shaking hands on first use."""
+        engine_id, rank = remote.engine_id, remote.tp_rank
         # A resharding load talks to several ranks of one prefill engine: one entry per rank.
-        rank = params.get("remote_tp_rank")
         key = engine_id if rank is None else f"{engine_id}/rank{rank}"
         # A prefill engine that registered its KV again (woke up) has new agent metadata.
-        key += f"@{params.get('kv_epoch', 0)}"
+        key += f"@{remote.kv_epoch}"
         with self._lock:
             cached = self._remotes.get(key)
             lock = self._locks.setdefault(key, threading.Lock())
@@ -103,8 +103,7 @@ class PeerCache:
             with self._lock:
                 cached = self._remotes.get(key)
             if cached is None:
-                cached = self._handshake(engine_id, str(params["remote_host"]), int(params["remote_port"]),
-                                         None if rank is None else int(rank))
+                cached = self._handshake(engine_id, remote.host, remote.port, rank)
                 with self._lock:
                     stale = [k for k, r in self._remotes.items()
                              if r.address == cached.address and r.info.engine_id != engine_id]
@@ -122,9 +121,9 @@ class PeerCache:
             return cached
 
     def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
-        answer = side_channel.call(host, port, {"type": "handshake", "engine_id": engine_id},
-                                   self.handshake_timeout, f"KV handshake with prefill engine {engine_id}", self.keys)
-        info = HandshakeInfo.model_validate(answer["info"])
+        message = HandshakeRequest(type="handshake", engine_id=engine_id)
+        what = f"KV handshake with prefill engine {engine_id}"
+        info = side_channel.request(host, port, message, HandshakeAnswer, self.handshake_timeout, what, self.keys).info
         if info.engine_id != engine_id:
             raise KVTransferError(
                 f"engine_id mismatch: kv_transfer_params name prefill engine {engine_id}, but the side "
@@ -151,9 +150,9 @@ class PeerCache:
         its metadata when it goes to sleep: our mapping of its memory would keep that allocated. Only
         that release depends on it, so a failure is logged and the load goes on."""
         try:
-            side_channel.call(host, port, {"type": "listen", "agent_name": self.agent.name,
-                                           "agent_metadata": self.agent.connection_metadata().hex()},
-                              self.handshake_timeout, f"giving prefill engine {engine_id} our NIXL connection info",
-                              self.keys)
+            message = ListenRequest(type="listen", agent_name=self.agent.name,
+                                    agent_metadata=self.agent.connection_metadata().hex())
+            side_channel.request(host, port, message, ListenAnswer, self.handshake_timeout,
+                                 f"giving prefill engine {engine_id} our connection info", self.keys)
         except KVTransferError as exc:
             logger.warning("%s; if it sleeps, its freed KV memory stays mapped here until our next handshake", exc)

@@ -1,455 +1,218 @@
-"""Prefill side of the NIXL connector: held requests, leases, and the push sender pool.
+"""Prefill side of a KV connector: holds and leases (prefill/holds.py), the push sender pool
+(prefill/push_sender.py), the staging server (prefill/staging_server.py), the decode agents it knows
+(prefill/decode_peers.py), and the authenticated side channel that serves them to decode engines.
 
-A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
-- pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
-  the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
-- push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
-- decode says it gave up ("release"), or
-- the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
-Pull: decode claims the hold ("claim_read" on the side channel) before it READs; a claimed hold
-lives until the read_done/release notification or a hard cap (decode's remaining transfer time plus
-READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are never reused mid-read.
-Push: a WRITE is never posted after decode's deadline (its remaining time travels with the push
-request) nor after decode cancelled it ("cancel_push"); an in-flight WRITE is waited for (bounded)
-and then push_done/push_failed tells decode that nothing more lands in its blocks.
-Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
+The side channel listens on instance.side_channel_port (+ tp_rank); a decode connects to it with the
+kv_transfer_params this side answered (`request_finished`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
+from pdlaunch.config.models import InstanceSpec, KVTransferConfig
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.agent import KVAgent, XferHandle, encode_notif
-from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
-from pdlaunch.kv_transfer.push_params import client_request_id
+from pdlaunch.kv_transfer.auth import SideChannelKeys
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.checksum import block_checksums
+from pdlaunch.kv_transfer.handshake import KV_LAYOUT, HandshakeInfo, compat_fields, compat_hash, device_info
+from pdlaunch.kv_transfer.messages import (
+    Empty,
+    HandshakeAnswer,
+    HandshakeRequest,
+    HeldBlocksAnswer,
+    HeldBlocksRequest,
+    Notification,
+    PushRequest,
+    ReadDone,
+)
+from pdlaunch.kv_transfer.prefill.decode_peers import DecodePeers
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
+from pdlaunch.kv_transfer.prefill.push_sender import PushSender, PushTiming
+from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
+from pdlaunch.kv_transfer.push_params import prompt_digest
+from pdlaunch.kv_transfer.role import RoleSide
+from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
+from pdlaunch.kv_transfer.transport import TransferAgent
 from pdlaunch.memory import platform
-from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 
 logger = logging.getLogger(__name__)
 
-# NIXL's UCX backend sends a WRITE's notification (push_done) only from check_xfer_state, once that call
-# sees the WRITE complete: the time between two checks adds straight to decode's wait. The check interval
-# grows with the time the WRITE has run (1/16 of it, within [_MIN_CHECK_SECONDS, _MAX_CHECK_SECONDS]), so
-# a WRITE is seen done at most ~6% (or 0.25 ms) after it ended, with a few dozen checks per WRITE. A fixed
-# 0.5 ms sleep cost ~0.3 ms on average per push; spinning instead fought NIXL's own progress thread for
-# the UCX worker (measured on CPU: WRITE and notify both slower).
-_MIN_CHECK_SECONDS = 0.00002
-_MAX_CHECK_SECONDS = 0.00025
-# A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
-# decode gives up); decode accepts a READ only when it saw it done before its own deadline.
-READ_GRACE_SECONDS = 5.0
 
+class PrefillSide(RoleSide):
+    role = "prefill"
 
-@dataclass
-class Hold:
-    request_id: str
-    block_ids: list[list[int]]
-    deadline: float  # time.monotonic() when the lease expires
-    busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
-    done: bool = False  # may be freed
-    notified: int = 0  # read_done/release notifications received
-    readers: int = 1  # notifications to wait for (the largest `readers` a notification named)
-    expired: bool = False
-    cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
-    read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
-    prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
-
-
-@dataclass
-class PushTiming:
-    """Where one push spent its time; time.monotonic() values (comparable across processes of one host)."""
-
-    request_id: str
-    num_bytes: int
-    received: float  # the push request arrived on the side channel
-    posting: float  # descriptors built, about to post the WRITE
-    posted: float  # NIXL's post returned (on CPU DRAM, UCX copies within the post)
-    done: float  # a check saw the WRITE complete (NIXL sent push_done then)
-
-
-@dataclass
-class Ticket:
-    """Staging slots holding a copy of some held blocks until decode has read them ("unstage")."""
-
-    slots: list[int]
-    deadline: float
-    request_id: str = ""
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
-
-
-class PrefillSide:
-    """Owns the holds; `poll` is called from the engine thread, `handle_push` from side-channel threads."""
-
-    def __init__(
-        self, agent: KVAgent, lease_seconds: float, transfer_timeout: float, device_index: int, workers: int = 2
-    ) -> None:
+    def __init__(self, agent: TransferAgent, kv: KVTransferConfig, instance: InstanceSpec, answer_mode: str,
+                 keys: SideChannelKeys, device_index: int, workers: int = 2) -> None:
         self.agent = agent
-        self.lease_seconds = lease_seconds
-        self.transfer_timeout = transfer_timeout
+        self.engine_id = instance.engine_id
+        self.kv = kv
+        self.instance_host = instance.host  # where decode engines reach this instance
+        self.base_port = instance.side_channel_port or kv.side_channel_port or 0  # 0: any free port
+        self.answer_mode = answer_mode  # the transfer mode the answer names (vLLM's field; never "auto")
+        self.keys = keys
         self.device_index = device_index
+        self.kv_epoch = 0
         self.spec: KVCacheSpec | None = None
-        self.staging: StagingArea | None = None
-        self._holds: dict[str, Hold] = {}
-        self._tickets: dict[str, Ticket] = {}
-        self._peers: dict[str, tuple[str, str]] = {}  # decode agent name -> (loaded name, its metadata hex)
-        # Decode agents that READ from us (pull) and gave their connection info only, so that a sleep
-        # can reach them: name -> loaded name.
-        self._listeners: dict[str, str] = {}
-        self._timings: deque[PushTiming] = deque(maxlen=256)
-        self._lock = threading.Lock()
+        self.server: SideChannelServer | None = None
+        self._handshake: HandshakeInfo | None = None
         # Seed 000: CUDA's current device is per thread; bind it once when each sender thread starts.
-        self.executor = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="pdlaunch-kv-sender", initializer=self._bind_sender_thread_device
-        )
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-sender",
+                                           initializer=self._bind_sender_thread_device)
+        self.holds = HoldTable(kv.kv_lease_seconds)
+        self.stager = StagingServer(self.holds, self.executor, kv.transfer_timeout_seconds)
+        self.pusher = PushSender(agent, self.holds, self.executor, kv.transfer_timeout_seconds)
+        self.decodes = DecodePeers(agent)
 
     def _bind_sender_thread_device(self) -> None:
         platform.set_device(self.device_index)
 
     # -- engine thread ------------------------------------------------------------------------
-    def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
-        with self._lock:
-            self._holds[request_id] = Hold(request_id, [list(b) for b in block_ids],
-                                           time.monotonic() + self.lease_seconds, prompt_digest=prompt_digest)
+    def attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
+        self.spec = self.stager.spec = self.pusher.spec = spec
+        self.stager.staging = self.pusher.staging = staging
+        self.kv_epoch = kv_epoch
+        self._handshake = self._handshake_info(spec, staging)
+        if self.server is not None:
+            return
+        port = self.base_port + spec.tp_rank if self.base_port else 0
+        self.server = SideChannelServer(
+            self.kv.side_channel_host, port,
+            {"handshake": self._on_handshake, "push": self._on_push, "stage": self.stager.stage,
+             "unstage": self.stager.unstage, "claim_read": self.holds.claim_read,
+             "cancel_push": self.holds.cancel_push, "forget": self.decodes.forget, "listen": self.decodes.listen,
+             "held_blocks": self._on_held_blocks},
+            self.keys,
+        )
+        logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id, spec.tp_rank,
+                    self.kv.side_channel_host, self.server.port)
 
-    def on_notif(self, notif: dict[str, Any]) -> None:
-        """A decode agent finished reading (read_done) or gave up (release) on a request."""
-        request_id = str(notif.get("request_id"))
-        with self._lock:
-            hold = self._holds.get(request_id)
-            if hold is not None:
-                hold.notified += 1
-                hold.readers = max(hold.readers, int(notif.get("readers", 1)))
-                hold.done = hold.done or hold.notified >= hold.readers
-        if hold is None:
-            logger.warning("KV %s notification for request %s, which is not held (lease expired?)",
-                           notif.get("kind"), request_id)
+    def drop_staging(self) -> None:
+        self.stager.staging = self.pusher.staging = None
 
-    def release(self, request_id: str) -> bool:
-        """The decode leg of `request_id` will not run: free the hold at the next `poll`, or once a push
-        or staging copy reading it ends (no new one starts: cancelled). A hold a decode READ claimed
-        stays until that READ's notification or cap."""
-        with self._lock:
-            hold = self._holds.get(request_id)
-            if hold is None or hold.read_claimed:
-                return False
-            hold.cancelled = hold.done = True
-        logger.info("KV of request %s released early: its decode leg will not run", request_id)
-        return True
+    def _handshake_info(self, spec: KVCacheSpec, staging: StagingArea | None) -> HandshakeInfo:
+        fields = compat_fields(spec)
+        registered = staging.buffers if staging is not None else spec.kv_caches
+        return HandshakeInfo(
+            engine_id=self.engine_id, agent_name=self.agent.name, agent_metadata=self.agent.metadata().hex(),
+            base_addrs=[t.data_ptr() for t in registered], block_bytes=spec.block_bytes,
+            num_blocks=spec.num_blocks, block_size=spec.block_size, dtype=str(fields["dtype"]), kv_layout=KV_LAYOUT,
+            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, group_layers=spec.group_layers,
+            model_name=spec.model_name, tp_size=spec.tp_size, tp_rank=spec.tp_rank, device=device_info(spec.device),
+            compat_hash=compat_hash(fields), staging_slots=staging.num_slots if staging is not None else 0,
+        )
 
-    def poll(self, now: float) -> set[str]:
-        """Requests whose blocks may be freed now; counts lease expiries."""
-        finished: set[str] = set()
-        with self._lock:
-            for hold in list(self._holds.values()):
-                if not hold.done and not hold.busy and now > hold.deadline:
-                    hold.done = hold.expired = True
-                    if hold.read_claimed:
-                        logger.warning("decode's READ of request %s did not end by its hard cap", hold.request_id)
-                if hold.done and not hold.busy:
-                    finished.add(hold.request_id)
-                    del self._holds[hold.request_id]
-                    if hold.expired:
-                        KV_EXPIRED_REQUESTS.inc()
-                        logger.warning("KV of request %s was not fetched within the %.1fs lease: freed",
-                                       hold.request_id, self.lease_seconds)
-            stale = [t for t in self._tickets.values() if now > t.deadline]
-            for ticket in stale:
-                del self._tickets[ticket.id]
-        for ticket in stale:  # decode never said it read them (died, timed out)
-            logger.warning("staging slots of request %s were not unstaged in time: released", ticket.request_id)
-            assert self.staging is not None
-            self.staging.release(ticket.slots)
-        return finished
+    def request_finished(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: dict[str, Any] | None,
+                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+        """Hold the blocks of a request asked for a remote decode; answer where its KV lies (vLLM's
+        field names; the caller signs the answer)."""
+        if not kv_transfer_params or not kv_transfer_params.get("do_remote_decode"):
+            return False, None
+        spec = self._require_spec()
+        host, port = self.address()
+        params: dict[str, Any] = {
+            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
+            "remote_block_ids": [list(b) for b in block_ids], "remote_host": host, "remote_port": port,
+            "remote_request_id": request_id, "tp_size": spec.tp_size, "kv_heads_per_rank": spec.num_kv_heads,
+            "transfer_mode": self.answer_mode, "num_prompt_tokens": len(prompt_token_ids),
+            "remote_num_tokens": len(prompt_token_ids),
+            "remote_blocks_expiry_time": time.time() + self.kv.kv_lease_seconds,  # unix seconds, as vLLM
+            "kv_epoch": self.kv_epoch,
+        }
+        if self.kv.verify_kv:
+            params["kv_checksum"] = [block_checksums(spec.kv_caches[g], b) for g, b in enumerate(block_ids)]
+        self.holds.hold(request_id, block_ids, prompt_digest(prompt_token_ids))
+        return True, params
+
+    def on_notif(self, notif: Notification) -> None:
+        if isinstance(notif, ReadDone):
+            self.holds.on_read_done(notif)
+
+    def poll(self, now: float, events: KVConnectorEvents) -> None:
+        events.finished_sending = self.holds.poll(now)
+        self.stager.expire(now)
+
+    def release_held(self, request_id: str) -> bool:
+        return self.holds.release(request_id)
+
+    def before_sleep(self, kv_epoch: int) -> None:
+        self.decodes.tell_to_forget(kv_epoch)
+
+    def staging_users(self) -> set[str]:
+        """Stagings not yet unstaged, and holds a push or staging copy is reading."""
+        return self.stager.users() | self.holds.busy_ids()
 
     def num_held(self) -> int:
-        with self._lock:
-            return len(self._holds)
+        return len(self.holds)
 
     def push_timings(self) -> list[PushTiming]:
         """The phases of the last (at most 256) pushes that completed, oldest first."""
-        with self._lock:
-            return list(self._timings)
+        return self.pusher.timings()
+
+    @property
+    def side_channel_port(self) -> int:
+        return self.server.port if self.server is not None else 0
+
+    def address(self) -> tuple[str, int]:
+        """Where decode engines reach this side channel (the instance's host when it binds every address)."""
+        host = self.kv.side_channel_host
+        return (self.instance_host if host in ("", "0.0.0.0", "::") else host), self.side_channel_port
+
+    def info(self, info: dict[str, Any]) -> None:
+        if self.server is not None:
+            host, port = self.address()
+            info["side_channel"] = f"{host}:{port}"
+            info["held_requests"] = self.num_held()
+
+    def _require_spec(self) -> KVCacheSpec:
+        if self.spec is None:
+            raise KVTransferError("the KV cache is not registered yet",
+                                  hint="the engine calls register_kv_caches first")
+        return self.spec
 
     # -- side-channel threads -----------------------------------------------------------------
-    def handle_claim_read(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Decode is about to READ the blocks of a held request: keep them past the lease until its
-        read_done/release notification, at most `seconds` (decode's remaining time, clamped to the lease:
-        a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
-        request_id = str(message["request_id"])
-        seconds = float(message["seconds"])
-        if not 0.0 <= seconds < float("inf"):  # messages.py refuses these already; the clamp must hold alone
-            raise KVTransferError(f"claim of {seconds!r} seconds", field="claim_read.seconds")
-        cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
-        with self._lock:
-            hold = self._holds.get(request_id)
-            if hold is None or hold.done or hold.cancelled:
-                raise KVTransferError(
-                    f"request {request_id} is not held here any more: its lease ({self.lease_seconds:g}s) expired "
-                    "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
-                    hint="raise the lease if decode queues requests longer than that")
-            hold.read_claimed = True
-            hold.deadline = max(hold.deadline, cap)
-        return {}
+    def _on_handshake(self, message: HandshakeRequest) -> HandshakeAnswer:
+        if self._handshake is None:
+            raise KVTransferError("this prefill engine has not registered its KV cache yet")
+        return HandshakeAnswer(info=self._handshake)
 
-    def handle_cancel_push(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Decode gave up a push (abort, timeout). Answers in_flight: whether a WRITE may still land in
-        its blocks; if so, the sender thread's push_done/push_failed notification says when it ended."""
-        with self._lock:
-            hold = self._holds.get(str(message["request_id"]))
-            if hold is None:
-                return {"in_flight": False}
-            hold.cancelled = True
-            in_flight = bool(hold.busy)
-            if not in_flight:
-                hold.done = True
-        return {"in_flight": in_flight}
-
-    def handle_push(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Decode asks: WRITE held blocks into its blocks (or staging slots), then notify it with `nonce`.
-
-        message["pairs"][g] = [[decode_id, prefill_block_id], ...]; "last" marks the final chunk of
-        the request (the hold is freed after it).
-        """
-        request_id = str(message["request_id"])
+    def _on_push(self, message: PushRequest) -> Empty:
+        """Decode asks: WRITE held blocks into its blocks (or staging slots), then notify it (its nonce).
+        message.pairs[g] = [(decode_id, prefill_block_id), ...]; `last` marks the request's final chunk."""
         received = time.monotonic()
-        hold = self._claim(request_id, message["pairs"], message["block_bytes"], exclusive=True)
+        sources = [[p[1] for p in group] for group in message.pairs]
+        hold = self.holds.claim(message.request_id, sources, message.block_bytes, self.spec, exclusive=True)
         try:
-            peer = self._peer(message["agent_name"], message["agent_metadata"])
-            self.executor.submit(self._push, hold, message, peer, received)
+            self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
         except Exception:
-            with self._lock:
-                hold.busy -= 1
+            self.holds.unclaim(hold)
             raise
-        return {}
+        return Empty()
 
-    def handle_held_blocks(self, message: dict[str, Any]) -> dict[str, Any]:
+    def _on_held_blocks(self, message: HeldBlocksRequest) -> HeldBlocksAnswer:
         """A decode holding push params without block ids (vLLM's push proxy) asks which blocks hold
         its request: found by request id, else by the client's X-Request-Id, and only when the held
         prompt's digest is the decode's (push_params.py). Waits for the hold up to `wait` seconds
         (capped by the transfer timeout): the decode leg may arrive before the prefill finished."""
-        wanted, client_id = message.get("request_id"), str(message["client_request_id"])
-        deadline = time.monotonic() + min(float(message["wait"]), self.transfer_timeout)
+        deadline = time.monotonic() + min(message.wait, self.kv.transfer_timeout_seconds)
         while True:
-            with self._lock:
-                for hold in self._holds.values():
-                    named = hold.request_id == wanted if wanted else client_request_id(hold.request_id) == client_id
-                    if named and not (hold.done or hold.cancelled or hold.expired or hold.busy) \
-                            and hold.prompt_digest == message["prompt_digest"]:
-                        return {"request_id": hold.request_id, "block_ids": hold.block_ids}
+            found = self.holds.find(message.request_id, message.client_request_id, message.prompt_digest)
+            if found is not None:
+                return HeldBlocksAnswer(request_id=found[0], block_ids=found[1], kv_epoch=self.kv_epoch)
             if time.monotonic() >= deadline:
+                wanted = message.request_id or f"with X-Request-Id {message.client_request_id}"
                 raise KVTransferError(
-                    f"no request {wanted or f'with X-Request-Id {client_id}'} of this prompt is held here",
+                    f"no request {wanted} of this prompt is held here",
                     hint="its lease may have expired, or the decode got another prompt than the prefill")
             time.sleep(0.005)
 
-    def handle_stage(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Copy held blocks into staging slots for a decode READ; the answer names the slots and a ticket."""
-        if self.staging is None:
-            raise KVTransferError("this prefill engine does not stage its KV cache")
-        request_id = str(message["request_id"])
-        blocks = message["blocks"]
-        block_bytes = self.spec.block_bytes if self.spec else []
-        hold = self._claim(request_id, [[[0, b] for b in ids] for ids in blocks], block_bytes)
-        try:
-            ticket = self.executor.submit(self._stage, request_id, blocks).result(timeout=self.transfer_timeout)
-        finally:
-            with self._lock:
-                hold.busy -= 1
-        return {"ticket": ticket.id, "slots": [ticket.slots[:len(ids)] for ids in blocks]}
-
-    def handle_unstage(self, message: dict[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            ticket = self._tickets.pop(str(message["ticket"]), None)
-        if ticket is not None and self.staging is not None:
-            self.staging.release(ticket.slots)
-        return {}
-
-    def _claim(self, request_id: str, pairs: list[list[list[int]]], block_bytes: list[int],
-               exclusive: bool = False) -> Hold:
-        """The hold of `request_id`, marked busy, after checking the request only names blocks it holds.
-        exclusive: refuse while another claim is active (a push); stagings of several decode ranks
-        reading one request (resharding) may overlap."""
-        if self.spec is None:
-            raise KVTransferError("this prefill engine has not registered its KV cache yet")
-        if block_bytes != self.spec.block_bytes:
-            raise KVTransferError(
-                f"request {request_id}: decode blocks are {block_bytes} bytes, mine {self.spec.block_bytes}",
-                hint="prefill and decode must run the same model, dtype, block size and TP size",
-            )
-        if len(pairs) != len(self.spec.kv_caches):
-            raise KVTransferError(f"request {request_id}: {len(pairs)} KV-cache groups named, this engine has "
-                                  f"{len(self.spec.kv_caches)}")
-        with self._lock:
-            hold = self._holds.get(request_id)
-            if hold is None or hold.done or hold.cancelled:
-                raise KVTransferError(
-                    f"request {request_id} is not held here: its lease ({self.lease_seconds:g}s) expired "
-                    "or its KV was already sent",
-                    field="kv_transfer.kv_lease_seconds",
-                    hint="raise the lease if decode queues requests longer than that",
-                )
-            if exclusive and hold.busy:
-                raise KVTransferError(f"request {request_id} is already being sent")
-            for g, group_pairs in enumerate(pairs):
-                if not {p[1] for p in group_pairs} <= set(hold.block_ids[g]) - {-1}:
-                    raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
-            hold.busy += 1
-        return hold
-
-    def _peer(self, name: str, metadata_hex: str) -> str:
-        """The decode agent `name` loaded with `metadata_hex`. A decode that woke up registered new memory
-        (its staging buffer, or on CPU its KV tensors, moved): its push carries new metadata, which
-        replaces the stale one. Under the lock: two pushes of a woken decode must not load it twice."""
-        with self._lock:
-            loaded = self._peers.get(name)
-            if loaded is not None and loaded[1] == metadata_hex:
-                return loaded[0]
-            if loaded is not None:
-                self.agent.forget_remote(loaded[0])
-            listener = self._listeners.pop(name, None)
-            if listener is not None:  # its connection info only: the full metadata replaces it
-                self.agent.forget_remote(listener)
-            self._peers[name] = (self.agent.add_remote(bytes.fromhex(metadata_hex)), metadata_hex)
-            return self._peers[name][0]
-
-    def staging_users(self) -> set[str]:
-        """Request ids that may hold staging slots now: stagings not yet unstaged, and holds a push or
-        staging copy is reading."""
-        with self._lock:
-            return ({t.request_id for t in self._tickets.values()}
-                    | {h.request_id for h in self._holds.values() if h.busy})
-
-    def tell_decodes_to_forget(self, kv_epoch: int) -> None:
-        """Before this prefill frees the memory it registered (sleep): ask every decode it pushed to
-        or that reads from it, by NIXL notification, to drop this agent's metadata of `kv_epoch`
-        (their mapping of that memory goes with it). A decode that cannot be reached is logged and
-        skipped."""
-        with self._lock:
-            loaded = [name for name, _ in self._peers.values()] + list(self._listeners.values())
-        message = encode_notif("forget", agent_name=self.agent.name, kv_epoch=kv_epoch)
-        for name in loaded:
-            try:
-                self.agent.notify(name, message)
-            except Exception as exc:  # noqa: BLE001 (a NIXL error type per backend): sleep goes on
-                logger.warning("could not ask decode agent %s to forget this prefill before sleep: %s", name, exc)
-
-    def handle_listen(self, message: dict[str, Any]) -> dict[str, Any]:
-        """A decode that READs from us (pull) gives its connection info, so that `tell_decodes_to_forget`
-        can reach it; we never load its memory's metadata in pull mode."""
-        name = str(message["agent_name"])
-        with self._lock:
-            if name not in self._peers and name not in self._listeners:
-                self._listeners[name] = self.agent.add_remote(bytes.fromhex(str(message["agent_metadata"])))
-        return {"listening": True}
-
-    def handle_forget(self, message: dict[str, Any]) -> dict[str, Any]:
-        """A decode agent is about to free the memory it registered (sleep): drop its metadata, so
-        that UCX closes the mappings it opened of that memory (a mapped buffer stays allocated)."""
-        name = str(message["agent_name"])
-        with self._lock:
-            loaded = self._peers.pop(name, None)
-            if loaded is not None:
-                self.agent.forget_remote(loaded[0])
-        return {"forgot": loaded is not None}
-
-    # -- sender threads -----------------------------------------------------------------------
-    def _stage(self, request_id: str, blocks: list[list[int]]) -> Ticket:
-        assert self.staging is not None and self.spec is not None
-        slots = self.staging.acquire(max(map(len, blocks), default=0), self.transfer_timeout)
-        try:
-            self.staging.gather(self.spec.kv_caches, blocks, slots)
-        except Exception:
-            self.staging.release(slots)
-            raise
-        ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id)
-        with self._lock:
-            self._tickets[ticket.id] = ticket
-        return ticket
-
-    def _push(self, hold: Hold, message: dict[str, Any], peer: str, received: float) -> None:
-        assert self.spec is not None
-        nonce = message["nonce"]
-        # Never write after decode gave up: it frees its blocks soon after its own deadline.
-        deadline = min(received + self.transfer_timeout, received + float(message.get("deadline_in", float("inf"))))
-        xfer: XferHandle | None = None
-        slots: list[int] = []
-        failed = False
-        try:
-            pairs = message["pairs"]
-            sources = [[p[1] for p in group] for group in pairs]
-            bases = [t.data_ptr() for t in self.spec.kv_caches]
-            if self.staging is not None:  # copy the blocks into plain memory first
-                slots = self.staging.acquire(max(map(len, sources), default=0), self.transfer_timeout)
-                self.staging.gather(self.spec.kv_caches, sources, slots)
-                sources = [slots[:len(ids)] for ids in sources]
-                bases = [b.data_ptr() for b in self.staging.buffers]
-            local: list[tuple[int, int]] = []
-            remote: list[tuple[int, int]] = []
-            for g, group in enumerate(pairs):
-                runs = coalesce((src, p[0]) for src, p in zip(sources[g], group))
-                lo, re = run_descriptors(runs, bases[g], message["base_addrs"][g], self.spec.block_bytes[g])
-                local += lo
-                remote += re
-            notif = encode_notif("push_done", nonce=nonce)
-            if not local:
-                self.agent.notify(peer, notif)
-                return
-            # A cancel that comes after this check answers in_flight (busy): decode then waits for our
-            # push_done/push_failed, so posting without the lock is safe.
-            if hold.cancelled or time.monotonic() >= deadline:
-                raise KVTransferError(f"push of request {hold.request_id} cancelled: decode gave up on it")
-            posting = time.monotonic()
-            xfer = self.agent.transfer("WRITE", local, remote, peer, message["device_id"], notif)
-            posted = time.monotonic()
-            state = _wait_write(xfer, posted, deadline)
-            if state == "DONE":
-                with self._lock:
-                    self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posting,
-                                                    posted, time.monotonic()))
-            if state != "DONE":
-                raise KVTransferError(
-                    f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
-                    + ("failed in NIXL" if state == "ERR" else "did not finish before decode's deadline")
-                )
-        except Exception as e:
-            failed = True  # decode fails the request: free the blocks now
-            text = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
-            logger.error("push of request %s failed: %s", hold.request_id, text)
-            if xfer is not None:  # cancel a WRITE still running before telling decode nothing more lands
-                xfer.release()
-                xfer = None
-            try:
-                self.agent.notify(peer, encode_notif("push_failed", nonce=nonce, error=text))
-            except Exception as notify_error:  # decode then times out with its own message
-                logger.warning("could not tell decode that the push failed: %s", notify_error)
-        finally:
-            if xfer is not None:
-                xfer.release()
-            if slots and self.staging is not None:
-                self.staging.release(slots)
-            with self._lock:
-                hold.busy -= 1
-                hold.done = hold.done or failed or bool(message.get("last", True))
-
     def shutdown(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         self.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _wait_write(xfer: XferHandle, posted: float, deadline: float) -> str:
-    """The WRITE's final state ("DONE"/"ERR"), or "PROC" when `deadline` (time.monotonic()) came first."""
-    while (state := xfer.state()) == "PROC":
-        now = time.monotonic()
-        if now >= deadline:
-            break
-        time.sleep(min(max((now - posted) / 16, _MIN_CHECK_SECONDS), _MAX_CHECK_SECONDS, deadline - now))
-    return state

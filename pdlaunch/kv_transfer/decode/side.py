@@ -1,0 +1,172 @@
+"""Decode side of a KV connector: turns a request's kv_transfer_params into a planned load
+(decode/loads.py runs it), and answers the engine's polls, aborts and sleeps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.auth import SideChannelKeys
+from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
+from pdlaunch.kv_transfer.decode.load import Pairs
+from pdlaunch.kv_transfer.decode.loads import DecodeLoads
+from pdlaunch.kv_transfer.decode.peers import PeerCache
+from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, Notification, PushDone, PushFailed
+from pdlaunch.kv_transfer.params import first_token_ids
+from pdlaunch.kv_transfer.push_params import prompt_digest
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
+from pdlaunch.kv_transfer.role import RoleSide
+from pdlaunch.kv_transfer.side_channel import request
+from pdlaunch.kv_transfer.staging import StagingArea
+from pdlaunch.kv_transfer.transport import TransferAgent
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id")
+
+
+class DecodeSide(RoleSide):
+    role = "decode"
+
+    def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], peers: PeerCache,
+                 keys: SideChannelKeys, handshake_timeout: float, transfer_timeout: float, verify_kv: bool,
+                 device_index: int = 0) -> None:
+        self.agent = agent
+        self.keys = keys
+        self._spec = spec
+        self.peers = peers
+        self.handshake_timeout = handshake_timeout
+        self.loads = DecodeLoads(agent, spec, peers, keys, handshake_timeout, transfer_timeout, verify_kv,
+                                 device_index)
+        self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
+
+    # -- KV memory ----------------------------------------------------------------------------
+    def attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
+        self.loads.ctx.staging = staging
+
+    def drop_staging(self) -> None:
+        self.loads.ctx.staging = None
+
+    def staging_users(self) -> set[str]:
+        return self.loads.table.request_ids()
+
+    def before_sleep(self, kv_epoch: int) -> None:
+        """Prefill engines that pushed into this decode hold UCX mappings of its staging buffer, which
+        keep the buffer allocated after we free it; ask each to drop our metadata first (also one
+        that went to sleep before us and so left our peer cache), then drop every prefill's metadata.
+        An engine that does not answer is logged and skipped (its mapping then lives until it exits)."""
+        for (host, port), engine_id in self.peers.take_pushers().items():
+            try:
+                request(host, port, ForgetRequest(type="forget", agent_name=self.agent.name), Empty,
+                        self.handshake_timeout, f"asking prefill engine {engine_id} to forget this decode before "
+                        "sleep", self.keys)
+            except KVTransferError as exc:
+                logger.warning("%s; its mapping of the staging buffer stays until it exits", exc)
+        self.peers.forget_all()
+
+    # -- scheduler side -----------------------------------------------------------------------
+    def num_new_matched_tokens(self, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+                               num_local_computed_tokens: int) -> int:
+        if not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
+            return 0
+        # The last prompt token is recomputed locally for the first token's logits, unless the prefill
+        # handed that token over (engine/first_token.py): then every prompt position is loaded.
+        recompute = 0 if first_token_ids(kv_transfer_params) else 1
+        return max(0, len(prompt_token_ids) - recompute - num_local_computed_tokens)
+
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+                   block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
+        params = kv_transfer_params or {}
+        if not params.get("do_remote_prefill"):
+            return
+        remote: RemoteKV | None = None
+        try:
+            unsigned = params.get("remote_block_ids") is None and "signature" not in params
+            remote = RemoteKV.from_params(params) if unsigned else self._required(params)
+            if unsigned:  # vLLM's push proxy: the block ids come from the prefill itself (push_params.py)
+                self._check_unsigned_push(remote)
+                self.loads.start(request_id, remote, [], plan=lambda r: self._plan(
+                    prompt_token_ids, r, block_ids, num_local_computed_tokens, num_external_tokens),
+                    digest=prompt_digest(prompt_token_ids))
+                return
+            pairs = self._plan(prompt_token_ids, remote, block_ids, num_local_computed_tokens, num_external_tokens)
+            reshard = self._reshard_plan(params, remote)
+        except KVTransferError as e:
+            self.loads.fail_now(request_id, remote or _unknown(params), e.render())
+            return
+        self.loads.start(request_id, remote, pairs, reshard)
+
+    def _required(self, params: dict[str, Any]) -> RemoteKV:
+        missing = [k for k in _REQUIRED_PARAMS if k not in params]
+        if missing:
+            raise KVTransferError(f"kv_transfer_params lack {', '.join(missing)}",
+                                  hint="send decode the kv_transfer_params the prefill response carried")
+        return RemoteKV.from_params(params)
+
+    def _check_unsigned_push(self, remote: RemoteKV) -> None:
+        spec = self._spec()
+        if remote.tp_size != spec.tp_size or spec.tp_size != 1:
+            raise KVTransferError(
+                f"params without remote_block_ids need prefill and decode at TP size 1 (prefill "
+                f"{remote.tp_size}, decode {spec.tp_size})",
+                hint="send the prefill's kv_transfer_params unchanged (as vLLM's pull proxy does)")
+
+    def _reshard_plan(self, params: dict[str, Any], remote: RemoteKV) -> ReshardPlan | None:
+        """None when prefill has this engine's TP size (rank r reads rank r), else this rank's sources."""
+        spec = self._spec()
+        if remote.tp_size == spec.tp_size:
+            return None
+        return plan_reshard(params, spec.tp_rank, spec.tp_size, spec.num_kv_heads)
+
+    def _plan(self, prompt: list[int], remote: RemoteKV, block_ids: list[list[int]], start: int,
+              count: int) -> Pairs:
+        spec = self._spec()
+        if remote.num_prompt_tokens is not None and remote.num_prompt_tokens != len(prompt):
+            raise KVTransferError(
+                f"the prompt has {len(prompt)} tokens here but {remote.num_prompt_tokens} on prefill engine "
+                f"{remote.engine_id}", hint="send the same prompt (token ids) to prefill and decode")
+        remote_ids = remote.block_ids or []
+        if len(remote_ids) != len(block_ids):
+            raise KVTransferError(f"prefill sent block ids of {len(remote_ids)} KV-cache groups, this engine has "
+                                  f"{len(block_ids)}", hint="serve the same model on prefill and decode")
+        return [
+            pair_blocks(block_ids[g], remote_ids[g],
+                        needed_block_indices(spec.block_size, start, count, spec.group_sliding_window[g]), g)
+            for g in range(len(block_ids))
+        ]
+
+    # -- engine thread ------------------------------------------------------------------------
+    def on_notif(self, notif: Notification) -> None:
+        if isinstance(notif, PushDone | PushFailed):
+            if not self.loads.chunks.on_notif(notif):  # else one chunk of a staged push ended
+                self.loads.table.on_push_notif(notif)
+        elif isinstance(notif, Forget):
+            self.peers.forget_agent(notif.agent_name, notif.kv_epoch)
+
+    def poll(self, now: float, events: KVConnectorEvents) -> None:
+        events.finished_recving, events.failed_recving = self.loads.table.poll(now)
+        events.draining, events.safe_to_free = self.loads.table.poll_draining(now)
+
+    def abort_load(self, request_id: str) -> bool:
+        return self.loads.table.abort(request_id)
+
+    def num_loading(self) -> int:
+        return len(self.loads.table.running())
+
+    def info(self, info: dict[str, Any]) -> None:
+        info["loading_requests"] = self.num_loading()
+        info["peers"] = {eid: {"transfer_mode": r.mode, "reason": r.reason}
+                         for eid, r in self.peers.snapshot().items()}
+
+    def shutdown(self) -> None:
+        self.loads.shutdown()
+
+
+def _unknown(params: dict[str, Any]) -> RemoteKV:
+    """What a load that fails before it starts names as its source (params that lack fields)."""
+    return RemoteKV(engine_id=str(params.get("remote_engine_id")), request_id=None,
+                    host=str(params.get("remote_host")), port=int(params.get("remote_port") or 0))

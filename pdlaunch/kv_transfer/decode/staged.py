@@ -1,0 +1,69 @@
+"""Staged: KV goes through a staging buffer on either side (staging.py: plain memory outside the CuMem
+pools that NIXL can reach). The loader thread runs the whole load in chunks of at most the smaller
+slot count: (prefill stages, decode READs, unstage) or (prefill stages and WRITEs into decode's
+slots), then decode copies its slots into its blocks. It enforces the deadline itself.
+"""
+
+from __future__ import annotations
+
+from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.load import Load, LoadState
+from pdlaunch.kv_transfer.decode.peers import RemoteEngine
+from pdlaunch.kv_transfer.decode.pull import read_chunk
+from pdlaunch.kv_transfer.decode.push import PushLoad
+from pdlaunch.kv_transfer.decode.strategy import ReadsFromPrefill
+from pdlaunch.kv_transfer.messages import ReadDone
+
+STAGED_DEADLINE_GRACE_SECONDS = 5.0
+
+
+class StagedLoad(ReadsFromPrefill):
+    deadline_grace = STAGED_DEADLINE_GRACE_SECONDS
+
+    def __init__(self, ctx: LoadContext, remote: RemoteEngine, push: PushLoad) -> None:
+        super().__init__(ctx)
+        self.remote = remote
+        self.mode = remote.mode  # the chunks are READ (pull) or WRITten by the prefill (push)
+        self.push = push
+
+    def release_prefill(self, load: Load) -> None:
+        if self.mode == "pull":
+            super().release_prefill(load)
+
+    def cancel_unsent(self, load: Load) -> None:
+        if self.mode == "push":
+            self.push.cancel_unsent(load)
+
+    def run(self, load: Load) -> None:
+        """The whole load in chunks through staging slots (this side's, the prefill side's, or both)."""
+        ctx, staging, spec, remote = self.ctx, self.ctx.staging, self.ctx.spec(), self.remote
+        chunk = min(c for c in (staging.num_slots if staging else 0, remote.info.staging_slots) if c)
+        longest = max((len(g) for g in load.pairs), default=0)
+        dst_bases = [b.data_ptr() for b in (staging.buffers if staging else spec.kv_caches)]
+        for start in range(0, longest, chunk):
+            part = [group[start:start + chunk] for group in load.pairs]
+            local_ids = [[x[1] for x in group] for group in part]
+            remote_ids = [[x[2] for x in group] for group in part]
+            slots: list[int] = []
+            if staging is not None:
+                slots = staging.acquire(max(map(len, local_ids)), ctx.remaining(load, "staging slots"))
+            try:
+                dst = [slots[:len(ids)] for ids in local_ids] if staging is not None else local_ids
+                if self.mode == "pull":
+                    read_chunk(ctx, load, remote, load.remote, dst, dst_bases, remote_ids, spec.block_bytes)
+                else:
+                    pairs = [list(zip(dst[g], remote_ids[g])) for g in range(len(dst))]
+                    self.push.request(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True)
+                if staging is not None:
+                    with ctx.lock:  # never write into blocks the engine freed after a timeout or abort
+                        if load.state != LoadState.RUNNING or load.abandoned:
+                            return
+                        staging.scatter(spec.kv_caches, local_ids, slots)
+            finally:
+                if slots and staging is not None:
+                    staging.release(slots)
+        if self.mode == "pull" or longest == 0:
+            ctx.notify(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id))
+        with ctx.lock:
+            if load.state == LoadState.RUNNING:
+                load.state = LoadState.OK

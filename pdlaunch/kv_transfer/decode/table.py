@@ -1,0 +1,191 @@
+"""The decode side's loads, as the engine thread sees them: what finished, failed, or drains.
+
+A load that fails or is aborted while a push WRITE may still land (or a READ could not be stopped)
+"drains": decode asks prefill to cancel ("cancel_push") and reports the request in `safe_to_free`
+once prefill says nothing is in flight, the push_done/push_failed notification arrived, the READ
+ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.checksum import verify_blocks
+from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.load import Load, LoadState
+from pdlaunch.kv_transfer.messages import PushDone, PushFailed
+from pdlaunch.metrics import count_kv_transfer_failure, observe_kv_transfer
+
+logger = logging.getLogger(__name__)
+
+# After a load's deadline: a WRITE the prefill side posted before it has ended (prefill stops
+# waiting for its WRITE at decode's deadline and cancels it), and message latency is covered.
+DRAIN_GRACE_SECONDS = 5.0
+
+
+class LoadTable:
+    def __init__(self, ctx: LoadContext) -> None:
+        self.ctx = ctx
+        self._lock = ctx.lock
+        self._loads: dict[str, Load] = {}
+        self._by_nonce: dict[str, Load] = {}
+        self._draining: dict[str, Load] = {}  # failed/aborted loads whose blocks a transfer may still write
+        self._new_draining: set[str] = set()  # failed loads of the last poll that drain
+
+    def add(self, load: Load) -> None:
+        with self._lock:
+            self._loads[load.request_id] = load
+            if not load.state.ended:
+                self._by_nonce[load.nonce] = load
+
+    def on_push_notif(self, notif: PushDone | PushFailed) -> None:
+        with self._lock:
+            load = self._by_nonce.get(notif.nonce)
+            if load is None:
+                return
+            load.write_ended = True  # push_done comes after the WRITE, push_failed after it was stopped
+            if isinstance(notif, PushDone):
+                if not load.state.ended:
+                    load.state = LoadState.OK
+            else:
+                load.fail(f"the prefill side could not push: {notif.error}")
+
+    def poll(self, now: float) -> tuple[set[str], dict[str, str]]:
+        finished: set[str] = set()
+        failed: dict[str, str] = {}
+        with self._lock:
+            loads = list(self._loads.values())
+        for load in loads:
+            with self._lock:
+                strategy = load.strategy
+                if load.state == LoadState.RUNNING and strategy is not None:
+                    strategy.progress(load, now)
+                grace = strategy.deadline_grace if strategy is not None and load.state == LoadState.RUNNING else 0.0
+                if not load.state.ended and now > load.deadline + grace:
+                    load.fail(f"KV of request {load.request_id} did not arrive within {self.ctx.transfer_timeout:g}s "
+                              f"({load.mode or 'handshake'} from {load.where}, stage: {load.state.value})")
+                state = load.state
+            if state == LoadState.OK:
+                try:
+                    self._complete(load, now)
+                    finished.add(load.request_id)
+                except KVTransferError as e:
+                    load.state, load.error = LoadState.FAILED, e.render()
+            drain = False
+            if load.state == LoadState.FAILED:
+                with self._lock:
+                    drain = self._may_write(load)
+                    if drain:
+                        self._start_drain(load, now)
+                failed[load.request_id] = self._fail(load, drain)
+            if drain:
+                self._new_draining.add(load.request_id)
+            elif load.state.ended:
+                self._forget(load)
+        return finished, failed
+
+    def _may_write(self, load: Load) -> bool:
+        """Whether a transfer may still write into the load's blocks (the lock is held)."""
+        if load.push_sent and not load.write_ended:
+            return True
+        return load.xfer is not None and load.xfer.state() == "PROC"
+
+    def _start_drain(self, load: Load, now: float) -> None:
+        """Keep a failed/aborted load's blocks from the engine until no transfer can write them (lock held)."""
+        load.drain_until = max(now, load.deadline) + DRAIN_GRACE_SECONDS
+        self._draining[load.request_id] = load
+        if self._loads.get(load.request_id) is load:
+            del self._loads[load.request_id]
+        if load.push_sent and not load.write_ended and load.strategy is not None:
+            self.ctx.executor.submit(load.strategy.cancel, load)
+
+    def poll_draining(self, now: float) -> tuple[set[str], set[str]]:
+        """(failed loads of the last poll that drain, draining loads whose blocks may be freed now)."""
+        safe: set[str] = set()
+        with self._lock:
+            loads = list(self._draining.values())
+            new, self._new_draining = self._new_draining, set()
+        for load in loads:
+            with self._lock:
+                busy = self._may_write(load)
+            if busy and now <= load.drain_until:
+                continue
+            if busy:
+                logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
+                               "its blocks", load.request_id, DRAIN_GRACE_SECONDS)
+            self._release(load)
+            if load.strategy is not None:
+                load.strategy.release_prefill(load)
+            with self._lock:
+                del self._draining[load.request_id]
+                self._by_nonce.pop(load.nonce, None)
+            safe.add(load.request_id)
+        return new, safe
+
+    def _complete(self, load: Load, now: float) -> None:
+        expected = load.remote.checksums if load.reshard is None else None  # resharded: checked per chunk
+        if expected is None and self.ctx.verify_kv and load.num_bytes and load.reshard is None:
+            raise KVTransferError(
+                f"request {load.request_id}: kv_transfer.verify_kv is on here but {load.where} sent no kv_checksum",
+                field="kv_transfer.verify_kv",
+                hint="turn verify_kv on for the prefill instances too",
+            )
+        if expected is not None:
+            spec = self.ctx.spec()
+            for g, pairs in enumerate(load.pairs):
+                verify_blocks(spec.kv_caches[g], g, [p[1] for p in pairs], [expected[g][p[0]] for p in pairs],
+                              load.request_id)
+        observe_kv_transfer(load.num_bytes, now - load.started)
+        self._release(load)
+
+    def _fail(self, load: Load, draining: bool = False) -> str:
+        count_kv_transfer_failure()
+        if not draining and load.strategy is not None:  # else poll_draining releases once the transfer ended
+            self._release(load)
+            load.strategy.release_prefill(load)
+            load.strategy.cancel_unsent(load)
+        elif not draining:
+            self._release(load)
+        error = load.error or f"KV transfer of request {load.request_id} failed"
+        logger.error("KV load of request %s failed: %s", load.request_id, error)
+        return error
+
+    def _release(self, load: Load) -> None:
+        if load.xfer is not None:
+            load.xfer.release()
+            load.xfer = None
+
+    def _forget(self, load: Load) -> None:
+        with self._lock:
+            if self._loads.get(load.request_id) is load:
+                del self._loads[load.request_id]
+            self._by_nonce.pop(load.nonce, None)
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a load; True when its blocks drain (a transfer may still write them: see poll_draining)."""
+        with self._lock:
+            load = self._loads.get(request_id)
+            if load is None:
+                return request_id in self._draining
+            load.abandoned = True
+            was_running = not load.state.ended
+            load.fail("aborted")
+            if self._may_write(load):
+                self._start_drain(load, time.monotonic())
+                return True
+        self._release(load)
+        if was_running and load.strategy is not None:
+            load.strategy.release_prefill(load)
+        self._forget(load)
+        return False
+
+    def request_ids(self) -> set[str]:
+        """Loads still running or draining (they may hold staging slots)."""
+        with self._lock:
+            return set(self._loads) | set(self._draining)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return list(self._loads)

@@ -1,0 +1,197 @@
+"""The prefill side's held requests: blocks kept for a remote decode until it has them, with leases.
+
+A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
+- pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
+  the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
+- push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
+- decode says it gave up ("release"), or
+- the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
+Pull: decode claims the hold ("claim_read" on the side channel) before it READs; a claimed hold
+lives until the read_done/release notification or a hard cap (decode's remaining transfer time plus
+READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are never reused mid-read.
+Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.base import KVCacheSpec
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, ReadDone
+from pdlaunch.kv_transfer.push_params import client_request_id
+from pdlaunch.metrics import KV_EXPIRED_REQUESTS
+
+logger = logging.getLogger(__name__)
+
+# A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
+# decode gives up); decode accepts a READ only when it saw it done before its own deadline.
+READ_GRACE_SECONDS = 5.0
+
+
+@dataclass
+class Hold:
+    request_id: str
+    block_ids: list[list[int]]
+    deadline: float  # time.monotonic() when the lease expires
+    busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
+    done: bool = False  # may be freed
+    notified: int = 0  # read_done/release notifications received
+    readers: int = 1  # notifications to wait for (the largest `readers` a notification named)
+    expired: bool = False
+    cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
+    read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
+    prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
+
+    @property
+    def servable(self) -> bool:
+        return not (self.done or self.cancelled)
+
+
+class HoldTable:
+    """Holds by request id; `poll` runs on the engine thread, claims on side-channel and sender threads."""
+
+    def __init__(self, lease_seconds: float) -> None:
+        self.lease_seconds = lease_seconds
+        self.lock = threading.Lock()
+        self._holds: dict[str, Hold] = {}
+
+    def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
+        with self.lock:
+            self._holds[request_id] = Hold(request_id, [list(b) for b in block_ids],
+                                           time.monotonic() + self.lease_seconds, prompt_digest=prompt_digest)
+
+    def get(self, request_id: str) -> Hold | None:
+        with self.lock:
+            return self._holds.get(request_id)
+
+    def find(self, request_id: str | None, client_id: str, digest: str) -> tuple[str, list[list[int]]] | None:
+        """(request id, block ids) of a servable hold named `request_id`, else (None) of the request of the
+        client's X-Request-Id `client_id`; only when its prompt's digest is `digest`."""
+        with self.lock:
+            for hold in self._holds.values():
+                named = hold.request_id == request_id if request_id else client_request_id(hold.request_id) == client_id
+                if named and hold.servable and not (hold.expired or hold.busy) and hold.prompt_digest == digest:
+                    return hold.request_id, [list(b) for b in hold.block_ids]
+        return None
+
+    def on_read_done(self, notif: ReadDone) -> None:
+        """A decode agent finished reading (read_done) or gave up (release) on a request."""
+        with self.lock:
+            hold = self._holds.get(notif.request_id)
+            if hold is not None:
+                hold.notified += 1
+                hold.readers = max(hold.readers, notif.readers)
+                hold.done = hold.done or hold.notified >= hold.readers
+        if hold is None:
+            logger.warning("KV %s notification for request %s, which is not held (lease expired?)",
+                           notif.kind, notif.request_id)
+
+    def release(self, request_id: str) -> bool:
+        """The decode leg of `request_id` will not run: free the hold at the next `poll`, or once a push
+        or staging copy reading it ends (no new one starts: cancelled). A hold a decode READ claimed
+        stays until that READ's notification or cap."""
+        with self.lock:
+            hold = self._holds.get(request_id)
+            if hold is None or hold.read_claimed:
+                return False
+            hold.cancelled = hold.done = True
+        logger.info("KV of request %s released early: its decode leg will not run", request_id)
+        return True
+
+    def poll(self, now: float) -> set[str]:
+        """Requests whose blocks may be freed now; counts lease expiries."""
+        finished: set[str] = set()
+        with self.lock:
+            for hold in list(self._holds.values()):
+                if not hold.done and not hold.busy and now > hold.deadline:
+                    hold.done = hold.expired = True
+                    if hold.read_claimed:
+                        logger.warning("decode's READ of request %s did not end by its hard cap", hold.request_id)
+                if hold.done and not hold.busy:
+                    finished.add(hold.request_id)
+                    del self._holds[hold.request_id]
+                    if hold.expired:
+                        KV_EXPIRED_REQUESTS.inc()
+                        logger.warning("KV of request %s was not fetched within the %.1fs lease: freed",
+                                       hold.request_id, self.lease_seconds)
+        return finished
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self._holds)
+
+    def busy_ids(self) -> set[str]:
+        with self.lock:
+            return {h.request_id for h in self._holds.values() if h.busy}
+
+    def _not_held(self, request_id: str) -> KVTransferError:
+        return KVTransferError(
+            f"request {request_id} is not held here any more: its lease ({self.lease_seconds:g}s) expired "
+            "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
+            hint="raise the lease if decode queues requests longer than that")
+
+    def claim_read(self, message: ClaimReadRequest) -> Empty:
+        """Decode is about to READ the blocks of a held request: keep them past the lease until its
+        read_done/release notification, at most `seconds` (decode's remaining time, clamped to the lease:
+        a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
+        seconds = message.seconds
+        if not 0.0 <= seconds < float("inf"):  # messages.py refuses these already; the clamp must hold alone
+            raise KVTransferError(f"claim of {seconds!r} seconds", field="claim_read.seconds")
+        cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
+        with self.lock:
+            hold = self._holds.get(message.request_id)
+            if hold is None or not hold.servable:
+                raise self._not_held(message.request_id)
+            hold.read_claimed = True
+            hold.deadline = max(hold.deadline, cap)
+        return Empty()
+
+    def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
+        """Decode gave up a push (abort, timeout). Answers in_flight: whether a WRITE may still land in
+        its blocks; if so, the sender thread's push_done/push_failed notification says when it ended."""
+        with self.lock:
+            hold = self._holds.get(message.request_id)
+            if hold is None:
+                return CancelPushAnswer(in_flight=False)
+            hold.cancelled = True
+            in_flight = bool(hold.busy)
+            if not in_flight:
+                hold.done = True
+        return CancelPushAnswer(in_flight=in_flight)
+
+    def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
+              exclusive: bool = False) -> Hold:
+        """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
+        (sources[g]: prefill block ids of group g). exclusive: refuse while another claim is active (a
+        push); stagings of several decode ranks reading one request (resharding) may overlap."""
+        if spec is None:
+            raise KVTransferError("this prefill engine has not registered its KV cache yet")
+        if block_bytes != spec.block_bytes:
+            raise KVTransferError(
+                f"request {request_id}: decode blocks are {block_bytes} bytes, mine {spec.block_bytes}",
+                hint="prefill and decode must run the same model, dtype, block size and TP size",
+            )
+        if len(sources) != len(spec.kv_caches):
+            raise KVTransferError(f"request {request_id}: {len(sources)} KV-cache groups named, this engine has "
+                                  f"{len(spec.kv_caches)}")
+        with self.lock:
+            hold = self._holds.get(request_id)
+            if hold is None or not hold.servable:
+                raise self._not_held(request_id)
+            if exclusive and hold.busy:
+                raise KVTransferError(f"request {request_id} is already being sent")
+            for g, ids in enumerate(sources):
+                if not set(ids) <= set(hold.block_ids[g]) - {-1}:
+                    raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
+            hold.busy += 1
+        return hold
+
+    def unclaim(self, hold: Hold, done: bool = False) -> None:
+        """A claim ended; done: the hold may be freed (its last push chunk was sent, or failed)."""
+        with self.lock:
+            hold.busy -= 1
+            hold.done = hold.done or done

@@ -1,0 +1,132 @@
+"""Prefill side, push: sender threads WRITE held blocks into the blocks (or staging slots) a decode
+announced, then notify it (push_done, or push_failed once nothing more lands).
+
+A WRITE is never posted after decode's deadline (its remaining time travels with the push request)
+nor after decode cancelled it ("cancel_push"); an in-flight WRITE is waited for (bounded).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.base import KVCacheSpec
+from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
+from pdlaunch.kv_transfer.messages import PushDone, PushFailed, PushRequest, encode_notification
+from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
+from pdlaunch.kv_transfer.staging import StagingArea
+from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
+
+logger = logging.getLogger(__name__)
+
+# NIXL's UCX backend sends a WRITE's notification (push_done) only from check_xfer_state, once that call
+# sees the WRITE complete: the time between two checks adds straight to decode's wait. The check interval
+# grows with the time the WRITE has run (1/16 of it, within [_MIN_CHECK_SECONDS, _MAX_CHECK_SECONDS]), so
+# a WRITE is seen done at most ~6% (or 0.25 ms) after it ended, with a few dozen checks per WRITE. A fixed
+# 0.5 ms sleep cost ~0.3 ms on average per push; spinning instead fought NIXL's own progress thread for
+# the UCX worker (measured on CPU: WRITE and notify both slower).
+_MIN_CHECK_SECONDS = 0.00002
+_MAX_CHECK_SECONDS = 0.00025
+
+
+@dataclass
+class PushTiming:
+    """Where one push spent its time; time.monotonic() values (comparable across processes of one host)."""
+
+    request_id: str
+    num_bytes: int
+    received: float  # the push request arrived on the side channel
+    posting: float  # descriptors built, about to post the WRITE
+    posted: float  # NIXL's post returned (on CPU DRAM, UCX copies within the post)
+    done: float  # a check saw the WRITE complete (NIXL sent push_done then)
+
+
+class PushSender:
+    def __init__(self, agent: TransferAgent, holds: HoldTable, executor: ThreadPoolExecutor,
+                 transfer_timeout: float) -> None:
+        self.agent = agent
+        self.holds = holds
+        self.executor = executor
+        self.transfer_timeout = transfer_timeout
+        self.spec: KVCacheSpec | None = None
+        self.staging: StagingArea | None = None
+        self._timings: deque[PushTiming] = deque(maxlen=256)
+
+    def timings(self) -> list[PushTiming]:
+        return list(self._timings)  # deque appends are atomic; a copy is a consistent snapshot
+
+    def submit(self, hold: Hold, message: PushRequest, peer: str, received: float) -> None:
+        self.executor.submit(self._push, hold, message, peer, received)
+
+    def _push(self, hold: Hold, message: PushRequest, peer: str, received: float) -> None:
+        assert self.spec is not None
+        # Never write after decode gave up: it frees its blocks soon after its own deadline.
+        deadline = received + min(self.transfer_timeout, message.deadline_in)
+        xfer: Xfer | None = None
+        slots: list[int] = []
+        failed = False
+        try:
+            sources = [[p[1] for p in group] for group in message.pairs]
+            bases = [t.data_ptr() for t in self.spec.kv_caches]
+            if self.staging is not None:  # copy the blocks into plain memory first
+                slots = self.staging.acquire(max(map(len, sources), default=0), self.transfer_timeout)
+                self.staging.gather(self.spec.kv_caches, sources, slots)
+                sources = [slots[:len(ids)] for ids in sources]
+                bases = [b.data_ptr() for b in self.staging.buffers]
+            local: list[tuple[int, int]] = []
+            remote: list[tuple[int, int]] = []
+            for g, group in enumerate(message.pairs):
+                runs = coalesce((src, p[0]) for src, p in zip(sources[g], group))
+                lo, re = run_descriptors(runs, bases[g], message.base_addrs[g], self.spec.block_bytes[g])
+                local += lo
+                remote += re
+            notif = encode_notification(PushDone(kind="push_done", nonce=message.nonce))
+            if not local:
+                self.agent.notify(peer, notif)
+                return
+            # A cancel that comes after this check answers in_flight (busy): decode then waits for our
+            # push_done/push_failed, so posting without the lock is safe.
+            if hold.cancelled or time.monotonic() >= deadline:
+                raise KVTransferError(f"push of request {hold.request_id} cancelled: decode gave up on it")
+            posting = time.monotonic()
+            xfer = self.agent.transfer("WRITE", local, remote, peer, message.device_id, notif)
+            posted = time.monotonic()
+            state = wait_write(xfer, posted, deadline)
+            if state != "DONE":
+                raise KVTransferError(
+                    f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
+                    + ("failed in NIXL" if state == "ERR" else "did not finish before decode's deadline"))
+            self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posting, posted,
+                                            time.monotonic()))
+        except Exception as e:
+            failed = True  # decode fails the request: free the blocks now
+            text = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
+            logger.error("push of request %s failed: %s", hold.request_id, text)
+            if xfer is not None:  # cancel a WRITE still running before telling decode nothing more lands
+                xfer.release()
+                xfer = None
+            try:
+                self.agent.notify(peer, encode_notification(PushFailed(kind="push_failed", nonce=message.nonce,
+                                                                       error=text[:4096])))
+            except Exception as notify_error:  # noqa: BLE001 - decode then times out with its own message
+                logger.warning("could not tell decode that the push failed: %s", notify_error)
+        finally:
+            if xfer is not None:
+                xfer.release()
+            if slots and self.staging is not None:
+                self.staging.release(slots)
+            self.holds.unclaim(hold, done=failed or message.last)
+
+
+def wait_write(xfer: Xfer, posted: float, deadline: float) -> str:
+    """The WRITE's final state ("DONE"/"ERR"), or "PROC" when `deadline` (time.monotonic()) came first."""
+    while (state := xfer.state()) == "PROC":
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        time.sleep(min(max((now - posted) / 16, _MIN_CHECK_SECONDS), _MAX_CHECK_SECONDS, deadline - now))
+    return state

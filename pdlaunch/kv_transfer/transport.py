@@ -1,0 +1,52 @@
+"""What the roles need of a transport: one agent per engine process (agent.py's KVAgent over NIXL,
+mooncake_agent.py's MooncakeAgent over Mooncake's TransferEngine) and its posted transfers.
+
+The prefill and decode sides (prefill/, decode/) only see these protocols, so they run unchanged on
+either transport.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class Xfer(Protocol):
+    """One posted READ or WRITE; `state()` is "PROC", "DONE" or "ERR"."""
+
+    num_bytes: int
+
+    def state(self) -> str: ...
+
+    def release(self) -> None: ...
+
+
+class TransferAgent(Protocol):
+    name: str
+    device_id: int
+
+    def register(self, kv_caches: list[torch.Tensor]) -> None: ...
+
+    def deregister(self) -> None: ...
+
+    def reregister(self, kv_caches: list[torch.Tensor]) -> None: ...
+
+    def register_extra(self, tensors: list[torch.Tensor]) -> None: ...
+
+    def metadata(self) -> bytes: ...
+
+    def connection_metadata(self) -> bytes: ...
+
+    def add_remote(self, metadata: bytes) -> str: ...
+
+    def forget_remote(self, name: str) -> None: ...
+
+    def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
+                 remote_device_id: int, notif: bytes) -> Xfer: ...
+
+    def notify(self, remote_agent: str, message: bytes) -> None: ...
+
+    def new_notifs(self) -> list[bytes]: ...
+
+    def close(self) -> None: ...
