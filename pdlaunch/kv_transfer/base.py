@@ -102,15 +102,8 @@ class KVConnector(ABC):
         """Prompt tokens beyond the local prefix hit that this connector will load (0: none)."""
 
     @abstractmethod
-    def start_load(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        kv_transfer_params: dict[str, Any] | None,
-        block_ids: list[list[int]],
-        num_local_computed_tokens: int,
-        num_external_tokens: int,
-    ) -> None:
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+                   block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         """Start loading positions [num_local_computed_tokens, + num_external_tokens) into the
         request's per-group block tables `block_ids` (covering the whole prompt; in a sliding-window
         group, entries before the window of the last loaded position are -1: nothing reads them, so
@@ -119,13 +112,8 @@ class KVConnector(ABC):
         it may free its blocks."""
 
     @abstractmethod
-    def request_finished(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        kv_transfer_params: dict[str, Any] | None,
-        block_ids: list[list[int]],
-    ) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
         """A request finished here. Returns (hold_blocks, kv_transfer_params for the response)."""
 
     @abstractmethod

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
@@ -21,20 +22,18 @@ from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent
 
 
+@dataclass
 class LoadContext:
-    def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], peers: PeerCache,
-                 keys: SideChannelKeys, handshake_timeout: float, transfer_timeout: float, verify_kv: bool,
-                 executor: ThreadPoolExecutor) -> None:
-        self.agent = agent
-        self.spec = spec
-        self.peers = peers
-        self.keys = keys
-        self.handshake_timeout = handshake_timeout
-        self.transfer_timeout = transfer_timeout
-        self.verify_kv = verify_kv
-        self.executor = executor  # the loader threads (they bind the instance's device when they start)
-        self.staging: StagingArea | None = None  # this side's staging buffer (staging.py), None: direct
-        self.lock = threading.Lock()
+    agent: TransferAgent
+    spec: Callable[[], KVCacheSpec]
+    peers: PeerCache
+    keys: SideChannelKeys
+    handshake_timeout: float
+    transfer_timeout: float
+    verify_kv: bool
+    executor: ThreadPoolExecutor  # the loader threads (they bind the instance's device when they start)
+    staging: StagingArea | None = None  # this side's staging buffer (staging.py), None: direct
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def remaining(self, load: Load, what: str) -> float:
         """Seconds left before the load's deadline; KVTransferError when none are left or it was aborted."""

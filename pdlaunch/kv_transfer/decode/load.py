@@ -1,20 +1,17 @@
-"""One KV load on the decode side: the record its strategy (decode/strategy.py) and the load table
-(decode/table.py) read and advance. Every field is guarded by the decode side's lock."""
+"""One KV load on the decode side: the record its strategy and the load table (decode/table.py) read
+and advance (every field is guarded by the decode side's lock), and the interface of a strategy."""
 
 from __future__ import annotations
 
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
 
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import ReshardPlan
 from pdlaunch.kv_transfer.transport import Xfer
-
-if TYPE_CHECKING:
-    from pdlaunch.kv_transfer.decode.strategy import LoadStrategy
 
 Pairs = list[list[tuple[int, int, int]]]  # per group: (block-table index, local id, remote id)
 
@@ -28,6 +25,30 @@ class LoadState(Enum):
     @property
     def ended(self) -> bool:
         return self in (LoadState.OK, LoadState.FAILED)
+
+
+class LoadStrategy(ABC):
+    mode = ""  # "pull" | "push": what /info and error messages name
+    # Seconds past the deadline before the engine thread fails a running load itself: a strategy that
+    # enforces the deadline in its loader thread gets a grace that covers a stuck thread.
+    deadline_grace = 0.0
+
+    @abstractmethod
+    def run(self, load: Load) -> None:
+        """Loader thread: move the load's bytes (or post the transfer that does); raises KVTransferError."""
+
+    def progress(self, load: Load, now: float) -> None:  # noqa: B027 - an optional hook
+        """Engine thread, lock held: advance a running load from what its transfer says."""
+
+    def release_prefill(self, load: Load) -> None:  # noqa: B027 - an optional hook
+        """The load failed or was aborted and nothing of it is read any more: tell the prefill side it
+        may free its blocks (best effort: otherwise it frees them at its lease's end)."""
+
+    def cancel_unsent(self, load: Load) -> None:  # noqa: B027 - an optional hook
+        """The load failed before its push request was sent: let the prefill free at once."""
+
+    def cancel(self, load: Load) -> None:  # noqa: B027 - an optional hook
+        """Loader thread: a push this load sent may still WRITE; ask the prefill to drop it."""
 
 
 @dataclass

@@ -21,13 +21,12 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy, Pairs
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import PullLoad
 from pdlaunch.kv_transfer.decode.push import ChunkWaits, PushLoad
 from pdlaunch.kv_transfer.decode.reshard_load import ReshardLoad, ReshardStaging
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
-from pdlaunch.kv_transfer.decode.strategy import LoadStrategy
 from pdlaunch.kv_transfer.decode.table import LoadTable
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest

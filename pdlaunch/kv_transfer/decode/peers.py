@@ -36,11 +36,8 @@ class RemoteEngine:
 class PeerCache:
     def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], local_device: Callable[[], DeviceInfo],
                  transfer_mode: str, handshake_timeout: float, keys: SideChannelKeys) -> None:
-        self.agent = agent
-        self.keys = keys
-        self._spec = spec
-        self._local_device = local_device
-        self.transfer_mode = transfer_mode
+        self.agent, self.keys, self._spec, self._local_device = agent, keys, spec, local_device
+        self.transfer_mode = transfer_mode  # kv_transfer.transfer_mode: pull | push | auto (per engine)
         self.handshake_timeout = handshake_timeout
         self._remotes: dict[str, RemoteEngine] = {}
         self._locks: dict[str, threading.Lock] = {}

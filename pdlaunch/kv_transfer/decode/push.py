@@ -15,8 +15,7 @@ import uuid
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load
-from pdlaunch.kv_transfer.decode.strategy import LoadStrategy
+from pdlaunch.kv_transfer.decode.load import Load, LoadStrategy
 from pdlaunch.kv_transfer.messages import (
     CancelPushAnswer,
     CancelPushRequest,
@@ -63,7 +62,7 @@ class PushLoad(LoadStrategy):
     mode = "push"
 
     def __init__(self, ctx: LoadContext, chunks: ChunkWaits) -> None:
-        super().__init__(ctx)
+        self.ctx = ctx
         self.chunks = chunks
 
     def run(self, load: Load) -> None:  # the prefill side builds the descriptors

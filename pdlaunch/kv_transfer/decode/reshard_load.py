@@ -16,11 +16,10 @@ from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load, LoadState
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import claim_read, read_chunk
 from pdlaunch.kv_transfer.decode.staged import STAGED_DEADLINE_GRACE_SECONDS
-from pdlaunch.kv_transfer.decode.strategy import LoadStrategy
 from pdlaunch.kv_transfer.messages import ReadDone
 from pdlaunch.kv_transfer.reshard import HeadSlice, ReshardPlan, Source
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -62,7 +61,7 @@ class ReshardLoad(LoadStrategy):
     deadline_grace = STAGED_DEADLINE_GRACE_SECONDS
 
     def __init__(self, ctx: LoadContext, staging: ReshardStaging, plan: ReshardPlan) -> None:
-        super().__init__(ctx)
+        self.ctx = ctx
         self.staging = staging
         self.plan = plan
 
