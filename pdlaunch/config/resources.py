@@ -1,20 +1,17 @@
 """Ports and devices a deployment claims, and the collisions/over-subscription among them.
 
-Port plan (ports only collide on the same node; the proxy and the rendezvous live on node 0):
-- proxy.port; parallel.master_port when set;
-- group i with base_port b: its instances use b, b+1, ..., b+count-1 (HTTP);
-- kv_transfer.side_channel_port s: on each node, one port per TP rank of every instance placed there,
-  s, s+1, ... in group order (instance by instance, rank by rank).
-Unset ports are picked free by the launcher and cannot collide.
-
-Devices: a GPU may be listed by several instances only when their gpu_memory_utilization shares fit.
+Ports: the ranges of the port plan (config/port_plan.py, the plan the launcher starts from), which
+collide only on the same node. Devices: a GPU may be listed by several instances only when their
+gpu_memory_utilization shares fit.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -35,31 +32,34 @@ class PortRange:
         return f"{ports} ({self.what})"
 
 
-def port_plan(cfg: DeploymentConfig) -> list[PortRange]:
-    """Every fixed port range of the (resolved) deployment, as described in the module docstring."""
+def port_plan(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[PortRange]:
+    """Every fixed port range of the (resolved) deployment. `visible_gpus`: CUDA devices of a node that
+    lists none (0 on CPU); a TP group larger than its node's devices spans the nodes after it."""
     plan = [PortRange("proxy.port", 0, cfg.proxy.port, 1, "proxy")]
-    if cfg.parallel.master_port is not None:
-        plan.append(PortRange("parallel.master_port", 0, cfg.parallel.master_port, 1, "torch.distributed rendezvous"))
+    instances = plan_instances(cfg, list(range(visible_gpus)), strict=False)
+    master = cfg.parallel.master_port
+    if master is not None:
+        rendezvous = Counter(i.node for i in instances if i.rendezvous_index is not None)
+        rendezvous[0] = max(1, rendezvous[0])  # node 0 reserves it even without a TP group (parallel.master_addr)
+        plan += [PortRange("parallel.master_port", node, master, count, "torch.distributed rendezvous")
+                 for node, count in sorted(rendezvous.items()) if count > 0]
     for i, group in enumerate(cfg.instances):
         if group.base_port is not None and group.count > 0:
             plan.append(PortRange(f"instances[{i}].base_port", group.node, group.base_port, group.count,
                                   f"{group.role} HTTP"))
     side = cfg.kv_transfer.side_channel_port
     if side is not None and not cfg.colocated:
-        ranks: dict[int, int] = {}
-        for group in cfg.instances:
-            ranks[group.node] = ranks.get(group.node, 0) + group.count * (group.tp or 1)
-        for node, count in sorted(ranks.items()):
-            if count > 0:
-                plan.append(PortRange("kv_transfer.side_channel_port", node, side, count, "side channel"))
+        ranks = Counter(rank.node for i in instances for rank in i.ranks)
+        plan += [PortRange("kv_transfer.side_channel_port", node, side, count, "side channel")
+                 for node, count in sorted(ranks.items()) if count > 0]
     return plan
 
 
-def port_problems(cfg: DeploymentConfig) -> list[Problem]:
+def port_problems(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]:
     """Ports in 1..65535 and no two ranges overlapping on one node."""
     problems: list[Problem] = []
     valid: list[PortRange] = []
-    for used in port_plan(cfg):
+    for used in port_plan(cfg, visible_gpus):
         if used.first < 1 or used.last > 65535:
             problems.append(problem(used.field, f"{used.label()} is outside 1..65535",
                                     "choose ports inside 1..65535, e.g. 8000-20000"))

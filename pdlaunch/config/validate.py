@@ -205,7 +205,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += rules.cache_problems(out, info)
     if info is not None:
         problems += rules.tp_problems(out, info)
-    problems += resources.port_problems(out)
+    problems += resources.port_problems(out, visible_gpus(device, target) if device == "cuda" else 0)
     problems += secret_problems(out, os.environ)
     if target is None:  # another host's addresses and directories cannot be checked from here
         problems += local_bind_problems(out)

@@ -1,8 +1,4 @@
-"""Where the ranks of one TP group run: which node (and device) each rank gets.
-
-A group fits on its own node when it can; a group with more ranks than its node has devices fills
-that node's remaining devices first, then the next node's, and so on (a spanning group). On CPU a
-node's `devices` are just rank slots: a node that lists none hosts any number of ranks.
+"""How the ranks of one TP group, placed on nodes by config/placement.py, find each other.
 
 Rank 0 of the instance (the engine process) learns the placement from the launcher through the
 environment (PLACEMENT_ENV); ranks on other nodes are started by their node's launcher
@@ -16,12 +12,10 @@ import hashlib
 import os
 import socket
 import struct
-from dataclasses import dataclass
 
 from pydantic import BaseModel
 
 from pdlaunch.config.models import DeploymentConfig
-from pdlaunch.errors import PdlaunchError
 
 PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"
 SECRET_ENV = "PDLAUNCH_TP_SECRET"  # optional: mixed into the rank link's authkey on every node
@@ -48,51 +42,6 @@ class RankPlacement(BaseModel):
     def from_env(cls) -> RankPlacement | None:
         raw = os.environ.get(PLACEMENT_ENV)
         return cls.model_validate_json(raw) if raw else None
-
-
-@dataclass
-class PlacedRank:
-    node: int
-    device: int | None  # CUDA index on that node; None on CPU
-
-
-def node_pool(cfg: DeploymentConfig, node: int, cuda_devices: list[int]) -> list[int] | None:
-    """The devices (CUDA) or rank slots (CPU) of `node`; None: unlimited (CPU node listing none)."""
-    if cfg.parallel.nodes and cfg.parallel.nodes[node].devices:
-        return list(cfg.parallel.nodes[node].devices)
-    return cuda_devices if cuda_devices else None
-
-
-def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
-                pool_of: dict[int, list[int] | None], field: str) -> list[PlacedRank]:
-    """The node and device of every rank of one instance placed on `node`. `used[k]` counts the
-    devices of node k taken so far (updated). A group that fits its node comes back short when the
-    node's devices are taken; a spanning group the nodes cannot host raises PdlaunchError."""
-    pool = pool_of[node]
-    if pool is None:
-        return [PlacedRank(node, None) for _ in range(tp)]
-    start = used.get(node, 0)
-    if tp <= len(pool) or not cfg.parallel.nodes:  # fits its node: short when the node is full (caller says so)
-        used[node] = start + tp
-        return [PlacedRank(node, d) for d in pool[start:start + tp]]
-    placed: list[PlacedRank] = []
-    for k in range(node, len(cfg.parallel.nodes)):
-        k_pool = pool_of[k]
-        if k_pool is None:  # a CPU node without listed slots takes every remaining rank
-            placed += [PlacedRank(k, None) for _ in range(tp - len(placed))]
-            break
-        first = used.get(k, 0)
-        take = k_pool[first:first + tp - len(placed)]
-        used[k] = first + len(take)
-        placed += [PlacedRank(k, d) for d in take]
-        if len(placed) == tp:
-            break
-    if len(placed) < tp:
-        raise PdlaunchError(f"TP {tp} needs {tp} devices but nodes {node}..{len(cfg.parallel.nodes) - 1} have only "
-                            f"{len(placed)} left together", field=field,
-                            hint="a group spans its node and the nodes after it in parallel.nodes; lower TP or "
-                            "add devices/nodes")
-    return placed
 
 
 def link_authkey(cfg: DeploymentConfig, instance_name: str, master_port: int) -> bytes:

@@ -1,7 +1,7 @@
 """From a validated config to concrete processes: ports, devices, engine_ids (one InstanceSpec each).
 
-Fixed ports follow config/resources.py's port plan (HTTP: base_port + k; side channel: per node,
-instance after instance in group order, one port per TP rank); unset ones are picked free here.
+Ranks and fixed ports follow the port plan (config/port_plan.py), the same one check-config reports;
+unset ports are picked free here.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.placement import PlacedRank
+from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.rules import LOOPBACK_HOSTS, side_channel_reach_problem
-from pdlaunch.distributed.placement import PlacedRank, RankPlacement, interface_env, node_pool, place_group
+from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import platform
@@ -68,7 +70,6 @@ def _node_host(cfg: DeploymentConfig, node: int) -> str:
     return cfg.parallel.nodes[node].address if cfg.parallel.nodes else "127.0.0.1"
 
 
-
 def check_side_channel_reach(cfg: DeploymentConfig) -> None:
     """Raises PdlaunchError when prefill and decode run on different nodes and the KV side channel
     binds a loopback address (decode on the other node could not reach it)."""
@@ -121,119 +122,114 @@ def instance_config(cfg: DeploymentConfig) -> DeploymentConfig:
 
 
 def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
-    """Assign every instance its ports, devices and engine_id. Raises PdlaunchError naming the field."""
+    """Assign every instance its ports, devices and engine_id. Raises PdlaunchError naming the field.
+
+    Ranks and fixed ports come from config/port_plan.py (what check-config reports); this node's
+    launcher claims the ports of its own processes and picks the unset ones free."""
     device = platform.resolve_device(cfg.device)
     if device not in ("cpu", "cuda"):
         raise PdlaunchError(f"unknown device {device!r}", field="device", hint="use auto, cpu or cuda")
     me = cfg.parallel.node_rank
-    allocators: dict[str, PortAllocator] = {}
-
-    def ports(host: str) -> PortAllocator:
-        return allocators.setdefault(host, PortAllocator(host))
-
+    ports = _Allocators()
     proxy_port: int | None = None
     if me == 0:
-        proxy_alloc = ports(cfg.proxy.host)
+        proxy_alloc = ports.on(cfg.proxy.host)
         proxy_port = (proxy_alloc.free("proxy") if cfg.proxy.port == 0
                       else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy"))
-
-    side_offsets: dict[int, int] = {}  # node -> next side-channel offset (resources.port_plan order)
-    used_devices: dict[int, int] = {}  # node -> devices (rank slots on CPU) taken so far
-    master_index: dict[int, int] = {}  # node -> next rendezvous port offset (per rank-0 node)
     cuda_pool = list(range(platform.device_count())) if device == "cuda" and platform.cuda_available() else []
-    pools = {k: node_pool(cfg, k, cuda_pool if device == "cuda" else [])
-             for k in range(max(1, len(cfg.parallel.nodes)))}
     plans: list[InstancePlan] = []
     remote_ranks: list[RemoteRankPlan] = []
-    for g, group in enumerate(cfg.instances):
-        tp = group.tp or 1
-        node, host = group.node, _node_host(cfg, group.node)
-        local = node == me
-        for k in range(group.count):
-            name = f"{group.role}-{k}"
-            alloc = ports(host)
-            if group.base_port is not None:
-                port = alloc.claim(group.base_port + k, f"instances[{g}].base_port", f"{name} HTTP") if local \
-                    else group.base_port + k
-            elif local:
-                port = alloc.free(f"{name} HTTP")
-            else:
-                raise PdlaunchError(f"{name} runs on node {node}, so its port must be known to node {me}",
-                                    field=f"instances[{g}].base_port", hint="set base_port for groups on other nodes")
-
-            if group.devices is not None:
-                placed = [PlacedRank(node, d) for d in group.devices[k * tp:(k + 1) * tp]]
-            else:
-                placed = place_group(cfg, node, tp, used_devices, pools, f"instances[{g}].tp")
-                placed += [PlacedRank(node, None)] * (tp - len(placed))  # a full node: reported below on CUDA
-            rank_nodes = [p.node for p in placed]
-            placement = RankPlacement(nodes=rank_nodes, hosts=[_node_host(cfg, n) for n in rank_nodes])
-            if placement.spans_nodes:
-                _check_spanning(cfg, g, name, group.role)
-            here = [r for r, n in enumerate(rank_nodes) if n == node]  # ranks 0..L-1 on the instance's node
-
-            side_port = None
-            side_ports: dict[int, int | None] = {}  # rank -> its side-channel port (remote ranks of this node)
-            for rank_node in sorted(set(rank_nodes)):
-                ranks = [r for r, n in enumerate(rank_nodes) if n == rank_node]
-                offset = side_offsets.get(rank_node, 0)
-                side_offsets[rank_node] = offset + len(ranks)
-                if group.role == "colocated" or rank_node != me:
-                    continue
-                rank_alloc = ports(_node_host(cfg, rank_node))
-                base = cfg.kv_transfer.side_channel_port
-                if base is None:
-                    first = rank_alloc.free_range(len(ranks), f"{name} side channel")
-                else:  # rank r of this instance uses side_port + r
-                    for i, rank in enumerate(ranks):
-                        rank_alloc.claim(base + offset + i, "kv_transfer.side_channel_port",
-                                         f"{name} side channel rank {rank}")
-                    first = base + offset
-                for i, rank in enumerate(ranks):
-                    side_ports[rank] = first + i
-                if rank_node == node:
-                    side_port = first
-
-            master_port = None
-            if tp > 1:
-                index = master_index.get(node, 0)
-                master_index[node] = index + 1
-                if placement.spans_nodes:  # every node computes it: fixed numbering from parallel.master_port
-                    master_port = cfg.parallel.master_port + index if cfg.parallel.master_port is not None else None
-                    if local:
-                        alloc.claim(master_port, "parallel.master_port", f"{name} rendezvous")
-                elif local:
-                    master_port = (alloc.free(f"{name} rendezvous") if cfg.parallel.master_port is None else
-                                   alloc.claim(cfg.parallel.master_port + index, "parallel.master_port",
-                                               f"{name} rendezvous"))
-
-            devices: list[int] = []
-            env: dict[str, str] = {**placement.to_env(), **interface_env(host)} \
-                if local and placement.spans_nodes else {}
-            if device == "cuda":
-                devices = [p.device for p in placed[:len(here)] if p.device is not None]
-                if len(devices) < len(here) and local:
-                    raise PdlaunchError(f"{name} needs {tp} GPU(s) but node {node} has only "
-                                        f"{len(pools[node] or [])} for all instances", field=f"instances[{g}].devices",
-                                        hint="lower --prefill/--decode or TP, or list devices to share")
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
-
-            # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
-            spec = InstanceSpec(
-                role=group.role, index=k, host=host, port=port, tp=tp, devices=list(range(len(devices))),
-                device=device,
-                engine_id=f"{cfg.kv_transfer.engine_id}-{name}", side_channel_port=side_port,
-                master_port=master_port,
-            )
-            plans.append(InstancePlan(spec=spec, url=f"http://{_url_host(host)}:{port}", local=local, env=env,
-                                      physical_devices=devices, node=node))
-            for rank, placed_rank in enumerate(placed):
-                if placed_rank.node == me and placed_rank.node != node:
-                    remote = _remote_rank_plan(spec, rank, placement, placed_rank, side_ports.get(rank))
-                    remote.env.update(interface_env(placement.hosts[rank]))
-                    remote_ranks.append(remote)
+    for planned in plan_instances(cfg, cuda_pool if device == "cuda" else []):
+        plan, remotes = _plan_instance(cfg, planned, device, ports, len(cuda_pool))
+        plans.append(plan)
+        remote_ranks += remotes
     if not plans:
         raise PdlaunchError("the deployment has no instances", field="instances",
                             hint="pass --prefill 1 --decode 1, or --colocated")
     return DeploymentPlan(instances=plans, proxy_host=cfg.proxy.host, proxy_port=proxy_port,
                           remote_ranks=remote_ranks)
+
+
+class _Allocators:
+    """One PortAllocator per host this node binds on."""
+
+    def __init__(self) -> None:
+        self._by_host: dict[str, PortAllocator] = {}
+
+    def on(self, host: str) -> PortAllocator:
+        return self._by_host.setdefault(host, PortAllocator(host))
+
+
+def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str, ports: _Allocators,
+                   num_cuda: int) -> tuple[InstancePlan, list[RemoteRankPlan]]:
+    """One instance as this node sees it, and the ranks of it this node runs when rank 0 is elsewhere."""
+    me, g, name, node = cfg.parallel.node_rank, planned.group, planned.name, planned.node
+    host, local = _node_host(cfg, node), node == me
+    placement = RankPlacement(nodes=planned.rank_nodes, hosts=[_node_host(cfg, n) for n in planned.rank_nodes])
+    if planned.spans_nodes:
+        _check_spanning(cfg, g, name, planned.role)
+    port = _http_port(planned, ports.on(host), local, me)
+    side_port, side_ports = _side_channel_ports(cfg, planned, ports)
+    master_port = planned.rendezvous_port
+    if planned.rendezvous_index is not None and local:
+        master_port = (ports.on(host).free(f"{name} rendezvous") if master_port is None else
+                       ports.on(host).claim(master_port, "parallel.master_port", f"{name} rendezvous"))
+
+    here = [r for r, n in enumerate(planned.rank_nodes) if n == node]  # ranks 0..L-1 on the instance's node
+    devices: list[int] = []
+    env: dict[str, str] = {**placement.to_env(), **interface_env(host)} if local and planned.spans_nodes else {}
+    if device == "cuda":
+        devices = [p.device for p in planned.ranks[:len(here)] if p.device is not None]
+        if len(devices) < len(here) and local:
+            raise PdlaunchError(f"{name} needs {len(planned.ranks)} GPU(s) but node {node} has only "
+                                f"{num_cuda} for all instances", field=f"instances[{g}].devices",
+                                hint="lower --prefill/--decode or TP, or list devices to share")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+
+    # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
+    spec = InstanceSpec(
+        role=planned.role, index=planned.index, host=host, port=port, tp=len(planned.ranks),
+        devices=list(range(len(devices))), device=device,
+        engine_id=f"{cfg.kv_transfer.engine_id}-{name}", side_channel_port=side_port, master_port=master_port,
+    )
+    remotes: list[RemoteRankPlan] = []
+    for rank, placed_rank in enumerate(planned.ranks):
+        if placed_rank.node == me and placed_rank.node != node:
+            remote = _remote_rank_plan(spec, rank, placement, placed_rank, side_ports.get(rank))
+            remote.env.update(interface_env(placement.hosts[rank]))
+            remotes.append(remote)
+    plan = InstancePlan(spec=spec, url=f"http://{_url_host(host)}:{port}", local=local, env=env,
+                        physical_devices=devices, node=node)
+    return plan, remotes
+
+
+def _http_port(planned: PlannedInstance, alloc: PortAllocator, local: bool, me: int) -> int:
+    field, what = f"instances[{planned.group}].base_port", f"{planned.name} HTTP"
+    if planned.http_port is not None:
+        return alloc.claim(planned.http_port, field, what) if local else planned.http_port
+    if local:
+        return alloc.free(what)
+    raise PdlaunchError(f"{planned.name} runs on node {planned.node}, so its port must be known to node {me}",
+                        field=field, hint="set base_port for groups on other nodes")
+
+
+def _side_channel_ports(cfg: DeploymentConfig, planned: PlannedInstance,
+                        ports: _Allocators) -> tuple[int | None, dict[int, int]]:
+    """Claims this node's side-channel ports of the instance: (the port of its rank 0, when rank 0 runs
+    here; rank r binds it + r), and rank -> port for every rank on this node."""
+    side_port: int | None = None
+    side_ports: dict[int, int] = {}
+    for ranks in planned.side_channels:
+        if ranks.node != cfg.parallel.node_rank:
+            continue
+        alloc = ports.on(_node_host(cfg, ranks.node))
+        if ranks.first is None:
+            first = alloc.free_range(len(ranks.ranks), f"{planned.name} side channel")
+        else:
+            first = ranks.first
+            for i, rank in enumerate(ranks.ranks):
+                alloc.claim(first + i, "kv_transfer.side_channel_port", f"{planned.name} side channel rank {rank}")
+        side_ports.update({rank: first + i for i, rank in enumerate(ranks.ranks)})
+        if ranks.node == planned.node:
+            side_port = first
+    return side_port, side_ports

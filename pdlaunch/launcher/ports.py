@@ -75,7 +75,7 @@ class PortAllocator:
                 except OSError:
                     port_is_free(self.host, 0)  # raises the readable reason
                     raise
-                port = sock.getsockname()[1]
+                port: int = sock.getsockname()[1]
             if port not in self.taken:
                 self.taken.add(port)
                 return port

@@ -1,0 +1,62 @@
+"""Where the ranks of one TP group run: which node (and device) each rank gets.
+
+A group fits on its own node when it can; a group with more ranks than its node has devices fills
+that node's remaining devices first, then the next node's, and so on (a spanning group). On CPU a
+node's `devices` are just rank slots: a node that lists none hosts any number of ranks.
+
+check-config (config/port_plan.py, through config/resources.py) and the launcher (launcher/plan.py)
+both place ranks with these functions, so the ports and devices check-config reports are the ones
+the launcher uses. How a placed rank is started lives in distributed/placement.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+
+
+@dataclass
+class PlacedRank:
+    node: int
+    device: int | None  # CUDA index on that node; None on CPU
+
+
+def node_pool(cfg: DeploymentConfig, node: int, cuda_devices: list[int]) -> list[int] | None:
+    """The devices (CUDA) or rank slots (CPU) of `node`; None: unlimited (CPU node listing none)."""
+    if cfg.parallel.nodes and cfg.parallel.nodes[node].devices:
+        return list(cfg.parallel.nodes[node].devices)
+    return cuda_devices if cuda_devices else None
+
+
+def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
+                pool_of: dict[int, list[int] | None], field: str) -> list[PlacedRank]:
+    """The node and device of every rank of one instance placed on `node`. `used[k]` counts the
+    devices of node k taken so far (updated). A group that fits its node comes back short when the
+    node's devices are taken; a spanning group the nodes cannot host raises PdlaunchError."""
+    pool = pool_of[node]
+    if pool is None:
+        return [PlacedRank(node, None) for _ in range(tp)]
+    start = used.get(node, 0)
+    if tp <= len(pool) or not cfg.parallel.nodes:  # fits its node: short when the node is full (caller says so)
+        used[node] = start + tp
+        return [PlacedRank(node, d) for d in pool[start:start + tp]]
+    placed: list[PlacedRank] = []
+    for k in range(node, len(cfg.parallel.nodes)):
+        k_pool = pool_of[k]
+        if k_pool is None:  # a CPU node without listed slots takes every remaining rank
+            placed += [PlacedRank(k, None) for _ in range(tp - len(placed))]
+            break
+        first = used.get(k, 0)
+        take = k_pool[first:first + tp - len(placed)]
+        used[k] = first + len(take)
+        placed += [PlacedRank(k, d) for d in take]
+        if len(placed) == tp:
+            break
+    if len(placed) < tp:
+        raise PdlaunchError(f"TP {tp} needs {tp} devices but nodes {node}..{len(cfg.parallel.nodes) - 1} have only "
+                            f"{len(placed)} left together", field=field,
+                            hint="a group spans its node and the nodes after it in parallel.nodes; lower TP or "
+                            "add devices/nodes")
+    return placed
