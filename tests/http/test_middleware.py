@@ -1,0 +1,64 @@
+"""The shared ASGI middleware (http/asgi.py base, http/auth.py, http/limits.py): HTTP requests are
+checked, every other scope (lifespan) passes through untouched."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import Message, Receive, Scope, Send
+
+from pdlaunch.http.auth import AccessPolicy, RequireAuth
+from pdlaunch.http.limits import BodyLimit
+
+
+class App:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.calls.append(scope["type"])
+        if scope["type"] == "http":
+            body = (await receive()).get("body", b"")
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
+
+
+def _call(middleware: Any, scope: Scope, body: bytes = b"") -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    asyncio.run(middleware(scope, receive, send))
+    return sent
+
+
+def _http(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> Scope:
+    return {"type": "http", "method": "POST", "path": path, "headers": headers or [], "query_string": b""}
+
+
+def test_lifespan_passes_through_both_middlewares() -> None:
+    app = App()
+    stack = RequireAuth(BodyLimit(app, max_bytes=1), policy=AccessPolicy(api_key="key"))
+    assert _call(stack, {"type": "lifespan"}) == []
+    assert app.calls == ["lifespan"]
+
+
+def test_auth_refuses_before_the_app_and_the_key_lets_through() -> None:
+    app = App()
+    stack = RequireAuth(BodyLimit(app, max_bytes=100), policy=AccessPolicy(api_key="key"))
+    refused = _call(stack, _http("/v1/completions"))
+    assert refused[0]["status"] == 401 and app.calls == []
+    allowed = _call(stack, _http("/v1/completions", [(b"authorization", b"Bearer key")]), b"{}")
+    assert allowed[0]["status"] == 200 and allowed[1]["body"] == b"{}" and app.calls == ["http"]
+
+
+def test_body_limit_answers_413_without_calling_the_app() -> None:
+    app = App()
+    sent = _call(BodyLimit(app, max_bytes=4), _http("/v1/completions"), b"0123456789")
+    assert sent[0]["status"] == 413 and app.calls == []
+    assert b"security.max_request_bytes" in sent[1]["body"]
