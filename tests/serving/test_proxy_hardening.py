@@ -161,9 +161,14 @@ def test_client_gone_before_the_decode_answers_releases_the_prefill_kv(deploymen
         wait_for(lambda: held in prefill.released, f"the proxy to release {held} after the client left", timeout=5)
 
 
-def test_unreachable_decode_releases_the_prefill_kv(deployment: Any) -> None:
+def test_unreachable_decode_releases_the_prefill_kv(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     url, prefill, pool = deployment
     decode = pool.instances[1]
+
+    async def no_health_checks(*_: object) -> None:  # a probe of the dead URL would mark it down before the leg
+        return None
+
+    monkeypatch.setattr(pool, "_check", no_health_checks)
     real_url, decode.url = decode.url, f"http://127.0.0.1:{PortAllocator('127.0.0.1').free('nothing listens')}"
     try:
         answer = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=30)
@@ -172,4 +177,5 @@ def test_unreachable_decode_releases_the_prefill_kv(deployment: Any) -> None:
         wait_for(lambda: held in prefill.released, f"the proxy to release {held}", timeout=5)
     finally:
         decode.url = real_url
+        monkeypatch.undo()
         wait_for(lambda: httpx.get(f"{url}/health").status_code == 200, "the decode to be routed to again", 10)
