@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -119,14 +120,13 @@ def _rope_kwargs(rope: dict[str, Any]) -> dict[str, Any]:
 
 def model_directory(model: str) -> Path:
     """The HF-format directory both sides load: a directory as given, `demo`, or a GGUF file converted once."""
-    from pdlaunch.model.demo import resolve_model_path
+    from pdlaunch.model.demo import is_gguf, resolve_model_path
 
-    try:
-        return resolve_model_path(model, say=lambda text: print(text, file=sys.stderr))
-    except ModuleNotFoundError as exc:  # a .gguf file on a host without the gguf package
-        raise PdlaunchError(f"cannot convert {model}: the {exc.name} package is not installed here",
-                            field="model", hint="on a machine with `pip install gguf` run `python benchmarks/"
-                            "real_model_parity.py FILE.gguf --convert-to DIR`, copy DIR here and pass it") from None
+    if is_gguf(model) and importlib.util.find_spec("gguf") is None:
+        raise PdlaunchError(f"cannot convert {model}: the gguf package is not installed here", field="model",
+                            hint="on a machine with `pip install gguf` run `python benchmarks/real_model_parity.py "
+                            "FILE.gguf --convert-to DIR`, copy DIR here and pass it")
+    return resolve_model_path(model, say=lambda text: print(text, file=sys.stderr))
 
 
 def _transformers_model(model_dir: Path, device: str, dtype: torch.dtype) -> Any:

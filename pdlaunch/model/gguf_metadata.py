@@ -21,7 +21,12 @@ ROPE_FREQS = "rope_freqs.weight"
 
 
 def open_reader(path: Path) -> Any:
-    from gguf import GGUFReader
+    try:
+        from gguf import GGUFReader
+    except ModuleNotFoundError:
+        raise PdlaunchError(f"reading {path.name} needs the gguf package, which is not installed",
+                            field="model.path", hint="pip install gguf, or convert the file where it is installed "
+                            "and pass the converted HF-format directory") from None
 
     try:
         return GGUFReader(str(path))

@@ -72,3 +72,14 @@ def test_usage_mistakes_are_one_error_line(parity: ModuleType, capsys: pytest.Ca
     assert parity.main([*argv, *CPU]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and text in err and "Traceback" not in err
+
+
+def test_a_gguf_file_without_the_gguf_package_names_convert_to(parity: ModuleType, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert parity.main([str(tmp_path / "m.gguf"), *CPU]) == 1
+    err = capsys.readouterr().err
+    assert "the gguf package is not installed here" in err and "--convert-to DIR" in err

@@ -4,6 +4,7 @@ problem is one `--model` line with a fix; serve and the conversion refuse the fi
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,10 @@ def test_qwen3_needs_its_q_and_k_norms(tmp_path: Path) -> None:
     path = write_gguf(hf_dir, tmp_path / "m.gguf", "qwen3",
                       edit=lambda name, v: None if name.endswith("attn_k_norm.weight") else v)
     assert_invalid(_check(path), "--model", "lacks tensor(s) blk.0.attn_k_norm.weight, blk.1.attn_k_norm.weight")
+
+
+def test_without_the_gguf_package_the_error_says_how_to_get_it(llama_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as on a host without it
+    assert_invalid(_check(path), "--model", "reading m.gguf needs the gguf package, which is not installed")
