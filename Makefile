@@ -41,10 +41,11 @@ serve: demo-model
 smoke: demo-model
 	$(BIN)/pdlaunch smoke --model demo --device cpu
 
-# ruff (rules in pyproject.toml), and the import layers: no cycles, no import from a higher layer
-# (tests/test_layering.py; docs/design.md "Layers").
+# ruff (rules in pyproject.toml), mypy --strict over the package ([tool.mypy] in pyproject.toml), and
+# the import layers: no cycles, no import from a higher layer (tests/test_layering.py; docs/design.md "Layers").
 lint: venv
 	$(BIN)/python -m ruff check pdlaunch tests benchmarks
+	$(BIN)/python -m mypy pdlaunch
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 clean:

@@ -6,8 +6,10 @@ for a user mistake). The work lives in the modules each command calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -16,6 +18,9 @@ from pdlaunch import __version__
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.config.flags import with_serve_options
 from pdlaunch.errors import PdlaunchError
+
+if TYPE_CHECKING:
+    from pdlaunch.config.models import DeploymentConfig
 
 app = typer.Typer(
     name="pdlaunch",
@@ -32,10 +37,25 @@ app.add_typer(bench_app, name="bench")
 err_console = Console(stderr=True)
 
 
-def _fail(exc: PdlaunchError) -> typer.Exit:
-    for line in exc.render().splitlines():
-        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
+@contextmanager
+def _reported() -> Iterator[None]:
+    """A PdlaunchError leaves as its message and exit code 1, never as a traceback."""
+    try:
+        yield
+    except PdlaunchError as exc:
+        for line in exc.render().splitlines():
+            err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callable[[DeploymentConfig], int]
+                    ) -> NoReturn:
+    """Validate the deployment, `run` it, and exit with the code it returns."""
+    from pdlaunch.config.loader import load_valid_deployment
+
+    with _reported():
+        code = run(load_valid_deployment(config, overrides))
+    raise typer.Exit(code=code)
 
 
 def _version(value: bool) -> None:
@@ -57,14 +77,9 @@ def _root(
 @with_serve_options
 def serve(config: Path | None, overrides: dict[str, Any]) -> None:
     """Start prefill and decode instances plus the proxy; Ctrl-C stops everything."""
-    from pdlaunch.config.loader import load_valid_deployment
     from pdlaunch.launcher.serve import run_serve
 
-    try:
-        code = run_serve(load_valid_deployment(config, overrides))
-    except PdlaunchError as exc:
-        raise _fail(exc) from None
-    raise typer.Exit(code=code)
+    _run_deployment(config, overrides, run_serve)
 
 
 @app.command("check-config")
@@ -83,10 +98,8 @@ def check_config(
     """Validate a deployment without starting anything: exit 0 valid, 1 invalid."""
     from pdlaunch.config.check import run_check
 
-    try:
+    with _reported():
         code = run_check(config, overrides, json_output, target_gpus, target_gpu_memory)
-    except PdlaunchError as exc:
-        raise _fail(exc) from None
     raise typer.Exit(code=code)
 
 
@@ -94,14 +107,9 @@ def check_config(
 @with_serve_options
 def smoke(config: Path | None, overrides: dict[str, Any]) -> None:
     """Launch a deployment, check PD answers against colocated ones, exit 0 or 1 (for CI)."""
-    from pdlaunch.config.loader import load_valid_deployment
     from pdlaunch.launcher.smoke import run_smoke
 
-    try:
-        code = run_smoke(load_valid_deployment(config, overrides))
-    except PdlaunchError as exc:
-        raise _fail(exc) from None
-    raise typer.Exit(code=code)
+    _run_deployment(config, overrides, run_smoke)
 
 
 @app.command()
@@ -119,10 +127,8 @@ def generate(
     """Offline generation with the engine (no server)."""
     from pdlaunch.engine.generate_cmd import run_generate
 
-    try:
+    with _reported():
         run_generate(model, device, prompt or ["Hello, my name is"], max_tokens, temperature, dtype, json_output)
-    except PdlaunchError as exc:
-        raise _fail(exc) from None
 
 
 @config_app.command("schema")

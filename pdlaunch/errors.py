@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class PdlaunchError(Exception):
     """A user-facing error. `field` is the config path or flag it is about (e.g. `cache.block_size`)."""
@@ -22,8 +24,8 @@ class PdlaunchError(Exception):
 class ConfigError(PdlaunchError):
     """A deployment config problem; may carry several problems at once."""
 
-    def __init__(self, problems: list[tuple[str, str]]) -> None:
-        self.problems = problems
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
         field, message = problems[0] if problems else ("", "invalid configuration")
         super().__init__(message if len(problems) == 1 else f"{len(problems)} problems", field=field or None)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
 KV_TRANSFER_SECONDS = Histogram(
@@ -86,7 +87,7 @@ NIXL_NUM_FAILED_TRANSFERS = Counter("vllm:nixl_num_failed_transfers", "Number of
                                     "transfers.", LABELS)
 
 _model_name = ""
-M = TypeVar("M", Counter, Gauge, Histogram)
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 def set_model_name(name: str) -> None:
@@ -105,7 +106,7 @@ def set_model_name(name: str) -> None:
 
 def vllm(metric: M, **extra: str) -> M:
     """`metric` labelled for this instance (`extra`: further labels, e.g. finished_reason)."""
-    return metric.labels(model_name=_model_name, engine="0", **extra)  # type: ignore[return-value]
+    return metric.labels(model_name=_model_name, engine="0", **extra)
 
 
 def observe_kv_transfer(num_bytes: int, seconds: float) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +29,20 @@ def _fail(lines: list[str]) -> typer.Exit:
     for line in lines:
         err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
+
+
+@contextmanager
+def _reported(interrupted: str) -> Iterator[None]:
+    """A command's errors as lines naming the flag (no traceback); Ctrl-C exits 130 saying `interrupted`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {interrupted}")
+        raise typer.Exit(code=130) from None
+    except ValidationError as exc:
+        raise _fail(_validation_lines(exc)) from None
+    except PdlaunchError as exc:
+        raise _fail(exc.render().splitlines()) from None
 
 
 def _validation_lines(exc: ValidationError) -> list[str]:
@@ -95,7 +111,7 @@ def serve(
     stray = [a for a in slo_args or [] if ":" not in a]
     if stray:
         raise _fail([f"unexpected argument(s) {' '.join(stray)} (only NAME:MS SLOs may follow --goodput)"])
-    try:
+    with _reported("no report"):
         cfg = ServeBenchConfig.model_validate(dict(
             base_url=base_url, endpoint=endpoint, model=model, num_prompts=num_prompts,
             random_input_len=random_input_len, random_output_len=random_output_len,
@@ -106,13 +122,6 @@ def serve(
             result_filename=result_filename, plot_dir=plot,
         ))
         run_serve_bench(cfg)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: no report")
-        raise typer.Exit(code=130) from None
-    except ValidationError as exc:
-        raise _fail(_validation_lines(exc)) from None
-    except PdlaunchError as exc:
-        raise _fail(exc.render().splitlines()) from None
 
 
 @bench_app.command("make-checkpoint")
@@ -269,7 +278,7 @@ def compare(
     from pdlaunch.bench.compare_report import report_comparison
 
     console = Console()
-    try:
+    with _reported("the running deployment was stopped and its processes reaped; no report"):
         cfg = CompareConfig.model_validate(dict(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
             rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
@@ -279,11 +288,4 @@ def compare(
             request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
         ))
         runs = run_compare(cfg, console)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: the running deployment was stopped and its processes reaped; no report")
-        raise typer.Exit(code=130) from None
-    except ValidationError as exc:
-        raise _fail(_validation_lines(exc)) from None
-    except PdlaunchError as exc:
-        raise _fail(exc.render().splitlines()) from None
     report_comparison(console, cfg, runs)

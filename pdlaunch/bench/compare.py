@@ -146,7 +146,9 @@ def label(kind: DeploymentKind, layout: Layout) -> str:
 
 
 def describe(kind: DeploymentKind, layout: Layout) -> str:
-    where = (lambda gs: f"GPU {','.join(map(str, gs))}") if layout.device == "cuda" else (lambda gs: "CPU")
+    def where(gpus: list[int]) -> str:
+        return f"GPU {','.join(map(str, gpus))}" if layout.device == "cuda" else "CPU"
+
     if kind == "colocated":
         return f"{layout.colocated} colocated ({where(layout.gpus)})"
     return (f"{layout.prefill}P ({where(layout.gpus[:layout.prefill])}) + "

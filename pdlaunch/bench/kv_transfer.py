@@ -76,7 +76,8 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=dtype,
                        group_layers=[list(range(shape["num_layers"]))], group_sliding_window=[None],
                        model_name="bench-kv")
-    connector = None
+    # NixlConnector or MooncakeConnector: push timings and loads use more than the KVConnector interface.
+    connector: Any = None
 
     def make(mode: str) -> Any:
         # enable_cumem_allocator as the engine's config would say: the connector then stages.
@@ -101,6 +102,8 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
             if cmd == "close":
                 break
             try:
+                if connector is None and cmd in ("finish", "freed", "push_timing", "load"):
+                    raise ValueError(f"{cmd!r} before any connector was made (send 'mode' first)")
                 if cmd == "mode":  # decode: a fresh connector for this mode
                     if connector is not None:
                         connector.shutdown()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,10 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = require_matplotlib()
     out_dir.mkdir(parents=True, exist_ok=True)
     ok = [i for i, err in enumerate(doc["errors"]) if not err]
-    ms = lambda xs: [x * MS_PER_S for x in xs]  # noqa: E731
+
+    def ms(seconds: Iterable[float]) -> list[float]:
+        return [x * MS_PER_S for x in seconds]
+
     series = {
         "ttft": ms(doc["ttfts"][i] for i in ok),
         "tpot": ms(

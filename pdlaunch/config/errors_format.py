@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
@@ -100,7 +101,7 @@ _BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "les
            "less_than": ("<", "lt")}
 
 
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
+def _describe(err: ErrorDetails) -> tuple[str, str]:
     """(what is wrong, how to fix it) for one pydantic error."""
     kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
     info = _field_info(loc)

@@ -133,7 +133,12 @@ def _salvage(raw: dict[str, Any], exc: ValidationError) -> DeploymentConfig | No
         *parents, last = err["loc"]
         node: Any = salvaged
         for part in parents:
-            node = node[part] if isinstance(node, (dict, list)) else None
+            if isinstance(node, list) and isinstance(part, int):
+                node = node[part]
+            elif isinstance(node, dict):
+                node = node[part]
+            else:
+                node = None
         if not isinstance(node, dict) or last not in node:
             return None  # a whole list item or section is wrong: nothing sensible to salvage
         del node[last]

@@ -18,7 +18,7 @@ from pdlaunch.config.checkpoint_check import checkpoint_problems
 from pdlaunch.config.kv_connector_rules import kv_connector_problems
 from pdlaunch.config.log_dir import log_dir_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
+from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.security_rules import secret_problems
 from pdlaunch.memory import platform
@@ -217,7 +217,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if device == "cuda" and (gpus > 0 or target is not None):
         where = "the target host" if target is not None else "this machine"
         problems += resources.device_problems(out, gpus, where)
-    if info is not None and out.model.max_model_len is not None and out.cache.block_size in rules.BLOCK_SIZES:
+    if info is not None and out.model.max_model_len is not None and out.cache.block_size in BLOCK_SIZES:
         estimates = memory_estimate.estimate(out, info)
         problems += memory_estimate.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
     return problems, out

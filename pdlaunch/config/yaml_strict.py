@@ -17,7 +17,7 @@ from pdlaunch.errors import ConfigError
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by explicit keys
 
 
-class StrictLoader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types: its classes are Any
     """SafeLoader that, before constructing, reports every key that appears twice in one mapping."""
 
     def __init__(self, text: str, source: str) -> None:

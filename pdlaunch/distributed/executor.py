@@ -114,8 +114,8 @@ class TPExecutor:
             self.engine_id = state.engine_id
             ready = [self._wait_ready(r) for r in range(1, self.tp_size)]
             self._rank_engine_ids = [self.engine_id] + [engine_id for engine_id, _, _ in ready]
-            self._side_ports: list[int | None] = [None] + [port for _, port, _ in ready]
-            self._side_hosts: list[str | None] = [None] + [host for _, _, host in ready]
+            self._side_ports: list[int | None] = [None, *(port for _, port, _ in ready)]
+            self._side_hosts: list[str | None] = [None, *(host for _, _, host in ready)]
         except BaseException:
             self._conns = [links[r] for r in sorted(links)]
             self._stop_workers()
@@ -211,11 +211,12 @@ class TPExecutor:
         sentinels = {p.sentinel: rank for rank, p in self._procs.items()}
         remote = dict(self._remote)
         while not self._closing.is_set() and (sentinels or remote):
-            ended = wait(list(sentinels), timeout=0.5) if sentinels else []
+            # wait() hands back some of the objects it was given: here process sentinels, ints.
+            ended = [s for s in wait(list(sentinels), timeout=0.5) if isinstance(s, int)] if sentinels else []
             if not sentinels:
                 self._closing.wait(0.5)
             for sentinel in ended:
-                rank = sentinels.pop(sentinel)  # type: ignore[call-overload]
+                rank = sentinels.pop(sentinel)
                 if self._closing.is_set():
                     return
                 proc = self._procs[rank]

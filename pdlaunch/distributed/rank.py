@@ -11,6 +11,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.engine_id import sync_engine_id
@@ -38,10 +39,10 @@ def rank_device(device_type: str, instance: InstanceSpec | None, rank: int) -> t
 
 def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
                device: torch.device, dtype: torch.dtype, max_model_len: int, master_port: int,
-               store: object | None = None) -> RankState:
+               store: dist.TCPStore | None = None) -> RankState:
     """Steps 1-3 for `rank`; rank 0 passes the store it hosts."""
     tp = instance.tp if instance is not None else config.parallel.tp
-    group = init_tp_group(rank, tp, device, config.parallel.master_addr, master_port, store)  # type: ignore[arg-type]
+    group = init_tp_group(rank, tp, device, config.parallel.master_addr, master_port, store)
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,

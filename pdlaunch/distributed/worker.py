@@ -23,6 +23,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.parallel_state import destroy_tp_group
@@ -42,7 +43,8 @@ def send(conn: Connection, message: tuple[Any, ...]) -> None:
 
 
 def recv(conn: Connection) -> tuple[Any, ...]:
-    return pickle.loads(conn.recv_bytes())
+    message: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
+    return message
 
 
 def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
@@ -61,7 +63,7 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
 
 def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
                dtype_name: str, max_model_len: int, master_port: int, conn: Connection, parent: int,
-               store: object | None = None) -> None:
+               store: dist.TCPStore | None = None) -> None:
     """Build rank `rank` (joining the group through `store` when given), report ready, serve rank 0's
     messages until it says shutdown or is gone (`parent` is the process whose end ends this rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp

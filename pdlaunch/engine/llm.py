@@ -6,12 +6,14 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from pdlaunch.config.models import CacheConfig, DeploymentConfig, ModelConfig, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.errors import EngineError
 
-_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
 
 
 def build_config(model: str, device: str, dtype: str, overrides: dict[str, Any]) -> DeploymentConfig:
@@ -41,16 +43,15 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[CompletionOutput]:
         """Run every prompt to completion (batched by the scheduler); results in prompt order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise EngineError(f"{len(params_list)} sampling params for {len(prompts)} prompts", field="params",
+        prompt_list: list[str | Sequence[int]] = [prompts] if isinstance(prompts, str) else list(prompts)
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
+        if len(params_list) != len(prompt_list):
+            raise EngineError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts", field="params",
                               hint="give one SamplingParams, or one per prompt")
         order: dict[str, int] = {}
         texts: list[str | None] = []
         token_lists: list[list[int]] = []
-        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+        for i, (prompt, p) in enumerate(zip(prompt_list, params_list)):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             texts.append(prompt if isinstance(prompt, str) else None)
             token_lists.append(ids)
@@ -62,7 +63,7 @@ class LLM:
                 for rid in list(order)[:-1]:
                     self.engine.abort_request(rid)
                 raise
-        results: list[CompletionOutput | None] = [None] * len(prompts)
+        results: list[CompletionOutput | None] = [None] * len(prompt_list)
         logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in order}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any, TypedDict
+from typing import Any
 
 import torch
 
@@ -27,6 +27,7 @@ from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.sampler import Sampler
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
+from pdlaunch.engine.stats import EngineStats, engine_stats, update_metrics
 from pdlaunch.engine.step_builder import build_step_inputs
 from pdlaunch.engine.structured_output import grammar_backend
 from pdlaunch.errors import EngineError, KVTransferError
@@ -45,21 +46,6 @@ from pdlaunch.model.loader import load_checkpoint, resolve_dtype
 from pdlaunch.offload.manager import OffloadManager
 
 log = logging.getLogger(__name__)
-
-
-class EngineStats(TypedDict):
-    num_running: int
-    num_waiting: int
-    num_waiting_for_kv: int
-    num_held: int
-    num_blocks_total: int
-    num_blocks_used: int
-    num_preemptions: int
-    prompt_tokens_computed: int
-    prompt_tokens_cached: int
-    offload_stored_blocks: int  # CPU offload tier (0 when off): logical blocks stored, loaded, hit
-    offload_loaded_blocks: int
-    offload_hit_blocks: int
 
 
 class LLMEngine:
@@ -302,8 +288,8 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
-            outputs, self._admitted = self._admitted, []
-            return outputs
+            admitted, self._admitted = self._admitted, []
+            return admitted
         outputs: list[RequestOutput] = []
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
@@ -337,36 +323,12 @@ class LLMEngine:
                     outputs.append(out)
         elif self.scheduler.waiting_for_kv:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
-        self._update_metrics()
+        update_metrics(self.scheduler, self.block_manager)
         return outputs
 
     # -- observability ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        s = self.scheduler
-        return EngineStats(
-            num_running=len(s.running),
-            num_waiting=len(s.waiting),
-            num_waiting_for_kv=len(s.waiting_for_kv),
-            num_held=len(s.held),
-            num_blocks_total=self.block_manager.num_blocks,
-            num_blocks_used=self.block_manager.num_used_blocks(),
-            num_preemptions=s.num_preemptions,
-            prompt_tokens_computed=s.prompt_tokens_computed,
-            prompt_tokens_cached=s.prompt_tokens_cached,
-            offload_stored_blocks=self.offload.stored_blocks if self.offload is not None else 0,
-            offload_loaded_blocks=self.offload.loaded_blocks if self.offload is not None else 0,
-            offload_hit_blocks=self.offload.hit_blocks if self.offload is not None else 0,
-        )
-
-    def _update_metrics(self) -> None:
-        s, used = self.scheduler, self.block_manager.num_used_blocks()
-        waiting = len(s.waiting) + len(s.waiting_for_kv) + len(s.recomputing)  # KV waits count as waiting
-        metrics.KV_BLOCKS_USED.set(used)
-        metrics.REQUESTS_RUNNING.set(len(s.running))
-        metrics.REQUESTS_WAITING.set(waiting)
-        metrics.vllm(metrics.NUM_REQUESTS_RUNNING).set(len(s.running))
-        metrics.vllm(metrics.NUM_REQUESTS_WAITING).set(waiting)
-        metrics.vllm(metrics.KV_CACHE_USAGE).set(used / max(1, self.block_manager.num_blocks))
+        return engine_stats(self.scheduler, self.block_manager, self.offload)
 
     def check_integrity(self) -> None:
         """Raise BlockIntegrityError unless the block manager is consistent and exactly the

@@ -104,6 +104,6 @@ class EngineSleep:
         with torch.no_grad():
             for param, new in zip(runner.model.parameters(), fresh.parameters()):
                 param.copy_(new)
-            for buf, new in zip(runner.model.buffers(), fresh.buffers()):
-                buf.copy_(new)
+            for buf, fresh_buf in zip(runner.model.buffers(), fresh.buffers()):
+                buf.copy_(fresh_buf)
         del fresh

@@ -35,7 +35,8 @@ from pdlaunch.memory.platform import to_device_async
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
 TOKENIZER_BUILD_TIMEOUT_S = 120.0
-_FORMATS = {"regex": "regex", "choice": "choice", "grammar": "grammar"}
+_FORMATS: dict[str, Literal["regex", "choice", "grammar"]] = {"regex": "regex", "choice": "choice",
+                                                              "grammar": "grammar"}
 
 
 class StructuredOutput(BaseModel):

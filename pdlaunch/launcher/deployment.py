@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from rich.console import Console
@@ -101,6 +102,9 @@ def _cpu_threads(num_local: int) -> dict[str, str]:
     if "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, num_local)))}
+
+
+T = TypeVar("T")  # what _poll waits for: our children, or instances on other nodes
 
 
 class Deployment:
@@ -226,11 +230,36 @@ class Deployment:
         return engine_id
 
     def health_url(self, child: ChildProcess) -> str:
-        return (self.plan.proxy_url if child is self.proxy else self.url_of(child.name)) + "/health"
+        base = self.plan.proxy_url if child is self.proxy else self.url_of(child.name)
+        assert base is not None, "a proxy child runs only on the node whose plan has a proxy port"
+        return base + "/health"
 
     def _wait_ready(self, children: list[ChildProcess], view: StatusView, deadline: float, timeout: float,
                     should_stop: Callable[[], bool]) -> bool:
-        pending = list(children)
+        def late(pending: list[ChildProcess]) -> PdlaunchError:
+            waiting = ", ".join(f"{c.name} ({self.rows[c.name].state})" for c in pending)
+            return PdlaunchError(f"not ready after {timeout:.0f}s: {waiting}", hint=f"see the logs in {self.log_dir}")
+
+        return self._poll(children, lambda child: self._probe(child) == "ready", view, deadline, should_stop, late)
+
+    def _wait_remote(self, view: StatusView, deadline: float, timeout: float,
+                     should_stop: Callable[[], bool]) -> bool:
+        """Node 0: wait until every instance other nodes' launchers start answers /health."""
+        def late(pending: list[InstancePlan]) -> PdlaunchError:
+            waiting = ", ".join(f"{p.spec.name} on node {p.node} ({p.url})" for p in pending)
+            nodes = sorted({p.node for p in pending})
+            return PdlaunchError(f"instances on other nodes not ready after {timeout:.0f}s: {waiting}",
+                                 hint="run `pdlaunch serve CONFIG --node-rank K` on node(s) "
+                                 f"{', '.join(map(str, nodes))} and check that node 0 reaches their addresses")
+
+        remote = [plan for plan in self.plan.instances if not plan.local]
+        return self._poll(remote, self._remote_ready, view, deadline, should_stop, late)
+
+    def _poll(self, waiting_for: list[T], is_ready: Callable[[T], bool], view: StatusView, deadline: float,
+              should_stop: Callable[[], bool], late: Callable[[list[T]], PdlaunchError]) -> bool:
+        """Probe every POLL_S until all of `waiting_for` are ready (True) or should_stop() (False); a
+        child of ours that exits raises ChildExited, the deadline raises `late(those still pending)`."""
+        pending = list(waiting_for)
         while pending:
             if should_stop():
                 return False
@@ -239,50 +268,25 @@ class Deployment:
                 self.rows[dead[0].name].state = f"exited ({dead[1]})"
                 view.update()
                 raise ChildExited(*dead)
-            for child in list(pending):
-                state = self._probe(child)
-                if state == "ready":
-                    pending.remove(child)
+            pending = [item for item in pending if not is_ready(item)]
             view.update()
             if not pending:
                 break
             if time.monotonic() > deadline:
-                waiting = ", ".join(f"{c.name} ({self.rows[c.name].state})" for c in pending)
-                raise PdlaunchError(f"not ready after {timeout:.0f}s: {waiting}",
-                                    hint=f"see the logs in {self.log_dir}")
+                raise late(pending)
             time.sleep(POLL_S)
         return True
 
-    def _wait_remote(self, view: StatusView, deadline: float, timeout: float,
-                     should_stop: Callable[[], bool]) -> bool:
-        """Node 0: wait until every instance other nodes' launchers start answers /health."""
-        pending = [plan for plan in self.plan.instances if not plan.local]
-        while pending:
-            if should_stop():
-                return False
-            dead = self.dead_child()
-            if dead is not None:
-                raise ChildExited(*dead)
-            for plan in list(pending):
-                try:
-                    ready = self._http.get(plan.url + "/health").status_code == 200
-                except httpx.HTTPError:
-                    ready = False
-                if ready:
-                    self.rows[plan.spec.name].state = "ready"
-                    self.refresh_blocks(plan.spec.name)
-                    pending.remove(plan)
-            view.update()
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                waiting = ", ".join(f"{p.spec.name} on node {p.node} ({p.url})" for p in pending)
-                nodes = sorted({p.node for p in pending})
-                raise PdlaunchError(f"instances on other nodes not ready after {timeout:.0f}s: {waiting}",
-                                    hint="run `pdlaunch serve CONFIG --node-rank K` on node(s) "
-                                    f"{', '.join(map(str, nodes))} and check that node 0 reaches their addresses")
-            time.sleep(POLL_S)
-        return True
+    def _remote_ready(self, plan: InstancePlan) -> bool:
+        """GET /health of an instance another node's launcher started; updates its status row."""
+        try:
+            ready = self._http.get(plan.url + "/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+        if ready:
+            self.rows[plan.spec.name].state = "ready"
+            self.refresh_blocks(plan.spec.name)
+        return ready
 
     def _probe(self, child: ChildProcess) -> str:
         """GET /health (and /info for block counts) of one child; updates its status row."""

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.memory.platform import is_cumem_allocator_available
+from pdlaunch.memory.platform import cuda_stream, is_cumem_allocator_available
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _round_up(size: int, granularity: int) -> int:
 def _expandable_segments_on() -> bool:
     # The getter returns the last settings string torch parsed (the env at start-up, or the last set).
     getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    texts = [getter()] if getter is not None else []
+    texts = [str(getter())] if getter is not None else []
     texts += [os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), os.environ.get("PYTORCH_ALLOC_CONF", "")]
     for text in texts:
         for part in text.split(","):
@@ -113,8 +113,10 @@ class CuMemAllocator:
         # The callbacks must outlive every segment torch holds: kept on the instance, which lives forever.
         self._c_alloc = _ALLOC_FN(self._alloc_callback)
         self._c_free = _FREE_FN(self._free_callback)
-        self._torch_allocator = torch._C._cuda_customAllocator(
-            ctypes.cast(self._c_alloc, ctypes.c_void_p).value, ctypes.cast(self._c_free, ctypes.c_void_p).value)
+        alloc_address = ctypes.cast(self._c_alloc, ctypes.c_void_p).value
+        free_address = ctypes.cast(self._c_free, ctypes.c_void_p).value
+        assert alloc_address is not None and free_address is not None, "a live ctypes callback has an address"
+        self._torch_allocator = torch._C._cuda_customAllocator(alloc_address, free_address)
         atexit.register(self._keep_pools_at_exit)
         type(self)._instance = self
 
@@ -298,7 +300,7 @@ class CuMemAllocator:
 
     def _copy_stream(self, device: int) -> torch.cuda.Stream:
         if device not in self._copy_streams:
-            self._copy_streams[device] = torch.cuda.Stream(device)
+            self._copy_streams[device] = cuda_stream(device)
         return self._copy_streams[device]
 
     def _sync_copies(self, devices: set[int]) -> None:

@@ -86,6 +86,22 @@ def expandable_segments_enabled() -> bool:
     return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
 
 
+# torch.cuda.Stream's and Event's constructors and Event.query carry no annotations; typed here once.
+def cuda_stream(device: torch.device | int) -> torch.cuda.Stream:
+    """A new CUDA stream on `device`."""
+    return torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch: unannotated __new__
+
+
+def cuda_event(timing: bool = False) -> torch.cuda.Event:
+    """A new CUDA event; `timing` lets elapsed_time() measure between two of them."""
+    return torch.cuda.Event(enable_timing=timing)  # type: ignore[no-untyped-call]  # torch: unannotated __new__
+
+
+def event_done(event: torch.cuda.Event) -> bool:
+    """Whether the work before the event's record has completed (never blocks)."""
+    return bool(event.query())  # type: ignore[no-untyped-call]  # torch: unannotated query()
+
+
 import threading  # noqa: E402  (kept at the end: only the thread-local below needs it)
 
 _thread_device = threading.local()

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -34,7 +35,7 @@ from pdlaunch.model.demo_tokenizer import (
 DEMO_NAME = "demo-v1"
 DEMO_SEED = 20240601
 
-DEMO_HF_CONFIG: dict = {
+DEMO_HF_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "hidden_size": 256,

@@ -40,19 +40,25 @@ def _set_loader(param: nn.Parameter, loader: Callable[..., None]) -> None:
     param.weight_loader = loader  # type: ignore[attr-defined]
 
 
+def _per_rank(size: int, tp_size: int, what: str) -> int:
+    """This rank's part of a dimension split over the TP group (it must divide evenly)."""
+    if size % tp_size:
+        raise ValueError(f"{what} size {size} is not divisible by tp_size {tp_size}")
+    return size // tp_size
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split along the output dim: this rank holds out/tp rows."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
-        if out_features % tp_size:
-            raise ValueError(f"output size {out_features} is not divisible by tp_size {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(out_features // tp_size, in_features), requires_grad=False)
+        rows = _per_rank(out_features, tp_size, "output")
+        self.weight = nn.Parameter(torch.empty(rows, in_features), requires_grad=False)
         _set_loader(self.weight, self.weight_loader)
         self.bias = None
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features // tp_size), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(rows), requires_grad=False)
             _set_loader(self.bias, self.weight_loader)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
@@ -121,10 +127,9 @@ class RowParallelLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
-        if in_features % tp_size:
-            raise ValueError(f"input size {in_features} is not divisible by tp_size {tp_size}")
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(out_features, in_features // tp_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, _per_rank(in_features, tp_size, "input")),
+                                   requires_grad=False)
         _set_loader(self.weight, self.weight_loader)
         self.bias = None
         if bias:
@@ -179,7 +184,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden, tp_rank, tp_size)
         self.vocab_size = vocab_size
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)  # [N, vocab / tp]
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]

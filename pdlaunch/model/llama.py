@@ -58,9 +58,10 @@ class Attention(nn.Module):
             # HF Qwen3 order: project, norm each head, then rotary. Rows are heads: [T*H, D].
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb.apply(q, k, *cos_sin)
+        q, k = self.rotary_emb.rotate(q, k, *cos_sin)
         o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale)  # [T, Hq, D]
-        return self.o_proj(o.reshape(t, q_size))
+        out: torch.Tensor = self.o_proj(o.reshape(t, q_size))
+        return out
 
 
 class MLP(nn.Module):
@@ -74,7 +75,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out: torch.Tensor = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -105,6 +107,11 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, i, tp_rank, tp_size) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """`layers` as what they are (nn.ModuleList yields plain Modules)."""
+        return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
+
 
 class CausalLM(nn.Module):
     """Llama-family causal LM over a paged KV cache. Parameter names follow HF checkpoints, with
@@ -131,7 +138,7 @@ class CausalLM(nn.Module):
 
     def layer_kv_group(self, layer: int) -> tuple[int, int]:
         """(KV cache group index, index of the layer inside its group) for `layer`."""
-        attn = self.model.layers[layer].self_attn
+        attn = self.model.decoder_layers[layer].self_attn
         return attn.kv_group, attn.index_in_group
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
@@ -149,12 +156,15 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         residual = None
         # Every layer has the same rotary parameters (ModelArch has one rope config).
-        cos_sin = self.model.layers[0].self_attn.rotary_emb.cos_sin(positions, h.dtype)
-        for layer in self.model.layers:
+        layers = self.model.decoder_layers
+        cos_sin = layers[0].self_attn.rotary_emb.cos_sin(positions, h.dtype)
+        for layer in layers:
             g = layer.self_attn.kv_group
             h, residual = layer(cos_sin, h, residual, caches[g], plans[g])
-        return self.model.norm(h, residual)[0]
+        out: torch.Tensor = self.model.norm(h, residual)[0]
+        return out
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+        logits: torch.Tensor = self.lm_head(hidden)
+        return logits.float()

@@ -129,11 +129,11 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
     names: set[str] = set()
     for pname in params:
         parts = pname.split(".")
-        packed = next((i for i, p in enumerate(parts) if p in unpack), None)
-        if packed is None:
+        at = next((i for i, p in enumerate(parts) if p in unpack), None)
+        if at is None:
             names.add(pname)
         else:
-            names.update(".".join(parts[:packed] + [u] + parts[packed + 1:]) for u in unpack[parts[packed]])
+            names.update(".".join(parts[:at] + [u] + parts[at + 1:]) for u in unpack[parts[at]])
     return names
 
 

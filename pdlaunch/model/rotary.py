@@ -48,6 +48,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None,
                  max_position_embeddings: int) -> None:
         super().__init__()
+        self.inv_freq: torch.Tensor
         self._args = (head_dim, theta, scaling, max_position_embeddings)
         self.register_buffer("inv_freq", compute_inv_freq(*self._args), persistent=False)
 
@@ -60,7 +61,7 @@ class RotaryEmbedding(nn.Module):
         return rotary_cos_sin(positions, self.inv_freq, dtype)
 
     @staticmethod
-    def apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] (one fused kernel on CUDA); same values as forward."""
         return apply_rotary(q, k, cos, sin)

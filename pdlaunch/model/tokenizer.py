@@ -23,7 +23,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
     except (OSError, json.JSONDecodeError) as exc:
         raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
 
@@ -71,8 +72,9 @@ class Tokenizer:
         self.add_bos_token = bool(config.get("add_bos_token", False))
 
         eos: list[int] = []
-        if self.eos_token and self._tok.token_to_id(self.eos_token) is not None:
-            eos.append(self._tok.token_to_id(self.eos_token))
+        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        if eos_id is not None:
+            eos.append(eos_id)
         for source in (gen_config.get("eos_token_id"), model_config.get("eos_token_id")):
             eos.extend(_as_id_list(source))
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos))

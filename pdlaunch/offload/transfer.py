@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from pdlaunch.errors import EngineError
-from pdlaunch.memory.platform import set_device
+from pdlaunch.memory.platform import cuda_event, cuda_stream, event_done, set_device
 
 __all__ = ["CPULoadStoreSpec", "GPULoadStoreSpec", "TransferResult", "TransferSpec", "CpuGpuTransfer", "block_runs"]
 
@@ -89,11 +89,17 @@ def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, i
 
 
 @dataclass
+class _CudaEvents:
+    ready: torch.cuda.Event  # recorded on the compute stream: the job's copies wait for it
+    start: torch.cuda.Event  # on the copy stream, before the first copy
+    done: torch.cuda.Event  # after the last copy
+
+
+@dataclass
 class _Job:
     job_id: int
     issued: Future[None]  # done once every copy is issued (on CPU: done)
-    done: torch.cuda.Event | None  # CUDA: recorded after the last copy
-    start: torch.cuda.Event | None
+    events: _CudaEvents | None  # CUDA only
     started_at: float
     num_bytes: int
     store: bool
@@ -119,7 +125,7 @@ class CpuGpuTransfer:
         self.cuda = device.type == "cuda"
         # Captured here, in the constructing thread: the worker binds it once at start (vLLM #39548).
         self.device_index = device.index if self.cuda and device.index is not None else 0
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stream = cuda_stream(device) if self.cuda else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-offload",
                                         initializer=set_device, initargs=(self.device_index,))
         self._jobs: dict[int, _Job] = {}
@@ -165,18 +171,17 @@ class CpuGpuTransfer:
         copies = self._copies(gpu, cpu)
         gpu_caches, cpu_caches = list(self.gpu_caches), list(self.cpu_caches)
         num_bytes = sum(n * gpu_caches[g][0].nbytes for g, runs in copies for _, _, n in runs)
-        ready = done = start = None
-        if self.cuda:
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(gpu_caches[0].device))  # compute queued so far
-            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events = _CudaEvents(cuda_event(), cuda_event(timing=True), cuda_event(timing=True)) if self.cuda else None
+        if events is not None:
+            events.ready.record(torch.cuda.current_stream(gpu_caches[0].device))  # compute queued so far
+        stream = self.stream
 
         def issue() -> None:
-            ctx = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+            ctx = torch.cuda.stream(stream) if stream is not None else nullcontext()
             with ctx:
-                if self.stream is not None:
-                    self.stream.wait_event(ready)
-                    start.record(self.stream)
+                if stream is not None and events is not None:
+                    stream.wait_event(events.ready)
+                    events.start.record(stream)
                 for g, runs in copies:
                     dev, host = gpu_caches[g], cpu_caches[g]
                     for b, s, n in runs:
@@ -184,10 +189,10 @@ class CpuGpuTransfer:
                             host[s:s + n].copy_(dev[b:b + n], non_blocking=self.cuda)
                         else:
                             dev[b:b + n].copy_(host[s:s + n], non_blocking=self.cuda)
-                if self.stream is not None:
-                    done.record(self.stream)
+                if stream is not None and events is not None:
+                    events.done.record(stream)
 
-        job = _Job(job_id, self._pool.submit(issue), done, start, time.perf_counter(), num_bytes, store)
+        job = _Job(job_id, self._pool.submit(issue), events, time.perf_counter(), num_bytes, store)
         with self._lock:
             self._jobs[job_id] = job
         return True
@@ -195,7 +200,7 @@ class CpuGpuTransfer:
     def _finished(self, job: _Job) -> bool:
         if not job.issued.done():
             return False
-        return job.issued.exception() is not None or job.done is None or job.done.query()
+        return job.issued.exception() is not None or job.events is None or event_done(job.events.done)
 
     def get_finished(self) -> list[TransferResult]:
         """Jobs completed since the last call (never blocks)."""
@@ -206,8 +211,8 @@ class CpuGpuTransfer:
         results = []
         for j in ready:
             exc = j.issued.exception()
-            if j.start is not None and j.done is not None and exc is None:
-                seconds = j.start.elapsed_time(j.done) / 1e3
+            if j.events is not None and exc is None:
+                seconds = j.events.start.elapsed_time(j.events.done) / 1e3
             else:
                 seconds = time.perf_counter() - j.started_at
             results.append(TransferResult(j.job_id, exc is None, j.num_bytes if exc is None else 0, seconds, j.store,
@@ -227,14 +232,14 @@ class CpuGpuTransfer:
                                   field="offload", hint="the transfer thread is stuck; see the log") from exc
             except Exception:  # noqa: BLE001 - a failed job is reported by get_finished
                 continue
-            if j.done is not None:
-                torch.cuda.current_stream(self.gpu_caches[0].device).wait_event(j.done)
+            if j.events is not None:
+                torch.cuda.current_stream(self.gpu_caches[0].device).wait_event(j.events.done)
 
     def wait_all(self, timeout: float = 60.0) -> None:
         """Block the host until every submitted job has completed (tests, shutdown, sleep)."""
         self.order_before_compute(timeout)
         with self._lock:
-            events = [j.done for j in self._jobs.values() if j.done is not None]
+            events = [j.events.done for j in self._jobs.values() if j.events is not None]
         for e in events:
             e.synchronize()
 

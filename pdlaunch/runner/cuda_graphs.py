@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pdlaunch.memory.platform import cuda_stream
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.runner.step_inputs import StepInputs
 
@@ -151,7 +152,7 @@ class DecodeGraphs:
         for t in self.tables:
             t.zero_()
         pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
+        side = cuda_stream(self.device)
         for batch in sorted(self.sizes, reverse=True):
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):

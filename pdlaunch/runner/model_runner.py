@@ -127,7 +127,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = self.scheduler_config.max_num_batched_tokens
-        lens = []
+        lens: list[int] = []
         while sum(lens) < num_tokens:
             lens.append(min(self.max_model_len, num_tokens - sum(lens)))
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
