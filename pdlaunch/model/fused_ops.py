@@ -82,36 +82,38 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
 
+    # The q and the k half of rotary_kernel. It is handed to the kernel as ROTATE (a constexpr) because
+    # Triton's interpreter resolves a kernel's callees among module globals only, and these kernels are
+    # built here, per interpret mode.
+    @triton.jit
+    def rotate_heads(x_ptr, out_ptr, t, s_t, s_h, s_d, num_heads, d, partner, first_half, cos, sin,
+                     D: tl.constexpr, H_PAD: tl.constexpr):
+        # Token t's heads [H, D] of q or k, rotated into out (contiguous [T, H, D]).
+        dtype = out_ptr.dtype.element_ty
+        h = tl.arange(0, H_PAD)[:, None]
+        mask = (h < num_heads) & (d < D)
+        x = tl.load(x_ptr + t * s_t + h * s_h + d * s_d, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(x_ptr + t * s_t + h * s_h + partner * s_d, mask=mask, other=0.0).to(tl.float32)
+        a = (x * cos).to(dtype).to(tl.float32)
+        b = (tl.where(first_half, -xp, xp) * sin).to(dtype).to(tl.float32)
+        tl.store(out_ptr + (t * num_heads + h) * D + d, (a + b).to(dtype), mask=mask)
+
     @triton.jit
     def rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_q_heads, num_kv_heads,
                       sq_t, sq_h, sq_d, sk_t, sk_h, sk_d, sc_t, sc_d, ss_t, ss_d,
-                      D: tl.constexpr, D_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr):
+                      D: tl.constexpr, D_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+                      ROTATE: tl.constexpr):
         # One program per token: cos/sin [D] loaded once for its q [Hq, D] and k [Hkv, D];
         # outputs are contiguous. rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (d >= D/2).
         t = tl.program_id(0).to(tl.int64)
-        dtype = q_out_ptr.dtype.element_ty
         d = tl.arange(0, D_PAD)
         first_half = (d < D // 2)[None, :]
         partner = tl.where(d < D // 2, d + D // 2, d - D // 2)[None, :]
         cos = tl.load(cos_ptr + t * sc_t + d * sc_d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + t * ss_t + d * ss_d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         d = d[None, :]
-
-        hq = tl.arange(0, HQ_PAD)[:, None]
-        mask = (hq < num_q_heads) & (d < D)
-        x = tl.load(q_ptr + t * sq_t + hq * sq_h + d * sq_d, mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(q_ptr + t * sq_t + hq * sq_h + partner * sq_d, mask=mask, other=0.0).to(tl.float32)
-        a = (x * cos).to(dtype).to(tl.float32)
-        b = (tl.where(first_half, -xp, xp) * sin).to(dtype).to(tl.float32)
-        tl.store(q_out_ptr + (t * num_q_heads + hq) * D + d, (a + b).to(dtype), mask=mask)
-
-        hk = tl.arange(0, HKV_PAD)[:, None]
-        mask = (hk < num_kv_heads) & (d < D)
-        x = tl.load(k_ptr + t * sk_t + hk * sk_h + d * sk_d, mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(k_ptr + t * sk_t + hk * sk_h + partner * sk_d, mask=mask, other=0.0).to(tl.float32)
-        a = (x * cos).to(dtype).to(tl.float32)
-        b = (tl.where(first_half, -xp, xp) * sin).to(dtype).to(tl.float32)
-        tl.store(k_out_ptr + (t * num_kv_heads + hk) * D + d, (a + b).to(dtype), mask=mask)
+        ROTATE(q_ptr, q_out_ptr, t, sq_t, sq_h, sq_d, num_q_heads, d, partner, first_half, cos, sin, D, HQ_PAD)
+        ROTATE(k_ptr, k_out_ptr, t, sk_t, sk_h, sk_d, num_kv_heads, d, partner, first_half, cos, sin, D, HKV_PAD)
 
     @triton.jit
     def silu_and_mul_kernel(x_ptr, out_ptr, inter, sx_t, sx_i,
@@ -150,8 +152,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         v = tl.load(v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :] * sv_d, mask=mask)
         tl.store(dst + plane, v.to(dtype), mask=mask)
 
-    return SimpleNamespace(rms_norm=rms_norm_kernel, rotary=rotary_kernel, silu_and_mul=silu_and_mul_kernel,
-                           write_kv=write_kv_kernel, next_power_of_2=triton.next_power_of_2)
+    return SimpleNamespace(rms_norm=rms_norm_kernel, rotary=rotary_kernel, rotate_heads=rotate_heads,
+                           silu_and_mul=silu_and_mul_kernel, write_kv=write_kv_kernel,
+                           next_power_of_2=triton.next_power_of_2)
 
 
 def _num_warps(elements: int) -> int:
@@ -275,7 +278,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     npow2 = kernels.next_power_of_2
     kernels.rotary[(tokens,)](q, k, cos, sin, q_out, k_out, num_q_heads, k.shape[1], *q.stride(), *k.stride(),
                               *cos.stride(), *sin.stride(), D=head_dim, D_PAD=npow2(head_dim),
-                              HQ_PAD=npow2(num_q_heads), HKV_PAD=npow2(k.shape[1]),
+                              HQ_PAD=npow2(num_q_heads), HKV_PAD=npow2(k.shape[1]), ROTATE=kernels.rotate_heads,
                               num_warps=_num_warps(npow2(num_q_heads) * head_dim), enable_fp_fusion=False)
     return q_out, k_out
 

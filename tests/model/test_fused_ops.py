@@ -243,7 +243,7 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
     assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
     pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr"]
     rotary = ptx(kernels.rotary, dict.fromkeys(pointers, bf16),
-                 {"D": 128, "D_PAD": 128, "HQ_PAD": 32, "HKV_PAD": 8})
+                 {"D": 128, "D_PAD": 128, "HQ_PAD": 32, "HKV_PAD": 8, "ROTATE": kernels.rotate_heads})
     assert "fma" not in rotary and "cvt.rn.bf16.f32" in rotary
     silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": bf16}, {"BLOCK": 1024, "LIBDEVICE_EXP": True})
     assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rm" in silu  # expf's range reduction
