@@ -12,6 +12,13 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf_metadata import value
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
+# How text is split before BPE (`tokenizer.ggml.pre`): Llama 3 groups digits by up to three, Qwen2 splits
+# every digit. Other values keep GPT-2's byte-level split, as transformers' GGUF loader does.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+PRE_TOKENIZER_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+                        "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
 NO_TOKENIZER_HINT = ("use a GGUF file that embeds its tokenizer (llama.cpp's converter writes tokenizer.ggml.*) "
                      "or the model's HF checkpoint directory with tokenizer.json")
 
@@ -33,9 +40,15 @@ def tokenizer_json(reader: Any) -> dict[str, Any]:
               "normalized": False, "special": True}
              for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre_tokenizer: dict[str, Any] = byte_level
+    split = PRE_TOKENIZER_SPLITS.get(str(value(reader, "tokenizer.ggml.pre", "")))
+    if split is not None:
+        pre_tokenizer = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": False},
+            {**byte_level, "use_regex": False}]}
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": byte_level, "post_processor": None, "decoder": {**byte_level, "add_prefix_space": True},
+        "pre_tokenizer": pre_tokenizer, "post_processor": None, "decoder": {**byte_level, "add_prefix_space": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": merges},

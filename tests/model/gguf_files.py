@@ -57,13 +57,15 @@ def llama_cpp_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def _add_tokenizer(writer: Any, hf_dir: Path, cfg: dict[str, Any]) -> None:
+def _add_tokenizer(writer: Any, hf_dir: Path, cfg: dict[str, Any], pre: str | None) -> None:
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     specials = {t["id"]: t["content"] for t in tok["added_tokens"]}
     tokens = [specials.get(i, text) for i, (text, _) in enumerate(vocab)]
     tokens += [specials[i] for i in sorted(specials) if i >= len(tokens)]
     writer.add_tokenizer_model("gpt2")
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([3 if i in specials else 1 for i in range(len(tokens))])
     merges = tok["model"]["merges"]
@@ -76,7 +78,7 @@ def _add_tokenizer(writer: Any, hf_dir: Path, cfg: dict[str, Any]) -> None:
 
 def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokenizer: bool = True,
                edit: Edit | None = None, rope_metadata: bool = False, raw_types: dict[str, str] | None = None,
-               extra: dict[str, np.ndarray] | None = None) -> Path:
+               extra: dict[str, np.ndarray] | None = None, pre: str | None = None) -> Path:
     """A GGUF file of the HF checkpoint `hf_dir` (weights as `quant`: 2-D weights only are quantized).
     A llama3-scaled checkpoint gets `rope_freqs`; `rope_metadata` also writes rope.scaling.factor and
     rope.scaling.original_context_length (llama.cpp's converter does not). `raw_types` stores the named
@@ -96,7 +98,7 @@ def write_gguf(hf_dir: Path, out: Path, arch: str, quant: str = "F32", *, tokeni
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     if tokenizer:
-        _add_tokenizer(writer, hf_dir, cfg)
+        _add_tokenizer(writer, hf_dir, cfg, pre)
     tensors = {_gguf_name(n): t.float().numpy() for n, t in load_file(str(hf_dir / "model.safetensors")).items()}
     if rope.get("rope_type") == "llama3":
         tensors["rope_freqs.weight"] = llama_cpp_rope_factors(rope, head_dim)
