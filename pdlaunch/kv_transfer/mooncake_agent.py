@@ -1,6 +1,6 @@
-"""MooncakeAgent: agent.KVAgent's surface over a Mooncake TransferEngine, so that the NIXL connector's
-prefill side (holds, leases, push sender pool: nixl_sender.py), decode side (handshakes, loads, drains:
-nixl_receiver.py, peers.py) and resharding (reshard_load.py) run unchanged on Mooncake.
+"""MooncakeAgent: transport.TransferAgent over a Mooncake TransferEngine, so that the connector's
+prefill side (prefill/: holds, leases, push sender pool) and decode side (decode/: handshakes, load
+strategies, drains, resharding) run unchanged on Mooncake.
 
 What maps to what:
 - agent metadata: {"name", "session"} (the engine's "host:rpc_port"); the prefill gives it only in its

@@ -32,6 +32,7 @@ from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
 from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake_sender import TransferPool
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.prefill.side import AnswerMode
 from pdlaunch.kv_transfer.transport import TransferAgent
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class MooncakeConnector(NixlConnector):
             return "push", _NATIVE + " (loads that reshard between TP sizes pull)"
         return super()._initial_mode()
 
-    def _answer_mode(self) -> str:
+    def _answer_mode(self) -> AnswerMode:
         """auto pushes (pulls only to reshard between TP sizes)."""
         return "push" if self.kv.transfer_mode == "auto" else self.kv.transfer_mode
 

@@ -72,7 +72,7 @@ class MooncakeXfer:
         """Mooncake cannot cancel a transfer that runs: one not started is dropped. A running WRITE
         (prefill push sender thread) is waited for, at most RELEASE_WAIT_SECONDS, so that push_failed
         means nothing more lands in the decode's blocks. A running READ is not: the decode's engine
-        thread releases it only after its drain bounded the wait (nixl_receiver.py)."""
+        thread releases it only after its drain bounded the wait (decode/table.py)."""
         if self._future.cancel() or self._future.done() or not self._wait_on_release:
             return
         deadline = time.monotonic() + RELEASE_WAIT_SECONDS

@@ -25,8 +25,9 @@ from pdlaunch.kv_transfer.decode.peers import PeerCache
 from pdlaunch.kv_transfer.decode.side import DecodeSide
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, DeviceInfo, device_info
 from pdlaunch.kv_transfer.messages import parse_notification
-from pdlaunch.kv_transfer.prefill.side import PrefillSide
+from pdlaunch.kv_transfer.prefill.side import AnswerMode, PrefillSide
 from pdlaunch.kv_transfer.role import RoleSide
+from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent
 from pdlaunch.memory import platform
@@ -111,6 +112,11 @@ class NixlConnector(KVConnector):
         return self.side if isinstance(self.side, PrefillSide) else None
 
     @property
+    def server(self) -> SideChannelServer | None:
+        """The prefill side's side-channel server (None on a decode instance, or before registration)."""
+        return self.side.server if isinstance(self.side, PrefillSide) else None
+
+    @property
     def receiver(self) -> DecodeSide | None:
         """The decode side (None on a prefill instance): for tests."""
         return self.side if isinstance(self.side, DecodeSide) else None
@@ -124,7 +130,7 @@ class NixlConnector(KVConnector):
             return "pull", "CPU DRAM on both sides: UCX reads between processes, so decode pulls"
         return "auto", "decided per prefill engine at the first handshake (push unless NVLink joins the GPUs)"
 
-    def _answer_mode(self) -> str:
+    def _answer_mode(self) -> AnswerMode:
         """The transfer mode a prefill's answer names (vLLM's field; never "auto"): the configured one,
         else what a decode of this deployment resolves: NIXL pulls between CPU processes and pushes
         between GPUs (a decode joined to this GPU by NVLink may still pull: it decides per prefill

@@ -23,6 +23,10 @@ class RemoteKV(BaseModel):
     block_ids: list[list[int]] | None = None  # per KV-cache group; None: ask the prefill ("held_blocks")
     checksums: list[list[str]] | None = None  # per group, per block (kv_transfer.verify_kv)
     num_prompt_tokens: int | None = None
+    # A prefill of another TP size (reshard.py): KV heads per rank, and each rank's side channel and digests.
+    kv_heads_per_rank: int | None = None
+    rank_ports: list[int] | None = None
+    rank_checksums: list[list[list[str]] | None] | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RemoteKV:
@@ -36,6 +40,8 @@ class RemoteKV(BaseModel):
             host=str(params["remote_host"]), port=int(params["remote_port"]), tp_size=int(params.get("tp_size") or 1),
             kv_epoch=int(params.get("kv_epoch") or 0), block_ids=params.get("remote_block_ids"),
             checksums=params.get("kv_checksum"), num_prompt_tokens=params.get("num_prompt_tokens"),
+            kv_heads_per_rank=params.get("kv_heads_per_rank"), rank_ports=params.get("remote_ports"),
+            rank_checksums=params.get("rank_kv_checksums"),
         )
 
     @property

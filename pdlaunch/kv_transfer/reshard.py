@@ -19,7 +19,6 @@ Only pull: the decode side needs the whole remote block before it can slice it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
@@ -113,30 +112,29 @@ class ReshardPlan:
     sources: list[Source] = field(default_factory=list)
 
 
-def plan_reshard(params: dict[str, Any], rank: int, tp: int, heads: int) -> ReshardPlan:
+def plan_reshard(remote: RemoteKV, rank: int, tp: int, heads: int) -> ReshardPlan:
     """The sources of decode rank `rank` (TP `tp`, `heads` KV heads per rank) for a request whose
     prefill instance has another TP size (kv_transfer_params carry tp_size, kv_heads_per_rank, and
     per-rank remote_ports / rank_kv_checksums when it has several ranks)."""
-    remote_tp = int(params.get("tp_size", 1))
-    if "kv_heads_per_rank" not in params:
+    remote_tp = remote.tp_size
+    if remote.kv_heads_per_rank is None:
         raise KVTransferError(f"prefill TP {remote_tp} differs from decode TP {tp} but the prefill side did not say "
                               "how many KV heads each of its ranks holds (kv_heads_per_rank)",
                               hint="run the same pdlaunch version on prefill and decode")
-    remote_heads = int(params["kv_heads_per_rank"])
-    ports = params.get("remote_ports") or [params.get("remote_port")]
+    remote_heads = remote.kv_heads_per_rank
+    ports = remote.rank_ports or [remote.port]
     if len(ports) != remote_tp:
         raise KVTransferError(f"prefill sent {len(ports)} side-channel ports for TP {remote_tp}",
                               hint="run the same pdlaunch version on prefill and decode")
-    sums = params.get("rank_kv_checksums") or ([params["kv_checksum"]] if "kv_checksum" in params else None)
+    sums = remote.rank_checksums or ([remote.checksums] if remote.checksums is not None else None)
     total = total_kv_heads(remote_tp, remote_heads, tp, heads)
-    base = RemoteKV.from_params(params)
     slices = plan_head_slices(rank, tp, remote_tp, total)
     plan = ReshardPlan(remote_tp, remote_heads)
     for p, ranks in notifying_ranks(tp, remote_tp, total).items():
         if rank not in ranks:
             continue
         plan.sources.append(Source(
-            rank=p, remote=base.model_copy(update={"port": int(ports[p]), "tp_rank": p, "checksums": None}),
+            rank=p, remote=remote.model_copy(update={"port": ports[p], "tp_rank": p, "checksums": None}),
             slices=[s for s in slices if s.src_rank == p], readers=len(ranks),
             checksums=sums[p] if sums is not None else None,
         ))

@@ -14,6 +14,7 @@ import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.reshard_load import copy_head_slices
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import (
     HeadSlice,
     kv_head_range,
@@ -54,7 +55,7 @@ def test_every_decode_rank_rebuilds_its_heads_from_the_plan(total: int, tp_p: in
         params = {"tp_size": tp_p, "kv_heads_per_rank": heads_p, "remote_ports": list(range(9000, 9000 + tp_p)),
                   "remote_port": 9000, "remote_engine_id": "P", "remote_host": "h",
                   "rank_kv_checksums": [[[f"p{p}"]] for p in range(tp_p)]}
-        plan = plan_reshard(params, r, tp_d, heads_d)
+        plan = plan_reshard(RemoteKV.from_params(params), r, tp_d, heads_d)
         mine = torch.zeros(NUM_BLOCKS, LAYERS, 2, BLOCK_SIZE, heads_d, HEAD_DIM)
         area = StagingArea([mine], 1 << 20, kv_heads=heads_p)
         for src in plan.sources:
@@ -94,6 +95,6 @@ def test_inconsistent_head_counts_are_refused() -> None:
     with pytest.raises(KVTransferError, match="KV heads cannot be mapped"):
         total_kv_heads(2, 2, 1, 2)  # prefill says 4 heads in all, decode 2
     with pytest.raises(KVTransferError, match="kv_heads_per_rank"):
-        plan_reshard({"tp_size": 2, "remote_ports": [1, 2]}, 0, 1, 2)
+        plan_reshard(RemoteKV(engine_id="P", request_id="r", host="h", port=1, tp_size=2, rank_ports=[1, 2]), 0, 1, 2)
     with pytest.raises(KVTransferError, match="1 side-channel ports for TP 2"):
-        plan_reshard({"tp_size": 2, "kv_heads_per_rank": 1, "remote_port": 1}, 0, 1, 2)
+        plan_reshard(RemoteKV(engine_id="P", request_id="r", host="h", port=1, tp_size=2, kv_heads_per_rank=1), 0, 1, 2)

@@ -94,7 +94,7 @@ class DecodeSide(RoleSide):
                     digest=prompt_digest(prompt_token_ids))
                 return
             pairs = self._plan(prompt_token_ids, remote, block_ids, num_local_computed_tokens, num_external_tokens)
-            reshard = self._reshard_plan(params, remote)
+            reshard = self._reshard_plan(remote)
         except KVTransferError as e:
             self.loads.fail_now(request_id, remote or _unknown(params), e.render())
             return
@@ -115,12 +115,12 @@ class DecodeSide(RoleSide):
                 f"{remote.tp_size}, decode {spec.tp_size})",
                 hint="send the prefill's kv_transfer_params unchanged (as vLLM's pull proxy does)")
 
-    def _reshard_plan(self, params: dict[str, Any], remote: RemoteKV) -> ReshardPlan | None:
+    def _reshard_plan(self, remote: RemoteKV) -> ReshardPlan | None:
         """None when prefill has this engine's TP size (rank r reads rank r), else this rank's sources."""
         spec = self._spec()
         if remote.tp_size == spec.tp_size:
             return None
-        return plan_reshard(params, spec.tp_rank, spec.tp_size, spec.num_kv_heads)
+        return plan_reshard(remote, spec.tp_rank, spec.tp_size, spec.num_kv_heads)
 
     def _plan(self, prompt: list[int], remote: RemoteKV, block_ids: list[list[int]], start: int,
               count: int) -> Pairs:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
 from pdlaunch.config.models import InstanceSpec, KVTransferConfig
 from pdlaunch.errors import KVTransferError
@@ -29,6 +29,7 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     ReadDone,
 )
+from pdlaunch.kv_transfer.params import PrefillAnswer
 from pdlaunch.kv_transfer.prefill.decode_peers import DecodePeers
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender, PushTiming
@@ -42,11 +43,13 @@ from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
+AnswerMode = Literal["pull", "push"]  # what a prefill's answer names (vLLM's field; never "auto")
+
 
 class PrefillSide(RoleSide):
     role = "prefill"
 
-    def __init__(self, agent: TransferAgent, kv: KVTransferConfig, instance: InstanceSpec, answer_mode: str,
+    def __init__(self, agent: TransferAgent, kv: KVTransferConfig, instance: InstanceSpec, answer_mode: AnswerMode,
                  keys: SideChannelKeys, device_index: int, workers: int = 2) -> None:
         self.agent = agent
         self.engine_id = instance.engine_id
@@ -115,19 +118,19 @@ class PrefillSide(RoleSide):
             return False, None
         spec = self._require_spec()
         host, port = self.address()
-        params: dict[str, Any] = {
-            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
-            "remote_block_ids": [list(b) for b in block_ids], "remote_host": host, "remote_port": port,
-            "remote_request_id": request_id, "tp_size": spec.tp_size, "kv_heads_per_rank": spec.num_kv_heads,
-            "transfer_mode": self.answer_mode, "num_prompt_tokens": len(prompt_token_ids),
-            "remote_num_tokens": len(prompt_token_ids),
-            "remote_blocks_expiry_time": time.time() + self.kv.kv_lease_seconds,  # unix seconds, as vLLM
-            "kv_epoch": self.kv_epoch,
-        }
-        if self.kv.verify_kv:
-            params["kv_checksum"] = [block_checksums(spec.kv_caches[g], b) for g, b in enumerate(block_ids)]
+        answer = PrefillAnswer(
+            do_remote_prefill=True, do_remote_decode=False, remote_engine_id=self.engine_id,
+            remote_block_ids=[list(b) for b in block_ids], remote_host=host, remote_port=port,
+            remote_request_id=request_id, tp_size=spec.tp_size, kv_heads_per_rank=spec.num_kv_heads,
+            transfer_mode=self.answer_mode, num_prompt_tokens=len(prompt_token_ids),
+            remote_num_tokens=len(prompt_token_ids),
+            remote_blocks_expiry_time=time.time() + self.kv.kv_lease_seconds,  # unix seconds, as vLLM
+            kv_epoch=self.kv_epoch,
+            kv_checksum=[block_checksums(spec.kv_caches[g], b) for g, b in enumerate(block_ids)]
+            if self.kv.verify_kv else None,
+        )
         self.holds.hold(request_id, block_ids, prompt_digest(prompt_token_ids))
-        return True, params
+        return True, answer.model_dump(exclude_none=True)
 
     def on_notif(self, notif: Notification) -> None:
         if isinstance(notif, ReadDone):
