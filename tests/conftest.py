@@ -7,6 +7,7 @@ when set), exactly as a user's first `--model tiny` run does.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,25 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The test machine is 2 shared cores: with 2 intra-op threads, OpenMP spin-waiting under load
 # makes a small matmul ~20x slower than with one thread (measured 9.3 ms vs 0.39 ms).
 torch.set_num_threads(int(os.environ.get("PDLAUNCH_TEST_TORCH_THREADS", "1")))
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process with pytest's exit status, without running native library destructors,
+    once tests have loaded NIXL in this process: the UCX copy bundled with nixl_cu13 crashes in its
+    libnl-route destructor at exit (signal 11 after every test passed, seen with gdb in
+    rtnl_tc_unregister). Instances avoid it the same way (pdlaunch/server/__main__.py)."""
+    if _EXIT_STATUS and any(name.startswith("nixl") for name in sys.modules):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def exit_now(code: int) -> None:
-    """End the process with `code` once logs are flushed, skipping interpreter finalization: the engine
-    thread has stopped and released its KV by then, and tearing down torch's and UCX's native state
-    while daemon threads still run can crash the process (a signal 11 instead of the exit code, which
-    the launcher reports to the user)."""
+    """End the process with `code` once logs are flushed, skipping interpreter finalization and native
+    library destructors: the engine thread has stopped and released its KV by then, and the UCX copy
+    bundled with nixl_cu13 can crash in its libnl-route destructor at exit (a signal 11 instead of
+    the exit code, which the launcher would report to the user as a crash)."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

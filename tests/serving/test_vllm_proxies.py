@@ -5,6 +5,7 @@ only for the decode's own prompt. Instances run in this process on the tiny mode
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +68,9 @@ def pair() -> Iterator[dict[str, str]]:
     finally:
         for srv in reversed(servers):
             srv.__exit__(None, None, None)
+        # Drop the engines (and their NIXL agents) with the module, not at interpreter exit.
+        LOOPS.clear()
+        gc.collect()
 
 
 def _body(chat: bool, stream: bool, tag: str = "", **extra: Any) -> dict[str, Any]:
