@@ -28,9 +28,10 @@ demo-model: venv
 test: demo-model
 	$(BIN)/python -m pytest -q -m "not gpu" tests
 
-# The inner loop: everything but the GPU tests and the ones marked slow (`make test` runs those too).
+# The inner loop: the unit tests, without the GPU tests, the end-to-end ones (`e2e`: real deployments)
+# and the ones marked slow (processes started, checkpoints compared with transformers); `make test` runs all.
 test-fast: demo-model
-	$(BIN)/python -m pytest -q -m "not gpu and not slow" tests
+	$(BIN)/python -m pytest -q -m "not gpu and not slow and not e2e" tests
 
 test-gpu: venv
 	$(BIN)/python -m pytest -q -m gpu tests

@@ -57,6 +57,7 @@ def test_tiny_checkpoint_is_sharded_with_a_complete_index(tiny_ckpt: Path) -> No
     assert set(index["weight_map"]) == {name for name, _ in tensor_shapes(config)}
 
 
+@pytest.mark.slow
 def test_tiny_checkpoint_loads_with_transformers(tiny_ckpt: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -16,6 +16,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "real_model_parity.py"
 CPU = ["--device", "cpu", "--dtype", "float32"]
 
+pytestmark = pytest.mark.slow  # each case builds checkpoints and runs transformers next to the engine
+
 
 @pytest.fixture(scope="module")
 def parity() -> ModuleType:

@@ -41,6 +41,7 @@ def test_llm_rejects_unknown_options_and_bad_prompts(llama_ckpt) -> None:  # typ
         assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks() == 0
 
 
+@pytest.mark.slow
 def test_generate_command_prints_json_lines() -> None:
     result = CliRunner().invoke(app, ["generate", "--model", "tiny", "--device", "cpu", "--json", "--max-tokens", "5",
                                       "--prompt", "Hello", "--prompt", "What is the capital of France?"])

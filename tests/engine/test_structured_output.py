@@ -50,6 +50,7 @@ def engine(make_engine: MakeEngine, llama_ckpt: Path):  # type: ignore[no-untype
     return make_engine(llama_ckpt, max_num_seqs=24, num_gpu_blocks=512)
 
 
+@pytest.mark.slow
 def test_twenty_random_schemas_validate_in_one_batch(engine) -> None:  # type: ignore[no-untyped-def]
     rng = random.Random(7)
     schemas = [random_schema(rng) for _ in range(20)]

@@ -41,6 +41,7 @@ def test_demo_answers_a_chat_question_through_pd(demo_dir: Path, tmp_path: Path)
         serve.stop()
 
 
+@pytest.mark.slow
 def test_demo_greedy_ids_equal_transformers(demo_dir: Path) -> None:
     """Our engine on the converted SmolLM2 (float32, CPU) against transformers on the same directory: 32 tokens."""
     from pdlaunch.engine.llm import LLM

@@ -123,6 +123,7 @@ def test_crash_mid_stream_ends_with_an_openai_error_event(setup: Any) -> None:
     assert error["code"] == "instance_failed" and "decode-0" in error["message"]
 
 
+@pytest.mark.slow
 def test_hanging_instance_hits_the_request_timeout(setup: Any) -> None:
     url, _, pool = setup
     _mark_ready(pool)

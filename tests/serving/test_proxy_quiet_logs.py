@@ -47,6 +47,7 @@ def _ready(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_debug_gives_one_line_per_request_with_its_id(tmp_path: Path) -> None:
     ports = PortAllocator("127.0.0.1")
     prefill, decode = ScriptedInstance("prefill"), ScriptedInstance("decode")

@@ -32,6 +32,7 @@ def _worker_pid(engine) -> int:  # type: ignore[no-untyped-def]
     return int(workers[0].pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "mid-request"])
 def test_killed_rank_fails_the_engine_naming_the_rank(busy: bool, llama_ckpt, make_tp_engine: MakeTPEngine) -> None:  # type: ignore[no-untyped-def]
     engine = make_tp_engine(llama_ckpt, 2)
