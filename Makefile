@@ -43,7 +43,7 @@ smoke: demo-model
 	$(BIN)/pdlaunch smoke --model demo --device cpu
 
 # ruff (rules in pyproject.toml), mypy --strict over the package ([tool.mypy] in pyproject.toml), and
-# the import layers: no cycles, no import from a higher layer (tests/test_layering.py; docs/design.md "Layers").
+# the import layers: no cycles, no import from a higher layer (tests/test_layering.py; docs/ARCHITECTURE.md "Layers").
 lint: venv
 	$(BIN)/python -m ruff check pdlaunch tests benchmarks
 	$(BIN)/python -m mypy pdlaunch

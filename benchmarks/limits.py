@@ -5,7 +5,7 @@
 Measures (CUDA events, warm-up first, median of repeats, random data, never zeros):
 - device-to-device copy bandwidth, counting bytes read + bytes written (2 x buffer / time), the
   rate at which memory can be streamed; `copy_gbps_buffer` is buffer / time (half of it), the
-  convention of the docs/design.md "Measured facts" table (H100 1496 GB/s there = about 3.0 TB/s here);
+  convention of the docs/ARCHITECTURE.md "Measured facts" table (H100 1496 GB/s there = about 3.0 TB/s here);
 - bf16 matrix product rate of an n x n x n GEMM (TFLOP/s);
 - peer copy bandwidth cuda:0 -> cuda:1, buffer / time, when there are two GPUs;
 and derives the floors for the Llama-3-8B shape (bf16):

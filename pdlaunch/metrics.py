@@ -1,7 +1,7 @@
 """Prometheus metrics of an instance. Import the objects, never re-create them.
 
 Two families in the one default registry:
-- `pdlaunch_*` (docs/design.md), unlabelled: the PD-specific series (KV transfer, held blocks).
+- `pdlaunch_*` (docs/ARCHITECTURE.md), unlabelled: the PD-specific series (KV transfer, held blocks).
 - `vllm:*` under vLLM's names and labels (`model_name`, `engine`), so vLLM's Grafana dashboards work
   unchanged. Label them through `vllm(metric)`, which applies this instance's model name
   (`set_model_name`, called once when the instance starts).

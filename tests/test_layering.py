@@ -1,5 +1,5 @@
 """The package's import structure: no import cycles between modules, and folders stacked in layers
-(docs/design.md "Layers"): a module imports only from its own folder or from a lower layer.
+(docs/ARCHITECTURE.md "Layers"): a module imports only from its own folder or from a lower layer.
 
 Imports are read with `ast`, so every import counts: module level, inside a function (lazy) and under
 `if TYPE_CHECKING:`. A lazy import that exists only to keep torch (or another heavy library) off a CPU
@@ -172,7 +172,7 @@ def test_every_folder_has_a_layer() -> None:
 def test_layer_order() -> None:
     found = upward_imports()
     new = {edge: where for edge, where in found.items() if edge not in KNOWN_UPWARD}
-    assert not new, f"imports from a higher layer or a sibling (see docs/design.md 'Layers'): {new}"
+    assert not new, f"imports from a higher layer or a sibling (see docs/ARCHITECTURE.md 'Layers'): {new}"
     gone = sorted(set(KNOWN_UPWARD) - set(found))
     assert not gone, f"fixed, so remove them from KNOWN_UPWARD: {gone}"
 

@@ -2,7 +2,7 @@
 
 `validate_deployment(cfg, target)` returns every problem (never stops at the first) and the resolved
 config: device and dtype made concrete, TP filled in per instance group, `max_model_len` from the
-model, and the cumem allocator turned on by sleep mode (vLLM #33540, docs/design.md "Upstream behaviours
+model, and the cumem allocator turned on by sleep mode (vLLM #33540, docs/ARCHITECTURE.md "Upstream behaviours
 we reproduce").
 """
 

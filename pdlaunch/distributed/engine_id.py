@@ -1,4 +1,4 @@
-"""engine_id sync across a TP group (vLLM #39907, docs/design.md "Upstream behaviours we reproduce").
+"""engine_id sync across a TP group (vLLM #39907, docs/ARCHITECTURE.md "Upstream behaviours we reproduce").
 
 Each process of an instance may have drawn its own default engine_id (a fresh uuid), and ranks on
 other nodes certainly did. The handshake names the prefill engine by one id, so before the KV

@@ -1,4 +1,4 @@
-"""Sleep mode of an engine (docs/design.md "CuMem and sleep"): weights and KV cache give back their memory.
+"""Sleep mode of an engine (docs/ARCHITECTURE.md "CuMem and sleep"): weights and KV cache give back their memory.
 
 The memory work is the MemorySleep's (pdlaunch/memory/sleep.py): on CUDA with the cumem
 allocator the pools keep their virtual addresses; otherwise (CPU, tests) the tensors' storages are

@@ -1,4 +1,4 @@
-"""Who may call what, at the proxy and at every instance (docs/design.md "Trust boundaries").
+"""Who may call what, at the proxy and at every instance (docs/ARCHITECTURE.md "Trust boundaries").
 
 - `/health` is always open (the launcher and load balancers probe it).
 - With an API key (`security.api_key`, `--api-key`, PDLAUNCH_API_KEY), every other route needs

@@ -1,4 +1,4 @@
-"""pull | push | auto: which side initiates the NIXL transfer, and why (docs/design.md "Measured facts").
+"""pull | push | auto: which side initiates the NIXL transfer, and why (docs/ARCHITECTURE.md "Measured facts").
 
 pull (decode READs) needs NVLink between the two GPUs: UCX disables cuda_ipc GET without it, and on
 one GPU shared by prefill and decode it fails too. push (prefill WRITEs) works everywhere. On CPU,

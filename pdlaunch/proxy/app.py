@@ -1,4 +1,4 @@
-"""The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (docs/design.md "Request flow").
+"""The OpenAI-compatible PD proxy: prefill leg, then decode leg streamed through (docs/ARCHITECTURE.md "Request flow").
 
 The prefill leg asks for its sampled token in the signed answer (when the request allows it:
 translate.continues_from_first_token); the decode hands that token to the client at admission and

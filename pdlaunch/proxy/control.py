@@ -1,4 +1,4 @@
-"""`/sleep`, `/wake_up`, `/is_sleeping` at the proxy: fanned out to every instance (docs/design.md "CuMem
+"""`/sleep`, `/wake_up`, `/is_sleeping` at the proxy: fanned out to every instance (docs/ARCHITECTURE.md "CuMem
 and sleep"). RequireAuth has already checked the caller's API key (http/auth.py); the calls to the
 instances carry the internal token."""
 

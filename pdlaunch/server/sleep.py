@@ -1,4 +1,4 @@
-"""`/sleep`, `/wake_up`, `/is_sleeping`: engine sleep control (CuMem pools, docs/design.md "CuMem and sleep").
+"""`/sleep`, `/wake_up`, `/is_sleeping`: engine sleep control (CuMem pools, docs/ARCHITECTURE.md "CuMem and sleep").
 
 Refused with a 400 naming the fix unless the deployment enables sleep mode and the engine offers
 `sleep(level)`, `wake_up(tags)` and `is_sleeping()`; the engine calls run on the engine thread.
