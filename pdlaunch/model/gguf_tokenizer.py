@@ -1,7 +1,8 @@
 """The tokenizer of a GGUF file, rebuilt from its metadata as tokenizer.json + tokenizer_config.json.
 
 Byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: Llama 3, Qwen2/3, SmolLM) are rebuilt
-the way transformers' own GGUF tokenizer converter builds them.
+the way transformers' own GGUF tokenizer converter builds them; SentencePiece vocabularies ("llama":
+Llama 2, Mistral 7B v0.1-0.3) as a BPE with byte fallback (gguf_sentencepiece.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf_metadata import value
+from pdlaunch.model.gguf_sentencepiece import sentencepiece_tokenizer_json
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
 # How text is split before BPE (`tokenizer.ggml.pre`): Llama 3 groups digits by up to three, Qwen2 splits
@@ -24,15 +26,18 @@ NO_TOKENIZER_HINT = ("use a GGUF file that embeds its tokenizer (llama.cpp's con
 
 
 def tokenizer_json(reader: Any) -> dict[str, Any]:
-    """tokenizer.json for a byte-level BPE vocabulary (tokenizer.ggml.model == "gpt2")."""
+    """tokenizer.json for a byte-level BPE (tokenizer.ggml.model "gpt2") or SentencePiece ("llama") vocabulary."""
     model = value(reader, "tokenizer.ggml.model")
     tokens: list[str] = list(value(reader, "tokenizer.ggml.tokens", []) or [])
     if model is None or not tokens:
         raise PdlaunchError("GGUF metadata holds no tokenizer (tokenizer.ggml.model and tokenizer.ggml.tokens)",
                             field="model.path", hint=NO_TOKENIZER_HINT)
+    if model == "llama":
+        return sentencepiece_tokenizer_json(reader, tokens)
     if model != "gpt2":
         raise PdlaunchError(f"GGUF tokenizer model {model!r} is not supported", field="model.path",
-                            hint="pdlaunch rebuilds byte-level BPE (gpt2-style) tokenizers from GGUF metadata; "
+                            hint="pdlaunch rebuilds byte-level BPE (gpt2) and SentencePiece (llama) tokenizers "
+                                 "from GGUF metadata; "
                                  "use an HF checkpoint directory with tokenizer.json for this model")
     types: list[int] = list(value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges: list[str] = list(value(reader, "tokenizer.ggml.merges", []))
@@ -62,6 +67,8 @@ def tokenizer_config(reader: Any) -> dict[str, Any]:
         index = value(reader, f"tokenizer.ggml.{key}_token_id")
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose metadata does not say otherwise (older files)
+    add_bos = value(reader, "tokenizer.ggml.add_bos_token", value(reader, "tokenizer.ggml.model") == "llama")
     return {"bos_token": token("bos"), "eos_token": token("eos"), "pad_token": token("padding"),
-            "unk_token": token("unknown"), "add_bos_token": bool(value(reader, "tokenizer.ggml.add_bos_token", False)),
+            "unk_token": token("unknown"), "add_bos_token": bool(add_bos),
             "model_max_length": int(value(reader, f"{value(reader, 'general.architecture')}.context_length", 0))}
