@@ -2,7 +2,7 @@
 
 `convert_gguf(file, out_dir)` writes config.json (transformers 5 layout: `rope_parameters`),
 model.safetensors (weights dequantized to the serving dtype), tokenizer.json rebuilt from the GGUF
-vocabulary (byte-level BPE, as transformers' own GGUF tokenizer converter builds it),
+vocabulary (byte-level BPE or SentencePiece: gguf_tokenizer.py),
 tokenizer_config.json and chat_template.jinja. The engine then loads it like any checkpoint, so every
 path (TP, PD, CUDA graphs) works unchanged. Architectures: llama (Llama, Mistral, SmolLM), qwen2, qwen3.
 The header is read and checked first (gguf_metadata.py, gguf_check.py): a file with a missing tensor, a

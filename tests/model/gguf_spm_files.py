@@ -66,10 +66,10 @@ def token_type(sp: Any, i: int) -> int:
     return 5 if sp.is_unused(i) else 1
 
 
-def spm_tokenizer_writer(sp: Any, *, drop: str | None = None, types_len: int | None = None,
-                         template: bool = True) -> Callable[[Any], None]:
+def spm_tokenizer_writer(sp: Any, *, drop: str | None = None, types_len: int | None = None, bos: int = BOS,
+                         template: bool = True, add_eos: bool = False) -> Callable[[Any], None]:
     """Writes `sp` as tokenizer.ggml.* metadata. `drop` leaves one key out ("scores", "token_type", ...),
-    `types_len` writes that many token types: a broken file."""
+    `types_len` writes that many token types, `bos` another BOS id: a broken file."""
     def add(writer: Any) -> None:
         count = sp.get_piece_size()
         types = [token_type(sp, i) for i in range(count)]
@@ -80,11 +80,11 @@ def spm_tokenizer_writer(sp: Any, *, drop: str | None = None, types_len: int | N
             writer.add_token_scores([sp.get_score(i) for i in range(count)])
         if drop != "token_type":
             writer.add_token_types((types * 2)[:types_len] if types_len is not None else types)
-        writer.add_bos_token_id(BOS)
+        writer.add_bos_token_id(bos)
         writer.add_eos_token_id(EOS)
         writer.add_unk_token_id(UNK)
         writer.add_add_bos_token(True)
-        writer.add_add_eos_token(False)
+        writer.add_add_eos_token(add_eos)
         if template:
             writer.add_chat_template(CHAT_TEMPLATE)
     return add

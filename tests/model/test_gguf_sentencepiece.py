@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf import convert_gguf
 from pdlaunch.model.gguf_sentencepiece import merges
@@ -72,6 +73,16 @@ def test_ids_equal_sentencepiece_ids_and_decode_round_trips(sp: Any, converted: 
         ["▁", "<0xEA>", "<0x99>", "<0xAE>"]
 
 
+def test_streamed_text_is_the_text(sp: Any, converted: Path) -> None:
+    """Token by token (the engine's incremental detokenizer), "▁" spaces and byte-fallback characters
+    come out as SentencePiece decodes them."""
+    tokenizer = Tokenizer(converted)
+    for text in _texts():
+        detokenizer = IncrementalDetokenizer(tokenizer.decode, [BOS])
+        streamed = "".join(detokenizer.add(token_id) for token_id in sp.encode(text)) + detokenizer.finish()
+        assert streamed == text, text
+
+
 def test_transformers_gguf_loader_agrees_unless_text_starts_with_whitespace(sp: Any, converted: Path,
                                                                            gguf_file: Path) -> None:
     from transformers import AutoTokenizer
@@ -108,6 +119,15 @@ def test_merges_follow_the_scores() -> None:
     assert merges(tokens, scores, types) == [["b", "c"], ["a", "b"], ["a", "bc"], ["ab", "c"]]
 
 
+def test_add_eos_token_appends_eos(sp: Any, hf_dir: Path, tmp_path: Path) -> None:
+    path = write_gguf(hf_dir, tmp_path / "eos.gguf", "llama", add_tokenizer=spm_tokenizer_writer(sp, add_eos=True))
+    out = tmp_path / "conv"
+    out.mkdir()
+    convert_gguf(path, out)
+    assert Tokenizer(out).encode("hello") == [BOS, *sp.encode("hello"), EOS]
+    assert Tokenizer(out).encode("hello", add_special_tokens=False) == sp.encode("hello")
+
+
 def _writer_without_add_bos(sp: Any) -> Any:
     full = spm_tokenizer_writer(sp, template=False)
 
@@ -133,6 +153,7 @@ def test_older_file_without_add_bos_still_gets_bos(sp: Any, hf_dir: Path, tmp_pa
     ({"drop": "scores"}, "GGUF SentencePiece tokenizer lacks tokenizer.ggml.scores (needed to rebuild its merges)"),
     ({"drop": "token_type"}, "GGUF SentencePiece tokenizer lacks tokenizer.ggml.token_type"),
     ({"types_len": 399}, "GGUF tokenizer.ggml.token_type has 399 entries for 400 tokens"),
+    ({"bos": 400}, "GGUF tokenizer.ggml.bos_token_id is 400, outside the 400-token vocabulary"),
 ])
 def test_broken_sentencepiece_metadata_is_a_model_error(sp: Any, hf_dir: Path, tmp_path: Path,
                                                         broken: dict[str, Any], message: str) -> None:
