@@ -19,6 +19,7 @@ spm = pytest.importorskip("sentencepiece")
 
 VOCAB = 400
 BOS, EOS, UNK = 1, 2, 0
+INST, END_INST = 3, 4  # control tokens, as in Mistral v0.3's vocabulary
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
 _WORDS = ("the quick brown fox jumps over lazy dog tokenizer merges scores pieces byte fallback mistral llama "
           "weather today is sunny rain tomorrow price costs dollars euros année café naïve façade über straße "
@@ -51,7 +52,7 @@ def train_sentencepiece(vocab_size: int = VOCAB, seed: int = 0) -> Any:
         sentence_iterator=iter(training_text(seed)), model_writer=model, model_type="bpe", vocab_size=vocab_size,
         byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=True, allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=UNK, bos_id=BOS,
-        eos_id=EOS, pad_id=-1, minloglevel=2, num_threads=1)
+        eos_id=EOS, pad_id=-1, control_symbols=["[INST]", "[/INST]"], minloglevel=2, num_threads=1)
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 

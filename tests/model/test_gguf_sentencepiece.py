@@ -22,7 +22,9 @@ from tests.model.gguf_files import gguf, write_gguf
 from tests.model.gguf_spm_files import (
     BOS,
     CHAT_TEMPLATE,
+    END_INST,
     EOS,
+    INST,
     UNK,
     make_mistral_shaped,
     spm_tokenizer_writer,
@@ -98,7 +100,7 @@ def test_transformers_gguf_loader_agrees_unless_text_starts_with_whitespace(sp: 
     assert ours.encode("   three") == [BOS, *sp.encode("   three")] != theirs.encode("   three")
 
 
-def test_special_tokens_config_and_chat_template(converted: Path) -> None:
+def test_special_tokens_config_and_chat_template(sp: Any, converted: Path) -> None:
     tokenizer = Tokenizer(converted)
     config = json.loads((converted / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
@@ -107,9 +109,10 @@ def test_special_tokens_config_and_chat_template(converted: Path) -> None:
     assert tokenizer.encode("<s>hi") == tokenizer.encode("hi")  # the BOS text is the BOS token, not added twice
     assert tokenizer.encode("hi</s>", add_special_tokens=False)[-1] == EOS
     assert tokenizer.decode([BOS, *tokenizer.encode("hi", add_special_tokens=False), EOS]) == "hi"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert prompt == "<s>[INST] hi [/INST]" and tokenizer.chat_template == CHAT_TEMPLATE
-    assert tokenizer.encode(prompt)[:2] == [BOS, tokenizer.encode("[INST]", add_special_tokens=False)[0]]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
+    assert prompt == "<s>[INST] What is 2+2? [/INST]" and tokenizer.chat_template == CHAT_TEMPLATE
+    # text after a control token gets the "▁" prefix again, as llama.cpp tokenizes it (' ' + text)
+    assert tokenizer.encode(prompt) == [BOS, INST, *sp.encode(" What is 2+2? "), END_INST]
 
 
 def test_merges_follow_the_scores() -> None:
