@@ -66,7 +66,7 @@ def merges(tokens: list[str], scores: list[float], types: list[int]) -> list[lis
 def sentencepiece_tokenizer_json(reader: Any, tokens: list[str]) -> dict[str, Any]:
     """tokenizer.json for a SentencePiece BPE vocabulary with byte fallback."""
     scores, types = _vocabulary(reader, tokens)
-    for key in ("bos", "eos", "padding"):
+    for key in ("bos", "eos", "padding"):  # an id outside the vocabulary is a damaged file, not a missing token
         _special_id(reader, key, len(tokens))
     unk = _special_id(reader, "unknown", len(tokens))
     if unk is None:
