@@ -88,12 +88,8 @@ def check_config(
     config: Path | None,
     overrides: dict[str, Any],
     json_output: Annotated[bool, typer.Option("--json", help="Print {valid, problems, config} as JSON.")] = False,
-    target_gpus: Annotated[
-        int | None, typer.Option("--target-gpus", help="Check as if on a host with N GPUs.")
-    ] = None,
-    target_gpu_memory: Annotated[
-        float | None, typer.Option("--target-gpu-memory", help="GiB per GPU of that host.")
-    ] = None,
+    target_gpus: Annotated[int | None, typer.Option("--target-gpus", help="Check as if on a host with N GPUs.")] = None,
+    target_gpu_memory: Annotated[float | None, typer.Option("--target-gpu-memory", help="GiB per GPU there.")] = None,
 ) -> None:
     """Validate a deployment without starting anything: exit 0 valid, 1 invalid."""
     from pdlaunch.config.check import run_check

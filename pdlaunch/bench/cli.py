@@ -262,9 +262,7 @@ def compare(
     seed: Annotated[int, typer.Option("--seed", help="Workload seed (rate i uses seed + i).")] = 0,
     num_warmups: Annotated[int, typer.Option("--num-warmups", help="Unmeasured requests before each rate.")] = 2,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Prompt token ids drawn from [10, V).")] = 500,
-    max_model_len: Annotated[
-        int | None, typer.Option("--max-model-len", help="Longest prompt + output of every instance.")
-    ] = None,
+    max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Longest prompt + output.")] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="Base deployment YAML (its instances are replaced).")
     ] = None,
