@@ -7,6 +7,8 @@ import multiprocessing as mp
 import socket
 from typing import Any
 
+import pytest
+
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.distributed.engine_id import sync_engine_id
 from tests.kv_transfer.deployment_secret import secured
@@ -27,6 +29,7 @@ def _rank(rank: int, port: int, queue: Any) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # starts a TP group of processes
 def test_rank0_engine_id_wins_on_every_rank() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,6 +12,8 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferCon
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import ConnectorProcess
 
+pytestmark = pytest.mark.slow  # each setup starts a prefill and a decode process with NIXL agents
+
 BLOCK_SIZE = 4
 GROUPS = 2
 
