@@ -26,12 +26,25 @@ from typing import Any
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.messages import (
+    ConnectorCall,
+    Execute,
+    Message,
+    RankFailed,
+    Ready,
+    Reply,
+    Setup,
+    Shutdown,
+    UnexpectedMessage,
+    recv,
+    send,
+)
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.remote_link import RankListener, is_closed
 from pdlaunch.distributed.tp_connector import TPConnector
-from pdlaunch.distributed.worker import recv, run_worker, send
+from pdlaunch.distributed.worker import run_worker
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.model.loader import Checkpoint
@@ -106,16 +119,16 @@ class TPExecutor:
             if listener is not None:
                 links.update(listener.accept(self._remote, RENDEZVOUS_TIMEOUT_S))
                 for rank in self._remote:
-                    send(links[rank], ("setup", device.type, dtype_name, max_model_len))
+                    send(links[rank], Setup(device.type, dtype_name, max_model_len))
             self._conns = [links[r] for r in range(1, self.tp_size)]
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, self._store.port,
                                self._store)
             self.runner = state.runner
             self.engine_id = state.engine_id
             ready = [self._wait_ready(r) for r in range(1, self.tp_size)]
-            self._rank_engine_ids = [self.engine_id] + [engine_id for engine_id, _, _ in ready]
-            self._side_ports: list[int | None] = [None, *(port for _, port, _ in ready)]
-            self._side_hosts: list[str | None] = [None, *(host for _, _, host in ready)]
+            self._rank_engine_ids = [self.engine_id] + [r.engine_id for r in ready]
+            self._side_ports: list[int | None] = [None, *(r.side_channel_port for r in ready)]
+            self._side_hosts: list[str | None] = [None, *(r.side_channel_host for r in ready)]
         except BaseException:
             self._conns = [links[r] for r in sorted(links)]
             self._stop_workers()
@@ -134,31 +147,35 @@ class TPExecutor:
         proc = self._procs.get(rank)
         return f"TP rank {rank} (pid {proc.pid})" if proc is not None else f"TP rank {rank} on {self._remote[rank]}"
 
-    def _wait_ready(self, rank: int) -> tuple[str, int | None, str | None]:
-        """(engine_id, side-channel port or None, advertised side-channel host) as rank `rank` reports them."""
+    def _wait_ready(self, rank: int) -> Ready:
+        """Rank `rank`'s engine_id, side-channel port (or None) and advertised side-channel host."""
         conn = self._conns[rank - 1]
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):
             raise EngineError(f"{self._where(rank)} was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
                               field="parallel.tp", hint="see the rank's log lines")
         try:
-            message = recv(conn)
+            message = recv(conn, self._where(rank))
         except (EOFError, OSError):
             raise EngineError(f"{self._where(rank)} exited during startup", field="parallel.tp",
                               hint="see the rank's log lines") from None
-        if message[0] != "ready":
-            raise EngineError(str(message[1]), field="parallel.tp", hint="see the rank's log lines")
-        return str(message[1]), message[2], message[3]
+        match message:
+            case Ready():
+                return message
+            case RankFailed(reason):
+                raise EngineError(reason, field="parallel.tp", hint="see the rank's log lines")
+            case _:
+                raise UnexpectedMessage(self._where(rank), message, "Ready")
 
     # -- steps -----------------------------------------------------------------------------------
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         self.check_health()
-        self._send_all(("execute", inputs))
+        self._send_all(Execute(inputs))
         try:
             return self.runner.run(inputs)
         except RuntimeError as exc:
             raise self._rank_failure(exc) from exc
 
-    def _send_all(self, message: tuple[Any, ...]) -> None:
+    def _send_all(self, message: Message) -> None:
         for rank, conn in enumerate(self._conns, start=1):
             try:
                 send(conn, message)
@@ -178,23 +195,28 @@ class TPExecutor:
         """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
         return TPConnector(connector, self.tp_size, self._mirror, self._side_ports, self._side_hosts)
 
-    def _mirror(self, method: str, args: tuple[Any, ...], want_reply: bool) -> list[Any]:
-        """Call `method` on the connector of every rank > 0 (in step order); their replies if wanted."""
+    def _mirror(self, call: ConnectorCall) -> list[Any]:
+        """Make `call` on the connector of every rank > 0 (in step order); their replies if it has any."""
         self.check_health()
-        self._send_all(("connector", method, args, want_reply))
-        if not want_reply:
+        self._send_all(call)
+        if call.reply_type is None:
             return []
         replies = []
         for rank, conn in enumerate(self._conns, start=1):
             if not conn.poll(REPLY_TIMEOUT_S):
-                raise self._rank_failure(TimeoutError(f"no answer to {method} within {REPLY_TIMEOUT_S:.0f}s"), rank)
+                raise self._rank_failure(TimeoutError(
+                    f"no answer to {type(call).__name__} within {REPLY_TIMEOUT_S:.0f}s"), rank)
             try:
-                message = recv(conn)
+                message = recv(conn, self._where(rank))
             except (EOFError, OSError) as exc:
                 raise self._rank_failure(exc, rank) from exc
-            if message[0] != "reply":
-                raise EngineError(str(message[1]), field="parallel.tp", hint="see that rank's log")
-            replies.append(message[1])
+            match message:
+                case Reply(value) if isinstance(value, call.reply_type):
+                    replies.append(value)
+                case RankFailed(reason):
+                    raise EngineError(reason, field="parallel.tp", hint="see that rank's log")
+                case _:
+                    raise UnexpectedMessage(self._where(rank), message, f"the reply to {type(call).__name__}")
         return replies
 
     def check_health(self) -> None:
@@ -236,7 +258,7 @@ class TPExecutor:
         self._closing.set()
         for conn in self._conns:
             try:
-                send(conn, ("shutdown",))
+                send(conn, Shutdown())
             except OSError:  # that rank is gone already
                 pass
         for rank, proc in self._procs.items():

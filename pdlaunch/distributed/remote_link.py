@@ -3,8 +3,8 @@ pipes local workers use), authenticated with the instance's link key.
 
 Rank 0 opens a `RankListener` on its node's address and publishes it in the group's rendezvous
 store (torch.distributed TCPStore at the rank-0 node's address and the instance's master_port); a
-remote rank reads it there and connects. The first message names the rank; rank 0 answers with
-what the rank cannot read from its own config ("setup").
+remote rank reads it there and connects. The first message names the rank (Hello); rank 0 answers with
+what the rank cannot read from its own config (Setup). The messages are those of messages.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from multiprocessing.connection import Client, Connection, answer_challenge, del
 
 import torch.distributed as dist
 
-from pdlaunch.distributed.worker import recv, send
+from pdlaunch.distributed.messages import Hello, UnexpectedMessage, recv_as, send
 from pdlaunch.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -80,19 +80,16 @@ class RankListener:
             answer_challenge(conn, self.authkey)
             if not conn.poll(HELLO_TIMEOUT_S):
                 raise TimeoutError("no hello")
-            message = recv(conn)
-        except (AuthenticationError, OSError, EOFError, TimeoutError) as exc:
+            hello = recv_as(conn, f"a peer at {peer[0]}:{peer[1]}", Hello)
+        except (AuthenticationError, OSError, EOFError, TimeoutError, UnexpectedMessage) as exc:
             log.warning("refused a connection from %s:%d: %s", peer[0], peer[1], exc)
-            conn.close()
-            return None
-        if message[0] != "hello":
             conn.close()
             return None
         probe = socket.socket(fileno=conn.fileno())
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         probe.detach()
-        return int(message[1]), conn
+        return hello.rank, conn
 
     def close(self) -> None:
         self._sock.close()
@@ -107,7 +104,7 @@ def connect_to_rank0(store: dist.Store, rank: int, authkey: bytes) -> Connection
     except (AuthenticationError, OSError) as exc:
         raise EngineError(f"TP rank {rank} cannot join rank 0's link at {address}: {exc}", field="parallel.nodes",
                           hint="every node must run the same config (and the same PDLAUNCH_TP_SECRET)") from exc
-    send(conn, ("hello", rank))
+    send(conn, Hello(rank))
     return conn
 
 

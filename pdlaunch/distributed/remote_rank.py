@@ -3,7 +3,7 @@
 
 This node's launcher starts it (launcher/plan.py plans one per remote rank). It finds rank 0 through
 the group's rendezvous store (the rank-0 node's address, the instance's master_port), connects to
-it (remote_link.py), receives what only rank 0 knows (device type, dtype, max_model_len), then runs
+it (remote_link.py), receives what only rank 0 knows (messages.Setup: device type, dtype, max_model_len), then runs
 exactly what a local worker runs (worker.serve_rank) over the TCP connection.
 
 Exit codes: 0 once rank 0 ended the session (shutdown, or its connection closed) or this node's
@@ -21,10 +21,11 @@ from pathlib import Path
 from types import FrameType
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.messages import Setup, recv_as
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.remote_link import connect_to_rank0, open_store
-from pdlaunch.distributed.worker import recv, serve_rank
+from pdlaunch.distributed.worker import serve_rank
 from pdlaunch.errors import PdlaunchError
 
 log = logging.getLogger("pdlaunch.remote_rank")
@@ -69,15 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         conn = connect_to_rank0(store, rank, link_authkey(config, spec.name, port))
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):
             raise PdlaunchError(f"rank 0 of {spec.name} sent no setup within {RENDEZVOUS_TIMEOUT_S:.0f}s")
-        kind, device_type, dtype_name, max_model_len = recv(conn)
-        if kind != "setup":
-            raise PdlaunchError(f"rank 0 of {spec.name} sent {kind!r} instead of its setup")
+        setup = recv_as(conn, f"rank 0 of {spec.name}", Setup)
     except (PdlaunchError, OSError, EOFError) as exc:
         log.error("TP rank %d cannot join %s: %s", rank, spec.name, exc)
         return 1
     # rank 0's config names its own node's loopback as master_addr; this rank's store client is at `host`
     config = config.model_copy(update={"parallel": config.parallel.model_copy(update={"master_addr": host})})
-    serve_rank(rank, config, spec, device_type, dtype_name, max_model_len, port, conn, os.getppid(), store)
+    serve_rank(rank, config, spec, setup.device_type, setup.dtype_name, setup.max_model_len, port, conn, os.getppid(),
+               store)
     conn.close()
     return 0
 

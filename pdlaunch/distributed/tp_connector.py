@@ -18,12 +18,21 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from pdlaunch.distributed.messages import (
+    AbortLoad,
+    ConnectorCall,
+    GetFinished,
+    ReleaseHeld,
+    RequestFinished,
+    StartLoad,
+)
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 
 log = logging.getLogger(__name__)
 
-Mirror = Callable[[str, tuple[Any, ...], bool], list[Any]]  # (method, args, want_reply) -> replies of ranks 1..
+# Send a call to ranks 1..T-1; their replies in rank order (none for a call whose reply_type is None).
+Mirror = Callable[[ConnectorCall], list[Any]]
 
 
 def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> dict[str, Any] | None:
@@ -114,22 +123,22 @@ class TPConnector(KVConnector):
 
     def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
-        args = (request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
-                num_external_tokens)
+        call = StartLoad(request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
+                         num_external_tokens)
         self.events.forget(request_id)
         try:
             params = params_for_rank(kv_transfer_params, 0, self.tp_size)
         except KVTransferError as exc:
             self._failed_now[request_id] = exc.render()  # reported by the next get_finished
             return
-        self.mirror("start_load", args, False)
+        self.mirror(call)
         self.local.start_load(request_id, prompt_token_ids, params, block_ids, num_local_computed_tokens,
                               num_external_tokens)
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
                          kv_transfer_params: dict[str, Any] | None, block_ids: list[list[int]]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        replies = self.mirror("request_finished", (request_id, prompt_token_ids, kv_transfer_params, block_ids), True)
+        replies = self.mirror(RequestFinished(request_id, prompt_token_ids, kv_transfer_params, block_ids))
         hold, params = self.local.request_finished(request_id, prompt_token_ids, kv_transfer_params, block_ids)
         if params is not None and params.get("do_remote_prefill"):
             params["remote_ports"] = list(self.side_ports)
@@ -140,7 +149,7 @@ class TPConnector(KVConnector):
         return hold, params
 
     def get_finished(self) -> KVConnectorEvents:
-        per_rank = [self.local.get_finished(), *self.mirror("get_finished", (), True)]
+        per_rank = [self.local.get_finished(), *self.mirror(GetFinished())]
         merged, to_abort = self.events.merge(per_rank)
         merged.failed_recving.update(self._failed_now)
         self._failed_now.clear()
@@ -163,7 +172,7 @@ class TPConnector(KVConnector):
 
     def abort_load(self, request_id: str) -> bool:
         """True when a transfer on some rank may still write the request's blocks."""
-        replies = [self.local.abort_load(request_id), *self.mirror("abort_load", (request_id,), True)]
+        replies = [self.local.abort_load(request_id), *self.mirror(AbortLoad(request_id))]
         busy = {rank for rank, reply in enumerate(replies) if reply}
         if busy:
             self._drain.setdefault(request_id, set()).update(busy)
@@ -172,7 +181,7 @@ class TPConnector(KVConnector):
     def release_held(self, request_id: str) -> bool:
         """Every rank holds its slice of the request's blocks: release them all (each rank reports
         finished_sending, and the request is freed when all have)."""
-        replies = [*self.mirror("release_held", (request_id,), True), self.local.release_held(request_id)]
+        replies = [*self.mirror(ReleaseHeld(request_id)), self.local.release_held(request_id)]
         return any(replies)
 
     def info(self) -> dict[str, Any]:
@@ -185,18 +194,21 @@ class TPConnector(KVConnector):
         self.local.shutdown()  # the other ranks close theirs when their worker stops
 
 
-def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, method: str, args: tuple[Any, ...]) -> Any:
+def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, call: ConnectorCall) -> object:
     """A mirrored scheduler-side call on rank `rank`'s own connector (worker side)."""
-    if method == "start_load":
-        request_id, prompt, params, block_ids, start, count = args
-        return connector.start_load(request_id, prompt, params_for_rank(params, rank, tp_size), block_ids, start,
-                                    count)
-    if method == "request_finished":
-        return connector.request_finished(*args)
-    if method == "get_finished":
-        return connector.get_finished()
-    if method == "abort_load":
-        return connector.abort_load(*args)
-    if method == "release_held":
-        return connector.release_held(*args)
-    raise ValueError(f"connector method {method!r} is not mirrored")
+    match call:
+        case StartLoad():
+            params = params_for_rank(call.kv_transfer_params, rank, tp_size)
+            connector.start_load(call.request_id, call.prompt_token_ids, params, call.block_ids,
+                                 call.num_local_computed_tokens, call.num_external_tokens)
+            return None
+        case RequestFinished():
+            return connector.request_finished(call.request_id, call.prompt_token_ids, call.kv_transfer_params,
+                                              call.block_ids)
+        case GetFinished():
+            return connector.get_finished()
+        case AbortLoad():
+            return connector.abort_load(call.request_id)
+        case ReleaseHeld():
+            return connector.release_held(call.request_id)
+    raise TypeError(f"{type(call).__name__} is not a mirrored connector call")

@@ -1,13 +1,9 @@
 """A TP worker process (ranks 1..T-1): builds its shard, then runs whatever rank 0 hands it.
 
-Messages from rank 0 arrive on a pipe as pickled tuples (plain pickle: a tensor is copied, never
-shared through file descriptors):
-  ("execute", StepInputs)                  forward this rank's shard (logits are rank 0's business)
-  ("connector", method, args, want_reply)  mirror a scheduler-side call on this rank's own connector
-  ("shutdown",)                            leave the group and exit 0
-Replies: ("ready", engine_id, side_channel_port, side_channel_host) once built, ("reply", value) when asked,
-("error", message) before dying. The worker exits when rank 0 is gone (pipe closed or parent changed) instead of
-hanging.
+Rank 0 talks to it over a pipe with the messages of messages.py: steps to forward (logits are rank
+0's business), connector calls to mirror on this rank's own connector, shutdown. The worker answers
+Ready once built, Reply when a call wants an answer, RankFailed before dying. It exits when rank 0
+is gone (pipe closed or parent changed) instead of hanging.
 Ranks on other nodes (remote_rank.py) run the same `serve_rank` over a TCP connection.
 """
 
@@ -15,36 +11,41 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import sys
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.messages import (
+    AbortLoad,
+    Execute,
+    GetFinished,
+    RankFailed,
+    Ready,
+    ReleaseHeld,
+    Reply,
+    RequestFinished,
+    Shutdown,
+    StartLoad,
+    UnexpectedMessage,
+    recv,
+    send,
+)
 from pdlaunch.distributed.parallel_state import destroy_tp_group
 from pdlaunch.distributed.rank import build_rank, kv_cache_spec, rank_device
 from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.memory.platform import set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+from pdlaunch.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
 PARENT_POLL_S = 1.0  # how often an idle worker checks that rank 0 is still alive
-
-
-def send(conn: Connection, message: tuple[Any, ...]) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def recv(conn: Connection) -> tuple[Any, ...]:
-    message: tuple[Any, ...] = pickle.loads(conn.recv_bytes())
-    return message
 
 
 def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
@@ -85,12 +86,12 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
                 connector.register_kv_caches(kv_cache_spec(checkpoint, state.runner))
         server = getattr(connector, "server", None)
         side = connector.side_channel_address if server is not None else (None, None)  # type: ignore[union-attr]
-        send(conn, ("ready", state.engine_id, side[1], side[0]))
+        send(conn, Ready(state.engine_id, side[1], side[0]))
         _serve(rank, tp, state.runner, connector, conn, parent)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
         try:
-            send(conn, ("error", f"TP rank {rank} failed: {exc}"))
+            send(conn, RankFailed(f"TP rank {rank} failed: {exc}"))
         except OSError:
             pass
         sys.exit(1)
@@ -102,7 +103,8 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         destroy_tp_group()
 
 
-def _serve(rank: int, tp: int, runner: Any, connector: KVConnector | None, conn: Connection, parent: int) -> None:
+def _serve(rank: int, tp: int, runner: ModelRunner, connector: KVConnector | None, conn: Connection,
+           parent: int) -> None:
     while True:
         if not conn.poll(PARENT_POLL_S):
             if os.getppid() != parent:
@@ -110,22 +112,21 @@ def _serve(rank: int, tp: int, runner: Any, connector: KVConnector | None, conn:
                 return
             continue
         try:
-            message = recv(conn)
+            message = recv(conn, "rank 0")
         except EOFError:
             log.error("TP rank %d: rank 0 closed the pipe, exiting", rank)
             return
-        kind = message[0]
-        if kind == "execute":
-            runner.run(message[1])
-        elif kind == "connector":
-            _, method, args, want_reply = message
-            if connector is None:
-                raise RuntimeError(f"rank 0 mirrored {method} but TP rank {rank} has no connector")
-            result = rank_connector_call(connector, rank, tp, method, args)
-            if want_reply:
-                send(conn, ("reply", result))
-        elif kind == "shutdown":
-            log.info("TP rank %d shutting down", rank)
-            return
-        else:
-            raise RuntimeError(f"unknown message {kind!r} from rank 0")
+        match message:
+            case Execute(inputs):
+                runner.run(inputs)
+            case StartLoad() | RequestFinished() | GetFinished() | AbortLoad() | ReleaseHeld():
+                if connector is None:
+                    raise RuntimeError(f"rank 0 mirrored {type(message).__name__} but TP rank {rank} has no connector")
+                result = rank_connector_call(connector, rank, tp, message)
+                if message.reply_type is not None:
+                    send(conn, Reply(result))
+            case Shutdown():
+                log.info("TP rank %d shutting down", rank)
+                return
+            case _:
+                raise UnexpectedMessage("rank 0", message, "a step, a connector call or shutdown")

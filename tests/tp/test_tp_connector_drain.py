@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdlaunch.distributed.tp_connector import TPConnector
+from pdlaunch.distributed.messages import ConnectorCall
+from pdlaunch.distributed.tp_connector import TPConnector, rank_connector_call
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 
 
@@ -39,9 +40,9 @@ class ScriptedRank(KVConnector):
 
 
 def pair(rank0: ScriptedRank, rank1: ScriptedRank) -> TPConnector:
-    def mirror(method: str, args: tuple[Any, ...], want_reply: bool) -> list[Any]:
-        reply = getattr(rank1, method)(*args)
-        return [reply] if want_reply else []
+    def mirror(call: ConnectorCall) -> list[Any]:
+        reply = rank_connector_call(rank1, 1, 2, call)  # what rank 1's worker runs on the message
+        return [reply] if call.reply_type is not None else []
     return TPConnector(rank0, 2, mirror, [None, None])
 
 
