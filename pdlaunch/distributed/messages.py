@@ -96,11 +96,14 @@ class Shutdown:
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    rank: int
+    rank: int  # the sender's TP rank; rank 0 accepts each awaited rank once
 
 
 @dataclass(frozen=True, slots=True)
 class Ready:
+    """Rank r is built: engine_id as it holds it after the sync with rank 0 (/info lists it per rank);
+    the side channel is its own connector's (None without one), advertised to decode (tp_connector.py)."""
+
     engine_id: str
     side_channel_port: int | None
     side_channel_host: str | None
@@ -108,7 +111,7 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    value: object
+    value: object  # what the connector call returned: an instance of that call's reply_type
 
 
 @dataclass(frozen=True, slots=True)
