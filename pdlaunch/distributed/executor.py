@@ -1,11 +1,11 @@
 """Executors: how an engine runs its model, on one process (tp 1) or on a TP group (tp > 1).
 
 `TPExecutor` lives in the engine process, which is TP rank 0: it hosts the rendezvous, spawns one
-worker process per rank 1..T-1, schedules, hands every step's inputs to the workers over pipes,
-runs its own shard, and returns the logits it samples from. A watchdog thread follows the workers'
-process sentinels: a rank that dies fails the next step (idle engines step every few seconds too)
-with an error naming the rank; a collective that a dead rank never joins fails with gloo at once
-and with NCCL at COLLECTIVE_TIMEOUT_S.
+worker process per rank 1..T-1, schedules, hands every step's inputs to the workers over pipes
+(the messages of messages.py), runs its own shard, and returns the logits it samples from. A
+watchdog thread follows the workers' process sentinels: a rank that dies fails the next step (idle
+engines step every few seconds too) with an error naming the rank; a collective that a dead rank
+never joins fails with gloo at once and with NCCL at COLLECTIVE_TIMEOUT_S.
 
 A group spanning nodes (distributed/placement.py) spawns only this node's ranks; the others are
 started by their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py),

@@ -3,8 +3,8 @@
 
 This node's launcher starts it (launcher/plan.py plans one per remote rank). It finds rank 0 through
 the group's rendezvous store (the rank-0 node's address, the instance's master_port), connects to
-it (remote_link.py), receives what only rank 0 knows (messages.Setup: device type, dtype, max_model_len), then runs
-exactly what a local worker runs (worker.serve_rank) over the TCP connection.
+it (remote_link.py), receives what only rank 0 knows (messages.Setup: device type, dtype,
+max_model_len), then runs exactly what a local worker runs (worker.serve_rank) over the TCP connection.
 
 Exit codes: 0 once rank 0 ended the session (shutdown, or its connection closed) or this node's
 launcher stopped it (SIGTERM); 1 when it could not join its group or failed.
