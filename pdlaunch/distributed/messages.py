@@ -122,8 +122,8 @@ class RankFailed:
 ConnectorCall: TypeAlias = StartLoad | RequestFinished | GetFinished | AbortLoad | ReleaseHeld
 Message: TypeAlias = Execute | ConnectorCall | Shutdown | Setup | Hello | Ready | Reply | RankFailed
 # The step message first: isinstance walks the tuple in order.
-MESSAGE_TYPES: Final = (Execute, GetFinished, StartLoad, RequestFinished, AbortLoad, ReleaseHeld,
-                 Reply, Shutdown, Setup, Hello, Ready, RankFailed)
+MESSAGE_TYPES: Final = (Execute, GetFinished, StartLoad, RequestFinished, AbortLoad, ReleaseHeld, Reply, Shutdown,
+                        Setup, Hello, Ready, RankFailed)
 
 M = TypeVar("M", bound=Message)
 
@@ -131,11 +131,12 @@ M = TypeVar("M", bound=Message)
 class UnexpectedMessage(EngineError):
     """A peer sent something that is not a message of this module, or not the one awaited."""
 
-    def __init__(self, peer: str, arrived: object, expected: str | None = None) -> None:
+    def __init__(self, peer: str, arrived: object, expected: str | None = None, unreadable: str | None = None) -> None:
         self.peer = peer
-        self.arrived = arrived
+        self.arrived = arrived  # the object, or the raw bytes when `unreadable` says why they could not be read
+        what = f"a message this version cannot read ({unreadable})" if unreadable else describe(arrived)
         wanted = f" where {expected} was expected" if expected else ""
-        super().__init__(f"{peer} sent {describe(arrived)}{wanted}", field="parallel.tp",
+        super().__init__(f"{peer} sent {what}{wanted}", field="parallel.tp",
                          hint="every rank of a TP group (on every node) must run the same pdlaunch version")
 
 
@@ -159,7 +160,7 @@ def recv(conn: Connection, peer: str) -> Message:
     try:
         msg: object = pickle.loads(data)
     except Exception as exc:  # noqa: BLE001 - a class or layout this version does not have
-        raise UnexpectedMessage(peer, f"<unreadable: {type(exc).__name__}: {exc}>") from None
+        raise UnexpectedMessage(peer, data, unreadable=f"{type(exc).__name__}: {exc}") from None
     if not isinstance(msg, MESSAGE_TYPES):
         raise UnexpectedMessage(peer, msg)
     return msg
