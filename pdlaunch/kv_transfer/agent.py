@@ -36,10 +36,18 @@ class XferHandle:
         self._handle = handle
         self._status = status
         self.num_bytes = num_bytes
+        self.error: str | None = None  # why the transfer failed, when NIXL raised rather than answered "ERR"
 
     def state(self) -> str:
+        """The transfer's state. NIXL raises (e.g. NIXL_ERR_REMOTE_DISCONNECT) when the peer died
+        mid-transfer: that transfer has failed ("ERR"), which its request handles; it must not end the
+        engine step that polled it."""
         if self._status == "PROC":
-            self._status = self._agent.nixl.check_xfer_state(self._handle)
+            try:
+                self._status = self._agent.nixl.check_xfer_state(self._handle)
+            except Exception as e:  # noqa: BLE001 - one error type per NIXL backend and binding
+                self._status, self.error = "ERR", f"{type(e).__name__}: {e}"
+                logger.warning("NIXL transfer of %d bytes failed: %s", self.num_bytes, self.error)
         return self._status
 
     def release(self) -> None:

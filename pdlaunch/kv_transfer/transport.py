@@ -16,6 +16,7 @@ class Xfer(Protocol):
     """One posted READ or WRITE; `state()` is "PROC", "DONE" or "ERR"."""
 
     num_bytes: int
+    error: str | None  # what failed, when known, once state() is "ERR"
 
     def state(self) -> str: ...
 

@@ -68,7 +68,8 @@ class PullLoad(ReadsFromPrefill):
         if xfer_state == "DONE" and now <= load.deadline:
             load.state = LoadState.OK  # (after the deadline the prefill hold's cap may have passed)
         elif xfer_state == "ERR":
-            load.fail(f"NIXL READ of {load.xfer.num_bytes} bytes failed")
+            why = f": {load.xfer.error}" if load.xfer.error else ""
+            load.fail(f"NIXL READ of {load.xfer.num_bytes} bytes failed{why}")
 
 
 def claim_read(ctx: LoadContext, load: Load, remote: RemoteKV) -> None:
