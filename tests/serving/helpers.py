@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.server.engine_loop import EngineLoop
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0, poll: float = 0.05) -> Any:
@@ -41,3 +46,24 @@ class ThreadServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+@contextmanager
+def in_process_instance(cfg: DeploymentConfig, engine_id: str, max_pending_requests: int = 16,
+                        ) -> Iterator[tuple[str, EngineLoop]]:
+    """One colocated instance (engine thread + HTTP API) of `cfg` in this process, on a free port:
+    yields (its URL, its engine loop) once /health answers; stopped on exit."""
+    import httpx
+
+    from pdlaunch.config.models import InstanceSpec
+    from pdlaunch.engine.llm_engine import LLMEngine
+    from pdlaunch.launcher.ports import PortAllocator
+    from pdlaunch.server.app import build_app
+    from pdlaunch.server.engine_loop import EngineLoop
+
+    port = PortAllocator("127.0.0.1").free("test instance")
+    spec = InstanceSpec(role="colocated", port=port, engine_id=engine_id)
+    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=max_pending_requests)
+    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
+        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
+        yield srv.url, loop

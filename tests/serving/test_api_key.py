@@ -11,15 +11,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_headers
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.app import build_app
-from pdlaunch.server.engine_loop import EngineLoop
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import ThreadServer, in_process_instance, wait_for
 
 SECRET = "api-key-test-secret-0123456789"
 INSTANCE_KEY = "sk-instance"
@@ -38,12 +35,8 @@ def instance() -> Iterator[str]:
         "model": {"path": "tiny", "max_model_len": 512}, "cache": {"num_gpu_blocks": 64},
         "security": {"api_key": INSTANCE_KEY, "deployment_secret": SECRET},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="test-api-key-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield srv.url
+    with in_process_instance(cfg, "test-api-key-0", max_pending_requests=16) as (url, _):
+        yield url
 
 
 def proxy_in_front(instance_url: str, api_key: str | None) -> ThreadServer:

@@ -13,14 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import MAX_PROMPT_CHARS_PER_TOKEN
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import in_process_instance
 
 API_KEY = "sk-hardening-test"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -37,12 +34,8 @@ def server() -> Iterator[tuple[str, EngineLoop]]:
         "security": {"api_key": API_KEY, "deployment_secret": "hardening-secret-0123456789",
                      "max_request_bytes": MAX_REQUEST_BYTES},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="test-hardening-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=64)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield srv.url, loop
+    with in_process_instance(cfg, "test-hardening-0", max_pending_requests=64) as (url, loop):
+        yield url, loop
 
 
 def post_raw(url: str, raw: str | bytes, path: str = "/v1/completions",

@@ -11,18 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo_tokenizer import write_tokenizer_files
 from pdlaunch.model.tokenizer import Tokenizer
-from pdlaunch.server.app import build_app
 from pdlaunch.server.chat_template import ChatPrompt, render
-from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.protocol import ChatCompletionRequest
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import in_process_instance
 
 # Renders what the demo template drops: tool calls (arguments as a mapping), tool results, tools,
 # and a template variable from chat_template_kwargs.
@@ -110,12 +107,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LLME
         "model": {"path": "tiny", "chat_template": str(template)}, "cache": {"num_gpu_blocks": 64},
         "security": {"deployment_secret": "test-deployment-secret-0123456789"},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="chat-template-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=8)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield srv.url, loop.engine
+    with in_process_instance(cfg, "chat-template-0", max_pending_requests=8) as (url, loop):
+        yield url, loop.engine
 
 
 def test_chat_template_file_and_controls_over_http(server: tuple[str, LLMEngine]) -> None:

@@ -11,13 +11,10 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.sse import parse_sse
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import in_process_instance
 
 PROMPT = "The capital of France is a city that has many old buildings and"
 
@@ -29,12 +26,8 @@ def server() -> Iterator[tuple[str, EngineLoop]]:
         "model": {"path": "tiny"}, "cache": {"num_gpu_blocks": 256, "block_size": 8},
         "scheduler": {"max_num_seqs": 16}, "security": {"deployment_secret": "test-deployment-secret-0123456789"},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="choices-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=64)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield srv.url, loop
+    with in_process_instance(cfg, "choices-0", max_pending_requests=64) as (url, loop):
+        yield url, loop
 
 
 def post(url: str, path: str = "/v1/completions", **body: Any) -> httpx.Response:

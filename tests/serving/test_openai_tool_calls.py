@@ -8,18 +8,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.server.app import build_app
-from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.tool_calls import ToolStream, parse_auto, tool_calling_of
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import in_process_instance
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {
@@ -95,12 +90,8 @@ def client() -> Iterator[openai.OpenAI]:
         "model": {"path": "tiny"}, "cache": {"num_gpu_blocks": 96},
         "security": {"deployment_secret": "test-deployment-secret-0123456789"},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="tools-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=8)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    with in_process_instance(cfg, "tools-0", max_pending_requests=8) as (url, _):
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120, max_retries=0)
 
 
 MESSAGES = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]

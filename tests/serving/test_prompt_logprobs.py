@@ -13,13 +13,9 @@ import httpx
 import pytest
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.server.app import build_app
-from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.config.models import DeploymentConfig
 from tests.helpers.checkpoints import hf_logits, make_llama
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import in_process_instance
 
 PROMPT = [(7 * i + 3) % 500 + 5 for i in range(41)]  # 41 tokens: 3 chunks of 16 at most
 
@@ -43,12 +39,8 @@ def url(checkpoint: Path) -> Iterator[str]:
         "scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 16},
         "security": {"deployment_secret": "test-deployment-secret-0123456789"},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="prompt-logprobs-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield srv.url
+    with in_process_instance(cfg, "prompt-logprobs-0", max_pending_requests=16) as (url, _):
+        yield url
 
 
 def post(url: str, path: str = "/v1/completions", **body: Any) -> httpx.Response:

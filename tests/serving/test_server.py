@@ -10,15 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import in_process_instance, wait_for
 
 PROMPT = "The capital of France is"
 SECRET = "test-deployment-secret-0123456789"
@@ -31,12 +28,8 @@ def server() -> Iterator[tuple[str, EngineLoop]]:
         "model": {"path": "tiny", "max_model_len": 2048}, "cache": {"num_gpu_blocks": 160},
         "scheduler": {"max_num_seqs": 8}, "security": {"deployment_secret": SECRET},
     })
-    port = PortAllocator("127.0.0.1").free("test instance")
-    spec = InstanceSpec(role="colocated", port=port, engine_id="test-colocated-0")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=64)
-    with ThreadServer(build_app(loop, cfg, spec), port) as srv:
-        wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
-        yield srv.url, loop
+    with in_process_instance(cfg, "test-colocated-0", max_pending_requests=64) as (url, loop):
+        yield url, loop
 
 
 def _greedy(**extra: Any) -> dict[str, Any]:
