@@ -44,6 +44,7 @@ class ProcessRecord:
     due: float | None = None  # dead, to be restarted at this monotonic time
     started: float = 0.0  # monotonic time of the last restart
     last_exit: str = ""  # "was killed by signal 9"
+    outage_cause: str = ""  # how it ended when it was last live: the first cause of the current outage
 
     @property
     def live(self) -> bool:
@@ -64,6 +65,8 @@ class GiveUp:
 def on_exit(record: ProcessRecord, how: str, now: float, policy: RestartPolicy) -> Restart | GiveUp:
     """Record that the process ended (`how`: "was killed by signal 9") and decide what follows."""
     record.last_exit = how
+    if record.ready:
+        record.outage_cause = how
     if not record.restart:
         return GiveUp(f"{record.name} {how}, and restarts are off for it ({record.restart_field}: false)")
     if policy.max_restarts == 0:
@@ -74,7 +77,8 @@ def on_exit(record: ProcessRecord, how: str, now: float, policy: RestartPolicy) 
         record.failures += 1
         if record.failures >= policy.max_restarts:
             return GiveUp(f"{record.name} {how} before it was ready again: {record.failures} restart(s) in a row "
-                          f"failed (supervision.max_restarts: {policy.max_restarts})")
+                          f"failed (supervision.max_restarts: {policy.max_restarts}); the outage began when it "
+                          f"{record.outage_cause}")
     record.ready = False
     delay = policy.delay(record.failures)
     record.due = now + delay

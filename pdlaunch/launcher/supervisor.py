@@ -48,6 +48,14 @@ def _records(deployment: Deployment) -> list[tuple[ChildProcess, ProcessRecord]]
     return out
 
 
+def _outage(record: ProcessRecord) -> str:
+    """The first cause of the process's outage (what the user has to fix), then how its restarts end."""
+    if not record.outage_cause:
+        return "it is running"
+    later = f"; its last restart {record.last_exit}" if record.failures else ""
+    return f"it {record.outage_cause}{later}"
+
+
 class Supervisor:
     """Call `tick()` a few times a second while serving; it raises SupervisionFailed (or ChildExited for
     a rank of another node's instance) when the deployment has to stop."""
@@ -137,8 +145,8 @@ class Supervisor:
         if role is None:
             return
         members = [(c, r) for c, r in self.records if r.role == role]
-        states = "; ".join(f"{r.name} {self.deployment.rows[r.name].state} (it {r.last_exit or 'is running'}; "
-                           f"log {c.log_path})" for c, r in members)
+        states = "; ".join(f"{r.name} {self.deployment.rows[r.name].state} ({_outage(r)}; log {c.log_path})"
+                           for c, r in members)
         what = "the proxy has not been live" if role == "proxy" else f"no live {role} instance"
         raise SupervisionFailed(
             f"{what} for {self.role_watch.down_for(role, now):.0f}s "

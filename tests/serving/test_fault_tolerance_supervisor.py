@@ -132,6 +132,25 @@ def test_a_role_down_past_the_grace_stops_serve_naming_its_instances(make) -> No
     assert "prefill-0 restarting (1) (it was killed by signal 9; log " in message and str(prefill.log_path) in message
 
 
+def test_a_role_down_past_the_grace_names_the_first_cause_of_the_outage(make) -> None:  # type: ignore[no-untyped-def]
+    """The restarts die for their own reason (here: their port is taken, code 3); the message still names what
+    took the instance down first, then how its last restart ended."""
+    deployment, supervisor = make(supervision={"restart_backoff_seconds": 1, "role_down_grace_seconds": 10,
+                                               "max_restarts": 100})
+    _answering(supervisor, set())
+    prefill = deployment.instances[0]
+    prefill.code = -9
+    supervisor.tick(now=0.0)
+    supervisor.tick(now=1.0)  # restart 1
+    prefill.code = 3  # dies before it was ready
+    supervisor.tick(now=2.0)
+    supervisor.tick(now=4.0)  # restart 2, never answers
+    with pytest.raises(SupervisionFailed) as err:
+        supervisor.tick(now=10.5)
+    assert ("prefill-0 restarting (2) (it was killed by signal 9; its last restart exited with code 3; log "
+            in err.value.message)
+
+
 def test_max_restarts_failures_in_a_row_stop_serve(make) -> None:  # type: ignore[no-untyped-def]
     deployment, supervisor = make(supervision={"restart_backoff_seconds": 1, "max_restarts": 2,
                                                "role_down_grace_seconds": 1000})
@@ -150,6 +169,7 @@ def test_max_restarts_failures_in_a_row_stop_serve(make) -> None:  # type: ignor
         supervisor.tick(now=5.0)
     assert ("decode-0 was killed by signal 11 before it was ready again: 2 restart(s) in a row failed"
             in err.value.message)
+    assert "the outage began when it was killed by signal 9" in err.value.message
 
 
 def test_a_restart_stuck_starting_is_killed_after_the_ready_timeout(make, monkeypatch) -> None:  # type: ignore[no-untyped-def]

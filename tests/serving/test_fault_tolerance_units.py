@@ -55,6 +55,8 @@ def test_restarts_that_die_before_ready_back_off_then_give_up_at_max_restarts() 
     assert isinstance(decision, GiveUp)
     assert "decode-1 exited with code 1 before it was ready again" in decision.reason
     assert "3 restart(s) in a row" in decision.reason and "supervision.max_restarts: 3" in decision.reason
+    assert record.outage_cause == "was killed by signal 9" and record.last_exit == "exited with code 1"
+    assert decision.reason.endswith("the outage began when it was killed by signal 9")
 
 
 def test_a_restart_that_became_ready_resets_the_failure_count() -> None:
