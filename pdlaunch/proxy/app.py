@@ -39,6 +39,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
 from pdlaunch.proxy.retry import on_live_instance
+from pdlaunch.proxy.tokenize import add_tokenize_routes
 from pdlaunch.proxy.translate import (
     continues_from_first_token,
     decode_body,
@@ -251,6 +252,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                                         headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
 
     add_control_routes(app, pool, proxy.http, proxy.upstream_headers, request_timeout_s)
+    add_tokenize_routes(app, proxy)
     return app
 
 

@@ -35,6 +35,7 @@ from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, E
 from pdlaunch.server.request_metrics import RequestMetrics
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.sleep import SleepRoutes
+from pdlaunch.server.tokenize import add_tokenize_routes
 
 KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
 
@@ -234,6 +235,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             engine_loop.abort(stream.request_id)  # no-op once finished; frees blocks if the client left
 
     sleep.add_routes(app)
+    add_tokenize_routes(app, engine_loop, check_model)
     add_internal_routes(app, held_kv)
     return app
 

@@ -1,0 +1,125 @@
+"""`POST /tokenize`, `POST /detokenize` and `GET /version` of an instance, shaped like vLLM's OpenAI server.
+
+- /tokenize takes `prompt` (text; `add_special_tokens` default true) or `messages` (a chat, rendered by the
+  checkpoint's chat template with `add_generation_prompt` default true, `continue_final_message`,
+  `chat_template_kwargs`, `tools`; `add_special_tokens` default: as /v1/chat/completions encodes) and
+  answers `{"count", "max_model_len", "tokens", "token_strs"}` (`token_strs` with `return_token_strs`).
+  The ids are the ones a completion or chat request with the same fields would send to the engine.
+- /detokenize takes `tokens` and answers `{"prompt"}`: the text of those ids, special tokens kept.
+- /version answers `{"version"}`: pdlaunch's version.
+
+`model`, when sent, must name a served model (404 otherwise, as the OpenAI routes). Unknown fields are
+refused with a 400 naming them: these bodies are small and a misspelt option would change the count.
+Tokenizing runs in a worker thread, bounded like a completion's prompt (server/prompts.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+import pdlaunch
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.limits import read_json_object
+from pdlaunch.server.chat_template import ChatPrompt
+from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.prompts import check_prompt_size, tokenize
+from pdlaunch.server.protocol import ChatMessage
+from pdlaunch.server.tool_calls import tool_calling_of
+
+
+class TokenizeCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None  # None: one BOS, as /v1/chat/completions encodes
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    return_token_strs: bool = False
+
+    def chat_prompt(self) -> ChatPrompt:
+        calling = tool_calling_of(self.tools, None)
+        return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
+                          self.continue_final_message, calling.template_tools() if calling else None,
+                          self.chat_template_kwargs, self.add_special_tokens)
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def add_tokenize_routes(app: FastAPI, engine_loop: EngineLoop, check_model: Callable[[str | None], None]) -> None:
+    """The three routes on an instance's app; `check_model` answers 404 for a model not served here."""
+
+    def engine() -> Any:
+        if engine_loop.state != "ready" or engine_loop.engine is None:
+            raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
+        return engine_loop.engine
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        data = await read_json_object(request)
+        body: TokenizeChatRequest | TokenizeCompletionRequest = (
+            TokenizeChatRequest.model_validate(data) if "messages" in data
+            else TokenizeCompletionRequest.model_validate(data))
+        check_model(body.model)
+        eng = engine()
+        if isinstance(body, TokenizeChatRequest):
+            prompt = body.chat_prompt()
+            check_prompt_size(prompt, eng.max_model_len)
+            ids = await asyncio.to_thread(tokenize, eng.tokenizer, prompt)
+        else:
+            check_prompt_size(body.prompt, eng.max_model_len)
+            ids = await asyncio.to_thread(_encode, eng.tokenizer, body.prompt, body.add_special_tokens)
+        answer: dict[str, Any] = {"count": len(ids), "max_model_len": eng.max_model_len, "tokens": ids,
+                                  "token_strs": None}
+        if body.return_token_strs:
+            answer["token_strs"] = [eng.tokenizer.id_to_token(i) or "" for i in ids]
+        return answer
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        body = DetokenizeRequest.model_validate(await read_json_object(request))
+        check_model(body.model)
+        tokenizer = engine().tokenizer
+        bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise OpenAIError(400, f"tokens[{bad}] = {body.tokens[bad]} is not a token id of this model's tokenizer "
+                                   f"(0 .. {tokenizer.vocab_size - 1})", param="tokens")
+        text = await asyncio.to_thread(tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return version_body()
+
+
+def version_body() -> dict[str, str]:
+    return {"version": pdlaunch.__version__}
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    except PdlaunchError as exc:
+        raise OpenAIError(400, exc.render(), param=exc.field or "prompt") from None
