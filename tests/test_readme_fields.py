@@ -101,7 +101,8 @@ NOTES: dict[str, str] = {
     "prompt_logprobs": "refused with 400 with stream (as vLLM); through PD the prefill computes them",
     "stream_options": "`continuous_usage_stats` refused with 400",
     "response_format": "type `structural_tag` refused with 400",
-    "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400",
+    "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400; "
+                          "`disable_additional_properties: false` opens the schema's objects (see Strict JSON schemas)",
     "request_id": "send the `X-Request-Id` header instead",
     "guided_decoding_backend": "llguidance is the backend we run",
 }

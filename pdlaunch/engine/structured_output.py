@@ -50,15 +50,55 @@ class StructuredOutput(BaseModel):
     # JSON without free whitespace between tokens unless asked (structured_outputs
     # disable_any_whitespace: false): small models otherwise emit whitespace until max_tokens.
     any_whitespace: bool = False
+    # Object schemas that declare `properties` and say nothing of `additionalProperties` are closed
+    # (close_objects) unless asked (structured_outputs disable_additional_properties: false).
+    open_objects: bool = False
 
     def grammar(self) -> str:
         import llguidance
 
         if self.kind in ("json", "json_object"):
             text = '{"type": "object"}' if self.kind == "json_object" else self.value
+            if self.kind == "json" and not self.open_objects:
+                text = json.dumps(close_objects(json.loads(text)))
             return str(llguidance.LLMatcher.grammar_from_json_schema(
                 text, defaults={"whitespace_flexible": self.any_whitespace}))
         return str(llguidance.grammar_from(_FORMATS[self.kind], self.value))
+
+
+# Keywords whose value is one subschema, a list of them, or a map of name -> subschema (JSON Schema 2020-12
+# and draft 7's `definitions`); `const`, `enum`, `default` and `examples` hold values, never schemas.
+_ONE_SCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "propertyNames",
+               "unevaluatedProperties", "unevaluatedItems", "additionalItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def close_objects(schema: Any, close_self: bool = True) -> Any:
+    """`schema` with `"additionalProperties": false` on every object schema that declares `properties` and
+    leaves `additionalProperties` out: the keys it names are all it may have, as with xgrammar's default and
+    OpenAI's strict mode (a model otherwise invents keys until max_tokens). An explicit
+    `additionalProperties` (true, or a schema) is kept, and `{"type": "object"}` without `properties` stays
+    any object, and so do the members of an `allOf` themselves (each names only part of the keys) and an object
+    with `unevaluatedProperties`. A schema that is not an object (a bare true/false) comes back unchanged."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE_SCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(item) for item in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [close_objects(item, close_self=False) for item in out["allOf"]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(sub) for name, sub in out[key].items()}
+    if close_self and isinstance(out.get("properties"), dict) and not {"additionalProperties",
+                                                                        "unevaluatedProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out
 
 
 def check(spec: StructuredOutput) -> str:

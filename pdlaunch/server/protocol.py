@@ -15,7 +15,7 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.chat_template import ChatPrompt, template_message
-from pdlaunch.server.structured_fields import structured_output_of
+from pdlaunch.server.structured_fields import opens_objects, structured_output_of
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
@@ -232,6 +232,8 @@ class ChatCompletionRequest(_SamplingFields):
         asked = super().structured_output()
         calling = self.tool_calling()
         forced = calling.structured_output() if calling is not None else None
+        if forced is not None and opens_objects(self.structured_outputs):
+            forced = forced.model_copy(update={"open_objects": True})
         if forced is not None and asked is not None:
             raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "  # type: ignore[union-attr]
                                    "send one", param="tool_choice")

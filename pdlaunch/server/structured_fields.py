@@ -4,7 +4,9 @@ OpenAI's `response_format` ({"type": "json_object"} or {"type": "json_schema", "
 {"schema": ...}}), vLLM's `structured_outputs` ({json | regex | choice | grammar | json_object})
 and its older `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`. At most one
 may ask; options we do not implement (structural tags, whitespace patterns, a backend choice)
-are refused with a 400 naming them.
+are refused with a 400 naming them. JSON schemas are strict: an object schema with `properties` and
+no `additionalProperties` is closed (engine/structured_output.close_objects) unless the request sends
+`structured_outputs: {"disable_additional_properties": false}`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pdlaunch.engine.structured_output import StructuredOutput, check
 from pdlaunch.http.errors import OpenAIError
 
 # structured_outputs keys that ask for something we do not do (when truthy).
-_UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern", "disable_additional_properties")
+_UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern")
 _KINDS = ("json", "regex", "choice", "grammar")
 
 
@@ -39,6 +41,8 @@ def structured_output_of(response_format: Any, structured_outputs: Any,
                                f"{found[0].field})", param=found[1].field)
     if not found:
         return None
+    if opens_objects(structured_outputs):  # whichever field asked for the schema
+        found[0] = found[0].model_copy(update={"open_objects": True})
     try:
         check(found[0])
     except ValueError as exc:
@@ -80,6 +84,19 @@ def _from_structured_outputs(value: Any) -> list[StructuredOutput]:
     if value.get("disable_any_whitespace") is False:
         found = [spec.model_copy(update={"any_whitespace": True}) for spec in found]
     return found
+
+
+def opens_objects(structured_outputs: Any) -> bool:
+    """structured_outputs.disable_additional_properties: false opens the JSON schemas' objects (vLLM's
+    guidance option; true, the default here, closes the ones without additionalProperties:
+    engine/structured_output.close_objects)."""
+    if not isinstance(structured_outputs, dict):
+        return False
+    value = structured_outputs.get("disable_additional_properties")
+    if value is not None and not isinstance(value, bool):
+        raise OpenAIError(400, "structured_outputs.disable_additional_properties must be true or false",
+                          param="structured_outputs.disable_additional_properties")
+    return value is False
 
 
 def _spec(kind: str, value: Any, field: str) -> StructuredOutput:

@@ -8,7 +8,12 @@
   ";"). Found calls become `tool_calls` with finish_reason "tool_calls"; text before them stays
   content.
 - "required": structured output forces a JSON array of {"name", "parameters"} of the given
-  tools (at least one), as vLLM does; each element is a call.
+  tools (at least one), as vLLM does; each element is a call. Cut by max_tokens, the answer keeps
+  finish_reason "length" and reports the calls written so far, the last one with its arguments as
+  far as they got (partial_required_calls), never the raw array as content.
+- Tool parameter schemas are strict (engine/structured_output.close_objects): a required or
+  named call has only the properties its tool declares, unless the schema says
+  `"additionalProperties": true`.
 - a named function: structured output forces that function's parameters schema; the output is
   the arguments (finish_reason stays "stop", as in vLLM).
 
@@ -91,7 +96,7 @@ class ToolCalling:
             try:
                 items = json.loads(text)
             except json.JSONDecodeError:
-                return text, []  # cut by max_tokens: no whole call
+                return None, partial_required_calls(text)  # cut by max_tokens: never content
             return None, [_call(i["name"], json.dumps(i.get("parameters", {}))) for i in items if isinstance(i, dict)]
         return parse_auto(text)
 
@@ -144,6 +149,38 @@ def parse_auto(text: str) -> tuple[str | None, list[dict[str, Any]]]:
     return (None, calls) if calls is not None else (text, [])
 
 
+_PARTIAL_CALL = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*', re.S)
+
+
+def partial_required_calls(text: str) -> list[dict[str, Any]]:
+    """The calls of a required tool choice's array that max_tokens cut: every whole call, then the one being
+    written once its name is whole, with its arguments as far as they got (not JSON yet), as vLLM streams
+    them. The grammar wrote `[{"name": ..., "parameters": ...}, ...]` in that order."""
+    decoder = json.JSONDecoder()
+    start = text.find("[")
+    if start < 0:
+        return []
+    calls, pos = [], start + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            calls.append(_call(item["name"], json.dumps(item.get("parameters", {}))))
+    cut = _PARTIAL_CALL.match(text, pos)
+    if cut is not None:
+        arguments = text[cut.end():]
+        try:  # the parameters are whole and only the call's closing brace is missing
+            arguments = arguments[:decoder.raw_decode(arguments)[1]]
+        except json.JSONDecodeError:
+            pass
+        calls.append(_call(json.loads(cut.group(1)), arguments))
+    return calls
+
+
 def _calls_of(bodies: list[str]) -> list[dict[str, Any]] | None:
     """The call in every JSON body, or None when one of them is not a call."""
     calls: list[dict[str, Any]] = []
@@ -171,7 +208,8 @@ def _call(name: str, arguments: str) -> dict[str, Any]:
 
 
 def _parameters(tool: Tool) -> dict[str, Any]:
-    return tool.function.parameters or {"type": "object"}
+    """A tool without parameters takes none: `{}` (the grammar closes objects with properties)."""
+    return tool.function.parameters or {"type": "object", "properties": {}}
 
 
 @dataclass
@@ -207,7 +245,7 @@ class ToolStream:
             content, calls = self.calling.parse(self.text)
             if calls:
                 delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-            elif len(self.text) > self.sent:
+            elif self.calling.mode == "auto" and len(self.text) > self.sent:
                 delta["content"] = delta.get("content", "") + self.text[self.sent:]
                 self.sent = len(self.text)
         return delta
