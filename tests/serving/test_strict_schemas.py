@@ -38,8 +38,10 @@ def test_close_objects_closes_objects_with_properties_and_keeps_what_the_schema_
     props = closed["properties"]
     assert closed["additionalProperties"] is False
     assert props["a"]["additionalProperties"] is False and props["b"]["items"]["additionalProperties"] is False
-    assert props["c"]["anyOf"][0]["additionalProperties"] is False and closed["$defs"]["d"]["additionalProperties"] is False
-    assert props["open"]["additionalProperties"] is True and props["typed"]["additionalProperties"] == {"type": "integer"}
+    assert props["c"]["anyOf"][0]["additionalProperties"] is False
+    assert closed["$defs"]["d"]["additionalProperties"] is False
+    assert props["open"]["additionalProperties"] is True
+    assert props["typed"]["additionalProperties"] == {"type": "integer"}
     assert props["any"] == {"type": "object"}  # no properties: any object, as before
     assert all("additionalProperties" not in member for member in props["both"]["allOf"])  # each names part of the keys
     assert props["a"]["properties"] == CITY["properties"] and "additionalProperties" not in CITY  # a copy
