@@ -124,11 +124,19 @@ mutated = st.tuples(valid, st.lists(st.sampled_from(sorted(fields)), min_size=1,
     lambda keys: st.fixed_dictionaries({k: fields[k] for k in keys}))).map(lambda pair: {**pair[0], **pair[1]})
 bodies = mutated | st.fixed_dictionaries({}, optional=fields)
 header_text = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+tokenize_fields = {**{k: fields[k] for k in ("model", "prompt", "messages")},
+                   **{k: st.booleans() | json_values for k in ("add_special_tokens", "add_generation_prompt",
+                                                                "continue_final_message", "return_token_strs")},
+                   "tokens": st.lists(st.integers(-2**40, 2**40), max_size=4) | json_values,
+                   "tools": json_values, "chat_template_kwargs": json_values}
 requests = st.one_of(
     st.tuples(st.sampled_from(["POST"]), st.sampled_from(["/v1/completions", "/v1/chat/completions"]), bodies),
+    st.tuples(st.sampled_from(["POST"]), st.sampled_from(["/tokenize", "/detokenize"]),
+              st.fixed_dictionaries({}, optional=tokenize_fields)),
     st.tuples(st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
               st.sampled_from(["/", "/v1", "/v1/models", "/info", "/internal/kv/release", "/sleep", "/wake_up",
-                               "/is_sleeping", "/metrics"]) | header_text.map(lambda t: "/" + t.lstrip("/")),
+                               "/is_sleeping", "/metrics", "/tokenize", "/detokenize", "/version"])
+              | header_text.map(lambda t: "/" + t.lstrip("/")),
               json_values),
 )
 headers = st.fixed_dictionaries({}, optional={"X-Request-Id": header_text, "Content-Type": header_text,
