@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import pdlaunch
 from pdlaunch.errors import PdlaunchError
@@ -31,6 +31,7 @@ from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import check_prompt_size, tokenize
 from pdlaunch.server.protocol import ChatMessage
 from pdlaunch.server.tool_calls import tool_calling_of
+from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 
 class TokenizeCompletionRequest(BaseModel):
@@ -53,6 +54,15 @@ class TokenizeChatRequest(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     return_token_strs: bool = False
+    mm_processor_kwargs: dict[str, Any] | None = None  # a text model: only {} (asks for nothing) passes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """vLLM's fields we do not honour get the chat route's message rather than "extra input"."""
+        if isinstance(data, dict):
+            refuse_unsupported({k: data.get(k) for k in ("chat_template", "mm_processor_kwargs")}, chat=True)
+        return data
 
     def chat_prompt(self) -> ChatPrompt:
         calling = tool_calling_of(self.tools, None)

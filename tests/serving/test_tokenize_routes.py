@@ -85,6 +85,7 @@ def test_bad_bodies_are_refused_naming_the_field(urls: dict[str, Any], where: st
         ("/tokenize", {"messages": MESSAGES, "add_generation_prompt": True, "continue_final_message": True}, 400,
          "continue_final_message"),
         ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"messages": MESSAGES, "chat_template": "{{ 1 }}"}, 400, "chat_template"),
         ("/tokenize", {}, 400, "prompt"),
         ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
         ("/detokenize", {"tokens": [1, -1]}, 400, "tokens"),
