@@ -91,6 +91,7 @@ def client() -> Iterator[openai.OpenAI]:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=300, max_retries=0)
 
 
+@pytest.mark.slow  # loads the demo model
 def test_required_get_weather_call_has_only_city(client: openai.OpenAI) -> None:
     """The issue's request: before strict schemas the arguments ran on with invented keys until max_tokens."""
     out = client.chat.completions.create(model="demo", messages=ASK, tools=[WEATHER], tool_choice="required",
@@ -102,6 +103,7 @@ def test_required_get_weather_call_has_only_city(client: openai.OpenAI) -> None:
     assert set(arguments) == {"city"} and "paris" in arguments["city"].lower()
 
 
+@pytest.mark.slow  # loads the demo model
 def test_a_required_call_cut_by_the_length_limit_whole_and_streamed(client: openai.OpenAI) -> None:
     kwargs: dict[str, Any] = {"model": "demo", "messages": ASK, "tools": [WEATHER], "tool_choice": "required",
                               "temperature": 0, "max_tokens": 14}
@@ -118,6 +120,7 @@ def test_a_required_call_cut_by_the_length_limit_whole_and_streamed(client: open
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+@pytest.mark.slow  # loads the demo model
 def test_json_schema_without_additional_properties_yields_no_extra_keys(client: openai.OpenAI) -> None:
     """The array the required tool choice forces (its parameters without additionalProperties), asked as a
     json_schema with the tools in the prompt (tool_choice none): closed by default; opened by the request,
