@@ -17,6 +17,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from tests.serving.helpers import wait_for
 
 START_TIMEOUT_S = 240.0  # three processes importing torch and building engines on a shared 2-core box
+READY_LINE = "ready: OpenAI API at "  # launcher/serve.py announces it when supervision begins
 
 
 def children_of(launcher_pid: int) -> list[int]:
@@ -55,12 +56,16 @@ class Serve:
         return self.output_path.read_text(errors="replace")
 
     def wait_ready(self) -> Serve:
+        """Ready and supervised: the proxy answers /health and the launcher announced it. The proxy answers a
+        moment before the launcher's own readiness check sees it; a death in that window is a failed start
+        ("stopping the deployment"), not an outage to restart from."""
         def ready() -> bool:
             assert self.proc.poll() is None, f"pdlaunch serve exited with {self.proc.returncode}:\n{self.output}"
             try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+                answered = httpx.get(f"{self.url}/health", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
+            return answered and READY_LINE in self.output
 
         wait_for(ready, "pdlaunch serve to become ready", START_TIMEOUT_S, poll=0.5)
         self.children = children_of(self.proc.pid)
