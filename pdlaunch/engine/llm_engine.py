@@ -17,6 +17,7 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
+from pdlaunch.engine.context_limit import too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
@@ -215,8 +216,7 @@ class LLMEngine:
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise EngineError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len {self.max_model_len}", field="prompt",
+                too_long_message(len(prompt), params.max_tokens, self.max_model_len), field="prompt",
                 hint="shorten the prompt or lower max_tokens")
         need = self._max_blocks_needed(total)
         if need > self.block_manager.num_blocks:

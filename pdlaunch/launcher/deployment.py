@@ -22,6 +22,7 @@ from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
+from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import (
     DeploymentPlan,
     InstancePlan,
@@ -125,6 +126,7 @@ class Deployment:
                                   headers=internal_headers(cfg.security.deployment_secret))
         self._stopping = False
         self.deployment_file = self.log_dir / "deployment.json"
+        self._log_lock = LogDirLock(self.log_dir)  # no second run writes into a live deployment's log_dir
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
 
     @property
@@ -148,7 +150,7 @@ class Deployment:
         Returns False when `should_stop()` turned true meanwhile. Raises ChildExited if a child died,
         PdlaunchError if not everything was ready within `ready_timeout` seconds.
         """
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_lock.acquire(self.plan.proxy_url)
         # Fetch/convert a built-in or GGUF model once here, not in every instance at the same time.
         resolve_model_path(self.cfg.model.path, say=lambda text: self.console.print(f"[dim]{text}[/dim]"))
         deployment_file = self.deployment_file
@@ -338,6 +340,7 @@ class Deployment:
             for child in self.children + self._ended:
                 child.close_log()
             self._http.close()
+            self._log_lock.release()
 
     def __enter__(self) -> Deployment:
         return self
