@@ -302,9 +302,9 @@ class Deployment:
             self.refresh_blocks(child.name)
         return row.state
 
-    def refresh_blocks(self, name: str) -> None:
+    def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
-            info = self._http.get(self.url_of(name) + "/info").json()
+            info = self._http.get(self.url_of(name) + "/info", timeout=timeout).json()
         except (httpx.HTTPError, json.JSONDecodeError):
             return
         self.rows[name].blocks_used = info.get("num_blocks_used")
