@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pdlaunch.config.model_info import hub_id_hint
 from pdlaunch.config.problems import Problem, problem
 
 MODEL_NAMES = ("demo", "tiny")
@@ -61,7 +62,7 @@ def split_positionals(args: list[str], overrides: Overrides) -> Path | None:
             overrides.set("model.path", arg, POSITIONAL)
         else:
             overrides.problems.append(problem(POSITIONAL, f"{arg!r} is neither a model nor a config file",
-                                              "a model is a checkpoint directory that exists, a FILE.gguf, "
+                                              hub_id_hint(arg) or "a model is a checkpoint directory that exists, a FILE.gguf, "
                                               "`demo` or `tiny`; a config file ends in .yaml or .yml "
                                               "(pdlaunch reads local checkpoints only, no hub ids)"))
     return config
