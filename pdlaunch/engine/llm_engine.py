@@ -100,6 +100,11 @@ class LLMEngine:
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
+        cache = config.cache
+        metrics.engine_info(self.max_model_len, {
+            "block_size": self.block_size, "cache_dtype": "auto", "enable_prefix_caching": cache.enable_prefix_caching,
+            "gpu_memory_utilization": cache.gpu_memory_utilization, "num_gpu_blocks": self.block_manager.num_blocks,
+            "num_gpu_blocks_override": cache.num_gpu_blocks, "kv_offload_gb": cache.kv_offload_gb})
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
                  self.block_manager.num_blocks, self.block_size, self.max_model_len)

@@ -106,7 +106,9 @@ class Scheduler:
         """First admission (to run, or to wait for its KV): vllm:request_queue_time_seconds."""
         queued = self._queued_at.pop(request_id, None)
         if queued is not None:
-            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(time.monotonic() - queued)
+            now = time.monotonic()
+            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(now - queued)
+            self.requests[request_id].scheduled_at = now
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
