@@ -17,7 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 # No `*_created` series beside every counter and histogram (vLLM turns them off too): they double the
 # scrape and no dashboard reads them. Before any metric below exists.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
 KV_TRANSFER_SECONDS = Histogram(
@@ -118,7 +118,8 @@ def set_model_name(name: str) -> None:
 
 def _one_two_five(limit: int) -> tuple[float, ...]:
     """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for request_params_max_tokens)."""
-    out, scale = [], 1
+    out: list[int] = []
+    scale = 1
     while True:
         for step in (1, 2, 5):
             if step * scale > limit:

@@ -326,16 +326,18 @@ class Deployment:
                 return child, code
         return None
 
-    def stop(self, drain: bool = True) -> None:
+    def stop(self, drain: bool = True, hurry: Callable[[], bool] | None = None) -> None:
         """Proxy first (it drains in-flight requests up to drain_timeout_s), then every instance;
-        SIGTERM, then SIGKILL after a timeout. Every child is reaped. Safe to call twice."""
+        SIGTERM, then SIGKILL after a timeout, or as soon as `hurry()` turns true (a second Ctrl-C).
+        Every child is reaped. Safe to call twice."""
         if self._stopping:
             return
         self._stopping = True
         try:
             if self.proxy is not None:
-                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5)
-            stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain else 0.5)
+                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5, hurry)
+            hurried = hurry is not None and hurry()
+            stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain and not hurried else 0.5, hurry)
         finally:
             for child in self.children + self._ended:
                 child.close_log()

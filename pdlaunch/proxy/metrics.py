@@ -14,7 +14,7 @@ from pdlaunch.proxy.instances import InstancePool
 
 class ProxyMetrics:
     def __init__(self, pool: InstancePool) -> None:
-        disable_created_metrics()  # no `*_created` series, as at the instances (pdlaunch/metrics.py)
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` series, as at the instances
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pdlaunch_proxy_requests", "Client requests answered by the proxy", ["route", "status"],

@@ -128,7 +128,8 @@ def test_pd_pair_matches_colocated_and_frees_held_blocks(hybrid_ckpt, make_engin
     local = {rid: k for rid, k, _ in d_conn.calls}
     assert [local[f"p{i}"] + ext for i, (_, _, ext) in enumerate(sorted(d_conn.calls, key=lambda c: int(c[0][1:])))] \
         == [len(p) - 1 for p in prompts]
-    assert [d_outs[f"p{i}"].num_cached_tokens for i in range(len(prompts))] == [local[f"p{i}"] for i in range(len(prompts))]
+    assert [d_outs[f"p{i}"].num_cached_tokens for i in range(len(prompts))] == \
+        [local[f"p{i}"] for i in range(len(prompts))]
     assert any(k > 0 for k in local.values())  # the shared prefix hit the decode's local cache
     assert d_engine.stats()["prompt_tokens_computed"] == len(prompts)
 
