@@ -129,6 +129,7 @@ class Proxy:
         parser = SSEParser()
         finished = False
         stopping = asyncio.ensure_future(self.stopping.wait())
+        pending: asyncio.Future[bytes] | None = None
         try:
             chunks = response.aiter_raw()
             while True:
@@ -161,4 +162,7 @@ class Proxy:
             yield sse_event(self.failed(instance, exc).body())
         finally:
             stopping.cancel()
+            if pending is not None and not pending.done():  # the client left while we waited for a chunk
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
             await upstream.close()
