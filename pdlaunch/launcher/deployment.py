@@ -126,7 +126,8 @@ class Deployment:
                                   headers=internal_headers(cfg.security.deployment_secret))
         self._stopping = False
         self.deployment_file = self.log_dir / "deployment.json"
-        self._log_lock = LogDirLock(self.log_dir)  # no second run writes into a live deployment's log_dir
+        # No second run writes into a live deployment's log_dir.
+        self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
 
     @property

@@ -54,11 +54,18 @@ def log_dir_holder(log_dir: Path) -> str | None:
     return None
 
 
+def lock_name(node_rank: int) -> str:
+    """Node 0's lock, or node K's: the launchers of one multi-node deployment may share a directory
+    (a home on NFS, the default `logs`), and each holds only its own node's files."""
+    return LOCK_NAME if node_rank == 0 else f".pdlaunch.node{node_rank}.lock"
+
+
 class LogDirLock:
     """Held from before the first log file is opened until every child is reaped."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, node_rank: int = 0) -> None:
         self.log_dir = log_dir
+        self.name = lock_name(node_rank)
         self._fd: int | None = None
 
     def acquire(self, proxy_url: str | None) -> None:
@@ -66,7 +73,7 @@ class LogDirLock:
         if self._fd is not None:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = self.log_dir / LOCK_NAME
+        lock_file = self.log_dir / self.name
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # no O_TRUNC: the holder's note stays
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

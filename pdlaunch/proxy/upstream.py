@@ -139,7 +139,7 @@ class Proxy:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if pending not in done:
                     pending.cancel()
-                    await asyncio.gather(pending, return_exceptions=True)
+                    pending.add_done_callback(_retrieve)
                     if stopping in done:
                         yield sse_event(error_body(503, "the server is shutting down: this stream ended before it "
                                                         "finished; retry on a running server", code="shutting_down"))
@@ -164,5 +164,11 @@ class Proxy:
             stopping.cancel()
             if pending is not None and not pending.done():  # the client left while we waited for a chunk
                 pending.cancel()
-                await asyncio.gather(pending, return_exceptions=True)
+                pending.add_done_callback(_retrieve)  # its error is the closed stream's: not worth a log line
             await upstream.close()
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    """Mark a cancelled read's outcome as seen, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
