@@ -9,10 +9,15 @@ Two families in the one default registry:
 
 from __future__ import annotations
 
-from typing import TypeVar
+import threading
+from typing import Any, TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
+
+# No `*_created` series beside every counter and histogram (vLLM turns them off too): they double the
+# scrape and no dashboard reads them. Before any metric below exists.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
 KV_TRANSFER_SECONDS = Histogram(
@@ -79,6 +84,12 @@ REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Number of prefi
                                   buckets=tuple(float(2**k) for k in range(0, 18)))
 REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
                                       LABELS, buckets=tuple(float(2**k) for k in range(0, 18)))
+REQUEST_PREFILL_TIME = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase "
+                                 "for request.", LABELS, buckets=_REQUEST_BUCKETS)
+REQUEST_INFERENCE_TIME = Histogram("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING "
+                                   "phase for request.", LABELS, buckets=_REQUEST_BUCKETS)
+REQUEST_PARAMS_N = Histogram("vllm:request_params_n", "Histogram of the n request parameter.", LABELS,
+                             buckets=(1, 2, 5, 10, 20))
 NIXL_XFER_TIME = Histogram("vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache "
                            "transfers.", LABELS, buckets=_XFER_SECONDS_BUCKETS)
 NIXL_BYTES_TRANSFERRED = Histogram("vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV "
@@ -98,10 +109,48 @@ def set_model_name(name: str) -> None:
                    GENERATION_TOKENS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, TIME_TO_FIRST_TOKEN_VLLM,
                    INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_PROMPT_TOKENS,
                    TIME_PER_OUTPUT_TOKEN, REQUEST_DECODE_TIME, ITERATION_TOKENS,
-                   REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS):
+                   REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS,
+                   REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
     for reason in ("stop", "length", "abort"):
         vllm(REQUEST_SUCCESS, finished_reason=reason)
+
+
+def _one_two_five(limit: int) -> tuple[float, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for request_params_max_tokens)."""
+    out: list[int] = []
+    scale = 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > limit:
+                return tuple(float(v) for v in out)
+            out.append(step * scale)
+        scale *= 10
+
+
+_engine_info_lock = threading.Lock()
+REQUEST_PARAMS_MAX_TOKENS: Histogram | None = None  # buckets follow max_model_len: made by engine_info()
+CACHE_CONFIG_INFO: Gauge | None = None
+CACHE_INFO_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
+                     "num_gpu_blocks", "num_gpu_blocks_override", "kv_offload_gb", "engine")
+
+
+def engine_info(max_model_len: int, cache: dict[str, Any]) -> None:
+    """vllm:cache_config_info (one series at 1, labelled with the cache settings, as vLLM's) and
+    vllm:request_params_max_tokens (1-2-5 buckets up to max_model_len). Once per engine; the series
+    are made by the first engine of the process, later ones relabel cache_config_info."""
+    global REQUEST_PARAMS_MAX_TOKENS, CACHE_CONFIG_INFO
+    with _engine_info_lock:
+        if REQUEST_PARAMS_MAX_TOKENS is None:
+            REQUEST_PARAMS_MAX_TOKENS = Histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens "
+                                                  "request parameter.", LABELS, buckets=_one_two_five(max_model_len))
+            CACHE_CONFIG_INFO = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                      list(CACHE_INFO_LABELS))
+        vllm(REQUEST_PARAMS_MAX_TOKENS)
+        assert CACHE_CONFIG_INFO is not None
+        CACHE_CONFIG_INFO.clear()
+        labels = {k: str(cache.get(k)) for k in CACHE_INFO_LABELS}
+        CACHE_CONFIG_INFO.labels(**{**labels, "engine": "0"}).set(1)
 
 
 def vllm(metric: M, **extra: str) -> M:

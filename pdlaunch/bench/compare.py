@@ -25,6 +25,7 @@ from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.report import write_json
 from pdlaunch.bench.serve import ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
+from pdlaunch.config.model_info import load_model_info
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
@@ -169,6 +170,21 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
     return load_valid_deployment(cfg.config, overrides)
 
 
+def check_request_fits(cfg: CompareConfig, deployment: DeploymentConfig) -> None:
+    """--input-len + --output-len must fit the deployment's max_model_len: said before anything starts,
+    not as every request failing once the first deployment is up."""
+    limit = deployment.model.max_model_len
+    if limit is None:
+        info, _ = load_model_info(deployment.model.path)
+        limit = info.max_position_embeddings if info is not None else None
+    need = cfg.input_len + cfg.output_len
+    if limit is not None and need > limit:
+        raise PdlaunchError(
+            f"--input-len {cfg.input_len} + --output-len {cfg.output_len} = {need} exceeds the model's "
+            f"max_model_len {limit} ({deployment.model.path})", field="--input-len",
+            hint=f"pass --input-len {max(1, limit - cfg.output_len)} or less with this --output-len")
+
+
 class DeploymentRun(BaseModel):
     kind: DeploymentKind
     label: str
@@ -248,7 +264,7 @@ def run_compare(cfg: CompareConfig, console: Console) -> list[DeploymentRun]:
     layout = resolve_layout(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:  # fail on a config problem of either before spending time on the first
-        deployment_config(cfg, layout, kind)
+        check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = []
     with _termination_as_interrupt():
         for kind in KINDS:

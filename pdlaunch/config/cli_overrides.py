@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pdlaunch.config.model_info import hub_id_hint
 from pdlaunch.config.problems import Problem, problem
 
 MODEL_NAMES = ("demo", "tiny")
@@ -42,6 +43,10 @@ def is_config(arg: str) -> bool:
     return Path(arg).suffix.lower() in (".yaml", ".yml")
 
 
+_NEITHER_HINT = ("a model is a checkpoint directory that exists, a FILE.gguf, `demo` or `tiny`; a config file "
+                 "ends in .yaml or .yml (pdlaunch reads local checkpoints only, no hub ids)")
+
+
 def split_positionals(args: list[str], overrides: Overrides) -> Path | None:
     """`pdlaunch serve [MODEL] [CONFIG.yaml]`, in either order: the config file is returned, the model
     lands in `overrides` as `model.path`; anything else is a problem saying what it could have been."""
@@ -61,7 +66,5 @@ def split_positionals(args: list[str], overrides: Overrides) -> Path | None:
             overrides.set("model.path", arg, POSITIONAL)
         else:
             overrides.problems.append(problem(POSITIONAL, f"{arg!r} is neither a model nor a config file",
-                                              "a model is a checkpoint directory that exists, a FILE.gguf, "
-                                              "`demo` or `tiny`; a config file ends in .yaml or .yml "
-                                              "(pdlaunch reads local checkpoints only, no hub ids)"))
+                                              hub_id_hint(arg) or _NEITHER_HINT))
     return config

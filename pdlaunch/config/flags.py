@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class Flag:
     envvar: str | None = None
     spelling: str | None = None
     refused: str | None = None
+    refused_why: str = "means something else in pdlaunch"
+    sets: Any = None  # for an on/off flag of its own (`--no-enable-prefix-caching`): the value it sets
 
     @property
     def declaration(self) -> str:
@@ -72,9 +75,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("transfer_mode", str | None, "kv_transfer.transfer_mode", "auto | pull | push."),
     Flag("block_size", int | None, "cache.block_size", "Tokens per KV block."),
     Flag("num_gpu_blocks", int | None, "cache.num_gpu_blocks", "Override the profiled KV block count."),
-    Flag("enable_prefix_caching", bool | None, "cache.enable_prefix_caching",
-         "Reuse KV blocks of identical prompt prefixes (default on).",
-         spelling="--enable-prefix-caching/--no-enable-prefix-caching"),
+    Flag("enable_prefix_caching", bool, "cache.enable_prefix_caching",
+         "Reuse KV blocks of identical prompt prefixes (default on).", sets=True),
+    Flag("no_enable_prefix_caching", bool, "cache.enable_prefix_caching", "Turn prefix caching off.", sets=False),
     Flag("max_model_len", int | None, "model.max_model_len", "Longest prompt + output."),
     Flag("max_num_seqs", int | None, "scheduler.max_num_seqs", "Most sequences per batch."),
     Flag("max_num_batched_tokens", int | None, "scheduler.max_num_batched_tokens",
@@ -99,7 +102,62 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("kv_load_failure_policy", str | None, "kv_transfer.load_failure_policy",
          "recompute | fail: when a decode cannot load KV."),
     Flag("chat_template", str | None, "model.chat_template", "Jinja2 chat template FILE overriding the checkpoint's."),
+    # vLLM habits that pdlaunch answers with what it does instead (hidden from --help; refused by name).
+    Flag("pipeline_parallel_size", str | None, "parallel.tp", "Refused: no pipeline parallelism.",
+         refused_why="is not supported: pdlaunch has no pipeline parallelism",
+         refused="split a model over GPUs with --tp N (tensor parallel, within a node or across nodes with "
+         "parallel.nodes); scale throughput with more --prefill/--decode instances"),
+    Flag("pp_short", str | None, "parallel.tp", "Refused: no pipeline parallelism.", spelling="-pp",
+         refused_why="is not supported: pdlaunch has no pipeline parallelism",
+         refused="split a model over GPUs with --tp N (tensor parallel)"),
+    Flag("enable_auto_tool_choice", bool, "model.path", "Refused: tool calling is always on.",
+         refused_why="is not needed: pdlaunch always parses tool calls (tool_choice auto, none, required, named)",
+         refused="drop the flag"),
+    Flag("tool_call_parser", str | None, "model.path", "Refused: the parser is detected.",
+         refused_why="is not needed: pdlaunch detects Hermes `<tool_call>` blocks and Llama 3 JSON calls itself",
+         refused="drop the flag; a checkpoint's chat template decides how tools are offered"),
+    Flag("trust_remote_code", bool, "model.path", "Refused: no checkpoint code is run.",
+         refused_why="is not supported: pdlaunch runs its own Llama/Qwen/Mistral implementations, never Python "
+         "code shipped with a checkpoint", refused="drop the flag; an architecture pdlaunch lacks is refused by name"),
+    Flag("vllm_config", str | None, "model.path", "Refused: see the positional CONFIG.yaml.", spelling="--config",
+         refused_why="is vLLM's file of serve flags, which pdlaunch does not read",
+         refused="pass pdlaunch's deployment YAML as the positional CONFIG.yaml (`pdlaunch config example` "
+         "prints one; every serve flag has a key there)"),
 )
+# `--help` groups the flags into these panels, in this order; a flag missing here lands in "Other".
+HELP_PANELS: dict[str, tuple[str, ...]] = {
+    "Model": ("model", "served_model_name", "dtype", "max_model_len", "seed", "chat_template", "enforce_eager"),
+    "Devices and parallelism": ("device", "prefill", "decode", "colocated", "tp", "tensor_parallel_size", "tp_short",
+                                "prefill_tp", "decode_tp", "node_rank"),
+    "KV transfer": ("kv_connector", "transfer_mode", "kv_transfer_config", "kv_load_failure_policy"),
+    "KV cache": ("block_size", "num_gpu_blocks", "enable_prefix_caching", "no_enable_prefix_caching",
+                 "kv_offload_gb"),
+    "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",
+                              "max_num_batched_tokens"),
+    "Server": ("host", "port", "log_dir"),
+    "Security": ("api_key",),
+}
+_PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}
+_PANEL_ORDER = {panel: i for i, panel in enumerate(HELP_PANELS)}
+
+
+def _config_default(path: str) -> str | None:
+    """The value a flag's config path has when neither the flag nor the YAML sets it, for `--help`."""
+    from pdlaunch.config.models import DeploymentConfig
+
+    value: Any = DeploymentConfig()
+    role = re.match(r"^instances\[(\w+)\]\.(\w+)$", path)
+    if role is not None:
+        group = next((g for g in value.instances if g.role == role[1]), None)
+        value = getattr(group, role[2], None)
+    else:
+        for part in path.split("."):
+            value = getattr(value, part, None)
+    if value is None or value == "" or isinstance(value, bool):  # an on/off flag's help says its default
+        return None
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 FLAG_PATHS: dict[str, str] = {flag.name: flag.path for flag in SERVE_FLAGS if flag.refused is None}
 _BY_NAME = {flag.name: flag for flag in SERVE_FLAGS}
 
@@ -113,8 +171,10 @@ _SERVE_PARAMS: list[inspect.Parameter] = [
     inspect.Parameter(
         flag.name, inspect.Parameter.KEYWORD_ONLY, default=False if flag.type is bool else None,
         annotation=Annotated[flag.type, typer.Option(
-            flag.declaration, help=flag.help, show_default=False, envvar=flag.envvar, hidden=flag.refused is not None)])
-    for flag in SERVE_FLAGS
+            flag.declaration, help=flag.help, envvar=flag.envvar, hidden=flag.refused is not None,
+            show_default=(flag.refused is None and flag.envvar is None and _config_default(flag.path)) or False,
+            rich_help_panel=_PANEL_OF.get(flag.name, "Other"))])
+    for flag in sorted(SERVE_FLAGS, key=lambda f: _PANEL_ORDER.get(_PANEL_OF.get(f.name, "Other"), len(HELP_PANELS)))
 ]
 
 
@@ -130,14 +190,14 @@ def collect_overrides(given: dict[str, Any], targets: list[str]) -> tuple[Path |
         if not _given(flag, value):
             continue
         if flag.refused is not None:
-            overrides.problems.append(problem(flag.option, "means something else in pdlaunch", flag.refused))
+            overrides.problems.append(problem(flag.option, flag.refused_why, flag.refused))
         elif flag.path == KV_TRANSFER_CONFIG:
             values, problems = kv_transfer_overrides(value)
             overrides.problems += problems
             for path, item in values.items():
                 overrides.set(path, item, flag.option)
         else:
-            overrides.set(flag.path, value, flag.option)
+            overrides.set(flag.path, value if flag.sets is None else flag.sets, flag.option)
     return split_positionals(targets, overrides), overrides
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,18 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
     return info, []
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id_hint(path: str) -> str | None:
+    """How to get a local checkpoint when `path` reads like a hub id (`ORG/NAME`), else None."""
+    if not _HUB_ID.match(path):
+        return None
+    directory = path.split("/")[1]
+    return (f"{path!r} looks like a Hugging Face hub id, and pdlaunch reads local checkpoints only: run "
+            f"`huggingface-cli download {path} --local-dir {directory}`, then pass `{directory}`")
+
+
 def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
     """ModelInfo of `demo`, `tiny`, a .gguf file or a checkpoint directory, or the problems that make it unusable."""
     if path == "tiny":
@@ -111,7 +124,7 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
     model_dir = Path(os.path.expanduser(path))  # Path.expanduser raises on `~nosuchuser`
     if not model_dir.is_dir():
         what = "is a file, not a directory" if model_dir.exists() else "does not exist"
-        return None, [problem("model.path", f"{path!r} {what}",
+        return None, [problem("model.path", f"{path!r} {what}", hub_id_hint(path) or
                               "give a local HF checkpoint directory (config.json + safetensors), a .gguf file, "
                               "`demo` or `tiny`")]
     config_file = model_dir / "config.json"

@@ -17,6 +17,7 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
+from pdlaunch.engine.context_limit import too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
@@ -99,6 +100,11 @@ class LLMEngine:
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
+        cache = config.cache
+        metrics.engine_info(self.max_model_len, {
+            "block_size": self.block_size, "cache_dtype": "auto", "enable_prefix_caching": cache.enable_prefix_caching,
+            "gpu_memory_utilization": cache.gpu_memory_utilization, "num_gpu_blocks": self.block_manager.num_blocks,
+            "num_gpu_blocks_override": cache.num_gpu_blocks, "kv_offload_gb": cache.kv_offload_gb})
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
                  self.block_manager.num_blocks, self.block_size, self.max_model_len)
@@ -215,8 +221,7 @@ class LLMEngine:
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise EngineError(
-                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"max_model_len {self.max_model_len}", field="prompt",
+                too_long_message(len(prompt), params.max_tokens, self.max_model_len), field="prompt",
                 hint="shorten the prompt or lower max_tokens")
         need = self._max_blocks_needed(total)
         if need > self.block_manager.num_blocks:

@@ -114,5 +114,6 @@ class OutputProcessor:
             new_logprobs=new_logprobs,
             num_prompt_tokens=r.num_prompt_tokens,
             num_cached_tokens=r.num_cached_tokens,
+            scheduled_at=r.scheduled_at,
             kv_transfer_params=kv_transfer_params,
         )

@@ -124,7 +124,8 @@ class RequestOutput:
     error_status: int = 500  # HTTP status a server should use for `error`
     new_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens not computed here (prefix cache or remote KV)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not KV loaded from a prefill)
+    scheduled_at: float | None = None  # time.monotonic() when the request was first admitted
     kv_transfer_params: dict[str, Any] | None = None  # prefill side: what decode needs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when asked (None first)
 

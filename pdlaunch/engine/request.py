@@ -31,8 +31,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # Tokens of all_token_ids whose KV is in the cache (computed here, prefix hit, or loaded).
     num_computed_tokens: int = 0
-    # Prompt tokens not computed here (prefix-cache hit or remote KV), set at first admission.
+    # Prompt tokens served from this instance's prefix cache (or CPU tier), set at first admission.
     num_cached_tokens: int = 0
+    scheduled_at: float | None = None  # time.monotonic() at first admission (vLLM's prefill/inference times)
     num_cached_tokens_set: bool = False
     # The connector has been consulted for this request (done once, not again after preemption).
     connector_consulted: bool = False

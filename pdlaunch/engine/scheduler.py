@@ -94,7 +94,7 @@ class Scheduler:
         self.failed: list[Request] = []  # failed while scheduling (connector error); the engine answers them
         self.num_preemptions = 0
         self.prompt_tokens_computed = 0  # prompt positions computed here (recomputes included)
-        self.prompt_tokens_cached = 0  # prompt positions from the prefix cache or a connector
+        self.prompt_tokens_cached = 0  # prompt positions from the prefix cache (and CPU tier), not a connector
 
     # -- admission and removal -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -106,7 +106,9 @@ class Scheduler:
         """First admission (to run, or to wait for its KV): vllm:request_queue_time_seconds."""
         queued = self._queued_at.pop(request_id, None)
         if queued is not None:
-            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(time.monotonic() - queued)
+            now = time.monotonic()
+            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(now - queued)
+            self.requests[request_id].scheduled_at = now
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -329,11 +331,13 @@ class Scheduler:
 
     def _note_cached(self, request: Request, num_cached: int, local: int | None = None) -> None:
         """Once per admission: cached prompt positions (`local` of them from this instance's prefix
-        cache and CPU tier, the rest from a connector)."""
+        cache and CPU tier, the rest from a connector). The request reports only the local ones as
+        usage.prompt_tokens_details.cached_tokens: tokens served from a prefix cache, which KV a decode
+        loaded from its prefill is not (vLLM counts those too; ours read 0 on a first request)."""
         if not request.num_cached_tokens_set:
-            request.num_cached_tokens = num_cached
+            request.num_cached_tokens = num_cached if local is None else local
             request.num_cached_tokens_set = True
-            self.prompt_tokens_cached += num_cached
+            self.prompt_tokens_cached += request.num_cached_tokens
             metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
             metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(num_cached if local is None else local)
 

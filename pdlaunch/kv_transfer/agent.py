@@ -7,6 +7,8 @@ peers) and the push sender threads, so it runs in NIXL's STRICT thread-sync mode
 from __future__ import annotations
 
 import logging
+import threading
+import types
 from typing import Any
 
 import torch
@@ -26,6 +28,49 @@ def _nixl() -> Any:
             hint="install it (`pip install nixl`) or use --kv-connector storage",
         ) from e
     return _api
+
+
+# How long NIXL's UCX progress thread sleeps in poll() when no UCX event fd fires. The thread wakes at
+# once on an event (an arriving notification, a completion of a transport that signals one); the
+# timeout only bounds how late progress of a transport without events can be. Our own engine and
+# sender threads progress their transfers themselves (check_xfer_state, get_new_notifs).
+PROGRESS_WAIT_US = 10_000
+_agent_lock = threading.Lock()
+
+
+def _create_agent(api: Any, name: str, config: Any) -> Any:
+    """`nixl_agent(name, config)` whose UCX progress thread waits for events between rounds.
+
+    nixl's Python wrapper (1.5) sets `pthrDelay = 0` on the native agent config, and the UCX backend
+    uses that delay as its poll() timeout: its progress thread then never sleeps and costs a full core
+    per process even when nothing moves (issue 33). The wrapper offers no option for it, so the agent
+    is built while the wrapper's binding module hands out a config whose delay cannot go below
+    PROGRESS_WAIT_US; everything else in the config is the wrapper's.
+    """
+    bindings = api.nixlBind
+    base = bindings.nixlAgentConfig
+
+    class _WaitingConfig(base):  # type: ignore[misc,valid-type]
+        @property
+        def pthrDelay(self) -> int:  # noqa: N802 - the binding's attribute name
+            return int(base.pthrDelay.__get__(self))
+
+        @pthrDelay.setter
+        def pthrDelay(self, delay_us: int) -> None:  # noqa: N802
+            base.pthrDelay.__set__(self, max(int(delay_us), PROGRESS_WAIT_US))
+
+    class _Bindings(types.ModuleType):
+        nixlAgentConfig = _WaitingConfig  # noqa: N815
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(bindings, attr)
+
+    with _agent_lock:  # the swap is visible to every thread that builds an agent meanwhile
+        api.nixlBind = _Bindings(bindings.__name__)
+        try:
+            return api.nixl_agent(name, config)
+        finally:
+            api.nixlBind = bindings
 
 
 class XferHandle:
@@ -72,7 +117,7 @@ class KVAgent:
             backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT, enable_listen_thread=False,
         )
         self.name = name
-        self.nixl = api.nixl_agent(name, config)
+        self.nixl = _create_agent(api, name, config)
         self._registered: Any = None
         self._extra: list[Any] = []  # later registrations (resharding staging buffers)
         self._remote_agents: set[str] = set()

@@ -22,6 +22,7 @@ from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
+from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import (
     DeploymentPlan,
     InstancePlan,
@@ -125,6 +126,8 @@ class Deployment:
                                   headers=internal_headers(cfg.security.deployment_secret))
         self._stopping = False
         self.deployment_file = self.log_dir / "deployment.json"
+        # No second run writes into a live deployment's log_dir.
+        self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
 
     @property
@@ -148,7 +151,7 @@ class Deployment:
         Returns False when `should_stop()` turned true meanwhile. Raises ChildExited if a child died,
         PdlaunchError if not everything was ready within `ready_timeout` seconds.
         """
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._log_lock.acquire(self.plan.proxy_url)
         # Fetch/convert a built-in or GGUF model once here, not in every instance at the same time.
         resolve_model_path(self.cfg.model.path, say=lambda text: self.console.print(f"[dim]{text}[/dim]"))
         deployment_file = self.deployment_file
@@ -300,9 +303,9 @@ class Deployment:
             self.refresh_blocks(child.name)
         return row.state
 
-    def refresh_blocks(self, name: str) -> None:
+    def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
-            info = self._http.get(self.url_of(name) + "/info").json()
+            info = self._http.get(self.url_of(name) + "/info", timeout=timeout).json()
         except (httpx.HTTPError, json.JSONDecodeError):
             return
         self.rows[name].blocks_used = info.get("num_blocks_used")
@@ -324,20 +327,23 @@ class Deployment:
                 return child, code
         return None
 
-    def stop(self, drain: bool = True) -> None:
+    def stop(self, drain: bool = True, hurry: Callable[[], bool] | None = None) -> None:
         """Proxy first (it drains in-flight requests up to drain_timeout_s), then every instance;
-        SIGTERM, then SIGKILL after a timeout. Every child is reaped. Safe to call twice."""
+        SIGTERM, then SIGKILL after a timeout, or as soon as `hurry()` turns true (a second Ctrl-C).
+        Every child is reaped. Safe to call twice."""
         if self._stopping:
             return
         self._stopping = True
         try:
             if self.proxy is not None:
-                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5)
-            stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain else 0.5)
+                self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5, hurry)
+            hurried = hurry is not None and hurry()
+            stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain and not hurried else 0.5, hurry)
         finally:
             for child in self.children + self._ended:
                 child.close_log()
             self._http.close()
+            self._log_lock.release()
 
     def __enter__(self) -> Deployment:
         return self

@@ -11,8 +11,11 @@ import signal
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
 
 
 class ChildProcess:
@@ -66,23 +69,28 @@ class ChildProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def wait(self, timeout: float) -> bool:
-        """True when the process ended within `timeout` seconds (and is reaped)."""
+    def wait(self, timeout: float, hurry: Callable[[], bool] | None = None) -> bool:
+        """True when the process ended within `timeout` seconds (and is reaped); False at once when
+        `hurry()` turns true meanwhile (a second Ctrl-C)."""
         if self.popen is None:
             return True
-        try:
-            self.popen.wait(timeout=max(0.0, timeout))
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            try:
+                self.popen.wait(timeout=max(0.0, min(HURRY_POLL_S, deadline - time.monotonic())))
+                return True
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline or (hurry is not None and hurry()):
+                    return False
 
-    def stop(self, term_timeout: float) -> None:
-        """SIGTERM, up to `term_timeout` s to exit, then SIGKILL; the group's stragglers are killed too."""
+    def stop(self, term_timeout: float, hurry: Callable[[], bool] | None = None) -> None:
+        """SIGTERM, up to `term_timeout` s to exit (less if `hurry()` turns true), then SIGKILL; the
+        group's stragglers are killed too."""
         if self.popen is None:
             return
         if self.running:
             self.signal_group(signal.SIGTERM)
-            if not self.wait(term_timeout):
+            if not self.wait(term_timeout, hurry):
                 self.signal_group(signal.SIGKILL)
                 self.wait(10.0)
         self.signal_group(signal.SIGKILL)  # workers the leader left behind
@@ -104,13 +112,15 @@ class ChildProcess:
             return []
 
 
-def stop_all(children: list[ChildProcess], term_timeout: float) -> None:
-    """SIGTERM all at once, wait for all up to `term_timeout` together, then SIGKILL what is left."""
+def stop_all(children: list[ChildProcess], term_timeout: float, hurry: Callable[[], bool] | None = None) -> None:
+    """SIGTERM all at once, wait for all up to `term_timeout` together (less if `hurry()` turns true),
+    then SIGKILL what is left."""
     for child in children:
         if child.running:
             child.signal_group(signal.SIGTERM)
     deadline = time.monotonic() + term_timeout
     for child in children:
-        child.wait(deadline - time.monotonic())
+        if not child.wait(deadline - time.monotonic(), hurry) and hurry is not None and hurry():
+            break
     for child in children:
         child.stop(0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -33,11 +34,14 @@ class StopSignals:
         self.requested = threading.Event()
         self.forced = False
         self.signal_name = ""
+        self.on_second: Callable[[], None] | None = None  # said once when a second signal hurries the stop
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, _: FrameType | None) -> None:
-        if self.requested.is_set():
+        if self.requested.is_set() and not self.forced:
             self.forced = True
+            if self.on_second is not None:
+                self.on_second()
         self.signal_name = signal.Signals(signum).name
         self.requested.set()
 
@@ -78,8 +82,10 @@ def run_serve(cfg: DeploymentConfig) -> int:
                 while not signals.requested.wait(SUPERVISE_POLL_S):
                     supervisor.tick()
             console.print(f"{signals.signal_name} received: draining in-flight requests "
-                          f"(up to {DRAIN_TIMEOUT_S:.0f}s), then stopping", highlight=False)
-            deployment.stop(drain=not signals.forced)
+                          f"(up to {DRAIN_TIMEOUT_S:.0f}s), then stopping; Ctrl-C again to stop at once",
+                          highlight=False)
+            signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
+            deployment.stop(drain=not signals.forced, hurry=lambda: signals.forced)
             console.print("stopped: all processes reaped", highlight=False)
             return 0
         except (ChildExited, SupervisionFailed) as exc:

@@ -9,6 +9,8 @@ text; KV bytes moved between the PD instances. Every process is stopped whatever
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.log_dir_lock import log_dir_holder
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from pdlaunch.launcher.serve import report_child_exit
 from pdlaunch.server.model_names import served_model_names
@@ -133,6 +136,14 @@ def run_smoke(cfg: DeploymentConfig) -> int:
         cfg = cfg.model_copy(deep=True)
         cfg.proxy.port = PortAllocator(cfg.proxy.host).free("smoke proxy")
         console.print(f"proxy port {taken} is in use: the smoke run uses {cfg.proxy.port}")
+    holder = log_dir_holder(Path(cfg.log_dir))
+    if holder is not None:
+        # Likewise the log directory: a live deployment's logs and deployment.json stay untouched.
+        live = Path(cfg.log_dir)
+        cfg = cfg.model_copy(deep=True)
+        cfg.log_dir = str(live.with_name(f"{live.name}-smoke-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+        console.print(f"log dir {str(live)!r} belongs to a running deployment ({holder}): "
+                      f"the smoke run logs to {cfg.log_dir!r}", highlight=False, soft_wrap=True)
     if cfg.colocated:
         _run(cfg, "colocated", console, checks)
     else:

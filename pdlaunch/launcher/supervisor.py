@@ -21,6 +21,8 @@ from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolic
 from pdlaunch.launcher.status import StatusView
 
 PROBE_TIMEOUT_S = 1.0
+BLOCKS_REFRESH_S = 2.0  # how often the status table's KV blocks column asks each instance's /info
+BLOCKS_TIMEOUT_S = 1.0
 
 
 class SupervisionFailed(PdlaunchError):
@@ -72,6 +74,7 @@ class Supervisor:
         self.view = StatusView(console, list(deployment.rows.values()),
                                title=f"pdlaunch: {deployment.cfg.model.path}")
         self._http = httpx.Client(trust_env=False, timeout=PROBE_TIMEOUT_S)
+        self._blocks_due = 0.0
 
     def __enter__(self) -> Supervisor:
         self.view.start(print_rows=False)
@@ -111,6 +114,11 @@ class Supervisor:
                 if child is not self.deployment.proxy:
                     self.deployment.refresh_blocks(record.name)
         self._check_roles(now)
+        if now >= self._blocks_due:  # the KV blocks column follows the load, not just the moment of readiness
+            self._blocks_due = now + BLOCKS_REFRESH_S
+            for child, record in self.records:
+                if record.ready and child is not self.deployment.proxy and child.poll() is None:
+                    self.deployment.refresh_blocks(record.name, timeout=BLOCKS_TIMEOUT_S)
         self.view.update()
 
     def _ended(self, child: ChildProcess, record: ProcessRecord, now: float) -> None:

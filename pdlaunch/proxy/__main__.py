@@ -14,9 +14,13 @@ the internal token derived from it; see pdlaunch/http/auth.py).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import socket
 import sys
+from collections.abc import Callable
+from types import FrameType
 
 import uvicorn
 
@@ -43,6 +47,25 @@ def quiet_http_client_logs() -> None:
     if logging.getLogger().level > logging.DEBUG:
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that also tells the app when a shutdown signal arrives (uvicorn itself says so
+    only once every connection closed), so that open streams can end with an event of their own."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._on_shutdown)
+        super().handle_exit(sig, frame)
 
 
 def parse_instances(role: Role, values: list[str]) -> list[Instance]:
@@ -95,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes)
-    server = uvicorn.Server(uvicorn.Config(
+    drain_s = max(1, int(round(args.drain_timeout)))
+    server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
-        timeout_graceful_shutdown=max(1, int(round(args.drain_timeout))), lifespan="on",
-    ))
+        timeout_graceful_shutdown=drain_s, lifespan="on",
+    ), on_shutdown=lambda: app.state.proxy.begin_shutdown(drain_s))
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
     server.run()

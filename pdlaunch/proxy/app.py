@@ -41,6 +41,7 @@ from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.tokenize import add_tokenize_routes
 from pdlaunch.proxy.translate import (
+    client_limit_error,
     continues_from_first_token,
     decode_body,
     ended_by_first_token,
@@ -186,9 +187,12 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 first_token = continues_from_first_token(body)
                 prefill_leg = prefill_body(body, chat, first_token)
                 started = time.monotonic()
-                prefill, answer = await watch.run(on_live_instance(
-                    pool, "prefill", first_prefill,
-                    lambda p: proxy.post_json(p, path, prefill_leg, headers, deadline)))
+                try:
+                    prefill, answer = await watch.run(on_live_instance(
+                        pool, "prefill", first_prefill,
+                        lambda p: proxy.post_json(p, path, prefill_leg, headers, deadline)))
+                except OpenAIError as exc:
+                    raise client_limit_error(exc, body, chat) from None
                 prefill_answer = answer
                 legs.append(prefill.name)
                 proxy.metrics.prefill_seconds.observe(time.monotonic() - started)

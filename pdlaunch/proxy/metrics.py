@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -14,6 +14,7 @@ from pdlaunch.proxy.instances import InstancePool
 
 class ProxyMetrics:
     def __init__(self, pool: InstancePool) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no `*_created` series, as at the instances
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "pdlaunch_proxy_requests", "Client requests answered by the proxy", ["route", "status"],

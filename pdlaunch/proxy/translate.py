@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
@@ -29,6 +30,17 @@ def prefill_body(body: dict[str, Any], chat: bool, first_token: bool = False) ->
     leg["stream"] = False
     leg["kv_transfer_params"] = {"do_remote_decode": True, **({RETURN_FIRST_TOKEN: True} if first_token else {})}
     return leg
+
+
+def client_limit_error(exc: OpenAIError, body: dict[str, Any], chat: bool) -> OpenAIError:
+    """A prefill leg's "prompt + max_tokens (1) exceeds max_model_len" restated with the client's own
+    max_tokens (the 1 is the leg's, not the client's); any other error unchanged."""
+    limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+        else body.get("max_tokens")
+    if exc.status != 400 or not isinstance(limit, int) or isinstance(limit, bool):
+        return exc
+    message = with_max_tokens(exc.message, limit)
+    return exc if message is None else OpenAIError(400, message, param=exc.param, code=exc.code)
 
 
 def continues_from_first_token(body: dict[str, Any]) -> bool:

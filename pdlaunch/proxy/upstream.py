@@ -24,6 +24,7 @@ from pdlaunch.proxy.release import KVReleaser
 from pdlaunch.proxy.translate import error_from_exception, error_from_response, is_connection_failure
 
 CONNECT_TIMEOUT_S = 5.0
+SHUTDOWN_MARGIN_S = 1.0  # streams end this long before the server's graceful-shutdown deadline
 
 
 @dataclass
@@ -53,6 +54,13 @@ class Proxy:
         # Every call to an instance carries the internal token: instances with an API key accept it.
         self.upstream_headers = internal_headers(deployment_secret)
         self.kv = KVReleaser(self.upstream_headers)
+        self.stopping = asyncio.Event()  # set when the drain at shutdown ends: streams still open end with an event
+
+    def begin_shutdown(self, drain_s: float) -> None:
+        """Shutdown began (SIGTERM/Ctrl-C): streams may finish for `drain_s` seconds less a margin, then
+        each one still running gets an SSE error event saying so and ends, before the server's own
+        drain deadline cancels its task (a bare connection error for the client, a traceback in the log)."""
+        asyncio.get_running_loop().call_later(max(0.0, drain_s - SHUTDOWN_MARGIN_S), self.stopping.set)
 
     def http(self) -> httpx.AsyncClient:
         if self.client is None:
@@ -120,12 +128,25 @@ class Proxy:
         instance, response = upstream.instance, upstream.response
         parser = SSEParser()
         finished = False
+        stopping = asyncio.ensure_future(self.stopping.wait())
+        pending: asyncio.Future[bytes] | None = None
         try:
             chunks = response.aiter_raw()
             while True:
                 remaining = self._timeout(deadline)
+                pending = asyncio.ensure_future(chunks.__anext__())
+                done, _ = await asyncio.wait({pending, stopping}, timeout=remaining,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if pending not in done:
+                    pending.cancel()
+                    pending.add_done_callback(_retrieve)
+                    if stopping in done:
+                        yield sse_event(error_body(503, "the server is shutting down: this stream ended before it "
+                                                        "finished; retry on a running server", code="shutting_down"))
+                        return
+                    raise TimeoutError
                 try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), remaining)
+                    chunk = pending.result()
                 except StopAsyncIteration:
                     break
                 for data in parser.feed(chunk):
@@ -140,4 +161,14 @@ class Proxy:
         except (httpx.HTTPError, TimeoutError) as exc:
             yield sse_event(self.failed(instance, exc).body())
         finally:
+            stopping.cancel()
+            if pending is not None and not pending.done():  # the client left while we waited for a chunk
+                pending.cancel()
+                pending.add_done_callback(_retrieve)  # its error is the closed stream's: not worth a log line
             await upstream.close()
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    """Mark a cancelled read's outcome as seen, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()

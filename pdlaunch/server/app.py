@@ -158,7 +158,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
         # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
         client_id = client_request_id(request.headers.get("x-request-id"), uuid.uuid4().hex)
         request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
-        recorder = RequestMetrics(request_id, endpoint, arrival)
+        recorder = RequestMetrics(request_id, endpoint, arrival, n=body.n, max_tokens=params.max_tokens)
         if engine_loop.state != "ready":
             raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
         engine = engine_loop.engine

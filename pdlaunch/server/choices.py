@@ -134,10 +134,10 @@ class MultiChoice:
         return kept
 
     def _usage(self, builders: list[ResponseBuilder]) -> dict[str, Any]:
-        """Prompt tokens once per prompt, completion tokens of every sample (vLLM's accounting)."""
+        """Prompt and cached tokens once per prompt, completion tokens of every sample (vLLM's accounting)."""
         prompt = sum(b.num_prompt_tokens for c, b in zip(self.choices, builders) if c.index % self.best_of == 0)
         completion = sum(b.num_output_tokens for b in builders)
-        cached = sum(b.num_cached_tokens for b in builders)
+        cached = sum(b.num_cached_tokens for c, b in zip(self.choices, builders) if c.index % self.best_of == 0)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 

@@ -17,7 +17,7 @@ from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.structured_fields import opens_objects, structured_output_of
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
-from pdlaunch.server.unsupported_fields import refuse_unsupported
+from pdlaunch.server.unsupported_fields import refuse_unsupported, warn_ignored
 
 DEFAULT_MAX_TOKENS = 16
 MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
@@ -84,7 +84,12 @@ class _SamplingFields(BaseModel):
     def _refuse_unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
             refuse_unsupported(data, cls.chat)
+            warn_ignored(data, cls._known_fields(), cls.chat)
         return data
+
+    @classmethod
+    def _known_fields(cls) -> set[str]:
+        return {name for name, f in cls.model_fields.items()} | {f.alias for f in cls.model_fields.values() if f.alias}
 
     def check_supported(self) -> None:
         """Unsupported fields are refused while validating; kept for the callers' flow."""

@@ -1,7 +1,9 @@
 """vLLM's per-request series, recorded as an instance answers one request (pdlaunch/metrics.py).
 
 Times run from when the instance received the request: time to first token, inter-token latency,
-end-to-end latency, decode time (first to last token), time per output token; counts are exact:
+end-to-end latency, decode time (first to last token), time per output token; prefill time (first
+admission to first token) and inference time (first admission to last token) from when the scheduler
+first admitted it; the request's n and max_tokens; counts are exact:
 every prompt token of an accepted request, every generated token, one success per request that
 finished (stop / length) under its finished_reason.
 """
@@ -23,8 +25,11 @@ if os.environ.get("PDLAUNCH_LOG_LEVEL", "").lower() == "debug":  # as the proxy'
 class RequestMetrics:
     """One request's series; `arrival` is time.monotonic() when the instance received it."""
 
-    def __init__(self, request_id: str, endpoint: str, arrival: float) -> None:
+    def __init__(self, request_id: str, endpoint: str, arrival: float, n: int = 1,
+                 max_tokens: int | None = None) -> None:
         self.request_id, self.endpoint, self.arrival = request_id, endpoint, arrival
+        self.n, self.max_tokens = n, max_tokens  # the request's parameters (vllm:request_params_*)
+        self._scheduled: float | None = None  # first admission by the scheduler
         self._first_token: float | None = None
         self._last_token: float | None = None
         self._num_prompt = 0
@@ -38,10 +43,14 @@ class RequestMetrics:
 
     def output(self, out: RequestOutput) -> None:
         now, count = time.monotonic(), len(out.new_token_ids)
+        if self._scheduled is None and out.scheduled_at is not None:
+            self._scheduled = out.scheduled_at
         if count:
             if self._last_token is None:
                 self._first_token = now
                 metrics.vllm(metrics.TIME_TO_FIRST_TOKEN_VLLM).observe(now - self.arrival)
+                if self._scheduled is not None:  # PREFILL phase: first admission to first token
+                    metrics.vllm(metrics.REQUEST_PREFILL_TIME).observe(max(0.0, now - self._scheduled))
             else:
                 for _ in range(count):
                     metrics.vllm(metrics.INTER_TOKEN_LATENCY_VLLM).observe((now - self._last_token) / count)
@@ -61,6 +70,11 @@ class RequestMetrics:
         metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=reason).inc()
         metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
         metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
+        metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
+        if self.max_tokens is not None and metrics.REQUEST_PARAMS_MAX_TOKENS is not None:
+            metrics.vllm(metrics.REQUEST_PARAMS_MAX_TOKENS).observe(self.max_tokens)
+        if self._scheduled is not None:  # RUNNING phase: first admission to the last token
+            metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, now - self._scheduled))
         if self._first_token is not None:
             metrics.vllm(metrics.REQUEST_DECODE_TIME).observe(now - self._first_token)
             if self._num_generated > 1:

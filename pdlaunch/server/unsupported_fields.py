@@ -3,14 +3,24 @@
 Each is refused with a 400 naming it as soon as it asks for something, instead of being accepted
 and ignored (a 200 with a wrong answer). A field sent at its neutral value (`"n": 1`,
 `"echo": false`, `"tools": []`) asks for nothing and passes. Fields not listed here and not
-modelled in protocol.py are unknown to vLLM too and are ignored as OpenAI clients expect.
+modelled in protocol.py are unknown to vLLM too: ignored as OpenAI clients expect, and named in a
+warning (as vLLM logs "fields were present in the request but ignored"), once per field per process
+so that a client repeating one cannot flood the log.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterable
 from typing import Any
 
 from pdlaunch.http.errors import OpenAIError
+
+log = logging.getLogger(__name__)
+MAX_WARNED_FIELDS = 1000  # distinct names remembered (and warned about) per process: the log stays bounded
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
 
 # field -> values that ask for nothing (None always does).
 _COMMON: dict[str, tuple[Any, ...]] = {
@@ -66,3 +76,17 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def warn_ignored(body: dict[str, Any], known: Iterable[str], chat: bool) -> list[str]:
+    """Log a warning naming the fields of `body` that are neither modelled (`known`) nor refused here,
+    each the first time a request carries it. Returns the fields it warned about now."""
+    table = {**_COMMON, **(CHAT_ONLY if chat else COMPLETION_ONLY)}
+    unknown = [k for k in body if k not in table and k not in set(known)]
+    with _warned_lock:
+        new = [k for k in unknown if k not in _warned and len(_warned) < MAX_WARNED_FIELDS]
+        _warned.update(new)
+    if new:
+        log.warning("The following fields were present in the request but ignored: %s",
+                    ", ".join(_short(k) for k in new))
+    return new

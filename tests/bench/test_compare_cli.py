@@ -37,6 +37,8 @@ def _invoke(args: list[str]) -> Any:
     (["--model", "tiny", "--rates", "2", "--device", "cpu", "--gpus", "0,1"], "--gpus"),
     (["--model", "tiny", "--rates", "2", "--gpus", "0,x"], "--gpus"),
     (["--model", "tiny", "--rates", "2", "--num-prompts", "0"], "--num-prompts"),
+    # the default --input-len 3072 does not fit tiny's max_model_len 2048: said before anything starts
+    (["--model", "tiny", "--rates", "2", "--device", "cpu"], "--input-len"),
 ])
 def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     result = _invoke([*args, "--out", str(tmp_path / "out")])

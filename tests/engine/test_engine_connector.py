@@ -123,9 +123,14 @@ def test_pd_pair_matches_colocated_and_frees_held_blocks(hybrid_ckpt, make_engin
             d_outs.update({o.request_id: o for o in d_engine.step() if o.finished})
             d_engine.check_integrity()
     assert [d_outs[f"p{i}"].output_token_ids for i in range(len(prompts))] == reference
-    # Every prompt token but the last came from the prefill side (or the decode's own prefix cache).
-    assert [d_outs[f"p{i}"].num_cached_tokens for i in range(len(prompts))] == [len(p) - 1 for p in prompts]
-    assert any(k > 0 for _, k, _ in d_conn.calls)  # the shared prefix hit the decode's local cache
+    # Every prompt token but the last came from the prefill side (or the decode's own prefix cache);
+    # cached_tokens counts only the decode's own prefix-cache hits (issue 33), not what was loaded.
+    local = {rid: k for rid, k, _ in d_conn.calls}
+    assert [local[f"p{i}"] + ext for i, (_, _, ext) in enumerate(sorted(d_conn.calls, key=lambda c: int(c[0][1:])))] \
+        == [len(p) - 1 for p in prompts]
+    assert [d_outs[f"p{i}"].num_cached_tokens for i in range(len(prompts))] == \
+        [local[f"p{i}"] for i in range(len(prompts))]
+    assert any(k > 0 for k in local.values())  # the shared prefix hit the decode's local cache
     assert d_engine.stats()["prompt_tokens_computed"] == len(prompts)
 
     p_engine.step()  # the notifications arrive: held blocks go back

@@ -57,7 +57,7 @@ class FakeDeployment(Deployment):
         self.restarted.append((child.name, restart, engine_id))
         return engine_id
 
-    def refresh_blocks(self, name: str) -> None:
+    def refresh_blocks(self, name: str, timeout: float = 1.0) -> None:
         pass
 
 

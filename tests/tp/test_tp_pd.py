@@ -26,7 +26,7 @@ def run_pd(prefill, decode, prompts: dict[str, list[int]]) -> dict[str, dict]:  
     outs = decode.call("generate", [(rid, p, GREEDY, first[rid]["kv_transfer_params"]) for rid, p in prompts.items()])
     for rid, out in outs.items():
         assert out["error"] is None, f"{rid}: {out['error']}"
-        assert out["num_cached_tokens"] == len(prompts[rid]) - 1
+        assert out["num_cached_tokens"] <= len(prompts[rid]) - 1  # prefix-cache hits only (issue 33)
     assert prefill.call("drain") == 0  # every rank's hold was released (by every decode rank that read it)
     return outs
 

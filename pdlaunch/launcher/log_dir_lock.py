@@ -1,0 +1,91 @@
+"""One live deployment per log directory: a run holds an exclusive lock on `<log_dir>/.pdlaunch.lock`
+while its processes run, and a second run (a `pdlaunch smoke` beside a `pdlaunch serve`) sees it
+before it writes anything there: it would truncate the live instance logs and overwrite the live
+`deployment.json` (the 0600 file with the deployment secret).
+
+The lock is a `flock` on an open file, so the kernel drops it when the holder dies: a killed run
+leaves no stale lock behind. The file also says who holds it (pid, command, proxy URL) so that the
+refusal can name the live deployment.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from pathlib import Path
+
+from pdlaunch.errors import PdlaunchError
+
+LOCK_NAME = ".pdlaunch.lock"
+
+
+class LogDirInUse(PdlaunchError):
+    """`log_dir` belongs to a deployment that is still running."""
+
+    def __init__(self, log_dir: Path, holder: str) -> None:
+        super().__init__(f"{str(log_dir)!r} holds the logs of a running deployment ({holder})", field="log_dir",
+                         hint="pass --log-dir DIR with another directory, or stop that deployment first")
+
+
+def _describe(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text())
+        where = f", proxy {info['proxy_url']}" if info.get("proxy_url") else ""
+        return f"pid {info['pid']}: {info['command']}{where}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its owner did not say who it is"
+
+
+def log_dir_holder(log_dir: Path) -> str | None:
+    """Who holds `log_dir` now (pid, command, proxy URL), or None when no live run does."""
+    lock_file = log_dir / LOCK_NAME
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(lock_file)
+    finally:
+        os.close(fd)  # closing drops the shared lock we may have taken
+    return None
+
+
+def lock_name(node_rank: int) -> str:
+    """Node 0's lock, or node K's: the launchers of one multi-node deployment may share a directory
+    (a home on NFS, the default `logs`), and each holds only its own node's files."""
+    return LOCK_NAME if node_rank == 0 else f".pdlaunch.node{node_rank}.lock"
+
+
+class LogDirLock:
+    """Held from before the first log file is opened until every child is reaped."""
+
+    def __init__(self, log_dir: Path, node_rank: int = 0) -> None:
+        self.log_dir = log_dir
+        self.name = lock_name(node_rank)
+        self._fd: int | None = None
+
+    def acquire(self, proxy_url: str | None) -> None:
+        """Take the lock or raise LogDirInUse naming the live holder. Writes nothing before it holds it."""
+        if self._fd is not None:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = self.log_dir / self.name
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # no O_TRUNC: the holder's note stays
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LogDirInUse(self.log_dir, _describe(lock_file)) from None
+        note = {"pid": os.getpid(), "command": " ".join(["pdlaunch", *sys.argv[1:]])[:300], "proxy_url": proxy_url}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(note).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
