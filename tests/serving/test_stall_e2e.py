@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from pdlaunch.http.auth import internal_headers
+from pdlaunch.proxy.translate import decode_body, prefill_body
 from tests.serving.e2e import Serve
 from tests.serving.helpers import wait_for
 
@@ -27,12 +29,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 API_KEY = "stall-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-CONFIG = """\
-kv_transfer: {kv_lease_seconds: 5}
-proxy: {health_timeout_seconds: 1.5}
+SECRET = "stall-test-deployment-secret"  # the test sends the two legs itself, as the proxy does
+TRANSFER_TIMEOUT_S = 5.0
+CONFIG = f"""\
+kv_transfer: {{kv_lease_seconds: 5, transfer_timeout_seconds: {TRANSFER_TIMEOUT_S}}}
+proxy: {{health_timeout_seconds: 1.5}}
 instances:
-  - {role: prefill, count: 2}
-  - {role: decode, count: 2}
+  - {{role: prefill, count: 2}}
+  - {{role: decode, count: 2}}
 """
 BURST = 40
 CLIENT_TIMEOUT_S = 90.0  # what the issue's client gave up after; a hang shows as this timeout
@@ -47,8 +51,10 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("stall")
     config = tmp / "pd.yaml"
     config.write_text(CONFIG)
-    deployment = Serve(tmp, [str(config), "--model", "tiny", "--num-gpu-blocks", "256", "--max-num-seqs", "64",
-                             "--api-key", API_KEY])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PDLAUNCH_DEPLOYMENT_SECRET", SECRET)
+        deployment = Serve(tmp, [str(config), "--model", "tiny", "--num-gpu-blocks", "256", "--max-num-seqs", "64",
+                                 "--api-key", API_KEY])
     try:
         yield deployment.wait_ready()
     finally:
@@ -193,6 +199,42 @@ def test_a_stopped_decode_gets_no_new_requests(serve: Serve) -> None:
     assert len(streams) == BURST
     assert streams.count("ok") == BURST, [s for s in streams if s != "ok"]  # those on decode-0 resume
     wait_for(lambda: _state(serve, "decode-0") == "ready", "the proxy to take decode-0 back after SIGCONT", 60)
+
+
+def test_a_decode_load_from_a_stopped_prefill_falls_back_at_its_deadline(serve: Serve) -> None:
+    """The prefill answered, then stopped before the decode loaded its KV: the decode's side-channel
+    calls to it get no answer (the kernel accepted the connection), the load ends at
+    kv_transfer.transfer_timeout_seconds and the decode computes the prompt (policy recompute)."""
+    urls = _urls(serve)
+    body = {"model": "tiny", "prompt": "A load from a stopped prefill", "max_tokens": 8, "temperature": 0}
+    expected = _complete(serve, body["prompt"])
+    headers = {**internal_headers(SECRET), "X-Request-Id": "stall-load-1"}
+    prefill = httpx.post(f"{urls['prefill-1']}/v1/completions", json=prefill_body(body, chat=False),
+                         headers=headers, timeout=30, trust_env=False)
+    assert prefill.status_code == 200, prefill.text
+    params = prefill.json()["kv_transfer_params"]
+    recomputes = _decode_recomputes(urls["decode-1"])
+    pid = _pid(serve, "prefill-1")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        answer = httpx.post(f"{urls['decode-1']}/v1/completions", json=decode_body(body, params), headers=headers,
+                            timeout=CLIENT_TIMEOUT_S, trust_env=False)
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    print(f"\nKV load from a stopped prefill: answered {answer.status_code} after {elapsed:.1f}s "
+          f"(transfer_timeout_seconds {TRANSFER_TIMEOUT_S:g})")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == expected[1]  # recomputed, the same greedy tokens
+    assert elapsed >= TRANSFER_TIMEOUT_S * 0.9 and elapsed < ANSWER_BOUND_S
+    assert _decode_recomputes(urls["decode-1"]) == recomputes + 1
+
+
+def _decode_recomputes(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=5, trust_env=False).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("pdlaunch_kv_load_recomputes_total"))
 
 
 def test_no_kv_block_is_left_held_after_sigcont_and_a_drain(serve: Serve) -> None:

@@ -247,7 +247,8 @@ def test_a_stall_longer_than_stall_restart_seconds_kills_the_instance_and_it_is_
     _stalled(supervisor, {"decode-0": 31.0})
     supervisor.tick(now=31.0)
     assert decode.signals == [signal.SIGKILL]
-    assert any("stalled for 31s (supervision.stall_restart_seconds: 30); killing it" in line for line in supervisor.lines)
+    assert any("stalled for 31s (supervision.stall_restart_seconds: 30); killing it" in line
+               for line in supervisor.lines)
     decode.code = -9  # what SIGKILL does
     _stalled(supervisor, {})
     supervisor.tick(now=31.5)
