@@ -16,8 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.stall_watch import StallWatch
+from pdlaunch.launcher.supervisor import Supervisor
+from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.prefill_leg import COLD_S, FLOOR_S, SLACK, PrefillDeadline, PrefillLegs, prompt_chars
 from pdlaunch.proxy.upstream import Proxy
@@ -201,9 +205,6 @@ def supervised(tmp_path: Path) -> Iterator[Any]:
     made: list[Any] = []
 
     def build(**data: Any) -> tuple[FakeDeployment, Any]:
-        from pdlaunch.config.models import DeploymentConfig
-        from pdlaunch.launcher.supervisor import Supervisor
-
         cfg = DeploymentConfig.model_validate({"device": "cpu", "proxy": {"port": 0}, **data})
         deployment = FakeDeployment(cfg, tmp_path)
         lines: list[str] = []
@@ -271,3 +272,22 @@ def test_check_config_refuses_stall_timeouts_out_of_range(tmp_path: Path) -> Non
     result = check([str(config), "--model", "tiny", "--device", "cpu"])
     assert_invalid(result, "supervision.stall_restart_seconds")
     assert_invalid(result, "proxy.health_timeout_seconds")
+
+
+# -- what the launcher hands the proxy ---------------------------------------------------------------
+
+
+def test_the_proxy_gets_the_stall_settings_from_the_config(tmp_path: Path) -> None:
+    def argv_of(**data: Any) -> list[str]:
+        cfg = DeploymentConfig.model_validate({"device": "cpu", "model": {"path": "tiny"}, "proxy": {"port": 0},
+                                               **data})
+        return Deployment(cfg, log_dir=tmp_path)._proxy_argv()  # noqa: SLF001
+
+    argv = argv_of(proxy={"port": 0, "health_timeout_seconds": 1.5, "prefill_timeout_seconds": 12},
+                   kv_transfer={"load_failure_policy": "fail"})
+    args = parse_args(argv[3:])  # past `python -m pdlaunch.proxy`
+    assert (args.health_timeout, args.prefill_timeout, args.load_failure_policy) == (1.5, 12.0, "fail")
+    args = parse_args(argv_of()[3:])
+    assert (args.health_timeout, args.prefill_timeout, args.load_failure_policy) == (2.0, None, "recompute")
+    with pytest.raises(SystemExit):
+        parse_args([*argv_of()[3:], "--health-timeout", "0"])
