@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
@@ -37,6 +37,8 @@ class Instance:
     in_flight: int = 0
     detail: str = ""  # why it is not ready
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
+    # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
+    stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "role": self.role, "url": self.url, "state": self.state,
@@ -138,6 +140,7 @@ class InstancePool:
             self.on_stall(instance)
         instance.state = "stalled"
         instance.detail = why
+        instance.stalled.set()
 
     async def _check(self, client: httpx.AsyncClient, instance: Instance) -> None:
         try:
@@ -164,6 +167,7 @@ class InstancePool:
                 log.warning("%s (%s) restarted: engine_id %s -> %s", instance.name, instance.url,
                             instance.engine_id, engine_id)
             instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
+            instance.stalled.clear()
         else:
             instance.state = "unhealthy" if instance.state != "starting" else "starting"
             instance.detail = f"/health answered {response.status_code}"

@@ -2,7 +2,8 @@
 
 A prefill that is alive but does not answer (SIGSTOPped, hung in a collective, swapped out) keeps the
 connection open: without a deadline of its own the leg would wait for the whole request's
-(proxy.request_timeout_seconds). Past the prefill deadline the leg is abandoned, retried once on
+(proxy.request_timeout_seconds). Past the prefill deadline, or as soon as the health probe marks the
+instance stalled (instances.py), the leg is abandoned, retried once on
 another ready prefill, and when that is not possible either the prompt is computed by the decode
 (kv_transfer.load_failure_policy: recompute, as a decode does when it cannot load the KV) or the
 request fails with a 504 naming the stall (policy fail).
@@ -76,10 +77,17 @@ class PrefillDeadline:
 class PrefillStalled(Exception):
     """The prefill did not answer within the leg's deadline."""
 
-    def __init__(self, instance: Instance, seconds: float) -> None:
+    def __init__(self, instance: Instance, seconds: float, marked: str = "") -> None:
         self.instance = instance
         self.seconds = seconds
-        super().__init__(f"{instance.name} did not answer the prefill leg within {seconds:.1f}s")
+        super().__init__(f"{instance.name} was marked stalled ({marked}) {seconds:.1f}s into the prefill leg"
+                         if marked else f"{instance.name} did not answer the prefill leg within {seconds:.1f}s")
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)  # its lease (in-flight count) ends now
 
 
 class PrefillLegs:
@@ -90,6 +98,25 @@ class PrefillLegs:
         self.pool: InstancePool = proxy.pool
         self.deadline = deadline
         self.recompute = recompute  # kv_transfer.load_failure_policy == "recompute"
+
+    async def _leg(self, instance: Instance, path: str, leg: dict[str, Any], headers: dict[str, str],
+                   request_deadline: float, budget: float) -> dict[str, Any]:
+        """The leg on `instance`, abandoned at `budget` seconds, or earlier when its health probe marks it
+        stalled (InstancePool.mark_stalled)."""
+        started = time.monotonic()
+        answer = asyncio.ensure_future(self.proxy.post_json(instance, path, leg, headers, request_deadline))
+        marked = asyncio.ensure_future(instance.stalled.wait())
+        try:
+            await asyncio.wait({answer, marked}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel(marked)
+            if not answer.done():
+                await _cancel(answer)
+        if answer.done() and not answer.cancelled():
+            return answer.result()
+        if instance.stalled.is_set():
+            raise PrefillStalled(instance, time.monotonic() - started, instance.detail)
+        raise PrefillStalled(instance, budget)
 
     async def run(self, first: Instance, path: str, leg: dict[str, Any], headers: dict[str, str],
                   request_deadline: float, chars: int) -> tuple[Instance, dict[str, Any]] | None:
@@ -103,11 +130,7 @@ class PrefillLegs:
             started = time.monotonic()
 
             async def call(instance: Instance, budget: float = budget) -> dict[str, Any]:
-                try:
-                    return await asyncio.wait_for(
-                        self.proxy.post_json(instance, path, leg, headers, request_deadline), budget)
-                except TimeoutError:
-                    raise PrefillStalled(instance, budget) from None
+                return await self._leg(instance, path, leg, headers, request_deadline, budget)
 
             tried.append(candidate)
             try:

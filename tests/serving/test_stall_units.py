@@ -96,6 +96,22 @@ def test_a_prefill_leg_past_its_deadline_is_abandoned_and_retried_on_the_other_p
     assert [i.in_flight for i in proxy.pool.instances] == [0, 0, 0]  # the abandoned leg's count went back
 
 
+def test_a_prefill_leg_is_abandoned_as_soon_as_the_health_probe_marks_its_instance_stalled() -> None:
+    proxy, legs = _proxy(stalled={"p0"}, timeout_s=60)
+    stalled = proxy.pool.instances[0]
+
+    async def run() -> tuple[Any, float]:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, proxy.pool.mark_stalled, stalled, "/health did not answer within 2s")
+        started = loop.time()
+        answered = await _run(legs)
+        return answered, loop.time() - started
+
+    (prefill, _), seconds = asyncio.run(run())
+    assert prefill.name == "prefill-1" and seconds < 30  # not the 60 s deadline
+    assert _retried(proxy, "stalled") == 1 and stalled.in_flight == 0
+
+
 def test_when_no_prefill_answers_in_time_the_decode_computes_the_prompt_under_policy_recompute() -> None:
     proxy, legs = _proxy(stalled={"p0", "p1"})
     assert asyncio.run(_run(legs)) is None
