@@ -5,8 +5,8 @@ A dead instance is restarted with backoff on its planned ports and with a new en
 down and its health monitor brings it back). A process that is alive but does not answer /health in
 time (SIGSTOPped, hung, swapped out) is shown as stalled (stall_watch.py), apart from a dead one, and
 killed to be restarted once it has been stalled for supervision.stall_restart_seconds (when set).
-Ranks this node runs for instances whose rank 0 is on
-another node are not restarted: a failing one stops this node, as before.
+Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
+stops this node, as before.
 """
 
 from __future__ import annotations
@@ -134,9 +134,10 @@ class Supervisor:
         if name not in self._stalled:
             self._stalled.add(name)
             row.state = "stalled"
-            then = "it is restarted after supervision.stall_restart_seconds: " \
-                f"{self.stall_restart_s:g}s" if self.stall_restart_s is not None else \
-                "it is left running (supervision.stall_restart_seconds is unset)"
+            if self.stall_restart_s is None:
+                then = "it is left running (supervision.stall_restart_seconds is unset)"
+            else:
+                then = f"it is restarted after supervision.stall_restart_seconds: {self.stall_restart_s:g}s"
             what = "the proxy routes around it" if child is not self.deployment.proxy else "clients wait"
             self._say(f"{name} (pid {child.pid}) is stalled: alive, but /health has not answered within "
                       f"{self.stall_timeout_s:g}s (stopped, hung or swapping?); {what}; {then}")

@@ -64,6 +64,8 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
     deadline (`prefill_timeout_s`, None: derived; prefill_leg.py)."""
+    if load_failure_policy not in ("recompute", "fail"):
+        raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
     prefill_legs = PrefillLegs(proxy, PrefillDeadline(prefill_timeout_s), recompute=load_failure_policy == "recompute")
 
