@@ -102,7 +102,7 @@ class InstancePool:
         self.on_stall: Callable[[Instance], None] = lambda instance: None  # metrics count each stall
         self.on_retry: Callable[[str, str], None] = lambda role, reason: None  # ... and each leg sent again
         self._stalled_since: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def colocated(self) -> bool:
@@ -173,20 +173,20 @@ class InstancePool:
             instance.detail = f"/health answered {response.status_code}"
 
     def start_monitor(self, client: httpx.AsyncClient) -> None:
-        async def loop() -> None:
+        """One probe loop per instance: a stalled one, whose probe takes the whole health timeout, does
+        not slow the probes of the others (nor the detection of a second stall)."""
+        async def loop(instance: Instance) -> None:
             while True:
                 try:
-                    await self.check_all(client)
-                except Exception:  # noqa: BLE001 - the monitor must outlive one bad round
-                    log.exception("health check round failed")
+                    await self._check(client, instance)
+                except Exception:  # noqa: BLE001 - the monitor must outlive one bad probe
+                    log.exception("health check of %s failed", instance.name)
                 await asyncio.sleep(HEALTH_INTERVAL_S)
 
-        self._task = asyncio.create_task(loop())
+        self._tasks = [asyncio.create_task(loop(instance)) for instance in self.instances]
 
     async def stop_monitor(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
