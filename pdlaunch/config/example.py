@@ -44,6 +44,8 @@ proxy:
   port: 8000
   routing_policy: round_robin    # round_robin | least_loaded
   request_timeout_seconds: 300
+  health_timeout_seconds: 2      # no /health answer within this: the instance is stalled, routed around
+  # prefill_timeout_seconds: 30  # unset: derived from prompt length and measured prefill speed
 
 instances:              # groups of identical instances; tp/devices/base_port are optional
   - role: prefill

@@ -108,6 +108,13 @@ class ProxyConfig(StrictModel):
     routing_policy: Literal["round_robin", "least_loaded"] = Field("round_robin", description="Instance choice.")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")
     restart: bool = Field(True, description="Restart the proxy if it dies (same port).")
+    health_timeout_seconds: float = Field(
+        2.0, gt=0, le=60, description="An instance whose /health does not answer within this is marked stalled "
+        "and gets no new requests until it answers again (probed every second; the launcher uses it too).")
+    prefill_timeout_seconds: float | None = Field(
+        None, gt=0, description="Deadline of the prefill leg: past it the leg is abandoned and retried once on "
+        "another prefill, else computed by the decode (kv_transfer.load_failure_policy: recompute) or failed with a "
+        "504. Unset: derived from the prompt's length and the measured prefill speed (README).")
 
 
 class SecurityConfig(StrictModel):
@@ -127,6 +134,9 @@ class SupervisionConfig(StrictModel):
                               "process before the deployment stops with exit 1.")
     role_down_grace_seconds: float = Field(120.0, gt=0, description="Stop with exit 1 when a role has had no "
                                            "live instance for this long.")
+    stall_restart_seconds: float | None = Field(
+        None, gt=0, description="Restart an instance that is alive but has not answered /health for this long "
+        "(stalled). Unset: never; it is shown as stalled and the proxy routes around it until it answers again.")
 
 
 class InstanceGroupConfig(StrictModel):

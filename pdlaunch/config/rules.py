@@ -36,6 +36,18 @@ def role_problems(cfg: DeploymentConfig) -> list[Problem]:
     return problems
 
 
+def stall_timeout_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """The stall deadlines fit inside the whole-request deadline, or they would never fire."""
+    problems: list[Problem] = []
+    limit = cfg.proxy.request_timeout_seconds
+    for name in ("health_timeout_seconds", "prefill_timeout_seconds"):
+        value = getattr(cfg.proxy, name)
+        if value is not None and value >= limit:
+            problems.append(problem(f"proxy.{name}", f"{value:g}s is not below proxy.request_timeout_seconds "
+                                    f"({limit:g}s)", f"use a value below {limit:g}"))
+    return problems
+
+
 def node_problems(cfg: DeploymentConfig) -> list[Problem]:
     """node_rank and every group's node index point into parallel.nodes (or are 0 without nodes)."""
     problems: list[Problem] = []

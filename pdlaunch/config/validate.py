@@ -202,6 +202,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         out.model.max_model_len = info.max_position_embeddings
     problems += rules.role_problems(out)
     problems += rules.node_problems(out)
+    problems += rules.stall_timeout_problems(out)
     problems += rules.cache_problems(out, info)
     if info is not None:
         problems += rules.tp_problems(out, info)

@@ -204,7 +204,11 @@ class Deployment:
                 "--port", str(self.plan.proxy_port), "--routing-policy", self.cfg.proxy.routing_policy,
                 "--request-timeout", str(self.cfg.proxy.request_timeout_seconds),
                 "--drain-timeout", str(self.drain_timeout_s), "--parent-pid", str(os.getpid()),
-                "--max-request-bytes", str(self.cfg.security.max_request_bytes)]
+                "--max-request-bytes", str(self.cfg.security.max_request_bytes),
+                "--health-timeout", str(self.cfg.proxy.health_timeout_seconds),
+                "--load-failure-policy", self.cfg.kv_transfer.load_failure_policy]
+        if self.cfg.proxy.prefill_timeout_seconds is not None:
+            argv += ["--prefill-timeout", str(self.cfg.proxy.prefill_timeout_seconds)]
         for plan in self.plan.instances:
             argv += [f"--{plan.spec.role}", f"{plan.spec.name}={plan.url}"]
         return argv

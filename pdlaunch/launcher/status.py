@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 
 _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow",
-                "failed": "red", "exited": "red", "stopping": "magenta", "stopped": "dim"}
+                "failed": "red", "exited": "red", "stalled": "red", "stopping": "magenta", "stopped": "dim"}
 
 
 @dataclass
@@ -18,7 +18,8 @@ class StatusRow:
     role: str
     devices: str  # "cpu", "cuda:0,1"
     url: str
-    state: str = "starting"  # starting | loading | ready | restarting (N) | failed | exited | stopping | stopped
+    # starting | loading | ready | stalled (alive, no answer) | restarting (N) | failed | exited | stopping | stopped
+    state: str = "starting"
     blocks_used: int | None = None
     blocks_total: int | None = None
 

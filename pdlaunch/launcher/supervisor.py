@@ -2,8 +2,11 @@
 
 A dead instance is restarted with backoff on its planned ports and with a new engine_id
 (Deployment.restart_child); meanwhile the proxy routes around it (it marks an unreachable instance
-down and its health monitor brings it back). Ranks this node runs for instances whose rank 0 is on
-another node are not restarted: a failing one stops this node, as before.
+down and its health monitor brings it back). A process that is alive but does not answer /health in
+time (SIGSTOPped, hung, swapped out) is shown as stalled (stall_watch.py), apart from a dead one, and
+killed to be restarted once it has been stalled for supervision.stall_restart_seconds (when set).
+Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
+stops this node, as before.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
+from pdlaunch.launcher.stall_watch import StallWatch
 from pdlaunch.launcher.status import StatusView
 
 PROBE_TIMEOUT_S = 1.0
@@ -75,12 +79,19 @@ class Supervisor:
                                title=f"pdlaunch: {deployment.cfg.model.path}")
         self._http = httpx.Client(trust_env=False, timeout=PROBE_TIMEOUT_S)
         self._blocks_due = 0.0
+        self.stall_timeout_s = deployment.cfg.proxy.health_timeout_seconds
+        self.stall_restart_s = deployment.cfg.supervision.stall_restart_seconds
+        self.stall_watch = StallWatch({r.name: deployment.health_url(c) for c, r in self.records},
+                                      self.stall_timeout_s)
+        self._stalled: set[str] = set()  # names shown as stalled
 
     def __enter__(self) -> Supervisor:
         self.view.start(print_rows=False)
+        self.stall_watch.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stall_watch.stop()
         self.view.stop()
         self._http.close()
 
@@ -99,7 +110,10 @@ class Supervisor:
                 row.state = f"restarting ({record.restarts})"
                 new_id = f" with engine_id {engine_id}" if engine_id else ""
                 self._say(f"{record.name}: restart {record.restarts}{new_id} (log: {child.log_path})")
-            elif record.due is not None or record.ready:
+            elif record.due is not None:
+                continue
+            elif record.ready:
+                self._check_stall(child, record)
                 continue
             elif now - record.started > READY_TIMEOUT_S:
                 # Stuck while starting: kill it; its exit then counts as a failed restart.
@@ -121,7 +135,40 @@ class Supervisor:
                     self.deployment.refresh_blocks(record.name, timeout=BLOCKS_TIMEOUT_S)
         self.view.update()
 
+    def _check_stall(self, child: ChildProcess, record: ProcessRecord) -> None:
+        """A ready process that has stopped answering /health (alive: its exit was checked first) is
+        shown as stalled, and killed for a restart after supervision.stall_restart_seconds."""
+        name, row = record.name, self.deployment.rows[record.name]
+        self.stall_watch.watch(name, True)
+        stalled_for = self.stall_watch.stalled_for(name)
+        if stalled_for is None:
+            if name in self._stalled:
+                self._stalled.discard(name)
+                row.state = "ready"
+                self._say(f"{name} (pid {child.pid}) answers /health again; no longer stalled")
+            return
+        if name not in self._stalled:
+            self._stalled.add(name)
+            row.state = "stalled"
+            if self.stall_restart_s is None:
+                then = "it is left running (supervision.stall_restart_seconds is unset)"
+            else:
+                then = f"it is restarted after supervision.stall_restart_seconds: {self.stall_restart_s:g}s"
+            what = "the proxy routes around it" if child is not self.deployment.proxy else "clients wait"
+            self._say(f"{name} (pid {child.pid}) is stalled: alive, but /health has not answered within "
+                      f"{self.stall_timeout_s:g}s (stopped, hung or swapping?); {what}; {then}")
+        if self.stall_restart_s is not None and stalled_for >= self.stall_restart_s:
+            self._say(f"{name} (pid {child.pid}) has been stalled for {stalled_for:.0f}s "
+                      f"(supervision.stall_restart_seconds: {self.stall_restart_s:g}); killing it to restart it")
+            self._forget_stall(name)
+            child.signal_group(signal.SIGKILL)  # a stopped process dies of SIGKILL too; its exit restarts it
+
+    def _forget_stall(self, name: str) -> None:
+        self.stall_watch.watch(name, False)
+        self._stalled.discard(name)
+
     def _ended(self, child: ChildProcess, record: ProcessRecord, now: float) -> None:
+        self._forget_stall(record.name)
         how = child.describe_exit()
         decision = on_exit(record, how, now, self.policy)
         row = self.deployment.rows[record.name]

@@ -26,7 +26,7 @@ import uvicorn
 
 from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.instances import POLICIES, Instance, InstancePool, Role
+from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, Instance, InstancePool, Role
 from pdlaunch.server.watchdog import watch_parent
 
 DEFAULT_DRAIN_S = 5.0
@@ -95,11 +95,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"debug adds one line per request (its X-Request-Id, instances, outcome); "
                         f"default from {LOG_LEVEL_ENV}, else info.")
     parser.add_argument("--access-log", action="store_true", help="One line per HTTP request (uvicorn's).")
+    parser.add_argument("--health-timeout", type=float, default=HEALTH_TIMEOUT_S,
+                        help="An instance whose /health does not answer within this is stalled; "
+                        "proxy.health_timeout_seconds.")
+    parser.add_argument("--prefill-timeout", type=float, default=None,
+                        help="Deadline of the prefill leg, seconds; default derived from the prompt's length and "
+                        "the measured prefill speed; proxy.prefill_timeout_seconds.")
+    parser.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute",
+                        help="When no prefill answers in time: the decode computes the prompt, or a 504; "
+                        "kv_transfer.load_failure_policy.")
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
     if args.max_request_bytes <= 0:
         parser.error("--max-request-bytes must be positive")
+    for name in ("health_timeout", "prefill_timeout"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < float("inf"):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
@@ -114,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_http_client_logs()
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
                  + parse_instances("colocated", args.colocated))
-    app = build_proxy_app(InstancePool(instances, args.routing_policy), args.request_timeout,
+    app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout), args.request_timeout,
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
-                          max_request_bytes=args.max_request_bytes)
+                          max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,
+                          load_failure_policy=args.load_failure_policy)
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,

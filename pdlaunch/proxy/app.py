@@ -6,7 +6,9 @@ continues from it (engine/first_token.py), so the client's first token does not 
 transfer. A token that ends the request (or max_tokens 1) ends it at the prefill's answer.
 
 The calls to instances (deadlines, errors, relaying a stream) live in upstream.py; a leg refused by a
-dead instance is retried once on another (retry.py); /metrics adds every instance's series (federate.py).
+dead instance is retried once on another (retry.py), a prefill leg that outlives its deadline (a stalled
+prefill) likewise, else the decode computes the prompt (prefill_leg.py); /metrics adds every instance's
+series (federate.py).
 A list of prompts in /v1/completions becomes one PD request per prompt, merged (prompt_lists.py).
 """
 
@@ -37,6 +39,7 @@ from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
+from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs, prompt_chars
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.tokenize import add_tokenize_routes
@@ -58,10 +61,15 @@ log = logging.getLogger("pdlaunch.proxy")
 
 def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str | None = None,
                     deployment_secret: str | None = None,
-                    max_request_bytes: int = SecurityConfig().max_request_bytes) -> FastAPI:
+                    max_request_bytes: int = SecurityConfig().max_request_bytes,
+                    prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute") -> FastAPI:
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
-    token derived from `deployment_secret` towards the instances."""
+    token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
+    deadline (`prefill_timeout_s`, None: derived; prefill_leg.py)."""
+    if load_failure_policy not in ("recompute", "fail"):
+        raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
+    prefill_legs = PrefillLegs(proxy, PrefillDeadline(prefill_timeout_s), recompute=load_failure_policy == "recompute")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -188,17 +196,20 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                 prefill_leg = prefill_body(body, chat, first_token)
                 started = time.monotonic()
                 try:
-                    prefill, answer = await watch.run(on_live_instance(
-                        pool, "prefill", first_prefill,
-                        lambda p: proxy.post_json(p, path, prefill_leg, headers, deadline)))
+                    answered = await watch.run(prefill_legs.run(first_prefill, path, prefill_leg, headers, deadline,
+                                                                prompt_chars(body)))
                 except OpenAIError as exc:
                     raise client_limit_error(exc, body, chat) from None
-                prefill_answer = answer
-                legs.append(prefill.name)
-                proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
-                held = (prefill, kv_params_of(prefill, answer))
-                leg = decode_body(body, held[1])
-                if first_token and ended_by_first_token(body, chat, answer):
+                if answered is None:  # no prefill answered in time: the decode computes the prompt
+                    legs.append("no prefill (stalled)")
+                    leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+                else:
+                    prefill, prefill_answer = answered
+                    legs.append(prefill.name)
+                    proxy.metrics.prefill_seconds.observe(time.monotonic() - started)
+                    held = (prefill, kv_params_of(prefill, prefill_answer))
+                    leg = decode_body(body, held[1])
+                if prefill_answer is not None and first_token and ended_by_first_token(body, chat, prefill_answer):
                     # Its one token is the whole answer: the decode ends at admission without loading, so
                     # the prefill's KV goes back now rather than at the end of its lease. The decode leg
                     # still runs: it applies the request's own limits (prompt + max_tokens against

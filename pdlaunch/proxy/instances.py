@@ -1,13 +1,19 @@
-"""The instances behind the proxy: their health, their in-flight counts, and how one is picked."""
+"""The instances behind the proxy: their health, their in-flight counts, and how one is picked.
+
+A /health probe that times out (proxy.health_timeout_seconds) marks the instance "stalled": it took
+the connection (the kernel accepts into the listen backlog even for a SIGSTOPped process) but does
+not answer: stopped, hung, or swapped out. Like "down", it gets no new legs until a probe answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
@@ -17,7 +23,7 @@ from pdlaunch.http.errors import OpenAIError
 log = logging.getLogger("pdlaunch.proxy")
 
 Role = Literal["prefill", "decode", "colocated"]
-State = Literal["starting", "ready", "unhealthy", "down"]
+State = Literal["starting", "ready", "unhealthy", "down", "stalled"]
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
 
@@ -31,6 +37,8 @@ class Instance:
     in_flight: int = 0
     detail: str = ""  # why it is not ready
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
+    # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
+    stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "role": self.role, "url": self.url, "state": self.state,
@@ -84,12 +92,17 @@ POLICIES: dict[str, type[RoundRobin | LeastLoaded]] = {"round_robin": RoundRobin
 class InstancePool:
     """All instances, a background health check, and the routing policy."""
 
-    def __init__(self, instances: list[Instance], policy: str = "round_robin") -> None:
+    def __init__(self, instances: list[Instance], policy: str = "round_robin",
+                 health_timeout_s: float = HEALTH_TIMEOUT_S) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}")
         self.instances = instances
         self.policy = POLICIES[policy]()
-        self._task: asyncio.Task[None] | None = None
+        self.health_timeout_s = health_timeout_s
+        self.on_stall: Callable[[Instance], None] = lambda instance: None  # metrics count each stall
+        self.on_retry: Callable[[str, str], None] = lambda role, reason: None  # ... and each leg sent again
+        self._stalled_since: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def colocated(self) -> bool:
@@ -119,41 +132,61 @@ class InstancePool:
     async def check_all(self, client: httpx.AsyncClient) -> None:
         await asyncio.gather(*(self._check(client, i) for i in self.instances))
 
+    def mark_stalled(self, instance: Instance, why: str) -> None:
+        if instance.state != "stalled":
+            log.warning("%s (%s) stalled: %s; it gets no new requests until it answers again", instance.name,
+                        instance.url, why)
+            self._stalled_since[instance.name] = time.monotonic()
+            self.on_stall(instance)
+        instance.state = "stalled"
+        instance.detail = why
+        instance.stalled.set()
+
     async def _check(self, client: httpx.AsyncClient, instance: Instance) -> None:
         try:
-            response = await client.get(f"{instance.url}/health", timeout=HEALTH_TIMEOUT_S)
+            response = await client.get(f"{instance.url}/health", timeout=self.health_timeout_s)
+        except httpx.ReadTimeout:
+            # Connected (the kernel's backlog accepts for a stopped process) but no answer in time.
+            self.mark_stalled(instance, f"/health did not answer within {self.health_timeout_s:g}s "
+                                        "(proxy.health_timeout_seconds)")
+            return
         except httpx.HTTPError as exc:
             if instance.state != "starting":
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
         if response.status_code == 200:
             engine_id = _engine_id(response)
-            if instance.state != "ready":
+            since = self._stalled_since.pop(instance.name, None)
+            if since is not None and instance.state == "stalled":
+                log.info("%s (%s) answers again after a stall of %.1fs", instance.name, instance.url,
+                         time.monotonic() - since)
+            elif instance.state != "ready":
                 log.info("%s (%s) is ready (engine_id %s)", instance.name, instance.url, engine_id or "unknown")
             elif instance.engine_id and engine_id != instance.engine_id:
                 # Restarted between two checks: it was never seen down, but it is a new engine.
                 log.warning("%s (%s) restarted: engine_id %s -> %s", instance.name, instance.url,
                             instance.engine_id, engine_id)
             instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
+            instance.stalled.clear()
         else:
             instance.state = "unhealthy" if instance.state != "starting" else "starting"
             instance.detail = f"/health answered {response.status_code}"
 
     def start_monitor(self, client: httpx.AsyncClient) -> None:
-        async def loop() -> None:
+        """One probe loop per instance: a stalled one, whose probe takes the whole health timeout, does
+        not slow the probes of the others (nor the detection of a second stall)."""
+        async def loop(instance: Instance) -> None:
             while True:
                 try:
-                    await self.check_all(client)
-                except Exception:  # noqa: BLE001 - the monitor must outlive one bad round
-                    log.exception("health check round failed")
+                    await self._check(client, instance)
+                except Exception:  # noqa: BLE001 - the monitor must outlive one bad probe
+                    log.exception("health check of %s failed", instance.name)
                 await asyncio.sleep(HEALTH_INTERVAL_S)
 
-        self._task = asyncio.create_task(loop())
+        self._tasks = [asyncio.create_task(loop(instance)) for instance in self.instances]
 
     async def stop_monitor(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []

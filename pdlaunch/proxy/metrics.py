@@ -25,6 +25,15 @@ class ProxyMetrics:
         self.federation_errors = Counter(
             "pdlaunch_proxy_federation_errors", "Instances whose /metrics the proxy's /metrics could not include",
             registry=self.registry)
+        self.stalls = Counter(
+            "pdlaunch_proxy_stalls_detected", "Instances seen stalled (connected, no answer in time), by role: "
+            "a /health probe past proxy.health_timeout_seconds", ["role"], registry=self.registry)
+        self.legs_retried = Counter(
+            "pdlaunch_proxy_legs_retried", "Legs sent again after their instance failed them, by role and why "
+            "(instance_gone: refused or dropped; stalled: no answer within the leg's deadline; recompute: the "
+            "prefill leg given up and the prompt computed by the decode)", ["role", "reason"], registry=self.registry)
+        pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
+        pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
         self.registry.register(_PoolCollector(pool))
 
 

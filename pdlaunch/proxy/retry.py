@@ -7,7 +7,8 @@ process often leaves a pooled keep-alive connection that drops on the next reque
 refusing it). Running a leg twice is safe: generation has no side effect, and a prefill's KV held for
 a leg that died with its instance is gone with it. Nothing else is retried: a timeout may be a slow
 instance, an error answer is the instance's word, and a streamed answer is never retried once any
-byte reached the client (this runs before the stream is handed to the client).
+byte reached the client (this runs before the stream is handed to the client). A prefill leg that
+outlives its own deadline (a stalled instance) is retried by prefill_leg.py.
 """
 
 from __future__ import annotations
@@ -45,4 +46,5 @@ async def on_live_instance(pool: InstancePool, role: str, first: Instance,
             raise
         second = pool.policy.choose(role, others)
         log.info("%s is gone (%s); retrying on %s", first.name, exc.code, second.name)
+        pool.on_retry(role, "instance_gone")
         return second, await call(second)

@@ -67,6 +67,10 @@ class Proxy:
             raise OpenAIError(503, "proxy is not started", code="not_ready")
         return self.client
 
+    def remaining(self, deadline: float) -> float:
+        """Seconds left before the request's `deadline`; a 504 when none are."""
+        return self._timeout(deadline)
+
     def _timeout(self, deadline: float) -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
