@@ -127,7 +127,9 @@ def serve(
 @bench_app.command("make-checkpoint")
 def make_checkpoint(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.", show_default=False)],
-    shape: Annotated[str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8).")] = "llama3-8b",
+    shape: Annotated[
+        str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8).")
+    ] = "llama3-8b",
     num_layers: Annotated[
         int | None, typer.Option("--num-layers", help="Decoder layers [default: the shape's, 32 or 48].")
     ] = None,

@@ -2,8 +2,9 @@
 
 Shapes (`SHAPES`): `llama3-8b` (meta-llama/Meta-Llama-3-8B, llama3 rope scaling) and `qwen3-30b-a3b`
 (Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of width 768, top-8, 4 KV heads, per-expert HF tensor
-names). Same tensor names, shapes and config as the real model, so speed figures are its own; the weights are random (std 0.02, norms 1) and the
-tokenizer is the demo model's byte-level BPE padded to the full vocabulary, so the text is noise.
+names). Same tensor names, shapes and config as the real model, so speed figures are its own; the
+weights are random (std 0.02, norms 1) and the tokenizer is the demo model's byte-level BPE padded to
+the full vocabulary, so the text is noise.
 Written shard by shard: at most one shard (`max_shard_bytes`) is in memory at a time.
 """
 

@@ -132,7 +132,7 @@ def test_grouped_mm_backend_equals_the_reference_loop(tokens: int) -> None:
 
 
 def test_block_layout_gives_each_block_one_expert_and_every_assignment_one_row() -> None:
-    from pdlaunch.model.moe.triton_moe import align_to_blocks
+    from pdlaunch.model.moe.layout import align_to_blocks
 
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3], [3, 5]])  # expert 5: another rank's (local ids 0..3)
     local = torch.where(ids < 4, ids, 4)

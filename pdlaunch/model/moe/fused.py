@@ -29,33 +29,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.fused_ops import silu_and_mul
+from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, sort_assignments
 
-Backend = Literal["reference", "grouped_mm", "triton"]
-BACKENDS: tuple[Backend, ...] = ("reference", "grouped_mm", "triton")
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """One entry of a per-device file: for calls of at most `max_tokens` tokens."""
-
-    max_tokens: int
-    backend: Backend
-    block_m: int = 16
-    block_n: int = 64
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 # Used where no per-device file exists (and for the Triton interpreter on CPU).
@@ -99,7 +83,7 @@ def backend(x: torch.Tensor, num_tokens: int) -> Backend:
         if forced not in BACKENDS:
             raise PdlaunchError(f"PDLAUNCH_MOE_BACKEND={forced!r} is not a backend", field="PDLAUNCH_MOE_BACKEND",
                                 hint=f"use auto, {', '.join(BACKENDS)}")
-        return forced  # type: ignore[return-value]
+        return forced
     if not x.is_cuda:
         return "reference"
     chosen = tile_for(x, num_tokens).backend
@@ -109,10 +93,12 @@ def backend(x: torch.Tensor, num_tokens: int) -> Backend:
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, expert_start: int = 0, use: Backend | None = None) -> torch.Tensor:
+              topk_ids: torch.Tensor, expert_start: int = 0, use: Backend | None = None,
+              tile: TileConfig | None = None) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] (float32), topk_ids [T, k]
-    (global expert ids) -> this rank's sum over its experts of weight * down(silu(gate) * up): [T, H]."""
-    chosen = use or backend(x, x.shape[0])
+    (global expert ids) -> this rank's sum over its experts of weight * down(silu(gate) * up): [T, H].
+    `use` / `tile` override the backend and the Triton tile (benchmarks, tests)."""
+    chosen = use or (tile.backend if tile is not None else backend(x, x.shape[0]))
     if chosen == "reference":
         return moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
     local = topk_ids - expert_start
@@ -125,7 +111,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return _grouped_mm_moe(x, w13, w2, weights, local)
     from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
 
-    return triton_moe(x, w13, w2, weights, local, tile_for(x, x.shape[0]))
+    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0]))
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -142,31 +128,6 @@ def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_wei
         h = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[e])
         out.index_add_(0, token, h * topk_weights[token, slot, None].to(x.dtype))
     return out
-
-
-@dataclass
-class SortedAssignments:
-    """The T*k (token, expert) assignments in expert order; dropped ones (bucket E_local) last."""
-
-    order: torch.Tensor  # [M] assignment index (token * k + slot) of each sorted row
-    counts: torch.Tensor  # [E_local + 1] assignments per expert (last: dropped)
-    expert: torch.Tensor  # [M] expert of each sorted row
-
-
-def sort_assignments(local_ids: torch.Tensor, num_local: int) -> SortedAssignments:
-    """Sort the assignments by local expert id (stable: token order inside an expert), sync-free."""
-    flat = local_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    return SortedAssignments(order=order, counts=counts, expert=flat[order])
-
-
-def combine(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
-    """Weighted result rows in sorted order [M, H] -> per token sum of its k rows [T, H]."""
-    unsorted = torch.empty_like(rows)
-    unsorted[order] = rows
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
 
 
 def _grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,

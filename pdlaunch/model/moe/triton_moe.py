@@ -1,9 +1,7 @@
 """The Triton backend of fused_moe: two grouped GEMMs over assignments padded per expert.
 
-`align_to_blocks` lays the T*k assignments out in blocks of `block_m` rows that each belong to one
-expert (an expert's rows padded up to a multiple of block_m with the sentinel M), in a buffer sized
-from T, k and E alone: at most cdiv(M, block_m) + min(E, M) blocks, the unused ones marked with
-expert -1 and skipped by the kernels. No host sync, so it runs inside CUDA graphs.
+`align_to_blocks` (model/moe/layout.py) lays the T*k assignments out in blocks of `block_m` rows, one
+expert per block; blocks of expert -1 are unused and the kernels skip them.
 
 - `moe_up_kernel`: per (block, column tile) x[token rows] @ w13[e]^T for the gate and the up halves
   at once, SiLU-and-mul in the epilogue -> [padded rows, I].
@@ -21,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.moe.fused import TileConfig, sort_assignments
+from pdlaunch.model.moe.layout import TileConfig, align_to_blocks
 
 
 @lru_cache(maxsize=2)
@@ -98,31 +96,6 @@ def _interpret() -> bool:
     import triton
 
     return bool(triton.knobs.runtime.interpret)
-
-
-def align_to_blocks(local_ids: torch.Tensor, num_local: int, block_m: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """local_ids [T, k] (num_local = dropped) -> (rows [B*block_m]: assignment index per padded row, M for
-    padding; block_expert [B]: local expert of each block, -1 for unused; order [M]: the sorted assignments)."""
-    num_rows = local_ids.numel()
-    s = sort_assignments(local_ids, num_local)
-    device = local_ids.device
-    counts = s.counts[:num_local]
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)
-    padded_start = padded_end - padded
-    start = torch.cumsum(s.counts, 0) - s.counts
-    num_blocks = -(-num_rows // block_m) + min(num_local, num_rows)
-    capacity = num_blocks * block_m
-    rank = torch.arange(num_rows, device=device) - start[s.expert]
-    kept = s.expert < num_local
-    dest = torch.where(kept, padded_start[s.expert.clamp(max=num_local - 1)] + rank, capacity)
-    rows = torch.full((capacity + 1,), num_rows, dtype=torch.int64, device=device)
-    rows[dest] = s.order
-    block_start = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(padded_end, block_start, right=True)
-    block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
-    return rows[:capacity], block_expert, s.order
 
 
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
