@@ -114,6 +114,7 @@ def main() -> None:
     doc["rows"] = [bench_size(t, doc["copy_gbps"], doc["matmul_tflops"]) for t in sorted(args.tokens)]
     if args.write_config:
         path = config_file(device)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": device, "source": "benchmarks/moe_kernels.py",
                                     "entries": tile_entries(doc["rows"])}, indent=1) + "\n")
         doc["config_written"] = str(path)

@@ -136,13 +136,23 @@ def test_block_layout_gives_each_block_one_expert_and_every_assignment_one_row()
 
     ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3], [3, 5]])  # expert 5: another rank's (local ids 0..3)
     local = torch.where(ids < 4, ids, 4)
-    rows, block_expert, _ = align_to_blocks(local, 4, block_m=2)
+    rows, block_expert = align_to_blocks(local, 4, block_m=2)
     assert rows.shape[0] == block_expert.shape[0] * 2 and block_expert.shape[0] == 5 + 4
+    _check_blocks(local, 4, rows, block_expert, 2)
+    few = torch.tensor([[3, 0], [9, 3]])  # 4 assignments of 16 experts: a block each, no sort
+    rows, block_expert = align_to_blocks(few, 16, block_m=2)
+    assert block_expert.tolist() == [3, 0, 9, 3]
+    _check_blocks(few, 16, rows, block_expert, 2)
+
+
+def _check_blocks(local: torch.Tensor, num_local: int, rows: torch.Tensor, block_expert: torch.Tensor,
+                  block_m: int) -> None:
+    """Every assignment to a local expert has exactly one row, in a block of its expert; no other rows."""
     flat = local.reshape(-1)
     kept = sorted(int(r) for r in rows if r < flat.numel())
-    assert kept == [i for i in range(flat.numel()) if flat[i] < 4]  # each kept assignment exactly once
+    assert kept == [i for i in range(flat.numel()) if flat[i] < num_local]
     for b, e in enumerate(block_expert.tolist()):
-        members = [int(r) for r in rows[2 * b:2 * b + 2] if r < flat.numel()]
+        members = [int(r) for r in rows[block_m * b:block_m * (b + 1)] if r < flat.numel()]
         if e < 0:
             assert not members
         else:

@@ -67,21 +67,31 @@ def test_cuda_graph_decode_of_a_moe_engine_equals_eager_and_transformers(moe_ckp
     assert got == [hf_greedy(path, p, greedy.max_tokens, device="cuda") for p in batch]
 
 
+def _agreed(ids: list[int], truth: list[int]) -> int:
+    """How many leading tokens equal the reference's."""
+    return next((i for i, (a, b) in enumerate(zip(ids, truth)) if a != b), len(truth))
+
+
 @pytest.mark.parametrize("kind", list(MOE_BUILDERS))
 def test_cuda_bfloat16_greedy_agreement_over_32_tokens(kind: str, moe_ckpt: Callable[[str], Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """bf16 rounds differently from transformers' bf16 in places (fused kernels, expert sums in another
-    order), so long greedy runs may part on a near-tie: reports agreement, requires most prompts to agree."""
+    """bf16 rounds differently from transformers' bf16 (which adds each expert's output into a bf16 sum,
+    where we sum a token's k expert outputs in float32), so on tiny random models greedy runs part on
+    near-ties. Reports agreement with transformers' bf16, and requires our bf16 to follow the float32
+    reference (transformers, float32) about as far as transformers' own bf16 does."""
     path = moe_ckpt(kind)
     model = load_model(load_checkpoint(str(path)), CUDA, torch.bfloat16)
     prompts = _prompts([4, 9, 17, 21, 33, 50], seed=5)
-    divergence: list[int | None] = []
+    with_hf, ours_vs_fp32, hf_vs_fp32 = [], [], []
     for prompt in prompts:
         ours = PagedRunner(model, block_size=16).greedy(prompt, 32)
         theirs = hf_greedy(path, prompt, 32, dtype=torch.bfloat16, device="cuda")
-        divergence.append(next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None))
-    matched = sum(d is None for d in divergence)
+        truth = hf_greedy(path, prompt, 32, device="cuda")
+        with_hf.append(_agreed(ours, theirs))
+        ours_vs_fp32.append(_agreed(ours, truth))
+        hf_vs_fp32.append(_agreed(theirs, truth))
     with capsys.disabled():
-        print(f"\n{kind} bf16: {matched} of {len(prompts)} prompts match transformers for 32 tokens; "
-              f"first divergence per prompt: {divergence}")
-    assert matched >= len(prompts) // 2, divergence
+        print(f"\n{kind} bf16: {sum(a == 32 for a in with_hf)} of {len(prompts)} prompts match transformers' bf16 "
+              f"for 32 tokens (agreeing prefix per prompt: {with_hf}); against float32, ours {ours_vs_fp32}, "
+              f"transformers' bf16 {hf_vs_fp32}")
+    assert sum(ours_vs_fp32) >= 0.75 * sum(hf_vs_fp32), (ours_vs_fp32, hf_vs_fp32)

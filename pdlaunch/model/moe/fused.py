@@ -42,8 +42,10 @@ from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, so
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-# Used where no per-device file exists (and for the Triton interpreter on CPU).
-DEFAULT_TILES = (TileConfig(64, "triton", 16, 64, 64, 4, 3), TileConfig(1 << 30, "grouped_mm", 64, 128, 64, 8, 3))
+# Used where no per-device file exists: the tiles that won on an H200 (configs/NVIDIA_H200.json),
+# where Triton beat torch._grouped_mm at every size from 1 to 16384 tokens.
+DEFAULT_TILES = (TileConfig(256, "triton", 16, 64, 128, 4, 3), TileConfig(1024, "triton", 64, 128, 64, 8, 4),
+                 TileConfig(1 << 30, "triton", 128, 128, 64, 8, 3))
 
 
 def config_file(device_name: str) -> Path:

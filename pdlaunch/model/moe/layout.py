@@ -2,7 +2,8 @@
 
 `sort_assignments` orders them by expert (stable); `align_to_blocks` pads each expert's rows up to a
 multiple of `block_m` (sentinel M) in a buffer sized from T, k and E alone: at most
-cdiv(M, block_m) + min(E, M) blocks, unused ones marked expert -1. `combine` sums each token's k
+cdiv(M, block_m) + min(E, M) blocks, unused ones marked expert -1 (or, for a handful of assignments,
+one block each). `combine` sums each token's k
 weighted rows. All of it is index arithmetic on the device without a host sync, so it runs inside
 CUDA graphs. `TileConfig` is one entry of a per-device tile file (model/moe/configs/).
 """
@@ -57,12 +58,21 @@ def combine(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int
 
 
 def align_to_blocks(local_ids: torch.Tensor, num_local: int, block_m: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """local_ids [T, k] (num_local = dropped) -> (rows [B*block_m]: assignment index per padded row, M for
-    padding; block_expert [B]: local expert of each block, -1 for unused; order [M]: the sorted assignments)."""
+    padding; block_expert [B]: local expert of each block, -1 for unused).
+
+    Few assignments (M <= E / 4, e.g. decode at batch 1-4 of a 128-expert model) rarely share an expert:
+    each gets a block of its own, which skips the sort and its dozen small kernels at the same weight
+    traffic. Otherwise the sorted layout groups each expert's assignments."""
     num_rows = local_ids.numel()
-    s = sort_assignments(local_ids, num_local)
     device = local_ids.device
+    flat = local_ids.reshape(-1)
+    if num_rows * 4 <= num_local:
+        rows = torch.full((num_rows, block_m), num_rows, dtype=torch.int64, device=device)
+        rows[:, 0] = torch.arange(num_rows, device=device)
+        return rows.view(-1), torch.where(flat < num_local, flat, -1).to(torch.int32)
+    s = sort_assignments(local_ids, num_local)
     counts = s.counts[:num_local]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
@@ -78,4 +88,4 @@ def align_to_blocks(local_ids: torch.Tensor, num_local: int, block_m: int
     block_start = torch.arange(num_blocks, device=device) * block_m
     block_expert = torch.searchsorted(padded_end, block_start, right=True)
     block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
-    return rows[:capacity], block_expert, s.order
+    return rows[:capacity], block_expert

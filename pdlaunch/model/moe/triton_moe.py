@@ -106,7 +106,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     num_tokens, top_k = local_ids.shape
     num_local, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    rows, block_expert, order = align_to_blocks(local_ids, num_local, tile.block_m)
+    rows, block_expert = align_to_blocks(local_ids, num_local, tile.block_m)
     num_blocks = block_expert.shape[0]
     k = _kernels(_interpret())
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
