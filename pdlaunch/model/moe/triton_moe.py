@@ -14,6 +14,7 @@ them under TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 from types import SimpleNamespace
 
@@ -103,6 +104,9 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     """fused_moe's Triton backend (weights float32 [T, k], zero for dropped assignments)."""
     import triton
 
+    if x.element_size() > 2:
+        # Tile files are tuned for bf16; float32 operands take twice the shared memory per stage.
+        tile = replace(tile, block_k=max(16, tile.block_k // 2))
     num_tokens, top_k = local_ids.shape
     num_local, two_inter, hidden = w13.shape
     inter = two_inter // 2
