@@ -104,14 +104,15 @@ def _moe_tp_problems(cfg: DeploymentConfig, info: ModelInfo, tp: int, field: str
     moe = info.moe
     if moe is None or tp == 1:
         return []
+    shared = [moe.shared_expert_intermediate_size] if moe.shared_expert_intermediate_size else []
     if cfg.parallel.enable_expert_parallel:
         if moe.num_experts % tp:
             return [problem(field, f"expert parallel over TP {tp} needs the model's {moe.num_experts} experts to "
                             "divide by it", f"use a TP size that divides {moe.num_experts}, or drop "
                             "--enable-expert-parallel")]
-        return []
-    widths = [moe.expert_intermediate_size] + ([moe.shared_expert_intermediate_size]
-                                               if moe.shared_expert_intermediate_size else [])
+        widths = shared  # the shared expert stays split by width
+    else:
+        widths = [moe.expert_intermediate_size] + shared
     if any(w % tp for w in widths):
         return [problem(field, f"TP {tp} does not divide the experts' intermediate size "
                         f"{'/'.join(map(str, widths))}", "use a TP size that divides it, or "
