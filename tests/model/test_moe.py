@@ -155,3 +155,27 @@ def _check_blocks(local: torch.Tensor, num_local: int, rows: torch.Tensor, block
             assert not members
         else:
             assert members and all(int(flat[r]) == e for r in members)
+
+
+@pytest.mark.parametrize("tp,replicas", [(2, 1), (4, 2)])
+def test_norm_over_a_width_split_across_ranks_equals_the_whole_norm(tp: int, replicas: int,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """OLMoE's k_norm at TP 2 (each rank one of 2 KV heads) and TP 4 (each KV head on two ranks: its squares
+    reach the all-reduce twice and are divided back out): every rank's columns equal the unsplit norm's."""
+    from pdlaunch.model import sharded_norm
+    from pdlaunch.model.sharded_norm import ShardedRMSNorm
+
+    heads, head_dim = 2, 8
+    x = torch.randn(5, heads * head_dim)
+    weight = torch.randn(heads * head_dim)
+    whole = ShardedRMSNorm(heads * head_dim, heads * head_dim, 0, 1e-5)
+    whole.weight_loader(whole.weight, weight)
+    want = whole(x)
+    head_of = [r * heads // tp for r in range(tp)]  # QKVParallelLinear's KV head per rank
+    squares = sum(x[:, h * head_dim:(h + 1) * head_dim].pow(2).sum(-1, keepdim=True) for h in head_of)
+    monkeypatch.setattr(sharded_norm.dist, "all_reduce", lambda t: t.copy_(squares))
+    for rank, head in enumerate(head_of):
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        norm = ShardedRMSNorm(heads * head_dim, head_dim, head * head_dim, 1e-5, tp, replicas)
+        norm.weight_loader(norm.weight, weight)
+        torch.testing.assert_close(norm(x[:, cols]), want[:, cols], msg=f"rank {rank}")

@@ -20,9 +20,11 @@ steps capture into CUDA graphs, and combine the k results of each token with one
 the faster backend and the Triton tiles per token count (benchmarks/moe_kernels.py measures them);
 PDLAUNCH_MOE_BACKEND=reference|grouped_mm|triton forces one.
 
-Quantised experts extend this seam: per-expert scales of w13 and w2 travel next to the weights into
-the GEMM backends (`_gemm_up`/`_gemm_down` of each backend), leaving the sort, the padding and the
-combine as they are.
+The seam for quantised experts: `fused_moe` takes the stacked weights as they are stored, and only the
+GEMM backends read them (`_grouped_mm_moe` here, `triton_moe` in model/moe/triton_moe.py, whose kernels
+load one [block_n, block_k] tile of w13[e] / w2[e] at a time). Per-expert (or per-block) scales of w13
+and w2 would be one more argument of `fused_moe` passed to those two, applied to each tile or
+accumulator there; routing, the sort, the padding and the combine do not change.
 """
 
 from __future__ import annotations
