@@ -67,6 +67,12 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "MoE models: whole experts per TP rank instead of every expert split over the ranks."),
     Flag("prefill_tp", int | None, "parallel.prefill_tp", "TP size of prefill instances."),
     Flag("decode_tp", int | None, "parallel.decode_tp", "TP size of decode instances."),
+    Flag("prefill_expert_parallel", bool | None, "instances[prefill].enable_expert_parallel",
+         "MoE: expert parallel on (or off) for prefill instances only (default: --enable-expert-parallel).",
+         spelling="--prefill-expert-parallel/--no-prefill-expert-parallel"),
+    Flag("decode_expert_parallel", bool | None, "instances[decode].enable_expert_parallel",
+         "MoE: expert parallel on (or off) for decode instances only (default: --enable-expert-parallel).",
+         spelling="--decode-expert-parallel/--no-decode-expert-parallel"),
     Flag("kv_connector", str | None, "kv_transfer.connector", "nixl | mooncake | storage."),
     Flag("kv_transfer_config", str | None, KV_TRANSFER_CONFIG,
          "vLLM's KV transfer JSON: kv_connector NixlConnector | MooncakeConnector, kv_role kv_both, engine_id, "

@@ -74,6 +74,9 @@ class ModelRunner:
         free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
         with memory_pool_context(use_cumem, "weights"):
             self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
+        if arch.moe is not None and tp_rank == 0:
+            log.info("MoE: %s over TP %d", "whole experts per rank (expert parallel)" if expert_parallel
+                     else "every expert's width split", tp_size)
         self.num_blocks = self._determine_num_blocks(free_at_start)
         if agree_num_blocks is not None:
             self.num_blocks = agree_num_blocks(self.num_blocks)

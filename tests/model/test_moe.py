@@ -20,7 +20,9 @@ from typer.testing import CliRunner
 
 from pdlaunch.cli import app
 from pdlaunch.config.model_info import load_model_info
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.model.arch import parse_hf_config
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
 from pdlaunch.model.moe.router import route
@@ -102,6 +104,28 @@ def test_expert_parallel_needs_experts_to_divide_by_tp(moe_ckpt: Callable[[str],
     bad = check(["--model", path, "--device", "cpu", "--tp", "8", "--enable-expert-parallel"])
     assert bad.exit_code == 1 and "4 experts to divide by it" in bad.output
     assert "heads" not in check(["--model", path, "--device", "cpu", "--tp", "4"]).output
+
+
+def test_expert_parallel_per_instance_group(moe_ckpt: Callable[[str], Path]) -> None:
+    """`--decode-expert-parallel` (YAML `instances[i].enable_expert_parallel`) overrides the deployment's mode
+    for one group: check-config checks E % tp for that group only, and the launcher's spec carries it."""
+    path = str(moe_ckpt("qwen3_moe"))  # 4 experts of width 32
+    assert check(["--model", path, "--device", "cpu", "--prefill-tp", "2", "--decode-tp", "4",
+                  "--decode-expert-parallel"]).exit_code == 0
+    base = ["--model", path, "--device", "cpu", "--tp", "8"]  # 8 > 4 experts (and heads: named for both groups)
+
+    def expert_errors(args: list[str]) -> set[str]:
+        output = check([*base, *args]).output
+        return {g for g in ("instances[0].tp", "instances[1].tp") if f"{g}: expert parallel over TP 8" in output}
+
+    assert expert_errors(["--decode-expert-parallel"]) == {"instances[1].tp"}
+    assert expert_errors(["--enable-expert-parallel", "--no-decode-expert-parallel"]) == {"instances[0].tp"}
+    assert expert_errors(["--enable-expert-parallel"]) == {"instances[0].tp", "instances[1].tp"}
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "model": {"path": path}, "parallel": {"tp": 2, "enable_expert_parallel": True},
+        "instances": [{"role": "prefill", "tp": 2, "enable_expert_parallel": False}, {"role": "decode", "tp": 2}]})
+    specs = {p.spec.role: p.spec for p in plan_deployment(cfg).instances}
+    assert (specs["prefill"].expert_parallel, specs["decode"].expert_parallel) == (False, True)
 
 
 def _case(tokens: int, experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, ...]:

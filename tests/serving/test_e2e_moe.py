@@ -1,5 +1,6 @@
-"""End to end: `pdlaunch serve` 1P1D on CPU with a Qwen3-MoE checkpoint, prefill at TP 2 (experts split
-by width across its ranks), decode at TP 1, KV moved between them: answers are transformers' greedy ids."""
+"""End to end: `pdlaunch serve` 1P1D on CPU with a Qwen3-MoE checkpoint, prefill at TP 2 with every expert
+split by width across its ranks, decode at TP 2 with whole experts per rank (`--decode-expert-parallel`),
+KV moved between them: answers are transformers' greedy ids."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog and", "Once upon a time"
 def serve(moe_ckpt: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     deployment = Serve(tmp_path_factory.mktemp("e2e-moe"), [
         "--model", str(moe_ckpt("qwen3_moe")), "--prefill", "1", "--decode", "1", "--prefill-tp", "2",
-        "--decode-tp", "1", "--num-gpu-blocks", "128", "--dtype", "float32"])
+        "--decode-tp", "2", "--decode-expert-parallel", "--num-gpu-blocks", "128", "--dtype", "float32"])
     try:
         yield deployment.wait_ready()
     finally:
@@ -45,3 +46,6 @@ def test_pd_moe_answers_equal_transformers_greedy(serve: Serve, moe_ckpt: Callab
             if line.startswith("pdlaunch_kv_transfer_bytes_total "):
                 moved += float(line.split()[1])
     assert moved > 0, "the decode instance did not receive KV"
+    logs = {name: (serve.log_dir / f"{name}.log").read_text() for name in ("prefill-0", "decode-0")}
+    assert "MoE: every expert's width split over TP 2" in logs["prefill-0"]
+    assert "MoE: whole experts per rank (expert parallel) over TP 2" in logs["decode-0"]
