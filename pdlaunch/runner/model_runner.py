@@ -68,7 +68,7 @@ class ModelRunner:
         self.use_cumem = use_cumem
         arch = checkpoint.arch
         self.groups = arch.kv_cache_groups()
-        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.tp_rank, self.tp_size, self.expert_parallel = tp_rank, tp_size, expert_parallel
         self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)  # per TP rank (replicated when tp > kv heads)
         self.head_dim = arch.head_dim
         free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
