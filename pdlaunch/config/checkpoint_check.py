@@ -124,7 +124,7 @@ def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
                 seen.add(header.name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))
-    missing = loader.missing_tensors(params, seen)
+    missing = loader.missing_tensors(params, seen, arch)
     if missing is not None:
         found.append(as_problem(missing))
     if len(found) > MAX_TENSOR_PROBLEMS:

@@ -71,6 +71,9 @@ class ParallelConfig(StrictModel):
     tp: int = Field(1, gt=0, description="Default tensor-parallel size of every instance.")
     prefill_tp: int | None = Field(None, gt=0, description="TP size of prefill instances (default: tp).")
     decode_tp: int | None = Field(None, gt=0, description="TP size of decode instances (default: tp).")
+    enable_expert_parallel: bool = Field(
+        False, description="MoE models: place whole experts on each TP rank (the number of experts must divide by "
+        "the TP size) instead of splitting every expert's intermediate dimension (the default).")
     nodes: list[NodeConfig] = Field(default_factory=list, description="Multi-node: one entry per node.")
     node_rank: int = Field(0, ge=0, description="Which entry of `nodes` this process runs.")
     master_addr: Host = Field("127.0.0.1", description="torch.distributed rendezvous address.")
@@ -143,11 +146,19 @@ class InstanceGroupConfig(StrictModel):
     role: Role
     count: int = Field(1, ge=0, description="Number of instances in this group.")
     tp: int | None = Field(None, gt=0, description="TP size (default: parallel.prefill_tp/decode_tp/tp).")
+    enable_expert_parallel: bool | None = Field(
+        None, description="MoE models: whole experts per TP rank in this group (default: "
+        "parallel.enable_expert_parallel). Prefill and decode may differ; KV transfer is unchanged.")
     devices: list[int] | None = Field(None, description="CUDA devices for the group, tp per instance, in order.")
     node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
     base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
     restart: bool = Field(True, description="Restart a dead instance of this group (with backoff) instead of "
                                             "stopping the deployment.")
+
+
+def group_expert_parallel(parallel: ParallelConfig, group: InstanceGroupConfig) -> bool:
+    """The group's expert-parallel mode: its own setting, else the deployment's."""
+    return parallel.enable_expert_parallel if group.enable_expert_parallel is None else group.enable_expert_parallel
 
 
 def default_instances() -> list[InstanceGroupConfig]:
@@ -185,6 +196,7 @@ class InstanceSpec(StrictModel):
     host: str = "127.0.0.1"
     port: int
     tp: int = 1
+    expert_parallel: bool = False
     devices: list[int] = Field(default_factory=list)
     device: Literal["cpu", "cuda"] = "cpu"
     engine_id: str

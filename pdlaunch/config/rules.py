@@ -6,7 +6,7 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig
+from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, group_expert_parallel
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -111,6 +111,27 @@ def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
                    "node's address")
 
 
+def _moe_tp_problems(expert_parallel: bool, info: ModelInfo, tp: int, field: str) -> list[Problem]:
+    """MoE: expert parallel places E / tp whole experts per rank; TP splits every expert's width."""
+    moe = info.moe
+    if moe is None or tp == 1:
+        return []
+    shared = [moe.shared_expert_intermediate_size] if moe.shared_expert_intermediate_size else []
+    if expert_parallel:
+        if moe.num_experts % tp:
+            return [problem(field, f"expert parallel over TP {tp} needs the model's {moe.num_experts} experts to "
+                            "divide by it", f"use a TP size that divides {moe.num_experts}, or turn expert "
+                            "parallel off for this group (enable_expert_parallel: false)")]
+        widths = shared  # the shared expert stays split by width
+    else:
+        widths = [moe.expert_intermediate_size] + shared
+    if any(w % tp for w in widths):
+        return [problem(field, f"TP {tp} does not divide the experts' intermediate size "
+                        f"{'/'.join(map(str, widths))}", "use a TP size that divides it, or "
+                        "--enable-expert-parallel to place whole experts per rank")]
+    return []
+
+
 def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
     """TP divides the attention heads; TP and KV heads divide one another; P and D TP sizes divide one
     another (and, when they differ, KV moves by pull: kv_transfer/reshard.py)."""
@@ -125,6 +146,7 @@ def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
             problems.append(problem(field,
                                     f"TP {tp} and the model's {info.num_kv_heads} KV heads do not divide each other",
                                     f"use a TP size that divides {info.num_kv_heads} or a multiple of it"))
+        problems += _moe_tp_problems(group_expert_parallel(cfg.parallel, group), info, tp, field)
     prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
     for p_tp in sorted(prefill):

@@ -100,10 +100,11 @@ class EngineSleep:
     def _reload_weights(self) -> None:
         runner = self.engine.runner
         log.info("reloading weights of %s after a level-2 sleep", self.engine.checkpoint.name)
-        fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype)
+        fresh = load_model(self.engine.checkpoint, runner.device, runner.dtype, runner.tp_rank, runner.tp_size,
+                           runner.expert_parallel)  # this rank's shards (MoE: its experts or expert slices)
         with torch.no_grad():
-            for param, new in zip(runner.model.parameters(), fresh.parameters()):
+            for param, new in zip(runner.model.parameters(), fresh.parameters(), strict=True):
                 param.copy_(new)
-            for buf, fresh_buf in zip(runner.model.buffers(), fresh.buffers()):
+            for buf, fresh_buf in zip(runner.model.buffers(), fresh.buffers(), strict=True):
                 buf.copy_(fresh_buf)
         del fresh

@@ -24,6 +24,7 @@ from pdlaunch.model.arch import ModelArch, load_arch
 from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
 from pdlaunch.model.layers import default_weight_loader
 from pdlaunch.model.llama import CausalLM
+from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 
@@ -113,6 +114,9 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]
 
 def _target(name: str) -> tuple[str, object]:
     """Checkpoint tensor name -> (our parameter name, shard id for its weight_loader)."""
+    moe = expert_target(name)  # one expert's projection -> the layer's stacked experts
+    if moe is not None:
+        return moe
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part in CausalLM.PACKED_MODULES:
@@ -121,13 +125,18 @@ def _target(name: str) -> tuple[str, object]:
     return name, None
 
 
-def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
-    """Checkpoint tensor names the model needs (packed parameters expand to their parts)."""
+def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = None) -> set[str]:
+    """Checkpoint tensor names the model needs (packed parameters expand to their parts, stacked
+    experts to every expert's projections)."""
     unpack: dict[str, list[str]] = {}
     for ckpt_name, (packed, _) in CausalLM.PACKED_MODULES.items():
         unpack.setdefault(packed, []).append(ckpt_name)
     names: set[str] = set()
     for pname in params:
+        experts = expert_checkpoint_names(pname, arch.moe) if arch is not None and arch.moe is not None else None
+        if experts is not None:
+            names.update(experts)
+            continue
         parts = pname.split(".")
         at = next((i for i, p in enumerate(parts) if p in unpack), None)
         if at is None:
@@ -137,10 +146,11 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
     return names
 
 
-def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
+def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+               expert_parallel: bool = False) -> CausalLM:
     """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory."""
     with torch.device("meta"):
-        model = CausalLM(arch, tp_rank, tp_size)
+        model = CausalLM(arch, tp_rank, tp_size, expert_parallel)
     return model.to(dtype)  # meta: changes dtypes only, allocates nothing
 
 
@@ -172,9 +182,11 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     return True
 
 
-def missing_tensors(params: dict[str, nn.Parameter], seen: set[str]) -> PdlaunchError | None:
-    """The error naming the tensors the model needs that were not loaded, or None."""
-    missing = sorted(_expected_names(params) - seen)
+def missing_tensors(params: dict[str, nn.Parameter], seen: set[str],
+                    arch: ModelArch | None = None) -> PdlaunchError | None:
+    """The error naming the tensors the model needs that were not loaded, or None (`arch` names the
+    experts of an MoE model)."""
+    missing = sorted(_expected_names(params, arch) - seen)
     if not missing:
         return None
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -183,11 +195,12 @@ def missing_tensors(params: dict[str, nn.Parameter], seen: set[str]) -> Pdlaunch
 
 
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-               tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
-    """Build the model on the meta device and load the checkpoint's weights in place."""
+               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> CausalLM:
+    """Build the model on the meta device and load the checkpoint's weights in place
+    (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py)."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
-    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size)
+    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel)
     _materialize(model, device)
     model.eval()
 
@@ -213,7 +226,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     finally:
         if progress is not None:
             progress.stop()
-    missing = missing_tensors(params, seen)
+    missing = missing_tensors(params, seen, ckpt.arch)
     if missing is not None:
         raise missing
     return model
