@@ -79,9 +79,9 @@ def _root(
 @with_serve_options
 def serve(config: Path | None, overrides: dict[str, Any]) -> None:
     """Start prefill and decode instances plus the proxy; Ctrl-C stops everything."""
-    from pdlaunch.launcher.serve import run_serve
+    from pdlaunch.launcher.backends import run_deployment
 
-    _run_deployment(config, overrides, run_serve)
+    _run_deployment(config, overrides, run_deployment)
 
 
 @app.command("check-config")
