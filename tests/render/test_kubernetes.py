@@ -20,7 +20,7 @@ from pdlaunch.render.lws import LeaderWorkerSet
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").rglob("*.yaml"))
 K8S_VERSION = "1.30.0"
 runner = CliRunner()
 
