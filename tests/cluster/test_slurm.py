@@ -18,7 +18,7 @@ from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
 from tests.cluster.slurm_cluster import NODES, SlurmCluster, SlurmUnavailable, _free_port
 from tests.config.cli_helpers import check
-from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion
+from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,9 @@ instances:
         wait_for(ready, "the proxy of the sbatch job to see both nodes ready", START_TIMEOUT_S, poll=1.0)
         with httpx.Client(timeout=60, trust_env=False) as client:
             answers = [completion(client, proxy, llama_ckpt, prompt, MAX_TOKENS) for prompt in PROMPTS]
-            decode_info = client.get(f"http://{NODES['pdn2']}:{decode_port}/info").json()
+            decode = f"http://{NODES['pdn2']}:{decode_port}"
+            decode_info = client.get(f"{decode}/info").json()
+            moved = kv_bytes_received(client, decode)
     finally:
         subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env, timeout=30)
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -109,6 +111,7 @@ instances:
                                                                ignore_eos=True))
     assert [a["choices"][0]["token_ids"] for a in answers] == [r.token_ids for r in reference]
     assert decode_info["role"] == "decode"
+    assert moved > 0, "the decode instance on node 2 received no KV from node 1's prefill (it recomputed)"
     text = output()
     assert "slurm: 2 srun steps on 127.0.0.1, 127.0.0.2" in text, text
     assert "stopped: every srun step ended" in text, text
