@@ -2,7 +2,7 @@
 
 - local: nothing; the config's own `parallel.nodes` (if any) are the nodes.
 - slurm: a SLURM allocation (`salloc`/`sbatch`): SLURM_JOB_ID and SLURM_JOB_NODELIST set, `scontrol`
-  on PATH. The allocation's nodes become `parallel.nodes`, in SLURM's order, each at the address
+  and `srun` on PATH. The allocation's nodes become `parallel.nodes`, in SLURM's order, each at the address
   `scontrol show node` gives (NodeAddr); devices listed in the config's nodes are kept. The KV side
   channel then binds every interface (each rank advertises its own node's address), as any
   multi-node deployment needs, and a deployment secret is made when none is given.
@@ -56,9 +56,10 @@ def slurm_node_addresses(env: Mapping[str, str]) -> list[str]:
                             "SLURM_JOB_NODELIST are not set here", field=FIELD,
                             hint="submit it with sbatch (see examples/slurm/pd-1p1d.sbatch) or run it from "
                                  "`salloc --nodes N`; or use --backend local")
-    if shutil.which("scontrol") is None:
-        raise PdlaunchError("--backend slurm needs `scontrol` on PATH to read the allocation's nodes", field=FIELD,
-                            hint="load the SLURM module / add SLURM's bin directory to PATH")
+    for tool, why in (("scontrol", "to read the allocation's nodes"), ("srun", "to start a step on each node")):
+        if shutil.which(tool) is None:
+            raise PdlaunchError(f"--backend slurm needs `{tool}` on PATH {why}", field=FIELD,
+                                hint="load the SLURM module / add SLURM's bin directory to PATH")
     names = _scontrol(["show", "hostnames", nodelist]).split()
     if not names:
         raise PdlaunchError(f"SLURM_JOB_NODELIST {nodelist!r} names no node", field=FIELD,

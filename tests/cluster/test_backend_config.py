@@ -12,6 +12,7 @@ import pytest
 from pdlaunch.config.backend import with_backend_nodes
 from pdlaunch.config.models import DeploymentConfig, NodeConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends.slurm import cpus_per_node, srun_argv
 from tests.cluster.slurm_cluster import _free_port
 from tests.config.cli_helpers import check, check_json
 
@@ -34,6 +35,9 @@ case "$1 $2" in
 esac
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    srun = script.parent / "srun"  # found on PATH; never run here
+    srun.write_text("#!/bin/sh\nexit 1\n")
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
     return calls
 
@@ -64,9 +68,24 @@ def test_what_is_missing_is_named(scontrol: Path, monkeypatch: pytest.MonkeyPatc
     assert short.value.field == "parallel.nodes"
     with pytest.raises(PdlaunchError, match="scontrol show hostnames"):
         with_backend_nodes(slurm, {**ALLOCATION, "SLURM_JOB_NODELIST": "other[1-2]"})
+    (scontrol.parent / "bin" / "srun").unlink()
+    monkeypatch.setenv("PATH", str(scontrol.parent / "bin"))
+    with pytest.raises(PdlaunchError, match="needs `srun` on PATH"):
+        with_backend_nodes(slurm, ALLOCATION)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(PdlaunchError, match="needs `scontrol` on PATH"):
         with_backend_nodes(slurm, ALLOCATION)
+
+
+def test_each_step_gets_its_nodes_cpus() -> None:
+    assert cpus_per_node("72(x2),36", 3) == [72, 72, 36]
+    assert cpus_per_node("8", 2) == [8, None]
+    assert cpus_per_node(None, 2) == [None, None]
+    assert cpus_per_node("weird", 1) == [None]
+    argv = srun_argv(1, 36)
+    assert argv[:4] == ["srun", "--nodes=1", "--ntasks=1", "--relative=1"]
+    assert "--cpus-per-task=36" in argv and argv[-2:] == ["--node-rank", "1"]
+    assert not any(a.startswith("--cpus-per-task") for a in srun_argv(0, None))
 
 
 def test_check_config_inside_an_allocation(scontrol: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """`--backend slurm`: one `srun` step per node of the allocation, each running that node's launcher.
 
 Inside `sbatch`/`salloc`, config/backend.py has made the allocation's nodes `parallel.nodes`. This
-process (the batch script's, on the allocation's first node) starts one step per node,
+process (the batch script's, or the salloc shell's) starts one step per node,
 `srun --nodes=1 --ntasks=1 --relative=K --overlap python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
@@ -17,6 +17,7 @@ this process exits 0 once every step has ended.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -37,11 +38,24 @@ STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its 
 HEALTH_TIMEOUT_S = 2.0
 
 
-def srun_argv(node: int) -> list[str]:
-    """Node `node`'s step. --overlap: steps share the allocation's resources (one step per node, and
-    each step gets its node's GPUs); --relative picks the node by its index in the allocation."""
+def srun_argv(node: int, cpus: int | None) -> list[str]:
+    """Node `node`'s step, with every CPU and all memory the job has there (`cpus`; a step gets one CPU
+    by default) and no CPU binding: its launcher divides them among its instances. --overlap lets the
+    steps share the allocation (each keeps access to its node's GPUs); --relative picks the node."""
     return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", f"--job-name=pdlaunch-node{node}",
+            *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0",
             sys.executable, "-m", "pdlaunch.launcher.backends.slurm_node", "--node-rank", str(node)]
+
+
+def cpus_per_node(value: str | None, nodes: int) -> list[int | None]:
+    """SLURM_JOB_CPUS_PER_NODE ("72(x2),36": 72 on each of the first two nodes, then 36) per node."""
+    counts: list[int | None] = []
+    for item in filter(None, (value or "").split(",")):
+        count, _, repeat = item.partition("(x")
+        if not count.isdigit() or (repeat and not repeat.rstrip(")").isdigit()):
+            return [None] * nodes
+        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return (counts + [None] * nodes)[:nodes]
 
 
 def proxy_url(cfg: DeploymentConfig) -> str:
@@ -67,7 +81,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     console = Console()
     log_dir = Path(cfg.log_dir)
     env = {DEPLOYMENT_ENV: cfg.model_dump_json()}
-    steps = [ChildProcess(f"node {k}", srun_argv(k), log_dir / f"slurm-node{k}.log", env=env)
+    cpus = cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE"), len(cfg.parallel.nodes))
+    steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k]), log_dir / f"slurm-node{k}.log", env=env)
              for k in range(len(cfg.parallel.nodes))]
     url = proxy_url(cfg)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
