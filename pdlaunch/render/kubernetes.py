@@ -118,7 +118,6 @@ def _pod_config(cfg: DeploymentConfig, secret: str) -> DeploymentConfig:
     out.parallel.master_addr = "127.0.0.1"
     out.kv_transfer.side_channel_host = "0.0.0.0"
     out.security.deployment_secret = secret
-    out.log_dir = "/tmp/pdlaunch-logs"
     return out
 
 
@@ -197,7 +196,7 @@ def _container(cfg: DeploymentConfig, options: RenderOptions, module: str, args:
                          {"name": "dshm", "mountPath": "/dev/shm"}],
     }
     if gpus:
-        container["resources"] = {"limits": {GPU_RESOURCE: str(gpus)}}
+        container["resources"] = {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}}
     if leader:  # /health answers 200 once the engine is up (and stays open without the API key)
         container["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"},
                                        "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}

@@ -14,7 +14,7 @@ from pdlaunch.config.models import DeploymentConfig, NodeConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm import cpus_per_node, srun_argv
 from tests.cluster.slurm_cluster import _free_port
-from tests.config.cli_helpers import check, check_json
+from tests.config.cli_helpers import check, check_json, invoke
 
 ALLOCATION = {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "gpu[07-08]"}
 
@@ -98,3 +98,11 @@ def test_check_config_inside_an_allocation(scontrol: Path, monkeypatch: pytest.M
     monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu07")
     result = check([str(example), "--model", "tiny", "--device", "cpu"])
     assert result.exit_code == 1 and "instances[1].node" in result.output  # decode on a node not allocated
+
+
+def test_smoke_refuses_the_slurm_backend(scontrol: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in ALLOCATION.items():
+        monkeypatch.setenv(key, value)
+    result = invoke(["smoke", "--model", "tiny", "--device", "cpu", "--backend", "slurm", "--port",
+                     str(_free_port())])
+    assert result.exit_code == 1 and "smoke runs its deployment on this machine" in result.output
