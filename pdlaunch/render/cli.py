@@ -51,7 +51,8 @@ def kubernetes(
     """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
     from pydantic import ValidationError
 
-    from pdlaunch.render.kubernetes import RenderOptions, render_kubernetes, write_manifests
+    from pdlaunch.render.kubernetes import render_kubernetes, write_manifests
+    from pdlaunch.render.objects import RenderOptions
 
     console = Console(stderr=True)
     try:

@@ -39,26 +39,24 @@ from pdlaunch.render.lws import (
     LeaderWorkerTemplate,
     ObjectMeta,
 )
+from pdlaunch.render.objects import (
+    PLACEMENT_ENV,
+    ROLE_LABEL,
+    SECRET_ENV,
+    RenderOptions,
+    app_labels,
+    container,
+    meta,
+    pod_env,
+    pod_template,
+    proxy_deployment,
+    proxy_service,
+    role_service,
+)
 
 DEFAULT_HTTP_PORT = 8100  # group g: 8100 + 100 * g, when base_port is unset
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 DEFAULT_MASTER_PORT = 29500
-CONFIG_DIR = "/etc/pdlaunch"
-DEPLOYMENT_FILE = f"{CONFIG_DIR}/deployment.json"
-SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
-API_KEY_ENV = "PDLAUNCH_API_KEY"
-PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"  # as distributed/placement.py reads it
-GPU_RESOURCE = "nvidia.com/gpu"
-ROLE_LABEL = "pdlaunch.io/role"
-LEADER_LABEL = "pdlaunch.io/leader"
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    image: str  # a container image with pdlaunch (and the checkpoint, or a volume mounted at model.path)
-    name: str = "pdlaunch"  # prefix of every object's name
-    namespace: str | None = None
-    gpus_per_node: int = 8  # a TP group larger than this is spread one rank per pod
 
 
 @dataclass
@@ -89,9 +87,10 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[dic
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
             urls.append((group.role, f"{group.role}-{g}-{k}", f"http://{lws_name}-{k}.{lws_name}:{ports.http}"))
     for role in dict.fromkeys(group.role for _, group in groups):
-        role_groups = [(g, group) for g, group in groups if group.role == role]
-        manifests.append(_role_service(cfg, role, role_groups, planned, options))
-    manifests += [_proxy_deployment(cfg, urls, options), _proxy_service(cfg, options)]
+        http_ports = [_group_ports(cfg, g, [p for p in planned if p.group == g]).http
+                      for g, group in groups if group.role == role]
+        manifests.append(role_service(role, http_ports, options))
+    manifests += [proxy_deployment(cfg, urls, options), proxy_service(cfg, options)]
     return manifests
 
 
@@ -131,34 +130,12 @@ def _group_ports(cfg: DeploymentConfig, g: int, planned: list[PlannedInstance]) 
         cfg.parallel.master_port or DEFAULT_MASTER_PORT)
 
 
-def _meta(name: str, options: RenderOptions, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": {**_app_labels(options), **(labels or {})}}
-    if options.namespace:
-        meta["namespace"] = options.namespace
-    return meta
-
-
-def _app_labels(options: RenderOptions) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "pdlaunch", "app.kubernetes.io/instance": options.name}
-
-
 def _secret(cfg: DeploymentConfig, pod_cfg: DeploymentConfig, secret: str, options: RenderOptions) -> dict[str, Any]:
     data = {"deployment.json": pod_cfg.model_dump_json(indent=2), "deployment-secret": secret}
     if cfg.security.api_key:
         data["api-key"] = cfg.security.api_key
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": _meta(f"{options.name}-deployment", options),
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta(f"{options.name}-deployment", options),
             "type": "Opaque", "stringData": data}
-
-
-def _pod_env(extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """POD_IP and the pod's identity first: later values and the args refer to them as $(POD_IP)."""
-    return [
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *(extra or []),
-    ]
 
 
 def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
@@ -187,31 +164,6 @@ def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: boo
     return found
 
 
-def _container(cfg: DeploymentConfig, options: RenderOptions, module: str, args: list[str],
-               env: list[dict[str, Any]], ports: list[dict[str, Any]], gpus: int, leader: bool) -> dict[str, Any]:
-    container: dict[str, Any] = {
-        "name": "engine", "image": options.image, "command": ["python", "-m", module],
-        "args": ["--deployment", DEPLOYMENT_FILE, *args], "env": env, "ports": ports,
-        "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_DIR, "readOnly": True},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
-    }
-    if gpus:
-        container["resources"] = {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}}
-    if leader:  # /health answers 200 once the engine is up (and stays open without the API key)
-        container["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"},
-                                       "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
-    return container
-
-
-def _pod_template(options: RenderOptions, role: str, container: dict[str, Any], leader: bool) -> dict[str, Any]:
-    labels = {**_app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true" if leader else "false"}
-    return {"metadata": {"labels": labels}, "spec": {
-        "containers": [container],
-        "volumes": [{"name": "deployment", "secret": {"secretName": f"{options.name}-deployment"}},
-                    {"name": "dshm", "emptyDir": {"medium": "Memory"}}],  # TP workers share tensors there
-    }}
-
-
 def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, ports: GroupPorts,
                        options: RenderOptions) -> LeaderWorkerSet:
     tp = group.tp or 1
@@ -219,71 +171,30 @@ def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig
     ranks_here = 1 if spread else tp
     gpus = ranks_here if cfg.device == "cuda" else 0
     spec = _instance_spec(cfg, group, ports, ranks_here, ports.side_channel)
-    env = _pod_env()
+    env = pod_env()
     if spread:  # ranks 1..tp-1 are the worker pods `<leader pod>-<r>`; rank 0 listens on its pod's address
         hosts = ["$(POD_IP)"] + [f"$(POD_NAME)-{r}" for r in range(1, tp)]
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
-    leader = _container(cfg, options, "pdlaunch.server", ["--instance", spec.model_dump_json()], env,
+    leader = container(options, "pdlaunch.server", ["--instance", spec.model_dump_json()], env,
                         _ports(ports, group.role, range(ranks_here), tp, leader=True), gpus, leader=True)
-    template = LeaderWorkerTemplate(leader_template=_pod_template(options, group.role, leader, leader=True),
-                                    worker_template=_pod_template(options, group.role, leader, leader=True),
+    template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, leader=True),
+                                    worker_template=pod_template(options, group.role, leader, leader=True),
                                     size=1, restart_policy="RecreateGroupOnPodRestart")
     if spread:
         # Worker pod r is TP rank r (LWS_WORKER_INDEX); it binds side_channel_port + r on its own address.
         # Its one GPU is index 0 in its pod, whichever rank it is (remote_rank reads devices[rank]).
         worker_spec = spec.model_copy(update={"devices": [0] * tp if cfg.device == "cuda" else []})
         placement = json.dumps({"nodes": list(range(tp)), "hosts": [f"$({LEADER_ADDRESS_ENV})"] * tp})
-        worker = _container(cfg, options, "pdlaunch.distributed.remote_rank",
+        worker = container(options, "pdlaunch.distributed.remote_rank",
                             ["--instance", worker_spec.model_dump_json(), "--rank", f"$({WORKER_INDEX_ENV})",
                              "--placement", placement],
-                            _pod_env(), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus, leader=False)
-        template.worker_template = _pod_template(options, group.role, worker, leader=False)
+                            pod_env(), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus, leader=False)
+        template.worker_template = pod_template(options, group.role, worker, leader=False)
         template.size = tp
     return LeaderWorkerSet(
         metadata=ObjectMeta(name=f"{options.name}-{group.role}-{g}", namespace=options.namespace,
-                            labels={**_app_labels(options), ROLE_LABEL: group.role}),
+                            labels={**app_labels(options), ROLE_LABEL: group.role}),
         spec=LeaderWorkerSetSpec(replicas=group.count, leader_worker_template=template,
                                  startup_policy="LeaderCreated"))
 
 
-def _role_service(cfg: DeploymentConfig, role: str, groups: list[tuple[int, InstanceGroupConfig]],
-                  planned: list[PlannedInstance], options: RenderOptions) -> dict[str, Any]:
-    """The role's instances (their leader pods) behind one name, on each group's HTTP port."""
-    ports: dict[int, dict[str, Any]] = {}
-    for g, _ in groups:
-        http = _group_ports(cfg, g, [p for p in planned if p.group == g]).http
-        ports.setdefault(http, {"name": f"http-{http}", "port": http, "targetPort": http, "protocol": "TCP"})
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(f"{options.name}-{role}", options,
-                                                                     {ROLE_LABEL: role}),
-            "spec": {"selector": {**_app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true"},
-                     "ports": list(ports.values())}}
-
-
-def _proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
-                      options: RenderOptions) -> dict[str, Any]:
-    args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), "--routing-policy", cfg.proxy.routing_policy,
-            "--request-timeout", str(cfg.proxy.request_timeout_seconds),
-            "--max-request-bytes", str(cfg.security.max_request_bytes)]
-    for role, name, url in urls:
-        args += [f"--{role}", f"{name}={url}"]
-    secret_name = f"{options.name}-deployment"
-    env: list[dict[str, Any]] = [
-        {"name": SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "deployment-secret"}}}]
-    if cfg.security.api_key:
-        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}})
-    labels = {**_app_labels(options), ROLE_LABEL: "proxy"}
-    container = {"name": "proxy", "image": options.image, "command": ["python", "-m", "pdlaunch.proxy"],
-                 "args": args, "env": env,
-                 "ports": [{"name": "http", "containerPort": cfg.proxy.port, "protocol": "TCP"}],
-                 "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5}}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(f"{options.name}-proxy", options,
-                                                                             {ROLE_LABEL: "proxy"}),
-            "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}}}
-
-
-def _proxy_service(cfg: DeploymentConfig, options: RenderOptions) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(f"{options.name}-proxy", options,
-                                                                     {ROLE_LABEL: "proxy"}),
-            "spec": {"selector": {**_app_labels(options), ROLE_LABEL: "proxy"},
-                     "ports": [{"name": "http", "port": cfg.proxy.port, "targetPort": "http", "protocol": "TCP"}]}}

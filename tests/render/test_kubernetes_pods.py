@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from pdlaunch.cli import app
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.render.kubernetes import DEPLOYMENT_FILE
+from pdlaunch.render.objects import DEPLOYMENT_FILE
 from tests.cluster.slurm_cluster import _free_port
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
