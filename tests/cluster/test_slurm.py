@@ -1,6 +1,11 @@
 """`--backend slurm` on a real SLURM cluster (slurmctld + two slurmd nodes on this machine): the example
-sbatch script serves 1P1D across the two nodes, answers equal a colocated engine's, and
-`scancel --signal=TERM --batch` stops every node cleanly. Outside an allocation the backend is an error."""
+sbatch script serves 1P1D across the two nodes (the prefill on the second, the decode's TP 2 group
+spanning both: its rank 1 is started by the second node's step and joins rank 0's rendezvous on the
+first), answers equal a colocated engine's, the KV crosses from prefill to decode, and
+`scancel --signal=TERM --batch` stops every node cleanly. Outside an allocation the backend is an error.
+
+Both "nodes" share this machine's kernel, so only one TP group may rendezvous (the port plan numbers
+rendezvous ports per node, from parallel.master_port on each)."""
 
 from __future__ import annotations
 
@@ -65,9 +70,12 @@ cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
 kv_transfer: {{connector: nixl, side_channel_host: 0.0.0.0}}
 proxy: {{host: 127.0.0.1, port: {proxy_port}}}
 log_dir: {tmp_path / "logs"}
+parallel:  # one rank slot on the first node: the decode's TP group spans both nodes
+  nodes: [{{address: 127.0.0.1, devices: [0]}}, {{address: 127.0.0.1}}]
+  master_port: {_free_port()}
 instances:
-  - {{role: prefill, count: 1, node: 0, base_port: {prefill_port}}}
-  - {{role: decode, count: 1, node: 1, base_port: {decode_port}}}
+  - {{role: prefill, count: 1, tp: 1, node: 1, base_port: {prefill_port}}}
+  - {{role: decode, count: 1, tp: 2, node: 0, base_port: {decode_port}}}
 """)
     out = tmp_path / "job.out"
     env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
@@ -94,7 +102,7 @@ instances:
         wait_for(ready, "the proxy of the sbatch job to see both nodes ready", START_TIMEOUT_S, poll=1.0)
         with httpx.Client(timeout=60, trust_env=False) as client:
             answers = [completion(client, proxy, llama_ckpt, prompt, MAX_TOKENS) for prompt in PROMPTS]
-            decode = f"http://{NODES['pdn2']}:{decode_port}"
+            decode = f"http://{NODES['pdn1']}:{decode_port}"
             decode_info = client.get(f"{decode}/info").json()
             moved = kv_bytes_received(client, decode)
     finally:
@@ -110,7 +118,8 @@ instances:
         reference = colocated.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                                ignore_eos=True))
     assert [a["choices"][0]["token_ids"] for a in answers] == [r.token_ids for r in reference]
-    assert decode_info["role"] == "decode"
+    assert decode_info["role"] == "decode" and decode_info["tp_size"] == 2
+    assert (tmp_path / "logs" / "node1" / "decode-0-rank1.log").exists()  # the second node ran the decode's rank 1
     assert moved > 0, "the decode instance on node 2 received no KV from node 1's prefill (it recomputed)"
     text = output()
     assert "slurm: 2 srun steps on 127.0.0.1, 127.0.0.2" in text, text
