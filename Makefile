@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 # --kv-connector mooncake links these Debian libraries; installed where we may (root, or sudo without a password).
 MOONCAKE_DEBS := libibverbs1 librdmacm1 libnuma1
+# tests/cluster/test_slurm.py starts a real slurmctld with two slurmd nodes from these (skipped without them).
+SLURM_DEBS := slurmctld slurmd slurm-client munge
 APT = $(shell command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] && echo apt-get || { sudo -n true 2>/dev/null && echo "sudo -n apt-get"; }; })
 
 .PHONY: venv demo-model test test-fast test-gpu serve smoke lint clean
@@ -16,6 +18,7 @@ $(BIN)/pdlaunch: pyproject.toml
 	# otherwise pip pulls a CUDA build of several GB.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(if $(APT),$(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && $(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null; } || true)
+	$(if $(APT),DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $(SLURM_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $(SLURM_DEBS) >/dev/null; } || echo "SLURM packages did not install here: tests/cluster/test_slurm.py will skip")
 	$(BIN)/python -m pip install -q -e ".[test,mooncake]" || { echo "pdlaunch[mooncake] did not install here: the Mooncake tests will skip"; $(BIN)/python -m pip install -q -e ".[test]"; }
 	touch $(BIN)/pdlaunch
 

@@ -18,6 +18,7 @@ from pdlaunch import __version__
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.config.flags import with_serve_options
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.render.cli import render_app
 
 if TYPE_CHECKING:
     from pdlaunch.config.models import DeploymentConfig
@@ -33,6 +34,7 @@ app = typer.Typer(
 config_app = typer.Typer(help="Config schema and examples.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(bench_app, name="bench")
+app.add_typer(render_app, name="render")
 
 err_console = Console(stderr=True)
 
@@ -77,9 +79,9 @@ def _root(
 @with_serve_options
 def serve(config: Path | None, overrides: dict[str, Any]) -> None:
     """Start prefill and decode instances plus the proxy; Ctrl-C stops everything."""
-    from pdlaunch.launcher.serve import run_serve
+    from pdlaunch.launcher.backends import run_deployment
 
-    _run_deployment(config, overrides, run_serve)
+    _run_deployment(config, overrides, run_deployment)
 
 
 @app.command("check-config")

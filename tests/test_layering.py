@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine",),  # scheduler, step inputs, sampling, outputs, LLMEngine
     ("http",),  # what the instance API and the proxy share: OpenAI errors, SSE, disconnects, auth, limits
     ("server",),  # one instance's HTTP API
-    ("proxy", "launcher"),  # the PD router; process supervision
+    ("proxy", "launcher", "render"),  # the PD router; process supervision; cluster manifests
     ("bench",),  # load generator and transfer benchmark
     ("cli",),  # the typer app
     ("__main__",),  # `python -m pdlaunch`

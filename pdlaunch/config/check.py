@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pdlaunch.config.backend import with_backend_nodes
 from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.loader import load_deployment, with_rule_problems
 from pdlaunch.config.memory_estimate import GIB, device_budget_bytes, estimate
 from pdlaunch.config.models import DeploymentConfig
-from pdlaunch.config.problems import Problem
+from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.resources import port_plan
 from pdlaunch.config.security_rules import world_readable_secret_warnings
 from pdlaunch.config.validate import (
@@ -25,7 +26,7 @@ from pdlaunch.config.validate import (
     target_problems,
     validate_deployment,
 )
-from pdlaunch.errors import ConfigError
+from pdlaunch.errors import ConfigError, PdlaunchError
 
 
 def check(config_path: Path | None, overrides: dict[str, Any], target_gpus: int | None,
@@ -40,6 +41,11 @@ def check(config_path: Path | None, overrides: dict[str, Any], target_gpus: int 
         return problems + [Problem(field, message) for field, message in exc.problems], None, target
     if problems:  # a half-declared target host: checking against this machine instead would mislead
         return problems, None, target
+    try:
+        cfg = with_backend_nodes(cfg)
+    except PdlaunchError as exc:  # what the backend needs and this machine lacks
+        found = [problem(exc.field or "launcher.backend", exc.message, exc.hint or "")]
+        return name_flags(found, flag_fields(overrides, cfg.instances)), None, target
     found, resolved = validate_deployment(cfg, target)
     return name_flags(found, flag_fields(overrides, cfg.instances)), resolved, target
 

@@ -102,6 +102,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "KV blocks is --kv-offload-gb GiB"),
     Flag("log_dir", str | None, "log_dir", "Directory for per-instance logs."),
     Flag("node_rank", int | None, "parallel.node_rank", "Which node of `parallel.nodes` this is."),
+    Flag("backend", str | None, "launcher.backend", "local | slurm: who starts the processes (slurm: inside an "
+         "allocation, one srun step per node)."),
     Flag("seed", int | None, "model.seed", "Default sampling seed."),
     Flag("api_key", str | None, "security.api_key",
          "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY).", envvar="PDLAUNCH_API_KEY"),

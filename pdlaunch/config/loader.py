@@ -166,6 +166,7 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
 
     Raises ConfigError with every problem; the returned config is the resolved one.
     """
+    from pdlaunch.config.backend import with_backend_nodes
     from pdlaunch.config.security_rules import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
 
@@ -173,6 +174,7 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
         cfg = load_deployment(path, overrides)
     except ConfigError as exc:
         raise with_rule_problems(exc) from None
+    cfg = with_backend_nodes(cfg)  # --backend slurm: the allocation's nodes (PdlaunchError outside one)
     problems, resolved = validate_deployment(cfg, target=None)
     for field, message in world_readable_secret_warnings(path):
         logger.warning("warning: %s: %s", field, message)

@@ -161,6 +161,13 @@ def group_expert_parallel(parallel: ParallelConfig, group: InstanceGroupConfig) 
     return parallel.enable_expert_parallel if group.enable_expert_parallel is None else group.enable_expert_parallel
 
 
+class LauncherConfig(StrictModel):
+    backend: Literal["local", "slurm"] = Field(
+        "local", description="local: this machine starts its processes (multi-node: one `pdlaunch serve "
+        "--node-rank K` per node); slurm: inside a SLURM allocation, nodes from SLURM_JOB_NODELIST and one "
+        "`srun` step per node (pdlaunch/launcher/backends/slurm.py).")
+
+
 def default_instances() -> list[InstanceGroupConfig]:
     return [InstanceGroupConfig(role="prefill"), InstanceGroupConfig(role="decode")]
 
@@ -177,6 +184,7 @@ class DeploymentConfig(StrictModel):
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
     instances: list[InstanceGroupConfig] = Field(default_factory=default_instances)
 
     @model_validator(mode="before")

@@ -128,6 +128,9 @@ def _run(cfg: DeploymentConfig, label: str, console: Console, checks: list[Check
 
 
 def run_smoke(cfg: DeploymentConfig) -> int:
+    if cfg.launcher.backend != "local":
+        raise PdlaunchError(f"smoke runs its deployment on this machine, not through --backend {cfg.launcher.backend}",
+                            field="launcher.backend", hint="run `pdlaunch smoke` with --backend local")
     console = Console()
     checks: list[Check] = []
     if not port_is_free(cfg.proxy.host, cfg.proxy.port):

@@ -1,0 +1,87 @@
+"""What each launcher backend (`launcher.backend`, `--backend`) needs, read before the config is checked.
+
+- local: nothing; the config's own `parallel.nodes` (if any) are the nodes.
+- slurm: a SLURM allocation (`salloc`/`sbatch`): SLURM_JOB_ID and SLURM_JOB_NODELIST set, `scontrol`
+  and `srun` on PATH. The allocation's nodes become `parallel.nodes`, in SLURM's order, each at the address
+  `scontrol show node` gives (NodeAddr); devices listed in the config's nodes are kept. The KV side
+  channel then binds every interface (each rank advertises its own node's address), as any
+  multi-node deployment needs, and a deployment secret is made when none is given.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Mapping
+
+from pdlaunch.config.models import DeploymentConfig, NodeConfig
+from pdlaunch.config.rules import LOOPBACK_HOSTS
+from pdlaunch.errors import PdlaunchError
+
+SCONTROL_TIMEOUT_S = 30.0
+FIELD = "launcher.backend"
+SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
+
+
+def with_backend_nodes(cfg: DeploymentConfig, env: Mapping[str, str] | None = None) -> DeploymentConfig:
+    """`cfg` with the nodes its backend provides. Raises PdlaunchError (field launcher.backend) saying
+    what is missing: no allocation, no scontrol, fewer nodes than the config lists."""
+    if cfg.launcher.backend == "local":
+        return cfg
+    env = os.environ if env is None else env
+    addresses = slurm_node_addresses(env)
+    if len(cfg.parallel.nodes) > len(addresses):
+        raise PdlaunchError(f"the config lists {len(cfg.parallel.nodes)} nodes but the SLURM allocation has "
+                            f"{len(addresses)} ({env.get('SLURM_JOB_NODELIST')})", field="parallel.nodes",
+                            hint=f"allocate {len(cfg.parallel.nodes)} nodes (sbatch/salloc --nodes "
+                                 f"{len(cfg.parallel.nodes)}) or list fewer nodes")
+    devices = [node.devices for node in cfg.parallel.nodes] + [[] for _ in addresses[len(cfg.parallel.nodes):]]
+    out = cfg.model_copy(deep=True)
+    out.parallel.nodes = [NodeConfig(address=a, devices=d) for a, d in zip(addresses, devices)]
+    if len(addresses) > 1 and out.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
+        out.kv_transfer.side_channel_host = "0.0.0.0"
+    if not out.security.deployment_secret and not env.get(SECRET_ENV):
+        # Every node must share it; the slurm launcher hands the config, secret included, to every step.
+        out.security.deployment_secret = secrets.token_hex(32)
+    return out
+
+
+def slurm_node_addresses(env: Mapping[str, str]) -> list[str]:
+    """The allocation's nodes, in SLURM's order, as addresses other nodes reach them at."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not env.get("SLURM_JOB_ID") or not nodelist:
+        raise PdlaunchError("--backend slurm runs inside a SLURM allocation, and SLURM_JOB_ID / "
+                            "SLURM_JOB_NODELIST are not set here", field=FIELD,
+                            hint="submit it with sbatch (see examples/slurm/pd-1p1d.sbatch) or run it from "
+                                 "`salloc --nodes N`; or use --backend local")
+    for tool, why in (("scontrol", "to read the allocation's nodes"), ("srun", "to start a step on each node")):
+        if shutil.which(tool) is None:
+            raise PdlaunchError(f"--backend slurm needs `{tool}` on PATH {why}", field=FIELD,
+                                hint="load the SLURM module / add SLURM's bin directory to PATH")
+    names = _scontrol(["show", "hostnames", nodelist]).split()
+    if not names:
+        raise PdlaunchError(f"SLURM_JOB_NODELIST {nodelist!r} names no node", field=FIELD,
+                            hint="run inside the allocation's batch script or salloc shell")
+    return [_node_address(name) for name in names]
+
+
+def _node_address(name: str) -> str:
+    """NodeAddr of `name` (slurm.conf), which is its hostname unless the cluster maps it elsewhere."""
+    for word in _scontrol(["show", "node", "--oneliner", name]).split():
+        if word.startswith("NodeAddr="):
+            return word.removeprefix("NodeAddr=") or name
+    return name
+
+
+def _scontrol(args: list[str]) -> str:
+    try:
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=SCONTROL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise PdlaunchError(f"`scontrol {' '.join(args)}` did not answer within {SCONTROL_TIMEOUT_S:.0f}s",
+                            field=FIELD, hint="check that slurmctld is reachable (`scontrol ping`)") from None
+    if done.returncode != 0:
+        raise PdlaunchError(f"`scontrol {' '.join(args)}` failed: {done.stderr.strip() or done.returncode}",
+                            field=FIELD, hint="check that slurmctld is reachable (`scontrol ping`)")
+    return done.stdout

@@ -1,0 +1,55 @@
+"""One node's launcher under `--backend slurm`: `python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
+started by launcher/backends/slurm.py through srun. It reads the deployment from PDLAUNCH_SLURM_DEPLOYMENT,
+checks it against this node (ports, checkpoint, log directory) and serves node K exactly as
+`pdlaunch serve --node-rank K` does. Its logs go to LOG_DIR/nodeK/ (log_dir is often shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.validate import validate_deployment
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV, STOP_SIGNAL
+from pdlaunch.launcher.serve import run_serve
+
+
+def node_config(raw: str, node_rank: int) -> DeploymentConfig:
+    """The deployment as node `node_rank` runs it, checked on this node. Raises PdlaunchError."""
+    cfg = DeploymentConfig.model_validate_json(raw)
+    if node_rank >= len(cfg.parallel.nodes):
+        raise PdlaunchError(f"node rank {node_rank} is not among the deployment's {len(cfg.parallel.nodes)} nodes")
+    cfg.launcher.backend = "local"  # this process runs its node's processes itself
+    cfg.parallel.node_rank = node_rank
+    cfg.log_dir = os.path.join(cfg.log_dir, f"node{node_rank}")
+    problems, resolved = validate_deployment(cfg, target=None)
+    if problems:
+        raise PdlaunchError("; ".join(f"{field}: {message}" for field, message in problems),
+                            hint=f"checked on node {node_rank} ({cfg.parallel.nodes[node_rank].address})")
+    return resolved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pdlaunch.launcher.backends.slurm_node", description=__doc__)
+    parser.add_argument("--node-rank", required=True, type=int, help="This node's index in parallel.nodes.")
+    args = parser.parse_args(argv)
+    raw = os.environ.get(DEPLOYMENT_ENV)
+    if not raw:
+        print(f"error: {DEPLOYMENT_ENV} is not set: this module is started by `pdlaunch serve --backend slurm`",
+              file=sys.stderr)
+        return 1
+    # srun forwards SIGUSR1 (launcher/backends/slurm.py sends it to stop): stop as on SIGTERM.
+    signal.signal(STOP_SIGNAL, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        return run_serve(node_config(raw, args.node_rank))
+    except PdlaunchError as exc:
+        print(f"error: node {args.node_rank}: {exc.render()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

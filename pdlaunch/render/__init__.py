@@ -1,0 +1,1 @@
+"""Deployment manifests for cluster managers (`pdlaunch render ...`)."""

@@ -1,0 +1,74 @@
+"""`pdlaunch render kubernetes CONFIG --out DIR --image IMAGE`: the deployment as Kubernetes manifests.
+
+The config is checked as a cluster deployment (parsed, roles, per-group TP resolved; `device: auto`
+means cuda there), not against this machine: the pods run elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from pdlaunch.config.flags import with_serve_options
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import ConfigError, PdlaunchError
+
+render_app = typer.Typer(help="Write a deployment's manifests for a cluster manager.", no_args_is_help=True)
+
+
+def cluster_config(config: Path | None, overrides: dict[str, Any], gpus_per_node: int) -> DeploymentConfig:
+    """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
+    from pdlaunch.config.loader import load_deployment
+    from pdlaunch.config.rules import role_problems
+    from pdlaunch.config.validate import TargetHost, resolve
+
+    cfg = load_deployment(config, overrides)
+    target = None if cfg.device == "cpu" else TargetHost(gpus=gpus_per_node, gpu_memory_gib=80.0)
+    resolved = resolve(cfg, target)
+    problems = role_problems(resolved)
+    if problems:
+        raise ConfigError(problems)
+    return resolved
+
+
+@render_app.command("kubernetes")
+@with_serve_options
+def kubernetes(
+    config: Path | None,
+    overrides: dict[str, Any],
+    out: Annotated[Path, typer.Option("--out", help="Directory the manifests are written to.")],
+    image: Annotated[str, typer.Option("--image", help="Container image with pdlaunch installed (and the model, "
+                                                       "or a volume at model.path).")],
+    name: Annotated[str, typer.Option("--name", help="Prefix of every object's name.")] = "pdlaunch",
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Namespace of the objects.")] = None,
+    gpus_per_node: Annotated[int, typer.Option(
+        "--gpus-per-node", min=1, max=1024,
+        help="GPUs of one node: a TP group larger than this runs one rank per pod.")] = 8,
+) -> None:
+    """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
+    from pydantic import ValidationError
+
+    from pdlaunch.render.kubernetes import render_kubernetes, write_manifests
+    from pdlaunch.render.objects import RenderOptions
+
+    console = Console(stderr=True)
+    try:
+        cfg = cluster_config(config, overrides, gpus_per_node)
+        try:
+            options = RenderOptions(image=image, name=name, namespace=namespace, gpus_per_node=gpus_per_node)
+            written = write_manifests(render_kubernetes(cfg, options), out)
+        except ValidationError as exc:  # a name Kubernetes refuses (the LeaderWorkerSet model checks it)
+            raise PdlaunchError(f"--name {name!r} makes invalid object names: {exc.errors()[0]['msg']}",
+                                field="--name", hint="use lowercase letters, digits and '-', starting "
+                                "with a letter, at most 40 characters") from None
+    except PdlaunchError as exc:
+        for line in exc.render().splitlines():
+            console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+    for path in written:
+        typer.echo(str(path))
+    console.print(f"{len(written)} manifests in {out}: `kubectl apply -f {out}` (needs the LeaderWorkerSet "
+                  "controller, https://lws.sigs.k8s.io)", highlight=False, soft_wrap=True)

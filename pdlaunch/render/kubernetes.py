@@ -1,0 +1,200 @@
+"""`pdlaunch render kubernetes`: the manifests of a deployment for a Kubernetes cluster with LeaderWorkerSet.
+
+What the launcher does on one host, Kubernetes does here; the objects, in apply order:
+
+- Secret `NAME-deployment`: the validated deployment as JSON (it carries the deployment secret, so it
+  is a Secret, not a ConfigMap), the deployment secret alone for the proxy, and the API key if any.
+- One LeaderWorkerSet per instance group: a replica per instance, its leader pod is TP rank 0 (the
+  instance's HTTP server and engine). A TP group that fits one node (tp <= --gpus-per-node) is one
+  pod holding all its GPUs; a larger one is one pod per rank, the workers being
+  `pdlaunch.distributed.remote_rank` processes that rendezvous at `LWS_LEADER_ADDRESS`.
+  Each pod advertises its own `status.podIP` (downward API) for HTTP and the KV side channel.
+- A Service per role (its instances' leader pods), then the proxy's Deployment and Service. The proxy
+  names each instance by its leader's DNS name in the LeaderWorkerSet's headless service.
+
+Ports come from the port plan (config/port_plan.py): a group's HTTP port is its instance 0's, the KV
+side channel's and the rendezvous' are the plan's first ones. Every instance is a pod of its own
+(its own address), so all replicas of a group bind the same ports; ports the config leaves to be
+picked free get the fixed defaults below, as a pod must declare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig, InstanceSpec
+from pdlaunch.config.port_plan import PlannedInstance, plan_instances
+from pdlaunch.render.lws import (
+    LEADER_ADDRESS_ENV,
+    WORKER_INDEX_ENV,
+    LeaderWorkerSet,
+    LeaderWorkerSetSpec,
+    LeaderWorkerTemplate,
+    ObjectMeta,
+)
+from pdlaunch.render.objects import (
+    PLACEMENT_ENV,
+    ROLE_LABEL,
+    SECRET_ENV,
+    RenderOptions,
+    app_labels,
+    container,
+    meta,
+    pod_env,
+    pod_template,
+    proxy_deployment,
+    proxy_service,
+    role_service,
+)
+
+DEFAULT_HTTP_PORT = 8100  # group g: 8100 + 100 * g, when base_port is unset
+DEFAULT_SIDE_CHANNEL_PORT = 5600
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass
+class GroupPorts:
+    http: int
+    side_channel: int
+    master: int
+
+
+def deployment_secret(cfg: DeploymentConfig) -> str:
+    """The config's deployment secret, else PDLAUNCH_DEPLOYMENT_SECRET, else a fresh one (written into the Secret)."""
+    return cfg.security.deployment_secret or os.environ.get(SECRET_ENV) or secrets.token_hex(32)
+
+
+def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[dict[str, Any]]:
+    """Every manifest of the (resolved: device, dtype and per-group TP concrete) deployment, in apply order."""
+    secret = deployment_secret(cfg)
+    pod_cfg = _pod_config(cfg, secret)
+    planned = plan_instances(cfg, [], strict=False)
+    manifests: list[dict[str, Any]] = [_secret(cfg, pod_cfg, secret, options)]
+    urls: list[tuple[str, str, str]] = []  # (role, instance name, URL) for the proxy
+    groups = [(g, group) for g, group in enumerate(cfg.instances) if group.count > 0]
+    for g, group in groups:
+        ports = _group_ports(cfg, g, [p for p in planned if p.group == g])
+        lws = _leader_worker_set(cfg, g, group, ports, options)
+        manifests.append(lws.manifest())
+        lws_name = lws.metadata.name
+        for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
+            urls.append((group.role, f"{group.role}-{g}-{k}", f"http://{lws_name}-{k}.{lws_name}:{ports.http}"))
+    for role in dict.fromkeys(group.role for _, group in groups):
+        http_ports = [_group_ports(cfg, g, [p for p in planned if p.group == g]).http
+                      for g, group in groups if group.role == role]
+        manifests.append(role_service(role, http_ports, options))
+    manifests += [proxy_deployment(cfg, urls, options), proxy_service(cfg, options)]
+    return manifests
+
+
+def write_manifests(manifests: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One YAML file per object, numbered in apply order (`kubectl apply -f DIR` applies them in name order)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, manifest in enumerate(manifests):
+        path = out / f"{i:02d}-{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the Secret's file holds the secret
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(manifest, f, sort_keys=False)
+        written.append(path)
+    return written
+
+
+def _pod_config(cfg: DeploymentConfig, secret: str) -> DeploymentConfig:
+    """The config every pod reads: Kubernetes places the pods, so no node list; the side channel binds
+    every interface and each rank advertises its pod's address; TP ranks in the leader pod reach its
+    rendezvous store on loopback (ranks in worker pods are given the leader's address)."""
+    out = cfg.model_copy(deep=True)
+    out.parallel.nodes = []
+    out.parallel.node_rank = 0
+    out.parallel.master_addr = "127.0.0.1"
+    out.kv_transfer.side_channel_host = "0.0.0.0"
+    out.security.deployment_secret = secret
+    return out
+
+
+def _group_ports(cfg: DeploymentConfig, g: int, planned: list[PlannedInstance]) -> GroupPorts:
+    first = planned[0]
+    side = next((s.first for s in first.side_channels if s.first is not None), None)
+    return GroupPorts(
+        http=first.http_port if first.http_port is not None else DEFAULT_HTTP_PORT + 100 * g,
+        side_channel=side if side is not None else DEFAULT_SIDE_CHANNEL_PORT,
+        master=first.rendezvous_port if first.rendezvous_port is not None else
+        cfg.parallel.master_port or DEFAULT_MASTER_PORT)
+
+
+def _secret(cfg: DeploymentConfig, pod_cfg: DeploymentConfig, secret: str, options: RenderOptions) -> dict[str, Any]:
+    data = {"deployment.json": pod_cfg.model_dump_json(indent=2), "deployment-secret": secret}
+    if cfg.security.api_key:
+        data["api-key"] = cfg.security.api_key
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta(f"{options.name}-deployment", options),
+            "type": "Opaque", "stringData": data}
+
+
+def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
+                   side_channel_port: int) -> InstanceSpec:
+    """The instance as its pod sees it. A recreated pod has a new UID, hence a new engine_id (as a
+    restart by the local launcher): peers must not reuse what they cached for the dead one."""
+    tp = group.tp or 1
+    return InstanceSpec(
+        role=group.role, index=0, host="$(POD_IP)", port=ports.http, tp=tp,
+        devices=list(range(ranks_here)) if cfg.device == "cuda" else [],
+        device="cuda" if cfg.device == "cuda" else "cpu",
+        engine_id=f"{cfg.kv_transfer.engine_id}-$(POD_NAME)-$(POD_UID)",
+        side_channel_port=None if group.role == "colocated" else side_channel_port,
+        master_port=ports.master if tp > 1 else None)
+
+
+def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: bool) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    if leader:
+        found.append({"name": "http", "containerPort": ports.http, "protocol": "TCP"})
+    if role != "colocated":
+        found += [{"name": f"kv-side-{r}", "containerPort": ports.side_channel + r, "protocol": "TCP"}
+                  for r in side_ranks]
+    if leader and tp > 1:
+        found.append({"name": "rendezvous", "containerPort": ports.master, "protocol": "TCP"})
+    return found
+
+
+def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, ports: GroupPorts,
+                       options: RenderOptions) -> LeaderWorkerSet:
+    tp = group.tp or 1
+    spread = cfg.device == "cuda" and tp > options.gpus_per_node  # one rank per pod
+    ranks_here = 1 if spread else tp
+    gpus = ranks_here if cfg.device == "cuda" else 0
+    spec = _instance_spec(cfg, group, ports, ranks_here, ports.side_channel)
+    env = pod_env()
+    if spread:  # ranks 1..tp-1 are the worker pods `<leader pod>-<r>`; rank 0 listens on its pod's address
+        hosts = ["$(POD_IP)"] + [f"$(POD_NAME)-{r}" for r in range(1, tp)]
+        env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
+    leader = container(options, "pdlaunch.server", ["--instance", spec.model_dump_json()], env,
+                        _ports(ports, group.role, range(ranks_here), tp, leader=True), gpus, leader=True)
+    template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, leader=True),
+                                    worker_template=pod_template(options, group.role, leader, leader=True),
+                                    size=1, restart_policy="RecreateGroupOnPodRestart")
+    if spread:
+        # Worker pod r is TP rank r (LWS_WORKER_INDEX); it binds side_channel_port + r on its own address.
+        # Its one GPU is index 0 in its pod, whichever rank it is (remote_rank reads devices[rank]).
+        worker_spec = spec.model_copy(update={"devices": [0] * tp if cfg.device == "cuda" else []})
+        placement = json.dumps({"nodes": list(range(tp)), "hosts": [f"$({LEADER_ADDRESS_ENV})"] * tp})
+        worker = container(options, "pdlaunch.distributed.remote_rank",
+                            ["--instance", worker_spec.model_dump_json(), "--rank", f"$({WORKER_INDEX_ENV})",
+                             "--placement", placement],
+                            pod_env(), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus, leader=False)
+        template.worker_template = pod_template(options, group.role, worker, leader=False)
+        template.size = tp
+    return LeaderWorkerSet(
+        metadata=ObjectMeta(name=f"{options.name}-{group.role}-{g}", namespace=options.namespace,
+                            labels={**app_labels(options), ROLE_LABEL: group.role}),
+        spec=LeaderWorkerSetSpec(replicas=group.count, leader_worker_template=template,
+                                 startup_policy="LeaderCreated"))
+
+

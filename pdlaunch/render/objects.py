@@ -1,0 +1,114 @@
+"""The core Kubernetes objects of `pdlaunch render kubernetes` (render/kubernetes.py): object metadata,
+the engine container and pod template of an instance's pods, the Service per role, the proxy's
+Deployment and Service. Plain dicts in the shape of the Kubernetes API (checked against its JSON
+schemas in tests/render)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pdlaunch.config.models import DeploymentConfig
+
+CONFIG_DIR = "/etc/pdlaunch"
+DEPLOYMENT_FILE = f"{CONFIG_DIR}/deployment.json"
+SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
+API_KEY_ENV = "PDLAUNCH_API_KEY"
+PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"  # as distributed/placement.py reads it
+GPU_RESOURCE = "nvidia.com/gpu"
+ROLE_LABEL = "pdlaunch.io/role"
+LEADER_LABEL = "pdlaunch.io/leader"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    image: str  # a container image with pdlaunch (and the checkpoint, or a volume mounted at model.path)
+    name: str = "pdlaunch"  # prefix of every object's name
+    namespace: str | None = None
+    gpus_per_node: int = 8  # a TP group larger than this is spread one rank per pod
+
+
+def meta(name: str, options: RenderOptions, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": {**app_labels(options), **(labels or {})}}
+    if options.namespace:
+        meta["namespace"] = options.namespace
+    return meta
+
+
+def app_labels(options: RenderOptions) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "pdlaunch", "app.kubernetes.io/instance": options.name}
+
+
+def pod_env(extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """POD_IP and the pod's identity first: later values and the args refer to them as $(POD_IP)."""
+    return [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *(extra or []),
+    ]
+
+
+def container(options: RenderOptions, module: str, args: list[str],
+              env: list[dict[str, Any]], ports: list[dict[str, Any]], gpus: int, leader: bool) -> dict[str, Any]:
+    engine: dict[str, Any] = {
+        "name": "engine", "image": options.image, "command": ["python", "-m", module],
+        "args": ["--deployment", DEPLOYMENT_FILE, *args], "env": env, "ports": ports,
+        "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_DIR, "readOnly": True},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if gpus:
+        engine["resources"] = {"requests": {GPU_RESOURCE: str(gpus)}, "limits": {GPU_RESOURCE: str(gpus)}}
+    if leader:  # /health answers 200 once the engine is up (and stays open without the API key)
+        engine["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"},
+                                    "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+    return engine
+
+
+def pod_template(options: RenderOptions, role: str, engine: dict[str, Any], leader: bool) -> dict[str, Any]:
+    labels = {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true" if leader else "false"}
+    return {"metadata": {"labels": labels}, "spec": {
+        "containers": [engine],
+        "volumes": [{"name": "deployment", "secret": {"secretName": f"{options.name}-deployment"}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory"}}],  # TP workers share tensors there
+    }}
+
+
+def role_service(role: str, http_ports: list[int], options: RenderOptions) -> dict[str, Any]:
+    """The role's instances (their leader pods) behind one name, on each of its groups' HTTP ports."""
+    ports = [{"name": f"http-{port}", "port": port, "targetPort": port, "protocol": "TCP"}
+             for port in dict.fromkeys(http_ports)]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": meta(f"{options.name}-{role}", options, {ROLE_LABEL: role}),
+            "spec": {"selector": {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true"}, "ports": ports}}
+
+
+def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
+                      options: RenderOptions) -> dict[str, Any]:
+    args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), "--routing-policy", cfg.proxy.routing_policy,
+            "--request-timeout", str(cfg.proxy.request_timeout_seconds),
+            "--max-request-bytes", str(cfg.security.max_request_bytes)]
+    for role, name, url in urls:
+        args += [f"--{role}", f"{name}={url}"]
+    secret_name = f"{options.name}-deployment"
+    env: list[dict[str, Any]] = [
+        {"name": SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "deployment-secret"}}}]
+    if cfg.security.api_key:
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}})
+    labels = {**app_labels(options), ROLE_LABEL: "proxy"}
+    proxy = {"name": "proxy", "image": options.image, "command": ["python", "-m", "pdlaunch.proxy"],
+                 "args": args, "env": env,
+                 "ports": [{"name": "http", "containerPort": cfg.proxy.port, "protocol": "TCP"}],
+                 "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5}}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(f"{options.name}-proxy", options,
+                                                                             {ROLE_LABEL: "proxy"}),
+            "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [proxy]}}}}
+
+
+def proxy_service(cfg: DeploymentConfig, options: RenderOptions) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{options.name}-proxy", options,
+                                                                     {ROLE_LABEL: "proxy"}),
+            "spec": {"selector": {**app_labels(options), ROLE_LABEL: "proxy"},
+                     "ports": [{"name": "http", "port": cfg.proxy.port, "targetPort": "http", "protocol": "TCP"}]}}

@@ -1,0 +1,133 @@
+"""`--backend slurm` on a real SLURM cluster (slurmctld + two slurmd nodes on this machine): the example
+sbatch script serves 1P1D across the two nodes (the prefill on the second, the decode's TP 2 group
+spanning both: its rank 1 is started by the second node's step and joins rank 0's rendezvous on the
+first), answers equal a colocated engine's, the KV crosses from prefill to decode, and
+`scancel --signal=TERM --batch` stops every node cleanly. Outside an allocation the backend is an error.
+
+Both "nodes" share this machine's kernel, so only one TP group may rendezvous (the port plan numbers
+rendezvous ports per node, from parallel.master_port on each)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdlaunch.engine.llm import LLM
+from pdlaunch.engine.outputs import SamplingParams
+from tests.cluster.slurm_cluster import NODES, SlurmCluster, SlurmUnavailable, _free_port
+from tests.config.cli_helpers import check
+from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
+from tests.serving.helpers import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+SBATCH_SCRIPT = REPO / "examples" / "slurm" / "pd-1p1d.sbatch"
+START_TIMEOUT_S = 300.0  # slurm steps, then two launchers importing torch and building engines on 2 cores
+STOP_TIMEOUT_S = 120.0
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        cluster.stop()
+        pytest.skip(f"needs a SLURM cluster on this machine: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_slurm_backend_outside_an_allocation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        monkeypatch.delenv(var, raising=False)
+    result = check([str(REPO / "examples" / "slurm" / "pd-1p1d.yaml"), "--model", "tiny", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "launcher.backend" in result.output and "inside a SLURM allocation" in result.output
+    result = check(["--model", "tiny", "--device", "cpu", "--backend", "slurm"])
+    assert result.exit_code == 1 and "--backend" in result.output and "sbatch" in result.output
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_sbatch_example_serves_1p1d_across_two_nodes(slurm: SlurmCluster, llama_ckpt: Path, tmp_path: Path) -> None:
+    proxy_port, prefill_port, decode_port = _free_port(), _free_port(), _free_port()
+    config = tmp_path / "pd.yaml"
+    config.write_text(f"""\
+launcher: {{backend: slurm}}
+device: cpu
+model: {{path: "{llama_ckpt}"}}
+cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
+kv_transfer: {{connector: nixl, side_channel_host: 0.0.0.0}}
+proxy: {{host: 127.0.0.1, port: {proxy_port}}}
+log_dir: {tmp_path / "logs"}
+parallel:  # one rank slot on the first node: the decode's TP group spans both nodes
+  nodes: [{{address: 127.0.0.1, devices: [0]}}, {{address: 127.0.0.1}}]
+  master_port: {_free_port()}
+instances:
+  - {{role: prefill, count: 1, tp: 1, node: 1, base_port: {prefill_port}}}
+  - {{role: decode, count: 1, tp: 2, node: 0, base_port: {decode_port}}}
+""")
+    out = tmp_path / "job.out"
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("UCX_NET_DEVICES", None)  # both nodes' addresses are loopback ones, not only `lo`'s 127.0.0.1
+    submitted = subprocess.run(["sbatch", "--parsable", f"--output={out}", f"--chdir={REPO}", str(SBATCH_SCRIPT),
+                                str(config)], env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = submitted.stdout.strip().split(";")[0]
+    proxy = f"http://127.0.0.1:{proxy_port}"
+
+    def output() -> str:
+        return out.read_text(errors="replace") if out.exists() else ""
+
+    try:
+        def ready() -> bool:
+            state = slurm.job_state(job).get("JobState", "")
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state}:\n{output()}"
+            try:
+                return httpx.get(f"{proxy}/health", timeout=2, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the proxy of the sbatch job to see both nodes ready", START_TIMEOUT_S, poll=1.0)
+        with httpx.Client(timeout=60, trust_env=False) as client:
+            answers = [completion(client, proxy, llama_ckpt, prompt, MAX_TOKENS) for prompt in PROMPTS]
+            decode = f"http://{NODES['pdn1']}:{decode_port}"
+            decode_info = client.get(f"{decode}/info").json()
+            moved = kv_bytes_received(client, decode)
+    finally:
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env, timeout=30)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while slurm.job_state(job).get("JobState") in ("RUNNING", "COMPLETING", "PENDING", "CONFIGURING"):
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", job], env=slurm.env, timeout=30)
+                raise AssertionError(f"job {job} still running {STOP_TIMEOUT_S:.0f}s after SIGTERM:\n{output()}")
+            time.sleep(0.5)
+
+    with LLM(str(llama_ckpt), device="cpu", num_gpu_blocks=NUM_BLOCKS) as colocated:
+        reference = colocated.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                               ignore_eos=True))
+    assert [a["choices"][0]["token_ids"] for a in answers] == [r.token_ids for r in reference]
+    assert decode_info["role"] == "decode" and decode_info["tp_size"] == 2
+    assert (tmp_path / "logs" / "node1" / "decode-0-rank1.log").exists()  # the second node ran the decode's rank 1
+    assert moved > 0, "the decode instance on node 2 received no KV from node 1's prefill (it recomputed)"
+    text = output()
+    assert "slurm: 2 srun steps on 127.0.0.1, 127.0.0.2" in text, text
+    assert "stopped: every srun step ended" in text, text
+    state = slurm.job_state(job)
+    assert state.get("JobState") == "COMPLETED" and state.get("ExitCode") == "0:0", f"{state}\n{text}"
+    for node in (0, 1):
+        node_out = (tmp_path / "logs" / f"slurm-node{node}.log").read_text(errors="replace")
+        assert "stopped: all processes reaped" in node_out, node_out
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the deployment left: {left}"
