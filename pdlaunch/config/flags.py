@@ -78,7 +78,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("max_model_len", int | None, "model.max_model_len", "Longest prompt + output."),
     Flag("max_num_seqs", int | None, "scheduler.max_num_seqs", "Most sequences per batch."),
     Flag("max_num_batched_tokens", int | None, "scheduler.max_num_batched_tokens",
-         "Most tokens in one step (chunked prefill)."),
+         "Most tokens in one step (chunked prefill); default 512 colocated, 2048 prefill/decode."),
     Flag("dtype", str | None, "model.dtype", "auto | float32 | bfloat16 | float16."),
     Flag("gpu_memory_utilization", float | None, "cache.gpu_memory_utilization",
          "Fraction of GPU memory an instance may use."),

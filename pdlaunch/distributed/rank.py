@@ -46,7 +46,7 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
-                         agree_num_blocks=group.min_int)
+                         agree_num_blocks=group.min_int, role=instance.role if instance is not None else "colocated")
     return RankState(group=group, engine_id=engine_id, runner=runner)
 
 

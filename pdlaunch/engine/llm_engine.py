@@ -88,7 +88,7 @@ class LLMEngine:
             connector.register_kv_caches(self.kv_cache_spec())
         self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens, connector, self.offload,
+                                   config.scheduler.token_budget(self.role), connector, self.offload,
                                    recompute_failed_loads=config.kv_transfer.load_failure_policy == "recompute")
         self.sampler = Sampler(self.device, config.model.seed, self.tokenizer.eos_token_ids,
                                lambda text: self.tokenizer.encode(text, add_special_tokens=False))
@@ -258,7 +258,7 @@ class LLMEngine:
         alone needs more than the cache has would preempt itself forever)."""
         bs = self.block_size
         whole = -(-num_tokens // bs)
-        chunk = self.config.scheduler.max_num_batched_tokens
+        chunk = self.scheduler.max_num_batched_tokens
         return max(whole if g.sliding_window is None else min(whole, -(-(chunk + g.sliding_window) // bs) + 1)
                    for g in self.runner.groups)
 
