@@ -302,12 +302,14 @@ class LLMEngine:
             self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
         if sched.scheduled:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
+            started = time.perf_counter()
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager))
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
                                            self.executor.runner.prompt_logprobs)
             sampling = [s.request for s in sched.scheduled if s.needs_sample]
             sampled = self.sampler(logits, self.outputs.sample_rows(sampling)) if sampling else None
+            metrics.observe_step(len(sched.scheduled), sched.num_batched_tokens, time.perf_counter() - started)
             self.scheduler.after_step(sched)
             if sampled is not None:
                 for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
