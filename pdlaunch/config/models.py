@@ -72,6 +72,11 @@ class SchedulerConfig(StrictModel):
         f"within the rest); default {COLOCATED_TOKEN_BUDGET} in colocated instances, {DEFAULT_TOKEN_BUDGET} in "
         "prefill and decode instances.")
 
+    async_scheduling: bool = Field(
+        True, description="Overlap the host's work with the device's: step N+1 is prepared and launched while "
+        "step N runs, its sampled tokens feed N+1 on the device and the host reads them a step later (TP 1, no "
+        "KV offload). Off: one step at a time (debugging).")
+
     def token_budget(self, role: Role) -> int:
         """The step token budget of an instance of `role`."""
         if self.max_num_batched_tokens is not None:

@@ -213,6 +213,7 @@ class ModelRunner:
             return logits[torch.tensor(inputs.sample_rows, device=self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
         ids, positions = to_device_async(inputs.input_ids, self.device), to_device_async(inputs.positions, self.device)
+        inputs.fill_pending(ids)
         hidden = self.model(ids, positions, attn, self.kv_caches)
         if inputs.prompt_rows:
             rows = PromptRows(inputs.prompt_rows, inputs.prompt_targets, inputs.prompt_top_k)
