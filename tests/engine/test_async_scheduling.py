@@ -153,3 +153,17 @@ def test_pd_loads_arriving_mid_batch_on_and_off(llama_ckpt: Path, make_engine: M
         assert p_engine.block_manager.num_used_blocks() == 0
     assert results["on"] == results["off"] == reference
     assert deferred
+
+
+@pytest.mark.gpu
+def test_on_and_off_agree_on_cuda_with_graphs(llama_ckpt: Path, make_engine: MakeEngine, deferred: list[int]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    prompts = mixed_prompts(12, seed=4, max_len=60)
+    params = [SamplingParams(max_tokens=16, temperature=0.0 if i % 3 else 0.8, seed=i, ignore_eos=True)
+              for i in range(len(prompts))]
+    engines = _engines(make_engine, llama_ckpt, device="cuda", max_num_seqs=8)
+    results = {mode: run_all(engine, prompts, params) for mode, engine in engines.items()}
+    assert tokens(results["on"]) == tokens(results["off"]) and deferred
