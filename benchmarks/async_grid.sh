@@ -15,7 +15,7 @@ $py benchmarks/decode_grid.py /tmp/l8b "${cells[@]}" --no-async-scheduling --jso
 echo "== grid sync rc $? $((SECONDS - t0)) s"; tail -9 "$out/grid-sync.log"
 $py benchmarks/decode_grid.py /tmp/l8b "${cells[@]}" --json "$out/grid-async.json" > "$out/grid-async.log" 2>&1
 echo "== grid async rc $? $((SECONDS - t0)) s"; tail -9 "$out/grid-async.log"
-$py -m pytest -q -p no:cacheprovider tests/engine/test_async_scheduling.py -m gpu > "$out/parity.log" 2>&1
+$py benchmarks/async_parity.py > "$out/parity.log" 2>&1
 echo "== parity rc $? $((SECONDS - t0)) s"; tail -3 "$out/parity.log"
 $py -m pdlaunch bench kv-transfer --device cuda --num-tokens 1024 --num-tokens 8192 --mode push --iterations 15 \
     --json "$out/kv-push.json" > "$out/kv-push.log" 2>&1
