@@ -146,7 +146,7 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     config = build_config(args.checkpoint, "cuda", "bfloat16", {
         "max_num_seqs": max(b for b, _ in grid), "max_num_batched_tokens": 8192, "enable_prefix_caching": False,
         "max_model_len": max(c for _, c in grid) + args.steps + 64,
-        "gpu_memory_utilization": args.gpu_memory_utilization})
+        "gpu_memory_utilization": args.gpu_memory_utilization, "async_scheduling": args.async_scheduling})
     engine = LLMEngine(config, connector=ReadyKVConnector())
     try:
         for cache in engine.runner.kv_caches:
@@ -217,9 +217,12 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--sweep-cells", nargs="*", default=[], help="cells (BxC) to sweep; default decode_sweep.CELLS")
     parser.add_argument("--cells", nargs="*", default=[], help="more cells, e.g. 48x3072 1x8000")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="one step at a time (the engine's async scheduling off)")
     parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
     args = parser.parse_args()
-    doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "async_scheduling": args.async_scheduling}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

@@ -41,6 +41,16 @@ INTER_TOKEN_LATENCY = Histogram(
     "pdlaunch_inter_token_latency_seconds", "Time between streamed tokens",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
+# Engine steps by kind: `prefill` (some request computes more than one token: a prompt or its chunk, decodes
+# of colocated instances ride along) or `decode`. `bench compare` reads them for utilisation and its P:D advisor.
+STEP_KINDS = ("prefill", "decode")
+ENGINE_STEPS = Counter("pdlaunch_engine_steps", "Engine steps that computed tokens, by kind", ["kind"])
+ENGINE_STEP_SECONDS = Counter("pdlaunch_engine_step_seconds", "Seconds of engine steps (inputs, forward, "
+                              "sampling), by kind", ["kind"])
+ENGINE_STEP_TOKENS = Counter("pdlaunch_engine_step_tokens", "Tokens computed in engine steps, by kind", ["kind"])
+for _kind in STEP_KINDS:
+    for _metric in (ENGINE_STEPS, ENGINE_STEP_SECONDS, ENGINE_STEP_TOKENS):
+        _metric.labels(kind=_kind)  # both series exist from the start
 
 # -- vLLM's series (names, types and labels as vLLM's V1 engine exports them) --------------------
 LABELS = ["model_name", "engine"]
@@ -164,6 +174,14 @@ def observe_kv_transfer(num_bytes: int, seconds: float) -> None:
     KV_TRANSFER_SECONDS.observe(seconds)
     vllm(NIXL_BYTES_TRANSFERRED).observe(num_bytes)
     vllm(NIXL_XFER_TIME).observe(seconds)
+
+
+def observe_step(num_requests: int, num_tokens: int, seconds: float) -> None:
+    """One engine step that computed `num_tokens` tokens for `num_requests` requests in `seconds`."""
+    kind = "prefill" if num_tokens > num_requests else "decode"
+    ENGINE_STEPS.labels(kind=kind).inc()
+    ENGINE_STEP_SECONDS.labels(kind=kind).inc(seconds)
+    ENGINE_STEP_TOKENS.labels(kind=kind).inc(num_tokens)
 
 
 def count_kv_transfer_failure() -> None:

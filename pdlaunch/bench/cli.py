@@ -255,6 +255,17 @@ def compare(
     output_len: Annotated[int, typer.Option("--output-len", help="Output tokens per request (ignore_eos).")] = 128,
     ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms", help="TTFT SLO, ms.")] = 400.0,
     tpot_slo_ms: Annotated[float, typer.Option("--tpot-slo-ms", help="TPOT SLO, ms.")] = 15.0,
+    tight_ttft_slo_ms: Annotated[
+        float, typer.Option("--tight-ttft-slo-ms", help="TTFT of the second (tight) SLO set, ms.")] = 1000.0,
+    tight_tpot_slo_ms: Annotated[
+        float, typer.Option("--tight-tpot-slo-ms", help="TPOT of the second (tight) SLO set, ms.")] = 10.0,
+    advise_for: Annotated[
+        str, typer.Option("--advise-for", help="relaxed | tight: the SLO set the P:D advisor sizes decode for.")
+    ] = "relaxed",
+    run_advised: Annotated[
+        bool, typer.Option("--run-advised/--no-run-advised", help="Run the advised xPyD split when it differs "
+                           "from --prefill/--decode.")
+    ] = True,
     colocated_instances: Annotated[
         int | None, typer.Option("--colocated-instances", help="Colocated instances (default: one per GPU; "
                                     "CPU: prefill + decode).")
@@ -276,7 +287,8 @@ def compare(
         float, typer.Option("--ready-timeout", help="Seconds to wait for a deployment to be ready.")
     ] = 900.0,
 ) -> None:
-    """Colocated instances, then a PD deployment, on the same devices: goodput, TTFT, TPOT per rate, side by side."""
+    """Colocated instances, then a PD deployment, on the same devices: goodput (two SLO sets), TTFT, TPOT, ITL p99
+    and utilisation per rate, side by side; then the advised xPyD split, predicted against measured."""
     from pdlaunch.bench.compare import CompareConfig, run_compare
     from pdlaunch.bench.compare_report import report_comparison
 
@@ -286,9 +298,11 @@ def compare(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
             rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
             output_len=output_len, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+            tight_ttft_slo_ms=tight_ttft_slo_ms, tight_tpot_slo_ms=tight_tpot_slo_ms, advise_for=advise_for,
+            run_advised=run_advised,
             colocated_instances=colocated_instances, prefill=prefill, decode=decode, burstiness=burstiness,
             seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len, config=config,
             request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
         ))
-        runs = run_compare(cfg, console)
-    report_comparison(console, cfg, runs)
+        runs, advice = run_compare(cfg, console)
+    report_comparison(console, cfg, runs, advice)

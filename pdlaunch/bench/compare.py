@@ -1,5 +1,6 @@
 """`pdlaunch bench compare`: colocated instances, then a PD deployment, on the same devices in turn,
-each driven through the same `bench serve` workload at every rate.
+each driven through the same `bench serve` workload at every rate; then the P:D advisor (advisor.py) picks the
+xPyD split of the GPUs from what the PD run measured, and that split runs too (unless it is the one just run).
 
 Both deployments see the same requests: prompts, lengths and arrivals come from `seed + i` at the
 i-th rate (fresh prompts per rate, so that prefix caching cannot serve a later rate from an earlier
@@ -21,6 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from rich.console import Console
 
+from pdlaunch.bench.advisor import Advice, DecodePoint, advise
+from pdlaunch.bench.engine_load import LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.report import write_json
 from pdlaunch.bench.serve import ServeBenchConfig, measure
@@ -28,12 +31,14 @@ from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.launcher.serve import report_child_exit
 
-DeploymentKind = Literal["colocated", "pd"]
+DeploymentKind = Literal["colocated", "pd", "advised"]
 KINDS: tuple[DeploymentKind, ...] = ("colocated", "pd")
+SloSet = Literal["relaxed", "tight"]
 
 
 class CompareConfig(BaseModel):
@@ -48,6 +53,10 @@ class CompareConfig(BaseModel):
     output_len: int = Field(128, ge=1)
     ttft_slo_ms: float = Field(400.0, gt=0)
     tpot_slo_ms: float = Field(15.0, gt=0)
+    tight_ttft_slo_ms: float = Field(1000.0, gt=0)
+    tight_tpot_slo_ms: float = Field(10.0, gt=0)
+    advise_for: SloSet = "relaxed"  # whose TPOT target sizes the decode side
+    run_advised: bool = True  # run the advised split when it is not the PD split already run
     colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
@@ -83,6 +92,13 @@ class CompareConfig(BaseModel):
     @property
     def slo(self) -> Slo:
         return Slo(ttft_ms=self.ttft_slo_ms, tpot_ms=self.tpot_slo_ms)
+
+    @property
+    def tight_slo(self) -> Slo:
+        return Slo(ttft_ms=self.tight_ttft_slo_ms, tpot_ms=self.tight_tpot_slo_ms)
+
+    def slo_of(self, which: SloSet) -> Slo:
+        return self.slo if which == "relaxed" else self.tight_slo
 
 
 class Layout(BaseModel):
@@ -142,8 +158,19 @@ def _groups(kind: DeploymentKind, layout: Layout) -> list[dict[str, Any]]:
 
 
 def label(kind: DeploymentKind, layout: Layout) -> str:
-    """Short name for the table: `colocated x2`, `PD 1P1D`."""
-    return f"colocated x{layout.colocated}" if kind == "colocated" else f"PD {layout.prefill}P{layout.decode}D"
+    """Short name for the table: `colocated x2`, `PD 1P1D`, `PD 2P1D adv.`."""
+    if kind == "colocated":
+        return f"colocated x{layout.colocated}"
+    return f"PD {layout.prefill}P{layout.decode}D" + (" adv." if kind == "advised" else "")
+
+
+def num_gpus(layout: Layout) -> int:
+    """What the advisor splits: the GPUs (on CPU, the PD deployment's instance count)."""
+    return len(layout.gpus) if layout.device == "cuda" else layout.prefill + layout.decode
+
+
+def advised_layout(layout: Layout, prefill: int, decode: int) -> Layout:
+    return layout.model_copy(update={"prefill": prefill, "decode": decode})
 
 
 def describe(kind: DeploymentKind, layout: Layout) -> str:
@@ -189,6 +216,8 @@ class DeploymentRun(BaseModel):
     kind: DeploymentKind
     label: str
     description: str
+    prefill: int = 0  # the split (PD kinds)
+    decode: int = 0
     pids: list[int] = []  # every child process (instances and proxy)
     stopped: bool = False  # every child ended and was reaped
     points: list[RatePoint] = []
@@ -206,9 +235,13 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
 
 def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console) -> DeploymentRun:
     """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C)."""
-    run = DeploymentRun(kind=kind, label=label(kind, layout), description=describe(kind, layout))
+    run = DeploymentRun(kind=kind, label=label(kind, layout), description=describe(kind, layout),
+                        prefill=layout.prefill if kind != "colocated" else 0,
+                        decode=layout.decode if kind != "colocated" else 0)
     console.rule(f"{kind}: {run.description}")
     deployment = Deployment(deployment_config(cfg, layout, kind), console)
+    probe = LoadProbe([(p.spec.role, p.url) for p in deployment.plan.instances],
+                      internal_headers(deployment.cfg.security.deployment_secret))
     clean = False
     try:
         deployment.start(ready_timeout=cfg.ready_timeout)
@@ -217,22 +250,25 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             raise PdlaunchError("the deployment has no proxy on this node", field="--config",
                                 hint="compare runs on one node; drop parallel.nodes from the config")
         for i, rate in enumerate(cfg.rates):
+            probe.start()
             _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
             dead = deployment.dead_child()  # figures of a rate that lost a process would mislead
             if dead is not None:
                 raise ChildExited(*dead)
-            point = rate_point(rate, doc, cfg.slo)
+            point = rate_point(rate, doc, cfg.slo, cfg.tight_slo, probe.stop())
             run.points.append(point)
             run.raw.append(doc)
-            console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s, served {point.served:.2f}/s, "
-                          f"{point.within_slo}/{point.num_prompts} within SLOs, TTFT p50 {point.ttft_p50_ms:.0f} ms, "
-                          f"TPOT p50 {point.tpot_p50_ms:.1f} ms", highlight=False)
+            console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
+                          f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
+                          f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
+                          f"ITL p99 {point.itl_p99_ms:.1f} ms", highlight=False)
         clean = True
     except ChildExited as exc:
         report_child_exit(console, exc)
         raise PdlaunchError(f"the {kind} deployment lost a process: {exc.message}",
                             hint=f"its log: {exc.child.log_path}") from None
     finally:
+        probe.close()
         deployment.stop(drain=clean)
         run.stopped = all(c.poll() is not None for c in deployment.children)
         console.print(f"{kind} deployment stopped: {len(run.pids)} processes reaped" if run.stopped
@@ -258,9 +294,23 @@ def _termination_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_compare(cfg: CompareConfig, console: Console) -> list[DeploymentRun]:
-    """Both deployments in turn on the same devices; each is stopped before the next starts. Each
-    deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
+def advice_from(cfg: CompareConfig, layout: Layout, pd: DeploymentRun) -> Advice | None:
+    """The advisor's split from what the PD run measured; None when it measured no prefill or no decode step."""
+    loads = [p.load for p in pd.points if p.load is not None]
+    prefill = [x.prefill_tokens_per_s for x in loads if x.prefill_tokens_per_s]
+    points = [DecodePoint(batch=x.decode_batch, step_ms=x.decode_step_ms) for x in loads
+              if x.decode_batch and x.decode_step_ms]
+    if not prefill or not points:
+        return None
+    max_num_seqs = deployment_config(cfg, layout, "pd").scheduler.max_num_seqs
+    return advise(num_gpus(layout), cfg.input_len, cfg.output_len, cfg.slo_of(cfg.advise_for).tpot_ms,
+                  max(prefill), points, max_num_seqs)
+
+
+def run_compare(cfg: CompareConfig, console: Console) -> tuple[list[DeploymentRun], Advice | None]:
+    """Both deployments in turn on the same devices; each is stopped before the next starts. Then the
+    advisor's split, when it differs from the PD split and `run_advised`. Each deployment's figures are
+    also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:  # fail on a config problem of either before spending time on the first
@@ -271,4 +321,14 @@ def run_compare(cfg: CompareConfig, console: Console) -> list[DeploymentRun]:
             run = run_deployment(cfg, layout, kind, console)
             write_json(run.model_dump(mode="json"), cfg.out / f"{kind}.json")
             runs.append(run)
-    return runs
+        advice = advice_from(cfg, layout, runs[-1])
+        if advice is None:
+            console.print("no P:D advice: the PD run measured no prefill or no decode step", highlight=False)
+            return runs, None
+        console.print(advice.sentence(), highlight=False)
+        best = advice.best
+        if cfg.run_advised and (best.prefill, best.decode) != (layout.prefill, layout.decode):
+            run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console)
+            write_json(run.model_dump(mode="json"), cfg.out / "advised.json")
+            runs.append(run)
+    return runs, advice

@@ -1,5 +1,7 @@
-"""What `pdlaunch bench compare` reports: a side-by-side table per rate, a JSON of every raw figure,
-a goodput-against-rate PNG (matplotlib is optional) and the highest rate PD sustains within the SLOs."""
+"""What `pdlaunch bench compare` reports: a side-by-side table per rate (latencies; goodput under both SLO sets,
+ITL p99, prefill and decode utilisation), the P:D advisor's split with its predicted against measured goodput,
+a JSON of every raw figure, a goodput-against-rate PNG (matplotlib is optional) and the highest rate PD sustains
+within the SLOs."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from pdlaunch.bench.advisor import Advice
 from pdlaunch.bench.compare import CompareConfig, DeploymentRun
 from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, highest_rate_within
 from pdlaunch.bench.report import require_matplotlib, write_json
@@ -42,6 +45,64 @@ def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
     return table
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def load_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
+    """Goodput under both SLO sets, ITL p99 and the utilisation the engines showed, per rate."""
+    table = Table(title=f"Goodput per second, relaxed SLOs (TTFT <= {cfg.ttft_slo_ms:g} ms, TPOT <= "
+                        f"{cfg.tpot_slo_ms:g} ms) and tight (TTFT <= {cfg.tight_ttft_slo_ms:g} ms, TPOT <= "
+                        f"{cfg.tight_tpot_slo_ms:g} ms); engine utilisation", title_justify="left",
+                  box=box.SIMPLE_HEAD, caption_justify="left")
+    table.caption = ("util: share of wall time in engine steps (PD: the prefill / decode instances; colocated: "
+                     "steps with prompt tokens / decode-only steps)")
+    for col in ("rate\n/s", "deployment", "goodput\nrelaxed", "goodput\ntight", "ITL\np99", "prefill\nutil",
+                "decode\nutil"):
+        table.add_column(col, justify="left" if col == "deployment" else "right", no_wrap=True)
+    for i, rate in enumerate(cfg.rates):
+        shown = [run for run in runs if i < len(run.points)]
+        for k, run in enumerate(shown):
+            p = run.points[i]
+            table.add_row(f"{rate:g}" if k == 0 else "", run.label, f"{p.goodput:.2f}", f"{p.tight_goodput:.2f}",
+                          f"{p.itl_p99_ms:.1f}", _pct(p.load.prefill_util if p.load else None),
+                          _pct(p.load.decode_util if p.load else None), end_section=k == len(shown) - 1)
+    return table
+
+
+def advised_run(runs: list[DeploymentRun], advice: Advice) -> DeploymentRun | None:
+    """The run of the advised split: the advised deployment, or the PD run when it already was that split."""
+    split = (advice.best.prefill, advice.best.decode)
+    return next((r for r in runs if r.kind == "advised"), None) or \
+        next((r for r in runs if r.kind == "pd" and (r.prefill, r.decode) == split), None)
+
+
+def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> dict[str, Any]:
+    run = advised_run(runs, advice)
+    return {
+        **advice.model_dump(mode="json"), "split": advice.best.label, "slo_set": cfg.advise_for,
+        "sentence": advice.sentence(), "measured_by": run.label if run is not None else None,
+        "per_rate": [
+            {"rate": rate, "predicted_goodput": advice.best.goodput(rate),
+             "measured_goodput": (run.points[i].goodput if cfg.advise_for == "relaxed" else run.points[i].tight_goodput)
+             if run is not None and i < len(run.points) else None}
+            for i, rate in enumerate(cfg.rates)
+        ],
+    }
+
+
+def advice_table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"P:D advisor: {doc['sentence']}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.caption = f"goodput under the {doc['slo_set']} SLOs, measured on {doc['measured_by'] or 'no run'}"
+    for col in ("rate /s", "predicted /s", "measured /s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in doc["per_rate"]:
+        measured = row["measured_goodput"]
+        table.add_row(f"{row['rate']:g}", f"{row['predicted_goodput']:.2f}",
+                      "-" if measured is None else f"{measured:.2f}")
+    return table
+
+
 def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     """The highest rate `run` keeps >= 90% of requests within the SLOs at, and the sentence that says so."""
     best = highest_rate_within(run.points)
@@ -53,7 +114,7 @@ def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     return best, f"{run.description} keeps >= {share} of requests within the SLOs up to {best:g} req/s{tail}"
 
 
-def compare_document(cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str, Any]:
+def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advice | None = None) -> dict[str, Any]:
     pd = next(run for run in runs if run.kind == "pd")
     best, sentence = verdict(pd)
     return {
@@ -62,8 +123,10 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str,
         "within_slo_share": WITHIN_SLO_SHARE,
         "pd_highest_rate_within_slo": best,
         "verdict": sentence,
+        "advisor": advice_document(advice, runs, cfg) if advice is not None else None,
         "deployments": [
-            {"kind": run.kind, "label": run.label, "description": run.description, "pids": run.pids,
+            {"kind": run.kind, "label": run.label, "description": run.description, "prefill": run.prefill,
+             "decode": run.decode, "pids": run.pids,
              "stopped": run.stopped,
              "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
              "highest_rate_within_slo": highest_rate_within(run.points), "raw": run.raw}
@@ -72,11 +135,15 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str,
     }
 
 
-def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path) -> Path:
+def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path,
+                       advice: Advice | None = None) -> Path:
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for run in runs:
         ax.plot([p.rate for p in run.points], [p.goodput for p in run.points], marker="o", label=run.description)
+    if advice is not None:
+        ax.plot(cfg.rates, [advice.best.goodput(r) for r in cfg.rates], linestyle="--", color="black",
+                label=f"advisor: {advice.best.label} predicted ({cfg.advise_for} SLOs)")
     ax.plot(cfg.rates, cfg.rates, linestyle=":", color="grey", label="offered rate")
     ax.set_xlabel("offered rate (requests/s)")
     ax.set_ylabel("goodput (requests/s within SLOs)")
@@ -92,10 +159,14 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
     return path
 
 
-def report_comparison(console: Console, cfg: CompareConfig, runs: list[DeploymentRun]) -> dict[str, Any]:
-    """Print the table and the verdict, write the JSON and (with matplotlib) the plot into `cfg.out`."""
+def report_comparison(console: Console, cfg: CompareConfig, runs: list[DeploymentRun],
+                      advice: Advice | None = None) -> dict[str, Any]:
+    """Print the tables and the verdict, write the JSON and (with matplotlib) the plot into `cfg.out`."""
     console.print(comparison_table(runs, cfg))
-    doc = compare_document(cfg, runs)
+    console.print(load_table(runs, cfg))
+    doc = compare_document(cfg, runs, advice)
+    if doc["advisor"] is not None:
+        console.print(advice_table(doc["advisor"]))
     json_path = cfg.out / JSON_NAME
     write_json(doc, json_path)
     for run in runs:
@@ -104,7 +175,7 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
     console.print(f"Wrote {json_path}", highlight=False)
     try:
-        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME)}", highlight=False)
+        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice)}", highlight=False)
     except PdlaunchError:
         console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False,
                       markup=False)

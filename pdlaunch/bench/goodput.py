@@ -1,6 +1,9 @@
 """Goodput arithmetic of `pdlaunch bench compare`: which requests meet the SLOs, one figure row per rate,
 and the highest rate a deployment sustains.
 
+Two SLO sets (issue 29): relaxed (TTFT <= 400 ms, TPOT <= 15 ms; `--ttft-slo-ms`, `--tpot-slo-ms`) and tight
+(TTFT <= 1 s, TPOT <= 10 ms; `--tight-ttft-slo-ms`, `--tight-tpot-slo-ms`).
+
 A request is within the SLOs when it completed, its TTFT <= ttft_slo_ms and its TPOT <= tpot_slo_ms,
 TPOT as in report.py: (E2EL - TTFT) / (output_len - 1), counted 0 for output_len <= 1. A failed
 request is never within. Goodput = requests within / benchmark duration (s), as `bench serve` reports.
@@ -12,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pdlaunch.bench.engine_load import EngineLoad
 from pdlaunch.bench.report import MS_PER_S
 
 WITHIN_SLO_SHARE = 0.9  # "PD keeps >= 90% of requests within the SLOs" (issue 15)
@@ -59,15 +63,22 @@ class RatePoint(BaseModel):
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p99_ms: float
+    # the tight SLO set (the fields above without a prefix are the relaxed set's)
+    tight_within_slo: int = 0
+    tight_goodput: float = 0.0
+    itl_p99_ms: float = 0.0
+    load: EngineLoad | None = None  # what the engines did (engine_load.py); None when not read
 
     @property
     def within_share(self) -> float:
         return self.within_slo / self.num_prompts if self.num_prompts else 0.0
 
 
-def rate_point(rate: float, doc: dict[str, Any], slo: Slo) -> RatePoint:
+def rate_point(rate: float, doc: dict[str, Any], slo: Slo, tight: Slo | None = None,
+               load: EngineLoad | None = None) -> RatePoint:
     """The comparison row of one `bench serve` result document."""
     within = count_within(doc, slo)
+    tight_within = count_within(doc, tight) if tight is not None else 0
     duration = float(doc["duration"])
     return RatePoint(
         rate=rate, num_prompts=len(doc["errors"]), completed=int(doc["completed"]), within_slo=within,
@@ -75,6 +86,8 @@ def rate_point(rate: float, doc: dict[str, Any], slo: Slo) -> RatePoint:
         served=float(doc["request_throughput"]),
         ttft_p50_ms=float(doc["median_ttft_ms"]), ttft_p99_ms=float(doc["p99_ttft_ms"]),
         tpot_p50_ms=float(doc["median_tpot_ms"]), tpot_p99_ms=float(doc["p99_tpot_ms"]),
+        tight_within_slo=tight_within, tight_goodput=tight_within / duration if duration > 0 else 0.0,
+        itl_p99_ms=float(doc["p99_itl_ms"]), load=load,
     )
 
 

@@ -306,7 +306,8 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
         graphs = device.type == "cuda" and not config.model.enforce_eager and (
             instance is None or instance.role != "prefill")
         runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
-                             use_cumem=config.model.enable_cumem_allocator, decode_graphs=graphs)
+                             use_cumem=config.model.enable_cumem_allocator, decode_graphs=graphs,
+                             role=instance.role if instance is not None else "colocated")
         return UniprocExecutor(runner, engine_id)
     if config.model.enable_sleep_mode:
         raise EngineError(f"sleep mode is not supported with TP {tp} yet", field="model.enable_sleep_mode",

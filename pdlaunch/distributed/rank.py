@@ -48,7 +48,8 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
                          agree_num_blocks=group.min_int,
                          expert_parallel=(instance.expert_parallel if instance is not None
-                                          else config.parallel.enable_expert_parallel))
+                                          else config.parallel.enable_expert_parallel),
+                         role=instance.role if instance is not None else "colocated")
     return RankState(group=group, engine_id=engine_id, runner=runner)
 
 

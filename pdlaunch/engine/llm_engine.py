@@ -1,7 +1,9 @@
 """The engine of one instance: requests in, RequestOutputs out, one `step()` at a time.
 
 A step polls the KV connector, schedules, runs the model, samples, detokenizes, applies the stop
-rules and frees what finished. Not thread-safe: the server drives it from one engine thread.
+rules and frees what finished. With async scheduling (engine/async_step.py, the default) a step launches
+its forward before it reads the previous step's sampled tokens, so its outputs are those of the previous
+step. Not thread-safe: the server drives it from one engine thread.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.context_limit import too_long_message
+from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
 from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
 from pdlaunch.engine.request import Request, RequestStatus
@@ -41,7 +44,7 @@ from pdlaunch.kv_transfer.params import (
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
 from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
-from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
+from pdlaunch.memory.platform import current_device_index, resolve_device, set_device, to_device_async
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
 from pdlaunch.offload.manager import OffloadManager
@@ -89,13 +92,16 @@ class LLMEngine:
             connector.register_kv_caches(self.kv_cache_spec())
         self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
-                                   config.scheduler.max_num_batched_tokens, connector, self.offload,
+                                   config.scheduler.token_budget(self.role), connector, self.offload,
                                    recompute_failed_loads=config.kv_transfer.load_failure_policy == "recompute")
         self.sampler = Sampler(self.device, config.model.seed, self.tokenizer.eos_token_ids,
                                lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len,
                                        grammar_backend(self.tokenizer, self.vocab_size))
         self._arrival = itertools.count()
+        self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
+        self._last_step_end = 0.0  # perf_counter when the host last had a step's results
+        self.async_scheduling = self._async_scheduling(config)
         self._admitted: list[RequestOutput] = []  # first tokens taken from a prefill's answer, out next step
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
@@ -122,6 +128,16 @@ class LLMEngine:
         if device != "cpu":
             raise EngineError(f"unknown device {device!r}", field="device", hint="use auto, cpu or cuda")
         return torch.device("cpu")
+
+    def _async_scheduling(self, config: DeploymentConfig) -> bool:
+        """scheduler.async_scheduling where it can run: one rank (the other ranks would need the device ids)
+        and no KV offload (its copies are ordered against one step at a time)."""
+        if not config.scheduler.async_scheduling:
+            return False
+        if self.tp_size > 1 or self.offload is not None:
+            log.info("async scheduling is off: it runs with TP 1 and without KV offload")
+            return False
+        return True
 
     def _max_model_len(self) -> int:
         limit = self.checkpoint.arch.max_position_embeddings
@@ -166,6 +182,8 @@ class LLMEngine:
 
     def sleep(self, level: int = 1) -> SleepResult:
         """Give the device memory back: level 1 keeps the weights in CPU memory, 2 discards them."""
+        if not self.has_unfinished_requests():
+            self._finish_in_flight()  # only finished requests' tokens: the device must be done with the KV
         if self.offload is not None:
             self.offload.wait_idle()  # no copy may touch the KV cache while it is released
         return self._sleep_mode().sleep(level)
@@ -263,7 +281,7 @@ class LLMEngine:
         alone needs more than the cache has would preempt itself forever)."""
         bs = self.block_size
         whole = -(-num_tokens // bs)
-        chunk = self.config.scheduler.max_num_batched_tokens
+        chunk = self.scheduler.max_num_batched_tokens
         return max(whole if g.sliding_window is None else min(whole, -(-(chunk + g.sliding_window) // bs) + 1)
                    for g in self.runner.groups)
 
@@ -305,30 +323,76 @@ class LLMEngine:
             outputs.append(self.outputs.output(request.request_id, [], ""))
         if self.offload is not None:
             self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
+        logits = None
         if sched.scheduled:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
-            logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager))
+            started = time.perf_counter()
+            logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
                                            self.executor.runner.prompt_logprobs)
-            sampling = [s.request for s in sched.scheduled if s.needs_sample]
-            sampled = self.sampler(logits, self.outputs.sample_rows(sampling)) if sampling else None
             self.scheduler.after_step(sched)
-            if sampled is not None:
-                for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
-                    new_text, reason = self.outputs.append_token(request, token_id)
-                    kv_params = None
-                    if reason is not None:
-                        kv_params = self._sign(with_first_token(self.scheduler.finish_request(request, reason),
-                                                                request, logprob))
-                    out = self.outputs.output(request.request_id, [token_id], new_text,
-                                              [logprob] if logprob is not None else None, kv_params)
-                    if request.wants_prompt_logprobs:
-                        out.prompt_logprobs = take_prompt_logprobs(request)
-                    outputs.append(out)
-        elif self.scheduler.waiting_for_kv:
+        outputs.extend(self._finish_in_flight())  # host work while the device computes this step
+        if logits is not None:
+            # a request that finished meanwhile (its last token was in flight) is not sampled again
+            sampled_rows = [s.request for s in sched.scheduled if s.needs_sample]  # one logits row each
+            rows = [i for i, r in enumerate(sampled_rows) if not r.is_finished]
+            sampling = [sampled_rows[i] for i in rows]
+            step = (len(sched.scheduled), sched.num_batched_tokens, started)
+            deferred = None
+            if sampling:
+                if len(sampling) < len(sampled_rows):
+                    logits = logits.index_select(0, to_device_async(torch.tensor(rows), logits.device))
+                sample_rows = self.outputs.sample_rows(sampling)
+                if self.async_scheduling and deferrable(sample_rows):
+                    deferred = self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows))
+                else:
+                    sampled = self.sampler(logits, sample_rows)
+                    outputs.extend(self._append_sampled(sampling, sampled.token_ids, sampled.logprobs))
+            if deferred is not None:
+                deferred.step = step  # observed when its tokens are read
+            else:
+                self._observe_step(*step)
+        elif self.scheduler.waiting_for_kv and self._in_flight is None:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
         update_metrics(self.scheduler, self.block_manager)
+        return outputs
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        """Read the launched step's sampled tokens and apply them (requests finished meanwhile drop theirs)."""
+        if self._in_flight is None:
+            return []
+        step, self._in_flight = self._in_flight, None
+        token_ids = step.read()
+        if step.step is not None:
+            self._observe_step(*step.step)
+        for request in step.requests:
+            request.num_pending -= 1
+        live = [(r, t) for r, t in zip(step.requests, token_ids) if not r.is_finished]
+        return self._append_sampled([r for r, _ in live], [t for _, t in live], [None] * len(live))
+
+    def _observe_step(self, num_requests: int, num_tokens: int, started: float) -> None:
+        """A step's time for pdlaunch_engine_step_seconds, taken when the host has its results: from its
+        launch, or from the previous step's end when it was queued behind that one (async scheduling)."""
+        now = time.perf_counter()
+        metrics.observe_step(num_requests, num_tokens, now - max(started, self._last_step_end))
+        self._last_step_end = now
+
+    def _append_sampled(self, requests: list[Request], token_ids: list[int],
+                        logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
+        """Each request's sampled token: detokenized, stop rules applied, finished requests ended."""
+        outputs = []
+        for request, token_id, logprob in zip(requests, token_ids, logprobs):
+            new_text, reason = self.outputs.append_token(request, token_id)
+            kv_params = None
+            if reason is not None:
+                kv_params = self._sign(with_first_token(self.scheduler.finish_request(request, reason),
+                                                        request, logprob))
+            out = self.outputs.output(request.request_id, [token_id], new_text,
+                                      [logprob] if logprob is not None else None, kv_params)
+            if request.wants_prompt_logprobs:
+                out.prompt_logprobs = take_prompt_logprobs(request)
+            outputs.append(out)
         return outputs
 
     # -- observability ---------------------------------------------------------------------------
@@ -361,6 +425,7 @@ class LLMEngine:
         self._shut_down = True
         for request_id in list(self.outputs.tracked):
             self.abort_request(request_id)
+        self._finish_in_flight()  # every request ended: nothing to emit, but the device must be done
         for kept in (self.scheduler.held, self.scheduler.draining):
             for request_id in list(kept):
                 kept.pop(request_id)

@@ -31,6 +31,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # Tokens of all_token_ids whose KV is in the cache (computed here, prefix hit, or loaded).
     num_computed_tokens: int = 0
+    # Sampled output tokens whose ids are still on the device (async scheduling, engine/async_step.py):
+    # counted in num_tokens, not yet in output_token_ids / all_token_ids.
+    num_pending: int = 0
     # Prompt tokens served from this instance's prefix cache (or CPU tier), set at first admission.
     num_cached_tokens: int = 0
     scheduled_at: float | None = None  # time.monotonic() at first admission (vLLM's prefill/inference times)
@@ -55,7 +58,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def last_token_pending(self) -> bool:
+        """Its pending token ends it by max_tokens: nothing more to compute (async scheduling)."""
+        return self.num_pending > 0 and len(self.output_token_ids) + self.num_pending >= self.params.max_tokens
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)

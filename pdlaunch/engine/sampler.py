@@ -91,8 +91,13 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
         """logits: [N, V] float32, one row per request in `rows`."""
+        chosen = self.sample_ids(logits, rows)
+        token_ids = chosen.tolist()
+        return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids))
+
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """The chosen token ids [N] long, left on the logits' device (no host sync)."""
         num_rows, vocab = logits.shape
-        raw = logits
         logits = apply_grammar_masks(logits, [r.matcher for r in rows])
         logits = self.processors(logits, rows)
         chosen = logits.argmax(dim=-1)
@@ -123,8 +128,7 @@ class Sampler:
                 if gen is not None:
                     race[j] = torch.empty(vocab, device=logits.device).exponential_(generator=gen)
             chosen = chosen.index_copy(0, idx, (probs / race).argmax(dim=-1))
-        token_ids = chosen.tolist()
-        return SamplerOutput(token_ids, self._logprobs(raw, rows, chosen, token_ids))
+        return chosen
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, rows: Sequence[SampleRow], chosen: torch.Tensor,

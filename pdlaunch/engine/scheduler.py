@@ -227,6 +227,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.last_token_pending:  # async scheduling: its pending token is its last
+                i += 1
+                continue
             start = request.num_computed_tokens
             n = min(request.num_tokens - start, budget)
             self.block_manager.release_out_of_window(request.request_id, start)
@@ -354,7 +357,9 @@ class Scheduler:
         for s in out.scheduled:
             request = s.request
             request.num_computed_tokens = s.end
-            self.block_manager.cache_blocks(request.request_id, request.all_token_ids, s.end)
+            # only positions whose token the host knows (async scheduling: the sampled one may be pending)
+            self.block_manager.cache_blocks(request.request_id, request.all_token_ids,
+                                            min(s.end, len(request.all_token_ids)))
 
 
 def _describe(request_id: str, exc: Exception) -> str:

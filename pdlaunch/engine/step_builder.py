@@ -2,6 +2,10 @@
 
 The engine builds them (TP rank 0 only) and hands them to the executor, which sends the same inputs to
 every rank; the runner below never sees a request or a block table, only token rows and slots.
+
+Async scheduling (engine/async_step.py): a request's newest token may still be on the device, sampled by
+the step in flight (`Request.num_pending`). Its row gets a placeholder id here and the in-flight step's
+sampled ids (`InFlight`: request id -> row of its ids tensor) fill it on the device.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pdlaunch.engine.async_step import InFlight
 from pdlaunch.engine.prompt_logprobs import prompt_rows
 from pdlaunch.engine.scheduler import ScheduledRequest
 from pdlaunch.errors import EngineError
@@ -19,8 +24,27 @@ from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.runner.step_inputs import StepInputs
 
 
-def build_step_inputs(scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> StepInputs:
+def build_step_inputs(scheduled: Sequence[ScheduledRequest], block_manager: BlockManager,
+                      in_flight: InFlight | None = None) -> StepInputs:
     """The host-side inputs of the scheduled chunks (what every TP rank needs for the step)."""
+    inputs = _build(scheduled, block_manager)
+    if in_flight is not None:
+        last_rows = list(itertools.accumulate((s.num_new_tokens for s in scheduled), initial=-1))[1:]
+        for row, s in zip(last_rows, scheduled):
+            if s.end > len(s.request.all_token_ids):  # its last input token is the one in flight
+                inputs.pending_rows.append(row)
+                inputs.pending_src.append(in_flight.row_of[s.request.request_id])
+        inputs.pending_source = in_flight.token_ids if inputs.pending_rows else None
+    return inputs
+
+
+def _token_ids(s: ScheduledRequest) -> list[int]:
+    """The chunk's input ids; 0 stands for a token still in flight (filled on the device)."""
+    ids = s.request.all_token_ids[s.start:s.end]
+    return ids + [0] * (s.num_new_tokens - len(ids))
+
+
+def _build(scheduled: Sequence[ScheduledRequest], block_manager: BlockManager) -> StepInputs:
     block_size, num_groups = block_manager.block_size, block_manager.num_groups
     if all(s.num_new_tokens == 1 for s in scheduled):
         return _one_token_each(scheduled, block_manager)
@@ -29,7 +53,7 @@ def build_step_inputs(scheduled: Sequence[ScheduledRequest], block_manager: Bloc
     seq_index = []
     tables: list[list[list[int]]] = [[] for _ in range(num_groups)]
     for i, s in enumerate(scheduled):
-        ids.extend(s.request.all_token_ids[s.start:s.end])
+        ids.extend(_token_ids(s))
         pos_parts.append(torch.arange(s.start, s.end, dtype=torch.long))
         seq_index.append(torch.full((s.num_new_tokens,), i, dtype=torch.long))
         for g, table in enumerate(block_manager.tables[s.request.request_id]):
@@ -81,7 +105,8 @@ def _one_token_each(scheduled: Sequence[ScheduledRequest], block_manager: BlockM
         block_tables.append(torch.from_numpy(table_array))
     prompt = prompt_rows([(s.request, s.start, s.end) for s in scheduled])
     return StepInputs(
-        input_ids=torch.tensor([s.request.all_token_ids[s.start] for s in scheduled], dtype=torch.long),
+        input_ids=torch.tensor([s.request.all_token_ids[s.start] if s.start < len(s.request.all_token_ids) else 0
+                                for s in scheduled], dtype=torch.long),
         positions=torch.tensor(positions, dtype=torch.long), query_lens=[1] * n, context_lens=positions,
         slot_mapping=[torch.tensor(x, dtype=torch.long) for x in slots], block_tables=block_tables,
         sample_rows=[i for i, s in enumerate(scheduled) if s.needs_sample],

@@ -80,6 +80,9 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._captured_for: list[int] = []
         self._pool: object | None = None
+        # Recorded after each load's copies out of the pinned host buffers: with async scheduling the next
+        # load may start before the device ran them, and must not overwrite what they still read.
+        self._loaded: torch.cuda.Event | None = None
 
     # -- inputs ----------------------------------------------------------------------------------
     def attention(self, batch: int) -> AttentionMetadata:
@@ -121,6 +124,8 @@ class DecodeGraphs:
         """Copy the step's inputs into the static buffers; rows past the step are padding."""
         n, pad = len(inputs.query_lens), batch - len(inputs.query_lens)
         ctx = list(inputs.context_lens)
+        if self._loaded is not None:
+            self._loaded.synchronize()
         # One host tensor of every 1-D input, padded (a few large ops beat many small ones: the GPU
         # waits for this).
         rows = [inputs.input_ids.tolist() + [0] * pad, inputs.positions.tolist() + [0] * pad,
@@ -133,6 +138,10 @@ class DecodeGraphs:
             self.host_tables[g][:n, :width] = inputs.block_tables[g].clamp(min=0)
             self.tables[g][:n, :width].copy_(self.host_tables[g][:n, :width], non_blocking=True)
         self.packed[:, :batch].copy_(self.host[:, :batch], non_blocking=True)
+        if self.device.type == "cuda":
+            self._loaded = self._loaded or torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._loaded.record()
+        inputs.fill_pending(self.packed[_IDS])
 
     # -- capture and replay ----------------------------------------------------------------------
     def _kv_pointers(self) -> list[int]:

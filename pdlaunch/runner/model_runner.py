@@ -8,7 +8,7 @@ model/attention_metadata.py, [num_blocks, layers_in_group, 2, block_size, kv_hea
 one block of every layer of a group is one contiguous byte range and runs of blocks coalesce into
 MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on CUDA what is left of
 `gpu_memory_utilization * total` after the weights and the activations of a profiled
-`max_num_batched_tokens` step; on CPU `cache.cpu_kv_cache_gb`.
+`max_num_batched_tokens` step (`SchedulerConfig.token_budget`); on CPU `cache.cpu_kv_cache_gb`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.config.models import CacheConfig, Role, SchedulerConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async
@@ -51,6 +51,7 @@ class ModelRunner:
         agree_num_blocks: Callable[[int], int] | None = None,
         decode_graphs: bool = False,
         expert_parallel: bool = False,
+        role: Role = "colocated",
     ) -> None:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
         (the minimum over ranks), so block ids mean the same slots on every rank.
@@ -63,6 +64,7 @@ class ModelRunner:
         self.dtype = dtype
         self.cache_config = cache
         self.scheduler_config = scheduler
+        self.role = role  # the step token budget depends on it (SchedulerConfig.token_budget)
         self.max_model_len = max_model_len
         self.block_size = cache.block_size
         self.use_cumem = use_cumem
@@ -131,7 +133,7 @@ class ModelRunner:
         requested = int(self.cache_config.gpu_memory_utilization * total)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        num_tokens = self.scheduler_config.max_num_batched_tokens
+        num_tokens = self.scheduler_config.token_budget(self.role)
         lens: list[int] = []
         while sum(lens) < num_tokens:
             lens.append(min(self.max_model_len, num_tokens - sum(lens)))
@@ -216,6 +218,7 @@ class ModelRunner:
             return logits[torch.tensor(inputs.sample_rows, device=self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
         ids, positions = to_device_async(inputs.input_ids, self.device), to_device_async(inputs.positions, self.device)
+        inputs.fill_pending(ids)
         hidden = self.model(ids, positions, attn, self.kv_caches)
         if inputs.prompt_rows:
             rows = PromptRows(inputs.prompt_rows, inputs.prompt_targets, inputs.prompt_top_k)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdlaunch.memory.platform import to_device_async
+
 
 @dataclass
 class StepInputs:
@@ -26,3 +28,16 @@ class StepInputs:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     prompt_top_k: int = 0
+    # Async scheduling (engine/async_step.py): token rows whose id was sampled by the step still in flight;
+    # input_ids[pending_rows[i]] = pending_source[pending_src[i]], on the device (TP 1 only: never sent).
+    pending_rows: list[int] = field(default_factory=list)
+    pending_src: list[int] = field(default_factory=list)
+    pending_source: torch.Tensor | None = None  # [M] long on the device
+
+    def fill_pending(self, input_ids: torch.Tensor) -> None:
+        """Write the in-flight step's sampled ids into `input_ids` (a device copy of `self.input_ids`)."""
+        if self.pending_rows and self.pending_source is not None:
+            dev = input_ids.device
+            rows = to_device_async(torch.tensor(self.pending_rows, dtype=torch.long), dev)
+            src = to_device_async(torch.tensor(self.pending_src, dtype=torch.long), dev)
+            input_ids.index_copy_(0, rows, self.pending_source.index_select(0, src))

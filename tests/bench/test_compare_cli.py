@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -82,6 +83,8 @@ class _FakeDeployment:
 
     def __init__(self, cfg: Any, console: Any) -> None:
         self.proxy_url = "http://127.0.0.1:9"
+        self.cfg = cfg
+        self.plan = SimpleNamespace(instances=[])  # no instance to read /metrics from
         self.children: list[Any] = []
         self.stops: list[bool] = []
         _FakeDeployment.made.append(self)
@@ -126,7 +129,7 @@ def test_a_process_lost_during_a_rate_fails_the_run_naming_it(monkeypatch: pytes
     def measure(*_: Any) -> Any:
         return None, [], {"errors": [""], "ttfts": [0.1], "e2els": [0.2], "output_lens": [4], "duration": 1.0,
                           "completed": 1, "request_throughput": 1.0, "median_ttft_ms": 100.0, "p99_ttft_ms": 100.0,
-                          "median_tpot_ms": 33.0, "p99_tpot_ms": 33.0}
+                          "median_tpot_ms": 33.0, "p99_tpot_ms": 33.0, "p99_itl_ms": 33.0}
 
     _FakeDeployment.made = []
     monkeypatch.setattr(compare, "Deployment", Dying)
@@ -186,12 +189,20 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
             assert point["ttft_p50_ms"] > 0 and point["tpot_p99_ms"] >= point["tpot_p50_ms"] > 0
             assert raw["output_lens"] == [4] * 5  # ignore_eos: exactly --output-len tokens
             assert raw["input_lens"] == [12] * 5
+            assert point["tight_within_slo"] <= 5 and point["itl_p99_ms"] > 0
+            assert 0 < point["load"]["prefill_util"] <= 1 and 0 < point["load"]["decode_util"] <= 1
+            assert point["load"]["prefill_tokens_per_s"] > 0 and point["load"]["decode_batch"] >= 1
     # the same workload for both deployments at each rate: same seed, same send schedule
     colocated, pd = doc["deployments"]
     for a, b in zip(colocated["raw"], pd["raw"]):
         assert a["seed"] == b["seed"] and a["request_rate"] == b["request_rate"]
     assert [r["seed"] for r in pd["raw"]] == [0, 1]
     assert _leftovers(str(out)) == []
+    # two instances split one way only: the advice is the PD run's own 1P1D, measured by it, not run again
+    advisor = doc["advisor"]
+    assert advisor["split"] == "1P1D" and advisor["measured_by"] == "PD 1P1D" and advisor["num_gpus"] == 2
+    assert [r["measured_goodput"] for r in advisor["per_rate"]] == [p["goodput"] for p in pd["points"]]
+    assert "P:D advisor: advice for 2 GPUs: 1P1D" in " ".join(text.split()) and "ITL" in text
     for dep in doc["deployments"]:  # each deployment's figures were saved as soon as it was done
         assert json.loads((out / f"{dep['kind']}.json").read_text())["points"] == [
             {k: v for k, v in p.items() if k != "within_share"} for p in dep["points"]]
@@ -231,3 +242,38 @@ def test_sigterm_while_starting_stops_the_deployment(tmp_path: Path) -> None:
     assert "interrupted: the running deployment was stopped" in text
     assert _leftovers(str(out)) == []
     assert not (out / "compare.json").exists()
+
+
+def _measured_run(kind: str, layout: Layout) -> compare.DeploymentRun:
+    """A run whose PD figures make the advisor prefer 2P1D of 3: prefill 30000 tokens/s (9.8 req/s of 3072
+    tokens per GPU), decode t(b) = 5 + 0.125 b ms (64 sequences at 13 ms for 128 tokens: 38 req/s per GPU)."""
+    from pdlaunch.bench.engine_load import EngineLoad
+    from pdlaunch.bench.goodput import RatePoint
+
+    points = [RatePoint(rate=2.0, num_prompts=10, completed=10, within_slo=10, duration_s=5.0, goodput=2.0,
+                        served=2.0, ttft_p50_ms=100, ttft_p99_ms=200, tpot_p50_ms=8, tpot_p99_ms=9,
+                        load=EngineLoad(wall_s=5.0, prefill_util=0.2, decode_util=0.3, prefill_tokens_per_s=30000.0,
+                                        decode_batch=batch, decode_step_ms=5 + 0.125 * batch))
+              for batch in (16.0, 64.0)]
+    return compare.DeploymentRun(kind=kind, label=compare.label(kind, layout),  # type: ignore[arg-type]
+                                 description=compare.describe(kind, layout), prefill=layout.prefill,
+                                 decode=layout.decode, points=points)
+
+
+@pytest.mark.parametrize("run_advised", [True, False])
+def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            run_advised: bool) -> None:
+    ran: list[tuple[str, int, int]] = []
+
+    def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any) -> compare.DeploymentRun:
+        ran.append((kind, layout.prefill, layout.decode))
+        return _measured_run(kind, layout)
+
+    monkeypatch.setattr(compare, "run_deployment", fake_run)
+    cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, run_advised=run_advised)
+    runs, advice = compare.run_compare(cfg, compare.Console(quiet=True))
+    assert advice is not None and advice.best.label == "2P1D" and advice.num_gpus == 3
+    assert advice.decode_sequences == 64.0  # the tiny model's max_num_seqs caps the fit's 80
+    expected = [("colocated", 1, 2), ("pd", 1, 2)] + ([("advised", 2, 1)] if run_advised else [])
+    assert ran == expected and [r.kind for r in runs] == [k for k, *_ in expected]
+    assert (tmp_path / "advised.json").exists() == run_advised

@@ -9,21 +9,26 @@ import pytest
 from rich.console import Console
 
 from pdlaunch.bench import compare_report
+from pdlaunch.bench.advisor import DecodePoint, advise
 from pdlaunch.bench.compare import CompareConfig, DeploymentRun
+from pdlaunch.bench.engine_load import EngineLoad
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.errors import PdlaunchError
 
 
 def _point(rate: float, within: int, goodput: float) -> RatePoint:
+    load = EngineLoad(wall_s=10.0, prefill_util=rate / 10, decode_util=0.25, prefill_tokens_per_s=30000.0,
+                      decode_batch=8 * rate, decode_step_ms=5 + rate)
     return RatePoint(rate=rate, num_prompts=100, completed=100, within_slo=within, duration_s=10.0, goodput=goodput,
-                     served=rate, ttft_p50_ms=130.0, ttft_p99_ms=410.0, tpot_p50_ms=13.5, tpot_p99_ms=21.0)
+                     served=rate, ttft_p50_ms=130.0, ttft_p99_ms=410.0, tpot_p50_ms=13.5, tpot_p99_ms=21.0,
+                     tight_within_slo=within // 2, tight_goodput=goodput / 2, itl_p99_ms=4 * rate, load=load)
 
 
 def _runs() -> list[DeploymentRun]:
     return [
         DeploymentRun(kind="colocated", label="colocated x2", description="2 colocated (GPU 0,1)",
                       points=[_point(2, 80, 1.6), _point(4, 50, 2.05), _point(8, 4, 0.3)]),
-        DeploymentRun(kind="pd", label="PD 1P1D", description="1P (GPU 0) + 1D (GPU 1)",
+        DeploymentRun(kind="pd", label="PD 1P1D", description="1P (GPU 0) + 1D (GPU 1)", prefill=1, decode=1,
                       points=[_point(2, 100, 2.0), _point(4, 95, 3.8), _point(8, 60, 4.8)]),
     ]
 
@@ -43,6 +48,9 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     rows = [line.split() for line in text.splitlines()]
     assert ["4", "colocated", "x2", "2.05", "4.00", "130", "410", "13.5", "21.0", "50%"] in rows
     assert ["PD", "1P1D", "3.80", "4.00", "130", "410", "13.5", "21.0", "95%"] in rows
+    # the second table: goodput relaxed and tight, ITL p99, prefill and decode utilisation
+    assert ["8", "colocated", "x2", "0.30", "0.15", "32.0", "80%", "25%"] in rows
+    assert ["PD", "1P1D", "2.00", "1.00", "8.0", "20%", "25%"] in rows
     assert "2 colocated (GPU 0,1) keeps < 90% of requests within the SLOs already at 2 req/s" in text
     assert "1P (GPU 0) + 1D (GPU 1) keeps >= 90% of requests within the SLOs up to 4 req/s" in text
     assert "no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')" in text
@@ -54,9 +62,32 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     assert colocated["highest_rate_within_slo"] is None and pd["highest_rate_within_slo"] == 4
     assert [p["within_share"] for p in pd["points"]] == [1.0, 0.95, 0.6]
     assert on_disk["settings"]["ttft_slo_ms"] == 400 and on_disk["settings"]["tpot_slo_ms"] == 15
+    assert on_disk["settings"]["tight_ttft_slo_ms"] == 1000 and on_disk["settings"]["tight_tpot_slo_ms"] == 10
+    assert pd["points"][2]["tight_goodput"] == 2.4 and pd["points"][2]["itl_p99_ms"] == 32.0
+    assert pd["points"][0]["load"]["prefill_util"] == 0.2 and on_disk["advisor"] is None
+
+
+def test_the_advised_split_is_shown_predicted_against_measured(tmp_path: Path) -> None:
+    # 1P1D measured; the advice for 2 GPUs is the same split, so the PD run is its measurement
+    points = [DecodePoint(batch=16, step_ms=7.0), DecodePoint(batch=64, step_ms=13.0)]
+    advice = advise(2, 3000, 100, 15.0, 30000.0, points, 64)  # prefill 10 req/s; decode 64 seqs / 1.3 s
+    assert advice.best.label == "1P1D" and advice.best.sustained_rate == pytest.approx(10.0)
+    console = Console(width=120, record=True)
+    doc = compare_report.report_comparison(console, _cfg(tmp_path), _runs(), advice)
+    text = console.export_text()
+    assert "P:D advisor: advice for 2 GPUs: 1P1D, predicted to sustain 10.00 req/s" in " ".join(text.split())
+    rows = [line.split() for line in text.splitlines()]
+    assert ["4", "4.00", "3.80"] in rows and ["8", "8.00", "4.80"] in rows  # rate, predicted, measured
+    advisor = json.loads((tmp_path / "compare.json").read_text())["advisor"]
+    assert advisor == json.loads(json.dumps(doc["advisor"]))
+    assert advisor["split"] == "1P1D" and advisor["measured_by"] == "PD 1P1D" and advisor["slo_set"] == "relaxed"
+    assert [(r["rate"], r["predicted_goodput"], r["measured_goodput"]) for r in advisor["per_rate"]] == [
+        (2, 2.0, 2.0), (4, 4.0, 3.8), (8, 8.0, 4.8)]
+    assert advisor["prefill_tokens_per_s"] == 30000.0 and len(advisor["splits"]) == 1
 
 
 def test_plot_is_written_with_matplotlib(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    path = compare_report.write_goodput_plot(_cfg(tmp_path), _runs(), tmp_path / "goodput.png")
+    advice = advise(2, 3000, 100, 15.0, 30000.0, [DecodePoint(batch=16, step_ms=7.0)], 64)
+    path = compare_report.write_goodput_plot(_cfg(tmp_path), _runs(), tmp_path / "goodput.png", advice)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

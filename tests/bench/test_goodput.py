@@ -35,7 +35,7 @@ def _doc(rows: list[tuple[str, float, float, int]], duration: float) -> dict[str
         "errors": [r[0] for r in rows], "ttfts": [r[1] for r in rows], "e2els": [r[2] for r in rows],
         "output_lens": [r[3] for r in rows], "duration": duration, "completed": completed,
         "request_throughput": completed / duration, "median_ttft_ms": 120.0, "p99_ttft_ms": 900.0,
-        "median_tpot_ms": 11.0, "p99_tpot_ms": 30.0,
+        "median_tpot_ms": 11.0, "p99_tpot_ms": 30.0, "p99_itl_ms": 40.0,
     }
 
 
@@ -54,6 +54,10 @@ def test_rate_point_counts_goodput_over_the_duration_and_share_over_all_requests
     assert point.served == pytest.approx(2.0)        # 4 completed / 2 s
     assert point.within_share == pytest.approx(0.4)  # failed requests count against the share
     assert (point.ttft_p50_ms, point.ttft_p99_ms, point.tpot_p50_ms, point.tpot_p99_ms) == (120.0, 900.0, 11.0, 30.0)
+    # the tight set (TTFT <= 1 s, TPOT <= 10 ms) takes the slow first token, not the 12 ms TPOT
+    tight = rate_point(4.0, doc, SLO, Slo(ttft_ms=1000, tpot_ms=10))
+    assert tight.within_slo == 2 and tight.tight_within_slo == 2 and tight.tight_goodput == pytest.approx(1.0)
+    assert count_within(doc, Slo(ttft_ms=1000, tpot_ms=10)) == 2 and tight.itl_p99_ms == 40.0
 
 
 def _points(shares: dict[float, float]) -> list[Any]:

@@ -1,0 +1,131 @@
+"""What the engines did during one rate of `bench compare`: utilisation, prefill throughput, decode step times.
+
+Read from every instance's `pdlaunch_engine_step{s,_seconds,_tokens}_total{kind}` counters (metrics.py) before
+and after the rate. Utilisation is the share of wall time the engine spent in steps: for PD, prefill = the
+prefill instances' steps, decode = the decode instances'; for colocated instances, prefill = their steps with
+prompt tokens (decodes ride along in them), decode = their decode-only steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.metrics import STEP_KINDS
+
+SCRAPE_TIMEOUT_S = 10.0
+_FAMILIES = {"pdlaunch_engine_steps": "steps", "pdlaunch_engine_step_seconds": "seconds",
+             "pdlaunch_engine_step_tokens": "tokens"}
+
+
+class StepTotals(BaseModel):
+    """Counters of one kind of step, summed over instances."""
+
+    steps: float = 0.0
+    seconds: float = 0.0
+    tokens: float = 0.0
+
+    def minus(self, other: StepTotals) -> StepTotals:
+        return StepTotals(steps=self.steps - other.steps, seconds=self.seconds - other.seconds,
+                          tokens=self.tokens - other.tokens)
+
+    def plus(self, other: StepTotals) -> StepTotals:
+        return StepTotals(steps=self.steps + other.steps, seconds=self.seconds + other.seconds,
+                          tokens=self.tokens + other.tokens)
+
+
+class InstanceTotals(BaseModel):
+    role: str
+    by_kind: dict[str, StepTotals]
+
+
+def parse_step_totals(text: str) -> dict[str, StepTotals]:
+    """The step counters by kind from one /metrics page (zeros for a kind not there)."""
+    totals = {kind: StepTotals() for kind in STEP_KINDS}
+    for family in text_string_to_metric_families(text):
+        field = _FAMILIES.get(family.name)
+        if field is None:
+            continue
+        for sample in family.samples:
+            kind = sample.labels.get("kind")
+            if sample.name.endswith("_total") and kind in totals:
+                setattr(totals[kind], field, float(sample.value))
+    return totals
+
+
+class EngineLoad(BaseModel):
+    """One deployment over one rate. Utilisations in [0, 1]; None where no step of that kind ran."""
+
+    wall_s: float
+    prefill_util: float
+    decode_util: float
+    prefill_tokens_per_s: float | None  # prompt tokens per second of prefill steps, per instance
+    decode_batch: float | None  # mean sequences per decode step
+    decode_step_ms: float | None  # mean decode step time
+
+
+def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_s: float) -> EngineLoad:
+    """`before` and `after` list the same instances in the same order."""
+    pd = any(i.role != "colocated" for i in after)
+    prefill_side = [(b, a) for b, a in zip(before, after) if a.role in ("prefill", "colocated")]
+    decode_side = [(b, a) for b, a in zip(before, after) if a.role in ("decode", "colocated")]
+
+    def delta(pairs: Iterable[tuple[InstanceTotals, InstanceTotals]], kind: str) -> StepTotals:
+        total = StepTotals()
+        for b, a in pairs:
+            total = total.plus(a.by_kind[kind].minus(b.by_kind[kind]))
+        return total
+
+    prefill_steps = delta(prefill_side, "prefill")
+    decode_steps = delta(decode_side, "decode")
+    wall = max(wall_s, 1e-9)
+    if pd:  # a PD instance's every step counts for its role (a decode's recomputed last prompt token too)
+        prefill_busy = prefill_steps.seconds + delta(prefill_side, "decode").seconds
+        decode_busy = decode_steps.seconds + delta(decode_side, "prefill").seconds
+    else:
+        prefill_busy, decode_busy = prefill_steps.seconds, decode_steps.seconds
+    return EngineLoad(
+        wall_s=wall_s,
+        prefill_util=prefill_busy / (wall * max(1, len(prefill_side))),
+        decode_util=decode_busy / (wall * max(1, len(decode_side))),
+        prefill_tokens_per_s=prefill_steps.tokens / prefill_steps.seconds if prefill_steps.seconds > 0 else None,
+        decode_batch=decode_steps.tokens / decode_steps.steps if decode_steps.steps > 0 else None,
+        decode_step_ms=1000.0 * decode_steps.seconds / decode_steps.steps if decode_steps.steps > 0 else None,
+    )
+
+
+class LoadProbe:
+    """Reads the step counters of a deployment's instances (`(role, url)` pairs) over HTTP."""
+
+    def __init__(self, instances: list[tuple[str, str]], headers: dict[str, str]) -> None:
+        self.instances = instances
+        self._http = httpx.Client(trust_env=False, timeout=SCRAPE_TIMEOUT_S, headers=headers)
+        self._before: list[InstanceTotals] = []
+        self._started = 0.0
+
+    def read(self) -> list[InstanceTotals]:
+        out = []
+        for role, url in self.instances:
+            try:
+                response = self._http.get(f"{url}/metrics")
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                raise PdlaunchError(f"could not read {url}/metrics within {SCRAPE_TIMEOUT_S:g} s: {exc}",
+                                    hint="the instance's log says why") from None
+            out.append(InstanceTotals(role=role, by_kind=parse_step_totals(response.text)))
+        return out
+
+    def start(self) -> None:
+        self._before, self._started = self.read(), time.monotonic()
+
+    def stop(self) -> EngineLoad:
+        after = self.read()
+        return engine_load(self._before, after, time.monotonic() - self._started)
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,97 @@
+"""The P:D advisor's arithmetic and the engine-load figures it is fed (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from pdlaunch.bench.advisor import DecodeFit, DecodePoint, advise, decode_capacity, fit_decode
+from pdlaunch.bench.engine_load import InstanceTotals, StepTotals, engine_load, parse_step_totals
+
+
+def test_fit_decode_is_least_squares_and_flat_for_one_batch_or_noise() -> None:
+    fit = fit_decode([DecodePoint(batch=8, step_ms=6.0), DecodePoint(batch=24, step_ms=8.0),
+                      DecodePoint(batch=40, step_ms=10.0)])
+    assert fit.intercept_ms == pytest.approx(5.0) and fit.slope_ms == pytest.approx(0.125)
+    assert fit_decode([DecodePoint(batch=16, step_ms=7.0)] * 2) == DecodeFit(intercept_ms=7.0, slope_ms=0.0)
+    falling = fit_decode([DecodePoint(batch=8, step_ms=9.0), DecodePoint(batch=16, step_ms=7.0)])
+    assert falling == DecodeFit(intercept_ms=8.0, slope_ms=0.0)
+    with pytest.raises(ValueError):
+        fit_decode([])
+
+
+def test_decode_capacity_at_the_tpot_target() -> None:
+    fit = DecodeFit(intercept_ms=5.0, slope_ms=0.125)
+    assert decode_capacity(fit, 15.0, 256) == pytest.approx(80.0)  # (15 - 5) / 0.125
+    assert decode_capacity(fit, 15.0, 64) == 64.0  # max_num_seqs caps it
+    assert decode_capacity(DecodeFit(intercept_ms=7.0, slope_ms=0.0), 15.0, 64) == 64.0
+    assert decode_capacity(DecodeFit(intercept_ms=20.0, slope_ms=0.1), 15.0, 64) == 0.0  # one sequence misses
+
+
+def test_advise_picks_the_split_with_the_highest_sustained_rate() -> None:
+    # prefill 30000 tokens/s per GPU at 3000-token prompts: 10 req/s per prefill GPU.
+    # decode t(b) = 5 + 0.125 b ms, TPOT 15 ms: 80 sequences at 15 ms for 100 tokens = 1.5 s each: 53.3 req/s.
+    points = [DecodePoint(batch=8, step_ms=6.0), DecodePoint(batch=40, step_ms=10.0)]
+    advice = advise(4, 3000, 100, 15.0, 30000.0, points, 256)
+    assert advice.decode_sequences == pytest.approx(80.0)
+    rates = {s.label: (s.prefill_rate, s.decode_rate, s.sustained_rate) for s in advice.splits}
+    assert rates["1P3D"] == pytest.approx((10.0, 160.0, 10.0))
+    assert rates["3P1D"] == pytest.approx((30.0, 160.0 / 3, 30.0))
+    assert advice.best.label == "3P1D" and advice.best.sustained_rate == pytest.approx(30.0)
+    assert [advice.best.goodput(r) for r in (10.0, 40.0)] == pytest.approx([10.0, 30.0])
+    assert "advice for 4 GPUs: 3P1D" in advice.sentence() and "prefill-bound" in advice.sentence()
+
+    # a slow decode (long outputs) moves GPUs to the decode side
+    long_outputs = advise(4, 3000, 2000, 15.0, 30000.0, points, 256)
+    # 80 sequences for 2000 x 15 ms = 30 s each: 2.67 req/s per decode GPU. 1P3D 8, 2P2D 5.33, 3P1D 2.67
+    assert long_outputs.best.label == "1P3D" and long_outputs.best.sustained_rate == pytest.approx(8.0)
+    assert "decode-bound" in long_outputs.sentence()
+    # ties go to the prefill side; no decode capacity at the target: every split sustains 0
+    assert advise(2, 100, 10, 1.0, 1000.0, points, 64).best.sustained_rate == 0.0
+    with pytest.raises(ValueError):
+        advise(1, 100, 10, 15.0, 1000.0, points, 64)
+
+
+def _metrics_page(values: dict[str, tuple[float, float, float]]) -> str:
+    """A /metrics page with the engine step counters: kind -> (steps, seconds, tokens)."""
+    registry = CollectorRegistry()
+    steps = Counter("pdlaunch_engine_steps", "", ["kind"], registry=registry)
+    seconds = Counter("pdlaunch_engine_step_seconds", "", ["kind"], registry=registry)
+    tokens = Counter("pdlaunch_engine_step_tokens", "", ["kind"], registry=registry)
+    for kind, (n, s, t) in values.items():
+        steps.labels(kind=kind).inc(n)
+        seconds.labels(kind=kind).inc(s)
+        tokens.labels(kind=kind).inc(t)
+    return generate_latest(registry).decode()
+
+
+def test_step_counters_are_read_from_a_metrics_page() -> None:
+    totals = parse_step_totals(_metrics_page({"prefill": (4, 2.0, 8192), "decode": (10, 0.5, 300)}))
+    assert totals == {"prefill": StepTotals(steps=4, seconds=2.0, tokens=8192),
+                      "decode": StepTotals(steps=10, seconds=0.5, tokens=300)}
+    assert parse_step_totals("") == {"prefill": StepTotals(), "decode": StepTotals()}
+
+
+def _instance(role: str, prefill: tuple[float, float, float], decode: tuple[float, float, float]) -> InstanceTotals:
+    return InstanceTotals(role=role, by_kind={"prefill": StepTotals(steps=prefill[0], seconds=prefill[1],
+                                                                     tokens=prefill[2]),
+                                               "decode": StepTotals(steps=decode[0], seconds=decode[1],
+                                                                    tokens=decode[2])})
+
+
+def test_engine_load_of_pd_and_colocated_deployments() -> None:
+    zero = (0.0, 0.0, 0.0)
+    before = [_instance("prefill", zero, zero), _instance("decode", zero, zero)]
+    after = [_instance("prefill", (10, 6.0, 30000), (1, 0.5, 1)), _instance("decode", (0, 0, 0), (200, 2.0, 6400))]
+    pd = engine_load(before, after, wall_s=10.0)
+    assert pd.prefill_util == pytest.approx(0.65) and pd.decode_util == pytest.approx(0.2)
+    assert pd.prefill_tokens_per_s == pytest.approx(5000.0)
+    assert pd.decode_batch == pytest.approx(32.0) and pd.decode_step_ms == pytest.approx(10.0)
+
+    colocated = [_instance("colocated", zero, zero)] * 2
+    later = [_instance("colocated", (5, 3.0, 10000), (100, 1.0, 800))] * 2
+    load = engine_load(colocated, later, wall_s=10.0)
+    assert load.prefill_util == pytest.approx(0.3) and load.decode_util == pytest.approx(0.1)
+    assert load.prefill_tokens_per_s == pytest.approx(20000 / 6.0) and load.decode_batch == pytest.approx(8.0)
+    idle = engine_load(colocated, colocated, wall_s=1.0)
+    assert (idle.prefill_util, idle.prefill_tokens_per_s, idle.decode_step_ms) == (0.0, None, None)

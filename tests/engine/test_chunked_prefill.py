@@ -1,0 +1,58 @@
+"""Chunked prefill: a step token budget changes when tokens are computed, never which tokens come out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pdlaunch.config.models import COLOCATED_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET, SchedulerConfig
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.engine.scheduler import SchedulerOutput
+from tests.engine.conftest import MakeEngine, run_all
+from tests.engine.test_engine_batching import mixed_prompts, tokens
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+def test_the_step_token_budget_defaults_by_role_and_a_set_value_wins() -> None:
+    unset = SchedulerConfig()
+    assert unset.token_budget("colocated") == COLOCATED_TOKEN_BUDGET < DEFAULT_TOKEN_BUDGET
+    assert unset.token_budget("prefill") == unset.token_budget("decode") == DEFAULT_TOKEN_BUDGET
+    assert all(SchedulerConfig(max_num_batched_tokens=96).token_budget(r) == 96 for r in ("colocated", "prefill"))
+
+
+def _recorded_steps(engine: LLMEngine) -> list[SchedulerOutput]:
+    """Every schedule the engine runs from now on."""
+    steps: list[SchedulerOutput] = []
+    schedule = engine.scheduler.schedule
+
+    def recording() -> SchedulerOutput:
+        out = schedule()
+        steps.append(out)
+        return out
+
+    engine.scheduler.schedule = recording  # type: ignore[method-assign]
+    return steps
+
+
+def test_chunked_prefill_gives_the_unchunked_tokens_with_prefix_caching(llama_ckpt: Path,
+                                                                       make_engine: MakeEngine) -> None:
+    shared = mixed_prompts(1, seed=11, max_len=40)[0] + [3] * 40  # a prefix longer than any chunk
+    prompts = mixed_prompts(6, seed=5, max_len=70) + [shared + p for p in mixed_prompts(4, seed=6, max_len=20)]
+    unchunked = make_engine(llama_ckpt, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    reference = tokens(run_all(unchunked, prompts, GREEDY))
+    assert make_engine(llama_ckpt).scheduler.max_num_batched_tokens == COLOCATED_TOKEN_BUDGET  # the default
+
+    chunked = make_engine(llama_ckpt, max_num_batched_tokens=24, max_num_seqs=8)
+    steps = _recorded_steps(chunked)
+    assert tokens(run_all(chunked, prompts, GREEDY)) == reference
+    assert max(s.num_batched_tokens for s in steps) <= 24
+    # decodes and a prompt chunk shared steps, the decodes first
+    mixed = [s for s in steps if {x.num_new_tokens == 1 for x in s.scheduled} == {True, False}]
+    assert mixed
+    for s in mixed:
+        kinds = [x.num_new_tokens == 1 and x.start >= x.request.num_prompt_tokens for x in s.scheduled]
+        assert kinds == sorted(kinds, reverse=True), "a prompt chunk ran before a decode of its step"
+    again = run_all(chunked, prompts, GREEDY)  # now from the prefix cache, still chunked
+    assert tokens(again) == reference
+    assert sum(o.num_cached_tokens for o in again) > 0
