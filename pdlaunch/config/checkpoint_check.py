@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from pdlaunch.model.arch import ModelArch
+    from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.weight_files import TensorHeader
 
 # safetensors dtype names -> torch attribute names (an unknown one is reported, not guessed)
@@ -34,8 +35,9 @@ def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem
     return problem(field, exc.message + where, exc.hint or "use a complete checkpoint that matches its config.json")
 
 
-def checkpoint_problems(model_path: str) -> list[Problem]:
-    """What serve would fail on when it opens this checkpoint directory or GGUF file (the demo is built by us)."""
+def checkpoint_problems(model_path: str, quantization: str | None = None) -> list[Problem]:
+    """What serve would fail on when it opens this checkpoint directory or GGUF file (the demo is built by us).
+    FP8 checkpoints: the quantization_config is supported and every scale tensor has its weight's shape."""
     if model_path in ("demo", "tiny"):
         return []
     if model_path.lower().endswith(".gguf"):
@@ -43,6 +45,7 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
     directory = Path(os.path.expanduser(model_path))
     from pdlaunch.model import loader  # lazy: imports torch
     from pdlaunch.model.arch import load_arch
+    from pdlaunch.model.quant.config import load_quant_config
 
     problems: list[Problem] = []
     tokenizer = None
@@ -52,13 +55,14 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
         problems.append(as_problem(exc))
     try:
         arch = load_arch(directory)
+        quant = load_quant_config(directory, quantization)
     except PdlaunchError as exc:
         return problems + [as_problem(exc)]
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
         # A token id past the embedding table would fail the request that produced it, at run time.
         problems.append(problem("model.path", f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
                                 f"vocab_size is {arch.vocab_size}", "use the tokenizer that belongs to these weights"))
-    return problems + weight_problems(directory, arch)
+    return problems + weight_problems(directory, arch, quant)
 
 
 def gguf_file_problems(path: Path) -> list[Problem]:
@@ -99,7 +103,7 @@ def _headers(directory: Path) -> tuple[list[TensorHeader], list[Problem]]:
     return headers, problems
 
 
-def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
+def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None = None) -> list[Problem]:
     """Files readable, headers valid, every needed tensor present with the loader's shape and a float dtype."""
     import torch
 
@@ -108,7 +112,10 @@ def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
     headers, problems = _headers(directory)
     if problems:
         return problems  # tensors of an unreadable file cannot be checked
-    params = dict(loader.meta_model(arch, torch.float32).named_parameters())
+    try:
+        params = dict(loader.meta_model(arch, torch.float32, quant=quant).named_parameters())
+    except PdlaunchError as exc:
+        return [as_problem(exc)]
     seen: set[str] = set()
     found: list[Problem] = []
     for header in headers:

@@ -197,7 +197,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     info, model_problems = model_info_for(out)
     problems += model_problems
     if info is not None:  # config.json parsed: now open what serve opens (tokenizer, weight headers)
-        problems += checkpoint_problems(out.model.path)
+        problems += checkpoint_problems(out.model.path, out.model.quantization)
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
     problems += rules.role_problems(out)

@@ -59,7 +59,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
 
-        self.checkpoint = load_checkpoint(config.model.path)
+        self.checkpoint = load_checkpoint(config.model.path, config.model.quantization)
         self.tokenizer = self.checkpoint.tokenizer
         if config.model.chat_template is not None:
             self.tokenizer.override_chat_template(config.model.chat_template)

@@ -24,6 +24,9 @@ from pdlaunch.model.arch import ModelArch, load_arch
 from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
 from pdlaunch.model.layers import default_weight_loader
 from pdlaunch.model.llama import CausalLM
+from pdlaunch.model.quant.config import QuantConfig, load_quant_config
+from pdlaunch.model.quant.fp8 import FP8_DTYPE
+from pdlaunch.model.quant.linear import finish_loading, quantize_model
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 
@@ -40,15 +43,23 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: Path
     name: str  # served model name: "demo", "tiny" or the directory name
+    quant: QuantConfig | None = None  # FP8 weights (config.json or --quantization fp8); None: unquantized
 
 
-def load_checkpoint(path_or_demo: str) -> Checkpoint:
-    """Parse config.json and the tokenizer of a checkpoint directory (or `demo`)."""
+def load_checkpoint(path_or_demo: str, quantization: str | None = None) -> Checkpoint:
+    """Parse config.json and the tokenizer of a checkpoint directory (or `demo`); `quantization`
+    is --quantization (None or "fp8")."""
     path = resolve_model_path(path_or_demo)
     arch = load_arch(path)
+    quant = load_quant_config(path, quantization)
     tokenizer = open_tokenizer(path)
     name = path_or_demo if path_or_demo in BUILT_IN_MODELS else path.resolve().name
-    return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name)
+    return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name, quant=quant)
+
+
+def weight_dtype_name(ckpt: Checkpoint, dtype: torch.dtype) -> str:
+    """What the weights are computed in, for /info and metrics (e.g. "fp8 block 128x128 (checkpoint)")."""
+    return ckpt.quant.description if ckpt.quant is not None else str(dtype).removeprefix("torch.")
 
 
 def open_tokenizer(path: Path) -> Tokenizer:
@@ -88,8 +99,11 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                 continue
             if id(param) not in replaced:
                 new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
-                if hasattr(param, "weight_loader"):
-                    new.weight_loader = param.weight_loader  # type: ignore[attr-defined]
+                for attr in ("weight_loader", "default_value"):
+                    if hasattr(param, attr):
+                        setattr(new, attr, getattr(param, attr))
+                if hasattr(param, "default_value"):
+                    new.data.fill_(param.default_value)
                 replaced[id(param)] = new
             setattr(module, name, replaced[id(param)])
     for module in model.modules():
@@ -127,7 +141,9 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
     for ckpt_name, (packed, _) in CausalLM.PACKED_MODULES.items():
         unpack.setdefault(packed, []).append(ckpt_name)
     names: set[str] = set()
-    for pname in params:
+    for pname, param in params.items():
+        if hasattr(param, "default_value"):
+            continue  # optional: a checkpoint may provide it
         parts = pname.split(".")
         at = next((i for i, p in enumerate(parts) if p in unpack), None)
         if at is None:
@@ -137,11 +153,20 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
     return names
 
 
-def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
-    """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory."""
+def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+               quant: QuantConfig | None = None) -> CausalLM:
+    """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory.
+    `quant`: FP8 linear layers get fp8 weights and float32 scale parameters."""
     with torch.device("meta"):
         model = CausalLM(arch, tp_rank, tp_size)
-    return model.to(dtype)  # meta: changes dtypes only, allocates nothing
+    model = model.to(dtype)  # meta: changes dtypes only, allocates nothing
+    kv_scales = [p for n, p in model.named_parameters() if n.endswith(("k_scale", "v_scale"))]
+    for param in kv_scales:
+        param.data = param.data.float()  # scales stay float32 whatever the model dtype
+    if quant is not None:
+        with torch.device("meta"):
+            quantize_model(model, quant, CausalLM.PACKED_MODULES)
+    return model
 
 
 def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, tensor: torch.Tensor,
@@ -161,8 +186,15 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     if not tensor.is_floating_point():
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
                             "not a float dtype", field="model.path",
-                            hint="pdlaunch loads float32/bfloat16/float16 weights; quantized checkpoints are "
-                                 "not supported")
+                            hint="pdlaunch loads float32/bfloat16/float16 weights and FP8 (e4m3) checkpoints")
+    if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
+        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}",
+                            field="model.path", hint="pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only")
+    if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE):
+        quantized = "has no FP8 quantization_config" if param.dtype != FP8_DTYPE else "quantizes this module"
+        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
+                            f"config.json {quantized}", field="model.path",
+                            hint="the checkpoint does not match its config.json's quantization_config")
     loader = getattr(param, "weight_loader", default_weight_loader)
     try:
         loader(param, tensor, shard)
@@ -187,7 +219,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     """Build the model on the meta device and load the checkpoint's weights in place."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
-    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size)
+    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, ckpt.quant)
     _materialize(model, device)
     model.eval()
 
@@ -216,4 +248,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     missing = missing_tensors(params, seen)
     if missing is not None:
         raise missing
+    with torch.no_grad():
+        finish_loading(model, dtype)
+    model.finish_kv_scales()
     return model
