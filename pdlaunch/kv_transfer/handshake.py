@@ -120,6 +120,7 @@ def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str
     if not reshard and compat_hash(mine) == remote.compat_hash:
         return
     theirs = {name: getattr(remote, name) for name in mine}
+    theirs["kv_cache_dtype"] = remote.kv_cache_dtype or remote.dtype  # "" = the model dtype
     for name, (config_key, hint) in _COMPAT_FIELDS.items():
         if reshard and name in _RESHARDED_FIELDS:
             continue

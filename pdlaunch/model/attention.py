@@ -182,21 +182,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             raise ValueError("the KV cache tensor must be contiguous (block-major layout)")
         flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
     if kv_cache is not None and plan.write_slots is not None:
-        write_kv(kv_cache, k, v, plan.write_slots, layer_in_group)
+        write_kv(kv_cache, k, v, plan.write_slots, layer_in_group, kv_scales)
     elif kv_cache is not None:
         assert flat is not None and plan.write_rows is not None
         k_rows = plan.write_rows + plan.layer_offset(layer_in_group, 0)
         v_rows = plan.write_rows + plan.layer_offset(layer_in_group, 1)
         new_k = k if plan.write_tokens is None else k[plan.write_tokens]
         new_v = v if plan.write_tokens is None else v[plan.write_tokens]
-        flat.index_copy_(0, k_rows, fp8_kv.store(new_k, k_scale, flat.dtype))
-        flat.index_copy_(0, v_rows, fp8_kv.store(new_v, v_scale, flat.dtype))
+        fp8_kv.write_rows(flat, k_rows, new_k, k_scale)
+        fp8_kv.write_rows(flat, v_rows, new_v, v_scale)
 
     if plan.decode_only:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
         assert plan.decode_block_table is not None
         return paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
-                            plan.decode_seq_lens, plan.sliding_window, scale)
+                            plan.decode_seq_lens, plan.sliding_window, scale, kv_scales=kv_scales)
     out = torch.empty_like(q)
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
@@ -218,7 +218,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
         out[plan.decode_tokens] = paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens,
                                                plan.decode_block_table, plan.decode_seq_lens,
-                                               plan.sliding_window, scale)
+                                               plan.sliding_window, scale, kv_scales=kv_scales)
     elif plan.decode_tokens is not None:
         assert flat is not None and plan.decode_rows is not None
         qd = q[plan.decode_tokens].unsqueeze(2)  # [Sd, Hq, 1, D]

@@ -67,3 +67,12 @@ def scales_digest(scales: list[tuple[float, float]]) -> str:
     """Short hash of every layer's (k_scale, v_scale): P and D must quantize the same way."""
     text = ",".join(f"{k!r}:{v!r}" for k, v in scales)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_rows(flat: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+    """flat[rows] = x stored in flat's dtype (index_copy_ has no fp8 kernel on CPU: copy the bytes)."""
+    values = store(x, scale, flat.dtype)
+    if flat.dtype == FP8_DTYPE:
+        flat.view(torch.uint8).index_copy_(0, rows, values.view(torch.uint8))
+    else:
+        flat.index_copy_(0, rows, values)
