@@ -218,7 +218,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     decode_kernel, merge_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part,
-        scale * kv_scales[0], kv_scales[1], window or 0, q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
+        scale * kv_scales[0], kv_scales[1], window or 0, q.stride(0), q.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,

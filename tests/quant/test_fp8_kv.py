@@ -40,7 +40,7 @@ def test_fp8_cache_applies_checkpoint_scales(scaled_ckpts: tuple[Path, Path], ma
     assert fp8.runner.kv_caches[0].dtype == FP8_DTYPE and exact.runner.kv_caches[0].dtype == torch.float32
     assert fp8.runner.block_bytes * 4 == exact.runner.block_bytes
     assert fp8.runner.model.kv_scales() == [(K_SCALE, V_SCALE)] * 2
-    exact_out = run_all(exact, prompts, GREEDY)
+    run_all(exact, prompts, GREEDY)
     fp8_out = run_all(fp8, prompts, GREEDY)
     # Same prompts on fresh engines: the same blocks; block 0 holds the first prompt's first 8 tokens
     # (computed before any fp8 read). Stored k / k_scale and v / v_scale, e4m3-rounded (relative error
