@@ -133,6 +133,8 @@ def make_checkpoint(
     max_shard_gib: Annotated[float, typer.Option("--max-shard-gib", help="Largest safetensors shard, GiB.")] = 4.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that has files.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where random values are drawn: auto | cpu | cuda.")] = "auto",
+    fp8: Annotated[str | None, typer.Option("--fp8", help="Save the linear weights as FP8: block (128x128 "
+                                            "weight_scale_inv) | channel (compressed-tensors per channel).")] = None,
 ) -> None:
     """Write a random-weight Llama-3-8B-shaped checkpoint (shard by shard) for benchmarks."""
     from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped, parse_dtype
@@ -140,7 +142,7 @@ def make_checkpoint(
     try:
         path = make_llama3_8b_shaped(
             out_dir, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
-            max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True, device=device,
+            max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True, device=device, fp8=fp8,
         )
     except PdlaunchError as exc:
         raise _fail(exc.render().splitlines()) from None

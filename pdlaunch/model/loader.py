@@ -181,8 +181,11 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     pname, shard = _target(name)
     param = params.get(pname)
     if param is None:
+        scale = name.endswith(("weight_scale_inv", "weight_scale", "input_scale"))
         raise PdlaunchError(f"unexpected tensor {name!r} in {file.name}", field="model.path",
-                            hint=f"the checkpoint does not match its config.json ({arch.architecture})")
+                            hint="an FP8 scale: config.json lacks (or does not match) the quantization_config it "
+                                 "belongs to" if scale else
+                                 f"the checkpoint does not match its config.json ({arch.architecture})")
     if not tensor.is_floating_point():
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
                             "not a float dtype", field="model.path",

@@ -12,7 +12,7 @@ stored per row (one checkpoint scalar per q/k/v or gate/up shard broadcast over 
 capability < 8.9), weights are dequantized into the model dtype and the layer is an ordinary one
 again (the exact reference the CPU tests compare against). On FP8 GPUs the weight stays fp8 and
 `Fp8LinearMethod.apply` quantizes activations per token (per 128-column group for block weights)
-and runs `torch._scaled_mm` (per channel) or the Triton block-scaled GEMM (model/quant/block_gemm.py).
+and runs `torch._scaled_mm` (per channel) or the Triton block-scaled GEMM (model/quant/kernels.py).
 """
 
 from __future__ import annotations
@@ -44,17 +44,13 @@ class Fp8LinearMethod:
         self.block = quant.scheme == "block"
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        from pdlaunch.model.quant.block_gemm import block_fp8_linear, quantize_rows  # layering: lazy (triton)
+        from pdlaunch.model.quant.kernels import block_fp8_linear, channel_fp8_linear  # layering: lazy (triton)
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         weight, scale = _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8")
-        if self.block:
-            y = block_fp8_linear(x2, weight, scale, x.dtype)
-        else:
-            xq, xs = quantize_rows(x2, None)
-            # _scaled_mm wants the second operand column-major: W^T of the row-major [O, I] weight.
-            y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale, out_dtype=x.dtype)
+        gemm = block_fp8_linear if self.block else channel_fp8_linear
+        y = gemm(x2, weight, scale, x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -164,7 +160,9 @@ def finish_loading(model: nn.Module, dtype: torch.dtype) -> None:
     """After every tensor is loaded: quantize online weights, then either dequantize into `dtype`
     (no FP8 GEMMs on this device) or lay the scales out for the GPU matmul."""
     for layer in model.modules():
-        method = getattr(layer, "quant_method", None)
+        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        method = layer.quant_method
         if not isinstance(method, Fp8LinearMethod):
             continue
         quant = method.quant

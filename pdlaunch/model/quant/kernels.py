@@ -109,3 +109,11 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, GROUP_M=8,
                                 num_warps=warps, num_stages=stages)
     return out
+
+
+def channel_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K], weight [N, K] fp8, weight_scale [1, N] float32 -> [M, N]: per-token activation scales,
+    `torch._scaled_mm` with row-wise scaling (the second operand column-major: W^T of the row-major weight)."""
+    xq, xs = quantize_rows(x, None)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out_dtype)
