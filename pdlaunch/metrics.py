@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.metrics import MetricWrapperBase
 
 KV_TRANSFER_BYTES = Counter("pdlaunch_kv_transfer_bytes", "KV bytes moved between instances")
@@ -19,6 +19,8 @@ KV_TRANSFER_SECONDS = Histogram(
     "pdlaunch_kv_transfer_seconds", "Time of one request's KV transfer",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# pdlaunch_model_dtypes_info{weight_dtype="fp8 block 128x128 (checkpoint)",kv_cache_dtype="float8_e4m3fn"} 1
+MODEL_DTYPES = Info("pdlaunch_model_dtypes", "What the weights are computed in and the KV cache element type")
 KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
 KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by lease expiry")
 KV_LOAD_RECOMPUTES = Counter(

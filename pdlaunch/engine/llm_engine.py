@@ -42,7 +42,7 @@ from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_pu
 from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.memory.sleep import SleepResult, WakeResult
-from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+from pdlaunch.model.loader import load_checkpoint, resolve_dtype, weight_dtype_name
 from pdlaunch.offload.manager import OffloadManager
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,10 @@ class LLMEngine:
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
+        # /info and pdlaunch_model_dtypes_info: e.g. "fp8 block 128x128 (checkpoint)" and "float8_e4m3fn".
+        self.weight_dtype = weight_dtype_name(self.checkpoint, self.dtype)
+        self.kv_cache_dtype = str(self.runner.kv_dtype).removeprefix("torch.")
+        metrics.MODEL_DTYPES.info({"weight_dtype": self.weight_dtype, "kv_cache_dtype": self.kv_cache_dtype})
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
                  self.block_manager.num_blocks, self.block_size, self.max_model_len)

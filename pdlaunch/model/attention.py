@@ -174,7 +174,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache.
 
     kv_scales: this layer's (k_scale, v_scale), applied when the cache is fp8 (model/quant/kv_cache.py).
-    A fresh prefill attends to its own unquantized k/v; everything read from the cache is dequantized."""
+    Every query sees keys and values as the cache holds them (fp8-rounded and rescaled when it is fp8)."""
     k_scale, v_scale = kv_scales
     flat = None
     if kv_cache is not None:
@@ -201,8 +201,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
         if seq.rows is None:
-            ks = k[seq.q_start:seq.q_end]
-            vs = v[seq.q_start:seq.q_end]
+            # A fresh prefill attends to its new k/v as the cache holds them (fp8-rounded when the cache
+            # is fp8), so it sees what a decode or a PD peer continuing from the cache sees.
+            cache_dtype = flat.dtype if flat is not None else q.dtype
+            ks = fp8_kv.round_trip(k[seq.q_start:seq.q_end], k_scale, cache_dtype)
+            vs = fp8_kv.round_trip(v[seq.q_start:seq.q_end], v_scale, cache_dtype)
         else:
             assert flat is not None
             ks = fp8_kv.load(flat[seq.rows + plan.layer_offset(layer_in_group, 0)], k_scale, q.dtype)

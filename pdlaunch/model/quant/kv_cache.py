@@ -63,6 +63,13 @@ def load(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return (x.float() * scale).to(dtype)
 
 
+def round_trip(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x as it reads back from a cache of `cache_dtype` (x itself unless the cache is fp8)."""
+    if cache_dtype != FP8_DTYPE:
+        return x
+    return load(store(x, scale, cache_dtype), scale, x.dtype)
+
+
 def scales_digest(scales: list[tuple[float, float]]) -> str:
     """Short hash of every layer's (k_scale, v_scale): P and D must quantize the same way."""
     text = ",".join(f"{k!r}:{v!r}" for k, v in scales)
