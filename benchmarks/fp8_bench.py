@@ -97,6 +97,35 @@ def gemms(out: dict[str, Any]) -> None:
     out["decode_floor_ms_bf16_linears"] = 2 * fp8_bytes / bw * 1e3
 
 
+SWEEP = {1: [(16, 16, 2, 4), (16, 16, 4, 6), (16, 32, 4, 4), (16, 32, 2, 6), (16, 64, 4, 4), (16, 128, 4, 3)],
+         4096: [(128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4),
+                (128, 128, 8, 4), (64, 64, 4, 4)]}
+
+
+def sweep(out: dict[str, Any]) -> None:
+    """block_fp8_linear configs (BLOCK_M, BLOCK_N, warps, stages) per shape: decode and prefill medians."""
+    import triton.testing
+
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import block_fp8_linear
+
+    result: dict[str, dict[str, float]] = {}
+    for name, (n, k) in SHAPES.items():
+        wb, sb = fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02)
+        for m, configs in SWEEP.items():
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            for cfg in configs:
+                fn = functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, cfg)
+                try:
+                    fn()
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
+                    ms = float("nan")
+                    print(f"{name} M{m} {cfg}: {exc}", flush=True)
+                result.setdefault(f"M{m}/{name}", {})[str(cfg)] = ms
+    out["block_sweep_ms"] = result
+
+
 def _engine(path: Path, **overrides: Any):  # noqa: ANN202
     from pdlaunch.engine.llm import LLM
 
@@ -157,9 +186,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time block GEMM configs first")
     args = parser.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
+        if args.sweep:
+            sweep(out)
+            print(json.dumps(out["block_sweep_ms"]), flush=True)
         gemms(out)
         print(json.dumps({k: out[k] for k in out if k != "gemm_rel_error"}, indent=1), flush=True)
         if not args.skip_model:

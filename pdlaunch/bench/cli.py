@@ -162,6 +162,7 @@ def kv_transfer(
     num_kv_heads: Annotated[int, typer.Option("--num-kv-heads", help="KV heads (Llama-3-8B: 8).")] = 8,
     head_dim: Annotated[int, typer.Option("--head-dim", help="Head size (Llama-3-8B: 128).")] = 128,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto (= --dtype) | fp8.")] = "auto",
     block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")] = 16,
     device: Annotated[str, typer.Option("--device", help="Prefill side: auto | cpu | cuda | cuda:N.")] = "auto",
     decode_device: Annotated[
@@ -194,6 +195,7 @@ def kv_transfer(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, block_size=block_size,
             num_tokens_list=num_tokens or [1024, 8192], modes=modes, device=resolve_device(device),
             decode_device=decode_device, iterations=iterations, timeout=timeout, connector=connector,
+            kv_cache_dtype=kv_cache_dtype,
         )]
     except PdlaunchError as exc:
         raise _fail(exc.render().splitlines()) from None

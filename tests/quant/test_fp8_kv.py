@@ -42,14 +42,13 @@ def test_fp8_cache_applies_checkpoint_scales(scaled_ckpts: tuple[Path, Path], ma
     assert fp8.runner.model.kv_scales() == [(K_SCALE, V_SCALE)] * 2
     run_all(exact, prompts, GREEDY)
     fp8_out = run_all(fp8, prompts, GREEDY)
-    # Same prompts on fresh engines: the same blocks; block 0 holds the first prompt's first 8 tokens
-    # (computed before any fp8 read). Stored k / k_scale and v / v_scale, e4m3-rounded (relative error
-    # <= 2^-4, subnormals below 2^-9 * scale), so unscaled they match the float32 cache; unapplied
-    # scales would be 2x / 4x off.
-    used = slice(0, 1)
-    ref, got = exact.runner.kv_caches[0][used], fp8.runner.kv_caches[0][used].float()
-    got[:, :, 0] *= K_SCALE
-    got[:, :, 1] *= V_SCALE
+    # Same prompts on fresh engines: the same blocks; block 0 holds the first prompt's first 8 tokens,
+    # and layer 0's k/v depend on no attention output, so they are the same numbers in both. Stored
+    # k / k_scale and v / v_scale, e4m3-rounded (relative error <= 2^-4, subnormals below 2^-9 * scale),
+    # so unscaled they match the float32 cache; unapplied scales would be 2x / 4x off.
+    ref, got = exact.runner.kv_caches[0][0, 0], fp8.runner.kv_caches[0][0, 0].float()  # [2, block, Hkv, D]
+    got[0] *= K_SCALE
+    got[1] *= V_SCALE
     assert torch.allclose(got, ref, rtol=2**-4, atol=2e-3)
     # Reads unscale too: power-of-two scales change no rounding, so decoding over the scaled fp8 cache
     # gives exactly the ids of the unscaled (1.0) fp8 cache; a scale missed on read or write would not.
@@ -69,3 +68,20 @@ def test_handshake_refuses_other_kv_dtype_or_scales(field: str, value: str) -> N
     mine = "float32" if field == "kv_cache_dtype" else ""
     assert f"{field} differs (prefill engine P: {value!r}, this engine: {mine!r})" in str(err.value)
     assert err.value.field in ("cache.kv_cache_dtype", "model.path") and err.value.hint
+
+
+def test_fp8_blocks_through_prefix_cache_and_cpu_tier(scaled_ckpts: tuple[Path, Path],
+                                                      make_engine: MakeEngine) -> None:
+    """A prompt served again after its fp8 blocks were evicted to the CPU tier (bytes copied, scales
+    unchanged) answers as the first time, from the loaded blocks."""
+    engine = make_engine(scaled_ckpts[0], kv_cache_dtype="fp8", block_size=4, num_gpu_blocks=12,
+                         kv_offload_gb=0.001, max_num_batched_tokens=16)
+    assert engine.offload is not None and engine.offload.tier.caches[0].dtype == FP8_DTYPE
+    prompt, *flush = random_prompts([22, 23, 21, 22], seed=12)
+    first = run_all(engine, [prompt], GREEDY)[0]
+    for other in flush:
+        run_all(engine, [other], GREEDY)
+    before = engine.stats()
+    again = run_all(engine, [prompt], GREEDY)[0]
+    assert engine.stats()["offload_hit_blocks"] - before["offload_hit_blocks"] == (len(prompt) - 1) // 4
+    assert again.output_token_ids == first.output_token_ids

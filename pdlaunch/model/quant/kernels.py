@@ -95,15 +95,16 @@ def _config(m: int) -> tuple[int, int, int, int]:
 
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N]."""
+                     out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
+    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the tuned choice (benchmarks)."""
     m, k = x.shape
     n = weight.shape[0]
     xq, xs = quantize_rows(x, GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, warps, stages = _config(m)
+    block_m, block_n, warps, stages = config or _config(m)
     grid = (-(-m // block_m) * -(-n // block_n),)
     _kernels().block_gemm[grid](xq, weight, out, xs, weight_scale, m, n, k, weight_scale.stride(0),
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, GROUP_M=8,
