@@ -159,10 +159,7 @@ def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: i
     `quant`: FP8 linear layers get fp8 weights and float32 scale parameters."""
     with torch.device("meta"):
         model = CausalLM(arch, tp_rank, tp_size)
-    model = model.to(dtype)  # meta: changes dtypes only, allocates nothing
-    kv_scales = [p for n, p in model.named_parameters() if n.endswith(("k_scale", "v_scale"))]
-    for param in kv_scales:
-        param.data = param.data.float()  # scales stay float32 whatever the model dtype
+    model = model.to(dtype)  # meta: changes dtypes only, allocates nothing (KV scales too: one rounding)
     if quant is not None:
         with torch.device("meta"):
             quantize_model(model, quant, CausalLM.PACKED_MODULES)
