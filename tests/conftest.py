@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,19 @@ def llama32_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.helpers.checkpoints import make_llama32
 
     return make_llama32(tmp_path_factory.mktemp("llama32"))
+
+
+@pytest.fixture(scope="session")
+def moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """moe_ckpt(kind) -> a tiny random MoE checkpoint (kinds: tests/helpers/checkpoints.py MOE_BUILDERS),
+    built once per session."""
+    from tests.helpers.checkpoints import MOE_BUILDERS
+
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = MOE_BUILDERS[kind](tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return get

@@ -127,7 +127,12 @@ def serve(
 @bench_app.command("make-checkpoint")
 def make_checkpoint(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.", show_default=False)],
-    num_layers: Annotated[int, typer.Option("--num-layers", help="Decoder layers (32 for the real shape).")] = 32,
+    shape: Annotated[
+        str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8).")
+    ] = "llama3-8b",
+    num_layers: Annotated[
+        int | None, typer.Option("--num-layers", help="Decoder layers [default: the shape's, 32 or 48].")
+    ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
     seed: Annotated[int, typer.Option("--seed", help="Weight seed.")] = 0,
     max_shard_gib: Annotated[float, typer.Option("--max-shard-gib", help="Largest safetensors shard, GiB.")] = 4.0,
@@ -136,12 +141,12 @@ def make_checkpoint(
     fp8: Annotated[str | None, typer.Option("--fp8", help="Save the linear weights as FP8: block (128x128 "
                                             "weight_scale_inv) | channel (compressed-tensors per channel).")] = None,
 ) -> None:
-    """Write a random-weight Llama-3-8B-shaped checkpoint (shard by shard) for benchmarks."""
-    from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped, parse_dtype
+    """Write a random-weight checkpoint of a real model's shape (shard by shard) for benchmarks."""
+    from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint, parse_dtype
 
     try:
-        path = make_llama3_8b_shaped(
-            out_dir, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
+        path = make_shaped_checkpoint(
+            out_dir, shape=shape, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
             max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True, device=device, fp8=fp8,
         )
     except PdlaunchError as exc:

@@ -1,11 +1,13 @@
-"""A random-weight Llama-3-8B-shaped checkpoint on local disk, for benchmarks.
+"""A random-weight checkpoint of a real model's shape on local disk, for benchmarks.
 
-Same tensor names, shapes and config as meta-llama/Meta-Llama-3-8B (with llama3 rope scaling), so
-speed figures are those of the real model; the weights are random (std 0.02, norms 1) and the
-tokenizer is the demo model's byte-level BPE padded to the full vocabulary, so the text is noise.
+Shapes (`SHAPES`): `llama3-8b` (meta-llama/Meta-Llama-3-8B, llama3 rope scaling) and `qwen3-30b-a3b`
+(Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of width 768, top-8, 4 KV heads, per-expert HF tensor
+names). Same tensor names, shapes and config as the real model, so speed figures are its own; the
+weights are random (std 0.02, norms 1) and the tokenizer is the demo model's byte-level BPE padded to
+the full vocabulary, so the text is noise.
 Written shard by shard: at most one shard (`max_shard_bytes`) is in memory at a time. With `fp8`
-the linear layers' weights are quantized where they are drawn and saved as FP8: `block` as a
-128x128-block `quant_method: fp8` checkpoint (weight_scale_inv), `channel` as a compressed-tensors
+the linear layers' weights (experts' too) are quantized where they are drawn and saved as FP8: `block`
+as a 128x128-block `quant_method: fp8` checkpoint (weight_scale_inv), `channel` as a compressed-tensors
 FP8-Dynamic one (weight_scale per output channel).
 """
 
@@ -53,6 +55,34 @@ LLAMA3_8B: dict[str, Any] = {
     "tie_word_embeddings": False,
     "use_cache": True,
 }
+QWEN3_30B_A3B: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+    "use_cache": True,
+}
+SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -62,9 +92,28 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _mlp_shapes(cfg: dict[str, Any], p: str, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The MLP of one layer: dense gate/up/down, or (Qwen3-MoE) the router and every expert's three."""
+    h = cfg["hidden_size"]
+    experts = cfg.get("num_experts", 0)
+    sparse = experts and layer not in cfg.get("mlp_only_layers", []) and (layer + 1) % cfg["decoder_sparse_step"] == 0
+    if not sparse:
+        inter = cfg["intermediate_size"]
+        return [(f"{p}.mlp.gate_proj.weight", (inter, h)), (f"{p}.mlp.up_proj.weight", (inter, h)),
+                (f"{p}.mlp.down_proj.weight", (h, inter))]
+    inter = cfg["moe_intermediate_size"]
+    shapes: list[tuple[str, tuple[int, ...]]] = [(f"{p}.mlp.gate.weight", (experts, h))]
+    for e in range(experts):
+        shapes += [(f"{p}.mlp.experts.{e}.gate_proj.weight", (inter, h)),
+                   (f"{p}.mlp.experts.{e}.up_proj.weight", (inter, h)),
+                   (f"{p}.mlp.experts.{e}.down_proj.weight", (h, inter))]
+    return shapes
+
+
 def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """HF LlamaForCausalLM parameter names and shapes, in file order (embedding, layers, norm, head)."""
-    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    """HF parameter names and shapes (Llama, or Qwen3-MoE with its q/k norms and experts), in file order
+    (embedding, layers, norm, head)."""
+    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
     head_dim = cfg["head_dim"]
     q_out, kv_out = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
@@ -77,10 +126,10 @@ def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
             (f"{p}.self_attn.v_proj.weight", (kv_out, h)),
             (f"{p}.self_attn.o_proj.weight", (h, q_out)),
             (f"{p}.post_attention_layernorm.weight", (h,)),
-            (f"{p}.mlp.gate_proj.weight", (inter, h)),
-            (f"{p}.mlp.up_proj.weight", (inter, h)),
-            (f"{p}.mlp.down_proj.weight", (h, inter)),
         ]
+        if cfg["architectures"] == ["Qwen3MoeForCausalLM"]:
+            shapes += [(f"{p}.self_attn.q_norm.weight", (head_dim,)), (f"{p}.self_attn.k_norm.weight", (head_dim,))]
+        shapes += _mlp_shapes(cfg, p, i)
     shapes.append(("model.norm.weight", (h,)))
     if not cfg["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (vocab, h)))
@@ -169,10 +218,16 @@ def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> No
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def make_llama3_8b_shaped(
+def make_llama3_8b_shaped(out_dir: Path | str, **kwargs: Any) -> Path:
+    """`make_shaped_checkpoint` of the Llama-3-8B shape."""
+    return make_shaped_checkpoint(out_dir, shape="llama3-8b", **kwargs)
+
+
+def make_shaped_checkpoint(
     out_dir: Path | str,
     *,
-    num_layers: int = 32,
+    shape: str = "llama3-8b",
+    num_layers: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     max_shard_bytes: int = 4 * 2**30,
@@ -194,9 +249,14 @@ def make_llama3_8b_shaped(
         raise PdlaunchError(f"{out} is not empty", field="out_dir", hint="pick an empty folder or pass --overwrite")
     if fp8 is not None and fp8 not in FP8_FORMATS:
         raise PdlaunchError(f"unknown FP8 format {fp8!r}", field="--fp8", hint=f"one of {', '.join(FP8_FORMATS)}")
+    if shape not in SHAPES:
+        raise PdlaunchError(f"unknown shape {shape!r}", field="--shape", hint=f"one of {', '.join(SHAPES)}")
+    base = SHAPES[shape]
+    num_layers = base["num_hidden_layers"] if num_layers is None else num_layers
     if num_layers < 1:
-        raise PdlaunchError("must be at least 1", field="--num-layers", hint="32 is the real Llama-3-8B depth")
-    cfg = {**LLAMA3_8B, "num_hidden_layers": num_layers, **(overrides or {})}
+        raise PdlaunchError("must be at least 1", field="--num-layers",
+                            hint=f"{base['num_hidden_layers']} is the real {shape} depth")
+    cfg = {**base, "num_hidden_layers": num_layers, **(overrides or {})}
     if "head_dim" not in (overrides or {}):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:

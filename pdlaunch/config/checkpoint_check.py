@@ -118,20 +118,25 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
         return [as_problem(exc)]
     seen: set[str] = set()
     found: list[Problem] = []
+    experts = loader.expert_dequantizer(arch, quant)
     for header in headers:
         dtype = _torch_dtype(header.dtype)
         if dtype is None:
             found.append(problem("model.path", f"tensor {header.name!r} in {header.file.name} has dtype "
                                  f"{header.dtype}, which pdlaunch cannot load", "use float32, bfloat16 or float16 "
-                                 "weights; quantized checkpoints are not supported"))
+                                 "weights, or FP8 (e4m3) ones with a quantization_config"))
             continue
         try:
             meta = torch.empty(header.shape, dtype=dtype, device="meta")
-            if loader.load_tensor(params, arch, header.name, meta, header.file):
-                seen.add(header.name)
+            for name, tensor in experts.feed(header.name, meta) if experts is not None else [(header.name, meta)]:
+                if loader.load_tensor(params, arch, name, tensor, header.file):
+                    seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))
-    missing = loader.missing_tensors(params, seen)
+    unpaired = experts.check_complete() if experts is not None else None
+    if unpaired is not None:
+        found.append(as_problem(unpaired))
+    missing = loader.missing_tensors(params, seen, arch)
     if missing is not None:
         found.append(as_problem(missing))
     if len(found) > MAX_TENSOR_PROBLEMS:

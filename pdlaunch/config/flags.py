@@ -63,6 +63,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("tp", int | None, "parallel.tp", "Tensor-parallel size of every instance."),
     Flag("tensor_parallel_size", int | None, "parallel.tp", "Same as --tp (vLLM's spelling)."),
     Flag("tp_short", int | None, "parallel.tp", "Same as --tp (vLLM's spelling).", spelling="-tp"),
+    Flag("enable_expert_parallel", bool, "parallel.enable_expert_parallel",
+         "MoE models: whole experts per TP rank instead of every expert split over the ranks."),
     Flag("prefill_tp", int | None, "parallel.prefill_tp", "TP size of prefill instances."),
     Flag("decode_tp", int | None, "parallel.decode_tp", "TP size of decode instances."),
     Flag("kv_connector", str | None, "kv_transfer.connector", "nixl | mooncake | storage."),

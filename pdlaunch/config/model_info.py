@@ -14,6 +14,7 @@ from typing import Any
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import SUPPORTED_ARCHITECTURES  # torch-free: only pydantic and json
+from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, parse_moe
 
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -34,9 +35,20 @@ class ModelInfo:
     qkv_bias: bool
     o_proj_bias: bool = False
     qk_norm: bool = False  # Qwen3: q_norm and k_norm, [head_dim] each, per layer
+    qk_norm_full_width: bool = False  # OLMoE: q_norm [heads * head_dim] and k_norm [kv heads * head_dim]
+    moe: MoeArch | None = None  # Mixture-of-Experts models
+
+    def _mlp_parameters(self, layer: int) -> int:
+        h = self.hidden_size
+        if self.moe is None or not self.moe.is_sparse(layer):
+            return 3 * h * self.intermediate_size
+        m = self.moe
+        shared = 3 * h * m.shared_expert_intermediate_size + h if m.shared_expert_intermediate_size else 0
+        return m.num_experts * h + m.num_experts * 3 * h * m.expert_intermediate_size + shared
 
     def num_parameters(self) -> int:
-        """Weights of a Llama-family decoder: embeddings, per-layer attention + gated MLP + 2 norms, lm_head."""
+        """Weights of a Llama-family decoder: embeddings, per-layer attention + gated MLP (or router, experts
+        and shared expert) + 2 norms, lm_head."""
         h, d = self.hidden_size, self.head_dim
         q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
         attn = h * q_out + 2 * h * kv_out + q_out * h
@@ -46,11 +58,12 @@ class ModelInfo:
             attn += h
         if self.qk_norm:
             attn += 2 * d
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
+        if self.qk_norm_full_width:
+            attn += q_out + kv_out
+        layers = sum(attn + self._mlp_parameters(i) + 2 * h for i in range(self.num_layers))
         embed = self.vocab_size * h
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return embed + self.num_layers * per_layer + h + lm_head
+        return embed + layers + h + lm_head
 
     def kv_bytes_per_token(self, dtype_bytes: int, tp: int) -> int:
         """K and V of one token, all layers, on one TP rank (KV heads are replicated when tp > kv heads)."""
@@ -78,6 +91,14 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
     if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0:
         return None, [problem("model.path", f"{source} has invalid num_key_value_heads/head_dim",
                               "use the checkpoint's original config.json")]
+    family = DENSE_FAMILY.get(arch, arch)  # an MoE family's attention is a dense family's
+    moe = None
+    if arch in MOE_ARCHITECTURES:
+        try:
+            moe = parse_moe(hf, arch, hf["num_hidden_layers"])
+        except PdlaunchError as exc:
+            return None, [problem("model.path", f"{source}: {exc.message}", exc.hint or "use the checkpoint's "
+                                  "original config.json")]
     info = ModelInfo(
         architecture=arch,
         hidden_size=hf["hidden_size"],
@@ -89,9 +110,12 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
         vocab_size=hf["vocab_size"],
         max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-        o_proj_bias=arch != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
+        qkv_bias=(family == "Qwen2ForCausalLM" and bool(hf.get("qkv_bias", True)))
+        or (family != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False))),
+        o_proj_bias=family != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
+        qk_norm=family == "Qwen3ForCausalLM",
+        qk_norm_full_width=arch == "OlmoeForCausalLM",
+        moe=moe,
     )
     return info, []
 

@@ -79,6 +79,9 @@ class ParallelConfig(StrictModel):
     tp: int = Field(1, gt=0, description="Default tensor-parallel size of every instance.")
     prefill_tp: int | None = Field(None, gt=0, description="TP size of prefill instances (default: tp).")
     decode_tp: int | None = Field(None, gt=0, description="TP size of decode instances (default: tp).")
+    enable_expert_parallel: bool = Field(
+        False, description="MoE models: place whole experts on each TP rank (the number of experts must divide by "
+        "the TP size) instead of splitting every expert's intermediate dimension (the default).")
     nodes: list[NodeConfig] = Field(default_factory=list, description="Multi-node: one entry per node.")
     node_rank: int = Field(0, ge=0, description="Which entry of `nodes` this process runs.")
     master_addr: Host = Field("127.0.0.1", description="torch.distributed rendezvous address.")

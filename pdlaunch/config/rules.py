@@ -99,6 +99,26 @@ def side_channel_reach_problem(cfg: DeploymentConfig) -> Problem | None:
                    "node's address")
 
 
+def _moe_tp_problems(cfg: DeploymentConfig, info: ModelInfo, tp: int, field: str) -> list[Problem]:
+    """MoE: expert parallel places E / tp whole experts per rank; TP splits every expert's width."""
+    moe = info.moe
+    if moe is None or tp == 1:
+        return []
+    if cfg.parallel.enable_expert_parallel:
+        if moe.num_experts % tp:
+            return [problem(field, f"expert parallel over TP {tp} needs the model's {moe.num_experts} experts to "
+                            "divide by it", f"use a TP size that divides {moe.num_experts}, or drop "
+                            "--enable-expert-parallel")]
+        return []
+    widths = [moe.expert_intermediate_size] + ([moe.shared_expert_intermediate_size]
+                                               if moe.shared_expert_intermediate_size else [])
+    if any(w % tp for w in widths):
+        return [problem(field, f"TP {tp} does not divide the experts' intermediate size "
+                        f"{'/'.join(map(str, widths))}", "use a TP size that divides it, or "
+                        "--enable-expert-parallel to place whole experts per rank")]
+    return []
+
+
 def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
     """TP divides the attention heads; TP and KV heads divide one another; P and D TP sizes divide one
     another (and, when they differ, KV moves by pull: kv_transfer/reshard.py)."""
@@ -113,6 +133,7 @@ def tp_problems(cfg: DeploymentConfig, info: ModelInfo) -> list[Problem]:
             problems.append(problem(field,
                                     f"TP {tp} and the model's {info.num_kv_heads} KV heads do not divide each other",
                                     f"use a TP size that divides {info.num_kv_heads} or a multiple of it"))
+        problems += _moe_tp_problems(cfg, info, tp, field)
     prefill = {g.tp or 1 for g in cfg.instances if g.role == "prefill" and g.count > 0}
     decode = {g.tp or 1 for g in cfg.instances if g.role == "decode" and g.count > 0}
     for p_tp in sorted(prefill):

@@ -46,7 +46,8 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
-                         agree_num_blocks=group.min_int)
+                         agree_num_blocks=group.min_int,
+                         expert_parallel=config.parallel.enable_expert_parallel)
     return RankState(group=group, engine_id=engine_id, runner=runner)
 
 

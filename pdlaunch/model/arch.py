@@ -14,8 +14,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, parse_moe
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+DENSE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 # Families whose sliding window is switched on by `use_sliding_window` and placed by
 # `layer_types` (or, when absent, on every layer from `max_window_layers` on).
 _WINDOW_BY_LAYER_TYPES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -53,6 +55,8 @@ class ModelArch(BaseModel):
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each q and k head, before rotary
+    # OLMoE: RMSNorm over the whole q and k projection width (all heads at once), before rotary
+    qk_norm_full_width: bool = False
     o_proj_bias: bool
     mlp_bias: bool
     sliding_window: int | None
@@ -61,6 +65,7 @@ class ModelArch(BaseModel):
     torch_dtype: str
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    moe: MoeArch | None = None  # Mixture-of-Experts models: the experts (model/moe/config.py)
 
     def kv_cache_groups(self) -> list[KVCacheGroup]:
         """One group per attention type, in order of first appearance (plain model: one group)."""
@@ -151,9 +156,12 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
     if act != "silu":
         raise PdlaunchError(f"hidden_act {act!r} is not supported (only silu)", field="config.json:hidden_act")
     theta, scaling = _rope(cfg)
-    window, types = _layer_types(cfg, architecture, layers)
-    is_qwen2 = architecture == "Qwen2ForCausalLM"
+    # An MoE family parses its attention as the dense family it shares it with.
+    family = DENSE_FAMILY.get(architecture, architecture)
+    window, types = _layer_types(cfg, family, layers)
+    is_qwen2 = family == "Qwen2ForCausalLM"
     llama_bias = bool(cfg.get("attention_bias", False)) and not is_qwen2
+    qkv_bias = is_qwen2 and bool(cfg.get("qkv_bias", True))  # Qwen2-MoE spells it qkv_bias
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     return ModelArch(
         architecture=architecture,
@@ -169,8 +177,9 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
         rope_scaling=scaling,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=is_qwen2 or llama_bias,
-        qk_norm=architecture == "Qwen3ForCausalLM",
+        attention_bias=qkv_bias or llama_bias,
+        qk_norm=family == "Qwen3ForCausalLM",
+        qk_norm_full_width=architecture == "OlmoeForCausalLM",
         o_proj_bias=llama_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=window,
@@ -179,6 +188,7 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
         torch_dtype=str(dtype).removeprefix("torch."),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
+        moe=parse_moe(cfg, architecture, layers) if architecture in MOE_ARCHITECTURES else None,
     )
 
 

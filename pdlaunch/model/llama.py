@@ -1,4 +1,5 @@
-"""One decoder for the Llama family (Llama 2/3.x, Qwen2, Qwen3, Mistral), driven by `ModelArch`.
+"""One decoder for the Llama family (Llama 2/3.x, Qwen2, Qwen3, Mistral) and the MoE families built on
+their attention (Qwen2/Qwen3-MoE, Mixtral, OLMoE: model/moe/), driven by `ModelArch`.
 
 Differences between the families are configuration, not code: qkv bias (Qwen2), per-head q/k
 RMSNorm (Qwen3), sliding window per layer (Mistral: all layers; Qwen2/Qwen3 hybrids: per
@@ -23,8 +24,10 @@ from pdlaunch.model.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from pdlaunch.model.moe.block import SparseMoeBlock
 from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
+from pdlaunch.model.sharded_norm import ShardedRMSNorm
 
 
 class Attention(nn.Module):
@@ -43,8 +46,20 @@ class Attention(nn.Module):
         self.rotary_emb = RotaryEmbedding(arch.head_dim, arch.rope_theta, arch.rope_scaling,
                                           arch.max_position_embeddings)
         # Qwen3: weights are [head_dim], shared by every head, so each TP rank holds them whole.
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        # OLMoE (qk_norm_full_width): one norm over all q (all k) heads; each rank holds its heads' columns.
+        self.q_norm: RMSNorm | ShardedRMSNorm | None = None
+        self.k_norm: RMSNorm | ShardedRMSNorm | None = None
+        self.full_width_qk_norm = arch.qk_norm_full_width
+        if arch.qk_norm:
+            self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+            self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps)
+        elif arch.qk_norm_full_width:
+            q_width, kv_width = self.num_heads * arch.head_dim, self.num_kv_heads * arch.head_dim
+            self.q_norm = ShardedRMSNorm(arch.num_heads * arch.head_dim, q_width, tp_rank * q_width,
+                                         arch.rms_norm_eps, tp_size)
+            self.k_norm = ShardedRMSNorm(arch.num_kv_heads * arch.head_dim, kv_width,
+                                         self.qkv_proj.kv_head_start * arch.head_dim, arch.rms_norm_eps,
+                                         tp_size, replicas=max(1, tp_size // arch.num_kv_heads))
         # FP8 KV cache scales (model/quant/kv_cache.py): optional checkpoint tensors, 1.0 without them;
         # read into plain floats once loaded (kernels and CUDA graphs take them as constants).
         self.k_scale, self.v_scale = kv_scale_parameter(), kv_scale_parameter()
@@ -56,10 +71,12 @@ class Attention(nn.Module):
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        if self.full_width_qk_norm and self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # [T, heads * head_dim] each, before the head split
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if not self.full_width_qk_norm and self.q_norm is not None and self.k_norm is not None:
             # HF Qwen3 order: project, norm each head, then rotary. Rows are heads: [T*H, D].
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
@@ -85,12 +102,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, layer: int, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, arch: ModelArch, layer: int, tp_rank: int, tp_size: int, expert_parallel: bool = False) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch, layer, tp_rank, tp_size)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = MLP(arch, tp_rank, tp_size)
+        self.mlp: MLP | SparseMoeBlock
+        if arch.moe is not None and arch.moe.is_sparse(layer):
+            self.mlp = SparseMoeBlock(arch.moe, arch.hidden_size, tp_rank, tp_size, expert_parallel)
+        else:
+            self.mlp = MLP(arch, tp_rank, tp_size)
 
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor, residual: torch.Tensor | None,
                 kv_cache: torch.Tensor | None, plan: GroupPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +127,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, tp_rank: int, tp_size: int) -> None:
+    def __init__(self, arch: ModelArch, tp_rank: int, tp_size: int, expert_parallel: bool = False) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, tp_rank, tp_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, tp_rank, tp_size) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, tp_rank, tp_size, expert_parallel)
+                                    for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     @property
@@ -131,12 +153,13 @@ class CausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(self, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> None:
+        """`expert_parallel`: MoE layers place whole experts per rank instead of splitting every expert."""
         super().__init__()
         self.arch = arch
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.kv_cache_groups: list[KVCacheGroup] = arch.kv_cache_groups()
-        self.model = LlamaModel(arch, tp_rank, tp_size)
+        self.model = LlamaModel(arch, tp_rank, tp_size, expert_parallel)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp_rank, tp_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -24,7 +24,9 @@ from pdlaunch.model.arch import ModelArch, load_arch
 from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
 from pdlaunch.model.layers import default_weight_loader
 from pdlaunch.model.llama import CausalLM
+from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.quant.config import QuantConfig, load_quant_config
+from pdlaunch.model.quant.experts import ExpertDequantizer
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
 from pdlaunch.model.quant.linear import finish_loading, quantize_model
 from pdlaunch.model.tokenizer import Tokenizer
@@ -127,6 +129,9 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]
 
 def _target(name: str) -> tuple[str, object]:
     """Checkpoint tensor name -> (our parameter name, shard id for its weight_loader)."""
+    moe = expert_target(name)  # one expert's projection -> the layer's stacked experts
+    if moe is not None:
+        return moe
     parts = name.split(".")
     for i, part in enumerate(parts):
         if part in CausalLM.PACKED_MODULES:
@@ -135,8 +140,9 @@ def _target(name: str) -> tuple[str, object]:
     return name, None
 
 
-def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
-    """Checkpoint tensor names the model needs (packed parameters expand to their parts)."""
+def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = None) -> set[str]:
+    """Checkpoint tensor names the model needs (packed parameters expand to their parts, stacked
+    experts to every expert's projections)."""
     unpack: dict[str, list[str]] = {}
     for ckpt_name, (packed, _) in CausalLM.PACKED_MODULES.items():
         unpack.setdefault(packed, []).append(ckpt_name)
@@ -144,6 +150,10 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
     for pname, param in params.items():
         if hasattr(param, "default_value"):
             continue  # optional: a checkpoint may provide it
+        experts = expert_checkpoint_names(pname, arch.moe) if arch is not None and arch.moe is not None else None
+        if experts is not None:
+            names.update(experts)
+            continue
         parts = pname.split(".")
         at = next((i for i, p in enumerate(parts) if p in unpack), None)
         if at is None:
@@ -154,11 +164,11 @@ def _expected_names(params: dict[str, nn.Parameter]) -> set[str]:
 
 
 def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
-               quant: QuantConfig | None = None) -> CausalLM:
+               expert_parallel: bool = False, quant: QuantConfig | None = None) -> CausalLM:
     """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory.
     `quant`: FP8 linear layers get fp8 weights and float32 scale parameters."""
     with torch.device("meta"):
-        model = CausalLM(arch, tp_rank, tp_size)
+        model = CausalLM(arch, tp_rank, tp_size, expert_parallel)
     model = model.to(dtype)  # meta: changes dtypes only, allocates nothing (KV scales too: one rounding)
     if quant is not None:
         with torch.device("meta"):
@@ -204,9 +214,11 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     return True
 
 
-def missing_tensors(params: dict[str, nn.Parameter], seen: set[str]) -> PdlaunchError | None:
-    """The error naming the tensors the model needs that were not loaded, or None."""
-    missing = sorted(_expected_names(params) - seen)
+def missing_tensors(params: dict[str, nn.Parameter], seen: set[str],
+                    arch: ModelArch | None = None) -> PdlaunchError | None:
+    """The error naming the tensors the model needs that were not loaded, or None (`arch` names the
+    experts of an MoE model)."""
+    missing = sorted(_expected_names(params, arch) - seen)
     if not missing:
         return None
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -214,12 +226,18 @@ def missing_tensors(params: dict[str, nn.Parameter], seen: set[str]) -> Pdlaunch
                          hint="the checkpoint is incomplete or does not match its config.json")
 
 
+def expert_dequantizer(arch: ModelArch, quant: QuantConfig | None) -> ExpertDequantizer | None:
+    """FP8 MoE experts are dequantized as they load (model/quant/experts.py); None when there are none."""
+    return ExpertDequantizer(quant) if quant is not None and arch.moe is not None else None
+
+
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-               tp_rank: int = 0, tp_size: int = 1) -> CausalLM:
-    """Build the model on the meta device and load the checkpoint's weights in place."""
+               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> CausalLM:
+    """Build the model on the meta device and load the checkpoint's weights in place
+    (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py)."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
-    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, ckpt.quant)
+    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel, ckpt.quant)
     _materialize(model, device)
     model.eval()
 
@@ -235,17 +253,22 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                             TimeRemainingColumn())
         task = progress.add_task(ckpt.name, total=total_bytes)
         progress.start()
+    experts = expert_dequantizer(ckpt.arch, ckpt.quant)
     try:
         with torch.no_grad():
-            for name, tensor, file in _iter_tensors(files):
-                if load_tensor(params, ckpt.arch, name, tensor, file):
-                    seen.add(name)
-                    if progress is not None:
-                        progress.advance(task, tensor.numel() * tensor.element_size())
+            for raw_name, raw, file in _iter_tensors(files):
+                for name, tensor in experts.feed(raw_name, raw) if experts is not None else [(raw_name, raw)]:
+                    if load_tensor(params, ckpt.arch, name, tensor, file):
+                        seen.add(name)
+                if progress is not None:
+                    progress.advance(task, raw.numel() * raw.element_size())
     finally:
         if progress is not None:
             progress.stop()
-    missing = missing_tensors(params, seen)
+    unpaired = experts.check_complete() if experts is not None else None
+    if unpaired is not None:
+        raise unpaired
+    missing = missing_tensors(params, seen, ckpt.arch)
     if missing is not None:
         raise missing
     with torch.no_grad():

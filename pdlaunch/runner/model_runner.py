@@ -51,12 +51,14 @@ class ModelRunner:
         use_cumem: bool = False,
         agree_num_blocks: Callable[[int], int] | None = None,
         decode_graphs: bool = False,
+        expert_parallel: bool = False,
     ) -> None:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
         (the minimum over ranks), so block ids mean the same slots on every rank.
 
         `decode_graphs`: replay decode steps from CUDA graphs (runner/cuda_graphs.py; TP 1 and a
-        cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly."""
+        cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly.
+        `expert_parallel`: MoE experts whole per TP rank (model/moe/experts.py)."""
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = dtype
@@ -73,7 +75,7 @@ class ModelRunner:
         self.head_dim = arch.head_dim
         free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
         with memory_pool_context(use_cumem, "weights"):
-            self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size)
+            self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
         self.num_blocks = self._determine_num_blocks(free_at_start)
         if agree_num_blocks is not None:
             self.num_blocks = agree_num_blocks(self.num_blocks)

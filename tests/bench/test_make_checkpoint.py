@@ -102,3 +102,36 @@ def test_cli_rejects_unknown_dtype(tmp_path: Path) -> None:
 def test_cli_rejects_unknown_device(tmp_path: Path) -> None:
     result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path / "x"), "--device", "tpu"])
     assert result.exit_code == 1 and "--device" in result.output and "Traceback" not in result.output
+
+
+def test_qwen3_30b_a3b_shape_matches_transformers_parameter_for_parameter() -> None:
+    """Every name and shape of the full 48-layer, 128-expert model, against transformers' own (meta device)."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from pdlaunch.bench.make_checkpoint import QWEN3_30B_A3B
+
+    shapes = dict(tensor_shapes(QWEN3_30B_A3B))
+    assert shapes["model.layers.47.mlp.experts.127.down_proj.weight"] == (2048, 768)
+    assert shapes["model.layers.0.mlp.gate.weight"] == (128, 2048)
+    cfg = Qwen3MoeConfig(**{k: v for k, v in QWEN3_30B_A3B.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in hf.parameters())
+    assert sum(math.prod(s) for s in shapes.values()) == total  # 30.5B, as Qwen3-30B-A3B's model card says
+    assert round(total / 1e9, 1) == 30.5
+
+
+def test_tiny_qwen3_moe_shaped_checkpoint_loads_and_checks(tmp_path: Path) -> None:
+    from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint
+    from pdlaunch.model.loader import load_checkpoint, load_model
+    from tests.config.cli_helpers import check
+
+    tiny = {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    path = make_shaped_checkpoint(tmp_path / "moe", shape="qwen3-30b-a3b", num_layers=2, overrides=tiny,
+                                  dtype=torch.float32)
+    assert check(["--model", str(path), "--device", "cpu"]).exit_code == 0
+    model = load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+    assert model.model.layers[1].mlp.experts.w13.shape == (4, 64, 64)
+    with pytest.raises(PdlaunchError, match="--shape"):
+        make_shaped_checkpoint(tmp_path / "x", shape="gpt-oss-120b")

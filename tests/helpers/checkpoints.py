@@ -199,3 +199,49 @@ def hf_greedy(directory: Path, prompt_ids: list[int], max_new_tokens: int, *, st
                 break
             input_ids = torch.tensor([[next_id]], device=device)
     return new_ids
+
+
+# Mixture-of-Experts: 4 experts, top-2, expert width 32 (splits over TP 2; 4 experts split over EP 2).
+_MOE: dict[str, Any] = {"num_key_value_heads": 2, "num_experts_per_tok": 2}
+
+
+def make_qwen3_moe(directory: Path, *, norm_topk_prob: bool = True, seed: int = 21) -> Path:
+    """Qwen3-MoE, 3 layers: layer 1 is dense (`mlp_only_layers`), layers 0 and 2 route over 4 experts."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(**_TINY, **_MOE, num_hidden_layers=3, head_dim=32, num_experts=4,
+                            moe_intermediate_size=32, norm_topk_prob=norm_topk_prob, mlp_only_layers=[1],
+                            rope_theta=1000000.0)
+    return _save(_build(config, seed), directory, seed)
+
+
+def make_mixtral(directory: Path, *, seed: int = 20) -> Path:
+    """Mixtral (`block_sparse_moe.experts.{e}.w1/w2/w3`), 2 layers, 4 experts of width 32."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(**{**_TINY, "intermediate_size": 32}, **_MOE, num_hidden_layers=2, num_local_experts=4)
+    return _save(_build(config, seed), directory, seed)
+
+
+def make_qwen2_moe(directory: Path, *, seed: int = 20) -> Path:
+    """Qwen2-MoE: qkv bias, 4 experts plus a shared expert gated by sigmoid(shared_expert_gate(x))."""
+    from transformers import Qwen2MoeConfig
+
+    config = Qwen2MoeConfig(**_TINY, **_MOE, num_hidden_layers=2, num_experts=4, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=64, norm_topk_prob=False)
+    return _save(_build(config, seed), directory, seed)
+
+
+def make_olmoe(directory: Path, *, seed: int = 20) -> Path:
+    """OLMoE: q/k RMSNorm over the whole projection width, 4 experts of width 32, no renormalisation."""
+    from transformers import OlmoeConfig
+
+    config = OlmoeConfig(**{**_TINY, "intermediate_size": 32}, **_MOE, num_hidden_layers=2, num_experts=4)
+    return _save(_build(config, seed), directory, seed)
+
+
+# Seeds chosen so that 32 greedy tokens after the tests' prompts stay clear of EOS (a run that stops
+# after two tokens would prove little).
+MOE_BUILDERS = {"qwen3_moe": make_qwen3_moe,
+                "qwen3_moe_unnormed": lambda d: make_qwen3_moe(d, norm_topk_prob=False),
+                "mixtral": make_mixtral, "qwen2_moe": make_qwen2_moe, "olmoe": make_olmoe}

@@ -52,6 +52,19 @@ def make_qwen3_base(directory: Path, seed: int = 11) -> Path:
     return _save(_build(config, seed), directory, seed)
 
 
+def make_qwen3_moe_base(directory: Path, seed: int = 12) -> Path:
+    """Qwen3-MoE, 2 layers (layer 1 dense), 4 experts of width 128, top-2, block-aligned sizes."""
+    from transformers import Qwen3MoeConfig
+
+    from tests.helpers.checkpoints import _MOE, _TINY
+
+    config = Qwen3MoeConfig(**{**_TINY, "hidden_size": 256, "intermediate_size": 256, "num_attention_heads": 2,
+                               "initializer_range": 0.05}, **_MOE,
+                            num_hidden_layers=2, head_dim=128, num_experts=4,
+                            moe_intermediate_size=128, mlp_only_layers=[1], rope_theta=1000000.0)
+    return _save(_build(config, seed), directory, seed)
+
+
 def _quant_config(scheme: Scheme) -> dict[str, object]:
     if scheme == "block":
         return {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic",
@@ -67,15 +80,17 @@ def _quant_config(scheme: Scheme) -> dict[str, object]:
 
 
 def make_fp8_qwen3(directory: Path, scheme: Scheme, seed: int = 11,
-                   kv_scales: tuple[float, float] | None = None) -> tuple[Path, Path]:
+                   kv_scales: tuple[float, float] | None = None, moe: bool = False) -> tuple[Path, Path]:
     """(checkpoint to serve, float32 reference checkpoint with the weights pdlaunch must compute with).
 
     `online`: the served checkpoint is the plain float32 one (served with --quantization fp8).
-    `kv_scales`: also write self_attn.k_scale / v_scale (FP8 KV cache scales) into the served checkpoint."""
+    `kv_scales`: also write self_attn.k_scale / v_scale (FP8 KV cache scales) into the served checkpoint.
+    `moe`: a Qwen3-MoE whose experts are quantized like every other projection (the router is not)."""
     directory = Path(directory)
-    served, reference = directory / f"qwen3-{scheme}", directory / f"qwen3-{scheme}-ref"
+    kind = "qwen3-moe" if moe else "qwen3"
+    served, reference = directory / f"{kind}-{scheme}", directory / f"{kind}-{scheme}-ref"
     for d in (served, reference):
-        make_qwen3_base(d, seed)
+        (make_qwen3_moe_base if moe else make_qwen3_base)(d, seed)
     tensors = load_file(served / "model.safetensors")
     out: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
@@ -97,7 +112,7 @@ def make_fp8_qwen3(directory: Path, scheme: Scheme, seed: int = 11,
             if scheme == "channel":
                 out[f"{module}.weight_scale"] = s
     if kv_scales is not None:
-        for layer in range(2):
+        for layer in range(2):  # both builders have 2 layers
             out[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(kv_scales[0])
             out[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(kv_scales[1])
     save_file(out, served / "model.safetensors", metadata={"format": "pt"})

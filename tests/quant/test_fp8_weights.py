@@ -86,3 +86,19 @@ def test_block_scales_follow_tp_shards(fp8_ckpts: dict[str, tuple[Path, Path]]) 
                           ref[f"{attn}.v_proj.weight"][128:]])
     assert torch.equal(layer.self_attn.qkv_proj.weight, expected)
     assert FP8_DTYPE != layer.self_attn.qkv_proj.weight.dtype
+
+
+def test_block_fp8_moe_experts_dequantized_at_load(tmp_path: Path, make_engine: MakeEngine) -> None:
+    """A block-FP8 Qwen3-MoE (experts, attention and the dense layer in FP8, the router not): each expert's
+    weight meets its scale at load and is dequantized; greedy ids == transformers on the dequantized weights."""
+    from pdlaunch.config.checkpoint_check import checkpoint_problems
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+    served, reference = make_fp8_qwen3(tmp_path, "block", seed=12, moe=True)
+    assert checkpoint_problems(str(served)) == []
+    engine = make_engine(served, max_num_batched_tokens=16)
+    experts = engine.runner.model.model.layers[0].mlp.experts
+    assert experts.w13.dtype == torch.float32
+    prompts = random_prompts([5, 21], seed=7)
+    for prompt, out in zip(prompts, run_all(engine, prompts, GREEDY)):
+        assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))

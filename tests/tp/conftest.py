@@ -27,15 +27,17 @@ MakeTPEngine = Callable[..., LLMEngine]
 
 @pytest.fixture
 def make_tp_engine() -> Iterator[MakeTPEngine]:
-    """make_tp_engine(path, tp, instance=None, device="cpu", **overrides): a float32 engine, shut down after."""
+    """make_tp_engine(path, tp, instance=None, device="cpu", expert_parallel=False, **overrides): a float32
+    engine, shut down after."""
     engines: list[LLMEngine] = []
 
     def make(path: Path | str, tp: int, instance: InstanceSpec | None = None, device: str = "cpu",
-             **overrides: Any) -> LLMEngine:
+             expert_parallel: bool = False, **overrides: Any) -> LLMEngine:
         overrides.setdefault("block_size", 8)
         overrides.setdefault("num_gpu_blocks", 128)
         config = secured(build_config(str(path), device, "float32", overrides))
         config.parallel.tp = tp
+        config.parallel.enable_expert_parallel = expert_parallel
         engine = LLMEngine(config, instance)
         engines.append(engine)
         return engine

@@ -1,0 +1,126 @@
+"""One MoE layer of the Qwen3-30B-A3B shape: torch._grouped_mm against our Triton kernels, per token count.
+
+    python benchmarks/moe_kernels.py [--tokens 1 16 64 256 4096 8192 16384] [--json OUT] [--write-config]
+
+bf16, 128 experts, top-8, hidden 2048, expert width 768 (TP 1), a random router (tokens spread about
+evenly). For each token count: `fused_moe` end to end (sort, padding, both GEMMs, combine) with the
+grouped_mm backend and with the Triton backend under each tile configuration of a small sweep, every
+call replayed from a CUDA graph as the engine runs decode. Figures per size:
+- decode sizes: the bytes of the experts the batch routes to / copy bandwidth (benchmarks/limits.py)
+  = the floor; ratio = time / floor;
+- prefill sizes: active-expert FLOPs (2 * T * k * 3 * H * I) / time, against the bf16 matmul rate.
+`--write-config` writes the faster backend and the best tile per size to
+pdlaunch/model/moe/configs/<device>.json (fused_moe reads it on that device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits import copy_bandwidth, matmul_rate, time_ms  # noqa: E402
+
+from pdlaunch.model.moe.fused import TileConfig, config_file, fused_moe, moe_reference  # noqa: E402
+from pdlaunch.model.moe.router import route  # noqa: E402
+
+EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
+SMALL = [TileConfig(0, "triton", 16, n, k, w, s) for n, k, w, s in
+         [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5)]]
+LARGE = [TileConfig(0, "triton", m, n, k, w, s) for m, n, k, w, s in
+         [(32, 128, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
+          (64, 64, 128, 4, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 5)]]
+
+
+def _graphed(fn: Any) -> Any:
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench_size(tokens: int, copy_gbps: float, tflops: float) -> dict[str, Any]:
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
+    w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
+    w2 = (0.02 * torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", generator=gen)).bfloat16()
+    weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
+    routed = int(ids.unique().numel())
+    expert_bytes = routed * 3 * HIDDEN * INTER * 2
+    flops = 2 * tokens * TOP_K * 3 * HIDDEN * INTER
+    row: dict[str, Any] = {"tokens": tokens, "experts_routed": routed, "expert_mib": expert_bytes / 2**20,
+                           "floor_ms": expert_bytes / copy_gbps / 1e6, "active_gflop": flops / 1e9}
+    sample = slice(0, min(tokens, 64))
+    want = moe_reference(x[sample].float(), w13.float(), w2.float(), weights[sample], ids[sample])
+
+    def check(out: torch.Tensor) -> float:
+        return ((out[sample].float() - want).norm() / want.norm()).item()
+
+    row["grouped_mm_ms"] = time_ms(_graphed(lambda: fused_moe(x, w13, w2, weights, ids, use="grouped_mm")))
+    row["grouped_mm_rel_err"] = check(fused_moe(x, w13, w2, weights, ids, use="grouped_mm"))
+    triton_rows = []
+    for tile in (SMALL if tokens <= 256 else LARGE):
+        try:
+            ms = time_ms(_graphed(lambda tile=tile: fused_moe(x, w13, w2, weights, ids, tile=tile)))
+            err = check(fused_moe(x, w13, w2, weights, ids, tile=tile))
+        except Exception as exc:  # a tile that does not compile (shared memory) is skipped, and said so
+            triton_rows.append({**asdict(tile), "error": str(exc).splitlines()[0][:160]})
+            continue
+        triton_rows.append({**asdict(tile), "ms": ms, "rel_err": err})
+    row["triton"] = triton_rows
+    best = min((r for r in triton_rows if "ms" in r), key=lambda r: r["ms"])
+    row["triton_best"] = best
+    winner = "triton" if best["ms"] < row["grouped_mm_ms"] else "grouped_mm"
+    row["faster"] = winner
+    ms = min(best["ms"], row["grouped_mm_ms"])
+    row["best_ms"] = ms
+    row["ratio_to_floor"] = ms / row["floor_ms"]
+    row["of_matmul_rate"] = flops / ms / 1e9 / tflops
+    print(json.dumps({k: v for k, v in row.items() if k != "triton"}), flush=True)
+    return row
+
+
+def tile_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per measured size: the faster backend and the best Triton tile, covering sizes up to it."""
+    entries = []
+    for i, row in enumerate(rows):
+        best = row["triton_best"]
+        limit = row["tokens"] if i + 1 < len(rows) else 1 << 30
+        tile = TileConfig(limit, row["faster"], best["block_m"], best["block_n"], best["block_k"],
+                          best["num_warps"], best["num_stages"])
+        entries.append(asdict(replace(tile)))
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 1024, 4096, 8192, 16384])
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--write-config", action="store_true")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name()
+    doc: dict[str, Any] = {"device": device, "torch": torch.__version__,
+                           "shape": {"experts": EXPERTS, "top_k": TOP_K, "hidden": HIDDEN, "inter": INTER}}
+    doc.update(copy_bandwidth(2.0))
+    doc.update(matmul_rate(8192))
+    doc["rows"] = [bench_size(t, doc["copy_gbps"], doc["matmul_tflops"]) for t in sorted(args.tokens)]
+    if args.write_config:
+        path = config_file(device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": device, "source": "benchmarks/moe_kernels.py",
+                                    "entries": tile_entries(doc["rows"])}, indent=1) + "\n")
+        doc["config_written"] = str(path)
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Qwen3-30B-A3B shape (random weights, bf16, one GPU): decode steps against the memory floor, and an
+8k-token prefill against the bf16 matmul rate on the FLOPs of the active experts (issue 26).
+
+    python benchmarks/moe_speed.py [--batch 1 16 64 256] [--context 1024] [--prefill 8192]
+        [--num-layers 48] [--json OUT]
+
+The weights are drawn on the GPU in place of a load (a 61 GB checkpoint would not fit the disk of a
+benchmark host), through the same model, weight layout and engine as `pdlaunch serve` (bf16, CUDA
+graphs, prefix caching off). Decode cells take the prompts' KV as already there
+(benchmarks/ready_kv.py), so every timed step is a decode step of the whole batch.
+
+floor = (attention, norm, router and lm_head bytes + the embedding rows read + the bytes of the experts
+the step actually routes to + the KV bytes read) / copy bandwidth (benchmarks/limits.py, same run).
+The experts routed per step are counted on the GPU inside the captured graphs (one index_fill per
+MoE layer into a [layers, experts] table, a few microseconds per step, included in the step time).
+prefill: one 8192-token request in one step; its active-expert FLOPs are 2 * T * k * 3 * H * I per
+layer, against the measured bf16 matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits import copy_bandwidth, matmul_rate, time_ms  # noqa: E402
+from ready_kv import ReadyKVConnector  # noqa: E402
+
+import pdlaunch.model.moe.block as moe_block  # noqa: E402
+import pdlaunch.runner.model_runner as model_runner  # noqa: E402
+from pdlaunch.bench.make_checkpoint import QWEN3_30B_A3B, write_tokenizer  # noqa: E402
+from pdlaunch.engine.llm import build_config  # noqa: E402
+from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
+from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
+from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
+from pdlaunch.model.loader import Checkpoint, _materialize, meta_model  # noqa: E402
+from pdlaunch.model.moe.router import route  # noqa: E402
+
+WARMUP_STEPS = 4
+rng = random.Random(0)
+
+
+class DecodeReadyKV(ReadyKVConnector):
+    """Decode requests (`d...`) find their prompt's KV ready; prefill requests (`p...`) compute theirs."""
+
+    def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
+                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
+        if request_id.startswith("p"):
+            return 0
+        return super().get_num_new_matched_tokens(request_id, prompt_token_ids, kv_transfer_params,
+                                                  num_local_computed_tokens)
+
+
+class RouteCounter:
+    """Replaces the MoE block's router: routes as before and marks each expert picked, per layer, in a
+    device table (captured into the decode graphs with the rest of the step)."""
+
+    def __init__(self, layers: int, experts: int, device: torch.device) -> None:
+        self.hits = torch.zeros(layers, experts, dtype=torch.int32, device=device)
+        self.calls = 0
+
+    def __call__(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = route(logits, top_k, renormalize)
+        self.hits[self.calls % self.hits.shape[0]].index_fill_(0, ids.reshape(-1), 1)
+        self.calls += 1
+        return weights, ids
+
+
+def random_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
+                 expert_parallel: bool = False) -> torch.nn.Module:
+    """The model with random weights drawn on `device` (std 0.02, norms 1) instead of a checkpoint load."""
+    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel)
+    _materialize(model, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) -> Path:
+    cfg = {**QWEN3_30B_A3B, "num_hidden_layers": num_layers, **overrides, "torch_dtype": "bfloat16",
+           "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2))
+    (directory / "generation_config.json").write_text(json.dumps(generation_config()))
+    write_tokenizer(directory, cfg["vocab_size"], cfg["max_position_embeddings"])
+    return directory
+
+
+def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: int, steps: int,
+                floor_fixed: int, expert_bytes: int, kv_per_token: int, bw: float, hidden: int) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"d{batch}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
+    times, routed = [], []
+    while engine.has_unfinished_requests():
+        counter.hits.zero_()
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+        routed.append(int(counter.hits.sum()))  # after the step's own sync
+    decode, hits = times[WARMUP_STEPS:], routed[WARMUP_STEPS:]
+    mean_routed = statistics.mean(hits)
+    mean_ctx = context + WARMUP_STEPS + steps / 2
+    floor_bytes = floor_fixed + batch * hidden * 2 + mean_routed * expert_bytes + batch * mean_ctx * kv_per_token
+    cell: dict[str, Any] = {"batch": batch, "context": context, "step_ms": statistics.median(decode) * 1e3,
+                            "experts_routed_per_step": mean_routed,
+                            "experts_routed_per_layer": mean_routed / counter.hits.shape[0],
+                            "floor_gb": floor_bytes / 1e9, "floor_ms": floor_bytes / bw * 1e3}
+    cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
+    graphs = engine.runner.graphs
+    if graphs is not None and batch in graphs.graphs:
+        cell["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
+        cell["replay_ratio"] = cell["replay_ms"] / cell["floor_ms"]
+    print(json.dumps(cell), flush=True)
+    return cell
+
+
+def prefill_cell(engine: LLMEngine, tokens: int, active_flops: float, tflops: float) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    times = []
+    for rep in range(3):
+        engine.add_request(f"p{rep}", [rng.randrange(600, 1000) for _ in range(tokens)], params)
+        t0 = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.append(time.perf_counter() - t0)
+    ms = min(times[1:]) * 1e3
+    cell = {"prefill_tokens": tokens, "prefill_ms": ms, "active_expert_tflop": active_flops / 1e12,
+            "active_expert_tflops_achieved": active_flops / ms / 1e9}
+    cell["of_matmul_rate"] = cell["active_expert_tflops_achieved"] / tflops
+    print(json.dumps(cell), flush=True)
+    return cell
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=8192)
+    parser.add_argument("--num-layers", type=int, default=48)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "num_layers": args.num_layers}
+    doc.update(copy_bandwidth(2.0))
+    doc.update(matmul_rate(8192))
+    cfg = QWEN3_30B_A3B
+    h, inter, experts, top_k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], \
+        cfg["num_experts_per_tok"]
+    counter = RouteCounter(args.num_layers, experts, torch.device("cuda"))
+    moe_block.route = counter  # type: ignore[assignment]
+    model_runner.load_model = random_model  # type: ignore[assignment]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_config(Path(tmp), args.num_layers, {})
+        config = build_config(str(path), "cuda", "bfloat16", {
+            "max_num_seqs": max(args.batch), "max_num_batched_tokens": max(8192, args.prefill),
+            "enable_prefix_caching": False, "max_model_len": max(args.context + args.steps + 64, args.prefill + 64),
+            "gpu_memory_utilization": args.gpu_memory_utilization})
+        engine = LLMEngine(config, connector=DecodeReadyKV())
+    try:
+        for cache in engine.runner.kv_caches:
+            cache.normal_()
+        params = dict(engine.runner.model.named_parameters())
+        expert_param_bytes = sum(p.numel() * p.element_size() for n, p in params.items() if ".experts." in n)
+        all_bytes = sum(p.numel() * p.element_size() for p in params.values())
+        embed = params["model.embed_tokens.weight"]
+        floor_fixed = all_bytes - expert_param_bytes - embed.numel() * embed.element_size()
+        expert_bytes = 3 * h * inter * 2
+        arch = engine.checkpoint.arch
+        kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2
+        doc.update(weight_gb=all_bytes / 1e9, expert_gb=expert_param_bytes / 1e9, fixed_floor_gb=floor_fixed / 1e9,
+                   kv_bytes_per_token=kv_per_token, num_kv_blocks=engine.block_manager.num_blocks,
+                   cuda_graphs=engine.runner.graphs is not None)
+        print(json.dumps(doc), flush=True)
+        bw = doc["copy_gbps"] * 1e9
+        doc["decode"] = [decode_cell(engine, counter, b, args.context, args.steps, floor_fixed, expert_bytes,
+                                     kv_per_token, bw, h) for b in args.batch]
+        active = 2 * args.prefill * top_k * 3 * h * inter * args.num_layers
+        doc["prefill"] = prefill_cell(engine, args.prefill, active, doc["matmul_tflops"])
+    finally:
+        engine.shutdown()
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""`SparseMoeBlock`: the MLP of an MoE decoder layer (router, experts, optional shared expert).
+
+out = sum over the token's top-k experts of weight * expert(x), plus for Qwen2-MoE
+sigmoid(shared_expert_gate(x)) * shared_expert(x). Every rank computes its partial sum (its experts'
+share, and its TP share of the shared expert: the per-token gate scales a sum term by term), so one
+all-reduce combines the ranks in both TP and expert-parallel mode. The router is replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pdlaunch.model.fused_ops import silu_and_mul
+from pdlaunch.model.layers import MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
+from pdlaunch.model.moe.config import MoeArch
+from pdlaunch.model.moe.experts import FusedExperts
+from pdlaunch.model.moe.router import route
+
+
+class Replicated(nn.Module):
+    """A bias-free linear layer every rank holds whole (the router and the shared-expert gate)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class SharedExpert(nn.Module):
+    """A SwiGLU MLP sharded like the dense one, returning this rank's partial sum (no all-reduce)."""
+
+    def __init__(self, hidden: int, intermediate: int, tp_rank: int, tp_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], False, tp_rank, tp_size)
+        self.down_proj = RowParallelLinear(intermediate, hidden, False, tp_rank, tp_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(silu_and_mul(self.gate_up_proj(x)), self.down_proj.weight)
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, moe: MoeArch, hidden: int, tp_rank: int = 0, tp_size: int = 1,
+                 expert_parallel: bool = False) -> None:
+        super().__init__()
+        self.top_k, self.renormalize, self.tp_size = moe.top_k, moe.norm_topk_prob, tp_size
+        self.gate = Replicated(hidden, moe.num_experts)
+        self.experts = FusedExperts(moe.num_experts, hidden, moe.expert_intermediate_size, tp_rank, tp_size,
+                                    expert_parallel)
+        self.shared_expert: SharedExpert | None = None
+        self.shared_expert_gate: Replicated | None = None
+        if moe.shared_expert_intermediate_size:
+            self.shared_expert = SharedExpert(hidden, moe.shared_expert_intermediate_size, tp_rank, tp_size)
+            self.shared_expert_gate = Replicated(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H], summed over the TP group."""
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        out: torch.Tensor = self.experts(x, weights, ids)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.tp_size > 1:
+            dist.all_reduce(out)
+        return out

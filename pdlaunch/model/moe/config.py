@@ -1,0 +1,82 @@
+"""`MoeArch`: what a Mixture-of-Experts config.json says about its experts, per supported family.
+
+Every supported family routes the same way (softmax over all experts in float32, top-k, optionally
+renormalised over the k picked) and differs only in configuration: which layers are sparse, the
+expert width's key, a shared expert (Qwen2-MoE), and the checkpoint's naming (Mixtral's
+`block_sparse_moe.experts.{e}.w1/w2/w3`). The attention of each MoE family is a dense family's
+(`DENSE_FAMILY`), which model/arch.py parses as it parses that family.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pdlaunch.errors import PdlaunchError
+
+# MoE architecture -> the dense architecture whose attention (and config rules) it shares.
+DENSE_FAMILY = {
+    "Qwen3MoeForCausalLM": "Qwen3ForCausalLM",
+    "Qwen2MoeForCausalLM": "Qwen2ForCausalLM",
+    "MixtralForCausalLM": "MistralForCausalLM",
+    "OlmoeForCausalLM": "LlamaForCausalLM",
+}
+MOE_ARCHITECTURES = tuple(DENSE_FAMILY)
+
+CheckpointStyle = Literal["mlp", "block_sparse_moe"]
+
+
+class MoeArch(BaseModel):
+    """The expert layout of an MoE model (sizes are the checkpoint's, unsharded)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool  # renormalise the k picked probabilities to sum to 1
+    sparse_layers: list[bool]  # per layer: MoE block (True) or the dense MLP (False)
+    shared_expert_intermediate_size: int | None = None  # Qwen2-MoE: a gated dense expert every token uses
+    # "mlp": `mlp.gate`, `mlp.experts.{e}.gate_proj/up_proj/down_proj`;
+    # "block_sparse_moe" (Mixtral): `block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1/w3/w2`.
+    checkpoint_style: CheckpointStyle = "mlp"
+
+    def is_sparse(self, layer: int) -> bool:
+        return self.sparse_layers[layer]
+
+
+def _int(cfg: dict[str, Any], *keys: str) -> int:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise PdlaunchError(f"config.json lacks {keys[0]!r}", field=f"config.json:{keys[0]}")
+
+
+def parse_moe(cfg: dict[str, Any], architecture: str, num_layers: int) -> MoeArch:
+    """The MoE part of a config.json of one of `MOE_ARCHITECTURES` (PdlaunchError naming the key)."""
+    experts = _int(cfg, "num_experts", "num_local_experts")
+    top_k = _int(cfg, "num_experts_per_tok")
+    if not 0 < top_k <= experts:
+        raise PdlaunchError(f"num_experts_per_tok {top_k} must be between 1 and the {experts} experts",
+                            field="config.json:num_experts_per_tok")
+    if architecture == "MixtralForCausalLM":
+        return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "intermediate_size"),
+                       norm_topk_prob=True, sparse_layers=[True] * num_layers, checkpoint_style="block_sparse_moe")
+    if architecture == "OlmoeForCausalLM":
+        if cfg.get("clip_qkv") is not None:
+            raise PdlaunchError("OLMoE with clip_qkv is not supported", field="config.json:clip_qkv",
+                                hint="only checkpoints with clip_qkv null load")
+        return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "intermediate_size"),
+                       norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), sparse_layers=[True] * num_layers)
+    # Qwen2-MoE / Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers, every
+    # decoder_sparse_step-th layer (1-based), as their decoder layers choose.
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense_only = {int(i) for i in cfg.get("mlp_only_layers") or []}
+    sparse = [i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)]
+    shared = None
+    if architecture == "Qwen2MoeForCausalLM":
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0) or None
+    return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "moe_intermediate_size"),
+                   norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), sparse_layers=sparse,
+                   shared_expert_intermediate_size=shared)

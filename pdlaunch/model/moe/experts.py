@@ -1,0 +1,80 @@
+"""`FusedExperts`: one layer's experts as two stacked parameters, sharded for TP or expert parallel.
+
+- w13 [E_local, 2 * I_local, H]: expert e's gate rows (checkpoint gate_proj / w1), then its up rows
+  (up_proj / w3);
+- w2 [E_local, H, I_local]: its down projection (down_proj / w2).
+Tensor parallel (default): every rank holds every expert, rows [r*I/tp, (r+1)*I/tp) of gate and up
+and the same columns of down. Expert parallel: rank r holds experts [r*E/tp, (r+1)*E/tp) whole.
+Either way each rank returns a partial sum; the MoE block adds the ranks up with one all-reduce.
+Each parameter has its own weight_loader, fed one checkpoint tensor per expert (shard ids from
+model/moe/names.py); an expert another rank holds is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdlaunch.model.moe.fused import fused_moe
+from pdlaunch.model.moe.names import ExpertShard
+
+
+def _per_rank(size: int, tp_size: int, what: str) -> int:
+    if size % tp_size:
+        raise ValueError(f"{what} {size} is not divisible by tp_size {tp_size}")
+    return size // tp_size
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, tp_rank: int = 0, tp_size: int = 1,
+                 expert_parallel: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.hidden, self.intermediate = num_experts, hidden, intermediate
+        if expert_parallel:
+            self.num_local = _per_rank(num_experts, tp_size, "number of experts")
+            self.expert_start = tp_rank * self.num_local
+            self.inter_local, self.inter_start = intermediate, 0
+        else:
+            self.num_local, self.expert_start = num_experts, 0
+            self.inter_local = _per_rank(intermediate, tp_size, "expert intermediate size")
+            self.inter_start = tp_rank * self.inter_local
+        self.w13 = nn.Parameter(torch.empty(self.num_local, 2 * self.inter_local, hidden), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.num_local, hidden, self.inter_local), requires_grad=False)
+        self.w13.weight_loader = self.w13_loader  # type: ignore[attr-defined]
+        self.w2.weight_loader = self.w2_loader  # type: ignore[attr-defined]
+
+    def _local(self, expert: int) -> int | None:
+        """The local index of global expert `expert`, None when another rank holds it."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} is out of range: the model has {self.num_experts} experts")
+        local = expert - self.expert_start
+        return local if 0 <= local < self.num_local else None
+
+    def _check(self, loaded: torch.Tensor, expected: tuple[int, int], what: str) -> None:
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"shape mismatch for {what}: checkpoint {tuple(loaded.shape)}, model expects {expected}")
+
+    def w13_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard | None = None) -> None:
+        if not isinstance(shard_id, tuple):
+            raise ValueError(f"w13 needs a (gate|up, expert) shard id, got {shard_id!r}")
+        half, expert = shard_id
+        self._check(loaded, (self.intermediate, self.hidden), f"expert {expert} {half} projection")
+        local = self._local(expert)
+        if local is None:
+            return
+        offset = 0 if half == "gate" else self.inter_local
+        param.data[local].narrow(0, offset, self.inter_local).copy_(
+            loaded.narrow(0, self.inter_start, self.inter_local))
+
+    def w2_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard | None = None) -> None:
+        if not isinstance(shard_id, int):
+            raise ValueError(f"w2 needs an expert shard id, got {shard_id!r}")
+        self._check(loaded, (self.hidden, self.intermediate), f"expert {shard_id} down projection")
+        local = self._local(shard_id)
+        if local is None:
+            return
+        param.data[local].copy_(loaded.narrow(1, self.inter_start, self.inter_local))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H], routing [T, k] -> this rank's partial sum [T, H] (not yet all-reduced)."""
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)

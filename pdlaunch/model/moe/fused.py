@@ -1,0 +1,147 @@
+"""The expert computation of one MoE layer: `fused_moe(x, w13, w2, topk_weights, topk_ids)`.
+
+Weights are stacked per layer: w13 [E_local, 2*I, H] (each expert's gate rows, then its up rows) and
+w2 [E_local, H, I]; I is this rank's share of the expert width (tensor parallel) and E_local this
+rank's experts, global ids `expert_start .. expert_start + E_local` (expert parallel). Tokens routed
+to experts this rank does not hold contribute zero here; the caller's all-reduce adds the ranks up.
+The result is this rank's partial sum [T, H] in x's dtype.
+
+Backends (`backend()` picks one per call):
+- `reference`: a loop over the experts with index ops, the transformers order of operations (CPU,
+  float32 parity). It syncs with the host, so it never runs inside a CUDA graph.
+- `grouped_mm`: the T*k (token, expert) assignments sorted by expert, `torch._grouped_mm` for gate+up,
+  the fused SiLU-and-mul kernel, `torch._grouped_mm` for down, the routing weight applied to the result.
+- `triton`: the assignments sorted and padded per expert into blocks of `block_m` rows
+  (`align_to_blocks`), one Triton grouped GEMM for gate+up with SiLU-and-mul in its epilogue and one
+  for down with the routing weight in its epilogue (model/moe/triton_moe.py).
+Both fused backends size every buffer from T, k and E alone (no `.item()`, no host sync), so decode
+steps capture into CUDA graphs, and combine the k results of each token with one sum over a
+[T, k, H] view (no loop over experts). On CUDA the per-device file under model/moe/configs/ names
+the faster backend and the Triton tiles per token count (benchmarks/moe_kernels.py measures them);
+PDLAUNCH_MOE_BACKEND=reference|grouped_mm|triton forces one.
+
+Quantised experts extend this seam: per-expert scales of w13 and w2 travel next to the weights into
+the GEMM backends (`_gemm_up`/`_gemm_down` of each backend), leaving the sort, the padding and the
+combine as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.fused_ops import silu_and_mul
+from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, sort_assignments
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+# Used where no per-device file exists: the tiles that won on an H200 (configs/NVIDIA_H200.json),
+# where Triton beat torch._grouped_mm at every size from 1 to 16384 tokens.
+DEFAULT_TILES = (TileConfig(256, "triton", 16, 64, 128, 4, 3), TileConfig(1024, "triton", 64, 128, 64, 8, 4),
+                 TileConfig(1 << 30, "triton", 128, 128, 64, 8, 3))
+
+
+def config_file(device_name: str) -> Path:
+    """The tile file of a device name as torch reports it, e.g. `NVIDIA H100 80GB HBM3`."""
+    return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+@lru_cache(maxsize=8)
+def device_tiles(device_name: str) -> tuple[TileConfig, ...]:
+    """The tile configurations of a device, ascending by max_tokens (defaults without a file)."""
+    path = config_file(device_name)
+    if not path.is_file():
+        return DEFAULT_TILES
+    try:
+        entries = json.loads(path.read_text())["entries"]
+        tiles = tuple(sorted((TileConfig(**e) for e in entries), key=lambda t: t.max_tokens))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PdlaunchError(f"MoE tile file {path} does not load: {exc}", field="model",
+                            hint="restore the file from the repository or delete it to use defaults") from exc
+    if not tiles or any(t.backend not in BACKENDS for t in tiles):
+        raise PdlaunchError(f"MoE tile file {path} names no entry or an unknown backend", field="model",
+                            hint=f"backends: {', '.join(BACKENDS)}")
+    return tiles
+
+
+def tile_for(x: torch.Tensor, num_tokens: int) -> TileConfig:
+    """The entry for a call of `num_tokens` tokens on x's device (the largest covers the rest)."""
+    tiles = device_tiles(torch.cuda.get_device_name(x.device)) if x.is_cuda else DEFAULT_TILES
+    return next((t for t in tiles if num_tokens <= t.max_tokens), tiles[-1])
+
+
+def backend(x: torch.Tensor, num_tokens: int) -> Backend:
+    """Which backend runs a call: PDLAUNCH_MOE_BACKEND, else the reference off CUDA and the tile file's
+    choice on CUDA (grouped_mm needs bf16; other dtypes take triton)."""
+    forced = os.environ.get("PDLAUNCH_MOE_BACKEND", "auto")
+    if forced != "auto":
+        if forced not in BACKENDS:
+            raise PdlaunchError(f"PDLAUNCH_MOE_BACKEND={forced!r} is not a backend", field="PDLAUNCH_MOE_BACKEND",
+                                hint=f"use auto, {', '.join(BACKENDS)}")
+        return forced
+    if not x.is_cuda:
+        return "reference"
+    chosen = tile_for(x, num_tokens).backend
+    if chosen == "grouped_mm" and x.dtype != torch.bfloat16:
+        return "triton"
+    return chosen
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, expert_start: int = 0, use: Backend | None = None,
+              tile: TileConfig | None = None) -> torch.Tensor:
+    """x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] (float32), topk_ids [T, k]
+    (global expert ids) -> this rank's sum over its experts of weight * down(silu(gate) * up): [T, H].
+    `use` / `tile` override the backend and the Triton tile (benchmarks, tests)."""
+    chosen = use or (tile.backend if tile is not None else backend(x, x.shape[0]))
+    if chosen == "reference":
+        return moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
+    local = topk_ids - expert_start
+    num_local = w13.shape[0]
+    valid = (local >= 0) & (local < num_local)
+    # Assignments to other ranks' experts go to bucket E_local, which no GEMM reads.
+    local = torch.where(valid, local, num_local)
+    weights = torch.where(valid, topk_weights.float(), 0.0)
+    if chosen == "grouped_mm":
+        return _grouped_mm_moe(x, w13, w2, weights, local)
+    from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
+
+    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0]))
+
+
+def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+    """Per expert, in ascending order as transformers does: the tokens routed to it, gate+up, SiLU-and-mul,
+    down, times their routing weight (in x's dtype), added into the output."""
+    out = torch.zeros_like(x)
+    inter = w2.shape[2]
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(topk_ids == expert_start + e)
+        if token.numel() == 0:
+            continue
+        gate_up = F.linear(x[token], w13[e])
+        h = F.linear(F.silu(gate_up[:, :inter]) * gate_up[:, inter:], w2[e])
+        out.index_add_(0, token, h * topk_weights[token, slot, None].to(x.dtype))
+    return out
+
+
+def _grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                    local: torch.Tensor) -> torch.Tensor:
+    num_tokens, top_k = local.shape
+    num_local = w13.shape[0]
+    s = sort_assignments(local, num_local)
+    offs = torch.cumsum(s.counts[:num_local], 0).to(torch.int32)  # end row of each expert
+    rows = x[s.order // top_k]
+    gate_up = torch._grouped_mm(rows, w13.transpose(1, 2), offs=offs)
+    down = torch._grouped_mm(silu_and_mul(gate_up), w2.transpose(1, 2), offs=offs)
+    # Rows past the last expert's end (dropped assignments) are not written by the GEMM: mask, not multiply.
+    w = weights.reshape(-1)[s.order]
+    down = torch.where((s.expert < num_local).unsqueeze(1), down.float() * w.unsqueeze(1), 0.0).to(x.dtype)
+    return combine(down, s.order, num_tokens, top_k)

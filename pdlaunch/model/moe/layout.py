@@ -1,0 +1,91 @@
+"""How the T*k (token, expert) assignments of one MoE layer are laid out for the grouped GEMMs.
+
+`sort_assignments` orders them by expert (stable); `align_to_blocks` pads each expert's rows up to a
+multiple of `block_m` (sentinel M) in a buffer sized from T, k and E alone: at most
+cdiv(M, block_m) + min(E, M) blocks, unused ones marked expert -1 (or, for a handful of assignments,
+one block each). `combine` sums each token's k
+weighted rows. All of it is index arithmetic on the device without a host sync, so it runs inside
+CUDA graphs. `TileConfig` is one entry of a per-device tile file (model/moe/configs/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Backend = Literal["reference", "grouped_mm", "triton"]
+BACKENDS: tuple[Backend, ...] = ("reference", "grouped_mm", "triton")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One entry of a per-device file: for calls of at most `max_tokens` tokens."""
+
+    max_tokens: int
+    backend: Backend
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class SortedAssignments:
+    """The T*k (token, expert) assignments in expert order; dropped ones (bucket E_local) last."""
+
+    order: torch.Tensor  # [M] assignment index (token * k + slot) of each sorted row
+    counts: torch.Tensor  # [E_local + 1] assignments per expert (last: dropped)
+    expert: torch.Tensor  # [M] expert of each sorted row
+
+
+def sort_assignments(local_ids: torch.Tensor, num_local: int) -> SortedAssignments:
+    """Sort the assignments by local expert id (stable: token order inside an expert), sync-free."""
+    flat = local_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    return SortedAssignments(order=order, counts=counts, expert=flat[order])
+
+
+def combine(rows: torch.Tensor, order: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Weighted result rows in sorted order [M, H] -> per token sum of its k rows [T, H]."""
+    unsorted = torch.empty_like(rows)
+    unsorted[order] = rows
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def align_to_blocks(local_ids: torch.Tensor, num_local: int, block_m: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """local_ids [T, k] (num_local = dropped) -> (rows [B*block_m]: assignment index per padded row, M for
+    padding; block_expert [B]: local expert of each block, -1 for unused).
+
+    Few assignments (M <= E / 4, e.g. decode at batch 1-4 of a 128-expert model) rarely share an expert:
+    each gets a block of its own, which skips the sort and its dozen small kernels at the same weight
+    traffic. Otherwise the sorted layout groups each expert's assignments."""
+    num_rows = local_ids.numel()
+    device = local_ids.device
+    flat = local_ids.reshape(-1)
+    if num_rows * 4 <= num_local:
+        rows = torch.full((num_rows, block_m), num_rows, dtype=torch.int64, device=device)
+        rows[:, 0] = torch.arange(num_rows, device=device)
+        return rows.view(-1), torch.where(flat < num_local, flat, -1).to(torch.int32)
+    s = sort_assignments(local_ids, num_local)
+    counts = s.counts[:num_local]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    start = torch.cumsum(s.counts, 0) - s.counts
+    num_blocks = -(-num_rows // block_m) + min(num_local, num_rows)
+    capacity = num_blocks * block_m
+    rank = torch.arange(num_rows, device=device) - start[s.expert]
+    kept = s.expert < num_local
+    dest = torch.where(kept, padded_start[s.expert.clamp(max=num_local - 1)] + rank, capacity)
+    rows = torch.full((capacity + 1,), num_rows, dtype=torch.int64, device=device)
+    rows[dest] = s.order
+    block_start = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_local, block_expert, -1).to(torch.int32)
+    return rows[:capacity], block_expert

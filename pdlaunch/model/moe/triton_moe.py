@@ -1,0 +1,130 @@
+"""The Triton backend of fused_moe: two grouped GEMMs over assignments padded per expert.
+
+`align_to_blocks` (model/moe/layout.py) lays the T*k assignments out in blocks of `block_m` rows, one
+expert per block; blocks of expert -1 are unused and the kernels skip them.
+
+- `moe_up_kernel`: per (block, column tile) x[token rows] @ w13[e]^T for the gate and the up halves
+  at once, SiLU-and-mul in the epilogue -> [padded rows, I].
+- `moe_down_kernel`: per (block, column tile) that @ w2[e]^T, times each row's routing weight, written
+  to the assignment's own row of [M, H] (token-major), so one sum over a [T, k, H] view combines.
+Rounding follows the eager reference: each GEMM result is rounded to the dtype before SiLU/the product.
+Kernels are built lazily per interpret mode (see model/fused_ops.py for why), so the CPU tests run
+them under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+
+from pdlaunch.model.moe.layout import TileConfig, align_to_blocks
+
+
+@lru_cache(maxsize=2)
+def _kernels(interpret: bool) -> SimpleNamespace:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def moe_up_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
+                      sx_t, sx_k, sw_e, sw_n, sw_k, so_m,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e < 0:
+            return
+        dtype = out_ptr.dtype.element_ty
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(rows_ptr + offs_m)
+        row_ok = rows < num_rows
+        token = rows // top_k
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_base = w_ptr + e * sw_e
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(x_ptr + token[:, None] * sx_t + offs_k[None, :] * sx_k,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_mask = k_ok[:, None] & n_ok[None, :]
+            b_gate = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
+            b_up = tl.load(w_base + (offs_n[None, :] + N) * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
+            acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+        gate = acc_gate.to(dtype).to(tl.float32)
+        up = acc_up.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], (act * up).to(dtype), mask=n_ok[None, :])
+
+    @triton.jit
+    def moe_down_kernel(a_ptr, w_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K, N,
+                        sa_m, sw_e, sw_n, sw_k, so_m,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        if e < 0:
+            return
+        dtype = out_ptr.dtype.element_ty
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(rows_ptr + offs_m)
+        row_ok = rows < num_rows
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_base = w_ptr + e * sw_e
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None] * sa_m + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            b = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k,
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
+        out = acc.to(dtype).to(tl.float32) * weight[:, None]
+        tl.store(out_ptr + rows[:, None] * so_m + offs_n[None, :], out.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
+
+    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel)
+
+
+def _interpret() -> bool:
+    import triton
+
+    return bool(triton.knobs.runtime.interpret)
+
+
+def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
+               tile: TileConfig) -> torch.Tensor:
+    """fused_moe's Triton backend (weights float32 [T, k], zero for dropped assignments)."""
+    import triton
+
+    if x.element_size() > 2:
+        # Tile files are tuned for bf16; float32 operands take twice the shared memory per stage.
+        tile = replace(tile, block_k=max(16, tile.block_k // 2))
+    num_tokens, top_k = local_ids.shape
+    num_local, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    rows, block_expert = align_to_blocks(local_ids, num_local, tile.block_m)
+    num_blocks = block_expert.shape[0]
+    k = _kernels(_interpret())
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
+    k.up[(num_blocks, triton.cdiv(inter, tile.block_n))](
+        x, w13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    out = torch.zeros(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
+        act, w2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter, hidden,
+        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    # Rows of this layout are already in assignment order: the sum over k needs no unsort.
+    return out.view(num_tokens, top_k, hidden).sum(dim=1)

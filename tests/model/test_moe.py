@@ -1,0 +1,159 @@
+"""Mixture-of-Experts models (model/moe/): config parsing, check-config, the fused expert backends, and
+greedy ids equal to transformers' through `pdlaunch generate` (float32, CPU) for every family.
+
+TP 2 / expert parallel 2 parity is in tests/tp/test_moe_tp.py, 1P1D serving in tests/serving/test_e2e_moe.py,
+the GPU paths (Triton, grouped_mm, CUDA graphs, bf16) in tests/model/test_moe_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from pdlaunch.cli import app
+from pdlaunch.config.model_info import load_model_info
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.arch import parse_hf_config
+from pdlaunch.model.moe.fused import fused_moe, moe_reference
+from pdlaunch.model.moe.router import route
+from pdlaunch.model.tokenizer import Tokenizer
+from tests.config.cli_helpers import check
+from tests.helpers.checkpoints import MOE_BUILDERS, hf_greedy, hf_model
+
+QWEN3_MOE: dict[str, Any] = {
+    "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 512, "num_experts": 8, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32, "head_dim": 32,
+}
+PROMPT = "The quick brown fox jumps over the lazy dog and"
+
+
+@pytest.mark.parametrize("kind", list(MOE_BUILDERS))
+def test_generate_matches_transformers_greedy(kind: str, moe_ckpt: Callable[[str], Path]) -> None:
+    """The user path: `pdlaunch check-config`, then `pdlaunch generate` 32 greedy tokens, float32 on CPU."""
+    path = moe_ckpt(kind)
+    checked = check(["--model", str(path), "--device", "cpu"])
+    assert checked.exit_code == 0, checked.output
+    out = CliRunner().invoke(app, ["generate", "--model", str(path), "--prompt", PROMPT, "--max-tokens", "32",
+                                   "--device", "cpu", "--dtype", "float32", "--json"])
+    assert out.exit_code == 0, out.output
+    ours = json.loads(out.output.strip().splitlines()[-1])["token_ids"]
+    assert len(ours) == 32  # no early EOS (the builders' seeds are chosen for it)
+    assert ours == hf_greedy(path, Tokenizer(path).encode(PROMPT), 32, stop_at_eos=True)
+
+
+def test_sparse_layers_follow_decoder_sparse_step_and_mlp_only_layers() -> None:
+    moe = parse_hf_config({**QWEN3_MOE, "decoder_sparse_step": 2, "mlp_only_layers": [3]}).moe
+    assert moe is not None and moe.sparse_layers == [False, True, False, False]
+    assert moe.num_experts == 8 and moe.top_k == 2 and moe.expert_intermediate_size == 32
+    assert not moe.norm_topk_prob and moe.checkpoint_style == "mlp"
+    mixtral = parse_hf_config({**QWEN3_MOE, "architectures": ["MixtralForCausalLM"], "num_local_experts": 8}).moe
+    assert mixtral is not None and mixtral.norm_topk_prob and mixtral.checkpoint_style == "block_sparse_moe"
+    assert mixtral.expert_intermediate_size == 128 and all(mixtral.sparse_layers)
+    olmoe = parse_hf_config({**QWEN3_MOE, "architectures": ["OlmoeForCausalLM"]})
+    assert olmoe.qk_norm_full_width and not olmoe.qk_norm
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"architectures": ["DeepseekV3ForCausalLM"]}, "config.json:architectures"),
+    ({"num_experts_per_tok": 9}, "config.json:num_experts_per_tok"),
+    ({"architectures": ["OlmoeForCausalLM"], "clip_qkv": 8.0}, "config.json:clip_qkv"),
+])
+def test_unsupported_moe_configs_are_refused_with_the_key(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**QWEN3_MOE, **change})
+    assert err.value.field == field
+
+
+def test_check_config_names_a_missing_and_a_misshapen_expert_tensor(moe_ckpt: Callable[[str], Path],
+                                                                     tmp_path: Path) -> None:
+    broken = Path(shutil.copytree(moe_ckpt("mixtral"), tmp_path / "broken"))
+    tensors = load_file(str(broken / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    tensors["model.layers.0.block_sparse_moe.experts.2.w2.weight"] = torch.zeros(64, 16)
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    result = check(["--model", str(broken), "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "model.layers.0.block_sparse_moe.experts.2.w2.weight" in result.output
+    assert "expert 2 down projection" in result.output and "(64, 16)" in result.output
+    del tensors["model.layers.0.block_sparse_moe.experts.2.w2.weight"]
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    result = check(["--model", str(broken), "--device", "cpu"])
+    assert result.exit_code == 1 and "model.layers.1.block_sparse_moe.experts.3.w3.weight" in result.output
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen2_moe", "olmoe"])
+def test_parameter_count_equals_transformers(kind: str, moe_ckpt: Callable[[str], Path]) -> None:
+    info, problems = load_model_info(str(moe_ckpt(kind)))
+    assert info is not None and not problems
+    assert info.num_parameters() == sum(p.numel() for p in hf_model(moe_ckpt(kind)).parameters())
+
+
+def test_expert_parallel_needs_experts_to_divide_by_tp(moe_ckpt: Callable[[str], Path]) -> None:
+    path = str(moe_ckpt("qwen3_moe"))  # 4 experts of width 32
+    ok = check(["--model", path, "--device", "cpu", "--tp", "4", "--enable-expert-parallel"])
+    assert ok.exit_code == 0, ok.output
+    bad = check(["--model", path, "--device", "cpu", "--tp", "8", "--enable-expert-parallel"])
+    assert bad.exit_code == 1 and "4 experts to divide by it" in bad.output
+    assert "heads" not in check(["--model", path, "--device", "cpu", "--tp", "4"]).output
+
+
+def _case(tokens: int, experts: int, top_k: int, seed: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, 64, generator=gen)
+    w13 = 0.1 * torch.randn(experts, 64, 64, generator=gen)
+    w2 = 0.1 * torch.randn(experts, 64, 32, generator=gen)
+    weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_grouped_mm_backend_equals_the_reference_loop(tokens: int) -> None:
+    """The sorted, sync-free path (what CUDA runs) against the per-expert loop, also with half the experts
+    on this rank (expert parallel: the other half contributes zero here)."""
+    x, w13, w2, weights, ids = _case(tokens, 8, 3, seed=tokens)
+    try:
+        got = fused_moe(x, w13, w2, weights, ids, use="grouped_mm")
+    except RuntimeError as exc:  # torch builds without a CPU grouped GEMM
+        pytest.skip(f"torch._grouped_mm does not run on this CPU build: {exc}")
+    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
+    half = fused_moe(x, w13[4:], w2[4:], weights, ids, expert_start=4, use="grouped_mm")
+    torch.testing.assert_close(half, moe_reference(x, w13[4:], w2[4:], weights, ids, 4), rtol=1e-5, atol=1e-5)
+    other = moe_reference(x, w13[:4], w2[:4], weights, ids, 0)
+    torch.testing.assert_close(half + other, moe_reference(x, w13, w2, weights, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_block_layout_gives_each_block_one_expert_and_every_assignment_one_row() -> None:
+    from pdlaunch.model.moe.layout import align_to_blocks
+
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3], [3, 5]])  # expert 5: another rank's (local ids 0..3)
+    local = torch.where(ids < 4, ids, 4)
+    rows, block_expert = align_to_blocks(local, 4, block_m=2)
+    assert rows.shape[0] == block_expert.shape[0] * 2 and block_expert.shape[0] == 5 + 4
+    _check_blocks(local, 4, rows, block_expert, 2)
+    few = torch.tensor([[3, 0], [9, 3]])  # 4 assignments of 16 experts: a block each, no sort
+    rows, block_expert = align_to_blocks(few, 16, block_m=2)
+    assert block_expert.tolist() == [3, 0, 9, 3]
+    _check_blocks(few, 16, rows, block_expert, 2)
+
+
+def _check_blocks(local: torch.Tensor, num_local: int, rows: torch.Tensor, block_expert: torch.Tensor,
+                  block_m: int) -> None:
+    """Every assignment to a local expert has exactly one row, in a block of its expert; no other rows."""
+    flat = local.reshape(-1)
+    kept = sorted(int(r) for r in rows if r < flat.numel())
+    assert kept == [i for i in range(flat.numel()) if flat[i] < num_local]
+    for b, e in enumerate(block_expert.tolist()):
+        members = [int(r) for r in rows[block_m * b:block_m * (b + 1)] if r < flat.numel()]
+        if e < 0:
+            assert not members
+        else:
+            assert members and all(int(flat[r]) == e for r in members)
