@@ -92,3 +92,23 @@ def test_make_checkpoint_fp8_passes_check_config_and_loads(fp8: str, tmp_path: P
     assert ckpt.quant is not None and ckpt.quant.scheme == fp8
     model = load_model(ckpt, torch.device("cpu"), torch.float32)
     assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+def test_check_config_refuses_a_tp_size_that_splits_fp8_blocks(block_ckpt: Path) -> None:
+    """intermediate 384 = 3 blocks: TP 2 gives each rank 192 rows of gate/up, half a block."""
+    from pdlaunch.model.arch import parse_hf_config
+    from pdlaunch.model.quant.linear import block_misaligned
+
+    cfg = json.loads((block_ckpt / "config.json").read_text())
+    arch = parse_hf_config({**cfg, "intermediate_size": 384})
+    assert block_misaligned(arch, 1) == [] and block_misaligned(arch, 2) == ["gate_proj/up_proj/down_proj"]
+    assert block_misaligned(parse_hf_config(cfg), 2) == []
+    (block_ckpt / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 4, "head_dim": 64}))
+    text = _check_config_tp(block_ckpt, 2)
+    assert "instances[0].tp: TP 2 splits the block-FP8 projections k_proj/v_proj off the 128-wide" in text
+
+
+def _check_config_tp(path: Path, tp: int) -> str:
+    result = CliRunner().invoke(app, ["check-config", "--model", str(path), "--device", "cpu", "--tp", str(tp)])
+    assert result.exit_code == 1, result.output
+    return " ".join(result.output.split())
