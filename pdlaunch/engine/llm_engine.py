@@ -100,7 +100,7 @@ class LLMEngine:
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
         # /info and pdlaunch_model_dtypes_info: e.g. "fp8 block 128x128 (checkpoint)" and "float8_e4m3fn".
-        self.weight_dtype = weight_dtype_name(self.checkpoint, self.dtype)
+        self.weight_dtype = weight_dtype_name(self.checkpoint, self.dtype, self.device)
         self.kv_cache_dtype = str(self.runner.kv_dtype).removeprefix("torch.")
         metrics.MODEL_DTYPES.info({"weight_dtype": self.weight_dtype, "kv_cache_dtype": self.kv_cache_dtype})
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",

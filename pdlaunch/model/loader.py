@@ -28,7 +28,7 @@ from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.quant.config import QuantConfig, load_quant_config
 from pdlaunch.model.quant.experts import ExpertDequantizer
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
-from pdlaunch.model.quant.linear import finish_loading, quantize_model
+from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 
@@ -59,9 +59,13 @@ def load_checkpoint(path_or_demo: str, quantization: str | None = None) -> Check
     return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name, quant=quant)
 
 
-def weight_dtype_name(ckpt: Checkpoint, dtype: torch.dtype) -> str:
-    """What the weights are computed in, for /info and metrics (e.g. "fp8 block 128x128 (checkpoint)")."""
-    return ckpt.quant.description if ckpt.quant is not None else str(dtype).removeprefix("torch.")
+def weight_dtype_name(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> str:
+    """What the weights are stored and computed in, for /info and metrics: e.g. "fp8 block 128x128
+    (checkpoint)", or "... computed in float32" where they were dequantized at load (no FP8 GEMMs)."""
+    name = str(dtype).removeprefix("torch.")
+    if ckpt.quant is None:
+        return name
+    return ckpt.quant.description if fp8_gemm_available(device) else f"{ckpt.quant.description}, computed in {name}"
 
 
 def open_tokenizer(path: Path) -> Tokenizer:

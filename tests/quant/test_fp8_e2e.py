@@ -57,7 +57,8 @@ def test_serve_1p1d(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]], tmp_pa
         assert answer["choices"][0]["token_ids"] == _expected(served, reference), answer
         for url in deployment.instance_urls().values():
             info = httpx.get(f"{url}/info", timeout=5).json()
-            assert info["weight_dtype"].startswith("fp8 ") and info["kv_cache_dtype"] == "float32"
+            assert info["weight_dtype"].startswith("fp8 ") and info["weight_dtype"].endswith(", computed in float32")
+            assert info["kv_cache_dtype"] == "float32"
             metrics = httpx.get(f"{url}/metrics", timeout=5).text
             assert 'pdlaunch_model_dtypes_info{kv_cache_dtype="float32",weight_dtype="fp8' in metrics
     finally:
