@@ -82,3 +82,16 @@ def test_fp8_kv_pd_equals_colocated_and_moves_fewer_bytes(fp8_ckpts: dict[str, t
     fp32_bytes, _ = _moved(model, "float32", "auto", "pull")
     bf16_bytes, _ = _moved(model, "bfloat16", "auto", "pull")
     assert fp8_bytes > 0 and fp8_bytes * 4 == fp32_bytes and fp8_bytes * 2 == bf16_bytes
+
+
+def test_fp8_kv_mixed_tp_pd_equals_colocated(fp8_ckpts: dict[str, tuple[Path, Path]]) -> None:
+    """P1/D2: each decode rank reads its KV head's slice of the prefill's fp8 blocks (resharding copies bytes)."""
+    from tests.tp.pd_procs import tp_pd_pair
+    from tests.tp.test_tp_pd import run_pd as run_tp_pd
+
+    model = fp8_ckpts["online"][0]
+    prompts = {rid: PROMPTS[rid] for rid in ("block-plus-one", "many-blocks")}
+    expected = colocated(model, prompts, kv_cache_dtype="fp8")
+    for prefill, decode in tp_pd_pair(model, 1, 2, kv_cache_dtype="fp8"):
+        outs = run_tp_pd(prefill, decode, prompts)
+        assert {rid: o["tokens"] for rid, o in outs.items()} == expected
