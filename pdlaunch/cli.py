@@ -121,12 +121,16 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
     dtype: Annotated[str, typer.Option("--dtype", help="auto | float32 | bfloat16 | float16.")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt per line.")] = False,
+    quantization: Annotated[str | None, typer.Option("--quantization", help="fp8: FP8 weights quantized at load.")
+                            ] = None,
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto | fp8.")] = "auto",
 ) -> None:
     """Offline generation with the engine (no server)."""
     from pdlaunch.engine.generate_cmd import run_generate
 
     with _reported():
-        run_generate(model, device, prompt or ["Hello, my name is"], max_tokens, temperature, dtype, json_output)
+        run_generate(model, device, prompt or ["Hello, my name is"], max_tokens, temperature, dtype, json_output,
+                     {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype})
 
 
 @config_app.command("schema")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
 # No `*_created` series beside every counter and histogram (vLLM turns them off too): they double the
@@ -24,6 +24,8 @@ KV_TRANSFER_SECONDS = Histogram(
     "pdlaunch_kv_transfer_seconds", "Time of one request's KV transfer",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# pdlaunch_model_dtypes_info{weight_dtype="fp8 block 128x128 (checkpoint)",kv_cache_dtype="float8_e4m3fn"} 1
+MODEL_DTYPES = Info("pdlaunch_model_dtypes", "What the weights are computed in and the KV cache element type")
 KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
 KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by lease expiry")
 KV_LOAD_RECOMPUTES = Counter(

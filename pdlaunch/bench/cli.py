@@ -138,6 +138,8 @@ def make_checkpoint(
     max_shard_gib: Annotated[float, typer.Option("--max-shard-gib", help="Largest safetensors shard, GiB.")] = 4.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a folder that has files.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where random values are drawn: auto | cpu | cuda.")] = "auto",
+    fp8: Annotated[str | None, typer.Option("--fp8", help="Save the linear weights as FP8: block (128x128 "
+                                            "weight_scale_inv) | channel (compressed-tensors per channel).")] = None,
 ) -> None:
     """Write a random-weight checkpoint of a real model's shape (shard by shard) for benchmarks."""
     from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint, parse_dtype
@@ -145,7 +147,7 @@ def make_checkpoint(
     try:
         path = make_shaped_checkpoint(
             out_dir, shape=shape, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
-            max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True, device=device,
+            max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True, device=device, fp8=fp8,
         )
     except PdlaunchError as exc:
         raise _fail(exc.render().splitlines()) from None
@@ -165,6 +167,7 @@ def kv_transfer(
     num_kv_heads: Annotated[int, typer.Option("--num-kv-heads", help="KV heads (Llama-3-8B: 8).")] = 8,
     head_dim: Annotated[int, typer.Option("--head-dim", help="Head size (Llama-3-8B: 128).")] = 128,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto (= --dtype) | fp8.")] = "auto",
     block_size: Annotated[int, typer.Option("--block-size", help="Tokens per KV block.")] = 16,
     device: Annotated[str, typer.Option("--device", help="Prefill side: auto | cpu | cuda | cuda:N.")] = "auto",
     decode_device: Annotated[
@@ -197,6 +200,7 @@ def kv_transfer(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, block_size=block_size,
             num_tokens_list=num_tokens or [1024, 8192], modes=modes, device=resolve_device(device),
             decode_device=decode_device, iterations=iterations, timeout=timeout, connector=connector,
+            kv_cache_dtype=kv_cache_dtype,
         )]
     except PdlaunchError as exc:
         raise _fail(exc.render().splitlines()) from None

@@ -25,6 +25,7 @@ import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
+from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +62,22 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     if dev.type == "cuda":
         platform.set_device(dev.index or 0)
     dtype = _DTYPES[shape["dtype"]]
+    cache_dtype = resolve_kv_cache_dtype(shape["kv_cache_dtype"], dtype)
     from pdlaunch.memory.cumem import memory_pool_context
 
     # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; in a CuMem pool like the engine's
     # KV cache under --enable-cumem-allocator when asked.
     with memory_pool_context(shape["cumem"], "kv_cache"):
         cache = torch.empty((shape["num_blocks"], shape["num_layers"], 2, shape["block_size"],
-                             shape["num_kv_heads"], shape["head_dim"]), dtype=dtype, device=dev)
+                             shape["num_kv_heads"], shape["head_dim"]), dtype=cache_dtype, device=dev)
     if role == "prefill":
-        cache.normal_()
+        cache.copy_(torch.randn(cache.shape, device=dev))  # normal_ has no fp8 kernel
     else:
         cache.zero_()
     spec = KVCacheSpec(kv_caches=[cache], num_blocks=shape["num_blocks"], block_size=shape["block_size"],
                        num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=dtype,
                        group_layers=[list(range(shape["num_layers"]))], group_sliding_window=[None],
-                       model_name="bench-kv")
+                       model_name="bench-kv", kv_cache_dtype=cache_dtype)
     # NixlConnector or MooncakeConnector: push timings and loads use more than the KVConnector interface.
     connector: Any = None
 
@@ -231,22 +233,25 @@ def run_kv_transfer_bench(
     num_layers: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype: str = "bfloat16", block_size: int = 16,
     num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
     device: str = "cpu", decode_device: str | None = None, iterations: int = 5, timeout: float = 60.0,
-    cumem: bool = False, connector: str = "nixl",
+    cumem: bool = False, connector: str = "nixl", kv_cache_dtype: str = "auto",
 ) -> list[dict[str, Any]]:
     """One row per (mode, num_tokens): bytes moved, median seconds, GB/s, raw copy GB/s of the same bytes.
 
     `device` is the prefill device ("cpu", "cuda", "cuda:N"); decode runs on `decode_device`, by default
     the second GPU when there are two (NVLink case), else the same device. `cumem` puts both KV caches
     in CuMem pools, as the engine does with --enable-cumem-allocator. `connector`: nixl or mooncake.
+    `kv_cache_dtype`: auto (= dtype) or fp8 (e4m3 blocks: half of bf16's bytes).
     """
     if dtype not in _DTYPES:
         raise KVTransferError(f"unknown dtype {dtype!r}", field="dtype", hint=f"one of {', '.join(_DTYPES)}")
+    cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, _DTYPES[dtype])
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
     shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
                  block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem, connector=connector,
+                 kv_cache_dtype=kv_cache_dtype,
                  secret=secrets.token_hex(32))  # both sides sign side-channel messages with it, as a deployment does
-    block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * _DTYPES[dtype].itemsize
+    block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * cache_dtype.itemsize
     rows: list[dict[str, Any]] = []
     prefill = _Side("prefill", shape, prefill_device)
     decode = None

@@ -5,7 +5,10 @@ Shapes (`SHAPES`): `llama3-8b` (meta-llama/Meta-Llama-3-8B, llama3 rope scaling)
 names). Same tensor names, shapes and config as the real model, so speed figures are its own; the
 weights are random (std 0.02, norms 1) and the tokenizer is the demo model's byte-level BPE padded to
 the full vocabulary, so the text is noise.
-Written shard by shard: at most one shard (`max_shard_bytes`) is in memory at a time.
+Written shard by shard: at most one shard (`max_shard_bytes`) is in memory at a time. With `fp8`
+the linear layers' weights (experts' too) are quantized where they are drawn and saved as FP8: `block`
+as a 128x128-block `quant_method: fp8` checkpoint (weight_scale_inv), `channel` as a compressed-tensors
+FP8-Dynamic one (weight_scale per output channel).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from safetensors.torch import save_file
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory.platform import resolve_device
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config
+from pdlaunch.model.quant import fp8 as fp8_math
 
 LLAMA3_8B: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -147,14 +151,40 @@ def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
     return shards
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float,
-                   device: str) -> torch.Tensor:
-    """On `device` (a GPU draws 8B values in seconds, a CPU core in minutes), returned on the CPU."""
+FP8_FORMATS = ("block", "channel")
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_quant_config(fp8: str) -> dict[str, Any]:
+    """config.json's quantization_config for `bench make-checkpoint --fp8 block|channel`."""
+    if fp8 == "block":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
+    numbers = {"num_bits": 8, "type": "float", "symmetric": True}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"],
+                                          "weights": {**numbers, "strategy": "channel", "dynamic": False},
+                                          "input_activations": {**numbers, "strategy": "token", "dynamic": True}}}}
+
+
+def _random_tensors(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, std: float,
+                    device: str, fp8: str | None = None) -> dict[str, torch.Tensor]:
+    """`name` -> values drawn on `device` (a GPU draws 8B values in seconds, a CPU core in minutes), returned
+    on the CPU; with `fp8`, a linear weight comes back as e4m3 with its scale tensor."""
     if name.endswith("norm.weight"):
-        return torch.ones(shape, dtype=dtype)
+        return {name: torch.ones(shape, dtype=dtype)}
     # Seeded per tensor name: a tensor's values depend on seed and device, not on the shard plan.
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen).cpu()
+    values = torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
+    module = name.removesuffix(".weight")
+    if fp8 is None or module.rsplit(".", 1)[-1] not in _LINEARS:
+        return {name: values.cpu()}
+    if fp8 == "block":
+        q, scale = fp8_math.quantize_block(values)
+        return {name: q.cpu(), f"{module}.weight_scale_inv": scale.cpu()}
+    q, scale = fp8_math.quantize_per_channel(values)
+    return {name: q.cpu(), f"{module}.weight_scale": scale.unsqueeze(1).cpu()}
 
 
 def write_tokenizer(out_dir: Path, vocab_size: int, model_max_length: int) -> None:
@@ -205,6 +235,7 @@ def make_shaped_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     device: str = "cpu",
+    fp8: str | None = None,
 ) -> Path:
     """Write config.json, generation_config.json, tokenizer files and sharded safetensors with
     model.safetensors.index.json. `overrides` changes config keys (e.g. a tiny hidden_size for tests).
@@ -216,6 +247,8 @@ def make_shaped_checkpoint(
                             hint="auto, cpu, or cuda[:N] on a machine with a CUDA device")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PdlaunchError(f"{out} is not empty", field="out_dir", hint="pick an empty folder or pass --overwrite")
+    if fp8 is not None and fp8 not in FP8_FORMATS:
+        raise PdlaunchError(f"unknown FP8 format {fp8!r}", field="--fp8", hint=f"one of {', '.join(FP8_FORMATS)}")
     if shape not in SHAPES:
         raise PdlaunchError(f"unknown shape {shape!r}", field="--shape", hint=f"one of {', '.join(SHAPES)}")
     base = SHAPES[shape]
@@ -238,9 +271,10 @@ def make_shaped_checkpoint(
     for k, shard in enumerate(shards, start=1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         std = cfg["initializer_range"]
-        tensors = {name: _random_tensor(name, shape, dtype, seed, std, device) for name, shape in shard}
+        tensors = {key: t for name, shape in shard
+                   for key, t in _random_tensors(name, shape, dtype, seed, std, device, fp8).items()}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        total += sum(t.numel() * itemsize for t in tensors.values())
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, fname))
         del tensors
         if progress:
@@ -248,6 +282,8 @@ def make_shaped_checkpoint(
 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if fp8 is not None:
+        cfg["quantization_config"] = fp8_quant_config(fp8)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
     write_tokenizer(out, cfg["vocab_size"], cfg["max_position_embeddings"])

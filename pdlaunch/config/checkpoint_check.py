@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from pdlaunch.model.arch import ModelArch
+    from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.weight_files import TensorHeader
 
 # safetensors dtype names -> torch attribute names (an unknown one is reported, not guessed)
@@ -34,8 +35,9 @@ def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem
     return problem(field, exc.message + where, exc.hint or "use a complete checkpoint that matches its config.json")
 
 
-def checkpoint_problems(model_path: str) -> list[Problem]:
-    """What serve would fail on when it opens this checkpoint directory or GGUF file (the demo is built by us)."""
+def checkpoint_problems(model_path: str, quantization: str | None = None) -> list[Problem]:
+    """What serve would fail on when it opens this checkpoint directory or GGUF file (the demo is built by us).
+    FP8 checkpoints: the quantization_config is supported and every scale tensor has its weight's shape."""
     if model_path in ("demo", "tiny"):
         return []
     if model_path.lower().endswith(".gguf"):
@@ -43,6 +45,7 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
     directory = Path(os.path.expanduser(model_path))
     from pdlaunch.model import loader  # lazy: imports torch
     from pdlaunch.model.arch import load_arch
+    from pdlaunch.model.quant.config import load_quant_config
 
     problems: list[Problem] = []
     tokenizer = None
@@ -52,13 +55,14 @@ def checkpoint_problems(model_path: str) -> list[Problem]:
         problems.append(as_problem(exc))
     try:
         arch = load_arch(directory)
+        quant = load_quant_config(directory, quantization)
     except PdlaunchError as exc:
         return problems + [as_problem(exc)]
     if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
         # A token id past the embedding table would fail the request that produced it, at run time.
         problems.append(problem("model.path", f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
                                 f"vocab_size is {arch.vocab_size}", "use the tokenizer that belongs to these weights"))
-    return problems + weight_problems(directory, arch)
+    return problems + weight_problems(directory, arch, quant)
 
 
 def gguf_file_problems(path: Path) -> list[Problem]:
@@ -99,7 +103,7 @@ def _headers(directory: Path) -> tuple[list[TensorHeader], list[Problem]]:
     return headers, problems
 
 
-def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
+def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None = None) -> list[Problem]:
     """Files readable, headers valid, every needed tensor present with the loader's shape and a float dtype."""
     import torch
 
@@ -108,22 +112,30 @@ def weight_problems(directory: Path, arch: ModelArch) -> list[Problem]:
     headers, problems = _headers(directory)
     if problems:
         return problems  # tensors of an unreadable file cannot be checked
-    params = dict(loader.meta_model(arch, torch.float32).named_parameters())
+    try:
+        params = dict(loader.meta_model(arch, torch.float32, quant=quant).named_parameters())
+    except PdlaunchError as exc:
+        return [as_problem(exc)]
     seen: set[str] = set()
     found: list[Problem] = []
+    experts = loader.expert_dequantizer(arch, quant)
     for header in headers:
         dtype = _torch_dtype(header.dtype)
         if dtype is None:
             found.append(problem("model.path", f"tensor {header.name!r} in {header.file.name} has dtype "
                                  f"{header.dtype}, which pdlaunch cannot load", "use float32, bfloat16 or float16 "
-                                 "weights; quantized checkpoints are not supported"))
+                                 "weights, or FP8 (e4m3) ones with a quantization_config"))
             continue
         try:
             meta = torch.empty(header.shape, dtype=dtype, device="meta")
-            if loader.load_tensor(params, arch, header.name, meta, header.file):
-                seen.add(header.name)
+            for name, tensor in experts.feed(header.name, meta) if experts is not None else [(header.name, meta)]:
+                if loader.load_tensor(params, arch, name, tensor, header.file):
+                    seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))
+    unpaired = experts.check_complete() if experts is not None else None
+    if unpaired is not None:
+        found.append(as_problem(unpaired))
     missing = loader.missing_tensors(params, seen, arch)
     if missing is not None:
         found.append(as_problem(missing))

@@ -13,6 +13,7 @@ log_dir: logs           # one log file per instance
 model:
   path: demo            # HF checkpoint directory, FILE.gguf, `demo` (SmolLM2-135M-Instruct) or `tiny`
   dtype: auto           # auto | float32 | bfloat16 | float16 (auto: bfloat16 on CUDA, float32 on CPU)
+  # quantization: fp8   # FP8 weights quantized at load (FP8 checkpoints are detected without it)
   max_model_len: 512    # longest prompt + output, tokens; at most the model's max_position_embeddings
   seed: 0
   enable_sleep_mode: false       # /sleep and /wake_up; turns enable_cumem_allocator on (CUDA only)
@@ -22,6 +23,7 @@ cache:
   block_size: 16                 # tokens per KV block: 8, 16, 32, 64 or 128
   gpu_memory_utilization: 0.9    # fraction of each GPU an instance may use
   enable_prefix_caching: true
+  kv_cache_dtype: auto           # auto (the model dtype) | fp8 (e4m3: half of bf16's KV bytes)
   kv_offload_gb: 0               # CPU tier for offloaded KV blocks, GiB (0 = off)
   cpu_kv_cache_gb: 1.0           # KV cache budget per instance when running on CPU, GiB
 

@@ -94,6 +94,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "Prepare the next step while the device runs this one (default on; off for debugging).",
          spelling="--async-scheduling/--no-async-scheduling"),
     Flag("dtype", str | None, "model.dtype", "auto | float32 | bfloat16 | float16."),
+    Flag("quantization", str | None, "model.quantization", "fp8: quantize the weights to FP8 at load (per channel)."),
+    Flag("kv_cache_dtype", str | None, "cache.kv_cache_dtype", "auto | fp8 (e4m3 KV cache, half of bf16's bytes)."),
     Flag("gpu_memory_utilization", float | None, "cache.gpu_memory_utilization",
          "Fraction of GPU memory an instance may use."),
     Flag("enable_cumem_allocator", bool, "model.enable_cumem_allocator", "Weights and KV cache in CuMem pools."),

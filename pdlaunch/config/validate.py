@@ -20,6 +20,7 @@ from pdlaunch.config.log_dir import log_dir_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.quant_rules import fp8_tp_problems
 from pdlaunch.config.security_rules import secret_problems
 from pdlaunch.memory import platform
 
@@ -197,7 +198,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     info, model_problems = model_info_for(out)
     problems += model_problems
     if info is not None:  # config.json parsed: now open what serve opens (tokenizer, weight headers)
-        problems += checkpoint_problems(out.model.path)
+        problems += checkpoint_problems(out.model.path, out.model.quantization)
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
     problems += rules.role_problems(out)
@@ -206,6 +207,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += rules.cache_problems(out, info)
     if info is not None:
         problems += rules.tp_problems(out, info)
+        problems += fp8_tp_problems(out)
     problems += resources.port_problems(out, visible_gpus(device, target) if device == "cuda" else 0)
     problems += secret_problems(out, os.environ)
     if target is None:  # another host's addresses and directories cannot be checked from here

@@ -75,7 +75,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         device = rank_device(device_type, instance, rank)
         if device.type == "cuda":
             set_device(device.index or 0)
-        checkpoint = load_checkpoint(config.model.path)
+        checkpoint = load_checkpoint(config.model.path, config.model.quantization)
         dtype = resolve_dtype(dtype_name, device)
         state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port, store)
         if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:

@@ -46,7 +46,7 @@ from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_pu
 from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device, to_device_async
 from pdlaunch.memory.sleep import SleepResult, WakeResult
-from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+from pdlaunch.model.loader import load_checkpoint, resolve_dtype, weight_dtype_name
 from pdlaunch.offload.manager import OffloadManager
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         torch.manual_seed(config.model.seed)
 
-        self.checkpoint = load_checkpoint(config.model.path)
+        self.checkpoint = load_checkpoint(config.model.path, config.model.quantization)
         self.tokenizer = self.checkpoint.tokenizer
         if config.model.chat_template is not None:
             self.tokenizer.override_chat_template(config.model.chat_template)
@@ -106,9 +106,14 @@ class LLMEngine:
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
+        # /info and pdlaunch_model_dtypes_info: e.g. "fp8 block 128x128 (checkpoint)" and "float8_e4m3fn".
+        self.weight_dtype = weight_dtype_name(self.checkpoint, self.dtype, self.device)
+        self.kv_cache_dtype = str(self.runner.kv_dtype).removeprefix("torch.")
+        metrics.MODEL_DTYPES.info({"weight_dtype": self.weight_dtype, "kv_cache_dtype": self.kv_cache_dtype})
         cache = config.cache
         metrics.engine_info(self.max_model_len, {
-            "block_size": self.block_size, "cache_dtype": "auto", "enable_prefix_caching": cache.enable_prefix_caching,
+            "block_size": self.block_size, "cache_dtype": cache.kv_cache_dtype,
+            "enable_prefix_caching": cache.enable_prefix_caching,
             "gpu_memory_utilization": cache.gpu_memory_utilization, "num_gpu_blocks": self.block_manager.num_blocks,
             "num_gpu_blocks_override": cache.num_gpu_blocks, "kv_offload_gb": cache.kv_offload_gb})
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",

@@ -61,6 +61,8 @@ class KVCacheSpec:
     model_name: str  # architecture + a hash of the config, for the compatibility check
     tp_size: int = 1
     tp_rank: int = 0
+    kv_cache_dtype: torch.dtype | None = None  # the cache tensors' dtype (None: `dtype`); fp8 = float8_e4m3fn
+    kv_scales: str = ""  # digest of every layer's (k_scale, v_scale) when the cache is fp8
 
     @property
     def device(self) -> torch.device:

@@ -24,6 +24,8 @@ _COMPAT_FIELDS: dict[str, tuple[str, str]] = {
     "kv_layout": ("kv_layout", "run the same pdlaunch version on both instances"),
     "model_name": ("model.path", "serve the same checkpoint (--model) on prefill and decode"),
     "dtype": ("model.dtype", "use the same --dtype on prefill and decode"),
+    "kv_cache_dtype": ("cache.kv_cache_dtype", "use the same --kv-cache-dtype on prefill and decode"),
+    "kv_scales": ("model.path", "serve the same checkpoint (its k_scale/v_scale tensors) on prefill and decode"),
     "block_size": ("cache.block_size", "use the same --block-size on prefill and decode"),
     "num_kv_heads": ("parallel.tp", "serve the same model with the same TP size on prefill and decode"),
     "head_dim": ("model.path", "serve the same checkpoint (--model) on prefill and decode"),
@@ -62,6 +64,8 @@ class HandshakeInfo(BaseModel):
     device: DeviceInfo
     compat_hash: str
     staging_slots: int = 0  # > 0: base_addrs are a staging buffer of this many slots (staging.py)
+    kv_cache_dtype: str = ""  # the cache tensors' dtype, e.g. float8_e4m3fn
+    kv_scales: str = ""  # digest of the per-layer FP8 KV scales ("" unless the cache is fp8)
 
 
 def compat_fields(spec: KVCacheSpec) -> dict[str, object]:
@@ -69,6 +73,8 @@ def compat_fields(spec: KVCacheSpec) -> dict[str, object]:
         "kv_layout": KV_LAYOUT,
         "model_name": spec.model_name,
         "dtype": str(spec.dtype).removeprefix("torch."),
+        "kv_cache_dtype": str(spec.kv_cache_dtype or spec.dtype).removeprefix("torch."),
+        "kv_scales": spec.kv_scales,
         "block_size": spec.block_size,
         "num_kv_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
@@ -114,6 +120,7 @@ def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str
     if not reshard and compat_hash(mine) == remote.compat_hash:
         return
     theirs = {name: getattr(remote, name) for name in mine}
+    theirs["kv_cache_dtype"] = remote.kv_cache_dtype or remote.dtype  # "" = the model dtype
     for name, (config_key, hint) in _COMPAT_FIELDS.items():
         if reshard and name in _RESHARDED_FIELDS:
             continue

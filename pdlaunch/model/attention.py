@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import fused_available, write_kv
+from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.triton_decode import paged_decode, paged_decode_available
 
 
@@ -168,41 +169,49 @@ def graph_safe(kv_cache: torch.Tensor) -> bool:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-                    layer_in_group: int, plan: GroupPlan, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache."""
+                    layer_in_group: int, plan: GroupPlan, scale: float,
+                    kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache.
+
+    kv_scales: this layer's (k_scale, v_scale), applied when the cache is fp8 (model/quant/kv_cache.py).
+    Every query sees keys and values as the cache holds them (fp8-rounded and rescaled when it is fp8)."""
+    k_scale, v_scale = kv_scales
     flat = None
     if kv_cache is not None:
         if not kv_cache.is_contiguous():
             raise ValueError("the KV cache tensor must be contiguous (block-major layout)")
         flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
     if kv_cache is not None and plan.write_slots is not None:
-        write_kv(kv_cache, k, v, plan.write_slots, layer_in_group)
+        write_kv(kv_cache, k, v, plan.write_slots, layer_in_group, kv_scales)
     elif kv_cache is not None:
         assert flat is not None and plan.write_rows is not None
         k_rows = plan.write_rows + plan.layer_offset(layer_in_group, 0)
         v_rows = plan.write_rows + plan.layer_offset(layer_in_group, 1)
         new_k = k if plan.write_tokens is None else k[plan.write_tokens]
         new_v = v if plan.write_tokens is None else v[plan.write_tokens]
-        flat.index_copy_(0, k_rows, new_k.to(flat.dtype))
-        flat.index_copy_(0, v_rows, new_v.to(flat.dtype))
+        fp8_kv.write_rows(flat, k_rows, new_k, k_scale)
+        fp8_kv.write_rows(flat, v_rows, new_v, v_scale)
 
     if plan.decode_only:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
         assert plan.decode_block_table is not None
         return paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
-                            plan.decode_seq_lens, plan.sliding_window, scale)
+                            plan.decode_seq_lens, plan.sliding_window, scale, kv_scales=kv_scales)
     out = torch.empty_like(q)
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
         if seq.rows is None:
-            ks = k[seq.q_start:seq.q_end]
-            vs = v[seq.q_start:seq.q_end]
+            # A fresh prefill attends to its new k/v as the cache holds them (fp8-rounded when the cache
+            # is fp8), so it sees what a decode or a PD peer continuing from the cache sees.
+            cache_dtype = flat.dtype if flat is not None else q.dtype
+            ks = fp8_kv.round_trip(k[seq.q_start:seq.q_end], k_scale, cache_dtype)
+            vs = fp8_kv.round_trip(v[seq.q_start:seq.q_end], v_scale, cache_dtype)
         else:
             assert flat is not None
-            ks = flat[seq.rows + plan.layer_offset(layer_in_group, 0)]
-            vs = flat[seq.rows + plan.layer_offset(layer_in_group, 1)]
-        ks = ks.transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, K, D]
-        vs = vs.transpose(0, 1).unsqueeze(0).to(q.dtype)
+            ks = fp8_kv.load(flat[seq.rows + plan.layer_offset(layer_in_group, 0)], k_scale, q.dtype)
+            vs = fp8_kv.load(flat[seq.rows + plan.layer_offset(layer_in_group, 1)], v_scale, q.dtype)
+        ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]
+        vs = vs.transpose(0, 1).unsqueeze(0)
         causal = seq.rows is None and seq.mask is None
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask, is_causal=causal,
                                            scale=scale, enable_gqa=True)
@@ -212,12 +221,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
         out[plan.decode_tokens] = paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens,
                                                plan.decode_block_table, plan.decode_seq_lens,
-                                               plan.sliding_window, scale)
+                                               plan.sliding_window, scale, kv_scales=kv_scales)
     elif plan.decode_tokens is not None:
         assert flat is not None and plan.decode_rows is not None
         qd = q[plan.decode_tokens].unsqueeze(2)  # [Sd, Hq, 1, D]
-        kd = flat[plan.decode_rows + plan.layer_offset(layer_in_group, 0)].transpose(1, 2).to(q.dtype)
-        vd = flat[plan.decode_rows + plan.layer_offset(layer_in_group, 1)].transpose(1, 2).to(q.dtype)
+        kd = fp8_kv.load(flat[plan.decode_rows + plan.layer_offset(layer_in_group, 0)], k_scale, q.dtype)
+        vd = fp8_kv.load(flat[plan.decode_rows + plan.layer_offset(layer_in_group, 1)], v_scale, q.dtype)
+        kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
         out[plan.decode_tokens] = o.squeeze(2)
     return out

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.triton_decode import triton_importable
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 
 
 def _interpret_mode() -> bool:
@@ -135,8 +136,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
     @triton.jit
     def write_kv_kernel(cache_ptr, k_ptr, v_ptr, slot_ptr, num_kv_heads, block_size, block_stride, layer_offset,
-                        sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
-                        D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr):
+                        sk_t, sk_h, sk_d, sv_t, sv_h, sv_d, k_scale, v_scale,
+                        D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr):
         # One program per token; the cache plane [block_size, Hkv, D] of (block, layer, k|v) is contiguous.
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -148,8 +149,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         dst = cache_ptr + row + heads[:, None] * D + d[None, :]
         dtype = cache_ptr.dtype.element_ty
         k = tl.load(k_ptr + t * sk_t + heads[:, None] * sk_h + d[None, :] * sk_d, mask=mask)
-        tl.store(dst, k.to(dtype), mask=mask)
         v = tl.load(v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :] * sv_d, mask=mask)
+        if FP8:  # fp8 cache: store x / scale saturated to +-448 (model/quant/kv_cache.py)
+            k = tl.clamp(k.to(tl.float32) / k_scale, -448.0, 448.0)
+            v = tl.clamp(v.to(tl.float32) / v_scale, -448.0, 448.0)
+        tl.store(dst, k.to(dtype), mask=mask)
         tl.store(dst + plane, v.to(dtype), mask=mask)
 
     return SimpleNamespace(rms_norm=rms_norm_kernel, rotary=rotary_kernel, rotate_heads=rotate_heads,
@@ -211,13 +215,13 @@ def _kv_rows(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layer_in_group:
 
 
 def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                   layer_in_group: int) -> None:
+                   layer_in_group: int, kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
     """In place: k, v [T, Hkv, D] into their slots of kv_cache; slots < 0 are skipped (host sync)."""
     flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
     tokens = (slot_mapping >= 0).nonzero().squeeze(-1)
     rows = _kv_rows(kv_cache, slot_mapping, layer_in_group)[tokens]
-    flat.index_copy_(0, rows, k[tokens].to(flat.dtype))
-    flat.index_copy_(0, rows + kv_cache.shape[3], v[tokens].to(flat.dtype))
+    fp8_kv.write_rows(flat, rows, k[tokens], kv_scales[0])
+    fp8_kv.write_rows(flat, rows + kv_cache.shape[3], v[tokens], kv_scales[1])
 
 
 # ---- public ops --------------------------------------------------------------------------------
@@ -300,9 +304,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-             layer_in_group: int) -> None:
+             layer_in_group: int, kv_scales: tuple[float, float] = (1.0, 1.0)) -> None:
     """In place. kv_cache: [num_blocks, layers_in_group, 2, block_size, Hkv, D] contiguous;
-    k, v: [T, Hkv, D] (strided views allowed); slot_mapping: [T] int, slot < 0 = skip the token."""
+    k, v: [T, Hkv, D] (strided views allowed); slot_mapping: [T] int, slot < 0 = skip the token.
+    kv_scales: (k_scale, v_scale) of an fp8 cache (ignored for other dtypes)."""
     _check(kv_cache.is_contiguous(), "kv_cache", "the KV cache tensor must be contiguous",
            "allocate it block-major as in pdlaunch/model/attention_metadata.py")
     _, layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
@@ -312,12 +317,13 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
            f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit slots {tuple(slot_mapping.shape)} and cache "
            f"heads [{num_kv_heads}, {head_dim}]", "k and v are [T, num_kv_heads, head_dim], one slot per token")
     if not fused_available(kv_cache):
-        write_kv_torch(kv_cache, k, v, slot_mapping, layer_in_group)
+        write_kv_torch(kv_cache, k, v, slot_mapping, layer_in_group, kv_scales)
         return
     kernels = _kernels(_interpret_mode())
     npow2 = kernels.next_power_of_2
     plane = block_size * num_kv_heads * head_dim  # elements of one (block, layer, k|v) slice
     kernels.write_kv[(slot_mapping.shape[0],)](
         kv_cache, k, v, slot_mapping, num_kv_heads, block_size, layers * 2 * plane, 2 * layer_in_group * plane,
-        *k.stride(), *v.stride(), D=head_dim, D_PAD=npow2(head_dim), H_PAD=npow2(num_kv_heads),
+        *k.stride(), *v.stride(), *kv_scales, D=head_dim, D_PAD=npow2(head_dim), H_PAD=npow2(num_kv_heads),
+        FP8=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=_num_warps(npow2(num_kv_heads) * head_dim), enable_fp_fusion=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -47,12 +47,30 @@ def _per_rank(size: int, tp_size: int, what: str) -> int:
     return size // tp_size
 
 
+class LinearMethod(Protocol):
+    """How a quantized linear layer multiplies (model/quant/linear.py): y = x W^T (+ bias)."""
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+def _matmul(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    method: LinearMethod | None = getattr(layer, "quant_method", None)
+    return F.linear(x, weight, bias) if method is None else method.apply(layer, x, bias)
+
+
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split along the output dim: this rank holds out/tp rows."""
+    """y = x W^T + b with W split along the output dim: this rank holds out/tp rows.
+
+    `row_shard(shard_id)` says which rows of the checkpoint tensor land where, so that per-row or
+    per-block tensors that follow the weight (FP8 scales) are sharded the same way."""
+
+    quant_method: LinearMethod | None = None  # set by model/quant/linear.py for FP8 weights
+    SHARD_KIND = "column"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features = in_features
         rows = _per_rank(out_features, tp_size, "output")
         self.weight = nn.Parameter(torch.empty(rows, in_features), requires_grad=False)
         _set_loader(self.weight, self.weight_loader)
@@ -61,13 +79,22 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(rows), requires_grad=False)
             _set_loader(self.bias, self.weight_loader)
 
+    def row_shard(self, shard_id: Any = None) -> tuple[int, int, int, int]:
+        """(checkpoint rows, first row taken, rows taken, first row in this rank's weight)."""
+        size = self.weight.shape[0]
+        return size * self.tp_size, self.tp_rank * size, size, 0
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        size = param.shape[0]
-        _check_full(loaded, (size * self.tp_size, *param.shape[1:]), "column-parallel weight")
-        _copy_checked(param, loaded.narrow(0, self.tp_rank * size, size), "column-parallel weight")
+        full, src, size, dest = self.row_shard(shard_id)
+        what = self.shard_label(shard_id)
+        _check_full(loaded, (full, *param.shape[1:]), what)
+        _copy_checked(param.data.narrow(0, dest, size), loaded.narrow(0, src, size), what)
+
+    def shard_label(self, shard_id: Any = None) -> str:
+        return "column-parallel weight" if shard_id is None else f"{self.SHARD_KIND} shard {shard_id}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return _matmul(self, x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -77,21 +104,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     the concatenation of its shard of every projection.
     """
 
+    SHARD_KIND = "merged"
+
     def __init__(
         self, in_features: int, output_sizes: list[int], bias: bool, tp_rank: int = 0, tp_size: int = 1
     ) -> None:
         super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
         self.output_sizes = output_sizes
 
-    def _shard_range(self, shard_id: int) -> tuple[int, int]:
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        return offset, self.output_sizes[shard_id] // self.tp_size
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        offset, size = self._shard_range(int(shard_id))
-        _check_full(loaded, (self.output_sizes[int(shard_id)], *param.shape[1:]), f"merged shard {shard_id}")
-        dest = param.data.narrow(0, offset, size)
-        _copy_checked(dest, loaded.narrow(0, self.tp_rank * size, size), f"merged shard {shard_id}")
+    def row_shard(self, shard_id: Any = None) -> tuple[int, int, int, int]:
+        index = int(shard_id)
+        size = self.output_sizes[index] // self.tp_size
+        return self.output_sizes[index], self.tp_rank * size, size, sum(self.output_sizes[:index]) // self.tp_size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -101,6 +125,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     each KV head is replicated on tp / num_kv_heads consecutive ranks (rank r holds KV head
     r * num_kv_heads // tp), so every rank keeps the KV head its query heads attend to.
     """
+
+    SHARD_KIND = "qkv"
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  tp_rank: int = 0, tp_size: int = 1) -> None:
@@ -114,20 +140,22 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden, per_rank * tp_size, bias, tp_rank, tp_size)
         self.full_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def row_shard(self, shard_id: Any = None) -> tuple[int, int, int, int]:
         q, kv = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
-        offset, size, src = {"q": (0, q, self.tp_rank * q), "k": (q, kv, self.kv_head_start * self.head_dim),
-                             "v": (q + kv, kv, self.kv_head_start * self.head_dim)}[shard_id]
-        _check_full(loaded, (self.full_sizes[shard_id], *param.shape[1:]), f"qkv shard {shard_id}")
-        _copy_checked(param.data.narrow(0, offset, size), loaded.narrow(0, src, size), f"qkv shard {shard_id}")
+        dest, size, src = {"q": (0, q, self.tp_rank * q), "k": (q, kv, self.kv_head_start * self.head_dim),
+                           "v": (q + kv, kv, self.kv_head_start * self.head_dim)}[shard_id]
+        return self.full_sizes[shard_id], src, size, dest
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T + b with W split along the input dim; partial sums are all-reduced across ranks."""
 
+    quant_method: LinearMethod | None = None  # set by model/quant/linear.py for FP8 weights
+
     def __init__(self, in_features: int, out_features: int, bias: bool, tp_rank: int = 0, tp_size: int = 1) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(out_features, _per_rank(in_features, tp_size, "input")),
                                    requires_grad=False)
         _set_loader(self.weight, self.weight_loader)
@@ -136,14 +164,19 @@ class RowParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             _set_loader(self.bias, default_weight_loader)
 
+    def col_shard(self) -> tuple[int, int]:
+        """(first checkpoint column taken, columns taken) of this rank."""
+        size = self.weight.shape[1]
+        return self.tp_rank * size, size
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        size = param.shape[1]
+        src, size = self.col_shard()
         _check_full(loaded, (param.shape[0], size * self.tp_size), "row-parallel weight")
-        _copy_checked(param, loaded.narrow(1, self.tp_rank * size, size), "row-parallel weight")
+        _copy_checked(param, loaded.narrow(1, src, size), "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
-        y = F.linear(x, self.weight)
+        y = _matmul(self, x, self.weight, None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y + self.bias if self.bias is not None else y

@@ -25,6 +25,7 @@ from pdlaunch.model.layers import (
     VocabParallelEmbedding,
 )
 from pdlaunch.model.moe.block import SparseMoeBlock
+from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
 
@@ -59,6 +60,10 @@ class Attention(nn.Module):
             self.k_norm = ShardedRMSNorm(arch.num_kv_heads * arch.head_dim, kv_width,
                                          self.qkv_proj.kv_head_start * arch.head_dim, arch.rms_norm_eps,
                                          tp_size, replicas=max(1, tp_size // arch.num_kv_heads))
+        # FP8 KV cache scales (model/quant/kv_cache.py): optional checkpoint tensors, 1.0 without them;
+        # read into plain floats once loaded (kernels and CUDA graphs take them as constants).
+        self.k_scale, self.v_scale = kv_scale_parameter(), kv_scale_parameter()
+        self.kv_scales = (1.0, 1.0)
 
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
                 plan: GroupPlan) -> torch.Tensor:
@@ -76,7 +81,7 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
         q, k = self.rotary_emb.rotate(q, k, *cos_sin)
-        o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale)  # [T, Hq, D]
+        o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales)  # [T, Hq, D]
         out: torch.Tensor = self.o_proj(o.reshape(t, q_size))
         return out
 
@@ -158,6 +163,16 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, tp_rank, tp_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def finish_kv_scales(self) -> None:
+        """Read every layer's loaded k/v scale into floats (after the checkpoint is loaded)."""
+        for layer in self.model.decoder_layers:
+            attn = layer.self_attn
+            attn.kv_scales = (float(attn.k_scale), float(attn.v_scale))
+
+    def kv_scales(self) -> list[tuple[float, float]]:
+        """Per layer (k_scale, v_scale) that the FP8 KV cache applies."""
+        return [layer.self_attn.kv_scales for layer in self.model.decoder_layers]
 
     def layer_kv_group(self, layer: int) -> tuple[int, int]:
         """(KV cache group index, index of the layer inside its group) for `layer`."""

@@ -25,6 +25,10 @@ from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
 from pdlaunch.model.layers import default_weight_loader
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
+from pdlaunch.model.quant.config import QuantConfig, load_quant_config
+from pdlaunch.model.quant.experts import ExpertDequantizer
+from pdlaunch.model.quant.fp8 import FP8_DTYPE
+from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 
@@ -41,15 +45,27 @@ class Checkpoint:
     tokenizer: Tokenizer
     path: Path
     name: str  # served model name: "demo", "tiny" or the directory name
+    quant: QuantConfig | None = None  # FP8 weights (config.json or --quantization fp8); None: unquantized
 
 
-def load_checkpoint(path_or_demo: str) -> Checkpoint:
-    """Parse config.json and the tokenizer of a checkpoint directory (or `demo`)."""
+def load_checkpoint(path_or_demo: str, quantization: str | None = None) -> Checkpoint:
+    """Parse config.json and the tokenizer of a checkpoint directory (or `demo`); `quantization`
+    is --quantization (None or "fp8")."""
     path = resolve_model_path(path_or_demo)
     arch = load_arch(path)
+    quant = load_quant_config(path, quantization)
     tokenizer = open_tokenizer(path)
     name = path_or_demo if path_or_demo in BUILT_IN_MODELS else path.resolve().name
-    return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name)
+    return Checkpoint(arch=arch, tokenizer=tokenizer, path=path, name=name, quant=quant)
+
+
+def weight_dtype_name(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> str:
+    """What the weights are stored and computed in, for /info and metrics: e.g. "fp8 block 128x128
+    (checkpoint)", or "... computed in float32" where they were dequantized at load (no FP8 GEMMs)."""
+    name = str(dtype).removeprefix("torch.")
+    if ckpt.quant is None:
+        return name
+    return ckpt.quant.description if fp8_gemm_available(device) else f"{ckpt.quant.description}, computed in {name}"
 
 
 def open_tokenizer(path: Path) -> Tokenizer:
@@ -89,8 +105,11 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                 continue
             if id(param) not in replaced:
                 new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
-                if hasattr(param, "weight_loader"):
-                    new.weight_loader = param.weight_loader  # type: ignore[attr-defined]
+                for attr in ("weight_loader", "default_value"):
+                    if hasattr(param, attr):
+                        setattr(new, attr, getattr(param, attr))
+                if hasattr(param, "default_value"):
+                    new.data.fill_(param.default_value)
                 replaced[id(param)] = new
             setattr(module, name, replaced[id(param)])
     for module in model.modules():
@@ -132,7 +151,9 @@ def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = No
     for ckpt_name, (packed, _) in CausalLM.PACKED_MODULES.items():
         unpack.setdefault(packed, []).append(ckpt_name)
     names: set[str] = set()
-    for pname in params:
+    for pname, param in params.items():
+        if hasattr(param, "default_value"):
+            continue  # optional: a checkpoint may provide it
         experts = expert_checkpoint_names(pname, arch.moe) if arch is not None and arch.moe is not None else None
         if experts is not None:
             names.update(experts)
@@ -147,11 +168,16 @@ def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = No
 
 
 def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: int = 1,
-               expert_parallel: bool = False) -> CausalLM:
-    """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory."""
+               expert_parallel: bool = False, quant: QuantConfig | None = None) -> CausalLM:
+    """The model on the meta device: every parameter's shape, dtype and weight_loader, no memory.
+    `quant`: FP8 linear layers get fp8 weights and float32 scale parameters."""
     with torch.device("meta"):
         model = CausalLM(arch, tp_rank, tp_size, expert_parallel)
-    return model.to(dtype)  # meta: changes dtypes only, allocates nothing
+    model = model.to(dtype)  # meta: changes dtypes only, allocates nothing (KV scales too: one rounding)
+    if quant is not None:
+        with torch.device("meta"):
+            quantize_model(model, quant, CausalLM.PACKED_MODULES)
+    return model
 
 
 def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, tensor: torch.Tensor,
@@ -166,13 +192,23 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     pname, shard = _target(name)
     param = params.get(pname)
     if param is None:
+        scale = name.endswith(("weight_scale_inv", "weight_scale", "input_scale"))
         raise PdlaunchError(f"unexpected tensor {name!r} in {file.name}", field="model.path",
-                            hint=f"the checkpoint does not match its config.json ({arch.architecture})")
+                            hint="an FP8 scale: config.json lacks (or does not match) the quantization_config it "
+                                 "belongs to" if scale else
+                                 f"the checkpoint does not match its config.json ({arch.architecture})")
     if not tensor.is_floating_point():
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
                             "not a float dtype", field="model.path",
-                            hint="pdlaunch loads float32/bfloat16/float16 weights; quantized checkpoints are "
-                                 "not supported")
+                            hint="pdlaunch loads float32/bfloat16/float16 weights and FP8 (e4m3) checkpoints")
+    if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
+        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}",
+                            field="model.path", hint="pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only")
+    if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE):
+        quantized = "has no FP8 quantization_config" if param.dtype != FP8_DTYPE else "quantizes this module"
+        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
+                            f"config.json {quantized}", field="model.path",
+                            hint="the checkpoint does not match its config.json's quantization_config")
     loader = getattr(param, "weight_loader", default_weight_loader)
     try:
         loader(param, tensor, shard)
@@ -194,13 +230,18 @@ def missing_tensors(params: dict[str, nn.Parameter], seen: set[str],
                          hint="the checkpoint is incomplete or does not match its config.json")
 
 
+def expert_dequantizer(arch: ModelArch, quant: QuantConfig | None) -> ExpertDequantizer | None:
+    """FP8 MoE experts are dequantized as they load (model/quant/experts.py); None when there are none."""
+    return ExpertDequantizer(quant) if quant is not None and arch.moe is not None else None
+
+
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> CausalLM:
     """Build the model on the meta device and load the checkpoint's weights in place
     (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py)."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
-    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel)
+    model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel, ckpt.quant)
     _materialize(model, device)
     model.eval()
 
@@ -216,17 +257,25 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
                             TimeRemainingColumn())
         task = progress.add_task(ckpt.name, total=total_bytes)
         progress.start()
+    experts = expert_dequantizer(ckpt.arch, ckpt.quant)
     try:
         with torch.no_grad():
-            for name, tensor, file in _iter_tensors(files):
-                if load_tensor(params, ckpt.arch, name, tensor, file):
-                    seen.add(name)
-                    if progress is not None:
-                        progress.advance(task, tensor.numel() * tensor.element_size())
+            for raw_name, raw, file in _iter_tensors(files):
+                for name, tensor in experts.feed(raw_name, raw) if experts is not None else [(raw_name, raw)]:
+                    if load_tensor(params, ckpt.arch, name, tensor, file):
+                        seen.add(name)
+                if progress is not None:
+                    progress.advance(task, raw.numel() * raw.element_size())
     finally:
         if progress is not None:
             progress.stop()
+    unpaired = experts.check_complete() if experts is not None else None
+    if unpaired is not None:
+        raise unpaired
     missing = missing_tensors(params, seen, ckpt.arch)
     if missing is not None:
         raise missing
+    with torch.no_grad():
+        finish_loading(model, dtype)
+    model.finish_kv_scales()
     return model

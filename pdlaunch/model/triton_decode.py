@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import torch
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in partials and merging than they gain
 
@@ -65,7 +65,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
     @triton.jit
     def paged_decode_kernel(
         q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr,
-        scale, window, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
+        scale, v_scale, window, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
         block_stride, k_offset, v_offset,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
@@ -93,7 +93,9 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         head_ok = g < GROUP
         token = tl.load(tokens_ptr + seq)
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
-        dtype = tl.float32 if DOT_FP32 else cache_ptr.dtype.element_ty
+        # An fp8 cache is read up to q's dtype (exact for e4m3); its k scale is folded into `scale`
+        # and its v scale applied to the accumulator (linear, so partials merge the same).
+        dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
         q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -118,6 +120,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0).to(dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             m = m_new
+        acc = acc * v_scale
         # One range: the output itself (the merge skips this sequence). Several: partials
         # part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted values, max, sum).
         # (Conditions as vector compares: the interpreter rejects masks of a scalar bool broadcast.)
@@ -190,8 +193,12 @@ def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tokens: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, window: int | None,
-                 scale: float, launch: DecodeLaunch | None = None) -> torch.Tensor:
-    """q: [T, Hq, D]; tokens/seq_lens: [Sd]; block_table: [Sd, max_blocks] -> [Sd, Hq, D]."""
+                 scale: float, launch: DecodeLaunch | None = None,
+                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """q: [T, Hq, D]; tokens/seq_lens: [Sd]; block_table: [Sd, max_blocks] -> [Sd, Hq, D].
+    kv_scales: (k_scale, v_scale) of an fp8 cache (ignored for other dtypes)."""
+    if kv_cache.dtype != torch.float8_e4m3fn:
+        kv_scales = (1.0, 1.0)
     import triton
 
     num_blocks, layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
@@ -211,11 +218,12 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     decode_kernel, merge_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part,
-        scale, window or 0, q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
+        scale * kv_scales[0], kv_scales[1], window or 0, q.stride(0), q.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
-        MIN_TILES=launch.min_tiles, PRECISION="ieee" if kv_cache.dtype == torch.float32 or interpret else "tf32",
+        MIN_TILES=launch.min_tiles, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
         DOT_FP32=interpret,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )

@@ -25,6 +25,7 @@ from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
+from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
@@ -62,6 +63,7 @@ class ModelRunner:
         self.checkpoint = checkpoint
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)  # fp8: model/quant/kv_cache.py
         self.cache_config = cache
         self.scheduler_config = scheduler
         self.role = role  # the step token budget depends on it (SchedulerConfig.token_budget)
@@ -91,7 +93,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         """Bytes of one block id across every group (each group has its own tensor)."""
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         per_layer = 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
         return per_layer * sum(len(g.layers) for g in self.groups)
 
@@ -100,9 +102,13 @@ class ModelRunner:
         with memory_pool_context(self.use_cumem, "kv_cache"):
             self.kv_caches = [
                 torch.zeros(self.num_blocks, len(g.layers), 2, self.block_size, self.num_kv_heads, self.head_dim,
-                            dtype=self.dtype, device=self.device)
+                            dtype=self.kv_dtype, device=self.device)
                 for g in self.groups
             ]
+
+    def kv_scales_digest(self) -> str:
+        """Digest of the per-layer FP8 KV scales ("" when the cache is not fp8): P and D must agree."""
+        return scales_digest(self.model.kv_scales()) if self.kv_dtype != self.dtype else ""
 
     def _determine_num_blocks(self, free_at_start: int) -> int:
         if self.cache_config.num_gpu_blocks is not None:

@@ -107,6 +107,8 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "kv_connector": config.kv_transfer.connector if spec.role != "colocated" else None,
             "kv_layout": connector_info.get("kv_layout") or KV_LAYOUT,
             "block_size": config.cache.block_size,
+            "weight_dtype": getattr(engine, "weight_dtype", None),
+            "kv_cache_dtype": getattr(engine, "kv_cache_dtype", None),
             "num_blocks_total": stats.get("num_blocks_total"),
             "num_blocks_used": stats.get("num_blocks_used"),
             "max_model_len": getattr(engine, "max_model_len", None),

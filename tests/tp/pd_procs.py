@@ -29,10 +29,11 @@ class TPEngineProcess(EngineProcess):
             raise
 
 
-def tp_pd_pair(model: Path, prefill_tp: int, decode_tp: int, mode: str = "pull", lease_s: float = 60.0
-               ) -> Iterator[tuple[TPEngineProcess, TPEngineProcess]]:
-    """Yields once: (prefill, decode) engine processes of those TP sizes; both closed afterwards."""
-    config = pd_config(str(model), "nixl", mode)
+def tp_pd_pair(model: Path, prefill_tp: int, decode_tp: int, mode: str = "pull", lease_s: float = 60.0,
+               **overrides: object) -> Iterator[tuple[TPEngineProcess, TPEngineProcess]]:
+    """Yields once: (prefill, decode) engine processes of those TP sizes (`overrides`: config fields, as
+    build_config takes them); both closed afterwards."""
+    config = pd_config(str(model), "nixl", mode, **overrides)
     config.kv_transfer.kv_lease_seconds = lease_s
     prefill = TPEngineProcess(config, InstanceSpec(role="prefill", port=1, tp=prefill_tp,
                                                    engine_id=f"P-tp{prefill_tp}"))

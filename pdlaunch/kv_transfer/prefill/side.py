@@ -107,6 +107,7 @@ class PrefillSide(RoleSide):
             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, group_layers=spec.group_layers,
             model_name=spec.model_name, tp_size=spec.tp_size, tp_rank=spec.tp_rank, device=device_info(spec.device),
             compat_hash=compat_hash(fields), staging_slots=staging.num_slots if staging is not None else 0,
+            kv_cache_dtype=str(fields["kv_cache_dtype"]), kv_scales=spec.kv_scales,
         )
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],

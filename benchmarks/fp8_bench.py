@@ -1,0 +1,207 @@
+"""FP8 on one GPU: GEMM accuracy and speed at Llama-3-8B shapes, and model-level top-1 agreement.
+
+    python benchmarks/fp8_bench.py --json OUT.json [--layers 4] [--skip-model]
+
+1. GEMMs (per linear of the 8B shape: qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
+   down 14336->4096), M = 1 (decode) and 4096 (prefill): bf16 F.linear, FP8 per-channel
+   (`torch._scaled_mm` row-wise) and FP8 128x128-block (Triton, model/quant/kernels.py).
+   Accuracy: ||y - ref|| / ||ref|| against (a) float32 on the same quantized operands (kernel error)
+   and (b) bf16 on the dequantized weight with unquantized activations (what the model sees).
+   Speed: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), summed over 32 layers,
+   with the decode floor = FP8 weight bytes / measured device-to-device copy bandwidth.
+2. Model: `bench make-checkpoint` 8B-shaped checkpoints with `--layers` decoder layers (bf16, fp8 block,
+   fp8 channel, same seed). Teacher-forced top-1 agreement over 8 prompts x 64 tokens that the bf16
+   engine generated: prompt logprobs of prompt + continuation, last 64 positions. FP8 KV: the bf16
+   model with --kv-cache-dtype fp8 and 32-token prefill chunks, so every chunk reads earlier tokens from
+   the fp8 cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LAYERS = 32
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import triton.testing
+
+    src = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * 2 / (ms * 1e-3)
+
+
+def gemms(out: dict[str, Any]) -> None:
+    import triton.testing
+
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import block_fp8_linear, channel_fp8_linear, quantize_rows
+
+    torch.manual_seed(0)
+    acc: dict[str, Any] = {}
+    times: dict[str, dict[str, float]] = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda") * 0.02
+        wb, sb = fp8.quantize_block(w)
+        wc, sc = fp8.quantize_per_channel(w)
+        sc_row = sc.reshape(1, -1).contiguous()
+        wbf = w.bfloat16()
+        for m in (1, 4096):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            # accuracy (fresh inputs per shape)
+            yb = block_fp8_linear(x, wb, sb, torch.bfloat16)
+            xq, xs = fp8.quantize_per_token_group(x)
+            ref_b = (fp8.dequantize(xq, xs.repeat_interleave(128, 1)) @ fp8.dequantize(wb, sb, 128).t())
+            xqc, xsc = quantize_rows(x, None)
+            yc = torch._scaled_mm(xqc, wc.t(), scale_a=xsc, scale_b=sc_row, out_dtype=torch.bfloat16)
+            ref_c = (xqc.float() * xsc) @ (wc.float() * sc.unsqueeze(1)).t()
+            acc[f"{name}/M{m}"] = {
+                "block_kernel": rel(yb, ref_b), "channel_kernel": rel(yc, ref_c),
+                "block_vs_bf16": rel(yb, F.linear(x, fp8.dequantize(wb, sb, 128).bfloat16())),
+                "channel_vs_bf16": rel(yc, F.linear(x, fp8.dequantize(wc, sc).bfloat16())),
+                "bf16_vs_fp32": rel(F.linear(x, wbf), x.float() @ w.t()),
+            }
+            bench = {"bf16": functools.partial(F.linear, x, wbf),
+                     "fp8_channel": functools.partial(channel_fp8_linear, x, wc, sc_row, torch.bfloat16),
+                     "fp8_block": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16)}
+            for kind, fn in bench.items():
+                fn()
+                ms = triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
+                times.setdefault(f"M{m}", {}).setdefault(kind, 0.0)
+                times[f"M{m}"][kind] += ms * LAYERS
+                times[f"M{m}"][f"{kind}/{name}"] = ms
+        del w, wb, wc, wbf
+    out["gemm_rel_error"] = acc
+    out["gemm_ms_32_layers"] = times
+    bw = copy_bandwidth()
+    fp8_bytes = sum(n * k for n, k in SHAPES.values()) * LAYERS  # one byte per weight
+    out["copy_bandwidth_GBps"] = bw / 1e9
+    out["decode_floor_ms_fp8_linears"] = fp8_bytes / bw * 1e3
+    out["decode_floor_ms_bf16_linears"] = 2 * fp8_bytes / bw * 1e3
+
+
+SWEEP = {1: [(16, 16, 2, 4), (16, 16, 4, 6), (16, 32, 4, 4), (16, 32, 2, 6), (16, 64, 4, 4), (16, 128, 4, 3)],
+         4096: [(128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4),
+                (128, 128, 8, 4), (64, 64, 4, 4)]}
+
+
+def sweep(out: dict[str, Any]) -> None:
+    """block_fp8_linear configs (BLOCK_M, BLOCK_N, warps, stages) per shape: decode and prefill medians."""
+    import triton.testing
+
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import block_fp8_linear
+
+    result: dict[str, dict[str, float]] = {}
+    for name, (n, k) in SHAPES.items():
+        wb, sb = fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02)
+        for m, configs in SWEEP.items():
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            for cfg in configs:
+                fn = functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, cfg)
+                try:
+                    fn()
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
+                    ms = float("nan")
+                    print(f"{name} M{m} {cfg}: {exc}", flush=True)
+                result.setdefault(f"M{m}/{name}", {})[str(cfg)] = ms
+    out["block_sweep_ms"] = result
+
+
+def _engine(path: Path, **overrides: Any):  # noqa: ANN202
+    from pdlaunch.engine.llm import LLM
+
+    return LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=512, num_gpu_blocks=512,
+               block_size=16, **overrides)
+
+
+def _top1(llm: Any, seqs: list[list[int]], last: int) -> list[list[int]]:
+    from pdlaunch.engine.outputs import SamplingParams
+
+    engine = llm.engine
+    for i, seq in enumerate(seqs):
+        engine.add_request(f"tf-{i}", seq, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1,
+                                                         ignore_eos=True))
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.prompt_logprobs is not None:
+                got[o.request_id] = [max(p.top, key=p.top.get) if p is not None and p.top else -1
+                                     for p in o.prompt_logprobs]
+    return [got[f"tf-{i}"][-last:] for i in range(len(seqs))]
+
+
+def model(out: dict[str, Any], layers: int, tmp: Path) -> None:
+    from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped
+    from pdlaunch.engine.outputs import SamplingParams
+
+    t0 = time.monotonic()
+    ckpts = {kind: make_llama3_8b_shaped(tmp / kind, num_layers=layers, device="cuda", fp8=fp8)
+             for kind, fp8 in (("bf16", None), ("block", "block"), ("channel", "channel"))}
+    out["checkpoints_s"] = time.monotonic() - t0
+    rng = random.Random(0)
+    prompts = [[rng.randrange(600, 128000) for _ in range(32)] for _ in range(8)]
+    gen = 64
+    bf16 = _engine(ckpts["bf16"])
+    outs = bf16.generate(prompts, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True))
+    bf16.shutdown()
+    seqs = [p + o.token_ids for p, o in zip(prompts, outs)]
+    # Teacher forcing: every engine reads prompt + the bf16 continuation; its top-1 at the 64 positions
+    # that predict the continuation is compared with the bf16 engine's greedy tokens.
+    agreement: dict[str, float] = {}
+    runs = {"bf16_prompt_logprobs": (ckpts["bf16"], {}), "fp8_block": (ckpts["block"], {}),
+            "fp8_channel": (ckpts["channel"], {}),
+            "fp8_kv": (ckpts["bf16"], {"kv_cache_dtype": "fp8", "max_num_batched_tokens": 32}),
+            "bf16_chunked": (ckpts["bf16"], {"max_num_batched_tokens": 32})}
+    for name, (path, overrides) in runs.items():
+        llm = _engine(path, **overrides)
+        got = _top1(llm, seqs, gen)
+        llm.shutdown()
+        pairs = [(a, b) for o, g in zip(outs, got) for a, b in zip(o.token_ids, g)]
+        agreement[name] = sum(a == b for a, b in pairs) / len(pairs)
+    out["top1_agreement_vs_bf16"] = agreement
+    out["model_layers"] = layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--skip-model", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time block GEMM configs first")
+    args = parser.parse_args()
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        if args.sweep:
+            sweep(out)
+            print(json.dumps(out["block_sweep_ms"]), flush=True)
+        gemms(out)
+        print(json.dumps({k: out[k] for k in out if k != "gemm_rel_error"}, indent=1), flush=True)
+        if not args.skip_model:
+            with tempfile.TemporaryDirectory() as tmp:
+                model(out, args.layers, Path(tmp))
+    finally:
+        args.json.write_text(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

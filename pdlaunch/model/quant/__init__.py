@@ -1,0 +1,3 @@
+"""FP8 quantization: checkpoint formats (config.py), FP8 arithmetic (fp8.py), the linear method that
+layers delegate to (linear.py), the Triton kernels (kernels.py), FP8 MoE experts (experts.py) and the
+FP8 KV cache (kv_cache.py)."""

@@ -1,0 +1,145 @@
+"""Which FP8 weight format a checkpoint uses, from config.json's `quantization_config`, or from
+`--quantization fp8` (a bf16/fp16/fp32 checkpoint quantized at load, per output channel).
+
+Supported, all with e4m3 weights and dynamic activation scales:
+- `quant_method: fp8` with `weight_block_size: [128, 128]` (DeepSeek-V3, Qwen3-*-FP8): one float32
+  `weight_scale_inv` per 128x128 block, dequantized = fp8 * scale_inv;
+- `quant_method: compressed-tensors`, `format: float-quantized` (llm-compressor FP8-Dynamic): a
+  `weight_scale` per output channel ([out, 1]) or per tensor, or per 128x128 block;
+- `quant_method: fp8` without a block size (per-tensor `weight_scale`, dynamic activations).
+Anything else (static activation scales, e5m2, other block sizes, int formats) is refused with the
+config.json key that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pdlaunch.errors import PdlaunchError
+
+BLOCK = 128  # the only block edge supported: kernels and TP shard checks assume it
+QUANTIZATION_METHODS = ("fp8",)  # values of --quantization
+Scheme = Literal["block", "channel", "tensor"]
+_FIELD = "config.json:quantization_config"
+
+
+class QuantConfig(BaseModel):
+    """How a checkpoint's linear weights are stored (or are to be quantized at load)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scheme: Scheme
+    source: Literal["checkpoint", "online"]
+    scale_name: str  # checkpoint tensor suffix of the weight scale: weight_scale_inv | weight_scale
+    ignore: tuple[str, ...] = ()  # module names (or `re:` patterns) kept in the model dtype
+    description: str  # for /info and logs, e.g. "fp8 block 128x128 (checkpoint)"
+
+    def skips(self, module: str) -> bool:
+        """True when checkpoint module `module` (e.g. model.layers.0.mlp.down_proj) is not quantized."""
+        for entry in self.ignore:
+            if entry.startswith("re:"):
+                if re.fullmatch(entry[3:], module):
+                    return True
+            elif module == entry or module.endswith("." + entry) or module.startswith(entry + "."):
+                return True
+        return False
+
+
+def _refuse(message: str, key: str = "", hint: str | None = None) -> PdlaunchError:
+    return PdlaunchError(message, field=f"{_FIELD}.{key}" if key else _FIELD,
+                         hint=hint or "pdlaunch loads e4m3 FP8 checkpoints with 128x128 block, per-channel or "
+                                      "per-tensor weight scales and dynamic activation scales")
+
+
+def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
+    fmt = cfg.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise _refuse(f"FP8 format {fmt!r} is not supported (only e4m3)", "fmt")
+    if cfg.get("activation_scheme", "dynamic") != "dynamic":
+        raise _refuse(f"activation_scheme {cfg.get('activation_scheme')!r} is not supported (only dynamic)",
+                      "activation_scheme")
+    ignore = tuple(cfg.get("modules_to_not_convert") or ()) + tuple(cfg.get("ignored_layers") or ())
+    block = cfg.get("weight_block_size")
+    if block is None:
+        return QuantConfig(scheme="tensor", source="checkpoint", scale_name="weight_scale", ignore=ignore,
+                           description="fp8 per-tensor (checkpoint)")
+    if list(block) != [BLOCK, BLOCK]:
+        raise _refuse(f"weight_block_size {block} is not supported (only [{BLOCK}, {BLOCK}])", "weight_block_size")
+    return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale_inv", ignore=ignore,
+                       description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)")
+
+
+def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
+    groups = cfg.get("config_groups") or {}
+    if len(groups) != 1:
+        raise _refuse(f"{len(groups)} config_groups; pdlaunch supports exactly one", "config_groups")
+    name, group = next(iter(groups.items()))
+    key = f"config_groups.{name}"
+    fmt = group.get("format") or cfg.get("format")
+    if fmt != "float-quantized":
+        raise _refuse(f"compressed-tensors format {fmt!r} is not supported (only float-quantized)", f"{key}.format")
+    if list(group.get("targets") or []) != ["Linear"]:
+        raise _refuse(f"targets {group.get('targets')} are not supported (only [\"Linear\"])", f"{key}.targets")
+    weights = group.get("weights") or {}
+    if weights.get("num_bits") != 8 or weights.get("type") != "float" or weights.get("dynamic"):
+        raise _refuse("weights must be static 8-bit float", f"{key}.weights")
+    acts = group.get("input_activations")
+    if acts is not None and (not acts.get("dynamic") or acts.get("strategy") not in ("token", "group")):
+        raise _refuse("input_activations must be dynamic per token (static input scales are not supported)",
+                      f"{key}.input_activations")
+    ignore = tuple(cfg.get("ignore") or ())
+    strategy = weights.get("strategy")
+    if strategy == "block":
+        block = weights.get("block_structure")
+        if list(block or []) != [BLOCK, BLOCK]:
+            raise _refuse(f"block_structure {block} is not supported (only [{BLOCK}, {BLOCK}])",
+                          f"{key}.weights.block_structure")
+        return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale", ignore=ignore,
+                           description=f"fp8 block {BLOCK}x{BLOCK} (compressed-tensors)")
+    if strategy not in ("channel", "tensor"):
+        raise _refuse(f"weight strategy {strategy!r} is not supported (channel, tensor or block)",
+                      f"{key}.weights.strategy")
+    return QuantConfig(scheme=strategy, source="checkpoint", scale_name="weight_scale", ignore=ignore,
+                       description=f"fp8 per-{strategy} (compressed-tensors)")
+
+
+def parse_quant_config(cfg: dict[str, Any] | None) -> QuantConfig | None:
+    """config.json's `quantization_config` dict -> QuantConfig (None: not quantized)."""
+    if not cfg:
+        return None
+    method = cfg.get("quant_method")
+    if method == "fp8":
+        return _block_fp8(cfg)
+    if method == "compressed-tensors":
+        return _compressed_tensors(cfg)
+    raise _refuse(f"quant_method {method!r} is not supported", "quant_method",
+                  "pdlaunch loads fp8 (block or per-tensor) and compressed-tensors float-quantized checkpoints")
+
+
+def online_quant_config() -> QuantConfig:
+    """`--quantization fp8`: the checkpoint's weights quantized at load, one scale per output channel."""
+    return QuantConfig(scheme="channel", source="online", scale_name="weight_scale",
+                       description="fp8 per-channel (quantized at load)")
+
+
+def load_quant_config(directory: Path, quantization: str | None = None) -> QuantConfig | None:
+    """The checkpoint's FP8 format, or the online one `quantization` asks for (None: unquantized).
+
+    `--quantization fp8` on a checkpoint that is already FP8 keeps the checkpoint's scales."""
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        raw = None  # load_arch reports the unreadable config.json
+    found = parse_quant_config(raw)
+    if quantization is not None and quantization not in QUANTIZATION_METHODS:
+        raise PdlaunchError(f"unknown quantization {quantization!r}", field="model.quantization",
+                            hint=f"use one of: {', '.join(QUANTIZATION_METHODS)} (or leave it unset)")
+    if found is None and quantization == "fp8":
+        return online_quant_config()
+    return found

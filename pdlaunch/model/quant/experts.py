@@ -1,0 +1,84 @@
+"""FP8 MoE experts: each expert's fp8 projection is paired with its scale tensor and dequantized before
+it reaches the stacked expert parameters (model/moe/experts.py), so an FP8 MoE checkpoint computes
+its experts in the model dtype, exactly like the dequantized checkpoint (FP8 expert GEMMs: not yet).
+
+Checkpoint order is free (a weight may come before or after its scale, in another shard), so tensors
+wait here until their partner arrives; `check_complete` names any that never found one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.quant import fp8
+from pdlaunch.model.quant.config import BLOCK, QuantConfig
+
+
+def _blocks(size: int) -> int:
+    return -(-size // BLOCK)
+
+
+class ExpertDequantizer:
+    """feed(name, tensor) -> the (name, tensor) pairs to load now: other tensors pass through, an
+    expert's fp8 weight comes out dequantized (float32) once its scale has been fed too."""
+
+    def __init__(self, quant: QuantConfig) -> None:
+        self.quant = quant
+        self.weights: dict[str, torch.Tensor] = {}  # expert weight name -> fp8 weight awaiting its scale
+        self.scales: dict[str, torch.Tensor] = {}  # expert weight name -> scale awaiting its weight
+
+    def _module(self, name: str) -> str | None:
+        """The expert module a weight or scale belongs to (None: not a quantized expert tensor)."""
+        for suffix in (".weight", "." + self.quant.scale_name):
+            if name.endswith(suffix) and ".experts." in name:
+                module = name.removesuffix(suffix)
+                return None if self.quant.skips(module) else module
+        return None
+
+    def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        module = self._module(name)
+        if module is None or self.quant.source == "online":
+            return [(name, tensor)]
+        weight_name = f"{module}.weight"
+        if name == weight_name:
+            self.weights[weight_name] = tensor
+        else:
+            self.scales[weight_name] = tensor
+        if weight_name not in self.weights or weight_name not in self.scales:
+            return []
+        weight, scale = self.weights.pop(weight_name), self.scales.pop(weight_name)
+        return [(weight_name, self._dequantize(weight_name, weight, scale))]
+
+    def _dequantize(self, weight_name: str, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        rows, cols = weight.shape
+        scale_name = weight_name.removesuffix("weight") + self.quant.scale_name
+        if self.quant.scheme == "block":
+            want: tuple[tuple[int, ...], ...] = ((_blocks(rows), _blocks(cols)),)
+        elif self.quant.scheme == "channel":
+            want = ((rows, 1), (rows,))
+        else:
+            want = ((), (1,))
+        if weight.dtype != fp8.FP8_DTYPE or tuple(scale.shape) not in want:
+            raise PdlaunchError(f"tensor {scale_name!r} has shape {tuple(scale.shape)} for a {weight.dtype} "
+                                f"[{rows}, {cols}] expert weight; expected an e4m3 weight and a scale of shape "
+                                f"{want[0]}", field="model.path",
+                                hint="the checkpoint does not match its config.json's quantization_config")
+        if weight.is_meta:  # check-config: shapes only
+            return torch.empty(weight.shape, dtype=torch.float32, device="meta")
+        if self.quant.scheme == "block":
+            return fp8.dequantize(weight, scale, BLOCK)
+        return fp8.dequantize(weight, scale.reshape(-1) if self.quant.scheme == "channel" else scale.reshape(()))
+
+    def check_complete(self) -> PdlaunchError | None:
+        """The error naming an expert weight or scale whose partner the checkpoint lacks, or None."""
+        if self.weights:
+            name = sorted(self.weights)[0]
+            lacking = name.removesuffix("weight") + self.quant.scale_name
+        elif self.scales:
+            lacking = sorted(self.scales)[0]
+        else:
+            return None
+        more = len(self.weights) + len(self.scales) - 1
+        return PdlaunchError(f"checkpoint lacks tensor(s) {lacking}" + (f" and {more} more" if more else ""),
+                             field="model.path", hint="the checkpoint is incomplete or does not match its config.json")

@@ -1,0 +1,71 @@
+"""FP8 e4m3 arithmetic in plain torch (any device): quantize and dequantize weights per output channel
+or per 128x128 block, and activations per token (or per token and group of 128 columns).
+
+Scales are float32 and multiply: real value = fp8 value * scale (a block checkpoint's
+`weight_scale_inv` is such a multiplier despite its name). Values are clamped to +-448 before the
+cast because torch's cast to float8_e4m3fn does not saturate (it would give NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+_MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no division by zero)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale rounded to e4m3 (scale broadcasts against x)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] -> (fp8 [O, I], scale [O] float32): one scale per output channel."""
+    scale = (w.float().abs().amax(dim=1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return to_fp8(w, scale.unsqueeze(1)), scale
+
+
+def quantize_per_tensor(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w -> (fp8, scale [] float32)."""
+    scale = (w.float().abs().amax() / FP8_MAX).clamp(min=_MIN_SCALE)
+    return to_fp8(w, scale), scale
+
+
+def expand_block_scale(scale: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """Block scale [ceil(rows/b), ceil(cols/b)] -> one scale per element [rows, cols]."""
+    return scale.repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
+
+
+def quantize_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [O, I] -> (fp8 [O, I], scale [ceil(O/b), ceil(I/b)] float32): one scale per b x b block."""
+    rows, cols = w.shape
+    pad = torch.zeros(-(-rows // block) * block, -(-cols // block) * block, dtype=torch.float32, device=w.device)
+    pad[:rows, :cols] = w.float().abs()
+    blocks = pad.view(pad.shape[0] // block, block, pad.shape[1] // block, block)
+    scale = (blocks.amax(dim=(1, 3)) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return to_fp8(w, expand_block_scale(scale, rows, cols, block)), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """fp8 [O, I] and its scale (block [O/b, I/b] when `block`, else [O] per channel or [] per tensor)
+    -> float32 [O, I]."""
+    if block is not None:
+        return q.float() * expand_block_scale(scale.float(), q.shape[0], q.shape[1], block)
+    if scale.dim() == 1:
+        return q.float() * scale.float().unsqueeze(1)
+    return q.float() * scale.float()
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (fp8 [T, K], scale [T, 1] float32): dynamic activation scales, one per token."""
+    scale = (x.float().abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return to_fp8(x, scale), scale
+
+
+def quantize_per_token_group(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] (K a multiple of `group`) -> (fp8 [T, K], scale [T, K/group] float32)."""
+    t, k = x.shape
+    grouped = x.float().view(t, k // group, group)
+    scale = (grouped.abs().amax(dim=2) / FP8_MAX).clamp(min=_MIN_SCALE)
+    return to_fp8(grouped, scale.unsqueeze(2)).view(t, k), scale

@@ -1,0 +1,120 @@
+"""Triton kernels for FP8 linear layers on the GPU: dynamic activation quantization (per token, or per
+token and 128-column group) and the block-scaled GEMM of 128x128-block FP8 weights.
+
+y[m, n] = sum over k blocks kb of (sum_k a[m, k] w[n, k]) * a_scale[m, kb] * w_scale[n // 128, kb]:
+each K step is one 128-column block, so the two scales of a partial product are one value per row of
+the tile (activations) and one per tile (weights, the N tile lies inside one 128-row block).
+torch has no block-scaled GEMM that runs on Hopper (block-scaled `_scaled_mm` needs Blackwell).
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
+
+GROUP = 128  # activation group = weight block edge
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, GROUP_SIZE: tl.constexpr, FMAX: tl.constexpr):
+        row, group = tl.program_id(0), tl.program_id(1)
+        cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
+        mask = cols < K
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FMAX, 1e-12)
+        q = tl.clamp(x / scale, -FMAX, FMAX)
+        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row * tl.num_programs(1) + group, scale)
+
+    @triton.jit
+    def block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, stride_bs,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_n  # programs of GROUP_M row tiles walk N together (L2 reuse of B)
+        first_m = (pid // per_group) * GROUP_M
+        rows_here = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % rows_here
+        pid_n = (pid % per_group) // rows_here
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        a = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]
+        b = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
+        a_scale = as_ptr + rm * k_blocks
+        b_scale = bs_ptr + (pid_n * BLOCK_N // 128) * stride_bs
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, k_blocks):
+            k_ok = rk < K - kb * BLOCK_K
+            av = tl.load(a, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+            bv = tl.load(b, mask=(rn[None, :] < N) & k_ok[:, None], other=0.0)
+            sa = tl.load(a_scale + kb, mask=rm < M, other=0.0)
+            sb = tl.load(b_scale + kb)
+            acc += tl.dot(av, bv) * sa[:, None] * sb
+            a += BLOCK_K
+            b += BLOCK_K
+        c = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+    return SimpleNamespace(quant_rows=quant_rows_kernel, block_gemm=block_gemm_kernel)
+
+
+def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] CUDA -> (fp8 [M, K], float32 scales [M, K / group]); group None = one scale per row."""
+    import triton
+
+    x = x.contiguous()
+    m, k = x.shape
+    size = group or triton.next_power_of_2(k)
+    groups = -(-k // size)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
+    if m:
+        _kernels().quant_rows[(m, groups)](x, q, s, k, x.stride(0), GROUP_SIZE=size, FMAX=FP8_MAX)
+    return q, s
+
+
+def _config(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): small M (decode) reads weights with many thin tiles."""
+    if m <= 16:
+        return 16, 32, 4, 4
+    if m <= 64:
+        return 64, 64, 4, 4
+    return 128, 128, 8, 3
+
+
+def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
+    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the tuned choice (benchmarks)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    xq, xs = quantize_rows(x, GROUP)
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m, block_n, warps, stages = config or _config(m)
+    grid = (-(-m // block_m) * -(-n // block_n),)
+    _kernels().block_gemm[grid](xq, weight, out, xs, weight_scale, m, n, k, weight_scale.stride(0),
+                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, GROUP_M=8,
+                                num_warps=warps, num_stages=stages)
+    return out
+
+
+def channel_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K], weight [N, K] fp8, weight_scale [1, N] float32 -> [M, N]: per-token activation scales,
+    `torch._scaled_mm` with row-wise scaling (the second operand column-major: W^T of the row-major weight)."""
+    xq, xs = quantize_rows(x, None)
+    return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out_dtype)

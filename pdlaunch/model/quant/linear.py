@@ -1,0 +1,201 @@
+"""FP8 linear layers: which layers are quantized, their scale parameters and how those are sharded,
+and the matmul they run.
+
+`quantize_model` runs on the meta model, before any weight is allocated: each tensor-parallel linear
+layer that the checkpoint quantizes gets an fp8 `weight` and a float32 scale parameter named after
+the checkpoint tensor (`weight_scale_inv` or `weight_scale`), each with a weight_loader that takes
+this rank's shard. Block scales follow the weight's row (column-parallel) or column (row-parallel)
+shard block by block, so every shard boundary must fall on a 128 block edge. Per-tensor scales are
+stored per row (one checkpoint scalar per q/k/v or gate/up shard broadcast over its rows).
+
+`finish_loading` runs once every tensor is in: on CPU, or a GPU without FP8 GEMMs (compute
+capability < 8.9), weights are dequantized into the model dtype and the layer is an ordinary one
+again (the exact reference the CPU tests compare against). On FP8 GPUs the weight stays fp8 and
+`Fp8LinearMethod.apply` quantizes activations per token (per 128-column group for block weights)
+and runs `torch._scaled_mm` (per channel) or the Triton block-scaled GEMM (model/quant/kernels.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.arch import ModelArch
+from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear
+from pdlaunch.model.quant import fp8
+from pdlaunch.model.quant.config import BLOCK, QuantConfig
+
+Linear = ColumnParallelLinear | RowParallelLinear
+
+
+def fp8_gemm_available(device: torch.device) -> bool:
+    """FP8 tensor-core GEMMs: CUDA compute capability >= 8.9 (Ada, Hopper and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class Fp8LinearMethod:
+    """y = x W^T (+ bias) for an FP8 weight on a GPU with FP8 GEMMs (see the module docstring)."""
+
+    def __init__(self, quant: QuantConfig) -> None:
+        self.quant = quant
+        self.block = quant.scheme == "block"
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from pdlaunch.model.quant.kernels import block_fp8_linear, channel_fp8_linear  # layering: lazy (triton)
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        weight, scale = _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8")
+        gemm = block_fp8_linear if self.block else channel_fp8_linear
+        y = gemm(x2, weight, scale, x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _tensor(layer: nn.Module, name: str) -> torch.Tensor:
+    value = getattr(layer, name)
+    assert isinstance(value, torch.Tensor)
+    return value
+
+
+def _blocks(rows: int) -> int:
+    return -(-rows // BLOCK)
+
+
+def _aligned(offset: int, what: str) -> int:
+    if offset % BLOCK:
+        raise ValueError(f"{what} starts at row/column {offset}, not on a {BLOCK}-wide FP8 block edge "
+                         "(a tensor-parallel shard must cover whole blocks)")
+    return offset // BLOCK
+
+
+def _block_scale_loader(layer: Linear) -> Callable[..., None]:
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if isinstance(layer, ColumnParallelLinear):
+            full, src, size, dest = layer.row_shard(shard_id)
+            want = (_blocks(full), _blocks(layer.in_features))
+            if tuple(loaded.shape) != want:
+                raise ValueError(f"block scale shape mismatch: checkpoint {tuple(loaded.shape)}, expected {want} "
+                                 f"for a [{full}, {layer.in_features}] weight in {BLOCK}x{BLOCK} blocks")
+            first, rows = _aligned(src, "the shard"), _blocks(size)
+            at = _aligned(dest, "the shard")
+            param.data.narrow(0, at, rows).copy_(loaded.narrow(0, first, rows))
+            return
+        src, size = layer.col_shard()
+        want = (_blocks(layer.weight.shape[0]), _blocks(size * layer.tp_size))
+        if tuple(loaded.shape) != want:
+            raise ValueError(f"block scale shape mismatch: checkpoint {tuple(loaded.shape)}, expected {want} for a "
+                             f"[{layer.weight.shape[0]}, {size * layer.tp_size}] weight in {BLOCK}x{BLOCK} blocks")
+        param.data.copy_(loaded.narrow(1, _aligned(src, "the shard"), _blocks(size)))
+    return load
+
+
+def _row_scale_loader(layer: Linear, per_tensor: bool) -> Callable[..., None]:
+    """Per-channel ([out, 1] or [out]) or per-tensor ([] or [1]) scales, stored as one float per row."""
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+        if isinstance(layer, ColumnParallelLinear):
+            full, src, size, dest = layer.row_shard(shard_id)
+        else:
+            full, src, size, dest = layer.weight.shape[0], 0, layer.weight.shape[0], 0
+        if per_tensor:
+            if loaded.numel() != 1:
+                raise ValueError(f"per-tensor scale has shape {tuple(loaded.shape)}, expected one value")
+            loaded = loaded.reshape(1).expand(full)
+        elif tuple(loaded.shape) not in ((full, 1), (full,)):
+            raise ValueError(f"per-channel scale shape mismatch: checkpoint {tuple(loaded.shape)}, "
+                             f"expected ({full}, 1)")
+        param.data.narrow(0, dest, size).copy_(loaded.reshape(full).narrow(0, src, size))
+    return load
+
+
+def _scale_param(shape: tuple[int, ...], loader: Callable[..., None]) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape, dtype=torch.float32), requires_grad=False)
+    param.weight_loader = loader  # type: ignore[attr-defined]
+    return param
+
+
+def _checkpoint_names(prefix: str, packed: dict[str, tuple[str, object]]) -> list[str]:
+    """Our module name -> the checkpoint module names it is loaded from (qkv_proj -> q/k/v_proj)."""
+    head, _, leaf = prefix.rpartition(".")
+    parts = [name for name, (ours, _) in packed.items() if ours == leaf]
+    return [f"{head}.{p}" if head else p for p in parts] or [prefix]
+
+
+def quantize_model(model: nn.Module, quant: QuantConfig, packed: dict[str, tuple[str, object]]) -> None:
+    """Give every quantized linear layer of the meta model its fp8 weight and scale parameters.
+
+    `packed` maps checkpoint module names to ours (CausalLM.PACKED_MODULES)."""
+    for prefix, layer in model.named_modules():
+        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        names = _checkpoint_names(prefix, packed)
+        skipped = [quant.skips(n) for n in names]
+        if all(skipped):
+            continue
+        if any(skipped):
+            raise PdlaunchError(f"{', '.join(names)} are computed in one matmul but the checkpoint quantizes only "
+                                "some of them", field="config.json:quantization_config",
+                                hint="quantize all of them or none (modules_to_not_convert / ignore)")
+        layer.quant_method = Fp8LinearMethod(quant)
+        if quant.source == "online":
+            continue  # the checkpoint's weights load as they are and are quantized in finish_loading
+        weight = layer.weight
+        fp8_weight = nn.Parameter(torch.empty(weight.shape, dtype=fp8.FP8_DTYPE, device=weight.device),
+                                  requires_grad=False)
+        fp8_weight.weight_loader = weight.weight_loader  # type: ignore[attr-defined]
+        layer.weight = fp8_weight
+        rows, cols = weight.shape
+        if quant.scheme == "block":
+            scale = _scale_param((_blocks(rows), _blocks(cols)), _block_scale_loader(layer))
+        else:
+            scale = _scale_param((rows,), _row_scale_loader(layer, per_tensor=quant.scheme == "tensor"))
+        layer.register_parameter(quant.scale_name, scale)
+
+
+def finish_loading(model: nn.Module, dtype: torch.dtype) -> None:
+    """After every tensor is loaded: quantize online weights, then either dequantize into `dtype`
+    (no FP8 GEMMs on this device) or lay the scales out for the GPU matmul."""
+    for layer in model.modules():
+        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            continue
+        method = layer.quant_method
+        if not isinstance(method, Fp8LinearMethod):
+            continue
+        quant = method.quant
+        if quant.source == "online":
+            weight, scale = fp8.quantize_per_channel(_tensor(layer, "weight").data)
+        else:
+            weight, scale = _tensor(layer, "weight").data, _tensor(layer, quant.scale_name).data
+            delattr(layer, quant.scale_name)
+        if not fp8_gemm_available(weight.device):
+            deq = fp8.dequantize(weight, scale, BLOCK if method.block else None)
+            layer.weight = nn.Parameter(deq.to(dtype), requires_grad=False)
+            layer.quant_method = None  # an ordinary layer again
+            continue
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        # Block: [O/128, I/128] float32; per channel: [1, O] float32 (the row-wise scale_b of _scaled_mm).
+        layer.weight_scale_fp8 = nn.Parameter(scale.contiguous() if method.block else scale.reshape(1, -1),
+                                              requires_grad=False)
+
+
+def block_misaligned(arch: ModelArch, tp_size: int) -> list[str]:
+    """Projections whose TP shards at `tp_size` would not start on a 128 edge with block FP8 weights
+    (heads that TP does not divide are left to the TP rules). MoE experts are
+    dequantized before they are sharded (model/quant/experts.py), so only the dense layers count."""
+    if arch.num_heads % tp_size or (arch.num_kv_heads % tp_size and tp_size % arch.num_kv_heads):
+        return []
+    head_dim = arch.head_dim
+    kv_starts = {r * arch.num_kv_heads // tp_size * head_dim for r in range(tp_size)}
+    sizes = {
+        "q_proj": [arch.num_heads // tp_size * head_dim],
+        "k_proj/v_proj": [max(1, arch.num_kv_heads // tp_size) * head_dim, *kv_starts],
+        "o_proj (input)": [arch.num_heads * head_dim // tp_size],
+    }
+    if arch.intermediate_size % tp_size == 0:
+        sizes["gate_proj/up_proj/down_proj"] = [arch.intermediate_size // tp_size]
+    return [name for name, values in sizes.items() if tp_size > 1 and any(v % BLOCK for v in values)]

@@ -1,0 +1,114 @@
+"""FP8 checkpoints that serve would refuse are refused by check-config (and the loader) with a
+`--model` problem naming the tensor or the config.json key; `bench make-checkpoint --fp8` writes
+checkpoints that pass."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped
+from pdlaunch.cli import app
+from pdlaunch.config.checkpoint_check import checkpoint_problems
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.loader import load_checkpoint, load_model
+from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"
+
+
+@pytest.fixture
+def block_ckpt(tmp_path: Path) -> Path:
+    return make_fp8_qwen3(tmp_path, "block")[0]
+
+
+def _edit_tensors(path: Path, edit: dict[str, torch.Tensor | None]) -> None:
+    tensors = load_file(path / "model.safetensors")
+    for name, value in edit.items():
+        if value is None:
+            del tensors[name]
+        else:
+            tensors[name] = value
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _check_config(path: Path) -> str:
+    result = CliRunner().invoke(app, ["check-config", "--model", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    return " ".join(result.output.split())
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(PdlaunchError) as err:
+        load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+    return str(err.value)
+
+
+def test_block_scale_of_wrong_shape(block_ckpt: Path) -> None:
+    _edit_tensors(block_ckpt, {SCALE: torch.ones(2, 3)})
+    for text in (_check_config(block_ckpt), _load_error(block_ckpt)):
+        assert SCALE in text and "block scale shape mismatch" in text and "(2, 3)" in text
+
+
+def test_missing_scale_tensor(block_ckpt: Path) -> None:
+    _edit_tensors(block_ckpt, {SCALE: None})
+    assert "model.path" in _check_config(block_ckpt) or "--model" in _check_config(block_ckpt)
+    for text in (_check_config(block_ckpt), _load_error(block_ckpt)):
+        assert f"lacks tensor(s) {SCALE}" in text
+
+
+def test_block_size_64_and_e5m2_are_refused(block_ckpt: Path) -> None:
+    cfg = json.loads((block_ckpt / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [64, 64]
+    (block_ckpt / "config.json").write_text(json.dumps(cfg))
+    text = _check_config(block_ckpt)
+    assert "weight_block_size [64, 64] is not supported (only [128, 128])" in text
+    assert "quantization_config.weight_block_size" in text
+    cfg["quantization_config"].update(weight_block_size=[128, 128], fmt="e5m2")
+    (block_ckpt / "config.json").write_text(json.dumps(cfg))
+    assert "FP8 format 'e5m2' is not supported" in _check_config(block_ckpt)
+
+
+def test_fp8_tensor_without_quantization_config(block_ckpt: Path) -> None:
+    cfg = json.loads((block_ckpt / "config.json").read_text())
+    del cfg["quantization_config"]
+    (block_ckpt / "config.json").write_text(json.dumps(cfg))
+    assert "config.json lacks (or does not match) the quantization_config" in _check_config(block_ckpt)
+    assert "is float8_e4m3fn but config.json has no FP8 quantization_config" in _load_error(block_ckpt)
+
+
+@pytest.mark.parametrize("fp8", ["block", "channel"])
+def test_make_checkpoint_fp8_passes_check_config_and_loads(fp8: str, tmp_path: Path) -> None:
+    small = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 2, "num_key_value_heads": 1,
+             "head_dim": 128, "vocab_size": 640}
+    path = make_llama3_8b_shaped(tmp_path / fp8, num_layers=1, overrides=small, fp8=fp8)
+    assert checkpoint_problems(str(path)) == []
+    ckpt = load_checkpoint(str(path))
+    assert ckpt.quant is not None and ckpt.quant.scheme == fp8
+    model = load_model(ckpt, torch.device("cpu"), torch.float32)
+    assert model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+
+
+def test_check_config_refuses_a_tp_size_that_splits_fp8_blocks(block_ckpt: Path) -> None:
+    """intermediate 384 = 3 blocks: TP 2 gives each rank 192 rows of gate/up, half a block."""
+    from pdlaunch.model.arch import parse_hf_config
+    from pdlaunch.model.quant.linear import block_misaligned
+
+    cfg = json.loads((block_ckpt / "config.json").read_text())
+    arch = parse_hf_config({**cfg, "intermediate_size": 384})
+    assert block_misaligned(arch, 1) == [] and block_misaligned(arch, 2) == ["gate_proj/up_proj/down_proj"]
+    assert block_misaligned(parse_hf_config(cfg), 2) == []
+    (block_ckpt / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 4, "head_dim": 64}))
+    text = _check_config_tp(block_ckpt, 2)
+    assert "instances[0].tp: TP 2 splits the block-FP8 projections k_proj/v_proj off the 128-wide" in text
+
+
+def _check_config_tp(path: Path, tp: int) -> str:
+    result = CliRunner().invoke(app, ["check-config", "--model", str(path), "--device", "cpu", "--tp", str(tp)])
+    assert result.exit_code == 1, result.output
+    return " ".join(result.output.split())

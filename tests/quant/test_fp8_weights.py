@@ -1,0 +1,104 @@
+"""FP8 checkpoints on CPU: weights dequantized once at load, greedy ids == transformers on the
+dequantized float32 weights, at TP 1 and TP 2 (block scales sharded with their weight)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.model.quant.fp8 import FP8_DTYPE
+from tests.engine.conftest import MakeEngine, run_all
+from tests.engine.test_engine_parity import assert_same_greedy, hf_reference, random_prompts
+from tests.tp.conftest import MakeTPEngine
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("scheme", ["block", "channel", "tensor", "online"])
+def test_fp8_greedy_matches_dequantized_transformers(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]],
+                                                     make_engine: MakeEngine) -> None:
+    served, reference = fp8_ckpts[scheme]
+    extra = {"quantization": "fp8"} if scheme == "online" else {}
+    engine = make_engine(served, max_num_batched_tokens=16, **extra)  # 16 chunks the 21-token prompt
+    model = engine.runner.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    # CPU: dequantized into the model dtype, an ordinary layer again (no scale parameter left).
+    assert qkv.weight.dtype == torch.float32 and qkv.quant_method is None
+    assert not any(n.endswith(("weight_scale", "weight_scale_inv")) for n, _ in model.named_parameters())
+    assert engine.checkpoint.quant is not None
+    prompts = random_prompts([5, 21], seed=4)
+    for prompt, out in zip(prompts, run_all(engine, prompts, GREEDY)):
+        assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
+
+
+def test_fp8_ignored_module_keeps_its_dtype(tmp_path: Path, make_engine: MakeEngine) -> None:
+    """modules_to_not_convert: a listed module loads its bf16/fp32 weight, no scale needed."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    served, reference = __import__("tests.helpers.fp8_checkpoints", fromlist=["x"]).make_fp8_qwen3(tmp_path, "block")
+    tensors = load_file(served / "model.safetensors")
+    ref = load_file(reference / "model.safetensors")
+    for name in [n for n in tensors if ".mlp.down_proj." in n]:
+        del tensors[name]
+    for name in [n for n in ref if n.endswith("mlp.down_proj.weight")]:
+        tensors[name] = ref[name]
+    save_file(tensors, served / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((served / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", "down_proj"]
+    (served / "config.json").write_text(json.dumps(cfg))
+    engine = make_engine(served)
+    prompt = random_prompts([7], seed=9)[0]
+    out = run_all(engine, [prompt], GREEDY)[0]
+    assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
+
+
+@pytest.mark.slow
+def test_fp8_tp2_matches_transformers(fp8_ckpts: dict[str, tuple[Path, Path]], make_tp_engine: MakeTPEngine) -> None:
+    # Block scales are the ones that must follow the weight's shards block by block (channel scales
+    # follow its rows like a bias: test_fp8_greedy_matches_dequantized_transformers covers their loader).
+    served, reference = fp8_ckpts["block"]
+    engine = make_tp_engine(served, 2, max_num_batched_tokens=16)
+    assert engine.runner.tp_size == 2
+    prompts = random_prompts([5, 21], seed=5)
+    for prompt, out in zip(prompts, run_all(engine, prompts, GREEDY)):
+        assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
+
+
+def test_block_scales_follow_tp_shards(fp8_ckpts: dict[str, tuple[Path, Path]]) -> None:
+    """TP rank 1 of 2 loads the second half of each weight with its own blocks' scales: dequantized,
+    its down_proj is the reference's second column half and its qkv the q rows then KV head 1."""
+    from safetensors.torch import load_file
+
+    from pdlaunch.model.loader import load_checkpoint, load_model
+
+    served, reference = fp8_ckpts["block"]
+    model = load_model(load_checkpoint(str(served)), torch.device("cpu"), torch.float32, tp_rank=1, tp_size=2)
+    ref = load_file(reference / "model.safetensors")
+    layer = model.model.layers[0]
+    assert torch.equal(layer.mlp.down_proj.weight, ref["model.layers.0.mlp.down_proj.weight"][:, 128:])
+    attn = "model.layers.0.self_attn"
+    expected = torch.cat([ref[f"{attn}.q_proj.weight"][128:], ref[f"{attn}.k_proj.weight"][128:],
+                          ref[f"{attn}.v_proj.weight"][128:]])
+    assert torch.equal(layer.self_attn.qkv_proj.weight, expected)
+    assert FP8_DTYPE != layer.self_attn.qkv_proj.weight.dtype
+
+
+def test_block_fp8_moe_experts_dequantized_at_load(tmp_path: Path, make_engine: MakeEngine) -> None:
+    """A block-FP8 Qwen3-MoE (experts, attention and the dense layer in FP8, the router not): each expert's
+    weight meets its scale at load and is dequantized; greedy ids == transformers on the dequantized weights."""
+    from pdlaunch.config.checkpoint_check import checkpoint_problems
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+    served, reference = make_fp8_qwen3(tmp_path, "block", seed=12, moe=True)
+    assert checkpoint_problems(str(served)) == []
+    engine = make_engine(served, max_num_batched_tokens=16)
+    experts = engine.runner.model.model.layers[0].mlp.experts
+    assert experts.w13.dtype == torch.float32
+    prompts = random_prompts([5, 21], seed=7)
+    for prompt, out in zip(prompts, run_all(engine, prompts, GREEDY)):
+        assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
