@@ -141,14 +141,16 @@ SERVE_FLAGS: tuple[Flag, ...] = (
 )
 # `--help` groups the flags into these panels, in this order; a flag missing here lands in "Other".
 HELP_PANELS: dict[str, tuple[str, ...]] = {
-    "Model": ("model", "served_model_name", "dtype", "max_model_len", "seed", "chat_template", "enforce_eager"),
+    "Model": ("model", "served_model_name", "dtype", "quantization", "max_model_len", "seed", "chat_template",
+              "enforce_eager"),
     "Devices and parallelism": ("device", "prefill", "decode", "colocated", "tp", "tensor_parallel_size", "tp_short",
-                                "prefill_tp", "decode_tp", "node_rank"),
+                                "prefill_tp", "decode_tp", "node_rank", "backend"),
+    "Mixture of experts": ("enable_expert_parallel", "prefill_expert_parallel", "decode_expert_parallel"),
     "KV transfer": ("kv_connector", "transfer_mode", "kv_transfer_config", "kv_load_failure_policy"),
-    "KV cache": ("block_size", "num_gpu_blocks", "enable_prefix_caching", "no_enable_prefix_caching",
+    "KV cache": ("block_size", "kv_cache_dtype", "num_gpu_blocks", "enable_prefix_caching", "no_enable_prefix_caching",
                  "kv_offload_gb"),
     "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",
-                              "max_num_batched_tokens"),
+                              "max_num_batched_tokens", "async_scheduling"),
     "Server": ("host", "port", "log_dir"),
     "Security": ("api_key",),
 }

@@ -19,8 +19,8 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
-from pdlaunch.engine.context_limit import too_long_message
 from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
+from pdlaunch.engine.context_limit import too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor

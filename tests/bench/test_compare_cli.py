@@ -270,7 +270,8 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
         return _measured_run(kind, layout)
 
     monkeypatch.setattr(compare, "run_deployment", fake_run)
-    cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, run_advised=run_advised)
+    cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, run_advised=run_advised,
+               input_len=1024)
     runs, advice = compare.run_compare(cfg, compare.Console(quiet=True))
     assert advice is not None and advice.best.label == "2P1D" and advice.num_gpus == 3
     assert advice.decode_sequences == 64.0  # the tiny model's max_num_seqs caps the fit's 80
