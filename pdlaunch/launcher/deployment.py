@@ -203,7 +203,8 @@ class Deployment:
                 "--drain-timeout", str(self.drain_timeout_s), "--parent-pid", str(os.getpid()),
                 "--max-request-bytes", str(self.cfg.security.max_request_bytes),
                 "--health-timeout", str(self.cfg.proxy.health_timeout_seconds),
-                "--load-failure-policy", self.cfg.kv_transfer.load_failure_policy]
+                "--load-failure-policy", self.cfg.kv_transfer.load_failure_policy,
+                "--migration-limit", str(self.cfg.proxy.migration_limit)]
         if self.cfg.proxy.prefill_timeout_seconds is not None:
             argv += ["--prefill-timeout", str(self.cfg.proxy.prefill_timeout_seconds)]
         for plan in self.plan.instances:

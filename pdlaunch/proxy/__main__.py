@@ -23,6 +23,7 @@ import uvicorn
 from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, Instance, InstancePool, Role
+from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
 from pdlaunch.server.watchdog import watch_parent
 
 DEFAULT_DRAIN_S = 5.0
@@ -81,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute",
                         help="When no prefill answers in time: the decode computes the prompt, or a 504; "
                         "kv_transfer.load_failure_policy.")
+    parser.add_argument("--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
+                        help="Moves of one request to another decode when its decode dies or stalls mid-request "
+                        "(0: off); proxy.migration_limit.")
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
@@ -90,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not 0 < value < float("inf"):
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.migration_limit < 0:
+        parser.error("--migration-limit must be 0 or more")
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,
-                          load_failure_policy=args.load_failure_policy)
+                          load_failure_policy=args.load_failure_policy, migration_limit=args.migration_limit)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
         timeout_graceful_shutdown=max(1, int(round(args.drain_timeout))), lifespan="on",

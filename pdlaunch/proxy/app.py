@@ -39,6 +39,7 @@ from pdlaunch.proxy.control import add_control_routes
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
+from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT, Migrations
 from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs, prompt_chars
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
 from pdlaunch.proxy.retry import on_live_instance
@@ -60,14 +61,18 @@ log = logging.getLogger("pdlaunch.proxy")
 def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str | None = None,
                     deployment_secret: str | None = None,
                     max_request_bytes: int = SecurityConfig().max_request_bytes,
-                    prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute") -> FastAPI:
+                    prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute",
+                    migration_limit: int = DEFAULT_MIGRATION_LIMIT) -> FastAPI:
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
-    deadline (`prefill_timeout_s`, None: derived; prefill_leg.py)."""
+    deadline (`prefill_timeout_s`, None: derived; prefill_leg.py); a decode leg whose instance dies or
+    stalls goes on on another decode, at most `migration_limit` times (migrate.py)."""
     if load_failure_policy not in ("recompute", "fail"):
         raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
     prefill_legs = PrefillLegs(proxy, PrefillDeadline(prefill_timeout_s), recompute=load_failure_policy == "recompute")
+    migrations = Migrations(proxy, migration_limit, on_migrate=lambda why: proxy.metrics.migrations.labels(why).inc(),
+                            on_exhausted=proxy.metrics.migrations_exhausted.inc)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -213,13 +218,18 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     held = None
             role = target.role
             if body.get("stream"):
+                migrating = migrations.streams(body, chat)
+                if migrating:  # the ids to continue from when this decode fails (migrate.py)
+                    leg = {**leg, "return_token_ids": True}
                 _, upstream = await watch.run(on_live_instance(
                     pool, role, target, lambda d: proxy.open_stream(d, path, leg, headers, deadline)))
                 legs.append(upstream.instance.name)
                 outcome = "streaming"
-                return _relayed(upstream, deadline, request_id, release_held)
-            decode, answer = await watch.run(on_live_instance(
-                pool, role, target, lambda d: proxy.post_json(d, path, leg, headers, deadline)))
+                events = migrations.relay(upstream, path, body, chat, headers, deadline, request_id,
+                                          release_held) if migrating else proxy.relay(upstream, deadline)
+                return _relayed(upstream, events, request_id, release_held)
+            decode, answer = await watch.run(migrations.answer(target, path, leg, body, headers, deadline,
+                                                               request_id))
             legs.append(decode.name)
             outcome = "ok"
             if prefill_answer is not None and body.get("prompt_logprobs") is not None:
@@ -240,14 +250,14 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         finally:
             log.debug("request %s %s via %s: %s", request_id, path, " -> ".join(legs) or "no instance", outcome)
 
-    def _relayed(upstream: Upstream, deadline: float, request_id: str,
+    def _relayed(upstream: Upstream, events: AsyncIterator[bytes], request_id: str,
                  release_held: Callable[[], None]) -> ClosingStreamingResponse:
-        """The decode's stream passed through to the client."""
+        """The decode's stream (`events`) passed through to the client."""
         relayed_all = False
 
         async def relay() -> AsyncIterator[bytes]:
             nonlocal relayed_all
-            async for chunk in proxy.relay(upstream, deadline):
+            async for chunk in events:
                 yield chunk
             relayed_all = True
 
