@@ -113,9 +113,9 @@ class _Progress:
                 continue
             prompt_ids = choice.get("prompt_token_ids", prompt_ids)
             ids = [int(i) for i in choice.get("token_ids") or []]
-            shown = ids[self.skip:]
+            shown = ids[self.skip:]  # the client (asking for ids) had the others before the migration
             self.skip -= len(ids) - len(shown)
-            self.ids += shown
+            self.ids += ids
             text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
             if text:
                 self.committed = len(self.ids)

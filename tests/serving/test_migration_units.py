@@ -1,0 +1,89 @@
+"""Request migration's pieces (proxy/migrate.py): what can migrate, the continuation request, and the
+rewriting of a continuation's chunks into the client's stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.proxy.__main__ import parse_args
+from pdlaunch.proxy.migrate import _Progress, continuation_body, not_migratable
+from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
+from tests.config.cli_helpers import assert_invalid, check
+
+
+def _chunk(text: str, ids: list[int], finish: str | None = None, **top: Any) -> dict[str, Any]:
+    return {"id": "cmpl-x", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None, "token_ids": ids}],
+            **top}
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ({"stop": ["\n"]}, "stop strings"), ({"tools": [{}]}, "tools"), ({"response_format": {"type": "json_object"}},
+                                                                     "structured output"),
+    ({"presence_penalty": 0.5}, "penalties"), ({"repetition_penalty": 1.2}, "penalties"),
+    ({"logprobs": True}, "logprobs"), ({"n": 2}, "several choices or echo"),
+])
+def test_requests_whose_output_needs_more_than_token_ids_do_not_migrate(body: dict[str, Any], why: str) -> None:
+    assert not_migratable(body, chat=True) == why
+    assert not_migratable({"max_tokens": 5, "temperature": 0, "seed": 3, "repetition_penalty": 1.0}, True) is None
+
+
+def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> None:
+    body = {"messages": [], "max_completion_tokens": 10, "min_tokens": 4, "temperature": 0, "model": "m",
+            "tools": None}
+    leg = continuation_body(body, chat=True, token_ids=[1, 2, 3, 9], generated=1)
+    assert leg == {"model": "m", "temperature": 0, "prompt": [1, 2, 3, 9], "max_tokens": 9, "min_tokens": 3,
+                   "stream": True, "return_token_ids": True}
+    assert continuation_body({}, chat=False, token_ids=[1], generated=2)["max_tokens"] == DEFAULT_MAX_TOKENS - 2
+
+
+def test_ids_after_the_last_text_are_made_again_and_not_shown_twice() -> None:
+    progress = _Progress(chat=False, client_ids=True)
+    first = progress.rewrite(_chunk("a", [5], prompt_token_ids=None) | {"choices": [
+        {"index": 0, "text": "a", "finish_reason": None, "token_ids": [5], "prompt_token_ids": [1, 2]}]}, False)
+    assert first is not None and progress.prompt_ids == [1, 2]
+    progress.rewrite(_chunk("", [6]), False)  # held back: a character not complete yet
+    assert (progress.ids, progress.committed) == ([5, 6], 1)
+    # The migration: the new decode starts from [1, 2, 5] and makes 6 again.
+    progress.offset, progress.skip = progress.committed, len(progress.ids) - progress.committed
+    del progress.ids[progress.committed:]
+    again = progress.rewrite(_chunk("é", [6, 7], usage={"prompt_tokens": 3, "completion_tokens": 2}), True)
+    assert again is not None
+    assert again["id"] == "cmpl-x" and again["choices"][0]["token_ids"] == [7]
+    assert progress.ids == [5, 6, 7]
+    assert again["usage"]["prompt_tokens"] == 2 and again["usage"]["completion_tokens"] == 3
+
+
+def test_a_chat_stream_gets_chat_deltas_and_no_ids_it_did_not_ask_for() -> None:
+    progress = _Progress(chat=True, client_ids=False)
+    first = progress.rewrite({"id": "chatcmpl-y", "object": "chat.completion.chunk", "created": 2, "model": "m",
+                              "prompt_token_ids": [1], "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                    "content": "Hi"}, "token_ids": [4]}]}, False)
+    assert first is not None and "prompt_token_ids" not in first and "token_ids" not in first["choices"][0]
+    assert progress.rewrite(_chunk("", [8]), True) is None  # only ids: nothing for this client
+    last = progress.rewrite(_chunk(" there", [9], finish="length"), True)
+    assert last == {"id": "chatcmpl-y", "object": "chat.completion.chunk", "created": 2, "model": "m",
+                    "choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "length",
+                                 "logprobs": None}]}
+    assert progress.finished
+
+
+def test_the_proxy_refuses_a_negative_migration_limit() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--prefill", "http://a:1", "--decode", "http://b:2", "--migration-limit", "-1"])
+    assert parse_args(["--prefill", "http://a:1", "--decode", "http://b:2"]).migration_limit == 3
+
+
+def test_the_launcher_hands_the_proxy_its_migration_limit_and_check_config_refuses_a_bad_one(tmp_path: Path) -> None:
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "model": {"path": "tiny"},
+                                           "proxy": {"port": 0, "migration_limit": 0}})
+    argv = Deployment(cfg, log_dir=tmp_path)._proxy_argv()  # noqa: SLF001
+    assert parse_args(argv[3:]).migration_limit == 0
+    config = tmp_path / "c.yaml"
+    config.write_text("proxy: {migration_limit: -1}\n")
+    assert_invalid(check([str(config), "--model", "tiny", "--device", "cpu"]), "proxy.migration_limit")
