@@ -57,6 +57,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("device", str | None, "device", "auto | cpu | cuda."),
     Flag("host", str | None, "proxy.host", "Proxy bind address."),
     Flag("port", int | None, "proxy.port", "Proxy port."),
+    Flag("disaggregate_min_tokens", int | None, "proxy.disaggregate_min_tokens",
+         "Prompts of fewer tokens run on a decode instance alone (no prefill leg, no KV transfer)."),
     Flag("prefill", int | None, "instances[prefill].count", "Number of prefill instances."),
     Flag("decode", int | None, "instances[decode].count", "Number of decode instances."),
     Flag("colocated", bool, "colocated", "One instance doing both phases (no KV transfer)."),

@@ -36,6 +36,7 @@ from pdlaunch.http.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.http.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.control import add_control_routes
+from pdlaunch.proxy.disaggregate import DECODE_ONLY, Disaggregation
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
@@ -62,15 +63,18 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     deployment_secret: str | None = None,
                     max_request_bytes: int = SecurityConfig().max_request_bytes,
                     prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute",
-                    migration_limit: int = DEFAULT_MIGRATION_LIMIT) -> FastAPI:
+                    migration_limit: int = DEFAULT_MIGRATION_LIMIT,
+                    disaggregation: Disaggregation | None = None) -> FastAPI:
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
     deadline (`prefill_timeout_s`, None: derived; prefill_leg.py); a decode leg whose instance dies or
-    stalls goes on on another decode, at most `migration_limit` times (migrate.py)."""
+    stalls goes on on another decode, at most `migration_limit` times (migrate.py); `disaggregation`
+    sends short prompts to a decode alone (disaggregate.py; None: every request is PD)."""
     if load_failure_policy not in ("recompute", "fail"):
         raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
     prefill_legs = PrefillLegs(proxy, PrefillDeadline(prefill_timeout_s), recompute=load_failure_policy == "recompute")
+    disaggregation = disaggregation or Disaggregation(None, None)
     migrations = Migrations(proxy, migration_limit, on_migrate=lambda why: proxy.metrics.migrations.labels(why).inc(),
                             on_exhausted=proxy.metrics.migrations_exhausted.inc)
 
@@ -193,15 +197,24 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             if pool.colocated:
                 target, leg = pool.pick("colocated"), body
             else:
-                # Both picked up front: no prefill work (and no held KV) when no decode instance is up.
-                target, first_prefill = pool.pick("decode"), pool.pick("prefill")
+                # The decode is picked first: no prefill work (and no held KV) when no decode instance is up.
+                target = pool.pick("decode")
+                decision, prompt_tokens = await disaggregation.decide(body, chat)
+                if disaggregation.min_tokens is not None:
+                    proxy.metrics.disaggregation.labels(decision).inc()
+                    legs.append(f"{decision} ({prompt_tokens} prompt tokens, "
+                                f"disaggregate_min_tokens {disaggregation.min_tokens})")
                 first_token = continues_from_first_token(body)
-                prefill_leg = prefill_body(body, chat, first_token)
-                started = time.monotonic()
-                answered = await watch.run(prefill_legs.run(first_prefill, path, prefill_leg, headers, deadline,
-                                                            prompt_chars(body)))
-                if answered is None:  # no prefill answered in time: the decode computes the prompt
-                    legs.append("no prefill (stalled)")
+                answered = None
+                if decision != DECODE_ONLY:
+                    first_prefill = pool.pick("prefill")
+                    prefill_leg = prefill_body(body, chat, first_token)
+                    started = time.monotonic()
+                    answered = await watch.run(prefill_legs.run(first_prefill, path, prefill_leg, headers, deadline,
+                                                                prompt_chars(body)))
+                if answered is None:  # a short prompt, or no prefill answered in time: the decode computes it
+                    if decision != DECODE_ONLY:
+                        legs.append("no prefill (stalled)")
                     leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
                 else:
                     prefill, prefill_answer = answered

@@ -38,6 +38,10 @@ class ProxyMetrics:
         self.migrations_exhausted = Counter(
             "pdlaunch_proxy_migrations_exhausted", "Requests failed after proxy.migration_limit migrations",
             registry=self.registry)
+        self.disaggregation = Counter(
+            "pdlaunch_proxy_disaggregation_decisions", "Requests by how they ran under proxy.disaggregate_min_tokens: "
+            "pd (prefill leg + KV transfer) or decode_only (a short prompt computed by the decode)", ["decision"],
+            registry=self.registry)
         pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
         pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
         self.registry.register(_PoolCollector(pool))

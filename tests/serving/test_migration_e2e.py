@@ -1,9 +1,12 @@
-"""Request migration (issue 31) on a real `pdlaunch serve` (1 prefill + 2 decode, tiny model, CPU).
+"""Request migration and per-request disaggregation (issue 31) on a real `pdlaunch serve` (1 prefill +
+2 decode, tiny model, CPU).
 
 While greedy streams run, one decode is SIGKILLed (then SIGSTOPped): every stream goes on on the other
 decode without an error event, and its text equals the uninterrupted run's (no character repeated or
 missing); a request that is not streamed is answered too. The proxy counts the migrations by reason.
-One deployment serves every test of this module (they run in order).
+A second proxy over the same instances with --disaggregate-min-tokens 256 answers short prompts on a
+decode alone: no KV moves, the same text as PD. One deployment serves every test of this module (they
+run in order).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +24,8 @@ from typing import Any
 import httpx
 import pytest
 
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.model.demo import resolve_model_path
 from tests.serving.e2e import Serve
 from tests.serving.helpers import wait_for
 
@@ -33,6 +40,7 @@ instances:
 STREAMS = 40
 MAX_TOKENS = 96
 CLIENT_TIMEOUT_S = 180.0
+SECRET = "migration-test-deployment-secret"  # a second proxy signs its legs as the launcher's does
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,9 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     tmp = tmp_path_factory.mktemp("migration")
     config = tmp / "pd.yaml"
     config.write_text(CONFIG)
-    deployment = Serve(tmp, [str(config), "--model", "tiny", "--num-gpu-blocks", "512", "--max-num-seqs", "64"])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PDLAUNCH_DEPLOYMENT_SECRET", SECRET)
+        deployment = Serve(tmp, [str(config), "--model", "tiny", "--num-gpu-blocks", "512", "--max-num-seqs", "64"])
     try:
         yield deployment.wait_ready()
     finally:
@@ -168,3 +178,62 @@ def test_streams_and_whole_requests_of_a_stopped_decode_go_on_on_the_other(serve
     print(f"\nSIGSTOP: {moved:.0f} requests migrated after the stall mark (proxy.health_timeout_seconds 2)")
     assert moved >= 1
     wait_for(lambda: _state(serve, "decode-0") == "ready", "the proxy to take decode-0 back after SIGCONT", 60)
+
+
+def _kv_bytes_moved(serve: Serve) -> float:
+    texts = [httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text for url in serve.instance_urls().values()]
+    return sum(float(line.split()[-1]) for text in texts for line in text.splitlines()
+               if line.startswith("pdlaunch_kv_transfer_bytes_total"))
+
+
+def _answer(url: str, path: str, body: dict[str, Any]) -> str:
+    response = httpx.post(url + path, json=body, timeout=CLIENT_TIMEOUT_S, trust_env=False)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return str(choice["text"] if "text" in choice else choice["message"]["content"])
+
+
+def test_short_prompts_run_on_a_decode_alone_and_answer_as_pd(serve: Serve, tmp_path: Any) -> None:
+    port = PortAllocator("127.0.0.1").free("second proxy")
+    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--disaggregate-min-tokens", "256",
+            "--tokenizer", str(resolve_model_path("tiny")), "--log-level", "debug"]
+    for name, url in serve.instance_urls().items():
+        argv += [f"--{name.rsplit('-', 1)[0]}", f"{name}={url}"]
+    log_path = tmp_path / "proxy2.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PDLAUNCH_DEPLOYMENT_SECRET": SECRET})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the second proxy to be ready", 60, poll=0.2)
+        requests = [_request(i, stream=False) for i in range(4)]
+        short = [(path, {**body, "max_tokens": 12}) for path, body in requests]
+        moved = _kv_bytes_moved(serve)
+        alone = [_answer(url, path, body) for path, body in short]
+        assert _kv_bytes_moved(serve) == moved, "a short prompt moved KV"
+        long_prompt = "many words " * 300  # over 256 tokens: PD
+        assert _answer(url, "/v1/completions", {"prompt": long_prompt, "max_tokens": 4, "temperature": 0}) == \
+            _answer(serve.url, "/v1/completions", {"prompt": long_prompt, "max_tokens": 4, "temperature": 0})
+        text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+        decisions = {d: sum(float(line.split()[-1]) for line in text.splitlines()
+                            if line.startswith(f'pdlaunch_proxy_disaggregation_decisions_total{{decision="{d}"}}'))
+                     for d in ("pd", "decode_only")}
+        assert decisions == {"pd": 1, "decode_only": 4}
+        assert "decode_only (" in log_path.read_text() and "disaggregate_min_tokens 256" in log_path.read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    pd = [_answer(serve.url, path, body) for path, body in short]  # the launcher's proxy: always PD
+    assert alone == pd
+    assert _kv_bytes_moved(serve) > moved, "PD moved no KV: the check above could not fail"
