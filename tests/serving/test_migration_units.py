@@ -1,8 +1,10 @@
 """Request migration's pieces (proxy/migrate.py): what can migrate, the continuation request, and the
-rewriting of a continuation's chunks into the client's stream."""
+rewriting of a continuation's chunks into the client's stream; per-request disaggregation's count and
+settings (proxy/disaggregate.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +12,10 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.model.demo import resolve_model_path
+from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.proxy.__main__ import parse_args
+from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD, Disaggregation
 from pdlaunch.proxy.migrate import _Progress, continuation_body, not_migratable
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 from tests.config.cli_helpers import assert_invalid, check
@@ -87,3 +92,26 @@ def test_the_launcher_hands_the_proxy_its_migration_limit_and_check_config_refus
     config = tmp_path / "c.yaml"
     config.write_text("proxy: {migration_limit: -1}\n")
     assert_invalid(check([str(config), "--model", "tiny", "--device", "cpu"]), "proxy.migration_limit")
+
+
+def test_disaggregation_counts_prompt_tokens_as_the_instances_do() -> None:
+    tiny = resolve_model_path("tiny")
+    tokenizer, decider = Tokenizer(tiny), Disaggregation(8, tiny)
+    prompt = "one two three four five six seven eight nine ten"
+    assert decider.prompt_tokens({"prompt": prompt}, chat=False) == len(tokenizer.encode(prompt))
+    assert asyncio.run(decider.decide({"prompt": [1, 2, 3]}, chat=False)) == (DECODE_ONLY, 3)
+    assert asyncio.run(decider.decide({"prompt": prompt}, chat=False))[0] == PD
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert decider.prompt_tokens(chat, chat=True) > 1  # the chat template's tokens count too
+    assert asyncio.run(Disaggregation(None, None).decide({"prompt": "x"}, chat=False)) == (PD, None)
+
+
+def test_disaggregate_min_tokens_from_the_flag_to_the_proxy(tmp_path: Path) -> None:
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "model": {"path": "tiny"},
+                                           "proxy": {"port": 0, "disaggregate_min_tokens": 256}})
+    args = parse_args(Deployment(cfg, log_dir=tmp_path)._proxy_argv()[3:])  # noqa: SLF001
+    assert (args.disaggregate_min_tokens, args.tokenizer) == (256, resolve_model_path("tiny"))
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--disaggregate-min-tokens", "0"]),
+                   "--disaggregate-min-tokens", "must be >= 1")
+    with pytest.raises(SystemExit):  # without a tokenizer the proxy cannot count
+        parse_args(["--prefill", "http://a:1", "--decode", "http://b:2", "--disaggregate-min-tokens", "256"])
