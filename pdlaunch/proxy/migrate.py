@@ -198,8 +198,8 @@ class Migrations:
             except OpenAIError as exc:
                 # A dropped connection marks its instance down (upstream.Proxy.failed); an error answer is its word.
                 if exc.code not in ("instance_failed", "instance_unreachable") or target.state != "down" \
-                        or self.limit == 0:
-                    raise
+                        or self.limit == 0 or not self._others(target):
+                    raise  # without another decode the first error stands
                 failed, reason = target, "died"
             if migrations >= self.limit:
                 raise self._exhausted(request_id)
@@ -220,18 +220,19 @@ class Migrations:
             await asyncio.wait({call, stall}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stall.cancel()
-        if call.done():
-            return call.result()
+        if call.done() or not self._others(instance):  # no other decode: wait for this one
+            return await call
         call.cancel()
         raise _Stalled(instance)
 
-    def _another(self, failed: Instance) -> Instance:
-        """A ready decode other than `failed` (503 when there is none)."""
+    def _others(self, failed: Instance) -> list[Instance]:
+        """Ready instances of `failed`'s role but `failed`."""
         pool = self.proxy.pool
-        others = [i for i in pool.instances if i.role == failed.role and i.state == "ready" and i is not failed]
-        if not others:
-            return pool.pick(failed.role)  # `failed` itself if it is ready again, else the 503
-        return pool.policy.choose(failed.role, others)
+        return [i for i in pool.instances if i.role == failed.role and i.state == "ready" and i is not failed]
+
+    def _another(self, failed: Instance) -> Instance:
+        """A ready instance of `failed`'s role other than it (only called when there is one)."""
+        return self.proxy.pool.policy.choose(failed.role, self._others(failed))
 
     async def relay(self, upstream: Upstream, path: str, body: dict[str, Any], chat: bool, headers: dict[str, str],
                     deadline: float, request_id: str, on_migrate: Callable[[], None]) -> AsyncIterator[bytes]:
@@ -275,6 +276,9 @@ class Migrations:
                 if progress.head is not None and progress.prompt_ids is None:
                     yield sse_event(error_body(502, failure.message + " (its stream carried no prompt token ids "
                                                "to continue from; not migrated)", code="instance_failed"))
+                    return
+                if not self._others(current.instance):  # nowhere to go: the failure as it is
+                    yield sse_event(error_body(502, failure.message, code="instance_failed"))
                     return
                 if migrations >= self.limit:
                     yield sse_event(self._exhausted(request_id).body())
