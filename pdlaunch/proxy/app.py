@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -263,7 +263,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         finally:
             log.debug("request %s %s via %s: %s", request_id, path, " -> ".join(legs) or "no instance", outcome)
 
-    def _relayed(upstream: Upstream, events: AsyncIterator[bytes], request_id: str,
+    def _relayed(upstream: Upstream, events: AsyncGenerator[bytes, None], request_id: str,
                  release_held: Callable[[], None]) -> ClosingStreamingResponse:
         """The decode's stream (`events`) passed through to the client."""
         relayed_all = False
@@ -275,6 +275,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             relayed_all = True
 
         async def close() -> None:
+            await events.aclose()  # its own finally closes a migrated stream's current upstream
             await upstream.close()
             if not relayed_all:
                 # The client left mid-stream (the decode streams the first token before the KV

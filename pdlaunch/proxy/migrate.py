@@ -27,7 +27,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,7 +235,7 @@ class Migrations:
         return self.proxy.pool.policy.choose(failed.role, self._others(failed))
 
     async def relay(self, upstream: Upstream, path: str, body: dict[str, Any], chat: bool, headers: dict[str, str],
-                    deadline: float, request_id: str, on_migrate: Callable[[], None]) -> AsyncIterator[bytes]:
+                    deadline: float, request_id: str, on_migrate: Callable[[], None]) -> AsyncGenerator[bytes, None]:
         """The client's stream: `upstream`'s events, continued on another decode when it fails
         (`on_migrate()` runs before each continuation: the prefill's held KV goes back)."""
         progress = _Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
