@@ -5,20 +5,30 @@ settings (proxy/disaggregate.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.proxy.__main__ import parse_args
+from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD, Disaggregation
+from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.migrate import _Progress, continuation_body, not_migratable
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 from tests.config.cli_helpers import assert_invalid, check
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.test_proxy_hardening import SECRET, Prefill
 
 
 def _chunk(text: str, ids: list[int], finish: str | None = None, **top: Any) -> dict[str, Any]:
@@ -115,3 +125,52 @@ def test_disaggregate_min_tokens_from_the_flag_to_the_proxy(tmp_path: Path) -> N
                    "--disaggregate-min-tokens", "must be >= 1")
     with pytest.raises(SystemExit):  # without a tokenizer the proxy cannot count
         parse_args(["--prefill", "http://a:1", "--decode", "http://b:2", "--disaggregate-min-tokens", "256"])
+
+
+class _EndingDecode:
+    """Streams one chunk (text, its id; the prompt's ids for a text prompt) and ends without [DONE]."""
+
+    def __init__(self, bodies: list[dict[str, Any]]) -> None:
+        self.bodies = bodies
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.bodies.append(body)
+        continued = isinstance(body["prompt"], list)
+        choice = {"index": 0, "text": "B" if continued else "A", "finish_reason": None,
+                  "token_ids": [len(body["prompt"]) + 5]}
+        if not continued:
+            choice["prompt_token_ids"] = [1, 2]
+        chunk = {"id": "cmpl-z", "object": "text_completion", "created": 1, "model": "m", "choices": [choice]}
+
+        async def events() -> AsyncIterator[bytes]:
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def test_after_migration_limit_moves_the_stream_ends_with_a_migration_limit_event() -> None:
+    ports, bodies = PortAllocator("127.0.0.1"), []
+    prefill = Prefill()
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, \
+            ThreadServer(_EndingDecode(bodies).app, ports.free("d0")) as d0, \
+            ThreadServer(_EndingDecode(bodies).app, ports.free("d1")) as d1:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d0.url, "decode-0"),
+                             Instance("decode", d1.url, "decode-1")])
+        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=2)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
+            text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
+                              timeout=30).text
+            metrics = httpx.get(f"{proxy.url}/metrics", timeout=10).text
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["A", "B", "B"]
+    assert all(e["id"] == "cmpl-z" and "token_ids" not in e["choices"][0] for e in events[:-1])
+    assert events[-1]["error"]["code"] == "migration_limit" and "after 2 migrations" in events[-1]["error"]["message"]
+    assert bodies[0]["return_token_ids"] is True and "kv_transfer_params" in bodies[0]
+    assert [(b["prompt"], b["max_tokens"]) for b in bodies[1:]] == [([1, 2, 7], 9), ([1, 2, 7, 8], 8)]
+    assert 'pdlaunch_proxy_migrations_total{reason="died"} 2.0' in metrics
+    assert "pdlaunch_proxy_migrations_exhausted_total 1.0" in metrics
