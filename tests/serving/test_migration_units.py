@@ -123,6 +123,8 @@ def test_disaggregate_min_tokens_from_the_flag_to_the_proxy(tmp_path: Path) -> N
     assert (args.disaggregate_min_tokens, args.tokenizer) == (256, resolve_model_path("tiny"))
     assert_invalid(check(["--model", "tiny", "--device", "cpu", "--disaggregate-min-tokens", "0"]),
                    "--disaggregate-min-tokens", "must be >= 1")
+    result = check(["--model", "tiny", "--device", "cpu", "--colocated", "--disaggregate-min-tokens", "8"])
+    assert result.exit_code == 1 and "never disaggregates" in result.output, result.output
     with pytest.raises(SystemExit):  # without a tokenizer the proxy cannot count
         parse_args(["--prefill", "http://a:1", "--decode", "http://b:2", "--disaggregate-min-tokens", "256"])
 
