@@ -117,7 +117,7 @@ class _Progress:
             self.skip -= len(ids) - len(shown)
             self.ids += ids
             text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
-            if text:
+            if text:  # the decode's detokenizer consumed every id so far (a chunk is one step: one token here)
                 self.committed = len(self.ids)
             if choice.get("finish_reason") is not None:
                 self.finished = True
