@@ -48,6 +48,8 @@ proxy:
   request_timeout_seconds: 300
   health_timeout_seconds: 2      # no /health answer within this: the instance is stalled, routed around
   # prefill_timeout_seconds: 30  # unset: derived from prompt length and measured prefill speed
+  migration_limit: 3            # a decode dies or stalls mid-request: go on on another, this many times
+  # disaggregate_min_tokens: 256  # shorter prompts run on a decode alone (no KV transfer); unset: all PD
 
 instances:              # groups of identical instances; tp/devices/base_port are optional
   - role: prefill

@@ -148,6 +148,13 @@ class ProxyConfig(StrictModel):
         None, gt=0, description="Deadline of the prefill leg: past it the leg is abandoned and retried once on "
         "another prefill, else computed by the decode (kv_transfer.load_failure_policy: recompute) or failed with a "
         "504. Unset: derived from the prompt's length and the measured prefill speed (README).")
+    disaggregate_min_tokens: int | None = Field(
+        None, ge=1, description="A prompt of fewer tokens (counted by the proxy with the model's tokenizer) runs on a "
+        "decode instance alone: no prefill leg, no KV transfer. Unset: every request is PD.")
+    migration_limit: int = Field(
+        3, ge=0, le=100, description="A request whose decode dies or stalls (health_timeout_seconds) mid-request "
+        "goes on on another decode from its prompt + the tokens already sent, at most this many times per request "
+        "(then an error event with code migration_limit). 0: off (the stream ends with an error event).")
 
 
 class SecurityConfig(StrictModel):

@@ -24,6 +24,9 @@ def role_problems(cfg: DeploymentConfig) -> list[Problem]:
         if counts["colocated"] == 0:
             problems.append(problem("instances", "colocated deployment without a colocated instance",
                                     "add `{role: colocated, count: 1}` to instances"))
+        if cfg.proxy.disaggregate_min_tokens is not None:
+            problems.append(problem("proxy.disaggregate_min_tokens", "a colocated deployment never disaggregates "
+                                    "(every prompt runs where it decodes)", "drop it, or drop colocated"))
         return problems
     for i, group in enumerate(cfg.instances):
         if group.role == "colocated":

@@ -20,13 +20,16 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from pdlaunch.config.models import SecurityConfig
 from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, Instance, InstancePool, Role
+from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
 from pdlaunch.server.watchdog import watch_parent
 
 DEFAULT_DRAIN_S = 5.0
@@ -104,6 +107,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-failure-policy", choices=["recompute", "fail"], default="recompute",
                         help="When no prefill answers in time: the decode computes the prompt, or a 504; "
                         "kv_transfer.load_failure_policy.")
+    parser.add_argument("--migration-limit", type=int, default=DEFAULT_MIGRATION_LIMIT,
+                        help="Moves of one request to another decode when its decode dies or stalls mid-request "
+                        "(0: off); proxy.migration_limit.")
+    parser.add_argument("--disaggregate-min-tokens", type=int, default=None,
+                        help="A prompt of fewer tokens runs on a decode alone (no prefill leg, no KV transfer); "
+                        "needs --tokenizer; proxy.disaggregate_min_tokens.")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="Checkpoint directory whose tokenizer.json counts prompt tokens (the launcher "
+                        "passes the model's).")
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
@@ -113,6 +125,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not 0 < value < float("inf"):
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.disaggregate_min_tokens is not None and args.disaggregate_min_tokens < 1:
+        parser.error("--disaggregate-min-tokens must be 1 or more")
+    if args.disaggregate_min_tokens is not None and args.tokenizer is None:
+        parser.error("--disaggregate-min-tokens counts prompt tokens with the model's tokenizer: give --tokenizer DIR")
+    if args.migration_limit < 0:
+        parser.error("--migration-limit must be 0 or more")
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
@@ -131,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,
-                          load_failure_policy=args.load_failure_policy)
+                          load_failure_policy=args.load_failure_policy, migration_limit=args.migration_limit,
+                          disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer))
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,9 +36,11 @@ from pdlaunch.http.errors import OpenAIError, error_body, install_error_handlers
 from pdlaunch.http.limits import PARSE_INLINE_BYTES, BodyLimit, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.control import add_control_routes
+from pdlaunch.proxy.disaggregate import DECODE_ONLY, Disaggregation
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import CountRequests
+from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT, Migrations
 from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs, prompt_chars
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
 from pdlaunch.proxy.retry import on_live_instance
@@ -62,14 +64,21 @@ log = logging.getLogger("pdlaunch.proxy")
 def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str | None = None,
                     deployment_secret: str | None = None,
                     max_request_bytes: int = SecurityConfig().max_request_bytes,
-                    prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute") -> FastAPI:
+                    prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute",
+                    migration_limit: int = DEFAULT_MIGRATION_LIMIT,
+                    disaggregation: Disaggregation | None = None) -> FastAPI:
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
-    deadline (`prefill_timeout_s`, None: derived; prefill_leg.py)."""
+    deadline (`prefill_timeout_s`, None: derived; prefill_leg.py); a decode leg whose instance dies or
+    stalls goes on on another decode, at most `migration_limit` times (migrate.py); `disaggregation`
+    sends short prompts to a decode alone (disaggregate.py; None: every request is PD)."""
     if load_failure_policy not in ("recompute", "fail"):
         raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
     prefill_legs = PrefillLegs(proxy, PrefillDeadline(prefill_timeout_s), recompute=load_failure_policy == "recompute")
+    disaggregation = disaggregation or Disaggregation(None, None)
+    migrations = Migrations(proxy, migration_limit, on_migrate=lambda why: proxy.metrics.migrations.labels(why).inc(),
+                            on_exhausted=proxy.metrics.migrations_exhausted.inc)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -190,18 +199,27 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             if pool.colocated:
                 target, leg = pool.pick("colocated"), body
             else:
-                # Both picked up front: no prefill work (and no held KV) when no decode instance is up.
-                target, first_prefill = pool.pick("decode"), pool.pick("prefill")
+                # The decode is picked first: no prefill work (and no held KV) when no decode instance is up.
+                target = pool.pick("decode")
+                decision, prompt_tokens = await disaggregation.decide(body, chat)
+                if disaggregation.min_tokens is not None:
+                    proxy.metrics.disaggregation.labels(decision).inc()
+                    legs.append(f"{decision} ({prompt_tokens} prompt tokens, "
+                                f"disaggregate_min_tokens {disaggregation.min_tokens})")
                 first_token = continues_from_first_token(body)
-                prefill_leg = prefill_body(body, chat, first_token)
-                started = time.monotonic()
-                try:
-                    answered = await watch.run(prefill_legs.run(first_prefill, path, prefill_leg, headers, deadline,
-                                                                prompt_chars(body)))
-                except OpenAIError as exc:
-                    raise client_limit_error(exc, body, chat) from None
-                if answered is None:  # no prefill answered in time: the decode computes the prompt
-                    legs.append("no prefill (stalled)")
+                answered = None
+                if decision != DECODE_ONLY:
+                    first_prefill = pool.pick("prefill")
+                    prefill_leg = prefill_body(body, chat, first_token)
+                    started = time.monotonic()
+                    try:
+                        answered = await watch.run(prefill_legs.run(first_prefill, path, prefill_leg, headers,
+                                                                    deadline, prompt_chars(body)))
+                    except OpenAIError as exc:
+                        raise client_limit_error(exc, body, chat) from None
+                if answered is None:  # a short prompt, or no prefill answered in time: the decode computes it
+                    if decision != DECODE_ONLY:
+                        legs.append("no prefill (stalled)")
                     leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
                 else:
                     prefill, prefill_answer = answered
@@ -218,13 +236,18 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     held = None
             role = target.role
             if body.get("stream"):
+                migrating = migrations.streams(body, chat)
+                if migrating:  # the ids to continue from when this decode fails (migrate.py)
+                    leg = {**leg, "return_token_ids": True}
                 _, upstream = await watch.run(on_live_instance(
                     pool, role, target, lambda d: proxy.open_stream(d, path, leg, headers, deadline)))
                 legs.append(upstream.instance.name)
                 outcome = "streaming"
-                return _relayed(upstream, deadline, request_id, release_held)
-            decode, answer = await watch.run(on_live_instance(
-                pool, role, target, lambda d: proxy.post_json(d, path, leg, headers, deadline)))
+                events = migrations.relay(upstream, path, body, chat, headers, deadline, request_id,
+                                          release_held) if migrating else proxy.relay(upstream, deadline)
+                return _relayed(upstream, events, request_id, release_held)
+            decode, answer = await watch.run(migrations.answer(target, path, leg, body, headers, deadline,
+                                                               request_id))
             legs.append(decode.name)
             outcome = "ok"
             if prefill_answer is not None and body.get("prompt_logprobs") is not None:
@@ -245,18 +268,19 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
         finally:
             log.debug("request %s %s via %s: %s", request_id, path, " -> ".join(legs) or "no instance", outcome)
 
-    def _relayed(upstream: Upstream, deadline: float, request_id: str,
+    def _relayed(upstream: Upstream, events: AsyncGenerator[bytes, None], request_id: str,
                  release_held: Callable[[], None]) -> ClosingStreamingResponse:
-        """The decode's stream passed through to the client."""
+        """The decode's stream (`events`) passed through to the client."""
         relayed_all = False
 
         async def relay() -> AsyncIterator[bytes]:
             nonlocal relayed_all
-            async for chunk in proxy.relay(upstream, deadline):
+            async for chunk in events:
                 yield chunk
             relayed_all = True
 
         async def close() -> None:
+            await events.aclose()  # its own finally closes a migrated stream's current upstream
             await upstream.close()
             if not relayed_all:
                 # The client left mid-stream (the decode streams the first token before the KV

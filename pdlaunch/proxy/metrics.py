@@ -32,6 +32,17 @@ class ProxyMetrics:
             "pdlaunch_proxy_legs_retried", "Legs sent again after their instance failed them, by role and why "
             "(instance_gone: refused or dropped; stalled: no answer within the leg's deadline; recompute: the "
             "prefill leg given up and the prompt computed by the decode)", ["role", "reason"], registry=self.registry)
+        self.migrations = Counter(
+            "pdlaunch_proxy_migrations", "Requests moved to another decode mid-request (proxy.migration_limit), by "
+            "why (died: dropped or ended its stream unfinished; stalled: marked stalled by the /health probe)",
+            ["reason"], registry=self.registry)
+        self.migrations_exhausted = Counter(
+            "pdlaunch_proxy_migrations_exhausted", "Requests failed after proxy.migration_limit migrations",
+            registry=self.registry)
+        self.disaggregation = Counter(
+            "pdlaunch_proxy_disaggregation_decisions", "Requests by how they ran under proxy.disaggregate_min_tokens: "
+            "pd (prefill leg + KV transfer) or decode_only (a short prompt computed by the decode)", ["decision"],
+            registry=self.registry)
         pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
         pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
         self.registry.register(_PoolCollector(pool))

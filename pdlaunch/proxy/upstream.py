@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +127,7 @@ class Proxy:
             raise error_from_response(instance, response.status_code, content)
         return Upstream(instance, response)
 
-    async def relay(self, upstream: Upstream, deadline: float) -> AsyncIterator[bytes]:
+    async def relay(self, upstream: Upstream, deadline: float) -> AsyncGenerator[bytes, None]:
         """Pass SSE events through one by one; end with an error event if the instance fails."""
         instance, response = upstream.instance, upstream.response
         parser = SSEParser()

@@ -184,6 +184,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
                 builder = ResponseBuilder(
                     endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
                     return_token_ids=body.return_token_ids,
+                    prompt_token_ids=prompt_ids if body.return_token_ids else None,
                     tool_calling=body.tool_calling() if isinstance(body, ChatCompletionRequest) else None,
                     response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + client_id,
                     detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),

@@ -24,6 +24,7 @@ class ResponseBuilder:
     detokenize: Detokenize
     num_prompt_tokens: int = 0
     return_token_ids: bool = False
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: sent once, in the first chunk (vLLM's)
     created: int = field(default_factory=lambda: int(time.time()))
     text: str = ""
     num_output_tokens: int = 0
@@ -88,6 +89,7 @@ class ResponseBuilder:
             choice["token_ids"] = self.output_token_ids
         body = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage()}
+        self._add_prompt_token_ids(body, choice)
         if self.endpoint == "chat" and self.prompt_logprobs is not None:
             body["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
         if self.kv_transfer_params is not None:
@@ -135,12 +137,21 @@ class ResponseBuilder:
         self._text_offset += len(out.new_text)
         body: dict[str, Any] = {"id": self.response_id, "object": obj, "created": self.created,
                                 "model": self.model, "choices": [choice]}
+        self._add_prompt_token_ids(body, choice)
         if out.finished:
             if final_usage:
                 body["usage"] = self.usage()
             if self.kv_transfer_params is not None:
                 body["kv_transfer_params"] = self.kv_transfer_params
         return body
+
+    def _add_prompt_token_ids(self, body: dict[str, Any], choice: dict[str, Any]) -> None:
+        """vLLM's places: in the completion choice, at the top of a chat body; once per stream (the proxy
+        continues a migrated stream from them: proxy/migrate.py)."""
+        if not self.return_token_ids or self.prompt_token_ids is None:
+            return
+        (choice if self.endpoint == "completion" else body)["prompt_token_ids"] = self.prompt_token_ids
+        self.prompt_token_ids = None
 
     def _tool_finish_reason(self, called: bool) -> str | None:
         """vLLM's: "tool_calls" when auto or required called tools; a named call stays "stop"."""

@@ -1,0 +1,365 @@
+"""Request migration: a decode leg whose instance dies or stalls mid-request goes on on another decode.
+
+A streamed request is continued by recompute: the proxy asks its decode leg for the token ids
+(`return_token_ids`, which also brings the prompt's ids in the first chunk) and, when that decode
+drops the connection, ends its stream without a final chunk, or is marked stalled (its /health probe
+past proxy.health_timeout_seconds: instances.py), sends another decode a /v1/completions request
+whose prompt is the prompt's ids + the generated ids whose text the client already has, with
+max_tokens (and min_tokens) reduced by their number. Ids generated after the last chunk that carried
+text (the old decode held their text back: a character not complete yet) are not in that prompt: the
+new decode makes them again and hands out their text; a greedy stream is then the uninterrupted
+run's text, with no character repeated or missing. The new decode's chunks are rewritten into the
+client's stream (its id, model, object; chat deltas; usage counting the whole request).
+
+Not migrated (the stream ends with the error event, as without migration): requests whose output
+depends on state the continuation cannot rebuild from token ids: stop strings (one may span the
+migration point), tools and structured outputs (parser and grammar state), presence / frequency /
+repetition penalties (counted over the output only), logprobs, several choices, echo.
+
+A request that is not streamed has nothing at the client yet: it is sent again, whole, to another
+decode (which computes the prompt itself). At most `limit` migrations per request; then the request
+fails with code `migration_limit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from pdlaunch.http.errors import OpenAIError, error_body
+from pdlaunch.http.sse import SSEParser, sse_data, sse_event
+from pdlaunch.proxy.instances import Instance
+from pdlaunch.proxy.retry import on_live_instance
+from pdlaunch.proxy.upstream import Proxy, Upstream
+from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
+
+log = logging.getLogger("pdlaunch.proxy")
+
+DEFAULT_MIGRATION_LIMIT = 3
+LIMIT_CODE = "migration_limit"
+# Fields copied into a continuation: sampling that depends only on the prompt + output token ids.
+_CONTINUED_FIELDS = ("model", "user", "temperature", "top_p", "top_k", "seed", "min_p", "stop_token_ids",
+                     "ignore_eos", "logit_bias", "allowed_token_ids", "bad_words", "skip_special_tokens",
+                     "spaces_between_special_tokens", "stream_options")
+
+
+def not_migratable(body: dict[str, Any], chat: bool) -> str | None:
+    """Why a streamed request cannot be continued from token ids (module doc), or None when it can."""
+    if body.get("stop"):
+        return "stop strings"
+    if chat and (body.get("tools") or body.get("tool_choice") not in (None, "none")):
+        return "tools"
+    if any(body.get(k) is not None for k in ("response_format", "structured_outputs", "guided_json",
+                                             "guided_regex", "guided_choice", "guided_grammar")):
+        return "structured output"
+    if any(body.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")) or \
+            body.get("repetition_penalty") not in (None, 1, 1.0):
+        return "penalties"
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+        return "logprobs"
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) or body.get("echo"):
+        return "several choices or echo"
+    return None
+
+
+def max_tokens_of(body: dict[str, Any], chat: bool) -> int:
+    limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+        else body.get("max_tokens")
+    return int(limit) if limit is not None else DEFAULT_MAX_TOKENS
+
+
+def continuation_body(body: dict[str, Any], chat: bool, token_ids: list[int], generated: int) -> dict[str, Any]:
+    """The /v1/completions request that goes on from `token_ids` (prompt + `generated` output ids)."""
+    leg = {k: body[k] for k in _CONTINUED_FIELDS if k in body}
+    leg.update(prompt=token_ids, max_tokens=max(1, max_tokens_of(body, chat) - generated), stream=True,
+               return_token_ids=True)
+    min_tokens = body.get("min_completion_tokens") if chat and body.get("min_completion_tokens") is not None \
+        else body.get("min_tokens")
+    if min_tokens:
+        leg["min_tokens"] = max(0, int(min_tokens) - generated)
+    return leg
+
+
+@dataclass
+class _Progress:
+    """What the client has of one streamed request."""
+
+    chat: bool
+    client_ids: bool  # the client asked for return_token_ids itself
+    prompt_ids: list[int] | None = None
+    ids: list[int] = field(default_factory=list)  # output ids received, in order
+    committed: int = 0  # of `ids`: those whose text the client has
+    skip: int = 0  # ids the current decode makes again (they were after `committed`): not shown twice
+    offset: int = 0  # output ids given in the current decode's prompt
+    head: dict[str, Any] | None = None  # id / object / created / model of the client's stream
+    finished: bool = False  # a finish_reason was sent
+    done: bool = False  # [DONE] or an error event was sent
+
+    def rewrite(self, chunk: dict[str, Any], continued: bool) -> dict[str, Any] | None:
+        """Record `chunk`'s ids and text; the chunk as the client gets it (None: nothing for the client,
+        a chunk sent only for the ids we asked for)."""
+        if self.head is None:
+            self.head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
+        prompt_ids = chunk.get("prompt_token_ids")
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            prompt_ids = choice.get("prompt_token_ids", prompt_ids)
+            ids = [int(i) for i in choice.get("token_ids") or []]
+            shown = ids[self.skip:]  # the client (asking for ids) had the others before the migration
+            self.skip -= len(ids) - len(shown)
+            self.ids += ids
+            text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+            if text:  # the decode's detokenizer consumed every id so far (a chunk is one step: one token here)
+                self.committed = len(self.ids)
+            if choice.get("finish_reason") is not None:
+                self.finished = True
+            if self.client_ids:
+                choice["token_ids"] = shown
+        if self.prompt_ids is None and isinstance(prompt_ids, list):
+            self.prompt_ids = [int(i) for i in prompt_ids]
+        if continued:
+            chunk = self._as_client_chunk(chunk)
+        if not self.client_ids:
+            chunk.pop("prompt_token_ids", None)
+            for choice in chunk.get("choices") or []:
+                if isinstance(choice, dict):
+                    choice.pop("token_ids", None)
+                    choice.pop("prompt_token_ids", None)
+            if _carries_nothing(chunk):
+                return None
+        return chunk
+
+    def _as_client_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """A continuation's completion chunk in the client's stream (same id; a chat delta for chat)."""
+        out = {**chunk, **(self.head or {})}
+        out.pop("prompt_token_ids", None)
+        choices = []
+        for choice in chunk.get("choices") or []:
+            if self.chat and isinstance(choice, dict):
+                entry = {"index": 0, "delta": {"content": choice.get("text", "")},
+                         "finish_reason": choice.get("finish_reason"), "logprobs": None}
+                if self.client_ids:
+                    entry["token_ids"] = choice.get("token_ids", [])
+                choices.append(entry)
+            else:
+                choices.append(choice)
+        out["choices"] = choices
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and self.prompt_ids is not None:
+            completion = int(usage.get("completion_tokens") or 0) + self.offset
+            out["usage"] = {**usage, "prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
+                            "total_tokens": len(self.prompt_ids) + completion}
+        return out
+
+
+class Migrations:
+    """Runs decode legs that move to another decode when theirs dies or stalls. `on_migrate(reason)`
+    counts each migration (reason: died, stalled), `on_exhausted()` each request past the limit."""
+
+    def __init__(self, proxy: Proxy, limit: int, on_migrate: Callable[[str], None] = lambda reason: None,
+                 on_exhausted: Callable[[], None] = lambda: None) -> None:
+        if limit < 0:
+            raise ValueError(f"migration limit {limit}: must be 0 or more")
+        self.proxy = proxy
+        self.limit = limit
+        self.on_migrate = on_migrate
+        self.on_exhausted = on_exhausted
+
+    def streams(self, body: dict[str, Any], chat: bool) -> bool:
+        """Whether a streamed request of this body is relayed with migration (then its decode leg
+        asks for return_token_ids)."""
+        return self.limit > 0 and not_migratable(body, chat) is None
+
+    def _exhausted(self, request_id: str) -> OpenAIError:
+        self.on_exhausted()
+        return OpenAIError(502, f"request {request_id}: its decode failed after {self.limit} migrations "
+                                "(proxy.migration_limit); no other decode could finish it", code=LIMIT_CODE)
+
+    async def answer(self, target: Instance, path: str, leg: dict[str, Any], body: dict[str, Any],
+                     headers: dict[str, str], deadline: float, request_id: str) -> tuple[Instance, dict[str, Any]]:
+        """A whole (not streamed) answer; a decode that dies or stalls before answering is replaced by
+        another that computes the prompt itself, at most `limit` times."""
+        pool, migrations = self.proxy.pool, 0
+        while True:
+            try:
+                call = functools.partial(self._post_unless_stalled, path=path, leg=leg, headers=headers,
+                                         deadline=deadline)
+                return await on_live_instance(pool, target.role, target, call)
+            except _Stalled as stalled:
+                failed, reason = stalled.instance, "stalled"
+            except OpenAIError as exc:
+                # A dropped connection marks its instance down (upstream.Proxy.failed); an error answer is its word.
+                if exc.code not in ("instance_failed", "instance_unreachable") or target.state != "down" \
+                        or self.limit == 0 or not self._others(target):
+                    raise  # without another decode the first error stands
+                failed, reason = target, "died"
+            if migrations >= self.limit:
+                raise self._exhausted(request_id)
+            migrations += 1
+            self.on_migrate(reason)
+            target = self._another(failed)
+            leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
+            log.info("request %s: %s %s mid-request; sent again to %s (migration %d of %d)", request_id,
+                     failed.name, reason, target.name, migrations, self.limit)
+
+    async def _post_unless_stalled(self, instance: Instance, path: str, leg: dict[str, Any],
+                                   headers: dict[str, str], deadline: float) -> dict[str, Any]:
+        if self.limit == 0:
+            return await self.proxy.post_json(instance, path, leg, headers, deadline)
+        call = asyncio.ensure_future(self.proxy.post_json(instance, path, leg, headers, deadline))
+        stall = asyncio.ensure_future(instance.stalled.wait())
+        try:
+            await asyncio.wait({call, stall}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stall.cancel()
+        if call.done() or not self._others(instance):  # no other decode: wait for this one
+            return await call
+        call.cancel()
+        raise _Stalled(instance)
+
+    def _others(self, failed: Instance) -> list[Instance]:
+        """Ready instances of `failed`'s role but `failed`."""
+        pool = self.proxy.pool
+        return [i for i in pool.instances if i.role == failed.role and i.state == "ready" and i is not failed]
+
+    def _another(self, failed: Instance) -> Instance:
+        """A ready instance of `failed`'s role other than it (only called when there is one)."""
+        return self.proxy.pool.policy.choose(failed.role, self._others(failed))
+
+    async def relay(self, upstream: Upstream, path: str, body: dict[str, Any], chat: bool, headers: dict[str, str],
+                    deadline: float, request_id: str, on_migrate: Callable[[], None]) -> AsyncGenerator[bytes, None]:
+        """The client's stream: `upstream`'s events, continued on another decode when it fails
+        (`on_migrate()` runs before each continuation: the prefill's held KV goes back)."""
+        progress = _Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
+        current, continued, migrations = upstream, False, 0
+        try:
+            while True:
+                failure = None
+                events = self._events(current, deadline)
+                async for event in events:
+                    if isinstance(event, _Failure):
+                        failure = event
+                        break
+                    if event == "[DONE]" or event.startswith('{"error"'):
+                        progress.done = True
+                        yield sse_data(event)
+                        continue
+                    try:
+                        chunk = json.loads(event)
+                    except ValueError:
+                        yield sse_data(event)
+                        continue
+                    if not isinstance(chunk, dict):
+                        yield sse_data(event)
+                        continue
+                    shown = progress.rewrite(chunk, continued)
+                    if shown is not None:
+                        yield sse_event(shown)
+                await events.aclose()
+                await current.close()
+                if progress.done:
+                    return
+                if failure is None:
+                    failure = _Failure("died", f"{current.instance.name} ({current.instance.url}) closed the stream "
+                                               "before it finished")
+                if progress.finished:  # the last chunk arrived; only [DONE] was lost
+                    yield sse_data("[DONE]")
+                    return
+                if progress.head is not None and progress.prompt_ids is None:
+                    yield sse_event(error_body(502, failure.message + " (its stream carried no prompt token ids "
+                                               "to continue from; not migrated)", code="instance_failed"))
+                    return
+                if not self._others(current.instance):  # nowhere to go: the failure as it is
+                    yield sse_event(error_body(502, failure.message, code="instance_failed"))
+                    return
+                if migrations >= self.limit:
+                    yield sse_event(self._exhausted(request_id).body())
+                    return
+                migrations += 1
+                self.on_migrate(failure.reason)
+                on_migrate()
+                target = self._another(current.instance)
+                if progress.prompt_ids is None:  # nothing reached the client: the request again, whole
+                    leg_path, continued = path, False
+                    leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, "return_token_ids": True}
+                else:
+                    progress.offset = progress.committed
+                    progress.skip = len(progress.ids) - progress.committed
+                    del progress.ids[progress.committed:]
+                    leg_path, continued = "/v1/completions", True
+                    leg = continuation_body(body, chat, progress.prompt_ids + progress.ids, progress.committed)
+                log.info("request %s: %s; continuing on %s from %d output tokens (migration %d of %d)",
+                         request_id, failure.message, target.name, progress.committed, migrations, self.limit)
+                open_leg = functools.partial(self.proxy.open_stream, path=leg_path, body=leg, headers=headers,
+                                             deadline=deadline)
+                _, current = await on_live_instance(self.proxy.pool, target.role, target, open_leg)
+        except OpenAIError as exc:
+            yield sse_event(exc.body())
+        finally:
+            await current.close()
+
+    async def _events(self, upstream: Upstream, deadline: float) -> AsyncGenerator[str | _Failure, None]:
+        """`upstream`'s SSE payloads, then a _Failure if it failed (dropped, or its instance stalled)."""
+        instance, parser = upstream.instance, SSEParser()
+        chunks = upstream.response.aiter_raw()
+        stall = asyncio.ensure_future(instance.stalled.wait())
+        try:
+            while True:
+                remaining = self.proxy.remaining(deadline)
+                read = asyncio.ensure_future(chunks.__anext__())
+                done, _ = await asyncio.wait({read, stall}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                if read not in done:
+                    read.cancel()
+                    if stall in done:
+                        yield _Failure("stalled", f"{instance.name} ({instance.url}) stalled (no /health answer "
+                                                  f"within {self.proxy.pool.health_timeout_s:g}s)")
+                        return
+                    self.proxy.remaining(deadline)  # the request's deadline: its 504
+                    continue
+                try:
+                    chunk = read.result()
+                except StopAsyncIteration:
+                    return
+                except (httpx.HTTPError, TimeoutError) as exc:
+                    self.proxy.failed(instance, exc)  # marks a dropped instance down
+                    yield _Failure("died", f"{instance.name} ({instance.url}) failed mid-stream: "
+                                           f"{type(exc).__name__}")
+                    return
+                for data in parser.feed(chunk):
+                    yield data
+        finally:
+            stall.cancel()
+
+
+def _carries_nothing(chunk: dict[str, Any]) -> bool:
+    """No text, role, finish, usage or anything else a client reads."""
+    if chunk.get("usage") or chunk.get("kv_transfer_params"):
+        return False
+    for choice in chunk.get("choices") or []:
+        if not isinstance(choice, dict) or choice.get("finish_reason") is not None or choice.get("text") or \
+                choice.get("logprobs"):
+            return False
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and any(v for k, v in delta.items()):
+            return False
+    return bool(chunk.get("choices"))
+
+
+@dataclass
+class _Failure:
+    reason: str  # died | stalled
+    message: str
+
+
+class _Stalled(Exception):
+    def __init__(self, instance: Instance) -> None:
+        super().__init__(instance.name)
+        self.instance = instance
