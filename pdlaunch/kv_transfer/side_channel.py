@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 # NIXL agent metadata is ~0.5 KiB on CPU (measured) and KiBs with GPU memory keys. 1 MiB covers both,
 # and bounds what MAX_CONNECTIONS peers can make us buffer to 64 MiB.
 MAX_FRAME_BYTES = 1 << 20
-MAX_CONNECTIONS = 64  # decode ranks open one connection per call, 4 loader threads each
+MAX_CONNECTIONS = 64  # decode ranks keep up to 4 open each (Connections: one per loader thread)
 FRAME_READ_SECONDS = 10.0
 POOL_IDLE_SECONDS = FRAME_READ_SECONDS / 2  # a kept connection is reused only this long after its last answer
 REPLAY_WINDOW_SECONDS = 30.0  # a request's ts must lie this close to our clock (multi-node skew included)
