@@ -177,6 +177,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         self.keys = keys
         self.max_connections = max_connections
         self._active = 0
+        self._open: set[socket.socket] = set()  # connections being served (kept ones included)
         self._seen: dict[str, float] = {}  # request nonce -> when it leaves the replay window (monotonic)
         self._lock = threading.Lock()
         self._warn = RateLimitedWarning(logger)
@@ -202,6 +203,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
             full = self._active >= self.max_connections
             if not full:
                 self._active += 1
+                self._open.add(request)
         if full:
             self.refuse(request, "{}:{}".format(*client_address[:2]), "busy",
                         f"too many side-channel connections (limit {self.max_connections})")
@@ -215,6 +217,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         finally:
             with self._lock:
                 self._active -= 1
+                self._open.discard(request)
 
     def num_connections(self) -> int:
         with self._lock:
@@ -282,6 +285,13 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
     def close(self) -> None:
         self.shutdown()
         self.server_close()
+        with self._lock:  # connections a decode keeps open: their threads see EOF and end
+            open_connections = list(self._open)
+        for sock in open_connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._thread.join(timeout=5.0)
 
 

@@ -133,6 +133,11 @@ def test_side_channel_kept_connections_are_reused_and_replaced_when_closed(monke
         wait_connections(0)
         monkeypatch.setattr(side_channel, "POOL_IDLE_SECONDS", 60.0)
         assert ask("b") == "b"
+        server.close()  # ends the connection kept from the last call too
+        wait_connections(0)
+        with pytest.raises(KVTransferError, match="no answer"):
+            side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "c"}, 1, "echo", KEYS,
+                              connections)
     finally:
         connections.close()
         server.close()
