@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import torch
@@ -97,6 +98,50 @@ def test_side_channel_round_trip_and_errors() -> None:
             side_channel.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope", KEYS)
     finally:
         server.close()
+
+
+def test_side_channel_kept_connections_are_reused_and_replaced_when_closed(monkeypatch) -> None:
+    class Got(BaseModel):
+        got: str
+
+    def echo(message: ForgetRequest) -> Got:
+        return Got(got=message.agent_name)
+
+    def ask(name: str) -> str:
+        return side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": name}, 5, "echo", KEYS,
+                                 connections)["got"]
+
+    def wait_connections(n: int) -> None:
+        deadline = time.monotonic() + 30
+        while server.num_connections() != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.num_connections() == n, f"{server.num_connections()} side-channel connections, not {n}"
+
+    server = side_channel.SideChannelServer("127.0.0.1", 0, {"forget": echo}, KEYS)
+    connections = side_channel.Connections(per_peer=2)
+    try:
+        assert [ask(str(i)) for i in range(5)] == ["0", "1", "2", "3", "4"]
+        wait_connections(1)  # one connection served all five
+        with pytest.raises(KVTransferError, match="is not served here"):  # an error answer keeps it too
+            side_channel.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
+                              5, "listen", KEYS, connections)
+        wait_connections(1)
+        # The server closes a connection left idle (quietly); a kept one it closed is replaced, even when
+        # the client still thinks it fresh.
+        monkeypatch.setattr(side_channel, "FRAME_READ_SECONDS", 0.2)
+        assert ask("a") == "a"  # the server thread now waits at most 0.2s for the next frame
+        wait_connections(0)
+        monkeypatch.setattr(side_channel, "POOL_IDLE_SECONDS", 60.0)
+        assert ask("b") == "b"
+        server.close()  # ends the connection kept from the last call too
+        wait_connections(0)
+        with pytest.raises(KVTransferError, match="no answer"):
+            side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "c"}, 1, "echo", KEYS,
+                              connections)
+    finally:
+        connections.close()
+        server.close()
+    assert connections.take("127.0.0.1", server.port) is None
 
 
 def test_side_channel_silent_peer_times_out_with_what_was_awaited() -> None:

@@ -132,3 +132,4 @@ class DecodeLoads:
         for request_id in self.table.running():
             self.table.abort(request_id)
         self.ctx.executor.shutdown(wait=True, cancel_futures=True)
+        self.ctx.connections.close()
