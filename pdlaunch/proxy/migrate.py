@@ -37,7 +37,7 @@ from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import on_live_instance
-from pdlaunch.proxy.upstream import Proxy, Upstream
+from pdlaunch.proxy.upstream import Proxy, Upstream, retrieve, shutting_down_body
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -311,13 +311,20 @@ class Migrations:
         instance, parser = upstream.instance, SSEParser()
         chunks = upstream.response.aiter_raw()
         stall = asyncio.ensure_future(instance.stalled.wait())
+        stopping = asyncio.ensure_future(self.proxy.stopping.wait())
+        read: asyncio.Future[bytes] | None = None
         try:
             while True:
                 remaining = self.proxy.remaining(deadline)
                 read = asyncio.ensure_future(chunks.__anext__())
-                done, _ = await asyncio.wait({read, stall}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({read, stall, stopping}, timeout=remaining,
+                                             return_when=asyncio.FIRST_COMPLETED)
                 if read not in done:
                     read.cancel()
+                    read.add_done_callback(retrieve)
+                    if stopping in done:  # the drain at shutdown ran out: the stream ends, not migrated
+                        yield json.dumps(shutting_down_body(), separators=(",", ":"))
+                        return
                     if stall in done:
                         yield _Failure("stalled", f"{instance.name} ({instance.url}) stalled (no /health answer "
                                                   f"within {self.proxy.pool.health_timeout_s:g}s)")
@@ -337,6 +344,10 @@ class Migrations:
                     yield data
         finally:
             stall.cancel()
+            stopping.cancel()
+            if read is not None and not read.done():  # the client left while we waited for a chunk
+                read.cancel()
+                read.add_done_callback(retrieve)  # its error is the closed stream's: not worth a log line
 
 
 def _carries_nothing(chunk: dict[str, Any]) -> bool:

@@ -143,10 +143,9 @@ class Proxy:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if pending not in done:
                     pending.cancel()
-                    pending.add_done_callback(_retrieve)
+                    pending.add_done_callback(retrieve)
                     if stopping in done:
-                        yield sse_event(error_body(503, "the server is shutting down: this stream ended before it "
-                                                        "finished; retry on a running server", code="shutting_down"))
+                        yield sse_event(shutting_down_body())
                         return
                     raise TimeoutError
                 try:
@@ -168,11 +167,17 @@ class Proxy:
             stopping.cancel()
             if pending is not None and not pending.done():  # the client left while we waited for a chunk
                 pending.cancel()
-                pending.add_done_callback(_retrieve)  # its error is the closed stream's: not worth a log line
+                pending.add_done_callback(retrieve)  # its error is the closed stream's: not worth a log line
             await upstream.close()
 
 
-def _retrieve(future: asyncio.Future[bytes]) -> None:
+def shutting_down_body() -> dict[str, Any]:
+    """The error event that ends a stream still open when the drain at shutdown runs out."""
+    return error_body(503, "the server is shutting down: this stream ended before it finished; retry on a "
+                           "running server", code="shutting_down")
+
+
+def retrieve(future: asyncio.Future[bytes]) -> None:
     """Mark a cancelled read's outcome as seen, so that asyncio does not log it as never retrieved."""
     if not future.cancelled():
         future.exception()
