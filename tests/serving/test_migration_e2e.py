@@ -38,7 +38,7 @@ instances:
   - {role: decode, count: 2}
 """
 STREAMS = 40
-MAX_TOKENS = 96
+MAX_TOKENS = 256  # long enough that no stream can finish between the check and the kill
 CLIENT_TIMEOUT_S = 180.0
 SECRET = "migration-test-deployment-secret"  # a second proxy signs its legs as the launcher's does
 
@@ -134,8 +134,14 @@ def _state(serve: Serve, name: str) -> str:
 def _mid_stream(serve: Serve, name: str, streams: list[_Stream]) -> None:
     """Wait until `name` holds streams that have sent text and not finished: the moment to fail it. Waiting
     for every stream's first chunk instead let a fast (unloaded) machine finish them all first."""
-    wait_for(lambda: _instance(serve, name)["in_flight"] >= 1 and any(s.chunks and not s.done for s in streams),
+    wait_for(lambda: _instance(serve, name)["in_flight"] >= 3 and any(s.chunks and not s.done for s in streams),
              f"{name} to be serving streams mid-way", CLIENT_TIMEOUT_S, poll=0.01)
+
+
+def _both_decodes_ready(serve: Serve) -> None:
+    """Each test starts with both decodes serving (a restart by an earlier test may still be under way)."""
+    for name in ("decode-0", "decode-1"):
+        wait_for(lambda n=name: _state(serve, n) == "ready", f"{name} to be ready", 180, poll=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +162,7 @@ def _check(streams: list[_Stream], reference: list[str]) -> None:
 
 
 def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: list[str]) -> None:
+    _both_decodes_ready(serve)
     before = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}')
     streams = [_Stream(serve, i) for i in range(STREAMS)]
     _mid_stream(serve, "decode-1", streams)
@@ -171,6 +178,7 @@ def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: 
 
 def test_streams_and_whole_requests_of_a_stopped_decode_go_on_on_the_other(serve: Serve,
                                                                            reference: list[str]) -> None:
+    _both_decodes_ready(serve)
     before = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="stalled"}')
     streams = [_Stream(serve, i) for i in range(STREAMS // 2)]
     _mid_stream(serve, "decode-0", streams)
