@@ -1,0 +1,68 @@
+"""KV cache events: what an instance tells the proxy about the full blocks it caches.
+
+An instance streams these as newline-delimited JSON from `GET /v1/kv_events`: first one `snapshot`
+(every cached block's chained hash), then a `stored` or `removed` event each time blocks enter or
+leave its prefix cache. Blocks are named by `prefix_cache.hash_block` chained from the prompt's
+first token, written as 32 hex digits, so the proxy can hash a prompt's token ids itself
+(`prompt_block_hashes`) and count how many leading blocks an instance already holds.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from pdlaunch.kvcache.prefix_cache import hash_block
+
+BlockHashHex = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int = Field(ge=0, description="Position in this stream; the snapshot is 0, each later event one more.")
+
+
+class KvSnapshot(_Event):
+    type: Literal["snapshot"] = "snapshot"
+    engine_id: str
+    block_size: int = Field(gt=0)
+    hashes: list[BlockHashHex]
+
+
+class KvStored(_Event):
+    type: Literal["stored"] = "stored"
+    hashes: list[BlockHashHex]
+
+
+class KvRemoved(_Event):
+    type: Literal["removed"] = "removed"
+    hashes: list[BlockHashHex]
+
+
+KvEvent = Annotated[KvSnapshot | KvStored | KvRemoved, Field(discriminator="type")]
+KV_EVENT = TypeAdapter(KvEvent)
+
+
+def hash_hex(block_hash: int) -> str:
+    """The wire form of a chained block hash: 32 lowercase hex digits."""
+    return f"{block_hash:032x}"
+
+
+def prompt_block_hashes(token_ids: list[int], block_size: int) -> list[str]:
+    """Chained hashes of the prompt's full blocks, in order, as the instances name them."""
+    hashes: list[str] = []
+    parent: int | None = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, tuple(token_ids[start : start + block_size]))
+        hashes.append(hash_hex(parent))
+    return hashes
+
+
+def matched_blocks(prompt_hashes: list[str], cached: set[str] | frozenset[str]) -> int:
+    """How many leading blocks of the prompt are in `cached` (a chain stops at its first miss)."""
+    for count, block_hash in enumerate(prompt_hashes):
+        if block_hash not in cached:
+            return count
+    return len(prompt_hashes)
