@@ -67,7 +67,9 @@ def checkpoint_problems(model_path: str, quantization: str | None = None) -> lis
 
 def gguf_file_problems(path: Path) -> list[Problem]:
     """Tensors, shapes, tokenizer and quant types of a GGUF file, from its header (no weight is dequantized)."""
-    from pdlaunch.model import gguf_check, gguf_metadata  # lazy: imports numpy and the gguf package
+    # lazy: imports numpy and the gguf package
+    from pdlaunch.model.gguf import check as gguf_check
+    from pdlaunch.model.gguf import metadata as gguf_metadata
 
     try:
         reader = gguf_metadata.open_reader(path)
