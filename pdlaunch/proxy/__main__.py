@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
         timeout_graceful_shutdown=drain_s, lifespan="on",
-    ), on_shutdown=lambda: app.state.proxy.begin_shutdown(drain_s))
+    ), on_shutdown=lambda: app.state.proxy_state.proxy.begin_shutdown(drain_s))
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
     server.run()

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from pdlaunch.model.tokenizer import Tokenizer
+from pdlaunch.proxy.bodies import Body
 from pdlaunch.server.prompts import Prompt, tokenize
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -29,7 +29,7 @@ class Disaggregation:
         self.min_tokens = min_tokens
         self._tokenizer = Tokenizer(tokenizer_dir) if min_tokens is not None and tokenizer_dir else None
 
-    def prompt_tokens(self, body: dict[str, Any], chat: bool) -> int:
+    def prompt_tokens(self, body: Body, chat: bool) -> int:
         """The prompt's token count as an instance computes it (a 400 for a prompt it would refuse)."""
         prompt: Prompt
         if chat:
@@ -38,12 +38,13 @@ class Disaggregation:
             prompt = CompletionRequest.model_validate(body).single_prompt()
         return len(tokenize(self._tokenizer, prompt))
 
-    async def decide(self, body: dict[str, Any], chat: bool) -> tuple[str, int | None]:
+    async def decide(self, body: Body, chat: bool) -> tuple[str, int | None]:
         """(PD or DECODE_ONLY, the prompt's tokens when counted)."""
         if self.min_tokens is None or self._tokenizer is None:
             return PD, None
-        if not chat and isinstance(body.get("prompt"), list) and all(isinstance(t, int) for t in body["prompt"]):
-            count = len(body["prompt"])
+        prompt = body.get("prompt")
+        if not chat and isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            count = len(prompt)
         else:
             count = await asyncio.to_thread(self.prompt_tokens, body, chat)
         return (DECODE_ONLY if count < self.min_tokens else PD), count
