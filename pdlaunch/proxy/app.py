@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -18,11 +19,13 @@ from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.limits import BodyLimit
 from pdlaunch.proxy import completions, routes
-from pdlaunch.proxy.disaggregate import Disaggregation
+from pdlaunch.proxy.disaggregate import Disaggregation, PromptTokens
 from pdlaunch.proxy.instances import InstancePool
+from pdlaunch.proxy.kv_events import KvEventFeed
 from pdlaunch.proxy.metrics import CountRequests
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT, Migrations
 from pdlaunch.proxy.prefill_leg import PrefillDeadline, PrefillLegs
+from pdlaunch.proxy.prefix import PrefixRouter
 from pdlaunch.proxy.state import ProxyState
 from pdlaunch.proxy.upstream import Proxy
 
@@ -48,22 +51,32 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     max_request_bytes: int = SecurityConfig().max_request_bytes,
                     prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute",
                     migration_limit: int = DEFAULT_MIGRATION_LIMIT,
-                    disaggregation: Disaggregation | None = None) -> FastAPI:
+                    disaggregation: Disaggregation | None = None, tokenizer_dir: Path | None = None) -> FastAPI:
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
     deadline (`prefill_timeout_s`, None: derived; prefill_leg.py); a decode leg whose instance dies or
     stalls goes on on another decode, at most `migration_limit` times (migrate.py); `disaggregation`
-    sends short prompts to a decode alone (disaggregate.py; None: every request is PD)."""
+    sends prompts with few uncached tokens to a decode alone (disaggregate.py; None: every request is PD);
+    the pool's policy `prefix` routes by cached prefix (prefix.py), hashing prompts tokenized with the
+    checkpoint's tokenizer at `tokenizer_dir` (or disaggregation's)."""
     if load_failure_policy not in ("recompute", "fail"):
         raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
+    disaggregation = disaggregation or Disaggregation(None, None)
+    tokens = disaggregation.tokens or (PromptTokens(tokenizer_dir) if tokenizer_dir is not None else None)
+    by_prefix = pool.policy_name == "prefix"
+    if by_prefix and tokens is None:
+        raise ValueError("routing policy prefix hashes the prompt's token ids: give the checkpoint's tokenizer")
+    # The instances' cached blocks matter to prefix routing and to disaggregation by uncached tokens.
+    feed = KvEventFeed(pool.instances, proxy.upstream_headers) \
+        if by_prefix or disaggregation.min_tokens is not None else None
     state = ProxyState(
         proxy=proxy,
         prefill_legs=PrefillLegs(proxy, PrefillDeadline(prefill_timeout_s),
                                  recompute=load_failure_policy == "recompute"),
         migrations=Migrations(proxy, migration_limit, on_migrate=lambda why: proxy.metrics.migrations.labels(why).inc(),
                               on_exhausted=proxy.metrics.migrations_exhausted.inc),
-        disaggregation=disaggregation or Disaggregation(None, None))
+        disaggregation=disaggregation, router=PrefixRouter(pool, feed, tokens, by_prefix))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,9 +85,13 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
             proxy.client = proxy.kv.client = client
             await pool.check_all(client)
             pool.start_monitor(client)
+            if feed is not None:
+                feed.start(client)
             try:
                 yield
             finally:
+                if feed is not None:
+                    await feed.stop()
                 await pool.stop_monitor()
                 await proxy.kv.drain()
                 proxy.client = proxy.kv.client = None

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -31,9 +31,10 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.bodies import JsonObject, int_of
-from pdlaunch.proxy.disaggregate import DECODE_ONLY
+from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.prefill_leg import prompt_chars
+from pdlaunch.proxy.prefix import Choice, PromptBlocks
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.state import ProxyState, state_of
@@ -130,17 +131,22 @@ class _PromptRequest:
     held: tuple[Instance, JsonObject] | None = None  # a prefill's KV waiting for our decode leg
     prefill_answer: JsonObject | None = None
     outcome: str = "error"
+    unqueue: Callable[[], None] = lambda: None  # the decode leg's queued tokens end (prefix.py)
+    unqueue_prefill: Callable[[], None] = lambda: None  # ... the prefill leg's
 
     def release_held(self) -> None:
         if self.held is not None:
             self.call.state.proxy.kv.release_soon(*self.held)
 
     async def serve(self) -> Response:
-        pool = self.call.state.pool
+        state = self.call.state
         try:
-            if pool.colocated:
-                return await self._decode(pool.pick("colocated"), self.body)
-            return await self._decode(*await self._prefill())
+            # Token ids only where they decide something: prefix routing, or disaggregation by uncached tokens.
+            wanted = state.router.by_prefix or state.disaggregation.min_tokens is not None
+            prompt = await state.router.prompt(self.body, self.call.chat) if wanted else None
+            if state.pool.colocated:
+                return await self._decode(self._choose("colocated", prompt).instance, self.body)
+            return await self._decode(*await self._prefill(prompt))
         except ClientDisconnected:
             self.release_held()
             self.outcome = "client closed"
@@ -154,30 +160,53 @@ class _PromptRequest:
             self.outcome = "cancelled"
             raise
         finally:
+            if self.outcome != "streaming":  # a stream's ends when it closes
+                self.unqueue()
             log.debug("request %s %s via %s: %s", self.request_id, self.call.path,
                       " -> ".join(self.legs) or "no instance", self.outcome)
 
-    async def _prefill(self) -> tuple[Instance, JsonObject]:
+    def _choose(self, role: str, prompt: PromptBlocks | None) -> Choice:
+        """An instance of `role` for the prompt (prefix.py); its uncached tokens count as queued there until
+        `unqueue` runs (the decode leg's) or the prefill leg answers."""
+        state = self.call.state
+        choice = state.router.choose(role, prompt)
+        if prompt is not None:
+            if choice.by_prefix:
+                state.proxy.metrics.prefix_routed.labels(role).inc()
+            state.proxy.metrics.prefix_matched_tokens.labels(role).inc(choice.matched_tokens)
+            unqueue = state.router.enqueue(choice.instance, len(prompt.token_ids) - choice.matched_tokens)
+            if role != "prefill":
+                self.unqueue = unqueue
+            else:
+                self.unqueue_prefill = unqueue
+        return choice
+
+    async def _prefill(self, prompt: PromptBlocks | None) -> tuple[Instance, JsonObject]:
         """(the decode, its leg): the prefill leg run first unless the request runs on the decode alone."""
         state, body, chat = self.call.state, self.body, self.call.chat
         # The decode is picked first: no prefill work (and no held KV) when no decode instance is up.
-        target = state.pool.pick("decode")
-        decision, prompt_tokens = await state.disaggregation.decide(body, chat)
-        if state.disaggregation.min_tokens is not None:
+        decode = self._choose("decode", prompt)
+        target, decision = decode.instance, PD
+        if prompt is not None and state.disaggregation.min_tokens is not None:
+            uncached = len(prompt.token_ids) - decode.matched_tokens
+            decision = state.disaggregation.decision(uncached)
             state.proxy.metrics.disaggregation.labels(decision).inc()
-            self.legs.append(f"{decision} ({prompt_tokens} prompt tokens, "
-                             f"disaggregate_min_tokens {state.disaggregation.min_tokens})")
+            self.legs.append(f"{decision} ({len(prompt.token_ids)} prompt tokens, {decode.matched_tokens} cached on "
+                             f"{target.name}, {uncached} uncached; disaggregate_min_tokens "
+                             f"{state.disaggregation.min_tokens})")
         first_token = continues_from_first_token(body)
         answered = None
         if decision != DECODE_ONLY:
             leg = prefill_body(body, chat, first_token)
             started = time.monotonic()
+            prefill = self._choose("prefill", prompt).instance
             try:
                 answered = await self.call.watch.run(state.prefill_legs.run(
-                    state.pool.pick("prefill"), self.call.path, leg, self.headers, self.call.deadline,
-                    prompt_chars(body)))
+                    prefill, self.call.path, leg, self.headers, self.call.deadline, prompt_chars(body)))
             except OpenAIError as exc:
                 raise client_limit_error(exc, body, chat) from None
+            finally:
+                self.unqueue_prefill()
         if answered is None:  # a short prompt, or no prefill answered in time: the decode computes it
             if decision != DECODE_ONLY:
                 self.legs.append("no prefill (stalled)")
@@ -231,6 +260,7 @@ class _PromptRequest:
             relayed_all = True
 
         async def close() -> None:
+            self.unqueue()
             await events.aclose()  # its own finally closes a migrated stream's current upstream
             await upstream.close()
             if not relayed_all:

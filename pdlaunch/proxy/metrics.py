@@ -44,6 +44,12 @@ class ProxyMetrics:
             "pdlaunch_proxy_disaggregation_decisions", "Requests by how they ran under proxy.disaggregate_min_tokens: "
             "pd (prefill leg + KV transfer) or decode_only (a short prompt computed by the decode)", ["decision"],
             registry=self.registry)
+        self.prefix_routed = Counter(
+            "pdlaunch_proxy_prefix_routed", "Legs sent to an instance for the prompt prefix it caches "
+            "(proxy.routing_policy prefix), by role", ["role"], registry=self.registry)
+        self.prefix_matched_tokens = Counter(
+            "pdlaunch_proxy_prefix_matched_tokens", "Prompt tokens the chosen instance caches already (its KV "
+            "cache events), by role", ["role"], registry=self.registry)
         pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
         pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
         self.registry.register(_PoolCollector(pool))

@@ -10,6 +10,7 @@ from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instances import InstancePool
 from pdlaunch.proxy.migrate import Migrations
 from pdlaunch.proxy.prefill_leg import PrefillLegs
+from pdlaunch.proxy.prefix import PrefixRouter
 from pdlaunch.proxy.upstream import Proxy
 
 
@@ -19,6 +20,7 @@ class ProxyState:
     prefill_legs: PrefillLegs  # prefill legs under their own deadline (prefill_leg.py)
     migrations: Migrations  # decode legs that move when their decode fails (migrate.py)
     disaggregation: Disaggregation  # PD or decode only, per request (disaggregate.py)
+    router: PrefixRouter  # instances by cached prefix, and what each caches of a prompt (prefix.py)
 
     @property
     def pool(self) -> InstancePool:
