@@ -28,6 +28,7 @@ from pdlaunch.http.limits import BodyLimit, client_request_id, read_json_object
 from pdlaunch.http.sse import DONE, ClosingStreamingResponse, sse_event
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.internal import HeldKV, add_internal_routes
+from pdlaunch.server.kv_events import add_kv_events_routes
 from pdlaunch.server.model_names import accepted_model_names, served_model_names
 from pdlaunch.server.multi_serve import serve_multi
 from pdlaunch.server.prompts import prompt_token_ids
@@ -241,6 +242,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     sleep.add_routes(app)
     add_tokenize_routes(app, engine_loop, check_model)
     add_internal_routes(app, held_kv)
+    add_kv_events_routes(app, engine_loop)
     return app
 
 
