@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, parse_moe
@@ -26,6 +26,49 @@ _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 LayerType = Literal["full_attention", "sliding_attention"]
+
+
+class HFConfigJson(TypedDict, total=False):
+    """The config.json keys of the checkpoints pdlaunch writes itself (`--model tiny`, the demo model's
+    expected config, `bench make-checkpoint` shapes); config.json files read from disk stay plain JSON."""
+
+    architectures: list[str]
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: list[int]
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, float | str] | None
+    rope_parameters: dict[str, float | str]
+    hidden_act: str
+    attention_bias: bool
+    attention_dropout: float
+    mlp_bias: bool
+    initializer_range: float
+    tie_word_embeddings: bool
+    use_cache: bool
+    use_sliding_window: bool
+    sliding_window: int | None
+    router_aux_loss_coef: float
+    output_router_logits: bool
+    torch_dtype: str
+    dtype: str
+    bos_token_id: int
+    eos_token_id: int
+    quantization_config: dict[str, JsonValue]
 
 
 @dataclass(frozen=True)
