@@ -6,7 +6,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -231,7 +231,9 @@ def _bench_connectors(asked: list[str]) -> list[str]:
     return connectors
 
 
-def _number_list(text: str | None, flag: str, cast: type) -> list[Any] | None:
+_N = TypeVar("_N", int, float)
+
+def _number_list(text: str | None, flag: str, cast: type[_N]) -> list[_N] | None:
     """`"2,4,8"` -> [2, 4, 8]; None stays None. A bad item fails naming `flag`."""
     if text is None:
         return None

@@ -17,15 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
 
 from pdlaunch.bench.advisor import Advice, DecodePoint, advise
 from pdlaunch.bench.engine_load import LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
-from pdlaunch.bench.report import write_json
+from pdlaunch.bench.report import ServeDoc, write_json
 from pdlaunch.bench.serve import ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import load_model_info
@@ -145,11 +145,11 @@ def resolve_layout(cfg: CompareConfig) -> Layout:
     return Layout(device="cuda", gpus=gpus, colocated=colocated, prefill=cfg.prefill, decode=cfg.decode)
 
 
-def _groups(kind: DeploymentKind, layout: Layout) -> list[dict[str, Any]]:
-    def group(role: str, count: int, first: int) -> dict[str, Any]:
-        g: dict[str, Any] = {"role": role, "count": count, "tp": 1}
+def _groups(kind: DeploymentKind, layout: Layout) -> list[JsonValue]:
+    def group(role: str, count: int, first: int) -> dict[str, JsonValue]:
+        g: dict[str, JsonValue] = {"role": role, "count": count, "tp": 1}
         if layout.device == "cuda":
-            g["devices"] = layout.gpus[first:first + count]
+            g["devices"] = [*layout.gpus[first:first + count]]
         return g
 
     if kind == "colocated":
@@ -185,7 +185,7 @@ def describe(kind: DeploymentKind, layout: Layout) -> str:
 
 def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) -> DeploymentConfig:
     """The validated config of one deployment (the same validation as `pdlaunch serve`)."""
-    overrides: dict[str, Any] = {
+    overrides: dict[str, JsonValue] = {
         "model.path": cfg.model, "device": layout.device, "colocated": kind == "colocated",
         "instances": _groups(kind, layout), "log_dir": str(cfg.out / "logs" / kind),
         "proxy.port": PortAllocator("127.0.0.1").free("the proxy"),
@@ -221,7 +221,7 @@ class DeploymentRun(BaseModel):
     pids: list[int] = []  # every child process (instances and proxy)
     stopped: bool = False  # every child ended and was reaped
     points: list[RatePoint] = []
-    raw: list[dict[str, Any]] = []  # the `bench serve` result document per rate
+    raw: list[ServeDoc] = []  # the `bench serve` result document per rate
 
 
 def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchConfig:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any
 
+from pydantic import JsonValue
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -77,29 +77,35 @@ def advised_run(runs: list[DeploymentRun], advice: Advice) -> DeploymentRun | No
         next((r for r in runs if r.kind == "pd" and (r.prefill, r.decode) == split), None)
 
 
-def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> dict[str, Any]:
+def _per_rate(advice: Advice, run: DeploymentRun | None, cfg: CompareConfig) -> list[tuple[float, float, float | None]]:
+    """(rate, predicted goodput, goodput measured on the advised split's run or None) per offered rate."""
+    def measured(i: int) -> float | None:
+        if run is None or i >= len(run.points):
+            return None
+        return run.points[i].goodput if cfg.advise_for == "relaxed" else run.points[i].tight_goodput
+
+    return [(rate, advice.best.goodput(rate), measured(i)) for i, rate in enumerate(cfg.rates)]
+
+
+def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> dict[str, JsonValue]:
     run = advised_run(runs, advice)
     return {
         **advice.model_dump(mode="json"), "split": advice.best.label, "slo_set": cfg.advise_for,
         "sentence": advice.sentence(), "measured_by": run.label if run is not None else None,
-        "per_rate": [
-            {"rate": rate, "predicted_goodput": advice.best.goodput(rate),
-             "measured_goodput": (run.points[i].goodput if cfg.advise_for == "relaxed" else run.points[i].tight_goodput)
-             if run is not None and i < len(run.points) else None}
-            for i, rate in enumerate(cfg.rates)
-        ],
+        "per_rate": [{"rate": rate, "predicted_goodput": predicted, "measured_goodput": measured}
+                     for rate, predicted, measured in _per_rate(advice, run, cfg)],
     }
 
 
-def advice_table(doc: dict[str, Any]) -> Table:
-    table = Table(title=f"P:D advisor: {doc['sentence']}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.caption = f"goodput under the {doc['slo_set']} SLOs, measured on {doc['measured_by'] or 'no run'}"
+def advice_table(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
+    run = advised_run(runs, advice)
+    table = Table(title=f"P:D advisor: {advice.sentence()}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.caption = (f"goodput under the {cfg.advise_for} SLOs, measured on "
+                     f"{run.label if run is not None else 'no run'}")
     for col in ("rate /s", "predicted /s", "measured /s"):
         table.add_column(col, justify="right", no_wrap=True)
-    for row in doc["per_rate"]:
-        measured = row["measured_goodput"]
-        table.add_row(f"{row['rate']:g}", f"{row['predicted_goodput']:.2f}",
-                      "-" if measured is None else f"{measured:.2f}")
+    for rate, predicted, measured in _per_rate(advice, run, cfg):
+        table.add_row(f"{rate:g}", f"{predicted:.2f}", "-" if measured is None else f"{measured:.2f}")
     return table
 
 
@@ -114,7 +120,8 @@ def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     return best, f"{run.description} keeps >= {share} of requests within the SLOs up to {best:g} req/s{tail}"
 
 
-def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advice | None = None) -> dict[str, Any]:
+def compare_document(cfg: CompareConfig, runs: list[DeploymentRun],
+                     advice: Advice | None = None) -> dict[str, JsonValue]:
     pd = next(run for run in runs if run.kind == "pd")
     best, sentence = verdict(pd)
     return {
@@ -126,10 +133,10 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advi
         "advisor": advice_document(advice, runs, cfg) if advice is not None else None,
         "deployments": [
             {"kind": run.kind, "label": run.label, "description": run.description, "prefill": run.prefill,
-             "decode": run.decode, "pids": run.pids,
+             "decode": run.decode, "pids": [*run.pids],
              "stopped": run.stopped,
              "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
-             "highest_rate_within_slo": highest_rate_within(run.points), "raw": run.raw}
+             "highest_rate_within_slo": highest_rate_within(run.points), "raw": [*run.raw]}
             for run in runs
         ],
     }
@@ -160,13 +167,13 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
 
 
 def report_comparison(console: Console, cfg: CompareConfig, runs: list[DeploymentRun],
-                      advice: Advice | None = None) -> dict[str, Any]:
+                      advice: Advice | None = None) -> dict[str, JsonValue]:
     """Print the tables and the verdict, write the JSON and (with matplotlib) the plot into `cfg.out`."""
     console.print(comparison_table(runs, cfg))
     console.print(load_table(runs, cfg))
     doc = compare_document(cfg, runs, advice)
-    if doc["advisor"] is not None:
-        console.print(advice_table(doc["advisor"]))
+    if advice is not None:
+        console.print(advice_table(advice, runs, cfg))
     json_path = cfg.out / JSON_NAME
     write_json(doc, json_path)
     for run in runs:

@@ -11,12 +11,10 @@ request is never within. Goodput = requests within / benchmark duration (s), as 
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, JsonValue
 
 from pdlaunch.bench.engine_load import EngineLoad
-from pdlaunch.bench.report import MS_PER_S
+from pdlaunch.bench.report import MS_PER_S, ServeDoc
 
 WITHIN_SLO_SHARE = 0.9  # "PD keeps >= 90% of requests within the SLOs" (issue 15)
 
@@ -41,11 +39,25 @@ def meets_slo(slo: Slo, ok: bool, ttft_s: float, e2el_s: float, output_len: int)
     return ttft_s * MS_PER_S <= slo.ttft_ms and tpot_s * MS_PER_S <= slo.tpot_ms
 
 
-def count_within(doc: dict[str, Any], slo: Slo) -> int:
+def _number(value: JsonValue, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"bench serve result: {key} holds {value!r}, not a number")
+    return float(value)
+
+
+def _column(doc: ServeDoc, key: str) -> list[JsonValue]:
+    values = doc[key]
+    if not isinstance(values, list):
+        raise ValueError(f"bench serve result: {key} is not a per-request list")
+    return values
+
+
+def count_within(doc: ServeDoc, slo: Slo) -> int:
     """Requests of one `bench serve` result document (per-request lists) that meet both SLOs."""
+    columns = (_column(doc, key) for key in ("errors", "ttfts", "e2els", "output_lens"))
     return sum(
-        meets_slo(slo, not err, ttft, e2el, out)
-        for err, ttft, e2el, out in zip(doc["errors"], doc["ttfts"], doc["e2els"], doc["output_lens"])
+        meets_slo(slo, not err, _number(ttft, "ttfts"), _number(e2el, "e2els"), int(_number(out, "output_lens")))
+        for err, ttft, e2el, out in zip(*columns)
     )
 
 
@@ -74,20 +86,23 @@ class RatePoint(BaseModel):
         return self.within_slo / self.num_prompts if self.num_prompts else 0.0
 
 
-def rate_point(rate: float, doc: dict[str, Any], slo: Slo, tight: Slo | None = None,
+def rate_point(rate: float, doc: ServeDoc, slo: Slo, tight: Slo | None = None,
                load: EngineLoad | None = None) -> RatePoint:
     """The comparison row of one `bench serve` result document."""
     within = count_within(doc, slo)
     tight_within = count_within(doc, tight) if tight is not None else 0
-    duration = float(doc["duration"])
+    def number(key: str) -> float:
+        return _number(doc[key], key)
+
+    duration = number("duration")
     return RatePoint(
-        rate=rate, num_prompts=len(doc["errors"]), completed=int(doc["completed"]), within_slo=within,
+        rate=rate, num_prompts=len(_column(doc, "errors")), completed=int(number("completed")), within_slo=within,
         duration_s=duration, goodput=within / duration if duration > 0 else 0.0,
-        served=float(doc["request_throughput"]),
-        ttft_p50_ms=float(doc["median_ttft_ms"]), ttft_p99_ms=float(doc["p99_ttft_ms"]),
-        tpot_p50_ms=float(doc["median_tpot_ms"]), tpot_p99_ms=float(doc["p99_tpot_ms"]),
+        served=number("request_throughput"),
+        ttft_p50_ms=number("median_ttft_ms"), ttft_p99_ms=number("p99_ttft_ms"),
+        tpot_p50_ms=number("median_tpot_ms"), tpot_p99_ms=number("p99_tpot_ms"),
         tight_within_slo=tight_within, tight_goodput=tight_within / duration if duration > 0 else 0.0,
-        itl_p99_ms=float(doc["p99_itl_ms"]), load=load,
+        itl_p99_ms=number("p99_itl_ms"), load=load,
     )
 
 

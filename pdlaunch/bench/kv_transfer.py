@@ -19,13 +19,20 @@ import secrets
 import statistics
 import time
 import traceback
-from typing import Any
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import JsonValue
 
+from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
+
+if TYPE_CHECKING:
+    from pdlaunch.kv_transfer.prefill.push_sender import PushTiming
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +58,23 @@ def _copy_gbps(src: torch.Tensor, dst: torch.Tensor, iterations: int) -> float:
     return src.numel() * src.element_size() * iterations / (time.perf_counter() - t0) / 1e9
 
 
-def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
+@dataclass(frozen=True)
+class _Shape:
+    """What both worker processes build their synthetic KV cache and connectors from."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+    num_blocks: int
+    cumem: bool
+    connector: str
+    kv_cache_dtype: str
+    secret: str  # both sides sign side-channel messages with it, as a deployment does
+
+
+def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
     """One side: builds connectors on a synthetic KV cache and answers the parent's commands."""
     from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig, ModelConfig, SecurityConfig
     from pdlaunch.kv_transfer.base import KVCacheSpec
@@ -61,31 +84,31 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
     dev = torch.device(device)
     if dev.type == "cuda":
         platform.set_device(dev.index or 0)
-    dtype = _DTYPES[shape["dtype"]]
-    cache_dtype = resolve_kv_cache_dtype(shape["kv_cache_dtype"], dtype)
+    dtype = _DTYPES[shape.dtype]
+    cache_dtype = resolve_kv_cache_dtype(shape.kv_cache_dtype, dtype)
     from pdlaunch.memory.cumem import memory_pool_context
 
     # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; in a CuMem pool like the engine's
     # KV cache under --enable-cumem-allocator when asked.
-    with memory_pool_context(shape["cumem"], "kv_cache"):
-        cache = torch.empty((shape["num_blocks"], shape["num_layers"], 2, shape["block_size"],
-                             shape["num_kv_heads"], shape["head_dim"]), dtype=cache_dtype, device=dev)
+    with memory_pool_context(shape.cumem, "kv_cache"):
+        cache = torch.empty((shape.num_blocks, shape.num_layers, 2, shape.block_size,
+                             shape.num_kv_heads, shape.head_dim), dtype=cache_dtype, device=dev)
     if role == "prefill":
         cache.copy_(torch.randn(cache.shape, device=dev))  # normal_ has no fp8 kernel
     else:
         cache.zero_()
-    spec = KVCacheSpec(kv_caches=[cache], num_blocks=shape["num_blocks"], block_size=shape["block_size"],
-                       num_kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"], dtype=dtype,
-                       group_layers=[list(range(shape["num_layers"]))], group_sliding_window=[None],
+    spec = KVCacheSpec(kv_caches=[cache], num_blocks=shape.num_blocks, block_size=shape.block_size,
+                       num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=dtype,
+                       group_layers=[list(range(shape.num_layers))], group_sliding_window=[None],
                        model_name="bench-kv", kv_cache_dtype=cache_dtype)
     # NixlConnector or MooncakeConnector: push timings and loads use more than the KVConnector interface.
     connector: Any = None
 
     def make(mode: str) -> Any:
         # enable_cumem_allocator as the engine's config would say: the connector then stages.
-        config = DeploymentConfig(device=dev.type, model=ModelConfig(enable_cumem_allocator=shape["cumem"]),
-                                  kv_transfer=KVTransferConfig(connector=shape["connector"], transfer_mode=mode),
-                                  security=SecurityConfig(deployment_secret=shape["secret"]))
+        config = DeploymentConfig(device=dev.type, model=ModelConfig(enable_cumem_allocator=shape.cumem),
+                                  kv_transfer=KVTransferConfig(connector=shape.connector, transfer_mode=mode),
+                                  security=SecurityConfig(deployment_secret=shape.secret))
         instance = InstanceSpec(role=role, port=1, engine_id=f"bench-{role}-{mode}", device=dev.type)
         c = create_connector(config, instance)
         assert c is not None
@@ -110,7 +133,7 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                     if connector is not None:
                         connector.shutdown()
                     connector = make(args[0])
-                    result: Any = connector.info()
+                    result: object = connector.info()
                 elif cmd == "finish":
                     rid, n, ids = args
                     result = connector.request_finished(rid, list(range(n)), {"do_remote_decode": True}, [ids])[1]
@@ -118,7 +141,7 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                     result = connector.get_finished().finished_sending
                 elif cmd == "push_timing":  # prefill: the phases of the push of request args[0], if any
                     found = [t for t in connector.sender.push_timings() if t.request_id == args[0]]
-                    result = vars(found[-1]) if found else None
+                    result = found[-1] if found else None
                 elif cmd == "load":
                     result = _timed_load(connector, *args)
                 elif cmd == "sum":
@@ -130,10 +153,11 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                 elif cmd == "copy":
                     nbytes_blocks, iterations, peer = args
                     src = cache[:nbytes_blocks]
-                    result = {"raw": _copy_gbps(src, torch.empty_like(src), iterations)}
+                    copies = {"raw": _copy_gbps(src, torch.empty_like(src), iterations)}
                     if peer and peer != device:
-                        result["peer"] = _copy_gbps(torch.empty_like(src, device=peer), torch.empty_like(src),
+                        copies["peer"] = _copy_gbps(torch.empty_like(src, device=peer), torch.empty_like(src),
                                                     iterations)
+                    result = copies
                 else:
                     raise ValueError(f"unknown command {cmd}")
                 conn.send(("ok", result))
@@ -145,7 +169,7 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
         conn.send(("ok", None))
 
 
-def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, Any],
+def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, JsonValue],
                 timeout: float) -> tuple[float, float, float]:
     """(seconds, time.monotonic() at start_load, at finished_recving)."""
     prompt = list(range(n))
@@ -167,26 +191,26 @@ def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[s
 
 
 def _push_phases(
-    loads: list[tuple[float, float, float]], timings: list[dict[str, Any] | None]
+    loads: list[tuple[float, float, float]], timings: list[PushTiming | None]
 ) -> dict[str, float] | None:
     """Median ms of (to_post, post, write, notify) over the timed loads whose push the prefill side recorded."""
     phases: dict[str, list[float]] = {"to_post": [], "post": [], "write": [], "notify": []}
     for (_, start, end), t in zip(loads, timings):
         if t is None:
             continue
-        phases["to_post"].append(t["posting"] - start)
-        phases["post"].append(t["posted"] - t["posting"])
-        phases["write"].append(t["done"] - t["posted"])
+        phases["to_post"].append(t.posting - start)
+        phases["post"].append(t.posted - t.posting)
+        phases["write"].append(t.done - t.posted)
         # The decode can learn of the finished WRITE (NIXL notification) before the prefill's sender thread
         # polls it done, so this slice may come out below 0 under load: it is then 0 (no wait for the notice).
-        phases["notify"].append(max(0.0, end - t["done"]))
+        phases["notify"].append(max(0.0, end - t.done))
     if not phases["write"]:
         return None
     return {k: statistics.median(v) * 1e3 for k, v in phases.items()}
 
 
 class _Side:
-    def __init__(self, role: str, shape: dict[str, Any], device: str) -> None:
+    def __init__(self, role: str, shape: _Shape, device: str) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, role, shape, device), daemon=True)
@@ -234,7 +258,7 @@ def run_kv_transfer_bench(
     num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
     device: str = "cpu", decode_device: str | None = None, iterations: int = 5, timeout: float = 60.0,
     cumem: bool = False, connector: str = "nixl", kv_cache_dtype: str = "auto",
-) -> list[dict[str, Any]]:
+) -> list[KVTransferRow]:
     """One row per (mode, num_tokens): bytes moved, median seconds, GB/s, raw copy GB/s of the same bytes.
 
     `device` is the prefill device ("cpu", "cuda", "cuda:N"); decode runs on `decode_device`, by default
@@ -247,12 +271,11 @@ def run_kv_transfer_bench(
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, _DTYPES[dtype])
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
-    shape = dict(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                 block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem, connector=connector,
-                 kv_cache_dtype=kv_cache_dtype,
-                 secret=secrets.token_hex(32))  # both sides sign side-channel messages with it, as a deployment does
+    shape = _Shape(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                   block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem, connector=connector,
+                   kv_cache_dtype=kv_cache_dtype, secret=secrets.token_hex(32))
     block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * cache_dtype.itemsize
-    rows: list[dict[str, Any]] = []
+    rows: list[KVTransferRow] = []
     prefill = _Side("prefill", shape, prefill_device)
     decode = None
     try:
@@ -263,7 +286,7 @@ def run_kv_transfer_bench(
                 blocks = -(-(n - 1) // block_size)
                 ids = list(range(blocks))
                 loads: list[tuple[float, float, float]] = []
-                timings: list[dict[str, Any] | None] = []
+                timings: list[PushTiming | None] = []
                 for i in range(iterations + 1):  # the first is warm-up (handshake, registration caches)
                     decode("zero")
                     rid = f"{mode}-{n}-{i}"

@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import JsonValue
 from safetensors.torch import save_file
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory.platform import resolve_device
+from pdlaunch.model.arch import HFConfigJson
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config
 from pdlaunch.model.moe.config import MOE_ARCHITECTURES, MoeArch, parse_moe
 from pdlaunch.model.quant import fp8 as fp8_math
 
-LLAMA3_8B: dict[str, Any] = {
+LLAMA3_8B: HFConfigJson = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "hidden_size": 4096,
@@ -57,7 +59,7 @@ LLAMA3_8B: dict[str, Any] = {
     "tie_word_embeddings": False,
     "use_cache": True,
 }
-QWEN3_30B_A3B: dict[str, Any] = {
+QWEN3_30B_A3B: HFConfigJson = {
     "architectures": ["Qwen3MoeForCausalLM"],
     "model_type": "qwen3_moe",
     "hidden_size": 2048,
@@ -84,7 +86,7 @@ QWEN3_30B_A3B: dict[str, Any] = {
     "use_sliding_window": False,
     "use_cache": True,
 }
-MIXTRAL_8X7B: dict[str, Any] = {
+MIXTRAL_8X7B: HFConfigJson = {
     "architectures": ["MixtralForCausalLM"],
     "model_type": "mixtral",
     "hidden_size": 4096,
@@ -108,7 +110,7 @@ MIXTRAL_8X7B: dict[str, Any] = {
     "tie_word_embeddings": False,
     "use_cache": True,
 }
-SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B,
+SHAPES: dict[str, HFConfigJson] = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B,
                                      "mixtral-8x7b": MIXTRAL_8X7B}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -119,7 +121,7 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _mlp_shapes(cfg: dict[str, Any], moe: MoeArch | None, p: str, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+def _mlp_shapes(cfg: HFConfigJson, moe: MoeArch | None, p: str, layer: int) -> list[tuple[str, tuple[int, ...]]]:
     """The MLP of one layer: dense gate/up/down, or the router and every expert's three (Qwen3-MoE's
     `mlp.experts.{e}.gate_proj/up_proj/down_proj`, Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`)."""
     h = cfg["hidden_size"]
@@ -137,12 +139,12 @@ def _mlp_shapes(cfg: dict[str, Any], moe: MoeArch | None, p: str, layer: int) ->
     return shapes
 
 
-def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+def tensor_shapes(cfg: HFConfigJson) -> list[tuple[str, tuple[int, ...]]]:
     """HF parameter names and shapes (Llama, Qwen3-MoE with its q/k norms and experts, or Mixtral), in file
     order (embedding, layers, norm, head)."""
     h, vocab = cfg["hidden_size"], cfg["vocab_size"]
     arch = cfg["architectures"][0]
-    moe = parse_moe(cfg, arch, cfg["num_hidden_layers"]) if arch in MOE_ARCHITECTURES else None
+    moe = parse_moe(dict(cfg), arch, cfg["num_hidden_layers"]) if arch in MOE_ARCHITECTURES else None
     head_dim = cfg["head_dim"]
     q_out, kv_out = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
@@ -184,12 +186,12 @@ FP8_FORMATS = ("block", "channel")
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
-def fp8_quant_config(fp8: str) -> dict[str, Any]:
+def fp8_quant_config(fp8: str) -> dict[str, JsonValue]:
     """config.json's quantization_config for `bench make-checkpoint --fp8 block|channel`."""
     if fp8 == "block":
         return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                 "weight_block_size": [128, 128], "modules_to_not_convert": ["lm_head"]}
-    numbers = {"num_bits": 8, "type": "float", "symmetric": True}
+    numbers: dict[str, JsonValue] = {"num_bits": 8, "type": "float", "symmetric": True}
     return {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
             "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"],
@@ -260,7 +262,7 @@ def make_shaped_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     max_shard_bytes: int = 4 * 2**30,
-    overrides: dict[str, Any] | None = None,
+    overrides: HFConfigJson | None = None,
     overwrite: bool = False,
     progress: bool = False,
     device: str = "cpu",
@@ -285,12 +287,13 @@ def make_shaped_checkpoint(
     if num_layers < 1:
         raise PdlaunchError("must be at least 1", field="--num-layers",
                             hint=f"{base['num_hidden_layers']} is the real {shape} depth")
-    cfg = {**base, "num_hidden_layers": num_layers, **(overrides or {})}
+    cfg: HFConfigJson = {**base, "num_hidden_layers": num_layers, **(overrides or {})}
     if "head_dim" not in (overrides or {}):
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg["num_attention_heads"] % cfg["num_key_value_heads"]:
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
-    cfg.update(torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+    cfg |= {"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": BOS_TOKEN_ID,
+            "eos_token_id": EOS_TOKEN_ID}
     out.mkdir(parents=True, exist_ok=True)
 
     itemsize = torch.empty((), dtype=dtype).element_size()

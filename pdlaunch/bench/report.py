@@ -15,17 +15,42 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TypedDict
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, JsonValue
 from rich.console import Console
 from rich.table import Table
 
 from pdlaunch.errors import PdlaunchError
+
+ServeDoc = dict[str, JsonValue]  # a `bench serve` result document (vLLM's field names), as written to JSON
+
+
+class KVTransferRow(TypedDict):
+    """One (connector, mode, prompt length) row of `bench kv-transfer` (bench/kv_transfer.py)."""
+
+    connector: str
+    transport: str | None
+    mode: str
+    num_tokens: int
+    bytes: int
+    descriptors: int
+    seconds: float
+    gbps: float
+    raw_copy_gbps: float
+    peer_copy_gbps: float | None
+    verified: bool
+    prefill_device: str
+    decode_device: str
+    cumem: bool
+    staging: dict[str, int] | None  # the connector's staging buffer, if it stages
+    push_phases_ms: dict[str, float] | None
+
 
 MS_PER_S = 1000.0
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -155,9 +180,9 @@ def calculate_metrics(results: list[RequestResult], duration: float, goodput_ms:
     )
 
 
-def result_dict(metrics: BenchMetrics, results: list[RequestResult], run_info: dict[str, Any]) -> dict[str, Any]:
+def result_dict(metrics: BenchMetrics, results: list[RequestResult], run_info: ServeDoc) -> ServeDoc:
     """The JSON document: run settings, vLLM-named aggregates (`mean_ttft_ms`, ...), per-request lists."""
-    out: dict[str, Any] = {"date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"), **run_info}
+    out: ServeDoc = {"date": _dt.datetime.now().strftime("%Y%m%d-%H%M%S"), **run_info}
     out.update(metrics.model_dump(exclude={"latency_ms"}))
     if out["request_goodput"] is None:
         del out["request_goodput"]
@@ -172,12 +197,12 @@ def result_dict(metrics: BenchMetrics, results: list[RequestResult], run_info: d
     out["start_times"] = [r.start for r in results]
     out["ttfts"] = [r.ttft for r in results]
     out["e2els"] = [r.latency for r in results]
-    out["itls"] = [r.itl for r in results]
+    out["itls"] = [[*r.itl] for r in results]
     out["errors"] = [r.error for r in results]
     return out
 
 
-def write_json(doc: dict[str, Any], path: Path) -> None:
+def write_json(doc: Mapping[str, object], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -215,7 +240,7 @@ def print_report(console: Console, metrics: BenchMetrics, results: list[RequestR
             console.print(f"  - {err}", highlight=False, soft_wrap=True)
 
 
-def require_matplotlib() -> Any:
+def require_matplotlib() -> ModuleType:
     """matplotlib.pyplot on the Agg backend; matplotlib is optional, so say how to get it."""
     try:
         import matplotlib
@@ -231,22 +256,20 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+def write_plots(results: list[RequestResult], out_dir: Path) -> list[Path]:
     """PNG histograms of TTFT/TPOT/ITL/E2EL and latency over the run. Needs matplotlib (optional)."""
     plt = require_matplotlib()
     out_dir.mkdir(parents=True, exist_ok=True)
-    ok = [i for i, err in enumerate(doc["errors"]) if not err]
+    ok = [r for r in results if not r.error]
 
     def ms(seconds: Iterable[float]) -> list[float]:
         return [x * MS_PER_S for x in seconds]
 
     series = {
-        "ttft": ms(doc["ttfts"][i] for i in ok),
-        "tpot": ms(
-            (doc["e2els"][i] - doc["ttfts"][i]) / (doc["output_lens"][i] - 1) for i in ok if doc["output_lens"][i] > 1
-        ),
-        "itl": ms(gap for i in ok for gap in doc["itls"][i]),
-        "e2el": ms(doc["e2els"][i] for i in ok),
+        "ttft": ms(r.ttft for r in ok),
+        "tpot": ms((r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1),
+        "itl": ms(gap for r in ok for gap in r.itl),
+        "e2el": ms(r.latency for r in ok),
     }
     written: list[Path] = []
     for name, values in series.items():
@@ -262,7 +285,7 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    starts = [doc["start_times"][i] for i in ok]
+    starts = [r.start for r in ok]
     ax.scatter(starts, series["ttft"], s=6, label="TTFT")
     ax.scatter(starts, series["e2el"], s=6, label="E2EL")
     ax.set_xlabel("request sent at (s since start)")
@@ -277,25 +300,25 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     return written
 
 
-def print_kv_transfer_table(console: Console, rows: list[dict[str, Any]]) -> None:
+def print_kv_transfer_table(console: Console, rows: list[KVTransferRow]) -> None:
     """Rows of run_kv_transfer_bench: GB/s of the connector next to the raw copies of the same run; one
     table per connector (NIXL first when there are several)."""
     if rows:
         console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False)
-    for connector in dict.fromkeys(r.get("connector", "nixl") for r in rows):
-        own = [r for r in rows if r.get("connector", "nixl") == connector]
-        transport = f" over {own[0]['transport']}" if own[0].get("transport") else ""
+    for connector in dict.fromkeys(r["connector"] for r in rows):
+        own = [r for r in rows if r["connector"] == connector]
+        transport = f" over {own[0]['transport']}" if own[0]["transport"] else ""
         _print_kv_connector_table(console, own, "" if connector == "nixl" and len(own) == len(rows)
                                   else f" ({connector}{transport})")
 
 
-def _print_kv_connector_table(console: Console, rows: list[dict[str, Any]], which: str) -> None:
+def _print_kv_connector_table(console: Console, rows: list[KVTransferRow], which: str) -> None:
     table = Table(title=f"KV transfer through the connector{which}", title_justify="left",
                   caption="raw, peer: GB/s of torch copies of the same bytes", caption_justify="left")
     for col in ("mode", "tokens", "MiB", "descs", "ms", "GB/s", "raw", "%raw", "peer", "%peer", "ok"):
         table.add_column(col, justify="left" if col in ("mode", "ok") else "right")
     for r in rows:
-        peer = r.get("peer_copy_gbps")
+        peer = r["peer_copy_gbps"]
         table.add_row(
             str(r["mode"]), str(r["num_tokens"]), f"{r['bytes'] / 2**20:.1f}", str(r["descriptors"]),
             f"{r['seconds'] * MS_PER_S:.2f}", f"{r['gbps']:.2f}", f"{r['raw_copy_gbps']:.1f}",

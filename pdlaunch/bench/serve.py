@@ -14,17 +14,18 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import httpx
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, JsonValue, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pdlaunch.bench.report import (
     BenchMetrics,
     RequestResult,
+    ServeDoc,
     calculate_metrics,
     parse_goodput,
     print_report,
@@ -132,8 +133,8 @@ def arrival_times(n: int, request_rate: float, burstiness: float, rng: np.random
     return np.concatenate([[0.0], np.cumsum(gaps)])
 
 
-def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, Any]:
-    body: dict[str, Any] = {
+def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, JsonValue]:
+    body: dict[str, JsonValue] = {
         "model": model,
         "max_tokens": req.output_len,
         "temperature": 0.0,
@@ -142,11 +143,12 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    prompt: JsonValue = req.prompt if isinstance(req.prompt, str) else [*req.prompt]
     if cfg.is_chat:
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = [{"role": "user", "content": prompt}]
         body["max_completion_tokens"] = req.output_len
     else:
-        body["prompt"] = req.prompt
+        body["prompt"] = prompt
     return body
 
 
@@ -290,13 +292,13 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestR
     return results, duration, model
 
 
-def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list[RequestResult], dict[str, Any]]:
+def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list[RequestResult], ServeDoc]:
     """Run the workload of `cfg` once; returns the metrics, per-request results and the JSON document.
     Prints only the progress line; a run where every request failed is returned, not raised."""
     goodput_ms = parse_goodput(cfg.goodput)
     results, duration, model = asyncio.run(_bench(cfg, console))
     metrics = calculate_metrics(results, duration, goodput_ms)
-    run_info = {
+    run_info: ServeDoc = {
         "backend": "openai-chat" if cfg.is_chat else "openai",
         "base_url": cfg.base_url,
         "endpoint": cfg.endpoint,
@@ -309,19 +311,19 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
         "burstiness": cfg.burstiness,
         "max_concurrency": cfg.max_concurrency,
         "seed": cfg.seed,
-        "goodput_slos_ms": goodput_ms,
+        "goodput_slos_ms": {name: limit for name, limit in goodput_ms.items()},
     }
     return metrics, results, result_dict(metrics, results, run_info)
 
 
-def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> dict[str, Any]:
+def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> ServeDoc:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
     if cfg.plot_dir is not None:
         require_matplotlib()  # fail before the run, not after it
     metrics, results, doc = measure(cfg, console)
-    print_report(console, metrics, results, doc["goodput_slos_ms"])
-    model = doc["model_id"]
+    print_report(console, metrics, results, parse_goodput(cfg.goodput))
+    model = str(doc["model_id"])
     if cfg.save_result or cfg.result_filename:
         default_name = f"pdlaunch-{doc['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
         name = cfg.result_filename or default_name
@@ -329,7 +331,7 @@ def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> di
         write_json(doc, path)
         console.print(f"Saved results to {path}")
     if cfg.plot_dir is not None and metrics.completed:
-        for path in write_plots(doc, cfg.plot_dir):
+        for path in write_plots(results, cfg.plot_dir):
             console.print(f"Wrote {path}")
     if not metrics.completed:
         raise PdlaunchError(f"all {cfg.num_prompts} requests failed; first error: {results[0].error}",

@@ -175,4 +175,4 @@ def _from_gguf(path: Path) -> tuple[ModelInfo | None, list[Problem]]:
         hf = gguf_metadata.hf_config(gguf_metadata.open_reader(path))
     except PdlaunchError as exc:
         return None, [problem("model.path", exc.message, exc.hint or "use an intact .gguf file")]
-    return _from_hf_dict(hf, str(path))
+    return _from_hf_dict(dict(hf), str(path))

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError, model_validator
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, parse_moe
@@ -26,6 +26,68 @@ _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 LayerType = Literal["full_attention", "sliding_attention"]
+
+
+class RopeScaling(BaseModel):
+    """Scaled rope as config.json gives it: `linear` (factor) or `llama3` (factor, low/high_freq_factor,
+    original_max_position_embeddings, by default the model's max_position_embeddings)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rope_type: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: float | None = None
+
+    @model_validator(mode="after")
+    def _llama3_needs_its_factors(self) -> RopeScaling:
+        if self.rope_type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+            raise ValueError("llama3 rope scaling needs low_freq_factor and high_freq_factor")
+        return self
+
+
+class HFConfigJson(TypedDict, total=False):
+    """The config.json keys of the checkpoints pdlaunch writes itself (`--model tiny`, the demo model's
+    expected config, `bench make-checkpoint` shapes); config.json files read from disk stay plain JSON."""
+
+    architectures: list[str]
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_experts: int
+    num_local_experts: int
+    num_experts_per_tok: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: list[int]
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, float | str] | None
+    rope_parameters: dict[str, float | str]
+    hidden_act: str
+    attention_bias: bool
+    attention_dropout: float
+    mlp_bias: bool
+    initializer_range: float
+    tie_word_embeddings: bool
+    use_cache: bool
+    use_sliding_window: bool
+    sliding_window: int | None
+    router_aux_loss_coef: float
+    output_router_logits: bool
+    torch_dtype: str
+    dtype: str
+    bos_token_id: int
+    eos_token_id: int
+    quantization_config: dict[str, JsonValue]
 
 
 @dataclass(frozen=True)
@@ -49,8 +111,7 @@ class ModelArch(BaseModel):
     vocab_size: int
     intermediate_size: int
     rope_theta: float
-    # None, or a dict with `rope_type` ("linear" | "llama3") and that type's parameters.
-    rope_scaling: dict[str, Any] | None = None
+    rope_scaling: RopeScaling | None = None  # None: plain rope
     rms_norm_eps: float
     tie_word_embeddings: bool
     attention_bias: bool  # bias on q/k/v projections
@@ -87,7 +148,7 @@ class ModelArch(BaseModel):
         return where
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling dict or None) from either config dialect."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "rope_type" not in params and params:
@@ -104,7 +165,12 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         )
     if rope_type == "default":
         return theta, None
-    return theta, {"rope_type": rope_type, **scaling}
+    known = {k: v for k, v in scaling.items() if k in RopeScaling.model_fields}
+    try:
+        return theta, RopeScaling.model_validate({**known, "rope_type": rope_type})
+    except ValidationError as exc:
+        raise PdlaunchError(f"rope scaling {rope_type!r}: {exc.errors()[0]['msg']}", field="config.json:rope_scaling",
+                            hint="the checkpoint's config.json rope parameters are incomplete") from None
 
 
 def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[int | None, list[LayerType]]:

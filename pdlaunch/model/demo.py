@@ -17,13 +17,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.cache_dir import cache_dir
+from pdlaunch.model.arch import HFConfigJson
+from pdlaunch.model.demo_model import cache_dir
 from pdlaunch.model.demo_tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -35,7 +35,7 @@ from pdlaunch.model.demo_tokenizer import (
 DEMO_NAME = "demo-v1"
 DEMO_SEED = 20240601
 
-DEMO_HF_CONFIG: dict[str, Any] = {
+DEMO_HF_CONFIG: HFConfigJson = {
     "architectures": ["LlamaForCausalLM"],
     "model_type": "llama",
     "hidden_size": 256,

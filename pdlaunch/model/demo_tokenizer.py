@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
+from pydantic import JsonValue
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 VOCAB_SIZE = 512
@@ -154,6 +154,6 @@ def write_tokenizer_files(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def generation_config(bos_token_id: int = BOS_TOKEN_ID, eos_token_id: int = EOS_TOKEN_ID) -> dict[str, Any]:
+def generation_config(bos_token_id: int = BOS_TOKEN_ID, eos_token_id: int = EOS_TOKEN_ID) -> dict[str, JsonValue]:
     """generation_config.json contents for checkpoints that use the demo tokenizer."""
     return {"bos_token_id": bos_token_id, "eos_token_id": [eos_token_id], "do_sample": False}

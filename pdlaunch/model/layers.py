@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm
+
+# Which part of a parameter a checkpoint tensor fills: None (the whole), a merged projection's index,
+# "q" / "k" / "v" (QKVParallelLinear), or an MoE expert's (half, expert) / expert (model/moe/names.py).
+ShardId = str | int | tuple[str, int] | None
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -32,7 +36,7 @@ def _check_full(loaded: torch.Tensor, expected: tuple[int, ...], name: str) -> N
         raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model expects {expected}")
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
     _copy_checked(param, loaded, "parameter")
 
 
@@ -79,18 +83,18 @@ class ColumnParallelLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(rows), requires_grad=False)
             _set_loader(self.bias, self.weight_loader)
 
-    def row_shard(self, shard_id: Any = None) -> tuple[int, int, int, int]:
+    def row_shard(self, shard_id: ShardId = None) -> tuple[int, int, int, int]:
         """(checkpoint rows, first row taken, rows taken, first row in this rank's weight)."""
         size = self.weight.shape[0]
         return size * self.tp_size, self.tp_rank * size, size, 0
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         full, src, size, dest = self.row_shard(shard_id)
         what = self.shard_label(shard_id)
         _check_full(loaded, (full, *param.shape[1:]), what)
         _copy_checked(param.data.narrow(0, dest, size), loaded.narrow(0, src, size), what)
 
-    def shard_label(self, shard_id: Any = None) -> str:
+    def shard_label(self, shard_id: ShardId = None) -> str:
         return "column-parallel weight" if shard_id is None else f"{self.SHARD_KIND} shard {shard_id}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +116,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(output_sizes), bias, tp_rank, tp_size)
         self.output_sizes = output_sizes
 
-    def row_shard(self, shard_id: Any = None) -> tuple[int, int, int, int]:
-        index = int(shard_id)
+    def row_shard(self, shard_id: ShardId = None) -> tuple[int, int, int, int]:
+        if not isinstance(shard_id, int):
+            raise ValueError(f"a merged projection needs its index as shard id, got {shard_id!r}")
+        index = shard_id
         size = self.output_sizes[index] // self.tp_size
         return self.output_sizes[index], self.tp_rank * size, size, sum(self.output_sizes[:index]) // self.tp_size
 
@@ -140,7 +146,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden, per_rank * tp_size, bias, tp_rank, tp_size)
         self.full_sizes = {"q": num_heads * head_dim, "k": num_kv_heads * head_dim, "v": num_kv_heads * head_dim}
 
-    def row_shard(self, shard_id: Any = None) -> tuple[int, int, int, int]:
+    def row_shard(self, shard_id: ShardId = None) -> tuple[int, int, int, int]:
+        if not isinstance(shard_id, str) or shard_id not in self.full_sizes:
+            raise ValueError(f"a qkv projection needs shard id 'q', 'k' or 'v', got {shard_id!r}")
         q, kv = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         dest, size, src = {"q": (0, q, self.tp_rank * q), "k": (q, kv, self.kv_head_start * self.head_dim),
                            "v": (q + kv, kv, self.kv_head_start * self.head_dim)}[shard_id]
@@ -169,7 +177,7 @@ class RowParallelLinear(nn.Module):
         size = self.weight.shape[1]
         return self.tp_rank * size, size
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         src, size = self.col_shard()
         _check_full(loaded, (param.shape[0], size * self.tp_size), "row-parallel weight")
         _copy_checked(param, loaded.narrow(1, src, size), "row-parallel weight")
@@ -193,7 +201,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden), requires_grad=False)
         _set_loader(self.weight, self.weight_loader)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         rows = max(0, min(self.shard_size, loaded.shape[0] - self.vocab_start))
         if loaded.shape[1] != param.shape[1]:
             raise ValueError(f"embedding width mismatch: checkpoint {loaded.shape[1]}, model {param.shape[1]}")

@@ -22,6 +22,7 @@ from pdlaunch.model.layers import (
     QKVParallelLinear,
     RMSNorm,
     RowParallelLinear,
+    ShardId,
     VocabParallelEmbedding,
 )
 from pdlaunch.model.moe.block import SparseMoeBlock
@@ -145,7 +146,7 @@ class CausalLM(nn.Module):
     q/k/v merged into `qkv_proj` and gate/up into `gate_up_proj` (see `PACKED_MODULES`)."""
 
     # checkpoint module name -> (our module name, shard id for its weight_loader)
-    PACKED_MODULES = {
+    PACKED_MODULES: dict[str, tuple[str, ShardId]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

@@ -22,7 +22,7 @@ from torch import nn
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch, load_arch
 from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
-from pdlaunch.model.layers import default_weight_loader
+from pdlaunch.model.layers import ShardId, default_weight_loader
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.quant.config import QuantConfig, load_quant_config
@@ -131,7 +131,7 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]
             raise unreadable(file, exc) from exc
 
 
-def _target(name: str) -> tuple[str, object]:
+def _target(name: str) -> tuple[str, ShardId]:
     """Checkpoint tensor name -> (our parameter name, shard id for its weight_loader)."""
     moe = expert_target(name)  # one expert's projection -> the layer's stacked experts
     if moe is not None:

@@ -8,27 +8,27 @@ model computes them once per step (`cos_sin`) and every layer applies them (`app
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
 
+from pdlaunch.model.arch import RopeScaling
 from pdlaunch.model.fused_ops import apply_rotary, rotary_cos_sin
 
 
-def compute_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+def compute_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,
                      max_position_embeddings: int) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies, with the scaling HF applies for rope_type."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
     if scaling is None:
         return inv_freq
-    kind = scaling["rope_type"]
-    factor = float(scaling["factor"])
-    if kind == "linear":
+    factor = scaling.factor
+    if scaling.rope_type == "linear":
         return inv_freq / factor
     # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_context = scaling.get("original_max_position_embeddings", max_position_embeddings)
+    assert scaling.low_freq_factor is not None and scaling.high_freq_factor is not None  # RopeScaling checks it
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    old_context = scaling.original_max_position_embeddings or max_position_embeddings
     low_freq_wavelen = old_context / low
     high_freq_wavelen = old_context / high
     wavelen = 2 * math.pi / inv_freq
@@ -45,7 +45,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None,
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None,
                  max_position_embeddings: int) -> None:
         super().__init__()
         self.inv_freq: torch.Tensor

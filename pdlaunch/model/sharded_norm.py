@@ -8,11 +8,11 @@ At tp 1 it is HF's RMSNorm exactly (mean in float32, cast, then scale).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from pdlaunch.model.layers import ShardId
 
 
 class ShardedRMSNorm(nn.Module):
@@ -25,7 +25,7 @@ class ShardedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(local_width), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if tuple(loaded.shape) != (self.full_width,):
             raise ValueError(f"shape mismatch for norm weight: checkpoint {tuple(loaded.shape)}, "
                              f"model expects ({self.full_width},)")

@@ -7,39 +7,47 @@ HF saves the template there) and generation_config.json (extra EOS ids). No hub 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import JsonValue
 from tokenizers import Tokenizer as HFTokenizer
 
 from pdlaunch.errors import PdlaunchError
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, JsonValue]:
     if not path.is_file():
         return {}
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
-        return data
+        data: JsonValue = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
+    if not isinstance(data, dict):
+        raise PdlaunchError(f"{path} holds a JSON {type(data).__name__}, not an object", field="model.path")
+    return data
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: JsonValue) -> str | None:
     """tokenizer_config stores special tokens as a string or as {"content": ...}."""
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
 
 
-def _as_id_list(value: Any) -> list[int]:
+def _token_id(value: JsonValue) -> int:
+    if isinstance(value, (int, float, str)):
+        return int(value)
+    raise PdlaunchError(f"token id {value!r} is not a number", field="model.path")
+
+
+def _as_id_list(value: JsonValue) -> list[int]:
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    return [_token_id(v) for v in value] if isinstance(value, list) else [_token_id(value)]
 
 
 def _raise_exception(message: str) -> None:
@@ -68,7 +76,7 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token_id: int | None = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         if self.bos_token_id is None and gen_config.get("bos_token_id") is not None:
-            self.bos_token_id = int(gen_config["bos_token_id"])
+            self.bos_token_id = _token_id(gen_config["bos_token_id"])
         self.add_bos_token = bool(config.get("add_bos_token", False))
 
         eos: list[int] = []
@@ -82,14 +90,15 @@ class Tokenizer:
         self.chat_template: str | None = self._load_chat_template(directory, config)
 
     @staticmethod
-    def _load_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    def _load_chat_template(directory: Path, config: dict[str, JsonValue]) -> str | None:
         jinja_file = directory / "chat_template.jinja"
         if jinja_file.is_file():
             return jinja_file.read_text()
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            return named.get("default") or next(iter(named.values()), None)
+            found = named.get("default") or next(iter(named.values()), None)
+            return found if isinstance(found, str) else None
         return template if isinstance(template, str) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -165,9 +174,9 @@ class Tokenizer:
             raise PdlaunchError(f"chat template does not compile: {exc}", field="model.chat_template") from None
         self.chat_template = value
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None,
-                            extra: dict[str, Any] | None = None) -> str:
+    def apply_chat_template(self, messages: Sequence[Mapping[str, object]], add_generation_prompt: bool = True,
+                            tools: Sequence[Mapping[str, object]] | None = None,
+                            extra: Mapping[str, object] | None = None) -> str:
         """Render `messages` ([{"role", "content"}, ...]) with the chat template; `tools` (OpenAI tool
         definitions) and `extra` (chat_template_kwargs) become template variables too."""
         if not self.chat_template:

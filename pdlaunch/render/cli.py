@@ -7,11 +7,12 @@ means cuda there), not against this machine: the pods run elsewhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from pdlaunch.config.cli_overrides import Overrides
 from pdlaunch.config.flags import with_serve_options
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import ConfigError, PdlaunchError
@@ -19,7 +20,7 @@ from pdlaunch.errors import ConfigError, PdlaunchError
 render_app = typer.Typer(help="Write a deployment's manifests for a cluster manager.", no_args_is_help=True)
 
 
-def cluster_config(config: Path | None, overrides: dict[str, Any], gpus_per_node: int) -> DeploymentConfig:
+def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int) -> DeploymentConfig:
     """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
     from pdlaunch.config.loader import load_deployment
     from pdlaunch.config.rules.roles import role_problems
@@ -38,7 +39,7 @@ def cluster_config(config: Path | None, overrides: dict[str, Any], gpus_per_node
 @with_serve_options
 def kubernetes(
     config: Path | None,
-    overrides: dict[str, Any],
+    overrides: Overrides,
     out: Annotated[Path, typer.Option("--out", help="Directory the manifests are written to.")],
     image: Annotated[str, typer.Option("--image", help="Container image with pdlaunch installed (and the model, "
                                                        "or a volume at model.path).")],

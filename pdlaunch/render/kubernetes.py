@@ -25,7 +25,6 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -43,7 +42,11 @@ from pdlaunch.render.objects import (
     PLACEMENT_ENV,
     ROLE_LABEL,
     SECRET_ENV,
+    ContainerPort,
+    Deployment,
     RenderOptions,
+    Secret,
+    Service,
     app_labels,
     container,
     meta,
@@ -57,6 +60,7 @@ from pdlaunch.render.objects import (
 DEFAULT_HTTP_PORT = 8100  # group g: 8100 + 100 * g, when base_port is unset
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 DEFAULT_MASTER_PORT = 29500
+Manifest = Secret | LeaderWorkerSet | Service | Deployment  # in apply order
 
 
 @dataclass
@@ -71,18 +75,18 @@ def deployment_secret(cfg: DeploymentConfig) -> str:
     return cfg.security.deployment_secret or os.environ.get(SECRET_ENV) or secrets.token_hex(32)
 
 
-def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[dict[str, Any]]:
+def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Manifest]:
     """Every manifest of the (resolved: device, dtype and per-group TP concrete) deployment, in apply order."""
     secret = deployment_secret(cfg)
     pod_cfg = _pod_config(cfg, secret)
     planned = plan_instances(cfg, [], strict=False)
-    manifests: list[dict[str, Any]] = [_secret(cfg, pod_cfg, secret, options)]
+    manifests: list[Manifest] = [_secret(cfg, pod_cfg, secret, options)]
     urls: list[tuple[str, str, str]] = []  # (role, instance name, URL) for the proxy
     groups = [(g, group) for g, group in enumerate(cfg.instances) if group.count > 0]
     for g, group in groups:
         ports = _group_ports(cfg, g, [p for p in planned if p.group == g])
         lws = _leader_worker_set(cfg, g, group, ports, options)
-        manifests.append(lws.manifest())
+        manifests.append(lws)
         lws_name = lws.metadata.name
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
             urls.append((group.role, f"{group.role}-{g}-{k}", f"http://{lws_name}-{k}.{lws_name}:{ports.http}"))
@@ -94,15 +98,20 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[dic
     return manifests
 
 
-def write_manifests(manifests: list[dict[str, Any]], out: Path) -> list[Path]:
+def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
     """One YAML file per object, numbered in apply order (`kubectl apply -f DIR` applies them in name order)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, manifest in enumerate(manifests):
-        path = out / f"{i:02d}-{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml"
+        if isinstance(manifest, LeaderWorkerSet):
+            kind, name = "leaderworkerset", manifest.metadata.name
+            data: object = manifest.manifest()
+        else:
+            kind, name, data = manifest["kind"].lower(), manifest["metadata"]["name"], manifest
+        path = out / f"{i:02d}-{kind}-{name}.yaml"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the Secret's file holds the secret
         with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(manifest, f, sort_keys=False)
+            yaml.safe_dump(data, f, sort_keys=False)
         written.append(path)
     return written
 
@@ -130,7 +139,7 @@ def _group_ports(cfg: DeploymentConfig, g: int, planned: list[PlannedInstance]) 
         cfg.parallel.master_port or DEFAULT_MASTER_PORT)
 
 
-def _secret(cfg: DeploymentConfig, pod_cfg: DeploymentConfig, secret: str, options: RenderOptions) -> dict[str, Any]:
+def _secret(cfg: DeploymentConfig, pod_cfg: DeploymentConfig, secret: str, options: RenderOptions) -> Secret:
     data = {"deployment.json": pod_cfg.model_dump_json(indent=2), "deployment-secret": secret}
     if cfg.security.api_key:
         data["api-key"] = cfg.security.api_key
@@ -152,8 +161,8 @@ def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: Gro
         master_port=ports.master if tp > 1 else None)
 
 
-def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: bool) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
+def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: bool) -> list[ContainerPort]:
+    found: list[ContainerPort] = []
     if leader:
         found.append({"name": "http", "containerPort": ports.http, "protocol": "TCP"})
     if role != "colocated":

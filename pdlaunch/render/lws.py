@@ -9,10 +9,12 @@ Kubernetes schemas in the tests.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
+
+from pdlaunch.render.objects import PodTemplateSpec
 
 # What LWS sets on every container of a group (the leader's address is the group's rendezvous).
 LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
@@ -36,12 +38,12 @@ class SubGroupPolicy(LwsModel):
 
 
 class LeaderWorkerTemplate(LwsModel):
-    leader_template: dict[str, Any] | None = None  # core PodTemplateSpec; default: the worker template
-    worker_template: dict[str, Any]  # core PodTemplateSpec
+    leader_template: PodTemplateSpec | None = None  # default: the worker template
+    worker_template: PodTemplateSpec
     size: int | None = Field(None, ge=1, description="Pods per group, the leader included.")
     restart_policy: Literal["Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None"] | None = None
     sub_group_policy: SubGroupPolicy | None = None
-    volume_claim_templates: list[dict[str, Any]] | None = None  # core PersistentVolumeClaims
+    volume_claim_templates: list[dict[str, JsonValue]] | None = None  # core PersistentVolumeClaims
 
 
 class RollingUpdateConfiguration(LwsModel):
@@ -73,6 +75,6 @@ class LeaderWorkerSet(LwsModel):
     metadata: ObjectMeta
     spec: LeaderWorkerSetSpec
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> dict[str, JsonValue]:
         """The object as Kubernetes reads it (camelCase keys, unset fields left out)."""
         return self.model_dump(by_alias=True, exclude_none=True)

@@ -1,14 +1,177 @@
 """The core Kubernetes objects of `pdlaunch render kubernetes` (render/kubernetes.py): object metadata,
 the engine container and pod template of an instance's pods, the Service per role, the proxy's
-Deployment and Service. Plain dicts in the shape of the Kubernetes API (checked against its JSON
-schemas in tests/render)."""
+Deployment and Service, and the Secret. TypedDicts of the fields we write, in the shape of the
+Kubernetes API (checked against its JSON schemas in tests/render); the pod template travels inside
+the typed LeaderWorkerSet (render/lws.py), which validates it with pydantic (an unknown key is an error).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from pydantic import ConfigDict, with_config
+from typing_extensions import NotRequired, TypedDict  # pydantic reads these TypedDicts (Python 3.11)
 
 from pdlaunch.config.models import DeploymentConfig
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+@with_config(_STRICT)
+class Metadata(TypedDict):
+    name: str
+    labels: dict[str, str]
+    namespace: NotRequired[str]
+
+
+@with_config(_STRICT)
+class FieldRef(TypedDict):
+    fieldPath: str
+
+
+@with_config(_STRICT)
+class SecretKeyRef(TypedDict):
+    name: str
+    key: str
+
+
+@with_config(_STRICT)
+class EnvVarSource(TypedDict, total=False):
+    fieldRef: FieldRef
+    secretKeyRef: SecretKeyRef
+
+
+@with_config(_STRICT)
+class EnvVar(TypedDict):
+    name: str
+    value: NotRequired[str]
+    valueFrom: NotRequired[EnvVarSource]
+
+
+@with_config(_STRICT)
+class ContainerPort(TypedDict):
+    name: str
+    containerPort: int
+    protocol: str
+
+
+@with_config(_STRICT)
+class VolumeMount(TypedDict):
+    name: str
+    mountPath: str
+    readOnly: NotRequired[bool]
+
+
+@with_config(_STRICT)
+class HttpGet(TypedDict):
+    path: str
+    port: str
+
+
+@with_config(_STRICT)
+class Probe(TypedDict):
+    httpGet: HttpGet
+    periodSeconds: int
+    timeoutSeconds: NotRequired[int]
+    failureThreshold: NotRequired[int]
+
+
+@with_config(_STRICT)
+class Resources(TypedDict):
+    requests: dict[str, str]
+    limits: dict[str, str]
+
+
+@with_config(_STRICT)
+class Container(TypedDict):
+    name: str
+    image: str
+    command: list[str]
+    args: list[str]
+    env: list[EnvVar]
+    ports: list[ContainerPort]
+    volumeMounts: NotRequired[list[VolumeMount]]
+    resources: NotRequired[Resources]
+    readinessProbe: NotRequired[Probe]
+
+
+@with_config(_STRICT)
+class SecretVolumeSource(TypedDict):
+    secretName: str
+
+
+@with_config(_STRICT)
+class EmptyDirVolumeSource(TypedDict):
+    medium: str
+
+
+@with_config(_STRICT)
+class Volume(TypedDict):
+    name: str
+    secret: NotRequired[SecretVolumeSource]
+    emptyDir: NotRequired[EmptyDirVolumeSource]
+
+
+@with_config(_STRICT)
+class PodSpec(TypedDict):
+    containers: list[Container]
+    volumes: NotRequired[list[Volume]]
+
+
+@with_config(_STRICT)
+class PodMetadata(TypedDict):
+    labels: dict[str, str]
+
+
+@with_config(_STRICT)
+class PodTemplateSpec(TypedDict, total=False):  # the API has every field optional
+    metadata: PodMetadata
+    spec: PodSpec
+
+
+class ServicePort(TypedDict):
+    name: str
+    port: int
+    targetPort: int | str
+    protocol: str
+
+
+class ServiceSpec(TypedDict):
+    selector: dict[str, str]
+    ports: list[ServicePort]
+
+
+class Service(TypedDict):
+    apiVersion: str
+    kind: str
+    metadata: Metadata
+    spec: ServiceSpec
+
+
+class LabelSelector(TypedDict):
+    matchLabels: dict[str, str]
+
+
+class DeploymentSpec(TypedDict):
+    replicas: int
+    selector: LabelSelector
+    template: PodTemplateSpec
+
+
+class Deployment(TypedDict):
+    apiVersion: str
+    kind: str
+    metadata: Metadata
+    spec: DeploymentSpec
+
+
+class Secret(TypedDict):
+    apiVersion: str
+    kind: str
+    metadata: Metadata
+    type: str
+    stringData: dict[str, str]
+
 
 CONFIG_DIR = "/etc/pdlaunch"
 DEPLOYMENT_FILE = f"{CONFIG_DIR}/deployment.json"
@@ -28,8 +191,8 @@ class RenderOptions:
     gpus_per_node: int = 8  # a TP group larger than this is spread one rank per pod
 
 
-def meta(name: str, options: RenderOptions, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "labels": {**app_labels(options), **(labels or {})}}
+def meta(name: str, options: RenderOptions, labels: dict[str, str] | None = None) -> Metadata:
+    meta: Metadata = {"name": name, "labels": {**app_labels(options), **(labels or {})}}
     if options.namespace:
         meta["namespace"] = options.namespace
     return meta
@@ -39,7 +202,7 @@ def app_labels(options: RenderOptions) -> dict[str, str]:
     return {"app.kubernetes.io/name": "pdlaunch", "app.kubernetes.io/instance": options.name}
 
 
-def pod_env(extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def pod_env(extra: list[EnvVar] | None = None) -> list[EnvVar]:
     """POD_IP and the pod's identity first: later values and the args refer to them as $(POD_IP)."""
     return [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -51,8 +214,8 @@ def pod_env(extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
 
 
 def container(options: RenderOptions, module: str, args: list[str],
-              env: list[dict[str, Any]], ports: list[dict[str, Any]], gpus: int, leader: bool) -> dict[str, Any]:
-    engine: dict[str, Any] = {
+              env: list[EnvVar], ports: list[ContainerPort], gpus: int, leader: bool) -> Container:
+    engine: Container = {
         "name": "engine", "image": options.image, "command": ["python", "-m", module],
         "args": ["--deployment", DEPLOYMENT_FILE, *args], "env": env, "ports": ports,
         "volumeMounts": [{"name": "deployment", "mountPath": CONFIG_DIR, "readOnly": True},
@@ -66,7 +229,7 @@ def container(options: RenderOptions, module: str, args: list[str],
     return engine
 
 
-def pod_template(options: RenderOptions, role: str, engine: dict[str, Any], leader: bool) -> dict[str, Any]:
+def pod_template(options: RenderOptions, role: str, engine: Container, leader: bool) -> PodTemplateSpec:
     labels = {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true" if leader else "false"}
     return {"metadata": {"labels": labels}, "spec": {
         "containers": [engine],
@@ -75,9 +238,9 @@ def pod_template(options: RenderOptions, role: str, engine: dict[str, Any], lead
     }}
 
 
-def role_service(role: str, http_ports: list[int], options: RenderOptions) -> dict[str, Any]:
+def role_service(role: str, http_ports: list[int], options: RenderOptions) -> Service:
     """The role's instances (their leader pods) behind one name, on each of its groups' HTTP ports."""
-    ports = [{"name": f"http-{port}", "port": port, "targetPort": port, "protocol": "TCP"}
+    ports: list[ServicePort] = [{"name": f"http-{port}", "port": port, "targetPort": port, "protocol": "TCP"}
              for port in dict.fromkeys(http_ports)]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": meta(f"{options.name}-{role}", options, {ROLE_LABEL: role}),
@@ -85,19 +248,19 @@ def role_service(role: str, http_ports: list[int], options: RenderOptions) -> di
 
 
 def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
-                      options: RenderOptions) -> dict[str, Any]:
+                      options: RenderOptions) -> Deployment:
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), "--routing-policy", cfg.proxy.routing_policy,
             "--request-timeout", str(cfg.proxy.request_timeout_seconds),
             "--max-request-bytes", str(cfg.security.max_request_bytes)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
     secret_name = f"{options.name}-deployment"
-    env: list[dict[str, Any]] = [
+    env: list[EnvVar] = [
         {"name": SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "deployment-secret"}}}]
     if cfg.security.api_key:
         env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}})
     labels = {**app_labels(options), ROLE_LABEL: "proxy"}
-    proxy = {"name": "proxy", "image": options.image, "command": ["python", "-m", "pdlaunch.proxy"],
+    proxy: Container = {"name": "proxy", "image": options.image, "command": ["python", "-m", "pdlaunch.proxy"],
                  "args": args, "env": env,
                  "ports": [{"name": "http", "containerPort": cfg.proxy.port, "protocol": "TCP"}],
                  "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 5}}
@@ -107,7 +270,7 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
                      "template": {"metadata": {"labels": labels}, "spec": {"containers": [proxy]}}}}
 
 
-def proxy_service(cfg: DeploymentConfig, options: RenderOptions) -> dict[str, Any]:
+def proxy_service(cfg: DeploymentConfig, options: RenderOptions) -> Service:
     return {"apiVersion": "v1", "kind": "Service", "metadata": meta(f"{options.name}-proxy", options,
                                                                      {ROLE_LABEL: "proxy"}),
             "spec": {"selector": {**app_labels(options), ROLE_LABEL: "proxy"},

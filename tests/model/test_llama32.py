@@ -47,7 +47,7 @@ def test_llama3_rope_frequencies_equal_transformers(llama32_ckpt: Path) -> None:
 
     arch = load_arch(llama32_ckpt)
     assert arch.rope_theta == 500000.0 and arch.rope_scaling is not None
-    assert arch.rope_scaling["rope_type"] == "llama3" and arch.rope_scaling["factor"] == 32.0
+    assert arch.rope_scaling.rope_type == "llama3" and arch.rope_scaling.factor == 32.0
     ours = compute_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling, arch.max_position_embeddings)
     theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(llama32_ckpt), "cpu")
     torch.testing.assert_close(ours, theirs.float(), rtol=0, atol=0)

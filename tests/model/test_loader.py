@@ -30,7 +30,7 @@ def _edit_config(path: Path, **changes: object) -> None:
 def test_arch_of_each_family(llama_ckpt: Path, qwen2_ckpt: Path, mistral_ckpt: Path, hybrid_ckpt: Path) -> None:
     llama = load_checkpoint(str(llama_ckpt)).arch
     assert (llama.num_heads, llama.num_kv_heads, llama.head_dim) == (4, 2, 16)
-    assert llama.rope_scaling is not None and llama.rope_scaling["rope_type"] == "llama3"
+    assert llama.rope_scaling is not None and llama.rope_scaling.rope_type == "llama3"
     assert not llama.attention_bias
     assert llama.kv_cache_groups() == [KVCacheGroup(layers=[0, 1], sliding_window=None)]
 

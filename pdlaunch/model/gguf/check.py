@@ -8,17 +8,20 @@ every problem, and the conversion refuses the file with the same messages before
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf.metadata import ROPE_FREQS, hf_config, hf_shape, unreadable_quant_types, value
+from pdlaunch.model.gguf.metadata import ROPE_FREQS, HFConfig, hf_config, hf_shape, unreadable_quant_types, value
 from pdlaunch.model.gguf.tokenizer import tokenizer_json
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 MAX_TENSOR_PROBLEMS = 5  # a file of another model would otherwise give one line per tensor
 _SHAPE_HINT = "the file's tensors do not match its metadata: re-convert or re-download it"
 
 
-def _expected(config: dict[str, Any], arch: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+def _expected(config: HFConfig, arch: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """(GGUF tensor name -> HF-order shape the metadata implies, name -> metadata keys behind that shape)."""
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q_out = config["num_attention_heads"] * config["head_dim"]
@@ -54,7 +57,7 @@ def _expected(config: dict[str, Any], arch: str) -> tuple[dict[str, tuple[int, .
     return shapes, why
 
 
-def _tensor_problems(reader: Any, config: dict[str, Any], arch: str) -> list[PdlaunchError]:
+def _tensor_problems(reader: GGUFReader, config: HFConfig, arch: str) -> list[PdlaunchError]:
     expected, why = _expected(config, arch)
     optional = {"output.weight", ROPE_FREQS}  # a tied model may still ship output.weight; rope_freqs: llama3 rope
     found: list[PdlaunchError] = []
@@ -82,7 +85,7 @@ def _tensor_problems(reader: Any, config: dict[str, Any], arch: str) -> list[Pdl
     return found
 
 
-def _tokenizer_problems(reader: Any, vocab: int) -> list[PdlaunchError]:
+def _tokenizer_problems(reader: GGUFReader, vocab: int) -> list[PdlaunchError]:
     from tokenizers import Tokenizer
 
     try:
@@ -93,14 +96,16 @@ def _tokenizer_problems(reader: Any, vocab: int) -> list[PdlaunchError]:
     except Exception as exc:  # tokenizers raises its own untyped Exception for a vocabulary it cannot build
         return [PdlaunchError(f"the tokenizer in the GGUF metadata does not build: {exc}", field="model.path",
                               hint="the file's tokenizer.ggml.* entries are damaged: re-download or re-convert it")]
-    count = len(built["model"]["vocab"])
+    model = built["model"]
+    vocabulary = model.get("vocab") if isinstance(model, dict) else None
+    count = len(vocabulary) if isinstance(vocabulary, dict) else 0
     if count > vocab:
         return [PdlaunchError(f"the GGUF tokenizer has {count} tokens but token_embd.weight has {vocab} rows",
                               field="model.path", hint="the tokenizer does not belong to these weights")]
     return []
 
 
-def gguf_problems(reader: Any) -> list[PdlaunchError]:
+def gguf_problems(reader: GGUFReader) -> list[PdlaunchError]:
     """Everything that would stop this GGUF file from converting and loading, one error per problem."""
     problems: list[PdlaunchError] = []
     missing = unreadable_quant_types(reader)

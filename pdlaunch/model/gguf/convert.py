@@ -19,15 +19,18 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf.check import gguf_problems
-from pdlaunch.model.gguf.metadata import ROPE_FREQS, dequantized, hf_config, open_reader, value
+from pdlaunch.model.gguf.metadata import ROPE_FREQS, HFConfig, dequantized, hf_config, open_reader, value
 from pdlaunch.model.gguf.tokenizer import tokenizer_config, tokenizer_json
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 # GGUF per-block tensor -> HF name under model.layers.{i}.
 _LAYER_NAMES = {
@@ -45,7 +48,7 @@ def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def hf_tensors(reader: Any, config: dict[str, Any], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(reader: GGUFReader, config: HFConfig, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, dequantized tensor) for every weight of the file (rope_freqs is in config.json instead)."""
     arch = value(reader, "general.architecture")
     for tensor in reader.tensors:

@@ -7,12 +7,16 @@ check-config can use it without dequantizing any weight.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from typing_extensions import NotRequired, TypedDict
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf.rope import llama3_rope_parameters
+from pdlaunch.model.gguf.rope import RopeParameters, llama3_rope_parameters
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),
@@ -20,7 +24,32 @@ _HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM"
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def open_reader(path: Path) -> Any:
+class HFConfig(TypedDict):
+    """The config.json a GGUF file stands for (transformers 5 layout), as hf_config derives it."""
+
+    architectures: list[str]
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_parameters: RopeParameters
+    rms_norm_eps: float
+    hidden_act: str
+    attention_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_id: int | None
+    dtype: str
+    sliding_window: NotRequired[int]
+
+
+def open_reader(path: Path) -> GGUFReader:
     try:
         from gguf import GGUFReader
     except ModuleNotFoundError:
@@ -35,21 +64,22 @@ def open_reader(path: Path) -> Any:
                             hint="pass an intact .gguf file (re-download it) or an HF checkpoint directory") from exc
 
 
-def value(reader: Any, key: str, default: Any = None) -> Any:
+def value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    """The metadata field's contents (a scalar, a string or a list, as the gguf package decodes it)."""
     field = reader.fields.get(key)
     return default if field is None else field.contents()
 
 
-def tensor(reader: Any, name: str) -> Any | None:
+def tensor(reader: GGUFReader, name: str) -> ReaderTensor | None:
     return next((t for t in reader.tensors if t.name == name), None)
 
 
-def hf_shape(gguf_tensor: Any) -> tuple[int, ...]:
+def hf_shape(gguf_tensor: ReaderTensor) -> tuple[int, ...]:
     """The tensor's shape in HF (row-major) order: GGUF lists dims innermost first."""
     return tuple(int(n) for n in reversed(gguf_tensor.shape))
 
 
-def dequantized(gguf_tensor: Any) -> np.ndarray:
+def dequantized(gguf_tensor: ReaderTensor) -> np.ndarray:
     """float32 values in HF shape."""
     from gguf.quants import dequantize
 
@@ -57,7 +87,7 @@ def dequantized(gguf_tensor: Any) -> np.ndarray:
     return values.reshape(hf_shape(gguf_tensor))
 
 
-def unreadable_quant_types(reader: Any) -> list[str]:
+def unreadable_quant_types(reader: GGUFReader) -> list[str]:
     """Quantization types in the file that the installed `gguf` package cannot dequantize."""
     from gguf import GGMLQuantizationType
     from gguf.quants import _type_traits  # the package's registry of dequantizers
@@ -68,7 +98,7 @@ def unreadable_quant_types(reader: Any) -> list[str]:
     return sorted(missing)
 
 
-def architecture(reader: Any) -> str:
+def architecture(reader: GGUFReader) -> str:
     arch = value(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise PdlaunchError(f"GGUF architecture {arch!r} is not supported", field="model.path",
@@ -76,7 +106,7 @@ def architecture(reader: Any) -> str:
     return str(arch)
 
 
-def _rope_parameters(reader: Any, arch: str, head_dim: int) -> dict[str, Any]:
+def _rope_parameters(reader: GGUFReader, arch: str, head_dim: int) -> RopeParameters:
     """transformers 5 `rope_parameters`: plain, linear (metadata) or llama3 (the rope_freqs tensor)."""
     theta = float(value(reader, f"{arch}.rope.freq_base", 10000.0))
     kind = value(reader, f"{arch}.rope.scaling.type", "none")
@@ -95,7 +125,7 @@ def _rope_parameters(reader: Any, arch: str, head_dim: int) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": theta}
 
 
-def hf_config(reader: Any) -> dict[str, Any]:
+def hf_config(reader: GGUFReader) -> HFConfig:
     """config.json (transformers 5 layout) from the GGUF metadata. Raises PdlaunchError naming what is missing."""
     arch = architecture(reader)
 
@@ -114,7 +144,7 @@ def hf_config(reader: Any) -> dict[str, Any]:
     vocab = (hf_shape(embedding)[0] if embedding is not None and len(embedding.shape) == 2 else
              len(value(reader, "tokenizer.ggml.tokens", []) or []) or int(need("vocab_size")))
     hf_arch, model_type = _HF_ARCH[arch]
-    config: dict[str, Any] = {
+    config: HFConfig = {
         "architectures": [hf_arch], "model_type": model_type,
         "hidden_size": hidden, "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,

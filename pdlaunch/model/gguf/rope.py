@@ -18,9 +18,9 @@ only parameters that reproduce every stored factor.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
+from typing_extensions import Required, TypedDict
 
 from pdlaunch.errors import PdlaunchError
 
@@ -36,7 +36,18 @@ def _wavelengths(head_dim: int, theta: float) -> np.ndarray:
     return 2 * math.pi / inv_freq.astype(np.float64)
 
 
-def llama3_factors(wavelen: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+class RopeParameters(TypedDict, total=False):
+    """transformers 5 `rope_parameters` as a GGUF file gives them: plain, linear or llama3."""
+
+    rope_type: Required[str]
+    rope_theta: float
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: float  # an int once rounded (what a config.json holds)
+
+
+def llama3_factors(wavelen: np.ndarray, params: RopeParameters) -> np.ndarray:
     """Per-frequency divisors of the llama3 rule for `params` (transformers' rope_parameters keys)."""
     factor, old = float(params["factor"]), float(params["original_max_position_embeddings"])
     low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
@@ -45,22 +56,23 @@ def llama3_factors(wavelen: np.ndarray, params: dict[str, Any]) -> np.ndarray:
     return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, medium))
 
 
-def _params(factor: float, low: float, high: float, old: float) -> dict[str, Any]:
+def _params(factor: float, low: float, high: float, old: float) -> RopeParameters:
     return {"rope_type": "llama3", "factor": float(factor), "low_freq_factor": float(low),
             "high_freq_factor": float(high), "original_max_position_embeddings": float(old)}
 
 
-def _rounded(params: dict[str, Any]) -> dict[str, Any]:
+def _rounded(params: RopeParameters) -> RopeParameters:
     """What a config.json holds: an integer context and short decimals (a fit leaves 8191.9997)."""
-    return {**params, "factor": round(params["factor"], 4), "low_freq_factor": round(params["low_freq_factor"], 4),
+    return {**params, "factor": round(params["factor"], 4),
+            "low_freq_factor": round(params["low_freq_factor"], 4),
             "high_freq_factor": round(params["high_freq_factor"], 4),
             "original_max_position_embeddings": int(round(params["original_max_position_embeddings"]))}
 
 
-def _candidates(wavelen: np.ndarray, stored: np.ndarray, factor: float, old_hint: float | None) -> list[dict[str, Any]]:
+def _candidates(wavelen: np.ndarray, stored: np.ndarray, factor: float, old_hint: float | None) -> list[RopeParameters]:
     """Parameter sets to try, most likely first (each is verified against every stored factor)."""
     medium = (stored > 1 + FACTOR_RTOL) & (stored < factor * (1 - FACTOR_RTOL))
-    found: list[dict[str, Any]] = []
+    found: list[RopeParameters] = []
     if medium.sum() >= 2:
         smooth = (1 / stored[medium] - 1 / factor) / (1 - 1 / factor)
         a, b = np.polyfit(1 / wavelen[medium], smooth, 1)  # smooth = a / wavelen + b
@@ -84,7 +96,7 @@ def _candidates(wavelen: np.ndarray, stored: np.ndarray, factor: float, old_hint
 
 
 def llama3_rope_parameters(rope_freqs: np.ndarray, head_dim: int, theta: float, factor_hint: float | None = None,
-                           old_context_hint: float | None = None) -> dict[str, Any] | None:
+                           old_context_hint: float | None = None) -> RopeParameters | None:
     """transformers' llama3 `rope_parameters` (without rope_theta) whose factors equal `rope_freqs`,
     or None when every factor is 1 (no scaling). PdlaunchError when no llama3 parameters fit."""
     stored = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)

@@ -11,10 +11,15 @@ SentencePiece (add_dummy_prefix) and llama.cpp do, and so does text after a spec
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from pydantic import JsonValue
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf.metadata import value
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -26,7 +31,7 @@ def _problem(message: str) -> PdlaunchError:
     return PdlaunchError(message, field="model.path", hint=_DAMAGED_HINT)
 
 
-def _vocabulary(reader: Any, tokens: list[str]) -> tuple[list[float], list[int]]:
+def _vocabulary(reader: GGUFReader, tokens: list[str]) -> tuple[list[float], list[int]]:
     """The scores and token types, both one per token: without them the merges cannot be rebuilt."""
     scores = value(reader, "tokenizer.ggml.scores")
     types = value(reader, "tokenizer.ggml.token_type")
@@ -41,7 +46,7 @@ def _vocabulary(reader: Any, tokens: list[str]) -> tuple[list[float], list[int]]
     return [float(score) for score in scores], [int(kind) for kind in types]
 
 
-def _special_id(reader: Any, key: str, count: int) -> int | None:
+def _special_id(reader: GGUFReader, key: str, count: int) -> int | None:
     index = value(reader, f"tokenizer.ggml.{key}_token_id")
     if index is None:
         return None
@@ -63,7 +68,7 @@ def merges(tokens: list[str], scores: list[float], types: list[int]) -> list[lis
     return [[tokens[left], tokens[right]] for _, left, right in ranked]
 
 
-def sentencepiece_tokenizer_json(reader: Any, tokens: list[str]) -> dict[str, Any]:
+def sentencepiece_tokenizer_json(reader: GGUFReader, tokens: list[str]) -> dict[str, JsonValue]:
     """tokenizer.json for a SentencePiece BPE vocabulary with byte fallback."""
     scores, types = _vocabulary(reader, tokens)
     for key in ("bos", "eos", "padding"):  # an id outside the vocabulary is a damaged file, not a missing token
@@ -71,14 +76,14 @@ def sentencepiece_tokenizer_json(reader: Any, tokens: list[str]) -> dict[str, An
     unk = _special_id(reader, "unknown", len(tokens))
     if unk is None:
         unk = next((i for i, kind in enumerate(types) if kind == UNKNOWN), None)
-    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+    added: list[JsonValue] = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": kind != USER_DEFINED}
              for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (UNKNOWN, CONTROL, USER_DEFINED)]
     prefix = bool(value(reader, "tokenizer.ggml.add_space_prefix", True))
-    to_space = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
-    normalizer = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, to_space]
-                  if prefix else [to_space]}
-    decoders: list[dict[str, Any]] = [
+    to_space: dict[str, JsonValue] = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    normalizer: dict[str, JsonValue] = {
+        "type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE}, to_space] if prefix else [to_space]}
+    decoders: list[JsonValue] = [
         {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]
     if prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
@@ -89,19 +94,20 @@ def sentencepiece_tokenizer_json(reader: Any, tokens: list[str]) -> dict[str, An
         "model": {"type": "BPE", "dropout": None, "unk_token": None if unk is None else tokens[unk],
                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                   "byte_fallback": True, "ignore_merges": False,
-                  "vocab": {tok: i for i, tok in enumerate(tokens)}, "merges": merges(tokens, scores, types)},
+                  "vocab": {tok: i for i, tok in enumerate(tokens)},
+                  "merges": [[left, right] for left, right in merges(tokens, scores, types)]},
     }
 
 
-def _post_processor(reader: Any, tokens: list[str]) -> dict[str, Any] | None:
+def _post_processor(reader: GGUFReader, tokens: list[str]) -> dict[str, JsonValue] | None:
     """EOS appended when the metadata asks for it (BOS is the tokenizer config's add_bos_token)."""
     eos = _special_id(reader, "eos", len(tokens))
     if not value(reader, "tokenizer.ggml.add_eos_token", False):
         return None
     if eos is None:
         raise _problem("GGUF tokenizer.ggml.add_eos_token is set but tokenizer.ggml.eos_token_id is missing")
-    sequence = {"Sequence": {"id": "A", "type_id": 0}}
-    eos_piece = {"SpecialToken": {"id": tokens[eos], "type_id": 0}}
+    sequence: dict[str, JsonValue] = {"Sequence": {"id": "A", "type_id": 0}}
+    eos_piece: dict[str, JsonValue] = {"SpecialToken": {"id": tokens[eos], "type_id": 0}}
     return {"type": "TemplateProcessing", "single": [sequence, eos_piece],
             "pair": [sequence, eos_piece, {"Sequence": {"id": "B", "type_id": 0}}, eos_piece],
             "special_tokens": {tokens[eos]: {"id": tokens[eos], "ids": [eos], "tokens": [tokens[eos]]}}}

@@ -7,11 +7,16 @@ Llama 2, Mistral 7B v0.1-0.3) as a BPE with byte fallback (sentencepiece.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+from pydantic import JsonValue
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.gguf.metadata import value
 from pdlaunch.model.gguf.sentencepiece import sentencepiece_tokenizer_json
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
 # How text is split before BPE (`tokenizer.ggml.pre`): Llama 3 groups digits by up to three, Qwen2 splits
@@ -25,7 +30,7 @@ NO_TOKENIZER_HINT = ("use a GGUF file that embeds its tokenizer (llama.cpp's con
                      "or the model's HF checkpoint directory with tokenizer.json")
 
 
-def tokenizer_json(reader: Any) -> dict[str, Any]:
+def tokenizer_json(reader: GGUFReader) -> dict[str, JsonValue]:
     """tokenizer.json for a byte-level BPE (tokenizer.ggml.model "gpt2") or SentencePiece ("llama") vocabulary."""
     model = value(reader, "tokenizer.ggml.model")
     tokens: list[str] = list(value(reader, "tokenizer.ggml.tokens", []) or [])
@@ -40,12 +45,13 @@ def tokenizer_json(reader: Any) -> dict[str, Any]:
                                  "from GGUF metadata; "
                                  "use an HF checkpoint directory with tokenizer.json for this model")
     types: list[int] = list(value(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges: list[str] = list(value(reader, "tokenizer.ggml.merges", []))
-    added = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+    merges: list[JsonValue] = list(value(reader, "tokenizer.ggml.merges", []))
+    added: list[JsonValue] = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True}
              for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    pre_tokenizer: dict[str, Any] = byte_level
+    byte_level: dict[str, JsonValue] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                                        "use_regex": True}
+    pre_tokenizer: dict[str, JsonValue] = byte_level
     split = PRE_TOKENIZER_SPLITS.get(str(value(reader, "tokenizer.ggml.pre", "")))
     if split is not None:
         pre_tokenizer = {"type": "Sequence", "pretokenizers": [
@@ -60,7 +66,7 @@ def tokenizer_json(reader: Any) -> dict[str, Any]:
     }
 
 
-def tokenizer_config(reader: Any) -> dict[str, Any]:
+def tokenizer_config(reader: GGUFReader) -> dict[str, JsonValue]:
     tokens = list(value(reader, "tokenizer.ggml.tokens", []) or [])
 
     def token(key: str) -> str | None:

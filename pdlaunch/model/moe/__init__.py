@@ -1,3 +1,3 @@
-"""Mixture-of-Experts: config parsing (config.py), the router (router.py), the stacked expert weights and
-their TP/EP sharding (experts.py), the MoE block of a decoder layer (block.py), checkpoint names
-(names.py), and the fused expert computation (fused.py, triton_moe.py, tile configs under configs/)."""
+"""Mixture-of-Experts: config parsing (config.py), the stacked expert weights and their TP/EP sharding
+(experts.py), the router and the MoE block of a decoder layer (block.py), checkpoint names (names.py),
+and the fused expert computation (fused.py, triton_moe.py, tile configs under configs/)."""

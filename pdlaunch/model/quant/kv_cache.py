@@ -9,7 +9,6 @@ read back as fp8 * k_scale, values likewise with v_scale. Scales come from the c
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +34,7 @@ def is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == FP8_DTYPE
 
 
-def _scale_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+def _scale_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
     if loaded.numel() != 1:
         raise ValueError(f"a KV scale is one value, the checkpoint has shape {tuple(loaded.shape)}")
     param.data.copy_(loaded.reshape(()))

@@ -18,14 +18,13 @@ and runs `torch._scaled_mm` (per channel) or the Triton block-scaled GEMM (model
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch
-from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear
+from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear, ShardId
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
 
@@ -75,7 +74,7 @@ def _aligned(offset: int, what: str) -> int:
 
 
 def _block_scale_loader(layer: Linear) -> Callable[..., None]:
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if isinstance(layer, ColumnParallelLinear):
             full, src, size, dest = layer.row_shard(shard_id)
             want = (_blocks(full), _blocks(layer.in_features))
@@ -97,7 +96,7 @@ def _block_scale_loader(layer: Linear) -> Callable[..., None]:
 
 def _row_scale_loader(layer: Linear, per_tensor: bool) -> Callable[..., None]:
     """Per-channel ([out, 1] or [out]) or per-tensor ([] or [1]) scales, stored as one float per row."""
-    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if isinstance(layer, ColumnParallelLinear):
             full, src, size, dest = layer.row_shard(shard_id)
         else:
@@ -119,14 +118,14 @@ def _scale_param(shape: tuple[int, ...], loader: Callable[..., None]) -> nn.Para
     return param
 
 
-def _checkpoint_names(prefix: str, packed: dict[str, tuple[str, object]]) -> list[str]:
+def _checkpoint_names(prefix: str, packed: dict[str, tuple[str, ShardId]]) -> list[str]:
     """Our module name -> the checkpoint module names it is loaded from (qkv_proj -> q/k/v_proj)."""
     head, _, leaf = prefix.rpartition(".")
     parts = [name for name, (ours, _) in packed.items() if ours == leaf]
     return [f"{head}.{p}" if head else p for p in parts] or [prefix]
 
 
-def quantize_model(model: nn.Module, quant: QuantConfig, packed: dict[str, tuple[str, object]]) -> None:
+def quantize_model(model: nn.Module, quant: QuantConfig, packed: dict[str, tuple[str, ShardId]]) -> None:
     """Give every quantized linear layer of the meta model its fp8 weight and scale parameters.
 
     `packed` maps checkpoint module names to ours (CausalLM.PACKED_MODULES)."""
