@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -29,7 +29,7 @@ from pdlaunch.config.validate import (
 from pdlaunch.errors import ConfigError, PdlaunchError
 
 
-def check(config_path: Path | None, overrides: dict[str, Any], target_gpus: int | None,
+def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus: int | None,
           target_gpu_memory: float | None) -> tuple[list[Problem], DeploymentConfig | None, TargetHost | None]:
     """Every problem, the resolved config (None when the file or values could not be parsed), the target."""
     target, problems = target_problems(target_gpus, target_gpu_memory)
@@ -99,7 +99,7 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
     console.print(memory)
 
 
-def run_check(config_path: Path | None, overrides: dict[str, Any], json_output: bool,
+def run_check(config_path: Path | None, overrides: Mapping[str, object], json_output: bool,
               target_gpus: int | None, target_gpu_memory: float | None) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)

@@ -4,8 +4,8 @@ spelling the user typed for it (so a problem names that flag), and what the comm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pdlaunch.config.model_info import hub_id_hint
 from pdlaunch.config.problems import Problem, problem
@@ -14,16 +14,17 @@ MODEL_NAMES = ("demo", "tiny")
 POSITIONAL = "MODEL"  # how a problem names a model given as the positional argument
 
 
-class Overrides(dict[str, Any]):
+class Overrides(dict[str, object]):
     """Dotted config path -> value (a plain dict to every reader), plus `flags` (path -> the flag that
-    set it) and `problems` found on the command line itself (refused spellings, conflicts)."""
+    set it) and `problems` found on the command line itself (refused spellings, conflicts). A value is
+    what the flag or JSON gave, unchecked: pydantic checks it against the schema with the file's."""
 
-    def __init__(self, values: dict[str, Any] | None = None) -> None:
+    def __init__(self, values: Mapping[str, object] | None = None) -> None:
         super().__init__(values or {})
         self.flags: dict[str, str] = {}
         self.problems: list[Problem] = []
 
-    def set(self, path: str, value: Any, flag: str) -> None:
+    def set(self, path: str, value: object, flag: str) -> None:
         """Set `path` from `flag`; the same path from two spellings must agree."""
         earlier = self.flags.get(path)
         if earlier is not None and earlier != flag and self[path] != value:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -26,7 +25,7 @@ def loc_to_path(loc: tuple[int | str, ...]) -> str:
     return path or "config"
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def _model_in(annotation: object) -> type[BaseModel] | None:
     """The pydantic model inside `Model`, `list[Model]`, `Model | None`, else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -92,7 +91,7 @@ def did_you_mean(key: str, loc: tuple[int | str, ...]) -> str:
     return "valid keys here: " + ", ".join(local) if local else "remove it"
 
 
-def _short(value: Any) -> str:
+def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -5,8 +5,9 @@ a value from the YAML file by its key path (`instances[0].count`).
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Mapping
 
+from pdlaunch.config.cli_overrides import Overrides
 from pdlaunch.config.flags import SERVE_FLAGS
 from pdlaunch.config.problems import Problem
 
@@ -19,15 +20,20 @@ for _flag in SERVE_FLAGS:
 ROLE_PATH = re.compile(r"^instances\[(prefill|decode|colocated)\]\.(\w+)$")
 
 
-def _role(group: Any) -> Any:
+def _role(group: object) -> object:
     return group.get("role") if isinstance(group, dict) else getattr(group, "role", None)
 
 
-def flag_fields(overrides: dict[str, Any], groups: Any) -> dict[str, str]:
+def typed_flags(overrides: Mapping[str, object]) -> dict[str, str]:
+    """Path -> the spelling the user typed, where the overrides recorded it (a plain mapping records none)."""
+    return overrides.flags if isinstance(overrides, Overrides) else {}
+
+
+def flag_fields(overrides: Mapping[str, object], groups: object) -> dict[str, str]:
     """Config path -> the flag that set it. `groups` is the instance list the overrides landed in
     (raw dicts or models), which turns `instances[prefill].count` into `instances[<i>].count`. The flag
     is the spelling the user typed where the overrides recorded it (`Overrides.flags`)."""
-    typed: dict[str, str] = getattr(overrides, "flags", {})
+    typed = typed_flags(overrides)
     fields: dict[str, str] = {}
     for path in overrides:
         flag = typed.get(path) or FLAG_FOR_PATH.get(path)

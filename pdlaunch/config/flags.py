@@ -12,10 +12,11 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from types import UnionType
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -32,14 +33,14 @@ class Flag:
     hint given when a spelling that means something else here is used."""
 
     name: str
-    type: Any
+    type: type | UnionType  # `bool`, `str | None`, ...: the typer parameter's annotation
     path: str
     help: str
     envvar: str | None = None
     spelling: str | None = None
     refused: str | None = None
     refused_why: str = "means something else in pdlaunch"
-    sets: Any = None  # for an on/off flag of its own (`--no-enable-prefix-caching`): the value it sets
+    sets: bool | None = None  # for an on/off flag of its own (`--no-enable-prefix-caching`): the value it sets
 
     @property
     def declaration(self) -> str:
@@ -51,6 +52,7 @@ class Flag:
         return self.declaration.split("/")[0]
 
 
+R = TypeVar("R")
 KV_TRANSFER_CONFIG = "vllm.kv_transfer_config"  # not a config path: read into kv_transfer.* by vllm_kv_transfer
 # Flags typed as str so that a bad value reaches our validation (field named, fix hinted)
 # instead of click's own message.
@@ -175,10 +177,11 @@ def _config_default(path: str) -> str | None:
     """The value a flag's config path has when neither the flag nor the YAML sets it, for `--help`."""
     from pdlaunch.config.models import DeploymentConfig
 
-    value: Any = DeploymentConfig()
+    defaults = DeploymentConfig()
+    value: object = defaults
     role = re.match(r"^instances\[(\w+)\]\.(\w+)$", path)
     if role is not None:
-        group = next((g for g in value.instances if g.role == role[1]), None)
+        group = next((g for g in defaults.instances if g.role == role[1]), None)
         value = getattr(group, role[2], None)
     else:
         for part in path.split("."):
@@ -208,11 +211,11 @@ _SERVE_PARAMS: list[inspect.Parameter] = [
 ]
 
 
-def _given(flag: Flag, value: Any) -> bool:
+def _given(flag: Flag, value: object) -> bool:
     return value is not None and not (flag.type is bool and value is False)
 
 
-def collect_overrides(given: dict[str, Any], targets: list[str]) -> tuple[Path | None, Overrides]:
+def collect_overrides(given: Mapping[str, object], targets: list[str]) -> tuple[Path | None, Overrides]:
     """(config file or None, overrides) from the flags' values by parameter name and the positionals."""
     overrides = Overrides()
     for name, value in given.items():
@@ -222,7 +225,7 @@ def collect_overrides(given: dict[str, Any], targets: list[str]) -> tuple[Path |
         if flag.refused is not None:
             overrides.problems.append(problem(flag.option, flag.refused_why, flag.refused))
         elif flag.path == KV_TRANSFER_CONFIG:
-            values, problems = kv_transfer_overrides(value)
+            values, problems = kv_transfer_overrides(str(value))
             overrides.problems += problems
             for path, item in values.items():
                 overrides.set(path, item, flag.option)
@@ -231,19 +234,22 @@ def collect_overrides(given: dict[str, Any], targets: list[str]) -> tuple[Path |
     return split_positionals(targets, overrides), overrides
 
 
-def with_serve_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+def with_serve_options(fn: Callable[..., R]) -> Callable[..., R]:
     """Add the shared serve flags to a typer command. The command receives `config: Path | None`
     and `overrides: Overrides` (only the flags the user gave) besides its own parameters."""
     own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name not in ("config", "overrides")]
 
     @functools.wraps(fn)
-    def wrapper(**kwargs: Any) -> Any:
-        targets = kwargs.pop("targets", None) or []
+    def wrapper(**kwargs: object) -> R:
+        targets = kwargs.pop("targets", None)
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in _BY_NAME}
-        config, overrides = collect_overrides(given, targets)
+        config, overrides = collect_overrides(given, [str(t) for t in targets] if isinstance(targets, list) else [])
         return fn(config=config, overrides=overrides, **kwargs)
 
     params = _SERVE_PARAMS[:1] + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + _SERVE_PARAMS[1:]
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    # typer also reads get_type_hints(wrapper): evaluated annotations, not fn's strings (they would be
+    # evaluated in this module's namespace)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
     del wrapper.__wrapped__
     return wrapper

@@ -11,23 +11,38 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from pdlaunch.config.cli_overrides import Overrides
 from pdlaunch.config.errors_format import problems_from_validation_error
-from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags
+from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
 
+if TYPE_CHECKING:
+    from pdlaunch.config.validate import TargetHost
+
 logger = logging.getLogger(__name__)
 RENAMED_KEYS = {"cache.cpu_offload_gb": "cache.kv_offload_gb"}  # old YAML key -> its name now
 
 
-def rename_old_keys(raw: dict[str, Any]) -> tuple[dict[str, str], list[Problem]]:
+class ParseError(ConfigError):
+    """The file or flags did not parse: `partial` is the config with the invalid values put back to their
+    defaults (None when that does not parse either), `flags` names each flag-set path by its flag."""
+
+    def __init__(self, problems: list[Problem], partial: DeploymentConfig | None, flags: dict[str, str]) -> None:
+        super().__init__(problems)
+        self.partial = partial
+        self.flags = flags
+
+
+def rename_old_keys(raw: dict[str, object]) -> tuple[dict[str, str], list[Problem]]:
     """Move each old key of `raw` (in place) to its new name. Returns new path -> old path, for naming
     problems after what the file says, and a problem where a file has both."""
     renamed: dict[str, str] = {}
@@ -48,7 +63,7 @@ def rename_old_keys(raw: dict[str, Any]) -> tuple[dict[str, str], list[Problem]]
     return renamed, problems
 
 
-def _set_role_field(raw: dict[str, Any], role: str, key: str, value: Any, flag: str) -> list[Problem]:
+def _set_role_field(raw: dict[str, object], role: str, key: str, value: object, flag: str) -> list[Problem]:
     if "instances" not in raw:
         colocated = raw.get("colocated") is True
         raw["instances"] = [{"role": "colocated"}] if colocated else [{"role": "prefill"}, {"role": "decode"}]
@@ -67,12 +82,12 @@ def _set_role_field(raw: dict[str, Any], role: str, key: str, value: Any, flag: 
     return []
 
 
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Problem]:
+def apply_overrides(raw: dict[str, object], overrides: Mapping[str, object]) -> list[Problem]:
     """Write each dotted-path override into `raw` (in place). Returns problems for paths that cannot take it."""
     problems: list[Problem] = []
     # Plain paths first: `instances[<role>]` defaults depend on `colocated`, which may itself be a flag.
     ordered = sorted(overrides.items(), key=lambda item: bool(ROLE_PATH.match(item[0])))
-    typed: dict[str, str] = getattr(overrides, "flags", {})
+    typed = typed_flags(overrides)
     for path, value in ordered:
         flag = typed.get(path) or FLAG_FOR_PATH.get(path, path)
         role_match = ROLE_PATH.match(path)
@@ -80,7 +95,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Prob
             problems += _set_role_field(raw, role_match.group(1), role_match.group(2), value, flag)
             continue
         parts = path.split(".")
-        node: Any = raw
+        node: dict[str, object] = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if child is None:
@@ -96,9 +111,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> list[Prob
     return problems
 
 
-def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentConfig:
+def load_deployment(path: Path | None, overrides: Mapping[str, object]) -> DeploymentConfig:
     """Parse and type-check a deployment (no host checks). Raises ConfigError listing every problem."""
-    command_line: list[Problem] = list(getattr(overrides, "problems", []))
+    command_line = list(overrides.problems) if isinstance(overrides, Overrides) else []
     try:
         raw = read_yaml(path) if path is not None else {}
     except ConfigError as exc:
@@ -112,10 +127,7 @@ def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentC
         cfg = DeploymentConfig.model_validate(raw)
     except ValidationError as exc:
         problems += name_flags(problems_from_validation_error(exc), flags)
-        error = ConfigError(problems)
-        error.partial = _salvage(raw, exc)  # type: ignore[attr-defined]
-        error.flags = flags  # type: ignore[attr-defined]
-        raise error from None
+        raise ParseError(problems, _salvage(raw, exc), flags) from None
     except RecursionError:
         problems.append(problem("config", "the document refers to itself (recursive YAML anchor)",
                                 "remove the recursive alias"))
@@ -125,13 +137,13 @@ def load_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentC
     return cfg
 
 
-def _salvage(raw: dict[str, Any], exc: ValidationError) -> DeploymentConfig | None:
+def _salvage(raw: dict[str, object], exc: ValidationError) -> DeploymentConfig | None:
     """The config with every invalid value put back to its default, so that the cross-field rules
     can still report their problems next to the field errors; None when that does not parse."""
     salvaged = copy.deepcopy(raw)
     for err in exc.errors():
         *parents, last = err["loc"]
-        node: Any = salvaged
+        node: object = salvaged
         for part in parents:
             if isinstance(node, list) and isinstance(part, int):
                 node = node[part]
@@ -148,20 +160,19 @@ def _salvage(raw: dict[str, Any], exc: ValidationError) -> DeploymentConfig | No
         return None
 
 
-def with_rule_problems(error: ConfigError, target: Any = None) -> ConfigError:
+def with_rule_problems(error: ConfigError, target: TargetHost | None = None) -> ConfigError:
     """Add the cross-field problems of the salvaged config to a parse error (fields not yet named)."""
     from pdlaunch.config.validate import validate_deployment
 
-    partial = getattr(error, "partial", None)
-    if partial is not None:
+    if isinstance(error, ParseError) and error.partial is not None:
         reported = {field for field, _ in error.problems}
-        more, _ = validate_deployment(partial, target)
-        more = name_flags(more, getattr(error, "flags", {}))
+        more, _ = validate_deployment(error.partial, target)
+        more = name_flags(more, error.flags)
         error.problems += [p for p in more if p[0] not in reported]
     return error
 
 
-def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> DeploymentConfig:
+def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) -> DeploymentConfig:
     """Load, validate against this host, and resolve (sleep mode -> cumem, TP per group, device, dtype).
 
     Raises ConfigError with every problem; the returned config is the resolved one.

@@ -10,7 +10,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
@@ -72,22 +71,28 @@ class ModelInfo:
         return 2 * self.num_layers * kv_heads_per_rank * self.head_dim * dtype_bytes
 
 
-def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, list[Problem]]:
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None, list[Problem]]:
     archs = hf.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    arch = next((a for a in archs if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         return None, [problem("model.path", f"{source} has architectures {archs!r}, which pdlaunch cannot run",
                               "use a checkpoint of " + ", ".join(SUPPORTED_ARCHITECTURES))]
-    bad = [k for k in _REQUIRED_INTS if not isinstance(hf.get(k), int) or isinstance(hf.get(k), bool) or hf[k] <= 0]
+    ints = {k: _positive_int(hf.get(k)) for k in _REQUIRED_INTS}
+    bad = [k for k, v in ints.items() if v is None]
     if bad:
         return None, [problem("model.path", f"{source} lacks positive integers for {', '.join(bad)}",
                               "use the checkpoint's original config.json")]
-    heads = hf["num_attention_heads"]
+    size = {k: v for k, v in ints.items() if v is not None}
+    heads = size["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
     # Qwen3Config defaults head_dim to 128 rather than deriving it.
-    head_dim = hf.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else hf["hidden_size"] // heads)
+    head_dim = hf.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else size["hidden_size"] // heads)
     max_pos = hf.get("max_position_embeddings")
     if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0:
         return None, [problem("model.path", f"{source} has invalid num_key_value_heads/head_dim",
@@ -96,19 +101,19 @@ def _from_hf_dict(hf: dict[str, Any], source: str) -> tuple[ModelInfo | None, li
     moe = None
     if arch in MOE_ARCHITECTURES:
         try:
-            moe = parse_moe(hf, arch, hf["num_hidden_layers"])
+            moe = parse_moe(hf, arch, size["num_hidden_layers"])
         except PdlaunchError as exc:
             return None, [problem("model.path", f"{source}: {exc.message}", exc.hint or "use the checkpoint's "
                                   "original config.json")]
     info = ModelInfo(
         architecture=arch,
-        hidden_size=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"],
+        hidden_size=size["hidden_size"],
+        num_layers=size["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=hf["intermediate_size"],
-        vocab_size=hf["vocab_size"],
+        intermediate_size=size["intermediate_size"],
+        vocab_size=size["vocab_size"],
         max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=(family == "Qwen2ForCausalLM" and bool(hf.get("qkv_bias", True)))

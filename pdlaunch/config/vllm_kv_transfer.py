@@ -8,7 +8,6 @@ map over; every other field is refused with what pdlaunch calls it, never droppe
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from pdlaunch.config.problems import Problem, problem
 
@@ -38,11 +37,11 @@ def _refused(what: str, hint: str) -> Problem:
     return problem(FLAG, f"{what} has no pdlaunch equivalent", hint)
 
 
-def _extra(connector: str | None, extra: Any) -> tuple[dict[str, Any], list[Problem]]:
+def _extra(connector: str | None, extra: object) -> tuple[dict[str, object], list[Problem]]:
     if not isinstance(extra, dict):
         return {}, [problem(FLAG, "kv_connector_extra_config must be a JSON object",
                             "write e.g. {\"kv_connector_extra_config\": {\"mooncake_protocol\": \"tcp\"}}")]
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     problems: list[Problem] = []
     for key, value in extra.items():
         path = EXTRA_FIELDS.get((connector or "", key))
@@ -59,7 +58,7 @@ def _extra(connector: str | None, extra: Any) -> tuple[dict[str, Any], list[Prob
     return values, problems
 
 
-def kv_transfer_overrides(text: str) -> tuple[dict[str, Any], list[Problem]]:
+def kv_transfer_overrides(text: str) -> tuple[dict[str, object], list[Problem]]:
     """Config path -> value for each field of vLLM's KVTransferConfig JSON that we have; a problem for each other."""
     try:
         data = json.loads(text)
@@ -69,7 +68,7 @@ def kv_transfer_overrides(text: str) -> tuple[dict[str, Any], list[Problem]]:
     if not isinstance(data, dict):
         return {}, [problem(FLAG, f"expected a JSON object, got {type(data).__name__}",
                             "write e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")]
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     problems: list[Problem] = []
     connector = None
     if "kv_connector" in data:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -17,7 +16,7 @@ from pdlaunch.errors import ConfigError
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by explicit keys
 
 
-class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types: its classes are Any
+class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types: its classes are untyped
     """SafeLoader that, before constructing, reports every key that appears twice in one mapping."""
 
     def __init__(self, text: str, source: str) -> None:
@@ -51,7 +50,7 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no ty
         return problems
 
 
-def load_strict(text: str, source: str) -> tuple[Any, list[Problem]]:
+def load_strict(text: str, source: str) -> tuple[object, list[Problem]]:
     """The document, and a problem for every duplicate key (named by its dotted path and line).
 
     Raises yaml.YAMLError for a syntax error, as yaml.safe_load does.
@@ -67,7 +66,7 @@ def load_strict(text: str, source: str) -> tuple[Any, list[Problem]]:
         loader.dispose()
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, object]:
     """The file's top-level mapping ({} for an empty file). Raises ConfigError naming file/line/column."""
     try:
         # os.path.expanduser leaves `~nosuchuser` as is (Path.expanduser raises RuntimeError).

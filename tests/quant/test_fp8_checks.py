@@ -17,9 +17,10 @@ from pdlaunch.cli import app
 from pdlaunch.config.rules.checkpoint import checkpoint_problems
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.loader import load_checkpoint, load_model
-from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+from tests.helpers.fp8_checkpoints import Scheme, make_fp8_qwen3
 
-SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"
+SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"  # block FP8's name
+SCALES = {"block": SCALE, "channel": "model.layers.1.mlp.down_proj.weight_scale"}  # per-channel: compressed-tensors'
 
 
 @pytest.fixture
@@ -49,17 +50,26 @@ def _load_error(path: Path) -> str:
     return str(err.value)
 
 
-def test_block_scale_of_wrong_shape(block_ckpt: Path) -> None:
-    _edit_tensors(block_ckpt, {SCALE: torch.ones(2, 3)})
-    for text in (_check_config(block_ckpt), _load_error(block_ckpt)):
-        assert SCALE in text and "block scale shape mismatch" in text and "(2, 3)" in text
+@pytest.mark.parametrize("scheme, shape, what", [("block", (2, 3), "block scale shape mismatch"),
+                                                 ("channel", (3, 1), "per-channel scale shape mismatch")])
+def test_scale_of_wrong_shape(scheme: Scheme, shape: tuple[int, int], what: str, tmp_path: Path) -> None:
+    ckpt, name = make_fp8_qwen3(tmp_path, scheme)[0], SCALES[scheme]
+    _edit_tensors(ckpt, {name: torch.ones(shape)})
+    checked = _check_config(ckpt)
+    for text in (checked, _load_error(ckpt)):
+        assert name in text and what in text and str(shape) in text
+    assert "--model" in checked and "lacks tensor" not in checked  # the tensor is there, its shape is wrong
+    assert "invalid: 1 problem(s)" in checked
 
 
-def test_missing_scale_tensor(block_ckpt: Path) -> None:
-    _edit_tensors(block_ckpt, {SCALE: None})
-    assert "model.path" in _check_config(block_ckpt) or "--model" in _check_config(block_ckpt)
-    for text in (_check_config(block_ckpt), _load_error(block_ckpt)):
-        assert f"lacks tensor(s) {SCALE}" in text
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_missing_scale_tensor(scheme: Scheme, tmp_path: Path) -> None:
+    ckpt, name = make_fp8_qwen3(tmp_path, scheme)[0], SCALES[scheme]
+    _edit_tensors(ckpt, {name: None})
+    checked = _check_config(ckpt)
+    assert "--model" in checked
+    for text in (checked, _load_error(ckpt)):
+        assert f"lacks tensor(s) {name}" in text
 
 
 def test_block_size_64_and_e5m2_are_refused(block_ckpt: Path) -> None:
@@ -72,6 +82,21 @@ def test_block_size_64_and_e5m2_are_refused(block_ckpt: Path) -> None:
     cfg["quantization_config"].update(weight_block_size=[128, 128], fmt="e5m2")
     (block_ckpt / "config.json").write_text(json.dumps(cfg))
     assert "FP8 format 'e5m2' is not supported" in _check_config(block_ckpt)
+
+
+def test_compressed_tensors_block_64_and_group_strategy_are_refused(tmp_path: Path) -> None:
+    """The per-channel (compressed-tensors) layout's block size lives in weights.block_structure."""
+    ckpt = make_fp8_qwen3(tmp_path, "channel")[0]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    weights = cfg["quantization_config"]["config_groups"]["group_0"]["weights"]
+    weights.update(strategy="block", block_structure=[64, 64])
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    text = _check_config(ckpt)
+    assert "quantization_config.config_groups.group_0.weights.block_structure" in text
+    assert "block_structure [64, 64] is not supported (only [128, 128])" in text
+    weights.update(strategy="group", block_structure=None)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert "weight strategy 'group' is not supported (channel, tensor or block)" in _check_config(ckpt)
 
 
 def test_fp8_tensor_without_quantization_config(block_ckpt: Path) -> None:

@@ -42,9 +42,7 @@ def test_generate_cli(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]]) -> N
     assert json.loads(result.output.strip().splitlines()[-1])["token_ids"] == expected
 
 
-# Per-channel checkpoints take the block path's detection and loading (covered by generate and the
-# engine tests); serve runs the checkpoint-detected and the flag-driven (--quantization fp8) formats.
-@pytest.mark.parametrize("scheme", ["block", "online"])
+@pytest.mark.parametrize("scheme", ["block", "channel", "online"])
 def test_serve_1p1d(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
     served, reference = fp8_ckpts[scheme]
     deployment = Serve(tmp_path, ["--model", str(served), "--prefill", "1", "--decode", "1", "--num-gpu-blocks", "128",

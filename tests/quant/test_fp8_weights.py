@@ -58,10 +58,12 @@ def test_fp8_ignored_module_keeps_its_dtype(tmp_path: Path, make_engine: MakeEng
 
 
 @pytest.mark.slow
-def test_fp8_tp2_matches_transformers(fp8_ckpts: dict[str, tuple[Path, Path]], make_tp_engine: MakeTPEngine) -> None:
-    # Block scales are the ones that must follow the weight's shards block by block (channel scales
-    # follow its rows like a bias: test_fp8_greedy_matches_dequantized_transformers covers their loader).
-    served, reference = fp8_ckpts["block"]
+@pytest.mark.parametrize("scheme", ["block", "channel"])
+def test_fp8_tp2_matches_transformers(scheme: str, fp8_ckpts: dict[str, tuple[Path, Path]],
+                                      make_tp_engine: MakeTPEngine) -> None:
+    # Block scales follow the weight's shards block by block; channel scales follow the output rows of a
+    # column-parallel shard and stay whole for a row-parallel one (o_proj, down_proj).
+    served, reference = fp8_ckpts[scheme]
     engine = make_tp_engine(served, 2, max_num_batched_tokens=16)
     assert engine.runner.tp_size == 2
     prompts = random_prompts([5, 21], seed=5)

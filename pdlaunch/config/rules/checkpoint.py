@@ -137,6 +137,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
                     seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))
+            seen.add(header.name)  # present, with the problem just named: not also "missing"
     unpaired = experts.check_complete() if experts is not None else None
     if unpaired is not None:
         found.append(as_problem(unpaired))
