@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,11 @@ class ServeBenchConfig(BaseModel):
     result_dir: Path = Path(".")
     result_filename: str | None = None
     plot_dir: Path | None = None
+    # --multi-turn (multi_turn.py): conversations x turns instead of num_prompts independent prompts
+    multi_turn: bool = False
+    num_conversations: int = Field(8, ge=1)
+    num_turns: int = Field(4, ge=1)
+    system_prompt_len: int = Field(256, ge=0)  # the prompt every conversation starts with
 
     @model_validator(mode="after")
     def _check(self) -> ServeBenchConfig:
@@ -95,11 +101,16 @@ class ServeBenchConfig(BaseModel):
         return base + ("/models" if base.endswith("/v1") else "/v1/models")
 
 
+OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
+
+
 @dataclass
 class BenchRequest:
     prompt: list[int] | str
     prompt_len: int  # tokens for id prompts, words for word prompts
     output_len: int
+    messages: list[dict[str, str]] | None = None  # chat: the whole conversation (multi_turn.py), not `prompt`
+    return_token_ids: bool = False  # ask for the output's token ids (multi_turn.py)
 
 
 def _lengths(mean: int, ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -142,8 +153,10 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if req.return_token_ids:
+        body["return_token_ids"] = True
     if cfg.is_chat:
-        body["messages"] = [{"role": "user", "content": req.prompt}]
+        body["messages"] = req.messages or [{"role": "user", "content": req.prompt}]
         body["max_completion_tokens"] = req.output_len
     else:
         body["prompt"] = req.prompt
@@ -151,9 +164,10 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
 
 
 async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
-                  result: RequestResult, st: float) -> int:
+                  result: RequestResult, st: float, on_choice: OnChoice | None = None) -> int:
     """Send one request and read its stream into `result` (times relative to `st`); returns the
-    number of chunks that carried a choice. Sets `result.error` for an HTTP or in-stream error."""
+    number of chunks that carried a choice (each handed to `on_choice`). Sets `result.error` for an
+    HTTP or in-stream error."""
     chunks = 0
     last = st
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
@@ -173,6 +187,9 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                 result.error = f"server error in stream: {str(data['error'])[:300]}"
                 return chunks
             if data.get("choices"):
+                if on_choice is not None:
+                    for choice in data["choices"]:
+                        on_choice(choice)
                 now = time.perf_counter()
                 if chunks == 0:
                     result.ttft = now - st
@@ -189,14 +206,14 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
 
 
 async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
-                       bench_start: float) -> RequestResult:
+                       bench_start: float, on_choice: OnChoice | None = None) -> RequestResult:
     """One streaming request, at most `request_timeout` s in all. Never raises: a failure is a
     result with `error` set."""
     result = RequestResult(prompt_len=req.prompt_len)
     st = time.perf_counter()
     result.start = st - bench_start
     try:
-        chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st), cfg.request_timeout)
+        chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st, on_choice), cfg.request_timeout)
     except (asyncio.TimeoutError, httpx.TimeoutException):
         result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url} to finish a request"
         return result
@@ -317,6 +334,9 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
 def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
+    if cfg.multi_turn:
+        from pdlaunch.bench.multi_turn import run_multi_turn
+        return run_multi_turn(cfg, console)
     if cfg.plot_dir is not None:
         require_matplotlib()  # fail before the run, not after it
     metrics, results, doc = measure(cfg, console)

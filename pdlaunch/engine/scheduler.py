@@ -343,6 +343,7 @@ class Scheduler:
             self.prompt_tokens_cached += request.num_cached_tokens
             metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
             metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(num_cached if local is None else local)
+            metrics.PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
