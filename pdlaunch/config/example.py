@@ -44,7 +44,7 @@ kv_transfer:
 proxy:
   host: 127.0.0.1
   port: 8000
-  routing_policy: round_robin    # round_robin | least_loaded
+  routing_policy: round_robin    # round_robin | least_loaded | prefix (longest cached prefix vs queue)
   request_timeout_seconds: 300
   health_timeout_seconds: 2      # no /health answer within this: the instance is stalled, routed around
   # prefill_timeout_seconds: 30  # unset: derived from prompt length and measured prefill speed

@@ -60,6 +60,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("device", str | None, "device", "auto | cpu | cuda."),
     Flag("host", str | None, "proxy.host", "Proxy bind address."),
     Flag("port", int | None, "proxy.port", "Proxy port."),
+    Flag("routing_policy", str | None, "proxy.routing_policy",
+         "round_robin | least_loaded | prefix (the instance caching the longest prefix of the prompt, weighed "
+         "against its queue)."),
     Flag("disaggregate_min_tokens", int | None, "proxy.disaggregate_min_tokens",
          "Prompts of fewer tokens run on a decode instance alone (no prefill leg, no KV transfer)."),
     Flag("prefill", int | None, "instances[prefill].count", "Number of prefill instances."),
@@ -161,7 +164,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",
                               "max_num_batched_tokens", "async_scheduling",
                               "no_async_scheduling"),
-    "Server": ("host", "port", "log_dir"),
+    "Server": ("host", "port", "routing_policy", "log_dir"),
     "Security": ("api_key",),
 }
 _PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}

@@ -138,7 +138,10 @@ class KVTransferConfig(StrictModel):
 class ProxyConfig(StrictModel):
     host: Host = Field("127.0.0.1", description="Proxy bind address.")
     port: int = Field(8000, description="Proxy port (the one clients use).")
-    routing_policy: Literal["round_robin", "least_loaded"] = Field("round_robin", description="Instance choice.")
+    routing_policy: Literal["round_robin", "least_loaded", "prefix"] = Field(
+        "round_robin", description="Instance choice: round_robin, least_loaded, or prefix (the instance caching the "
+        "longest prefix of the prompt, weighed against the prompt tokens queued there; from the instances' KV cache "
+        "events).")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")
     restart: bool = Field(True, description="Restart the proxy if it dies (same port).")
     health_timeout_seconds: float = Field(

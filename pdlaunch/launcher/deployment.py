@@ -208,9 +208,10 @@ class Deployment:
                 "--health-timeout", str(self.cfg.proxy.health_timeout_seconds),
                 "--load-failure-policy", self.cfg.kv_transfer.load_failure_policy,
                 "--migration-limit", str(self.cfg.proxy.migration_limit)]
-        if self.cfg.proxy.disaggregate_min_tokens is not None:  # counted with the instances' own tokenizer
-            argv += ["--disaggregate-min-tokens", str(self.cfg.proxy.disaggregate_min_tokens),
-                     "--tokenizer", str(resolve_model_path(self.cfg.model.path))]
+        if self.cfg.proxy.disaggregate_min_tokens is not None:
+            argv += ["--disaggregate-min-tokens", str(self.cfg.proxy.disaggregate_min_tokens)]
+        if self.cfg.proxy.disaggregate_min_tokens is not None or self.cfg.proxy.routing_policy == "prefix":
+            argv += ["--tokenizer", str(resolve_model_path(self.cfg.model.path))]  # the instances' own
         if self.cfg.proxy.prefill_timeout_seconds is not None:
             argv += ["--prefill-timeout", str(self.cfg.proxy.prefill_timeout_seconds)]
         for plan in self.plan.instances:

@@ -67,7 +67,7 @@ class PortAllocator:
         return port
 
     def free(self, what: str) -> int:
-        """Any free port (the kernel picks it)."""
+        """A free port, the kernel's pick."""
         for _ in range(100):
             with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM) as sock:
                 try:

@@ -12,7 +12,6 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,6 +26,9 @@ SUPERVISE_POLL_S = 0.2
 LOG_TAIL_LINES = 20
 
 
+_Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None  # what signal.signal returns
+
+
 class StopSignals:
     """SIGINT/SIGTERM/SIGHUP set a flag instead of raising; a second signal asks to skip the drain."""
 
@@ -35,7 +37,7 @@ class StopSignals:
         self.forced = False
         self.signal_name = ""
         self.on_second: Callable[[], None] | None = None  # said once when a second signal hurries the stop
-        self._previous: dict[int, Any] = {}
+        self._previous: dict[int, _Handler] = {}
 
     def _handle(self, signum: int, _: FrameType | None) -> None:
         if self.requested.is_set() and not self.forced:

@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,7 +67,7 @@ def _kv_bytes(client: httpx.Client, url: str, headers: dict[str, str]) -> float:
                for sample in family.samples if sample.name == "pdlaunch_kv_transfer_bytes_total")
 
 
-def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> httpx.Response:
+def _post(client: httpx.Client, url: str, body: dict[str, object]) -> httpx.Response:
     response = client.post(url, json=body)
     if response.status_code != 200:
         raise PdlaunchError(f"POST {url} answered {response.status_code}: {response.text[:300]}")

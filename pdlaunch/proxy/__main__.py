@@ -89,7 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill", action="append", default=[], help="Prefill instance URL (repeatable).")
     parser.add_argument("--decode", action="append", default=[], help="Decode instance URL (repeatable).")
     parser.add_argument("--colocated", action="append", default=[], help="Colocated instance URL.")
-    parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="round_robin")
+    parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="round_robin",
+                        help="round_robin, least_loaded, or prefix: the instance that caches the longest prefix of "
+                        "the prompt, weighed against its queue (needs --tokenizer; the instances' KV cache events); "
+                        "proxy.routing_policy.")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="Whole-request timeout, seconds.")
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
                         help="On SIGTERM, wait this long for in-flight requests.")
@@ -129,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--disaggregate-min-tokens must be 1 or more")
     if args.disaggregate_min_tokens is not None and args.tokenizer is None:
         parser.error("--disaggregate-min-tokens counts prompt tokens with the model's tokenizer: give --tokenizer DIR")
+    if args.routing_policy == "prefix" and args.tokenizer is None:
+        parser.error("--routing-policy prefix hashes the prompt's token ids, tokenized with the model's tokenizer: "
+                     "give --tokenizer DIR")
     if args.migration_limit < 0:
         parser.error("--migration-limit must be 0 or more")
     if args.colocated and (args.prefill or args.decode):
@@ -150,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,
                           load_failure_policy=args.load_failure_policy, migration_limit=args.migration_limit,
-                          disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer))
+                          disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer),
+                          tokenizer_dir=args.tokenizer)
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
         timeout_graceful_shutdown=drain_s, lifespan="on",
-    ), on_shutdown=lambda: app.state.proxy.begin_shutdown(drain_s))
+    ), on_shutdown=lambda: app.state.proxy_state.proxy.begin_shutdown(drain_s))
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
     server.run()

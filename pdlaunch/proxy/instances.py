@@ -86,7 +86,10 @@ class LeastLoaded:
         return self._tie_break.choose(role, [c for c in candidates if c.in_flight == fewest])
 
 
-POLICIES: dict[str, type[RoundRobin | LeastLoaded]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded}
+# prefix: the request's own choice is prefix.py's (by cached prefix); least loaded is its tie-break and the
+# choice of retries and fallbacks.
+POLICIES: dict[str, type[RoundRobin | LeastLoaded]] = {"round_robin": RoundRobin, "least_loaded": LeastLoaded,
+                                                        "prefix": LeastLoaded}
 
 
 class InstancePool:
@@ -97,6 +100,7 @@ class InstancePool:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {sorted(POLICIES)}")
         self.instances = instances
+        self.policy_name = policy
         self.policy = POLICIES[policy]()
         self.health_timeout_s = health_timeout_s
         self.on_stall: Callable[[Instance], None] = lambda instance: None  # metrics count each stall

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from starlette.routing import Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdlaunch.proxy.instances import InstancePool
 
@@ -43,6 +44,12 @@ class ProxyMetrics:
             "pdlaunch_proxy_disaggregation_decisions", "Requests by how they ran under proxy.disaggregate_min_tokens: "
             "pd (prefill leg + KV transfer) or decode_only (a short prompt computed by the decode)", ["decision"],
             registry=self.registry)
+        self.prefix_routed = Counter(
+            "pdlaunch_proxy_prefix_routed", "Legs sent to an instance for the prompt prefix it caches "
+            "(proxy.routing_policy prefix), by role", ["role"], registry=self.registry)
+        self.prefix_matched_tokens = Counter(
+            "pdlaunch_proxy_prefix_matched_tokens", "Prompt tokens the chosen instance caches already (its KV "
+            "cache events), by role", ["role"], registry=self.registry)
         pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
         pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
         self.registry.register(_PoolCollector(pool))
@@ -74,7 +81,7 @@ class CountRequests:
     path only when the app has that route, else OTHER_ROUTE: a scan of random paths must not add a
     series per path (5,000 unknown GETs grew /metrics from 5 KB to 2.7 MB)."""
 
-    def __init__(self, app: Any, counter: Counter, router: Any) -> None:
+    def __init__(self, app: ASGIApp, counter: Counter, router: Router) -> None:
         self.app = app
         self.counter = counter
         self._router = router  # routes are added after the middleware: read them at the first request
@@ -85,13 +92,13 @@ class CountRequests:
             self._known = frozenset(getattr(route, "path", "") for route in self._router.routes)
         return path if path in self._known else OTHER_ROUTE
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = [500]  # what the client sees if the app fails before answering
 
-        async def recording_send(message: dict[str, Any]) -> None:
+        async def recording_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
             await send(message)

@@ -29,12 +29,13 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
+from pydantic import JsonValue
 
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
+from pdlaunch.proxy.bodies import Body, JsonObject, as_object, ids_of, int_of, list_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.upstream import Proxy, Upstream, retrieve, shutting_down_body
@@ -50,7 +51,7 @@ _CONTINUED_FIELDS = ("model", "user", "temperature", "top_p", "top_k", "seed", "
                      "spaces_between_special_tokens", "stream_options")
 
 
-def not_migratable(body: dict[str, Any], chat: bool) -> str | None:
+def not_migratable(body: Body, chat: bool) -> str | None:
     """Why a streamed request cannot be continued from token ids (module doc), or None when it can."""
     if body.get("stop"):
         return "stop strings"
@@ -69,21 +70,19 @@ def not_migratable(body: dict[str, Any], chat: bool) -> str | None:
     return None
 
 
-def max_tokens_of(body: dict[str, Any], chat: bool) -> int:
-    limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-        else body.get("max_tokens")
-    return int(limit) if limit is not None else DEFAULT_MAX_TOKENS
+def max_tokens_of(body: Body, chat: bool) -> int:
+    limit = int_of(token_limit(body, chat, "max_completion_tokens", "max_tokens"))
+    return limit if limit is not None else DEFAULT_MAX_TOKENS
 
 
-def continuation_body(body: dict[str, Any], chat: bool, token_ids: list[int], generated: int) -> dict[str, Any]:
+def continuation_body(body: Body, chat: bool, token_ids: list[int], generated: int) -> JsonObject:
     """The /v1/completions request that goes on from `token_ids` (prompt + `generated` output ids)."""
     leg = {k: body[k] for k in _CONTINUED_FIELDS if k in body}
-    leg.update(prompt=token_ids, max_tokens=max(1, max_tokens_of(body, chat) - generated), stream=True,
+    leg.update(prompt=list(token_ids), max_tokens=max(1, max_tokens_of(body, chat) - generated), stream=True,
                return_token_ids=True)
-    min_tokens = body.get("min_completion_tokens") if chat and body.get("min_completion_tokens") is not None \
-        else body.get("min_tokens")
+    min_tokens = int_of(token_limit(body, chat, "min_completion_tokens", "min_tokens"))
     if min_tokens:
-        leg["min_tokens"] = max(0, int(min_tokens) - generated)
+        leg["min_tokens"] = max(0, min_tokens - generated)
     return leg
 
 
@@ -98,63 +97,61 @@ class _Progress:
     committed: int = 0  # of `ids`: those whose text the client has
     skip: int = 0  # ids the current decode makes again (they were after `committed`): not shown twice
     offset: int = 0  # output ids given in the current decode's prompt
-    head: dict[str, Any] | None = None  # id / object / created / model of the client's stream
+    head: JsonObject | None = None  # id / object / created / model of the client's stream
     finished: bool = False  # a finish_reason was sent
     done: bool = False  # [DONE] or an error event was sent
 
-    def rewrite(self, chunk: dict[str, Any], continued: bool) -> dict[str, Any] | None:
+    def rewrite(self, chunk: JsonObject, continued: bool) -> JsonObject | None:
         """Record `chunk`'s ids and text; the chunk as the client gets it (None: nothing for the client,
         a chunk sent only for the ids we asked for)."""
         if self.head is None:
             self.head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
         prompt_ids = chunk.get("prompt_token_ids")
-        for choice in chunk.get("choices") or []:
-            if not isinstance(choice, dict):
-                continue
+        for choice in objects(chunk.get("choices")):
             prompt_ids = choice.get("prompt_token_ids", prompt_ids)
-            ids = [int(i) for i in choice.get("token_ids") or []]
+            ids = ids_of(choice.get("token_ids"))
             shown = ids[self.skip:]  # the client (asking for ids) had the others before the migration
             self.skip -= len(ids) - len(shown)
             self.ids += ids
-            text = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+            delta = as_object(choice.get("delta")) or {}
+            text = choice.get("text") if "text" in choice else delta.get("content")
             if text:  # the decode's detokenizer consumed every id so far (a chunk is one step: one token here)
                 self.committed = len(self.ids)
             if choice.get("finish_reason") is not None:
                 self.finished = True
             if self.client_ids:
-                choice["token_ids"] = shown
+                choice["token_ids"] = list(shown)
         if self.prompt_ids is None and isinstance(prompt_ids, list):
-            self.prompt_ids = [int(i) for i in prompt_ids]
+            self.prompt_ids = ids_of(prompt_ids)
         if continued:
             chunk = self._as_client_chunk(chunk)
         if not self.client_ids:
             chunk.pop("prompt_token_ids", None)
-            for choice in chunk.get("choices") or []:
-                if isinstance(choice, dict):
-                    choice.pop("token_ids", None)
-                    choice.pop("prompt_token_ids", None)
+            for choice in objects(chunk.get("choices")):
+                choice.pop("token_ids", None)
+                choice.pop("prompt_token_ids", None)
             if _carries_nothing(chunk):
                 return None
         return chunk
 
-    def _as_client_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
+    def _as_client_chunk(self, chunk: JsonObject) -> JsonObject:
         """A continuation's completion chunk in the client's stream (same id; a chat delta for chat)."""
         out = {**chunk, **(self.head or {})}
         out.pop("prompt_token_ids", None)
-        choices = []
-        for choice in chunk.get("choices") or []:
+        choices: list[JsonValue] = []
+        for choice in list_of(chunk.get("choices")):
             if self.chat and isinstance(choice, dict):
-                entry = {"index": 0, "delta": {"content": choice.get("text", "")},
-                         "finish_reason": choice.get("finish_reason"), "logprobs": None}
+                entry: JsonObject = {"index": 0, "delta": {"content": choice.get("text", "")},
+                                     "finish_reason": choice.get("finish_reason"), "logprobs": None}
                 if self.client_ids:
                     entry["token_ids"] = choice.get("token_ids", [])
                 choices.append(entry)
             else:
                 choices.append(choice)
         out["choices"] = choices
-        usage = chunk.get("usage")
-        if isinstance(usage, dict) and self.prompt_ids is not None:
-            completion = int(usage.get("completion_tokens") or 0) + self.offset
+        usage = as_object(chunk.get("usage"))
+        if usage is not None and self.prompt_ids is not None:
+            completion = (int_of(usage.get("completion_tokens")) or 0) + self.offset
             out["usage"] = {**usage, "prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
                             "total_tokens": len(self.prompt_ids) + completion}
         return out
@@ -173,7 +170,7 @@ class Migrations:
         self.on_migrate = on_migrate
         self.on_exhausted = on_exhausted
 
-    def streams(self, body: dict[str, Any], chat: bool) -> bool:
+    def streams(self, body: Body, chat: bool) -> bool:
         """Whether a streamed request of this body is relayed with migration (then its decode leg
         asks for return_token_ids)."""
         return self.limit > 0 and not_migratable(body, chat) is None
@@ -183,8 +180,8 @@ class Migrations:
         return OpenAIError(502, f"request {request_id}: its decode failed after {self.limit} migrations "
                                 "(proxy.migration_limit); no other decode could finish it", code=LIMIT_CODE)
 
-    async def answer(self, target: Instance, path: str, leg: dict[str, Any], body: dict[str, Any],
-                     headers: dict[str, str], deadline: float, request_id: str) -> tuple[Instance, dict[str, Any]]:
+    async def answer(self, target: Instance, path: str, leg: JsonObject, body: Body,
+                     headers: dict[str, str], deadline: float, request_id: str) -> tuple[Instance, JsonObject]:
         """A whole (not streamed) answer; a decode that dies or stalls before answering is replaced by
         another that computes the prompt itself, at most `limit` times."""
         pool, migrations = self.proxy.pool, 0
@@ -210,8 +207,8 @@ class Migrations:
             log.info("request %s: %s %s mid-request; sent again to %s (migration %d of %d)", request_id,
                      failed.name, reason, target.name, migrations, self.limit)
 
-    async def _post_unless_stalled(self, instance: Instance, path: str, leg: dict[str, Any],
-                                   headers: dict[str, str], deadline: float) -> dict[str, Any]:
+    async def _post_unless_stalled(self, instance: Instance, path: str, leg: JsonObject,
+                                   headers: dict[str, str], deadline: float) -> JsonObject:
         if self.limit == 0:
             return await self.proxy.post_json(instance, path, leg, headers, deadline)
         call = asyncio.ensure_future(self.proxy.post_json(instance, path, leg, headers, deadline))
@@ -234,7 +231,7 @@ class Migrations:
         """A ready instance of `failed`'s role other than it (only called when there is one)."""
         return self.proxy.pool.policy.choose(failed.role, self._others(failed))
 
-    async def relay(self, upstream: Upstream, path: str, body: dict[str, Any], chat: bool, headers: dict[str, str],
+    async def relay(self, upstream: Upstream, path: str, body: Body, chat: bool, headers: dict[str, str],
                     deadline: float, request_id: str, on_migrate: Callable[[], None]) -> AsyncGenerator[bytes, None]:
         """The client's stream: `upstream`'s events, continued on another decode when it fails
         (`on_migrate()` runs before each continuation: the prefill's held KV goes back)."""
@@ -350,11 +347,11 @@ class Migrations:
                 read.add_done_callback(retrieve)  # its error is the closed stream's: not worth a log line
 
 
-def _carries_nothing(chunk: dict[str, Any]) -> bool:
+def _carries_nothing(chunk: JsonObject) -> bool:
     """No text, role, finish, usage or anything else a client reads."""
     if chunk.get("usage") or chunk.get("kv_transfer_params"):
         return False
-    for choice in chunk.get("choices") or []:
+    for choice in list_of(chunk.get("choices")):
         if not isinstance(choice, dict) or choice.get("finish_reason") is not None or choice.get("text") or \
                 choice.get("logprobs"):
             return False

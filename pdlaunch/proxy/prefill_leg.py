@@ -29,9 +29,10 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any
+from typing import TypeVar
 
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.proxy.bodies import Body, JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.upstream import Proxy
@@ -42,9 +43,10 @@ FLOOR_S = 5.0  # a short prompt on a loaded instance, and the scheduling of a ba
 SLACK = 4.0  # how much slower than the average a prefill may be before it counts as stalled
 COLD_S = 60.0  # before any prefill leg answered: model warm-up, first CUDA graphs and kernels
 ALPHA = 0.2  # weight of the newest leg in the average
+T = TypeVar("T")
 
 
-def prompt_chars(body: dict[str, Any]) -> int:
+def prompt_chars(body: Body) -> int:
     """The prompt's length in characters: the `prompt` string (or its JSON: token ids, lists) or the
     chat `messages` as JSON."""
     prompt = body.get("messages") if "messages" in body else body.get("prompt")
@@ -84,7 +86,7 @@ class PrefillStalled(Exception):
                          if marked else f"{instance.name} did not answer the prefill leg within {seconds:.1f}s")
 
 
-async def _cancel(task: asyncio.Future[Any]) -> None:
+async def _cancel(task: asyncio.Future[T]) -> None:
     if not task.done():
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)  # its lease (in-flight count) ends now
@@ -99,8 +101,8 @@ class PrefillLegs:
         self.deadline = deadline
         self.recompute = recompute  # kv_transfer.load_failure_policy == "recompute"
 
-    async def _leg(self, instance: Instance, path: str, leg: dict[str, Any], headers: dict[str, str],
-                   request_deadline: float, budget: float) -> dict[str, Any]:
+    async def _leg(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
+                   request_deadline: float, budget: float) -> JsonObject:
         """The leg on `instance`, abandoned at `budget` seconds, or earlier when its health probe marks it
         stalled (InstancePool.mark_stalled)."""
         started = time.monotonic()
@@ -118,8 +120,8 @@ class PrefillLegs:
             raise PrefillStalled(instance, time.monotonic() - started, instance.detail)
         raise PrefillStalled(instance, budget)
 
-    async def run(self, first: Instance, path: str, leg: dict[str, Any], headers: dict[str, str],
-                  request_deadline: float, chars: int) -> tuple[Instance, dict[str, Any]] | None:
+    async def run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
+                  request_deadline: float, chars: int) -> tuple[Instance, JsonObject] | None:
         """(prefill that answered, its answer), or None: no prefill answered in time and the decode is to
         compute the prompt itself. Raises a 504 OpenAIError naming the stall under policy fail."""
         tried: list[Instance] = []
@@ -129,7 +131,7 @@ class PrefillLegs:
             budget = min(self.deadline.seconds_for(chars), self.proxy.remaining(request_deadline))
             started = time.monotonic()
 
-            async def call(instance: Instance, budget: float = budget) -> dict[str, Any]:
+            async def call(instance: Instance, budget: float = budget) -> JsonObject:
                 return await self._leg(instance, path, leg, headers, request_deadline, budget)
 
             tried.append(candidate)

@@ -11,35 +11,39 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from pydantic import JsonValue
 
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_event
+from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects
 from pdlaunch.server.choices import MAX_CHOICES
 
 T = TypeVar("T")
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
-def split_prompts(body: dict[str, Any]) -> list[dict[str, Any]] | None:
+def split_prompts(body: Body) -> list[JsonObject] | None:
     """One completions body per prompt, or None when `body` has one prompt (a string, a list of token
     ids, or a list of one)."""
     prompt = body.get("prompt")
     if not isinstance(prompt, list) or len(prompt) < 2 or all(isinstance(x, int) for x in prompt):
         return None
-    samples = max(body.get("n") or 1, body.get("best_of") or 1)
+    samples = max(int_of(body.get("n")) or 1, int_of(body.get("best_of")) or 1)
     if len(prompt) * samples > MAX_CHOICES:
         raise OpenAIError(400, f"{len(prompt)} prompts x {samples} samples exceed {MAX_CHOICES} choices",
                           param="prompt")
     return [{**body, "prompt": p} for p in prompt]
 
 
-def merge_answers(answers: list[dict[str, Any]], n: int, response_id: str) -> dict[str, Any]:
+def merge_answers(answers: list[JsonObject], n: int, response_id: str) -> JsonObject:
     """The whole answers of each prompt's request (in prompt order) as one answer."""
-    merged = {**answers[0], "id": response_id, "choices": []}
+    choices: list[JsonValue] = []
     for p, answer in enumerate(answers):
-        merged["choices"] += [{**c, "index": p * n + c.get("index", 0)} for c in answer.get("choices", [])]
-    usages = [a["usage"] for a in answers if isinstance(a.get("usage"), dict)]
+        choices += [_reindexed(c, p * n) for c in objects(answer.get("choices"))]
+    merged: JsonObject = {**answers[0], "id": response_id, "choices": choices}
+    usages = [u for u in (as_object(a.get("usage")) for a in answers) if u is not None]
     if usages:
         merged["usage"] = _sum_usage(usages)
     return merged
@@ -59,7 +63,7 @@ class MergedStream:
     async def events(self) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
 
-        async def pump(p: int, body: AsyncIterable[Any]) -> None:
+        async def pump(p: int, body: AsyncIterable[str | bytes | memoryview]) -> None:
             parser = SSEParser()
             try:
                 async for chunk in body:
@@ -69,8 +73,8 @@ class MergedStream:
                 await queue.put((p, None))  # this stream ended
 
         pumps = [asyncio.ensure_future(pump(p, s.body_iterator)) for p, s in enumerate(self.streams)]
-        usages: list[dict[str, Any]] = []
-        usage_chunk: dict[str, Any] | None = None
+        usages: list[JsonObject] = []
+        usage_chunk: JsonObject | None = None
         try:
             remaining = len(pumps)
             while remaining:
@@ -80,16 +84,17 @@ class MergedStream:
                     continue
                 if data == "[DONE]":
                     continue
-                event = json.loads(data)
+                event: JsonObject = json.loads(data)
                 if "error" in event:
                     yield sse_event(event)
                     return
                 event["id"] = self.response_id
-                if not event.get("choices") and isinstance(event.get("usage"), dict):
-                    usages.append(event["usage"])
+                usage = as_object(event.get("usage"))
+                if not event.get("choices") and usage is not None:
+                    usages.append(usage)
                     usage_chunk = event
                     continue
-                event["choices"] = [{**c, "index": p * self.n + c.get("index", 0)} for c in event.get("choices", [])]
+                event["choices"] = [_reindexed(c, p * self.n) for c in objects(event.get("choices"))]
                 yield sse_event(event)
             if usage_chunk is not None:
                 yield sse_event({**usage_chunk, "usage": _sum_usage(usages)})
@@ -114,10 +119,15 @@ async def gather_legs(calls: Sequence[Awaitable[T]], on_failure: Callable[[list[
         raise
 
 
-def _sum_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {k: sum(u.get(k) or 0 for u in usages) for k in _USAGE_COUNTS}
-    cached = [u["prompt_tokens_details"].get("cached_tokens") or 0 for u in usages
-              if isinstance(u.get("prompt_tokens_details"), dict)]
+def _reindexed(choice: JsonObject, first: int) -> JsonObject:
+    """`choice` of one prompt's answer at its place in the merged answer (the prompt's choices start at `first`)."""
+    return {**choice, "index": first + (int_of(choice.get("index")) or 0)}
+
+
+def _sum_usage(usages: list[JsonObject]) -> JsonObject:
+    total: JsonObject = {k: sum(int_of(u.get(k)) or 0 for u in usages) for k in _USAGE_COUNTS}
+    details = [as_object(u.get("prompt_tokens_details")) for u in usages]
+    cached = [int_of(d.get("cached_tokens")) or 0 for d in details if d is not None]
     if cached:
         total["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
     return total

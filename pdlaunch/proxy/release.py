@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import httpx
 
+from pdlaunch.proxy.bodies import Body
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.internal import KV_RELEASE_PATH
 
@@ -35,7 +35,7 @@ class KVReleaser:
         """Without the deployment secret (a proxy in front of foreign instances) the leases free the KV."""
         return bool(self._headers)
 
-    def release_soon(self, prefill: Instance, kv_transfer_params: dict[str, Any]) -> None:
+    def release_soon(self, prefill: Instance, kv_transfer_params: Body) -> None:
         request_id = kv_transfer_params.get("remote_request_id")
         if not self.enabled or not isinstance(request_id, str) or not request_id:
             return

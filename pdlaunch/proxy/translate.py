@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import httpx
+from pydantic import JsonValue
 
 from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
+from pdlaunch.proxy.bodies import Body, JsonObject, as_object, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -20,7 +21,7 @@ from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 _DECODE_ONLY_FIELDS = ("stream_options", "min_tokens", "min_completion_tokens", "n", "best_of", "echo")
 
 
-def prefill_body(body: dict[str, Any], chat: bool, first_token: bool = False) -> dict[str, Any]:
+def prefill_body(body: Body, chat: bool, first_token: bool = False) -> JsonObject:
     """The prefill leg: one token, not streamed, and ask the prefill side to keep the KV for decode
     (and, with `first_token`, to sign the token it sampled into its answer for the decode to continue from)."""
     leg = {k: v for k, v in body.items() if k not in _DECODE_ONLY_FIELDS}
@@ -28,22 +29,24 @@ def prefill_body(body: dict[str, Any], chat: bool, first_token: bool = False) ->
     if chat and "max_completion_tokens" in leg:
         leg["max_completion_tokens"] = 1
     leg["stream"] = False
-    leg["kv_transfer_params"] = {"do_remote_decode": True, **({RETURN_FIRST_TOKEN: True} if first_token else {})}
+    params: JsonObject = {"do_remote_decode": True}
+    if first_token:
+        params[RETURN_FIRST_TOKEN] = True
+    leg["kv_transfer_params"] = params
     return leg
 
 
-def client_limit_error(exc: OpenAIError, body: dict[str, Any], chat: bool) -> OpenAIError:
+def client_limit_error(exc: OpenAIError, body: Body, chat: bool) -> OpenAIError:
     """A prefill leg's "prompt + max_tokens (1) exceeds max_model_len" restated with the client's own
     max_tokens (the 1 is the leg's, not the client's); any other error unchanged."""
-    limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-        else body.get("max_tokens")
+    limit = token_limit(body, chat, "max_completion_tokens", "max_tokens")
     if exc.status != 400 or not isinstance(limit, int) or isinstance(limit, bool):
         return exc
     message = with_max_tokens(exc.message, limit)
     return exc if message is None else OpenAIError(400, message, param=exc.param, code=exc.code)
 
 
-def continues_from_first_token(body: dict[str, Any]) -> bool:
+def continues_from_first_token(body: Body) -> bool:
     """Whether the decode may continue from the prefill's sampled token (engine/first_token.py). Not with
     several samples or echo (the decode makes those choices itself) nor min_tokens (the prefill leg drops
     it, so its token may be one min_tokens holds back): those decodes recompute the last prompt token."""
@@ -52,27 +55,26 @@ def continues_from_first_token(body: dict[str, Any]) -> bool:
     return not several and not held_back and not body.get("echo")
 
 
-def ended_by_first_token(body: dict[str, Any], chat: bool, answer: Any) -> bool:
+def ended_by_first_token(body: Body, chat: bool, answer: JsonObject) -> bool:
     """The prefill's answer is already the whole answer: its token stopped the request, or the client
     asked for one token. Only for answers that carry the first token (our prefill, asked for it)."""
-    params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
-    choices = answer.get("choices") if isinstance(answer, dict) else None
-    if not isinstance(params, dict) or not params.get(FIRST_TOKEN_IDS) or not isinstance(choices, list) or \
+    params = as_object(answer.get("kv_transfer_params"))
+    choices = answer.get("choices")
+    if params is None or not params.get(FIRST_TOKEN_IDS) or not isinstance(choices, list) or \
             len(choices) != 1 or not isinstance(choices[0], dict):
         return False
     reason = choices[0].get("finish_reason")
-    limit = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-        else body.get("max_tokens")
+    limit = token_limit(body, chat, "max_completion_tokens", "max_tokens")
     return reason == "stop" or (reason == "length" and limit == 1)
 
 
-def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
+def decode_body(body: Body, kv_transfer_params: JsonObject) -> JsonObject:
     """The decode leg: the client's request plus where its KV lies. Without prompt_logprobs: the decode
     loads the prompt's KV and never computes its logits; the prefill's answer carries them."""
     return {**{k: v for k, v in body.items() if k != "prompt_logprobs"}, "kv_transfer_params": kv_transfer_params}
 
 
-def refuse_in_pd(body: dict[str, Any], chat: bool) -> None:
+def refuse_in_pd(body: Body, chat: bool) -> None:
     """echo with logprobs puts the prompt's logprobs inside each choice's logprobs, which the decode
     (that has no prompt logits) builds: refused in PD; prompt_logprobs alone are taken from the prefill."""
     if not chat and body.get("echo") and body.get("logprobs") is not None:
@@ -80,28 +82,27 @@ def refuse_in_pd(body: dict[str, Any], chat: bool) -> None:
                                "prompt); send prompt_logprobs, or ask a colocated deployment", param="echo")
 
 
-def with_prompt_logprobs(answer: Any, prefill_answer: Any, chat: bool) -> Any:
+def with_prompt_logprobs(answer: JsonObject, prefill_answer: JsonObject, chat: bool) -> JsonObject:
     """The decode's whole answer with the prompt logprobs the prefill computed: top-level for chat,
     in every choice for completions (vLLM's places)."""
-    if not isinstance(answer, dict) or not isinstance(prefill_answer, dict):
-        return answer
     if chat:
         return {**answer, "prompt_logprobs": prefill_answer.get("prompt_logprobs")}
-    first = (prefill_answer.get("choices") or [{}])[0]
-    prompt = first.get("prompt_logprobs") if isinstance(first, dict) else None
-    return {**answer, "choices": [{**c, "prompt_logprobs": prompt} for c in answer.get("choices", [])]}
+    choices = objects(prefill_answer.get("choices"))
+    prompt = choices[0].get("prompt_logprobs") if choices else None
+    return {**answer, "choices": [{**c, "prompt_logprobs": prompt} for c in objects(answer.get("choices"))]}
 
 
-def kv_params_of(instance: Instance, response_json: Any) -> dict[str, Any]:
-    params = response_json.get("kv_transfer_params") if isinstance(response_json, dict) else None
-    if not isinstance(params, dict) or not params:
+def kv_params_of(instance: Instance, response_json: JsonValue) -> JsonObject:
+    answer = as_object(response_json)
+    params = as_object(answer.get("kv_transfer_params")) if answer is not None else None
+    if not params:
         raise OpenAIError(502, f"{instance.name} ({instance.url}) answered the prefill leg without "
                                "kv_transfer_params; is it a prefill instance with a KV connector?",
                           code="bad_prefill_response")
     return params
 
 
-def parse_client_body(raw: bytes, chat: bool) -> dict[str, Any]:
+def parse_client_body(raw: bytes, chat: bool) -> JsonObject:
     """The client's body, refused with a 400 naming the field unless it is JSON an instance accepts:
     finite, shallow, valid Unicode (http/limits.py), with every sampling value in range. Checked
     here so that a bad request never costs a prefill leg (nor holds KV for a decode that refuses it).

@@ -11,13 +11,13 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
+from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
 from pdlaunch.proxy.release import KVReleaser
@@ -83,8 +83,8 @@ class Proxy:
             self.pool.mark_down(instance, f"{type(exc).__name__} during a request")
         return error_from_exception(instance, exc, self.request_timeout_s)
 
-    async def post_json(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
-                        deadline: float) -> dict[str, Any]:
+    async def post_json(self, instance: Instance, path: str, body: JsonObject, headers: dict[str, str],
+                        deadline: float) -> JsonObject:
         remaining = self._timeout(deadline)
         with instance.lease():
             try:
@@ -104,7 +104,7 @@ class Proxy:
                                    "(an object)", code="instance_failed")
         return answer
 
-    async def open_stream(self, instance: Instance, path: str, body: dict[str, Any], headers: dict[str, str],
+    async def open_stream(self, instance: Instance, path: str, body: JsonObject, headers: dict[str, str],
                           deadline: float) -> Upstream:
         """Send a streaming request; on success the caller must close the returned Upstream."""
         remaining = self._timeout(deadline)
@@ -171,7 +171,7 @@ class Proxy:
             await upstream.close()
 
 
-def shutting_down_body() -> dict[str, Any]:
+def shutting_down_body() -> JsonObject:
     """The error event that ends a stream still open when the drain at shutdown runs out."""
     return error_body(503, "the server is shutting down: this stream ended before it finished; retry on a "
                            "running server", code="shutting_down")

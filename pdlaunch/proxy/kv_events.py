@@ -1,0 +1,140 @@
+"""What every instance caches, as the proxy follows its KV cache events (kvcache/events.py is the contract).
+
+One task per instance reads its `GET /v1/kv_events` (the internal token, as every call to an instance):
+newline-delimited JSON, first a `snapshot` (engine_id, block_size, every cached block's hash), then
+`stored` / `removed` events whose `seq` goes up by one. The task keeps that instance's set of cached
+block hashes (CachedBlocks). The set is known only between a snapshot and the end of its stream:
+
+- every line is validated with KV_EVENT; a line that is not a valid event, an event before the
+  snapshot, or a seq gap (an event lost) forgets the set and re-opens the stream, whose first line is
+  a new snapshot. A bad line is logged, never raised: the proxy serves on without that instance's set.
+- a stream that ends or fails (the instance died or restarted; an instance without the route answers
+  404) forgets the set and is re-opened after RETRY_MIN_S, doubling up to RETRY_MAX_S while it keeps
+  failing (back to RETRY_MIN_S once a snapshot arrives).
+
+The stream has no read timeout: an instance whose cache does not change sends nothing for as long as
+it likes. A dead instance closes the connection (re-opened as above); a stalled one gets no requests
+anyway (instances.py), and a set whose engine_id is not the one the instance's /health names (it
+restarted and the new stream has not caught up) is not used (CachedBlocks.usable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+from pydantic import ValidationError
+
+from pdlaunch.kvcache.events import KV_EVENT, KvEvent, KvSnapshot, KvStored
+from pdlaunch.proxy.instances import Instance
+
+log = logging.getLogger("pdlaunch.proxy")
+
+EVENTS_PATH = "/v1/kv_events"
+CONNECT_TIMEOUT_S = 5.0
+RETRY_MIN_S = 0.5
+RETRY_MAX_S = 10.0
+
+
+@dataclass
+class CachedBlocks:
+    """The block hashes one instance caches, as its current event stream says."""
+
+    hashes: set[str] = field(default_factory=set)
+    block_size: int = 0  # 0: no snapshot on the current stream: nothing is known
+    engine_id: str = ""
+    seq: int = -1
+
+    def usable(self, instance: Instance) -> bool:
+        """Known, and of the engine the instance's /health names (when it names one)."""
+        return self.block_size > 0 and (not instance.engine_id or instance.engine_id == self.engine_id)
+
+    def forget(self) -> None:
+        self.hashes, self.block_size, self.engine_id, self.seq = set(), 0, "", -1
+
+    def apply(self, event: KvEvent) -> str | None:
+        """Apply one event; None, or why the stream must be re-opened (the set is forgotten then)."""
+        if isinstance(event, KvSnapshot):
+            self.hashes, self.block_size, self.engine_id, self.seq = \
+                set(event.hashes), event.block_size, event.engine_id, event.seq
+            return None
+        if self.block_size == 0:
+            return f"a {event.type} event (seq {event.seq}) before the stream's snapshot"
+        if event.seq != self.seq + 1:
+            return f"seq {event.seq} after {self.seq}: events were lost"
+        self.seq = event.seq
+        if isinstance(event, KvStored):
+            self.hashes.update(event.hashes)
+        else:
+            self.hashes.difference_update(event.hashes)
+        return None
+
+
+class KvEventFeed:
+    """One subscriber task per instance (start/stop with the app) and each instance's CachedBlocks."""
+
+    def __init__(self, instances: list[Instance], headers: dict[str, str]) -> None:
+        self.cached: dict[str, CachedBlocks] = {i.name: CachedBlocks() for i in instances}
+        self._instances = instances
+        self._headers = headers
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def usable(self, instance: Instance) -> CachedBlocks | None:
+        cached = self.cached.get(instance.name)
+        return cached if cached is not None and cached.usable(instance) else None
+
+    def start(self, client: httpx.AsyncClient) -> None:
+        self._tasks = [asyncio.create_task(self._follow(client, i)) for i in self._instances]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _follow(self, client: httpx.AsyncClient, instance: Instance) -> None:
+        delay, last_why = RETRY_MIN_S, ""
+        while True:
+            try:
+                why, snapshot = await self._read(client, instance)
+            except Exception as exc:  # noqa: BLE001 - the feed must outlive one bad stream
+                log.exception("reading the KV events of %s failed", instance.name)
+                why, snapshot = f"{type(exc).__name__}", False
+            self.cached[instance.name].forget()
+            if snapshot:
+                delay = RETRY_MIN_S
+            if why != last_why:  # one line per kind of failure, not one per retry
+                log.info("KV events of %s: %s; re-opened in %.1fs (its cached blocks are unknown until then)",
+                         instance.name, why, delay)
+                last_why = why
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
+
+    async def _read(self, client: httpx.AsyncClient, instance: Instance) -> tuple[str, bool]:
+        """Follow one stream until it ends or must be re-opened: (why, whether a snapshot arrived)."""
+        cached, snapshot = self.cached[instance.name], False
+        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)
+        try:
+            async with client.stream("GET", instance.url + EVENTS_PATH, headers=self._headers,
+                                     timeout=timeout) as response:
+                if response.status_code != 200:
+                    return f"{EVENTS_PATH} answered HTTP {response.status_code}", False
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        event = KV_EVENT.validate_json(line)
+                    except ValidationError as exc:
+                        log.warning("%s sent a KV event that is not valid (%s): %.200s", instance.name,
+                                    exc.errors()[0]["msg"] if exc.errors() else exc, line)
+                        return "a line that is not a valid event", snapshot
+                    why = cached.apply(event)
+                    if why is not None:
+                        log.warning("KV events of %s: %s", instance.name, why)
+                        return why, snapshot
+                    snapshot = snapshot or isinstance(event, KvSnapshot)
+            return "the stream ended", snapshot
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}", snapshot

@@ -1,0 +1,105 @@
+"""Prefix-aware routing (proxy.routing_policy prefix): a prompt goes to the instance that caches the longest
+prefix of it, weighed against the work queued there; a prefill leg and a decode leg alike.
+
+For every ready instance i of the role:
+
+    score(i) = matched_tokens(i) - ALPHA * queued_tokens(i)
+
+- matched_tokens(i): tokens of the prompt's leading full blocks that i caches: the prompt's chained block
+  hashes (kvcache/events.prompt_block_hashes over the token ids the proxy tokenized) against i's set from its
+  KV cache events (kv_events.py); 0 while that set is unknown.
+- queued_tokens(i): uncached prompt tokens of the legs this proxy has in flight on i (a prefill leg until it
+  answers, a decode leg until its answer ends).
+- ALPHA = 1: a token queued ahead of ours costs i about what a token of our prompt that it must compute
+  does, so i's time to our first token goes with queued(i) + (prompt - matched(i)), which the highest score
+  minimises. A hot prefix thus stays on one instance only while the work piled up there is less than what
+  its cached prefix saves; then the next instance takes it (and caches it too).
+
+The highest score wins; equal scores (no instance caches any of the prompt, say) go to the fewest legs in
+flight, then round robin (instances.LeastLoaded), as do retries and fallbacks. Under the other policies the
+pool's own choice stands and the chosen instance's match is still counted: per-request disaggregation
+(disaggregate.py) counts the tokens the chosen decode lacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pdlaunch.kvcache.events import matched_blocks, prompt_block_hashes
+from pdlaunch.proxy.bodies import Body
+from pdlaunch.proxy.disaggregate import PromptTokens
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.kv_events import KvEventFeed
+
+ALPHA = 1.0  # weight of a queued prompt token against a matched one (module doc)
+
+
+@dataclass
+class PromptBlocks:
+    """A prompt's token ids and, per block size, its chained block hashes (hashed once)."""
+
+    token_ids: list[int]
+    _hashes: dict[int, list[str]] = field(default_factory=dict)
+
+    def hashes(self, block_size: int) -> list[str]:
+        if block_size not in self._hashes:
+            self._hashes[block_size] = prompt_block_hashes(self.token_ids, block_size)
+        return self._hashes[block_size]
+
+
+@dataclass(frozen=True)
+class Choice:
+    instance: Instance
+    matched_tokens: int  # prompt tokens the instance caches (0: none, or its events are unknown)
+    by_prefix: bool = False  # picked for its cached prefix (prefix policy, a match that won)
+
+
+class PrefixRouter:
+    """Chooses instances by cached prefix (`by_prefix`: the prefix policy) and counts what each caches
+    of a prompt; `feed` None: no instance's cache is known (every match is 0)."""
+
+    def __init__(self, pool: InstancePool, feed: KvEventFeed | None, tokens: PromptTokens | None,
+                 by_prefix: bool, alpha: float = ALPHA) -> None:
+        if by_prefix and (feed is None or tokens is None):
+            raise ValueError("prefix routing needs the instances' KV cache events and the checkpoint's tokenizer")
+        self.pool, self.feed, self.tokens, self.by_prefix, self.alpha = pool, feed, tokens, by_prefix, alpha
+        self.queued: dict[str, int] = {}  # instance name -> uncached prompt tokens of its legs in flight here
+
+    async def prompt(self, body: Body, chat: bool) -> PromptBlocks | None:
+        """The request's prompt as token ids, when there is a tokenizer to count them (else None)."""
+        return PromptBlocks(await self.tokens.ids(body, chat)) if self.tokens is not None else None
+
+    def matched_tokens(self, instance: Instance, prompt: PromptBlocks | None) -> int:
+        cached = self.feed.usable(instance) if self.feed is not None and prompt is not None else None
+        if cached is None or prompt is None:
+            return 0
+        return matched_blocks(prompt.hashes(cached.block_size), cached.hashes) * cached.block_size
+
+    def choose(self, role: str, prompt: PromptBlocks | None) -> Choice:
+        """A ready instance of `role` for `prompt` (a 503 when there is none, as InstancePool.pick)."""
+        if not self.by_prefix or prompt is None:
+            instance = self.pool.pick(role)
+            return Choice(instance, self.matched_tokens(instance, prompt))
+        ready = [i for i in self.pool.instances if i.role == role and i.state == "ready"]
+        if not ready:
+            self.pool.pick(role)  # raises the 503 naming every instance's state
+        matched = {i.name: self.matched_tokens(i, prompt) for i in ready}
+        scores = {i.name: matched[i.name] - self.alpha * self.queued.get(i.name, 0) for i in ready}
+        best = max(scores.values())
+        tied = [i for i in ready if scores[i.name] == best]
+        instance = tied[0] if len(tied) == 1 else self.pool.policy.choose(role, tied)
+        return Choice(instance, matched[instance.name], by_prefix=matched[instance.name] > 0)
+
+    def enqueue(self, instance: Instance, tokens: int) -> Callable[[], None]:
+        """Count `tokens` queued on `instance` until the returned callable runs (once; later calls do nothing)."""
+        self.queued[instance.name] = self.queued.get(instance.name, 0) + tokens
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.queued[instance.name] -= tokens
+
+        return release

@@ -1,0 +1,118 @@
+"""The proxy's routes other than completions: health, instances, metrics, the relays to one instance
+(/v1/models, /tokenize, /detokenize), /version, and the control calls fanned out to every instance.
+
+Every instance of a deployment serves the same checkpoint and tokenizer, so /v1/models, /tokenize and
+/detokenize go to one ready instance (of the role that answers requests, retried once on another when
+it is gone: retry.py) and its answer, a 4xx naming the field included, is relayed as it is (relay_to_one).
+/version answers here (the same version as every instance: one package). `/sleep`, `/wake_up` and
+`/is_sleeping` go to every instance (docs/ARCHITECTURE.md "CuMem and sleep"). RequireAuth has already
+checked the caller's API key (http/auth.py); the calls to instances carry the internal token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, JsonValue
+
+import pdlaunch
+from pdlaunch.http.errors import error_body
+from pdlaunch.proxy.bodies import as_object
+from pdlaunch.proxy.federate import instance_metrics
+from pdlaunch.proxy.instances import Instance
+from pdlaunch.proxy.retry import on_live_instance
+from pdlaunch.proxy.state import state_of
+from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S
+
+
+async def health(request: Request) -> JSONResponse:
+    pool = state_of(request).pool
+    ok = pool.ready()
+    body = {"status": "ok" if ok else "unavailable", "pid": os.getpid(),
+            "instances": [i.as_dict() for i in pool.instances]}
+    if not ok:
+        missing = [r for r in pool.required_roles()
+                   if not any(i.role == r and i.state == "ready" for i in pool.instances)]
+        body.update(error_body(503, f"no ready {' / '.join(missing)} instance"))
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def instances(request: Request) -> JSONResponse:
+    return JSONResponse([i.as_dict() for i in state_of(request).pool.instances])
+
+
+async def metrics(request: Request) -> Response:
+    proxy = state_of(request).proxy
+    federated, missed = await instance_metrics(proxy.http(), proxy.pool, proxy.upstream_headers)
+    proxy.metrics.federation_errors.inc(missed)
+    return Response(generate_latest(proxy.metrics.registry) + federated, media_type=CONTENT_TYPE_LATEST)
+
+
+async def version() -> JSONResponse:
+    return JSONResponse({"version": pdlaunch.__version__})
+
+
+async def relay_to_one(request: Request) -> Response:
+    """The request, as it is, to one ready instance; its answer, as it is, to the client."""
+    state = state_of(request)
+    proxy, pool = state.proxy, state.pool
+    raw = await request.body()
+    headers = state.forwarded_headers(request)
+    if request.method == "POST":
+        headers["Content-Type"] = "application/json"
+    timeout = httpx.Timeout(proxy.request_timeout_s, connect=CONNECT_TIMEOUT_S)
+
+    async def ask(instance: Instance) -> httpx.Response:
+        try:
+            return await proxy.http().request(request.method, instance.url + request.url.path, content=raw or None,
+                                              headers=headers, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise proxy.failed(instance, exc) from None
+
+    role = pool.required_roles()[-1]
+    _, answer = await on_live_instance(pool, role, pool.pick(role), ask)
+    return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+
+
+class FannedOut(BaseModel):
+    """One instance's answer to a control call."""
+
+    name: str
+    status: int
+    body: JsonValue
+
+
+async def _control_one(request: Request, instance: Instance) -> FannedOut:
+    proxy = state_of(request).proxy
+    try:
+        response = await proxy.http().request(request.method, instance.url + request.url.path,
+                                              params=request.query_params, headers=proxy.upstream_headers,
+                                              timeout=proxy.request_timeout_s)
+        content = response.json() if response.content else {}
+        return FannedOut(name=instance.name, status=response.status_code, body=content)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        return FannedOut(name=instance.name, status=502, body=error_body(502, f"{type(exc).__name__}: {exc}"))
+
+
+async def fan_out(request: Request) -> JSONResponse:
+    """The control call to every instance; the first failure (if any) is the answer's status."""
+    results = await asyncio.gather(*(_control_one(request, i) for i in state_of(request).pool.instances))
+    listed = [r.model_dump() for r in results]
+    failed = [r for r in results if r.status != 200]
+    if not failed:
+        return JSONResponse({"instances": listed})
+    first = failed[0]
+    inner = as_object(first.body.get("error")) if isinstance(first.body, dict) else None
+    inner = inner or {}
+    status = first.status if first.status < 500 or first.status == 503 else 502
+    param, code = inner.get("param"), inner.get("code")
+    body = error_body(status, f"{first.name}: {inner.get('message', 'failed')}",
+                      param=param if isinstance(param, str) else None, code=code if isinstance(code, str) else None)
+    body["instances"] = listed
+    return JSONResponse(body, status_code=status)
