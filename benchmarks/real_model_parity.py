@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.convert_to is not None:
-            from pdlaunch.model.gguf import convert_gguf
+            from pdlaunch.model.gguf.convert import convert_gguf
 
             args.convert_to.mkdir(parents=True, exist_ok=True)
             convert_gguf(Path(args.model), args.convert_to)

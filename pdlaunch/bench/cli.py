@@ -138,7 +138,8 @@ def serve(
 def make_checkpoint(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.", show_default=False)],
     shape: Annotated[
-        str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8).")
+        str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8) | mixtral-8x7b "
+                          "(8 experts, top-2).")
     ] = "llama3-8b",
     num_layers: Annotated[
         int | None, typer.Option("--num-layers", help="Decoder layers [default: the shape's, 32 or 48].")

@@ -1,10 +1,11 @@
 """A random-weight checkpoint of a real model's shape on local disk, for benchmarks.
 
-Shapes (`SHAPES`): `llama3-8b` (meta-llama/Meta-Llama-3-8B, llama3 rope scaling) and `qwen3-30b-a3b`
+Shapes (`SHAPES`): `llama3-8b` (meta-llama/Meta-Llama-3-8B, llama3 rope scaling), `qwen3-30b-a3b`
 (Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of width 768, top-8, 4 KV heads, per-expert HF tensor
-names). Same tensor names, shapes and config as the real model, so speed figures are its own; the
-weights are random (std 0.02, norms 1) and the tokenizer is the demo model's byte-level BPE padded to
-the full vocabulary, so the text is noise.
+names) and `mixtral-8x7b` (mistralai/Mixtral-8x7B-v0.1: 32 layers, 8 experts of width 14336, top-2,
+8 KV heads, `block_sparse_moe.experts.{e}.w1/w2/w3`). Same tensor names, shapes and config as the real
+model, so speed figures are its own; the weights are random (std 0.02, norms 1) and the tokenizer is the
+demo model's byte-level BPE padded to the full vocabulary, so the text is noise.
 Written shard by shard: at most one shard (`max_shard_bytes`) is in memory at a time. With `fp8`
 the linear layers' weights (experts' too) are quantized where they are drawn and saved as FP8: `block`
 as a 128x128-block `quant_method: fp8` checkpoint (weight_scale_inv), `channel` as a compressed-tensors
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory.platform import resolve_device
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config
+from pdlaunch.model.moe.config import MOE_ARCHITECTURES, MoeArch, parse_moe
 from pdlaunch.model.quant import fp8 as fp8_math
 
 LLAMA3_8B: dict[str, Any] = {
@@ -82,7 +84,32 @@ QWEN3_30B_A3B: dict[str, Any] = {
     "use_sliding_window": False,
     "use_cache": True,
 }
-SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B}
+MIXTRAL_8X7B: dict[str, Any] = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,  # every expert's width
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "hidden_act": "silu",
+    "attention_dropout": 0.0,
+    "router_aux_loss_coef": 0.02,
+    "output_router_logits": False,
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+}
+SHAPES: dict[str, dict[str, Any]] = {"llama3-8b": LLAMA3_8B, "qwen3-30b-a3b": QWEN3_30B_A3B,
+                                     "mixtral-8x7b": MIXTRAL_8X7B}
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -92,28 +119,30 @@ def parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def _mlp_shapes(cfg: dict[str, Any], p: str, layer: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The MLP of one layer: dense gate/up/down, or (Qwen3-MoE) the router and every expert's three."""
+def _mlp_shapes(cfg: dict[str, Any], moe: MoeArch | None, p: str, layer: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The MLP of one layer: dense gate/up/down, or the router and every expert's three (Qwen3-MoE's
+    `mlp.experts.{e}.gate_proj/up_proj/down_proj`, Mixtral's `block_sparse_moe.experts.{e}.w1/w3/w2`)."""
     h = cfg["hidden_size"]
-    experts = cfg.get("num_experts", 0)
-    sparse = experts and layer not in cfg.get("mlp_only_layers", []) and (layer + 1) % cfg["decoder_sparse_step"] == 0
-    if not sparse:
+    if moe is None or not moe.is_sparse(layer):
         inter = cfg["intermediate_size"]
         return [(f"{p}.mlp.gate_proj.weight", (inter, h)), (f"{p}.mlp.up_proj.weight", (inter, h)),
                 (f"{p}.mlp.down_proj.weight", (h, inter))]
-    inter = cfg["moe_intermediate_size"]
-    shapes: list[tuple[str, tuple[int, ...]]] = [(f"{p}.mlp.gate.weight", (experts, h))]
-    for e in range(experts):
-        shapes += [(f"{p}.mlp.experts.{e}.gate_proj.weight", (inter, h)),
-                   (f"{p}.mlp.experts.{e}.up_proj.weight", (inter, h)),
-                   (f"{p}.mlp.experts.{e}.down_proj.weight", (h, inter))]
+    inter, block = moe.expert_intermediate_size, moe.checkpoint_style
+    gate, up, down = ("w1", "w3", "w2") if block == "block_sparse_moe" else ("gate_proj", "up_proj", "down_proj")
+    shapes: list[tuple[str, tuple[int, ...]]] = [(f"{p}.{block}.gate.weight", (moe.num_experts, h))]
+    for e in range(moe.num_experts):
+        shapes += [(f"{p}.{block}.experts.{e}.{gate}.weight", (inter, h)),
+                   (f"{p}.{block}.experts.{e}.{up}.weight", (inter, h)),
+                   (f"{p}.{block}.experts.{e}.{down}.weight", (h, inter))]
     return shapes
 
 
 def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    """HF parameter names and shapes (Llama, or Qwen3-MoE with its q/k norms and experts), in file order
-    (embedding, layers, norm, head)."""
+    """HF parameter names and shapes (Llama, Qwen3-MoE with its q/k norms and experts, or Mixtral), in file
+    order (embedding, layers, norm, head)."""
     h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    arch = cfg["architectures"][0]
+    moe = parse_moe(cfg, arch, cfg["num_hidden_layers"]) if arch in MOE_ARCHITECTURES else None
     head_dim = cfg["head_dim"]
     q_out, kv_out = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, h))]
@@ -129,7 +158,7 @@ def tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
         ]
         if cfg["architectures"] == ["Qwen3MoeForCausalLM"]:
             shapes += [(f"{p}.self_attn.q_norm.weight", (head_dim,)), (f"{p}.self_attn.k_norm.weight", (head_dim,))]
-        shapes += _mlp_shapes(cfg, p, i)
+        shapes += _mlp_shapes(cfg, moe, p, i)
     shapes.append(("model.norm.weight", (h,)))
     if not cfg["tie_word_embeddings"]:
         shapes.append(("lm_head.weight", (vocab, h)))
@@ -152,7 +181,7 @@ def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
 
 
 FP8_FORMATS = ("block", "channel")
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
 def fp8_quant_config(fp8: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Mapping
 
 from pdlaunch.config.models import DeploymentConfig, NodeConfig
-from pdlaunch.config.rules import LOOPBACK_HOSTS
+from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
 from pdlaunch.errors import PdlaunchError
 
 SCONTROL_TIMEOUT_S = 30.0

@@ -13,11 +13,11 @@ from rich.text import Text
 from pdlaunch.config.backend import with_backend_nodes
 from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.loader import load_deployment, with_rule_problems
-from pdlaunch.config.memory_estimate import GIB, device_budget_bytes, estimate
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.resources import port_plan
-from pdlaunch.config.security_rules import world_readable_secret_warnings
+from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
+from pdlaunch.config.rules.resources import port_plan
+from pdlaunch.config.rules.security import world_readable_secret_warnings
 from pdlaunch.config.validate import (
     TargetHost,
     cumem_reason,

@@ -167,7 +167,7 @@ def load_valid_deployment(path: Path | None, overrides: dict[str, Any]) -> Deplo
     Raises ConfigError with every problem; the returned config is the resolved one.
     """
     from pdlaunch.config.backend import with_backend_nodes
-    from pdlaunch.config.security_rules import world_readable_secret_warnings
+    from pdlaunch.config.rules.security import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
 
     try:

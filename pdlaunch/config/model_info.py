@@ -168,8 +168,8 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
 
 def _from_gguf(path: Path) -> tuple[ModelInfo | None, list[Problem]]:
     """ModelInfo from a GGUF file's metadata (the header only: no weight is dequantized). Tensors, tokenizer
-    and quant types are checked by checkpoint_check.py, as a directory's weights are."""
-    from pdlaunch.model import gguf_metadata  # lazy: imports numpy and the gguf package
+    and quant types are checked by rules/checkpoint.py, as a directory's weights are."""
+    from pdlaunch.model.gguf import metadata as gguf_metadata  # lazy: imports numpy and the gguf package
 
     try:
         hf = gguf_metadata.hf_config(gguf_metadata.open_reader(path))

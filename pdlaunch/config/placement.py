@@ -4,7 +4,7 @@ A group fits on its own node when it can; a group with more ranks than its node 
 that node's remaining devices first, then the next node's, and so on (a spanning group). On CPU a
 node's `devices` are just rank slots: a node that lists none hosts any number of ranks.
 
-check-config (config/port_plan.py, through config/resources.py) and the launcher (launcher/plan.py)
+check-config (config/port_plan.py, through config/rules/resources.py) and the launcher (launcher/plan.py)
 both place ranks with these functions, so the ports and devices check-config reports are the ones
 the launcher uses. How a placed rank is started lives in distributed/placement.py.
 """

@@ -1,7 +1,7 @@
 """The port plan: every instance's TP ranks placed on nodes, and the fixed ports its processes bind.
 
 `plan_instances` is the one source of it: check-config reports its ranges and their collisions
-(config/resources.py) and the launcher claims exactly these ports (launcher/plan.py).
+(config/rules/resources.py) and the launcher claims exactly these ports (launcher/plan.py).
 
 - proxy.port: on node 0.
 - HTTP: instance k of group i with base_port b uses b + k on the group's node.
@@ -89,7 +89,7 @@ def _place(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, k: int, us
     tp = group.tp or 1
     if group.devices is not None:
         placed = [PlacedRank(group.node, d) for d in group.devices[k * tp:(k + 1) * tp]]
-    elif group.node not in pools:  # a node index past parallel.nodes: rules.node_problems reports it
+    elif group.node not in pools:  # a node index past parallel.nodes: rules/roles.py node_problems reports it
         placed = []
     else:
         try:

@@ -12,16 +12,14 @@ import logging
 import os
 from dataclasses import dataclass
 
-from pdlaunch.config import memory_estimate, resources, rules
 from pdlaunch.config.addresses import bind_problem
-from pdlaunch.config.checkpoint_check import checkpoint_problems
-from pdlaunch.config.kv_connector_rules import kv_connector_problems
-from pdlaunch.config.log_dir import log_dir_problems
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.quant_rules import fp8_tp_problems
-from pdlaunch.config.security_rules import secret_problems
+from pdlaunch.config.rules import memory, resources, roles
+from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
+from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems
+from pdlaunch.config.rules.security import secret_problems
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -179,7 +177,7 @@ def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
     if device != "cuda":
         return None
     if target is not None:
-        return int(target.gpu_memory_gib * memory_estimate.GIB)
+        return int(target.gpu_memory_gib * memory.GIB)
     count = platform.device_count()
     return min(platform.device_total_bytes(i) for i in range(count)) if count else None
 
@@ -201,12 +199,12 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         problems += checkpoint_problems(out.model.path, out.model.quantization)
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
-    problems += rules.role_problems(out)
-    problems += rules.node_problems(out)
-    problems += rules.stall_timeout_problems(out)
-    problems += rules.cache_problems(out, info)
+    problems += roles.role_problems(out)
+    problems += roles.node_problems(out)
+    problems += roles.stall_timeout_problems(out)
+    problems += roles.cache_problems(out, info)
     if info is not None:
-        problems += rules.tp_problems(out, info)
+        problems += roles.tp_problems(out, info)
         problems += fp8_tp_problems(out)
     problems += resources.port_problems(out, visible_gpus(device, target) if device == "cuda" else 0)
     problems += secret_problems(out, os.environ)
@@ -221,8 +219,8 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         where = "the target host" if target is not None else "this machine"
         problems += resources.device_problems(out, gpus, where)
     if info is not None and out.model.max_model_len is not None and out.cache.block_size in BLOCK_SIZES:
-        estimates = memory_estimate.estimate(out, info)
-        problems += memory_estimate.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
+        estimates = memory.estimate(out, info)
+        problems += memory.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
     return problems, out
 
 

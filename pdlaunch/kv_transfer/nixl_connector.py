@@ -21,6 +21,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.agent import KVAgent
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
 from pdlaunch.kv_transfer.decode.peers import PeerCache
 from pdlaunch.kv_transfer.decode.side import DecodeSide
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, DeviceInfo, device_info
@@ -103,8 +104,9 @@ class NixlConnector(KVConnector):
             return PrefillSide(self.agent, self.kv, self.instance, self._answer_mode(), self.keys, self.device_index)
         peers = self.peer_cache(self.agent, self._require_spec, self._device, self.kv.transfer_mode,
                                 self.kv.handshake_timeout_seconds, self.keys)
-        return DecodeSide(self.agent, self._require_spec, peers, self.keys, self.kv.handshake_timeout_seconds,
-                          self.kv.transfer_timeout_seconds, self.kv.verify_kv, self.device_index)
+        kv = self.kv
+        return DecodeSide(LoadContext(self.agent, self._require_spec, peers, self.keys, kv.handshake_timeout_seconds,
+                                      kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index)))
 
     @property
     def sender(self) -> PrefillSide | None:

@@ -7,7 +7,8 @@ what it needs in every group or nothing.
 
 Prefix caching (kvcache/prefix_cache.py): a block is registered under its prefix node once all its
 positions hold KV. Freed cached blocks stay findable and are reused least-recently-freed first;
-freed uncached blocks are reused before any cached one.
+freed uncached blocks are reused before any cached one. What enters and leaves the cache of the
+first full-attention group is noted in `events` (kvcache/event_log.py), which streams it to the proxy.
 
 Sliding-window groups (window W tokens) keep only the blocks a query can still see: a step whose
 first query position is s reads keys from s - W + 1 on, so blocks ending before s - W are released
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.errors import EngineError
+from pdlaunch.kvcache.event_log import KvEventLog
 from pdlaunch.kvcache.prefix_cache import HashFn, PrefixIndex, PrefixNode, hash_block
 
 __all__ = ["BlockIntegrityError", "BlockManager", "PrefixHit", "hash_block"]
@@ -47,6 +49,7 @@ class _GroupPool:
         self.node_block: dict[PrefixNode, int] = {}  # prefix -> the block caching it in this group
         # Called with (block_id, node) when a cached block is reused, before its KV is overwritten.
         self.on_evict: Callable[[int, PrefixNode], None] | None = None
+        self.events: KvEventLog | None = None  # told what enters and leaves the cache (one group's pool)
 
     def take(self, block_id: int) -> None:
         if self.ref_cnt[block_id] == 0:
@@ -58,6 +61,8 @@ class _GroupPool:
         if block_id in self.block_node:
             node = self.block_node.pop(block_id)
             del self.node_block[node]
+            if self.events is not None:
+                self.events.removed(node.block_hash)
             if self.on_evict is not None:
                 self.on_evict(block_id, node)
             self.index.unref(node)
@@ -77,6 +82,8 @@ class _GroupPool:
         self.block_node[block_id] = node
         self.node_block[node] = block_id
         self.index.ref(node)
+        if self.events is not None:
+            self.events.stored(node.block_hash)
 
 
 @dataclass
@@ -108,6 +115,11 @@ class BlockManager:
         self.pools = [_GroupPool(num_blocks, self.index) for _ in self.sliding_windows]
         self.tables: dict[str, list[list[int]]] = {}
         self.chains: dict[str, list[PrefixNode]] = {}  # prefix nodes of a request's registered blocks
+        # KV cache events (GET /v1/kv_events): the blocks a full-attention group caches, which bound any
+        # prefix hit (a sliding-window group holds only a prefix's last blocks).
+        self.events = KvEventLog()
+        self.event_group = next((g for g, w in enumerate(self.sliding_windows) if w is None), 0)
+        self.pools[self.event_group].events = self.events
 
     def set_evict_hook(self, hook: Callable[[int, int, PrefixNode], None] | None) -> None:
         """Call `hook(group, block_id, node)` whenever a cached free block is reused (evicted from
@@ -197,6 +209,7 @@ class BlockManager:
             for node in hit.nodes:
                 self.index.ref(node)
             self.chains[request_id] = list(hit.nodes)
+        self.events.flush()  # the cached blocks these allocations evicted
         return True
 
     def release_out_of_window(self, request_id: str, start_position: int) -> None:
@@ -224,6 +237,7 @@ class BlockManager:
                 if block_id >= 0:
                     pool.cache(block_id, node)
             chain.append(node)
+        self.events.flush()
 
     def free(self, request_id: str) -> None:
         """Give back every block of the request (tail first, so a prefix outlives its tail)."""
@@ -244,8 +258,11 @@ class BlockManager:
         for pool in self.pools:
             for node in list(pool.node_block):
                 self.index.unref(node)
+                if pool.events is not None:
+                    pool.events.removed(node.block_hash)
             pool.block_node.clear()
             pool.node_block.clear()
+        self.events.flush()
 
     # -- integrity -------------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -275,7 +292,16 @@ class BlockManager:
                     raise BlockIntegrityError(f"group {g}: cached block {b} and its prefix node disagree")
             if len(pool.node_block) != len(pool.block_node):
                 raise BlockIntegrityError(f"group {g}: cached-block maps differ in size")
+        self._check_events()
         self._check_prefix_index()
+
+    def _check_events(self) -> None:
+        cached: dict[int, int] = {}
+        for node in self.pools[self.event_group].node_block:
+            cached[node.block_hash] = cached.get(node.block_hash, 0) + 1
+        if self.events.cached_counts() != cached:
+            raise BlockIntegrityError(f"the KV event log names {len(self.events.cached_counts())} cached blocks, "
+                                      f"group {self.event_group} caches {len(cached)}")
 
     def _check_prefix_index(self) -> None:
         for block_hash, bucket in self.index.buckets.items():

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, group_expert_parallel
 from pdlaunch.config.placement import PlacedRank
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
-from pdlaunch.config.rules import LOOPBACK_HOSTS, side_channel_reach_problem
+from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator

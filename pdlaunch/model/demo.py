@@ -1,7 +1,7 @@
 """`--model tiny`: a small deterministic random Llama checkpoint, built once into the user cache (tests use it).
 
 Model names are resolved here too: `demo` is SmolLM2-135M-Instruct (model/demo_model.py), a `.gguf`
-file is converted once (model/gguf.py), anything else is a checkpoint directory.
+file is converted once (model/gguf/convert.py), anything else is a checkpoint directory.
 
 The weights come from a seeded CPU torch.Generator and are written with safetensors directly (no
 transformers needed at run time), so every machine builds the same bytes. The build goes into a
@@ -145,7 +145,7 @@ def resolve_model_path(path: str, say: Callable[[str], None] | None = None) -> P
 
         return ensure_demo_model(say)
     if is_gguf(path) and Path(path).expanduser().is_file():
-        from pdlaunch.model.gguf import ensure_converted
+        from pdlaunch.model.gguf.convert import ensure_converted
 
         if say is not None and not any(cache_dir().glob(f"gguf/{Path(path).stem}-*")):
             say(f"converting {path} to an HF-format checkpoint in {cache_dir() / 'gguf'} (once)")

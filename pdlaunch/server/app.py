@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,6 +28,7 @@ from pdlaunch.http.limits import BodyLimit, client_request_id, read_json_object
 from pdlaunch.http.sse import DONE, ClosingStreamingResponse, sse_event
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.internal import HeldKV, add_internal_routes
+from pdlaunch.server.kv_events import add_kv_events_routes
 from pdlaunch.server.model_names import accepted_model_names, served_model_names
 from pdlaunch.server.multi_serve import serve_multi
 from pdlaunch.server.prompts import prompt_token_ids
@@ -36,6 +37,9 @@ from pdlaunch.server.request_metrics import RequestMetrics
 from pdlaunch.server.responses import ResponseBuilder
 from pdlaunch.server.sleep import SleepRoutes
 from pdlaunch.server.tokenize import add_tokenize_routes
+
+if TYPE_CHECKING:
+    from pdlaunch.engine.llm_engine import LLMEngine
 
 KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
 
@@ -83,13 +87,11 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     @app.get("/info")
     async def info() -> dict[str, Any]:
-        engine = engine_loop.engine
-        snapshot: dict[str, Any] = {}
-        if engine_loop.state == "ready":
-            snapshot = await engine_loop.call(_engine_snapshot)  # on the engine thread: no race with step()
-        connector_info: dict[str, Any] = snapshot.get("connector", {})
-        engine_id = getattr(engine, "engine_id", None) or spec.engine_id
-        stats = dict(engine_loop.stats)
+        ready = engine_loop.state == "ready"
+        engine = engine_loop.engine if ready else None
+        rank_ids, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, {})
+        engine_id = engine.engine_id if engine is not None else spec.engine_id
+        stats = engine_loop.stats
         return {
             "name": spec.name,
             "pid": os.getpid(),
@@ -98,7 +100,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "model": model_name,
             "engine_id": engine_id,
             "tp_size": spec.tp,
-            "rank_engine_ids": snapshot.get("rank_engine_ids") or [engine_id] * spec.tp,
+            "rank_engine_ids": rank_ids or [engine_id] * spec.tp,
             "device": spec.device,
             "devices": spec.devices,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -107,14 +109,14 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "kv_connector": config.kv_transfer.connector if spec.role != "colocated" else None,
             "kv_layout": connector_info.get("kv_layout") or KV_LAYOUT,
             "block_size": config.cache.block_size,
-            "weight_dtype": getattr(engine, "weight_dtype", None),
-            "kv_cache_dtype": getattr(engine, "kv_cache_dtype", None),
-            "num_blocks_total": stats.get("num_blocks_total"),
-            "num_blocks_used": stats.get("num_blocks_used"),
-            "max_model_len": getattr(engine, "max_model_len", None),
+            "weight_dtype": engine.weight_dtype if engine is not None else None,
+            "kv_cache_dtype": engine.kv_cache_dtype if engine is not None else None,
+            "num_blocks_total": stats["num_blocks_total"] if stats is not None else None,
+            "num_blocks_used": stats["num_blocks_used"] if stats is not None else None,
+            "max_model_len": engine.max_model_len if engine is not None else None,
             "num_pending_requests": engine_loop.num_pending,
             "num_aborted_requests": engine_loop.num_aborted,
-            "stats": stats,
+            "stats": stats or {},
             "connector": connector_info,
         }
 
@@ -124,10 +126,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        engine = engine_loop.engine
+        max_model_len = engine_loop.engine.max_model_len if engine_loop.state == "ready" else None
         return {"object": "list", "data": [{
             "id": name, "object": "model", "created": 0, "owned_by": "pdlaunch", "root": config.model.path,
-            "max_model_len": getattr(engine, "max_model_len", None),
+            "max_model_len": max_model_len,
         } for name in served_model_names(config)]}
 
     @app.post("/v1/completions")
@@ -240,16 +242,15 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     sleep.add_routes(app)
     add_tokenize_routes(app, engine_loop, check_model)
     add_internal_routes(app, held_kv)
+    add_kv_events_routes(app, engine_loop)
     return app
 
 
-def _engine_snapshot(engine: Any) -> dict[str, Any]:
-    """What /info reads from the engine itself (runs on the engine thread)."""
-    ids = getattr(engine, "rank_engine_ids", None)
-    ids = ids() if callable(ids) else ids
-    connector = getattr(engine, "connector", None)
-    return {"rank_engine_ids": list(ids) if ids else None,
-            "connector": connector.info() if connector is not None else {}}
+def _engine_snapshot(engine: LLMEngine) -> tuple[list[str], dict[str, Any]]:
+    """What /info reads from the engine itself (runs on the engine thread): the TP ranks' engine ids
+    and the KV connector's description."""
+    connector = engine.connector
+    return engine.rank_engine_ids, connector.info() if connector is not None else {}
 
 
 def _raise_if_error(item: StreamItem) -> RequestOutput:

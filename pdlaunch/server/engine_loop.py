@@ -15,19 +15,21 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from jinja2 import TemplateError
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
 
+if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
+    from pdlaunch.engine.llm_engine import LLMEngine
+    from pdlaunch.engine.stats import EngineStats
+
 log = logging.getLogger("pdlaunch.server")
 
-# What a request's prompt can be when submitted: text, token ids, or chat messages.
-Prompt = str | list[int] | list[dict[str, Any]]
+EngineState = Literal["loading", "ready", "failed", "stopped"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,7 +62,7 @@ class RequestStream:
 @dataclass
 class _Add:
     stream: RequestStream
-    prompt: Prompt
+    prompt_token_ids: list[int]
     params: SamplingParams
     kv_transfer_params: dict[str, Any] | None
 
@@ -72,11 +74,9 @@ class _Abort:
 
 @dataclass
 class _Call:
-    """Run fn(engine) on the engine thread; the result goes to a concurrent future."""
+    """Run fn(engine) on the engine thread; `run` hands its result or exception to the caller's future."""
 
-    fn: Callable[[Any], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+    run: Callable[[LLMEngine], None]
 
 
 class EngineLoop:
@@ -84,7 +84,7 @@ class EngineLoop:
 
     def __init__(
         self,
-        engine_factory: Callable[[], Any],
+        engine_factory: Callable[[], LLMEngine],
         max_pending_requests: int = 1024,
         idle_wait_s: float = 0.01,
         on_fatal: Callable[[str], None] | None = None,
@@ -99,10 +99,10 @@ class EngineLoop:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self.engine: Any = None
-        self.state = "loading"  # loading | ready | failed | stopped
+        self._engine: LLMEngine | None = None
+        self.state: EngineState = "loading"
         self.error: str | None = None
-        self.stats: dict[str, Any] = {}
+        self.stats: EngineStats | None = None  # the engine's after its last step
         self.num_aborted = 0  # requests stopped before they finished (client went away)
 
     # -- HTTP side (event loop thread) ------------------------------------------------------------
@@ -114,6 +114,20 @@ class EngineLoop:
         return self._ready.wait(timeout)
 
     @property
+    def engine(self) -> LLMEngine:
+        """The engine, for reads of what does not change while it runs (tokenizer, max_model_len, ids);
+        anything else goes through `call`. 503 while it is not built."""
+        if self._engine is None:
+            raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        return self._engine
+
+    def require_ready(self) -> LLMEngine:
+        """The engine when it serves requests, else the 503 a request gets."""
+        if self.state != "ready":
+            raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        return self.engine
+
+    @property
     def num_pending(self) -> int:
         with self._lock:
             return len(self._streams)
@@ -121,15 +135,14 @@ class EngineLoop:
     def submit(
         self,
         request_id: str,
-        prompt: Prompt,
+        prompt_token_ids: list[int],
         params: SamplingParams,
         kv_transfer_params: dict[str, Any] | None = None,
     ) -> RequestStream:
         """Queue a request; outputs arrive on the returned stream's queue (first item: Accepted or error)."""
-        if self.state != "ready":
-            raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        engine = self.require_ready()
         try:  # here, not on the engine thread: a bad value fails this request before the engine sees it
-            kv_transfer_params = self.engine.check_kv_transfer_params(kv_transfer_params)
+            kv_transfer_params = engine.check_kv_transfer_params(kv_transfer_params)
         except PdlaunchError as exc:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
@@ -141,7 +154,7 @@ class EngineLoop:
                     503, f"server overloaded: {len(self._streams)} requests pending "
                     f"(limit {self.max_pending_requests}); retry later", code="overloaded")
             self._streams[request_id] = stream
-        self._commands.put(_Add(stream, prompt, params, kv_transfer_params))
+        self._commands.put(_Add(stream, prompt_token_ids, params, kv_transfer_params))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -151,11 +164,20 @@ class EngineLoop:
         if known:
             self._commands.put(_Abort(request_id))
 
-    async def call(self, fn: Callable[[Any], Any], timeout: float = 30.0) -> Any:
+    async def call(self, fn: Callable[[LLMEngine], T], timeout: float = 30.0) -> T:
         """Run fn(engine) on the engine thread (for anything that must not race with step())."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._commands.put(_Call(fn, future, loop))
+        future: asyncio.Future[T] = loop.create_future()
+
+        def run(engine: LLMEngine) -> None:
+            try:
+                result = fn(engine)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(_fail, future, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve, future, result)
+
+        self._commands.put(_Call(run))
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
@@ -173,9 +195,8 @@ class EngineLoop:
         reading them ends), False when nothing is held for that id (never held, already sent,
         expired, or a decode is reading it now). Raises OpenAIError 503 when the engine is not
         ready or does not answer within `timeout` seconds."""
-        if self.state != "ready":
-            raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
-        return bool(await self.call(lambda engine: engine.release_held_kv(request_id), timeout))
+        self.require_ready()
+        return await self.call(lambda engine: engine.release_held_kv(request_id), timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -188,7 +209,7 @@ class EngineLoop:
     # -- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.engine = self._factory()
+            engine = self._engine = self._factory()
         except Exception as exc:  # noqa: BLE001 - any build failure ends the instance with its message
             self._fatal(f"engine failed to start: {exc}", exc)
             self._ready.set()
@@ -199,80 +220,63 @@ class EngineLoop:
         busy = False
         try:
             while not self._stop.is_set():
-                self._drain_commands(block=not busy)
+                self._drain_commands(engine, block=not busy)
                 if self._stop.is_set():
                     break
-                outputs = self.engine.step()
-                self._dispatch(outputs)
-                self._update_stats()
-                was_busy, busy = busy, self.engine.has_unfinished_requests()
+                self._dispatch(engine.step())
+                self._update_stats(engine)
+                was_busy, busy = busy, engine.has_unfinished_requests()
                 if was_busy and not busy:
-                    self._check_integrity()
+                    self._check_integrity(engine)
         except Exception as exc:  # noqa: BLE001 - a crashed engine fails every request and the instance
             self._fatal(f"engine step failed: {exc}", exc)
             return
         finally:
-            if self.state != "failed":
+            if self.state == "ready":  # not failed by _fatal
                 self.state = "stopped"
             self._fail_all(OpenAIError(503, "server is shutting down", code="shutting_down"))
-            self._shutdown_engine()
+            self._shutdown_engine(engine)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, engine: LLMEngine, block: bool) -> None:
         try:
             command = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
         except queue.Empty:
             return
         while command is not None:  # None: the stop sentinel
-            self._execute(command)
+            self._execute(engine, command)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _execute(self, command: _Add | _Abort | _Call) -> None:
+    def _execute(self, engine: LLMEngine, command: _Add | _Abort | _Call) -> None:
         if isinstance(command, _Add):
-            self._add(command)
+            self._add(engine, command)
         elif isinstance(command, _Abort):
             try:
-                if self.engine.abort_request(command.request_id) is not None:
+                if engine.abort_request(command.request_id) is not None:
                     self.num_aborted += 1
             except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
                 log.debug("abort of %s: %s", command.request_id, exc)
         else:
-            try:
-                result: Any = command.fn(self.engine)
-                command.loop.call_soon_threadsafe(_set_result, command.future, result, None)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                command.loop.call_soon_threadsafe(_set_result, command.future, None, exc)
+            command.run(engine)
 
-    def _add(self, command: _Add) -> None:
+    def _add(self, engine: LLMEngine, command: _Add) -> None:
         stream = command.stream
         with self._lock:
             if self._streams.get(stream.request_id) is not stream:
                 return  # aborted before the engine saw it
+        prompt_ids = command.prompt_token_ids
         try:
-            prompt_ids = self._tokenize(command.prompt)
-            self.engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params)
+            engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params)
         except PdlaunchError as exc:
             self._finish(stream.request_id, OpenAIError(400, exc.message, param=exc.field or "prompt"))
-            return
-        except TemplateError as exc:
-            self._finish(stream.request_id, OpenAIError(400, f"chat template failed: {exc}", param="messages"))
             return
         except Exception as exc:  # noqa: BLE001 - this request fails, the engine serves on
             log.exception("adding request %s failed", stream.request_id)
             self._finish(stream.request_id, OpenAIError(500, f"could not add the request: {exc}"))
             return
         stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
-
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if isinstance(prompt, str):
-            return list(tokenizer.encode(prompt))
-        if prompt and isinstance(prompt[0], dict):
-            templated = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return list(tokenizer.encode(templated)) if isinstance(templated, str) else list(templated)
-        return list(prompt)  # type: ignore[arg-type]  # token ids: the engine checks their range
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -306,20 +310,17 @@ class EngineLoop:
         for stream in streams:
             stream.put(error)
 
-    def _update_stats(self) -> None:
-        stats = self.engine.stats()
-        self.stats = stats
-        metrics.REQUESTS_RUNNING.set(stats.get("num_running", 0))
+    def _update_stats(self, engine: LLMEngine) -> None:
+        stats = self.stats = engine.stats()
+        metrics.REQUESTS_RUNNING.set(stats["num_running"])
         # Waiting for KV is waiting too (it was left out, and overwrote the engine's full count each step).
-        metrics.REQUESTS_WAITING.set(stats.get("num_waiting", 0) + stats.get("num_waiting_for_kv", 0))
-        if "num_blocks_total" in stats:
-            metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
-        if "num_blocks_used" in stats:
-            metrics.KV_BLOCKS_USED.set(stats["num_blocks_used"])
+        metrics.REQUESTS_WAITING.set(stats["num_waiting"] + stats["num_waiting_for_kv"])
+        metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
+        metrics.KV_BLOCKS_USED.set(stats["num_blocks_used"])
 
-    def _check_integrity(self) -> None:
+    def _check_integrity(self, engine: LLMEngine) -> None:
         try:
-            self.engine.check_integrity()
+            engine.check_integrity()
         except Exception as exc:  # noqa: BLE001 - a leak is logged loudly, serving goes on
             log.error("KV block integrity check failed after the engine went idle: %s", exc)
 
@@ -332,19 +333,18 @@ class EngineLoop:
         if self._on_fatal is not None:
             self._on_fatal(message)
 
-    def _shutdown_engine(self) -> None:
-        if self.engine is None:
-            return
+    def _shutdown_engine(self, engine: LLMEngine) -> None:
         try:
-            self.engine.shutdown()
+            engine.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("engine shutdown raised: %s", exc)
 
 
-def _set_result(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
+def _resolve(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
         future.set_result(result)
+
+
+def _fail(future: asyncio.Future[T], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -135,3 +135,53 @@ def test_tiny_qwen3_moe_shaped_checkpoint_loads_and_checks(tmp_path: Path) -> No
     assert model.model.layers[1].mlp.experts.w13.shape == (4, 64, 64)
     with pytest.raises(PdlaunchError, match="--shape"):
         make_shaped_checkpoint(tmp_path / "x", shape="gpt-oss-120b")
+
+
+def test_mixtral_8x7b_shape_matches_transformers_parameter_for_parameter() -> None:
+    """The full 32-layer, 8-expert Mixtral-8x7B: every tensor ours writes, against transformers' own model
+    (meta device) and its 46.7B parameters; the config parses as the MoE our engine serves."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from pdlaunch.bench.make_checkpoint import MIXTRAL_8X7B
+    from pdlaunch.model.arch import parse_hf_config
+
+    shapes = dict(tensor_shapes(MIXTRAL_8X7B))
+    assert shapes["model.layers.31.block_sparse_moe.experts.7.w2.weight"] == (4096, 14336)
+    assert shapes["model.layers.0.block_sparse_moe.experts.0.w3.weight"] == (14336, 4096)
+    assert shapes["model.layers.0.block_sparse_moe.gate.weight"] == (8, 4096)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 4096)  # 8 KV heads x 128
+    assert shapes["lm_head.weight"] == (32000, 4096)
+    cfg = MixtralConfig(**{k: v for k, v in MIXTRAL_8X7B.items() if k not in ("architectures", "model_type")})
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in hf.parameters())
+    assert sum(math.prod(s) for s in shapes.values()) == total and round(total / 1e9, 1) == 46.7
+    arch = parse_hf_config(MIXTRAL_8X7B)
+    assert arch.moe is not None and (arch.moe.num_experts, arch.moe.top_k) == (8, 2)
+    assert arch.moe.expert_intermediate_size == 14336 and arch.moe.checkpoint_style == "block_sparse_moe"
+
+
+def test_tiny_mixtral_shaped_checkpoint_loads_in_transformers_and_ours(tmp_path: Path) -> None:
+    """`bench make-checkpoint --shape mixtral-8x7b` shrunk: check-config passes, transformers finds every
+    weight it expects under Mixtral's HF names, and our loader stacks the experts."""
+    from transformers import AutoModelForCausalLM
+
+    from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint
+    from pdlaunch.model.loader import load_checkpoint, load_model
+    from tests.config.cli_helpers import check
+
+    tiny = {"hidden_size": 64, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    path = make_shaped_checkpoint(tmp_path / "tiny", shape="mixtral-8x7b", num_layers=2, overrides=tiny,
+                                  dtype=torch.float32)
+    assert check(["--model", str(path), "--device", "cpu"]).exit_code == 0
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+    assert model.model.layers[1].mlp.experts.w13.shape == (4, 64, 64)
+
+
+def test_cli_names_every_shape_for_an_unknown_one(tmp_path: Path) -> None:
+    result = CliRunner().invoke(bench_app, ["make-checkpoint", str(tmp_path / "x"), "--shape", "gpt-oss-120b"])
+    assert result.exit_code == 1 and "--shape" in result.output and "Traceback" not in result.output
+    assert all(shape in result.output for shape in ("llama3-8b", "qwen3-30b-a3b", "mixtral-8x7b"))

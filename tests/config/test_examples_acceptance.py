@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.security_rules import SECRET_ENV
+from pdlaunch.config.rules.security import SECRET_ENV
 from tests.config.cli_helpers import check, check_json, invoke
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pdlaunch.config.models import DeploymentConfig
-from pdlaunch.config.resources import port_plan, port_problems
+from pdlaunch.config.rules.resources import port_plan, port_problems
 from pdlaunch.distributed.placement import PLACEMENT_ENV, RankPlacement
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
 from pdlaunch.launcher.ports import PortAllocator

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlaunch.config.security_rules import SECRET_ENV
+from pdlaunch.config.rules.security import SECRET_ENV
 from pdlaunch.config.validate import SLEEP_ENABLES_CUMEM
 from tests.config.cli_helpers import assert_invalid, check, check_json, write_model, write_yaml
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.security_rules import SECRET_ENV
+from pdlaunch.config.rules.security import SECRET_ENV
 from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
 
 CPU = ["--model", "tiny", "--device", "cpu"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf import convert_gguf, ensure_converted
+from pdlaunch.model.gguf.convert import convert_gguf, ensure_converted
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.helpers.checkpoints import hf_greedy, make_llama, make_qwen2
 from tests.model.gguf_files import gguf, write_gguf

@@ -12,7 +12,7 @@ import pytest
 from click.testing import Result
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf import convert_gguf
+from pdlaunch.model.gguf.convert import convert_gguf
 from tests.config.cli_helpers import assert_invalid, check, invoke
 from tests.helpers.checkpoints import make_llama, make_qwen3
 from tests.model.gguf_files import write_gguf

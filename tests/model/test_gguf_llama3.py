@@ -16,7 +16,7 @@ from pdlaunch.cli import app
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.model.arch import load_arch
-from pdlaunch.model.gguf import convert_gguf
+from pdlaunch.model.gguf.convert import convert_gguf
 from pdlaunch.model.rotary import compute_inv_freq
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.config.cli_helpers import assert_invalid, check

@@ -14,8 +14,8 @@ import pytest
 
 from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf import convert_gguf
-from pdlaunch.model.gguf_sentencepiece import merges
+from pdlaunch.model.gguf.convert import convert_gguf
+from pdlaunch.model.gguf.sentencepiece import merges
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.config.cli_helpers import assert_invalid, check
 from tests.model.gguf_files import gguf, write_gguf

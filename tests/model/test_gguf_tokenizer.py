@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.model.gguf import convert_gguf
+from pdlaunch.model.gguf.convert import convert_gguf
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.helpers.checkpoints import make_qwen2
 from tests.model.gguf_files import write_gguf

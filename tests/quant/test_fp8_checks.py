@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped
 from pdlaunch.cli import app
-from pdlaunch.config.checkpoint_check import checkpoint_problems
+from pdlaunch.config.rules.checkpoint import checkpoint_problems
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.loader import load_checkpoint, load_model
 from tests.helpers.fp8_checkpoints import make_fp8_qwen3

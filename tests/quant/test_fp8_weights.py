@@ -91,7 +91,7 @@ def test_block_scales_follow_tp_shards(fp8_ckpts: dict[str, tuple[Path, Path]]) 
 def test_block_fp8_moe_experts_dequantized_at_load(tmp_path: Path, make_engine: MakeEngine) -> None:
     """A block-FP8 Qwen3-MoE (experts, attention and the dense layer in FP8, the router not): each expert's
     weight meets its scale at load and is dequantized; greedy ids == transformers on the dequantized weights."""
-    from pdlaunch.config.checkpoint_check import checkpoint_problems
+    from pdlaunch.config.rules.checkpoint import checkpoint_problems
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
 
     served, reference = make_fp8_qwen3(tmp_path, "block", seed=12, moe=True)

@@ -1,10 +1,17 @@
-"""What every load strategy of the decode side shares: the agent, the prefill side channels, a load's
-remaining time, the staging buffer, and the lock that guards every Load's fields."""
+"""What every load strategy of the decode side shares, built once per decode side (the connector
+makes it): the agent, the prefill side channels, the loader threads, a load's remaining time, the
+staging buffer, the lock that guards every Load's fields, and the calls to the prefill side that
+more than one strategy makes (claim a hold, READ a chunk through the prefill's staging, ask for a
+push, cancel it, release the prefill's blocks). The strategies (pull.py, push.py, staged.py,
+reshard_load.py) import this module and load.py, never each other.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,13 +20,72 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
+from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.decode.load import Load
-from pdlaunch.kv_transfer.decode.peers import PeerCache
-from pdlaunch.kv_transfer.messages import Notification, SideChannelRequest, encode_notification
+from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
+from pdlaunch.kv_transfer.messages import (
+    CancelPushAnswer,
+    CancelPushRequest,
+    ClaimReadRequest,
+    Empty,
+    Notification,
+    PushDone,
+    PushFailed,
+    PushRequest,
+    ReadDone,
+    SideChannelRequest,
+    StageAnswer,
+    StageRequest,
+    UnstageRequest,
+    encode_notification,
+)
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import Connections, Reply
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent
+from pdlaunch.memory import platform
+
+logger = logging.getLogger(__name__)
+
+# Strategies that enforce the deadline in their loader thread (staged, reshard): seconds past it
+# before the engine thread fails a running load itself (covers a stuck thread).
+LOADER_DEADLINE_GRACE_SECONDS = 5.0
+
+
+def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
+    """The loader threads; each binds the instance's device when it starts (they copy KV: vLLM #39548)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader",
+                              initializer=platform.set_device, initargs=(device_index,))
+
+
+class ChunkWaits:
+    """Staged pushes wait in their loader thread for each chunk's notification, keyed by its nonce."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, tuple[threading.Event, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def open(self) -> tuple[str, threading.Event, list[str]]:
+        nonce = uuid.uuid4().hex[:16]
+        event, errors = threading.Event(), list[str]()
+        with self._lock:
+            self._events[nonce] = (event, errors)
+        return nonce, event, errors
+
+    def close(self, nonce: str) -> None:
+        with self._lock:
+            self._events.pop(nonce, None)
+
+    def on_notif(self, notif: PushDone | PushFailed) -> bool:
+        """True when the notification ended a chunk (its loader thread wakes up)."""
+        with self._lock:
+            chunk = self._events.pop(notif.nonce, None)
+        if chunk is None:
+            return False
+        if isinstance(notif, PushFailed):
+            chunk[1].append(f"the prefill side could not push: {notif.error}")
+        chunk[0].set()
+        return True
 
 
 @dataclass
@@ -31,12 +97,13 @@ class LoadContext:
     handshake_timeout: float
     transfer_timeout: float
     verify_kv: bool
-    executor: ThreadPoolExecutor  # the loader threads (they bind the instance's device when they start)
+    executor: ThreadPoolExecutor  # the loader threads (loader_pool: they bind the instance's device)
     staging: StagingArea | None = None  # this side's staging buffer (staging.py), None: direct
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Side-channel connections kept open between requests (push, claim_read, cancel_push, ...): a fresh
     # connection per request cost ~0.4 ms of every load's latency (TCP connect + a server thread).
     connections: Connections = field(default_factory=Connections)
+    chunks: ChunkWaits = field(default_factory=ChunkWaits)  # staged pushes waiting for a chunk's notification
 
     def remaining(self, load: Load, what: str) -> float:
         """Seconds left before the load's deadline; KVTransferError when none are left or it was aborted."""
@@ -57,3 +124,106 @@ class LoadContext:
 
     def notify(self, agent_name: str, notif: Notification) -> None:
         self.agent.notify(agent_name, encode_notification(notif))
+
+    # -- reads (pull, staged pull, reshard) -------------------------------------------------------
+    def claim_read(self, load: Load, remote: RemoteKV) -> None:
+        """Keep the prefill's hold of `remote` past its lease (capped) while this load READs its blocks."""
+        remaining = self.remaining(load, "READ claim")
+        self.ask(remote, ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining),
+                 Empty, remaining, "READ claim")
+
+    def read_chunk(self, load: Load, remote: RemoteEngine, source: RemoteKV, dst: list[list[int]],
+                   dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None:
+        """READ remote blocks (or, from a staging prefill side, the slots it stages them in) of
+        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g]; waits for the READ."""
+        src, ticket = remote_ids, None
+        if remote.info.staging_slots:
+            staged = self.ask(source, StageRequest(type="stage", request_id=source.held_request_id,
+                                                   blocks=remote_ids),
+                              StageAnswer, self.remaining(load, "prefill staging"), "staging request")
+            src, ticket = staged.slots, staged.ticket
+        try:
+            local: list[tuple[int, int]] = []
+            rem: list[tuple[int, int]] = []
+            for g in range(len(dst)):
+                runs = coalesce(list(zip(dst[g], src[g])))
+                lo, ro = run_descriptors(runs, dst_bases[g], remote.info.base_addrs[g], block_bytes[g])
+                local += lo
+                rem += ro
+            if local:
+                xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, b"")
+                try:
+                    while (state := xfer.state()) == "PROC":
+                        self.remaining(load, "READ")
+                        time.sleep(0.0002)
+                    if state != "DONE":
+                        raise KVTransferError(f"NIXL READ of {xfer.num_bytes} bytes failed")
+                finally:
+                    xfer.release()
+        finally:
+            if ticket is not None:
+                try:
+                    self.ask(source, UnstageRequest(type="unstage", ticket=ticket), Empty, self.handshake_timeout,
+                             "unstage request")
+                except KVTransferError as e:  # the prefill side frees the slots at the ticket deadline
+                    logger.warning("%s", e)
+
+    def release_prefill(self, load: Load) -> None:
+        """A load that READ (or would have READ) the prefill's blocks failed or was aborted: send "release"
+        (best effort: the prefill's lease frees them anyway)."""
+        if load.remote_agent is None:
+            return
+        try:
+            self.notify(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id))
+        except Exception as e:  # noqa: BLE001 - a NIXL error type per backend; the lease frees it anyway
+            logger.debug("could not tell prefill to release request %s: %s", load.request_id, e)
+
+    # -- pushes (push, staged push) ---------------------------------------------------------------
+    def request_push(self, load: Load, bases: list[int], pairs: list[list[tuple[int, int]]], spec: KVCacheSpec,
+                     last: bool, wait: bool = False) -> None:
+        """Ask the prefill side to WRITE pairs [(my_id, its_block), ...] per group into `bases` (my blocks
+        or staging slots). wait=True: block until its notification (staged chunks), else the engine
+        thread sees it in poll."""
+        nonce = load.nonce
+        event: tuple[threading.Event, list[str]] | None = None
+        remaining = self.remaining(load, "push request")
+        with self.lock:
+            if load.abandoned or load.state.ended:
+                raise KVTransferError(f"push of request {load.request_id} not sent: {load.error or 'aborted'}")
+            if wait:
+                nonce, done, errors = self.chunks.open()
+                event = (done, errors)
+            else:
+                load.push_sent = True  # from here on prefill may WRITE into our blocks: abort/fail drain
+        message = PushRequest(
+            type="push", request_id=load.remote.held_request_id, nonce=nonce, last=last, agent_name=self.agent.name,
+            agent_metadata=self.agent.metadata().hex(), pairs=pairs, base_addrs=bases,
+            block_bytes=spec.block_bytes, device_id=self.agent.device_id,
+            deadline_in=remaining,  # prefill posts no WRITE after this (seconds from receipt)
+        )
+        try:
+            self.ask(load.remote, message, Empty, remaining, "push request")
+            if event is not None:
+                if not event[0].wait(self.remaining(load, "push")):
+                    self.remaining(load, "push")  # raises the timeout
+                if event[1]:
+                    raise KVTransferError(event[1][0])
+        finally:
+            if event is not None:
+                self.chunks.close(nonce)
+
+    def cancel_unsent_push(self, load: Load) -> None:
+        if not load.push_sent:  # never asked: the prefill may free it now
+            self.executor.submit(self.cancel_push, load)
+
+    def cancel_push(self, load: Load) -> None:
+        """Loader thread: ask prefill to drop the push; no WRITE in flight ends the drain at once."""
+        message = CancelPushRequest(type="cancel_push", request_id=load.remote.held_request_id, nonce=load.nonce)
+        try:
+            answer = self.ask(load.remote, message, CancelPushAnswer, self.handshake_timeout, "push cancel")
+        except KVTransferError as e:  # the drain then ends by notification or at drain_until
+            logger.warning("request %s: %s", load.request_id, e)
+            return
+        if not answer.in_flight:
+            with self.lock:
+                load.write_ended = True

@@ -1,5 +1,13 @@
 """One KV load on the decode side: the record its strategy and the load table (decode/table.py) read
-and advance (every field is guarded by the decode side's lock), and the interface of a strategy."""
+and advance (every field is guarded by the decode side's lock), and the interface of a strategy.
+
+A strategy is how the bytes of one load move, chosen once per load in decode/loads.py after the
+handshake said how KV moves with that prefill engine: PullLoad (pull.py: decode READs the prefill's
+blocks), PushLoad (push.py: the prefill WRITEs into blocks decode announced), StagedLoad (staged.py:
+either, in chunks through staging slots), ReshardLoad (reshard_load.py: the prefill has another TP
+size: READ whole prefill blocks, keep this rank's heads). The strategies are siblings: what more than
+one of them needs lives in decode/context.py.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The loads of the decode side: each one started on the engine thread, run on a loader thread that
 shakes hands with the prefill engine (decode/peers.py), picks the load's strategy once
-(decode/strategy.py) and runs it; the engine thread polls the outcome (decode/table.py).
+(`DecodeLoads._choose`) and runs it; the engine thread polls the outcome (decode/table.py).
 
 A load moves the blocks covering positions [num_local_computed, + num_external) of a prompt; the
 prefill's sender thread WRITEs (push) and its notification arrives on the engine thread again.
@@ -15,16 +15,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import SideChannelKeys
-from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy, Pairs
-from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
+from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import PullLoad
-from pdlaunch.kv_transfer.decode.push import ChunkWaits, PushLoad
+from pdlaunch.kv_transfer.decode.push import PushLoad
 from pdlaunch.kv_transfer.decode.reshard_load import ReshardLoad, ReshardStaging
 from pdlaunch.kv_transfer.decode.staged import StagedLoad
 from pdlaunch.kv_transfer.decode.table import LoadTable
@@ -33,28 +30,17 @@ from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import ReshardPlan
-from pdlaunch.kv_transfer.transport import TransferAgent
-from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
 
 class DecodeLoads:
-    def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], peers: PeerCache,
-                 keys: SideChannelKeys, handshake_timeout: float, transfer_timeout: float, verify_kv: bool,
-                 device_index: int = 0, workers: int = 4) -> None:
-        self.device_index = device_index
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader",
-                                      initializer=self._bind_loader_thread_device)
-        self.ctx = LoadContext(agent, spec, peers, keys, handshake_timeout, transfer_timeout, verify_kv, executor)
-        self.peers = peers
-        self.table = LoadTable(self.ctx)
-        self.chunks = ChunkWaits()
-        self.reshard_staging = ReshardStaging(agent)
+    def __init__(self, ctx: LoadContext) -> None:
+        self.ctx = ctx
+        self.peers = ctx.peers
+        self.table = LoadTable(ctx)
+        self.reshard_staging = ReshardStaging(ctx.agent)
         self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
-
-    def _bind_loader_thread_device(self) -> None:
-        platform.set_device(self.device_index)
 
     # -- engine thread ------------------------------------------------------------------------
     def start(self, request_id: str, remote: RemoteKV, pairs: Pairs, reshard: ReshardPlan | None = None,
@@ -105,10 +91,10 @@ class DecodeLoads:
             self._set_failed(load, f"{type(e).__name__}: {e}")
 
     def _choose(self, remote: RemoteEngine) -> LoadStrategy:
-        push = PushLoad(self.ctx, self.chunks)
+        """The strategy of a load from `remote` (ReshardLoad is chosen in `_run`: it shakes hands itself)."""
         if self.ctx.staging is not None or remote.info.staging_slots:
-            return StagedLoad(self.ctx, remote, push)
-        return PullLoad(self.ctx, remote) if remote.mode == "pull" else push
+            return StagedLoad(self.ctx, remote)
+        return PullLoad(self.ctx, remote) if remote.mode == "pull" else PushLoad(self.ctx)
 
     def _ask_block_ids(self, load: Load) -> None:
         """The prefill names the blocks holding this prompt's request ("held_blocks", push_params.py)."""

@@ -1,7 +1,7 @@
 """The decode side of a resharding load (plan: reshard.py): READ whole prefill blocks into staging
 slots shaped like a prefill block, verify them, copy this rank's head slices into its own blocks.
 
-The ReshardLoad strategy (decode/strategy.py): pull only, since a rank needs whole prefill blocks.
+A pull-only strategy (chosen in decode/loads.py), since a rank needs whole prefill blocks.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.checksum import verify_blocks
-from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.decode.pull import claim_read, read_chunk
-from pdlaunch.kv_transfer.decode.staged import STAGED_DEADLINE_GRACE_SECONDS
 from pdlaunch.kv_transfer.messages import ReadDone
 from pdlaunch.kv_transfer.reshard import HeadSlice, ReshardPlan, Source
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -58,7 +56,7 @@ class ReshardLoad(LoadStrategy):
     so the prefill rank frees after the last one). It enforces the deadline in its loader thread."""
 
     mode = "pull"
-    deadline_grace = STAGED_DEADLINE_GRACE_SECONDS
+    deadline_grace = LOADER_DEADLINE_GRACE_SECONDS
 
     def __init__(self, ctx: LoadContext, staging: ReshardStaging, plan: ReshardPlan) -> None:
         self.ctx = ctx
@@ -129,7 +127,7 @@ def _read_source(ctx: LoadContext, load: Load, src: Source, remote: RemoteEngine
                  spec: KVCacheSpec) -> None:
     """Chunks of at most the slot count: READ remote blocks into slots, verify, copy the head slices."""
     if not remote.info.staging_slots:  # READs its blocks directly: keep them held past the lease (capped)
-        claim_read(ctx, load, src.remote)
+        ctx.claim_read(load, src.remote)
     chunk = min(c for c in (area.num_slots, remote.info.staging_slots) if c)
     longest = max((len(group) for group in load.pairs), default=0)
     bases = [b.data_ptr() for b in area.buffers]
@@ -138,7 +136,7 @@ def _read_source(ctx: LoadContext, load: Load, src: Source, remote: RemoteEngine
         slots = area.acquire(max(map(len, part)), ctx.remaining(load, "resharding staging slots"))
         try:
             dst = [slots[:len(group)] for group in part]
-            read_chunk(ctx, load, remote, src.remote, dst, bases, [[x[2] for x in g] for g in part],
+            ctx.read_chunk(load, remote, src.remote, dst, bases, [[x[2] for x in g] for g in part],
                        remote.info.block_bytes)
             if src.checksums is not None:  # digests of whole prefill blocks, checked before slicing
                 for g, group in enumerate(part):

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
+from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
-from pdlaunch.kv_transfer.decode.peers import PeerCache
 from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, Notification, PushDone, PushFailed
 from pdlaunch.kv_transfer.params import first_token_ids
 from pdlaunch.kv_transfer.push_params import prompt_digest
@@ -22,7 +20,6 @@ from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
 from pdlaunch.kv_transfer.role import RoleSide
 from pdlaunch.kv_transfer.side_channel import request
 from pdlaunch.kv_transfer.staging import StagingArea
-from pdlaunch.kv_transfer.transport import TransferAgent
 
 logger = logging.getLogger(__name__)
 
@@ -32,24 +29,22 @@ _REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remo
 class DecodeSide(RoleSide):
     role = "decode"
 
-    def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], peers: PeerCache,
-                 keys: SideChannelKeys, handshake_timeout: float, transfer_timeout: float, verify_kv: bool,
-                 device_index: int = 0) -> None:
-        self.agent = agent
-        self.keys = keys
-        self._spec = spec
-        self.peers = peers
-        self.handshake_timeout = handshake_timeout
-        self.loads = DecodeLoads(agent, spec, peers, keys, handshake_timeout, transfer_timeout, verify_kv,
-                                 device_index)
+    def __init__(self, ctx: LoadContext) -> None:
+        self.ctx = ctx
+        self.agent = ctx.agent
+        self.keys = ctx.keys
+        self._spec = ctx.spec
+        self.peers = ctx.peers
+        self.handshake_timeout = ctx.handshake_timeout
+        self.loads = DecodeLoads(ctx)
         self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 
     # -- KV memory ----------------------------------------------------------------------------
     def attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
-        self.loads.ctx.staging = staging
+        self.ctx.staging = staging
 
     def drop_staging(self) -> None:
-        self.loads.ctx.staging = None
+        self.ctx.staging = None
 
     def staging_users(self) -> set[str]:
         return self.loads.table.request_ids()
@@ -142,7 +137,7 @@ class DecodeSide(RoleSide):
     # -- engine thread ------------------------------------------------------------------------
     def on_notif(self, notif: Notification) -> None:
         if isinstance(notif, PushDone | PushFailed):
-            if not self.loads.chunks.on_notif(notif):  # else one chunk of a staged push ended
+            if not self.ctx.chunks.on_notif(notif):  # else one chunk of a staged push ended
                 self.loads.table.on_push_notif(notif)
         elif isinstance(notif, Forget):
             self.peers.forget_agent(notif.agent_name, notif.kv_epoch)

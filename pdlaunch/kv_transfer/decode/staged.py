@@ -6,33 +6,27 @@ slots), then decode copies its slots into its blocks. It enforces the deadline i
 
 from __future__ import annotations
 
-from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load, LoadState
+from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.decode.pull import read_chunk
-from pdlaunch.kv_transfer.decode.push import PushLoad
-from pdlaunch.kv_transfer.decode.strategy import ReadsFromPrefill
 from pdlaunch.kv_transfer.messages import ReadDone
 
-STAGED_DEADLINE_GRACE_SECONDS = 5.0
 
+class StagedLoad(LoadStrategy):
+    deadline_grace = LOADER_DEADLINE_GRACE_SECONDS
 
-class StagedLoad(ReadsFromPrefill):
-    deadline_grace = STAGED_DEADLINE_GRACE_SECONDS
-
-    def __init__(self, ctx: LoadContext, remote: RemoteEngine, push: PushLoad) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx: LoadContext, remote: RemoteEngine) -> None:
+        self.ctx = ctx
         self.remote = remote
         self.mode = remote.mode  # the chunks are READ (pull) or WRITten by the prefill (push)
-        self.push = push
 
     def release_prefill(self, load: Load) -> None:
         if self.mode == "pull":
-            super().release_prefill(load)
+            self.ctx.release_prefill(load)
 
     def cancel_unsent(self, load: Load) -> None:
         if self.mode == "push":
-            self.push.cancel_unsent(load)
+            self.ctx.cancel_unsent_push(load)
 
     def run(self, load: Load) -> None:
         """The whole load in chunks through staging slots (this side's, the prefill side's, or both)."""
@@ -50,10 +44,10 @@ class StagedLoad(ReadsFromPrefill):
             try:
                 dst = [slots[:len(ids)] for ids in local_ids] if staging is not None else local_ids
                 if self.mode == "pull":
-                    read_chunk(ctx, load, remote, load.remote, dst, dst_bases, remote_ids, spec.block_bytes)
+                    ctx.read_chunk(load, remote, load.remote, dst, dst_bases, remote_ids, spec.block_bytes)
                 else:
                     pairs = [list(zip(dst[g], remote_ids[g])) for g in range(len(dst))]
-                    self.push.request(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True)
+                    ctx.request_push(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True)
                 if staging is not None:
                     with ctx.lock:  # never write into blocks the engine freed after a timeout or abort
                         if load.state != LoadState.RUNNING or load.abandoned:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf_rope import llama3_rope_parameters
+from pdlaunch.model.gguf.rope import llama3_rope_parameters
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 _HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2"),

@@ -11,8 +11,8 @@ import json
 from typing import Any
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf_metadata import ROPE_FREQS, hf_config, hf_shape, unreadable_quant_types, value
-from pdlaunch.model.gguf_tokenizer import tokenizer_json
+from pdlaunch.model.gguf.metadata import ROPE_FREQS, hf_config, hf_shape, unreadable_quant_types, value
+from pdlaunch.model.gguf.tokenizer import tokenizer_json
 
 MAX_TENSOR_PROBLEMS = 5  # a file of another model would otherwise give one line per tensor
 _SHAPE_HINT = "the file's tensors do not match its metadata: re-convert or re-download it"

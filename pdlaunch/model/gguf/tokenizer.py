@@ -2,7 +2,7 @@
 
 Byte-level BPE vocabularies (`tokenizer.ggml.model == "gpt2"`: Llama 3, Qwen2/3, SmolLM) are rebuilt
 the way transformers' own GGUF tokenizer converter builds them; SentencePiece vocabularies ("llama":
-Llama 2, Mistral 7B v0.1-0.3) as a BPE with byte fallback (gguf_sentencepiece.py).
+Llama 2, Mistral 7B v0.1-0.3) as a BPE with byte fallback (sentencepiece.py).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf_metadata import value
-from pdlaunch.model.gguf_sentencepiece import sentencepiece_tokenizer_json
+from pdlaunch.model.gguf.metadata import value
+from pdlaunch.model.gguf.sentencepiece import sentencepiece_tokenizer_json
 
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types that are added (special) tokens
 # How text is split before BPE (`tokenizer.ggml.pre`): Llama 3 groups digits by up to three, Qwen2 splits

@@ -2,12 +2,12 @@
 
 `convert_gguf(file, out_dir)` writes config.json (transformers 5 layout: `rope_parameters`),
 model.safetensors (weights dequantized to the serving dtype), tokenizer.json rebuilt from the GGUF
-vocabulary (byte-level BPE or SentencePiece: gguf_tokenizer.py),
+vocabulary (byte-level BPE or SentencePiece: tokenizer.py),
 tokenizer_config.json and chat_template.jinja. The engine then loads it like any checkpoint, so every
 path (TP, PD, CUDA graphs) works unchanged. Architectures: llama (Llama, Mistral, SmolLM), qwen2, qwen3.
-The header is read and checked first (gguf_metadata.py, gguf_check.py): a file with a missing tensor, a
+The header is read and checked first (metadata.py, check.py): a file with a missing tensor, a
 wrong shape or no tokenizer is refused before any weight is dequantized. llama3 rope scaling comes back
-from the `rope_freqs` tensor (gguf_rope.py).
+from the `rope_freqs` tensor (rope.py).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf_check import gguf_problems
-from pdlaunch.model.gguf_metadata import ROPE_FREQS, dequantized, hf_config, open_reader, value
-from pdlaunch.model.gguf_tokenizer import tokenizer_config, tokenizer_json
+from pdlaunch.model.gguf.check import gguf_problems
+from pdlaunch.model.gguf.metadata import ROPE_FREQS, dequantized, hf_config, open_reader, value
+from pdlaunch.model.gguf.tokenizer import tokenizer_config, tokenizer_json
 
 # GGUF per-block tensor -> HF name under model.layers.{i}.
 _LAYER_NAMES = {

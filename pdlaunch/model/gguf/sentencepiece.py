@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.gguf_metadata import value
+from pdlaunch.model.gguf.metadata import value
 
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

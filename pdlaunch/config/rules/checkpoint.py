@@ -2,7 +2,8 @@
 
 Weights are never read: shapes come from the file headers and are fed as meta tensors through the
 loader's own `load_tensor` (the weight_loader of each parameter), so check-config and the load
-agree on every name and shape by construction.
+agree on every name and shape by construction. A block-FP8 checkpoint's projections must also split
+on 128 edges at the TP size of every instance group (each rank's block scales cover whole blocks).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 
@@ -67,7 +69,9 @@ def checkpoint_problems(model_path: str, quantization: str | None = None) -> lis
 
 def gguf_file_problems(path: Path) -> list[Problem]:
     """Tensors, shapes, tokenizer and quant types of a GGUF file, from its header (no weight is dequantized)."""
-    from pdlaunch.model import gguf_check, gguf_metadata  # lazy: imports numpy and the gguf package
+    # lazy: imports numpy and the gguf package
+    from pdlaunch.model.gguf import check as gguf_check
+    from pdlaunch.model.gguf import metadata as gguf_metadata
 
     try:
         reader = gguf_metadata.open_reader(path)
@@ -151,3 +155,30 @@ def _torch_dtype(name: str) -> torch.dtype | None:
 
     dtype = getattr(torch, _SAFETENSORS_DTYPES.get(name, ""), None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """One problem per instance group whose TP size cuts a block-FP8 projection off a 128 edge."""
+    from pdlaunch.model.arch import load_arch  # layering: lazy (torch stays off config-only paths)
+    from pdlaunch.model.quant.config import BLOCK, load_quant_config
+    from pdlaunch.model.quant.linear import block_misaligned
+
+    if cfg.model.path in ("demo", "tiny") or cfg.model.path.lower().endswith(".gguf"):
+        return []
+    directory = Path(os.path.expanduser(cfg.model.path))
+    try:
+        quant = load_quant_config(directory, cfg.model.quantization)
+        arch = load_arch(directory)
+    except PdlaunchError:
+        return []  # reported by checkpoint_problems
+    if quant is None or quant.scheme != "block":
+        return []
+    problems: list[Problem] = []
+    for i, group in enumerate(cfg.instances):
+        tp = group.tp or 1
+        bad = block_misaligned(arch, tp)
+        if bad:
+            problems.append(problem(f"instances[{i}].tp", f"TP {tp} splits the block-FP8 projections {', '.join(bad)} "
+                                    f"off the {BLOCK}-wide scale blocks", "use a TP size whose shards are whole "
+                                    f"{BLOCK}-row blocks (or a per-channel FP8 checkpoint)"))
+    return problems

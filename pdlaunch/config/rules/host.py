@@ -1,0 +1,57 @@
+"""What this host must provide before serve starts anything: a log_dir serve can create or write in
+(instead of a FileExistsError traceback from the launcher), and what the chosen KV connector needs
+installed (Mooncake's wheel, the libraries it links, RDMA devices).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pdlaunch.config import mooncake_install
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.problems import Problem, problem
+
+_FIX = "pass --log-dir DIR (or set log_dir) to a directory you can write"
+
+
+def log_dir_problems(log_dir: str) -> list[Problem]:
+    """Problems with `log_dir` as the launcher uses it (created with its parents, then written)."""
+    if not log_dir.strip():
+        return [problem("log_dir", "is empty", _FIX)]
+    path = Path(log_dir)
+    if path.exists():
+        if not path.is_dir():
+            return [problem("log_dir", f"{log_dir!r} exists and is a file, not a directory",
+                            f"remove the file or {_FIX}")]
+        if not os.access(path, os.W_OK | os.X_OK):
+            return [problem("log_dir", f"{log_dir!r} is not writable by this user", _FIX)]
+        return []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return [problem("log_dir", f"{log_dir!r} cannot be created: {str(parent)!r} is a file", _FIX)]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [problem("log_dir", f"{log_dir!r} cannot be created: {str(parent)!r} is not writable by this user",
+                        _FIX)]
+    return []
+
+
+def kv_connector_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """Mooncake: the package and the system libraries it links import here, a CUDA build for a CUDA KV
+    cache, an RDMA device for rdma."""
+    if cfg.colocated or cfg.kv_transfer.connector != "mooncake":
+        return []
+    reason = mooncake_install.missing_reason()
+    if reason is not None:
+        return [problem("kv_transfer.connector", f"the mooncake connector is chosen but {reason}",
+                        mooncake_install.INSTALL_HINT)]
+    if cfg.device == "cuda" and mooncake_install.cpu_only_build():
+        return [problem("kv_transfer.connector", "the KV cache is on CUDA but the Mooncake installed here is the "
+                        "CPU-only wheel (mooncake-transfer-engine-non-cuda)",
+                        "pip install mooncake-transfer-engine (CUDA 12) or mooncake-transfer-engine-cuda13")]
+    if cfg.kv_transfer.mooncake_protocol == "rdma" and mooncake_install.resolve_protocol("auto")[0] != "rdma":
+        return [problem("kv_transfer.mooncake_protocol", "rdma is chosen but this host lists no RDMA device "
+                        f"({mooncake_install.RDMA_DEVICES})", "use mooncake_protocol auto or tcp")]
+    return []

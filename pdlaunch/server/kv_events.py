@@ -1,0 +1,82 @@
+"""`GET /v1/kv_events`: the instance's KV cache events as newline-delimited JSON (kvcache/events.py).
+
+The stream opens with a `snapshot` (engine_id, block_size, every cached block's chained hash), then
+one `stored` or `removed` line per batch of changes as the engine makes them (kvcache/event_log.py),
+each with the next `seq`. It ends when the client goes away, when the client falls behind by more
+than the log's bound (reconnect: a new snapshot follows), or when the engine stops; the client tells
+those apart only by reconnecting. Access is that of /info (http/auth.py): the API key, or the
+deployment's internal token that the proxy sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from pdlaunch.http.disconnect import ClientDisconnected, DisconnectWatch
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.kvcache.event_log import KvEventLog, KvEventSubscription
+from pdlaunch.kvcache.events import KvEvent, KvRemoved, KvSnapshot, KvStored, hash_hex
+from pdlaunch.server.engine_loop import EngineLoop
+
+KV_EVENTS_PATH = "/v1/kv_events"
+NDJSON = "application/x-ndjson"
+ENGINE_CHECK_S = 1.0  # how often an idle stream checks that the engine still runs
+
+
+class NdjsonStream(StreamingResponse):
+    """A streamed NDJSON body whose `on_close` runs however the response ends, also when the client
+    left before the body started (then the body iterator's own `finally` never runs)."""
+
+    def __init__(self, lines: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(lines, media_type=NDJSON, headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+def add_kv_events_routes(app: FastAPI, engine_loop: EngineLoop) -> None:
+    @app.get(KV_EVENTS_PATH)
+    async def kv_events(request: Request) -> Response:
+        if engine_loop.state != "ready":
+            raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
+        engine = engine_loop.engine
+        log: KvEventLog = engine.block_manager.events
+        subscriber, cached = log.subscribe(asyncio.get_running_loop())
+        snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
+                              hashes=[hash_hex(h) for h in cached])
+
+        async def unsubscribe() -> None:
+            log.unsubscribe(subscriber)
+
+        return NdjsonStream(_lines(request, engine_loop, log, subscriber, snapshot), unsubscribe)
+
+
+async def _lines(request: Request, engine_loop: EngineLoop, log: KvEventLog, subscriber: KvEventSubscription,
+                 snapshot: KvSnapshot) -> AsyncIterator[bytes]:
+    yield _line(snapshot)
+    seq = 0
+    with DisconnectWatch(request) as watch:
+        while engine_loop.state == "ready":
+            try:
+                runs = await watch.run(log.next_runs(subscriber, ENGINE_CHECK_S))
+            except ClientDisconnected:
+                return
+            if runs is None:  # fell behind (or the engine stopped): the client reconnects for a new snapshot
+                return
+            for kind, hashes in runs:
+                seq += 1
+                wire = [hash_hex(h) for h in hashes]
+                yield _line(KvStored(seq=seq, hashes=wire) if kind == "stored" else KvRemoved(seq=seq, hashes=wire))
+
+
+def _line(event: KvEvent) -> bytes:
+    return event.model_dump_json().encode() + b"\n"

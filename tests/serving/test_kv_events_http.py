@@ -1,0 +1,82 @@
+"""GET /v1/kv_events on a real instance (engine thread + HTTP API, tiny model): the snapshot, then the
+prompt's block hashes as `stored`, their `removed` once a small cache reuses the blocks; the API key
+guards it as it guards /info; a client that leaves is unsubscribed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.http.auth import internal_headers
+from pdlaunch.kvcache.events import KV_EVENT, KvSnapshot, hash_hex, prompt_block_hashes
+from pdlaunch.server.engine_loop import EngineLoop
+from tests.serving.helpers import in_process_instance, wait_for
+
+SECRET = "test-deployment-secret-kv-events-0123"
+API_KEY = "test-key-kv-events"
+BLOCK_SIZE = 16
+NUM_BLOCKS = 8
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, EngineLoop]]:
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": 128},
+        "cache": {"num_gpu_blocks": NUM_BLOCKS, "block_size": BLOCK_SIZE},
+        "security": {"deployment_secret": SECRET, "api_key": API_KEY},
+    })
+    with in_process_instance(cfg, "kv-events-0") as (url, loop):
+        yield url, loop
+
+
+def _complete(url: str, prompt: list[int]) -> None:
+    response = httpx.post(f"{url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
+                          json={"model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0.0})
+    assert response.status_code == 200, response.text
+
+
+def test_stream_names_stored_then_removed_blocks(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    assert httpx.get(f"{url}/v1/kv_events").status_code == 401  # as /info: the key or the internal token
+    first = list(range(10, 50))  # 40 tokens: two full blocks
+    with httpx.stream("GET", f"{url}/v1/kv_events", headers=internal_headers(SECRET), timeout=60) as stream:
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("application/x-ndjson")
+        lines = stream.iter_lines()
+        snapshot = KV_EVENT.validate_json(next(lines))
+        assert isinstance(snapshot, KvSnapshot) and snapshot.seq == 0
+        assert snapshot.engine_id == "kv-events-0" and snapshot.block_size == BLOCK_SIZE
+        cached = set(snapshot.hashes)
+        _complete(url, first)
+        wanted = prompt_block_hashes(first, BLOCK_SIZE)
+        seq = 0
+        while not set(wanted) <= cached:
+            event = KV_EVENT.validate_json(next(lines))
+            assert event.seq == seq + 1 and event.type in ("stored", "removed")
+            seq = event.seq
+            cached = cached | set(event.hashes) if event.type == "stored" else cached - set(event.hashes)
+        _complete(url, list(range(100, 220)))  # 120 tokens + 2: all 8 blocks, so both are reused
+        while set(wanted) & cached:
+            event = KV_EVENT.validate_json(next(lines))
+            assert event.seq == seq + 1
+            seq = event.seq
+            cached = cached | set(event.hashes) if event.type == "stored" else cached - set(event.hashes)
+        assert loop.engine.block_manager.events.num_subscribers == 1
+    # The client left: its subscription ends with the stream (polled: the server notices asynchronously).
+    wait_for(lambda: loop.engine.block_manager.events.num_subscribers == 0, "the stream's unsubscribe", 30)
+
+
+def test_a_new_stream_starts_from_what_is_cached(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    prompt = list(range(300, 340))
+    _complete(url, prompt)
+    with httpx.stream("GET", f"{url}/v1/kv_events", headers={"Authorization": f"Bearer {API_KEY}"},
+                      timeout=60) as stream:
+        snapshot = KV_EVENT.validate_json(next(stream.iter_lines()))
+        assert isinstance(snapshot, KvSnapshot)
+        assert set(prompt_block_hashes(prompt, BLOCK_SIZE)) <= set(snapshot.hashes)
+        # the engine is idle: the snapshot is the whole cache
+        assert set(snapshot.hashes) == {hash_hex(h) for h in loop.engine.block_manager.events.cached_counts()}
