@@ -115,6 +115,7 @@ def serve(
                                                    "system prompt every conversation starts with.")] = 256,
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
+    from pdlaunch.bench.multi_turn import run_multi_turn
     from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
 
     stray = [a for a in slo_args or [] if ":" not in a]
@@ -131,7 +132,10 @@ def serve(
             result_filename=result_filename, plot_dir=plot, multi_turn=multi_turn,
             num_conversations=num_conversations, num_turns=num_turns, system_prompt_len=system_prompt_len,
         ))
-        run_serve_bench(cfg)
+        if multi_turn:
+            run_multi_turn(cfg, Console())
+        else:
+            run_serve_bench(cfg)
 
 
 @bench_app.command("make-checkpoint")

@@ -334,9 +334,6 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
 def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
-    if cfg.multi_turn:
-        from pdlaunch.bench.multi_turn import run_multi_turn
-        return run_multi_turn(cfg, console)
     if cfg.plot_dir is not None:
         require_matplotlib()  # fail before the run, not after it
     metrics, results, doc = measure(cfg, console)
