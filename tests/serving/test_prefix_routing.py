@@ -10,6 +10,7 @@ a request whose uncached tokens on the chosen decode are fewer than disaggregate
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -157,12 +158,17 @@ def test_a_prompt_goes_to_the_longest_cached_prefix_and_is_counted(fleet: Any) -
     assert _metric(url, "pdlaunch_proxy_prefix_matched_tokens_total") - matched == 12 + 16
 
 
-def test_few_uncached_tokens_on_the_chosen_decode_run_there_alone(fleet: Any) -> None:
+def test_few_uncached_tokens_on_the_chosen_decode_run_there_alone(fleet: Any,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     url, fakes, _ = fleet
     before = {name: len(f.requests) for name, f in fakes.items()}
     decode_only = _metric(url, 'pdlaunch_proxy_disaggregation_decisions_total{decision="decode_only"}')
     # SHORT: 12 tokens, decode-1 caches 8 of them: 4 uncached < 12, though the prompt alone is not < 12.
-    answer = httpx.post(f"{url}/v1/completions", json={"prompt": SHORT, "max_tokens": 4}, timeout=10)
+    with caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": SHORT, "max_tokens": 4},
+                            headers={"X-Request-Id": "short-1"}, timeout=10)
+    assert "request short-1 /v1/completions via decode_only (12 prompt tokens, 8 cached on decode-1, 4 uncached; " \
+        "disaggregate_min_tokens 12) -> decode-1: ok" in caplog.text
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["text"] == "from decode-1"
     got = {name: len(f.requests) - before[name] for name, f in fakes.items()}
