@@ -15,20 +15,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
 
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
-from tests.serving.e2e import Serve
+from tests.serving.e2e import Serve, second_proxy
 from tests.serving.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -213,7 +209,7 @@ def test_streams_whose_decode_stops_before_the_headers_go_on_on_the_other(serve:
     run whole on decode-1."""
     _both_decodes_ready(serve)
     pid = serve.instance_pid("decode-0")
-    with _second_proxy(serve, tmp_path, "--health-timeout", "5") as url:
+    with second_proxy(serve, tmp_path / "proxy2.log", SECRET, "--health-timeout", "5") as url:
         before = _metric_at(url, 'pdlaunch_proxy_migrations_total{reason="stalled"}')
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -240,41 +236,10 @@ def _answer(url: str, path: str, body: dict[str, Any]) -> str:
     return str(choice["text"] if "text" in choice else choice["message"]["content"])
 
 
-@contextmanager
-def _second_proxy(serve: Serve, tmp_path: Any, *flags: str) -> Iterator[str]:
-    """Another proxy over the deployment's instances, with `flags`; yields its URL once ready."""
-    port = PortAllocator("127.0.0.1").free("second proxy")
-    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--log-level", "debug", *flags]
-    for name, url in serve.instance_urls().items():
-        argv += [f"--{name.rsplit('-', 1)[0]}", f"{name}={url}"]
-    log_path = tmp_path / "proxy2.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PDLAUNCH_DEPLOYMENT_SECRET": SECRET})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, "the second proxy to be ready", 60, poll=0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def test_short_prompts_run_on_a_decode_alone_and_answer_as_pd(serve: Serve, tmp_path: Any) -> None:
     log_path = tmp_path / "proxy2.log"
-    with _second_proxy(serve, tmp_path, "--disaggregate-min-tokens", "256", "--tokenizer",
-                       str(resolve_model_path("tiny"))) as url:
+    with second_proxy(serve, log_path, SECRET, "--disaggregate-min-tokens", "256", "--tokenizer",
+                      str(resolve_model_path("tiny"))) as url:
         requests = [_request(i, stream=False) for i in range(4)]
         short = [(path, {**body, "max_tokens": 12}) for path, body in requests]
         moved = _kv_bytes_moved(serve)

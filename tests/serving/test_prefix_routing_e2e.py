@@ -10,9 +10,6 @@ other (the figures are deltas of the instances' counters). TTFT is a timing: pri
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
-from tests.serving.e2e import Serve
-from tests.serving.helpers import wait_for
+from tests.serving.e2e import Serve, second_proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -66,34 +61,11 @@ def _bench(url: str, seed: int, out: Path) -> dict[str, Any]:
 
 def test_prefix_routing_computes_and_moves_a_fraction_of_round_robins(serve: Serve, tmp_path: Path) -> None:
     round_robin = _bench(serve.url, 1, tmp_path / "round_robin.json")
-    port = PortAllocator("127.0.0.1").free("prefix proxy")
-    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--routing-policy", "prefix",
-            "--disaggregate-min-tokens", "48", "--tokenizer", str(resolve_model_path("tiny"))]
-    for name, url in serve.instance_urls().items():
-        argv += [f"--{name.rsplit('-', 1)[0]}", f"{name}={url}"]
     log_path = tmp_path / "prefix-proxy.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PDLAUNCH_DEPLOYMENT_SECRET": SECRET})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, "the prefix-routing proxy to be ready", 60, poll=0.2)
+    with second_proxy(serve, log_path, SECRET, "--routing-policy", "prefix", "--disaggregate-min-tokens", "48",
+                      "--tokenizer", str(resolve_model_path("tiny"))) as url:
         prefix = _bench(url, 2, tmp_path / "prefix.json")
         text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     routed = sum(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith("pdlaunch_proxy_prefix_routed_total"))
     print(f"\nround robin: {round_robin}\nprefix:      {prefix}\nlegs routed by prefix: {routed:.0f}")
