@@ -18,9 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from typer.testing import CliRunner
 
+from pdlaunch.cli import app
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_headers
 from pdlaunch.kvcache.events import KvRemoved, KvSnapshot, KvStored, prompt_block_hashes
@@ -243,3 +246,15 @@ def test_prefix_policy_needs_the_tokenizer_and_the_launcher_gives_it(tmp_path: P
         ("prefix", resolve_model_path("tiny"), None)
     with pytest.raises(ValueError, match="tokenizer"):
         build_proxy_app(InstancePool([], "prefix"), 1.0)
+
+
+def test_a_rendered_proxy_gets_the_tokenizer_for_prefix_routing(tmp_path: Path) -> None:
+    out = tmp_path / "manifests"
+    result = CliRunner().invoke(app, ["render", "kubernetes", "--model", "tiny", "--device", "cuda", "--routing-policy",
+                                      "prefix", "--out", str(out), "--image", "pdlaunch:test"])
+    assert result.exit_code == 0, result.output
+    manifests = [yaml.safe_load(path.read_text()) for path in sorted(out.glob("*.yaml"))]
+    proxy = next(m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"].endswith("-proxy"))
+    args = proxy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--routing-policy") + 1] == "prefix" and args[args.index("--tokenizer") + 1] == "tiny"
+    assert parse_args(args).tokenizer == resolve_model_path("tiny")  # the proxy resolves it as --model
