@@ -31,6 +31,12 @@ KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by 
 KV_LOAD_RECOMPUTES = Counter(
     "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
     "locally instead (kv_transfer.load_failure_policy: recompute)")
+PROMPT_TOKENS_COMPUTED = Counter(
+    "pdlaunch_prompt_tokens_computed", "Prompt tokens this instance computed at admission: neither in its prefix "
+    "cache (or CPU tier) nor loaded over a KV transfer (bench serve --multi-turn reads it)")
+DECODE_PREFIX_HIT_TOKENS = Counter(
+    "pdlaunch_decode_prefix_hit_tokens", "Prompt tokens of requests whose KV comes from a prefill that this "
+    "instance found in its own prefix cache: their KV was not moved")
 KV_BLOCKS_USED = Gauge("pdlaunch_kv_blocks_used", "KV blocks in use")
 KV_BLOCKS_TOTAL = Gauge("pdlaunch_kv_blocks_total", "KV blocks in the cache")
 REQUESTS_RUNNING = Gauge("pdlaunch_requests_running", "Requests being computed")

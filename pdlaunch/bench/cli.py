@@ -104,8 +104,18 @@ def serve(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")
     ] = None,
+    multi_turn: Annotated[bool, typer.Option(
+        "--multi-turn", help="Conversations instead of independent prompts: each turn resends the conversation "
+        "(shared system prompt, earlier turns and answers) plus --random-input-len new tokens; reports prompt "
+        "tokens computed and KV bytes moved per request.")] = False,
+    num_conversations: Annotated[int, typer.Option("--num-conversations", help="--multi-turn: conversations "
+                                                   "run at once.")] = 8,
+    num_turns: Annotated[int, typer.Option("--num-turns", help="--multi-turn: turns per conversation.")] = 4,
+    system_prompt_len: Annotated[int, typer.Option("--system-prompt-len", help="--multi-turn: tokens of the "
+                                                   "system prompt every conversation starts with.")] = 256,
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
+    from pdlaunch.bench.multi_turn import run_multi_turn
     from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
 
     stray = [a for a in slo_args or [] if ":" not in a]
@@ -119,9 +129,13 @@ def serve(
             max_concurrency=max_concurrency, num_warmups=num_warmups, goodput=[*(goodput or []), *(slo_args or [])],
             prompt_format=prompt_format, vocab_size=vocab_size, ignore_eos=ignore_eos, seed=seed,
             request_timeout=request_timeout, save_result=save_result, result_dir=result_dir,
-            result_filename=result_filename, plot_dir=plot,
+            result_filename=result_filename, plot_dir=plot, multi_turn=multi_turn,
+            num_conversations=num_conversations, num_turns=num_turns, system_prompt_len=system_prompt_len,
         ))
-        run_serve_bench(cfg)
+        if multi_turn:
+            run_multi_turn(cfg, Console())
+        else:
+            run_serve_bench(cfg)
 
 
 @bench_app.command("make-checkpoint")

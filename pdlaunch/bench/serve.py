@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -70,6 +71,11 @@ class ServeBenchConfig(BaseModel):
     result_dir: Path = Path(".")
     result_filename: str | None = None
     plot_dir: Path | None = None
+    # --multi-turn (multi_turn.py): conversations x turns instead of num_prompts independent prompts
+    multi_turn: bool = False
+    num_conversations: int = Field(8, ge=1)
+    num_turns: int = Field(4, ge=1)
+    system_prompt_len: int = Field(256, ge=0)  # the prompt every conversation starts with
 
     @model_validator(mode="after")
     def _check(self) -> ServeBenchConfig:
@@ -96,11 +102,16 @@ class ServeBenchConfig(BaseModel):
         return base + ("/models" if base.endswith("/v1") else "/v1/models")
 
 
+OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
+
+
 @dataclass
 class BenchRequest:
     prompt: list[int] | str
     prompt_len: int  # tokens for id prompts, words for word prompts
     output_len: int
+    messages: list[dict[str, str]] | None = None  # chat: the whole conversation (multi_turn.py), not `prompt`
+    return_token_ids: bool = False  # ask for the output's token ids (multi_turn.py)
 
 
 def _lengths(mean: int, ratio: float, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -143,9 +154,12 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if req.return_token_ids:
+        body["return_token_ids"] = True
     prompt: JsonValue = req.prompt if isinstance(req.prompt, str) else [*req.prompt]
     if cfg.is_chat:
-        body["messages"] = [{"role": "user", "content": prompt}]
+        messages: list[JsonValue] = [{**m} for m in req.messages] if req.messages else [{"role": "user", "content": prompt}]
+        body["messages"] = messages
         body["max_completion_tokens"] = req.output_len
     else:
         body["prompt"] = prompt
@@ -153,9 +167,10 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
 
 
 async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
-                  result: RequestResult, st: float) -> int:
+                  result: RequestResult, st: float, on_choice: OnChoice | None = None) -> int:
     """Send one request and read its stream into `result` (times relative to `st`); returns the
-    number of chunks that carried a choice. Sets `result.error` for an HTTP or in-stream error."""
+    number of chunks that carried a choice (each handed to `on_choice`). Sets `result.error` for an
+    HTTP or in-stream error."""
     chunks = 0
     last = st
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
@@ -175,6 +190,9 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                 result.error = f"server error in stream: {str(data['error'])[:300]}"
                 return chunks
             if data.get("choices"):
+                if on_choice is not None:
+                    for choice in data["choices"]:
+                        on_choice(choice)
                 now = time.perf_counter()
                 if chunks == 0:
                     result.ttft = now - st
@@ -191,14 +209,14 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
 
 
 async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
-                       bench_start: float) -> RequestResult:
+                       bench_start: float, on_choice: OnChoice | None = None) -> RequestResult:
     """One streaming request, at most `request_timeout` s in all. Never raises: a failure is a
     result with `error` set."""
     result = RequestResult(prompt_len=req.prompt_len)
     st = time.perf_counter()
     result.start = st - bench_start
     try:
-        chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st), cfg.request_timeout)
+        chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st, on_choice), cfg.request_timeout)
     except (asyncio.TimeoutError, httpx.TimeoutException):
         result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url} to finish a request"
         return result

@@ -124,6 +124,11 @@ class Scheduler:
         write them (`blocks_busy`, or `abort_load` says so): then they wait in `draining`.
         """
         rid = request.request_id
+        if request.status == RequestStatus.RUNNING:
+            # Async scheduling computed the last full block before its last token was known: register it
+            # now, so the next turn of a conversation finds it (decode-side prefix reuse moves one block less).
+            self.block_manager.cache_blocks(rid, request.all_token_ids,
+                                            min(request.num_computed_tokens, len(request.all_token_ids)))
         if self.recomputing.pop(rid, None) is not None:
             blocks_busy = True  # its failed load still drains: the blocks wait for safe_to_free
         elif request.status == RequestStatus.RUNNING:
@@ -317,6 +322,7 @@ class Scheduler:
         request.connector_consulted = True
         self._note_cached(request, k + ext, local=k)
         if remote:
+            metrics.DECODE_PREFIX_HIT_TOKENS.inc(k)  # the load skips these (decode-side prefix reuse)
             self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
         if ext == 0:
             return False
@@ -343,6 +349,7 @@ class Scheduler:
             self.prompt_tokens_cached += request.num_cached_tokens
             metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
             metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(num_cached if local is None else local)
+            metrics.PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)

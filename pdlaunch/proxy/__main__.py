@@ -20,12 +20,13 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from pdlaunch.config.models import SecurityConfig
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, Instance, InstancePool, Role
@@ -116,9 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disaggregate-min-tokens", type=int, default=None,
                         help="A prompt of fewer tokens runs on a decode alone (no prefill leg, no KV transfer); "
                         "needs --tokenizer; proxy.disaggregate_min_tokens.")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="Checkpoint directory whose tokenizer.json counts prompt tokens (the launcher "
-                        "passes the model's).")
+    parser.add_argument("--tokenizer", default=None,
+                        help="The model (checkpoint directory, FILE.gguf, demo or tiny, as --model) whose "
+                        "tokenizer counts and hashes prompt tokens (the launcher passes the model's).")
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
@@ -135,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.routing_policy == "prefix" and args.tokenizer is None:
         parser.error("--routing-policy prefix hashes the prompt's token ids, tokenized with the model's tokenizer: "
                      "give --tokenizer DIR")
+    if args.tokenizer is not None:
+        try:
+            args.tokenizer = resolve_model_path(args.tokenizer)
+        except PdlaunchError as exc:
+            parser.error(f"--tokenizer: {exc.render()}")
     if args.migration_limit < 0:
         parser.error("--migration-limit must be 0 or more")
     if args.colocated and (args.prefill or args.decode):

@@ -232,14 +232,17 @@ class _PromptRequest:
             migrating = state.migrations.streams(body, call.chat)
             if migrating:  # the ids to continue from when this decode fails (migrate.py)
                 leg = {**leg, "return_token_ids": True}
-            _, upstream = await call.watch.run(on_live_instance(
-                state.pool, target.role, target,
-                lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)))
+                upstream, migrated = await call.watch.run(state.migrations.open_stream(
+                    target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.release_held))
+                events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
+                                                self.request_id, self.release_held, migrated)
+            else:
+                _, upstream = await call.watch.run(on_live_instance(
+                    state.pool, target.role, target,
+                    lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)))
+                events = state.proxy.relay(upstream, call.deadline)
             self.legs.append(upstream.instance.name)
             self.outcome = "streaming"
-            events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
-                                            self.request_id, self.release_held) if migrating \
-                else state.proxy.relay(upstream, call.deadline)
             return self._relayed(upstream, events)
         decode, answer = await call.watch.run(state.migrations.answer(
             target, call.path, leg, body, self.headers, call.deadline, self.request_id))

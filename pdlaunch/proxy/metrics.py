@@ -45,8 +45,8 @@ class ProxyMetrics:
             "pd (prefill leg + KV transfer) or decode_only (a short prompt computed by the decode)", ["decision"],
             registry=self.registry)
         self.prefix_routed = Counter(
-            "pdlaunch_proxy_prefix_routed", "Legs sent to an instance for the prompt prefix it caches "
-            "(proxy.routing_policy prefix), by role", ["role"], registry=self.registry)
+            "pdlaunch_proxy_prefix_routed", "Legs sent to an instance for the prompt prefix it caches, more of it "
+            "than another candidate (proxy.routing_policy prefix), by role", ["role"], registry=self.registry)
         self.prefix_matched_tokens = Counter(
             "pdlaunch_proxy_prefix_matched_tokens", "Prompt tokens the chosen instance caches already (its KV "
             "cache events), by role", ["role"], registry=self.registry)

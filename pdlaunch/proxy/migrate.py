@@ -27,8 +27,9 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 from pydantic import JsonValue
@@ -44,6 +45,7 @@ from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 log = logging.getLogger("pdlaunch.proxy")
 
 DEFAULT_MIGRATION_LIMIT = 3
+T = TypeVar("T")
 LIMIT_CODE = "migration_limit"
 # Fields copied into a continuation: sampling that depends only on the prompt + output token ids.
 _CONTINUED_FIELDS = ("model", "user", "temperature", "top_p", "top_k", "seed", "min_p", "stop_token_ids",
@@ -207,11 +209,44 @@ class Migrations:
             log.info("request %s: %s %s mid-request; sent again to %s (migration %d of %d)", request_id,
                      failed.name, reason, target.name, migrations, self.limit)
 
+    async def open_stream(self, target: Instance, path: str, leg: JsonObject, body: Body, headers: dict[str, str],
+                          deadline: float, request_id: str, on_migrate: Callable[[], None]) -> tuple[Upstream, int]:
+        """(the decode leg's open stream, migrations it took). A decode marked stalled before it answers the
+        response headers is left for another, which gets the request whole (nothing reached the client yet;
+        `on_migrate()` first: the prefill's held KV goes back), at most `limit` times."""
+        migrations = 0
+        while True:
+            call = functools.partial(self._open_unless_stalled, path=path, leg=leg, headers=headers,
+                                     deadline=deadline)
+            try:
+                _, upstream = await on_live_instance(self.proxy.pool, target.role, target, call)
+                return upstream, migrations
+            except _Stalled as stalled:
+                failed = stalled.instance
+            if migrations >= self.limit:
+                raise self._exhausted(request_id)
+            migrations += 1
+            self.on_migrate("stalled")
+            on_migrate()
+            target = self._another(failed)
+            leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, "return_token_ids": True}
+            log.info("request %s: %s stalled before answering the stream's headers; sent again to %s (migration "
+                     "%d of %d)", request_id, failed.name, target.name, migrations, self.limit)
+
+    async def _open_unless_stalled(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
+                                   deadline: float) -> Upstream:
+        return await self._unless_stalled(instance, self.proxy.open_stream(instance, path, leg, headers, deadline))
+
     async def _post_unless_stalled(self, instance: Instance, path: str, leg: JsonObject,
                                    headers: dict[str, str], deadline: float) -> JsonObject:
         if self.limit == 0:
             return await self.proxy.post_json(instance, path, leg, headers, deadline)
-        call = asyncio.ensure_future(self.proxy.post_json(instance, path, leg, headers, deadline))
+        return await self._unless_stalled(instance, self.proxy.post_json(instance, path, leg, headers, deadline))
+
+    async def _unless_stalled(self, instance: Instance, work: Awaitable[T]) -> T:
+        """`work`'s result, or _Stalled when `instance` is marked stalled first and another instance of its
+        role is ready (then `work` is cancelled: its in-flight count ends)."""
+        call = asyncio.ensure_future(work)
         stall = asyncio.ensure_future(instance.stalled.wait())
         try:
             await asyncio.wait({call, stall}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,6 +255,7 @@ class Migrations:
         if call.done() or not self._others(instance):  # no other decode: wait for this one
             return await call
         call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
         raise _Stalled(instance)
 
     def _others(self, failed: Instance) -> list[Instance]:
@@ -232,11 +268,13 @@ class Migrations:
         return self.proxy.pool.policy.choose(failed.role, self._others(failed))
 
     async def relay(self, upstream: Upstream, path: str, body: Body, chat: bool, headers: dict[str, str],
-                    deadline: float, request_id: str, on_migrate: Callable[[], None]) -> AsyncGenerator[bytes, None]:
+                    deadline: float, request_id: str, on_migrate: Callable[[], None],
+                    migrated: int = 0) -> AsyncGenerator[bytes, None]:
         """The client's stream: `upstream`'s events, continued on another decode when it fails
-        (`on_migrate()` runs before each continuation: the prefill's held KV goes back)."""
+        (`on_migrate()` runs before each continuation: the prefill's held KV goes back); `migrated`:
+        migrations the request took before its headers (open_stream)."""
         progress = _Progress(chat=chat, client_ids=bool(body.get("return_token_ids")))
-        current, continued, migrations = upstream, False, 0
+        current, continued, migrations = upstream, False, migrated
         try:
             while True:
                 failure = None

@@ -52,7 +52,7 @@ class PromptBlocks:
 class Choice:
     instance: Instance
     matched_tokens: int  # prompt tokens the instance caches (0: none, or its events are unknown)
-    by_prefix: bool = False  # picked for its cached prefix (prefix policy, a match that won)
+    by_prefix: bool = False  # picked for its cached prefix: it caches more of the prompt than another candidate
 
 
 class PrefixRouter:
@@ -89,7 +89,7 @@ class PrefixRouter:
         best = max(scores.values())
         tied = [i for i in ready if scores[i.name] == best]
         instance = tied[0] if len(tied) == 1 else self.pool.policy.choose(role, tied)
-        return Choice(instance, matched[instance.name], by_prefix=matched[instance.name] > 0)
+        return Choice(instance, matched[instance.name], by_prefix=matched[instance.name] > min(matched.values()))
 
     def enqueue(self, instance: Instance, tokens: int) -> Callable[[], None]:
         """Count `tokens` queued on `instance` until the returned callable runs (once; later calls do nothing)."""

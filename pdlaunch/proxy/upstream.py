@@ -117,6 +117,9 @@ class Proxy:
         except (httpx.HTTPError, TimeoutError) as exc:
             instance.in_flight -= 1
             raise self.failed(instance, exc) from None
+        except asyncio.CancelledError:  # given up (its decode stalled before the headers: migrate.py)
+            instance.in_flight -= 1
+            raise
         if response.status_code != 200:
             try:
                 content = await response.aread()

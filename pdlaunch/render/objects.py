@@ -252,6 +252,10 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), "--routing-policy", cfg.proxy.routing_policy,
             "--request-timeout", str(cfg.proxy.request_timeout_seconds),
             "--max-request-bytes", str(cfg.security.max_request_bytes)]
+    if cfg.proxy.disaggregate_min_tokens is not None:
+        args += ["--disaggregate-min-tokens", str(cfg.proxy.disaggregate_min_tokens)]
+    if cfg.proxy.disaggregate_min_tokens is not None or cfg.proxy.routing_policy == "prefix":
+        args += ["--tokenizer", cfg.model.path]  # the model in the image, as the instances read it
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
     secret_name = f"{options.name}-deployment"

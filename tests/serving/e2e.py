@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -126,3 +127,35 @@ def pd_and_colocated(tmp_path_factory: pytest.TempPathFactory, name: str) -> Ite
     finally:
         for serve in started.values():
             serve.stop()
+
+
+@contextmanager
+def second_proxy(serve: Serve, log_path: Path, secret: str, *flags: str) -> Iterator[str]:
+    """Another proxy process over `serve`'s instances, with `flags`, signing its legs with the deployment's
+    `secret` as the launcher's proxy does; its output in `log_path`. Yields its URL once /health answers;
+    stopped and reaped on exit."""
+    port = PortAllocator("127.0.0.1").free("second proxy")
+    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--log-level", "debug", *flags]
+    for name, url in serve.instance_urls().items():
+        argv += [f"--{name.rsplit('-', 1)[0]}", f"{name}={url}"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PDLAUNCH_DEPLOYMENT_SECRET": secret})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "the second proxy to be ready", 60, poll=0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -3,7 +3,8 @@
 
 While greedy streams run, one decode is SIGKILLed (then SIGSTOPped): every stream goes on on the other
 decode without an error event, and its text equals the uninterrupted run's (no character repeated or
-missing); a request that is not streamed is answered too. The proxy counts the migrations by reason.
+missing); a request that is not streamed is answered too. A decode SIGSTOPped before it answers a stream's
+headers is left for the other too. The proxy counts the migrations by reason.
 A second proxy over the same instances with --disaggregate-min-tokens 256 answers short prompts on a
 decode alone: no KV moves, the same text as PD. One deployment serves every test of this module (they
 run in order).
@@ -14,8 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
-from tests.serving.e2e import Serve
+from tests.serving.e2e import Serve, second_proxy
 from tests.serving.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -77,16 +75,16 @@ def _whole(serve: Serve, i: int) -> str:
 class _Stream:
     """One client stream read in a thread: its text, its error events, chunks seen."""
 
-    def __init__(self, serve: Serve, i: int) -> None:
+    def __init__(self, serve: Serve, i: int, url: str | None = None) -> None:
         self.text, self.errors, self.chunks, self.done = "", [], 0, False
         self.started = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(serve, i), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(url or serve.url, i), daemon=True)
         self._thread.start()
 
-    def _run(self, serve: Serve, i: int) -> None:
+    def _run(self, url: str, i: int) -> None:
         path, body = _request(i, stream=True)
         try:
-            with httpx.stream("POST", serve.url + path, json=body, timeout=CLIENT_TIMEOUT_S, trust_env=False) as r:
+            with httpx.stream("POST", url + path, json=body, timeout=CLIENT_TIMEOUT_S, trust_env=False) as r:
                 if r.status_code != 200:
                     self.errors.append(f"HTTP {r.status_code}: {r.read()!r}")
                     return
@@ -118,7 +116,11 @@ class _Stream:
 
 
 def _metric(serve: Serve, prefix: str) -> float:
-    text = httpx.get(f"{serve.url}/metrics", timeout=10, trust_env=False).text
+    return _metric_at(serve.url, prefix)
+
+
+def _metric_at(url: str, prefix: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
@@ -181,8 +183,8 @@ def test_streams_and_whole_requests_of_a_stopped_decode_go_on_on_the_other(serve
     _both_decodes_ready(serve)
     before = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="stalled"}')
     streams = [_Stream(serve, i) for i in range(STREAMS // 2)]
-    # Every stream has its first chunk: a decode stopped before it answers a stream's headers is not migrated
-    # (the request waits for its deadline; issue 31's note), so the stop comes once all are flowing.
+    # Every stream has its first chunk: this test stops a decode mid-stream (the next one stops one before
+    # the headers).
     for s in streams:
         assert s.started.wait(CLIENT_TIMEOUT_S), "a stream got no first chunk"
     pid = serve.instance_pid("decode-0")
@@ -200,6 +202,27 @@ def test_streams_and_whole_requests_of_a_stopped_decode_go_on_on_the_other(serve
     wait_for(lambda: _state(serve, "decode-0") == "ready", "the proxy to take decode-0 back after SIGCONT", 60)
 
 
+def test_streams_whose_decode_stops_before_the_headers_go_on_on_the_other(serve: Serve, reference: list[str],
+                                                                          tmp_path: Any) -> None:
+    """decode-0 is stopped, then streams are sent at once through a proxy with a 5 s health timeout: the
+    ones it picked decode-0 for wait for headers that never come until the probe marks it stalled, then
+    run whole on decode-1."""
+    _both_decodes_ready(serve)
+    pid = serve.instance_pid("decode-0")
+    with second_proxy(serve, tmp_path / "proxy2.log", SECRET, "--health-timeout", "5") as url:
+        before = _metric_at(url, 'pdlaunch_proxy_migrations_total{reason="stalled"}')
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            streams = [_Stream(serve, i, url) for i in range(6)]  # round robin: 3 of them on decode-0
+            _check(streams, reference[:6])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        moved = _metric_at(url, 'pdlaunch_proxy_migrations_total{reason="stalled"}') - before
+        print(f"\nSIGSTOP before the headers: {moved:.0f} of 6 streams migrated after the stall mark")
+        assert moved >= 1
+    wait_for(lambda: _state(serve, "decode-0") == "ready", "the proxy to take decode-0 back after SIGCONT", 60)
+
+
 def _kv_bytes_moved(serve: Serve) -> float:
     texts = [httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text for url in serve.instance_urls().values()]
     return sum(float(line.split()[-1]) for text in texts for line in text.splitlines()
@@ -214,25 +237,9 @@ def _answer(url: str, path: str, body: dict[str, Any]) -> str:
 
 
 def test_short_prompts_run_on_a_decode_alone_and_answer_as_pd(serve: Serve, tmp_path: Any) -> None:
-    port = PortAllocator("127.0.0.1").free("second proxy")
-    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--disaggregate-min-tokens", "256",
-            "--tokenizer", str(resolve_model_path("tiny")), "--log-level", "debug"]
-    for name, url in serve.instance_urls().items():
-        argv += [f"--{name.rsplit('-', 1)[0]}", f"{name}={url}"]
     log_path = tmp_path / "proxy2.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PDLAUNCH_DEPLOYMENT_SECRET": SECRET})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, "the second proxy to be ready", 60, poll=0.2)
+    with second_proxy(serve, log_path, SECRET, "--disaggregate-min-tokens", "256", "--tokenizer",
+                      str(resolve_model_path("tiny"))) as url:
         requests = [_request(i, stream=False) for i in range(4)]
         short = [(path, {**body, "max_tokens": 12}) for path, body in requests]
         moved = _kv_bytes_moved(serve)
@@ -247,13 +254,6 @@ def test_short_prompts_run_on_a_decode_alone_and_answer_as_pd(serve: Serve, tmp_
                      for d in ("pd", "decode_only")}
         assert decisions == {"pd": 1, "decode_only": 4}
         assert "decode_only (" in log_path.read_text() and "disaggregate_min_tokens 256" in log_path.read_text()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     pd = [_answer(serve.url, path, body) for path, body in short]  # the launcher's proxy: always PD
     assert alone == pd
     assert _kv_bytes_moved(serve) > moved, "PD moved no KV: the check above could not fail"

@@ -10,6 +10,7 @@ a request whose uncached tokens on the chosen decode are fewer than disaggregate
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,9 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from typer.testing import CliRunner
 
+from pdlaunch.cli import app
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_headers
 from pdlaunch.kvcache.events import KvRemoved, KvSnapshot, KvStored, prompt_block_hashes
@@ -157,12 +161,17 @@ def test_a_prompt_goes_to_the_longest_cached_prefix_and_is_counted(fleet: Any) -
     assert _metric(url, "pdlaunch_proxy_prefix_matched_tokens_total") - matched == 12 + 16
 
 
-def test_few_uncached_tokens_on_the_chosen_decode_run_there_alone(fleet: Any) -> None:
+def test_few_uncached_tokens_on_the_chosen_decode_run_there_alone(fleet: Any,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     url, fakes, _ = fleet
     before = {name: len(f.requests) for name, f in fakes.items()}
     decode_only = _metric(url, 'pdlaunch_proxy_disaggregation_decisions_total{decision="decode_only"}')
     # SHORT: 12 tokens, decode-1 caches 8 of them: 4 uncached < 12, though the prompt alone is not < 12.
-    answer = httpx.post(f"{url}/v1/completions", json={"prompt": SHORT, "max_tokens": 4}, timeout=10)
+    with caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
+        answer = httpx.post(f"{url}/v1/completions", json={"prompt": SHORT, "max_tokens": 4},
+                            headers={"X-Request-Id": "short-1"}, timeout=10)
+    assert "request short-1 /v1/completions via decode_only (12 prompt tokens, 8 cached on decode-1, 4 uncached; " \
+        "disaggregate_min_tokens 12) -> decode-1: ok" in caplog.text
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["text"] == "from decode-1"
     got = {name: len(f.requests) - before[name] for name, f in fakes.items()}
@@ -237,3 +246,15 @@ def test_prefix_policy_needs_the_tokenizer_and_the_launcher_gives_it(tmp_path: P
         ("prefix", resolve_model_path("tiny"), None)
     with pytest.raises(ValueError, match="tokenizer"):
         build_proxy_app(InstancePool([], "prefix"), 1.0)
+
+
+def test_a_rendered_proxy_gets_the_tokenizer_for_prefix_routing(tmp_path: Path) -> None:
+    out = tmp_path / "manifests"
+    result = CliRunner().invoke(app, ["render", "kubernetes", "--model", "tiny", "--device", "cuda", "--routing-policy",
+                                      "prefix", "--out", str(out), "--image", "pdlaunch:test"])
+    assert result.exit_code == 0, result.output
+    manifests = [yaml.safe_load(path.read_text()) for path in sorted(out.glob("*.yaml"))]
+    proxy = next(m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"].endswith("-proxy"))
+    args = proxy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--routing-policy") + 1] == "prefix" and args[args.index("--tokenizer") + 1] == "tiny"
+    assert parse_args(args).tokenizer == resolve_model_path("tiny")  # the proxy resolves it as --model

@@ -1,4 +1,4 @@
-"""`/tokenize`, `/detokenize`, `/version` (server/tokenize.py, proxy/tokenize.py) in vLLM's shapes, at a real
+"""`/tokenize`, `/detokenize`, `/version` (server/tokenize.py, proxy/routes.py) in vLLM's shapes, at a real
 instance and through a proxy in front of it, behind the API key. Raw HTTP: the openai client has no
 methods for these routes."""
 

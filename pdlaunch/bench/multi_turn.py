@@ -1,0 +1,195 @@
+"""`pdlaunch bench serve --multi-turn`: C conversations x T turns of chat traffic.
+
+Every conversation starts with the same system prompt (`--system-prompt-len` tokens, or words for chat);
+turn t sends the whole conversation so far: the system prompt, each earlier turn's user message and
+answer, then a new user message (`--random-input-len`), and asks for `--random-output-len` tokens. Over
+/v1/completions the answer is taken as the server's own token ids (`return_token_ids`), so each prompt
+extends the previous one token for token, as a chat client's resend does; over /v1/chat/completions it is
+the answer's text, as an assistant message. The C conversations run at once, each turn sent when the
+previous one's answer is complete; a failed turn ends its conversation (the next prompt would not extend
+what the server has seen).
+
+Besides the usual latencies (report.py, TTFT p50 among them), the run reads the deployment's `/metrics`
+before and after (pdlaunch's proxy serves every instance's series) and reports per request:
+- prompt tokens computed: `pdlaunch_prompt_tokens_computed_total` over all instances (what no prefix cache
+  and no KV transfer supplied, prefill and decode instances alike);
+- KV bytes moved: `pdlaunch_kv_transfer_bytes_total` over all instances.
+Both are None for a server that does not export them (vLLM). Nothing else may use the deployment meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from pdlaunch.bench.report import RequestResult, calculate_metrics, parse_goodput, print_report, result_dict, write_json
+from pdlaunch.bench.serve import MIN_TOKEN_ID, BenchRequest, ServeBenchConfig, resolve_model, send_request
+from pdlaunch.errors import PdlaunchError
+
+COUNTERS = {"prompt_tokens_computed": "pdlaunch_prompt_tokens_computed_total",
+            "kv_bytes_moved": "pdlaunch_kv_transfer_bytes_total"}
+_WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+
+
+class MultiTurnSummary(BaseModel):
+    """Per-request figures of one multi-turn run (the JSON's `multi_turn`)."""
+
+    conversations: int
+    turns: int
+    requests: int  # answered
+    prompt_tokens_computed_per_request: float | None
+    kv_bytes_moved_per_request: float | None
+    ttft_p50_ms: float
+
+
+def _text(rng: np.random.Generator, n: int) -> str:
+    return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=n).tolist())
+
+
+def _ids(rng: np.random.Generator, cfg: ServeBenchConfig, n: int) -> list[int]:
+    return [int(t) for t in rng.integers(MIN_TOKEN_ID, cfg.vocab_size, size=n).tolist()]
+
+
+@dataclass
+class _Answer:
+    """One turn's answer as its stream brings it: token ids (when asked for) and text."""
+
+    ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    def keep(self, choice: Mapping[str, object]) -> None:
+        ids, text, delta = choice.get("token_ids"), choice.get("text"), choice.get("delta")
+        if isinstance(delta, Mapping):
+            text = delta.get("content")
+        if isinstance(ids, list):
+            self.ids.extend(int(i) for i in ids if isinstance(i, int))
+        if isinstance(text, str):
+            self.text.append(text)
+
+
+class _Conversation:
+    """One conversation's history and its turns' results."""
+
+    def __init__(self, cfg: ServeBenchConfig, rng: np.random.Generator, system_ids: list[int],
+                 system_text: str) -> None:
+        self.cfg = cfg
+        self.ids = list(system_ids)
+        self.messages = [{"role": "system", "content": system_text}] if system_text else []
+        self.user_ids = [_ids(rng, cfg, cfg.random_input_len) for _ in range(cfg.num_turns)]
+        self.user_texts = [_text(rng, cfg.random_input_len) for _ in range(cfg.num_turns)]
+        self.results: list[RequestResult] = []
+
+    def request(self, turn: int) -> BenchRequest:
+        out = self.cfg.random_output_len
+        if self.cfg.is_chat:
+            self.messages.append({"role": "user", "content": self.user_texts[turn]})
+            return BenchRequest(prompt="", prompt_len=sum(len(m["content"].split()) for m in self.messages),
+                                output_len=out, messages=list(self.messages))
+        self.ids += self.user_ids[turn]
+        return BenchRequest(prompt=list(self.ids), prompt_len=len(self.ids), output_len=out, return_token_ids=True)
+
+    async def run(self, client: httpx.AsyncClient, model: str, start: float) -> None:
+        for turn in range(self.cfg.num_turns):
+            answer = _Answer()
+            result = await send_request(client, self.cfg, model, self.request(turn), start, answer.keep)
+            self.results.append(result)
+            if not result.success:
+                return
+            if self.cfg.is_chat:
+                self.messages.append({"role": "assistant", "content": "".join(answer.text)})
+            elif not answer.ids:
+                result.success = False
+                result.error = ("the answer carried no token_ids: --multi-turn over /v1/completions needs "
+                                "return_token_ids (pdlaunch, vLLM >= 0.10.2); try --endpoint /v1/chat/completions")
+                return
+            else:
+                self.ids += answer.ids
+
+
+async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[str, float | None]:
+    """The deployment's COUNTERS summed over every instance (None: not exported, or no /metrics)."""
+    out: dict[str, float | None] = dict.fromkeys(COUNTERS)
+    try:
+        response = await client.get(cfg.base_url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30.0)
+    except httpx.HTTPError:
+        return out
+    if response.status_code != 200:
+        return out
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            for key, name in COUNTERS.items():
+                if sample.name == name:
+                    out[key] = (out[key] or 0.0) + sample.value
+    return out
+
+
+async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Conversation], float, str,
+                                                                  dict[str, float | None]]:
+    rng = np.random.default_rng(cfg.seed)
+    system_ids, system_text = _ids(rng, cfg, cfg.system_prompt_len), _text(rng, cfg.system_prompt_len)
+    conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
+    limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
+    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
+        model = await resolve_model(client, cfg)
+        console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {cfg.url} (model {model}): "
+                      f"system prompt {cfg.system_prompt_len}, +{cfg.random_input_len} per user turn, "
+                      f"{cfg.random_output_len} per answer")
+        before = await _counters(client, cfg)
+        start = time.perf_counter()
+        await asyncio.gather(*(c.run(client, model, start) for c in conversations))
+        duration = time.perf_counter() - start
+        after = await _counters(client, cfg)
+    delta = {k: (after[k] or 0.0) - (before[k] or 0.0) if after[k] is not None else None for k in COUNTERS}
+    return conversations, duration, model, delta
+
+
+def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> dict[str, object]:
+    """Run the conversations, print the report and the per-request figures; returns the JSON document."""
+    if cfg.is_chat and cfg.prompt_format == "ids":
+        raise PdlaunchError("--multi-turn over chat sends words", field="--prompt-format", hint="drop --prompt-format")
+    goodput_ms = parse_goodput(cfg.goodput)
+    conversations, duration, model, delta = asyncio.run(_bench(cfg, console))
+    results = [r for c in conversations for r in c.results]
+    metrics = calculate_metrics(results, duration, goodput_ms)
+    answered = metrics.completed
+
+    def per_request(key: str) -> float | None:
+        value = delta[key]
+        return value / answered if value is not None and answered else None
+
+    summary = MultiTurnSummary(conversations=cfg.num_conversations, turns=cfg.num_turns, requests=answered,
+                               prompt_tokens_computed_per_request=per_request("prompt_tokens_computed"),
+                               kv_bytes_moved_per_request=per_request("kv_bytes_moved"),
+                               ttft_p50_ms=metrics.latency_ms["ttft"].median)
+    print_report(console, metrics, results, goodput_ms)
+    table = Table(title="Multi-turn, per request", show_header=False, title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in (("Prompt tokens computed", summary.prompt_tokens_computed_per_request),
+                        ("KV bytes moved", summary.kv_bytes_moved_per_request)):
+        table.add_row(name, "n/a (not exported)" if value is None else f"{value:,.1f}")
+    table.add_row("TTFT p50 (ms)", f"{summary.ttft_p50_ms:.2f}")
+    console.print(table)
+    doc = result_dict(metrics, results, {
+        "backend": "openai-chat" if cfg.is_chat else "openai", "base_url": cfg.base_url, "endpoint": cfg.endpoint,
+        "model_id": model, "system_prompt_len": cfg.system_prompt_len, "user_turn_len": cfg.random_input_len,
+        "answer_len": cfg.random_output_len, "seed": cfg.seed, "goodput_slos_ms": goodput_ms,
+        "multi_turn": summary.model_dump()})
+    if cfg.save_result or cfg.result_filename:
+        name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"
+        path = cfg.result_dir / name
+        write_json(doc, path)
+        console.print(f"Saved results to {path}")
+    if not answered:
+        raise PdlaunchError(f"every turn failed; first error: {results[0].error if results else 'none sent'}",
+                            hint="check --base-url, --endpoint, --model and the server log")
+    return doc

@@ -1,0 +1,99 @@
+"""`pdlaunch bench serve --multi-turn` against a fake server that answers with token ids and serves the two
+counters the run reads: each turn resends the conversation (shared system prompt, earlier turns and the
+server's own answer ids) plus new tokens, and the per-request figures are the counters' deltas."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from typer.testing import CliRunner
+
+from pdlaunch.bench.cli import bench_app
+from pdlaunch.launcher.ports import PortAllocator
+from tests.serving.helpers import ThreadServer
+
+ANSWER = 3  # tokens per answer
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.prompts: list[list[int]] = []
+        self.answers: dict[tuple[int, ...], list[int]] = {}  # prompt -> the answer's token ids
+        self.chats: list[list[dict[str, str]]] = []
+        self.computed, self.moved = 1000.0, 5.0
+        self.app = FastAPI()
+        self.app.get("/v1/models")(lambda: {"data": [{"id": "m"}]})
+        self.app.get("/metrics")(self.metrics)
+        self.app.post("/v1/completions")(self.completions)
+        self.app.post("/v1/chat/completions")(self.completions)
+
+    async def metrics(self) -> PlainTextResponse:
+        return PlainTextResponse(f"# TYPE pdlaunch_prompt_tokens_computed counter\n"
+                                 f'pdlaunch_prompt_tokens_computed_total{{instance="p"}} {self.computed}\n'
+                                 f"# TYPE pdlaunch_kv_transfer_bytes counter\n"
+                                 f'pdlaunch_kv_transfer_bytes_total{{instance="d"}} {self.moved}\n')
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        chat = "messages" in body
+        if chat:
+            self.chats.append(body["messages"])
+        else:
+            assert body["return_token_ids"] is True
+            self.prompts.append(body["prompt"])
+        self.computed += 10
+        self.moved += 100
+        start = len(self.prompts) * 1000
+        if not chat:
+            self.answers[tuple(body["prompt"])] = [start + i for i in range(ANSWER)]
+
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(ANSWER):
+                choice: dict[str, Any] = {"index": 0, "finish_reason": None}
+                if chat:
+                    choice["delta"] = {"content": f"w{start + i} "}
+                else:
+                    choice.update(text=f"w{i}", token_ids=[start + i])
+                yield f"data: {json.dumps({'choices': [choice]})}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _run(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "mt.json"
+    result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", "--num-conversations", "2",
+                                            "--num-turns", "3", "--system-prompt-len", "5", "--random-input-len", "2",
+                                            "--random-output-len", str(ANSWER), "--result-filename", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    assert "Prompt tokens computed" in result.output and "TTFT p50" in result.output
+    return dict(json.loads(out.read_text())["multi_turn"])
+
+
+def test_each_turn_resends_the_conversation_with_the_servers_answer(tmp_path: Path) -> None:
+    server = _Server()
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        summary = _run(fake.url, tmp_path)
+    # 2 conversations x 3 turns: 5 system tokens + 2 per user turn + 3 per answer
+    assert sorted(len(p) for p in server.prompts) == [7, 7, 12, 12, 17, 17]
+    assert len({tuple(p[:5]) for p in server.prompts}) == 1  # one system prompt for all
+    for prompt in (p for p in server.prompts if len(p) > 7):
+        earlier = [e for e in server.prompts if len(e) == len(prompt) - ANSWER - 2 and prompt[:len(e)] == e]
+        assert len(earlier) == 1  # the previous turn's prompt, then its answer's ids, then new tokens
+        assert prompt[len(earlier[0]):len(earlier[0]) + ANSWER] == server.answers[tuple(earlier[0])]
+    assert summary == {"conversations": 2, "turns": 3, "requests": 6, "prompt_tokens_computed_per_request": 10.0,
+                       "kv_bytes_moved_per_request": 100.0, "ttft_p50_ms": summary["ttft_p50_ms"]}
+
+
+def test_chat_turns_carry_the_answers_as_assistant_messages(tmp_path: Path) -> None:
+    server = _Server()
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        _run(fake.url, tmp_path, "--endpoint", "/v1/chat/completions")
+    longest = max(server.chats, key=len)
+    assert [m["role"] for m in longest] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert longest[2]["content"].startswith("w")
