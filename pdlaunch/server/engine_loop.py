@@ -104,6 +104,7 @@ class EngineLoop:
         self.error: str | None = None
         self.stats: EngineStats | None = None  # the engine's after its last step
         self.num_aborted = 0  # requests stopped before they finished (client went away)
+        self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
 
     # -- HTTP side (event loop thread) ------------------------------------------------------------
     def start(self) -> None:
@@ -197,6 +198,14 @@ class EngineLoop:
         ready or does not answer within `timeout` seconds."""
         self.require_ready()
         return await self.call(lambda engine: engine.release_held_kv(request_id), timeout)
+
+    def release_held_kv_soon(self, request_id: str) -> None:
+        """release_held_kv without waiting for it (fire and forget); a failure is logged (the engine is
+        not ready: the lease frees the blocks later)."""
+        task = asyncio.ensure_future(self.release_held_kv(request_id))
+        self._releases.add(task)
+        task.add_done_callback(_log_release_failure(request_id))
+        task.add_done_callback(self._releases.discard)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -338,6 +347,17 @@ class EngineLoop:
             engine.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("engine shutdown raised: %s", exc)
+
+
+def _log_release_failure(request_id: str) -> Callable[[asyncio.Task[bool]], None]:
+    def done(task: asyncio.Task[bool]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, OpenAIError):
+            log.warning("could not release the KV held for %s now: %s", request_id, exc.message)
+        elif exc is not None:
+            log.error("releasing the KV held for %s failed: %s", request_id, exc)
+
+    return done
 
 
 def _resolve(future: asyncio.Future[T], result: T) -> None:
