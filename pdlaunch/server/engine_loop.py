@@ -122,6 +122,11 @@ class EngineLoop:
             raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
         return self._engine
 
+    @property
+    def built_engine(self) -> LLMEngine | None:
+        """The engine once built (also after it failed or stopped: /info still shows what it was)."""
+        return self._engine
+
     def require_ready(self) -> LLMEngine:
         """The engine when it serves requests, else the 503 a request gets."""
         if self.state != "ready":
@@ -252,23 +257,23 @@ class EngineLoop:
         except queue.Empty:
             return
         while command is not None:  # None: the stop sentinel
-            self._execute(engine, command)
+            if isinstance(command, _Add):
+                self._add(engine, command)
+            elif isinstance(command, _Abort):
+                self._abort(engine, command.request_id)
+            else:
+                command.run(engine)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _execute(self, engine: LLMEngine, command: _Add | _Abort | _Call) -> None:
-        if isinstance(command, _Add):
-            self._add(engine, command)
-        elif isinstance(command, _Abort):
-            try:
-                if engine.abort_request(command.request_id) is not None:
-                    self.num_aborted += 1
-            except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
-                log.debug("abort of %s: %s", command.request_id, exc)
-        else:
-            command.run(engine)
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        try:
+            if engine.abort_request(request_id) is not None:
+                self.num_aborted += 1
+        except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
+            log.debug("abort of %s: %s", request_id, exc)
 
     def _add(self, engine: LLMEngine, command: _Add) -> None:
         stream = command.stream

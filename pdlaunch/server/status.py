@@ -33,8 +33,9 @@ async def health(request: Request) -> JSONResponse:
 async def info(request: Request) -> JsonObject:
     instance = instance_of(request)
     engine_loop, spec, config = instance.engine_loop, instance.spec, instance.config
-    engine = engine_loop.engine if engine_loop.state == "ready" else None
-    rank_ids, connector_info = await engine_loop.call(_engine_snapshot) if engine is not None else (None, {})
+    engine = engine_loop.built_engine
+    ready = engine_loop.state == "ready"
+    rank_ids, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, {})
     engine_id = engine.engine_id if engine is not None else spec.engine_id
     stats = engine_loop.stats
     pd = spec.role != "colocated"
@@ -79,8 +80,8 @@ async def prometheus_metrics(request: Request) -> Response:
 
 async def models(request: Request) -> JsonObject:
     instance = instance_of(request)
-    engine_loop = instance.engine_loop
-    max_model_len = engine_loop.engine.max_model_len if engine_loop.state == "ready" else None
+    engine = instance.engine_loop.built_engine
+    max_model_len = engine.max_model_len if engine is not None else None
     return {"object": "list", "data": [{
         "id": name, "object": "model", "created": 0, "owned_by": "pdlaunch", "root": instance.config.model.path,
         "max_model_len": max_model_len,
