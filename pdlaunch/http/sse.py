@@ -56,11 +56,12 @@ def parse_sse(body: bytes) -> list[str]:
 
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response whose `on_close` runs however it ends: finished, failed, or the client
-    left before the body iterator even started (then the iterator's own `finally` never runs)."""
+    left before the body iterator even started (then the iterator's own `finally` never runs). SSE by
+    default; another `media_type` (e.g. NDJSON) streams the same way."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(content, media_type="text/event-stream", headers=headers)
+                 headers: Mapping[str, str] | None = None, media_type: str = "text/event-stream") -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
