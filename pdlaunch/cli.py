@@ -126,7 +126,7 @@ def generate(
     kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto | fp8.")] = "auto",
 ) -> None:
     """Offline generation with the engine (no server)."""
-    from pdlaunch.engine.generate_cmd import run_generate
+    from pdlaunch.engine.llm import run_generate
 
     with _reported():
         run_generate(model, device, prompt or ["Hello, my name is"], max_tokens, temperature, dtype, json_output,

@@ -31,7 +31,15 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
-from pdlaunch.bench.report import RequestResult, calculate_metrics, parse_goodput, print_report, result_dict, write_json
+from pdlaunch.bench.report import (
+    RequestResult,
+    ServeDoc,
+    calculate_metrics,
+    parse_goodput,
+    print_report,
+    result_dict,
+    write_json,
+)
 from pdlaunch.bench.serve import MIN_TOKEN_ID, BenchRequest, ServeBenchConfig, resolve_model, send_request
 from pdlaunch.errors import PdlaunchError
 
@@ -152,7 +160,7 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
     return conversations, duration, model, delta
 
 
-def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> dict[str, object]:
+def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
     """Run the conversations, print the report and the per-request figures; returns the JSON document."""
     if cfg.is_chat and cfg.prompt_format == "ids":
         raise PdlaunchError("--multi-turn over chat sends words", field="--prompt-format", hint="drop --prompt-format")
@@ -182,7 +190,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> dict[str, object]
     doc = result_dict(metrics, results, {
         "backend": "openai-chat" if cfg.is_chat else "openai", "base_url": cfg.base_url, "endpoint": cfg.endpoint,
         "model_id": model, "system_prompt_len": cfg.system_prompt_len, "user_turn_len": cfg.random_input_len,
-        "answer_len": cfg.random_output_len, "seed": cfg.seed, "goodput_slos_ms": goodput_ms,
+        "answer_len": cfg.random_output_len, "seed": cfg.seed, "goodput_slos_ms": {**goodput_ms},
         "multi_turn": summary.model_dump()})
     if cfg.save_result or cfg.result_filename:
         name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"

@@ -158,8 +158,9 @@ def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, 
         body["return_token_ids"] = True
     prompt: JsonValue = req.prompt if isinstance(req.prompt, str) else [*req.prompt]
     if cfg.is_chat:
-        messages: list[JsonValue] = [{**m} for m in req.messages] if req.messages else [{"role": "user", "content": prompt}]
-        body["messages"] = messages
+        first_turn: JsonValue = {"role": "user", "content": prompt}
+        turns: list[JsonValue] = [{**m} for m in req.messages] if req.messages else [first_turn]
+        body["messages"] = turns
         body["max_completion_tokens"] = req.output_len
     else:
         body["prompt"] = prompt

@@ -1,12 +1,16 @@
-"""Offline use: `LLM(model="demo").generate(prompts, SamplingParams(...))`, no server."""
+"""Offline use: `LLM(model="demo").generate(prompts, SamplingParams(...))`, no server; and `pdlaunch generate`
+(run_generate), the same from the command line."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Any
+import json
+from collections.abc import Mapping, Sequence
 
+import typer
 from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
 
 from pdlaunch.config.models import CacheConfig, DeploymentConfig, ModelConfig, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -16,9 +20,9 @@ from pdlaunch.errors import EngineError
 _SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
 
 
-def build_config(model: str, device: str, dtype: str, overrides: dict[str, Any]) -> DeploymentConfig:
+def build_config(model: str, device: str, dtype: str, overrides: Mapping[str, object]) -> DeploymentConfig:
     """A colocated deployment; each override names a field of model/cache/scheduler config."""
-    sections: dict[str, dict[str, Any]] = {"model": {"path": model, "dtype": dtype}, "cache": {}, "scheduler": {}}
+    sections: dict[str, dict[str, object]] = {"model": {"path": model, "dtype": dtype}, "cache": {}, "scheduler": {}}
     for key, value in overrides.items():
         section = next((name for name, cls in _SECTIONS.items() if key in cls.model_fields), None)
         if section is None or key == "path":
@@ -32,7 +36,7 @@ class LLM:
     """An engine in this process. Options are model/cache/scheduler config fields, e.g.
     `LLM("demo", device="cpu", max_num_seqs=8, num_gpu_blocks=256, enable_prefix_caching=False)`."""
 
-    def __init__(self, model: str = "demo", device: str = "auto", dtype: str = "auto", **overrides: Any) -> None:
+    def __init__(self, model: str = "demo", device: str = "auto", dtype: str = "auto", **overrides: object) -> None:
         self.engine = LLMEngine(build_config(model, device, dtype, overrides))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
@@ -88,3 +92,25 @@ class LLM:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, temperature: float, dtype: str,
+                 json_output: bool, options: dict[str, str | None] | None = None) -> None:
+    """Generate for every prompt; with `json_output` one {"prompt", "text", "token_ids"} per line.
+    `options`: further model/cache config fields (quantization, kv_cache_dtype)."""
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    except ValueError as exc:
+        field = "--max-tokens" if "max_tokens" in str(exc) else "--temperature"
+        raise EngineError("must be at least 1" if field == "--max-tokens" else "must be at least 0",
+                          field=field) from None
+    with LLM(model, device=device, dtype=dtype, **(options or {})) as llm:
+        outputs = llm.generate(prompts, params)
+    if json_output:
+        for out in outputs:
+            typer.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids}))
+        return
+    table = Table("prompt", "completion", "tokens", "finish", title=f"pdlaunch generate ({model})")
+    for out in outputs:
+        table.add_row(out.prompt or "", out.text, str(len(out.token_ids)), out.finish_reason or "")
+    Console().print(table)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
@@ -22,13 +22,16 @@ from pdlaunch.engine.sampler import SampleRow
 from pdlaunch.engine.structured_output import GrammarBackend, advance
 from pdlaunch.errors import EngineError
 
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
 
 @dataclass
 class TrackedRequest:
     request: Request
     detokenizer: IncrementalDetokenizer
     stop_token_ids: frozenset[int]
-    matcher: Any = None  # structured output: the grammar's state after the output so far
+    matcher: LLMatcher | None = None  # structured output: the grammar's state after the output so far
 
 
 class OutputProcessor:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -34,6 +34,9 @@ from pdlaunch.engine.outputs import MIN_RANDOM_TEMPERATURE, SamplingParams, Toke
 from pdlaunch.engine.structured_output import apply_grammar_masks
 from pdlaunch.memory.platform import to_device_async
 
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
 
 @dataclass
 class SampleRow:
@@ -41,7 +44,7 @@ class SampleRow:
     generator: torch.Generator | None = None
     prompt_token_ids: Sequence[int] = field(default_factory=list)  # read by penalties
     output_token_ids: Sequence[int] = field(default_factory=list)  # penalties, min_tokens, bad_words
-    matcher: Any = None  # llguidance matcher of a structured-output request (engine/structured_output.py)
+    matcher: LLMatcher | None = None  # llguidance matcher of a structured-output request (engine/structured_output.py)
 
 
 @dataclass

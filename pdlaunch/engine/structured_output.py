@@ -25,13 +25,18 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, JsonValue
 
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.platform import to_device_async
+
+if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
+    from llguidance import LLMatcher, LLTokenizer
+
+    from pdlaunch.model.tokenizer import Tokenizer
 
 Kind = Literal["json", "json_object", "regex", "choice", "grammar"]
 TOKENIZER_BUILD_TIMEOUT_S = 120.0
@@ -74,7 +79,7 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def close_objects(schema: Any, close_self: bool = True) -> Any:
+def close_objects(schema: JsonValue, close_self: bool = True) -> JsonValue:
     """`schema` with `"additionalProperties": false` on every object schema that declares `properties` and
     leaves `additionalProperties` out: the keys it names are all it may have, as with xgrammar's default and
     OpenAI's strict mode (a model otherwise invents keys until max_tokens). An explicit
@@ -85,16 +90,20 @@ def close_objects(schema: Any, close_self: bool = True) -> Any:
         return schema
     out = dict(schema)
     for key in _ONE_SCHEMA:
-        if isinstance(out.get(key), dict):
-            out[key] = close_objects(out[key])
+        one = out.get(key)
+        if isinstance(one, dict):
+            out[key] = close_objects(one)
     for key in _SCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [close_objects(item) for item in out[key]]
-    if isinstance(out.get("allOf"), list):
-        out["allOf"] = [close_objects(item, close_self=False) for item in out["allOf"]]
+        many = out.get(key)
+        if isinstance(many, list):
+            out[key] = [close_objects(item) for item in many]
+    parts = out.get("allOf")
+    if isinstance(parts, list):
+        out["allOf"] = [close_objects(item, close_self=False) for item in parts]
     for key in _SCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: close_objects(sub) for name, sub in out[key].items()}
+        named = out.get(key)
+        if isinstance(named, dict):
+            out[key] = {name: close_objects(sub) for name, sub in named.items()}
     if close_self and isinstance(out.get("properties"), dict) and not {"additionalProperties",
                                                                         "unevaluatedProperties"} & set(out):
         out["additionalProperties"] = False
@@ -125,7 +134,7 @@ class GrammarBackend:
         self._tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
         self._eos = eos_token_id
-        self._tokenizer: Any = None
+        self._tokenizer: LLTokenizer | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._started = False
@@ -147,17 +156,17 @@ class GrammarBackend:
         finally:
             self._ready.set()
 
-    def _llg_tokenizer(self, field: str) -> Any:
+    def _llg_tokenizer(self, field: str) -> LLTokenizer:
         if not self._started:
             self._start()
         if not self._ready.wait(TOKENIZER_BUILD_TIMEOUT_S):
             raise EngineError(f"llguidance's token table was not built within {TOKENIZER_BUILD_TIMEOUT_S:.0f} s",
                               field=field, hint="retry; the instance is overloaded")
-        if self._error is not None:
+        if self._error is not None or self._tokenizer is None:
             raise EngineError(f"structured output cannot use this tokenizer: {self._error}", field=field)
         return self._tokenizer
 
-    def matcher(self, spec: StructuredOutput) -> Any:
+    def matcher(self, spec: StructuredOutput) -> LLMatcher:
         import llguidance
 
         tokenizer = self._llg_tokenizer(spec.field)
@@ -170,20 +179,20 @@ class GrammarBackend:
         return matcher
 
 
-def grammar_backend(tokenizer: Any, vocab_size: int) -> GrammarBackend:
+def grammar_backend(tokenizer: Tokenizer, vocab_size: int) -> GrammarBackend:
     """The backend of an engine's tokenizer; its grammars end with the tokenizer's first EOS."""
-    eos = list(getattr(tokenizer, "eos_token_ids", []))
+    eos = list(tokenizer.eos_token_ids)
     return GrammarBackend(tokenizer.to_json, vocab_size, eos[0] if eos else None)
 
 
-def advance(matcher: Any, token_id: int) -> bool:
+def advance(matcher: LLMatcher, token_id: int) -> bool:
     """Feed the sampled token; True when the grammar is finished (the request should stop)."""
     if not matcher.is_stopped():
         matcher.consume_token(token_id)
     return bool(matcher.is_stopped() or matcher.is_error())
 
 
-def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any]) -> torch.Tensor:
+def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[LLMatcher | None]) -> torch.Tensor:
     """logits: [N, V]; matchers: one per row, None where unconstrained. Returns masked logits
     (a new tensor when any row is constrained; the raw ones still give logprobs)."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
@@ -194,8 +203,9 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any]) -> torch.
     num_rows, vocab = logits.shape
     words = -(-vocab // 32)
     mask = torch.full((num_rows, words), -1, dtype=torch.int32)  # all bits set: every token allowed
-    for i in rows:
-        llt.fill_next_token_bitmask(matchers[i], mask, i)
+    for i, matcher in enumerate(matchers):
+        if matcher is not None:
+            llt.fill_next_token_bitmask(matcher, mask, i)
     mask = to_device_async(mask, logits.device)
     # Unpacked here rather than by llguidance.torch.apply_token_bitmask_inplace, which
     # torch.compiles its kernel on first use (seconds, and a C++ compiler on CPU).
@@ -203,7 +213,3 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any]) -> torch.
     allowed = ((mask.unsqueeze(-1) >> shifts) & 1).view(num_rows, words * 32)[:, :vocab]  # [N, V]
     return logits.masked_fill(allowed == 0, float("-inf"))
 
-
-def spec_json(value: Any) -> str:
-    """A JSON schema given as an object or as text, as text."""
-    return value if isinstance(value, str) else json.dumps(value)

@@ -5,6 +5,7 @@ Used by the instance server and the proxy, so a client sees the same shape which
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -53,7 +54,7 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code or str(status)}}
 
 
-def param_of(loc: tuple[Any, ...] | list[Any]) -> str:
+def param_of(loc: Sequence[object]) -> str:
     """Dotted parameter path from a pydantic error location, without the `body` prefix."""
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or "body"

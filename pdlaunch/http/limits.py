@@ -14,10 +14,11 @@ import asyncio
 import json
 import math
 import time
-from typing import Any
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pdlaunch.http import JsonObject
 from pdlaunch.http.asgi import HTTPMiddleware
 from pdlaunch.http.errors import OpenAIError
 
@@ -34,7 +35,7 @@ class _NonFinite:
         self.literal = literal
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
+def parse_json_object(raw: bytes) -> JsonObject:
     """A request body as a JSON object whose every value is finite, shallow and encodable."""
     try:
         body = json.loads(raw, parse_constant=_NonFinite)
@@ -48,7 +49,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-async def read_json_object(request: Any) -> dict[str, Any]:
+async def read_json_object(request: Request) -> JsonObject:
     """parse_json_object of a request's body; a large body is parsed in a worker thread so that the
     event loop (every other request's streaming) never waits on it."""
     raw = await request.body()
@@ -57,10 +58,10 @@ async def read_json_object(request: Any) -> dict[str, Any]:
     return await asyncio.to_thread(parse_json_object, raw)
 
 
-def check_json_values(body: dict[str, Any]) -> None:
+def check_json_values(body: JsonObject) -> None:
     """400 naming the first field (dotted path) that holds a non-finite number, a lone surrogate,
     or nests deeper than MAX_JSON_DEPTH. Iterative, so depth cannot overflow the stack here."""
-    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    stack: list[tuple[object, str, int]] = [(body, "", 0)]
     while stack:
         value, path, depth = stack.pop()
         field = path or "body"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"  # the last event of every OpenAI stream
 
@@ -16,7 +16,7 @@ def sse_data(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
 
 
-def sse_event(payload: dict[str, Any]) -> bytes:
+def sse_event(payload: Mapping[str, object]) -> bytes:
     """One event carrying `payload` as compact JSON."""
     return sse_data(json.dumps(payload, separators=(",", ":")))
 
@@ -56,13 +56,15 @@ def parse_sse(body: bytes) -> list[str]:
 
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response whose `on_close` runs however it ends: finished, failed, or the client
-    left before the body iterator even started (then the iterator's own `finally` never runs)."""
+    left before the body iterator even started (then the iterator's own `finally` never runs). SSE by
+    default; another `media_type` (e.g. NDJSON) streams the same way."""
 
-    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
-        super().__init__(content, media_type="text/event-stream", **kwargs)
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
+                 headers: Mapping[str, str] | None = None, media_type: str = "text/event-stream") -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
         self._on_close = on_close
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:

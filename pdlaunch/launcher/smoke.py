@@ -27,7 +27,7 @@ from pdlaunch.launcher.deployment import ChildExited, Deployment
 from pdlaunch.launcher.log_dir_lock import log_dir_holder
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from pdlaunch.launcher.serve import report_child_exit
-from pdlaunch.server.model_names import served_model_names
+from pdlaunch.server.instance import served_model_names
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 CHAT = [{"role": "user", "content": "Name three colors."}]

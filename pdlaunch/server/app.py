@@ -1,51 +1,28 @@
-"""The instance HTTP API: OpenAI routes plus health, info, metrics and sleep control.
+"""The instance HTTP API: OpenAI routes plus health, info, metrics, tokenize and sleep control.
 
-Handlers never touch the engine directly: requests go through the EngineLoop (engine thread) and
-their outputs come back on per-request asyncio queues, so the event loop never blocks on a step.
+Every route is a module-level handler; each route module lists its routes in `ROUTES` (method, path,
+handler) and build_app registers the modules of ROUTE_MODULES, the one place a new one is added. A
+handler reads what it needs from the `Instance` on the app's state (server/instance.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi import FastAPI
 
 from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.outputs import RequestOutput
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
-from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
-from pdlaunch.http.errors import OpenAIError, error_body, install_error_handlers
-from pdlaunch.http.limits import BodyLimit, client_request_id, read_json_object
-from pdlaunch.http.sse import DONE, ClosingStreamingResponse, sse_event
-from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
-from pdlaunch.server.internal import HeldKV, add_internal_routes
-from pdlaunch.server.kv_events import add_kv_events_routes
-from pdlaunch.server.model_names import accepted_model_names, served_model_names
-from pdlaunch.server.multi_serve import serve_multi
-from pdlaunch.server.prompts import prompt_token_ids
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
-from pdlaunch.server.request_metrics import RequestMetrics
-from pdlaunch.server.responses import ResponseBuilder
-from pdlaunch.server.sleep import SleepRoutes
-from pdlaunch.server.tokenize import add_tokenize_routes
+from pdlaunch.http.errors import install_error_handlers
+from pdlaunch.http.limits import BodyLimit
+from pdlaunch.server import completions, internal, kv_events, sleep, status, tokenize
+from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.instance import Instance
 
-if TYPE_CHECKING:
-    from pdlaunch.engine.llm_engine import LLMEngine
-
-KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
-
-
-def served_model_name(config: DeploymentConfig) -> str:
-    return served_model_names(config)[0]
+ROUTE_MODULES = (status, completions, tokenize, sleep, internal, kv_events)
 
 
 def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceSpec) -> FastAPI:
@@ -64,200 +41,10 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     security = config.security  # the last middleware added runs first: no body is read before auth
     app.add_middleware(BodyLimit, max_bytes=security.max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(security.api_key, security.deployment_secret))
-    held_kv = HeldKV(engine_loop)
-    model_name = served_model_name(config)
-    metrics.set_model_name(model_name)
-    accepted_names = accepted_model_names(config)
-    sleep = SleepRoutes(engine_loop, config)
-
-    def check_model(model: str | None) -> None:
-        if model is not None and model not in accepted_names:
-            raise OpenAIError(404, f"model {model!r} is not served here (this instance serves {model_name!r})",
-                              param="model", code="model_not_found")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        state = "sleeping" if sleep.sleeping else engine_loop.state
-        if state == "ready":
-            return JSONResponse({"status": "ok", "role": spec.role, "engine_id": spec.engine_id})
-        status = 500 if state == "failed" else 503
-        body = error_body(status, engine_loop.error or f"instance is {state}", code=state)
-        body["status"] = state
-        return JSONResponse(body, status_code=status)
-
-    @app.get("/info")
-    async def info() -> dict[str, Any]:
-        ready = engine_loop.state == "ready"
-        engine = engine_loop.engine if ready else None
-        rank_ids, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, {})
-        engine_id = engine.engine_id if engine is not None else spec.engine_id
-        stats = engine_loop.stats
-        return {
-            "name": spec.name,
-            "pid": os.getpid(),
-            "role": spec.role,
-            "state": "sleeping" if sleep.sleeping else engine_loop.state,
-            "model": model_name,
-            "engine_id": engine_id,
-            "tp_size": spec.tp,
-            "rank_engine_ids": rank_ids or [engine_id] * spec.tp,
-            "device": spec.device,
-            "devices": spec.devices,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "transfer_mode": connector_info.get("transfer_mode", config.kv_transfer.transfer_mode)
-            if spec.role != "colocated" else None,
-            "kv_connector": config.kv_transfer.connector if spec.role != "colocated" else None,
-            "kv_layout": connector_info.get("kv_layout") or KV_LAYOUT,
-            "block_size": config.cache.block_size,
-            "weight_dtype": engine.weight_dtype if engine is not None else None,
-            "kv_cache_dtype": engine.kv_cache_dtype if engine is not None else None,
-            "num_blocks_total": stats["num_blocks_total"] if stats is not None else None,
-            "num_blocks_used": stats["num_blocks_used"] if stats is not None else None,
-            "max_model_len": engine.max_model_len if engine is not None else None,
-            "num_pending_requests": engine_loop.num_pending,
-            "num_aborted_requests": engine_loop.num_aborted,
-            "stats": stats or {},
-            "connector": connector_info,
-        }
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        max_model_len = engine_loop.engine.max_model_len if engine_loop.state == "ready" else None
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": 0, "owned_by": "pdlaunch", "root": config.model.path,
-            "max_model_len": max_model_len,
-        } for name in served_model_names(config)]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        body = CompletionRequest.model_validate(await read_json_object(request))
-        body.check_supported()
-        check_model(body.model)
-        if body.fans_out():  # n > 1, best_of, a list of prompts, echo
-            return await serve_multi(engine_loop, body, body.prompts(), "completion", request, model_name,
-                                     sleep.sleeping)
-        return await _serve(body, body.single_prompt(), "completion", request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = ChatCompletionRequest.model_validate(await read_json_object(request))
-        body.check_supported()
-        check_model(body.model)
-        if body.fans_out():  # n > 1
-            return await serve_multi(engine_loop, body, [body.template_messages()], "chat", request, model_name,
-                                     sleep.sleeping)
-        return await _serve(body, body.template_messages(), "chat", request)
-
-    async def _serve(body: CompletionRequest | ChatCompletionRequest, prompt: Any,
-                     endpoint: Endpoint, request: Request) -> Response:
-        if sleep.sleeping:
-            raise OpenAIError(503, "instance is sleeping; POST /wake_up first", code="sleeping")
-        arrival = time.monotonic()
-        params = body.sampling_params()
-        # The client's X-Request-Id names the response; the engine id gets a suffix so that a reused
-        # header (or a prefill id still holding KV for its decode leg) never collides inside the engine.
-        client_id = client_request_id(request.headers.get("x-request-id"), uuid.uuid4().hex)
-        request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
-        recorder = RequestMetrics(request_id, endpoint, arrival, n=body.n, max_tokens=params.max_tokens)
-        if engine_loop.state != "ready":
-            raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
-        engine = engine_loop.engine
-        prompt_ids = await prompt_token_ids(engine.tokenizer, prompt, engine.max_model_len)
-        stream = engine_loop.submit(request_id, prompt_ids, params, body.kv_transfer_params)
-        remote_decode = bool((body.kv_transfer_params or {}).get("do_remote_decode"))
-
-        def client_gone() -> Response:
-            engine_loop.abort(request_id)  # a no-op once the engine finished the request
-            if remote_decode:  # finished already, the KV is held for a decode leg that will not come
-                held_kv.release_soon(request_id)  # queued after the abort: frees only what is held
-            return Response(status_code=CLIENT_CLOSED)
-
-        try:
-            with DisconnectWatch(request) as watch:
-                first = await watch.run(stream.queue.get())
-                if not isinstance(first, Accepted):
-                    _raise_if_error(first)
-                    raise OpenAIError(500, f"engine answered {type(first).__name__} before accepting the request")
-                recorder.accepted(first.num_prompt_tokens)
-                builder = ResponseBuilder(
-                    endpoint=endpoint, model=model_name, num_prompt_tokens=first.num_prompt_tokens,
-                    return_token_ids=body.return_token_ids,
-                    prompt_token_ids=prompt_ids if body.return_token_ids else None,
-                    tool_calling=body.tool_calling() if isinstance(body, ChatCompletionRequest) else None,
-                    response_id=("cmpl-" if endpoint == "completion" else "chatcmpl-") + client_id,
-                    detokenize=lambda token_id: engine_loop.engine.tokenizer.decode([token_id]),
-                )
-                headers = {"X-Request-Id": client_id}
-                if body.stream:
-                    async def abort() -> None:  # no-op once finished; frees the blocks if the client left
-                        engine_loop.abort(request_id)
-
-                    return ClosingStreamingResponse(
-                        _stream(stream, builder, recorder, body.include_usage()), on_close=abort,
-                        headers={**headers, "Cache-Control": "no-cache"})
-                result = await watch.run(_collect(stream, builder, recorder))
-                if watch.gone:
-                    return client_gone()
-                return JSONResponse(result, headers=headers)
-        except ClientDisconnected:
-            return client_gone()
-        except BaseException:
-            engine_loop.abort(request_id)
-            raise
-
-    async def _collect(stream: RequestStream, builder: ResponseBuilder, recorder: RequestMetrics) -> dict[str, Any]:
-        while True:
-            out = _raise_if_error(await stream.queue.get())
-            builder.add(out)
-            recorder.output(out)
-            if out.finished:
-                return builder.response()
-
-    async def _stream(stream: RequestStream, builder: ResponseBuilder, recorder: RequestMetrics,
-                      include_usage: bool) -> AsyncIterator[bytes]:
-        try:
-            while True:
-                item = await stream.queue.get()
-                try:
-                    out = _raise_if_error(item)
-                except OpenAIError as exc:
-                    yield sse_event(exc.body())
-                    return
-                recorder.output(out)
-                chunk = builder.chunk(out, final_usage=not include_usage)
-                if chunk is not None:
-                    yield sse_event(chunk)
-                if out.finished:
-                    break
-            if include_usage:
-                yield sse_event(builder.usage_chunk())
-            yield DONE
-        finally:
-            engine_loop.abort(stream.request_id)  # no-op once finished; frees blocks if the client left
-
-    sleep.add_routes(app)
-    add_tokenize_routes(app, engine_loop, check_model)
-    add_internal_routes(app, held_kv)
-    add_kv_events_routes(app, engine_loop)
+    instance = Instance(engine_loop, config, spec)
+    app.state.instance = instance
+    metrics.set_model_name(instance.model_name)
+    for module in ROUTE_MODULES:
+        for method, path, handler in module.ROUTES:
+            app.add_api_route(path, handler, methods=[method], response_model=None)
     return app
-
-
-def _engine_snapshot(engine: LLMEngine) -> tuple[list[str], dict[str, Any]]:
-    """What /info reads from the engine itself (runs on the engine thread): the TP ranks' engine ids
-    and the KV connector's description."""
-    connector = engine.connector
-    return engine.rank_engine_ids, connector.info() if connector is not None else {}
-
-
-def _raise_if_error(item: StreamItem) -> RequestOutput:
-    if isinstance(item, OpenAIError):
-        raise item
-    if not isinstance(item, RequestOutput):
-        raise OpenAIError(500, f"unexpected {type(item).__name__} on a request's output queue")
-    if item.finished and item.finish_reason == "error":
-        raise OpenAIError(item.error_status, item.error or "the engine failed the request", code="engine_error")
-    return item

@@ -14,21 +14,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
+from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
+
+if TYPE_CHECKING:
+    from pdlaunch.model.tokenizer import Tokenizer
 
 RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 @dataclass
 class ChatPrompt:
-    messages: list[dict[str, Any]]
+    messages: list[JsonObject]
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None
-    template_kwargs: dict[str, Any] | None = None
+    tools: list[JsonObject] | None = None
+    template_kwargs: JsonObject | None = None
     add_special_tokens: bool | None = None  # None: one BOS, whether or not the template renders it
 
     def __post_init__(self) -> None:
@@ -48,8 +53,8 @@ class ChatPrompt:
         return sum(len(_text(m.get("content"))) for m in self.messages) + len(json.dumps(self.tools or []))
 
 
-def render(tokenizer: Any, prompt: ChatPrompt) -> str:
-    text: str = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools,
+def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:
+    text = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools,
                                               prompt.template_kwargs)
     if prompt.continue_final_message:
         final = _text(prompt.messages[-1].get("content"))
@@ -61,23 +66,25 @@ def render(tokenizer: Any, prompt: ChatPrompt) -> str:
     return text
 
 
-def template_message(role: str, content: str | None, extra: dict[str, Any]) -> dict[str, Any]:
+def template_message(role: str, content: str | None, extra: Mapping[str, object]) -> JsonObject:
     """One message for the template: role, text content, and what tool calling adds."""
-    message: dict[str, Any] = {"role": role, "content": content or ""}
+    message: JsonObject = {"role": role, "content": content or ""}
     for key in ("name", "tool_call_id"):
-        if isinstance(extra.get(key), str):
-            message[key] = extra[key]
+        value = extra.get(key)
+        if isinstance(value, str):
+            message[key] = value
     calls = extra.get("tool_calls")
     if calls is not None:
         message["tool_calls"] = [_template_tool_call(call, i) for i, call in enumerate(_as_list(calls))]
     return message
 
 
-def _template_tool_call(call: Any, index: int) -> dict[str, Any]:
+def _template_tool_call(call: object, index: int) -> JsonObject:
     param = f"messages.tool_calls.{index}"
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+    function_of = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(call, dict) or not isinstance(function_of, dict):
         raise OpenAIError(400, "a tool call needs a `function` object", param=param)
-    function = dict(call["function"])
+    function: JsonObject = dict(function_of)
     if not isinstance(function.get("name"), str):
         raise OpenAIError(400, "a tool call's function needs a `name`", param=f"{param}.function.name")
     arguments = function.get("arguments", "{}")
@@ -91,11 +98,11 @@ def _template_tool_call(call: Any, index: int) -> dict[str, Any]:
     return {**call, "type": call.get("type", "function"), "function": function}
 
 
-def _as_list(value: Any) -> list[Any]:
+def _as_list(value: object) -> list[object]:
     if not isinstance(value, list):
         raise OpenAIError(400, "tool_calls must be a list", param="messages.tool_calls")
     return value
 
 
-def _text(content: Any) -> str:
+def _text(content: object) -> str:
     return content if isinstance(content, str) else ""

@@ -1,10 +1,11 @@
-"""Requests answered by several engine requests: n > 1, best_of, a list of prompts, echo.
+"""An OpenAI generation request as the engine requests that answer it: its choices.
 
-Each choice is one engine request. For every prompt the first sample is submitted alone; the
-other samples of that prompt follow once it produced its first token, so its prompt blocks are
-computed (or, on a PD decode, loaded over the KV connector: only the first sample carries the
-kv_transfer_params) and registered in the prefix cache: the later samples share those blocks and
-compute only the partial last block (less than one block of tokens). The prompt's KV moves once.
+Each choice is one engine request; a plain request is one choice. n > 1, best_of and a list of prompts
+make more: for every prompt the first sample is submitted alone; the other samples of that prompt follow
+once it produced its first token, so its prompt blocks are computed (or, on a PD decode, loaded over the
+KV connector: only the first sample carries the kv_transfer_params) and registered in the prefix cache:
+the later samples share those blocks and compute only the partial last block (less than one block of
+tokens). The prompt's KV moves once.
 
 Seeds: sample i of a seeded request uses seed + i (vLLM's rule), so every sample differs and the
 whole answer is reproducible. best_of: best_of samples are generated and the n with the highest
@@ -16,17 +17,20 @@ choice's text, and with logprobs the prompt's logprobs (engine/prompt_logprobs.p
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, sse_event
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
-from pdlaunch.server.responses import ResponseBuilder
+from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.request_metrics import RequestMetrics
+from pdlaunch.server.responses import ResponseBuilder, usage_body
 
 MAX_CHOICES = 128  # engine requests one HTTP request may start (prompts x best_of)
 
@@ -35,93 +39,125 @@ MAX_CHOICES = 128  # engine requests one HTTP request may start (prompts x best_
 class Choice:
     index: int
     prompt_index: int
+    sample: int  # of its prompt: 0 goes first and carries the kv_transfer_params
     request_id: str
     params: SamplingParams
     builder: ResponseBuilder
+    recorder: RequestMetrics
     stream: RequestStream | None = None
     echo_text: str = ""
 
+    def queue(self) -> asyncio.Queue[StreamItem]:
+        if self.stream is None:
+            raise OpenAIError(500, f"choice {self.index} was never submitted")
+        return self.stream.queue
 
-class MultiChoice:
+
+class Choices:
     """One request's choices: submitting them, collecting or streaming their outputs."""
 
-    def __init__(self, engine_loop: EngineLoop, prompts: Sequence[Prompt], params: SamplingParams, n: int, best_of: int,
-                 make_builder: Callable[[], ResponseBuilder], client_id: str,
-                 kv_transfer_params: dict[str, Any] | None) -> None:
+    def __init__(self, engine_loop: EngineLoop, body: CompletionRequest | ChatCompletionRequest,
+                 prompts: Sequence[Prompt], client_id: str, model_name: str) -> None:
+        completion = isinstance(body, CompletionRequest)
+        n = body.n
+        best_of = (body.best_of if isinstance(body, CompletionRequest) else None) or n
         if len(prompts) * best_of > MAX_CHOICES:
             raise OpenAIError(400, f"{len(prompts)} prompts x {best_of} samples exceed {MAX_CHOICES} choices",
                               param="best_of" if best_of > n else "n")
-        if kv_transfer_params and len(prompts) > 1:
+        if body.kv_transfer_params and len(prompts) > 1:
             raise OpenAIError(400, "a list of prompts cannot share one kv_transfer_params; send one request per "
                                    "prompt", param="prompt")
         self.engine_loop, self.prompts, self.n, self.best_of = engine_loop, prompts, n, best_of
-        self.kv_transfer_params = kv_transfer_params
-        self.keep_logprobs = params.logprobs is not None
+        self.kv_transfer_params = body.kv_transfer_params
+        self.echo = isinstance(body, CompletionRequest) and body.echo
         self.prompt_ids: list[list[int]] = []
+        params = body.sampling_params()
+        self.keep_logprobs = params.logprobs is not None
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
-        self.choices = [
-            Choice(p * best_of + i, p, f"{client_id}-{uuid.uuid4().hex[:8]}-{p}-{i}", _seeded(sample_params, i),
-                   make_builder())
-            for p in range(len(prompts)) for i in range(best_of)]
+        tokenizer = engine_loop.engine.tokenizer
+        calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
+        arrival = time.monotonic()
+        self.choices: list[Choice] = []
+        for p in range(len(prompts)):
+            for i in range(best_of):
+                request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
+                builder = ResponseBuilder(
+                    endpoint="completion" if completion else "chat", model=model_name, index=p * best_of + i,
+                    return_token_ids=body.return_token_ids, tool_calling=calling,
+                    detokenize=lambda token_id: tokenizer.decode([token_id]),
+                    response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
+                recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens)
+                self.choices.append(Choice(p * best_of + i, p, i, request_id, _seeded(sample_params, i), builder,
+                                           recorder))
 
     def abort_all(self) -> None:
         for choice in self.choices:
-            self.engine_loop.abort(choice.request_id)
+            self.engine_loop.abort(choice.request_id)  # a no-op once the engine finished it
 
-    async def start(self, echo: Callable[[int, list[int]], str] | None) -> None:
+    def client_gone(self) -> None:
+        """The client left: stop every choice, and free the KV a prefill holds for a decode leg that
+        will not come (queued after the aborts: frees only what is held)."""
+        self.abort_all()
+        if (self.kv_transfer_params or {}).get("do_remote_decode"):
+            for choice in self.choices:
+                if choice.sample == 0:
+                    self.engine_loop.release_held_kv_soon(choice.request_id)
+
+    async def start(self) -> None:
         """Tokenize, submit every choice (the first of each prompt first) and await their acceptance."""
         engine = self.engine_loop.engine
         ids = [await prompt_token_ids(engine.tokenizer, p, engine.max_model_len) for p in self.prompts]
         self.prompt_ids = ids
-        firsts = [c for c in self.choices if c.index % self.best_of == 0]
+        firsts = [c for c in self.choices if c.sample == 0]
         for c in firsts:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, self.kv_transfer_params)
         for c in firsts:
             await self._accepted(c)
-        # The first output of each first sample: its prompt KV is cached (or loaded) by then.
-        await asyncio.gather(*(_peek(c.stream) for c in firsts if c.stream is not None))
+        rest = [c for c in self.choices if c.sample > 0]
+        if rest:  # after the first output of each first sample: its prompt KV is cached (or loaded) by then
+            await asyncio.gather(*(_peek(c.queue()) for c in firsts))
+        for c in rest:
+            c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, None)
+            await self._accepted(c)
         for c in self.choices:
-            if c.stream is None:
-                c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, None)
-                await self._accepted(c)
-        if echo is not None:
-            for c in self.choices:
-                c.echo_text = echo(c.prompt_index, ids[c.prompt_index])
+            if c.builder.return_token_ids:
+                c.builder.prompt_token_ids = ids[c.prompt_index]
+            if self.echo:
+                prompt = self.prompts[c.prompt_index]
+                c.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids[c.prompt_index])
 
     async def _accepted(self, choice: Choice) -> None:
-        assert choice.stream is not None
-        first = await choice.stream.queue.get()
+        first = await choice.queue().get()
         if not isinstance(first, Accepted):
             raise _error_of(first)
         choice.builder.num_prompt_tokens = first.num_prompt_tokens
+        choice.recorder.accepted(first.num_prompt_tokens)
 
-    async def response(self) -> dict[str, Any]:
+    async def response(self) -> JsonObject:
+        """The whole response once every choice finished."""
         async def collect(c: Choice) -> None:
             while True:
-                out = _output(await c.stream.queue.get())  # type: ignore[union-attr]
+                out = _output(await c.queue().get())
                 c.builder.add(out)
+                c.recorder.output(out)
                 if out.finished:
                     return
 
         await asyncio.gather(*(collect(c) for c in self.choices))
         kept = self._best()
-        bodies = []
         for c in kept:
+            builder = c.builder
             if not self.keep_logprobs:
-                c.builder.logprobs = None
-            c.builder.text = c.echo_text + c.builder.text
-            if c.echo_text and self.keep_logprobs and c.builder.prompt_logprobs is not None:
+                builder.logprobs = None
+            builder.text = c.echo_text + builder.text
+            if c.echo_text and self.keep_logprobs and builder.prompt_logprobs is not None:
                 # echo with logprobs: the prompt's tokens lead the choice's logprobs (vLLM's shape).
                 first = TokenLogprob(self.prompt_ids[c.prompt_index][0], 0.0)
-                prompt = [lp for lp in c.builder.prompt_logprobs[1:] if lp is not None]
-                c.builder.logprobs = [first, *prompt, *(c.builder.logprobs or [])]
-                c.builder.echo_logprobs = True
-            bodies.append(c.builder.response())
-        body = bodies[0]
-        body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
-        body["usage"] = self._usage([c.builder for c in self.choices])
-        return body
+                prompt = [lp for lp in builder.prompt_logprobs[1:] if lp is not None]
+                builder.logprobs = [first, *prompt, *(builder.logprobs or [])]
+                builder.echo_logprobs = True
+        return kept[0].builder.response([c.builder.choice(i) for i, c in enumerate(kept)], self._usage())
 
     def _best(self) -> list[Choice]:
         """The n choices of each prompt to return: all of them, or best_of's top n by cumulative logprob."""
@@ -133,21 +169,22 @@ class MultiChoice:
             kept.extend(group)
         return kept
 
-    def _usage(self, builders: list[ResponseBuilder]) -> dict[str, Any]:
+    def _usage(self) -> JsonObject:
         """Prompt and cached tokens once per prompt, completion tokens of every sample (vLLM's accounting)."""
-        prompt = sum(b.num_prompt_tokens for c, b in zip(self.choices, builders) if c.index % self.best_of == 0)
-        completion = sum(b.num_output_tokens for b in builders)
-        cached = sum(b.num_cached_tokens for c, b in zip(self.choices, builders) if c.index % self.best_of == 0)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": cached}}
+        firsts = [c.builder for c in self.choices if c.sample == 0]
+        return usage_body(sum(b.num_prompt_tokens for b in firsts),
+                          sum(c.builder.num_output_tokens for c in self.choices),
+                          sum(b.num_cached_tokens for b in firsts))
 
     async def events(self, include_usage: bool) -> AsyncIterator[bytes]:
-        """SSE chunks of every choice as they come (index set), then the usage chunk and [DONE]."""
+        """SSE chunks of every choice as they come, then the usage chunk and [DONE]. One choice's last
+        chunk carries its usage unless the client asked for the usage chunk."""
         merged: asyncio.Queue[tuple[Choice, StreamItem]] = asyncio.Queue()
+        final_usage = not include_usage and len(self.choices) == 1
 
         async def pump(c: Choice) -> None:
             while True:
-                item = await c.stream.queue.get()  # type: ignore[union-attr]
+                item = await c.queue().get()
                 await merged.put((c, item))
                 if not isinstance(item, RequestOutput) or item.finished:
                     return
@@ -162,17 +199,15 @@ class MultiChoice:
                 except OpenAIError as exc:
                     yield sse_event(exc.body())
                     return
+                c.recorder.output(out)
                 if c.echo_text and (out.new_text or out.finished):
                     out.new_text, c.echo_text = c.echo_text + out.new_text, ""
-                chunk = c.builder.chunk(out, final_usage=False)
+                chunk = c.builder.chunk(out, final_usage)
                 if chunk is not None:
-                    chunk["choices"] = [{**ch, "index": c.index} for ch in chunk["choices"]]
                     yield sse_event(chunk)
                 remaining -= out.finished
             if include_usage:
-                usage = self.choices[0].builder.usage_chunk()
-                usage["usage"] = self._usage([c.builder for c in self.choices])
-                yield sse_event(usage)
+                yield sse_event(self.choices[0].builder.usage_chunk(self._usage()))
             yield DONE
         finally:
             for task in pumps:
@@ -186,14 +221,14 @@ def _seeded(params: SamplingParams, sample: int) -> SamplingParams:
     return params.model_copy(update={"seed": (params.seed + sample) % 2**64})
 
 
-async def _peek(stream: RequestStream) -> None:
-    """Wait for the stream's next item and put it back in front."""
-    item = await stream.queue.get()
+async def _peek(queue: asyncio.Queue[StreamItem]) -> None:
+    """Wait for the queue's next item and put it back in front."""
+    item = await queue.get()
     rest = []
-    while not stream.queue.empty():
-        rest.append(stream.queue.get_nowait())
+    while not queue.empty():
+        rest.append(queue.get_nowait())
     for x in (item, *rest):
-        stream.queue.put_nowait(x)
+        queue.put_nowait(x)
 
 
 def _output(item: StreamItem) -> RequestOutput:

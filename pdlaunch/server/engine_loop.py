@@ -104,6 +104,7 @@ class EngineLoop:
         self.error: str | None = None
         self.stats: EngineStats | None = None  # the engine's after its last step
         self.num_aborted = 0  # requests stopped before they finished (client went away)
+        self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
 
     # -- HTTP side (event loop thread) ------------------------------------------------------------
     def start(self) -> None:
@@ -119,6 +120,11 @@ class EngineLoop:
         anything else goes through `call`. 503 while it is not built."""
         if self._engine is None:
             raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+        return self._engine
+
+    @property
+    def built_engine(self) -> LLMEngine | None:
+        """The engine once built (also after it failed or stopped: /info still shows what it was)."""
         return self._engine
 
     def require_ready(self) -> LLMEngine:
@@ -198,6 +204,14 @@ class EngineLoop:
         self.require_ready()
         return await self.call(lambda engine: engine.release_held_kv(request_id), timeout)
 
+    def release_held_kv_soon(self, request_id: str) -> None:
+        """release_held_kv without waiting for it (fire and forget); a failure is logged (the engine is
+        not ready: the lease frees the blocks later)."""
+        task = asyncio.ensure_future(self.release_held_kv(request_id))
+        self._releases.add(task)
+        task.add_done_callback(_log_release_failure(request_id))
+        task.add_done_callback(self._releases.discard)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._commands.put(None)
@@ -243,23 +257,23 @@ class EngineLoop:
         except queue.Empty:
             return
         while command is not None:  # None: the stop sentinel
-            self._execute(engine, command)
+            if isinstance(command, _Add):
+                self._add(engine, command)
+            elif isinstance(command, _Abort):
+                self._abort(engine, command.request_id)
+            else:
+                command.run(engine)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
 
-    def _execute(self, engine: LLMEngine, command: _Add | _Abort | _Call) -> None:
-        if isinstance(command, _Add):
-            self._add(engine, command)
-        elif isinstance(command, _Abort):
-            try:
-                if engine.abort_request(command.request_id) is not None:
-                    self.num_aborted += 1
-            except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
-                log.debug("abort of %s: %s", command.request_id, exc)
-        else:
-            command.run(engine)
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        try:
+            if engine.abort_request(request_id) is not None:
+                self.num_aborted += 1
+        except Exception as exc:  # noqa: BLE001 - e.g. the request finished in the meantime
+            log.debug("abort of %s: %s", request_id, exc)
 
     def _add(self, engine: LLMEngine, command: _Add) -> None:
         stream = command.stream
@@ -338,6 +352,17 @@ class EngineLoop:
             engine.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("engine shutdown raised: %s", exc)
+
+
+def _log_release_failure(request_id: str) -> Callable[[asyncio.Task[bool]], None]:
+    def done(task: asyncio.Task[bool]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, OpenAIError):
+            log.warning("could not release the KV held for %s now: %s", request_id, exc.message)
+        elif exc is not None:
+            log.error("releasing the KV held for %s failed: %s", request_id, exc)
+
+    return done
 
 
 def _resolve(future: asyncio.Future[T], result: T) -> None:

@@ -9,20 +9,14 @@ is unreachable) now, instead of after kv_transfer.kv_lease_seconds. The id is th
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from typing import Any
-
-from fastapi import FastAPI, Request
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http import JsonObject
 from pdlaunch.http.limits import read_json_object
-from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.instance import Handler, instance_of
 
 KV_RELEASE_PATH = "/internal/kv/release"
-
-log = logging.getLogger("pdlaunch.server")
 
 
 class KVReleaseRequest(BaseModel):
@@ -31,30 +25,10 @@ class KVReleaseRequest(BaseModel):
     request_id: str = Field(min_length=1, max_length=512)
 
 
-class HeldKV:
-    """Releases of held KV, from a route or from the instance itself (fire and forget)."""
-
-    def __init__(self, engine_loop: EngineLoop) -> None:
-        self._loop = engine_loop
-        self._tasks: set[asyncio.Task[Any]] = set()  # referenced until done, or the loop may drop them
-
-    async def release(self, request_id: str) -> bool:
-        return await self._loop.release_held_kv(request_id)
-
-    def release_soon(self, request_id: str) -> None:
-        task = asyncio.ensure_future(self._release_logged(request_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _release_logged(self, request_id: str) -> None:
-        try:
-            await self.release(request_id)
-        except OpenAIError as exc:  # engine not ready: the lease frees the blocks later
-            log.warning("could not release the KV held for %s now: %s", request_id, exc.message)
+async def release_kv(request: Request) -> JsonObject:
+    body = KVReleaseRequest.model_validate(await read_json_object(request))
+    released = await instance_of(request).engine_loop.release_held_kv(body.request_id)
+    return {"request_id": body.request_id, "released": released}
 
 
-def add_internal_routes(app: FastAPI, held_kv: HeldKV) -> None:
-    @app.post(KV_RELEASE_PATH)
-    async def release_kv(request: Request) -> dict[str, Any]:
-        body = KVReleaseRequest.model_validate(await read_json_object(request))
-        return {"request_id": body.request_id, "released": await held_kv.release(body.request_id)}
+ROUTES: list[tuple[str, str, Handler]] = [("POST", KV_RELEASE_PATH, release_kv)]

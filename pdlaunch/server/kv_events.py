@@ -11,53 +11,39 @@ deployment's internal token that the proxy sends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from fastapi import Request
+from fastapi.responses import Response
 
 from pdlaunch.http.disconnect import ClientDisconnected, DisconnectWatch
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.kvcache.event_log import KvEventLog, KvEventSubscription
 from pdlaunch.kvcache.events import KvEvent, KvRemoved, KvSnapshot, KvStored, hash_hex
 from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.instance import Handler, instance_of
 
 KV_EVENTS_PATH = "/v1/kv_events"
 NDJSON = "application/x-ndjson"
 ENGINE_CHECK_S = 1.0  # how often an idle stream checks that the engine still runs
 
 
-class NdjsonStream(StreamingResponse):
-    """A streamed NDJSON body whose `on_close` runs however the response ends, also when the client
-    left before the body started (then the body iterator's own `finally` never runs)."""
+async def kv_events(request: Request) -> Response:
+    engine_loop = instance_of(request).engine_loop
+    if engine_loop.state != "ready":
+        raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
+    engine = engine_loop.engine
+    log: KvEventLog = engine.block_manager.events
+    subscriber, cached = log.subscribe(asyncio.get_running_loop())
+    snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
+                          hashes=[hash_hex(h) for h in cached])
 
-    def __init__(self, lines: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(lines, media_type=NDJSON, headers={"Cache-Control": "no-cache"})
-        self._on_close = on_close
+    async def unsubscribe() -> None:
+        log.unsubscribe(subscriber)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self._on_close()
-
-
-def add_kv_events_routes(app: FastAPI, engine_loop: EngineLoop) -> None:
-    @app.get(KV_EVENTS_PATH)
-    async def kv_events(request: Request) -> Response:
-        if engine_loop.state != "ready":
-            raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
-        engine = engine_loop.engine
-        log: KvEventLog = engine.block_manager.events
-        subscriber, cached = log.subscribe(asyncio.get_running_loop())
-        snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
-                              hashes=[hash_hex(h) for h in cached])
-
-        async def unsubscribe() -> None:
-            log.unsubscribe(subscriber)
-
-        return NdjsonStream(_lines(request, engine_loop, log, subscriber, snapshot), unsubscribe)
+    return ClosingStreamingResponse(_lines(request, engine_loop, log, subscriber, snapshot), on_close=unsubscribe,
+                                    headers={"Cache-Control": "no-cache"}, media_type=NDJSON)
 
 
 async def _lines(request: Request, engine_loop: EngineLoop, log: KvEventLog, subscriber: KvEventSubscription,
@@ -80,3 +66,6 @@ async def _lines(request: Request, engine_loop: EngineLoop, log: KvEventLog, sub
 
 def _line(event: KvEvent) -> bytes:
     return event.model_dump_json().encode() + b"\n"
+
+
+ROUTES: list[tuple[str, str, Handler]] = [("GET", KV_EVENTS_PATH, kv_events)]

@@ -11,13 +11,16 @@ templating run in a worker thread (`asyncio.to_thread`); the engine thread only 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.chat_template import ChatPrompt, render
+
+if TYPE_CHECKING:
+    from pdlaunch.model.tokenizer import Tokenizer
 
 MAX_PROMPT_CHARS_PER_TOKEN = 32
 
@@ -45,7 +48,7 @@ def check_prompt_size(prompt: Prompt, max_model_len: int) -> None:
                           param=param)
 
 
-def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:
+def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:  # a Tokenizer; the proxy passes its optional one
     """Token ids of a prompt; chat messages go through the checkpoint's chat template first."""
     try:
         if isinstance(prompt, str):
@@ -62,7 +65,7 @@ def tokenize(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(prompt)  # token ids: the engine checks their range
 
 
-async def prompt_token_ids(tokenizer: Any, prompt: Prompt, max_model_len: int) -> list[int]:
+async def prompt_token_ids(tokenizer: Tokenizer, prompt: Prompt, max_model_len: int) -> list[int]:
     check_prompt_size(prompt, max_model_len)
     if isinstance(prompt, list):
         return list(prompt)

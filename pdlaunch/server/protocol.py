@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.chat_template import ChatPrompt, template_message
 from pdlaunch.server.structured_fields import opens_objects, structured_output_of
@@ -64,13 +65,13 @@ class _SamplingFields(BaseModel):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    response_format: Any = None  # server/structured_fields.py reads these five
-    structured_outputs: Any = None
+    response_format: JsonValue = None  # server/structured_fields.py reads these five
+    structured_outputs: JsonValue = None
     # vLLM's older names for structured_outputs.json / .regex / .choice / .grammar
-    guided_json: Any = Field(None, description="a JSON schema the output follows")
-    guided_regex: Any = Field(None, description="a regular expression the output matches")
-    guided_choice: Any = Field(None, description="the output is one of these strings")
-    guided_grammar: Any = Field(None, description="a grammar the output follows")
+    guided_json: JsonValue = Field(None, description="a JSON schema the output follows")
+    guided_regex: JsonValue = Field(None, description="a regular expression the output matches")
+    guided_choice: JsonValue = Field(None, description="the output is one of these strings")
+    guided_grammar: JsonValue = Field(None, description="a grammar the output follows")
     stream: bool = False
     stream_options: StreamOptions | None = None
     kv_transfer_params: dict[str, Any] | None = None
@@ -81,7 +82,7 @@ class _SamplingFields(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _refuse_unsupported(cls, data: Any) -> Any:
+    def _refuse_unsupported(cls, data: object) -> object:
         if isinstance(data, dict):
             refuse_unsupported(data, cls.chat)
             warn_ignored(data, cls._known_fields(), cls.chat)
@@ -91,11 +92,8 @@ class _SamplingFields(BaseModel):
     def _known_fields(cls) -> set[str]:
         return {name for name, f in cls.model_fields.items()} | {f.alias for f in cls.model_fields.values() if f.alias}
 
-    def check_supported(self) -> None:
-        """Unsupported fields are refused while validating; kept for the callers' flow."""
-
     def structured_output(self) -> StructuredOutput | None:
-        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+        guided: JsonObject = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
                   "grammar": self.guided_grammar}
         return structured_output_of(self.response_format, self.structured_outputs, guided)
 
@@ -115,7 +113,7 @@ class _SamplingFields(BaseModel):
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None,
                   prompt_logprobs: int | None = None) -> SamplingParams:
-        values: dict[str, Any] = {
+        values: dict[str, object] = {
             "prompt_logprobs": prompt_logprobs,
             "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
             "temperature": self.temperature,
@@ -130,7 +128,7 @@ class _SamplingFields(BaseModel):
             "structured_output": self.structured_output(),
         }
         try:
-            return SamplingParams(**{k: v for k, v in values.items() if v is not None})
+            return SamplingParams.model_validate({k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
             first = exc.errors()[0]
             param = param_of(first.get("loc", ()))
@@ -163,30 +161,24 @@ class CompletionRequest(_SamplingFields):
         return self
 
     def prompts(self) -> list[str | list[int]]:
-        """Every prompt of the request: a list of strings or of token-id lists is a batch."""
-        prompt = self.prompt
-        if isinstance(prompt, str) or (prompt and all(isinstance(x, int) for x in prompt)):
-            return [self.single_prompt()]
-        if not prompt:
-            raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        return list(prompt)  # type: ignore[arg-type]
-
-    def fans_out(self) -> bool:
-        """Answered by several engine requests (server/choices.py), or by one with echo."""
-        return self.n > 1 or (self.best_of or 1) > 1 or self.echo or len(self.prompts()) > 1
-
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt of this request: a string or a list of token ids."""
+        """Every prompt of the request (a string or token ids): a list of strings or of token-id lists
+        is a batch."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return prompt
+            return [prompt]
         if not prompt:
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        if all(isinstance(x, int) for x in prompt):
-            return list(prompt)  # type: ignore[arg-type]
-        if len(prompt) != 1:
+        ids = [x for x in prompt if isinstance(x, int)]
+        if len(ids) == len(prompt):
+            return [ids]
+        return [p for p in prompt if not isinstance(p, int)]
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt of this request (the proxy counts its tokens); a 400 for a list of prompts."""
+        prompts = self.prompts()
+        if len(prompts) != 1:
             raise OpenAIError(400, "a list of prompts is answered by prompts(), not as one prompt", param="prompt")
-        return prompt[0]  # type: ignore[return-value]
+        return prompts[0]
 
     def sampling_params(self) -> SamplingParams:
         # vLLM's rule: echo with logprobs asks for as many prompt logprobs as for output tokens.
@@ -198,9 +190,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[JsonObject] | None = None
 
-    def as_template_input(self) -> dict[str, Any]:
+    def as_template_input(self) -> JsonObject:
         content = self.content
         if isinstance(content, list):  # content parts: only text parts exist for a text model
             parts = []
@@ -221,14 +213,11 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: JsonObject | None = None
     add_special_tokens: bool | None = None
-    tools: Any = None  # server/tool_calls.py reads these three
-    tool_choice: Any = None
+    tools: JsonValue = None  # server/tool_calls.py reads these three
+    tool_choice: JsonValue = None
     parallel_tool_calls: bool | None = None
-
-    def fans_out(self) -> bool:
-        return self.n > 1
 
     def tool_calling(self) -> ToolCalling | None:
         return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)

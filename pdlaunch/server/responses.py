@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
+from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.server.protocol import Endpoint
 from pdlaunch.server.tool_calls import ToolCalling, ToolStream
 
@@ -16,12 +17,13 @@ Detokenize = Callable[[int], str]
 
 @dataclass
 class ResponseBuilder:
-    """Accumulates one request's outputs and renders OpenAI JSON for completions or chat."""
+    """Accumulates one choice's outputs and renders OpenAI JSON for completions or chat."""
 
     endpoint: Endpoint
     response_id: str
     model: str
     detokenize: Detokenize
+    index: int = 0  # the choice's index in its request's streamed chunks
     num_prompt_tokens: int = 0
     return_token_ids: bool = False
     prompt_token_ids: list[int] | None = None  # with return_token_ids: sent once, in the first chunk (vLLM's)
@@ -55,41 +57,41 @@ class ResponseBuilder:
             self.finish_reason = out.finish_reason
             self.kv_transfer_params = out.kv_transfer_params
 
-    def usage(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": self.num_output_tokens,
-            "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens},
-        }
+    def usage(self) -> JsonObject:
+        return usage_body(self.num_prompt_tokens, self.num_output_tokens, self.num_cached_tokens)
 
     # -- whole responses ---------------------------------------------------------------------------
-    def response(self) -> dict[str, Any]:
+    def choice(self, index: int) -> JsonObject:
+        """This choice, numbered `index`, as a whole response lists it."""
+        choice: JsonObject
         if self.endpoint == "completion":
-            choice: dict[str, Any] = {
-                "index": 0, "text": self.text, "finish_reason": self.finish_reason,
-                "logprobs": self._completion_logprobs(self.logprobs, 0, self.echo_logprobs),
-            }
+            choice = {"index": index, "text": self.text, "finish_reason": self.finish_reason,
+                      "logprobs": self._completion_logprobs(self.logprobs, 0, self.echo_logprobs)}
             if self.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
-            obj = "text_completion"
+            if self.return_token_ids and self.prompt_token_ids is not None:
+                choice["prompt_token_ids"] = _json_list(self.prompt_token_ids)
         else:
-            message: dict[str, Any] = {"role": "assistant", "content": self.text}
+            message: JsonObject = {"role": "assistant", "content": self.text}
             finish_reason = self.finish_reason
             if self.tool_calling is not None:
                 content, calls = self.tool_calling.parse(self.text)
-                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                message = {"role": "assistant", "content": content, "tool_calls": _json_list(calls)}
                 finish_reason = self._tool_finish_reason(bool(calls))
-            choice = {
-                "index": 0, "message": message,
-                "finish_reason": finish_reason, "logprobs": self._chat_logprobs(self.logprobs),
-            }
-            obj = "chat.completion"
+            choice = {"index": index, "message": message, "finish_reason": finish_reason,
+                      "logprobs": self._chat_logprobs(self.logprobs)}
         if self.return_token_ids:
-            choice["token_ids"] = self.output_token_ids
-        body = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage()}
-        self._add_prompt_token_ids(body, choice)
+            choice["token_ids"] = _json_list(self.output_token_ids)
+        return choice
+
+    def response(self, choices: list[JsonObject], usage: JsonObject) -> JsonObject:
+        """The whole response around `choices`; what a chat body carries once (prompt token ids and
+        logprobs) and the prefill's kv_transfer_params come from this, the first choice."""
+        obj = "text_completion" if self.endpoint == "completion" else "chat.completion"
+        body: JsonObject = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
+                            "choices": _json_list(choices), "usage": usage}
+        if self.endpoint == "chat" and self.return_token_ids and self.prompt_token_ids is not None:
+            body["prompt_token_ids"] = _json_list(self.prompt_token_ids)
         if self.endpoint == "chat" and self.prompt_logprobs is not None:
             body["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
         if self.kv_transfer_params is not None:
@@ -97,7 +99,7 @@ class ResponseBuilder:
         return body
 
     # -- streaming -----------------------------------------------------------------------------------
-    def chunk(self, out: RequestOutput, final_usage: bool) -> dict[str, Any] | None:
+    def chunk(self, out: RequestOutput, final_usage: bool) -> JsonObject | None:
         """The chunk for one step's output, or None when it carries nothing to send.
 
         `final_usage`: the chunk that finishes the request also carries `usage` (when the client
@@ -109,35 +111,30 @@ class ResponseBuilder:
         if not carries:
             return None  # e.g. a token that ends mid-character: its text comes with the next one
         finish = out.finish_reason if out.finished else None
+        choice: JsonObject
         if self.endpoint == "completion":
-            choice: dict[str, Any] = {
-                "index": 0, "text": out.new_text, "finish_reason": finish,
-                "logprobs": self._completion_logprobs(out.new_logprobs, self._text_offset),
-            }
+            choice = {"index": self.index, "text": out.new_text, "finish_reason": finish,
+                      "logprobs": self._completion_logprobs(out.new_logprobs, self._text_offset)}
             obj = "text_completion"
         else:
-            delta: dict[str, Any] = {"content": out.new_text}
-            if self.tool_calling is not None:
-                if self._tool_stream is None:
-                    self._tool_stream = ToolStream(self.tool_calling)
-                delta = self._tool_stream.delta(out.new_text, out.finished)
-                if finish is not None:
-                    finish = self._tool_finish_reason("tool_calls" in delta or self._tool_stream.opened)
-                if not delta and finish is None and self._sent_role and not out.new_logprobs:
-                    self._text_offset += len(out.new_text)
-                    return None  # held back: a tool call may be starting
-            if not self._sent_role:
-                delta["role"] = "assistant"
-                self._sent_role = True
-            choice = {"index": 0, "delta": delta, "finish_reason": finish,
+            delta = self._delta(out)
+            if delta is None:
+                self._text_offset += len(out.new_text)
+                return None  # held back: a tool call may be starting
+            finish = self._tool_finish_reason("tool_calls" in delta or self._tool_stream.opened) \
+                if finish is not None and self._tool_stream is not None else finish
+            choice = {"index": self.index, "delta": delta, "finish_reason": finish,
                       "logprobs": self._chat_logprobs(out.new_logprobs)}
             obj = "chat.completion.chunk"
         if self.return_token_ids:
-            choice["token_ids"] = list(out.new_token_ids)
+            choice["token_ids"] = _json_list(out.new_token_ids)
         self._text_offset += len(out.new_text)
-        body: dict[str, Any] = {"id": self.response_id, "object": obj, "created": self.created,
-                                "model": self.model, "choices": [choice]}
-        self._add_prompt_token_ids(body, choice)
+        body: JsonObject = {"id": self.response_id, "object": obj, "created": self.created,
+                            "model": self.model, "choices": [choice]}
+        if self.return_token_ids and self.prompt_token_ids is not None:
+            # vLLM's places, once per stream (the proxy continues a migrated stream from them: proxy/migrate.py)
+            (choice if self.endpoint == "completion" else body)["prompt_token_ids"] = _json_list(self.prompt_token_ids)
+            self.prompt_token_ids = None
         if out.finished:
             if final_usage:
                 body["usage"] = self.usage()
@@ -145,13 +142,19 @@ class ResponseBuilder:
                 body["kv_transfer_params"] = self.kv_transfer_params
         return body
 
-    def _add_prompt_token_ids(self, body: dict[str, Any], choice: dict[str, Any]) -> None:
-        """vLLM's places: in the completion choice, at the top of a chat body; once per stream (the proxy
-        continues a migrated stream from them: proxy/migrate.py)."""
-        if not self.return_token_ids or self.prompt_token_ids is None:
-            return
-        (choice if self.endpoint == "completion" else body)["prompt_token_ids"] = self.prompt_token_ids
-        self.prompt_token_ids = None
+    def _delta(self, out: RequestOutput) -> JsonObject | None:
+        """A chat chunk's delta (the role with the first), or None while a tool call may be starting."""
+        delta: JsonObject = {"content": out.new_text}
+        if self.tool_calling is not None:
+            if self._tool_stream is None:
+                self._tool_stream = ToolStream(self.tool_calling)
+            delta = self._tool_stream.delta(out.new_text, out.finished)
+            if not delta and not out.finished and self._sent_role and not out.new_logprobs:
+                return None
+        if not self._sent_role:
+            delta["role"] = "assistant"
+            self._sent_role = True
+        return delta
 
     def _tool_finish_reason(self, called: bool) -> str | None:
         """vLLM's: "tool_calls" when auto or required called tools; a named call stays "stop"."""
@@ -160,50 +163,51 @@ class ResponseBuilder:
             return "tool_calls"
         return self.finish_reason
 
-    def usage_chunk(self) -> dict[str, Any]:
+    def usage_chunk(self, usage: JsonObject) -> JsonObject:
         obj = "text_completion" if self.endpoint == "completion" else "chat.completion.chunk"
         return {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
-                "choices": [], "usage": self.usage()}
+                "choices": [], "usage": usage}
 
     # -- logprobs ------------------------------------------------------------------------------------
     def _completion_logprobs(self, items: list[TokenLogprob] | None, offset: int,
-                             first_has_none: bool = False) -> dict[str, Any] | None:
+                             first_has_none: bool = False) -> JsonObject | None:
         """`first_has_none`: the first item is an echoed prompt's first token, which nothing predicts."""
         if items is None:
             return None
         tokens = [self.detokenize(lp.token_id) for lp in items]
-        offsets = []
+        offsets: list[JsonValue] = []
         for tok in tokens:
             offsets.append(offset)
             offset += len(tok)
-        token_logprobs: list[float | None] = [lp.logprob for lp in items]
-        top: list[dict[str, float] | None] = [{self.detokenize(t): v for t, v in lp.top.items()} for lp in items]
+        token_logprobs: list[JsonValue] = [lp.logprob for lp in items]
+        top: list[JsonValue] = [{self.detokenize(t): v for t, v in lp.top.items()} for lp in items]
         if first_has_none and items:
             token_logprobs[0] = top[0] = None
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+        return {"tokens": _json_list(tokens), "token_logprobs": token_logprobs, "top_logprobs": top,
+                "text_offset": offsets}
 
-    def _vllm_prompt_logprobs(self, items: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+    def _vllm_prompt_logprobs(self, items: list[TokenLogprob | None]) -> list[JsonValue]:
         """vLLM's shape: per prompt position None (the first) or {token id: {logprob, rank, decoded_token}},
         the prompt's token first, then the top alternatives (ranked 1..k)."""
-        def entry(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float, rank: int | None) -> JsonObject:
             return {"logprob": logprob, "rank": rank, "decoded_token": self.detokenize(token_id)}
 
-        out: list[dict[str, Any] | None] = []
+        out: list[JsonValue] = []
         for lp in items:
             if lp is None:
                 out.append(None)
                 continue
-            ranked = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
+            ranked: JsonObject = {str(lp.token_id): entry(lp.token_id, lp.logprob, lp.rank)}
             for rank, (token_id, value) in enumerate(lp.top.items(), start=1):
                 ranked.setdefault(str(token_id), entry(token_id, value, rank))
             out.append(ranked)
         return out
 
-    def _chat_logprobs(self, items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    def _chat_logprobs(self, items: list[TokenLogprob] | None) -> JsonObject | None:
         if items is None:
             return None
 
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> JsonObject:
             token = self.detokenize(token_id)
             return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
@@ -211,3 +215,14 @@ class ResponseBuilder:
             {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
             for lp in items
         ]}
+
+
+def _json_list(values: Sequence[JsonValue]) -> list[JsonValue]:
+    """`values` as a JSON list (a list[int] is one, but lists are invariant for the type checker)."""
+    return list(values)
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> JsonObject:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}

@@ -12,9 +12,10 @@ no `additionalProperties` is closed (engine/structured_output.close_objects) unl
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
 
 from pdlaunch.engine.structured_output import StructuredOutput, check
+from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 
 # structured_outputs keys that ask for something we do not do (when truthy).
@@ -22,8 +23,8 @@ _UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern")
 _KINDS = ("json", "regex", "choice", "grammar")
 
 
-def structured_output_of(response_format: Any, structured_outputs: Any,
-                         guided: dict[str, Any]) -> StructuredOutput | None:
+def structured_output_of(response_format: JsonValue, structured_outputs: JsonValue,
+                         guided: JsonObject) -> StructuredOutput | None:
     """The one structured-output request of a body (checked: the grammar compiles), or None."""
     found: list[StructuredOutput] = []
     if response_format is not None:
@@ -50,8 +51,8 @@ def structured_output_of(response_format: Any, structured_outputs: Any,
     return found[0]
 
 
-def _from_response_format(value: Any) -> StructuredOutput | None:
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+def _from_response_format(value: JsonValue) -> StructuredOutput | None:
+    if not isinstance(value, Mapping) or not isinstance(value.get("type"), str):
         raise OpenAIError(400, "response_format must be an object with a `type`", param="response_format.type")
     kind = value["type"]
     if kind == "text":
@@ -60,8 +61,8 @@ def _from_response_format(value: Any) -> StructuredOutput | None:
         return StructuredOutput(kind="json_object", value="", field="response_format")
     if kind == "json_schema":
         inner = value.get("json_schema")
-        schema = inner.get("schema") if isinstance(inner, dict) else None
-        if not isinstance(schema, dict):
+        schema = inner.get("schema") if isinstance(inner, Mapping) else None
+        if not isinstance(schema, Mapping):
             raise OpenAIError(400, "response_format json_schema needs json_schema.schema (an object)",
                               param="response_format.json_schema.schema")
         return StructuredOutput(kind="json", value=json.dumps(schema), field="response_format.json_schema.schema")
@@ -69,8 +70,8 @@ def _from_response_format(value: Any) -> StructuredOutput | None:
                       param="response_format.type")
 
 
-def _from_structured_outputs(value: Any) -> list[StructuredOutput]:
-    if not isinstance(value, dict):
+def _from_structured_outputs(value: JsonValue) -> list[StructuredOutput]:
+    if not isinstance(value, Mapping):
         raise OpenAIError(400, "structured_outputs must be an object", param="structured_outputs")
     for option in _UNSUPPORTED_OPTIONS:
         if value.get(option):
@@ -86,11 +87,11 @@ def _from_structured_outputs(value: Any) -> list[StructuredOutput]:
     return found
 
 
-def opens_objects(structured_outputs: Any) -> bool:
+def opens_objects(structured_outputs: JsonValue) -> bool:
     """structured_outputs.disable_additional_properties: false opens the JSON schemas' objects (vLLM's
     guidance option; true, the default here, closes the ones without additionalProperties:
     engine/structured_output.close_objects)."""
-    if not isinstance(structured_outputs, dict):
+    if not isinstance(structured_outputs, Mapping):
         return False
     value = structured_outputs.get("disable_additional_properties")
     if value is not None and not isinstance(value, bool):
@@ -99,8 +100,8 @@ def opens_objects(structured_outputs: Any) -> bool:
     return value is False
 
 
-def _spec(kind: str, value: Any, field: str) -> StructuredOutput:
-    if kind == "json" and isinstance(value, (dict, str)):
+def _spec(kind: str, value: JsonValue, field: str) -> StructuredOutput:
+    if kind == "json" and isinstance(value, (Mapping, str)):
         text = value if isinstance(value, str) else json.dumps(value)
         return StructuredOutput(kind="json", value=text, field=field)
     if kind == "choice" and isinstance(value, list) and value and all(isinstance(c, str) for c in value):

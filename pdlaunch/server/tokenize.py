@@ -16,18 +16,18 @@ Tokenizing runs in a worker thread, bounded like a completion's prompt (server/p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import pdlaunch
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import read_json_object
+from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.server.chat_template import ChatPrompt
-from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.instance import Handler, instance_of
 from pdlaunch.server.prompts import check_prompt_size, tokenize
 from pdlaunch.server.protocol import ChatMessage
 from pdlaunch.server.tool_calls import tool_calling_of
@@ -51,21 +51,21 @@ class TokenizeChatRequest(BaseModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool | None = None  # None: one BOS, as /v1/chat/completions encodes
-    chat_template_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: JsonObject | None = None
+    tools: list[JsonObject] | None = None
     return_token_strs: bool = False
-    mm_processor_kwargs: dict[str, Any] | None = None  # a text model: only {} (asks for nothing) passes
+    mm_processor_kwargs: JsonObject | None = None  # a text model: only {} (asks for nothing) passes
 
     @model_validator(mode="before")
     @classmethod
-    def _refuse_unsupported(cls, data: Any) -> Any:
+    def _refuse_unsupported(cls, data: object) -> object:
         """vLLM's fields we do not honour get the chat route's message rather than "extra input"."""
         if isinstance(data, dict):
             refuse_unsupported({k: data.get(k) for k in ("chat_template", "mm_processor_kwargs")}, chat=True)
         return data
 
     def chat_prompt(self) -> ChatPrompt:
-        calling = tool_calling_of(self.tools, None)
+        calling = tool_calling_of(list[JsonValue](self.tools) if self.tools is not None else None, None)
         return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
                           self.continue_final_message, calling.template_tools() if calling else None,
                           self.chat_template_kwargs, self.add_special_tokens)
@@ -78,58 +78,54 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def add_tokenize_routes(app: FastAPI, engine_loop: EngineLoop, check_model: Callable[[str | None], None]) -> None:
-    """The three routes on an instance's app; `check_model` answers 404 for a model not served here."""
+async def tokenize_route(request: Request) -> JsonObject:
+    instance = instance_of(request)
+    data = await read_json_object(request)
+    body: TokenizeChatRequest | TokenizeCompletionRequest = (
+        TokenizeChatRequest.model_validate(data) if "messages" in data
+        else TokenizeCompletionRequest.model_validate(data))
+    instance.check_model(body.model)
+    engine = instance.engine_loop.require_ready()
+    if isinstance(body, TokenizeChatRequest):
+        prompt = body.chat_prompt()
+        check_prompt_size(prompt, engine.max_model_len)
+        ids = await asyncio.to_thread(tokenize, engine.tokenizer, prompt)
+    else:
+        check_prompt_size(body.prompt, engine.max_model_len)
+        ids = await asyncio.to_thread(_encode, engine.tokenizer, body.prompt, body.add_special_tokens)
+    token_strs: list[JsonValue] | None = [engine.tokenizer.id_to_token(i) or "" for i in ids] \
+        if body.return_token_strs else None
+    return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": list[JsonValue](ids),
+            "token_strs": token_strs}
 
-    def engine() -> Any:
-        if engine_loop.state != "ready" or engine_loop.engine is None:
-            raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
-        return engine_loop.engine
 
-    @app.post("/tokenize")
-    async def tokenize_route(request: Request) -> dict[str, Any]:
-        data = await read_json_object(request)
-        body: TokenizeChatRequest | TokenizeCompletionRequest = (
-            TokenizeChatRequest.model_validate(data) if "messages" in data
-            else TokenizeCompletionRequest.model_validate(data))
-        check_model(body.model)
-        eng = engine()
-        if isinstance(body, TokenizeChatRequest):
-            prompt = body.chat_prompt()
-            check_prompt_size(prompt, eng.max_model_len)
-            ids = await asyncio.to_thread(tokenize, eng.tokenizer, prompt)
-        else:
-            check_prompt_size(body.prompt, eng.max_model_len)
-            ids = await asyncio.to_thread(_encode, eng.tokenizer, body.prompt, body.add_special_tokens)
-        answer: dict[str, Any] = {"count": len(ids), "max_model_len": eng.max_model_len, "tokens": ids,
-                                  "token_strs": None}
-        if body.return_token_strs:
-            answer["token_strs"] = [eng.tokenizer.id_to_token(i) or "" for i in ids]
-        return answer
+async def detokenize_route(request: Request) -> JsonObject:
+    instance = instance_of(request)
+    body = DetokenizeRequest.model_validate(await read_json_object(request))
+    instance.check_model(body.model)
+    tokenizer = instance.engine_loop.require_ready().tokenizer
+    bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < tokenizer.vocab_size), None)
+    if bad is not None:
+        raise OpenAIError(400, f"tokens[{bad}] = {body.tokens[bad]} is not a token id of this model's tokenizer "
+                               f"(0 .. {tokenizer.vocab_size - 1})", param="tokens")
+    text = await asyncio.to_thread(tokenizer.decode, body.tokens, False)
+    return {"prompt": text}
 
-    @app.post("/detokenize")
-    async def detokenize_route(request: Request) -> dict[str, Any]:
-        body = DetokenizeRequest.model_validate(await read_json_object(request))
-        check_model(body.model)
-        tokenizer = engine().tokenizer
-        bad = next((i for i, t in enumerate(body.tokens) if not 0 <= t < tokenizer.vocab_size), None)
-        if bad is not None:
-            raise OpenAIError(400, f"tokens[{bad}] = {body.tokens[bad]} is not a token id of this model's tokenizer "
-                                   f"(0 .. {tokenizer.vocab_size - 1})", param="tokens")
-        text = await asyncio.to_thread(tokenizer.decode, body.tokens, False)
-        return {"prompt": text}
 
-    @app.get("/version")
-    async def version() -> dict[str, str]:
-        return version_body()
+async def version(request: Request) -> dict[str, str]:
+    return version_body()
 
 
 def version_body() -> dict[str, str]:
     return {"version": pdlaunch.__version__}
 
 
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     try:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     except PdlaunchError as exc:
         raise OpenAIError(400, exc.render(), param=exc.field or "prompt") from None
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/tokenize", tokenize_route), ("POST", "/detokenize", detokenize_route), ("GET", "/version", version)]

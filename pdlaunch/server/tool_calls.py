@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 
 HERMES_START = "<tool_call>"
@@ -47,7 +49,7 @@ class ToolFunction(BaseModel):
 
     name: str
     description: str | None = None
-    parameters: dict[str, Any] | None = None
+    parameters: JsonObject | None = None
 
 
 class Tool(BaseModel):
@@ -64,7 +66,7 @@ class ToolCalling:
     named: str | None = None
     parallel: bool = True  # parallel_tool_calls: false keeps one call
 
-    def template_tools(self) -> list[dict[str, Any]]:
+    def template_tools(self) -> list[JsonObject]:
         return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def structured_output(self) -> StructuredOutput | None:
@@ -73,21 +75,21 @@ class ToolCalling:
             tool = next(t for t in self.tools if t.function.name == self.named)
             return StructuredOutput(kind="json", value=json.dumps(_parameters(tool)), field="tool_choice")
         if self.mode == "required":
-            one_of = [{"type": "object",
+            one_of: list[JsonValue] = [{"type": "object",
                        "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
                        "required": ["name", "parameters"], "additionalProperties": False} for t in self.tools]
-            schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
+            schema: JsonObject = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
             if not self.parallel:
                 schema["maxItems"] = 1
             return StructuredOutput(kind="json", value=json.dumps(schema), field="tool_choice")
         return None
 
-    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    def parse(self, text: str) -> tuple[str | None, list[JsonObject]]:
         """(content, tool calls) of a finished output."""
         content, calls = self._parse(text)
         return content, calls if self.parallel else calls[:1]
 
-    def _parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    def _parse(self, text: str) -> tuple[str | None, list[JsonObject]]:
         if self.mode == "none":
             return text, []
         if self.mode == "named":
@@ -101,7 +103,7 @@ class ToolCalling:
         return parse_auto(text)
 
 
-def tool_calling_of(tools: Any, tool_choice: Any, parallel: bool | None = None) -> ToolCalling | None:
+def tool_calling_of(tools: JsonValue, tool_choice: JsonValue, parallel: bool | None = None) -> ToolCalling | None:
     """The request's tool calling (None: plain chat), 400 naming the field when it is malformed."""
     calling = _tool_calling(tools, tool_choice)
     if calling is not None and parallel is False:
@@ -109,7 +111,7 @@ def tool_calling_of(tools: Any, tool_choice: Any, parallel: bool | None = None) 
     return calling
 
 
-def _tool_calling(tools: Any, tool_choice: Any) -> ToolCalling | None:
+def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | None:
     if tools is None or tools == []:
         if tool_choice not in (None, "none", "auto"):
             raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
@@ -127,7 +129,8 @@ def _tool_calling(tools: Any, tool_choice: Any) -> ToolCalling | None:
         return ToolCalling("none", parsed)
     if tool_choice == "required":
         return ToolCalling("required", parsed)
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    function = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
+    name = function.get("name") if isinstance(function, Mapping) else None
     if not isinstance(name, str):
         raise OpenAIError(400, "tool_choice must be none, auto, required or {\"type\": \"function\", "
                                "\"function\": {\"name\": ...}}", param="tool_choice")
@@ -136,7 +139,7 @@ def _tool_calling(tools: Any, tool_choice: Any) -> ToolCalling | None:
     return ToolCalling("named", parsed, name)
 
 
-def parse_auto(text: str) -> tuple[str | None, list[dict[str, Any]]]:
+def parse_auto(text: str) -> tuple[str | None, list[JsonObject]]:
     """Hermes / Qwen blocks, else a Llama 3 JSON call; (text, []) when neither parses."""
     start = text.find(HERMES_START)
     if start >= 0:
@@ -152,7 +155,7 @@ def parse_auto(text: str) -> tuple[str | None, list[dict[str, Any]]]:
 _PARTIAL_CALL = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"parameters"\s*:\s*', re.S)
 
 
-def partial_required_calls(text: str) -> list[dict[str, Any]]:
+def partial_required_calls(text: str) -> list[JsonObject]:
     """The calls of a required tool choice's array that max_tokens cut: every whole call, then the one being
     written once its name is whole, with its arguments as far as they got (not JSON yet), as vLLM streams
     them. The grammar wrote `[{"name": ..., "parameters": ...}, ...]` in that order."""
@@ -181,9 +184,9 @@ def partial_required_calls(text: str) -> list[dict[str, Any]]:
     return calls
 
 
-def _calls_of(bodies: list[str]) -> list[dict[str, Any]] | None:
+def _calls_of(bodies: list[str]) -> list[JsonObject] | None:
     """The call in every JSON body, or None when one of them is not a call."""
-    calls: list[dict[str, Any]] = []
+    calls: list[JsonObject] = []
     for body in bodies:
         try:
             call = _call_of(json.loads(body))
@@ -195,19 +198,19 @@ def _calls_of(bodies: list[str]) -> list[dict[str, Any]] | None:
     return calls
 
 
-def _call_of(item: Any) -> dict[str, Any] | None:
+def _call_of(item: object) -> JsonObject | None:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         return None
     arguments = item.get("arguments", item.get("parameters", {}))
     return _call(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments))
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
+def _call(name: str, arguments: str) -> JsonObject:
     return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
             "function": {"name": name, "arguments": arguments}}
 
 
-def _parameters(tool: Tool) -> dict[str, Any]:
+def _parameters(tool: Tool) -> JsonObject:
     """A tool without parameters takes none: `{}` (the grammar closes objects with properties)."""
     return tool.function.parameters or {"type": "object", "properties": {}}
 
@@ -223,7 +226,7 @@ class ToolStream:
 
     opened: bool = False  # named: the first delta (id, type, name) went out
 
-    def delta(self, new_text: str, finished: bool) -> dict[str, Any]:
+    def delta(self, new_text: str, finished: bool) -> JsonObject:
         self.text += new_text
         if self.calling.mode == "named":
             piece, self.sent = self.text[self.sent:], len(self.text)
@@ -232,22 +235,23 @@ class ToolStream:
             self.opened = True
             return {"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
                                     "function": {"name": self.calling.named, "arguments": piece}}]}
-        delta: dict[str, Any] = {}
+        content = ""
         if self.calling.mode == "none":
             self.sent = len(self.text)
             return {"content": new_text} if new_text or finished else {}
         if self.calling.mode == "auto":
             safe = self._content_end(finished)
-            if safe > self.sent:
-                delta["content"] = self.text[self.sent:safe]
-                self.sent = safe
+            content = self.text[self.sent:safe] if safe > self.sent else ""
+            self.sent = max(self.sent, safe)
+        calls: list[JsonObject] = []
         if finished:
-            content, calls = self.calling.parse(self.text)
-            if calls:
-                delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
-            elif self.calling.mode == "auto" and len(self.text) > self.sent:
-                delta["content"] = delta.get("content", "") + self.text[self.sent:]
+            calls = self.calling.parse(self.text)[1]
+            if not calls and self.calling.mode == "auto" and len(self.text) > self.sent:
+                content += self.text[self.sent:]
                 self.sent = len(self.text)
+        delta: JsonObject = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
         return delta
 
     def _content_end(self, finished: bool) -> int:

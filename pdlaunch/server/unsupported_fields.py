@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
 
+from pdlaunch.http import JsonValue
 from pdlaunch.http.errors import OpenAIError
 
 log = logging.getLogger(__name__)
@@ -23,13 +23,13 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 # field -> values that ask for nothing (None always does).
-_COMMON: dict[str, tuple[Any, ...]] = {
+_COMMON: dict[str, tuple[JsonValue, ...]] = {
     "use_beam_search": (False,),
     "length_penalty": (1, 1.0),
     "truncate_prompt_tokens": (),
     "guided_decoding_backend": ("auto", "guidance", "llguidance"),  # the one we run
     "guided_whitespace_pattern": (),
-    "logits_processors": ((), []),
+    "logits_processors": ([],),
     "return_tokens_as_token_ids": (False,),
     "priority": (0,),
     "cache_salt": (),
@@ -40,11 +40,11 @@ _COMMON: dict[str, tuple[Any, ...]] = {
     "store": (False,),
     "service_tier": ("auto", "default"),
 }
-COMPLETION_ONLY: dict[str, tuple[Any, ...]] = {
+COMPLETION_ONLY: dict[str, tuple[JsonValue, ...]] = {
     "suffix": ("",),
     "add_special_tokens": (True,),  # completion prompts are always encoded with special tokens
 }
-CHAT_ONLY: dict[str, tuple[Any, ...]] = {
+CHAT_ONLY: dict[str, tuple[JsonValue, ...]] = {
     "best_of": (1,),
     "echo": (False,),  # vLLM's chat echo (repeat the last message)
     "functions": ([],),
@@ -62,7 +62,7 @@ CHAT_ONLY: dict[str, tuple[Any, ...]] = {
 }
 
 
-def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
+def refuse_unsupported(body: Mapping[str, object], chat: bool) -> None:
     """400 naming the first field of `body` that asks for something we do not do."""
     table = {**_COMMON, **(CHAT_ONLY if chat else COMPLETION_ONLY)}
     for name, neutral in table.items():
@@ -73,12 +73,12 @@ def refuse_unsupported(body: dict[str, Any], chat: bool) -> None:
                                "leave it out", param=name, code="unsupported_parameter")
 
 
-def _short(value: Any) -> str:
+def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def warn_ignored(body: dict[str, Any], known: Iterable[str], chat: bool) -> list[str]:
+def warn_ignored(body: Mapping[str, object], known: Iterable[str], chat: bool) -> list[str]:
     """Log a warning naming the fields of `body` that are neither modelled (`known`) nor refused here,
     each the first time a request carries it. Returns the fields it warned about now."""
     table = {**_COMMON, **(CHAT_ONLY if chat else COMPLETION_ONLY)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pdlaunch.config.models import DeploymentConfig
-from pdlaunch.server.model_names import accepted_model_names, served_model_names
+from pdlaunch.server.instance import accepted_model_names, served_model_names
 
 
 def _cfg(model: dict) -> DeploymentConfig:

@@ -1,0 +1,72 @@
+"""`POST /v1/completions` and `POST /v1/chat/completions`: one path for both and for any number of choices.
+
+The handler validates the body and hands it to `serve`, which starts its choices (server/choices.py: one
+engine request per choice, a plain request being one) and answers with the whole response or an SSE
+stream. Handlers never touch the engine directly: requests go through the EngineLoop (engine thread)
+and their outputs come back on per-request asyncio queues, so the event loop never blocks on a step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
+from pdlaunch.http.limits import client_request_id, read_json_object
+from pdlaunch.http.sse import ClosingStreamingResponse
+from pdlaunch.server.choices import Choices
+from pdlaunch.server.instance import Handler, Instance, instance_of
+from pdlaunch.server.prompts import Prompt
+from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+async def completions(request: Request) -> Response:
+    instance = instance_of(request)
+    body = CompletionRequest.model_validate(await read_json_object(request))
+    instance.check_model(body.model)
+    return await serve(instance, body, body.prompts(), request)
+
+
+async def chat_completions(request: Request) -> Response:
+    instance = instance_of(request)
+    body = ChatCompletionRequest.model_validate(await read_json_object(request))
+    instance.check_model(body.model)
+    return await serve(instance, body, [body.template_messages()], request)
+
+
+async def serve(instance: Instance, body: CompletionRequest | ChatCompletionRequest, prompts: Sequence[Prompt],
+                request: Request) -> Response:
+    """Start the request's choices and answer. A failure, or the client leaving before the answer,
+    aborts them all. The client's X-Request-Id names the response; each engine request id adds a
+    suffix, so that a reused header (or a prefill id still holding KV for its decode leg) never
+    collides inside the engine."""
+    instance.check_serving()
+    client_id = client_request_id(request.headers.get("x-request-id"), uuid.uuid4().hex)
+    choices = Choices(instance.engine_loop, body, prompts, client_id, instance.model_name)
+    headers = {"X-Request-Id": client_id}
+    try:
+        with DisconnectWatch(request) as watch:
+            await watch.run(choices.start())
+            if body.stream:
+                async def on_close() -> None:  # no-op once finished; frees the blocks if the client left
+                    choices.abort_all()
+
+                return ClosingStreamingResponse(choices.events(body.include_usage()), on_close=on_close,
+                                                headers={**headers, "Cache-Control": "no-cache"})
+            result = await watch.run(choices.response())
+            if watch.gone:
+                raise ClientDisconnected
+            return JSONResponse(result, headers=headers)
+    except ClientDisconnected:
+        choices.client_gone()
+        return Response(status_code=CLIENT_CLOSED)
+    except BaseException:
+        choices.abort_all()
+        raise
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/v1/completions", completions), ("POST", "/v1/chat/completions", chat_completions)]

@@ -1,0 +1,93 @@
+"""`GET /health`, `/info`, `/metrics` and `/v1/models`: what an instance says about itself."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from pdlaunch.http import JsonObject, JsonValue
+from pdlaunch.http.errors import error_body
+from pdlaunch.server.instance import Handler, instance_of, served_model_names
+
+if TYPE_CHECKING:
+    from pdlaunch.engine.llm_engine import LLMEngine
+
+KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
+
+
+async def health(request: Request) -> JSONResponse:
+    instance = instance_of(request)
+    state, spec = instance.state, instance.spec
+    if state == "ready":
+        return JSONResponse({"status": "ok", "role": spec.role, "engine_id": spec.engine_id})
+    status = 500 if state == "failed" else 503
+    body = error_body(status, instance.engine_loop.error or f"instance is {state}", code=state)
+    body["status"] = state
+    return JSONResponse(body, status_code=status)
+
+
+async def info(request: Request) -> JsonObject:
+    instance = instance_of(request)
+    engine_loop, spec, config = instance.engine_loop, instance.spec, instance.config
+    engine = engine_loop.built_engine
+    ready = engine_loop.state == "ready"
+    rank_ids, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, {})
+    engine_id = engine.engine_id if engine is not None else spec.engine_id
+    stats = engine_loop.stats
+    pd = spec.role != "colocated"
+    return {
+        "name": spec.name,
+        "pid": os.getpid(),
+        "role": spec.role,
+        "state": instance.state,
+        "model": instance.model_name,
+        "engine_id": engine_id,
+        "tp_size": spec.tp,
+        "rank_engine_ids": list[JsonValue](rank_ids or [engine_id] * spec.tp),
+        "device": spec.device,
+        "devices": list[JsonValue](spec.devices),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "transfer_mode": connector_info.get("transfer_mode", config.kv_transfer.transfer_mode) if pd else None,
+        "kv_connector": config.kv_transfer.connector if pd else None,
+        "kv_layout": connector_info.get("kv_layout") or KV_LAYOUT,
+        "block_size": config.cache.block_size,
+        "weight_dtype": engine.weight_dtype if engine is not None else None,
+        "kv_cache_dtype": engine.kv_cache_dtype if engine is not None else None,
+        "num_blocks_total": stats["num_blocks_total"] if stats is not None else None,
+        "num_blocks_used": stats["num_blocks_used"] if stats is not None else None,
+        "max_model_len": engine.max_model_len if engine is not None else None,
+        "num_pending_requests": engine_loop.num_pending,
+        "num_aborted_requests": engine_loop.num_aborted,
+        "stats": dict[str, JsonValue](**stats) if stats is not None else {},
+        "connector": connector_info,
+    }
+
+
+def _engine_snapshot(engine: LLMEngine) -> tuple[list[str], JsonObject]:
+    """What /info reads from the engine itself (runs on the engine thread: no race with step()): the TP
+    ranks' engine ids and the KV connector's description."""
+    connector = engine.connector
+    return engine.rank_engine_ids, connector.info() if connector is not None else {}
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def models(request: Request) -> JsonObject:
+    instance = instance_of(request)
+    engine = instance.engine_loop.built_engine
+    max_model_len = engine.max_model_len if engine is not None else None
+    return {"object": "list", "data": [{
+        "id": name, "object": "model", "created": 0, "owned_by": "pdlaunch", "root": instance.config.model.path,
+        "max_model_len": max_model_len,
+    } for name in served_model_names(instance.config)]}
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/health", health), ("GET", "/info", info), ("GET", "/metrics", prometheus_metrics),
+    ("GET", "/v1/models", models)]
