@@ -99,6 +99,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
             "engine_id": engine_id,
             "tp_size": spec.tp,
             "rank_engine_ids": snapshot.get("rank_engine_ids") or [engine_id] * spec.tp,
+            "rank_nodes": snapshot.get("rank_nodes") or [spec.host] * spec.tp,
             "device": spec.device,
             "devices": spec.devices,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -248,7 +249,8 @@ def _engine_snapshot(engine: Any) -> dict[str, Any]:
     ids = getattr(engine, "rank_engine_ids", None)
     ids = ids() if callable(ids) else ids
     connector = getattr(engine, "connector", None)
-    return {"rank_engine_ids": list(ids) if ids else None,
+    nodes = getattr(engine, "rank_nodes", None)
+    return {"rank_engine_ids": list(ids) if ids else None, "rank_nodes": nodes() if callable(nodes) else None,
             "connector": connector.info() if connector is not None else {}}
 
 
