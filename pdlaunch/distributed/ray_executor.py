@@ -26,6 +26,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
 from pdlaunch.distributed.rank import build_rank
+from pdlaunch.distributed.ray_rank import CONTROL_GROUP
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
@@ -75,7 +76,8 @@ class RayTPExecutor:
         self._store = create_store(config.parallel.master_addr, instance.master_port, self.tp_size)
         port = self._store.port
         setups = [a.setup.remote(device.type, dtype_name, max_model_len, port) for a in actors]
-        self._watches = {a.until_shutdown.remote(): r for r, a in enumerate(actors, start=1)}
+        self._watches = {a.until_shutdown.options(concurrency_group=CONTROL_GROUP).remote(): r
+                         for r, a in enumerate(actors, start=1)}
         try:
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, port, self._store)
             self.runner = state.runner

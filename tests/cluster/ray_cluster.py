@@ -84,11 +84,17 @@ class RayCluster:
         return out
 
     def _processes(self) -> dict[int, tuple[int, str]]:
-        listing = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+        """pid -> (parent pid, full command line), from /proc (ps may cut long command lines)."""
         procs = {}
-        for line in listing.splitlines():
-            pid, ppid, args = (line.strip().split(None, 2) + [""])[:3]
-            procs[int(pid)] = (int(ppid), args)
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            procs[int(entry.name)] = (ppid, args)
         return procs
 
     def _tree(self, roots: set[int]) -> set[int]:
@@ -103,9 +109,9 @@ class RayCluster:
 
     def raylet_of(self, address: str) -> int:
         for pid, (_, args) in self._processes().items():
-            if "/raylet " in f"{args} " or args.split(" ")[0].endswith("/raylet"):
-                if f"--node_ip_address={address}" in args and str(self.root) in args:
-                    return pid
+            if args.split(" ")[0].endswith("/raylet") and f"--node_ip_address={address} " in f"{args} " \
+                    and str(self.root) in args:
+                return pid
         raise AssertionError(f"no raylet of this cluster runs on {address}")
 
     def kill_node(self, address: str) -> None:

@@ -40,6 +40,7 @@ from pdlaunch.config.ray_cluster import (
     live_nodes,
     plan_instance,
 )
+from pdlaunch.distributed.ray_rank import CONTROL_GROUP
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.deployment import (
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
 HEALTH_TIMEOUT_S = 2.0
 STOP_TIMEOUT_S = 30.0  # instances drain and stop their ranks within this before their actors are killed
-CONTROL = "control"  # the concurrency group of RayInstance.stop / node_address
+CONTROL = CONTROL_GROUP  # the concurrency group of RayInstance.stop and RayRank.until_shutdown
 
 State = Literal["placing", "starting", "ready", "down"]
 
@@ -198,10 +199,10 @@ class RayDeployment:
         ranks = []
         for rank in range(1, spec.tp):
             cfg = self._config_on(hosts[0], hosts[rank])
-            ranks.append(self.ray.remote(RayRank).options(**options(rank)).remote(
+            ranks.append(self.ray.remote(concurrency_groups={CONTROL: 1})(RayRank).options(**options(rank)).remote(
                 rank, cfg.model_dump_json(), spec.model_copy(update={"host": hosts[rank]}).model_dump_json(),
                 str(self.log_dir / f"{run.name}-rank{rank}.log"), env))
-        leader = self.ray.remote(RayInstance).options(concurrency_groups={CONTROL: 2}, **options(0)).remote(
+        leader = self.ray.remote(concurrency_groups={CONTROL: 2})(RayInstance).options(**options(0)).remote(
             run.name, str(run.log_path), env)
         run.actors = [leader, *ranks]
         run.serve_ref = leader.serve.remote(self._config_on(hosts[0], hosts[0]).model_dump_json(),
