@@ -134,7 +134,7 @@ class RayDeployment:
         return self.plan.proxy_url
 
     def say(self, text: str) -> None:
-        self.console.print(f"[pdlaunch] {escape(text)}", highlight=False, soft_wrap=True)
+        self.console.print(f"[pdlaunch] {text}", highlight=False, markup=False, soft_wrap=True)
 
     # -- placing and starting one instance -----------------------------------------------------------
     def place(self, run: RayRun) -> None:
@@ -423,6 +423,11 @@ def run_ray(cfg: DeploymentConfig) -> int:
         except RayDeploymentFailed as exc:
             console.print(f"[red]error:[/red] {escape(exc.render())}; stopping the deployment", highlight=False,
                           soft_wrap=True)
+            deployment.stop(drain=False)
+            return 1
+        except deployment.ray.exceptions.RayError as exc:  # the cluster itself failed us (GCS gone, ...)
+            console.print(f"[red]error:[/red] the Ray cluster failed: {escape(str(exc))}; stopping the deployment",
+                          highlight=False, soft_wrap=True)
             deployment.stop(drain=False)
             return 1
         finally:
