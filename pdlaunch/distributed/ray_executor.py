@@ -72,6 +72,7 @@ class RayTPExecutor:
         self._actors = actors
         self.failure: str | None = None
         self._closing = threading.Event()
+        self._nodes: list[str] = []  # each rank's node address, once every rank is built
         self._pending: dict[ObjectRef[None], int] = {}  # calls not yet known to have succeeded -> rank
         self._store = create_store(config.parallel.master_addr, instance.master_port, self.tp_size)
         port = self._store.port
@@ -117,7 +118,8 @@ class RayTPExecutor:
 
     def _failed(self, rank: int, what: str, exc: BaseException) -> EngineError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self.failure = self.failure or f"TP rank {rank} (Ray actor) failed {what}: {first}"
+        where = f"Ray actor on {self._nodes[rank]}" if rank < len(self._nodes) else "Ray actor"
+        self.failure = self.failure or f"TP rank {rank} ({where}) failed {what}: {first}"
         return EngineError(self.failure, field="parallel.tp", hint="see that rank's log; the instance must restart")
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:

@@ -22,7 +22,7 @@ from tests.cluster.slurm_cluster import _free_port
 WORKERS = {"127.0.0.2": "pd_decode", "127.0.0.3": "pd_decode"}
 HEAD_RESOURCE = "pd_prefill"
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0  # then SIGKILL, as `ray stop --force`
 COMMON = ["--num-cpus", "2", "--object-store-memory", "80000000", "--disable-usage-stats"]
 
 
@@ -46,17 +46,24 @@ class RayCluster:
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
                     "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
 
-    def _ray(self, args: list[str]) -> None:
-        done = subprocess.run([_ray_bin(), *args], env=self.env, capture_output=True, text=True,
-                              timeout=START_TIMEOUT_S)
-        if done.returncode != 0:
-            raise RayUnavailable(f"`ray {' '.join(args)}` failed: {(done.stderr or done.stdout)[-2000:]}")
+    def _ray(self, *commands: list[str]) -> None:
+        """Run `ray ARGS` for each of `commands`, side by side; RayUnavailable if one fails."""
+        procs = [(args, subprocess.Popen([_ray_bin(), *args], env=self.env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)) for args in commands]
+        for args, proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=START_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            if proc.returncode != 0:
+                raise RayUnavailable(f"`ray {' '.join(args)}` failed: {out[-2000:]}")
 
     def start(self) -> None:
         self._ray(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
                    "--temp-dir", str(self.root), "--include-dashboard", "false",
                    "--resources", json.dumps({HEAD_RESOURCE: 1}), *COMMON])
-        for address, resource in WORKERS.items():
+        for address, resource in WORKERS.items():  # one at a time: two raylets joining at once may time out
             self._ray(["start", "--address", self.address, "--node-ip-address", address,
                        "--resources", json.dumps({resource: 1}), *COMMON])
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -118,6 +125,13 @@ class RayCluster:
         """SIGKILL the raylet on `address` and every process under it (its workers: the actors there)."""
         for pid in self._tree({self.raylet_of(address)}):
             _kill(pid, signal.SIGKILL)
+
+    def kill_processes(self, marker: str) -> int:
+        """SIGKILL every process whose command line contains `marker` (an actor: "ray::RayRank"); how many."""
+        pids = [pid for pid, (_, args) in self._processes().items() if marker in args]
+        for pid in pids:
+            _kill(pid, signal.SIGKILL)
+        return len(pids)
 
     def processes(self, marker: str) -> list[str]:
         """Command lines of the processes that contain `marker`."""

@@ -6,7 +6,8 @@ answers equal a colocated engine's and the KV crossed from prefill to decode; ea
 the node every rank ran on (the prefill on the head, both decode ranks on one worker); a second
 deployment whose prefill cannot be placed (the first holds the head's pd_prefill) fails within its
 placement timeout naming what it asked for; killing the raylet holding the decode restarts the decode on
-the other worker with a new engine_id, and the service answers again; after SIGINT no actor, placement
+the other worker with a new engine_id, and the service answers again; so does killing the decode's rank 1
+actor (rank 0's watchdog names it); after SIGINT no actor, placement
 group or process of the deployment is left. One cluster serves every step (Ray starts slowly)."""
 
 from __future__ import annotations
@@ -170,6 +171,13 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
             again = wait_for(lambda: _answers_again(client, proxy, llama_ckpt), "answers after the restart",
                              RESTART_TIMEOUT_S, poll=1.0)
             restarted = _info(client, f"http://{other}:{decode_port}")
+
+            # A dead actor (the decode's rank 1): rank 0's watchdog names it, the decode restarts again.
+            assert cluster.kill_processes("ray::RayRank") == 1
+            wait_for(lambda: serve.alive() and _engine_id(client, f"http://{other}:{decode_port}").endswith("-r2"),
+                     "the decode restarted after its rank 1 actor died", RESTART_TIMEOUT_S, poll=1.0)
+            after_actor = wait_for(lambda: _answers_again(client, proxy, llama_ckpt),
+                                   "answers after the rank actor's death", RESTART_TIMEOUT_S, poll=1.0)
     finally:
         code = serve.stop()
 
@@ -177,7 +185,7 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
         reference = colocated.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                                ignore_eos=True))
     expected = [r.token_ids for r in reference]
-    assert answers == expected and again == expected
+    assert answers == expected and again == expected and after_actor == expected
     assert moved > 0, "the decode received no KV from the prefill (it recomputed)"
     assert prefill["role"] == "prefill" and prefill["rank_nodes"] == [head]
     assert decode["tp_size"] == 2 and decode["rank_nodes"] == [decode_node, decode_node]
@@ -186,6 +194,7 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
     text = serve.output
     assert code == 0, text
     assert "moved to" in text and "stopped: every actor and placement group removed" in text, text
+    assert "TP rank 1 (Ray actor on" in (tmp_path / "logs" / "decode-0.log").read_text(errors="replace")
 
     left = cluster.query(
         "from ray.util import placement_group_table\n"
@@ -195,6 +204,13 @@ def test_ray_backend_serves_restarts_and_cleans_up(cluster: RayCluster, llama_ck
     wait_for(lambda: not cluster.processes("ray::RayInstance") and not cluster.processes("ray::RayRank"),
              "the deployment's actor processes to exit", 30.0, poll=0.5)
     assert not cluster.processes(str(tmp_path)), cluster.processes(str(tmp_path))
+
+
+def _engine_id(client: httpx.Client, url: str) -> str:
+    try:
+        return str(client.get(f"{url}/info", timeout=5).json()["engine_id"])
+    except (httpx.HTTPError, ValueError, KeyError):
+        return ""
 
 
 def _up(client: httpx.Client, url: str) -> bool:

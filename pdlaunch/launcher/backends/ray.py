@@ -271,9 +271,11 @@ class RayDeployment:
         while any(r.state != "ready" for r in self.runs):
             if should_stop():
                 return False
+            prefills_known = all(r.spec is not None for r in self.runs if r.plan.spec.role == "prefill")
             for run in self.runs:
                 if run.state == "placing" and self._placed(run):
-                    self.launch(run)
+                    if run.plan.spec.role != "decode" or prefills_known:  # decodes learn the prefills' addresses
+                        self.launch(run)
                 elif run.state == "starting":
                     how = self.exit_of(run)
                     if how is not None:
