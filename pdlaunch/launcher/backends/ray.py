@@ -163,12 +163,13 @@ class RayDeployment:
                 "size, or change launcher.ray_resources")
         return False
 
-    def _bundle_nodes(self, pg: PlacementGroup) -> list[str]:
-        """The address of the node holding each bundle of `pg`, in bundle order."""
+    def _bundle_nodes(self, pg: PlacementGroup) -> list[str] | None:
+        """The address of the node holding each bundle of `pg`, in bundle order (None: a node is gone)."""
         table = self.ray.util.placement_group_table(pg)
-        address = {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in self.ray.nodes()}
-        by_bundle = dict(table["bundles_to_node_id"])
-        return [address[str(by_bundle[i])] for i in range(len(pg.bundle_specs))]
+        address = {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in self.ray.nodes() if n.get("Alive")}
+        by_bundle = {int(k): str(v) for k, v in dict(table.get("bundles_to_node_id") or {}).items()}
+        nodes = [address.get(by_bundle.get(i, "")) for i in range(len(pg.bundle_specs))]
+        return None if None in nodes else [n for n in nodes if n is not None]
 
     def launch(self, run: RayRun) -> None:
         """The placement group is placed: start the instance's actors in its bundles."""
@@ -179,6 +180,10 @@ class RayDeployment:
 
         assert run.pg is not None
         hosts = self._bundle_nodes(run.pg)
+        if hosts is None:  # a node died between placement and now: place the instance again
+            run.state = "starting"
+            self._ended(run, "lost a node of its placement group before it started", time.monotonic())
+            return
         restart = run.record.restarts
         engine_id = run.plan.spec.engine_id + (f"-r{restart}" if restart else "")
         spec = run.plan.spec.model_copy(update={"host": hosts[0], "engine_id": engine_id,
@@ -276,6 +281,8 @@ class RayDeployment:
                 if run.state == "placing" and self._placed(run):
                     if run.plan.spec.role != "decode" or prefills_known:  # decodes learn the prefills' addresses
                         self.launch(run)
+                elif run.state == "down":  # lost a node while being placed
+                    self._restart_when_due(run, time.monotonic())
                 elif run.state == "starting":
                     how = self.exit_of(run)
                     if how is not None:
@@ -327,25 +334,29 @@ class RayDeployment:
         """One round of supervision; RayDeploymentFailed when the deployment has to stop."""
         now = time.monotonic()
         for run in self.runs:
-            record = run.record
             if run.state in ("starting", "ready"):
                 how = self.exit_of(run)
                 if how is not None:
                     self._ended(run, how, now)
                 elif run.state == "starting":
                     self._check_started(run, now)
-            elif run.state == "down" and record.due is not None and now >= record.due:
-                record.due = None
-                record.restarts += 1
-                record.started = now
-                self.place(run)
-                self.say(f"{run.name}: restart {record.restarts}: placement group asked of Ray")
+            elif run.state == "down":
+                self._restart_when_due(run, now)
             elif run.state == "placing" and self._placed(run):
                 self.launch(run)
         if self.proxy is not None and self.proxy.poll() is not None:
             self.say(f"the proxy {self.proxy.describe_exit()}; restarting it (log {self.proxy.log_path})")
             self.start_proxy(note=f"restart of the proxy ({self.proxy.describe_exit()})")
         self._check_roles(now)
+
+    def _restart_when_due(self, run: RayRun, now: float) -> None:
+        record = run.record
+        if record.due is not None and now >= record.due:
+            record.due = None
+            record.restarts += 1
+            record.started = now
+            self.place(run)
+            self.say(f"{run.name}: restart {record.restarts}: placement group asked of Ray")
 
     def _ended(self, run: RayRun, how: str, now: float) -> None:
         self.remove(run)
