@@ -20,6 +20,7 @@ $(BIN)/pdlaunch: pyproject.toml
 	$(if $(APT),$(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && $(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null; } || true)
 	$(if $(APT),DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $(SLURM_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $(SLURM_DEBS) >/dev/null; } || echo "SLURM packages did not install here: tests/cluster/test_slurm.py will skip")
 	$(BIN)/python -m pip install -q -e ".[test,mooncake]" || { echo "pdlaunch[mooncake] did not install here: the Mooncake tests will skip"; $(BIN)/python -m pip install -q -e ".[test]"; }
+	$(BIN)/python -m pip install -q -e ".[ray]" || echo "pdlaunch[ray] did not install here: tests/cluster/test_ray.py will skip"
 	touch $(BIN)/pdlaunch
 
 venv: $(BIN)/pdlaunch

@@ -6,6 +6,8 @@
   `scontrol show node` gives (NodeAddr); devices listed in the config's nodes are kept. The KV side
   channel then binds every interface (each rank advertises its own node's address), as any
   multi-node deployment needs, and a deployment secret is made when none is given.
+- ray: the ray package and a Ray cluster at launcher.ray_address that has every resource the config
+  names (config/ray_cluster.py); a deployment secret is made when none is given.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def with_backend_nodes(cfg: DeploymentConfig, env: Mapping[str, str] | None = No
     what is missing: no allocation, no scontrol, fewer nodes than the config lists."""
     if cfg.launcher.backend == "local":
         return cfg
+    if cfg.launcher.backend == "ray":
+        from pdlaunch.config.ray_cluster import with_ray_cluster
+
+        return with_shared_secret(with_ray_cluster(cfg), os.environ if env is None else env)
     env = os.environ if env is None else env
     addresses = slurm_node_addresses(env)
     if len(cfg.parallel.nodes) > len(addresses):
@@ -42,9 +48,16 @@ def with_backend_nodes(cfg: DeploymentConfig, env: Mapping[str, str] | None = No
     out.parallel.nodes = [NodeConfig(address=a, devices=d) for a, d in zip(addresses, devices)]
     if len(addresses) > 1 and out.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
         out.kv_transfer.side_channel_host = "0.0.0.0"
-    if not out.security.deployment_secret and not env.get(SECRET_ENV):
-        # Every node must share it; the slurm launcher hands the config, secret included, to every step.
-        out.security.deployment_secret = secrets.token_hex(32)
+    return with_shared_secret(out, env)
+
+
+def with_shared_secret(cfg: DeploymentConfig, env: Mapping[str, str]) -> DeploymentConfig:
+    """Every node must share one deployment secret; the slurm and ray launchers hand the config, secret
+    included, to every node's processes, so one is made here when none is given."""
+    if cfg.security.deployment_secret or env.get(SECRET_ENV):
+        return cfg
+    out = cfg.model_copy(deep=True)
+    out.security.deployment_secret = secrets.token_hex(32)
     return out
 
 

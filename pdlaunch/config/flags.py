@@ -119,8 +119,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "KV blocks is --kv-offload-gb GiB"),
     Flag("log_dir", str | None, "log_dir", "Directory for per-instance logs."),
     Flag("node_rank", int | None, "parallel.node_rank", "Which node of `parallel.nodes` this is."),
-    Flag("backend", str | None, "launcher.backend", "local | slurm: who starts the processes (slurm: inside an "
-         "allocation, one srun step per node)."),
+    Flag("backend", str | None, "launcher.backend", "local | slurm | ray: who starts the processes (slurm: "
+         "inside an allocation, one srun step per node; ray: actors on a Ray cluster)."),
+    Flag("ray_address", str | None, "launcher.ray_address", "--backend ray: the cluster's GCS HOST:PORT, or auto."),
     Flag("seed", int | None, "model.seed", "Default sampling seed."),
     Flag("api_key", str | None, "security.api_key",
          "Clients must send `Authorization: Bearer KEY` (env PDLAUNCH_API_KEY).", envvar="PDLAUNCH_API_KEY"),
@@ -156,7 +157,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Model": ("model", "served_model_name", "dtype", "quantization", "max_model_len", "seed", "chat_template",
               "enforce_eager"),
     "Devices and parallelism": ("device", "prefill", "decode", "colocated", "tp", "tensor_parallel_size", "tp_short",
-                                "prefill_tp", "decode_tp", "node_rank", "backend"),
+                                "prefill_tp", "decode_tp", "node_rank", "backend", "ray_address"),
     "Mixture of experts": ("enable_expert_parallel", "prefill_expert_parallel", "no_prefill_expert_parallel",
                            "decode_expert_parallel", "no_decode_expert_parallel"),
     "KV transfer": ("kv_connector", "transfer_mode", "kv_transfer_config", "kv_load_failure_policy",

@@ -201,11 +201,45 @@ def group_expert_parallel(parallel: ParallelConfig, group: InstanceGroupConfig) 
     return parallel.enable_expert_parallel if group.enable_expert_parallel is None else group.enable_expert_parallel
 
 
+RayResourceName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]*$")]
+
+
+class RayResourcesConfig(StrictModel):
+    """Ray custom resources each TP rank's bundle of a role asks for, on top of its CPU or GPU: a role
+    runs only on nodes started with them (`ray start --resources '{"pd_decode": 1}'`)."""
+
+    prefill: dict[RayResourceName, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Resources every prefill rank's bundle asks for, e.g. {pd_prefill: 0.01}.")
+    decode: dict[RayResourceName, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Resources every decode rank's bundle asks for.")
+    colocated: dict[RayResourceName, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Resources every colocated rank's bundle asks for.")
+
+    @field_validator("prefill", "decode", "colocated")
+    @classmethod
+    def _not_built_in(cls, value: dict[str, float]) -> dict[str, float]:
+        taken = sorted(set(value) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)} is Ray's own resource: pdlaunch asks for one CPU or GPU per "
+                             "TP rank itself; name a custom resource the nodes were started with")
+        return value
+
+    def for_role(self, role: Role) -> dict[str, float]:
+        return dict({"prefill": self.prefill, "decode": self.decode, "colocated": self.colocated}[role])
+
+
 class LauncherConfig(StrictModel):
-    backend: Literal["local", "slurm"] = Field(
+    backend: Literal["local", "slurm", "ray"] = Field(
         "local", description="local: this machine starts its processes (multi-node: one `pdlaunch serve "
         "--node-rank K` per node); slurm: inside a SLURM allocation, nodes from SLURM_JOB_NODELIST and one "
-        "`srun` step per node (pdlaunch/launcher/backends/slurm.py).")
+        "`srun` step per node (pdlaunch/launcher/backends/slurm.py); ray: on a Ray cluster, one placement group "
+        "per instance and one Ray actor per TP rank (pdlaunch/launcher/backends/ray.py).")
+    ray_address: str = Field("auto", min_length=1, description="ray backend: the cluster's GCS address "
+                             "(HOST:PORT, as `ray start --head` prints it), or auto (the cluster this machine runs).")
+    ray_resources: RayResourcesConfig = Field(default_factory=RayResourcesConfig)
+    ray_placement_timeout_seconds: float = Field(
+        120.0, gt=0, description="ray backend: an instance whose placement group Ray cannot place within this "
+        "long stops the deployment (exit 1, naming the resources asked for).")
 
 
 def default_instances() -> list[InstanceGroupConfig]:

@@ -21,7 +21,6 @@ import time
 import uuid
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import torch
 
@@ -42,6 +41,7 @@ from pdlaunch.distributed.messages import (
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
+from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
 from pdlaunch.distributed.remote_link import RankListener, is_closed
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.distributed.worker import run_worker
@@ -77,6 +77,10 @@ class UniprocExecutor:
     def rank_engine_ids(self) -> list[str]:
         return [self.engine_id]
 
+    def rank_nodes(self) -> list[str]:
+        """Node address of each rank when the executor knows it (under Ray); else [] (/info: the instance's host)."""
+        return []
+
     def shutdown(self) -> None:
         self.runner.release()
 
@@ -93,6 +97,7 @@ class TPExecutor:
         self._remote: dict[int, str] = {}  # ranks on other nodes -> "node K (address)"
         self._conns: list[Connection] = []  # ranks 1..T-1 in order: pipes, or TCP links for remote ranks
         placement = RankPlacement.from_env()
+        self._hosts = list(placement.hosts) if placement is not None else []
         port = instance.master_port if instance is not None else config.parallel.master_port
         self._store = create_store(config.parallel.master_addr, port, self.tp_size)
         ctx = mp.get_context("spawn")
@@ -195,13 +200,13 @@ class TPExecutor:
         """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
         return TPConnector(connector, self.tp_size, self._mirror, self._side_ports, self._side_hosts)
 
-    def _mirror(self, call: ConnectorCall) -> list[Any]:
+    def _mirror(self, call: ConnectorCall) -> list[object]:
         """Make `call` on the connector of every rank > 0 (in step order); their replies if it has any."""
         self.check_health()
         self._send_all(call)
         if call.reply_type is None:
             return []
-        replies = []
+        replies: list[object] = []
         for rank, conn in enumerate(self._conns, start=1):
             if not conn.poll(REPLY_TIMEOUT_S):
                 raise self._rank_failure(TimeoutError(
@@ -227,6 +232,10 @@ class TPExecutor:
     def rank_engine_ids(self) -> list[str]:
         """engine_id as each rank holds it, in rank order."""
         return list(self._rank_engine_ids)
+
+    def rank_nodes(self) -> list[str]:
+        """The configured node address of each rank when the group spans nodes; else [] (/info: the host)."""
+        return list(self._hosts)
 
     # -- watchdog and shutdown -------------------------------------------------------------------
     def _watch(self) -> None:
@@ -298,7 +307,7 @@ def _as_drawn_by_worker(config: DeploymentConfig, instance: InstanceSpec | None
 
 def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
                     device: torch.device, dtype: torch.dtype, max_model_len: int,
-                    engine_id: str) -> UniprocExecutor | TPExecutor:
+                    engine_id: str) -> UniprocExecutor | TPExecutor | RayTPExecutor:
     """The executor for the instance's TP size."""
     tp = instance.tp if instance is not None else config.parallel.tp
     if tp == 1:
@@ -315,4 +324,7 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
     if instance is not None and instance.role != "colocated" and config.kv_transfer.connector == "storage":
         raise EngineError(f"the {config.kv_transfer.connector} connector does not run with TP {tp} yet",
                           field="kv_transfer.connector", hint="use --kv-connector nixl or mooncake with TP > 1")
+    actors = rank_actors()
+    if actors and instance is not None:  # this process is rank 0 of an instance under --backend ray
+        return RayTPExecutor(config, instance, checkpoint, device, dtype, max_model_len, config.model.dtype, actors)
     return TPExecutor(config, instance, checkpoint, device, dtype, max_model_len, config.model.dtype)

@@ -36,7 +36,7 @@ from pdlaunch.distributed.messages import (
     send,
 )
 from pdlaunch.distributed.parallel_state import destroy_tp_group
-from pdlaunch.distributed.rank import build_rank, kv_cache_spec, rank_device
+from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device
 from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.memory.platform import set_device
@@ -68,25 +68,12 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     """Build rank `rank` (joining the group through `store` when given), report ready, serve rank 0's
     messages until it says shutdown or is gone (`parent` is the process whose end ends this rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
-    state = None
+    state: RankState | None = None
     connector: KVConnector | None = None
     try:
-        device = rank_device(device_type, instance, rank)
-        if device.type == "cuda":
-            set_device(device.index or 0)
-        checkpoint = load_checkpoint(config.model.path, config.model.quantization)
-        dtype = resolve_dtype(dtype_name, device)
-        state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port, store)
-        if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:
-            from pdlaunch.kv_transfer.factory import create_connector
-
-            connector = create_connector(config, instance)  # after the engine_id sync (vLLM #39907)
-            if connector is not None:
-                connector.register_kv_caches(kv_cache_spec(checkpoint, state.runner))
-        server = getattr(connector, "server", None)
-        side = connector.side_channel_address if server is not None else (None, None)  # type: ignore[union-attr]
-        send(conn, Ready(state.engine_id, side[1], side[0]))
+        state, connector, ready = build_worker_rank(rank, config, instance, device_type, dtype_name, max_model_len,
+                                                    master_port, store)
+        send(conn, ready)
         _serve(rank, tp, state.runner, connector, conn, parent)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
@@ -101,6 +88,36 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         if state is not None:
             state.runner.release()
         destroy_tp_group()
+
+
+def build_worker_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
+                      dtype_name: str, max_model_len: int, master_port: int, store: dist.TCPStore | None = None
+                      ) -> tuple[RankState, KVConnector | None, Ready]:
+    """Rank `rank` (> 0) built: its shard joined to the group, its own connector (PD roles), and the
+    Ready it reports to rank 0. A Ray rank actor (ray_rank.py) builds itself the same way."""
+    tp = instance.tp if instance is not None else config.parallel.tp
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    device = rank_device(device_type, instance, rank)
+    if device.type == "cuda":
+        set_device(device.index or 0)
+    checkpoint = load_checkpoint(config.model.path, config.model.quantization)
+    dtype = resolve_dtype(dtype_name, device)
+    state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port, store)
+    connector: KVConnector | None = None
+    try:
+        if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:
+            from pdlaunch.kv_transfer.factory import create_connector
+
+            connector = create_connector(config, instance)  # after the engine_id sync (vLLM #39907)
+            if connector is not None:
+                connector.register_kv_caches(kv_cache_spec(checkpoint, state.runner))
+    except BaseException:
+        state.runner.release()
+        destroy_tp_group()
+        raise
+    server = getattr(connector, "server", None)
+    side = connector.side_channel_address if server is not None else (None, None)  # type: ignore[union-attr]
+    return state, connector, Ready(state.engine_id, side[1], side[0])
 
 
 def _serve(rank: int, tp: int, runner: ModelRunner, connector: KVConnector | None, conn: Connection,

@@ -310,6 +310,11 @@ class LLMEngine:
         """engine_id as each TP rank holds it, in rank order (all equal after the sync); /info shows it."""
         return self.executor.rank_engine_ids()
 
+    @property
+    def rank_nodes(self) -> list[str]:
+        """The node address of each TP rank when the executor knows it (Ray, spanning groups); else []."""
+        return self.executor.rank_nodes()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

@@ -105,6 +105,37 @@ def _cpu_threads(num_local: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, num_local)))}
 
 
+def proxy_argv(cfg: DeploymentConfig, host: str, port: int, drain_timeout_s: float,
+               instances: list[tuple[str, str, str]]) -> list[str]:
+    """The proxy's command line; `instances` are (role, name, url). The ray launcher builds it too."""
+    argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", host,
+            "--port", str(port), "--routing-policy", cfg.proxy.routing_policy,
+            "--request-timeout", str(cfg.proxy.request_timeout_seconds),
+            "--drain-timeout", str(drain_timeout_s), "--parent-pid", str(os.getpid()),
+            "--max-request-bytes", str(cfg.security.max_request_bytes),
+            "--health-timeout", str(cfg.proxy.health_timeout_seconds),
+            "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
+            "--migration-limit", str(cfg.proxy.migration_limit)]
+    if cfg.proxy.disaggregate_min_tokens is not None:
+        argv += ["--disaggregate-min-tokens", str(cfg.proxy.disaggregate_min_tokens)]
+    if cfg.proxy.disaggregate_min_tokens is not None or cfg.proxy.routing_policy == "prefix":
+        argv += ["--tokenizer", str(resolve_model_path(cfg.model.path))]  # the instances' own
+    if cfg.proxy.prefill_timeout_seconds is not None:
+        argv += ["--prefill-timeout", str(cfg.proxy.prefill_timeout_seconds)]
+    for role, name, url in instances:
+        argv += [f"--{role}", f"{name}={url}"]
+    return argv
+
+
+def proxy_env(cfg: DeploymentConfig) -> dict[str, str]:
+    """Secrets reach the proxy through its environment, never its argv (visible in `ps`)."""
+    security = cfg.security
+    env = {SECRET_ENV: security.deployment_secret or ""}
+    if security.api_key:
+        env[API_KEY_ENV] = security.api_key
+    return env
+
+
 T = TypeVar("T")  # what _poll waits for: our children, or instances on other nodes
 
 
@@ -200,31 +231,11 @@ class Deployment:
             view.stop()
 
     def _proxy_argv(self) -> list[str]:
-        argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", self.plan.proxy_host,
-                "--port", str(self.plan.proxy_port), "--routing-policy", self.cfg.proxy.routing_policy,
-                "--request-timeout", str(self.cfg.proxy.request_timeout_seconds),
-                "--drain-timeout", str(self.drain_timeout_s), "--parent-pid", str(os.getpid()),
-                "--max-request-bytes", str(self.cfg.security.max_request_bytes),
-                "--health-timeout", str(self.cfg.proxy.health_timeout_seconds),
-                "--load-failure-policy", self.cfg.kv_transfer.load_failure_policy,
-                "--migration-limit", str(self.cfg.proxy.migration_limit)]
-        if self.cfg.proxy.disaggregate_min_tokens is not None:
-            argv += ["--disaggregate-min-tokens", str(self.cfg.proxy.disaggregate_min_tokens)]
-        if self.cfg.proxy.disaggregate_min_tokens is not None or self.cfg.proxy.routing_policy == "prefix":
-            argv += ["--tokenizer", str(resolve_model_path(self.cfg.model.path))]  # the instances' own
-        if self.cfg.proxy.prefill_timeout_seconds is not None:
-            argv += ["--prefill-timeout", str(self.cfg.proxy.prefill_timeout_seconds)]
-        for plan in self.plan.instances:
-            argv += [f"--{plan.spec.role}", f"{plan.spec.name}={plan.url}"]
-        return argv
+        return proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port or 0, self.drain_timeout_s,
+                          [(p.spec.role, p.spec.name, p.url) for p in self.plan.instances])
 
     def _proxy_env(self) -> dict[str, str]:
-        """Secrets reach the proxy through its environment, never its argv (visible in `ps`)."""
-        security = self.cfg.security
-        env = {SECRET_ENV: security.deployment_secret or ""}
-        if security.api_key:
-            env[API_KEY_ENV] = security.api_key
-        return env
+        return proxy_env(self.cfg)
 
     def restart_child(self, child: ChildProcess, restart: int, why: str) -> str:
         """Start a dead local instance or the proxy again, its log appended to. An instance keeps its

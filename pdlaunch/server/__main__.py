@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,8 @@ def max_pending_requests(config: DeploymentConfig) -> int:
     return max(256, 8 * config.scheduler.max_num_seqs)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], None] | None = None) -> int:
+    """`on_server` receives the server before it runs (a Ray rank-0 actor stops it through should_exit)."""
     args = parse_args(argv)
     config = DeploymentConfig.model_validate_json(args.deployment.read_text())
     spec = InstanceSpec.model_validate_json(args.instance)
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         app, host=spec.host, port=spec.port, log_level="info", access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
     ))
+    if on_server is not None:
+        on_server(server)
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
     try:

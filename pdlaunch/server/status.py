@@ -35,7 +35,7 @@ async def info(request: Request) -> JsonObject:
     engine_loop, spec, config = instance.engine_loop, instance.spec, instance.config
     engine = engine_loop.built_engine
     ready = engine_loop.state == "ready"
-    rank_ids, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, {})
+    rank_ids, rank_nodes, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, None, {})
     engine_id = engine.engine_id if engine is not None else spec.engine_id
     stats = engine_loop.stats
     pd = spec.role != "colocated"
@@ -48,6 +48,7 @@ async def info(request: Request) -> JsonObject:
         "engine_id": engine_id,
         "tp_size": spec.tp,
         "rank_engine_ids": list[JsonValue](rank_ids or [engine_id] * spec.tp),
+        "rank_nodes": list[JsonValue](rank_nodes or [spec.host] * spec.tp),
         "device": spec.device,
         "devices": list[JsonValue](spec.devices),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -67,11 +68,11 @@ async def info(request: Request) -> JsonObject:
     }
 
 
-def _engine_snapshot(engine: LLMEngine) -> tuple[list[str], JsonObject]:
+def _engine_snapshot(engine: LLMEngine) -> tuple[list[str], list[str], JsonObject]:
     """What /info reads from the engine itself (runs on the engine thread: no race with step()): the TP
-    ranks' engine ids and the KV connector's description."""
+    ranks' engine ids and nodes (empty when the executor does not know them), the KV connector's description."""
     connector = engine.connector
-    return engine.rank_engine_ids, connector.info() if connector is not None else {}
+    return engine.rank_engine_ids, engine.rank_nodes, connector.info() if connector is not None else {}
 
 
 async def prometheus_metrics(request: Request) -> Response:

@@ -1,0 +1,198 @@
+"""What `--backend ray` needs from the Ray cluster, checked before anything starts (check-config and serve).
+
+- ray importable (the `pdlaunch[ray]` extra);
+- the cluster answering at `launcher.ray_address` (a GCS HOST:PORT is probed with a bounded TCP connect
+  first: ray.init itself waits minutes on an address nothing listens at);
+- every custom resource named in `launcher.ray_resources` on at least one live node, and some node
+  (or, for a group that spreads, the cluster) able to hold one instance's bundles;
+- no field of the local launcher (parallel.nodes, node_rank, a group's node): Ray places the ranks.
+
+The placement plan of an instance (its bundles, PACK or SPREAD) is decided here too, from the live
+nodes' total resources, so that check-config and the launcher agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Literal
+
+from pdlaunch.config.models import DeploymentConfig, Role
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.memory import platform
+
+FIELD = "launcher.ray_address"
+INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine and on every node of the cluster"
+CONNECT_TIMEOUT_S = 5.0  # the GCS port must accept a TCP connection within this
+NAMESPACE = "pdlaunch"  # Ray namespace of every actor the launcher makes
+
+Strategy = Literal["PACK", "SPREAD"]
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """A live node as Ray reports it."""
+
+    node_id: str
+    address: str  # the node IP Ray reports (NodeManagerAddress)
+    resources: dict[str, float]  # total resources of the node
+
+
+@dataclass(frozen=True)
+class InstancePlacement:
+    """One instance's placement group: one bundle per TP rank."""
+
+    bundles: list[dict[str, float]]
+    strategy: Strategy
+    role: Role
+
+    def describe(self) -> str:
+        """The resources asked for, as an error message names them."""
+        return f"{len(self.bundles)} bundle(s) of {_fmt(self.bundles[0])} ({self.strategy})"
+
+
+@dataclass
+class ClusterCheck:
+    """What the cluster lacks for the config: field -> message."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items())) + "}"
+
+
+def import_ray() -> ModuleType:
+    """The ray module, or PdlaunchError naming the extra to install."""
+    try:
+        return importlib.import_module("ray")
+    except ImportError:
+        raise PdlaunchError("--backend ray needs the ray package, which is not installed here",
+                            field="launcher.backend", hint=INSTALL_HINT) from None
+
+
+def bundle(cfg: DeploymentConfig, role: Role) -> dict[str, float]:
+    """One TP rank's bundle: one GPU on CUDA (one CPU otherwise), plus the role's custom resources."""
+    device = cfg.device if cfg.device != "auto" else platform.resolve_device("auto")
+    own = {"GPU": 1.0} if device == "cuda" else {"CPU": 1.0}
+    return {**own, **cfg.launcher.ray_resources.for_role(role)}
+
+
+def plan_instance(cfg: DeploymentConfig, role: Role, tp: int, nodes: list[RayNode]) -> InstancePlacement:
+    """PACK when one live node can hold every bundle of the instance, SPREAD otherwise."""
+    one = bundle(cfg, role)
+    needed = {name: amount * tp for name, amount in one.items()}
+    fits_one = any(all(node.resources.get(name, 0.0) >= amount for name, amount in needed.items()) for node in nodes)
+    return InstancePlacement([dict(one) for _ in range(tp)], "PACK" if fits_one else "SPREAD", role)
+
+
+def unplaceable(placement: InstancePlacement, nodes: list[RayNode]) -> str | None:
+    """Why the live nodes can never hold `placement` (None when they can, resources permitting)."""
+    one = placement.bundles[0]
+    hosts = [n for n in nodes if all(n.resources.get(k, 0.0) >= v for k, v in one.items())]
+    if not hosts:
+        return f"no live node can hold one bundle {_fmt(one)}"
+    slots = sum(min(int(n.resources.get(k, 0.0) / v + 1e-9) for k, v in one.items()) for n in hosts)
+    if slots < len(placement.bundles):
+        return (f"the live nodes hold {slots} bundle(s) of {_fmt(one)} in all, and a {placement.role} instance "
+                f"needs {len(placement.bundles)} (its TP size)")
+    return None
+
+
+def check_cluster(cfg: DeploymentConfig, nodes: list[RayNode]) -> list[tuple[str, str]]:
+    """Problems of `cfg` on the cluster of `nodes`: unknown resources, instances that cannot be placed."""
+    from pdlaunch.config.validate import group_tp
+
+    problems: list[tuple[str, str]] = []
+    known = {name for node in nodes for name in node.resources}
+    for role in ("prefill", "decode", "colocated"):
+        missing = sorted(set(cfg.launcher.ray_resources.for_role(role)) - known)
+        if missing:
+            problems.append((f"launcher.ray_resources.{role}",
+                             f"no live node of the Ray cluster has the resource(s) {', '.join(missing)} (nodes: "
+                             + "; ".join(f"{n.address} {_fmt(n.resources)}" for n in nodes) + ")"))
+    if problems:
+        return problems
+    for i, group in enumerate(cfg.instances):
+        if group.count == 0:
+            continue
+        why = unplaceable(plan_instance(cfg, group.role, group_tp(cfg, group), nodes), nodes)
+        if why is not None:
+            problems.append((f"instances[{i}]", why))
+    return problems
+
+
+def check_local_fields(cfg: DeploymentConfig) -> None:
+    """Fields that place processes by hand mean nothing under Ray: refuse them rather than ignore them."""
+    if cfg.parallel.nodes:
+        raise PdlaunchError("--backend ray places every TP rank itself: parallel.nodes is not used",
+                            field="parallel.nodes", hint="remove parallel.nodes; pin roles to nodes with "
+                            "launcher.ray_resources and `ray start --resources`")
+    if cfg.parallel.node_rank:
+        raise PdlaunchError("--backend ray runs one launcher for the whole cluster: --node-rank is not used",
+                            field="parallel.node_rank", hint="drop --node-rank")
+    for i, group in enumerate(cfg.instances):
+        if group.node:
+            raise PdlaunchError("--backend ray places instances itself: a group's node is not used",
+                                field=f"instances[{i}].node", hint="pin the role with launcher.ray_resources")
+
+
+def gcs_probe(address: str) -> None:
+    """Raise PdlaunchError unless something accepts a TCP connection at HOST:PORT within CONNECT_TIMEOUT_S."""
+    host, sep, port = address.rpartition(":")
+    if address.startswith("ray://"):
+        raise PdlaunchError(f"{address} is a Ray Client address; the launcher connects to the GCS directly",
+                            field=FIELD, hint="give the head's GCS HOST:PORT (`ray start --head` prints it)")
+    if not sep or not port.isdigit() or not host:
+        raise PdlaunchError(f"{address!r} is not HOST:PORT or auto", field=FIELD,
+                            hint="e.g. --ray-address 10.0.0.5:6379 (the head's GCS port)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise PdlaunchError(f"no Ray cluster answers at {address} (TCP connect within {CONNECT_TIMEOUT_S:.0f}s: "
+                            f"{exc})", field=FIELD, hint="start it with `ray start --head` there, or check the "
+                            "address and that this machine reaches it") from None
+
+
+def connect(cfg: DeploymentConfig) -> ModuleType:
+    """ray, connected to the cluster of `cfg` (once per process). Raises PdlaunchError."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    address = cfg.launcher.ray_address
+    if address != "auto":
+        gcs_probe(address)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
+                 configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}", field=FIELD,
+                            hint="start one with `ray start --head`, or give its address with --ray-address "
+                            "HOST:PORT") from None
+    return ray
+
+
+def live_nodes(ray: ModuleType) -> list[RayNode]:
+    """The cluster's live nodes, with their total resources."""
+    return [RayNode(str(n["NodeID"]), str(n["NodeManagerAddress"]),
+                    {str(k): float(v) for k, v in dict(n.get("Resources") or {}).items()})
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
+    """`cfg` checked against the Ray cluster it names (connecting to it). Raises PdlaunchError."""
+    check_local_fields(cfg)
+    ray = connect(cfg)
+    nodes = live_nodes(ray)
+    problems = check_cluster(cfg, nodes)
+    if problems:
+        field_name, message = problems[0]
+        more = "; ".join(f"{f}: {m}" for f, m in problems[1:])
+        raise PdlaunchError(message + (f"; also {more}" if more else ""), field=field_name,
+                            hint="start nodes with those resources (`ray start --resources '{\"NAME\": 1}'`) "
+                            "or change launcher.ray_resources / the TP sizes")
+    return cfg
