@@ -48,11 +48,12 @@ smoke: demo-model
 	$(BIN)/pdlaunch smoke --model demo --device cpu
 
 # ruff (rules in pyproject.toml), mypy --strict over the package ([tool.mypy] in pyproject.toml), and
-# the import layers: no cycles, no import from a higher layer (tests/test_layering.py; docs/ARCHITECTURE.md "Layers").
+# the import layers: no cycles, no import from a higher layer (tests/test_layering.py; docs/ARCHITECTURE.md "Layers"),
+# and the structure rules: short server/proxy functions, sibling decode strategies, a ceiling on Any (tests/test_structure.py).
 lint: venv
 	$(BIN)/python -m ruff check pdlaunch tests benchmarks
 	$(BIN)/python -m mypy pdlaunch
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layering.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layering.py tests/test_structure.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
