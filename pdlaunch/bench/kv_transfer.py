@@ -25,6 +25,7 @@ import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
                     result: Any = connector.info()
                 elif cmd == "finish":
                     rid, n, ids = args
-                    result = connector.request_finished(rid, list(range(n)), {"do_remote_decode": True}, [ids])[1]
+                    result = connector.request_finished(rid, list(range(n)), RemoteDecodeRequest(do_remote_decode=True),
+                                                        [ids])[1]
                 elif cmd == "freed":
                     result = connector.get_finished().finished_sending
                 elif cmd == "push_timing":  # prefill: the phases of the push of request args[0], if any
@@ -145,7 +147,7 @@ def _worker(conn: Any, role: str, shape: dict[str, Any], device: str) -> None:
         conn.send(("ok", None))
 
 
-def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, Any],
+def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: PrefillAnswer,
                 timeout: float) -> tuple[float, float, float]:
     """(seconds, time.monotonic() at start_load, at finished_recving)."""
     prompt = list(range(n))

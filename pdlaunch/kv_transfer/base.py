@@ -5,6 +5,8 @@ blocks after finishing, and what finished. Worker side: register the KV memory, 
 Both sides live in one object per engine process.
 
 Flow on a PD pair (prompt of n tokens, block_size B):
+  kv_transfer_params arrive as the models params.py defines (`KVTransferParams`): the engine parsed
+  and checked them once, where the request entered it.
   prefill: request carries kv_transfer_params={"do_remote_decode": True}; it runs normally with
     max_tokens=1; when it finishes the engine calls `request_finished`, which returns
     (hold=True, params) -> the engine keeps the request's blocks, answers with `params`, and frees
@@ -40,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
 
 
 @dataclass
@@ -98,13 +102,13 @@ class KVConnector(ABC):
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        kv_transfer_params: dict[str, Any] | None,
+        kv_transfer_params: KVTransferParams | None,
         num_local_computed_tokens: int,
     ) -> int:
         """Prompt tokens beyond the local prefix hit that this connector will load (0: none)."""
 
     @abstractmethod
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         """Start loading positions [num_local_computed_tokens, + num_external_tokens) into the
         request's per-group block tables `block_ids` (covering the whole prompt; in a sliding-window
@@ -114,9 +118,10 @@ class KVConnector(ABC):
         it may free its blocks."""
 
     @abstractmethod
-    def request_finished(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
-        """A request finished here. Returns (hold_blocks, kv_transfer_params for the response)."""
+    def request_finished(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
+        """A request finished here. Returns (hold_blocks, the answer for the response: the engine signs it)."""
 
     @abstractmethod
     def get_finished(self) -> KVConnectorEvents:

@@ -26,6 +26,7 @@ from pdlaunch.kv_transfer.decode.peers import PeerCache
 from pdlaunch.kv_transfer.decode.side import DecodeSide
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, DeviceInfo, device_info
 from pdlaunch.kv_transfer.messages import parse_notification
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
 from pdlaunch.kv_transfer.prefill.side import AnswerMode, PrefillSide
 from pdlaunch.kv_transfer.role import RoleSide
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
@@ -235,22 +236,22 @@ class NixlConnector(KVConnector):
 
     # -- scheduler side -----------------------------------------------------------------------
     def get_num_new_matched_tokens(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
         num_local_computed_tokens: int,
     ) -> int:
         return self.side.num_new_matched_tokens(prompt_token_ids, kv_transfer_params, num_local_computed_tokens)
 
     def start_load(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
         block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int,
     ) -> None:
         self.side.start_load(request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
                              num_external_tokens)
 
     def request_finished(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
         block_ids: list[list[int]],
-    ) -> tuple[bool, dict[str, Any] | None]:
+    ) -> tuple[bool, PrefillAnswer | None]:
         return self.side.request_finished(request_id, prompt_token_ids, kv_transfer_params, block_ids)
 
     def get_finished(self) -> KVConnectorEvents:

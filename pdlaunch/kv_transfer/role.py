@@ -8,6 +8,7 @@ from typing import Any
 
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.messages import Notification
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
 from pdlaunch.kv_transfer.staging import StagingArea
 
 
@@ -28,17 +29,17 @@ class RoleSide:
     def before_sleep(self, kv_epoch: int) -> None:
         """Ask peers that mapped this engine's memory (or whose memory it mapped) to drop it."""
 
-    def num_new_matched_tokens(self, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def num_new_matched_tokens(self, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                                num_local_computed_tokens: int) -> int:
         return 0
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         """Decode: start loading the KV the params name."""
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
-                         kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
         return False, None
 
     def on_notif(self, notif: Notification) -> None:

@@ -23,6 +23,7 @@ from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.kv_transfer.params import KVTransferParams
 
 log = logging.getLogger("pdlaunch.server")
 
@@ -62,7 +63,7 @@ class _Add:
     stream: RequestStream
     prompt: Prompt
     params: SamplingParams
-    kv_transfer_params: dict[str, Any] | None
+    kv_transfer_params: KVTransferParams | None  # parsed by the engine's boundary (submit)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class EngineLoop:
         if self.state != "ready":
             raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
         try:  # here, not on the engine thread: a bad value fails this request before the engine sees it
-            kv_transfer_params = self.engine.check_kv_transfer_params(kv_transfer_params)
+            parsed = self.engine.check_kv_transfer_params(kv_transfer_params)
         except PdlaunchError as exc:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
@@ -141,7 +142,7 @@ class EngineLoop:
                     503, f"server overloaded: {len(self._streams)} requests pending "
                     f"(limit {self.max_pending_requests}); retry later", code="overloaded")
             self._streams[request_id] = stream
-        self._commands.put(_Add(stream, prompt, params, kv_transfer_params))
+        self._commands.put(_Add(stream, prompt, params, parsed))
         return stream
 
     def abort(self, request_id: str) -> None:

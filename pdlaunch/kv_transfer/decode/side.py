@@ -13,7 +13,13 @@ from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, Notification, PushDone, PushFailed
-from pdlaunch.kv_transfer.params import first_token_ids
+from pdlaunch.kv_transfer.params import (
+    KVTransferParams,
+    PrefillAnswer,
+    UnsignedPush,
+    first_token_ids,
+    wants_remote_prefill,
+)
 from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
@@ -22,9 +28,6 @@ from pdlaunch.kv_transfer.side_channel import request
 from pdlaunch.kv_transfer.staging import StagingArea
 
 logger = logging.getLogger(__name__)
-
-_REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id")
-
 
 class DecodeSide(RoleSide):
     role = "decode"
@@ -64,30 +67,30 @@ class DecodeSide(RoleSide):
         self.peers.forget_all()
 
     # -- scheduler side -----------------------------------------------------------------------
-    def num_new_matched_tokens(self, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def num_new_matched_tokens(self, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                                num_local_computed_tokens: int) -> int:
-        if not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
+        if not wants_remote_prefill(kv_transfer_params):
             return 0
         # The last prompt token is recomputed locally for the first token's logits, unless the prefill
         # handed that token over (engine/first_token.py): then every prompt position is loaded.
         recompute = 0 if first_token_ids(kv_transfer_params) else 1
         return max(0, len(prompt_token_ids) - recompute - num_local_computed_tokens)
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
-        params = kv_transfer_params or {}
-        if not params.get("do_remote_prefill"):
+        params = kv_transfer_params
+        if not isinstance(params, PrefillAnswer | UnsignedPush):
             return
         remote: RemoteKV | None = None
         try:
-            unsigned = params.get("remote_block_ids") is None and "signature" not in params
-            remote = RemoteKV.from_params(params) if unsigned else self._required(params)
-            if unsigned:  # vLLM's push proxy: the block ids come from the prefill itself (push_params.py)
+            if isinstance(params, UnsignedPush):  # vLLM's push proxy: the block ids come from the prefill itself
+                remote = RemoteKV.from_params(params)
                 self._check_unsigned_push(remote)
                 self.loads.start(request_id, remote, [], plan=lambda r: self._plan(
                     prompt_token_ids, r, block_ids, num_local_computed_tokens, num_external_tokens),
                     digest=prompt_digest(prompt_token_ids))
                 return
+            remote = self._required(params)
             pairs = self._plan(prompt_token_ids, remote, block_ids, num_local_computed_tokens, num_external_tokens)
             reshard = self._reshard_plan(remote)
         except KVTransferError as e:
@@ -95,8 +98,10 @@ class DecodeSide(RoleSide):
             return
         self.loads.start(request_id, remote, pairs, reshard)
 
-    def _required(self, params: dict[str, Any]) -> RemoteKV:
-        missing = [k for k in _REQUIRED_PARAMS if k not in params]
+    def _required(self, params: PrefillAnswer) -> RemoteKV:
+        missing = [name for name, value in (("remote_block_ids", params.remote_block_ids),
+                                            ("remote_host", params.remote_host), ("remote_port", params.remote_port))
+                   if value is None]
         if missing:
             raise KVTransferError(f"kv_transfer_params lack {', '.join(missing)}",
                                   hint="send decode the kv_transfer_params the prefill response carried")
@@ -161,7 +166,7 @@ class DecodeSide(RoleSide):
         self.loads.shutdown()
 
 
-def _unknown(params: dict[str, Any]) -> RemoteKV:
+def _unknown(params: PrefillAnswer | UnsignedPush) -> RemoteKV:
     """What a load that fails before it starts names as its source (params that lack fields)."""
-    return RemoteKV(engine_id=str(params.get("remote_engine_id")), request_id=None,
-                    host=str(params.get("remote_host")), port=int(params.get("remote_port") or 0))
+    return RemoteKV(engine_id=params.remote_engine_id, request_id=None, host=str(params.remote_host),
+                    port=params.remote_port or 0)

@@ -29,7 +29,7 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     ReadDone,
 )
-from pdlaunch.kv_transfer.params import PrefillAnswer
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode
 from pdlaunch.kv_transfer.prefill.decode_peers import DecodePeers
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender, PushTiming
@@ -111,11 +111,11 @@ class PrefillSide(RoleSide):
         )
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
-                         kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
         """Hold the blocks of a request asked for a remote decode; answer where its KV lies (vLLM's
         field names; the caller signs the answer)."""
-        if not kv_transfer_params or not kv_transfer_params.get("do_remote_decode"):
+        if not wants_remote_decode(kv_transfer_params):
             return False, None
         spec = self._require_spec()
         host, port = self.address()
@@ -131,7 +131,7 @@ class PrefillSide(RoleSide):
             if self.kv.verify_kv else None,
         )
         self.holds.hold(request_id, block_ids, prompt_digest(prompt_token_ids))
-        return True, answer.model_dump(exclude_none=True)
+        return True, answer
 
     def on_notif(self, notif: Notification) -> None:
         if isinstance(notif, ReadDone):
