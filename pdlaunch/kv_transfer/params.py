@@ -25,7 +25,9 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import PARAMS_PURPOSE, canonical, derive_key, mac, mac_ok
+from pdlaunch.kv_transfer.auth import PARAMS_PURPOSE, JSONObject, canonical, derive_key, mac, mac_ok
+
+__all__ = ["JSONObject"]  # params on the wire (the HTTP body, the prefill's signed answer) are JSON objects
 
 MAX_ID_CHARS = 512  # request ids carry the client's X-Request-Id plus a suffix
 MAX_HOST_CHARS = 253  # a DNS name
@@ -175,7 +177,6 @@ class UnsignedPush(BaseModel):
 
 # A request's kv_transfer_params once the engine's boundary parsed them.
 KVTransferParams = RemoteDecodeRequest | PrefillAnswer | UnsignedPush
-JSONObject = dict[str, object]  # params on the wire (the HTTP body, the prefill's signed answer)
 
 
 def wants_remote_decode(params: KVTransferParams | None) -> bool:

@@ -25,7 +25,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,7 +32,7 @@ from safetensors.torch import save_file
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import compat_fields, compat_hash
@@ -250,7 +249,7 @@ class StorageConnector(KVConnector):
         no blocks for the decode leg."""
         return False
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ConnectorInfo:
         return {"connector": "storage", "role": self.role, "engine_id": self.engine_id,
                 "transfer_mode": "storage", "transfer_mode_reason": "kv_transfer.connector is storage",
                 "storage_path": str(self.root or self.base)}

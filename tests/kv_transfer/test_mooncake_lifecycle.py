@@ -34,7 +34,7 @@ SLOW_SECONDS = 2.0
 def build_slow_mooncake(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str) -> Built:
     """build_connector plus: `slow_op` transfers ("READ"/"WRITE") sleep SLOW_SECONDS inside the transfer
     thread before moving bytes (the handle already says PROC), and fill(group, ids, value)."""
-    from pdlaunch.kv_transfer import mooncake_engine
+    from pdlaunch.kv_transfer.mooncake import engine as mooncake_engine
 
     started: list[str] = []
     original = mooncake_engine.MooncakeEngine.transfer

@@ -20,14 +20,14 @@ import pytest
 from pdlaunch.config import mooncake_install
 from pdlaunch.config.kv_connector_rules import kv_connector_problems
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from pdlaunch.kv_transfer import mooncake_connector
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.fault import ENV
 from pdlaunch.kv_transfer.messages import ReadDone, encode_notification
-from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
-from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
-from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
-from pdlaunch.kv_transfer.mooncake_sender import TransferPool
+from pdlaunch.kv_transfer.mooncake import connector as mooncake_connector
+from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent
+from pdlaunch.kv_transfer.mooncake.connector import MooncakeConnector
+from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake.sender import TransferPool
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.memory import platform
 from tests.kv_transfer.deployment_secret import TEST_SECRET, secured
@@ -149,7 +149,7 @@ def test_missing_package_and_system_library_are_named(monkeypatch: pytest.Monkey
 
 @requires_mooncake
 def test_info_and_log_state_the_transport(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.mooncake_connector"):
+    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.mooncake.connector"):
         decode = _connector("decode", "info-D")
     try:
         info = decode.info()
