@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -53,7 +52,7 @@ def bind_ucx_to_loopback(side_channel_host: str) -> None:
 AnswerMode = Literal["pull", "push"]  # what a prefill's answer names (vLLM's field; never "auto")
 
 
-class NixlConnector(KVConnector, ABC):
+class NixlConnector(KVConnector):
     """The base of both roles (PrefillSide, DecodeSide). `staging_bytes`: size of the staging buffer KV
     moves through (0: none, register the KV cache itself); default: DEFAULT_STAGING_BYTES on CUDA when
     the KV cache lives in CuMem pools (model.enable_cumem_allocator or enable_sleep_mode), else none."""
@@ -114,10 +113,6 @@ class NixlConnector(KVConnector, ABC):
 
     def _forget_peers(self, kv_epoch: int) -> None:  # noqa: B027 - a role may map no peer memory
         """Before sleep: ask peers that mapped this engine's memory (or whose memory it mapped) to drop it."""
-
-    @abstractmethod
-    def _on_notif(self, notif: Notification) -> None:
-        """A notification of the transport; each role handles its kinds and ignores the others."""
 
     def _role_info(self, info: ConnectorInfo) -> None:  # noqa: B027 - nothing more to show
         """Add this role's part of /info to `info`."""
@@ -247,15 +242,18 @@ class NixlConnector(KVConnector, ABC):
         return host, self.side_channel_port
 
     # -- engine thread --------------------------------------------------------------------------
-    def _read_notifications(self) -> None:
-        """Engine thread (each role's get_finished): hand every notification the transport received to
-        the role (`_on_notif`); a malformed one is dropped with a rate-limited warning."""
+    def _notifications(self) -> list[Notification]:
+        """Engine thread (each role's get_finished): the notifications the transport received since the
+        last call; a malformed one is dropped with a rate-limited warning. Each role handles its kinds
+        and ignores the others."""
+        notifs = []
         for message in self.agent.new_notifs():
             notif = parse_notification(message)
             if notif is None:
                 self._bad_notif.warn("notif", "ignoring a malformed notification: %r", message[:200])
             else:
-                self._on_notif(notif)
+                notifs.append(notif)
+        return notifs
 
     def _resolved_mode(self) -> tuple[str, str] | None:
         """A decode in transfer mode auto: what its first handshake resolved (None: not yet, or not auto)."""

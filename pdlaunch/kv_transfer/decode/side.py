@@ -14,7 +14,7 @@ from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
 from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
-from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, Notification, PushDone, PushFailed
+from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, PushDone, PushFailed
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.kv_transfer.params import (
     KVTransferParams,
@@ -150,20 +150,18 @@ class DecodeSide(NixlConnector):
         ]
 
     # -- engine thread ------------------------------------------------------------------------
-    def _on_notif(self, notif: Notification) -> None:
-        if isinstance(notif, PushDone | PushFailed):
-            if not self.ctx.chunks.on_notif(notif):  # else one chunk of a staged push ended
-                self.loads.table.on_push_notif(notif)
-        elif isinstance(notif, Forget):
-            self.peers.forget_agent(notif.agent_name, notif.kv_epoch)
-
     def get_finished(self) -> KVConnectorEvents:
         """Loads that ended: KV loaded (finished_recving: the engine releases the request to decode),
         failed, or drained. Push loads end by notification (push_done/push_failed), pull loads by
         their READ's state (LoadTable.poll asks their strategy)."""
         if self.spec is None:
             return KVConnectorEvents()
-        self._read_notifications()
+        for notif in self._notifications():
+            if isinstance(notif, PushDone | PushFailed):
+                if not self.ctx.chunks.on_notif(notif):  # else one chunk of a staged push ended
+                    self.loads.table.on_push_notif(notif)
+            elif isinstance(notif, Forget):
+                self.peers.forget_agent(notif.agent_name, notif.kv_epoch)
         now = time.monotonic()
         finished, failed = self.loads.table.poll(now)
         draining, safe = self.loads.table.poll_draining(now)

@@ -24,7 +24,6 @@ from pdlaunch.kv_transfer.messages import (
     HandshakeRequest,
     HeldBlocksAnswer,
     HeldBlocksRequest,
-    Notification,
     PushRequest,
     ReadDone,
 )
@@ -124,15 +123,13 @@ class PrefillSide(NixlConnector):
         self.holds.hold(request_id, block_ids, prompt_digest(prompt_token_ids))
         return True, answer
 
-    def _on_notif(self, notif: Notification) -> None:
-        if isinstance(notif, ReadDone):
-            self.holds.on_read_done(notif)
-
     def get_finished(self) -> KVConnectorEvents:
         """Held requests whose blocks may be freed now (read, released, or past their lease)."""
         if self.spec is None:
             return KVConnectorEvents()
-        self._read_notifications()  # read_done / release from decodes
+        for notif in self._notifications():
+            if isinstance(notif, ReadDone):  # a decode READ the blocks, or gave up (release)
+                self.holds.on_read_done(notif)
         now = time.monotonic()
         self.stager.expire(now)
         return KVConnectorEvents(finished_sending=self.holds.poll(now))
