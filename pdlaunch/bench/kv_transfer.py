@@ -24,11 +24,11 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import JsonValue
 
 from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
 
 if TYPE_CHECKING:
@@ -136,7 +136,8 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
                     result: object = connector.info()
                 elif cmd == "finish":
                     rid, n, ids = args
-                    result = connector.request_finished(rid, list(range(n)), {"do_remote_decode": True}, [ids])[1]
+                    result = connector.request_finished(rid, list(range(n)), RemoteDecodeRequest(do_remote_decode=True),
+                                                        [ids])[1]
                 elif cmd == "freed":
                     result = connector.get_finished().finished_sending
                 elif cmd == "push_timing":  # prefill: the phases of the push of request args[0], if any
@@ -169,7 +170,7 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
         conn.send(("ok", None))
 
 
-def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: dict[str, JsonValue],
+def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: PrefillAnswer,
                 timeout: float) -> tuple[float, float, float]:
     """(seconds, time.monotonic() at start_load, at finished_recving)."""
     prompt = list(range(n))

@@ -1,7 +1,7 @@
 """Whether Mooncake can run on this host: its wheel, the system libraries it links, RDMA devices.
 
 Read by check-config (config/rules/host.py) before anything starts, by `bench kv-transfer`,
-and by the Mooncake transfer engine itself (kv_transfer/mooncake_engine.py) before it loads. It sits
+and by the Mooncake transfer engine itself (kv_transfer/mooncake/engine.py) before it loads. It sits
 below kv_transfer/ so that check-config asks without importing the transfer code.
 """
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import ClassVar, Final, TypeAlias, TypeVar
 
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnectorEvents
+from pdlaunch.kv_transfer.params import KVTransferParams
 from pdlaunch.runner.step_inputs import StepInputs
 
 # Frozen slotted dataclasses: pickled as the class name plus their fields, built without validation
@@ -59,7 +60,7 @@ class StartLoad(MirroredCall):
     reply_type: ClassVar[type | tuple[type, ...] | None] = None
     request_id: str
     prompt_token_ids: list[int]
-    kv_transfer_params: dict[str, Any] | None
+    kv_transfer_params: KVTransferParams | None
     block_ids: list[list[int]]
     num_local_computed_tokens: int
     num_external_tokens: int
@@ -70,7 +71,7 @@ class RequestFinished(MirroredCall):
     reply_type: ClassVar[type | tuple[type, ...] | None] = tuple  # (hold, kv_transfer_params)
     request_id: str
     prompt_token_ids: list[int]
-    kv_transfer_params: dict[str, Any] | None
+    kv_transfer_params: KVTransferParams | None
     block_ids: list[list[int]]
 
 

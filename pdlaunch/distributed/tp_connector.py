@@ -28,6 +28,7 @@ from pdlaunch.distributed.messages import (
 )
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,13 @@ log = logging.getLogger(__name__)
 Mirror = Callable[[ConnectorCall], list[Any]]
 
 
-def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> dict[str, Any] | None:
+def params_for_rank(params: KVTransferParams | None, rank: int, tp_size: int) -> KVTransferParams | None:
     """The kv_transfer_params decode rank `rank` uses: the side channel of the prefill rank holding its heads."""
-    if not params or not params.get("do_remote_prefill"):
-        return params
-    remote_tp = int(params.get("tp_size", 1))
-    ports = params.get("remote_ports") or [params.get("remote_port")]
-    hosts = params.get("remote_hosts") or [params.get("remote_host")] * len(ports)
+    if not isinstance(params, PrefillAnswer):
+        return params  # an unsigned push names one prefill of TP size 1 (push_params.py)
+    remote_tp = params.tp_size
+    ports: list[int | None] = list(params.remote_ports) if params.remote_ports else [params.remote_port]
+    hosts: list[str | None] = list(params.remote_hosts) if params.remote_hosts else [params.remote_host] * len(ports)
     if remote_tp != tp_size:
         if len(set(hosts)) > 1:  # reshard.py reads every source at `remote_host`
             raise KVTransferError(f"prefill TP {remote_tp} spans nodes ({sorted(set(map(str, hosts)))}) and decode "
@@ -52,10 +53,10 @@ def params_for_rank(params: dict[str, Any] | None, rank: int, tp_size: int) -> d
     if len(ports) != remote_tp or len(hosts) != remote_tp:
         raise KVTransferError(f"prefill sent {len(ports)} side-channel ports and {len(hosts)} hosts for TP "
                               f"{remote_tp}", hint="run the same pdlaunch version on prefill and decode")
-    out = {**params, "remote_port": int(ports[rank]), "remote_host": hosts[rank]}
-    if "rank_kv_checksums" in params:
-        out["kv_checksum"] = params["rank_kv_checksums"][rank]
-    return out
+    update: dict[str, object] = {"remote_port": ports[rank], "remote_host": hosts[rank]}
+    if params.rank_kv_checksums is not None:
+        update["kv_checksum"] = params.rank_kv_checksums[rank]
+    return params.model_copy(update=update)
 
 
 class RankEvents:
@@ -117,11 +118,11 @@ class TPConnector(KVConnector):
             self.side_hosts[0], self.side_ports[0] = self.local.side_channel_address  # type: ignore[attr-defined]
 
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
-                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
+                                   kv_transfer_params: KVTransferParams | None, num_local_computed_tokens: int) -> int:
         return self.local.get_num_new_matched_tokens(request_id, prompt_token_ids, kv_transfer_params,
                                                      num_local_computed_tokens)
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         call = StartLoad(request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
                          num_external_tokens)
@@ -136,16 +137,18 @@ class TPConnector(KVConnector):
                               num_external_tokens)
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
-                         kv_transfer_params: dict[str, Any] | None, block_ids: list[list[int]]
-                         ) -> tuple[bool, dict[str, Any] | None]:
+                         kv_transfer_params: KVTransferParams | None, block_ids: list[list[int]]
+                         ) -> tuple[bool, PrefillAnswer | None]:
         replies = self.mirror(RequestFinished(request_id, prompt_token_ids, kv_transfer_params, block_ids))
         hold, params = self.local.request_finished(request_id, prompt_token_ids, kv_transfer_params, block_ids)
-        if params is not None and params.get("do_remote_prefill"):
-            params["remote_ports"] = list(self.side_ports)
-            params["remote_hosts"] = [host or params.get("remote_host") for host in self.side_hosts]
-            if "kv_checksum" in params:  # each rank's bytes differ: decode rank r checks against rank r's
-                params["rank_kv_checksums"] = [params.pop("kv_checksum")] + [
-                    (p or {}).get("kv_checksum") for _, p in replies]
+        if params is not None:
+            update: dict[str, object] = {"remote_ports": list(self.side_ports),
+                                         "remote_hosts": [host or params.remote_host for host in self.side_hosts]}
+            if params.kv_checksum is not None:  # each rank's bytes differ: decode rank r checks against rank r's
+                update["rank_kv_checksums"] = [params.kv_checksum] + [
+                    p.kv_checksum if p is not None else None for _, p in replies]
+                update["kv_checksum"] = None
+            params = params.model_copy(update=update)
         return hold, params
 
     def get_finished(self) -> KVConnectorEvents:

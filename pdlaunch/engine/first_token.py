@@ -22,44 +22,46 @@ recomputes the last prompt token as before.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from pdlaunch.engine.outputs import TokenLogprob
 from pdlaunch.engine.request import Request
-from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, FIRST_TOKEN_LOGPROBS, RETURN_FIRST_TOKEN, first_token_ids
+from pdlaunch.kv_transfer.params import (
+    FirstTokenLogprob,
+    PrefillAnswer,
+    RemoteDecodeRequest,
+    TopLogprob,
+    first_token_ids,
+)
 
 __all__ = ["first_token_ids", "first_token_logprob", "skip_prefill_draw", "with_first_token"]
 
 _LOGPROB_FLOOR = -9999.0  # JSON (and the signature) cannot carry -inf
 
 
-def with_first_token(answer: dict[str, Any] | None, request: Request,
-                     logprob: TokenLogprob | None) -> dict[str, Any] | None:
+def with_first_token(answer: PrefillAnswer | None, request: Request,
+                     logprob: TokenLogprob | None) -> PrefillAnswer | None:
     """Prefill: the connector's answer plus the sampled token, when the prefill leg asked for it."""
-    asked = bool((request.kv_transfer_params or {}).get(RETURN_FIRST_TOKEN))
-    if answer is None or not answer.get("do_remote_prefill") or not asked or not request.output_token_ids:
+    leg = request.kv_transfer_params
+    asked = isinstance(leg, RemoteDecodeRequest) and leg.return_first_token
+    if answer is None or not asked or not request.output_token_ids:
         return answer
-    answer = {**answer, FIRST_TOKEN_IDS: list(request.output_token_ids[:1])}
+    update: dict[str, object] = {"first_token_ids": list(request.output_token_ids[:1])}
     if logprob is not None:
-        answer[FIRST_TOKEN_LOGPROBS] = [{
-            "logprob": _finite(logprob.logprob),
-            "top": [{"token_id": t, "logprob": _finite(lp)} for t, lp in logprob.top.items()],
-        }]
-    return answer
+        update["first_token_logprobs"] = [FirstTokenLogprob(
+            logprob=_finite(logprob.logprob),
+            top=[TopLogprob(token_id=t, logprob=_finite(lp)) for t, lp in logprob.top.items()],
+        )]
+    return answer.model_copy(update=update)
 
 
-def first_token_logprob(kv_transfer_params: dict[str, Any], token_id: int, wanted: int | None) -> TokenLogprob | None:
+def first_token_logprob(params: PrefillAnswer, token_id: int, wanted: int | None) -> TokenLogprob | None:
     """The prefill's logprobs of the first token, cut to the `wanted` top entries (None: not asked)."""
-    if wanted is None:
+    if wanted is None or not params.first_token_logprobs:
         return None
-    entries = kv_transfer_params.get(FIRST_TOKEN_LOGPROBS) or []
-    if not entries:
-        return None
-    entry = entries[0]
-    top = {t["token_id"]: t["logprob"] for t in entry.get("top", [])[:wanted]}
-    return TokenLogprob(token_id, entry["logprob"], top)
+    entry = params.first_token_logprobs[0]
+    return TokenLogprob(token_id, entry.logprob, {t.token_id: t.logprob for t in entry.top[:wanted]})
 
 
 def skip_prefill_draw(request: Request, vocab_size: int, device: torch.device) -> None:

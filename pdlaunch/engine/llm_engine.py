@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from typing import Any
 
 import torch
 
@@ -38,6 +37,10 @@ from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.params import (
     EXPIRY_FIELD,
+    JSONObject,
+    KVTransferParams,
+    PrefillAnswer,
+    answer_json,
     check_kv_transfer_params,
     params_key,
     sign_kv_transfer_params,
@@ -201,10 +204,11 @@ class LLMEngine:
         return self._sleep is not None and self._sleep.is_sleeping()
 
     # -- requests --------------------------------------------------------------------------------
-    def check_kv_transfer_params(self, raw: Any) -> dict[str, Any] | None:
-        """`raw` validated (typed, bounded, and signed by a prefill of this deployment when it asks for
-        a remote prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it
-        before the request reaches the engine thread."""
+    def check_kv_transfer_params(self, raw: object) -> KVTransferParams | None:
+        """The engine's boundary for kv_transfer_params: `raw` (the request's JSON) parsed once into its
+        model (typed, bounded, and signed by a prefill of this deployment when it asks for a remote
+        prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it before the
+        request reaches the engine thread; everything below takes the model."""
         max_blocks = -(-self.max_model_len // self.block_size) + 1
         if is_unsigned_push(raw):  # vLLM's push proxy: only to a prefill of this deployment (push_params.py)
             return check_unsigned_push(raw, self._prefill_side_channels)
@@ -221,15 +225,20 @@ class LLMEngine:
             metrics.KV_LOAD_RECOMPUTES.inc()
             return None
 
-    def _sign(self, params: dict[str, Any] | None) -> dict[str, Any] | None:
-        """A prefill's answer leaves the engine signed, valid for the KV lease (the blocks go after it)."""
-        if params is None or not params.get("do_remote_prefill") or self._params_key is None:
+    def _sign(self, answer: PrefillAnswer | None) -> JSONObject | None:
+        """A prefill's answer leaves the engine as JSON, signed, valid for the KV lease (the blocks go after it)."""
+        if answer is None:
+            return None
+        params = answer_json(answer)
+        if self._params_key is None:
             return params
         return sign_kv_transfer_params(params, self._params_key, self.config.kv_transfer.kv_lease_seconds,
                                        time.time())
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    kv_transfer_params: dict[str, Any] | None = None) -> None:
+                    kv_transfer_params: KVTransferParams | JSONObject | None = None) -> None:
+        """Queue a request. `kv_transfer_params`: the model `check_kv_transfer_params` parsed (the server
+        parses them before it queues the request), or the raw JSON object, parsed here."""
         s = self.scheduler
         if request_id in self.outputs.tracked or request_id in s.held or request_id in s.draining:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
@@ -252,12 +261,14 @@ class LLMEngine:
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
         check_token_ids(params, self.vocab_size)
-        kv_transfer_params = self.check_kv_transfer_params(kv_transfer_params)
-        first = first_token_ids(kv_transfer_params)
+        kv = kv_transfer_params
+        if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
+            kv = self.check_kv_transfer_params(kv)
+        first = first_token_ids(kv)
         if any(not 0 <= t < self.vocab_size for t in first):
             raise EngineError(f"token ids must lie in [0, {self.vocab_size})",
                               field="kv_transfer_params.first_token_ids")
-        request = Request(request_id, prompt, params, next(self._arrival), kv_transfer_params)
+        request = Request(request_id, prompt, params, next(self._arrival), kv)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
         self.outputs.add(request)
@@ -267,7 +278,7 @@ class LLMEngine:
 
     def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
         """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""
-        assert request.kv_transfer_params is not None
+        assert isinstance(request.kv_transfer_params, PrefillAnswer)  # first_token_ids: signed prefill answers only
         text, reason, logprobs = "", None, []
         for token_id in first:
             skip_prefill_draw(request, self.vocab_size, self.device)
@@ -445,3 +456,4 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.shutdown()
         self.executor.shutdown()
+

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from pdlaunch.engine.outputs import SamplingParams, TokenLogprob
+from pdlaunch.kv_transfer.params import KVTransferParams
 
 
 class RequestStatus(enum.Enum):
@@ -25,7 +25,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: int  # monotonic admission counter: lower = older = higher priority
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: KVTransferParams | None = None  # parsed once, where the request entered the engine
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)  # prompt + output, kept in step
     status: RequestStatus = RequestStatus.WAITING

@@ -24,12 +24,13 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pdlaunch import metrics
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import PrefillAnswer, wants_remote_prefill
 from pdlaunch.kvcache.block_manager import BlockManager, PrefixHit
 
 if TYPE_CHECKING:
@@ -115,8 +116,8 @@ class Scheduler:
 
     def finish_request(self, request: Request, reason: str, error: str | None = None,
                        error_status: int = 500, abort_load: bool = True,
-                       blocks_busy: bool = False) -> dict[str, Any] | None:
-        """End a request in any state; returns the connector's kv_transfer_params for the answer.
+                       blocks_busy: bool = False) -> PrefillAnswer | None:
+        """End a request in any state; returns the connector's answer (the prefill's kv_transfer_params).
 
         Only a request that completed normally (stop/length) is offered to the connector's
         `request_finished` (its hold is then honoured); an aborted or failed one never leaves
@@ -312,7 +313,7 @@ class Scheduler:
         params = request.kv_transfer_params
         ext = self.connector.get_num_new_matched_tokens(rid, request.prompt_token_ids, params, k)
         ext = max(0, min(ext, request.num_tokens - 1 - k))
-        remote = ext > 0 or bool(params and params.get("do_remote_prefill"))
+        remote = ext > 0 or wants_remote_prefill(params)
         total = request.num_tokens if remote else k + num_new_tokens
         # The load fills a sliding-window group only from k + ext - window on: entries before that stay -1,
         # else cache_blocks would register never-written blocks as this prompt's prefix.

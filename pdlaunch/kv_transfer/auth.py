@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from pdlaunch.errors import KVTransferError
 
@@ -49,7 +48,10 @@ def mac_ok(key: bytes, data: bytes, tag: bytes) -> bool:
     return hmac.compare_digest(mac(key, data), tag)
 
 
-def canonical(obj: Any) -> bytes:
+JSONObject = dict[str, object]  # a JSON object as json.loads gives it (params, side-channel bodies)
+
+
+def canonical(obj: object) -> bytes:
     """One byte string per JSON value: sorted keys, no spaces, ASCII only. A proxy that parses and
     re-serializes the params (vLLM's toy proxies do) changes neither ints, strings nor lists."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
@@ -78,7 +80,7 @@ class RateLimitedWarning:
         self._skipped: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def warn(self, kind: str, message: str, *args: Any) -> None:
+    def warn(self, kind: str, message: str, *args: object) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last.get(kind, -self.interval) < self.interval:

@@ -1,10 +1,14 @@
-"""The connector interface: the slots a KV connector (nixl, storage) fills in the engine.
+"""The connector interface: the slots a KV connector (nixl, mooncake, storage) fills in the engine.
 
 Scheduler side (called by the engine loop, one thread): which requests load KV, which keep their
 blocks after finishing, and what finished. Worker side: register the KV memory, move blocks.
-Both sides live in one object per engine process.
+Both sides live in one object per engine process. A connector that serves one role implements only
+that role's calls and keeps the defaults of the others (the NIXL connector is a class per role:
+prefill/side.py, decode/side.py).
 
 Flow on a PD pair (prompt of n tokens, block_size B):
+  kv_transfer_params arrive as the models params.py defines (`KVTransferParams`): the engine parsed
+  and checked them once, where the request entered it.
   prefill: request carries kv_transfer_params={"do_remote_decode": True}; it runs normally with
     max_tokens=1; when it finishes the engine calls `request_finished`, which returns
     (hold=True, params) -> the engine keeps the request's blocks, answers with `params`, and frees
@@ -37,9 +41,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+from pydantic import JsonValue
+
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
+
+ConnectorInfo = dict[str, JsonValue]  # what /info shows about a connector
 
 
 @dataclass
@@ -93,19 +101,20 @@ class KVConnector(ABC):
         """Register the KV memory (once, after the engine allocated it)."""
 
     # -- scheduler side -----------------------------------------------------------------------
-    @abstractmethod
     def get_num_new_matched_tokens(
         self,
         request_id: str,
         prompt_token_ids: list[int],
-        kv_transfer_params: dict[str, Any] | None,
+        kv_transfer_params: KVTransferParams | None,
         num_local_computed_tokens: int,
     ) -> int:
         """Prompt tokens beyond the local prefix hit that this connector will load (0: none)."""
+        return 0
 
-    @abstractmethod
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-                   block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
+    def start_load(  # noqa: B027 - a connector that loads nothing (the prefill role) keeps this
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
+        block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int,
+    ) -> None:
         """Start loading positions [num_local_computed_tokens, + num_external_tokens) into the
         request's per-group block tables `block_ids` (covering the whole prompt; in a sliding-window
         group, entries before the window of the last loaded position are -1: nothing reads them, so
@@ -113,10 +122,11 @@ class KVConnector(ABC):
         when num_external_tokens == 0 and params ask for remote prefill, so the prefill side is told
         it may free its blocks."""
 
-    @abstractmethod
-    def request_finished(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
-        """A request finished here. Returns (hold_blocks, kv_transfer_params for the response)."""
+    def request_finished(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
+        """A request finished here. Returns (hold_blocks, the answer for the response: the engine signs it)."""
+        return False, None
 
     @abstractmethod
     def get_finished(self) -> KVConnectorEvents:
@@ -142,7 +152,7 @@ class KVConnector(ABC):
         memory this connector holds itself (e.g. a staging buffer). `register_kv_caches`, called
         again after the wake-up, creates it anew. Raising refuses the sleep before anything is freed."""
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ConnectorInfo:
         """What /info shows about the connector (transfer mode and why, agent names...)."""
         return {}
 

@@ -6,8 +6,10 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.kv_transfer.base import KVConnector
 
 
-def create_connector(config: DeploymentConfig, instance: InstanceSpec) -> KVConnector | None:
-    """None for colocated instances (no KV moves); NixlConnector, MooncakeConnector or StorageConnector otherwise."""
+def create_connector(config: DeploymentConfig, instance: InstanceSpec,
+                     staging_bytes: int | None = None) -> KVConnector | None:
+    """None for colocated instances (no KV moves); the storage connector, or the prefill or decode role
+    of the NIXL or Mooncake connector. `staging_bytes`: NIXL/Mooncake staging buffer (nixl_connector.py)."""
     if instance.role == "colocated" or config.colocated:
         return None
     if config.kv_transfer.connector == "storage":
@@ -15,9 +17,14 @@ def create_connector(config: DeploymentConfig, instance: InstanceSpec) -> KVConn
 
         return StorageConnector(config, instance)
     if config.kv_transfer.connector == "mooncake":
-        from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
+        from pdlaunch.kv_transfer.mooncake.connector import MooncakeDecode, MooncakePrefill
 
-        return MooncakeConnector(config, instance)
-    from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+        if instance.role == "prefill":
+            return MooncakePrefill(config, instance, staging_bytes)
+        return MooncakeDecode(config, instance, staging_bytes)
+    from pdlaunch.kv_transfer.decode.side import DecodeSide
+    from pdlaunch.kv_transfer.prefill.side import PrefillSide
 
-    return NixlConnector(config, instance)
+    if instance.role == "prefill":
+        return PrefillSide(config, instance, staging_bytes)
+    return DecodeSide(config, instance, staging_bytes)

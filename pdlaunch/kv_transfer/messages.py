@@ -11,10 +11,11 @@ claims to its lease on top).
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from pdlaunch.kv_transfer.auth import JSONObject
 from pdlaunch.kv_transfer.handshake import HandshakeInfo
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class Answer(_Message):
 
     ts: Annotated[float, Field(allow_inf_nan=False)]
     re: str | None = None
-    answer: dict[str, Any]
+    answer: JSONObject
 
 
 # -- NIXL notifications ---------------------------------------------------------------------------

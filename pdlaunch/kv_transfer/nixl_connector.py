@@ -1,18 +1,19 @@
 """NixlConnector: KV moves between a prefill and a decode engine through NIXL (UCX), pull or push.
 
 One agent per engine process (per TP rank); the KV cache tensors (or a staging buffer) are registered
-once, one region per group. The connector owns that memory and the agent, builds the side its role
-needs (prefill/side.py: holds, push sender, side channel; decode/side.py: handshakes and loads), and
-delegates everything else to it. MooncakeConnector reuses all of it with another agent (`_make_agent`).
+once, one region per group. This base owns that memory and the agent, and what both roles share
+(registration again after a wake-up, sleep, notifications, /info). Each role is a subclass that
+implements the connector interface (base.py) for its part: PrefillSide (prefill/side.py: holds, push
+sender, side channel) and DecodeSide (decode/side.py: handshakes and loads); factory.py picks one.
+The Mooncake connector (mooncake/connector.py) is the same two classes with another agent.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
-from typing import Any
+from typing import Literal
 
 import torch
 
@@ -20,14 +21,10 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.agent import KVAgent
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret
-from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
-from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
+from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.decode.peers import PeerCache
-from pdlaunch.kv_transfer.decode.side import DecodeSide
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, DeviceInfo, device_info
-from pdlaunch.kv_transfer.messages import parse_notification
-from pdlaunch.kv_transfer.prefill.side import AnswerMode, PrefillSide
-from pdlaunch.kv_transfer.role import RoleSide
+from pdlaunch.kv_transfer.messages import Notification, parse_notification
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import DEFAULT_STAGING_BYTES, StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent
@@ -52,14 +49,18 @@ def bind_ucx_to_loopback(side_channel_host: str) -> None:
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 
+AnswerMode = Literal["pull", "push"]  # what a prefill's answer names (vLLM's field; never "auto")
+
+
 class NixlConnector(KVConnector):
-    """`staging_bytes`: size of the staging buffer KV moves through (0: none, register the KV cache
-    itself); default: DEFAULT_STAGING_BYTES on CUDA when the KV cache lives in CuMem pools
-    (model.enable_cumem_allocator or enable_sleep_mode), else none."""
+    """The base of both roles (PrefillSide, DecodeSide). `staging_bytes`: size of the staging buffer KV
+    moves through (0: none, register the KV cache itself); default: DEFAULT_STAGING_BYTES on CUDA when
+    the KV cache lives in CuMem pools (model.enable_cumem_allocator or enable_sleep_mode), else none."""
 
     name = "nixl"  # what /info names
     title = "NIXL"  # what messages name
     peer_cache = PeerCache  # how a decode resolves pull or push per prefill engine
+    server: SideChannelServer | None = None  # a prefill's side channel (None on a decode)
 
     def __init__(self, config: DeploymentConfig, instance: InstanceSpec, staging_bytes: int | None = None) -> None:
         if instance.role not in ("prefill", "decode"):
@@ -84,7 +85,6 @@ class NixlConnector(KVConnector):
         self.staging: StagingArea | None = None
         self._slept_staging_bytes = 0  # budget of the staging buffer before_sleep dropped (0: none)
         self._local_device: DeviceInfo | None = None
-        self.side = self._make_side()
         self._mode, self._mode_reason = self._initial_mode()
         logger.info("%s connector (%s, engine %s): transfer mode %s: %s", self.title, self.role, self.engine_id,
                     self._mode, self._mode_reason)
@@ -99,29 +99,37 @@ class NixlConnector(KVConnector):
         bind_ucx_to_loopback(self.kv.side_channel_host)
         return KVAgent(name)
 
-    def _make_side(self) -> RoleSide:
-        if self.role == "prefill":
-            return PrefillSide(self.agent, self.kv, self.instance, self._answer_mode(), self.keys, self.device_index)
-        peers = self.peer_cache(self.agent, self._require_spec, self._device, self.kv.transfer_mode,
-                                self.kv.handshake_timeout_seconds, self.keys)
-        kv = self.kv
-        return DecodeSide(LoadContext(self.agent, self._require_spec, peers, self.keys, kv.handshake_timeout_seconds,
-                                      kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index)))
+    # -- what a role adds (PrefillSide, DecodeSide) -------------------------------------------
+    def _attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:  # noqa: B027
+        """The KV cache was registered (again, after a wake-up): its spec, the staging buffer KV moves
+        through (None: the KV cache itself), and the epoch peers must shake hands with."""
+
+    def _drop_staging(self) -> None:  # noqa: B027 - a role that uses no staging keeps nothing
+        """The staging buffer is freed before sleep: stop using it."""
+
+    def staging_users(self) -> set[str]:
+        """Request ids that may hold staging slots now."""
+        return set()
+
+    def _forget_peers(self, kv_epoch: int) -> None:  # noqa: B027 - a role may map no peer memory
+        """Before sleep: ask peers that mapped this engine's memory (or whose memory it mapped) to drop it."""
+
+    def _role_info(self, info: ConnectorInfo) -> None:  # noqa: B027 - nothing more to show
+        """Add this role's part of /info to `info`."""
 
     @property
-    def sender(self) -> PrefillSide | None:
+    def side_channel_port(self) -> int:
+        return 0
+
+    @property
+    def sender(self) -> NixlConnector | None:
         """The prefill side (None on a decode instance): for benchmarks and tests."""
-        return self.side if isinstance(self.side, PrefillSide) else None
+        return None
 
     @property
-    def server(self) -> SideChannelServer | None:
-        """The prefill side's side-channel server (None on a decode instance, or before registration)."""
-        return self.side.server if isinstance(self.side, PrefillSide) else None
-
-    @property
-    def receiver(self) -> DecodeSide | None:
+    def receiver(self) -> NixlConnector | None:
         """The decode side (None on a prefill instance): for tests."""
-        return self.side if isinstance(self.side, DecodeSide) else None
+        return None
 
     def _initial_mode(self) -> tuple[str, str]:
         if self.role == "prefill":
@@ -162,7 +170,7 @@ class NixlConnector(KVConnector):
                         self.staging.nbytes / 2**20)
         self.agent.register(self.staging.buffers if self.staging is not None else spec.kv_caches)
         self.spec = spec
-        self.side.attach(spec, self.staging, self.kv_epoch)
+        self._attach(spec, self.staging, self.kv_epoch)
 
     def _reregister(self, spec: KVCacheSpec) -> None:
         """The engine woke up (sleep mode): same tensors, new physical pages. A staging buffer that
@@ -178,7 +186,7 @@ class NixlConnector(KVConnector):
             self.agent.reregister(spec.kv_caches)
             self.kv_epoch += 1
         self.spec = spec
-        self.side.attach(spec, self.staging, self.kv_epoch)
+        self._attach(spec, self.staging, self.kv_epoch)
         logger.info("KV cache registered again after a wake-up (epoch %d)", self.kv_epoch)
 
     def before_sleep(self) -> None:
@@ -194,18 +202,18 @@ class NixlConnector(KVConnector):
         staging = self.staging
         in_use = staging.num_slots - staging.num_free() if staging is not None else 0
         if staging is not None and in_use:
-            users = self.side.staging_users()
+            users = self.staging_users()
             raise KVTransferError(
                 f"{in_use} of {staging.num_slots} KV staging slots are in use by "
                 + (f"request(s) {', '.join(sorted(users))}" if users else "a transfer that is ending"),
                 field="sleep",
                 hint="sleep once the KV transfers have ended (at most kv_transfer.transfer_timeout_seconds)",
             )
-        self.side.before_sleep(self.kv_epoch)
+        self._forget_peers(self.kv_epoch)
         if staging is None:
             return
         self.agent.deregister()
-        self.side.drop_staging()
+        self._drop_staging()
         self.staging = None
         spec = self._require_spec()
         self._slept_staging_bytes = self._staging_budget(spec)
@@ -231,49 +239,28 @@ class NixlConnector(KVConnector):
         host = self.kv.side_channel_host
         if host in ("", "0.0.0.0", "::"):
             host = self.instance.host
-        return host, self.side.side_channel_port
+        return host, self.side_channel_port
 
-    # -- scheduler side -----------------------------------------------------------------------
-    def get_num_new_matched_tokens(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-        num_local_computed_tokens: int,
-    ) -> int:
-        return self.side.num_new_matched_tokens(prompt_token_ids, kv_transfer_params, num_local_computed_tokens)
-
-    def start_load(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-        block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int,
-    ) -> None:
-        self.side.start_load(request_id, prompt_token_ids, kv_transfer_params, block_ids, num_local_computed_tokens,
-                             num_external_tokens)
-
-    def request_finished(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-        block_ids: list[list[int]],
-    ) -> tuple[bool, dict[str, Any] | None]:
-        return self.side.request_finished(request_id, prompt_token_ids, kv_transfer_params, block_ids)
-
-    def get_finished(self) -> KVConnectorEvents:
-        events = KVConnectorEvents()
-        if self.spec is None:
-            return events
+    # -- engine thread --------------------------------------------------------------------------
+    def _notifications(self) -> list[Notification]:
+        """Engine thread (each role's get_finished): the notifications the transport received since the
+        last call; a malformed one is dropped with a rate-limited warning. Each role handles its kinds
+        and ignores the others."""
+        notifs = []
         for message in self.agent.new_notifs():
             notif = parse_notification(message)
             if notif is None:
                 self._bad_notif.warn("notif", "ignoring a malformed notification: %r", message[:200])
             else:
-                self.side.on_notif(notif)
-        self.side.poll(time.monotonic(), events)
-        return events
+                notifs.append(notif)
+        return notifs
 
-    def release_held(self, request_id: str) -> bool:
-        return self.side.release_held(request_id)
+    def _resolved_mode(self) -> tuple[str, str] | None:
+        """A decode in transfer mode auto: what its first handshake resolved (None: not yet, or not auto)."""
+        return None
 
-    def abort_load(self, request_id: str) -> bool:
-        return self.side.abort_load(request_id)
-
-    def info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+    def info(self) -> ConnectorInfo:
+        info: ConnectorInfo = {
             "connector": self.name,
             "role": self.role,
             "engine_id": self.engine_id,
@@ -283,13 +270,12 @@ class NixlConnector(KVConnector):
             "kv_layout": KV_LAYOUT,
             "staging": {"slots": self.staging.num_slots, "bytes": self.staging.nbytes} if self.staging else None,
         }
-        self.side.info(info)
-        peers = info.get("peers")
-        if self._mode == "auto" and peers:  # a decode: what the first handshake resolved
-            first = next(iter(peers.values()))
-            info["transfer_mode"], info["transfer_mode_reason"] = first["transfer_mode"], first["reason"]
+        self._role_info(info)
+        resolved = self._resolved_mode() if self._mode == "auto" else None
+        if resolved is not None:
+            info["transfer_mode"], info["transfer_mode_reason"] = resolved
         return info
 
     def shutdown(self) -> None:
-        self.side.shutdown()
+        """Each role stops its threads and servers first, then calls this."""
         self.agent.close()

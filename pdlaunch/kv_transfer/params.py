@@ -9,19 +9,25 @@ Two directions:
   field, `expires_at` included); a decode accepts it only with a valid signature before its expiry,
   so a client can neither forge one nor point the decode at an address of its choice.
 
-`check_kv_transfer_params` runs where a request is submitted (the HTTP side) and again in the
-engine's add_request; a bad value raises KVTransferError naming `kv_transfer_params.<field>`.
+Plus `UnsignedPush` (push_params.py: vLLM's push proxy's params, without block ids or signature).
+
+`check_kv_transfer_params` runs once, at the engine's boundary (LLMEngine.check_kv_transfer_params,
+called where the HTTP side submits a request): it turns the raw JSON into one of these models
+(`KVTransferParams`), or raises KVTransferError naming `kv_transfer_params.<field>` (HTTP 400).
+Everything below the engine (scheduler, connectors, their sides and loads) takes the models.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import PARAMS_PURPOSE, canonical, derive_key, mac, mac_ok
+from pdlaunch.kv_transfer.auth import PARAMS_PURPOSE, JSONObject, canonical, derive_key, mac, mac_ok
+
+__all__ = ["JSONObject"]  # params on the wire (the HTTP body, the prefill's signed answer) are JSON objects
 
 MAX_ID_CHARS = 512  # request ids carry the client's X-Request-Id plus a suffix
 MAX_HOST_CHARS = 253  # a DNS name
@@ -151,27 +157,60 @@ class PrefillAnswer(_Strict):
             value = getattr(self, name)
             if value is not None and len(value) != self.tp_size:
                 raise ValueError(f"{name} has {len(value)} entries for tp_size {self.tp_size}")
-        return self  # which fields a transfer needs is the connector's to say (nixl: _REQUIRED_PARAMS)
+        return self  # which fields a transfer needs is the connector's to say (nixl: decode/side.py `_required`)
 
 
-def first_token_ids(kv_transfer_params: dict[str, Any] | None) -> list[int]:
+class UnsignedPush(BaseModel):
+    """Decode leg from vLLM's push proxy: the prefill's coordinates without block ids (push_params.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    do_remote_prefill: Literal[True]
+    do_remote_decode: Literal[False] | None = False
+    remote_engine_id: str = _Id
+    remote_request_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    remote_host: str = Field(min_length=1, max_length=MAX_HOST_CHARS)
+    remote_port: int = Field(ge=1, le=65535)
+    tp_size: int | None = Field(1, ge=1, le=MAX_TP)
+    remote_block_ids: None = None
+
+
+# A request's kv_transfer_params once the engine's boundary parsed them.
+KVTransferParams = RemoteDecodeRequest | PrefillAnswer | UnsignedPush
+
+
+def wants_remote_decode(params: KVTransferParams | None) -> bool:
+    """Prefill leg: keep the request's KV for a remote decode."""
+    return isinstance(params, RemoteDecodeRequest) and params.do_remote_decode
+
+
+def wants_remote_prefill(params: KVTransferParams | None) -> bool:
+    """Decode leg: load the prompt's KV from the prefill engine the params name."""
+    return isinstance(params, PrefillAnswer | UnsignedPush)
+
+
+def first_token_ids(params: KVTransferParams | None) -> list[int]:
     """Decode: the prefill's sampled token(s) from validated params (engine/first_token.py). Only signed
-    params are trusted; unsigned push registrations never carry them (push_params.py drops unknown fields)."""
-    params = kv_transfer_params or {}
-    if not params.get("do_remote_prefill") or params.get(SIGNATURE_FIELD) is None:
+    params are trusted; unsigned push registrations never carry them."""
+    if not isinstance(params, PrefillAnswer) or params.signature is None:
         return []
-    return list(params.get(FIRST_TOKEN_IDS) or [])
+    return list(params.first_token_ids or [])
 
 
 def params_key(secret: str) -> bytes:
     return derive_key(secret, PARAMS_PURPOSE)
 
 
-def _signed_bytes(params: dict[str, Any]) -> bytes:
+def _signed_bytes(params: JSONObject) -> bytes:
     return canonical({k: v for k, v in params.items() if k != SIGNATURE_FIELD})
 
 
-def sign_kv_transfer_params(params: dict[str, Any], key: bytes, valid_seconds: float, now: float) -> dict[str, Any]:
+def answer_json(answer: PrefillAnswer) -> JSONObject:
+    """A prefill's answer as the JSON object its response carries (vLLM's field names; unset fields left out)."""
+    return answer.model_dump(exclude_none=True)
+
+
+def sign_kv_transfer_params(params: JSONObject, key: bytes, valid_seconds: float, now: float) -> JSONObject:
     """The prefill's answer with `expires_at` (now + valid_seconds, the KV lease: the blocks are gone
     after it anyway) and `signature` added. `now` is time.time()."""
     signed = {k: v for k, v in params.items() if k not in (SIGNATURE_FIELD, EXPIRY_FIELD)}
@@ -188,9 +227,9 @@ def _field_error(exc: ValidationError) -> KVTransferError:
                            hint="send the kv_transfer_params the prefill instance answered, unchanged")
 
 
-def check_kv_transfer_params(raw: Any, key: bytes | None, *, max_blocks: int, lease_seconds: float,
-                             now: float) -> dict[str, Any] | None:
-    """`raw` validated: the same dict, or KVTransferError naming the field. Params that ask for a
+def check_kv_transfer_params(raw: object, key: bytes | None, *, max_blocks: int, lease_seconds: float,
+                             now: float) -> RemoteDecodeRequest | PrefillAnswer | None:
+    """`raw` parsed into its model, or KVTransferError naming the field. Params that ask for a
     remote prefill must carry a valid signature made with `key` and not be expired (`now`: time.time()).
     key None: this instance has no deployment secret, so it accepts no remote-prefill params."""
     if raw is None:
@@ -200,8 +239,7 @@ def check_kv_transfer_params(raw: Any, key: bytes | None, *, max_blocks: int, le
     remote_prefill = raw.get("do_remote_prefill") not in (None, False)
     try:
         if not remote_prefill:
-            RemoteDecodeRequest.model_validate(raw)
-            return raw
+            return RemoteDecodeRequest.model_validate(raw)
         answer = PrefillAnswer.model_validate(raw, context={"max_blocks": max_blocks})
     except ValidationError as e:
         raise _field_error(e) from None
@@ -235,4 +273,4 @@ def check_kv_transfer_params(raw: Any, key: bytes | None, *, max_blocks: int, le
         raise KVTransferError(f"lies beyond the {lease_seconds:g}s KV lease",
                               field=f"kv_transfer_params.{EXPIRY_FIELD}",
                               hint="prefill and decode must share kv_transfer.kv_lease_seconds and a synced clock")
-    return raw
+    return answer

@@ -3,7 +3,7 @@
 vLLM's toy push proxy (tests/v1/kv_connector/nixl_integration/toy_push_proxy_server.py) gives the
 decode only {do_remote_prefill, do_remote_decode, remote_engine_id, remote_request_id, remote_host,
 remote_port, tp_size} out of the prefill's answer: no remote_block_ids, and so none of our signature
-either. A decode takes such params (`UnsignedPush`) only under three rules that keep what signing
+either. A decode takes such params (`params.UnsignedPush`) only under three rules that keep what signing
 gives us:
 - it connects only to a prefill side channel of this deployment: the launcher lists them in
   PREFILL_SIDE_CHANNELS_ENV; an address a client made up is refused before anything connects;
@@ -18,30 +18,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.params import MAX_HOST_CHARS, MAX_ID_CHARS, MAX_TP
+from pdlaunch.kv_transfer.params import UnsignedPush
 
 PREFILL_SIDE_CHANNELS_ENV = "PDLAUNCH_PREFILL_SIDE_CHANNELS"  # "host:port,host:port" (set by the launcher)
 
 
-class UnsignedPush(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    do_remote_prefill: Literal[True]
-    do_remote_decode: Literal[False] | None = False
-    remote_engine_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
-    remote_request_id: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
-    remote_host: str = Field(min_length=1, max_length=MAX_HOST_CHARS)
-    remote_port: int = Field(ge=1, le=65535)
-    tp_size: int | None = Field(1, ge=1, le=MAX_TP)
-    remote_block_ids: None = None
-
-
-def is_unsigned_push(raw: Any) -> bool:
+def is_unsigned_push(raw: object) -> bool:
     """Params asking for a remote prefill with neither our signature nor block ids (vLLM's push proxy)."""
     return (isinstance(raw, dict) and raw.get("do_remote_prefill") not in (None, False)
             and raw.get("signature") is None and raw.get("remote_block_ids") is None)
@@ -58,7 +44,7 @@ def prefill_side_channels(env: dict[str, str] | None = None) -> frozenset[tuple[
     return frozenset(out)
 
 
-def check_unsigned_push(raw: dict[str, Any], allowed: frozenset[tuple[str, int]]) -> dict[str, Any]:
+def check_unsigned_push(raw: object, allowed: frozenset[tuple[str, int]]) -> UnsignedPush:
     """`raw` as a push registration (tp_size filled), or KVTransferError naming the field."""
     try:
         push = UnsignedPush.model_validate(raw)
@@ -73,7 +59,7 @@ def check_unsigned_push(raw: dict[str, Any], allowed: frozenset[tuple[str, int]]
             field="kv_transfer_params.remote_host",
             hint="params without remote_block_ids must name a prefill instance of this deployment "
                  "(as its answer did); or send the prefill's answer unchanged")
-    return {**push.model_dump(exclude_none=True), "tp_size": push.tp_size or 1}
+    return push.model_copy(update={"tp_size": push.tp_size or 1})
 
 
 def prompt_digest(prompt_token_ids: list[int]) -> str:

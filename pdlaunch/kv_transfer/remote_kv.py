@@ -1,13 +1,12 @@
 """Where one request's KV lies on one prefill rank: the part of kv_transfer_params a decode load uses,
-as a typed value built once at the connector's boundary (params.py validated the raw params before)."""
+built from the params models the engine's boundary parsed (params.py)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.params import PrefillAnswer, UnsignedPush
 
 
 class RemoteKV(BaseModel):
@@ -29,19 +28,21 @@ class RemoteKV(BaseModel):
     rank_checksums: list[list[list[str]] | None] | None = None
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> RemoteKV:
-        """From validated kv_transfer_params (params.PrefillAnswer or push_params.UnsignedPush fields)."""
-        missing = [k for k in ("remote_engine_id", "remote_host", "remote_port") if params.get(k) is None]
-        if missing:
+    def from_params(cls, params: PrefillAnswer | UnsignedPush) -> RemoteKV:
+        """Where the params say the prompt's KV lies (an unsigned push names no blocks: ask the prefill)."""
+        if isinstance(params, UnsignedPush):
+            return cls(engine_id=params.remote_engine_id, request_id=params.remote_request_id,
+                       host=params.remote_host, port=params.remote_port, tp_size=params.tp_size or 1)
+        if params.remote_host is None or params.remote_port is None:
+            missing = [k for k in ("remote_host", "remote_port") if getattr(params, k) is None]
             raise KVTransferError(f"kv_transfer_params lack {', '.join(missing)}",
                                   hint="send decode the kv_transfer_params the prefill response carried")
         return cls(
-            engine_id=str(params["remote_engine_id"]), request_id=params.get("remote_request_id"),
-            host=str(params["remote_host"]), port=int(params["remote_port"]), tp_size=int(params.get("tp_size") or 1),
-            kv_epoch=int(params.get("kv_epoch") or 0), block_ids=params.get("remote_block_ids"),
-            checksums=params.get("kv_checksum"), num_prompt_tokens=params.get("num_prompt_tokens"),
-            kv_heads_per_rank=params.get("kv_heads_per_rank"), rank_ports=params.get("remote_ports"),
-            rank_checksums=params.get("rank_kv_checksums"),
+            engine_id=params.remote_engine_id, request_id=params.remote_request_id, host=params.remote_host,
+            port=params.remote_port, tp_size=params.tp_size, kv_epoch=params.kv_epoch or 0,
+            block_ids=params.remote_block_ids, checksums=params.kv_checksum, num_prompt_tokens=params.num_prompt_tokens,
+            kv_heads_per_rank=params.kv_heads_per_rank, rank_ports=params.remote_ports,
+            rank_checksums=params.rank_kv_checksums,
         )
 
     @property

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import MAC_BYTES, RateLimitedWarning, SideChannelKeys, mac, mac_ok
+from pdlaunch.kv_transfer.auth import MAC_BYTES, JSONObject, RateLimitedWarning, SideChannelKeys, mac, mac_ok
 from pdlaunch.kv_transfer.messages import Answer, Envelope, SideChannelRequest
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class FrameError(Exception):
     """The peer broke the framing (too large, too slow, closed mid-frame): close the connection."""
 
 
-def _pack(key: bytes, body: dict[str, Any]) -> bytes:
+def _pack(key: bytes, body: JSONObject) -> bytes:
     data = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
     return _HEADER.pack(MAC_BYTES + len(data)) + mac(key, data) + data
 
@@ -228,7 +228,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
         self._warn.warn(kind, "KV side channel: refused %s: %s", peer, why)
         self._answer(sock, None, {"ok": False, "error": f"refused: {why}"})
 
-    def _answer(self, sock: socket.socket, nonce: str | None, answer: dict[str, Any]) -> bool:
+    def _answer(self, sock: socket.socket, nonce: str | None, answer: JSONObject) -> bool:
         try:
             sock.settimeout(FRAME_READ_SECONDS)
             sock.sendall(_pack(self.keys.answer, {"ts": time.time(), "re": nonce, "answer": answer}))
@@ -270,7 +270,7 @@ class SideChannelServer(socketserver.ThreadingTCPServer):
             self._seen[envelope.nonce] = now + 2 * REPLAY_WINDOW_SECONDS
         return None
 
-    def dispatch(self, message: SideChannelRequest) -> dict[str, Any]:
+    def dispatch(self, message: SideChannelRequest) -> JSONObject:
         handler = self.handlers.get(message.type)
         if handler is None:
             return {"ok": False, "error": f"side-channel message type {message.type!r} is not served here"}
@@ -307,8 +307,8 @@ def request(host: str, port: int, message: SideChannelRequest, reply: type[Reply
                               hint="run the same pdlaunch version on prefill and decode") from None
 
 
-def call(host: str, port: int, message: dict[str, Any], timeout: float, what: str,
-         keys: SideChannelKeys, connections: Connections | None = None) -> dict[str, Any]:
+def call(host: str, port: int, message: JSONObject, timeout: float, what: str,
+         keys: SideChannelKeys, connections: Connections | None = None) -> JSONObject:
     """One authenticated request/answer with the side channel at host:port within `timeout` seconds
     (`message` as a dict: tests also send what no model allows; the KV plane uses `request`).
 
@@ -367,7 +367,7 @@ def call(host: str, port: int, message: dict[str, Any], timeout: float, what: st
 
 
 def _open_answer(raw: tuple[bytes, bytes], keys: SideChannelKeys, nonce: str, host: str, port: int,
-                 what: str) -> dict[str, Any]:
+                 what: str) -> JSONObject:
     tag, body = raw
     try:
         answer = Answer.model_validate_json(body) if mac_ok(keys.answer, body, tag) else None

@@ -25,7 +25,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,10 +32,11 @@ from safetensors.torch import save_file
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.handshake import compat_fields, compat_hash
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode, wants_remote_prefill
 from pdlaunch.metrics import KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES
 
 logger = logging.getLogger(__name__)
@@ -83,19 +83,19 @@ class StorageConnector(KVConnector):
 
     # -- prefill: save --------------------------------------------------------------------------
     def request_finished(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
         block_ids: list[list[int]],
-    ) -> tuple[bool, dict[str, Any] | None]:
+    ) -> tuple[bool, PrefillAnswer | None]:
         self._plans.pop(request_id, None)
-        if self.role != "prefill" or not kv_transfer_params or not kv_transfer_params.get("do_remote_decode"):
+        if self.role != "prefill" or not wants_remote_decode(kv_transfer_params):
             return False, None
         assert self.spec is not None
         saved = self._save(prompt_token_ids, block_ids)
-        params = {
-            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
-            "remote_request_id": request_id, "num_prompt_tokens": len(prompt_token_ids),
-            "transfer_mode": "storage", "tp_size": self.spec.tp_size,
-        }
+        params = PrefillAnswer(
+            do_remote_prefill=True, do_remote_decode=False, remote_engine_id=self.engine_id,
+            remote_request_id=request_id, num_prompt_tokens=len(prompt_token_ids),
+            transfer_mode="storage", tp_size=self.spec.tp_size,
+        )
         logger.debug("request %s: %d KV chunks written under %s", request_id, saved, self.root)
         return False, params
 
@@ -177,7 +177,7 @@ class StorageConnector(KVConnector):
         return True
 
     def get_num_new_matched_tokens(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
         num_local_computed_tokens: int,
     ) -> int:
         if self.role != "decode" or self.spec is None or len(prompt_token_ids) <= 1:
@@ -187,7 +187,7 @@ class StorageConnector(KVConnector):
         ends = sorted({min(len(prompt_token_ids) - 1, i * bs + c.num_tokens)
                        for i, c in enumerate(chunks) if c is not None}, reverse=True)
         end = next((e for e in ends if e > k and self._covers(chunks, k, e)), k)
-        if kv_transfer_params and kv_transfer_params.get("do_remote_prefill") and end < len(prompt_token_ids) - 1:
+        if wants_remote_prefill(kv_transfer_params) and end < len(prompt_token_ids) - 1:
             logger.warning("request %s: storage holds KV for %d of %d prompt tokens; the rest is computed here",
                            request_id, end, len(prompt_token_ids))
         if end <= k:
@@ -196,7 +196,7 @@ class StorageConnector(KVConnector):
         return end - k
 
     def start_load(
-        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+        self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
         block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int,
     ) -> None:
         plan = self._plans.pop(request_id, None)
@@ -249,7 +249,7 @@ class StorageConnector(KVConnector):
         no blocks for the decode leg."""
         return False
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ConnectorInfo:
         return {"connector": "storage", "role": self.role, "engine_id": self.engine_id,
                 "transfer_mode": "storage", "transfer_mode_reason": "kv_transfer.connector is storage",
                 "storage_path": str(self.root or self.base)}

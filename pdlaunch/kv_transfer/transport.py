@@ -1,5 +1,5 @@
 """What the roles need of a transport: one agent per engine process (agent.py's KVAgent over NIXL,
-mooncake_agent.py's MooncakeAgent over Mooncake's TransferEngine) and its posted transfers.
+mooncake/agent.py's MooncakeAgent over Mooncake's TransferEngine) and its posted transfers.
 
 The prefill and decode sides (prefill/, decode/) only see these protocols, so they run unchanged on
 either transport.

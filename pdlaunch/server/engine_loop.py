@@ -21,6 +21,7 @@ from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.kv_transfer.params import KVTransferParams
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
     from pdlaunch.engine.llm_engine import LLMEngine
@@ -64,7 +65,7 @@ class _Add:
     stream: RequestStream
     prompt_token_ids: list[int]
     params: SamplingParams
-    kv_transfer_params: dict[str, Any] | None
+    kv_transfer_params: KVTransferParams | None  # parsed by the engine's boundary (submit)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class EngineLoop:
         """Queue a request; outputs arrive on the returned stream's queue (first item: Accepted or error)."""
         engine = self.require_ready()
         try:  # here, not on the engine thread: a bad value fails this request before the engine sees it
-            kv_transfer_params = engine.check_kv_transfer_params(kv_transfer_params)
+            parsed = engine.check_kv_transfer_params(kv_transfer_params)
         except PdlaunchError as exc:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
@@ -160,7 +161,7 @@ class EngineLoop:
                     503, f"server overloaded: {len(self._streams)} requests pending "
                     f"(limit {self.max_pending_requests}); retry later", code="overloaded")
             self._streams[request_id] = stream
-        self._commands.put(_Add(stream, prompt_token_ids, params, kv_transfer_params))
+        self._commands.put(_Add(stream, prompt_token_ids, params, parsed))
         return stream
 
     def abort(self, request_id: str) -> None:

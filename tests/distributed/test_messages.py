@@ -29,9 +29,11 @@ from pdlaunch.distributed.messages import (
     send,
 )
 from pdlaunch.kv_transfer.base import KVConnectorEvents
+from pdlaunch.kv_transfer.params import PrefillAnswer
 from pdlaunch.runner.step_inputs import StepInputs
 
-PARAMS = {"do_remote_prefill": True, "remote_engine_id": "p0", "remote_block_ids": [[3, 4]]}
+PARAMS = PrefillAnswer(do_remote_prefill=True, remote_engine_id="p0", remote_request_id="p0-r1",
+                       remote_block_ids=[[3, 4]])
 
 MESSAGES: list[Message] = [
     Setup("cuda", "bfloat16", 4096),

@@ -35,6 +35,7 @@ from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.distributed.worker import _serve
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import PrefillAnswer
 from tests.tp.test_tp_connector_drain import ScriptedRank
 
 KEY = b"test-link-key"
@@ -50,9 +51,10 @@ class RecordingConnector(ScriptedRank):
     def start_load(self, *args: Any) -> None:
         self.calls.append(("start_load", args))
 
-    def request_finished(self, *args: Any) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, *args: Any) -> tuple[bool, PrefillAnswer | None]:
         self.calls.append(("request_finished", args))
-        return True, {"remote_block_ids": args[3]}
+        return True, PrefillAnswer(do_remote_prefill=True, remote_engine_id="p", remote_request_id=args[0],
+                                   remote_block_ids=args[3])
 
     def release_held(self, request_id: str) -> bool:
         self.calls.append(("release_held", request_id))
@@ -72,12 +74,14 @@ class RecordingRunner:
 
 def test_mirrored_calls_reach_the_rank_connector_with_its_own_prefill_rank() -> None:
     connector = RecordingConnector()
-    params = {"do_remote_prefill": True, "tp_size": 2, "remote_ports": [5600, 5601], "remote_hosts": ["a", "b"]}
+    params = PrefillAnswer(do_remote_prefill=True, remote_engine_id="p", remote_request_id="r", tp_size=2,
+                           remote_ports=[5600, 5601], remote_hosts=["a", "b"])
     assert rank_connector_call(connector, 1, 2, StartLoad("r", [1, 2], params, [[4]], 0, 2)) is None
     loaded = connector.calls[0][1]
-    assert (loaded[0], loaded[2]["remote_port"], loaded[2]["remote_host"]) == ("r", 5601, "b")  # rank 1 reads rank 1
+    assert (loaded[0], loaded[2].remote_port, loaded[2].remote_host) == ("r", 5601, "b")  # rank 1 reads rank 1
     assert rank_connector_call(connector, 1, 2, RequestFinished("r", [1, 2], None, [[4]])) == (
-        True, {"remote_block_ids": [[4]]})
+        True, PrefillAnswer(do_remote_prefill=True, remote_engine_id="p", remote_request_id="r",
+                            remote_block_ids=[[4]]))
     assert rank_connector_call(connector, 1, 2, AbortLoad("r")) is True and connector.aborted == ["r"]
     assert rank_connector_call(connector, 1, 2, ReleaseHeld("r")) is True
     assert isinstance(rank_connector_call(connector, 1, 2, GetFinished()), KVConnectorEvents)

@@ -4,12 +4,12 @@ engines (the real NIXL path is tested in tests/kv_transfer)."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from pdlaunch.config.models import InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode, wants_remote_prefill
 from tests.engine.conftest import MakeEngine, run_all
 
 
@@ -33,33 +33,33 @@ class CopyConnector(KVConnector):
         self.hub.specs[self.engine_id] = spec
 
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
-                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
-        if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):
+                                   kv_transfer_params: KVTransferParams | None, num_local_computed_tokens: int) -> int:
+        if wants_remote_prefill(kv_transfer_params):
             return len(prompt_token_ids) - 1 - num_local_computed_tokens
         return 0
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
-        assert kv_transfer_params is not None
+        assert isinstance(kv_transfer_params, PrefillAnswer) and kv_transfer_params.remote_block_ids is not None
         self.calls.append((request_id, num_local_computed_tokens, num_external_tokens))
-        remote = self.hub.specs[kv_transfer_params["remote_engine_id"]]
+        remote = self.hub.specs[kv_transfer_params.remote_engine_id]
         bs = self.spec.block_size
         first, end = num_local_computed_tokens // bs, -(-(num_local_computed_tokens + num_external_tokens) // bs)
         if not self.fail:
-            for g, (local_ids, remote_ids) in enumerate(zip(block_ids, kv_transfer_params["remote_block_ids"])):
+            for g, (local_ids, remote_ids) in enumerate(zip(block_ids, kv_transfer_params.remote_block_ids)):
                 for j in range(first, end):
                     if local_ids[j] >= 0 and remote_ids[j] >= 0:
                         self.spec.kv_caches[g][local_ids[j]].copy_(remote.kv_caches[g][remote_ids[j]])
-            self.hub.notices.setdefault(kv_transfer_params["remote_engine_id"], set()).add(
-                kv_transfer_params["remote_request_id"])
+            self.hub.notices.setdefault(kv_transfer_params.remote_engine_id, set()).add(
+                kv_transfer_params.remote_request_id)
         self.loading.add(request_id)
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
-                         kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
-        if kv_transfer_params and kv_transfer_params.get("do_remote_decode"):
-            return True, {"do_remote_prefill": True, "remote_engine_id": self.engine_id,
-                          "remote_block_ids": block_ids, "remote_request_id": request_id}
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
+        if wants_remote_decode(kv_transfer_params):
+            return True, PrefillAnswer(do_remote_prefill=True, remote_engine_id=self.engine_id,
+                                       remote_block_ids=block_ids, remote_request_id=request_id)
         return False, None
 
     def get_finished(self) -> KVConnectorEvents:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.kv_transfer.params import KVTransferParams
 from tests.engine.conftest import MakeEngine
 from tests.engine.test_engine_connector import CopyConnector, Hub, prefill, spec
 
@@ -12,7 +11,7 @@ from tests.engine.test_engine_connector import CopyConnector, Hub, prefill, spec
 class BrokenLoadConnector(CopyConnector):
     """start_load raises for prompts that start with token 13, as a bug on bad params would."""
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         if prompt_token_ids[0] == 13:
             raise TypeError("object of type 'int' has no len()")

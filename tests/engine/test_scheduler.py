@@ -3,25 +3,37 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
 from pdlaunch.engine.scheduler import Scheduler, SchedulerOutput
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import (
+    KVTransferParams,
+    PrefillAnswer,
+    RemoteDecodeRequest,
+    wants_remote_decode,
+    wants_remote_prefill,
+)
 from pdlaunch.kvcache.block_manager import BlockManager
 
 BS = 4
 _arrival = itertools.count()
 
 
-def req(rid: str, prompt_len: int, max_tokens: int = 4, params: dict[str, Any] | None = None,
+def req(rid: str, prompt_len: int, max_tokens: int = 4, params: dict[str, bool] | None = None,
         base: int | None = None) -> Request:
-    """A request whose prompt is unique unless `base` is given."""
+    """A request whose prompt is unique unless `base` is given. `params`: {"do_remote_prefill": True}
+    (a decode leg: a prefill's answer) or {"do_remote_decode": ...} (a prefill leg)."""
     arrival = next(_arrival)
     start = 1000 * (arrival + 1) if base is None else base
+    kv: KVTransferParams | None = None
+    if params is not None and params.get("do_remote_prefill"):
+        kv = PrefillAnswer(do_remote_prefill=True, remote_engine_id="p", remote_request_id=f"p-{rid}")
+    elif params is not None:
+        kv = RemoteDecodeRequest.model_validate(params)
     return Request(rid, list(range(start, start + prompt_len)), SamplingParams(max_tokens=max_tokens),
-                   arrival, kv_transfer_params=params)
+                   arrival, kv_transfer_params=kv)
 
 
 def step(s: Scheduler) -> SchedulerOutput:
@@ -149,21 +161,22 @@ class FakeConnector(KVConnector):
         pass
 
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
-                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
-        if kv_transfer_params and kv_transfer_params.get("do_remote_prefill"):
+                                   kv_transfer_params: KVTransferParams | None, num_local_computed_tokens: int) -> int:
+        if wants_remote_prefill(kv_transfer_params):
             return self.external or len(prompt_token_ids) - 1 - num_local_computed_tokens
         return 0
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         self.loads.append((request_id, block_ids, num_local_computed_tokens, num_external_tokens))
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
-                         kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
         self.finished.append(request_id)
-        if kv_transfer_params and kv_transfer_params.get("do_remote_decode"):
-            return self.hold, {"remote_block_ids": block_ids[0]}
+        if wants_remote_decode(kv_transfer_params):
+            return self.hold, PrefillAnswer(do_remote_prefill=True, remote_engine_id="p", remote_request_id=request_id,
+                                            remote_block_ids=block_ids)
         return False, None
 
     def get_finished(self) -> KVConnectorEvents:

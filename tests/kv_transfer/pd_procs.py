@@ -37,14 +37,13 @@ def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str,
     from pdlaunch import metrics
     from pdlaunch.config.models import DeploymentConfig, InstanceSpec
     from pdlaunch.kv_transfer.factory import create_connector
-    from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 
     config = DeploymentConfig.model_validate_json(config_json)
     instance = InstanceSpec.model_validate_json(instance_json)
     spec = make_spec(**spec_kwargs)
     if staging_slots:  # what CuMem KV caches get on CUDA, forced here with a tiny buffer to chunk
         slot_bytes = sum(spec.block_bytes)
-        connector = NixlConnector(config, instance, staging_bytes=staging_slots * slot_bytes)
+        connector = create_connector(config, instance, staging_bytes=staging_slots * slot_bytes)
     else:
         connector = create_connector(config, instance)
     assert connector is not None

@@ -26,6 +26,7 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.kvcache.block_manager import BlockManager
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.engine_procs import pd_config
@@ -89,15 +90,16 @@ class _DrainingConnector(KVConnector):
         pass
 
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
-                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
+                                   kv_transfer_params: KVTransferParams | None, num_local_computed_tokens: int) -> int:
         return len(prompt_token_ids) - 1 - num_local_computed_tokens
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         pass
 
-    def request_finished(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, request_id: str, prompt_token_ids: list[int],
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
         return False, None
 
     def get_finished(self) -> KVConnectorEvents:
@@ -112,7 +114,8 @@ class _DrainingConnector(KVConnector):
 def test_scheduler_keeps_draining_blocks_until_safe_to_free(how: str) -> None:
     conn = _DrainingConnector()
     s = Scheduler(BlockManager(16, BLOCK_SIZE), max_num_seqs=4, max_num_batched_tokens=64, connector=conn)
-    request = Request("d", list(range(10)), SamplingParams(max_tokens=2), 0, {"do_remote_prefill": True})
+    answer = PrefillAnswer(do_remote_prefill=True, remote_engine_id="p", remote_request_id="p-d")
+    request = Request("d", list(range(10)), SamplingParams(max_tokens=2), 0, answer)
     s.add_request(request)
     s.schedule()
     assert "d" in s.waiting_for_kv and s.block_manager.num_used_blocks() == 3
@@ -198,7 +201,7 @@ def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
     config = _config("push", transfer_timeout=1.5 if how == "timeout" else 20.0)
     for prefill, decode in _pair(config, slow="prefill", slow_op="WRITE"):
         source = prefill.call("blocks", 0, P_IDS[0])
-        hold, params = prefill.call("request_finished", "r", PROMPT, {"do_remote_decode": True}, P_IDS)
+        hold, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         assert hold
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         merged = KVConnectorEvents()
@@ -230,7 +233,7 @@ def test_pull_read_keeps_prefill_blocks_past_the_lease() -> None:
     for prefill, decode in _pair(config, slow="decode", slow_op="READ"):
         expired = prefill.call("metric", "KV_EXPIRED_REQUESTS")
         source = prefill.call("blocks", 0, P_IDS[0])
-        _, params = prefill.call("request_finished", "r", PROMPT, {"do_remote_decode": True}, P_IDS)
+        _, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         deadline = time.monotonic() + 30.0
         decoded = KVConnectorEvents()
@@ -256,7 +259,7 @@ def test_pull_read_keeps_prefill_blocks_past_the_lease() -> None:
 def test_pull_claim_after_the_lease_fails_cleanly() -> None:
     config = _config("pull", transfer_timeout=20.0, lease=0.3)
     for prefill, decode in _pair(config, slow="", slow_op=""):
-        _, params = prefill.call("request_finished", "r", PROMPT, {"do_remote_decode": True}, P_IDS)
+        _, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         _wait(prefill, lambda e: "r" in e.finished_sending, what="the lease to expire")
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         ev = _wait(decode, lambda e: "r" in e.failed_recving or "r" in e.finished_recving, "the load")

@@ -19,6 +19,7 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer.base import KVConnectorEvents
+from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.kv_transfer.pd_procs import build_connector
@@ -33,7 +34,7 @@ SLOW_SECONDS = 2.0
 def build_slow_mooncake(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str) -> Built:
     """build_connector plus: `slow_op` transfers ("READ"/"WRITE") sleep SLOW_SECONDS inside the transfer
     thread before moving bytes (the handle already says PROC), and fill(group, ids, value)."""
-    from pdlaunch.kv_transfer import mooncake_engine
+    from pdlaunch.kv_transfer.mooncake import engine as mooncake_engine
 
     started: list[str] = []
     original = mooncake_engine.MooncakeEngine.transfer
@@ -80,7 +81,7 @@ def _pair(mode: str, slow: str, slow_op: str, transfer_timeout: float = 20.0, le
 def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
     for prefill, decode in _pair("push", "prefill", "WRITE", transfer_timeout=1.0 if how == "timeout" else 20.0):
         source = prefill.call("blocks", 0, P_IDS[0])
-        _, params = prefill.call("request_finished", "r", PROMPT, {"do_remote_decode": True}, P_IDS)
+        _, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         merged = KVConnectorEvents()
         if how == "abort":
@@ -102,7 +103,7 @@ def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
 def test_pull_read_keeps_prefill_blocks_past_the_lease() -> None:
     for prefill, decode in _pair("pull", "decode", "READ", lease=0.5):
         source = prefill.call("blocks", 0, P_IDS[0])
-        _, params = prefill.call("request_finished", "r", PROMPT, {"do_remote_decode": True}, P_IDS)
+        _, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         deadline = time.monotonic() + 30.0
         done = KVConnectorEvents()

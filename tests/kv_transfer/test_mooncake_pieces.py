@@ -20,14 +20,15 @@ import pytest
 from pdlaunch.config import mooncake_install
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.config.rules.host import kv_connector_problems
-from pdlaunch.kv_transfer import mooncake_connector
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.fault import ENV
 from pdlaunch.kv_transfer.messages import ReadDone, encode_notification
-from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
-from pdlaunch.kv_transfer.mooncake_connector import MooncakeConnector
-from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
-from pdlaunch.kv_transfer.mooncake_sender import TransferPool
+from pdlaunch.kv_transfer.mooncake import connector as mooncake_connector
+from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent
+from pdlaunch.kv_transfer.mooncake.connector import MooncakeConnector
+from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.memory import platform
 from tests.kv_transfer.deployment_secret import TEST_SECRET, secured
 from tests.kv_transfer.mooncake_skip import requires_mooncake
@@ -44,7 +45,7 @@ def _connector(role: str, engine_id: str, mode: str = "auto") -> MooncakeConnect
 
 def _push(prefill: MooncakeConnector, decode: MooncakeConnector, rid: str) -> None:
     prompt = list(range(4 * 3 + 1))
-    _, params = prefill.request_finished(rid, prompt, {"do_remote_decode": True}, [[1, 2, 3, 4]])
+    _, params = prefill.request_finished(rid, prompt, RemoteDecodeRequest(do_remote_decode=True), [[1, 2, 3, 4]])
     assert params is not None
     decode.start_load(rid, prompt, params, [[5, 6, 7, 8]], 0, decode.get_num_new_matched_tokens(rid, prompt, params, 0))
     ev = wait_events(decode.get_finished, lambda e: rid in e.finished_recving or rid in e.failed_recving, 30.0, rid)
@@ -148,7 +149,7 @@ def test_missing_package_and_system_library_are_named(monkeypatch: pytest.Monkey
 
 @requires_mooncake
 def test_info_and_log_state_the_transport(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.mooncake_connector"):
+    with caplog.at_level(logging.INFO, logger="pdlaunch.kv_transfer.mooncake.connector"):
         decode = _connector("decode", "info-D")
     try:
         info = decode.info()
@@ -239,7 +240,7 @@ def test_injected_failure_releases_the_prefill_through_a_signed_notification(mon
         prefill.register_kv_caches(make_spec(seed=1))
         decode.register_kv_caches(make_spec(seed=2))
         prompt = list(range(9))
-        _, params = prefill.request_finished("r", prompt, {"do_remote_decode": True}, [[1, 2, 3]])
+        _, params = prefill.request_finished("r", prompt, RemoteDecodeRequest(do_remote_decode=True), [[1, 2, 3]])
         decode.start_load("r", prompt, params, [[4, 5, 6]], 0, 8)
         ev = wait_events(decode.get_finished, lambda e: "r" in e.failed_recving, 30.0, "the injected failure")
         assert "injected by PDLAUNCH_TEST_FAIL_TRANSFER_RATE" in ev.failed_recving["r"]

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.kv_transfer.pd_procs import ConnectorProcess
@@ -50,8 +51,8 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[ConnectorProcess, Con
 
 
 def _finish(prefill: ConnectorProcess, rid: str, prompt: list[int], ids: list[list[int]]) -> dict:
-    hold, params = prefill.call("request_finished", rid, prompt, {"do_remote_decode": True}, ids)
-    assert hold is True and params["do_remote_prefill"] is True
+    hold, params = prefill.call("request_finished", rid, prompt, RemoteDecodeRequest(do_remote_decode=True), ids)
+    assert hold is True and params.do_remote_prefill is True
     return params
 
 
@@ -146,18 +147,19 @@ def close_all() -> Iterator[list[ConnectorProcess]]:
         p.close()
 
 
-def _tp_finish(prefill: list[ConnectorProcess], rid: str) -> dict:
+def _tp_finish(prefill: list[ConnectorProcess], rid: str) -> PrefillAnswer:
     """Every prefill rank holds the request; the params as TPConnector merges them."""
-    answers = [p.call("request_finished", rid, PROMPT, {"do_remote_decode": True}, P_IDS) for p in prefill]
-    params = dict(answers[0][1])
+    answers = [p.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
+               for p in prefill]
+    params: PrefillAnswer = answers[0][1]
     if len(prefill) > 1:
-        params["remote_ports"] = [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill]
-        params["rank_kv_checksums"] = [a[1]["kv_checksum"] for a in answers]
-        del params["kv_checksum"]
+        params = params.model_copy(update={
+            "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
+            "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
     return params
 
 
-def _load(decode: ConnectorProcess, rid: str, params: dict) -> None:
+def _load(decode: ConnectorProcess, rid: str, params: PrefillAnswer) -> None:
     decode.call("start_load", rid, PROMPT, params, D_IDS, 0,
                 decode.call("get_num_new_matched_tokens", rid, PROMPT, params, 0))
     ev = decode.wait_events(lambda e: rid in e.finished_recving or rid in e.failed_recving, what=f"load of {rid}")

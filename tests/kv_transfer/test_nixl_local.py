@@ -12,6 +12,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVConnectorEvents
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.memory import platform
 from pdlaunch.metrics import KV_EXPIRED_REQUESTS
 from tests.kv_transfer.deployment_secret import secured
@@ -34,7 +35,8 @@ def test_lease_expiry_frees_blocks_and_counts() -> None:
     try:
         prefill.register_kv_caches(make_spec())
         before = KV_EXPIRED_REQUESTS._value.get()
-        hold, params = prefill.request_finished("r1", [1, 2, 3, 4, 5], {"do_remote_decode": True}, [[3, 4]])
+        hold, params = prefill.request_finished("r1", [1, 2, 3, 4, 5],
+                                                RemoteDecodeRequest(do_remote_decode=True), [[3, 4]])
         assert hold and params is not None
         assert prefill.info()["held_requests"] == 1
         ev = _wait(prefill, lambda e: "r1" in e.finished_sending)
@@ -55,7 +57,8 @@ def test_request_without_remote_decode_is_not_held() -> None:
     try:
         prefill.register_kv_caches(make_spec())
         assert prefill.request_finished("r", [1, 2], None, [[1]]) == (False, None)
-        assert prefill.request_finished("r", [1, 2], {"do_remote_decode": False}, [[1]]) == (False, None)
+        no_decode = RemoteDecodeRequest(do_remote_decode=False)
+        assert prefill.request_finished("r", [1, 2], no_decode, [[1]]) == (False, None)
         assert prefill.info()["held_requests"] == 0
     finally:
         prefill.shutdown()
@@ -113,7 +116,8 @@ def test_incompatible_block_size_names_field_values_and_fix() -> None:
     try:
         prefill.register_kv_caches(make_spec(block_size=4))
         decode.register_kv_caches(make_spec(block_size=8))
-        _, params = prefill.request_finished("r", list(range(9)), {"do_remote_decode": True}, [[1, 2, 3]])
+        _, params = prefill.request_finished("r", list(range(9)),
+                                             RemoteDecodeRequest(do_remote_decode=True), [[1, 2, 3]])
         decode.start_load("r", list(range(9)), params, [[4, 5]], 0, 8)
         message = _wait(decode, lambda e: "r" in e.failed_recving).failed_recving["r"]
         assert "block_size differs (prefill engine compat-P: 4, this engine: 8)" in message
@@ -143,8 +147,8 @@ def test_params_for_another_prompt_length_fail_clearly() -> None:
     decode = _connector("decode", "len-D")
     try:
         decode.register_kv_caches(make_spec())
-        params = {"do_remote_prefill": True, "remote_engine_id": "P", "remote_block_ids": [[1, 2]],
-                  "remote_host": "127.0.0.1", "remote_port": 1, "remote_request_id": "x", "num_prompt_tokens": 7}
+        params = PrefillAnswer(do_remote_prefill=True, remote_engine_id="P", remote_block_ids=[[1, 2]],
+                               remote_host="127.0.0.1", remote_port=1, remote_request_id="x", num_prompt_tokens=7)
         decode.start_load("r", [1, 2, 3], params, [[1]], 0, 2)
         message = decode.get_finished().failed_recving["r"]
         assert "3 tokens here but 7" in message

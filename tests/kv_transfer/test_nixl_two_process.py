@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import ConnectorProcess
 
@@ -49,12 +50,12 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[ConnectorProcess, Con
             decode.close()
 
 
-def _prefill_finish(prefill: ConnectorProcess, rid: str, prompt: list[int], ids: list[list[int]]) -> dict:
-    hold, params = prefill.call("request_finished", rid, prompt, {"do_remote_decode": True}, ids)
+def _prefill_finish(prefill: ConnectorProcess, rid: str, prompt: list[int], ids: list[list[int]]) -> PrefillAnswer:
+    hold, params = prefill.call("request_finished", rid, prompt, RemoteDecodeRequest(do_remote_decode=True), ids)
     assert hold is True
-    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
-    assert params["remote_engine_id"] == "engine-P" and params["remote_request_id"] == rid
-    assert params["remote_block_ids"] == ids and params["num_prompt_tokens"] == len(prompt)
+    assert params.do_remote_prefill is True and params.do_remote_decode is False
+    assert params.remote_engine_id == "engine-P" and params.remote_request_id == rid
+    assert params.remote_block_ids == ids and params.num_prompt_tokens == len(prompt)
     return params
 
 
@@ -132,7 +133,7 @@ def test_engine_id_mismatch_fails_the_request(pair, request: pytest.FixtureReque
     prefill, decode = pair
     rid, prompt = "r-mismatch", list(range(6))
     params = _prefill_finish(prefill, rid, prompt, [[20, 21], [20, 21]])
-    params["remote_engine_id"] = "engine-X"
+    params = params.model_copy(update={"remote_engine_id": "engine-X"})
     decode.call("start_load", rid, prompt, params, [[1, 2], [1, 2]], 0, 5)
     ev = decode.wait_events(lambda e: rid in e.failed_recving)
     message = ev.failed_recving[rid]
@@ -145,8 +146,8 @@ def test_handshake_timeout_when_nobody_listens(pair, request: pytest.FixtureRequ
     with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    params = {"do_remote_prefill": True, "remote_engine_id": "engine-gone", "remote_block_ids": [[1], [1]],
-              "remote_host": "127.0.0.1", "remote_port": port, "remote_request_id": "x", "num_prompt_tokens": 3}
+    params = PrefillAnswer(do_remote_prefill=True, remote_engine_id="engine-gone", remote_block_ids=[[1], [1]],
+                           remote_host="127.0.0.1", remote_port=port, remote_request_id="x", num_prompt_tokens=3)
     decode.call("start_load", "r-timeout", [1, 2, 3], params, [[2], [2]], 0, 2)
     ev = decode.wait_events(lambda e: "r-timeout" in e.failed_recving)
     message = ev.failed_recving["r-timeout"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.fault import ENV, TransferFaults
 from pdlaunch.kv_transfer.messages import Forget, PushFailed, ReadDone, encode_notification, parse_notification
-from pdlaunch.kv_transfer.params import check_kv_transfer_params, params_key
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest, check_kv_transfer_params, params_key
 from tests.kv_transfer.deployment_secret import TEST_SECRET, signed
 
 KEY = params_key(TEST_SECRET)
@@ -20,9 +20,16 @@ ANSWER = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_i
           "kv_heads_per_rank": 2, "transfer_mode": "pull", "num_prompt_tokens": 9, "kv_epoch": 0}
 
 
-def _check(raw: object, now: float | None = None, max_blocks: int = 64) -> object:
+def _check(raw: object, now: float | None = None, max_blocks: int = 64) -> RemoteDecodeRequest | PrefillAnswer | None:
     return check_kv_transfer_params(raw, KEY, max_blocks=max_blocks, lease_seconds=60.0,
                                     now=time.time() if now is None else now)
+
+
+def _same(raw: dict[str, object]) -> bool:
+    """`raw` parsed into the model its kind asks for, carrying exactly the fields `raw` has."""
+    parsed = _check(raw)
+    kind = PrefillAnswer if raw.get("do_remote_prefill") else RemoteDecodeRequest
+    return isinstance(parsed, kind) and parsed.model_dump(exclude_unset=True) == raw
 
 
 def _field(raw: object, **kw: object) -> str:
@@ -33,11 +40,11 @@ def _field(raw: object, **kw: object) -> str:
 
 def test_signed_answers_pass_unchanged_and_requests_are_typed() -> None:
     good = signed(ANSWER)
-    assert _check(good) is good
+    assert _same(good)
     assert _check(None) is None
     vllm_style = {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
                   "remote_block_ids": None, "remote_host": None, "remote_port": None}
-    assert _check(vllm_style) is vllm_style
+    assert _same(vllm_style)
     assert _field({"do_remote_decode": "yes"}) == "kv_transfer_params.do_remote_decode"
     assert _field({"do_remote_decode": True, "remote_host": "10.0.0.1"}) == "kv_transfer_params.remote_host"
     assert _field([1]) == "kv_transfer_params"
@@ -125,7 +132,7 @@ def test_random_values_fail_with_a_field_or_pass_signed(change: dict, sign: bool
         except ValueError:  # NaN/inf cannot be signed (strict JSON): a prefill never emits them
             return
     try:
-        assert _check(raw) is raw
+        assert _same(raw)
     except KVTransferError as e:
         assert str(e.field).startswith("kv_transfer_params")
     else:

@@ -11,6 +11,7 @@ from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.kv_transfer.prefill.push_sender import wait_write
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import make_spec, wait_events
@@ -34,7 +35,7 @@ def test_push_moves_scattered_blocks_and_records_its_phases() -> None:
         prompt = list(range(4 * 5 + 1))  # 5 full blocks moved; the last token is recomputed
         remote_blocks = [3, 4, 5, 10, 11, 2]  # runs 3-5, 10-11 on the prefill side
         local_blocks = [7, 8, 20, 21, 22, 1]  # runs 7-8, 20-22 on the decode side
-        _, params = prefill.request_finished("r", prompt, {"do_remote_decode": True}, [remote_blocks])
+        _, params = prefill.request_finished("r", prompt, RemoteDecodeRequest(do_remote_decode=True), [remote_blocks])
         assert params is not None
         external = decode.get_num_new_matched_tokens("r", prompt, params, 0)
         decode.start_load("r", prompt, params, [local_blocks], 0, external)

@@ -14,6 +14,7 @@ import torch
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.reshard_load import copy_head_slices
+from pdlaunch.kv_transfer.params import PrefillAnswer
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import (
     HeadSlice,
@@ -52,9 +53,9 @@ def test_every_decode_rank_rebuilds_its_heads_from_the_plan(total: int, tp_p: in
     local_ids, remote_ids = [4, 5, 0], [1, 2, 3]
     readers = {p: 0 for p in range(tp_p)}
     for r in range(tp_d):
-        params = {"tp_size": tp_p, "kv_heads_per_rank": heads_p, "remote_ports": list(range(9000, 9000 + tp_p)),
-                  "remote_port": 9000, "remote_engine_id": "P", "remote_host": "h",
-                  "rank_kv_checksums": [[[f"p{p}"]] for p in range(tp_p)]}
+        params = PrefillAnswer(do_remote_prefill=True, remote_request_id="r", tp_size=tp_p, kv_heads_per_rank=heads_p,
+                               remote_ports=list(range(9000, 9000 + tp_p)), remote_port=9000, remote_engine_id="P",
+                               remote_host="h", rank_kv_checksums=[[[f"p{p}"]] for p in range(tp_p)])
         plan = plan_reshard(RemoteKV.from_params(params), r, tp_d, heads_d)
         mine = torch.zeros(NUM_BLOCKS, LAYERS, 2, BLOCK_SIZE, heads_d, HEAD_DIM)
         area = StagingArea([mine], 1 << 20, kv_heads=heads_p)

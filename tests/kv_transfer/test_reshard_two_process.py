@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import ConnectorProcess
 
@@ -53,18 +54,19 @@ def close_all() -> Iterator[list[ConnectorProcess]]:
         p.close()
 
 
-def _finish(prefill: list[ConnectorProcess], rid: str) -> dict:
+def _finish(prefill: list[ConnectorProcess], rid: str) -> PrefillAnswer:
     """Every prefill rank holds the request; the params as TPConnector merges them (ports, checksums)."""
-    answers = [p.call("request_finished", rid, PROMPT, {"do_remote_decode": True}, P_IDS) for p in prefill]
-    params = dict(answers[0][1])
+    answers = [p.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
+               for p in prefill]
+    params: PrefillAnswer = answers[0][1]
     if len(prefill) > 1:
-        params["remote_ports"] = [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill]
-        params["rank_kv_checksums"] = [a[1]["kv_checksum"] for a in answers]
-        del params["kv_checksum"]
+        params = params.model_copy(update={
+            "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
+            "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
     return params
 
 
-def _load(decode: ConnectorProcess, rid: str, params: dict) -> None:
+def _load(decode: ConnectorProcess, rid: str, params: PrefillAnswer) -> None:
     external = decode.call("get_num_new_matched_tokens", rid, PROMPT, params, 0)
     decode.call("start_load", rid, PROMPT, params, D_IDS, 0, external)
 

@@ -19,6 +19,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
 from tests.kv_transfer.side_channel_client import authed, envelope, exchange, frame, read_answer
@@ -33,7 +34,8 @@ def prefill() -> Iterator[NixlConnector]:
     connector = _connector("prefill", "auth-P", kv_lease_seconds=60.0)
     try:
         connector.register_kv_caches(make_spec())
-        hold, _ = connector.request_finished(HOLD, list(range(9)), {"do_remote_decode": True}, [[3, 4, 5]])
+        hold, _ = connector.request_finished(HOLD, list(range(9)),
+                                             RemoteDecodeRequest(do_remote_decode=True), [[3, 4, 5]])
         assert hold
         yield connector
     finally:

@@ -15,6 +15,7 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer import side_channel
+from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import KEYS, secured
 from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.pd_procs import build_connector
@@ -174,9 +175,9 @@ def test_sleep_refused_while_a_staging_slot_is_held() -> None:
     prefill = ProcessRPC(build_sleepy_connector, config.model_dump_json(), instance.model_dump_json(),
                          {"block_size": 4, "num_blocks": 16}, 3)
     try:
-        _, params = prefill.call("request_finished", "req-held", list(range(9)), {"do_remote_decode": True},
-                                 [[4, 5, 6]])
-        host, port = params["remote_host"], params["remote_port"]
+        _, params = prefill.call("request_finished", "req-held", list(range(9)),
+                                 RemoteDecodeRequest(do_remote_decode=True), [[4, 5, 6]])
+        host, port = params.remote_host, params.remote_port
         # What a pulling decode does first: prefill copies the blocks into slots until "unstage".
         staged = side_channel.call(host, port, {"type": "stage", "request_id": "req-held", "blocks": [[4, 5]]},
                                    10.0, "stage request", KEYS)

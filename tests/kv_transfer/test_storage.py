@@ -9,6 +9,7 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
 from pdlaunch.kv_transfer.factory import create_connector
+from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.kv_transfer.storage_connector import StorageConnector
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import make_spec
@@ -37,9 +38,9 @@ def _positions(spec, group: int, block_ids: list[int], start: int, end: int) -> 
 
 
 def _save(prefill: StorageConnector, prompt: list[int], ids: list[list[int]]) -> dict:
-    hold, params = prefill.request_finished("p", prompt, {"do_remote_decode": True}, ids)
-    assert hold is False and params["do_remote_prefill"] is True
-    assert params["num_prompt_tokens"] == len(prompt)
+    hold, params = prefill.request_finished("p", prompt, RemoteDecodeRequest(do_remote_decode=True), ids)
+    assert hold is False and params.do_remote_prefill is True
+    assert params.num_prompt_tokens == len(prompt)
     return params
 
 

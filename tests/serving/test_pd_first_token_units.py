@@ -13,7 +13,15 @@ from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, sk
 from pdlaunch.engine.outputs import SamplingParams, TokenLogprob
 from pdlaunch.engine.request import Request
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.params import check_kv_transfer_params, params_key, sign_kv_transfer_params
+from pdlaunch.kv_transfer.params import (
+    JSONObject,
+    PrefillAnswer,
+    RemoteDecodeRequest,
+    answer_json,
+    check_kv_transfer_params,
+    params_key,
+    sign_kv_transfer_params,
+)
 from pdlaunch.proxy.translate import continues_from_first_token, ended_by_first_token, prefill_body
 from tests.kv_transfer.deployment_secret import TEST_SECRET
 
@@ -22,12 +30,14 @@ ANSWER = {"do_remote_prefill": True, "remote_engine_id": "p", "remote_request_id
           "remote_block_ids": [[1, 2]], "remote_host": "127.0.0.1", "remote_port": 5600}
 
 
-def _check(params: dict[str, Any]) -> dict[str, Any] | None:
-    return check_kv_transfer_params(params, KEY, max_blocks=8, lease_seconds=60, now=time.time())
+def _check(params: JSONObject) -> PrefillAnswer:
+    checked = check_kv_transfer_params(params, KEY, max_blocks=8, lease_seconds=60, now=time.time())
+    assert isinstance(checked, PrefillAnswer) and checked.model_dump(exclude_unset=True) == params
+    return checked
 
 
-def _prefill_request(kv: dict[str, Any], output: list[int]) -> Request:
-    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=1), 0, kv)
+def _prefill_request(kv: dict[str, bool], output: list[int]) -> Request:
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=1), 0, RemoteDecodeRequest.model_validate(kv))
     for t in output:
         request.append_output_token(t)
     return request
@@ -35,26 +45,28 @@ def _prefill_request(kv: dict[str, Any], output: list[int]) -> Request:
 
 def test_prefill_signs_its_token_only_when_asked() -> None:
     logprob = TokenLogprob(7, -0.5, {7: -0.5, 9: float("-inf")})
-    asked = with_first_token(ANSWER, _prefill_request({"do_remote_decode": True, "return_first_token": True}, [7]),
-                             logprob)
-    assert asked is not None and asked["first_token_ids"] == [7]
-    assert asked["first_token_logprobs"] == [{"logprob": -0.5, "top": [{"token_id": 7, "logprob": -0.5},
-                                                                       {"token_id": 9, "logprob": -9999.0}]}]
-    signed = sign_kv_transfer_params(asked, KEY, 60, time.time())
-    assert _check(signed) == signed
-    assert first_token_ids(signed) == [7]
-    assert first_token_logprob(signed, 7, 1) == TokenLogprob(7, -0.5, {7: -0.5})
-    assert first_token_logprob(signed, 7, None) is None
-    not_asked = with_first_token(ANSWER, _prefill_request({"do_remote_decode": True}, [7]), logprob)
-    assert not_asked == ANSWER
+    asked = with_first_token(PrefillAnswer.model_validate(ANSWER),
+                             _prefill_request({"do_remote_decode": True, "return_first_token": True}, [7]), logprob)
+    assert asked is not None and answer_json(asked)["first_token_ids"] == [7]
+    assert answer_json(asked)["first_token_logprobs"] == [{"logprob": -0.5, "top": [
+        {"token_id": 7, "logprob": -0.5}, {"token_id": 9, "logprob": -9999.0}]}]
+    signed = sign_kv_transfer_params(answer_json(asked), KEY, 60, time.time())
+    checked = _check(signed)
+    assert first_token_ids(checked) == [7]
+    assert first_token_logprob(checked, 7, 1) == TokenLogprob(7, -0.5, {7: -0.5})
+    assert first_token_logprob(checked, 7, None) is None
+    not_asked = with_first_token(PrefillAnswer.model_validate(ANSWER), _prefill_request({"do_remote_decode": True},
+                                                                                        [7]), logprob)
+    assert not_asked == PrefillAnswer.model_validate(ANSWER)
 
 
 @pytest.mark.parametrize("change", [{"first_token_ids": [8]}, {"first_token_logprobs": [{"logprob": 0.0, "top": []}]}])
 def test_a_changed_first_token_breaks_the_signature(change: dict[str, Any]) -> None:
-    asked = with_first_token(ANSWER, _prefill_request({"do_remote_decode": True, "return_first_token": True}, [7]),
+    asked = with_first_token(PrefillAnswer.model_validate(ANSWER),
+                             _prefill_request({"do_remote_decode": True, "return_first_token": True}, [7]),
                              TokenLogprob(7, -0.5, {}))
     assert asked is not None
-    signed = sign_kv_transfer_params(asked, KEY, 60, time.time())
+    signed = sign_kv_transfer_params(answer_json(asked), KEY, 60, time.time())
     with pytest.raises(KVTransferError) as err:
         _check({**signed, **change})
     assert err.value.field == "kv_transfer_params.signature"
@@ -64,7 +76,7 @@ def test_a_changed_first_token_breaks_the_signature(change: dict[str, Any]) -> N
 def test_first_token_ids_shape_is_checked(bad: Any) -> None:
     params = sign_kv_transfer_params({**ANSWER, "first_token_ids": bad}, KEY, 60, time.time())
     if bad is None:
-        assert _check(params) == params
+        _check(params)  # the same fields, parsed
         return
     with pytest.raises(KVTransferError) as err:
         _check(params)
@@ -72,8 +84,8 @@ def test_first_token_ids_shape_is_checked(bad: Any) -> None:
 
 
 def test_unsigned_params_give_no_first_token() -> None:
-    assert first_token_ids({**ANSWER, "first_token_ids": [3]}) == []
-    assert first_token_ids({"do_remote_decode": True, "first_token_ids": [3], "signature": "x"}) == []
+    assert first_token_ids(PrefillAnswer.model_validate({**ANSWER, "first_token_ids": [3]})) == []
+    assert first_token_ids(RemoteDecodeRequest(do_remote_decode=True)) == []
 
 
 def test_seeded_decode_skips_the_prefill_draw() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from pdlaunch.distributed.messages import ConnectorCall
 from pdlaunch.distributed.tp_connector import TPConnector, rank_connector_call
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer
 
 
 class ScriptedRank(KVConnector):
@@ -22,13 +23,13 @@ class ScriptedRank(KVConnector):
         pass
 
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
-                                   kv_transfer_params: dict[str, Any] | None, num_local_computed_tokens: int) -> int:
+                                   kv_transfer_params: KVTransferParams | None, num_local_computed_tokens: int) -> int:
         return 0
 
     def start_load(self, *args: Any) -> None:
         pass
 
-    def request_finished(self, *args: Any) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(self, *args: Any) -> tuple[bool, PrefillAnswer | None]:
         return False, None
 
     def get_finished(self) -> KVConnectorEvents:

@@ -1,6 +1,7 @@
-"""The loads of the decode side: each one started on the engine thread, run on a loader thread that
-shakes hands with the prefill engine (decode/peers.py), picks the load's strategy once
-(`DecodeLoads._choose`) and runs it; the engine thread polls the outcome (decode/table.py).
+"""The loads of the decode side: each one planned on the engine thread (decode/side.py `start_load`),
+run on a loader thread (`DecodeLoads.run`) that shakes hands with the prefill engine (decode/peers.py),
+picks the load's strategy once (`DecodeLoads._choose`) and runs it; the engine thread polls the
+outcome (decode/table.py).
 
 A load moves the blocks covering positions [num_local_computed, + num_external) of a prompt; the
 prefill's sender thread WRITEs (push) and its notification arrives on the engine thread again.
@@ -13,12 +14,10 @@ loader threads bind the instance's device when they start (vLLM #39548), since t
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy, Pairs
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import PullLoad
 from pdlaunch.kv_transfer.decode.push import PushLoad
@@ -28,8 +27,6 @@ from pdlaunch.kv_transfer.decode.table import LoadTable
 from pdlaunch.kv_transfer.fault import TransferFaults
 from pdlaunch.kv_transfer.messages import HeldBlocksAnswer, HeldBlocksRequest
 from pdlaunch.kv_transfer.push_params import client_request_id
-from pdlaunch.kv_transfer.remote_kv import RemoteKV
-from pdlaunch.kv_transfer.reshard import ReshardPlan
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +39,10 @@ class DecodeLoads:
         self.reshard_staging = ReshardStaging(ctx.agent)
         self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 
-    # -- engine thread ------------------------------------------------------------------------
-    def start(self, request_id: str, remote: RemoteKV, pairs: Pairs, reshard: ReshardPlan | None = None,
-              plan: Callable[[RemoteKV], Pairs] | None = None, digest: str = "") -> None:
-        """Start a load; with `plan` (params without the prefill's block ids) the loader thread asks the
-        prefill for them first, then plans the pairs."""
-        now = time.monotonic()
-        load = Load(request_id, remote, pairs, deadline=now + self.ctx.transfer_timeout, started=now,
-                    reshard=reshard, plan=plan, prompt_digest=digest)
-        self.table.add(load)
-        self.ctx.executor.submit(self._run, load)
-
-    def fail_now(self, request_id: str, remote: RemoteKV, error: str) -> None:
-        """A load that cannot start (bad params); reported failed at the next poll."""
-        now = time.monotonic()
-        self.table.add(Load(request_id, remote, [], deadline=now, started=now, state=LoadState.FAILED, error=error))
-
     # -- loader threads -----------------------------------------------------------------------
-    def _run(self, load: Load) -> None:
+    def run(self, load: Load) -> None:
+        """Loader thread: the prefill's block ids if the params lacked them, the handshake (cached per
+        engine), the strategy, and its run; a failure fails the load (the engine thread reports it)."""
         try:
             if load.plan is not None:
                 self._ask_block_ids(load)

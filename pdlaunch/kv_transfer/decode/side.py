@@ -1,55 +1,63 @@
-"""Decode side of a KV connector: turns a request's kv_transfer_params into a planned load
-(decode/loads.py runs it), and answers the engine's polls, aborts and sleeps."""
+"""The decode role of the NIXL connector (nixl_connector.py holds the agent and KV memory): turns a
+request's kv_transfer_params into a planned load (decode/loads.py runs it), and answers the engine's
+polls, aborts and sleeps."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import time
 
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
-from pdlaunch.kv_transfer.decode.context import LoadContext
-from pdlaunch.kv_transfer.decode.load import Pairs
+from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
-from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, Notification, PushDone, PushFailed
-from pdlaunch.kv_transfer.params import first_token_ids
+from pdlaunch.kv_transfer.messages import Empty, Forget, ForgetRequest, PushDone, PushFailed
+from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.params import (
+    KVTransferParams,
+    PrefillAnswer,
+    UnsignedPush,
+    first_token_ids,
+    wants_remote_prefill,
+)
 from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
-from pdlaunch.kv_transfer.role import RoleSide
 from pdlaunch.kv_transfer.side_channel import request
 from pdlaunch.kv_transfer.staging import StagingArea
 
 logger = logging.getLogger(__name__)
 
-_REQUIRED_PARAMS = ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "remote_request_id")
-
-
-class DecodeSide(RoleSide):
-    role = "decode"
-
-    def __init__(self, ctx: LoadContext) -> None:
-        self.ctx = ctx
-        self.agent = ctx.agent
-        self.keys = ctx.keys
-        self._spec = ctx.spec
-        self.peers = ctx.peers
-        self.handshake_timeout = ctx.handshake_timeout
-        self.loads = DecodeLoads(ctx)
+class DecodeSide(NixlConnector):
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, staging_bytes: int | None = None) -> None:
+        super().__init__(config, instance, staging_bytes)
+        kv = self.kv
+        self.peers = self.peer_cache(self.agent, self._require_spec, self._device, kv.transfer_mode,
+                                     kv.handshake_timeout_seconds, self.keys)
+        # What every load shares, built once here: loads.py and the strategies take it.
+        self.ctx = LoadContext(self.agent, self._require_spec, self.peers, self.keys, kv.handshake_timeout_seconds,
+                               kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index))
+        self.loads = DecodeLoads(self.ctx)
         self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 
+    @property
+    def receiver(self) -> DecodeSide:
+        return self
+
     # -- KV memory ----------------------------------------------------------------------------
-    def attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
+    def _attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
         self.ctx.staging = staging
 
-    def drop_staging(self) -> None:
+    def _drop_staging(self) -> None:
         self.ctx.staging = None
 
     def staging_users(self) -> set[str]:
         return self.loads.table.request_ids()
 
-    def before_sleep(self, kv_epoch: int) -> None:
+    def _forget_peers(self, kv_epoch: int) -> None:
         """Prefill engines that pushed into this decode hold UCX mappings of its staging buffer, which
         keep the buffer allocated after we free it; ask each to drop our metadata first (also one
         that went to sleep before us and so left our peer cache), then drop every prefill's metadata.
@@ -57,53 +65,60 @@ class DecodeSide(RoleSide):
         for (host, port), engine_id in self.peers.take_pushers().items():
             try:
                 request(host, port, ForgetRequest(type="forget", agent_name=self.agent.name), Empty,
-                        self.handshake_timeout, f"asking prefill engine {engine_id} to forget this decode before "
-                        "sleep", self.keys)
+                        self.kv.handshake_timeout_seconds,
+                        f"asking prefill engine {engine_id} to forget this decode before sleep", self.keys)
             except KVTransferError as exc:
                 logger.warning("%s; its mapping of the staging buffer stays until it exits", exc)
         self.peers.forget_all()
 
     # -- scheduler side -----------------------------------------------------------------------
-    def num_new_matched_tokens(self, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
-                               num_local_computed_tokens: int) -> int:
-        if not kv_transfer_params or not kv_transfer_params.get("do_remote_prefill"):
+    def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],
+                                   kv_transfer_params: KVTransferParams | None, num_local_computed_tokens: int) -> int:
+        if not wants_remote_prefill(kv_transfer_params):
             return 0
         # The last prompt token is recomputed locally for the first token's logits, unless the prefill
         # handed that token over (engine/first_token.py): then every prompt position is loaded.
         recompute = 0 if first_token_ids(kv_transfer_params) else 1
         return max(0, len(prompt_token_ids) - recompute - num_local_computed_tokens)
 
-    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: dict[str, Any] | None,
+    def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
-        params = kv_transfer_params or {}
-        if not params.get("do_remote_prefill"):
+        """Plan the load the params ask for and hand it to a loader thread (DecodeLoads.run); params
+        that cannot be planned give a load that the next get_finished reports failed."""
+        params = kv_transfer_params
+        if not isinstance(params, PrefillAnswer | UnsignedPush):
             return
-        remote: RemoteKV | None = None
+        now = time.monotonic()
+        load = Load(request_id, _unknown(params), [], deadline=now + self.ctx.transfer_timeout, started=now)
         try:
-            unsigned = params.get("remote_block_ids") is None and "signature" not in params
-            remote = RemoteKV.from_params(params) if unsigned else self._required(params)
-            if unsigned:  # vLLM's push proxy: the block ids come from the prefill itself (push_params.py)
-                self._check_unsigned_push(remote)
-                self.loads.start(request_id, remote, [], plan=lambda r: self._plan(
-                    prompt_token_ids, r, block_ids, num_local_computed_tokens, num_external_tokens),
-                    digest=prompt_digest(prompt_token_ids))
-                return
-            pairs = self._plan(prompt_token_ids, remote, block_ids, num_local_computed_tokens, num_external_tokens)
-            reshard = self._reshard_plan(remote)
+            if isinstance(params, UnsignedPush):  # vLLM's push proxy: the block ids come from the prefill itself
+                load.remote = RemoteKV.from_params(params)
+                self._check_unsigned_push(load.remote)
+                load.plan = lambda r: self._plan(prompt_token_ids, r, block_ids, num_local_computed_tokens,
+                                                 num_external_tokens)
+                load.prompt_digest = prompt_digest(prompt_token_ids)
+            else:
+                load.remote = self._required(params)
+                load.pairs = self._plan(prompt_token_ids, load.remote, block_ids, num_local_computed_tokens,
+                                        num_external_tokens)
+                load.reshard = self._reshard_plan(load.remote)
         except KVTransferError as e:
-            self.loads.fail_now(request_id, remote or _unknown(params), e.render())
-            return
-        self.loads.start(request_id, remote, pairs, reshard)
+            load.state, load.error = LoadState.FAILED, e.render()
+        self.loads.table.add(load)
+        if not load.state.ended:
+            self.ctx.executor.submit(self.loads.run, load)
 
-    def _required(self, params: dict[str, Any]) -> RemoteKV:
-        missing = [k for k in _REQUIRED_PARAMS if k not in params]
+    def _required(self, params: PrefillAnswer) -> RemoteKV:
+        missing = [name for name, value in (("remote_block_ids", params.remote_block_ids),
+                                            ("remote_host", params.remote_host), ("remote_port", params.remote_port))
+                   if value is None]
         if missing:
             raise KVTransferError(f"kv_transfer_params lack {', '.join(missing)}",
                                   hint="send decode the kv_transfer_params the prefill response carried")
         return RemoteKV.from_params(params)
 
     def _check_unsigned_push(self, remote: RemoteKV) -> None:
-        spec = self._spec()
+        spec = self._require_spec()
         if remote.tp_size != spec.tp_size or spec.tp_size != 1:
             raise KVTransferError(
                 f"params without remote_block_ids need prefill and decode at TP size 1 (prefill "
@@ -112,14 +127,14 @@ class DecodeSide(RoleSide):
 
     def _reshard_plan(self, remote: RemoteKV) -> ReshardPlan | None:
         """None when prefill has this engine's TP size (rank r reads rank r), else this rank's sources."""
-        spec = self._spec()
+        spec = self._require_spec()
         if remote.tp_size == spec.tp_size:
             return None
         return plan_reshard(remote, spec.tp_rank, spec.tp_size, spec.num_kv_heads)
 
     def _plan(self, prompt: list[int], remote: RemoteKV, block_ids: list[list[int]], start: int,
               count: int) -> Pairs:
-        spec = self._spec()
+        spec = self._require_spec()
         if remote.num_prompt_tokens is not None and remote.num_prompt_tokens != len(prompt):
             raise KVTransferError(
                 f"the prompt has {len(prompt)} tokens here but {remote.num_prompt_tokens} on prefill engine "
@@ -135,16 +150,23 @@ class DecodeSide(RoleSide):
         ]
 
     # -- engine thread ------------------------------------------------------------------------
-    def on_notif(self, notif: Notification) -> None:
-        if isinstance(notif, PushDone | PushFailed):
-            if not self.ctx.chunks.on_notif(notif):  # else one chunk of a staged push ended
-                self.loads.table.on_push_notif(notif)
-        elif isinstance(notif, Forget):
-            self.peers.forget_agent(notif.agent_name, notif.kv_epoch)
-
-    def poll(self, now: float, events: KVConnectorEvents) -> None:
-        events.finished_recving, events.failed_recving = self.loads.table.poll(now)
-        events.draining, events.safe_to_free = self.loads.table.poll_draining(now)
+    def get_finished(self) -> KVConnectorEvents:
+        """Loads that ended: KV loaded (finished_recving: the engine releases the request to decode),
+        failed, or drained. Push loads end by notification (push_done/push_failed), pull loads by
+        their READ's state (LoadTable.poll asks their strategy)."""
+        if self.spec is None:
+            return KVConnectorEvents()
+        for notif in self._notifications():
+            if isinstance(notif, PushDone | PushFailed):
+                if not self.ctx.chunks.on_notif(notif):  # else one chunk of a staged push ended
+                    self.loads.table.on_push_notif(notif)
+            elif isinstance(notif, Forget):
+                self.peers.forget_agent(notif.agent_name, notif.kv_epoch)
+        now = time.monotonic()
+        finished, failed = self.loads.table.poll(now)
+        draining, safe = self.loads.table.poll_draining(now)
+        return KVConnectorEvents(finished_recving=finished, failed_recving=failed, draining=draining,
+                                 safe_to_free=safe)
 
     def abort_load(self, request_id: str) -> bool:
         return self.loads.table.abort(request_id)
@@ -152,16 +174,21 @@ class DecodeSide(RoleSide):
     def num_loading(self) -> int:
         return len(self.loads.table.running())
 
-    def info(self, info: dict[str, Any]) -> None:
+    def _role_info(self, info: ConnectorInfo) -> None:
         info["loading_requests"] = self.num_loading()
         info["peers"] = {eid: {"transfer_mode": r.mode, "reason": r.reason}
                          for eid, r in self.peers.snapshot().items()}
 
+    def _resolved_mode(self) -> tuple[str, str] | None:
+        first = next(iter(self.peers.snapshot().values()), None)
+        return (first.mode, first.reason) if first is not None else None
+
     def shutdown(self) -> None:
         self.loads.shutdown()
+        super().shutdown()
 
 
-def _unknown(params: dict[str, Any]) -> RemoteKV:
+def _unknown(params: PrefillAnswer | UnsignedPush) -> RemoteKV:
     """What a load that fails before it starts names as its source (params that lack fields)."""
-    return RemoteKV(engine_id=str(params.get("remote_engine_id")), request_id=None,
-                    host=str(params.get("remote_host")), port=int(params.get("remote_port") or 0))
+    return RemoteKV(engine_id=params.remote_engine_id, request_id=None, host=str(params.remote_host),
+                    port=params.remote_port or 0)

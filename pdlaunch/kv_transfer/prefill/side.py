@@ -1,6 +1,7 @@
-"""Prefill side of a KV connector: holds and leases (prefill/holds.py), the push sender pool
-(prefill/push_sender.py), the staging server (prefill/staging_server.py), the decode agents it knows
-(prefill/decode_peers.py), and the authenticated side channel that serves them to decode engines.
+"""The prefill role of the NIXL connector (nixl_connector.py holds the agent and the KV memory): holds
+and leases (prefill/holds.py), the push sender pool (prefill/push_sender.py), the staging server
+(prefill/staging_server.py), the decode agents it knows (prefill/decode_peers.py), and the
+authenticated side channel that serves them to decode engines.
 
 The side channel listens on instance.side_channel_port (+ tp_rank); a decode connects to it with the
 kv_transfer_params this side answered (`request_finished`).
@@ -11,12 +12,10 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
 
-from pdlaunch.config.models import InstanceSpec, KVTransferConfig
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.auth import SideChannelKeys
-from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.checksum import block_checksums
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, HandshakeInfo, compat_fields, compat_hash, device_info
 from pdlaunch.kv_transfer.messages import (
@@ -25,42 +24,30 @@ from pdlaunch.kv_transfer.messages import (
     HandshakeRequest,
     HeldBlocksAnswer,
     HeldBlocksRequest,
-    Notification,
     PushRequest,
     ReadDone,
 )
-from pdlaunch.kv_transfer.params import PrefillAnswer
+from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, wants_remote_decode
 from pdlaunch.kv_transfer.prefill.decode_peers import DecodePeers
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender, PushTiming
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.push_params import prompt_digest
-from pdlaunch.kv_transfer.role import RoleSide
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
-from pdlaunch.kv_transfer.transport import TransferAgent
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
-AnswerMode = Literal["pull", "push"]  # what a prefill's answer names (vLLM's field; never "auto")
-
-
-class PrefillSide(RoleSide):
-    role = "prefill"
-
-    def __init__(self, agent: TransferAgent, kv: KVTransferConfig, instance: InstanceSpec, answer_mode: AnswerMode,
-                 keys: SideChannelKeys, device_index: int, workers: int = 2) -> None:
-        self.agent = agent
-        self.engine_id = instance.engine_id
-        self.kv = kv
+class PrefillSide(NixlConnector):
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, staging_bytes: int | None = None,
+                 workers: int = 2) -> None:
+        super().__init__(config, instance, staging_bytes)
+        kv = self.kv
         self.instance_host = instance.host  # where decode engines reach this instance
         self.base_port = instance.side_channel_port or kv.side_channel_port or 0  # 0: any free port
-        self.answer_mode = answer_mode  # the transfer mode the answer names (vLLM's field; never "auto")
-        self.keys = keys
-        self.device_index = device_index
-        self.kv_epoch = 0
-        self.spec: KVCacheSpec | None = None
+        self.answer_mode = self._answer_mode()  # the transfer mode the answer names (vLLM's field; never "auto")
         self.server: SideChannelServer | None = None
         self._handshake: HandshakeInfo | None = None
         # Seed 000: CUDA's current device is per thread; bind it once when each sender thread starts.
@@ -68,17 +55,20 @@ class PrefillSide(RoleSide):
                                            initializer=self._bind_sender_thread_device)
         self.holds = HoldTable(kv.kv_lease_seconds)
         self.stager = StagingServer(self.holds, self.executor, kv.transfer_timeout_seconds)
-        self.pusher = PushSender(agent, self.holds, self.executor, kv.transfer_timeout_seconds)
-        self.decodes = DecodePeers(agent)
+        self.pusher = PushSender(self.agent, self.holds, self.executor, kv.transfer_timeout_seconds)
+        self.decodes = DecodePeers(self.agent)
 
     def _bind_sender_thread_device(self) -> None:
         platform.set_device(self.device_index)
 
     # -- engine thread ------------------------------------------------------------------------
-    def attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
-        self.spec = self.stager.spec = self.pusher.spec = spec
+    @property
+    def sender(self) -> PrefillSide:
+        return self
+
+    def _attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
+        self.stager.spec = self.pusher.spec = spec
         self.stager.staging = self.pusher.staging = staging
-        self.kv_epoch = kv_epoch
         self._handshake = self._handshake_info(spec, staging)
         if self.server is not None:
             return
@@ -94,7 +84,7 @@ class PrefillSide(RoleSide):
         logger.info("KV side channel of prefill engine %s (tp rank %d) on %s:%d", self.engine_id, spec.tp_rank,
                     self.kv.side_channel_host, self.server.port)
 
-    def drop_staging(self) -> None:
+    def _drop_staging(self) -> None:
         self.stager.staging = self.pusher.staging = None
 
     def _handshake_info(self, spec: KVCacheSpec, staging: StagingArea | None) -> HandshakeInfo:
@@ -111,11 +101,11 @@ class PrefillSide(RoleSide):
         )
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
-                         kv_transfer_params: dict[str, Any] | None,
-                         block_ids: list[list[int]]) -> tuple[bool, dict[str, Any] | None]:
+                         kv_transfer_params: KVTransferParams | None,
+                         block_ids: list[list[int]]) -> tuple[bool, PrefillAnswer | None]:
         """Hold the blocks of a request asked for a remote decode; answer where its KV lies (vLLM's
         field names; the caller signs the answer)."""
-        if not kv_transfer_params or not kv_transfer_params.get("do_remote_decode"):
+        if not wants_remote_decode(kv_transfer_params):
             return False, None
         spec = self._require_spec()
         host, port = self.address()
@@ -131,20 +121,23 @@ class PrefillSide(RoleSide):
             if self.kv.verify_kv else None,
         )
         self.holds.hold(request_id, block_ids, prompt_digest(prompt_token_ids))
-        return True, answer.model_dump(exclude_none=True)
+        return True, answer
 
-    def on_notif(self, notif: Notification) -> None:
-        if isinstance(notif, ReadDone):
-            self.holds.on_read_done(notif)
-
-    def poll(self, now: float, events: KVConnectorEvents) -> None:
-        events.finished_sending = self.holds.poll(now)
+    def get_finished(self) -> KVConnectorEvents:
+        """Held requests whose blocks may be freed now (read, released, or past their lease)."""
+        if self.spec is None:
+            return KVConnectorEvents()
+        for notif in self._notifications():
+            if isinstance(notif, ReadDone):  # a decode READ the blocks, or gave up (release)
+                self.holds.on_read_done(notif)
+        now = time.monotonic()
         self.stager.expire(now)
+        return KVConnectorEvents(finished_sending=self.holds.poll(now))
 
     def release_held(self, request_id: str) -> bool:
         return self.holds.release(request_id)
 
-    def before_sleep(self, kv_epoch: int) -> None:
+    def _forget_peers(self, kv_epoch: int) -> None:
         self.decodes.tell_to_forget(kv_epoch)
 
     def staging_users(self) -> set[str]:
@@ -167,17 +160,11 @@ class PrefillSide(RoleSide):
         host = self.kv.side_channel_host
         return (self.instance_host if host in ("", "0.0.0.0", "::") else host), self.side_channel_port
 
-    def info(self, info: dict[str, Any]) -> None:
+    def _role_info(self, info: ConnectorInfo) -> None:
         if self.server is not None:
             host, port = self.address()
             info["side_channel"] = f"{host}:{port}"
             info["held_requests"] = self.num_held()
-
-    def _require_spec(self) -> KVCacheSpec:
-        if self.spec is None:
-            raise KVTransferError("the KV cache is not registered yet",
-                                  hint="the engine calls register_kv_caches first")
-        return self.spec
 
     # -- side-channel threads -----------------------------------------------------------------
     def _on_handshake(self, message: HandshakeRequest) -> HandshakeAnswer:
@@ -220,3 +207,4 @@ class PrefillSide(RoleSide):
             self.server.close()
             self.server = None
         self.executor.shutdown(wait=True, cancel_futures=True)
+        super().shutdown()

@@ -1,9 +1,10 @@
 """MooncakeConnector: KV moves between a prefill and a decode engine through Mooncake's TransferEngine.
 
 The system SGLang (its default PD backend) and vLLM's MooncakeConnector use. Everything above the
-bytes is the NIXL connector's, reused by inheritance: the signed kv_transfer_params, the authenticated
-side channel (handshake, push requests, claims, cancels), holds and leases, verify_kv, staging,
-resharding between TP sizes (pull), metrics and sleep. Only the agent differs (mooncake_agent.py).
+bytes is the NIXL connector's, reused by inheritance (MooncakePrefill, MooncakeDecode): the signed
+kv_transfer_params, the authenticated side channel (handshake, push requests, claims, cancels), holds
+and leases, verify_kv, staging, resharding between TP sizes (pull), metrics and sleep. Only the agent
+differs (mooncake/agent.py).
 
 Push (kv_transfer.transfer_mode auto or push, Mooncake's native pattern): the decode allocates its
 blocks and announces them in a push request on the authenticated side channel; the prefill's sender
@@ -24,15 +25,16 @@ connector (its memory keys go to authenticated peers only, and UCX binds loopbac
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from pdlaunch.config.mooncake_install import resolve_protocol
+from pdlaunch.kv_transfer.base import ConnectorInfo
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
-from pdlaunch.kv_transfer.mooncake_agent import MooncakeAgent
-from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
-from pdlaunch.kv_transfer.mooncake_sender import TransferPool
-from pdlaunch.kv_transfer.nixl_connector import NixlConnector
-from pdlaunch.kv_transfer.prefill.side import AnswerMode
+from pdlaunch.kv_transfer.decode.side import DecodeSide
+from pdlaunch.kv_transfer.mooncake.agent import MooncakeAgent
+from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake.sender import TransferPool
+from pdlaunch.kv_transfer.nixl_connector import AnswerMode, NixlConnector
+from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from pdlaunch.kv_transfer.transport import TransferAgent
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,8 @@ class MooncakePeerCache(PeerCache):
 
 
 class MooncakeConnector(NixlConnector):
-    """The NIXL connector with a Mooncake agent (`_make_agent`) and Mooncake's push-first peers."""
+    """What both Mooncake roles change in the NIXL connector: a Mooncake agent (`_make_agent`) and
+    Mooncake's push-first peers. MooncakePrefill and MooncakeDecode (below) are the connectors."""
 
     name = "mooncake"
     title = "Mooncake"
@@ -98,9 +101,17 @@ class MooncakeConnector(NixlConnector):
             self.agent.deregister()
             logger.info("KV cache deregistered from Mooncake before sleep")
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> ConnectorInfo:
         info = super().info()
         info.update(transport=self.protocol, transport_reason=self.protocol_reason,
                     session=self.transfer_engine.session_id, metadata=self._metadata_text(),
                     data_plane_auth="none: Mooncake listens on all interfaces; firewall its ports")
         return info
+
+
+class MooncakePrefill(MooncakeConnector, PrefillSide):
+    """The prefill role (prefill/side.py) over Mooncake."""
+
+
+class MooncakeDecode(MooncakeConnector, DecodeSide):
+    """The decode role (decode/side.py) over Mooncake."""

@@ -1,6 +1,6 @@
 """The thread pool that runs Mooncake transfers, and the handle a posted transfer returns.
 
-Mooncake's Python transfers block until they end (mooncake_engine.py), so every READ and WRITE runs
+Mooncake's Python transfers block until they end (mooncake/engine.py), so every READ and WRITE runs
 on this pool: the caller (the prefill's push sender thread, the decode's loader thread) gets a handle
 at once and polls `state()` like a NIXL transfer. A transfer that carries a notification sends it
 from the same pool thread right after the bytes landed, so the peer learns of the transfer only once

@@ -5,7 +5,7 @@ strategies, drains, resharding) run unchanged on Mooncake.
 What maps to what:
 - agent metadata: {"name", "session"} (the engine's "host:rpc_port"); the prefill gives it only in its
   authenticated handshake answer, the decode only in an authenticated push request (side_channel.py).
-- READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake_sender.py).
+- READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake/sender.py).
 - notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
   connect timeout when the peer's host is gone), sent from one notifier thread so that the engine
   thread never waits on the network and notifications leave in order; push_done and read_done leave
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
-from pdlaunch.kv_transfer.mooncake_engine import MooncakeEngine
-from pdlaunch.kv_transfer.mooncake_sender import MooncakeXfer, TransferPool
+from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake.sender import MooncakeXfer, TransferPool
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Verified with mooncake-transfer-engine-non-cuda 0.3.13.post1 on CPU: `initialize
 segment is opened on the first transfer to its session id, so no metadata server is needed.
 `batch_transfer_sync_write/read` block (the GIL released) until the batch completed, failed or ran
 past Mooncake's own timeout; `get_batch_transfer_status` blocks the same way, so there is no cheap poll
-of a batch: callers run transfers on their own threads (mooncake_sender.py). A zero-length transfer
+of a batch: callers run transfers on their own threads (mooncake/sender.py). A zero-length transfer
 with a TransferNotify delivers just the notification to the peer's `get_notifies`.
 """
 
