@@ -97,3 +97,14 @@ def test_chat_turns_carry_the_answers_as_assistant_messages(tmp_path: Path) -> N
     longest = max(server.chats, key=len)
     assert [m["role"] for m in longest] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert longest[2]["content"].startswith("w")
+
+
+def test_flags_of_the_other_mode_are_refused_not_ignored() -> None:
+    url = ["serve", "--base-url", "http://127.0.0.1:9"]
+    for extra, named in ((["--multi-turn", "--num-prompts", "5"], "--num-prompts"),
+                         (["--multi-turn", "--request-rate", "2"], "--request-rate"),
+                         (["--multi-turn", "--prompt-format", "words"], "--prompt-format words"),
+                         (["--num-turns", "3"], "--num-turns")):
+        result = CliRunner().invoke(bench_app, [*url, *extra])
+        assert result.exit_code == 1, (extra, result.output)
+        assert named in result.output and "--multi-turn" in result.output, result.output
