@@ -148,3 +148,10 @@ def test_the_ray_launcher_keeps_proxy_restart_off_and_backs_off(monkeypatch: pyt
             deployment.tick()
             assert deployment.proxy_record.due is not None and deployment.proxy.poll() is not None  # waits
         deployment.proxy.close_log()
+
+
+def test_ray_fields_without_the_ray_backend_are_refused_not_ignored() -> None:
+    result = check(["--model", "tiny", "--device", "cpu", "--ray-address", "10.0.0.5:6379"])
+    assert result.exit_code == 1 and "--backend ray" in result.output, result.output
+    assert "ray-address" in result.output or "ray_address" in result.output, result.output
+    assert check(["--model", "tiny", "--device", "cpu"]).exit_code == 0
