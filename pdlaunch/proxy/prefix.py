@@ -35,6 +35,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.kv_events import KvEventFeed
 
 ALPHA = 1.0  # weight of a queued prompt token against a matched one (module doc)
+_ID_BOUND = 1 << 63  # block hashes pack token ids as int64 (kvcache/prefix_cache.hash_block)
 
 
 @dataclass
@@ -73,7 +74,10 @@ class PrefixRouter:
         (else None: a list of prompts sent colocated as one request goes where the pool's policy says)."""
         if self.tokens is None or (not chat and _several_prompts(body.get("prompt"))):
             return None
-        return PromptBlocks(await self.tokens.ids(body, chat))
+        ids = await self.tokens.ids(body, chat)
+        if not all(0 <= t < _ID_BOUND for t in ids):  # no model's ids (the instance answers the 400): unhashable
+            return None
+        return PromptBlocks(ids)
 
     def matched_tokens(self, instance: Instance, prompt: PromptBlocks | None) -> int:
         cached = self.feed.usable(instance) if self.feed is not None and prompt is not None else None
