@@ -124,7 +124,7 @@ class _Conversation:
 
 
 async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[str, float | None]:
-    """The deployment's COUNTERS summed over every instance (None: not exported, or no /metrics)."""
+    """The deployment's COUNTERS summed over every instance (None: not exported, or no Prometheus /metrics)."""
     out: dict[str, float | None] = dict.fromkeys(COUNTERS)
     try:
         response = await client.get(cfg.base_url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30.0)
@@ -132,11 +132,14 @@ async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[st
         return out
     if response.status_code != 200:
         return out
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            for key, name in COUNTERS.items():
-                if sample.name == name:
-                    out[key] = (out[key] or 0.0) + sample.value
+    try:
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                for key, name in COUNTERS.items():
+                    if sample.name == name:
+                        out[key] = (out[key] or 0.0) + sample.value
+    except ValueError:  # not Prometheus text (a gateway's page): nothing exported
+        return dict.fromkeys(COUNTERS)
     return out
 
 

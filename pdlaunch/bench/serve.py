@@ -82,6 +82,14 @@ class ServeBenchConfig(BaseModel):
         parse_goodput(self.goodput)
         if self.is_chat and self.prompt_format == "ids":
             raise ValueError("token-id prompts need a completions endpoint; use --prompt-format words for chat")
+        # Flags of one mode that the other does not read: refused rather than ignored.
+        other_mode = _INDEPENDENT_ONLY if self.multi_turn else _MULTI_TURN_ONLY
+        defaults = type(self).model_fields
+        ignored = [flag for name, flag in other_mode.items() if getattr(self, name) != defaults[name].default]
+        if self.multi_turn and not self.is_chat and self.prompt_format == "words":
+            ignored.append("--prompt-format words (multi-turn completions resend the server's token ids)")
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not used {'with' if self.multi_turn else 'without'} --multi-turn")
         return self
 
     @property
@@ -100,6 +108,14 @@ class ServeBenchConfig(BaseModel):
     def models_url(self) -> str:
         base = self.base_url.rstrip("/")
         return base + ("/models" if base.endswith("/v1") else "/v1/models")
+
+
+# Flags only one mode reads (field -> flag): `--multi-turn` runs conversations, not independent prompts.
+_INDEPENDENT_ONLY = {"num_prompts": "--num-prompts", "random_range_ratio": "--random-range-ratio",
+                     "request_rate": "--request-rate", "burstiness": "--burstiness",
+                     "max_concurrency": "--max-concurrency", "num_warmups": "--num-warmups", "plot_dir": "--plot"}
+_MULTI_TURN_ONLY = {"num_conversations": "--num-conversations", "num_turns": "--num-turns",
+                    "system_prompt_len": "--system-prompt-len"}
 
 
 OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)

@@ -137,6 +137,7 @@ class _PromptRequest:
     def release_held(self) -> None:
         if self.held is not None:
             self.call.state.proxy.kv.release_soon(*self.held)
+            self.held = None  # once: a migration and the request's end may both ask
 
     async def serve(self) -> Response:
         state = self.call.state
@@ -245,7 +246,7 @@ class _PromptRequest:
             self.outcome = "streaming"
             return self._relayed(upstream, events)
         decode, answer = await call.watch.run(state.migrations.answer(
-            target, call.path, leg, body, self.headers, call.deadline, self.request_id))
+            target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.release_held))
         self.legs.append(decode.name)
         self.outcome = "ok"
         if self.prefill_answer is not None and body.get("prompt_logprobs") is not None:

@@ -182,10 +182,12 @@ class Migrations:
         return OpenAIError(502, f"request {request_id}: its decode failed after {self.limit} migrations "
                                 "(proxy.migration_limit); no other decode could finish it", code=LIMIT_CODE)
 
-    async def answer(self, target: Instance, path: str, leg: JsonObject, body: Body,
-                     headers: dict[str, str], deadline: float, request_id: str) -> tuple[Instance, JsonObject]:
+    async def answer(self, target: Instance, path: str, leg: JsonObject, body: Body, headers: dict[str, str],
+                     deadline: float, request_id: str,
+                     on_migrate: Callable[[], None] = lambda: None) -> tuple[Instance, JsonObject]:
         """A whole (not streamed) answer; a decode that dies or stalls before answering is replaced by
-        another that computes the prompt itself, at most `limit` times."""
+        another that computes the prompt itself (`on_migrate()` first: the prefill's held KV goes back),
+        at most `limit` times."""
         pool, migrations = self.proxy.pool, 0
         while True:
             try:
@@ -204,6 +206,7 @@ class Migrations:
                 raise self._exhausted(request_id)
             migrations += 1
             self.on_migrate(reason)
+            on_migrate()
             target = self._another(failed)
             leg = {k: v for k, v in body.items() if k != "kv_transfer_params"}
             log.info("request %s: %s %s mid-request; sent again to %s (migration %d of %d)", request_id,

@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pydantic import JsonValue
+
 from pdlaunch.kvcache.events import matched_blocks, prompt_block_hashes
 from pdlaunch.proxy.bodies import Body
 from pdlaunch.proxy.disaggregate import PromptTokens
@@ -33,6 +35,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.kv_events import KvEventFeed
 
 ALPHA = 1.0  # weight of a queued prompt token against a matched one (module doc)
+_ID_BOUND = 1 << 63  # block hashes pack token ids as int64 (kvcache/prefix_cache.hash_block)
 
 
 @dataclass
@@ -67,8 +70,14 @@ class PrefixRouter:
         self.queued: dict[str, int] = {}  # instance name -> uncached prompt tokens of its legs in flight here
 
     async def prompt(self, body: Body, chat: bool) -> PromptBlocks | None:
-        """The request's prompt as token ids, when there is a tokenizer to count them (else None)."""
-        return PromptBlocks(await self.tokens.ids(body, chat)) if self.tokens is not None else None
+        """The request's prompt as token ids, when there is a tokenizer to count them and one prompt to count
+        (else None: a list of prompts sent colocated as one request goes where the pool's policy says)."""
+        if self.tokens is None or (not chat and _several_prompts(body.get("prompt"))):
+            return None
+        ids = await self.tokens.ids(body, chat)
+        if not all(0 <= t < _ID_BOUND for t in ids):  # no model's ids (the instance answers the 400): unhashable
+            return None
+        return PromptBlocks(ids)
 
     def matched_tokens(self, instance: Instance, prompt: PromptBlocks | None) -> int:
         cached = self.feed.usable(instance) if self.feed is not None and prompt is not None else None
@@ -103,3 +112,9 @@ class PrefixRouter:
                 self.queued[instance.name] -= tokens
 
         return release
+
+
+def _several_prompts(prompt: JsonValue | None) -> bool:
+    """A /v1/completions `prompt` that is a list of prompts (strings or token id lists), not one prompt."""
+    return isinstance(prompt, list) and len(prompt) != 1 and \
+        not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)

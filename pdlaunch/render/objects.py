@@ -251,7 +251,12 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
                       options: RenderOptions) -> Deployment:
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), "--routing-policy", cfg.proxy.routing_policy,
             "--request-timeout", str(cfg.proxy.request_timeout_seconds),
-            "--max-request-bytes", str(cfg.security.max_request_bytes)]
+            "--max-request-bytes", str(cfg.security.max_request_bytes),
+            "--health-timeout", str(cfg.proxy.health_timeout_seconds),
+            "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
+            "--migration-limit", str(cfg.proxy.migration_limit)]
+    if cfg.proxy.prefill_timeout_seconds is not None:
+        args += ["--prefill-timeout", str(cfg.proxy.prefill_timeout_seconds)]
     if cfg.proxy.disaggregate_min_tokens is not None:
         args += ["--disaggregate-min-tokens", str(cfg.proxy.disaggregate_min_tokens)]
     if cfg.proxy.disaggregate_min_tokens is not None or cfg.proxy.routing_policy == "prefix":

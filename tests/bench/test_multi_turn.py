@@ -97,3 +97,27 @@ def test_chat_turns_carry_the_answers_as_assistant_messages(tmp_path: Path) -> N
     longest = max(server.chats, key=len)
     assert [m["role"] for m in longest] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert longest[2]["content"].startswith("w")
+
+
+def test_flags_of_the_other_mode_are_refused_not_ignored() -> None:
+    url = ["serve", "--base-url", "http://127.0.0.1:9"]
+    for extra, named in ((["--multi-turn", "--num-prompts", "5"], "--num-prompts"),
+                         (["--multi-turn", "--request-rate", "2"], "--request-rate"),
+                         (["--multi-turn", "--prompt-format", "words"], "--prompt-format words"),
+                         (["--num-turns", "3"], "--num-turns")):
+        result = CliRunner().invoke(bench_app, [*url, *extra])
+        assert result.exit_code == 1, (extra, result.output)
+        assert named in result.output and "--multi-turn" in result.output, result.output
+
+
+def test_a_metrics_page_that_is_not_prometheus_text_reports_nothing_exported(tmp_path: Path) -> None:
+    server = _Server()
+
+    async def html() -> PlainTextResponse:
+        return PlainTextResponse("<html><body>dashboard</body></html>\n")
+
+    server.app.router.routes = [r for r in server.app.router.routes if getattr(r, "path", "") != "/metrics"]
+    server.app.get("/metrics")(html)
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        summary = _run(fake.url, tmp_path)
+    assert summary["prompt_tokens_computed_per_request"] is None and summary["kv_bytes_moved_per_request"] is None

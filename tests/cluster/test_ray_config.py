@@ -4,11 +4,14 @@ ray or without a cluster. Fast: no cluster here (tests/cluster/test_ray.py runs 
 
 from __future__ import annotations
 
+import io
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.ray_cluster import (
@@ -23,6 +26,7 @@ from pdlaunch.config.ray_cluster import (
 )
 from pdlaunch.errors import PdlaunchError
 from tests.config.cli_helpers import check
+from tests.serving.helpers import wait_for
 
 HEAD = RayNode("h", "10.0.0.1", {"CPU": 2.0, "pd_prefill": 1.0})
 WORKER = RayNode("w1", "10.0.0.2", {"CPU": 2.0, "pd_decode": 1.0})
@@ -116,3 +120,38 @@ def test_without_ray_installed_check_config_names_the_extra(monkeypatch: pytest.
     assert "pip install 'pdlaunch[ray]'" in (caught.value.hint or "")
     result = check(["--model", "tiny", "--device", "cpu", "--backend", "ray"])
     assert result.exit_code == 1 and "pip install 'pdlaunch[ray]'" in result.output, result.output
+
+
+def test_the_ray_launcher_keeps_proxy_restart_off_and_backs_off(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    """The Ray launcher restarts an exited proxy as the local supervisor does: not at all with
+    proxy.restart false, else after the backoff (not on every tick)."""
+    import types
+
+    from pdlaunch.launcher.backends import ray as backend
+    from pdlaunch.launcher.process import ChildProcess
+
+    monkeypatch.setattr(backend, "connect", lambda cfg: types.ModuleType("ray"))
+    monkeypatch.setattr(backend, "live_nodes", lambda ray: [HEAD, WORKER, WORKER2])
+    for restart in (False, True):
+        cfg = ray_cfg().model_copy(update={"log_dir": str(tmp_path / str(restart))})
+        cfg.proxy.restart = restart
+        deployment = backend.RayDeployment(cfg, Console(file=io.StringIO()))
+        deployment.proxy = ChildProcess("proxy", [sys.executable, "-c", "raise SystemExit(3)"],
+                                        tmp_path / f"proxy-{restart}.log")
+        deployment.proxy.start()
+        wait_for(lambda: deployment.proxy is not None and deployment.proxy.poll() is not None, "the proxy to exit")
+        if not restart:
+            with pytest.raises(backend.RayDeploymentFailed, match=r"proxy\.restart: false"):
+                deployment.tick()
+        else:
+            deployment.tick()
+            assert deployment.proxy_record.due is not None and deployment.proxy.poll() is not None  # waits
+        deployment.proxy.close_log()
+
+
+def test_ray_fields_without_the_ray_backend_are_refused_not_ignored() -> None:
+    result = check(["--model", "tiny", "--device", "cpu", "--ray-address", "10.0.0.5:6379"])
+    assert result.exit_code == 1 and "--backend ray" in result.output, result.output
+    assert "ray-address" in result.output or "ray_address" in result.output, result.output
+    assert check(["--model", "tiny", "--device", "cpu"]).exit_code == 0

@@ -153,3 +153,24 @@ def test_errors_are_one_line_each(tmp_path: Path) -> None:
     result = runner.invoke(app, ["render", "kubernetes", "--model", "tiny", "--prefill", "0", "--out",
                                  str(tmp_path), "--image", "x"])
     assert result.exit_code == 1 and "no prefill instance" in result.output
+
+
+def test_the_rendered_proxy_gets_the_proxy_settings_the_local_launcher_passes(tmp_path: Path) -> None:
+    from pdlaunch.launcher.deployment import proxy_argv
+    from pdlaunch.proxy.__main__ import parse_args
+
+    example = next(p for p in EXAMPLES if p.name == "gpu-2p1d-tp2-decode.yaml")
+    raw = yaml.safe_load(example.read_text())
+    raw["proxy"].update({"health_timeout_seconds": 7.5, "prefill_timeout_seconds": 12.0, "migration_limit": 3})
+    raw["kv_transfer"]["load_failure_policy"] = "fail"
+    config = tmp_path / "deployment.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proxy = container(by_kind(render(tmp_path, str(config)), "Deployment")[0]["spec"]["template"])
+    rendered = vars(parse_args(proxy["args"]))
+    local = vars(parse_args(proxy_argv(DeploymentConfig.model_validate(raw), "127.0.0.1", 8000, 5.0, [])[3:]
+                            + ["--colocated", "http://x:1"]))
+    for key in ("health_timeout", "prefill_timeout", "load_failure_policy", "migration_limit", "request_timeout",
+                "routing_policy", "max_request_bytes", "disaggregate_min_tokens"):
+        assert rendered[key] == local[key], key
+    assert (rendered["health_timeout"], rendered["prefill_timeout"], rendered["migration_limit"],
+            rendered["load_failure_policy"]) == (7.5, 12.0, 3, "fail")

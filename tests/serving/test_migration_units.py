@@ -176,3 +176,54 @@ def test_after_migration_limit_moves_the_stream_ends_with_a_migration_limit_even
     assert [(b["prompt"], b["max_tokens"]) for b in bodies[1:]] == [([1, 2, 7], 9), ([1, 2, 7, 8], 8)]
     assert 'pdlaunch_proxy_migrations_total{reason="died"} 2.0' in metrics
     assert "pdlaunch_proxy_migrations_exhausted_total 1.0" in metrics
+
+
+class _StallingDecode:
+    """Takes a whole (not streamed) decode leg and never answers it; its /health stops answering too."""
+
+    def __init__(self) -> None:
+        self.stalled = asyncio.Event()
+        self.app = FastAPI()
+        self.app.get("/health")(self.health)
+        self.app.post("/v1/completions")(self.completions)
+
+    async def health(self) -> Any:
+        if self.stalled.is_set():
+            await asyncio.sleep(30)
+        return {"status": "ok"}
+
+    async def completions(self, request: Request) -> Any:
+        self.stalled.set()
+        await asyncio.sleep(30)
+        return {}
+
+
+class _AnsweringDecode:
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        self.bodies.append(await request.json())
+        return {"id": "cmpl-a", "choices": [{"index": 0, "text": "done", "finish_reason": "length"}]}
+
+
+def test_a_whole_answer_migrated_off_a_stalled_decode_releases_the_prefills_held_kv() -> None:
+    """The new decode computes the prompt itself (no kv_transfer_params): the KV the prefill holds for the
+    stalled decode is released at once, not left to its lease."""
+    ports, prefill, answering = PortAllocator("127.0.0.1"), Prefill(), _AnsweringDecode()
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, \
+            ThreadServer(_StallingDecode().app, ports.free("d0")) as d0, \
+            ThreadServer(answering.app, ports.free("d1")) as d1:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d0.url, "decode-0"),
+                             Instance("decode", d1.url, "decode-1")], health_timeout_s=0.5)
+        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=1)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see all three")
+            pool.policy.choose = lambda role, ready: ready[0]  # type: ignore[method-assign]  # decode-0 first
+            answer = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 4}, timeout=30)
+            assert answer.status_code == 200, answer.text
+            assert "kv_transfer_params" not in answering.bodies[-1]
+            wait_for(lambda: prefill.released == prefill.legs, "the prefill's held KV to be released", 10.0)

@@ -258,3 +258,24 @@ def test_a_rendered_proxy_gets_the_tokenizer_for_prefix_routing(tmp_path: Path) 
     args = proxy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--routing-policy") + 1] == "prefix" and args[args.index("--tokenizer") + 1] == "tiny"
     assert parse_args(args).tokenizer == resolve_model_path("tiny")  # the proxy resolves it as --model
+
+
+def test_prompts_the_prefix_policy_cannot_hash_go_to_an_instance_whole() -> None:
+    """Colocated, a list of prompts is one request to one instance (only PD splits it): the prefix policy
+    has no single prompt to hash there and leaves the choice to the pool, rather than answering a 400;
+    token ids past int64 (no model's) are the instance's to refuse, not a 500 of the proxy's hashing."""
+    fake = FakeInstance("colocated", "colocated-0", [[_snapshot("colocated-0", []), HOLD]])
+    ports = PortAllocator("127.0.0.1")
+    try:
+        with ThreadServer(fake.app, ports.free("colocated-0")) as server:
+            app = build_proxy_app(InstancePool([Instance("colocated", server.url, "colocated-0")], "prefix"), 10.0,
+                                  deployment_secret=SECRET, tokenizer_dir=resolve_model_path("tiny"))
+            with ThreadServer(app, ports.free("proxy")) as proxy:
+                # a list of prompts; token ids no model has (the instance judges them: no 500 at the proxy)
+                for prompt in (["hello", "world"], [[1, 2, 3], [4, 5]], [2**70] * 8):
+                    answer = httpx.post(f"{proxy.url}/v1/completions", timeout=30,
+                                        json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+                    assert answer.status_code == 200, answer.text
+                    assert fake.requests[-1]["prompt"] == prompt
+    finally:
+        fake.stop.set()

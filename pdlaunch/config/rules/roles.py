@@ -6,7 +6,7 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, group_expert_parallel
+from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, LauncherConfig, group_expert_parallel
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -49,6 +49,18 @@ def stall_timeout_problems(cfg: DeploymentConfig) -> list[Problem]:
             problems.append(problem(f"proxy.{name}", f"{value:g}s is not below proxy.request_timeout_seconds "
                                     f"({limit:g}s)", f"use a value below {limit:g}"))
     return problems
+
+
+def ray_field_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """launcher.ray_* mean something only with --backend ray: set under another backend, refused (a forgotten
+    --backend ray would otherwise start everything on this machine)."""
+    if cfg.launcher.backend == "ray":
+        return []
+    defaults = LauncherConfig()
+    return [problem(f"launcher.{name}", f"is only read by --backend ray (the backend is {cfg.launcher.backend})",
+                    "add --backend ray (launcher.backend: ray), or remove it")
+            for name in ("ray_address", "ray_resources", "ray_placement_timeout_seconds")
+            if getattr(cfg.launcher, name) != getattr(defaults, name)]
 
 
 def node_problems(cfg: DeploymentConfig) -> list[Problem]:

@@ -119,6 +119,7 @@ class RayDeployment:
         self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
         self.proxy: ChildProcess | None = None
         self.proxy_urls: dict[str, str] = {}  # instance name -> URL the running proxy knows it at
+        self.proxy_record = ProcessRecord("proxy", "proxy", "proxy.restart", cfg.proxy.restart)
         self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
         self._lock = LogDirLock(self.log_dir)
         self._stopped = False
@@ -344,10 +345,26 @@ class RayDeployment:
                 self._restart_when_due(run, now)
             elif run.state == "placing" and self._placed(run):
                 self.launch(run)
-        if self.proxy is not None and self.proxy.poll() is not None:
-            self.say(f"the proxy {self.proxy.describe_exit()}; restarting it (log {self.proxy.log_path})")
-            self.start_proxy(note=f"restart of the proxy ({self.proxy.describe_exit()})")
+        self._check_proxy(now)
         self._check_roles(now)
+
+    def _check_proxy(self, now: float) -> None:
+        """A proxy that exited is restarted as the local supervisor does: proxy.restart, the backoff and
+        supervision.max_restarts (restarts in a row that never answered) apply."""
+        proxy, record = self.proxy, self.proxy_record
+        if proxy is None:
+            return
+        if record.due is None and proxy.poll() is not None:
+            decision = on_exit(record, proxy.describe_exit(), now, self.policy)
+            if isinstance(decision, GiveUp):
+                raise RayDeploymentFailed(f"{decision.reason} (log: {proxy.log_path})")
+            self.say(f"the proxy {record.last_exit}; restarting it in {decision.delay:.1f}s (log {proxy.log_path})")
+        elif record.due is not None and now >= record.due:
+            record.due, record.started = None, now
+            record.restarts += 1
+            self.start_proxy(note=f"restart {record.restarts} of the proxy ({record.last_exit})")
+        elif record.due is None and not record.ready and self._proxy_answers():
+            record.ready = True
 
     def _restart_when_due(self, run: RayRun, now: float) -> None:
         record = run.record
