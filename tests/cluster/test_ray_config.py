@@ -155,3 +155,29 @@ def test_ray_fields_without_the_ray_backend_are_refused_not_ignored() -> None:
     assert result.exit_code == 1 and "--backend ray" in result.output, result.output
     assert "ray-address" in result.output or "ray_address" in result.output, result.output
     assert check(["--model", "tiny", "--device", "cpu"]).exit_code == 0
+
+
+def test_a_cluster_that_fails_after_the_connect_is_an_error_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ray.nodes()` raising (the GCS went away after `ray.init`) ends serve with our error naming
+    launcher.ray_address, and the driver is disconnected."""
+    ray = pytest.importorskip("ray", reason="pip install 'pdlaunch[ray]'")
+    from pdlaunch.launcher.backends import ray as backend
+
+    calls: list[str] = []
+
+    class FailingRay:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def nodes() -> list[object]:
+            raise ray.exceptions.RaySystemError("GCS unavailable")
+
+        @staticmethod
+        def shutdown() -> None:
+            calls.append("shutdown")
+
+    monkeypatch.setattr(backend, "connect", lambda cfg: FailingRay)
+    with pytest.raises(backend.RayDeploymentFailed) as info:
+        backend.RayDeployment(ray_cfg(), Console(file=io.StringIO()))
+    assert info.value.field == "launcher.ray_address" and "GCS unavailable" in info.value.message
+    assert calls == ["shutdown"]

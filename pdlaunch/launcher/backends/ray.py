@@ -114,7 +114,12 @@ class RayDeployment:
         self.policy = RestartPolicy.from_config(cfg.supervision)
         self.role_watch = RoleWatch(self.policy.grace_s)
         self.token = cfg.kv_transfer.engine_id[:8]  # names this deployment's actors and placement groups
-        nodes = live_nodes(self.ray)
+        try:
+            nodes = live_nodes(self.ray)
+        except self.ray.exceptions.RayError as exc:  # the cluster answered the connect, then failed us
+            self.ray.shutdown()
+            raise RayDeploymentFailed(f"could not list the Ray cluster's nodes: {exc}", field="launcher.ray_address",
+                                      hint="check the cluster with `ray status`, then serve again") from None
         groups = iter(g for g, group in enumerate(cfg.instances) for _ in range(group.count))
         self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
         self.proxy: ChildProcess | None = None
