@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pydantic import JsonValue
 
 from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
@@ -98,7 +100,7 @@ class OutputProcessor:
 
     def output(self, request_id: str, new_token_ids: list[int], new_text: str,
                new_logprobs: list[TokenLogprob] | None = None,
-               kv_transfer_params: dict[str, Any] | None = None) -> RequestOutput:
+               kv_transfer_params: dict[str, JsonValue] | None = None) -> RequestOutput:
         """The RequestOutput of a tracked request; a finished request stops being tracked."""
         tracked = self.tracked[request_id]
         r = tracked.request

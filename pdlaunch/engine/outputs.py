@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
 from pdlaunch.engine.structured_output import StructuredOutput
 
@@ -126,7 +126,7 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not KV loaded from a prefill)
     scheduled_at: float | None = None  # time.monotonic() when the request was first admitted
-    kv_transfer_params: dict[str, Any] | None = None  # prefill side: what decode needs
+    kv_transfer_params: dict[str, JsonValue] | None = None  # prefill side: what decode needs
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first output, when asked (None first)
 
 

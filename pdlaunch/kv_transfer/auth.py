@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from pydantic import JsonValue
+
 from pdlaunch.errors import KVTransferError
 
 PARAMS_PURPOSE = "pdlaunch kv_transfer_params v1"
@@ -48,7 +50,7 @@ def mac_ok(key: bytes, data: bytes, tag: bytes) -> bool:
     return hmac.compare_digest(mac(key, data), tag)
 
 
-JSONObject = dict[str, object]  # a JSON object as json.loads gives it (params, side-channel bodies)
+JSONObject = dict[str, JsonValue]  # a JSON object as json.loads gives it (params, side-channel bodies)
 
 
 def canonical(obj: object) -> bytes:

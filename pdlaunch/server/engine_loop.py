@@ -15,11 +15,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.kv_transfer.params import KVTransferParams
 
@@ -144,7 +145,7 @@ class EngineLoop:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
-        kv_transfer_params: dict[str, Any] | None = None,
+        kv_transfer_params: JsonObject | None = None,
     ) -> RequestStream:
         """Queue a request; outputs arrive on the returned stream's queue (first item: Accepted or error)."""
         engine = self.require_ready()

@@ -7,7 +7,7 @@ honour fail with a 400 naming the parameter instead of being silently dropped
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -74,7 +74,7 @@ class _SamplingFields(BaseModel):
     guided_grammar: JsonValue = Field(None, description="a grammar the output follows")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: JsonObject | None = None
     prompt_logprobs: int | None = None  # engine/prompt_logprobs.py; completions' echo + logprobs asks too
     return_token_ids: bool = False  # vLLM's extension: choices carry the generated token ids
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.http import JsonObject, JsonValue
@@ -33,7 +32,7 @@ class ResponseBuilder:
     output_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     finish_reason: str | None = None
-    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_params: JsonObject | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # vLLM's prompt_logprobs (first entry None)
     echo_logprobs: bool = False  # `logprobs` starts with the echoed prompt: its first token has none
