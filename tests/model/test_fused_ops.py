@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_ops
+from pdlaunch.model.arch import RopeScaling
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import (
@@ -41,8 +42,8 @@ REFERENCES = ["rms_norm_torch", "fused_add_rms_norm_torch", "apply_rotary_torch"
               "write_kv_torch"]
 # Set when this process started as the interpreter child (before torch or triton were imported).
 INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
+LLAMA3_SCALING = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=8192)
 
 
 def _interpreter_rounds_bf16_to_nearest_even(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -342,7 +343,7 @@ def test_rms_norm_reference_is_the_model_rmsnorm(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
-def test_rotary_reference_is_the_model_rotary_embedding(dtype: torch.dtype, scaling: dict | None) -> None:
+def test_rotary_reference_is_the_model_rotary_embedding(dtype: torch.dtype, scaling: RopeScaling | None) -> None:
     torch.manual_seed(0)
     rope = RotaryEmbedding(128, 500000.0, scaling, 131072)
     positions = torch.tensor([0, 3, 900, 70000])
