@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import ConnectorProcess
 
@@ -46,13 +47,14 @@ def ranks() -> Iterator[tuple[list[ConnectorProcess], ConnectorProcess]]:
             p.close()
 
 
-def _params(prefill: list[ConnectorProcess], rid: str) -> dict:
-    answers = [p.call("request_finished", rid, PROMPT, {"do_remote_decode": True}, P_IDS) for p in prefill]
-    params = dict(answers[0][1])
-    params["remote_ports"] = [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill]
-    params["rank_kv_checksums"] = [a[1]["kv_checksum"] for a in answers]
-    del params["kv_checksum"]
-    return params
+def _params(prefill: list[ConnectorProcess], rid: str) -> PrefillAnswer:
+    """Every prefill rank holds the request; the params as TPConnector merges them (ports, checksums)."""
+    answers = [p.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
+               for p in prefill]
+    first: PrefillAnswer = answers[0][1]
+    return first.model_copy(update={
+        "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
+        "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
 
 
 def _load(prefill: list[ConnectorProcess], decode: ConnectorProcess, rid: str, ids: list[list[int]],
