@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tests.cluster.slurm_cluster import _free_port
+from tests.helpers.pids import pid_alive, signal_pid
 
 WORKERS = {"127.0.0.2": "pd_decode", "127.0.0.3": "pd_decode"}
 HEAD_RESOURCE = "pd_prefill"
@@ -124,13 +125,13 @@ class RayCluster:
     def kill_node(self, address: str) -> None:
         """SIGKILL the raylet on `address` and every process under it (its workers: the actors there)."""
         for pid in self._tree({self.raylet_of(address)}):
-            _kill(pid, signal.SIGKILL)
+            signal_pid(pid, signal.SIGKILL)
 
     def kill_processes(self, marker: str) -> int:
         """SIGKILL every process whose command line contains `marker` (an actor: "ray::RayRank"); how many."""
         pids = [pid for pid, (_, args) in self._processes().items() if marker in args]
         for pid in pids:
-            _kill(pid, signal.SIGKILL)
+            signal_pid(pid, signal.SIGKILL)
         return len(pids)
 
     def processes(self, marker: str) -> list[str]:
@@ -142,25 +143,10 @@ class RayCluster:
         mine = {pid for pid, (_, args) in self._processes().items() if str(self.root) in args and pid != os.getpid()}
         tree = self._tree(mine)
         for pid in tree:
-            _kill(pid, signal.SIGTERM)
+            signal_pid(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in tree):
             time.sleep(0.2)
         for pid in tree:
-            _kill(pid, signal.SIGKILL)
+            signal_pid(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True

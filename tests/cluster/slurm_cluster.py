@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers.pids import pid_alive, signal_pid
+
 NODES = {"pdn1": "127.0.0.1", "pdn2": "127.0.0.2"}
 START_TIMEOUT_S = 90.0
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "srun")
@@ -127,24 +129,9 @@ PartitionName=pd Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP O
             except (OSError, ValueError):
                 continue
         for pid in pids:
-            _signal(pid, signal.SIGTERM)
+            signal_pid(pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in pids:
-            _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+            signal_pid(pid, signal.SIGKILL)
