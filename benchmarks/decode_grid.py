@@ -74,7 +74,8 @@ class KernelBench:
         dev = self.cache.device
         per_seq = -(-context // self.block_size)
         blocks = torch.randperm(self.cache.shape[0], device=dev)[:batch * per_seq].view(batch, per_seq)
-        q = torch.randn(batch, self.num_heads, self.head_dim, device=dev, dtype=self.cache.dtype)
+        q_dtype = torch.bfloat16 if self.cache.element_size() == 1 else self.cache.dtype  # fp8 cache: bf16 queries
+        q = torch.randn(batch, self.num_heads, self.head_dim, device=dev, dtype=q_dtype)
         lens = torch.full((batch,), context, dtype=torch.long, device=dev)
         return q, torch.arange(batch, device=dev), blocks, lens
 
@@ -146,11 +147,13 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     config = build_config(args.checkpoint, "cuda", "bfloat16", {
         "max_num_seqs": max(b for b, _ in grid), "max_num_batched_tokens": 8192, "enable_prefix_caching": False,
         "max_model_len": max(c for _, c in grid) + args.steps + 64,
-        "gpu_memory_utilization": args.gpu_memory_utilization, "async_scheduling": args.async_scheduling})
+        "gpu_memory_utilization": args.gpu_memory_utilization, "async_scheduling": args.async_scheduling,
+        "kv_cache_dtype": args.kv_cache_dtype})
     engine = LLMEngine(config, connector=ReadyKVConnector())
     try:
-        for cache in engine.runner.kv_caches:
-            cache.normal_()  # never time reads of zeros
+        for cache in engine.runner.kv_caches:  # never time reads of zeros
+            for rows in cache.split(256):  # fp8 has no normal_(): draw in bf16 and cast, a slice at a time
+                rows.copy_(torch.randn(rows.shape, device=rows.device, dtype=torch.bfloat16).clamp_(-4, 4))
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         arch = engine.checkpoint.arch
         element_size = engine.runner.kv_caches[0].element_size()
@@ -219,10 +222,12 @@ def main() -> None:
     parser.add_argument("--cells", nargs="*", default=[], help="more cells, e.g. 48x3072 1x8000")
     parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
                         help="one step at a time (the engine's async scheduling off)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: the e4m3 cache (its bytes per token enter the floor at 1 byte per value)")
     parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
     args = parser.parse_args()
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "async_scheduling": args.async_scheduling}
+                           "async_scheduling": args.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

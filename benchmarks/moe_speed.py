@@ -43,7 +43,7 @@ from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
 from pdlaunch.model.loader import Checkpoint, _materialize, meta_model  # noqa: E402
-from pdlaunch.model.moe.router import route  # noqa: E402
+from pdlaunch.model.moe.block import route  # noqa: E402
 
 WARMUP_STEPS = 4
 rng = random.Random(0)
