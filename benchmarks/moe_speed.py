@@ -2,7 +2,7 @@
 8k-token prefill against the bf16 matmul rate on the FLOPs of the active experts (issue 26).
 
     python benchmarks/moe_speed.py [--batch 1 16 64 256] [--context 1024] [--prefill 8192]
-        [--num-layers 48] [--json OUT]
+        [--num-layers 48] [--fp8-experts] [--json OUT]
 
 The weights are drawn on the GPU in place of a load (a 61 GB checkpoint would not fit the disk of a
 benchmark host), through the same model, weight layout and engine as `pdlaunch serve` (bf16, CUDA
@@ -42,10 +42,11 @@ from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
-from pdlaunch.model.loader import Checkpoint, _materialize, meta_model  # noqa: E402
+from pdlaunch.model.loader import Checkpoint, _materialize, fp8_experts, meta_model  # noqa: E402
 from pdlaunch.model.moe.block import route  # noqa: E402
 
 WARMUP_STEPS = 4
+FP8_EXPERTS = False  # --fp8-experts: the drawn experts become 128x128-block fp8 as an FP8 checkpoint's do
 rng = random.Random(0)
 
 
@@ -87,6 +88,8 @@ def random_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp_
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=gen)
+    if FP8_EXPERTS:
+        fp8_experts(model)
     return model.eval()
 
 
@@ -100,7 +103,7 @@ def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) ->
 
 
 def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: int, steps: int,
-                floor_fixed: int, expert_bytes: int, kv_per_token: int, bw: float, hidden: int) -> dict[str, Any]:
+                floor_fixed: int, expert_bytes: float, kv_per_token: int, bw: float, hidden: int) -> dict[str, Any]:
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
@@ -153,10 +156,14 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=8192)
     parser.add_argument("--num-layers", type=int, default=48)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
+    parser.add_argument("--fp8-experts", action="store_true",
+                        help="experts as 128x128-block fp8 (attention, router and lm_head stay bf16)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    global FP8_EXPERTS
+    FP8_EXPERTS = args.fp8_experts
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "num_layers": args.num_layers}
+                           "num_layers": args.num_layers, "fp8_experts": args.fp8_experts}
     doc.update(copy_bandwidth(2.0))
     doc.update(matmul_rate(8192))
     cfg = QWEN3_30B_A3B
@@ -180,7 +187,7 @@ def main() -> None:
         all_bytes = sum(p.numel() * p.element_size() for p in params.values())
         embed = params["model.embed_tokens.weight"]
         floor_fixed = all_bytes - expert_param_bytes - embed.numel() * embed.element_size()
-        expert_bytes = 3 * h * inter * 2
+        expert_bytes = expert_param_bytes / (args.num_layers * experts)  # one expert's bytes (fp8: + scales)
         arch = engine.checkpoint.arch
         kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2
         doc.update(weight_gb=all_bytes / 1e9, expert_gb=expert_param_bytes / 1e9, fixed_floor_gb=floor_fixed / 1e9,

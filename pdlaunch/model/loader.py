@@ -24,6 +24,7 @@ from pdlaunch.model.arch import ModelArch, load_arch
 from pdlaunch.model.demo import BUILT_IN_MODELS, resolve_model_path
 from pdlaunch.model.layers import ShardId, default_weight_loader
 from pdlaunch.model.llama import CausalLM
+from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.quant.config import QuantConfig, load_quant_config
 from pdlaunch.model.quant.experts import ExpertDequantizer
@@ -275,7 +276,16 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     missing = missing_tensors(params, seen, ckpt.arch)
     if missing is not None:
         raise missing
+    del params  # the stacked experts' old tensors must be freeable when they become fp8
     with torch.no_grad():
         finish_loading(model, dtype)
+        if ckpt.quant is not None and fp8_gemm_available(device):
+            fp8_experts(model)
     model.finish_kv_scales()
     return model
+
+
+def fp8_experts(model: nn.Module) -> int:
+    """Turn every MoE layer's experts into 128x128-block fp8 (FusedExperts.to_fp8_blocks), one layer at a
+    time; the number of layers converted (a layer whose widths are not multiples of 128 stays as it is)."""
+    return sum(module.to_fp8_blocks() for module in model.modules() if isinstance(module, FusedExperts))

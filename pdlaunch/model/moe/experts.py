@@ -6,6 +6,8 @@
 Tensor parallel (default): every rank holds every expert, rows [r*I/tp, (r+1)*I/tp) of gate and up
 and the same columns of down. Expert parallel: rank r holds experts [r*E/tp, (r+1)*E/tp) whole.
 Either way each rank returns a partial sum; the MoE block adds the ranks up with one all-reduce.
+FP8 checkpoints (or --quantization fp8) on a GPU with FP8 support: once loaded, `to_fp8_blocks` turns
+both into fp8 with 128x128 block scales (w13_scale, w2_scale), which fused_moe passes to the kernels.
 Each parameter has its own weight_loader, fed one checkpoint tensor per expert (shard ids from
 model/moe/names.py); an expert another rank holds is skipped.
 """
@@ -17,6 +19,8 @@ from torch import nn
 
 from pdlaunch.model.moe.fused import fused_moe
 from pdlaunch.model.moe.names import ExpertShard
+from pdlaunch.model.quant.config import BLOCK
+from pdlaunch.model.quant.fp8 import quantize_stacked_blocks
 
 
 def _per_rank(size: int, tp_size: int, what: str) -> int:
@@ -42,6 +46,8 @@ class FusedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(self.num_local, hidden, self.inter_local), requires_grad=False)
         self.w13.weight_loader = self.w13_loader  # type: ignore[attr-defined]
         self.w2.weight_loader = self.w2_loader  # type: ignore[attr-defined]
+        self.w13_scale: nn.Parameter | None = None  # set by to_fp8_blocks
+        self.w2_scale: nn.Parameter | None = None
 
     def _local(self, expert: int) -> int | None:
         """The local index of global expert `expert`, None when another rank holds it."""
@@ -75,6 +81,23 @@ class FusedExperts(nn.Module):
             return
         param.data[local].copy_(loaded.narrow(1, self.inter_start, self.inter_local))
 
+    def to_fp8_blocks(self) -> bool:
+        """Hold w13 and w2 as fp8 with one scale per 128x128 block of each expert (half the bytes a decode
+        step reads; the Triton kernels scale each tile as they load it). False, and nothing changes, when
+        this rank's expert width or the hidden size is not a multiple of 128."""
+        if self.w13_scale is not None:
+            return True
+        if self.inter_local % BLOCK or self.hidden % BLOCK:
+            return False
+        w13, s13 = quantize_stacked_blocks(self.w13.data, BLOCK)
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        w2, s2 = quantize_stacked_blocks(self.w2.data, BLOCK)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+        self.w13_scale = nn.Parameter(s13, requires_grad=False)
+        self.w2_scale = nn.Parameter(s2, requires_grad=False)
+        return True
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], routing [T, k] -> this rank's partial sum [T, H] (not yet all-reduced)."""
-        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)
+        scales = None if self.w13_scale is None or self.w2_scale is None else (self.w13_scale, self.w2_scale)
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start, scales=scales)

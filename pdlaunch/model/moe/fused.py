@@ -20,11 +20,10 @@ steps capture into CUDA graphs, and combine the k results of each token with one
 the faster backend and the Triton tiles per token count (benchmarks/moe_kernels.py measures them);
 PDLAUNCH_MOE_BACKEND=reference|grouped_mm|triton forces one.
 
-The seam for quantised experts: `fused_moe` takes the stacked weights as they are stored, and only the
-GEMM backends read them (`_grouped_mm_moe` here, `triton_moe` in model/moe/triton_moe.py, whose kernels
-load one [block_n, block_k] tile of w13[e] / w2[e] at a time). Per-expert (or per-block) scales of w13
-and w2 would be one more argument of `fused_moe` passed to those two, applied to each tile or
-accumulator there; routing, the sort, the padding and the combine do not change.
+Quantised experts: `fused_moe` takes the stacked weights as they are stored. FP8 experts (128x128 block
+scales, `scales=`) run in the Triton backend, whose kernels load one fp8 [block_n, block_k] tile of
+w13[e] / w2[e] at a time and scale it into the activation dtype in registers (model/moe/triton_moe.py);
+routing, the sort, the padding and the combine do not change.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, sort_assignments
+from pdlaunch.model.quant.fp8 import dequantize_stacked_blocks
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -98,12 +98,20 @@ def backend(x: torch.Tensor, num_tokens: int) -> Backend:
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0, use: Backend | None = None,
-              tile: TileConfig | None = None) -> torch.Tensor:
+              tile: TileConfig | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] (float32), topk_ids [T, k]
     (global expert ids) -> this rank's sum over its experts of weight * down(silu(gate) * up): [T, H].
-    `use` / `tile` override the backend and the Triton tile (benchmarks, tests)."""
+    `use` / `tile` override the backend and the Triton tile (benchmarks, tests). `scales`: w13 and w2 are
+    fp8 with 128x128 block scales (FusedExperts.to_fp8_blocks); the Triton backend reads them as they are
+    (grouped_mm has no such path and gives way to it), the reference dequantizes first."""
     chosen = use or (tile.backend if tile is not None else backend(x, x.shape[0]))
+    if scales is not None and chosen == "grouped_mm":
+        chosen = "triton"
     if chosen == "reference":
+        if scales is not None:
+            w13 = dequantize_stacked_blocks(w13, scales[0]).to(x.dtype)
+            w2 = dequantize_stacked_blocks(w2, scales[1]).to(x.dtype)
         return moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
     local = topk_ids - expert_start
     num_local = w13.shape[0]
@@ -115,7 +123,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return _grouped_mm_moe(x, w13, w2, weights, local)
     from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
 
-    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0]))
+    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0]), scales)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

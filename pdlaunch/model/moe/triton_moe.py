@@ -8,6 +8,10 @@ expert per block; blocks of expert -1 are unused and the kernels skip them.
 - `moe_down_kernel`: per (block, column tile) that @ w2[e]^T, times each row's routing weight, written
   to the assignment's own row of [M, H] (token-major), so one sum over a [T, k, H] view combines.
 Rounding follows the eager reference: each GEMM result is rounded to the dtype before SiLU/the product.
+FP8 experts (W8A16): with block scales each kernel loads an fp8 weight tile (half the bytes) and turns it
+into the activation dtype in registers, value x its 128x128 block's scale, exactly the weight
+`dequantize_stacked_blocks(...).to(dtype)` gives, so the result equals the same kernel on the
+dequantized bf16 weights; the matmul itself runs in bf16 (decode is weight-read bound, which this halves).
 Kernels are built lazily per interpret mode (see model/fused_ops.py for why), so the CPU tests run
 them under TRITON_INTERPRET=1.
 """
@@ -22,6 +26,8 @@ import torch
 
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks
 
+SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
+
 
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool) -> SimpleNamespace:
@@ -29,10 +35,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def moe_up_kernel(x_ptr, w_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
-                      sx_t, sx_k, sw_e, sw_n, sw_k, so_m,
+    def moe_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
+                      sx_t, sx_k, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr):
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -55,6 +61,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             b_mask = k_ok[:, None] & n_ok[None, :]
             b_gate = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
             b_up = tl.load(w_base + (offs_n[None, :] + N) * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
+            if HAS_SCALE:  # fp8 weight tile -> the model dtype, one scale per (128 rows, 128 columns) block
+                s_base = s_ptr + e * ss_e + (k0 // SCALE_BLOCK) * ss_k
+                s_gate = tl.load(s_base + (offs_n // SCALE_BLOCK) * ss_n, mask=n_ok, other=0.0)
+                s_up = tl.load(s_base + ((offs_n + N) // SCALE_BLOCK) * ss_n, mask=n_ok, other=0.0)
+                b_gate = (b_gate.to(tl.float32) * s_gate[None, :]).to(dtype)
+                b_up = (b_up.to(tl.float32) * s_up[None, :]).to(dtype)
             acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         gate = acc_gate.to(dtype).to(tl.float32)
@@ -63,10 +75,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], (act * up).to(dtype), mask=n_ok[None, :])
 
     @triton.jit
-    def moe_down_kernel(a_ptr, w_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K, N,
-                        sa_m, sw_e, sw_n, sw_k, so_m,
+    def moe_down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K, N,
+                        sa_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr):
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -85,6 +97,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             a = tl.load(a_ptr + offs_m[:, None] * sa_m + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             b = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if HAS_SCALE:
+                s_w = tl.load(s_ptr + e * ss_e + (k0 // SCALE_BLOCK) * ss_k + (offs_n // SCALE_BLOCK) * ss_n,
+                              mask=n_ok, other=0.0)
+                b = (b.to(tl.float32) * s_w[None, :]).to(dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
         out = acc.to(dtype).to(tl.float32) * weight[:, None]
@@ -100,13 +116,19 @@ def _interpret() -> bool:
 
 
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
-               tile: TileConfig) -> torch.Tensor:
-    """fused_moe's Triton backend (weights float32 [T, k], zero for dropped assignments)."""
+               tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """fused_moe's Triton backend (weights float32 [T, k], zero for dropped assignments). `scales`: w13 and
+    w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128] (model/moe/experts.py)."""
     import triton
 
     if x.element_size() > 2:
         # Tile files are tuned for bf16; float32 operands take twice the shared memory per stage.
         tile = replace(tile, block_k=max(16, tile.block_k // 2))
+    if scales is not None and SCALE_BLOCK % tile.block_k:
+        tile = replace(tile, block_k=SCALE_BLOCK)  # a k tile must not straddle two scale blocks
+    s13, s2 = scales if scales is not None else (w13, w2)  # unread without scales (HAS_SCALE=False)
+    scale_strides13 = s13.stride() if scales is not None else (0, 0, 0)
+    scale_strides2 = s2.stride() if scales is not None else (0, 0, 0)
     num_tokens, top_k = local_ids.shape
     num_local, two_inter, hidden = w13.shape
     inter = two_inter // 2
@@ -116,15 +138,15 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
     k.up[(num_blocks, triton.cdiv(inter, tile.block_n))](
-        x, w13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
+        x, w13, s13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13, act.stride(0),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, num_warps=tile.num_warps, num_stages=tile.num_stages)
     out = torch.zeros(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
-        act, w2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter, hidden,
-        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), out.stride(0),
+        act, w2, s2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter, hidden,
+        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2, out.stride(0),
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, num_warps=tile.num_warps, num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     return out.view(num_tokens, top_k, hidden).sum(dim=1)

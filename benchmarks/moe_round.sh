@@ -1,0 +1,20 @@
+#!/bin/bash
+# Issues 26 and 27 on one GPU, in one call (each step bounded): the FP8 MoE GPU tests, then the
+# Qwen3-30B-A3B-shape decode grid and 8k prefill (benchmarks/moe_speed.py) with bf16 experts, then with
+# 128x128-block fp8 experts, in separate processes.
+# Usage: bash benchmarks/moe_round.sh OUT_DIR
+set -u
+out=${1:?OUT_DIR}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name --format=csv,noheader
+t0=$SECONDS
+step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.log, print its tail
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    echo "== $name rc $? at $((SECONDS - t0)) s"; tail -"${TAIL:-12}" "$out/$name.log"
+}
+TAIL=6 step gpu-tests 150 $py -m pytest -q -p no:cacheprovider tests/quant/test_fp8_moe_gpu.py \
+    "tests/model/test_moe_gpu.py::test_fused_moe_in_a_cuda_graph_equals_the_reference_loop"
+TAIL=7 step moe-bf16 200 $py benchmarks/moe_speed.py --json "$out/moe-bf16.json"
+TAIL=7 step moe-fp8 200 $py benchmarks/moe_speed.py --fp8-experts --json "$out/moe-fp8.json"

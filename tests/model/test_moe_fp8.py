@@ -1,0 +1,64 @@
+"""FP8 MoE experts held as 128x128-block fp8 (FusedExperts.to_fp8_blocks), on CPU: the stacked
+quantization equals the per-matrix one, the reference backend with scales equals the reference on the
+dequantized weights, and widths that are not multiples of 128 stay as they are."""
+
+from __future__ import annotations
+
+import torch
+
+from pdlaunch.model.moe.block import route
+from pdlaunch.model.moe.experts import FusedExperts
+from pdlaunch.model.moe.fused import fused_moe, moe_reference
+from pdlaunch.model.quant import fp8
+
+
+def _experts(num_experts: int, hidden: int, inter: int, seed: int = 0, **kw: object) -> FusedExperts:
+    gen = torch.Generator().manual_seed(seed)
+    experts = FusedExperts(num_experts, hidden, inter, **kw)  # type: ignore[arg-type]
+    with torch.no_grad():
+        experts.w13.copy_(0.05 * torch.randn(experts.w13.shape, generator=gen))
+        experts.w2.copy_(0.05 * torch.randn(experts.w2.shape, generator=gen))
+    return experts
+
+
+def test_stacked_block_quantization_equals_the_per_matrix_one() -> None:
+    w = 0.05 * torch.randn(3, 256, 384, generator=torch.Generator().manual_seed(1))
+    q, s = fp8.quantize_stacked_blocks(w)
+    assert q.dtype == fp8.FP8_DTYPE and s.shape == (3, 2, 3)
+    for e in range(3):
+        q_e, s_e = fp8.quantize_block(w[e])
+        assert torch.equal(q[e].view(torch.uint8), q_e.view(torch.uint8)) and torch.equal(s[e], s_e)
+        assert torch.equal(fp8.dequantize_stacked_blocks(q, s)[e], fp8.dequantize(q_e, s_e, 128))
+    rel = (fp8.dequantize_stacked_blocks(q, s) - w).norm() / w.norm()
+    assert 0 < rel < 0.05  # e4m3 rounding: a few percent, never exact on random weights
+
+
+def test_fp8_experts_forward_equals_the_reference_on_dequantized_weights() -> None:
+    experts = _experts(8, 256, 256)
+    original = experts.w13.detach().clone(), experts.w2.detach().clone()
+    assert experts.to_fp8_blocks() and experts.to_fp8_blocks()  # idempotent
+    assert experts.w13.dtype == fp8.FP8_DTYPE and experts.w2.dtype == fp8.FP8_DTYPE
+    assert experts.w13_scale is not None and experts.w2_scale is not None
+    assert tuple(experts.w13_scale.shape) == (8, 4, 2) and tuple(experts.w2_scale.shape) == (8, 2, 2)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 256, generator=gen)
+    weights, ids = route(torch.randn(9, 8, generator=gen), 2, True)
+    got = experts(x, weights, ids)
+    w13 = fp8.dequantize_stacked_blocks(experts.w13.data, experts.w13_scale.data)
+    w2 = fp8.dequantize_stacked_blocks(experts.w2.data, experts.w2_scale.data)
+    assert torch.equal(got, moe_reference(x, w13, w2, weights, ids))
+    unquantized = moe_reference(x, *original, weights, ids)
+    assert 0 < ((got - unquantized).norm() / unquantized.norm()).item() < 0.1
+    # fused_moe called directly with the scales takes the same path (the Triton one: tests/quant/test_fp8_moe_gpu.py)
+    assert torch.equal(fused_moe(x, experts.w13, experts.w2, weights, ids, use="reference",
+                                 scales=(experts.w13_scale, experts.w2_scale)), got)
+
+
+def test_tensor_parallel_shard_is_quantized_per_rank_and_misaligned_widths_stay() -> None:
+    rank1 = _experts(4, 256, 512, tp_rank=1, tp_size=2)
+    assert rank1.inter_local == 256 and rank1.to_fp8_blocks()
+    assert rank1.w13_scale is not None and tuple(rank1.w13_scale.shape) == (4, 4, 2)
+    narrow = _experts(4, 256, 192)  # 192 is not a multiple of 128: a block would straddle gate and up
+    before = narrow.w13.data.clone()
+    assert not narrow.to_fp8_blocks()
+    assert narrow.w13_scale is None and narrow.w13.dtype == torch.float32 and torch.equal(narrow.w13.data, before)
