@@ -1,6 +1,6 @@
 """One MoE layer of the Qwen3-30B-A3B shape: torch._grouped_mm against our Triton kernels, per token count.
 
-    python benchmarks/moe_kernels.py [--tokens 1 16 64 256 4096 8192 16384] [--json OUT] [--write-config]
+    python benchmarks/moe_kernels.py [--tokens 1 16 64 256 4096 8192 16384] [--json OUT] [--write-config] [--fp8]
 
 bf16, 128 experts, top-8, hidden 2048, expert width 768 (TP 1), a random router (tokens spread about
 evenly). For each token count: `fused_moe` end to end (sort, padding, both GEMMs, combine) with the
@@ -10,7 +10,8 @@ call replayed from a CUDA graph as the engine runs decode. Figures per size:
   = the floor; ratio = time / floor;
 - prefill sizes: active-expert FLOPs (2 * T * k * 3 * H * I) / time, against the bf16 matmul rate.
 `--write-config` writes the faster backend and the best tile per size to
-pdlaunch/model/moe/configs/<device>.json (fused_moe reads it on that device).
+pdlaunch/model/moe/configs/<device>.json (fused_moe reads it on that device); with `--fp8` the experts
+are 128x128-block fp8 (Triton only) and the file is <device>_fp8.json.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from limits import copy_bandwidth, matmul_rate, time_ms  # noqa: E402
 
 from pdlaunch.model.moe.block import route  # noqa: E402
 from pdlaunch.model.moe.fused import TileConfig, config_file, fused_moe, moe_reference  # noqa: E402
+from pdlaunch.model.quant import fp8  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
 SMALL = [TileConfig(0, "triton", 16, n, k, w, s) for n, k, w, s in
          [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5)]]
+SMALL_FP8 = [TileConfig(0, "triton", 16, n, k, w, s) for n, k, w, s in
+             [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 4, 4), (256, 128, 4, 3), (128, 128, 8, 4),
+              (64, 128, 4, 5), (32, 128, 4, 4), (64, 64, 4, 4)]]
 LARGE = [TileConfig(0, "triton", m, n, k, w, s) for m, n, k, w, s in
          [(32, 128, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
           (64, 64, 128, 4, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 5)]]
@@ -47,7 +52,7 @@ def _graphed(fn: Any) -> Any:
     return graph.replay
 
 
-def bench_size(tokens: int, copy_gbps: float, tflops: float) -> dict[str, Any]:
+def bench_size(tokens: int, copy_gbps: float, tflops: float, fp8: bool = False) -> dict[str, Any]:
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
     w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
@@ -55,6 +60,8 @@ def bench_size(tokens: int, copy_gbps: float, tflops: float) -> dict[str, Any]:
     weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
     routed = int(ids.unique().numel())
     expert_bytes = routed * 3 * HIDDEN * INTER * 2
+    if fp8:  # 128x128-block fp8 experts (W8A16 Triton kernels; grouped_mm has no fp8 path)
+        return bench_size_fp8(tokens, x, w13, w2, weights, ids, routed, copy_gbps, tflops)
     flops = 2 * tokens * TOP_K * 3 * HIDDEN * INTER
     row: dict[str, Any] = {"tokens": tokens, "experts_routed": routed, "expert_mib": expert_bytes / 2**20,
                            "floor_ms": expert_bytes / copy_gbps / 1e6, "active_gflop": flops / 1e9}
@@ -88,6 +95,37 @@ def bench_size(tokens: int, copy_gbps: float, tflops: float) -> dict[str, Any]:
     return row
 
 
+def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
+                   ids: torch.Tensor, routed: int, copy_gbps: float, tflops: float) -> dict[str, Any]:
+    q13, s13 = fp8.quantize_stacked_blocks(w13)
+    q2, s2 = fp8.quantize_stacked_blocks(w2)
+    scales = (s13, s2)
+    per_expert = (q13[0].numel() + q2[0].numel()) + (s13[0].numel() + s2[0].numel()) * 4
+    flops = 2 * tokens * TOP_K * 3 * HIDDEN * INTER
+    row: dict[str, Any] = {"tokens": tokens, "experts_routed": routed, "expert_mib": routed * per_expert / 2**20,
+                           "floor_ms": routed * per_expert / copy_gbps / 1e6, "active_gflop": flops / 1e9}
+    sample = slice(0, min(tokens, 64))
+    deq13 = fp8.dequantize_stacked_blocks(q13, s13)
+    deq2 = fp8.dequantize_stacked_blocks(q2, s2)
+    want = moe_reference(x[sample].float(), deq13, deq2, weights[sample], ids[sample])
+    del deq13, deq2
+    rows = []
+    for tile in (SMALL_FP8 if tokens <= 256 else LARGE):
+        try:
+            ms = time_ms(_graphed(lambda tile=tile: fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales)))
+            out = fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales)
+        except Exception as exc:  # a tile that does not compile (shared memory) is skipped, and said so
+            rows.append({**asdict(tile), "error": str(exc).splitlines()[0][:160]})
+            continue
+        err = ((out[sample].float() - want).norm() / want.norm()).item()
+        rows.append({**asdict(tile), "ms": ms, "rel_err": err})
+    best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"])
+    row.update(triton=rows, triton_best=best, faster="triton", best_ms=best["ms"],
+               ratio_to_floor=best["ms"] / row["floor_ms"], of_matmul_rate=flops / best["ms"] / 1e9 / tflops)
+    print(json.dumps({k: v for k, v in row.items() if k != "triton"}), flush=True)
+    return row
+
+
 def tile_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per measured size: the faster backend and the best Triton tile, covering sizes up to it."""
     entries = []
@@ -105,15 +143,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 1024, 4096, 8192, 16384])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write-config", action="store_true")
+    parser.add_argument("--fp8", action="store_true", help="128x128-block fp8 experts (their own tile file)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     doc: dict[str, Any] = {"device": device, "torch": torch.__version__,
                            "shape": {"experts": EXPERTS, "top_k": TOP_K, "hidden": HIDDEN, "inter": INTER}}
     doc.update(copy_bandwidth(2.0))
     doc.update(matmul_rate(8192))
-    doc["rows"] = [bench_size(t, doc["copy_gbps"], doc["matmul_tflops"]) for t in sorted(args.tokens)]
+    doc["fp8"] = args.fp8
+    doc["rows"] = [bench_size(t, doc["copy_gbps"], doc["matmul_tflops"], args.fp8) for t in sorted(args.tokens)]
     if args.write_config:
-        path = config_file(device)
+        path = config_file(device, args.fp8)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": device, "source": "benchmarks/moe_kernels.py",
                                     "entries": tile_entries(doc["rows"])}, indent=1) + "\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -107,23 +106,33 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
-    times, routed = [], []
-    while engine.has_unfinished_requests():
-        counter.hits.zero_()
-        t0 = time.perf_counter()
+    # With async scheduling a step returns before its GPU work ends, so steps are timed as a run: the
+    # wall time from the first timed step to the end of the last one's GPU work, over their number.
+    # The experts routed are counted afterwards, replaying the batch's graph (its last inputs) once.
+    for _ in range(WARMUP_STEPS):
         engine.step()
-        times.append(time.perf_counter() - t0)
-        routed.append(int(counter.hits.sum()))  # after the step's own sync
-    decode, hits = times[WARMUP_STEPS:], routed[WARMUP_STEPS:]
-    mean_routed = statistics.mean(hits)
+    torch.cuda.synchronize()
+    steps_run = 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps_run += 1
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / steps_run
+    graphs = engine.runner.graphs
+    counter.hits.zero_()
+    if graphs is not None and batch in graphs.graphs:
+        graphs.graphs[batch][0].replay()
+    else:  # no graph of this batch: count over one eager step of a fresh batch
+        raise SystemExit(f"batch {batch} has no decode CUDA graph: raise max_num_seqs or capture sizes")
+    mean_routed = int(counter.hits.sum())
     mean_ctx = context + WARMUP_STEPS + steps / 2
     floor_bytes = floor_fixed + batch * hidden * 2 + mean_routed * expert_bytes + batch * mean_ctx * kv_per_token
-    cell: dict[str, Any] = {"batch": batch, "context": context, "step_ms": statistics.median(decode) * 1e3,
+    cell: dict[str, Any] = {"batch": batch, "context": context, "step_ms": step_s * 1e3, "steps": steps_run,
                             "experts_routed_per_step": mean_routed,
                             "experts_routed_per_layer": mean_routed / counter.hits.shape[0],
                             "floor_gb": floor_bytes / 1e9, "floor_ms": floor_bytes / bw * 1e3}
     cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
-    graphs = engine.runner.graphs
     if graphs is not None and batch in graphs.graphs:
         cell["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
         cell["replay_ratio"] = cell["replay_ms"] / cell["floor_ms"]

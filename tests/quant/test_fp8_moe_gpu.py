@@ -1,5 +1,6 @@
 """CUDA, FP8 MoE experts (W8A16 in the Triton kernels): with 128x128 block scales the fused path equals
-the same kernels on the bf16 dequantized weights and the per-expert reference loop within bf16 tolerance
+the same kernels on the bf16-dequantized weights (relative error < 1e-2: the bf16 rounding of value x
+scale) and the per-expert reference loop within bf16 tolerance
 at 1, 7, 64 and 4096 tokens, replayed from a CUDA graph (grouped_mm asked for gives way to Triton); a
 block-FP8 Qwen3-MoE checkpoint loads with fp8 experts whose dequantization is the checkpoint's, and its
 logits equal those of the same model with the experts dequantized to bf16."""
@@ -55,7 +56,7 @@ def test_fp8_fused_moe_in_a_cuda_graph(tokens: int, expert_start: int) -> None:
         ids.copy_(new_ids)
         graph.replay()
         same_kernels = fused_moe(x, deq13, deq2, weights, ids, expert_start, use="triton")
-        torch.testing.assert_close(out, same_kernels, rtol=1e-2, atol=1e-3 * same_kernels.abs().max().item())
+        assert _rel(out, same_kernels) < 1e-2  # only the bf16 rounding of value x scale differs
         want = moe_reference(x.float(), deq13.float(), deq2.float(), weights, ids, expert_start)
         torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 

@@ -50,17 +50,19 @@ DEFAULT_TILES = (TileConfig(256, "triton", 16, 64, 128, 4, 3), TileConfig(1024, 
                  TileConfig(1 << 30, "triton", 128, 128, 64, 8, 3))
 
 
-def config_file(device_name: str) -> Path:
-    """The tile file of a device name as torch reports it, e.g. `NVIDIA H100 80GB HBM3`."""
-    return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ".json")
+def config_file(device_name: str, fp8: bool = False) -> Path:
+    """The tile file of a device name as torch reports it, e.g. `NVIDIA H100 80GB HBM3` (`fp8`: the tiles
+    of fp8 experts, `<device>_fp8.json`)."""
+    return CONFIG_DIR / (device_name.replace(" ", "_").replace("/", "_") + ("_fp8" if fp8 else "") + ".json")
 
 
 @lru_cache(maxsize=8)
-def device_tiles(device_name: str) -> tuple[TileConfig, ...]:
-    """The tile configurations of a device, ascending by max_tokens (defaults without a file)."""
-    path = config_file(device_name)
+def device_tiles(device_name: str, fp8: bool = False) -> tuple[TileConfig, ...]:
+    """The tile configurations of a device, ascending by max_tokens (defaults without a file; fp8
+    experts without a file of their own take the bf16 ones)."""
+    path = config_file(device_name, fp8)
     if not path.is_file():
-        return DEFAULT_TILES
+        return device_tiles(device_name) if fp8 else DEFAULT_TILES
     try:
         entries = json.loads(path.read_text())["entries"]
         tiles = tuple(sorted((TileConfig(**e) for e in entries), key=lambda t: t.max_tokens))
@@ -73,9 +75,9 @@ def device_tiles(device_name: str) -> tuple[TileConfig, ...]:
     return tiles
 
 
-def tile_for(x: torch.Tensor, num_tokens: int) -> TileConfig:
+def tile_for(x: torch.Tensor, num_tokens: int, fp8: bool = False) -> TileConfig:
     """The entry for a call of `num_tokens` tokens on x's device (the largest covers the rest)."""
-    tiles = device_tiles(torch.cuda.get_device_name(x.device)) if x.is_cuda else DEFAULT_TILES
+    tiles = device_tiles(torch.cuda.get_device_name(x.device), fp8) if x.is_cuda else DEFAULT_TILES
     return next((t for t in tiles if num_tokens <= t.max_tokens), tiles[-1])
 
 
@@ -123,7 +125,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         return _grouped_mm_moe(x, w13, w2, weights, local)
     from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
 
-    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0]), scales)
+    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0], scales is not None), scales)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
