@@ -176,15 +176,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2) -> DecodeLaunch:
+def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2,
+                  element_size: int = 2) -> DecodeLaunch:
     """Splits: enough (sequence, KV head, range) programs for `waves` programs per SM, a power of
     two <= MAX_SPLITS; each range at least MIN_SPLIT_TOKENS long. Depends on the batch, head
-    counts and device only, so a CUDA graph captured for this batch serves every context."""
+    counts, cache element size and device only, so a CUDA graph captured for this batch serves
+    every context."""
     programs = max(1, num_seqs * num_kv_heads)
     # Measured on an H100 (benchmarks/decode_sweep.py): 64-token tiles, two stages, when the
     # programs fill the SMs; with few programs, each streams more at once: 128-token tiles
-    # (1 x 8000: 2570 GB/s against 1860 with 64).
+    # (1 x 8000: 2570 GB/s against 1860 with 64). A 1-byte (fp8) cache moves half the bytes per
+    # token: twice the tokens per tile keep the bytes per loop iteration (up to 128 tokens of 128).
     tile = (64 if head_dim <= 128 else 32) * (2 if programs < num_sms else 1)
+    if element_size == 1:
+        tile = max(tile, min(2 * tile, 128 * 128 // max(head_dim, 128)))
     wanted = -(-waves * num_sms // programs)
     splits = min(MAX_SPLITS, 1 << (wanted - 1).bit_length()) if wanted > 1 else 1
     return DecodeLaunch(tile=tile, splits=splits, min_tiles=max(1, MIN_SPLIT_TOKENS // tile),
@@ -207,7 +212,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     num_seqs = tokens.shape[0]
     if launch is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
-        launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms)
+        launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms, element_size=kv_cache.element_size())
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
     block_table = block_table.contiguous()
     plane = block_size * num_kv_heads * head_dim  # elements of one (layer, k|v) slice of a block

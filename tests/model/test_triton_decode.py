@@ -151,6 +151,10 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     many = choose_launch(128, 8, 128, num_sms=132)
     assert many.splits == 1 and many.tile == 64  # 1024 programs fill 132 SMs
     assert one.tile == 128 and choose_launch(1, 8, 256, num_sms=132).tile == 64  # registers in bounds
+    # an fp8 cache: twice the tokens per tile (the same bytes per loop iteration), at most 128 x 128
+    assert choose_launch(128, 8, 128, num_sms=132, element_size=1).tile == 128
+    assert choose_launch(1, 8, 128, num_sms=132, element_size=1).tile == 128
+    assert choose_launch(128, 8, 256, num_sms=132, element_size=1).tile == 64
 
 
 def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads() -> None:

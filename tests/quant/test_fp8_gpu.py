@@ -83,3 +83,27 @@ def test_fp8_kv_kernels_match_torch_path() -> None:
     expect = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
                                             vals.transpose(0, 1).unsqueeze(0), scale=d**-0.5, enable_gqa=True)
     assert _rel(out, expect[0].transpose(0, 1)) < 1e-2
+
+
+@needs_fp8
+def test_fp8_paged_decode_at_a_batch_that_fills_the_gpu() -> None:
+    """24 sequences x 8 KV heads (more programs than SMs: fp8 takes 128-token tiles where bf16 takes 64)
+    against float64 attention over the dequantized keys and values."""
+    from pdlaunch.model.triton_decode import paged_decode
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    seqs, hkv, hq, d, bs, ctx = 24, 8, 32, 128, 16, 300
+    per_seq = -(-ctx // bs)
+    cache = torch.randn(seqs * per_seq + 1, 1, 2, bs, hkv, d, device="cuda", generator=gen).to(fp8.FP8_DTYPE)
+    table = torch.randperm(cache.shape[0], device="cuda", generator=gen)[:seqs * per_seq].view(seqs, per_seq)
+    q = torch.randn(seqs, hq, d, device="cuda", generator=gen).bfloat16()
+    lens = torch.full((seqs,), ctx, device="cuda")
+    scales = (0.5, 0.25)
+    out = paged_decode(q, cache, 0, torch.arange(seqs, device="cuda"), table, lens, None, d**-0.5, kv_scales=scales)
+    pos = torch.arange(ctx, device="cuda")
+    rows = table[:, pos // bs]
+    k = cache[rows, 0, 0, pos % bs].double().repeat_interleave(hq // hkv, 2) * scales[0]
+    v = cache[rows, 0, 1, pos % bs].double().repeat_interleave(hq // hkv, 2) * scales[1]
+    s = torch.einsum("shd,schd->shc", q.double(), k) * d**-0.5
+    want = torch.einsum("shc,schd->shd", s.softmax(-1), v)
+    assert _rel(out, want) < 1e-2
