@@ -157,10 +157,12 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     assert choose_launch(128, 8, 256, num_sms=132, element_size=1).tile == 64
 
 
-def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads() -> None:
+@pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
+def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str) -> None:
     """Compile (no GPU needed) at the Llama-8B shape, with the divisibility Triton's launcher
     specialises on (pointers and strides that are multiples of 16), and read the PTX: mma for the
-    products, K/V tiles streamed by cp.async (software pipelining), no 2-byte scalar global loads."""
+    products, K/V tiles streamed by cp.async (software pipelining), no scalar global loads of cache
+    elements (an fp8 cache at its 128-token tile)."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -171,9 +173,9 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads() -
     from pdlaunch.model.triton_decode import _kernels
 
     kernel = _kernels(False)[0]
-    types = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "block_table_ptr": "*i64", "seq_lens_ptr": "*i64",
+    types = {"q_ptr": "*bf16", "cache_ptr": f"*{cache}", "block_table_ptr": "*i64", "seq_lens_ptr": "*i64",
              "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "scale": "fp32"}
-    launch = choose_launch(48, 8, 128, num_sms=132)
+    launch = choose_launch(48, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
                   "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles, "PRECISION": "tf32",
                   "DOT_FP32": False}
@@ -184,7 +186,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads() -
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     ptx = compiled.asm["ptx"]
-    assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx
+    assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx and "ld.global.b8" not in ptx
 
 
 @pytest.mark.slow
