@@ -5,6 +5,9 @@ An instance streams these as newline-delimited JSON from `GET /v1/kv_events`: fi
 leave its prefix cache. Blocks are named by `prefix_cache.hash_block` chained from the prompt's
 first token, written as 32 hex digits, so the proxy can hash a prompt's token ids itself
 (`prompt_block_hashes`) and count how many leading blocks an instance already holds.
+An empty line is a heartbeat: an instance sends one after HEARTBEAT_S seconds without an event, so a
+reader that hears nothing for several of them knows the stream is dead (a half-open connection, a
+stopped process) rather than merely quiet.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from pdlaunch.kvcache.prefix_cache import hash_block
+
+HEARTBEAT_S = 5.0  # an idle stream sends an empty line this often
 
 BlockHashHex = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 

@@ -12,10 +12,13 @@ block hashes (CachedBlocks). The set is known only between a snapshot and the en
   404) forgets the set and is re-opened after RETRY_MIN_S, doubling up to RETRY_MAX_S while it keeps
   failing (back to RETRY_MIN_S once a snapshot arrives).
 
-The stream has no read timeout: an instance whose cache does not change sends nothing for as long as
-it likes. A dead instance closes the connection (re-opened as above); a stalled one gets no requests
-anyway (instances.py), and a set whose engine_id is not the one the instance's /health names (it
-restarted and the new stream has not caught up) is not used (CachedBlocks.usable).
+- a stream silent for READ_TIMEOUT_S (several heartbeats: an idle instance sends an empty line every
+  HEARTBEAT_S) is dead though its connection is not closed (a half-open connection after a network
+  fault, a stopped process): forgotten and re-opened like one that ended.
+
+A dead instance closes the connection (re-opened as above); a stalled one gets no requests anyway
+(instances.py), and a set whose engine_id is not the one the instance's /health names (it restarted
+and the new stream has not caught up) is not used (CachedBlocks.usable).
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from dataclasses import dataclass, field
 import httpx
 from pydantic import ValidationError
 
-from pdlaunch.kvcache.events import KV_EVENT, KvEvent, KvSnapshot, KvStored
+from pdlaunch.kvcache.events import HEARTBEAT_S, KV_EVENT, KvEvent, KvSnapshot, KvStored
 from pdlaunch.proxy.instances import Instance
 
 log = logging.getLogger("pdlaunch.proxy")
 
 EVENTS_PATH = "/v1/kv_events"
 CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 3 * HEARTBEAT_S  # no line, not even a heartbeat, for this long: the stream is dead
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
 
@@ -115,7 +119,7 @@ class KvEventFeed:
     async def _read(self, client: httpx.AsyncClient, instance: Instance) -> tuple[str, bool]:
         """Follow one stream until it ends or must be re-opened: (why, whether a snapshot arrived)."""
         cached, snapshot = self.cached[instance.name], False
-        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)
+        timeout = httpx.Timeout(None, connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S)
         try:
             async with client.stream("GET", instance.url + EVENTS_PATH, headers=self._headers,
                                      timeout=timeout) as response:
@@ -136,5 +140,7 @@ class KvEventFeed:
                         return why, snapshot
                     snapshot = snapshot or isinstance(event, KvSnapshot)
             return "the stream ended", snapshot
+        except httpx.ReadTimeout:
+            return f"no line, not even a heartbeat, for {READ_TIMEOUT_S:.0f}s", snapshot
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}", snapshot

@@ -2,7 +2,8 @@
 
 The stream opens with a `snapshot` (engine_id, block_size, every cached block's chained hash), then
 one `stored` or `removed` line per batch of changes as the engine makes them (kvcache/event_log.py),
-each with the next `seq`. It ends when the client goes away, when the client falls behind by more
+each with the next `seq`, and an empty line (heartbeat) after HEARTBEAT_S seconds without one. It
+ends when the client goes away, when the client falls behind by more
 than the log's bound (reconnect: a new snapshot follows), or when the engine stops; the client tells
 those apart only by reconnecting. Access is that of /info (http/auth.py): the API key, or the
 deployment's internal token that the proxy sends.
@@ -19,6 +20,7 @@ from fastapi.responses import Response
 from pdlaunch.http.disconnect import ClientDisconnected, DisconnectWatch
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import ClosingStreamingResponse
+from pdlaunch.kvcache import events
 from pdlaunch.kvcache.event_log import KvEventLog, KvEventSubscription
 from pdlaunch.kvcache.events import KvEvent, KvRemoved, KvSnapshot, KvStored, hash_hex
 from pdlaunch.server.engine_loop import EngineLoop
@@ -50,14 +52,22 @@ async def _lines(request: Request, engine_loop: EngineLoop, log: KvEventLog, sub
                  snapshot: KvSnapshot) -> AsyncIterator[bytes]:
     yield _line(snapshot)
     seq = 0
+    loop = asyncio.get_running_loop()
+    last_line = loop.time()
     with DisconnectWatch(request) as watch:
         while engine_loop.state == "ready":
             try:
-                runs = await watch.run(log.next_runs(subscriber, ENGINE_CHECK_S))
+                runs = await watch.run(log.next_runs(subscriber, min(ENGINE_CHECK_S, events.HEARTBEAT_S)))
             except ClientDisconnected:
                 return
             if runs is None:  # fell behind (or the engine stopped): the client reconnects for a new snapshot
                 return
+            now = loop.time()
+            if runs:
+                last_line = now
+            elif now - last_line >= events.HEARTBEAT_S:
+                last_line = now
+                yield b"\n"  # heartbeat: nothing changed, and the stream is alive
             for kind, hashes in runs:
                 seq += 1
                 wire = [hash_hex(h) for h in hashes]

@@ -1,6 +1,6 @@
 """GET /v1/kv_events on a real instance (engine thread + HTTP API, tiny model): the snapshot, then the
 prompt's block hashes as `stored`, their `removed` once a small cache reuses the blocks; the API key
-guards it as it guards /info; a client that leaves is unsubscribed."""
+guards it as it guards /info; a client that leaves is unsubscribed; an idle stream sends heartbeats."""
 
 from __future__ import annotations
 
@@ -80,3 +80,14 @@ def test_a_new_stream_starts_from_what_is_cached(server: tuple[str, EngineLoop])
         assert set(prompt_block_hashes(prompt, BLOCK_SIZE)) <= set(snapshot.hashes)
         # the engine is idle: the snapshot is the whole cache
         assert set(snapshot.hashes) == {hash_hex(h) for h in loop.engine.block_manager.events.cached_counts()}
+
+
+def test_an_idle_stream_sends_heartbeats(server: tuple[str, EngineLoop], monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdlaunch.kvcache import events
+
+    monkeypatch.setattr(events, "HEARTBEAT_S", 0.3)
+    url, _ = server
+    with httpx.stream("GET", f"{url}/v1/kv_events", headers=internal_headers(SECRET), timeout=60) as stream:
+        lines = stream.iter_lines()
+        assert isinstance(KV_EVENT.validate_json(next(lines)), KvSnapshot)
+        assert [next(lines), next(lines)] == ["", ""]  # nothing cached changes: two heartbeats, nothing else

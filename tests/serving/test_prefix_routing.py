@@ -41,7 +41,8 @@ from tests.serving.helpers import ThreadServer, wait_for
 
 BLOCK = 4
 SECRET = "prefix-routing-test-secret-0123"
-HOLD = "hold"  # a script entry: keep the stream open until the test ends
+HOLD = "hold"  # a script entry: keep the stream open until the test ends, with heartbeats as an instance
+SILENT = "silent"  # the same without heartbeats (a half-open connection, a stopped instance)
 
 
 def _line(event: KvSnapshot | KvStored | KvRemoved) -> str:
@@ -78,9 +79,13 @@ class FakeInstance:
 
         async def lines() -> AsyncIterator[bytes]:
             for line in script:
-                if line == HOLD:
+                if line in (HOLD, SILENT):
+                    beat = asyncio.get_running_loop().time()
                     while not self.stop.is_set():
                         await asyncio.sleep(0.05)
+                        if line == HOLD and asyncio.get_running_loop().time() - beat >= 1.0:
+                            beat = asyncio.get_running_loop().time()
+                            yield b"\n"  # the heartbeat of an idle instance
                     return
                 yield (line + "\n").encode()
 
@@ -234,6 +239,45 @@ def test_bad_lines_gaps_and_ended_streams_reopen_the_stream_and_never_crash() ->
 
         assert asyncio.run(follow()) == set(H[1:5])
     assert fake.connections == 5
+
+
+def test_a_silent_stream_is_forgotten_and_reopened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No line, not even a heartbeat, for READ_TIMEOUT_S: the stream is dead though its connection stays
+    open; the set is forgotten and the stream re-opened. A stream that sends heartbeats is kept."""
+    import pdlaunch.proxy.kv_events as feed_module
+
+    monkeypatch.setattr(feed_module, "READ_TIMEOUT_S", 2.0)
+    fake = FakeInstance("decode", "e", [[_snapshot("e", H[:2]), SILENT], [_snapshot("e", H[:4]), HOLD]])
+    ports = PortAllocator("127.0.0.1")
+    with ThreadServer(fake.app, ports.free("fake")) as server:
+        instance = Instance("decode", server.url, "decode-0", state="ready")
+        feed = KvEventFeed([instance], {})
+
+        async def follow() -> tuple[set[str], set[str], int]:
+            async with httpx.AsyncClient() as client:
+                feed.start(client)
+                try:
+                    for _ in range(400):  # the first set, then (2 s of silence + 0.5 s backoff) the second
+                        if set(feed.cached["decode-0"].hashes) == set(H[:2]):
+                            break
+                        await asyncio.sleep(0.05)
+                    first = set(feed.cached["decode-0"].hashes)
+                    for _ in range(600):
+                        if set(feed.cached["decode-0"].hashes) == set(H[:4]):
+                            break
+                        await asyncio.sleep(0.05)
+                    second = set(feed.cached["decode-0"].hashes)
+                    # heartbeats every second keep the second stream (and its set) past three read timeouts
+                    for _ in range(130):
+                        await asyncio.sleep(0.05)
+                    return first, second, fake.connections
+                finally:
+                    await feed.stop()
+                    fake.stop.set()
+
+        first, second, connections = asyncio.run(follow())
+    assert first == set(H[:2]) and second == set(H[:4])
+    assert connections == 2
 
 
 def test_prefix_policy_needs_the_tokenizer_and_the_launcher_gives_it(tmp_path: Path) -> None:
