@@ -8,6 +8,7 @@ and every checkpoint tensor must be used, otherwise the error names the tensor.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from pdlaunch.model.weight_files import safetensors_files, unreadable
 PROGRESS_BAR_MIN_BYTES = 1 << 30
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -279,13 +282,26 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     del params  # the stacked experts' old tensors must be freeable when they become fp8
     with torch.no_grad():
         finish_loading(model, dtype)
-        if ckpt.quant is not None and fp8_gemm_available(device):
-            fp8_experts(model)
+        if ckpt.quant is not None and fp8_gemm_available(device) and fp8_experts(model):
+            torch.cuda.empty_cache()  # the experts' bf16 tensors: back to the device (or the weights pool)
     model.finish_kv_scales()
     return model
 
 
 def fp8_experts(model: nn.Module) -> int:
     """Turn every MoE layer's experts into 128x128-block fp8 (FusedExperts.to_fp8_blocks), one layer at a
-    time; the number of layers converted (a layer whose widths are not multiples of 128 stays as it is)."""
-    return sum(module.to_fp8_blocks() for module in model.modules() if isinstance(module, FusedExperts))
+    time; the number of layers converted (a layer whose widths are not multiples of 128 stays as it is,
+    and the log says so once)."""
+    converted, kept = 0, None
+    for module in model.modules():
+        if isinstance(module, FusedExperts):
+            if module.to_fp8_blocks():
+                converted += 1
+            else:
+                kept = module
+    if kept is not None:
+        log.warning("FP8 MoE experts stay in %s: the expert width per rank (%d) or the hidden size (%d) is not "
+                    "a multiple of 128, so 128x128 blocks do not tile them (a TP size that keeps the width per "
+                    "rank a multiple of 128, or --enable-expert-parallel, would)", kept.w13.dtype,
+                    kept.inter_local, kept.hidden)
+    return converted

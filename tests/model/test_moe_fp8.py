@@ -4,6 +4,7 @@ dequantized weights, and widths that are not multiples of 128 stay as they are."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pdlaunch.model.moe.block import route
@@ -62,3 +63,17 @@ def test_tensor_parallel_shard_is_quantized_per_rank_and_misaligned_widths_stay(
     before = narrow.w13.data.clone()
     assert not narrow.to_fp8_blocks()
     assert narrow.w13_scale is None and narrow.w13.dtype == torch.float32 and torch.equal(narrow.w13.data, before)
+
+
+def test_fp8_experts_converts_aligned_layers_and_names_the_others_width(caplog: pytest.LogCaptureFixture) -> None:
+    from torch import nn
+
+    from pdlaunch.model.loader import fp8_experts
+
+    model = nn.ModuleList([_experts(4, 256, 256), _experts(4, 256, 256, seed=1)])
+    assert fp8_experts(model) == 2 and all(m.w13.dtype == fp8.FP8_DTYPE for m in model)  # type: ignore[union-attr]
+    assert not caplog.records
+    narrow = nn.ModuleList([_experts(4, 256, 256), _experts(4, 256, 192)])
+    with caplog.at_level("WARNING"):
+        assert fp8_experts(narrow) == 1
+    assert "expert width per rank (192)" in caplog.text and "not a multiple of 128" in caplog.text
