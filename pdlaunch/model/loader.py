@@ -109,7 +109,7 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
                 continue
             if id(param) not in replaced:
                 new = nn.Parameter(torch.empty_like(param, device=device), requires_grad=False)
-                for attr in ("weight_loader", "default_value"):
+                for attr in ("weight_loader", "default_value", "quantized_on_load", "derived"):
                     if hasattr(param, attr):
                         setattr(new, attr, getattr(param, attr))
                 if hasattr(param, "default_value"):
@@ -156,8 +156,8 @@ def _expected_names(params: dict[str, nn.Parameter], arch: ModelArch | None = No
         unpack.setdefault(packed, []).append(ckpt_name)
     names: set[str] = set()
     for pname, param in params.items():
-        if hasattr(param, "default_value"):
-            continue  # optional: a checkpoint may provide it
+        if hasattr(param, "default_value") or getattr(param, "derived", False):
+            continue  # optional (a checkpoint may provide it), or computed at load from other tensors
         experts = expert_checkpoint_names(pname, arch.moe) if arch is not None and arch.moe is not None else None
         if experts is not None:
             names.update(experts)
@@ -208,7 +208,7 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}",
                             field="model.path", hint="pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only")
-    if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE):
+    if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE) and not getattr(param, "quantized_on_load", False):
         quantized = "has no FP8 quantization_config" if param.dtype != FP8_DTYPE else "quantizes this module"
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
                             f"config.json {quantized}", field="model.path",
@@ -240,12 +240,17 @@ def expert_dequantizer(arch: ModelArch, quant: QuantConfig | None) -> ExpertDequ
 
 
 def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False) -> CausalLM:
+               tp_rank: int = 0, tp_size: int = 1, expert_parallel: bool = False,
+               fp8_experts_on_load: bool | None = None) -> CausalLM:
     """Build the model on the meta device and load the checkpoint's weights in place
-    (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py)."""
+    (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py). The MoE experts of an FP8
+    checkpoint (or --quantization fp8) are held as 128x128-block fp8 where the device has FP8 support
+    (`fp8_experts_on_load` forces it either way: tests), else in `dtype`."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
     model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel, ckpt.quant)
+    if ckpt.quant is not None and (fp8_gemm_available(device) if fp8_experts_on_load is None else fp8_experts_on_load):
+        fp8_experts(model, prepare=True)
     _materialize(model, device)
     model.eval()
 
@@ -279,23 +284,21 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     missing = missing_tensors(params, seen, ckpt.arch)
     if missing is not None:
         raise missing
-    del params  # the stacked experts' old tensors must be freeable when they become fp8
     with torch.no_grad():
         finish_loading(model, dtype)
-        if ckpt.quant is not None and fp8_gemm_available(device) and fp8_experts(model):
-            torch.cuda.empty_cache()  # the experts' bf16 tensors: back to the device (or the weights pool)
     model.finish_kv_scales()
     return model
 
 
-def fp8_experts(model: nn.Module) -> int:
-    """Turn every MoE layer's experts into 128x128-block fp8 (FusedExperts.to_fp8_blocks), one layer at a
-    time; the number of layers converted (a layer whose widths are not multiples of 128 stays as it is,
-    and the log says so once)."""
+def fp8_experts(model: nn.Module, prepare: bool = False) -> int:
+    """Make every MoE layer's experts 128x128-block fp8: `prepare` on the meta model, before loading
+    (FusedExperts.prepare_fp8_blocks: the loaders quantize each expert as it arrives), else experts
+    already loaded (FusedExperts.to_fp8_blocks, one layer at a time). The number of layers made fp8 (a
+    layer whose widths are not multiples of 128 stays in the model dtype, and the log says so once)."""
     converted, kept = 0, None
     for module in model.modules():
         if isinstance(module, FusedExperts):
-            if module.to_fp8_blocks():
+            if module.prepare_fp8_blocks() if prepare else module.to_fp8_blocks():
                 converted += 1
             else:
                 kept = module

@@ -4,6 +4,8 @@ dequantized weights, and widths that are not multiples of 128 stay as they are."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -77,3 +79,57 @@ def test_fp8_experts_converts_aligned_layers_and_names_the_others_width(caplog: 
     with caplog.at_level("WARNING"):
         assert fp8_experts(narrow) == 1
     assert "expert width per rank (192)" in caplog.text and "not a multiple of 128" in caplog.text
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_a_block_fp8_checkpoint_loads_its_experts_as_fp8_blocks(tmp_path: Path, expert_parallel: bool) -> None:
+    """The loaders quantize each expert as it arrives (the experts never exist in the model dtype): the
+    checkpoint's own fp8 values come back bit for bit, and its scales, and the model computes what the
+    dequantized checkpoint computes. With expert parallel, rank 1 of 2 holds experts 2 and 3 whole."""
+    from safetensors.torch import load_file
+
+    from pdlaunch.model.loader import load_checkpoint, load_model
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+    from tests.model.paged_runner import PagedRunner
+
+    served, _ = make_fp8_qwen3(tmp_path, "block", seed=12, moe=True)
+    ckpt = load_checkpoint(str(served))
+    rank = {"tp_rank": 1, "tp_size": 2, "expert_parallel": True} if expert_parallel else {}
+    model = load_model(ckpt, torch.device("cpu"), torch.float32, fp8_experts_on_load=True, **rank)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.w13.dtype == fp8.FP8_DTYPE and experts.w13_scale is not None and experts.w2_scale is not None
+    tensors = load_file(served / "model.safetensors")
+    for local in range(experts.num_local):
+        e = experts.expert_start + local
+        for rows, proj in ((slice(0, 128), "gate_proj"), (slice(128, 256), "up_proj")):
+            stored = tensors[f"model.layers.0.mlp.experts.{e}.{proj}.weight"]
+            assert torch.equal(experts.w13.data[local, rows].view(torch.uint8), stored.view(torch.uint8))
+            torch.testing.assert_close(experts.w13_scale.data[local, rows.start // 128: rows.stop // 128],
+                                       tensors[f"model.layers.0.mlp.experts.{e}.{proj}.weight_scale_inv"],
+                                       rtol=1e-6, atol=0)
+        down = tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"]
+        assert torch.equal(experts.w2.data[local].view(torch.uint8), down.view(torch.uint8))
+    if expert_parallel:
+        return  # a rank's partial sum is not a whole model's logits
+    prompt = list(range(5, 40))
+    with_fp8 = PagedRunner(model).step({"s": prompt})["s"]
+    dequantized = load_model(ckpt, torch.device("cpu"), torch.float32)
+    assert dequantized.model.layers[0].mlp.experts.w13.dtype == torch.float32  # the CPU default
+    want = PagedRunner(dequantized).step({"s": prompt})["s"]
+    assert ((with_fp8 - want).norm() / want.norm()).item() < 1e-4
+
+
+def test_quantization_fp8_makes_a_bf16_moe_checkpoints_experts_fp8_blocks_on_load(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from pdlaunch.model.loader import load_checkpoint, load_model
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+    served, _ = make_fp8_qwen3(tmp_path, "online", seed=12, moe=True)  # a plain float32 checkpoint
+    model = load_model(load_checkpoint(str(served), "fp8"), torch.device("cpu"), torch.float32,
+                       fp8_experts_on_load=True)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.w2.dtype == fp8.FP8_DTYPE and experts.w2_scale is not None
+    want = load_file(served / "model.safetensors")["model.layers.0.mlp.experts.2.down_proj.weight"]
+    got = fp8.dequantize_stacked_blocks(experts.w2.data, experts.w2_scale.data)[2]
+    assert 0 < ((got - want).norm() / want.norm()).item() < 0.05  # e4m3 rounding of the float32 weights

@@ -6,8 +6,11 @@
 Tensor parallel (default): every rank holds every expert, rows [r*I/tp, (r+1)*I/tp) of gate and up
 and the same columns of down. Expert parallel: rank r holds experts [r*E/tp, (r+1)*E/tp) whole.
 Either way each rank returns a partial sum; the MoE block adds the ranks up with one all-reduce.
-FP8 checkpoints (or --quantization fp8) on a GPU with FP8 support: once loaded, `to_fp8_blocks` turns
-both into fp8 with 128x128 block scales (w13_scale, w2_scale), which fused_moe passes to the kernels.
+FP8 checkpoints (or --quantization fp8) on a GPU with FP8 support: `prepare_fp8_blocks` (on the meta
+model, before any weight is allocated) makes both fp8 with 128x128 block scales (w13_scale, w2_scale),
+and the weight_loaders quantize each expert's shard as it arrives, so the experts never exist in the
+model dtype; `to_fp8_blocks` converts experts already loaded (benchmarks' random weights). fused_moe
+passes the scales to the kernels.
 Each parameter has its own weight_loader, fed one checkpoint tensor per expert (shard ids from
 model/moe/names.py); an expert another rank holds is skipped.
 """
@@ -20,7 +23,7 @@ from torch import nn
 from pdlaunch.model.moe.fused import fused_moe
 from pdlaunch.model.moe.names import ExpertShard
 from pdlaunch.model.quant.config import BLOCK
-from pdlaunch.model.quant.fp8 import quantize_stacked_blocks
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, quantize_block, quantize_stacked_blocks
 
 
 def _per_rank(size: int, tp_size: int, what: str) -> int:
@@ -69,8 +72,11 @@ class FusedExperts(nn.Module):
         if local is None:
             return
         offset = 0 if half == "gate" else self.inter_local
-        param.data[local].narrow(0, offset, self.inter_local).copy_(
-            loaded.narrow(0, self.inter_start, self.inter_local))
+        shard = loaded.narrow(0, self.inter_start, self.inter_local)
+        if self.w13_scale is not None and param.dtype == FP8_DTYPE:
+            shard = self._quantized(shard, self.w13_scale.data[local].narrow(0, offset // BLOCK,
+                                                                              self.inter_local // BLOCK))
+        param.data[local].narrow(0, offset, self.inter_local).copy_(shard)
 
     def w2_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ExpertShard | None = None) -> None:
         if not isinstance(shard_id, int):
@@ -79,7 +85,40 @@ class FusedExperts(nn.Module):
         local = self._local(shard_id)
         if local is None:
             return
-        param.data[local].copy_(loaded.narrow(1, self.inter_start, self.inter_local))
+        shard = loaded.narrow(1, self.inter_start, self.inter_local)
+        if self.w2_scale is not None and param.dtype == FP8_DTYPE:
+            shard = self._quantized(shard, self.w2_scale.data[local])
+        param.data[local].copy_(shard)
+
+    @staticmethod
+    def _quantized(shard: torch.Tensor, scale_out: torch.Tensor) -> torch.Tensor:
+        """One expert's shard (blocks aligned: its rows and columns are multiples of 128) as fp8; its
+        block scales are written into `scale_out`."""
+        q, scale = quantize_block(shard.to(scale_out.device), BLOCK)
+        scale_out.copy_(scale)
+        return q
+
+    def prepare_fp8_blocks(self) -> bool:
+        """On the meta model: hold w13 and w2 as fp8 with 128x128 block scales from the start, each expert's
+        shard quantized by the weight_loaders as it loads (the same blocks `to_fp8_blocks` makes, quantized
+        from the checkpoint's values instead of their model-dtype rounding). False, and nothing changes,
+        when this rank's expert width or the hidden size is not a multiple of 128."""
+        if self.w13_scale is not None:
+            return True
+        if self.inter_local % BLOCK or self.hidden % BLOCK:
+            return False
+        for name, loader in (("w13", self.w13_loader), ("w2", self.w2_loader)):
+            old = getattr(self, name)
+            weight = nn.Parameter(torch.empty(old.shape, dtype=FP8_DTYPE, device=old.device), requires_grad=False)
+            weight.weight_loader = loader  # type: ignore[attr-defined]
+            weight.quantized_on_load = True  # type: ignore[attr-defined]  # takes float tensors (loader.py)
+            setattr(self, name, weight)
+            experts, rows, cols = old.shape
+            scale = nn.Parameter(torch.empty(experts, rows // BLOCK, cols // BLOCK, device=old.device),
+                                 requires_grad=False)
+            scale.derived = True  # type: ignore[attr-defined]  # written by the loaders, not a checkpoint tensor
+            setattr(self, f"{name}_scale", scale)
+        return True
 
     def to_fp8_blocks(self) -> bool:
         """Hold w13 and w2 as fp8 with one scale per 128x128 block of each expert (half the bytes a decode

@@ -1,8 +1,8 @@
 """FP8 MoE experts as they load: each expert's fp8 projection is paired with its scale tensor and
 dequantized before it reaches the stacked expert parameters (model/moe/experts.py), so the loaders
 shard one layout whatever the checkpoint's scheme. On CPU the experts stay in the model dtype (the exact
-reference of the CPU tests); on a GPU with FP8 support the loader then re-blocks every layer's stacked
-experts into 128x128-block fp8 (model/loader.py `fp8_experts`), which the fused MoE kernels read.
+reference of the CPU tests); on a GPU with FP8 support the expert loaders quantize each one again into
+128x128-block fp8 as it arrives (model/moe/experts.py `prepare_fp8_blocks`), which the fused MoE kernels read.
 
 Checkpoint order is free (a weight may come before or after its scale, in another shard), so tensors
 wait here until their partner arrives; `check_complete` names any that never found one.
