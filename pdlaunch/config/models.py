@@ -7,6 +7,7 @@ Cross-field rules live in `pdlaunch.config.validate`; these models only check si
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -288,3 +289,22 @@ class InstanceSpec(StrictModel):
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
+
+
+def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> list[str]:
+    """The proxy's routing, timeout, size and failure flags from the deployment (`python -m pdlaunch.proxy`),
+    one list for every way it is started (the local and Ray launchers, the Kubernetes manifests).
+    `tokenizer()`: the model path as the proxy will read it, asked for only when routing needs token ids."""
+    proxy = cfg.proxy
+    args = ["--routing-policy", proxy.routing_policy, "--request-timeout", str(proxy.request_timeout_seconds),
+            "--max-request-bytes", str(cfg.security.max_request_bytes),
+            "--health-timeout", str(proxy.health_timeout_seconds),
+            "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
+            "--migration-limit", str(proxy.migration_limit)]
+    if proxy.prefill_timeout_seconds is not None:
+        args += ["--prefill-timeout", str(proxy.prefill_timeout_seconds)]
+    if proxy.disaggregate_min_tokens is not None:
+        args += ["--disaggregate-min-tokens", str(proxy.disaggregate_min_tokens)]
+    if proxy.disaggregate_min_tokens is not None or proxy.routing_policy == "prefix":
+        args += ["--tokenizer", tokenizer()]  # the instances' own
+    return args

@@ -18,7 +18,7 @@ from typing import TypeVar
 import httpx
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
@@ -108,20 +108,9 @@ def _cpu_threads(num_local: int) -> dict[str, str]:
 def proxy_argv(cfg: DeploymentConfig, host: str, port: int, drain_timeout_s: float,
                instances: list[tuple[str, str, str]]) -> list[str]:
     """The proxy's command line; `instances` are (role, name, url). The ray launcher builds it too."""
-    argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", host,
-            "--port", str(port), "--routing-policy", cfg.proxy.routing_policy,
-            "--request-timeout", str(cfg.proxy.request_timeout_seconds),
+    argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", host, "--port", str(port),
             "--drain-timeout", str(drain_timeout_s), "--parent-pid", str(os.getpid()),
-            "--max-request-bytes", str(cfg.security.max_request_bytes),
-            "--health-timeout", str(cfg.proxy.health_timeout_seconds),
-            "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
-            "--migration-limit", str(cfg.proxy.migration_limit)]
-    if cfg.proxy.disaggregate_min_tokens is not None:
-        argv += ["--disaggregate-min-tokens", str(cfg.proxy.disaggregate_min_tokens)]
-    if cfg.proxy.disaggregate_min_tokens is not None or cfg.proxy.routing_policy == "prefix":
-        argv += ["--tokenizer", str(resolve_model_path(cfg.model.path))]  # the instances' own
-    if cfg.proxy.prefill_timeout_seconds is not None:
-        argv += ["--prefill-timeout", str(cfg.proxy.prefill_timeout_seconds)]
+            *proxy_policy_args(cfg, lambda: str(resolve_model_path(cfg.model.path)))]
     for role, name, url in instances:
         argv += [f"--{role}", f"{name}={url}"]
     return argv

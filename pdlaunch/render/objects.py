@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pydantic import ConfigDict, with_config
 from typing_extensions import NotRequired, TypedDict  # pydantic reads these TypedDicts (Python 3.11)
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -249,18 +249,8 @@ def role_service(role: str, http_ports: list[int], options: RenderOptions) -> Se
 
 def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
                       options: RenderOptions) -> Deployment:
-    args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), "--routing-policy", cfg.proxy.routing_policy,
-            "--request-timeout", str(cfg.proxy.request_timeout_seconds),
-            "--max-request-bytes", str(cfg.security.max_request_bytes),
-            "--health-timeout", str(cfg.proxy.health_timeout_seconds),
-            "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
-            "--migration-limit", str(cfg.proxy.migration_limit)]
-    if cfg.proxy.prefill_timeout_seconds is not None:
-        args += ["--prefill-timeout", str(cfg.proxy.prefill_timeout_seconds)]
-    if cfg.proxy.disaggregate_min_tokens is not None:
-        args += ["--disaggregate-min-tokens", str(cfg.proxy.disaggregate_min_tokens)]
-    if cfg.proxy.disaggregate_min_tokens is not None or cfg.proxy.routing_policy == "prefix":
-        args += ["--tokenizer", cfg.model.path]  # the model in the image, as the instances read it
+    # The proxy's tokenizer is the model in the image, as the instances read it.
+    args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, lambda: cfg.model.path)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
     secret_name = f"{options.name}-deployment"
