@@ -48,18 +48,17 @@ def quantize_block(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, tor
 
 
 def quantize_stacked_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [E, O, I] (O and I multiples of `block`) -> (fp8 [E, O, I], scale [E, O/b, I/b] float32): the
-    per-block quantization of every expert's matrix at once (stacked MoE experts)."""
+    """w [E, O, I] (O a multiple of `block`) -> (fp8 [E, O, I], scale [E, O/b, I/b] float32): every expert's
+    matrix per block at once. With O a multiple of b the experts stacked row-wise share one block grid."""
     experts, rows, cols = w.shape
-    blocks = w.float().view(experts, rows // block, block, cols // block, block)
-    scale = (blocks.abs().amax(dim=(2, 4)) / FP8_MAX).clamp(min=_MIN_SCALE)
-    q = (blocks / scale[:, :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return q.view(experts, rows, cols), scale
+    q, scale = quantize_block(w.reshape(experts * rows, cols), block)
+    return q.view(experts, rows, cols), scale.view(experts, rows // block, -1)
 
 
 def dequantize_stacked_blocks(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
     """The inverse of `quantize_stacked_blocks`: fp8 [E, O, I] and scale [E, O/b, I/b] -> float32 [E, O, I]."""
-    return q.float() * scale.repeat_interleave(block, 1).repeat_interleave(block, 2)
+    experts, rows, cols = q.shape
+    return dequantize(q.reshape(experts * rows, cols), scale.reshape(-1, scale.shape[-1]), block).view(q.shape)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, block: int | None = None) -> torch.Tensor:
