@@ -1,19 +1,10 @@
 #!/bin/bash
 # Issues 26 and 27 on one GPU, in one call (each step bounded): the FP8 MoE GPU tests, the fp8-expert
-# tile sweep (writes configs/<device>_fp8.json, copied to OUT_DIR), then the Qwen3-30B-A3B-shape decode grid and 8k prefill (benchmarks/moe_speed.py) with bf16 experts, then with
+# tile sweep (writes configs/<device>_fp8.json, copied to OUT_DIR), then the Qwen3-30B-A3B-shape decode
+# grid and 8k prefill (benchmarks/moe_speed.py) with bf16 experts, then with
 # 128x128-block fp8 experts, in separate processes.
 # Usage: bash benchmarks/moe_round.sh OUT_DIR
-set -u
-out=${1:?OUT_DIR}
-mkdir -p "$out"
-py=${PYTHON:-python3}
-nvidia-smi --query-gpu=name --format=csv,noheader
-t0=$SECONDS
-step() {  # step NAME LIMIT_S CMD...: run, log to OUT/NAME.log, print its tail
-    local name=$1 limit=$2; shift 2
-    timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    echo "== $name rc $? at $((SECONDS - t0)) s"; tail -"${TAIL:-12}" "$out/$name.log"
-}
+source "$(dirname "$0")/steps.sh"
 TAIL=6 step gpu-tests 150 $py -m pytest -q -p no:cacheprovider tests/quant/test_fp8_moe_gpu.py \
     "tests/model/test_moe_gpu.py::test_fused_moe_in_a_cuda_graph_equals_the_reference_loop"
 TAIL=12 step moe-kernels-fp8 170 $py benchmarks/moe_kernels.py --fp8 --write-config --tokens 1 16 64 256 4096 \
