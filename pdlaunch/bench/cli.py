@@ -325,5 +325,5 @@ def compare(
             seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len, config=config,
             request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
         ))
-        runs, advice = run_compare(cfg, console)
-    report_comparison(console, cfg, runs, advice)
+        comparison = run_compare(cfg, console)
+    report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick)

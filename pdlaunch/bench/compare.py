@@ -25,10 +25,11 @@ from rich.console import Console
 from pdlaunch.bench.advisor import Advice, DecodePoint, advise
 from pdlaunch.bench.engine_load import LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
+from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
 from pdlaunch.bench.report import ServeDoc, write_json
 from pdlaunch.bench.serve import ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
-from pdlaunch.config.model_info import load_model_info
+from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
@@ -197,19 +198,43 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
     return load_valid_deployment(cfg.config, overrides)
 
 
+def _model_info(deployment: DeploymentConfig) -> ModelInfo:
+    info, problems = load_model_info(deployment.model.path)
+    if info is None:  # the deployment validated, so this is a checkpoint changed since
+        raise PdlaunchError(problems[0].message if problems else "no usable config.json", field="--model")
+    return info
+
+
 def check_request_fits(cfg: CompareConfig, deployment: DeploymentConfig) -> None:
     """--input-len + --output-len must fit the deployment's max_model_len: said before anything starts,
     not as every request failing once the first deployment is up."""
-    limit = deployment.model.max_model_len
-    if limit is None:
-        info, _ = load_model_info(deployment.model.path)
-        limit = info.max_position_embeddings if info is not None else None
+    limit = deployment.model.max_model_len or _model_info(deployment).max_position_embeddings
     need = cfg.input_len + cfg.output_len
     if limit is not None and need > limit:
         raise PdlaunchError(
             f"--input-len {cfg.input_len} + --output-len {cfg.output_len} = {need} exceeds the model's "
             f"max_model_len {limit} ({deployment.model.path})", field="--input-len",
             hint=f"pass --input-len {max(1, limit - cfg.output_len)} or less with this --output-len")
+
+
+def prefill_yardstick(cfg: CompareConfig, layout: Layout, console: Console) -> Yardstick:
+    """FLOPs per prompt token of the workload, and the matmul ceiling of the device the prefill runs on (the
+    first listed GPU, or the CPU), in the deployment's dtype, measured now: before any deployment starts."""
+    deployment = deployment_config(cfg, layout, "pd")
+    flops = _model_info(deployment).prefill_flops(cfg.input_len) / cfg.input_len
+    dtype = deployment.model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if layout.device == "cuda" else "float32"
+    gpu = layout.gpus[0] if layout.gpus else 0
+    try:
+        ceiling = measure_in_child(layout.device, gpu, dtype)
+    except PdlaunchError as exc:
+        console.print(f"[yellow]no matmul ceiling: {exc.render()}; prefill FLOP rates are shown without their "
+                      "share of it[/yellow]", highlight=False)
+        return Yardstick(input_len=cfg.input_len, flops_per_token=flops, no_ceiling=exc.render())
+    console.print(f"matmul ceiling: {ceiling.n}^3 {ceiling.dtype} on {ceiling.device}: {ceiling.tflops:.3g} "
+                  f"TFLOP/s; the workload's prefill: {flops / 1e9:.3g} GFLOP per prompt token", highlight=False)
+    return Yardstick(input_len=cfg.input_len, flops_per_token=flops, ceiling=ceiling)
 
 
 class DeploymentRun(BaseModel):
@@ -233,8 +258,10 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
     )
 
 
-def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console) -> DeploymentRun:
-    """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C)."""
+def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console,
+                   yardstick: Yardstick | None = None) -> DeploymentRun:
+    """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C). With a
+    `yardstick`, every rate point carries its prefill steps' FLOP rate."""
     run = DeploymentRun(kind=kind, label=label(kind, layout), description=describe(kind, layout),
                         prefill=layout.prefill if kind != "colocated" else 0,
                         decode=layout.decode if kind != "colocated" else 0)
@@ -256,6 +283,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             if dead is not None:
                 raise ChildExited(*dead)
             point = rate_point(rate, doc, cfg.slo, cfg.tight_slo, probe.stop())
+            if yardstick is not None and point.load is not None:
+                point.prefill_compute = yardstick.share(point.load.prefill_tokens_per_s)
             run.points.append(point)
             run.raw.append(doc)
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
@@ -307,28 +336,38 @@ def advice_from(cfg: CompareConfig, layout: Layout, pd: DeploymentRun) -> Advice
                   max(prefill), points, max_num_seqs)
 
 
-def run_compare(cfg: CompareConfig, console: Console) -> tuple[list[DeploymentRun], Advice | None]:
-    """Both deployments in turn on the same devices; each is stopped before the next starts. Then the
-    advisor's split, when it differs from the PD split and `run_advised`. Each deployment's figures are
-    also written to OUT/<kind>.json as soon as it is done."""
+class Comparison(BaseModel):
+    """What `run_compare` measured: the deployments' runs, the advice, the prefill yardstick."""
+
+    runs: list[DeploymentRun]
+    advice: Advice | None
+    yardstick: Yardstick
+
+
+def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
+    """The matmul ceiling first (prefill_yardstick); then both deployments in turn on the same devices, each
+    stopped before the next starts; then the advisor's split, when it differs from the PD split and
+    `run_advised`. Each deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     for kind in KINDS:  # fail on a config problem of either before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = []
     with _termination_as_interrupt():
+        yardstick = prefill_yardstick(cfg, layout, console)
         for kind in KINDS:
-            run = run_deployment(cfg, layout, kind, console)
+            run = run_deployment(cfg, layout, kind, console, yardstick)
             write_json(run.model_dump(mode="json"), cfg.out / f"{kind}.json")
             runs.append(run)
         advice = advice_from(cfg, layout, runs[-1])
         if advice is None:
             console.print("no P:D advice: the PD run measured no prefill or no decode step", highlight=False)
-            return runs, None
+            return Comparison(runs=runs, advice=None, yardstick=yardstick)
         console.print(advice.sentence(), highlight=False)
         best = advice.best
         if cfg.run_advised and (best.prefill, best.decode) != (layout.prefill, layout.decode):
-            run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console)
+            run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console,
+                                 yardstick)
             write_json(run.model_dump(mode="json"), cfg.out / "advised.json")
             runs.append(run)
-    return runs, advice
+    return Comparison(runs=runs, advice=advice, yardstick=yardstick)

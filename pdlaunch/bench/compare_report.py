@@ -1,5 +1,6 @@
 """What `pdlaunch bench compare` reports: a side-by-side table per rate (latencies; goodput under both SLO sets,
-ITL p99, prefill and decode utilisation), the P:D advisor's split with its predicted against measured goodput,
+ITL p99, prefill and decode utilisation; the prefill steps' FLOP rate and its share of the matmul ceiling), the
+P:D advisor's split with its predicted against measured goodput,
 a JSON of every raw figure, a goodput-against-rate PNG (matplotlib is optional) and the highest rate PD sustains
 within the SLOs."""
 
@@ -16,6 +17,7 @@ from rich.table import Table
 from pdlaunch.bench.advisor import Advice
 from pdlaunch.bench.compare import CompareConfig, DeploymentRun
 from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, highest_rate_within
+from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.report import require_matplotlib, write_json
 from pdlaunch.errors import PdlaunchError
 
@@ -70,6 +72,28 @@ def load_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
     return table
 
 
+def prefill_compute_table(runs: list[DeploymentRun], cfg: CompareConfig, yardstick: Yardstick) -> Table:
+    """Per rate, the prefill steps' FLOP rate (one instance) and its share of the matmul ceiling."""
+    c = yardstick.ceiling
+    ceiling = (f"a {c.n}^3 {c.dtype} product on {c.device}: {c.tflops:.3g} TFLOP/s, measured before the runs"
+               if c is not None else f"none ({yardstick.no_ceiling})")
+    table = Table(title=f"Prefill compute: model FLOPs of the prompt tokens per second of prefill steps, per "
+                        f"instance ({yardstick.flops_per_token / 1e9:.3g} GFLOP per token of a "
+                        f"{yardstick.input_len}-token prompt)", title_justify="left", box=box.SIMPLE_HEAD,
+                  caption_justify="left")
+    table.caption = f"matmul ceiling: {ceiling}"
+    for col in ("rate /s", "deployment", "prefill TFLOP/s", "of matmul ceiling"):
+        table.add_column(col, justify="left" if col == "deployment" else "right", no_wrap=True)
+    for i, rate in enumerate(cfg.rates):
+        shown = [run for run in runs if i < len(run.points)]
+        for k, run in enumerate(shown):
+            compute = run.points[i].prefill_compute
+            table.add_row(f"{rate:g}" if k == 0 else "", run.label,
+                          "-" if compute is None else f"{compute.tflops:.3g}",
+                          _pct(compute.of_matmul if compute else None), end_section=k == len(shown) - 1)
+    return table
+
+
 def advised_run(runs: list[DeploymentRun], advice: Advice) -> DeploymentRun | None:
     """The run of the advised split: the advised deployment, or the PD run when it already was that split."""
     split = (advice.best.prefill, advice.best.decode)
@@ -120,13 +144,14 @@ def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     return best, f"{run.description} keeps >= {share} of requests within the SLOs up to {best:g} req/s{tail}"
 
 
-def compare_document(cfg: CompareConfig, runs: list[DeploymentRun],
-                     advice: Advice | None = None) -> dict[str, JsonValue]:
+def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advice | None = None,
+                     yardstick: Yardstick | None = None) -> dict[str, JsonValue]:
     pd = next(run for run in runs if run.kind == "pd")
     best, sentence = verdict(pd)
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "settings": cfg.model_dump(mode="json"),
+        "prefill_yardstick": yardstick.model_dump(mode="json") if yardstick is not None else None,
         "within_slo_share": WITHIN_SLO_SHARE,
         "pd_highest_rate_within_slo": best,
         "verdict": sentence,
@@ -167,11 +192,13 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
 
 
 def report_comparison(console: Console, cfg: CompareConfig, runs: list[DeploymentRun],
-                      advice: Advice | None = None) -> dict[str, JsonValue]:
+                      advice: Advice | None = None, yardstick: Yardstick | None = None) -> dict[str, JsonValue]:
     """Print the tables and the verdict, write the JSON and (with matplotlib) the plot into `cfg.out`."""
     console.print(comparison_table(runs, cfg))
     console.print(load_table(runs, cfg))
-    doc = compare_document(cfg, runs, advice)
+    if yardstick is not None:
+        console.print(prefill_compute_table(runs, cfg, yardstick))
+    doc = compare_document(cfg, runs, advice, yardstick)
     if advice is not None:
         console.print(advice_table(advice, runs, cfg))
     json_path = cfg.out / JSON_NAME

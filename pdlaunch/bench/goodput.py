@@ -14,6 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, JsonValue
 
 from pdlaunch.bench.engine_load import EngineLoad
+from pdlaunch.bench.matmul_ceiling import PrefillShare
 from pdlaunch.bench.report import MS_PER_S, ServeDoc
 
 WITHIN_SLO_SHARE = 0.9  # "PD keeps >= 90% of requests within the SLOs" (issue 15)
@@ -80,6 +81,7 @@ class RatePoint(BaseModel):
     tight_goodput: float = 0.0
     itl_p99_ms: float = 0.0
     load: EngineLoad | None = None  # what the engines did (engine_load.py); None when not read
+    prefill_compute: PrefillShare | None = None  # the prefill steps' FLOP rate (matmul_ceiling.py)
 
     @property
     def within_share(self) -> float:

@@ -65,6 +65,28 @@ class ModelInfo:
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + layers + h + lm_head
 
+    def _active_mlp_parameters(self, layer: int) -> int:
+        """The MLP weights one token multiplies through: the dense MLP, or the router, the top-k experts and
+        the shared expert (and its gate)."""
+        h = self.hidden_size
+        if self.moe is None or not self.moe.is_sparse(layer):
+            return 3 * h * self.intermediate_size
+        m = self.moe
+        shared = 3 * h * m.shared_expert_intermediate_size + h if m.shared_expert_intermediate_size else 0
+        return m.num_experts * h + m.top_k * 3 * h * m.expert_intermediate_size + shared
+
+    def prefill_flops(self, tokens: int) -> int:
+        """Multiply-add FLOPs (2 per multiply-add) of prefilling one prompt of `tokens` tokens: every token
+        through each layer's projections and its active MLP weights, causal attention (QK^T and PV over the
+        tokens before each one: 2 * 2 * heads * head_dim per pair, t^2 / 2 pairs per layer), and the logits of
+        the last token only. Norms, rotary and softmax are left out (a fraction of a percent at any size)."""
+        h, d = self.hidden_size, self.head_dim
+        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
+        projections = h * q_out + 2 * h * kv_out + q_out * h
+        linear = sum(projections + self._active_mlp_parameters(i) for i in range(self.num_layers))
+        attention = 2 * tokens * tokens * q_out * self.num_layers
+        return 2 * linear * tokens + attention + 2 * h * self.vocab_size
+
     def kv_bytes_per_token(self, dtype_bytes: int, tp: int) -> int:
         """K and V of one token, all layers, on one TP rank (KV heads are replicated when tp > kv heads)."""
         kv_heads_per_rank = max(1, self.num_kv_heads // tp)

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from pdlaunch.bench import compare
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.compare import CompareConfig, Layout, resolve_layout, run_deployment
+from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import platform
 
@@ -192,6 +193,11 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
             assert point["tight_within_slo"] <= 5 and point["itl_p99_ms"] > 0
             assert 0 < point["load"]["prefill_util"] <= 1 and 0 < point["load"]["decode_util"] <= 1
             assert point["load"]["prefill_tokens_per_s"] > 0 and point["load"]["decode_batch"] >= 1
+            compute = point["prefill_compute"]  # the prefill steps' FLOP rate against the CPU's matmul rate
+            assert compute["tflops"] == pytest.approx(
+                point["load"]["prefill_tokens_per_s"] * doc["prefill_yardstick"]["flops_per_token"] / 1e12)
+            assert compute["of_matmul"] == pytest.approx(
+                compute["tflops"] / doc["prefill_yardstick"]["ceiling"]["tflops"])
     # the same workload for both deployments at each rate: same seed, same send schedule
     colocated, pd = doc["deployments"]
     for a, b in zip(colocated["raw"], pd["raw"]):
@@ -203,6 +209,8 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
     assert advisor["split"] == "1P1D" and advisor["measured_by"] == "PD 1P1D" and advisor["num_gpus"] == 2
     assert [r["measured_goodput"] for r in advisor["per_rate"]] == [p["goodput"] for p in pd["points"]]
     assert "P:D advisor: advice for 2 GPUs: 1P1D" in " ".join(text.split()) and "ITL" in text
+    assert doc["prefill_yardstick"]["ceiling"]["device"].startswith("cpu (")
+    assert "matmul ceiling: 1024^3 float32 on cpu" in text and "TFLOP/s" in text
     for dep in doc["deployments"]:  # each deployment's figures were saved as soon as it was done
         assert json.loads((out / f"{dep['kind']}.json").read_text())["points"] == [
             {k: v for k, v in p.items() if k != "within_share"} for p in dep["points"]]
@@ -265,14 +273,17 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
                                                             run_advised: bool) -> None:
     ran: list[tuple[str, int, int]] = []
 
-    def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any) -> compare.DeploymentRun:
+    def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
+                 yardstick: Yardstick | None) -> compare.DeploymentRun:
+        assert yardstick is not None and yardstick.ceiling is not None  # measured before the first deployment
         ran.append((kind, layout.prefill, layout.decode))
         return _measured_run(kind, layout)
 
     monkeypatch.setattr(compare, "run_deployment", fake_run)
     cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, run_advised=run_advised,
                input_len=1024)
-    runs, advice = compare.run_compare(cfg, compare.Console(quiet=True))
+    comparison = compare.run_compare(cfg, compare.Console(quiet=True))
+    runs, advice = comparison.runs, comparison.advice
     assert advice is not None and advice.best.label == "2P1D" and advice.num_gpus == 3
     assert advice.decode_sequences == 64.0  # the tiny model's max_num_seqs caps the fit's 80
     expected = [("colocated", 1, 2), ("pd", 1, 2)] + ([("advised", 2, 1)] if run_advised else [])

@@ -13,6 +13,7 @@ from pdlaunch.bench.advisor import DecodePoint, advise
 from pdlaunch.bench.compare import CompareConfig, DeploymentRun
 from pdlaunch.bench.engine_load import EngineLoad
 from pdlaunch.bench.goodput import RatePoint
+from pdlaunch.bench.matmul_ceiling import MatmulCeiling, PrefillShare, Yardstick
 from pdlaunch.errors import PdlaunchError
 
 
@@ -21,7 +22,13 @@ def _point(rate: float, within: int, goodput: float) -> RatePoint:
                       decode_batch=8 * rate, decode_step_ms=5 + rate)
     return RatePoint(rate=rate, num_prompts=100, completed=100, within_slo=within, duration_s=10.0, goodput=goodput,
                      served=rate, ttft_p50_ms=130.0, ttft_p99_ms=410.0, tpot_p50_ms=13.5, tpot_p99_ms=21.0,
-                     tight_within_slo=within // 2, tight_goodput=goodput / 2, itl_p99_ms=4 * rate, load=load)
+                     tight_within_slo=within // 2, tight_goodput=goodput / 2, itl_p99_ms=4 * rate, load=load,
+                     prefill_compute=PrefillShare(tflops=60.0 * rate, of_matmul=60.0 * rate / 700.0))
+
+
+YARDSTICK = Yardstick(input_len=3072, flops_per_token=2e9,
+                      ceiling=MatmulCeiling(device="cuda:0 (NVIDIA H200)", dtype="bfloat16", n=8192, ms=1.57,
+                                            tflops=700.0))
 
 
 def _runs() -> list[DeploymentRun]:
@@ -43,7 +50,7 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
 
     monkeypatch.setattr(compare_report, "require_matplotlib", no_matplotlib)
     console = Console(width=80, record=True)
-    doc = compare_report.report_comparison(console, _cfg(tmp_path), _runs())
+    doc = compare_report.report_comparison(console, _cfg(tmp_path), _runs(), yardstick=YARDSTICK)
     text = console.export_text()
     rows = [line.split() for line in text.splitlines()]
     assert ["4", "colocated", "x2", "2.05", "4.00", "130", "410", "13.5", "21.0", "50%"] in rows
@@ -51,6 +58,11 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     # the second table: goodput relaxed and tight, ITL p99, prefill and decode utilisation
     assert ["8", "colocated", "x2", "0.30", "0.15", "32.0", "80%", "25%"] in rows
     assert ["PD", "1P1D", "2.00", "1.00", "8.0", "20%", "25%"] in rows
+    # the third: the prefill steps' FLOP rate with its share of the matmul ceiling
+    assert ["8", "colocated", "x2", "480", "69%"] in rows and ["PD", "1P1D", "120", "17%"] in rows
+    flat = " ".join(text.split())
+    assert "2 GFLOP per token of a 3072-token prompt" in flat
+    assert "matmul ceiling: a 8192^3 bfloat16 product on cuda:0 (NVIDIA H200): 700 TFLOP/s" in flat
     assert "2 colocated (GPU 0,1) keeps < 90% of requests within the SLOs already at 2 req/s" in text
     assert "1P (GPU 0) + 1D (GPU 1) keeps >= 90% of requests within the SLOs up to 4 req/s" in text
     assert "no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')" in text
@@ -65,6 +77,22 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     assert on_disk["settings"]["tight_ttft_slo_ms"] == 1000 and on_disk["settings"]["tight_tpot_slo_ms"] == 10
     assert pd["points"][2]["tight_goodput"] == 2.4 and pd["points"][2]["itl_p99_ms"] == 32.0
     assert pd["points"][0]["load"]["prefill_util"] == 0.2 and on_disk["advisor"] is None
+    assert pd["points"][2]["prefill_compute"] == {"tflops": 480.0, "of_matmul": 480.0 / 700.0}
+    assert on_disk["prefill_yardstick"]["ceiling"]["tflops"] == 700.0
+    assert on_disk["prefill_yardstick"]["flops_per_token"] == 2e9
+
+
+def test_without_a_ceiling_the_rate_is_shown_and_the_share_is_not(tmp_path: Path) -> None:
+    runs = _runs()
+    for run in runs:
+        for point in run.points:
+            point.prefill_compute = PrefillShare(tflops=1.5, of_matmul=None)
+    blind = Yardstick(input_len=3072, flops_per_token=2e9, no_ceiling="the matmul ceiling on cuda failed")
+    console = Console(width=80, record=True)
+    compare_report.report_comparison(console, _cfg(tmp_path), runs, yardstick=blind)
+    text = console.export_text()
+    assert ["PD", "1P1D", "1.5", "-"] in [line.split() for line in text.splitlines()]
+    assert "matmul ceiling: none (the matmul ceiling on cuda failed)" in " ".join(text.split())
 
 
 def test_the_advised_split_is_shown_predicted_against_measured(tmp_path: Path) -> None:
