@@ -30,7 +30,7 @@ demo-model: venv
 	$(BIN)/python -m pdlaunch.model.demo_model
 
 test: demo-model
-	$(BIN)/python -m pytest -q -m "not gpu" tests
+	$(BIN)/python -m pytest -q -m "not gpu" --durations=25 tests
 
 # The inner loop: the unit tests, without the GPU tests, the end-to-end ones (`e2e`: real deployments)
 # and the ones marked slow (processes started, checkpoints compared with transformers), on two workers

@@ -38,13 +38,16 @@ class ModelInfo:
     qk_norm_full_width: bool = False  # OLMoE: q_norm [heads * head_dim] and k_norm [kv heads * head_dim]
     moe: MoeArch | None = None  # Mixture-of-Experts models
 
-    def _mlp_parameters(self, layer: int) -> int:
+    def _mlp_parameters(self, layer: int, active: bool = False) -> int:
+        """The layer's MLP weights: the dense MLP, or the router, the experts and the shared expert (and its
+        gate); `active`: only those one token multiplies through (the top-k experts, not all of them)."""
         h = self.hidden_size
         if self.moe is None or not self.moe.is_sparse(layer):
             return 3 * h * self.intermediate_size
         m = self.moe
         shared = 3 * h * m.shared_expert_intermediate_size + h if m.shared_expert_intermediate_size else 0
-        return m.num_experts * h + m.num_experts * 3 * h * m.expert_intermediate_size + shared
+        experts = m.top_k if active else m.num_experts
+        return m.num_experts * h + experts * 3 * h * m.expert_intermediate_size + shared
 
     def num_parameters(self) -> int:
         """Weights of a Llama-family decoder: embeddings, per-layer attention + gated MLP (or router, experts
@@ -65,16 +68,6 @@ class ModelInfo:
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + layers + h + lm_head
 
-    def _active_mlp_parameters(self, layer: int) -> int:
-        """The MLP weights one token multiplies through: the dense MLP, or the router, the top-k experts and
-        the shared expert (and its gate)."""
-        h = self.hidden_size
-        if self.moe is None or not self.moe.is_sparse(layer):
-            return 3 * h * self.intermediate_size
-        m = self.moe
-        shared = 3 * h * m.shared_expert_intermediate_size + h if m.shared_expert_intermediate_size else 0
-        return m.num_experts * h + m.top_k * 3 * h * m.expert_intermediate_size + shared
-
     def prefill_flops(self, tokens: int) -> int:
         """Multiply-add FLOPs (2 per multiply-add) of prefilling one prompt of `tokens` tokens: every token
         through each layer's projections and its active MLP weights, causal attention (QK^T and PV over the
@@ -83,7 +76,7 @@ class ModelInfo:
         h, d = self.hidden_size, self.head_dim
         q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
         projections = h * q_out + 2 * h * kv_out + q_out * h
-        linear = sum(projections + self._active_mlp_parameters(i) for i in range(self.num_layers))
+        linear = sum(projections + self._mlp_parameters(i, active=True) for i in range(self.num_layers))
         attention = 2 * tokens * tokens * q_out * self.num_layers
         return 2 * linear * tokens + attention + 2 * h * self.vocab_size
 
