@@ -148,12 +148,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         row = (slot // block_size) * block_stride + layer_offset + (slot % block_size) * num_kv_heads * D
         dst = cache_ptr + row + heads[:, None] * D + d[None, :]
         dtype = cache_ptr.dtype.element_ty
-        # float32 on both branches (exact for 16-bit values; newer Triton refuses a type that an `if` changes)
-        k = tl.load(k_ptr + t * sk_t + heads[:, None] * sk_h + d[None, :] * sk_d, mask=mask).to(tl.float32)
-        v = tl.load(v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :] * sv_d, mask=mask).to(tl.float32)
+        k = tl.load(k_ptr + t * sk_t + heads[:, None] * sk_h + d[None, :] * sk_d, mask=mask)
+        v = tl.load(v_ptr + t * sv_t + heads[:, None] * sv_h + d[None, :] * sv_d, mask=mask)
         if FP8:  # fp8 cache: store x / scale saturated to +-448 (model/quant/kv_cache.py)
-            k = tl.clamp(k / k_scale, -448.0, 448.0)
-            v = tl.clamp(v / v_scale, -448.0, 448.0)
+            k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -448.0, 448.0)  # torch's division, rounded
+            v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0)
         tl.store(dst, k.to(dtype), mask=mask)
         tl.store(dst + plane, v.to(dtype), mask=mask)
 

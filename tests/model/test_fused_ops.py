@@ -248,9 +248,13 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
     assert "fma" not in rotary and "cvt.rn.bf16.f32" in rotary
     silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": bf16}, {"BLOCK": 1024, "LIBDEVICE_EXP": True})
     assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rm" in silu  # expf's range reduction
-    write = ptx(kernels.write_kv, {"cache_ptr": bf16, "k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64",
-                                   "block_stride": "i64", "layer_offset": "i64"}, {"D": 128, "D_PAD": 128, "H_PAD": 8})
-    assert "st.global" in write
+    for cache, fp8 in ((bf16, False), ("*fp8e4nv", True)):  # a bf16 cache, and an fp8 one storing x / scale
+        write = ptx(kernels.write_kv, {"cache_ptr": cache, "k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64",
+                                       "block_stride": "i64", "layer_offset": "i64", "k_scale": "fp32",
+                                       "v_scale": "fp32"}, {"D": 128, "D_PAD": 128, "H_PAD": 8, "FP8": fp8})
+        # an fp8 store divides as torch does, correctly rounded (tests/quant/test_fp8_gpu.py compares the bytes;
+        # the interpreter cannot: its float32 -> e4m3 conversion does not round as the GPU and torch do)
+        assert "st.global" in write and ("div.rn.f32" in write) == fp8 and "div.full" not in write
 
 
 @pytest.mark.gpu
