@@ -6,8 +6,9 @@ and tests/quant/test_fp8_moe_gpu.py.
 Interpreter cases: float32 at 1, 7 and 64 tokens, all experts here and half of them (expert parallel: the other
 rank's assignments add nothing), an expert width that is not a multiple of the column tile (masked columns);
 fp8 experts with 128x128 block scales equal the same kernels on the dequantized 16-bit weights and the float32
-loop within 16-bit tolerance. The interpreter's fp8 case computes in float16: Triton 3.9's interpreter gets
-bfloat16 products wrong (a plain 16 x 16 bf16 tl.dot gives values around 1e10), the GPU does not."""
+loop within 16-bit tolerance (W8A16), and with fp8 activations (W8A8) the loop on the fp8-rounded activations.
+The fp8 cases compute in float16: Triton 3.9's interpreter gets bfloat16 products wrong (a plain 16 x 16 bf16
+tl.dot gives values around 1e10), the GPU does not."""
 
 from __future__ import annotations
 
@@ -77,6 +78,29 @@ def test_interpret_fp8_block_experts_equal_the_dequantized_ones(interpret: None,
     assert torch.equal(fused_moe(x, w13, w2, weights, ids, use="grouped_mm", tile=TILE, scales=(s13, s2)), out)
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
+    """fp8 experts with fp8 activations (per token and 128-column group): the per-expert loop on what the kernels
+    multiply (dequantized weights; x and the SiLU-and-mul product rounded through fp8 as they quantize them),
+    and within fp8's precision of the dequantized weights' result."""
+    experts, top_k, hidden, inter = 8, 2, 256, 128
+    gen = torch.Generator().manual_seed(200 + tokens)
+    x = torch.randn(tokens, hidden, generator=gen).half()
+    w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, generator=gen))
+    w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, generator=gen))
+    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
+    weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    w8a8 = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, fp8_activations=True)
+    out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=w8a8, scales=(s13, s2))
+    w8a16 = fused_moe(x, w13, w2, weights, ids, use="triton", tile=TILE, scales=(s13, s2))
+    assert not torch.equal(out, w8a16)  # the activations did go through fp8
+    assert _rel(out, w8a16) < 6e-2
+    xq, xs = fp8.quantize_per_token_group(x)
+    x_fp8 = (xq.float().view(tokens, -1, 128) * xs.unsqueeze(2)).view(tokens, hidden)
+    want = moe_reference(x_fp8, deq13, deq2, weights, ids)
+    assert _rel(out, want) < 6e-2
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     pytest.importorskip("triton")
@@ -87,14 +111,17 @@ def test_interpreter_cases_in_a_subprocess() -> None:
     child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
                            timeout=600)
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert "15 passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
+    assert "18 passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
 
 
-@pytest.mark.parametrize("has_scale", [False, True])
-def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool) -> None:
-    """Compile (no GPU needed) both kernels at the Qwen3-30B-A3B expert shape with bf16 activations, from bf16
-    or fp8 (e4m3) weights, and read the PTX: the products run on tensor cores (mma), the fp8 tiles are
-    converted in registers."""
+@pytest.mark.parametrize("has_scale,a_fp8,block_m", [(False, False, 16), (True, False, 16), (True, True, 16),
+                                                     (True, True, 64)])
+def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, block_m: int) -> None:
+    """Compile (no GPU needed) both kernels for sm_90 and read the PTX: the products run on tensor cores. bf16
+    activations: fp8 weight tiles are scaled into bf16 in registers (W8A16). fp8 activations (W8A8): at 64-row
+    tiles the products are fp8 x fp8 warpgroup MMAs; at 16 rows (below wgmma's 64) Triton turns both fp8 tiles
+    into f16 with one conversion per two elements and runs f16 MMAs, the scales applied to each k block's
+    product instead of to every weight."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -107,14 +134,20 @@ def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool) -> None:
     weight = "*fp8e4nv" if has_scale else "*bf16"
     kernels = _kernels(False)
     for kernel in (kernels.up, kernels.down):
-        types = {"x_ptr": "*bf16", "a_ptr": "*bf16", "w_ptr": weight, "s_ptr": "*fp32", "out_ptr": "*bf16",
-                 "rows_ptr": "*i64", "block_expert_ptr": "*i32", "weight_ptr": "*fp32"}
-        constexprs = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32", "HAS_SCALE": has_scale,
-                      "SCALE_BLOCK": SCALE_BLOCK}
+        activations = "*fp8e4nv" if a_fp8 else "*bf16"
+        types = {"x_ptr": activations, "a_ptr": activations, "xs_ptr": "*fp32", "as_ptr": "*fp32", "w_ptr": weight,
+                 "s_ptr": "*fp32", "out_ptr": "*bf16", "rows_ptr": "*i64", "block_expert_ptr": "*i32",
+                 "weight_ptr": "*fp32"}
+        constexprs = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32",
+                      "HAS_SCALE": has_scale, "SCALE_BLOCK": SCALE_BLOCK, "A_FP8": a_fp8}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
         ptx = compiled.asm["ptx"]
         assert "mma.sync" in ptx or "wgmma" in ptx, kernel.arg_names
-        if has_scale:
+        if a_fp8 and block_m >= 64:
+            assert "f32.e4m3.e4m3" in ptx  # mma_async (wgmma) on fp8 operands
+        elif a_fp8:
+            assert "cvt.rn.f16x2.e4m3x2" in ptx and "f32.f16.f16.f32" in ptx
+        elif has_scale:
             assert "cvt.rn.bf16x2.f32" in ptx or "cvt.rn.bf16.f32" in ptx  # scaled fp8 -> bf16 in registers

@@ -61,6 +61,33 @@ def test_fp8_fused_moe_in_a_cuda_graph(tokens: int, expert_start: int) -> None:
 
 
 @needs_fp8
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+def test_fp8_activations_w8a8_in_a_cuda_graph(tokens: int) -> None:
+    """fp8 experts with fp8 activations (a tile with fp8_activations): quantization inside the graph, fp8 x fp8
+    products (64-row tiles: warpgroup MMAs), within fp8's precision of the dequantized weights' result."""
+    from pdlaunch.model.moe.layout import TileConfig
+
+    experts, top_k, hidden, inter = 32, 4, 512, 256
+    gen = torch.Generator(device=CUDA).manual_seed(300 + tokens)
+    x = torch.randn(tokens, hidden, device=CUDA, generator=gen).bfloat16()
+    w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, device=CUDA, generator=gen))
+    w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, device=CUDA, generator=gen))
+    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
+    weights, ids = route(torch.randn(tokens, experts, device=CUDA, generator=gen), top_k, True)
+    for block_m in (16, 64):
+        tile = TileConfig(1 << 30, "triton", block_m, 64, 128, 4, 3, fp8_activations=True)
+        fused_moe(x, w13, w2, weights, ids, tile=tile, scales=(s13, s2))  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused_moe(x, w13, w2, weights, ids, tile=tile, scales=(s13, s2))
+        x.copy_(torch.randn(tokens, hidden, device=CUDA, generator=gen))
+        graph.replay()
+        want = moe_reference(x.float(), deq13, deq2, weights, ids)
+        assert _rel(out, want) < 6e-2, block_m
+
+
+@needs_fp8
 def test_block_fp8_moe_checkpoint_serves_fp8_experts(tmp_path: Path) -> None:
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
 

@@ -22,8 +22,9 @@ PDLAUNCH_MOE_BACKEND=reference|grouped_mm|triton forces one.
 
 Quantised experts: `fused_moe` takes the stacked weights as they are stored. FP8 experts (128x128 block
 scales, `scales=`) run in the Triton backend, whose kernels load one fp8 [block_n, block_k] tile of
-w13[e] / w2[e] at a time and scale it into the activation dtype in registers (model/moe/triton_moe.py);
-routing, the sort, the padding and the combine do not change.
+w13[e] / w2[e] at a time and scale it into the activation dtype in registers, or, where the fp8 tile file
+says `fp8_activations`, multiply it with fp8-quantized activations (model/moe/triton_moe.py); routing, the
+sort, the padding and the combine do not change.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ class TileConfig:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    fp8_activations: bool = False  # fp8 experts only: quantize activations too, fp8 x fp8 products (W8A8)
 
 
 @dataclass

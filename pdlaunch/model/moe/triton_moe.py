@@ -14,6 +14,12 @@ into the activation dtype in registers, value x its 128x128 block's scale, exact
 dequantized bf16 weights; the matmul itself runs in bf16 (decode is weight-read bound, which this halves).
 (Scaling the bf16 product of the unscaled tile instead, one multiply per output, measured slower on an
 H200: 0.86x against 0.79x of the bf16 decode step at batch 64, and 240 against 198 ms at 8k prefill.)
+FP8 activations (W8A8, a tile entry's `fp8_activations`): x and the SiLU-and-mul product are quantized per
+row and 128 columns (quant/kernels.py quantize_rows) and each k block's fp8 x fp8 product is scaled by its
+row's and its column's scale. From 64-row tiles up the products are fp8 warpgroup MMAs; below (decode),
+Triton turns both fp8 tiles into f16 with one conversion per two elements, which is all the weights cost in
+registers. The activations' rounding to 3 mantissa bits costs about 3% relative error against the float32
+loop; benchmarks/moe_kernels.py --fp8 times both modes per size and the tile file keeps the faster.
 Kernels are built lazily per interpret mode (see model/fused_ops.py for why), so the CPU tests run
 them under TRITON_INTERPRET=1.
 """
@@ -37,10 +43,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def moe_up_kernel(x_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
-                      sx_t, sx_k, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
+    def moe_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
+                      sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+                      PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                      A_FP8: tl.constexpr):
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -63,24 +70,31 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             b_mask = k_ok[:, None] & n_ok[None, :]
             b_gate = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
             b_up = tl.load(w_base + (offs_n[None, :] + N) * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
-            if HAS_SCALE:  # fp8 weight tile -> the model dtype, one scale per (128 rows, 128 columns) block
+            if HAS_SCALE:
                 s_base = s_ptr + e * ss_e + (k0 // SCALE_BLOCK) * ss_k
                 s_gate = tl.load(s_base + (offs_n // SCALE_BLOCK) * ss_n, mask=n_ok, other=0.0)
                 s_up = tl.load(s_base + ((offs_n + N) // SCALE_BLOCK) * ss_n, mask=n_ok, other=0.0)
-                b_gate = (b_gate.to(tl.float32) * s_gate[None, :]).to(dtype)
-                b_up = (b_up.to(tl.float32) * s_up[None, :]).to(dtype)
-            acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            if A_FP8:  # fp8 x fp8 products, each 128-wide k block scaled by its row's and its column's scale
+                s_a = tl.load(xs_ptr + token * sxs_t + k0 // SCALE_BLOCK, mask=row_ok, other=0.0)
+                acc_gate += tl.dot(a, b_gate) * s_a[:, None] * s_gate[None, :]
+                acc_up += tl.dot(a, b_up) * s_a[:, None] * s_up[None, :]
+            else:
+                if HAS_SCALE:  # fp8 weight tile -> the model dtype, one scale per (128 rows, 128 columns) block
+                    b_gate = (b_gate.to(tl.float32) * s_gate[None, :]).to(dtype)
+                    b_up = (b_up.to(tl.float32) * s_up[None, :]).to(dtype)
+                acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         gate = acc_gate.to(dtype).to(tl.float32)
         up = acc_up.to(dtype).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], (act * up).to(dtype), mask=n_ok[None, :])
 
     @triton.jit
-    def moe_down_kernel(a_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K, N,
-                        sa_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
+    def moe_down_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K,
+                        N, sa_m, sas_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr):
+                        PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+                        A_FP8: tl.constexpr):
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -102,8 +116,13 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             if HAS_SCALE:
                 s_w = tl.load(s_ptr + e * ss_e + (k0 // SCALE_BLOCK) * ss_k + (offs_n // SCALE_BLOCK) * ss_n,
                               mask=n_ok, other=0.0)
-                b = (b.to(tl.float32) * s_w[None, :]).to(dtype)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if A_FP8:
+                s_a = tl.load(as_ptr + offs_m * sas_m + k0 // SCALE_BLOCK)
+                acc += tl.dot(a, b) * s_a[:, None] * s_w[None, :]
+            else:
+                if HAS_SCALE:
+                    b = (b.to(tl.float32) * s_w[None, :]).to(dtype)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
         weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
         out = acc.to(dtype).to(tl.float32) * weight[:, None]
         tl.store(out_ptr + rows[:, None] * so_m + offs_n[None, :], out.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
@@ -117,12 +136,26 @@ def _interpret() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp8 [M, K], float32 scales [M, K/128]): one scale per row and 128 columns (the Triton
+    kernel on CUDA, torch elsewhere: the interpreter)."""
+    if x.is_cuda:
+        from pdlaunch.model.quant.kernels import quantize_rows
+
+        return quantize_rows(x, SCALE_BLOCK)
+    from pdlaunch.model.quant.fp8 import quantize_per_token_group
+
+    return quantize_per_token_group(x, SCALE_BLOCK)
+
+
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
                tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """fused_moe's Triton backend (weights float32 [T, k], zero for dropped assignments). `scales`: w13 and
-    w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128] (model/moe/experts.py)."""
+    w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128] (model/moe/experts.py);
+    with `tile.fp8_activations` the activations are quantized too (W8A8, module doc)."""
     import triton
 
+    a_fp8 = tile.fp8_activations and scales is not None
     if x.element_size() > 2:
         # Tile files are tuned for bf16; float32 operands take twice the shared memory per stage.
         tile = replace(tile, block_k=max(16, tile.block_k // 2))
@@ -139,16 +172,20 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     k = _kernels(_interpret())
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
+    a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
     k.up[(num_blocks, triton.cdiv(inter, tile.block_n))](
-        x, w13, s13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13, act.stride(0),
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        a, a_scales, w13, s13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
+        a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
+        act.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
+        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
     out = torch.zeros(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
     k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
-        act, w2, s2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter, hidden,
-        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2, out.stride(0),
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, num_warps=tile.num_warps, num_stages=tile.num_stages)
+        a, a_scales, w2, s2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter,
+        hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
+        out.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
+        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     return out.view(num_tokens, top_k, hidden).sum(dim=1)
