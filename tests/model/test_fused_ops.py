@@ -11,11 +11,6 @@ cannot compare the reference with itself.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -36,12 +31,12 @@ from pdlaunch.model.fused_ops import (
 )
 from pdlaunch.model.layers import RMSNorm
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 REFERENCES = ["rms_norm_torch", "fused_add_rms_norm_torch", "apply_rotary_torch", "silu_and_mul_torch",
               "write_kv_torch"]
 # Set when this process started as the interpreter child (before torch or triton were imported).
-INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
 LLAMA3_SCALING = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                   original_max_position_embeddings=8192)
 
@@ -198,16 +193,7 @@ def test_write_kv_kernel_matches_reference(device: str, cache_dtype: torch.dtype
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    pytest.importorskip("triton")
-    if INTERPRET_AT_START:
-        pytest.skip("this is the child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"]
-    child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                           timeout=240)
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    # -ra (pyproject addopts) lists skip reasons: none of the cases may have skipped as "not the child".
-    assert " passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
+    run_interpreter_child(__file__, "interpret", timeout=240)
 
 
 def test_interpret_mode_builds_interpreted_kernels(device: str) -> None:

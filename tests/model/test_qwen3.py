@@ -7,10 +7,7 @@ Greedy parity through the paged cache, the engine, TP, PD and offload is in the 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +22,10 @@ from pdlaunch.model.arch import parse_hf_config
 from pdlaunch.model.loader import load_checkpoint, load_model
 from tests.config.cli_helpers import check
 from tests.helpers.checkpoints import hf_greedy, hf_model
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 from tests.model.paged_runner import PagedRunner
 from tests.model.test_parity import PROMPT
 
-INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
 QWEN3: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128,
     "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 512,
@@ -127,12 +124,4 @@ def _forbid(name: str):  # noqa: ANN202
 
 @pytest.mark.slow
 def test_interpreter_case_in_a_subprocess() -> None:
-    pytest.importorskip("triton")
-    if INTERPRET_AT_START:
-        pytest.skip("this is the child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreter_match"]
-    child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                           timeout=600)
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert "1 passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
+    run_interpreter_child(__file__, "interpreter_match", "1 passed")

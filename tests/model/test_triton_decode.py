@@ -10,19 +10,14 @@ windows, tiles smaller and larger than a block, and context splits with and with
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.triton_decode import DecodeLaunch, choose_launch, paged_decode
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
-INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
 POISON = 0  # block id of padded table entries and released blocks: filled with NaN
 
 
@@ -191,12 +186,4 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    pytest.importorskip("triton")
-    if INTERPRET_AT_START:
-        pytest.skip("this is the child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"]
-    child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                           timeout=600)
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert f"{len(CASES)} passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
+    run_interpreter_child(__file__, "interpret", f"{len(CASES)} passed")

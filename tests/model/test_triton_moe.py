@@ -12,11 +12,6 @@ tl.dot gives values around 1e10), the GPU does not."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -24,8 +19,8 @@ from pdlaunch.model.moe.block import route
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
 from pdlaunch.model.moe.layout import TileConfig
 from pdlaunch.model.quant import fp8
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
-INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET") == "1"
 TILE = TileConfig(1 << 30, "triton", 16, 64, 64, 4, 2)
 
 
@@ -103,15 +98,7 @@ def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    pytest.importorskip("triton")
-    if INTERPRET_AT_START:
-        pytest.skip("this is the child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret_"]
-    child = subprocess.run(command, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                           timeout=600)
-    assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
-    assert "18 passed" in child.stdout and "runs in the child" not in child.stdout, child.stdout[-3000:]
+    run_interpreter_child(__file__, "interpret_", "18 passed")
 
 
 @pytest.mark.parametrize("has_scale,a_fp8,block_m", [(False, False, 16), (True, False, 16), (True, True, 16),
