@@ -101,13 +101,18 @@ def run_pd_across_nodes(nodes: TwoNodes, model: Path, config: Path, tmp: Path, u
         def ready() -> bool:
             node0.check_alive()
             node1.check_alive()
+            # Both launchers done starting (each says so), not only the proxy answering: a launcher still
+            # starting when it is stopped exits through its "while starting" path (a CI run lost that race).
+            if "ready: OpenAI API at" not in node0.output or "instances ready" not in node1.output:
+                return False
             try:
                 return httpx.get(f"{proxy}/health", timeout=2, trust_env=False).status_code == 200
             except httpx.HTTPError:
                 return False
 
-        call_in_namespace(nodes.namespaces[0], lambda: wait_for(ready, "the proxy on node 0 to see both nodes "
-                                                                "ready", START_TIMEOUT_S, poll=0.5),
+        call_in_namespace(nodes.namespaces[0], lambda: wait_for(ready, "both launchers to say they are ready and "
+                                                                "the proxy on node 0 to answer", START_TIMEOUT_S,
+                                                                poll=0.5),
                           START_TIMEOUT_S + 10)
 
         def requests_from_node_a() -> dict[str, Any]:
