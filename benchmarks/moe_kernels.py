@@ -41,6 +41,11 @@ SMALL = [TileConfig(0, "triton", 16, n, k, w, s) for n, k, w, s in
 SMALL_FP8 = [TileConfig(0, "triton", 16, n, k, w, s) for n, k, w, s in
              [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 4, 4), (256, 128, 4, 3), (128, 128, 8, 4),
               (64, 128, 4, 5), (32, 128, 4, 4), (64, 64, 4, 4)]]
+# swap_ab: the weight tile is the warpgroup MMA's 64-row side and the block's 16 rows its n (decode on Hopper)
+SWAPPED = [TileConfig(0, "triton", 16, n, 128, w, s, swap_ab=True) for n, w, s in
+           [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 4, 4), (64, 4, 5), (256, 4, 3)]]
+SMALL += SWAPPED
+SMALL_FP8 += SWAPPED
 LARGE = [TileConfig(0, "triton", m, n, k, w, s) for m, n, k, w, s in
          [(32, 128, 64, 4, 4), (64, 128, 64, 4, 3), (64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3),
           (64, 64, 128, 4, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 32, 8, 5)]]
@@ -143,7 +148,8 @@ def tile_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         best = row["triton_best"]
         limit = row["tokens"] if i + 1 < len(rows) else 1 << 30
         tile = TileConfig(limit, row["faster"], best["block_m"], best["block_n"], best["block_k"],
-                          best["num_warps"], best["num_stages"], best.get("fp8_activations", False))
+                          best["num_warps"], best["num_stages"], best.get("fp8_activations", False),
+                          best.get("swap_ab", False))
         entries.append(asdict(replace(tile)))
     return entries
 

@@ -96,19 +96,45 @@ def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
     assert _rel(out, want) < 6e-2
 
 
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("mode", ["float32", "w8a16", "w8a8"])
+def test_interpret_swapped_operand_tiles_equal_the_plain_ones(interpret: None, tokens: int, mode: str) -> None:
+    """`swap_ab` tiles multiply weight tile^T @ activations^T (the decode layout on Hopper: the weight tile is
+    the warpgroup MMA's 64-row side) and transpose once at the end: the same result as the plain tile."""
+    experts, top_k, hidden, inter = 8, 2, 256, 128
+    gen = torch.Generator().manual_seed(300 + tokens)
+    w13 = 0.05 * torch.randn(experts, 2 * inter, hidden, generator=gen)
+    w2 = 0.05 * torch.randn(experts, hidden, inter, generator=gen)
+    x = torch.randn(tokens, hidden, generator=gen)
+    scales = None
+    if mode != "float32":
+        x = x.half()
+        w13, s13 = fp8.quantize_stacked_blocks(w13)
+        w2, s2 = fp8.quantize_stacked_blocks(w2)
+        scales = (s13, s2)
+    weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    plain = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, fp8_activations=mode == "w8a8")
+    swapped = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, fp8_activations=mode == "w8a8", swap_ab=True)
+    out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=swapped, scales=scales)
+    want = fused_moe(x, w13, w2, weights, ids, use="triton", tile=plain, scales=scales)
+    assert _rel(out, want) < (1e-5 if mode == "float32" else 1e-2)
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "18 passed")
+    run_interpreter_child(__file__, "interpret_", "24 passed")
 
 
-@pytest.mark.parametrize("has_scale,a_fp8,block_m", [(False, False, 16), (True, False, 16), (True, True, 16),
-                                                     (True, True, 64)])
-def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, block_m: int) -> None:
+@pytest.mark.parametrize("has_scale,a_fp8,block_m,swap_ab", [
+    (False, False, 16, False), (True, False, 16, False), (True, True, 16, False), (True, True, 64, False),
+    (False, False, 16, True), (True, False, 16, True), (True, True, 16, True)])
+def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, block_m: int, swap_ab: bool) -> None:
     """Compile (no GPU needed) both kernels for sm_90 and read the PTX: the products run on tensor cores. bf16
     activations: fp8 weight tiles are scaled into bf16 in registers (W8A16). fp8 activations (W8A8): at 64-row
     tiles the products are fp8 x fp8 warpgroup MMAs; at 16 rows (below wgmma's 64) Triton turns both fp8 tiles
     into f16 with one conversion per two elements and runs f16 MMAs, the scales applied to each k block's
-    product instead of to every weight."""
+    product instead of to every weight. With swap_ab the 64-column weight tile is the MMA's 64-row side and the
+    16 rows its n: warpgroup MMAs at decode, fp8 x fp8 (m64n16k32 e4m3) with fp8 activations."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -126,13 +152,17 @@ def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, 
                  "s_ptr": "*fp32", "out_ptr": "*bf16", "rows_ptr": "*i64", "block_expert_ptr": "*i32",
                  "weight_ptr": "*fp32"}
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32",
-                      "HAS_SCALE": has_scale, "SCALE_BLOCK": SCALE_BLOCK, "A_FP8": a_fp8}
+                      "HAS_SCALE": has_scale, "SCALE_BLOCK": SCALE_BLOCK, "A_FP8": a_fp8, "SWAP_AB": swap_ab,
+                      "MMA": kernels.mma}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
         ptx = compiled.asm["ptx"]
         assert "mma.sync" in ptx or "wgmma" in ptx, kernel.arg_names
-        if a_fp8 and block_m >= 64:
+        if swap_ab:
+            assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
+            assert ("m64n16k32.f32.e4m3.e4m3" in ptx) == a_fp8
+        elif a_fp8 and block_m >= 64:
             assert "f32.e4m3.e4m3" in ptx  # mma_async (wgmma) on fp8 operands
         elif a_fp8:
             assert "cvt.rn.f16x2.e4m3x2" in ptx and "f32.f16.f16.f32" in ptx

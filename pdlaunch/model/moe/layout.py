@@ -31,6 +31,7 @@ class TileConfig:
     num_warps: int = 4
     num_stages: int = 3
     fp8_activations: bool = False  # fp8 experts only: quantize activations too, fp8 x fp8 products (W8A8)
+    swap_ab: bool = False  # the weight tile is the MMA's long side (block_n >= 64 rows), the block's rows its short
 
 
 @dataclass

@@ -42,12 +42,30 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
+    # Handed to the kernels as MMA (a constexpr): Triton's interpreter resolves callees among module globals only
+    # (model/fused_ops.py's ROTATE).
+    @triton.jit
+    def mma(acc, a, b, s_a, s_b, A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
+        """acc + a @ b for a [M, K] and b [K, N] tiles; with SWAP_AB, acc and the result are [N, M] (b^T @ a^T:
+        the weight tile is the MMA's long side). A_FP8: fp8 x fp8, scaled per row (s_a) and column (s_b)."""
+        if SWAP_AB:
+            if A_FP8:
+                acc += tl.dot(tl.trans(b), tl.trans(a)) * s_b[:, None] * s_a[None, :]
+            else:
+                acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
+        else:
+            if A_FP8:
+                acc += tl.dot(a, b) * s_a[:, None] * s_b[None, :]
+            else:
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        return acc
+
     @triton.jit
     def moe_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
                       sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                      A_FP8: tl.constexpr):
+                      A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr):
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -59,8 +77,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         token = rows // top_k
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP_AB:
+            acc_gate = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         w_base = w_ptr + e * sw_e
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -70,20 +92,23 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             b_mask = k_ok[:, None] & n_ok[None, :]
             b_gate = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
             b_up = tl.load(w_base + (offs_n[None, :] + N) * sw_n + offs_k[:, None] * sw_k, mask=b_mask, other=0.0)
+            s_gate = n_ok  # unread without scales
+            s_up = n_ok
             if HAS_SCALE:
                 s_base = s_ptr + e * ss_e + (k0 // SCALE_BLOCK) * ss_k
                 s_gate = tl.load(s_base + (offs_n // SCALE_BLOCK) * ss_n, mask=n_ok, other=0.0)
                 s_up = tl.load(s_base + ((offs_n + N) // SCALE_BLOCK) * ss_n, mask=n_ok, other=0.0)
+            s_a = n_ok  # unread unless A_FP8
             if A_FP8:  # fp8 x fp8 products, each 128-wide k block scaled by its row's and its column's scale
                 s_a = tl.load(xs_ptr + token * sxs_t + k0 // SCALE_BLOCK, mask=row_ok, other=0.0)
-                acc_gate += tl.dot(a, b_gate) * s_a[:, None] * s_gate[None, :]
-                acc_up += tl.dot(a, b_up) * s_a[:, None] * s_up[None, :]
-            else:
-                if HAS_SCALE:  # fp8 weight tile -> the model dtype, one scale per (128 rows, 128 columns) block
-                    b_gate = (b_gate.to(tl.float32) * s_gate[None, :]).to(dtype)
-                    b_up = (b_up.to(tl.float32) * s_up[None, :]).to(dtype)
-                acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
-                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            elif HAS_SCALE:  # fp8 weight tile -> the model dtype, one scale per (128 rows, 128 columns) block
+                b_gate = (b_gate.to(tl.float32) * s_gate[None, :]).to(dtype)
+                b_up = (b_up.to(tl.float32) * s_up[None, :]).to(dtype)
+            acc_gate = MMA(acc_gate, a, b_gate, s_a, s_gate, A_FP8, SWAP_AB, PRECISION)
+            acc_up = MMA(acc_up, a, b_up, s_a, s_up, A_FP8, SWAP_AB, PRECISION)
+        if SWAP_AB:
+            acc_gate = tl.trans(acc_gate)
+            acc_up = tl.trans(acc_up)
         gate = acc_gate.to(dtype).to(tl.float32)
         up = acc_up.to(dtype).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
@@ -94,7 +119,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                         N, sa_m, sas_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                        A_FP8: tl.constexpr):
+                        A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr):
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -105,7 +130,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         row_ok = rows < num_rows
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         w_base = w_ptr + e * sw_e
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -113,21 +141,23 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             a = tl.load(a_ptr + offs_m[:, None] * sa_m + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             b = tl.load(w_base + offs_n[None, :] * sw_n + offs_k[:, None] * sw_k,
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            s_w = n_ok  # unread without scales
             if HAS_SCALE:
                 s_w = tl.load(s_ptr + e * ss_e + (k0 // SCALE_BLOCK) * ss_k + (offs_n // SCALE_BLOCK) * ss_n,
                               mask=n_ok, other=0.0)
+            s_a = n_ok  # unread unless A_FP8
             if A_FP8:
                 s_a = tl.load(as_ptr + offs_m * sas_m + k0 // SCALE_BLOCK)
-                acc += tl.dot(a, b) * s_a[:, None] * s_w[None, :]
-            else:
-                if HAS_SCALE:
-                    b = (b.to(tl.float32) * s_w[None, :]).to(dtype)
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            elif HAS_SCALE:
+                b = (b.to(tl.float32) * s_w[None, :]).to(dtype)
+            acc = MMA(acc, a, b, s_a, s_w, A_FP8, SWAP_AB, PRECISION)
+        if SWAP_AB:
+            acc = tl.trans(acc)
         weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
         out = acc.to(dtype).to(tl.float32) * weight[:, None]
         tl.store(out_ptr + rows[:, None] * so_m + offs_n[None, :], out.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
-    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel)
+    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma)
 
 
 def _interpret() -> bool:
@@ -177,7 +207,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         a, a_scales, w13, s13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
         a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
         act.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, num_warps=tile.num_warps,
+        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
+        num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     out = torch.zeros(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
@@ -185,7 +216,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         a, a_scales, w2, s2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter,
         hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
         out.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, num_warps=tile.num_warps,
+        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
+        num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     return out.view(num_tokens, top_k, hidden).sum(dim=1)
