@@ -133,6 +133,11 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
                             "experts_routed_per_layer": mean_routed / counter.hits.shape[0],
                             "floor_gb": floor_bytes / 1e9, "floor_ms": floor_bytes / bw * 1e3}
     cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
+    manager = engine.block_manager
+    needed = batch * -(-(context + WARMUP_STEPS + steps) // manager.block_size)
+    if needed > manager.num_blocks:  # requests were preempted and recomputed: step_ms is not a decode step
+        cell["kv_cache_short"] = (f"the batch needs {needed} KV blocks, the cache holds {manager.num_blocks}: "
+                                  "step_ms includes preemption and recomputation; replay_ms is the decode step")
     if graphs is not None and batch in graphs.graphs:
         cell["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
         cell["replay_ratio"] = cell["replay_ms"] / cell["floor_ms"]

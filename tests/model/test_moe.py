@@ -203,3 +203,23 @@ def test_norm_over_a_width_split_across_ranks_equals_the_whole_norm(tp: int, rep
         norm = ShardedRMSNorm(heads * head_dim, head_dim, head * head_dim, 1e-5, tp, replicas)
         norm.weight_loader(norm.weight, weight)
         torch.testing.assert_close(norm(x[:, cols]), want[:, cols], msg=f"rank {rank}")
+
+
+def test_every_shipped_tile_file_loads_and_covers_every_size() -> None:
+    """pdlaunch/model/moe/configs/*.json (written by benchmarks/moe_kernels.py --write-config): each loads as
+    the engine reads it on that device, ascending, the last entry covering any size; swap_ab tiles keep the
+    weight tile at the warpgroup MMA's 64 rows or more; fp8_activations only in fp8 files."""
+    from pdlaunch.model.moe.fused import CONFIG_DIR, config_file, device_tiles
+
+    files = sorted(CONFIG_DIR.glob("*.json"))
+    assert {f.name for f in files} >= {"NVIDIA_H200.json", "NVIDIA_H100_80GB_HBM3.json",
+                                       "NVIDIA_H100_80GB_HBM3_fp8.json"}
+    for path in files:
+        device = json.loads(path.read_text())["device"]
+        fp8 = path.stem.endswith("_fp8")
+        assert config_file(device, fp8) == path
+        tiles = device_tiles(device, fp8)
+        assert [t.max_tokens for t in tiles] == sorted(t.max_tokens for t in tiles)
+        assert tiles[-1].max_tokens >= 1 << 30, path.name
+        assert all(t.block_n >= 64 for t in tiles if t.swap_ab), path.name
+        assert fp8 or not any(t.fp8_activations for t in tiles), path.name
