@@ -120,9 +120,53 @@ def test_interpret_swapped_operand_tiles_equal_the_plain_ones(interpret: None, t
     assert _rel(out, want) < (1e-5 if mode == "float32" else 1e-2)
 
 
+def _local_ids(tokens: int, top_k: int, experts: int, local: int, seed: int) -> torch.Tensor:
+    """Routed ids as a rank holding the last `local` experts sees them: local index, `local` for the others."""
+    _, ids = route(torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)), top_k, True)
+    start = experts - local
+    return torch.where(ids >= start, ids - start, local)
+
+
+@pytest.mark.parametrize("tokens,top_k,experts,local,block_m", [
+    (1, 8, 128, 128, 16), (3, 2, 8, 4, 16), (7, 2, 8, 8, 16), (37, 4, 32, 16, 64), (64, 8, 128, 128, 16),
+    (100, 2, 8, 8, 32), (512, 8, 128, 128, 16)])
+def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens: int, top_k: int, experts: int,
+                                                         local: int, block_m: int) -> None:
+    """The one-launch layout (triton_moe.align_rows) gives layout.align_to_blocks's rows and block experts
+    exactly: the few-assignment layout, experts of another rank dropped, 16-64-row blocks, 4096 rows."""
+    from pdlaunch.model.moe.layout import align_to_blocks
+    from pdlaunch.model.moe.triton_moe import align_rows
+
+    local_ids = _local_ids(tokens, top_k, experts, local, tokens)
+    rows, block_expert = align_rows(local_ids, local, block_m)
+    want_rows, want_experts = align_to_blocks(local_ids, local, block_m)
+    assert torch.equal(rows, want_rows) and torch.equal(block_expert, want_experts)
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "24 passed")
+    run_interpreter_child(__file__, "interpret_", "31 passed")
+
+
+@pytest.mark.parametrize("few", [False, True])
+def test_align_kernel_compiles_for_h100(few: bool) -> None:
+    """The layout kernel compiles for sm_90 with 256 experts (the padded column count of DeepSeek-size routers)."""
+    pytest.importorskip("triton.backends.nvidia")
+    if INTERPRET_AT_START:
+        pytest.skip("the interpreter child decorates interpreted kernels")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pdlaunch.model.moe.triton_moe import _kernels
+
+    kernel = _kernels(False).align
+    constexprs = {"BLOCK_M": 16, "E_PAD": 256, "CHUNK": 64, "FEW": few}
+    types = {"ids_ptr": "*i64", "rows_ptr": "*i64", "block_expert_ptr": "*i32"}
+    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert "bar.sync" in compiled.asm["ptx"]  # the barrier between the sentinel fill and the rows
 
 
 @pytest.mark.parametrize("has_scale,a_fp8,block_m,swap_ab", [

@@ -1,7 +1,9 @@
 """The Triton backend of fused_moe: two grouped GEMMs over assignments padded per expert.
 
 `align_to_blocks` (model/moe/layout.py) lays the T*k assignments out in blocks of `block_m` rows, one
-expert per block; blocks of expert -1 are unused and the kernels skip them.
+expert per block; blocks of expert -1 are unused and the kernels skip them. Up to 4096 assignments (decode)
+`moe_align_kernel` computes the same layout in one launch (`align_rows`): the sort-based one is a dozen small
+kernels, ~100 us a layer on an H100 at batch 64, as long as the fp8 up GEMM's reads.
 
 - `moe_up_kernel`: per (block, column tile) x[token rows] @ w13[e]^T for the gate and the up halves
   at once, SiLU-and-mul in the epilogue -> [padded rows, I].
@@ -20,6 +22,8 @@ row's and its column's scale. From 64-row tiles up the products are fp8 warpgrou
 Triton turns both fp8 tiles into f16 with one conversion per two elements, which is all the weights cost in
 registers. The activations' rounding to 3 mantissa bits costs about 3% relative error against the float32
 loop; benchmarks/moe_kernels.py --fp8 times both modes per size and the tile file keeps the faster.
+Swapped operands (a tile's `swap_ab`): weight tile^T @ rows^T, so at decode the weight tile is the warpgroup
+MMA's 64-row side and a block's 16 rows its n (wgmma instead of mma.sync; measured within 1% either way).
 Kernels are built lazily per interpret mode (see model/fused_ops.py for why), so the CPU tests run
 them under TRITON_INTERPRET=1.
 """
@@ -157,13 +161,78 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         out = acc.to(dtype).to(tl.float32) * weight[:, None]
         tl.store(out_ptr + rows[:, None] * so_m + offs_n[None, :], out.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
-    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma)
+    @triton.jit
+    def moe_align_kernel(ids_ptr, rows_ptr, block_expert_ptr, num_rows, num_local, num_blocks,
+                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, FEW: tl.constexpr):
+        # One program: layout.align_to_blocks's rows and block experts, the same values, in one launch.
+        e = tl.arange(0, E_PAD)
+        c = tl.arange(0, CHUNK)
+        sentinel = tl.zeros((CHUNK,), dtype=tl.int64) + num_rows
+        for p0 in range(0, num_blocks * BLOCK_M, CHUNK):
+            tl.store(rows_ptr + p0 + c, sentinel, mask=p0 + c < num_blocks * BLOCK_M)
+        tl.debug_barrier()  # every sentinel is written before any row below overwrites one
+        if FEW:  # a block per assignment, its row first
+            for r0 in range(0, num_rows, CHUNK):
+                r = r0 + c
+                ok = r < num_rows
+                ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
+                tl.store(rows_ptr + r.to(tl.int64) * BLOCK_M, r.to(tl.int64), mask=ok)
+                tl.store(block_expert_ptr + r, tl.where(ids < num_local, ids, -1).to(tl.int32), mask=ok)
+        else:
+            counts = tl.zeros((E_PAD,), dtype=tl.int32)
+            for r0 in range(0, num_rows, CHUNK):
+                ids = tl.load(ids_ptr + r0 + c, mask=r0 + c < num_rows, other=num_local)
+                counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+            counts = tl.where(e < num_local, counts, 0)
+            padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+            padded_end = tl.cumsum(padded, 0)
+            padded_start = padded_end - padded
+            seen = tl.zeros((E_PAD,), dtype=tl.int32)  # rows of each expert placed by earlier chunks
+            for r0 in range(0, num_rows, CHUNK):
+                r = r0 + c
+                ok = r < num_rows
+                ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
+                hot = (ids[:, None] == e[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
+                before = tl.cumsum(hot, 0) - hot + seen[None, :]  # same-expert rows ahead: stable, as the sort
+                dest = tl.sum(hot * (before + padded_start[None, :]), axis=1)
+                tl.store(rows_ptr + dest, r.to(tl.int64), mask=ok & (ids < num_local))
+                seen += tl.sum(hot, axis=0)
+            for b0 in range(0, num_blocks, CHUNK):
+                b = b0 + c
+                ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < num_local)
+                expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
+                tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
+
+    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, align=moe_align_kernel)
 
 
 def _interpret() -> bool:
     import triton
 
     return bool(triton.knobs.runtime.interpret)
+
+
+ALIGN_KERNEL_MAX_ROWS = 4096  # above (prefill), the sort-based layout.align_to_blocks is as fast
+
+
+def align_rows(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """layout.align_to_blocks's (rows, block_expert), equal values: up to ALIGN_KERNEL_MAX_ROWS assignments in
+    one Triton launch (decode: the sort and its dozen small kernels cost ~100 us a layer on an H100, more than
+    the fp8 up GEMM's reads at batch 64), the sort above."""
+    import triton
+
+    num_rows = local_ids.numel()
+    if num_rows > ALIGN_KERNEL_MAX_ROWS:
+        return align_to_blocks(local_ids, num_local, block_m)
+    few = num_rows * 4 <= num_local
+    num_blocks = num_rows if few else -(-num_rows // block_m) + min(num_local, num_rows)
+    rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=local_ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=local_ids.device)
+    e_pad = triton.next_power_of_2(num_local + 1)  # a column for the dropped id too
+    _kernels(_interpret()).align[(1,)](local_ids.reshape(-1), rows, block_expert, num_rows, num_local, num_blocks,
+                                       BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(128, 16384 // e_pad)),
+                                       FEW=few, num_warps=8)
+    return rows, block_expert
 
 
 def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,7 +266,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     num_tokens, top_k = local_ids.shape
     num_local, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    rows, block_expert = align_to_blocks(local_ids, num_local, tile.block_m)
+    rows, block_expert = align_rows(local_ids, num_local, tile.block_m)
     num_blocks = block_expert.shape[0]
     k = _kernels(_interpret())
     precision = "ieee" if x.dtype == torch.float32 else "tf32"

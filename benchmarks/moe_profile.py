@@ -1,0 +1,82 @@
+"""Where one MoE layer's time goes, per kernel: torch.profiler over fused_moe calls of the Qwen3-30B-A3B shape.
+
+    python benchmarks/moe_profile.py [--tokens 1 64] [--calls 50] [--json OUT]
+
+For each token count and each expert format (bf16; 128x128-block fp8 with bf16 activations, W8A16; fp8 with
+fp8 activations, W8A8) with the device's tile file: the GPU time per call of every kernel fused_moe launches
+(routing sort and padding, activation quantization, the up and down GEMMs, the combine), summed over the calls
+and divided by their number, next to the bytes the GEMM kernels must read (the experts the batch routes to).
+This says which kernel to work on; moe_kernels.py times the layer as a whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pdlaunch.model.moe.block import route  # noqa: E402
+from pdlaunch.model.moe.fused import fused_moe, tile_for  # noqa: E402
+from pdlaunch.model.quant import fp8  # noqa: E402
+
+EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
+
+
+def profile_calls(fn: Any, calls: int) -> dict[str, float]:
+    """Microseconds per call of each CUDA kernel `fn` launches."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name[:80]] += event.device_time / calls
+    return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for tokens in args.tokens:
+        gen = torch.Generator(device="cuda").manual_seed(tokens)
+        x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
+        w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
+        w2 = (0.02 * torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", generator=gen)).bfloat16()
+        weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
+        routed = int(ids.unique().numel())
+        q13, s13 = fp8.quantize_stacked_blocks(w13)
+        q2, s2 = fp8.quantize_stacked_blocks(w2)
+        fp8_tile = tile_for(x, tokens, fp8=True)
+        cases: list[tuple[str, Any]] = [
+            ("bf16", lambda: fused_moe(x, w13, w2, weights, ids, use="triton")),
+            ("fp8-" + ("w8a8" if fp8_tile.fp8_activations else "w8a16"),
+             lambda: fused_moe(x, q13, q2, weights, ids, use="triton", scales=(s13, s2))),
+        ]
+        for name, fn in cases:
+            kernels = profile_calls(fn, args.calls)
+            weight_bytes = routed * 3 * HIDDEN * INTER * (2 if name == "bf16" else 1)
+            row = {"tokens": tokens, "experts": name, "experts_routed": routed, "weight_mib": weight_bytes / 2**20,
+                   "total_us": sum(kernels.values()), "kernels_us": kernels}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
