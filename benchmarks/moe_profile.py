@@ -45,35 +45,36 @@ def profile_calls(fn: Any, calls: int) -> dict[str, float]:
     return dict(sorted(per_kernel.items(), key=lambda kv: -kv[1]))
 
 
+def profile_size(tokens: int, calls: int) -> list[dict[str, Any]]:
+    """Kernel times of one layer at `tokens` tokens with bf16 experts and with 128x128-block fp8 ones."""
+    gen = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
+    w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
+    w2 = (0.02 * torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", generator=gen)).bfloat16()
+    weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
+    routed = int(ids.unique().numel())
+    q13, s13 = fp8.quantize_stacked_blocks(w13)
+    q2, s2 = fp8.quantize_stacked_blocks(w2)
+    fp8_name = "fp8-" + ("w8a8" if tile_for(x, tokens, fp8=True).fp8_activations else "w8a16")
+    rows = []
+    for name, fn in [("bf16", lambda: fused_moe(x, w13, w2, weights, ids, use="triton")),
+                     (fp8_name, lambda: fused_moe(x, q13, q2, weights, ids, use="triton", scales=(s13, s2)))]:
+        kernels = profile_calls(fn, calls)
+        weight_bytes = routed * 3 * HIDDEN * INTER * (2 if name == "bf16" else 1)
+        row = {"tokens": tokens, "experts": name, "experts_routed": routed, "weight_mib": weight_bytes / 2**20,
+               "total_us": sum(kernels.values()), "kernels_us": kernels}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--calls", type=int, default=50)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    rows = []
-    for tokens in args.tokens:
-        gen = torch.Generator(device="cuda").manual_seed(tokens)
-        x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
-        w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
-        w2 = (0.02 * torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", generator=gen)).bfloat16()
-        weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
-        routed = int(ids.unique().numel())
-        q13, s13 = fp8.quantize_stacked_blocks(w13)
-        q2, s2 = fp8.quantize_stacked_blocks(w2)
-        fp8_tile = tile_for(x, tokens, fp8=True)
-        cases: list[tuple[str, Any]] = [
-            ("bf16", lambda: fused_moe(x, w13, w2, weights, ids, use="triton")),
-            ("fp8-" + ("w8a8" if fp8_tile.fp8_activations else "w8a16"),
-             lambda: fused_moe(x, q13, q2, weights, ids, use="triton", scales=(s13, s2))),
-        ]
-        for name, fn in cases:
-            kernels = profile_calls(fn, args.calls)
-            weight_bytes = routed * 3 * HIDDEN * INTER * (2 if name == "bf16" else 1)
-            row = {"tokens": tokens, "experts": name, "experts_routed": routed, "weight_mib": weight_bytes / 2**20,
-                   "total_us": sum(kernels.values()), "kernels_us": kernels}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows = [row for tokens in args.tokens for row in profile_size(tokens, args.calls)]
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
 
