@@ -12,7 +12,8 @@ call replayed from a CUDA graph as the engine runs decode. Figures per size:
 `--write-config` writes the faster backend and the best tile per size to
 pdlaunch/model/moe/configs/<device>.json (fused_moe reads it on that device); with `--fp8` the experts
 are 128x128-block fp8 (Triton only) and the file is <device>_fp8.json; every tile runs with bf16
-activations (W8A16) and with fp8 ones (W8A8, `fp8_activations` in the file), the faster one is kept
+activations (W8A16) and with fp8 ones (W8A8, `fp8_activations` in the file); W8A8 is kept only where it
+is at least 5% faster, its activations costing ~4% relative error against W8A16's ~0.5%
 (`w8a16_best_ms` / `w8a8_best_ms` per size in the JSON).
 """
 
@@ -35,6 +36,7 @@ from pdlaunch.model.moe.fused import TileConfig, config_file, fused_moe, moe_ref
 from pdlaunch.model.quant import fp8  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
+W8A8_MIN_GAIN = 0.95  # the tile file names fp8 activations only where they are at least 5% faster
 MAX_REL_ERR = 0.06  # fp8 activations round to 3 mantissa bits: about 3% against the float32 loop
 SMALL = [TileConfig(0, "triton", 16, n, k, w, s) for n, k, w, s in
          [(64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (32, 256, 4, 4), (128, 64, 4, 4), (64, 64, 4, 5)]]
@@ -131,10 +133,14 @@ def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Te
         rows.append({**asdict(tile), "ms": ms, "rel_err": err})
     # a tile whose result is off (rel_err against the float32 loop on the dequantized weights) cannot win
     usable = [r for r in rows if "ms" in r and r["rel_err"] < MAX_REL_ERR]
-    best = min(usable, key=lambda r: r["ms"])
+    best_of = {a_fp8: min((r for r in usable if r["fp8_activations"] == a_fp8), key=lambda r: r["ms"], default=None)
+               for a_fp8 in (False, True)}
     for mode, a_fp8 in (("w8a16", False), ("w8a8", True)):
-        mode_rows = [r for r in usable if r["fp8_activations"] == a_fp8]
-        row[f"{mode}_best_ms"] = min(r["ms"] for r in mode_rows) if mode_rows else None
+        found = best_of[a_fp8]
+        row[f"{mode}_best_ms"] = found["ms"] if found else None
+    # fp8 activations cost ~4% relative error against bf16 ones' ~0.5%: they win only where clearly faster
+    w8a16, w8a8 = best_of[False], best_of[True]
+    best = w8a8 if w8a16 is None or (w8a8 is not None and w8a8["ms"] < W8A8_MIN_GAIN * w8a16["ms"]) else w8a16
     row.update(triton=rows, triton_best=best, faster="triton", best_ms=best["ms"],
                ratio_to_floor=best["ms"] / row["floor_ms"], of_matmul_rate=flops / best["ms"] / 1e9 / tflops)
     print(json.dumps({k: v for k, v in row.items() if k != "triton"}), flush=True)

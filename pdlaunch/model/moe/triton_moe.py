@@ -179,27 +179,30 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                 tl.store(rows_ptr + r.to(tl.int64) * BLOCK_M, r.to(tl.int64), mask=ok)
                 tl.store(block_expert_ptr + r, tl.where(ids < num_local, ids, -1).to(tl.int32), mask=ok)
         else:
+            local = e < num_local  # the dropped id (num_local) matches no column
             counts = tl.zeros((E_PAD,), dtype=tl.int32)
             for r0 in range(0, num_rows, CHUNK):
                 ids = tl.load(ids_ptr + r0 + c, mask=r0 + c < num_rows, other=num_local)
-                counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
-            counts = tl.where(e < num_local, counts, 0)
+                counts += tl.sum(((ids[:, None] == e[None, :]) & local[None, :]).to(tl.int32), axis=0)
             padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
             padded_end = tl.cumsum(padded, 0)
             padded_start = padded_end - padded
-            seen = tl.zeros((E_PAD,), dtype=tl.int32)  # rows of each expert placed by earlier chunks
+            # Rank of a row among its expert's rows = same-expert rows before it (stable, as the sort): within a
+            # chunk, strictly-lower-triangular ones @ one-hot rows, a tensor-core product exact in fp16 inputs.
+            lower = (c[:, None] > c[None, :]).to(tl.float16)
+            seen = tl.zeros((E_PAD,), dtype=tl.int32)  # rows of each expert in earlier chunks
             for r0 in range(0, num_rows, CHUNK):
                 r = r0 + c
                 ok = r < num_rows
                 ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
-                hot = (ids[:, None] == e[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
-                before = tl.cumsum(hot, 0) - hot + seen[None, :]  # same-expert rows ahead: stable, as the sort
-                dest = tl.sum(hot * (before + padded_start[None, :]), axis=1)
+                hot = (ids[:, None] == e[None, :]) & local[None, :]  # [CHUNK, E_PAD]
+                before = tl.dot(lower, hot.to(tl.float16)).to(tl.int32)
+                dest = tl.sum(tl.where(hot, before + (seen + padded_start)[None, :], 0), axis=1)
                 tl.store(rows_ptr + dest, r.to(tl.int64), mask=ok & (ids < num_local))
-                seen += tl.sum(hot, axis=0)
+                seen += tl.sum(hot.to(tl.int32), axis=0)
             for b0 in range(0, num_blocks, CHUNK):
                 b = b0 + c
-                ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (e[None, :] < num_local)
+                ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & local[None, :]
                 expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
                 tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
 
@@ -228,10 +231,10 @@ def align_rows(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[t
     num_blocks = num_rows if few else -(-num_rows // block_m) + min(num_local, num_rows)
     rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=local_ids.device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=local_ids.device)
-    e_pad = triton.next_power_of_2(num_local + 1)  # a column for the dropped id too
+    e_pad = max(16, triton.next_power_of_2(num_local))  # 16: the smallest tensor-core product
     _kernels(_interpret()).align[(1,)](local_ids.reshape(-1), rows, block_expert, num_rows, num_local, num_blocks,
-                                       BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(128, 16384 // e_pad)),
-                                       FEW=few, num_warps=8)
+                                       BLOCK_M=block_m, E_PAD=e_pad, CHUNK=128 if e_pad <= 128 else 64, FEW=few,
+                                       num_warps=8)
     return rows, block_expert
 
 
