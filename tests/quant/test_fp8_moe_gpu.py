@@ -163,5 +163,6 @@ def test_block_fp8_moe_checkpoint_serves_fp8_experts(tmp_path: Path) -> None:
     deq13 = fp8.dequantize_stacked_blocks(experts.w13.data, experts.w13_scale.data)
     deq2 = fp8.dequantize_stacked_blocks(experts.w2.data, experts.w2_scale.data)
     same_kernels = fused_moe(x, deq13.bfloat16(), deq2.bfloat16(), weights, ids, use="triton")
-    assert _rel(out, same_kernels) < 1e-2
-    assert _rel(out, moe_reference(x.float(), deq13, deq2, weights, ids)) < 2e-2
+    bound = 6e-2 if tile_for(x, x.shape[0], fp8=True).fp8_activations else 1e-2  # W8A8 tiles: fp8's precision
+    assert _rel(out, same_kernels) < bound
+    assert _rel(out, moe_reference(x.float(), deq13, deq2, weights, ids)) < 2 * bound
