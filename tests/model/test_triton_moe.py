@@ -150,7 +150,7 @@ def test_interpreter_cases_in_a_subprocess() -> None:
 
 @pytest.mark.parametrize("few", [False, True])
 def test_align_kernel_compiles_for_h100(few: bool) -> None:
-    """The layout kernel compiles for sm_90 with 256 experts (the padded column count of DeepSeek-size routers)."""
+    """The layout kernels compile for sm_90 with 256 experts (DeepSeek-size routers)."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -160,13 +160,18 @@ def test_align_kernel_compiles_for_h100(few: bool) -> None:
 
     from pdlaunch.model.moe.triton_moe import _kernels
 
-    kernel = _kernels(False).align
-    constexprs = {"BLOCK_M": 16, "E_PAD": 256, "CHUNK": 64, "FEW": few}
-    types = {"ids_ptr": "*i64", "rows_ptr": "*i64", "block_expert_ptr": "*i32"}
-    signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-    assert "bar.sync" in compiled.asm["ptx"]  # the barrier between the sentinel fill and the rows
+    kernels = _kernels(False)
+    types = {"ids_ptr": "*i64", "rows_ptr": "*i64", "block_expert_ptr": "*i32", "hist_ptr": "*i32"}
+    for kernel, constexprs in [(kernels.align_count, {"BLOCK_M": 16, "E_PAD": 256, "CHUNK": 64, "FEW": few}),
+                               (kernels.align_place, {"BLOCK_M": 16, "E_PAD": 256, "CHUNK": 64, "CHUNKS_PAD": 64})]:
+        signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        ptx = compiled.asm["ptx"]
+        if kernel is kernels.align_place:
+            assert "mma" in ptx  # the rank product on tensor cores
+        elif few:
+            assert "bar.sync" in ptx  # the barrier between the sentinel fill and the rows
 
 
 @pytest.mark.parametrize("has_scale,a_fp8,block_m,swap_ab", [

@@ -2,8 +2,8 @@
 
 `align_to_blocks` (model/moe/layout.py) lays the T*k assignments out in blocks of `block_m` rows, one
 expert per block; blocks of expert -1 are unused and the kernels skip them. Up to 4096 assignments (decode)
-`moe_align_kernel` computes the same layout in one launch (`align_rows`): the sort-based one is a dozen small
-kernels, ~100 us a layer on an H100 at batch 64, as long as the fp8 up GEMM's reads.
+`align_rows` computes the same layout in two launches of one program per 128 assignments (count, place): the
+sort-based one is a dozen small kernels, ~100 us a layer on an H100 at batch 64.
 
 - `moe_up_kernel`: per (block, column tile) x[token rows] @ w13[e]^T for the gate and the up halves
   at once, SiLU-and-mul in the epilogue -> [padded rows, I].
@@ -161,17 +161,18 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         out = acc.to(dtype).to(tl.float32) * weight[:, None]
         tl.store(out_ptr + rows[:, None] * so_m + offs_n[None, :], out.to(dtype), mask=row_ok[:, None] & n_ok[None, :])
 
+    # layout.align_to_blocks's rows and block experts, the same values, in two launches of one program per chunk
+    # of CHUNK assignments: count (and fill every row with the sentinel), then place.
     @triton.jit
-    def moe_align_kernel(ids_ptr, rows_ptr, block_expert_ptr, num_rows, num_local, num_blocks,
-                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, FEW: tl.constexpr):
-        # One program: layout.align_to_blocks's rows and block experts, the same values, in one launch.
-        e = tl.arange(0, E_PAD)
+    def moe_align_count_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, num_local, num_blocks,
+                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, FEW: tl.constexpr):
+        chunk = tl.program_id(0)
         c = tl.arange(0, CHUNK)
         sentinel = tl.zeros((CHUNK,), dtype=tl.int64) + num_rows
-        for p0 in range(0, num_blocks * BLOCK_M, CHUNK):
+        for p0 in range(chunk * CHUNK, num_blocks * BLOCK_M, tl.num_programs(0) * CHUNK):
             tl.store(rows_ptr + p0 + c, sentinel, mask=p0 + c < num_blocks * BLOCK_M)
-        tl.debug_barrier()  # every sentinel is written before any row below overwrites one
-        if FEW:  # a block per assignment, its row first
+        if FEW:  # a block per assignment, its row first; one program, so a barrier orders it after the sentinel
+            tl.debug_barrier()
             for r0 in range(0, num_rows, CHUNK):
                 r = r0 + c
                 ok = r < num_rows
@@ -179,34 +180,43 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                 tl.store(rows_ptr + r.to(tl.int64) * BLOCK_M, r.to(tl.int64), mask=ok)
                 tl.store(block_expert_ptr + r, tl.where(ids < num_local, ids, -1).to(tl.int32), mask=ok)
         else:
-            local = e < num_local  # the dropped id (num_local) matches no column
-            counts = tl.zeros((E_PAD,), dtype=tl.int32)
-            for r0 in range(0, num_rows, CHUNK):
-                ids = tl.load(ids_ptr + r0 + c, mask=r0 + c < num_rows, other=num_local)
-                counts += tl.sum(((ids[:, None] == e[None, :]) & local[None, :]).to(tl.int32), axis=0)
-            padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-            padded_end = tl.cumsum(padded, 0)
-            padded_start = padded_end - padded
-            # Rank of a row among its expert's rows = same-expert rows before it (stable, as the sort): within a
-            # chunk, strictly-lower-triangular ones @ one-hot rows, a tensor-core product exact in fp16 inputs.
-            lower = (c[:, None] > c[None, :]).to(tl.float16)
-            seen = tl.zeros((E_PAD,), dtype=tl.int32)  # rows of each expert in earlier chunks
-            for r0 in range(0, num_rows, CHUNK):
-                r = r0 + c
-                ok = r < num_rows
-                ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
-                hot = (ids[:, None] == e[None, :]) & local[None, :]  # [CHUNK, E_PAD]
-                before = tl.dot(lower, hot.to(tl.float16)).to(tl.int32)
-                dest = tl.sum(tl.where(hot, before + (seen + padded_start)[None, :], 0), axis=1)
-                tl.store(rows_ptr + dest, r.to(tl.int64), mask=ok & (ids < num_local))
-                seen += tl.sum(hot.to(tl.int32), axis=0)
+            r = chunk * CHUNK + c
+            ids = tl.load(ids_ptr + r, mask=r < num_rows, other=num_local)
+            e = tl.arange(0, E_PAD)
+            hot = (ids[:, None] == e[None, :]) & (e < num_local)[None, :]  # the dropped id matches no column
+            tl.store(hist_ptr + chunk * E_PAD + e, tl.sum(hot.to(tl.int32), axis=0))
+
+    @triton.jit
+    def moe_align_place_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, num_local, num_blocks,
+                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                               CHUNKS_PAD: tl.constexpr):
+        chunk = tl.program_id(0)
+        c = tl.arange(0, CHUNK)
+        e = tl.arange(0, E_PAD)
+        k = tl.arange(0, CHUNKS_PAD)
+        hist = tl.load(hist_ptr + k[:, None] * E_PAD + e[None, :], mask=(k < tl.num_programs(0))[:, None], other=0)
+        padded = (tl.sum(hist, axis=0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, 0)
+        padded_start = padded_end - padded
+        earlier = tl.sum(tl.where((k < chunk)[:, None], hist, 0), axis=0)  # each expert's rows in earlier chunks
+        # Rank of a row among its expert's rows in this chunk = same-expert rows before it (stable, as the sort):
+        # strictly-lower-triangular ones @ one-hot rows, a tensor-core product exact with fp16 inputs.
+        r = chunk * CHUNK + c
+        ok = r < num_rows
+        ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
+        hot = (ids[:, None] == e[None, :]) & (e < num_local)[None, :]
+        before = tl.dot((c[:, None] > c[None, :]).to(tl.float16), hot.to(tl.float16)).to(tl.int32)
+        dest = tl.sum(tl.where(hot, before + (earlier + padded_start)[None, :], 0), axis=1)
+        tl.store(rows_ptr + dest, r.to(tl.int64), mask=ok & (ids < num_local))
+        if chunk == 0:
             for b0 in range(0, num_blocks, CHUNK):
                 b = b0 + c
-                ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & local[None, :]
+                ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (e < num_local)[None, :]
                 expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
                 tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
 
-    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, align=moe_align_kernel)
+    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, align_count=moe_align_count_kernel,
+                           align_place=moe_align_place_kernel)
 
 
 def _interpret() -> bool:
@@ -220,8 +230,8 @@ ALIGN_KERNEL_MAX_ROWS = 4096  # above (prefill), the sort-based layout.align_to_
 
 def align_rows(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """layout.align_to_blocks's (rows, block_expert), equal values: up to ALIGN_KERNEL_MAX_ROWS assignments in
-    one Triton launch (decode: the sort and its dozen small kernels cost ~100 us a layer on an H100, more than
-    the fp8 up GEMM's reads at batch 64), the sort above."""
+    two Triton launches of one program per 128 assignments (decode: the sort and its dozen small kernels cost
+    ~100 us a layer on an H100 at batch 64, half the fp8 up GEMM's time), the sort above."""
     import triton
 
     num_rows = local_ids.numel()
@@ -229,12 +239,19 @@ def align_rows(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[t
         return align_to_blocks(local_ids, num_local, block_m)
     few = num_rows * 4 <= num_local
     num_blocks = num_rows if few else -(-num_rows // block_m) + min(num_local, num_rows)
-    rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=local_ids.device)
-    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=local_ids.device)
+    device = local_ids.device
+    rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     e_pad = max(16, triton.next_power_of_2(num_local))  # 16: the smallest tensor-core product
-    _kernels(_interpret()).align[(1,)](local_ids.reshape(-1), rows, block_expert, num_rows, num_local, num_blocks,
-                                       BLOCK_M=block_m, E_PAD=e_pad, CHUNK=128 if e_pad <= 128 else 64, FEW=few,
-                                       num_warps=8)
+    chunk = 128 if e_pad <= 128 else 64
+    chunks = triton.cdiv(num_rows, chunk)
+    hist = torch.empty(chunks, e_pad, dtype=torch.int32, device=device)  # expert counts per chunk
+    k = _kernels(_interpret())
+    args = (local_ids.reshape(-1), rows, block_expert, hist, num_rows, num_local, num_blocks)
+    k.align_count[(1 if few else chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FEW=few, num_warps=4)
+    if not few:
+        k.align_place[(chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
+                                 CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)), num_warps=4)
     return rows, block_expert
 
 
