@@ -62,13 +62,19 @@ def _graphed(fn: Any) -> Any:
     return graph.replay
 
 
-def bench_size(tokens: int, copy_gbps: float, tflops: float, fp8: bool = False) -> dict[str, Any]:
+def layer_inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One layer's bf16 tokens, experts (w13, w2) and random routing (weights, ids), seeded by the token
+    count, and the number of distinct experts routed."""
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
     w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
     w2 = (0.02 * torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", generator=gen)).bfloat16()
     weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
-    routed = int(ids.unique().numel())
+    return x, w13, w2, weights, ids, int(ids.unique().numel())
+
+
+def bench_size(tokens: int, copy_gbps: float, tflops: float, fp8: bool = False) -> dict[str, Any]:
+    x, w13, w2, weights, ids, routed = layer_inputs(tokens)
     expert_bytes = routed * 3 * HIDDEN * INTER * 2
     if fp8:  # 128x128-block fp8 experts (W8A16 Triton kernels; grouped_mm has no fp8 path)
         return bench_size_fp8(tokens, x, w13, w2, weights, ids, routed, copy_gbps, tflops)

@@ -22,11 +22,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pdlaunch.model.moe.block import route  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from moe_kernels import HIDDEN, INTER, layer_inputs  # noqa: E402
+
 from pdlaunch.model.moe.fused import fused_moe, tile_for  # noqa: E402
 from pdlaunch.model.quant import fp8  # noqa: E402
-
-EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768
 
 
 def profile_calls(fn: Any, calls: int) -> dict[str, float]:
@@ -47,12 +47,7 @@ def profile_calls(fn: Any, calls: int) -> dict[str, float]:
 
 def profile_size(tokens: int, calls: int) -> list[dict[str, Any]]:
     """Kernel times of one layer at `tokens` tokens with bf16 experts and with 128x128-block fp8 ones."""
-    gen = torch.Generator(device="cuda").manual_seed(tokens)
-    x = torch.randn(tokens, HIDDEN, device="cuda", generator=gen).bfloat16()
-    w13 = (0.02 * torch.randn(EXPERTS, 2 * INTER, HIDDEN, device="cuda", generator=gen)).bfloat16()
-    w2 = (0.02 * torch.randn(EXPERTS, HIDDEN, INTER, device="cuda", generator=gen)).bfloat16()
-    weights, ids = route(torch.randn(tokens, EXPERTS, device="cuda", generator=gen), TOP_K, True)
-    routed = int(ids.unique().numel())
+    x, w13, w2, weights, ids, routed = layer_inputs(tokens)
     q13, s13 = fp8.quantize_stacked_blocks(w13)
     q2, s2 = fp8.quantize_stacked_blocks(w2)
     fp8_name = "fp8-" + ("w8a8" if tile_for(x, tokens, fp8=True).fp8_activations else "w8a16")
