@@ -33,15 +33,14 @@ def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
 @pytest.mark.parametrize("local", [128, 64])
 def test_align_kernel_equals_the_sorted_layout_on_cuda(tokens: int, local: int) -> None:
     """triton_moe.align_rows (one launch up to 4096 assignments) == layout.align_to_blocks on the GPU."""
-    from pdlaunch.model.moe.layout import align_to_blocks
+    from pdlaunch.model.moe.layout import align_to_blocks, local_expert_ids
     from pdlaunch.model.moe.triton_moe import align_rows
 
     gen = torch.Generator(device=CUDA).manual_seed(tokens)
     _, ids = route(torch.randn(tokens, 128, device=CUDA, generator=gen), 8, True)
-    local_ids = torch.where(ids >= 128 - local, ids - (128 - local), local)
     for block_m in (16, 64):
-        rows, block_expert = align_rows(local_ids, local, block_m)
-        want_rows, want_experts = align_to_blocks(local_ids, local, block_m)
+        rows, block_expert = align_rows(ids, 128 - local, local, block_m)
+        want_rows, want_experts = align_to_blocks(local_expert_ids(ids, 128 - local, local), local, block_m)
         assert torch.equal(rows, want_rows) and torch.equal(block_expert, want_experts), block_m
 
 

@@ -120,27 +120,22 @@ def test_interpret_swapped_operand_tiles_equal_the_plain_ones(interpret: None, t
     assert _rel(out, want) < (1e-5 if mode == "float32" else 1e-2)
 
 
-def _local_ids(tokens: int, top_k: int, experts: int, local: int, seed: int) -> torch.Tensor:
-    """Routed ids as a rank holding the last `local` experts sees them: local index, `local` for the others."""
-    _, ids = route(torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed)), top_k, True)
-    start = experts - local
-    return torch.where(ids >= start, ids - start, local)
-
-
 @pytest.mark.parametrize("tokens,top_k,experts,local,block_m", [
     (1, 8, 128, 128, 16), (3, 2, 8, 4, 16), (7, 2, 8, 8, 16), (37, 4, 32, 16, 64), (64, 8, 128, 128, 16),
     (100, 2, 8, 8, 32), (512, 8, 128, 128, 16)])
 def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens: int, top_k: int, experts: int,
                                                          local: int, block_m: int) -> None:
-    """The one-launch layout (triton_moe.align_rows) gives layout.align_to_blocks's rows and block experts
-    exactly: the few-assignment layout, experts of another rank dropped, 16-64-row blocks, 4096 rows."""
-    from pdlaunch.model.moe.layout import align_to_blocks
+    """The two-launch layout (triton_moe.align_rows, from global ids and the rank's first expert) gives
+    layout.align_to_blocks's rows and block experts on the local ids exactly: the few-assignment layout, the
+    last or the first `local` experts on the rank (the others' assignments dropped), 16-64-row blocks, 4096 rows."""
+    from pdlaunch.model.moe.layout import align_to_blocks, local_expert_ids
     from pdlaunch.model.moe.triton_moe import align_rows
 
-    local_ids = _local_ids(tokens, top_k, experts, local, tokens)
-    rows, block_expert = align_rows(local_ids, local, block_m)
-    want_rows, want_experts = align_to_blocks(local_ids, local, block_m)
-    assert torch.equal(rows, want_rows) and torch.equal(block_expert, want_experts)
+    _, ids = route(torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens)), top_k, True)
+    for start in sorted({0, experts - local}):
+        rows, block_expert = align_rows(ids, start, local, block_m)
+        want_rows, want_experts = align_to_blocks(local_expert_ids(ids, start, local), local, block_m)
+        assert torch.equal(rows, want_rows) and torch.equal(block_expert, want_experts), start
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.fused_ops import silu_and_mul
-from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, sort_assignments
+from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, local_expert_ids, sort_assignments
 from pdlaunch.model.quant.fp8 import dequantize_stacked_blocks
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -116,17 +116,15 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
             w13 = dequantize_stacked_blocks(w13, scales[0]).to(x.dtype)
             w2 = dequantize_stacked_blocks(w2, scales[1]).to(x.dtype)
         return moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
-    local = topk_ids - expert_start
-    num_local = w13.shape[0]
-    valid = (local >= 0) & (local < num_local)
-    # Assignments to other ranks' experts go to bucket E_local, which no GEMM reads.
-    local = torch.where(valid, local, num_local)
-    weights = torch.where(valid, topk_weights.float(), 0.0)
     if chosen == "grouped_mm":
+        local = local_expert_ids(topk_ids, expert_start, w13.shape[0])
+        # Assignments to other ranks' experts go to bucket E_local, which no GEMM reads.
+        weights = torch.where(local < w13.shape[0], topk_weights.float(), 0.0)
         return _grouped_mm_moe(x, w13, w2, weights, local)
     from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
 
-    return triton_moe(x, w13, w2, weights, local, tile or tile_for(x, x.shape[0], scales is not None), scales)
+    return triton_moe(x, w13, w2, topk_weights, topk_ids, expert_start,
+                      tile or tile_for(x, x.shape[0], scales is not None), scales)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

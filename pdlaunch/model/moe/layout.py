@@ -43,6 +43,13 @@ class SortedAssignments:
     expert: torch.Tensor  # [M] expert of each sorted row
 
 
+def local_expert_ids(topk_ids: torch.Tensor, expert_start: int, num_local: int) -> torch.Tensor:
+    """Global expert ids [T, k] -> this rank's local ids; assignments to other ranks' experts -> num_local (a
+    bucket no GEMM reads)."""
+    local = topk_ids - expert_start
+    return torch.where((local >= 0) & (local < num_local), local, num_local)
+
+
 def sort_assignments(local_ids: torch.Tensor, num_local: int) -> SortedAssignments:
     """Sort the assignments by local expert id (stable: token order inside an expert), sync-free."""
     flat = local_ids.reshape(-1)

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.moe.layout import TileConfig, align_to_blocks
+from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
 
@@ -164,8 +164,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     # layout.align_to_blocks's rows and block experts, the same values, in two launches of one program per chunk
     # of CHUNK assignments: count (and fill every row with the sentinel), then place.
     @triton.jit
-    def moe_align_count_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, num_local, num_blocks,
-                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, FEW: tl.constexpr):
+    def moe_align_count_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
+                               num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+                               FEW: tl.constexpr):
         chunk = tl.program_id(0)
         c = tl.arange(0, CHUNK)
         sentinel = tl.zeros((CHUNK,), dtype=tl.int64) + num_rows
@@ -176,19 +177,21 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             for r0 in range(0, num_rows, CHUNK):
                 r = r0 + c
                 ok = r < num_rows
-                ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
+                ids = tl.load(ids_ptr + r, mask=ok, other=-1) - expert_start  # global -> local, others dropped
+                ids = tl.where((ids >= 0) & (ids < num_local), ids, num_local)
                 tl.store(rows_ptr + r.to(tl.int64) * BLOCK_M, r.to(tl.int64), mask=ok)
                 tl.store(block_expert_ptr + r, tl.where(ids < num_local, ids, -1).to(tl.int32), mask=ok)
         else:
             r = chunk * CHUNK + c
-            ids = tl.load(ids_ptr + r, mask=r < num_rows, other=num_local)
+            ids = tl.load(ids_ptr + r, mask=r < num_rows, other=-1) - expert_start
+            ids = tl.where((ids >= 0) & (ids < num_local), ids, num_local)
             e = tl.arange(0, E_PAD)
             hot = (ids[:, None] == e[None, :]) & (e < num_local)[None, :]  # the dropped id matches no column
             tl.store(hist_ptr + chunk * E_PAD + e, tl.sum(hot.to(tl.int32), axis=0))
 
     @triton.jit
-    def moe_align_place_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, num_local, num_blocks,
-                               BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    def moe_align_place_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
+                               num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                                CHUNKS_PAD: tl.constexpr):
         chunk = tl.program_id(0)
         c = tl.arange(0, CHUNK)
@@ -203,7 +206,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         # strictly-lower-triangular ones @ one-hot rows, a tensor-core product exact with fp16 inputs.
         r = chunk * CHUNK + c
         ok = r < num_rows
-        ids = tl.load(ids_ptr + r, mask=ok, other=num_local)
+        ids = tl.load(ids_ptr + r, mask=ok, other=-1) - expert_start  # global ids -> this rank's, others dropped
+        ids = tl.where((ids >= 0) & (ids < num_local), ids, num_local)
         hot = (ids[:, None] == e[None, :]) & (e < num_local)[None, :]
         before = tl.dot((c[:, None] > c[None, :]).to(tl.float16), hot.to(tl.float16)).to(tl.int32)
         dest = tl.sum(tl.where(hot, before + (earlier + padded_start)[None, :], 0), axis=1)
@@ -228,18 +232,20 @@ def _interpret() -> bool:
 ALIGN_KERNEL_MAX_ROWS = 4096  # above (prefill), the sort-based layout.align_to_blocks is as fast
 
 
-def align_rows(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """layout.align_to_blocks's (rows, block_expert), equal values: up to ALIGN_KERNEL_MAX_ROWS assignments in
-    two Triton launches of one program per 128 assignments (decode: the sort and its dozen small kernels cost
-    ~100 us a layer on an H100 at batch 64, half the fp8 up GEMM's time), the sort above."""
+def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_m: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """layout.align_to_blocks's (rows, block_expert) for this rank's experts [expert_start, + num_local) of the
+    global `topk_ids`, equal values: up to ALIGN_KERNEL_MAX_ROWS assignments in two Triton launches of one
+    program per 128 assignments, which also map the ids to local ones (decode: the sort and its dozen small
+    kernels cost ~100 us a layer on an H100 at batch 64, half the fp8 up GEMM's time), the sort above."""
     import triton
 
-    num_rows = local_ids.numel()
+    num_rows = topk_ids.numel()
     if num_rows > ALIGN_KERNEL_MAX_ROWS:
-        return align_to_blocks(local_ids, num_local, block_m)
+        return align_to_blocks(local_expert_ids(topk_ids, expert_start, num_local), num_local, block_m)
     few = num_rows * 4 <= num_local
     num_blocks = num_rows if few else -(-num_rows // block_m) + min(num_local, num_rows)
-    device = local_ids.device
+    device = topk_ids.device
     rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     e_pad = max(16, triton.next_power_of_2(num_local))  # 16: the smallest tensor-core product
@@ -247,7 +253,7 @@ def align_rows(local_ids: torch.Tensor, num_local: int, block_m: int) -> tuple[t
     chunks = triton.cdiv(num_rows, chunk)
     hist = torch.empty(chunks, e_pad, dtype=torch.int32, device=device)  # expert counts per chunk
     k = _kernels(_interpret())
-    args = (local_ids.reshape(-1), rows, block_expert, hist, num_rows, num_local, num_blocks)
+    args = (topk_ids.reshape(-1), rows, block_expert, hist, num_rows, expert_start, num_local, num_blocks)
     k.align_count[(1 if few else chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FEW=few, num_warps=4)
     if not few:
         k.align_place[(chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
@@ -267,11 +273,13 @@ def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_group(x, SCALE_BLOCK)
 
 
-def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, local_ids: torch.Tensor,
-               tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """fused_moe's Triton backend (weights float32 [T, k], zero for dropped assignments). `scales`: w13 and
-    w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128] (model/moe/experts.py);
-    with `tile.fp8_activations` the activations are quantized too (W8A8, module doc)."""
+def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, topk_ids: torch.Tensor,
+               expert_start: int, tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> torch.Tensor:
+    """fused_moe's Triton backend: weights float32 [T, k] and global ids [T, k] as routed; this rank holds
+    experts [expert_start, + E_local) and the others' assignments get no row (their weights are never read).
+    `scales`: w13 and w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128]
+    (model/moe/experts.py); with `tile.fp8_activations` the activations are quantized too (W8A8, module doc)."""
     import triton
 
     a_fp8 = tile.fp8_activations and scales is not None
@@ -283,10 +291,10 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     s13, s2 = scales if scales is not None else (w13, w2)  # unread without scales (HAS_SCALE=False)
     scale_strides13 = s13.stride() if scales is not None else (0, 0, 0)
     scale_strides2 = s2.stride() if scales is not None else (0, 0, 0)
-    num_tokens, top_k = local_ids.shape
+    num_tokens, top_k = topk_ids.shape
     num_local, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    rows, block_expert = align_rows(local_ids, num_local, tile.block_m)
+    rows, block_expert = align_rows(topk_ids, expert_start, num_local, tile.block_m)
     num_blocks = block_expert.shape[0]
     k = _kernels(_interpret())
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
@@ -302,8 +310,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     out = torch.zeros(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
     a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
     k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
-        a, a_scales, w2, s2, out, rows, block_expert, weights.reshape(-1).contiguous(), num_tokens * top_k, inter,
-        hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
+        a, a_scales, w2, s2, out, rows, block_expert, weights.float().reshape(-1).contiguous(), num_tokens * top_k,
+        inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
         out.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
         HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
         num_warps=tile.num_warps,
