@@ -190,11 +190,20 @@ class InstanceGroupConfig(StrictModel):
     enable_expert_parallel: bool | None = Field(
         None, description="MoE models: whole experts per TP rank in this group (default: "
         "parallel.enable_expert_parallel). Prefill and decode may differ; KV transfer is unchanged.")
+    kv_cache_dtype: KVCacheDType | None = Field(
+        None, description="This group's KV cache element type (default: cache.kv_cache_dtype). Colocated groups "
+        "may differ (e.g. an fp8 group next to a bf16 one behind one proxy); prefill and decode groups must agree, "
+        "since KV moves between them as stored.")
     devices: list[int] | None = Field(None, description="CUDA devices for the group, tp per instance, in order.")
     node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
     base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
     restart: bool = Field(True, description="Restart a dead instance of this group (with backoff) instead of "
                                             "stopping the deployment.")
+
+
+def group_kv_cache_dtype(cache: CacheConfig, group: InstanceGroupConfig) -> KVCacheDType:
+    """The group's KV cache dtype: its own setting, else the deployment's."""
+    return cache.kv_cache_dtype if group.kv_cache_dtype is None else group.kv_cache_dtype
 
 
 def group_expert_parallel(parallel: ParallelConfig, group: InstanceGroupConfig) -> bool:
@@ -280,6 +289,7 @@ class InstanceSpec(StrictModel):
     port: int
     tp: int = 1
     expert_parallel: bool = False
+    kv_cache_dtype: KVCacheDType | None = None  # None: the deployment's cache.kv_cache_dtype
     devices: list[int] = Field(default_factory=list)
     device: Literal["cpu", "cuda"] = "cpu"
     engine_id: str
@@ -289,6 +299,13 @@ class InstanceSpec(StrictModel):
     @property
     def name(self) -> str:
         return f"{self.role}-{self.index}"
+
+
+def instance_cache(config: DeploymentConfig, instance: InstanceSpec | None) -> CacheConfig:
+    """The cache settings one instance runs with: the deployment's, with its group's KV cache dtype."""
+    if instance is None or instance.kv_cache_dtype is None:
+        return config.cache
+    return config.cache.model_copy(update={"kv_cache_dtype": instance.kv_cache_dtype})
 
 
 def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> list[str]:

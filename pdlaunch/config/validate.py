@@ -201,6 +201,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         out.model.max_model_len = info.max_position_embeddings
     problems += roles.role_problems(out)
     problems += roles.node_problems(out)
+    problems += roles.kv_cache_dtype_problems(out)
     problems += roles.ray_field_problems(out)
     problems += roles.stall_timeout_problems(out)
     problems += roles.cache_problems(out, info)

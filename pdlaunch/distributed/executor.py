@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.messages import (
     ConnectorCall,
     Execute,
@@ -314,8 +314,8 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
         # Prefill instances never run a decode batch: no graphs to capture there.
         graphs = device.type == "cuda" and not config.model.enforce_eager and (
             instance is None or instance.role != "prefill")
-        runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
-                             use_cumem=config.model.enable_cumem_allocator, decode_graphs=graphs,
+        runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler,
+                             max_model_len, use_cumem=config.model.enable_cumem_allocator, decode_graphs=graphs,
                              role=instance.role if instance is not None else "colocated")
         return UniprocExecutor(runner, engine_id)
     if config.model.enable_sleep_mode:

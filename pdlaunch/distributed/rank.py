@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.engine_id import sync_engine_id
 from pdlaunch.distributed.parallel_state import TPGroup, init_tp_group
 from pdlaunch.kv_transfer.base import KVCacheSpec
@@ -44,7 +44,7 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     tp = instance.tp if instance is not None else config.parallel.tp
     group = init_tp_group(rank, tp, device, config.parallel.master_addr, master_port, store)
     engine_id = sync_engine_id(config, group.cpu_group, instance)
-    runner = ModelRunner(checkpoint, device, dtype, config.cache, config.scheduler, max_model_len,
+    runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler, max_model_len,
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
                          agree_num_blocks=group.min_int,
                          expert_parallel=(instance.expert_parallel if instance is not None

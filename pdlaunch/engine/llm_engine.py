@@ -15,7 +15,7 @@ import time
 import torch
 
 from pdlaunch import metrics
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
@@ -113,7 +113,7 @@ class LLMEngine:
         self.weight_dtype = weight_dtype_name(self.checkpoint, self.dtype, self.device)
         self.kv_cache_dtype = str(self.runner.kv_dtype).removeprefix("torch.")
         metrics.MODEL_DTYPES.info({"weight_dtype": self.weight_dtype, "kv_cache_dtype": self.kv_cache_dtype})
-        cache = config.cache
+        cache = instance_cache(config, instance)
         metrics.engine_info(self.max_model_len, {
             "block_size": self.block_size, "cache_dtype": cache.kv_cache_dtype,
             "enable_prefix_caching": cache.enable_prefix_caching,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, group_expert_parallel
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec, group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.config.placement import PlacedRank
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
@@ -190,6 +190,7 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
     spec = InstanceSpec(
         role=planned.role, index=planned.index, host=host, port=port, tp=len(planned.ranks),
         expert_parallel=group_expert_parallel(cfg.parallel, cfg.instances[g]),
+        kv_cache_dtype=group_kv_cache_dtype(cfg.cache, cfg.instances[g]),
         devices=list(range(len(devices))), device=device,
         engine_id=f"{cfg.kv_transfer.engine_id}-{name}", side_channel_port=side_port, master_port=master_port,
     )

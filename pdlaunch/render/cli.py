@@ -23,13 +23,13 @@ render_app = typer.Typer(help="Write a deployment's manifests for a cluster mana
 def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int) -> DeploymentConfig:
     """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
     from pdlaunch.config.loader import load_deployment
-    from pdlaunch.config.rules.roles import role_problems
+    from pdlaunch.config.rules.roles import kv_cache_dtype_problems, role_problems
     from pdlaunch.config.validate import TargetHost, resolve
 
     cfg = load_deployment(config, overrides)
     target = None if cfg.device == "cpu" else TargetHost(gpus=gpus_per_node, gpu_memory_gib=80.0)
     resolved = resolve(cfg, target)
-    problems = role_problems(resolved)
+    problems = role_problems(resolved) + kv_cache_dtype_problems(resolved)
     if problems:
         raise ConfigError(problems)
     return resolved

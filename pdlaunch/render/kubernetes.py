@@ -28,7 +28,13 @@ from pathlib import Path
 
 import yaml
 
-from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig, InstanceSpec
+from pdlaunch.config.models import (
+    DeploymentConfig,
+    InstanceGroupConfig,
+    InstanceSpec,
+    group_expert_parallel,
+    group_kv_cache_dtype,
+)
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
@@ -154,6 +160,8 @@ def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: Gro
     tp = group.tp or 1
     return InstanceSpec(
         role=group.role, index=0, host="$(POD_IP)", port=ports.http, tp=tp,
+        expert_parallel=group_expert_parallel(cfg.parallel, group),
+        kv_cache_dtype=group_kv_cache_dtype(cfg.cache, group),
         devices=list(range(ranks_here)) if cfg.device == "cuda" else [],
         device="cuda" if cfg.device == "cuda" else "cpu",
         engine_id=f"{cfg.kv_transfer.engine_id}-$(POD_NAME)-$(POD_UID)",

@@ -80,3 +80,36 @@ def test_fp8_kv_over_mooncake(fp8_ckpts: dict[str, tuple[Path, Path]]) -> None:
     finally:
         decode.close()
         prefill.close()
+
+
+@pytest.mark.parametrize("prefill_dtype, decode_dtype", [("fp8", "auto"), ("auto", "fp8")])
+def test_instances_of_other_kv_dtypes_refuse_each_other(fp8_ckpts: dict[str, tuple[Path, Path]],
+                                                        prefill_dtype: str, decode_dtype: str) -> None:
+    """Each instance's dtype as the launcher hands it (InstanceSpec.kv_cache_dtype, from its group): a pair
+    that check-config would refuse, started anyway, fails the request at the handshake naming both sides'
+    dtypes, and the prefill's held blocks come back (the lease)."""
+    model = fp8_ckpts["online"][0]
+    config = pd_config(str(model), "nixl", "pull")
+    config.kv_transfer.load_failure_policy = "fail"
+    config.kv_transfer.kv_lease_seconds = 2.0
+    names = {"fp8": "float8_e4m3fn", "auto": "float32"}
+    p_spec = InstanceSpec(role="prefill", port=1, engine_id="P-mixed", device="cpu", kv_cache_dtype=prefill_dtype)
+    d_spec = InstanceSpec(role="decode", port=2, engine_id="D-mixed", device="cpu", kv_cache_dtype=decode_dtype)
+    prefill = ProcessRPC(build_engine, config.model_dump_json(), p_spec.model_dump_json())
+    try:
+        decode = ProcessRPC(build_engine, config.model_dump_json(), d_spec.model_dump_json())
+        try:
+            prompt = PROMPTS["many-blocks"]
+            first = prefill.call("generate", [("r", prompt, {"temperature": 0.0, "max_tokens": 1},
+                                               {"do_remote_decode": True})])["r"]
+            out = decode.call("generate", [("r", prompt, {"temperature": 0.0, "max_tokens": 4},
+                                            first["kv_transfer_params"])])["r"]
+            assert out["error"] is not None, out
+            assert (f"kv_cache_dtype differs (prefill engine P-mixed: {names[prefill_dtype]!r}, "
+                    f"this engine: {names[decode_dtype]!r})") in out["error"], out["error"]
+            assert decode.call("check")["used_blocks"] == 0
+            assert prefill.call("drain") == 0
+        finally:
+            decode.close()
+    finally:
+        prefill.close()

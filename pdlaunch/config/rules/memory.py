@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from pdlaunch.config.model_info import DTYPE_BYTES, ModelInfo
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.models import DeploymentConfig, group_kv_cache_dtype
 from pdlaunch.config.problems import Problem, problem
 
 GIB = 1 << 30
@@ -36,10 +36,11 @@ def estimate(cfg: DeploymentConfig, info: ModelInfo) -> list[GroupMemory]:
     block = max(1, cfg.cache.block_size)  # an invalid block size is reported by rules; estimate anyway
     max_len = cfg.model.max_model_len or info.max_position_embeddings or 0
     tokens = cfg.cache.num_gpu_blocks * block if cfg.cache.num_gpu_blocks else -(-max_len // block) * block
-    kv_dtype_bytes = 1 if cfg.cache.kv_cache_dtype == "fp8" else dtype_bytes  # (FP8 weights: counted at dtype)
     out = []
     for i, group in enumerate(cfg.instances):
         tp = group.tp or 1
+        # (FP8 weights: counted at dtype)
+        kv_dtype_bytes = 1 if group_kv_cache_dtype(cfg.cache, group) == "fp8" else dtype_bytes
         out.append(GroupMemory(i, group.role, tp, -(-weights // tp),
                                tokens * info.kv_bytes_per_token(kv_dtype_bytes, tp)))
     return out

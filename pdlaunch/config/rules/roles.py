@@ -6,7 +6,13 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 from __future__ import annotations
 
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, LauncherConfig, group_expert_parallel
+from pdlaunch.config.models import (
+    BLOCK_SIZES,
+    DeploymentConfig,
+    LauncherConfig,
+    group_expert_parallel,
+    group_kv_cache_dtype,
+)
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -37,6 +43,26 @@ def role_problems(cfg: DeploymentConfig) -> list[Problem]:
             problems.append(problem("instances", f"no {role} instance (PD needs at least one prefill and one decode)",
                                     f"pass --{role} 1 or add `{{role: {role}, count: 1}}`; or use --colocated"))
     return problems
+
+
+def kv_cache_dtype_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """Prefill and decode groups share one KV cache dtype: blocks move between them as stored, and the
+    handshake would refuse every transfer. The first prefill group's is the reference."""
+    if cfg.colocated:
+        return []
+    groups = [(i, g) for i, g in enumerate(cfg.instances) if g.role in ("prefill", "decode") and g.count > 0]
+    if not groups:
+        return []
+    first, reference = groups[0]
+    want = group_kv_cache_dtype(cfg.cache, reference)
+    where = "cache.kv_cache_dtype" if reference.kv_cache_dtype is None else f"instances[{first}].kv_cache_dtype"
+    return [problem(f"instances[{i}].kv_cache_dtype",
+                    f"this {g.role} group's KV cache is {group_kv_cache_dtype(cfg.cache, g)} but the {reference.role} "
+                    f"group instances[{first}]'s is {want} ({where}): KV blocks move between prefill and decode "
+                    "as stored, and the KV handshake refuses a peer of another dtype",
+                    "set one kv_cache_dtype for every prefill and decode group (cache.kv_cache_dtype / "
+                    "--kv-cache-dtype) and drop the per-group ones")
+            for i, g in groups[1:] if group_kv_cache_dtype(cfg.cache, g) != want]
 
 
 def stall_timeout_problems(cfg: DeploymentConfig) -> list[Problem]:
