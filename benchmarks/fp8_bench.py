@@ -52,7 +52,7 @@ def gemms(out: dict[str, Any]) -> None:
     import triton.testing
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import block_fp8_linear, channel_fp8_linear, quantize_rows
+    from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_linear, channel_fp8_linear, quantize_rows
 
     torch.manual_seed(0)
     acc: dict[str, Any] = {}
@@ -68,7 +68,8 @@ def gemms(out: dict[str, Any]) -> None:
             # accuracy (fresh inputs per shape)
             yb = block_fp8_linear(x, wb, sb, torch.bfloat16)
             xq, xs = fp8.quantize_per_token_group(x)
-            ref_b = (fp8.dequantize(xq, xs.repeat_interleave(128, 1)) @ fp8.dequantize(wb, sb, 128).t())
+            ref_b = (fp8.dequantize(xq, xs.repeat_interleave(128, 1)) @ fp8.dequantize(wb, sb, 128).t()
+                     if m > GEMV_MAX_ROWS else x.float() @ fp8.dequantize(wb, sb, 128).t())  # weight-only
             xqc, xsc = quantize_rows(x, None)
             yc = torch._scaled_mm(xqc, wc.t(), scale_a=xsc, scale_b=sc_row, out_dtype=torch.bfloat16)
             ref_c = (xqc.float() * xsc) @ (wc.float() * sc.unsqueeze(1)).t()
@@ -100,6 +101,41 @@ def gemms(out: dict[str, Any]) -> None:
 SWEEP = {1: [(16, 16, 2, 4), (16, 16, 4, 6), (16, 32, 4, 4), (16, 32, 2, 6), (16, 64, 4, 4), (16, 128, 4, 3)],
          4096: [(128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4),
                 (128, 128, 8, 4), (64, 64, 4, 4)]}
+
+
+GEMV_SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)
+              if bn * bk <= 16384]
+
+
+def gemv_sweep(out: dict[str, Any]) -> None:
+    """block_fp8_gemv configs (BLOCK_N, BLOCK_K, warps) per shape at M = 1 and 4, with the share of copy
+    bandwidth each reaches (FP8 weight bytes / time)."""
+    import triton.testing
+
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import block_fp8_gemv
+
+    bw = copy_bandwidth()
+    result: dict[str, dict[str, float]] = {}
+    for name, (n, k) in SHAPES.items():
+        wb, sb = fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02)
+        floor_ms = n * k / bw * 1e3
+        for m in (1, 4):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            row = result.setdefault(f"M{m}/{name}", {"floor_ms": floor_ms})
+            for cfg in GEMV_SWEEP:
+                fn = functools.partial(block_fp8_gemv, x, wb, sb, torch.bfloat16, cfg)
+                try:
+                    fn()
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
+                except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
+                    ms = float("nan")
+                    print(f"{name} M{m} {cfg}: {exc}", flush=True)
+                row[str(cfg)] = ms
+            best = min((v, c) for c, v in row.items() if c != "floor_ms" and v == v)
+            print(f"gemv M{m} {name}: best {best[1]} {best[0] * 1e3:.1f} us, floor {floor_ms * 1e3:.1f} us "
+                  f"({floor_ms / best[0]:.0%} of copy bw)", flush=True)
+    out["gemv_sweep_ms"] = result
 
 
 def sweep(out: dict[str, Any]) -> None:
@@ -187,9 +223,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time block GEMM configs first")
+    parser.add_argument("--gemv-sweep", action="store_true", help="time weight-only decode kernel configs first")
     args = parser.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
+        if args.gemv_sweep:
+            gemv_sweep(out)
         if args.sweep:
             sweep(out)
             print(json.dumps(out["block_sweep_ms"]), flush=True)

@@ -67,7 +67,36 @@ def _kernels() -> SimpleNamespace:
         c = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    return SimpleNamespace(quant_rows=quant_rows_kernel, block_gemm=block_gemm_kernel)
+    @triton.jit
+    def block_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_s,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One activation row and BLOCK_N weight rows (inside one 128-row scale block) per program;
+        # the rows of one weight tile are neighbours in the grid, so the M programs reading a tile
+        # share it through L2. Products on CUDA cores in float32: bf16 activations as they are (no
+        # quantization launch), each fp8 weight scaled once per 128-column block.
+        pid = tl.program_id(0)
+        row = pid % M
+        pid_n = pid // M
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        x = x_ptr + row * stride_x + rk
+        scales = s_ptr + (pid_n * BLOCK_N // 128) * stride_s + tl.arange(0, BLOCK_K // 128)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = rk < K - k0
+            wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            xv = tl.load(x, mask=k_ok, other=0.0).to(tl.float32)
+            part = tl.sum(tl.reshape(wv * xv[None, :], (BLOCK_N, BLOCK_K // 128, 128)), axis=2)
+            sv = tl.load(scales, mask=tl.arange(0, BLOCK_K // 128) * 128 < K - k0, other=0.0)
+            acc += tl.sum(part * sv[None, :], axis=1)
+            w += BLOCK_K
+            x += BLOCK_K
+            scales += BLOCK_K // 128
+        tl.store(y_ptr + row * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    return SimpleNamespace(quant_rows=quant_rows_kernel, block_gemm=block_gemm_kernel, block_gemv=block_gemv_kernel)
 
 
 def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,12 +123,41 @@ def _config(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
+GEMV_MAX_ROWS = 4  # up to this many rows (decode of a few sequences) the weight-only kernel reads the weights
+GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
+
+
+def _gemv_config(n: int) -> GemvConfig:
+    """Measured on an H200 (benchmarks/fp8_bench.py --sweep): see benchmarks/RESULTS.md."""
+    return (8, 512, 4) if n <= 8192 else (16, 512, 4)
+
+
+def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
+                   config: GemvConfig | None = None) -> torch.Tensor:
+    """Weight-only FP8 for a few rows: x [M, K] as it is (no activation quantization) times the
+    block-scaled weight [N, K], K a multiple of 128 -> [M, N]. `config` overrides the tuned one."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    block_n, block_k, warps = config or _gemv_config(n)
+    _kernels().block_gemv[(m * -(-n // block_n),)](x, weight, weight_scale, out, m, n, k, x.stride(0),
+                                                   weight_scale.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
+                                                   num_warps=warps)
+    return out
+
+
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
-    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) instead of the tuned choice (benchmarks)."""
+    Up to GEMV_MAX_ROWS rows: the weight-only kernel; above, activations quantized per 128-column group.
+    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the GEMM instead of the tuned choice (benchmarks)."""
     m, k = x.shape
     n = weight.shape[0]
+    if m <= GEMV_MAX_ROWS and config is None:
+        return block_fp8_gemv(x, weight, weight_scale, out_dtype)
     xq, xs = quantize_rows(x, GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:

@@ -1,0 +1,44 @@
+"""The weight-only FP8 kernel of decode (`block_fp8_gemv`, model/quant/kernels.py) without a GPU: on CPU tensors
+under TRITON_INTERPRET=1 (a child pytest, as in tests/model/test_triton_moe.py) against float32 on the
+dequantized weight, at row counts 1-4, widths that are not a multiple of the row tile (masked rows), K that is
+not a multiple of the column tile (masked scale blocks), and every shipped configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdlaunch.model.quant import fp8
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
+
+
+@pytest.fixture
+def interpret() -> None:
+    pytest.importorskip("triton")
+    if not INTERPRET_AT_START:
+        pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
+
+
+@pytest.mark.parametrize("m,n,k,config", [
+    (1, 256, 384, (8, 256, 4)),     # K = 3 scale blocks: the last tile's second block is masked
+    (3, 200, 512, (16, 512, 4)),    # N not a multiple of 16: masked rows; rows of a 72-row last block
+    (4, 136, 1024, (8, 512, 4)),
+    (2, 128, 128, None),            # the tuned choice
+    (1, 9000, 256, None),           # the wide-N tuned choice
+])
+def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
+        interpret: None, m: int, n: int, k: int, config: tuple[int, int, int] | None) -> None:
+    from pdlaunch.model.quant.kernels import block_fp8_gemv, block_fp8_linear
+
+    gen = torch.Generator().manual_seed(m * n + k)
+    q, s = fp8.quantize_block(0.02 * torch.randn(n, k, generator=gen))
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    want = x.float() @ fp8.dequantize(q, s, 128).t()
+    got = block_fp8_gemv(x, q, s, torch.float32, config)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if config is None:  # what the linear layer calls for a few rows
+        torch.testing.assert_close(block_fp8_linear(x, q, s, torch.float32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_interpreter_cases_in_a_subprocess() -> None:
+    run_interpreter_child(__file__, "interpret_", "5 passed")
