@@ -109,7 +109,8 @@ class KernelBench:
         return ((got.double() - want).norm() / want.norm()).item()
 
 
-def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_profile: bool) -> dict[str, Any]:
+def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_profile: bool,
+                kernel_profile: bool = False) -> dict[str, Any]:
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"g{batch}x{context}-{i}", [rng.randrange(1000, 100000) for _ in range(context)], params)
@@ -132,6 +133,14 @@ def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_pr
     graphs = engine.runner.graphs
     if graphs is not None and batch in graphs.graphs:  # the last inputs are still in its buffers
         out["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
+        if kernel_profile:  # GPU time of each kernel of one replayed step, microseconds
+            from moe_profile import profile_calls
+
+            kernels = profile_calls(graphs.graphs[batch][0].replay, 20)
+            out["kernels_us"] = {name: round(us, 2) for name, us in list(kernels.items())[:30]}
+            out["kernels_total_us"] = sum(kernels.values())
+            print(json.dumps({"cell": f"{batch}x{context}", "kernels_total_us": out["kernels_total_us"],
+                              "kernels_us": out["kernels_us"]}, indent=1), flush=True)
     return out
 
 
@@ -173,7 +182,8 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
                 cells.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})
                 continue
             cell: dict[str, Any] = {"batch": batch, "context": context}
-            cell.update(engine_cell(engine, batch, context, args.steps, f"{batch}x{context}" in args.host_profile))
+            cell.update(engine_cell(engine, batch, context, args.steps, f"{batch}x{context}" in args.host_profile,
+                                    f"{batch}x{context}" in args.kernel_profile))
             mean_ctx = context + WARMUP_STEPS + args.steps / 2
             cell["floor_ms"] = (weight_bytes + batch * mean_ctx * kv_per_token) / bw * 1e3
             cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
@@ -224,6 +234,8 @@ def main() -> None:
                         help="one step at a time (the engine's async scheduling off)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: the e4m3 cache (its bytes per token enter the floor at 1 byte per value)")
+    parser.add_argument("--kernel-profile", nargs="*", default=[],
+                        help="cells (BxC) whose replayed step is profiled per CUDA kernel (torch.profiler)")
     parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
     args = parser.parse_args()
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -26,8 +26,9 @@ def sweep(bench: Any, copy_bps: float, cells: list[tuple[int, int]] | None = Non
     for batch, context in cells or CELLS:
         rows = []
         few = batch * bench.num_kv_heads < 132
+        tiles = TILES + [256] if bench.cache.element_size() == 1 else TILES  # fp8: 256 tokens = 32 KiB of K
         for tile, (warps, stages), waves, min_tokens in itertools.product(
-                TILES, WARPS_STAGES, WAVES, MIN_TOKENS if few else [MIN_SPLIT_TOKENS]):
+                tiles, WARPS_STAGES, WAVES, MIN_TOKENS if few else [MIN_SPLIT_TOKENS]):
             if min_tokens < tile:
                 continue
             splits = choose_launch(batch, bench.num_kv_heads, bench.head_dim, 132, waves).splits

@@ -46,6 +46,7 @@ from pdlaunch.model.moe.block import route  # noqa: E402
 
 WARMUP_STEPS = 4
 FP8_EXPERTS = False  # --fp8-experts: the drawn experts become 128x128-block fp8 as an FP8 checkpoint's do
+FP8_ATTENTION = False  # --fp8-attention: the attention projections too (Qwen3-30B-A3B-FP8 quantizes both)
 rng = random.Random(0)
 
 
@@ -89,7 +90,30 @@ def random_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp_
                 param.normal_(0.0, 0.02, generator=gen)
     if FP8_EXPERTS:
         fp8_experts(model)
+    if FP8_ATTENTION:
+        fp8_attention(model)
     return model.eval()
+
+
+def fp8_attention(model: torch.nn.Module) -> int:
+    """The attention projections as 128x128-block fp8 (quantized from the drawn weights), as an FP8
+    checkpoint such as Qwen3-30B-A3B-FP8 ships them; on a GPU without FP8 GEMMs they would stay bf16."""
+    from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.config import QuantConfig
+    from pdlaunch.model.quant.linear import Fp8LinearMethod
+
+    quant = QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale_inv",
+                        description="fp8 block 128x128 (benchmark)")
+    count = 0
+    for name, layer in model.named_modules():
+        if ".self_attn." in f"{name}." and isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            weight, scale = fp8.quantize_block(layer.weight.data.float())
+            layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+            layer.weight_scale_fp8 = torch.nn.Parameter(scale.contiguous(), requires_grad=False)
+            layer.quant_method = Fp8LinearMethod(quant)
+            count += 1
+    return count
 
 
 def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) -> Path:
@@ -172,12 +196,15 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--fp8-experts", action="store_true",
                         help="experts as 128x128-block fp8 (attention, router and lm_head stay bf16)")
+    parser.add_argument("--fp8-attention", action="store_true",
+                        help="the attention projections as 128x128-block fp8 too, as Qwen3-30B-A3B-FP8 ships them")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    global FP8_EXPERTS
-    FP8_EXPERTS = args.fp8_experts
+    global FP8_EXPERTS, FP8_ATTENTION
+    FP8_EXPERTS, FP8_ATTENTION = args.fp8_experts, args.fp8_attention
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "num_layers": args.num_layers, "fp8_experts": args.fp8_experts}
+                           "num_layers": args.num_layers, "fp8_experts": args.fp8_experts,
+                           "fp8_attention": args.fp8_attention}
     doc.update(copy_bandwidth(2.0))
     doc.update(matmul_rate(8192))
     cfg = QWEN3_30B_A3B

@@ -51,13 +51,6 @@ def paged_decode_available(kv_cache: torch.Tensor) -> bool:
     return block_size & (block_size - 1) == 0 and triton_importable()
 
 
-def fp8_dot_scores() -> bool:
-    """An fp8 cache's scores as fp8 x fp8 products (PDLAUNCH_FP8_ATTENTION=dot, the default) or on keys
-    converted to the query's dtype (=convert: exact products of the cached values)."""
-    choice = os.environ.get("PDLAUNCH_FP8_ATTENTION", "dot")
-    return choice != "convert"
-
-
 def _interpret_mode() -> bool:
     import triton
 
@@ -77,7 +70,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr, FP8_DOT: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -102,22 +95,9 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
         # An fp8 cache is read up to q's dtype (exact for e4m3); its k scale is folded into `scale`
         # and its v scale applied to the accumulator (linear, so partials merge the same).
-        # FP8_DOT (an fp8 cache on the GPU): each query head is scaled into e4m3 so the score product
-        # takes the cached keys as they are (fp8 x fp8 tensor-core dot, no per-key conversion), and
-        # values and probabilities meet in float16 (e4m3 -> f16 is one instruction per pair).
-        if DOT_FP32:
-            dtype = tl.float32
-        elif FP8_DOT:
-            dtype = tl.float16
-        else:
-            dtype = q_ptr.dtype.element_ty
+        dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
         q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [G, D]
-        q_scale = tl.maximum(tl.max(tl.abs(q), axis=1), 1e-12) / 448.0  # [G]; 448 = e4m3's largest
-        if FP8_DOT:
-            q = (q / q_scale[:, None]).to(cache_ptr.dtype.element_ty)
-        else:
-            q = q.to(dtype)
+                    mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
@@ -130,13 +110,8 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             block = tl.load(table + kpos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
             kv_mask = valid[:, None] & d_ok[None, :]
-            if FP8_DOT:
-                k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0)  # [TILE, D] e4m3
-                # keys as the MMA's 64-row side: fp8 products are warpgroup MMAs (wgmma) only
-                s = tl.trans(tl.dot(k, tl.trans(q))) * (q_scale[:, None] * scale)  # [G, TILE]
-            else:
-                k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
+            k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
@@ -254,7 +229,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
         MIN_TILES=launch.min_tiles, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
-        DOT_FP32=interpret, FP8_DOT=kv_cache.dtype == torch.float8_e4m3fn and not interpret and fp8_dot_scores(),
+        DOT_FP32=interpret,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     if launch.splits > 1:

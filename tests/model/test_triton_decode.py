@@ -152,8 +152,8 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     assert choose_launch(128, 8, 256, num_sms=132, element_size=1).tile == 64
 
 
-@pytest.mark.parametrize("cache, fp8_dot", [("bf16", False), ("fp8e4nv", False), ("fp8e4nv", True)])
-def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str, fp8_dot: bool) -> None:
+@pytest.mark.parametrize("cache", ["bf16", "fp8e4nv"])
+def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str) -> None:
     """Compile (no GPU needed) at the Llama-8B shape, with the divisibility Triton's launcher
     specialises on (pointers and strides that are multiples of 16), and read the PTX: mma for the
     products, K/V tiles streamed by cp.async (software pipelining), no scalar global loads of cache
@@ -173,7 +173,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     launch = choose_launch(48, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
                   "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles, "PRECISION": "tf32",
-                  "DOT_FP32": False, "FP8_DOT": fp8_dot}
+                  "DOT_FP32": False}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -182,8 +182,6 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     ptx = compiled.asm["ptx"]
     assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx and "ld.global.b8" not in ptx
-    if fp8_dot:  # the scores: e4m3 x e4m3 warpgroup products; the values: f16 products
-        assert ".e4m3.e4m3" in ptx and ".f16.f16" in ptx, [ln for ln in ptx.splitlines() if "mma" in ln][:4]
 
 
 @pytest.mark.slow

@@ -123,13 +123,13 @@ def _config(m: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 3
 
 
-GEMV_MAX_ROWS = 4  # up to this many rows (decode of a few sequences) the weight-only kernel reads the weights
+# One row (decode of one sequence): the weight-only kernel. At 4 rows it reads each weight tile once per row
+# and measured 2.6-3x the weight-read floor on an H200, behind the GEMM (benchmarks/RESULTS.md, "FP8 decode").
+GEMV_MAX_ROWS = 1
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
-
-
-def _gemv_config(n: int) -> GemvConfig:
-    """Measured on an H200 (benchmarks/fp8_bench.py --sweep): see benchmarks/RESULTS.md."""
-    return (8, 512, 4) if n <= 8192 else (16, 512, 4)
+# Within 4% of the best of 20 configurations at every Llama-3-8B projection on an H200 (fp8_bench.py
+# --gemv-sweep): 8 weight rows and 1024 columns (8 KiB of fp8) per loop iteration.
+GEMV_CONFIG: GemvConfig = (8, 1024, 4)
 
 
 def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
@@ -142,7 +142,7 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_n, block_k, warps = config or _gemv_config(n)
+    block_n, block_k, warps = config or GEMV_CONFIG
     _kernels().block_gemv[(m * -(-n // block_n),)](x, weight, weight_scale, out, m, n, k, x.stride(0),
                                                    weight_scale.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
                                                    num_warps=warps)
