@@ -11,6 +11,7 @@ addresses, are new), and reload the weights after a level-2 sleep.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
     from pdlaunch.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
+HOLD_DRAIN_S = 5.0  # how long /sleep waits for finished requests' KV holds to be released
+HOLD_POLL_S = 0.005
 
 
 class SleepableEngine(Protocol):
@@ -80,13 +83,26 @@ class EngineSleep:
 
     def _before_sleep(self, level: int) -> None:
         engine = self.engine
+        self._drain_holds()
         if engine.has_unfinished_requests() or engine.scheduler.held:
             raise EngineError(
                 f"{len(engine.scheduler.requests)} request(s) running and {len(engine.scheduler.held)} "
-                "KV hold(s) waiting for a decode instance", field="sleep", hint="sleep when the instance is idle")
+                f"KV hold(s) waiting for a decode instance (after {HOLD_DRAIN_S:g}s)", field="sleep",
+                hint="sleep when the instance is idle")
         engine.block_manager.reset_prefix_cache()
         if engine.connector is not None:  # last: a connector that refuses leaves everything in place
             engine.connector.before_sleep()
+
+    def _drain_holds(self) -> None:
+        """A prefill with no request running may still hold the KV of one that just finished: its decode
+        has the blocks (the client may already have its answer) but the prefill learns so on a later
+        step. Step for up to HOLD_DRAIN_S while only such holds are left, so a /sleep sent right after
+        the last answer does not fail; a hold that outlives it (a decode that never reads) is refused."""
+        engine = self.engine
+        deadline = time.monotonic() + HOLD_DRAIN_S
+        while engine.scheduler.held and not engine.has_unfinished_requests() and time.monotonic() < deadline:
+            engine.step()  # polls the connector and the leases; no request runs, so it produces no output
+            time.sleep(HOLD_POLL_S)
 
     def _after_wake(self, tags: tuple[str, ...]) -> None:
         engine = self.engine

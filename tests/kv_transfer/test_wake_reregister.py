@@ -6,12 +6,15 @@ really change: a decode that kept the old handshake would read freed memory (ver
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pdlaunch.config.models import InstanceSpec
+from pdlaunch.engine.sleep_mode import HOLD_DRAIN_S
+from pdlaunch.errors import PdlaunchError
 from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.rpc import Built, ProcessRPC
 from tests.kv_transfer.test_pd_engines import PROMPTS, colocated, run_pd
@@ -31,7 +34,18 @@ def build_sleepy_engine(config_json: str, instance_json: str) -> Built:
         after = [t.data_ptr() for t in engine.runner.kv_caches]
         return {"moved": before != after, "info": engine.connector.info()}
 
-    return {**methods, "sleep_wake": sleep_wake}, shutdown, info
+    def try_sleep() -> dict[str, Any]:
+        """Sleep (and wake) if the engine lets it: the refusal's message otherwise, and how long it took."""
+        t0 = time.monotonic()
+        try:
+            engine.sleep(1)
+        except PdlaunchError as exc:
+            return {"error": exc.message, "seconds": time.monotonic() - t0, "held": len(engine.scheduler.held)}
+        engine.wake_up(None)
+        return {"error": None, "seconds": time.monotonic() - t0, "held": len(engine.scheduler.held),
+                "used_blocks": engine.block_manager.num_used_blocks()}
+
+    return {**methods, "sleep_wake": sleep_wake, "try_sleep": try_sleep}, shutdown, info
 
 
 @pytest.mark.parametrize("mode", ["pull", "push"])
@@ -57,4 +71,30 @@ def test_pd_after_prefill_wake(llama_ckpt: Path, mode: str) -> None:
         decode.call("check")
     finally:
         decode.close()
+        prefill.close()
+
+
+@pytest.mark.parametrize("lease", [60.0, 1.0])
+def test_sleep_waits_for_a_finished_requests_hold(llama_ckpt: Path, lease: float) -> None:
+    """A prefill whose only work left is the KV held for a finished request: /sleep steps the engine for
+    up to HOLD_DRAIN_S while that hold can still go (here by its lease, as it goes when the decode
+    reads it); a hold that outlives the window is refused, naming it."""
+    config = pd_config(str(llama_ckpt), "nixl", "pull")
+    config.model.enable_sleep_mode = True
+    config.kv_transfer.kv_lease_seconds = lease
+    prefill = ProcessRPC(build_sleepy_engine, config.model_dump_json(),
+                         InstanceSpec(role="prefill", port=1, engine_id="P-hold", device="cpu").model_dump_json())
+    try:
+        first = prefill.call("generate", [("r", PROMPTS["many-blocks"], {"temperature": 0.0, "max_tokens": 1},
+                                           {"do_remote_decode": True})])["r"]
+        assert first["kv_transfer_params"]["do_remote_prefill"]
+        result = prefill.call("try_sleep")
+        if lease < HOLD_DRAIN_S:  # the lease ends inside the window: the hold goes and the engine sleeps
+            assert result["error"] is None and result["held"] == 0 and result["used_blocks"] == 0, result
+            assert result["seconds"] < HOLD_DRAIN_S, result
+        else:
+            assert result["error"] == ("0 request(s) running and 1 KV hold(s) waiting for a decode "
+                                       f"instance (after {HOLD_DRAIN_S:g}s)"), result
+            assert result["seconds"] >= HOLD_DRAIN_S and result["held"] == 1, result
+    finally:
         prefill.close()

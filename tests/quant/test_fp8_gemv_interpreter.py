@@ -1,7 +1,8 @@
-"""The weight-only FP8 kernel of decode (`block_fp8_gemv`, model/quant/kernels.py) without a GPU: on CPU tensors
-under TRITON_INTERPRET=1 (a child pytest, as in tests/model/test_triton_moe.py) against float32 on the
-dequantized weight, at row counts 1-4 (the linear layer takes it for 1), widths that are not a multiple of the row tile (masked rows), K that is
-not a multiple of the column tile (masked scale blocks), and every shipped configuration."""
+"""The weight-only FP8 kernel of decode (`block_fp8_gemv`, model/quant/kernels.py) without a GPU: on CPU
+tensors under TRITON_INTERPRET=1 (a child pytest, as in tests/model/test_triton_moe.py) against float32 on
+the dequantized weight, at row counts 1-4 (the linear layer takes it for 1), widths that are not a multiple
+of the row tile (masked rows), K that is not a multiple of the column tile (masked scale blocks), and the
+shipped configuration."""
 
 from __future__ import annotations
 
