@@ -21,6 +21,7 @@ from pdlaunch.memory.sleep import MemorySleep, SleepBackend, SleepResult, Tensor
 from pdlaunch.model.loader import load_model
 
 if TYPE_CHECKING:
+    from pdlaunch.engine.outputs import RequestOutput
     from pdlaunch.engine.scheduler import Scheduler
     from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
     from pdlaunch.kvcache.block_manager import BlockManager
@@ -43,6 +44,8 @@ class SleepableEngine(Protocol):
     checkpoint: Checkpoint
 
     def has_unfinished_requests(self) -> bool: ...
+
+    def step(self) -> list[RequestOutput]: ...
 
     def kv_cache_spec(self) -> KVCacheSpec: ...
 
