@@ -103,6 +103,18 @@ SWEEP = {1: [(16, 16, 2, 4), (16, 16, 4, 6), (16, 32, 4, 4), (16, 32, 2, 6), (16
                 (128, 128, 8, 4), (64, 64, 4, 4)]}
 
 
+def _time_config(fn: Any, label: str) -> float:
+    """Median ms of `fn` replayed from a CUDA graph; NaN (and the error printed) for a config that fails."""
+    import triton.testing
+
+    try:
+        fn()
+        return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
+    except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
+        print(f"{label}: {exc}", flush=True)
+        return float("nan")
+
+
 GEMV_SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)
               if bn * bk <= 16384]
 
@@ -110,7 +122,6 @@ GEMV_SWEEP = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) fo
 def gemv_sweep(out: dict[str, Any]) -> None:
     """block_fp8_gemv configs (BLOCK_N, BLOCK_K, warps) per shape at M = 1 and 4, with the share of copy
     bandwidth each reaches (FP8 weight bytes / time)."""
-    import triton.testing
 
     from pdlaunch.model.quant import fp8
     from pdlaunch.model.quant.kernels import block_fp8_gemv
@@ -124,14 +135,8 @@ def gemv_sweep(out: dict[str, Any]) -> None:
             x = torch.randn(m, k, device="cuda").bfloat16()
             row = result.setdefault(f"M{m}/{name}", {"floor_ms": floor_ms})
             for cfg in GEMV_SWEEP:
-                fn = functools.partial(block_fp8_gemv, x, wb, sb, torch.bfloat16, cfg)
-                try:
-                    fn()
-                    ms = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
-                except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
-                    ms = float("nan")
-                    print(f"{name} M{m} {cfg}: {exc}", flush=True)
-                row[str(cfg)] = ms
+                row[str(cfg)] = _time_config(functools.partial(block_fp8_gemv, x, wb, sb, torch.bfloat16, cfg),
+                                             f"{name} M{m} {cfg}")
             best = min((v, c) for c, v in row.items() if c != "floor_ms" and v == v)
             print(f"gemv M{m} {name}: best {best[1]} {best[0] * 1e3:.1f} us, floor {floor_ms * 1e3:.1f} us "
                   f"({floor_ms / best[0]:.0%} of copy bw)", flush=True)
@@ -140,7 +145,6 @@ def gemv_sweep(out: dict[str, Any]) -> None:
 
 def sweep(out: dict[str, Any]) -> None:
     """block_fp8_linear configs (BLOCK_M, BLOCK_N, warps, stages) per shape: decode and prefill medians."""
-    import triton.testing
 
     from pdlaunch.model.quant import fp8
     from pdlaunch.model.quant.kernels import block_fp8_linear
@@ -151,14 +155,8 @@ def sweep(out: dict[str, Any]) -> None:
         for m, configs in SWEEP.items():
             x = torch.randn(m, k, device="cuda").bfloat16()
             for cfg in configs:
-                fn = functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, cfg)
-                try:
-                    fn()
-                    ms = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median")
-                except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
-                    ms = float("nan")
-                    print(f"{name} M{m} {cfg}: {exc}", flush=True)
-                result.setdefault(f"M{m}/{name}", {})[str(cfg)] = ms
+                result.setdefault(f"M{m}/{name}", {})[str(cfg)] = _time_config(
+                    functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, cfg), f"{name} M{m} {cfg}")
     out["block_sweep_ms"] = result
 
 
