@@ -170,8 +170,9 @@ def graph_safe(kv_cache: torch.Tensor) -> bool:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                     layer_in_group: int, plan: GroupPlan, scale: float,
-                    kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache.
+                    kv_scales: tuple[float, float] = (1.0, 1.0), kv_written: bool = False) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache unless
+    `kv_written` (the caller's fused rotary kernel wrote them to `plan.write_slots`: fused_ops.rotary_write_kv).
 
     kv_scales: this layer's (k_scale, v_scale), applied when the cache is fp8 (model/quant/kv_cache.py).
     Every query sees keys and values as the cache holds them (fp8-rounded and rescaled when it is fp8)."""
@@ -181,7 +182,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         if not kv_cache.is_contiguous():
             raise ValueError("the KV cache tensor must be contiguous (block-major layout)")
         flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
-    if kv_cache is not None and plan.write_slots is not None:
+    if kv_written:
+        assert kv_cache is not None and plan.write_slots is not None
+    elif kv_cache is not None and plan.write_slots is not None:
         write_kv(kv_cache, k, v, plan.write_slots, layer_in_group, kv_scales)
     elif kv_cache is not None:
         assert flat is not None and plan.write_rows is not None

@@ -87,25 +87,39 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     # Triton's interpreter resolves a kernel's callees among module globals only, and these kernels are
     # built here, per interpret mode.
     @triton.jit
-    def rotate_heads(x_ptr, out_ptr, t, s_t, s_h, s_d, num_heads, d, partner, first_half, cos, sin,
-                     D: tl.constexpr, H_PAD: tl.constexpr):
-        # Token t's heads [H, D] of q or k, rotated into out (contiguous [T, H, D]).
+    def rotate_heads(x_ptr, out_ptr, w_ptr, t, s_t, s_h, s_d, num_heads, d, partner, first_half, cos, sin, eps,
+                     D: tl.constexpr, H_PAD: tl.constexpr, NORM: tl.constexpr):
+        # Token t's heads [H, D] of q or k, rotated into out (contiguous [T, H, D]) and returned. NORM: each
+        # head's row first goes through HF's RMSNorm (Qwen3's q_norm / k_norm, weight w [D]) as rms_norm_kernel
+        # computes it: the partner half is normalised with the same row statistic.
         dtype = out_ptr.dtype.element_ty
         h = tl.arange(0, H_PAD)[:, None]
         mask = (h < num_heads) & (d < D)
         x = tl.load(x_ptr + t * s_t + h * s_h + d * s_d, mask=mask, other=0.0).to(tl.float32)
         xp = tl.load(x_ptr + t * s_t + h * s_h + partner * s_d, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            var = tl.math.div_rn(tl.sum(x * x, axis=1), D * 1.0)[:, None]
+            rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+            w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+            wp = tl.load(w_ptr + partner, mask=d < D, other=0.0).to(tl.float32)
+            x = (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            xp = (wp * (xp * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         a = (x * cos).to(dtype).to(tl.float32)
         b = (tl.where(first_half, -xp, xp) * sin).to(dtype).to(tl.float32)
-        tl.store(out_ptr + (t * num_heads + h) * D + d, (a + b).to(dtype), mask=mask)
+        y = (a + b).to(dtype)
+        tl.store(out_ptr + (t * num_heads + h) * D + d, y, mask=mask)
+        return y
 
     @triton.jit
     def rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, num_q_heads, num_kv_heads,
                       sq_t, sq_h, sq_d, sk_t, sk_h, sk_d, sc_t, sc_d, ss_t, ss_d,
+                      qw_ptr, kw_ptr, eps, v_ptr, sv_t, sv_h, sv_d, cache_ptr, slot_ptr, block_size, block_stride,
+                      layer_offset, k_scale, v_scale,
                       D: tl.constexpr, D_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                      ROTATE: tl.constexpr):
+                      ROTATE: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, FP8: tl.constexpr):
         # One program per token: cos/sin [D] loaded once for its q [Hq, D] and k [Hkv, D];
         # outputs are contiguous. rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (d >= D/2).
+        # WRITE_KV: the rotated k and the token's v also go to its cache slot, as write_kv_kernel writes them.
         t = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, D_PAD)
         first_half = (d < D // 2)[None, :]
@@ -113,8 +127,23 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         cos = tl.load(cos_ptr + t * sc_t + d * sc_d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + t * ss_t + d * ss_d, mask=d < D, other=0.0).to(tl.float32)[None, :]
         d = d[None, :]
-        ROTATE(q_ptr, q_out_ptr, t, sq_t, sq_h, sq_d, num_q_heads, d, partner, first_half, cos, sin, D, HQ_PAD)
-        ROTATE(k_ptr, k_out_ptr, t, sk_t, sk_h, sk_d, num_kv_heads, d, partner, first_half, cos, sin, D, HKV_PAD)
+        ROTATE(q_ptr, q_out_ptr, qw_ptr, t, sq_t, sq_h, sq_d, num_q_heads, d, partner, first_half, cos, sin, eps,
+               D, HQ_PAD, NORM)
+        k = ROTATE(k_ptr, k_out_ptr, kw_ptr, t, sk_t, sk_h, sk_d, num_kv_heads, d, partner, first_half, cos, sin,
+                   eps, D, HKV_PAD, NORM)
+        if WRITE_KV:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            heads = tl.arange(0, HKV_PAD)[:, None]
+            mask = (heads < num_kv_heads) & (d < D) & (tl.full([HKV_PAD, D_PAD], 0, tl.int64) <= slot)
+            row = (slot // block_size) * block_stride + layer_offset + (slot % block_size) * num_kv_heads * D
+            dst = cache_ptr + row + heads * D + d
+            v = tl.load(v_ptr + t * sv_t + heads * sv_h + d * sv_d, mask=mask)
+            if FP8:  # as write_kv_kernel: x / scale saturated to +-448
+                k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -448.0, 448.0)
+                v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -448.0, 448.0)
+            cache_dtype = cache_ptr.dtype.element_ty
+            tl.store(dst, k.to(cache_dtype), mask=mask)
+            tl.store(dst + block_size * num_kv_heads * D, v.to(cache_dtype), mask=mask)
 
     @triton.jit
     def silu_and_mul_kernel(x_ptr, out_ptr, inter, sx_t, sx_i,
@@ -276,15 +305,73 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
            "q and k need the same tokens, head_dim (even) and dtype")
     _check(cos.shape == (tokens, head_dim) and sin.shape == cos.shape and cos.dtype == q.dtype == sin.dtype,
            "cos", f"cos/sin must be [{tokens}, {head_dim}] in {q.dtype}", "build them with rotary_cos_sin")
+    return _rotary_launch(q, k, cos, sin, None, None)
+
+
+def _rotary_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   norm: tuple[torch.Tensor, torch.Tensor, float] | None,
+                   write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, tuple[float, float]] | None,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary kernel; `norm` (q weight, k weight, eps) and `write` (v, cache, slots, layer, scales) on
+    request. Shapes are checked by the callers."""
     kernels = _kernels(_interpret_mode())
+    tokens, num_q_heads, head_dim = q.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     npow2 = kernels.next_power_of_2
+    q_weight, k_weight, eps = norm if norm is not None else (q, k, 0.0)
+    v, cache, slots, layer_in_group, (k_scale, v_scale) = write if write is not None else (k, q, cos, 0, (1.0, 1.0))
+    block_size = plane = block_stride = 0
+    if write is not None:
+        _, layers, _, block_size, _, _ = cache.shape
+        plane = block_size * k.shape[1] * head_dim
+        block_stride = layers * 2 * plane
     kernels.rotary[(tokens,)](q, k, cos, sin, q_out, k_out, num_q_heads, k.shape[1], *q.stride(), *k.stride(),
-                              *cos.stride(), *sin.stride(), D=head_dim, D_PAD=npow2(head_dim),
-                              HQ_PAD=npow2(num_q_heads), HKV_PAD=npow2(k.shape[1]), ROTATE=kernels.rotate_heads,
+                              *cos.stride(), *sin.stride(), q_weight, k_weight, eps, v, *v.stride(), cache, slots,
+                              block_size, block_stride, 2 * layer_in_group * plane, k_scale, v_scale,
+                              D=head_dim, D_PAD=npow2(head_dim), HQ_PAD=npow2(num_q_heads), HKV_PAD=npow2(k.shape[1]),
+                              ROTATE=kernels.rotate_heads, NORM=norm is not None, WRITE_KV=write is not None,
+                              FP8=cache.dtype == torch.float8_e4m3fn,
                               num_warps=_num_warps(npow2(num_q_heads) * head_dim), enable_fp_fusion=False)
     return q_out, k_out
+
+
+def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, layer_in_group: int,
+                    kv_scales: tuple[float, float] = (1.0, 1.0),
+                    head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention layer's work between its qkv projection and attention, in one kernel on CUDA:
+    `head_norm` (q weight [D], k weight [D], eps: Qwen3's per-head RMSNorm) when given, rotary on q and
+    k, and the rotated k with v written into their cache slots (slot < 0: skipped). Same values as
+    rms_norm, apply_rotary and write_kv in turn; returns the new contiguous (q, k)."""
+    if head_norm is not None:
+        _check(head_norm[0].shape == head_norm[1].shape == (q.shape[2],) and head_norm[0].dtype == q.dtype,
+               "head_norm", f"q/k norm weights must be [{q.shape[2]}] in {q.dtype}",
+               "pass the per-head RMSNorm weights")
+    fused = fused_available(q) and fused_available(kv_cache) and kv_cache.is_contiguous()
+    if fused:
+        _check(v.shape == k.shape and v.dtype == k.dtype and kv_cache.shape[-2:] == k.shape[1:], "v",
+               f"v {tuple(v.shape)} {v.dtype} / cache heads {tuple(kv_cache.shape[-2:])} do not fit k "
+               f"{tuple(k.shape)} {k.dtype}", "k and v are [T, num_kv_heads, head_dim], as the cache holds them")
+        _check(0 <= layer_in_group < kv_cache.shape[1], "layer_in_group",
+               f"{layer_in_group} is outside 0..{kv_cache.shape[1] - 1}", "pass the layer's index within its group")
+    if not fused:
+        if head_norm is not None:
+            t, hq, dim = q.shape
+            q = rms_norm(q.reshape(-1, dim), head_norm[0], head_norm[2]).view(t, hq, dim)
+            k = rms_norm(k.reshape(-1, dim), head_norm[1], head_norm[2]).view(t, k.shape[1], dim)
+        q, k = apply_rotary(q, k, cos, sin)
+        write_kv(kv_cache, k, v, slot_mapping, layer_in_group, kv_scales)
+        return q, k
+    tokens, _, head_dim = q.shape
+    _check(k.dtype == q.dtype and k.shape[0] == tokens and k.shape[2] == head_dim and head_dim % 2 == 0
+           and slot_mapping.shape == (tokens,), "k",
+           f"k {tuple(k.shape)} {k.dtype} / slots {tuple(slot_mapping.shape)} do not pair with q {tuple(q.shape)}",
+           "q and k need the same tokens, head_dim (even) and dtype, one slot per token")
+    _check(cos.shape == (tokens, head_dim) and sin.shape == cos.shape and cos.dtype == q.dtype == sin.dtype,
+           "cos", f"cos/sin must be [{tokens}, {head_dim}] in {q.dtype}", "build them with rotary_cos_sin")
+    return _rotary_launch(q, k, cos, sin, head_norm, (v, kv_cache, slot_mapping, layer_in_group, kv_scales))
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from pdlaunch.model.arch import KVCacheGroup, ModelArch
 from pdlaunch.model.attention import GroupPlan, build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import silu_and_mul
+from pdlaunch.model.fused_ops import rms_norm, rotary_write_kv, silu_and_mul
 from pdlaunch.model.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -77,12 +77,22 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if not self.full_width_qk_norm and self.q_norm is not None and self.k_norm is not None:
-            # HF Qwen3 order: project, norm each head, then rotary. Rows are heads: [T*H, D].
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view(t, self.num_heads, self.head_dim)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary_emb.rotate(q, k, *cos_sin)
-        o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales)  # [T, Hq, D]
+        head_norm = None
+        if not self.full_width_qk_norm and isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm):
+            # HF Qwen3 order: project, norm each head, then rotary.
+            head_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        kv_written = kv_cache is not None and plan.write_slots is not None
+        if kv_cache is not None and plan.write_slots is not None:
+            # The CUDA path (a fused cache write): norm, rotary and the k/v cache write in one kernel.
+            q, k = rotary_write_kv(q, k, v, *cos_sin, kv_cache, plan.write_slots, self.index_in_group,
+                                   self.kv_scales, head_norm)
+        else:
+            if head_norm is not None:  # rows are heads: [T*H, D]
+                q = rms_norm(q.reshape(-1, self.head_dim), head_norm[0], head_norm[2]).view_as(q)
+                k = rms_norm(k.reshape(-1, self.head_dim), head_norm[1], head_norm[2]).view_as(k)
+            q, k = self.rotary_emb.rotate(q, k, *cos_sin)
+        o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales,
+                            kv_written)  # [T, Hq, D]
         out: torch.Tensor = self.o_proj(o.reshape(t, q_size))
         return out
 

@@ -13,8 +13,9 @@ KV on an H200 that streams ~4.2 TB/s (benchmarks/RESULTS.md has the before/after
 
 Few sequences give few programs (batch 1 of an 8-KV-head model: 8), so the visible tiles are
 split into up to `splits` contiguous ranges, each at least `min_tiles` long; each writes its
-partial (weighted values, max, sum) and a second kernel merges them. A sequence whose context
-needs one range writes its output directly and the merge skips it. The split count depends only
+partial (weighted values, max, sum), and the last range of a (sequence, KV head) to finish merges
+them (a counter per pair, reset by that program). A sequence whose context needs one range writes
+its output directly. The split count depends only
 on the batch and head counts and the ranges on device values, so a CUDA graph replays it for any
 context. Also runs under TRITON_INTERPRET=1 on CPU tensors (tests); the engine uses it on CUDA
 only (`paged_decode_available`).
@@ -64,20 +65,19 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
 
     @triton.jit
     def paged_decode_kernel(
-        q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr,
+        q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr, count_ptr,
         scale, v_scale, window, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
         block_stride, k_offset, v_offset,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr, FP8_F16: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + seq)
-        # This split's tiles [start, stop) of the visible ones, and how many splits have any
-        # (merge_splits_kernel repeats this arithmetic).
+        # This split's tiles [start, stop) of the visible ones, and how many splits have any.
         qpos = seq_len - 1
         first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
         first_tile = first // TILE
@@ -93,9 +93,11 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         head_ok = g < GROUP
         token = tl.load(tokens_ptr + seq)
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
-        # An fp8 cache is read up to q's dtype (exact for e4m3); its k scale is folded into `scale`
-        # and its v scale applied to the accumulator (linear, so partials merge the same).
-        dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
+        # An fp8 cache is read up to float16 (exact for e4m3, one conversion per two elements; bf16
+        # would take a second one per element) and q and the probabilities meet it in float16 (q of a
+        # real model is far inside float16's range); its k scale is folded into `scale` and its v scale
+        # applied to the accumulator (linear, so partials merge the same).
+        dtype = tl.float32 if DOT_FP32 else (tl.float16 if FP8_F16 else q_ptr.dtype.element_ty)
         q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -121,43 +123,43 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             m = m_new
         acc = acc * v_scale
-        # One range: the output itself (the merge skips this sequence). Several: partials
-        # part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted values, max, sum).
+        # One range: the output itself. Several: partials part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted
+        # values, max, sum); the last range of (sequence, KV head) to finish merges them, so no second
+        # launch runs (at batch 1 that launch cost as much as the attention of a short context).
         # (Conditions as vector compares: the interpreter rejects masks of a scalar bool broadcast.)
         direct = head_ok & ((g * 0 + active) == 1) & ((g * 0 + split) == 0)
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=direct[:, None] & d_ok[None, :])
-        row = ((seq * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_PAD + 2)  # [G]
-        keep = head_ok & ((g * 0 + active) > 1) & ((g * 0 + split) < active)
-        tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=keep[:, None] & d_ok[None, :])
-        tl.store(part_ptr + row + HEAD_PAD, m, mask=keep)
-        tl.store(part_ptr + row + HEAD_PAD + 1, denom, mask=keep)
+        if SPLITS > 1:
+            row = ((seq * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_PAD + 2)  # [G]
+            keep = head_ok & ((g * 0 + active) > 1) & ((g * 0 + split) < active)
+            tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=keep[:, None] & d_ok[None, :])
+            tl.store(part_ptr + row + HEAD_PAD, m, mask=keep)
+            tl.store(part_ptr + row + HEAD_PAD + 1, denom, mask=keep)
+            if (active > 1) & (split < active):
+                # Every warp's partial stores come before the count (the barrier), and the count
+                # releases them to the program that reads them (acq_rel at GPU scope).
+                tl.debug_barrier()
+                counter = count_ptr + seq * NUM_KV_HEADS + kv_head
+                arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+                if arrived == active - 1:
+                    sp = tl.arange(0, SPLITS)
+                    used = sp < active
+                    for h in tl.static_range(GROUP):
+                        base = ((seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + h) * SPLITS + sp) * (HEAD_PAD + 2)
+                        part_m = tl.load(part_ptr + base + HEAD_PAD, mask=used, other=float("-inf"),
+                                         cache_modifier=".cg")
+                        part_sum = tl.load(part_ptr + base + HEAD_PAD + 1, mask=used, other=0.0,
+                                           cache_modifier=".cg")
+                        part_acc = tl.load(part_ptr + base[:, None] + d[None, :], mask=used[:, None] & d_ok[None, :],
+                                           other=0.0, cache_modifier=".cg")  # [SPLITS, D]
+                        w = tl.where(used, tl.exp(part_m - tl.max(part_m, axis=0)), 0.0)
+                        merged = tl.sum(part_acc * w[:, None], axis=0) / tl.sum(part_sum * w, axis=0)
+                        tl.store(out_ptr + seq * stride_ot + (kv_head * GROUP + h) * stride_oh + d,
+                                 merged.to(out_ptr.dtype.element_ty), mask=d_ok)
+                    tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
-    @triton.jit
-    def merge_splits_kernel(part_ptr, out_ptr, seq_lens_ptr, window, num_heads, stride_ot, stride_oh,
-                            HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, TILE: tl.constexpr,
-                            SPLITS: tl.constexpr, MIN_TILES: tl.constexpr):
-        seq = tl.program_id(0)
-        head = tl.program_id(1)
-        qpos = tl.load(seq_lens_ptr + seq) - 1
-        first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
-        num_tiles = qpos // TILE + 1 - first // TILE
-        active = tl.cdiv(num_tiles, tl.maximum(tl.cdiv(num_tiles, SPLITS), MIN_TILES))
-        sp = tl.arange(0, SPLITS)
-        d = tl.arange(0, HEAD_PAD)
-        used = (sp < active) & ((sp * 0 + active) > 1)
-        base = ((seq * num_heads + head) * SPLITS + sp) * (HEAD_PAD + 2)  # [S]
-        m = tl.load(part_ptr + base + HEAD_PAD, mask=used, other=float("-inf"))
-        denom = tl.load(part_ptr + base + HEAD_PAD + 1, mask=used, other=0.0)
-        acc = tl.load(part_ptr + base[:, None] + d[None, :], mask=used[:, None] & (d < HEAD_DIM)[None, :],
-                      other=0.0)  # [S, D]
-        m_all = tl.max(m, axis=0)
-        w = tl.where(used, tl.exp(m - m_all), 0.0)
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
-        tl.store(out_ptr + seq * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
-                 mask=(d < HEAD_DIM) & ((d * 0 + active) > 1))
-
-    return paged_decode_kernel, merge_splits_kernel
+    return paged_decode_kernel
 
 
 @dataclass(frozen=True)
@@ -217,23 +219,38 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     block_table = block_table.contiguous()
     plane = block_size * num_kv_heads * head_dim  # elements of one (layer, k|v) slice of a block
     head_pad = max(16, triton.next_power_of_2(head_dim))
-    part = (torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
-            if launch.splits > 1 else out)
+    part, counts = out, seq_lens  # unused with one range
+    if launch.splits > 1:
+        part = torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
+        counts = _split_counters(q.device, num_seqs * num_kv_heads)
     interpret = _interpret_mode()
-    decode_kernel, merge_kernel = _kernels(interpret)
+    decode_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
-        q, kv_cache, block_table, seq_lens, tokens, out, part,
+        q, kv_cache, block_table, seq_lens, tokens, out, part, counts,
         scale * kv_scales[0], kv_scales[1], window or 0, q.stride(0), q.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
         MIN_TILES=launch.min_tiles, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
-        DOT_FP32=interpret,
+        DOT_FP32=interpret, FP8_F16=kv_cache.dtype == torch.float8_e4m3fn,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    if launch.splits > 1:
-        merge_kernel[(num_seqs, num_heads)](part, out, seq_lens, window or 0, num_heads, out.stride(0),
-                                            out.stride(1), HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile,
-                                            SPLITS=launch.splits, MIN_TILES=launch.min_tiles)
     return out
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 4096  # splits run only while (sequences x KV heads) < 2 x SMs: one buffer serves all
+
+
+def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """int32 zeros, one per (sequence, KV head), that every launch leaves at zero: allocated once per
+    device (the engine's warm-up runs before a CUDA graph capture do it), never inside a capture."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < needed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"paged_decode needs {needed} split counters during a CUDA graph capture; "
+                               "run the same batch once before capturing it")
+        counters = torch.zeros(max(needed, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters

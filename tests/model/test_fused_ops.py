@@ -191,6 +191,52 @@ def test_write_kv_kernel_matches_reference(device: str, cache_dtype: torch.dtype
     assert not torch.equal(cache, before)
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                               (torch.bfloat16, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("head_norm", [False, True])
+def test_rotary_write_kv_kernel_equals_norm_rotary_and_write_in_turn(device: str, dtype: torch.dtype,
+                                                                     cache_dtype: torch.dtype, head_norm: bool) -> None:
+    """The attention layer's one kernel (rotary_write_kv): per-head RMSNorm (Qwen3) when asked, rotary, and
+    the rotated k with v written to their slots (slot -1 skipped), against the references in turn."""
+    if device == "cpu" and cache_dtype == torch.float8_e4m3fn:
+        pytest.skip("the interpreter's float32 -> e4m3 conversion does not round as the GPU and torch do")
+    torch.manual_seed(int(head_norm))
+    head_dim, hq, hkv, tokens, layer = 64, 8, 2, 5, 1
+    q, k, v = _qkv_views(tokens, hq, hkv, head_dim, dtype, device)
+    inv_freq = compute_inv_freq(head_dim, 10000.0, None, 4096).to(device)
+    cos, sin = rotary_cos_sin(torch.tensor([0, 3, 17, 900, 2], device=device), inv_freq, dtype)
+    norm = None
+    if head_norm:
+        norm = (torch.randn(head_dim, dtype=dtype, device=device), torch.randn(head_dim, dtype=dtype, device=device),
+                1e-6)
+    cache = torch.zeros(7, 3, 2, 4, hkv, head_dim, dtype=cache_dtype, device=device)
+    want_cache = cache.clone()
+    slots = torch.tensor([3, -1, 9, 20, 27], device=device)
+    scales = (0.5, 2.0) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    got_q, got_k = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slots, layer, scales, norm)
+    want_q, want_k = q, k
+    if norm is not None:
+        want_q = rms_norm_torch(q.reshape(-1, head_dim), norm[0], norm[2]).view(tokens, hq, head_dim)
+        want_k = rms_norm_torch(k.reshape(-1, head_dim), norm[1], norm[2]).view(tokens, hkv, head_dim)
+    want_q, want_k = apply_rotary_torch(want_q, want_k, cos, sin)
+    write_kv_torch(want_cache, want_k, v, slots, layer, scales)
+    check = _assert_equal
+    if head_norm:  # the row sums may add in another order; float32 rotation then amplifies the last bits
+        def check(got: torch.Tensor, want: torch.Tensor) -> None:
+            if want.dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:
+                _assert_rms_close(got, want)
+    check(got_q, want_q)
+    check(got_k, want_k)
+    if cache_dtype == torch.float8_e4m3fn:
+        assert (got_k == want_k).all(), "fp8: the compared cache bytes need the same rotated k"
+        _assert_equal(cache.view(torch.uint8), want_cache.view(torch.uint8))
+    else:
+        check(cache, want_cache)
+    assert cache.float().abs().sum() > 0  # (slot -1 skipped: the reference skips it too)
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     run_interpreter_child(__file__, "interpret", timeout=240)
@@ -228,10 +274,15 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
     rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": bf16, "res_out_ptr": bf16,
                                  "eps": "fp32"}, {"ADD_RESIDUAL": True, "BLOCK_H": 4096})
     assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
-    pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr"]
-    rotary = ptx(kernels.rotary, dict.fromkeys(pointers, bf16),
-                 {"D": 128, "D_PAD": 128, "HQ_PAD": 32, "HKV_PAD": 8, "ROTATE": kernels.rotate_heads})
-    assert "fma" not in rotary and "cvt.rn.bf16.f32" in rotary
+    pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr", "v_ptr"]
+    for norm, write in ((False, False), (True, True)):  # rotary alone; Qwen3's norm, rotary and the KV write
+        rotary = ptx(kernels.rotary, {**dict.fromkeys(pointers, bf16), "cache_ptr": "*fp8e4nv", "slot_ptr": "*i64",
+                                      "eps": "fp32", "k_scale": "fp32", "v_scale": "fp32", "block_stride": "i64",
+                                      "layer_offset": "i64"},
+                     {"D": 128, "D_PAD": 128, "HQ_PAD": 32, "HKV_PAD": 8, "ROTATE": kernels.rotate_heads, "NORM": norm,
+                      "WRITE_KV": write, "FP8": write})
+        assert "fma" not in rotary and "cvt.rn.bf16.f32" in rotary
+        assert ("sqrt.rn.f32" in rotary and "div.rn.f32" in rotary) == norm and "div.full" not in rotary
     silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": bf16}, {"BLOCK": 1024, "LIBDEVICE_EXP": True})
     assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rm" in silu  # expf's range reduction
     for cache, fp8 in ((bf16, False), ("*fp8e4nv", True)):  # a bf16 cache, and an fp8 one storing x / scale
@@ -259,6 +310,8 @@ def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatc
                               dtype)
     gate_up = torch.randn(4, 2 * 75, dtype=dtype, device=device)
     cache = torch.zeros(7, 2, 2, 4, 2, 64, dtype=dtype, device=device)
+    fused_cache = torch.zeros_like(cache)
+    hw = torch.randn(64, dtype=dtype, device=device)
     slots = torch.tensor([3, -1, 9, 20], device=device)
 
     def step() -> tuple[torch.Tensor, ...]:
@@ -266,7 +319,8 @@ def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatc
         y, new_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-5)
         q_out, k_out = fused_ops.apply_rotary(q, k, cos, sin)
         fused_ops.write_kv(cache, k_out, v, slots, 1)
-        return normed, y, new_residual, q_out, k_out, fused_ops.silu_and_mul(gate_up)
+        fused_q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, fused_cache, slots, 0, head_norm=(hw, hw, 1e-6))
+        return normed, y, new_residual, q_out, k_out, fused_ops.silu_and_mul(gate_up), fused_q
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -275,12 +329,13 @@ def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatc
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        normed, y, new_residual, q_out, k_out, act = step()
+        normed, y, new_residual, q_out, k_out, act, fused_q = step()
 
     for t in (x, residual, q, k, v, gate_up):
         t.copy_(torch.randn_like(t))
     slots.copy_(torch.tensor([-1, 27, 0, -1], device=device))
     cache.zero_()
+    fused_cache.zero_()
     graph.replay()
     torch.cuda.synchronize()
 
@@ -294,6 +349,13 @@ def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatc
     want_cache = torch.zeros_like(cache)
     write_kv_torch(want_cache, want_k, v, slots, 1)
     _assert_equal(cache, want_cache)
+    normed_q = rms_norm_torch(q.reshape(-1, 64), hw, 1e-6).view_as(q)
+    normed_k = rms_norm_torch(k.reshape(-1, 64), hw, 1e-6).view_as(k)
+    want_q, want_k = apply_rotary_torch(normed_q, normed_k, cos, sin)
+    _assert_rms_close(fused_q, want_q)
+    want_cache.zero_()
+    write_kv_torch(want_cache, want_k, v, slots, 0)
+    _assert_rms_close(fused_cache, want_cache)
 
 
 # ---- dispatch and errors (no triton needed) ------------------------------------------------------

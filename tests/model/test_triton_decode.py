@@ -157,7 +157,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     """Compile (no GPU needed) at the Llama-8B shape, with the divisibility Triton's launcher
     specialises on (pointers and strides that are multiples of 16), and read the PTX: mma for the
     products, K/V tiles streamed by cp.async (software pipelining), no scalar global loads of cache
-    elements (an fp8 cache at its 128-token tile)."""
+    elements (an fp8 cache at its 128-token tile; its products in float16)."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -167,13 +167,13 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
 
     from pdlaunch.model.triton_decode import _kernels
 
-    kernel = _kernels(False)[0]
+    kernel = _kernels(False)
     types = {"q_ptr": "*bf16", "cache_ptr": f"*{cache}", "block_table_ptr": "*i64", "seq_lens_ptr": "*i64",
-             "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "scale": "fp32"}
+             "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
     launch = choose_launch(48, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
                   "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles, "PRECISION": "tf32",
-                  "DOT_FP32": False}
+                  "DOT_FP32": False, "FP8_F16": cache == "fp8e4nv"}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -182,6 +182,8 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     ptx = compiled.asm["ptx"]
     assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx and "ld.global.b8" not in ptx
+    if cache == "fp8e4nv":  # fp8 pairs widen to f16 in one instruction and meet q in f16 products
+        assert "cvt.rn.f16x2.e4m3x2" in ptx and "f32.f16.f16.f32" in ptx and "cvt.bf16.f16" not in ptx
 
 
 @pytest.mark.slow
