@@ -5,10 +5,8 @@ sigmoid(shared_expert_gate(x)) * shared_expert(x). Every rank computes its parti
 share, and its TP share of the shared expert: the per-token gate scales a sum term by term), so one
 all-reduce combines the ranks in both TP and expert-parallel mode. The router is replicated.
 
-`route` is the top-k router every supported family uses (Qwen2/Qwen3-MoE, Mixtral, OLMoE): softmax over all
-experts in float32, the k largest probabilities, renormalised over those k when `renormalize` (Mixtral
-always, the others per `norm_topk_prob`). Mixtral's "softmax over the top-k logits" is the same numbers:
-renormalising a softmax's top-k is a softmax over their logits.
+`route` (model/moe/router.py) is the top-k router every supported family uses: softmax over all experts in
+float32, the k largest probabilities, renormalised over those k when `norm_topk_prob` (Mixtral: always).
 """
 
 from __future__ import annotations
@@ -22,15 +20,7 @@ from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.layers import MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
 from pdlaunch.model.moe.config import MoeArch
 from pdlaunch.model.moe.experts import FusedExperts
-
-
-def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64), best first."""
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+from pdlaunch.model.moe.router import route
 
 
 class Replicated(nn.Module):

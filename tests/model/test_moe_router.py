@@ -1,0 +1,92 @@
+"""The MoE router kernel (model/moe/router.py) against its torch version: same experts, same weights.
+
+Kernel cases run on "cuda" (gpu marker) and on CPU tensors under TRITON_INTERPRET=1 (in a child pytest,
+as in test_fused_ops.py); the torch version is replaced by a failing function there, so a silent
+fallback cannot compare it with itself.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdlaunch.model.moe import router
+from pdlaunch.model.moe.router import route, route_torch
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "interpret"])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    pytest.importorskip("triton")
+    monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
+    if request.param == "interpret" and not INTERPRET_AT_START:
+        pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    def fail(*args: object) -> None:
+        raise AssertionError("the torch router ran: the kernel case fell back")
+
+    monkeypatch.setattr(router, "route_torch", fail)
+    return "cuda" if request.param == "cuda" else "cpu"
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(5, 60, 8), (3, 128, 8), (4, 8, 2), (2, 16, 1), (0, 64, 4)])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_matches_torch(device: str, tokens: int, experts: int, top_k: int, renormalize: bool,
+                              dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(experts * 10 + top_k)
+    logits = (torch.randn(tokens, experts, generator=gen) * 3).to(dtype).to(device)
+    weights, ids = route(logits, top_k, renormalize)
+    want_weights, want_ids = route_torch(logits.cpu(), top_k, renormalize)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int64 and ids.shape == (tokens, top_k)
+    # The same probabilities picked, best first; among equal ones (bf16 logits tie often) any expert will do,
+    # each once. torch.topk orders ties as it likes, the kernel by id.
+    probs = torch.softmax(logits.cpu().float(), dim=-1)
+    assert torch.equal(probs.gather(1, ids.cpu()), probs.gather(1, want_ids))
+    assert all(len(set(row)) == top_k for row in ids.tolist())
+    if dtype == torch.float32:
+        assert torch.equal(ids.cpu(), want_ids)
+    torch.testing.assert_close(weights.cpu(), want_weights, rtol=2e-6, atol=1e-7)
+
+
+
+def test_equal_probabilities_go_to_the_lower_expert(device: str) -> None:
+    logits = torch.zeros(2, 12, device=device)
+    logits[1, 7] = logits[1, 3] = 5.0  # two best, equal: 3 before 7, then the rest by id
+    weights, ids = route(logits, 4, True)
+    assert ids.cpu().tolist() == [[0, 1, 2, 3], [3, 7, 0, 1]]
+    assert torch.allclose(weights.sum(-1).cpu(), torch.ones(2))
+
+
+@pytest.mark.gpu
+def test_router_replays_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
+    logits = torch.randn(4, 128, device="cuda", dtype=torch.bfloat16)
+    route(logits, 8, True)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        weights, ids = route(logits, 8, True)
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    want_weights, want_ids = route_torch(logits, 8, True)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights, rtol=2e-6, atol=1e-7)
+
+
+def test_cpu_without_the_interpreter_runs_torch() -> None:
+    if INTERPRET_AT_START:
+        pytest.skip("the interpreter runs the kernel on CPU")
+    logits = torch.randn(3, 20)
+    weights, ids = route(logits, 4, False)
+    want_weights, want_ids = route_torch(logits, 4, False)
+    assert torch.equal(weights, want_weights) and torch.equal(ids, want_ids)
+
+
+@pytest.mark.slow
+def test_interpreter_cases_in_a_subprocess() -> None:
+    run_interpreter_child(__file__, "interpret", "21 passed")
