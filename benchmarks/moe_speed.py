@@ -126,7 +126,8 @@ def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) ->
 
 
 def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: int, steps: int,
-                floor_fixed: int, expert_bytes: float, kv_per_token: int, bw: float, hidden: int) -> dict[str, Any]:
+                floor_fixed: int, expert_bytes: float, kv_per_token: int, bw: float, hidden: int,
+                kernel_profile: bool = False) -> dict[str, Any]:
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
@@ -165,6 +166,12 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
     if graphs is not None and batch in graphs.graphs:
         cell["replay_ms"] = time_ms(graphs.graphs[batch][0].replay)
         cell["replay_ratio"] = cell["replay_ms"] / cell["floor_ms"]
+        if kernel_profile:  # GPU time of each kernel of one replayed step, microseconds
+            from moe_profile import profile_calls
+
+            kernels = profile_calls(graphs.graphs[batch][0].replay, 20)
+            cell["kernels_us"] = {name: round(us, 2) for name, us in list(kernels.items())[:30]}
+            cell["kernels_total_us"] = sum(kernels.values())
     print(json.dumps(cell), flush=True)
     return cell
 
@@ -198,6 +205,9 @@ def main() -> None:
                         help="experts as 128x128-block fp8 (attention, router and lm_head stay bf16)")
     parser.add_argument("--fp8-attention", action="store_true",
                         help="the attention projections as 128x128-block fp8 too, as Qwen3-30B-A3B-FP8 ships them")
+    parser.add_argument("--kernel-profile", type=int, nargs="*", default=[],
+                        help="batches whose replayed decode step is profiled per CUDA kernel (torch.profiler); "
+                             "the route counter's index_fill_ is one kernel a layer of those")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     global FP8_EXPERTS, FP8_ATTENTION
@@ -237,7 +247,7 @@ def main() -> None:
         print(json.dumps(doc), flush=True)
         bw = doc["copy_gbps"] * 1e9
         doc["decode"] = [decode_cell(engine, counter, b, args.context, args.steps, floor_fixed, expert_bytes,
-                                     kv_per_token, bw, h) for b in args.batch]
+                                     kv_per_token, bw, h, b in args.kernel_profile) for b in args.batch]
         active = 2 * args.prefill * top_k * 3 * h * inter * args.num_layers
         doc["prefill"] = prefill_cell(engine, args.prefill, active, doc["matmul_tflops"])
     finally:
