@@ -32,6 +32,7 @@ import torch
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in partials and merging than they gain
+MERGE_ELEMENTS = 8192  # partial values the merging program loads at once (64 float32 registers a thread)
 
 
 @lru_cache(maxsize=1)
@@ -71,7 +72,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
-        DOT_FP32: tl.constexpr,
+        DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     ):
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -144,20 +145,32 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                 counter = count_ptr + seq * NUM_KV_HEADS + kv_head
                 arrived = tl.atomic_add(counter, 1, sem="acq_rel")
                 if arrived == active - 1:
-                    sp = tl.arange(0, SPLITS)
-                    used = sp < active
-                    for h in tl.static_range(GROUP):
-                        base = ((seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + h) * SPLITS + sp) * (HEAD_PAD + 2)
-                        part_m = tl.load(part_ptr + base + HEAD_PAD, mask=used, other=float("-inf"),
+                    # All GROUP heads at once, SPLIT_CHUNK ranges per load, merged online across chunks
+                    # (one chunk for most contexts: a loop over heads here cost a serial L2 round trip each).
+                    hg = tl.arange(0, GROUP_P2)
+                    sc = tl.arange(0, SPLIT_CHUNK)
+                    m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
+                    sum_all = tl.zeros([GROUP_P2], tl.float32)
+                    out_all = tl.zeros([GROUP_P2, HEAD_PAD], tl.float32)
+                    head_rows = (seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + hg) * SPLITS  # [G2]
+                    for c0 in range(0, active, SPLIT_CHUNK):
+                        ok = (hg[:, None] < GROUP) & ((c0 + sc)[None, :] < active)  # [G2, SC]
+                        base = (head_rows[:, None] + c0 + sc[None, :]) * (HEAD_PAD + 2)
+                        part_m = tl.load(part_ptr + base + HEAD_PAD, mask=ok, other=float("-inf"),
                                          cache_modifier=".cg")
-                        part_sum = tl.load(part_ptr + base + HEAD_PAD + 1, mask=used, other=0.0,
-                                           cache_modifier=".cg")
-                        part_acc = tl.load(part_ptr + base[:, None] + d[None, :], mask=used[:, None] & d_ok[None, :],
-                                           other=0.0, cache_modifier=".cg")  # [SPLITS, D]
-                        w = tl.where(used, tl.exp(part_m - tl.max(part_m, axis=0)), 0.0)
-                        merged = tl.sum(part_acc * w[:, None], axis=0) / tl.sum(part_sum * w, axis=0)
-                        tl.store(out_ptr + seq * stride_ot + (kv_head * GROUP + h) * stride_oh + d,
-                                 merged.to(out_ptr.dtype.element_ty), mask=d_ok)
+                        part_sum = tl.load(part_ptr + base + HEAD_PAD + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                        part_acc = tl.load(part_ptr + base[:, :, None] + d[None, None, :],
+                                           mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
+                                           cache_modifier=".cg")  # [G2, SC, D]
+                        m_new = tl.maximum(m_all, tl.max(part_m, axis=1))
+                        alpha = tl.exp(m_all - m_new)  # (padding heads: NaN, never stored)
+                        w = tl.exp(part_m - m_new[:, None])
+                        sum_all = sum_all * alpha + tl.sum(part_sum * w, axis=1)
+                        out_all = out_all * alpha[:, None] + tl.sum(part_acc * w[:, :, None], axis=1)
+                        m_all = m_new
+                    tl.store(out_ptr + seq * stride_ot + (kv_head * GROUP + hg)[:, None] * stride_oh + d[None, :],
+                             (out_all / sum_all[:, None]).to(out_ptr.dtype.element_ty),
+                             mask=(hg < GROUP)[:, None] & d_ok[None, :])
                     tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
     return paged_decode_kernel
@@ -234,7 +247,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
         MIN_TILES=launch.min_tiles, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
-        DOT_FP32=interpret,
+        DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
+        SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out

@@ -5,7 +5,8 @@ in a child pytest started with the variable set, as in test_fused_ops.py). Each 
 caches and queries, scrambled block ids, released (out-of-window) and unused blocks filled with
 NaN so that any read of them poisons the output, several sequences of different lengths; block
 sizes 4..128, GQA groups 1, 3, 4, 5 and 8 (padded to 16 rows), a non-power-of-2 head_dim, sliding
-windows, tiles smaller and larger than a block, and context splits with and without merging.
+windows, tiles smaller and larger than a block, and context splits with and without merging (one load
+of every partial, or several).
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ CASES = {  # id: (dtype, seq_lens, block_size, kv heads, group, head_dim, window
     "b4-g5-bf16-one-range": (torch.bfloat16, [2, 66, 91], 4, 2, 5, 16, None, DecodeLaunch(16, 1, 1, 4, 1)),
     "b64-g2-d128-window-splits": (torch.float32, [64, 65, 190], 64, 2, 2, 128, 100, DecodeLaunch(64, 4, 1, 4, 2)),
     "b8-g4-empty-splits": (torch.float32, [3, 40], 8, 2, 4, 16, None, DecodeLaunch(16, 8, 2, 4, 2)),
+    # 63 active ranges of 8 heads x 128: the merging program takes them 8 at a time (MERGE_ELEMENTS)
+    "b16-g8-d128-chunked-merge": (torch.float32, [3000, 40], 16, 1, 8, 128, None, DecodeLaunch(16, 64, 3, 4, 2)),
 }
 
 
@@ -177,7 +180,8 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     launch = choose_launch(batch, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
                   "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles, "PRECISION": "tf32",
-                  "DOT_FP32": False}
+                  "DOT_FP32": False, "GROUP_P2": 4,
+                  "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * 128))}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
