@@ -260,7 +260,9 @@ _MIN_COUNTERS = 4096  # splits run only while (sequences x KV heads) < 2 x SMs: 
 
 def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
     """int32 zeros, one per (sequence, KV head), that every launch leaves at zero: allocated once per
-    device (the engine's warm-up runs before a CUDA graph capture do it), never inside a capture."""
+    device (the engine's warm-up runs before a CUDA graph capture do it), never inside a capture. One
+    buffer per device, not per stream (a capture runs on a stream of its own): launches must not overlap
+    on one device, which holds as each server process runs one engine, and an engine one step at a time."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < needed:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
