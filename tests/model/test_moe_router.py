@@ -78,12 +78,20 @@ def test_router_replays_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None
     torch.testing.assert_close(weights, want_weights, rtol=2e-6, atol=1e-7)
 
 
-def test_cpu_without_the_interpreter_runs_torch() -> None:
+def test_cpu_without_the_interpreter_runs_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     if INTERPRET_AT_START:
         pytest.skip("the interpreter runs the kernel on CPU")
+    calls: list[int] = []
+
+    def counted(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(top_k)
+        return route_torch(logits, top_k, renormalize)
+
+    monkeypatch.setattr(router, "route_torch", counted)
     logits = torch.randn(3, 20)
     weights, ids = route(logits, 4, False)
     want_weights, want_ids = route_torch(logits, 4, False)
+    assert calls == [4], "CPU without the interpreter must take the torch router"
     assert torch.equal(weights, want_weights) and torch.equal(ids, want_ids)
 
 
