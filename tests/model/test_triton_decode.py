@@ -181,7 +181,8 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
                   "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles, "PRECISION": "tf32",
                   "DOT_FP32": False, "GROUP_P2": 4,
-                  "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * 128))}
+                  "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * 128)),
+                  "V_F16": cache == "fp8e4nv"}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -190,6 +191,10 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     ptx = compiled.asm["ptx"]
     assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx and "ld.global.b8" not in ptx
+    # fp8: the value product in float16, the V tile transposed as 16-bit values (ldmatrix.trans), never
+    # read from shared memory a byte at a time
+    assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
+    assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx) == (cache == "fp8e4nv")
     assert launch.splits == (1 if batch == 48 else 64)
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (launch.splits > 1)
 
