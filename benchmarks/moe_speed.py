@@ -205,6 +205,8 @@ def main() -> None:
                         help="experts as 128x128-block fp8 (attention, router and lm_head stay bf16)")
     parser.add_argument("--fp8-attention", action="store_true",
                         help="the attention projections as 128x128-block fp8 too, as Qwen3-30B-A3B-FP8 ships them")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: the e4m3 KV cache (its bytes per token enter the floor at 1 byte per value)")
     parser.add_argument("--kernel-profile", type=int, nargs="*", default=[],
                         help="batches whose replayed decode step is profiled per CUDA kernel (torch.profiler); "
                              "the route counter's index_fill_ is one kernel a layer of those")
@@ -214,7 +216,7 @@ def main() -> None:
     FP8_EXPERTS, FP8_ATTENTION = args.fp8_experts, args.fp8_attention
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "num_layers": args.num_layers, "fp8_experts": args.fp8_experts,
-                           "fp8_attention": args.fp8_attention}
+                           "fp8_attention": args.fp8_attention, "kv_cache_dtype": args.kv_cache_dtype}
     doc.update(copy_bandwidth(2.0))
     doc.update(matmul_rate(8192))
     cfg = QWEN3_30B_A3B
@@ -228,11 +230,12 @@ def main() -> None:
         config = build_config(str(path), "cuda", "bfloat16", {
             "max_num_seqs": max(args.batch), "max_num_batched_tokens": max(8192, args.prefill),
             "enable_prefix_caching": False, "max_model_len": max(args.context + args.steps + 64, args.prefill + 64),
-            "gpu_memory_utilization": args.gpu_memory_utilization})
+            "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype})
         engine = LLMEngine(config, connector=DecodeReadyKV())
     try:
-        for cache in engine.runner.kv_caches:
-            cache.normal_()
+        for cache in engine.runner.kv_caches:  # never time reads of zeros
+            for rows in cache.split(256):  # fp8 has no normal_(): draw in bf16 and cast, a slice at a time
+                rows.copy_(torch.randn(rows.shape, device=rows.device, dtype=torch.bfloat16).clamp_(-4, 4))
         params = dict(engine.runner.model.named_parameters())
         expert_param_bytes = sum(p.numel() * p.element_size() for n, p in params.items() if ".experts." in n)
         all_bytes = sum(p.numel() * p.element_size() for p in params.values())
@@ -240,7 +243,8 @@ def main() -> None:
         floor_fixed = all_bytes - expert_param_bytes - embed.numel() * embed.element_size()
         expert_bytes = expert_param_bytes / (args.num_layers * experts)  # one expert's bytes (fp8: + scales)
         arch = engine.checkpoint.arch
-        kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * 2
+        kv_element = engine.runner.kv_caches[0].element_size()  # fp8 cache: 1 byte per value
+        kv_per_token = arch.num_layers * 2 * arch.num_kv_heads * arch.head_dim * kv_element
         doc.update(weight_gb=all_bytes / 1e9, expert_gb=expert_param_bytes / 1e9, fixed_floor_gb=floor_fixed / 1e9,
                    kv_bytes_per_token=kv_per_token, num_kv_blocks=engine.block_manager.num_blocks,
                    cuda_graphs=engine.runner.graphs is not None)
