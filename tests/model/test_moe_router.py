@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pdlaunch.model.moe import router
-from pdlaunch.model.moe.router import route, route_torch
+from pdlaunch.model.moe.router import ROUTER_GEMV_MAX_TOKENS, route, route_torch, router_logits
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 
@@ -50,6 +50,32 @@ def test_router_matches_torch(device: str, tokens: int, experts: int, top_k: int
         assert torch.equal(ids.cpu(), want_ids)
     torch.testing.assert_close(weights.cpu(), want_weights, rtol=2e-6, atol=1e-7)
 
+
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 128, 2048), (5, 60, 96), (16, 8, 4096), (3, 64, 5000)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_router_product_matches_linear(device: str, monkeypatch: pytest.MonkeyPatch, tokens: int, experts: int,
+                                       hidden: int, dtype: torch.dtype) -> None:
+    """The router's own product at decode batch sizes (the Triton launch; F.linear must not run) against
+    F.linear in float64, to the rounding of the output dtype (hidden 5000: a partial last chunk)."""
+    gen = torch.Generator().manual_seed(tokens * 7 + experts)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    w = (torch.randn(experts, hidden, generator=gen) * hidden**-0.5).to(dtype)
+
+    def fail(*args: object) -> None:
+        raise AssertionError("F.linear ran: the kernel case fell back")
+
+    monkeypatch.setattr(router.F, "linear", fail)
+    out = router_logits(x.to(device), w.to(device))
+    assert out.dtype == dtype and out.shape == (tokens, experts)
+    want = x.double() @ w.double().t()
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
+
+
+def test_router_product_above_the_gemv_batch_is_linear(device: str) -> None:
+    x = torch.randn(ROUTER_GEMV_MAX_TOKENS + 1, 64, device=device)
+    w = torch.randn(16, 64, device=device)
+    assert torch.equal(router_logits(x, w), torch.nn.functional.linear(x, w))
 
 
 def test_equal_probabilities_go_to_the_lower_expert(device: str) -> None:
@@ -97,4 +123,4 @@ def test_cpu_without_the_interpreter_runs_torch(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret", "21 passed")
+    run_interpreter_child(__file__, "interpret", "30 passed")

@@ -20,7 +20,7 @@ from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.layers import MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
 from pdlaunch.model.moe.config import MoeArch
 from pdlaunch.model.moe.experts import FusedExperts
-from pdlaunch.model.moe.router import route
+from pdlaunch.model.moe.router import route, router_logits
 
 
 class Replicated(nn.Module):
@@ -63,7 +63,7 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over the TP group."""
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = route(router_logits(x, self.gate.weight), self.top_k, self.renormalize)
         out: torch.Tensor = self.experts(x, weights, ids)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -2,6 +2,11 @@
 renormalised over those k when asked. One Triton kernel per call on CUDA (one program per token),
 torch elsewhere.
 
+At a few tokens the router's own product (hidden -> experts, half a megabyte at Qwen3-30B-A3B) is latency,
+not bytes: cuBLAS took ~8 us a layer for it at batch 1 on an H200, split over K and reduced by a second
+kernel. `router_logits` computes it in one Triton launch there (many programs, each a few experts' rows),
+and hands larger batches to cuBLAS.
+
 Every supported family routes this way (Qwen2/Qwen3-MoE, Mixtral, OLMoE): Mixtral's "softmax over the
 top-k logits" is the same numbers, since renormalising a softmax's top-k is a softmax over their logits.
 On CUDA the torch version is five kernels a layer (softmax, topk, sum, divide, and the cast); at batch 1
@@ -17,8 +22,11 @@ from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from pdlaunch.model.fused_ops import fused_available
+
+ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the Triton product; more: cuBLAS
 
 
 def route_torch(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,14 +72,51 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         tl.store(weights_ptr + t * TOP_K + slot, weights, mask=slot < TOP_K)
         tl.store(ids_ptr + t * TOP_K + slot, ids, mask=slot < TOP_K)
 
-    return SimpleNamespace(topk_softmax=topk_softmax_kernel, next_power_of_2=triton.next_power_of_2,
-                           interpret=interpret)
+    @triton.jit
+    def router_gemv_kernel(x_ptr, w_ptr, out_ptr, num_experts, hidden, stride_xt, stride_we, stride_ot,
+                           BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+        """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums."""
+        t = tl.program_id(0).to(tl.int64)
+        e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_ok = e < num_experts
+        acc = tl.zeros([BLOCK_E], tl.float32)
+        for h0 in range(0, hidden, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = h < hidden
+            x = tl.load(x_ptr + t * stride_xt + h, mask=h_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_we + h[None, :],
+                        mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(out_ptr + t * stride_ot + e, acc.to(out_ptr.dtype.element_ty), mask=e_ok)
+
+    return SimpleNamespace(topk_softmax=topk_softmax_kernel, router_gemv=router_gemv_kernel,
+                           next_power_of_2=triton.next_power_of_2, interpret=interpret)
 
 
 def _interpret_mode() -> bool:
     import triton
 
     return bool(triton.knobs.runtime.interpret)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, H] @ weight[E, H]^T -> [T, E] in x's dtype, as F.linear: a Triton launch for at most
+    ROUTER_GEMV_MAX_TOKENS tokens on CUDA (or under the interpreter), else cuBLAS / torch."""
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    if (not fused_available(x) or weight.dtype != x.dtype or not 0 < num_tokens <= ROUTER_GEMV_MAX_TOKENS
+            or weight.stride(1) != 1 or x.stride(1) != 1):
+        return F.linear(x, weight)
+    kernels = _kernels(_interpret_mode())
+    out = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=x.device)
+    # About 32 programs a token (4 experts' rows each at 128 experts, one row each at 8), so the rows are
+    # read by many SMs at once; a whole row per load up to 4096 values.
+    block_e = max(1, min(4, num_experts // 32))
+    block_h = min(4096, kernels.next_power_of_2(hidden))
+    kernels.router_gemv[(num_tokens, -(-num_experts // block_e))](
+        x, weight, out, num_experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4)
+    return out
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
