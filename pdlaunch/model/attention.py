@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import fused_available, write_kv
@@ -33,7 +34,7 @@ class PrefillSeq:
     q_end: int
     # Fresh prefill (no cached context): keys are the new k/v themselves, rows is None.
     rows: torch.Tensor | None  # [K] flat cache row of each key (layer 0, k), or None
-    mask: torch.Tensor | None  # [Q, K] bool, None = plain causal
+    mask: torch.Tensor | None  # [Q, K] bool (sliding window), None = causal (aligned to the last key)
 
 
 @dataclass
@@ -124,7 +125,10 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         qpos = torch.arange(ctx, slen, device=device)
         blocks = block_table[i, kpos // block_size]
         rows = blocks * (layers * 2 * block_size) + kpos % block_size
-        plan.prefills.append(PrefillSeq(starts[i], starts[i] + qlen, rows, _window_mask(kpos, qpos, sliding_window)))
+        # Without a window the mask is causal aligned to the last key (torch's causal_lower_right, which
+        # SDPA runs on its fused kernels); a boolean mask would send it to the unfused math path.
+        mask = _window_mask(kpos, qpos, sliding_window) if sliding_window is not None else None
+        plan.prefills.append(PrefillSeq(starts[i], starts[i] + qlen, rows, mask))
 
     if decode_seqs:
         if block_table is None:
@@ -215,8 +219,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             vs = fp8_kv.load(flat[seq.rows + plan.layer_offset(layer_in_group, 1)], v_scale, q.dtype)
         ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]
         vs = vs.transpose(0, 1).unsqueeze(0)
-        causal = seq.rows is None and seq.mask is None
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seq.mask, is_causal=causal,
+        mask: torch.Tensor | CausalBias | None = seq.mask
+        if mask is None and seq.rows is not None:  # cached context: the chunk's queries are the last keys
+            mask = causal_lower_right(qs.shape[2], ks.shape[2])
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=seq.mask is None and seq.rows is None,
                                            scale=scale, enable_gqa=True)
         out[seq.q_start:seq.q_end] = o[0].transpose(0, 1)
 
