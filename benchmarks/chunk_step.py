@@ -1,5 +1,5 @@
 """Colocated chunked prefill on one GPU: wall time of each engine step while one 3072-token prompt is
-prefilled in chunks of the colocated token budget (512), alone and next to 16 running decodes, and the
+prefilled in 512-token chunks (the colocated budget before 2026-11-24), alone and next to 16 running decodes, and the
 GPU kernels of one chunk step (torch.profiler). Usage: python benchmarks/chunk_step.py CHECKPOINT
 """
 

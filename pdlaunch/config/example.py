@@ -29,7 +29,7 @@ cache:
 
 scheduler:
   max_num_seqs: 64
-  # max_num_batched_tokens: 512  # tokens per step; default 512 colocated, 2048 prefill/decode
+  # max_num_batched_tokens: 8192  # tokens per step; default 8192 colocated, 2048 prefill/decode
 
 parallel:
   tp: 1                 # default TP size; prefill_tp / decode_tp override it per role

@@ -100,7 +100,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("max_model_len", int | None, "model.max_model_len", "Longest prompt + output."),
     Flag("max_num_seqs", int | None, "scheduler.max_num_seqs", "Most sequences per batch."),
     Flag("max_num_batched_tokens", int | None, "scheduler.max_num_batched_tokens",
-         "Most tokens in one step (chunked prefill); default 512 colocated, 2048 prefill/decode."),
+         "Most tokens in one step (chunked prefill); default 8192 colocated, 2048 prefill/decode."),
     Flag("async_scheduling", bool, "scheduler.async_scheduling",
          "Prepare the next step while the device runs this one (the default).", sets=True),
     Flag("no_async_scheduling", bool, "scheduler.async_scheduling",

@@ -67,10 +67,12 @@ class CacheConfig(StrictModel):
 
 
 # Step token budgets when scheduler.max_num_batched_tokens is not set. A colocated instance runs prompt chunks in
-# the steps of its running decodes, so a chunk's size is every decode's inter-token latency there: 512 tokens keep
-# an 8B step near 25 ms on an H200 (2048 made ITL p99 93 ms at 3072 in / 128 out, issue 29). Prefill and decode
-# instances never mix the two: larger chunks only make prefill faster.
-COLOCATED_TOKEN_BUDGET = 512
+# the steps of its running decodes. Small chunks do not shorten the stall: a step's host time stays, so a prompt in
+# many small steps stalls the decodes longer in total. One colocated 8B instance on an H200, 3072 in / 128 out at
+# 2 req/s (benchmarks/RESULTS.md, 2026-11-24), budget 512 / 2048 / 4096 / 8192: TTFT p50 647 / 121 / 92 / 91 ms,
+# TPOT p50 22.0 / 6.2 / 6.2 / 6.2 ms, ITL p99 116 / 58 / 47 / 43 ms. 8192 is also vLLM's default for a server.
+# Prefill and decode instances never mix the two.
+COLOCATED_TOKEN_BUDGET = 8192
 DEFAULT_TOKEN_BUDGET = 2048
 
 

@@ -16,7 +16,7 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 def test_the_step_token_budget_defaults_by_role_and_a_set_value_wins() -> None:
     unset = SchedulerConfig()
-    assert unset.token_budget("colocated") == COLOCATED_TOKEN_BUDGET < DEFAULT_TOKEN_BUDGET
+    assert unset.token_budget("colocated") == COLOCATED_TOKEN_BUDGET > DEFAULT_TOKEN_BUDGET
     assert unset.token_budget("prefill") == unset.token_budget("decode") == DEFAULT_TOKEN_BUDGET
     assert all(SchedulerConfig(max_num_batched_tokens=96).token_budget(r) == 96 for r in ("colocated", "prefill"))
 
