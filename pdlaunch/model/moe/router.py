@@ -3,9 +3,9 @@ renormalised over those k when asked. One Triton kernel per call on CUDA (one pr
 torch elsewhere.
 
 At a few tokens the router's own product (hidden -> experts, half a megabyte at Qwen3-30B-A3B) is latency,
-not bytes: cuBLAS took ~8 us a layer for it at batch 1 on an H200, split over K and reduced by a second
-kernel. `router_logits` computes it in one Triton launch there (many programs, each a few experts' rows),
-and hands larger batches to cuBLAS.
+not bytes: cuBLAS took ~5 us a layer for it at batch 1 on an H200, split over K and reduced by a second
+kernel. `router_logits` computes it in one Triton launch there (many programs, each a few experts' rows;
+2.3 us, benchmarks/router_speed.py), and hands larger batches to cuBLAS.
 
 Every supported family routes this way (Qwen2/Qwen3-MoE, Mixtral, OLMoE): Mixtral's "softmax over the
 top-k logits" is the same numbers, since renormalising a softmax's top-k is a softmax over their logits.
