@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, time_ms  # noqa: E402
+from limits import copy_bandwidth, fill_kv_caches, time_ms  # noqa: E402
 from ready_kv import ReadyKVConnector  # noqa: E402
 
 from pdlaunch.engine.llm import build_config  # noqa: E402
@@ -160,9 +160,7 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
         "kv_cache_dtype": args.kv_cache_dtype})
     engine = LLMEngine(config, connector=ReadyKVConnector())
     try:
-        for cache in engine.runner.kv_caches:  # never time reads of zeros
-            for rows in cache.split(256):  # fp8 has no normal_(): draw in bf16 and cast, a slice at a time
-                rows.copy_(torch.randn(rows.shape, device=rows.device, dtype=torch.bfloat16).clamp_(-4, 4))
+        fill_kv_caches(engine.runner.kv_caches)  # never time reads of zeros
         weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
         arch = engine.checkpoint.arch
         element_size = engine.runner.kv_caches[0].element_size()

@@ -50,6 +50,14 @@ def time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
+def fill_kv_caches(caches: list[torch.Tensor]) -> None:
+    """Random values in every KV cache (any dtype: fp8 has no normal_(), so draw in bf16 and cast, 256 blocks
+    at a time to bound the temporary)."""
+    for cache in caches:
+        for rows in cache.split(256):
+            rows.copy_(torch.randn(rows.shape, device=rows.device, dtype=torch.bfloat16).clamp_(-4, 4))
+
+
 def copy_bandwidth(gib: float) -> dict[str, float]:
     n = int(gib * 2**30) // 4
     src = torch.rand(n, device="cuda")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, matmul_rate, time_ms  # noqa: E402
+from limits import copy_bandwidth, fill_kv_caches, matmul_rate, time_ms  # noqa: E402
 from ready_kv import ReadyKVConnector  # noqa: E402
 
 import pdlaunch.model.moe.block as moe_block  # noqa: E402
@@ -233,9 +233,7 @@ def main() -> None:
             "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype})
         engine = LLMEngine(config, connector=DecodeReadyKV())
     try:
-        for cache in engine.runner.kv_caches:  # never time reads of zeros
-            for rows in cache.split(256):  # fp8 has no normal_(): draw in bf16 and cast, a slice at a time
-                rows.copy_(torch.randn(rows.shape, device=rows.device, dtype=torch.bfloat16).clamp_(-4, 4))
+        fill_kv_caches(engine.runner.kv_caches)  # never time reads of zeros
         params = dict(engine.runner.model.named_parameters())
         expert_param_bytes = sum(p.numel() * p.element_size() for n, p in params.items() if ".experts." in n)
         all_bytes = sum(p.numel() * p.element_size() for p in params.values())

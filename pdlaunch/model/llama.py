@@ -81,11 +81,12 @@ class Attention(nn.Module):
         if not self.full_width_qk_norm and isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm):
             # HF Qwen3 order: project, norm each head, then rotary.
             head_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        kv_written = kv_cache is not None and plan.write_slots is not None
+        kv_written = False
         if kv_cache is not None and plan.write_slots is not None:
             # The CUDA path (a fused cache write): norm, rotary and the k/v cache write in one kernel.
             q, k = rotary_write_kv(q, k, v, *cos_sin, kv_cache, plan.write_slots, self.index_in_group,
                                    self.kv_scales, head_norm)
+            kv_written = True
         else:
             if head_norm is not None:  # rows are heads: [T*H, D]
                 q = rms_norm(q.reshape(-1, self.head_dim), head_norm[0], head_norm[2]).view_as(q)
