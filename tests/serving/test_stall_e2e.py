@@ -179,26 +179,45 @@ def test_a_stopped_prefill_is_routed_around_and_serves_again_after_sigcont(serve
              "prefill-0 to serve a prefill leg after SIGCONT", 30)
 
 
-def _stream(serve: Serve, prompt: str, out: list[str]) -> None:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": 48, "temperature": 0, "stream": True,
+STREAM_TOKENS = 192  # long enough that streams overlap on a loaded machine: decode-0 holds several when stopped
+
+
+def _stream(serve: Serve, client: httpx.Client, start: threading.Barrier, prompt: str, out: list[str]) -> None:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": STREAM_TOKENS, "temperature": 0, "stream": True,
             "ignore_eos": True}
     try:
-        with httpx.stream("POST", f"{serve.url}/v1/completions", json=body, headers=AUTH, timeout=CLIENT_TIMEOUT_S,
-                          trust_env=False) as response:
+        start.wait(CLIENT_TIMEOUT_S)
+        with client.stream("POST", f"{serve.url}/v1/completions", json=body) as response:
             text = response.read().decode(errors="replace")
         events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
         out.append("ok" if events[-1:] == ["[DONE]"] else f"ended with {events[-2:]}")
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, threading.BrokenBarrierError) as exc:
         out.append(f"client: {type(exc).__name__}")
 
 
 def test_a_stopped_decode_gets_no_new_requests(serve: Serve) -> None:
+    # The previous test's stall may still be settling: start from every instance ready.
+    wait_for(lambda: all(_state(serve, name) == "ready" for name in _urls(serve)), "every instance ready", 60)
     pid = _pid(serve, "decode-0")
     streams: list[str] = []
-    threads = [threading.Thread(target=_stream, args=(serve, f"Stream {i} goes", streams)) for i in range(BURST)]
+    # One client and a barrier: the burst reaches the proxy at once. With a client per thread, made one by
+    # one on a loaded CPU, the streams trickled in and ended before several were running on decode-0.
+    client = _client()
+    start = threading.Barrier(BURST)
+    threads = [threading.Thread(target=_stream, args=(serve, client, start, f"Stream {i} goes", streams))
+               for i in range(BURST)]
     for thread in threads:
         thread.start()
-    wait_for(lambda: _in_flight(serve, "decode-0") >= 5, "streams running on decode-0", 60, poll=0.2)
+
+    def running_on_decode_0() -> bool:
+        if len(streams) == BURST:  # every stream ended: waiting longer cannot help
+            raise AssertionError(f"all {BURST} streams ended before 5 ran at once on decode-0: {streams[:4]}")
+        return _in_flight(serve, "decode-0") >= 5
+
+    try:
+        wait_for(running_on_decode_0, "5 streams running at once on decode-0", 60, poll=0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; instances: {_instances_summary(serve)}") from None
     os.kill(pid, signal.SIGSTOP)
     stopped_at = time.time()
     try:
@@ -215,9 +234,18 @@ def test_a_stopped_decode_gets_no_new_requests(serve: Serve) -> None:
         os.kill(pid, signal.SIGCONT)
     for thread in threads:
         thread.join(CLIENT_TIMEOUT_S + 10)
+    client.close()
     assert len(streams) == BURST
     assert streams.count("ok") == BURST, [s for s in streams if s != "ok"]  # those on decode-0 resume
     wait_for(lambda: _state(serve, "decode-0") == "ready", "the proxy to take decode-0 back after SIGCONT", 60)
+
+
+def _instances_summary(serve: Serve) -> str:
+    try:
+        instances = httpx.get(f"{serve.url}/instances", headers=AUTH, timeout=5, trust_env=False).json()
+    except httpx.HTTPError as exc:
+        return f"proxy did not answer ({type(exc).__name__})"
+    return ", ".join(f"{i['name']} {i['state']} in_flight {i['in_flight']}" for i in instances)
 
 
 def test_a_decode_load_from_a_stopped_prefill_falls_back_at_its_deadline(serve: Serve) -> None:
