@@ -64,7 +64,9 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # An eager step's block table width (stride_bt) follows its longest sequence: Triton would compile a
+    # second variant for widths not divisible by 16 in the middle of serving (~1 s of every stream's time).
+    @triton.jit(do_not_specialize=["stride_bt"])
     def paged_decode_kernel(
         q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr, count_ptr,
         scale, v_scale, window, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
@@ -229,6 +231,17 @@ def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
     splits = min(MAX_SPLITS, 1 << (wanted - 1).bit_length()) if wanted > 1 else 1
     return DecodeLaunch(tile=tile, splits=splits, min_tiles=max(1, MIN_SPLIT_TOKENS // tile),
                         num_warps=4, num_stages=2)
+
+
+def launch_batch_sizes(max_num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device,
+                       element_size: int = 2) -> list[int]:
+    """The smallest batch size of each distinct launch `choose_launch` gives for 1..max_num_seqs
+    sequences: running these once compiles every variant an eager decode of up to max_num_seqs launches."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 16
+    seen: dict[DecodeLaunch, int] = {}
+    for n in range(1, max_num_seqs + 1):
+        seen.setdefault(choose_launch(n, num_kv_heads, head_dim, sms, element_size=element_size), n)
+    return sorted(seen.values())
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tokens: torch.Tensor,

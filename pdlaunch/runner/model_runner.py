@@ -14,6 +14,7 @@ MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on C
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
+from pdlaunch.model.triton_decode import launch_batch_sizes
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
@@ -86,6 +88,8 @@ class ModelRunner:
             self.num_blocks = agree_num_blocks(self.num_blocks)
         self.kv_caches: list[torch.Tensor] = []
         self.allocate_kv_caches()
+        if device.type == "cuda":
+            self._warm_up()
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
         self.prompt_logprobs: PromptLogprobsOut | None = None  # of the last step run
 
@@ -165,6 +169,51 @@ class ModelRunner:
         log.info("memory profile: %.2f GiB requested, %.2f GiB peak torch, %.2f GiB other -> %.2f GiB KV",
                  requested / 2**30, peak / 2**30, non_torch / 2**30, kv_bytes / 2**30)
         return kv_bytes
+
+    # -- warm-up ----------------------------------------------------------------------------------
+    def warm_up_shapes(self) -> list[tuple[list[int], list[int]]]:
+        """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
+        to the step budget (every MoE tile and FP8 GEMM size class), then, unless this is a prefill
+        instance, decode batches of one size per paged-decode launch, alone and beside a 16-token prompt
+        (a mixed step), each with one token of context."""
+        budget = self.scheduler_config.token_budget(self.role)
+        shapes: list[tuple[list[int], list[int]]] = []
+        for tokens in sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)}):
+            lens = [min(self.max_model_len, tokens - k) for k in range(0, tokens, self.max_model_len)]
+            shapes.append((lens, [0] * len(lens)))
+        if self.role == "prefill":
+            return shapes
+        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
+        max_seqs = min(self.scheduler_config.max_num_seqs, max(1, budget - 16))
+        for n in launch_batch_sizes(max_seqs, self.num_kv_heads, self.head_dim, self.device, elem):
+            shapes.append(([1] * n, [1] * n))
+            shapes.append(([16, *[1] * n], [0, *[1] * n]))
+        return shapes
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Run each step shape of `warm_up_shapes` once before the first request. Triton compiles a kernel
+        variant the first time a launch needs it (about a second each on a server's CPU), and a step that
+        meets one while serving holds every stream in it that long: measured on an H200, the first ten
+        requests of a Qwen3-30B-A3B shape waited 1.7-2.7 s for their first token, later ones 0.4 s.
+        Nothing is written: every slot is -1 and decode rows read block 0 of the (zeroed) cache."""
+        started = time.monotonic()
+        shapes = self.warm_up_shapes()
+        for query_lens, context_lens in shapes:
+            tokens = sum(query_lens)
+            seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+            ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+            positions = torch.cat([torch.arange(c, s, device=self.device) for c, s in zip(context_lens, seq_lens)])
+            no_slots = [torch.full((tokens,), -1, dtype=torch.long)] * len(self.groups)
+            tables = [torch.zeros(len(query_lens), 1, dtype=torch.long)] * len(self.groups)
+            hidden = self.model(ids, positions, self._metadata(query_lens, context_lens, no_slots, tables),
+                                self.kv_caches)
+            self.model.compute_logits(hidden[:min(len(query_lens), self.scheduler_config.max_num_seqs)])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("warm-up: %d step shapes (prompts up to %d tokens, decode batches up to %d) in %.1f s",
+                 len(shapes), max(sum(q) for q, _ in shapes),
+                 max((len(q) for q, c in shapes if c[0] > 0), default=0), time.monotonic() - started)
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def _init_graphs(self) -> DecodeGraphs | None:

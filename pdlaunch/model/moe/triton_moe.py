@@ -64,7 +64,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         return acc
 
-    @triton.jit
+    # Token counts are not specialized on (divisible by 16, equal to 1): one compiled variant per tile serves
+    # every batch, so a step of a new size never waits for a compile while serving.
+    @triton.jit(do_not_specialize=["num_rows"])
     def moe_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
                       sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -118,7 +120,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], (act * up).to(dtype), mask=n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])
     def moe_down_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K,
                         N, sa_m, sas_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -163,7 +165,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
     # layout.align_to_blocks's rows and block experts, the same values, in two launches of one program per chunk
     # of CHUNK assignments: count (and fill every row with the sentinel), then place.
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
     def moe_align_count_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
                                num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                                FEW: tl.constexpr):
@@ -189,7 +191,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             hot = (ids[:, None] == e[None, :]) & (e < num_local)[None, :]  # the dropped id matches no column
             tl.store(hist_ptr + chunk * E_PAD + e, tl.sum(hot.to(tl.int32), axis=0))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
     def moe_align_place_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
                                num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                                CHUNKS_PAD: tl.constexpr):

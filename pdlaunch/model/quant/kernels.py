@@ -35,7 +35,7 @@ def _kernels() -> SimpleNamespace:
         tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + row * tl.num_programs(1) + group, scale)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, stride_bs,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
@@ -67,7 +67,7 @@ def _kernels() -> SimpleNamespace:
         c = c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def block_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_s,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # One activation row and BLOCK_N weight rows (inside one 128-row scale block) per program;

@@ -1,0 +1,80 @@
+"""The runner's start-up warm-up (runner/model_runner.py `_warm_up`, CUDA only at start): the step shapes it
+runs cover every prompt size class and every paged-decode launch, and running them writes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.model.loader import load_checkpoint
+from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes
+from pdlaunch.runner.model_runner import ModelRunner
+
+
+@pytest.mark.parametrize("kv_heads,sms,elem", [(8, 132, 2), (4, 132, 2), (4, 132, 1), (1, 16, 2), (8, 78, 2)])
+def test_launch_batch_sizes_give_every_launch_once(kv_heads: int, sms: int, elem: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pdlaunch.model.triton_decode as td
+
+    monkeypatch.setattr(td, "_num_sms", lambda index: sms)
+    sizes = launch_batch_sizes(256, kv_heads, 128, torch.device("cuda", 0), element_size=elem)
+    launches = [choose_launch(n, kv_heads, 128, sms, element_size=elem) for n in sizes]
+    assert len(set(launches)) == len(sizes)  # one size per launch, no launch twice
+    every = {choose_launch(n, kv_heads, 128, sms, element_size=elem) for n in range(1, 257)}
+    assert set(launches) == every  # ... and none missing
+    assert sizes[0] == 1
+
+
+def _runner(role: str, budget: int) -> ModelRunner:
+    return ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, CacheConfig(num_gpu_blocks=32),
+                       SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8), max_model_len=64,
+                       role=role)  # type: ignore[arg-type]
+
+
+def test_warm_up_shapes_cover_prompt_sizes_and_decode_launches() -> None:
+    runner = _runner("colocated", 96)
+    shapes = runner.warm_up_shapes()
+    prompts = [q for q, c in shapes if not any(c)]
+    assert [sum(q) for q in prompts] == [1, 2, 4, 8, 16, 32, 64, 96]  # powers of two up to the budget
+    assert prompts[-1] == [64, 32]  # no prompt longer than max_model_len
+    decode_sizes = launch_batch_sizes(8, runner.num_kv_heads, runner.head_dim, runner.device)
+    assert [len(q) for q, c in shapes if c and c[0] == 1] == decode_sizes  # decode alone
+    mixed = [(q, c) for q, c in shapes if c and c[0] == 0 and any(c)]
+    assert [len(q) - 1 for q, _ in mixed] == decode_sizes and all(q[0] == 16 for q, _ in mixed)
+    # a prefill instance never decodes: prompts only
+    assert all(not any(c) for _, c in _runner("prefill", 96).warm_up_shapes())
+
+
+def test_warm_up_runs_every_shape_and_writes_nothing_to_the_cache() -> None:
+    runner = _runner("colocated", 96)
+    calls: list[int] = []
+    real = runner.model.forward
+
+    def forward(ids: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(ids.shape[0])
+        return real(ids, *args)
+
+    runner.model.forward = forward  # type: ignore[method-assign]
+    runner._warm_up()
+    assert calls == [sum(q) for q, _ in runner.warm_up_shapes()]
+    assert all(int(cache.count_nonzero()) == 0 for cache in runner.kv_caches)
+
+
+def test_kernels_compile_one_variant_for_every_batch() -> None:
+    """Arguments that follow the batch (token and row counts, an eager step's block-table width) are not
+    specialized on: Triton would otherwise compile a second variant of a kernel the first time a count is
+    not a multiple of 16 (or is 1), in the middle of serving, where warm-up cannot reach every count."""
+    pytest.importorskip("triton")
+    from pdlaunch.model.moe.triton_moe import _kernels as moe_kernels
+    from pdlaunch.model.quant.kernels import _kernels as quant_kernels
+    from pdlaunch.model.triton_decode import _kernels as decode_kernels
+
+    def unspecialized(kernel: object) -> set[str]:
+        return {p.name for p in kernel.params if p.do_not_specialize}  # type: ignore[attr-defined]
+
+    moe, quant = moe_kernels(False), quant_kernels()
+    assert unspecialized(decode_kernels(False)) == {"stride_bt"}
+    assert unspecialized(moe.up) == unspecialized(moe.down) == {"num_rows"}
+    assert unspecialized(moe.align_count) == unspecialized(moe.align_place) == {"num_rows", "num_blocks"}
+    assert unspecialized(quant.block_gemm) == unspecialized(quant.block_gemv) == {"M"}
