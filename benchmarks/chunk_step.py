@@ -1,10 +1,14 @@
 """Colocated chunked prefill on one GPU: wall time of each engine step while one 3072-token prompt is
-prefilled in 512-token chunks (the colocated budget before 2026-11-24), alone and next to 16 running decodes, and the
-GPU kernels of one chunk step (torch.profiler). Usage: python benchmarks/chunk_step.py CHECKPOINT
+prefilled in chunks of `--budget` tokens (default 512, the colocated budget before 2026-11-24), alone and next to 16
+running decodes, the GPU kernels of one chunk step (torch.profiler), and with `--cprofile N` the host functions of N
+chunk steps next to 16 decodes (cProfile, by own time). Usage: python benchmarks/chunk_step.py CHECKPOINT [--budget B]
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import pstats
 import random
 import sys
 import time
@@ -19,7 +23,13 @@ from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 
 
 def main() -> None:
-    config = build_config(sys.argv[1], "cuda", "bfloat16", {"max_num_seqs": 64, "max_num_batched_tokens": 512,
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens (the chunk size)")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="cProfile N chunk steps")
+    args = parser.parse_args()
+    config = build_config(args.checkpoint, "cuda", "bfloat16", {"max_num_seqs": 64,
+                                                                 "max_num_batched_tokens": args.budget,
                                                              "max_model_len": 4096, "gpu_memory_utilization": 0.85})
     engine = LLMEngine(config)
     rng = random.Random(0)
@@ -53,6 +63,24 @@ def main() -> None:
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+        while engine.has_unfinished_requests():
+            engine.step()
+        if args.cprofile:
+            for j in range(16):
+                engine.add_request(f"cp-d{j}", [rng.randrange(10, 500) for _ in range(64)], params)
+            for _ in range(3):
+                engine.step()
+            engine.add_request("cp-p", [rng.randrange(10, 500) for _ in range(3072)],
+                               SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(args.cprofile):
+                engine.step()
+            torch.cuda.synchronize()
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumulative").print_stats(40)
     finally:
         engine.shutdown()
 

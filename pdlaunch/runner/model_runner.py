@@ -173,21 +173,23 @@ class ModelRunner:
     # -- warm-up ----------------------------------------------------------------------------------
     def warm_up_shapes(self) -> list[tuple[list[int], list[int]]]:
         """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
-        to the step budget (every MoE tile and FP8 GEMM size class), then, unless this is a prefill
-        instance, decode batches of one size per paged-decode launch, alone and beside a 16-token prompt
-        (a mixed step), each with one token of context."""
+        to the step budget (every MoE tile and FP8 GEMM size class), a 16-token chunk over 16 cached tokens
+        (a chunked prompt's later steps), then, unless this is a prefill instance, decode batches of one
+        size per paged-decode launch, alone and beside that chunk (a mixed step), each decode with one token
+        of context."""
         budget = self.scheduler_config.token_budget(self.role)
         shapes: list[tuple[list[int], list[int]]] = []
         for tokens in sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)}):
             lens = [min(self.max_model_len, tokens - k) for k in range(0, tokens, self.max_model_len)]
             shapes.append((lens, [0] * len(lens)))
+        shapes.append(([16], [16]))
         if self.role == "prefill":
             return shapes
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         max_seqs = min(self.scheduler_config.max_num_seqs, max(1, budget - 16))
         for n in launch_batch_sizes(max_seqs, self.num_kv_heads, self.head_dim, self.device, elem):
             shapes.append(([1] * n, [1] * n))
-            shapes.append(([16, *[1] * n], [0, *[1] * n]))
+            shapes.append(([16, *[1] * n], [16, *[1] * n]))
         return shapes
 
     @torch.inference_mode()
@@ -196,7 +198,9 @@ class ModelRunner:
         variant the first time a launch needs it (about a second each on a server's CPU), and a step that
         meets one while serving holds every stream in it that long: measured on an H200, the first ten
         requests of a Qwen3-30B-A3B shape waited 1.7-2.7 s for their first token, later ones 0.4 s.
-        Nothing is written: every slot is -1 and decode rows read block 0 of the (zeroed) cache."""
+        The first chunked prompts paid the same in cuDNN/flash kernels loaded on first use: 87 and 105 ms
+        for 1008-token chunk steps that take 35-40 ms later. Nothing is written: every slot is -1, and
+        context reads block 0 of the (zeroed) cache."""
         started = time.monotonic()
         shapes = self.warm_up_shapes()
         for query_lens, context_lens in shapes:
@@ -205,7 +209,8 @@ class ModelRunner:
             ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
             positions = torch.cat([torch.arange(c, s, device=self.device) for c, s in zip(context_lens, seq_lens)])
             no_slots = [torch.full((tokens,), -1, dtype=torch.long)] * len(self.groups)
-            tables = [torch.zeros(len(query_lens), 1, dtype=torch.long)] * len(self.groups)
+            width = -(-max(seq_lens) // self.block_size)
+            tables = [torch.zeros(len(query_lens), width, dtype=torch.long)] * len(self.groups)
             hidden = self.model(ids, positions, self._metadata(query_lens, context_lens, no_slots, tables),
                                 self.kv_caches)
             self.model.compute_logits(hidden[:min(len(query_lens), self.scheduler_config.max_num_seqs)])
@@ -213,7 +218,7 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         log.info("warm-up: %d step shapes (prompts up to %d tokens, decode batches up to %d) in %.1f s",
                  len(shapes), max(sum(q) for q, _ in shapes),
-                 max((len(q) for q, c in shapes if c[0] > 0), default=0), time.monotonic() - started)
+                 max((len(q) for q, c in shapes if len(q) > 1 and q[-1] == 1), default=0), time.monotonic() - started)
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def _init_graphs(self) -> DecodeGraphs | None:

@@ -38,12 +38,13 @@ def test_warm_up_shapes_cover_prompt_sizes_and_decode_launches() -> None:
     prompts = [q for q, c in shapes if not any(c)]
     assert [sum(q) for q in prompts] == [1, 2, 4, 8, 16, 32, 64, 96]  # powers of two up to the budget
     assert prompts[-1] == [64, 32]  # no prompt longer than max_model_len
+    assert ([16], [16]) in shapes  # a chunk over cached context
     decode_sizes = launch_batch_sizes(8, runner.num_kv_heads, runner.head_dim, runner.device)
-    assert [len(q) for q, c in shapes if c and c[0] == 1] == decode_sizes  # decode alone
-    mixed = [(q, c) for q, c in shapes if c and c[0] == 0 and any(c)]
-    assert [len(q) - 1 for q, _ in mixed] == decode_sizes and all(q[0] == 16 for q, _ in mixed)
-    # a prefill instance never decodes: prompts only
-    assert all(not any(c) for _, c in _runner("prefill", 96).warm_up_shapes())
+    assert [len(q) for q, c in shapes if q[0] == 1 and c[0] == 1] == decode_sizes  # decode alone
+    mixed = [(q, c) for q, c in shapes if len(q) > 1 and q[0] == 16]
+    assert [len(q) - 1 for q, _ in mixed] == decode_sizes and all(c[0] == 16 for _, c in mixed)
+    # a prefill instance never decodes: prompts and a chunk only
+    assert all(q == [16] or not any(c) for q, c in _runner("prefill", 96).warm_up_shapes())
 
 
 def test_warm_up_runs_every_shape_and_writes_nothing_to_the_cache() -> None:
