@@ -182,14 +182,15 @@ class ModelRunner:
         for tokens in sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)}):
             lens = [min(self.max_model_len, tokens - k) for k in range(0, tokens, self.max_model_len)]
             shapes.append((lens, [0] * len(lens)))
-        shapes.append(([16], [16]))
+        chunk = max(1, min(16, self.max_model_len // 2))  # a chunk over as many cached tokens
+        shapes.append(([chunk], [chunk]))
         if self.role == "prefill":
             return shapes
         elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         max_seqs = min(self.scheduler_config.max_num_seqs, max(1, budget - 16))
         for n in launch_batch_sizes(max_seqs, self.num_kv_heads, self.head_dim, self.device, elem):
             shapes.append(([1] * n, [1] * n))
-            shapes.append(([16, *[1] * n], [16, *[1] * n]))
+            shapes.append(([chunk, *[1] * n], [chunk, *[1] * n]))
         return shapes
 
     @torch.inference_mode()
@@ -211,9 +212,18 @@ class ModelRunner:
             no_slots = [torch.full((tokens,), -1, dtype=torch.long)] * len(self.groups)
             width = -(-max(seq_lens) // self.block_size)
             tables = [torch.zeros(len(query_lens), width, dtype=torch.long)] * len(self.groups)
-            hidden = self.model(ids, positions, self._metadata(query_lens, context_lens, no_slots, tables),
-                                self.kv_caches)
-            self.model.compute_logits(hidden[:min(len(query_lens), self.scheduler_config.max_num_seqs)])
+            try:
+                hidden = self.model(ids, positions, self._metadata(query_lens, context_lens, no_slots, tables),
+                                    self.kv_caches)
+                self.model.compute_logits(hidden[:min(len(query_lens), self.scheduler_config.max_num_seqs)])
+            except torch.OutOfMemoryError as exc:
+                raise EngineError(
+                    f"a step of {tokens} tokens ({len(query_lens)} sequences) ran out of GPU memory in the start-up "
+                    f"warm-up: {str(exc).splitlines()[0]}",
+                    field="scheduler.max_num_batched_tokens",
+                    hint="lower it, or leave more memory to activations: a lower cache.gpu_memory_utilization or "
+                         "a smaller cache.num_gpu_blocks",
+                ) from None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.info("warm-up: %d step shapes (prompts up to %d tokens, decode batches up to %d) in %.1f s",

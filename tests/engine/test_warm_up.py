@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.errors import EngineError
 from pdlaunch.model.loader import load_checkpoint
 from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes
 from pdlaunch.runner.model_runner import ModelRunner
@@ -26,9 +27,9 @@ def test_launch_batch_sizes_give_every_launch_once(kv_heads: int, sms: int, elem
     assert sizes[0] == 1
 
 
-def _runner(role: str, budget: int) -> ModelRunner:
+def _runner(role: str, budget: int, max_model_len: int = 64) -> ModelRunner:
     return ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, CacheConfig(num_gpu_blocks=32),
-                       SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8), max_model_len=64,
+                       SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8), max_model_len=max_model_len,
                        role=role)  # type: ignore[arg-type]
 
 
@@ -79,3 +80,26 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     assert unspecialized(moe.up) == unspecialized(moe.down) == {"num_rows"}
     assert unspecialized(moe.align_count) == unspecialized(moe.align_place) == {"num_rows", "num_blocks"}
     assert unspecialized(quant.block_gemm) == unspecialized(quant.block_gemv) == {"M"}
+
+
+def test_no_warm_up_step_is_longer_than_max_model_len() -> None:
+    for max_model_len in (8, 17, 64):
+        shapes = _runner("colocated", 96, max_model_len).warm_up_shapes()
+        assert all(q + c <= max_model_len for lens, ctx in shapes for q, c in zip(lens, ctx))
+
+
+def test_a_warm_up_step_out_of_memory_names_the_budget() -> None:
+    runner = _runner("colocated", 96)
+
+    def forward(ids: torch.Tensor, *args: object) -> torch.Tensor:
+        if ids.shape[0] == 96:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return torch.zeros(ids.shape[0], 8)
+
+    runner.model.forward = forward  # type: ignore[method-assign]
+    runner.model.compute_logits = lambda hidden: hidden  # type: ignore[method-assign]
+    with pytest.raises(EngineError) as caught:
+        runner._warm_up()
+    assert caught.value.field == "scheduler.max_num_batched_tokens"
+    assert "a step of 96 tokens (2 sequences) ran out of GPU memory" in str(caught.value)
+    assert "Tried to allocate 2.00 GiB" in str(caught.value) and "more detail" not in str(caught.value)
