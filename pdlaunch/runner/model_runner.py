@@ -174,9 +174,9 @@ class ModelRunner:
     def warm_up_shapes(self) -> list[tuple[list[int], list[int]]]:
         """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
         to the step budget (every MoE tile and FP8 GEMM size class), a 16-token chunk over 16 cached tokens
-        (a chunked prompt's later steps), then, unless this is a prefill instance, decode batches of one
-        size per paged-decode launch, alone and beside that chunk (a mixed step), each decode with one token
-        of context."""
+        (a chunked prompt's later steps; fewer under a max_model_len of 32), then, unless this is a prefill
+        instance, decode batches of one size per paged-decode launch, alone and beside that chunk (a mixed
+        step), each decode with one token of context."""
         budget = self.scheduler_config.token_budget(self.role)
         shapes: list[tuple[list[int], list[int]]] = []
         for tokens in sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)}):
@@ -228,7 +228,7 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         log.info("warm-up: %d step shapes (prompts up to %d tokens, decode batches up to %d) in %.1f s",
                  len(shapes), max(sum(q) for q, _ in shapes),
-                 max((len(q) for q, c in shapes if len(q) > 1 and q[-1] == 1), default=0), time.monotonic() - started)
+                 max((len(q) for q, c in shapes if set(q) == {1} and c[0] > 0), default=0), time.monotonic() - started)
 
     # -- CUDA graphs ------------------------------------------------------------------------------
     def _init_graphs(self) -> DecodeGraphs | None:
