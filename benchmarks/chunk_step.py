@@ -28,20 +28,24 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens (the chunk size)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="cProfile N chunk steps")
     args = parser.parse_args()
-    config = build_config(args.checkpoint, "cuda", "bfloat16", {"max_num_seqs": 64,
-                                                                 "max_num_batched_tokens": args.budget,
-                                                             "max_model_len": 4096, "gpu_memory_utilization": 0.85})
+    config = build_config(args.checkpoint, "cuda", "bfloat16", {
+        "max_num_seqs": 64, "max_num_batched_tokens": args.budget, "max_model_len": 4096,
+        "gpu_memory_utilization": 0.85})
     engine = LLMEngine(config)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     try:
-        for label, decodes in (("warm-up", 0), ("alone", 0), ("next to 16 decodes", 16)):
+        def start(label: str, decodes: int) -> None:
+            """`decodes` 64-token requests decoding, then one 3072-token prompt waiting to be chunked."""
             for j in range(decodes):
                 engine.add_request(f"{label}-d{j}", [rng.randrange(10, 500) for _ in range(64)], params)
             for _ in range(3 if decodes else 0):
                 engine.step()
             engine.add_request(f"{label}-p", [rng.randrange(10, 500) for _ in range(3072)],
                                SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+
+        for label, decodes in (("warm-up", 0), ("alone", 0), ("next to 16 decodes", 16)):
+            start(label, decodes)
             times = []
             for _ in range(8):
                 torch.cuda.synchronize()
@@ -66,12 +70,7 @@ def main() -> None:
         while engine.has_unfinished_requests():
             engine.step()
         if args.cprofile:
-            for j in range(16):
-                engine.add_request(f"cp-d{j}", [rng.randrange(10, 500) for _ in range(64)], params)
-            for _ in range(3):
-                engine.step()
-            engine.add_request("cp-p", [rng.randrange(10, 500) for _ in range(3072)],
-                               SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+            start("cprofile", 16)
             profiler = cProfile.Profile()
             profiler.enable()
             for _ in range(args.cprofile):

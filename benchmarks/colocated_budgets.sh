@@ -13,11 +13,7 @@ for b in ${BUDGETS:-8192 4096 2048 1024}; do
     $py -m pdlaunch serve --model "$ckpt" --colocated --max-model-len 4096 --max-num-batched-tokens "$b" \
         --port $port > "$out/serve-$b.log" 2>&1 &
     pid=$!
-    for _ in $(seq 240); do
-        curl -sf http://127.0.0.1:$port/v1/models > /dev/null && break
-        kill -0 $pid 2> /dev/null || { echo "budget $b: the server exited (serve-$b.log)"; break; }
-        sleep 1
-    done
+    wait_ready $port $pid 240 || tail -5 "$out/serve-$b.log"
     TAIL=16 step "bench-$b" 180 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port --num-prompts 64 \
         --num-warmups 4 --random-input-len 3072 --random-output-len 128 --request-rate "$rate" \
         --save-result --result-dir "$out" --result-filename "rate$rate-budget$b.json"

@@ -12,23 +12,7 @@ port=8000
 $py -m pdlaunch serve --model "$ckpt" --colocated --dtype bfloat16 --max-model-len 4096 --port $port \
     > "$out/serve.log" 2>&1 &
 serve_pid=$!
-TAIL=3 step ready 300 $py - "$port" "$serve_pid" <<'EOF'
-import os, sys, time, httpx
-port, pid = sys.argv[1], int(sys.argv[2])
-deadline = time.monotonic() + 290
-while time.monotonic() < deadline:
-    try:
-        if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2, trust_env=False).status_code == 200:
-            print("server ready"); sys.exit(0)
-    except httpx.HTTPError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        sys.exit("the server exited before it was ready (serve.log)")
-    time.sleep(1)
-sys.exit("the server was not ready after 290 s (serve.log)")
-EOF
+wait_ready $port $serve_pid 300
 TAIL=30 step bench 420 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port --num-prompts "$prompts" \
     --num-warmups 2 --random-input-len 2048 --random-output-len 1024 --max-concurrency 10 --ignore-eos \
     --save-result --result-dir "$out" --result-filename anchor.json

@@ -14,3 +14,14 @@ step() {
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     echo "== $name rc $? at $((SECONDS - t0)) s"; tail -"${TAIL:-9}" "$out/$name.log"
 }
+# `wait_ready PORT PID LIMIT_S`: poll http://127.0.0.1:PORT/v1/models until it answers 200; fail early if PID
+# (the server) exits, or after LIMIT_S seconds, saying which.
+wait_ready() {
+    local port=$1 pid=$2 limit=$3 start=$SECONDS
+    while (( SECONDS - start < limit )); do
+        curl -sf "http://127.0.0.1:$port/v1/models" > /dev/null && { echo "== ready at $((SECONDS - t0)) s"; return 0; }
+        kill -0 "$pid" 2> /dev/null || { echo "== the server (pid $pid) exited before it was ready"; return 1; }
+        sleep 1
+    done
+    echo "== the server was not ready after $limit s"; return 1
+}

@@ -144,17 +144,8 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         num_tokens = self.scheduler_config.token_budget(self.role)
-        lens: list[int] = []
-        while sum(lens) < num_tokens:
-            lens.append(min(self.max_model_len, num_tokens - sum(lens)))
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lens])
-        no_slots = [torch.full((num_tokens,), -1, dtype=torch.long)] * len(self.groups)
-        attn = self._metadata(lens, [0] * len(lens), no_slots,
-                              [torch.zeros(len(lens), 1, dtype=torch.long)] * len(self.groups))
-        hidden = self.model(ids, positions, attn, [])
-        rows = min(self.scheduler_config.max_num_seqs, num_tokens)
-        self.model.compute_logits(hidden[:rows])
+        lens = self._prompt_lens(num_tokens)
+        self._dry_step(lens, [0] * len(lens), [], logit_rows=min(self.scheduler_config.max_num_seqs, num_tokens))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free_now, _ = device_memory_bytes(index)
@@ -163,14 +154,31 @@ class ModelRunner:
         # meantime (an 8B instance loads 16 GiB), so cap it at what one process's context can take.
         measured = max(0, (free_at_start - free_now) - torch.cuda.memory_reserved(self.device))
         non_torch = min(measured, NON_TORCH_CAP_BYTES)
-        del hidden
         torch.cuda.empty_cache()
         kv_bytes = requested - peak - non_torch
         log.info("memory profile: %.2f GiB requested, %.2f GiB peak torch, %.2f GiB other -> %.2f GiB KV",
                  requested / 2**30, peak / 2**30, non_torch / 2**30, kv_bytes / 2**30)
         return kv_bytes
 
-    # -- warm-up ----------------------------------------------------------------------------------
+    # -- steps that write nothing: the memory profile and the warm-up ------------------------------
+    def _prompt_lens(self, tokens: int) -> list[int]:
+        """`tokens` prompt tokens as prompts of at most max_model_len each."""
+        return [min(self.max_model_len, tokens - k) for k in range(0, tokens, self.max_model_len)]
+
+    def _dry_step(self, query_lens: list[int], context_lens: list[int], kv_caches: list[torch.Tensor],
+                  logit_rows: int) -> None:
+        """One forward of these sequences and the logits of `logit_rows` rows: token ids 0, every slot -1
+        (nothing is written), context read from block 0 of `kv_caches` (none: fresh prompts only)."""
+        tokens = sum(query_lens)
+        seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        positions = torch.cat([torch.arange(c, n, device=self.device) for c, n in zip(context_lens, seq_lens)])
+        no_slots = [torch.full((tokens,), -1, dtype=torch.long)] * len(self.groups)
+        width = -(-max(seq_lens) // self.block_size)
+        tables = [torch.zeros(len(query_lens), width, dtype=torch.long)] * len(self.groups)
+        hidden = self.model(ids, positions, self._metadata(query_lens, context_lens, no_slots, tables), kv_caches)
+        self.model.compute_logits(hidden[:logit_rows])
+
     def warm_up_shapes(self) -> list[tuple[list[int], list[int]]]:
         """(query lengths, context lengths) of the steps `_warm_up` runs: prompts of 1, 2, 4, ... tokens up
         to the step budget (every MoE tile and FP8 GEMM size class), a 16-token chunk over 16 cached tokens
@@ -180,15 +188,14 @@ class ModelRunner:
         budget = self.scheduler_config.token_budget(self.role)
         shapes: list[tuple[list[int], list[int]]] = []
         for tokens in sorted({min(1 << i, budget) for i in range(budget.bit_length() + 1)}):
-            lens = [min(self.max_model_len, tokens - k) for k in range(0, tokens, self.max_model_len)]
+            lens = self._prompt_lens(tokens)
             shapes.append((lens, [0] * len(lens)))
         chunk = max(1, min(16, self.max_model_len // 2))  # a chunk over as many cached tokens
         shapes.append(([chunk], [chunk]))
         if self.role == "prefill":
             return shapes
-        elem = torch.tensor([], dtype=self.kv_dtype).element_size()
         max_seqs = min(self.scheduler_config.max_num_seqs, max(1, budget - 16))
-        for n in launch_batch_sizes(max_seqs, self.num_kv_heads, self.head_dim, self.device, elem):
+        for n in launch_batch_sizes(max_seqs, self.num_kv_heads, self.head_dim, self.device, self.kv_dtype.itemsize):
             shapes.append(([1] * n, [1] * n))
             shapes.append(([chunk, *[1] * n], [chunk, *[1] * n]))
         return shapes
@@ -205,21 +212,13 @@ class ModelRunner:
         started = time.monotonic()
         shapes = self.warm_up_shapes()
         for query_lens, context_lens in shapes:
-            tokens = sum(query_lens)
-            seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
-            ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-            positions = torch.cat([torch.arange(c, s, device=self.device) for c, s in zip(context_lens, seq_lens)])
-            no_slots = [torch.full((tokens,), -1, dtype=torch.long)] * len(self.groups)
-            width = -(-max(seq_lens) // self.block_size)
-            tables = [torch.zeros(len(query_lens), width, dtype=torch.long)] * len(self.groups)
             try:
-                hidden = self.model(ids, positions, self._metadata(query_lens, context_lens, no_slots, tables),
-                                    self.kv_caches)
-                self.model.compute_logits(hidden[:min(len(query_lens), self.scheduler_config.max_num_seqs)])
+                self._dry_step(query_lens, context_lens, self.kv_caches,
+                               logit_rows=min(len(query_lens), self.scheduler_config.max_num_seqs))
             except torch.OutOfMemoryError as exc:
                 raise EngineError(
-                    f"a step of {tokens} tokens ({len(query_lens)} sequences) ran out of GPU memory in the start-up "
-                    f"warm-up: {str(exc).splitlines()[0]}",
+                    f"a step of {sum(query_lens)} tokens ({len(query_lens)} sequences) ran out of GPU memory in the "
+                    f"start-up warm-up: {str(exc).splitlines()[0]}",
                     field="scheduler.max_num_batched_tokens",
                     hint="lower it, or leave more memory to activations: a lower cache.gpu_memory_utilization or "
                          "a smaller cache.num_gpu_blocks",

@@ -61,9 +61,13 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         deployment.stop()
 
 
+def _instances(serve: Serve) -> list[dict[str, object]]:
+    """The proxy's GET /instances."""
+    return list(httpx.get(f"{serve.url}/instances", headers=AUTH, timeout=5, trust_env=False).json())
+
+
 def _urls(serve: Serve) -> dict[str, str]:
-    instances = httpx.get(f"{serve.url}/instances", headers=AUTH, timeout=5, trust_env=False).json()
-    return {str(i["name"]): str(i["url"]) for i in instances}
+    return {str(i["name"]): str(i["url"]) for i in _instances(serve)}
 
 
 def _pid(serve: Serve, name: str) -> int:
@@ -72,13 +76,12 @@ def _pid(serve: Serve, name: str) -> int:
 
 
 def _in_flight(serve: Serve, name: str) -> int:
-    instances = httpx.get(f"{serve.url}/instances", headers=AUTH, timeout=5, trust_env=False).json()
-    return next(int(i["in_flight"]) for i in instances if i["name"] == name)
+    return next(int(str(i["in_flight"])) for i in _instances(serve) if i["name"] == name)
 
 
 def _state(serve: Serve, name: str) -> str:
     try:
-        instances = httpx.get(f"{serve.url}/instances", headers=AUTH, timeout=5, trust_env=False).json()
+        instances = _instances(serve)
     except httpx.HTTPError:
         return "proxy did not answer"
     return next(str(i["state"]) for i in instances if i["name"] == name)
@@ -242,7 +245,7 @@ def test_a_stopped_decode_gets_no_new_requests(serve: Serve) -> None:
 
 def _instances_summary(serve: Serve) -> str:
     try:
-        instances = httpx.get(f"{serve.url}/instances", headers=AUTH, timeout=5, trust_env=False).json()
+        instances = _instances(serve)
     except httpx.HTTPError as exc:
         return f"proxy did not answer ({type(exc).__name__})"
     return ", ".join(f"{i['name']} {i['state']} in_flight {i['in_flight']}" for i in instances)
