@@ -1,7 +1,9 @@
 """Colocated chunked prefill on one GPU: wall time of each engine step while one 3072-token prompt is
 prefilled in chunks of `--budget` tokens (default 512, the colocated budget before 2026-11-24), alone and next to 16
 running decodes, the GPU kernels of one chunk step (torch.profiler), and with `--cprofile N` the host functions of N
-chunk steps next to 16 decodes (cProfile, by own time). Usage: python benchmarks/chunk_step.py CHECKPOINT [--budget B]
+chunk steps next to 16 decodes (cProfile, by own time). `--enforce-eager`: without CUDA graphs, for comparison with
+the piecewise graphs of steps with prompts (runner/mixed_graphs.py).
+Usage: python benchmarks/chunk_step.py CHECKPOINT [--budget B] [--enforce-eager]
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ def main() -> None:
     parser.add_argument("checkpoint")
     parser.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens (the chunk size)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="cProfile N chunk steps")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (decode nor piecewise)")
     args = parser.parse_args()
     config = build_config(args.checkpoint, "cuda", "bfloat16", {
         "max_num_seqs": 64, "max_num_batched_tokens": args.budget, "max_model_len": 4096,
-        "gpu_memory_utilization": 0.85})
+        "gpu_memory_utilization": 0.85, "enforce_eager": args.enforce_eager})
     engine = LLMEngine(config)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)

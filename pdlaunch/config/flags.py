@@ -112,7 +112,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "Fraction of GPU memory an instance may use."),
     Flag("enable_cumem_allocator", bool, "model.enable_cumem_allocator", "Weights and KV cache in CuMem pools."),
     Flag("enable_sleep_mode", bool, "model.enable_sleep_mode", "Allow /sleep and /wake_up (turns cumem on)."),
-    Flag("enforce_eager", bool, "model.enforce_eager", "Decode without CUDA graphs."),
+    Flag("enforce_eager", bool, "model.enforce_eager", "No CUDA graphs: every step runs eagerly."),
     Flag("kv_offload_gb", float | None, "cache.kv_offload_gb", "CPU tier for KV blocks evicted from the GPU, GiB."),
     Flag("cpu_offload_gb", str | None, "cache.kv_offload_gb", "Refused: vLLM's offloads weights; see --kv-offload-gb.",
          refused="vLLM's --cpu-offload-gb offloads weights, which pdlaunch does not do; pdlaunch's CPU tier for "

@@ -39,7 +39,7 @@ class ModelConfig(StrictModel):
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Default sampling seed of the engine (0..2**64-1).")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
-    enforce_eager: bool = Field(False, description="Run decode steps eagerly: no CUDA graphs (CUDA only).")
+    enforce_eager: bool = Field(False, description="Run every step eagerly: no CUDA graphs (CUDA only).")
     served_model_name: list[_Name] | None = Field(
         None, min_length=1, description="Model name(s) the API answers to (as vLLM's --served-model-name; the "
         "first is reported); default: the --model value as given, its directory name also accepted.")

@@ -311,11 +311,12 @@ def create_executor(config: DeploymentConfig, instance: InstanceSpec | None, che
     """The executor for the instance's TP size."""
     tp = instance.tp if instance is not None else config.parallel.tp
     if tp == 1:
-        # Prefill instances never run a decode batch: no graphs to capture there.
-        graphs = device.type == "cuda" and not config.model.enforce_eager and (
-            instance is None or instance.role != "prefill")
+        graphs = device.type == "cuda" and not config.model.enforce_eager
+        # Prefill instances never run a decode batch: no decode graphs to capture there.
+        decode_graphs = graphs and (instance is None or instance.role != "prefill")
         runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler,
-                             max_model_len, use_cumem=config.model.enable_cumem_allocator, decode_graphs=graphs,
+                             max_model_len, use_cumem=config.model.enable_cumem_allocator,
+                             decode_graphs=decode_graphs, mixed_graphs=graphs,
                              role=instance.role if instance is not None else "colocated")
         return UniprocExecutor(runner, engine_id)
     if config.model.enable_sleep_mode:

@@ -175,9 +175,11 @@ def graph_safe(kv_cache: torch.Tensor) -> bool:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                     layer_in_group: int, plan: GroupPlan, scale: float,
-                    kv_scales: tuple[float, float] = (1.0, 1.0), kv_written: bool = False) -> torch.Tensor:
+                    kv_scales: tuple[float, float] = (1.0, 1.0), kv_written: bool = False,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache unless
-    `kv_written` (the caller's fused rotary kernel wrote them to `plan.write_slots`: fused_ops.rotary_write_kv).
+    `kv_written` (the caller wrote them to their slots: fused_ops.rotary_write_kv). `out`: where to write the
+    result (a piecewise step's static buffer, model/pieces.py); not with a uniform-decode plan.
 
     kv_scales: this layer's (k_scale, v_scale), applied when the cache is fp8 (model/quant/kv_cache.py).
     Every query sees keys and values as the cache holds them (fp8-rounded and rescaled when it is fp8)."""
@@ -188,7 +190,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             raise ValueError("the KV cache tensor must be contiguous (block-major layout)")
         flat = kv_cache.view(-1, kv_cache.shape[-2], kv_cache.shape[-1])  # [rows, Hkv, D]
     if kv_written:
-        assert kv_cache is not None and plan.write_slots is not None
+        assert kv_cache is not None
     elif kv_cache is not None and plan.write_slots is not None:
         write_kv(kv_cache, k, v, plan.write_slots, layer_in_group, kv_scales)
     elif kv_cache is not None:
@@ -202,10 +204,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 
     if plan.decode_only:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
-        assert plan.decode_block_table is not None
+        assert plan.decode_block_table is not None and out is None
         return paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
                             plan.decode_seq_lens, plan.sliding_window, scale, kv_scales=kv_scales)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
         if seq.rows is None:

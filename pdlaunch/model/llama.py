@@ -26,6 +26,7 @@ from pdlaunch.model.layers import (
     VocabParallelEmbedding,
 )
 from pdlaunch.model.moe.block import SparseMoeBlock
+from pdlaunch.model.pieces import PieceBuffers
 from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
@@ -69,6 +70,15 @@ class Attention(nn.Module):
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
                 plan: GroupPlan) -> torch.Tensor:
         """cos_sin: the step's rotary tables [T, D] (RotaryEmbedding.cos_sin); x: [T, hidden]."""
+        q, k, v, kv_written = self.project(cos_sin, x, kv_cache, plan.write_slots)
+        o = self.attend(q, k, v, kv_cache, plan, kv_written)
+        return self.out_proj(o)
+
+    def project(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
+                write_slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """Everything before attention: the qkv projection, q/k norms, rotary and, given `write_slots` (the
+        slot of every token, -1: none), the k/v cache write. Returns q [T, Hq, D], k, v [T, Hkv, D] and whether
+        the cache was written. No host sync on CUDA (piecewise CUDA graphs capture it: model/pieces.py)."""
         t = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -81,20 +91,26 @@ class Attention(nn.Module):
         if not self.full_width_qk_norm and isinstance(self.q_norm, RMSNorm) and isinstance(self.k_norm, RMSNorm):
             # HF Qwen3 order: project, norm each head, then rotary.
             head_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        kv_written = False
-        if kv_cache is not None and plan.write_slots is not None:
-            # The CUDA path (a fused cache write): norm, rotary and the k/v cache write in one kernel.
-            q, k = rotary_write_kv(q, k, v, *cos_sin, kv_cache, plan.write_slots, self.index_in_group,
+        if kv_cache is not None and write_slots is not None:
+            # Norm, rotary and the k/v cache write in one kernel on CUDA (the same ops in turn on CPU).
+            q, k = rotary_write_kv(q, k, v, *cos_sin, kv_cache, write_slots, self.index_in_group,
                                    self.kv_scales, head_norm)
-            kv_written = True
-        else:
-            if head_norm is not None:  # rows are heads: [T*H, D]
-                q = rms_norm(q.reshape(-1, self.head_dim), head_norm[0], head_norm[2]).view_as(q)
-                k = rms_norm(k.reshape(-1, self.head_dim), head_norm[1], head_norm[2]).view_as(k)
-            q, k = self.rotary_emb.rotate(q, k, *cos_sin)
-        o = paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales,
-                            kv_written)  # [T, Hq, D]
-        out: torch.Tensor = self.o_proj(o.reshape(t, q_size))
+            return q, k, v, True
+        if head_norm is not None:  # rows are heads: [T*H, D]
+            q = rms_norm(q.reshape(-1, self.head_dim), head_norm[0], head_norm[2]).view_as(q)
+            k = rms_norm(k.reshape(-1, self.head_dim), head_norm[1], head_norm[2]).view_as(k)
+        q, k = self.rotary_emb.rotate(q, k, *cos_sin)
+        return q, k, v, False
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+               plan: GroupPlan, kv_written: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Paged attention of `project`'s q, k, v -> [T, Hq, D] (into `out` when given)."""
+        return paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales,
+                               kv_written, out)
+
+    def out_proj(self, o: torch.Tensor) -> torch.Tensor:
+        """o [T, Hq, D] -> [T, hidden]."""
+        out: torch.Tensor = self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
         return out
 
 
@@ -199,10 +215,7 @@ class CausalLM(nn.Module):
         KV-cache group; an empty list runs without a cache (fresh prefills only, e.g. profiling).
         """
         caches: list[torch.Tensor | None] = list(kv_caches) if kv_caches else [None] * len(self.kv_cache_groups)
-        if len(caches) != len(self.kv_cache_groups):
-            raise ValueError(f"model has {len(self.kv_cache_groups)} KV cache groups, got {len(caches)} caches")
-        plans = [build_group_plan(attn, g, caches[g], group.sliding_window)
-                 for g, group in enumerate(self.kv_cache_groups)]
+        plans = self.group_plans(attn, kv_caches)
         h = self.model.embed_tokens(input_ids)
         residual = None
         # Every layer has the same rotary parameters (ModelArch has one rope config).
@@ -213,6 +226,64 @@ class CausalLM(nn.Module):
             h, residual = layer(cos_sin, h, residual, caches[g], plans[g])
         out: torch.Tensor = self.model.norm(h, residual)[0]
         return out
+
+    def group_plans(self, attn: AttentionMetadata, kv_caches: list[torch.Tensor]) -> list[GroupPlan]:
+        """The step's attention plan of every KV-cache group (model/attention.py)."""
+        caches: list[torch.Tensor | None] = list(kv_caches) if kv_caches else [None] * len(self.kv_cache_groups)
+        if len(caches) != len(self.kv_cache_groups):
+            raise ValueError(f"model has {len(self.kv_cache_groups)} KV cache groups, got {len(caches)} caches")
+        return [build_group_plan(attn, g, caches[g], group.sliding_window)
+                for g, group in enumerate(self.kv_cache_groups)]
+
+    # -- piecewise steps (model/pieces.py) ---------------------------------------------------------
+    @property
+    def num_pieces(self) -> int:
+        """Pieces of a piecewise step: one ending at each layer's attention, and the last."""
+        return len(self.model.layers) + 1
+
+    def piece_buffers(self, tokens: int, device: torch.device) -> PieceBuffers:
+        """Static buffers of `tokens` rows for `forward_piece` / `attend_piece`."""
+        attn = self.model.decoder_layers[0].self_attn
+        return PieceBuffers.allocate(tokens, len(self.kv_cache_groups), attn.num_heads, attn.num_kv_heads,
+                                     attn.head_dim, self.arch.hidden_size, self.model.embed_tokens.weight.dtype,
+                                     device)
+
+    def forward_piece(self, index: int, bufs: PieceBuffers, tokens: int, kv_caches: list[torch.Tensor]) -> None:
+        """Piece `index` over the first `tokens` rows of `bufs`: reads only device tensors of fixed shape (the
+        buffers, the weights, the cache), so a CUDA graph captures it once per token count."""
+        layers = self.model.decoder_layers
+        if index == 0:
+            h = self.model.embed_tokens(bufs.input_ids[:tokens])
+            cos, sin = layers[0].self_attn.rotary_emb.cos_sin(bufs.positions[:tokens], h.dtype)
+            bufs.cos[:tokens].copy_(cos)
+            bufs.sin[:tokens].copy_(sin)
+            x, residual = layers[0].input_layernorm(h), h
+        else:
+            done = layers[index - 1]
+            o = done.self_attn.out_proj(bufs.attn_out[:tokens])
+            x, residual = done.post_attention_layernorm(o, bufs.residual[:tokens])
+            h = done.mlp(x)
+            if index == len(layers):
+                bufs.hidden[:tokens].copy_(self.model.norm(h, residual)[0])
+                return
+            x, residual = layers[index].input_layernorm(h, residual)
+        bufs.residual[:tokens].copy_(residual)
+        attn = layers[index].self_attn
+        q, k, v, written = attn.project((bufs.cos[:tokens], bufs.sin[:tokens]), x, kv_caches[attn.kv_group],
+                                        bufs.slots[attn.kv_group][:tokens])
+        assert written  # project writes k/v whenever it gets a cache and slots
+        bufs.q[:tokens].copy_(q)
+        bufs.k[:tokens].copy_(k)
+        bufs.v[:tokens].copy_(v)
+
+    def attend_piece(self, index: int, bufs: PieceBuffers, tokens: int, kv_caches: list[torch.Tensor],
+                     plans: list[GroupPlan]) -> None:
+        """Layer `index`'s attention between pieces `index` and `index + 1`, eagerly, over the step's real
+        `tokens` rows (`plans` from `group_plans` of the step's metadata); the output goes to `bufs.attn_out`."""
+        attn = self.model.decoder_layers[index].self_attn
+        g = attn.kv_group
+        attn.attend(bufs.q[:tokens], bufs.k[:tokens], bufs.v[:tokens], kv_caches[g], plans[g], kv_written=True,
+                    out=bufs.attn_out[:tokens])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""

@@ -29,6 +29,7 @@ from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
+from pdlaunch.runner.mixed_graphs import MixedGraphs, mixed_ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
 from pdlaunch.runner.step_inputs import StepInputs
@@ -55,12 +56,15 @@ class ModelRunner:
         decode_graphs: bool = False,
         expert_parallel: bool = False,
         role: Role = "colocated",
+        mixed_graphs: bool = False,
     ) -> None:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
         (the minimum over ranks), so block ids mean the same slots on every rank.
 
         `decode_graphs`: replay decode steps from CUDA graphs (runner/cuda_graphs.py; TP 1 and a
         cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly.
+        `mixed_graphs`: replay the other steps of up to 2048 tokens piecewise (runner/mixed_graphs.py; the
+        same conditions).
         `expert_parallel`: MoE experts whole per TP rank (model/moe/experts.py)."""
         self.checkpoint = checkpoint
         self.device = device
@@ -91,6 +95,7 @@ class ModelRunner:
         if device.type == "cuda":
             self._warm_up()
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
+        self.mixed: MixedGraphs | None = self._init_mixed_graphs() if mixed_graphs else None
         self.prompt_logprobs: PromptLogprobsOut | None = None  # of the last step run
 
     # -- KV cache --------------------------------------------------------------------------------
@@ -230,9 +235,23 @@ class ModelRunner:
                  max((len(q) for q, c in shapes if set(q) == {1} and c[0] > 0), default=0), time.monotonic() - started)
 
     # -- CUDA graphs ------------------------------------------------------------------------------
-    def _init_graphs(self) -> DecodeGraphs | None:
+    def _graphs_possible(self, what: str) -> bool:
         if self.device.type == "cuda" and (self.tp_size > 1 or not all(graph_safe(c) for c in self.kv_caches)):
-            log.info("decode runs eagerly: CUDA graphs need TP 1 and the Triton decode kernels")
+            log.info("%s run eagerly: CUDA graphs need TP 1 and the Triton decode kernels", what)
+            return False
+        return True
+
+    def _init_mixed_graphs(self) -> MixedGraphs | None:
+        if not self._graphs_possible("steps with prompt tokens"):
+            return None
+        mixed = MixedGraphs(mixed_ladder(self.scheduler_config.token_budget(self.role)), self.model, self.device,
+                            lambda: self.kv_caches)
+        with torch.inference_mode():
+            mixed.capture()
+        return mixed
+
+    def _init_graphs(self) -> DecodeGraphs | None:
+        if not self._graphs_possible("decode steps"):
             return None
         max_blocks = -(-self.max_model_len // self.block_size)
         graphs = DecodeGraphs(ladder(self.scheduler_config.max_num_seqs), len(self.groups), self.block_size,
@@ -286,9 +305,14 @@ class ModelRunner:
                 return logits
             return logits[torch.tensor(inputs.sample_rows, device=self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
-        ids, positions = to_device_async(inputs.input_ids, self.device), to_device_async(inputs.positions, self.device)
-        inputs.fill_pending(ids)
-        hidden = self.model(ids, positions, attn, self.kv_caches)
+        size = self.mixed.size_for(inputs) if self.mixed is not None and self.kv_caches else None
+        if self.mixed is not None and size is not None:
+            hidden = self.mixed.run(inputs, size, attn)
+        else:
+            ids = to_device_async(inputs.input_ids, self.device)
+            positions = to_device_async(inputs.positions, self.device)
+            inputs.fill_pending(ids)
+            hidden = self.model(ids, positions, attn, self.kv_caches)
         if inputs.prompt_rows:
             rows = PromptRows(inputs.prompt_rows, inputs.prompt_targets, inputs.prompt_top_k)
             self.prompt_logprobs = compute_prompt_logprobs(self.model.compute_logits, hidden, rows)
@@ -300,6 +324,7 @@ class ModelRunner:
         """Drop the cache tensors and the weights (shutdown)."""
         self.kv_caches = []
         self.graphs = None
+        self.mixed = None
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

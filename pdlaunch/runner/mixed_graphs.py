@@ -1,0 +1,163 @@
+"""Steps with prompt tokens replayed piecewise from CUDA graphs: one graph per piece (model/pieces.py) per
+padded token count, attention run eagerly between them.
+
+Why: an eager step that holds a prompt costs the host about as much whatever its size. On an H200 (8B shape,
+16 running decodes) a step with a 48-token chunk took ~36 ms of wall time for 6.3 ms of GPU work, and a
+1008-token chunk step 31-35 ms: the host launching ~20 kernels a layer one by one from Python. Every decode
+running beside a prompt waits that long for its next token (issue 29's colocated ITL p99). Replaying a layer's
+work from a graph leaves the host one replay and the attention's few launches per layer.
+
+A step qualifies when it does not qualify for the decode graphs (runner/cuda_graphs.py: those take uniform
+decode steps whole) and holds at most `max(sizes)` tokens. Its T tokens are padded to the next ladder size N:
+ids, positions and cache slots are copied into the static buffers (padding: token 0, position 0, slot -1), the
+N-row graphs of the pieces replay in turn, and between them each layer's attention runs eagerly over the real
+T rows with the step's real metadata. The caller computes logits from the first T rows of the final hidden
+states. Larger steps run eagerly: there the GPU work (~26 ms for 1k tokens of an 8B model) hides the host's.
+
+The graphs read the weights, the KV cache and the buffers at fixed addresses, like the decode graphs: they stay
+valid across CuMem sleep and are captured again if the KV tensors are re-created. On CPU the same padded pieces
+run eagerly on the same buffers, which is how CPU tests check the padding and staging.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from pdlaunch.memory.platform import cuda_stream
+from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.llama import CausalLM
+from pdlaunch.runner.step_inputs import StepInputs
+
+log = logging.getLogger(__name__)
+
+# Above this many tokens the step's GPU work hides the eager host time (see the module docstring).
+MAX_MIXED_TOKENS = 2048
+_SMALL = (16, 32, 64, 128, 256)
+_STRIDE = 256
+
+# Rows of the packed 1-D inputs (one pinned host buffer, one copy per step).
+_IDS, _POS, _SLOTS = range(3)
+
+
+def mixed_ladder(token_budget: int, limit: int = MAX_MIXED_TOKENS) -> list[int]:
+    """Token counts to capture: 16, 32, 64, 128, 256, then every 256 up to min(token_budget, limit)
+    (padding costs at most a quarter of the work from 1024 tokens on)."""
+    top = max(1, min(token_budget, limit))
+    sizes = [s for s in _SMALL if s < top] + list(range(2 * _STRIDE, top + 1, _STRIDE))
+    if not sizes or sizes[-1] != top:
+        sizes.append(top)
+    return sorted(set(sizes))
+
+
+class MixedGraphs:
+    """Static buffers and, on CUDA, the captured pieces of every ladder size."""
+
+    def __init__(self, sizes: Sequence[int], model: CausalLM, device: torch.device,
+                 kv_caches: Callable[[], list[torch.Tensor]]) -> None:
+        self.sizes = sorted(sizes)
+        self.model = model
+        self.device = device
+        self._kv_caches = kv_caches
+        self.num_groups = len(model.kv_cache_groups)
+        top = self.sizes[-1]
+        self.host = torch.zeros(_SLOTS + self.num_groups, top, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.packed = torch.zeros(_SLOTS + self.num_groups, top, dtype=torch.long, device=device)
+        # The pieces' 1-D inputs are rows of `packed`: one copy per step loads them all.
+        self.bufs = model.piece_buffers(top, device)
+        self.bufs.input_ids, self.bufs.positions = self.packed[_IDS], self.packed[_POS]
+        self.bufs.slots = [self.packed[_SLOTS + g] for g in range(self.num_groups)]
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self._captured_for: list[int] = []
+        self._pool: object | None = None
+        # Recorded after each load's copy out of the pinned host buffer (async scheduling: the next load must
+        # not overwrite what the copy still reads).
+        self._loaded: torch.cuda.Event | None = None
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def size_for(self, inputs: StepInputs) -> int | None:
+        """The ladder size this step runs at, or None when it must run eagerly."""
+        tokens = int(inputs.input_ids.shape[0])
+        if tokens == 0 or tokens > self.sizes[-1]:
+            return None
+        return next(s for s in self.sizes if s >= tokens)
+
+    def load(self, inputs: StepInputs, size: int) -> None:
+        """Copy the step's ids, positions and slots into the static buffers; rows past the step are padding."""
+        tokens = int(inputs.input_ids.shape[0])
+        if self._loaded is not None:
+            self._loaded.synchronize()
+        host = self.host[:, :size]
+        host[_IDS, :tokens] = inputs.input_ids
+        host[_POS, :tokens] = inputs.positions
+        host[_IDS:_SLOTS, tokens:] = 0
+        for g in range(self.num_groups):
+            host[_SLOTS + g, :tokens] = inputs.slot_mapping[g]
+        host[_SLOTS:, tokens:] = -1
+        # The whole buffer (48 KiB at 2048 tokens): a contiguous copy from pinned memory never blocks the host.
+        self.packed.copy_(self.host, non_blocking=True)
+        if self.device.type == "cuda":
+            self._loaded = self._loaded or torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._loaded.record()
+        inputs.fill_pending(self.bufs.input_ids)
+
+    # -- capture and replay ----------------------------------------------------------------------
+    def _kv_pointers(self) -> list[int]:
+        return [t.data_ptr() for t in self._kv_caches()]
+
+    def capture(self) -> None:
+        """Capture every piece at every ladder size, largest first, into one memory pool. The pieces of one
+        step replay in the order they were captured, so a piece may reuse what an earlier one freed."""
+        if self.device.type != "cuda":
+            return
+        start = time.perf_counter()
+        self.graphs.clear()
+        bufs, caches = self.bufs, self._kv_caches()
+        self.packed[_IDS:_SLOTS] = 0
+        self.packed[_SLOTS:] = -1  # warm-up and capture runs write no KV
+        pool = torch.cuda.graph_pool_handle()
+        side = cuda_stream(self.device)
+        stream = torch.cuda.current_stream(self.device)
+        for size in sorted(self.sizes, reverse=True):
+            side.wait_stream(stream)
+            with torch.cuda.stream(side):  # sizes cuBLAS workspaces, loads kernels, before the capture
+                for index in range(self.model.num_pieces):
+                    self.model.forward_piece(index, bufs, size, caches)
+            stream.wait_stream(side)
+            pieces = []
+            for index in range(self.model.num_pieces):
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture.
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    self.model.forward_piece(index, bufs, size, caches)
+                pieces.append(graph)
+            self.graphs[size] = pieces
+        torch.cuda.synchronize(self.device)
+        self._pool = pool
+        self._captured_for = self._kv_pointers()
+        log.info("captured piecewise CUDA graphs of steps with prompt tokens: %d pieces at %s tokens in %.1f s",
+                 self.model.num_pieces, self.sizes, time.perf_counter() - start)
+
+    def run(self, inputs: StepInputs, size: int, attn: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of the step's tokens (a view of the static buffer: consume it before the
+        next step). `attn`: the step's real metadata, which the eager attention between pieces reads."""
+        tokens = int(inputs.input_ids.shape[0])
+        if self.device.type == "cuda" and self._captured_for != self._kv_pointers():
+            log.warning("KV cache tensors moved since the piecewise CUDA graphs were captured: capturing again")
+            self.capture()
+        caches = self._kv_caches()
+        plans = self.model.group_plans(attn, caches)
+        self.load(inputs, size)
+        pieces = self.graphs.get(size) if self.device.type == "cuda" else None
+        last = self.model.num_pieces - 1
+        for index in range(last + 1):
+            if pieces is not None:
+                pieces[index].replay()
+            else:
+                self.model.forward_piece(index, self.bufs, size, caches)
+            if index < last:
+                self.model.attend_piece(index, self.bufs, tokens, caches, plans)
+        return self.bufs.hidden[:tokens]
