@@ -39,6 +39,7 @@ from pdlaunch.distributed.parallel_state import destroy_tp_group
 from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device
 from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.kv_transfer.base import KVConnector
+from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import set_device
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype
 from pdlaunch.runner.model_runner import ModelRunner
@@ -74,6 +75,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         state, connector, ready = build_worker_rank(rank, config, instance, device_type, dtype_name, max_model_len,
                                                     master_port, store)
         send(conn, ready)
+        freeze_startup_heap()  # as rank 0's engine does (memory/heap.py)
         _serve(rank, tp, state.runner, connector, conn, parent)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
@@ -83,6 +85,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
             pass
         sys.exit(1)
     finally:
+        thaw_heap()
         if connector is not None:
             connector.shutdown()
         if state is not None:

@@ -47,6 +47,7 @@ from pdlaunch.kv_transfer.params import (
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
 from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device, to_device_async
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype, weight_dtype_name
@@ -122,6 +123,7 @@ class LLMEngine:
         log.info("engine %s (%s) ready: %s on %s/%s, %d KV blocks of %d tokens, max_model_len %d",
                  self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
                  self.block_manager.num_blocks, self.block_size, self.max_model_len)
+        freeze_startup_heap()  # no collector walk over the startup heap while serving (memory/heap.py)
 
     # -- construction helpers --------------------------------------------------------------------
     def _bind_device(self, device: str) -> torch.device:
@@ -456,4 +458,5 @@ class LLMEngine:
         if self.connector is not None:
             self.connector.shutdown()
         self.executor.shutdown()
+        thaw_heap()
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
+from pdlaunch.memory.platform import to_device_async
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import fused_available, write_kv
 from pdlaunch.model.quant import kv_cache as fp8_kv
@@ -140,8 +141,10 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         else:
             # A window of w keys touches at most ceil(w / block_size) + 1 blocks.
             num_blocks = min(-(-max_len // block_size), -(-sliding_window // block_size) + 1)
-        seq_idx = torch.tensor(decode_seqs, device=device)
-        plan.decode_tokens = torch.tensor([starts[i] for i in decode_seqs], device=device)
+        # From pinned memory without blocking: torch.tensor(..., device=cuda) waits for the device to finish
+        # everything queued (the step in flight under async scheduling) before the host may go on.
+        seq_idx = to_device_async(torch.tensor(decode_seqs), device)
+        plan.decode_tokens = to_device_async(torch.tensor([starts[i] for i in decode_seqs]), device)
         if kv_cache is not None and paged_decode_available(kv_cache):
             plan.decode_block_table = block_table[seq_idx]
             plan.decode_seq_lens = attn.seq_lens[seq_idx].long()

@@ -303,7 +303,7 @@ class ModelRunner:
             logits = self.graphs.run(inputs, batch, self._graph_forward)
             if inputs.sample_rows == list(range(len(inputs.query_lens))):
                 return logits
-            return logits[torch.tensor(inputs.sample_rows, device=self.device)]
+            return logits[to_device_async(torch.tensor(inputs.sample_rows), self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
         size = self.mixed.size_for(inputs) if self.mixed is not None and self.kv_caches else None
         if self.mixed is not None and size is not None:
