@@ -246,8 +246,20 @@ class ModelRunner:
             return None
         mixed = MixedGraphs(mixed_ladder(self.scheduler_config.token_budget(self.role)), self.model, self.device,
                             lambda: self.kv_caches)
-        with torch.inference_mode():
-            mixed.capture()
+        try:
+            with torch.inference_mode():
+                mixed.capture()
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            # Serving still works without them: every such step runs eagerly, as with --enforce-eager.
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("steps with prompt tokens run eagerly: capturing their piecewise CUDA graphs failed (%s). "
+                        "Out of memory: lower cache.gpu_memory_utilization; otherwise please report it with this "
+                        "log. --enforce-eager turns all CUDA graphs off.", reason)
+            del mixed
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
+            return None
         return mixed
 
     def _init_graphs(self) -> DecodeGraphs | None:

@@ -177,3 +177,22 @@ def test_piecewise_replay_equals_eager(fixture: str, extra: dict[str, Any], requ
     eager = make_engine(path, device="cuda", enforce_eager=True, **options)
     assert eager.runner.mixed is None and eager.runner.graphs is None
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
+
+
+def test_a_failed_capture_leaves_those_steps_eager_with_a_warning(llama_ckpt: Path, make_engine: MakeEngine,
+                                                                  pieces_on_cpu: Runs,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A piece that cannot be captured (a host sync in some model's path, or no memory left for the pool) does
+    not stop the instance: its steps with prompts run eagerly and the log says why and what to do."""
+    def failing_capture(self: MixedGraphs) -> None:
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(MixedGraphs, "capture", failing_capture)
+    with caplog.at_level("WARNING", logger="pdlaunch.runner.model_runner"):
+        engine = make_engine(llama_ckpt)
+    assert engine.runner.mixed is None
+    assert "capturing their piecewise CUDA graphs failed (operation not permitted when stream is capturing)" \
+        in caplog.text and "--enforce-eager" in caplog.text
+    out = run_all(engine, prompts([20]), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    assert len(out[0].output_token_ids) == 3 and not pieces_on_cpu
