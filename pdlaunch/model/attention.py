@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, causal_lower_right
 
-from pdlaunch.memory.platform import to_device_async
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import fused_available, write_kv
 from pdlaunch.model.quant import kv_cache as fp8_kv
@@ -143,8 +142,8 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
             num_blocks = min(-(-max_len // block_size), -(-sliding_window // block_size) + 1)
         # From pinned memory without blocking: torch.tensor(..., device=cuda) waits for the device to finish
         # everything queued (the step in flight under async scheduling) before the host may go on.
-        seq_idx = to_device_async(torch.tensor(decode_seqs), device)
-        plan.decode_tokens = to_device_async(torch.tensor([starts[i] for i in decode_seqs]), device)
+        seq_idx = _on_device(decode_seqs, device)
+        plan.decode_tokens = _on_device([starts[i] for i in decode_seqs], device)
         if kv_cache is not None and paged_decode_available(kv_cache):
             plan.decode_block_table = block_table[seq_idx]
             plan.decode_seq_lens = attn.seq_lens[seq_idx].long()
@@ -168,6 +167,12 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         plan.decode_rows = torch.where(visible, rows, own_row)
         plan.decode_mask = visible.view(len(decode_seqs), 1, 1, -1)
     return plan
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A long tensor of `values` on `device`; to CUDA from pinned memory, without blocking the host."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.to(device) if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
 
 
 def graph_safe(kv_cache: torch.Tensor) -> bool:
