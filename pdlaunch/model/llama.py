@@ -167,6 +167,12 @@ class LlamaModel(nn.Module):
         """`layers` as what they are (nn.ModuleList yields plain Modules)."""
         return [layer for layer in self.layers if isinstance(layer, DecoderLayer)]
 
+    def layer(self, index: int) -> DecoderLayer:
+        """Layer `index` without building `decoder_layers` (once per layer of a step on the piecewise path)."""
+        layer = self.layers[index]
+        assert isinstance(layer, DecoderLayer)
+        return layer
+
 
 class CausalLM(nn.Module):
     """Llama-family causal LM over a paged KV cache. Parameter names follow HF checkpoints, with
@@ -241,12 +247,12 @@ class CausalLM(nn.Module):
         """Pieces of a piecewise step: one ending at each layer's attention, and the last."""
         return len(self.model.layers) + 1
 
-    def piece_buffers(self, tokens: int, device: torch.device) -> PieceBuffers:
-        """Static buffers of `tokens` rows for `forward_piece` / `attend_piece`."""
-        attn = self.model.decoder_layers[0].self_attn
-        return PieceBuffers.allocate(tokens, len(self.kv_cache_groups), attn.num_heads, attn.num_kv_heads,
-                                     attn.head_dim, self.arch.hidden_size, self.model.embed_tokens.weight.dtype,
-                                     device)
+    def piece_buffers(self, inputs: torch.Tensor) -> PieceBuffers:
+        """Static buffers for `forward_piece` / `attend_piece` around `inputs` [2 + groups, N] long (ids,
+        positions, each group's slots)."""
+        attn = self.model.layer(0).self_attn
+        return PieceBuffers.allocate(inputs, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.arch.hidden_size,
+                                     self.model.embed_tokens.weight.dtype)
 
     def forward_piece(self, index: int, bufs: PieceBuffers, tokens: int, kv_caches: list[torch.Tensor]) -> None:
         """Piece `index` over the first `tokens` rows of `bufs`: reads only device tensors of fixed shape (the
@@ -280,7 +286,7 @@ class CausalLM(nn.Module):
                      plans: list[GroupPlan]) -> None:
         """Layer `index`'s attention between pieces `index` and `index + 1`, eagerly, over the step's real
         `tokens` rows (`plans` from `group_plans` of the step's metadata); the output goes to `bufs.attn_out`."""
-        attn = self.model.decoder_layers[index].self_attn
+        attn = self.model.layer(index).self_attn
         g = attn.kv_group
         attn.attend(bufs.q[:tokens], bufs.k[:tokens], bufs.v[:tokens], kv_caches[g], plans[g], kv_written=True,
                     out=bufs.attn_out[:tokens])

@@ -47,15 +47,17 @@ class PieceBuffers:
         return int(self.input_ids.shape[0])
 
     @classmethod
-    def allocate(cls, tokens: int, num_groups: int, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
-                 dtype: torch.dtype, device: torch.device) -> PieceBuffers:
+    def allocate(cls, inputs: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, hidden: int,
+                 dtype: torch.dtype) -> PieceBuffers:
+        """Buffers of N rows around `inputs` [2 + G, N] long: ids, positions, then the slots of each KV-cache
+        group, one row each (the caller loads all of them with one copy)."""
+        tokens, device = int(inputs.shape[1]), inputs.device
+
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=dtype, device=device)
 
         return cls(
-            input_ids=torch.zeros(tokens, dtype=torch.long, device=device),
-            positions=torch.zeros(tokens, dtype=torch.long, device=device),
-            slots=[torch.full((tokens,), -1, dtype=torch.long, device=device) for _ in range(num_groups)],
+            input_ids=inputs[0], positions=inputs[1], slots=list(inputs[2:].unbind(0)),
             cos=zeros(tokens, head_dim), sin=zeros(tokens, head_dim),
             q=zeros(tokens, num_heads, head_dim), k=zeros(tokens, num_kv_heads, head_dim),
             v=zeros(tokens, num_kv_heads, head_dim), attn_out=zeros(tokens, num_heads, head_dim),

@@ -67,9 +67,7 @@ class MixedGraphs:
         self.host = torch.zeros(_SLOTS + self.num_groups, top, dtype=torch.long, pin_memory=device.type == "cuda")
         self.packed = torch.zeros(_SLOTS + self.num_groups, top, dtype=torch.long, device=device)
         # The pieces' 1-D inputs are rows of `packed`: one copy per step loads them all.
-        self.bufs = model.piece_buffers(top, device)
-        self.bufs.input_ids, self.bufs.positions = self.packed[_IDS], self.packed[_POS]
-        self.bufs.slots = [self.packed[_SLOTS + g] for g in range(self.num_groups)]
+        self.bufs = model.piece_buffers(self.packed)
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self._captured_for: list[int] = []
         self._pool: object | None = None

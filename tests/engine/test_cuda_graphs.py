@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.distributed import executor as executor_module
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
-from pdlaunch.runner.model_runner import ModelRunner
 from tests.engine.conftest import MakeEngine, run_all
+from tests.helpers.graphs import GraphRuns, counting_replays, record_graph_runs
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -33,31 +32,14 @@ def test_ladder_covers_every_batch_up_to_max_num_seqs() -> None:
     assert ladder(1000)[-1] == 256 and ladder(40) == [1, 2, 4, 8, 16, 32, 40]
 
 
-class PaddedPath(list):  # type: ignore[type-arg]
-    """(rows, ladder size) of every step that ran the padded path; `force` turns it on for engines
-    built on CPU from then on."""
-
-    force = True
-
-
 @pytest.fixture
-def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> PaddedPath:
-    runs = PaddedPath()
-    real_run = DecodeGraphs.run
-
-    def run(self: DecodeGraphs, inputs: Any, batch: int, forward: Any) -> torch.Tensor:
-        runs.append((len(inputs.query_lens), batch))
-        return real_run(self, inputs, batch, forward)
-
-    monkeypatch.setattr(DecodeGraphs, "run", run)
-    monkeypatch.setattr(executor_module, "ModelRunner",
-                        lambda *a, **k: ModelRunner(*a, **{**k, "decode_graphs": runs.force}))
-    return runs
+def graphs_on_cpu(monkeypatch: pytest.MonkeyPatch) -> GraphRuns:
+    return record_graph_runs(monkeypatch, DecodeGraphs, "decode_graphs", lambda inputs: len(inputs.query_lens))
 
 
 @pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt", "qwen3_tied_ckpt", "llama32_ckpt"])
 def test_padded_decode_equals_eager(fixture: str, request: pytest.FixtureRequest, make_engine: MakeEngine,
-                                    graphs_on_cpu: PaddedPath) -> None:
+                                    graphs_on_cpu: GraphRuns) -> None:
     """Batches of 1..6 sequences padded to the ladder (max_num_seqs 6: sizes 1, 2, 4, 6), a
     sliding-window group (hybrid), and preemption under a small cache: same tokens as eager."""
     path = request.getfixturevalue(fixture)
@@ -75,7 +57,7 @@ def test_padded_decode_equals_eager(fixture: str, request: pytest.FixtureRequest
 
 
 def test_steps_the_buffers_cannot_hold_run_eagerly(llama_ckpt, make_engine: MakeEngine,  # type: ignore[no-untyped-def]
-                                                   graphs_on_cpu: PaddedPath) -> None:
+                                                   graphs_on_cpu: GraphRuns) -> None:
     """Prefill steps never take the padded path; decode steps do."""
     engine = make_engine(llama_ckpt, max_num_seqs=2)
     out = run_all(engine, prompts([20, 4]), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
@@ -94,20 +76,9 @@ def test_cuda_graph_replay_equals_eager(fixture: str, request: pytest.FixtureReq
     graphed = make_engine(path, device="cuda", max_num_seqs=8)
     graphs = graphed.runner.graphs
     assert graphs is not None and set(graphs.graphs) == set(graphs.sizes)
-    replays = 0
-    real_replay = torch.cuda.CUDAGraph.replay
-
-    def counting_replay(self: torch.cuda.CUDAGraph) -> None:
-        nonlocal replays
-        replays += 1
-        real_replay(self)
-
-    torch.cuda.CUDAGraph.replay = counting_replay  # type: ignore[method-assign]
-    try:
+    with counting_replays() as replays:
         got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
-    finally:
-        torch.cuda.CUDAGraph.replay = real_replay  # type: ignore[method-assign]
-    assert replays >= GREEDY.max_tokens - 1
+    assert replays[0] >= GREEDY.max_tokens - 1
     eager = make_engine(path, device="cuda", max_num_seqs=8, enforce_eager=True)
     assert eager.runner.graphs is None
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.distributed import executor as executor_module
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.runner.mixed_graphs import MixedGraphs, mixed_ladder
-from pdlaunch.runner.model_runner import ModelRunner
 from tests.engine.conftest import MakeEngine, run_all
+from tests.helpers.graphs import GraphRuns, counting_replays, record_graph_runs
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -36,31 +35,14 @@ def test_ladder_pads_by_at_most_a_quarter_from_1024_tokens() -> None:
     assert mixed_ladder(8) == [8]
 
 
-class Runs(list):  # type: ignore[type-arg]
-    """(tokens, ladder size) of every step that ran the piecewise path; `force` turns it on for engines
-    built on CPU from then on."""
-
-    force = True
-
-
 @pytest.fixture
-def pieces_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Runs:
-    runs = Runs()
-    real_run = MixedGraphs.run
-
-    def run(self: MixedGraphs, inputs: Any, size: int, attn: Any) -> torch.Tensor:
-        runs.append((int(inputs.input_ids.shape[0]), size))
-        return real_run(self, inputs, size, attn)
-
-    monkeypatch.setattr(MixedGraphs, "run", run)
-    monkeypatch.setattr(executor_module, "ModelRunner",
-                        lambda *a, **k: ModelRunner(*a, **{**k, "mixed_graphs": runs.force}))
-    return runs
+def pieces_on_cpu(monkeypatch: pytest.MonkeyPatch) -> GraphRuns:
+    return record_graph_runs(monkeypatch, MixedGraphs, "mixed_graphs", lambda inputs: int(inputs.input_ids.shape[0]))
 
 
 @pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt", "qwen3_tied_ckpt", "moe:qwen3_moe", "moe:olmoe"])
 def test_piecewise_steps_equal_eager(fixture: str, request: pytest.FixtureRequest, make_engine: MakeEngine,
-                                     pieces_on_cpu: Runs) -> None:
+                                     pieces_on_cpu: GraphRuns) -> None:
     """Prompts chunked at 24 tokens next to running decodes, a chunk over cached context, a sliding-window
     group (hybrid), MoE layers, prefix-cache hits (a shared 16-token prefix) and async scheduling's pending
     rows: every step with a prompt in it runs the padded pieces and the tokens equal an eager engine's."""
@@ -82,7 +64,7 @@ def test_piecewise_steps_equal_eager(fixture: str, request: pytest.FixtureReques
 
 
 def test_prompt_logprobs_and_sampling_through_the_pieces(llama_ckpt: Path, make_engine: MakeEngine,
-                                                         pieces_on_cpu: Runs) -> None:
+                                                         pieces_on_cpu: GraphRuns) -> None:
     """Prompt logprobs read the pieces' hidden states; seeded sampling sees the same logits as eager."""
     batch = prompts([7, 19, 26], seed=9)
     params = [SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=2, ignore_eos=True),
@@ -115,7 +97,7 @@ def test_prompt_logprobs_and_sampling_through_the_pieces(llama_ckpt: Path, make_
 
 
 def test_steps_larger_than_the_ladder_run_eagerly(llama_ckpt: Path, make_engine: MakeEngine,
-                                                  pieces_on_cpu: Runs) -> None:
+                                                  pieces_on_cpu: GraphRuns) -> None:
     """The ladder stops at the step budget: a padded step never exceeds it, and decode steps that the decode
     graphs take (on by default only on CUDA; off here) still run the pieces when nothing else takes them."""
     engine = make_engine(llama_ckpt, max_num_seqs=2, max_num_batched_tokens=64)
@@ -129,7 +111,7 @@ def test_steps_larger_than_the_ladder_run_eagerly(llama_ckpt: Path, make_engine:
 
 
 def test_padding_rows_write_nothing_to_the_cache(llama_ckpt: Path, make_engine: MakeEngine,
-                                                 pieces_on_cpu: Runs) -> None:
+                                                 pieces_on_cpu: GraphRuns) -> None:
     """Padding rows carry slot -1: after a padded step the cache holds exactly the step's tokens' rows."""
     engine = make_engine(llama_ckpt, max_num_seqs=1, num_gpu_blocks=16)
     runner = engine.runner
@@ -159,28 +141,17 @@ def test_piecewise_replay_equals_eager(fixture: str, extra: dict[str, Any], requ
     assert mixed is not None and mixed.sizes == [16, 32, 48]
     assert all(len(pieces) == graphed.runner.model.num_pieces for pieces in mixed.graphs.values())
     assert set(mixed.graphs) == set(mixed.sizes)
-    replays = 0
-    real_replay = torch.cuda.CUDAGraph.replay
-
-    def counting_replay(self: torch.cuda.CUDAGraph) -> None:
-        nonlocal replays
-        replays += 1
-        real_replay(self)
-
-    torch.cuda.CUDAGraph.replay = counting_replay  # type: ignore[method-assign]
-    try:
+    with counting_replays() as replays:
         got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
-    finally:
-        torch.cuda.CUDAGraph.replay = real_replay  # type: ignore[method-assign]
     # At least the prompt steps (8 x 48 tokens hold the 209 prompt tokens at most) replayed every piece.
-    assert replays >= 5 * graphed.runner.model.num_pieces
+    assert replays[0] >= 5 * graphed.runner.model.num_pieces
     eager = make_engine(path, device="cuda", enforce_eager=True, **options)
     assert eager.runner.mixed is None and eager.runner.graphs is None
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
 
 
 def test_a_failed_capture_leaves_those_steps_eager_with_a_warning(llama_ckpt: Path, make_engine: MakeEngine,
-                                                                  pieces_on_cpu: Runs,
+                                                                  pieces_on_cpu: GraphRuns,
                                                                   monkeypatch: pytest.MonkeyPatch,
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A piece that cannot be captured (a host sync in some model's path, or no memory left for the pool) does

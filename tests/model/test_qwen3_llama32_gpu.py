@@ -15,6 +15,7 @@ from pdlaunch.model.loader import load_checkpoint, load_model
 from pdlaunch.model.triton_decode import paged_decode_available
 from tests.engine.conftest import MakeEngine, make_engine, run_all  # noqa: F401  (pytest fixture)
 from tests.helpers.checkpoints import hf_greedy
+from tests.helpers.graphs import counting_replays
 from tests.model.paged_runner import PagedRunner
 from tests.model.test_parity import PROMPT
 
@@ -73,20 +74,9 @@ def test_cuda_graph_replay_equals_eager_and_transformers(kind: str, request: pyt
     batch = _prompts([5, 40, 1, 23, 9], seed=7)
     graphed = make_engine(path, device="cuda", max_num_seqs=8)
     assert graphed.runner.graphs is not None and graphed.runner.graphs.graphs
-    replays = 0
-    real_replay = torch.cuda.CUDAGraph.replay
-
-    def counting_replay(self: torch.cuda.CUDAGraph) -> None:
-        nonlocal replays
-        replays += 1
-        real_replay(self)
-
-    torch.cuda.CUDAGraph.replay = counting_replay  # type: ignore[method-assign]
-    try:
+    with counting_replays() as replays:
         got = [o.output_token_ids for o in run_all(graphed, batch, greedy)]
-    finally:
-        torch.cuda.CUDAGraph.replay = real_replay  # type: ignore[method-assign]
-    assert replays >= greedy.max_tokens - 1
+    assert replays[0] >= greedy.max_tokens - 1
     eager = make_engine(path, device="cuda", max_num_seqs=8, enforce_eager=True)
     assert [o.output_token_ids for o in run_all(eager, batch, greedy)] == got
     assert got == [hf_greedy(path, p, greedy.max_tokens, device="cuda") for p in batch]
