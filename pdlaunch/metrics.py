@@ -54,7 +54,7 @@ INTER_TOKEN_LATENCY = Histogram(
 STEP_KINDS = ("prefill", "decode")
 ENGINE_STEPS = Counter("pdlaunch_engine_steps", "Engine steps that computed tokens, by kind", ["kind"])
 ENGINE_STEP_SECONDS = Counter("pdlaunch_engine_step_seconds", "Seconds of engine steps (inputs, forward, "
-                              "sampling), by kind", ["kind"])
+                              "sampling; device time on CUDA: engine/step_clock.py), by kind", ["kind"])
 ENGINE_STEP_TOKENS = Counter("pdlaunch_engine_step_tokens", "Tokens computed in engine steps, by kind", ["kind"])
 for _kind in STEP_KINDS:
     for _metric in (ENGINE_STEPS, ENGINE_STEP_SECONDS, ENGINE_STEP_TOKENS):

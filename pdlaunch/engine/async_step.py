@@ -34,7 +34,6 @@ class InFlight:
     host_ids: torch.Tensor  # [N] long: the same, copied to the host without blocking
     ready: torch.cuda.Event | None  # recorded after that copy (None on CPU: already there)
     row_of: dict[str, int] = field(default_factory=dict)  # request id -> row of token_ids
-    step: tuple[int, int, float] | None = None  # (requests, tokens, launch time) for the step metrics
 
     def read(self) -> list[int]:
         """The ids on the host (waits for the copy, hence for the step, not for anything launched after)."""

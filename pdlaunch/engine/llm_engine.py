@@ -32,6 +32,7 @@ from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.engine.stats import EngineStats, engine_stats, update_metrics
 from pdlaunch.engine.step_builder import build_step_inputs
+from pdlaunch.engine.step_clock import step_clock
 from pdlaunch.engine.structured_output import grammar_backend
 from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
@@ -104,7 +105,7 @@ class LLMEngine:
                                        grammar_backend(self.tokenizer, self.vocab_size))
         self._arrival = itertools.count()
         self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
-        self._last_step_end = 0.0  # perf_counter when the host last had a step's results
+        self.clock = step_clock(self.device)  # pdlaunch_engine_step_seconds, timed on the device
         self.async_scheduling = self._async_scheduling(config)
         self._admitted: list[RequestOutput] = []  # first tokens taken from a prefill's answer, out next step
         self._shut_down = False
@@ -349,7 +350,7 @@ class LLMEngine:
         logits = None
         if sched.scheduled:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
-            started = time.perf_counter()
+            mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
@@ -361,23 +362,19 @@ class LLMEngine:
             sampled_rows = [s.request for s in sched.scheduled if s.needs_sample]  # one logits row each
             rows = [i for i, r in enumerate(sampled_rows) if not r.is_finished]
             sampling = [sampled_rows[i] for i in rows]
-            step = (len(sched.scheduled), sched.num_batched_tokens, started)
-            deferred = None
             if sampling:
                 if len(sampling) < len(sampled_rows):
                     logits = logits.index_select(0, to_device_async(torch.tensor(rows), logits.device))
                 sample_rows = self.outputs.sample_rows(sampling)
                 if self.async_scheduling and deferrable(sample_rows):
-                    deferred = self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows))
+                    self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows))
                 else:
                     sampled = self.sampler(logits, sample_rows)
                     outputs.extend(self._append_sampled(sampling, sampled.token_ids, sampled.logprobs))
-            if deferred is not None:
-                deferred.step = step  # observed when its tokens are read
-            else:
-                self._observe_step(*step)
+            self.clock.end(mark)
         elif self.scheduler.waiting_for_kv and self._in_flight is None:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
+        self.clock.collect()
         update_metrics(self.scheduler, self.block_manager)
         return outputs
 
@@ -387,19 +384,10 @@ class LLMEngine:
             return []
         step, self._in_flight = self._in_flight, None
         token_ids = step.read()
-        if step.step is not None:
-            self._observe_step(*step.step)
         for request in step.requests:
             request.num_pending -= 1
         live = [(r, t) for r, t in zip(step.requests, token_ids) if not r.is_finished]
         return self._append_sampled([r for r, _ in live], [t for _, t in live], [None] * len(live))
-
-    def _observe_step(self, num_requests: int, num_tokens: int, started: float) -> None:
-        """A step's time for pdlaunch_engine_step_seconds, taken when the host has its results: from its
-        launch, or from the previous step's end when it was queued behind that one (async scheduling)."""
-        now = time.perf_counter()
-        metrics.observe_step(num_requests, num_tokens, now - max(started, self._last_step_end))
-        self._last_step_end = now
 
     def _append_sampled(self, requests: list[Request], token_ids: list[int],
                         logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:

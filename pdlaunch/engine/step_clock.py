@@ -1,0 +1,98 @@
+"""Engine step times for `pdlaunch_engine_step_seconds`, as the device ran them.
+
+The host's clock cannot time a step on a GPU. A launch returns before its work is done, and a launch that
+blocks (a full launch queue, a wait for a staging buffer) moves the moment the host reads one step's results
+into the next step: a large prompt step that blocked its own launch was counted as a few milliseconds and the
+decode step before it as the whole prompt (`bench compare` read a colocated prefill FLOP rate of 128% of the
+matmul ceiling on 2x H200).
+
+On CUDA each step records an event on the compute stream before its inputs are staged and one after its
+sampling is launched; its time is the device time between the two. That time starts when the device reached
+the step, so it never includes time queued behind the step before. Steps are observed in order once their end
+event has passed, so a step whose results the host never reads (a prompt chunk that samples nothing) counts
+too, once it has run. On CPU a step computes in the calling thread: its time is the host's, taken at its end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from pdlaunch import metrics
+
+Observe = Callable[[int, int, float], None]  # (requests, tokens, seconds)
+
+
+class DeviceEvent(Protocol):
+    """What the clock uses of `torch.cuda.Event(enable_timing=True)`."""
+
+    def record(self) -> None: ...
+    def query(self) -> bool: ...
+    def elapsed_time(self, end_event: Any) -> float: ...  # milliseconds to a later event
+
+
+def cuda_timing_event() -> DeviceEvent:
+    return torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+
+
+@dataclass
+class StepMark:
+    """One launched step, until it is observed."""
+
+    requests: int
+    tokens: int
+    started: float  # host clock at its start (the CPU's time)
+    begin: DeviceEvent | None  # recorded before its first launch (device events)
+
+
+class StepClock:
+    """Times steps and reports each to `observe`, in launch order: with device events from `event` (None: the
+    host's clock)."""
+
+    def __init__(self, event: Callable[[], DeviceEvent] | None, observe: Observe = metrics.observe_step) -> None:
+        self._event = event
+        self._observe = observe
+        self._open: deque[tuple[StepMark, DeviceEvent, DeviceEvent]] = deque()  # ended on the host, not yet seen
+        # to end on the device: (step, begin, end)
+
+    def begin(self, requests: int, tokens: int) -> StepMark:
+        """Before the step's inputs are staged."""
+        event = None
+        if self._event is not None:
+            event = self._event()
+            event.record()
+        return StepMark(requests, tokens, time.perf_counter(), event)
+
+    def end(self, mark: StepMark) -> None:
+        """After the step's last launch (its sampling, or its forward when nothing samples)."""
+        if mark.begin is None:
+            self._observe(mark.requests, mark.tokens, time.perf_counter() - mark.started)
+            return
+        assert self._event is not None
+        end = self._event()
+        end.record()
+        self._open.append((mark, mark.begin, end))
+
+    def collect(self) -> None:
+        """Observe every step the device has finished (without waiting for the others)."""
+        while self._open:
+            mark, begin, end = self._open[0]
+            if not end.query():
+                return
+            self._open.popleft()
+            self._observe(mark.requests, mark.tokens, begin.elapsed_time(end) / 1000.0)
+
+    @property
+    def pending(self) -> int:
+        """Steps ended on the host whose device work has not been seen to finish."""
+        return len(self._open)
+
+
+def step_clock(device: torch.device) -> StepClock:
+    """Device events on CUDA, the host clock elsewhere."""
+    return StepClock(cuda_timing_event if device.type == "cuda" else None)
