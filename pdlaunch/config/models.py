@@ -71,17 +71,20 @@ class CacheConfig(StrictModel):
 # many small steps stalls the decodes longer in total. One colocated 8B instance on an H200, 3072 in / 128 out at
 # 2 req/s (benchmarks/RESULTS.md, 2026-11-24), budget 512 / 2048 / 4096 / 8192: TTFT p50 647 / 121 / 92 / 91 ms,
 # TPOT p50 22.0 / 6.2 / 6.2 / 6.2 ms, ITL p99 116 / 58 / 47 / 43 ms. 8192 is also vLLM's default for a server.
-# Prefill and decode instances never mix the two.
-COLOCATED_TOKEN_BUDGET = 8192
-DEFAULT_TOKEN_BUDGET = 2048
+# A prefill instance runs prompts only, and larger steps run closer to the matmul rate: saturated with 3072-token
+# prompts on an H200 (RESULTS.md, 2026-11-24), its steps ran at 74% of the measured bf16 matmul rate at 8192
+# against 69% at 2048 (12.7 against 11.9 requests/s). A decode instance computes only a loaded request's last
+# prompt token, or a prompt whose KV did not come.
+PROMPT_TOKEN_BUDGET = 8192  # colocated and prefill instances
+DECODE_TOKEN_BUDGET = 2048
 
 
 class SchedulerConfig(StrictModel):
     max_num_seqs: int = Field(64, gt=0, description="Most sequences in one batch.")
     max_num_batched_tokens: int | None = Field(
         None, gt=0, description=f"Most tokens in one step (chunked prefill: running decodes first, then prompt chunks "
-        f"within the rest); default {COLOCATED_TOKEN_BUDGET} in colocated instances, {DEFAULT_TOKEN_BUDGET} in "
-        "prefill and decode instances.")
+        f"within the rest); default {PROMPT_TOKEN_BUDGET} in colocated and prefill "
+        f"instances, {DECODE_TOKEN_BUDGET} in decode instances.")
 
     async_scheduling: bool = Field(
         True, description="Overlap the host's work with the device's: step N+1 is prepared and launched while "
@@ -92,7 +95,7 @@ class SchedulerConfig(StrictModel):
         """The step token budget of an instance of `role`."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return COLOCATED_TOKEN_BUDGET if role == "colocated" else DEFAULT_TOKEN_BUDGET
+        return DECODE_TOKEN_BUDGET if role == "decode" else PROMPT_TOKEN_BUDGET
 
 
 class NodeConfig(StrictModel):

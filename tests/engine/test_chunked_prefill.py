@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdlaunch.config.models import COLOCATED_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET, SchedulerConfig
+from pdlaunch.config.models import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.scheduler import SchedulerOutput
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_batching import mixed_prompts, tokens
+from tests.engine.test_engine_connector import spec
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
 def test_the_step_token_budget_defaults_by_role_and_a_set_value_wins() -> None:
     unset = SchedulerConfig()
-    assert unset.token_budget("colocated") == COLOCATED_TOKEN_BUDGET > DEFAULT_TOKEN_BUDGET
-    assert unset.token_budget("prefill") == unset.token_budget("decode") == DEFAULT_TOKEN_BUDGET
+    assert unset.token_budget("colocated") == unset.token_budget("prefill") == PROMPT_TOKEN_BUDGET
+    assert unset.token_budget("decode") == DECODE_TOKEN_BUDGET < PROMPT_TOKEN_BUDGET
     assert all(SchedulerConfig(max_num_batched_tokens=96).token_budget(r) == 96 for r in ("colocated", "prefill"))
 
 
@@ -41,7 +42,9 @@ def test_chunked_prefill_gives_the_unchunked_tokens_with_prefix_caching(llama_ck
     prompts = mixed_prompts(6, seed=5, max_len=70) + [shared + p for p in mixed_prompts(4, seed=6, max_len=20)]
     unchunked = make_engine(llama_ckpt, max_num_batched_tokens=4096, enable_prefix_caching=False)
     reference = tokens(run_all(unchunked, prompts, GREEDY))
-    assert make_engine(llama_ckpt).scheduler.max_num_batched_tokens == COLOCATED_TOKEN_BUDGET  # the default
+    assert make_engine(llama_ckpt).scheduler.max_num_batched_tokens == PROMPT_TOKEN_BUDGET  # the defaults
+    for role, budget in (("prefill", PROMPT_TOKEN_BUDGET), ("decode", DECODE_TOKEN_BUDGET)):
+        assert make_engine(llama_ckpt, instance=spec(role, role)).scheduler.max_num_batched_tokens == budget
 
     chunked = make_engine(llama_ckpt, max_num_batched_tokens=24, max_num_seqs=8)
     steps = _recorded_steps(chunked)
