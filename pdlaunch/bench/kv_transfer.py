@@ -6,8 +6,9 @@ side times start_load -> finished_recving (handshake done beforehand, as in stea
 the moved bytes, and the same run measures a raw torch copy of the same number of bytes on the
 decode device (and a peer copy prefill device -> decode device when they differ): the ceiling.
 Push rows also split the time (medians, ms; time.monotonic() is one clock for both processes):
-to_post = start_load -> prefill is about to post the WRITE (decode loader thread, side-channel request,
-prefill sender thread, descriptors), post = NIXL's post call (on CPU DRAM UCX copies inside it),
+request = start_load -> the push request arrived on the prefill's side channel (decode loader thread, the
+request on the wire), prepare = arrived -> about to post the WRITE (validation, prefill sender thread,
+descriptors), post = NIXL's post call (on CPU DRAM UCX copies inside it),
 write = posted -> a sender check saw it done, notify = done -> decode reported the load finished.
 """
 
@@ -194,12 +195,14 @@ def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: Prefil
 def _push_phases(
     loads: list[tuple[float, float, float]], timings: list[PushTiming | None]
 ) -> dict[str, float] | None:
-    """Median ms of (to_post, post, write, notify) over the timed loads whose push the prefill side recorded."""
-    phases: dict[str, list[float]] = {"to_post": [], "post": [], "write": [], "notify": []}
+    """Median ms of (request, prepare, post, write, notify) over the timed loads whose push the prefill side
+    recorded."""
+    phases: dict[str, list[float]] = {"request": [], "prepare": [], "post": [], "write": [], "notify": []}
     for (_, start, end), t in zip(loads, timings):
         if t is None:
             continue
-        phases["to_post"].append(t.posting - start)
+        phases["request"].append(t.received - start)
+        phases["prepare"].append(t.posting - t.received)
         phases["post"].append(t.posted - t.posting)
         phases["write"].append(t.done - t.posted)
         # The decode can learn of the finished WRITE (NIXL notification) before the prefill's sender thread

@@ -89,7 +89,7 @@ def test_bench_splits_push_time_into_phases() -> None:
     pull, push = rows
     assert pull["push_phases_ms"] is None
     phases = push["push_phases_ms"]
-    assert set(phases) == {"to_post", "post", "write", "notify"}
+    assert set(phases) == {"request", "prepare", "post", "write", "notify"}
     assert all(v >= 0 for v in phases.values())
     assert push["verified"] is True
     # The phases are consecutive slices of one load (medians of each, so only roughly its median).
