@@ -195,9 +195,10 @@ class LoadContext:
                 event = (done, errors)
             else:
                 load.push_sent = True  # from here on prefill may WRITE into our blocks: abort/fail drain
+        runs = [[(r.local_start, r.remote_start, r.count) for r in coalesce(group)] for group in pairs]
         message = PushRequest(
             type="push", request_id=load.remote.held_request_id, nonce=nonce, last=last, agent_name=self.agent.name,
-            agent_metadata=self.agent.metadata().hex(), pairs=pairs, base_addrs=bases,
+            agent_metadata=self.agent.metadata().hex(), runs=runs, base_addrs=bases,
             block_bytes=spec.block_bytes, device_id=self.agent.device_id,
             deadline_in=remaining,  # prefill posts no WRITE after this (seconds from receipt)
         )

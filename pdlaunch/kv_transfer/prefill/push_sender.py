@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
+from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, run_descriptors
 from pdlaunch.kv_transfer.messages import PushDone, PushFailed, PushRequest, encode_notification
 from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -70,18 +70,19 @@ class PushSender:
         slots: list[int] = []
         failed = False
         try:
-            sources = [[p[1] for p in group] for group in message.pairs]
             bases = [t.data_ptr() for t in self.spec.kv_caches]
+            # (prefill start, decode start, count) per run, or per run of staging slots
+            runs = [[BlockRun(p, d, count) for d, p, count in group] for group in message.runs]
             if self.staging is not None:  # copy the blocks into plain memory first
+                sources = message.prefill_blocks()
                 slots = self.staging.acquire(max(map(len, sources), default=0), self.transfer_timeout)
                 self.staging.gather(self.spec.kv_caches, sources, slots)
-                sources = [slots[:len(ids)] for ids in sources]
+                runs = [coalesce((slot, d) for slot, (d, _) in zip(slots, group)) for group in message.pairs()]
                 bases = [b.data_ptr() for b in self.staging.buffers]
             local: list[tuple[int, int]] = []
             remote: list[tuple[int, int]] = []
-            for g, group in enumerate(message.pairs):
-                runs = coalesce((src, p[0]) for src, p in zip(sources[g], group))
-                lo, re = run_descriptors(runs, bases[g], message.base_addrs[g], self.spec.block_bytes[g])
+            for g, group_runs in enumerate(runs):
+                lo, re = run_descriptors(group_runs, bases[g], message.base_addrs[g], self.spec.block_bytes[g])
                 local += lo
                 remote += re
             notif = encode_notification(PushDone(kind="push_done", nonce=message.nonce))

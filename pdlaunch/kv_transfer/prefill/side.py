@@ -174,9 +174,9 @@ class PrefillSide(NixlConnector):
 
     def _on_push(self, message: PushRequest) -> Empty:
         """Decode asks: WRITE held blocks into its blocks (or staging slots), then notify it (its nonce).
-        message.pairs[g] = [(decode_id, prefill_block_id), ...]; `last` marks the request's final chunk."""
+        message.runs[g] = [(decode_start, prefill_start, count), ...]; `last` marks the request's final chunk."""
         received = time.monotonic()
-        sources = [[p[1] for p in group] for group in message.pairs]
+        sources = message.prefill_blocks()
         hold = self.holds.claim(message.request_id, sources, message.block_bytes, self.spec, exclusive=True)
         try:
             self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
