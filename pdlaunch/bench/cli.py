@@ -190,6 +190,8 @@ def kv_transfer(
         typer.Option("--decode-device", help="Decode side [default: cuda:1 with two GPUs, else --device]."),
     ] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed transfers per row (median).")] = 5,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Requests started at once per timed transfer "
+                                             "(disjoint blocks); a row is all of them, until the last ends.")] = 1,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for one transfer.")] = 60.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows here as JSON.")] = None,
     kv_connector: Annotated[
@@ -215,7 +217,7 @@ def kv_transfer(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, block_size=block_size,
             num_tokens_list=num_tokens or [1024, 8192], modes=modes, device=resolve_device(device),
             decode_device=decode_device, iterations=iterations, timeout=timeout, connector=connector,
-            kv_cache_dtype=kv_cache_dtype,
+            kv_cache_dtype=kv_cache_dtype, concurrency=concurrency,
         )]
     except PdlaunchError as exc:
         raise _fail(exc.render().splitlines()) from None

@@ -145,7 +145,7 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
                     found = [t for t in connector.sender.push_timings() if t.request_id == args[0]]
                     result = found[-1] if found else None
                 elif cmd == "load":
-                    result = _timed_load(connector, *args)
+                    result = _timed_loads(connector, *args)
                 elif cmd == "sum":
                     result = region_sum(args[0])
                 elif cmd == "zero":
@@ -171,25 +171,29 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
         conn.send(("ok", None))
 
 
-def _timed_load(connector: Any, rid: str, n: int, ids: list[int], params: PrefillAnswer,
-                timeout: float) -> tuple[float, float, float]:
-    """(seconds, time.monotonic() at start_load, at finished_recving)."""
-    prompt = list(range(n))
-    external = connector.get_num_new_matched_tokens(rid, prompt, params, 0)
+def _timed_loads(connector: Any, loads: list[tuple[str, int, list[int], PrefillAnswer]],
+                 timeout: float) -> tuple[float, float, float]:
+    """Start every (request id, tokens, block ids, params) load back to back: (seconds until the last one
+    finished, time.monotonic() at the first start_load, at the last finished_recving)."""
+    prompts = {rid: list(range(n)) for rid, n, _, _ in loads}
+    external = {rid: connector.get_num_new_matched_tokens(rid, prompts[rid], params, 0) for rid, _, _, params in loads}
     start = time.monotonic()
     t0 = time.perf_counter()
-    connector.start_load(rid, prompt, params, [ids], 0, external)
+    for rid, _, ids, params in loads:
+        connector.start_load(rid, prompts[rid], params, [ids], 0, external[rid])
+    pending = set(prompts)
     deadline = t0 + timeout
     while time.perf_counter() < deadline:
         events = connector.get_finished()
-        if rid in events.failed_recving:
+        for rid in pending & set(events.failed_recving):
             raise KVTransferError(events.failed_recving[rid])
-        if rid in events.finished_recving:
+        pending -= set(events.finished_recving)
+        if not pending:
             return time.perf_counter() - t0, start, time.monotonic()
         # Yield the GIL between polls, as the engine does while only transfers are in flight: a busy
         # loop here would compete with the connector's loader thread for it.
         time.sleep(_POLL_SECONDS)
-    raise KVTransferError(f"bench load of {n} tokens did not finish within {timeout:g}s")
+    raise KVTransferError(f"bench loads {sorted(pending)} did not finish within {timeout:g}s")
 
 
 def _push_phases(
@@ -261,22 +265,27 @@ def run_kv_transfer_bench(
     num_layers: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype: str = "bfloat16", block_size: int = 16,
     num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
     device: str = "cpu", decode_device: str | None = None, iterations: int = 5, timeout: float = 60.0,
-    cumem: bool = False, connector: str = "nixl", kv_cache_dtype: str = "auto",
+    cumem: bool = False, connector: str = "nixl", kv_cache_dtype: str = "auto", concurrency: int = 1,
 ) -> list[KVTransferRow]:
     """One row per (mode, num_tokens): bytes moved, median seconds, GB/s, raw copy GB/s of the same bytes.
+    With `concurrency` K > 1 every timed transfer is K requests of `num_tokens` started at once (disjoint
+    blocks): the row's bytes and seconds are those of all K, until the last one finished.
 
     `device` is the prefill device ("cpu", "cuda", "cuda:N"); decode runs on `decode_device`, by default
     the second GPU when there are two (NVLink case), else the same device. `cumem` puts both KV caches
     in CuMem pools, as the engine does with --enable-cumem-allocator. `connector`: nixl or mooncake.
     `kv_cache_dtype`: auto (= dtype) or fp8 (e4m3 blocks: half of bf16's bytes).
     """
+    if concurrency < 1:
+        raise KVTransferError(f"--concurrency {concurrency} is below 1", field="--concurrency",
+                              hint="pass 1 for one transfer at a time, or the number of requests in flight")
     if dtype not in _DTYPES:
         raise KVTransferError(f"unknown dtype {dtype!r}", field="dtype", hint=f"one of {', '.join(_DTYPES)}")
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, _DTYPES[dtype])
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
     shape = _Shape(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                   block_size=block_size, num_blocks=max_blocks + 1, cumem=cumem, connector=connector,
+                   block_size=block_size, num_blocks=max_blocks * concurrency + 1, cumem=cumem, connector=connector,
                    kv_cache_dtype=kv_cache_dtype, secret=secrets.token_hex(32))
     block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * cache_dtype.itemsize
     rows: list[KVTransferRow] = []
@@ -288,24 +297,27 @@ def run_kv_transfer_bench(
             info = decode("mode", mode)
             for n in num_tokens_list:
                 blocks = -(-(n - 1) // block_size)
-                ids = list(range(blocks))
                 loads: list[tuple[float, float, float]] = []
                 timings: list[PushTiming | None] = []
                 for i in range(iterations + 1):  # the first is warm-up (handshake, registration caches)
                     decode("zero")
-                    rid = f"{mode}-{n}-{i}"
-                    params = prefill("finish", rid, n, ids)
-                    loads.append(tuple(decode("load", rid, n, ids, params, timeout)))
-                    _wait_freed(prefill, rid, timeout)
-                    timings.append(prefill("push_timing", rid))
+                    batch = []
+                    for j in range(concurrency):
+                        rid, ids = f"{mode}-{n}-{i}-{j}", list(range(j * blocks, (j + 1) * blocks))
+                        batch.append((rid, n, ids, prefill("finish", rid, n, ids)))
+                    loads.append(tuple(decode("load", batch, timeout)))
+                    _wait_freed(prefill, [rid for rid, *_ in batch], timeout)
+                    timings.append(prefill("push_timing", batch[0][0]) if concurrency == 1 else None)
                 seconds = [load[0] for load in loads]
-                verified = decode("sum", blocks) == prefill("sum", blocks)
-                copies = decode("copy", blocks, iterations, prefill_device)
+                verified = decode("sum", blocks * concurrency) == prefill("sum", blocks * concurrency)
+                copies = decode("copy", blocks * concurrency, iterations, prefill_device)
                 median = statistics.median(seconds[1:])
-                nbytes = blocks * block_bytes
+                nbytes = blocks * concurrency * block_bytes
+                ids = list(range(blocks))
                 rows.append({
                     "connector": connector, "transport": info.get("transport"),
-                    "mode": info.get("transfer_mode", mode), "num_tokens": n, "bytes": nbytes,
+                    "mode": info.get("transfer_mode", mode), "num_tokens": n, "concurrency": concurrency,
+                    "bytes": nbytes,
                     "descriptors": len(coalesce(list(zip(ids, ids)))),
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
@@ -321,9 +333,14 @@ def run_kv_transfer_bench(
     return rows
 
 
-def _wait_freed(prefill: _Side, rid: str, timeout: float) -> None:
+def _wait_freed(prefill: _Side, rids: list[str], timeout: float) -> None:
+    """Until the prefill freed every one of `rids` (each is reported freed once)."""
     deadline = time.monotonic() + timeout
-    while rid not in prefill("freed"):
+    pending = set(rids)
+    while pending:
+        pending -= set(prefill("freed"))
+        if not pending:
+            return
         if time.monotonic() > deadline:
-            raise KVTransferError(f"prefill did not free request {rid} within {timeout:g}s")
+            raise KVTransferError(f"prefill did not free requests {sorted(pending)} within {timeout:g}s")
         time.sleep(0.001)

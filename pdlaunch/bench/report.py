@@ -38,6 +38,7 @@ class KVTransferRow(TypedDict):
     transport: str | None
     mode: str
     num_tokens: int
+    concurrency: int  # requests started at once per timed transfer; bytes and seconds are all of theirs
     bytes: int
     descriptors: int
     seconds: float
@@ -320,7 +321,8 @@ def _print_kv_connector_table(console: Console, rows: list[KVTransferRow], which
     for r in rows:
         peer = r["peer_copy_gbps"]
         table.add_row(
-            str(r["mode"]), str(r["num_tokens"]), f"{r['bytes'] / 2**20:.1f}", str(r["descriptors"]),
+            str(r["mode"]), str(r["num_tokens"]) if r["concurrency"] == 1 else f"{r['concurrency']}x{r['num_tokens']}",
+            f"{r['bytes'] / 2**20:.1f}", str(r["descriptors"]),
             f"{r['seconds'] * MS_PER_S:.2f}", f"{r['gbps']:.2f}", f"{r['raw_copy_gbps']:.1f}",
             f"{100 * r['gbps'] / r['raw_copy_gbps']:.0f}%", "-" if peer is None else f"{peer:.1f}",
             "-" if peer is None else f"{100 * r['gbps'] / peer:.0f}%", "yes" if r["verified"] else "[red]NO[/red]",

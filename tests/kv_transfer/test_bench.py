@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
+from pdlaunch.errors import PdlaunchError
 
 
 @pytest.mark.e2e
@@ -17,3 +18,20 @@ def test_bench_rows_on_cpu() -> None:
     for r in rows:
         assert r["verified"] is True and r["descriptors"] == 1
         assert r["gbps"] > 0 and r["raw_copy_gbps"] > 0 and r["peer_copy_gbps"] is None
+
+
+@pytest.mark.e2e
+def test_concurrent_requests_each_move_their_own_blocks() -> None:
+    rows = run_kv_transfer_bench(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=4,
+                                 num_tokens_list=[33], modes=["pull", "push"], device="cpu", iterations=2,
+                                 concurrency=3)
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4
+    for r in rows:
+        # all three requests' blocks (8 each, disjoint) arrived as the prefill holds them
+        assert r["concurrency"] == 3 and r["bytes"] == 3 * 8 * block_bytes and r["verified"] is True
+        assert r["push_phases_ms"] is None  # phases are one request's, given at concurrency 1 only
+
+
+def test_a_concurrency_below_one_is_refused() -> None:
+    with pytest.raises(PdlaunchError, match="--concurrency 0"):
+        run_kv_transfer_bench(device="cpu", concurrency=0)
