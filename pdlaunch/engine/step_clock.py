@@ -1,10 +1,9 @@
 """Engine step times for `pdlaunch_engine_step_seconds`, as the device ran them.
 
 The host's clock cannot time a step on a GPU. A launch returns before its work is done, and a launch that
-blocks (a full launch queue, a wait for a staging buffer) moves the moment the host reads one step's results
-into the next step: a large prompt step that blocked its own launch was counted as a few milliseconds and the
-decode step before it as the whole prompt (`bench compare` read a colocated prefill FLOP rate of 128% of the
-matmul ceiling on 2x H200).
+blocks (a full launch queue, a wait for a staging buffer) can move the moment the host reads one step's results
+into the next step. Timed that way, large prompt steps lost time to the decode steps around them: `bench
+compare` read a colocated prefill FLOP rate of 128% of the matmul ceiling on 2x H200 (76% on the device clock).
 
 On CUDA each step records an event on the compute stream before its inputs are staged and one after its
 sampling is launched; its time is the device time between the two. That time starts when the device reached
