@@ -3,7 +3,8 @@
 The host's clock cannot time a step on a GPU. A launch returns before its work is done, and a launch that
 blocks (a full launch queue, a wait for a staging buffer) can move the moment the host reads one step's results
 into the next step. Timed that way, large prompt steps lost time to the decode steps around them: `bench
-compare` read a colocated prefill FLOP rate of 128% of the matmul ceiling on 2x H200 (76% on the device clock).
+compare` read a colocated prefill FLOP rate of 128% of the matmul ceiling on 2x H200; with device time, one
+H200 at rate 3 reads 76%.
 
 On CUDA each step records an event on the compute stream before its inputs are staged and one after its
 sampling is launched; its time is the device time between the two. That time starts when the device reached
