@@ -48,15 +48,18 @@ def _clock(device: Device) -> tuple[StepClock, list[tuple[int, int, float]]]:
     return StepClock(lambda: FakeEvent(device), lambda r, t, s: seen.append((r, t, s))), seen
 
 
+def _launch(clock: StepClock, device: Device, requests: int, tokens: int, ms: float) -> None:
+    """One step staged now whose work takes `ms` on the device."""
+    mark = clock.begin(requests, tokens)
+    device.queue(ms)
+    clock.end(mark)
+
+
 def test_a_step_is_its_device_time_and_is_seen_once_the_device_ran_it() -> None:
     device = Device()
     clock, seen = _clock(device)
-    decode = clock.begin(4, 4)
-    device.queue(5.0)
-    clock.end(decode)
-    prompt = clock.begin(5, 3076)  # staged while the decode still runs: queued behind it
-    device.queue(100.0)
-    clock.end(prompt)
+    _launch(clock, device, 4, 4, 5.0)
+    _launch(clock, device, 5, 3076, 100.0)  # staged while the decode still runs: queued behind it
     clock.collect()
     assert seen == [] and clock.pending == 2  # nothing has run
     device.ran_ms = 50.0
@@ -70,13 +73,9 @@ def test_a_step_is_its_device_time_and_is_seen_once_the_device_ran_it() -> None:
 def test_steps_are_seen_in_launch_order_and_idle_device_time_is_not_counted() -> None:
     device = Device()
     clock, seen = _clock(device)
-    first = clock.begin(1, 1)
-    device.queue(2.0)
-    clock.end(first)
+    _launch(clock, device, 1, 1, 2.0)
     device.ran_ms = device.queued_ms = 30.0  # idle until the next step is staged
-    second = clock.begin(1, 1)
-    device.queue(3.0)
-    clock.end(second)
+    _launch(clock, device, 1, 1, 3.0)
     device.ran_ms = 33.0
     clock.collect()
     assert [s for _, _, s in seen] == [pytest.approx(0.002), pytest.approx(0.003)]
