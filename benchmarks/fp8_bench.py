@@ -160,6 +160,45 @@ def sweep(out: dict[str, Any]) -> None:
     out["block_sweep_ms"] = result
 
 
+# Decode-batch projections: the Llama-3-8B shapes and Qwen3-30B-A3B's attention (qkv 2048 -> 5120, o 4096 -> 2048).
+SMALL_M_SHAPES = {**SHAPES, "moe_qkv": (5120, 2048), "moe_o": (2048, 4096)}
+SPLIT_CONFIGS = [(64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 4), (32, 4, 4, 4), (64, 4, 4, 3),
+                 (64, 4, 8, 4), (128, 2, 4, 4)]
+
+
+def small_m(out: dict[str, Any], split_sweep: bool) -> None:
+    """Block-FP8 projections at decode batches 2-64: the split GEMM as the linear layer runs it (`split`), with x
+    quantized inside it and by a launch before it, against a quantization launch + the tiled GEMM it replaced, in
+    us per call and in share of copy bandwidth (FP8 weight bytes / time); with `split_sweep`, every SPLIT_CONFIGS
+    entry too (x quantized as the linear layer does it)."""
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import _config, block_fp8_linear, block_fp8_split_gemm, split_config
+
+    bw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows: list[dict[str, Any]] = []
+    for name, (n, k) in SMALL_M_SHAPES.items():
+        wb, sb = fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02)
+        floor_us = n * k / bw * 1e6
+        for m in (2, 16, 64):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            row: dict[str, Any] = {"shape": name, "m": m, "floor_us": floor_us, "split_config": split_config(n, k, sms)}
+            timed = {"split": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16),
+                     "quant+gemm": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, _config(m)),
+                     "split_inside": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, None, True),
+                     "split_launch": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, None, False)}
+            if split_sweep:
+                timed.update({f"split{cfg}": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, cfg)
+                              for cfg in SPLIT_CONFIGS})
+            for label, fn in timed.items():
+                us = _time_config(fn, f"{name} M{m} {label}") * 1e3
+                row[f"{label}_us"] = us
+                row[f"{label}_of_copy"] = floor_us / us
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out["small_m"] = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+
+
 def _engine(path: Path, **overrides: Any):  # noqa: ANN202
     from pdlaunch.engine.llm import LLM
 
@@ -222,9 +261,15 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time block GEMM configs first")
     parser.add_argument("--gemv-sweep", action="store_true", help="time weight-only decode kernel configs first")
+    parser.add_argument("--small-m", action="store_true",
+                        help="only the decode-batch projections (M 2-64): split GEMM against quantize + GEMM")
+    parser.add_argument("--split-sweep", action="store_true", help="with --small-m: every split configuration too")
     args = parser.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
+        if args.small_m:
+            small_m(out, args.split_sweep)
+            return
         if args.gemv_sweep:
             gemv_sweep(out)
         if args.sweep:

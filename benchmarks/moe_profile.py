@@ -52,8 +52,9 @@ def profile_size(tokens: int, calls: int) -> list[dict[str, Any]]:
     q2, s2 = fp8.quantize_stacked_blocks(w2)
     fp8_name = "fp8-" + ("w8a8" if tile_for(x, tokens, fp8=True).fp8_activations else "w8a16")
     rows = []
-    for name, fn in [("bf16", lambda: fused_moe(x, w13, w2, weights, ids, use="triton")),
-                     (fp8_name, lambda: fused_moe(x, q13, q2, weights, ids, use="triton", scales=(s13, s2)))]:
+    for name, fn in [("bf16", lambda: fused_moe(x, w13, w2, weights, ids, use="triton", num_experts=w13.shape[0])),
+                     (fp8_name, lambda: fused_moe(x, q13, q2, weights, ids, use="triton", scales=(s13, s2),
+                                                num_experts=w13.shape[0]))]:
         kernels = profile_calls(fn, calls)
         weight_bytes = routed * 3 * HIDDEN * INTER * (2 if name == "bf16" else 1)
         row = {"tokens": tokens, "experts": name, "experts_routed": routed, "weight_mib": weight_bytes / 2**20,

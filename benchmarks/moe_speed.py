@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--prefill", type=int, default=8192)
+    parser.add_argument("--prefill", type=int, default=8192, help="prompt tokens of the prefill cell (0: none)")
     parser.add_argument("--num-layers", type=int, default=48)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--fp8-experts", action="store_true",
@@ -236,6 +236,8 @@ def main() -> None:
     model_runner.load_model = random_model  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config(Path(tmp), args.num_layers, {})
+        info, _ = load_model_info(str(path))  # read while the directory exists
+        assert info is not None, f"no model info from {path}"
         config = build_config(str(path), "cuda", "bfloat16", {
             "max_num_seqs": max(args.batch), "max_num_batched_tokens": max(8192, args.prefill),
             "enable_prefix_caching": False, "max_model_len": max(args.context + args.steps + 64, args.prefill + 64),
@@ -260,10 +262,9 @@ def main() -> None:
         doc["decode"] = [decode_cell(engine, counter, b, args.context, args.steps, floor_fixed, expert_bytes,
                                      kv_per_token, bw, h, b in args.kernel_profile) for b in args.batch]
         active = 2 * args.prefill * top_k * 3 * h * inter * args.num_layers
-        info, _ = load_model_info(str(path))
-        assert info is not None
-        doc["prefill"] = prefill_cell(engine, args.prefill, active, info.prefill_flops(args.prefill),
-                                      doc["matmul_tflops"])
+        if args.prefill:
+            doc["prefill"] = prefill_cell(engine, args.prefill, active, info.prefill_flops(args.prefill),
+                                          doc["matmul_tflops"])
     finally:
         engine.shutdown()
     if args.json:

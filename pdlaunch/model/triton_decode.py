@@ -29,6 +29,8 @@ from functools import lru_cache
 
 import torch
 
+from pdlaunch.model.split_counters import split_counters
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 MAX_SPLITS = 64
 MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in partials and merging than they gain
@@ -268,7 +270,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     part, counts = out, seq_lens  # unused with one range
     if launch.splits > 1:
         part = torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
-        counts = _split_counters(q.device, num_seqs * num_kv_heads)
+        counts = split_counters(q.device, num_seqs * num_kv_heads)
     interpret = _interpret_mode()
     decode_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
@@ -285,22 +287,3 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MIN_COUNTERS = 4096  # splits run only while (sequences x KV heads) < 2 x SMs: one buffer serves all
-
-
-def _split_counters(device: torch.device, needed: int) -> torch.Tensor:
-    """int32 zeros, one per (sequence, KV head), that every launch leaves at zero: allocated once per
-    device (the engine's warm-up runs before a CUDA graph capture do it), never inside a capture. One
-    buffer per device, not per stream (a capture runs on a stream of its own): launches must not overlap
-    on one device, which holds as each server process runs one engine, and an engine one step at a time."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"paged_decode needs {needed} split counters during a CUDA graph capture; "
-                               "run the same batch once before capturing it")
-        counters = torch.zeros(max(needed, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters

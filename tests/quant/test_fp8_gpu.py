@@ -24,8 +24,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @needs_fp8
-@pytest.mark.parametrize("m", [1, 4, 7, 129, 1024])
-@pytest.mark.parametrize("n,k", [(384, 256), (4096, 1024), (200, 384), (28672, 4096)])
+@pytest.mark.parametrize("m", [1, 4, 7, 33, 64, 129, 1024])
+@pytest.mark.parametrize("n,k", [(384, 256), (4096, 1024), (200, 384), (28672, 4096), (2048, 4096)])
 def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
     """Up to GEMV_MAX_ROWS rows the weight-only kernel (activations as they are); above, the GEMM on
     activations quantized per 128-column group."""
@@ -43,6 +43,46 @@ def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
         kernel_ref = fp8.dequantize(xq, xs.repeat_interleave(128, 1)) @ fp8.dequantize(wq, ws, 128).t()
     assert _rel(y, kernel_ref) < 1e-2
     assert _rel(y, F.linear(x, fp8.dequantize(wq, ws, 128).bfloat16())) < 6e-2
+
+
+@needs_fp8
+@pytest.mark.parametrize("inside", [True, False])
+@pytest.mark.parametrize("m", [2, 16, 17, 64])
+@pytest.mark.parametrize("n,k,config", [
+    (2048, 4096, None),            # the tuned split (Qwen3-30B-A3B o_proj: 32 tiles, 4 ranges on an H200)
+    (5120, 2048, (64, 1, 4, 4)),   # one range: the output written directly
+    (200, 1152, (64, 4, 4, 3)),    # masked rows of the last tile; 9 blocks in ranges of 3 (the last one short)
+    (384, 256, (64, 2, 4, 4)),
+])
+def test_split_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: int,
+                                                             config: tuple[int, int, int, int] | None,
+                                                             inside: bool) -> None:
+    """The split GEMM quantizes x as quantize_rows does (inside it, or by quantize_rows before it) and adds the K
+    ranges' float32 partials in order: float32 on the same fp8 operands within the MMA's rounding, bit-equal from
+    call to call, counters left at zero, and the same values replayed from a CUDA graph."""
+    from pdlaunch.model import split_counters
+    from pdlaunch.model.quant.kernels import block_fp8_split_gemm, quantize_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(m * n + k)
+    wq, ws = fp8.quantize_block(0.05 * torch.randn(n, k, device="cuda", generator=gen))
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    xq, xs = quantize_rows(x, 128)
+    want = (xq.float() * xs.repeat_interleave(128, 1)) @ fp8.dequantize(wq, ws, 128).t()
+    got = block_fp8_split_gemm(x, wq, ws, torch.float32, config, inside)
+    # Hopper's fp8 MMA adds inside each 128-column product with fewer than float32's bits (hence one float32
+    # add per block): ~1e-4 relative at 64 rows.
+    assert _rel(got, want) < 1e-3
+    assert torch.equal(block_fp8_split_gemm(x, wq, ws, torch.float32, config, inside), got)
+    assert not split_counters.leftover(x.device), "the adding range must reset its tile's counter"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = block_fp8_split_gemm(x, wq, ws, torch.float32, config, inside)
+    for _ in range(2):
+        replayed.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, got)
+    assert not split_counters.leftover(x.device)
 
 
 @needs_fp8

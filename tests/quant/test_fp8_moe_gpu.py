@@ -91,6 +91,26 @@ def test_fp8_activations_w8a8_in_a_cuda_graph(tokens: int) -> None:
 
 
 @needs_fp8
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_rows_are_not_zeroed_when_every_expert_is_here(tokens: int) -> None:
+    """Given the model's expert count and holding all of them, the Triton backend skips zeroing the assignment
+    rows (every one is written by the down GEMM): bit-equal to the zeroed rows, bf16 and fp8 experts."""
+    experts, top_k, hidden, inter = 32, 4, 512, 256
+    gen = torch.Generator(device=CUDA).manual_seed(600 + tokens)
+    x = torch.randn(tokens, hidden, device=CUDA, generator=gen).bfloat16()
+    w13 = 0.05 * torch.randn(experts, 2 * inter, hidden, device=CUDA, generator=gen)
+    w2 = 0.05 * torch.randn(experts, hidden, inter, device=CUDA, generator=gen)
+    q13, s13 = fp8.quantize_stacked_blocks(w13)
+    q2, s2 = fp8.quantize_stacked_blocks(w2)
+    weights, ids = route(torch.randn(tokens, experts, device=CUDA, generator=gen), top_k, True)
+    for a, b, scales in ((w13.bfloat16(), w2.bfloat16(), None), (q13, q2, (s13, s2))):
+        torch.empty(tokens * top_k * hidden * 4, device=CUDA).fill_(float("nan"))  # dirty the allocator's blocks
+        zeroed = fused_moe(x, a, b, weights, ids, use="triton", scales=scales)
+        unzeroed = fused_moe(x, a, b, weights, ids, use="triton", scales=scales, num_experts=experts)
+        assert torch.equal(zeroed, unzeroed)
+
+
+@needs_fp8
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 @pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8a8"])
 def test_swapped_operand_tiles_in_a_cuda_graph(tokens: int, mode: str) -> None:

@@ -139,4 +139,5 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H], routing [T, k] -> this rank's partial sum [T, H] (not yet all-reduced)."""
         scales = None if self.w13_scale is None or self.w2_scale is None else (self.w13_scale, self.w2_scale)
-        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start, scales=scales)
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start, scales=scales,
+                         num_experts=self.num_experts)

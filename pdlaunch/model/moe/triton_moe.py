@@ -276,12 +276,14 @@ def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, topk_ids: torch.Tensor,
-               expert_start: int, tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> torch.Tensor:
+               expert_start: int, tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+               num_experts: int | None = None) -> torch.Tensor:
     """fused_moe's Triton backend: weights float32 [T, k] and global ids [T, k] as routed; this rank holds
     experts [expert_start, + E_local) and the others' assignments get no row (their weights are never read).
     `scales`: w13 and w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128]
-    (model/moe/experts.py); with `tile.fp8_activations` the activations are quantized too (W8A8, module doc)."""
+    (model/moe/experts.py); with `tile.fp8_activations` the activations are quantized too (W8A8, module doc).
+    `num_experts`: the model's expert count, when known: a rank holding all of them writes every assignment's
+    row, so the rows need no zero fill first."""
     import triton
 
     a_fp8 = tile.fp8_activations and scales is not None
@@ -309,7 +311,9 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
         num_warps=tile.num_warps,
         num_stages=tile.num_stages)
-    out = torch.zeros(num_tokens * top_k, hidden, dtype=x.dtype, device=x.device)
+    every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
+    out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
+                                                               device=x.device)
     a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
     k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
         a, a_scales, w2, s2, out, rows, block_expert, weights.float().reshape(-1).contiguous(), num_tokens * top_k,

@@ -24,16 +24,22 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, GROUP_SIZE: tl.constexpr, FMAX: tl.constexpr):
-        row, group = tl.program_id(0), tl.program_id(1)
+    @triton.jit(do_not_specialize=["M"])
+    def quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr,
+                          FMAX: tl.constexpr):
+        # ROWS rows x one group of columns per program (one row a program made a decode step's MoE
+        # activations, 2560 padded rows x 6 groups, 15360 programs of 128 values).
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        group = tl.program_id(1)
         cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
-        mask = cols < K
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0) / FMAX, 1e-12)
-        q = tl.clamp(x / scale, -FMAX, FMAX)
-        tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + row * tl.num_programs(1) + group, scale)
+        row_ok = rows < M
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FMAX, 1e-12)
+        q = tl.clamp(x / scale[:, None], -FMAX, FMAX)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + rows * tl.num_programs(1) + group, scale, mask=row_ok)
 
     @triton.jit(do_not_specialize=["M"])
     def block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, stride_bs,
@@ -96,7 +102,65 @@ def _kernels() -> SimpleNamespace:
             scales += BLOCK_K // 128
         tl.store(y_ptr + row * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    return SimpleNamespace(quant_rows=quant_rows_kernel, block_gemm=block_gemm_kernel, block_gemv=block_gemv_kernel)
+    @triton.jit(do_not_specialize=["M"])
+    def block_gemm_split_kernel(x_ptr, xs_ptr, w_ptr, y_ptr, ws_ptr, part_ptr, count_ptr, M, N, K, stride_x,
+                                stride_ws, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr, FMAX: tl.constexpr):
+        # Few rows: one program per (BLOCK_N weight rows, K range), so that a decode batch's GEMM has enough
+        # programs to stream the weight at the copy rate. QUANT_X: x arrives in the model dtype and each
+        # 128-column block is quantized here, in registers, exactly as quant_rows_kernel does it (no launch);
+        # otherwise x is fp8 with its scales (xs). With SPLIT_K ranges each writes its float32 partial and the
+        # last one of its N tile to finish adds them up in range order (deterministic), then resets the tile's
+        # counter.
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, 128)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_start = split * k_per_split
+        x = x_ptr + rm[:, None].to(tl.int64) * stride_x + k_start + rk[None, :]
+        w = w_ptr + rn[None, :].to(tl.int64) * K + k_start + rk[:, None]  # [128, BLOCK_N] view of W^T
+        w_scale = ws_ptr + (pid_n * BLOCK_N // 128) * stride_ws + k_start // 128
+        x_scale = xs_ptr + rm * (K // 128) + k_start // 128
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, tl.minimum(k_per_split, K - k_start), 128):
+            if QUANT_X:
+                xv = tl.load(x, mask=m_ok[:, None], other=0.0).to(tl.float32)
+                sa = tl.maximum(tl.max(tl.abs(xv), axis=1) / FMAX, 1e-12)
+                xq = tl.clamp(xv / sa[:, None], -FMAX, FMAX).to(w_ptr.dtype.element_ty)
+            else:
+                xq = tl.load(x, mask=m_ok[:, None], other=0.0)
+                sa = tl.load(x_scale, mask=m_ok, other=0.0)
+                x_scale += 1
+            wv = tl.load(w, mask=n_ok[None, :], other=0.0)
+            sb = tl.load(w_scale)
+            acc += tl.dot(xq, wv) * sa[:, None] * sb
+            x += 128
+            w += 128
+            w_scale += 1
+        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tile = (rm[:, None] * N + rn[None, :]).to(tl.int64)
+            plane = BLOCK_M * N
+            tl.store(part_ptr + split * plane + tile, acc, mask=out_mask)
+            # Every warp's partial is stored before the count (the barrier); the count releases them to the
+            # program that adds them (acq_rel at GPU scope), which reads them past L1 (.cg).
+            tl.debug_barrier()
+            counter = count_ptr + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(part_ptr + s * plane + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.store(y, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
+
+    return SimpleNamespace(quant_rows=quant_rows_kernel, block_gemm=block_gemm_kernel, block_gemv=block_gemv_kernel,
+                           block_gemm_split=block_gemm_split_kernel)
 
 
 def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +174,9 @@ def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, tor
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
     if m:
-        _kernels().quant_rows[(m, groups)](x, q, s, k, x.stride(0), GROUP_SIZE=size, FMAX=FP8_MAX)
+        rows = max(1, min(16, 2048 // size))  # up to 2048 values a program
+        _kernels().quant_rows[(-(-m // rows), groups)](x, q, s, m, k, x.stride(0), GROUP_SIZE=size, ROWS=rows,
+                                                       FMAX=FP8_MAX, num_warps=4)
     return q, s
 
 
@@ -149,15 +215,77 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     return out
 
 
+# Up to this many rows (decode batches) the split GEMM: the weight read once by enough programs to fill the GPU.
+SPLIT_MAX_ROWS = 64
+# Up to this many rows it quantizes x itself; above, a [64, 128] tile quantized in registers cost more than the
+# quantization launch (benchmarks/fp8_bench.py --small-m on an H200).
+QUANT_IN_GEMM_MAX_ROWS = 16
+SplitConfig = tuple[int, int, int, int]  # (BLOCK_N, SPLIT_K, num_warps, num_stages)
+
+
+@functools.lru_cache(maxsize=64)
+def split_config(n: int, k: int, num_sms: int) -> SplitConfig:
+    """64 weight rows a program; the K ranges doubled (each at least two 128-column blocks) until the programs
+    cover every SM once. Depends on the weight's shape and the device only, not on M, so the warm-up's
+    power-of-two prompts compile every variant a decode batch uses."""
+    block_n = 64
+    tiles, k_blocks = -(-n // block_n), k // GROUP
+    split = 1
+    while tiles * split < num_sms and split * 4 <= k_blocks:
+        split *= 2
+    return block_n, split, 4, 4
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
+                         config: SplitConfig | None = None, quantize_inside: bool | None = None) -> torch.Tensor:
+    """x [M, K] (M <= SPLIT_MAX_ROWS, K a multiple of 128) times the block-scaled weight [N, K] -> [M, N], the K
+    dimension split into ranges whose float32 partials the last range of each N tile adds in order. x is
+    quantized per row and 128-column block (the values quantize_rows gives) inside the GEMM up to
+    QUANT_IN_GEMM_MAX_ROWS rows, by quantize_rows above (`quantize_inside` overrides: tests, benchmarks)."""
+    import triton
+
+    from pdlaunch.model.split_counters import split_counters  # layering: lazy, like the kernels
+
+    m, k = x.shape
+    inside = m <= QUANT_IN_GEMM_MAX_ROWS if quantize_inside is None else quantize_inside
+    x, xs = (x.contiguous(), x) if inside else quantize_rows(x, GROUP)  # xs unread when quantized inside
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0:
+        return out
+    block_n, split, warps, stages = config or split_config(n, k, _num_sms(x.device.index or 0))
+    k_per_split = -(-(k // GROUP) // split) * GROUP
+    split = -(-k // k_per_split)  # ranges that hold any columns
+    tiles = -(-n // block_n)
+    block_m = max(16, triton.next_power_of_2(m))
+    part, counters = out, out  # unread with one range
+    if split > 1:
+        part = torch.empty(split, block_m, n, dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, tiles)
+    _kernels().block_gemm_split[(tiles, split)](x, xs, weight, out, weight_scale, part, counters, m, n, k,
+                                                x.stride(0), weight_scale.stride(0), k_per_split, BLOCK_M=block_m,
+                                                BLOCK_N=block_n, SPLIT_K=split, QUANT_X=inside, FMAX=FP8_MAX,
+                                                num_warps=warps, num_stages=stages)
+    return out
+
+
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
-    Up to GEMV_MAX_ROWS rows: the weight-only kernel; above, activations quantized per 128-column group.
+    Up to GEMV_MAX_ROWS rows: the weight-only kernel; up to SPLIT_MAX_ROWS the split GEMM; above, activations
+    quantized per 128-column group by their own launch, then the tiled GEMM.
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the GEMM instead of the tuned choice (benchmarks)."""
     m, k = x.shape
     n = weight.shape[0]
     if m <= GEMV_MAX_ROWS and config is None:
         return block_fp8_gemv(x, weight, weight_scale, out_dtype)
+    if m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0:
+        return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
     xq, xs = quantize_rows(x, GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
