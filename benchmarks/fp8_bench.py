@@ -167,10 +167,9 @@ SPLIT_CONFIGS = [(64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 4), (32
 
 
 def small_m(out: dict[str, Any], split_sweep: bool) -> None:
-    """Block-FP8 projections at decode batches 2-64: the split GEMM as the linear layer runs it (`split`), with x
-    quantized inside it and by a launch before it, against a quantization launch + the tiled GEMM it replaced, in
-    us per call and in share of copy bandwidth (FP8 weight bytes / time); with `split_sweep`, every SPLIT_CONFIGS
-    entry too (x quantized as the linear layer does it)."""
+    """Block-FP8 projections at decode batches 2-64: the split GEMM as the linear layer runs it (`split`, x
+    quantized by quantize_rows first) against the tiled GEMM it replaced (`quant+gemm`), in us per call and in
+    share of copy bandwidth (FP8 weight bytes / time); with `split_sweep`, every SPLIT_CONFIGS entry too."""
     from pdlaunch.model.quant import fp8
     from pdlaunch.model.quant.kernels import _config, block_fp8_linear, block_fp8_split_gemm, split_config
 
@@ -184,9 +183,7 @@ def small_m(out: dict[str, Any], split_sweep: bool) -> None:
             x = torch.randn(m, k, device="cuda").bfloat16()
             row: dict[str, Any] = {"shape": name, "m": m, "floor_us": floor_us, "split_config": split_config(n, k, sms)}
             timed = {"split": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16),
-                     "quant+gemm": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, _config(m)),
-                     "split_inside": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, None, True),
-                     "split_launch": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, None, False)}
+                     "quant+gemm": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, _config(m))}
             if split_sweep:
                 timed.update({f"split{cfg}": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, cfg)
                               for cfg in SPLIT_CONFIGS})

@@ -223,13 +223,15 @@ def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
     every context."""
     programs = max(1, num_seqs * num_kv_heads)
     # Measured on an H100 (benchmarks/decode_sweep.py): 64-token tiles, two stages, when the
-    # programs fill the SMs; with few programs, each streams more at once: 128-token tiles
+    # programs fill the SMs twice; with fewer, each streams more at once: 128-token tiles
     # (1 x 8000: 2570 GB/s against 1860 with 64). A 1-byte (fp8) cache moves half the bytes per
     # token: twice the tokens per tile keep the bytes per loop iteration (up to 128 tokens of 128).
-    tile = (64 if head_dim <= 128 else 32) * (2 if programs < num_sms else 1)
+    tile = (64 if head_dim <= 128 else 32) * (2 if programs < 2 * num_sms else 1)
     if element_size == 1:
         tile = max(tile, min(2 * tile, 128 * 128 // max(head_dim, 128)))
-    wanted = -(-waves * num_sms // programs)
+    # Programs that fill every SM once run unsplit: Qwen3-30B-A3B's 64 x 1024 (256 programs, 4 KV heads) streamed
+    # 3637 GB/s in one range of 128-token tiles against 2971 in two of 64 on an H200 (benchmarks/decode_gqa.py).
+    wanted = -(-waves * num_sms // programs) if programs < num_sms else 1
     splits = min(MAX_SPLITS, 1 << (wanted - 1).bit_length()) if wanted > 1 else 1
     return DecodeLaunch(tile=tile, splits=splits, min_tiles=max(1, MIN_SPLIT_TOKENS // tile),
                         num_warps=4, num_stages=2)

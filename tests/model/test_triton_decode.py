@@ -150,6 +150,8 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     assert one.splits == 64 and one.tile * one.min_tiles >= 256  # 8 programs: split the context
     many = choose_launch(128, 8, 128, num_sms=132)
     assert many.splits == 1 and many.tile == 64  # 1024 programs fill 132 SMs
+    one_wave = choose_launch(64, 4, 128, num_sms=132)
+    assert one_wave.splits == 1 and one_wave.tile == 128  # 256 programs: every SM once, longer tiles, unsplit
     assert one.tile == 128 and choose_launch(1, 8, 256, num_sms=132).tile == 64  # registers in bounds
     # an fp8 cache: twice the tokens per tile (the same bytes per loop iteration), at most 128 x 128
     assert choose_launch(128, 8, 128, num_sms=132, element_size=1).tile == 128

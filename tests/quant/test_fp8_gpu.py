@@ -27,8 +27,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("m", [1, 4, 7, 33, 64, 129, 1024])
 @pytest.mark.parametrize("n,k", [(384, 256), (4096, 1024), (200, 384), (28672, 4096), (2048, 4096)])
 def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
-    """Up to GEMV_MAX_ROWS rows the weight-only kernel (activations as they are); above, the GEMM on
-    activations quantized per 128-column group."""
+    """Up to GEMV_MAX_ROWS rows the weight-only kernel (activations as they are); above, the split GEMM (up to
+    SPLIT_MAX_ROWS) and the tiled one, on activations quantized per 128-column group."""
     from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_linear
 
     w = torch.randn(n, k, device="cuda") * 0.05
@@ -46,7 +46,6 @@ def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
 
 
 @needs_fp8
-@pytest.mark.parametrize("inside", [True, False])
 @pytest.mark.parametrize("m", [2, 16, 17, 64])
 @pytest.mark.parametrize("n,k,config", [
     (2048, 4096, None),            # the tuned split (Qwen3-30B-A3B o_proj: 32 tiles, 4 ranges on an H200)
@@ -55,11 +54,10 @@ def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
     (384, 256, (64, 2, 4, 4)),
 ])
 def test_split_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: int,
-                                                             config: tuple[int, int, int, int] | None,
-                                                             inside: bool) -> None:
-    """The split GEMM quantizes x as quantize_rows does (inside it, or by quantize_rows before it) and adds the K
-    ranges' float32 partials in order: float32 on the same fp8 operands within the MMA's rounding, bit-equal from
-    call to call, counters left at zero, and the same values replayed from a CUDA graph."""
+                                                             config: tuple[int, int, int, int] | None) -> None:
+    """The split GEMM on x quantized by quantize_rows, adding the K ranges' float32 partials in order: float32 on
+    the same operands within the MMA's rounding, bit-equal from call to call, counters left at zero, and the same
+    values replayed from a CUDA graph."""
     from pdlaunch.model import split_counters
     from pdlaunch.model.quant.kernels import block_fp8_split_gemm, quantize_rows
 
@@ -68,15 +66,15 @@ def test_split_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: 
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
     xq, xs = quantize_rows(x, 128)
     want = (xq.float() * xs.repeat_interleave(128, 1)) @ fp8.dequantize(wq, ws, 128).t()
-    got = block_fp8_split_gemm(x, wq, ws, torch.float32, config, inside)
+    got = block_fp8_split_gemm(x, wq, ws, torch.float32, config)
     # Hopper's fp8 MMA adds inside each 128-column product with fewer than float32's bits (hence one float32
     # add per block): ~1e-4 relative at 64 rows.
     assert _rel(got, want) < 1e-3
-    assert torch.equal(block_fp8_split_gemm(x, wq, ws, torch.float32, config, inside), got)
+    assert torch.equal(block_fp8_split_gemm(x, wq, ws, torch.float32, config), got)
     assert not split_counters.leftover(x.device), "the adding range must reset its tile's counter"
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        replayed = block_fp8_split_gemm(x, wq, ws, torch.float32, config, inside)
+        replayed = block_fp8_split_gemm(x, wq, ws, torch.float32, config)
     for _ in range(2):
         replayed.zero_()
         graph.replay()

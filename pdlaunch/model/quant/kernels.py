@@ -105,13 +105,12 @@ def _kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M"])
     def block_gemm_split_kernel(x_ptr, xs_ptr, w_ptr, y_ptr, ws_ptr, part_ptr, count_ptr, M, N, K, stride_x,
                                 stride_ws, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                SPLIT_K: tl.constexpr, QUANT_X: tl.constexpr, FMAX: tl.constexpr):
+                                SPLIT_K: tl.constexpr):
         # Few rows: one program per (BLOCK_N weight rows, K range), so that a decode batch's GEMM has enough
-        # programs to stream the weight at the copy rate. QUANT_X: x arrives in the model dtype and each
-        # 128-column block is quantized here, in registers, exactly as quant_rows_kernel does it (no launch);
-        # otherwise x is fp8 with its scales (xs). With SPLIT_K ranges each writes its float32 partial and the
-        # last one of its N tile to finish adds them up in range order (deterministic), then resets the tile's
-        # counter.
+        # programs to stream the weight at the copy rate; x is fp8 with a scale per row and 128-column block (xs),
+        # each block's fp8 x fp8 product scaled and added in float32. With SPLIT_K ranges each writes its float32
+        # partial and the last one of its N tile to finish adds them up in range order (deterministic), then
+        # resets the tile's counter.
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
@@ -126,17 +125,12 @@ def _kernels() -> SimpleNamespace:
         x_scale = xs_ptr + rm * (K // 128) + k_start // 128
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for _ in range(0, tl.minimum(k_per_split, K - k_start), 128):
-            if QUANT_X:
-                xv = tl.load(x, mask=m_ok[:, None], other=0.0).to(tl.float32)
-                sa = tl.maximum(tl.max(tl.abs(xv), axis=1) / FMAX, 1e-12)
-                xq = tl.clamp(xv / sa[:, None], -FMAX, FMAX).to(w_ptr.dtype.element_ty)
-            else:
-                xq = tl.load(x, mask=m_ok[:, None], other=0.0)
-                sa = tl.load(x_scale, mask=m_ok, other=0.0)
-                x_scale += 1
+            xv = tl.load(x, mask=m_ok[:, None], other=0.0)
+            sa = tl.load(x_scale, mask=m_ok, other=0.0)
             wv = tl.load(w, mask=n_ok[None, :], other=0.0)
             sb = tl.load(w_scale)
-            acc += tl.dot(xq, wv) * sa[:, None] * sb
+            acc += tl.dot(xv, wv) * sa[:, None] * sb
+            x_scale += 1
             x += 128
             w += 128
             w_scale += 1
@@ -217,21 +211,22 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 # Up to this many rows (decode batches) the split GEMM: the weight read once by enough programs to fill the GPU.
 SPLIT_MAX_ROWS = 64
-# Up to this many rows it quantizes x itself; above, a [64, 128] tile quantized in registers cost more than the
-# quantization launch (benchmarks/fp8_bench.py --small-m on an H200).
-QUANT_IN_GEMM_MAX_ROWS = 16
+# Tried and dropped (benchmarks/RESULTS.md): x quantized inside the GEMM, and the weight tile widened to bf16 in
+# registers (weight-only). Both were slower than quantize_rows' launch + fp8 x fp8 at every shape but one.
 SplitConfig = tuple[int, int, int, int]  # (BLOCK_N, SPLIT_K, num_warps, num_stages)
 
 
 @functools.lru_cache(maxsize=64)
 def split_config(n: int, k: int, num_sms: int) -> SplitConfig:
-    """64 weight rows a program; the K ranges doubled (each at least two 128-column blocks) until the programs
-    cover every SM once. Depends on the weight's shape and the device only, not on M, so the warm-up's
-    power-of-two prompts compile every variant a decode batch uses."""
+    """64 weight rows a program; the K ranges doubled (each at least four 128-column blocks) while the programs
+    stay within one per SM (on an H200 at 64 rows: Qwen3-30B-A3B o_proj 4 ranges 9.8 us against 12.1 with 8,
+    Llama-3-8B o_proj 2 ranges 10.5 against 12.2 with 4; fp8_bench.py --small-m --split-sweep). Depends on the
+    weight's shape and the device only, not on M, so the warm-up's power-of-two prompts compile every variant a
+    decode batch uses."""
     block_n = 64
     tiles, k_blocks = -(-n // block_n), k // GROUP
     split = 1
-    while tiles * split < num_sms and split * 4 <= k_blocks:
+    while tiles * split * 2 <= num_sms and split * 8 <= k_blocks:
         split *= 2
     return block_n, split, 4, 4
 
@@ -242,18 +237,16 @@ def _num_sms(device_index: int) -> int:
 
 
 def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
-                         config: SplitConfig | None = None, quantize_inside: bool | None = None) -> torch.Tensor:
-    """x [M, K] (M <= SPLIT_MAX_ROWS, K a multiple of 128) times the block-scaled weight [N, K] -> [M, N], the K
-    dimension split into ranges whose float32 partials the last range of each N tile adds in order. x is
-    quantized per row and 128-column block (the values quantize_rows gives) inside the GEMM up to
-    QUANT_IN_GEMM_MAX_ROWS rows, by quantize_rows above (`quantize_inside` overrides: tests, benchmarks)."""
+                         config: SplitConfig | None = None) -> torch.Tensor:
+    """x [M, K] (M <= SPLIT_MAX_ROWS, K a multiple of 128) quantized per row and 128-column block (quantize_rows)
+    times the block-scaled weight [N, K] -> [M, N], the K dimension split into ranges whose float32 partials the
+    last range of each N tile adds in order."""
     import triton
 
     from pdlaunch.model.split_counters import split_counters  # layering: lazy, like the kernels
 
     m, k = x.shape
-    inside = m <= QUANT_IN_GEMM_MAX_ROWS if quantize_inside is None else quantize_inside
-    x, xs = (x.contiguous(), x) if inside else quantize_rows(x, GROUP)  # xs unread when quantized inside
+    x, xs = quantize_rows(x, GROUP)
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
@@ -269,16 +262,15 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
         counters = split_counters(x.device, tiles)
     _kernels().block_gemm_split[(tiles, split)](x, xs, weight, out, weight_scale, part, counters, m, n, k,
                                                 x.stride(0), weight_scale.stride(0), k_per_split, BLOCK_M=block_m,
-                                                BLOCK_N=block_n, SPLIT_K=split, QUANT_X=inside, FMAX=FP8_MAX,
-                                                num_warps=warps, num_stages=stages)
+                                                BLOCK_N=block_n, SPLIT_K=split, num_warps=warps, num_stages=stages)
     return out
 
 
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
-    Up to GEMV_MAX_ROWS rows: the weight-only kernel; up to SPLIT_MAX_ROWS the split GEMM; above, activations
-    quantized per 128-column group by their own launch, then the tiled GEMM.
+    Activations are quantized per 128-column group (quantize_rows) for the GEMMs: up to GEMV_MAX_ROWS rows the
+    weight-only kernel instead; up to SPLIT_MAX_ROWS the split GEMM; above, the tiled GEMM.
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the GEMM instead of the tuned choice (benchmarks)."""
     m, k = x.shape
     n = weight.shape[0]
