@@ -1,5 +1,6 @@
-"""Per-device int32 counters for kernels whose programs split one output and let the last to finish combine
-the parts (paged decode's context ranges, the block-FP8 GEMM's K ranges).
+"""What kernels whose programs split one output need per device (paged decode's context ranges, the block-FP8
+GEMM's K ranges): the SM count their splits are sized by, and int32 counters by which the last program to finish
+finds out that it combines the parts.
 
 Every launch leaves the counters it used at zero (the combining program resets its own), so one buffer per
 device serves every such kernel: launches on one device never overlap, as each server process runs one
@@ -9,10 +10,18 @@ any CUDA graph capture does it), never inside a capture, whose replays would kee
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 MIN_COUNTERS = 4096
+
+
+@cache
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device `device_index`."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def split_counters(device: torch.device, needed: int) -> torch.Tensor:

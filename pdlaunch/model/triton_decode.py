@@ -29,6 +29,7 @@ from functools import lru_cache
 
 import torch
 
+from pdlaunch.model.split_counters import num_sms as _num_sms  # tests patch triton_decode._num_sms
 from pdlaunch.model.split_counters import split_counters
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
@@ -208,11 +209,6 @@ def _capability(device_index: int) -> tuple[int, int]:
 def _has_fp8_convert(device: torch.device) -> bool:
     """cvt.rn.f16x2.e4m3x2 (PTX 7.8) needs sm_89 or newer."""
     return device.type == "cuda" and _capability(device.index or 0) >= (8, 9)
-
-
-@lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2,

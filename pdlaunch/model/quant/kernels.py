@@ -231,11 +231,6 @@ def split_config(n: int, k: int, num_sms: int) -> SplitConfig:
     return block_n, split, 4, 4
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
                          config: SplitConfig | None = None) -> torch.Tensor:
     """x [M, K] (M <= SPLIT_MAX_ROWS, K a multiple of 128) quantized per row and 128-column block (quantize_rows)
@@ -243,7 +238,7 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     last range of each N tile adds in order."""
     import triton
 
-    from pdlaunch.model.split_counters import split_counters  # layering: lazy, like the kernels
+    from pdlaunch.model.split_counters import num_sms, split_counters  # layering: lazy, like the kernels
 
     m, k = x.shape
     x, xs = quantize_rows(x, GROUP)
@@ -251,7 +246,7 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_n, split, warps, stages = config or split_config(n, k, _num_sms(x.device.index or 0))
+    block_n, split, warps, stages = config or split_config(n, k, num_sms(x.device.index or 0))
     k_per_split = -(-(k // GROUP) // split) * GROUP
     split = -(-k // k_per_split)  # ranges that hold any columns
     tiles = -(-n // block_n)
@@ -274,12 +269,14 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     K: o_proj, down_proj); else the tiled GEMM. With one range the split GEMM measured no faster than the tiled one
     (qkv at 2 rows: 14.5 against 12.1 us on an H200, fp8_bench.py --small-m).
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the GEMM instead of the tuned choice (benchmarks)."""
+    from pdlaunch.model.split_counters import num_sms  # layering: lazy, like the kernels
+
     m, k = x.shape
     n = weight.shape[0]
     if m <= GEMV_MAX_ROWS and config is None:
         return block_fp8_gemv(x, weight, weight_scale, out_dtype)
     if (m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0
-            and split_config(n, k, _num_sms(x.device.index or 0))[1] > 1):
+            and split_config(n, k, num_sms(x.device.index or 0))[1] > 1):
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
     xq, xs = quantize_rows(x, GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
