@@ -196,6 +196,37 @@ def small_m(out: dict[str, Any], split_sweep: bool) -> None:
     out["small_m"] = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
 
 
+def cublas_block(out: dict[str, Any]) -> None:
+    """torch._scaled_mm with block scales (activations 1x128, weights 128x128; `cublas_block_linear`) against the
+    Triton tiled GEMM and against what `block_fp8_linear` picks per row count: error against float32 on the same
+    quantized operands, us per call (x quantized in each) at decode batches and one prefill size, and the share of
+    copy bandwidth (FP8 weight bytes / time)."""
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import _config, block_fp8_linear, cublas_block_linear, quantize_rows
+
+    bw = copy_bandwidth()
+    rows: list[dict[str, Any]] = []
+    for name, (n, k) in SMALL_M_SHAPES.items():
+        wb, sb = fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02)
+        floor_us = n * k / bw * 1e6
+        for m in (1, 2, 8, 16, 32, 64, 65, 128, 256, 4096):
+            x = torch.randn(m, k, device="cuda").bfloat16()
+            xq, xs = quantize_rows(x, 128)
+            ref = (xq.float() * xs.repeat_interleave(128, 1)) @ fp8.dequantize(wb, sb, 128).t()
+            row: dict[str, Any] = {"shape": name, "m": m, "floor_us": floor_us}
+            timed = {"linear": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16),
+                     "triton_tiled": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, _config(m)),
+                     "cublas": functools.partial(cublas_block_linear, x, wb, sb, torch.bfloat16)}
+            for label, fn in timed.items():
+                row[f"{label}_rel"] = rel(fn(), ref)
+                us = _time_config(fn, f"{name} M{m} {label}") * 1e3
+                row[f"{label}_us"] = us
+                row[f"{label}_of_copy"] = floor_us / us
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out["cublas_block"] = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
+
+
 def _engine(path: Path, **overrides: Any):  # noqa: ANN202
     from pdlaunch.engine.llm import LLM
 
@@ -261,9 +292,14 @@ def main() -> None:
     parser.add_argument("--small-m", action="store_true",
                         help="only the decode-batch projections (M 2-64): split GEMM against quantize + GEMM")
     parser.add_argument("--split-sweep", action="store_true", help="with --small-m: every split configuration too")
+    parser.add_argument("--cublas-block", action="store_true",
+                        help="only torch._scaled_mm with block scales against our block-FP8 GEMMs (M 1-4096)")
     args = parser.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
+        if args.cublas_block:
+            cublas_block(out)
+            return
         if args.small_m:
             small_m(out, args.split_sweep)
             return

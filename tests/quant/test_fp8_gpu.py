@@ -28,7 +28,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("n,k", [(384, 256), (4096, 1024), (200, 384), (28672, 4096), (2048, 4096)])
 def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
     """Up to GEMV_MAX_ROWS rows the weight-only kernel (activations as they are); above, the split GEMM (up to
-    SPLIT_MAX_ROWS) and the tiled one, on activations quantized per 128-column group."""
+    SPLIT_MAX_ROWS), the tiled one and cuBLAS's (from CUBLAS_MIN_ROWS on sm_90), on activations quantized per
+    128-column group."""
     from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_linear
 
     w = torch.randn(n, k, device="cuda") * 0.05
@@ -81,6 +82,54 @@ def test_split_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: 
         torch.cuda.synchronize()
         assert torch.equal(replayed, got)
     assert not split_counters.leftover(x.device)
+
+
+@needs_fp8
+def test_quantize_rows_pads_rows_with_zeros_and_lays_scales_out_column_major() -> None:
+    from pdlaunch.model.quant.kernels import quantize_rows
+
+    x = torch.randn(66, 384, device="cuda").bfloat16()
+    q, s = quantize_rows(x, 128)
+    qp, sp = quantize_rows(x, 128, pad_rows=4, column_major_scales=True)
+    assert qp.shape == (68, 384) and sp.shape == (68, 3) and sp.stride() == (1, 68)
+    assert torch.equal(qp[:66].view(torch.uint8), q.view(torch.uint8)) and torch.equal(sp[:66], s)
+    assert not qp[66:].float().any()
+
+
+@needs_fp8
+@pytest.mark.parametrize("m", [65, 66, 127, 4097])
+@pytest.mark.parametrize("n,k", [(208, 512), (384, 1536), (2048, 4096)])
+def test_cublas_block_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: int) -> None:
+    """torch._scaled_mm with 1x128 x 128x128 block scales, where the device has it (sm_90): row counts that are not
+    a multiple of 4 padded and cut back, float32 on the same quantized operands within the MMA's rounding, the
+    path block_fp8_linear takes from CUBLAS_MIN_ROWS rows, and the same values replayed from a CUDA graph."""
+    from pdlaunch.model.quant.kernels import (
+        CUBLAS_MIN_ROWS,
+        block_fp8_linear,
+        cublas_block_linear,
+        cublas_block_scaled,
+        quantize_rows,
+    )
+
+    if not cublas_block_scaled(torch.device("cuda")):
+        pytest.skip("torch._scaled_mm has no block scales on this GPU (cuBLAS has them on sm_90)")
+    gen = torch.Generator(device="cuda").manual_seed(m + n + k)
+    wq, ws = fp8.quantize_block(0.05 * torch.randn(n, k, device="cuda", generator=gen))
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    xq, xs = quantize_rows(x, 128)
+    want = (xq.float() * xs.repeat_interleave(128, 1)) @ fp8.dequantize(wq, ws, 128).t()
+    got = cublas_block_linear(x, wq, ws, torch.float32)
+    assert got.shape == (m, n) and got.is_contiguous()
+    assert torch.isfinite(got).all()
+    assert _rel(got, want) < 1e-3
+    assert m >= CUBLAS_MIN_ROWS and torch.equal(block_fp8_linear(x, wq, ws, torch.float32), got)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = block_fp8_linear(x, wq, ws, torch.float32)
+    replayed.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, got)
 
 
 @needs_fp8

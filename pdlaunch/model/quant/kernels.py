@@ -4,7 +4,8 @@ token and 128-column group) and the block-scaled GEMM of 128x128-block FP8 weigh
 y[m, n] = sum over k blocks kb of (sum_k a[m, k] w[n, k]) * a_scale[m, kb] * w_scale[n // 128, kb]:
 each K step is one 128-column block, so the two scales of a partial product are one value per row of
 the tile (activations) and one per tile (weights, the N tile lies inside one 128-row block).
-torch has no block-scaled GEMM that runs on Hopper (block-scaled `_scaled_mm` needs Blackwell).
+From a decode batch of 65 rows up, on sm_90, `torch._scaled_mm` takes the same scales (1x128 activation,
+128x128 weight blocks; cuBLAS 12.9+) and is faster than the Triton GEMM (`block_fp8_linear`).
 """
 
 from __future__ import annotations
@@ -24,22 +25,25 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["M"])
-    def quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr,
-                          FMAX: tl.constexpr):
+    @triton.jit(do_not_specialize=["M", "M_OUT", "stride_sr", "stride_sg"])
+    def quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_x, stride_sr, stride_sg,
+                          GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr):
         # ROWS rows x one group of columns per program (one row a program made a decode step's MoE
-        # activations, 2560 padded rows x 6 groups, 15360 programs of 128 values).
+        # activations, 2560 padded rows x 6 groups, 15360 programs of 128 values). Rows M..M_OUT (padding a
+        # GEMM needs) are written as zeros.
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         group = tl.program_id(1)
         cols = group * GROUP_SIZE + tl.arange(0, GROUP_SIZE)
-        row_ok = rows < M
-        mask = row_ok[:, None] & (cols < K)[None, :]
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0)
+        col_ok = (cols < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=(rows < M)[:, None] & col_ok,
+                    other=0.0)
         x = x.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FMAX, 1e-12)
         q = tl.clamp(x / scale[:, None], -FMAX, FMAX)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + rows * tl.num_programs(1) + group, scale, mask=row_ok)
+        out_ok = rows < M_OUT
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=out_ok[:, None] & col_ok)
+        tl.store(s_ptr + rows * stride_sr + group * stride_sg, scale, mask=out_ok)
 
     @triton.jit(do_not_specialize=["M"])
     def block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, stride_bs,
@@ -157,20 +161,28 @@ def _kernels() -> SimpleNamespace:
                            block_gemm_split=block_gemm_split_kernel)
 
 
-def quantize_rows(x: torch.Tensor, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] CUDA -> (fp8 [M, K], float32 scales [M, K / group]); group None = one scale per row."""
+def quantize_rows(x: torch.Tensor, group: int | None, pad_rows: int = 1,
+                  column_major_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] CUDA -> (fp8 [M', K], float32 scales [M', K / group]); group None = one scale per row. M' is M
+    rounded up to a multiple of `pad_rows`, the extra rows zeros; `column_major_scales` lays the scales out with
+    strides (1, M') (what cuBLAS's 1x128 block scales take)."""
     import triton
 
     x = x.contiguous()
     m, k = x.shape
+    m_out = -(-m // pad_rows) * pad_rows
     size = group or triton.next_power_of_2(k)
     groups = -(-k // size)
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, groups, dtype=torch.float32, device=x.device)
-    if m:
+    q = torch.empty(m_out, k, dtype=FP8_DTYPE, device=x.device)
+    if column_major_scales:
+        s = torch.empty(groups, m_out, dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty(m_out, groups, dtype=torch.float32, device=x.device)
+    if m_out:
         rows = max(1, min(16, 2048 // size))  # up to 2048 values a program
-        _kernels().quant_rows[(-(-m // rows), groups)](x, q, s, m, k, x.stride(0), GROUP_SIZE=size, ROWS=rows,
-                                                       FMAX=FP8_MAX, num_warps=4)
+        _kernels().quant_rows[(-(-m_out // rows), groups)](x, q, s, m, m_out, k, x.stride(0), s.stride(0),
+                                                           s.stride(1), GROUP_SIZE=size, ROWS=rows, FMAX=FP8_MAX,
+                                                           num_warps=4)
     return q, s
 
 
@@ -261,14 +273,66 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out
 
 
+# From this many rows (a decode batch past the split GEMM's, a prefill) torch._scaled_mm's block-scaled cuBLAS GEMM
+# where the device runs it: on an H100 it took 13-17 us against the Triton GEMM's 25 at 128-256 rows, and
+# 0.62-0.69x of its time at 4096 rows (fp8_bench.py --cublas-block; benchmarks/RESULTS.md). Below, the split GEMM
+# and the tiled one are faster (cuBLAS's fixed cost is ~13 us).
+CUBLAS_MIN_ROWS = SPLIT_MAX_ROWS + 1
+CUBLAS_ROW_MULTIPLE = 4  # the 1x128 scales' column stride must be 16-byte aligned: M a multiple of 4
+# The weight scales' leading dimension (K / 128 floats) too: with K = 256 cuBLAS read them wrongly (H200), so K must
+# be a multiple of 512 (every model dimension we serve is: 2048, 4096, 14336, their TP shards).
+CUBLAS_K_MULTIPLE = 4 * GROUP
+CUBLAS_N_MULTIPLE = 16  # torch._scaled_mm's check on the second operand
+
+
+_cublas_block: dict[int, bool] = {}
+
+
+def cublas_block_scaled(device: torch.device) -> bool:
+    """Whether torch._scaled_mm runs 1x128 activation x 128x128 weight scales on `device`: compute capability 9.0
+    (cuBLAS 12.9+ has them for Hopper only), checked once per device by a call on 4 x 128 x 128 operands. Run it
+    outside CUDA-graph capture first (finish_loading does, at load)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cublas_block:
+        ok = torch.cuda.get_device_capability(index) == (9, 0)
+        if ok:
+            # K and N of two blocks: with one, [M, 1] activation scales would read as row-wise ones.
+            x = torch.zeros(4, 2 * GROUP, dtype=FP8_DTYPE, device=device)
+            w = torch.zeros(2 * GROUP, 2 * GROUP, dtype=FP8_DTYPE, device=device)
+            try:
+                torch._scaled_mm(x, w.t(), scale_a=torch.ones(2, 4, device=device).t(),
+                                 scale_b=torch.ones(2, 2, device=device).t(), out_dtype=torch.bfloat16)
+            except (RuntimeError, ValueError):
+                ok = False
+        _cublas_block[index] = ok
+    return _cublas_block[index]
+
+
+def cublas_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] quantized per row and 128 columns (rows padded to CUBLAS_ROW_MULTIPLE, scales column-major) times
+    the block-scaled weight [N, K] by torch._scaled_mm (cuBLAS) -> [M, N]; K a multiple of CUBLAS_K_MULTIPLE, N of
+    CUBLAS_N_MULTIPLE; weight_scale [ceil(N/128), K/128] contiguous, handed over transposed ([K/128, N/128],
+    strides (1, K/128)), as cuBLAS takes the second operand's."""
+    m, k = x.shape
+    if k % CUBLAS_K_MULTIPLE or weight.shape[0] % CUBLAS_N_MULTIPLE:
+        raise ValueError(f"cuBLAS block scales need K a multiple of {CUBLAS_K_MULTIPLE} and N of {CUBLAS_N_MULTIPLE}, "
+                         f"got K {k}, N {weight.shape[0]}")
+    xq, xs = quantize_rows(x, GROUP, pad_rows=CUBLAS_ROW_MULTIPLE, column_major_scales=True)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype)
+    return y[:m]
+
+
 def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
     Activations are quantized per 128-column group (quantize_rows) for the GEMMs: up to GEMV_MAX_ROWS rows the
     weight-only kernel instead; up to SPLIT_MAX_ROWS the split GEMM where its weight is split (few N tiles, long
-    K: o_proj, down_proj); else the tiled GEMM. With one range the split GEMM measured no faster than the tiled one
-    (qkv at 2 rows: 14.5 against 12.1 us on an H200, fp8_bench.py --small-m).
-    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the GEMM instead of the tuned choice (benchmarks)."""
+    K: o_proj, down_proj); from CUBLAS_MIN_ROWS cuBLAS's block-scaled GEMM where the device has it; else the tiled
+    GEMM. With one range the split GEMM measured no faster than the tiled one (qkv at 2 rows: 14.5 against 12.1 us
+    on an H200, fp8_bench.py --small-m).
+    `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the Triton GEMM instead of the tuned choice
+    (benchmarks)."""
     from pdlaunch.model.split_counters import num_sms  # layering: lazy, like the kernels
 
     m, k = x.shape
@@ -278,6 +342,9 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if (m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0
             and split_config(n, k, num_sms(x.device.index or 0))[1] > 1):
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
+    if (m >= CUBLAS_MIN_ROWS and config is None and k % CUBLAS_K_MULTIPLE == 0 and n % CUBLAS_N_MULTIPLE == 0
+            and weight_scale.is_contiguous() and cublas_block_scaled(x.device)):
+        return cublas_block_linear(x, weight, weight_scale, out_dtype)
     xq, xs = quantize_rows(x, GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:

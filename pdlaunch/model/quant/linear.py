@@ -12,7 +12,8 @@ stored per row (one checkpoint scalar per q/k/v or gate/up shard broadcast over 
 capability < 8.9), weights are dequantized into the model dtype and the layer is an ordinary one
 again (the exact reference the CPU tests compare against). On FP8 GPUs the weight stays fp8 and
 `Fp8LinearMethod.apply` quantizes activations per token (per 128-column group for block weights)
-and runs `torch._scaled_mm` (per channel) or the Triton block-scaled GEMM (model/quant/kernels.py).
+and runs `torch._scaled_mm` (per channel; block scales too on sm_90 from 65 rows) or the Triton block-scaled
+GEMMs (model/quant/kernels.py).
 """
 
 from __future__ import annotations
@@ -177,6 +178,10 @@ def finish_loading(model: nn.Module, dtype: torch.dtype) -> None:
             layer.quant_method = None  # an ordinary layer again
             continue
         layer.weight = nn.Parameter(weight, requires_grad=False)
+        if method.block:
+            from pdlaunch.model.quant.kernels import cublas_block_scaled  # layering: lazy (triton)
+
+            cublas_block_scaled(weight.device)  # checked here, at load, never inside a CUDA-graph capture
         # Block: [O/128, I/128] float32; per channel: [1, O] float32 (the row-wise scale_b of _scaled_mm).
         layer.weight_scale_fp8 = nn.Parameter(scale.contiguous() if method.block else scale.reshape(1, -1),
                                               requires_grad=False)
