@@ -3,7 +3,8 @@
 every launch configuration of decode_sweep.py, at the given cells, against the copy bandwidth measured in the same
 run.
 
-    python benchmarks/decode_gqa.py [--cells 64x1024 1x1024] [--kv-heads 4] [--sweep] [--json OUT]
+    python benchmarks/decode_gqa.py [--cells 64x1024 1x1024] [--kv-heads 4] [--kv-cache-dtype fp8] [--sweep]
+                                    [--json OUT]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", nargs="+", default=["64x1024", "1x1024", "16x1024", "256x1024", "10x2560"])
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="fp8: the cache in e4m3 (the bf16 fill converted), queries bf16")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -39,15 +42,17 @@ def main() -> None:
     tokens = max(b * c for b, c in cells) * 2
     cache = torch.empty(-(-tokens // BLOCK), 1, 2, BLOCK, kv_heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     fill_kv_caches([cache])
+    if args.kv_cache_dtype == "fp8":
+        cache = cache.to(torch.float8_e4m3fn)
     engine = SimpleNamespace(runner=SimpleNamespace(kv_caches=[cache]),
                              checkpoint=SimpleNamespace(arch=SimpleNamespace(num_heads=HEADS, head_dim=HEAD_DIM)))
     bench = KernelBench(engine)  # type: ignore[arg-type]
     copy = copy_bandwidth(2.0)["copy_gbps"] * 1e9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "kv_heads": kv_heads, "copy_gbps": copy / 1e9,
-                           "chosen": []}
+                           "kv_cache_dtype": str(cache.dtype), "chosen": []}
     for batch, context in cells:
-        launch = choose_launch(batch, kv_heads, HEAD_DIM, sms)
+        launch = choose_launch(batch, kv_heads, HEAD_DIM, sms, element_size=cache.element_size())
         ms = bench.time(paged_decode, batch, context)
         gbps = bench.kv_bytes(batch, context) / ms / 1e6
         row = {"batch": batch, "context": context, "launch": launch.__dict__, "us": ms * 1e3, "gbps": gbps,
