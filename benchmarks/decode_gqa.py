@@ -23,7 +23,7 @@ from decode_grid import KernelBench  # noqa: E402
 from decode_sweep import sweep  # noqa: E402
 from limits import copy_bandwidth, fill_kv_caches  # noqa: E402
 
-from pdlaunch.model.triton_decode import choose_launch, paged_decode  # noqa: E402
+from pdlaunch.model.triton_decode import MIN_SPLIT_TOKENS, DecodeLaunch, choose_launch, paged_decode  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="fp8: the cache in e4m3 (the bf16 fill converted), queries bf16")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--launches", nargs="*", default=[], metavar="TILExSPLITSxWARPSxSTAGES",
+                        help="also time these launches at every cell, e.g. 128x2x4x2 (splits beyond the one-wave rule)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     kv_heads = args.kv_heads
@@ -59,6 +61,15 @@ def main() -> None:
                "of_copy": gbps * 1e9 / copy}
         print(json.dumps(row), flush=True)
         doc["chosen"].append(row)
+        for spec in args.launches:
+            tile, splits, warps, stages = (int(v) for v in spec.split("x"))
+            other = DecodeLaunch(tile, splits, max(1, MIN_SPLIT_TOKENS // tile), warps, stages)
+            ms = bench.time(paged_decode, batch, context, launch=other)
+            gbps = bench.kv_bytes(batch, context) / ms / 1e6
+            row = {"batch": batch, "context": context, "launch": other.__dict__, "us": ms * 1e3, "gbps": gbps,
+                   "of_copy": gbps * 1e9 / copy, "rel_err": bench.check(batch, context, other)}
+            print(json.dumps(row), flush=True)
+            doc.setdefault("launches", []).append(row)
     if args.sweep:
         doc["sweep"] = sweep(bench, copy, cells)
     if args.json:
