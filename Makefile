@@ -29,12 +29,16 @@ venv: $(BIN)/pdlaunch
 demo-model: venv
 	$(BIN)/python -m pdlaunch.model.demo_model
 
+# Every CPU test: the unit tests on two workers (as test-fast; 166 s of them in one process), then the
+# end-to-end (`e2e`: real deployments) and `slow` ones in one process, since they start deployments,
+# Ray and SLURM clusters of their own.
 test: demo-model
-	$(BIN)/python -m pytest -q -m "not gpu" --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 -m "not gpu and not slow and not e2e" tests
+	$(BIN)/python -m pytest -q -m "not gpu and (slow or e2e)" --durations=25 tests
 
 # The inner loop: the unit tests, without the GPU tests, the end-to-end ones (`e2e`: real deployments)
 # and the ones marked slow (processes started, checkpoints compared with transformers), on two workers
-# (pytest-xdist): about 75 s on 2 cores. `make test` runs all of them, in one process.
+# (pytest-xdist): about 75 s on 2 cores.
 test-fast: demo-model
 	$(BIN)/python -m pytest -q -n 2 -m "not gpu and not slow and not e2e" tests
 

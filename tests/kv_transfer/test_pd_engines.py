@@ -115,9 +115,10 @@ def _prefix_hit_bytes(block_bytes: list[int], windows: list[int | None]) -> int:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("fixture,mode", [("llama_ckpt", "pull"), ("llama_ckpt", "push"), ("qwen3_ckpt", "pull"),
-                                          ("llama32_ckpt", "push"), ("qwen3_tied_ckpt", "push"),
-                                          ("qwen3_tied_ckpt", "pull")])
+# Each mode on two checkpoint families (llama and llama32 share the attention layout: llama pushes in
+# test_e2e_pd.py's deployments).
+@pytest.mark.parametrize("fixture,mode", [("llama_ckpt", "pull"), ("qwen3_ckpt", "pull"), ("llama32_ckpt", "push"),
+                                          ("qwen3_tied_ckpt", "push"), ("qwen3_tied_ckpt", "pull")])
 @pytest.mark.slow
 def test_nixl_pd_equals_colocated(fixture: str, mode: str, request: pytest.FixtureRequest) -> None:
     model = request.getfixturevalue(fixture)
