@@ -290,7 +290,7 @@ _cublas_block: dict[int, bool] = {}
 
 def cublas_block_scaled(device: torch.device) -> bool:
     """Whether torch._scaled_mm runs 1x128 activation x 128x128 weight scales on `device`: compute capability 9.0
-    (cuBLAS 12.9+ has them for Hopper only), checked once per device by a call on 4 x 128 x 128 operands. Run it
+    (cuBLAS 12.9+ has them for Hopper only), checked once per device by a call on 4 x 256 x 256 operands. Run it
     outside CUDA-graph capture first (finish_loading does, at load)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _cublas_block:
