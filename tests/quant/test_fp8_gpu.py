@@ -133,6 +133,31 @@ def test_cublas_block_gemm_equals_float32_on_its_quantized_operands(m: int, n: i
 
 
 @needs_fp8
+@pytest.mark.parametrize("m", [16, 17, 33, 64])
+def test_large_weights_take_cublas_from_17_rows(m: int) -> None:
+    """A weight of CUBLAS_LARGE_WEIGHT elements (gate_up-sized) runs cuBLAS's GEMM from CUBLAS_LARGE_MIN_ROWS rows
+    (bit-equal to cublas_block_linear), the Triton tiled GEMM below."""
+    from pdlaunch.model.quant.kernels import (
+        CUBLAS_LARGE_MIN_ROWS,
+        CUBLAS_LARGE_WEIGHT,
+        _config,
+        block_fp8_linear,
+        cublas_block_linear,
+        cublas_block_scaled,
+    )
+
+    if not cublas_block_scaled(torch.device("cuda")):
+        pytest.skip("torch._scaled_mm has no block scales on this GPU (cuBLAS has them on sm_90)")
+    n, k = CUBLAS_LARGE_WEIGHT // 4096, 4096
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    wq, ws = fp8.quantize_block(0.05 * torch.randn(n, k, device="cuda", generator=gen))
+    x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
+    want = (cublas_block_linear if m >= CUBLAS_LARGE_MIN_ROWS else
+            lambda *a: block_fp8_linear(*a, config=_config(m)))(x, wq, ws, torch.bfloat16)
+    assert torch.equal(block_fp8_linear(x, wq, ws, torch.bfloat16), want)
+
+
+@needs_fp8
 @pytest.mark.parametrize("m", [1, 33, 1024])
 def test_channel_scaled_mm_matches_references(m: int) -> None:
     from pdlaunch.model.quant.kernels import quantize_rows

@@ -18,6 +18,7 @@ import torch
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
 
 GROUP = 128  # activation group = weight block edge
+_INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
 
 
 @functools.cache
@@ -27,7 +28,8 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit(do_not_specialize=["M", "M_OUT", "stride_sr", "stride_sg"])
     def quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_x, stride_sr, stride_sg,
-                          GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr):
+                          GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr,
+                          INV_FMAX: tl.constexpr):
         # ROWS rows x one group of columns per program (one row a program made a decode step's MoE
         # activations, 2560 padded rows x 6 groups, 15360 programs of 128 values). Rows M..M_OUT (padding a
         # GEMM needs) are written as zeros.
@@ -38,8 +40,11 @@ def _kernels() -> SimpleNamespace:
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=(rows < M)[:, None] & col_ok,
                     other=0.0)
         x = x.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FMAX, 1e-12)
-        q = tl.clamp(x / scale[:, None], -FMAX, FMAX)
+        # The same float32 operations as torch's quantize_per_token* on CUDA, so the values are equal: torch divides
+        # by a Python number as a product with its float32 reciprocal (INV_FMAX), by a tensor correctly rounded
+        # (Triton's `/` is approximate: about one value in 10^6 came out one fp8 step off).
+        scale = tl.maximum(tl.max(tl.abs(x), axis=1) * INV_FMAX, 1e-12)
+        q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -FMAX, FMAX)
         out_ok = rows < M_OUT
         tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=out_ok[:, None] & col_ok)
@@ -182,7 +187,7 @@ def quantize_rows(x: torch.Tensor, group: int | None, pad_rows: int = 1,
         rows = max(1, min(16, 2048 // size))  # up to 2048 values a program
         _kernels().quant_rows[(-(-m_out // rows), groups)](x, q, s, m, m_out, k, x.stride(0), s.stride(0),
                                                            s.stride(1), GROUP_SIZE=size, ROWS=rows, FMAX=FP8_MAX,
-                                                           num_warps=4)
+                                                           INV_FMAX=_INV_FP8_MAX, num_warps=4)
     return q, s
 
 
@@ -278,6 +283,11 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
 # 0.62-0.69x of its time at 4096 rows (fp8_bench.py --cublas-block; benchmarks/RESULTS.md). Below, the split GEMM
 # and the tiled one are faster (cuBLAS's fixed cost is ~13 us).
 CUBLAS_MIN_ROWS = SPLIT_MAX_ROWS + 1
+# Weights this large (Llama-3-8B gate_up, 117M) take cuBLAS from 17 rows: on an H200 at 32 / 64 rows 37.8 / 37.5 us
+# against the tiled GEMM's 44.6 / 47.0 (H100: 52.8 / 51.9 against 58.7 / 61.6); at 16 rows they tie. Smaller ones
+# (qkv, o, down) stay on the Triton kernels up to 64 rows (qkv at 64 rows: 15.2 against 12.7 us).
+CUBLAS_LARGE_WEIGHT = 1 << 26
+CUBLAS_LARGE_MIN_ROWS = 17
 CUBLAS_ROW_MULTIPLE = 4  # the 1x128 scales' column stride must be 16-byte aligned: M a multiple of 4
 # The weight scales' leading dimension (K / 128 floats) too: with K = 256 cuBLAS read them wrongly (H200), so K must
 # be a multiple of 512 (every model dimension we serve is: 2048, 4096, 14336, their TP shards).
@@ -328,9 +338,10 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
     Activations are quantized per 128-column group (quantize_rows) for the GEMMs: up to GEMV_MAX_ROWS rows the
     weight-only kernel instead; up to SPLIT_MAX_ROWS the split GEMM where its weight is split (few N tiles, long
-    K: o_proj, down_proj); from CUBLAS_MIN_ROWS cuBLAS's block-scaled GEMM where the device has it; else the tiled
-    GEMM. With one range the split GEMM measured no faster than the tiled one (qkv at 2 rows: 14.5 against 12.1 us
-    on an H200, fp8_bench.py --small-m).
+    K: o_proj, down_proj); from CUBLAS_MIN_ROWS (CUBLAS_LARGE_MIN_ROWS for weights of CUBLAS_LARGE_WEIGHT
+    elements) cuBLAS's block-scaled GEMM where the device has it; else the tiled GEMM. With one range the split
+    GEMM measured no faster than the tiled one (qkv at 2 rows: 14.5 against 12.1 us on an H200, fp8_bench.py
+    --small-m).
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the Triton GEMM instead of the tuned choice
     (benchmarks)."""
     from pdlaunch.model.split_counters import num_sms  # layering: lazy, like the kernels
@@ -342,7 +353,8 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if (m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0
             and split_config(n, k, num_sms(x.device.index or 0))[1] > 1):
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
-    if (m >= CUBLAS_MIN_ROWS and config is None and k % CUBLAS_K_MULTIPLE == 0 and n % CUBLAS_N_MULTIPLE == 0
+    rows_enough = m >= CUBLAS_MIN_ROWS or (m >= CUBLAS_LARGE_MIN_ROWS and n * k >= CUBLAS_LARGE_WEIGHT)
+    if (rows_enough and config is None and k % CUBLAS_K_MULTIPLE == 0 and n % CUBLAS_N_MULTIPLE == 0
             and weight_scale.is_contiguous() and cublas_block_scaled(x.device)):
         return cublas_block_linear(x, weight, weight_scale, out_dtype)
     xq, xs = quantize_rows(x, GROUP)
