@@ -4,8 +4,9 @@ token and 128-column group) and the block-scaled GEMM of 128x128-block FP8 weigh
 y[m, n] = sum over k blocks kb of (sum_k a[m, k] w[n, k]) * a_scale[m, kb] * w_scale[n // 128, kb]:
 each K step is one 128-column block, so the two scales of a partial product are one value per row of
 the tile (activations) and one per tile (weights, the N tile lies inside one 128-row block).
-From a decode batch of 65 rows up, on sm_90, `torch._scaled_mm` takes the same scales (1x128 activation,
-128x128 weight blocks; cuBLAS 12.9+) and is faster than the Triton GEMM (`block_fp8_linear`).
+From a decode batch of 65 rows up (17 for gate_up-sized weights), on sm_90, `torch._scaled_mm` takes the same
+scales (1x128 activation, 128x128 weight blocks; cuBLAS 12.9+) and is faster than the Triton GEMM
+(`block_fp8_linear`).
 """
 
 from __future__ import annotations
