@@ -166,6 +166,14 @@ SPLIT_CONFIGS = [(64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 4), (32
                  (64, 4, 8, 4), (128, 2, 4, 4)]
 
 
+def _time_into(row: dict[str, Any], timed: dict[str, Any], what: str, floor_us: float) -> None:
+    """row[label_us] and row[label_of_copy] (floor / time) of each timed call."""
+    for label, fn in timed.items():
+        us = _time_config(fn, f"{what} {label}") * 1e3
+        row[f"{label}_us"] = us
+        row[f"{label}_of_copy"] = floor_us / us
+
+
 def small_m(out: dict[str, Any], split_sweep: bool) -> None:
     """Block-FP8 projections at decode batches 2-64: the split GEMM as the linear layer runs it (`split`, x
     quantized by quantize_rows first) against the tiled GEMM it replaced (`quant+gemm`), in us per call and in
@@ -187,10 +195,7 @@ def small_m(out: dict[str, Any], split_sweep: bool) -> None:
             if split_sweep:
                 timed.update({f"split{cfg}": functools.partial(block_fp8_split_gemm, x, wb, sb, torch.bfloat16, cfg)
                               for cfg in SPLIT_CONFIGS})
-            for label, fn in timed.items():
-                us = _time_config(fn, f"{name} M{m} {label}") * 1e3
-                row[f"{label}_us"] = us
-                row[f"{label}_of_copy"] = floor_us / us
+            _time_into(row, timed, f"{name} M{m}", floor_us)
             rows.append(row)
             print(json.dumps(row), flush=True)
     out["small_m"] = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}
@@ -217,11 +222,8 @@ def cublas_block(out: dict[str, Any]) -> None:
             timed = {"linear": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16),
                      "triton_tiled": functools.partial(block_fp8_linear, x, wb, sb, torch.bfloat16, _config(m)),
                      "cublas": functools.partial(cublas_block_linear, x, wb, sb, torch.bfloat16)}
-            for label, fn in timed.items():
-                row[f"{label}_rel"] = rel(fn(), ref)
-                us = _time_config(fn, f"{name} M{m} {label}") * 1e3
-                row[f"{label}_us"] = us
-                row[f"{label}_of_copy"] = floor_us / us
+            row.update({f"{label}_rel": rel(fn(), ref) for label, fn in timed.items()})
+            _time_into(row, timed, f"{name} M{m}", floor_us)
             rows.append(row)
             print(json.dumps(row), flush=True)
     out["cublas_block"] = {"copy_bandwidth_GBps": bw / 1e9, "rows": rows}

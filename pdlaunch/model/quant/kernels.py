@@ -319,6 +319,11 @@ def cublas_block_scaled(device: torch.device) -> bool:
     return _cublas_block[index]
 
 
+def cublas_shape_ok(n: int, k: int) -> bool:
+    """A weight [N, K] cuBLAS's block-scaled GEMM takes (CUBLAS_N_MULTIPLE, CUBLAS_K_MULTIPLE)."""
+    return k % CUBLAS_K_MULTIPLE == 0 and n % CUBLAS_N_MULTIPLE == 0
+
+
 def cublas_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                         out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] quantized per row and 128 columns (rows padded to CUBLAS_ROW_MULTIPLE, scales column-major) times
@@ -326,7 +331,7 @@ def cublas_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     CUBLAS_N_MULTIPLE; weight_scale [ceil(N/128), K/128] contiguous, handed over transposed ([K/128, N/128],
     strides (1, K/128)), as cuBLAS takes the second operand's."""
     m, k = x.shape
-    if k % CUBLAS_K_MULTIPLE or weight.shape[0] % CUBLAS_N_MULTIPLE:
+    if not cublas_shape_ok(weight.shape[0], k):
         raise ValueError(f"cuBLAS block scales need K a multiple of {CUBLAS_K_MULTIPLE} and N of {CUBLAS_N_MULTIPLE}, "
                          f"got K {k}, N {weight.shape[0]}")
     xq, xs = quantize_rows(x, GROUP, pad_rows=CUBLAS_ROW_MULTIPLE, column_major_scales=True)
@@ -355,8 +360,8 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
             and split_config(n, k, num_sms(x.device.index or 0))[1] > 1):
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
     rows_enough = m >= CUBLAS_MIN_ROWS or (m >= CUBLAS_LARGE_MIN_ROWS and n * k >= CUBLAS_LARGE_WEIGHT)
-    if (rows_enough and config is None and k % CUBLAS_K_MULTIPLE == 0 and n % CUBLAS_N_MULTIPLE == 0
-            and weight_scale.is_contiguous() and cublas_block_scaled(x.device)):
+    if (rows_enough and config is None and cublas_shape_ok(n, k) and weight_scale.is_contiguous()
+            and cublas_block_scaled(x.device)):
         return cublas_block_linear(x, weight, weight_scale, out_dtype)
     xq, xs = quantize_rows(x, GROUP)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)

@@ -12,8 +12,8 @@ stored per row (one checkpoint scalar per q/k/v or gate/up shard broadcast over 
 capability < 8.9), weights are dequantized into the model dtype and the layer is an ordinary one
 again (the exact reference the CPU tests compare against). On FP8 GPUs the weight stays fp8 and
 `Fp8LinearMethod.apply` quantizes activations per token (per 128-column group for block weights)
-and runs `torch._scaled_mm` (per channel; block scales too on sm_90 from 65 rows) or the Triton block-scaled
-GEMMs (model/quant/kernels.py).
+and runs `torch._scaled_mm` (per channel; block scales too on sm_90 from 65 rows, 17 for gate_up-sized
+weights) or the Triton block-scaled GEMMs (model/quant/kernels.py).
 """
 
 from __future__ import annotations
