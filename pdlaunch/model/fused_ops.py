@@ -64,14 +64,21 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, H, eps,
-                        sx_t, sx_h, sr_t, sr_h, w_stride,
-                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
-        # One program per token row; y/res_out are contiguous [T, H].
+                        sx_t, sx_p, sx_h, sr_t, sr_h, w_stride,
+                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr):
+        # One program per token row; y/res_out are contiguous [T, H]. PARTS > 1: x is [T, PARTS, H] rows whose sum
+        # is the input, added in float32 and rounded once (torch's sum over a bf16 dim).
         t = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
         dtype = y_ptr.dtype.element_ty
-        x = tl.load(x_ptr + t * sx_t + cols * sx_h, mask=mask, other=0.0)
+        if PARTS > 1:
+            total = tl.zeros([BLOCK_H], tl.float32)
+            for j in tl.static_range(PARTS):
+                total += tl.load(x_ptr + t * sx_t + j * sx_p + cols * sx_h, mask=mask, other=0.0).to(tl.float32)
+            x = total.to(dtype)
+        else:
+            x = tl.load(x_ptr + t * sx_t + cols * sx_h, mask=mask, other=0.0)
         if ADD_RESIDUAL:
             r = tl.load(r_ptr + t * sr_t + cols * sr_h, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
@@ -205,7 +212,10 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 def fused_add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual: [T, H] -> (rms_norm(x + residual) [T, H], x + residual [T, H])."""
+    """x, residual: [T, H] -> (rms_norm(x + residual) [T, H], x + residual [T, H]). x may be [T, k, H] partial
+    rows (an MoE layer's weighted expert outputs): their sum over k is the input."""
+    if x.dim() == 3:
+        x = x.sum(dim=1)
     new_residual = x + residual
     return rms_norm_torch(new_residual, weight, eps), new_residual
 
@@ -257,18 +267,19 @@ def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
 
 def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    _check(weight.dtype == x.dtype and weight.shape == (x.shape[1],), "weight",
+    _check(weight.dtype == x.dtype and weight.shape == (x.shape[-1],), "weight",
            f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}",
            "weight must be [H] in x's dtype")
     kernels = _kernels(_interpret_mode())
-    tokens, hidden = x.shape
+    tokens, hidden = x.shape[0], x.shape[-1]
+    parts = x.shape[1] if x.dim() == 3 else 1
     y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(y) if residual is not None else None
-    r = residual if residual is not None else x
+    r = residual if residual is not None else y
     block = kernels.next_power_of_2(hidden)
     kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
-                                x.stride(0), x.stride(1), r.stride(0), r.stride(1), weight.stride(0),
-                                ADD_RESIDUAL=residual is not None, BLOCK_H=block,
+                                x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(1),
+                                weight.stride(0), ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
                                 num_warps=_num_warps(block), enable_fp_fusion=False)
     return y, res_out
 
@@ -282,10 +293,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, residual: [T, H] -> (y, new_residual), both new [T, H]: new_residual = x + residual."""
+    """x, residual: [T, H] -> (y, new_residual), both new [T, H]: new_residual = x + residual. x may also be
+    [T, k, H] partial rows, summed over k first (an MoE layer's combine, done here instead of by its own kernel)."""
     if not fused_available(x):
         return fused_add_rms_norm_torch(x, residual, weight, eps)
-    _check(residual.shape == x.shape and residual.dtype == x.dtype, "residual",
+    _check(x.dim() in (2, 3) and residual.shape == (x.shape[0], x.shape[-1]) and residual.dtype == x.dtype,
+           "residual",
            f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
            "pass the residual stream of the same tokens")
     y, new_residual = _rms_norm_launch(x, residual, weight, eps)

@@ -151,7 +151,13 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(h, residual)
         x, residual = self.post_attention_layernorm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
-        return self.mlp(x), residual
+        return self.feed_forward(x), residual
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output [T, H], or an MoE layer's [T, k, H] weighted expert rows that sum to it: every consumer
+        is the next RMSNorm with a residual (fused_ops.fused_add_rms_norm), which adds them in its kernel."""
+        out: torch.Tensor = self.mlp(x, summed=False) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x)
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -268,7 +274,7 @@ class CausalLM(nn.Module):
             done = layers[index - 1]
             o = done.self_attn.out_proj(bufs.attn_out[:tokens])
             x, residual = done.post_attention_layernorm(o, bufs.residual[:tokens])
-            h = done.mlp(x)
+            h = done.feed_forward(x)
             if index == len(layers):
                 bufs.hidden[:tokens].copy_(self.model.norm(h, residual)[0])
                 return

@@ -125,6 +125,24 @@ def test_rms_norm_kernel_matches_reference(device: str, dtype: torch.dtype, toke
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm_sums_partial_rows_first(device: str, dtype: torch.dtype) -> None:
+    """[T, k, H] partial rows (an MoE layer's weighted expert outputs, unsummed) are added over k, rounded once,
+    then added to the residual: the values of summing them in torch first."""
+    torch.manual_seed(2)
+    rows = torch.randn(5, 8, 96, dtype=dtype, device=device)
+    residual = torch.randn(5, 96, dtype=dtype, device=device) * 4
+    weight = torch.randn(96, dtype=dtype, device=device)
+    y, new_residual = fused_ops.fused_add_rms_norm(rows, residual, weight, 1e-6)
+    want_residual = rows.sum(dim=1) + residual
+    if dtype == torch.float32:  # eight float32 values added in another order than torch's: not bit-equal
+        torch.testing.assert_close(new_residual, want_residual, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, rms_norm_torch(new_residual, weight, 1e-6), rtol=1e-5, atol=1e-5)
+        return
+    _assert_equal(new_residual, want_residual)  # 16-bit values of this range add up exactly in float32
+    _assert_rms_close(y, rms_norm_torch(want_residual, weight, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rms_norm_kernel_matches_reference(device: str, dtype: torch.dtype) -> None:
     torch.manual_seed(1)
     x = torch.randn(5, 96, dtype=dtype, device=device)
@@ -379,6 +397,16 @@ def test_write_kv_rejects_a_non_contiguous_cache() -> None:
 
 
 # ---- references vs the model code they replace (CPU, always run) ---------------------------------
+
+def test_fused_add_rms_norm_reference_sums_partial_rows() -> None:
+    torch.manual_seed(3)
+    rows = torch.randn(4, 8, 64, dtype=torch.bfloat16)
+    residual = torch.randn(4, 64, dtype=torch.bfloat16)
+    weight = torch.randn(64, dtype=torch.bfloat16)
+    y, new_residual = fused_add_rms_norm_torch(rows, residual, weight, 1e-6)
+    want_y, want_residual = fused_add_rms_norm_torch(rows.sum(dim=1), residual, weight, 1e-6)
+    assert torch.equal(new_residual, want_residual) and torch.equal(y, want_y)
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rms_norm_reference_is_the_model_rmsnorm(dtype: torch.dtype) -> None:

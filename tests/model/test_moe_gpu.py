@@ -69,6 +69,30 @@ def test_fused_moe_in_a_cuda_graph_equals_the_reference_loop(tokens: int, backen
         torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("tokens", [1, 64])
+def test_unsummed_expert_rows_through_the_next_norm_equal_the_summed_path(tokens: int) -> None:
+    """fused_moe(summed=False) hands the norm the [T, k, H] weighted rows; fused_add_rms_norm adds them in its
+    kernel: the same residual stream and normed output as the summed path followed by the norm."""
+    from pdlaunch.model.fused_ops import fused_add_rms_norm
+
+    experts, top_k, hidden, inter = 32, 4, 512, 256
+    gen = torch.Generator(device=CUDA).manual_seed(10 + tokens)
+    x = torch.randn(tokens, hidden, device=CUDA, generator=gen).bfloat16()
+    w13 = (0.05 * torch.randn(experts, 2 * inter, hidden, device=CUDA, generator=gen)).bfloat16()
+    w2 = (0.05 * torch.randn(experts, hidden, inter, device=CUDA, generator=gen)).bfloat16()
+    weights, ids = route(torch.randn(tokens, experts, device=CUDA, generator=gen), top_k, True)
+    residual = torch.randn(tokens, hidden, device=CUDA, generator=gen).bfloat16()
+    norm = torch.randn(hidden, device=CUDA, generator=gen).bfloat16()
+    rows = fused_moe(x, w13, w2, weights, ids, use="triton", num_experts=experts, summed=False)
+    summed = fused_moe(x, w13, w2, weights, ids, use="triton", num_experts=experts)
+    assert rows.shape == (tokens, top_k, hidden)
+    assert torch.equal(rows.sum(dim=1), summed)
+    y, new_residual = fused_add_rms_norm(rows, residual, norm, 1e-6)
+    want_y, want_residual = fused_add_rms_norm(summed, residual, norm, 1e-6)
+    assert torch.equal(new_residual, want_residual)
+    assert torch.equal(y, want_y)
+
+
 def test_cuda_graph_decode_of_a_moe_engine_equals_eager_and_transformers(moe_ckpt: Callable[[str], Path],
                                                                          make_engine: MakeEngine) -> None:  # noqa: F811
     path = moe_ckpt("qwen3_moe")

@@ -61,10 +61,13 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = SharedExpert(hidden, moe.shared_expert_intermediate_size, tp_rank, tp_size)
             self.shared_expert_gate = Replicated(hidden, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H], summed over the TP group."""
+    def forward(self, x: torch.Tensor, summed: bool = True) -> torch.Tensor:
+        """x [T, H] -> [T, H], summed over the TP group. `summed` False: on one rank without a shared expert the
+        result may be the [T, k, H] weighted expert rows whose sum over k it is (the decoder's next RMSNorm adds
+        them in its own kernel, fused_ops.fused_add_rms_norm, which saves a launch a layer)."""
         weights, ids = route(router_logits(x, self.gate.weight), self.top_k, self.renormalize)
-        out: torch.Tensor = self.experts(x, weights, ids)
+        rows_ok = not summed and self.tp_size == 1 and self.shared_expert is None
+        out: torch.Tensor = self.experts(x, weights, ids, summed=not rows_ok)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.tp_size > 1:

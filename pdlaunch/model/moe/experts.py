@@ -136,8 +136,10 @@ class FusedExperts(nn.Module):
         self.w2_scale = nn.Parameter(s2, requires_grad=False)
         return True
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, H], routing [T, k] -> this rank's partial sum [T, H] (not yet all-reduced)."""
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                summed: bool = True) -> torch.Tensor:
+        """x [T, H], routing [T, k] -> this rank's partial sum [T, H] (not yet all-reduced); with `summed` False it
+        may instead be the [T, k, H] rows that sum to it (fused_moe)."""
         scales = None if self.w13_scale is None or self.w2_scale is None else (self.w13_scale, self.w2_scale)
         return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start, scales=scales,
-                         num_experts=self.num_experts)
+                         num_experts=self.num_experts, summed=summed)

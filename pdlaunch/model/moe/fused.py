@@ -102,13 +102,16 @@ def backend(x: torch.Tensor, num_tokens: int) -> Backend:
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0, use: Backend | None = None,
               tile: TileConfig | None = None,
-              scales: tuple[torch.Tensor, torch.Tensor] | None = None, num_experts: int | None = None) -> torch.Tensor:
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None, num_experts: int | None = None,
+              summed: bool = True) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] (float32), topk_ids [T, k]
     (global expert ids) -> this rank's sum over its experts of weight * down(silu(gate) * up): [T, H].
     `use` / `tile` override the backend and the Triton tile (benchmarks, tests). `scales`: w13 and w2 are
     fp8 with 128x128 block scales (FusedExperts.to_fp8_blocks); the Triton backend reads them as they are
     (grouped_mm has no such path and gives way to it), the reference dequantizes first. `num_experts`: the
-    model's expert count (lets the Triton backend skip zeroing rows when this rank holds every expert)."""
+    model's expert count (lets the Triton backend skip zeroing rows when this rank holds every expert). `summed`
+    False lets the Triton backend return each token's k weighted rows [T, k, H] unsummed, for a consumer that adds
+    them itself (fused_ops.fused_add_rms_norm); the other backends always return [T, H]."""
     chosen = use or (tile.backend if tile is not None else backend(x, x.shape[0]))
     if scales is not None and chosen == "grouped_mm":
         chosen = "triton"
@@ -125,7 +128,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
 
     return triton_moe(x, w13, w2, topk_weights, topk_ids, expert_start,
-                      tile or tile_for(x, x.shape[0], scales is not None), scales, num_experts)
+                      tile or tile_for(x, x.shape[0], scales is not None), scales, num_experts, summed)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

@@ -2,7 +2,7 @@
 
 `align_to_blocks` (model/moe/layout.py) lays the T*k assignments out in blocks of `block_m` rows, one
 expert per block; blocks of expert -1 are unused and the kernels skip them. Up to 4096 assignments (decode)
-`align_rows` computes the same layout in two launches of one program per 128 assignments (count, place): the
+`align_rows` computes the same layout in two launches of one program per 32-128 assignments (count, place): the
 sort-based one is a dozen small kernels, ~100 us a layer on an H100 at batch 64.
 
 - `moe_up_kernel`: per (block, column tile) x[token rows] @ w13[e]^T for the gate and the up halves
@@ -214,12 +214,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         before = tl.dot((c[:, None] > c[None, :]).to(tl.float16), hot.to(tl.float16)).to(tl.int32)
         dest = tl.sum(tl.where(hot, before + (earlier + padded_start)[None, :], 0), axis=1)
         tl.store(rows_ptr + dest, r.to(tl.int64), mask=ok & (ids < num_local))
-        if chunk == 0:
-            for b0 in range(0, num_blocks, CHUNK):
-                b = b0 + c
-                ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (e < num_local)[None, :]
-                expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
-                tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
+        # The blocks' experts, CHUNK blocks a program in turn (program 0 doing all of them was the launch's tail).
+        for b0 in range(chunk * CHUNK, num_blocks, tl.num_programs(0) * CHUNK):
+            b = b0 + c
+            ended = (padded_end[None, :] <= (b * BLOCK_M)[:, None]) & (e < num_local)[None, :]
+            expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
+            tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
 
     return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, align_count=moe_align_count_kernel,
                            align_place=moe_align_place_kernel)
@@ -238,7 +238,7 @@ def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """layout.align_to_blocks's (rows, block_expert) for this rank's experts [expert_start, + num_local) of the
     global `topk_ids`, equal values: up to ALIGN_KERNEL_MAX_ROWS assignments in two Triton launches of one
-    program per 128 assignments, which also map the ids to local ones (decode: the sort and its dozen small
+    program per 32-128 assignments, which also map the ids to local ones (decode: the sort and its dozen small
     kernels cost ~100 us a layer on an H100 at batch 64, half the fp8 up GEMM's time), the sort above."""
     import triton
 
@@ -251,7 +251,9 @@ def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_
     rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=device)
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=device)
     e_pad = max(16, triton.next_power_of_2(num_local))  # 16: the smallest tensor-core product
-    chunk = 128 if e_pad <= 128 else 64
+    # 32 assignments a program up to 2048 (batch 256 at top-8): on an H200 at batch 64, 128 experts, the two
+    # launches took 8.3 us against 12.0 with 128 (benchmarks/RESULTS.md); more programs, each a shorter chain.
+    chunk = 32 if num_rows <= 2048 else 128 if e_pad <= 128 else 64
     chunks = triton.cdiv(num_rows, chunk)
     hist = torch.empty(chunks, e_pad, dtype=torch.int32, device=device)  # expert counts per chunk
     k = _kernels(_interpret())
@@ -277,13 +279,14 @@ def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, topk_ids: torch.Tensor,
                expert_start: int, tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-               num_experts: int | None = None) -> torch.Tensor:
+               num_experts: int | None = None, summed: bool = True) -> torch.Tensor:
     """fused_moe's Triton backend: weights float32 [T, k] and global ids [T, k] as routed; this rank holds
     experts [expert_start, + E_local) and the others' assignments get no row (their weights are never read).
     `scales`: w13 and w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128]
     (model/moe/experts.py); with `tile.fp8_activations` the activations are quantized too (W8A8, module doc).
     `num_experts`: the model's expert count, when known: a rank holding all of them writes every assignment's
-    row, so the rows need no zero fill first."""
+    row, so the rows need no zero fill first. `summed` False: the weighted rows [T, k, H] unsummed (the next
+    RMSNorm's kernel adds them, fused_ops.fused_add_rms_norm), saving the sum's launch."""
     import triton
 
     a_fp8 = tile.fp8_activations and scales is not None
@@ -323,4 +326,5 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
-    return out.view(num_tokens, top_k, hidden).sum(dim=1)
+    rows_per_token = out.view(num_tokens, top_k, hidden)
+    return rows_per_token.sum(dim=1) if summed else rows_per_token
