@@ -57,6 +57,7 @@ class HoldTable:
     def __init__(self, lease_seconds: float) -> None:
         self.lease_seconds = lease_seconds
         self.lock = threading.Lock()
+        self._unclaimed = threading.Condition(self.lock)  # a claim ended: an exclusive claim may go on
         self._holds: dict[str, Hold] = {}
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
@@ -164,10 +165,13 @@ class HoldTable:
         return CancelPushAnswer(in_flight=in_flight)
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
-              exclusive: bool = False) -> Hold:
+              exclusive: bool = False, wait: float = 0.0) -> Hold:
         """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
-        (sources[g]: prefill block ids of group g). exclusive: refuse while another claim is active (a
-        push); stagings of several decode ranks reading one request (resharding) may overlap."""
+        (sources[g]: prefill block ids of group g). exclusive: one claim at a time (a push); while another
+        is active, wait up to `wait` seconds for it to end, then refuse. A staged push's next chunk needs the
+        wait: NIXL hands decode the last chunk's push_done with the WRITE, so decode can ask for the next one
+        before this side's sender thread has seen the WRITE end and unclaimed. Stagings of several decode
+        ranks reading one request (resharding) may overlap."""
         if spec is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
         if block_bytes != spec.block_bytes:
@@ -178,12 +182,19 @@ class HoldTable:
         if len(sources) != len(spec.kv_caches):
             raise KVTransferError(f"request {request_id}: {len(sources)} KV-cache groups named, this engine has "
                                   f"{len(spec.kv_caches)}")
+        deadline = time.monotonic() + wait
         with self.lock:
-            hold = self._holds.get(request_id)
-            if hold is None or not hold.servable:
-                raise self._not_held(request_id)
-            if exclusive and hold.busy:
-                raise KVTransferError(f"request {request_id} is already being sent")
+            while True:
+                hold = self._holds.get(request_id)
+                if hold is None or not hold.servable:
+                    raise self._not_held(request_id)
+                if not (exclusive and hold.busy):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KVTransferError(f"request {request_id} is already being sent (waited {wait:g}s for the "
+                                          "send before it to end)")
+                self._unclaimed.wait(left)
             for g, ids in enumerate(sources):
                 if not set(ids) <= set(hold.block_ids[g]) - {-1}:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
@@ -195,3 +206,4 @@ class HoldTable:
         with self.lock:
             hold.busy -= 1
             hold.done = hold.done or done
+            self._unclaimed.notify_all()

@@ -177,7 +177,8 @@ class PrefillSide(NixlConnector):
         message.runs[g] = [(decode_start, prefill_start, count), ...]; `last` marks the request's final chunk."""
         received = time.monotonic()
         sources = message.prefill_blocks()
-        hold = self.holds.claim(message.request_id, sources, message.block_bytes, self.spec, exclusive=True)
+        hold = self.holds.claim(message.request_id, sources, message.block_bytes, self.spec, exclusive=True,
+                                wait=min(message.deadline_in, self.kv.transfer_timeout_seconds))
         try:
             self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
         except Exception:
