@@ -188,8 +188,8 @@ class Deployment:
                 child = ChildProcess(spec.name, _instance_argv(deployment_file, plan),
                                      self.log_dir / f"{spec.name}.log",
                                      env={**threads, **plan.env, **(prefills if spec.role == "decode" else {})})
+                self.instances.append(child)  # known before it runs: stop() then reaches it whenever it comes
                 child.start()
-                self.instances.append(child)
         for rank in self.plan.remote_ranks:
             where = f"node {rank.placement.nodes[0]}"
             devices = f"cuda:{rank.physical_device}" if rank.physical_device is not None else rank.spec.device
@@ -197,8 +197,8 @@ class Deployment:
                                              state="running")
             child = ChildProcess(rank.name, _rank_argv(deployment_file, rank), self.log_dir / f"{rank.name}.log",
                                  env={**threads, **rank.env})
-            child.start()
             self.ranks.append(child)
+            child.start()
         if self.plan.proxy_url is not None:
             self.rows["proxy"] = StatusRow("proxy", "proxy", "-", self.plan.proxy_url, state="waiting")
         view = StatusView(self.console, list(self.rows.values()), title=f"pdlaunch: {self.cfg.model.path}")

@@ -9,13 +9,47 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP that arrive inside the block reach their handlers when it ends. A
+    launcher whose handler raises KeyboardInterrupt (Ctrl-C; `bench compare` turns SIGTERM into one)
+    must not have it land between fork and Popen's return, or between Popen and the child's
+    registration: that child would run on, known to no one, after the launcher stopped the others
+    (seen with SIGTERM during `bench compare`'s start). Python runs handlers on the main thread only,
+    so elsewhere nothing is deferred."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, _: FrameType | None) -> None:
+        pending.append(signum)
+
+    previous = {int(sig): signal.signal(sig, hold) for sig in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in pending:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:  # its default action (end this process), now it is unblocked
+                os.kill(os.getpid(), signum)
 
 
 class ChildProcess:
@@ -40,10 +74,11 @@ class ChildProcess:
             self._log.write(f"\n===== pdlaunch: {note} =====\n".encode())
             self._log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.popen = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True,
-        )
+        with signals_deferred():  # a child exists only once self.popen holds it
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True,
+            )
 
     def describe_exit(self) -> str:
         """How the process ended, in words ("was killed by signal 9", "exited with code 1")."""
