@@ -57,6 +57,7 @@ def load_kernel_module(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location("baseline_triton_decode", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

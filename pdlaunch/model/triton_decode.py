@@ -190,6 +190,16 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
     return paged_decode_kernel
 
 
+# Programs of one launch over an fp8 cache resident on an SM at once, by tile (head_dim 128, 4 warps, 2 stages):
+# the waves the timings of benchmarks/fp8_decode_tiles.py step by on Hopper (132 SMs).
+FP8_RESIDENT = {64: 4, 128: 3}
+
+
+def _wave_fill(programs: int, slots: int) -> float:
+    """The share of the SM slots that `programs` keep busy over the waves they take."""
+    return programs / (-(-programs // slots) * slots)
+
+
 @dataclass(frozen=True)
 class DecodeLaunch:
     """How one paged_decode call is cut: tokens per loop iteration, context ranges, Triton knobs."""
@@ -220,11 +230,22 @@ def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
     programs = max(1, num_seqs * num_kv_heads)
     # Measured on an H100 (benchmarks/decode_sweep.py): 64-token tiles, two stages, when the
     # programs fill the SMs twice; with fewer, each streams more at once: 128-token tiles
-    # (1 x 8000: 2570 GB/s against 1860 with 64). A 1-byte (fp8) cache moves half the bytes per
-    # token: twice the tokens per tile keep the bytes per loop iteration (up to 128 tokens of 128).
+    # (1 x 8000: 2570 GB/s against 1860 with 64, timed with that context in L2; read from memory, every
+    # tile and split takes 21-23 us there: a fixed ~7 us a call plus 80% of copy bandwidth). A 1-byte
+    # (fp8) cache moves half the bytes per token: twice the tokens per tile keep the bytes per loop
+    # iteration (up to 128 tokens of 128).
     tile = (64 if head_dim <= 128 else 32) * (2 if programs < 2 * num_sms else 1)
     if element_size == 1:
-        tile = max(tile, min(2 * tile, 128 * 128 // max(head_dim, 128)))
+        wide = max(tile, min(2 * tile, 128 * 128 // max(head_dim, 128)))
+        # Except where the programs fill the SMs' slots for 64-token tiles in fewer, fuller waves than for
+        # 128-token ones (FP8_RESIDENT): e.g. 512 programs on 132 SMs are 1.3 waves of the 128-token tile but
+        # one of the 64-token one, which was 17-19% faster at 64 x 1024-3072 (8 KV heads) and 128 x 1024-4096
+        # (4 KV heads) on an H200 and an H100; at 384, 640 and 768 programs the 128-token tile stays faster
+        # (benchmarks/fp8_decode_tiles.py, benchmarks/RESULTS.md).
+        narrow_wins = (head_dim == 128 and wide == 2 * tile
+                       and _wave_fill(programs, FP8_RESIDENT[tile] * num_sms)
+                       > _wave_fill(programs, FP8_RESIDENT[wide] * num_sms))
+        tile = tile if narrow_wins else wide
     # Programs that fill every SM once run unsplit: Qwen3-30B-A3B's 64 x 1024 (256 programs, 4 KV heads) streamed
     # 3637 GB/s in one range of 128-token tiles against 2971 in two of 64 on an H200 (benchmarks/decode_gqa.py).
     wanted = -(-waves * num_sms // programs) if programs < num_sms else 1

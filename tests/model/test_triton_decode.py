@@ -153,9 +153,14 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     one_wave = choose_launch(64, 4, 128, num_sms=132)
     assert one_wave.splits == 1 and one_wave.tile == 128  # 256 programs: every SM once, longer tiles, unsplit
     assert one.tile == 128 and choose_launch(1, 8, 256, num_sms=132).tile == 64  # registers in bounds
-    # an fp8 cache: twice the tokens per tile (the same bytes per loop iteration), at most 128 x 128
-    assert choose_launch(128, 8, 128, num_sms=132, element_size=1).tile == 128
+    # an fp8 cache: twice the tokens per tile (the same bytes per loop iteration), at most 128 x 128 ...
+    assert choose_launch(48, 8, 128, num_sms=132, element_size=1).tile == 128  # 384 programs: 1 wave of 396 slots
+    assert choose_launch(80, 8, 128, num_sms=132, element_size=1).tile == 128  # 640: 1.6 waves, 1.2 of 64s
     assert choose_launch(1, 8, 128, num_sms=132, element_size=1).tile == 128
+    # ... unless 64-token tiles (4 a SM against 3) fill the waves better: 512 programs, one wave of 528 slots
+    assert choose_launch(64, 8, 128, num_sms=132, element_size=1).tile == 64
+    assert choose_launch(128, 4, 128, num_sms=132, element_size=1).tile == 64
+    assert choose_launch(128, 8, 128, num_sms=132, element_size=1).tile == 64  # 1024: 0.97 of 2 waves against 0.86
     assert choose_launch(128, 8, 256, num_sms=132, element_size=1).tile == 64
 
 
