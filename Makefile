@@ -40,7 +40,7 @@ test: demo-model
 
 # The inner loop: the unit tests, without the GPU tests, the end-to-end ones (`e2e`: real deployments)
 # and the ones marked slow (processes started, checkpoints compared with transformers), on two workers
-# (pytest-xdist): about 75 s on 2 cores.
+# (pytest-xdist): about 100 s on 2 cores.
 test-fast: demo-model
 	$(BIN)/python -m pytest -q -n 2 -m "not gpu and not slow and not e2e" tests
 
