@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm
+from pdlaunch.model.gemv import gemv, gemv_available
 
 # Which part of a parameter a checkpoint tensor fills: None (the whole), a merged projection's index,
 # "q" / "k" / "v" (QKVParallelLinear), or an MoE expert's (half, expert) / expert (model/moe/names.py).
@@ -59,7 +60,9 @@ class LinearMethod(Protocol):
 
 def _matmul(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     method: LinearMethod | None = getattr(layer, "quant_method", None)
-    return F.linear(x, weight, bias) if method is None else method.apply(layer, x, bias)
+    if method is not None:
+        return method.apply(layer, x, bias)
+    return gemv(x, weight, bias) if gemv_available(x, weight) else F.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):

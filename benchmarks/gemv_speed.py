@@ -1,0 +1,88 @@
+"""One-row projections: cuBLAS (F.linear) against the Triton GEMV (pdlaunch/model/gemv.py), per shape and config.
+
+    python benchmarks/gemv_speed.py [--json OUT]
+
+us per call in CUDA-graph replays of 20 calls, eight weights in rotation so that L2 holds none of them, and the
+share of copy bandwidth (weight bytes / time against limits.copy_bandwidth). Each config's output is checked
+against float64 (relative error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from limits import copy_bandwidth  # noqa: E402
+
+from pdlaunch.model.gemv import GEMV_CONFIG, gemv  # noqa: E402
+
+SHAPES = {  # (N, K)
+    "llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096), "llama3-8b gate_up": (28672, 4096),
+    "llama3-8b down": (4096, 14336), "qwen3-30b-a3b qkv": (5120, 2048), "qwen3-30b-a3b o": (2048, 4096),
+}
+CONFIGS = [GEMV_CONFIG, (4, 1024, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 8), (16, 256, 4), (4, 512, 4)]
+CALLS = 20
+ROTATE = 8
+
+
+def _graph_us(fn: Any) -> float:
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (10 * CALLS)
+
+
+def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ROTATE)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    want = x.double() @ weights[0].double().t()
+    nbytes = n * k * 2
+    row: dict[str, Any] = {"shape": name, "n": n, "k": k, "floor_us": nbytes / copy_bps * 1e6}
+
+    def entry(us: float, y: torch.Tensor) -> dict[str, float]:
+        return {"us": round(us, 2), "of_copy": round(nbytes / (us / 1e6) / copy_bps, 3),
+                "rel_err": round(((y.double() - want).norm() / want.norm()).item(), 5)}
+
+    row["cublas"] = entry(_graph_us(lambda i: F.linear(x, weights[i % ROTATE])), F.linear(x, weights[0]))
+    for config in CONFIGS:
+        us = _graph_us(lambda i, config=config: gemv(x, weights[i % ROTATE], config=config))
+        row["x".join(map(str, config))] = entry(us, gemv(x, weights[0], config=config))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    copy_bps = copy_bandwidth(1.0)["copy_gbps"] * 1e9
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        rows.append(shape_row(name, n, k, copy_bps))
+        print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": copy_bps / 1e9,
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

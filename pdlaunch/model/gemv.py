@@ -1,0 +1,72 @@
+"""One-row products y = x W^T (+ b) on CUDA: the projections of a batch-1 decode step, as a Triton GEMV.
+
+At one row cuBLAS picks GEMV-like kernels that read the Llama-3-8B shape's qkv at 82% and o + down at 86% of the
+copy rate on an H100 (down and o split over K, then a separate reduction launch: 110 us a step); the weight is
+all the step reads, so the step is those ratios. Here each program streams BLOCK_N whole weight rows, BLOCK_K
+columns per loop iteration, multiplying by x in float32 and summing once at the end: no split, no second launch.
+Used for bf16/fp16 weights and one row only (`gemv_available`); from two rows cuBLAS's GEMMs read each weight tile
+once for every row and stay. PDLAUNCH_GEMV=cublas turns it off (benchmarks, debugging).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from pdlaunch.model.triton_decode import triton_importable
+
+GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
+# 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).
+GEMV_CONFIG: GemvConfig = (8, 512, 4)
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=1)
+def _kernel():  # noqa: ANN202 (a triton.JITFunction)
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = rk < K - k0
+            wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            xv = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0)
+            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+            w += BLOCK_K
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    return gemv_kernel
+
+
+def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when x W^T runs the GEMV: one row of fp16/bf16 on CUDA, a contiguous weight of x's dtype."""
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _DTYPES and weight.dtype == x.dtype
+            and weight.dim() == 2 and weight.is_contiguous() and os.environ.get("PDLAUNCH_GEMV", "auto") != "cublas"
+            and triton_importable())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in x's dtype. `config` overrides GEMV_CONFIG."""
+    import triton
+
+    n, k = weight.shape
+    x = x.contiguous()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config or GEMV_CONFIG
+    _kernel()[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
+                                          HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                          num_warps=warps)
+    return out
