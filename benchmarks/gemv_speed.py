@@ -27,6 +27,7 @@ from pdlaunch.model.gemv import GEMV_CONFIG, gemv  # noqa: E402
 SHAPES = {  # (N, K)
     "llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096), "llama3-8b gate_up": (28672, 4096),
     "llama3-8b down": (4096, 14336), "qwen3-30b-a3b qkv": (5120, 2048), "qwen3-30b-a3b o": (2048, 4096),
+    "llama3-8b lm_head": (128256, 4096),
 }
 CONFIGS = [GEMV_CONFIG, (4, 1024, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 8), (16, 256, 4), (4, 512, 4)]
 CALLS = 20

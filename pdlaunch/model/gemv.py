@@ -29,23 +29,33 @@ def _kernel():  # noqa: ANN202 (a triton.JITFunction)
     import triton.language as tl
 
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # SILU_MUL: x is [1, 2K] = (gate, up) and the row multiplied is silu(gate) * up, rounded as
+        # fused_ops.silu_and_mul rounds it (silu to the dtype, then the product), so the result equals
+        # silu_and_mul followed by the plain GEMV bit for bit.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
+        dtype = y_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = rk < K - k0
             wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            xv = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0)
-            acc += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+            if SILU_MUL:
+                gate = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+                silu = tl.math.div_rn(gate, 1.0 + tl.extra.cuda.libdevice.exp(-gate)).to(dtype).to(tl.float32)
+                xv = (silu * up).to(dtype).to(tl.float32)
+            else:
+                xv = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+            acc += wv.to(tl.float32) * xv[None, :]
             w += BLOCK_K
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
 
     return gemv_kernel
 
@@ -58,15 +68,19 @@ def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
-    """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in x's dtype. `config` overrides GEMV_CONFIG."""
+         config: GemvConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in x's dtype. silu_mul: x is [1, 2K], the
+    (gate, up) halves of a gate_up projection, and the row multiplied is silu(gate) * up (the SwiGLU's
+    down projection without the separate silu_and_mul launch). `config` overrides GEMV_CONFIG."""
     import triton
 
     n, k = weight.shape
     x = x.contiguous()
+    if x.shape[1] != (2 * k if silu_mul else k):
+        raise ValueError(f"gemv: x has {x.shape[1]} columns for a weight of {k}" + (" (silu_mul)" if silu_mul else ""))
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or GEMV_CONFIG
     _kernel()[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
-                                          HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                          num_warps=warps)
+                                          HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n,
+                                          BLOCK_K=block_k, num_warps=warps)
     return out

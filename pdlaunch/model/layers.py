@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm
+from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_available, rms_norm
 from pdlaunch.model.gemv import gemv, gemv_available
 
 # Which part of a parameter a checkpoint tensor fills: None (the whole), a merged projection's index,
@@ -187,7 +187,19 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
-        y = _matmul(self, x, self.weight, None)
+        return self._reduced(_matmul(self, x, self.weight, None))
+
+    def takes_gate_up(self, gate_up: torch.Tensor) -> bool:
+        """True when `forward_silu_mul` multiplies silu(gate) * up inside its GEMV (one row, unquantized,
+        the fused ops on): the SwiGLU then skips its silu_and_mul launch."""
+        return (self.quant_method is None and fused_available(gate_up)
+                and gemv_available(gate_up[:, : self.weight.shape[1]], self.weight))
+
+    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu_and_mul(gate_up)) in one GEMV, bit for bit (check `takes_gate_up` first)."""
+        return self._reduced(gemv(gate_up, self.weight, silu_mul=True))
+
+    def _reduced(self, y: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y + self.bias if self.bias is not None else y
@@ -229,7 +241,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab / tp]
+        # [N, vocab / tp]; one row (a batch-1 step) through the GEMV, as the projections
+        logits = gemv(hidden, self.weight) if gemv_available(hidden, self.weight) else F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

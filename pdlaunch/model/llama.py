@@ -125,7 +125,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.takes_gate_up(gate_up):  # one row on CUDA: silu(gate) * up inside the down GEMV
+            return self.down_proj.forward_silu_mul(gate_up)
+        out: torch.Tensor = self.down_proj(silu_and_mul(gate_up))
         return out
 
 

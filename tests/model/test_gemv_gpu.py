@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.gemv import gemv, gemv_available
-from pdlaunch.model.layers import ColumnParallelLinear
+from pdlaunch.model.layers import ColumnParallelLinear, ParallelLMHead
 
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -50,3 +50,44 @@ def test_linear_layers_take_the_gemv_for_one_row_only(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PDLAUNCH_GEMV", "cublas")
     assert not gemv_available(one, layer.weight)
     torch.testing.assert_close(layer(one), F.linear(one, layer.weight), atol=0, rtol=0)
+
+
+@cuda
+def test_the_lm_head_takes_the_gemv_for_one_row() -> None:
+    head = ParallelLMHead(1000, 256).to("cuda", torch.bfloat16)
+    head.weight.data.normal_(0, 0.02)
+    one = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(head(one), gemv(one, head.weight), atol=0, rtol=0)
+    three = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(head(three), F.linear(three, head.weight), atol=0, rtol=0)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_silu_mul_inside_the_gemv_equals_silu_and_mul_then_the_gemv(dtype: torch.dtype) -> None:
+    from pdlaunch.model.fused_ops import silu_and_mul
+
+    torch.manual_seed(0)
+    inter, hidden = 1000, 384
+    w = (torch.randn(hidden, inter, device="cuda") * 0.02).to(dtype)
+    gate_up = (torch.randn(1, 2 * inter, device="cuda") * 3).to(dtype)
+    torch.testing.assert_close(gemv(gate_up, w, silu_mul=True), gemv(silu_and_mul(gate_up), w), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="columns"):
+        gemv(gate_up[:, :inter], w, silu_mul=True)
+
+
+@cuda
+def test_the_mlp_of_one_row_multiplies_silu_inside_the_down_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdlaunch.model.layers import RowParallelLinear
+
+    torch.manual_seed(0)
+    down = RowParallelLinear(512, 256, bias=True).to("cuda", torch.bfloat16)
+    down.weight.data.normal_(0, 0.02)
+    down.bias.data.normal_(0, 0.02)
+    gate_up = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    assert down.takes_gate_up(gate_up) and not down.takes_gate_up(torch.cat([gate_up, gate_up]))
+    from pdlaunch.model.fused_ops import silu_and_mul
+
+    torch.testing.assert_close(down.forward_silu_mul(gate_up), down(silu_and_mul(gate_up)), atol=0, rtol=0)
+    monkeypatch.setenv("PDLAUNCH_FUSED_OPS", "torch")  # the torch reference silu: no fused path
+    assert not down.takes_gate_up(gate_up)
