@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, fill_kv_caches, time_ms  # noqa: E402
+from limits import copy_bandwidth, fill_kv_caches, graph_call_ms, time_ms  # noqa: E402
 from ready_kv import ReadyKVConnector  # noqa: E402
 
 from pdlaunch.engine.llm import build_config  # noqa: E402
@@ -98,12 +98,9 @@ class KernelBench:
         other blocks than the last (`cold_sets`)."""
         q, tokens, tables, lens = self.inputs(batch, context, self.cold_sets(batch, context))
         scale = self.head_dim**-0.5
-        decode(q, self.cache, 0, tokens, tables[0], lens, None, scale, **kw)  # compile outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(GRAPH_CALLS):
-                decode(q, self.cache, 0, tokens, tables[i % tables.shape[0]], lens, None, scale, **kw)
-        return time_ms(graph.replay, warmup=2, repeat=10) / GRAPH_CALLS
+        return graph_call_ms(
+            lambda i: decode(q, self.cache, 0, tokens, tables[i % tables.shape[0]], lens, None, scale, **kw),
+            GRAPH_CALLS)
 
     def check(self, batch: int, context: int, launch: triton_decode.DecodeLaunch | None = None) -> float:
         """Relative error of the kernel against float64 attention over the same keys."""

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from limits import copy_bandwidth  # noqa: E402
+from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
 from pdlaunch.model.triton_decode import DecodeLaunch, paged_decode  # noqa: E402
 
@@ -31,24 +31,6 @@ HEAD_DIM = 128
 CACHE_BYTES = 2 << 30  # one layer's cache: disjoint block sets for the largest cells
 # (tile, splits, min tiles a range) at 4 warps, 2 stages; None = choose_launch's pick
 LAUNCHES: list[tuple[int, int, int] | None] = [None, (128, 1, 1), (64, 1, 1), (64, 2, 2), (128, 2, 1), (32, 1, 1)]
-
-
-def _graph_ms(fn: Any) -> float:
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(GRAPH_CALLS):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (10 * GRAPH_CALLS)
 
 
 def cell(cache: torch.Tensor, heads: int, batch: int, context: int, copy_bps: float) -> dict[str, Any]:
@@ -69,14 +51,14 @@ def cell(cache: torch.Tensor, heads: int, batch: int, context: int, copy_bps: fl
     kv_bytes = batch * context * kv_heads * HEAD_DIM * 2 * cache.element_size()
     out: dict[str, Any] = {"cell": f"{batch}x{context}", "programs": batch * kv_heads, "block_sets": sets}
     # One untimed run of graphs first: the first cell's first timing read 12% slow on an H100 (clocks ramping).
-    _graph_ms(lambda i: paged_decode(q, cache, 0, tokens, tables[i % sets], lens, None, scale))
+    graph_call_ms(lambda i: paged_decode(q, cache, 0, tokens, tables[i % sets], lens, None, scale), GRAPH_CALLS)
     for launch in LAUNCHES:
         label = "chosen" if launch is None else "t{}_s{}_m{}".format(*launch)
         extra = {} if launch is None else {"launch": DecodeLaunch(launch[0], launch[1], launch[2], 4, 2)}
         decode = functools.partial(paged_decode, q, cache, 0, tokens, block_table=None, seq_lens=lens, window=None,
                                    scale=scale, **extra)
         got = decode(block_table=tables[0])[:4].double()
-        ms = _graph_ms(lambda i, decode=decode: decode(block_table=tables[i % sets]))
+        ms = graph_call_ms(lambda i, decode=decode: decode(block_table=tables[i % sets]), GRAPH_CALLS)
         out[label] = {"us": round(ms * 1e3, 1), "of_copy": round(kv_bytes / (ms / 1e3) / copy_bps, 3),
                       "rel_err": round(((got - want).norm() / want.norm()).item(), 5)}
     return out

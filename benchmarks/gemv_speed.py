@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from limits import copy_bandwidth  # noqa: E402
+from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
 from pdlaunch.model.gemv import GEMV_CONFIG, gemv  # noqa: E402
 
@@ -34,24 +34,6 @@ CALLS = 20
 ROTATE = 8
 
 
-def _graph_us(fn: Any) -> float:
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (10 * CALLS)
-
-
 def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ROTATE)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -63,9 +45,10 @@ def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
         return {"us": round(us, 2), "of_copy": round(nbytes / (us / 1e6) / copy_bps, 3),
                 "rel_err": round(((y.double() - want).norm() / want.norm()).item(), 5)}
 
-    row["cublas"] = entry(_graph_us(lambda i: F.linear(x, weights[i % ROTATE])), F.linear(x, weights[0]))
+    us = graph_call_ms(lambda i: F.linear(x, weights[i % ROTATE]), CALLS) * 1e3
+    row["cublas"] = entry(us, F.linear(x, weights[0]))
     for config in CONFIGS:
-        us = _graph_us(lambda i, config=config: gemv(x, weights[i % ROTATE], config=config))
+        us = graph_call_ms(lambda i, config=config: gemv(x, weights[i % ROTATE], config=config), CALLS) * 1e3
         row["x".join(map(str, config))] = entry(us, gemv(x, weights[0], config=config))
     return row
 

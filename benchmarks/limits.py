@@ -50,6 +50,19 @@ def time_ms(fn: Callable[[], Any], warmup: int = 3, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
+def graph_call_ms(fn: Callable[[int], Any], calls: int) -> float:
+    """Median milliseconds of one of `calls` calls fn(0), fn(1), ... captured in one CUDA graph (as an engine
+    step replays kernels), the first call made outside the capture so that compiles happen there. The index
+    lets a caller rotate its inputs, so that L2 does not hold what the next call reads."""
+    fn(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    return time_ms(graph.replay, warmup=2, repeat=10) / calls
+
+
 def fill_kv_caches(caches: list[torch.Tensor]) -> None:
     """Random values in every KV cache (any dtype: fp8 has no normal_(), so draw in bf16 and cast, 256 blocks
     at a time to bound the temporary)."""
