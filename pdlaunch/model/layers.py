@@ -192,7 +192,7 @@ class RowParallelLinear(nn.Module):
     def takes_gate_up(self, gate_up: torch.Tensor) -> bool:
         """True when `forward_silu_mul` multiplies silu(gate) * up inside its GEMV (one row, unquantized,
         the fused ops on): the SwiGLU then skips its silu_and_mul launch."""
-        return (self.quant_method is None and fused_available(gate_up)
+        return (gate_up.shape[0] == 1 and self.quant_method is None and fused_available(gate_up)
                 and gemv_available(gate_up[:, : self.weight.shape[1]], self.weight))
 
     def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
