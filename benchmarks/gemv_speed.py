@@ -2,9 +2,10 @@
 
     python benchmarks/gemv_speed.py [--json OUT]
 
-us per call in CUDA-graph replays of 20 calls, eight weights in rotation so that L2 holds none of them, and the
-share of copy bandwidth (weight bytes / time against limits.copy_bandwidth). Each config's output is checked
-against float64 (relative error).
+us per call in CUDA-graph replays of 20 calls, eight weights in rotation so that L2 holds none of them, each call
+launched as in a decode step (dependent on the one before when triton_decode.pdl_enabled; PDLAUNCH_PDL=off for
+plain launches), and the share of copy bandwidth (weight bytes / time against limits.copy_bandwidth). Each config's
+output is checked against float64 (relative error).
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
-from pdlaunch.model.gemv import GEMV_CONFIG, gemv  # noqa: E402
+from pdlaunch.model.gemv import GEMV_CONFIG, config_for, gemv  # noqa: E402
 
 SHAPES = {  # (N, K)
     "llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096), "llama3-8b gate_up": (28672, 4096),
     "llama3-8b down": (4096, 14336), "qwen3-30b-a3b qkv": (5120, 2048), "qwen3-30b-a3b o": (2048, 4096),
     "llama3-8b lm_head": (128256, 4096),
 }
-CONFIGS = [GEMV_CONFIG, (4, 1024, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 8), (16, 256, 4), (4, 512, 4)]
+CONFIGS = [GEMV_CONFIG, (4, 1024, 4), (16, 512, 4), (8, 1024, 8), (16, 256, 4), (4, 512, 4), (4, 256, 4)]
 CALLS = 20
 ROTATE = 8
 
@@ -47,6 +48,7 @@ def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
 
     us = graph_call_ms(lambda i: F.linear(x, weights[i % ROTATE]), CALLS) * 1e3
     row["cublas"] = entry(us, F.linear(x, weights[0]))
+    row["chosen"] = "x".join(map(str, config_for(torch.cuda.get_device_name(), n)))
     for config in CONFIGS:
         us = graph_call_ms(lambda i, config=config: gemv(x, weights[i % ROTATE], config=config), CALLS) * 1e3
         row["x".join(map(str, config))] = entry(us, gemv(x, weights[0], config=config))

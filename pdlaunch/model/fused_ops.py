@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.quant import kv_cache as fp8_kv
-from pdlaunch.model.triton_decode import triton_importable
+from pdlaunch.model.triton_decode import pdl_enabled, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 
@@ -65,12 +65,16 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, H, eps,
                         sx_t, sx_p, sx_h, sr_t, sr_h, w_stride,
-                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr):
+                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
         # One program per token row; y/res_out are contiguous [T, H]. PARTS > 1: x is [T, PARTS, H] rows whose sum
         # is the input, added in float32 and rounded once (torch's sum over a bf16 dim).
         t = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
+        w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
+        if PDL:  # triton_decode.pdl_enabled
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         dtype = y_ptr.dtype.element_ty
         if PARTS > 1:
             total = tl.zeros([BLOCK_H], tl.float32)
@@ -87,7 +91,6 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         x = x.to(tl.float32)
         var = tl.math.div_rn(tl.sum(x * x, axis=0), H * 1.0)
         y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
 
     # The q and the k half of rotary_kernel. It is handed to the kernel as ROTATE (a constexpr) because
@@ -123,10 +126,14 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                       qw_ptr, kw_ptr, eps, v_ptr, sv_t, sv_h, sv_d, cache_ptr, slot_ptr, block_size, block_stride,
                       layer_offset, k_scale, v_scale,
                       D: tl.constexpr, D_PAD: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                      ROTATE: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, FP8: tl.constexpr):
+                      ROTATE: tl.constexpr, NORM: tl.constexpr, WRITE_KV: tl.constexpr, FP8: tl.constexpr,
+                      PDL: tl.constexpr):
         # One program per token: cos/sin [D] loaded once for its q [Hq, D] and k [Hkv, D];
         # outputs are contiguous. rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (d >= D/2).
         # WRITE_KV: the rotated k and the token's v also go to its cache slot, as write_kv_kernel writes them.
+        if PDL:  # triton_decode.pdl_enabled
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         d = tl.arange(0, D_PAD)
         first_half = (d < D // 2)[None, :]
@@ -154,8 +161,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
     @triton.jit
     def silu_and_mul_kernel(x_ptr, out_ptr, inter, sx_t, sx_i,
-                            BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+                            BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr):
         # grid (T, cdiv(I, BLOCK)); x: [T, 2I] -> out: [T, I] contiguous.
+        if PDL:  # triton_decode.pdl_enabled
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -173,8 +183,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit
     def write_kv_kernel(cache_ptr, k_ptr, v_ptr, slot_ptr, num_kv_heads, block_size, block_stride, layer_offset,
                         sk_t, sk_h, sk_d, sv_t, sv_h, sv_d, k_scale, v_scale,
-                        D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr):
+                        D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr,
+                        PDL: tl.constexpr):
         # One program per token; the cache plane [block_size, Hkv, D] of (block, layer, k|v) is contiguous.
+        if PDL:  # triton_decode.pdl_enabled
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         heads = tl.arange(0, H_PAD)
@@ -274,13 +288,14 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     tokens, hidden = x.shape[0], x.shape[-1]
     parts = x.shape[1] if x.dim() == 3 else 1
     y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    pdl = pdl_enabled(x, tokens)
     res_out = torch.empty_like(y) if residual is not None else None
     r = residual if residual is not None else y
     block = kernels.next_power_of_2(hidden)
     kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
                                 x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(1),
                                 weight.stride(0), ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
-                                num_warps=_num_warps(block), enable_fp_fusion=False)
+                                PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, launch_pdl=pdl)
     return y, res_out
 
 
@@ -331,6 +346,7 @@ def _rotary_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
     tokens, num_q_heads, head_dim = q.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    pdl = pdl_enabled(q, tokens)
     npow2 = kernels.next_power_of_2
     q_weight, k_weight, eps = norm if norm is not None else (q, k, 0.0)
     v, cache, slots, layer_in_group, (k_scale, v_scale) = write if write is not None else (k, q, cos, 0, (1.0, 1.0))
@@ -344,8 +360,9 @@ def _rotary_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
                               block_size, block_stride, 2 * layer_in_group * plane, k_scale, v_scale,
                               D=head_dim, D_PAD=npow2(head_dim), HQ_PAD=npow2(num_q_heads), HKV_PAD=npow2(k.shape[1]),
                               ROTATE=kernels.rotate_heads, NORM=norm is not None, WRITE_KV=write is not None,
-                              FP8=cache.dtype == torch.float8_e4m3fn,
-                              num_warps=_num_warps(npow2(num_q_heads) * head_dim), enable_fp_fusion=False)
+                              FP8=cache.dtype == torch.float8_e4m3fn, PDL=pdl,
+                              num_warps=_num_warps(npow2(num_q_heads) * head_dim), enable_fp_fusion=False,
+                              launch_pdl=pdl)
     return q_out, k_out
 
 
@@ -397,9 +414,10 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
     interpret = _interpret_mode()
     block = min(1024, _kernels(interpret).next_power_of_2(inter))
+    pdl = pdl_enabled(gate_up, tokens)
     _kernels(interpret).silu_and_mul[(tokens, -(-inter // block))](
         gate_up, out, inter, gate_up.stride(0), gate_up.stride(1), BLOCK=block, LIBDEVICE_EXP=not interpret,
-        num_warps=_num_warps(block), enable_fp_fusion=False)
+        PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, launch_pdl=pdl)
     return out
 
 
@@ -422,8 +440,10 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kernels = _kernels(_interpret_mode())
     npow2 = kernels.next_power_of_2
     plane = block_size * num_kv_heads * head_dim  # elements of one (block, layer, k|v) slice
+    pdl = pdl_enabled(kv_cache, slot_mapping.shape[0])
     kernels.write_kv[(slot_mapping.shape[0],)](
         kv_cache, k, v, slot_mapping, num_kv_heads, block_size, layers * 2 * plane, 2 * layer_in_group * plane,
         *k.stride(), *v.stride(), *kv_scales, D=head_dim, D_PAD=npow2(head_dim), H_PAD=npow2(num_kv_heads),
-        FP8=kv_cache.dtype == torch.float8_e4m3fn,
-        num_warps=_num_warps(npow2(num_kv_heads) * head_dim), enable_fp_fusion=False)
+        FP8=kv_cache.dtype == torch.float8_e4m3fn, PDL=pdl,
+        num_warps=_num_warps(npow2(num_kv_heads) * head_dim), enable_fp_fusion=False,
+        launch_pdl=pdl)

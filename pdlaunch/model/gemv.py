@@ -6,6 +6,10 @@ all the step reads, so the step is those ratios. Here each program streams BLOCK
 columns per loop iteration, multiplying by x in float32 and summing once at the end: no split, no second launch.
 Used for bf16/fp16 weights and one row only (`gemv_available`); from two rows cuBLAS's GEMMs read each weight tile
 once for every row and stay. PDLAUNCH_GEMV=cublas turns it off (benchmarks, debugging).
+
+On Hopper the GEMV launches dependent on the kernel before it (triton_decode.pdl_enabled): its programs start
+while that kernel (the RMSNorm computing x, usually) ends, and load their first weight columns before they wait
+for x. Weights are written only by loading and waking, never by the kernel right before a projection.
 """
 
 from __future__ import annotations
@@ -15,11 +19,18 @@ from functools import lru_cache
 
 import torch
 
-from pdlaunch.model.triton_decode import triton_importable
+from pdlaunch.model.triton_decode import pdl_enabled, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).
 GEMV_CONFIG: GemvConfig = (8, 512, 4)
+# Per device (a substring of torch's device name): (largest N, config) in ascending N, the first that covers the
+# weight's N; larger weights and other devices take GEMV_CONFIG. Measured with benchmarks/gemv_speed.py, kernels
+# launched as in a decode step (benchmarks/RESULTS.md, "Kernels that start while the one before ends").
+GEMV_DEVICE_CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
+    "H200": ((2048, (8, 1024, 8)), (4096, (4, 512, 4)), (8192, GEMV_CONFIG), (1 << 62, (16, 256, 4))),
+    "H100": ((2048, (8, 1024, 8)), (8192, GEMV_CONFIG), (1 << 62, (8, 1024, 8))),
+}
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -29,35 +40,57 @@ def _kernel():  # noqa: ANN202 (a triton.JITFunction)
     import triton.language as tl
 
     @triton.jit
+    def x_chunk(x_ptr, y_ptr, K, k0, rk, k_ok, SILU_MUL: tl.constexpr):
+        # x's columns k0 + rk in float32. SILU_MUL: x is [1, 2K] = (gate, up) and the row multiplied is
+        # silu(gate) * up, rounded as fused_ops.silu_and_mul rounds it (silu to the dtype, then the product), so
+        # the result equals silu_and_mul followed by the plain GEMV bit for bit.
+        dtype = y_ptr.dtype.element_ty
+        if SILU_MUL:
+            gate = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+            silu = tl.math.div_rn(gate, 1.0 + tl.extra.cuda.libdevice.exp(-gate)).to(dtype).to(tl.float32)
+            return (silu * up).to(dtype).to(tl.float32)
+        return tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # SILU_MUL: x is [1, 2K] = (gate, up) and the row multiplied is silu(gate) * up, rounded as
-        # fused_ops.silu_and_mul rounds it (silu to the dtype, then the product), so the result equals
-        # silu_and_mul followed by the plain GEMV bit for bit.
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, X_CHUNK: tl.constexpr):
+        # PDL (triton_decode.pdl_enabled): the first BLOCK_K columns of the weight rows load while the kernel
+        # before, which computes x, still runs; x is read after gdc_wait. X_CHUNK is x_chunk, handed over as a
+        # constexpr because the kernels are built in this function.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
-        dtype = y_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_ok = rk < K
+        w_first = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = w_first.to(tl.float32) * X_CHUNK(x_ptr, y_ptr, K, 0, rk, k_ok, SILU_MUL)[None, :]
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            w += BLOCK_K
             k_ok = rk < K - k0
             wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if SILU_MUL:
-                gate = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + K + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-                silu = tl.math.div_rn(gate, 1.0 + tl.extra.cuda.libdevice.exp(-gate)).to(dtype).to(tl.float32)
-                xv = (silu * up).to(dtype).to(tl.float32)
-            else:
-                xv = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
-            acc += wv.to(tl.float32) * xv[None, :]
-            w += BLOCK_K
+            acc += wv.to(tl.float32) * X_CHUNK(x_ptr, y_ptr, K, k0, rk, k_ok, SILU_MUL)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rn, y.to(dtype), mask=n_ok)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
+    gemv_kernel.x_chunk = x_chunk
     return gemv_kernel
+
+
+def config_for(device_name: str, n: int) -> GemvConfig:
+    """GEMV_DEVICE_CONFIGS's launch for a weight of `n` rows on the device torch names `device_name`."""
+    table = next((table for key, table in GEMV_DEVICE_CONFIGS.items() if key in device_name), ())
+    return next((config for max_n, config in table if n <= max_n), GEMV_CONFIG)
+
+
+@lru_cache(maxsize=8)
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
 
 
 def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -71,7 +104,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: GemvConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in x's dtype. silu_mul: x is [1, 2K], the
     (gate, up) halves of a gate_up projection, and the row multiplied is silu(gate) * up (the SwiGLU's
-    down projection without the separate silu_and_mul launch). `config` overrides GEMV_CONFIG."""
+    down projection without the separate silu_and_mul launch). `config` overrides gemv_config's choice."""
     import triton
 
     n, k = weight.shape
@@ -79,8 +112,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[1] != (2 * k if silu_mul else k):
         raise ValueError(f"gemv: x has {x.shape[1]} columns for a weight of {k}" + (" (silu_mul)" if silu_mul else ""))
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or GEMV_CONFIG
+    block_n, block_k, warps = config or config_for(_device_name(weight.device.index or 0), n)
+    pdl = pdl_enabled(x, x.shape[0])
     _kernel()[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
                                           HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n,
-                                          BLOCK_K=block_k, num_warps=warps)
+                                          BLOCK_K=block_k, PDL=pdl, X_CHUNK=_kernel().x_chunk,
+                                          num_warps=warps, launch_pdl=pdl)
     return out

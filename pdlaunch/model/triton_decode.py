@@ -78,7 +78,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        if PDL:  # q and the newest token's K/V come from the kernel before (pdl_enabled)
+            tl.extra.cuda.gdc_wait()
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -138,6 +141,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
             m = m_new
+        if PDL:
+            # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
+            # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us).
+            tl.extra.cuda.gdc_launch_dependents()
         acc = acc * v_scale
         # One range: the output itself. Several: partials part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted
         # values, max, sum); the last range of (sequence, KV head) to finish merges them, so no second
@@ -216,6 +223,21 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
+    """True when a kernel computing `rows` token rows on `t`'s device launches with programmatic dependent
+    launch (CUDA, sm_90 or newer): its programs may start while the kernel before it in the stream finishes, do
+    what needs none of that kernel's output (load weights), then wait for it (`gdc_wait`) before touching
+    anything it wrote. Every kernel launched so waits, and lets the next one start only after its own wait, so
+    when a kernel starts, all but the one before it have finished.
+
+    One row only: the batch-1 decode step, where every kernel is ours and each is short, so the launch gaps were
+    a tenth of the step (H200, 8B shape, 1 x 128: 4.41 -> 4.11 ms). From two rows the projections run through
+    cuBLAS, whose GEMMs let the next kernel start early; ours then waited on SMs the GEMM still needed (H200,
+    48 x 3072: 9.54 -> 9.82 ms). PDLAUNCH_PDL=off turns it off (debugging, benchmarks)."""
+    return (rows == 1 and t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
+            and _capability(t.device.index or 0) >= (9, 0) and not _interpret_mode())
+
+
 def _has_fp8_convert(device: torch.device) -> bool:
     """cvt.rn.f16x2.e4m3x2 (PTX 7.8) needs sm_89 or newer."""
     return device.type == "cuda" and _capability(device.index or 0) >= (8, 9)
@@ -291,6 +313,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         part = torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
         counts = split_counters(q.device, num_seqs * num_kv_heads)
     interpret = _interpret_mode()
+    pdl = pdl_enabled(q, num_seqs)
     decode_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part, counts,
@@ -303,6 +326,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl,
     )
     return out

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.fused_ops import fused_available
+from pdlaunch.model.triton_decode import pdl_enabled
 
 ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the Triton product; more: cuBLAS
 
@@ -47,7 +48,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit
     def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_t,
                             TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                            RENORMALIZE: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
+                            RENORMALIZE: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, E_PAD)
         x = tl.load(logits_ptr + t * stride_t + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
@@ -74,8 +78,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
     @triton.jit
     def router_gemv_kernel(x_ptr, w_ptr, out_ptr, num_experts, hidden, stride_xt, stride_we, stride_ot,
-                           BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr):
+                           BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
         """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums."""
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = e < num_experts
@@ -113,9 +120,10 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # read by many SMs at once; a whole row per load up to 4096 values.
     block_e = max(1, min(4, num_experts // 32))
     block_h = min(4096, kernels.next_power_of_2(hidden))
+    pdl = pdl_enabled(x, num_tokens)
     kernels.router_gemv[(num_tokens, -(-num_experts // block_e))](
         x, weight, out, num_experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4)
+        BLOCK_E=block_e, BLOCK_H=block_h, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 
@@ -129,8 +137,9 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens:
+        pdl = pdl_enabled(logits, num_tokens)
         kernels.topk_softmax[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0),
                                             TOP_K=top_k, K_PAD=kernels.next_power_of_2(top_k),
                                             E_PAD=kernels.next_power_of_2(num_experts), RENORMALIZE=renormalize,
-                                            LIBDEVICE_EXP=not kernels.interpret, num_warps=1)
+                                            LIBDEVICE_EXP=not kernels.interpret, PDL=pdl, launch_pdl=pdl, num_warps=1)
     return weights, ids

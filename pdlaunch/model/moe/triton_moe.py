@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
+from pdlaunch.model.triton_decode import pdl_enabled
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
 
@@ -71,7 +72,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                       sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                      A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr):
+                      A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+            tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -125,7 +128,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                         N, sa_m, sas_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                        A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr):
+                        A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+            tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
         e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
         if e < 0:
@@ -168,7 +173,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
     def moe_align_count_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
                                num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                               FEW: tl.constexpr):
+                               FEW: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         chunk = tl.program_id(0)
         c = tl.arange(0, CHUNK)
         sentinel = tl.zeros((CHUNK,), dtype=tl.int64) + num_rows
@@ -194,7 +202,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit(do_not_specialize=["num_rows", "num_blocks"])
     def moe_align_place_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
                                num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                               CHUNKS_PAD: tl.constexpr):
+                               CHUNKS_PAD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         chunk = tl.program_id(0)
         c = tl.arange(0, CHUNK)
         e = tl.arange(0, E_PAD)
@@ -258,10 +269,13 @@ def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_
     hist = torch.empty(chunks, e_pad, dtype=torch.int32, device=device)  # expert counts per chunk
     k = _kernels(_interpret())
     args = (topk_ids.reshape(-1), rows, block_expert, hist, num_rows, expert_start, num_local, num_blocks)
-    k.align_count[(1 if few else chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FEW=few, num_warps=4)
+    pdl = pdl_enabled(topk_ids, topk_ids.shape[0])
+    k.align_count[(1 if few else chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FEW=few, PDL=pdl,
+                                           launch_pdl=pdl, num_warps=4)
     if not few:
         k.align_place[(chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
-                                 CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)), num_warps=4)
+                                 CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)), PDL=pdl, launch_pdl=pdl,
+                                 num_warps=4)
     return rows, block_expert
 
 
@@ -304,6 +318,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     rows, block_expert = align_rows(topk_ids, expert_start, num_local, tile.block_m)
     num_blocks = block_expert.shape[0]
     k = _kernels(_interpret())
+    pdl = pdl_enabled(x, num_tokens)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
     a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
@@ -312,7 +327,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
         act.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
         HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
-        num_warps=tile.num_warps,
+        PDL=pdl, launch_pdl=pdl, num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
     out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
@@ -323,7 +338,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
         out.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
         HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
-        num_warps=tile.num_warps,
+        PDL=pdl, launch_pdl=pdl, num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     rows_per_token = out.view(num_tokens, top_k, hidden)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
+from pdlaunch.model.triton_decode import pdl_enabled
 
 GROUP = 128  # activation group = weight block edge
 _INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
@@ -30,7 +31,10 @@ def _kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M", "M_OUT", "stride_sr", "stride_sg"])
     def quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_x, stride_sr, stride_sg,
                           GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr,
-                          INV_FMAX: tl.constexpr):
+                          INV_FMAX: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # ROWS rows x one group of columns per program (one row a program made a decode step's MoE
         # activations, 2560 padded rows x 6 groups, 15360 programs of 128 values). Rows M..M_OUT (padding a
         # GEMM needs) are written as zeros.
@@ -54,7 +58,9 @@ def _kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M"])
     def block_gemm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, M, N, K, stride_bs,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr):
+                          GROUP_M: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+            tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         per_group = GROUP_M * num_n  # programs of GROUP_M row tiles walk N together (L2 reuse of B)
@@ -85,7 +91,10 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit(do_not_specialize=["M"])
     def block_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_s,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         # One activation row and BLOCK_N weight rows (inside one 128-row scale block) per program;
         # the rows of one weight tile are neighbours in the grid, so the M programs reading a tile
         # share it through L2. Products on CUDA cores in float32: bf16 activations as they are (no
@@ -115,7 +124,9 @@ def _kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M"])
     def block_gemm_split_kernel(x_ptr, xs_ptr, w_ptr, y_ptr, ws_ptr, part_ptr, count_ptr, M, N, K, stride_x,
                                 stride_ws, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                SPLIT_K: tl.constexpr):
+                                SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+            tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         # Few rows: one program per (BLOCK_N weight rows, K range), so that a decode batch's GEMM has enough
         # programs to stream the weight at the copy rate; x is fp8 with a scale per row and 128-column block (xs),
         # each block's fp8 x fp8 product scaled and added in float32. With SPLIT_K ranges each writes its float32
@@ -186,9 +197,10 @@ def quantize_rows(x: torch.Tensor, group: int | None, pad_rows: int = 1,
         s = torch.empty(m_out, groups, dtype=torch.float32, device=x.device)
     if m_out:
         rows = max(1, min(16, 2048 // size))  # up to 2048 values a program
+        pdl = pdl_enabled(x, m)
         _kernels().quant_rows[(-(-m_out // rows), groups)](x, q, s, m, m_out, k, x.stride(0), s.stride(0),
                                                            s.stride(1), GROUP_SIZE=size, ROWS=rows, FMAX=FP8_MAX,
-                                                           INV_FMAX=_INV_FP8_MAX, num_warps=4)
+                                                           INV_FMAX=_INV_FP8_MAX, PDL=pdl, launch_pdl=pdl, num_warps=4)
     return q, s
 
 
@@ -221,9 +233,10 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     if m == 0:
         return out
     block_n, block_k, warps = config or GEMV_CONFIG
+    pdl = pdl_enabled(x, m)
     _kernels().block_gemv[(m * -(-n // block_n),)](x, weight, weight_scale, out, m, n, k, x.stride(0),
                                                    weight_scale.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   num_warps=warps)
+                                                   PDL=pdl, launch_pdl=pdl, num_warps=warps)
     return out
 
 
@@ -273,9 +286,11 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     if split > 1:
         part = torch.empty(split, block_m, n, dtype=torch.float32, device=x.device)
         counters = split_counters(x.device, tiles)
+    pdl = pdl_enabled(x, m)
     _kernels().block_gemm_split[(tiles, split)](x, xs, weight, out, weight_scale, part, counters, m, n, k,
                                                 x.stride(0), weight_scale.stride(0), k_per_split, BLOCK_M=block_m,
-                                                BLOCK_N=block_n, SPLIT_K=split, num_warps=warps, num_stages=stages)
+                                                BLOCK_N=block_n, SPLIT_K=split, PDL=pdl, launch_pdl=pdl,
+                                                num_warps=warps, num_stages=stages)
     return out
 
 
@@ -369,9 +384,10 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         return out
     block_m, block_n, warps, stages = config or _config(m)
     grid = (-(-m // block_m) * -(-n // block_n),)
+    pdl = pdl_enabled(x, m)
     _kernels().block_gemm[grid](xq, weight, out, xs, weight_scale, m, n, k, weight_scale.stride(0),
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, GROUP_M=8,
-                                num_warps=warps, num_stages=stages)
+                                PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return out
 
 

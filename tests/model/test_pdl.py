@@ -1,0 +1,105 @@
+"""Programmatic dependent launch (triton_decode.pdl_enabled) and the GEMV's per-device launches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdlaunch.model import fused_ops
+from pdlaunch.model import gemv as gemv_module
+from pdlaunch.model.gemv import GEMV_CONFIG, GEMV_DEVICE_CONFIGS, config_for, gemv
+from pdlaunch.model.triton_decode import pdl_enabled
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                            reason="needs a CUDA GPU of sm_90 or newer")
+
+
+def test_cpu_tensors_never_launch_dependently() -> None:
+    assert not pdl_enabled(torch.zeros(1), 1)
+
+
+def test_gemv_launch_per_device_and_rows() -> None:
+    assert config_for("NVIDIA H200", 2048) == (8, 1024, 8)
+    assert config_for("NVIDIA H200", 4096) == (4, 512, 4)
+    assert config_for("NVIDIA H200", 6144) == GEMV_CONFIG
+    assert config_for("NVIDIA H200", 28672) == (16, 256, 4)
+    assert config_for("NVIDIA H100 80GB HBM3", 4096) == GEMV_CONFIG
+    assert config_for("NVIDIA H100 80GB HBM3", 128256) == (8, 1024, 8)
+    assert config_for("NVIDIA A100-SXM4-80GB", 28672) == GEMV_CONFIG  # no entry: the default
+    for table in GEMV_DEVICE_CONFIGS.values():  # ascending, and every config a power-of-two tile
+        assert [max_n for max_n, _ in table] == sorted(max_n for max_n, _ in table)
+        for _, (rows, cols, warps) in table:
+            assert rows & (rows - 1) == 0 and cols & (cols - 1) == 0 and warps in (1, 2, 4, 8)
+
+
+@hopper
+@pytest.mark.gpu
+def test_pdl_follows_the_device_the_rows_and_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(1, device="cuda")
+    assert pdl_enabled(x, 1)
+    assert not pdl_enabled(x, 2)  # batches: their projections run through cuBLAS
+    monkeypatch.setenv("PDLAUNCH_PDL", "off")
+    assert not pdl_enabled(x, 1)
+
+
+def _chain(x: torch.Tensor, residual: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+           norm_w: torch.Tensor) -> torch.Tensor:
+    # A batch-1 decoder's kernels in a row, each reading what the one before wrote: norm, GEMV, GEMV with the
+    # SiLU fused, fused add + norm, and so on; every launch dependent on the one before.
+    h = fused_ops.rms_norm(x, norm_w, 1e-6)
+    for up, down, square in weights:
+        h = gemv(h, square)
+        h, residual = fused_ops.fused_add_rms_norm(h, residual, norm_w, 1e-6)
+        h = gemv(gemv(h, up), down, silu_mul=True)
+        h, residual = fused_ops.fused_add_rms_norm(h, residual, norm_w, 1e-6)
+    return h + residual
+
+
+@hopper
+@pytest.mark.gpu
+def test_a_graph_of_dependent_launches_reads_only_finished_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replays with new inputs each time equal the same chain launched without PDL, bit for bit: a kernel that
+    read before the one before it had finished would see the last replay's values (or none)."""
+    torch.manual_seed(0)
+    hidden, inter = 2048, 4096
+    dt = torch.bfloat16
+    weights = [((torch.randn(2 * inter, hidden, device="cuda") * 0.03).to(dt),
+                (torch.randn(hidden, inter, device="cuda") * 0.02).to(dt),
+                (torch.randn(hidden, hidden, device="cuda") * 0.03).to(dt)) for _ in range(6)]
+    norm_w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dt)
+    x = torch.randn(1, hidden, device="cuda", dtype=dt)
+    residual = torch.randn(1, hidden, device="cuda", dtype=dt)
+    assert pdl_enabled(x, 1)
+    _chain(x, residual, weights, norm_w)  # compiles outside the capture
+    out = torch.empty_like(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(_chain(x, residual, weights, norm_w))
+    for seed in range(5):
+        torch.manual_seed(100 + seed)
+        x.copy_(torch.randn_like(x))
+        residual.copy_(torch.randn_like(residual))
+        graph.replay()
+        with monkeypatch.context() as off:
+            off.setenv("PDLAUNCH_PDL", "off")
+            want = _chain(x, residual, weights, norm_w)
+        torch.cuda.synchronize()
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+@cuda
+@pytest.mark.gpu
+def test_the_gemv_takes_its_device_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[tuple[str, int]] = []
+
+    def recording(device_name: str, n: int) -> tuple[int, int, int]:
+        asked.append((device_name, n))
+        return (4, 256, 4)
+
+    monkeypatch.setattr(gemv_module, "config_for", recording)
+    w = (torch.randn(4096, 1024, device="cuda") * 0.02).to(torch.bfloat16)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(gemv(x, w), gemv(x, w, config=(4, 256, 4)), atol=0, rtol=0)
+    assert asked == [(torch.cuda.get_device_name(), 4096)]
