@@ -28,8 +28,8 @@ GEMV_CONFIG: GemvConfig = (8, 512, 4)
 # weight's N; larger weights and other devices take GEMV_CONFIG. Measured with benchmarks/gemv_speed.py, kernels
 # launched as in a decode step (benchmarks/RESULTS.md, "Kernels that start while the one before ends").
 GEMV_DEVICE_CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
-    "H200": ((2048, (8, 1024, 8)), (4096, (4, 512, 4)), (8192, GEMV_CONFIG), (1 << 62, (16, 256, 4))),
-    "H100": ((2048, (8, 1024, 8)), (8192, GEMV_CONFIG), (1 << 62, (8, 1024, 8))),
+    "H200": ((2048, (8, 1024, 8)), (4096, (4, 512, 4)), (8192, (8, 1024, 8)), (1 << 62, (16, 256, 4))),
+    "H100": ((2048, (8, 1024, 8)), (4096, (4, 512, 4)), (1 << 62, (8, 1024, 8))),
 }
 _DTYPES = (torch.bfloat16, torch.float16)
 

@@ -22,9 +22,10 @@ def test_cpu_tensors_never_launch_dependently() -> None:
 def test_gemv_launch_per_device_and_rows() -> None:
     assert config_for("NVIDIA H200", 2048) == (8, 1024, 8)
     assert config_for("NVIDIA H200", 4096) == (4, 512, 4)
-    assert config_for("NVIDIA H200", 6144) == GEMV_CONFIG
+    assert config_for("NVIDIA H200", 6144) == (8, 1024, 8)
     assert config_for("NVIDIA H200", 28672) == (16, 256, 4)
-    assert config_for("NVIDIA H100 80GB HBM3", 4096) == GEMV_CONFIG
+    assert config_for("NVIDIA H100 80GB HBM3", 4096) == (4, 512, 4)
+    assert config_for("NVIDIA H100 80GB HBM3", 6144) == (8, 1024, 8)
     assert config_for("NVIDIA H100 80GB HBM3", 128256) == (8, 1024, 8)
     assert config_for("NVIDIA A100-SXM4-80GB", 28672) == GEMV_CONFIG  # no entry: the default
     for table in GEMV_DEVICE_CONFIGS.values():  # ascending, and every config a power-of-two tile
