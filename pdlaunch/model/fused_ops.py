@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.quant import kv_cache as fp8_kv
-from pdlaunch.model.triton_decode import pdl_enabled, triton_importable
+from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 
@@ -295,7 +295,7 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
                                 x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(1),
                                 weight.stride(0), ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
-                                PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, launch_pdl=pdl)
+                                PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
     return y, res_out
 
 
@@ -362,7 +362,7 @@ def _rotary_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
                               ROTATE=kernels.rotate_heads, NORM=norm is not None, WRITE_KV=write is not None,
                               FP8=cache.dtype == torch.float8_e4m3fn, PDL=pdl,
                               num_warps=_num_warps(npow2(num_q_heads) * head_dim), enable_fp_fusion=False,
-                              launch_pdl=pdl)
+                              **pdl_kwargs(pdl))
     return q_out, k_out
 
 
@@ -417,7 +417,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     pdl = pdl_enabled(gate_up, tokens)
     _kernels(interpret).silu_and_mul[(tokens, -(-inter // block))](
         gate_up, out, inter, gate_up.stride(0), gate_up.stride(1), BLOCK=block, LIBDEVICE_EXP=not interpret,
-        PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, launch_pdl=pdl)
+        PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
     return out
 
 
@@ -446,4 +446,4 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         *k.stride(), *v.stride(), *kv_scales, D=head_dim, D_PAD=npow2(head_dim), H_PAD=npow2(num_kv_heads),
         FP8=kv_cache.dtype == torch.float8_e4m3fn, PDL=pdl,
         num_warps=_num_warps(npow2(num_kv_heads) * head_dim), enable_fp_fusion=False,
-        launch_pdl=pdl)
+        **pdl_kwargs(pdl))

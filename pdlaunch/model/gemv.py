@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from pdlaunch.model.triton_decode import pdl_enabled, triton_importable
+from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).
@@ -104,7 +104,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          config: GemvConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
     """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in x's dtype. silu_mul: x is [1, 2K], the
     (gate, up) halves of a gate_up projection, and the row multiplied is silu(gate) * up (the SwiGLU's
-    down projection without the separate silu_and_mul launch). `config` overrides gemv_config's choice."""
+    down projection without the separate silu_and_mul launch). `config` overrides config_for's choice."""
     import triton
 
     n, k = weight.shape
@@ -117,5 +117,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _kernel()[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
                                           HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n,
                                           BLOCK_K=block_k, PDL=pdl, X_CHUNK=_kernel().x_chunk,
-                                          num_warps=warps, launch_pdl=pdl)
+                                          num_warps=warps, **pdl_kwargs(pdl))
     return out

@@ -235,7 +235,25 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     cuBLAS, whose GEMMs let the next kernel start early; ours then waited on SMs the GEMM still needed (H200,
     48 x 3072: 9.54 -> 9.82 ms). PDLAUNCH_PDL=off turns it off (debugging, benchmarks)."""
     return (rows == 1 and t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
-            and _capability(t.device.index or 0) >= (9, 0) and not _interpret_mode())
+            and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not _interpret_mode())
+
+
+def pdl_kwargs(pdl: bool) -> dict[str, bool]:
+    """The launch keyword for a dependent launch: none for a plain one, so that a Triton without it (before
+    3.3; torch 2.4-2.6 bring one) launches as before."""
+    return {"launch_pdl": True} if pdl else {}
+
+
+@lru_cache(maxsize=1)
+def _triton_has_pdl() -> bool:
+    """The installed Triton has the launch option and the two instructions (3.3 and newer)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return ("launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            and hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents"))
 
 
 def _has_fp8_convert(device: torch.device) -> bool:
@@ -326,6 +344,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, launch_pdl=pdl,
+        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out

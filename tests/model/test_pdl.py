@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
+
 import pytest
 import torch
 
-from pdlaunch.model import fused_ops
+from pdlaunch.model import fused_ops, triton_decode
 from pdlaunch.model import gemv as gemv_module
 from pdlaunch.model.gemv import GEMV_CONFIG, GEMV_DEVICE_CONFIGS, config_for, gemv
-from pdlaunch.model.triton_decode import pdl_enabled
+from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
@@ -17,6 +21,34 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 def test_cpu_tensors_never_launch_dependently() -> None:
     assert not pdl_enabled(torch.zeros(1), 1)
+
+
+def test_plain_launches_pass_no_pdl_keyword() -> None:
+    # A Triton before 3.3 rejects launch keywords it does not know, so a plain launch must not name launch_pdl.
+    assert pdl_kwargs(False) == {}
+    assert pdl_kwargs(True) == {"launch_pdl": True}
+
+
+def test_a_triton_without_the_launch_option_never_launches_dependently(monkeypatch: pytest.MonkeyPatch) -> None:
+    old_compiler = types.ModuleType("triton.backends.nvidia.compiler")
+
+    @dataclasses.dataclass
+    class CUDAOptions:  # Triton 3.2's options: no launch_pdl
+        num_warps: int = 4
+
+    old_compiler.CUDAOptions = CUDAOptions  # type: ignore[attr-defined]
+    old_cuda = types.ModuleType("triton.language.extra.cuda")
+    monkeypatch.setitem(sys.modules, "triton.backends.nvidia.compiler", old_compiler)
+    monkeypatch.setitem(sys.modules, "triton.language.extra.cuda", old_cuda)
+    for name in ("triton", "triton.backends", "triton.backends.nvidia", "triton.language", "triton.language.extra"):
+        if name not in sys.modules:
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setattr(sys.modules["triton.language.extra"], "cuda", old_cuda, raising=False)
+    triton_decode._triton_has_pdl.cache_clear()
+    try:
+        assert not triton_decode._triton_has_pdl()
+    finally:
+        triton_decode._triton_has_pdl.cache_clear()
 
 
 def test_gemv_launch_per_device_and_rows() -> None:

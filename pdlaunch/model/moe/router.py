@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.fused_ops import fused_available
-from pdlaunch.model.triton_decode import pdl_enabled
+from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
 
 ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the Triton product; more: cuBLAS
 
@@ -123,7 +123,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     pdl = pdl_enabled(x, num_tokens)
     kernels.router_gemv[(num_tokens, -(-num_experts // block_e))](
         x, weight, out, num_experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_E=block_e, BLOCK_H=block_h, PDL=pdl, launch_pdl=pdl, num_warps=4)
+        BLOCK_E=block_e, BLOCK_H=block_h, PDL=pdl, **pdl_kwargs(pdl), num_warps=4)
     return out
 
 
@@ -141,5 +141,6 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
         kernels.topk_softmax[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0),
                                             TOP_K=top_k, K_PAD=kernels.next_power_of_2(top_k),
                                             E_PAD=kernels.next_power_of_2(num_experts), RENORMALIZE=renormalize,
-                                            LIBDEVICE_EXP=not kernels.interpret, PDL=pdl, launch_pdl=pdl, num_warps=1)
+                                            LIBDEVICE_EXP=not kernels.interpret, PDL=pdl, num_warps=1,
+                                            **pdl_kwargs(pdl))
     return weights, ids

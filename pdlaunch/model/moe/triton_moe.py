@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
-from pdlaunch.model.triton_decode import pdl_enabled
+from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
 
@@ -271,10 +271,10 @@ def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_
     args = (topk_ids.reshape(-1), rows, block_expert, hist, num_rows, expert_start, num_local, num_blocks)
     pdl = pdl_enabled(topk_ids, topk_ids.shape[0])
     k.align_count[(1 if few else chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FEW=few, PDL=pdl,
-                                           launch_pdl=pdl, num_warps=4)
+                                           **pdl_kwargs(pdl), num_warps=4)
     if not few:
         k.align_place[(chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
-                                 CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)), PDL=pdl, launch_pdl=pdl,
+                                 CHUNKS_PAD=max(16, triton.next_power_of_2(chunks)), PDL=pdl, **pdl_kwargs(pdl),
                                  num_warps=4)
     return rows, block_expert
 
@@ -327,7 +327,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
         act.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
         HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
-        PDL=pdl, launch_pdl=pdl, num_warps=tile.num_warps,
+        PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
     out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
@@ -338,7 +338,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
         out.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
         HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
-        PDL=pdl, launch_pdl=pdl, num_warps=tile.num_warps,
+        PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     rows_per_token = out.view(num_tokens, top_k, hidden)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
-from pdlaunch.model.triton_decode import pdl_enabled
+from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
 _INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
@@ -200,7 +200,8 @@ def quantize_rows(x: torch.Tensor, group: int | None, pad_rows: int = 1,
         pdl = pdl_enabled(x, m)
         _kernels().quant_rows[(-(-m_out // rows), groups)](x, q, s, m, m_out, k, x.stride(0), s.stride(0),
                                                            s.stride(1), GROUP_SIZE=size, ROWS=rows, FMAX=FP8_MAX,
-                                                           INV_FMAX=_INV_FP8_MAX, PDL=pdl, launch_pdl=pdl, num_warps=4)
+                                                           INV_FMAX=_INV_FP8_MAX, PDL=pdl, num_warps=4,
+                                                           **pdl_kwargs(pdl))
     return q, s
 
 
@@ -236,7 +237,7 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     pdl = pdl_enabled(x, m)
     _kernels().block_gemv[(m * -(-n // block_n),)](x, weight, weight_scale, out, m, n, k, x.stride(0),
                                                    weight_scale.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   PDL=pdl, launch_pdl=pdl, num_warps=warps)
+                                                   PDL=pdl, **pdl_kwargs(pdl), num_warps=warps)
     return out
 
 
@@ -289,7 +290,7 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     pdl = pdl_enabled(x, m)
     _kernels().block_gemm_split[(tiles, split)](x, xs, weight, out, weight_scale, part, counters, m, n, k,
                                                 x.stride(0), weight_scale.stride(0), k_per_split, BLOCK_M=block_m,
-                                                BLOCK_N=block_n, SPLIT_K=split, PDL=pdl, launch_pdl=pdl,
+                                                BLOCK_N=block_n, SPLIT_K=split, PDL=pdl, **pdl_kwargs(pdl),
                                                 num_warps=warps, num_stages=stages)
     return out
 
@@ -387,7 +388,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     pdl = pdl_enabled(x, m)
     _kernels().block_gemm[grid](xq, weight, out, xs, weight_scale, m, n, k, weight_scale.stride(0),
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, GROUP_M=8,
-                                PDL=pdl, launch_pdl=pdl, num_warps=warps, num_stages=stages)
+                                PDL=pdl, **pdl_kwargs(pdl), num_warps=warps, num_stages=stages)
     return out
 
 
