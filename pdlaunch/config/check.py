@@ -17,6 +17,7 @@ from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.resources import port_plan
+from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
 from pdlaunch.config.validate import (
     TargetHost,
@@ -74,6 +75,8 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
         table.add_row(str(i), group.role, str(group.count), str(group.tp), devices, str(group.node),
                       _ports_of_group(cfg, i))
     console.print(table)
+    if size_problems(cfg):  # reported below; planning its ports or memory would walk every rank
+        return
     transfer = ("none (colocated)" if cfg.colocated
                 else f"{cfg.kv_transfer.connector}, mode {cfg.kv_transfer.transfer_mode}")
     side = cfg.kv_transfer.side_channel_port

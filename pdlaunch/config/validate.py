@@ -190,7 +190,9 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     """Every problem of `cfg` on this host (target=None) or on the declared target host, and the resolved config."""
     device = resolved_device(cfg, target)
     out = resolve(cfg, target)
-    problems: list[Problem] = []
+    problems: list[Problem] = roles.size_problems(out)
+    if problems:  # the rules below walk every rank: a typo like `count: 3000000` would fill memory there
+        return problems, out
     problems += _device_rules(cfg, device, target)
     problems += _cumem_rules(out, device, target)
     info, model_problems = model_info_for(out)

@@ -327,3 +327,38 @@ def test_tp_group_spanning_nodes_needs_master_port_and_reachable_side_channel(tm
     fixed = spanning.replace("parallel:\n", "parallel:\n  master_port: 29500\n") + \
         "kv_transfer: {side_channel_host: 0.0.0.0}\n"
     assert check([str(write_yaml(tmp_path, fixed)), *cpu]).exit_code == 0
+
+
+# --- sizes: a typo in a count or a TP size is an error, not a check that fills memory -------------
+
+def test_a_group_of_millions_of_instances_is_refused_at_once(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "device: cpu\ninstances:\n  - {role: prefill, count: 3000000}\n  - {role: decode}\n")
+    result = check([str(path)])
+    assert_invalid(result, "instances[0].count", "3000000 instances x TP 1 is 3000000 ranks, more than 16384")
+    assert "fixed:" not in result.output  # the summary stops before it would plan every rank's ports
+
+
+def test_a_huge_tp_is_refused_for_every_group_that_takes_it(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "device: cpu\nparallel: {tp: 200000000}\n")
+    report = check_json([str(path)])
+    assert not report["valid"]
+    assert {p["field"] for p in report["problems"]} == {"instances[0].tp", "instances[1].tp"}
+    assert all("TP 200000000 is more than 16384 ranks" in p["message"] for p in report["problems"])
+
+
+def test_the_flag_that_set_a_huge_count_is_named() -> None:
+    assert_invalid(check(["--model", "tiny", "--device", "cpu", "--prefill", "20000"]), "--prefill",
+                   "20000 instances x TP 1 is 20000 ranks")
+
+
+def test_groups_within_the_limit_alone_are_refused_together(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "device: cpu\ninstances:\n  - {role: prefill, count: 10000}\n"
+                                "  - {role: decode, count: 10000}\n")
+    assert_invalid(check([str(path)]), "instances", "the groups have 20000 ranks in all, more than 16384")
+
+
+def test_the_largest_deployment_allowed_is_checked_as_usual(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path, "device: cpu\nmodel: {path: tiny}\ninstances:\n  - {role: prefill, count: 1}\n"
+                                "  - {role: decode, count: 16383}\n")
+    report = check_json([str(path)])
+    assert not any("ranks" in p["message"] for p in report["problems"])

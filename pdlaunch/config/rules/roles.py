@@ -15,6 +15,32 @@ from pdlaunch.config.models import (
 )
 from pdlaunch.config.problems import Problem, problem
 
+# More ranks (processes, one per GPU on CUDA) than a deployment runs: the rules after size_problems walk every
+# rank, so a typo such as `count: 3000000` must stop there instead of filling memory.
+MAX_RANKS = 16384
+
+
+def size_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """No group, and not all groups together, of more than MAX_RANKS ranks (count x TP)."""
+    problems: list[Problem] = []
+    total = 0
+    for i, group in enumerate(cfg.instances):
+        tp = group.tp or 1
+        total += group.count * tp
+        if tp > MAX_RANKS:
+            problems.append(problem(f"instances[{i}].tp", f"TP {tp} is more than {MAX_RANKS} ranks",
+                                    "give the GPUs one instance spans (here, or by parallel.tp / prefill_tp / "
+                                    "decode_tp: --tp, --prefill-tp, --decode-tp)"))
+        elif group.count * tp > MAX_RANKS:
+            problems.append(problem(f"instances[{i}].count",
+                                    f"{group.count} instances x TP {tp} is {group.count * tp} ranks, more than "
+                                    f"{MAX_RANKS}", "give the number of instances of this group (--prefill, "
+                                    "--decode)"))
+    if not problems and total > MAX_RANKS:
+        problems.append(problem("instances", f"the groups have {total} ranks in all, more than {MAX_RANKS}",
+                                "give fewer instances or smaller TP sizes"))
+    return problems
+
 
 def role_problems(cfg: DeploymentConfig) -> list[Problem]:
     """At least one prefill and one decode instance, unless colocated; no P/D groups when colocated."""
