@@ -239,8 +239,8 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
 
 
 def pdl_kwargs(pdl: bool) -> dict[str, bool]:
-    """The launch keyword for a dependent launch: none for a plain one, so that a Triton without it (before
-    3.3; torch 2.4-2.6 bring one) launches as before."""
+    """The launch keyword for a dependent launch, and none for a plain one: a Triton without the option (before
+    3.3) rejects launch keywords it does not know."""
     return {"launch_pdl": True} if pdl else {}
 
 
