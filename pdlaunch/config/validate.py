@@ -1,6 +1,7 @@
 """Cross-field validation of a deployment against a host, and the resolved config it runs with.
 
-`validate_deployment(cfg, target)` returns every problem (never stops at the first) and the resolved
+`validate_deployment(cfg, target)` returns every problem (never stops at the first, except that a deployment of
+more than roles.MAX_RANKS ranks gets only those size problems: the other rules walk every rank) and the resolved
 config: device and dtype made concrete, TP filled in per instance group, `max_model_len` from the
 model, and the cumem allocator turned on by sleep mode (vLLM #33540, docs/ARCHITECTURE.md "Upstream behaviours
 we reproduce").
