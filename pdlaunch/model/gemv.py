@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from types import SimpleNamespace
 
 import torch
 
@@ -35,7 +36,8 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 
 @lru_cache(maxsize=1)
-def _kernel():  # noqa: ANN202 (a triton.JITFunction)
+def _kernels() -> SimpleNamespace:
+    """The GEMV kernel (`gemv`) and its x loader (`x_chunk`), which it takes as a constexpr."""
     import triton
     import triton.language as tl
 
@@ -78,8 +80,7 @@ def _kernel():  # noqa: ANN202 (a triton.JITFunction)
             y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
-    gemv_kernel.x_chunk = x_chunk
-    return gemv_kernel
+    return SimpleNamespace(gemv=gemv_kernel, x_chunk=x_chunk)
 
 
 def config_for(device_name: str, n: int) -> GemvConfig:
@@ -114,8 +115,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or config_for(_device_name(weight.device.index or 0), n)
     pdl = pdl_enabled(x, x.shape[0])
-    _kernel()[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
-                                          HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n,
-                                          BLOCK_K=block_k, PDL=pdl, X_CHUNK=_kernel().x_chunk,
-                                          num_warps=warps, **pdl_kwargs(pdl))
+    kernels = _kernels()
+    kernels.gemv[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
+                                             HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n,
+                                             BLOCK_K=block_k, PDL=pdl, X_CHUNK=kernels.x_chunk, num_warps=warps,
+                                             **pdl_kwargs(pdl))
     return out
