@@ -136,3 +136,24 @@ def test_the_gemv_takes_its_device_launch(monkeypatch: pytest.MonkeyPatch) -> No
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(gemv(x, w), gemv(x, w, config=(4, 256, 4)), atol=0, rtol=0)
     assert asked == [(torch.cuda.get_device_name(), 4096)]
+
+
+@pytest.mark.gpu  # no GPU needed, but Triton's CUDA backend: make test-gpu is where it is installed
+def test_the_gemv_waits_and_releases_only_when_launched_dependent() -> None:
+    """Compiled for sm_90: with PDL the GEMV's PTX has the wait and the release, without it neither."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = gemv_module._kernels()
+    for pdl in (True, False):
+        constexprs = {"HAS_BIAS": False, "SILU_MUL": False, "BLOCK_N": 8, "BLOCK_K": 512, "PDL": pdl,
+                      "X_CHUNK": kernels.x_chunk}
+        types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
+                     for name in kernels.gemv.arg_names}
+        ptx = triton.compile(ASTSource(fn=kernels.gemv, signature=signature, constexprs=constexprs),
+                             target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert ("griddepcontrol.wait" in ptx) == pdl
+        assert ("griddepcontrol.launch_dependents" in ptx) == pdl
