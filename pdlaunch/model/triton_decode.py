@@ -78,9 +78,12 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, PRELOAD: tl.constexpr,
     ):
-        if PDL:  # q and the newest token's K/V come from the kernel before (pdl_enabled)
+        # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
+        # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
+        # before attention writes those (paged_decode passes it only for a block table it need not copy).
+        if PDL and not PRELOAD:
             tl.extra.cuda.gdc_wait()
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -101,6 +104,14 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         heads = kv_head * GROUP + g
         head_ok = g < GROUP
         token = tl.load(tokens_ptr + seq)
+        offs = tl.arange(0, TILE)
+        table = block_table_ptr + seq * stride_bt
+        first_blocks = tl.zeros([TILE], tl.int64)  # unread without PRELOAD
+        if PRELOAD:
+            kpos = start * TILE + offs
+            first_blocks = tl.load(table + kpos // BLOCK_SIZE, mask=(kpos <= qpos) & (kpos >= first),
+                                   other=0).to(tl.int64)
+            tl.extra.cuda.gdc_wait()
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
         # An fp8 cache is read up to q's dtype (exact for e4m3; V below); its k scale is folded into
         # `scale` and its v scale applied to the accumulator (linear, so partials merge the same).
@@ -110,13 +121,15 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-        offs = tl.arange(0, TILE)
-        table = block_table_ptr + seq * stride_bt
         head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
         for t in range(start, stop):
             kpos = t * TILE + offs
             valid = (kpos <= qpos) & (kpos >= first)
-            block = tl.load(table + kpos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            if PRELOAD:
+                later = tl.load(table + kpos // BLOCK_SIZE, mask=valid & (t > start), other=0).to(tl.int64)
+                block = tl.where(t > start, later, first_blocks)
+            else:
+                block = tl.load(table + kpos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
             row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
             kv_mask = valid[:, None] & d_ok[None, :]
             k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
@@ -323,6 +336,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
         launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms, element_size=kv_cache.element_size())
     out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    pdl = pdl_enabled(q, num_seqs)
+    # A table that needs a copy would be written by the kernel right before this one: read it after the wait.
+    preload = pdl and block_table.is_contiguous()
     block_table = block_table.contiguous()
     plane = block_size * num_kv_heads * head_dim  # elements of one (layer, k|v) slice of a block
     head_pad = max(16, triton.next_power_of_2(head_dim))
@@ -331,7 +347,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         part = torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
         counts = split_counters(q.device, num_seqs * num_kv_heads)
     interpret = _interpret_mode()
-    pdl = pdl_enabled(q, num_seqs)
     decode_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part, counts,
@@ -344,6 +359,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        PDL=pdl, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_kwargs(pdl),
+        PDL=pdl, PRELOAD=preload, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -157,3 +157,73 @@ def test_the_gemv_waits_and_releases_only_when_launched_dependent() -> None:
                              target=GPUTarget("cuda", 90, 32)).asm["ptx"]
         assert ("griddepcontrol.wait" in ptx) == pdl
         assert ("griddepcontrol.launch_dependents" in ptx) == pdl
+
+
+def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: torch.Tensor, slot: torch.Tensor,
+                           table: torch.Tensor, seq_len: torch.Tensor, cos: torch.Tensor,
+                           sin: torch.Tensor) -> torch.Tensor:
+    # One batch-1 layer's kernels from the qkv projection on, each dependent on the one before: the rotary
+    # writes the newest K/V that the paged decode (which loads its block ids before it waits) must see, and
+    # the router's top-k writes the ids the expert GEMMs read as their layout (no layout launch at one token).
+    from pdlaunch.model.moe.fused import fused_moe
+    from pdlaunch.model.moe.layout import TileConfig
+    from pdlaunch.model.moe.router import route, router_logits
+    from pdlaunch.model.triton_decode import paged_decode
+
+    hq, hkv, dim = 8, 2, 128
+    qkv = gemv(fused_ops.rms_norm(x, p["norm"], 1e-6), p["qkv"])
+    q, k, v = qkv.view(1, hq + 2 * hkv, dim).split([hq, hkv, hkv], dim=1)
+    q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0)
+    attn = paged_decode(q, cache, 0, torch.zeros(1, dtype=torch.long, device=x.device), table, seq_len, None, 0.09)
+    h, residual = fused_ops.fused_add_rms_norm(gemv(attn.view(1, -1), p["o"]), x, p["norm"], 1e-6)
+    weights, ids = route(router_logits(h, p["router"]), 8, True)
+    tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3)
+    return fused_moe(h, p["w13"], p["w2"], weights, ids, tile=tile) + residual
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("context", [100, 1000, 5000])
+def test_attention_and_experts_launched_dependent_read_only_finished_results(
+        monkeypatch: pytest.MonkeyPatch, context: int) -> None:
+    """The decode kernel loads the sequence length and its first tile's block ids before it waits for the rotary
+    that writes the newest K/V row; the expert GEMMs read the router's ids with no launch between. A graph
+    replayed with a new token and a new cache each time equals the same kernels launched plainly, bit for bit
+    (a read of anything the kernel before writes, before the wait, would see the last replay's values)."""
+    from pdlaunch.model.moe.triton_moe import few_assignments
+
+    torch.manual_seed(1)
+    dt, hidden, dim, block_size, experts = torch.bfloat16, 1024, 128, 16, 64
+    p = {"norm": (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dt),
+         "qkv": (torch.randn(12 * dim, hidden, device="cuda") * 0.03).to(dt),
+         "o": (torch.randn(hidden, 8 * dim, device="cuda") * 0.03).to(dt),
+         "router": (torch.randn(experts, hidden, device="cuda") * 0.05).to(dt),
+         "w13": (torch.randn(experts, 2 * 256, hidden, device="cuda") * 0.03).to(dt),
+         "w2": (torch.randn(experts, hidden, 256, device="cuda") * 0.03).to(dt)}
+    assert few_assignments(8, experts)
+    blocks = -(-context // block_size)
+    cache = torch.zeros(blocks + 3, 1, 2, block_size, 2, dim, device="cuda", dtype=dt)
+    table = torch.randperm(blocks + 3, device="cuda")[:blocks].unsqueeze(0).contiguous()  # scattered blocks
+    seq_len = torch.tensor([context], device="cuda")
+    newest = table[0, (context - 1) // block_size] * block_size + (context - 1) % block_size
+    slot = newest.view(1).long()
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    cos, sin = fused_ops.rotary_cos_sin(seq_len - 1, inv_freq, dt)
+    x = torch.randn(1, hidden, device="cuda", dtype=dt)
+    assert pdl_enabled(x, 1)
+    _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin)  # compiles outside the capture
+    out = torch.empty_like(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(_attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin))
+    for seed in range(4):
+        torch.manual_seed(200 + seed)
+        x.copy_(torch.randn_like(x))
+        cache.copy_(torch.randn_like(cache))  # the older rows change too
+        graph.replay()
+        with monkeypatch.context() as off:
+            off.setenv("PDLAUNCH_PDL", "off")
+            want = _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin)
+        torch.cuda.synchronize()
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(out, want, atol=0, rtol=0)

@@ -54,6 +54,41 @@ def test_interpret_float32_equals_the_reference_loop(interpret: None, tokens: in
         assert torch.equal(out[elsewhere], torch.zeros_like(out[elsewhere]))
 
 
+@pytest.mark.parametrize("expert_start", [0, 16])
+@pytest.mark.parametrize("fp8_experts", [False, True])
+def test_interpret_few_assignments_read_their_experts_from_the_ids(interpret: None, expert_start: int,
+                                                                   fp8_experts: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tokens' four assignments for 16 local experts (few_assignments): the kernels take each assignment's
+    expert from the routed ids, with no layout launch; assignments to the other rank's experts add nothing."""
+    from pdlaunch.model.moe import triton_moe
+
+    def no_layout(*args: object) -> None:
+        raise AssertionError("align_rows launched for a batch the kernels lay out themselves")
+
+    monkeypatch.setattr(triton_moe, "align_rows", no_layout)
+    experts, local, top_k, hidden, inter = 32, 16, 2, 128, 128
+    gen = torch.Generator().manual_seed(7 + expert_start)
+    x = torch.randn(2, hidden, generator=gen).half()
+    w13 = 0.05 * torch.randn(local, 2 * inter, hidden, generator=gen)
+    w2 = 0.05 * torch.randn(local, hidden, inter, generator=gen)
+    logits = torch.randn(2, experts, generator=gen)
+    logits[0, expert_start:expert_start + local] += 10  # token 0 routed here only; token 1 spread
+    weights, ids = route(logits, top_k, True)
+    assert triton_moe.few_assignments(ids.numel(), local)
+    if fp8_experts:
+        (w13, s13), (w2, s2) = fp8.quantize_stacked_blocks(w13), fp8.quantize_stacked_blocks(w2)
+        out = fused_moe(x, w13, w2, weights, ids, expert_start, use="triton", tile=TILE, scales=(s13, s2))
+        w13, w2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
+    else:
+        w13, w2 = w13.half(), w2.half()
+        out = fused_moe(x, w13, w2, weights, ids, expert_start, use="triton", tile=TILE)
+    want = moe_reference(x.float(), w13.float(), w2.float(), weights, ids, expert_start)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    elsewhere = ((ids < expert_start) | (ids >= expert_start + local)).all(dim=1)
+    assert torch.equal(out[elsewhere], torch.zeros_like(out[elsewhere]))
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 64])
 def test_interpret_fp8_block_experts_equal_the_dequantized_ones(interpret: None, tokens: int) -> None:
     experts, top_k, hidden, inter = 8, 2, 256, 128
@@ -140,7 +175,7 @@ def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "31 passed")
+    run_interpreter_child(__file__, "interpret_", "35 passed")
 
 
 @pytest.mark.parametrize("few", [False, True])
@@ -197,7 +232,7 @@ def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, 
                  "weight_ptr": "*fp32"}
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32",
                       "HAS_SCALE": has_scale, "SCALE_BLOCK": SCALE_BLOCK, "A_FP8": a_fp8, "SWAP_AB": swap_ab,
-                      "MMA": kernels.mma}
+                      "MMA": kernels.mma, "PDL": False, "DIRECT": swap_ab, "BLOCK_ROWS": kernels.block_rows}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})

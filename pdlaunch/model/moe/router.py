@@ -79,20 +79,25 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit
     def router_gemv_kernel(x_ptr, w_ptr, out_ptr, num_experts, hidden, stride_xt, stride_we, stride_ot,
                            BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
-        """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums."""
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums. With PDL
+        (triton_decode.pdl_enabled) the first BLOCK_H columns of the rows load before the wait for the kernel
+        before (the RMSNorm computing x): no kernel writes router weights."""
         t = tl.program_id(0).to(tl.int64)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = e < num_experts
-        acc = tl.zeros([BLOCK_E], tl.float32)
-        for h0 in range(0, hidden, BLOCK_H):
+        rows = w_ptr + e[:, None].to(tl.int64) * stride_we
+        h = tl.arange(0, BLOCK_H)
+        w_first = tl.load(rows + h[None, :], mask=e_ok[:, None] & (h < hidden)[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x = tl.load(x_ptr + t * stride_xt + h, mask=h < hidden, other=0.0).to(tl.float32)
+        acc = tl.sum(w_first.to(tl.float32) * x[None, :], axis=1)
+        for h0 in range(BLOCK_H, hidden, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H)
             h_ok = h < hidden
             x = tl.load(x_ptr + t * stride_xt + h, mask=h_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_we + h[None, :],
-                        mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+            w = tl.load(rows + h[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
         tl.store(out_ptr + t * stride_ot + e, acc.to(out_ptr.dtype.element_ty), mask=e_ok)
 

@@ -3,7 +3,9 @@
 `align_to_blocks` (model/moe/layout.py) lays the T*k assignments out in blocks of `block_m` rows, one
 expert per block; blocks of expert -1 are unused and the kernels skip them. Up to 4096 assignments (decode)
 `align_rows` computes the same layout in two launches of one program per 32-128 assignments (count, place): the
-sort-based one is a dozen small kernels, ~100 us a layer on an H100 at batch 64.
+sort-based one is a dozen small kernels, ~100 us a layer on an H100 at batch 64. With few assignments for the
+experts (`few_assignments`: batch 1 to 4 at 128 experts, top-8) every assignment has a block of its own, and the
+kernels read that layout from the routed ids themselves (`DIRECT`): no launch at all.
 
 - `moe_up_kernel`: per (block, column tile) x[token rows] @ w13[e]^T for the gate and the up halves
   at once, SiLU-and-mul in the epilogue -> [padded rows, I].
@@ -65,23 +67,39 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         return acc
 
+    @triton.jit
+    def block_rows(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M: tl.constexpr,
+                   DIRECT: tl.constexpr):
+        """Block pid_m's local expert (-1: none here) and its BLOCK_M assignment rows (num_rows: padding). DIRECT:
+        a block per assignment, read from the routed global ids themselves (block_expert_ptr), the layout
+        align_rows's FEW case writes; else the layout align_rows wrote."""
+        m = tl.arange(0, BLOCK_M)
+        if DIRECT:
+            e = tl.load(block_expert_ptr + pid_m) - expert_start
+            e = tl.where((e >= 0) & (e < num_local), e, -1).to(tl.int64)
+            rows = tl.where(m == 0, pid_m, num_rows).to(tl.int64)
+        else:
+            e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+            rows = tl.load(rows_ptr + pid_m.to(tl.int64) * BLOCK_M + m)
+        return e, rows
+
     # Token counts are not specialized on (divisible by 16, equal to 1): one compiled variant per tile serves
     # every batch, so a step of a new size never waits for a compile while serving.
     @triton.jit(do_not_specialize=["num_rows"])
     def moe_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
-                      sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
+                      sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m, expert_start, num_local,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                      A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr):
+                      A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
+                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
-        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
         if e < 0:
             return
         dtype = out_ptr.dtype.element_ty
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(rows_ptr + offs_m)
         row_ok = rows < num_rows
         token = rows // top_k
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,19 +143,19 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
     @triton.jit(do_not_specialize=["num_rows"])
     def moe_down_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K,
-                        N, sa_m, sas_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m,
+                        N, sa_m, sas_m, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m, expert_start, num_local,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                        A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr):
+                        A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
+                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
-        e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+        e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
         if e < 0:
             return
         dtype = out_ptr.dtype.element_ty
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(rows_ptr + offs_m)
         row_ok = rows < num_rows
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -232,7 +250,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
             tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
 
-    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, align_count=moe_align_count_kernel,
+    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, block_rows=block_rows,
+                           align_count=moe_align_count_kernel,
                            align_place=moe_align_place_kernel)
 
 
@@ -243,6 +262,14 @@ def _interpret() -> bool:
 
 
 ALIGN_KERNEL_MAX_ROWS = 4096  # above (prefill), the sort-based layout.align_to_blocks is as fast
+
+
+def few_assignments(num_rows: int, num_local: int) -> bool:
+    """Few assignments for the experts (a quarter of them or fewer: batch 1 to 4 at 128 experts, top-8): each gets
+    a block of its own, the layout the kernels read straight from the routed ids (`DIRECT`), with no layout launch
+    between the router and the up GEMM (batch 1 of a 48-layer model: 48 launches a step, each a wait for the
+    kernel before)."""
+    return num_rows * 4 <= num_local
 
 
 def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_m: int
@@ -256,7 +283,7 @@ def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_
     num_rows = topk_ids.numel()
     if num_rows > ALIGN_KERNEL_MAX_ROWS:
         return align_to_blocks(local_expert_ids(topk_ids, expert_start, num_local), num_local, block_m)
-    few = num_rows * 4 <= num_local
+    few = few_assignments(num_rows, num_local)
     num_blocks = num_rows if few else -(-num_rows // block_m) + min(num_local, num_rows)
     device = topk_ids.device
     rows = torch.empty(num_blocks * block_m, dtype=torch.int64, device=device)
@@ -315,18 +342,26 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     num_tokens, top_k = topk_ids.shape
     num_local, two_inter, hidden = w13.shape
     inter = two_inter // 2
-    rows, block_expert = align_rows(topk_ids, expert_start, num_local, tile.block_m)
-    num_blocks = block_expert.shape[0]
+    num_rows = num_tokens * top_k
+    direct = few_assignments(num_rows, num_local)
+    if direct:  # a block per assignment, its expert read from the ids by the kernels themselves: no layout launch
+        rows = block_expert = topk_ids.reshape(-1)
+        num_blocks = num_rows
+    else:
+        rows, block_expert = align_rows(topk_ids, expert_start, num_local, tile.block_m)
+        num_blocks = block_expert.shape[0]
+    layout = dict(expert_start=expert_start, num_local=num_local, DIRECT=direct)
     k = _kernels(_interpret())
     pdl = pdl_enabled(x, num_tokens)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
     a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
     k.up[(num_blocks, triton.cdiv(inter, tile.block_n))](
-        a, a_scales, w13, s13, act, rows, block_expert, num_tokens * top_k, top_k, hidden, inter,
+        a, a_scales, w13, s13, act, rows, block_expert, num_rows, top_k, hidden, inter,
         a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
-        act.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
+        act.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
+        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows,
         PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
@@ -334,10 +369,11 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
                                                                device=x.device)
     a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
     k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
-        a, a_scales, w2, s2, out, rows, block_expert, weights.float().reshape(-1).contiguous(), num_tokens * top_k,
+        a, a_scales, w2, s2, out, rows, block_expert, weights.float().reshape(-1).contiguous(), num_rows,
         inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
-        out.stride(0), BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, PRECISION=precision,
-        HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma,
+        out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
+        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows,
         PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
