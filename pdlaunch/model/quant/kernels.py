@@ -92,24 +92,34 @@ def _kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M"])
     def block_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_s,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         # One activation row and BLOCK_N weight rows (inside one 128-row scale block) per program;
         # the rows of one weight tile are neighbours in the grid, so the M programs reading a tile
         # share it through L2. Products on CUDA cores in float32: bf16 activations as they are (no
-        # quantization launch), each fp8 weight scaled once per 128-column block.
+        # quantization launch), each fp8 weight scaled once per 128-column block. PDL
+        # (triton_decode.pdl_enabled): the first weight columns and their scales load before the wait for the
+        # kernel before, which computes x (no kernel writes weights).
         pid = tl.program_id(0)
         row = pid % M
         pid_n = pid // M
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
+        rb = tl.arange(0, BLOCK_K // 128)
         n_ok = rn < N
         w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
         x = x_ptr + row * stride_x + rk
-        scales = s_ptr + (pid_n * BLOCK_N // 128) * stride_s + tl.arange(0, BLOCK_K // 128)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        scales = s_ptr + (pid_n * BLOCK_N // 128) * stride_s + rb
+        w_first = tl.load(w, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+        s_first = tl.load(scales, mask=rb * 128 < K, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        xv = tl.load(x, mask=rk < K, other=0.0).to(tl.float32)
+        part = tl.sum(tl.reshape(w_first.to(tl.float32) * xv[None, :], (BLOCK_N, BLOCK_K // 128, 128)), axis=2)
+        acc = tl.sum(part * s_first[None, :], axis=1)
+        w += BLOCK_K
+        x += BLOCK_K
+        scales += BLOCK_K // 128
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k_ok = rk < K - k0
             wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             xv = tl.load(x, mask=k_ok, other=0.0).to(tl.float32)
