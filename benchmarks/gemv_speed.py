@@ -1,6 +1,6 @@
 """One-row projections: cuBLAS (F.linear) against the Triton GEMV (pdlaunch/model/gemv.py), per shape and config.
 
-    python benchmarks/gemv_speed.py [--json OUT]
+    python benchmarks/gemv_speed.py [--json OUT] [--shapes NAME ...] [--configs RxCxW ...]
 
 us per call in CUDA-graph replays of 20 calls, eight weights in rotation so that L2 holds none of them, each call
 launched as in a decode step (dependent on the one before when triton_decode.pdl_enabled; PDLAUNCH_PDL=off for
@@ -35,7 +35,8 @@ CALLS = 20
 ROTATE = 8
 
 
-def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
+def shape_row(name: str, n: int, k: int, copy_bps: float,
+              configs: list[tuple[int, int, int]] = CONFIGS) -> dict[str, Any]:
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(ROTATE)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     want = x.double() @ weights[0].double().t()
@@ -49,7 +50,7 @@ def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
     us = graph_call_ms(lambda i: F.linear(x, weights[i % ROTATE]), CALLS) * 1e3
     row["cublas"] = entry(us, F.linear(x, weights[0]))
     row["chosen"] = "x".join(map(str, config_for(torch.cuda.get_device_name(), n)))
-    for config in CONFIGS:
+    for config in configs:
         us = graph_call_ms(lambda i, config=config: gemv(x, weights[i % ROTATE], config=config), CALLS) * 1e3
         row["x".join(map(str, config))] = entry(us, gemv(x, weights[0], config=config))
     return row
@@ -58,12 +59,23 @@ def shape_row(name: str, n: int, k: int, copy_bps: float) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES),
+                        help="the weights to time (default: all)")
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="launches to time instead of the default list, as BLOCK_NxBLOCK_KxWARPS (e.g. 4x1024x4)")
     args = parser.parse_args()
+    try:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs] or CONFIGS
+    except ValueError:
+        parser.error(f"--configs: {args.configs} are not all BLOCK_NxBLOCK_KxWARPS, e.g. 4x1024x4")
+    if any(len(c) != 3 for c in configs):
+        parser.error(f"--configs: {args.configs} are not all BLOCK_NxBLOCK_KxWARPS, e.g. 4x1024x4")
     torch.manual_seed(0)
     copy_bps = copy_bandwidth(1.0)["copy_gbps"] * 1e9
     rows = []
-    for name, (n, k) in SHAPES.items():
-        rows.append(shape_row(name, n, k, copy_bps))
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        rows.append(shape_row(name, n, k, copy_bps, configs))  # type: ignore[arg-type]
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": copy_bps / 1e9,
