@@ -49,7 +49,7 @@ def shape_row(name: str, n: int, k: int, copy_bps: float,
 
     us = graph_call_ms(lambda i: F.linear(x, weights[i % ROTATE]), CALLS) * 1e3
     row["cublas"] = entry(us, F.linear(x, weights[0]))
-    row["chosen"] = "x".join(map(str, config_for(torch.cuda.get_device_name(), n)))
+    row["chosen"] = "x".join(map(str, config_for(torch.cuda.get_device_name(), n, k)))
     for config in configs:
         us = graph_call_ms(lambda i, config=config: gemv(x, weights[i % ROTATE], config=config), CALLS) * 1e3
         row["x".join(map(str, config))] = entry(us, gemv(x, weights[0], config=config))

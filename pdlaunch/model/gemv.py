@@ -25,12 +25,16 @@ from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs, triton_importa
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).
 GEMV_CONFIG: GemvConfig = (8, 512, 4)
-# Per device (a substring of torch's device name): (largest N, config) in ascending N, the first that covers the
-# weight's N; larger weights and other devices take GEMV_CONFIG. Measured with benchmarks/gemv_speed.py, kernels
-# launched as in a decode step (benchmarks/RESULTS.md, "Kernels that start while the one before ends").
-GEMV_DEVICE_CONFIGS: dict[str, tuple[tuple[int, GemvConfig], ...]] = {
-    "H200": ((2048, (8, 1024, 8)), (4096, (4, 512, 4)), (8192, (8, 1024, 8)), (1 << 62, (16, 256, 4))),
-    "H100": ((2048, (8, 1024, 8)), (4096, (4, 512, 4)), (1 << 62, (8, 1024, 8))),
+# Per device (a substring of torch's device name): (largest N, largest K, config), the first entry that covers the
+# weight's N and K; larger weights and other devices take GEMV_CONFIG. Measured with benchmarks/gemv_speed.py,
+# kernels launched as in a decode step (benchmarks/RESULTS.md, "Kernels that start while the one before ends" and
+# "Batch-1 steps without the layout launch"): e.g. on an H200 Qwen3-30B-A3B's qkv (5120 x 2048) took 6.30 us as
+# 4 x 512 against 6.88 as 8 x 1024, while Llama-3-8B's (6144 x 4096) took 13.49 as 8 x 1024 against 16.13.
+_ANY = 1 << 62
+GEMV_DEVICE_CONFIGS: dict[str, tuple[tuple[int, int, GemvConfig], ...]] = {
+    "H200": ((2048, _ANY, (8, 1024, 8)), (4096, _ANY, (4, 512, 4)), (8192, 2048, (4, 512, 4)),
+             (8192, _ANY, (8, 1024, 8)), (_ANY, _ANY, (16, 256, 4))),
+    "H100": ((2048, _ANY, (8, 1024, 8)), (4096, _ANY, (4, 512, 4)), (_ANY, _ANY, (8, 1024, 8))),
 }
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -83,10 +87,11 @@ def _kernels() -> SimpleNamespace:
     return SimpleNamespace(gemv=gemv_kernel, x_chunk=x_chunk)
 
 
-def config_for(device_name: str, n: int) -> GemvConfig:
-    """GEMV_DEVICE_CONFIGS's launch for a weight of `n` rows on the device torch names `device_name`."""
+def config_for(device_name: str, n: int, k: int) -> GemvConfig:
+    """GEMV_DEVICE_CONFIGS's launch for a weight of `n` rows and `k` columns on the device torch names
+    `device_name`."""
     table = next((table for key, table in GEMV_DEVICE_CONFIGS.items() if key in device_name), ())
-    return next((config for max_n, config in table if n <= max_n), GEMV_CONFIG)
+    return next((config for max_n, max_k, config in table if n <= max_n and k <= max_k), GEMV_CONFIG)
 
 
 @lru_cache(maxsize=8)
@@ -113,7 +118,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[1] != (2 * k if silu_mul else k):
         raise ValueError(f"gemv: x has {x.shape[1]} columns for a weight of {k}" + (" (silu_mul)" if silu_mul else ""))
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or config_for(_device_name(weight.device.index or 0), n)
+    block_n, block_k, warps = config or config_for(_device_name(weight.device.index or 0), n, k)
     pdl = pdl_enabled(x, x.shape[0])
     kernels = _kernels()
     kernels.gemv[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,

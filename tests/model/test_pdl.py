@@ -52,17 +52,18 @@ def test_a_triton_without_the_launch_option_never_launches_dependently(monkeypat
 
 
 def test_gemv_launch_per_device_and_rows() -> None:
-    assert config_for("NVIDIA H200", 2048) == (8, 1024, 8)
-    assert config_for("NVIDIA H200", 4096) == (4, 512, 4)
-    assert config_for("NVIDIA H200", 6144) == (8, 1024, 8)
-    assert config_for("NVIDIA H200", 28672) == (16, 256, 4)
-    assert config_for("NVIDIA H100 80GB HBM3", 4096) == (4, 512, 4)
-    assert config_for("NVIDIA H100 80GB HBM3", 6144) == (8, 1024, 8)
-    assert config_for("NVIDIA H100 80GB HBM3", 128256) == (8, 1024, 8)
-    assert config_for("NVIDIA A100-SXM4-80GB", 28672) == GEMV_CONFIG  # no entry: the default
-    for table in GEMV_DEVICE_CONFIGS.values():  # ascending, and every config a power-of-two tile
-        assert [max_n for max_n, _ in table] == sorted(max_n for max_n, _ in table)
-        for _, (rows, cols, warps) in table:
+    assert config_for("NVIDIA H200", 2048, 4096) == (8, 1024, 8)
+    assert config_for("NVIDIA H200", 4096, 4096) == (4, 512, 4)
+    assert config_for("NVIDIA H200", 6144, 4096) == (8, 1024, 8)
+    assert config_for("NVIDIA H200", 5120, 2048) == (4, 512, 4)  # Qwen3-30B-A3B's qkv: short rows
+    assert config_for("NVIDIA H200", 28672, 4096) == (16, 256, 4)
+    assert config_for("NVIDIA H100 80GB HBM3", 4096, 14336) == (4, 512, 4)
+    assert config_for("NVIDIA H100 80GB HBM3", 6144, 4096) == (8, 1024, 8)
+    assert config_for("NVIDIA H100 80GB HBM3", 128256, 4096) == (8, 1024, 8)
+    assert config_for("NVIDIA A100-SXM4-80GB", 28672, 4096) == GEMV_CONFIG  # no entry: the default
+    for table in GEMV_DEVICE_CONFIGS.values():  # every config a power-of-two tile; the last entry covers all
+        assert table[-1][:2] == (1 << 62, 1 << 62)
+        for _, _, (rows, cols, warps) in table:
             assert rows & (rows - 1) == 0 and cols & (cols - 1) == 0 and warps in (1, 2, 4, 8)
 
 
@@ -127,15 +128,15 @@ def test_a_graph_of_dependent_launches_reads_only_finished_results(monkeypatch: 
 def test_the_gemv_takes_its_device_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[tuple[str, int]] = []
 
-    def recording(device_name: str, n: int) -> tuple[int, int, int]:
-        asked.append((device_name, n))
+    def recording(device_name: str, n: int, k: int) -> tuple[int, int, int]:
+        asked.append((device_name, n, k))
         return (4, 256, 4)
 
     monkeypatch.setattr(gemv_module, "config_for", recording)
     w = (torch.randn(4096, 1024, device="cuda") * 0.02).to(torch.bfloat16)
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(gemv(x, w), gemv(x, w, config=(4, 256, 4)), atol=0, rtol=0)
-    assert asked == [(torch.cuda.get_device_name(), 4096)]
+    assert asked == [(torch.cuda.get_device_name(), 4096, 1024)]
 
 
 @pytest.mark.gpu  # no GPU needed, but Triton's CUDA backend: make test-gpu is where it is installed
