@@ -27,22 +27,16 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.quant import kv_cache as fp8_kv
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs, triton_importable
+from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
-
-
-def _interpret_mode() -> bool:
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
     """True when `t`'s op should run the Triton kernel (CUDA or interpreter, not forced off)."""
     if os.environ.get("PDLAUNCH_FUSED_OPS", "auto") == "torch" or not triton_importable():
         return False
-    return t.is_cuda or _interpret_mode()
+    return t.is_cuda or interpret_mode()
 
 
 def fused_available(t: torch.Tensor) -> bool:
@@ -284,7 +278,7 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     _check(weight.dtype == x.dtype and weight.shape == (x.shape[-1],), "weight",
            f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}",
            "weight must be [H] in x's dtype")
-    kernels = _kernels(_interpret_mode())
+    kernels = _kernels(interpret_mode())
     tokens, hidden = x.shape[0], x.shape[-1]
     parts = x.shape[1] if x.dim() == 3 else 1
     y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
@@ -342,7 +336,7 @@ def _rotary_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotary kernel; `norm` (q weight, k weight, eps) and `write` (v, cache, slots, layer, scales) on
     request. Shapes are checked by the callers."""
-    kernels = _kernels(_interpret_mode())
+    kernels = _kernels(interpret_mode())
     tokens, num_q_heads, head_dim = q.shape
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -412,7 +406,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _check(width % 2 == 0, "gate_up", f"last dim {width} is odd", "pass the [T, 2I] gate_up projection")
     inter = width // 2
     out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
-    interpret = _interpret_mode()
+    interpret = interpret_mode()
     block = min(1024, _kernels(interpret).next_power_of_2(inter))
     pdl = pdl_enabled(gate_up, tokens)
     _kernels(interpret).silu_and_mul[(tokens, -(-inter // block))](
@@ -437,7 +431,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     if not fused_available(kv_cache):
         write_kv_torch(kv_cache, k, v, slot_mapping, layer_in_group, kv_scales)
         return
-    kernels = _kernels(_interpret_mode())
+    kernels = _kernels(interpret_mode())
     npow2 = kernels.next_power_of_2
     plane = block_size * num_kv_heads * head_dim  # elements of one (block, layer, k|v) slice
     pdl = pdl_enabled(kv_cache, slot_mapping.shape[0])

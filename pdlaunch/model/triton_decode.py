@@ -56,10 +56,15 @@ def paged_decode_available(kv_cache: torch.Tensor) -> bool:
     return block_size & (block_size - 1) == 0 and triton_importable()
 
 
-def _interpret_mode() -> bool:
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1). Triton 3.4 and newer say so
+    through `triton.knobs`; before (torch 2.4-2.7 ship Triton 3.0-3.3) only the variable does."""
     import triton
 
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @lru_cache(maxsize=2)
@@ -248,7 +253,7 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     cuBLAS, whose GEMMs let the next kernel start early; ours then waited on SMs the GEMM still needed (H200,
     48 x 3072: 9.54 -> 9.82 ms). PDLAUNCH_PDL=off turns it off (debugging, benchmarks)."""
     return (rows == 1 and t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
-            and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not _interpret_mode())
+            and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not interpret_mode())
 
 
 def pdl_kwargs(pdl: bool) -> dict[str, bool]:
@@ -346,7 +351,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     if launch.splits > 1:
         part = torch.empty(num_seqs, num_heads, launch.splits, head_pad + 2, dtype=torch.float32, device=q.device)
         counts = split_counters(q.device, num_seqs * num_kv_heads)
-    interpret = _interpret_mode()
+    interpret = interpret_mode()
     decode_kernel = _kernels(interpret)
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part, counts,

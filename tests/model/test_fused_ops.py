@@ -263,7 +263,7 @@ def test_interpreter_cases_in_a_subprocess() -> None:
 def test_interpret_mode_builds_interpreted_kernels(device: str) -> None:
     if device == "cuda":
         pytest.skip("interpreter check")
-    kernels = fused_ops._kernels(fused_ops._interpret_mode())
+    kernels = fused_ops._kernels(fused_ops.interpret_mode())
     assert type(kernels.rms_norm).__name__ == "InterpretedFunction"
     assert fused_ops._use_triton(torch.zeros(1)) and fused_ops.fused_available(torch.zeros(1))
     assert not fused_ops.fused_available(torch.zeros(1, dtype=torch.float64))  # no kernel: the reference

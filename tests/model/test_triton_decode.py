@@ -145,6 +145,23 @@ def test_cuda_graph_replays_for_new_contexts_and_windows(device: str) -> None:
         assert not out.isnan().any()
 
 
+def test_cpu_mode_reads_the_variable_on_a_triton_without_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton before 3.4 (torch 2.4-2.7) has no `triton.knobs`: the interpreter is TRITON_INTERPRET=1 alone, and
+    every CUDA launch asks which mode it is in, so the question must not raise there."""
+    import sys
+    import types
+
+    old_triton = types.ModuleType("triton")
+    monkeypatch.setitem(sys.modules, "triton", old_triton)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not triton_decode.interpret_mode()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_decode.interpret_mode()
+    # Triton 3.4 and newer: its knobs answer (they also follow a value set in the program)
+    old_triton.knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(interpret=False))  # type: ignore[attr-defined]
+    assert not triton_decode.interpret_mode()
+
+
 def test_launch_depends_on_batch_and_heads_only() -> None:
     one = choose_launch(1, 8, 128, num_sms=132)
     assert one.splits == 64 and one.tile * one.min_tiles >= 256  # 8 programs: split the context

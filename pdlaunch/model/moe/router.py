@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.fused_ops import fused_available
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
 
 ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the Triton product; more: cuBLAS
 
@@ -105,12 +105,6 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                            next_power_of_2=triton.next_power_of_2, interpret=interpret)
 
 
-def _interpret_mode() -> bool:
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
-
-
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [T, H] @ weight[E, H]^T -> [T, E] in x's dtype, as F.linear: a Triton launch for at most
     ROUTER_GEMV_MAX_TOKENS tokens on CUDA (or under the interpreter), else cuBLAS / torch."""
@@ -119,7 +113,7 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if (not fused_available(x) or weight.dtype != x.dtype or not 0 < num_tokens <= ROUTER_GEMV_MAX_TOKENS
             or weight.stride(1) != 1 or x.stride(1) != 1):
         return F.linear(x, weight)
-    kernels = _kernels(_interpret_mode())
+    kernels = _kernels(interpret_mode())
     out = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=x.device)
     # About 32 programs a token (4 experts' rows each at 128 experts, one row each at 8), so the rows are
     # read by many SMs at once; a whole row per load up to 4096 values.
@@ -137,7 +131,7 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
     num_tokens, num_experts = logits.shape
     if not fused_available(logits) or not 0 < top_k <= num_experts:
         return route_torch(logits, top_k, renormalize)
-    kernels = _kernels(_interpret_mode())
+    kernels = _kernels(interpret_mode())
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
 
@@ -255,12 +255,6 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                            align_place=moe_align_place_kernel)
 
 
-def _interpret() -> bool:
-    import triton
-
-    return bool(triton.knobs.runtime.interpret)
-
-
 ALIGN_KERNEL_MAX_ROWS = 4096  # above (prefill), the sort-based layout.align_to_blocks is as fast
 
 
@@ -294,7 +288,7 @@ def align_rows(topk_ids: torch.Tensor, expert_start: int, num_local: int, block_
     chunk = 32 if num_rows <= 2048 else 128 if e_pad <= 128 else 64
     chunks = triton.cdiv(num_rows, chunk)
     hist = torch.empty(chunks, e_pad, dtype=torch.int32, device=device)  # expert counts per chunk
-    k = _kernels(_interpret())
+    k = _kernels(interpret_mode())
     args = (topk_ids.reshape(-1), rows, block_expert, hist, num_rows, expert_start, num_local, num_blocks)
     pdl = pdl_enabled(topk_ids, topk_ids.shape[0])
     k.align_count[(1 if few else chunks,)](*args, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, FEW=few, PDL=pdl,
@@ -351,7 +345,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         rows, block_expert = align_rows(topk_ids, expert_start, num_local, tile.block_m)
         num_blocks = block_expert.shape[0]
     layout = dict(expert_start=expert_start, num_local=num_local, DIRECT=direct)
-    k = _kernels(_interpret())
+    k = _kernels(interpret_mode())
     pdl = pdl_enabled(x, num_tokens)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
