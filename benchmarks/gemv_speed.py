@@ -56,26 +56,29 @@ def shape_row(name: str, n: int, k: int, copy_bps: float,
     return row
 
 
+def _launch(text: str) -> tuple[int, int, int]:
+    """--configs value: BLOCK_NxBLOCK_KxWARPS, e.g. 4x1024x4."""
+    parts = text.split("x")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not BLOCK_NxBLOCK_KxWARPS, e.g. 4x1024x4")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES),
                         help="the weights to time (default: all)")
-    parser.add_argument("--configs", nargs="*", default=[],
+    parser.add_argument("--configs", nargs="*", type=_launch, default=[],
                         help="launches to time instead of the default list, as BLOCK_NxBLOCK_KxWARPS (e.g. 4x1024x4)")
     args = parser.parse_args()
-    try:
-        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs] or CONFIGS
-    except ValueError:
-        parser.error(f"--configs: {args.configs} are not all BLOCK_NxBLOCK_KxWARPS, e.g. 4x1024x4")
-    if any(len(c) != 3 for c in configs):
-        parser.error(f"--configs: {args.configs} are not all BLOCK_NxBLOCK_KxWARPS, e.g. 4x1024x4")
+    configs = args.configs or CONFIGS
     torch.manual_seed(0)
     copy_bps = copy_bandwidth(1.0)["copy_gbps"] * 1e9
     rows = []
     for name in args.shapes:
         n, k = SHAPES[name]
-        rows.append(shape_row(name, n, k, copy_bps, configs))  # type: ignore[arg-type]
+        rows.append(shape_row(name, n, k, copy_bps, configs))
         print(json.dumps(rows[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "copy_gbps": copy_bps / 1e9,
