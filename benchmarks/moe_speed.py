@@ -12,8 +12,10 @@ graphs, prefix caching off). Decode cells take the prompts' KV as already there
 
 floor = (attention, norm, router and lm_head bytes + the embedding rows read + the bytes of the experts
 the step actually routes to + the KV bytes read) / copy bandwidth (benchmarks/limits.py, same run).
-The experts routed per step are counted on the GPU inside the captured graphs (one index_fill per
-MoE layer into a [layers, experts] table, a few microseconds per step, included in the step time).
+The experts routed per step are counted in one eager step of the batch, between the warm-up and the timed
+steps, by a router that also marks each expert it picks (one index_fill per MoE layer into a [layers, experts]
+table). The timed steps replay graphs captured without it: inside them its 48 kernels sat between the top-k and
+the up GEMM of every layer and broke batch 1's chain of dependent launches (H100: 3.49 -> 3.38 ms).
 prefill: one 8192-token request in one step; its active-expert FLOPs are 2 * T * k * 3 * H * I per
 layer, against the measured bf16 matmul rate.
 """
@@ -64,8 +66,8 @@ class DecodeReadyKV(ReadyKVConnector):
 
 
 class RouteCounter:
-    """Replaces the MoE block's router: routes as before and marks each expert picked, per layer, in a
-    device table (captured into the decode graphs with the rest of the step)."""
+    """Stands in for the MoE block's router during one eager step (`count_routed`): routes as before and marks
+    each expert picked, per layer, in a device table."""
 
     def __init__(self, layers: int, experts: int, device: torch.device) -> None:
         self.hits = torch.zeros(layers, experts, dtype=torch.int32, device=device)
@@ -127,18 +129,45 @@ def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) ->
     return directory
 
 
+def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
+    """The experts one decode step of the running batch routes to, summed over the layers: that step runs eager
+    (no decode or mixed graphs) with `counter` as the router, then the graphs and the plain router come back."""
+    runner = engine.runner
+    graphs, mixed = runner.graphs, runner.mixed
+    runner.graphs = runner.mixed = None
+    moe_block.route = counter  # type: ignore[assignment]
+    counter.hits.zero_()
+    counter.calls = 0
+    try:
+        for _ in range(4):  # a step that only hands out admitted requests computes nothing
+            engine.step()
+            if counter.calls:
+                break
+        torch.cuda.synchronize()
+    finally:
+        runner.graphs, runner.mixed = graphs, mixed
+        moe_block.route = route
+    if counter.calls != counter.hits.shape[0]:
+        raise SystemExit(f"the counting step routed {counter.calls} times, not once per MoE layer "
+                         f"({counter.hits.shape[0]})")
+    return int(counter.hits.sum())
+
+
 def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: int, steps: int,
                 floor_fixed: int, expert_bytes: float, kv_per_token: int, bw: float, hidden: int,
                 kernel_profile: bool = False) -> dict[str, Any]:
-    params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + WARMUP_STEPS + 1, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"d{batch}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
     # With async scheduling a step returns before its GPU work ends, so steps are timed as a run: the
     # wall time from the first timed step to the end of the last one's GPU work, over their number.
-    # The experts routed are counted afterwards, replaying the batch's graph (its last inputs) once.
     for _ in range(WARMUP_STEPS):
         engine.step()
     torch.cuda.synchronize()
+    graphs = engine.runner.graphs
+    if graphs is None or batch not in graphs.graphs:
+        raise SystemExit(f"batch {batch} has no decode CUDA graph: raise max_num_seqs or capture sizes")
+    mean_routed = count_routed(engine, counter)
     steps_run = 0
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -146,14 +175,7 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
         steps_run += 1
     torch.cuda.synchronize()
     step_s = (time.perf_counter() - t0) / steps_run
-    graphs = engine.runner.graphs
-    counter.hits.zero_()
-    if graphs is not None and batch in graphs.graphs:
-        graphs.graphs[batch][0].replay()
-    else:  # no graph of this batch: count over one eager step of a fresh batch
-        raise SystemExit(f"batch {batch} has no decode CUDA graph: raise max_num_seqs or capture sizes")
-    mean_routed = int(counter.hits.sum())
-    mean_ctx = context + WARMUP_STEPS + steps / 2
+    mean_ctx = context + WARMUP_STEPS + 1 + steps / 2  # the counting step came before the timed ones
     floor_bytes = floor_fixed + batch * hidden * 2 + mean_routed * expert_bytes + batch * mean_ctx * kv_per_token
     cell: dict[str, Any] = {"batch": batch, "context": context, "step_ms": step_s * 1e3, "steps": steps_run,
                             "experts_routed_per_step": mean_routed,
@@ -161,7 +183,7 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
                             "floor_gb": floor_bytes / 1e9, "floor_ms": floor_bytes / bw * 1e3}
     cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
     manager = engine.block_manager
-    needed = batch * -(-(context + WARMUP_STEPS + steps) // manager.block_size)
+    needed = batch * -(-(context + WARMUP_STEPS + 1 + steps) // manager.block_size)
     if needed > manager.num_blocks:  # requests were preempted and recomputed: step_ms is not a decode step
         cell["kv_cache_short"] = (f"the batch needs {needed} KV blocks, the cache holds {manager.num_blocks}: "
                                   "step_ms includes preemption and recomputation; replay_ms is the decode step")
@@ -217,8 +239,7 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: the e4m3 KV cache (its bytes per token enter the floor at 1 byte per value)")
     parser.add_argument("--kernel-profile", type=int, nargs="*", default=[],
-                        help="batches whose replayed decode step is profiled per CUDA kernel (torch.profiler); "
-                             "the route counter's index_fill_ is one kernel a layer of those")
+                        help="batches whose replayed decode step is profiled per CUDA kernel (torch.profiler)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     global FP8_EXPERTS, FP8_ATTENTION
@@ -231,8 +252,7 @@ def main() -> None:
     cfg = QWEN3_30B_A3B
     h, inter, experts, top_k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], \
         cfg["num_experts_per_tok"]
-    counter = RouteCounter(args.num_layers, experts, torch.device("cuda"))
-    moe_block.route = counter  # type: ignore[assignment]
+    counter = RouteCounter(args.num_layers, experts, torch.device("cuda"))  # count_routed puts it in place
     model_runner.load_model = random_model  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config(Path(tmp), args.num_layers, {})
