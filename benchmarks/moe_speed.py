@@ -143,7 +143,8 @@ def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
             engine.step()
             if counter.calls:
                 break
-        torch.cuda.synchronize()
+        if counter.hits.is_cuda:
+            torch.cuda.synchronize(counter.hits.device)
     finally:
         runner.graphs, runner.mixed = graphs, mixed
         moe_block.route = route
