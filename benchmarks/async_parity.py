@@ -11,7 +11,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH: a tree put there wins
 
 from pdlaunch.engine.llm import LLM  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402

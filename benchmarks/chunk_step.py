@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
 from pdlaunch.model.triton_decode import DecodeLaunch, paged_decode  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
 from pdlaunch.model.gemv import GEMV_CONFIG, config_for, gemv  # noqa: E402

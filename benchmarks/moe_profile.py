@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_kernels import HIDDEN, INTER, layer_inputs  # noqa: E402
 

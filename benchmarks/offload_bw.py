@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM = 32, 8, 128
