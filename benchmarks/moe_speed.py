@@ -3,7 +3,7 @@
 and on every FLOP of the active parameters (projections, routed experts, router, causal attention).
 
     python benchmarks/moe_speed.py [--batch 1 16 64 256] [--context 1024] [--prefill 8192]
-        [--num-layers 48] [--fp8-experts] [--json OUT]
+        [--num-layers 48] [--fp8-experts] [--ablate attention rotary router experts] [--json OUT]
 
 The weights are drawn on the GPU in place of a load (a 61 GB checkpoint would not fit the disk of a
 benchmark host), through the same model, weight layout and engine as `pdlaunch serve` (bf16, CUDA
@@ -129,12 +129,55 @@ def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) ->
     return directory
 
 
+ABLATIONS = ("attention", "rotary", "router", "experts")
+
+
+def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidden: int, dtype: torch.dtype,
+           device: torch.device) -> None:
+    """Takes kernels out of every step from here on, to find what each costs inside a decode step (with dependent
+    launches a kernel's own time is not what the step saves without it). The model's outputs are then wrong:
+    only step times mean anything. Each stand-in launches no kernel: its fixed tensors are made here, for up
+    to `max_tokens` tokens, before any graph capture.
+    - attention: the paged decode returns q;
+    - rotary: q and k pass on unrotated, and no K/V is written;
+    - router: no router product or top-k; token t goes to experts (t + i * num_experts // top_k) % num_experts,
+      i < top_k, each weighted 1 / top_k;
+    - experts: the MoE layers return zeros."""
+    import pdlaunch.model.attention as attention
+    import pdlaunch.model.llama as llama
+    import pdlaunch.model.moe.experts as moe_experts
+
+    unknown = sorted(set(names) - set(ABLATIONS))
+    if unknown:
+        raise SystemExit(f"--ablate: unknown {unknown}; choose from {list(ABLATIONS)}")
+    if "attention" in names:
+        attention.paged_decode = lambda q, kv_cache, layer_in_group, tokens, *a, **kw: q[: tokens.shape[0]]
+    if "rotary" in names:
+        llama.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
+    if "router" in names:
+        t = torch.arange(max_tokens, device=device)[:, None]
+        ids = (t + torch.arange(top_k, device=device)[None, :] * (num_experts // top_k)) % num_experts
+        weights = torch.full((max_tokens, top_k), 1.0 / top_k, device=device)
+        logits = torch.zeros(max_tokens, num_experts, dtype=dtype, device=device)
+        moe_block.router_logits = lambda x, weight: logits[: x.shape[0]]  # type: ignore[assignment]
+        moe_block.route = lambda lg, k, renormalize: (weights[: lg.shape[0]], ids[: lg.shape[0]])  # type: ignore
+    if "experts" in names:
+        rows = torch.zeros(max_tokens, top_k, hidden, dtype=dtype, device=device)
+        sums = torch.zeros(max_tokens, hidden, dtype=dtype, device=device)
+
+        def no_experts(x: torch.Tensor, *args: object, summed: bool = True, **kwargs: object) -> torch.Tensor:
+            return sums[: x.shape[0]] if summed else rows[: x.shape[0]]
+
+        moe_experts.fused_moe = no_experts  # type: ignore[assignment]
+
+
 def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
     """The experts one decode step of the running batch routes to, summed over the layers: that step runs eager
-    (no decode or mixed graphs) with `counter` as the router, then the graphs and the plain router come back."""
+    (no decode or mixed graphs) with `counter` as the router, then the graphs and the router come back."""
     runner = engine.runner
     graphs, mixed = runner.graphs, runner.mixed
     runner.graphs = runner.mixed = None
+    router = moe_block.route
     moe_block.route = counter  # type: ignore[assignment]
     counter.hits.zero_()
     counter.calls = 0
@@ -147,7 +190,7 @@ def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
             torch.cuda.synchronize(counter.hits.device)
     finally:
         runner.graphs, runner.mixed = graphs, mixed
-        moe_block.route = route
+        moe_block.route = router
     if counter.calls != counter.hits.shape[0]:
         raise SystemExit(f"the counting step routed {counter.calls} times, not once per MoE layer "
                          f"({counter.hits.shape[0]})")
@@ -241,8 +284,13 @@ def main() -> None:
                         help="fp8: the e4m3 KV cache (its bytes per token enter the floor at 1 byte per value)")
     parser.add_argument("--kernel-profile", type=int, nargs="*", default=[],
                         help="batches whose replayed decode step is profiled per CUDA kernel (torch.profiler)")
+    parser.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
+                        help="take these kernels out of every step (`ablate`): wrong outputs, for finding what each "
+                             "costs in the step; decode cells only (--prefill 0)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.ablate and args.prefill:
+        parser.error("--ablate times decode steps only: add --prefill 0")
     global FP8_EXPERTS, FP8_ATTENTION
     FP8_EXPERTS, FP8_ATTENTION = args.fp8_experts, args.fp8_attention
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -254,6 +302,8 @@ def main() -> None:
     h, inter, experts, top_k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], \
         cfg["num_experts_per_tok"]
     counter = RouteCounter(args.num_layers, experts, torch.device("cuda"))  # count_routed puts it in place
+    ablate(args.ablate, max(args.batch), top_k, experts, h, torch.bfloat16, torch.device("cuda"))
+    doc["ablated"] = args.ablate
     model_runner.load_model = random_model  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
         path = write_config(Path(tmp), args.num_layers, {})

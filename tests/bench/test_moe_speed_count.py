@@ -1,6 +1,7 @@
 """benchmarks/moe_speed.py's expert count: one eager step with the counting router in place (`count_routed`),
 run here on CPU against a tiny Qwen3-MoE engine. The count must equal the distinct experts every MoE layer
-routes the batch to in that step, and afterwards the plain router and the runner's graphs are back."""
+routes the batch to in that step, and afterwards the router in place before and the runner's graphs are back.
+--ablate's stand-ins replace the kernels where the model calls them."""
 
 from __future__ import annotations
 
@@ -52,13 +53,61 @@ def test_count_routed_counts_one_eager_step_and_puts_the_router_back(
             seen.append(set(ids.reshape(-1).tolist()))
             return weights, ids
 
-        monkeypatch.setattr(moe_block, "route", moe_block.route)  # undone after the test, whatever count_routed does
-        monkeypatch.setattr(moe_speed, "route", watching)  # what count_routed puts back: the counter calls it too
+        before = moe_block.route
+        monkeypatch.setattr(moe_block, "route", before)  # undone after the test, whatever count_routed does
+        monkeypatch.setattr(moe_speed, "route", watching)  # the counter routes through it
         counter = moe_speed.RouteCounter(layers, arch.moe.num_experts, torch.device("cpu"))
         graphs, mixed = engine.runner.graphs, engine.runner.mixed
         counted = moe_speed.count_routed(engine, counter)
         assert counter.calls == layers == len(seen)
         assert counted == sum(len(s) for s in seen) > 0
-        assert moe_block.route is watching and engine.runner.graphs is graphs and engine.runner.mixed is mixed
+        assert moe_block.route is before and engine.runner.graphs is graphs and engine.runner.mixed is mixed
     finally:
         engine.shutdown()
+
+
+def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str], Path],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ablate: the originals are replaced where the model calls them, so an engine step on CPU (rotary, router
+    and experts; the paged decode is CUDA's) never reaches them, and the fixed routing is what the experts get.
+    The attention stand-in returns the decode rows of q."""
+    import pdlaunch.model.attention as attention
+    import pdlaunch.model.fused_ops as fused_ops
+    import pdlaunch.model.llama as llama
+    import pdlaunch.model.moe.experts as moe_experts
+    import pdlaunch.model.moe.fused as moe_fused
+    import pdlaunch.model.moe.router as moe_router
+
+    moe_speed = _moe_speed(monkeypatch)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an ablated kernel ran")
+
+    for module, name in [(attention, "paged_decode"), (llama, "rotary_write_kv"), (moe_block, "router_logits"),
+                         (moe_block, "route"), (moe_experts, "fused_moe")]:
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    for module, name in [(fused_ops, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
+                         (moe_router, "router_logits")]:
+        monkeypatch.setattr(module, name, fail)  # a call path the ablation missed would reach these
+    engine = LLMEngine(build_config(str(moe_ckpt("qwen3_moe")), "cpu", "float32",
+                                    {"max_num_seqs": 4, "enable_prefix_caching": False}))
+    try:
+        arch = engine.checkpoint.arch
+        assert arch.moe is not None
+        moe_speed.ablate(["attention", "rotary", "router", "experts"], 8, arch.moe.top_k, arch.moe.num_experts,
+                         arch.hidden_size, torch.float32, torch.device("cpu"))
+        weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(3, arch.hidden_size), None), 2, True)
+        assert ids.shape == (3, arch.moe.top_k) and all(len(set(row)) == arch.moe.top_k for row in ids.tolist())
+        assert torch.allclose(weights.sum(-1), torch.ones(3))
+        q = torch.randn(2, arch.num_heads, arch.head_dim)
+        assert torch.equal(attention.paged_decode(q, None, 0, torch.zeros(2), None, None, None, 1.0), q)
+        engine.add_request("r", [5, 9, 11, 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        steps = 0
+        while engine.has_unfinished_requests() and steps < 20:
+            engine.step()
+            steps += 1
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+    with pytest.raises(SystemExit, match="unknown"):
+        moe_speed.ablate(["norms"], 1, 2, 8, 16, torch.float32, torch.device("cpu"))
