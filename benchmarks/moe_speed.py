@@ -136,8 +136,8 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
            device: torch.device) -> None:
     """Takes kernels out of every step from here on, to find what each costs inside a decode step (with dependent
     launches a kernel's own time is not what the step saves without it). The model's outputs are then wrong:
-    only step times mean anything. Each stand-in launches no kernel: its fixed tensors are made here, for up
-    to `max_tokens` tokens, before any graph capture.
+    only step times mean anything. Up to `max_tokens` tokens (the decode batches) each stand-in launches no
+    kernel: its fixed tensors are made here, before any graph capture. Longer steps (the warm-up's) get new ones.
     - attention: the paged decode returns q;
     - rotary: q and k pass on unrotated, and no K/V is written;
     - router: no router product or top-k; token t goes to experts (t + i * num_experts // top_k) % num_experts,
@@ -155,18 +155,28 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     if "rotary" in names:
         llama.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
     if "router" in names:
-        t = torch.arange(max_tokens, device=device)[:, None]
-        ids = (t + torch.arange(top_k, device=device)[None, :] * (num_experts // top_k)) % num_experts
-        weights = torch.full((max_tokens, top_k), 1.0 / top_k, device=device)
-        logits = torch.zeros(max_tokens, num_experts, dtype=dtype, device=device)
-        moe_block.router_logits = lambda x, weight: logits[: x.shape[0]]  # type: ignore[assignment]
-        moe_block.route = lambda lg, k, renormalize: (weights[: lg.shape[0]], ids[: lg.shape[0]])  # type: ignore
+        def routing(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            t = torch.arange(n, device=device)[:, None]
+            ids = (t + torch.arange(top_k, device=device)[None, :] * (num_experts // top_k)) % num_experts
+            weights = torch.full((n, top_k), 1.0 / top_k, device=device)
+            return weights, ids, torch.zeros(n, num_experts, dtype=dtype, device=device)
+
+        table = routing(max_tokens)
+
+        def fixed(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # larger: eager steps only
+            return (table[0][:n], table[1][:n], table[2][:n]) if n <= max_tokens else routing(n)
+
+        moe_block.router_logits = lambda x, weight: fixed(x.shape[0])[2]  # type: ignore[assignment]
+        moe_block.route = lambda lg, k, renormalize: fixed(lg.shape[0])[:2]  # type: ignore[assignment]
     if "experts" in names:
         rows = torch.zeros(max_tokens, top_k, hidden, dtype=dtype, device=device)
         sums = torch.zeros(max_tokens, hidden, dtype=dtype, device=device)
 
         def no_experts(x: torch.Tensor, *args: object, summed: bool = True, **kwargs: object) -> torch.Tensor:
-            return sums[: x.shape[0]] if summed else rows[: x.shape[0]]
+            n = x.shape[0]
+            if n > max_tokens:  # eager steps only (the warm-up's longest)
+                return torch.zeros((n, hidden) if summed else (n, top_k, hidden), dtype=dtype, device=device)
+            return sums[:n] if summed else rows[:n]
 
         moe_experts.fused_moe = no_experts  # type: ignore[assignment]
 

@@ -99,6 +99,10 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(3, arch.hidden_size), None), 2, True)
         assert ids.shape == (3, arch.moe.top_k) and all(len(set(row)) == arch.moe.top_k for row in ids.tolist())
         assert torch.allclose(weights.sum(-1), torch.ones(3))
+        weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(11, arch.hidden_size), None), 2, True)
+        assert ids.shape == (11, arch.moe.top_k)  # longer than the tables (warm-up steps): made anew
+        rows = moe_experts.fused_moe(torch.zeros(11, arch.hidden_size), None, summed=False)
+        assert rows.shape == (11, arch.moe.top_k, arch.hidden_size) and not rows.any()
         q = torch.randn(2, arch.num_heads, arch.head_dim)
         assert torch.equal(attention.paged_decode(q, None, 0, torch.zeros(2), None, None, None, 1.0), q)
         engine.add_request("r", [5, 9, 11, 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
