@@ -3,13 +3,12 @@ inside pdlaunch/ breaks a benchmark's imports long before anyone runs it on a GP
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.helpers.benchmark_scripts import BENCHMARKS, load_benchmark
+
 SCRIPTS = sorted(BENCHMARKS.glob("*.py"))
 
 
@@ -19,12 +18,7 @@ def test_there_are_benchmark_scripts() -> None:
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_benchmark_script_imports(script: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their siblings (limits, ready_kv)
-    spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)  # module level only: each script runs from its __main__ guard
+    module = load_benchmark(script, f"_bench_{script.stem}", monkeypatch)
     if script.stem not in ("decode_sweep", "ready_kv", "limits"):  # helpers the scripts import
         assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
 

@@ -5,10 +5,9 @@ routes the batch to in that step, and afterwards the router in place before and 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -18,18 +17,11 @@ from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.model.moe.router import route
+from tests.helpers.benchmark_scripts import BENCHMARKS, load_benchmark
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-
-def _moe_speed(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202 (the script's module)
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("_bench_moe_speed_count", BENCHMARKS / "moe_speed.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    return module
+def _moe_speed(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    return load_benchmark(BENCHMARKS / "moe_speed.py", "_bench_moe_speed_count", monkeypatch)
 
 
 def test_count_routed_counts_one_eager_step_and_puts_the_router_back(
