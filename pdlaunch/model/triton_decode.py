@@ -12,7 +12,8 @@ The first version walked one 16-token block per iteration with broadcast product
 KV on an H200 that streams ~4.2 TB/s (benchmarks/RESULTS.md has the before/after).
 
 Few sequences give few programs (batch 1 of an 8-KV-head model: 8), so the visible tiles are
-split into up to `splits` contiguous ranges, each at least `min_tiles` long; each writes its
+split into up to `splits` contiguous ranges, each at least `min_tiles` long (one tile where the
+context is at most `short_tiles` tiles); each writes its
 partial (weighted values, max, sum), and the last range of a (sequence, KV head) to finish merges
 them (a counter per pair, reset by that program). A sequence whose context needs one range writes
 its output directly. The split count depends only
@@ -34,7 +35,11 @@ from pdlaunch.model.split_counters import split_counters
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 MAX_SPLITS = 64
-MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in partials and merging than they gain
+MIN_SPLIT_TOKENS = 256  # shorter ranges cost more in partials and merging than they gain ...
+# ... except in contexts of up to this many tokens, where one-tile ranges win: batch 1, 1024 tokens, one H100, 4 and
+# 8 KV heads, 8.98 -> 7.30 and 10.06 -> 7.94 us a call; 2048 tokens, 4 KV heads, 9.68 -> 9.01; at 4096 they lose,
+# 12.62 -> 14.34 (benchmarks/RESULTS.md)
+SHORT_SPLIT_CONTEXT = 2048
 MERGE_ELEMENTS = 8192  # partial values the merging program loads at once (64 float32 registers a thread)
 
 
@@ -81,7 +86,8 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         block_stride, k_offset, v_offset,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
-        TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, PRECISION: tl.constexpr,
+        TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
+        PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
         PDL: tl.constexpr, PRELOAD: tl.constexpr,
     ):
@@ -99,7 +105,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
         first_tile = first // TILE
         num_tiles = qpos // TILE + 1 - first_tile
-        per_split = tl.maximum(tl.cdiv(num_tiles, SPLITS), MIN_TILES)
+        per_split = tl.maximum(tl.cdiv(num_tiles, SPLITS), tl.where(num_tiles <= SHORT_TILES, 1, MIN_TILES))
         active = tl.cdiv(num_tiles, per_split)
         start = first_tile + split * per_split
         stop = tl.minimum(start + per_split, first_tile + num_tiles)
@@ -227,13 +233,15 @@ def _wave_fill(programs: int, slots: int) -> float:
 
 @dataclass(frozen=True)
 class DecodeLaunch:
-    """How one paged_decode call is cut: tokens per loop iteration, context ranges, Triton knobs."""
+    """How one paged_decode call is cut: tokens per loop iteration, context ranges, Triton knobs. A context of
+    at most `short_tiles` tiles splits into ranges of one tile, a longer one into ranges of `min_tiles` or more."""
 
     tile: int
     splits: int
     min_tiles: int
     num_warps: int
     num_stages: int
+    short_tiles: int = 0
 
 
 @lru_cache(maxsize=8)
@@ -309,7 +317,7 @@ def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
     wanted = -(-waves * num_sms // programs) if programs < num_sms else 1
     splits = min(MAX_SPLITS, 1 << (wanted - 1).bit_length()) if wanted > 1 else 1
     return DecodeLaunch(tile=tile, splits=splits, min_tiles=max(1, MIN_SPLIT_TOKENS // tile),
-                        num_warps=4, num_stages=2)
+                        num_warps=4, num_stages=2, short_tiles=SHORT_SPLIT_CONTEXT // tile if splits > 1 else 0)
 
 
 def launch_batch_sizes(max_num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device,
@@ -360,7 +368,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
-        MIN_TILES=launch.min_tiles, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
+        MIN_TILES=launch.min_tiles, SHORT_TILES=launch.short_tiles,
+        PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),

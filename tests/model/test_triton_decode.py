@@ -96,6 +96,8 @@ CASES = {  # id: (dtype, seq_lens, block_size, kv heads, group, head_dim, window
     "b4-g5-bf16-one-range": (torch.bfloat16, [2, 66, 91], 4, 2, 5, 16, None, DecodeLaunch(16, 1, 1, 4, 1)),
     "b64-g2-d128-window-splits": (torch.float32, [64, 65, 190], 64, 2, 2, 128, 100, DecodeLaunch(64, 4, 1, 4, 2)),
     "b8-g4-empty-splits": (torch.float32, [3, 40], 8, 2, 4, 16, None, DecodeLaunch(16, 8, 2, 4, 2)),
+    # contexts of up to 4 tiles in one-tile ranges (40 tokens: 3), longer ones in ranges of 4 tiles (100: 2)
+    "b8-g2-short-context-ranges": (torch.float32, [40, 100, 5], 8, 2, 2, 16, None, DecodeLaunch(16, 8, 4, 4, 2, 4)),
     # 63 active ranges of 8 heads x 128: the merging program takes them 8 at a time (MERGE_ELEMENTS)
     "b16-g8-d128-chunked-merge": (torch.float32, [3000, 40], 16, 1, 8, 128, None, DecodeLaunch(16, 64, 3, 4, 2)),
 }
@@ -165,8 +167,10 @@ def test_cpu_mode_reads_the_variable_on_a_triton_without_knobs(monkeypatch: pyte
 def test_launch_depends_on_batch_and_heads_only() -> None:
     one = choose_launch(1, 8, 128, num_sms=132)
     assert one.splits == 64 and one.tile * one.min_tiles >= 256  # 8 programs: split the context
+    assert one.tile * one.short_tiles == triton_decode.SHORT_SPLIT_CONTEXT  # shorter: one-tile ranges
     many = choose_launch(128, 8, 128, num_sms=132)
     assert many.splits == 1 and many.tile == 64  # 1024 programs fill 132 SMs
+    assert many.short_tiles == 0  # unsplit: nothing to shorten
     one_wave = choose_launch(64, 4, 128, num_sms=132)
     assert one_wave.splits == 1 and one_wave.tile == 128  # 256 programs: every SM once, longer tiles, unsplit
     assert one.tile == 128 and choose_launch(1, 8, 256, num_sms=132).tile == 64  # registers in bounds
@@ -202,7 +206,8 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
              "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
     launch = choose_launch(batch, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
-                  "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles, "PRECISION": "tf32",
+                  "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles,
+                  "SHORT_TILES": launch.short_tiles, "PRECISION": "tf32",
                   "DOT_FP32": False, "GROUP_P2": 4,
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * 128)),
                   "V_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1}
