@@ -4,7 +4,7 @@ every launch configuration of decode_sweep.py, at the given cells, against the c
 run.
 
     python benchmarks/decode_gqa.py [--cells 64x1024 1x1024] [--kv-heads 4] [--kv-cache-dtype fp8] [--sweep]
-                                    [--json OUT]
+                                    [--launches 128x64x4x2x128 ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="fp8: the cache in e4m3 (the bf16 fill converted), queries bf16")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--launches", nargs="*", default=[], metavar="TILExSPLITSxWARPSxSTAGES",
-                        help="also time these launches at every cell, e.g. 128x2x4x2 (splits beyond the one-wave rule)")
+    parser.add_argument("--launches", nargs="*", default=[], metavar="TILExSPLITSxWARPSxSTAGES[xMIN_TOKENS]",
+                        help="also time these launches at every cell, e.g. 128x2x4x2 (splits beyond the one-wave "
+                             "rule) or 128x64x4x2x128 (ranges of 128 tokens or more at every context; default "
+                             "MIN_SPLIT_TOKENS)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     kv_heads = args.kv_heads
@@ -62,8 +64,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         doc["chosen"].append(row)
         for spec in args.launches:
-            tile, splits, warps, stages = (int(v) for v in spec.split("x"))
-            other = DecodeLaunch(tile, splits, max(1, MIN_SPLIT_TOKENS // tile), warps, stages)
+            tile, splits, warps, stages, *rest = (int(v) for v in spec.split("x"))
+            min_tokens = rest[0] if rest else MIN_SPLIT_TOKENS
+            other = DecodeLaunch(tile, splits, max(1, min_tokens // tile), warps, stages)
             ms = bench.time(paged_decode, batch, context, launch=other)
             gbps = bench.kv_bytes(batch, context) / ms / 1e6
             row = {"batch": batch, "context": context, "launch": other.__dict__, "us": ms * 1e3, "gbps": gbps,
