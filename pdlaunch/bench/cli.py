@@ -68,6 +68,9 @@ def serve(
     ] = "/v1/completions",
     num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests to send.")] = 1000,
     random_input_len: Annotated[int, typer.Option("--random-input-len", help="Prompt tokens (mean).")] = 1024,
+    input_lens: Annotated[str | None, typer.Option(
+        "--input-lens", help="A mixed workload: prompt lengths, comma-separated (64,3072), each for an equal share of "
+        "the prompts in a seeded order; replaces --random-input-len.")] = None,
     random_output_len: Annotated[int, typer.Option("--random-output-len", help="Output tokens (mean).")] = 128,
     random_range_ratio: Annotated[
         float, typer.Option("--random-range-ratio", help="Lengths uniform in mean*[1-r, 1+r], 0 <= r < 1.")
@@ -124,7 +127,8 @@ def serve(
     with _reported("no report"):
         cfg = ServeBenchConfig.model_validate(dict(
             base_url=base_url, endpoint=endpoint, model=model, num_prompts=num_prompts,
-            random_input_len=random_input_len, random_output_len=random_output_len,
+            random_input_len=random_input_len, input_lens=_number_list(input_lens, "--input-lens", int),
+            random_output_len=random_output_len,
             random_range_ratio=random_range_ratio, request_rate=request_rate, burstiness=burstiness,
             max_concurrency=max_concurrency, num_warmups=num_warmups, goodput=[*(goodput or []), *(slo_args or [])],
             prompt_format=prompt_format, vocab_size=vocab_size, ignore_eos=ignore_eos, seed=seed,
@@ -275,6 +279,9 @@ def compare(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests per rate.")] = 160,
     input_len: Annotated[int, typer.Option("--input-len", help="Prompt tokens per request.")] = 3072,
+    input_lens: Annotated[str | None, typer.Option(
+        "--input-lens", help="A mixed workload instead of --input-len: prompt lengths, comma-separated (64,3072), "
+        "each for an equal share of the requests.")] = None,
     output_len: Annotated[int, typer.Option("--output-len", help="Output tokens per request (ignore_eos).")] = 128,
     ttft_slo_ms: Annotated[float, typer.Option("--ttft-slo-ms", help="TTFT SLO, ms.")] = 400.0,
     tpot_slo_ms: Annotated[float, typer.Option("--tpot-slo-ms", help="TPOT SLO, ms.")] = 15.0,
@@ -293,6 +300,10 @@ def compare(
         int | None, typer.Option("--colocated-instances", help="Colocated instances (default: one per GPU; "
                                     "CPU: prefill + decode).")
     ] = None,
+    disaggregate_min_tokens: Annotated[int | None, typer.Option(
+        "--disaggregate-min-tokens", help="Also run the PD split with per-request disaggregation: prompts of fewer "
+        "uncached tokens run on a decode alone (proxy.disaggregate_min_tokens); reports its goodput against the "
+        "better of always-PD and colocated.")] = None,
     prefill: Annotated[int, typer.Option("--prefill", help="Prefill instances of the PD deployment.")] = 1,
     decode: Annotated[int, typer.Option("--decode", help="Decode instances of the PD deployment.")] = 1,
     burstiness: Annotated[
@@ -310,8 +321,9 @@ def compare(
         float, typer.Option("--ready-timeout", help="Seconds to wait for a deployment to be ready.")
     ] = 900.0,
 ) -> None:
-    """Colocated instances, then a PD deployment, on the same devices: goodput (two SLO sets), TTFT, TPOT, ITL p99
-    and utilisation per rate, side by side; then the advised xPyD split, predicted against measured."""
+    """Colocated instances, then a PD deployment (and with --disaggregate-min-tokens the same split with per-request
+    disaggregation), on the same devices: goodput (two SLO sets), TTFT, TPOT, ITL p99 and utilisation per rate,
+    side by side; then the advised xPyD split, predicted against measured."""
     from pdlaunch.bench.compare import CompareConfig, run_compare
     from pdlaunch.bench.compare_report import report_comparison
 
@@ -320,6 +332,7 @@ def compare(
         cfg = CompareConfig.model_validate(dict(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
             rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
+            input_lens=_number_list(input_lens, "--input-lens", int), disaggregate_min_tokens=disaggregate_min_tokens,
             output_len=output_len, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
             tight_ttft_slo_ms=tight_ttft_slo_ms, tight_tpot_slo_ms=tight_tpot_slo_ms, advise_for=advise_for,
             run_advised=run_advised,

@@ -5,6 +5,10 @@ xPyD split of the GPUs from what the PD run measured, and that split runs too (u
 Both deployments see the same requests: prompts, lengths and arrivals come from `seed + i` at the
 i-th rate (fresh prompts per rate, so that prefix caching cannot serve a later rate from an earlier
 one), identical for the two deployments. Every instance runs with TP 1, one per GPU.
+
+With `--disaggregate-min-tokens N` a third deployment runs after the PD one: the same split with the proxy's
+per-request disaggregation (`proxy.disaggregate_min_tokens`), so a mixed workload (`--input-lens 64,3072`) shows
+it against both always-PD and colocated serving (issue 31's acceptance).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
@@ -37,7 +41,7 @@ from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deploymen
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.launcher.serve import report_child_exit
 
-DeploymentKind = Literal["colocated", "pd", "advised"]
+DeploymentKind = Literal["colocated", "pd", "conditional", "advised"]
 KINDS: tuple[DeploymentKind, ...] = ("colocated", "pd")
 SloSet = Literal["relaxed", "tight"]
 
@@ -51,6 +55,7 @@ class CompareConfig(BaseModel):
     rates: list[float] = Field(min_length=1)  # requests/s
     num_prompts: int = Field(160, ge=1)
     input_len: int = Field(3072, ge=1)
+    input_lens: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)  # a mix; replaces input_len
     output_len: int = Field(128, ge=1)
     ttft_slo_ms: float = Field(400.0, gt=0)
     tpot_slo_ms: float = Field(15.0, gt=0)
@@ -59,6 +64,7 @@ class CompareConfig(BaseModel):
     advise_for: SloSet = "relaxed"  # whose TPOT target sizes the decode side
     run_advised: bool = True  # run the advised split when it is not the PD split already run
     colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
+    disaggregate_min_tokens: int | None = Field(None, ge=1)  # also run PD with per-request disaggregation
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
     burstiness: float = Field(1.0, gt=0)
@@ -88,7 +94,24 @@ class CompareConfig(BaseModel):
                              "`demo` or `tiny`)")
         if self.config is not None and not self.config.is_file():
             raise ValueError(f"--config: {str(self.config)!r} is not a file")
+        if self.input_lens is not None and self.input_len != type(self).model_fields["input_len"].default:
+            raise ValueError("--input-len and --input-lens both set the prompt lengths: give one")
         return self
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        """The workload's prompt lengths: the mix of --input-lens, or --input-len alone."""
+        return [*self.input_lens] if self.input_lens is not None else [self.input_len]
+
+    @property
+    def mean_input_len(self) -> int:
+        """Prompt tokens per request, averaged over the mix (its lengths come in equal shares)."""
+        return round(sum(self.prompt_lens) / len(self.prompt_lens))
+
+    @property
+    def kinds(self) -> tuple[DeploymentKind, ...]:
+        """The deployments run before the advised one: colocated, PD, and PD with per-request disaggregation."""
+        return KINDS + (("conditional",) if self.disaggregate_min_tokens is not None else ())
 
     @property
     def slo(self) -> Slo:
@@ -162,7 +185,7 @@ def label(kind: DeploymentKind, layout: Layout) -> str:
     """Short name for the table: `colocated x2`, `PD 1P1D`, `PD 2P1D adv.`."""
     if kind == "colocated":
         return f"colocated x{layout.colocated}"
-    return f"PD {layout.prefill}P{layout.decode}D" + (" adv." if kind == "advised" else "")
+    return f"PD {layout.prefill}P{layout.decode}D" + {"advised": " adv.", "conditional": " cond."}.get(kind, "")
 
 
 def num_gpus(layout: Layout) -> int:
@@ -174,14 +197,17 @@ def advised_layout(layout: Layout, prefill: int, decode: int) -> Layout:
     return layout.model_copy(update={"prefill": prefill, "decode": decode})
 
 
-def describe(kind: DeploymentKind, layout: Layout) -> str:
+def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None) -> str:
+    """`min_tokens`: the conditional deployment's --disaggregate-min-tokens."""
     def where(gpus: list[int]) -> str:
         return f"GPU {','.join(map(str, gpus))}" if layout.device == "cuda" else "CPU"
 
     if kind == "colocated":
         return f"{layout.colocated} colocated ({where(layout.gpus)})"
-    return (f"{layout.prefill}P ({where(layout.gpus[:layout.prefill])}) + "
-            f"{layout.decode}D ({where(layout.gpus[layout.prefill:])})")
+    split = (f"{layout.prefill}P ({where(layout.gpus[:layout.prefill])}) + "
+             f"{layout.decode}D ({where(layout.gpus[layout.prefill:])})")
+    return split + (f", prompts of < {min_tokens} uncached tokens on the decode alone" if kind == "conditional"
+                    else "")
 
 
 def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) -> DeploymentConfig:
@@ -195,6 +221,8 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
     }
     if cfg.max_model_len is not None:
         overrides["model.max_model_len"] = cfg.max_model_len
+    if kind == "conditional":
+        overrides["proxy.disaggregate_min_tokens"] = cfg.disaggregate_min_tokens
     return load_valid_deployment(cfg.config, overrides)
 
 
@@ -206,22 +234,25 @@ def _model_info(deployment: DeploymentConfig) -> ModelInfo:
 
 
 def check_request_fits(cfg: CompareConfig, deployment: DeploymentConfig) -> None:
-    """--input-len + --output-len must fit the deployment's max_model_len: said before anything starts,
-    not as every request failing once the first deployment is up."""
+    """--input-len (the longest of --input-lens) + --output-len must fit the deployment's max_model_len: said
+    before anything starts, not as every request failing once the first deployment is up."""
     limit = deployment.model.max_model_len or _model_info(deployment).max_position_embeddings
-    need = cfg.input_len + cfg.output_len
+    longest = max(cfg.prompt_lens)
+    need = longest + cfg.output_len
+    flag = "--input-lens" if cfg.input_lens is not None else "--input-len"
     if limit is not None and need > limit:
         raise PdlaunchError(
-            f"--input-len {cfg.input_len} + --output-len {cfg.output_len} = {need} exceeds the model's "
-            f"max_model_len {limit} ({deployment.model.path})", field="--input-len",
-            hint=f"pass --input-len {max(1, limit - cfg.output_len)} or less with this --output-len")
+            f"{flag} {longest} + --output-len {cfg.output_len} = {need} exceeds the model's "
+            f"max_model_len {limit} ({deployment.model.path})", field=flag,
+            hint=f"pass prompts of {max(1, limit - cfg.output_len)} tokens or fewer with this --output-len")
 
 
 def prefill_yardstick(cfg: CompareConfig, layout: Layout, console: Console) -> Yardstick:
     """FLOPs per prompt token of the workload, and the matmul ceiling of the device the prefill runs on (the
     first listed GPU, or the CPU), in the deployment's dtype, measured now: before any deployment starts."""
     deployment = deployment_config(cfg, layout, "pd")
-    flops = _model_info(deployment).prefill_flops(cfg.input_len) / cfg.input_len
+    info = _model_info(deployment)
+    flops = sum(info.prefill_flops(n) for n in cfg.prompt_lens) / sum(cfg.prompt_lens)  # per token of the mix
     dtype = deployment.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if layout.device == "cuda" else "float32"
@@ -231,10 +262,10 @@ def prefill_yardstick(cfg: CompareConfig, layout: Layout, console: Console) -> Y
     except PdlaunchError as exc:
         console.print(f"[yellow]no matmul ceiling: {exc.render()}; prefill FLOP rates are shown without their "
                       "share of it[/yellow]", highlight=False)
-        return Yardstick(input_len=cfg.input_len, flops_per_token=flops, no_ceiling=exc.render())
+        return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, no_ceiling=exc.render())
     console.print(f"matmul ceiling: {ceiling.n}^3 {ceiling.dtype} on {ceiling.device}: {ceiling.tflops:.3g} "
                   f"TFLOP/s; the workload's prefill: {flops / 1e9:.3g} GFLOP per prompt token", highlight=False)
-    return Yardstick(input_len=cfg.input_len, flops_per_token=flops, ceiling=ceiling)
+    return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, ceiling=ceiling)
 
 
 class DeploymentRun(BaseModel):
@@ -250,19 +281,28 @@ class DeploymentRun(BaseModel):
 
 
 def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchConfig:
+    lengths = {"input_lens": cfg.input_lens} if cfg.input_lens is not None else {"random_input_len": cfg.input_len}
     return ServeBenchConfig(
-        base_url=base_url, num_prompts=cfg.num_prompts, random_input_len=cfg.input_len,
+        base_url=base_url, num_prompts=cfg.num_prompts, **lengths,
         random_output_len=cfg.output_len, request_rate=cfg.rates[index], burstiness=cfg.burstiness,
         num_warmups=cfg.num_warmups, goodput=cfg.slo.as_goodput_specs(), vocab_size=cfg.vocab_size,
         ignore_eos=True, seed=cfg.seed + index, request_timeout=cfg.request_timeout,
     )
 
 
+def _decisions_text(point: RatePoint) -> str:
+    decisions = point.load.decisions if point.load is not None else None
+    if not decisions:
+        return ""
+    return f", {decisions.get('decode_only', 0)} on a decode alone and {decisions.get('pd', 0)} PD"
+
+
 def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console,
                    yardstick: Yardstick | None = None) -> DeploymentRun:
     """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C). With a
     `yardstick`, every rate point carries its prefill steps' FLOP rate."""
-    run = DeploymentRun(kind=kind, label=label(kind, layout), description=describe(kind, layout),
+    run = DeploymentRun(kind=kind, label=label(kind, layout),
+                        description=describe(kind, layout, cfg.disaggregate_min_tokens),
                         prefill=layout.prefill if kind != "colocated" else 0,
                         decode=layout.decode if kind != "colocated" else 0)
     console.rule(f"{kind}: {run.description}")
@@ -276,6 +316,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
         if deployment.proxy_url is None:
             raise PdlaunchError("the deployment has no proxy on this node", field="--config",
                                 hint="compare runs on one node; drop parallel.nodes from the config")
+        if kind == "conditional":  # how many requests of each rate ran on a decode alone
+            probe.proxy_url = deployment.proxy_url
         for i, rate in enumerate(cfg.rates):
             probe.start()
             _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
@@ -290,7 +332,7 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
                           f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
                           f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
-                          f"ITL p99 {point.itl_p99_ms:.1f} ms", highlight=False)
+                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_decisions_text(point)}", highlight=False)
         clean = True
     except ChildExited as exc:
         report_child_exit(console, exc)
@@ -332,7 +374,7 @@ def advice_from(cfg: CompareConfig, layout: Layout, pd: DeploymentRun) -> Advice
     if not prefill or not points:
         return None
     max_num_seqs = deployment_config(cfg, layout, "pd").scheduler.max_num_seqs
-    return advise(num_gpus(layout), cfg.input_len, cfg.output_len, cfg.slo_of(cfg.advise_for).tpot_ms,
+    return advise(num_gpus(layout), cfg.mean_input_len, cfg.output_len, cfg.slo_of(cfg.advise_for).tpot_ms,
                   max(prefill), points, max_num_seqs)
 
 
@@ -345,21 +387,21 @@ class Comparison(BaseModel):
 
 
 def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
-    """The matmul ceiling first (prefill_yardstick); then both deployments in turn on the same devices, each
-    stopped before the next starts; then the advisor's split, when it differs from the PD split and
+    """The matmul ceiling first (prefill_yardstick); then the deployments (`cfg.kinds`) in turn on the same devices,
+    each stopped before the next starts; then the advisor's split, when it differs from the PD split and
     `run_advised`. Each deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    for kind in KINDS:  # fail on a config problem of either before spending time on the first
+    for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = []
     with _termination_as_interrupt():
         yardstick = prefill_yardstick(cfg, layout, console)
-        for kind in KINDS:
+        for kind in cfg.kinds:
             run = run_deployment(cfg, layout, kind, console, yardstick)
             write_json(run.model_dump(mode="json"), cfg.out / f"{kind}.json")
             runs.append(run)
-        advice = advice_from(cfg, layout, runs[-1])
+        advice = advice_from(cfg, layout, next(run for run in runs if run.kind == "pd"))
         if advice is None:
             console.print("no P:D advice: the PD run measured no prefill or no decode step", highlight=False)
             return Comparison(runs=runs, advice=None, yardstick=yardstick)

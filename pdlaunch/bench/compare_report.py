@@ -2,7 +2,8 @@
 ITL p99, prefill and decode utilisation; the prefill steps' FLOP rate and its share of the matmul ceiling), the
 P:D advisor's split with its predicted against measured goodput,
 a JSON of every raw figure, a goodput-against-rate PNG (matplotlib is optional) and the highest rate PD sustains
-within the SLOs."""
+within the SLOs; with a conditional deployment (--disaggregate-min-tokens), its goodput per rate against the better
+of always-PD and colocated."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from pdlaunch.errors import PdlaunchError
 
 JSON_NAME = "compare.json"
 PLOT_NAME = "goodput.png"
+
+
+def prompts_text(cfg: CompareConfig) -> str:
+    """`3072-token prompts`, or for a mix `64/3072-token prompts (equal shares)`."""
+    if cfg.input_lens is None:
+        return f"{cfg.input_len}-token prompts"
+    return f"{'/'.join(map(str, cfg.input_lens))}-token prompts (equal shares)"
 
 
 def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
@@ -78,8 +86,8 @@ def prefill_compute_table(runs: list[DeploymentRun], cfg: CompareConfig, yardsti
     ceiling = (f"a {c.n}^3 {c.dtype} product on {c.device}: {c.tflops:.3g} TFLOP/s, measured before the runs"
                if c is not None else f"none ({yardstick.no_ceiling})")
     table = Table(title=f"Prefill compute: model FLOPs of the prompt tokens per second of prefill steps, per "
-                        f"instance ({yardstick.flops_per_token / 1e9:.3g} GFLOP per token of a "
-                        f"{yardstick.input_len}-token prompt)", title_justify="left", box=box.SIMPLE_HEAD,
+                        f"instance ({yardstick.flops_per_token / 1e9:.3g} GFLOP per token of "
+                        f"{prompts_text(cfg)})", title_justify="left", box=box.SIMPLE_HEAD,
                   caption_justify="left")
     table.caption = f"matmul ceiling: {ceiling}"
     for col in ("rate /s", "deployment", "prefill TFLOP/s", "of matmul ceiling"):
@@ -144,6 +152,29 @@ def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     return best, f"{run.description} keeps >= {share} of requests within the SLOs up to {best:g} req/s{tail}"
 
 
+def conditional_against_best(runs: list[DeploymentRun], cfg: CompareConfig) -> list[dict[str, JsonValue]]:
+    """Per rate, the conditional deployment's goodput (both SLO sets) against the better of always-PD and
+    colocated at that rate; empty without a conditional run."""
+    conditional = next((r for r in runs if r.kind == "conditional"), None)
+    others = [r for r in runs if r.kind in ("pd", "colocated")]
+    if conditional is None:
+        return []
+    rows: list[dict[str, JsonValue]] = []
+    for i, rate in enumerate(cfg.rates):
+        if i >= len(conditional.points) or any(i >= len(r.points) for r in others):
+            continue
+        mine = conditional.points[i]
+        best = max(others, key=lambda r: r.points[i].goodput)
+        best_tight = max(others, key=lambda r: r.points[i].tight_goodput)
+        rows.append({"rate": rate, "goodput": mine.goodput, "best_other": best.label,
+                     "best_other_goodput": best.points[i].goodput,
+                     "at_least_best": mine.goodput >= best.points[i].goodput,
+                     "tight_goodput": mine.tight_goodput, "best_other_tight": best_tight.label,
+                     "best_other_tight_goodput": best_tight.points[i].tight_goodput,
+                     "tight_at_least_best": mine.tight_goodput >= best_tight.points[i].tight_goodput})
+    return rows
+
+
 def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advice | None = None,
                      yardstick: Yardstick | None = None) -> dict[str, JsonValue]:
     pd = next(run for run in runs if run.kind == "pd")
@@ -156,6 +187,7 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advi
         "pd_highest_rate_within_slo": best,
         "verdict": sentence,
         "advisor": advice_document(advice, runs, cfg) if advice is not None else None,
+        "conditional_against_best": [*conditional_against_best(runs, cfg)],
         "deployments": [
             {"kind": run.kind, "label": run.label, "description": run.description, "prefill": run.prefill,
              "decode": run.decode, "pids": [*run.pids],
@@ -180,7 +212,7 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
     ax.set_xlabel("offered rate (requests/s)")
     ax.set_ylabel("goodput (requests/s within SLOs)")
     ax.set_title(f"TTFT <= {cfg.ttft_slo_ms:g} ms, TPOT <= {cfg.tpot_slo_ms:g} ms; "
-                 f"{cfg.input_len} in / {cfg.output_len} out tokens")
+                 f"{prompts_text(cfg)}, {cfg.output_len} out")
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -206,6 +238,12 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     for run in runs:
         if run.kind != "pd":
             console.print(verdict(run)[1], highlight=False)
+    for row in conditional_against_best(runs, cfg):
+        console.print(f"rate {row['rate']:g}/s: per-request disaggregation {row['goodput']:.2f}/s against "
+                      f"{row['best_other_goodput']:.2f}/s of {row['best_other']} "
+                      f"({'at least as good' if row['at_least_best'] else 'below it'}); tight SLOs "
+                      f"{row['tight_goodput']:.2f}/s against {row['best_other_tight_goodput']:.2f}/s",
+                      highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
     console.print(f"Wrote {json_path}", highlight=False)
     try:

@@ -3,7 +3,9 @@
 Read from every instance's `pdlaunch_engine_step{s,_seconds,_tokens}_total{kind}` counters (metrics.py) before
 and after the rate. Utilisation is the share of wall time the engine spent in steps: for PD, prefill = the
 prefill instances' steps, decode = the decode instances'; for colocated instances, prefill = their steps with
-prompt tokens (decodes ride along in them), decode = their decode-only steps.
+prompt tokens (decodes ride along in them), decode = their decode-only steps. With the proxy's URL also its
+`pdlaunch_proxy_disaggregation_decisions_total{decision}` counter (proxy.disaggregate_min_tokens): how many
+requests of the rate ran PD and how many on a decode alone.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class EngineLoad(BaseModel):
     prefill_tokens_per_s: float | None  # prompt tokens per second of prefill steps, per instance
     decode_batch: float | None  # mean sequences per decode step
     decode_step_ms: float | None  # mean decode step time
+    # requests by how the proxy ran them (pd / decode_only) under proxy.disaggregate_min_tokens, the rate's warm-up
+    # requests included as in the step counters; None: not read
+    decisions: dict[str, int] | None = None
 
 
 def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_s: float) -> EngineLoad:
@@ -99,33 +104,56 @@ def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_
     )
 
 
+def parse_decisions(text: str) -> dict[str, int]:
+    """The proxy's per-request disaggregation decisions from its /metrics page ({} when it has none)."""
+    out: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "pdlaunch_proxy_disaggregation_decisions":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and "decision" in sample.labels:
+                out[sample.labels["decision"]] = int(sample.value)
+    return out
+
+
 class LoadProbe:
-    """Reads the step counters of a deployment's instances (`(role, url)` pairs) over HTTP."""
+    """Reads the step counters of a deployment's instances (`(role, url)` pairs) over HTTP, and with
+    `proxy_url` set the proxy's disaggregation decisions."""
 
     def __init__(self, instances: list[tuple[str, str]], headers: dict[str, str]) -> None:
         self.instances = instances
+        self.proxy_url: str | None = None
         self._http = httpx.Client(trust_env=False, timeout=SCRAPE_TIMEOUT_S, headers=headers)
         self._before: list[InstanceTotals] = []
+        self._decisions_before: dict[str, int] = {}
         self._started = 0.0
 
+    def _get(self, url: str) -> str:
+        try:
+            response = self._http.get(f"{url}/metrics")
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise PdlaunchError(f"could not read {url}/metrics within {SCRAPE_TIMEOUT_S:g} s: {exc}",
+                                hint="the instance's log says why") from None
+        return response.text
+
+    def decisions(self) -> dict[str, int]:
+        return parse_decisions(self._get(self.proxy_url)) if self.proxy_url is not None else {}
+
     def read(self) -> list[InstanceTotals]:
-        out = []
-        for role, url in self.instances:
-            try:
-                response = self._http.get(f"{url}/metrics")
-                response.raise_for_status()
-            except httpx.HTTPError as exc:
-                raise PdlaunchError(f"could not read {url}/metrics within {SCRAPE_TIMEOUT_S:g} s: {exc}",
-                                    hint="the instance's log says why") from None
-            out.append(InstanceTotals(role=role, by_kind=parse_step_totals(response.text)))
-        return out
+        return [InstanceTotals(role=role, by_kind=parse_step_totals(self._get(url))) for role, url in self.instances]
 
     def start(self) -> None:
+        self._decisions_before = self.decisions()
         self._before, self._started = self.read(), time.monotonic()
 
     def stop(self) -> EngineLoad:
         after = self.read()
-        return engine_load(self._before, after, time.monotonic() - self._started)
+        load = engine_load(self._before, after, time.monotonic() - self._started)
+        if self.proxy_url is not None:
+            now = self.decisions()
+            load.decisions = {k: v - self._decisions_before.get(k, 0) for k, v in now.items()}
+        return load
 
     def close(self) -> None:
         self._http.close()

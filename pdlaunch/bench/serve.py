@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import httpx
 import numpy as np
@@ -55,6 +55,8 @@ class ServeBenchConfig(BaseModel):
     model: str | None = None  # None: the first id from GET /v1/models
     num_prompts: int = Field(1000, ge=1)
     random_input_len: int = Field(1024, ge=1)
+    # --input-lens: a mixed workload, each prompt one of these lengths, in equal shares (replaces random_input_len)
+    input_lens: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
     random_output_len: int = Field(128, ge=1)
     random_range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     request_rate: float = Field(math.inf, gt=0.0)  # req/s; inf sends everything at once
@@ -90,6 +92,12 @@ class ServeBenchConfig(BaseModel):
             ignored.append("--prompt-format words (multi-turn completions resend the server's token ids)")
         if ignored:
             raise ValueError(f"{', '.join(ignored)}: not used {'with' if self.multi_turn else 'without'} --multi-turn")
+        if self.input_lens is not None:
+            if self.random_input_len != defaults["random_input_len"].default:
+                raise ValueError("--random-input-len and --input-lens both set the prompt lengths: give one")
+            if self.random_range_ratio:
+                raise ValueError("--random-range-ratio varies the lengths around --random-input-len; --input-lens "
+                                 "fixes each prompt's length: drop one")
         return self
 
     @property
@@ -112,6 +120,7 @@ class ServeBenchConfig(BaseModel):
 
 # Flags only one mode reads (field -> flag): `--multi-turn` runs conversations, not independent prompts.
 _INDEPENDENT_ONLY = {"num_prompts": "--num-prompts", "random_range_ratio": "--random-range-ratio",
+                     "input_lens": "--input-lens",
                      "request_rate": "--request-rate", "burstiness": "--burstiness",
                      "max_concurrency": "--max-concurrency", "num_warmups": "--num-warmups", "plot_dir": "--plot"}
 _MULTI_TURN_ONLY = {"num_conversations": "--num-conversations", "num_turns": "--num-turns",
@@ -137,9 +146,14 @@ def _lengths(mean: int, ratio: float, n: int, rng: np.random.Generator) -> np.nd
 
 
 def sample_requests(cfg: ServeBenchConfig, n: int, rng: np.random.Generator) -> list[BenchRequest]:
-    """`n` prompts with input/output lengths uniform in mean * [1 - ratio, 1 + ratio]."""
+    """`n` prompts with input/output lengths uniform in mean * [1 - ratio, 1 + ratio], or with `input_lens`: each
+    length of the list for an equal share of the prompts (the first ones one more where n is not a multiple), in a
+    seeded random order."""
     fmt = cfg.prompt_format or ("words" if cfg.is_chat else "ids")
-    in_lens = _lengths(cfg.random_input_len, cfg.random_range_ratio, n, rng)
+    if cfg.input_lens is not None:
+        in_lens = rng.permutation(np.resize(np.array(cfg.input_lens), n))
+    else:
+        in_lens = _lengths(cfg.random_input_len, cfg.random_range_ratio, n, rng)
     out_lens = _lengths(cfg.random_output_len, cfg.random_range_ratio, n, rng)
     requests = []
     for in_len, out_len in zip(in_lens.tolist(), out_lens.tolist()):
@@ -340,6 +354,7 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
         "model_id": model,
         "num_prompts": cfg.num_prompts,
         "random_input_len": cfg.random_input_len,
+        "input_len_mix": [*cfg.input_lens] if cfg.input_lens is not None else None,
         "random_output_len": cfg.random_output_len,
         "random_range_ratio": cfg.random_range_ratio,
         "request_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,

@@ -41,6 +41,12 @@ def _invoke(args: list[str]) -> Any:
     (["--model", "tiny", "--rates", "2", "--num-prompts", "0"], "--num-prompts"),
     # the default --input-len 3072 does not fit tiny's max_model_len 2048: said before anything starts
     (["--model", "tiny", "--rates", "2", "--device", "cpu"], "--input-len"),
+    (["--model", "tiny", "--rates", "2", "--device", "cpu", "--input-lens", "64,3000"], "--input-lens"),
+    (["--model", "tiny", "--rates", "2", "--input-lens", "64,x"], "--input-lens"),
+    (["--model", "tiny", "--rates", "2", "--input-lens", "0,64"], "--input-lens"),
+    (["--model", "tiny", "--rates", "2", "--input-len", "64", "--input-lens", "64,128"],
+     "--input-len and --input-lens"),
+    (["--model", "tiny", "--rates", "2", "--disaggregate-min-tokens", "0"], "--disaggregate-min-tokens"),
 ])
 def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     result = _invoke([*args, "--out", str(tmp_path / "out")])
@@ -221,6 +227,43 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
         assert "no plot: matplotlib is not installed" in text and not plot.exists()
     else:
         assert plot.stat().st_size > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(360)
+@pytest.mark.slow
+def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: Path) -> None:
+    """--input-lens 8,40 --disaggregate-min-tokens 24: colocated, PD and PD with per-request disaggregation, each
+    sent the same mix; in the third the proxy runs the 8-token prompts on the decode alone, the 40-token ones PD."""
+    out = tmp_path / "mix"
+    workload = [a for a in WORKLOAD if a not in ("--input-len", "12")]
+    result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4", *workload, "--num-prompts", "6",
+                      "--input-lens", "8,40", "--disaggregate-min-tokens", "24", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "conditional deployment stopped: 3 processes reaped" in text
+    assert "prompts of < 24 uncached tokens on the decode alone" in text
+    doc = json.loads((out / "compare.json").read_text())
+    assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd", "conditional"]
+    for dep in doc["deployments"]:
+        assert dep["stopped"] is True
+        (raw,) = dep["raw"]
+        assert sorted(raw["input_lens"]) == [8, 8, 8, 40, 40, 40] and raw["input_len_mix"] == [8, 40]
+        (point,) = dep["points"]
+        assert point["completed"] == 6
+    pd, conditional = doc["deployments"][1:]
+    assert pd["points"][0]["load"]["decisions"] is None  # the always-PD proxy is not asked
+    decisions = conditional["points"][0]["load"]["decisions"]  # the 6 requests and the 1 warm-up
+    assert sum(decisions.values()) == 7 and decisions["decode_only"] >= 3 and decisions["pd"] >= 3
+    assert f"{decisions['decode_only']} on a decode alone and {decisions['pd']} PD" in text
+    (row,) = doc["conditional_against_best"]
+    best = max(doc["deployments"][:2], key=lambda d: d["points"][0]["goodput"])
+    assert row["rate"] == 4.0 and row["goodput"] == conditional["points"][0]["goodput"]
+    assert row["best_other"] == best["label"] and row["best_other_goodput"] == best["points"][0]["goodput"]
+    assert row["at_least_best"] == (row["goodput"] >= row["best_other_goodput"])
+    assert "rate 4/s: per-request disaggregation" in text
+    assert doc["advisor"]["measured_by"] == "PD 1P1D"  # the advice comes from the always-PD run
+    assert _leftovers(str(out)) == []
 
 
 @pytest.mark.e2e

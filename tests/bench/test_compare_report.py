@@ -61,7 +61,7 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     # the third: the prefill steps' FLOP rate with its share of the matmul ceiling
     assert ["8", "colocated", "x2", "480", "69%"] in rows and ["PD", "1P1D", "120", "17%"] in rows
     flat = " ".join(text.split())
-    assert "2 GFLOP per token of a 3072-token prompt" in flat
+    assert "2 GFLOP per token of 3072-token prompts" in flat
     assert "matmul ceiling: a 8192^3 bfloat16 product on cuda:0 (NVIDIA H200): 700 TFLOP/s" in flat
     assert "2 colocated (GPU 0,1) keeps < 90% of requests within the SLOs already at 2 req/s" in text
     assert "1P (GPU 0) + 1D (GPU 1) keeps >= 90% of requests within the SLOs up to 4 req/s" in text
@@ -80,6 +80,25 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     assert pd["points"][2]["prefill_compute"] == {"tflops": 480.0, "of_matmul": 480.0 / 700.0}
     assert on_disk["prefill_yardstick"]["ceiling"]["tflops"] == 700.0
     assert on_disk["prefill_yardstick"]["flops_per_token"] == 2e9
+
+
+def test_per_request_disaggregation_is_set_against_the_better_of_the_other_two(tmp_path: Path) -> None:
+    runs = [*_runs(), DeploymentRun(kind="conditional", label="PD 1P1D cond.", description="1P + 1D, < 256 local",
+                                    prefill=1, decode=1,
+                                    points=[_point(2, 100, 2.0), _point(4, 90, 3.5), _point(8, 70, 5.0)])]
+    cfg = CompareConfig(model="tiny", rates=[2, 4, 8], out=tmp_path, input_lens=[64, 3072],
+                        disaggregate_min_tokens=256)
+    console = Console(width=100, record=True)
+    doc = compare_report.report_comparison(console, cfg, runs, yardstick=YARDSTICK)
+    flat = " ".join(console.export_text().split())
+    rows = doc["conditional_against_best"]
+    assert [(r["rate"], r["best_other"], r["best_other_goodput"], r["at_least_best"]) for r in rows] == [
+        (2, "PD 1P1D", 2.0, True), (4, "PD 1P1D", 3.8, False), (8, "PD 1P1D", 4.8, True)]
+    assert rows[1]["tight_goodput"] == 1.75 and rows[1]["best_other_tight"] == "PD 1P1D"
+    assert "rate 4/s: per-request disaggregation 3.50/s against 3.80/s of PD 1P1D (below it)" in flat
+    assert "rate 8/s: per-request disaggregation 5.00/s against 4.80/s of PD 1P1D (at least as good)" in flat
+    assert "GFLOP per token of 64/3072-token prompts (equal shares)" in flat
+    assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd", "conditional"]
 
 
 def test_without_a_ceiling_the_rate_is_shown_and_the_share_is_not(tmp_path: Path) -> None:

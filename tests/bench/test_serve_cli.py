@@ -44,6 +44,17 @@ def test_bench_serve_completes_every_request_and_saves_json(tmp_path: Path) -> N
     assert [len(gaps) for gaps in doc["itls"]] == [n - 1 for n in doc["output_lens"]]
 
 
+def test_input_lens_send_the_mix(tmp_path: Path) -> None:
+    out = tmp_path / "mix.json"
+    with fake_server() as (url, seen):
+        result = _serve(url, "--num-prompts", "10", "--input-lens", "4,24", "--random-output-len", "3",
+                        "--save-result", "--result-filename", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(len(body["prompt"]) for body in seen) == [4] * 5 + [24] * 5
+    doc = json.loads(out.read_text())
+    assert doc["input_len_mix"] == [4, 24] and sorted(doc["input_lens"]) == [4] * 5 + [24] * 5
+
+
 def test_chat_endpoint_with_explicit_model() -> None:
     with fake_server() as (url, seen):
         result = _serve(url, "--endpoint", "/v1/chat/completions", "--model", "m1", "--num-prompts", "3",
@@ -89,6 +100,8 @@ def test_connection_refused_names_the_url() -> None:
         (["--num-prompts", "0"], "--num-prompts"),
         (["--goodput", "ttfb:10"], "--goodput"),
         (["--goodput", "ttft:10", "oops"], "unexpected argument"),
+        (["--input-lens", "64,x"], "--input-lens"),
+        (["--input-lens", "64,0"], "--input-lens"),
     ],
 )
 def test_bad_options_exit_1_naming_the_flag(args: list[str], message: str) -> None:

@@ -60,3 +60,24 @@ def test_chat_endpoint_uses_word_prompts() -> None:
 def test_token_id_prompts_are_refused_for_chat() -> None:
     with pytest.raises(ValueError, match="prompt-format words"):
         ServeBenchConfig(base_url="http://x", endpoint="/v1/chat/completions", prompt_format="ids")
+
+
+def test_input_lens_give_each_length_an_equal_share_in_a_seeded_order() -> None:
+    cfg = ServeBenchConfig(base_url="http://x", input_lens=[64, 3072], random_output_len=8)
+    reqs = sample_requests(cfg, 41, np.random.default_rng(3))
+    lens = [r.prompt_len for r in reqs]
+    assert sorted(set(lens)) == [64, 3072] and lens.count(64) == 21 and lens.count(3072) == 20
+    assert [len(r.prompt) for r in reqs] == lens and all(r.output_len == 8 for r in reqs)
+    assert lens != sorted(lens) and lens != [64, 3072] * 20 + [64]  # shuffled, not in blocks or alternating
+    again = sample_requests(cfg, 41, np.random.default_rng(3))
+    assert [r.prompt for r in again] == [r.prompt for r in reqs]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"random_input_len": 100}, "--random-input-len and --input-lens"),
+    ({"random_range_ratio": 0.5}, "--random-range-ratio"),
+    ({"multi_turn": True}, "--input-lens"),
+])
+def test_input_lens_refuse_the_flags_they_replace(extra: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ServeBenchConfig(base_url="http://x", input_lens=[64, 3072], **extra)
