@@ -168,6 +168,7 @@ def conditional_against_best(runs: list[DeploymentRun], cfg: CompareConfig) -> l
         best_tight = max(others, key=lambda r: r.points[i].tight_goodput)
         rows.append({"rate": rate, "goodput": mine.goodput, "best_other": best.label,
                      "best_other_goodput": best.points[i].goodput,
+                     "ratio": mine.goodput / best.points[i].goodput if best.points[i].goodput else None,
                      "at_least_best": mine.goodput >= best.points[i].goodput,
                      "tight_goodput": mine.tight_goodput, "best_other_tight": best_tight.label,
                      "best_other_tight_goodput": best_tight.points[i].tight_goodput,
@@ -239,10 +240,11 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
         if run.kind != "pd":
             console.print(verdict(run)[1], highlight=False)
     for row in conditional_against_best(runs, cfg):
-        console.print(f"rate {row['rate']:g}/s: per-request disaggregation {row['goodput']:.2f}/s against "
-                      f"{row['best_other_goodput']:.2f}/s of {row['best_other']} "
-                      f"({'at least as good' if row['at_least_best'] else 'below it'}); tight SLOs "
-                      f"{row['tight_goodput']:.2f}/s against {row['best_other_tight_goodput']:.2f}/s",
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}x, "
+        console.print(f"rate {row['rate']:g}/s: per-request disaggregation {row['goodput']:.3f}/s against "
+                      f"{row['best_other_goodput']:.3f}/s of {row['best_other']} "
+                      f"({ratio}{'at least as good' if row['at_least_best'] else 'below it'}); tight SLOs "
+                      f"{row['tight_goodput']:.3f}/s against {row['best_other_tight_goodput']:.3f}/s",
                       highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
     console.print(f"Wrote {json_path}", highlight=False)

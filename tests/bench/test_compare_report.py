@@ -95,8 +95,9 @@ def test_per_request_disaggregation_is_set_against_the_better_of_the_other_two(t
     assert [(r["rate"], r["best_other"], r["best_other_goodput"], r["at_least_best"]) for r in rows] == [
         (2, "PD 1P1D", 2.0, True), (4, "PD 1P1D", 3.8, False), (8, "PD 1P1D", 4.8, True)]
     assert rows[1]["tight_goodput"] == 1.75 and rows[1]["best_other_tight"] == "PD 1P1D"
-    assert "rate 4/s: per-request disaggregation 3.50/s against 3.80/s of PD 1P1D (below it)" in flat
-    assert "rate 8/s: per-request disaggregation 5.00/s against 4.80/s of PD 1P1D (at least as good)" in flat
+    assert "rate 4/s: per-request disaggregation 3.500/s against 3.800/s of PD 1P1D (0.921x, below it)" in flat
+    assert "rate 8/s: per-request disaggregation 5.000/s against 4.800/s of PD 1P1D (1.042x, at least as good)" in flat
+    assert rows[2]["ratio"] == pytest.approx(5.0 / 4.8)
     assert "GFLOP per token of 64/3072-token prompts (equal shares)" in flat
     assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd", "conditional"]
 

@@ -1,0 +1,82 @@
+#!/bin/bash
+# The two-GPU acceptance runs of issues 26, 27, 29 and 31, one PART per device call (nvidia-h200-x2, NVLink;
+# each part is bounded to end inside a call's 10 minutes, benchmarks/steps.sh). Figures go to OUT_DIR.
+#   kv          `bench kv-transfer` across the two GPUs, pull and push, 1k and 8k tokens, bf16 and fp8 KV
+#               (issue 29's transfer targets; issue 27's "half the bytes at >= the bf16 GB/s")
+#   compare     `bench compare` 1P1D against two colocated instances, 8B shape, 3072 in / 128 out, rates 4 and 6:
+#               both SLO sets, ITL p99, the advisor (issue 29; colocated ITL p99 <= 40 ms at rate 6)
+#   mixed       the same with half 64-token and half 3072-token prompts and a third deployment that runs prompts
+#               of fewer than 256 uncached tokens on the decode alone (issue 31's per-request disaggregation)
+#   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
+#               robin, prefix routing, each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT
+#               p50 ratios)
+#   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs (issue 26)
+# Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
+#        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, MT_ARGS the multiturn workload.
+#        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...")
+source "$(dirname "$0")/steps.sh"
+part=${2:?PART: kv | compare | mixed | multiturn | moe}
+ckpt=${CKPT:-/dev/shm/l8b}
+moe_ckpt=${MOE_CKPT:-/dev/shm/q3}
+port=8000
+
+need_8b() {
+    [ -f "$ckpt/config.json" ] || [ "$ckpt" = tiny ] ||
+        step checkpoint 120 $py -m pdlaunch bench make-checkpoint "$ckpt" --device cuda
+}
+
+# `serve_round NAME ARGS...`: one `pdlaunch serve` deployment in the background, ready within 300 s, then
+# `bench serve` with $BENCH_ARGS, then the deployment stopped (SIGTERM, 60 s, then SIGKILL) and reaped.
+serve_round() {
+    local name=$1; shift
+    $py -m pdlaunch serve --model "$ckpt" --port $port --log-dir "$out/logs-$name" "$@" > "$out/serve-$name.log" 2>&1 &
+    local pid=$!
+    if wait_ready $port $pid 300; then
+        TAIL=24 step "bench-$name" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
+            --save-result --result-dir "$out" --result-filename "$name.json"
+    else
+        tail -20 "$out/serve-$name.log"
+    fi
+    kill -TERM $pid 2> /dev/null
+    timeout 60 tail --pid=$pid -f /dev/null || kill -KILL $pid
+    wait $pid 2> /dev/null
+}
+
+case $part in
+kv)
+    kv=(--device cuda:0 --decode-device cuda:1 --num-tokens 1024 --num-tokens 8192 --mode pull --mode push
+        --iterations 15)
+    TAIL=12 step kv-bf16 240 $py -m pdlaunch bench kv-transfer "${kv[@]}" --json "$out/kv-bf16.json"
+    TAIL=12 step kv-fp8 240 $py -m pdlaunch bench kv-transfer "${kv[@]}" --kv-cache-dtype fp8 --json "$out/kv-fp8.json"
+    ;;
+compare)
+    need_8b
+    TAIL=40 step compare 500 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,6}" \
+        --num-prompts 64 --input-len 3072 --output-len 128 --out "$out/compare"
+    ;;
+mixed)
+    need_8b
+    TAIL=40 step mixed 520 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,8}" \
+        --num-prompts 64 --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 --no-run-advised \
+        --out "$out/mixed"
+    ;;
+multiturn)
+    need_8b
+    BENCH_ARGS=${MT_ARGS:-"--multi-turn --num-conversations 16 --num-turns 4 --system-prompt-len 1024
+        --random-input-len 256 --random-output-len 128"}
+    # With one decode, round robin reaches the decode that holds the conversation too, so decode-side reuse
+    # serves it as well: the first run, without prefix caching, is what every turn cost before issue 31.
+    serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
+    serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin
+    serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix
+    ;;
+moe)
+    [ -f "$moe_ckpt/config.json" ] || step moe-checkpoint 300 $py -m pdlaunch bench make-checkpoint \
+        --shape qwen3-30b-a3b --device cuda "$moe_ckpt"
+    TAIL=40 step moe-compare 500 $py -m pdlaunch bench compare --model "$moe_ckpt" --gpus 0,1 --rates "${RATES:-2,4}" \
+        --num-prompts 48 --input-len 3072 --output-len 128 --advise-for tight --no-run-advised --out "$out/moe"
+    ;;
+*)
+    echo "unknown PART $part: kv | compare | mixed | multiturn | moe"; exit 2
+    ;;
+esac
