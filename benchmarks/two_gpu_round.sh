@@ -12,8 +12,9 @@
 #               p50 ratios)
 #   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs (issue 26)
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
-#        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, MT_ARGS the multiturn workload.
-#        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...")
+#        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, MT_ARGS the multiturn workload,
+#        COMPARE_CONFIG gives the compare part a base deployment YAML, e.g. a smaller chunk budget).
+#        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
 part=${2:?PART: kv | compare | mixed | multiturn | moe}
 ckpt=${CKPT:-/dev/shm/l8b}
@@ -52,7 +53,8 @@ kv)
 compare)
     need_8b
     TAIL=40 step compare 500 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,6}" \
-        --num-prompts 64 --input-len 3072 --output-len 128 --out "$out/compare"
+        --num-prompts 64 --input-len 3072 --output-len 128 ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} \
+        --out "$out/compare"
     ;;
 mixed)
     need_8b
