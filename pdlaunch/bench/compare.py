@@ -223,7 +223,16 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
         overrides["model.max_model_len"] = cfg.max_model_len
     if kind == "conditional":
         overrides["proxy.disaggregate_min_tokens"] = cfg.disaggregate_min_tokens
-    return load_valid_deployment(cfg.config, overrides)
+    elif kind == "colocated":  # colocated instances never disaggregate: a base config's setting is not theirs
+        overrides["proxy.disaggregate_min_tokens"] = None
+    deployment = load_valid_deployment(cfg.config, overrides)
+    if kind in ("pd", "advised") and deployment.proxy.disaggregate_min_tokens is not None:
+        raise PdlaunchError(
+            f"the base config sets proxy.disaggregate_min_tokens: {deployment.proxy.disaggregate_min_tokens}, so the "
+            "PD deployment would not disaggregate every request", field="--config",
+            hint="drop it from the config and pass --disaggregate-min-tokens N: compare then runs always-PD and "
+                 "per-request disaggregation side by side")
+    return deployment
 
 
 def _model_info(deployment: DeploymentConfig) -> ModelInfo:

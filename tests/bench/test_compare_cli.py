@@ -67,6 +67,19 @@ def _cfg(tmp_path: Path, **kw: Any) -> CompareConfig:
     return CompareConfig(model="tiny", rates=[2.0], out=tmp_path, **kw)
 
 
+def test_a_base_config_with_per_request_disaggregation_is_refused(tmp_path: Path) -> None:
+    """The PD row means every request disaggregated: a --config that sets proxy.disaggregate_min_tokens would make
+    it something else under the same label."""
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  path: tiny\nproxy:\n  disaggregate_min_tokens: 64\n")
+    result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "2", "--input-len", "12", "--config", str(base),
+                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    assert "error: --config: the base config sets proxy.disaggregate_min_tokens: 64" in flat
+    assert "pass --disaggregate-min-tokens N" in flat and "Traceback" not in result.output
+
+
 def test_gpu_checks(two_gpus: None, tmp_path: Path) -> None:
     layout = resolve_layout(_cfg(tmp_path))
     assert (layout.device, layout.gpus, layout.colocated, layout.prefill, layout.decode) == ("cuda", [0, 1], 2, 1, 1)
