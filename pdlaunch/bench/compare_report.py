@@ -152,11 +152,17 @@ def verdict(run: DeploymentRun) -> tuple[float | None, str]:
     return best, f"{run.description} keeps >= {share} of requests within the SLOs up to {best:g} req/s{tail}"
 
 
+def _kv_bytes(run: DeploymentRun | None, i: int) -> float | None:
+    load = run.points[i].load if run is not None and i < len(run.points) else None
+    return load.kv_bytes if load is not None else None
+
+
 def conditional_against_best(runs: list[DeploymentRun], cfg: CompareConfig) -> list[dict[str, JsonValue]]:
     """Per rate, the conditional deployment's goodput (both SLO sets) against the better of always-PD and
     colocated at that rate; empty without a conditional run."""
     conditional = next((r for r in runs if r.kind == "conditional"), None)
     others = [r for r in runs if r.kind in ("pd", "colocated")]
+    pd = next((r for r in runs if r.kind == "pd"), None)
     if conditional is None:
         return []
     rows: list[dict[str, JsonValue]] = []
@@ -172,7 +178,10 @@ def conditional_against_best(runs: list[DeploymentRun], cfg: CompareConfig) -> l
                      "at_least_best": mine.goodput >= best.points[i].goodput,
                      "tight_goodput": mine.tight_goodput, "best_other_tight": best_tight.label,
                      "best_other_tight_goodput": best_tight.points[i].tight_goodput,
-                     "tight_at_least_best": mine.tight_goodput >= best_tight.points[i].tight_goodput})
+                     "tight_at_least_best": mine.tight_goodput >= best_tight.points[i].tight_goodput,
+                     # KV bytes moved over the rate (warm-ups included): per-request disaggregation against PD
+                     "kv_bytes": _kv_bytes(conditional, i),
+                     "pd_kv_bytes": _kv_bytes(pd, i)})
     return rows
 
 
@@ -244,7 +253,9 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
         console.print(f"rate {row['rate']:g}/s: per-request disaggregation {row['goodput']:.3f}/s against "
                       f"{row['best_other_goodput']:.3f}/s of {row['best_other']} "
                       f"({ratio}{'at least as good' if row['at_least_best'] else 'below it'}); tight SLOs "
-                      f"{row['tight_goodput']:.3f}/s against {row['best_other_tight_goodput']:.3f}/s",
+                      f"{row['tight_goodput']:.3f}/s against {row['best_other_tight_goodput']:.3f}/s"
+                      + ("" if row["kv_bytes"] is None or row["pd_kv_bytes"] is None else
+                         f"; KV moved {row['kv_bytes']:,.0f} B against PD's {row['pd_kv_bytes']:,.0f} B"),
                       highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
     console.print(f"Wrote {json_path}", highlight=False)

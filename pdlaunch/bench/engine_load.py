@@ -5,7 +5,9 @@ and after the rate. Utilisation is the share of wall time the engine spent in st
 prefill instances' steps, decode = the decode instances'; for colocated instances, prefill = their steps with
 prompt tokens (decodes ride along in them), decode = their decode-only steps. With the proxy's URL also its
 `pdlaunch_proxy_disaggregation_decisions_total{decision}` counter (proxy.disaggregate_min_tokens): how many
-requests of the rate ran PD and how many on a decode alone.
+requests of the rate ran PD and how many on a decode alone. Also summed over the instances: the KV bytes that
+arrived over transfers (`pdlaunch_kv_transfer_bytes_total`, counted where the KV lands) and the prompt tokens
+computed (`pdlaunch_prompt_tokens_computed_total`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ class StepTotals(BaseModel):
 class InstanceTotals(BaseModel):
     role: str
     by_kind: dict[str, StepTotals]
+    kv_bytes: float = 0.0  # KV that arrived over transfers
+    prompt_tokens_computed: float = 0.0
+
+
+def parse_instance(role: str, text: str) -> InstanceTotals:
+    """One instance's counters from its /metrics page (zeros for a counter not there)."""
+    totals = {"pdlaunch_kv_transfer_bytes_total": 0.0, "pdlaunch_prompt_tokens_computed_total": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += float(sample.value)
+    return InstanceTotals(role=role, by_kind=parse_step_totals(text),
+                          kv_bytes=totals["pdlaunch_kv_transfer_bytes_total"],
+                          prompt_tokens_computed=totals["pdlaunch_prompt_tokens_computed_total"])
 
 
 def parse_step_totals(text: str) -> dict[str, StepTotals]:
@@ -72,6 +88,8 @@ class EngineLoad(BaseModel):
     # requests by how the proxy ran them (pd / decode_only) under proxy.disaggregate_min_tokens, the rate's warm-up
     # requests included as in the step counters; None: not read
     decisions: dict[str, int] | None = None
+    kv_bytes: float = 0.0  # KV bytes moved to the instances over the rate (warm-ups included), all instances
+    prompt_tokens_computed: float = 0.0  # prompt tokens the instances computed over the rate (warm-ups included)
 
 
 def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_s: float) -> EngineLoad:
@@ -101,6 +119,8 @@ def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_
         prefill_tokens_per_s=prefill_steps.tokens / prefill_steps.seconds if prefill_steps.seconds > 0 else None,
         decode_batch=decode_steps.tokens / decode_steps.steps if decode_steps.steps > 0 else None,
         decode_step_ms=1000.0 * decode_steps.seconds / decode_steps.steps if decode_steps.steps > 0 else None,
+        kv_bytes=sum(a.kv_bytes - b.kv_bytes for b, a in zip(before, after)),
+        prompt_tokens_computed=sum(a.prompt_tokens_computed - b.prompt_tokens_computed for b, a in zip(before, after)),
     )
 
 
@@ -141,7 +161,7 @@ class LoadProbe:
         return parse_decisions(self._get(self.proxy_url)) if self.proxy_url is not None else {}
 
     def read(self) -> list[InstanceTotals]:
-        return [InstanceTotals(role=role, by_kind=parse_step_totals(self._get(url))) for role, url in self.instances]
+        return [parse_instance(role, self._get(url)) for role, url in self.instances]
 
     def start(self) -> None:
         self._decisions_before = self.decisions()

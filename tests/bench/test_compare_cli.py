@@ -275,6 +275,13 @@ def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: 
     assert row["best_other"] == best["label"] and row["best_other_goodput"] == best["points"][0]["goodput"]
     assert row["at_least_best"] == (row["goodput"] >= row["best_other_goodput"])
     assert "rate 4/s: per-request disaggregation" in text
+    # KV moved over the rate: none between colocated instances, less with the short prompts on the decode alone
+    colocated_bytes, pd_bytes, cond_bytes = (d["points"][0]["load"]["kv_bytes"] for d in doc["deployments"])
+    assert colocated_bytes == 0 and 0 < cond_bytes < pd_bytes
+    assert row["kv_bytes"] == cond_bytes and row["pd_kv_bytes"] == pd_bytes
+    assert f"KV moved {cond_bytes:,.0f} B against PD's {pd_bytes:,.0f} B" in text
+    computed = [d["points"][0]["load"]["prompt_tokens_computed"] for d in doc["deployments"]]
+    assert all(c > 0 for c in computed)
     assert doc["advisor"]["measured_by"] == "PD 1P1D"  # the advice comes from the always-PD run
     assert _leftovers(str(out)) == []
 
