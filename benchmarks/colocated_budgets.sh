@@ -24,7 +24,5 @@ for b in ${BUDGETS:-8192 4096 2048 1024}; do
         $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port --num-prompts ${PROMPTS:-64} \
         --num-warmups 4 --random-input-len 3072 --random-output-len $output_len --request-rate "$rate" \
         --save-result --result-dir "$out" --result-filename "rate$rate-budget$b${TAG:-}.json"
-    kill -TERM $pid
-    timeout 60 tail --pid=$pid -f /dev/null || kill -KILL $pid
-    wait $pid 2> /dev/null
+    stop_server $pid
 done

@@ -16,7 +16,5 @@ wait_ready $port $serve_pid 300
 TAIL=30 step bench 420 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port --num-prompts "$prompts" \
     --num-warmups 2 --random-input-len 2048 --random-output-len 1024 --max-concurrency 10 --ignore-eos \
     --save-result --result-dir "$out" --result-filename anchor.json
-kill -TERM $serve_pid
-timeout 60 tail --pid=$serve_pid -f /dev/null || kill -KILL $serve_pid
-wait $serve_pid 2>/dev/null
+stop_server $serve_pid
 tail -5 "$out/serve.log"

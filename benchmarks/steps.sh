@@ -25,3 +25,10 @@ wait_ready() {
     done
     echo "== the server was not ready after $limit s"; return 1
 }
+# `stop_server PID`: SIGTERM a server this shell started, SIGKILL it if it has not exited within 60 s, and reap it.
+stop_server() {
+    local pid=$1
+    kill -TERM "$pid" 2> /dev/null
+    timeout 60 tail --pid="$pid" -f /dev/null || kill -KILL "$pid"
+    wait "$pid" 2> /dev/null
+}

@@ -38,9 +38,7 @@ serve_round() {
     else
         tail -20 "$out/serve-$name.log"
     fi
-    kill -TERM $pid 2> /dev/null
-    timeout 60 tail --pid=$pid -f /dev/null || kill -KILL $pid
-    wait $pid 2> /dev/null
+    stop_server $pid
 }
 
 case $part in

@@ -23,6 +23,8 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.metrics import STEP_KINDS
 
 SCRAPE_TIMEOUT_S = 10.0
+KV_BYTES = "pdlaunch_kv_transfer_bytes_total"  # counted where the KV lands
+PROMPT_TOKENS_COMPUTED = "pdlaunch_prompt_tokens_computed_total"
 _FAMILIES = {"pdlaunch_engine_steps": "steps", "pdlaunch_engine_step_seconds": "seconds",
              "pdlaunch_engine_step_tokens": "tokens"}
 
@@ -50,16 +52,22 @@ class InstanceTotals(BaseModel):
     prompt_tokens_computed: float = 0.0
 
 
-def parse_instance(role: str, text: str) -> InstanceTotals:
-    """One instance's counters from its /metrics page (zeros for a counter not there)."""
-    totals = {"pdlaunch_kv_transfer_bytes_total": 0.0, "pdlaunch_prompt_tokens_computed_total": 0.0}
+def sum_samples(text: str, names: Iterable[str]) -> dict[str, float | None]:
+    """Each sample name's values summed over one /metrics page (a federated page: over its instances); None for a
+    name the page does not have. Raises ValueError for text that is not Prometheus's."""
+    out: dict[str, float | None] = dict.fromkeys(names)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in totals:
-                totals[sample.name] += float(sample.value)
-    return InstanceTotals(role=role, by_kind=parse_step_totals(text),
-                          kv_bytes=totals["pdlaunch_kv_transfer_bytes_total"],
-                          prompt_tokens_computed=totals["pdlaunch_prompt_tokens_computed_total"])
+            if sample.name in out:
+                out[sample.name] = (out[sample.name] or 0.0) + float(sample.value)
+    return out
+
+
+def parse_instance(role: str, text: str) -> InstanceTotals:
+    """One instance's counters from its /metrics page (zeros for a counter not there)."""
+    totals = sum_samples(text, (KV_BYTES, PROMPT_TOKENS_COMPUTED))
+    return InstanceTotals(role=role, by_kind=parse_step_totals(text), kv_bytes=totals[KV_BYTES] or 0.0,
+                          prompt_tokens_computed=totals[PROMPT_TOKENS_COMPUTED] or 0.0)
 
 
 def parse_step_totals(text: str) -> dict[str, StepTotals]:
@@ -148,17 +156,17 @@ class LoadProbe:
         self._decisions_before: dict[str, int] = {}
         self._started = 0.0
 
-    def _get(self, url: str) -> str:
+    def _get(self, url: str, whose: str = "the instance's") -> str:
         try:
             response = self._http.get(f"{url}/metrics")
             response.raise_for_status()
         except httpx.HTTPError as exc:
             raise PdlaunchError(f"could not read {url}/metrics within {SCRAPE_TIMEOUT_S:g} s: {exc}",
-                                hint="the instance's log says why") from None
+                                hint=f"{whose} log says why") from None
         return response.text
 
     def decisions(self) -> dict[str, int]:
-        return parse_decisions(self._get(self.proxy_url)) if self.proxy_url is not None else {}
+        return parse_decisions(self._get(self.proxy_url, "the proxy's")) if self.proxy_url is not None else {}
 
     def read(self) -> list[InstanceTotals]:
         return [parse_instance(role, self._get(url)) for role, url in self.instances]

@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from pdlaunch.bench.engine_load import KV_BYTES, PROMPT_TOKENS_COMPUTED, sum_samples
 from pdlaunch.bench.report import (
     RequestResult,
     ServeDoc,
@@ -43,8 +43,7 @@ from pdlaunch.bench.report import (
 from pdlaunch.bench.serve import MIN_TOKEN_ID, BenchRequest, ServeBenchConfig, resolve_model, send_request
 from pdlaunch.errors import PdlaunchError
 
-COUNTERS = {"prompt_tokens_computed": "pdlaunch_prompt_tokens_computed_total",
-            "kv_bytes_moved": "pdlaunch_kv_transfer_bytes_total"}
+COUNTERS = {"prompt_tokens_computed": PROMPT_TOKENS_COMPUTED, "kv_bytes_moved": KV_BYTES}
 _WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
 
 
@@ -133,14 +132,10 @@ async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[st
     if response.status_code != 200:
         return out
     try:
-        for family in text_string_to_metric_families(response.text):
-            for sample in family.samples:
-                for key, name in COUNTERS.items():
-                    if sample.name == name:
-                        out[key] = (out[key] or 0.0) + sample.value
+        sums = sum_samples(response.text, COUNTERS.values())
     except ValueError:  # not Prometheus text (a gateway's page): nothing exported
-        return dict.fromkeys(COUNTERS)
-    return out
+        return out
+    return {key: sums[name] for key, name in COUNTERS.items()}
 
 
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Conversation], float, str,
