@@ -245,9 +245,25 @@ def main() -> None:
     parser.add_argument("--kernel-profile", nargs="*", default=[],
                         help="cells (BxC) whose replayed step is profiled per CUDA kernel (torch.profiler)")
     parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
+    parser.add_argument("--ablate-norms", action="store_true",
+                        help="no RMSNorm kernels after the first (moe_speed.ablate_norms): wrong outputs, step times "
+                             "only, to see what the norms cost inside a step")
+    parser.add_argument("--no-gemv-fold", action="store_true",
+                        help="the block-FP8 GEMV never folds its scales into x (kernels.gemv_fold): the step "
+                             "before that rule, for an A/B in one call")
     args = parser.parse_args()
+    if args.no_gemv_fold:
+        import pdlaunch.model.quant.kernels as quant_kernels
+
+        quant_kernels.gemv_fold = lambda n, k: False  # type: ignore[assignment]
+    if args.ablate_norms:
+        from moe_speed import ablate_norms
+
+        ablate_norms()
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                           "async_scheduling": args.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype}
+                           "async_scheduling": args.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype,
+                           "ablated": ["norms"] if args.ablate_norms else [],
+                           "gemv_fold": "never" if args.no_gemv_fold else "rule"}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # limits.py
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LAYERS = 32
@@ -141,6 +144,95 @@ def gemv_sweep(out: dict[str, Any]) -> None:
             print(f"gemv M{m} {name}: best {best[1]} {best[0] * 1e3:.1f} us, floor {floor_ms * 1e3:.1f} us "
                   f"({floor_ms / best[0]:.0%} of copy bw)", flush=True)
     out["gemv_sweep_ms"] = result
+
+
+# The shapes behind kernels.gemv_fold's rule: Llama-3-8B, Qwen3-30B-A3B (2048 / 5120 rows), Llama-3-70B (8192+).
+FOLD_SHAPES = [(2048, 4096), (5120, 2048), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096),
+               (8192, 8192), (10240, 8192), (8192, 28672), (57344, 8192)]
+
+
+def _fold_row(n: int, k: int, bw: float) -> dict[str, Any]:
+    from limits import graph_call_ms
+
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import block_fp8_gemv, gemv_fold
+
+    rotate = max(2, -(-(256 << 20) // (n * k)))
+    weights = [fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02) for _ in range(rotate)]
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    want = x.double() @ fp8.dequantize(*weights[0], 128).double().t()
+    row: dict[str, Any] = {"n": n, "k": k, "floor_us": round(n * k / bw * 1e6, 2), "chosen": gemv_fold(n, k)}
+    for fold in (False, True, False, True):
+        got = block_fp8_gemv(x, *weights[0], torch.float32, None, fold)
+        row[f"rel_err_{'on' if fold else 'off'}"] = round(rel(got, want), 6)
+        us = graph_call_ms(lambda i, fold=fold: block_fp8_gemv(x, *weights[i % rotate], torch.bfloat16, None, fold),
+                           20) * 1e3
+        row.setdefault("on_us" if fold else "off_us", []).append(round(us, 2))
+    return row
+
+
+def gemv_fold(out: dict[str, Any]) -> None:
+    """block_fp8_gemv at one row with its scales folded into x and not, per shape, the tuned config, in CUDA-graph
+    replays of 20 dependent calls over weights in rotation (at least 256 MB of them, so L2 holds none), twice
+    each in the order off, on, off, on; with what kernels.gemv_fold chooses and the share of copy bandwidth."""
+    bw = copy_bandwidth()
+    rows = []
+    for n, k in FOLD_SHAPES:
+        row = _fold_row(n, k, bw)
+        rows.append(row)
+        print(f"gemv fold {n} x {k}: floor {row['floor_us']} us, off {row['off_us']}, on {row['on_us']}, "
+              f"rule {'on' if row['chosen'] else 'off'}", flush=True)
+    out["gemv_fold"] = rows
+    out["copy_gbps"] = round(bw / 1e9, 1)
+
+
+SWEEP_SHAPES = {"llama3-8b qkv": (6144, 4096), "llama3-8b o": (4096, 4096), "llama3-8b gate_up": (28672, 4096),
+                "llama3-8b down": (4096, 14336), "qwen3-30b-a3b qkv": (5120, 2048), "qwen3-30b-a3b o": (2048, 4096)}
+ROTATED_SWEEP = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8) if bn * bk <= 16384]
+
+
+def _rotated_times(name: str, n: int, k: int) -> dict[str, float]:
+    from limits import graph_call_ms
+
+    from pdlaunch.model.quant import fp8
+    from pdlaunch.model.quant.kernels import block_fp8_gemv
+
+    rotate = max(2, -(-(256 << 20) // (n * k)))
+    ws = [fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02) for _ in range(rotate)]
+    x = torch.randn(1, k, device="cuda").bfloat16()
+    times: dict[str, float] = {}
+    for cfg in ROTATED_SWEEP:
+        for fold in (False, True):
+            label = f"{'x'.join(map(str, cfg))}{' fold' if fold else ''}"
+
+            def call(i: int, cfg: tuple[int, int, int] = cfg, fold: bool = fold) -> torch.Tensor:
+                return block_fp8_gemv(x, *ws[i % rotate], torch.bfloat16, cfg, fold)
+
+            try:
+                times[label] = round(graph_call_ms(call, 20) * 1e3, 2)
+            except Exception as exc:  # noqa: BLE001 (a config that does not compile is reported)
+                print(f"{name} {label}: {exc}", flush=True)
+    return times
+
+
+def gemv_rotated_sweep(out: dict[str, Any]) -> None:
+    """block_fp8_gemv at one row over ROTATED_SWEEP's configs x folded or not, per model projection, weights in
+    rotation (at least 256 MB, so L2 holds none; --gemv-sweep reuses one weight), us per call in CUDA-graph
+    replays of 20 dependent calls; the best per shape and the config the kernel takes today."""
+    from pdlaunch.model.quant.kernels import GEMV_CONFIG, gemv_fold
+
+    bw = copy_bandwidth()
+    result: dict[str, Any] = {}
+    for name, (n, k) in SWEEP_SHAPES.items():
+        times = _rotated_times(name, n, k)
+        today = f"{'x'.join(map(str, GEMV_CONFIG))}{' fold' if gemv_fold(n, k) else ''}"
+        best = min(times, key=times.__getitem__)
+        result[name] = {"n": n, "k": k, "floor_us": round(n * k / bw * 1e6, 2), "today": today,
+                        "today_us": times.get(today), "best": best, "best_us": times[best], "us": times}
+        print(f"gemv rotated {name}: floor {result[name]['floor_us']} us, today {today} {times.get(today)} us, "
+              f"best {best} {times[best]} us", flush=True)
+    out["gemv_rotated_sweep"] = result
+    out["copy_gbps"] = round(bw / 1e9, 1)
 
 
 def sweep(out: dict[str, Any]) -> None:
@@ -291,6 +383,10 @@ def main() -> None:
     parser.add_argument("--skip-model", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time block GEMM configs first")
     parser.add_argument("--gemv-sweep", action="store_true", help="time weight-only decode kernel configs first")
+    parser.add_argument("--gemv-fold", action="store_true",
+                        help="only the one-row GEMV with its scales folded into x against not, per shape")
+    parser.add_argument("--gemv-rotated-sweep", action="store_true",
+                        help="only the one-row GEMV's configs x folded or not per model projection, weights rotated")
     parser.add_argument("--small-m", action="store_true",
                         help="only the decode-batch projections (M 2-64): split GEMM against quantize + GEMM")
     parser.add_argument("--split-sweep", action="store_true", help="with --small-m: every split configuration too")
@@ -299,6 +395,12 @@ def main() -> None:
     args = parser.parse_args()
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
+        if args.gemv_fold or args.gemv_rotated_sweep:
+            if args.gemv_fold:
+                gemv_fold(out)
+            if args.gemv_rotated_sweep:
+                gemv_rotated_sweep(out)
+            return
         if args.cublas_block:
             cublas_block(out)
             return

@@ -129,7 +129,7 @@ def write_config(directory: Path, num_layers: int, overrides: dict[str, Any]) ->
     return directory
 
 
-ABLATIONS = ("attention", "rotary", "router", "experts")
+ABLATIONS = ("attention", "rotary", "router", "experts", "norms")
 
 
 def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidden: int, dtype: torch.dtype,
@@ -142,7 +142,8 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     - rotary: q and k pass on unrotated, and no K/V is written;
     - router: no router product or top-k; token t goes to experts (t + i * num_experts // top_k) % num_experts,
       i < top_k, each weighted 1 / top_k;
-    - experts: the MoE layers return zeros."""
+    - experts: the MoE layers return zeros;
+    - norms: every RMSNorm that adds a residual (`ablate_norms`)."""
     import pdlaunch.model.attention as attention
     import pdlaunch.model.llama as llama
     import pdlaunch.model.moe.experts as moe_experts
@@ -179,6 +180,17 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
             return sums[:n] if summed else rows[:n]
 
         moe_experts.fused_moe = no_experts  # type: ignore[assignment]
+    if "norms" in names:
+        ablate_norms()
+
+
+def ablate_norms() -> None:
+    """Every RMSNorm that adds a residual (two a layer; the first layer's input norm excepted) launches nothing
+    and hands on the residual stream as its output: what a step would save if the norms lived inside the
+    kernels around them. Outputs are wrong; step times only."""
+    import pdlaunch.model.layers as layers
+
+    layers.fused_add_rms_norm = lambda x, residual, weight, eps: (residual, residual)  # type: ignore[assignment]
 
 
 def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:

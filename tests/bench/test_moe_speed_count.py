@@ -61,10 +61,11 @@ def test_count_routed_counts_one_eager_step_and_puts_the_router_back(
 def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str], Path],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """--ablate: the originals are replaced where the model calls them, so an engine step on CPU (rotary, router
-    and experts; the paged decode is CUDA's) never reaches them, and the fixed routing is what the experts get.
-    The attention stand-in returns the decode rows of q."""
+    experts and the residual norms; the paged decode is CUDA's) never reaches them, and the fixed routing is what
+    the experts get. The attention stand-in returns the decode rows of q."""
     import pdlaunch.model.attention as attention
     import pdlaunch.model.fused_ops as fused_ops
+    import pdlaunch.model.layers as layers
     import pdlaunch.model.llama as llama
     import pdlaunch.model.moe.experts as moe_experts
     import pdlaunch.model.moe.fused as moe_fused
@@ -76,17 +77,17 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         raise AssertionError("an ablated kernel ran")
 
     for module, name in [(attention, "paged_decode"), (llama, "rotary_write_kv"), (moe_block, "router_logits"),
-                         (moe_block, "route"), (moe_experts, "fused_moe")]:
+                         (moe_block, "route"), (moe_experts, "fused_moe"), (layers, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     for module, name in [(fused_ops, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
-                         (moe_router, "router_logits")]:
+                         (moe_router, "router_logits"), (fused_ops, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, fail)  # a call path the ablation missed would reach these
     engine = LLMEngine(build_config(str(moe_ckpt("qwen3_moe")), "cpu", "float32",
                                     {"max_num_seqs": 4, "enable_prefix_caching": False}))
     try:
         arch = engine.checkpoint.arch
         assert arch.moe is not None
-        moe_speed.ablate(["attention", "rotary", "router", "experts"], 8, arch.moe.top_k, arch.moe.num_experts,
+        moe_speed.ablate(["attention", "rotary", "router", "experts", "norms"], 8, arch.moe.top_k, arch.moe.num_experts,
                          arch.hidden_size, torch.float32, torch.device("cpu"))
         weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(3, arch.hidden_size), None), 2, True)
         assert ids.shape == (3, arch.moe.top_k) and all(len(set(row)) == arch.moe.top_k for row in ids.tolist())
@@ -97,6 +98,8 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         assert rows.shape == (11, arch.moe.top_k, arch.hidden_size) and not rows.any()
         q = torch.randn(2, arch.num_heads, arch.head_dim)
         assert torch.equal(attention.paged_decode(q, None, 0, torch.zeros(2), None, None, None, 1.0), q)
+        residual = torch.randn(2, arch.hidden_size)
+        assert all(t is residual for t in layers.fused_add_rms_norm(torch.zeros(2, 2), residual, None, 1e-6))
         engine.add_request("r", [5, 9, 11, 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         steps = 0
         while engine.has_unfinished_requests() and steps < 20:
@@ -106,4 +109,4 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
     finally:
         engine.shutdown()
     with pytest.raises(SystemExit, match="unknown"):
-        moe_speed.ablate(["norms"], 1, 2, 8, 16, torch.float32, torch.device("cpu"))
+        moe_speed.ablate(["layernorm"], 1, 2, 8, 16, torch.float32, torch.device("cpu"))

@@ -2,7 +2,7 @@
 tensors under TRITON_INTERPRET=1 (a child pytest, as in tests/model/test_triton_moe.py) against float32 on
 the dequantized weight, at row counts 1-4 (the linear layer takes it for 1), widths that are not a multiple
 of the row tile (masked rows), K that is not a multiple of the column tile (masked scale blocks), and the
-shipped configuration."""
+shipped configuration; each case with the scales folded into x (`fold`) and not."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def interpret() -> None:
         pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
 
 
+@pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("m,n,k,config", [
     (1, 256, 384, (8, 256, 4)),     # K = 3 scale blocks: the last tile's second block is masked
     (3, 200, 512, (16, 512, 4)),    # N not a multiple of 16: masked rows; rows of a 72-row last block
@@ -28,18 +29,30 @@ def interpret() -> None:
     (1, 9000, 2176, None),          # the tuned choice, K of 17 scale blocks (a masked tail of the 1024 tile)
 ])
 def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
-        interpret: None, m: int, n: int, k: int, config: tuple[int, int, int] | None) -> None:
+        interpret: None, m: int, n: int, k: int, config: tuple[int, int, int] | None, fold: bool) -> None:
     from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_gemv, block_fp8_linear
 
     gen = torch.Generator().manual_seed(m * n + k)
     q, s = fp8.quantize_block(0.02 * torch.randn(n, k, generator=gen))
     x = torch.randn(m, k, generator=gen).bfloat16()
     want = x.float() @ fp8.dequantize(q, s, 128).t()
-    got = block_fp8_gemv(x, q, s, torch.float32, config)
+    got = block_fp8_gemv(x, q, s, torch.float32, config, fold)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if config is None and m <= GEMV_MAX_ROWS:  # what the linear layer calls for one row
+    if config is None and m <= GEMV_MAX_ROWS and not fold:  # what the linear layer calls for one row
         torch.testing.assert_close(block_fp8_linear(x, q, s, torch.float32), want, rtol=1e-5, atol=1e-5)
 
 
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "5 passed")
+    run_interpreter_child(__file__, "interpret_", "10 passed")
+
+
+def test_fold_choice_follows_the_measured_shapes() -> None:
+    """The GEMV folds the scales into x for the shapes where that measured faster: Llama-3-8B's o and down
+    (4096 rows), Qwen3-30B-A3B's o (2048), Llama-3-70B's down (8192 rows, 28672 columns); not for Llama-3-8B's
+    q/k/v (6144 x 4096) and gate_up (28672), Qwen3-30B-A3B's q/k/v (5120 x 2048), Llama-3-70B's q/k/v
+    (10240 x 8192)."""
+    from pdlaunch.model.quant.kernels import gemv_fold
+
+    assert all(gemv_fold(n, k) for n, k in [(4096, 4096), (4096, 14336), (2048, 4096), (8192, 28672), (8192, 8192)])
+    assert not any(gemv_fold(n, k) for n, k in [(6144, 4096), (28672, 4096), (5120, 2048), (10240, 8192),
+                                                (57344, 8192), (8192, 4096)])

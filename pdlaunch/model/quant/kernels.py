@@ -91,13 +91,17 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit(do_not_specialize=["M"])
     def block_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_x, stride_s,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr):
         # One activation row and BLOCK_N weight rows (inside one 128-row scale block) per program;
         # the rows of one weight tile are neighbours in the grid, so the M programs reading a tile
         # share it through L2. Products on CUDA cores in float32: bf16 activations as they are (no
         # quantization launch), each fp8 weight scaled once per 128-column block. PDL
         # (triton_decode.pdl_enabled): the first weight columns and their scales load before the wait for the
         # kernel before, which computes x (no kernel writes weights).
+        # FOLD: the scales multiply x's columns (one product per column, shared by the BLOCK_N rows) and the
+        # products add up in a [BLOCK_N, BLOCK_K] float32 tile summed once after the loop, as the bf16 GEMV does;
+        # without, each iteration sums every row's 128-column blocks across threads and scales the sums. The
+        # same value up to float32 rounding; FOLD is faster where K is long (`gemv_fold`).
         pid = tl.program_id(0)
         row = pid % M
         pid_n = pid // M
@@ -107,28 +111,43 @@ def _kernels() -> SimpleNamespace:
         n_ok = rn < N
         w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
         x = x_ptr + row * stride_x + rk
-        scales = s_ptr + (pid_n * BLOCK_N // 128) * stride_s + rb
-        w_first = tl.load(w, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
-        s_first = tl.load(scales, mask=rb * 128 < K, other=0.0)
+        scale_row = s_ptr + (pid_n * BLOCK_N // 128) * stride_s
+        k_ok = rk < K
+        w_first = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if FOLD:
+            s_first = tl.load(scale_row + rk // 128, mask=k_ok, other=0.0)  # [BLOCK_K]: each column's scale
+        else:
+            s_first = tl.load(scale_row + rb, mask=rb * 128 < K, other=0.0)  # [BLOCK_K // 128]
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        xv = tl.load(x, mask=rk < K, other=0.0).to(tl.float32)
-        part = tl.sum(tl.reshape(w_first.to(tl.float32) * xv[None, :], (BLOCK_N, BLOCK_K // 128, 128)), axis=2)
-        acc = tl.sum(part * s_first[None, :], axis=1)
-        w += BLOCK_K
-        x += BLOCK_K
-        scales += BLOCK_K // 128
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            k_ok = rk < K - k0
-            wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            xv = tl.load(x, mask=k_ok, other=0.0).to(tl.float32)
-            part = tl.sum(tl.reshape(wv * xv[None, :], (BLOCK_N, BLOCK_K // 128, 128)), axis=2)
-            sv = tl.load(scales, mask=tl.arange(0, BLOCK_K // 128) * 128 < K - k0, other=0.0)
-            acc += tl.sum(part * sv[None, :], axis=1)
-            w += BLOCK_K
-            x += BLOCK_K
-            scales += BLOCK_K // 128
+        xv = tl.load(x, mask=k_ok, other=0.0).to(tl.float32)
+        if FOLD:
+            tile = w_first.to(tl.float32) * (xv * s_first)[None, :]
+            scales = scale_row + rk // 128
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                w += BLOCK_K
+                x += BLOCK_K
+                scales += BLOCK_K // 128
+                k_ok = rk < K - k0
+                wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                xv = tl.load(x, mask=k_ok, other=0.0).to(tl.float32) * tl.load(scales, mask=k_ok, other=0.0)
+                tile += wv.to(tl.float32) * xv[None, :]
+            acc = tl.sum(tile, axis=1)
+        else:
+            part = tl.sum(tl.reshape(w_first.to(tl.float32) * xv[None, :], (BLOCK_N, BLOCK_K // 128, 128)), axis=2)
+            acc = tl.sum(part * s_first[None, :], axis=1)
+            scales = scale_row + rb
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                w += BLOCK_K
+                x += BLOCK_K
+                scales += BLOCK_K // 128
+                k_ok = rk < K - k0
+                wv = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+                xv = tl.load(x, mask=k_ok, other=0.0).to(tl.float32)
+                part = tl.sum(tl.reshape(wv * xv[None, :], (BLOCK_N, BLOCK_K // 128, 128)), axis=2)
+                sv = tl.load(scales, mask=rb * 128 < K - k0, other=0.0)
+                acc += tl.sum(part * sv[None, :], axis=1)
         tl.store(y_ptr + row * N + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit(do_not_specialize=["M"])
@@ -231,12 +250,26 @@ GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # Within 4% of the best of 20 configurations at every Llama-3-8B projection on an H200 (fp8_bench.py
 # --gemv-sweep): 8 weight rows and 1024 columns (8 KiB of fp8) per loop iteration.
 GEMV_CONFIG: GemvConfig = (8, 1024, 4)
+# Where the scales fold into x (the kernel's FOLD): weights of up to 4096 rows, and of up to 8192 rows from 8192
+# columns. One H200, 8 x 1024 tiles, us per call (fp8 bytes' floor): folded faster at 2048 x 4096 (5.2 -> 4.8),
+# 2048 x 6144, 4096 x 4096 (7.8 -> 6.1), 4096 x 8192, 4096 x 12288, 4096 x 14336 (23.2 -> 17.7; floor 13.8),
+# 8192 x 8192, 8192 x 28672 (76.4 -> 64.5); slower at 5120 x 2048, 6144 x 4096 (9.0 -> 10.4), 10240 x 8192,
+# 28672 x 4096 (30.2 -> 35.5), 57344 x 8192; the H100 agrees at every one of these shapes. In the 8B block-FP8
+# batch-1 step that is 2.80 -> 2.74 ms (H200), 3.40 -> 3.36 (H100) (benchmarks/RESULTS.md, "The FP8 GEMV's scales
+# folded into x").
+FOLD_MAX_ROWS, FOLD_LONG_MAX_ROWS, FOLD_LONG_MIN_COLUMNS = 4096, 8192, 8192
+
+
+def gemv_fold(n: int, k: int) -> bool:
+    """True when a weight of `n` rows and `k` columns runs the GEMV with its scales folded into x."""
+    return n <= FOLD_MAX_ROWS or (n <= FOLD_LONG_MAX_ROWS and k >= FOLD_LONG_MIN_COLUMNS)
 
 
 def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
-                   config: GemvConfig | None = None) -> torch.Tensor:
+                   config: GemvConfig | None = None, fold: bool | None = None) -> torch.Tensor:
     """Weight-only FP8 for a few rows: x [M, K] as it is (no activation quantization) times the
-    block-scaled weight [N, K], K a multiple of 128 -> [M, N]. `config` overrides the tuned one."""
+    block-scaled weight [N, K], K a multiple of 128 -> [M, N]. `config` overrides the tuned one, `fold`
+    `gemv_fold`'s choice (benchmarks, tests)."""
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
@@ -247,7 +280,8 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     pdl = pdl_enabled(x, m)
     _kernels().block_gemv[(m * -(-n // block_n),)](x, weight, weight_scale, out, m, n, k, x.stride(0),
                                                    weight_scale.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                                   PDL=pdl, **pdl_kwargs(pdl), num_warps=warps)
+                                                   FOLD=gemv_fold(n, k) if fold is None else fold, PDL=pdl,
+                                                   **pdl_kwargs(pdl), num_warps=warps)
     return out
 
 
