@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# The kernel tests run our Triton kernels in Triton's CPU interpreter (TRITON_INTERPRET=1, tests/model/interpreter.py);
+# the CPU torch has no Triton, so the Makefile adds this one (a CUDA torch brings its own and keeps it).
+TRITON_VERSION ?= 3.9.0
 # --kv-connector mooncake links these Debian libraries; installed where we may (root, or sudo without a password).
 MOONCAKE_DEBS := libibverbs1 librdmacm1 libnuma1
 # tests/cluster/test_slurm.py starts a real slurmctld with two slurmd nodes from these (skipped without them).
@@ -17,6 +20,7 @@ $(BIN)/pdlaunch: pyproject.toml
 	# torch first: anything that depends on torch (nixl does) must find it installed,
 	# otherwise pip pulls a CUDA build of several GB.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q triton==$(TRITON_VERSION) || echo "triton did not install here: the kernel interpreter tests will skip"
 	$(if $(APT),$(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && $(APT) install -y -q $(MOONCAKE_DEBS) >/dev/null; } || true)
 	$(if $(APT),DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $(SLURM_DEBS) >/dev/null 2>&1 || { $(APT) update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $(SLURM_DEBS) >/dev/null; } || echo "SLURM packages did not install here: tests/cluster/test_slurm.py will skip")
 	$(BIN)/python -m pip install -q -e ".[test,mooncake]" || { echo "pdlaunch[mooncake] did not install here: the Mooncake tests will skip"; $(BIN)/python -m pip install -q -e ".[test]"; }
