@@ -249,13 +249,13 @@ def main() -> None:
                         help="no RMSNorm kernels after the first (moe_speed.ablate_norms): wrong outputs, step times "
                              "only, to see what the norms cost inside a step")
     parser.add_argument("--no-gemv-fold", action="store_true",
-                        help="the block-FP8 GEMV never folds its scales into x (kernels.gemv_fold): the step "
-                             "before that rule, for an A/B in one call")
+                        help="the block-FP8 GEMV as before the fold rule and the per-shape table: GEMV_CONFIG for "
+                             "every weight, scales never folded into x (kernels.gemv_launch), for an A/B in one call")
     args = parser.parse_args()
     if args.no_gemv_fold:
         import pdlaunch.model.quant.kernels as quant_kernels
 
-        quant_kernels.gemv_fold = lambda n, k: False  # type: ignore[assignment]
+        quant_kernels.gemv_launch = lambda name, n, k: (quant_kernels.GEMV_CONFIG, False)  # type: ignore[assignment]
     if args.ablate_norms:
         from moe_speed import ablate_norms
 

@@ -155,13 +155,14 @@ def _fold_row(n: int, k: int, bw: float) -> dict[str, Any]:
     from limits import graph_call_ms
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import block_fp8_gemv, gemv_fold
+    from pdlaunch.model.quant.kernels import block_fp8_gemv, gemv_launch
 
     rotate = max(2, -(-(256 << 20) // (n * k)))
     weights = [fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02) for _ in range(rotate)]
     x = torch.randn(1, k, device="cuda").bfloat16()
     want = x.double() @ fp8.dequantize(*weights[0], 128).double().t()
-    row: dict[str, Any] = {"n": n, "k": k, "floor_us": round(n * k / bw * 1e6, 2), "chosen": gemv_fold(n, k)}
+    config, fold = gemv_launch(torch.cuda.get_device_name(), n, k)
+    row: dict[str, Any] = {"n": n, "k": k, "floor_us": round(n * k / bw * 1e6, 2), "config": config, "chosen": fold}
     for fold in (False, True, False, True):
         got = block_fp8_gemv(x, *weights[0], torch.float32, None, fold)
         row[f"rel_err_{'on' if fold else 'off'}"] = round(rel(got, want), 6)
@@ -172,16 +173,16 @@ def _fold_row(n: int, k: int, bw: float) -> dict[str, Any]:
 
 
 def gemv_fold(out: dict[str, Any]) -> None:
-    """block_fp8_gemv at one row with its scales folded into x and not, per shape, the tuned config, in CUDA-graph
-    replays of 20 dependent calls over weights in rotation (at least 256 MB of them, so L2 holds none), twice
-    each in the order off, on, off, on; with what kernels.gemv_fold chooses and the share of copy bandwidth."""
+    """block_fp8_gemv at one row with its scales folded into x and not, per shape, with the config gemv_launch
+    picks on this device, in CUDA-graph replays of 20 dependent calls over weights in rotation (at least 256 MB of
+    them, so L2 holds none), twice each in the order off, on, off, on; with the fold gemv_launch picks."""
     bw = copy_bandwidth()
     rows = []
     for n, k in FOLD_SHAPES:
         row = _fold_row(n, k, bw)
         rows.append(row)
-        print(f"gemv fold {n} x {k}: floor {row['floor_us']} us, off {row['off_us']}, on {row['on_us']}, "
-              f"rule {'on' if row['chosen'] else 'off'}", flush=True)
+        print(f"gemv fold {n} x {k} ({'x'.join(map(str, row['config']))}): floor {row['floor_us']} us, "
+              f"off {row['off_us']}, on {row['on_us']}, launched {'on' if row['chosen'] else 'off'}", flush=True)
     out["gemv_fold"] = rows
     out["copy_gbps"] = round(bw / 1e9, 1)
 
@@ -218,14 +219,15 @@ def _rotated_times(name: str, n: int, k: int) -> dict[str, float]:
 def gemv_rotated_sweep(out: dict[str, Any]) -> None:
     """block_fp8_gemv at one row over ROTATED_SWEEP's configs x folded or not, per model projection, weights in
     rotation (at least 256 MB, so L2 holds none; --gemv-sweep reuses one weight), us per call in CUDA-graph
-    replays of 20 dependent calls; the best per shape and the config the kernel takes today."""
-    from pdlaunch.model.quant.kernels import GEMV_CONFIG, gemv_fold
+    replays of 20 dependent calls; the best per shape and the launch the kernel takes today (gemv_launch)."""
+    from pdlaunch.model.quant.kernels import gemv_launch
 
     bw = copy_bandwidth()
     result: dict[str, Any] = {}
     for name, (n, k) in SWEEP_SHAPES.items():
         times = _rotated_times(name, n, k)
-        today = f"{'x'.join(map(str, GEMV_CONFIG))}{' fold' if gemv_fold(n, k) else ''}"
+        config, fold = gemv_launch(torch.cuda.get_device_name(), n, k)
+        today = f"{'x'.join(map(str, config))}{' fold' if fold else ''}"
         best = min(times, key=times.__getitem__)
         result[name] = {"n": n, "k": k, "floor_us": round(n * k / bw * 1e6, 2), "today": today,
                         "today_us": times.get(today), "best": best, "best_us": times[best], "us": times}

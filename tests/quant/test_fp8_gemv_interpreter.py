@@ -2,7 +2,8 @@
 tensors under TRITON_INTERPRET=1 (a child pytest, as in tests/model/test_triton_moe.py) against float32 on
 the dequantized weight, at row counts 1-4 (the linear layer takes it for 1), widths that are not a multiple
 of the row tile (masked rows), K that is not a multiple of the column tile (masked scale blocks), and the
-shipped configuration; each case with the scales folded into x (`fold`) and not."""
+shipped configuration and the per-shape ones (GEMV_SHAPE_CONFIGS); each case with the scales folded into x
+(`fold`) and not."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def interpret() -> None:
     (4, 136, 1024, (8, 512, 4)),
     (2, 128, 128, None),            # the tuned choice
     (1, 9000, 2176, None),          # the tuned choice, K of 17 scale blocks (a masked tail of the 1024 tile)
+    (1, 40, 2304, (4, 2048, 4)),    # GEMV_SHAPE_CONFIGS' launches: 2048-column tiles, the second one masked
+    (1, 48, 2048, (8, 2048, 4)),    # one tile covers K
+    (1, 72, 3072, (16, 1024, 8)),   # 16 rows a program, 72 rows: the last program's rows masked
 ])
 def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
         interpret: None, m: int, n: int, k: int, config: tuple[int, int, int] | None, fold: bool) -> None:
@@ -43,7 +47,7 @@ def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
 
 
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "10 passed")
+    run_interpreter_child(__file__, "interpret_", "16 passed")
 
 
 def test_fold_choice_follows_the_measured_shapes() -> None:
@@ -56,3 +60,15 @@ def test_fold_choice_follows_the_measured_shapes() -> None:
     assert all(gemv_fold(n, k) for n, k in [(4096, 4096), (4096, 14336), (2048, 4096), (8192, 28672), (8192, 8192)])
     assert not any(gemv_fold(n, k) for n, k in [(6144, 4096), (28672, 4096), (5120, 2048), (10240, 8192),
                                                 (57344, 8192), (8192, 4096)])
+
+
+def test_launch_per_shape_on_the_h200_and_the_rule_elsewhere() -> None:
+    """gemv_launch: the H200's measured launches for the Llama-3-8B and Qwen3-30B-A3B projections; any other
+    weight on it, and every weight on another device, GEMV_CONFIG with gemv_fold's choice."""
+    from pdlaunch.model.quant.kernels import GEMV_CONFIG, gemv_fold, gemv_launch
+
+    assert gemv_launch("NVIDIA H200", 4096, 14336) == ((4, 2048, 4), False)
+    assert gemv_launch("NVIDIA H200", 2048, 4096) == ((4, 2048, 4), True)
+    assert gemv_launch("NVIDIA H200", 6144, 4096) == ((16, 1024, 8), False)
+    for name, n, k in [("NVIDIA H200", 4096, 7168), ("NVIDIA H100 80GB HBM3", 4096, 14336), ("", 2048, 4096)]:
+        assert gemv_launch(name, n, k) == (GEMV_CONFIG, gemv_fold(n, k))

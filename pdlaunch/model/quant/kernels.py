@@ -265,18 +265,40 @@ def gemv_fold(n: int, k: int) -> bool:
     return n <= FOLD_MAX_ROWS or (n <= FOLD_LONG_MAX_ROWS and k >= FOLD_LONG_MIN_COLUMNS)
 
 
+# Per device (a substring of torch's device name), weights of exactly these (rows, columns): the GEMV's
+# (BLOCK_N, BLOCK_K, num_warps) and whether it folds, the fastest of 16 configs x folded or not with weights in
+# rotation (fp8_bench.py --gemv-rotated-sweep), kept because the whole step confirmed it: H200, Llama-3-8B
+# block-FP8 1 x 128 2.73-2.74 -> 2.69 ms over two alternating pairs (benchmarks/RESULTS.md, "Per-shape GEMV
+# launches on the H200"). Other weights (tensor-parallel shards, other models, other devices): GEMV_CONFIG and
+# gemv_fold.
+GEMV_SHAPE_CONFIGS: dict[str, dict[tuple[int, int], tuple[GemvConfig, bool]]] = {
+    "H200": {(6144, 4096): ((16, 1024, 8), False), (4096, 4096): ((4, 2048, 4), False),  # Llama-3-8B qkv, o
+             (28672, 4096): ((8, 2048, 4), False), (4096, 14336): ((4, 2048, 4), False),  # gate_up, down
+             (5120, 2048): ((8, 2048, 4), False), (2048, 4096): ((4, 2048, 4), True)},  # Qwen3-30B-A3B qkv, o
+}
+
+
+def gemv_launch(device_name: str, n: int, k: int) -> tuple[GemvConfig, bool]:
+    """The GEMV's (config, fold) for a weight of `n` rows and `k` columns on the device torch names `device_name`."""
+    table = next((table for key, table in GEMV_SHAPE_CONFIGS.items() if key in device_name), {})
+    return table.get((n, k), (GEMV_CONFIG, gemv_fold(n, k)))
+
+
 def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
                    config: GemvConfig | None = None, fold: bool | None = None) -> torch.Tensor:
     """Weight-only FP8 for a few rows: x [M, K] as it is (no activation quantization) times the
-    block-scaled weight [N, K], K a multiple of 128 -> [M, N]. `config` overrides the tuned one, `fold`
-    `gemv_fold`'s choice (benchmarks, tests)."""
+    block-scaled weight [N, K], K a multiple of 128 -> [M, N]. `config` and `fold` override `gemv_launch`'s
+    choice (benchmarks, tests): a config given alone runs with gemv_fold's choice."""
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_n, block_k, warps = config or GEMV_CONFIG
+    if config is None:
+        tuned, tuned_fold = gemv_launch(torch.cuda.get_device_name(x.device) if x.is_cuda else "", n, k)
+        config, fold = tuned, tuned_fold if fold is None else fold
+    block_n, block_k, warps = config
     pdl = pdl_enabled(x, m)
     _kernels().block_gemv[(m * -(-n // block_n),)](x, weight, weight_scale, out, m, n, k, x.stride(0),
                                                    weight_scale.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
