@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, fill_kv_caches, graph_call_ms, time_ms  # noqa: E402
+from limits import copy_bandwidth, fill_kv_caches, graph_call_ms, time_ms, untuned_fp8_gemv  # noqa: E402
 from ready_kv import ReadyKVConnector  # noqa: E402
 
 from pdlaunch.engine.llm import build_config  # noqa: E402
@@ -253,9 +253,7 @@ def main() -> None:
                              "every weight, scales never folded into x (kernels.gemv_launch), for an A/B in one call")
     args = parser.parse_args()
     if args.no_gemv_fold:
-        import pdlaunch.model.quant.kernels as quant_kernels
-
-        quant_kernels.gemv_launch = lambda name, n, k: (quant_kernels.GEMV_CONFIG, False)  # type: ignore[assignment]
+        untuned_fp8_gemv()
     if args.ablate_norms:
         from moe_speed import ablate_norms
 

@@ -63,6 +63,15 @@ def graph_call_ms(fn: Callable[[int], Any], calls: int) -> float:
     return time_ms(graph.replay, warmup=2, repeat=10) / calls
 
 
+def untuned_fp8_gemv() -> None:
+    """The block-FP8 GEMV as before its per-shape launches and the fold rule: GEMV_CONFIG for every weight, scales
+    never folded into x (`kernels.gemv_launch` replaced), for A/B runs in one call (decode_grid.py, moe_speed.py
+    --no-gemv-fold)."""
+    import pdlaunch.model.quant.kernels as quant_kernels
+
+    quant_kernels.gemv_launch = lambda name, n, k: (quant_kernels.GEMV_CONFIG, False)  # type: ignore[assignment]
+
+
 def fill_kv_caches(caches: list[torch.Tensor]) -> None:
     """Random values in every KV cache (any dtype: fp8 has no normal_(), so draw in bf16 and cast, 256 blocks
     at a time to bound the temporary)."""

@@ -267,10 +267,10 @@ def gemv_fold(n: int, k: int) -> bool:
 
 # Per device (a substring of torch's device name), weights of exactly these (rows, columns): the GEMV's
 # (BLOCK_N, BLOCK_K, num_warps) and whether it folds, the fastest of 16 configs x folded or not with weights in
-# rotation (fp8_bench.py --gemv-rotated-sweep), kept because the whole step confirmed it: H200, Llama-3-8B
-# block-FP8 1 x 128 2.73-2.74 -> 2.69 ms over two alternating pairs (benchmarks/RESULTS.md, "Per-shape GEMV
-# launches on the H200"). Other weights (tensor-parallel shards, other models, other devices): GEMV_CONFIG and
-# gemv_fold.
+# rotation (fp8_bench.py --gemv-rotated-sweep), kept because whole steps confirmed them on the H200: Llama-3-8B
+# block-FP8 1 x 128 2.73-2.74 -> 2.69 ms (against the fold rule alone), Qwen3-30B-A3B with FP8 experts and attention
+# at batch 1 2.675 -> 2.64 ms (against the untuned GEMV) (benchmarks/RESULTS.md, "Per-shape GEMV launches on the
+# H200"). Other weights (tensor-parallel shards, other models, other devices): GEMV_CONFIG and gemv_fold.
 GEMV_SHAPE_CONFIGS: dict[str, dict[tuple[int, int], tuple[GemvConfig, bool]]] = {
     "H200": {(6144, 4096): ((16, 1024, 8), False), (4096, 4096): ((4, 2048, 4), False),  # Llama-3-8B qkv, o
              (28672, 4096): ((8, 2048, 4), False), (4096, 14336): ((4, 2048, 4), False),  # gate_up, down
