@@ -31,6 +31,8 @@ def interpret() -> None:
     (1, 40, 2304, (4, 2048, 4)),    # GEMV_SHAPE_CONFIGS' launches: 2048-column tiles, the second one masked
     (1, 48, 2048, (8, 2048, 4)),    # one tile covers K
     (1, 72, 3072, (16, 1024, 8)),   # 16 rows a program, 72 rows: the last program's rows masked
+    (1, 36, 2048, (4, 1024, 4)),    # the H100's 30B-A3B qkv launch
+    (1, 24, 4096, (8, 2048, 8)),    # the H100's 30B-A3B o launch: two full 2048-column tiles
 ])
 def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
         interpret: None, m: int, n: int, k: int, config: tuple[int, int, int] | None, fold: bool) -> None:
@@ -47,7 +49,7 @@ def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
 
 
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "16 passed")
+    run_interpreter_child(__file__, "interpret_", "20 passed")
 
 
 def test_fold_choice_follows_the_measured_shapes() -> None:
@@ -63,12 +65,13 @@ def test_fold_choice_follows_the_measured_shapes() -> None:
 
 
 def test_launch_per_shape_on_the_h200_and_the_rule_elsewhere() -> None:
-    """gemv_launch: the H200's measured launches for the Llama-3-8B and Qwen3-30B-A3B projections; any other
-    weight on it, and every weight on another device, GEMV_CONFIG with gemv_fold's choice."""
+    """gemv_launch: the H200's measured launches for the Llama-3-8B and Qwen3-30B-A3B projections, the H100's for
+    Qwen3-30B-A3B's; any other weight, and every weight on another device, GEMV_CONFIG with gemv_fold's choice."""
     from pdlaunch.model.quant.kernels import GEMV_CONFIG, gemv_fold, gemv_launch
 
     assert gemv_launch("NVIDIA H200", 4096, 14336) == ((4, 2048, 4), False)
     assert gemv_launch("NVIDIA H200", 2048, 4096) == ((4, 2048, 4), True)
     assert gemv_launch("NVIDIA H200", 6144, 4096) == ((16, 1024, 8), False)
+    assert gemv_launch("NVIDIA H100 80GB HBM3", 2048, 4096) == ((8, 2048, 8), True)
     for name, n, k in [("NVIDIA H200", 4096, 7168), ("NVIDIA H100 80GB HBM3", 4096, 14336), ("", 2048, 4096)]:
         assert gemv_launch(name, n, k) == (GEMV_CONFIG, gemv_fold(n, k))
