@@ -251,12 +251,12 @@ GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # --gemv-sweep): 8 weight rows and 1024 columns (8 KiB of fp8) per loop iteration.
 GEMV_CONFIG: GemvConfig = (8, 1024, 4)
 # Where the scales fold into x (the kernel's FOLD): weights of up to 4096 rows, and of up to 8192 rows from 8192
-# columns. One H200, 8 x 1024 tiles, us per call (fp8 bytes' floor): folded faster at 2048 x 4096 (5.2 -> 4.8),
-# 2048 x 6144, 4096 x 4096 (7.8 -> 6.1), 4096 x 8192, 4096 x 12288, 4096 x 14336 (23.2 -> 17.7; floor 13.8),
-# 8192 x 8192, 8192 x 28672 (76.4 -> 64.5); slower at 5120 x 2048, 6144 x 4096 (9.0 -> 10.4), 10240 x 8192,
-# 28672 x 4096 (30.2 -> 35.5), 57344 x 8192; the H100 agrees at every one of these shapes. In the 8B block-FP8
-# batch-1 step that is 2.80 -> 2.74 ms (H200), 3.40 -> 3.36 (H100) (benchmarks/RESULTS.md, "The FP8 GEMV's scales
-# folded into x").
+# columns. One H200, 8 x 1024 tiles, weights in rotation, us per call: folded faster at 2048 x 4096 (5.3 -> 4.8),
+# 4096 x 4096 (7.8 -> 6.1), 4096 x 14336 (23.3 -> 17.7; floor 14.1), 8192 x 8192 (23.2 -> 20.7), 8192 x 28672
+# (76-83 -> 64.5); slower at 5120 x 2048 (4.5 -> 5.9), 6144 x 4096 (8.6 -> 10.5), 10240 x 8192, 28672 x 4096
+# (30.2-31.5 -> 35.6), 57344 x 8192; the H100 agrees at every one of these shapes. In the 8B block-FP8 batch-1 step
+# that is 2.80 -> 2.74 ms (H200), 3.40 -> 3.36 (H100) (benchmarks/RESULTS.md, "The FP8 GEMV's scales folded into
+# x").
 FOLD_MAX_ROWS, FOLD_LONG_MAX_ROWS, FOLD_LONG_MIN_COLUMNS = 4096, 8192, 8192
 
 
