@@ -1,7 +1,8 @@
 #!/bin/bash
-# The block-FP8 GEMV with its scales folded into x (kernels.gemv_fold), in one call on one GPU: the kernel
-# off/on per shape (fp8_bench.py --gemv-fold), then the Llama-3-8B-shape block-FP8 decode step at 1 x 128 and
-# 1 x 8000 in alternating pairs, never folded (--no-gemv-fold) and by the rule.
+# The block-FP8 GEMV's launches (kernels.gemv_launch: the per-shape table, else the fold rule), in one call on one
+# GPU: the kernel folded and not per shape (fp8_bench.py --gemv-fold), then the Llama-3-8B-shape block-FP8 decode
+# step at 1 x 128 and 1 x 8000 in alternating pairs, untuned (--no-gemv-fold: 8 x 1024 x 4, never folded) and as
+# shipped ("rule" in the file names: at the session that wrote this, before the table, the fold rule alone).
 # Usage: bash benchmarks/fold_round.sh OUT_DIR
 source "$(dirname "$0")/steps.sh"
 TAIL=12 step gemv-fold 150 $py benchmarks/fp8_bench.py --gemv-fold --json "$out/gemv-fold.json"
