@@ -261,7 +261,7 @@ def main() -> None:
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                            "async_scheduling": args.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype,
                            "ablated": ["norms"] if args.ablate_norms else [],
-                           "gemv_fold": "never" if args.no_gemv_fold else "rule"}
+                           "gemv": "untuned" if args.no_gemv_fold else "tuned"}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs, triton_importable
+from pdlaunch.model.triton_decode import device_name, pdl_enabled, pdl_kwargs, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).
@@ -94,11 +94,6 @@ def config_for(device_name: str, n: int, k: int) -> GemvConfig:
     return next((config for max_n, max_k, config in table if n <= max_n and k <= max_k), GEMV_CONFIG)
 
 
-@lru_cache(maxsize=8)
-def _device_name(device_index: int) -> str:
-    return torch.cuda.get_device_name(device_index)
-
-
 def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when x W^T runs the GEMV: one row of fp16/bf16 on CUDA, a contiguous weight of x's dtype."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _DTYPES and weight.dtype == x.dtype
@@ -118,7 +113,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if x.shape[1] != (2 * k if silu_mul else k):
         raise ValueError(f"gemv: x has {x.shape[1]} columns for a weight of {k}" + (" (silu_mul)" if silu_mul else ""))
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or config_for(_device_name(weight.device.index or 0), n, k)
+    block_n, block_k, warps = config or config_for(device_name(weight.device.index or 0), n, k)
     pdl = pdl_enabled(x, x.shape[0])
     kernels = _kernels()
     kernels.gemv[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,

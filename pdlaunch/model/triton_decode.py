@@ -249,6 +249,13 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+@lru_cache(maxsize=8)
+def device_name(device_index: int) -> str:
+    """torch's name of CUDA device `device_index`, looked up once: the key of the per-device launch tables
+    (gemv.GEMV_DEVICE_CONFIGS, quant/kernels.GEMV_SHAPE_CONFIGS), read on every eager one-row projection."""
+    return torch.cuda.get_device_name(device_index)
+
+
 def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     """True when a kernel computing `rows` token rows on `t`'s device launches with programmatic dependent
     launch (CUDA, sm_90 or newer): its programs may start while the kernel before it in the stream finishes, do

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_decode import device_name, pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
 _INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
@@ -299,7 +299,7 @@ def block_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     if m == 0:
         return out
     if config is None:
-        tuned, tuned_fold = gemv_launch(torch.cuda.get_device_name(x.device) if x.is_cuda else "", n, k)
+        tuned, tuned_fold = gemv_launch(device_name(x.device.index or 0) if x.is_cuda else "", n, k)
         config, fold = tuned, tuned_fold if fold is None else fold
     block_n, block_k, warps = config
     pdl = pdl_enabled(x, m)
