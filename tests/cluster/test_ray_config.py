@@ -35,7 +35,7 @@ WORKER2 = RayNode("w2", "10.0.0.3", {"CPU": 2.0, "pd_decode": 1.0})
 
 def ray_cfg(**launcher: object) -> DeploymentConfig:
     return DeploymentConfig.model_validate({
-        "device": "cpu", "launcher": {"backend": "ray", **launcher},
+        "device": "cpu", "launcher": {"backend": "ray", **launcher}, "proxy": {"port": 0},
         "instances": [{"role": "prefill", "tp": 1}, {"role": "decode", "tp": 2}]})
 
 

@@ -122,7 +122,8 @@ def test_expert_parallel_per_instance_group(moe_ckpt: Callable[[str], Path]) -> 
     assert expert_errors(["--enable-expert-parallel", "--no-decode-expert-parallel"]) == {"instances[0].tp"}
     assert expert_errors(["--enable-expert-parallel"]) == {"instances[0].tp", "instances[1].tp"}
     cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "model": {"path": path}, "parallel": {"tp": 2, "enable_expert_parallel": True},
+        "device": "cpu", "model": {"path": path}, "proxy": {"port": 0},
+        "parallel": {"tp": 2, "enable_expert_parallel": True},
         "instances": [{"role": "prefill", "tp": 2, "enable_expert_parallel": False}, {"role": "decode", "tp": 2}]})
     specs = {p.spec.role: p.spec for p in plan_deployment(cfg).instances}
     assert (specs["prefill"].expert_parallel, specs["decode"].expert_parallel) == (False, True)
