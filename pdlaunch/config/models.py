@@ -86,10 +86,12 @@ class SchedulerConfig(StrictModel):
         f"within the rest); default {PROMPT_TOKEN_BUDGET} in colocated and prefill "
         f"instances, {DECODE_TOKEN_BUDGET} in decode instances.")
 
-    async_scheduling: bool = Field(
-        True, description="Overlap the host's work with the device's: step N+1 is prepared and launched while "
+    async_scheduling: bool | None = Field(
+        None, description="Overlap the host's work with the device's: step N+1 is prepared and launched while "
         "step N runs, its sampled tokens feed N+1 on the device and the host reads them a step later (TP 1, no "
-        "KV offload). Off: one step at a time (debugging).")
+        "KV offload). Unset: on with CUDA, off on CPU, where the host computes each step itself, so nothing "
+        "overlaps and the later read only holds every token back a step. false: one step at a time (debugging); "
+        "true: on for CPU too.")
 
     def token_budget(self, role: Role) -> int:
         """The step token budget of an instance of `role`."""

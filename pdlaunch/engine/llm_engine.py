@@ -1,7 +1,7 @@
 """The engine of one instance: requests in, RequestOutputs out, one `step()` at a time.
 
 A step polls the KV connector, schedules, runs the model, samples, detokenizes, applies the stop
-rules and frees what finished. With async scheduling (engine/async_step.py, the default) a step launches
+rules and frees what finished. With async scheduling (engine/async_step.py, the default with CUDA) a step launches
 its forward before it reads the previous step's sampled tokens, so its outputs are those of the previous
 step. Not thread-safe: the server drives it from one engine thread.
 """
@@ -142,8 +142,13 @@ class LLMEngine:
 
     def _async_scheduling(self, config: DeploymentConfig) -> bool:
         """scheduler.async_scheduling where it can run: one rank (the other ranks would need the device ids)
-        and no KV offload (its copies are ordered against one step at a time)."""
-        if not config.scheduler.async_scheduling:
+        and no KV offload (its copies are ordered against one step at a time). Unset: on with CUDA only. On CPU
+        the host computes each step itself, so nothing overlaps, and reading the tokens a step later only holds
+        each one back (demo model, colocated: TTFT 182 -> 127 ms without it; benchmarks/RESULTS.md)."""
+        wanted = config.scheduler.async_scheduling
+        if wanted is None:
+            wanted = self.device.type == "cuda"
+        if not wanted:
             return False
         if self.tp_size > 1 or self.offload is not None:
             log.info("async scheduling is off: it runs with TP 1 and without KV offload")

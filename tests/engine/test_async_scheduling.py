@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from pdlaunch.engine import llm_engine
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -167,3 +169,19 @@ def test_on_and_off_agree_on_cuda_with_graphs(llama_ckpt: Path, make_engine: Mak
     engines = _engines(make_engine, llama_ckpt, device="cuda", max_num_seqs=8)
     results = {mode: run_all(engine, prompts, params) for mode, engine in engines.items()}
     assert tokens(results["on"]) == tokens(results["off"]) and deferred
+
+
+def test_unset_it_runs_with_cuda_only_and_set_it_is_what_it_says(llama_ckpt: Path, make_engine: MakeEngine) -> None:
+    """scheduler.async_scheduling unset: off on CPU (the host computes each step itself: nothing overlaps), on
+    with CUDA; true and false hold on either device (TP 1, no offload)."""
+    assert make_engine(llama_ckpt).async_scheduling is False
+    assert make_engine(llama_ckpt, async_scheduling=True).async_scheduling is True
+    cpu = make_engine(llama_ckpt, async_scheduling=False)
+    config = cpu.config.model_copy(deep=True)
+    for setting, on_cuda in ((None, True), (True, True), (False, False)):
+        config.scheduler.async_scheduling = setting
+        as_if_cuda = SimpleNamespace(device=torch.device("cuda"), tp_size=1, offload=None)
+        assert LLMEngine._async_scheduling(as_if_cuda, config) is on_cuda, setting
+    config.scheduler.async_scheduling = None
+    two_ranks = SimpleNamespace(device=torch.device("cuda"), tp_size=2, offload=None)
+    assert LLMEngine._async_scheduling(two_ranks, config) is False

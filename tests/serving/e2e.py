@@ -115,11 +115,14 @@ def wait_gone(pids: list[int], timeout: float = 15.0) -> None:
 
 
 def pd_and_colocated(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[dict[str, Serve]]:
-    """A 1P1D and a colocated `pdlaunch serve` of the tiny model, both ready; stopped when the caller ends."""
+    """A 1P1D and a colocated `pdlaunch serve` of the tiny model, both ready; stopped when the caller ends.
+    The 1P1D runs with --async-scheduling (the default with CUDA, off by default on CPU), the colocated one
+    without: a test that compares them compares the two schedulers too."""
     common = ["--model", "tiny", "--num-gpu-blocks", "256", "--block-size", "8"]
     started: dict[str, Serve] = {}
     try:
-        started["pd"] = Serve(tmp_path_factory.mktemp(f"pd-{name}"), [*common, "--prefill", "1", "--decode", "1"])
+        started["pd"] = Serve(tmp_path_factory.mktemp(f"pd-{name}"), [*common, "--prefill", "1", "--decode", "1",
+                                                                     "--async-scheduling"])
         started["colocated"] = Serve(tmp_path_factory.mktemp(f"colocated-{name}"), [*common, "--colocated"])
         for serve in started.values():
             serve.wait_ready()

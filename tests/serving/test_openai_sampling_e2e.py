@@ -1,6 +1,9 @@
 """Every sampling field through the proxy with the openai client, PD (1P1D) and colocated, on CPU:
 each changes the output as specified (or is refused with a 400 naming it), and PD == colocated;
-json_schema outputs validate and tool calls parse, streaming and not."""
+json_schema outputs validate and tool calls parse, streaming and not.
+
+The PD deployment runs with --async-scheduling (the default with CUDA; off by default on CPU) and the
+colocated one without, so PD == colocated is also async scheduling == one step at a time, end to end."""
 
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ def deployments(llama_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     common = ["--model", str(llama_ckpt), "--num-gpu-blocks", "256", "--max-num-seqs", "16"]
     started: dict[str, Serve] = {}
     try:
-        started["pd"] = Serve(tmp_path_factory.mktemp("pd"), [*common, "--prefill", "1", "--decode", "1"])
+        started["pd"] = Serve(tmp_path_factory.mktemp("pd"), [*common, "--prefill", "1", "--decode", "1",
+                                                              "--async-scheduling"])
         started["colocated"] = Serve(tmp_path_factory.mktemp("colocated"), [*common, "--colocated"])
         yield {name: s.wait_ready() for name, s in started.items()}
     finally:

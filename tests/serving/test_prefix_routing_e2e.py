@@ -2,7 +2,7 @@
 --multi-turn` (issue 31): against round robin, a proxy with --routing-policy prefix and --disaggregate-min-tokens
 (a turn whose conversation the decode holds runs there alone) computes at most 40% of the prompt tokens, moves at
 most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.8x round robin's. (Issue 31 asks
-0.6x; on this 2-core machine the pooled ratio measured 0.51-0.58, too close to that line for a test that must
+0.6x; on this 2-core machine the pooled ratio measured 0.46-0.65 over six runs, too wide a spread for a test that must
 pass on a loaded machine: every engine step and HTTP hop here costs milliseconds of Python whichever way a
 request goes. RESULTS.md, "Multi-turn TTFT on CPU, symmetric proxies".)
 
@@ -49,7 +49,7 @@ SHAPE = ["--num-conversations", "5", "--num-turns", "4", "--system-prompt-len", 
          "--random-output-len", "96"]
 REQUESTS = 20
 # Three rounds: one round's TTFT ratio ranged 0.44-0.73 on an idle 2-core machine; pooled over rounds it was
-# 0.51-0.58, idle and under two busy loops (RESULTS.md, "Multi-turn TTFT on CPU, symmetric proxies").
+# 0.46-0.65, idle and under two busy loops (RESULTS.md, "Multi-turn TTFT on CPU, symmetric proxies").
 ROUNDS = 3
 POLICIES = {"round_robin": ["--routing-policy", "round_robin"],
             "prefix": ["--routing-policy", "prefix", "--disaggregate-min-tokens", "48"]}
