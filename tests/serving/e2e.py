@@ -133,12 +133,12 @@ def pd_and_colocated(tmp_path_factory: pytest.TempPathFactory, name: str) -> Ite
 
 
 @contextmanager
-def second_proxy(serve: Serve, log_path: Path, secret: str, *flags: str) -> Iterator[str]:
+def second_proxy(serve: Serve, log_path: Path, secret: str, *flags: str, log_level: str = "debug") -> Iterator[str]:
     """Another proxy process over `serve`'s instances, with `flags`, signing its legs with the deployment's
-    `secret` as the launcher's proxy does; its output in `log_path`. Yields its URL once /health answers;
-    stopped and reaped on exit."""
+    `secret` as the launcher's proxy does; its output, at `log_level`, in `log_path`. Yields its URL once /health
+    answers; stopped and reaped on exit."""
     port = PortAllocator("127.0.0.1").free("second proxy")
-    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--log-level", "debug", *flags]
+    argv = [sys.executable, "-m", "pdlaunch.proxy", "--port", str(port), "--log-level", log_level, *flags]
     for name, url in serve.instance_urls().items():
         argv += [f"--{name.rsplit('-', 1)[0]}", f"{name}={url}"]
     with open(log_path, "wb") as log:
