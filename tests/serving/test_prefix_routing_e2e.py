@@ -10,8 +10,9 @@ where every engine step and HTTP hop costs milliseconds of Python whichever way 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
 two cores that alone raised the prefix policy's TTFT p50 from ~38 to ~52 ms). A warm-up run first makes every
-prefill-decode pair's NIXL handshake, so round robin's first turns do not pay them. Then ROUNDS rounds, each round robin then prefix, one after the other, every run with its own seed
-(its own system prompt: no cache carried from one run to the next). The token and byte counts are deltas of the
+prefill-decode pair's NIXL handshake, so round robin's first turns do not pay them. Then ROUNDS rounds, each round
+robin then prefix, one after the other, every run with its own seed (its own system prompt: no cache carried from
+one run to the next). The token and byte counts are deltas of the
 instances' counters, summed over the rounds; the TTFTs are pooled over the rounds, so that a burst of load from
 whatever else shares the two cores lands on both policies' samples.
 """
