@@ -128,9 +128,14 @@ class LoadContext:
     # -- reads (pull, staged pull, reshard) -------------------------------------------------------
     def claim_read(self, load: Load, remote: RemoteKV) -> None:
         """Keep the prefill's hold of `remote` past its lease (capped) while this load READs its blocks."""
+        self.send_claim_read(load, remote).answer(Empty)
+
+    def send_claim_read(self, load: Load, remote: RemoteKV) -> side_channel.PendingCall:
+        """`claim_read`, sent now; the claim holds once its answer is read (`PendingCall.answer(Empty)`)."""
         remaining = self.remaining(load, "READ claim")
-        self.ask(remote, ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining),
-                 Empty, remaining, "READ claim")
+        message = ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining)
+        return side_channel.send(remote.host, remote.port, message, remaining, f"READ claim to {remote.where}",
+                                 self.keys, self.connections)
 
     def read_chunk(self, load: Load, remote: RemoteEngine, source: RemoteKV, dst: list[list[int]],
                    dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None:

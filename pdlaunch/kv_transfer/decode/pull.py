@@ -1,8 +1,11 @@
 """Pull: decode READs the prefill's blocks (needs NVLink between GPUs, or CPU memory).
 
-The load first claims the prefill hold ("claim_read") so that it outlives its lease while the READ
-runs; the READ carries a "read_done" notification for the prefill agent, and the engine thread polls
-it. A READ seen done after the load's deadline does not count (the hold's cap may have passed).
+The load claims the prefill hold ("claim_read") so that it outlives its lease while the READ runs. The
+claim is sent just before the READ is posted and its answer read after, so its round trip overlaps the
+READ (it used to precede it: ~0.3 ms of a 0.75 ms small pull on CPU); the READ counts only once the claim
+was answered, and a refused claim (the lease had expired) fails the load whatever the READ read. The
+READ carries a "read_done" notification for the prefill agent, and the engine thread polls it. A READ
+seen done after the load's deadline does not count (the hold's cap may have passed).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.messages import ReadDone, encode_notification
+from pdlaunch.kv_transfer.messages import Empty, ReadDone, encode_notification
 
 
 class PullLoad(LoadStrategy):
@@ -38,20 +41,31 @@ class PullLoad(LoadStrategy):
                 if load.state == LoadState.RUNNING:
                     load.state = LoadState.OK
             return
-        # Claim the prefill hold first: it then outlives its lease until our read_done/release (capped).
-        self.ctx.claim_read(load, load.remote)
-        xfer = self.ctx.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
+        # The claim keeps the prefill hold past its lease until our read_done/release (capped); the READ
+        # runs while it travels.
+        claim = self.ctx.send_claim_read(load, load.remote)
+        try:
+            xfer = self.ctx.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
+        except BaseException:
+            claim.close()
+            raise
         with self.ctx.lock:
-            if load.state == LoadState.RUNNING and not load.abandoned:
+            posted = load.state == LoadState.RUNNING and not load.abandoned
+            if posted:
                 load.xfer = xfer
-                return
-        xfer.release()  # timed out or aborted meanwhile
+        if not posted:
+            claim.close()
+            xfer.release()  # timed out or aborted meanwhile
+            return
+        claim.answer(Empty)  # refused: KVTransferError fails the load (the table drains a READ still running)
+        with self.ctx.lock:
+            load.read_claimed = True
 
     def progress(self, load: Load, now: float) -> None:
         if load.xfer is None:
             return
         xfer_state = load.xfer.state()
-        if xfer_state == "DONE" and now <= load.deadline:
+        if xfer_state == "DONE" and load.read_claimed and now <= load.deadline:
             load.state = LoadState.OK  # (after the deadline the prefill hold's cap may have passed)
         elif xfer_state == "ERR":
             why = f": {load.xfer.error}" if load.xfer.error else ""

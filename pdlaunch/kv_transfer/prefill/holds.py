@@ -6,9 +6,13 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 - push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
-Pull: decode claims the hold ("claim_read" on the side channel) before it READs; a claimed hold
-lives until the read_done/release notification or a hard cap (decode's remaining transfer time plus
+Pull: decode sends its claim of the hold ("claim_read" on the side channel) just before it posts its
+READ, and counts the READ only once the claim was answered; a claimed hold lives until the
+read_done/release notification or a hard cap (decode's remaining transfer time plus
 READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are never reused mid-read.
+A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
+answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
+hold that expired fails, and so does the load, whatever its READ read.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from pdlaunch.errors import KVTransferError
@@ -40,6 +45,7 @@ class Hold:
     busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
     done: bool = False  # may be freed
     notified: int = 0  # read_done/release notifications received
+    read: int = 0  # of them, read_done: every reader READ the blocks while they were held
     readers: int = 1  # notifications to wait for (the largest `readers` a notification named)
     expired: bool = False
     cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
@@ -51,6 +57,11 @@ class Hold:
         return not (self.done or self.cancelled)
 
 
+def _all_read(hold: Hold) -> bool:
+    """Every reader of `hold` sent read_done (none a release), and it did not expire first."""
+    return hold.done and not hold.expired and not hold.cancelled and hold.read >= hold.readers
+
+
 class HoldTable:
     """Holds by request id; `poll` runs on the engine thread, claims on side-channel and sender threads."""
 
@@ -59,6 +70,9 @@ class HoldTable:
         self.lock = threading.Lock()
         self._unclaimed = threading.Condition(self.lock)  # a claim ended: an exclusive claim may go on
         self._holds: dict[str, Hold] = {}
+        # Requests freed after every reader's read_done, kept a lease long: a claim sent with its READ may
+        # arrive after the read_done (claim_read answers it as claimed). request id -> when to forget it.
+        self._read_ends: OrderedDict[str, float] = OrderedDict()
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self.lock:
@@ -85,6 +99,7 @@ class HoldTable:
             hold = self._holds.get(notif.request_id)
             if hold is not None:
                 hold.notified += 1
+                hold.read += notif.kind == "read_done"
                 hold.readers = max(hold.readers, notif.readers)
                 hold.done = hold.done or hold.notified >= hold.readers
         if hold is None:
@@ -115,10 +130,15 @@ class HoldTable:
                 if hold.done and not hold.busy:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
+                    if _all_read(hold):
+                        self._read_ends[hold.request_id] = now + self.lease_seconds
+                        self._read_ends.move_to_end(hold.request_id)
                     if hold.expired:
                         KV_EXPIRED_REQUESTS.inc()
                         logger.warning("KV of request %s was not fetched within the %.1fs lease: freed",
                                        hold.request_id, self.lease_seconds)
+            while self._read_ends and next(iter(self._read_ends.values())) < now:
+                self._read_ends.popitem(last=False)
         return finished
 
     def __len__(self) -> int:
@@ -145,6 +165,8 @@ class HoldTable:
         cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
         with self.lock:
             hold = self._holds.get(message.request_id)
+            if (hold is None and message.request_id in self._read_ends) or (hold is not None and _all_read(hold)):
+                return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
             if hold is None or not hold.servable:
                 raise self._not_held(message.request_id)
             hold.read_claimed = True

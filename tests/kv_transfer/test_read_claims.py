@@ -1,0 +1,83 @@
+"""Read claims of a held request (pull): the decode sends its claim just before it posts the READ, so the claim
+may arrive after the READ's read_done. Such a claim is answered as claimed (the hold lived until the read_done);
+a claim of a hold that expired or was released is refused, before or after the hold left the table."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty, ReadDone
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
+
+
+def _claim(table: HoldTable, request_id: str = "r1") -> Empty:
+    return table.claim_read(ClaimReadRequest(type="claim_read", request_id=request_id, seconds=5.0))
+
+
+def _notify(table: HoldTable, kind: str, readers: int = 1) -> None:
+    table.on_read_done(ReadDone(kind=kind, request_id="r1", readers=readers))  # type: ignore[arg-type]
+
+
+def test_a_claim_before_the_read_done_extends_the_hold() -> None:
+    table = HoldTable(lease_seconds=0.5)
+    table.hold("r1", [[3, 4]])
+    assert _claim(table) == Empty()
+    hold = table.get("r1")
+    assert hold is not None and hold.read_claimed and hold.deadline > time.monotonic() + 5.0
+
+
+def test_a_claim_after_the_read_done_is_answered_as_claimed() -> None:
+    table = HoldTable(lease_seconds=60.0)
+    table.hold("r1", [[3, 4]])
+    _notify(table, "read_done")
+    assert _claim(table) == Empty()  # done, not yet polled
+    assert table.poll(time.monotonic()) == {"r1"}
+    assert table.get("r1") is None
+    assert _claim(table) == Empty()  # freed after its read_done: still answered
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        _claim(table, "never-held")
+
+
+def test_a_claim_after_a_release_or_an_expiry_is_refused() -> None:
+    released = HoldTable(lease_seconds=60.0)
+    released.hold("r1", [[3, 4]])
+    _notify(released, "release")
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        _claim(released)
+    released.poll(time.monotonic())
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        _claim(released)
+
+    expired = HoldTable(lease_seconds=0.01)
+    expired.hold("r1", [[3, 4]])
+    assert expired.poll(time.monotonic() + 1.0) == {"r1"}  # the lease ended before any READ
+    _notify(expired, "read_done")  # a READ of freed blocks ends: it must not count
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        _claim(expired)
+
+
+def test_a_hold_of_several_readers_counts_as_read_once_every_reader_read() -> None:
+    table = HoldTable(lease_seconds=60.0)
+    table.hold("r1", [[3, 4]])
+    _notify(table, "read_done", readers=2)
+    hold = table.get("r1")
+    assert hold is not None and not hold.done
+    _notify(table, "release", readers=2)  # the other rank gave up
+    assert table.poll(time.monotonic()) == {"r1"}
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        _claim(table)
+
+
+def test_read_holds_are_forgotten_a_lease_after_they_were_freed() -> None:
+    table = HoldTable(lease_seconds=60.0)
+    table.hold("r1", [[3, 4]])
+    _notify(table, "read_done")
+    now = time.monotonic()
+    table.poll(now)
+    assert _claim(table) == Empty()
+    table.poll(now + 61.0)
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        _claim(table)
