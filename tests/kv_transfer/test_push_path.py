@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -94,3 +95,40 @@ def test_bench_splits_push_time_into_phases() -> None:
     assert push["verified"] is True
     # The phases are consecutive slices of one load (medians of each, so only roughly its median).
     assert sum(phases.values()) <= 3 * push["seconds"] * 1e3
+
+
+def test_the_thread_that_posts_a_push_write_has_the_instance_device_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The side-channel thread that receives a push request posts its WRITE: like the sender threads, it must
+    run on the instance's device (CUDA's current device is per thread; vLLM #39548). On CPU `set_device` records
+    the index, so an instance "on device 3" shows whether the posting thread bound it."""
+    from pdlaunch.memory import platform
+
+    monkeypatch.setattr(platform, "current_device_index", lambda: 3)
+    prefill = _connector("prefill", "push-device-P", "auto")
+    decode = _connector("decode", "push-device-D", "push")
+    posted: list[tuple[str, int | None]] = []
+    real_transfer = prefill.agent.transfer
+
+    def spy(op: str, *args: object, **kwargs: object) -> object:
+        posted.append((threading.current_thread().name, platform.bound_device_index()))
+        return real_transfer(op, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prefill.agent, "transfer", spy)
+    try:
+        p_spec, d_spec = make_spec(seed=1), make_spec(seed=2)
+        prefill.register_kv_caches(p_spec)
+        decode.register_kv_caches(d_spec)
+        prompt = list(range(4 * 2 + 1))
+        _, params = prefill.request_finished("r", prompt, RemoteDecodeRequest(do_remote_decode=True), [[3, 4, 5]])
+        external = decode.get_num_new_matched_tokens("r", prompt, params, 0)
+        decode.start_load("r", prompt, params, [[7, 8, 9]], 0, external)
+        ev = wait_events(decode.get_finished, lambda e: "r" in e.finished_recving or "r" in e.failed_recving,
+                         30.0, "the push of request r")
+        assert ev.failed_recving == {}
+        assert torch.equal(d_spec.kv_caches[0][7], p_spec.kv_caches[0][3])
+        (thread, device), = posted
+        assert device == 3, f"the WRITE was posted by {thread} with device {device} bound"
+    finally:
+        decode.shutdown()
+        prefill.shutdown()
+        platform.set_device(0)

@@ -1,7 +1,8 @@
 """Prefill side, push: WRITE held blocks into the blocks (or staging slots) a decode announced, then
 notify it (push_done, or push_failed once nothing more lands). The side-channel thread that received the
-push request posts a direct WRITE itself and a sender thread waits for it; a staged push (copies into
-staging slots first) runs on a sender thread from the start.
+push request posts a direct WRITE itself (binding the instance's device first, as sender threads do when
+they start) and a sender thread waits for it; a staged push (copies into staging slots first) runs on a
+sender thread from the start.
 
 A WRITE is never posted after decode's deadline (its remaining time travels with the push request)
 nor after decode cancelled it ("cancel_push"); an in-flight WRITE is waited for (bounded).
@@ -23,6 +24,7 @@ from pdlaunch.kv_transfer.messages import PushDone, PushFailed, PushRequest, enc
 from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
+from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,9 @@ class PushTiming:
 
 class PushSender:
     def __init__(self, agent: TransferAgent, holds: HoldTable, executor: ThreadPoolExecutor,
-                 transfer_timeout: float) -> None:
+                 transfer_timeout: float, device_index: int) -> None:
         self.agent = agent
+        self.device_index = device_index  # the instance's device: a thread that posts a WRITE binds it
         self.holds = holds
         self.executor = executor
         self.transfer_timeout = transfer_timeout
@@ -70,7 +73,10 @@ class PushSender:
         push = _Push(hold, message, peer, received, received + min(self.transfer_timeout, message.deadline_in))
         if self.staging is not None:
             self.executor.submit(self._run, push)
-        elif self._step(push, self._post) and self._step(push, self._ended):
+            return
+        if platform.bound_device_index() != self.device_index:  # CUDA's current device is per thread
+            platform.set_device(self.device_index)
+        if self._step(push, self._post) and self._step(push, self._ended):
             try:
                 self.executor.submit(self._step, push, self._wait)
             except RuntimeError:  # the pool is shutting down: wait for the posted WRITE here
