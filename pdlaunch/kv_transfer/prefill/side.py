@@ -55,7 +55,7 @@ class PrefillSide(NixlConnector):
                                            initializer=self._bind_sender_thread_device)
         self.holds = HoldTable(kv.kv_lease_seconds)
         self.stager = StagingServer(self.holds, self.executor, kv.transfer_timeout_seconds)
-        self.pusher = PushSender(self.agent, self.holds, self.executor, kv.transfer_timeout_seconds, self.device_index)
+        self.pusher = PushSender(self.agent, self.holds, self.executor, kv.transfer_timeout_seconds)
         self.decodes = DecodePeers(self.agent)
 
     def _bind_sender_thread_device(self) -> None:
