@@ -98,9 +98,9 @@ def test_bench_splits_push_time_into_phases() -> None:
 
 
 def test_the_thread_that_posts_a_push_write_has_the_instance_device_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The side-channel thread that receives a push request posts its WRITE: like the sender threads, it must
-    run on the instance's device (CUDA's current device is per thread; vLLM #39548). On CPU `set_device` records
-    the index, so an instance "on device 3" shows whether the posting thread bound it."""
+    """Whichever thread posts a push's WRITE (a sender thread) must run on the instance's device: CUDA's current
+    device is per thread (vLLM #39548). On CPU `set_device` records the index, so an instance "on device 3" shows
+    whether the posting thread bound it."""
     from pdlaunch.memory import platform
 
     monkeypatch.setattr(platform, "current_device_index", lambda: 3)
