@@ -40,7 +40,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, fill_kv_caches, graph_call_ms, time_ms, untuned_fp8_gemv  # noqa: E402
+from limits import (  # noqa: E402
+    ARGMAX_VARIANTS,
+    argmax_variant,
+    copy_bandwidth,
+    fill_kv_caches,
+    graph_call_ms,
+    time_ms,
+    untuned_fp8_gemv,
+)
 from ready_kv import ReadyKVConnector  # noqa: E402
 
 from pdlaunch.engine.llm import build_config  # noqa: E402
@@ -49,6 +57,7 @@ from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 from pdlaunch.model import triton_decode  # noqa: E402
 
 WARMUP_STEPS = 4  # connector hand-off and first replays
+TRACE_STEPS = 12  # `--step-trace`: engine steps traced after the timed ones
 GRAPH_CALLS = 10
 rng = random.Random(0)
 
@@ -119,14 +128,43 @@ class KernelBench:
         return ((got.double() - want).norm() / want.norm()).item()
 
 
+def step_timeline(engine: LLMEngine, steps: int) -> dict[str, Any]:
+    """The GPU's timeline over `steps` engine steps (torch.profiler, CUDA activity): per step, the span from the
+    first kernel or copy to the last, the time something ran, the idle gaps between them by the pair of names
+    around each gap, and every kernel or copy name with its count and time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:70]) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, gaps, names = 0.0, {}, {}
+    end, last = spans[0][0], ""
+    for start, stop, name in spans:
+        if start > end + 0.5:  # an idle gap longer than half a microsecond
+            key = f"{last} -> {name}"
+            gaps[key] = gaps.get(key, 0.0) + (start - end) / steps
+        busy += max(0.0, stop - max(start, end))
+        end, last = max(end, stop), name
+        count, us = names.get(name, (0.0, 0.0))
+        names[name] = (count + 1 / steps, us + (stop - start) / steps)
+    return {"span_us": (end - spans[0][0]) / steps, "busy_us": busy / steps,
+            "idle_gaps_us": dict(sorted(gaps.items(), key=lambda kv: -kv[1])[:20]),
+            "names": {n: {"per_step": round(c, 2), "us": round(u, 2)}
+                      for n, (c, u) in sorted(names.items(), key=lambda kv: -kv[1][1])[:40]}}
+
+
 def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_profile: bool,
-                kernel_profile: bool = False) -> dict[str, Any]:
-    params = SamplingParams(max_tokens=steps + WARMUP_STEPS, temperature=0.0, ignore_eos=True)
+                kernel_profile: bool = False, trace: bool = False) -> dict[str, Any]:
+    traced = TRACE_STEPS if trace else 0
+    params = SamplingParams(max_tokens=steps + WARMUP_STEPS + traced, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"g{batch}x{context}-{i}", [rng.randrange(1000, 100000) for _ in range(context)], params)
     times = []
     profiler = cProfile.Profile() if host_profile else None
-    while engine.has_unfinished_requests():
+    while engine.has_unfinished_requests() and len(times) < WARMUP_STEPS + steps:
         if profiler is not None and len(times) == WARMUP_STEPS:
             profiler.enable()
         t0 = time.perf_counter()
@@ -134,6 +172,11 @@ def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_pr
         times.append(time.perf_counter() - t0)
     decode = times[WARMUP_STEPS:]
     out: dict[str, Any] = {"step_ms": statistics.median(decode) * 1e3, "steps": len(decode)}
+    if trace:
+        out["timeline"] = step_timeline(engine, traced - 2)  # the last steps finish requests: not traced
+        print(json.dumps({"cell": f"{batch}x{context}", "timeline": out["timeline"]}, indent=1), flush=True)
+        while engine.has_unfinished_requests():
+            engine.step()
     if profiler is not None:  # where the host time of the steps goes (the GPU wait shows as tolist)
         profiler.disable()
         text = io.StringIO()
@@ -156,8 +199,9 @@ def engine_cell(engine: LLMEngine, batch: int, context: int, steps: int, host_pr
 
 def fits(engine: LLMEngine, batch: int, context: int, steps: int) -> bool:
     bs = engine.block_size
-    return (context + steps + WARMUP_STEPS + 1 <= engine.max_model_len
-            and batch * -(-(context + steps + WARMUP_STEPS + 1) // bs) <= engine.block_manager.num_blocks)
+    extra = WARMUP_STEPS + TRACE_STEPS + 1
+    return (context + steps + extra <= engine.max_model_len
+            and batch * -(-(context + steps + extra) // bs) <= engine.block_manager.num_blocks)
 
 
 def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
@@ -165,7 +209,7 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
     grid += [(int(b), int(c)) for b, c in (cell.split("x") for cell in args.cells)]
     config = build_config(args.checkpoint, "cuda", "bfloat16", {
         "max_num_seqs": max(b for b, _ in grid), "max_num_batched_tokens": 8192, "enable_prefix_caching": False,
-        "max_model_len": max(c for _, c in grid) + args.steps + 64,
+        "max_model_len": max(c for _, c in grid) + args.steps + TRACE_STEPS + 64,
         "gpu_memory_utilization": args.gpu_memory_utilization, "async_scheduling": args.async_scheduling,
         "kv_cache_dtype": args.kv_cache_dtype})
     engine = LLMEngine(config, connector=ReadyKVConnector())
@@ -190,8 +234,9 @@ def run_grid(args: argparse.Namespace, doc: dict[str, Any]) -> None:
                 cells.append({"batch": batch, "context": context, "skipped": "does not fit the KV cache"})
                 continue
             cell: dict[str, Any] = {"batch": batch, "context": context}
-            cell.update(engine_cell(engine, batch, context, args.steps, f"{batch}x{context}" in args.host_profile,
-                                    f"{batch}x{context}" in args.kernel_profile))
+            name = f"{batch}x{context}"
+            cell.update(engine_cell(engine, batch, context, args.steps, name in args.host_profile,
+                                    name in args.kernel_profile, name in args.step_trace))
             mean_ctx = context + WARMUP_STEPS + args.steps / 2
             cell["floor_ms"] = (weight_bytes + batch * mean_ctx * kv_per_token) / bw * 1e3
             cell["ratio"] = cell["step_ms"] / cell["floor_ms"]
@@ -244,16 +289,22 @@ def main() -> None:
                         help="fp8: the e4m3 cache (its bytes per token enter the floor at 1 byte per value)")
     parser.add_argument("--kernel-profile", nargs="*", default=[],
                         help="cells (BxC) whose replayed step is profiled per CUDA kernel (torch.profiler)")
+    parser.add_argument("--step-trace", nargs="*", default=[],
+                        help="cells (BxC) whose engine steps' GPU timeline is traced after the timed steps: busy "
+                             "time, idle gaps between kernels, every kernel and copy per step (torch.profiler)")
     parser.add_argument("--host-profile", nargs="*", default=[], help="cells (BxC) whose steps run under cProfile")
     parser.add_argument("--ablate-norms", action="store_true",
                         help="no RMSNorm kernels after the first (moe_speed.ablate_norms): wrong outputs, step times "
                              "only, to see what the norms cost inside a step")
+    parser.add_argument("--argmax", default="graph", choices=ARGMAX_VARIANTS,
+                        help="where a step's greedy argmax runs (limits.argmax_variant), for an A/B in one call")
     parser.add_argument("--no-gemv-fold", action="store_true",
                         help="the block-FP8 GEMV as before the fold rule and the per-shape table: GEMV_CONFIG for "
                              "every weight, scales never folded into x (kernels.gemv_launch), for an A/B in one call")
     args = parser.parse_args()
     if args.no_gemv_fold:
         untuned_fp8_gemv()
+    argmax_variant(args.argmax)
     if args.ablate_norms:
         from moe_speed import ablate_norms
 
@@ -261,7 +312,8 @@ def main() -> None:
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                            "async_scheduling": args.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype,
                            "ablated": ["norms"] if args.ablate_norms else [],
-                           "gemv": "untuned" if args.no_gemv_fold else "tuned"}
+                           "gemv": "untuned" if args.no_gemv_fold else "tuned",
+                           "argmax": args.argmax}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

@@ -72,6 +72,26 @@ def untuned_fp8_gemv() -> None:
     quant_kernels.gemv_launch = lambda name, n, k: (quant_kernels.GEMV_CONFIG, False)  # type: ignore[assignment]
 
 
+ARGMAX_VARIANTS = ("graph", "rows", "torch")
+
+
+def argmax_variant(name: str) -> None:
+    """Where a decode step's greedy argmax runs, for A/B runs in one call (decode_grid.py, moe_speed.py --argmax):
+    "graph" as shipped (inside the decode graph, `fused_ops.argmax_rows`); "rows": after the replay, in the
+    sampler, with `argmax_rows`; "torch": after the replay with torch's `argmax(dim=-1)` (before both)."""
+    import pdlaunch.engine.sampler as sampler
+    import pdlaunch.runner.cuda_graphs as cuda_graphs
+
+    if name == "graph":
+        return
+    cuda_graphs.argmax_rows = lambda logits: torch.empty(0, dtype=torch.long, device=logits.device)  # type: ignore[assignment]
+    sample_ids = sampler.Sampler.sample_ids
+    sampler.Sampler.sample_ids = (  # type: ignore[method-assign]
+        lambda self, logits, rows, argmax=None: sample_ids(self, logits, rows, None))
+    if name == "torch":
+        sampler.argmax_rows = lambda logits: logits.argmax(dim=-1)  # type: ignore[attr-defined]
+
+
 def fill_kv_caches(caches: list[torch.Tensor]) -> None:
     """Random values in every KV cache (any dtype: fp8 has no normal_(), so draw in bf16 and cast, 256 blocks
     at a time to bound the temporary)."""

@@ -34,7 +34,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from limits import copy_bandwidth, fill_kv_caches, matmul_rate, time_ms, untuned_fp8_gemv  # noqa: E402
+from limits import (  # noqa: E402
+    ARGMAX_VARIANTS,
+    argmax_variant,
+    copy_bandwidth,
+    fill_kv_caches,
+    matmul_rate,
+    time_ms,
+    untuned_fp8_gemv,
+)
 from ready_kv import ReadyKVConnector  # noqa: E402
 
 import pdlaunch.model.moe.block as moe_block  # noqa: E402
@@ -309,6 +317,8 @@ def main() -> None:
     parser.add_argument("--ablate", nargs="*", default=[], choices=ABLATIONS,
                         help="take these kernels out of every step (`ablate`): wrong outputs, for finding what each "
                              "costs in the step; decode cells only (--prefill 0)")
+    parser.add_argument("--argmax", default="graph", choices=ARGMAX_VARIANTS,
+                        help="where a step's greedy argmax runs (limits.argmax_variant), for an A/B in one call")
     parser.add_argument("--no-gemv-fold", action="store_true",
                         help="the block-FP8 GEMV (one row, --fp8-attention) as before its per-shape launches and the "
                              "fold rule (limits.untuned_fp8_gemv), for an A/B in one call")
@@ -316,6 +326,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.no_gemv_fold:
         untuned_fp8_gemv()
+    argmax_variant(args.argmax)
     if args.ablate and args.prefill:
         parser.error("--ablate times decode steps only: add --prefill 0")
     global FP8_EXPERTS, FP8_ATTENTION
@@ -323,7 +334,8 @@ def main() -> None:
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "num_layers": args.num_layers, "fp8_experts": args.fp8_experts,
                            "fp8_attention": args.fp8_attention, "kv_cache_dtype": args.kv_cache_dtype,
-                           "gemv": "untuned" if args.no_gemv_fold else "tuned"}
+                           "gemv": "untuned" if args.no_gemv_fold else "tuned",
+                           "argmax": args.argmax}
     doc.update(copy_bandwidth(2.0))
     doc.update(matmul_rate(8192))
     cfg = QWEN3_30B_A3B

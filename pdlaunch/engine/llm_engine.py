@@ -357,6 +357,7 @@ class LLMEngine:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
             mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
+            argmax = self.executor.runner.argmax  # the greedy ids, when the step's graph computed them
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
                                            self.executor.runner.prompt_logprobs)
@@ -369,12 +370,14 @@ class LLMEngine:
             sampling = [sampled_rows[i] for i in rows]
             if sampling:
                 if len(sampling) < len(sampled_rows):
-                    logits = logits.index_select(0, to_device_async(torch.tensor(rows), logits.device))
+                    keep = to_device_async(torch.tensor(rows), logits.device)
+                    logits = logits.index_select(0, keep)
+                    argmax = None if argmax is None else argmax.index_select(0, keep)
                 sample_rows = self.outputs.sample_rows(sampling)
                 if self.async_scheduling and deferrable(sample_rows):
-                    self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows))
+                    self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows, argmax))
                 else:
-                    sampled = self.sampler(logits, sample_rows)
+                    sampled = self.sampler(logits, sample_rows, argmax)
                     outputs.extend(self._append_sampled(sampling, sampled.token_ids, sampled.logprobs))
             self.clock.end(mark)
         elif self.scheduler.waiting_for_kv and self._in_flight is None:

@@ -18,7 +18,8 @@ Decode steps replayed from CUDA graphs return logits like eager steps: all of th
 replay, outside the graph.
 
 On CUDA the per-row parameters go to the device from pinned memory without blocking, so the one
-host sync of a step is reading the chosen token ids back (`tolist`).
+host sync of a step is reading the chosen token ids back (`tolist`). The argmaxes are
+`fused_ops.argmax_rows` (torch's argmax of a few long rows takes one block of threads per row).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pdlaunch.engine.logits_processors import Encode, LogitsProcessors
 from pdlaunch.engine.outputs import MIN_RANDOM_TEMPERATURE, SamplingParams, TokenLogprob
 from pdlaunch.engine.structured_output import apply_grammar_masks
 from pdlaunch.memory.platform import to_device_async
+from pdlaunch.model.fused_ops import argmax_rows
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -92,18 +94,23 @@ class Sampler:
     def new_request_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
-        """logits: [N, V] float32, one row per request in `rows`."""
-        chosen = self.sample_ids(logits, rows)
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow],
+                 argmax: torch.Tensor | None = None) -> SamplerOutput:
+        """logits: [N, V] float32, one row per request in `rows`; argmax: their argmax when already computed (the
+        decode graph does), used as the greedy ids where nothing changes the logits."""
+        chosen = self.sample_ids(logits, rows, argmax)
         token_ids = chosen.tolist()
         return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids))
 
-    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-        """The chosen token ids [N] long, left on the logits' device (no host sync)."""
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SampleRow],
+                   argmax: torch.Tensor | None = None) -> torch.Tensor:
+        """The chosen token ids [N] long, left on the logits' device (no host sync). `argmax`: the raw logits'
+        argmax when already computed; the greedy ids unless a grammar or a processor changed the logits."""
         num_rows, vocab = logits.shape
+        raw = logits
         logits = apply_grammar_masks(logits, [r.matcher for r in rows])
-        logits = self.processors(logits, rows)
-        chosen = logits.argmax(dim=-1)
+        logits = self.processors(logits, rows)  # both return their input when no row needs them
+        chosen = argmax if argmax is not None and logits is raw else argmax_rows(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             dev = logits.device
@@ -130,7 +137,7 @@ class Sampler:
                 gen = rows[i].generator
                 if gen is not None:
                     race[j] = torch.empty(vocab, device=logits.device).exponential_(generator=gen)
-            chosen = chosen.index_copy(0, idx, (probs / race).argmax(dim=-1))
+            chosen = chosen.index_copy(0, idx, argmax_rows(probs / race))
         return chosen
 
     @staticmethod

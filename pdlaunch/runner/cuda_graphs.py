@@ -9,7 +9,8 @@ and there are at most `max(sizes)` of them. Its N rows are padded to the next la
 inputs are copied into static device buffers (from pinned host buffers, asynchronously: no host
 sync before the sampler's), padding rows get slot -1 (their KV is never written) and a sequence
 length of 1 (their attention reads one key of block 0 and is discarded), the graph of size B is
-replayed, and the first N rows of its logits are returned.
+replayed, and the first N rows of its logits are returned, with their argmax: the graph ends with it
+(`fused_ops.argmax_rows`), so a greedy step launches no sampling kernel of its own.
 
 The graphs read the weights and KV cache at fixed addresses. CuMem sleep/wake keeps them (same
 virtual addresses), so graphs stay valid across sleep; their own pool (~100 MiB for an 8B model
@@ -30,6 +31,7 @@ import torch
 
 from pdlaunch.memory.platform import cuda_stream
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.fused_ops import argmax_rows
 from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,8 @@ class DecodeGraphs:
         self.tables = [torch.zeros(b, max_blocks_per_seq, dtype=torch.long, device=device)
                        for _ in range(num_groups)]
         self.query_start_loc = torch.arange(b + 1, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # batch size -> (graph, its float32 logits [B, V], their argmax [B] long, computed inside the graph)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._captured_for: list[int] = []
         self._pool: object | None = None
         # Recorded after each load's copies out of the pinned host buffers: with async scheduling the next
@@ -166,30 +169,32 @@ class DecodeGraphs:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_RUNS):  # compiles Triton kernels, sizes cuBLAS workspaces
-                    forward(batch)
+                    argmax_rows(forward(batch))
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture (one
             # run() starts after the KV moved); they touch none of the captured stream's work.
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = forward(batch)
-            self.graphs[batch] = (graph, out)
+                ids = argmax_rows(out)
+            self.graphs[batch] = (graph, out, ids)
         torch.cuda.synchronize(self.device)
         self._pool = pool
         self._captured_for = self._kv_pointers()
         log.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.sizes, time.perf_counter() - start)
 
-    def run(self, inputs: StepInputs, batch: int, forward: Callable[[int], torch.Tensor]) -> torch.Tensor:
-        """float32 logits [N, V] of the step's rows (a view of the graph's output buffer on CUDA:
-        consume it before the next step)."""
+    def run(self, inputs: StepInputs, batch: int, forward: Callable[[int], torch.Tensor]
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """float32 logits [N, V] of the step's rows and, from a replayed graph, their argmax [N] (the greedy ids,
+        computed inside the graph; None on CPU). On CUDA both are views of the graph's output buffers: consume
+        them before the next step (work queued on the stream before the next replay does)."""
         n = len(inputs.query_lens)
         if self.device.type == "cuda" and self._captured_for != self._kv_pointers():
             log.warning("KV cache tensors moved since the CUDA graphs were captured: capturing again")
             self.capture(forward)
         self.load(inputs, batch)
         if self.device.type != "cuda":
-            out = forward(batch)
-        else:
-            graph, out = self.graphs[batch]
-            graph.replay()
-        return out[:n]
+            return forward(batch)[:n], None
+        graph, out, ids = self.graphs[batch]
+        graph.replay()
+        return out[:n], ids[:n]

@@ -97,6 +97,9 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
         self.mixed: MixedGraphs | None = self._init_mixed_graphs() if mixed_graphs else None
         self.prompt_logprobs: PromptLogprobsOut | None = None  # of the last step run
+        # The argmax of the last step's logits rows when a decode graph computed it (None otherwise): the sampler's
+        # greedy ids when no processor or grammar changes the logits.
+        self.argmax: torch.Tensor | None = None
 
     # -- KV cache --------------------------------------------------------------------------------
     @property
@@ -307,13 +310,16 @@ class ModelRunner:
 
         Under TP every rank calls this with the same inputs (the forward's collectives pair up);
         only rank 0's logits are sampled. The step's prompt logprobs (runner/prompt_logprobs.py) are left
-        in `self.prompt_logprobs` (None when no request asked).
+        in `self.prompt_logprobs` (None when no request asked), the logits' argmax in `self.argmax` when a decode
+        graph computed it.
         """
         self.prompt_logprobs = None
+        self.argmax = None
         batch = self.graphs.batch_size_for(inputs) if self.graphs is not None and not inputs.prompt_rows else None
         if self.graphs is not None and batch is not None:
-            logits = self.graphs.run(inputs, batch, self._graph_forward)
+            logits, argmax = self.graphs.run(inputs, batch, self._graph_forward)
             if inputs.sample_rows == list(range(len(inputs.query_lens))):
+                self.argmax = argmax
                 return logits
             return logits[to_device_async(torch.tensor(inputs.sample_rows), self.device)]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)

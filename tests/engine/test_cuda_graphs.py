@@ -85,6 +85,52 @@ def test_cuda_graph_replay_equals_eager(fixture: str, request: pytest.FixtureReq
 
 
 
+@pytest.mark.gpu
+def test_a_replayed_greedy_step_samples_the_argmax_its_graph_computed(llama_ckpt, make_engine: MakeEngine,  # type: ignore[no-untyped-def]
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode graph ends with its logits' argmax: a greedy step that replays it launches no argmax of its own
+    (the sampler's runs only for the steps that did not replay it), and a step whose logits a processor changes
+    computes it again over the changed logits."""
+    import pdlaunch.engine.sampler as sampler
+
+    calls: list[int] = []
+    real = sampler.argmax_rows  # type: ignore[attr-defined]
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x)
+
+    monkeypatch.setattr(sampler, "argmax_rows", counted)
+    graphed = make_engine(llama_ckpt, device="cuda", max_num_seqs=4)
+    runs, replays = [0], [0]
+    real_run, graphs = graphed.runner.run, graphed.runner.graphs
+    assert graphs is not None
+    real_replay = graphs.run
+
+    def counted_run(inputs: Any) -> torch.Tensor:
+        runs[0] += 1
+        return real_run(inputs)
+
+    def counted_replay(*args: Any) -> Any:
+        replays[0] += 1
+        return real_replay(*args)
+
+    graphed.runner.run = counted_run  # type: ignore[method-assign]
+    graphs.run = counted_replay  # type: ignore[method-assign,assignment]
+    batch = prompts([5, 9, 30], seed=3)
+    got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
+    assert replays[0] >= GREEDY.max_tokens - 1 and len(calls) <= runs[0] - replays[0], (calls, runs, replays)
+    eager = make_engine(llama_ckpt, device="cuda", max_num_seqs=4, enforce_eager=True)
+    assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
+    calls.clear()
+    replays[0] = 0
+    banned = got[0][3]
+    biased = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logit_bias={banned: -100.0})
+    out = run_all(graphed, batch, biased)
+    assert replays[0] >= 1 and len(calls) >= replays[0], (calls, replays)
+    assert all(banned not in o.output_token_ids for o in out)
+
+
 def _sleep_cycle_with_graphs(path: str) -> dict[str, Any]:
     """In a fresh process (the CuMem allocator serves one engine per process)."""
     from pdlaunch.engine.llm import build_config

@@ -32,6 +32,27 @@ def test_greedy_is_argmax() -> None:
     assert out.logprobs == [None] * 4
 
 
+def test_an_argmax_given_with_the_logits_is_the_greedy_ids_when_nothing_changes_them() -> None:
+    """A replayed decode graph computes its logits' argmax; greedy rows take it as it is (a marker value no argmax
+    of these logits gives shows it was not recomputed), random rows still sample."""
+    s = Sampler("cpu")
+    x = logits(3)
+    given = torch.tensor([V + 1, V + 2, V + 3])
+    assert s.sample_ids(x, [row(s, temperature=0.0) for _ in range(3)], given).tolist() == [V + 1, V + 2, V + 3]
+    mixed = s.sample_ids(x, [row(s, temperature=0.0), row(s, temperature=1.0, seed=3), row(s, temperature=0.0)],
+                         given).tolist()
+    assert mixed[0] == V + 1 and mixed[2] == V + 3 and 0 <= mixed[1] < V
+
+
+def test_a_given_argmax_is_not_used_once_a_processor_changed_the_logits() -> None:
+    s = Sampler("cpu")
+    x = logits(2)
+    target = int(x[0].argmin())
+    rows = [row(s, temperature=0.0, logit_bias={target: 100.0}), row(s, temperature=0.0)]
+    out = s(x, rows, torch.tensor([V + 1, V + 2]))
+    assert out.token_ids == [target, int(x[1].argmax())]
+
+
 def test_top_k_one_is_greedy_at_any_temperature() -> None:
     s = Sampler("cpu")
     x = logits(3)

@@ -255,6 +255,40 @@ def test_rotary_write_kv_kernel_equals_norm_rotary_and_write_in_turn(device: str
     assert cache.float().abs().sum() > 0  # (slot -1 skipped: the reference skips it too)
 
 
+def _argmax_cases(vocab: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Rows of random values, and rows with what an argmax must settle: ties inside a chunk and across chunks
+    (the first column wins), NaNs (the first NaN wins, as in torch), all -inf, and the largest value last."""
+    rows = [torch.randn(vocab), torch.randn(vocab)]
+    tie = torch.zeros(vocab)
+    tie[[vocab // 2, vocab - 1, vocab // 3]] = 3.0
+    nan = torch.randn(vocab)
+    nan[[vocab - 1, vocab // 2]] = float("nan")
+    last = torch.randn(vocab)
+    last[-1] = 100.0
+    rows += [tie, nan, torch.full((vocab,), float("-inf")), last]
+    return torch.stack(rows).to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 2047, 2048, 6001, 128256])
+def test_argmax_rows_is_torchs_argmax(device: str, dtype: torch.dtype, vocab: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    logits = _argmax_cases(vocab, dtype, device)
+    wider = torch.cat([logits, logits[:, :5]], dim=1)[:, :vocab]  # rows strided past their width
+    want, want_wider = logits.argmax(dim=-1), wider.argmax(dim=-1)
+    monkeypatch.setattr(torch.Tensor, "argmax", _forbid("Tensor.argmax"))  # the kernels, not a fallback
+    _assert_equal(fused_ops.argmax_rows(logits), want)
+    _assert_equal(fused_ops.argmax_rows(wider), want_wider)
+
+
+def test_argmax_rows_falls_back_to_torch_off_the_kernels() -> None:
+    """CPU tensors without the interpreter, and columns that are not contiguous, take torch's argmax."""
+    logits = _argmax_cases(3000, torch.float32, "cpu")
+    _assert_equal(fused_ops.argmax_rows(logits), logits.argmax(dim=-1))
+    _assert_equal(fused_ops.argmax_rows(logits.t().contiguous().t()), logits.argmax(dim=-1))
+    _assert_equal(fused_ops.argmax_rows(logits[:0]), logits[:0].argmax(dim=-1))
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     run_interpreter_child(__file__, "interpret", timeout=240)
