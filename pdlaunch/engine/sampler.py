@@ -14,8 +14,9 @@ else is in the batch; unseeded requests share the engine's generator.
 Logprobs are those of the model's distribution (log_softmax of the raw logits), before
 processors, temperature, top_k and top_p (vLLM's default, raw logprobs).
 
-Decode steps replayed from CUDA graphs return logits like eager steps: all of this runs after the
-replay, outside the graph.
+Decode steps replayed from CUDA graphs return logits like eager steps, and all of this runs after the
+replay, outside the graph, except the greedy argmax: the graph ends with it (runner/cuda_graphs.py), and
+`sample_ids` takes those ids unless a grammar or a processor changed the logits.
 
 On CUDA the per-row parameters go to the device from pinned memory without blocking, so the one
 host sync of a step is reading the chosen token ids back (`tolist`). The argmaxes are
