@@ -27,6 +27,7 @@ import cProfile
 import importlib.util
 import io
 import json
+import os
 import pstats
 import random
 import statistics
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limits import (  # noqa: E402
     ARGMAX_VARIANTS,
     argmax_variant,
+    bf16_logits,
     copy_bandwidth,
     fill_kv_caches,
     graph_call_ms,
@@ -298,6 +300,8 @@ def main() -> None:
                              "only, to see what the norms cost inside a step")
     parser.add_argument("--argmax", default="graph", choices=ARGMAX_VARIANTS,
                         help="where a step's greedy argmax runs (limits.argmax_variant), for an A/B in one call")
+    parser.add_argument("--bf16-logits", action="store_true",
+                        help="the LM head's product in bf16, then .float() (limits.bf16_logits), for A/B runs")
     parser.add_argument("--no-gemv-fold", action="store_true",
                         help="the block-FP8 GEMV as before the fold rule and the per-shape table: GEMV_CONFIG for "
                              "every weight, scales never folded into x (kernels.gemv_launch), for an A/B in one call")
@@ -305,6 +309,8 @@ def main() -> None:
     if args.no_gemv_fold:
         untuned_fp8_gemv()
     argmax_variant(args.argmax)
+    if args.bf16_logits:
+        bf16_logits()
     if args.ablate_norms:
         from moe_speed import ablate_norms
 
@@ -313,7 +319,8 @@ def main() -> None:
                            "async_scheduling": args.async_scheduling, "kv_cache_dtype": args.kv_cache_dtype,
                            "ablated": ["norms"] if args.ablate_norms else [],
                            "gemv": "untuned" if args.no_gemv_fold else "tuned",
-                           "argmax": args.argmax}
+                           "argmax": args.argmax, "logits": "bf16" if args.bf16_logits else "float32",
+                           "swiglu": os.environ.get("PDLAUNCH_SWIGLU", "auto")}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

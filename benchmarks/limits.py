@@ -92,6 +92,21 @@ def argmax_variant(name: str) -> None:
         sampler.argmax_rows = lambda logits: logits.argmax(dim=-1)  # type: ignore[attr-defined]
 
 
+def bf16_logits() -> None:
+    """The LM head as before its float32 output: the product in the weight's dtype, then `.float()` (a second
+    launch), for A/B runs in one call (decode_grid.py --bf16-logits)."""
+    import torch.nn.functional as F
+
+    from pdlaunch.model.gemv import gemv, gemv_available
+    from pdlaunch.model.layers import ParallelLMHead
+
+    def product_then_float(self: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor:
+        on_gemv = gemv_available(hidden, self.weight)
+        return (gemv(hidden, self.weight) if on_gemv else F.linear(hidden, self.weight)).float()
+
+    ParallelLMHead._float32_logits = product_then_float  # type: ignore[method-assign]
+
+
 def fill_kv_caches(caches: list[torch.Tensor]) -> None:
     """Random values in every KV cache (any dtype: fp8 has no normal_(), so draw in bf16 and cast, 256 blocks
     at a time to bound the temporary)."""

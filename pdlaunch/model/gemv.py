@@ -50,7 +50,7 @@ def _kernels() -> SimpleNamespace:
         # x's columns k0 + rk in float32. SILU_MUL: x is [1, 2K] = (gate, up) and the row multiplied is
         # silu(gate) * up, rounded as fused_ops.silu_and_mul rounds it (silu to the dtype, then the product), so
         # the result equals silu_and_mul followed by the plain GEMV bit for bit.
-        dtype = y_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         if SILU_MUL:
             gate = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
             up = tl.load(x_ptr + K + k0 + rk, mask=k_ok, other=0.0).to(tl.float32)
@@ -102,17 +102,19 @@ def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
-    """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in x's dtype. silu_mul: x is [1, 2K], the
-    (gate, up) halves of a gate_up projection, and the row multiplied is silu(gate) * up (the SwiGLU's
-    down projection without the separate silu_and_mul launch). `config` overrides config_for's choice."""
+         config: GemvConfig | None = None, silu_mul: bool = False, out_dtype: torch.dtype | None = None
+         ) -> torch.Tensor:
+    """x [1, K] times weight [N, K] (+ bias [N]) -> [1, N] in `out_dtype` (default x's dtype; float32 stores the
+    float32 sum unrounded). silu_mul: x is [1, 2K], the (gate, up) halves of a gate_up projection, and the row
+    multiplied is silu(gate) * up (the SwiGLU's down projection without the separate silu_and_mul launch).
+    `config` overrides config_for's choice."""
     import triton
 
     n, k = weight.shape
     x = x.contiguous()
     if x.shape[1] != (2 * k if silu_mul else k):
         raise ValueError(f"gemv: x has {x.shape[1]} columns for a weight of {k}" + (" (silu_mul)" if silu_mul else ""))
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_k, warps = config or config_for(device_name(weight.device.index or 0), n, k)
     pdl = pdl_enabled(x, x.shape[0])
     kernels = _kernels()

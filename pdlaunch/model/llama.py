@@ -30,6 +30,7 @@ from pdlaunch.model.pieces import PieceBuffers
 from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
+from pdlaunch.model.swiglu import swiglu_available, swiglu_gemm
 
 
 class Attention(nn.Module):
@@ -125,7 +126,11 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up_proj = self.gate_up_proj
+        if gate_up_proj.quant_method is None and gate_up_proj.bias is None and swiglu_available(x, gate_up_proj.weight):
+            # a decode batch on CUDA: the SwiGLU in the gate_up GEMM's epilogue (model/swiglu.py)
+            return self.down_proj(swiglu_gemm(x, gate_up_proj.weight))  # type: ignore[no-any-return]
+        gate_up = gate_up_proj(x)
         if self.down_proj.takes_gate_up(gate_up):  # one row on CUDA: silu(gate) * up inside the down GEMV
             return self.down_proj.forward_silu_mul(gate_up)
         out: torch.Tensor = self.down_proj(silu_and_mul(gate_up))
@@ -303,4 +308,4 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] float32."""
         logits: torch.Tensor = self.lm_head(hidden)
-        return logits.float()
+        return logits

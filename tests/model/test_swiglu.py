@@ -1,0 +1,132 @@
+"""The SwiGLU in the gate_up GEMM's epilogue (model/swiglu.py) against F.linear + silu_and_mul.
+
+Kernel cases run on CUDA (gpu marker) and on CPU under the Triton interpreter, in a child pytest started with
+TRITON_INTERPRET=1 (tests/model/interpreter.py). The kernel sums in another order than the reference's GEMM, so a
+bf16 product may land one unit in the last place apart before the SiLU; the bound is two such units.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pdlaunch.model import llama, swiglu
+from pdlaunch.model.llama import MLP
+from pdlaunch.model.swiglu import config_for, swiglu_available, swiglu_gemm, swiglu_reference
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
+from tests.model.test_fused_ops import _interpreter_rounds_bf16_to_nearest_even
+
+# (rows, hidden K, intermediate I): rows and columns that fill no tile, and K past one loop iteration.
+SHAPES = [(2, 64, 48), (3, 96, 40), (17, 128, 72), (64, 160, 64)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+LAUNCHES = [(16, 32, 32, 4, 2), (64, 16, 64, 4, 3)]
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "interpret"])
+def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    pytest.importorskip("triton")
+    if request.param == "interpret":
+        if not INTERPRET_AT_START:
+            pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
+        _interpreter_rounds_bf16_to_nearest_even(monkeypatch)
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return "cuda"
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if want.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        ulp = 2.0 ** -7 if want.dtype == torch.bfloat16 else 2.0 ** -10
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=2 * ulp * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize(("rows", "k", "inter"), SHAPES)
+def test_the_kernel_equals_the_gemm_then_silu_and_mul(device: str, dtype: torch.dtype, launch: tuple[int, ...],
+                                                      rows: int, k: int, inter: int) -> None:
+    if device == "cpu" and dtype == torch.float16:
+        pytest.skip("the interpreter's float16 tiles: bf16 and float32 cover the rounding")
+    torch.manual_seed(rows * 1000 + k)
+    x = torch.randn(rows, k, dtype=dtype, device=device)
+    weight = torch.randn(2 * inter, k, dtype=dtype, device=device) * k ** -0.5
+    _close(swiglu_gemm(x, weight, config=launch), swiglu_reference(x, weight))  # type: ignore[arg-type]
+
+
+def test_rows_apart_in_a_wider_buffer_are_read_where_they_are(device: str) -> None:
+    """x as a view into a wider buffer (rows further apart than K), as a decode step's slices are."""
+    torch.manual_seed(3)
+    wide = torch.randn(5, 96, dtype=torch.float32, device=device)
+    x = wide[:, :64]
+    weight = torch.randn(2 * 40, 64, dtype=torch.float32, device=device) * 0.1
+    _close(swiglu_gemm(x, weight, config=LAUNCHES[0]), swiglu_reference(x.contiguous(), weight))
+
+
+@pytest.mark.slow
+def test_interpreter_cases_in_a_subprocess() -> None:
+    run_interpreter_child(__file__, "interpret", timeout=420)
+
+
+def test_a_weight_that_is_not_a_gate_up_pair_is_refused() -> None:
+    x = torch.zeros(4, 64)
+    with pytest.raises(ValueError, match="does not pair"):
+        swiglu_gemm(x, torch.zeros(81, 64), config=LAUNCHES[0])
+    with pytest.raises(ValueError, match="does not pair"):
+        swiglu_gemm(x, torch.zeros(80, 32), config=LAUNCHES[0])
+
+
+def test_the_device_table_picks_the_first_entry_that_covers_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    small, large = (16, 64, 128, 4, 4), (128, 64, 64, 8, 3)
+    monkeypatch.setattr(swiglu, "SWIGLU_DEVICE_CONFIGS", {"H200": ((16, small), (32, None), (128, large))})
+    assert config_for("NVIDIA H200", 2) == small and config_for("NVIDIA H200", 16) == small
+    assert config_for("NVIDIA H200", 17) is None and config_for("NVIDIA H200", 32) is None
+    assert config_for("NVIDIA H200", 33) == large and config_for("NVIDIA H200", 128) == large
+    assert config_for("NVIDIA H200", 129) is None and config_for("NVIDIA H100 80GB HBM3", 8) is None
+
+
+def test_cpu_tensors_one_row_and_the_switch_take_the_two_launches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CUDA (or with one row, or PDLAUNCH_SWIGLU=cublas) the MLP keeps F.linear + silu_and_mul."""
+    weight = torch.zeros(80, 64)
+    assert not swiglu_available(torch.zeros(4, 64), weight)
+    if torch.cuda.is_available():
+        monkeypatch.setattr(swiglu, "SWIGLU_DEVICE_CONFIGS", {"": ((128, LAUNCHES[1]),)})
+        x, w = torch.zeros(4, 64, device="cuda", dtype=torch.bfloat16), weight.to("cuda", torch.bfloat16)
+        assert swiglu_available(x, w) and not swiglu_available(x[:1], w)
+        monkeypatch.setenv("PDLAUNCH_SWIGLU", "cublas")
+        assert not swiglu_available(x, w)
+
+
+@pytest.mark.gpu
+def test_the_mlp_runs_one_launch_for_a_decode_batch_inside_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 MLP of the 8B shape's width at 2, 7, 64 and 128 rows, captured and replayed: the kernel runs (the
+    silu_and_mul launch does not) and the output equals the two-launch MLP within bf16 tolerance."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("triton")
+
+    monkeypatch.setattr(swiglu, "SWIGLU_DEVICE_CONFIGS", {"": ((16, (16, 64, 128, 4, 4)), (128, (64, 64, 64, 4, 4)))})
+    arch = SimpleNamespace(hidden_size=4096, intermediate_size=1024, mlp_bias=False)
+    mlp = MLP(arch, 0, 1).to("cuda", torch.bfloat16)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    mlp.gate_up_proj.weight.data.normal_(0, 0.02)
+    mlp.down_proj.weight.data.normal_(0, 0.02)
+    ran: list[int] = []
+    real = llama.silu_and_mul
+    monkeypatch.setattr(llama, "silu_and_mul", lambda t: ran.append(t.shape[0]) or real(t))
+    for rows in (2, 7, 64, 128):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        mlp(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mlp(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        want = mlp.down_proj(swiglu_reference(x, mlp.gate_up_proj.weight)).float()
+        assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, rows
+    assert not ran, ran
