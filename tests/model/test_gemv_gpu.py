@@ -57,9 +57,9 @@ def test_the_lm_head_takes_the_gemv_for_one_row() -> None:
     head = ParallelLMHead(1000, 256).to("cuda", torch.bfloat16)
     head.weight.data.normal_(0, 0.02)
     one = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(head(one), gemv(one, head.weight), atol=0, rtol=0)
+    torch.testing.assert_close(head(one), gemv(one, head.weight, out_dtype=torch.float32), atol=0, rtol=0)
     three = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(head(three), F.linear(three, head.weight), atol=0, rtol=0)
+    torch.testing.assert_close(head(three), torch.mm(three, head.weight.t(), out_dtype=torch.float32), atol=0, rtol=0)
 
 
 @cuda
@@ -72,6 +72,9 @@ def test_silu_mul_inside_the_gemv_equals_silu_and_mul_then_the_gemv(dtype: torch
     w = (torch.randn(hidden, inter, device="cuda") * 0.02).to(dtype)
     gate_up = (torch.randn(1, 2 * inter, device="cuda") * 3).to(dtype)
     torch.testing.assert_close(gemv(gate_up, w, silu_mul=True), gemv(silu_and_mul(gate_up), w), atol=0, rtol=0)
+    # a float32 output keeps silu(gate) * up rounded to the input's dtype
+    torch.testing.assert_close(gemv(gate_up, w, silu_mul=True, out_dtype=torch.float32),
+                               gemv(silu_and_mul(gate_up), w, out_dtype=torch.float32), atol=0, rtol=0)
     with pytest.raises(ValueError, match="columns"):
         gemv(gate_up[:, :inter], w, silu_mul=True)
 
