@@ -7,8 +7,8 @@ stays), sums both over all of K in float32, then rounds as the two-launch path r
 to the dtype, silu to the dtype, the product to the dtype. The result differs from cuBLAS's only by summation
 order. There is no split over K: the intermediate dimension gives enough programs (Llama-3-8B: 14336 / 64 = 224).
 
-Used only where a per-device table (`SWIGLU_DEVICE_CONFIGS`, measured with benchmarks/swiglu_speed.py) has an
-entry for the row count; elsewhere, and with PDLAUNCH_SWIGLU=cublas, the two launches run as before.
+Used only where a per-device table (`SWIGLU_DEVICE_CONFIGS`, measured with benchmarks/swiglu_speed.py) has a
+launch for the row count; elsewhere, and with PDLAUNCH_SWIGLU=cublas, the two launches run as before.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pdlaunch.model.triton_decode import device_name, interpret_mode, triton_imp
 SwigluConfig = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # Per device (a substring of torch's device name): (largest row count, config or None), the first entry that
 # covers the rows; None, or no entry: cuBLAS's GEMM and the silu_and_mul launch. Measured with
-# benchmarks/swiglu_speed.py, Llama-3-8B's gate_up (4096 -> 2 x 14336), bf16, us per call in CUDA-graph replays
-# (benchmarks/RESULTS.md, "A decode batch's SwiGLU in one launch"): on an H200, 2 rows 57.5 against 63.5 for the
-# two launches, 16 rows 57.6 against 59.9, 64 rows 61.4 against 67.5, 128 rows 68.1 against 70.5; at 32 rows the
-# best launch swept (61.0) lost to the two launches (60.4).
+# benchmarks/swiglu_speed.py on Llama-3-8B's gate_up (4096 -> 2 x 14336), bf16, and kept where whole decode steps
+# (benchmarks/decode_grid.py) got faster (benchmarks/RESULTS.md, "A decode batch's SwiGLU in one launch"). On an
+# H200: 8-32 rows 1.6-2.4% faster steps, 64 rows 1.1%; at 48 rows (the 64-row tile) and at 128 rows the step was
+# slower or unchanged, so those keep the two launches.
 SWIGLU_DEVICE_CONFIGS: dict[str, tuple[tuple[int, SwigluConfig | None], ...]] = {
-    "H200": ((16, (16, 32, 64, 4, 3)), (32, None), (64, (64, 128, 64, 8, 4)), (128, (128, 128, 64, 8, 4))),
+    "H200": ((16, (16, 32, 64, 4, 3)), (32, (32, 128, 128, 8, 3)), (48, None), (64, (64, 128, 64, 8, 4))),
 }
 _DTYPES = (torch.bfloat16, torch.float16)
 

@@ -130,3 +130,27 @@ def test_the_mlp_runs_one_launch_for_a_decode_batch_inside_a_cuda_graph(monkeypa
         want = mlp.down_proj(swiglu_reference(x, mlp.gate_up_proj.weight)).float()
         assert ((out.float() - want).norm() / want.norm()).item() < 1e-2, rows
     assert not ran, ran
+
+
+@pytest.mark.gpu
+def test_every_launch_in_the_device_table_equals_the_two_launches() -> None:
+    """Each launch SWIGLU_DEVICE_CONFIGS holds for this GPU, at the first and last row count it serves, on
+    Llama-3-8B's gate_up shape."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("triton")
+    table = next((t for key, t in swiglu.SWIGLU_DEVICE_CONFIGS.items() if key in torch.cuda.get_device_name()), ())
+    if not any(config for _, config in table):
+        pytest.skip(f"no launch in the table for {torch.cuda.get_device_name()}")
+    torch.manual_seed(0)
+    weight = torch.randn(2 * 14336, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+    first = 2
+    for last, config in table:
+        for rows in {first, last}:
+            x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+            if config is None:
+                assert not swiglu_available(x, weight)
+                continue
+            assert swiglu_available(x, weight) and config_for(torch.cuda.get_device_name(), rows) == config
+            _close(swiglu_gemm(x, weight), swiglu_reference(x, weight))
+        first = last + 1
