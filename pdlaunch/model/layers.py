@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Protocol
 
 import torch
@@ -251,15 +252,23 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def _float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """On CUDA the product is written as float32 by the kernel that sums it: one row through the GEMV, as the
-        projections, more rows through cuBLAS's `mm` with a float32 output. That skips rounding the logits to
+        projections, more rows through cuBLAS's `mm` with a float32 output (where torch has it). That skips rounding the logits to
         bf16 and the launch that widened them again (H200, Llama-3-8B head: 19 us at 64 rows, 41 at 128, 79 at
         256; benchmarks/RESULTS.md, "Two leads for the batched cells"). Elsewhere: the product, then float32."""
         if gemv_available(hidden, self.weight):
             return gemv(hidden, self.weight, out_dtype=torch.float32)
-        if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden.dtype:
+        if (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden.dtype
+                and _mm_writes_float32()):
             return torch.mm(hidden.reshape(-1, hidden.shape[-1]), self.weight.t(), out_dtype=torch.float32
                             ).reshape(*hidden.shape[:-1], -1)
         return F.linear(hidden, self.weight).float()
+
+
+@lru_cache(maxsize=1)
+def _mm_writes_float32() -> bool:
+    """torch has `mm(a, b, out_dtype=...)` (aten::mm.dtype, torch 2.8 and newer); before, the head's logits are
+    the product in its dtype, then float32."""
+    return hasattr(torch.ops.aten.mm, "dtype")
 
 
 class RMSNorm(nn.Module):
