@@ -252,9 +252,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def _float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """On CUDA the product is written as float32 by the kernel that sums it: one row through the GEMV, as the
-        projections, more rows through cuBLAS's `mm` with a float32 output (where torch has it). That skips rounding the logits to
-        bf16 and the launch that widened them again (H200, Llama-3-8B head: 19 us at 64 rows, 41 at 128, 79 at
-        256; benchmarks/RESULTS.md, "Two leads for the batched cells"). Elsewhere: the product, then float32."""
+        projections, more rows through cuBLAS's `mm` with a float32 output (where torch has it). That skips
+        rounding the logits to bf16 and the launch that widened them again (H200, Llama-3-8B head: 19 us at 64
+        rows, 41 at 128, 79 at 256; benchmarks/RESULTS.md, "Two leads for the batched cells"). Elsewhere: the
+        product, then float32."""
         if gemv_available(hidden, self.weight):
             return gemv(hidden, self.weight, out_dtype=torch.float32)
         if (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden.dtype
