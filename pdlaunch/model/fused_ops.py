@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.quant import kv_cache as fp8_kv
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, triton_importable
+from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, pdl_release, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 
@@ -59,7 +59,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, H, eps,
                         sx_t, sx_p, sx_h, sr_t, sr_h, w_stride,
-                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr):
+                        ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
+                        RELEASE: tl.constexpr):
         # One program per token row; y/res_out are contiguous [T, H]. PARTS > 1: x is [T, PARTS, H] rows whose sum
         # is the input, added in float32 and rounded once (torch's sum over a bf16 dim).
         t = tl.program_id(0).to(tl.int64)
@@ -68,6 +69,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
         if PDL:  # triton_decode.pdl_enabled
             tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        elif RELEASE:  # triton_decode.pdl_release: a decode batch's SwiGLU GEMM after this kernel may start
             tl.extra.cuda.gdc_launch_dependents()
         dtype = y_ptr.dtype.element_ty
         if PARTS > 1:
@@ -321,7 +324,8 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
                                 x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(1),
                                 weight.stride(0), ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
-                                PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
+                                PDL=pdl, RELEASE=not pdl and pdl_release(x, tokens), num_warps=_num_warps(block),
+                                enable_fp_fusion=False, **pdl_kwargs(pdl))
     return y, res_out
 
 

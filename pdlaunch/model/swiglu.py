@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.triton_decode import device_name, interpret_mode, triton_importable
+from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_kwargs, pdl_release, triton_importable
 
 SwigluConfig = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # Per device (a substring of torch's device name): (largest row count, config or None), the first entry that
@@ -43,9 +43,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit
     def swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K, sx_m,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           LIBDEVICE_EXP: tl.constexpr, DOT_F32: tl.constexpr):
+                           LIBDEVICE_EXP: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
         # x [M, K] (rows sx_m apart), w [2 INTER, K] contiguous (gate rows, then up rows), out [M, INTER]
         # contiguous; grid (cdiv(INTER, BLOCK_N), cdiv(M, BLOCK_M)).
+        if PDL:  # triton_decode.pdl_release: launched while the RMSNorm computing x ends; x is read after this
+            tl.extra.cuda.gdc_wait()
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -119,10 +121,11 @@ def swiglu_gemm(x: torch.Tensor, weight: torch.Tensor, config: SwigluConfig | No
     block_m, block_n, block_k, warps, stages = config
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     interpret = interpret_mode()
+    pdl = pdl_release(x, rows)
     grid = (triton.cdiv(inter, block_n), triton.cdiv(rows, block_m))
     _kernels(interpret).gemm[grid](x, weight, out, rows, inter, k, x.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
                                    BLOCK_K=block_k, LIBDEVICE_EXP=not interpret, DOT_F32=interpret, num_warps=warps,
-                                   num_stages=stages, enable_fp_fusion=False)
+                                   num_stages=stages, PDL=pdl, enable_fp_fusion=False, **pdl_kwargs(pdl))
     return out
 
 

@@ -271,6 +271,16 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
             and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not interpret_mode())
 
 
+def pdl_release(t: torch.Tensor, rows: int) -> bool:
+    """True when a kernel computing a decode batch of `rows` (two or more) token rows on `t`'s device lets the
+    kernel after it start early, without itself being launched dependent: the RMSNorm before a batch's SwiGLU GEMM
+    (model/swiglu.py), which is launched dependent and waits for it before reading x. The cuBLAS GEMMs that follow
+    an RMSNorm elsewhere are not launched dependent, so for them this changes nothing. PDLAUNCH_PDL=off turns it
+    off with the batch-1 launches."""
+    return (rows > 1 and t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
+            and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not interpret_mode())
+
+
 def pdl_kwargs(pdl: bool) -> dict[str, bool]:
     """The launch keyword for a dependent launch, and none for a plain one: a Triton without the option (before
     3.3) rejects launch keywords it does not know."""
