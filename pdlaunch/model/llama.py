@@ -129,7 +129,8 @@ class MLP(nn.Module):
         gate_up_proj = self.gate_up_proj
         if gate_up_proj.quant_method is None and gate_up_proj.bias is None and swiglu_available(x, gate_up_proj.weight):
             # a decode batch on CUDA: the SwiGLU in the gate_up GEMM's epilogue (model/swiglu.py)
-            return self.down_proj(swiglu_gemm(x, gate_up_proj.weight))  # type: ignore[no-any-return]
+            down: torch.Tensor = self.down_proj(swiglu_gemm(x, gate_up_proj.weight))
+            return down
         gate_up = gate_up_proj(x)
         if self.down_proj.takes_gate_up(gate_up):  # one row on CUDA: silu(gate) * up inside the down GEMV
             return self.down_proj.forward_silu_mul(gate_up)

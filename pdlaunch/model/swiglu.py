@@ -5,7 +5,8 @@ to read it back and write [T, I]. Here each program holds BLOCK_N columns of the
 up projection (two weight tiles a loop iteration, the gate_up weight's rows n and I + n, so the checkpoint layout
 stays), sums both over all of K in float32, then rounds as the two-launch path rounds: the gate and up products
 to the dtype, silu to the dtype, the product to the dtype. The result differs from cuBLAS's only by summation
-order. There is no split over K: the intermediate dimension gives enough programs (Llama-3-8B: 14336 / 64 = 224).
+order. There is no split over K: the intermediate dimension gives enough programs (Llama-3-8B with the table's
+32- to 128-column tiles: 448 to 112).
 
 Used only where a per-device table (`SWIGLU_DEVICE_CONFIGS`, measured with benchmarks/swiglu_speed.py) has a
 launch for the row count; elsewhere, and with PDLAUNCH_SWIGLU=cublas, the two launches run as before.
