@@ -131,7 +131,9 @@ class Supervisor:
         if now >= self._blocks_due:  # the KV blocks column follows the load, not just the moment of readiness
             self._blocks_due = now + BLOCKS_REFRESH_S
             for child, record in self.records:
-                if record.ready and child is not self.deployment.proxy and child.poll() is None:
+                # not a stalled one: its /info would hold this loop (and the status rows) for the whole timeout
+                if (record.ready and child is not self.deployment.proxy and child.poll() is None
+                        and record.name not in self._stalled):
                     self.deployment.refresh_blocks(record.name, timeout=BLOCKS_TIMEOUT_S)
         self.view.update()
 

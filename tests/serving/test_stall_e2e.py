@@ -150,8 +150,12 @@ def test_a_stopped_prefill_is_routed_around_and_serves_again_after_sigcont(serve
         marked = wait_for(lambda: _marked_stalled(serve, "prefill-0", stopped_at), "the proxy's log line", 10)
         wait_for(lambda: "prefill-0 (pid" in serve.output and "is stalled: alive" in serve.output,
                  "the launcher to say prefill-0 is stalled", MARK_BOUND_S, poll=0.2)
-        launcher_row = [line for line in serve.output.splitlines() if "prefill-0" in line and " stalled " in line]
-        assert launcher_row, f"no status row shows prefill-0 stalled:\n{serve.output[-3000:]}"
+        # the status table is redrawn after the message, at the end of the supervisor's pass: poll for its row
+        deadline = time.monotonic() + MARK_BOUND_S
+        while not any("prefill-0" in line and " stalled " in line for line in serve.output.splitlines()):
+            assert time.monotonic() < deadline, (
+                f"no status row shows prefill-0 stalled {MARK_BOUND_S}s after the message:\n{serve.output[-3000:]}")
+            time.sleep(0.2)
     finally:
         os.kill(pid, signal.SIGCONT)
         client.close()

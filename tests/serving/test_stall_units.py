@@ -307,3 +307,18 @@ def test_the_proxy_gets_the_stall_settings_from_the_config(tmp_path: Path) -> No
     assert (args.health_timeout, args.prefill_timeout, args.load_failure_policy) == (2.0, None, "recompute")
     with pytest.raises(SystemExit):
         parse_args([*argv_of()[3:], "--health-timeout", "0"])
+
+
+def test_the_blocks_column_does_not_ask_a_stalled_instance(supervised: Any) -> None:
+    """A stalled instance's /info would hold the supervisor's pass (and the status rows) for its whole timeout."""
+    deployment, supervisor = supervised()
+    refreshed: list[str] = []
+    deployment.refresh_blocks = lambda name, timeout=1.0: refreshed.append(name)
+    _stalled(supervisor, {"prefill-0": 2.5})
+    supervisor.tick(now=10.0)
+    assert deployment.rows["prefill-0"].state == "stalled"
+    assert "decode-0" in refreshed and "prefill-0" not in refreshed
+    refreshed.clear()
+    _stalled(supervisor, {})
+    supervisor.tick(now=20.0)
+    assert "prefill-0" in refreshed
