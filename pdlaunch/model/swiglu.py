@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.fused_ops import silu_and_mul_torch
 from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_kwargs, pdl_release, triton_importable
 
 SwigluConfig = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -133,5 +134,4 @@ def swiglu_gemm(x: torch.Tensor, weight: torch.Tensor, config: SwigluConfig | No
 def swiglu_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The two-launch semantics swiglu_gemm reproduces: the gate_up product, then silu(gate) * up, each op rounded
     to x's dtype."""
-    gate, up = torch.nn.functional.linear(x, weight).chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    return silu_and_mul_torch(torch.nn.functional.linear(x, weight))

@@ -267,8 +267,7 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     a tenth of the step (H200, 8B shape, 1 x 128: 4.41 -> 4.11 ms). From two rows the projections run through
     cuBLAS, whose GEMMs let the next kernel start early; ours then waited on SMs the GEMM still needed (H200,
     48 x 3072: 9.54 -> 9.82 ms). PDLAUNCH_PDL=off turns it off (debugging, benchmarks)."""
-    return (rows == 1 and t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
-            and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not interpret_mode())
+    return rows == 1 and _pdl_device(t)
 
 
 def pdl_release(t: torch.Tensor, rows: int) -> bool:
@@ -277,7 +276,13 @@ def pdl_release(t: torch.Tensor, rows: int) -> bool:
     (model/swiglu.py), which is launched dependent and waits for it before reading x. The cuBLAS GEMMs that follow
     an RMSNorm elsewhere are not launched dependent, so for them this changes nothing. PDLAUNCH_PDL=off turns it
     off with the batch-1 launches."""
-    return (rows > 1 and t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
+    return rows > 1 and _pdl_device(t)
+
+
+def _pdl_device(t: torch.Tensor) -> bool:
+    """`t`'s device can launch dependent kernels (CUDA sm_90 or newer, a Triton with the launch option, compiled
+    kernels) and PDLAUNCH_PDL is not off."""
+    return (t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
             and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not interpret_mode())
 
 
