@@ -46,6 +46,7 @@ from limits import (  # noqa: E402
     argmax_variant,
     bf16_logits,
     copy_bandwidth,
+    decode_gemm_table,
     fill_kv_caches,
     graph_call_ms,
     time_ms,
@@ -305,7 +306,12 @@ def main() -> None:
     parser.add_argument("--no-gemv-fold", action="store_true",
                         help="the block-FP8 GEMV as before the fold rule and the per-shape table: GEMV_CONFIG for "
                              "every weight, scales never folded into x (kernels.gemv_launch), for an A/B in one call")
+    parser.add_argument("--decode-gemm-table", type=Path,
+                        help="a decode_gemm_speed.py JSON: its fastest launches as the decode-GEMM table "
+                             "(limits.decode_gemm_table), for an A/B before a table is committed")
     args = parser.parse_args()
+    if args.decode_gemm_table:
+        print("decode-GEMM table:", decode_gemm_table(args.decode_gemm_table), flush=True)
     if args.no_gemv_fold:
         untuned_fp8_gemv()
     argmax_variant(args.argmax)
@@ -320,7 +326,9 @@ def main() -> None:
                            "ablated": ["norms"] if args.ablate_norms else [],
                            "gemv": "untuned" if args.no_gemv_fold else "tuned",
                            "argmax": args.argmax, "logits": "bf16" if args.bf16_logits else "float32",
-                           "swiglu": os.environ.get("PDLAUNCH_SWIGLU", "auto")}
+                           "swiglu": os.environ.get("PDLAUNCH_SWIGLU", "auto"),
+                           "decode_gemm": os.environ.get("PDLAUNCH_DECODE_GEMM", "auto"),
+                           "decode_gemm_table": str(args.decode_gemm_table or "")}
     doc.update(copy_bandwidth(2.0))
     run_grid(args, doc)
     if args.json:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pdlaunch.model.decode_gemm import decode_gemm, decode_gemm_available
 from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_available, rms_norm
 from pdlaunch.model.gemv import gemv, gemv_available
 
@@ -63,7 +64,11 @@ def _matmul(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch
     method: LinearMethod | None = getattr(layer, "quant_method", None)
     if method is not None:
         return method.apply(layer, x, bias)
-    return gemv(x, weight, bias) if gemv_available(x, weight) else F.linear(x, weight, bias)
+    if gemv_available(x, weight):
+        return gemv(x, weight, bias)
+    if decode_gemm_available(x, weight):  # a decode batch on a device with a measured launch
+        return decode_gemm(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class ColumnParallelLinear(nn.Module):

@@ -75,6 +75,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             x += BLOCK_K
             gate_w += BLOCK_K
             up_w += BLOCK_K
+        if PDL:  # the down projection after this (model/decode_gemm.py) may start loading its weight
+            tl.extra.cuda.gdc_launch_dependents()
         dtype = out_ptr.dtype.element_ty
         gate = gate.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)

@@ -89,7 +89,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
-        PDL: tl.constexpr, PRELOAD: tl.constexpr,
+        PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -165,9 +165,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
             m = m_new
-        if PDL:
+        if PDL or RELEASE:
             # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
-            # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us).
+            # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us). RELEASE (pdl_release, a decode batch): this
+            # kernel is not launched dependent, the projection after it (model/decode_gemm.py) is.
             tl.extra.cuda.gdc_launch_dependents()
         acc = acc * v_scale
         # One range: the output itself. Several: partials part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted
@@ -273,9 +274,10 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
 def pdl_release(t: torch.Tensor, rows: int) -> bool:
     """True when a kernel computing a decode batch of `rows` (two or more) token rows on `t`'s device lets the
     kernel after it start early, without itself being launched dependent: the RMSNorm before a batch's SwiGLU GEMM
-    (model/swiglu.py), which is launched dependent and waits for it before reading x. The cuBLAS GEMMs that follow
-    an RMSNorm elsewhere are not launched dependent, so for them this changes nothing. PDLAUNCH_PDL=off turns it
-    off with the batch-1 launches."""
+    (model/swiglu.py) or projection GEMM (model/decode_gemm.py), the paged decode before the o projection, the
+    SwiGLU GEMM before the down projection. Those GEMMs are launched dependent (on this same condition) and wait
+    for the kernel before them before reading x. A kernel not launched dependent (cuBLAS's GEMMs) ignores the
+    release. PDLAUNCH_PDL=off turns it off with the batch-1 launches."""
     return rows > 1 and _pdl_device(t)
 
 
@@ -395,6 +397,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        PDL=pdl, PRELOAD=preload, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl_kwargs(pdl),
+        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
+        num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -1,0 +1,222 @@
+"""A decode batch's projections y = x W^T (+ b) at 2-64 rows on CUDA, as a Triton GEMM launched dependent.
+
+From two rows the qkv, o and down projections of a decode step ran through cuBLAS. Its kernels let the next one
+start early, but they are not launched dependent themselves: each starts only once the kernel before it has ended
+and pays its ramp (the first weight tiles' round trip to memory) after that. On an H200 at 64 rows they read at
+1.28-1.45x of their weight bytes (benchmarks/RESULTS.md, "Where 64 x 1024 still loses"). Here each program streams
+BLOCK_N weight rows over a range of K (SPLIT_K ranges where the N tiles alone leave SMs idle), loads its first
+weight tile before it waits for x (`gdc_wait`, the kernel before computes x), and lets the next kernel start when
+its loop is done. With several ranges each writes a float32 partial and the last range of an N tile to finish adds
+them in range order (deterministic; the counters of model/split_counters.py), then rounds once, as cuBLAS rounds.
+
+Used only where a per-device table (`DECODE_GEMM_DEVICE_CONFIGS`, measured with benchmarks/decode_gemm_speed.py)
+has a launch for the rows and the weight's shape; elsewhere, and with PDLAUNCH_DECODE_GEMM=cublas, F.linear runs
+as before.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+
+from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_kwargs, pdl_release, triton_importable
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP): SWAP 1 multiplies W x^T (the weight tile as the MMA's
+# M side), 0 x W^T.
+DecodeGemmConfig = tuple[int, int, int, int, int, int]
+# Per device (a substring of torch's device name): (largest rows, largest N, largest K, config or None), the first
+# entry that covers the call; None, or no entry: F.linear. BLOCK_M is the rows rounded up to a power of two (16 at
+# least). Ordered by rows, then N, then K, so each measured shape takes its own launch and another takes that of
+# the next larger one. Measured with benchmarks/decode_gemm_speed.py on one H200 (Llama-3-8B's qkv, o and down,
+# Qwen3-30B-A3B's qkv and o; benchmarks/RESULTS.md, "A decode batch's projections launched dependent"): the fastest
+# launch at 16, 32 and 64 rows where it beat cuBLAS, e.g. o at 16 rows 11.3 against 12.8 us, down at 64 rows 33.7
+# against 35.6; whole decode steps 1.1-1.4% faster at 16-64 x 1024. Llama-3-8B's qkv and o at 64 rows and
+# Qwen3-30B-A3B's qkv from 17 rows stay on cuBLAS, which was faster there.
+DECODE_GEMM_DEVICE_CONFIGS: dict[str, tuple[tuple[int, int, int, DecodeGemmConfig | None], ...]] = {
+    "H200": (
+        (16, 2048, 4096, (64, 128, 4, 4, 6, 1)), (16, 4096, 4096, (32, 128, 1, 4, 6, 0)),
+        (16, 4096, 14336, (64, 256, 2, 4, 4, 1)), (16, 5120, 2048, (64, 128, 1, 4, 6, 1)),
+        (16, 6144, 4096, (64, 128, 1, 4, 6, 1)),
+        (32, 2048, 4096, (64, 128, 4, 4, 4, 1)), (32, 4096, 4096, (64, 128, 2, 4, 4, 1)),
+        (32, 4096, 14336, (32, 256, 1, 4, 6, 0)), (32, 5120, 2048, None), (32, 6144, 4096, (64, 128, 1, 4, 6, 1)),
+        (64, 2048, 4096, (32, 128, 2, 4, 6, 0)), (64, 4096, 4096, None), (64, 4096, 14336, (32, 128, 1, 4, 6, 0)),
+        (64, 5120, 2048, None), (64, 6144, 4096, None),
+    ),
+}
+MAX_ROWS = 64
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@lru_cache(maxsize=2)
+def _kernels(interpret: bool) -> SimpleNamespace:
+    """The kernel (`gemm`), built per interpret mode (Triton reads TRITON_INTERPRET when it decorates)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx_m, k_per_split,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+        # x [M, K] (rows sx_m apart), w [N, K] contiguous, y [M, N] contiguous; grid (cdiv(N, BLOCK_N), SPLIT_K),
+        # M <= BLOCK_M. Range `split` covers K columns [split * k_per_split, min(K, (split + 1) * k_per_split)).
+        # EVEN_K: K and k_per_split are multiples of BLOCK_K (no column masks).
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok = rm < M
+        n_ok = rn < N
+        k_start = split * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, K)
+        if SWAP:  # y^T = W x^T: the weight tile is the MMA's M side (64+ rows take Hopper's wgmma), x^T its N side
+            w = w_ptr + rn[:, None].to(tl.int64) * K + k_start + rk[None, :]  # [BLOCK_N, BLOCK_K]
+            x = x_ptr + rm[None, :].to(tl.int64) * sx_m + k_start + rk[:, None]  # [BLOCK_K, BLOCK_M]
+            w_rows = n_ok[:, None]
+            x_rows = m_ok[None, :]
+        else:
+            w = w_ptr + rn[None, :].to(tl.int64) * K + k_start + rk[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
+            x = x_ptr + rm[:, None].to(tl.int64) * sx_m + k_start + rk[None, :]  # [BLOCK_M, BLOCK_K]
+            w_rows = n_ok[None, :]
+            x_rows = m_ok[:, None]
+        # The weight's first tile loads while the kernel before (which computes x) ends; weights are written only
+        # by loading and waking, never by a kernel of the step.
+        if EVEN_K:
+            w_first = tl.load(w, mask=w_rows, other=0.0)
+        elif SWAP:
+            w_first = tl.load(w, mask=w_rows & (rk < k_stop - k_start)[None, :], other=0.0)
+        else:
+            w_first = tl.load(w, mask=w_rows & (rk < k_stop - k_start)[:, None], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if EVEN_K:
+            xv = tl.load(x, mask=x_rows, other=0.0)
+        elif SWAP:
+            xv = tl.load(x, mask=x_rows & (rk < k_stop - k_start)[:, None], other=0.0)
+        else:
+            xv = tl.load(x, mask=x_rows & (rk < k_stop - k_start)[None, :], other=0.0)
+        if DOT_F32:  # the interpreter multiplies bf16 tiles wrongly; widened, the products are the same
+            xv = xv.to(tl.float32)
+            w_first = w_first.to(tl.float32)
+        if SWAP:
+            acc = tl.dot(w_first, xv, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(xv, w_first, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), input_precision="ieee")
+        for k0 in range(k_start + BLOCK_K, k_stop, BLOCK_K):
+            w += BLOCK_K
+            x += BLOCK_K
+            if EVEN_K:
+                xv = tl.load(x, mask=x_rows, other=0.0)
+                wv = tl.load(w, mask=w_rows, other=0.0)
+            elif SWAP:
+                k_ok = rk < k_stop - k0
+                xv = tl.load(x, mask=x_rows & k_ok[:, None], other=0.0)
+                wv = tl.load(w, mask=w_rows & k_ok[None, :], other=0.0)
+            else:
+                k_ok = rk < k_stop - k0
+                xv = tl.load(x, mask=x_rows & k_ok[None, :], other=0.0)
+                wv = tl.load(w, mask=w_rows & k_ok[:, None], other=0.0)
+            if DOT_F32:
+                xv = xv.to(tl.float32)
+                wv = wv.to(tl.float32)
+            if SWAP:
+                acc = tl.dot(wv, xv, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, wv, acc, input_precision="ieee")
+        if PDL:
+            # The next kernel's programs start only now: started with these, they would wait on the SMs this
+            # grid's later programs need.
+            tl.extra.cuda.gdc_launch_dependents()
+        if SWAP:
+            acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        out_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tile = (rm[:, None] * N + rn[None, :]).to(tl.int64)
+            plane = BLOCK_M * N
+            tl.store(part_ptr + split * plane + tile, acc, mask=out_mask)
+            # Every warp's partial is stored before the count (the barrier); the count releases them to the
+            # program that adds them (acq_rel at GPU scope), which reads them past L1 (.cg).
+            tl.debug_barrier()
+            counter = count_ptr + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    total += tl.load(part_ptr + s * plane + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(y, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
+
+    return SimpleNamespace(gemm=decode_gemm_kernel)
+
+
+def block_m(rows: int) -> int:
+    """The M tile of a call of `rows` rows: the rows rounded up to a power of two, 16 at least."""
+    return max(16, 1 << (rows - 1).bit_length())
+
+
+def config_for(name: str, rows: int, n: int, k: int) -> DecodeGemmConfig | None:
+    """DECODE_GEMM_DEVICE_CONFIGS's launch for `rows` rows of a weight [n, k] on the device torch names `name`;
+    None: F.linear."""
+    table = next((table for key, table in DECODE_GEMM_DEVICE_CONFIGS.items() if key in name), ())
+    return next((config for max_rows, max_n, max_k, config in table
+                 if rows <= max_rows and n <= max_n and k <= max_k), None)
+
+
+def decode_gemm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when x W^T runs this GEMM: 2 to MAX_ROWS rows of fp16/bf16 on CUDA, a contiguous weight of x's dtype,
+    and a measured launch for the rows and the weight's shape on this device."""
+    return (x.is_cuda and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.dtype in _DTYPES
+            and weight.dtype == x.dtype and weight.dim() == 2 and weight.is_contiguous() and x.stride(1) == 1
+            and os.environ.get("PDLAUNCH_DECODE_GEMM", "auto") != "cublas" and triton_importable()
+            and config_for(device_name(x.device.index or 0), x.shape[0], *weight.shape) is not None)
+
+
+def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                config: DecodeGemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] times weight [N, K] (+ bias [N]) -> [M, N] in x's dtype, M <= MAX_ROWS. `config` overrides the
+    device table (benchmarks, tests)."""
+    import triton
+
+    from pdlaunch.model.split_counters import split_counters  # layering: lazy, like the kernels
+
+    rows, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or rows > MAX_ROWS:
+        raise ValueError(f"decode_gemm: x [{rows}, {k}] and weight {tuple(weight.shape)} (at most {MAX_ROWS} rows)")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if config is None:
+        config = config_for(device_name(x.device.index or 0), rows, n, k) if x.is_cuda else None
+    if config is None:
+        raise ValueError(f"decode_gemm: no launch for {rows} rows of a [{n}, {k}] weight on this device "
+                         "(check decode_gemm_available first)")
+    block_n, block_k, split, warps, stages, swap = config
+    k_blocks = triton.cdiv(k, block_k)
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(k, k_per_split)  # ranges that hold any columns
+    bm = block_m(rows)
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    tiles = triton.cdiv(n, block_n)
+    part, counters = out, out  # unread with one range
+    if split > 1:
+        part = torch.empty(split, bm, n, dtype=torch.float32, device=x.device)
+        counters = split_counters(x.device, tiles)
+    interpret = interpret_mode()
+    # Launched dependent wherever the kernel before may release it early (a decode batch on sm_90+).
+    pdl = pdl_release(x, rows)
+    _kernels(interpret).gemm[(tiles, split)](
+        x, weight, bias if bias is not None else out, out, part, counters, rows, n, k, x.stride(0), k_per_split,
+        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SWAP=bool(swap),
+        EVEN_K=k % block_k == 0 and k_per_split % block_k == 0, HAS_BIAS=bias is not None, DOT_F32=interpret,
+        PDL=pdl, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
+    return out
