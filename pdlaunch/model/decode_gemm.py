@@ -56,7 +56,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # A batch's row count is not specialized on (divisible by 16 or not): one compiled variant per BLOCK_M serves
+    # every row count the start-up warm-up's prompts of 2, 4 ... 64 tokens reach, so none compiles while serving.
+    @triton.jit(do_not_specialize=["M"])
     def decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx_m, k_per_split,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,

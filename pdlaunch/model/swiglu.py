@@ -42,7 +42,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # A batch's row count is not specialized on (divisible by 16 or not): one compiled variant per BLOCK_M serves
+    # every row count the start-up warm-up's prompts reach, so none compiles while serving.
+    @triton.jit(do_not_specialize=["M"])
     def swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K, sx_m,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            LIBDEVICE_EXP: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):

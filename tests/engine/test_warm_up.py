@@ -68,8 +68,10 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     specialized on: Triton would otherwise compile a second variant of a kernel the first time a count is
     not a multiple of 16 (or is 1), in the middle of serving, where warm-up cannot reach every count."""
     pytest.importorskip("triton")
+    from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels
     from pdlaunch.model.moe.triton_moe import _kernels as moe_kernels
     from pdlaunch.model.quant.kernels import _kernels as quant_kernels
+    from pdlaunch.model.swiglu import _kernels as swiglu_kernels
     from pdlaunch.model.triton_decode import _kernels as decode_kernels
 
     def unspecialized(kernel: object) -> set[str]:
@@ -80,6 +82,7 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     assert unspecialized(moe.up) == unspecialized(moe.down) == {"num_rows"}
     assert unspecialized(moe.align_count) == unspecialized(moe.align_place) == {"num_rows", "num_blocks"}
     assert unspecialized(quant.block_gemm) == unspecialized(quant.block_gemv) == {"M"}
+    assert unspecialized(decode_gemm_kernels(False).gemm) == unspecialized(swiglu_kernels(False).gemm) == {"M"}
 
 
 def test_no_warm_up_step_is_longer_than_max_model_len() -> None:
