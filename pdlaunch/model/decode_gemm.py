@@ -33,7 +33,7 @@ DecodeGemmConfig = tuple[int, int, int, int, int, int]
 # the next larger one. Measured with benchmarks/decode_gemm_speed.py on one H200 (Llama-3-8B's qkv, o and down,
 # Qwen3-30B-A3B's qkv and o; benchmarks/RESULTS.md, "A decode batch's projections launched dependent"): the fastest
 # launch at 16, 32 and 64 rows where it beat cuBLAS, e.g. o at 16 rows 11.3 against 12.8 us, down at 64 rows 33.7
-# against 35.6; whole decode steps 1.1-1.4% faster at 16-64 x 1024. Llama-3-8B's qkv and o at 64 rows and
+# against 35.6; whole decode steps 1.2-1.4% faster at 16-64 x 1024 (0.8% at 8). Llama-3-8B's qkv and o at 64 rows and
 # Qwen3-30B-A3B's qkv from 17 rows stay on cuBLAS, which was faster there.
 DECODE_GEMM_DEVICE_CONFIGS: dict[str, tuple[tuple[int, int, int, DecodeGemmConfig | None], ...]] = {
     "H200": (
@@ -193,8 +193,10 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     rows, k = x.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or rows > MAX_ROWS:
-        raise ValueError(f"decode_gemm: x [{rows}, {k}] and weight {tuple(weight.shape)} (at most {MAX_ROWS} rows)")
+    if weight.shape[1] != k:
+        raise ValueError(f"decode_gemm: x has {k} columns for a weight {tuple(weight.shape)}")
+    if rows > MAX_ROWS:
+        raise ValueError(f"decode_gemm: x has {rows} rows; it takes at most {MAX_ROWS} rows")
     if x.stride(1) != 1:
         x = x.contiguous()
     if config is None:
