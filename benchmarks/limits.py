@@ -63,6 +63,20 @@ def graph_call_ms(fn: Callable[[int], Any], calls: int) -> float:
     return time_ms(graph.replay, warmup=2, repeat=10) / calls
 
 
+def launch_checks(fn: Callable[[], torch.Tensor], want: torch.Tensor, label: str) -> bool:
+    """A sweep's launch before it is timed: False (and a line saying why) when it does not run on this GPU (past the
+    SM's shared memory), else asserts fn()'s result within 1e-2 relative error of `want` (float32) and returns True."""
+    try:
+        got = fn().float()
+        torch.cuda.synchronize()
+    except Exception as exc:  # a launch past the SM's shared memory
+        print(f"{label}: {type(exc).__name__}", flush=True)
+        return False
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < 1e-2, (label, err)
+    return True
+
+
 def untuned_fp8_gemv() -> None:
     """The block-FP8 GEMV as before its per-shape launches and the fold rule: GEMV_CONFIG for every weight, scales
     never folded into x (`kernels.gemv_launch` replaced), for A/B runs in one call (decode_grid.py, moe_speed.py

@@ -15,36 +15,14 @@ from pdlaunch.model import decode_gemm as decode_gemm_module
 from pdlaunch.model import layers
 from pdlaunch.model.decode_gemm import config_for, decode_gemm, decode_gemm_available
 from pdlaunch.model.split_counters import leftover
-from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
-from tests.model.test_fused_ops import _interpreter_rounds_bf16_to_nearest_even
+from tests.model.interpreter import run_interpreter_child
+from tests.model.kernel_cases import close_to, kernel_device  # noqa: F401 (the `device` fixture)
 
 # (rows, N, K): rows and columns that fill no tile, K past one loop iteration and not a multiple of BLOCK_K.
 SHAPES = [(2, 48, 64), (3, 40, 96), (17, 72, 256), (64, 64, 160)]
-# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP): one range, and K split in two and four (the last ranges short or
-# empty), x W^T and W x^T
+# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP): one range, and K split in two and four (the last range short),
+# x W^T and W x^T
 LAUNCHES = [(32, 32, 1, 4, 2, 0), (16, 32, 2, 4, 3, 0), (32, 32, 4, 4, 2, 1), (64, 32, 1, 4, 3, 1)]
-
-
-@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "interpret"])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    pytest.importorskip("triton")
-    if request.param == "interpret":
-        if not INTERPRET_AT_START:
-            pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
-        _interpreter_rounds_bf16_to_nearest_even(monkeypatch)
-        return "cpu"
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    return "cuda"
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype
-    if want.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:
-        ulp = 2.0 ** -7 if want.dtype == torch.bfloat16 else 2.0 ** -10
-        torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=2 * ulp * want.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -62,7 +40,7 @@ def test_the_kernel_equals_f_linear(device: str, dtype: torch.dtype, launch: tup
     got = decode_gemm(x, weight, b, config=launch)  # type: ignore[arg-type]
     # float32 in float64: the reference is the exact product, rounded once
     want = F.linear(x.double(), weight.double(), None if b is None else b.double()).to(dtype)
-    _close(got, want)
+    close_to(got, want)
     assert not leftover(torch.device(device)), "a split's counter was left non-zero"
 
 
@@ -72,7 +50,7 @@ def test_rows_apart_in_a_wider_buffer_are_read_where_they_are(device: str) -> No
     wide = torch.randn(5, 96, dtype=torch.float32, device=device)
     x = wide[:, :64]
     weight = torch.randn(40, 64, dtype=torch.float32, device=device) * 0.1
-    _close(decode_gemm(x, weight, config=LAUNCHES[1]), F.linear(x.double(), weight.double()).float())
+    close_to(decode_gemm(x, weight, config=LAUNCHES[1]), F.linear(x.double(), weight.double()).float())
 
 
 @pytest.mark.slow
@@ -168,5 +146,5 @@ def test_every_launch_in_the_device_table_equals_f_linear() -> None:
             if config_for(name, rows, n, k) != config:
                 continue  # an earlier entry covers this call
             assert decode_gemm_available(x, weight)
-            _close(decode_gemm(x, weight), F.linear(x, weight))
+            close_to(decode_gemm(x, weight), F.linear(x, weight))
     assert not leftover(torch.device("cuda"))

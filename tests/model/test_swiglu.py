@@ -15,35 +15,13 @@ import torch
 from pdlaunch.model import llama, swiglu
 from pdlaunch.model.llama import MLP
 from pdlaunch.model.swiglu import config_for, swiglu_available, swiglu_gemm, swiglu_reference
-from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
-from tests.model.test_fused_ops import _interpreter_rounds_bf16_to_nearest_even
+from tests.model.interpreter import run_interpreter_child
+from tests.model.kernel_cases import close_to, kernel_device  # noqa: F401 (the `device` fixture)
 
 # (rows, hidden K, intermediate I): rows and columns that fill no tile, and K past one loop iteration.
 SHAPES = [(2, 64, 48), (3, 96, 40), (17, 128, 72), (64, 160, 64)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 LAUNCHES = [(16, 32, 32, 4, 2), (64, 16, 64, 4, 3)]
-
-
-@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.gpu), "interpret"])
-def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    pytest.importorskip("triton")
-    if request.param == "interpret":
-        if not INTERPRET_AT_START:
-            pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
-        _interpreter_rounds_bf16_to_nearest_even(monkeypatch)
-        return "cpu"
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    return "cuda"
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype
-    if want.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    else:
-        ulp = 2.0 ** -7 if want.dtype == torch.bfloat16 else 2.0 ** -10
-        torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=2 * ulp * want.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -56,7 +34,7 @@ def test_the_kernel_equals_the_gemm_then_silu_and_mul(device: str, dtype: torch.
     torch.manual_seed(rows * 1000 + k)
     x = torch.randn(rows, k, dtype=dtype, device=device)
     weight = torch.randn(2 * inter, k, dtype=dtype, device=device) * k ** -0.5
-    _close(swiglu_gemm(x, weight, config=launch), swiglu_reference(x, weight))  # type: ignore[arg-type]
+    close_to(swiglu_gemm(x, weight, config=launch), swiglu_reference(x, weight))  # type: ignore[arg-type]
 
 
 def test_rows_apart_in_a_wider_buffer_are_read_where_they_are(device: str) -> None:
@@ -65,7 +43,7 @@ def test_rows_apart_in_a_wider_buffer_are_read_where_they_are(device: str) -> No
     wide = torch.randn(5, 96, dtype=torch.float32, device=device)
     x = wide[:, :64]
     weight = torch.randn(2 * 40, 64, dtype=torch.float32, device=device) * 0.1
-    _close(swiglu_gemm(x, weight, config=LAUNCHES[0]), swiglu_reference(x.contiguous(), weight))
+    close_to(swiglu_gemm(x, weight, config=LAUNCHES[0]), swiglu_reference(x.contiguous(), weight))
 
 
 @pytest.mark.slow
@@ -152,5 +130,5 @@ def test_every_launch_in_the_device_table_equals_the_two_launches() -> None:
                 assert not swiglu_available(x, weight)
                 continue
             assert swiglu_available(x, weight) and config_for(torch.cuda.get_device_name(), rows) == config
-            _close(swiglu_gemm(x, weight), swiglu_reference(x, weight))
+            close_to(swiglu_gemm(x, weight), swiglu_reference(x, weight))
         first = last + 1
