@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.prefetch import LINE_BYTES, PREFETCH_MAX_BYTES, l2_prefetch, prefetch_modes
 from pdlaunch.model.triton_decode import device_name, pdl_enabled, pdl_kwargs, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
@@ -61,9 +60,7 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, X_CHUNK: tl.constexpr,
-                    PREFETCH: tl.constexpr, PF: tl.constexpr, LANES: tl.constexpr, LINE: tl.constexpr,
-                    LAST: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, X_CHUNK: tl.constexpr):
         # PDL (triton_decode.pdl_enabled): the first BLOCK_K columns of the weight rows load while the kernel
         # before, which computes x, still runs; x is read after gdc_wait. X_CHUNK is x_chunk, handed over as a
         # constexpr because the kernels are built in this function.
@@ -73,9 +70,6 @@ def _kernels() -> SimpleNamespace:
         w = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
         k_ok = rk < K
         w_first = tl.load(w, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        if PREFETCH:  # the rest of the program's rows into L2 (model/prefetch.py), x not needed yet
-            row0 = tl.program_id(0) * BLOCK_N
-            PF(w_ptr + row0.to(tl.int64) * K, tl.minimum(BLOCK_N, N - row0) * K, LANES, LINE, LAST)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -123,13 +117,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     block_n, block_k, warps = config or config_for(device_name(weight.device.index or 0), n, k)
     pdl = pdl_enabled(x, x.shape[0])
-    prefetch = pdl and "gemv" in prefetch_modes() and weight.numel() * weight.element_size() <= PREFETCH_MAX_BYTES
     kernels = _kernels()
     kernels.gemv[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else out, out, n, k,
                                              HAS_BIAS=bias is not None, SILU_MUL=silu_mul, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, PDL=pdl, X_CHUNK=kernels.x_chunk,
-                                             PREFETCH=prefetch, PF=l2_prefetch() if prefetch else None,
-                                             LANES=32 * warps, LINE=LINE_BYTES // weight.element_size(),
-                                             LAST=prefetch and "last" in prefetch_modes(), num_warps=warps,
+                                             BLOCK_K=block_k, PDL=pdl, X_CHUNK=kernels.x_chunk, num_warps=warps,
                                              **pdl_kwargs(pdl))
     return out

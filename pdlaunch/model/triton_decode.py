@@ -30,7 +30,6 @@ from functools import lru_cache
 
 import torch
 
-from pdlaunch.model.prefetch import prefetch_modes
 from pdlaunch.model.split_counters import num_sms as _num_sms  # tests patch triton_decode._num_sms
 from pdlaunch.model.split_counters import split_counters
 
@@ -90,15 +89,13 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
-        PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr, EARLY_RELEASE: tl.constexpr,
+        PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
         # before attention writes those (paged_decode passes it only for a block table it need not copy).
         if PDL and not PRELOAD:
             tl.extra.cuda.gdc_wait()
-            if EARLY_RELEASE:
-                tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -126,8 +123,6 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             first_blocks = tl.load(table + kpos // BLOCK_SIZE, mask=(kpos <= qpos) & (kpos >= first),
                                    other=0).to(tl.int64)
             tl.extra.cuda.gdc_wait()
-            if EARLY_RELEASE:
-                tl.extra.cuda.gdc_launch_dependents()
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
         # An fp8 cache is read up to q's dtype (exact for e4m3; V below); its k scale is folded into
         # `scale` and its v scale applied to the accumulator (linear, so partials merge the same).
@@ -170,7 +165,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
             m = m_new
-        if (PDL or RELEASE) and not EARLY_RELEASE:
+        if PDL or RELEASE:
             # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
             # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us). RELEASE (pdl_release, a decode batch): this
             # kernel is not launched dependent, the projection after it (model/decode_gemm.py) is.
@@ -403,8 +398,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs),
-        EARLY_RELEASE=pdl and "attn" in prefetch_modes(), num_warps=launch.num_warps,
+        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -210,8 +210,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                   "SHORT_TILES": launch.short_tiles, "PRECISION": "tf32",
                   "DOT_FP32": False, "GROUP_P2": 4,
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * 128)),
-                  "V_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1,
-                  "RELEASE": False, "EARLY_RELEASE": False}
+                  "V_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}

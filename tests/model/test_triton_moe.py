@@ -233,8 +233,6 @@ def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, 
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32",
                       "HAS_SCALE": has_scale, "SCALE_BLOCK": SCALE_BLOCK, "A_FP8": a_fp8, "SWAP_AB": swap_ab,
                       "MMA": kernels.mma, "PDL": False, "DIRECT": swap_ab, "BLOCK_ROWS": kernels.block_rows}
-        constexprs.update({"EARLY_RELEASE": False} if kernel is kernels.up else
-                          {"PREFETCH": False, "PF": None, "LANES": 128, "LINE": 64, "LAST": False})
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})

@@ -39,7 +39,6 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
-from pdlaunch.model.prefetch import LINE_BYTES, l2_prefetch, prefetch_modes
 from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
@@ -92,11 +91,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                       A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
-                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, EARLY_RELEASE: tl.constexpr):
+                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
-            if EARLY_RELEASE:  # model/prefetch.py: the down GEMM's programs prefetch its tiles meanwhile
-                tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
         if e < 0:
@@ -150,23 +147,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                         A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
-                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, PREFETCH: tl.constexpr, PF: tl.constexpr,
-                        LANES: tl.constexpr, LINE: tl.constexpr, LAST: tl.constexpr):
+                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+            tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
-        if PREFETCH:
-            # The layout (or the routed ids) comes from kernels before the up GEMM, which has waited for them: read
-            # before this kernel's wait, and the block's weight rows asked into L2 (model/prefetch.py).
-            e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M,
-                                 DIRECT)
-            if e >= 0:
-                n0 = tl.program_id(1) * BLOCK_N
-                PF(w_ptr + e * sw_e + n0 * sw_n, tl.minimum(BLOCK_N, N - n0) * sw_n, LANES, LINE, LAST)
-            tl.extra.cuda.gdc_wait()
-        else:
-            if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
-                tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
-            e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M,
-                                 DIRECT)
+        e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
         if e < 0:
             return
         dtype = out_ptr.dtype.element_ty
@@ -362,7 +347,6 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     layout = dict(expert_start=expert_start, num_local=num_local, DIRECT=direct)
     k = _kernels(interpret_mode())
     pdl = pdl_enabled(x, num_tokens)
-    prefetch_down = pdl and "moe" in prefetch_modes()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
     a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
@@ -372,7 +356,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         act.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
         SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows,
-        PDL=pdl, EARLY_RELEASE=prefetch_down and not a_fp8, **pdl_kwargs(pdl), num_warps=tile.num_warps,
+        PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
     out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
@@ -384,9 +368,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
         SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows,
-        PDL=pdl, PREFETCH=prefetch_down, PF=l2_prefetch() if prefetch_down else None, LANES=32 * tile.num_warps,
-        LINE=LINE_BYTES // w2.element_size(), LAST=prefetch_down and "last" in prefetch_modes(),
-        **pdl_kwargs(pdl), num_warps=tile.num_warps, num_stages=tile.num_stages)
+        PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
+        num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     rows_per_token = out.view(num_tokens, top_k, hidden)
     return rows_per_token.sum(dim=1) if summed else rows_per_token
