@@ -1,6 +1,6 @@
-"""A decode batch's projections at 2-64 rows: cuBLAS (F.linear) against the dependent-launched Triton GEMM.
+"""A decode batch's projections at 2-128 rows: cuBLAS (F.linear) against the dependent-launched Triton GEMM.
 
-    python benchmarks/decode_gemm_speed.py [--rows 16 32 64] [--shapes qkv o down ...] [--json OUT]
+    python benchmarks/decode_gemm_speed.py [--rows 16 32 64] [--shapes qkv o down ...] [--deep] [--json OUT]
                                            [--compile-only --part I/N]
 
 For each row count and projection shape (bf16), every launch of the sweep (BLOCK_N, BLOCK_K, warps and stages from
@@ -37,6 +37,11 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "down": (4096, 14336), "gate_u
 # operands only from 64 weight rows (the MMA's M side).
 CONFIGS = [(bn, bk, w, s, swap) for bn, bk, (w, s), swap
            in itertools.product((32, 64, 128), (128, 256), ((4, 4), (4, 6), (8, 4)), (0, 1)) if bn >= 64 or not swap]
+# --deep: shorter k tiles in deeper pipelines (the second sweep's best launches all sat at its deepest, 6 stages),
+# for 64 and 128 rows, where x's tile is as large as the weight's.
+DEEP_CONFIGS = [(bn, bk, w, s, swap) for bn, bk, (w, s), swap
+                in itertools.product((32, 64, 128), (64, 128), ((4, 6), (4, 8), (8, 6)), (0, 1))
+                if bn >= 64 or not swap]
 
 
 def splits(n: int, k: int, block_n: int, block_k: int, sms: int) -> list[int]:
@@ -53,9 +58,9 @@ def splits(n: int, k: int, block_n: int, block_k: int, sms: int) -> list[int]:
     return found
 
 
-def launches(n: int, k: int, rows: int, sms: int) -> list[DecodeGemmConfig]:
+def launches(n: int, k: int, rows: int, sms: int, deep: bool = False) -> list[DecodeGemmConfig]:
     out = []
-    for bn, bk, warps, stages, swap in CONFIGS:
+    for bn, bk, warps, stages, swap in DEEP_CONFIGS if deep else CONFIGS:
         if warps == 8 and block_m(rows) < 32 and not swap:
             continue
         out += [(bn, bk, split, warps, stages, swap) for split in splits(n, k, bn, bk, sms)]
@@ -63,7 +68,7 @@ def launches(n: int, k: int, rows: int, sms: int) -> list[DecodeGemmConfig]:
 
 
 def time_rows(shape: str, m: int, weights: list[torch.Tensor], floor_us: float, sms: int,
-              part: tuple[int, int] | None) -> dict[str, Any]:
+              part: tuple[int, int] | None, deep: bool = False) -> dict[str, Any]:
     n, k = weights[0].shape
     copies = len(weights)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -71,7 +76,7 @@ def time_rows(shape: str, m: int, weights: list[torch.Tensor], floor_us: float, 
     row: dict[str, Any] = {"shape": shape, "n": n, "k": k, "rows": m, "floor_us": floor_us, "triton": {}}
     if part is None:
         row["cublas_us"] = round(graph_call_ms(lambda i: F.linear(x, weights[i % copies]), 20) * 1e3, 2)
-    for index, launch in enumerate(launches(n, k, m, sms)):
+    for index, launch in enumerate(launches(n, k, m, sms, deep)):
         if part is not None and index % part[1] != part[0]:
             continue
         if not launch_checks(lambda c=launch: decode_gemm(x, weights[0], config=c), want, f"{shape} rows {m} {launch}"):
@@ -91,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--shapes", nargs="+", default=["qkv", "o", "down"], choices=sorted(SHAPES))
+    parser.add_argument("--deep", action="store_true", help="sweep DEEP_CONFIGS instead of CONFIGS")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--part", default="0/1", help="I/N: this run's share of the launches (--compile-only)")
     parser.add_argument("--json", type=Path)
@@ -107,8 +113,8 @@ def main() -> None:
         nbytes = n * k * 2
         copies = 1 if part is not None else max(2, -(-(256 << 20) // nbytes))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        doc["rows"] += [time_rows(shape, m, weights, round(nbytes / bw * 1e6, 2), sms, part)  # type: ignore[arg-type]
-                        for m in args.rows]
+        doc["rows"] += [time_rows(shape, m, weights, round(nbytes / bw * 1e6, 2), sms, part,  # type: ignore[arg-type]
+                                  args.deep) for m in args.rows]
         del weights
         torch.cuda.empty_cache()
     if args.json and part is None:

@@ -309,9 +309,11 @@ def main() -> None:
     parser.add_argument("--decode-gemm-table", type=Path,
                         help="a decode_gemm_speed.py JSON: its fastest launches as the decode-GEMM table "
                              "(limits.decode_gemm_table), for an A/B before a table is committed")
+    parser.add_argument("--merge-table", action="store_true",
+                        help="keep the committed table's entries for shapes and rows the sweep did not time")
     args = parser.parse_args()
     if args.decode_gemm_table:
-        print("decode-GEMM table:", decode_gemm_table(args.decode_gemm_table), flush=True)
+        print("decode-GEMM table:", decode_gemm_table(args.decode_gemm_table, merge=args.merge_table), flush=True)
     if args.no_gemv_fold:
         untuned_fp8_gemv()
     argmax_variant(args.argmax)

@@ -121,22 +121,28 @@ def bf16_logits() -> None:
     ParallelLMHead._float32_logits = product_then_float  # type: ignore[method-assign]
 
 
-def decode_gemm_table(sweep_json: Path, margin: float = 0.0) -> dict[str, Any]:
+def decode_gemm_table(sweep_json: Path, margin: float = 0.0, merge: bool = False) -> dict[str, Any]:
     """Install, for this process, a decode-GEMM table (model/decode_gemm.py DECODE_GEMM_DEVICE_CONFIGS) made from a
     benchmarks/decode_gemm_speed.py run: per swept shape and row count, its fastest launch where that beat cuBLAS by
     more than `margin` (a fraction), else cuBLAS; for A/B runs before a table is committed (decode_grid.py
     --decode-gemm-table). Entries are ordered by rows, then N, then K, so each swept shape takes its own; other
-    shapes take the first entry that covers them. Returns the table."""
+    shapes take the first entry that covers them. `merge`: the committed table's entries for this device stay,
+    except those the sweep has (the same rows and shape). Returns the table."""
     import pdlaunch.model.decode_gemm as decode_gemm
 
     doc = json.loads(sweep_json.read_text())
+    device = doc["device"].replace("NVIDIA ", "")
     entries = []
     for row in doc["rows"]:
         config = None
         if row.get("best_us") is not None and row["best_us"] < row["cublas_us"] * (1 - margin):
             config = tuple(int(v) for v in row["best"].strip("()").split(","))
         entries.append((row["rows"], row["n"], row["k"], config))
-    table = {doc["device"].replace("NVIDIA ", ""): tuple(sorted(entries, key=lambda e: e[:3]))}
+    if merge:
+        swept = {entry[:3] for entry in entries}
+        committed = next((t for key, t in decode_gemm.DECODE_GEMM_DEVICE_CONFIGS.items() if key in device), ())
+        entries += [entry for entry in committed if entry[:3] not in swept]
+    table = {device: tuple(sorted(entries, key=lambda e: e[:3]))}
     decode_gemm.DECODE_GEMM_DEVICE_CONFIGS = table  # type: ignore[assignment]
     return table
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pdlaunch.model import decode_gemm as decode_gemm_module
 from pdlaunch.model import layers
-from pdlaunch.model.decode_gemm import config_for, decode_gemm, decode_gemm_available
+from pdlaunch.model.decode_gemm import MAX_ROWS, config_for, decode_gemm, decode_gemm_available
 from pdlaunch.model.split_counters import leftover
 from tests.model.interpreter import run_interpreter_child
 from tests.model.kernel_cases import close_to, kernel_device  # noqa: F401 (the `device` fixture)
@@ -59,8 +59,8 @@ def test_interpreter_cases_in_a_subprocess() -> None:
 
 
 def test_a_call_past_the_rows_or_with_mismatched_columns_is_refused() -> None:
-    with pytest.raises(ValueError, match="at most 64 rows"):
-        decode_gemm(torch.zeros(65, 64), torch.zeros(32, 64), config=LAUNCHES[0])
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        decode_gemm(torch.zeros(MAX_ROWS + 1, 64), torch.zeros(32, 64), config=LAUNCHES[0])
     with pytest.raises(ValueError, match="64 columns for a weight"):
         decode_gemm(torch.zeros(4, 64), torch.zeros(32, 48), config=LAUNCHES[0])
     with pytest.raises(ValueError, match="no launch"):
@@ -81,10 +81,11 @@ def test_cpu_tensors_one_row_many_rows_and_the_switch_take_f_linear(monkeypatch:
     weight = torch.zeros(80, 64)
     assert not decode_gemm_available(torch.zeros(4, 64), weight)
     if torch.cuda.is_available():
-        monkeypatch.setattr(decode_gemm_module, "DECODE_GEMM_DEVICE_CONFIGS", {"": ((64, 1 << 20, 1 << 20,
+        monkeypatch.setattr(decode_gemm_module, "DECODE_GEMM_DEVICE_CONFIGS", {"": ((1 << 20, 1 << 20, 1 << 20,
                                                                                      LAUNCHES[1]),)})
-        x, w = torch.zeros(65, 64, device="cuda", dtype=torch.bfloat16), weight.to("cuda", torch.bfloat16)
-        assert decode_gemm_available(x[:4], w) and decode_gemm_available(x[:64], w)
+        x = torch.zeros(MAX_ROWS + 1, 64, device="cuda", dtype=torch.bfloat16)
+        w = weight.to("cuda", torch.bfloat16)
+        assert decode_gemm_available(x[:4], w) and decode_gemm_available(x[:MAX_ROWS], w)
         assert not decode_gemm_available(x[:1], w) and not decode_gemm_available(x, w)
         assert not decode_gemm_available(x[:4].float(), w)
         monkeypatch.setenv("PDLAUNCH_DECODE_GEMM", "cublas")
