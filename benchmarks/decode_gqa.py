@@ -4,7 +4,7 @@ every launch configuration of decode_sweep.py, at the given cells, against the c
 run.
 
     python benchmarks/decode_gqa.py [--cells 64x1024 1x1024] [--kv-heads 4] [--kv-cache-dtype fp8] [--sweep]
-                                    [--launches 128x64x4x2x128 ...] [--swapped] [--json OUT]
+                                    [--launches 128x64x4x2x128 ...] [--json OUT]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,8 +39,6 @@ def main() -> None:
                         help="also time these launches at every cell, e.g. 128x2x4x2 (splits beyond the one-wave "
                              "rule) or 128x64x4x2x128 (ranges of 128 tokens or more at every context; default "
                              "MIN_SPLIT_TOKENS)")
-    parser.add_argument("--swapped", action="store_true",
-                        help="also the chosen launch with its products transposed (DecodeLaunch.swapped), 4, 8 warps")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     kv_heads = args.kv_heads
@@ -66,14 +63,10 @@ def main() -> None:
                "of_copy": gbps * 1e9 / copy}
         print(json.dumps(row), flush=True)
         doc["chosen"].append(row)
-        others = []
         for spec in args.launches:
             tile, splits, warps, stages, *rest = (int(v) for v in spec.split("x"))
             min_tokens = rest[0] if rest else MIN_SPLIT_TOKENS
-            others.append(DecodeLaunch(tile, splits, max(1, min_tokens // tile), warps, stages))
-        if args.swapped:
-            others += [replace(launch, swapped=True), replace(launch, swapped=True, num_warps=8)]
-        for other in others:
+            other = DecodeLaunch(tile, splits, max(1, min_tokens // tile), warps, stages)
             ms = bench.time(paged_decode, batch, context, launch=other)
             gbps = bench.kv_bytes(batch, context) / ms / 1e6
             row = {"batch": batch, "context": context, "launch": other.__dict__, "us": ms * 1e3, "gbps": gbps,

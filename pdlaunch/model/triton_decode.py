@@ -89,7 +89,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
-        PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr, SWAPPED: tl.constexpr,
+        PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -131,14 +131,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
-        # SWAPPED: the products transposed, the tile's tokens the MMA's M side ([TILE, G] scores, [D, G] values),
-        # so 64+ tokens take Hopper's warpgroup MMA instead of 16-row mma.sync over a GQA group padded to 16.
-        if SWAPPED:
-            qt = tl.trans(q)  # [D, G]
-            acc = tl.zeros([HEAD_PAD, GROUP_PAD], tl.float32)
-        else:
-            qt = q
-            acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
         head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
         for t in range(start, stop):
             kpos = t * TILE + offs
@@ -151,20 +144,12 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
             kv_mask = valid[:, None] & d_ok[None, :]
             k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
-            if SWAPPED:
-                p = tl.dot(k, qt, input_precision=PRECISION) * scale  # [TILE, G]
-                p = tl.where(valid[:, None], p, float("-inf"))
-                m_new = tl.maximum(m, tl.max(p, axis=0))
-                p = tl.exp(p - m_new[None, :])
-                alpha = tl.exp(m - m_new)
-                denom = denom * alpha + tl.sum(p, axis=0)
-            else:
-                s = tl.dot(qt, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                p = tl.exp(s - m_new[:, None])
-                alpha = tl.exp(m - m_new)
-                denom = denom * alpha + tl.sum(p, axis=1)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            denom = denom * alpha + tl.sum(p, axis=1)
             v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0)
             if V_F16:
                 # An fp8 V tile, the transposed operand of this product, widened to float16 by an asm
@@ -176,17 +161,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                     "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
                     "cvt.rn.f16x2.e4m3x2 $1, hi; }",
                     "=r,=r,r", [v.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
-                if SWAPPED:
-                    acc = acc * alpha[None, :] + tl.dot(tl.trans(v16), p.to(tl.float16))
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
-            elif SWAPPED:
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(v.to(dtype)), p.to(dtype), input_precision=PRECISION)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
             m = m_new
-        if SWAPPED:
-            acc = tl.trans(acc)  # [G, D]
         if PDL or RELEASE:
             # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
             # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us). RELEASE (pdl_release, a decode batch): this
@@ -265,7 +243,6 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     short_tiles: int = 0
-    swapped: bool = False
 
 
 @lru_cache(maxsize=8)
@@ -421,8 +398,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs),
-        SWAPPED=launch.swapped or os.environ.get("PDLAUNCH_DECODE_SWAPPED", "0") == "1", num_warps=launch.num_warps,
+        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out

@@ -100,12 +100,6 @@ CASES = {  # id: (dtype, seq_lens, block_size, kv heads, group, head_dim, window
     "b8-g2-short-context-ranges": (torch.float32, [40, 100, 5], 8, 2, 2, 16, None, DecodeLaunch(16, 8, 4, 4, 2, 4)),
     # 63 active ranges of 8 heads x 128: the merging program takes them 8 at a time (MERGE_ELEMENTS)
     "b16-g8-d128-chunked-merge": (torch.float32, [3000, 40], 16, 1, 8, 128, None, DecodeLaunch(16, 64, 3, 4, 2)),
-    # the products transposed (the tile's tokens the MMA's M side), with splits, a window and short ranges
-    "b16-g4-swapped": (torch.float32, [1, 37, 300], 16, 2, 4, 64, None, DecodeLaunch(32, 4, 1, 4, 2, swapped=True)),
-    "b8-g1-window-splits-swapped": (torch.bfloat16, [9, 150, 200], 8, 2, 1, 16, 20,
-                                    DecodeLaunch(16, 4, 1, 4, 2, swapped=True)),
-    "b16-g8-d128-short-ranges-swapped": (torch.float32, [40, 700, 5], 16, 1, 8, 128, None,
-                                         DecodeLaunch(64, 8, 4, 4, 2, 4, swapped=True)),
 }
 
 
