@@ -52,9 +52,41 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool) -> SimpleNamespace:
-    """The kernel (`gemm`), built per interpret mode (Triton reads TRITON_INTERPRET when it decorates)."""
+    """The kernel (`gemm`) and the epilogue of a GEMM split over K (`split_store`, also quant/kernels.py's block-FP8
+    split GEMM's), built per interpret mode (Triton reads TRITON_INTERPRET when it decorates)."""
     import triton
     import triton.language as tl
+
+    # Handed to the kernels as STORE (a constexpr; model/fused_ops.py says why): writes the [BLOCK_M, BLOCK_N]
+    # float32 `acc` of rows rm and columns rn (+ the bias) to y, rounded once. With SPLIT_K ranges each stores its
+    # partial [SPLIT_K, BLOCK_M, N], and the last range of its N tile to finish adds them in range order
+    # (deterministic), then resets the tile's counter (model/split_counters.py).
+    @triton.jit
+    def split_store(acc, y_ptr, b_ptr, part_ptr, count_ptr, rm, rn, M, N, pid_n, split, BLOCK_M: tl.constexpr,
+                    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+        n_ok = rn < N
+        out_mask = (rm < M)[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tile = (rm[:, None] * N + rn[None, :]).to(tl.int64)
+            plane = BLOCK_M * N
+            tl.store(part_ptr + split * plane + tile, acc, mask=out_mask)
+            # Every warp's partial is stored before the count (the barrier); the count releases them to the
+            # program that adds them (acq_rel at GPU scope), which reads them past L1 (.cg).
+            tl.debug_barrier()
+            counter = count_ptr + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros_like(acc)
+                for s in range(SPLIT_K):
+                    total += tl.load(part_ptr + s * plane + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+                tl.store(y, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
     # A batch's row count is not specialized on (divisible by 16 or not): one compiled variant per BLOCK_M serves
     # every row count the start-up warm-up's prompts of 2, 4 ... 64 tokens reach, so none compiles while serving.
@@ -62,10 +94,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     def decode_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, sx_m, k_per_split,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            SPLIT_K: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr, STORE: tl.constexpr):
         # x [M, K] (rows sx_m apart), w [N, K] contiguous, y [M, N] contiguous; grid (cdiv(N, BLOCK_N), SPLIT_K),
         # M <= BLOCK_M. Range `split` covers K columns [split * k_per_split, min(K, (split + 1) * k_per_split)).
-        # EVEN_K: K and k_per_split are multiples of BLOCK_K (no column masks).
+        # EVEN_K: K and k_per_split are multiples of BLOCK_K (no column masks). STORE: split_store.
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
@@ -135,30 +167,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             tl.extra.cuda.gdc_launch_dependents()
         if SWAP:
             acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-        out_mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tile = (rm[:, None] * N + rn[None, :]).to(tl.int64)
-            plane = BLOCK_M * N
-            tl.store(part_ptr + split * plane + tile, acc, mask=out_mask)
-            # Every warp's partial is stored before the count (the barrier); the count releases them to the
-            # program that adds them (acq_rel at GPU scope), which reads them past L1 (.cg).
-            tl.debug_barrier()
-            counter = count_ptr + pid_n
-            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    total += tl.load(part_ptr + s * plane + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                tl.store(y, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
+        STORE(acc, y_ptr, b_ptr, part_ptr, count_ptr, rm, rn, M, N, pid_n, split, BLOCK_M, SPLIT_K, HAS_BIAS)
 
-    return SimpleNamespace(gemm=decode_gemm_kernel)
+    return SimpleNamespace(gemm=decode_gemm_kernel, split_store=split_store)
 
 
 def block_m(rows: int) -> int:
@@ -218,9 +229,10 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     interpret = interpret_mode()
     # Launched dependent wherever the kernel before may release it early (a decode batch on sm_90+).
     pdl = pdl_release(x, rows)
-    _kernels(interpret).gemm[(tiles, split)](
+    kernels = _kernels(interpret)
+    kernels.gemm[(tiles, split)](
         x, weight, bias if bias is not None else out, out, part, counters, rows, n, k, x.stride(0), k_per_split,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SWAP=bool(swap),
         EVEN_K=k % block_k == 0 and k_per_split % block_k == 0, HAS_BIAS=bias is not None, DOT_F32=interpret,
-        PDL=pdl, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
+        PDL=pdl, STORE=kernels.split_store, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
     return out

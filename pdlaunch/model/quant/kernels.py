@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
-from pdlaunch.model.triton_decode import device_name, pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
 _INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
@@ -153,14 +153,14 @@ def _kernels() -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M"])
     def block_gemm_split_kernel(x_ptr, xs_ptr, w_ptr, y_ptr, ws_ptr, part_ptr, count_ptr, M, N, K, stride_x,
                                 stride_ws, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                                SPLIT_K: tl.constexpr, PDL: tl.constexpr, STORE: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         # Few rows: one program per (BLOCK_N weight rows, K range), so that a decode batch's GEMM has enough
         # programs to stream the weight at the copy rate; x is fp8 with a scale per row and 128-column block (xs),
         # each block's fp8 x fp8 product scaled and added in float32. With SPLIT_K ranges each writes its float32
         # partial and the last one of its N tile to finish adds them up in range order (deterministic), then
-        # resets the tile's counter.
+        # resets the tile's counter (STORE: model/decode_gemm.py's split_store).
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rm = tl.arange(0, BLOCK_M)
@@ -184,24 +184,7 @@ def _kernels() -> SimpleNamespace:
             x += 128
             w += 128
             w_scale += 1
-        y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-        out_mask = m_ok[:, None] & n_ok[None, :]
-        if SPLIT_K == 1:
-            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tile = (rm[:, None] * N + rn[None, :]).to(tl.int64)
-            plane = BLOCK_M * N
-            tl.store(part_ptr + split * plane + tile, acc, mask=out_mask)
-            # Every warp's partial is stored before the count (the barrier); the count releases them to the
-            # program that adds them (acq_rel at GPU scope), which reads them past L1 (.cg).
-            tl.debug_barrier()
-            counter = count_ptr + pid_n
-            if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    total += tl.load(part_ptr + s * plane + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-                tl.store(y, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
+        STORE(acc, y_ptr, y_ptr, part_ptr, count_ptr, rm, rn, M, N, pid_n, split, BLOCK_M, SPLIT_K, False)
 
     return SimpleNamespace(quant_rows=quant_rows_kernel, block_gemm=block_gemm_kernel, block_gemv=block_gemv_kernel,
                            block_gemm_split=block_gemm_split_kernel)
@@ -339,7 +322,8 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     last range of each N tile adds in order."""
     import triton
 
-    from pdlaunch.model.split_counters import num_sms, split_counters  # layering: lazy, like the kernels
+    from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels  # layering: lazy, like the kernels
+    from pdlaunch.model.split_counters import num_sms, split_counters
 
     m, k = x.shape
     x, xs = quantize_rows(x, GROUP)
@@ -359,7 +343,9 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     pdl = pdl_enabled(x, m)
     _kernels().block_gemm_split[(tiles, split)](x, xs, weight, out, weight_scale, part, counters, m, n, k,
                                                 x.stride(0), weight_scale.stride(0), k_per_split, BLOCK_M=block_m,
-                                                BLOCK_N=block_n, SPLIT_K=split, PDL=pdl, **pdl_kwargs(pdl),
+                                                BLOCK_N=block_n, SPLIT_K=split, PDL=pdl,
+                                                STORE=decode_gemm_kernels(interpret_mode()).split_store,
+                                                **pdl_kwargs(pdl),
                                                 num_warps=warps, num_stages=stages)
     return out
 
