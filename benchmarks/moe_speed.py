@@ -54,7 +54,7 @@ from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
 from pdlaunch.model.loader import Checkpoint, _materialize, fp8_experts, meta_model  # noqa: E402
-from pdlaunch.model.moe.block import route_tokens  # noqa: E402
+from pdlaunch.model.moe.block import route  # noqa: E402
 
 WARMUP_STEPS = 4
 FP8_EXPERTS = False  # --fp8-experts: the drawn experts become 128x128-block fp8 as an FP8 checkpoint's do
@@ -81,9 +81,8 @@ class RouteCounter:
         self.hits = torch.zeros(layers, experts, dtype=torch.int32, device=device)
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        weights, ids = route_tokens(x, weight, top_k, renormalize)
+    def __call__(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        weights, ids = route(logits, top_k, renormalize)
         self.hits[self.calls % self.hits.shape[0]].index_fill_(0, ids.reshape(-1), 1)
         self.calls += 1
         return weights, ids
@@ -165,18 +164,19 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     if "rotary" in names:
         llama.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
     if "router" in names:
-        def routing(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def routing(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             t = torch.arange(n, device=device)[:, None]
             ids = (t + torch.arange(top_k, device=device)[None, :] * (num_experts // top_k)) % num_experts
-            return torch.full((n, top_k), 1.0 / top_k, device=device), ids
+            weights = torch.full((n, top_k), 1.0 / top_k, device=device)
+            return weights, ids, torch.zeros(n, num_experts, dtype=dtype, device=device)
 
         table = routing(max_tokens)
 
-        def fixed(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:  # larger: eager steps only
-            n = x.shape[0]
-            return (table[0][:n], table[1][:n]) if n <= max_tokens else routing(n)
+        def fixed(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # larger: eager steps only
+            return (table[0][:n], table[1][:n], table[2][:n]) if n <= max_tokens else routing(n)
 
-        moe_block.route_tokens = fixed  # type: ignore[assignment]
+        moe_block.router_logits = lambda x, weight: fixed(x.shape[0])[2]  # type: ignore[assignment]
+        moe_block.route = lambda lg, k, renormalize: fixed(lg.shape[0])[:2]  # type: ignore[assignment]
     if "experts" in names:
         rows = torch.zeros(max_tokens, top_k, hidden, dtype=dtype, device=device)
         sums = torch.zeros(max_tokens, hidden, dtype=dtype, device=device)
@@ -207,8 +207,8 @@ def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
     runner = engine.runner
     graphs, mixed = runner.graphs, runner.mixed
     runner.graphs = runner.mixed = None
-    router = moe_block.route_tokens
-    moe_block.route_tokens = counter  # type: ignore[assignment]
+    router = moe_block.route
+    moe_block.route = counter  # type: ignore[assignment]
     counter.hits.zero_()
     counter.calls = 0
     try:
@@ -220,7 +220,7 @@ def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
             torch.cuda.synchronize(counter.hits.device)
     finally:
         runner.graphs, runner.mixed = graphs, mixed
-        moe_block.route_tokens = router
+        moe_block.route = router
     if counter.calls != counter.hits.shape[0]:
         raise SystemExit(f"the counting step routed {counter.calls} times, not once per MoE layer "
                          f"({counter.hits.shape[0]})")

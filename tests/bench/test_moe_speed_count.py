@@ -16,7 +16,7 @@ import pdlaunch.model.moe.block as moe_block
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.model.moe.router import route_tokens
+from pdlaunch.model.moe.router import route
 from tests.helpers.benchmark_scripts import BENCHMARKS, load_benchmark
 
 
@@ -40,21 +40,20 @@ def test_count_routed_counts_one_eager_step_and_puts_the_router_back(
             engine.step()
         seen: list[set[int]] = []
 
-        def watching(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-            weights, ids = route_tokens(x, weight, top_k, renormalize)
+        def watching(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            weights, ids = route(logits, top_k, renormalize)
             seen.append(set(ids.reshape(-1).tolist()))
             return weights, ids
 
-        before = moe_block.route_tokens
-        monkeypatch.setattr(moe_block, "route_tokens", before)  # undone after the test, whatever count_routed does
-        monkeypatch.setattr(moe_speed, "route_tokens", watching)  # the counter routes through it
+        before = moe_block.route
+        monkeypatch.setattr(moe_block, "route", before)  # undone after the test, whatever count_routed does
+        monkeypatch.setattr(moe_speed, "route", watching)  # the counter routes through it
         counter = moe_speed.RouteCounter(layers, arch.moe.num_experts, torch.device("cpu"))
         graphs, mixed = engine.runner.graphs, engine.runner.mixed
         counted = moe_speed.count_routed(engine, counter)
         assert counter.calls == layers == len(seen)
         assert counted == sum(len(s) for s in seen) > 0
-        assert moe_block.route_tokens is before and engine.runner.graphs is graphs and engine.runner.mixed is mixed
+        assert moe_block.route is before and engine.runner.graphs is graphs and engine.runner.mixed is mixed
     finally:
         engine.shutdown()
 
@@ -77,12 +76,11 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("an ablated kernel ran")
 
-    for module, name in [(attention, "paged_decode"), (llama, "rotary_write_kv"), (moe_block, "route_tokens"),
-                         (moe_experts, "fused_moe"), (layers, "fused_add_rms_norm")]:
+    for module, name in [(attention, "paged_decode"), (llama, "rotary_write_kv"), (moe_block, "router_logits"),
+                         (moe_block, "route"), (moe_experts, "fused_moe"), (layers, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     for module, name in [(fused_ops, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
-                         (moe_router, "router_logits"), (moe_router, "route_tokens"),
-                         (fused_ops, "fused_add_rms_norm")]:
+                         (moe_router, "router_logits"), (fused_ops, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, fail)  # a call path the ablation missed would reach these
     engine = LLMEngine(build_config(str(moe_ckpt("qwen3_moe")), "cpu", "float32",
                                     {"max_num_seqs": 4, "enable_prefix_caching": False}))
@@ -91,10 +89,10 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         assert arch.moe is not None
         moe_speed.ablate(["attention", "rotary", "router", "experts", "norms"], 8, arch.moe.top_k, arch.moe.num_experts,
                          arch.hidden_size, torch.float32, torch.device("cpu"))
-        weights, ids = moe_block.route_tokens(torch.zeros(3, arch.hidden_size), None, 2, True)
+        weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(3, arch.hidden_size), None), 2, True)
         assert ids.shape == (3, arch.moe.top_k) and all(len(set(row)) == arch.moe.top_k for row in ids.tolist())
         assert torch.allclose(weights.sum(-1), torch.ones(3))
-        weights, ids = moe_block.route_tokens(torch.zeros(11, arch.hidden_size), None, 2, True)
+        weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(11, arch.hidden_size), None), 2, True)
         assert ids.shape == (11, arch.moe.top_k)  # longer than the tables (warm-up steps): made anew
         rows = moe_experts.fused_moe(torch.zeros(11, arch.hidden_size), None, summed=False)
         assert rows.shape == (11, arch.moe.top_k, arch.hidden_size) and not rows.any()

@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.model import split_counters
 from pdlaunch.model.moe import router
-from pdlaunch.model.moe.router import ROUTER_GEMV_MAX_TOKENS, route, route_tokens, route_torch, router_logits
+from pdlaunch.model.moe.router import ROUTER_GEMV_MAX_TOKENS, route, route_torch, router_logits
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 
@@ -73,27 +72,6 @@ def test_router_product_matches_linear(device: str, monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(out.cpu().double(), want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("tokens,experts,hidden,top_k", [(1, 128, 2048, 8), (5, 60, 96, 4), (16, 8, 4096, 2),
-                                                        (3, 64, 5000, 6)])
-@pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_product_and_the_top_k_in_one_launch_equal_the_two(device: str, monkeypatch: pytest.MonkeyPatch,
-                                                               tokens: int, experts: int, hidden: int, top_k: int,
-                                                               renormalize: bool, dtype: torch.dtype) -> None:
-    """route_tokens's one launch (the last program of a token picks its experts from the logits the others
-    stored) gives route(router_logits(...))'s weights and ids bit for bit, and leaves its counters at zero."""
-    gen = torch.Generator().manual_seed(tokens * 11 + experts)
-    x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
-    w = (torch.randn(experts, hidden, generator=gen) * hidden**-0.5 * 3).to(dtype).to(device)
-    calls: list[str] = []
-    monkeypatch.setattr(router, "route", lambda *a: calls.append("route"))  # the one launch must not need it
-    weights, ids = route_tokens(x, w, top_k, renormalize)
-    monkeypatch.undo()
-    want_weights, want_ids = route(router_logits(x, w), top_k, renormalize)
-    assert calls == [] and not split_counters.leftover(x.device)
-    assert torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
-
-
 def test_router_product_above_the_gemv_batch_is_linear(device: str) -> None:
     x = torch.randn(ROUTER_GEMV_MAX_TOKENS + 1, 64, device=device)
     w = torch.randn(16, 64, device=device)
@@ -126,26 +104,6 @@ def test_router_replays_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None
     torch.testing.assert_close(weights, want_weights, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.gpu
-def test_one_launch_routing_replays_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
-    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
-    w = (torch.randn(128, 2048, device="cuda") * 0.05).to(torch.bfloat16)
-    route_tokens(x, w, 8, True)  # compile (and make the counters) outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        weights, ids = route_tokens(x, w, 8, True)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        want_weights, want_ids = route(router_logits(x, w), 8, True)
-        assert torch.equal(ids, want_ids) and torch.equal(weights, want_weights)
-    assert not split_counters.leftover(x.device)
-
-
 def test_cpu_without_the_interpreter_runs_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     if INTERPRET_AT_START:
         pytest.skip("the interpreter runs the kernel on CPU")
@@ -165,4 +123,4 @@ def test_cpu_without_the_interpreter_runs_torch(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret", "46 passed")
+    run_interpreter_child(__file__, "interpret", "30 passed")

@@ -168,7 +168,7 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
     # the router's top-k writes the ids the expert GEMMs read as their layout (no layout launch at one token).
     from pdlaunch.model.moe.fused import fused_moe
     from pdlaunch.model.moe.layout import TileConfig
-    from pdlaunch.model.moe.router import route_tokens
+    from pdlaunch.model.moe.router import route, router_logits
     from pdlaunch.model.triton_decode import paged_decode
 
     hq, hkv, dim = 8, 2, 128
@@ -177,7 +177,7 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
     q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0)
     attn = paged_decode(q, cache, 0, torch.zeros(1, dtype=torch.long, device=x.device), table, seq_len, None, 0.09)
     h, residual = fused_ops.fused_add_rms_norm(gemv(attn.view(1, -1), p["o"]), x, p["norm"], 1e-6)
-    weights, ids = route_tokens(h, p["router"], 8, True)
+    weights, ids = route(router_logits(h, p["router"]), 8, True)
     tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3)
     return fused_moe(h, p["w13"], p["w2"], weights, ids, tile=tile) + residual
 

@@ -20,7 +20,7 @@ from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.layers import MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
 from pdlaunch.model.moe.config import MoeArch
 from pdlaunch.model.moe.experts import FusedExperts
-from pdlaunch.model.moe.router import route_tokens
+from pdlaunch.model.moe.router import route, router_logits
 
 
 class Replicated(nn.Module):
@@ -65,7 +65,7 @@ class SparseMoeBlock(nn.Module):
         """x [T, H] -> [T, H], summed over the TP group. `summed` False: on one rank without a shared expert the
         result may be the [T, k, H] weighted expert rows whose sum over k it is (the decoder's next RMSNorm adds
         them in its own kernel, fused_ops.fused_add_rms_norm, which saves a launch a layer)."""
-        weights, ids = route_tokens(x, self.gate.weight, self.top_k, self.renormalize)
+        weights, ids = route(router_logits(x, self.gate.weight), self.top_k, self.renormalize)
         rows_ok = not summed and self.tp_size == 1 and self.shared_expert is None
         out: torch.Tensor = self.experts(x, weights, ids, summed=not rows_ok)
         if self.shared_expert is not None and self.shared_expert_gate is not None:

@@ -18,7 +18,6 @@ tensors (tests).
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from types import SimpleNamespace
 
@@ -46,18 +45,16 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    # Handed to the kernels as SELECT (a constexpr; model/fused_ops.py says why): one token's logits -> its
-    # TOP_K (weights, ids) in slots [K_PAD], best first, from the softmax over all experts.
     @triton.jit
-    def select_topk(logits_ptr, weights_ptr, ids_ptr, t, num_experts, stride_t, TOP_K: tl.constexpr,
-                    K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
-                    LIBDEVICE_EXP: tl.constexpr, FROM_L2: tl.constexpr):
+    def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_t,
+                            TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
+                            RENORMALIZE: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        t = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, E_PAD)
-        if FROM_L2:  # written by other programs of this launch: read past L1 (.cg)
-            x = tl.load(logits_ptr + t * stride_t + e, mask=e < num_experts, other=float("-inf"),
-                        cache_modifier=".cg").to(tl.float32)
-        else:
-            x = tl.load(logits_ptr + t * stride_t + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_ptr + t * stride_t + e, mask=e < num_experts, other=float("-inf")).to(tl.float32)
         shifted = x - tl.max(x, axis=0)
         if LIBDEVICE_EXP:  # torch's expf; tl.exp is ex2.approx (the interpreter has no libdevice)
             p = tl.extra.cuda.libdevice.exp(shifted)
@@ -80,26 +77,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         tl.store(ids_ptr + t * TOP_K + slot, ids, mask=slot < TOP_K)
 
     @triton.jit
-    def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_t,
-                            TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                            RENORMALIZE: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr,
-                            SELECT: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        SELECT(logits_ptr, weights_ptr, ids_ptr, tl.program_id(0).to(tl.int64), num_experts, stride_t, TOP_K, K_PAD,
-               E_PAD, RENORMALIZE, LIBDEVICE_EXP, False)
-
-    @triton.jit
-    def router_gemv_kernel(x_ptr, w_ptr, out_ptr, weights_ptr, ids_ptr, count_ptr, num_experts, hidden, stride_xt,
-                           stride_we, stride_ot, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
-                           TOPK: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
-                           RENORMALIZE: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, SELECT: tl.constexpr):
-        """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums, stored in
-        out's dtype. With PDL (triton_decode.pdl_enabled) the first BLOCK_H columns of the rows load before the
-        wait for the kernel before (the RMSNorm computing x): no kernel writes router weights. TOPK: the last
-        program of a token to store its logits (a counter per token, model/split_counters.py) also picks the
-        token's experts from them (SELECT), so no top-k launch follows."""
+    def router_gemv_kernel(x_ptr, w_ptr, out_ptr, num_experts, hidden, stride_xt, stride_we, stride_ot,
+                           BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+        """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums. With PDL
+        (triton_decode.pdl_enabled) the first BLOCK_H columns of the rows load before the wait for the kernel
+        before (the RMSNorm computing x): no kernel writes router weights."""
         t = tl.program_id(0).to(tl.int64)
         e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = e < num_experts
@@ -118,17 +100,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             w = tl.load(rows + h[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
         tl.store(out_ptr + t * stride_ot + e, acc.to(out_ptr.dtype.element_ty), mask=e_ok)
-        if TOPK:
-            # Every warp's logits are stored before the count (the barrier); the count releases them to the
-            # program that reads them (acq_rel at GPU scope).
-            tl.debug_barrier()
-            counter = count_ptr + t
-            if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(1) - 1:
-                SELECT(out_ptr, weights_ptr, ids_ptr, t, num_experts, stride_ot, TOP_K, K_PAD, E_PAD, RENORMALIZE,
-                       LIBDEVICE_EXP, True)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
-    return SimpleNamespace(topk_softmax=topk_softmax_kernel, router_gemv=router_gemv_kernel, select=select_topk,
+    return SimpleNamespace(topk_softmax=topk_softmax_kernel, router_gemv=router_gemv_kernel,
                            next_power_of_2=triton.next_power_of_2, interpret=interpret)
 
 
@@ -148,40 +121,9 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     block_h = min(4096, kernels.next_power_of_2(hidden))
     pdl = pdl_enabled(x, num_tokens)
     kernels.router_gemv[(num_tokens, -(-num_experts // block_e))](
-        x, weight, out, out, out, out, num_experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_E=block_e, BLOCK_H=block_h, PDL=pdl, TOPK=False, TOP_K=1, K_PAD=1, E_PAD=1, RENORMALIZE=False,
-        LIBDEVICE_EXP=False, SELECT=kernels.select, **pdl_kwargs(pdl), num_warps=4)
+        x, weight, out, num_experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_E=block_e, BLOCK_H=block_h, PDL=pdl, **pdl_kwargs(pdl), num_warps=4)
     return out
-
-
-def route_tokens(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """route(router_logits(x, weight), top_k, renormalize), the same values: where the router's product is the
-    Triton launch (router_logits), in that one launch, whose last program per token picks the experts from the
-    logits the others stored (no top-k launch after it: at batch 1 of a 48-layer model, 48 launches a step)."""
-    num_tokens, hidden = x.shape
-    num_experts = weight.shape[0]
-    mode = os.environ.get("PDLAUNCH_ROUTER_TOPK", "fused")
-    if (mode == "separate" or not fused_available(x) or weight.dtype != x.dtype
-            or not 0 < num_tokens <= ROUTER_GEMV_MAX_TOKENS or weight.stride(1) != 1 or x.stride(1) != 1
-            or not 0 < top_k <= num_experts):
-        return route(router_logits(x, weight), top_k, renormalize)
-    from pdlaunch.model.split_counters import split_counters  # layering: lazy, like the kernels
-
-    kernels = _kernels(interpret_mode())
-    logits = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=x.device)
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=x.device)
-    block_e = max(1, min(4, num_experts // 32))
-    block_h = min(4096, kernels.next_power_of_2(hidden))
-    pdl = pdl_enabled(x, num_tokens)
-    kernels.router_gemv[(num_tokens, -(-num_experts // block_e))](
-        x, weight, logits, weights, ids, split_counters(x.device, num_tokens), num_experts, hidden, x.stride(0),
-        weight.stride(0), logits.stride(0), BLOCK_E=block_e, BLOCK_H=block_h, PDL=pdl, TOPK=True, TOP_K=top_k,
-        K_PAD=kernels.next_power_of_2(top_k), E_PAD=kernels.next_power_of_2(num_experts), RENORMALIZE=renormalize,
-        LIBDEVICE_EXP=not kernels.interpret, SELECT=kernels.select, **pdl_kwargs(pdl),
-        num_warps=1 if mode == "fused1" else 4)
-    return weights, ids
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +140,6 @@ def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Te
         kernels.topk_softmax[(num_tokens,)](logits, weights, ids, num_experts, logits.stride(0),
                                             TOP_K=top_k, K_PAD=kernels.next_power_of_2(top_k),
                                             E_PAD=kernels.next_power_of_2(num_experts), RENORMALIZE=renormalize,
-                                            LIBDEVICE_EXP=not kernels.interpret, PDL=pdl, SELECT=kernels.select,
-                                            num_warps=1, **pdl_kwargs(pdl))
+                                            LIBDEVICE_EXP=not kernels.interpret, PDL=pdl, num_warps=1,
+                                            **pdl_kwargs(pdl))
     return weights, ids
