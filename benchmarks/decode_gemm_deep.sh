@@ -1,7 +1,7 @@
 #!/bin/bash
 # The decode GEMM (model/decode_gemm.py) at 64 and 128 rows in deeper pipelines, in one call on one H200: compile
-# the sweep's launches (decode_gemm_speed.py --deep) on 16 processes at once, time them.
-# Then, with `grid SWEEP_JSON`: the kernel's GPU tests, the 48 x 3072, 64 x 1024 and 128 x 512 decode cells with the committed table against
+# the sweep's launches (decode_gemm_speed.py --deep) on 16 processes at once, time them. With `grid SWEEP_JSON`:
+# the kernel's GPU tests, then the 48 x 3072, 64 x 1024 and 128 x 512 decode cells with the committed table against
 # the committed table plus the sweep's winners (decode_grid.py --decode-gemm-table --merge-table), alternating twice.
 # Usage: bash benchmarks/decode_gemm_deep.sh OUT_DIR sweep [SHAPES...] | grid SWEEP_JSON
 source "$(dirname "$0")/steps.sh"

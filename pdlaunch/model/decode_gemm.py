@@ -1,4 +1,5 @@
-"""A decode batch's projections y = x W^T (+ b) at 2-64 rows on CUDA, as a Triton GEMM launched dependent.
+"""A decode batch's projections y = x W^T (+ b) at 2-64 rows on CUDA, as a Triton GEMM launched dependent (the
+kernel takes up to 128 rows; at 128 no launch beat cuBLAS, so the table stops at 64).
 
 From two rows the qkv, o and down projections of a decode step ran through cuBLAS. Its kernels let the next one
 start early, but they are not launched dependent themselves: each starts only once the kernel before it has ended
