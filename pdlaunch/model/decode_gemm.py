@@ -173,6 +173,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     return SimpleNamespace(gemm=decode_gemm_kernel, split_store=split_store)
 
 
+def split_store(interpret: bool):  # noqa: ANN201 (a triton.JITFunction)
+    """The epilogue of a GEMM split over K (see `_kernels`), for another module's split GEMM to take as its STORE
+    constexpr (quant/kernels.py's block-FP8 one), built in the given interpret mode."""
+    return _kernels(interpret).split_store
+
+
 def block_m(rows: int) -> int:
     """The M tile of a call of `rows` rows: the rows rounded up to a power of two, 16 at least."""
     return max(16, 1 << (rows - 1).bit_length())

@@ -322,7 +322,7 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     last range of each N tile adds in order."""
     import triton
 
-    from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels  # layering: lazy, like the kernels
+    from pdlaunch.model.decode_gemm import split_store  # layering: lazy, like the kernels
     from pdlaunch.model.split_counters import num_sms, split_counters
 
     m, k = x.shape
@@ -344,7 +344,7 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     _kernels().block_gemm_split[(tiles, split)](x, xs, weight, out, weight_scale, part, counters, m, n, k,
                                                 x.stride(0), weight_scale.stride(0), k_per_split, BLOCK_M=block_m,
                                                 BLOCK_N=block_n, SPLIT_K=split, PDL=pdl,
-                                                STORE=decode_gemm_kernels(interpret_mode()).split_store,
+                                                STORE=split_store(interpret_mode()),
                                                 **pdl_kwargs(pdl),
                                                 num_warps=warps, num_stages=stages)
     return out
