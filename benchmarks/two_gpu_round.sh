@@ -6,13 +6,15 @@
 #   compare     `bench compare` 1P1D against two colocated instances, 8B shape, 3072 in / 128 out, rates 4 and 6:
 #               both SLO sets, ITL p99, the advisor (issue 29; colocated ITL p99 <= 40 ms at rate 6)
 #   mixed       the same with half 64-token and half 3072-token prompts and a third deployment that runs prompts
-#               of fewer than 256 uncached tokens on the decode alone (issue 31's per-request disaggregation)
+#               of fewer than 256 uncached tokens on the decode alone (issue 31's per-request disaggregation);
+#               MAX_QUEUE=N: that deployment also spills prompts to the decode while the prefill has N tokens queued
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT
 #               p50 ratios)
 #   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs (issue 26)
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
-#        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, MT_ARGS the multiturn workload,
+#        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, NUM_PROMPTS the mixed part's
+#        requests per rate (default 64), MT_ARGS the multiturn workload,
 #        COMPARE_CONFIG gives the compare part a base deployment YAML, e.g. a smaller chunk budget).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
@@ -57,8 +59,8 @@ compare)
 mixed)
     need_8b
     TAIL=40 step mixed 520 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,8}" \
-        --num-prompts 64 --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 --no-run-advised \
-        --out "$out/mixed"
+        --num-prompts "${NUM_PROMPTS:-64}" --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 \
+        ${MAX_QUEUE:+--disaggregate-max-queue-tokens "$MAX_QUEUE"} --no-run-advised --out "$out/mixed"
     ;;
 multiturn)
     need_8b

@@ -304,6 +304,10 @@ def compare(
         "--disaggregate-min-tokens", help="Also run the PD split with per-request disaggregation: prompts of fewer "
         "uncached tokens run on a decode alone (proxy.disaggregate_min_tokens); reports its goodput against the "
         "better of always-PD and colocated.")] = None,
+    disaggregate_max_queue_tokens: Annotated[int | None, typer.Option(
+        "--disaggregate-max-queue-tokens", help="In that deployment, prompts that would go PD run on their "
+        "decode alone too while every prefill has this many prompt tokens queued "
+        "(proxy.disaggregate_max_queue_tokens).")] = None,
     prefill: Annotated[int, typer.Option("--prefill", help="Prefill instances of the PD deployment.")] = 1,
     decode: Annotated[int, typer.Option("--decode", help="Decode instances of the PD deployment.")] = 1,
     burstiness: Annotated[
@@ -333,7 +337,8 @@ def compare(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
             rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
             input_lens=_number_list(input_lens, "--input-lens", int), disaggregate_min_tokens=disaggregate_min_tokens,
-            output_len=output_len, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
+            disaggregate_max_queue_tokens=disaggregate_max_queue_tokens, output_len=output_len,
+            ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
             tight_ttft_slo_ms=tight_ttft_slo_ms, tight_tpot_slo_ms=tight_tpot_slo_ms, advise_for=advise_for,
             run_advised=run_advised,
             colocated_instances=colocated_instances, prefill=prefill, decode=decode, burstiness=burstiness,

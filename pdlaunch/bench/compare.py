@@ -65,6 +65,8 @@ class CompareConfig(BaseModel):
     run_advised: bool = True  # run the advised split when it is not the PD split already run
     colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
     disaggregate_min_tokens: int | None = Field(None, ge=1)  # also run PD with per-request disaggregation
+    # ... and in that deployment, spill PD prompts to the decode while the prefill queue holds this many tokens
+    disaggregate_max_queue_tokens: int | None = Field(None, ge=1)
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
     burstiness: float = Field(1.0, gt=0)
@@ -96,6 +98,9 @@ class CompareConfig(BaseModel):
             raise ValueError(f"--config: {str(self.config)!r} is not a file")
         if self.input_lens is not None and self.input_len != type(self).model_fields["input_len"].default:
             raise ValueError("--input-len and --input-lens both set the prompt lengths: give one")
+        if self.disaggregate_max_queue_tokens is not None and self.disaggregate_min_tokens is None:
+            raise ValueError("--disaggregate-max-queue-tokens applies to the per-request disaggregation "
+                             "deployment: give --disaggregate-min-tokens N too")
         return self
 
     @property
@@ -197,8 +202,10 @@ def advised_layout(layout: Layout, prefill: int, decode: int) -> Layout:
     return layout.model_copy(update={"prefill": prefill, "decode": decode})
 
 
-def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None) -> str:
-    """`min_tokens`: the conditional deployment's --disaggregate-min-tokens."""
+def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None,
+             max_queue: int | None = None) -> str:
+    """`min_tokens`, `max_queue`: the conditional deployment's --disaggregate-min-tokens and
+    --disaggregate-max-queue-tokens."""
     def where(gpus: list[int]) -> str:
         return f"GPU {','.join(map(str, gpus))}" if layout.device == "cuda" else "CPU"
 
@@ -206,8 +213,10 @@ def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None
         return f"{layout.colocated} colocated ({where(layout.gpus)})"
     split = (f"{layout.prefill}P ({where(layout.gpus[:layout.prefill])}) + "
              f"{layout.decode}D ({where(layout.gpus[layout.prefill:])})")
-    return split + (f", prompts of < {min_tokens} uncached tokens on the decode alone" if kind == "conditional"
-                    else "")
+    if kind != "conditional":
+        return split
+    spill = f", and all while the prefill queue holds >= {max_queue} tokens" if max_queue is not None else ""
+    return split + f", prompts of < {min_tokens} uncached tokens on the decode alone{spill}"
 
 
 def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) -> DeploymentConfig:
@@ -223,8 +232,10 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
         overrides["model.max_model_len"] = cfg.max_model_len
     if kind == "conditional":
         overrides["proxy.disaggregate_min_tokens"] = cfg.disaggregate_min_tokens
+        overrides["proxy.disaggregate_max_queue_tokens"] = cfg.disaggregate_max_queue_tokens
     elif kind == "colocated":  # colocated instances never disaggregate: a base config's setting is not theirs
         overrides["proxy.disaggregate_min_tokens"] = None
+        overrides["proxy.disaggregate_max_queue_tokens"] = None
     deployment = load_valid_deployment(cfg.config, overrides)
     if kind in ("pd", "advised") and deployment.proxy.disaggregate_min_tokens is not None:
         raise PdlaunchError(
@@ -303,7 +314,9 @@ def _decisions_text(point: RatePoint) -> str:
     decisions = point.load.decisions if point.load is not None else None
     if not decisions:
         return ""
-    return f", {decisions.get('decode_only', 0)} on a decode alone and {decisions.get('pd', 0)} PD"
+    spilled = f" ({decisions['spilled']} spilled from a full prefill queue)" if decisions.get("spilled") else ""
+    alone = decisions.get("decode_only", 0) + decisions.get("spilled", 0)
+    return f", {alone} on a decode alone{spilled} and {decisions.get('pd', 0)} PD"
 
 
 def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console,
@@ -311,7 +324,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
     """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C). With a
     `yardstick`, every rate point carries its prefill steps' FLOP rate."""
     run = DeploymentRun(kind=kind, label=label(kind, layout),
-                        description=describe(kind, layout, cfg.disaggregate_min_tokens),
+                        description=describe(kind, layout, cfg.disaggregate_min_tokens,
+                                             cfg.disaggregate_max_queue_tokens),
                         prefill=layout.prefill if kind != "colocated" else 0,
                         decode=layout.decode if kind != "colocated" else 0)
     console.rule(f"{kind}: {run.description}")

@@ -67,6 +67,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
          "against its queue)."),
     Flag("disaggregate_min_tokens", int | None, "proxy.disaggregate_min_tokens",
          "Prompts of fewer tokens run on a decode instance alone (no prefill leg, no KV transfer)."),
+    Flag("disaggregate_max_queue_tokens", int | None, "proxy.disaggregate_max_queue_tokens",
+         "While every prefill has this many prompt tokens queued, prompts that would go PD run on their decode "
+         "alone (needs --disaggregate-min-tokens)."),
     Flag("prefill", int | None, "instances[prefill].count", "Number of prefill instances."),
     Flag("decode", int | None, "instances[decode].count", "Number of decode instances."),
     Flag("colocated", bool, "colocated", "One instance doing both phases (no KV transfer)."),
@@ -162,7 +165,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Mixture of experts": ("enable_expert_parallel", "prefill_expert_parallel", "no_prefill_expert_parallel",
                            "decode_expert_parallel", "no_decode_expert_parallel"),
     "KV transfer": ("kv_connector", "transfer_mode", "kv_transfer_config", "kv_load_failure_policy",
-                    "disaggregate_min_tokens"),
+                    "disaggregate_min_tokens", "disaggregate_max_queue_tokens"),
     "KV cache": ("block_size", "kv_cache_dtype", "num_gpu_blocks", "enable_prefix_caching", "no_enable_prefix_caching",
                  "kv_offload_gb"),
     "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",

@@ -162,6 +162,11 @@ class ProxyConfig(StrictModel):
     disaggregate_min_tokens: int | None = Field(
         None, ge=1, description="A prompt of fewer tokens (counted by the proxy with the model's tokenizer) runs on a "
         "decode instance alone: no prefill leg, no KV transfer. Unset: every request is PD.")
+    disaggregate_max_queue_tokens: int | None = Field(
+        None, ge=1, description="While every ready prefill instance has this many prompt tokens queued (legs sent, "
+        "not answered), a prompt that would go PD runs on its decode alone, up to this many such tokens in flight "
+        "per decode: a burst of long prompts waits no longer than this much prefill work. Needs "
+        "disaggregate_min_tokens. Unset: PD prompts always queue for a prefill.")
     migration_limit: int = Field(
         3, ge=0, le=100, description="A request whose decode dies or stalls (health_timeout_seconds) mid-request "
         "goes on on another decode from its prompt + the tokens already sent, at most this many times per request "
@@ -329,6 +334,8 @@ def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> li
         args += ["--prefill-timeout", str(proxy.prefill_timeout_seconds)]
     if proxy.disaggregate_min_tokens is not None:
         args += ["--disaggregate-min-tokens", str(proxy.disaggregate_min_tokens)]
+    if proxy.disaggregate_max_queue_tokens is not None:
+        args += ["--disaggregate-max-queue-tokens", str(proxy.disaggregate_max_queue_tokens)]
     if proxy.disaggregate_min_tokens is not None or proxy.routing_policy == "prefix":
         args += ["--tokenizer", tokenizer()]  # the instances' own
     return args

@@ -117,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--disaggregate-min-tokens", type=int, default=None,
                         help="A prompt of fewer tokens runs on a decode alone (no prefill leg, no KV transfer); "
                         "needs --tokenizer; proxy.disaggregate_min_tokens.")
+    parser.add_argument("--disaggregate-max-queue-tokens", type=int, default=None,
+                        help="While every prefill has this many prompt tokens queued, a prompt that would go PD runs "
+                        "on its decode alone (at most this many such tokens in flight per decode); needs "
+                        "--disaggregate-min-tokens; proxy.disaggregate_max_queue_tokens.")
     parser.add_argument("--tokenizer", default=None,
                         help="The model (checkpoint directory, FILE.gguf, demo or tiny, as --model) whose "
                         "tokenizer counts and hashes prompt tokens (the launcher passes the model's).")
@@ -131,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.disaggregate_min_tokens is not None and args.disaggregate_min_tokens < 1:
         parser.error("--disaggregate-min-tokens must be 1 or more")
+    if args.disaggregate_max_queue_tokens is not None and args.disaggregate_max_queue_tokens < 1:
+        parser.error("--disaggregate-max-queue-tokens must be 1 or more")
+    if args.disaggregate_max_queue_tokens is not None and args.disaggregate_min_tokens is None:
+        parser.error("--disaggregate-max-queue-tokens spills prompts that per-request disaggregation would "
+                     "send PD: give --disaggregate-min-tokens N too (1 sends every prompt PD until the queue fills)")
     if args.disaggregate_min_tokens is not None and args.tokenizer is None:
         parser.error("--disaggregate-min-tokens counts prompt tokens with the model's tokenizer: give --tokenizer DIR")
     if args.routing_policy == "prefix" and args.tokenizer is None:
@@ -162,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                           deployment_secret=os.environ.get(SECRET_ENV) or None,
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,
                           load_failure_policy=args.load_failure_policy, migration_limit=args.migration_limit,
-                          disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer),
+                          disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer,
+                                                        args.disaggregate_max_queue_tokens),
                           tokenizer_dir=args.tokenizer)
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(

@@ -31,7 +31,7 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.bodies import JsonObject, int_of
-from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD
+from pdlaunch.proxy.disaggregate import ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.prefill_leg import prompt_chars
 from pdlaunch.proxy.prefix import Choice, PromptBlocks
@@ -188,16 +188,22 @@ class _PromptRequest:
         # The decode is picked first: no prefill work (and no held KV) when no decode instance is up.
         decode = self._choose("decode", prompt)
         target, decision = decode.instance, PD
-        if prompt is not None and state.disaggregation.min_tokens is not None:
+        disaggregation = state.disaggregation
+        if prompt is not None and disaggregation.min_tokens is not None:
             uncached = len(prompt.token_ids) - decode.matched_tokens
-            decision = state.disaggregation.decision(uncached)
+            queued = state.router.least_queued("prefill")
+            decision = disaggregation.decision(uncached, queued, target.name)
             state.proxy.metrics.disaggregation.labels(decision).inc()
+            if decision == SPILLED:  # counted against the decode's cap until the request ends
+                self.unqueue = _both(self.unqueue, disaggregation.spill(target.name, uncached))
             self.legs.append(f"{decision} ({len(prompt.token_ids)} prompt tokens, {decode.matched_tokens} cached on "
                              f"{target.name}, {uncached} uncached; disaggregate_min_tokens "
-                             f"{state.disaggregation.min_tokens})")
+                             f"{disaggregation.min_tokens}"
+                             + (f"; prefill queue {queued} tokens, disaggregate_max_queue_tokens "
+                                f"{disaggregation.max_queue_tokens}" if decision == SPILLED else "") + ")")
         first_token = continues_from_first_token(body)
         answered = None
-        if decision != DECODE_ONLY:
+        if decision not in ON_DECODE:
             leg = prefill_body(body, chat, first_token)
             started = time.monotonic()
             prefill = self._choose("prefill", prompt).instance
@@ -209,7 +215,7 @@ class _PromptRequest:
             finally:
                 self.unqueue_prefill()
         if answered is None:  # a short prompt, or no prefill answered in time: the decode computes it
-            if decision != DECODE_ONLY:
+            if decision not in ON_DECODE:
                 self.legs.append("no prefill (stalled)")
             return target, {k: v for k, v in body.items() if k != "kv_transfer_params"}
         prefill, self.prefill_answer = answered
@@ -274,3 +280,13 @@ class _PromptRequest:
 
         return ClosingStreamingResponse(relay(), on_close=close,
                                         headers={"X-Request-Id": self.request_id, "Cache-Control": "no-cache"})
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """One callable that runs `first`, then `second` (two releases that end together)."""
+
+    def run() -> None:
+        first()
+        second()
+
+    return run

@@ -8,11 +8,20 @@ event loop, and counts the tokens the chosen decode does not cache already: its 
 which of the prompt's leading blocks it holds (kv_events.py, prefix.py; without them, every token counts).
 A prompt with fewer than N such tokens goes to the decode without kv_transfer_params: the decode
 computes what it lacks itself (as with kv_transfer.load_failure_policy recompute), and no KV moves.
+
+With proxy.disaggregate_max_queue_tokens Q, a prompt that would go PD is spilled to its decode too
+while every ready prefill instance has at least Q uncached prompt tokens queued (prefill legs sent, not
+answered: prefix.PrefixRouter.queued) and that decode has fewer than Q tokens of spilled prompts in flight. A
+burst of long prompts then waits on one prefill GPU no longer than Q tokens of prefill work: the decode GPU
+takes its share, as a colocated instance computes its own prompts, and the cap keeps its running streams from
+paying for more than about Q tokens of prompts at a time. This is Dynamo's conditional disaggregation by
+prefill queue size, counted in tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from pdlaunch.model.tokenizer import Tokenizer
@@ -20,7 +29,8 @@ from pdlaunch.proxy.bodies import Body
 from pdlaunch.server.prompts import Prompt, tokenize
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
-PD, DECODE_ONLY = "pd", "decode_only"
+PD, DECODE_ONLY, SPILLED = "pd", "decode_only", "spilled"
+ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its decode alone
 
 
 class PromptTokens:
@@ -47,13 +57,19 @@ class PromptTokens:
 
 
 class Disaggregation:
-    """Decides, per request, PD or decode only; `min_tokens` None: always PD (no tokenizer needed)."""
+    """Decides, per request, PD or decode only; `min_tokens` None: always PD (no tokenizer needed).
+    `max_queue_tokens`: spill PD prompts to the decode while the prefill queue is that full (module doc)."""
 
-    def __init__(self, min_tokens: int | None, tokenizer_dir: Path | None) -> None:
+    def __init__(self, min_tokens: int | None, tokenizer_dir: Path | None,
+                 max_queue_tokens: int | None = None) -> None:
         if min_tokens is not None and (min_tokens < 1 or tokenizer_dir is None):
             raise ValueError("disaggregate_min_tokens needs a positive count and the checkpoint's tokenizer")
-        self.min_tokens = min_tokens
+        if max_queue_tokens is not None and (min_tokens is None or max_queue_tokens < 1):
+            raise ValueError("disaggregate_max_queue_tokens needs a positive count and "
+                             "disaggregate_min_tokens")
+        self.min_tokens, self.max_queue_tokens = min_tokens, max_queue_tokens
         self.tokens = PromptTokens(tokenizer_dir) if min_tokens is not None and tokenizer_dir else None
+        self.spilled: dict[str, int] = {}  # decode name -> uncached tokens of its spilled requests in flight
 
     def prompt_tokens(self, body: Body, chat: bool) -> int:
         """The prompt's token count as an instance computes it (a 400 for a prompt it would refuse)."""
@@ -61,9 +77,30 @@ class Disaggregation:
             raise ValueError("no tokenizer: disaggregate_min_tokens is not set")
         return len(self.tokens.ids_now(body, chat))
 
-    def decision(self, uncached_tokens: int) -> str:
-        """PD or DECODE_ONLY for a prompt of which the decode lacks `uncached_tokens`."""
-        return DECODE_ONLY if self.min_tokens is not None and uncached_tokens < self.min_tokens else PD
+    def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: str | None = None) -> str:
+        """PD, DECODE_ONLY or SPILLED for a prompt of which the decode (named `decode`) lacks `uncached_tokens`,
+        while the least-queued ready prefill has `prefill_queued` tokens queued."""
+        if self.min_tokens is None:
+            return PD
+        if uncached_tokens < self.min_tokens:
+            return DECODE_ONLY
+        cap = self.max_queue_tokens
+        if cap is not None and prefill_queued >= cap and self.spilled.get(decode or "", 0) < cap:
+            return SPILLED
+        return PD
+
+    def spill(self, decode: str, tokens: int) -> Callable[[], None]:
+        """Count `tokens` spilled onto `decode` until the returned callable runs (once; later calls do nothing)."""
+        self.spilled[decode] = self.spilled.get(decode, 0) + tokens
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.spilled[decode] -= tokens
+
+        return release
 
     async def decide(self, body: Body, chat: bool) -> tuple[str, int | None]:
         """(PD or DECODE_ONLY, the prompt's tokens when counted), every prompt token counted as uncached."""

@@ -42,7 +42,8 @@ class ProxyMetrics:
             registry=self.registry)
         self.disaggregation = Counter(
             "pdlaunch_proxy_disaggregation_decisions", "Requests by how they ran under proxy.disaggregate_min_tokens: "
-            "pd (prefill leg + KV transfer) or decode_only (a short prompt computed by the decode)", ["decision"],
+            "pd (prefill leg + KV transfer), decode_only (a short prompt computed by the decode) or spilled (computed "
+            "by the decode while the prefill queue was full: proxy.disaggregate_max_queue_tokens)", ["decision"],
             registry=self.registry)
         self.prefix_routed = Counter(
             "pdlaunch_proxy_prefix_routed", "Legs sent to an instance for the prompt prefix it caches, more of it "

@@ -100,6 +100,11 @@ class PrefixRouter:
         instance = tied[0] if len(tied) == 1 else self.pool.policy.choose(role, tied)
         return Choice(instance, matched[instance.name], by_prefix=matched[instance.name] > min(matched.values()))
 
+    def least_queued(self, role: str) -> int:
+        """The fewest tokens queued on a ready instance of `role` (0 when none is ready)."""
+        ready = [self.queued.get(i.name, 0) for i in self.pool.instances if i.role == role and i.state == "ready"]
+        return min(ready, default=0)
+
     def enqueue(self, instance: Instance, tokens: int) -> Callable[[], None]:
         """Count `tokens` queued on `instance` until the returned callable runs (once; later calls do nothing)."""
         self.queued[instance.name] = self.queued.get(instance.name, 0) + tokens

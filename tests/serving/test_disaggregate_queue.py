@@ -1,0 +1,169 @@
+"""Per-request disaggregation by prefill queue (proxy.disaggregate_max_queue_tokens, issue 31): while
+every ready prefill has that many prompt tokens queued, a prompt that would go PD runs on its decode alone, up to
+that many spilled tokens in flight per decode.
+
+Fake instances over real HTTP behind the real proxy app: the prefill (and, where a case needs it, the decode)
+holds each answer until the test opens its gate, so the queues the proxy counts are the ones the test builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.model.demo import resolve_model_path
+from pdlaunch.proxy.__main__ import parse_args
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD, SPILLED, Disaggregation
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.serving.helpers import ThreadServer, wait_for
+
+QUEUE = 20  # disaggregate_max_queue_tokens
+PROMPT = list(range(100, 124))  # 24 token ids: >= QUEUE once one is queued
+SHORT = list(range(300, 304))  # 4 token ids: < disaggregate_min_tokens
+GATE_TIMEOUT_S = 60.0
+
+
+class GatedInstance:
+    """/health and /v1/completions; while `gate` is closed an answer waits for it (at most GATE_TIMEOUT_S)."""
+
+    def __init__(self, role: str, name: str) -> None:
+        self.role, self.name = role, name
+        self.gate = threading.Event()
+        self.gate.set()
+        self.requests: list[dict[str, Any]] = []
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok", "engine_id": name})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        body = await request.json()
+        self.requests.append(body)
+        opened = await asyncio.to_thread(self.gate.wait, GATE_TIMEOUT_S)
+        assert opened, f"{self.name}: the test never opened the gate"
+        if self.role == "prefill":
+            return {"choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+                    "kv_transfer_params": {"do_remote_prefill": True, "remote_request_id": "r"}}
+        return {"choices": [{"index": 0, "text": f"from {self.name}", "finish_reason": "length"}]}
+
+
+@pytest.fixture
+def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]]:
+    """One prefill, one decode, a proxy with disaggregate_min_tokens 8 and the queue cap QUEUE."""
+    prefill, decode = GatedInstance("prefill", "prefill-0"), GatedInstance("decode", "decode-0")
+    ports = PortAllocator("127.0.0.1")
+    with ThreadServer(prefill.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d:
+        pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")],
+                            "round_robin")
+        disaggregation = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
+        app = build_proxy_app(pool, 30.0, disaggregation=disaggregation, tokenizer_dir=resolve_model_path("tiny"))
+        try:
+            with ThreadServer(app, ports.free("proxy")) as proxy:
+                wait_for(lambda: all(i.state == "ready" for i in pool.instances), "both fake instances ready")
+                yield proxy.url, prefill, decode, disaggregation
+        finally:
+            prefill.gate.set()
+            decode.gate.set()
+
+
+def _post(url: str, prompt: list[int], request_id: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 4},
+                      headers={"X-Request-Id": request_id}, timeout=GATE_TIMEOUT_S + 30)
+
+
+def _decisions(url: str) -> dict[str, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    prefix = "pdlaunch_proxy_disaggregation_decisions_total{decision=\""
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def test_the_decision_spills_only_past_the_queue_and_under_the_decodes_cap() -> None:
+    decider = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
+    assert decider.decision(4, prefill_queued=100, decode="d") == DECODE_ONLY  # short: decode alone regardless
+    assert decider.decision(24, prefill_queued=QUEUE - 1, decode="d") == PD
+    assert decider.decision(24, prefill_queued=QUEUE, decode="d") == SPILLED
+    release = decider.spill("d", QUEUE)
+    assert decider.decision(24, prefill_queued=QUEUE, decode="d") == PD  # d's cap is full
+    assert decider.decision(24, prefill_queued=QUEUE, decode="e") == SPILLED  # another decode's is not
+    release()
+    release()  # once: a second call changes nothing
+    assert decider.spilled["d"] == 0 and decider.decision(24, prefill_queued=QUEUE, decode="d") == SPILLED
+    assert Disaggregation(8, resolve_model_path("tiny")).decision(24, prefill_queued=10**6, decode="d") == PD
+    with pytest.raises(ValueError, match="disaggregate_min_tokens"):
+        Disaggregation(None, resolve_model_path("tiny"), QUEUE)
+
+
+def test_a_full_prefill_queue_sends_the_next_prompt_to_the_decode_alone(
+        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation], caplog: pytest.LogCaptureFixture) -> None:
+    url, prefill, decode, disaggregation = fleet
+    prefill.gate.clear()
+    with ThreadPoolExecutor(2) as pool, caplog.at_level(logging.DEBUG, logger="pdlaunch.proxy"):
+        first: Future[httpx.Response] = pool.submit(_post, url, PROMPT, "first")
+        wait_for(lambda: len(prefill.requests) == 1, "the first prompt's prefill leg to reach the held prefill")
+        # 24 tokens queued on the only prefill >= 20: the next PD prompt runs on the decode, no KV moved.
+        second = _post(url, PROMPT, "second")
+        assert second.status_code == 200, second.text
+        assert second.json()["choices"][0]["text"] == "from decode-0"
+        assert "kv_transfer_params" not in decode.requests[-1] and len(prefill.requests) == 1
+        # a short prompt is decode-only as before; the queue does not change that
+        assert _post(url, SHORT, "short").status_code == 200
+        prefill.gate.set()
+        answer = first.result(timeout=GATE_TIMEOUT_S)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == "from decode-0"
+    assert decode.requests[-1]["kv_transfer_params"]["do_remote_prefill"] is True  # the first went PD, last
+    assert _decisions(url) == {"pd": 1.0, "spilled": 1.0, "decode_only": 1.0}
+    assert "request second /v1/completions via spilled (24 prompt tokens, 0 cached on decode-0, 24 uncached; " \
+        "disaggregate_min_tokens 8; prefill queue 24 tokens, disaggregate_max_queue_tokens 20) " \
+        "-> decode-0: ok" in caplog.text
+    wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the spilled request's tokens to be released")
+
+
+def test_a_decode_at_its_spill_cap_leaves_the_next_prompt_to_the_prefill_queue(
+        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation]) -> None:
+    url, prefill, decode, disaggregation = fleet
+    prefill.gate.clear()
+    decode.gate.clear()
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(_post, url, PROMPT, "first")
+        wait_for(lambda: len(prefill.requests) == 1, "the first prompt's prefill leg to reach the held prefill")
+        spilled = pool.submit(_post, url, PROMPT, "spilled")
+        wait_for(lambda: len(decode.requests) == 1, "the spilled prompt to reach the held decode")
+        assert disaggregation.spilled["decode-0"] == len(PROMPT)  # >= QUEUE: the decode's cap is reached
+        third = pool.submit(_post, url, PROMPT, "third")
+        wait_for(lambda: len(prefill.requests) == 2, "the third prompt to queue for the prefill")
+        prefill.gate.set()
+        decode.gate.set()
+        answers = [f.result(timeout=GATE_TIMEOUT_S) for f in (first, spilled, third)]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert _decisions(url) == {"pd": 2.0, "spilled": 1.0}
+    wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the spilled request's tokens to be released")
+
+
+def test_the_launcher_passes_the_cap_and_the_proxy_refuses_it_alone(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = DeploymentConfig.model_validate({
+        "model": {"path": "tiny"}, "device": "cpu",
+        "proxy": {"disaggregate_min_tokens": 64, "disaggregate_max_queue_tokens": 4096}})
+    argv = Deployment(cfg, log_dir=tmp_path)._proxy_argv()  # noqa: SLF001
+    args = parse_args(argv[3:])
+    assert (args.disaggregate_min_tokens, args.disaggregate_max_queue_tokens) == (64, 4096)
+    base = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--tokenizer", "tiny"]
+    for extra, message in ((["--disaggregate-max-queue-tokens", "10"], "give --disaggregate-min-tokens"),
+                           (["--disaggregate-min-tokens", "4", "--disaggregate-max-queue-tokens", "0"],
+                            "must be 1 or more")):
+        with pytest.raises(SystemExit):
+            parse_args(base + extra)
+        assert message in capsys.readouterr().err
