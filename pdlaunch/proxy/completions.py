@@ -133,7 +133,6 @@ class _PromptRequest:
     outcome: str = "error"
     unqueue: Callable[[], None] = lambda: None  # the decode leg's queued tokens end (prefix.py)
     unqueue_prefill: Callable[[], None] = lambda: None  # ... the prefill leg's
-    unspill: Callable[[], None] = lambda: None  # a spilled prompt's tokens leave its decode's cap (disaggregate.py)
 
     def release_held(self) -> None:
         if self.held is not None:
@@ -164,7 +163,6 @@ class _PromptRequest:
         finally:
             if self.outcome != "streaming":  # a stream's ends when it closes
                 self.unqueue()
-                self.unspill()
             log.debug("request %s %s via %s: %s", self.request_id, self.call.path,
                       " -> ".join(self.legs) or "no instance", self.outcome)
 
@@ -196,8 +194,8 @@ class _PromptRequest:
             queued = state.router.least_queued("prefill")
             decision = disaggregation.decision(uncached, queued, target.name)
             state.proxy.metrics.disaggregation.labels(decision).inc()
-            if decision == SPILLED:  # counted against the decode's cap until its first token (or the end)
-                self.unspill = disaggregation.spill(target.name, uncached)
+            if decision == SPILLED:  # counted against the decode's cap until the request ends
+                self.unqueue = _both(self.unqueue, disaggregation.spill(target.name, uncached))
             self.legs.append(f"{decision} ({len(prompt.token_ids)} prompt tokens, {decode.matched_tokens} cached on "
                              f"{target.name}, {uncached} uncached; disaggregate_min_tokens "
                              f"{disaggregation.min_tokens}"
@@ -268,13 +266,11 @@ class _PromptRequest:
         async def relay() -> AsyncIterator[bytes]:
             nonlocal relayed_all
             async for chunk in events:
-                self.unspill()  # the decode has computed the prompt: its first event is out
                 yield chunk
             relayed_all = True
 
         async def close() -> None:
             self.unqueue()
-            self.unspill()
             await events.aclose()  # its own finally closes a migrated stream's current upstream
             await upstream.close()
             if not relayed_all:
@@ -285,3 +281,12 @@ class _PromptRequest:
         return ClosingStreamingResponse(relay(), on_close=close,
                                         headers={"X-Request-Id": self.request_id, "Cache-Control": "no-cache"})
 
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """One callable that runs `first`, then `second` (two releases that end together)."""
+
+    def run() -> None:
+        first()
+        second()
+
+    return run

@@ -11,11 +11,10 @@ computes what it lacks itself (as with kv_transfer.load_failure_policy recompute
 
 With proxy.disaggregate_max_queue_tokens Q, a prompt that would go PD is spilled to its decode too
 while every ready prefill instance has at least Q uncached prompt tokens queued (prefill legs sent, not
-answered: prefix.PrefixRouter.queued) and that decode has fewer than Q tokens of spilled prompts not yet
-computed (sent, no first event streamed back; a whole answer counts until it arrives). A burst of long prompts
-then waits on one prefill GPU no longer than Q tokens of prefill work: the decode GPU takes its share, as a
-colocated instance computes its own prompts, and the cap keeps its running streams from paying for more than
-about Q tokens of prompts at a time. This is Dynamo's conditional disaggregation by
+answered: prefix.PrefixRouter.queued) and that decode has fewer than Q tokens of spilled prompts in flight. A
+burst of long prompts then waits on one prefill GPU no longer than Q tokens of prefill work: the decode GPU
+takes its share, as a colocated instance computes its own prompts, and the cap keeps its running streams from
+paying for more than about Q tokens of prompts at a time. This is Dynamo's conditional disaggregation by
 prefill queue size, counted in tokens.
 """
 
@@ -70,7 +69,7 @@ class Disaggregation:
                              "disaggregate_min_tokens")
         self.min_tokens, self.max_queue_tokens = min_tokens, max_queue_tokens
         self.tokens = PromptTokens(tokenizer_dir) if min_tokens is not None and tokenizer_dir else None
-        self.spilled: dict[str, int] = {}  # decode name -> uncached tokens of its spilled prompts not yet computed
+        self.spilled: dict[str, int] = {}  # decode name -> uncached tokens of its spilled requests in flight
 
     def prompt_tokens(self, body: Body, chat: bool) -> int:
         """The prompt's token count as an instance computes it (a 400 for a prompt it would refuse)."""

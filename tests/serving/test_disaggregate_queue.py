@@ -9,10 +9,9 @@ holds each answer until the test opens its gate, so the queues the proxy counts 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
@@ -39,15 +37,12 @@ GATE_TIMEOUT_S = 60.0
 
 
 class GatedInstance:
-    """/health and /v1/completions; while `gate` is closed an answer waits for it (at most GATE_TIMEOUT_S). A
-    decode's stream sends its first event, then waits for `tail` before the rest."""
+    """/health and /v1/completions; while `gate` is closed an answer waits for it (at most GATE_TIMEOUT_S)."""
 
     def __init__(self, role: str, name: str) -> None:
         self.role, self.name = role, name
         self.gate = threading.Event()
         self.gate.set()
-        self.tail = threading.Event()
-        self.tail.set()
         self.requests: list[dict[str, Any]] = []
         self.app = FastAPI()
         self.app.get("/health")(lambda: {"status": "ok", "engine_id": name})
@@ -61,21 +56,7 @@ class GatedInstance:
         if self.role == "prefill":
             return {"choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
                     "kv_transfer_params": {"do_remote_prefill": True, "remote_request_id": "r"}}
-        if body.get("stream"):
-            return StreamingResponse(self._events(), media_type="text/event-stream")
         return {"choices": [{"index": 0, "text": f"from {self.name}", "finish_reason": "length"}]}
-
-
-    async def _events(self) -> AsyncIterator[bytes]:
-        yield _event({"choices": [{"index": 0, "text": "first", "finish_reason": None}]})
-        opened = await asyncio.to_thread(self.tail.wait, GATE_TIMEOUT_S)
-        assert opened, f"{self.name}: the test never let the stream end"
-        yield _event({"choices": [{"index": 0, "text": f" from {self.name}", "finish_reason": "length"}]})
-        yield b"data: [DONE]\n\n"
-
-
-def _event(chunk: dict[str, Any]) -> bytes:
-    return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
 @pytest.fixture
@@ -87,9 +68,7 @@ def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]
         pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")],
                             "round_robin")
         disaggregation = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
-        # migration off: a streamed decode leg is relayed as it comes (the fake's events carry no token ids)
-        app = build_proxy_app(pool, 30.0, migration_limit=0, disaggregation=disaggregation,
-                              tokenizer_dir=resolve_model_path("tiny"))
+        app = build_proxy_app(pool, 30.0, disaggregation=disaggregation, tokenizer_dir=resolve_model_path("tiny"))
         try:
             with ThreadServer(app, ports.free("proxy")) as proxy:
                 wait_for(lambda: all(i.state == "ready" for i in pool.instances), "both fake instances ready")
@@ -97,7 +76,6 @@ def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]
         finally:
             prefill.gate.set()
             decode.gate.set()
-            decode.tail.set()
 
 
 def _post(url: str, prompt: list[int], request_id: str) -> httpx.Response:
@@ -172,31 +150,6 @@ def test_a_decode_at_its_spill_cap_leaves_the_next_prompt_to_the_prefill_queue(
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert _decisions(url) == {"pd": 2.0, "spilled": 1.0}
     wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the spilled request's tokens to be released")
-
-
-def test_a_spilled_stream_leaves_the_decodes_cap_at_its_first_event(
-        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation]) -> None:
-    """The cap bounds prompt work the decode has not done yet: once a spilled stream's first token is out, the
-    decode takes the next spilled prompt while the first one still streams."""
-    url, prefill, decode, disaggregation = fleet
-    prefill.gate.clear()
-    decode.tail.clear()
-    with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(_post, url, PROMPT, "first")
-        wait_for(lambda: len(prefill.requests) == 1, "the first prompt's prefill leg to reach the held prefill")
-        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True},
-                          timeout=GATE_TIMEOUT_S + 30) as stream:
-            assert stream.status_code == 200
-            lines = stream.iter_lines()
-            assert next(line for line in lines if line.startswith("data:")).endswith('"text": "first", '
-                                                                                     '"finish_reason": null}]}')
-            wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the streamed prompt to leave the cap")
-            assert _post(url, PROMPT, "next").status_code == 200  # spilled too: the cap is free again
-            decode.tail.set()
-            assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
-        prefill.gate.set()
-        assert first.result(timeout=GATE_TIMEOUT_S).status_code == 200
-    assert _decisions(url) == {"pd": 1.0, "spilled": 2.0}
 
 
 def test_the_launcher_passes_the_cap_and_the_proxy_refuses_it_alone(tmp_path: Path,
