@@ -9,8 +9,8 @@
 #               of fewer than 256 uncached tokens on the decode alone (issue 31's per-request disaggregation);
 #               MAX_QUEUE=N: that deployment also spills prompts to the decode while the prefill has N tokens queued
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
-#               robin, prefix routing, each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT
-#               p50 ratios)
+#               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
+#               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
 #   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs (issue 26)
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
 #        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, NUM_PROMPTS the mixed part's
@@ -71,6 +71,10 @@ multiturn)
     serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
     serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin
     serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix
+    # ... and with per-request disaggregation: a turn whose conversation the decode holds runs there alone
+    # (its new user tokens, fewer than MT_MIN_TOKENS, are all it lacks), so only first turns move KV.
+    serve_round multiturn-prefix-decode-only --prefill 1 --decode 1 --routing-policy prefix \
+        --disaggregate-min-tokens "${MT_MIN_TOKENS:-512}"
     ;;
 moe)
     [ -f "$moe_ckpt/config.json" ] || step moe-checkpoint 300 $py -m pdlaunch bench make-checkpoint \
