@@ -47,6 +47,10 @@ def _invoke(args: list[str]) -> Any:
     (["--model", "tiny", "--rates", "2", "--input-len", "64", "--input-lens", "64,128"],
      "--input-len and --input-lens"),
     (["--model", "tiny", "--rates", "2", "--disaggregate-min-tokens", "0"], "--disaggregate-min-tokens"),
+    (["--model", "tiny", "--rates", "2", "--disaggregate-min-tokens", "8", "--disaggregate-max-queue-tokens", "0"],
+     "--disaggregate-max-queue-tokens"),
+    # spilling is part of the per-request disaggregation deployment: alone it has none to apply to
+    (["--model", "tiny", "--rates", "2", "--disaggregate-max-queue-tokens", "4096"], "--disaggregate-max-queue-tokens"),
 ])
 def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     result = _invoke([*args, "--out", str(tmp_path / "out")])
