@@ -76,7 +76,8 @@ def serve(
         float, typer.Option("--random-range-ratio", help="Lengths uniform in mean*[1-r, 1+r], 0 <= r < 1.")
     ] = 0.0,
     request_rate: Annotated[
-        float, typer.Option("--request-rate", help="Requests/s (gamma arrivals); inf sends all at once.")
+        float, typer.Option("--request-rate", help="Requests/s (gamma arrivals); inf sends all at once. "
+                            "--multi-turn: conversations started per second.")
     ] = math.inf,
     burstiness: Annotated[
         float, typer.Option("--burstiness", help="Gamma shape: 1 Poisson, <1 burstier, >1 more regular.")

@@ -5,9 +5,12 @@ turn t sends the whole conversation so far: the system prompt, each earlier turn
 answer, then a new user message (`--random-input-len`), and asks for `--random-output-len` tokens. Over
 /v1/completions the answer is taken as the server's own token ids (`return_token_ids`), so each prompt
 extends the previous one token for token, as a chat client's resend does; over /v1/chat/completions it is
-the answer's text, as an assistant message. The C conversations run at once, each turn sent when the
-previous one's answer is complete; a failed turn ends its conversation (the next prompt would not extend
-what the server has seen).
+the answer's text, as an assistant message. Each turn is sent when the previous one's answer is complete;
+a failed turn ends its conversation (the next prompt would not extend what the server has seen). The C
+conversations start at once, or with `--request-rate R` at R conversations per second (gamma gaps of
+`--burstiness`, as independent prompts arrive): started together, conversations turn in near lockstep, so
+every turn's prompts reach the deployment in one burst and TTFT measures that burst's queue as much as the
+deployment.
 
 Besides the usual latencies (report.py, TTFT p50 among them), the run reads the deployment's `/metrics`
 before and after (pdlaunch's proxy serves every instance's series) and reports per request:
@@ -20,6 +23,7 @@ Both are None for a server that does not export them (vLLM). Nothing else may us
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,7 +44,14 @@ from pdlaunch.bench.report import (
     result_dict,
     write_json,
 )
-from pdlaunch.bench.serve import MIN_TOKEN_ID, BenchRequest, ServeBenchConfig, resolve_model, send_request
+from pdlaunch.bench.serve import (
+    MIN_TOKEN_ID,
+    BenchRequest,
+    ServeBenchConfig,
+    arrival_times,
+    resolve_model,
+    send_request,
+)
 from pdlaunch.errors import PdlaunchError
 
 COUNTERS = {"prompt_tokens_computed": PROMPT_TOKENS_COMPUTED, "kv_bytes_moved": KV_BYTES}
@@ -104,7 +115,9 @@ class _Conversation:
         self.ids += self.user_ids[turn]
         return BenchRequest(prompt=list(self.ids), prompt_len=len(self.ids), output_len=out, return_token_ids=True)
 
-    async def run(self, client: httpx.AsyncClient, model: str, start: float) -> None:
+    async def run(self, client: httpx.AsyncClient, model: str, start: float, offset: float) -> None:
+        """The turns, the first `offset` seconds after `start` (the conversation's arrival time)."""
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         for turn in range(self.cfg.num_turns):
             answer = _Answer()
             result = await send_request(client, self.cfg, model, self.request(turn), start, answer.keep)
@@ -143,15 +156,17 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
     rng = np.random.default_rng(cfg.seed)
     system_ids, system_text = _ids(rng, cfg, cfg.system_prompt_len), _text(rng, cfg.system_prompt_len)
     conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
+    offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
     limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
         model = await resolve_model(client, cfg)
+        starts = "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} started per second"
         console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {cfg.url} (model {model}): "
                       f"system prompt {cfg.system_prompt_len}, +{cfg.random_input_len} per user turn, "
-                      f"{cfg.random_output_len} per answer")
+                      f"{cfg.random_output_len} per answer, {starts}")
         before = await _counters(client, cfg)
         start = time.perf_counter()
-        await asyncio.gather(*(c.run(client, model, start) for c in conversations))
+        await asyncio.gather(*(c.run(client, model, start, float(o)) for c, o in zip(conversations, offsets)))
         duration = time.perf_counter() - start
         after = await _counters(client, cfg)
     delta = {k: (after[k] or 0.0) - (before[k] or 0.0) if after[k] is not None else None for k in COUNTERS}
@@ -189,6 +204,8 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
         "backend": "openai-chat" if cfg.is_chat else "openai", "base_url": cfg.base_url, "endpoint": cfg.endpoint,
         "model_id": model, "system_prompt_len": cfg.system_prompt_len, "user_turn_len": cfg.random_input_len,
         "answer_len": cfg.random_output_len, "seed": cfg.seed, "goodput_slos_ms": {**goodput_ms},
+        "conversation_rate": "inf" if math.isinf(cfg.request_rate) else cfg.request_rate,
+        "burstiness": cfg.burstiness,
         "multi_turn": summary.model_dump()})
     if cfg.save_result or cfg.result_filename:
         name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"

@@ -121,7 +121,6 @@ class ServeBenchConfig(BaseModel):
 # Flags only one mode reads (field -> flag): `--multi-turn` runs conversations, not independent prompts.
 _INDEPENDENT_ONLY = {"num_prompts": "--num-prompts", "random_range_ratio": "--random-range-ratio",
                      "input_lens": "--input-lens",
-                     "request_rate": "--request-rate", "burstiness": "--burstiness",
                      "max_concurrency": "--max-concurrency", "num_warmups": "--num-warmups", "plot_dir": "--plot"}
 _MULTI_TURN_ONLY = {"num_conversations": "--num-conversations", "num_turns": "--num-turns",
                     "system_prompt_len": "--system-prompt-len"}

@@ -66,13 +66,17 @@ class _Server:
 
 
 def _run(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
+    return dict(_run_doc(url, tmp_path, *extra)["multi_turn"])
+
+
+def _run_doc(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     out = tmp_path / "mt.json"
     result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", "--num-conversations", "2",
                                             "--num-turns", "3", "--system-prompt-len", "5", "--random-input-len", "2",
                                             "--random-output-len", str(ANSWER), "--result-filename", str(out), *extra])
     assert result.exit_code == 0, result.output
     assert "Prompt tokens computed" in result.output and "TTFT p50" in result.output
-    return dict(json.loads(out.read_text())["multi_turn"])
+    return dict(json.loads(out.read_text()))
 
 
 def test_each_turn_resends_the_conversation_with_the_servers_answer(tmp_path: Path) -> None:
@@ -90,6 +94,19 @@ def test_each_turn_resends_the_conversation_with_the_servers_answer(tmp_path: Pa
                        "kv_bytes_moved_per_request": 100.0, "ttft_p50_ms": summary["ttft_p50_ms"]}
 
 
+def test_conversations_start_at_the_request_rate(tmp_path: Path) -> None:
+    """--request-rate 5 with near-regular gaps (--burstiness 1000): the 3 conversations start ~0.2 s apart,
+    each one's turns back to back; without it all start at once (the previous test)."""
+    server = _Server()
+    with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
+        doc = _run_doc(fake.url, tmp_path, "--num-conversations", "3", "--request-rate", "5", "--burstiness", "1000")
+    assert doc["conversation_rate"] == 5.0 and doc["multi_turn"]["requests"] == 9
+    firsts = sorted(doc["start_times"][::3])  # results are per conversation, its 3 turns in order
+    # a conversation never starts before its arrival (0, ~0.2, ~0.4 s): lower bounds only, for a loaded machine
+    assert firsts[1] >= 0.15 and firsts[2] >= 0.35, firsts
+    assert len(server.prompts) == 9 and len({tuple(p[:5]) for p in server.prompts}) == 1
+
+
 def test_chat_turns_carry_the_answers_as_assistant_messages(tmp_path: Path) -> None:
     server = _Server()
     with ThreadServer(server.app, PortAllocator("127.0.0.1").free("fake")) as fake:
@@ -102,7 +119,7 @@ def test_chat_turns_carry_the_answers_as_assistant_messages(tmp_path: Path) -> N
 def test_flags_of_the_other_mode_are_refused_not_ignored() -> None:
     url = ["serve", "--base-url", "http://127.0.0.1:9"]
     for extra, named in ((["--multi-turn", "--num-prompts", "5"], "--num-prompts"),
-                         (["--multi-turn", "--request-rate", "2"], "--request-rate"),
+                         (["--multi-turn", "--max-concurrency", "2"], "--max-concurrency"),
                          (["--multi-turn", "--prompt-format", "words"], "--prompt-format words"),
                          (["--num-turns", "3"], "--num-turns")):
         result = CliRunner().invoke(bench_app, [*url, *extra])
