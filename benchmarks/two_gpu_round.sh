@@ -64,8 +64,10 @@ mixed)
     ;;
 multiturn)
     need_8b
+    # Conversations start 4 a second: started together (this session's first runs) they turn in lockstep, and
+    # TTFT p50 measured each turn's burst as much as the policy (RESULTS, twenty-seventh session).
     BENCH_ARGS=${MT_ARGS:-"--multi-turn --num-conversations 16 --num-turns 4 --system-prompt-len 1024
-        --random-input-len 256 --random-output-len 128"}
+        --random-input-len 256 --random-output-len 128 --request-rate 4"}
     # With one decode, round robin reaches the decode that holds the conversation too, so decode-side reuse
     # serves it as well: the first run, without prefix caching, is what every turn cost before issue 31.
     serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
