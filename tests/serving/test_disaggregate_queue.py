@@ -9,9 +9,10 @@ holds each answer until the test opens its gate, so the queues the proxy counts 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
@@ -37,12 +39,15 @@ GATE_TIMEOUT_S = 60.0
 
 
 class GatedInstance:
-    """/health and /v1/completions; while `gate` is closed an answer waits for it (at most GATE_TIMEOUT_S)."""
+    """/health and /v1/completions; while `gate` is closed an answer waits for it (at most GATE_TIMEOUT_S). A
+    decode's stream sends its first event, then waits for `tail` before the rest."""
 
     def __init__(self, role: str, name: str) -> None:
         self.role, self.name = role, name
         self.gate = threading.Event()
         self.gate.set()
+        self.tail = threading.Event()
+        self.tail.set()
         self.requests: list[dict[str, Any]] = []
         self.app = FastAPI()
         self.app.get("/health")(lambda: {"status": "ok", "engine_id": name})
@@ -56,7 +61,21 @@ class GatedInstance:
         if self.role == "prefill":
             return {"choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
                     "kv_transfer_params": {"do_remote_prefill": True, "remote_request_id": "r"}}
+        if body.get("stream"):
+            return StreamingResponse(self._events(), media_type="text/event-stream")
         return {"choices": [{"index": 0, "text": f"from {self.name}", "finish_reason": "length"}]}
+
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        yield _event({"choices": [{"index": 0, "text": "first", "finish_reason": None}]})
+        opened = await asyncio.to_thread(self.tail.wait, GATE_TIMEOUT_S)
+        assert opened, f"{self.name}: the test never let the stream end"
+        yield _event({"choices": [{"index": 0, "text": f" from {self.name}", "finish_reason": "length"}]})
+        yield b"data: [DONE]\n\n"
+
+
+def _event(chunk: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(chunk)}\n\n".encode()
 
 
 @pytest.fixture
@@ -68,7 +87,9 @@ def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]
         pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")],
                             "round_robin")
         disaggregation = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
-        app = build_proxy_app(pool, 30.0, disaggregation=disaggregation, tokenizer_dir=resolve_model_path("tiny"))
+        # migration off: a streamed decode leg is relayed as it comes (the fake's events carry no token ids)
+        app = build_proxy_app(pool, 30.0, migration_limit=0, disaggregation=disaggregation,
+                              tokenizer_dir=resolve_model_path("tiny"))
         try:
             with ThreadServer(app, ports.free("proxy")) as proxy:
                 wait_for(lambda: all(i.state == "ready" for i in pool.instances), "both fake instances ready")
@@ -76,6 +97,7 @@ def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]
         finally:
             prefill.gate.set()
             decode.gate.set()
+            decode.tail.set()
 
 
 def _post(url: str, prompt: list[int], request_id: str) -> httpx.Response:
@@ -150,6 +172,34 @@ def test_a_decode_at_its_spill_cap_leaves_the_next_prompt_to_the_prefill_queue(
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert _decisions(url) == {"pd": 2.0, "spilled": 1.0}
     wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the spilled request's tokens to be released")
+
+
+def test_a_spilled_stream_holds_the_decodes_cap_until_it_ends(
+        fleet: tuple[str, GatedInstance, GatedInstance, Disaggregation]) -> None:
+    """The cap counts a spilled request until its answer ends, not only until its first token: released at the
+    first token, twice the prompts spilled on 2x H200 and the decode's TPOT went past the SLO (RESULTS.md,
+    twenty-seventh session)."""
+    url, prefill, decode, disaggregation = fleet
+    prefill.gate.clear()
+    decode.tail.clear()
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(_post, url, PROMPT, "first")
+        wait_for(lambda: len(prefill.requests) == 1, "the first prompt's prefill leg to reach the held prefill")
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "stream": True},
+                          timeout=GATE_TIMEOUT_S + 30) as stream:
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            assert '"text": "first"' in next(line for line in lines if line.startswith("data:"))
+            assert disaggregation.spilled["decode-0"] == len(PROMPT)  # streaming: still counted
+            third = pool.submit(_post, url, PROMPT, "third")  # the cap is full: it queues for the prefill
+            wait_for(lambda: len(prefill.requests) == 2, "the third prompt to queue for the prefill")
+            decode.tail.set()
+            assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
+        wait_for(lambda: disaggregation.spilled.get("decode-0") == 0, "the ended stream to leave the cap")
+        prefill.gate.set()
+        assert first.result(timeout=GATE_TIMEOUT_S).status_code == 200
+        assert third.result(timeout=GATE_TIMEOUT_S).status_code == 200
+    assert _decisions(url) == {"pd": 2.0, "spilled": 1.0}
 
 
 def test_the_launcher_passes_the_cap_and_the_proxy_refuses_it_alone(tmp_path: Path,
