@@ -1,22 +1,37 @@
 """The P:D advisor of `pdlaunch bench compare`: which xPyD split of N GPUs serves a workload with the most goodput.
 
 From what the PD run measured, per GPU:
-- prefill throughput P (prompt tokens per second of prefill steps): one prefill GPU finishes P / input_len
-  requests per second;
+- prefill throughput P (prompt tokens per second of prefill steps): one prefill GPU finishes mu = P / input_len
+  requests per second, each in S = input_len / P seconds of prefill;
 - decode step time t(b) = a + c * b ms against batch b (least squares over the rates; one batch size measured:
   t constant), so the decode capacity at the TPOT target T is B = (T - a) / c sequences (at most max_num_seqs);
   a sequence stays output_len steps of about T ms, so one decode GPU finishes B / (output_len * T / 1000)
   requests per second.
 
-A split xPyD sustains min(x * prefill req/s, y * decode req/s); its predicted goodput at offered rate r is
-min(r, that). The advice is the split with the highest sustained rate (ties: more prefill GPUs, since TTFT has
-no slack once prefill queues). What it leaves out: TTFT queueing near saturation, KV transfer time, and a KV
+A split xPyD *sustains* min(x * mu, y * decode req/s): its throughput bound. Goodput is less before that: with a
+TTFT target, a prompt waits behind the prompts queued at its prefill. Each prefill GPU is taken as an M/M/1
+queue fed rate lam = r / x of the offered rate r (Poisson arrivals, round robin), so a prompt's wait exceeds w
+with probability rho * exp(-(mu - lam) * w), rho = lam / mu, and its TTFT (wait + S) is within the target
+TTFT_t with probability
+
+    within(r) = 1 - rho * exp(-(mu - lam) * (TTFT_t - S))     (0 when S > TTFT_t or rho >= 1).
+
+Exponential service overstates the wait of equal-length prompts (M/D/1 waits half as long on average); the
+difference covers what the model leaves out (a prompt that arrives mid-step waits for the step, the KV
+transfer, the decode's first step). The predicted goodput at r is within(r) * min(r, y * decode req/s), and a
+split's *SLO rate* is the highest r it serves with >= 90% of requests within the TTFT target
+(goodput.WITHIN_SLO_SHARE, the criterion `bench compare` reports). The advice is the split with the highest
+SLO rate (ties: more prefill GPUs); without a TTFT target, the highest sustained rate. Still left out: a KV
 cache too small for B sequences; `bench compare` runs the advised split so the prediction is checked.
 """
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, Field
+
+from pdlaunch.bench.goodput import WITHIN_SLO_SHARE
 
 MS_PER_S = 1000.0
 
@@ -63,20 +78,57 @@ def decode_capacity(fit: DecodeFit, tpot_ms: float, max_num_seqs: int) -> float:
     return min(float(max_num_seqs), (tpot_ms - fit.intercept_ms) / fit.slope_ms)
 
 
+def within_ttft(lam: float, mu: float, ttft_s: float) -> float:
+    """Share of prompts whose TTFT (queue wait + 1 / mu of prefill) is within `ttft_s` at one prefill GPU fed
+    `lam` requests/s that it finishes at `mu` requests/s (M/M/1; module doc)."""
+    if mu <= 0 or lam >= mu:
+        return 0.0
+    slack = ttft_s - 1.0 / mu
+    if slack < 0:
+        return 0.0
+    return max(0.0, 1.0 - (lam / mu) * math.exp(-(mu - lam) * slack))
+
+
 class SplitPrediction(BaseModel):
     prefill: int
     decode: int
     prefill_rate: float  # requests/s the prefill GPUs finish
     decode_rate: float  # requests/s the decode GPUs finish within the TPOT target
     sustained_rate: float  # min of the two
+    ttft_target_ms: float | None = None  # None: no TTFT queueing in the prediction
+    slo_rate: float = 0.0  # the highest rate with >= WITHIN_SLO_SHARE within the TTFT target (sustained without)
 
     @property
     def label(self) -> str:
         return f"{self.prefill}P{self.decode}D"
 
+    def within(self, rate: float) -> float:
+        """Predicted share of requests within the TTFT target at offered `rate` (1 without a target)."""
+        if self.ttft_target_ms is None:
+            return 1.0
+        mu = self.prefill_rate / self.prefill
+        return within_ttft(rate / self.prefill, mu, self.ttft_target_ms / MS_PER_S)
+
     def goodput(self, rate: float) -> float:
         """Predicted goodput at offered `rate`, requests/s."""
-        return min(rate, self.sustained_rate)
+        if self.ttft_target_ms is None:
+            return min(rate, self.sustained_rate)
+        return self.within(rate) * min(rate, self.decode_rate)
+
+
+def _slo_rate(split: SplitPrediction) -> float:
+    """The highest rate `split` serves with >= WITHIN_SLO_SHARE within its TTFT target, by bisection (the share
+    falls as the rate rises)."""
+    top = min(split.prefill_rate, split.decode_rate)
+    if split.ttft_target_ms is None or top <= 0:
+        return top
+    if split.within(1e-9 * top) < WITHIN_SLO_SHARE:
+        return 0.0
+    lo, hi = 0.0, top
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if split.within(mid) >= WITHIN_SLO_SHARE else (lo, mid)
+    return lo
 
 
 class Advice(BaseModel):
@@ -93,14 +145,17 @@ class Advice(BaseModel):
     def sentence(self) -> str:
         b = self.best
         limit = "prefill" if b.prefill_rate < b.decode_rate else "decode"
-        return (f"advice for {self.num_gpus} GPUs: {b.label}, predicted to sustain {b.sustained_rate:.2f} req/s "
-                f"({limit}-bound; prefill {self.prefill_tokens_per_s:.0f} tokens/s per GPU, decode "
+        within = (f"to keep {WITHIN_SLO_SHARE:.0%} of requests within TTFT {b.ttft_target_ms:g} ms up to "
+                  f"{b.slo_rate:.2f} req/s and " if b.ttft_target_ms is not None else "")
+        return (f"advice for {self.num_gpus} GPUs: {b.label}, predicted {within}to sustain {b.sustained_rate:.2f} "
+                f"req/s ({limit}-bound; prefill {self.prefill_tokens_per_s:.0f} tokens/s per GPU, decode "
                 f"{self.decode_sequences:.0f} sequences per GPU at TPOT {self.tpot_target_ms:g} ms)")
 
 
 def advise(num_gpus: int, input_len: int, output_len: int, tpot_target_ms: float, prefill_tokens_per_s: float,
-           decode_points: list[DecodePoint], max_num_seqs: int) -> Advice:
-    """The xPyD split of `num_gpus` (>= 2) that sustains the highest rate within the TPOT target."""
+           decode_points: list[DecodePoint], max_num_seqs: int, ttft_target_ms: float | None = None) -> Advice:
+    """The xPyD split of `num_gpus` (>= 2) with the highest SLO rate: within the TPOT target and, given
+    `ttft_target_ms`, with >= 90% of requests within it (module doc)."""
     if num_gpus < 2:
         raise ValueError(f"a PD split needs at least 2 GPUs, got {num_gpus}")
     fit = fit_decode(decode_points)
@@ -111,10 +166,12 @@ def advise(num_gpus: int, input_len: int, output_len: int, tpot_target_ms: float
     splits = [
         SplitPrediction(prefill=x, decode=num_gpus - x, prefill_rate=x * per_prefill,
                         decode_rate=(num_gpus - x) * per_decode,
-                        sustained_rate=min(x * per_prefill, (num_gpus - x) * per_decode))
+                        sustained_rate=min(x * per_prefill, (num_gpus - x) * per_decode), ttft_target_ms=ttft_target_ms)
         for x in range(1, num_gpus)
     ]
-    best = max(splits, key=lambda s: (round(s.sustained_rate, 9), s.prefill))
+    for split in splits:
+        split.slo_rate = _slo_rate(split)
+    best = max(splits, key=lambda s: (round(s.slo_rate, 9), s.prefill))
     return Advice(num_gpus=num_gpus, input_len=input_len, output_len=output_len, tpot_target_ms=tpot_target_ms,
                   prefill_tokens_per_s=prefill_tokens_per_s, decode_fit=fit, decode_sequences=sequences,
                   splits=splits, best=best)

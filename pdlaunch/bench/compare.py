@@ -397,8 +397,9 @@ def advice_from(cfg: CompareConfig, layout: Layout, pd: DeploymentRun) -> Advice
     if not prefill or not points:
         return None
     max_num_seqs = deployment_config(cfg, layout, "pd").scheduler.max_num_seqs
-    return advise(num_gpus(layout), cfg.mean_input_len, cfg.output_len, cfg.slo_of(cfg.advise_for).tpot_ms,
-                  max(prefill), points, max_num_seqs)
+    slo = cfg.slo_of(cfg.advise_for)
+    return advise(num_gpus(layout), cfg.mean_input_len, cfg.output_len, slo.tpot_ms, max(prefill), points,
+                  max_num_seqs, ttft_target_ms=slo.ttft_ms)
 
 
 class Comparison(BaseModel):

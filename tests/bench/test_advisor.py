@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from pdlaunch.bench.advisor import DecodeFit, DecodePoint, advise, decode_capacity, fit_decode
+import math
+
+from pdlaunch.bench.advisor import DecodeFit, DecodePoint, advise, decode_capacity, fit_decode, within_ttft
 from pdlaunch.bench.engine_load import InstanceTotals, StepTotals, engine_load, parse_step_totals
 
 
@@ -50,6 +52,37 @@ def test_advise_picks_the_split_with_the_highest_sustained_rate() -> None:
     assert advise(2, 100, 10, 1.0, 1000.0, points, 64).best.sustained_rate == 0.0
     with pytest.raises(ValueError):
         advise(1, 100, 10, 15.0, 1000.0, points, 64)
+
+
+def test_within_ttft_is_the_m_m_1_wait_within_the_slack() -> None:
+    # mu 10 req/s: 0.1 s of prefill; TTFT 0.4 s leaves 0.3 s to wait; at lam 5, P(wait > 0.3) = 0.5 e^-1.5
+    assert within_ttft(5.0, 10.0, 0.4) == pytest.approx(1 - 0.5 * math.exp(-1.5))
+    assert within_ttft(0.0, 10.0, 0.4) == 1.0
+    assert within_ttft(10.0, 10.0, 0.4) == 0.0 and within_ttft(12.0, 10.0, 0.4) == 0.0  # rho >= 1: the queue grows
+    assert within_ttft(0.0, 10.0, 0.05) == 0.0  # the prefill alone takes longer than the target
+
+
+def test_a_ttft_target_moves_the_advice_to_the_prefill_side() -> None:
+    """Sustained rates treat a prefill GPU as done at 100% busy; with a TTFT target its queue decides first."""
+    points = [DecodePoint(batch=16, step_ms=7.0), DecodePoint(batch=64, step_ms=13.0)]  # t(b) = 5 + 0.125 b
+    plain = advise(4, 3000, 300, 15.0, 30000.0, points, 256)
+    assert plain.best.label == "2P2D" and plain.best.sustained_rate == pytest.approx(20.0)  # 3P1D: 17.8
+    advice = advise(4, 3000, 300, 15.0, 30000.0, points, 256, ttft_target_ms=400.0)
+    # one prefill GPU (mu 10) keeps 90% within 400 ms up to lam ~4.78: 2P2D 9.57, 3P1D 14.35 (decode 17.8)
+    slo = {s.label: s.slo_rate for s in advice.splits}
+    lam = slo["1P3D"]
+    assert within_ttft(lam, 10.0, 0.4) == pytest.approx(0.9, abs=1e-6) and lam == pytest.approx(4.783, abs=1e-3)
+    assert slo == pytest.approx({"1P3D": lam, "2P2D": 2 * lam, "3P1D": 3 * lam})
+    best = advice.best
+    assert best.label == "3P1D" and best.sustained_rate == pytest.approx(160.0 / 9)
+    assert best.within(best.slo_rate) == pytest.approx(0.9, abs=1e-6)
+    assert best.goodput(12.0) == pytest.approx(within_ttft(4.0, 10.0, 0.4) * 12.0)
+    assert best.goodput(30.0) == 0.0  # past the prefill GPUs' 30 req/s
+    assert "to keep 90% of requests within TTFT 400 ms up to 14.35 req/s and to sustain 17.78 req/s" \
+        in advice.sentence()
+    # long outputs: without the target 1P3D (8 req/s, decode-bound), with it 2P2D (its one prefill keeps up)
+    assert advise(4, 3000, 2000, 15.0, 30000.0, points, 256).best.label == "1P3D"
+    assert advise(4, 3000, 2000, 15.0, 30000.0, points, 256, ttft_target_ms=400.0).best.label == "2P2D"
 
 
 def _metrics_page(values: dict[str, tuple[float, float, float]]) -> str:
