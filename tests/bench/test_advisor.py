@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-
-import math
 
 from pdlaunch.bench.advisor import DecodeFit, DecodePoint, advise, decode_capacity, fit_decode, within_ttft
 from pdlaunch.bench.engine_load import InstanceTotals, StepTotals, engine_load, parse_step_totals
