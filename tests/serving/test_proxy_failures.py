@@ -63,7 +63,9 @@ class ScriptedInstance:
 
 
 @pytest.fixture(scope="module")
-def setup() -> Iterator[tuple[str, ScriptedInstance, InstancePool]]:
+def setup() -> Iterator[tuple[str, ScriptedInstance, InstancePool, ScriptedInstance]]:
+    """(proxy URL, the decode, the pool, the live prefill): prefill-0 and decode-0 scripted, prefill-1 where
+    nothing listens."""
     ports = PortAllocator("127.0.0.1")
     prefill, decode = ScriptedInstance("prefill"), ScriptedInstance("decode")
     unreachable = f"http://127.0.0.1:{ports.free('nothing listens')}"
@@ -71,7 +73,7 @@ def setup() -> Iterator[tuple[str, ScriptedInstance, InstancePool]]:
         pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0"),
                              Instance("prefill", unreachable, "prefill-1")], "round_robin")
         with ThreadServer(build_proxy_app(pool, request_timeout_s=2.0), ports.free("proxy")) as proxy:
-            yield proxy.url, decode, pool
+            yield proxy.url, decode, pool, prefill
 
 
 def _mark_ready(pool: InstancePool) -> None:
@@ -80,7 +82,7 @@ def _mark_ready(pool: InstancePool) -> None:
 
 
 def test_stream_passes_through_and_legs_share_the_request_id(setup: Any) -> None:
-    url, decode, pool = setup
+    url, decode, pool, _ = setup
     _mark_ready(pool)
     pool.instances[2].state = "down"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True, "max_tokens": 5},
@@ -93,7 +95,7 @@ def test_stream_passes_through_and_legs_share_the_request_id(setup: Any) -> None
 
 
 def test_unreachable_prefill_is_retried_on_a_live_one_and_marked_down(setup: Any) -> None:
-    url, _, pool = setup
+    url, _, pool, _ = setup
     _mark_ready(pool)
     body = {"prompt": "ok", "stream": True}
     statuses = [httpx.post(f"{url}/v1/completions", json=body, timeout=10).status_code for _ in range(2)]
@@ -104,16 +106,31 @@ def test_unreachable_prefill_is_retried_on_a_live_one_and_marked_down(setup: Any
 
 
 def test_unreachable_prefill_without_another_is_a_503(setup: Any) -> None:
-    url, _, pool = setup
+    """Only the unreachable prefill-1 is left: prefill-0 answers /health 503, so the proxy's probe keeps it out
+    (a state set by hand on a healthy instance is undone by the next probe, a second later: on a loaded machine
+    the request could come after it). Whether the request tries prefill-1 (instance_unreachable) or the probe
+    has marked it down first (no_instance), the client gets a 503 that names it."""
+    url, _, pool, prefill = setup
     _mark_ready(pool)
-    pool.instances[0].state = "down"  # only the unreachable prefill-1 is left
-    r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True}, timeout=10)
-    assert r.status_code == 503 and r.json()["error"]["code"] == "instance_unreachable"
-    assert "prefill-1" in r.json()["error"]["message"]
+    prefill.healthy = False
+    try:
+        wait_for(lambda: pool.instances[0].state == "unhealthy", "the probe to mark prefill-0 unhealthy")
+        pool.instances[2].state = "ready"
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "stream": True}, timeout=10)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] in ("instance_unreachable", "no_instance")
+        assert "prefill-1" in r.json()["error"]["message"]
+        # once the leg found it unreachable (or the probe did), it is down: the next request says so too
+        wait_for(lambda: pool.instances[2].state == "down", "prefill-1 to be marked down")
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok"}, timeout=10)
+        assert r.status_code == 503 and "prefill-1 down" in r.json()["error"]["message"]
+    finally:
+        prefill.healthy = True
+    wait_for(lambda: pool.instances[0].state == "ready", "prefill-0 to be ready again")
 
 
 def test_crash_mid_stream_ends_with_an_openai_error_event(setup: Any) -> None:
-    url, _, pool = setup
+    url, _, pool, _ = setup
     _mark_ready(pool)
     pool.instances[2].state = "down"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "drop", "stream": True}, timeout=10)
@@ -125,7 +142,7 @@ def test_crash_mid_stream_ends_with_an_openai_error_event(setup: Any) -> None:
 
 @pytest.mark.slow
 def test_hanging_instance_hits_the_request_timeout(setup: Any) -> None:
-    url, _, pool = setup
+    url, _, pool, _ = setup
     _mark_ready(pool)
     pool.instances[2].state = "down"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hang"}, timeout=30)
@@ -135,7 +152,7 @@ def test_hanging_instance_hits_the_request_timeout(setup: Any) -> None:
 
 
 def test_client_disconnect_closes_the_upstream_stream(setup: Any) -> None:
-    url, decode, pool = setup
+    url, decode, pool, _ = setup
     _mark_ready(pool)
     pool.instances[2].state = "down"
     decode.cancelled.clear()
@@ -147,7 +164,7 @@ def test_client_disconnect_closes_the_upstream_stream(setup: Any) -> None:
 
 
 def test_health_follows_the_instances(setup: Any) -> None:
-    url, decode, pool = setup
+    url, decode, pool, _ = setup
     _mark_ready(pool)
     assert httpx.get(f"{url}/health", timeout=5).status_code == 200
     decode.healthy = False
