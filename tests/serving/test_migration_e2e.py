@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -77,6 +78,7 @@ class _Stream:
 
     def __init__(self, serve: Serve, i: int, url: str | None = None) -> None:
         self.text, self.errors, self.chunks, self.done = "", [], 0, False
+        self.request_id = f"migration-test-{uuid.uuid4().hex[:12]}-{i}"  # names its log lines (_explain)
         self.started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url or serve.url, i), daemon=True)
         self._thread.start()
@@ -84,7 +86,8 @@ class _Stream:
     def _run(self, url: str, i: int) -> None:
         path, body = _request(i, stream=True)
         try:
-            with httpx.stream("POST", url + path, json=body, timeout=CLIENT_TIMEOUT_S, trust_env=False) as r:
+            with httpx.stream("POST", url + path, json=body, headers={"X-Request-Id": self.request_id},
+                              timeout=CLIENT_TIMEOUT_S, trust_env=False) as r:
                 if r.status_code != 200:
                     self.errors.append(f"HTTP {r.status_code}: {r.read()!r}")
                     return
@@ -153,14 +156,27 @@ def reference(serve: Serve) -> list[str]:
         return list(pool.map(lambda i: _whole(serve, i), range(STREAMS)))
 
 
-def _check(streams: list[_Stream], reference: list[str]) -> None:
+def _check(serve: Serve, streams: list[_Stream], reference: list[str]) -> None:
     for s in streams:
         s.join()
     errors = [(i, s.errors) for i, s in enumerate(streams) if s.errors]
     assert not errors, errors
     assert all(s.done for s in streams)
-    wrong = [(i, s.text, reference[i]) for i, s in enumerate(streams) if s.text != reference[i]]
-    assert not wrong, wrong[:3]
+    wrong = [i for i, s in enumerate(streams) if s.text != reference[i]]
+    assert not wrong, "\n".join(_explain(serve, i, streams[i], reference[i]) for i in wrong[:3])
+
+
+def _explain(serve: Serve, i: int, stream: _Stream, expected: str) -> str:
+    """Where stream `i`'s text leaves the uninterrupted run's, and every log line that names its request."""
+    at = next((n for n, (a, b) in enumerate(zip(stream.text, expected)) if a != b),
+              min(len(stream.text), len(expected)))
+    lines = [f"stream {i} ({stream.request_id}, {stream.chunks} chunks): {len(stream.text)} characters, expected "
+             f"{len(expected)}; they differ from character {at}: got {stream.text[max(0, at - 20):at + 40]!r}, "
+             f"expected {expected[max(0, at - 20):at + 40]!r}"]
+    for log in sorted(serve.log_dir.glob("*.log")):
+        lines += [f"  {log.name}: {line[:400]}" for line in log.read_text(errors="replace").splitlines()
+                  if stream.request_id in line]
+    return "\n".join(lines)
 
 
 def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: list[str]) -> None:
@@ -169,7 +185,7 @@ def test_streams_of_a_killed_decode_go_on_on_the_other(serve: Serve, reference: 
     streams = [_Stream(serve, i) for i in range(STREAMS)]
     _mid_stream(serve, "decode-1", streams)
     os.kill(serve.instance_pid("decode-1"), signal.SIGKILL)
-    _check(streams, reference)
+    _check(serve, streams, reference)
     moved = _metric(serve, 'pdlaunch_proxy_migrations_total{reason="died"}') - before
     print(f"\nSIGKILL: {moved:.0f} of {STREAMS} streams migrated, all texts equal the uninterrupted run")
     assert moved >= 1
@@ -192,7 +208,7 @@ def test_streams_and_whole_requests_of_a_stopped_decode_go_on_on_the_other(serve
     try:
         with ThreadPoolExecutor(4) as pool:  # whole requests sent while decode-0 is stopped, before its mark
             whole = list(pool.map(lambda i: _whole(serve, i), range(STREAMS // 2, STREAMS // 2 + 4)))
-        _check(streams, reference)
+        _check(serve, streams, reference)
     finally:
         os.kill(pid, signal.SIGCONT)
     assert whole == reference[STREAMS // 2:STREAMS // 2 + 4]
@@ -214,7 +230,7 @@ def test_streams_whose_decode_stops_before_the_headers_go_on_on_the_other(serve:
         os.kill(pid, signal.SIGSTOP)
         try:
             streams = [_Stream(serve, i, url) for i in range(6)]  # round robin: 3 of them on decode-0
-            _check(streams, reference[:6])
+            _check(serve, streams, reference[:6])
         finally:
             os.kill(pid, signal.SIGCONT)
         moved = _metric_at(url, 'pdlaunch_proxy_migrations_total{reason="stalled"}') - before
