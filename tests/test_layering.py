@@ -10,6 +10,8 @@ for cycles.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,13 @@ def test_lazy_marker_exempts_only_the_layer_order(tmp_path: Path) -> None:
     path = tmp_path / "probe.py"
     path.write_text("def f():\n    from pdlaunch.engine.llm_engine import LLMEngine  # layering: lazy\n")
     assert imports_of("pdlaunch.config.probe", path) == [("pdlaunch.engine.llm_engine", 2, True)]
+
+
+@pytest.mark.parametrize("module", ["pdlaunch.proxy.__main__", "pdlaunch.cli"])
+def test_the_proxy_and_the_cli_start_without_torch(module: str) -> None:
+    """A proxy process (one per deployment, one per bench run) and the CLI import no torch: it costs a proxy
+    2-3 s of a loaded core and ~300 MB before it answers, and the proxy never computes with it."""
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"{module} imports torch: {result.stdout.strip()[:300]}"

@@ -27,13 +27,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, JsonValue
 
 from pdlaunch.errors import EngineError
-from pdlaunch.memory.platform import to_device_async
 
-if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
+if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed; torch where masks are (the proxy
+    # reads these request models and needs no torch)
+    import torch
     from llguidance import LLMatcher, LLTokenizer
 
     from pdlaunch.model.tokenizer import Tokenizer
@@ -199,6 +199,9 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[LLMatcher | Non
     if not rows:
         return logits
     import llguidance.torch as llt
+    import torch
+
+    from pdlaunch.memory.platform import to_device_async
 
     num_rows, vocab = logits.shape
     words = -(-vocab // 32)

@@ -17,9 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import HFConfigJson
@@ -31,6 +29,9 @@ from pdlaunch.model.demo_tokenizer import (
     generation_config,
     write_tokenizer_files,
 )
+
+if TYPE_CHECKING:  # torch is imported where weights are drawn: the proxy resolves model names without it
+    import torch
 
 DEMO_NAME = "demo-v1"
 DEMO_SEED = 20240601
@@ -61,6 +62,8 @@ DEMO_HF_CONFIG: HFConfigJson = {
 
 def _demo_weights() -> dict[str, torch.Tensor]:
     """HF Llama tensor names -> float32 tensors, drawn in a fixed order from one seeded generator."""
+    import torch  # here, not at the top: the proxy resolves model names and needs no torch (~3 s to import)
+
     cfg = DEMO_HF_CONFIG
     hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     head_dim = cfg["head_dim"]
@@ -93,6 +96,8 @@ def build_demo_checkpoint(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(DEMO_HF_CONFIG, indent=2, sort_keys=True) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
     write_tokenizer_files(directory)
+    from safetensors.torch import save_file  # imports torch: only when a checkpoint is built
+
     save_file(_demo_weights(), str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
