@@ -97,6 +97,7 @@ class ClaimReadRequest(_Message):
     type: Literal["claim_read"]
     request_id: _Name
     seconds: _Seconds
+    reader: _Name  # the decode engine id (its TP ranks share it): holds.py ends a hold per reader
 
 
 class CancelPushRequest(_Message):
@@ -199,7 +200,8 @@ class _Notif(BaseModel):
 class ReadDone(_Notif):
     kind: Literal["read_done", "release"]
     request_id: _Name
-    readers: int = Field(1, ge=1, le=1024)  # decode ranks that each send one (resharding)
+    reader: _Name  # the decode engine id, as in its claim_read
+    readers: int = Field(1, ge=1, le=1024)  # ranks of that decode that each send one (resharding)
 
 
 class PushDone(_Notif):

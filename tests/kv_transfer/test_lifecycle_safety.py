@@ -264,3 +264,34 @@ def test_pull_claim_after_the_lease_fails_cleanly() -> None:
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         ev = _wait(decode, lambda e: "r" in e.failed_recving or "r" in e.finished_recving, "the load")
         assert "not held here any more" in ev.failed_recving["r"]
+
+
+@pytest.mark.slow
+def test_a_second_decode_given_the_same_params_after_the_first_read_fails_cleanly() -> None:
+    """The proxy retries a decode leg whose decode died on another decode, with the prefill's params: if the first
+    decode already READ the blocks (its read_done freed them, and another prompt may reuse them), the second one's
+    load fails (its engine computes the prompt itself) instead of loading whatever the blocks hold now."""
+    config = _config("pull", transfer_timeout=20.0, lease=60.0)
+    config.kv_transfer.verify_kv = False  # the default: no checksum would catch the wrong bytes
+    spec = dict(block_size=BLOCK_SIZE, num_blocks=16)
+    sides: list[Any] = []
+    try:
+        for role, seed, engine_id in (("prefill", 1, "engine-prefill"), ("decode", 2, "engine-decode-0"),
+                                      ("decode", 3, "engine-decode-1")):
+            instance = InstanceSpec(role=role, port=seed, engine_id=engine_id, device="cpu")
+            sides.append(SlowConnectorProcess(config, instance, "", seed=seed, **spec))
+        prefill, first, second = sides
+        source = prefill.call("blocks", 0, P_IDS[0])
+        _, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
+        first.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
+        _wait(first, lambda e: "r" in e.finished_recving, what="the first decode's load")
+        assert torch.equal(first.call("blocks", 0, D_IDS[0]), source)
+        _wait(prefill, lambda e: "r" in e.finished_sending, what="prefill freeing after the read_done")
+        prefill.call("fill", 0, P_IDS[0], SENTINEL)  # another prompt reuses the freed blocks
+        second.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
+        ev = _wait(second, lambda e: "r" in e.failed_recving or "r" in e.finished_recving, what="the second load")
+        assert "r" not in ev.finished_recving, "the second decode loaded blocks another prompt reuses"
+        assert "read by another decode (engine-decode-0)" in ev.failed_recving["r"]
+    finally:
+        for side in sides:
+            side.close()

@@ -106,7 +106,7 @@ def test_notifications_without_the_deployment_mac_are_dropped(caplog: pytest.Log
     try:
         for agent in (ours, other):
             agent.add_remote(ours.metadata())
-        message = encode_notification(ReadDone(kind="release", request_id="someone-else"))
+        message = encode_notification(ReadDone(kind="release", request_id="someone-else", reader="d"))
         other.notify("ours", message)  # MACed with another deployment's key
         other.engine.notify(ours.engine.session_id, "ours", message.decode())  # no MAC at all
         ours.notify("ours", message)

@@ -1,6 +1,10 @@
 """Read claims of a held request (pull): the decode sends its claim just before it posts the READ, so the claim
 may arrive after the READ's read_done. Such a claim is answered as claimed (the hold lived until the read_done);
-a claim of a hold that expired or was released is refused, before or after the hold left the table."""
+a claim of a hold that expired or was released is refused, before or after the hold left the table.
+
+Claims and notifications name their decode ("reader"): when the proxy sends one prefill's params to a second decode
+(it retried a decode leg whose instance died), the second decode's claim after the first one's read_done is refused
+(its blocks may already serve another prompt), and a hold both decodes claimed lives until both have notified."""
 
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ import pytest
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.messages import ClaimReadRequest, Empty, ReadDone
-from pdlaunch.kv_transfer.prefill.holds import HoldTable
+from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 
 
-def _claim(table: HoldTable, request_id: str = "r1") -> Empty:
-    return table.claim_read(ClaimReadRequest(type="claim_read", request_id=request_id, seconds=5.0))
+def _claim(table: HoldTable, request_id: str = "r1", reader: str = "decode-0") -> Empty:
+    return table.claim_read(ClaimReadRequest(type="claim_read", request_id=request_id, seconds=5.0, reader=reader))
 
 
-def _notify(table: HoldTable, kind: str, readers: int = 1) -> None:
-    table.on_read_done(ReadDone(kind=kind, request_id="r1", readers=readers))  # type: ignore[arg-type]
+def _notify(table: HoldTable, kind: str, readers: int = 1, reader: str = "decode-0") -> None:
+    table.on_read_done(ReadDone(kind=kind, request_id="r1", reader=reader, readers=readers))  # type: ignore[arg-type]
 
 
 def test_a_claim_before_the_read_done_extends_the_hold() -> None:
@@ -81,3 +85,47 @@ def test_read_holds_are_forgotten_a_lease_after_they_were_freed() -> None:
     table.poll(now + 61.0)
     with pytest.raises(KVTransferError, match="not held here any more"):
         _claim(table)
+
+
+def test_another_decodes_claim_after_the_first_decodes_read_done_is_refused() -> None:
+    """decode-0 READ the blocks and said so; the proxy's retry sends decode-1 the same params: before the poll frees
+    the hold and after, decode-1 is refused (its READ would see blocks another prompt may reuse), decode-0 is not."""
+    table = HoldTable(lease_seconds=60.0)
+    table.hold("r1", [[3, 4]])
+    _claim(table, reader="decode-0")
+    _notify(table, "read_done", reader="decode-0")
+    with pytest.raises(KVTransferError, match="read by another decode \\(decode-0\\)"):
+        _claim(table, reader="decode-1")
+    assert table.poll(time.monotonic()) == {"r1"}
+    with pytest.raises(KVTransferError, match="read by another decode"):
+        _claim(table, reader="decode-1")
+    assert _claim(table, reader="decode-0") == Empty()  # its own late claim: held throughout
+
+
+def test_a_hold_two_decodes_claimed_lives_until_both_notified() -> None:
+    """decode-1 claimed before decode-0's read_done: the blocks stay held for decode-1's READ until its own
+    notification, read_done or release."""
+    for last in ("read_done", "release"):
+        table = HoldTable(lease_seconds=60.0)
+        table.hold("r1", [[3, 4]])
+        _claim(table, reader="decode-0")
+        _claim(table, reader="decode-1")
+        _notify(table, "read_done", reader="decode-0")
+        assert table.poll(time.monotonic()) == set(), "freed under decode-1's READ"
+        hold = table.get("r1")
+        assert hold is not None and not hold.done
+        _notify(table, last, reader="decode-1")
+        assert table.poll(time.monotonic()) == {"r1"}
+
+
+def test_a_claimer_that_never_notifies_holds_the_blocks_until_its_cap() -> None:
+    """decode-1 claimed and died mid-READ: decode-0's read_done does not free the blocks under it; the claim's
+    hard cap (its seconds, at most the lease, + READ_GRACE_SECONDS) does."""
+    table = HoldTable(lease_seconds=0.5)
+    table.hold("r1", [[3, 4]])
+    _claim(table, reader="decode-1")
+    _claim(table, reader="decode-0")
+    _notify(table, "read_done", reader="decode-0")
+    now = time.monotonic()
+    assert table.poll(now + 1.0) == set()
+    assert table.poll(now + 0.5 + READ_GRACE_SECONDS + 1.0) == {"r1"}

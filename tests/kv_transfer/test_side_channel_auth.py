@@ -65,7 +65,7 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
         assert answer is None or answer["answer"]["ok"] is False
     # A made-up HMAC (another secret) for each message that reveals or changes something.
     for message in ({"type": "handshake", "engine_id": "auth-P"},
-                    {"type": "claim_read", "request_id": HOLD, "seconds": 1e5},
+                    {"type": "claim_read", "request_id": HOLD, "seconds": 1e5, "reader": "auth-D"},
                     {"type": "cancel_push", "request_id": HOLD, "nonce": "n"},
                     {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]]}):
         answer = exchange(port, authed(WRONG, message))
@@ -97,14 +97,14 @@ def test_a_captured_frame_cannot_be_replayed(prefill: NixlConnector) -> None:
 def test_claims_are_bounded_by_the_lease(prefill: NixlConnector) -> None:
     port = prefill.sender.server.port
     for seconds, why in ((1e308, "less than or equal"), (-1.0, "greater than or equal"), (float("nan"), "finite")):
-        body = envelope({"type": "claim_read", "request_id": HOLD, "seconds": seconds})
+        body = envelope({"type": "claim_read", "request_id": HOLD, "seconds": seconds, "reader": "auth-D"})
         from pdlaunch.kv_transfer.auth import mac
         answer = exchange(port, frame(body, mac(KEYS.request, body)))
         assert answer is not None and not answer["answer"]["ok"]
         assert "msg.claim_read.seconds" in answer["answer"]["error"] and why in answer["answer"]["error"]
     assert not _hold(prefill).read_claimed
-    side_channel.call("127.0.0.1", port, {"type": "claim_read", "request_id": HOLD, "seconds": 3000.0}, 5, "claim",
-                      KEYS)
+    claim = {"type": "claim_read", "request_id": HOLD, "seconds": 3000.0, "reader": "auth-D"}
+    side_channel.call("127.0.0.1", port, claim, 5, "claim", KEYS)
     hold = _hold(prefill)
     assert hold.read_claimed and hold.deadline - time.monotonic() <= 60.0 + 5.0 + 1.0  # lease + READ grace
 

@@ -98,6 +98,7 @@ class LoadContext:
     transfer_timeout: float
     verify_kv: bool
     executor: ThreadPoolExecutor  # the loader threads (loader_pool: they bind the instance's device)
+    reader: str  # this decode's engine id: it names our claims and read_done/release notifications (prefill/holds.py)
     staging: StagingArea | None = None  # this side's staging buffer (staging.py), None: direct
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Side-channel connections kept open between requests (push, claim_read, cancel_push, ...): a fresh
@@ -133,7 +134,8 @@ class LoadContext:
     def send_claim_read(self, load: Load, remote: RemoteKV) -> side_channel.PendingCall:
         """`claim_read`, sent now; the claim holds once its answer is read (`PendingCall.answer(Empty)`)."""
         remaining = self.remaining(load, "READ claim")
-        message = ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining)
+        message = ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining,
+                                   reader=self.reader)
         return side_channel.send(remote.host, remote.port, message, remaining, f"READ claim to {remote.where}",
                                  self.keys, self.connections)
 
@@ -179,7 +181,8 @@ class LoadContext:
         if load.remote_agent is None:
             return
         try:
-            self.notify(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id))
+            self.notify(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id,
+                                                    reader=self.reader))
         except Exception as e:  # noqa: BLE001 - a NIXL error type per backend; the lease frees it anyway
             logger.debug("could not tell prefill to release request %s: %s", load.request_id, e)
 

@@ -91,7 +91,7 @@ class ReshardLoad(LoadStrategy):
                 if src.slices and area is not None:
                     _read_source(ctx, load, src, remotes[src.rank], area, spec)
                 ctx.notify(remotes[src.rank].agent_name, ReadDone(
-                    kind="read_done", request_id=load.remote.held_request_id, readers=src.readers))
+                    kind="read_done", request_id=load.remote.held_request_id, reader=ctx.reader, readers=src.readers))
                 notified.add(src.rank)
             with ctx.lock:
                 if load.state == LoadState.RUNNING:
@@ -101,7 +101,8 @@ class ReshardLoad(LoadStrategy):
                 if src.rank in remotes and src.rank not in notified:
                     try:  # best effort: otherwise that prefill rank frees at lease expiry
                         ctx.notify(remotes[src.rank].agent_name, ReadDone(
-                            kind="release", request_id=load.remote.held_request_id, readers=src.readers))
+                            kind="release", request_id=load.remote.held_request_id, reader=ctx.reader,
+                            readers=src.readers))
                     except Exception as e:  # noqa: BLE001 - a NIXL error type per backend
                         logger.debug("could not tell prefill rank %d to release request %s: %s", src.rank,
                                      load.request_id, e)

@@ -39,7 +39,8 @@ class DecodeSide(NixlConnector):
                                      kv.handshake_timeout_seconds, self.keys)
         # What every load shares, built once here: loads.py and the strategies take it.
         self.ctx = LoadContext(self.agent, self._require_spec, self.peers, self.keys, kv.handshake_timeout_seconds,
-                               kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index))
+                               kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index),
+                               reader=self.engine_id)
         self.loads = DecodeLoads(self.ctx)
         self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 

@@ -57,7 +57,8 @@ class StagedLoad(LoadStrategy):
                 if slots and staging is not None:
                     staging.release(slots)
         if self.mode == "pull" or longest == 0:
-            ctx.notify(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id))
+            ctx.notify(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id,
+                                                    reader=ctx.reader))
         with ctx.lock:
             if load.state == LoadState.RUNNING:
                 load.state = LoadState.OK

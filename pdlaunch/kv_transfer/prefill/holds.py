@@ -13,6 +13,11 @@ READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are 
 A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
 answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
 hold that expired fails, and so does the load, whatever its READ read.
+Claims and notifications name their reader (the decode engine; its TP ranks share it). A hold ends when
+a reader's notifications are all in and every reader that claimed it has sent its own: a proxy that
+retries a decode leg on another decode (the first one died) sends that decode the same params, and its
+READ must neither see the blocks freed by the first decode's read_done nor be told "held throughout"
+of a hold another decode read. Such a late claim fails, and the second decode computes the prompt.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
 
@@ -22,7 +27,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
@@ -44,9 +49,12 @@ class Hold:
     deadline: float  # time.monotonic() when the lease expires
     busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
     done: bool = False  # may be freed
-    notified: int = 0  # read_done/release notifications received
-    read: int = 0  # of them, read_done: every reader READ the blocks while they were held
-    readers: int = 1  # notifications to wait for (the largest `readers` a notification named)
+    # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
+    # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
+    notified: dict[str, int] = field(default_factory=dict)
+    read: dict[str, int] = field(default_factory=dict)
+    readers: dict[str, int] = field(default_factory=dict)
+    claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
     expired: bool = False
     cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
@@ -57,9 +65,16 @@ class Hold:
         return not (self.done or self.cancelled)
 
 
-def _all_read(hold: Hold) -> bool:
-    """Every reader of `hold` sent read_done (none a release), and it did not expire first."""
-    return hold.done and not hold.expired and not hold.cancelled and hold.read >= hold.readers
+def _finished(hold: Hold, reader: str) -> bool:
+    """`reader` sent every notification it will send."""
+    return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
+
+
+def _read_by(hold: Hold) -> frozenset[str]:
+    """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry)."""
+    if hold.expired or hold.cancelled:
+        return frozenset()
+    return frozenset(r for r, n in hold.read.items() if n >= hold.readers.get(r, 1))
 
 
 class HoldTable:
@@ -70,9 +85,9 @@ class HoldTable:
         self.lock = threading.Lock()
         self._unclaimed = threading.Condition(self.lock)  # a claim ended: an exclusive claim may go on
         self._holds: dict[str, Hold] = {}
-        # Requests freed after every reader's read_done, kept a lease long: a claim sent with its READ may
-        # arrive after the read_done (claim_read answers it as claimed). request id -> when to forget it.
-        self._read_ends: OrderedDict[str, float] = OrderedDict()
+        # Requests freed after a reader's read_done, kept a lease long: a claim sent with its READ may arrive
+        # after the read_done (claim_read answers it as claimed). request id -> (when to forget it, its readers).
+        self._read_ends: OrderedDict[str, tuple[float, frozenset[str]]] = OrderedDict()
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self.lock:
@@ -98,10 +113,12 @@ class HoldTable:
         with self.lock:
             hold = self._holds.get(notif.request_id)
             if hold is not None:
-                hold.notified += 1
-                hold.read += notif.kind == "read_done"
-                hold.readers = max(hold.readers, notif.readers)
-                hold.done = hold.done or hold.notified >= hold.readers
+                reader = notif.reader
+                hold.notified[reader] = hold.notified.get(reader, 0) + 1
+                hold.read[reader] = hold.read.get(reader, 0) + (notif.kind == "read_done")
+                hold.readers[reader] = max(hold.readers.get(reader, 1), notif.readers)
+                hold.done = hold.done or (_finished(hold, reader)
+                                          and all(_finished(hold, r) for r in hold.claimed_by))
         if hold is None:
             logger.warning("KV %s notification for request %s, which is not held (lease expired?)",
                            notif.kind, notif.request_id)
@@ -130,14 +147,15 @@ class HoldTable:
                 if hold.done and not hold.busy:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
-                    if _all_read(hold):
-                        self._read_ends[hold.request_id] = now + self.lease_seconds
+                    read_by = _read_by(hold)
+                    if read_by:
+                        self._read_ends[hold.request_id] = (now + self.lease_seconds, read_by)
                         self._read_ends.move_to_end(hold.request_id)
                     if hold.expired:
                         KV_EXPIRED_REQUESTS.inc()
                         logger.warning("KV of request %s was not fetched within the %.1fs lease: freed",
                                        hold.request_id, self.lease_seconds)
-            while self._read_ends and next(iter(self._read_ends.values())) < now:
+            while self._read_ends and next(iter(self._read_ends.values()))[0] < now:
                 self._read_ends.popitem(last=False)
         return finished
 
@@ -165,11 +183,19 @@ class HoldTable:
         cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
         with self.lock:
             hold = self._holds.get(message.request_id)
-            if (hold is None and message.request_id in self._read_ends) or (hold is not None and _all_read(hold)):
+            ended = self._read_ends.get(message.request_id)
+            read_by = _read_by(hold) if hold is not None else ended[1] if ended is not None else frozenset()
+            if message.reader in read_by:
                 return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
             if hold is None or not hold.servable:
+                if read_by:
+                    raise KVTransferError(
+                        f"request {message.request_id} was read by another decode ({', '.join(sorted(read_by))}) "
+                        "and its blocks freed", hint="the proxy sent one prefill's KV to two decodes (the first "
+                        "died): this one computes the prompt itself")
                 raise self._not_held(message.request_id)
             hold.read_claimed = True
+            hold.claimed_by.add(message.reader)
             hold.deadline = max(hold.deadline, cap)
         return Empty()
 
