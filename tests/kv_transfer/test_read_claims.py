@@ -129,3 +129,5 @@ def test_a_claimer_that_never_notifies_holds_the_blocks_until_its_cap() -> None:
     now = time.monotonic()
     assert table.poll(now + 1.0) == set()
     assert table.poll(now + 0.5 + READ_GRACE_SECONDS + 1.0) == {"r1"}
+    assert table.get("r1") is None
+    assert _claim(table, reader="decode-0") == Empty(), "decode-0 read it while it was held: not an expiry"

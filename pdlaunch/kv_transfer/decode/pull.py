@@ -35,7 +35,7 @@ class PullLoad(LoadStrategy):
             local += lo
             rem += ro
         notif = encode_notification(ReadDone(kind="read_done", request_id=load.remote.held_request_id,
-                                                   reader=self.ctx.reader))
+                                             reader=self.ctx.reader))
         if not local:  # nothing to read (1-token prompt, full prefix hit): still let prefill free
             self.ctx.agent.notify(remote.agent_name, notif)
             with self.ctx.lock:

@@ -58,7 +58,7 @@ class StagedLoad(LoadStrategy):
                     staging.release(slots)
         if self.mode == "pull" or longest == 0:
             ctx.notify(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id,
-                                                    reader=ctx.reader))
+                                                   reader=ctx.reader))
         with ctx.lock:
             if load.state == LoadState.RUNNING:
                 load.state = LoadState.OK

@@ -141,9 +141,12 @@ class HoldTable:
         with self.lock:
             for hold in list(self._holds.values()):
                 if not hold.done and not hold.busy and now > hold.deadline:
-                    hold.done = hold.expired = True
+                    hold.done = True
+                    hold.expired = not _read_by(hold)  # fetched by one decode: not an expiry
                     if hold.read_claimed:
-                        logger.warning("decode's READ of request %s did not end by its hard cap", hold.request_id)
+                        waiting = sorted(r for r in hold.claimed_by if not _finished(hold, r))
+                        logger.warning("decode's READ of request %s did not end by its hard cap (no notification "
+                                       "from %s)", hold.request_id, ", ".join(waiting) or "its reader")
                 if hold.done and not hold.busy:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
