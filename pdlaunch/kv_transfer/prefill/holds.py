@@ -186,8 +186,10 @@ class HoldTable:
         cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
         with self.lock:
             hold = self._holds.get(message.request_id)
-            ended = self._read_ends.get(message.request_id)
-            read_by = _read_by(hold) if hold is not None else ended[1] if ended is not None else frozenset()
+            if hold is not None:
+                read_by = _read_by(hold)
+            else:  # freed: who read it, if it was read
+                _, read_by = self._read_ends.get(message.request_id, (0.0, frozenset()))
             if message.reader in read_by:
                 return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
             if hold is None or not hold.servable:
