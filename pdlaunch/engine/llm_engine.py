@@ -337,6 +337,16 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def is_quiescent(self) -> bool:
+        """Nothing for a step to do until a new request comes: no request, no KV held for a decode or
+        draining, no load or recompute, no sampled step in flight, no CPU-tier job. The engine loop then
+        waits longer between idle steps (what such a step still polls can wait: a Forget notification is
+        read before the next request is scheduled, a dead TP rank is found a fraction of a second later)."""
+        s = self.scheduler
+        return not (s.requests or s.held or s.draining or s.waiting_for_kv or s.recomputing
+                    or self._admitted or self._in_flight is not None
+                    or (self.offload is not None and not self.offload.idle))
+
     # -- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once

@@ -156,6 +156,11 @@ class OffloadManager:
             raise EngineError("the KV offload transfer thread is shut down", field="offload")
         self._jobs[job_id] = info
 
+    @property
+    def idle(self) -> bool:
+        """No store waiting to be queued and no job unaccounted."""
+        return not self._evicted and not self._jobs
+
     def before_compute(self) -> None:
         """Queue pending stores, then make the step's compute wait for every job."""
         self.flush_stores()

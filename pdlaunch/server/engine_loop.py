@@ -3,7 +3,9 @@
 HTTP handlers (asyncio) send commands through a thread-safe queue; the thread drains it before
 every step, runs `step()`, and hands each request's outputs to that request's asyncio queue with
 `loop.call_soon_threadsafe`. When nothing runs it blocks on the command queue for at most
-`idle_wait_s` and then steps anyway: step() also polls KV transfers and leases.
+`idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
+quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
+instance costs ~no CPU, and a command still wakes it at once.
 """
 
 from __future__ import annotations
@@ -89,11 +91,13 @@ class EngineLoop:
         engine_factory: Callable[[], LLMEngine],
         max_pending_requests: int = 1024,
         idle_wait_s: float = 0.01,
+        quiescent_wait_s: float = 0.5,
         on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self._factory = engine_factory
         self.max_pending_requests = max_pending_requests
         self.idle_wait_s = idle_wait_s
+        self.quiescent_wait_s = quiescent_wait_s
         self._on_fatal = on_fatal
         self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
@@ -236,7 +240,8 @@ class EngineLoop:
         busy = False
         try:
             while not self._stop.is_set():
-                self._drain_commands(engine, block=not busy)
+                wait = 0.0 if busy else self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
+                self._drain_commands(engine, wait)
                 if self._stop.is_set():
                     break
                 self._dispatch(engine.step())
@@ -253,9 +258,10 @@ class EngineLoop:
             self._fail_all(OpenAIError(503, "server is shutting down", code="shutting_down"))
             self._shutdown_engine(engine)
 
-    def _drain_commands(self, engine: LLMEngine, block: bool) -> None:
+    def _drain_commands(self, engine: LLMEngine, wait: float) -> None:
+        """Run the queued commands; with none queued, wait up to `wait` seconds for the first."""
         try:
-            command = self._commands.get(timeout=self.idle_wait_s) if block else self._commands.get_nowait()
+            command = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
         except queue.Empty:
             return
         while command is not None:  # None: the stop sentinel

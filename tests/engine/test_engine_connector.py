@@ -109,7 +109,9 @@ def test_pd_pair_matches_colocated_and_frees_held_blocks(hybrid_ckpt, make_engin
     d_engine = make_engine(hybrid_ckpt, instance=spec("decode", "D"), connector=d_conn)
     assert p_engine.role == "prefill" and p_engine.connector is p_conn and hub.specs["P"].kv_caches[0].is_contiguous()
 
+    assert p_engine.is_quiescent() and d_engine.is_quiescent()
     p_outs = prefill(p_engine, prompts)
+    assert not p_engine.has_unfinished_requests() and not p_engine.is_quiescent()  # held for the decode
     assert [o.output_token_ids for o in p_outs] == [r[:1] for r in reference]
     assert all(o.kv_transfer_params and o.kv_transfer_params["remote_engine_id"] == "P" for o in p_outs)
     assert p_engine.stats()["num_held"] == len(prompts) and p_engine.block_manager.num_used_blocks() > 0
@@ -119,6 +121,7 @@ def test_pd_pair_matches_colocated_and_frees_held_blocks(hybrid_ckpt, make_engin
     for batch in (p_outs[:-1], p_outs[-1:]):  # the last prompt shares a prefix with the one before
         for o in batch:
             d_engine.add_request(o.request_id, prompts[int(o.request_id[1:])], greedy, o.kv_transfer_params)
+        assert not d_engine.is_quiescent()
         while d_engine.has_unfinished_requests():
             d_outs.update({o.request_id: o for o in d_engine.step() if o.finished})
             d_engine.check_integrity()
@@ -135,6 +138,7 @@ def test_pd_pair_matches_colocated_and_frees_held_blocks(hybrid_ckpt, make_engin
 
     p_engine.step()  # the notifications arrive: held blocks go back
     assert p_engine.stats()["num_held"] == 0 and p_engine.block_manager.num_used_blocks() == 0
+    assert p_engine.is_quiescent() and d_engine.is_quiescent()
 
 
 def test_failed_load_finishes_with_error_and_frees_blocks(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
