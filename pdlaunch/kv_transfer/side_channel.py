@@ -105,6 +105,9 @@ class _RequestHandler(socketserver.BaseRequestHandler):
                 return  # a kept connection left idle (or the peer is gone): close it, nothing to refuse
             try:
                 frame = recv_raw_frame(self.request, FRAME_READ_SECONDS)
+            except ConnectionResetError:  # e.g. a decode that aborted its load closed the claim it no longer reads
+                logger.debug("KV side channel: %s reset its connection", peer)
+                return
             except (OSError, FrameError) as e:  # socket.timeout is an OSError
                 server.refuse(self.request, peer, "frame", str(e))
                 return

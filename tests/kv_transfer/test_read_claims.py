@@ -131,3 +131,20 @@ def test_a_claimer_that_never_notifies_holds_the_blocks_until_its_cap() -> None:
     assert table.poll(now + 0.5 + READ_GRACE_SECONDS + 1.0) == {"r1"}
     assert table.get("r1") is None
     assert _claim(table, reader="decode-0") == Empty(), "decode-0 read it while it was held: not an expiry"
+
+
+def test_a_notification_after_the_hold_ended_is_expected_and_one_for_an_unknown_hold_is_warned(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The proxy releases a departed client's hold; the decode, aborting its load, sends its own release after.
+    table = HoldTable(lease_seconds=60.0)
+    table.hold("r1", [[3, 4]])
+    assert table.release("r1")
+    assert table.poll(time.monotonic()) == {"r1"}
+    with caplog.at_level("DEBUG", logger="pdlaunch.kv_transfer.prefill.holds"):
+        _notify(table, "release")
+        _notify(table, "read_done")  # a READ posted before the abort ends after it
+        table.on_read_done(ReadDone(kind="release", request_id="r9", reader="decode-0"))
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [lvl for lvl, _ in levels] == ["DEBUG", "DEBUG", "WARNING"], levels
+    assert "after its hold ended (released: its decode leg will not run)" in levels[0][1]
+    assert "request r9, which is not held here" in levels[2][1] and "decode-0" in levels[2][1]

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
 from tests.kv_transfer.side_channel_client import authed, envelope, exchange, frame, read_answer
 from tests.kv_transfer.test_nixl_local import _connector
+from tests.serving.helpers import wait_for
 
 WRONG = SideChannelKeys.from_secret("not-the-deployment-secret-0123")
 HOLD = "req-held"
@@ -157,3 +159,18 @@ def test_ucx_listens_on_loopback_only_on_one_host(prefill: NixlConnector) -> Non
     mine = [line.split()[3] for line in out.splitlines() if f"pid={os.getpid()}," in line]
     assert mine, "this process listens somewhere (side channel, UCX)"
     assert all(addr.rsplit(":", 1)[0] in ("127.0.0.1", "[::1]", "[::ffff:127.0.0.1]") for addr in mine), mine
+
+
+def test_a_decode_closing_a_claim_it_no_longer_reads_is_not_a_refused_peer(prefill: NixlConnector,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # A decode whose load was aborted while its claim travelled closes the connection unread: a reset, not an attack.
+    caplog.set_level(logging.DEBUG, logger="pdlaunch.kv_transfer.side_channel")
+    claim = {"type": "claim_read", "request_id": HOLD, "seconds": 1.0, "reader": "auth-D"}
+    sock = socket.create_connection(("127.0.0.1", prefill.sender.server.port), timeout=15)
+    sock.sendall(authed(KEYS, claim))
+    wait_for(lambda: _hold(prefill).read_claimed, "the claim to be served", 30)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    sock.close()
+    wait_for(lambda: prefill.sender.server.num_connections() == 0, "the server to drop the reset connection", 30)
+    assert "refused" not in caplog.text, caplog.text
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

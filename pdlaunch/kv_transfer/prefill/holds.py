@@ -70,6 +70,16 @@ def _finished(hold: Hold, reader: str) -> bool:
     return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
 
 
+def _how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
+    if hold.expired:
+        return "its lease expired"
+    if read_by:
+        return "read by " + ", ".join(sorted(read_by))
+    if hold.cancelled:
+        return "released: its decode leg will not run"
+    return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
+
+
 def _read_by(hold: Hold) -> frozenset[str]:
     """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry)."""
     if hold.expired or hold.cancelled:
@@ -85,9 +95,10 @@ class HoldTable:
         self.lock = threading.Lock()
         self._unclaimed = threading.Condition(self.lock)  # a claim ended: an exclusive claim may go on
         self._holds: dict[str, Hold] = {}
-        # Requests freed after a reader's read_done, kept a lease long: a claim sent with its READ may arrive
-        # after the read_done (claim_read answers it as claimed). request id -> (when to forget it, its readers).
-        self._read_ends: OrderedDict[str, tuple[float, frozenset[str]]] = OrderedDict()
+        # Requests whose hold ended, kept a lease long: a claim sent with its READ may arrive after the read_done
+        # (claim_read answers it as claimed), and a decode's release may come after the proxy's (logged as
+        # expected, not as a lost hold). request id -> (when to forget it, the readers that read it, how it ended).
+        self._ended: OrderedDict[str, tuple[float, frozenset[str], str]] = OrderedDict()
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self.lock:
@@ -119,9 +130,14 @@ class HoldTable:
                 hold.readers[reader] = max(hold.readers.get(reader, 1), notif.readers)
                 hold.done = hold.done or (_finished(hold, reader)
                                           and all(_finished(hold, r) for r in hold.claimed_by))
-        if hold is None:
-            logger.warning("KV %s notification for request %s, which is not held (lease expired?)",
-                           notif.kind, notif.request_id)
+            ended = None if hold is not None else self._ended.get(notif.request_id)
+        if ended is not None:  # e.g. the proxy released it (its client left), then the decode aborted its load
+            logger.debug("KV %s notification from %s for request %s after its hold ended (%s)", notif.kind,
+                         notif.reader, notif.request_id, ended[2])
+        elif hold is None:
+            logger.warning("KV %s notification from %s for request %s, which is not held here (its lease of %gs "
+                           "expired long ago, or the prefill restarted)", notif.kind, notif.reader, notif.request_id,
+                           self.lease_seconds)
 
     def release(self, request_id: str) -> bool:
         """The decode leg of `request_id` will not run: free the hold at the next `poll`, or once a push
@@ -151,15 +167,14 @@ class HoldTable:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
                     read_by = _read_by(hold)
-                    if read_by:
-                        self._read_ends[hold.request_id] = (now + self.lease_seconds, read_by)
-                        self._read_ends.move_to_end(hold.request_id)
+                    self._ended[hold.request_id] = (now + self.lease_seconds, read_by, _how_it_ended(hold, read_by))
+                    self._ended.move_to_end(hold.request_id)
                     if hold.expired:
                         KV_EXPIRED_REQUESTS.inc()
                         logger.warning("KV of request %s was not fetched within the %.1fs lease: freed",
                                        hold.request_id, self.lease_seconds)
-            while self._read_ends and next(iter(self._read_ends.values()))[0] < now:
-                self._read_ends.popitem(last=False)
+            while self._ended and next(iter(self._ended.values()))[0] < now:
+                self._ended.popitem(last=False)
         return finished
 
     def __len__(self) -> int:
@@ -189,7 +204,7 @@ class HoldTable:
             if hold is not None:
                 read_by = _read_by(hold)
             else:  # freed: who read it, if it was read
-                _, read_by = self._read_ends.get(message.request_id, (0.0, frozenset()))
+                _, read_by, _ = self._ended.get(message.request_id, (0.0, frozenset(), ""))
             if message.reader in read_by:
                 return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
             if hold is None or not hold.servable:
