@@ -211,3 +211,12 @@ def test_the_proxy_and_the_cli_start_without_torch(module: str) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"{module} imports torch: {result.stdout.strip()[:300]}"
+
+
+def test_a_cpu_instance_starts_without_torch_dynamo() -> None:
+    """The engine imports torch, but not torch._dynamo (~2 s of a CPU instance's start): attention's lower-right
+    causal mask takes torch.nn.attention.bias, which imports it, only on CUDA (model/attention.py)."""
+    code = "import sys, pdlaunch.server.__main__, pdlaunch.engine.llm_engine; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False", "the engine imports torch._dynamo"

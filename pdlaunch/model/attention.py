@@ -16,16 +16,21 @@ step (CUDA graphs, runner/cuda_graphs.py) builds its plan from device tensors on
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import fused_available, write_kv
 from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.triton_decode import paged_decode, paged_decode_available
+
+if TYPE_CHECKING:
+    from torch.nn.attention.bias import CausalBias
 
 
 @dataclass
@@ -60,6 +65,24 @@ class GroupPlan:
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
         return (2 * layer_in_group + kv) * self.block_size
+
+
+@functools.cache
+def _torch_causal_bias() -> ModuleType:
+    """torch.nn.attention.bias, imported on the first CUDA prefill over cached context (the runner's start-up
+    warm-up runs one): it imports torch._dynamo, ~2 s that a CPU instance's start no longer pays."""
+    import torch.nn.attention.bias as bias
+
+    return bias
+
+
+def causal_lower_right_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | CausalBias:
+    """The causal mask of `q_len` queries that are the last of `k_len` keys. CUDA: torch's causal_lower_right,
+    which SDPA runs on its causal kernels; elsewhere the same mask as booleans (CPU SDPA materializes
+    causal_lower_right to exactly these, so the outputs are equal bit for bit)."""
+    if device.type == "cuda":
+        return _torch_causal_bias().causal_lower_right(q_len, k_len)  # type: ignore[no-any-return]
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
 def _window_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -233,7 +256,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         vs = vs.transpose(0, 1).unsqueeze(0)
         mask: torch.Tensor | CausalBias | None = seq.mask
         if mask is None and seq.rows is not None:  # cached context: the chunk's queries are the last keys
-            mask = causal_lower_right(qs.shape[2], ks.shape[2])
+            mask = causal_lower_right_mask(qs.shape[2], ks.shape[2], qs.device)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=seq.mask is None and seq.rows is None,
                                            scale=scale, enable_gqa=True)
         out[seq.q_start:seq.q_end] = o[0].transpose(0, 1)

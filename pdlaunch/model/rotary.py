@@ -50,7 +50,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.inv_freq: torch.Tensor
         self._args = (head_dim, theta, scaling, max_position_embeddings)
-        self.register_buffer("inv_freq", compute_inv_freq(*self._args), persistent=False)
+        # On the meta device (the loader builds models there) the values wait for init_buffers: computing them
+        # there runs torch's reference ops, whose first use imports torch._dynamo (~2 s of a CPU instance's start).
+        shape_only = torch.empty(head_dim // 2, dtype=torch.float32)
+        inv_freq = shape_only if shape_only.is_meta else compute_inv_freq(*self._args)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def init_buffers(self) -> None:
         """Recompute inv_freq after the module was materialised from the meta device."""
