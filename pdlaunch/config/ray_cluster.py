@@ -22,7 +22,7 @@ from typing import Literal
 
 from pdlaunch.config.models import DeploymentConfig, Role
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.memory import platform
+from pdlaunch.memory import host_devices as platform
 
 FIELD = "launcher.ray_address"
 INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine and on every node of the cluster"

@@ -21,7 +21,7 @@ from pdlaunch.config.rules import memory, resources, roles
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems
 from pdlaunch.config.rules.security import secret_problems
-from pdlaunch.memory import platform
+from pdlaunch.memory import host_devices as platform
 
 logger = logging.getLogger(__name__)
 

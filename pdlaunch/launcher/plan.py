@@ -15,7 +15,7 @@ from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_probl
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.memory import platform
+from pdlaunch.memory import host_devices as platform
 
 
 @dataclass

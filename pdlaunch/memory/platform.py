@@ -1,27 +1,17 @@
-"""The platform layer: which device, bind it, how much memory. Nothing else hard-codes a device."""
+"""The platform layer: which device, bind it, how much memory. Nothing else hard-codes a device.
+What a launcher asks before anything runs lives in host_devices.py (no torch import), re-exported here."""
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
-
 import torch
 
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def device_count() -> int:
-    """Visible CUDA devices (0 without CUDA)."""
-    return torch.cuda.device_count() if cuda_available() else 0
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> `cuda` when a CUDA device is visible, else `cpu`."""
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    return device
+from pdlaunch.memory.host_devices import cuda_available as cuda_available
+from pdlaunch.memory.host_devices import device_count as device_count
+from pdlaunch.memory.host_devices import device_total_bytes as device_total_bytes
+from pdlaunch.memory.host_devices import expandable_segments_enabled as expandable_segments_enabled
+from pdlaunch.memory.host_devices import is_cumem_allocator_available as is_cumem_allocator_available
+from pdlaunch.memory.host_devices import is_sleep_mode_available as is_sleep_mode_available
+from pdlaunch.memory.host_devices import resolve_device as resolve_device
 
 
 def current_device_index() -> int:
@@ -54,36 +44,6 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def device_total_bytes(index: int = 0) -> int:
-    """Total bytes of a CUDA device, read without creating a CUDA context on it."""
-    return int(torch.cuda.get_device_properties(index).total_memory)
-
-
-@lru_cache(maxsize=1)
-def is_cumem_allocator_available() -> bool:
-    """True when the CuMem (cuMemCreate/cuMemMap) allocator can run here: CUDA and the driver API."""
-    if not cuda_available() or torch.version.cuda is None:
-        return False
-    try:
-        import ctypes
-
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def is_sleep_mode_available() -> bool:
-    """Sleep mode backs weights up and discards KV through the CuMem pools, so it needs the same support."""
-    return is_cumem_allocator_available()
-
-
-def expandable_segments_enabled() -> bool:
-    """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, vLLM #33540)."""
-    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
 
 
 # torch.cuda.Stream's and Event's constructors and Event.query carry no annotations; typed here once.

@@ -162,7 +162,6 @@ def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
     """One problem per instance group whose TP size cuts a block-FP8 projection off a 128 edge."""
     from pdlaunch.model.arch import load_arch  # layering: lazy (torch stays off config-only paths)
     from pdlaunch.model.quant.config import BLOCK, load_quant_config
-    from pdlaunch.model.quant.linear import block_misaligned
 
     if cfg.model.path in ("demo", "tiny") or cfg.model.path.lower().endswith(".gguf"):
         return []
@@ -174,6 +173,8 @@ def fp8_tp_problems(cfg: DeploymentConfig) -> list[Problem]:
         return []  # reported by checkpoint_problems
     if quant is None or quant.scheme != "block":
         return []
+    from pdlaunch.model.quant.linear import block_misaligned  # layering: lazy (imports torch: block FP8 only)
+
     problems: list[Problem] = []
     for i, group in enumerate(cfg.instances):
         tp = group.tp or 1

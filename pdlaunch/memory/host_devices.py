@@ -1,0 +1,65 @@
+"""What the launcher, check-config and bench ask of the host's devices before any instance runs.
+
+Nothing here imports torch until a question needs CUDA: a `--device cpu` deployment is validated, planned and
+launched without it (importing torch costs the launcher ~2 s of a core before its first instance starts).
+The instances ask the same questions through platform.py, which re-exports these.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_count() -> int:
+    """Visible CUDA devices (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> `cuda` when a CUDA device is visible, else `cpu`."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return device
+
+
+def device_total_bytes(index: int = 0) -> int:
+    """Total bytes of a CUDA device, read without creating a CUDA context on it."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(index).total_memory)
+
+
+@lru_cache(maxsize=1)
+def is_cumem_allocator_available() -> bool:
+    """True when the CuMem (cuMemCreate/cuMemMap) allocator can run here: CUDA and the driver API."""
+    import torch
+
+    if not cuda_available() or torch.version.cuda is None:
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def is_sleep_mode_available() -> bool:
+    """Sleep mode backs weights up and discards KV through the CuMem pools, so it needs the same support."""
+    return is_cumem_allocator_available()
+
+
+def expandable_segments_enabled() -> bool:
+    """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, vLLM #33540)."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    return any(part.strip().replace(" ", "") == "expandable_segments:True" for part in conf.split(","))
