@@ -22,7 +22,7 @@ from typing import Literal
 
 from pdlaunch.config.models import DeploymentConfig, Role
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.memory import host_devices as platform
+from pdlaunch.memory import host_devices
 
 FIELD = "launcher.ray_address"
 INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine and on every node of the cluster"
@@ -76,7 +76,7 @@ def import_ray() -> ModuleType:
 
 def bundle(cfg: DeploymentConfig, role: Role) -> dict[str, float]:
     """One TP rank's bundle: one GPU on CUDA (one CPU otherwise), plus the role's custom resources."""
-    device = cfg.device if cfg.device != "auto" else platform.resolve_device("auto")
+    device = cfg.device if cfg.device != "auto" else host_devices.resolve_device("auto")
     own = {"GPU": 1.0} if device == "cuda" else {"CPU": 1.0}
     return {**own, **cfg.launcher.ray_resources.for_role(role)}
 

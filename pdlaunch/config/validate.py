@@ -21,7 +21,7 @@ from pdlaunch.config.rules import memory, resources, roles
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems
 from pdlaunch.config.rules.security import secret_problems
-from pdlaunch.memory import host_devices as platform
+from pdlaunch.memory import host_devices
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def resolved_device(cfg: DeploymentConfig, target: TargetHost | None) -> str:
         return "cpu"
     if target is not None:
         return "cuda"
-    return platform.resolve_device(cfg.device)
+    return host_devices.resolve_device(cfg.device)
 
 
 def group_tp(cfg: DeploymentConfig, group: InstanceGroupConfig) -> int:
@@ -97,8 +97,8 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
     Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy).
     """
     problems: list[Problem] = []
-    cumem_available = device == "cuda" and (target is not None or platform.is_cumem_allocator_available())
-    sleep_available = device == "cuda" and (target is not None or platform.is_sleep_mode_available())
+    cumem_available = device == "cuda" and (target is not None or host_devices.is_cumem_allocator_available())
+    sleep_available = device == "cuda" and (target is not None or host_devices.is_sleep_mode_available())
     model = cfg.model
     if model.enable_sleep_mode:
         if not sleep_available:
@@ -114,7 +114,7 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
                                 "drop --enable-cumem-allocator or use --device cuda"))
     uses_connector = not cfg.colocated
     if (device == "cuda" and uses_connector and not model.enable_cumem_allocator
-            and platform.expandable_segments_enabled()):
+            and host_devices.expandable_segments_enabled()):
         problems.append(problem(
             "model.enable_cumem_allocator",
             "PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which breaks KV connector memory registration",
@@ -124,7 +124,7 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
 
 def _device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
     problems: list[Problem] = []
-    if cfg.device == "cuda" and target is None and not platform.cuda_available():
+    if cfg.device == "cuda" and target is None and not host_devices.cuda_available():
         problems.append(problem("device", "cuda requested but no CUDA device is visible on this machine",
                                 "use --device cpu, or declare the GPU host with "
                                 "--target-gpus N --target-gpu-memory GIB"))
@@ -170,7 +170,7 @@ def visible_gpus(device: str, target: TargetHost | None) -> int:
     """GPUs per node that devices are checked against: the target host's, else this machine's."""
     if target is not None:
         return target.gpus
-    return platform.device_count() if device == "cuda" else 0
+    return host_devices.device_count() if device == "cuda" else 0
 
 
 def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
@@ -179,8 +179,8 @@ def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
         return None
     if target is not None:
         return int(target.gpu_memory_gib * memory.GIB)
-    count = platform.device_count()
-    return min(platform.device_total_bytes(i) for i in range(count)) if count else None
+    count = host_devices.device_count()
+    return min(host_devices.device_total_bytes(i) for i in range(count)) if count else None
 
 
 def model_info_for(cfg: DeploymentConfig) -> tuple[ModelInfo | None, list[Problem]]:

@@ -15,7 +15,7 @@ from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_probl
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.memory import host_devices as platform
+from pdlaunch.memory import host_devices
 
 
 @dataclass
@@ -126,7 +126,7 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
 
     Ranks and fixed ports come from config/port_plan.py (what check-config reports); this node's
     launcher claims the ports of its own processes and picks the unset ones free."""
-    device = platform.resolve_device(cfg.device)
+    device = host_devices.resolve_device(cfg.device)
     if device not in ("cpu", "cuda"):
         raise PdlaunchError(f"unknown device {device!r}", field="device", hint="use auto, cpu or cuda")
     me = cfg.parallel.node_rank
@@ -136,7 +136,7 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
         proxy_alloc = ports.on(cfg.proxy.host)
         proxy_port = (proxy_alloc.free("proxy") if cfg.proxy.port == 0
                       else proxy_alloc.claim(cfg.proxy.port, "proxy.port", "proxy"))
-    cuda_pool = list(range(platform.device_count())) if device == "cuda" and platform.cuda_available() else []
+    cuda_pool = list(range(host_devices.device_count())) if device == "cuda" and host_devices.cuda_available() else []
     plans: list[InstancePlan] = []
     remote_ranks: list[RemoteRankPlan] = []
     for planned in plan_instances(cfg, cuda_pool if device == "cuda" else []):
