@@ -47,6 +47,7 @@ from pdlaunch.kv_transfer.params import (
     sign_kv_transfer_params,
 )
 from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
+from pdlaunch.kv_transfer.push_params import client_request_id as client_request_id_of
 from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device, to_device_async
@@ -323,6 +324,12 @@ class LLMEngine:
         if self.connector is None or request_id not in self.scheduler.held:
             return False
         return self.connector.release_held(request_id)
+
+    def release_held_kv_of_client(self, client_request_id: str) -> int:
+        """release_held_kv for every held request whose engine id names the client's X-Request-Id
+        ("{client id}-{8 hex}"); returns how many were released."""
+        held = [rid for rid in self.scheduler.held if client_request_id_of(rid) == client_request_id]
+        return sum(self.release_held_kv(rid) for rid in held)
 
     @property
     def rank_engine_ids(self) -> list[str]:

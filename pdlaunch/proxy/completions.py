@@ -71,6 +71,7 @@ class _Call:
     chat: bool
     deadline: float
     watch: DisconnectWatch
+    made_request_id: bool  # the proxy made the X-Request-Id (the client sent none): no other request has it
 
 
 async def _route(request: Request, path: str, chat: bool) -> Response:
@@ -81,7 +82,8 @@ async def _route(request: Request, path: str, chat: bool) -> Response:
     request_id = client_request_id(request.headers.get("x-request-id"), f"pd-{uuid.uuid4().hex}")
     headers = state.forwarded_headers(request, request_id)
     with DisconnectWatch(request) as watch:
-        call = _Call(state, path, chat, time.monotonic() + state.proxy.request_timeout_s, watch)
+        call = _Call(state, path, chat, time.monotonic() + state.proxy.request_timeout_s, watch,
+                     made_request_id=not request.headers.get("x-request-id"))
         if not state.pool.colocated:
             refuse_in_pd(body, chat)
         parts = None if chat or state.pool.colocated else split_prompts(body)
@@ -209,7 +211,8 @@ class _PromptRequest:
             prefill = self._choose("prefill", prompt).instance
             try:
                 answered = await self.call.watch.run(state.prefill_legs.run(
-                    prefill, self.call.path, leg, self.headers, self.call.deadline, prompt_chars(body)))
+                    prefill, self.call.path, leg, self.headers, self.call.deadline, prompt_chars(body),
+                    release_id=self.request_id if self.call.made_request_id else None))
             except OpenAIError as exc:
                 raise client_limit_error(exc, body, chat) from None
             finally:

@@ -121,10 +121,24 @@ class PrefillLegs:
         raise PrefillStalled(instance, budget)
 
     async def run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
-                  request_deadline: float, chars: int) -> tuple[Instance, JsonObject] | None:
+                  request_deadline: float, chars: int, release_id: str | None = None
+                  ) -> tuple[Instance, JsonObject] | None:
         """(prefill that answered, its answer), or None: no prefill answered in time and the decode is to
-        compute the prompt itself. Raises a 504 OpenAIError naming the stall under policy fail."""
+        compute the prompt itself. Raises a 504 OpenAIError naming the stall under policy fail.
+        `release_id`: the leg's X-Request-Id when the proxy made it; cancelled (the client left), the leg
+        asks the prefills it tried to release what they hold for that id: one that answered as the client
+        left holds KV for params nobody read (it saw no disconnect: its answer was already sent)."""
         tried: list[Instance] = []
+        try:
+            return await self._run(first, path, leg, headers, request_deadline, chars, tried)
+        except asyncio.CancelledError:
+            if release_id is not None:
+                for instance in tried:
+                    self.proxy.kv.release_client_soon(instance, release_id)
+            raise
+
+    async def _run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
+                   request_deadline: float, chars: int, tried: list[Instance]) -> tuple[Instance, JsonObject] | None:
         stalls: list[PrefillStalled] = []
         candidate: Instance | None = first
         while candidate is not None and len(tried) < 2:

@@ -3,7 +3,9 @@
 After a prefill leg the prefill keeps the request's blocks for the decode side until the decode
 reads them or kv_transfer.kv_lease_seconds pass. When the proxy knows the decode leg will not run
 (the client went away, the decode refused the request or could not be reached), it calls the
-prefill's `POST /internal/kv/release` with the internal token, so the blocks come back at once.
+prefill's `POST /internal/kv/release` with the internal token, so the blocks come back at once. A client
+that leaves while the prefill leg's answer is on its way leaves no params to name: the proxy then names
+the leg's X-Request-Id (only one it made itself, so no other request shares it).
 A prefill that a decode is reading from answers `released: false` and keeps them: nothing is freed
 under a transfer. Fire and forget: the client's answer never waits for this.
 """
@@ -43,11 +45,20 @@ class KVReleaser:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _release(self, prefill: Instance, request_id: str) -> None:
+    def release_client_soon(self, prefill: Instance, client_request_id: str) -> None:
+        """The client left while `prefill` answered a prefill leg sent with X-Request-Id `client_request_id`
+        (one the proxy made: unique): what it holds for that leg goes back, though the params never came."""
+        if not self.enabled:
+            return
+        task = asyncio.ensure_future(self._release(prefill, client_request_id, "client_request_id"))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, prefill: Instance, request_id: str, key: str = "request_id") -> None:
         if self.client is None:
             return
         try:
-            response = await self.client.post(prefill.url + KV_RELEASE_PATH, json={"request_id": request_id},
+            response = await self.client.post(prefill.url + KV_RELEASE_PATH, json={key: request_id},
                                               headers=self._headers, timeout=RELEASE_TIMEOUT_S)
         except httpx.HTTPError as exc:
             log.warning("could not ask %s to release the KV of %s (its lease frees it): %s: %s",

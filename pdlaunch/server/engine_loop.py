@@ -210,6 +210,12 @@ class EngineLoop:
         self.require_ready()
         return await self.call(lambda engine: engine.release_held_kv(request_id), timeout)
 
+    async def release_held_kv_of_client(self, client_request_id: str, timeout: float = 10.0) -> int:
+        """Prefill: release_held_kv for every request held for a prefill leg whose X-Request-Id was
+        `client_request_id` (a proxy that never read the leg's answer). Returns how many it released."""
+        self.require_ready()
+        return await self.call(lambda engine: engine.release_held_kv_of_client(client_request_id), timeout)
+
     def release_held_kv_soon(self, request_id: str) -> None:
         """release_held_kv without waiting for it (fire and forget); a failure is logged (the engine is
         not ready: the lease frees the blocks later)."""

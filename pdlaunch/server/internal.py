@@ -5,12 +5,17 @@ internal token alone, see http/auth.py).
 that will not run (the client went away after the prefill leg, the decode refused the request or
 is unreachable) now, instead of after kv_transfer.kv_lease_seconds. The id is the
 `remote_request_id` of the prefill's kv_transfer_params.
+
+`POST /internal/kv/release {"client_request_id": ...}`: the same for every request of a prefill leg whose
+X-Request-Id it was, for a proxy whose client left while that leg's answer was on its way (the proxy never
+read the params, and the prefill had answered before it saw the connection close). The proxy sends it only
+for ids it made itself (unique), never for a client's own X-Request-Id, which another request may reuse.
 """
 
 from __future__ import annotations
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdlaunch.http import JsonObject
 from pdlaunch.http.limits import read_json_object
@@ -22,13 +27,24 @@ KV_RELEASE_PATH = "/internal/kv/release"
 class KVReleaseRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1, max_length=512)
+    request_id: str | None = Field(None, min_length=1, max_length=512)
+    client_request_id: str | None = Field(None, min_length=1, max_length=512)
+
+    @model_validator(mode="after")
+    def _one_id(self) -> KVReleaseRequest:
+        if (self.request_id is None) == (self.client_request_id is None):
+            raise ValueError("give exactly one of request_id and client_request_id")
+        return self
 
 
 async def release_kv(request: Request) -> JsonObject:
     body = KVReleaseRequest.model_validate(await read_json_object(request))
-    released = await instance_of(request).engine_loop.release_held_kv(body.request_id)
-    return {"request_id": body.request_id, "released": released}
+    loop = instance_of(request).engine_loop
+    if body.client_request_id is not None:
+        released = await loop.release_held_kv_of_client(body.client_request_id)
+        return {"client_request_id": body.client_request_id, "released": released}
+    assert body.request_id is not None  # _one_id
+    return {"request_id": body.request_id, "released": await loop.release_held_kv(body.request_id)}
 
 
 ROUTES: list[tuple[str, str, Handler]] = [("POST", KV_RELEASE_PATH, release_kv)]

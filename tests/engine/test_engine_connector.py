@@ -187,3 +187,20 @@ def test_abort_of_a_waiting_request_tells_the_connector(llama_ckpt, make_engine:
     assert d_conn.aborted == ["w"]
     assert not d_engine.has_unfinished_requests() and d_engine.block_manager.num_used_blocks() == 0
     d_engine.check_integrity()
+
+
+def test_release_by_client_id_frees_the_holds_of_that_client_only(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
+    # A proxy whose client left while the prefill leg's answer was on its way names the leg's X-Request-Id: the
+    # engine request ids are "{client id}-{8 hex}", one per choice.
+    hub = Hub()
+    engine = make_engine(llama_ckpt, instance=spec("prefill", "P"), connector=CopyConnector(hub, "P"))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for rid in ("pd-c1-0000aaaa", "pd-c1-0000bbbb", "pd-c2-0000cccc"):
+        engine.add_request(rid, [5, 6, 7, 8, 9], params, kv_transfer_params={"do_remote_decode": True})
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats()["num_held"] == 3
+    released: list[str] = []
+    engine.connector.release_held = lambda rid: released.append(rid) or True  # type: ignore[method-assign,union-attr]
+    assert engine.release_held_kv_of_client("pd-c1") == 2 and sorted(released) == ["pd-c1-0000aaaa", "pd-c1-0000bbbb"]
+    assert engine.release_held_kv_of_client("pd-c") == 0  # whole ids only, never a prefix

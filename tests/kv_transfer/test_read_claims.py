@@ -148,3 +148,5 @@ def test_a_notification_after_the_hold_ended_is_expected_and_one_for_an_unknown_
     assert [lvl for lvl, _ in levels] == ["DEBUG", "DEBUG", "WARNING"], levels
     assert "after its hold ended (released: its decode leg will not run)" in levels[0][1]
     assert "request r9, which is not held here" in levels[2][1] and "decode-0" in levels[2][1]
+    with pytest.raises(KVTransferError, match="not held here any more: released: its decode leg will not run"):
+        _claim(table)  # a decode whose leg the proxy gave up is told so, not that a lease expired

@@ -77,6 +77,12 @@ def test_internal_routes_take_only_the_internal_token(instance: str) -> None:
     assert answer.status_code == 200 and answer.json() == {"request_id": "never-held", "released": False}
     bad = httpx.post(f"{instance}/internal/kv/release", json={"request_id": 5}, headers=internal_headers(SECRET))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+    by_client = httpx.post(f"{instance}/internal/kv/release", json={"client_request_id": "pd-nobody"},
+                           headers=internal_headers(SECRET), timeout=30)
+    assert by_client.status_code == 200 and by_client.json() == {"client_request_id": "pd-nobody", "released": 0}
+    for body in ({}, {"request_id": "a", "client_request_id": "b"}):
+        bad = httpx.post(f"{instance}/internal/kv/release", json=body, headers=internal_headers(SECRET))
+        assert bad.status_code == 400 and "exactly one of request_id and client_request_id" in bad.text, bad.text
 
 
 def test_proxy_key_and_internal_token_to_instances(instance: str) -> None:

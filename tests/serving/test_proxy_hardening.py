@@ -31,6 +31,8 @@ class Prefill:
     def __init__(self) -> None:
         self.legs: list[str] = []
         self.released: list[str] = []
+        self.released_clients: list[str] = []  # X-Request-Ids of prefill legs the proxy never read
+        self.leg_ids: list[str] = []
         self.tokens: set[str | None] = set()
         self._ids = itertools.count()
         self.app = FastAPI()
@@ -40,6 +42,9 @@ class Prefill:
 
     async def completions(self, request: Request) -> Any:
         self.tokens.add(request.headers.get(INTERNAL_TOKEN_HEADER))
+        self.leg_ids.append(str(request.headers.get("x-request-id")))
+        if (await request.json()).get("prompt") == "slow prefill":  # answers as (or after) the client leaves
+            await asyncio.sleep(3)
         rid = f"held-{next(self._ids)}"
         self.legs.append(rid)
         return {"choices": [{"text": "x"}], "kv_transfer_params": {"do_remote_prefill": True, "remote_request_id": rid}}
@@ -47,7 +52,11 @@ class Prefill:
     async def release(self, request: Request) -> Any:
         if request.headers.get(INTERNAL_TOKEN_HEADER) != internal_token(SECRET):
             return JSONResponse({"error": {"message": "no token"}}, status_code=403)
-        self.released.append((await request.json())["request_id"])
+        body = await request.json()
+        if "client_request_id" in body:
+            self.released_clients.append(body["client_request_id"])
+            return {"released": 1}
+        self.released.append(body["request_id"])
         return {"released": True}
 
 
@@ -159,6 +168,27 @@ def test_client_gone_before_the_decode_answers_releases_the_prefill_kv(deploymen
             httpx.post(f"{url}/v1/completions", json={"prompt": "wait", "stream": stream}, timeout=1.5)
         held = prefill.legs[-1]
         wait_for(lambda: held in prefill.released, f"the proxy to release {held} after the client left", timeout=5)
+
+
+def test_client_gone_during_the_prefill_leg_releases_what_the_prefill_holds_for_the_legs_id(deployment: Any) -> None:
+    # The prefill may have answered (and hold KV) just as the proxy dropped the leg: the params never reach the
+    # proxy, and the prefill saw no disconnect. The proxy names the leg's X-Request-Id, when it made it itself.
+    url, prefill, _ = deployment
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={"prompt": "slow prefill"}, timeout=1.0)
+    made = prefill.leg_ids[-1]
+    assert made.startswith("pd-")
+    wait_for(lambda: made in prefill.released_clients, f"the proxy to release what the prefill holds for {made}",
+             timeout=10)
+    # A client's own X-Request-Id may be reused by another request of that client: not released by id.
+    answered = len(prefill.legs)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={"prompt": "slow prefill"}, headers={"X-Request-Id": "mine-1"},
+                   timeout=1.0)
+    assert prefill.leg_ids[-1] == "mine-1"
+    # the prefill answers 3 s after the leg came, long after the proxy dropped it (and sent any release)
+    wait_for(lambda: len(prefill.legs) > answered, "the prefill to answer the dropped leg", timeout=15)
+    assert "mine-1" not in prefill.released_clients and prefill.released_clients == [made]
 
 
 def test_unreachable_decode_releases_the_prefill_kv(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:

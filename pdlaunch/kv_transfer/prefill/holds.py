@@ -185,7 +185,10 @@ class HoldTable:
         with self.lock:
             return {h.request_id for h in self._holds.values() if h.busy}
 
-    def _not_held(self, request_id: str) -> KVTransferError:
+    def _not_held(self, request_id: str, how: str | None = None) -> KVTransferError:
+        if how is not None and how != "its lease expired":
+            return KVTransferError(f"request {request_id} is not held here any more: {how}",
+                                   hint="its client left or its decode leg was given up; nothing to load")
         return KVTransferError(
             f"request {request_id} is not held here any more: its lease ({self.lease_seconds:g}s) expired "
             "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
@@ -203,8 +206,9 @@ class HoldTable:
             hold = self._holds.get(message.request_id)
             if hold is not None:
                 read_by = _read_by(hold)
+                how = _how_it_ended(hold, read_by) if not hold.servable else None
             else:  # freed: who read it, if it was read
-                _, read_by, _ = self._ended.get(message.request_id, (0.0, frozenset(), ""))
+                _, read_by, how = self._ended.get(message.request_id, (0.0, frozenset(), None))
             if message.reader in read_by:
                 return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
             if hold is None or not hold.servable:
@@ -213,7 +217,7 @@ class HoldTable:
                         f"request {message.request_id} was read by another decode ({', '.join(sorted(read_by))}) "
                         "and its blocks freed", hint="the proxy sent one prefill's KV to two decodes (the first "
                         "died): this one computes the prompt itself")
-                raise self._not_held(message.request_id)
+                raise self._not_held(message.request_id, how)
             hold.read_claimed = True
             hold.claimed_by.add(message.reader)
             hold.deadline = max(hold.deadline, cap)
