@@ -240,6 +240,8 @@ class EngineLoop:
             self._fatal(f"engine failed to start: {exc}", exc)
             self._ready.set()
             return
+        # /info and the gauges have numbers from the start: a quiescent loop steps first quiescent_wait_s later
+        self._update_stats(engine)
         self.state = "ready"
         self._ready.set()
         log.info("engine ready")

@@ -54,6 +54,7 @@ def test_a_quiescent_engine_steps_only_when_a_command_comes() -> None:
     engine = CountingEngine()
     loop = _loop(engine)
     try:
+        assert loop.stats is not None and engine.steps == 0  # /info has the blocks before any step
         async def calls() -> list[int]:
             return [await loop.call(lambda e: e.steps, timeout=30) for _ in range(20)]  # type: ignore[attr-defined]
 
