@@ -16,9 +16,7 @@ step (CUDA graphs, runner/cuda_graphs.py) builds its plan from device tensors on
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,21 +65,16 @@ class GroupPlan:
         return (2 * layer_in_group + kv) * self.block_size
 
 
-@functools.cache
-def _torch_causal_bias() -> ModuleType:
-    """torch.nn.attention.bias, imported on the first CUDA prefill over cached context (the runner's start-up
-    warm-up runs one): it imports torch._dynamo, ~2 s that a CPU instance's start no longer pays."""
-    import torch.nn.attention.bias as bias
-
-    return bias
-
-
 def causal_lower_right_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor | CausalBias:
     """The causal mask of `q_len` queries that are the last of `k_len` keys. CUDA: torch's causal_lower_right,
     which SDPA runs on its causal kernels; elsewhere the same mask as booleans (CPU SDPA materializes
     causal_lower_right to exactly these, so the outputs are equal bit for bit)."""
     if device.type == "cuda":
-        return _torch_causal_bias().causal_lower_right(q_len, k_len)  # type: ignore[no-any-return]
+        # Imported here: torch.nn.attention.bias imports torch._dynamo (~2 s that a CPU instance's start need not
+        # pay); on CUDA the runner's start-up warm-up (a chunk over cached tokens) imports it.
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(q_len, k_len)
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
 
 
