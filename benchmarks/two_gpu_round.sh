@@ -35,8 +35,15 @@ serve_round() {
     $py -m pdlaunch serve --model "$ckpt" --port $port --log-dir "$out/logs-$name" "$@" > "$out/serve-$name.log" 2>&1 &
     local pid=$!
     if wait_ready $port $pid 300; then
+        $py benchmarks/serve_probe.py snap http://127.0.0.1:$port "$out/probe-$name-0.json"
+        times > "$out/times-$name-0"
         TAIL=24 step "bench-$name" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
             --save-result --result-dir "$out" --result-filename "$name.json"
+        times > "$out/times-$name-1"
+        echo "== this shell's children's CPU (user, sys) before and after the bench, the difference the bench client's:" \
+            "$(tail -1 "$out/times-$name-0") -> $(tail -1 "$out/times-$name-1")"
+        $py benchmarks/serve_probe.py snap http://127.0.0.1:$port "$out/probe-$name-1.json"
+        $py benchmarks/serve_probe.py diff "$out/probe-$name-0.json" "$out/probe-$name-1.json"
     else
         tail -20 "$out/serve-$name.log"
     fi
@@ -70,9 +77,9 @@ multiturn)
         --random-input-len 256 --random-output-len 128 --request-rate 4"}
     # With one decode, round robin reaches the decode that holds the conversation too, so decode-side reuse
     # serves it as well: the first run, without prefix caching, is what every turn cost before issue 31.
-    serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
+    [ -n "${MT_SKIP_NO_REUSE:-}" ] || serve_round multiturn-no-reuse --prefill 1 --decode 1 --routing-policy round_robin --no-enable-prefix-caching
     serve_round multiturn-round-robin --prefill 1 --decode 1 --routing-policy round_robin
-    serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix
+    [ -n "${MT_SKIP_PREFIX:-}" ] || serve_round multiturn-prefix --prefill 1 --decode 1 --routing-policy prefix
     # ... and with per-request disaggregation: a turn whose conversation the decode holds runs there alone
     # (its new user tokens, fewer than MT_MIN_TOKENS, are all it lacks), so only first turns move KV.
     serve_round multiturn-prefix-decode-only --prefill 1 --decode 1 --routing-policy prefix \

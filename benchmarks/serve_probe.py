@@ -1,0 +1,93 @@
+"""Where a served request's time goes, around one `bench serve` run: the CPU seconds each running pdlaunch
+process (the proxy, the instances, their launcher) spent, and each instance's own time to first token (its
+`pdlaunch_time_to_first_token_seconds` histogram, from a request reaching the instance to its first token).
+
+    python benchmarks/serve_probe.py snap PROXY_URL A.json     # before the run
+    python benchmarks/serve_probe.py snap PROXY_URL B.json     # after it
+    python benchmarks/serve_probe.py diff A.json B.json        # a table of the deltas
+
+Client TTFT minus the instances' own TTFT is the time outside the instances: the proxy, the HTTP hops and the
+client. A process at ~1.0 core over the run is saturated, and a request it handles waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import httpx
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _processes() -> dict[str, float]:
+    """CPU seconds of every process whose command line names pdlaunch, keyed "pid command"."""
+    out: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if not any(b"pdlaunch" in a for a in argv):
+                continue
+            role = next((a.decode() for a in argv if a.startswith(b"--instance")), "")
+            name = " ".join(a.decode(errors="replace") for a in argv[1:4])
+            if role:  # an instance's spec is JSON: keep its name
+                spec = json.loads(argv[argv.index(b"--instance") + 1].decode())
+                name = f"instance {spec.get('role', '?')}-{spec.get('index', '?')}"
+            out[f"{entry} {name}"] = _cpu_seconds(int(entry))
+        except (OSError, ValueError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def _ttft(url: str) -> tuple[float, float]:
+    text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("pdlaunch_time_to_first_token_seconds_sum"):
+            total += float(line.split()[-1])
+        elif line.startswith("pdlaunch_time_to_first_token_seconds_count"):
+            count += float(line.split()[-1])
+    return total, count
+
+
+def snap(proxy_url: str, path: str) -> None:
+    instances = httpx.get(f"{proxy_url}/instances", timeout=10, trust_env=False).json()
+    doc = {"time": time.monotonic(), "cpu": _processes(),
+           "ttft": {i["name"]: _ttft(i["url"]) for i in instances}}
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def diff(a_path: str, b_path: str) -> None:
+    with open(a_path) as f:
+        a = json.load(f)
+    with open(b_path) as f:
+        b = json.load(f)
+    wall = b["time"] - a["time"]
+    print(f"over {wall:.1f} s:")
+    for key, after in sorted(b["cpu"].items()):
+        used = after - a["cpu"].get(key, 0.0)
+        if used > 0.05:
+            print(f"  {key[:70]:70s} {used:7.2f} cpu s = {used / wall:.2f} core")
+    for name, (total, count) in sorted(b["ttft"].items()):
+        t0, c0 = a["ttft"].get(name, (0.0, 0.0))
+        if count > c0:
+            print(f"  {name}: own TTFT mean {(total - t0) / (count - c0) * 1000:.1f} ms over {count - c0:.0f} requests")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "snap":
+        snap(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) == 4 and sys.argv[1] == "diff":
+        diff(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)
