@@ -17,8 +17,18 @@ virtual addresses), so graphs stay valid across sleep; their own pool (~100 MiB 
 at batch 64) stays allocated while asleep: capturing again at every wake-up took 2-4 s on an
 H100. If the KV tensors are ever re-created the graphs are captured again before the next replay.
 
+Short prompts run as rows too (`prompt_rows`, on CUDA): a step whose prompts each bring at most
+`PROMPT_ROWS_MAX_QUERY` tokens (a multi-turn chat's new turn over its cached conversation, a chunk's tail, a short
+fresh prompt) replays the graph of its token count, one row per token. The row of a prompt's token at position p
+reads its sequence's block table with a sequence length of p + 1: that is the token's causal attention, over keys
+the step's KV write has just put in the cache (the write precedes the attention in every layer). Otherwise such a
+step replays piecewise with eager attention between the pieces (runner/mixed_graphs.py), whose host time (~10 ms a
+step on an 8B model, whatever the prompt's length) every running decode and the prompt's first token wait for.
+Each prompt row reads its whole context where SDPA reads it once for the prompt, so `PROMPT_ROWS_MAX_KEYS` bounds
+the keys the rows read together.
+
 On CPU there is nothing to capture: `run` executes the padded step eagerly on the same buffers,
-which is how CPU tests exercise the padding and staging logic.
+which is how CPU tests exercise the padding and staging logic (prompt rows only where a test turns them on).
 """
 
 from __future__ import annotations
@@ -38,9 +48,22 @@ log = logging.getLogger(__name__)
 
 MAX_GRAPH_BATCH = 256
 WARMUP_RUNS = 2
+# Prompt tokens as rows (module docstring): at most this many new tokens per prompt, and at most this many keys
+# read by all prompt rows together (sum of their sequence lengths: 8 MiB of an 8B model's KV a row at 2k context).
+PROMPT_ROWS_MAX_QUERY = 128
+PROMPT_ROWS_MAX_KEYS = 256 * 1024
+# Graphs up to this many rows are captured when prompt rows are on, whatever max_num_seqs (64 by default): a turn
+# of ~80 new tokens beside 16 running decodes is 96 rows.
+PROMPT_ROWS_GRAPH_ROWS = 128
 
 # Rows of the packed 1-D inputs (one pinned host buffer, one copy per step).
 _IDS, _POS, _SEQ_LENS, _CTX_LENS, _SLOTS = range(5)
+
+
+def graph_rows(max_num_seqs: int, prompt_rows: bool) -> int:
+    """The most rows a decode graph is captured for: max_num_seqs, at least PROMPT_ROWS_GRAPH_ROWS with prompt
+    rows."""
+    return max(max_num_seqs, PROMPT_ROWS_GRAPH_ROWS) if prompt_rows else max_num_seqs
 
 
 def ladder(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int]:
@@ -60,8 +83,12 @@ class DecodeGraphs:
     """
 
     def __init__(self, sizes: Sequence[int], num_groups: int, block_size: int, max_blocks_per_seq: int,
-                 device: torch.device, kv_caches: Callable[[], list[torch.Tensor]]) -> None:
+                 device: torch.device, kv_caches: Callable[[], list[torch.Tensor]],
+                 prompt_rows: bool | None = None) -> None:
+        """`prompt_rows`: replay steps with short prompts as one row per token (module docstring); default: on
+        CUDA."""
         self.sizes = sorted(sizes)
+        self.prompt_rows = device.type == "cuda" if prompt_rows is None else prompt_rows
         self.block_size = block_size
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
@@ -115,18 +142,28 @@ class DecodeGraphs:
         return self.packed[_POS, :batch]
 
     def batch_size_for(self, inputs: StepInputs) -> int | None:
-        """The ladder size this step runs at, or None when it must run eagerly."""
-        n = len(inputs.query_lens)
-        if n > self.max_batch or any(q != 1 for q in inputs.query_lens):
+        """The ladder size this step runs at, or None when it must run eagerly (or piecewise)."""
+        n = int(inputs.input_ids.shape[0])  # rows: one per token
+        if n > self.max_batch or any(t.shape[1] > self.max_blocks for t in inputs.block_tables):
             return None
-        if any(t.shape[1] > self.max_blocks for t in inputs.block_tables):
+        if n != len(inputs.query_lens) and not self._prompts_as_rows(inputs):
             return None
         return next(s for s in self.sizes if s >= n)
 
+    def _prompts_as_rows(self, inputs: StepInputs) -> bool:
+        """Whether this step's prompts are short enough to run one row per token (module docstring)."""
+        if not self.prompt_rows or max(inputs.query_lens) > PROMPT_ROWS_MAX_QUERY:
+            return False
+        keys = sum(q * c + q * (q + 1) // 2 for q, c in zip(inputs.query_lens, inputs.context_lens) if q > 1)
+        # Every token must be written before a later row reads it: a slot of -1 (not written) keeps the step off.
+        return keys <= PROMPT_ROWS_MAX_KEYS and all(bool((s >= 0).all()) for s in inputs.slot_mapping)
+
     def load(self, inputs: StepInputs, batch: int) -> None:
-        """Copy the step's inputs into the static buffers; rows past the step are padding."""
-        n, pad = len(inputs.query_lens), batch - len(inputs.query_lens)
-        ctx = list(inputs.context_lens)
+        """Copy the step's inputs into the static buffers, one row per token; rows past the step are padding."""
+        n = int(inputs.input_ids.shape[0])
+        pad = batch - n
+        # Context before each row's token: a decode's context, or a prompt token's position in its sequence.
+        ctx = [c + j for q, c in zip(inputs.query_lens, inputs.context_lens) for j in range(q)]
         if self._loaded is not None:
             self._loaded.synchronize()
         # One host tensor of every 1-D input, padded (a few large ops beat many small ones: the GPU
@@ -135,10 +172,15 @@ class DecodeGraphs:
                 [c + 1 for c in ctx] + [1] * pad, ctx + [0] * pad,
                 *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups))]
         self.host[:, :batch] = torch.tensor(rows, dtype=torch.long)
+        per_token = n != len(inputs.query_lens)
+        repeats = torch.tensor(inputs.query_lens) if per_token else None
         for g in range(self.num_groups):
-            width = inputs.block_tables[g].shape[1]
+            table = inputs.block_tables[g]
+            if repeats is not None:  # each prompt token's row reads its sequence's blocks
+                table = table.repeat_interleave(repeats, dim=0)
+            width = table.shape[1]
             # -1 (a block left the sliding window) reads as block 0, masked by the kernel.
-            self.host_tables[g][:n, :width] = inputs.block_tables[g].clamp(min=0)
+            self.host_tables[g][:n, :width] = table.clamp(min=0)
             self.tables[g][:n, :width].copy_(self.host_tables[g][:n, :width], non_blocking=True)
         self.packed[:, :batch].copy_(self.host[:, :batch], non_blocking=True)
         if self.device.type == "cuda":
@@ -185,10 +227,10 @@ class DecodeGraphs:
 
     def run(self, inputs: StepInputs, batch: int, forward: Callable[[int], torch.Tensor]
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """float32 logits [N, V] of the step's rows and, from a replayed graph, their argmax [N] (the greedy ids,
-        computed inside the graph; None on CPU). On CUDA both are views of the graph's output buffers: consume
+        """float32 logits [N, V] of the step's N token rows and, from a replayed graph, their argmax [N] (the greedy
+        ids, computed inside the graph; None on CPU). On CUDA both are views of the graph's output buffers: consume
         them before the next step (work queued on the stream before the next replay does)."""
-        n = len(inputs.query_lens)
+        n = int(inputs.input_ids.shape[0])
         if self.device.type == "cuda" and self._captured_for != self._kv_pointers():
             log.warning("KV cache tensors moved since the CUDA graphs were captured: capturing again")
             self.capture(forward)

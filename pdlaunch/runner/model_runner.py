@@ -14,6 +14,7 @@ MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on C
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,7 +29,7 @@ from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes
-from pdlaunch.runner.cuda_graphs import DecodeGraphs, ladder
+from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
 from pdlaunch.runner.mixed_graphs import MixedGraphs, mixed_ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
@@ -57,6 +58,7 @@ class ModelRunner:
         expert_parallel: bool = False,
         role: Role = "colocated",
         mixed_graphs: bool = False,
+        prompt_rows: bool | None = None,
     ) -> None:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
         (the minimum over ranks), so block ids mean the same slots on every rank.
@@ -65,6 +67,8 @@ class ModelRunner:
         cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly.
         `mixed_graphs`: replay the other steps of up to 2048 tokens piecewise (runner/mixed_graphs.py; the
         same conditions).
+        `prompt_rows`: the decode graphs take steps with short prompts too, a row per token (cuda_graphs.py);
+        None: on CUDA unless PDLAUNCH_PROMPT_ROWS=off.
         `expert_parallel`: MoE experts whole per TP rank (model/moe/experts.py)."""
         self.checkpoint = checkpoint
         self.device = device
@@ -94,6 +98,9 @@ class ModelRunner:
         self.allocate_kv_caches()
         if device.type == "cuda":
             self._warm_up()
+        if prompt_rows is None:  # PDLAUNCH_PROMPT_ROWS=off: such steps replay piecewise (debugging, benchmarks)
+            prompt_rows = device.type == "cuda" and os.environ.get("PDLAUNCH_PROMPT_ROWS", "auto") != "off"
+        self._prompt_rows = prompt_rows
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
         self.mixed: MixedGraphs | None = self._init_mixed_graphs() if mixed_graphs else None
         self.prompt_logprobs: PromptLogprobsOut | None = None  # of the last step run
@@ -269,8 +276,9 @@ class ModelRunner:
         if not self._graphs_possible("decode steps"):
             return None
         max_blocks = -(-self.max_model_len // self.block_size)
-        graphs = DecodeGraphs(ladder(self.scheduler_config.max_num_seqs), len(self.groups), self.block_size,
-                              max_blocks, self.device, lambda: self.kv_caches)
+        rows = graph_rows(self.scheduler_config.max_num_seqs, self._prompt_rows)
+        graphs = DecodeGraphs(ladder(rows), len(self.groups), self.block_size, max_blocks, self.device,
+                              lambda: self.kv_caches, prompt_rows=self._prompt_rows)
         self.graphs = graphs
         graphs.capture(self._graph_forward)
         return graphs
@@ -318,10 +326,12 @@ class ModelRunner:
         batch = self.graphs.batch_size_for(inputs) if self.graphs is not None and not inputs.prompt_rows else None
         if self.graphs is not None and batch is not None:
             logits, argmax = self.graphs.run(inputs, batch, self._graph_forward)
-            if inputs.sample_rows == list(range(len(inputs.query_lens))):
+            if inputs.sample_rows == list(range(logits.shape[0])):
                 self.argmax = argmax
                 return logits
-            return logits[to_device_async(torch.tensor(inputs.sample_rows), self.device)]
+            keep = to_device_async(torch.tensor(inputs.sample_rows), self.device)
+            self.argmax = None if argmax is None else argmax[keep]
+            return logits[keep]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
         size = self.mixed.size_for(inputs) if self.mixed is not None and self.kv_caches else None
         if self.mixed is not None and size is not None:

@@ -127,9 +127,11 @@ def test_padding_rows_write_nothing_to_the_cache(llama_ckpt: Path, make_engine: 
 @pytest.mark.parametrize("fixture,extra", [("llama_ckpt", {}), ("hybrid_ckpt", {}), ("moe:qwen3_moe", {}),
                                            ("llama_ckpt", {"kv_cache_dtype": "fp8"})])
 def test_piecewise_replay_equals_eager(fixture: str, extra: dict[str, Any], request: pytest.FixtureRequest,
-                                       make_engine: MakeEngine) -> None:
+                                       make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA: every piece captured at every ladder size; steps with prompts (chunked at 48 tokens, over cached
-    context, next to decodes) replay them and give the tokens of an eager engine (float32)."""
+    context, next to decodes) replay them and give the tokens of an eager engine (float32). (Prompts this short
+    would run as decode-graph rows: test_prompt_rows.py; off here.)"""
+    monkeypatch.setenv("PDLAUNCH_PROMPT_ROWS", "off")
     torch.backends.cuda.matmul.allow_tf32 = False
     path: Path = (request.getfixturevalue("moe_ckpt")(fixture[4:]) if fixture.startswith("moe:")
                   else request.getfixturevalue(fixture))
