@@ -329,7 +329,8 @@ class ModelRunner:
             if inputs.sample_rows == list(range(logits.shape[0])):
                 self.argmax = argmax
                 return logits
-            keep = to_device_async(torch.tensor(inputs.sample_rows), self.device)
+            # A prompt's rows sample only its last token (none for a chunk that does not end the prompt).
+            keep = to_device_async(torch.tensor(inputs.sample_rows, dtype=torch.long), self.device)
             self.argmax = None if argmax is None else argmax[keep]
             return logits[keep]
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)

@@ -77,6 +77,17 @@ def test_steps_with_short_prompts_as_rows_equal_eager(fixture: str, request: pyt
     assert not rows_on_cpu
 
 
+def test_a_prompt_chunked_alone_samples_only_its_last_chunk(llama_ckpt: Path, make_engine: MakeEngine,
+                                                            rows_on_cpu: Runs) -> None:
+    """A 60-token prompt alone at a 24-token budget: two chunk steps as rows that sample nothing, then the last."""
+    batch = prompts([60], seed=3, prefix=[])
+    options = dict(max_num_seqs=4, max_num_batched_tokens=24)
+    got = [o.output_token_ids for o in run_all(make_engine(llama_ckpt, **options), batch, GREEDY)]
+    assert [(rows, seqs) for rows, seqs, _ in rows_on_cpu[:3]] == [(24, 1), (24, 1), (12, 1)]
+    rows_on_cpu.force = False
+    assert [o.output_token_ids for o in run_all(make_engine(llama_ckpt, **options), batch, GREEDY)] == got
+
+
 def _inputs(query_lens: list[int], context_lens: list[int], slot: int = 0) -> StepInputs:
     tokens = sum(query_lens)
     return StepInputs(input_ids=torch.zeros(tokens, dtype=torch.long),
