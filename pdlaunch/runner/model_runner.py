@@ -68,7 +68,7 @@ class ModelRunner:
         `mixed_graphs`: replay the other steps of up to 2048 tokens piecewise (runner/mixed_graphs.py; the
         same conditions).
         `prompt_rows`: the decode graphs take steps with short prompts too, a row per token (cuda_graphs.py);
-        None: on CUDA unless PDLAUNCH_PROMPT_ROWS=off.
+        None: on CUDA with a cache of the model's dtype, unless PDLAUNCH_PROMPT_ROWS=off.
         `expert_parallel`: MoE experts whole per TP rank (model/moe/experts.py)."""
         self.checkpoint = checkpoint
         self.device = device
@@ -99,7 +99,10 @@ class ModelRunner:
         if device.type == "cuda":
             self._warm_up()
         if prompt_rows is None:  # PDLAUNCH_PROMPT_ROWS=off: such steps replay piecewise (debugging, benchmarks)
-            prompt_rows = device.type == "cuda" and os.environ.get("PDLAUNCH_PROMPT_ROWS", "auto") != "off"
+            # Not over an fp8 cache: there the paged kernel's fp8 dot products differ from the prompt path's
+            # (SDPA over the cache's values), and the tokens of a float32 engine with and without graphs would too.
+            prompt_rows = (device.type == "cuda" and os.environ.get("PDLAUNCH_PROMPT_ROWS", "auto") != "off"
+                           and self.kv_dtype == dtype)
         self._prompt_rows = prompt_rows
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
         self.mixed: MixedGraphs | None = self._init_mixed_graphs() if mixed_graphs else None

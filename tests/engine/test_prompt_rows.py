@@ -137,7 +137,7 @@ def test_rows_load_a_block_table_and_a_length_per_token() -> None:
 def test_replayed_prompt_rows_equal_eager_on_cuda(fixture: str, extra: dict[str, Any], request: pytest.FixtureRequest,
                                                   make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     """CUDA (float32): prompts chunked at 48 tokens, over cached context and next to decodes, replay the decode
-    graphs as rows (the default on CUDA) and give the tokens of an eager engine."""
+    graphs as rows (the default on CUDA; not over an fp8 cache) and give the tokens of an eager engine."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -155,8 +155,9 @@ def test_replayed_prompt_rows_equal_eager_on_cuda(fixture: str, extra: dict[str,
     batch = prompts([5, 40, 1, 23, 64, 9, 11], seed=7, prefix=shared)
     options = dict(max_num_seqs=8, max_num_batched_tokens=48, enable_prefix_caching=True, **extra)
     graphed = make_engine(path, device="cuda", **options)
-    assert graphed.runner.graphs is not None and graphed.runner.graphs.prompt_rows
+    fp8 = extra.get("kv_cache_dtype") == "fp8"  # prompt rows stay off over an fp8 cache (model_runner.py)
+    assert graphed.runner.graphs is not None and graphed.runner.graphs.prompt_rows is not fp8
     got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
-    assert any(rows != seqs and seqs > 1 for rows, seqs in runs), runs
+    assert any(rows != seqs and seqs > 1 for rows, seqs in runs) is not fp8, runs
     eager = make_engine(path, device="cuda", enforce_eager=True, **options)
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
