@@ -84,10 +84,14 @@ def diff(a_path: str, b_path: str) -> None:
             print(f"  {name}: own TTFT mean {(total - t0) / (count - c0) * 1000:.1f} ms over {count - c0:.0f} requests")
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "snap":
         snap(sys.argv[2], sys.argv[3])
     elif len(sys.argv) == 4 and sys.argv[1] == "diff":
         diff(sys.argv[2], sys.argv[3])
     else:
         sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
