@@ -1,10 +1,9 @@
 """The engine thread: the only thread that touches the LLMEngine (it is not thread-safe).
 
 HTTP handlers (asyncio) send commands through a thread-safe queue; the thread drains it before
-every step, runs `step()`, and hands the step's outputs to their requests' asyncio queues with one
-`loop.call_soon_threadsafe` a step (not one per request: each wakes the event loop through its self-pipe,
-and a decode step of 16 streams made 16 wake-ups where one does). When nothing runs it blocks on the command
-queue for at most `idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
+every step, runs `step()`, and hands each request's outputs to that request's asyncio queue with
+`loop.call_soon_threadsafe`. When nothing runs it blocks on the command queue for at most
+`idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
 quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
 instance costs ~no CPU, and a command still wakes it at once.
 """
@@ -58,20 +57,10 @@ class RequestStream:
     last_token_time: float | None = None
 
     def put(self, item: StreamItem) -> None:
-        _hand_over(self.loop, [(self, item)])
-
-
-def _hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestStream, StreamItem]]) -> None:
-    """Put each item on its stream's queue, in order, from the engine thread: one call into `loop`."""
-    try:
-        loop.call_soon_threadsafe(_put_all, items)
-    except RuntimeError:  # the event loop is closed: nobody is listening any more
-        pass
-
-
-def _put_all(items: list[tuple[RequestStream, StreamItem]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
 
 
 @dataclass
@@ -321,12 +310,9 @@ class EngineLoop:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, StreamItem]]] = {}
         for out in outputs:
             with self._lock:
                 stream = self._streams.get(out.request_id)
-                if stream is not None and out.finished:
-                    del self._streams[out.request_id]
             if stream is None:
                 continue  # aborted: the client is gone
             if out.new_token_ids:
@@ -337,9 +323,10 @@ class EngineLoop:
                     for _ in out.new_token_ids:
                         metrics.INTER_TOKEN_LATENCY.observe(gap)
                 stream.last_token_time = now
-            batches.setdefault(stream.loop, []).append((stream, out))
-        for loop, items in batches.items():
-            _hand_over(loop, items)
+            if out.finished:
+                self._finish(out.request_id, out)
+            else:
+                stream.put(out)
 
     def _finish(self, request_id: str, item: StreamItem) -> None:
         with self._lock:
