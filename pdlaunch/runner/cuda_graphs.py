@@ -146,13 +146,13 @@ class DecodeGraphs:
         n = int(inputs.input_ids.shape[0])  # rows: one per token
         if n > self.max_batch or any(t.shape[1] > self.max_blocks for t in inputs.block_tables):
             return None
-        if n != len(inputs.query_lens) and not self._prompts_as_rows(inputs):
+        if any(q != 1 for q in inputs.query_lens) and not self._prompts_as_rows(inputs):
             return None
         return next(s for s in self.sizes if s >= n)
 
     def _prompts_as_rows(self, inputs: StepInputs) -> bool:
         """Whether this step's prompts are short enough to run one row per token (module docstring)."""
-        if not self.prompt_rows or max(inputs.query_lens) > PROMPT_ROWS_MAX_QUERY:
+        if not self.prompt_rows or not 1 <= min(inputs.query_lens) <= max(inputs.query_lens) <= PROMPT_ROWS_MAX_QUERY:
             return False
         keys = sum(q * c + q * (q + 1) // 2 for q, c in zip(inputs.query_lens, inputs.context_lens) if q > 1)
         # Every token must be written before a later row reads it: a slot of -1 (not written) keeps the step off.
@@ -172,8 +172,7 @@ class DecodeGraphs:
                 [c + 1 for c in ctx] + [1] * pad, ctx + [0] * pad,
                 *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups))]
         self.host[:, :batch] = torch.tensor(rows, dtype=torch.long)
-        per_token = n != len(inputs.query_lens)
-        repeats = torch.tensor(inputs.query_lens) if per_token else None
+        repeats = torch.tensor(inputs.query_lens) if any(q != 1 for q in inputs.query_lens) else None
         for g in range(self.num_groups):
             table = inputs.block_tables[g]
             if repeats is not None:  # each prompt token's row reads its sequence's blocks

@@ -117,6 +117,7 @@ def test_which_steps_run_as_rows() -> None:
     assert on.batch_size_for(_inputs([64], [cuda_graphs.PROMPT_ROWS_MAX_KEYS // 64 - 64])) == 64
     assert on.batch_size_for(_inputs([8], [0], slot=-1)) is None
     assert on.batch_size_for(_inputs([100, 29], [0, 0])) is None  # 129 rows: past the ladder
+    assert on.batch_size_for(_inputs([0, 2], [4, 0])) is None  # a sequence without a token is no step of rows
 
 
 def test_rows_load_a_block_table_and_a_length_per_token() -> None:
