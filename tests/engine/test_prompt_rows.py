@@ -55,7 +55,7 @@ def test_steps_with_short_prompts_as_rows_equal_eager(fixture: str, request: pyt
                                                       make_engine: MakeEngine,
                                                       rows_on_cpu: Runs) -> None:
     """Prompts chunked at 24 tokens next to running decodes, chunks over cached context, prefix-cache hits on a
-    shared 16-token prefix, a sliding-window group (hybrid) and MoE layers: every step runs as rows, and the
+    shared 16-token prefix, a sliding-window group (hybrid) and MoE layers: the steps with prompts run as rows, and the
     tokens equal an eager engine's."""
     path: Path = (request.getfixturevalue("moe_ckpt")(fixture[4:]) if fixture.startswith("moe:")
                   else request.getfixturevalue(fixture))
