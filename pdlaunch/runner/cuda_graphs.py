@@ -17,9 +17,9 @@ virtual addresses), so graphs stay valid across sleep; their own pool (~100 MiB 
 at batch 64) stays allocated while asleep: capturing again at every wake-up took 2-4 s on an
 H100. If the KV tensors are ever re-created the graphs are captured again before the next replay.
 
-Short prompts run as rows too (`prompt_rows`, on CUDA): a step whose prompts each bring at most
-`PROMPT_ROWS_MAX_QUERY` tokens (a multi-turn chat's new turn over its cached conversation, a chunk's tail, a short
-fresh prompt) replays the graph of its token count, one row per token. The row of a prompt's token at position p
+Short prompts run as rows too (`prompt_rows`, which the runner turns on on CUDA): a step whose prompts each bring
+at most `PROMPT_ROWS_MAX_QUERY` tokens (a multi-turn chat's new turn over its cached conversation, a chunk's tail,
+a short fresh prompt) replays the graph of its token count, one row per token. The row of a prompt's token at position p
 reads its sequence's block table with a sequence length of p + 1: that is the token's causal attention, over keys
 the step's KV write has just put in the cache (the write precedes the attention in every layer). Otherwise such a
 step replays piecewise with eager attention between the pieces (runner/mixed_graphs.py), whose host time (~10 ms a
@@ -84,11 +84,11 @@ class DecodeGraphs:
 
     def __init__(self, sizes: Sequence[int], num_groups: int, block_size: int, max_blocks_per_seq: int,
                  device: torch.device, kv_caches: Callable[[], list[torch.Tensor]],
-                 prompt_rows: bool | None = None) -> None:
-        """`prompt_rows`: replay steps with short prompts as one row per token (module docstring); default: on
-        CUDA."""
+                 prompt_rows: bool = False) -> None:
+        """`prompt_rows`: replay steps with short prompts as one row per token (module docstring; the runner
+        decides, ModelRunner's `prompt_rows`)."""
         self.sizes = sorted(sizes)
-        self.prompt_rows = device.type == "cuda" if prompt_rows is None else prompt_rows
+        self.prompt_rows = prompt_rows
         self.block_size = block_size
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.distributed import executor as executor_module
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.runner import cuda_graphs
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
-from pdlaunch.runner.model_runner import ModelRunner
 from pdlaunch.runner.step_inputs import StepInputs
 from tests.engine.conftest import MakeEngine, run_all
+from tests.helpers.graphs import GraphRuns, record_graph_runs
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -28,32 +27,22 @@ def prompts(lengths: list[int], seed: int, prefix: list[int]) -> list[list[int]]
     return [prefix + [rng.randrange(0, 500) for _ in range(n)] for n in lengths]
 
 
-class Runs(list):  # type: ignore[type-arg]
-    """(token rows, sequences, ladder size) of every decode-graph step; `force`: engines built from then on run
-    decode graphs with prompt rows (and no piecewise graphs)."""
-
-    force = True
+def _rows_and_sequences(inputs: StepInputs) -> tuple[int, int]:
+    return int(inputs.input_ids.shape[0]), len(inputs.query_lens)
 
 
 @pytest.fixture
-def rows_on_cpu(monkeypatch: pytest.MonkeyPatch) -> Runs:
-    runs = Runs()
-    real_run = DecodeGraphs.run
-
-    def run(self: DecodeGraphs, inputs: StepInputs, batch: int, *rest: Any) -> Any:
-        runs.append((int(inputs.input_ids.shape[0]), len(inputs.query_lens), batch))
-        return real_run(self, inputs, batch, *rest)
-
-    monkeypatch.setattr(DecodeGraphs, "run", run)
-    monkeypatch.setattr(executor_module, "ModelRunner", lambda *a, **k: ModelRunner(
-        *a, **({**k, "decode_graphs": True, "mixed_graphs": False, "prompt_rows": True} if runs.force else k)))
-    return runs
+def rows_on_cpu(monkeypatch: pytest.MonkeyPatch) -> GraphRuns:
+    """((token rows, sequences), ladder size) of every decode-graph step; while `force`, engines are built with
+    decode graphs and prompt rows (and no piecewise graphs)."""
+    return record_graph_runs(monkeypatch, DecodeGraphs, "decode_graphs", _rows_and_sequences,
+                             also={"mixed_graphs": False, "prompt_rows": True})
 
 
 @pytest.mark.parametrize("fixture", ["llama_ckpt", "hybrid_ckpt", "moe:qwen3_moe"])
 def test_steps_with_short_prompts_as_rows_equal_eager(fixture: str, request: pytest.FixtureRequest,
                                                       make_engine: MakeEngine,
-                                                      rows_on_cpu: Runs) -> None:
+                                                      rows_on_cpu: GraphRuns) -> None:
     """Prompts chunked at 24 tokens next to running decodes, chunks over cached context, prefix-cache hits on a
     shared 16-token prefix, a sliding-window group (hybrid) and MoE layers: the steps with prompts run as rows, and the
     tokens equal an eager engine's."""
@@ -65,10 +54,10 @@ def test_steps_with_short_prompts_as_rows_equal_eager(fixture: str, request: pyt
     engine = make_engine(path, **options)
     assert engine.runner.graphs is not None and engine.runner.graphs.max_batch >= 24
     got = [o.output_token_ids for o in run_all(engine, batch, GREEDY)]
-    with_prompts = [(rows, seqs) for rows, seqs, _ in rows_on_cpu if rows != seqs]
+    with_prompts = [(rows, seqs) for (rows, seqs), _ in rows_on_cpu if rows != seqs]
     assert with_prompts, f"no step ran a prompt as rows: {rows_on_cpu}"
     assert any(seqs > 1 for _, seqs in with_prompts), "no prompt ran beside a decode"
-    assert all(rows <= size for rows, _, size in rows_on_cpu)
+    assert all(rows <= size for (rows, _), size in rows_on_cpu)
     rows_on_cpu.clear()
     rows_on_cpu.force = False
     eager = make_engine(path, **options)
@@ -78,12 +67,12 @@ def test_steps_with_short_prompts_as_rows_equal_eager(fixture: str, request: pyt
 
 
 def test_a_prompt_chunked_alone_samples_only_its_last_chunk(llama_ckpt: Path, make_engine: MakeEngine,
-                                                            rows_on_cpu: Runs) -> None:
+                                                            rows_on_cpu: GraphRuns) -> None:
     """A 60-token prompt alone at a 24-token budget: two chunk steps as rows that sample nothing, then the last."""
     batch = prompts([60], seed=3, prefix=[])
     options = dict(max_num_seqs=4, max_num_batched_tokens=24)
     got = [o.output_token_ids for o in run_all(make_engine(llama_ckpt, **options), batch, GREEDY)]
-    assert [(rows, seqs) for rows, seqs, _ in rows_on_cpu[:3]] == [(24, 1), (24, 1), (12, 1)]
+    assert [rows_and_seqs for rows_and_seqs, _ in rows_on_cpu[:3]] == [(24, 1), (24, 1), (12, 1)]
     rows_on_cpu.force = False
     assert [o.output_token_ids for o in run_all(make_engine(llama_ckpt, **options), batch, GREEDY)] == got
 
@@ -144,14 +133,8 @@ def test_replayed_prompt_rows_equal_eager_on_cuda(fixture: str, extra: dict[str,
     torch.backends.cuda.matmul.allow_tf32 = False
     path: Path = (request.getfixturevalue("moe_ckpt")(fixture[4:]) if fixture.startswith("moe:")
                   else request.getfixturevalue(fixture))
-    runs: list[tuple[int, int]] = []
-    real_run = DecodeGraphs.run
-
-    def run(self: DecodeGraphs, inputs: StepInputs, batch: int, *rest: Any) -> Any:
-        runs.append((int(inputs.input_ids.shape[0]), len(inputs.query_lens)))
-        return real_run(self, inputs, batch, *rest)
-
-    monkeypatch.setattr(DecodeGraphs, "run", run)
+    runs = record_graph_runs(monkeypatch, DecodeGraphs, "decode_graphs", _rows_and_sequences)
+    runs.force = None  # CUDA's own choice of graphs and prompt rows
     shared = prompts([16], seed=2, prefix=[])[0]
     batch = prompts([5, 40, 1, 23, 64, 9, 11], seed=7, prefix=shared)
     options = dict(max_num_seqs=8, max_num_batched_tokens=48, enable_prefix_caching=True, **extra)
@@ -159,6 +142,6 @@ def test_replayed_prompt_rows_equal_eager_on_cuda(fixture: str, extra: dict[str,
     fp8 = extra.get("kv_cache_dtype") == "fp8"  # prompt rows stay off over an fp8 cache (model_runner.py)
     assert graphed.runner.graphs is not None and graphed.runner.graphs.prompt_rows is not fp8
     got = [o.output_token_ids for o in run_all(graphed, batch, GREEDY)]
-    assert any(rows != seqs and seqs > 1 for rows, seqs in runs) is not fp8, runs
+    assert any(rows != seqs and seqs > 1 for (rows, seqs), _ in runs) is not fp8, runs
     eager = make_engine(path, device="cuda", enforce_eager=True, **options)
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got

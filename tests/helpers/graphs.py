@@ -18,13 +18,14 @@ class GraphRuns(list):  # type: ignore[type-arg]
     """(rows, ladder size) of every step that ran a padded graph path; `force` turns that path on for engines
     built from then on."""
 
-    force = True
+    force: bool | None = True
 
 
 def record_graph_runs(monkeypatch: pytest.MonkeyPatch, graphs_class: Any, runner_flag: str,
-                      rows: Callable[[Any], int]) -> GraphRuns:
+                      rows: Callable[[Any], Any], also: dict[str, Any] | None = None) -> GraphRuns:
     """Record every `graphs_class.run(inputs, size, ...)` as (rows(inputs), size), and build every engine's
-    ModelRunner with `runner_flag` (e.g. "decode_graphs") set to `runs.force`."""
+    ModelRunner with `runner_flag` (e.g. "decode_graphs") set to `runs.force`, and the runner flags in `also`
+    while it is True; `runs.force = None` records without changing how engines are built."""
     runs = GraphRuns()
     real_run = graphs_class.run
 
@@ -34,7 +35,8 @@ def record_graph_runs(monkeypatch: pytest.MonkeyPatch, graphs_class: Any, runner
 
     monkeypatch.setattr(graphs_class, "run", run)
     monkeypatch.setattr(executor_module, "ModelRunner",
-                        lambda *a, **k: ModelRunner(*a, **{**k, runner_flag: runs.force}))
+                        lambda *a, **k: ModelRunner(*a, **k) if runs.force is None else
+                        ModelRunner(*a, **{**k, runner_flag: runs.force, **((also or {}) if runs.force else {})}))
     return runs
 
 
