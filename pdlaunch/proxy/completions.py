@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.http.limits import PARSE_INLINE_BYTES, client_request_id
+from pdlaunch.http.limits import MAX_REQUEST_ID_CHARS, PARSE_INLINE_BYTES, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.bodies import JsonObject, int_of
 from pdlaunch.proxy.disaggregate import ON_DECODE, PD, SPILLED
@@ -136,6 +136,18 @@ class _PromptRequest:
     unqueue: Callable[[], None] = lambda: None  # the decode leg's queued tokens end (prefix.py)
     unqueue_prefill: Callable[[], None] = lambda: None  # ... the prefill leg's
 
+    def _leg_id(self) -> str:
+        """The prefill leg's X-Request-Id: the request's own when the proxy made it, else, in front of
+        this deployment's instances, the client's with a suffix of ours (a client may reuse its id; the
+        leg's must be unique, since a client that leaves during the leg gets the KV held under it
+        released by that id). It stays within the instances' X-Request-Id limit, so the client's id is
+        cut to fit (logs still find it by its start). In front of foreign instances (no deployment
+        secret: no release either) both legs carry the client's id, as vLLM's proxies send them."""
+        if self.call.made_request_id or not self.call.state.proxy.kv.enabled:
+            return self.request_id
+        suffix = f"-leg{uuid.uuid4().hex[:12]}"
+        return self.request_id[:MAX_REQUEST_ID_CHARS - len(suffix)] + suffix
+
     def release_held(self) -> None:
         if self.held is not None:
             self.call.state.proxy.kv.release_soon(*self.held)
@@ -211,8 +223,8 @@ class _PromptRequest:
             prefill = self._choose("prefill", prompt).instance
             try:
                 answered = await self.call.watch.run(state.prefill_legs.run(
-                    prefill, self.call.path, leg, self.headers, self.call.deadline, prompt_chars(body),
-                    release_id=self.request_id if self.call.made_request_id else None))
+                    prefill, self.call.path, leg, {**self.headers, "X-Request-Id": self._leg_id()},
+                    self.call.deadline, prompt_chars(body)))
             except OpenAIError as exc:
                 raise client_limit_error(exc, body, chat) from None
             finally:

@@ -121,24 +121,25 @@ class PrefillLegs:
         raise PrefillStalled(instance, budget)
 
     async def run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
-                  request_deadline: float, chars: int, release_id: str | None = None
-                  ) -> tuple[Instance, JsonObject] | None:
+                  request_deadline: float, chars: int) -> tuple[Instance, JsonObject] | None:
         """(prefill that answered, its answer), or None: no prefill answered in time and the decode is to
         compute the prompt itself. Raises a 504 OpenAIError naming the stall under policy fail.
-        `release_id`: the leg's X-Request-Id when the proxy made it; cancelled (the client left), the leg
-        asks the prefills it tried to release what they hold for that id: one that answered as the client
-        left holds KV for params nobody read (it saw no disconnect: its answer was already sent)."""
-        tried: list[Instance] = []
+        The leg's X-Request-Id (headers) is one no other request uses (completions._leg_id): cancelled (the
+        client left), the leg asks every prefill it was sent to, a replacement for one that was gone
+        included, to release what it holds for that id: one that answered as the client left holds KV
+        for params nobody read (it saw no disconnect: its answer was already sent). In front of foreign
+        instances the releaser is off and the id may be the client's own."""
+        sent: list[Instance] = []
         try:
-            return await self._run(first, path, leg, headers, request_deadline, chars, tried)
+            return await self._run(first, path, leg, headers, request_deadline, chars, sent)
         except asyncio.CancelledError:
-            if release_id is not None:
-                for instance in tried:
-                    self.proxy.kv.release_client_soon(instance, release_id)
+            for instance in sent:
+                self.proxy.kv.release_client_soon(instance, headers["X-Request-Id"])
             raise
 
     async def _run(self, first: Instance, path: str, leg: JsonObject, headers: dict[str, str],
-                   request_deadline: float, chars: int, tried: list[Instance]) -> tuple[Instance, JsonObject] | None:
+                   request_deadline: float, chars: int, sent: list[Instance]) -> tuple[Instance, JsonObject] | None:
+        tried: list[Instance] = []  # the candidates chosen here; on_live_instance may send to one more each
         stalls: list[PrefillStalled] = []
         candidate: Instance | None = first
         while candidate is not None and len(tried) < 2:
@@ -146,6 +147,7 @@ class PrefillLegs:
             started = time.monotonic()
 
             async def call(instance: Instance, budget: float = budget) -> JsonObject:
+                sent.append(instance)
                 return await self._leg(instance, path, leg, headers, request_deadline, budget)
 
             tried.append(candidate)

@@ -172,7 +172,7 @@ def test_client_gone_before_the_decode_answers_releases_the_prefill_kv(deploymen
 
 def test_client_gone_during_the_prefill_leg_releases_what_the_prefill_holds_for_the_legs_id(deployment: Any) -> None:
     # The prefill may have answered (and hold KV) just as the proxy dropped the leg: the params never reach the
-    # proxy, and the prefill saw no disconnect. The proxy names the leg's X-Request-Id, when it made it itself.
+    # proxy, and the prefill saw no disconnect. The proxy names the leg's X-Request-Id, always one of its own.
     url, prefill, _ = deployment
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json={"prompt": "slow prefill"}, timeout=1.0)
@@ -180,15 +180,50 @@ def test_client_gone_during_the_prefill_leg_releases_what_the_prefill_holds_for_
     assert made.startswith("pd-")
     wait_for(lambda: made in prefill.released_clients, f"the proxy to release what the prefill holds for {made}",
              timeout=10)
-    # A client's own X-Request-Id may be reused by another request of that client: not released by id.
-    answered = len(prefill.legs)
+    # A client's own X-Request-Id may be reused by another request of that client: the leg gets the client's
+    # id with a suffix of the proxy's, unique, and that is what is released. Twice with one id: two leg ids.
+    for _ in range(2):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/completions", json={"prompt": "slow prefill"}, headers={"X-Request-Id": "mine-1"},
+                       timeout=1.0)
+    first, second = prefill.leg_ids[-2:]
+    assert first.startswith("mine-1-leg") and second.startswith("mine-1-leg") and first != second
+    wait_for(lambda: {first, second} <= set(prefill.released_clients),
+             f"the proxy to release what the prefill holds for {first} and {second}", timeout=10)
+    assert "mine-1" not in prefill.released_clients
+    # The longest id a client may send still makes a leg id the instances accept (at most 256 characters).
+    longest = "x" * 256
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/completions", json={"prompt": "slow prefill"}, headers={"X-Request-Id": "mine-1"},
+        httpx.post(f"{url}/v1/completions", json={"prompt": "slow prefill"}, headers={"X-Request-Id": longest},
                    timeout=1.0)
-    assert prefill.leg_ids[-1] == "mine-1"
-    # the prefill answers 3 s after the leg came, long after the proxy dropped it (and sent any release)
-    wait_for(lambda: len(prefill.legs) > answered, "the prefill to answer the dropped leg", timeout=15)
-    assert "mine-1" not in prefill.released_clients and prefill.released_clients == [made]
+    leg = prefill.leg_ids[-1]
+    assert len(leg) == 256 and leg.startswith("x" * 200) and "-leg" in leg
+
+
+def test_client_gone_during_a_retried_prefill_leg_releases_the_replacement_prefill(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first prefill refuses the connection (killed), the leg goes to another (retry.py), and the client
+    # leaves while that one computes: the release goes to the replacement, which is the one holding the KV.
+    ports = PortAllocator("127.0.0.1")
+    live, decode = Prefill(), Decode()
+
+    async def every_instance_ready(_client: object, instance: Instance) -> None:  # no probe marks the dead one down
+        if instance.state == "starting":
+            instance.state = "ready"
+
+    with ThreadServer(live.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d:
+        dead = Instance("prefill", f"http://127.0.0.1:{ports.free('nothing listens')}", "prefill-dead")
+        pool = InstancePool([dead, Instance("prefill", p.url, "prefill-live"), Instance("decode", d.url, "decode-0")])
+        monkeypatch.setattr(pool, "_check", every_instance_ready)
+        app = build_proxy_app(pool, 60.0, deployment_secret=SECRET, max_request_bytes=MAX_REQUEST_BYTES)
+        with ThreadServer(app, ports.free("proxy")) as proxy:
+            wait_for(lambda: all(i.state == "ready" for i in pool.instances), "the proxy to take every instance")
+            with pytest.raises(httpx.ReadTimeout):  # round robin sends the first prefill leg to the dead one
+                httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "slow prefill"}, timeout=1.0)
+            assert dead.state == "down" and len(live.leg_ids) == 1, (dead.state, live.leg_ids)
+            leg = live.leg_ids[0]
+            wait_for(lambda: leg in live.released_clients, f"the proxy to ask prefill-live to release {leg}",
+                     timeout=10)
 
 
 def test_unreachable_decode_releases_the_prefill_kv(deployment: Any, monkeypatch: pytest.MonkeyPatch) -> None:
