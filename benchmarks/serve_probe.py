@@ -1,6 +1,7 @@
 """Where a served request's time goes, around one `bench serve` run: the CPU seconds each running pdlaunch
-process (the proxy, the instances, their launcher) spent, and each instance's own time to first token (its
-`pdlaunch_time_to_first_token_seconds` histogram, from a request reaching the instance to its first token).
+process (the proxy, the instances, their launcher) spent; each instance's own time to first token (its
+`pdlaunch_time_to_first_token_seconds` histogram, from a request reaching the instance to its first token),
+split into the engine's queue and first-scheduled-to-first-token stages; and its steps a second.
 
     python benchmarks/serve_probe.py snap PROXY_URL A.json     # before the run
     python benchmarks/serve_probe.py snap PROXY_URL B.json     # after it
@@ -48,21 +49,30 @@ def _processes() -> dict[str, float]:
     return out
 
 
-def _ttft(url: str) -> tuple[float, float]:
+# (histogram, what its mean says): each instance's own stages of a request. The gaps between them:
+# arrival to engine (parsing, tokenizing, the hand-over to the engine thread) = TTFT - queue - prefill.
+STAGES = (("pdlaunch_time_to_first_token_seconds", "own TTFT (arrival to first token)"),
+          ("vllm:request_queue_time_seconds", "queued in the engine (added to first scheduled)"),
+          ("vllm:request_prefill_time_seconds", "first scheduled to first token"),
+          ("vllm:iteration_tokens_total", "tokens a step"))
+
+
+def _histograms(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each STAGES histogram on one instance, summed over label sets."""
     text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
-    total = count = 0.0
+    out = {name: [0.0, 0.0] for name, _ in STAGES}
     for line in text.splitlines():
-        if line.startswith("pdlaunch_time_to_first_token_seconds_sum"):
-            total += float(line.split()[-1])
-        elif line.startswith("pdlaunch_time_to_first_token_seconds_count"):
-            count += float(line.split()[-1])
-    return total, count
+        for name in out:
+            for suffix, slot in (("_sum", 0), ("_count", 1)):
+                if line.startswith(name + suffix + " ") or line.startswith(name + suffix + "{"):
+                    out[name][slot] += float(line.split()[-1])
+    return {name: (total, count) for name, (total, count) in out.items()}
 
 
 def snap(proxy_url: str, path: str) -> None:
     instances = httpx.get(f"{proxy_url}/instances", timeout=10, trust_env=False).json()
     doc = {"time": time.monotonic(), "cpu": _processes(),
-           "ttft": {i["name"]: _ttft(i["url"]) for i in instances}}
+           "stages": {i["name"]: _histograms(i["url"]) for i in instances}}
     with open(path, "w") as f:
         json.dump(doc, f)
 
@@ -78,10 +88,18 @@ def diff(a_path: str, b_path: str) -> None:
         used = after - a["cpu"].get(key, 0.0)
         if used > 0.05:
             print(f"  {key[:70]:70s} {used:7.2f} cpu s = {used / wall:.2f} core")
-    for name, (total, count) in sorted(b["ttft"].items()):
-        t0, c0 = a["ttft"].get(name, (0.0, 0.0))
-        if count > c0:
-            print(f"  {name}: own TTFT mean {(total - t0) / (count - c0) * 1000:.1f} ms over {count - c0:.0f} requests")
+    for name, stages in sorted(b["stages"].items()):
+        for stage, what in STAGES:
+            total, count = stages[stage]
+            t0, c0 = a["stages"].get(name, {}).get(stage, (0.0, 0.0))
+            if count <= c0:
+                continue
+            mean = (total - t0) / (count - c0)
+            if stage == "vllm:iteration_tokens_total":
+                print(f"  {name}: {count - c0:.0f} steps ({(count - c0) / wall:.0f} a second, one every "
+                      f"{wall / (count - c0) * 1000:.2f} ms), {mean:.1f} {what}")
+            else:
+                print(f"  {name}: {what}: mean {mean * 1000:.1f} ms over {count - c0:.0f} requests")
 
 
 def main() -> None:

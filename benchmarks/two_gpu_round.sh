@@ -12,13 +12,16 @@
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
 #   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs (issue 26)
+#   turns1      one GPU: the multiturn workload on one colocated instance (every turn where the decode-only turns
+#               of `multiturn` run), then one conversation alone: the instance's own TTFT by stage under that
+#               load and without it (serve_probe.py)
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
 #        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, NUM_PROMPTS the mixed part's
 #        requests per rate (default 64), MT_ARGS the multiturn workload,
 #        COMPARE_CONFIG gives the compare part a base deployment YAML, e.g. a smaller chunk budget).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
-part=${2:?PART: kv | compare | mixed | multiturn | moe}
+part=${2:?PART: kv | compare | mixed | multiturn | moe | turns1}
 ckpt=${CKPT:-/dev/shm/l8b}
 moe_ckpt=${MOE_CKPT:-/dev/shm/q3}
 port=8000
@@ -85,6 +88,14 @@ multiturn)
     serve_round multiturn-prefix-decode-only --prefill 1 --decode 1 --routing-policy prefix \
         --disaggregate-min-tokens "${MT_MIN_TOKENS:-512}"
     ;;
+turns1)
+    need_8b
+    BENCH_ARGS=${MT_ARGS:-"--multi-turn --num-conversations 16 --num-turns 4 --system-prompt-len 1024
+        --random-input-len 64 --random-output-len 256 --request-rate 4"}
+    serve_round turns1-loaded --colocated
+    BENCH_ARGS="--multi-turn --num-conversations 1 --num-turns 6 --system-prompt-len 1024 --random-input-len 64
+        --random-output-len 256" serve_round turns1-alone --colocated
+    ;;
 moe)
     [ -f "$moe_ckpt/config.json" ] || step moe-checkpoint 300 $py -m pdlaunch bench make-checkpoint \
         --shape qwen3-30b-a3b --device cuda "$moe_ckpt"
@@ -92,6 +103,6 @@ moe)
         --num-prompts 48 --input-len 3072 --output-len 128 --advise-for tight --no-run-advised --out "$out/moe"
     ;;
 *)
-    echo "unknown PART $part: kv | compare | mixed | multiturn | moe"; exit 2
+    echo "unknown PART $part: kv | compare | mixed | multiturn | moe | turns1"; exit 2
     ;;
 esac
