@@ -57,16 +57,36 @@ STAGES = (("pdlaunch_time_to_first_token_seconds", "own TTFT (arrival to first t
           ("vllm:iteration_tokens_total", "tokens a step"))
 
 
+STEP_SERIES = ("pdlaunch_engine_steps_total", "pdlaunch_engine_step_seconds_total", "pdlaunch_engine_step_tokens_total")
+
+
 def _histograms(url: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each STAGES histogram on one instance, summed over label sets."""
+    """(sum, count) of each STAGES histogram on one instance, summed over label sets; and, keyed
+    "steps KIND", (device seconds, steps) and "tokens KIND" (tokens, steps) of its engine steps by kind."""
     text = httpx.get(f"{url}/metrics", timeout=10, trust_env=False).text
     out = {name: [0.0, 0.0] for name, _ in STAGES}
+    steps: dict[str, dict[str, float]] = {}
+    result_paths: dict[str, float] = {}
     for line in text.splitlines():
         for name in out:
             for suffix, slot in (("_sum", 0), ("_count", 1)):
                 if line.startswith(name + suffix + " ") or line.startswith(name + suffix + "{"):
                     out[name][slot] += float(line.split()[-1])
-    return {name: (total, count) for name, (total, count) in out.items()}
+        if line.startswith("pdlaunch_engine_step_paths_total{"):
+            path = line.split('path="', 1)[1].split('"', 1)[0]
+            result_paths[path] = float(line.split()[-1])
+        for series in STEP_SERIES:
+            if line.startswith(series + "{") and 'kind="' in line:
+                kind = line.split('kind="', 1)[1].split('"', 1)[0]
+                steps.setdefault(kind, {})[series] = float(line.split()[-1])
+    result = {name: (total, count) for name, (total, count) in out.items()}
+    for kind, values in steps.items():
+        count = values.get(STEP_SERIES[0], 0.0)
+        result[f"steps {kind}"] = (values.get(STEP_SERIES[1], 0.0), count)
+        result[f"tokens {kind}"] = (values.get(STEP_SERIES[2], 0.0), count)
+    for path, count in result_paths.items():
+        result[f"path {path}"] = (count, count)
+    return result
 
 
 def snap(proxy_url: str, path: str) -> None:
@@ -100,6 +120,19 @@ def diff(a_path: str, b_path: str) -> None:
                       f"{wall / (count - c0) * 1000:.2f} ms), {mean:.1f} {what}")
             else:
                 print(f"  {name}: {what}: mean {mean * 1000:.1f} ms over {count - c0:.0f} requests")
+        paths = {k.split(" ", 1)[1]: v[0] - a["stages"].get(name, {}).get(k, (0.0, 0.0))[0]
+                 for k, v in stages.items() if k.startswith("path ")}
+        if any(paths.values()):
+            print(f"  {name}: forwards by path: " + ", ".join(f"{p} {n:.0f}" for p, n in sorted(paths.items())))
+        for key in sorted(k for k in stages if k.startswith("steps ")):
+            kind = key.split(" ", 1)[1]
+            (seconds, count), (tokens, _) = stages[key], stages[f"tokens {kind}"]
+            s0, c0 = a["stages"].get(name, {}).get(key, (0.0, 0.0))
+            t0, _ = a["stages"].get(name, {}).get(f"tokens {kind}", (0.0, 0.0))
+            if count > c0:
+                mean_ms = (seconds - s0) / (count - c0) * 1000
+                print(f"  {name}: {count - c0:.0f} {kind} steps, device time mean {mean_ms:.2f} ms, "
+                      f"{(tokens - t0) / (count - c0):.1f} tokens a step")
 
 
 def main() -> None:

@@ -18,7 +18,9 @@
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
 #        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, NUM_PROMPTS the mixed part's
 #        requests per rate (default 64), MT_ARGS the multiturn workload,
-#        COMPARE_CONFIG gives the compare part a base deployment YAML, e.g. a smaller chunk budget).
+#        COMPARE_CONFIG gives the compare part a base deployment YAML, e.g. a smaller chunk budget;
+#        SPY=path/to/py-spy records each instance's stacks (raw, per thread; SPY_GIL=1: only while holding the
+#        interpreter lock) over the first SPY_SECONDS (default 6) of every serve round's bench).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
 part=${2:?PART: kv | compare | mixed | multiturn | moe | turns1}
@@ -40,6 +42,14 @@ serve_round() {
     if wait_ready $port $pid 300; then
         $py benchmarks/serve_probe.py snap http://127.0.0.1:$port "$out/probe-$name-0.json"
         times > "$out/times-$name-0"
+        if [ -n "${SPY:-}" ]; then  # SPY=py-spy's path: each instance's Python stacks over the bench's first seconds
+            for url in $(curl -s "http://127.0.0.1:$port/instances" | $py -c \
+                    'import json,sys; print(" ".join(i["url"] for i in json.load(sys.stdin)))'); do
+                ipid=$(curl -s "$url/info" | $py -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
+                "$SPY" record -p "$ipid" -d "${SPY_SECONDS:-6}" -r 500 -f raw --threads ${SPY_GIL:+--gil} --nonblocking \
+                    -o "$out/spy-$name-${url##*:}.txt" > /dev/null 2>&1 &
+            done
+        fi
         TAIL=24 step "bench-$name" 240 $py -m pdlaunch bench serve --base-url http://127.0.0.1:$port $BENCH_ARGS \
             --save-result --result-dir "$out" --result-filename "$name.json"
         times > "$out/times-$name-1"

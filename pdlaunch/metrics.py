@@ -56,6 +56,11 @@ ENGINE_STEPS = Counter("pdlaunch_engine_steps", "Engine steps that computed toke
 ENGINE_STEP_SECONDS = Counter("pdlaunch_engine_step_seconds", "Seconds of engine steps (inputs, forward, "
                               "sampling; device time on CUDA: engine/step_clock.py), by kind", ["kind"])
 ENGINE_STEP_TOKENS = Counter("pdlaunch_engine_step_tokens", "Tokens computed in engine steps, by kind", ["kind"])
+STEP_PATHS = ("decode", "rows", "piecewise", "eager")
+ENGINE_STEP_PATHS = Counter("pdlaunch_engine_step_paths", "Forwards by how they ran: a decode CUDA graph (decode), "
+                            "a decode graph with prompt tokens as rows (rows), graphs around eager attention "
+                            "(piecewise), or eager", ["path"])
+_STEP_PATH_SERIES = {path: ENGINE_STEP_PATHS.labels(path=path) for path in STEP_PATHS}  # looked up once, not a step
 for _kind in STEP_KINDS:
     for _metric in (ENGINE_STEPS, ENGINE_STEP_SECONDS, ENGINE_STEP_TOKENS):
         _metric.labels(kind=_kind)  # both series exist from the start
@@ -190,6 +195,11 @@ def observe_step(num_requests: int, num_tokens: int, seconds: float) -> None:
     ENGINE_STEPS.labels(kind=kind).inc()
     ENGINE_STEP_SECONDS.labels(kind=kind).inc(seconds)
     ENGINE_STEP_TOKENS.labels(kind=kind).inc(num_tokens)
+
+
+def count_step_path(path: str) -> None:
+    """One forward of this rank's model that ran as `path` (STEP_PATHS)."""
+    _STEP_PATH_SERIES[path].inc()
 
 
 def count_kv_transfer_failure() -> None:

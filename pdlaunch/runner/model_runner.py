@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from pdlaunch import metrics
 from pdlaunch.config.models import CacheConfig, Role, SchedulerConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
@@ -328,6 +329,7 @@ class ModelRunner:
         self.argmax = None
         batch = self.graphs.batch_size_for(inputs) if self.graphs is not None and not inputs.prompt_rows else None
         if self.graphs is not None and batch is not None:
+            metrics.count_step_path("rows" if any(q != 1 for q in inputs.query_lens) else "decode")
             logits, argmax = self.graphs.run(inputs, batch, self._graph_forward)
             if inputs.sample_rows == list(range(logits.shape[0])):
                 self.argmax = argmax
@@ -339,8 +341,10 @@ class ModelRunner:
         attn = self._metadata(inputs.query_lens, inputs.context_lens, inputs.slot_mapping, inputs.block_tables)
         size = self.mixed.size_for(inputs) if self.mixed is not None and self.kv_caches else None
         if self.mixed is not None and size is not None:
+            metrics.count_step_path("piecewise")
             hidden = self.mixed.run(inputs, size, attn)
         else:
+            metrics.count_step_path("eager")
             ids = to_device_async(inputs.input_ids, self.device)
             positions = to_device_async(inputs.positions, self.device)
             inputs.fill_pending(ids)
