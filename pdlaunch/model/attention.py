@@ -59,6 +59,7 @@ class GroupPlan:
     # CUDA: the slot of every token (-1: not written), for the fused write; replaces write_rows.
     write_slots: torch.Tensor | None = None
     decode_only: bool = False  # every token is a decode_tokens row, in order (uniform decode)
+    decode_leads: torch.Tensor | None = None  # [Sd] with prompt rows: each row's lead row (triton_decode.paged_decode)
 
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
@@ -96,7 +97,8 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
         return GroupPlan(layers, block_size, write_tokens=None, write_rows=None,
                          decode_tokens=torch.arange(num_seqs, device=device), decode_rows=None, decode_mask=None,
                          decode_block_table=attn.block_tables[group], decode_seq_lens=attn.seq_lens,
-                         sliding_window=sliding_window, write_slots=attn.slot_mapping[group], decode_only=True)
+                         sliding_window=sliding_window, write_slots=attn.slot_mapping[group], decode_only=True,
+                         decode_leads=attn.row_leads)
     write_slots = None
     if kv_cache is None:
         layers, block_size = 0, 1
@@ -230,7 +232,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
         assert plan.decode_block_table is not None and out is None
         return paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
-                            plan.decode_seq_lens, plan.sliding_window, scale, kv_scales=kv_scales)
+                            plan.decode_seq_lens, plan.sliding_window, scale, kv_scales=kv_scales,
+                            leads=plan.decode_leads)
     if out is None:
         out = torch.empty_like(q)
     for seq in plan.prefills:

@@ -38,6 +38,9 @@ class AttentionMetadata:
     # values, no host syncs (a CUDA graph replays it with new contents). seq_lens_cpu is then
     # only an upper bound. Set by runner/cuda_graphs.py.
     uniform_decode: bool = False
+    # With uniform_decode, where a prompt's tokens run as rows (runner/cuda_graphs.py): [S] each row's lead row,
+    # whose paged-decode program computes it with the rows after it of the same prompt (model/triton_decode.py).
+    row_leads: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

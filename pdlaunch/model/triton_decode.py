@@ -81,10 +81,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
     # second variant for widths not divisible by 16 in the middle of serving (~1 s of every stream's time).
     @triton.jit(do_not_specialize=["stride_bt"])
     def paged_decode_kernel(
-        q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr, count_ptr,
-        scale, v_scale, window, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
+        q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr, count_ptr, lead_ptr,
+        scale, v_scale, window, num_rows, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
         block_stride, k_offset, v_offset,
-        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
@@ -99,22 +99,36 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
-        seq_len = tl.load(seq_lens_ptr + seq)
-        # This split's tiles [start, stop) of the visible ones, and how many splits have any.
-        qpos = seq_len - 1
-        first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
+        # The query rows of this program, GROUP heads each: row `seq` and, with ROWS > 1 (a prompt's tokens as
+        # rows), up to ROWS - 1 rows after it that name it their lead (lead_ptr): they share its block table, so
+        # each K/V tile is loaded once for all of them. A row whose lead is another row is that row's work.
+        g = tl.arange(0, GROUP_PAD)
+        r = g // GROUP
+        rows = seq + r
+        if ROWS > 1:
+            if tl.load(lead_ptr + seq) != seq:
+                return
+            maybe = (r < ROWS) & (rows < num_rows)
+            row_ok = maybe & (tl.load(lead_ptr + rows, mask=maybe, other=-1) == seq)
+        else:
+            row_ok = r < 1
+        seq_len = tl.load(seq_lens_ptr + rows, mask=row_ok, other=0)  # [G]: per row
+        # This split's tiles [start, stop) of the tiles any row sees, and how many splits have any.
+        qpos_g = seq_len - 1
+        first_g = tl.where(window > 0, tl.maximum(qpos_g - window + 1, 0), 0)
+        qpos = tl.max(qpos_g, axis=0)
+        first = tl.min(tl.where(row_ok, first_g, qpos), axis=0)
         first_tile = first // TILE
         num_tiles = qpos // TILE + 1 - first_tile
         per_split = tl.maximum(tl.cdiv(num_tiles, SPLITS), tl.where(num_tiles <= SHORT_TILES, 1, MIN_TILES))
         active = tl.cdiv(num_tiles, per_split)
         start = first_tile + split * per_split
         stop = tl.minimum(start + per_split, first_tile + num_tiles)
-        g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_PAD)
         d_ok = d < HEAD_DIM
-        heads = kv_head * GROUP + g
-        head_ok = g < GROUP
-        token = tl.load(tokens_ptr + seq)
+        heads = kv_head * GROUP + g % GROUP
+        head_ok = row_ok
+        token = tl.load(tokens_ptr + rows, mask=row_ok, other=0)  # [G]
         offs = tl.arange(0, TILE)
         table = block_table_ptr + seq * stride_bt
         first_blocks = tl.zeros([TILE], tl.int64)  # unread without PRELOAD
@@ -127,7 +141,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         # An fp8 cache is read up to q's dtype (exact for e4m3; V below); its k scale is folded into
         # `scale` and its v scale applied to the accumulator (linear, so partials merge the same).
         dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
-        q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
@@ -145,10 +159,17 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             kv_mask = valid[:, None] & d_ok[None, :]
             k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
-            s = tl.where(valid[None, :], s, float("-inf"))
+            if ROWS > 1:  # each row sees its own causal prefix (and window)
+                seen = (kpos[None, :] <= qpos_g[:, None]) & (kpos[None, :] >= first_g[:, None])
+                s = tl.where(seen & head_ok[:, None], s, float("-inf"))
+            else:
+                s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            m_ref = m_new
+            if ROWS > 1:  # a row that has seen no key yet (max -inf) takes exp(-inf) = 0, not exp(nan)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_ref[:, None])
+            alpha = tl.exp(m - m_ref)
             denom = denom * alpha + tl.sum(p, axis=1)
             v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0)
             if V_F16:
@@ -176,10 +197,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         # launch runs (at batch 1 that launch cost as much as the attention of a short context).
         # (Conditions as vector compares: the interpreter rejects masks of a scalar bool broadcast.)
         direct = head_ok & ((g * 0 + active) == 1) & ((g * 0 + split) == 0)
-        tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+        tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
                  (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=direct[:, None] & d_ok[None, :])
         if SPLITS > 1:
-            row = ((seq * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_PAD + 2)  # [G]
+            row = ((rows * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_PAD + 2)  # [G]
             keep = head_ok & ((g * 0 + active) > 1) & ((g * 0 + split) < active)
             tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=keep[:, None] & d_ok[None, :])
             tl.store(part_ptr + row + HEAD_PAD, m, mask=keep)
@@ -193,14 +214,22 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                 if arrived == active - 1:
                     # All GROUP heads at once, SPLIT_CHUNK ranges per load, merged online across chunks
                     # (one chunk for most contexts: a loop over heads here cost a serial L2 round trip each).
+                    # (With ROWS > 1: GROUP_P2 covers the heads of every row of the program, hg = row * GROUP + head.)
                     hg = tl.arange(0, GROUP_P2)
                     sc = tl.arange(0, SPLIT_CHUNK)
                     m_all = tl.full([GROUP_P2], float("-inf"), tl.float32)
                     sum_all = tl.zeros([GROUP_P2], tl.float32)
                     out_all = tl.zeros([GROUP_P2, HEAD_PAD], tl.float32)
-                    head_rows = (seq * NUM_KV_HEADS * GROUP + kv_head * GROUP + hg) * SPLITS  # [G2]
+                    merge_rows = seq + hg // GROUP
+                    if ROWS > 1:
+                        maybe2 = (hg // GROUP < ROWS) & (merge_rows < num_rows)
+                        merge_ok = maybe2 & (tl.load(lead_ptr + merge_rows, mask=maybe2, other=-1) == seq)
+                    else:
+                        merge_ok = hg < GROUP
+                    merge_heads = kv_head * GROUP + hg % GROUP
+                    head_rows = (merge_rows * NUM_KV_HEADS * GROUP + merge_heads) * SPLITS  # [G2]
                     for c0 in range(0, active, SPLIT_CHUNK):
-                        ok = (hg[:, None] < GROUP) & ((c0 + sc)[None, :] < active)  # [G2, SC]
+                        ok = merge_ok[:, None] & ((c0 + sc)[None, :] < active)  # [G2, SC]
                         base = (head_rows[:, None] + c0 + sc[None, :]) * (HEAD_PAD + 2)
                         part_m = tl.load(part_ptr + base + HEAD_PAD, mask=ok, other=float("-inf"),
                                          cache_modifier=".cg")
@@ -209,14 +238,17 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                                            mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
                                            cache_modifier=".cg")  # [G2, SC, D]
                         m_new = tl.maximum(m_all, tl.max(part_m, axis=1))
-                        alpha = tl.exp(m_all - m_new)  # (padding heads: NaN, never stored)
-                        w = tl.exp(part_m - m_new[:, None])
+                        m_ref = m_new
+                        if ROWS > 1:  # a row none of these ranges saw (its keys are in later ones)
+                            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.exp(m_all - m_ref)  # (padding heads: NaN, never stored)
+                        w = tl.exp(part_m - m_ref[:, None])
                         sum_all = sum_all * alpha + tl.sum(part_sum * w, axis=1)
                         out_all = out_all * alpha[:, None] + tl.sum(part_acc * w[:, :, None], axis=1)
                         m_all = m_new
-                    tl.store(out_ptr + seq * stride_ot + (kv_head * GROUP + hg)[:, None] * stride_oh + d[None, :],
+                    tl.store(out_ptr + merge_rows[:, None] * stride_ot + merge_heads[:, None] * stride_oh + d[None, :],
                              (out_all / sum_all[:, None]).to(out_ptr.dtype.element_ty),
-                             mask=(hg < GROUP)[:, None] & d_ok[None, :])
+                             mask=merge_ok[:, None] & d_ok[None, :])
                     tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
     return paged_decode_kernel
@@ -356,12 +388,23 @@ def launch_batch_sizes(max_num_seqs: int, num_kv_heads: int, head_dim: int, devi
     return sorted(seen.values())
 
 
+def rows_per_program(num_heads: int, num_kv_heads: int) -> int:
+    """How many query rows of one sequence a program of `paged_decode` with `leads` computes together: as many
+    as fill the 16 rows the tensor-core product pads a GQA group to (8B's group of 4: 4 rows), so a decode
+    row's program does the same work as without leads."""
+    group = num_heads // num_kv_heads
+    return max(1, 16 // group) if group <= 16 else 1
+
+
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tokens: torch.Tensor,
                  block_table: torch.Tensor, seq_lens: torch.Tensor, window: int | None,
                  scale: float, launch: DecodeLaunch | None = None,
-                 kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+                 kv_scales: tuple[float, float] = (1.0, 1.0), leads: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D]; tokens/seq_lens: [Sd]; block_table: [Sd, max_blocks] -> [Sd, Hq, D].
-    kv_scales: (k_scale, v_scale) of an fp8 cache (ignored for other dtypes)."""
+    kv_scales: (k_scale, v_scale) of an fp8 cache (ignored for other dtypes).
+    leads: [Sd], each row's lead row: the first of up to `rows_per_program` consecutive rows with the same block
+    table (a prompt's tokens as rows, runner/cuda_graphs.py) whose program computes them all, loading each K/V
+    tile once for the group; a row that leads itself alone is a decode. None: every row alone."""
     if kv_cache.dtype != torch.float8_e4m3fn:
         kv_scales = (1.0, 1.0)
     import triton
@@ -370,6 +413,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     num_heads = q.shape[1]
     group = num_heads // num_kv_heads
     num_seqs = tokens.shape[0]
+    rows = rows_per_program(num_heads, num_kv_heads) if leads is not None else 1
     if launch is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
         launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms, element_size=kv_cache.element_size())
@@ -386,17 +430,18 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         counts = split_counters(q.device, num_seqs * num_kv_heads)
     interpret = interpret_mode()
     decode_kernel = _kernels(interpret)
+    group_p2 = triton.next_power_of_2(group * rows)  # the heads of a program's rows, for its merge
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
-        q, kv_cache, block_table, seq_lens, tokens, out, part, counts,
-        scale * kv_scales[0], kv_scales[1], window or 0, q.stride(0), q.stride(1), block_table.stride(0),
+        q, kv_cache, block_table, seq_lens, tokens, out, part, counts, leads if leads is not None else tokens,
+        scale * kv_scales[0], kv_scales[1], window or 0, num_seqs, q.stride(0), q.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), ROWS=rows,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
         MIN_TILES=launch.min_tiles, SHORT_TILES=launch.short_tiles,
         PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
-        DOT_FP32=interpret, GROUP_P2=triton.next_power_of_2(group),
-        SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (triton.next_power_of_2(group) * head_pad))),
+        DOT_FP32=interpret, GROUP_P2=group_p2,
+        SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (group_p2 * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),

@@ -84,11 +84,13 @@ class DecodeGraphs:
 
     def __init__(self, sizes: Sequence[int], num_groups: int, block_size: int, max_blocks_per_seq: int,
                  device: torch.device, kv_caches: Callable[[], list[torch.Tensor]],
-                 prompt_rows: bool = False) -> None:
+                 prompt_rows: bool = False, rows_per_program: int = 1) -> None:
         """`prompt_rows`: replay steps with short prompts as one row per token (module docstring; the runner
-        decides, ModelRunner's `prompt_rows`)."""
+        decides, ModelRunner's `prompt_rows`). `rows_per_program`: how many of a prompt's rows one paged-decode
+        program computes (model/triton_decode.rows_per_program of the model's heads)."""
         self.sizes = sorted(sizes)
         self.prompt_rows = prompt_rows
+        self.rows_per_program = rows_per_program
         self.block_size = block_size
         self.max_batch = self.sizes[-1]
         self.max_blocks = max_blocks_per_seq
@@ -97,8 +99,9 @@ class DecodeGraphs:
         self._kv_caches = kv_caches
         b = self.max_batch
         pin = device.type == "cuda"
-        # [4 + G, B]: ids, positions, seq_lens, context_lens, slots of group 0..G-1.
-        rows = _SLOTS + num_groups
+        # [4 + G + 1, B]: ids, positions, seq_lens, context_lens, slots of group 0..G-1, each row's lead row.
+        self._leads = _SLOTS + num_groups
+        rows = self._leads + 1
         self.host = torch.zeros(rows, b, dtype=torch.long, pin_memory=pin)
         self.packed = torch.zeros(rows, b, dtype=torch.long, device=device)
         self.host_tables = [torch.zeros(b, max_blocks_per_seq, dtype=torch.long, pin_memory=pin)
@@ -133,6 +136,7 @@ class DecodeGraphs:
             query_lens_cpu=[1] * batch,
             seq_lens_cpu=seq_lens_cpu,
             uniform_decode=on_cuda,
+            row_leads=self.packed[self._leads, :batch] if on_cuda and self.prompt_rows else None,
         )
 
     def input_ids(self, batch: int) -> torch.Tensor:
@@ -170,7 +174,8 @@ class DecodeGraphs:
         # waits for this).
         rows = [inputs.input_ids.tolist() + [0] * pad, inputs.positions.tolist() + [0] * pad,
                 [c + 1 for c in ctx] + [1] * pad, ctx + [0] * pad,
-                *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups))]
+                *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups)),
+                self._row_leads(inputs.query_lens, batch)]
         self.host[:, :batch] = torch.tensor(rows, dtype=torch.long)
         repeats = torch.tensor(inputs.query_lens) if any(q != 1 for q in inputs.query_lens) else None
         for g in range(self.num_groups):
@@ -187,6 +192,19 @@ class DecodeGraphs:
             self._loaded.record()
         inputs.fill_pending(self.packed[_IDS])
 
+    def _row_leads(self, query_lens: Sequence[int], batch: int) -> list[int]:
+        """Each of `batch` rows' lead row: a prompt's rows in runs of rows_per_program, led by the run's first
+        (one paged-decode program computes the run, loading each K/V tile once); a decode or padding row
+        leads itself."""
+        per = self.rows_per_program
+        if per == 1 or all(q == 1 for q in query_lens):
+            return list(range(batch))
+        leads: list[int] = []
+        for q in query_lens:
+            start = len(leads)
+            leads.extend(start + j // per * per for j in range(q))
+        return leads + list(range(len(leads), batch))
+
     # -- capture and replay ----------------------------------------------------------------------
     def _kv_pointers(self) -> list[int]:
         return [t.data_ptr() for t in self._kv_caches()]
@@ -198,6 +216,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         self.graphs.clear()
         self.host[_SLOTS:] = -1  # warm-up and capture runs write no KV
+        self.host[self._leads] = torch.arange(self.max_batch)  # and every row leads itself
         self.host[_SEQ_LENS] = 1
         self.host[_IDS:_SEQ_LENS] = 0
         self.host[_CTX_LENS] = 0

@@ -29,7 +29,7 @@ from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
-from pdlaunch.model.triton_decode import launch_batch_sizes
+from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
 from pdlaunch.runner.mixed_graphs import MixedGraphs, mixed_ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
@@ -281,8 +281,10 @@ class ModelRunner:
             return None
         max_blocks = -(-self.max_model_len // self.block_size)
         rows = graph_rows(self.scheduler_config.max_num_seqs, self._prompt_rows)
+        arch = self.checkpoint.arch
         graphs = DecodeGraphs(ladder(rows), len(self.groups), self.block_size, max_blocks, self.device,
-                              lambda: self.kv_caches, prompt_rows=self._prompt_rows)
+                              lambda: self.kv_caches, prompt_rows=self._prompt_rows,
+                              rows_per_program=rows_per_program(arch.num_heads // self.tp_size, self.num_kv_heads))
         self.graphs = graphs
         graphs.capture(self._graph_forward)
         return graphs

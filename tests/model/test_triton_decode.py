@@ -109,6 +109,54 @@ def test_kernel_matches_the_torch_gather_path(device: str, case: str) -> None:
     _check(device, dtype, seq_lens, block_size, hkv, group, head_dim, window, launch)
 
 
+LEAD_CASES = {  # id: (dtype, prompts [(length, rows)], decodes [length], block_size, kv heads, group, head_dim,
+    #                window, launch); the rows per program follow the group (rows_per_program): 4, 2, 5, 4
+    "b16-g4-bf16-two-prompts": (torch.bfloat16, [(300, 9), (70, 5)], [1, 129], 16, 2, 4, 64, None, None),
+    # rows whose windows start in different ranges: a range none of a row's keys are in, merged
+    "b8-g8-window-splits": (torch.float32, [(200, 7)], [50], 8, 1, 8, 32, 37, DecodeLaunch(16, 8, 1, 4, 2)),
+    "b8-g3-short-ranges": (torch.float32, [(100, 6)], [40], 8, 2, 3, 16, None, DecodeLaunch(16, 8, 4, 4, 2, 4)),
+    # a program's 4 rows x 4 heads of 128 merge 4 ranges a load (MERGE_ELEMENTS)
+    "b16-g4-d128-chunked-merge": (torch.float32, [(3000, 5)], [40], 16, 1, 4, 128, None,
+                                  DecodeLaunch(16, 64, 3, 4, 2)),
+}
+
+
+@pytest.mark.parametrize("case", list(LEAD_CASES))
+def test_prompt_rows_with_leads_equal_each_row_alone(device: str, case: str) -> None:
+    """A prompt's tokens as rows (one per token, the sequence's block table repeated, lengths p + 1): computed in
+    programs of rows_per_program rows that load each K/V tile once (`leads`), beside decodes that lead
+    themselves, they equal the same rows each computed alone."""
+    dtype, prompts, decodes, block_size, hkv, group, head_dim, window, launch = LEAD_CASES[case]
+    lengths = [n for n, _ in prompts] + decodes
+    # Blocks out of the window stay (None): a prompt's first row still sees keys its last row's window left.
+    cache, _, _, attn = _case(device, dtype, lengths, block_size, hkv, group, head_dim, None)
+    table, per_row = attn.block_tables[0], triton_decode.rows_per_program(hkv * group, hkv)
+    tables, lens, leads = [], [], []
+    order = [("decode", len(prompts))] + [("prompt", i) for i in range(len(prompts))] + \
+        [("decode", len(prompts) + j) for j in range(1, len(decodes))]
+    for kind, i in order:
+        if kind == "decode":
+            tables.append(table[i]), lens.append(lengths[i]), leads.append(len(leads))
+            continue
+        n, q = prompts[i]
+        start = len(leads)
+        for j in range(q):
+            tables.append(table[i]), lens.append(n - q + 1 + j), leads.append(start + j // per_row * per_row)
+    rows = len(leads)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(rows, hkv * group, head_dim, generator=gen).to(dtype).to(cache.device)
+    tokens = torch.arange(rows, device=cache.device)
+    args = (q, cache, 1, tokens, torch.stack(tables), torch.tensor(lens, device=cache.device), window, head_dim**-0.5,
+            launch)
+    grouped = paged_decode(*args, leads=torch.tensor(leads, device=cache.device))
+    alone = paged_decode(*args)
+    assert any(lead != r for r, lead in enumerate(leads)), "some program must compute several rows"
+    assert not grouped.isnan().any(), "a row read a poisoned block, or a softmax of no key"
+    assert not split_counters.leftover(cache.device), "the merging range must leave its split counter at zero"
+    err = ((grouped.double() - alone.double()).norm() / alone.double().norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-5), err
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [8, 16, 32, 64, 128])
 @pytest.mark.parametrize("window", [None, 1000])
@@ -185,13 +233,14 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     assert choose_launch(128, 8, 256, num_sms=132, element_size=1).tile == 64
 
 
-@pytest.mark.parametrize("cache,batch", [("bf16", 48), ("fp8e4nv", 48), ("bf16", 1)])
-def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str, batch: int) -> None:
+@pytest.mark.parametrize("cache,batch,rows", [("bf16", 48, 1), ("fp8e4nv", 48, 1), ("bf16", 1, 1), ("bf16", 96, 4)])
+def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str, batch: int, rows: int) -> None:
     """Compile (no GPU needed) at the Llama-8B shape, with the divisibility Triton's launcher
     specialises on (pointers and strides that are multiples of 16), and read the PTX: mma for the
     products, K/V tiles streamed by cp.async (software pipelining), no scalar global loads of cache
     elements (an fp8 cache at its 128-token tile). At batch 1 the context splits: the last range to finish
-    counts itself in with a GPU-scope acq_rel atomic and reads the partials from L2 (.cg), past L1."""
+    counts itself in with a GPU-scope acq_rel atomic and reads the partials from L2 (.cg), past L1. With four
+    rows a program (a prompt's tokens as rows, `leads`) the same holds."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -203,13 +252,15 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
 
     kernel = _kernels(False)
     types = {"q_ptr": "*bf16", "cache_ptr": f"*{cache}", "block_table_ptr": "*i64", "seq_lens_ptr": "*i64",
-             "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}
+             "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "lead_ptr": "*i64",
+             "scale": "fp32"}
     launch = choose_launch(batch, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
-    constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "BLOCK_SIZE": 16, "HEAD_DIM": 128, "HEAD_PAD": 128,
+    constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "ROWS": rows, "BLOCK_SIZE": 16, "HEAD_DIM": 128,
+                  "HEAD_PAD": 128,
                   "TILE": launch.tile, "SPLITS": launch.splits, "MIN_TILES": launch.min_tiles,
                   "SHORT_TILES": launch.short_tiles, "PRECISION": "tf32",
-                  "DOT_FP32": False, "GROUP_P2": 4,
-                  "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * 128)),
+                  "DOT_FP32": False, "GROUP_P2": 4 * rows,
+                  "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * rows * 128)),
                   "V_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
@@ -223,7 +274,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     # read from shared memory a byte at a time
     assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
     assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx) == (cache == "fp8e4nv")
-    assert launch.splits == (1 if batch == 48 else 64)
+    assert launch.splits == (1 if batch > 1 else 64)
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (launch.splits > 1)
     # Batch 1 launches dependent on the kernel before (pdl_enabled): the sequence length and the first tile's
     # block ids load before the wait for it, and the next kernel may start once the loop is done.
@@ -234,4 +285,4 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret", f"{len(CASES)} passed")
+    run_interpreter_child(__file__, "interpret", f"{len(CASES) + len(LEAD_CASES)} passed")
