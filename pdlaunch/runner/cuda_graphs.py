@@ -111,6 +111,11 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(b + 1, dtype=torch.long, device=device)
         # batch size -> (graph, its float32 logits [B, V], their argmax [B] long, computed inside the graph)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        # ... and, with prompt rows and several rows a program, one per size from 2 rows for the steps with prompt
+        # rows: their paged decode groups a prompt's rows (row_leads); a decode step keeps the plain kernel, which
+        # that grouping slows (H100, 8B, 16 decodes: 7.1 -> 7.5 ms a step).
+        self.row_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._rows_mode = False  # what attention() gives the forward being captured
         self._captured_for: list[int] = []
         self._pool: object | None = None
         # Recorded after each load's copies out of the pinned host buffers: with async scheduling the next
@@ -136,7 +141,7 @@ class DecodeGraphs:
             query_lens_cpu=[1] * batch,
             seq_lens_cpu=seq_lens_cpu,
             uniform_decode=on_cuda,
-            row_leads=self.packed[self._leads, :batch] if on_cuda and self.prompt_rows else None,
+            row_leads=self.packed[self._leads, :batch] if on_cuda and self._rows_mode else None,
         )
 
     def input_ids(self, batch: int) -> torch.Tensor:
@@ -215,6 +220,7 @@ class DecodeGraphs:
             return
         start = time.perf_counter()
         self.graphs.clear()
+        self.row_graphs.clear()
         self.host[_SLOTS:] = -1  # warm-up and capture runs write no KV
         self.host[self._leads] = torch.arange(self.max_batch)  # and every row leads itself
         self.host[_SEQ_LENS] = 1
@@ -225,19 +231,23 @@ class DecodeGraphs:
             t.zero_()
         pool = torch.cuda.graph_pool_handle()
         side = cuda_stream(self.device)
+        grouped = self.prompt_rows and self.rows_per_program > 1
         for batch in sorted(self.sizes, reverse=True):
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):  # compiles Triton kernels, sizes cuBLAS workspaces
-                    argmax_rows(forward(batch))
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture (one
-            # run() starts after the KV moved); they touch none of the captured stream's work.
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = forward(batch)
-                ids = argmax_rows(out)
-            self.graphs[batch] = (graph, out, ids)
+            for rows_mode in (False, True) if grouped and batch > 1 else (False,):
+                self._rows_mode = rows_mode
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_RUNS):  # compiles Triton kernels, sizes cuBLAS workspaces
+                        argmax_rows(forward(batch))
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture (one
+                # run() starts after the KV moved); they touch none of the captured stream's work.
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    out = forward(batch)
+                    ids = argmax_rows(out)
+                (self.row_graphs if rows_mode else self.graphs)[batch] = (graph, out, ids)
+        self._rows_mode = False
         torch.cuda.synchronize(self.device)
         self._pool = pool
         self._captured_for = self._kv_pointers()
@@ -255,6 +265,7 @@ class DecodeGraphs:
         self.load(inputs, batch)
         if self.device.type != "cuda":
             return forward(batch)[:n], None
-        graph, out, ids = self.graphs[batch]
+        rows = batch in self.row_graphs and any(q != 1 for q in inputs.query_lens)
+        graph, out, ids = (self.row_graphs if rows else self.graphs)[batch]
         graph.replay()
         return out[:n], ids[:n]
