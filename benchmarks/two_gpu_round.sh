@@ -103,7 +103,7 @@ turns1)
     BENCH_ARGS=${MT_ARGS:-"--multi-turn --num-conversations 16 --num-turns 4 --system-prompt-len 1024
         --random-input-len 64 --random-output-len 256 --request-rate 4"}
     serve_round turns1-loaded --colocated
-    BENCH_ARGS="--multi-turn --num-conversations 1 --num-turns 6 --system-prompt-len 1024 --random-input-len 64
+    [ -n "${SKIP_ALONE:-}" ] || BENCH_ARGS="--multi-turn --num-conversations 1 --num-turns 6 --system-prompt-len 1024 --random-input-len 64
         --random-output-len 256" serve_round turns1-alone --colocated
     ;;
 moe)

@@ -282,9 +282,11 @@ class ModelRunner:
         max_blocks = -(-self.max_model_len // self.block_size)
         rows = graph_rows(self.scheduler_config.max_num_seqs, self._prompt_rows)
         arch = self.checkpoint.arch
+        # PDLAUNCH_PROMPT_ROWS=ungrouped: each prompt row in a program of its own (benchmarks, debugging)
+        grouped = os.environ.get("PDLAUNCH_PROMPT_ROWS", "auto") != "ungrouped"
+        per_program = rows_per_program(arch.num_heads // self.tp_size, self.num_kv_heads) if grouped else 1
         graphs = DecodeGraphs(ladder(rows), len(self.groups), self.block_size, max_blocks, self.device,
-                              lambda: self.kv_caches, prompt_rows=self._prompt_rows,
-                              rows_per_program=rows_per_program(arch.num_heads // self.tp_size, self.num_kv_heads))
+                              lambda: self.kv_caches, prompt_rows=self._prompt_rows, rows_per_program=per_program)
         self.graphs = graphs
         graphs.capture(self._graph_forward)
         return graphs
