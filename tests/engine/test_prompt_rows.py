@@ -121,6 +121,24 @@ def test_rows_load_a_block_table_and_a_length_per_token() -> None:
     assert graphs.tables[0][:4].tolist() == [[7, 8, 9], [1, 2, 0], [1, 2, 0], [1, 2, 0]]
 
 
+def test_a_prompts_rows_are_led_in_runs_of_rows_per_program() -> None:
+    """Each row's lead (the packed buffer's last row, which the paged decode groups programs by): a prompt's rows in
+    runs of rows_per_program led by the run's first, decodes and padding rows leading themselves; a decode step,
+    or one program a row, leads every row by itself."""
+    graphs = DecodeGraphs([16], 1, 4, 4, torch.device("cpu"), lambda: [], prompt_rows=True, rows_per_program=4)
+    inputs = _inputs([1, 6, 1, 3], [9, 5, 2, 4])
+    graphs.load(inputs, 16)
+    leads = graphs.packed[graphs._leads].tolist()
+    assert leads == [0, 1, 1, 1, 1, 5, 5, 7, 8, 8, 8, 11, 12, 13, 14, 15], leads
+    graphs.load(_inputs([1, 1, 1], [5, 9, 2]), 16)
+    assert graphs.packed[graphs._leads].tolist() == list(range(16))
+    alone = DecodeGraphs([16], 1, 4, 4, torch.device("cpu"), lambda: [], prompt_rows=True, rows_per_program=1)
+    alone.load(inputs, 16)
+    assert alone.packed[alone._leads].tolist() == list(range(16))
+    # on CPU the torch attention path plans without them: the metadata carries no leads
+    assert graphs.attention(16).row_leads is None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fixture,extra", [("llama_ckpt", {}), ("hybrid_ckpt", {}), ("moe:qwen3_moe", {}),
                                            ("llama_ckpt", {"kv_cache_dtype": "fp8"})])

@@ -95,14 +95,20 @@ def _counters() -> dict[str, tuple[float, float, float]]:
                    metrics.ENGINE_STEP_SECONDS.labels(kind=kind)._value.get()) for kind in ("prefill", "decode")}
 
 
+def _paths() -> dict[str, float]:
+    return {path: metrics.ENGINE_STEP_PATHS.labels(path=path)._value.get() for path in metrics.STEP_PATHS}
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
 def test_every_engine_step_is_counted_once_with_its_tokens(llama_ckpt: Path, make_engine: MakeEngine,
                                                            overlap: bool) -> None:
     engine = make_engine(llama_ckpt, async_scheduling=overlap)
-    before = _counters()
+    before, paths = _counters(), _paths()
     out = run_all(engine, [[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert len(out[0].output_token_ids) == 4
     after = _counters()
+    # each forward counted once, by how it ran (a CPU engine runs every step eagerly)
+    assert {p: n - paths[p] for p, n in _paths().items()} == {"decode": 0, "rows": 0, "piecewise": 0, "eager": 4}
     steps, tokens, seconds = (a - b for a, b in zip(after["prefill"], before["prefill"]))
     assert (steps, tokens) == (1, 3) and seconds > 0
     steps, tokens, seconds = (a - b for a, b in zip(after["decode"], before["decode"]))
