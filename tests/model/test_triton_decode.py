@@ -115,9 +115,9 @@ LEAD_CASES = {  # id: (dtype, prompts [(length, rows)], decodes [length], block_
     # rows whose windows start in different ranges: a range none of a row's keys are in, merged
     "b8-g8-window-splits": (torch.float32, [(200, 7)], [50], 8, 1, 8, 32, 37, DecodeLaunch(16, 8, 1, 4, 2)),
     "b8-g3-short-ranges": (torch.float32, [(100, 6)], [40], 8, 2, 3, 16, None, DecodeLaunch(16, 8, 4, 4, 2, 4)),
-    # a program's 4 rows x 4 heads of 128 merge 4 ranges a load (MERGE_ELEMENTS)
-    "b16-g4-d128-chunked-merge": (torch.float32, [(3000, 5)], [40], 16, 1, 4, 128, None,
-                                  DecodeLaunch(16, 64, 3, 4, 2)),
+    # a program's 4 rows x 4 heads of 128 merge 4 of their 16 ranges a load (MERGE_ELEMENTS)
+    "b16-g4-d128-chunked-merge": (torch.float32, [(1000, 5)], [40], 16, 1, 4, 128, None,
+                                  DecodeLaunch(16, 16, 1, 4, 2)),
 }
 
 
