@@ -29,6 +29,11 @@ from pdlaunch.proxy.prefix import PrefixRouter
 from pdlaunch.proxy.state import ProxyState
 from pdlaunch.proxy.upstream import Proxy
 
+# A pooled connection idle this long is not reused: below the 5 s after which uvicorn (vLLM's instances
+# too) closes an idle connection, so a leg is not sent on one the instance is closing at that moment
+# (a dropped leg: retried on another instance, but marked down for a probe's interval). Ours keep 30 s.
+KEEPALIVE_S = 3.0
+
 # (method, path, handler): every route of the proxy.
 ROUTES: list[tuple[str, str, Callable[..., Awaitable[Response]]]] = [
     ("GET", "/health", routes.health),
@@ -80,7 +85,7 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+        limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=KEEPALIVE_S)
         async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
             proxy.client = proxy.kv.client = client
             await pool.check_all(client)

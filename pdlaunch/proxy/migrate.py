@@ -38,7 +38,7 @@ from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, ids_of, int_of, list_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
-from pdlaunch.proxy.retry import on_live_instance
+from pdlaunch.proxy.retry import gone, on_live_instance
 from pdlaunch.proxy.upstream import Proxy, Upstream, retrieve, shutting_down_body
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 
@@ -197,9 +197,9 @@ class Migrations:
             except _Stalled as stalled:
                 failed, reason = stalled.instance, "stalled"
             except OpenAIError as exc:
-                # A dropped connection marks its instance down (upstream.Proxy.failed); an error answer is its word.
-                if exc.code not in ("instance_failed", "instance_unreachable") or target.state != "down" \
-                        or self.limit == 0 or not self._others(target):
+                # A refused or dropped connection (the leg went to another decode once: retry.py); an error
+                # answer is the instance's word.
+                if not gone(exc) or self.limit == 0 or not self._others(target):
                     raise  # without another decode the first error stands
                 failed, reason = target, "died"
             if migrations >= self.limit:

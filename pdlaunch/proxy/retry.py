@@ -19,16 +19,17 @@ from typing import TypeVar
 
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.translate import DroppedConnection
 
 log = logging.getLogger("pdlaunch.proxy")
 
 T = TypeVar("T")
 REFUSED_CODE = "instance_unreachable"  # translate.error_from_exception's code for a failed connect
-DROPPED_CODE = "instance_failed"  # ... for a connection dropped mid-request (the instance is marked down)
 
 
-def _gone(instance: Instance, exc: OpenAIError) -> bool:
-    return exc.code == REFUSED_CODE or (exc.code == DROPPED_CODE and instance.state == "down")
+def gone(exc: OpenAIError) -> bool:
+    """The instance refused the connection or dropped it before answering (translate.DroppedConnection)."""
+    return exc.code == REFUSED_CODE or isinstance(exc, DroppedConnection)
 
 
 async def on_live_instance(pool: InstancePool, role: str, first: Instance,
@@ -39,7 +40,7 @@ async def on_live_instance(pool: InstancePool, role: str, first: Instance,
     try:
         return first, await call(first)
     except OpenAIError as exc:
-        if not _gone(first, exc):
+        if not gone(exc):
             raise
         others = [i for i in pool.instances if i.role == role and i.state == "ready" and i is not first]
         if not others:

@@ -138,8 +138,19 @@ def error_from_exception(instance: Instance, exc: BaseException, timeout_s: floa
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         return OpenAIError(504, f"request timed out after {timeout_s:g}s waiting for {instance.name} "
                                 "(proxy.request_timeout_seconds)", code="timeout")
-    return OpenAIError(502, f"{instance.name} ({instance.url}) failed mid-request: "
-                            f"{type(exc).__name__}: {exc}", code="instance_failed")
+    message = f"{instance.name} ({instance.url}) failed mid-request: {type(exc).__name__}: {exc}"
+    if is_connection_failure(exc):
+        return DroppedConnection(message)
+    return OpenAIError(502, message, code="instance_failed")
+
+
+class DroppedConnection(OpenAIError):
+    """An instance dropped the connection before answering (502, code instance_failed). Whether the leg may
+    go to another instance is decided from this, not from the instance's state: a health probe answered
+    just before the drop can mark the instance ready again before the retry decision runs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(502, message, code="instance_failed")
 
 
 def is_connection_failure(exc: BaseException) -> bool:

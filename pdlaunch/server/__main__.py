@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from pdlaunch.engine.llm_engine import LLMEngine
 
 GRACEFUL_SHUTDOWN_S = 3  # the proxy drained in-flight requests before instances are stopped
+# An idle client connection is closed after this long (uvicorn's default is 5 s): well past the proxy's
+# pool expiry (proxy/app.py), so the proxy never sends a leg on a connection this server is closing.
+KEEP_ALIVE_S = 30
 
 log = logging.getLogger("pdlaunch.server")
 
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
     app = build_app(engine_loop, config, spec)
     server = uvicorn.Server(uvicorn.Config(
         app, host=spec.host, port=spec.port, log_level="info", access_log=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, timeout_keep_alive=KEEP_ALIVE_S, lifespan="on",
     ))
     if on_server is not None:
         on_server(server)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.instances import Instance, InstancePool, LeastLoaded, RoundRobin
+from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import (
+    DroppedConnection,
     decode_body,
     error_from_exception,
     error_from_response,
@@ -121,3 +125,42 @@ def test_transport_failures_map_to_503_502_504() -> None:
     for err in (error_from_exception(inst, httpx.ReadError("x"), 1), error_from_response(inst, 500, b"")):
         body = err.body()["error"]
         assert set(body) == {"message", "type", "param", "code"}
+
+
+def test_a_dropped_connection_is_told_from_an_error_answer() -> None:
+    inst = _instances("decode", 1)[0]
+    for exc in (httpx.ReadError(""), httpx.RemoteProtocolError("Server disconnected"), httpx.WriteError("x")):
+        dropped = error_from_exception(inst, exc, 30)
+        assert isinstance(dropped, DroppedConnection) and (dropped.status, dropped.code) == (502, "instance_failed")
+    assert not isinstance(error_from_response(inst, 500, b"Internal Server Error"), DroppedConnection)
+    assert not isinstance(error_from_exception(inst, httpx.DecodingError("bad gzip"), 30), DroppedConnection)
+
+
+def _calls(pool: InstancePool, first: Instance, failure: OpenAIError) -> tuple[list[str], str | OpenAIError]:
+    """The instances a leg was sent to, and what `on_live_instance` gave: the first fails with `failure`."""
+    sent: list[str] = []
+
+    async def call(instance: Instance) -> str:
+        sent.append(instance.name)
+        if instance is first:
+            raise failure
+        return "answer"
+
+    async def run() -> str | OpenAIError:
+        try:
+            return (await on_live_instance(pool, "decode", first, call))[1]
+        except OpenAIError as exc:
+            return exc
+    return sent, asyncio.run(run())
+
+
+def test_a_dropped_leg_goes_to_another_instance_even_when_a_probe_marked_its_own_ready_again() -> None:
+    """CI flake: decode-0 dropped a pooled keep-alive connection; a /health answer that arrived in between
+    marked it ready again, and the leg's 502 reached the client instead of going to decode-1."""
+    decode = _instances("decode", 2)
+    pool = InstancePool(decode, "round_robin")
+    dropped = error_from_exception(decode[0], httpx.ReadError(""), 30)
+    assert decode[0].state == "ready"  # as the probe left it
+    assert _calls(pool, decode[0], dropped) == (["decode-0", "decode-1"], "answer")
+    answered = error_from_response(decode[0], 500, b"Internal Server Error")  # the instance's word: not retried
+    assert _calls(pool, decode[0], answered) == (["decode-0"], answered)
