@@ -39,7 +39,7 @@ from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, ids_of, int_of, list_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import gone, on_live_instance
-from pdlaunch.proxy.upstream import Proxy, Upstream, retrieve, shutting_down_body
+from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, shutting_down_body
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -347,45 +347,31 @@ class Migrations:
     async def _events(self, upstream: Upstream, deadline: float) -> AsyncGenerator[str | _Failure, None]:
         """`upstream`'s SSE payloads, then a _Failure if it failed (dropped, or its instance stalled)."""
         instance, parser = upstream.instance, SSEParser()
-        chunks = upstream.response.aiter_raw()
-        stall = asyncio.ensure_future(instance.stalled.wait())
-        stopping = asyncio.ensure_future(self.proxy.stopping.wait())
-        read: asyncio.Future[bytes] | None = None
+        reader = ChunkReader(upstream.response, deadline, stalled=instance.stalled, stopping=self.proxy.stopping)
         try:
             while True:
-                remaining = self.proxy.remaining(deadline)
-                read = asyncio.ensure_future(chunks.__anext__())
-                done, _ = await asyncio.wait({read, stall, stopping}, timeout=remaining,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if read not in done:
-                    read.cancel()
-                    read.add_done_callback(retrieve)
-                    if stopping in done:  # the drain at shutdown ran out: the stream ends, not migrated
+                try:
+                    chunk = await reader.next()
+                except Interrupted as stop:
+                    if stop.reason == "stopping":  # the drain at shutdown ran out: the stream ends, not migrated
                         yield json.dumps(shutting_down_body(), separators=(",", ":"))
                         return
-                    if stall in done:
+                    if stop.reason == "stalled":
                         yield _Failure("stalled", f"{instance.name} ({instance.url}) stalled (no /health answer "
                                                   f"within {self.proxy.pool.health_timeout_s:g}s)")
                         return
-                    self.proxy.remaining(deadline)  # the request's deadline: its 504
-                    continue
-                try:
-                    chunk = read.result()
-                except StopAsyncIteration:
-                    return
+                    raise self.proxy.timed_out() from None  # the request's deadline: its 504
                 except (httpx.HTTPError, TimeoutError) as exc:
                     self.proxy.failed(instance, exc)  # marks a dropped instance down
                     yield _Failure("died", f"{instance.name} ({instance.url}) failed mid-stream: "
                                            f"{type(exc).__name__}")
                     return
+                if chunk is None:
+                    return
                 for data in parser.feed(chunk):
                     yield data
         finally:
-            stall.cancel()
-            stopping.cancel()
-            if read is not None and not read.done():  # the client left while we waited for a chunk
-                read.cancel()
-                read.add_done_callback(retrieve)  # its error is the closed stream's: not worth a log line
+            reader.close()
 
 
 def _carries_nothing(chunk: JsonObject) -> bool:

@@ -8,6 +8,7 @@ instance that dropped the connection is marked down at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -74,9 +75,13 @@ class Proxy:
     def _timeout(self, deadline: float) -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise OpenAIError(504, f"request timed out after {self.request_timeout_s:g}s at the proxy "
-                                   "(proxy.request_timeout_seconds)", code="timeout")
+            raise self.timed_out()
         return remaining
+
+    def timed_out(self) -> OpenAIError:
+        """The 504 of a request past its deadline."""
+        return OpenAIError(504, f"request timed out after {self.request_timeout_s:g}s at the proxy "
+                                "(proxy.request_timeout_seconds)", code="timeout")
 
     def failed(self, instance: Instance, exc: BaseException) -> OpenAIError:
         if is_connection_failure(exc):
@@ -132,28 +137,20 @@ class Proxy:
 
     async def relay(self, upstream: Upstream, deadline: float) -> AsyncGenerator[bytes, None]:
         """Pass SSE events through one by one; end with an error event if the instance fails."""
-        instance, response = upstream.instance, upstream.response
+        instance = upstream.instance
         parser = SSEParser()
         finished = False
-        stopping = asyncio.ensure_future(self.stopping.wait())
-        pending: asyncio.Future[bytes] | None = None
+        reader = ChunkReader(upstream.response, deadline, stopping=self.stopping)
         try:
-            chunks = response.aiter_raw()
             while True:
-                remaining = self._timeout(deadline)
-                pending = asyncio.ensure_future(chunks.__anext__())
-                done, _ = await asyncio.wait({pending, stopping}, timeout=remaining,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if pending not in done:
-                    pending.cancel()
-                    pending.add_done_callback(retrieve)
-                    if stopping in done:
+                try:
+                    chunk = await reader.next()
+                except Interrupted as stop:
+                    if stop.reason == "stopping":
                         yield sse_event(shutting_down_body())
                         return
-                    raise TimeoutError
-                try:
-                    chunk = pending.result()
-                except StopAsyncIteration:
+                    raise self.timed_out() from None
+                if chunk is None:
                     break
                 for data in parser.feed(chunk):
                     if data == "[DONE]" or data.startswith('{"error"'):
@@ -167,20 +164,76 @@ class Proxy:
         except (httpx.HTTPError, TimeoutError) as exc:
             yield sse_event(self.failed(instance, exc).body())
         finally:
-            stopping.cancel()
-            if pending is not None and not pending.done():  # the client left while we waited for a chunk
-                pending.cancel()
-                pending.add_done_callback(retrieve)  # its error is the closed stream's: not worth a log line
+            reader.close()
             await upstream.close()
+
+
+class Interrupted(Exception):
+    """A ChunkReader's read ended by `reason`: "deadline" or the name of an event it watches."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChunkReader:
+    """Reads a streamed answer's raw chunks in the task that relays them, with no task, timer or
+    asyncio.wait per chunk (they were ~14% of the proxy's CPU per relayed event, benchmarks/proxy_relay.py):
+    the request's deadline (monotonic seconds) and each watched event (a stall, the shutdown drain's end)
+    cancel the read being awaited, as asyncio.timeout does, and never anything else the task awaits (the
+    client's write); one that comes between two reads ends the next. A chunk that arrived as the
+    interruption came is dropped with the stream. `close()` when done."""
+
+    def __init__(self, response: httpx.Response, deadline: float, **events: asyncio.Event) -> None:
+        self._chunks = response.aiter_raw()
+        self.reason: str | None = None
+        self._reading: asyncio.Task[object] | None = None  # the task awaiting a chunk, while it does
+        self._cancelled = False
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._interrupt, "deadline")
+        self._watches: list[asyncio.Future[object]] = []
+        for name, event in events.items():
+            watch: asyncio.Future[object] = asyncio.ensure_future(event.wait())
+            watch.add_done_callback(functools.partial(self._on_event, name))
+            self._watches.append(watch)
+
+    def _on_event(self, name: str, watch: asyncio.Future[object]) -> None:
+        if not watch.cancelled():
+            self._interrupt(name)
+
+    def _interrupt(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self._reading is not None and not self._cancelled:
+            self._cancelled = True
+            self._reading.cancel()
+
+    async def next(self) -> bytes | None:
+        """The next chunk; None at the stream's end; Interrupted when the deadline or an event came first."""
+        if self.reason is not None:
+            raise Interrupted(self.reason)
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        self._reading = task
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return None
+        except asyncio.CancelledError:
+            # Ours alone (no other cancellation pending: the client left, the server stops): the interruption.
+            if self._cancelled and task is not None and task.uncancel() <= cancelling and self.reason is not None:
+                raise Interrupted(self.reason) from None
+            raise
+        finally:
+            self._reading = None
+
+    def close(self) -> None:
+        self._timer.cancel()
+        for watch in self._watches:
+            watch.cancel()
 
 
 def shutting_down_body() -> JsonObject:
     """The error event that ends a stream still open when the drain at shutdown runs out."""
     return error_body(503, "the server is shutting down: this stream ended before it finished; retry on a "
                            "running server", code="shutting_down")
-
-
-def retrieve(future: asyncio.Future[bytes]) -> None:
-    """Mark a cancelled read's outcome as seen, so that asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
