@@ -121,12 +121,12 @@ def _fake_instances(ports: dict[str, int], step_s: float) -> None:
     asyncio.run(main())
 
 
-async def _client_stream(port: int, tokens: int) -> tuple[int, float]:
+async def _client_stream(port: int, tokens: int, model: str = "fake") -> tuple[int, float]:
     """(events read, seconds): one streamed completion through the proxy, read as raw bytes."""
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body = json.dumps({"model": "fake", "prompt": "relay", "max_tokens": tokens, "stream": True,
-                       "temperature": 0}).encode()
+    body = json.dumps({"model": model, "prompt": "relay", "max_tokens": tokens, "stream": True,
+                       "temperature": 0, "ignore_eos": True}).encode()
     writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: proxy\r\ncontent-type: application/json\r\n"
                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
