@@ -157,12 +157,13 @@ def test_interpret_swapped_operand_tiles_equal_the_plain_ones(interpret: None, t
 
 @pytest.mark.parametrize("tokens,top_k,experts,local,block_m", [
     (1, 8, 128, 128, 16), (3, 2, 8, 4, 16), (7, 2, 8, 8, 16), (37, 4, 32, 16, 64), (64, 8, 128, 128, 16),
-    (100, 2, 8, 8, 32), (512, 8, 128, 128, 16)])
+    (100, 2, 8, 8, 32), (257, 8, 128, 128, 16)])
 def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens: int, top_k: int, experts: int,
                                                          local: int, block_m: int) -> None:
     """The two-launch layout (triton_moe.align_rows, from global ids and the rank's first expert) gives
     layout.align_to_blocks's rows and block experts on the local ids exactly: the few-assignment layout, the
-    last or the first `local` experts on the rank (the others' assignments dropped), 16-64-row blocks, 4096 rows."""
+    last or the first `local` experts on the rank (the others' assignments dropped), 16-64-row blocks, and
+    2056 rows (over 2048: 128 assignments a program; 4096 took 21 s in the interpreter, this 7)."""
     from pdlaunch.model.moe.layout import align_to_blocks, local_expert_ids
     from pdlaunch.model.moe.triton_moe import align_rows
 
