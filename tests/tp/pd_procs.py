@@ -5,18 +5,17 @@ Non-daemon because an engine with tp > 1 spawns its worker ranks; the engine pro
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Iterator
 from pathlib import Path
 
 from pdlaunch.config.models import InstanceSpec
 from tests.kv_transfer.engine_procs import EngineProcess, build_engine, pd_config
-from tests.kv_transfer.rpc import ProcessRPC, _serve
+from tests.kv_transfer.rpc import ProcessRPC, _serve, context
 
 
 class TPEngineProcess(EngineProcess):
     def __init__(self, config, instance: InstanceSpec) -> None:  # type: ignore[no-untyped-def]
-        ctx = mp.get_context("spawn")
+        ctx = context()
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, build_engine,
                                                      (config.model_dump_json(), instance.model_dump_json())),
