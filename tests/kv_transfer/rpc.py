@@ -17,7 +17,7 @@ CALL_TIMEOUT = 120.0
 # starting a fresh interpreter that imports torch and the engine (~3.5 s of CPU a child on 2 cores). The
 # server imports only: no thread, no CUDA, no UCX is started before a child forks. Children see the
 # environment the server started with (no test here sets variables for them).
-PRELOAD = ["torch", "pdlaunch.engine.llm_engine", "tests.kv_transfer.engine_procs"]
+PRELOAD = ["torch", "pdlaunch.engine.llm_engine", "tests.kv_transfer.engine_procs", "tests.kv_transfer.pd_procs"]
 
 
 def context() -> Any:
