@@ -36,7 +36,8 @@ demo-model: venv
 # Every CPU test: the unit tests on two workers (as test-fast), then the end-to-end (`e2e`: real
 # deployments) and `slow` ones on two workers too, a file at a time per worker (--dist loadfile: a
 # module's deployment fixture stays in one process). Every test takes its ports from the free ones, so
-# two deployments side by side do not meet. On 2 cores (2026-11-26): 4-4.5 min, then 22.5-25 min.
+# two deployments side by side do not meet. On 2 cores (2026-11-26): 4.6 min, then 21.3 min (the tests'
+# engine processes fork from a server that imported torch once: tests/kv_transfer/rpc.py).
 test: demo-model
 	$(BIN)/python -m pytest -q -n 2 -m "not gpu and not slow and not e2e" tests
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not gpu and (slow or e2e)" --durations=25 tests
