@@ -1,5 +1,6 @@
 """Where a served request's time goes, around one `bench serve` run: the CPU seconds each running pdlaunch
-process (the proxy, the instances, their launcher) spent; each instance's own time to first token (its
+process (the proxy, the instances, their launcher) spent, and those of an instance's main thread (its HTTP
+side; the engine runs in another thread); each instance's own time to first token (its
 `pdlaunch_time_to_first_token_seconds` histogram, from a request reaching the instance to its first token),
 split into the engine's queue and first-scheduled-to-first-token stages; and its steps a second.
 
@@ -21,8 +22,9 @@ import time
 import httpx
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def _cpu_seconds(pid: int, task: int | None = None) -> float:
+    """CPU seconds of process `pid`, or of its thread `task` alone."""
+    with open(f"/proc/{pid}/task/{task}/stat" if task is not None else f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -43,6 +45,8 @@ def _processes() -> dict[str, float]:
             if role:  # an instance's spec is JSON: keep its name
                 spec = json.loads(argv[argv.index(b"--instance") + 1].decode())
                 name = f"instance {spec.get('role', '?')}-{spec.get('index', '?')}"
+                # Its main thread runs the HTTP side (the event loop: requests, SSE); the engine runs in another.
+                out[f"{entry} {name}, main thread (HTTP)"] = _cpu_seconds(int(entry), int(entry))
             out[f"{entry} {name}"] = _cpu_seconds(int(entry))
         except (OSError, ValueError, json.JSONDecodeError):
             continue
