@@ -246,8 +246,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             vs = fp8_kv.round_trip(v[seq.q_start:seq.q_end], v_scale, cache_dtype)
         else:
             assert flat is not None
-            ks = fp8_kv.load(flat[seq.rows + plan.layer_offset(layer_in_group, 0)], k_scale, q.dtype)
-            vs = fp8_kv.load(flat[seq.rows + plan.layer_offset(layer_in_group, 1)], v_scale, q.dtype)
+            ks = fp8_kv.load(fp8_kv.read_rows(flat, seq.rows + plan.layer_offset(layer_in_group, 0)), k_scale, q.dtype)
+            vs = fp8_kv.load(fp8_kv.read_rows(flat, seq.rows + plan.layer_offset(layer_in_group, 1)), v_scale, q.dtype)
         ks = ks.transpose(0, 1).unsqueeze(0)  # [1, Hkv, K, D]
         vs = vs.transpose(0, 1).unsqueeze(0)
         mask: torch.Tensor | CausalBias | None = seq.mask
@@ -265,8 +265,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     elif plan.decode_tokens is not None:
         assert flat is not None and plan.decode_rows is not None
         qd = q[plan.decode_tokens].unsqueeze(2)  # [Sd, Hq, 1, D]
-        kd = fp8_kv.load(flat[plan.decode_rows + plan.layer_offset(layer_in_group, 0)], k_scale, q.dtype)
-        vd = fp8_kv.load(flat[plan.decode_rows + plan.layer_offset(layer_in_group, 1)], v_scale, q.dtype)
+        kd = fp8_kv.load(fp8_kv.read_rows(flat, plan.decode_rows + plan.layer_offset(layer_in_group, 0)), k_scale,
+                          q.dtype)
+        vd = fp8_kv.load(fp8_kv.read_rows(flat, plan.decode_rows + plan.layer_offset(layer_in_group, 1)), v_scale,
+                          q.dtype)
         kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=plan.decode_mask, scale=scale, enable_gqa=True)
         out[plan.decode_tokens] = o.squeeze(2)

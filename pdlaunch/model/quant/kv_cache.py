@@ -75,6 +75,17 @@ def scales_digest(scales: list[tuple[float, float]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def read_rows(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """flat[rows] for indices `rows` of any shape into flat's first dimension, in flat's dtype: one index_select
+    over rows as flat byte ranges. On CPU advanced indexing was 8x slower (a decode step's 16 x 608 key rows of
+    the tiny model: 2.4 ms against 0.29 per gather, most of a CPU decode step)."""
+    table = flat.view(flat.shape[0], -1)
+    if flat.dtype == FP8_DTYPE:  # the bytes, as write_rows stores them
+        return table.view(torch.uint8).index_select(0, rows.reshape(-1)).view(FP8_DTYPE).view(
+            *rows.shape, *flat.shape[1:])
+    return table.index_select(0, rows.reshape(-1)).view(*rows.shape, *flat.shape[1:])
+
+
 def write_rows(flat: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, scale: float) -> None:
     """flat[rows] = x stored in flat's dtype (index_copy_ has no fp8 kernel on CPU: copy the bytes)."""
     values = store(x, scale, flat.dtype)
