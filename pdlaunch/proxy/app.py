@@ -124,5 +124,6 @@ def instance_transports(pool: InstancePool, limits: httpx.Limits) -> dict[str, h
     pool each time a request starts or ends, and for each idle one walks them all again (quadratic): with one
     pool for all instances, every leg paid for every instance's connections (12% of the proxy's CPU at 32
     streams, benchmarks/proxy_relay.py)."""
-    origins = {f"{url.scheme}://{url.host}:{url.port}" for url in (httpx.URL(i.url) for i in pool.instances)}
+    # netloc: host and port as written ([::1]:8100; a URL without a port has none: its pattern matches any).
+    origins = {f"{url.scheme}://{url.netloc.decode('ascii')}" for url in (httpx.URL(i.url) for i in pool.instances)}
     return {origin: httpx.AsyncHTTPTransport(limits=limits) for origin in sorted(origins)}

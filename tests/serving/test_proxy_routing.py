@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.proxy.app import instance_transports
 from pdlaunch.proxy.instances import Instance, InstancePool, LeastLoaded, RoundRobin
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import (
@@ -164,3 +165,16 @@ def test_a_dropped_leg_goes_to_another_instance_even_when_a_probe_marked_its_own
     assert _calls(pool, decode[0], dropped) == (["decode-0", "decode-1"], "answer")
     answered = error_from_response(decode[0], 500, b"Internal Server Error")  # the instance's word: not retried
     assert _calls(pool, decode[0], answered) == (["decode-0"], answered)
+
+
+def test_each_instance_gets_a_connection_pool_of_its_own() -> None:
+    """IPv4 and IPv6 addresses, and a URL without a port (a Kubernetes Service on port 80): each instance's
+    requests go through its own transport (a port-less URL once crashed the proxy's start: `host:None`)."""
+    urls = ["http://127.0.0.1:8100", "http://127.0.0.1:8200", "http://[::1]:8300", "http://decode.svc"]
+    pool = InstancePool([Instance(role="decode", url=url, name=f"decode-{i}", state="ready")
+                         for i, url in enumerate(urls)], "round_robin")
+    transports = instance_transports(pool, httpx.Limits())
+    assert sorted(transports) == sorted(urls)
+    client = httpx.AsyncClient(mounts=transports)
+    used = [client._transport_for_url(httpx.URL(url + "/v1/completions")) for url in urls]  # httpx's own routing
+    assert all(t is transports[url] for t, url in zip(used, urls))
