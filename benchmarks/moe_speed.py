@@ -2,8 +2,8 @@
 8k-token prefill against the bf16 matmul rate (issue 26), counted two ways: on the routed experts' FLOPs alone,
 and on every FLOP of the active parameters (projections, routed experts, router, causal attention).
 
-    python benchmarks/moe_speed.py [--batch 1 16 64 256] [--context 1024] [--prefill 8192]
-        [--num-layers 48] [--fp8-experts] [--ablate attention rotary router experts] [--json OUT]
+    python benchmarks/moe_speed.py [--batch 1 16 64 256] [--context 1024] [--prefill 8192 [3072 ...]]
+        [--prefill-profile] [--num-layers 48] [--fp8-experts] [--ablate attention rotary router experts] [--json OUT]
 
 The weights are drawn on the GPU in place of a load (a 61 GB checkpoint would not fit the disk of a
 benchmark host), through the same model, weight layout and engine as `pdlaunch serve` (bf16, CUDA
@@ -16,13 +16,16 @@ The experts routed per step are counted in one eager step of the batch, between 
 steps, by a router that also marks each expert it picks (one index_fill per MoE layer into a [layers, experts]
 table). The timed steps replay graphs captured without it: inside them its 48 kernels sat between the top-k and
 the up GEMM of every layer and broke batch 1's chain of dependent launches (H100: 3.49 -> 3.38 ms).
-prefill: one 8192-token request in one step; its active-expert FLOPs are 2 * T * k * 3 * H * I per
-layer, against the measured bf16 matmul rate.
+prefill: one request of T tokens (8192 by default; each --prefill size in turn) in one step; its
+active-expert FLOPs are 2 * T * k * 3 * H * I per layer, against the measured bf16 matmul rate.
+--prefill-profile adds the GPU time of every kernel of one such request (torch.profiler), to set against
+its wall time: what the host adds, and which kernels are far from the matmul rate.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
@@ -60,6 +63,7 @@ WARMUP_STEPS = 4
 FP8_EXPERTS = False  # --fp8-experts: the drawn experts become 128x128-block fp8 as an FP8 checkpoint's do
 FP8_ATTENTION = False  # --fp8-attention: the attention projections too (Qwen3-30B-A3B-FP8 quantizes both)
 rng = random.Random(0)
+PROFILED = itertools.count()
 
 
 class DecodeReadyKV(ReadyKVConnector):
@@ -275,7 +279,7 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
 
 
 def prefill_cell(engine: LLMEngine, tokens: int, active_flops: float, model_flops: float,
-                 tflops: float) -> dict[str, Any]:
+                 tflops: float, kernel_profile: bool = False) -> dict[str, Any]:
     """`active_flops`: the routed experts' GEMMs alone; `model_flops`: everything a token multiplies through
     (projections, routed experts, router, causal attention, the last token's logits: ModelInfo.prefill_flops).
     The experts are ~42% of the model's FLOPs at 8k tokens, so their rate alone cannot pass ~42% of the matmul
@@ -294,6 +298,17 @@ def prefill_cell(engine: LLMEngine, tokens: int, active_flops: float, model_flop
     cell["of_matmul_rate"] = cell["active_expert_tflops_achieved"] / tflops
     cell.update(model_tflop=model_flops / 1e12, model_tflops_achieved=model_flops / ms / 1e9,
                 model_of_matmul_rate=model_flops / ms / 1e9 / tflops, expert_share_bound=active_flops / model_flops)
+    if kernel_profile:  # GPU time of each kernel of one whole prefill request, microseconds; the rest is host
+        from moe_profile import profile_calls
+
+        def one() -> None:
+            engine.add_request(f"profiled-{next(PROFILED)}", [rng.randrange(600, 1000) for _ in range(tokens)], params)
+            while engine.has_unfinished_requests():
+                engine.step()
+
+        kernels = profile_calls(one, 2)
+        cell["kernels_us"] = {name: round(us, 1) for name, us in list(kernels.items())[:30]}
+        cell["kernels_total_us"] = sum(kernels.values())
     print(json.dumps(cell), flush=True)
     return cell
 
@@ -303,7 +318,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--prefill", type=int, default=8192, help="prompt tokens of the prefill cell (0: none)")
+    parser.add_argument("--prefill", type=int, nargs="+", default=[8192],
+                        help="prompt tokens of each prefill cell (0: none)")
+    parser.add_argument("--prefill-profile", action="store_true",
+                        help="also the GPU time of every kernel of each prefill cell's request")
     parser.add_argument("--num-layers", type=int, default=48)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.92)
     parser.add_argument("--fp8-experts", action="store_true",
@@ -327,7 +345,8 @@ def main() -> None:
     if args.no_gemv_fold:
         untuned_fp8_gemv()
     argmax_variant(args.argmax)
-    if args.ablate and args.prefill:
+    prefills = [n for n in args.prefill if n > 0]
+    if args.ablate and prefills:
         parser.error("--ablate times decode steps only: add --prefill 0")
     global FP8_EXPERTS, FP8_ATTENTION
     FP8_EXPERTS, FP8_ATTENTION = args.fp8_experts, args.fp8_attention
@@ -350,8 +369,8 @@ def main() -> None:
         info, _ = load_model_info(str(path))  # read while the directory exists
         assert info is not None, f"no model info from {path}"
         config = build_config(str(path), "cuda", "bfloat16", {
-            "max_num_seqs": max(args.batch), "max_num_batched_tokens": max(8192, args.prefill),
-            "enable_prefix_caching": False, "max_model_len": max(args.context + args.steps + 64, args.prefill + 64),
+            "max_num_seqs": max(args.batch), "max_num_batched_tokens": max(8192, *prefills),
+            "enable_prefix_caching": False, "max_model_len": max(args.context + args.steps, *prefills) + 64,
             "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype})
         engine = LLMEngine(config, connector=DecodeReadyKV())
     try:
@@ -372,10 +391,9 @@ def main() -> None:
         bw = doc["copy_gbps"] * 1e9
         doc["decode"] = [decode_cell(engine, counter, b, args.context, args.steps, floor_fixed, expert_bytes,
                                      kv_per_token, bw, h, b in args.kernel_profile) for b in args.batch]
-        active = 2 * args.prefill * top_k * 3 * h * inter * args.num_layers
-        if args.prefill:
-            doc["prefill"] = prefill_cell(engine, args.prefill, active, info.prefill_flops(args.prefill),
-                                          doc["matmul_tflops"])
+        doc["prefill"] = [prefill_cell(engine, n, 2 * n * top_k * 3 * h * inter * args.num_layers,
+                                       info.prefill_flops(n), doc["matmul_tflops"], args.prefill_profile)
+                          for n in prefills]
     finally:
         engine.shutdown()
     if args.json:
