@@ -12,7 +12,14 @@ decode steps whole) and holds at most `max(sizes)` tokens. Its T tokens are padd
 ids, positions and cache slots are copied into the static buffers (padding: token 0, position 0, slot -1), the
 N-row graphs of the pieces replay in turn, and between them each layer's attention runs eagerly over the real
 T rows with the step's real metadata. The caller computes logits from the first T rows of the final hidden
-states. Larger steps run eagerly: there the GPU work (~26 ms for 1k tokens of an 8B model) hides the host's.
+states. Steps above `MAX_MIXED_TOKENS` (a budget set above it) run eagerly.
+
+The ladder goes up to the default step budget, 8192 tokens. It stopped at 2048 while the GPU work of larger
+steps was taken to hide the host's (~26 ms for 1k tokens of an 8B model). An MoE layer launches several times
+the kernels of a dense one (routing, sort, padding, two grouped GEMMs, combine): one 3072-token prompt of the
+Qwen3-30B-A3B shape took 73-93 ms eagerly for 58 ms of kernels on an H100, and 63 ms replayed piecewise; at
+8192 tokens, where the GPU work does hide the host, 172 and 170 ms (benchmarks/RESULTS.md, thirty-third
+session). Capturing the 36 sizes took 8.5 s against 2.5 s for 12.
 
 The graphs read the weights, the KV cache and the buffers at fixed addresses, like the decode graphs: they stay
 valid across CuMem sleep and are captured again if the KV tensors are re-created. On CPU the same padded pieces
@@ -34,8 +41,8 @@ from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
-# Above this many tokens the step's GPU work hides the eager host time (see the module docstring).
-MAX_MIXED_TOKENS = 2048
+# The largest step replayed piecewise (see the module docstring); larger ones run eagerly.
+MAX_MIXED_TOKENS = 8192
 _SMALL = (16, 32, 64, 128, 256)
 _STRIDE = 256
 
@@ -45,7 +52,7 @@ _IDS, _POS, _SLOTS = range(3)
 
 def mixed_ladder(token_budget: int, limit: int = MAX_MIXED_TOKENS) -> list[int]:
     """Token counts to capture: 16, 32, 64, 128, 256, then every 256 up to min(token_budget, limit)
-    (padding costs at most a quarter of the work from 1024 tokens on)."""
+    (padding costs at most a quarter of the work from 1024 tokens on, a tenth from 2560 on)."""
     top = max(1, min(token_budget, limit))
     sizes = [s for s in _SMALL if s < top] + list(range(2 * _STRIDE, top + 1, _STRIDE))
     if not sizes or sizes[-1] != top:
@@ -95,7 +102,7 @@ class MixedGraphs:
         for g in range(self.num_groups):
             host[_SLOTS + g, :tokens] = inputs.slot_mapping[g]
         host[_SLOTS:, tokens:] = -1
-        # The whole buffer (48 KiB at 2048 tokens): a contiguous copy from pinned memory never blocks the host.
+        # The whole buffer (192 KiB at 8192 tokens): a contiguous copy from pinned memory never blocks the host.
         self.packed.copy_(self.host, non_blocking=True)
         if self.device.type == "cuda":
             self._loaded = self._loaded or torch.cuda.Event()  # type: ignore[no-untyped-call]

@@ -28,7 +28,10 @@ def prompts(lengths: list[int], seed: int = 0, prefix: list[int] | None = None) 
 
 
 def test_ladder_pads_by_at_most_a_quarter_from_1024_tokens() -> None:
-    assert mixed_ladder(8192) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert mixed_ladder(8192) == [16, 32, 64, 128, 256, *range(512, 8192 + 1, 256)]
+    assert mixed_ladder(16384) == mixed_ladder(8192)  # larger steps run eagerly
+    assert mixed_ladder(8192, 2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert mixed_ladder(3000) == [16, 32, 64, 128, 256, *range(512, 2816 + 1, 256), 3000]
     assert mixed_ladder(1024) == [16, 32, 64, 128, 256, 512, 768, 1024]
     assert mixed_ladder(40) == [16, 32, 40]
     assert mixed_ladder(600) == [16, 32, 64, 128, 256, 512, 600]
