@@ -12,14 +12,15 @@ decode steps whole) and holds at most `max(sizes)` tokens. Its T tokens are padd
 ids, positions and cache slots are copied into the static buffers (padding: token 0, position 0, slot -1), the
 N-row graphs of the pieces replay in turn, and between them each layer's attention runs eagerly over the real
 T rows with the step's real metadata. The caller computes logits from the first T rows of the final hidden
-states. Steps above `MAX_MIXED_TOKENS` (a budget set above it) run eagerly.
-
-The ladder goes up to the default step budget, 8192 tokens. It stopped at 2048 while the GPU work of larger
-steps was taken to hide the host's (~26 ms for 1k tokens of an 8B model). An MoE layer launches several times
-the kernels of a dense one (routing, sort, padding, two grouped GEMMs, combine): one 3072-token prompt of the
-Qwen3-30B-A3B shape took 73-93 ms eagerly for 58 ms of kernels on an H100, and 63 ms replayed piecewise; at
-8192 tokens, where the GPU work does hide the host, 172 and 170 ms (benchmarks/RESULTS.md, thirty-third
-session). Capturing the 36 sizes took 8.5 s against 2.5 s for 12.
+states. Larger steps run eagerly (`max_mixed_tokens`):
+- a dense model's steps above 2048 tokens: their GPU work hides the eager host time (~26 ms for 1k tokens of
+  an 8B model). Replayed piecewise, a 4096-token prompt of the 8B shape took 105 ms against 103 ms eagerly on an
+  H100;
+- an MoE model's steps above 8192 tokens (the default step budget). An MoE layer launches several times the
+  kernels of a dense one (routing, sort, padding, two grouped GEMMs, combine): one 3072-token prompt of the
+  Qwen3-30B-A3B shape took 73-93 ms eagerly for 58 ms of kernels on an H100, and 63 ms replayed piecewise; at
+  8192 tokens, where the GPU work does hide the host, 170-172 ms either way. Capturing its 36 sizes takes
+  ~8.5 s against ~2.5 s for 12 (benchmarks/RESULTS.md, thirty-third session).
 
 The graphs read the weights, the KV cache and the buffers at fixed addresses, like the decode graphs: they stay
 valid across CuMem sleep and are captured again if the KV tensors are re-created. On CPU the same padded pieces
@@ -29,11 +30,13 @@ run eagerly on the same buffers, which is how CPU tests check the padding and st
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory.platform import cuda_stream
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.llama import CausalLM
@@ -41,8 +44,25 @@ from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
-# The largest step replayed piecewise (see the module docstring); larger ones run eagerly.
-MAX_MIXED_TOKENS = 8192
+# The largest step replayed piecewise, by model family (see the module docstring); larger ones run eagerly.
+MAX_MIXED_TOKENS = 2048
+MAX_MIXED_TOKENS_MOE = 8192
+
+
+def max_mixed_tokens(moe: bool) -> int:
+    """The largest step with prompt tokens that replays piecewise: PDLAUNCH_MIXED_GRAPH_TOKENS=N (benchmarks'
+    A/B runs), else by model family."""
+    forced = os.environ.get("PDLAUNCH_MIXED_GRAPH_TOKENS", "")
+    if forced:
+        try:
+            value = int(forced)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise PdlaunchError(f"PDLAUNCH_MIXED_GRAPH_TOKENS={forced!r} is not a positive token count",
+                                field="PDLAUNCH_MIXED_GRAPH_TOKENS", hint="unset it, or give e.g. 2048")
+        return value
+    return MAX_MIXED_TOKENS_MOE if moe else MAX_MIXED_TOKENS
 _SMALL = (16, 32, 64, 128, 256)
 _STRIDE = 256
 

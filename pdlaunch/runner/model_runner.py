@@ -31,7 +31,7 @@ from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
-from pdlaunch.runner.mixed_graphs import MAX_MIXED_TOKENS, MixedGraphs, mixed_ladder
+from pdlaunch.runner.mixed_graphs import MixedGraphs, max_mixed_tokens, mixed_ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
 from pdlaunch.runner.step_inputs import StepInputs
@@ -66,8 +66,8 @@ class ModelRunner:
 
         `decode_graphs`: replay decode steps from CUDA graphs (runner/cuda_graphs.py; TP 1 and a
         cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly.
-        `mixed_graphs`: replay the other steps of up to 8192 tokens piecewise (runner/mixed_graphs.py; the
-        same conditions).
+        `mixed_graphs`: replay the other steps of up to 2048 tokens (MoE models: 8192) piecewise
+        (runner/mixed_graphs.py; the same conditions).
         `prompt_rows`: the decode graphs take steps with short prompts too, a row per token (cuda_graphs.py);
         None: on CUDA with a cache of the model's dtype, unless PDLAUNCH_PROMPT_ROWS=off.
         `expert_parallel`: MoE experts whole per TP rank (model/moe/experts.py)."""
@@ -258,8 +258,7 @@ class ModelRunner:
     def _init_mixed_graphs(self) -> MixedGraphs | None:
         if not self._graphs_possible("steps with prompt tokens"):
             return None
-        # PDLAUNCH_MIXED_GRAPH_TOKENS=N: pieces up to N tokens, larger steps eager (benchmarks' A/B runs)
-        limit = int(os.environ.get("PDLAUNCH_MIXED_GRAPH_TOKENS", "0")) or MAX_MIXED_TOKENS
+        limit = max_mixed_tokens(self.checkpoint.arch.moe is not None)
         mixed = MixedGraphs(mixed_ladder(self.scheduler_config.token_budget(self.role), limit), self.model,
                             self.device, lambda: self.kv_caches)
         try:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.runner.mixed_graphs import MixedGraphs, mixed_ladder
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.runner.mixed_graphs import MixedGraphs, max_mixed_tokens, mixed_ladder
 from tests.engine.conftest import MakeEngine, run_all
 from tests.helpers.graphs import GraphRuns, counting_replays, record_graph_runs
 
@@ -28,15 +29,28 @@ def prompts(lengths: list[int], seed: int = 0, prefix: list[int] | None = None) 
 
 
 def test_ladder_pads_by_at_most_a_quarter_from_1024_tokens() -> None:
-    assert mixed_ladder(8192) == [16, 32, 64, 128, 256, *range(512, 8192 + 1, 256)]
-    assert mixed_ladder(16384) == mixed_ladder(8192)  # larger steps run eagerly
-    assert mixed_ladder(8192, 2048) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
-    assert mixed_ladder(3000) == [16, 32, 64, 128, 256, *range(512, 2816 + 1, 256), 3000]
+    assert mixed_ladder(8192) == [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert mixed_ladder(8192, 8192) == [16, 32, 64, 128, 256, *range(512, 8192 + 1, 256)]
+    assert mixed_ladder(16384, 8192) == mixed_ladder(8192, 8192)  # larger steps run eagerly
+    assert mixed_ladder(3000, 8192) == [16, 32, 64, 128, 256, *range(512, 2816 + 1, 256), 3000]
     assert mixed_ladder(1024) == [16, 32, 64, 128, 256, 512, 768, 1024]
     assert mixed_ladder(40) == [16, 32, 40]
     assert mixed_ladder(600) == [16, 32, 64, 128, 256, 512, 600]
     assert mixed_ladder(8) == [8]
 
+
+
+def test_moe_models_replay_steps_up_to_the_default_budget_dense_ones_up_to_2048(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PDLAUNCH_MIXED_GRAPH_TOKENS", raising=False)
+    assert (max_mixed_tokens(moe=False), max_mixed_tokens(moe=True)) == (2048, 8192)
+    monkeypatch.setenv("PDLAUNCH_MIXED_GRAPH_TOKENS", "4096")
+    assert max_mixed_tokens(moe=False) == max_mixed_tokens(moe=True) == 4096
+    for bad in ("0", "-5", "many"):
+        monkeypatch.setenv("PDLAUNCH_MIXED_GRAPH_TOKENS", bad)
+        with pytest.raises(PdlaunchError) as err:
+            max_mixed_tokens(moe=True)
+        assert err.value.field == "PDLAUNCH_MIXED_GRAPH_TOKENS" and repr(bad) in str(err.value)
 
 @pytest.fixture
 def pieces_on_cpu(monkeypatch: pytest.MonkeyPatch) -> GraphRuns:
