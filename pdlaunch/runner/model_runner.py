@@ -31,7 +31,7 @@ from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
-from pdlaunch.runner.mixed_graphs import MixedGraphs, max_mixed_tokens, mixed_ladder
+from pdlaunch.runner.mixed_graphs import MAX_MIXED_TOKENS, MixedGraphs, max_mixed_tokens, mixed_ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows
 from pdlaunch.runner.prompt_logprobs import compute as compute_prompt_logprobs
 from pdlaunch.runner.step_inputs import StepInputs
@@ -258,23 +258,34 @@ class ModelRunner:
     def _init_mixed_graphs(self) -> MixedGraphs | None:
         if not self._graphs_possible("steps with prompt tokens"):
             return None
-        limit = max_mixed_tokens(self.checkpoint.arch.moe is not None)
-        mixed = MixedGraphs(mixed_ladder(self.scheduler_config.token_budget(self.role), limit), self.model,
-                            self.device, lambda: self.kv_caches)
+        budget = self.scheduler_config.token_budget(self.role)
+        top = min(budget, max_mixed_tokens(self.checkpoint.arch.moe is not None))
+        mixed = self._capture_mixed(mixed_ladder(budget, top))
+        if isinstance(mixed, str) and top > MAX_MIXED_TOKENS:
+            # An MoE model's larger pieces hold more activation memory: the dense model's ladder may still fit.
+            log.warning("capturing piecewise CUDA graphs of steps up to %d tokens failed (%s); trying up to %d, "
+                        "larger steps run eagerly", top, mixed, MAX_MIXED_TOKENS)
+            mixed = self._capture_mixed(mixed_ladder(budget, MAX_MIXED_TOKENS))
+        if isinstance(mixed, str):
+            # Serving still works without them: every such step runs eagerly, as with --enforce-eager.
+            log.warning("steps with prompt tokens run eagerly: capturing their piecewise CUDA graphs failed (%s). "
+                        "Out of memory: lower cache.gpu_memory_utilization; otherwise please report it with this "
+                        "log. --enforce-eager turns all CUDA graphs off.", mixed)
+            return None
+        return mixed
+
+    def _capture_mixed(self, sizes: list[int]) -> MixedGraphs | str:
+        """Piecewise graphs of `sizes`, or why capturing them failed (the error's first line)."""
+        mixed = MixedGraphs(sizes, self.model, self.device, lambda: self.kv_caches)
         try:
             with torch.inference_mode():
                 mixed.capture()
         except (RuntimeError, torch.OutOfMemoryError) as exc:
-            # Serving still works without them: every such step runs eagerly, as with --enforce-eager.
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.warning("steps with prompt tokens run eagerly: capturing their piecewise CUDA graphs failed (%s). "
-                        "Out of memory: lower cache.gpu_memory_utilization; otherwise please report it with this "
-                        "log. --enforce-eager turns all CUDA graphs off.", reason)
             del mixed
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
-            return None
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return mixed
 
     def _init_graphs(self) -> DecodeGraphs | None:

@@ -7,7 +7,9 @@ replayed pieces with eager steps.
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,6 @@ def test_ladder_pads_by_at_most_a_quarter_from_1024_tokens() -> None:
     assert mixed_ladder(8) == [8]
 
 
-
 def test_moe_models_replay_steps_up_to_the_default_budget_dense_ones_up_to_2048(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PDLAUNCH_MIXED_GRAPH_TOKENS", raising=False)
@@ -51,6 +52,32 @@ def test_moe_models_replay_steps_up_to_the_default_budget_dense_ones_up_to_2048(
         with pytest.raises(PdlaunchError) as err:
             max_mixed_tokens(moe=True)
         assert err.value.field == "PDLAUNCH_MIXED_GRAPH_TOKENS" and repr(bad) in str(err.value)
+
+
+def test_an_moe_model_whose_large_pieces_do_not_fit_keeps_the_dense_ladder(
+        moe_ckpt: Callable[[str], Path], make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, pieces_on_cpu: GraphRuns) -> None:
+    """Capturing pieces up to 8192 tokens runs out of memory: the runner captures the 2048-token ladder
+    instead (not none at all), says so, and steps still run their pieces."""
+    monkeypatch.delenv("PDLAUNCH_MIXED_GRAPH_TOKENS", raising=False)
+    tried: list[int] = []
+
+    def capture(self: MixedGraphs) -> None:
+        tried.append(self.sizes[-1])
+        if self.sizes[-1] > 2048:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    monkeypatch.setattr(MixedGraphs, "capture", capture)
+    with caplog.at_level(logging.WARNING, logger="pdlaunch.runner.model_runner"):
+        engine = make_engine(moe_ckpt("qwen3_moe"), max_num_batched_tokens=8192)
+    assert tried == [8192, 2048]
+    assert engine.runner.mixed is not None and engine.runner.mixed.sizes[-1] == 2048
+    assert "steps up to 8192 tokens failed (CUDA out of memory. Tried to allocate 1.50 GiB); trying up to 2048" \
+        in caplog.text and "steps with prompt tokens run eagerly" not in caplog.text
+    out = run_all(engine, prompts([300]), GREEDY)
+    assert len(out[0].output_token_ids) == GREEDY.max_tokens
+    assert (300, 512) in pieces_on_cpu
+
 
 @pytest.fixture
 def pieces_on_cpu(monkeypatch: pytest.MonkeyPatch) -> GraphRuns:
