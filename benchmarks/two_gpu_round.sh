@@ -11,7 +11,7 @@
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
-#   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs (issue 26)
+#   moe         `bench compare` on the Qwen3-30B-A3B shape at the tight SLOs, rates 2-8 (issue 26; ~300 s on 2x H100)
 #   turns1      one GPU: the multiturn workload on one colocated instance (every turn where the decode-only turns
 #               of `multiturn` run), then one conversation alone: the instance's own TTFT by stage under that
 #               load and without it (serve_probe.py)
@@ -109,7 +109,7 @@ turns1)
 moe)
     [ -f "$moe_ckpt/config.json" ] || step moe-checkpoint 300 $py -m pdlaunch bench make-checkpoint \
         --shape qwen3-30b-a3b --device cuda "$moe_ckpt"
-    TAIL=40 step moe-compare 500 $py -m pdlaunch bench compare --model "$moe_ckpt" --gpus 0,1 --rates "${RATES:-2,4}" \
+    TAIL=40 step moe-compare 500 $py -m pdlaunch bench compare --model "$moe_ckpt" --gpus 0,1 --rates "${RATES:-2,4,6,8}" \
         --num-prompts 48 --input-len 3072 --output-len 128 --advise-for tight --no-run-advised --out "$out/moe"
     ;;
 *)
