@@ -369,8 +369,8 @@ def main() -> None:
         info, _ = load_model_info(str(path))  # read while the directory exists
         assert info is not None, f"no model info from {path}"
         config = build_config(str(path), "cuda", "bfloat16", {
-            "max_num_seqs": max(args.batch), "max_num_batched_tokens": max(8192, *prefills),
-            "enable_prefix_caching": False, "max_model_len": max(args.context + args.steps, *prefills) + 64,
+            "max_num_seqs": max(args.batch), "max_num_batched_tokens": max([8192, *prefills]),
+            "enable_prefix_caching": False, "max_model_len": max([args.context + args.steps, *prefills]) + 64,
             "gpu_memory_utilization": args.gpu_memory_utilization, "kv_cache_dtype": args.kv_cache_dtype})
         engine = LLMEngine(config, connector=DecodeReadyKV())
     try:
