@@ -63,6 +63,8 @@ def max_mixed_tokens(moe: bool) -> int:
                                 field="PDLAUNCH_MIXED_GRAPH_TOKENS", hint="unset it, or give e.g. 2048")
         return value
     return MAX_MIXED_TOKENS_MOE if moe else MAX_MIXED_TOKENS
+
+
 _SMALL = (16, 32, 64, 128, 256)
 _STRIDE = 256
 
