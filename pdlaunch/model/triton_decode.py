@@ -89,7 +89,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
-        PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
+        QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -110,14 +110,22 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                 return
             maybe = (r < ROWS) & (rows < num_rows)
             row_ok = maybe & (tl.load(lead_ptr + rows, mask=maybe, other=-1) == seq)
+            seq_len = tl.load(seq_lens_ptr + rows, mask=row_ok, other=0)  # [G]: per row
+            qpos_g = seq_len - 1
+            first_g = tl.where(window > 0, tl.maximum(qpos_g - window + 1, 0), 0)
+            qpos = tl.max(qpos_g, axis=0)
+            first = tl.min(tl.where(row_ok, first_g, qpos), axis=0)
+            token = tl.load(tokens_ptr + rows, mask=row_ok, other=0)  # [G]
+            q_rows = token[:, None] * stride_qt
         else:
+            # One row (a decode): its length and token as scalars. Loaded as [G] vectors and reduced like the rows
+            # above, the same kernel over an fp8 cache ran 50% slower in a whole 8B step (H200, 48 x 3072: 110 ->
+            # 165 us a layer; RESULTS.md, thirty-fourth session).
             row_ok = r < 1
-        seq_len = tl.load(seq_lens_ptr + rows, mask=row_ok, other=0)  # [G]: per row
+            qpos = tl.load(seq_lens_ptr + seq) - 1
+            first = tl.where(window > 0, tl.maximum(qpos - window + 1, 0), 0)
+            q_rows = tl.load(tokens_ptr + seq) * stride_qt
         # This split's tiles [start, stop) of the tiles any row sees, and how many splits have any.
-        qpos_g = seq_len - 1
-        first_g = tl.where(window > 0, tl.maximum(qpos_g - window + 1, 0), 0)
-        qpos = tl.max(qpos_g, axis=0)
-        first = tl.min(tl.where(row_ok, first_g, qpos), axis=0)
         first_tile = first // TILE
         num_tiles = qpos // TILE + 1 - first_tile
         per_split = tl.maximum(tl.cdiv(num_tiles, SPLITS), tl.where(num_tiles <= SHORT_TILES, 1, MIN_TILES))
@@ -128,7 +136,6 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         d_ok = d < HEAD_DIM
         heads = kv_head * GROUP + g % GROUP
         head_ok = row_ok
-        token = tl.load(tokens_ptr + rows, mask=row_ok, other=0)  # [G]
         offs = tl.arange(0, TILE)
         table = block_table_ptr + seq * stride_bt
         first_blocks = tl.zeros([TILE], tl.int64)  # unread without PRELOAD
@@ -140,9 +147,16 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
         # An fp8 cache is read up to q's dtype (exact for e4m3; V below); its k scale is folded into
         # `scale` and its v scale applied to the accumulator (linear, so partials merge the same).
+        # QK_F16 (an fp8 cache, fp8_qk_f16): the key product in float16, whose widening from e4m3 is one
+        # instruction per pair (to bf16 four; ncu at 64 x 1024: 9.08M -> 7.49M executed instructions); q is
+        # clamped into float16's range, which only a query past 65504 (none seen) would leave.
         dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
-        q = tl.load(q_ptr + token[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                    mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)  # [G, D]
+        q = tl.load(q_ptr + q_rows + heads[:, None] * stride_qh + d[None, :],
+                    mask=head_ok[:, None] & d_ok[None, :], other=0.0)  # [G, D]
+        if QK_F16:
+            dtype = tl.float16
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0)
+        q = q.to(dtype)
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
@@ -344,6 +358,14 @@ def _has_fp8_convert(device: torch.device) -> bool:
     return device.type == "cuda" and _capability(device.index or 0) >= (8, 9)
 
 
+def fp8_qk_f16(device: torch.device) -> bool:
+    """Over an fp8 cache, the key product runs in float16 (the e4m3 widening is one instruction per pair, as
+    for the values): on an H200 the kernel alone went 113.6 -> 100.2 us at 48 x 3072 (8 KV heads) and 36.5 ->
+    32.5 us at 64 x 1024 (4), with the same error against float64 (RESULTS.md, thirty-fourth session).
+    PDLAUNCH_FP8_QK=bf16 keeps the bf16 product (A/B runs)."""
+    return _has_fp8_convert(device) and os.environ.get("PDLAUNCH_FP8_QK", "f16") != "bf16"
+
+
 def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2,
                   element_size: int = 2) -> DecodeLaunch:
     """Splits: enough (sequence, KV head, range) programs for `waves` programs per SM, a power of
@@ -443,6 +465,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         DOT_FP32=interpret, GROUP_P2=group_p2,
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (group_p2 * head_pad))),
         V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
+        QK_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and fp8_qk_f16(q.device),
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )

@@ -261,7 +261,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                   "SHORT_TILES": launch.short_tiles, "PRECISION": "tf32",
                   "DOT_FP32": False, "GROUP_P2": 4 * rows,
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * rows * 128)),
-                  "V_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1}
+                  "V_F16": cache == "fp8e4nv", "QK_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -274,6 +274,8 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     # read from shared memory a byte at a time
     assert "ld.shared.b8" not in ptx and "ld.shared.u8" not in ptx
     assert ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in ptx) == (cache == "fp8e4nv")
+    # fp8: the key product in float16 too (QK_F16), so no bf16 product at all
+    assert ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in ptx) == (cache != "fp8e4nv")
     assert launch.splits == (1 if batch > 1 else 64)
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (launch.splits > 1)
     # Batch 1 launches dependent on the kernel before (pdl_enabled): the sequence length and the first tile's

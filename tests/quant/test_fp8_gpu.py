@@ -224,3 +224,33 @@ def test_fp8_paged_decode_at_a_batch_that_fills_the_gpu() -> None:
     s = torch.einsum("shd,schd->shc", q.double(), k) * d**-0.5
     want = torch.einsum("shc,schd->shd", s.softmax(-1), v)
     assert _rel(out, want) < 1e-2
+
+
+@needs_fp8
+@pytest.mark.parametrize("qk", ["f16", "bf16"])
+def test_fp8_paged_decode_key_product_in_either_precision(qk: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key product in float16 (the default over an fp8 cache) or bf16 (PDLAUNCH_FP8_QK=bf16): both within the
+    same bound of float64 attention, also for a query past float16's range, which the float16 product clamps
+    (to 65504) instead of turning into inf and NaN."""
+    from pdlaunch.model.triton_decode import paged_decode
+
+    monkeypatch.setenv("PDLAUNCH_FP8_QK", qk)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    seqs, hkv, hq, d, bs, ctx = 64, 4, 32, 128, 16, 700
+    per_seq = -(-ctx // bs)
+    cache = (torch.randn(seqs * per_seq, 1, 2, bs, hkv, d, device="cuda", generator=gen) * 0.3).to(fp8.FP8_DTYPE)
+    table = torch.randperm(cache.shape[0], device="cuda", generator=gen)[:seqs * per_seq].view(seqs, per_seq)
+    q = torch.randn(seqs, hq, d, device="cuda", generator=gen).bfloat16()
+    q[5, 3, 7] = 1e5  # one query element past float16's largest finite value
+    lens = torch.randint(1, ctx + 1, (seqs,), device="cuda", generator=gen)
+    out = paged_decode(q, cache, 0, torch.arange(seqs, device="cuda"), table, lens, None, d**-0.5)
+    assert out.isfinite().all()
+    query = q.double().clamp(-65504, 65504) if qk == "f16" else q.double()
+    for s in range(seqs):
+        n = int(lens[s])
+        pos = torch.arange(n, device="cuda")
+        rows = table[s, pos // bs]
+        k = cache[rows, 0, 0, pos % bs].double().repeat_interleave(hq // hkv, 1)  # [n, hq, d]
+        v = cache[rows, 0, 1, pos % bs].double().repeat_interleave(hq // hkv, 1)
+        want = torch.einsum("hn,nhd->hd", (torch.einsum("hd,nhd->hn", query[s], k) * d**-0.5).softmax(-1), v)
+        assert _rel(out[s], want) < 1e-2, s
