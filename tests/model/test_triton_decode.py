@@ -269,6 +269,10 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     ptx = compiled.asm["ptx"]
+    # One row a program (a decode): its length and token load as scalars. Loaded as 16-element vectors and
+    # reduced, as a program of prompt rows loads them, the 8B shape's step over an fp8 cache at 48 x 3072 ran
+    # its attention at 165 instead of 110 us a layer (one H200; RESULTS.md, thirty-fourth session).
+    assert ("tensor<16x!tt.ptr<i64>>" in compiled.asm["ttir"]) == (rows > 1)
     assert "mma.sync" in ptx and "cp.async" in ptx and "ld.global.b16" not in ptx and "ld.global.b8" not in ptx
     # fp8: the value product in float16, the V tile transposed as 16-bit values (ldmatrix.trans), never
     # read from shared memory a byte at a time
