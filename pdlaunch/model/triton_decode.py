@@ -358,12 +358,12 @@ def _has_fp8_convert(device: torch.device) -> bool:
     return device.type == "cuda" and _capability(device.index or 0) >= (8, 9)
 
 
-def fp8_qk_f16(device: torch.device) -> bool:
-    """Over an fp8 cache, the key product runs in float16 (the e4m3 widening is one instruction per pair, as
-    for the values): on an H200 the kernel alone went 113.6 -> 100.2 us at 48 x 3072 (8 KV heads) and 36.5 ->
-    32.5 us at 64 x 1024 (4), with the same error against float64 (RESULTS.md, thirty-fourth session).
-    PDLAUNCH_FP8_QK=bf16 keeps the bf16 product (A/B runs)."""
-    return _has_fp8_convert(device) and os.environ.get("PDLAUNCH_FP8_QK", "f16") != "bf16"
+def fp8_qk_f16() -> bool:
+    """Over an fp8 cache widened by the hardware (V_F16), the key product runs in float16 too (the e4m3
+    widening is one instruction per pair, as for the values): on an H200 the kernel alone went 113.6 -> 100.2 us
+    at 48 x 3072 (8 KV heads) and 36.5 -> 32.5 us at 64 x 1024 (4), with the same error against float64
+    (RESULTS.md, thirty-fourth session). PDLAUNCH_FP8_QK=bf16 keeps the bf16 product (A/B runs)."""
+    return os.environ.get("PDLAUNCH_FP8_QK", "f16") != "bf16"
 
 
 def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2,
@@ -452,6 +452,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         counts = split_counters(q.device, num_seqs * num_kv_heads)
     interpret = interpret_mode()
     decode_kernel = _kernels(interpret)
+    v_f16 = kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device)
     group_p2 = triton.next_power_of_2(group * rows)  # the heads of a program's rows, for its merge
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part, counts, leads if leads is not None else tokens,
@@ -464,8 +465,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
         DOT_FP32=interpret, GROUP_P2=group_p2,
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (group_p2 * head_pad))),
-        V_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and _has_fp8_convert(q.device),
-        QK_F16=kv_cache.dtype == torch.float8_e4m3fn and not interpret and fp8_qk_f16(q.device),
+        V_F16=v_f16, QK_F16=v_f16 and fp8_qk_f16(),
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
