@@ -12,9 +12,10 @@ call replayed from a CUDA graph as the engine runs decode. Figures per size:
 `--write-config` writes the faster backend and the best tile per size to
 pdlaunch/model/moe/configs/<device>.json (fused_moe reads it on that device); with `--fp8` the experts
 are 128x128-block fp8 (Triton only) and the file is <device>_fp8.json; every tile runs with bf16
-activations (W8A16) and with fp8 ones (W8A8, `fp8_activations` in the file); W8A8 is kept only where it
-is at least 5% faster, its activations costing ~4% relative error against W8A16's ~0.5%
-(`w8a16_best_ms` / `w8a8_best_ms` per size in the JSON).
+activations (W8A16), with the same activations in float16 products (`f16_products`: no quantization
+launch, rounding no worse than bf16's) and with fp8 ones (W8A8, `fp8_activations` in the file); W8A8 is
+kept only where it is at least 5% faster than the better 16-bit mode, its activations costing ~4% relative
+error against ~0.5% (`w8a16_best_ms` / `w8f16_best_ms` / `w8a8_best_ms` per size in the JSON).
 """
 
 from __future__ import annotations
@@ -73,11 +74,12 @@ def layer_inputs(tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     return x, w13, w2, weights, ids, int(ids.unique().numel())
 
 
-def bench_size(tokens: int, copy_gbps: float, tflops: float, fp8: bool = False) -> dict[str, Any]:
+def bench_size(tokens: int, copy_gbps: float, tflops: float, fp8: bool = False,
+               swapped_only: bool = False) -> dict[str, Any]:
     x, w13, w2, weights, ids, routed = layer_inputs(tokens)
     expert_bytes = routed * 3 * HIDDEN * INTER * 2
     if fp8:  # 128x128-block fp8 experts (W8A16 Triton kernels; grouped_mm has no fp8 path)
-        return bench_size_fp8(tokens, x, w13, w2, weights, ids, routed, copy_gbps, tflops)
+        return bench_size_fp8(tokens, x, w13, w2, weights, ids, routed, copy_gbps, tflops, swapped_only)
     flops = 2 * tokens * TOP_K * 3 * HIDDEN * INTER
     row: dict[str, Any] = {"tokens": tokens, "experts_routed": routed, "expert_mib": expert_bytes / 2**20,
                            "floor_ms": expert_bytes / copy_gbps / 1e6, "active_gflop": flops / 1e9}
@@ -112,7 +114,8 @@ def bench_size(tokens: int, copy_gbps: float, tflops: float, fp8: bool = False) 
 
 
 def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-                   ids: torch.Tensor, routed: int, copy_gbps: float, tflops: float) -> dict[str, Any]:
+                   ids: torch.Tensor, routed: int, copy_gbps: float, tflops: float,
+                   swapped_only: bool = False) -> dict[str, Any]:
     q13, s13 = fp8.quantize_stacked_blocks(w13)
     q2, s2 = fp8.quantize_stacked_blocks(w2)
     scales = (s13, s2)
@@ -126,9 +129,11 @@ def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Te
     want = moe_reference(x[sample].float(), deq13, deq2, weights[sample], ids[sample])
     del deq13, deq2
     rows = []
-    candidates = SMALL_FP8 if tokens <= 256 else LARGE
-    # each tile twice: bf16 activations (W8A16), and fp8 activations per token and 128 columns (W8A8)
-    for tile in [*candidates, *(replace(t, fp8_activations=True) for t in candidates)]:
+    candidates = (SWAPPED if swapped_only else SMALL_FP8) if tokens <= 256 else LARGE
+    # each tile three times: bf16 activations (W8A16), the same in float16 products (`f16_products`), and fp8
+    # activations per token and 128 columns (W8A8)
+    for tile in [*candidates, *(replace(t, f16_products=True) for t in candidates),
+                 *(replace(t, fp8_activations=True) for t in candidates)]:
         try:
             ms = time_ms(_graphed(lambda tile=tile: fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales)))
             out = fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales)
@@ -139,13 +144,18 @@ def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Te
         rows.append({**asdict(tile), "ms": ms, "rel_err": err})
     # a tile whose result is off (rel_err against the float32 loop on the dequantized weights) cannot win
     usable = [r for r in rows if "ms" in r and r["rel_err"] < MAX_REL_ERR]
-    best_of = {a_fp8: min((r for r in usable if r["fp8_activations"] == a_fp8), key=lambda r: r["ms"], default=None)
-               for a_fp8 in (False, True)}
-    for mode, a_fp8 in (("w8a16", False), ("w8a8", True)):
-        found = best_of[a_fp8]
+    def mode_of(r: dict[str, Any]) -> str:
+        return "w8a8" if r["fp8_activations"] else "w8f16" if r["f16_products"] else "w8a16"
+
+    best_of = {mode: min((r for r in usable if mode_of(r) == mode), key=lambda r: r["ms"], default=None)
+               for mode in ("w8a16", "w8f16", "w8a8")}
+    for mode, found in best_of.items():
         row[f"{mode}_best_ms"] = found["ms"] if found else None
-    # fp8 activations cost ~4% relative error against bf16 ones' ~0.5%: they win only where clearly faster
-    w8a16, w8a8 = best_of[False], best_of[True]
+    # float16 products round no worse than bf16 ones: the faster of the two; fp8 activations cost ~4% relative
+    # error against their ~0.5%: they win only where clearly faster
+    sixteen = [r for r in (best_of["w8a16"], best_of["w8f16"]) if r is not None]
+    w8a16 = min(sixteen, key=lambda r: r["ms"], default=None)
+    w8a8 = best_of["w8a8"]
     best = w8a8 if w8a16 is None or (w8a8 is not None and w8a8["ms"] < W8A8_MIN_GAIN * w8a16["ms"]) else w8a16
     row.update(triton=rows, triton_best=best, faster="triton", best_ms=best["ms"],
                ratio_to_floor=best["ms"] / row["floor_ms"], of_matmul_rate=flops / best["ms"] / 1e9 / tflops)
@@ -161,7 +171,7 @@ def tile_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         limit = row["tokens"] if i + 1 < len(rows) else 1 << 30
         tile = TileConfig(limit, row["faster"], best["block_m"], best["block_n"], best["block_k"],
                           best["num_warps"], best["num_stages"], best.get("fp8_activations", False),
-                          best.get("swap_ab", False))
+                          best.get("swap_ab", False), best.get("f16_products", False))
         entries.append(asdict(replace(tile)))
     return entries
 
@@ -172,6 +182,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--write-config", action="store_true")
     parser.add_argument("--fp8", action="store_true", help="128x128-block fp8 experts (their own tile file)")
+    parser.add_argument("--swapped-only", action="store_true",
+                        help="fp8, up to 256 tokens: only the swap_ab tiles (the winners of every earlier fp8 "
+                             "decode sweep on an H100 and an H200), a third of the sweep's time")
     args = parser.parse_args()
     device = torch.cuda.get_device_name()
     doc: dict[str, Any] = {"device": device, "torch": torch.__version__,
@@ -179,7 +192,8 @@ def main() -> None:
     doc.update(copy_bandwidth(2.0))
     doc.update(matmul_rate(8192))
     doc["fp8"] = args.fp8
-    doc["rows"] = [bench_size(t, doc["copy_gbps"], doc["matmul_tflops"], args.fp8) for t in sorted(args.tokens)]
+    doc["rows"] = [bench_size(t, doc["copy_gbps"], doc["matmul_tflops"], args.fp8, args.swapped_only)
+                   for t in sorted(args.tokens)]
     if args.write_config:
         path = config_file(device, args.fp8)
         path.parent.mkdir(parents=True, exist_ok=True)

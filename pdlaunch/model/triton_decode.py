@@ -314,8 +314,9 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     a tenth of the step (H200, 8B shape, 1 x 128: 4.41 -> 4.11 ms). From two rows the projections run through
     cuBLAS, whose GEMMs let the next kernel start early; ours then waited on SMs the GEMM still needed (H200,
     48 x 3072: 9.54 -> 9.82 ms). From two rows only the GEMMs that follow a kernel releasing them
-    (`pdl_release`) launch dependent. PDLAUNCH_PDL=off turns it off (debugging, benchmarks)."""
-    return rows == 1 and _pdl_device(t)
+    (`pdl_release`) launch dependent. PDLAUNCH_PDL=off turns it off (debugging, benchmarks); PDLAUNCH_PDL=all
+    launches every kernel of ours dependent at any row count (A/B runs)."""
+    return (rows == 1 or os.environ.get("PDLAUNCH_PDL") == "all") and _pdl_device(t)
 
 
 def pdl_release(t: torch.Tensor, rows: int) -> bool:

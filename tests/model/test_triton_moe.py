@@ -131,6 +131,37 @@ def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
     assert _rel(out, want) < 6e-2
 
 
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_interpret_fp8_experts_in_float16_products(interpret: None, tokens: int) -> None:
+    """fp8 experts with `f16_products`: no activation quantization; float16 activations times the weights widened
+    to float16, each 128-wide k block's product scaled by its weight block's scale. Within float16 rounding of the
+    per-expert loop on the dequantized weights (closer than the fp8 activations' 6e-2), plain and swapped tiles.
+    A gate product past float16's range saturates at 65504 instead of becoming inf."""
+    experts, top_k, hidden, inter = 8, 2, 256, 128
+    gen = torch.Generator().manual_seed(700 + tokens)
+    x = torch.randn(tokens, hidden, generator=gen).half()
+    w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, generator=gen))
+    w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, generator=gen))
+    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
+    weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    want = moe_reference(x.float(), deq13, deq2, weights, ids)
+    for swap_ab in (False, True):
+        tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, swap_ab=swap_ab, f16_products=True)
+        out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=tile, scales=(s13, s2))
+        assert _rel(out, want) < 1e-2, swap_ab
+    # expert 0's gate and up rows scaled by 2**16 (its block scales): gate and up ~5e4, their product ~1e9, which
+    # saturates; its down rows scaled by 2**-6, so that the float16 result itself stays in range
+    big13, small2 = s13.clone(), s2.clone()
+    big13[0] *= 2.0**16
+    small2[0] *= 2.0**-6
+    tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, f16_products=True)
+    out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=tile, scales=(big13, small2))
+    assert torch.isfinite(out).all()
+    untouched = ~(ids == 0).any(dim=1)  # tokens not routed to expert 0 are unchanged
+    if untouched.any():
+        assert _rel(out[untouched], want[untouched]) < 1e-2
+
+
 @pytest.mark.parametrize("tokens", [1, 64])
 @pytest.mark.parametrize("mode", ["float32", "w8a16", "w8a8"])
 def test_interpret_swapped_operand_tiles_equal_the_plain_ones(interpret: None, tokens: int, mode: str) -> None:
@@ -176,7 +207,7 @@ def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "35 passed")
+    run_interpreter_child(__file__, "interpret_", "38 passed")
 
 
 @pytest.mark.parametrize("few", [False, True])
@@ -205,16 +236,20 @@ def test_align_kernel_compiles_for_h100(few: bool) -> None:
             assert "bar.sync" in ptx  # the barrier between the sentinel fill and the rows
 
 
-@pytest.mark.parametrize("has_scale,a_fp8,block_m,swap_ab", [
-    (False, False, 16, False), (True, False, 16, False), (True, True, 16, False), (True, True, 64, False),
-    (False, False, 16, True), (True, False, 16, True), (True, True, 16, True)])
-def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, block_m: int, swap_ab: bool) -> None:
+@pytest.mark.parametrize("has_scale,a_fp8,block_m,swap_ab,f16", [
+    (False, False, 16, False, False), (True, False, 16, False, False), (True, True, 16, False, False),
+    (True, True, 64, False, False), (False, False, 16, True, False), (True, False, 16, True, False),
+    (True, True, 16, True, False), (True, False, 16, True, True), (True, False, 16, False, True)])
+def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, block_m: int, swap_ab: bool,
+                                                  f16: bool) -> None:
     """Compile (no GPU needed) both kernels for sm_90 and read the PTX: the products run on tensor cores. bf16
     activations: fp8 weight tiles are scaled into bf16 in registers (W8A16). fp8 activations (W8A8): at 64-row
     tiles the products are fp8 x fp8 warpgroup MMAs; at 16 rows (below wgmma's 64) Triton turns both fp8 tiles
     into f16 with one conversion per two elements and runs f16 MMAs, the scales applied to each k block's
     product instead of to every weight. With swap_ab the 64-column weight tile is the MMA's 64-row side and the
-    16 rows its n: warpgroup MMAs at decode, fp8 x fp8 (m64n16k32 e4m3) with fp8 activations."""
+    16 rows its n: warpgroup MMAs at decode, fp8 x fp8 (m64n16k32 e4m3) with fp8 activations. f16 (float16
+    products): the fp8 weights widen to float16 one instruction per two elements, the products are float16
+    MMAs, and no weight is scaled in registers (the up kernel converts nothing to bf16)."""
     pytest.importorskip("triton.backends.nvidia")
     if INTERPRET_AT_START:
         pytest.skip("the interpreter child decorates interpreted kernels")
@@ -228,18 +263,27 @@ def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, 
     kernels = _kernels(False)
     for kernel in (kernels.up, kernels.down):
         activations = "*fp8e4nv" if a_fp8 else "*bf16"
-        types = {"x_ptr": activations, "a_ptr": activations, "xs_ptr": "*fp32", "as_ptr": "*fp32", "w_ptr": weight,
-                 "s_ptr": "*fp32", "out_ptr": "*bf16", "rows_ptr": "*i64", "block_expert_ptr": "*i32",
-                 "weight_ptr": "*fp32"}
+        # with f16 the up kernel writes float16 and the down kernel reads it
+        types = {"x_ptr": activations, "a_ptr": "*fp16" if f16 else activations, "xs_ptr": "*fp32",
+                 "as_ptr": "*fp32", "w_ptr": weight, "s_ptr": "*fp32",
+                 "out_ptr": "*fp16" if f16 and kernel is kernels.up else "*bf16", "rows_ptr": "*i64",
+                 "block_expert_ptr": "*i32", "weight_ptr": "*fp32"}
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 128, "PRECISION": "tf32",
                       "HAS_SCALE": has_scale, "SCALE_BLOCK": SCALE_BLOCK, "A_FP8": a_fp8, "SWAP_AB": swap_ab,
-                      "MMA": kernels.mma, "PDL": False, "DIRECT": swap_ab, "BLOCK_ROWS": kernels.block_rows}
+                      "MMA": kernels.mma, "PDL": False, "DIRECT": swap_ab, "BLOCK_ROWS": kernels.block_rows,
+                      "F16": f16, "TO_F16": kernels.to_f16}
+        constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
         signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
         ptx = compiled.asm["ptx"]
         assert "mma.sync" in ptx or "wgmma" in ptx, kernel.arg_names
-        if swap_ab:
+        if f16:
+            assert "cvt.rn.f16x2.e4m3x2" in ptx
+            if kernel is kernels.up:  # (the down kernel rounds its result to the model's bf16 at the end)
+                assert "bf16x2" not in ptx and "cvt.rn.bf16.f32" not in ptx
+            assert ("wgmma.mma_async" in ptx and "f32.f16.f16" in ptx) if swap_ab else "f32.f16.f16.f32" in ptx
+        elif swap_ab:
             assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
             assert ("m64n16k32.f32.e4m3.e4m3" in ptx) == a_fp8
         elif a_fp8 and block_m >= 64:

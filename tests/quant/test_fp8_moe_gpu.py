@@ -112,12 +112,12 @@ def test_rows_are_not_zeroed_when_every_expert_is_here(tokens: int) -> None:
 
 @needs_fp8
 @pytest.mark.parametrize("tokens", [1, 7, 64])
-@pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8a8"])
+@pytest.mark.parametrize("mode", ["bf16", "w8a16", "w8f16", "w8a8"])
 def test_swapped_operand_tiles_in_a_cuda_graph(tokens: int, mode: str) -> None:
     """Decode tiles with swap_ab (weight tile^T @ activations^T: the weight tile is the warpgroup MMA's 64-row
     side, the block's 16 rows its n), replayed from a CUDA graph with new tokens and routing: equal to the plain
-    tile within 1e-2 for bf16 experts, fp8 experts (W8A16) and fp8 activations (W8A8), and within bf16 (fp8
-    activations: fp8) tolerance of the float32 per-expert loop."""
+    tile within 1e-2 for bf16 experts, fp8 experts (W8A16, and in float16 products: W8F16) and fp8 activations
+    (W8A8), and within bf16 (fp8 activations: fp8) tolerance of the float32 per-expert loop."""
     from dataclasses import replace
 
     from pdlaunch.model.moe.layout import TileConfig
@@ -137,7 +137,8 @@ def test_swapped_operand_tiles_in_a_cuda_graph(tokens: int, mode: str) -> None:
         scales = (s13, s2)
         deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
     weights, ids = route(torch.randn(tokens, experts, device=CUDA, generator=gen), top_k, True)
-    tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3, fp8_activations=mode == "w8a8", swap_ab=True)
+    tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3, fp8_activations=mode == "w8a8", swap_ab=True,
+                      f16_products=mode == "w8f16")
     fused_moe(x, w13, w2, weights, ids, tile=tile, scales=scales)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

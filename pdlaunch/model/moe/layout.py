@@ -32,6 +32,9 @@ class TileConfig:
     num_stages: int = 3
     fp8_activations: bool = False  # fp8 experts only: quantize activations too, fp8 x fp8 products (W8A8)
     swap_ab: bool = False  # the weight tile is the MMA's long side (block_n >= 64 rows), the block's rows its short
+    # fp8 experts only, without fp8_activations: float16 products (activations rounded to float16, clamped into its
+    # range; the weights widened exactly), each 128-wide k block's product scaled by the weight block's scale
+    f16_products: bool = False
 
 
 @dataclass

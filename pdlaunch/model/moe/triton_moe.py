@@ -52,20 +52,31 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     # Handed to the kernels as MMA (a constexpr): Triton's interpreter resolves callees among module globals only
     # (model/fused_ops.py's ROTATE).
     @triton.jit
-    def mma(acc, a, b, s_a, s_b, A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr):
+    def mma(acc, a, b, s_a, s_b, A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, PRECISION: tl.constexpr,
+            B_SCALED: tl.constexpr):
         """acc + a @ b for a [M, K] and b [K, N] tiles; with SWAP_AB, acc and the result are [N, M] (b^T @ a^T:
-        the weight tile is the MMA's long side). A_FP8: fp8 x fp8, scaled per row (s_a) and column (s_b)."""
+        the weight tile is the MMA's long side). A_FP8: fp8 x fp8, scaled per row (s_a) and column (s_b).
+        B_SCALED (F16): the product scaled per column (s_b) only."""
         if SWAP_AB:
             if A_FP8:
                 acc += tl.dot(tl.trans(b), tl.trans(a)) * s_b[:, None] * s_a[None, :]
+            elif B_SCALED:
+                acc += tl.dot(tl.trans(b), tl.trans(a)) * s_b[:, None]
             else:
                 acc = tl.dot(tl.trans(b), tl.trans(a), acc, input_precision=PRECISION)
         else:
             if A_FP8:
                 acc += tl.dot(a, b) * s_a[:, None] * s_b[None, :]
+            elif B_SCALED:
+                acc += tl.dot(a, b) * s_b[None, :]
             else:
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
         return acc
+
+    @triton.jit
+    def to_f16(v):
+        """v rounded to float16, values past its range to +-65504 (never inf)."""
+        return tl.minimum(tl.maximum(v.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     @triton.jit
     def block_rows(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M: tl.constexpr,
@@ -91,14 +102,14 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                       A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
-                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr, TO_F16: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
         e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
         if e < 0:
             return
-        dtype = out_ptr.dtype.element_ty
+        dtype = out_ptr.dtype.element_ty  # float16 with F16
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
         token = rows // top_k
@@ -128,18 +139,29 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             s_a = n_ok  # unread unless A_FP8
             if A_FP8:  # fp8 x fp8 products, each 128-wide k block scaled by its row's and its column's scale
                 s_a = tl.load(xs_ptr + token * sxs_t + k0 // SCALE_BLOCK, mask=row_ok, other=0.0)
+            elif F16:  # float16 x the fp8 tile widened to float16 (exact), the product scaled per column
+                a = TO_F16(a)
+                b_gate = b_gate.to(tl.float16)
+                b_up = b_up.to(tl.float16)
             elif HAS_SCALE:  # fp8 weight tile -> the model dtype, one scale per (128 rows, 128 columns) block
                 b_gate = (b_gate.to(tl.float32) * s_gate[None, :]).to(dtype)
                 b_up = (b_up.to(tl.float32) * s_up[None, :]).to(dtype)
-            acc_gate = MMA(acc_gate, a, b_gate, s_a, s_gate, A_FP8, SWAP_AB, PRECISION)
-            acc_up = MMA(acc_up, a, b_up, s_a, s_up, A_FP8, SWAP_AB, PRECISION)
+            acc_gate = MMA(acc_gate, a, b_gate, s_a, s_gate, A_FP8, SWAP_AB, PRECISION, F16)
+            acc_up = MMA(acc_up, a, b_up, s_a, s_up, A_FP8, SWAP_AB, PRECISION, F16)
         if SWAP_AB:
             acc_gate = tl.trans(acc_gate)
             acc_up = tl.trans(acc_up)
-        gate = acc_gate.to(dtype).to(tl.float32)
-        up = acc_up.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], (act * up).to(dtype), mask=n_ok[None, :])
+        if F16:  # each result rounded to float16 (clamped into its range), as the other modes round to dtype
+            gate = TO_F16(acc_gate).to(tl.float32)
+            up = TO_F16(acc_up).to(tl.float32)
+            act = TO_F16(gate / (1.0 + tl.exp(-gate))).to(tl.float32)
+            product = TO_F16(act * up)
+        else:
+            gate = acc_gate.to(dtype).to(tl.float32)
+            up = acc_up.to(dtype).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            product = (act * up).to(dtype)
+        tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], product, mask=n_ok[None, :])
 
     @triton.jit(do_not_specialize=["num_rows"])
     def moe_down_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K,
@@ -147,7 +169,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                         A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
-                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
@@ -177,9 +199,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             s_a = n_ok  # unread unless A_FP8
             if A_FP8:
                 s_a = tl.load(as_ptr + offs_m * sas_m + k0 // SCALE_BLOCK)
+            elif F16:  # a is the up kernel's float16 output
+                b = b.to(tl.float16)
             elif HAS_SCALE:
                 b = (b.to(tl.float32) * s_w[None, :]).to(dtype)
-            acc = MMA(acc, a, b, s_a, s_w, A_FP8, SWAP_AB, PRECISION)
+            acc = MMA(acc, a, b, s_a, s_w, A_FP8, SWAP_AB, PRECISION, F16)
         if SWAP_AB:
             acc = tl.trans(acc)
         weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
@@ -250,7 +274,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             expert = tl.sum(ended.to(tl.int32), axis=1)  # searchsorted(padded_end, block start, right)
             tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
 
-    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, block_rows=block_rows,
+    return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, block_rows=block_rows, to_f16=to_f16,
                            align_count=moe_align_count_kernel,
                            align_place=moe_align_place_kernel)
 
@@ -325,6 +349,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     import triton
 
     a_fp8 = tile.fp8_activations and scales is not None
+    sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
+    f16 = tile.f16_products and scales is not None and not a_fp8 and sixteen_bit
     if x.element_size() > 2:
         # Tile files are tuned for bf16; float32 operands take twice the shared memory per stage.
         tile = replace(tile, block_k=max(16, tile.block_k // 2))
@@ -348,14 +374,14 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     k = _kernels(interpret_mode())
     pdl = pdl_enabled(x, num_tokens)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    act = torch.empty(num_blocks * tile.block_m, inter, dtype=x.dtype, device=x.device)
+    act = torch.empty(num_blocks * tile.block_m, inter, dtype=torch.float16 if f16 else x.dtype, device=x.device)
     a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
     k.up[(num_blocks, triton.cdiv(inter, tile.block_n))](
         a, a_scales, w13, s13, act, rows, block_expert, num_rows, top_k, hidden, inter,
         a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
         act.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
-        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows,
+        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16, TO_F16=k.to_f16,
         PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
@@ -367,7 +393,7 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
         out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
-        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows,
+        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16,
         PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
