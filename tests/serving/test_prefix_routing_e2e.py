@@ -1,26 +1,32 @@
 """Prefix-aware routing on a real 2P2D `pdlaunch serve` (tiny model, CPU), measured with `pdlaunch bench serve
 --multi-turn` (issue 31): against round robin, a proxy with --routing-policy prefix and --disaggregate-min-tokens
 (a turn whose conversation the decode holds runs there alone) computes at most 40% of the prompt tokens, moves at
-most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.8x round robin's. (Issue 31 asks
-0.6x; on this 2-core machine the pooled ratio, with both proxies at info level as a deployment runs them, measured
-0.46-0.52 idle and 0.43-0.62 under two busy loops: too close to 0.6 for a test that must pass on a loaded machine,
-where every engine step and HTTP hop costs milliseconds of Python whichever way a request goes. RESULTS.md,
-"Multi-turn TTFT at info level".)
+most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.6x round robin's, as issue 31 asks.
+
+Why the TTFT ratio holds on two cores: a round-robin turn's first token waits for a prefill instance to compute
+what it lacks of the conversation (the two latest answers and user turns, SHAPE's comment), plus a prefill leg
+and the HTTP hops of both legs; a turn the prefix policy keeps on its decode waits for that decode's running
+step and one step with its ~30 new tokens. With 160-token answers the pooled ratio measured 0.33-0.56 over eight
+runs on this 2-core machine (idle, under two busy loops, and with other test suites sharing it: load average
+3-5); with the 96-token answers the test ran before it measured 0.43-0.66, too close to 0.6 to assert on a
+loaded machine.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
-two cores that alone raised the prefix policy's TTFT p50 from ~38 to ~52 ms). A warm-up run first makes every
-prefill-decode pair's NIXL handshake, so round robin's first turns do not pay them. Then ROUNDS rounds, each round
-robin then prefix, one after the other, every run with its own seed (its own system prompt: no cache carried from
-one run to the next). The token and byte counts are deltas of the
-instances' counters, summed over the rounds; the TTFTs are pooled over the rounds, so that a burst of load from
-whatever else shares the two cores lands on both policies' samples.
+two cores that alone raised the prefix policy's TTFT p50 from ~38 to ~52 ms). Both proxies start once; a short
+warm-up run through each makes the prefill-decode pairs' NIXL handshakes and the proxies' first requests, so
+round robin's first turns do not pay them. (The idle prefix proxy follows the decodes' KV events during round
+robin's runs: ~0.02 of a core.) Then ROUNDS rounds, each round robin then prefix, one after the other, every
+run with its own seed (its own system prompt: no cache carried from one run to the next). The token and byte
+counts are deltas of the instances' counters, summed over the rounds; the TTFTs are pooled over the rounds, so
+that a burst of load from whatever else shares the two cores lands on both policies' samples.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +47,30 @@ instances:
   - {role: decode, count: 2}
 """
 SECRET = "prefix-routing-e2e-deployment-secret"
-# 5 conversations x 4 turns: a 64-token system prompt, 8 new tokens per user turn, 96-token answers (the last
-# turn: 64 + 4 * 8 + 3 * 96 = 384 prompt tokens). The conversation count is odd on purpose: the turns arrive in
-# about the same order every round, so with an even count round robin over 2 instances sends each conversation
-# back to the instance that served its last turn (it caches it: a baseline as sticky as prefix routing, by
-# accident of the count; a CI run at 4 conversations measured round robin's bytes at 48 blocks, not ~86); with
-# an odd count each turn goes to the other instance, as it would for traffic that is not in lockstep.
+# 5 conversations x 4 turns: a 64-token system prompt, 8 new tokens per user turn, 160-token answers (the last
+# turn: 64 + 4 * 8 + 3 * 160 = 576 prompt tokens before the chat template's, hence --max-model-len 1024). A chat
+# answer runs to a few hundred tokens; the test ran 96-token answers before (TTFT ratio 0.43-0.66: too close
+# to 0.6). The answers are what round robin recomputes: each turn lands on the prefill instance that did not
+# serve the conversation's previous turn, which has cached the prompt of the turn before that at most, so it
+# computes the two latest answers and user turns again (~340 tokens at 160-token answers), while a decode that
+# holds the conversation computes the new user turn and the last answer's partial block alone (~30 tokens,
+# under --disaggregate-min-tokens 48; a first turn's ~80 uncached tokens are above it and go PD). Longer
+# answers cost decode steps: a measured run takes ~5.5 s instead of ~3.5 s, paid for by starting each
+# policy's proxy once rather than once a round, and warming up with short runs.
+# The conversation count is odd on purpose: the turns arrive in about the same order every round, so with an
+# even count round robin over 2 instances sends each conversation back to the instance that served its last
+# turn (it caches it: a baseline as sticky as prefix routing, by accident of the count; a CI run at 4
+# conversations measured round robin's bytes at 48 blocks, not ~86); with an odd count each turn goes to the
+# other instance, as it would for traffic that is not in lockstep.
 SHAPE = ["--num-conversations", "5", "--num-turns", "4", "--system-prompt-len", "64", "--random-input-len", "8",
-         "--random-output-len", "96"]
+         "--random-output-len", "160"]
 REQUESTS = 20
-# Three rounds: one round's TTFT ratio ranged 0.44-0.73 on an idle 2-core machine; pooled over rounds it was
-# 0.46-0.65, idle and under two busy loops (RESULTS.md, "Multi-turn TTFT on CPU, symmetric proxies").
+# Warm-ups, one through each proxy before the rounds: the prefill-decode pairs' NIXL handshakes and each
+# proxy's first requests (its tokenizer, its connections), with short answers.
+WARM_UP = ["--num-conversations", "5", "--num-turns", "2", "--system-prompt-len", "64", "--random-input-len",
+           "8", "--random-output-len", "8"]
+# Three rounds, each round robin then prefix; the TTFTs pooled over them, so that a burst of load from whatever
+# else shares the two cores lands on both policies' samples.
 ROUNDS = 3
 LOG_LEVEL = "info"
 POLICIES = {"round_robin": ["--routing-policy", "round_robin"],
@@ -65,19 +84,19 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     config.write_text(CONFIG)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("PDLAUNCH_DEPLOYMENT_SECRET", SECRET)
-        deployment = Serve(tmp, [str(config), "--model", "tiny", "--num-gpu-blocks", "512", "--max-model-len", "512"])
+        deployment = Serve(tmp, [str(config), "--model", "tiny", "--num-gpu-blocks", "512", "--max-model-len", "1024"])
     try:
         yield deployment.wait_ready()
     finally:
         deployment.stop()
 
 
-def _bench(url: str, seed: int, out: Path) -> dict[str, Any]:
-    result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", *SHAPE, "--seed", str(seed),
+def _bench(url: str, seed: int, out: Path, shape: list[str] = SHAPE) -> dict[str, Any]:
+    result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", *shape, "--seed", str(seed),
                                             "--result-dir", str(out.parent), "--result-filename", out.name])
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
-    assert doc["completed"] == REQUESTS and doc["failed"] == 0, result.output
+    assert doc["failed"] == 0, result.output
     return dict(doc)
 
 
@@ -90,17 +109,18 @@ def _routed_by_prefix(url: str) -> float:
 def test_prefix_routing_computes_moves_and_waits_a_fraction_of_round_robins(serve: Serve, tmp_path: Path) -> None:
     tokenizer = ["--tokenizer", str(resolve_model_path("tiny"))]
     runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in POLICIES}
-    routed = 0.0
-    with second_proxy(serve, tmp_path / "warm-up.log", SECRET, *POLICIES["round_robin"],
-                      log_level=LOG_LEVEL) as url:
-        _bench(url, 1000, tmp_path / "warm-up.json")
-    for round_ in range(1, ROUNDS + 1):
-        for seed, (policy, flags) in enumerate(POLICIES.items(), start=10 * round_):
-            with second_proxy(serve, tmp_path / f"{policy}-{round_}.log", SECRET, *flags, *tokenizer,
-                              log_level=LOG_LEVEL) as url:
-                runs[policy].append(_bench(url, seed, tmp_path / f"{policy}-{round_}.json"))
-                if policy == "prefix":
-                    routed += _routed_by_prefix(url)
+    with ExitStack() as stack:
+        urls = {policy: stack.enter_context(second_proxy(serve, tmp_path / f"{policy}.log", SECRET, *flags,
+                                                         *tokenizer, log_level=LOG_LEVEL))
+                for policy, flags in POLICIES.items()}
+        for seed, (policy, url) in enumerate(urls.items(), start=1000):
+            _bench(url, seed, tmp_path / f"warm-up-{policy}.json", WARM_UP)
+        routed = -_routed_by_prefix(urls["prefix"])
+        for round_ in range(1, ROUNDS + 1):
+            for seed, (policy, url) in enumerate(urls.items(), start=10 * round_):
+                runs[policy].append(doc := _bench(url, seed, tmp_path / f"{policy}-{round_}.json"))
+                assert doc["completed"] == REQUESTS, doc
+        routed += _routed_by_prefix(urls["prefix"])
     figures = {policy: {
         "prompt_tokens_computed_per_request": float(np.mean([d["multi_turn"]["prompt_tokens_computed_per_request"]
                                                              for d in docs])),
@@ -110,8 +130,8 @@ def test_prefix_routing_computes_moves_and_waits_a_fraction_of_round_robins(serv
     } for policy, docs in runs.items()}
     round_robin, prefix = figures["round_robin"], figures["prefix"]
     print(f"\nround robin: {round_robin}\nprefix:      {prefix}\nlegs routed by prefix: {routed:.0f}")
-    assert routed > 0, (tmp_path / f"prefix-{ROUNDS}.log").read_text()[-3000:]
+    assert routed > 0, (tmp_path / "prefix.log").read_text()[-3000:]
     assert round_robin["prompt_tokens_computed_per_request"] > 0 and round_robin["kv_bytes_moved_per_request"] > 0
     assert prefix["prompt_tokens_computed_per_request"] <= 0.4 * round_robin["prompt_tokens_computed_per_request"]
     assert prefix["kv_bytes_moved_per_request"] <= 0.4 * round_robin["kv_bytes_moved_per_request"]
-    assert prefix["ttft_p50_ms"] <= 0.8 * round_robin["ttft_p50_ms"], (round_robin, prefix)
+    assert prefix["ttft_p50_ms"] <= 0.6 * round_robin["ttft_p50_ms"], (round_robin, prefix)
