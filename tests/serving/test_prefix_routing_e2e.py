@@ -6,10 +6,13 @@ most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.6x 
 Why the TTFT ratio holds on two cores: a round-robin turn's first token waits for a prefill instance to compute
 what it lacks of the conversation (the two latest answers and user turns, SHAPE's comment), plus a prefill leg
 and the HTTP hops of both legs; a turn the prefix policy keeps on its decode waits for that decode's running
-step and one step with its ~30 new tokens. With 160-token answers the pooled ratio measured 0.33-0.56 over eight
-runs on this 2-core machine (idle, under two busy loops, and with other test suites sharing it: load average
-3-5); with the 96-token answers the test ran before it measured 0.43-0.66, too close to 0.6 to assert on a
-loaded machine.
+step and one step with its ~30 new tokens. With 160-token answers the pooled ratio measured 0.37-0.42 in three
+runs with the machine otherwise quiet, 0.42, 0.42 and 0.61 under two busy loops (the 0.61 with other test
+suites on the machine too: load average ~6 on the 2 cores, two prefix rounds at 224 and 251 ms), and 0.33-0.56
+in eleven earlier runs at 3 rounds, idle, busy or shared. With the 96-token answers the test ran
+before it measured 0.43-0.66: too close to 0.6 to assert on a loaded machine. A decode-alone turn is computed on
+a process that is busy stepping its other streams, so it slows more than round robin's prefill leg, on an
+otherwise idle process, when the cores are oversubscribed.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
@@ -69,9 +72,10 @@ REQUESTS = 20
 # proxy's first requests (its tokenizer, its connections), with short answers.
 WARM_UP = ["--num-conversations", "5", "--num-turns", "2", "--system-prompt-len", "64", "--random-input-len",
            "8", "--random-output-len", "8"]
-# Three rounds, each round robin then prefix; the TTFTs pooled over them, so that a burst of load from whatever
-# else shares the two cores lands on both policies' samples.
-ROUNDS = 3
+# Four rounds, each round robin then prefix; the TTFTs pooled over them (80 a policy), so that a burst of load
+# from whatever else shares the two cores lands on both policies' samples, and one round it lands on moves the
+# pooled median little (single rounds' prefix p50 ranged 30-244 ms under two busy loops).
+ROUNDS = 4
 LOG_LEVEL = "info"
 POLICIES = {"round_robin": ["--routing-policy", "round_robin"],
             "prefix": ["--routing-policy", "prefix", "--disaggregate-min-tokens", "48"]}
