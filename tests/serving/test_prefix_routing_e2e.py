@@ -7,12 +7,12 @@ Why the TTFT ratio holds on two cores: a round-robin turn's first token waits fo
 what it lacks of the conversation (the two latest answers and user turns, SHAPE's comment), plus a prefill leg
 and the HTTP hops of both legs; a turn the prefix policy keeps on its decode waits for that decode's running
 step and one step with its ~30 new tokens. With 160-token answers the pooled ratio measured 0.37-0.42 in three
-runs with the machine otherwise quiet, 0.42, 0.42 and 0.61 under two busy loops (the 0.61 with other test
-suites on the machine too: load average ~6 on the 2 cores, two prefix rounds at 224 and 251 ms), and 0.33-0.56
-in eleven earlier runs at 3 rounds, idle, busy or shared. With the 96-token answers the test ran
-before it measured 0.43-0.66: too close to 0.6 to assert on a loaded machine. A decode-alone turn is computed on
-a process that is busy stepping its other streams, so it slows more than round robin's prefill leg, on an
-otherwise idle process, when the cores are oversubscribed.
+runs with the machine otherwise quiet, and 0.35-0.67 in six runs under two busy loops with other test suites
+on the machine as well (load average 5-7 on the 2 cores; two of the six above 0.6, at 0.61 and 0.67, each
+with one or two prefix rounds at 224-360 ms); 0.33-0.56 in eleven earlier runs at 3 rounds, idle, busy or
+shared. With the 96-token answers the test ran before it measured 0.43-0.66. A decode-alone turn is computed
+on a process that is busy stepping its other streams, so when the cores are oversubscribed it slows more than
+round robin's prefill leg, on an otherwise idle process.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
