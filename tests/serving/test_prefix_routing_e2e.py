@@ -6,13 +6,13 @@ most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.6x 
 Why the TTFT ratio holds on two cores: a round-robin turn's first token waits for a prefill instance to compute
 what it lacks of the conversation (the two latest answers and user turns, SHAPE's comment), plus a prefill leg
 and the HTTP hops of both legs; a turn the prefix policy keeps on its decode waits for that decode's running
-step and one step with its ~30 new tokens. With 160-token answers the pooled ratio measured 0.37-0.42 in three
-runs with the machine otherwise quiet, and 0.35-0.67 in six runs under two busy loops with other test suites
-on the machine as well (load average 5-7 on the 2 cores; two of the six above 0.6, at 0.61 and 0.67, each
-with one or two prefix rounds at 224-360 ms); 0.33-0.56 in eleven earlier runs at 3 rounds, idle, busy or
-shared. With the 96-token answers the test ran before it measured 0.43-0.66. A decode-alone turn is computed
-on a process that is busy stepping its other streams, so when the cores are oversubscribed it slows more than
-round robin's prefill leg, on an otherwise idle process.
+step and one step with its 8-23 new tokens. With 224-token answers the pooled ratio measured 0.35-0.56 in four runs
+and 0.40-0.53 in four more under two busy loops, none above 0.6, on this 2-core machine while other test suites
+ran on it too (load average 3-7). With 160-token answers and four rounds it measured 0.37-0.42 on a quiet
+machine but 0.35-0.67 under two busy loops (two of six above 0.6); with the 96-token answers the test ran before,
+0.43-0.66. A decode-alone turn is computed on a process that is busy stepping its other streams, so when the
+cores are oversubscribed it slows more than round robin's prefill leg, on an otherwise idle process: the margin
+comes from what round robin recomputes, which grows with the answers.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
@@ -50,32 +50,31 @@ instances:
   - {role: decode, count: 2}
 """
 SECRET = "prefix-routing-e2e-deployment-secret"
-# 5 conversations x 4 turns: a 64-token system prompt, 8 new tokens per user turn, 160-token answers (the last
-# turn: 64 + 4 * 8 + 3 * 160 = 576 prompt tokens before the chat template's, hence --max-model-len 1024). A chat
-# answer runs to a few hundred tokens; the test ran 96-token answers before (TTFT ratio 0.43-0.66: too close
-# to 0.6). The answers are what round robin recomputes: each turn lands on the prefill instance that did not
-# serve the conversation's previous turn, which has cached the prompt of the turn before that at most, so it
-# computes the two latest answers and user turns again (~340 tokens at 160-token answers), while a decode that
-# holds the conversation computes the new user turn and the last answer's partial block alone (~30 tokens,
-# under --disaggregate-min-tokens 48; a first turn's ~80 uncached tokens are above it and go PD). Longer
-# answers cost decode steps: a measured run takes ~5.5 s instead of ~3.5 s, paid for by starting each
-# policy's proxy once rather than once a round, and warming up with short runs.
+# 5 conversations x 4 turns: a 64-token system prompt, 8 new tokens per user turn, 224-token answers (the last
+# turn: 64 + 4 * 8 + 3 * 224 = 768 prompt tokens, 992 with its answer, under --max-model-len 1024). A chat answer
+# runs to a few hundred tokens; the test ran 96-token answers before (TTFT ratio 0.43-0.66: too close to 0.6).
+# The answers are what round robin recomputes: each turn lands on the prefill instance that did not serve the
+# conversation's previous turn, which has cached the prompt of the turn before that at most, so it computes the
+# two latest answers and user turns again (~470 tokens), while a decode that holds the conversation computes the
+# new user turn and the last answer's partial block alone (8-23 tokens, under --disaggregate-min-tokens 48; a
+# first turn's ~72 uncached tokens are above it and go PD). Longer answers cost decode steps (a run takes ~2x
+# the 96-token one), paid for by starting each policy's proxy once rather than once a round, and warming up
+# with short runs: the test takes about as long as before.
 # The conversation count is odd on purpose: the turns arrive in about the same order every round, so with an
 # even count round robin over 2 instances sends each conversation back to the instance that served its last
 # turn (it caches it: a baseline as sticky as prefix routing, by accident of the count; a CI run at 4
 # conversations measured round robin's bytes at 48 blocks, not ~86); with an odd count each turn goes to the
 # other instance, as it would for traffic that is not in lockstep.
 SHAPE = ["--num-conversations", "5", "--num-turns", "4", "--system-prompt-len", "64", "--random-input-len", "8",
-         "--random-output-len", "160"]
+         "--random-output-len", "224"]
 REQUESTS = 20
 # Warm-ups, one through each proxy before the rounds: the prefill-decode pairs' NIXL handshakes and each
 # proxy's first requests (its tokenizer, its connections), with short answers.
 WARM_UP = ["--num-conversations", "5", "--num-turns", "2", "--system-prompt-len", "64", "--random-input-len",
            "8", "--random-output-len", "8"]
-# Four rounds, each round robin then prefix; the TTFTs pooled over them (80 a policy), so that a burst of load
-# from whatever else shares the two cores lands on both policies' samples, and one round it lands on moves the
-# pooled median little (single rounds' prefix p50 ranged 30-244 ms under two busy loops).
-ROUNDS = 4
+# Three rounds, each round robin then prefix; the TTFTs pooled over them (60 a policy), so that a burst of load
+# from whatever else shares the two cores lands on both policies' samples.
+ROUNDS = 3
 LOG_LEVEL = "info"
 POLICIES = {"round_robin": ["--routing-policy", "round_robin"],
             "prefix": ["--routing-policy", "prefix", "--disaggregate-min-tokens", "48"]}
