@@ -6,13 +6,13 @@ most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.6x 
 Why the TTFT ratio holds on two cores: a round-robin turn's first token waits for a prefill instance to compute
 what it lacks of the conversation (the two latest answers and user turns, SHAPE's comment), plus a prefill leg
 and the HTTP hops of both legs; a turn the prefix policy keeps on its decode waits for that decode's running
-step and one step with its 8-23 new tokens. With 224-token answers the pooled ratio measured 0.35-0.56 in four runs
-and 0.40-0.53 in four more under two busy loops, none above 0.6, on this 2-core machine while other test suites
-ran on it too (load average 3-7). With 160-token answers and four rounds it measured 0.37-0.42 on a quiet
-machine but 0.35-0.67 under two busy loops (two of six above 0.6); with the 96-token answers the test ran before,
-0.43-0.66. A decode-alone turn is computed on a process that is busy stepping its other streams, so when the
-cores are oversubscribed it slows more than round robin's prefill leg, on an otherwise idle process: the margin
-comes from what round robin recomputes, which grows with the answers.
+step and one step with its 8-23 new tokens. With 224-token answers the pooled ratio measured 0.34-0.56 in six
+runs and 0.32-0.61 in six under two busy loops (one above 0.6, at 0.61), on this 2-core machine while other
+test suites ran on it too (load average 3-7). With 160-token answers and four rounds it measured 0.37-0.42 on a
+quiet machine but 0.35-0.67 under two busy loops (two of six above 0.6); with the 96-token answers the test ran
+before, 0.43-0.66. A decode-alone turn is computed on a process that is busy stepping its other streams, so when
+the cores are oversubscribed it slows more than round robin's prefill leg, on an otherwise idle process: the
+margin comes from what round robin recomputes, which grows with the answers.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
