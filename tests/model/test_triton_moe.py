@@ -89,16 +89,22 @@ def test_interpret_few_assignments_read_their_experts_from_the_ids(interpret: No
     assert torch.equal(out[elsewhere], torch.zeros_like(out[elsewhere]))
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64])
-def test_interpret_fp8_block_experts_equal_the_dequantized_ones(interpret: None, tokens: int) -> None:
+def _fp8_layer(seed: int, tokens: int) -> tuple[torch.Tensor, ...]:
+    """A small fp8 MoE layer (8 experts, top-2, hidden 256, width 128) and its routing, seeded: float16 x, the
+    block-fp8 experts and their scales, the dequantized float32 experts, routing weights and ids."""
     experts, top_k, hidden, inter = 8, 2, 256, 128
-    gen = torch.Generator().manual_seed(100 + tokens)
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, hidden, generator=gen).half()
     w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, generator=gen))
     w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, generator=gen))
-    deq13 = fp8.dequantize_stacked_blocks(w13, s13)
-    deq2 = fp8.dequantize_stacked_blocks(w2, s2)
+    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
     weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    return x, w13, s13, w2, s2, deq13, deq2, weights, ids
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_interpret_fp8_block_experts_equal_the_dequantized_ones(interpret: None, tokens: int) -> None:
+    x, w13, s13, w2, s2, deq13, deq2, weights, ids = _fp8_layer(100 + tokens, tokens)
     out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=TILE, scales=(s13, s2))
     same_kernels = fused_moe(x, deq13.half(), deq2.half(), weights, ids, use="triton", tile=TILE)
     assert _rel(out, same_kernels) < 1e-2
@@ -113,20 +119,14 @@ def test_interpret_fp8_activations_w8a8(interpret: None, tokens: int) -> None:
     """fp8 experts with fp8 activations (per token and 128-column group): the per-expert loop on what the kernels
     multiply (dequantized weights; x and the SiLU-and-mul product rounded through fp8 as they quantize them),
     and within fp8's precision of the dequantized weights' result."""
-    experts, top_k, hidden, inter = 8, 2, 256, 128
-    gen = torch.Generator().manual_seed(200 + tokens)
-    x = torch.randn(tokens, hidden, generator=gen).half()
-    w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, generator=gen))
-    w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, generator=gen))
-    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
-    weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    x, w13, s13, w2, s2, deq13, deq2, weights, ids = _fp8_layer(200 + tokens, tokens)
     w8a8 = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, fp8_activations=True)
     out = fused_moe(x, w13, w2, weights, ids, use="triton", tile=w8a8, scales=(s13, s2))
     w8a16 = fused_moe(x, w13, w2, weights, ids, use="triton", tile=TILE, scales=(s13, s2))
     assert not torch.equal(out, w8a16)  # the activations did go through fp8
     assert _rel(out, w8a16) < 6e-2
     xq, xs = fp8.quantize_per_token_group(x)
-    x_fp8 = (xq.float().view(tokens, -1, 128) * xs.unsqueeze(2)).view(tokens, hidden)
+    x_fp8 = (xq.float().view(tokens, -1, 128) * xs.unsqueeze(2)).view(x.shape)
     want = moe_reference(x_fp8, deq13, deq2, weights, ids)
     assert _rel(out, want) < 6e-2
 
@@ -137,13 +137,7 @@ def test_interpret_fp8_experts_in_float16_products(interpret: None, tokens: int)
     to float16, each 128-wide k block's product scaled by its weight block's scale. Within float16 rounding of the
     per-expert loop on the dequantized weights (closer than the fp8 activations' 6e-2), plain and swapped tiles.
     A gate product past float16's range saturates at 65504 instead of becoming inf."""
-    experts, top_k, hidden, inter = 8, 2, 256, 128
-    gen = torch.Generator().manual_seed(700 + tokens)
-    x = torch.randn(tokens, hidden, generator=gen).half()
-    w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, generator=gen))
-    w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, generator=gen))
-    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
-    weights, ids = route(torch.randn(tokens, experts, generator=gen), top_k, True)
+    x, w13, s13, w2, s2, deq13, deq2, weights, ids = _fp8_layer(700 + tokens, tokens)
     want = moe_reference(x.float(), deq13, deq2, weights, ids)
     for swap_ab in (False, True):
         tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 2, swap_ab=swap_ab, f16_products=True)
