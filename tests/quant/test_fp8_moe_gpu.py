@@ -91,6 +91,78 @@ def test_fp8_activations_w8a8_in_a_cuda_graph(tokens: int) -> None:
 
 
 @needs_fp8
+@pytest.mark.parametrize("tokens", [1, 16, 64, 256])
+def test_activations_quantized_in_the_up_kernel_and_handed_over_in_a_cuda_graph(tokens: int) -> None:
+    """W8A8 tiles with `fused_act_quant` (the up kernel quantizes its SiLU-and-mul product in its epilogue) and x
+    handed over quantized (`x_fp8`, as the post-attention norm's kernel writes it), replayed from a CUDA graph: with a
+    128-column tile (one whole scale group) the result is bit-equal to the tile's quantization launches; with a
+    64-column one (two finer groups) within fp8's precision of the float32 loop."""
+    from dataclasses import replace
+
+    from pdlaunch.model.moe.layout import TileConfig
+    from pdlaunch.model.quant.kernels import quantize_rows
+
+    experts, top_k, hidden, inter = 32, 4, 512, 256
+    gen = torch.Generator(device=CUDA).manual_seed(900 + tokens)
+    x = torch.randn(tokens, hidden, device=CUDA, generator=gen).bfloat16()
+    w13, s13 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, 2 * inter, hidden, device=CUDA, generator=gen))
+    w2, s2 = fp8.quantize_stacked_blocks(0.05 * torch.randn(experts, hidden, inter, device=CUDA, generator=gen))
+    deq13, deq2 = fp8.dequantize_stacked_blocks(w13, s13), fp8.dequantize_stacked_blocks(w2, s2)
+    weights, ids = route(torch.randn(tokens, experts, device=CUDA, generator=gen), top_k, True)
+    for block_n in (128, 64):
+        launched = TileConfig(1 << 30, "triton", 16, block_n, 128, 4, 3, fp8_activations=True, swap_ab=True)
+        fused = replace(launched, fused_act_quant=True)
+        fused_moe(x, w13, w2, weights, ids, tile=fused, scales=(s13, s2), x_fp8=quantize_rows(x, 128))  # compile
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused_moe(x, w13, w2, weights, ids, tile=fused, scales=(s13, s2), x_fp8=quantize_rows(x, 128))
+        x.copy_(torch.randn(tokens, hidden, device=CUDA, generator=gen))
+        graph.replay()
+        want = moe_reference(x.float(), deq13, deq2, weights, ids)
+        assert _rel(out, want) < 6e-2, block_n
+        if block_n == 128:
+            assert torch.equal(out, fused_moe(x, w13, w2, weights, ids, tile=launched, scales=(s13, s2)))
+    with pytest.raises(ValueError, match="takes_fp8_input"):  # a tile without fp8 activations takes no x_fp8
+        fused_moe(x, w13, w2, weights, ids, tile=replace(launched, fp8_activations=False), scales=(s13, s2),
+                  x_fp8=quantize_rows(x, 128))
+
+
+@needs_fp8
+def test_moe_input_quantized_in_the_norm_kernel_gives_the_same_logits(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block-FP8 Qwen3-MoE under a W8A8 tile: the decoder's post-attention norm writes the experts' input
+    quantized in its own kernel (fused_add_rms_norm_fp8, once per MoE layer), and the logits are bit-equal to the
+    experts quantizing it in their own launch."""
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+    from pdlaunch.model import layers
+    from pdlaunch.model.moe import block, fused
+    from pdlaunch.model.moe.layout import TileConfig
+
+    served, _ = make_fp8_qwen3(tmp_path, "block", seed=13, moe=True)
+    model = load_model(load_checkpoint(str(served)), CUDA, torch.bfloat16)
+    w8a8 = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3, fp8_activations=True, swap_ab=True)
+    monkeypatch.setattr(fused, "tile_for", lambda *args: w8a8)
+    calls: list[int] = []
+    quantizing_norm = layers.fused_add_rms_norm_fp8
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return quantizing_norm(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "fused_add_rms_norm_fp8", counted)
+    prompt = {"s": [random.Random(6).randrange(3, 500) for _ in range(37)]}
+    handed_over = PagedRunner(model).step(prompt)["s"]
+    moe_layers = sum(isinstance(layer.mlp, block.SparseMoeBlock) for layer in model.model.decoder_layers)
+    assert len(calls) == moe_layers > 0
+    monkeypatch.setattr(block.SparseMoeBlock, "takes_fp8_input", lambda self, x: False)
+    launched = PagedRunner(model).step(prompt)["s"]
+    assert len(calls) == moe_layers  # the second run quantized in the experts' launch
+    assert torch.equal(handed_over, launched)
+
+
+@needs_fp8
 @pytest.mark.parametrize("tokens", [1, 64])
 def test_rows_are_not_zeroed_when_every_expert_is_here(tokens: int) -> None:
     """Given the model's expert count and holding all of them, the Triton backend skips zeroing the assignment
