@@ -134,11 +134,10 @@ def test_moe_input_quantized_in_the_norm_kernel_gives_the_same_logits(tmp_path: 
     """A block-FP8 Qwen3-MoE under a W8A8 tile: the decoder's post-attention norm writes the experts' input
     quantized in its own kernel (fused_add_rms_norm_fp8, once per MoE layer), and the logits are bit-equal to the
     experts quantizing it in their own launch."""
-    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
-
     from pdlaunch.model import layers
     from pdlaunch.model.moe import block, fused
     from pdlaunch.model.moe.layout import TileConfig
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
 
     served, _ = make_fp8_qwen3(tmp_path, "block", seed=13, moe=True)
     model = load_model(load_checkpoint(str(served)), CUDA, torch.bfloat16)

@@ -417,7 +417,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
         BLOCK_K=tile.block_k, PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK,
         A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16, TO_F16=k.to_f16,
         QUANT_OUT=fused_quant, QUANTIZE=k.quantize_tile, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
-        EXACT_E4M3=interpret_mode(), ROUND_DTYPE=k.tl_dtype(torch.float16 if f16 else x.dtype), PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
+        EXACT_E4M3=interpret_mode(), ROUND_DTYPE=k.tl_dtype(torch.float16 if f16 else x.dtype), PDL=pdl,
+        **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
     out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
