@@ -15,9 +15,7 @@ are 128x128-block fp8 (Triton only) and the file is <device>_fp8.json; every til
 activations (W8A16), with the same activations in float16 products (`f16_products`: no quantization
 launch, rounding no worse than bf16's) and with fp8 ones (W8A8, `fp8_activations` in the file); W8A8 is
 kept only where it is at least 5% faster than the better 16-bit mode, its activations costing ~4% relative
-error against ~0.5% (`w8a16_best_ms` / `w8f16_best_ms` / `w8a8_best_ms` per size in the JSON). W8A8 tiles run
-twice, the SiLU-and-mul product quantized by a launch and in the up kernel's epilogue (`fused_act_quant`), and
-take x quantized (the decoder's norm kernel writes it), so the x launch is not timed.
+error against ~0.5% (`w8a16_best_ms` / `w8f16_best_ms` / `w8a8_best_ms` per size in the JSON).
 """
 
 from __future__ import annotations
@@ -132,21 +130,13 @@ def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Te
     del deq13, deq2
     rows = []
     candidates = (SWAPPED if swapped_only else SMALL_FP8) if tokens <= 256 else LARGE
-    # each tile four times: bf16 activations (W8A16), the same in float16 products (`f16_products`), and fp8
-    # activations per token and 128 columns (W8A8), their SiLU-and-mul product quantized by a launch or in the up
-    # kernel's epilogue (`fused_act_quant`). W8A8 tiles take x quantized as the engine hands it over (the decoder's
-    # post-attention norm writes it in its own kernel), so its launch is not timed.
-    from pdlaunch.model.quant.kernels import quantize_rows
-
-    x_fp8 = quantize_rows(x, 128)
+    # each tile three times: bf16 activations (W8A16), the same in float16 products (`f16_products`), and fp8
+    # activations per token and 128 columns (W8A8)
     for tile in [*candidates, *(replace(t, f16_products=True) for t in candidates),
-                 *(replace(t, fp8_activations=True) for t in candidates),
-                 *(replace(t, fp8_activations=True, fused_act_quant=True) for t in candidates)]:
-        handed = x_fp8 if tile.fp8_activations else None
+                 *(replace(t, fp8_activations=True) for t in candidates)]:
         try:
-            ms = time_ms(_graphed(lambda tile=tile, handed=handed: fused_moe(x, q13, q2, weights, ids, tile=tile,
-                                                                              scales=scales, x_fp8=handed)))
-            out = fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales, x_fp8=handed)
+            ms = time_ms(_graphed(lambda tile=tile: fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales)))
+            out = fused_moe(x, q13, q2, weights, ids, tile=tile, scales=scales)
         except Exception as exc:  # a tile that does not compile (shared memory) is skipped, and said so
             rows.append({**asdict(tile), "error": str(exc).splitlines()[0][:160]})
             continue
@@ -155,20 +145,17 @@ def bench_size_fp8(tokens: int, x: torch.Tensor, w13: torch.Tensor, w2: torch.Te
     # a tile whose result is off (rel_err against the float32 loop on the dequantized weights) cannot win
     usable = [r for r in rows if "ms" in r and r["rel_err"] < MAX_REL_ERR]
     def mode_of(r: dict[str, Any]) -> str:
-        if r["fp8_activations"]:
-            return "w8a8_fused" if r["fused_act_quant"] else "w8a8"
-        return "w8f16" if r["f16_products"] else "w8a16"
+        return "w8a8" if r["fp8_activations"] else "w8f16" if r["f16_products"] else "w8a16"
 
     best_of = {mode: min((r for r in usable if mode_of(r) == mode), key=lambda r: r["ms"], default=None)
-               for mode in ("w8a16", "w8f16", "w8a8", "w8a8_fused")}
+               for mode in ("w8a16", "w8f16", "w8a8")}
     for mode, found in best_of.items():
         row[f"{mode}_best_ms"] = found["ms"] if found else None
     # float16 products round no worse than bf16 ones: the faster of the two; fp8 activations cost ~4% relative
     # error against their ~0.5%: they win only where clearly faster
     sixteen = [r for r in (best_of["w8a16"], best_of["w8f16"]) if r is not None]
     w8a16 = min(sixteen, key=lambda r: r["ms"], default=None)
-    w8a8 = min((r for r in (best_of["w8a8"], best_of["w8a8_fused"]) if r is not None), key=lambda r: r["ms"],
-               default=None)
+    w8a8 = best_of["w8a8"]
     best = w8a8 if w8a16 is None or (w8a8 is not None and w8a8["ms"] < W8A8_MIN_GAIN * w8a16["ms"]) else w8a16
     row.update(triton=rows, triton_best=best, faster="triton", best_ms=best["ms"],
                ratio_to_floor=best["ms"] / row["floor_ms"], of_matmul_rate=flops / best["ms"] / 1e9 / tflops)
@@ -184,8 +171,7 @@ def tile_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         limit = row["tokens"] if i + 1 < len(rows) else 1 << 30
         tile = TileConfig(limit, row["faster"], best["block_m"], best["block_n"], best["block_k"],
                           best["num_warps"], best["num_stages"], best.get("fp8_activations", False),
-                          best.get("swap_ab", False), best.get("f16_products", False),
-                          best.get("fused_act_quant", False))
+                          best.get("swap_ab", False), best.get("f16_products", False))
         entries.append(asdict(replace(tile)))
     return entries
 

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.quant import kv_cache as fp8_kv
-from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX
 from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, pdl_release, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
@@ -57,35 +56,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    if interpret:
-        # The interpreter looks for triton.language among a device function's module globals when it first calls
-        # it, and puts it there only once a kernel of the module has run: quantize_tile is called from
-        # triton_moe's kernels too, maybe before any kernel here.
-        globals().setdefault("tl", tl)
-
     @triton.jit
-    def quantize_tile(v, FMAX: tl.constexpr, INV_FMAX: tl.constexpr, EXACT_E4M3: tl.constexpr):
-        """v [R, C] float32 -> (v / scale per row clamped to +-FMAX, scale [R]): quant/kernels.py quant_rows_kernel's
-        float32 operations, so a row of one whole 128-column group gets its values. EXACT_E4M3 (the interpreter):
-        round to e4m3's grid here (to nearest, ties to even: 3 mantissa bits on the float32 bits, multiples of 2^-9
-        among the subnormals), since Triton's interpreter rounds float32 -> e4m3 wrong where the rounding carries
-        into the exponent (127.8 -> 64); the cast after it then has nothing to round."""
-        scale = tl.maximum(tl.max(tl.abs(v), axis=1) * INV_FMAX, 1e-12)
-        q = tl.clamp(tl.math.div_rn(v, scale[:, None]), -FMAX, FMAX)
-        if EXACT_E4M3:
-            bits = q.to(tl.int32, bitcast=True)
-            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-            # below 2^-6 (e4m3's subnormals) the grid is 2^-9: |q| to nearest even by the 1.5 x 2^23 trick, signed
-            tiny = ((tl.abs(q) * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
-            q = tl.where(tl.abs(q) < 0.015625, tl.where(bits < 0, -tiny, tiny), normal)
-        return q, scale
-
-    @triton.jit
-    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, q_ptr, qs_ptr, H, eps,
+    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, H, eps,
                         sx_t, sx_p, sx_h, sr_t, sr_h, w_stride,
                         ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
-                        RELEASE: tl.constexpr, QUANT: tl.constexpr, GROUP: tl.constexpr, QUANTIZE: tl.constexpr,
-                        FMAX: tl.constexpr, INV_FMAX: tl.constexpr, EXACT_E4M3: tl.constexpr):
+                        RELEASE: tl.constexpr):
         # One program per token row; y/res_out are contiguous [T, H]. PARTS > 1: x is [T, PARTS, H] rows whose sum
         # is the input, added in float32 and rounded once (torch's sum over a bf16 dim).
         t = tl.program_id(0).to(tl.int64)
@@ -113,15 +88,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         x = x.to(tl.float32)
         var = tl.math.div_rn(tl.sum(x * x, axis=0), H * 1.0)
         y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
-        out = (w * y).to(dtype)
-        tl.store(y_ptr + t * H + cols, out, mask=mask)
-        if QUANT:  # the output in fp8 too, one scale per GROUP columns (an MoE layer's W8A8 experts read it)
-            groups = tl.reshape(out.to(tl.float32), [BLOCK_H // GROUP, GROUP])
-            q, scale = QUANTIZE(groups, FMAX, INV_FMAX, EXACT_E4M3)
-            tl.store(q_ptr + t * H + tl.reshape(cols, [BLOCK_H // GROUP, GROUP]), q.to(q_ptr.dtype.element_ty),
-                     mask=tl.reshape(mask, [BLOCK_H // GROUP, GROUP]))
-            g = tl.arange(0, BLOCK_H // GROUP)
-            tl.store(qs_ptr + t * (H // GROUP) + g, scale, mask=g * GROUP < H)
+        tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
 
     # The q and the k half of rotary_kernel. It is handed to the kernel as ROTATE (a constexpr) because
     # Triton's interpreter resolves a kernel's callees among module globals only, and these kernels are
@@ -268,7 +235,6 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         tl.store(out_ptr + row, tl.load(idx_ptr + row * chunks + pick).to(tl.int64))
 
     return SimpleNamespace(rms_norm=rms_norm_kernel, rotary=rotary_kernel, rotate_heads=rotate_heads,
-                           quantize_tile=quantize_tile,
                            silu_and_mul=silu_and_mul_kernel, write_kv=write_kv_kernel,
                            argmax_chunks=argmax_chunks_kernel, argmax_rows=argmax_rows_kernel,
                            next_power_of_2=triton.next_power_of_2)
@@ -342,16 +308,8 @@ def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
 
 # ---- public ops --------------------------------------------------------------------------------
 
-def quantize_tile_function(interpret: bool) -> object:
-    """The Triton helper that quantizes a [R, C] float32 tile per row into e4m3 (values and scales as
-    quant/kernels.py quantize_rows computes them), for kernels elsewhere to take as a constexpr (Triton's
-    interpreter resolves callees among module globals only)."""
-    return _kernels(interpret).quantize_tile
-
-
-def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                     quant_group: int | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     _check(weight.dtype == x.dtype and weight.shape == (x.shape[-1],), "weight",
            f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}",
            "weight must be [H] in x's dtype")
@@ -363,22 +321,12 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
     res_out = torch.empty_like(y) if residual is not None else None
     r = residual if residual is not None else y
     block = kernels.next_power_of_2(hidden)
-    quantized = None
-    if quant_group is not None:
-        _check(hidden % quant_group == 0 and block % quant_group == 0, "quant_group",
-               f"hidden size {hidden} is not a multiple of the quantization group {quant_group}",
-               "quantize per group only where the groups tile the row")
-        quantized = (torch.empty(tokens, hidden, dtype=FP8_DTYPE, device=x.device),
-                     torch.empty(tokens, hidden // quant_group, dtype=torch.float32, device=x.device))
-    q, qs = quantized if quantized is not None else (y, y)  # unwritten without QUANT
-    kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, q, qs, hidden, eps,
+    kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
                                 x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(1),
                                 weight.stride(0), ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
-                                PDL=pdl, RELEASE=not pdl and pdl_release(x, tokens), QUANT=quantized is not None,
-                                GROUP=quant_group or block, QUANTIZE=kernels.quantize_tile, FMAX=FP8_MAX,
-                                INV_FMAX=INV_FP8_MAX, EXACT_E4M3=interpret_mode(), num_warps=_num_warps(block),
+                                PDL=pdl, RELEASE=not pdl and pdl_release(x, tokens), num_warps=_num_warps(block),
                                 enable_fp_fusion=False, **pdl_kwargs(pdl))
-    return y, res_out, quantized
+    return y, res_out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -388,37 +336,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _rms_norm_launch(x, None, weight, eps)[0]
 
 
-def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
-    _check(x.dim() in (2, 3) and residual.shape == (x.shape[0], x.shape[-1]) and residual.dtype == x.dtype,
-           "residual",
-           f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
-           "pass the residual stream of the same tokens")
-
-
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, H] -> (y, new_residual), both new [T, H]: new_residual = x + residual. x may also be
     [T, k, H] partial rows, summed over k first (an MoE layer's combine, done here instead of by its own kernel)."""
     if not fused_available(x):
         return fused_add_rms_norm_torch(x, residual, weight, eps)
-    _check_residual(x, residual)
-    y, new_residual, _ = _rms_norm_launch(x, residual, weight, eps)
+    _check(x.dim() in (2, 3) and residual.shape == (x.shape[0], x.shape[-1]) and residual.dtype == x.dtype,
+           "residual",
+           f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
+           "pass the residual stream of the same tokens")
+    y, new_residual = _rms_norm_launch(x, residual, weight, eps)
     assert new_residual is not None
     return y, new_residual
-
-
-def fused_add_rms_norm_fp8(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                           group: int = 128) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """fused_add_rms_norm's (y, new_residual) and y quantized to e4m3 per row and `group` columns in the same
-    kernel: (fp8 [T, H], float32 scales [T, H / group]), the values quant/kernels.py quantize_rows gives for y (an
-    MoE layer's W8A8 experts take them instead of quantizing y in a launch of their own). Triton only
-    (`fused_available(x)`); H a multiple of `group`."""
-    _check(fused_available(x), "x", f"no Triton kernel for {x.dtype} on {x.device}",
-           "call it where fused_available(x) holds")
-    _check_residual(x, residual)
-    y, new_residual, quantized = _rms_norm_launch(x, residual, weight, eps, group)
-    assert new_residual is not None and quantized is not None
-    return y, new_residual, quantized
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.decode_gemm import decode_gemm, decode_gemm_available
-from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_add_rms_norm_fp8, fused_available, rms_norm
+from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_available, rms_norm
 from pdlaunch.model.gemv import gemv, gemv_available
 
 # Which part of a parameter a checkpoint tensor fills: None (the whole), a merged projection's index,
@@ -295,9 +295,3 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
-
-    def forward_fp8(self, x: torch.Tensor, residual: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """forward(x, residual) and its output quantized to fp8 per row and 128 columns in the same kernel
-        (fused_ops.fused_add_rms_norm_fp8; CUDA, where fused_available(x))."""
-        return fused_add_rms_norm_fp8(x, residual, self.weight, self.eps)

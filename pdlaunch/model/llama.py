@@ -15,7 +15,7 @@ from torch import nn
 from pdlaunch.model.arch import KVCacheGroup, ModelArch
 from pdlaunch.model.attention import GroupPlan, build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import fused_available, rms_norm, rotary_write_kv, silu_and_mul
+from pdlaunch.model.fused_ops import rms_norm, rotary_write_kv, silu_and_mul
 from pdlaunch.model.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -159,23 +159,14 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
-        return self.post_attention(self.self_attn(cos_sin, x, kv_cache, plan), residual)
+        x, residual = self.post_attention_layernorm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
+        return self.feed_forward(x), residual
 
-    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The post-attention RMSNorm (adding the skip) and the MLP: (the MLP's output, the residual stream). The
-        MLP's output is [T, H], or an MoE layer's [T, k, H] weighted expert rows that sum to it: every consumer is
-        the next RMSNorm with a residual (fused_ops.fused_add_rms_norm), which adds them in its kernel. Where an
-        MoE layer's experts multiply fp8 activations, the norm's kernel also writes its output quantized for them
-        (one launch a layer fewer)."""
-        mlp = self.mlp
-        if isinstance(mlp, SparseMoeBlock):
-            if fused_available(attn_out) and mlp.takes_fp8_input(attn_out):
-                x, residual, x_fp8 = self.post_attention_layernorm.forward_fp8(attn_out, residual)
-                return mlp(x, summed=False, x_fp8=x_fp8), residual
-            x, residual = self.post_attention_layernorm(attn_out, residual)
-            return mlp(x, summed=False), residual
-        x, residual = self.post_attention_layernorm(attn_out, residual)
-        return mlp(x), residual
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output [T, H], or an MoE layer's [T, k, H] weighted expert rows that sum to it: every consumer
+        is the next RMSNorm with a residual (fused_ops.fused_add_rms_norm), which adds them in its kernel."""
+        out: torch.Tensor = self.mlp(x, summed=False) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x)
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -291,7 +282,8 @@ class CausalLM(nn.Module):
         else:
             done = layers[index - 1]
             o = done.self_attn.out_proj(bufs.attn_out[:tokens])
-            h, residual = done.post_attention(o, bufs.residual[:tokens])
+            x, residual = done.post_attention_layernorm(o, bufs.residual[:tokens])
+            h = done.feed_forward(x)
             if index == len(layers):
                 bufs.hidden[:tokens].copy_(self.model.norm(h, residual)[0])
                 return

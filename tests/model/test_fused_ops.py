@@ -30,7 +30,6 @@ from pdlaunch.model.fused_ops import (
     write_kv_torch,
 )
 from pdlaunch.model.layers import RMSNorm
-from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
@@ -154,32 +153,6 @@ def test_fused_add_rms_norm_kernel_matches_reference(device: str, dtype: torch.d
     want_y = rms_norm_torch(want_residual, weight, 1e-6)
     _assert_equal(new_residual, want_residual)
     _assert_rms_close(y, want_y)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("parts", [1, 4])
-def test_fused_add_rms_norm_fp8_also_writes_the_output_in_fp8_groups(device: str, dtype: torch.dtype,
-                                                                    parts: int) -> None:
-    """fused_add_rms_norm_fp8 (an MoE layer's W8A8 experts take its fp8 output): y and the residual are
-    fused_add_rms_norm's, and y is quantized per row and 128 columns with quant/kernels.py quantize_rows' float32
-    operations (scale = max |y| x float32(1 / 448), y / scale correctly rounded to e4m3), byte for byte. parts:
-    the [T, k, H] rows of an MoE layer before it."""
-    torch.manual_seed(4)
-    x = torch.randn(5, parts, 384, dtype=dtype, device=device).squeeze(1)
-    residual = torch.randn(5, 384, dtype=dtype, device=device) * 4
-    weight = torch.randn(384, dtype=dtype, device=device)
-    y, new_residual, (q, scales) = fused_ops.fused_add_rms_norm_fp8(x, residual, weight, 1e-6)
-    want_y, want_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
-    _assert_equal(y, want_y)
-    _assert_equal(new_residual, want_residual)
-    groups = y.float().view(5, 3, 128)
-    want_scales = (groups.abs().amax(dim=2) * INV_FP8_MAX).clamp(min=1e-12)
-    _assert_equal(scales, want_scales)
-    want_q = (groups / want_scales.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(5, 384)
-    _assert_equal(q.view(torch.uint8), want_q.view(torch.uint8))
-    with pytest.raises(PdlaunchError, match="quantization group") as caught:  # groups that do not tile the row
-        fused_ops.fused_add_rms_norm_fp8(x[..., :320], residual[:, :320], weight[:320], 1e-6)
-    assert caught.value.field == "quant_group"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -351,14 +324,9 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
         return compiled.asm["ptx"]
 
     bf16 = "*bf16"
-    for quant in (False, True):  # the norm alone, and with its output in fp8 too (fused_add_rms_norm_fp8)
-        rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": bf16, "res_out_ptr": bf16,
-                                     "q_ptr": "*fp8e4nv", "qs_ptr": "*fp32", "eps": "fp32"},
-                  {"ADD_RESIDUAL": True, "BLOCK_H": 4096, "PARTS": 1, "PDL": False, "RELEASE": False, "QUANT": quant,
-                   "GROUP": 128, "QUANTIZE": kernels.quantize_tile, "FMAX": FP8_MAX, "INV_FMAX": INV_FP8_MAX,
-                   "EXACT_E4M3": False})
-        assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
-        assert ("e4m3x2.f32" in rms) == quant
+    rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": bf16, "res_out_ptr": bf16,
+                                 "eps": "fp32"}, {"ADD_RESIDUAL": True, "BLOCK_H": 4096, "PARTS": 1, "PDL": False})
+    assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
     pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr", "v_ptr"]
     for norm, write in ((False, False), (True, True)):  # rotary alone; Qwen3's norm, rotary and the KV write
         rotary = ptx(kernels.rotary, {**dict.fromkeys(pointers, bf16), "cache_ptr": "*fp8e4nv", "slot_ptr": "*i64",

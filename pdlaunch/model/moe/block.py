@@ -61,20 +61,13 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = SharedExpert(hidden, moe.shared_expert_intermediate_size, tp_rank, tp_size)
             self.shared_expert_gate = Replicated(hidden, 1)
 
-    def takes_fp8_input(self, x: torch.Tensor) -> bool:
-        """Whether the experts multiply fp8 activations for x (FusedExperts.takes_fp8_input): then the decoder's
-        post-attention RMSNorm quantizes its output in its own kernel and passes it as `x_fp8`."""
-        return self.experts.takes_fp8_input(x)
-
-    def forward(self, x: torch.Tensor, summed: bool = True,
-                x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, summed: bool = True) -> torch.Tensor:
         """x [T, H] -> [T, H], summed over the TP group. `summed` False: on one rank without a shared expert the
         result may be the [T, k, H] weighted expert rows whose sum over k it is (the decoder's next RMSNorm adds
-        them in its own kernel, fused_ops.fused_add_rms_norm, which saves a launch a layer). `x_fp8`: x quantized
-        per row and 128 columns, where `takes_fp8_input(x)` (the router and a shared expert read x)."""
+        them in its own kernel, fused_ops.fused_add_rms_norm, which saves a launch a layer)."""
         weights, ids = route(router_logits(x, self.gate.weight), self.top_k, self.renormalize)
         rows_ok = not summed and self.tp_size == 1 and self.shared_expert is None
-        out: torch.Tensor = self.experts(x, weights, ids, summed=not rows_ok, x_fp8=x_fp8)
+        out: torch.Tensor = self.experts(x, weights, ids, summed=not rows_ok)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         if self.tp_size > 1:

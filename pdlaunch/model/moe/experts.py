@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pdlaunch.model.moe.fused import fused_moe, takes_fp8_input
+from pdlaunch.model.moe.fused import fused_moe
 from pdlaunch.model.moe.names import ExpertShard
 from pdlaunch.model.quant.config import BLOCK
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, quantize_block, quantize_stacked_blocks
@@ -136,18 +136,10 @@ class FusedExperts(nn.Module):
         self.w2_scale = nn.Parameter(s2, requires_grad=False)
         return True
 
-    def _scales(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if self.w13_scale is None or self.w2_scale is None else (self.w13_scale, self.w2_scale)
-
-    def takes_fp8_input(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x, ...)` multiplies fp8 activations (fp8 experts under a W8A8 tile), so that x may come
-        quantized (`x_fp8`) from the kernel that wrote it (fused_moe.takes_fp8_input)."""
-        return takes_fp8_input(x, self._scales())
-
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                summed: bool = True, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                summed: bool = True) -> torch.Tensor:
         """x [T, H], routing [T, k] -> this rank's partial sum [T, H] (not yet all-reduced); with `summed` False it
-        may instead be the [T, k, H] rows that sum to it (fused_moe). `x_fp8`: x quantized per row and 128 columns,
-        where `takes_fp8_input(x)`."""
-        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start, scales=self._scales(),
-                         num_experts=self.num_experts, summed=summed, x_fp8=x_fp8)
+        may instead be the [T, k, H] rows that sum to it (fused_moe)."""
+        scales = None if self.w13_scale is None or self.w2_scale is None else (self.w13_scale, self.w2_scale)
+        return fused_moe(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start, scales=scales,
+                         num_experts=self.num_experts, summed=summed)

@@ -99,27 +99,11 @@ def backend(x: torch.Tensor, num_tokens: int) -> Backend:
     return chosen
 
 
-def _chosen(x: torch.Tensor, use: Backend | None, tile: TileConfig | None,
-            scales: tuple[torch.Tensor, torch.Tensor] | None) -> Backend:
-    chosen = use or (tile.backend if tile is not None else backend(x, x.shape[0]))
-    return "triton" if scales is not None and chosen == "grouped_mm" else chosen
-
-
-def takes_fp8_input(x: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
-    """Whether `fused_moe(x, ..., scales=scales)` (the tuned backend and tile) multiplies fp8 activations, so
-    that the caller may pass x already quantized (`x_fp8`) from a kernel of its own."""
-    if scales is None or _chosen(x, None, None, scales) != "triton":
-        return False
-    from pdlaunch.model.moe import triton_moe  # layering: lazy
-
-    return triton_moe.takes_fp8_input(tile_for(x, x.shape[0], True), scales)
-
-
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0, use: Backend | None = None,
               tile: TileConfig | None = None,
               scales: tuple[torch.Tensor, torch.Tensor] | None = None, num_experts: int | None = None,
-              summed: bool = True, x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              summed: bool = True) -> torch.Tensor:
     """x [T, H], w13 [E_local, 2I, H], w2 [E_local, H, I], topk_weights [T, k] (float32), topk_ids [T, k]
     (global expert ids) -> this rank's sum over its experts of weight * down(silu(gate) * up): [T, H].
     `use` / `tile` override the backend and the Triton tile (benchmarks, tests). `scales`: w13 and w2 are
@@ -127,11 +111,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     (grouped_mm has no such path and gives way to it), the reference dequantizes first. `num_experts`: the
     model's expert count (lets the Triton backend skip zeroing rows when this rank holds every expert). `summed`
     False lets the Triton backend return each token's k weighted rows [T, k, H] unsummed, for a consumer that adds
-    them itself (fused_ops.fused_add_rms_norm); the other backends always return [T, H]. `x_fp8`: x quantized per
-    row and 128 columns (fp8, float32 scales), for a call where `takes_fp8_input` (a ValueError elsewhere)."""
-    chosen = _chosen(x, use, tile, scales)
-    if x_fp8 is not None and chosen != "triton":
-        raise ValueError(f"x_fp8 given to the {chosen} backend: ask takes_fp8_input first")
+    them itself (fused_ops.fused_add_rms_norm); the other backends always return [T, H]."""
+    chosen = use or (tile.backend if tile is not None else backend(x, x.shape[0]))
+    if scales is not None and chosen == "grouped_mm":
+        chosen = "triton"
     if chosen == "reference":
         if scales is not None:
             w13 = dequantize_stacked_blocks(w13, scales[0]).to(x.dtype)
@@ -145,7 +128,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     from pdlaunch.model.moe.triton_moe import triton_moe  # layering: lazy
 
     return triton_moe(x, w13, w2, topk_weights, topk_ids, expert_start,
-                      tile or tile_for(x, x.shape[0], scales is not None), scales, num_experts, summed, x_fp8)
+                      tile or tile_for(x, x.shape[0], scales is not None), scales, num_experts, summed)
 
 
 def moe_reference(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

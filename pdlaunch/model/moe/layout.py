@@ -35,9 +35,6 @@ class TileConfig:
     # fp8 experts only, without fp8_activations: float16 products (activations rounded to float16, clamped into its
     # range; the weights widened exactly), each 128-wide k block's product scaled by the weight block's scale
     f16_products: bool = False
-    # fp8_activations only: the up kernel quantizes its SiLU-and-mul product itself, per row and block_n columns (its
-    # column tile), in its epilogue; the down kernel reads those scales (no quantization launch between the GEMMs)
-    fused_act_quant: bool = False
 
 
 @dataclass

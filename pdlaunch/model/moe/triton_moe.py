@@ -38,7 +38,6 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.fused_ops import quantize_tile_function
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
 from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
 
@@ -98,21 +97,19 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     # Token counts are not specialized on (divisible by 16, equal to 1): one compiled variant per tile serves
     # every batch, so a step of a new size never waits for a compile while serving.
     @triton.jit(do_not_specialize=["num_rows"])
-    def moe_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, os_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K,
-                      N, sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m, sos_m, expert_start, num_local,
+    def moe_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, num_rows, top_k, K, N,
+                      sx_t, sx_k, sxs_t, sw_e, sw_n, sw_k, ss_e, ss_n, ss_k, so_m, expert_start, num_local,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                       A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
-                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr, TO_F16: tl.constexpr,
-                      QUANT_OUT: tl.constexpr, QUANTIZE: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr,
-                      EXACT_E4M3: tl.constexpr, ROUND_DTYPE: tl.constexpr):
+                      DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr, TO_F16: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
         e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
         if e < 0:
             return
-        dtype = ROUND_DTYPE  # the model's dtype; float16 with F16 (out_ptr's, or fp8 with QUANT_OUT)
+        dtype = out_ptr.dtype.element_ty  # float16 with F16
         offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < num_rows
         token = rows // top_k
@@ -164,13 +161,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             up = acc_up.to(dtype).to(tl.float32)
             act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
             product = (act * up).to(dtype)
-        if QUANT_OUT:  # fp8 out, one scale per row of this column tile (os_ptr [rows, N / BLOCK_N])
-            q, scale = QUANTIZE(tl.where(n_ok[None, :], product.to(tl.float32), 0.0), FMAX, INV_FMAX, EXACT_E4M3)
-            tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], q.to(out_ptr.dtype.element_ty),
-                     mask=n_ok[None, :])
-            tl.store(os_ptr + offs_m * sos_m + tl.program_id(1), scale)
-        else:
-            tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], product, mask=n_ok[None, :])
+        tl.store(out_ptr + offs_m[:, None] * so_m + offs_n[None, :], product, mask=n_ok[None, :])
 
     @triton.jit(do_not_specialize=["num_rows"])
     def moe_down_kernel(a_ptr, as_ptr, w_ptr, s_ptr, out_ptr, rows_ptr, block_expert_ptr, weight_ptr, num_rows, K,
@@ -178,7 +169,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                         A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
-                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr, A_GROUP: tl.constexpr):
+                        DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr):
         if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
@@ -207,7 +198,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                               mask=n_ok, other=0.0)
             s_a = n_ok  # unread unless A_FP8
             if A_FP8:
-                s_a = tl.load(as_ptr + offs_m * sas_m + k0 // A_GROUP)  # A_GROUP: a multiple of BLOCK_K
+                s_a = tl.load(as_ptr + offs_m * sas_m + k0 // SCALE_BLOCK)
             elif F16:  # a is the up kernel's float16 output
                 b = b.to(tl.float16)
             elif HAS_SCALE:
@@ -284,9 +275,6 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             tl.store(block_expert_ptr + b, tl.where(expert < num_local, expert, -1), mask=b < num_blocks)
 
     return SimpleNamespace(up=moe_up_kernel, down=moe_down_kernel, mma=mma, block_rows=block_rows, to_f16=to_f16,
-                           quantize_tile=quantize_tile_function(interpret),
-                           tl_dtype={torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-                                     torch.float32: tl.float32}.__getitem__,
                            align_count=moe_align_count_kernel,
                            align_place=moe_align_place_kernel)
 
@@ -348,34 +336,19 @@ def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_group(x, SCALE_BLOCK)
 
 
-def takes_fp8_input(tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
-    """Whether `triton_moe` under `tile` multiplies fp8 activations, so that its caller may hand x over quantized
-    (`x_fp8`: per row and 128 columns, as fused_ops.fused_add_rms_norm_fp8 writes it in the norm's kernel)."""
-    return tile.fp8_activations and scales is not None
-
-
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, topk_ids: torch.Tensor,
                expert_start: int, tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-               num_experts: int | None = None, summed: bool = True,
-               x_fp8: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               num_experts: int | None = None, summed: bool = True) -> torch.Tensor:
     """fused_moe's Triton backend: weights float32 [T, k] and global ids [T, k] as routed; this rank holds
     experts [expert_start, + E_local) and the others' assignments get no row (their weights are never read).
     `scales`: w13 and w2 are fp8 with 128x128 block scales [E, 2I/128, H/128] and [E, H/128, I/128]
     (model/moe/experts.py); with `tile.fp8_activations` the activations are quantized too (W8A8, module doc).
     `num_experts`: the model's expert count, when known: a rank holding all of them writes every assignment's
     row, so the rows need no zero fill first. `summed` False: the weighted rows [T, k, H] unsummed (the next
-    RMSNorm's kernel adds them, fused_ops.fused_add_rms_norm), saving the sum's launch. `x_fp8`: x already
-    quantized per row and 128 columns (fp8 [T, H], float32 scales [T, H / 128]), taken where `takes_fp8_input`
-    (a ValueError elsewhere: the caller asks first), saving the quantization launch."""
+    RMSNorm's kernel adds them, fused_ops.fused_add_rms_norm), saving the sum's launch."""
     import triton
 
-    from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX
-
-    a_fp8 = takes_fp8_input(tile, scales)
-    if x_fp8 is not None and not a_fp8:
-        raise ValueError("x_fp8 given to a tile without fp8 activations: ask takes_fp8_input first")
-    # the up kernel quantizes its own output per row and column tile; the down kernel's k tile lies in one group
-    fused_quant = a_fp8 and tile.fused_act_quant
+    a_fp8 = tile.fp8_activations and scales is not None
     sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
     f16 = tile.f16_products and scales is not None and not a_fp8 and sixteen_bit
     if x.element_size() > 2:
@@ -401,40 +374,26 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     k = _kernels(interpret_mode())
     pdl = pdl_enabled(x, num_tokens)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    act_dtype = FP8_DTYPE if fused_quant else torch.float16 if f16 else x.dtype
-    act = torch.empty(num_blocks * tile.block_m, inter, dtype=act_dtype, device=x.device)
-    col_tiles = triton.cdiv(inter, tile.block_n)
-    # the up kernel's scales of `act` (fused_quant), else unwritten
-    act_scales = torch.empty(act.shape[0], col_tiles, dtype=torch.float32, device=x.device) if fused_quant else act
-    if x_fp8 is not None:
-        a, a_scales = x_fp8
-    else:
-        a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
-    k.up[(num_blocks, col_tiles)](
-        a, a_scales, w13, s13, act, act_scales, rows, block_expert, num_rows, top_k, hidden, inter,
+    act = torch.empty(num_blocks * tile.block_m, inter, dtype=torch.float16 if f16 else x.dtype, device=x.device)
+    a, a_scales = _quantize_groups(x) if a_fp8 else (x, x)  # the scales are unread without A_FP8
+    k.up[(num_blocks, triton.cdiv(inter, tile.block_n))](
+        a, a_scales, w13, s13, act, rows, block_expert, num_rows, top_k, hidden, inter,
         a.stride(0), a.stride(1), a_scales.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), *scale_strides13,
-        act.stride(0), act_scales.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-        BLOCK_K=tile.block_k, PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK,
-        A_FP8=a_fp8, SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16, TO_F16=k.to_f16,
-        QUANT_OUT=fused_quant, QUANTIZE=k.quantize_tile, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
-        EXACT_E4M3=interpret_mode(), ROUND_DTYPE=k.tl_dtype(torch.float16 if f16 else x.dtype), PDL=pdl,
-        **pdl_kwargs(pdl), num_warps=tile.num_warps,
+        act.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
+        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16, TO_F16=k.to_f16,
+        PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     every_row_written = expert_start == 0 and num_experts is not None and num_local >= num_experts
     out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
                                                                device=x.device)
-    down_k, a_group = tile.block_k, SCALE_BLOCK
-    if fused_quant:
-        a, a_scales, a_group = act, act_scales, tile.block_n
-        down_k = min(down_k, a_group)
-    else:
-        a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
+    a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
     k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
         a, a_scales, w2, s2, out, rows, block_expert, weights.float().reshape(-1).contiguous(), num_rows,
         inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
-        out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=down_k,
+        out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
         PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
-        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16, A_GROUP=a_group,
+        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16,
         PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
         num_stages=tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.

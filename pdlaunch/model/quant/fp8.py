@@ -12,7 +12,6 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
 _MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no division by zero)
 
 

@@ -16,10 +16,11 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
 from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
+_INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
 
 
 @functools.cache
@@ -211,7 +212,7 @@ def quantize_rows(x: torch.Tensor, group: int | None, pad_rows: int = 1,
         pdl = pdl_enabled(x, m)
         _kernels().quant_rows[(-(-m_out // rows), groups)](x, q, s, m, m_out, k, x.stride(0), s.stride(0),
                                                            s.stride(1), GROUP_SIZE=size, ROWS=rows, FMAX=FP8_MAX,
-                                                           INV_FMAX=INV_FP8_MAX, PDL=pdl, num_warps=4,
+                                                           INV_FMAX=_INV_FP8_MAX, PDL=pdl, num_warps=4,
                                                            **pdl_kwargs(pdl))
     return q, s
 
