@@ -59,7 +59,10 @@ def test_a_quiescent_engine_steps_only_when_a_command_comes() -> None:
             return [await loop.call(lambda e: e.steps, timeout=30) for _ in range(20)]  # type: ignore[attr-defined]
 
         seen = asyncio.run(calls())  # each answered within the timeout: a command wakes the loop
-        assert seen == list(range(len(seen))), seen  # one step after each command, none between
+        # At most one step between two commands, none without one: a command sent while the loop still drains the
+        # queue (the answer to the one before reached the caller first) runs in the same drain, before the step.
+        assert seen[0] == 0 and all(0 <= b - a <= 1 for a, b in zip(seen, seen[1:])), seen
+        assert engine.steps <= len(seen), (engine.steps, seen)
         # A window with no command (what is measured here is that nothing happens, so it is a window, not a
         # wait for a condition): a loop polling at its 1 ms idle wait would step hundreds of times in it.
         before = engine.steps
