@@ -1,4 +1,4 @@
-"""Block-FP8 attention projections at decode batches, weights in rotation (issue 27's Qwen3-30B-A3B batch 64).
+"""Block-FP8 attention projections (Qwen3-30B-A3B, Llama-3-8B) at decode batches, weights in rotation (issue 27).
 
     python benchmarks/fp8_small_m_rotated.py [--rows 16 64] [--json OUT]
 
