@@ -122,3 +122,21 @@ def make_fp8_qwen3(directory: Path, scheme: Scheme, seed: int = 11,
         cfg["quantization_config"] = _quant_config(scheme)
         (served / "config.json").write_text(json.dumps(cfg, indent=2))
     return served, reference
+
+
+def keep_in_model_dtype(served: Path, reference: Path, modules: tuple[str, ...]) -> None:
+    """Turn the block-FP8 checkpoint `served` into one whose projections named `modules` (e.g. "q_proj",
+    "down_proj") stay in the model dtype: their reference weights replace the fp8 ones and their scales, and
+    quantization_config's modules_to_not_convert lists them beside lm_head (as a checkpoint that keeps the
+    attention in bf16 says so)."""
+    tensors = load_file(served / "model.safetensors")
+    ref = load_file(reference / "model.safetensors")
+    kept = [name for name in tensors if name.rsplit(".", 2)[-2] in modules]
+    for name in kept:
+        del tensors[name]
+    tensors.update({name: w for name, w in ref.items()
+                    if name.endswith(".weight") and name.rsplit(".", 2)[-2] in modules})
+    save_file(tensors, served / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((served / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", *modules]
+    (served / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -189,3 +189,24 @@ def test_block_fp8_moe_checkpoint_serves_fp8_experts(tmp_path: Path) -> None:
     bound = 6e-2 if tile_for(x, x.shape[0], fp8=True).fp8_activations else 1e-2  # W8A8 tiles: fp8's precision
     assert _rel(out, same_kernels) < bound
     assert _rel(out, moe_reference(x.float(), deq13, deq2, weights, ids)) < 2 * bound
+
+
+@needs_fp8
+def test_fp8_experts_with_the_attention_kept_in_bf16(tmp_path: Path) -> None:
+    """A block-FP8 Qwen3-MoE checkpoint whose modules_to_not_convert lists the attention projections (README
+    "FP8": the faster layout at batch 64 on an H200): on the GPU the attention is a bf16 layer, the experts fp8
+    blocks and the dense MLP an fp8 layer, and a step runs."""
+    from tests.helpers.fp8_checkpoints import keep_in_model_dtype, make_fp8_qwen3
+
+    served, reference = make_fp8_qwen3(tmp_path, "block", seed=14, moe=True)
+    keep_in_model_dtype(served, reference, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    model = load_model(load_checkpoint(str(served)), CUDA, torch.bfloat16)
+    layers = model.model.decoder_layers
+    for layer in layers:
+        attn = layer.self_attn
+        assert attn.qkv_proj.quant_method is None and attn.qkv_proj.weight.dtype == torch.bfloat16
+        assert attn.o_proj.quant_method is None and attn.o_proj.weight.dtype == torch.bfloat16
+    assert layers[0].mlp.experts.w13.dtype == fp8.FP8_DTYPE  # layer 0 is the MoE one, layer 1 dense
+    assert layers[1].mlp.gate_up_proj.weight.dtype == fp8.FP8_DTYPE
+    logits = PagedRunner(model).step({"s": [random.Random(7).randrange(3, 500) for _ in range(9)]})["s"]
+    assert logits.shape[0] == 9 and torch.isfinite(logits).all()

@@ -12,6 +12,7 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_parity import assert_same_greedy, hf_reference, random_prompts
+from tests.helpers.fp8_checkpoints import keep_in_model_dtype, make_fp8_qwen3
 from tests.tp.conftest import MakeTPEngine
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -36,25 +37,24 @@ def test_fp8_greedy_matches_dequantized_transformers(scheme: str, fp8_ckpts: dic
 
 def test_fp8_ignored_module_keeps_its_dtype(tmp_path: Path, make_engine: MakeEngine) -> None:
     """modules_to_not_convert: a listed module loads its bf16/fp32 weight, no scale needed."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    served, reference = __import__("tests.helpers.fp8_checkpoints", fromlist=["x"]).make_fp8_qwen3(tmp_path, "block")
-    tensors = load_file(served / "model.safetensors")
-    ref = load_file(reference / "model.safetensors")
-    for name in [n for n in tensors if ".mlp.down_proj." in n]:
-        del tensors[name]
-    for name in [n for n in ref if n.endswith("mlp.down_proj.weight")]:
-        tensors[name] = ref[name]
-    save_file(tensors, served / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((served / "config.json").read_text())
-    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", "down_proj"]
-    (served / "config.json").write_text(json.dumps(cfg))
+    served, reference = make_fp8_qwen3(tmp_path, "block")
+    keep_in_model_dtype(served, reference, ("down_proj",))
     engine = make_engine(served)
     prompt = random_prompts([7], seed=9)[0]
     out = run_all(engine, [prompt], GREEDY)[0]
     assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
+
+
+def test_fp8_moe_experts_with_the_attention_kept_in_the_model_dtype(tmp_path: Path, make_engine: MakeEngine) -> None:
+    """A block-FP8 Qwen3-MoE checkpoint whose modules_to_not_convert lists the attention projections (the faster
+    layout at decode batches on an H200, README "FP8"): the attention loads its own weights, the experts and the
+    dense MLP their fp8 ones, and greedy ids equal transformers on those weights."""
+    served, reference = make_fp8_qwen3(tmp_path, "block", moe=True)
+    keep_in_model_dtype(served, reference, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    engine = make_engine(served, max_num_batched_tokens=16)
+    prompts = random_prompts([5, 21], seed=11)
+    for prompt, out in zip(prompts, run_all(engine, prompts, GREEDY)):
+        assert_same_greedy(out.output_token_ids, hf_reference(reference, prompt, GREEDY.max_tokens))
 
 
 @pytest.mark.slow
