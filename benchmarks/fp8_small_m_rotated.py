@@ -1,6 +1,6 @@
 """Block-FP8 attention projections (Qwen3-30B-A3B, Llama-3-8B) at decode batches, weights in rotation (issue 27).
 
-    python benchmarks/fp8_small_m_rotated.py [--rows 16 64] [--json OUT]
+    python benchmarks/fp8_small_m_rotated.py [--rows 16 64] [--shapes moe_qkv ...] [--json OUT]
 
 `fp8_bench.py --small-m` times each projection on one weight, which the H200's 50 MB L2 holds after the first
 call; in a decode step every weight comes from HBM. Here each call reads the next of enough copies (>= 256 MB) in
@@ -25,7 +25,8 @@ from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 from pdlaunch.model.quant import fp8  # noqa: E402
 from pdlaunch.model.quant.kernels import block_fp8_linear, block_fp8_split_gemm, quantize_rows, split_config  # noqa: E402
 
-SHAPES = {"moe_qkv": (5120, 2048), "moe_o": (2048, 4096), "llama_qkv": (6144, 4096), "llama_o": (4096, 4096)}
+SHAPES = {"moe_qkv": (5120, 2048), "moe_o": (2048, 4096), "llama_qkv": (6144, 4096), "llama_o": (4096, 4096),
+          "llama_down": (4096, 14336)}
 TILED = [(16, 32, 4, 4), (16, 64, 4, 4), (64, 64, 4, 4), (64, 32, 4, 4), (64, 64, 4, 6), (64, 128, 4, 3),
          (32, 64, 4, 4)]
 SPLIT = [(64, 1, 4, 4), (64, 2, 4, 4), (64, 4, 4, 4), (64, 8, 4, 4), (32, 1, 4, 4), (32, 2, 4, 4), (32, 4, 4, 4),
@@ -69,12 +70,14 @@ def shape_row(name: str, m: int, ws: list[tuple[torch.Tensor, torch.Tensor]], bw
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     bw = copy_bandwidth(2.0)["copy_gbps"] * 1e9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "copy_gbps": bw / 1e9, "rows": []}
-    for name, (n, k) in SHAPES.items():
+    for name in args.shapes:
+        n, k = SHAPES[name]
         rotate = max(2, -(-(256 << 20) // (n * k)))
         ws = [fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02) for _ in range(rotate)]
         out["rows"] += [shape_row(name, m, ws, bw, sms) for m in args.rows]

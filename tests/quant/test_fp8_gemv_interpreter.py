@@ -75,3 +75,22 @@ def test_launch_per_shape_on_the_h200_and_the_rule_elsewhere() -> None:
     assert gemv_launch("NVIDIA H100 80GB HBM3", 2048, 4096) == ((8, 2048, 8), True)
     for name, n, k in [("NVIDIA H200", 4096, 7168), ("NVIDIA H100 80GB HBM3", 4096, 14336), ("", 2048, 4096)]:
         assert gemv_launch(name, n, k) == (GEMV_CONFIG, gemv_fold(n, k))
+
+
+def test_split_ranges_follow_the_rows_and_the_weight() -> None:
+    """split_config on 132 SMs: up to 32 rows, K in ranges of at least 8 blocks within 4 programs a SM where that
+    makes 4 ranges or more (Llama-3-8B qkv and o 4, down 8; Qwen3-30B-A3B o 4); Qwen3-30B-A3B qkv (16 blocks) and
+    gate_up-sized weights (448 tiles) keep the one-per-SM rule, as does every weight from 33 rows (benchmarks/
+    fp8_small_m_rotated.py timings in the constants' comment)."""
+    from pdlaunch.model.quant.kernels import split_config
+
+    def ranges(n: int, k: int, rows: int) -> int:
+        return split_config(n, k, 132, rows)[1]
+
+    for rows in (2, 16, 32):
+        assert [ranges(6144, 4096, rows), ranges(4096, 4096, rows), ranges(4096, 14336, rows)] == [4, 4, 8]
+        assert [ranges(2048, 4096, rows), ranges(5120, 2048, rows), ranges(28672, 4096, rows)] == [4, 1, 1]
+    for rows in (33, 64):
+        assert [ranges(6144, 4096, rows), ranges(4096, 4096, rows), ranges(4096, 14336, rows)] == [1, 2, 2]
+        assert [ranges(2048, 4096, rows), ranges(5120, 2048, rows)] == [4, 1]
+    assert split_config(4096, 14336, 132) == split_config(4096, 14336, 132, 64)  # rows default: the old rule

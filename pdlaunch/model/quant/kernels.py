@@ -300,15 +300,38 @@ SPLIT_MAX_ROWS = 64
 SplitConfig = tuple[int, int, int, int]  # (BLOCK_N, SPLIT_K, num_warps, num_stages)
 
 
+# Up to this many rows (BLOCK_M 16 or 32), where every K range is at least WIDE_SPLIT_MIN_BLOCKS 128-column blocks
+# long and that gives WIDE_SPLIT_MIN ranges or more, the K dimension splits into as many such ranges as keep the
+# programs within WIDE_SPLIT_PER_SM a SM. With the weights read from memory (benchmarks/fp8_small_m_rotated.py, each
+# call's weight another of >= 256 MB of copies, CUDA graphs of 24 calls; one H200, 2-32 rows), us a call, against
+# the one-per-SM rule: Llama-3-8B qkv 4 ranges 13.2-14.3 against 16.6-17.8 (the tiled GEMM), o 4 ranges 11.4-12.5
+# against 13.0-14.9 (2 ranges; 8 ranges 12.7-13.4), down 8 ranges 23.0-23.4 against 31.4-31.8 up to 16 rows and
+# 26.6 against 34.6 at 32; Qwen3-30B-A3B o the same 4 ranges either way, its qkv (16 blocks: 2 ranges, 12.1 us
+# against the tiled GEMM's 11.3 at 2 rows) keeps the old rule. At 64 rows 4 ranges lost (Llama-3-8B qkv 18.6
+# against 16.5, o 14.6 against 13.1): from 33 rows the old rule, which came from timings with the weight in L2.
+WIDE_SPLIT_MAX_ROWS = 32
+WIDE_SPLIT_MIN_BLOCKS = 8
+WIDE_SPLIT_MIN = 4
+WIDE_SPLIT_PER_SM = 4
+
+
 @functools.lru_cache(maxsize=64)
-def split_config(n: int, k: int, num_sms: int) -> SplitConfig:
-    """64 weight rows a program; the K ranges doubled (each at least four 128-column blocks) while the programs
-    stay within one per SM (on an H200 at 64 rows: Qwen3-30B-A3B o_proj 4 ranges 9.8 us against 12.1 with 8,
+def split_config(n: int, k: int, num_sms: int, rows: int = SPLIT_MAX_ROWS) -> SplitConfig:
+    """64 weight rows a program. Up to WIDE_SPLIT_MAX_ROWS rows, K in as many ranges of at least
+    WIDE_SPLIT_MIN_BLOCKS blocks as keep the programs within WIDE_SPLIT_PER_SM a SM, where that is WIDE_SPLIT_MIN
+    ranges or more. Otherwise the K ranges doubled (each at least four 128-column blocks) while the programs stay
+    within one per SM (on an H200 at 64 rows: Qwen3-30B-A3B o_proj 4 ranges 9.8 us against 12.1 with 8,
     Llama-3-8B o_proj 2 ranges 10.5 against 12.2 with 4; fp8_bench.py --small-m --split-sweep). Depends on the
-    weight's shape and the device only, not on M, so the warm-up's power-of-two prompts compile every variant a
-    decode batch uses."""
+    weight's shape, the device and whether `rows` is past WIDE_SPLIT_MAX_ROWS (a BLOCK_M of 64 already), so the
+    warm-up's power-of-two prompts compile every variant a decode batch uses."""
     block_n = 64
     tiles, k_blocks = -(-n // block_n), k // GROUP
+    if rows <= WIDE_SPLIT_MAX_ROWS:
+        wide = 1
+        while k_blocks // (wide * 2) >= WIDE_SPLIT_MIN_BLOCKS and tiles * wide * 2 <= WIDE_SPLIT_PER_SM * num_sms:
+            wide *= 2
+        if wide >= WIDE_SPLIT_MIN:
+            return block_n, wide, 4, 4
     split = 1
     while tiles * split * 2 <= num_sms and split * 8 <= k_blocks:
         split *= 2
@@ -331,7 +354,7 @@ def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
         return out
-    block_n, split, warps, stages = config or split_config(n, k, num_sms(x.device.index or 0))
+    block_n, split, warps, stages = config or split_config(n, k, num_sms(x.device.index or 0), m)
     k_per_split = -(-(k // GROUP) // split) * GROUP
     split = -(-k // k_per_split)  # ranges that hold any columns
     tiles = -(-n // block_n)
@@ -428,7 +451,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if m <= GEMV_MAX_ROWS and config is None:
         return block_fp8_gemv(x, weight, weight_scale, out_dtype)
     if (m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0
-            and split_config(n, k, num_sms(x.device.index or 0))[1] > 1):
+            and split_config(n, k, num_sms(x.device.index or 0), m)[1] > 1):
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
     rows_enough = m >= CUBLAS_MIN_ROWS or (m >= CUBLAS_LARGE_MIN_ROWS and n * k >= CUBLAS_LARGE_WEIGHT)
     if (rows_enough and config is None and cublas_shape_ok(n, k) and weight_scale.is_contiguous()
