@@ -41,7 +41,8 @@ def shape_row(name: str, m: int, ws: list[tuple[torch.Tensor, torch.Tensor]], bw
     floor_us = n * k / bw * 1e6
     x = torch.randn(m, k, device="cuda").bfloat16()
     want = x.float() @ fp8.dequantize(*ws[0], block=128).float().t()
-    row: dict[str, Any] = {"shape": name, "m": m, "floor_us": floor_us, "split_config_today": split_config(n, k, sms)}
+    row: dict[str, Any] = {"shape": name, "m": m, "floor_us": floor_us,
+                           "split_config_today": split_config(n, k, sms, m)}
     timed: dict[str, Any] = {"today": lambda i: block_fp8_linear(x, *ws[i % rotate], torch.bfloat16),
                              "quant_only": lambda i: quantize_rows(x, 128)}
     for cfg in TILED:
