@@ -315,7 +315,6 @@ WIDE_SPLIT_MIN = 4
 WIDE_SPLIT_PER_SM = 4
 
 
-@functools.lru_cache(maxsize=64)
 def split_config(n: int, k: int, num_sms: int, rows: int = SPLIT_MAX_ROWS) -> SplitConfig:
     """64 weight rows a program. Up to WIDE_SPLIT_MAX_ROWS rows, K in as many ranges of at least
     WIDE_SPLIT_MIN_BLOCKS blocks as keep the programs within WIDE_SPLIT_PER_SM a SM, where that is WIDE_SPLIT_MIN
@@ -324,9 +323,14 @@ def split_config(n: int, k: int, num_sms: int, rows: int = SPLIT_MAX_ROWS) -> Sp
     Llama-3-8B o_proj 2 ranges 10.5 against 12.2 with 4; fp8_bench.py --small-m --split-sweep). Depends on the
     weight's shape, the device and whether `rows` is past WIDE_SPLIT_MAX_ROWS (a BLOCK_M of 64 already), so the
     warm-up's power-of-two prompts compile every variant a decode batch uses."""
+    return _split_config(n, k, num_sms, rows <= WIDE_SPLIT_MAX_ROWS)
+
+
+@functools.lru_cache(maxsize=64)
+def _split_config(n: int, k: int, num_sms: int, few_rows: bool) -> SplitConfig:
     block_n = 64
     tiles, k_blocks = -(-n // block_n), k // GROUP
-    if rows <= WIDE_SPLIT_MAX_ROWS:
+    if few_rows:
         wide = 1
         while k_blocks // (wide * 2) >= WIDE_SPLIT_MIN_BLOCKS and tiles * wide * 2 <= WIDE_SPLIT_PER_SM * num_sms:
             wide *= 2
