@@ -135,11 +135,6 @@ class KVAgent:
         self.device_id = max(kv_caches[0].get_device(), 0)
         self._registered = self.nixl.register_memory(kv_caches)
 
-    @property
-    def posts_async(self) -> bool:
-        """GPU memory: UCX's cuda_ipc copies after the post returns. Over DRAM UCX copies inside the post."""
-        return self.mem_type == "VRAM"
-
     def deregister(self) -> None:
         """Deregister what `register` registered (before that memory is freed, e.g. for sleep)."""
         if self._registered is not None:

@@ -27,10 +27,6 @@ class TransferAgent(Protocol):
     name: str
     device_id: int
 
-    @property
-    def posts_async(self) -> bool:
-        """Whether `transfer` returns before the bytes move (so any thread may post it cheaply)."""
-
     def register(self, kv_caches: list[torch.Tensor]) -> None: ...
 
     def deregister(self) -> None: ...

@@ -11,7 +11,6 @@ Delays are injected into the agent's `transfer` of one side (a slow WRITE / a sl
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,22 +133,13 @@ def test_scheduler_keeps_draining_blocks_until_safe_to_free(how: str) -> None:
 
 
 # -- two connector processes with a slow side ----------------------------------------------------
-def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str,
-                         posts_async: bool = False) -> Built:
+def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str) -> Built:
     """build_connector plus: `slow_op` ("READ"/"WRITE") transfers start SLOW_SECONDS late (after every
-    check that precedes posting them), and fill(group, ids, value) overwrites blocks. posts_async: the agent
-    says its posts only queue transfers (as over GPU memory), so a decode posts a pull's READ on the thread
-    that calls start_load once the handshake is cached; `read_threads` names the threads that posted READs,
-    `thread` the one serving these calls."""
-    import threading
+    check that precedes posting them), and fill(group, ids, value) overwrites blocks."""
+    from pdlaunch.kv_transfer import nixl_connector
 
-    from pdlaunch.kv_transfer import agent, nixl_connector
-
-    if posts_async:
-        agent.KVAgent.posts_async = property(lambda self: True)  # type: ignore[method-assign,assignment]
     made: list[Any] = []
     started: list[str] = []  # slow transfers begun
-    read_threads: list[str] = []
     original_init = nixl_connector.NixlConnector.__init__
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -158,8 +148,6 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
         transfer = self.agent.transfer
 
         def slow_transfer(op: str, *a: Any) -> Any:
-            if op == "READ":
-                read_threads.append(threading.current_thread().name)
             if op == slow_op:
                 started.append(op)
                 time.sleep(SLOW_SECONDS)
@@ -175,15 +163,13 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
         assert connector.spec is not None
         connector.spec.kv_caches[group][torch.tensor(ids, dtype=torch.long)] = value
 
-    return {**handlers, "fill": fill, "slow_started": lambda: len(started), "read_threads": lambda: read_threads,
-            "thread": lambda: threading.current_thread().name}, close, info
+    return {**handlers, "fill": fill, "slow_started": lambda: len(started)}, close, info
 
 
 class SlowConnectorProcess(ProcessRPC):
-    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, slow_op: str, posts_async: bool = False,
-                 **spec_kwargs: Any) -> None:
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, slow_op: str, **spec_kwargs: Any) -> None:
         super().__init__(build_slow_connector, config.model_dump_json(), instance.model_dump_json(), spec_kwargs,
-                         slow_op, posts_async)
+                         slow_op)
 
 
 def _config(mode: str, transfer_timeout: float = 20.0, lease: float = 60.0) -> DeploymentConfig:
@@ -192,14 +178,13 @@ def _config(mode: str, transfer_timeout: float = 20.0, lease: float = 60.0) -> D
     return secured(DeploymentConfig(device="cpu", kv_transfer=kv))
 
 
-def _pair(config: DeploymentConfig, slow: str, slow_op: str, posts_async: bool = False) -> Iterator[tuple[Any, Any]]:
+def _pair(config: DeploymentConfig, slow: str, slow_op: str) -> Iterator[tuple[Any, Any]]:
     spec = dict(block_size=BLOCK_SIZE, num_blocks=16)
     sides: list[Any] = []
     try:
         for role, seed in (("prefill", 1), ("decode", 2)):
             instance = InstanceSpec(role=role, port=seed, engine_id=f"engine-{role}", device="cpu")
-            sides.append(SlowConnectorProcess(config, instance, slow_op if role == slow else "",
-                                              posts_async and role == "decode", seed=seed, **spec))
+            sides.append(SlowConnectorProcess(config, instance, slow_op if role == slow else "", seed=seed, **spec))
         yield sides[0], sides[1]
     finally:
         for side in sides:
@@ -267,47 +252,6 @@ def test_pull_read_keeps_prefill_blocks_past_the_lease() -> None:
         assert torch.equal(decode.call("blocks", 0, D_IDS[0]), source)
         if not freed:
             _wait(prefill, lambda e: "r" in e.finished_sending, what="prefill freeing after read_done")
-        assert prefill.call("metric", "KV_EXPIRED_REQUESTS") == expired  # read_done, not the lease
-
-
-@pytest.mark.slow
-def test_a_pull_from_a_known_prefill_posts_its_read_at_once_with_its_claim_beside_it() -> None:
-    """Where a post only queues the READ (GPU memory, Mooncake), a pull from a prefill engine the decode has shaken
-    hands with posts its READ on the thread that calls start_load (the engine thread), while a loader thread sends
-    the claim: a READ that runs past the prefill's lease still loads the blocks as they were, held by that claim.
-    The first pull shakes hands on a loader thread and posts there."""
-    config = _config("pull", transfer_timeout=20.0, lease=0.5)
-    for prefill, decode in _pair(config, slow="decode", slow_op="READ", posts_async=True):
-        expired = prefill.call("metric", "KV_EXPIRED_REQUESTS")
-        engine_thread = decode.call("thread")
-        for rid, p_ids, d_ids in (("r1", P_IDS, D_IDS), ("r2", [[5, 6, 7]], [[12, 13, 14]])):
-            source = prefill.call("blocks", 0, p_ids[0])
-            _, params = prefill.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True),
-                                     p_ids)
-            # The prefill's engine thread runs on meanwhile: it frees what is due, and freed blocks get reused.
-            freed, stop = threading.Event(), threading.Event()
-
-            def prefill_engine(rid: str = rid, p_ids: list[list[int]] = p_ids) -> None:
-                while not stop.is_set() and not freed.is_set():
-                    if rid in prefill.call("get_finished").finished_sending:
-                        freed.set()
-                        prefill.call("fill", 0, p_ids[0], SENTINEL)
-                    time.sleep(0.01)
-
-            poller = threading.Thread(target=prefill_engine)
-            poller.start()
-            try:
-                decode.call("start_load", rid, PROMPT, params, d_ids, 0, len(PROMPT) - 1)
-                ev = _wait(decode, lambda e, rid=rid: rid in e.finished_recving or rid in e.failed_recving, rid)
-                assert rid in ev.finished_recving, ev.failed_recving.get(rid)
-                # Had the prefill freed (and refilled) its blocks before the READ, decode would hold sentinels.
-                assert torch.equal(decode.call("blocks", 0, d_ids[0]), source)
-                _until(freed.is_set, f"prefill freeing {rid} after its read_done")
-            finally:
-                stop.set()
-                poller.join(30)
-        first, second = decode.call("read_threads")
-        assert first != engine_thread and second == engine_thread
         assert prefill.call("metric", "KV_EXPIRED_REQUESTS") == expired  # read_done, not the lease
 
 

@@ -39,53 +39,6 @@ class DecodeLoads:
         self.reshard_staging = ReshardStaging(ctx.agent)
         self.faults = TransferFaults()  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
 
-    def start(self, load: Load) -> None:
-        """Engine thread: a plain pull from a prefill engine this side has shaken hands with posts its READ
-        here while a loader thread sends its claim (the hop to a loader thread and the claim's sending
-        were ~0.15 ms before a 1k-token READ started), where posting only queues the READ (GPU memory,
-        Mooncake; NIXL over DRAM copies inside the post); every other load runs on a loader thread (`run`)."""
-        if self.ctx.agent.posts_async and load.plan is None and load.reshard is None:
-            remote = self.peers.cached(load.remote)
-            strategy = self._choose(remote) if remote is not None else None
-            if remote is not None and isinstance(strategy, PullLoad):
-                try:
-                    read = strategy.prepare(load) if self._begin(load, remote, strategy) else None
-                    if read is not None:
-                        self.ctx.executor.submit(self._claim, strategy, load)
-                        strategy.post(load, read)
-                except KVTransferError as e:
-                    self._set_failed(load, e.render())
-                except Exception as e:  # a bug must fail the request, not the engine thread
-                    logger.exception("KV load of request %s", load.request_id)
-                    self._set_failed(load, f"{type(e).__name__}: {e}")
-                return
-        self.ctx.executor.submit(self.run, load)
-
-    def _claim(self, strategy: PullLoad, load: Load) -> None:
-        """Loader thread: the claim of a READ the engine thread posts."""
-        try:
-            strategy.claim(load)
-        except KVTransferError as e:
-            self._set_failed(load, e.render())
-        except Exception as e:
-            logger.exception("KV load of request %s", load.request_id)
-            self._set_failed(load, f"{type(e).__name__}: {e}")
-
-    def _begin(self, load: Load, remote: RemoteEngine, strategy: LoadStrategy) -> bool:
-        """The load's strategy chosen and its bytes counted: RUNNING, unless it ended or was abandoned."""
-        with self.ctx.lock:
-            if load.abandoned or load.state != LoadState.HANDSHAKE:
-                return False
-            load.strategy, load.remote_agent = strategy, remote.agent_name
-        self.faults.maybe_fail(load.request_id)  # after the handshake, as a failed transfer would
-        spec = self.ctx.spec()
-        with self.ctx.lock:
-            load.num_bytes = sum(len(pairs) * spec.block_bytes[g] for g, pairs in enumerate(load.pairs))
-            if load.state != LoadState.HANDSHAKE:
-                return False
-            load.state = LoadState.RUNNING
-        return True
-
     # -- loader threads -----------------------------------------------------------------------
     def run(self, load: Load) -> None:
         """Loader thread: the prefill's block ids if the params lacked them, the handshake (cached per
@@ -102,8 +55,18 @@ class DecodeLoads:
                 return
             remote = self.peers.get(load.remote)
             strategy = self._choose(remote)
-            if self._begin(load, remote, strategy):
-                strategy.run(load)
+            with self.ctx.lock:
+                if load.abandoned or load.state != LoadState.HANDSHAKE:
+                    return
+                load.strategy, load.remote_agent = strategy, remote.agent_name
+            self.faults.maybe_fail(load.request_id)  # after the handshake, as a failed transfer would
+            spec = self.ctx.spec()
+            with self.ctx.lock:
+                load.num_bytes = sum(len(pairs) * spec.block_bytes[g] for g, pairs in enumerate(load.pairs))
+                if load.state != LoadState.HANDSHAKE:
+                    return
+                load.state = LoadState.RUNNING
+            strategy.run(load)
         except KVTransferError as e:
             self._set_failed(load, e.render())
         except Exception as e:  # a bug must fail the request, not leave it parked until the timeout

@@ -117,11 +117,6 @@ class MooncakeAgent:
         return session
 
     # -- transfers and notifications ----------------------------------------------------------
-    @property
-    def posts_async(self) -> bool:
-        """A transfer runs on the pool's threads; posting it only queues it."""
-        return True
-
     def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
                  remote_device_id: int, notif: bytes) -> MooncakeXfer:
         """Post op ("READ": remote -> local, "WRITE": local -> remote); `notif` goes to the peer after it."""
