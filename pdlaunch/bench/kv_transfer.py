@@ -28,7 +28,7 @@ import torch
 
 from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.blocks import coalesce, descriptor_cap_bytes, split_runs
+from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
 
@@ -318,7 +318,7 @@ def run_kv_transfer_bench(
                     "connector": connector, "transport": info.get("transport"),
                     "mode": info.get("transfer_mode", mode), "num_tokens": n, "concurrency": concurrency,
                     "bytes": nbytes,
-                    "descriptors": len(split_runs(coalesce(list(zip(ids, ids))), block_bytes, descriptor_cap_bytes())),
+                    "descriptors": len(coalesce(list(zip(ids, ids)))),
                     "seconds": median, "gbps": nbytes / median / 1e9, "raw_copy_gbps": copies["raw"],
                     "peer_copy_gbps": copies.get("peer"), "verified": verified,
                     "prefill_device": prefill_device, "decode_device": decode_device, "cumem": cumem,

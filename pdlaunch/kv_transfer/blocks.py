@@ -8,7 +8,6 @@ one descriptor of `count * block_bytes` bytes: MiB-sized for real models.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -84,41 +83,10 @@ def coalesce(pairs: Iterable[tuple[int, int]]) -> list[BlockRun]:
     return runs
 
 
-def descriptor_cap_bytes() -> int:
-    """The largest descriptor a run is cut into, in bytes (0: one descriptor per run).
-
-    PDLAUNCH_KV_DESCRIPTOR_MIB sets it (an A/B setting for `bench kv-transfer`): UCX's cuda_ipc copies one
-    descriptor on one stream, so a cap lets the pieces of a long run copy side by side."""
-    value = os.environ.get("PDLAUNCH_KV_DESCRIPTOR_MIB", "0")
-    try:
-        mib = int(value)
-    except ValueError:
-        raise KVTransferError(f"PDLAUNCH_KV_DESCRIPTOR_MIB={value!r} is not a whole number of MiB",
-                              field="PDLAUNCH_KV_DESCRIPTOR_MIB", hint="unset it, or give e.g. 64") from None
-    if mib < 0:
-        raise KVTransferError(f"PDLAUNCH_KV_DESCRIPTOR_MIB={mib} is negative", field="PDLAUNCH_KV_DESCRIPTOR_MIB",
-                              hint="0 keeps one descriptor per run of blocks")
-    return mib << 20
-
-
-def split_runs(runs: list[BlockRun], block_bytes: int, cap_bytes: int) -> list[BlockRun]:
-    """`runs` cut into pieces of at most `cap_bytes` (at least one block each); cap 0 keeps them whole."""
-    if cap_bytes <= 0:
-        return runs
-    per = max(1, cap_bytes // block_bytes)
-    out: list[BlockRun] = []
-    for r in runs:
-        for off in range(0, r.count, per):
-            out.append(BlockRun(r.local_start + off, r.remote_start + off, min(per, r.count - off)))
-    return out
-
-
 def run_descriptors(
-    runs: list[BlockRun], local_base: int, remote_base: int, block_bytes: int, cap_bytes: int | None = None
+    runs: list[BlockRun], local_base: int, remote_base: int, block_bytes: int
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(local, remote) lists of (address, length) byte ranges: one per run, or per piece of at most
-    `cap_bytes` (default: `descriptor_cap_bytes()`)."""
-    pieces = split_runs(runs, block_bytes, descriptor_cap_bytes() if cap_bytes is None else cap_bytes)
-    local = [(local_base + r.local_start * block_bytes, r.count * block_bytes) for r in pieces]
-    remote = [(remote_base + r.remote_start * block_bytes, r.count * block_bytes) for r in pieces]
+    """(local, remote) lists of (address, length) byte ranges, one per run."""
+    local = [(local_base + r.local_start * block_bytes, r.count * block_bytes) for r in runs]
+    remote = [(remote_base + r.remote_start * block_bytes, r.count * block_bytes) for r in runs]
     return local, remote

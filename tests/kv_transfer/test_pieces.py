@@ -11,15 +11,7 @@ from pydantic import BaseModel
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel, transfer_mode
-from pdlaunch.kv_transfer.blocks import (
-    BlockRun,
-    coalesce,
-    descriptor_cap_bytes,
-    needed_block_indices,
-    pair_blocks,
-    run_descriptors,
-    split_runs,
-)
+from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, needed_block_indices, pair_blocks, run_descriptors
 from pdlaunch.kv_transfer.checksum import block_checksums, verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, compat_fields, compat_hash
 from pdlaunch.kv_transfer.messages import ForgetRequest, StageAnswer, UnstageRequest
@@ -49,33 +41,6 @@ def test_coalesce_merges_runs_consecutive_on_both_sides() -> None:
     local, remote = run_descriptors(coalesce(pairs), 1000, 5000, 100)
     assert local == [(1300, 200), (2000, 100), (2100, 100), (3000, 300)]
     assert remote == [(5500, 200), (5700, 100), (5200, 100), (5900, 300)]
-
-
-def test_a_descriptor_cap_cuts_runs_into_pieces_that_cover_them_exactly() -> None:
-    runs = [BlockRun(3, 5, 2), BlockRun(20, 9, 7)]
-    assert split_runs(runs, 100, 0) == runs
-    assert split_runs(runs, 100, 300) == [BlockRun(3, 5, 2), BlockRun(20, 9, 3), BlockRun(23, 12, 3),
-                                          BlockRun(26, 15, 1)]
-    assert split_runs(runs, 100, 50) == [BlockRun(3 + i, 5 + i, 1) for i in range(2)] + [
-        BlockRun(20 + i, 9 + i, 1) for i in range(7)]  # a cap below one block: a block a piece
-    local, remote = run_descriptors(runs, 1000, 5000, 100, cap_bytes=300)
-    assert local == [(1300, 200), (3000, 300), (3300, 300), (3600, 100)]
-    assert remote == [(5500, 200), (5900, 300), (6200, 300), (6500, 100)]
-
-
-def test_the_descriptor_cap_comes_from_the_environment_and_bad_values_name_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PDLAUNCH_KV_DESCRIPTOR_MIB", raising=False)
-    assert descriptor_cap_bytes() == 0
-    monkeypatch.setenv("PDLAUNCH_KV_DESCRIPTOR_MIB", "64")
-    assert descriptor_cap_bytes() == 64 << 20
-    assert run_descriptors([BlockRun(0, 0, 3)], 0, 0, 40 << 20) == (
-        [(0, 40 << 20), (40 << 20, 40 << 20), (80 << 20, 40 << 20)],
-        [(0, 40 << 20), (40 << 20, 40 << 20), (80 << 20, 40 << 20)])
-    for bad in ("sixty", "-1"):
-        monkeypatch.setenv("PDLAUNCH_KV_DESCRIPTOR_MIB", bad)
-        with pytest.raises(KVTransferError, match="PDLAUNCH_KV_DESCRIPTOR_MIB"):
-            descriptor_cap_bytes()
 
 
 def test_coalesce_gives_back_every_pair_in_maximal_runs() -> None:
