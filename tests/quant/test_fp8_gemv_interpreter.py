@@ -80,7 +80,8 @@ def test_launch_per_shape_on_the_h200_and_the_rule_elsewhere() -> None:
 def test_split_ranges_follow_the_rows_and_the_weight() -> None:
     """split_config on 132 SMs: up to 32 rows, K in ranges of at least 8 blocks within 4 programs a SM where that
     makes 4 ranges or more (Llama-3-8B qkv and o 4, down 8; Qwen3-30B-A3B o 4); Qwen3-30B-A3B qkv (16 blocks) and
-    gate_up-sized weights (448 tiles) keep the one-per-SM rule, as does every weight from 33 rows (benchmarks/
+    gate_up-sized weights (448 tiles) keep the one-per-SM rule, as does every weight from 33 rows but those of a
+    long K, which take 32-row tiles in ranges of at least 8 blocks within 4 programs a SM (benchmarks/
     fp8_small_m_rotated.py timings in the constants' comment)."""
     from pdlaunch.model.quant.kernels import split_config
 
@@ -91,6 +92,9 @@ def test_split_ranges_follow_the_rows_and_the_weight() -> None:
         assert [ranges(6144, 4096, rows), ranges(4096, 4096, rows), ranges(4096, 14336, rows)] == [4, 4, 8]
         assert [ranges(2048, 4096, rows), ranges(5120, 2048, rows), ranges(28672, 4096, rows)] == [4, 1, 1]
     for rows in (33, 64):
-        assert [ranges(6144, 4096, rows), ranges(4096, 4096, rows), ranges(4096, 14336, rows)] == [1, 2, 2]
+        assert [ranges(6144, 4096, rows), ranges(4096, 4096, rows)] == [1, 2]
         assert [ranges(2048, 4096, rows), ranges(5120, 2048, rows)] == [4, 1]
-    assert split_config(4096, 14336, 132) == split_config(4096, 14336, 132, 64)  # rows default: the old rule
+        # a long K (down_proj, 112 blocks): 32-row tiles in 4 ranges of 28 blocks, 512 programs
+        assert split_config(4096, 14336, 132, rows) == (32, 4, 4, 4)
+        assert split_config(4096, 7168, 132, rows) == (64, 2, 4, 4)  # its TP-2 shard (56 blocks): the old rule
+    assert split_config(4096, 14336, 132) == split_config(4096, 14336, 132, 64)  # rows default: 64

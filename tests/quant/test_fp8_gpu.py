@@ -50,6 +50,7 @@ def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
 @pytest.mark.parametrize("m", [2, 16, 17, 64])
 @pytest.mark.parametrize("n,k,config", [
     (2048, 4096, None),            # the tuned split (Qwen3-30B-A3B o_proj: 32 tiles, 4 ranges on an H200)
+    (4096, 14336, None),           # a long K (Llama-3-8B down_proj): from 33 rows 32-row tiles in 4 ranges
     (5120, 2048, (64, 1, 4, 4)),   # one range: the output written directly
     (200, 1152, (64, 4, 4, 3)),    # masked rows of the last tile; 9 blocks in ranges of 3 (the last one short)
     (384, 256, (64, 2, 4, 4)),

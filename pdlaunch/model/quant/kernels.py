@@ -313,12 +313,19 @@ WIDE_SPLIT_MAX_ROWS = 32
 WIDE_SPLIT_MIN_BLOCKS = 8
 WIDE_SPLIT_MIN = 4
 WIDE_SPLIT_PER_SM = 4
+# From 33 rows, a weight whose K holds at least this many 128-column blocks (Llama-3-8B down_proj: 112) takes tiles
+# of 32 weight rows and K in ranges of at least WIDE_SPLIT_MIN_BLOCKS blocks within WIDE_SPLIT_PER_SM programs a SM
+# (4 ranges, 512 programs): one H100, weights in rotation (fp8_small_m_rotated.py), us a call at 33 / 48 / 64 rows:
+# 32.7 / 32.5 / 33.3 against the old rule's 64-row tiles in 2 ranges, 36.1 / 35.4 / 36.6. Shorter weights keep
+# the old rule there (Llama-3-8B o_proj in 32-row tiles and 4 ranges: 14.9 against 13.9 us at 48 rows).
+LONG_K_MIN_BLOCKS = 64
 
 
 def split_config(n: int, k: int, num_sms: int, rows: int = SPLIT_MAX_ROWS) -> SplitConfig:
     """64 weight rows a program. Up to WIDE_SPLIT_MAX_ROWS rows, K in as many ranges of at least
     WIDE_SPLIT_MIN_BLOCKS blocks as keep the programs within WIDE_SPLIT_PER_SM a SM, where that is WIDE_SPLIT_MIN
-    ranges or more. Otherwise the K ranges doubled (each at least four 128-column blocks) while the programs stay
+    ranges or more; from there, for a K of LONG_K_MIN_BLOCKS blocks or more, the same with 32 weight rows a
+    program. Otherwise the K ranges doubled (each at least four 128-column blocks) while the programs stay
     within one per SM (on an H200 at 64 rows: Qwen3-30B-A3B o_proj 4 ranges 9.8 us against 12.1 with 8,
     Llama-3-8B o_proj 2 ranges 10.5 against 12.2 with 4; fp8_bench.py --small-m --split-sweep). Depends on the
     weight's shape, the device and whether `rows` is past WIDE_SPLIT_MAX_ROWS (a BLOCK_M of 64 already), so the
@@ -336,6 +343,13 @@ def _split_config(n: int, k: int, num_sms: int, few_rows: bool) -> SplitConfig:
             wide *= 2
         if wide >= WIDE_SPLIT_MIN:
             return block_n, wide, 4, 4
+    elif k_blocks >= LONG_K_MIN_BLOCKS:
+        narrow_tiles, long_split = -(-n // 32), 1
+        while (k_blocks // (long_split * 2) >= WIDE_SPLIT_MIN_BLOCKS
+               and narrow_tiles * long_split * 2 <= WIDE_SPLIT_PER_SM * num_sms):
+            long_split *= 2
+        if long_split > 1:
+            return 32, long_split, 4, 4
     split = 1
     while tiles * split * 2 <= num_sms and split * 8 <= k_blocks:
         split *= 2
