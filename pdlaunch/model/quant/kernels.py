@@ -401,6 +401,12 @@ CUBLAS_MIN_ROWS = SPLIT_MAX_ROWS + 1
 # (qkv, o, down) stay on the Triton kernels up to 64 rows (qkv at 64 rows: 15.2 against 12.7 us).
 CUBLAS_LARGE_WEIGHT = 1 << 26
 CUBLAS_LARGE_MIN_ROWS = 17
+# Per device (a substring of torch's device name): the tiled GEMM's config for such weights from
+# LARGE_TILED_MIN_ROWS to SPLIT_MAX_ROWS rows, instead of cuBLAS. One H100, weights in rotation (fp8_small_m_rotated.py), Llama-3-8B
+# gate_up at 33 / 48 / 64 rows: 64 x 128 tiles in 3 stages 51.6 / 50.4 / 51.1 us against cuBLAS's 53.6 / 53.1 / 53.6
+# (64 x 64 tiles: 52.1-52.2). The H200 (cuBLAS 37.5 us at 64 rows against 44.6-47.0 in 64 x 64 tiles) keeps cuBLAS.
+LARGE_WEIGHT_TILED: dict[str, tuple[int, int, int, int]] = {"H100": (64, 128, 4, 3)}
+LARGE_TILED_MIN_ROWS = WIDE_SPLIT_MAX_ROWS + 1
 CUBLAS_ROW_MULTIPLE = 4  # the 1x128 scales' column stride must be 16-byte aligned: M a multiple of 4
 # The weight scales' leading dimension (K / 128 floats) too: with K = 256 cuBLAS read them wrongly (H200), so K must
 # be a multiple of 512 (every model dimension we serve is: 2048, 4096, 14336, their TP shards).
@@ -457,8 +463,9 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     Activations are quantized per 128-column group (quantize_rows) for the GEMMs: up to GEMV_MAX_ROWS rows the
     weight-only kernel instead; up to SPLIT_MAX_ROWS the split GEMM where its weight is split (few N tiles, long
     K: o_proj, down_proj); from CUBLAS_MIN_ROWS (CUBLAS_LARGE_MIN_ROWS for weights of CUBLAS_LARGE_WEIGHT
-    elements) cuBLAS's block-scaled GEMM where the device has it; else the tiled GEMM. With one range the split
-    GEMM measured no faster than the tiled one (qkv at 2 rows: 14.5 against 12.1 us on an H200, fp8_bench.py
+    elements, but on the devices LARGE_WEIGHT_TILED names, the tiled GEMM in its config from LARGE_TILED_MIN_ROWS
+    to SPLIT_MAX_ROWS) cuBLAS's block-scaled GEMM where the device has it; else the tiled GEMM. With one range the
+    split GEMM measured no faster than the tiled one (qkv at 2 rows: 14.5 against 12.1 us on an H200, fp8_bench.py
     --small-m).
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the Triton GEMM instead of the tuned choice
     (benchmarks)."""
@@ -471,7 +478,11 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     if (m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0
             and split_config(n, k, num_sms(x.device.index or 0), m)[1] > 1):
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
-    rows_enough = m >= CUBLAS_MIN_ROWS or (m >= CUBLAS_LARGE_MIN_ROWS and n * k >= CUBLAS_LARGE_WEIGHT)
+    large = n * k >= CUBLAS_LARGE_WEIGHT
+    if large and config is None and x.is_cuda and LARGE_TILED_MIN_ROWS <= m <= SPLIT_MAX_ROWS:
+        name = device_name(x.device.index or 0)
+        config = next((c for key, c in LARGE_WEIGHT_TILED.items() if key in name), None)
+    rows_enough = m >= CUBLAS_MIN_ROWS or (large and m >= CUBLAS_LARGE_MIN_ROWS)
     if (rows_enough and config is None and cublas_shape_ok(n, k) and weight_scale.is_contiguous()
             and cublas_block_scaled(x.device)):
         return cublas_block_linear(x, weight, weight_scale, out_dtype)
