@@ -404,7 +404,8 @@ CUBLAS_LARGE_MIN_ROWS = 17
 # Per device (a substring of torch's device name): the tiled GEMM's config for such weights from
 # LARGE_TILED_MIN_ROWS to SPLIT_MAX_ROWS rows, instead of cuBLAS. One H100, weights in rotation
 # (fp8_small_m_rotated.py), Llama-3-8B gate_up at 33 / 48 / 64 rows: 64 x 128 tiles in 3 stages 51.6 / 50.4 / 51.1
-# us against cuBLAS's 53.6 / 53.1 / 53.6 (64 x 64 tiles: 52.1-52.2). The H200 (cuBLAS 37.5 us at 64 rows against 44.6-47.0 in 64 x 64 tiles) keeps cuBLAS.
+# us against cuBLAS's 53.6 / 53.1 / 53.6 (64 x 64 tiles: 52.1-52.2). The H200 (cuBLAS 37.5 us at 64 rows against
+# 44.6-47.0 in 64 x 64 tiles) keeps cuBLAS.
 LARGE_WEIGHT_TILED: dict[str, tuple[int, int, int, int]] = {"H100": (64, 128, 4, 3)}
 LARGE_TILED_MIN_ROWS = WIDE_SPLIT_MAX_ROWS + 1
 CUBLAS_ROW_MULTIPLE = 4  # the 1x128 scales' column stride must be 16-byte aligned: M a multiple of 4
