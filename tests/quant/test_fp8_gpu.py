@@ -137,10 +137,14 @@ def test_cublas_block_gemm_equals_float32_on_its_quantized_operands(m: int, n: i
 @pytest.mark.parametrize("m", [16, 17, 33, 64])
 def test_large_weights_take_cublas_from_17_rows(m: int) -> None:
     """A weight of CUBLAS_LARGE_WEIGHT elements (gate_up-sized) runs cuBLAS's GEMM from CUBLAS_LARGE_MIN_ROWS rows
-    (bit-equal to cublas_block_linear), the Triton tiled GEMM below."""
+    (bit-equal to cublas_block_linear), the Triton tiled GEMM below; on a device LARGE_WEIGHT_TILED names (the
+    H100), the tiled GEMM in that config from LARGE_TILED_MIN_ROWS to SPLIT_MAX_ROWS rows."""
     from pdlaunch.model.quant.kernels import (
         CUBLAS_LARGE_MIN_ROWS,
         CUBLAS_LARGE_WEIGHT,
+        LARGE_TILED_MIN_ROWS,
+        LARGE_WEIGHT_TILED,
+        SPLIT_MAX_ROWS,
         _config,
         block_fp8_linear,
         cublas_block_linear,
@@ -153,8 +157,13 @@ def test_large_weights_take_cublas_from_17_rows(m: int) -> None:
     gen = torch.Generator(device="cuda").manual_seed(m)
     wq, ws = fp8.quantize_block(0.05 * torch.randn(n, k, device="cuda", generator=gen))
     x = torch.randn(m, k, device="cuda", generator=gen).bfloat16()
-    want = (cublas_block_linear if m >= CUBLAS_LARGE_MIN_ROWS else
-            lambda *a: block_fp8_linear(*a, config=_config(m)))(x, wq, ws, torch.bfloat16)
+    name = torch.cuda.get_device_name()
+    tiled = next((c for key, c in LARGE_WEIGHT_TILED.items() if key in name), None)
+    if tiled is not None and LARGE_TILED_MIN_ROWS <= m <= SPLIT_MAX_ROWS:  # this device: its tiles there
+        want = block_fp8_linear(x, wq, ws, torch.bfloat16, config=tiled)
+    else:
+        want = (cublas_block_linear if m >= CUBLAS_LARGE_MIN_ROWS else
+                lambda *a: block_fp8_linear(*a, config=_config(m)))(x, wq, ws, torch.bfloat16)
     assert torch.equal(block_fp8_linear(x, wq, ws, torch.bfloat16), want)
 
 
