@@ -338,22 +338,26 @@ def _split_config(n: int, k: int, num_sms: int, few_rows: bool) -> SplitConfig:
     block_n = 64
     tiles, k_blocks = -(-n // block_n), k // GROUP
     if few_rows:
-        wide = 1
-        while k_blocks // (wide * 2) >= WIDE_SPLIT_MIN_BLOCKS and tiles * wide * 2 <= WIDE_SPLIT_PER_SM * num_sms:
-            wide *= 2
+        wide = _wide_ranges(tiles, k_blocks, num_sms)
         if wide >= WIDE_SPLIT_MIN:
             return block_n, wide, 4, 4
     elif k_blocks >= LONG_K_MIN_BLOCKS:
-        narrow_tiles, long_split = -(-n // 32), 1
-        while (k_blocks // (long_split * 2) >= WIDE_SPLIT_MIN_BLOCKS
-               and narrow_tiles * long_split * 2 <= WIDE_SPLIT_PER_SM * num_sms):
-            long_split *= 2
-        if long_split > 1:
-            return 32, long_split, 4, 4
+        wide = _wide_ranges(-(-n // 32), k_blocks, num_sms)
+        if wide > 1:
+            return 32, wide, 4, 4
     split = 1
     while tiles * split * 2 <= num_sms and split * 8 <= k_blocks:
         split *= 2
     return block_n, split, 4, 4
+
+
+def _wide_ranges(tiles: int, k_blocks: int, num_sms: int) -> int:
+    """K ranges for `tiles` N tiles, doubled while each keeps WIDE_SPLIT_MIN_BLOCKS blocks and the programs stay
+    within WIDE_SPLIT_PER_SM a SM."""
+    ranges = 1
+    while k_blocks // (ranges * 2) >= WIDE_SPLIT_MIN_BLOCKS and tiles * ranges * 2 <= WIDE_SPLIT_PER_SM * num_sms:
+        ranges *= 2
+    return ranges
 
 
 def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
