@@ -23,7 +23,14 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_kwargs, pdl_release, triton_importable
+from pdlaunch.model.triton_decode import (
+    device_entry,
+    device_name,
+    interpret_mode,
+    pdl_kwargs,
+    pdl_release,
+    triton_importable,
+)
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP): SWAP 1 multiplies W x^T (the weight tile as the MMA's
 # M side), 0 x W^T.
@@ -187,7 +194,7 @@ def block_m(rows: int) -> int:
 def config_for(name: str, rows: int, n: int, k: int) -> DecodeGemmConfig | None:
     """DECODE_GEMM_DEVICE_CONFIGS's launch for `rows` rows of a weight [n, k] on the device torch names `name`;
     None: F.linear."""
-    table = next((table for key, table in DECODE_GEMM_DEVICE_CONFIGS.items() if key in name), ())
+    table = device_entry(DECODE_GEMM_DEVICE_CONFIGS, name, ())
     return next((config for max_rows, max_n, max_k, config in table
                  if rows <= max_rows and n <= max_n and k <= max_k), None)
 

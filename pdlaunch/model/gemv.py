@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.triton_decode import device_name, pdl_enabled, pdl_kwargs, triton_importable
+from pdlaunch.model.triton_decode import device_entry, device_name, pdl_enabled, pdl_kwargs, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).
@@ -90,7 +90,7 @@ def _kernels() -> SimpleNamespace:
 def config_for(device_name: str, n: int, k: int) -> GemvConfig:
     """GEMV_DEVICE_CONFIGS's launch for a weight of `n` rows and `k` columns on the device torch names
     `device_name`."""
-    table = next((table for key, table in GEMV_DEVICE_CONFIGS.items() if key in device_name), ())
+    table = device_entry(GEMV_DEVICE_CONFIGS, device_name, ())
     return next((config for max_n, max_k, config in table if n <= max_n and k <= max_k), GEMV_CONFIG)
 
 

@@ -21,7 +21,14 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.fused_ops import silu_and_mul_torch
-from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_kwargs, pdl_release, triton_importable
+from pdlaunch.model.triton_decode import (
+    device_entry,
+    device_name,
+    interpret_mode,
+    pdl_kwargs,
+    pdl_release,
+    triton_importable,
+)
 
 SwigluConfig = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # Per device (a substring of torch's device name): (largest row count, config or None), the first entry that
@@ -96,7 +103,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
 def config_for(name: str, rows: int) -> SwigluConfig | None:
     """SWIGLU_DEVICE_CONFIGS's launch for `rows` rows on the device torch names `name`; None: cuBLAS."""
-    table = next((table for key, table in SWIGLU_DEVICE_CONFIGS.items() if key in name), ())
+    table = device_entry(SWIGLU_DEVICE_CONFIGS, name, ())
     return next((config for max_rows, config in table if rows <= max_rows), None)
 
 

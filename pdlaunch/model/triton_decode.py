@@ -25,8 +25,10 @@ only (`paged_decode_available`).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 
@@ -294,6 +296,15 @@ class DecodeLaunch:
 @lru_cache(maxsize=8)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
+
+
+T = TypeVar("T")
+
+
+def device_entry(table: Mapping[str, T], name: str, default: T) -> T:
+    """The entry of a per-device launch table whose key (a substring of torch's device name) `name` contains, the
+    first in the table's order; `default` where none does."""
+    return next((entry for key, entry in table.items() if key in name), default)
 
 
 @lru_cache(maxsize=8)

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
-from pdlaunch.model.triton_decode import device_name, interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_decode import device_entry, device_name, interpret_mode, pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
 _INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
@@ -266,7 +266,7 @@ GEMV_SHAPE_CONFIGS: dict[str, dict[tuple[int, int], tuple[GemvConfig, bool]]] = 
 
 def gemv_launch(device_name: str, n: int, k: int) -> tuple[GemvConfig, bool]:
     """The GEMV's (config, fold) for a weight of `n` rows and `k` columns on the device torch names `device_name`."""
-    table = next((table for key, table in GEMV_SHAPE_CONFIGS.items() if key in device_name), {})
+    table = device_entry(GEMV_SHAPE_CONFIGS, device_name, {})
     return table.get((n, k), (GEMV_CONFIG, gemv_fold(n, k)))
 
 
@@ -486,7 +486,7 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     large = n * k >= CUBLAS_LARGE_WEIGHT
     if large and config is None and x.is_cuda and LARGE_TILED_MIN_ROWS <= m <= SPLIT_MAX_ROWS:
         name = device_name(x.device.index or 0)
-        config = next((c for key, c in LARGE_WEIGHT_TILED.items() if key in name), None)
+        config = device_entry(LARGE_WEIGHT_TILED, name, None)
     rows_enough = m >= CUBLAS_MIN_ROWS or (large and m >= CUBLAS_LARGE_MIN_ROWS)
     if (rows_enough and config is None and cublas_shape_ok(n, k) and weight_scale.is_contiguous()
             and cublas_block_scaled(x.device)):
