@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.quant import kv_cache as fp8_kv
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, pdl_release, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
@@ -57,12 +58,28 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton.language as tl
 
     @triton.jit
-    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, H, eps,
-                        sx_t, sx_p, sx_h, sr_t, sr_h, w_stride,
+    def quantize_groups(y, q_ptr, s_ptr, width, stride_sg, BLOCK: tl.constexpr, FMAX: tl.constexpr,
+                        INV_FMAX: tl.constexpr):
+        # BLOCK float32 values of a row (already rounded to the activations' dtype) as fp8 from q_ptr, in groups of
+        # 128 columns, the first `width` of them stored, each group's scale at s_ptr + group * stride_sg: the same
+        # float32 operations as quant/kernels.py's quant_rows_kernel, so the values are equal to its.
+        g = tl.reshape(y, (BLOCK // 128, 128))
+        scale = tl.maximum(tl.max(tl.abs(g), axis=1) * INV_FMAX, 1e-12)
+        q = tl.clamp(tl.math.div_rn(g, scale[:, None]), -FMAX, FMAX)
+        groups = tl.arange(0, BLOCK // 128)
+        cols = groups[:, None] * 128 + tl.arange(0, 128)[None, :]
+        tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=cols < width)
+        tl.store(s_ptr + groups * stride_sg, scale, mask=groups * 128 < width)
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, s_ptr, H, eps,
+                        sx_t, sx_p, sx_h, sr_t, sr_h, w_stride, stride_st, stride_sg,
                         ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
-                        RELEASE: tl.constexpr):
+                        RELEASE: tl.constexpr, QUANT: tl.constexpr, QUANTIZE: tl.constexpr, FMAX: tl.constexpr,
+                        INV_FMAX: tl.constexpr):
         # One program per token row; y/res_out are contiguous [T, H]. PARTS > 1: x is [T, PARTS, H] rows whose sum
-        # is the input, added in float32 and rounded once (torch's sum over a bf16 dim).
+        # is the input, added in float32 and rounded once (torch's sum over a bf16 dim). QUANT: y is fp8, its
+        # 128-column groups' scales at s_ptr (QUANTIZE: quantize_groups; the FP8 layer after skips its launch).
         t = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
@@ -72,7 +89,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             tl.extra.cuda.gdc_launch_dependents()
         elif RELEASE:  # triton_decode.pdl_release: a decode batch's SwiGLU GEMM after this kernel may start
             tl.extra.cuda.gdc_launch_dependents()
-        dtype = y_ptr.dtype.element_ty
+        dtype = w_ptr.dtype.element_ty  # x's (checked); y's too, but for QUANT
         if PARTS > 1:
             total = tl.zeros([BLOCK_H], tl.float32)
             for j in tl.static_range(PARTS):
@@ -88,7 +105,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         x = x.to(tl.float32)
         var = tl.math.div_rn(tl.sum(x * x, axis=0), H * 1.0)
         y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
-        tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
+        if QUANT:
+            QUANTIZE((w * y).to(dtype).to(tl.float32), y_ptr + t * H, s_ptr + t * stride_st, H, stride_sg, BLOCK_H,
+                     FMAX, INV_FMAX)
+        else:
+            tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
 
     # The q and the k half of rotary_kernel. It is handed to the kernel as ROTATE (a constexpr) because
     # Triton's interpreter resolves a kernel's callees among module globals only, and these kernels are
@@ -157,9 +178,12 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             tl.store(dst + block_size * num_kv_heads * D, v.to(cache_dtype), mask=mask)
 
     @triton.jit
-    def silu_and_mul_kernel(x_ptr, out_ptr, inter, sx_t, sx_i,
-                            BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr):
-        # grid (T, cdiv(I, BLOCK)); x: [T, 2I] -> out: [T, I] contiguous.
+    def silu_and_mul_kernel(x_ptr, out_ptr, s_ptr, inter, sx_t, sx_i, stride_st, stride_sg,
+                            BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr,
+                            QUANT: tl.constexpr, QUANTIZE: tl.constexpr, FMAX: tl.constexpr,
+                            INV_FMAX: tl.constexpr):
+        # grid (T, cdiv(I, BLOCK)); x: [T, 2I] -> out: [T, I] contiguous. QUANT: out is fp8 in 128-column groups,
+        # their scales at s_ptr (as rms_norm_kernel's).
         if PDL:  # triton_decode.pdl_enabled
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -173,9 +197,14 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             e = tl.extra.cuda.libdevice.exp(-gate)
         else:
             e = tl.exp(-gate)  # the interpreter has no libdevice; numpy's exp
-        dtype = out_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty  # out's too, but for QUANT
         silu = tl.math.div_rn(gate, 1.0 + e).to(dtype).to(tl.float32)
-        tl.store(out_ptr + t * inter + cols, (silu * up).to(dtype), mask=mask)
+        if QUANT:  # BLOCK and inter are multiples of 128 (silu_and_mul_fp8): the program's groups are whole
+            first = tl.program_id(1) * BLOCK
+            QUANTIZE((silu * up).to(dtype).to(tl.float32), out_ptr + t * inter + first,
+                     s_ptr + t * stride_st + first // 128 * stride_sg, inter - first, stride_sg, BLOCK, FMAX, INV_FMAX)
+        else:
+            tl.store(out_ptr + t * inter + cols, (silu * up).to(dtype), mask=mask)
 
     @triton.jit
     def write_kv_kernel(cache_ptr, k_ptr, v_ptr, slot_ptr, num_kv_heads, block_size, block_stride, layer_offset,
@@ -234,7 +263,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         pick = tl.where(first_nan < C_PAD, first_nan, best)
         tl.store(out_ptr + row, tl.load(idx_ptr + row * chunks + pick).to(tl.int64))
 
-    return SimpleNamespace(rms_norm=rms_norm_kernel, rotary=rotary_kernel, rotate_heads=rotate_heads,
+    return SimpleNamespace(rms_norm=rms_norm_kernel, quantize_groups=quantize_groups, rotary=rotary_kernel,
+                           rotate_heads=rotate_heads,
                            silu_and_mul=silu_and_mul_kernel, write_kv=write_kv_kernel,
                            argmax_chunks=argmax_chunks_kernel, argmax_rows=argmax_rows_kernel,
                            next_power_of_2=triton.next_power_of_2)
@@ -308,32 +338,65 @@ def write_kv_torch(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slo
 
 # ---- public ops --------------------------------------------------------------------------------
 
-def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fp8_rows(tokens: int, width: int, column_major: bool, like: torch.Tensor) -> Fp8Rows:
+    """Empty Fp8Rows [tokens, width] (width a multiple of 128) for a kernel to quantize `like`'s values into."""
+    q = torch.empty(tokens, width, dtype=FP8_DTYPE, device=like.device)
+    groups = width // 128
+    scales = (torch.empty(groups, tokens, dtype=torch.float32, device=like.device).t() if column_major
+              else torch.empty(tokens, groups, dtype=torch.float32, device=like.device))
+    return Fp8Rows(q, scales, column_major, like.dtype)
+
+
+def _check_fp8_width(width: int, field: str) -> None:
+    _check(width % 128 == 0, field, f"{width} columns do not split into 128-column FP8 groups",
+           "quantize in the kernel only for a block-FP8 layer's input (quant/kernels.py fp8_input_layout)")
+
+
+def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     fp8: bool | None = None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor | None]:
+    """The norm kernel; `fp8` not None: y quantized into Fp8Rows, scales column-major when True."""
     _check(weight.dtype == x.dtype and weight.shape == (x.shape[-1],), "weight",
            f"weight {tuple(weight.shape)} {weight.dtype} does not match x {tuple(x.shape)} {x.dtype}",
            "weight must be [H] in x's dtype")
     kernels = _kernels(interpret_mode())
     tokens, hidden = x.shape[0], x.shape[-1]
     parts = x.shape[1] if x.dim() == 3 else 1
-    y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+    rows = None
+    if fp8 is None:
+        y = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
+        scales = y
+    else:
+        _check_fp8_width(hidden, "x")
+        rows = _fp8_rows(tokens, hidden, fp8, x)
+        y, scales = rows.q, rows.scales
     pdl = pdl_enabled(x, tokens)
-    res_out = torch.empty_like(y) if residual is not None else None
-    r = residual if residual is not None else y
+    res_out = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device) if residual is not None else None
+    r = residual if residual is not None else x
     block = kernels.next_power_of_2(hidden)
-    kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, hidden, eps,
-                                x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(1),
-                                weight.stride(0), ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
-                                PDL=pdl, RELEASE=not pdl and pdl_release(x, tokens), num_warps=_num_warps(block),
-                                enable_fp_fusion=False, **pdl_kwargs(pdl))
-    return y, res_out
+    kernels.rms_norm[(tokens,)](x, r, weight, y, res_out if res_out is not None else y, scales, hidden, eps,
+                                x.stride(0), x.stride(1) if parts > 1 else 0, x.stride(-1), r.stride(0), r.stride(-1),
+                                weight.stride(0), scales.stride(0), scales.stride(1),
+                                ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
+                                PDL=pdl, RELEASE=not pdl and pdl_release(x, tokens), QUANT=fp8 is not None,
+                                QUANTIZE=kernels.quantize_groups, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
+                                num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
+    return (y if rows is None else rows), res_out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, H] (any strides), weight: [H] in x's dtype -> new [T, H]."""
     if not fused_available(x):
         return rms_norm_torch(x, weight, eps)
-    return _rms_norm_launch(x, None, weight, eps)[0]
+    y = _rms_norm_launch(x, None, weight, eps)[0]
+    assert isinstance(y, torch.Tensor)
+    return y
+
+
+def _check_residual(x: torch.Tensor, residual: torch.Tensor) -> None:
+    _check(x.dim() in (2, 3) and residual.shape == (x.shape[0], x.shape[-1]) and residual.dtype == x.dtype,
+           "residual",
+           f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
+           "pass the residual stream of the same tokens")
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -342,12 +405,24 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     [T, k, H] partial rows, summed over k first (an MoE layer's combine, done here instead of by its own kernel)."""
     if not fused_available(x):
         return fused_add_rms_norm_torch(x, residual, weight, eps)
-    _check(x.dim() in (2, 3) and residual.shape == (x.shape[0], x.shape[-1]) and residual.dtype == x.dtype,
-           "residual",
-           f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}",
-           "pass the residual stream of the same tokens")
+    _check_residual(x, residual)
     y, new_residual = _rms_norm_launch(x, residual, weight, eps)
-    assert new_residual is not None
+    assert isinstance(y, torch.Tensor) and new_residual is not None
+    return y, new_residual
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                 column_major: bool) -> tuple[Fp8Rows, torch.Tensor | None]:
+    """rms_norm (residual None) or fused_add_rms_norm, its output quantized per row and 128-column group in the
+    same kernel, as quant/kernels.py's quantize_rows would quantize it (equal values) -> (Fp8Rows for a block-FP8
+    layer, scales column-major when `column_major`; the new residual or None). Needs the fused ops
+    (`fused_available(x)`) and H a multiple of 128."""
+    _check(fused_available(x), "x", f"a {x.device.type} {x.dtype} tensor has no fused kernels",
+           "quantize in the norm only where fused_available(x)")
+    if residual is not None:
+        _check_residual(x, residual)
+    y, new_residual = _rms_norm_launch(x, residual, weight, eps, column_major)
+    assert isinstance(y, Fp8Rows)
     return y, new_residual
 
 
@@ -438,17 +513,42 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2I] (any strides) -> new [T, I] = silu(gate) * up."""
     if not fused_available(gate_up):
         return silu_and_mul_torch(gate_up)
+    out = _silu_and_mul_launch(gate_up, None)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def silu_and_mul_fp8(gate_up: torch.Tensor, column_major: bool) -> Fp8Rows:
+    """silu_and_mul, its output quantized per row and 128-column group in the same kernel, as quant/kernels.py's
+    quantize_rows would quantize it (equal values): Fp8Rows for a block-FP8 down projection, scales column-major
+    when `column_major`. Needs the fused ops (`fused_available(gate_up)`) and I a multiple of 128."""
+    _check(fused_available(gate_up), "gate_up", f"a {gate_up.device.type} {gate_up.dtype} tensor has no fused kernels",
+           "quantize in the SwiGLU only where fused_available(gate_up)")
+    out = _silu_and_mul_launch(gate_up, column_major)
+    assert isinstance(out, Fp8Rows)
+    return out
+
+
+def _silu_and_mul_launch(gate_up: torch.Tensor, fp8: bool | None) -> torch.Tensor | Fp8Rows:
     tokens, width = gate_up.shape
     _check(width % 2 == 0, "gate_up", f"last dim {width} is odd", "pass the [T, 2I] gate_up projection")
     inter = width // 2
-    out = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    rows = None
+    if fp8 is None:
+        out = scales = torch.empty(tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    else:
+        _check_fp8_width(inter, "gate_up")
+        rows = _fp8_rows(tokens, inter, fp8, gate_up)
+        out, scales = rows.q, rows.scales
     interpret = interpret_mode()
-    block = min(1024, _kernels(interpret).next_power_of_2(inter))
+    kernels = _kernels(interpret)
+    block = min(1024, kernels.next_power_of_2(inter))
     pdl = pdl_enabled(gate_up, tokens)
-    _kernels(interpret).silu_and_mul[(tokens, -(-inter // block))](
-        gate_up, out, inter, gate_up.stride(0), gate_up.stride(1), BLOCK=block, LIBDEVICE_EXP=not interpret,
-        PDL=pdl, num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
-    return out
+    kernels.silu_and_mul[(tokens, -(-inter // block))](
+        gate_up, out, scales, inter, gate_up.stride(0), gate_up.stride(1), scales.stride(0), scales.stride(1),
+        BLOCK=block, LIBDEVICE_EXP=not interpret, PDL=pdl, QUANT=fp8 is not None, QUANTIZE=kernels.quantize_groups,
+        FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX, num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
+    return out if rows is None else rows
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.decode_gemm import decode_gemm, decode_gemm_available
-from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_available, rms_norm
+from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_available, rms_norm, rms_norm_fp8
 from pdlaunch.model.gemv import gemv, gemv_available
+from pdlaunch.model.quant.fp8 import Fp8Rows
 
 # Which part of a parameter a checkpoint tensor fills: None (the whole), a merged projection's index,
 # "q" / "k" / "v" (QKVParallelLinear), or an MoE expert's (half, expert) / expert (model/moe/names.py).
@@ -57,18 +58,31 @@ def _per_rank(size: int, tp_size: int, what: str) -> int:
 class LinearMethod(Protocol):
     """How a quantized linear layer multiplies (model/quant/linear.py): y = x W^T (+ bias)."""
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def input_layout(self, layer: nn.Module, rows: int) -> bool | None:
+        """For x of `rows` rows: whether the kernel computing x should hand it over as Fp8Rows, scales
+        column-major (True) or row-major (False), or as it is (None)."""
+        ...
 
 
-def _matmul(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _matmul(layer: nn.Module, x: torch.Tensor | Fp8Rows, weight: torch.Tensor,
+            bias: torch.Tensor | None) -> torch.Tensor:
     method: LinearMethod | None = getattr(layer, "quant_method", None)
     if method is not None:
         return method.apply(layer, x, bias)
+    if isinstance(x, Fp8Rows):
+        raise TypeError("quantized activations reached a layer without FP8 weights (check fp8_input first)")
     if gemv_available(x, weight):
         return gemv(x, weight, bias)
     if decode_gemm_available(x, weight):  # a decode batch on a device with a measured launch
         return decode_gemm(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _fp8_input(layer: nn.Module, rows: int) -> bool | None:
+    method: LinearMethod | None = getattr(layer, "quant_method", None)
+    return None if method is None else method.input_layout(layer, rows)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -106,8 +120,12 @@ class ColumnParallelLinear(nn.Module):
     def shard_label(self, shard_id: ShardId = None) -> str:
         return "column-parallel weight" if shard_id is None else f"{self.SHARD_KIND} shard {shard_id}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return _matmul(self, x, self.weight, self.bias)
+
+    def fp8_input(self, rows: int) -> bool | None:
+        """LinearMethod.input_layout of this layer's weights for x of `rows` rows (None without FP8 weights)."""
+        return _fp8_input(self, rows)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -191,9 +209,13 @@ class RowParallelLinear(nn.Module):
         _check_full(loaded, (param.shape[0], size * self.tp_size), "row-parallel weight")
         _copy_checked(param, loaded.narrow(1, src, size), "row-parallel weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
         return self._reduced(_matmul(self, x, self.weight, None))
+
+    def fp8_input(self, rows: int) -> bool | None:
+        """LinearMethod.input_layout of this layer's weights for x of `rows` rows (None without FP8 weights)."""
+        return _fp8_input(self, rows)
 
     def takes_gate_up(self, gate_up: torch.Tensor) -> bool:
         """True when `forward_silu_mul` multiplies silu(gate) * up inside its GEMV (one row, unquantized,
@@ -294,4 +316,16 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def into(self, linear: ColumnParallelLinear, x: torch.Tensor,
+             residual: torch.Tensor | None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """(the norm of x (+ residual) as `linear` reads it, the residual stream after it): quantized in the norm's
+        kernel where linear's FP8 GEMM would quantize it itself (`fp8_input`), else as forward gives it."""
+        layout = linear.fp8_input(x.shape[0]) if fused_available(x) else None
+        if layout is not None:
+            y, new_residual = rms_norm_fp8(x, self.weight, self.eps, residual, layout)
+            return y, x if new_residual is None else new_residual
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps), x
         return fused_add_rms_norm(x, residual, self.weight, self.eps)

@@ -15,7 +15,7 @@ from torch import nn
 from pdlaunch.model.arch import KVCacheGroup, ModelArch
 from pdlaunch.model.attention import GroupPlan, build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import rms_norm, rotary_write_kv, silu_and_mul
+from pdlaunch.model.fused_ops import fused_available, rms_norm, rotary_write_kv, silu_and_mul, silu_and_mul_fp8
 from pdlaunch.model.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -27,6 +27,7 @@ from pdlaunch.model.layers import (
 )
 from pdlaunch.model.moe.block import SparseMoeBlock
 from pdlaunch.model.pieces import PieceBuffers
+from pdlaunch.model.quant.fp8 import Fp8Rows
 from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
@@ -68,14 +69,15 @@ class Attention(nn.Module):
         self.k_scale, self.v_scale = kv_scale_parameter(), kv_scale_parameter()
         self.kv_scales = (1.0, 1.0)
 
-    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
-                plan: GroupPlan) -> torch.Tensor:
+    def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor | Fp8Rows,
+                kv_cache: torch.Tensor | None, plan: GroupPlan) -> torch.Tensor:
         """cos_sin: the step's rotary tables [T, D] (RotaryEmbedding.cos_sin); x: [T, hidden]."""
         q, k, v, kv_written = self.project(cos_sin, x, kv_cache, plan.write_slots)
         o = self.attend(q, k, v, kv_cache, plan, kv_written)
         return self.out_proj(o)
 
-    def project(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor | None,
+    def project(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor | Fp8Rows,
+                kv_cache: torch.Tensor | None,
                 write_slots: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
         """Everything before attention: the qkv projection, q/k norms, rotary and, given `write_slots` (the
         slot of every token, -1: none), the k/v cache write. Returns q [T, Hq, D], k, v [T, Hkv, D] and whether
@@ -125,15 +127,20 @@ class MLP(nn.Module):
             arch.hidden_size, [inter, inter], arch.mlp_bias, tp_rank, tp_size)
         self.down_proj = RowParallelLinear(inter, arch.hidden_size, arch.mlp_bias, tp_rank, tp_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         gate_up_proj = self.gate_up_proj
-        if gate_up_proj.quant_method is None and gate_up_proj.bias is None and swiglu_available(x, gate_up_proj.weight):
+        if (isinstance(x, torch.Tensor) and gate_up_proj.quant_method is None and gate_up_proj.bias is None
+                and swiglu_available(x, gate_up_proj.weight)):
             # a decode batch on CUDA: the SwiGLU in the gate_up GEMM's epilogue (model/swiglu.py)
             down: torch.Tensor = self.down_proj(swiglu_gemm(x, gate_up_proj.weight))
             return down
         gate_up = gate_up_proj(x)
         if self.down_proj.takes_gate_up(gate_up):  # one row on CUDA: silu(gate) * up inside the down GEMV
             return self.down_proj.forward_silu_mul(gate_up)
+        layout = self.down_proj.fp8_input(gate_up.shape[0]) if fused_available(gate_up) else None
+        if layout is not None:  # block-FP8 down_proj: its input quantized in the SwiGLU's kernel
+            quantized: torch.Tensor = self.down_proj(silu_and_mul_fp8(gate_up, layout))
+            return quantized
         out: torch.Tensor = self.down_proj(silu_and_mul(gate_up))
         return out
 
@@ -155,17 +162,31 @@ class DecoderLayer(nn.Module):
         """HF's `h = h + attn(norm(h)); h = h + mlp(norm(h))` with each skip-add fused into the next
         norm: takes and returns (output of the previous sublayer, residual stream before adding it);
         the first layer gets residual None. Same values, fewer kernels."""
-        if residual is None:
-            x, residual = self.input_layernorm(h), h
-        else:
-            x, residual = self.input_layernorm(h, residual)
-        x, residual = self.post_attention_layernorm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
+        x, residual = self.attn_norm(h, residual)
+        x, residual = self.mlp_norm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
         return self.feed_forward(x), residual
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def attn_norm(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """The input norm (after adding the residual, unless this is the first layer) as the qkv projection reads
+        it, and the residual stream: RMSNorm.into."""
+        return self.input_layernorm.into(self.self_attn.qkv_proj, h, residual)
+
+    def mlp_norm(self, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+        """The post-attention norm of the o projection's output plus the residual, as the MLP's gate_up projection
+        reads it (an MoE block reads it as it is), and the residual stream."""
+        if isinstance(self.mlp, MLP):
+            return self.post_attention_layernorm.into(self.mlp.gate_up_proj, o, residual)
+        x, new_residual = self.post_attention_layernorm(o, residual)
+        return x, new_residual
+
+    def feed_forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         """The MLP's output [T, H], or an MoE layer's [T, k, H] weighted expert rows that sum to it: every consumer
         is the next RMSNorm with a residual (fused_ops.fused_add_rms_norm), which adds them in its kernel."""
-        out: torch.Tensor = self.mlp(x, summed=False) if isinstance(self.mlp, SparseMoeBlock) else self.mlp(x)
+        if isinstance(self.mlp, SparseMoeBlock):
+            assert isinstance(x, torch.Tensor)  # mlp_norm quantizes only an MLP's input
+            moe: torch.Tensor = self.mlp(x, summed=False)
+            return moe
+        out: torch.Tensor = self.mlp(x)
         return out
 
 
@@ -278,16 +299,16 @@ class CausalLM(nn.Module):
             cos, sin = layers[0].self_attn.rotary_emb.cos_sin(bufs.positions[:tokens], h.dtype)
             bufs.cos[:tokens].copy_(cos)
             bufs.sin[:tokens].copy_(sin)
-            x, residual = layers[0].input_layernorm(h), h
+            x, residual = layers[0].attn_norm(h, None)
         else:
             done = layers[index - 1]
             o = done.self_attn.out_proj(bufs.attn_out[:tokens])
-            x, residual = done.post_attention_layernorm(o, bufs.residual[:tokens])
+            x, residual = done.mlp_norm(o, bufs.residual[:tokens])
             h = done.feed_forward(x)
             if index == len(layers):
                 bufs.hidden[:tokens].copy_(self.model.norm(h, residual)[0])
                 return
-            x, residual = layers[index].input_layernorm(h, residual)
+            x, residual = layers[index].attn_norm(h, residual)
         bufs.residual[:tokens].copy_(residual)
         attn = layers[index].self_attn
         q, k, v, written = attn.project((bufs.cos[:tokens], bufs.sin[:tokens]), x, kv_caches[attn.kv_group],

@@ -8,10 +8,13 @@ cast because torch's cast to float8_e4m3fn does not saturate (it would give NaN)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
 _MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no division by zero)
 
 
@@ -83,3 +86,19 @@ def quantize_per_token_group(x: torch.Tensor, group: int = 128) -> tuple[torch.T
     grouped = x.float().view(t, k // group, group)
     scale = (grouped.abs().amax(dim=2) / FP8_MAX).clamp(min=_MIN_SCALE)
     return to_fp8(grouped, scale.unsqueeze(2)).view(t, k), scale
+
+
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Activations [M, K] already quantized per row and 128-column group, by the kernel that computed them (an
+    RMSNorm, the SwiGLU), for the block-FP8 linear layer that reads them: that layer then skips its own
+    quantization launch. The scales lie as the layer's GEMM takes them (quant/kernels.py `fp8_input_layout`)."""
+
+    q: torch.Tensor  # [M, K] fp8
+    scales: torch.Tensor  # [M, K / 128] float32; strides (1, M) when `column_major`
+    column_major: bool
+    dtype: torch.dtype  # the activations' own dtype, the layer's output dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape

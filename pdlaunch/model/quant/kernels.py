@@ -16,11 +16,10 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.triton_decode import device_entry, device_name, interpret_mode, pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
-_INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's division by a number uses it
 
 
 @functools.cache
@@ -212,7 +211,7 @@ def quantize_rows(x: torch.Tensor, group: int | None, pad_rows: int = 1,
         pdl = pdl_enabled(x, m)
         _kernels().quant_rows[(-(-m_out // rows), groups)](x, q, s, m, m_out, k, x.stride(0), s.stride(0),
                                                            s.stride(1), GROUP_SIZE=size, ROWS=rows, FMAX=FP8_MAX,
-                                                           INV_FMAX=_INV_FP8_MAX, PDL=pdl, num_warps=4,
+                                                           INV_FMAX=INV_FP8_MAX, PDL=pdl, num_warps=4,
                                                            **pdl_kwargs(pdl))
     return q, s
 
@@ -360,18 +359,18 @@ def _wide_ranges(tiles: int, k_blocks: int, num_sms: int) -> int:
     return ranges
 
 
-def block_fp8_split_gemm(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype: torch.dtype,
-                         config: SplitConfig | None = None) -> torch.Tensor:
-    """x [M, K] (M <= SPLIT_MAX_ROWS, K a multiple of 128) quantized per row and 128-column block (quantize_rows)
-    times the block-scaled weight [N, K] -> [M, N], the K dimension split into ranges whose float32 partials the
-    last range of each N tile adds in order."""
+def block_fp8_split_gemm(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         out_dtype: torch.dtype, config: SplitConfig | None = None) -> torch.Tensor:
+    """x [M, K] (M <= SPLIT_MAX_ROWS, K a multiple of 128) quantized per row and 128-column block (quantize_rows,
+    or given so with row-major scales) times the block-scaled weight [N, K] -> [M, N], the K dimension split into
+    ranges whose float32 partials the last range of each N tile adds in order."""
     import triton
 
     from pdlaunch.model.decode_gemm import split_store  # layering: lazy, like the kernels
     from pdlaunch.model.split_counters import num_sms, split_counters
 
     m, k = x.shape
-    x, xs = quantize_rows(x, GROUP)
+    x, xs = _quantized(x, column_major=False)
     n = weight.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0:
@@ -447,24 +446,79 @@ def cublas_shape_ok(n: int, k: int) -> bool:
     return k % CUBLAS_K_MULTIPLE == 0 and n % CUBLAS_N_MULTIPLE == 0
 
 
-def cublas_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+def cublas_block_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
                         out_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, K] quantized per row and 128 columns (rows padded to CUBLAS_ROW_MULTIPLE, scales column-major) times
-    the block-scaled weight [N, K] by torch._scaled_mm (cuBLAS) -> [M, N]; K a multiple of CUBLAS_K_MULTIPLE, N of
-    CUBLAS_N_MULTIPLE; weight_scale [ceil(N/128), K/128] contiguous, handed over transposed ([K/128, N/128],
-    strides (1, K/128)), as cuBLAS takes the second operand's."""
+    """x [M, K] quantized per row and 128 columns (rows padded to CUBLAS_ROW_MULTIPLE, scales column-major; or
+    given so) times the block-scaled weight [N, K] by torch._scaled_mm (cuBLAS) -> [M, N]; K a multiple of
+    CUBLAS_K_MULTIPLE, N of CUBLAS_N_MULTIPLE; weight_scale [ceil(N/128), K/128] contiguous, handed over transposed
+    ([K/128, N/128], strides (1, K/128)), as cuBLAS takes the second operand's."""
     m, k = x.shape
     if not cublas_shape_ok(weight.shape[0], k):
         raise ValueError(f"cuBLAS block scales need K a multiple of {CUBLAS_K_MULTIPLE} and N of {CUBLAS_N_MULTIPLE}, "
                          f"got K {k}, N {weight.shape[0]}")
-    xq, xs = quantize_rows(x, GROUP, pad_rows=CUBLAS_ROW_MULTIPLE, column_major_scales=True)
+    xq, xs = _quantized(x, column_major=True)
     y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale.t(), out_dtype=out_dtype)
     return y[:m]
 
 
-def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                     out_dtype: torch.dtype, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32), weight [N, K] fp8, weight_scale [ceil(N/128), K/128] -> [M, N].
+def _quantized(x: torch.Tensor | Fp8Rows, column_major: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 x, its scales) for a GEMM that takes its scales row-major or (cuBLAS, rows padded) column-major: x
+    quantized here, or as given when its scales lie that way already."""
+    if isinstance(x, Fp8Rows):
+        if x.column_major != column_major:
+            raise ValueError(f"x's scales are {'column' if x.column_major else 'row'}-major, this GEMM takes them "
+                             f"{'column' if column_major else 'row'}-major (lay them out as fp8_input_layout says)")
+        return x.q, x.scales
+    if column_major:
+        return quantize_rows(x, GROUP, pad_rows=CUBLAS_ROW_MULTIPLE, column_major_scales=True)
+    return quantize_rows(x, GROUP)
+
+
+TiledConfig = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+
+
+def _route(m: int, n: int, k: int, device: torch.device, weight_scale: torch.Tensor,
+           config: TiledConfig | None) -> tuple[str, TiledConfig]:
+    """Which GEMM block_fp8_linear runs for x of `m` rows and a weight [n, k]: "gemv", "split", "cublas" or
+    "tiled", and the tiled GEMM's config (the given one, a device's LARGE_WEIGHT_TILED entry or `_config(m)`).
+    Off CUDA (the Triton interpreter) the GEMV or the tiled GEMM: the others size themselves by the device."""
+    from pdlaunch.model.split_counters import num_sms  # layering: lazy, like the kernels
+
+    if config is None and m <= GEMV_MAX_ROWS:
+        return "gemv", _config(m)
+    if device.type != "cuda":
+        return "tiled", config or _config(m)
+    if config is None and m <= SPLIT_MAX_ROWS and k % GROUP == 0 and split_config(n, k, num_sms(device.index or 0),
+                                                                                  m)[1] > 1:
+        return "split", _config(m)
+    large = n * k >= CUBLAS_LARGE_WEIGHT
+    if large and config is None and LARGE_TILED_MIN_ROWS <= m <= SPLIT_MAX_ROWS:
+        config = device_entry(LARGE_WEIGHT_TILED, device_name(device.index or 0), None)
+    rows_enough = m >= CUBLAS_MIN_ROWS or (large and m >= CUBLAS_LARGE_MIN_ROWS)
+    if (rows_enough and config is None and cublas_shape_ok(n, k) and weight_scale.is_contiguous()
+            and cublas_block_scaled(device)):
+        return "cublas", _config(m)
+    return "tiled", config or _config(m)
+
+
+def fp8_input_layout(m: int, weight: torch.Tensor, weight_scale: torch.Tensor) -> bool | None:
+    """How a kernel that computes x [m, K] for `block_fp8_linear(x, weight, ...)` should quantize it in place of
+    the layer's own launch: True, scales column-major (cuBLAS); False, row-major (the split and tiled GEMMs); None,
+    not at all: the layer takes x as it is (the GEMV's rows), or pads rows cuBLAS needs (m not a multiple of
+    CUBLAS_ROW_MULTIPLE), or K is not a multiple of 128."""
+    n, k = weight.shape
+    if m == 0 or k % GROUP:
+        return None
+    route, _ = _route(m, n, k, weight.device, weight_scale, None)
+    if route == "gemv" or (route == "cublas" and m % CUBLAS_ROW_MULTIPLE):
+        return None
+    return route == "cublas"
+
+
+def block_fp8_linear(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     out_dtype: torch.dtype, config: TiledConfig | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32, or Fp8Rows laid out as `fp8_input_layout` says), weight [N, K] fp8,
+    weight_scale [ceil(N/128), K/128] -> [M, N].
     Activations are quantized per 128-column group (quantize_rows) for the GEMMs: up to GEMV_MAX_ROWS rows the
     weight-only kernel instead; up to SPLIT_MAX_ROWS the split GEMM where its weight is split (few N tiles, long
     K: o_proj, down_proj); from CUBLAS_MIN_ROWS (CUBLAS_LARGE_MIN_ROWS for weights of CUBLAS_LARGE_WEIGHT
@@ -474,30 +528,25 @@ def block_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     --small-m).
     `config`: (BLOCK_M, BLOCK_N, num_warps, num_stages) of the Triton GEMM instead of the tuned choice
     (benchmarks)."""
-    from pdlaunch.model.split_counters import num_sms  # layering: lazy, like the kernels
-
     m, k = x.shape
     n = weight.shape[0]
-    if m <= GEMV_MAX_ROWS and config is None:
+    device = x.q.device if isinstance(x, Fp8Rows) else x.device
+    route, tiled = _route(m, n, k, device, weight_scale, config)
+    if route == "gemv":
+        if isinstance(x, Fp8Rows):
+            raise ValueError(f"{m} row(s) take the weight-only GEMV, which reads x unquantized (fp8_input_layout)")
         return block_fp8_gemv(x, weight, weight_scale, out_dtype)
-    if (m <= SPLIT_MAX_ROWS and config is None and k % GROUP == 0
-            and split_config(n, k, num_sms(x.device.index or 0), m)[1] > 1):
+    if route == "split":
         return block_fp8_split_gemm(x, weight, weight_scale, out_dtype)
-    large = n * k >= CUBLAS_LARGE_WEIGHT
-    if large and config is None and x.is_cuda and LARGE_TILED_MIN_ROWS <= m <= SPLIT_MAX_ROWS:
-        name = device_name(x.device.index or 0)
-        config = device_entry(LARGE_WEIGHT_TILED, name, None)
-    rows_enough = m >= CUBLAS_MIN_ROWS or (large and m >= CUBLAS_LARGE_MIN_ROWS)
-    if (rows_enough and config is None and cublas_shape_ok(n, k) and weight_scale.is_contiguous()
-            and cublas_block_scaled(x.device)):
+    if route == "cublas":
         return cublas_block_linear(x, weight, weight_scale, out_dtype)
-    xq, xs = quantize_rows(x, GROUP)
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    xq, xs = _quantized(x, column_major=False)
+    out = torch.empty(m, n, dtype=out_dtype, device=device)
     if m == 0:
         return out
-    block_m, block_n, warps, stages = config or _config(m)
+    block_m, block_n, warps, stages = tiled
     grid = (-(-m // block_m) * -(-n // block_n),)
-    pdl = pdl_enabled(x, m)
+    pdl = pdl_enabled(xq, m)
     _kernels().block_gemm[grid](xq, weight, out, xs, weight_scale, m, n, k, weight_scale.stride(0),
                                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=GROUP, GROUP_M=8,
                                 PDL=pdl, **pdl_kwargs(pdl), num_warps=warps, num_stages=stages)

@@ -28,6 +28,7 @@ from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear, ShardId
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
+from pdlaunch.model.quant.fp8 import Fp8Rows
 
 Linear = ColumnParallelLinear | RowParallelLinear
 
@@ -44,17 +45,28 @@ class Fp8LinearMethod:
         self.quant = quant
         self.block = quant.scheme == "block"
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
         from pdlaunch.model.quant.kernels import block_fp8_linear, channel_fp8_linear  # layering: lazy (triton)
 
+        weight, scale = _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8")
+        if isinstance(x, Fp8Rows):  # quantized by the kernel before, as input_layout said
+            y = block_fp8_linear(x, weight, scale, x.dtype)
+            return y + bias if bias is not None else y
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        weight, scale = _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8")
         gemm = block_fp8_linear if self.block else channel_fp8_linear
         y = gemm(x2, weight, scale, x.dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*shape[:-1], y.shape[-1])
+
+    def input_layout(self, layer: nn.Module, rows: int) -> bool | None:
+        """Block weights: quant/kernels.py's fp8_input_layout for x of `rows` rows; per-channel ones: None."""
+        if not self.block:
+            return None
+        from pdlaunch.model.quant.kernels import fp8_input_layout  # layering: lazy (triton)
+
+        return fp8_input_layout(rows, _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8"))
 
 
 def _tensor(layer: nn.Module, name: str) -> torch.Tensor:

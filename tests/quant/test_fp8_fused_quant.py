@@ -1,0 +1,183 @@
+"""Activations quantized by the kernel that computes them (issue 27): the RMSNorm and the SwiGLU write a block-FP8
+layer's input as Fp8Rows (fp8 per row and 128-column group, scales laid out as that layer's GEMM takes them), and
+the layer skips its own quantize_rows launch. On CPU tensors under TRITON_INTERPRET=1 (a child pytest): the fused
+kernels' values equal quantize_rows of the unfused ops' outputs bit for bit, row- and column-major, with MoE partial
+rows, a masked last group and a width past the SwiGLU's 1024-column program; an FP8 MLP and its norm give the same
+output with the fusion as without; and the routing that decides the layout (fp8_input_layout) on plain CPU. On
+an FP8 GPU (`gpu`): the same MLP through the split GEMM, the tiled one and cuBLAS (column-major scales), and rows
+cuBLAS would pad, which keep the layer's own launch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdlaunch.model.quant import fp8
+from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
+
+
+@pytest.fixture
+def interpret() -> None:
+    pytest.importorskip("triton")
+    if not INTERPRET_AT_START:
+        pytest.skip("runs in the child of test_interpreter_cases_in_a_subprocess")
+
+
+def _assert_rows_equal(got: fp8.Fp8Rows, q: torch.Tensor, s: torch.Tensor, column_major: bool) -> None:
+    assert got.column_major is column_major and got.dtype == torch.bfloat16
+    assert got.scales.stride() == ((1, got.q.shape[0]) if column_major else (got.scales.shape[1], 1))
+    assert torch.equal(got.q.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(got.scales, s)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("tokens,hidden,parts,residual", [
+    (3, 256, 1, False),   # the first layer's input norm: no residual
+    (4, 256, 1, True),
+    (2, 384, 1, True),    # 3 groups in a 512-wide program: the last group masked
+    (4, 128, 3, True),    # an MoE layer's [T, k, H] partial rows, summed in the kernel
+])
+def test_interpret_norm_quantizes_as_quantize_rows(interpret: None, tokens: int, hidden: int, parts: int,
+                                                   residual: bool, column_major: bool) -> None:
+    from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm, rms_norm_fp8
+    from pdlaunch.model.quant.kernels import quantize_rows
+
+    gen = torch.Generator().manual_seed(tokens * hidden + parts)
+    shape = (tokens, parts, hidden) if parts > 1 else (tokens, hidden)
+    x = (3 * torch.randn(shape, generator=gen)).bfloat16()
+    x[0, ..., :128] = 0  # an all-zero group of the first row: the 1e-12 floor of its scale
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).bfloat16()
+    res = torch.randn(tokens, hidden, generator=gen).bfloat16() if residual else None
+    got, new_residual = rms_norm_fp8(x, weight, 1e-6, res, column_major)
+    if res is None:
+        want, want_residual = rms_norm(x, weight, 1e-6), None
+    else:
+        want, want_residual = fused_add_rms_norm(x, res, weight, 1e-6)
+    q, s = quantize_rows(want, 128)
+    _assert_rows_equal(got, q, s, column_major)
+    assert (new_residual is None) == (want_residual is None)
+    if new_residual is not None and want_residual is not None:
+        assert torch.equal(new_residual, want_residual)
+
+
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("tokens,inter", [(3, 128), (4, 384), (2, 1152)])  # 1152: a second, partial program
+def test_interpret_silu_and_mul_quantizes_as_quantize_rows(interpret: None, tokens: int, inter: int,
+                                                           column_major: bool) -> None:
+    from pdlaunch.model.fused_ops import silu_and_mul, silu_and_mul_fp8
+    from pdlaunch.model.quant.kernels import quantize_rows
+
+    gen = torch.Generator().manual_seed(tokens + inter)
+    gate_up = (4 * torch.randn(tokens, 2 * inter, generator=gen)).bfloat16()
+    got = silu_and_mul_fp8(gate_up, column_major)
+    q, s = quantize_rows(silu_and_mul(gate_up), 128)
+    _assert_rows_equal(got, q, s, column_major)
+
+
+def _fp8_mlp(hidden: int, inter: int, device: str = "cpu") -> torch.nn.Module:
+    """An MLP and its post-attention norm whose linear layers hold 128x128-block FP8 weights, as finish_loading
+    leaves them on an FP8 GPU."""
+    from pdlaunch.model.arch import ModelArch
+    from pdlaunch.model.layers import RMSNorm
+    from pdlaunch.model.llama import MLP
+    from pdlaunch.model.quant.config import QuantConfig
+    from pdlaunch.model.quant.linear import Fp8LinearMethod
+
+    gen = torch.Generator().manual_seed(hidden + inter)
+    mlp = MLP(ModelArch.model_construct(hidden_size=hidden, intermediate_size=inter, mlp_bias=False), 0, 1)
+    quant = QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale_inv", description="test")
+    for layer in (mlp.gate_up_proj, mlp.down_proj):
+        q, s = fp8.quantize_block(0.05 * torch.randn(layer.weight.shape, generator=gen))
+        layer.weight = torch.nn.Parameter(q, requires_grad=False)
+        layer.weight_scale_fp8 = torch.nn.Parameter(s, requires_grad=False)
+        layer.quant_method = Fp8LinearMethod(quant)
+    norm = RMSNorm(hidden, 1e-6)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden, generator=gen)).bfloat16()
+    module = torch.nn.Module()
+    module.mlp, module.norm = mlp, norm
+    return module.to(device)
+
+
+def test_interpret_fp8_mlp_gives_the_same_output_with_its_inputs_quantized_by_the_kernels_before(
+        interpret: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RMSNorm.into and the MLP: the norm hands gate_up Fp8Rows and the SwiGLU hands down_proj Fp8Rows (one
+    quantize_rows launch fewer each); the output equals the run where each layer quantizes its own input."""
+    from pdlaunch.model import fused_ops
+    from pdlaunch.model.quant import kernels
+
+    module = _fp8_mlp(256, 384)
+    gen = torch.Generator().manual_seed(7)
+    o, residual = (torch.randn(4, 256, generator=gen).bfloat16() for _ in range(2))
+    launches: list[str] = []
+    real_quantize, real_silu = kernels.quantize_rows, fused_ops.silu_and_mul_fp8
+    monkeypatch.setattr(kernels, "quantize_rows",
+                        lambda *a, **k: launches.append("quantize") or real_quantize(*a, **k))
+    monkeypatch.setattr("pdlaunch.model.llama.silu_and_mul_fp8",
+                        lambda *a: launches.append("silu_fp8") or real_silu(*a))
+
+    def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, new_residual = module.norm.into(module.mlp.gate_up_proj, o, residual)
+        assert isinstance(x, fp8.Fp8Rows) is fused
+        return module.mlp(x), new_residual
+
+    fused_out, fused_residual = run(fused=True)
+    assert launches == ["silu_fp8"]
+    launches.clear()
+    monkeypatch.setattr(kernels, "fp8_input_layout", lambda *a: None)
+    plain_out, plain_residual = run(fused=False)
+    assert launches == ["quantize", "quantize"]
+    assert torch.equal(fused_out, plain_out) and torch.equal(fused_residual, plain_residual)
+
+
+def test_interpreter_cases_in_a_subprocess() -> None:
+    run_interpreter_child(__file__, "interpret_", "15 passed")
+
+
+def test_layout_follows_the_gemm_block_fp8_linear_runs() -> None:
+    """fp8_input_layout on CPU tensors (no CUDA: the GEMV or the tiled GEMM): one row reads x unquantized (None),
+    more rows take row-major scales, a K not in 128-column groups is quantized by the layer itself."""
+    from pdlaunch.model.quant.kernels import fp8_input_layout
+
+    q, s = fp8.quantize_block(torch.randn(256, 384))
+    assert fp8_input_layout(1, q, s) is None
+    assert fp8_input_layout(0, q, s) is None
+    assert fp8_input_layout(2, q, s) is False and fp8_input_layout(96, q, s) is False
+    q, s = fp8.quantize_block(torch.randn(256, 200))
+    assert fp8_input_layout(8, q, s) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores (run `make test-gpu` on one)")
+@pytest.mark.parametrize("rows,fused", [(2, True), (16, True), (48, True), (64, True), (66, False), (96, True)])
+def test_gpu_fp8_mlp_equals_itself_unfused_on_every_gemm(rows: int, fused: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """hidden 512, intermediate 2048: down_proj (16 K blocks) runs the split GEMM up to 64 rows, gate_up the tiled
+    one; from 65 rows both run cuBLAS, which takes the scales column-major and 96 rows as they are, but would pad
+    66 (no fusion there). Output and residual equal the unfused run's bit for bit, eagerly and replayed from a
+    CUDA graph."""
+    from pdlaunch.model.quant import kernels
+
+    module = _fp8_mlp(512, 2048, "cuda")
+    o, residual = (torch.randn(rows, 512, device="cuda").bfloat16() for _ in range(2))
+    layout = kernels.fp8_input_layout(rows, module.mlp.down_proj.weight, module.mlp.down_proj.weight_scale_fp8)
+    assert layout is ((rows > kernels.SPLIT_MAX_ROWS) if fused else None)
+
+    def run(quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, new_residual = module.norm.into(module.mlp.gate_up_proj, o, residual)
+        assert isinstance(x, fp8.Fp8Rows) is quantized
+        return module.mlp(x), new_residual
+
+    out, new_residual = run(fused)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replay_out, replay_residual = run(fused)
+    graph.replay()
+    monkeypatch.setattr(kernels, "fp8_input_layout", lambda *a: None)
+    plain_out, plain_residual = run(False)
+    torch.cuda.synchronize()
+    for got in (out, replay_out):
+        assert torch.equal(got, plain_out)
+    for got in (new_residual, replay_residual):
+        assert torch.equal(got, plain_residual)
