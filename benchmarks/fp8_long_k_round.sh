@@ -4,7 +4,8 @@
 # at another commit, e.g. `git archive COMMIT pdlaunch | tar -x -C DIR`), alternating, two runs each.
 # Usage: BASELINE=DIR bash benchmarks/fp8_long_k_round.sh OUT_DIR
 source "$(dirname "$0")/steps.sh"
-TAIL=4 step gpu-tests 200 $py -m pytest -q -p no:cacheprovider -m gpu tests/quant/test_fp8_gpu.py
+TAIL=4 step gpu-tests 200 $py -m pytest -q -p no:cacheprovider -m gpu tests/quant/test_fp8_gpu.py \
+    tests/quant/test_fp8_fused_quant.py
 step ckpt-fp8 150 $py -m pdlaunch bench make-checkpoint /tmp/l8b-fp8 --device cuda --fp8 block
 grid() {  # NAME [PYTHONPATH prefix]
     TAIL=3 PYTHONPATH="${2:-}${PYTHONPATH:-}" step "$1" 100 $py benchmarks/decode_grid.py /tmp/l8b-fp8 --batch 48 \
