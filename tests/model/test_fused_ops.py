@@ -324,9 +324,14 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
         return compiled.asm["ptx"]
 
     bf16 = "*bf16"
-    rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": bf16, "res_out_ptr": bf16,
-                                 "eps": "fp32"}, {"ADD_RESIDUAL": True, "BLOCK_H": 4096, "PARTS": 1, "PDL": False})
-    assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
+    fp8_out = {"QUANT": False, "QUANTIZE": kernels.quantize_groups, "FMAX": 448.0, "INV_FMAX": 1 / 448}
+    for quant in (False, True):  # the norm's output in bf16, or in fp8 for a block-FP8 layer (and its scales)
+        out = "*fp8e4nv" if quant else bf16
+        rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": out, "res_out_ptr": out,
+                                     "s_ptr": "*fp32", "eps": "fp32"},
+                  {"ADD_RESIDUAL": True, "BLOCK_H": 4096, "PARTS": 1, "PDL": False, "RELEASE": False,
+                   **fp8_out, "QUANT": quant})
+        assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
     pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr", "v_ptr"]
     for norm, write in ((False, False), (True, True)):  # rotary alone; Qwen3's norm, rotary and the KV write
         rotary = ptx(kernels.rotary, {**dict.fromkeys(pointers, bf16), "cache_ptr": "*fp8e4nv", "slot_ptr": "*i64",
@@ -337,9 +342,10 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
         # the rounding to bf16 is round-to-nearest, one value or a packed pair (Triton 3.6 packs them)
         assert "fma" not in rotary and ("cvt.rn.bf16.f32" in rotary or "cvt.rn.bf16x2.f32" in rotary)
         assert ("sqrt.rn.f32" in rotary and "div.rn.f32" in rotary) == norm and "div.full" not in rotary
-    silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": bf16},
-               {"BLOCK": 1024, "LIBDEVICE_EXP": True, "PDL": False})
-    assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rm" in silu  # expf's range reduction
+    for quant in (False, True):
+        silu = ptx(kernels.silu_and_mul, {"x_ptr": bf16, "out_ptr": "*fp8e4nv" if quant else bf16, "s_ptr": "*fp32"},
+                   {"BLOCK": 1024, "LIBDEVICE_EXP": True, "PDL": False, **fp8_out, "QUANT": quant})
+        assert "div.rn.f32" in silu and "div.full" not in silu and "fma.rm" in silu  # expf's range reduction
     for cache, fp8 in ((bf16, False), ("*fp8e4nv", True)):  # a bf16 cache, and an fp8 one storing x / scale
         write = ptx(kernels.write_kv, {"cache_ptr": cache, "k_ptr": bf16, "v_ptr": bf16, "slot_ptr": "*i64",
                                        "block_stride": "i64", "layer_offset": "i64", "k_scale": "fp32",
