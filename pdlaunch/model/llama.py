@@ -32,6 +32,7 @@ from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
 from pdlaunch.model.swiglu import swiglu_available, swiglu_gemm
+from pdlaunch.model.triton_decode import paged_decode_fp8
 
 
 class Attention(nn.Module):
@@ -73,6 +74,14 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor | None, plan: GroupPlan) -> torch.Tensor:
         """cos_sin: the step's rotary tables [T, D] (RotaryEmbedding.cos_sin); x: [T, hidden]."""
         q, k, v, kv_written = self.project(cos_sin, x, kv_cache, plan.write_slots)
+        layout = self.o_proj.fp8_input(q.shape[0]) if kv_written and plan.decode_only else None
+        if layout is not None and kv_cache is not None and self.head_dim == 128 and plan.decode_block_table is not None:
+            # A decode step with a block-FP8 o projection: its input quantized in the attention kernel
+            assert plan.decode_tokens is not None and plan.decode_seq_lens is not None
+            return self.out_proj(paged_decode_fp8(q, kv_cache, self.index_in_group, plan.decode_tokens,
+                                                  plan.decode_block_table, plan.decode_seq_lens,
+                                                  plan.sliding_window, self.scale, layout, self.kv_scales,
+                                                  plan.decode_leads))
         o = self.attend(q, k, v, kv_cache, plan, kv_written)
         return self.out_proj(o)
 
@@ -111,8 +120,11 @@ class Attention(nn.Module):
         return paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales,
                                kv_written, out)
 
-    def out_proj(self, o: torch.Tensor) -> torch.Tensor:
-        """o [T, Hq, D] -> [T, hidden]."""
+    def out_proj(self, o: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """o [T, Hq, D] (or [T, Hq * D] quantized for a block-FP8 o_proj) -> [T, hidden]."""
+        if isinstance(o, Fp8Rows):
+            quantized: torch.Tensor = self.o_proj(o)
+            return quantized
         out: torch.Tensor = self.o_proj(o.reshape(o.shape[0], self.num_heads * self.head_dim))
         return out
 

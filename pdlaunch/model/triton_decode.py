@@ -32,6 +32,7 @@ from typing import TypeVar
 
 import torch
 
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.split_counters import num_sms as _num_sms  # tests patch triton_decode._num_sms
 from pdlaunch.model.split_counters import split_counters
 
@@ -79,19 +80,35 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
     import triton
     import triton.language as tl
 
+    @triton.jit
+    def store_heads(value, out_ptr, s_ptr, rows, heads, d, mask, stride_ot, stride_oh, stride_st, stride_sh,
+                    QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
+        # value [G, D] float32, one row of heads a row: the output in out's dtype, or (QUANT) rounded to the
+        # activations' dtype and quantized to fp8 per head (one 128-wide group; head_dim is 128), each head's
+        # float32 scale at s_ptr (the same float32 operations as quant/kernels.py's quant_rows_kernel).
+        ptrs = out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+        if QUANT:
+            scale = tl.maximum(tl.max(tl.abs(value), axis=1) * INV_FMAX, 1e-12)
+            q = tl.clamp(tl.math.div_rn(value, scale[:, None]), -FMAX, FMAX)
+            tl.store(ptrs, q.to(out_ptr.dtype.element_ty), mask=mask[:, None])
+            tl.store(s_ptr + rows * stride_st + heads * stride_sh, scale, mask=mask)
+        else:
+            tl.store(ptrs, value.to(out_ptr.dtype.element_ty), mask=mask[:, None])
+
     # An eager step's block table width (stride_bt) follows its longest sequence: Triton would compile a
     # second variant for widths not divisible by 16 in the middle of serving (~1 s of every stream's time).
-    @triton.jit(do_not_specialize=["stride_bt"])
+    @triton.jit(do_not_specialize=["stride_bt", "stride_st", "stride_sh"])
     def paged_decode_kernel(
         q_ptr, cache_ptr, block_table_ptr, seq_lens_ptr, tokens_ptr, out_ptr, part_ptr, count_ptr, lead_ptr,
-        scale, v_scale, window, num_rows, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
-        block_stride, k_offset, v_offset,
+        s_ptr, scale, v_scale, window, num_rows, stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
+        stride_st, stride_sh, block_stride, k_offset, v_offset,
         NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
         QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
+        STORE: tl.constexpr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -212,9 +229,15 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         # values, max, sum); the last range of (sequence, KV head) to finish merges them, so no second
         # launch runs (at batch 1 that launch cost as much as the attention of a short context).
         # (Conditions as vector compares: the interpreter rejects masks of a scalar bool broadcast.)
+        # QUANT (head_dim 128, no padded columns): out is fp8, each head's scale at s_ptr (store_heads).
         direct = head_ok & ((g * 0 + active) == 1) & ((g * 0 + split) == 0)
-        tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=direct[:, None] & d_ok[None, :])
+        out_dtype = q_ptr.dtype.element_ty
+        if QUANT:
+            STORE((acc / denom[:, None]).to(out_dtype).to(tl.float32), out_ptr, s_ptr, rows, heads, d, direct,
+                  stride_ot, stride_oh, stride_st, stride_sh, QUANT, FMAX, INV_FMAX)
+        else:
+            tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                     (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=direct[:, None] & d_ok[None, :])
         if SPLITS > 1:
             row = ((rows * NUM_KV_HEADS * GROUP + heads) * SPLITS + split) * (HEAD_PAD + 2)  # [G]
             keep = head_ok & ((g * 0 + active) > 1) & ((g * 0 + split) < active)
@@ -262,11 +285,17 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                         sum_all = sum_all * alpha + tl.sum(part_sum * w, axis=1)
                         out_all = out_all * alpha[:, None] + tl.sum(part_acc * w[:, :, None], axis=1)
                         m_all = m_new
-                    tl.store(out_ptr + merge_rows[:, None] * stride_ot + merge_heads[:, None] * stride_oh + d[None, :],
-                             (out_all / sum_all[:, None]).to(out_ptr.dtype.element_ty),
-                             mask=merge_ok[:, None] & d_ok[None, :])
+                    if QUANT:
+                        STORE((out_all / sum_all[:, None]).to(out_dtype).to(tl.float32), out_ptr, s_ptr,
+                              merge_rows, merge_heads, d, merge_ok, stride_ot, stride_oh, stride_st, stride_sh,
+                              QUANT, FMAX, INV_FMAX)
+                    else:
+                        tl.store(out_ptr + merge_rows[:, None] * stride_ot + merge_heads[:, None] * stride_oh
+                                 + d[None, :], (out_all / sum_all[:, None]).to(out_ptr.dtype.element_ty),
+                                 mask=merge_ok[:, None] & d_ok[None, :])
                     tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
+    paged_decode_kernel.store_heads = store_heads  # handed to it as STORE (the interpreter finds no closures)
     return paged_decode_kernel
 
 
@@ -439,6 +468,31 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     leads: [Sd], each row's lead row: the first of up to `rows_per_program` consecutive rows with the same block
     table (a prompt's tokens as rows, runner/cuda_graphs.py) whose program computes them all, loading each K/V
     tile once for the group; a row that leads itself alone is a decode. None: every row alone."""
+    out = _paged_decode(q, kv_cache, layer_in_group, tokens, block_table, seq_lens, window, scale, launch, kv_scales,
+                        leads, None)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def paged_decode_fp8(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tokens: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, window: int | None, scale: float,
+                     column_major: bool, kv_scales: tuple[float, float] = (1.0, 1.0),
+                     leads: torch.Tensor | None = None, launch: DecodeLaunch | None = None) -> Fp8Rows:
+    """paged_decode, its output [Sd, Hq * 128] quantized in the same kernel for a block-FP8 o projection: fp8
+    with one float32 scale a head (head_dim 128: a head is one 128-column group), the values quantize_rows gives
+    for paged_decode's output (quant/kernels.py `fp8_input_layout` says the scales' layout). `launch` as
+    paged_decode's."""
+    out = _paged_decode(q, kv_cache, layer_in_group, tokens, block_table, seq_lens, window, scale, launch, kv_scales,
+                        leads, column_major)
+    assert isinstance(out, Fp8Rows)
+    return out
+
+
+def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tokens: torch.Tensor,
+                  block_table: torch.Tensor, seq_lens: torch.Tensor, window: int | None, scale: float,
+                  launch: DecodeLaunch | None, kv_scales: tuple[float, float], leads: torch.Tensor | None,
+                  fp8: bool | None) -> torch.Tensor | Fp8Rows:
+    """paged_decode, or (`fp8` not None) paged_decode_fp8 with its scales column-major when True."""
     if kv_cache.dtype != torch.float8_e4m3fn:
         kv_scales = (1.0, 1.0)
     import triton
@@ -451,7 +505,16 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     if launch is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
         launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms, element_size=kv_cache.element_size())
-    out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    rows_out = None
+    if fp8 is None:
+        out = scales = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    else:
+        if head_dim != 128:
+            raise ValueError(f"fp8 attention output needs head_dim 128 (one 128-column group a head), got {head_dim}")
+        out = torch.empty(num_seqs, num_heads, head_dim, dtype=FP8_DTYPE, device=q.device)
+        scales = (torch.empty(num_heads, num_seqs, dtype=torch.float32, device=q.device).t() if fp8
+                  else torch.empty(num_seqs, num_heads, dtype=torch.float32, device=q.device))
+        rows_out = Fp8Rows(out.view(num_seqs, num_heads * head_dim), scales, fp8, q.dtype)
     pdl = pdl_enabled(q, num_seqs)
     # A table that needs a copy would be written by the kernel right before this one: read it after the wait.
     preload = pdl and block_table.is_contiguous()
@@ -468,8 +531,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
     group_p2 = triton.next_power_of_2(group * rows)  # the heads of a program's rows, for its merge
     decode_kernel[(num_seqs, num_kv_heads, launch.splits)](
         q, kv_cache, block_table, seq_lens, tokens, out, part, counts, leads if leads is not None else tokens,
-        scale * kv_scales[0], kv_scales[1], window or 0, num_seqs, q.stride(0), q.stride(1), block_table.stride(0),
-        out.stride(0), out.stride(1),
+        scales, scale * kv_scales[0], kv_scales[1], window or 0, num_seqs, q.stride(0), q.stride(1),
+        block_table.stride(0), out.stride(0), out.stride(1), scales.stride(0), scales.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), ROWS=rows,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=head_pad, TILE=launch.tile, SPLITS=launch.splits,
@@ -479,6 +542,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, t
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (group_p2 * head_pad))),
         V_F16=v_f16, QK_F16=v_f16 and fp8_qk_f16(),
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
+        STORE=decode_kernel.store_heads, QUANT=fp8 is not None, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
-    return out
+    return out if rows_out is None else rows_out

@@ -253,7 +253,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     kernel = _kernels(False)
     types = {"q_ptr": "*bf16", "cache_ptr": f"*{cache}", "block_table_ptr": "*i64", "seq_lens_ptr": "*i64",
              "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "lead_ptr": "*i64",
-             "scale": "fp32"}
+             "s_ptr": "*fp32", "scale": "fp32"}
     launch = choose_launch(batch, 8, 128, num_sms=132, element_size=1 if cache == "fp8e4nv" else 2)
     constexprs = {"NUM_KV_HEADS": 8, "GROUP": 4, "GROUP_PAD": 16, "ROWS": rows, "BLOCK_SIZE": 16, "HEAD_DIM": 128,
                   "HEAD_PAD": 128,
@@ -261,7 +261,8 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                   "SHORT_TILES": launch.short_tiles, "PRECISION": "tf32",
                   "DOT_FP32": False, "GROUP_P2": 4 * rows,
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * rows * 128)),
-                  "V_F16": cache == "fp8e4nv", "QK_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1}
+                  "V_F16": cache == "fp8e4nv", "QK_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1,
+                  "STORE": kernel.store_heads, "QUANT": False, "FMAX": 448.0, "INV_FMAX": 1 / 448}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}

@@ -9,10 +9,13 @@ cuBLAS would pad, which keep the layer's own launch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from pdlaunch.model.quant import fp8
+from tests.engine.conftest import MakeEngine
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 
@@ -74,6 +77,32 @@ def test_interpret_silu_and_mul_quantizes_as_quantize_rows(interpret: None, toke
     _assert_rows_equal(got, q, s, column_major)
 
 
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("seq_lens,launch", [
+    ([1, 37, 90], None),           # one range a head: each program stores its heads' output
+    ([9, 150, 200], (16, 4, 1, 4, 2)),  # several ranges: the last one of a head merges and stores
+])
+def test_interpret_attention_output_quantizes_as_quantize_rows(interpret: None, seq_lens: list[int],
+                                                               launch: tuple[int, ...] | None,
+                                                               column_major: bool) -> None:
+    """The paged decode kernel writes the o projection's input as Fp8Rows (head_dim 128: a head is one group):
+    the bytes and scales quantize_rows gives for paged_decode's bf16 output, whether the program that stores
+    a head is the only range or the merging one."""
+    from pdlaunch.model.fused_ops import write_kv
+    from pdlaunch.model.quant.kernels import quantize_rows
+    from pdlaunch.model.triton_decode import DecodeLaunch, paged_decode, paged_decode_fp8
+    from tests.model.test_triton_decode import _case
+
+    cache, q, kv, attn = _case("cpu", torch.bfloat16, seq_lens, 16, 2, 4, 128, None, layers=1)
+    write_kv(cache, kv[0], kv[1], attn.slot_mapping[0], 0)
+    tokens = torch.arange(len(seq_lens))
+    args = (q, cache, 0, tokens, attn.block_tables[0], attn.seq_lens, None, 128**-0.5)
+    chosen = DecodeLaunch(*launch) if launch is not None else None
+    got = paged_decode_fp8(*args, column_major, launch=chosen)
+    want, s = quantize_rows(paged_decode(*args, chosen).view(len(seq_lens), -1), 128)
+    _assert_rows_equal(got, want, s, column_major)
+
+
 def _fp8_mlp(hidden: int, inter: int, device: str = "cpu") -> torch.nn.Module:
     """An MLP and its post-attention norm whose linear layers hold 128x128-block FP8 weights, as finish_loading
     leaves them on an FP8 GPU."""
@@ -130,7 +159,7 @@ def test_interpret_fp8_mlp_gives_the_same_output_with_its_inputs_quantized_by_th
 
 
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret_", "15 passed")
+    run_interpreter_child(__file__, "interpret_", "19 passed")
 
 
 def test_layout_follows_the_gemm_block_fp8_linear_runs() -> None:
@@ -181,3 +210,35 @@ def test_gpu_fp8_mlp_equals_itself_unfused_on_every_gemm(rows: int, fused: bool,
         assert torch.equal(got, plain_out)
     for got in (new_residual, replay_residual):
         assert torch.equal(got, plain_residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 tensor cores (run `make test-gpu` on one)")
+def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels_before(
+        tmp_path: Path, make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block-FP8 Qwen3 (head_dim 128) served in bf16 on the GPU, four prompts decoded together (CUDA graphs):
+    the attention kernel, the norms and the SwiGLU hand their block-FP8 layers Fp8Rows, and the tokens and their
+    logprobs equal the run where every layer quantizes its own input."""
+    from pdlaunch.engine.outputs import SamplingParams
+    from pdlaunch.model import llama
+    from pdlaunch.model.quant import kernels
+    from tests.engine.conftest import run_all
+    from tests.engine.test_engine_parity import random_prompts
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+    served, _ = make_fp8_qwen3(tmp_path, "block")
+    prompts = random_prompts([5, 21, 9, 14], seed=3)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
+    attention_fp8: list[int] = []
+    real = llama.paged_decode_fp8
+    monkeypatch.setattr(llama, "paged_decode_fp8", lambda *a: attention_fp8.append(1) or real(*a))
+
+    def run() -> list[tuple[list[int], list[object]]]:
+        engine = make_engine(served, device="cuda", dtype="bfloat16")
+        return [(out.output_token_ids, list(out.logprobs or [])) for out in run_all(engine, prompts, params)]
+
+    fused = run()
+    assert attention_fp8, "no decode step took the attention kernel's fp8 output"
+    monkeypatch.setattr(kernels, "fp8_input_layout", lambda *a: None)
+    assert run() == fused
