@@ -223,7 +223,6 @@ def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels
     from pdlaunch.engine.outputs import SamplingParams
     from pdlaunch.model import llama
     from pdlaunch.model.quant import kernels
-    from tests.engine.conftest import run_all
     from tests.engine.test_engine_parity import random_prompts
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
 
@@ -234,9 +233,16 @@ def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels
     real = llama.paged_decode_fp8
     monkeypatch.setattr(llama, "paged_decode_fp8", lambda *a: attention_fp8.append(1) or real(*a))
 
-    def run() -> list[tuple[list[int], list[object]]]:
+    def run() -> dict[str, list[object]]:
         engine = make_engine(served, device="cuda", dtype="bfloat16")
-        return [(out.output_token_ids, list(out.logprobs or [])) for out in run_all(engine, prompts, params)]
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"p{i}", prompt, params)
+        steps: dict[str, list[object]] = {f"p{i}": [] for i in range(len(prompts))}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                steps[out.request_id] += [(lp.token_id, lp.logprob) for lp in out.new_logprobs or []]
+        assert all(len(tokens) == params.max_tokens for tokens in steps.values()), steps
+        return steps
 
     fused = run()
     assert attention_fp8, "no decode step took the attention kernel's fp8 output"
