@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import fused_available, write_kv
 from pdlaunch.model.quant import kv_cache as fp8_kv
-from pdlaunch.model.triton_decode import paged_decode, paged_decode_available
+from pdlaunch.model.quant.fp8 import Fp8Rows
+from pdlaunch.model.triton_decode import paged_decode, paged_decode_available, paged_decode_fp8
 
 if TYPE_CHECKING:
     from torch.nn.attention.bias import CausalBias
@@ -202,10 +203,12 @@ def graph_safe(kv_cache: torch.Tensor) -> bool:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                     layer_in_group: int, plan: GroupPlan, scale: float,
                     kv_scales: tuple[float, float] = (1.0, 1.0), kv_written: bool = False,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, fp8: bool | None = None) -> torch.Tensor | Fp8Rows:
     """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache unless
     `kv_written` (the caller wrote them to their slots: fused_ops.rotary_write_kv). `out`: where to write the
-    result (a piecewise step's static buffer, model/pieces.py); not with a uniform-decode plan.
+    result (a piecewise step's static buffer, model/pieces.py); not with a uniform-decode plan. `fp8` (head_dim
+    128, a block-FP8 o projection's layout, quant/kernels.py fp8_input_layout): a uniform-decode plan's kernel
+    returns its output [T, Hq * D] as Fp8Rows (triton_decode.paged_decode_fp8); other plans return the tensor.
 
     kv_scales: this layer's (k_scale, v_scale), applied when the cache is fp8 (model/quant/kv_cache.py).
     Every query sees keys and values as the cache holds them (fp8-rounded and rescaled when it is fp8)."""
@@ -231,6 +234,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if plan.decode_only:
         assert kv_cache is not None and plan.decode_tokens is not None and plan.decode_seq_lens is not None
         assert plan.decode_block_table is not None and out is None
+        if fp8 is not None:
+            return paged_decode_fp8(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
+                                    plan.decode_seq_lens, plan.sliding_window, scale, fp8, kv_scales,
+                                    plan.decode_leads)
         return paged_decode(q, kv_cache, layer_in_group, plan.decode_tokens, plan.decode_block_table,
                             plan.decode_seq_lens, plan.sliding_window, scale, kv_scales=kv_scales,
                             leads=plan.decode_leads)

@@ -32,7 +32,6 @@ from pdlaunch.model.quant.kv_cache import kv_scale_parameter
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
 from pdlaunch.model.swiglu import swiglu_available, swiglu_gemm
-from pdlaunch.model.triton_decode import paged_decode_fp8
 
 
 class Attention(nn.Module):
@@ -74,16 +73,10 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor | None, plan: GroupPlan) -> torch.Tensor:
         """cos_sin: the step's rotary tables [T, D] (RotaryEmbedding.cos_sin); x: [T, hidden]."""
         q, k, v, kv_written = self.project(cos_sin, x, kv_cache, plan.write_slots)
-        layout = self.o_proj.fp8_input(q.shape[0]) if kv_written and plan.decode_only else None
-        if layout is not None and kv_cache is not None and self.head_dim == 128 and plan.decode_block_table is not None:
-            # A decode step with a block-FP8 o projection: its input quantized in the attention kernel
-            assert plan.decode_tokens is not None and plan.decode_seq_lens is not None
-            return self.out_proj(paged_decode_fp8(q, kv_cache, self.index_in_group, plan.decode_tokens,
-                                                  plan.decode_block_table, plan.decode_seq_lens,
-                                                  plan.sliding_window, self.scale, layout, self.kv_scales,
-                                                  plan.decode_leads))
-        o = self.attend(q, k, v, kv_cache, plan, kv_written)
-        return self.out_proj(o)
+        # A decode step with a block-FP8 o projection: its input quantized in the attention kernel (a head of 128
+        # is one quantization group)
+        fp8 = self.o_proj.fp8_input(q.shape[0]) if plan.decode_only and self.head_dim == 128 else None
+        return self.out_proj(self.attend(q, k, v, kv_cache, plan, kv_written, fp8=fp8))
 
     def project(self, cos_sin: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor | Fp8Rows,
                 kv_cache: torch.Tensor | None,
@@ -115,10 +108,12 @@ class Attention(nn.Module):
         return q, k, v, False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
-               plan: GroupPlan, kv_written: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Paged attention of `project`'s q, k, v -> [T, Hq, D] (into `out` when given)."""
+               plan: GroupPlan, kv_written: bool, out: torch.Tensor | None = None,
+               fp8: bool | None = None) -> torch.Tensor | Fp8Rows:
+        """Paged attention of `project`'s q, k, v -> [T, Hq, D] (into `out` when given; Fp8Rows as
+        paged_attention's `fp8` says)."""
         return paged_attention(q, k, v, kv_cache, self.index_in_group, plan, self.scale, self.kv_scales,
-                               kv_written, out)
+                               kv_written, out, fp8)
 
     def out_proj(self, o: torch.Tensor | Fp8Rows) -> torch.Tensor:
         """o [T, Hq, D] (or [T, Hq * D] quantized for a block-FP8 o_proj) -> [T, hidden]."""

@@ -221,7 +221,7 @@ def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels
     the attention kernel, the norms and the SwiGLU hand their block-FP8 layers Fp8Rows, and the tokens and their
     logprobs equal the run where every layer quantizes its own input."""
     from pdlaunch.engine.outputs import SamplingParams
-    from pdlaunch.model import llama
+    from pdlaunch.model import attention
     from pdlaunch.model.quant import kernels
     from tests.engine.test_engine_parity import random_prompts
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
@@ -230,8 +230,8 @@ def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels
     prompts = random_prompts([5, 21, 9, 14], seed=3)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)
     attention_fp8: list[int] = []
-    real = llama.paged_decode_fp8
-    monkeypatch.setattr(llama, "paged_decode_fp8", lambda *a: attention_fp8.append(1) or real(*a))
+    real = attention.paged_decode_fp8
+    monkeypatch.setattr(attention, "paged_decode_fp8", lambda *a: attention_fp8.append(1) or real(*a))
 
     def run() -> dict[str, list[object]]:
         engine = make_engine(served, device="cuda", dtype="bfloat16")
