@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limits import copy_bandwidth, matmul_rate, time_ms  # noqa: E402
 
-from pdlaunch.model.moe.block import route  # noqa: E402
 from pdlaunch.model.moe.fused import TileConfig, config_file, fused_moe, moe_reference  # noqa: E402
+from pdlaunch.model.moe.router import route  # noqa: E402
 from pdlaunch.model.quant import fp8  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, INTER = 128, 8, 2048, 768

@@ -57,7 +57,7 @@ from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
 from pdlaunch.model.loader import Checkpoint, _materialize, fp8_experts, meta_model  # noqa: E402
-from pdlaunch.model.moe.block import route  # noqa: E402
+from pdlaunch.model.moe.router import route  # noqa: E402
 
 WARMUP_STEPS = 4
 FP8_EXPERTS = False  # --fp8-experts: the drawn experts become 128x128-block fp8 as an FP8 checkpoint's do
@@ -153,9 +153,10 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     - attention: the paged decode returns q;
     - rotary: q and k pass on unrotated, and no K/V is written;
     - router: no router product or top-k; token t goes to experts (t + i * num_experts // top_k) % num_experts,
-      i < top_k, each weighted 1 / top_k;
+      i < top_k, each weighted 1 / top_k (the post-attention norm, folded into the router's product otherwise,
+      runs as a kernel of its own);
     - experts: the MoE layers return zeros;
-    - norms: every RMSNorm that adds a residual (`ablate_norms`)."""
+    - norms: every RMSNorm that adds a residual (`ablate_norms`; none folded into the router's product)."""
     import pdlaunch.model.attention as attention
     import pdlaunch.model.llama as llama
     import pdlaunch.model.moe.experts as moe_experts
@@ -181,6 +182,7 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
 
         moe_block.router_logits = lambda x, weight: fixed(x.shape[0])[2]  # type: ignore[assignment]
         moe_block.route = lambda lg, k, renormalize: fixed(lg.shape[0])[:2]  # type: ignore[assignment]
+        moe_block.norm_route_available = lambda *args: False  # type: ignore[assignment]  # the norm stays
     if "experts" in names:
         rows = torch.zeros(max_tokens, top_k, hidden, dtype=dtype, device=device)
         sums = torch.zeros(max_tokens, hidden, dtype=dtype, device=device)
@@ -203,6 +205,7 @@ def ablate_norms() -> None:
     import pdlaunch.model.layers as layers
 
     layers.fused_add_rms_norm = lambda x, residual, weight, eps: (residual, residual)  # type: ignore[assignment]
+    moe_block.norm_route_available = lambda *args: False  # type: ignore[assignment]
 
 
 def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
@@ -211,8 +214,9 @@ def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
     runner = engine.runner
     graphs, mixed = runner.graphs, runner.mixed
     runner.graphs = runner.mixed = None
-    router = moe_block.route
+    router, folded = moe_block.route, moe_block.norm_route_available
     moe_block.route = counter  # type: ignore[assignment]
+    moe_block.norm_route_available = lambda *args: False  # type: ignore[assignment]  # every layer through `route`
     counter.hits.zero_()
     counter.calls = 0
     try:
@@ -224,7 +228,7 @@ def count_routed(engine: LLMEngine, counter: RouteCounter) -> int:
             torch.cuda.synchronize(counter.hits.device)
     finally:
         runner.graphs, runner.mixed = graphs, mixed
-        moe_block.route = router
+        moe_block.route, moe_block.norm_route_available = router, folded
     if counter.calls != counter.hits.shape[0]:
         raise SystemExit(f"the counting step routed {counter.calls} times, not once per MoE layer "
                          f"({counter.hits.shape[0]})")

@@ -72,11 +72,21 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         tl.store(s_ptr + groups * stride_sg, scale, mask=groups * 128 < width)
 
     @triton.jit
+    def normalize(x, w, H, eps, dtype: tl.constexpr):
+        # HF's RMSNorm of one row: x float32 [BLOCK_H] (values of `dtype`, zero past H), w its float32 weight ->
+        # float32 values of `dtype`: normalised in fp32, rounded to dtype, then scaled (a dtype product). Shared by
+        # rms_norm_kernel and model/moe/router.py's router product (norm_and_route, via `normalize_helper`): they
+        # round alike.
+        var = tl.math.div_rn(tl.sum(x * x, axis=0), H * 1.0)
+        y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
+        return (w * y).to(dtype).to(tl.float32)
+
+    @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, res_out_ptr, s_ptr, H, eps,
                         sx_t, sx_p, sx_h, sr_t, sr_h, w_stride, stride_st, stride_sg,
                         ADD_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
                         RELEASE: tl.constexpr, QUANT: tl.constexpr, QUANTIZE: tl.constexpr, FMAX: tl.constexpr,
-                        INV_FMAX: tl.constexpr):
+                        INV_FMAX: tl.constexpr, NORMALIZE: tl.constexpr):
         # One program per token row; y/res_out are contiguous [T, H]. PARTS > 1: x is [T, PARTS, H] rows whose sum
         # is the input, added in float32 and rounded once (torch's sum over a bf16 dim). QUANT: y is fp8, its
         # 128-column groups' scales at s_ptr (QUANTIZE: quantize_groups; the FP8 layer after skips its launch).
@@ -101,15 +111,11 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             r = tl.load(r_ptr + t * sr_t + cols * sr_h, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(res_out_ptr + t * H + cols, x, mask=mask)
-        # HF order: normalise in fp32, round to dtype, then scale (a dtype product).
-        x = x.to(tl.float32)
-        var = tl.math.div_rn(tl.sum(x * x, axis=0), H * 1.0)
-        y = (x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))).to(dtype).to(tl.float32)
+        y = NORMALIZE(x.to(tl.float32), w, H, eps, dtype)  # HF order (normalize)
         if QUANT:
-            QUANTIZE((w * y).to(dtype).to(tl.float32), y_ptr + t * H, s_ptr + t * stride_st, H, stride_sg, BLOCK_H,
-                     FMAX, INV_FMAX)
+            QUANTIZE(y, y_ptr + t * H, s_ptr + t * stride_st, H, stride_sg, BLOCK_H, FMAX, INV_FMAX)
         else:
-            tl.store(y_ptr + t * H + cols, (w * y).to(dtype), mask=mask)
+            tl.store(y_ptr + t * H + cols, y.to(dtype), mask=mask)
 
     # The q and the k half of rotary_kernel. It is handed to the kernel as ROTATE (a constexpr) because
     # Triton's interpreter resolves a kernel's callees among module globals only, and these kernels are
@@ -263,11 +269,22 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         pick = tl.where(first_nan < C_PAD, first_nan, best)
         tl.store(out_ptr + row, tl.load(idx_ptr + row * chunks + pick).to(tl.int64))
 
-    return SimpleNamespace(rms_norm=rms_norm_kernel, quantize_groups=quantize_groups, rotary=rotary_kernel,
+    return SimpleNamespace(rms_norm=rms_norm_kernel, normalize=normalize, quantize_groups=quantize_groups,
+                           rotary=rotary_kernel,
                            rotate_heads=rotate_heads,
                            silu_and_mul=silu_and_mul_kernel, write_kv=write_kv_kernel,
                            argmax_chunks=argmax_chunks_kernel, argmax_rows=argmax_rows_kernel,
                            next_power_of_2=triton.next_power_of_2)
+
+
+def normalize_helper() -> object:
+    """The Triton helper that computes one RMSNorm row as rms_norm_kernel does, for another module's kernel to take as
+    a constexpr argument (Triton's interpreter resolves callees among a kernel's module globals only)."""
+    interpret = interpret_mode()
+    helper = _kernels(interpret).normalize
+    if interpret:  # the interpreter makes triton.language visible to this module's functions when it rewrites one;
+        helper.rewrite()  # a callee of another module's kernel is checked for it before it is rewritten
+    return helper
 
 
 def _num_warps(elements: int) -> int:
@@ -379,7 +396,8 @@ def _rms_norm_launch(x: torch.Tensor, residual: torch.Tensor | None, weight: tor
                                 ADD_RESIDUAL=residual is not None, BLOCK_H=block, PARTS=parts,
                                 PDL=pdl, RELEASE=not pdl and pdl_release(x, tokens), QUANT=fp8 is not None,
                                 QUANTIZE=kernels.quantize_groups, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
-                                num_warps=_num_warps(block), enable_fp_fusion=False, **pdl_kwargs(pdl))
+                                NORMALIZE=kernels.normalize, num_warps=_num_warps(block), enable_fp_fusion=False,
+                                **pdl_kwargs(pdl))
     return (y if rows is None else rows), res_out
 
 

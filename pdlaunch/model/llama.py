@@ -25,7 +25,7 @@ from pdlaunch.model.layers import (
     ShardId,
     VocabParallelEmbedding,
 )
-from pdlaunch.model.moe.block import SparseMoeBlock
+from pdlaunch.model.moe.block import Routed, SparseMoeBlock
 from pdlaunch.model.pieces import PieceBuffers
 from pdlaunch.model.quant.fp8 import Fp8Rows
 from pdlaunch.model.quant.kv_cache import kv_scale_parameter
@@ -170,29 +170,31 @@ class DecoderLayer(nn.Module):
         norm: takes and returns (output of the previous sublayer, residual stream before adding it);
         the first layer gets residual None. Same values, fewer kernels."""
         x, residual = self.attn_norm(h, residual)
-        x, residual = self.mlp_norm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
-        return self.feed_forward(x), residual
+        y, residual = self.mlp_norm(self.self_attn(cos_sin, x, kv_cache, plan), residual)
+        return self.feed_forward(y), residual
 
     def attn_norm(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
         """The input norm (after adding the residual, unless this is the first layer) as the qkv projection reads
         it, and the residual stream: RMSNorm.into."""
         return self.input_layernorm.into(self.self_attn.qkv_proj, h, residual)
 
-    def mlp_norm(self, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
+    def mlp_norm(self, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor | Fp8Rows | Routed,
+                                                                          torch.Tensor]:
         """The post-attention norm of the o projection's output plus the residual, as the MLP's gate_up projection
-        reads it (an MoE block reads it as it is), and the residual stream."""
+        reads it (an MoE block: with its routing where one launch computes both, SparseMoeBlock.norm_into), and the
+        residual stream."""
         if isinstance(self.mlp, MLP):
             return self.post_attention_layernorm.into(self.mlp.gate_up_proj, o, residual)
-        x, new_residual = self.post_attention_layernorm(o, residual)
-        return x, new_residual
+        return self.mlp.norm_into(self.post_attention_layernorm, o, residual)
 
-    def feed_forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    def feed_forward(self, x: torch.Tensor | Fp8Rows | Routed) -> torch.Tensor:
         """The MLP's output [T, H], or an MoE layer's [T, k, H] weighted expert rows that sum to it: every consumer
         is the next RMSNorm with a residual (fused_ops.fused_add_rms_norm), which adds them in its kernel."""
         if isinstance(self.mlp, SparseMoeBlock):
-            assert isinstance(x, torch.Tensor)  # mlp_norm quantizes only an MLP's input
+            assert not isinstance(x, Fp8Rows)  # mlp_norm quantizes only an MLP's input
             moe: torch.Tensor = self.mlp(x, summed=False)
             return moe
+        assert not isinstance(x, Routed)  # routed rows only come from an MoE block's norm_into
         out: torch.Tensor = self.mlp(x)
         return out
 
@@ -310,8 +312,8 @@ class CausalLM(nn.Module):
         else:
             done = layers[index - 1]
             o = done.self_attn.out_proj(bufs.attn_out[:tokens])
-            x, residual = done.mlp_norm(o, bufs.residual[:tokens])
-            h = done.feed_forward(x)
+            y, residual = done.mlp_norm(o, bufs.residual[:tokens])
+            h = done.feed_forward(y)
             if index == len(layers):
                 bufs.hidden[:tokens].copy_(self.model.norm(h, residual)[0])
                 return

@@ -45,15 +45,17 @@ def test_count_routed_counts_one_eager_step_and_puts_the_router_back(
             seen.append(set(ids.reshape(-1).tolist()))
             return weights, ids
 
-        before = moe_block.route
-        monkeypatch.setattr(moe_block, "route", before)  # undone after the test, whatever count_routed does
+        before, folded = moe_block.route, moe_block.norm_route_available
+        for name in ("route", "norm_route_available"):  # undone after the test, whatever count_routed does
+            monkeypatch.setattr(moe_block, name, getattr(moe_block, name))
         monkeypatch.setattr(moe_speed, "route", watching)  # the counter routes through it
         counter = moe_speed.RouteCounter(layers, arch.moe.num_experts, torch.device("cpu"))
         graphs, mixed = engine.runner.graphs, engine.runner.mixed
         counted = moe_speed.count_routed(engine, counter)
         assert counter.calls == layers == len(seen)
         assert counted == sum(len(s) for s in seen) > 0
-        assert moe_block.route is before and engine.runner.graphs is graphs and engine.runner.mixed is mixed
+        assert moe_block.route is before and moe_block.norm_route_available is folded
+        assert engine.runner.graphs is graphs and engine.runner.mixed is mixed
     finally:
         engine.shutdown()
 
@@ -77,10 +79,12 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         raise AssertionError("an ablated kernel ran")
 
     for module, name in [(attention, "paged_decode"), (llama, "rotary_write_kv"), (moe_block, "router_logits"),
-                         (moe_block, "route"), (moe_experts, "fused_moe"), (layers, "fused_add_rms_norm")]:
+                         (moe_block, "route"), (moe_block, "norm_route_available"), (moe_experts, "fused_moe"),
+                         (layers, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     for module, name in [(fused_ops, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
-                         (moe_router, "router_logits"), (fused_ops, "fused_add_rms_norm")]:
+                         (moe_router, "router_logits"), (moe_block, "norm_and_route"),
+                         (fused_ops, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, fail)  # a call path the ablation missed would reach these
     engine = LLMEngine(build_config(str(moe_ckpt("qwen3_moe")), "cpu", "float32",
                                     {"max_num_seqs": 4, "enable_prefix_caching": False}))
@@ -89,6 +93,7 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         assert arch.moe is not None
         moe_speed.ablate(["attention", "rotary", "router", "experts", "norms"], 8, arch.moe.top_k, arch.moe.num_experts,
                          arch.hidden_size, torch.float32, torch.device("cpu"))
+        assert not moe_block.norm_route_available(torch.zeros(3, arch.hidden_size), None, None)
         weights, ids = moe_block.route(moe_block.router_logits(torch.zeros(3, arch.hidden_size), None), 2, True)
         assert ids.shape == (3, arch.moe.top_k) and all(len(set(row)) == arch.moe.top_k for row in ids.tolist())
         assert torch.allclose(weights.sum(-1), torch.ones(3))

@@ -330,7 +330,7 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
         rms = ptx(kernels.rms_norm, {"x_ptr": bf16, "r_ptr": bf16, "w_ptr": bf16, "y_ptr": out, "res_out_ptr": out,
                                      "s_ptr": "*fp32", "eps": "fp32"},
                   {"ADD_RESIDUAL": True, "BLOCK_H": 4096, "PARTS": 1, "PDL": False, "RELEASE": False,
-                   **fp8_out, "QUANT": quant})
+                   **fp8_out, "QUANT": quant, "NORMALIZE": kernels.normalize})
         assert "sqrt.rn.f32" in rms and "div.rn.f32" in rms and "div.full" not in rms and "rsqrt" not in rms
     pointers = ["q_ptr", "k_ptr", "cos_ptr", "sin_ptr", "q_out_ptr", "k_out_ptr", "qw_ptr", "kw_ptr", "v_ptr"]
     for norm, write in ((False, False), (True, True)):  # rotary alone; Qwen3's norm, rotary and the KV write

@@ -24,8 +24,8 @@ from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.model.arch import parse_hf_config
-from pdlaunch.model.moe.block import route
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
+from pdlaunch.model.moe.router import route
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.config.cli_helpers import check
 from tests.helpers.checkpoints import MOE_BUILDERS, hf_greedy, hf_model

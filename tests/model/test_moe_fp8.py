@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlaunch.model.moe.block import route
 from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
+from pdlaunch.model.moe.router import route
 from pdlaunch.model.quant import fp8
 
 

@@ -14,8 +14,8 @@ import torch
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.model.loader import load_checkpoint, load_model
-from pdlaunch.model.moe.block import route
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
+from pdlaunch.model.moe.router import route
 from tests.engine.conftest import MakeEngine, make_engine, run_all  # noqa: F401  (pytest fixture)
 from tests.helpers.checkpoints import MOE_BUILDERS, hf_greedy
 from tests.model.paged_runner import PagedRunner

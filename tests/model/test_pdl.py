@@ -165,10 +165,11 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
                            sin: torch.Tensor) -> torch.Tensor:
     # One batch-1 layer's kernels from the qkv projection on, each dependent on the one before: the rotary
     # writes the newest K/V that the paged decode (which loads its block ids before it waits) must see, and
-    # the router's top-k writes the ids the expert GEMMs read as their layout (no layout launch at one token).
+    # the router's top-k writes the ids the expert GEMMs read as their layout (no layout launch at one token); the
+    # post-attention norm runs inside the router's launch, whose first program writes the rows the experts read.
     from pdlaunch.model.moe.fused import fused_moe
     from pdlaunch.model.moe.layout import TileConfig
-    from pdlaunch.model.moe.router import route, router_logits
+    from pdlaunch.model.moe.router import norm_and_route
     from pdlaunch.model.triton_decode import paged_decode
 
     hq, hkv, dim = 8, 2, 128
@@ -176,8 +177,8 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
     q, k, v = qkv.view(1, hq + 2 * hkv, dim).split([hq, hkv, hkv], dim=1)
     q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0)
     attn = paged_decode(q, cache, 0, torch.zeros(1, dtype=torch.long, device=x.device), table, seq_len, None, 0.09)
-    h, residual = fused_ops.fused_add_rms_norm(gemv(attn.view(1, -1), p["o"]), x, p["norm"], 1e-6)
-    weights, ids = route(router_logits(h, p["router"]), 8, True)
+    h, residual, weights, ids = norm_and_route(gemv(attn.view(1, -1), p["o"]), x, p["norm"], 1e-6, p["router"], 8,
+                                               True)
     tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3)
     return fused_moe(h, p["w13"], p["w2"], weights, ids, tile=tile) + residual
 
@@ -188,9 +189,9 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
 def test_attention_and_experts_launched_dependent_read_only_finished_results(
         monkeypatch: pytest.MonkeyPatch, context: int) -> None:
     """The decode kernel loads the sequence length and its first tile's block ids before it waits for the rotary
-    that writes the newest K/V row; the expert GEMMs read the router's ids with no launch between. A graph
-    replayed with a new token and a new cache each time equals the same kernels launched plainly, bit for bit
-    (a read of anything the kernel before writes, before the wait, would see the last replay's values)."""
+    that writes the newest K/V row; the expert GEMMs read the router's ids and normed rows with no launch between.
+    A graph replayed with a new token and a new cache each time equals the same kernels launched plainly, bit for
+    bit (a read of anything the kernel before writes, before the wait, would see the last replay's values)."""
     from pdlaunch.model.moe.triton_moe import few_assignments
 
     torch.manual_seed(1)

@@ -15,9 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.model.moe.block import route
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
 from pdlaunch.model.moe.layout import TileConfig
+from pdlaunch.model.moe.router import route
 from pdlaunch.model.quant import fp8
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 

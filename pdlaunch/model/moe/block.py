@@ -11,16 +11,27 @@ float32, the k largest probabilities, renormalised over those k when `norm_topk_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.fused_ops import silu_and_mul
-from pdlaunch.model.layers import MergedColumnParallelLinear, RowParallelLinear, default_weight_loader
+from pdlaunch.model.layers import MergedColumnParallelLinear, RMSNorm, RowParallelLinear, default_weight_loader
 from pdlaunch.model.moe.config import MoeArch
 from pdlaunch.model.moe.experts import FusedExperts
-from pdlaunch.model.moe.router import route, router_logits
+from pdlaunch.model.moe.router import norm_and_route, norm_route_available, route, router_logits
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The MoE block's input x [T, H] with its routing already computed (`SparseMoeBlock.norm_into`)."""
+
+    x: torch.Tensor
+    weights: torch.Tensor  # [T, k] float32
+    ids: torch.Tensor  # [T, k] int64
 
 
 class Replicated(nn.Module):
@@ -61,11 +72,26 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = SharedExpert(hidden, moe.shared_expert_intermediate_size, tp_rank, tp_size)
             self.shared_expert_gate = Replicated(hidden, 1)
 
-    def forward(self, x: torch.Tensor, summed: bool = True) -> torch.Tensor:
-        """x [T, H] -> [T, H], summed over the TP group. `summed` False: on one rank without a shared expert the
-        result may be the [T, k, H] weighted expert rows whose sum over k it is (the decoder's next RMSNorm adds
-        them in its own kernel, fused_ops.fused_add_rms_norm, which saves a launch a layer)."""
-        weights, ids = route(router_logits(x, self.gate.weight), self.top_k, self.renormalize)
+    def norm_into(self, norm: RMSNorm, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor | Routed,
+                                                                                         torch.Tensor]:
+        """(`norm`(o + residual) as this block reads it, the residual stream after it): at a decode batch the norm
+        is folded into the router's product (router.norm_and_route) and the block gets x with its routing."""
+        if norm_route_available(o, residual, self.gate.weight):
+            x, new_residual, weights, ids = norm_and_route(o, residual, norm.weight, norm.eps, self.gate.weight,
+                                                           self.top_k, self.renormalize)
+            return Routed(x, weights, ids), new_residual
+        normed, new_residual = norm(o, residual)
+        return normed, new_residual
+
+    def forward(self, x: torch.Tensor | Routed, summed: bool = True) -> torch.Tensor:
+        """x [T, H] (or x routed already: `norm_into`) -> [T, H], summed over the TP group. `summed` False: on one
+        rank without a shared expert the result may be the [T, k, H] weighted expert rows whose sum over k it is
+        (the decoder's next RMSNorm adds them in its own kernel, fused_ops.fused_add_rms_norm, which saves a launch
+        a layer)."""
+        if isinstance(x, Routed):
+            weights, ids, x = x.weights, x.ids, x.x
+        else:
+            weights, ids = route(router_logits(x, self.gate.weight), self.top_k, self.renormalize)
         rows_ok = not summed and self.tp_size == 1 and self.shared_expert is None
         out: torch.Tensor = self.experts(x, weights, ids, summed=not rows_ok)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
