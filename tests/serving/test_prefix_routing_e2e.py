@@ -1,9 +1,8 @@
 """Prefix-aware routing on a real 2P2D `pdlaunch serve` (tiny model, CPU), measured with `pdlaunch bench serve
 --multi-turn` (issue 31): against round robin, a proxy with --routing-policy prefix and --disaggregate-min-tokens
 (a turn whose conversation the decode holds runs there alone) computes at most 40% of the prompt tokens, moves at
-most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.7x round robin's. (Issue 31 asks
-0.6x; one run of twelve under two busy loops measured 0.61, so a loaded CI machine could land over it: the test
-asserts 0.7x until the decode-alone path is cheaper on CPU, and prints the pooled figures.)
+most 40% of the KV bytes per request, and answers sooner: TTFT p50 at most 0.6x round robin's (issue 31's bound;
+the test prints the pooled figures).
 
 Why the TTFT ratio holds on two cores: a round-robin turn's first token waits for a prefill instance to compute
 what it lacks of the conversation (the two latest answers and user turns, SHAPE's comment), plus a prefill leg
@@ -14,17 +13,21 @@ test suites ran on it too (load average 3-7). With 160-token answers and four ro
 quiet machine but 0.35-0.67 under two busy loops (two of six above 0.6); with the 96-token answers the test ran
 before, 0.43-0.66. A decode-alone turn is computed on a process that is busy stepping its other streams, so when
 the cores are oversubscribed it slows more than round robin's prefill leg, on an otherwise idle process: the
-margin comes from what round robin recomputes, which grows with the answers.
+margin comes from what round robin recomputes, which grows with the answers. Those runs took the policies in the
+same order every round (round robin first); with the order alternated (below) and four rounds, ten runs under two
+or three busy loops measured 0.32-0.51 (0.32-0.48 under two), so the test asserts issue 31's 0.6x.
 
 Both policies run through a proxy process of their own with the same flags but the policy, over the same
 instances, at info level (the launcher's proxy's level: a debug proxy writes ~30 httpcore lines a request, and on
 two cores that alone raised the prefix policy's TTFT p50 from ~38 to ~52 ms). Both proxies start once; a short
 warm-up run through each makes the prefill-decode pairs' NIXL handshakes and the proxies' first requests, so
 round robin's first turns do not pay them. (The idle prefix proxy follows the decodes' KV events during round
-robin's runs: ~0.02 of a core.) Then ROUNDS rounds, each round robin then prefix, one after the other, every
-run with its own seed (its own system prompt: no cache carried from one run to the next). The token and byte
-counts are deltas of the instances' counters, summed over the rounds; the TTFTs are pooled over the rounds, so
-that a burst of load from whatever else shares the two cores lands on both policies' samples.
+robin's runs: ~0.02 of a core.) Then ROUNDS rounds of both policies, one after the other, in the order round
+robin, prefix; prefix, round robin; prefix, round robin; round robin, prefix (ABBA: a load that rises or falls over
+the test weighs on both policies alike), every run with its own seed (its own system prompt: no cache carried from
+one run to the next). The token and byte counts are deltas of the instances' counters, summed over the rounds; the
+TTFTs are pooled over the rounds, so that a burst of load from whatever else shares the two cores lands on both
+policies' samples.
 """
 
 from __future__ import annotations
@@ -74,9 +77,9 @@ REQUESTS = 20
 # proxy's first requests (its tokenizer, its connections), with short answers.
 WARM_UP = ["--num-conversations", "5", "--num-turns", "2", "--system-prompt-len", "64", "--random-input-len",
            "8", "--random-output-len", "8"]
-# Three rounds, each round robin then prefix; the TTFTs pooled over them (60 a policy), so that a burst of load
+# Four rounds of both policies in ABBA order; the TTFTs pooled over them (80 a policy), so that a burst of load
 # from whatever else shares the two cores lands on both policies' samples.
-ROUNDS = 3
+ROUNDS = 4
 LOG_LEVEL = "info"
 POLICIES = {"round_robin": ["--routing-policy", "round_robin"],
             "prefix": ["--routing-policy", "prefix", "--disaggregate-min-tokens", "48"]}
@@ -122,7 +125,8 @@ def test_prefix_routing_computes_moves_and_waits_a_fraction_of_round_robins(serv
             _bench(url, seed, tmp_path / f"warm-up-{policy}.json", WARM_UP)
         routed = -_routed_by_prefix(urls["prefix"])
         for round_ in range(1, ROUNDS + 1):
-            for seed, (policy, url) in enumerate(urls.items(), start=10 * round_):
+            order = list(urls.items()) if round_ % 4 in (0, 1) else list(urls.items())[::-1]  # ABBA (ROUNDS' comment)
+            for seed, (policy, url) in enumerate(order, start=10 * round_):
                 runs[policy].append(doc := _bench(url, seed, tmp_path / f"{policy}-{round_}.json"))
                 assert doc["completed"] == REQUESTS, doc
         routed += _routed_by_prefix(urls["prefix"])
@@ -139,4 +143,4 @@ def test_prefix_routing_computes_moves_and_waits_a_fraction_of_round_robins(serv
     assert round_robin["prompt_tokens_computed_per_request"] > 0 and round_robin["kv_bytes_moved_per_request"] > 0
     assert prefix["prompt_tokens_computed_per_request"] <= 0.4 * round_robin["prompt_tokens_computed_per_request"]
     assert prefix["kv_bytes_moved_per_request"] <= 0.4 * round_robin["kv_bytes_moved_per_request"]
-    assert prefix["ttft_p50_ms"] <= 0.7 * round_robin["ttft_p50_ms"], (round_robin, prefix)
+    assert prefix["ttft_p50_ms"] <= 0.6 * round_robin["ttft_p50_ms"], (round_robin, prefix)
