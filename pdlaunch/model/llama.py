@@ -181,8 +181,8 @@ class DecoderLayer(nn.Module):
     def mlp_norm(self, o: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor | Fp8Rows | Routed,
                                                                           torch.Tensor]:
         """The post-attention norm of the o projection's output plus the residual, as the MLP's gate_up projection
-        reads it (an MoE block: with its routing where one launch computes both, SparseMoeBlock.norm_into), and the
-        residual stream."""
+        reads it (an MoE block: with its routing where the router's product computes the norm too,
+        SparseMoeBlock.norm_into), and the residual stream."""
         if isinstance(self.mlp, MLP):
             return self.post_attention_layernorm.into(self.mlp.gate_up_proj, o, residual)
         return self.mlp.norm_into(self.post_attention_layernorm, o, residual)
