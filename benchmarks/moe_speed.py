@@ -25,8 +25,10 @@ its wall time: what the host adds, and which kernels are far from the matmul rat
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
+import os
 import random
 import sys
 import tempfile
@@ -64,6 +66,7 @@ FP8_EXPERTS = False  # --fp8-experts: the drawn experts become 128x128-block fp8
 FP8_ATTENTION = False  # --fp8-attention: the attention projections too (Qwen3-30B-A3B-FP8 quantizes both)
 rng = random.Random(0)
 PROFILED = itertools.count()
+CELLS = itertools.count()
 
 
 class DecodeReadyKV(ReadyKVConnector):
@@ -239,8 +242,9 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
                 floor_fixed: int, expert_bytes: float, kv_per_token: int, bw: float, hidden: int,
                 kernel_profile: bool = False) -> dict[str, Any]:
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS + 1, temperature=0.0, ignore_eos=True)
+    cell_id = next(CELLS)  # a batch may be timed more than once (--prefetch)
     for i in range(batch):
-        engine.add_request(f"d{batch}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
+        engine.add_request(f"d{batch}-{cell_id}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
     # With async scheduling a step returns before its GPU work ends, so steps are timed as a run: the
     # wall time from the first timed step to the end of the last one's GPU work, over their number.
     for _ in range(WARMUP_STEPS):
@@ -344,6 +348,9 @@ def main() -> None:
     parser.add_argument("--no-gemv-fold", action="store_true",
                         help="the block-FP8 GEMV (one row, --fp8-attention) as before its per-shape launches and the "
                              "fold rule (limits.untuned_fp8_gemv), for an A/B in one call")
+    parser.add_argument("--variants", nargs="+", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
+                        help="environment settings read at each launch (e.g. PDLAUNCH_ATTN_EARLY=off), each in turn "
+                             "with the decode graphs captured again under it, for an A/B in one call")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.no_gemv_fold:
@@ -393,8 +400,19 @@ def main() -> None:
                    cuda_graphs=engine.runner.graphs is not None)
         print(json.dumps(doc), flush=True)
         bw = doc["copy_gbps"] * 1e9
-        doc["decode"] = [decode_cell(engine, counter, b, args.context, args.steps, floor_fixed, expert_bytes,
-                                     kv_per_token, bw, h, b in args.kernel_profile) for b in args.batch]
+        doc["decode"] = []
+        for variant in args.variants or [None]:
+            if variant is not None:  # read at each launch: the graphs are captured again under it
+                for setting in variant.split(","):
+                    name, _, value = setting.partition("=")
+                    os.environ[name] = value
+                engine.runner.graphs = None
+                gc.collect()
+                engine.runner.graphs = engine.runner._init_graphs()
+            for b in args.batch:
+                cell = decode_cell(engine, counter, b, args.context, args.steps, floor_fixed, expert_bytes,
+                                   kv_per_token, bw, h, b in args.kernel_profile)
+                doc["decode"].append({"variant": variant, **cell} if variant is not None else cell)
         doc["prefill"] = [prefill_cell(engine, n, 2 * n * top_k * 3 * h * inter * args.num_layers,
                                        info.prefill_flops(n), doc["matmul_tflops"], args.prefill_profile)
                           for n in prefills]

@@ -107,7 +107,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         TILE: tl.constexpr, SPLITS: tl.constexpr, MIN_TILES: tl.constexpr, SHORT_TILES: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
-        QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr,
+        QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr, EARLY: tl.constexpr,
         STORE: tl.constexpr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
@@ -115,6 +115,8 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         # before attention writes those (paged_decode passes it only for a block table it need not copy).
         if PDL and not PRELOAD:
             tl.extra.cuda.gdc_wait()
+            if EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -163,6 +165,8 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             first_blocks = tl.load(table + kpos // BLOCK_SIZE, mask=(kpos <= qpos) & (kpos >= first),
                                    other=0).to(tl.int64)
             tl.extra.cuda.gdc_wait()
+            if EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         # The interpreter's tl.dot multiplies bf16 bit patterns as integers: it takes float32.
         # An fp8 cache is read up to q's dtype (exact for e4m3; V below); its k scale is folded into
         # `scale` and its v scale applied to the accumulator (linear, so partials merge the same).
@@ -219,10 +223,12 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
             m = m_new
-        if PDL or RELEASE:
+        if (PDL and not EARLY) or RELEASE:
             # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
             # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us). RELEASE (pdl_release, a decode batch): this
-            # kernel is not launched dependent, the projection after it (model/decode_gemm.py) is.
+            # kernel is not launched dependent, the projection after it (model/decode_gemm.py) is. EARLY (batch 1,
+            # attention_early): they started right after the wait, and the o projection's GEMV loaded its first
+            # weight columns while this kernel's few programs walked their chain of round trips.
             tl.extra.cuda.gdc_launch_dependents()
         acc = acc * v_scale
         # One range: the output itself. Several: partials part[Sd, Hq, SPLITS, HEAD_PAD + 2] = (weighted
@@ -357,6 +363,14 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     (`pdl_release`) launch dependent. PDLAUNCH_PDL=off turns it off (debugging, benchmarks); PDLAUNCH_PDL=all
     launches every kernel of ours dependent at any row count (A/B runs)."""
     return (rows == 1 or os.environ.get("PDLAUNCH_PDL") == "all") and _pdl_device(t)
+
+
+def attention_early() -> bool:
+    """A batch-1 paged decode (launched dependent) lets the o projection after it start right after its own wait,
+    not after its loop: the projection's programs load their first weight columns while the attention's few
+    programs walk their chain of round trips (Qwen3-30B-A3B shape, one H100, batch 1: 3.27 -> 3.23 ms a step;
+    benchmarks/RESULTS.md). PDLAUNCH_ATTN_EARLY=off keeps the release after the loop (A/B runs, debugging)."""
+    return os.environ.get("PDLAUNCH_ATTN_EARLY", "on") != "off"
 
 
 def pdl_release(t: torch.Tensor, rows: int) -> bool:
@@ -541,7 +555,8 @@ def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
         DOT_FP32=interpret, GROUP_P2=group_p2,
         SPLIT_CHUNK=max(1, min(launch.splits, MERGE_ELEMENTS // (group_p2 * head_pad))),
         V_F16=v_f16, QK_F16=v_f16 and fp8_qk_f16(),
-        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs), num_warps=launch.num_warps,
+        PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs),
+        EARLY=pdl and attention_early(), num_warps=launch.num_warps,
         STORE=decode_kernel.store_heads, QUANT=fp8 is not None, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )

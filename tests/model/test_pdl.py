@@ -162,7 +162,7 @@ def test_the_gemv_waits_and_releases_only_when_launched_dependent() -> None:
 
 def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: torch.Tensor, slot: torch.Tensor,
                            table: torch.Tensor, seq_len: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor) -> torch.Tensor:
+                           sin: torch.Tensor, kv_scales: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
     # One batch-1 layer's kernels from the qkv projection on, each dependent on the one before: the rotary
     # writes the newest K/V that the paged decode (which loads its block ids before it waits) must see, and
     # the router's top-k writes the ids the expert GEMMs read as their layout (no layout launch at one token); the
@@ -175,8 +175,9 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
     hq, hkv, dim = 8, 2, 128
     qkv = gemv(fused_ops.rms_norm(x, p["norm"], 1e-6), p["qkv"])
     q, k, v = qkv.view(1, hq + 2 * hkv, dim).split([hq, hkv, hkv], dim=1)
-    q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0)
-    attn = paged_decode(q, cache, 0, torch.zeros(1, dtype=torch.long, device=x.device), table, seq_len, None, 0.09)
+    q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0, kv_scales)
+    attn = paged_decode(q, cache, 0, torch.zeros(1, dtype=torch.long, device=x.device), table, seq_len, None, 0.09,
+                        kv_scales=kv_scales)
     h, residual, weights, ids = norm_and_route(gemv(attn.view(1, -1), p["o"]), x, p["norm"], 1e-6, p["router"], 8,
                                                True)
     tile = TileConfig(1 << 30, "triton", 16, 64, 128, 4, 3)
@@ -186,10 +187,14 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("context", [100, 1000, 5000])
+@pytest.mark.parametrize("early", ["on", "off"])
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn])
 def test_attention_and_experts_launched_dependent_read_only_finished_results(
-        monkeypatch: pytest.MonkeyPatch, context: int) -> None:
+        monkeypatch: pytest.MonkeyPatch, context: int, early: str, cache_dtype: torch.dtype) -> None:
     """The decode kernel loads the sequence length and its first tile's block ids before it waits for the rotary
-    that writes the newest K/V row; the expert GEMMs read the router's ids and normed rows with no launch between.
+    that writes the newest K/V row, and (`early`, triton_decode.attention_early) lets the o projection start right
+    after that wait, while it still computes; the expert GEMMs read the router's ids and normed rows with no launch
+    between.
     A graph replayed with a new token and a new cache each time equals the same kernels launched plainly, bit for
     bit (a read of anything the kernel before writes, before the wait, would see the last replay's values)."""
     from pdlaunch.model.moe.triton_moe import few_assignments
@@ -204,7 +209,9 @@ def test_attention_and_experts_launched_dependent_read_only_finished_results(
          "w2": (torch.randn(experts, hidden, 256, device="cuda") * 0.03).to(dt)}
     assert few_assignments(8, experts)
     blocks = -(-context // block_size)
-    cache = torch.zeros(blocks + 3, 1, 2, block_size, 2, dim, device="cuda", dtype=dt)
+    monkeypatch.setenv("PDLAUNCH_ATTN_EARLY", early)
+    cache = torch.zeros(blocks + 3, 1, 2, block_size, 2, dim, device="cuda", dtype=cache_dtype)
+    scales = (0.7, 1.3) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
     table = torch.randperm(blocks + 3, device="cuda")[:blocks].unsqueeze(0).contiguous()  # scattered blocks
     seq_len = torch.tensor([context], device="cuda")
     newest = table[0, (context - 1) // block_size] * block_size + (context - 1) % block_size
@@ -213,19 +220,19 @@ def test_attention_and_experts_launched_dependent_read_only_finished_results(
     cos, sin = fused_ops.rotary_cos_sin(seq_len - 1, inv_freq, dt)
     x = torch.randn(1, hidden, device="cuda", dtype=dt)
     assert pdl_enabled(x, 1)
-    _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin)  # compiles outside the capture
+    _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin, scales)  # compiles outside the capture
     out = torch.empty_like(x)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out.copy_(_attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin))
+        out.copy_(_attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin, scales))
     for seed in range(4):
         torch.manual_seed(200 + seed)
         x.copy_(torch.randn_like(x))
-        cache.copy_(torch.randn_like(cache))  # the older rows change too
+        cache.copy_(torch.randn(cache.shape, device="cuda"))  # the older rows change too
         graph.replay()
         with monkeypatch.context() as off:
             off.setenv("PDLAUNCH_PDL", "off")
-            want = _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin)
+            want = _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin, scales)
         torch.cuda.synchronize()
         assert torch.isfinite(want).all()
         torch.testing.assert_close(out, want, atol=0, rtol=0)
