@@ -262,7 +262,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                   "DOT_FP32": False, "GROUP_P2": 4 * rows,
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * rows * 128)),
                   "V_F16": cache == "fp8e4nv", "QK_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1,
-                  "STORE": kernel.store_heads, "QUANT": False, "FMAX": 448.0, "INV_FMAX": 1 / 448}
+                  "EARLY": batch == 1, "STORE": kernel.store_heads, "QUANT": False, "FMAX": 448.0, "INV_FMAX": 1 / 448}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -284,10 +284,12 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     assert launch.splits == (1 if batch > 1 else 64)
     assert ("atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx) == (launch.splits > 1)
     # Batch 1 launches dependent on the kernel before (pdl_enabled): the sequence length and the first tile's
-    # block ids load before the wait for it, and the next kernel may start once the loop is done.
+    # block ids load before the wait for it, and (attention_early) the next kernel may start right after it,
+    # before any product.
     assert ("griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx) == (batch == 1)
     if batch == 1:
         assert "ld.global" in ptx[:ptx.index("griddepcontrol.wait")]
+        assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("mma.sync")
 
 
 @pytest.mark.slow
