@@ -3,7 +3,8 @@
 and on every FLOP of the active parameters (projections, routed experts, router, causal attention).
 
     python benchmarks/moe_speed.py [--batch 1 16 64 256] [--context 1024] [--prefill 8192 [3072 ...]]
-        [--prefill-profile] [--num-layers 48] [--fp8-experts] [--ablate attention rotary router experts] [--json OUT]
+        [--prefill-profile] [--num-layers 48] [--fp8-experts] [--ablate attention rotary router experts]
+        [--variants NAME=VALUE ...] [--json OUT]
 
 The weights are drawn on the GPU in place of a load (a 61 GB checkpoint would not fit the disk of a
 benchmark host), through the same model, weight layout and engine as `pdlaunch serve` (bf16, CUDA
@@ -242,7 +243,7 @@ def decode_cell(engine: LLMEngine, counter: RouteCounter, batch: int, context: i
                 floor_fixed: int, expert_bytes: float, kv_per_token: int, bw: float, hidden: int,
                 kernel_profile: bool = False) -> dict[str, Any]:
     params = SamplingParams(max_tokens=steps + WARMUP_STEPS + 1, temperature=0.0, ignore_eos=True)
-    cell_id = next(CELLS)  # a batch may be timed more than once (--prefetch)
+    cell_id = next(CELLS)  # a batch may be timed more than once (--variants)
     for i in range(batch):
         engine.add_request(f"d{batch}-{cell_id}-{i}", [rng.randrange(600, 1000) for _ in range(context)], params)
     # With async scheduling a step returns before its GPU work ends, so steps are timed as a run: the
@@ -350,7 +351,8 @@ def main() -> None:
                              "fold rule (limits.untuned_fp8_gemv), for an A/B in one call")
     parser.add_argument("--variants", nargs="+", default=[], metavar="NAME=VALUE[,NAME=VALUE]",
                         help="environment settings read at each launch (e.g. PDLAUNCH_ATTN_EARLY=off), each in turn "
-                             "with the decode graphs captured again under it, for an A/B in one call")
+                             "with the decode graphs captured again under it, for an A/B in one call (a setting "
+                             "stays for later variants until one sets it again)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.no_gemv_fold:
