@@ -25,6 +25,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.model.arch import parse_hf_config
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
+from pdlaunch.model.moe.layout import TileConfig
 from pdlaunch.model.moe.router import route
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.config.cli_helpers import check
@@ -224,3 +225,42 @@ def test_every_shipped_tile_file_loads_and_covers_every_size() -> None:
         assert tiles[-1].max_tokens >= 1 << 30, path.name
         assert all(t.block_n >= 64 for t in tiles if t.swap_ab), path.name
         assert fp8 or not any(t.fp8_activations for t in tiles), path.name
+
+
+def test_moe_tile_override_replaces_the_file_s_fields_for_the_calls_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDLAUNCH_MOE_TILE (benchmarks time a tile inside whole steps before it goes into a file): its fields replace
+    the chosen entry's for calls of at most its max_tokens, and reach the Triton launch through fused_moe."""
+    from pdlaunch.model.moe import fused, triton_moe
+
+    x = torch.zeros(1, 64)
+    plain = fused.tile_for(x, 1)
+    monkeypatch.setenv("PDLAUNCH_MOE_TILE", "block_n=32:num_stages=4:swap_ab=1:max_tokens=1")
+    one = fused.tile_for(x, 1)
+    assert (one.block_n, one.num_stages, one.swap_ab) == (32, 4, True)
+    assert (one.block_m, one.block_k, one.max_tokens) == (plain.block_m, plain.block_k, plain.max_tokens)
+    assert fused.tile_for(x, 2) == fused.tile_for(torch.zeros(2, 64), 2) != one  # past max_tokens: the file's
+    monkeypatch.setenv("PDLAUNCH_MOE_TILE", "block_k=32")
+    assert fused.tile_for(x, 4096).block_k == 32  # no max_tokens: every call
+    seen: list[TileConfig] = []
+
+    def recording(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(args[5])  # type: ignore[arg-type]  # (w13, w2, weights, ids, expert_start, tile, ...)
+        return x
+
+    monkeypatch.setattr(triton_moe, "triton_moe", recording)
+    w13, w2 = torch.zeros(4, 16, 64), torch.zeros(4, 64, 8)
+    fused.fused_moe(x, w13, w2, torch.ones(1, 2), torch.tensor([[0, 1]]), use="triton")
+    assert seen and seen[0].block_k == 32
+
+
+@pytest.mark.parametrize("setting,words", [
+    ("block_n=48", "out of range"), ("num_warps=0", "out of range"), ("swap_ab=2", "out of range"),
+    ("block_size=64", "not a tile field"), ("block_n=big", "not a tile field"), ("block_n", "not a tile field")])
+def test_a_bad_moe_tile_override_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, setting: str,
+                                                      words: str) -> None:
+    from pdlaunch.model.moe import fused
+
+    monkeypatch.setenv("PDLAUNCH_MOE_TILE", setting)
+    with pytest.raises(PdlaunchError) as caught:
+        fused.tile_for(torch.zeros(1, 64), 1)
+    assert caught.value.field == "PDLAUNCH_MOE_TILE" and words in str(caught.value) and setting in str(caught.value)

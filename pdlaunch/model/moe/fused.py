@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +79,43 @@ def device_tiles(device_name: str, fp8: bool = False) -> tuple[TileConfig, ...]:
 
 
 def tile_for(x: torch.Tensor, num_tokens: int, fp8: bool = False) -> TileConfig:
-    """The entry for a call of `num_tokens` tokens on x's device (the largest covers the rest)."""
+    """The entry for a call of `num_tokens` tokens on x's device (the largest covers the rest), with
+    PDLAUNCH_MOE_TILE's fields in place of its own for calls it covers (tile_override)."""
     tiles = device_tiles(torch.cuda.get_device_name(x.device), fp8) if x.is_cuda else DEFAULT_TILES
-    return next((t for t in tiles if num_tokens <= t.max_tokens), tiles[-1])
+    tile = next((t for t in tiles if num_tokens <= t.max_tokens), tiles[-1])
+    override = tile_override(os.environ.get("PDLAUNCH_MOE_TILE", ""))
+    if override and num_tokens <= override.get("max_tokens", num_tokens):
+        changes: dict[str, Any] = {name: value for name, value in override.items() if name != "max_tokens"}
+        tile = replace(tile, **changes)
+    return tile
+
+
+_OVERRIDABLE = {"block_m": int, "block_n": int, "block_k": int, "num_warps": int, "num_stages": int,
+                "swap_ab": bool, "f16_products": bool, "fp8_activations": bool, "max_tokens": int}
+
+
+@lru_cache(maxsize=8)
+def tile_override(setting: str) -> dict[str, int | bool]:
+    """PDLAUNCH_MOE_TILE, `field=value:field=value` (e.g. `block_n=32:num_stages=4:max_tokens=1`): TileConfig
+    fields that replace the tile file's for every call of at most `max_tokens` tokens (default: every call), so
+    a benchmark can time a tile inside whole steps before it goes into a file (moe_speed.py --variants). Sizes
+    are powers of two; booleans 0 or 1."""
+    fields: dict[str, int | bool] = {}
+    for part in filter(None, setting.split(":")):
+        name, _, value = part.partition("=")
+        kind = _OVERRIDABLE.get(name.strip())
+        hint = "field=value pairs joined by ':' over " + ", ".join(_OVERRIDABLE) + ", e.g. block_n=32:max_tokens=1"
+        if kind is None or not value.strip().isdigit():
+            raise PdlaunchError(f"PDLAUNCH_MOE_TILE: {part!r} is not a tile field and a whole number",
+                                field="PDLAUNCH_MOE_TILE", hint=hint)
+        number = int(value)
+        power_of_two = number >= 1 and not number & (number - 1)
+        if (kind is bool and number not in (0, 1)) or (kind is int and name.strip() != "max_tokens"
+                                                         and not power_of_two):
+            raise PdlaunchError(f"PDLAUNCH_MOE_TILE: {part!r} is out of range", field="PDLAUNCH_MOE_TILE",
+                                hint="sizes, warps and stages are powers of two; booleans 0 or 1")
+        fields[name.strip()] = bool(number) if kind is bool else number
+    return fields
 
 
 def backend(x: torch.Tensor, num_tokens: int) -> Backend:
