@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.triton_decode import device_entry, device_name, pdl_enabled, pdl_kwargs, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
@@ -89,9 +90,32 @@ def _kernels() -> SimpleNamespace:
 
 def config_for(device_name: str, n: int, k: int) -> GemvConfig:
     """GEMV_DEVICE_CONFIGS's launch for a weight of `n` rows and `k` columns on the device torch names
-    `device_name`."""
+    `device_name`, unless PDLAUNCH_GEMV_CONFIG names one for that shape (config_override)."""
+    override = config_override(os.environ.get("PDLAUNCH_GEMV_CONFIG", "")).get((n, k))
+    if override is not None:
+        return override
     table = device_entry(GEMV_DEVICE_CONFIGS, device_name, ())
     return next((config for max_n, max_k, config in table if n <= max_n and k <= max_k), GEMV_CONFIG)
+
+
+@lru_cache(maxsize=8)
+def config_override(setting: str) -> dict[tuple[int, int], GemvConfig]:
+    """PDLAUNCH_GEMV_CONFIG, `NxK=BLOCK_N,BLOCK_K,WARPS` entries joined by `:` (e.g. `5120x2048=4,512,4`): the launch
+    for a weight of exactly N rows and K columns, in place of the table's, so a benchmark can time a launch inside
+    whole steps before it goes into GEMV_DEVICE_CONFIGS (benchmarks/moe_speed.py --variants). Powers of two."""
+    configs: dict[tuple[int, int], GemvConfig] = {}
+    for entry in filter(None, setting.split(":")):
+        shape, _, launch = entry.partition("=")
+        numbers = [part.strip() for part in shape.split("x")] + [part.strip() for part in launch.split(",")]
+        if len(numbers) != 5 or not all(part.isdigit() for part in numbers):
+            raise PdlaunchError(f"PDLAUNCH_GEMV_CONFIG: {entry!r} is not NxK=BLOCK_N,BLOCK_K,WARPS",
+                                field="PDLAUNCH_GEMV_CONFIG", hint="e.g. 5120x2048=4,512,4 (entries joined by ':')")
+        n, k, block_n, block_k, warps = (int(part) for part in numbers)
+        if any(v < 1 or v & (v - 1) for v in (block_n, block_k, warps)):
+            raise PdlaunchError(f"PDLAUNCH_GEMV_CONFIG: {entry!r}: BLOCK_N, BLOCK_K and WARPS must be powers of two",
+                                field="PDLAUNCH_GEMV_CONFIG", hint="e.g. 5120x2048=4,512,4")
+        configs[(n, k)] = (block_n, block_k, warps)
+    return configs
 
 
 def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_ops, triton_decode
 from pdlaunch.model import gemv as gemv_module
 from pdlaunch.model.gemv import GEMV_CONFIG, GEMV_DEVICE_CONFIGS, config_for, gemv
@@ -236,3 +237,17 @@ def test_attention_and_experts_launched_dependent_read_only_finished_results(
         torch.cuda.synchronize()
         assert torch.isfinite(want).all()
         torch.testing.assert_close(out, want, atol=0, rtol=0)
+
+
+def test_a_gemv_launch_override_replaces_the_table_for_its_shape_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDLAUNCH_GEMV_CONFIG (benchmarks time a launch inside whole steps before it goes into the table)."""
+    monkeypatch.setenv("PDLAUNCH_GEMV_CONFIG", "5120x2048=16,256,4:2048x4096=4,512,8")
+    assert config_for("NVIDIA H100 80GB HBM3", 5120, 2048) == (16, 256, 4)
+    assert config_for("NVIDIA A100-SXM4-80GB", 2048, 4096) == (4, 512, 8)  # any device
+    assert config_for("NVIDIA H100 80GB HBM3", 6144, 4096) == (8, 1024, 8)  # other shapes: the table's
+    for bad, words in (("5120x2048=16,256", "is not"), ("5120=16,256,4", "is not"), ("5120x2048=12,256,4", "powers"),
+                       ("axb=1,2,4", "is not")):
+        monkeypatch.setenv("PDLAUNCH_GEMV_CONFIG", bad)
+        with pytest.raises(PdlaunchError) as caught:
+            config_for("NVIDIA H200", 5120, 2048)
+        assert caught.value.field == "PDLAUNCH_GEMV_CONFIG" and words in str(caught.value) and bad in str(caught.value)
