@@ -239,8 +239,8 @@ def test_moe_tile_override_replaces_the_file_s_fields_for_the_calls_it_covers(mo
     assert (one.block_n, one.num_stages, one.swap_ab) == (32, 4, True)
     assert (one.block_m, one.block_k, one.max_tokens) == (plain.block_m, plain.block_k, plain.max_tokens)
     assert fused.tile_for(x, 2) == fused.tile_for(torch.zeros(2, 64), 2) != one  # past max_tokens: the file's
-    monkeypatch.setenv("PDLAUNCH_MOE_TILE", "block_k=32")
-    assert fused.tile_for(x, 4096).block_k == 32  # no max_tokens: every call
+    monkeypatch.setenv("PDLAUNCH_MOE_TILE", "block_k=32:num_stages=3")
+    assert (fused.tile_for(x, 4096).block_k, fused.tile_for(x, 4096).num_stages) == (32, 3)  # every call
     seen: list[TileConfig] = []
 
     def recording(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -255,6 +255,7 @@ def test_moe_tile_override_replaces_the_file_s_fields_for_the_calls_it_covers(mo
 
 @pytest.mark.parametrize("setting,words", [
     ("block_n=48", "out of range"), ("num_warps=0", "out of range"), ("swap_ab=2", "out of range"),
+    ("num_stages=0", "out of range"), ("max_tokens=0", "out of range"),
     ("block_size=64", "not a tile field"), ("block_n=big", "not a tile field"), ("block_n", "not a tile field")])
 def test_a_bad_moe_tile_override_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, setting: str,
                                                       words: str) -> None:

@@ -98,8 +98,8 @@ _OVERRIDABLE = {"block_m": int, "block_n": int, "block_k": int, "num_warps": int
 def tile_override(setting: str) -> dict[str, int | bool]:
     """PDLAUNCH_MOE_TILE, `field=value:field=value` (e.g. `block_n=32:num_stages=4:max_tokens=1`): TileConfig
     fields that replace the tile file's for every call of at most `max_tokens` tokens (default: every call), so
-    a benchmark can time a tile inside whole steps before it goes into a file (moe_speed.py --variants). Sizes
-    are powers of two; booleans 0 or 1."""
+    a benchmark can time a tile inside whole steps before it goes into a file (moe_speed.py --variants). Block
+    sizes and warps are powers of two; booleans 0 or 1."""
     fields: dict[str, int | bool] = {}
     for part in filter(None, setting.split(":")):
         name, _, value = part.partition("=")
@@ -110,10 +110,11 @@ def tile_override(setting: str) -> dict[str, int | bool]:
                                 field="PDLAUNCH_MOE_TILE", hint=hint)
         number = int(value)
         power_of_two = number >= 1 and not number & (number - 1)
-        if (kind is bool and number not in (0, 1)) or (kind is int and name.strip() != "max_tokens"
-                                                         and not power_of_two):
+        if ((kind is bool and number not in (0, 1)) or number < 1 and kind is int
+                or (name.strip() in ("block_m", "block_n", "block_k", "num_warps") and not power_of_two)):
             raise PdlaunchError(f"PDLAUNCH_MOE_TILE: {part!r} is out of range", field="PDLAUNCH_MOE_TILE",
-                                hint="sizes, warps and stages are powers of two; booleans 0 or 1")
+                                hint="block sizes and warps are powers of two, stages and max_tokens 1 or more; "
+                                     "booleans 0 or 1")
         fields[name.strip()] = bool(number) if kind is bool else number
     return fields
 
