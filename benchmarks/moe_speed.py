@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -405,7 +406,7 @@ def main() -> None:
         doc["decode"] = []
         for variant in args.variants or [None]:
             if variant is not None:  # read at each launch: the graphs are captured again under it
-                for setting in variant.split(","):
+                for setting in re.split(r",(?=[A-Z_][A-Z0-9_]*=)", variant):  # a value may hold commas
                     name, _, value = setting.partition("=")
                     os.environ[name] = value
                 engine.runner.graphs = None
