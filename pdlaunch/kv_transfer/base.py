@@ -31,10 +31,11 @@ Lifecycle contract (no block is written, read or held after the engine lets it g
     ("draining") until `get_finished().safe_to_free` names the request. A failed load does the
     same by naming the request in `draining` next to `failed_recving`. The connector bounds this:
     at most the transfer timeout plus a grace period after the load started.
-  - Pull: before decode READs a held request's blocks it claims them on the prefill side
-    (side channel, synchronous); a claimed hold outlives its lease until decode's "read_done" /
-    "release" notification or a hard cap (decode's transfer deadline plus a grace period), so the
-    prefill blocks are never reused mid-read. A claim after the lease expired fails the request.
+  - Pull: decode claims a held request's blocks on the prefill side (side channel) as it posts its
+    READ, and counts the READ only once the claim is answered; a claimed hold outlives its lease
+    until decode's "read_done" / "release" notification or a hard cap (decode's transfer deadline
+    plus a grace period), so the prefill blocks are never reused mid-read. A claim after the lease
+    expired fails the request.
 """
 
 from __future__ import annotations

@@ -6,13 +6,15 @@ blocks, no read of freed blocks.
    reported safe_to_free only after the WRITE ended, and nothing lands in them afterwards.
 3. Pull: decode's READ outlasts prefill's lease; the claimed hold is not freed (nor its blocks
    reused) before the READ finished.
-Delays are injected into the agent's `transfer` of one side (a slow WRITE / a slow READ start).
+Delays are injected into the agent's `transfer` of one side: a WRITE posted late, a READ that starts late
+after its post returned (an asynchronous READ on a GPU runs while the connector goes on).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +135,51 @@ def test_scheduler_keeps_draining_blocks_until_safe_to_free(how: str) -> None:
 
 
 # -- two connector processes with a slow side ----------------------------------------------------
+class LateRead:
+    """A READ whose post returned at once but that starts SLOW_SECONDS later (the agent's real transfer,
+    posted then from a thread): "PROC" until it has started and ended."""
+
+    def __init__(self, transfer: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.num_bytes = sum(n for _, n in args[0])
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._real: Any = None
+        self._cancelled = False
+        self._failed = False
+        threading.Thread(target=self._post, args=(transfer, args), daemon=True).start()
+
+    def _post(self, transfer: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        time.sleep(SLOW_SECONDS)
+        with self._lock:
+            if self._cancelled:
+                return
+            try:
+                self._real = transfer("READ", *args)
+            except Exception as e:  # noqa: BLE001 - reported through state(), as a failed post would be
+                self._failed, self.error = True, f"{type(e).__name__}: {e}"
+
+    def state(self) -> str:
+        with self._lock:
+            if self._failed:
+                return "ERR"
+            if self._real is None:
+                return "PROC"
+            state: str = self._real.state()
+            self.error = self._real.error
+            return state
+
+    def release(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            real = self._real
+        if real is not None:
+            real.release()
+
+
 def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str) -> Built:
-    """build_connector plus: `slow_op` ("READ"/"WRITE") transfers start SLOW_SECONDS late (after every
-    check that precedes posting them), and fill(group, ids, value) overwrites blocks."""
+    """build_connector plus: a `slow_op` "WRITE" is posted SLOW_SECONDS late (after every check that
+    precedes posting it), a `slow_op` "READ" starts SLOW_SECONDS after its post returned (LateRead); and
+    fill(group, ids, value) overwrites blocks."""
     from pdlaunch.kv_transfer import nixl_connector
 
     made: list[Any] = []
@@ -150,6 +194,8 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
         def slow_transfer(op: str, *a: Any) -> Any:
             if op == slow_op:
                 started.append(op)
+                if op == "READ":
+                    return LateRead(transfer, a)
                 time.sleep(SLOW_SECONDS)
             return transfer(op, *a)
 

@@ -1,4 +1,4 @@
-"""Read claims of a held request (pull): the decode sends its claim just before it posts the READ, so the claim
+"""Read claims of a held request (pull): the decode sends its claim right after it posts the READ, so the claim
 may arrive after the READ's read_done. Such a claim is answered as claimed (the hold lived until the read_done);
 a claim of a hold that expired or was released is refused, before or after the hold left the table.
 

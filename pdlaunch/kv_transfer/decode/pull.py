@@ -1,9 +1,14 @@
 """Pull: decode READs the prefill's blocks (needs NVLink between GPUs, or CPU memory).
 
 The load claims the prefill hold ("claim_read") so that it outlives its lease while the READ runs. The
-claim is sent just before the READ is posted and its answer read after, so its round trip overlaps the
-READ (it used to precede it: ~0.3 ms of a 0.75 ms small pull on CPU); the READ counts only once the claim
-was answered, and a refused claim (the lease had expired) fails the load whatever the READ read. The
+READ is posted first and the claim sent right after it, its answer read last, so the claim's round trip
+overlaps the READ (it used to precede it: ~0.3 ms of a 0.75 ms small pull on CPU) and its send no longer
+delays the post (~0.27 ms on this 2-core machine's probe, benchmarks/kv_probe). Safety does not depend on
+the order: the READ counts only once the claim was answered, and an answer of "held" means the hold lived
+from the prompt's end (before this load started) to the claim, and is kept from then until our
+read_done/release (a claim served after the READ's read_done is answered as held: prefill/holds.py); a
+refused claim (the lease had expired) fails the load whatever the READ read, and the table drains the READ
+before the blocks go back. The
 READ carries a "read_done" notification for the prefill agent, and the engine thread polls it. A READ
 seen done after the load's deadline does not count (the hold's cap may have passed).
 """
@@ -42,22 +47,17 @@ class PullLoad(LoadStrategy):
                 if load.state == LoadState.RUNNING:
                     load.state = LoadState.OK
             return
-        # The claim keeps the prefill hold past its lease until our read_done/release (capped); the READ
-        # runs while it travels.
-        claim = self.ctx.send_claim_read(load, load.remote)
-        try:
-            xfer = self.ctx.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
-        except BaseException:
-            claim.close()
-            raise
+        # The READ goes first; the claim, sent while it runs, keeps the prefill hold past its lease until our
+        # read_done/release (capped), and the READ counts only once the claim is answered.
+        xfer = self.ctx.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
         with self.ctx.lock:
             posted = load.state == LoadState.RUNNING and not load.abandoned
             if posted:
-                load.xfer = xfer
+                load.xfer = xfer  # from here the table drains the READ before the blocks go back
         if not posted:
-            claim.close()
             xfer.release()  # timed out or aborted meanwhile
             return
+        claim = self.ctx.send_claim_read(load, load.remote)
         claim.answer(Empty)  # refused: KVTransferError fails the load (the table drains a READ still running)
         with self.ctx.lock:
             load.read_claimed = True

@@ -6,7 +6,7 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 - push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
-Pull: decode sends its claim of the hold ("claim_read" on the side channel) just before it posts its
+Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
 READ, and counts the READ only once the claim was answered; a claimed hold lives until the
 read_done/release notification or a hard cap (decode's remaining transfer time plus
 READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are never reused mid-read.
