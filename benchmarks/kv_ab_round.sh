@@ -3,8 +3,17 @@
 # 8k tokens) for this tree and for BASELINES="DIR ..." (each DIR holds a copy of the `pdlaunch` package, e.g.
 # `git archive COMMIT pdlaunch | tar -x -C DIR`), run before and after this tree's rows (an A/B on one machine);
 # then the fp8 rows; then PROBE=1: a 1k-token pull run with benchmarks/kv_probe's stage timestamps.
+# PATCHES="FILE ..." adds a variant per patch (e.g. benchmarks/patches/*.patch): this tree's `pdlaunch` copied and
+# the patch applied (`git apply`, which needs no repository), timed like a baseline.
 # Usage: bash benchmarks/kv_ab_round.sh OUT_DIR
 source "$(dirname "$0")/steps.sh"
+for patch in ${PATCHES:-}; do
+    dir=/tmp/kv-variant-$(basename "$patch" .patch)
+    rm -rf "$dir" && mkdir -p "$dir" && cp -r pdlaunch "$dir/"
+    file=$(realpath "$patch")
+    (cd "$dir" && git apply "$file") || { echo "== $patch does not apply to this tree"; exit 1; }
+    BASELINES="${BASELINES:-} $dir"
+done
 kv=(--device cuda:0 --decode-device cuda:1 --num-tokens 1024 --num-tokens 8192 --iterations 15)
 baselines() {
     for dir in ${BASELINES:-}; do
