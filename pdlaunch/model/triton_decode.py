@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.overrides import field_override
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.split_counters import num_sms as _num_sms  # tests patch triton_decode._num_sms
 from pdlaunch.model.split_counters import split_counters
@@ -454,6 +456,35 @@ def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int,
                         num_warps=4, num_stages=2, short_tiles=SHORT_SPLIT_CONTEXT // tile if splits > 1 else 0)
 
 
+_LAUNCH_FIELDS = {"tile": int, "splits": int, "min_tiles": int, "num_warps": int, "num_stages": int,
+                  "short_tiles": int, "max_seqs": int}
+
+
+@lru_cache(maxsize=8)
+def launch_override(setting: str) -> dict[str, int | bool]:
+    """PDLAUNCH_DECODE_LAUNCH, `field=value:field=value` (e.g. `tile=64:max_seqs=1`): DecodeLaunch fields that
+    replace choose_launch's for every call of at most `max_seqs` sequences (default: every call), so a benchmark
+    can time a launch inside whole steps (moe_speed.py --variants). tile (16 to 256), splits (up to MAX_SPLITS)
+    and warps are powers of two; short_tiles may be 0 (no short contexts split into one-tile ranges)."""
+    fields = field_override("PDLAUNCH_DECODE_LAUNCH", setting, _LAUNCH_FIELDS,
+                            frozenset({"tile", "splits", "num_warps"}), "launch", "tile=64:max_seqs=1",
+                            zero_ok=frozenset({"short_tiles"}))
+    if not 16 <= int(fields.get("tile", 16)) <= 256 or int(fields.get("splits", 1)) > MAX_SPLITS:
+        raise PdlaunchError(f"PDLAUNCH_DECODE_LAUNCH: {setting!r}: tile must be 16 to 256 and splits at most "
+                            f"{MAX_SPLITS}", field="PDLAUNCH_DECODE_LAUNCH", hint="e.g. tile=64:max_seqs=1")
+    return fields
+
+
+def with_override(launch: DecodeLaunch, num_seqs: int) -> DecodeLaunch:
+    """`launch` with PDLAUNCH_DECODE_LAUNCH's fields in place of its own when the call has at most its
+    max_seqs sequences (launch_override)."""
+    override = launch_override(os.environ.get("PDLAUNCH_DECODE_LAUNCH", ""))
+    if not override or num_seqs > override.get("max_seqs", num_seqs):
+        return launch
+    changes: dict[str, Any] = {name: value for name, value in override.items() if name != "max_seqs"}
+    return replace(launch, **changes)
+
+
 def launch_batch_sizes(max_num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device,
                        element_size: int = 2) -> list[int]:
     """The smallest batch size of each distinct launch `choose_launch` gives for 1..max_num_seqs
@@ -518,7 +549,8 @@ def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
     rows = rows_per_program(num_heads, num_kv_heads) if leads is not None else 1
     if launch is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 16
-        launch = choose_launch(num_seqs, num_kv_heads, head_dim, sms, element_size=kv_cache.element_size())
+        launch = with_override(choose_launch(num_seqs, num_kv_heads, head_dim, sms,
+                                             element_size=kv_cache.element_size()), num_seqs)
     rows_out = None
     if fp8 is None:
         out = scales = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype, device=q.device)

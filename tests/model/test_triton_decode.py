@@ -11,9 +11,12 @@ of every partial, or several).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import split_counters, triton_decode
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
@@ -295,3 +298,40 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     run_interpreter_child(__file__, "interpret", f"{len(CASES) + len(LEAD_CASES)} passed")
+
+
+def test_decode_launch_override_reaches_the_kernel_for_the_calls_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDLAUNCH_DECODE_LAUNCH (benchmarks time a launch inside whole steps): its fields replace choose_launch's in the
+    kernel's launch for calls of at most max_seqs sequences; larger calls keep choose_launch's."""
+    seen: list[tuple[tuple[int, int, int], int, int, int, int]] = []
+
+    class Spy:
+        store_heads = None
+
+        def __getitem__(self, grid: tuple[int, int, int]) -> Any:
+            def launch(*args: Any, **kwargs: Any) -> None:
+                seen.append((grid, kwargs["TILE"], kwargs["SHORT_TILES"], kwargs["num_warps"], kwargs["num_stages"]))
+            return launch
+
+    monkeypatch.setattr(triton_decode, "_kernels", lambda interpret: Spy())
+    monkeypatch.setenv("PDLAUNCH_DECODE_LAUNCH", "tile=64:splits=16:short_tiles=0:num_warps=8:num_stages=3:max_seqs=1")
+    for lens in ([300], [300, 40]):
+        cache, q, _, attn = _case("cpu", torch.float32, lens, 16, 2, 4, 64, None)
+        tokens = torch.arange(len(lens))
+        paged_decode(q, cache, 1, tokens, attn.block_tables[0], attn.seq_lens, None, 0.125, None)
+    default = choose_launch(2, 2, 64, num_sms=16)  # (a CPU tensor's launch takes 16 SMs)
+    assert seen == [((1, 2, 16), 64, 0, 8, 3),
+                    ((2, 2, default.splits), default.tile, default.short_tiles, default.num_warps, default.num_stages)]
+
+
+@pytest.mark.parametrize("setting,words", [
+    ("tile=48", "out of range"), ("splits=3", "out of range"), ("num_stages=0", "out of range"),
+    ("tile=512", "16 to 256"), ("splits=128", "splits at most"), ("blocks=2", "not a launch field"),
+    ("tile=big", "not a launch field"), ("short_tiles=-1", "not a launch field")])
+def test_a_bad_decode_launch_override_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, setting: str,
+                                                           words: str) -> None:
+    monkeypatch.setenv("PDLAUNCH_DECODE_LAUNCH", setting)
+    with pytest.raises(PdlaunchError) as caught:
+        triton_decode.with_override(choose_launch(1, 8, 128, num_sms=132), 1)
+    assert caught.value.field == "PDLAUNCH_DECODE_LAUNCH"
+    assert words in str(caught.value) and setting in str(caught.value)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, local_expert_ids, sort_assignments
+from pdlaunch.model.overrides import field_override
 from pdlaunch.model.quant.fp8 import dequantize_stacked_blocks
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -100,24 +101,9 @@ def tile_override(setting: str) -> dict[str, int | bool]:
     fields that replace the tile file's for every call of at most `max_tokens` tokens (default: every call), so
     a benchmark can time a tile inside whole steps before it goes into a file (moe_speed.py --variants). Block
     sizes and warps are powers of two; booleans 0 or 1."""
-    fields: dict[str, int | bool] = {}
-    hint = "field=value pairs joined by ':' over " + ", ".join(_OVERRIDABLE) + ", e.g. block_n=32:max_tokens=1"
-    for part in filter(None, setting.split(":")):
-        raw_name, _, value = part.partition("=")
-        name = raw_name.strip()
-        kind = _OVERRIDABLE.get(name)
-        if kind is None or not value.strip().isdigit():
-            raise PdlaunchError(f"PDLAUNCH_MOE_TILE: {part!r} is not a tile field and a whole number",
-                                field="PDLAUNCH_MOE_TILE", hint=hint)
-        number = int(value)
-        power_of_two = number >= 1 and not number & (number - 1)
-        if ((kind is bool and number not in (0, 1)) or number < 1 and kind is int
-                or (name in ("block_m", "block_n", "block_k", "num_warps") and not power_of_two)):
-            raise PdlaunchError(f"PDLAUNCH_MOE_TILE: {part!r} is out of range", field="PDLAUNCH_MOE_TILE",
-                                hint="block sizes and warps are powers of two, stages and max_tokens 1 or more; "
-                                     "booleans 0 or 1")
-        fields[name] = bool(number) if kind is bool else number
-    return fields
+    return field_override("PDLAUNCH_MOE_TILE", setting, _OVERRIDABLE,
+                          frozenset({"block_m", "block_n", "block_k", "num_warps"}), "tile",
+                          "block_n=32:max_tokens=1")
 
 
 def backend(x: torch.Tensor, num_tokens: int) -> Backend:
