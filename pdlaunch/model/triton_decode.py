@@ -97,6 +97,39 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         else:
             tl.store(ptrs, value.to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
+    @triton.jit
+    def score_tile(q, k, s_ok, m, denom, scale, PRECISION: tl.constexpr, EMPTY: tl.constexpr):
+        # One K tile [TILE, D] (in q's dtype) into the running softmax of the program's query rows: the tile's
+        # probabilities p [G, TILE], the factor alpha [G] the sums so far take, the new max and denominator.
+        # s_ok [G, TILE] (or [1, TILE]): the (row, key) pairs that count. EMPTY: a row may have seen no key yet
+        # (max -inf): it takes exp(-inf) = 0, not exp(nan).
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
+        s = tl.where(s_ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_ref = m_new
+        if EMPTY:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m - m_ref)
+        return p, alpha, m_new, denom * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
+    def value_tile(acc, p, alpha, v, DTYPE: tl.constexpr, PRECISION: tl.constexpr, V_F16: tl.constexpr):
+        # The V tile [TILE, D] (the cache's dtype) weighted by p into the value sums acc [G, D] (scaled by alpha);
+        # the product in DTYPE (q's), or (V_F16) in float16.
+        if V_F16:
+            # An fp8 V tile, the transposed operand of this product, widened to float16 by an asm
+            # instruction the compiler leaves in place: the tile then reaches the tensor cores through
+            # 16-bit transposing shared-memory loads. Widened by .to(), the compiler moves the widening
+            # past the shared-memory step and reads the fp8 tile from it a byte at a time (48 x 3072 on an
+            # H200: 2740 GB/s against 2044). The float16 probabilities round no worse than bf16 ones.
+            v16 = tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
+                "cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                "=r,=r,r", [v.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+            return acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
+        return acc * alpha[:, None] + tl.dot(p.to(DTYPE), v.to(DTYPE), input_precision=PRECISION)
+
     # An eager step's block table width (stride_bt) follows its longest sequence: Triton would compile a
     # second variant for widths not divisible by 16 in the middle of serving (~1 s of every stream's time).
     @triton.jit(do_not_specialize=["stride_bt", "stride_st", "stride_sh"])
@@ -111,6 +144,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
         QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr, EARLY: tl.constexpr,
         STORE: tl.constexpr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr,
+        SCORE: tl.constexpr, VALUE: tl.constexpr, PEEL: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -161,11 +195,27 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         head_ok = row_ok
         offs = tl.arange(0, TILE)
         table = block_table_ptr + seq * stride_bt
+        head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
         first_blocks = tl.zeros([TILE], tl.int64)  # unread without PRELOAD
         if PRELOAD:
             kpos = start * TILE + offs
             first_blocks = tl.load(table + kpos // BLOCK_SIZE, mask=(kpos <= qpos) & (kpos >= first),
                                    other=0).to(tl.int64)
+        if PEEL:
+            # (One row a program; attention_peel.) The range's first tile goes before the loop, its K and V loaded
+            # here, before the wait with PRELOAD, except the newest row, which the kernel before writes: that row
+            # loads after the wait. The loop's own pipelining is untouched.
+            kpos0 = start * TILE + offs
+            live0 = ((offs * 0 + start) < stop) & (kpos0 <= qpos) & (kpos0 >= first)
+            old0 = (live0 & (kpos0 < qpos))[:, None] & d_ok[None, :]
+            if PRELOAD:
+                blocks0 = first_blocks
+            else:
+                blocks0 = tl.load(table + kpos0 // BLOCK_SIZE, mask=live0, other=0).to(tl.int64)
+            row0 = (blocks0 * block_stride + (kpos0 % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
+            k0 = tl.load(head_base + k_offset + row0, mask=old0, other=0.0)
+            v0 = tl.load(head_base + v_offset + row0, mask=old0, other=0.0)
+        if PRELOAD:
             tl.extra.cuda.gdc_wait()
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
@@ -185,11 +235,19 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-        head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
-        for t in range(start, stop):
+        lo = start
+        if PEEL:
+            new0 = (live0 & (kpos0 == qpos))[:, None] & d_ok[None, :]
+            k0 = tl.where(new0, tl.load(head_base + k_offset + row0, mask=new0, other=0.0), k0)
+            v0 = tl.where(new0, tl.load(head_base + v_offset + row0, mask=new0, other=0.0), v0)
+            # (p0, alpha0: names of their own, the merge's loop below has an alpha of another shape)
+            p0, alpha0, m, denom = SCORE(q, k0.to(dtype), live0[None, :], m, denom, scale, PRECISION, True)
+            acc = VALUE(acc, p0, alpha0, v0, dtype, PRECISION, V_F16)
+            lo = start + 1
+        for t in range(lo, stop):
             kpos = t * TILE + offs
             valid = (kpos <= qpos) & (kpos >= first)
-            if PRELOAD:
+            if PRELOAD and not PEEL:
                 later = tl.load(table + kpos // BLOCK_SIZE, mask=valid & (t > start), other=0).to(tl.int64)
                 block = tl.where(t > start, later, first_blocks)
             else:
@@ -197,34 +255,13 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
             kv_mask = valid[:, None] & d_ok[None, :]
             k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
             if ROWS > 1:  # each row sees its own causal prefix (and window)
                 seen = (kpos[None, :] <= qpos_g[:, None]) & (kpos[None, :] >= first_g[:, None])
-                s = tl.where(seen & head_ok[:, None], s, float("-inf"))
-            else:
-                s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_ref = m_new
-            if ROWS > 1:  # a row that has seen no key yet (max -inf) takes exp(-inf) = 0, not exp(nan)
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_ref[:, None])
-            alpha = tl.exp(m - m_ref)
-            denom = denom * alpha + tl.sum(p, axis=1)
+                p, alpha, m, denom = SCORE(q, k, seen & head_ok[:, None], m, denom, scale, PRECISION, True)
+            else:  # (every tile of the loop holds a key the row sees)
+                p, alpha, m, denom = SCORE(q, k, valid[None, :], m, denom, scale, PRECISION, False)
             v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0)
-            if V_F16:
-                # An fp8 V tile, the transposed operand of this product, widened to float16 by an asm
-                # instruction the compiler leaves in place: the tile then reaches the tensor cores through
-                # 16-bit transposing shared-memory loads. Widened by .to(), the compiler moves the widening
-                # past the shared-memory step and reads the fp8 tile from it a byte at a time (48 x 3072 on an
-                # H200: 2740 GB/s against 2044). The float16 probabilities round no worse than bf16 ones.
-                v16 = tl.inline_asm_elementwise(
-                    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
-                    "cvt.rn.f16x2.e4m3x2 $1, hi; }",
-                    "=r,=r,r", [v.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
-                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
-            m = m_new
+            acc = VALUE(acc, p, alpha, v, dtype, PRECISION, V_F16)
         if (PDL and not EARLY) or RELEASE:
             # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
             # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us). RELEASE (pdl_release, a decode batch): this
@@ -303,7 +340,10 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                                  mask=merge_ok[:, None] & d_ok[None, :])
                     tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
-    paged_decode_kernel.store_heads = store_heads  # handed to it as STORE (the interpreter finds no closures)
+    # handed to it as STORE, SCORE and VALUE (the interpreter finds no closures)
+    paged_decode_kernel.store_heads = store_heads
+    paged_decode_kernel.score_tile = score_tile
+    paged_decode_kernel.value_tile = value_tile
     return paged_decode_kernel
 
 
@@ -373,6 +413,14 @@ def attention_early() -> bool:
     programs walk their chain of round trips (Qwen3-30B-A3B shape, one H100, batch 1: 3.27 -> 3.23 ms a step;
     benchmarks/RESULTS.md). PDLAUNCH_ATTN_EARLY=off keeps the release after the loop (A/B runs, debugging)."""
     return os.environ.get("PDLAUNCH_ATTN_EARLY", "on") != "off"
+
+
+def attention_peel() -> bool:
+    """PDLAUNCH_ATTN_PEEL=on: a decode's paged attention (one row a program) takes each range's first tile before
+    its loop, that tile's K and V loaded before the wait for the kernel before (with PDL and a block table that
+    needs no copy; the newest row after it), so at batch 1 those loads overlap the rotary kernel. Off (the default)
+    until whole steps are timed with it (benchmarks/moe_b1_attn_round.sh); equal results either way."""
+    return os.environ.get("PDLAUNCH_ATTN_PEEL", "off") == "on"
 
 
 def pdl_release(t: torch.Tensor, rows: int) -> bool:
@@ -590,6 +638,7 @@ def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs),
         EARLY=pdl and attention_early(), num_warps=launch.num_warps,
         STORE=decode_kernel.store_heads, QUANT=fp8 is not None, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
+        SCORE=decode_kernel.score_tile, VALUE=decode_kernel.value_tile, PEEL=rows == 1 and attention_peel(),
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out if rows_out is None else rows_out
