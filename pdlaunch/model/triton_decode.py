@@ -419,7 +419,8 @@ def attention_peel() -> bool:
     """PDLAUNCH_ATTN_PEEL=on: a decode's paged attention (one row a program) takes each range's first tile before
     its loop, that tile's K and V loaded before the wait for the kernel before (with PDL and a block table that
     needs no copy; the newest row after it), so at batch 1 those loads overlap the rotary kernel. Off (the default)
-    until whole steps are timed with it (benchmarks/moe_b1_attn_round.sh); equal results either way."""
+    until whole steps are timed with it (benchmarks/moe_b1_attn_round.sh). The same tiles in the same order either
+    way (tests/model/test_triton_decode.py checks both against the gather path)."""
     return os.environ.get("PDLAUNCH_ATTN_PEEL", "off") == "on"
 
 
