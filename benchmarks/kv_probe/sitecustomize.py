@@ -39,10 +39,9 @@ if os.environ.get("PDL_PROBE"):
         wrap(side.DecodeSide, "start_load", "a_start_load", "b_start_load_returned")
         wrap(context.LoadContext, "send_claim_read", "c_claim_send", "d_claim_sent")
         wrap(agent.KVAgent, "transfer", "e_read_post", "f_read_posted")
-        if os.environ.get("PDL_PROBE") == "send":  # inside the claim's send: the kept connection, the frame, the write
+        if os.environ.get("PDL_PROBE") == "send":  # inside the claim's send: when it takes its kept connection
             from pdlaunch.kv_transfer import side_channel
             wrap(side_channel.Connections, "take", "c1_take", "c2_taken")
-            wrap(side_channel, "_pack", "c3_pack", "c4_packed")
         progress = pull.PullLoad.progress
 
         def timed_progress(self: Any, load: Any, now: float) -> None:
