@@ -5,8 +5,21 @@ inside whole steps before they go into a table or tile file (benchmarks/moe_spee
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from pdlaunch.errors import PdlaunchError
+
+T = TypeVar("T")
+
+
+def with_fields(settings: T, fields: Mapping[str, int | bool], size: int, limit: str) -> T:
+    """`settings` (a dataclass) with `fields` in place of its own when `size` is at most fields[limit] (no
+    limit: always); `limit` itself is no field of `settings`."""
+    if not fields or size > fields.get(limit, size):
+        return settings
+    changes: dict[str, Any] = {name: value for name, value in fields.items() if name != limit}
+    return replace(settings, **changes)  # type: ignore[type-var]
 
 
 def field_override(variable: str, setting: str, kinds: Mapping[str, type], powers_of_two: frozenset[str],

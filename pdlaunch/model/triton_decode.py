@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.overrides import field_override
+from pdlaunch.model.overrides import field_override, with_fields
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.split_counters import num_sms as _num_sms  # tests patch triton_decode._num_sms
 from pdlaunch.model.split_counters import split_counters
@@ -527,11 +527,7 @@ def launch_override(setting: str) -> dict[str, int | bool]:
 def with_override(launch: DecodeLaunch, num_seqs: int) -> DecodeLaunch:
     """`launch` with PDLAUNCH_DECODE_LAUNCH's fields in place of its own when the call has at most its
     max_seqs sequences (launch_override)."""
-    override = launch_override(os.environ.get("PDLAUNCH_DECODE_LAUNCH", ""))
-    if not override or num_seqs > override.get("max_seqs", num_seqs):
-        return launch
-    changes: dict[str, Any] = {name: value for name, value in override.items() if name != "max_seqs"}
-    return replace(launch, **changes)
+    return with_fields(launch, launch_override(os.environ.get("PDLAUNCH_DECODE_LAUNCH", "")), num_seqs, "max_seqs")
 
 
 def launch_batch_sizes(max_num_seqs: int, num_kv_heads: int, head_dim: int, device: torch.device,

@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +40,7 @@ import torch.nn.functional as F
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.fused_ops import silu_and_mul
 from pdlaunch.model.moe.layout import BACKENDS, Backend, TileConfig, combine, local_expert_ids, sort_assignments
-from pdlaunch.model.overrides import field_override
+from pdlaunch.model.overrides import field_override, with_fields
 from pdlaunch.model.quant.fp8 import dequantize_stacked_blocks
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -84,11 +82,7 @@ def tile_for(x: torch.Tensor, num_tokens: int, fp8: bool = False) -> TileConfig:
     PDLAUNCH_MOE_TILE's fields in place of its own for calls it covers (tile_override)."""
     tiles = device_tiles(torch.cuda.get_device_name(x.device), fp8) if x.is_cuda else DEFAULT_TILES
     tile = next((t for t in tiles if num_tokens <= t.max_tokens), tiles[-1])
-    override = tile_override(os.environ.get("PDLAUNCH_MOE_TILE", ""))
-    if override and num_tokens <= override.get("max_tokens", num_tokens):
-        changes: dict[str, Any] = {name: value for name, value in override.items() if name != "max_tokens"}
-        tile = replace(tile, **changes)
-    return tile
+    return with_fields(tile, tile_override(os.environ.get("PDLAUNCH_MOE_TILE", "")), num_tokens, "max_tokens")
 
 
 _OVERRIDABLE = {"block_m": int, "block_n": int, "block_k": int, "num_warps": int, "num_stages": int,
