@@ -144,7 +144,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
         QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr, EARLY: tl.constexpr,
         STORE: tl.constexpr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr,
-        SCORE: tl.constexpr, VALUE: tl.constexpr, PEEL: tl.constexpr,
+        SCORE: tl.constexpr, VALUE: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -195,27 +195,11 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         head_ok = row_ok
         offs = tl.arange(0, TILE)
         table = block_table_ptr + seq * stride_bt
-        head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
         first_blocks = tl.zeros([TILE], tl.int64)  # unread without PRELOAD
         if PRELOAD:
             kpos = start * TILE + offs
             first_blocks = tl.load(table + kpos // BLOCK_SIZE, mask=(kpos <= qpos) & (kpos >= first),
                                    other=0).to(tl.int64)
-        if PEEL:
-            # (One row a program; attention_peel.) The range's first tile goes before the loop, its K and V loaded
-            # here, before the wait with PRELOAD, except the newest row, which the kernel before writes: that row
-            # loads after the wait. The loop's own pipelining is untouched.
-            kpos0 = start * TILE + offs
-            live0 = ((offs * 0 + start) < stop) & (kpos0 <= qpos) & (kpos0 >= first)
-            old0 = (live0 & (kpos0 < qpos))[:, None] & d_ok[None, :]
-            if PRELOAD:
-                blocks0 = first_blocks
-            else:
-                blocks0 = tl.load(table + kpos0 // BLOCK_SIZE, mask=live0, other=0).to(tl.int64)
-            row0 = (blocks0 * block_stride + (kpos0 % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
-            k0 = tl.load(head_base + k_offset + row0, mask=old0, other=0.0)
-            v0 = tl.load(head_base + v_offset + row0, mask=old0, other=0.0)
-        if PRELOAD:
             tl.extra.cuda.gdc_wait()
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
@@ -235,19 +219,11 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         denom = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-        lo = start
-        if PEEL:
-            new0 = (live0 & (kpos0 == qpos))[:, None] & d_ok[None, :]
-            k0 = tl.where(new0, tl.load(head_base + k_offset + row0, mask=new0, other=0.0), k0)
-            v0 = tl.where(new0, tl.load(head_base + v_offset + row0, mask=new0, other=0.0), v0)
-            # (p0, alpha0: names of their own, the merge's loop below has an alpha of another shape)
-            p0, alpha0, m, denom = SCORE(q, k0.to(dtype), live0[None, :], m, denom, scale, PRECISION, True)
-            acc = VALUE(acc, p0, alpha0, v0, dtype, PRECISION, V_F16)
-            lo = start + 1
-        for t in range(lo, stop):
+        head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
+        for t in range(start, stop):
             kpos = t * TILE + offs
             valid = (kpos <= qpos) & (kpos >= first)
-            if PRELOAD and not PEEL:
+            if PRELOAD:
                 later = tl.load(table + kpos // BLOCK_SIZE, mask=valid & (t > start), other=0).to(tl.int64)
                 block = tl.where(t > start, later, first_blocks)
             else:
@@ -413,15 +389,6 @@ def attention_early() -> bool:
     programs walk their chain of round trips (Qwen3-30B-A3B shape, one H100, batch 1: 3.27 -> 3.23 ms a step;
     benchmarks/RESULTS.md). PDLAUNCH_ATTN_EARLY=off keeps the release after the loop (A/B runs, debugging)."""
     return os.environ.get("PDLAUNCH_ATTN_EARLY", "on") != "off"
-
-
-def attention_peel() -> bool:
-    """PDLAUNCH_ATTN_PEEL=on: a decode's paged attention (one row a program) takes each range's first tile before
-    its loop, that tile's K and V loaded before the wait for the kernel before (with PDL and a block table that
-    needs no copy; the newest row after it), so at batch 1 those loads overlap the rotary kernel. Off (the default)
-    until whole steps are timed with it (benchmarks/moe_b1_attn_round.sh). The same tiles in the same order either
-    way (tests/model/test_triton_decode.py checks both against the gather path)."""
-    return os.environ.get("PDLAUNCH_ATTN_PEEL", "off") == "on"
 
 
 def pdl_release(t: torch.Tensor, rows: int) -> bool:
@@ -635,7 +602,7 @@ def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs),
         EARLY=pdl and attention_early(), num_warps=launch.num_warps,
         STORE=decode_kernel.store_heads, QUANT=fp8 is not None, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
-        SCORE=decode_kernel.score_tile, VALUE=decode_kernel.value_tile, PEEL=rows == 1 and attention_peel(),
+        SCORE=decode_kernel.score_tile, VALUE=decode_kernel.value_tile,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out if rows_out is None else rows_out

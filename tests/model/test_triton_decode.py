@@ -236,11 +236,8 @@ def test_launch_depends_on_batch_and_heads_only() -> None:
     assert choose_launch(128, 8, 256, num_sms=132, element_size=1).tile == 64
 
 
-@pytest.mark.parametrize("cache,batch,rows,peel", [("bf16", 48, 1, False), ("fp8e4nv", 48, 1, False),
-                                                   ("bf16", 1, 1, False), ("bf16", 96, 4, False), ("bf16", 1, 1, True),
-                                                   ("fp8e4nv", 48, 1, True)])
-def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str, batch: int, rows: int,
-                                                                            peel: bool) -> None:
+@pytest.mark.parametrize("cache,batch,rows", [("bf16", 48, 1), ("fp8e4nv", 48, 1), ("bf16", 1, 1), ("bf16", 96, 4)])
+def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cache: str, batch: int, rows: int) -> None:
     """Compile (no GPU needed) at the Llama-8B shape, with the divisibility Triton's launcher
     specialises on (pointers and strides that are multiples of 16), and read the PTX: mma for the
     products, K/V tiles streamed by cp.async (software pipelining), no scalar global loads of cache
@@ -269,7 +266,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * rows * 128)),
                   "V_F16": cache == "fp8e4nv", "QK_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1,
                   "EARLY": batch == 1, "STORE": kernel.store_heads, "QUANT": False, "FMAX": 448.0, "INV_FMAX": 1 / 448,
-                  "SCORE": kernel.score_tile, "VALUE": kernel.value_tile, "PEEL": peel}
+                  "SCORE": kernel.score_tile, "VALUE": kernel.value_tile}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -297,28 +294,13 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     if batch == 1:
         assert "ld.global" in ptx[:ptx.index("griddepcontrol.wait")]
         assert ptx.index("griddepcontrol.wait") < ptx.index("griddepcontrol.launch_dependents") < ptx.index("mma.sync")
-        # attention_peel: the first tile's K and V (vector loads into registers) before the wait; else only the
-        # sequence length, the token and the block ids
-        assert ("ld.global.v4" in ptx[:ptx.index("griddepcontrol.wait")]) == peel
-
-
-PEEL_CASES = ["b16-g4-default", "b8-g1-window-splits", "b128-g3-d24-tile-inside-block", "b8-g4-empty-splits",
-              "b8-g2-short-context-ranges", "b16-g8-d128-chunked-merge"]
-
-
-@pytest.mark.parametrize("case", PEEL_CASES)
-def test_kernel_with_each_range_s_first_tile_peeled_matches_the_gather_path(device: str, case: str,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """PDLAUNCH_ATTN_PEEL=on (attention_peel): each range's first tile before the loop, its newest row loaded apart;
-    windows, empty and one-tile ranges, tiles inside a block, chunked merges give the gather path's result."""
-    monkeypatch.setenv("PDLAUNCH_ATTN_PEEL", "on")
-    dtype, seq_lens, block_size, hkv, group, head_dim, window, launch = CASES[case]
-    _check(device, dtype, seq_lens, block_size, hkv, group, head_dim, window, launch)
+        # only those: no K/V tile (vector loads) before the wait, whose newest row the kernel before writes
+        assert "ld.global.v4" not in ptx[:ptx.index("griddepcontrol.wait")]
 
 
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret", f"{len(CASES) + len(LEAD_CASES) + len(PEEL_CASES)} passed")
+    run_interpreter_child(__file__, "interpret", f"{len(CASES) + len(LEAD_CASES)} passed")
 
 
 def test_decode_launch_override_reaches_the_kernel_for_the_calls_it_covers(monkeypatch: pytest.MonkeyPatch) -> None:
