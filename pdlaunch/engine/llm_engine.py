@@ -99,7 +99,8 @@ class LLMEngine:
         self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
                                    config.scheduler.token_budget(self.role), connector, self.offload,
-                                   recompute_failed_loads=config.kv_transfer.load_failure_policy == "recompute")
+                                   recompute_failed_loads=config.kv_transfer.load_failure_policy == "recompute",
+                                   prompt_tokens_while_decoding=config.scheduler.prompt_tokens_while_decoding)
         self.sampler = Sampler(self.device, config.model.seed, self.tokenizer.eos_token_ids,
                                lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.outputs = OutputProcessor(self.tokenizer.decode, self.tokenizer.eos_token_ids, self.max_model_len,

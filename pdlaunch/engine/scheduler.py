@@ -2,10 +2,13 @@
 
 Each step gets at most `max_num_batched_tokens` tokens and `max_num_seqs` running requests.
 Running requests go first (oldest first): a decode needs 1 token, an unfinished prompt the next
-chunk that fits the token budget (chunked prefill). When blocks run out the newest running request
-is preempted (blocks freed, requeued at the front, recomputed later: its prefix cache usually makes
-that cheap). Waiting requests are admitted oldest first while budget, sequence slots and blocks
-last, and only in steps that preempted nothing.
+chunk that fits the token budget (chunked prefill). While any running request decodes, the step's
+prompt tokens (every chunk of more than one token, or of a prompt) are capped at
+`prompt_tokens_while_decoding` (0: no cap): a long prompt then stalls the decodes a chunk at a
+time, not for its whole length; a step with no decode takes the whole budget. When blocks run out
+the newest running request is preempted (blocks freed, requeued at the front, recomputed later: its
+prefix cache usually makes that cheap). Waiting requests are admitted oldest first while budget,
+sequence slots and blocks last, and only in steps that preempted nothing.
 
 KV connector (kv_transfer/base.py): a request whose KV comes from elsewhere holds blocks for its
 whole prompt and sits in `waiting_for_kv` until the connector reports it; a finished request the
@@ -74,10 +77,12 @@ class Scheduler:
         connector: KVConnector | None = None,
         offload: OffloadManager | None = None,
         recompute_failed_loads: bool = False,
+        prompt_tokens_while_decoding: int = 0,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.prompt_tokens_while_decoding = prompt_tokens_while_decoding
         self.connector = connector
         self.offload = offload
         self.waiting: deque[Request] = deque()
@@ -230,6 +235,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        # The prompt tokens this step may still take (the cap holds only in a step that runs a decode).
+        cap = self.prompt_tokens_while_decoding
+        decoding = any(_decodes(r) and not r.last_token_pending for r in self.running)
+        prompt_budget = cap if cap > 0 and decoding else budget
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -238,6 +247,12 @@ class Scheduler:
                 continue
             start = request.num_computed_tokens
             n = min(request.num_tokens - start, budget)
+            prompt = not _decodes(request)
+            if prompt:
+                n = min(n, prompt_budget)
+                if n == 0:  # this step's prompt tokens are spent (by a prompt ahead of it): the decodes after it run
+                    i += 1
+                    continue
             self.block_manager.release_out_of_window(request.request_id, start)
             while not self.block_manager.allocate(request.request_id, start + n, start):
                 victim = self.running.pop()
@@ -248,16 +263,20 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledRequest(request, start, n))
                 budget -= n
+                if prompt:
+                    prompt_budget -= n
                 i += 1
                 continue
             break
         if not out.preempted:
-            budget = self._admit_waiting(out, budget)
+            self._admit_waiting(out, min(budget, prompt_budget))
         for s in out.scheduled:
             self.prompt_tokens_computed += max(0, min(s.end, s.request.num_prompt_tokens) - s.start)
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting requests, oldest first, into `budget` tokens (every admitted request computes prompt
+        tokens, or the last prompt token of KV that came through the connector)."""
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -299,7 +318,6 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, start, n))
             budget -= n
-        return budget
 
     def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int,
                            cpu_hit: CPUHit | None = None) -> bool | None:
@@ -375,3 +393,10 @@ def _describe(request_id: str, exc: Exception) -> str:
     and return the text its client gets."""
     log.error("KV connector failed for request %s: %s", request_id, exc, exc_info=not isinstance(exc, PdlaunchError))
     return exc.render() if isinstance(exc, PdlaunchError) else f"{type(exc).__name__}: {exc}"
+
+
+def _decodes(request: Request) -> bool:
+    """True when the running request's next step computes one generated token (a decode), not prompt tokens
+    (a chunk of its prompt, or of prompt and output recomputed after a preemption)."""
+    return request.num_tokens - request.num_computed_tokens == 1 and \
+        request.num_computed_tokens >= request.num_prompt_tokens

@@ -113,6 +113,7 @@ def test_kv_offload_gb_and_the_old_yaml_key(tmp_path: Path, caplog: pytest.LogCa
     (["-tp", "0"], "-tp", "must be > 0"),
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size", "must be > 0"),
     (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens", "must be > 0"),
+    (["--prompt-tokens-while-decoding", "-1"], "--prompt-tokens-while-decoding", "must be >= 0, got -1"),
 ])
 def test_refusals_name_the_flag_and_our_spelling(args: list[str], field: str, text: str) -> None:
     result = check(["tiny", *CPU, *args])

@@ -59,3 +59,37 @@ def test_chunked_prefill_gives_the_unchunked_tokens_with_prefix_caching(llama_ck
     again = run_all(chunked, prompts, GREEDY)  # now from the prefix cache, still chunked
     assert tokens(again) == reference
     assert sum(o.num_cached_tokens for o in again) > 0
+
+
+def test_prompts_beside_decodes_run_in_capped_chunks_with_the_same_tokens(llama_ckpt: Path,
+                                                                         make_engine: MakeEngine) -> None:
+    """--prompt-tokens-while-decoding: a step that runs a decode computes at most that many prompt tokens; a step
+    with none takes the whole budget; the tokens are those of unchunked steps."""
+    from pdlaunch.config.models import PROMPT_TOKENS_WHILE_DECODING
+
+    prompts = mixed_prompts(8, seed=21, max_len=90)
+    reference = tokens(run_all(make_engine(llama_ckpt, prompt_tokens_while_decoding=0, enable_prefix_caching=False),
+                               prompts, GREEDY))
+    assert make_engine(llama_ckpt).scheduler.prompt_tokens_while_decoding == PROMPT_TOKENS_WHILE_DECODING
+    engine = make_engine(llama_ckpt, max_num_batched_tokens=256, prompt_tokens_while_decoding=12, max_num_seqs=8,
+                         enable_prefix_caching=False)
+    steps = _recorded_steps(engine)
+    # staggered arrivals, so prompts come while others decode
+    outputs = {}
+    pending = [(f"cap-{i}", p) for i, p in enumerate(prompts)]
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            rid, prompt = pending.pop(0)
+            engine.add_request(rid, prompt, GREEDY)
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = out
+    assert tokens([outputs[f"cap-{i}"] for i in range(len(prompts))]) == reference
+
+    def prompt_tokens(step: SchedulerOutput) -> int:
+        return sum(x.num_new_tokens for x in step.scheduled if x.start < x.request.num_prompt_tokens)
+
+    with_decodes = [s for s in steps if any(x.start >= x.request.num_prompt_tokens for x in s.scheduled)]
+    assert with_decodes and all(prompt_tokens(s) <= 12 for s in with_decodes)
+    assert any(prompt_tokens(s) == 12 for s in with_decodes)  # the cap was reached, not just never needed
+    assert max(prompt_tokens(s) for s in steps) > 12  # a step with no decode took more

@@ -90,6 +90,36 @@ def test_decodes_go_first_and_share_the_budget_with_a_prefill_chunk() -> None:
     assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 9)]
 
 
+def test_prompt_tokens_are_capped_only_in_steps_that_run_decodes() -> None:
+    """prompt_tokens_while_decoding: a prompt that arrives while others decode runs in chunks of the cap beside
+    them; a step with no decode (the first, and after the decodes end) takes the whole budget."""
+    s = Scheduler(BlockManager(128, BS), max_num_seqs=4, max_num_batched_tokens=64, prompt_tokens_while_decoding=8)
+    a = req("a", 40, max_tokens=3)
+    s.add_request(a)
+    first = step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in first.scheduled] == [("a", 40)]  # nothing decodes
+    b, c = req("b", 30, max_tokens=1), req("c", 5, max_tokens=1)
+    s.add_request(b)
+    s.add_request(c)
+    out = step(s)  # a decodes: b takes the 8 prompt tokens, c waits (FIFO) though the budget has room
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 8)]
+    out = step(s)  # a's last token; b, running, takes the cap again
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 8)]
+    assert a.is_finished
+    out = step(s)  # nothing decodes (b mid-prompt, c waiting): the whole budget
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("b", 14), ("c", 5)]
+    drain(s)
+    assert s.block_manager.num_used_blocks() == 0
+
+
+def test_no_cap_lets_a_prompt_take_the_whole_budget_beside_decodes() -> None:
+    s = Scheduler(BlockManager(64, BS), max_num_seqs=4, max_num_batched_tokens=40, prompt_tokens_while_decoding=0)
+    s.add_request(req("a", 3, max_tokens=10))
+    step(s)
+    s.add_request(req("b", 50, max_tokens=2))
+    assert [(x.request.request_id, x.num_new_tokens) for x in step(s).scheduled] == [("a", 1), ("b", 39)]
+
+
 def test_preemption_frees_the_newest_and_recomputes_it_later() -> None:
     # 6 blocks of 4 tokens: two requests of 9 prompt + 8 output tokens (5 blocks each) cannot both fit.
     s = Scheduler(BlockManager(6, BS), max_num_seqs=4, max_num_batched_tokens=64)
