@@ -78,10 +78,10 @@ class CacheConfig(StrictModel):
 PROMPT_TOKEN_BUDGET = 8192  # colocated and prefill instances
 DECODE_TOKEN_BUDGET = 2048
 # Prompt tokens in a step that also runs decodes. One step of a whole 3072-token prompt stalls every running decode
-# for ~85 ms (8B, H200); 1024-token chunks stall them ~30 ms at a time. Two colocated 8B instances on 2x H200,
-# 3072 in / 128 out at 6 req/s (RESULTS.md, 2026-11-24): ITL p99 47 ms with the whole prompt in a step against
-# 32.2 ms with 1024-token steps, relaxed goodput 6.26 against 6.25. A step with no decode still takes the whole
-# budget, so a prompt that arrives at an idle instance is not slowed.
+# for ~85 ms (8B, H200); 1024-token chunks stall them ~30 ms at a time, at the cost of two more steps a prompt. Two
+# colocated 8B instances on 2x H200, 3072 in / 128 out at 6 req/s (RESULTS.md, 2026-11-27): ITL p99 34-36 ms
+# against 59 ms uncapped, every request within TTFT 400 ms / TPOT 15 ms either way. A step with no decode still
+# takes the whole budget, so a prompt that arrives at an idle instance is not slowed.
 PROMPT_TOKENS_WHILE_DECODING = 1024
 
 
