@@ -81,9 +81,7 @@ DECODE_TOKEN_BUDGET = 2048
 # for ~85 ms (8B, H200); 1024-token chunks stall them ~30 ms at a time, at the cost of two more steps a prompt. Two
 # colocated 8B instances on 2x H200, 3072 in / 128 out at 6 req/s (RESULTS.md, 2026-11-27): ITL p99 34-36 ms
 # against 59 ms uncapped, every request within TTFT 400 ms / TPOT 15 ms either way. A step with no decode still
-# takes the whole budget, so a prompt that arrives at an idle instance is not slowed, and so does a step while more
-# prompt tokens are queued than the budget: 1024-token steps run the prompts at ~60% of the matmul rate against ~72%
-# for whole prompts, which a saturated instance cannot spare.
+# takes the whole budget, so a prompt that arrives at an idle instance is not slowed.
 PROMPT_TOKENS_WHILE_DECODING = 1024
 
 
@@ -97,9 +95,7 @@ class SchedulerConfig(StrictModel):
         PROMPT_TOKENS_WHILE_DECODING, ge=0, description="Most prompt tokens in a step that also runs decodes: a long "
         "prompt is computed in chunks of this size while other requests generate, so it stalls each of their "
         "tokens for one chunk's time, not its whole prompt's (inter-token latency p99); a step with no decode takes "
-        "the whole max_num_batched_tokens, and so does every step while more prompt tokens are queued than that "
-        "(a backlog: whole steps keep the prefill rate). 0: no cap (a prompt takes the whole budget alongside "
-        "decodes).")
+        "the whole max_num_batched_tokens. 0: no cap (a prompt takes the whole budget alongside decodes).")
 
     async_scheduling: bool | None = Field(
         None, description="Overlap the host's work with the device's: step N+1 is prepared and launched while "

@@ -5,9 +5,7 @@ Running requests go first (oldest first): a decode needs 1 token, an unfinished 
 chunk that fits the token budget (chunked prefill). While any running request decodes, the step's
 prompt tokens (every chunk of more than one token, or of a prompt) are capped at
 `prompt_tokens_while_decoding` (0: no cap): a long prompt then stalls the decodes a chunk at a
-time, not for its whole length; a step with no decode takes the whole budget, and so does every step
-while more prompt tokens are queued than the budget (under a backlog, prompts at the full step size
-keep the instance's prefill rate, which smaller chunks lower). When blocks run out
+time, not for its whole length; a step with no decode takes the whole budget. When blocks run out
 the newest running request is preempted (blocks freed, requeued at the front, recomputed later: its
 prefix cache usually makes that cheap). Waiting requests are admitted oldest first while budget,
 sequence slots and blocks last, and only in steps that preempted nothing.
@@ -25,7 +23,6 @@ in the same step (the load is ordered before the step's compute).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections import deque
@@ -238,12 +235,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        # The prompt tokens this step may still take: capped in a step that runs a decode, unless more prompt
-        # tokens are queued than a whole step takes (a backlog: then prompts go through at the full budget).
+        # The prompt tokens this step may still take (the cap holds only in a step that runs a decode).
         cap = self.prompt_tokens_while_decoding
-        capped = cap > 0 and any(_decodes(r) and not r.last_token_pending for r in self.running) \
-            and not self._backlog(budget)
-        prompt_budget = cap if capped else budget
+        decoding = any(_decodes(r) and not r.last_token_pending for r in self.running)
+        prompt_budget = cap if cap > 0 and decoding else budget
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -278,16 +273,6 @@ class Scheduler:
         for s in out.scheduled:
             self.prompt_tokens_computed += max(0, min(s.end, s.request.num_prompt_tokens) - s.start)
         return out
-
-    def _backlog(self, limit: int) -> bool:
-        """More than `limit` prompt tokens wait to be computed (waiting requests', and running prompts' rest)."""
-        queued = 0
-        for request in itertools.chain(self.running, self.waiting):
-            if not _decodes(request):
-                queued += request.num_tokens - request.num_computed_tokens
-                if queued > limit:
-                    return True
-        return False
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests, oldest first, into `budget` tokens (every admitted request computes prompt

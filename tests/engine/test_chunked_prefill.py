@@ -71,8 +71,7 @@ def test_prompts_beside_decodes_run_in_capped_chunks_with_the_same_tokens(llama_
     reference = tokens(run_all(make_engine(llama_ckpt, prompt_tokens_while_decoding=0, enable_prefix_caching=False),
                                prompts, GREEDY))
     assert make_engine(llama_ckpt).scheduler.prompt_tokens_while_decoding == PROMPT_TOKENS_WHILE_DECODING
-    # (a budget above all the prompts together: no backlog lifts the cap, test_scheduler covers that)
-    engine = make_engine(llama_ckpt, max_num_batched_tokens=1024, prompt_tokens_while_decoding=12, max_num_seqs=8,
+    engine = make_engine(llama_ckpt, max_num_batched_tokens=256, prompt_tokens_while_decoding=12, max_num_seqs=8,
                          enable_prefix_caching=False)
     steps = _recorded_steps(engine)
     # staggered arrivals, so prompts come while others decode

@@ -112,22 +112,6 @@ def test_prompt_tokens_are_capped_only_in_steps_that_run_decodes() -> None:
     assert s.block_manager.num_used_blocks() == 0
 
 
-def test_a_backlog_of_prompts_lifts_the_cap_until_it_is_gone() -> None:
-    """More prompt tokens queued than the step budget: prompts run at the whole budget beside the decodes (the
-    instance's prefill rate first); once the queue is within a step, the cap holds again."""
-    s = Scheduler(BlockManager(256, BS), max_num_seqs=8, max_num_batched_tokens=40, prompt_tokens_while_decoding=8)
-    s.add_request(req("a", 3, max_tokens=30))
-    step(s)
-    for name in ("b", "c", "d"):
-        s.add_request(req(name, 20, max_tokens=1))  # 60 prompt tokens queued > 40
-    out = step(s)
-    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 20), ("c", 19)]
-    out = step(s)  # c's 1 + d's 20 = 21 queued, within a step: capped again
-    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("c", 1), ("d", 7)]
-    drain(s)
-    assert s.block_manager.num_used_blocks() == 0
-
-
 def test_no_cap_lets_a_prompt_take_the_whole_budget_beside_decodes() -> None:
     s = Scheduler(BlockManager(64, BS), max_num_seqs=4, max_num_batched_tokens=40, prompt_tokens_while_decoding=0)
     s.add_request(req("a", 3, max_tokens=10))
