@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pdlaunch.config.models import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
@@ -61,10 +63,12 @@ def test_chunked_prefill_gives_the_unchunked_tokens_with_prefix_caching(llama_ck
     assert sum(o.num_cached_tokens for o in again) > 0
 
 
-def test_prompts_beside_decodes_run_in_capped_chunks_with_the_same_tokens(llama_ckpt: Path,
-                                                                         make_engine: MakeEngine) -> None:
+@pytest.mark.parametrize("overlapped", [False, True])
+def test_prompts_beside_decodes_run_in_capped_chunks_with_the_same_tokens(llama_ckpt: Path, make_engine: MakeEngine,
+                                                                         overlapped: bool) -> None:
     """--prompt-tokens-while-decoding: a step that runs a decode computes at most that many prompt tokens; a step
-    with none takes the whole budget; the tokens are those of unchunked steps."""
+    with none takes the whole budget; the tokens are those of unchunked steps, with the host's work overlapped
+    (async scheduling, the default with CUDA: a request's pending token makes it a decode) or not."""
     from pdlaunch.config.models import PROMPT_TOKENS_WHILE_DECODING
 
     prompts = mixed_prompts(8, seed=21, max_len=90)
@@ -72,7 +76,8 @@ def test_prompts_beside_decodes_run_in_capped_chunks_with_the_same_tokens(llama_
                                prompts, GREEDY))
     assert make_engine(llama_ckpt).scheduler.prompt_tokens_while_decoding == PROMPT_TOKENS_WHILE_DECODING
     engine = make_engine(llama_ckpt, max_num_batched_tokens=256, prompt_tokens_while_decoding=12, max_num_seqs=8,
-                         enable_prefix_caching=False)
+                         enable_prefix_caching=False, async_scheduling=overlapped)
+    assert engine.async_scheduling == overlapped
     steps = _recorded_steps(engine)
     # staggered arrivals, so prompts come while others decode
     outputs = {}
