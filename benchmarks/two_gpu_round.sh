@@ -18,7 +18,8 @@
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
 #        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, NUM_PROMPTS the mixed part's
 #        requests per rate (default 64), MT_ARGS the multiturn workload,
-#        COMPARE_CONFIG gives the compare part a base deployment YAML, e.g. a smaller chunk budget;
+#        COMPARE_CONFIG gives the compare and mixed parts a base deployment YAML, e.g. a smaller chunk budget or
+#        `scheduler: {prompt_tokens_while_decoding: 0}` (no prompt-token cap beside decodes);
 #        SPY=path/to/py-spy records each instance's stacks (raw, per thread; SPY_GIL=1: only while holding the
 #        interpreter lock) over the first SPY_SECONDS (default 6) of every serve round's bench).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
@@ -80,7 +81,8 @@ mixed)
     need_8b
     TAIL=40 step mixed 520 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,8}" \
         --num-prompts "${NUM_PROMPTS:-64}" --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 \
-        ${MAX_QUEUE:+--disaggregate-max-queue-tokens "$MAX_QUEUE"} --no-run-advised --out "$out/mixed"
+        ${MAX_QUEUE:+--disaggregate-max-queue-tokens "$MAX_QUEUE"} ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} \
+        --no-run-advised --out "$out/mixed"
     ;;
 multiturn)
     need_8b
