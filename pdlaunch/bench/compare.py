@@ -34,7 +34,7 @@ from pdlaunch.bench.report import ServeDoc, write_json
 from pdlaunch.bench.serve import ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.models import DeploymentConfig, Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
@@ -288,12 +288,21 @@ def prefill_yardstick(cfg: CompareConfig, layout: Layout, console: Console) -> Y
     return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, ceiling=ceiling)
 
 
+class StepLimits(BaseModel):
+    """What one step of an instance of the deployment may compute (SchedulerConfig): the step's tokens, and its
+    prompt tokens when the step also runs decodes (0: no such cap). A colocated baseline is only as honest as
+    these, so the report keeps them."""
+    max_num_batched_tokens: int
+    prompt_tokens_while_decoding: int
+
+
 class DeploymentRun(BaseModel):
     kind: DeploymentKind
     label: str
     description: str
     prefill: int = 0  # the split (PD kinds)
     decode: int = 0
+    steps: dict[str, StepLimits] = {}  # by instance role
     pids: list[int] = []  # every child process (instances and proxy)
     stopped: bool = False  # every child ended and was reaped
     points: list[RatePoint] = []
@@ -319,6 +328,24 @@ def _decisions_text(point: RatePoint) -> str:
     return f", {alone} on a decode alone{spilled} and {decisions.get('pd', 0)} PD"
 
 
+def step_limits(config: DeploymentConfig, kind: DeploymentKind) -> dict[str, StepLimits]:
+    """The step limits of each instance role the deployment runs."""
+    roles: tuple[Role, ...] = ("colocated",) if kind == "colocated" else ("prefill", "decode")
+    return {role: StepLimits(max_num_batched_tokens=config.scheduler.token_budget(role),
+                             prompt_tokens_while_decoding=config.scheduler.prompt_tokens_while_decoding)
+            for role in roles}
+
+
+def steps_text(steps: dict[str, StepLimits]) -> str:
+    """E.g. "colocated 8192 tokens, 1024 prompt tokens beside decodes" (a prefill instance never decodes)."""
+    def one(role: str, limits: StepLimits) -> str:
+        cap = limits.prompt_tokens_while_decoding
+        capped = role != "prefill" and 0 < cap < limits.max_num_batched_tokens
+        beside = f", {cap} prompt tokens beside decodes" if capped else ""
+        return f"{role} {limits.max_num_batched_tokens} tokens{beside}"
+    return "; ".join(one(role, limits) for role, limits in steps.items())
+
+
 def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, console: Console,
                    yardstick: Yardstick | None = None) -> DeploymentRun:
     """Start one deployment, drive every rate through it, stop it (also on error or Ctrl-C). With a
@@ -328,8 +355,11 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
                                              cfg.disaggregate_max_queue_tokens),
                         prefill=layout.prefill if kind != "colocated" else 0,
                         decode=layout.decode if kind != "colocated" else 0)
+    config = deployment_config(cfg, layout, kind)
+    run.steps = step_limits(config, kind)
     console.rule(f"{kind}: {run.description}")
-    deployment = Deployment(deployment_config(cfg, layout, kind), console)
+    console.print(f"steps: {steps_text(run.steps)}", highlight=False)
+    deployment = Deployment(config, console)
     probe = LoadProbe([(p.spec.role, p.url) for p in deployment.plan.instances],
                       internal_headers(deployment.cfg.security.deployment_secret))
     clean = False

@@ -200,7 +200,8 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advi
         "conditional_against_best": [*conditional_against_best(runs, cfg)],
         "deployments": [
             {"kind": run.kind, "label": run.label, "description": run.description, "prefill": run.prefill,
-             "decode": run.decode, "pids": [*run.pids],
+             "decode": run.decode, "steps": {role: limits.model_dump() for role, limits in run.steps.items()},
+             "pids": [*run.pids],
              "stopped": run.stopped,
              "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
              "highest_rate_within_slo": highest_rate_within(run.points), "raw": [*run.raw]}

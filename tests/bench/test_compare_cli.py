@@ -198,6 +198,14 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
     doc = json.loads((out / "compare.json").read_text())
     assert doc["settings"]["rates"] == [4.0, 8.0] and doc["within_slo_share"] == 0.9
     assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd"]
+    # what each instance's steps could hold, as the deployments ran (the defaults here)
+    assert doc["deployments"][0]["steps"] == {
+        "colocated": {"max_num_batched_tokens": 8192, "prompt_tokens_while_decoding": 1024}}
+    assert doc["deployments"][1]["steps"] == {
+        "prefill": {"max_num_batched_tokens": 8192, "prompt_tokens_while_decoding": 1024},
+        "decode": {"max_num_batched_tokens": 2048, "prompt_tokens_while_decoding": 1024}}
+    assert "steps: colocated 8192 tokens, 1024 prompt tokens beside decodes" in " ".join(text.split())
+    assert "steps: prefill 8192 tokens; decode 2048 tokens, 1024 prompt tokens beside decodes" in " ".join(text.split())
     # generous SLOs on an idle demo model: every request is within, so PD passes at both rates
     assert doc["pd_highest_rate_within_slo"] == 8.0
     for dep in doc["deployments"]:
@@ -251,19 +259,26 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
 @pytest.mark.slow
 def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: Path) -> None:
     """--input-lens 8,40 --disaggregate-min-tokens 24: colocated, PD and PD with per-request disaggregation, each
-    sent the same mix; in the third the proxy runs the 8-token prompts on the decode alone, the 40-token ones PD."""
+    sent the same mix; in the third the proxy runs the 8-token prompts on the decode alone, the 40-token ones PD.
+    A base config's step limits reach every deployment and the report."""
     out = tmp_path / "mix"
+    base = tmp_path / "base.yaml"
+    base.write_text("scheduler:\n  max_num_batched_tokens: 512\n  prompt_tokens_while_decoding: 16\n")
     workload = [a for a in WORKLOAD if a not in ("--input-len", "12")]
     result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4", *workload, "--num-prompts", "6",
-                      "--input-lens", "8,40", "--disaggregate-min-tokens", "24", "--out", str(out)])
+                      "--input-lens", "8,40", "--disaggregate-min-tokens", "24", "--config", str(base),
+                      "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
+    assert "steps: colocated 512 tokens, 16 prompt tokens beside decodes" in text
     assert "conditional deployment stopped: 3 processes reaped" in text
     assert "prompts of < 24 uncached tokens on the decode alone" in text
     doc = json.loads((out / "compare.json").read_text())
     assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd", "conditional"]
     for dep in doc["deployments"]:
         assert dep["stopped"] is True
+        assert {limits["max_num_batched_tokens"] for limits in dep["steps"].values()} == {512}
+        assert {limits["prompt_tokens_while_decoding"] for limits in dep["steps"].values()} == {16}
         (raw,) = dep["raw"]
         assert sorted(raw["input_lens"]) == [8, 8, 8, 40, 40, 40] and raw["input_len_mix"] == [8, 40]
         (point,) = dep["points"]
