@@ -97,39 +97,6 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         else:
             tl.store(ptrs, value.to(out_ptr.dtype.element_ty), mask=mask[:, None])
 
-    @triton.jit
-    def score_tile(q, k, s_ok, m, denom, scale, PRECISION: tl.constexpr, EMPTY: tl.constexpr):
-        # One K tile [TILE, D] (in q's dtype) into the running softmax of the program's query rows: the tile's
-        # probabilities p [G, TILE], the factor alpha [G] the sums so far take, the new max and denominator.
-        # s_ok [G, TILE] (or [1, TILE]): the (row, key) pairs that count. EMPTY: a row may have seen no key yet
-        # (max -inf): it takes exp(-inf) = 0, not exp(nan).
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
-        s = tl.where(s_ok, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_ref = m_new
-        if EMPTY:
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_ref[:, None])
-        alpha = tl.exp(m - m_ref)
-        return p, alpha, m_new, denom * alpha + tl.sum(p, axis=1)
-
-    @triton.jit
-    def value_tile(acc, p, alpha, v, DTYPE: tl.constexpr, PRECISION: tl.constexpr, V_F16: tl.constexpr):
-        # The V tile [TILE, D] (the cache's dtype) weighted by p into the value sums acc [G, D] (scaled by alpha);
-        # the product in DTYPE (q's), or (V_F16) in float16.
-        if V_F16:
-            # An fp8 V tile, the transposed operand of this product, widened to float16 by an asm
-            # instruction the compiler leaves in place: the tile then reaches the tensor cores through
-            # 16-bit transposing shared-memory loads. Widened by .to(), the compiler moves the widening
-            # past the shared-memory step and reads the fp8 tile from it a byte at a time (48 x 3072 on an
-            # H200: 2740 GB/s against 2044). The float16 probabilities round no worse than bf16 ones.
-            v16 = tl.inline_asm_elementwise(
-                "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
-                "cvt.rn.f16x2.e4m3x2 $1, hi; }",
-                "=r,=r,r", [v.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
-            return acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
-        return acc * alpha[:, None] + tl.dot(p.to(DTYPE), v.to(DTYPE), input_precision=PRECISION)
-
     # An eager step's block table width (stride_bt) follows its longest sequence: Triton would compile a
     # second variant for widths not divisible by 16 in the middle of serving (~1 s of every stream's time).
     @triton.jit(do_not_specialize=["stride_bt", "stride_st", "stride_sh"])
@@ -144,7 +111,6 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
         DOT_FP32: tl.constexpr, GROUP_P2: tl.constexpr, SPLIT_CHUNK: tl.constexpr, V_F16: tl.constexpr,
         QK_F16: tl.constexpr, PDL: tl.constexpr, PRELOAD: tl.constexpr, RELEASE: tl.constexpr, EARLY: tl.constexpr,
         STORE: tl.constexpr, QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr,
-        SCORE: tl.constexpr, VALUE: tl.constexpr,
     ):
         # PDL (pdl_enabled): q and the newest token's K/V come from the kernel before. PRELOAD (with PDL): the
         # sequence length, the token and the first tile's block ids load before the wait for it; no kernel right
@@ -231,13 +197,34 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
             row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
             kv_mask = valid[:, None] & d_ok[None, :]
             k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(dtype)  # [TILE, D]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [G, TILE]
             if ROWS > 1:  # each row sees its own causal prefix (and window)
                 seen = (kpos[None, :] <= qpos_g[:, None]) & (kpos[None, :] >= first_g[:, None])
-                p, alpha, m, denom = SCORE(q, k, seen & head_ok[:, None], m, denom, scale, PRECISION, True)
-            else:  # (every tile of the loop holds a key the row sees)
-                p, alpha, m, denom = SCORE(q, k, valid[None, :], m, denom, scale, PRECISION, False)
+                s = tl.where(seen & head_ok[:, None], s, float("-inf"))
+            else:
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_ref = m_new
+            if ROWS > 1:  # a row that has seen no key yet (max -inf) takes exp(-inf) = 0, not exp(nan)
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_ref[:, None])
+            alpha = tl.exp(m - m_ref)
+            denom = denom * alpha + tl.sum(p, axis=1)
             v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0)
-            acc = VALUE(acc, p, alpha, v, dtype, PRECISION, V_F16)
+            if V_F16:
+                # An fp8 V tile, the transposed operand of this product, widened to float16 by an asm
+                # instruction the compiler leaves in place: the tile then reaches the tensor cores through
+                # 16-bit transposing shared-memory loads. Widened by .to(), the compiler moves the widening
+                # past the shared-memory step and reads the fp8 tile from it a byte at a time (48 x 3072 on an
+                # H200: 2740 GB/s against 2044). The float16 probabilities round no worse than bf16 ones.
+                v16 = tl.inline_asm_elementwise(
+                    "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; "
+                    "cvt.rn.f16x2.e4m3x2 $1, hi; }",
+                    "=r,=r,r", [v.to(tl.uint8, bitcast=True)], dtype=tl.float16, is_pure=False, pack=4)
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v16)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v.to(dtype), input_precision=PRECISION)
+            m = m_new
         if (PDL and not EARLY) or RELEASE:
             # The next kernel's programs start only now: started with this kernel's, they sat on the SMs and
             # slowed it (one H100, 48 x 3072 alone: 207 -> 236 us). RELEASE (pdl_release, a decode batch): this
@@ -316,10 +303,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by i
                                  mask=merge_ok[:, None] & d_ok[None, :])
                     tl.atomic_xchg(counter, 0)  # ready for the next launch (CUDA graphs replay this buffer)
 
-    # handed to it as STORE, SCORE and VALUE (the interpreter finds no closures)
-    paged_decode_kernel.store_heads = store_heads
-    paged_decode_kernel.score_tile = score_tile
-    paged_decode_kernel.value_tile = value_tile
+    paged_decode_kernel.store_heads = store_heads  # handed to it as STORE (the interpreter finds no closures)
     return paged_decode_kernel
 
 
@@ -602,7 +586,6 @@ def _paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
         PDL=pdl, PRELOAD=preload, RELEASE=not pdl and pdl_release(q, num_seqs),
         EARLY=pdl and attention_early(), num_warps=launch.num_warps,
         STORE=decode_kernel.store_heads, QUANT=fp8 is not None, FMAX=FP8_MAX, INV_FMAX=INV_FP8_MAX,
-        SCORE=decode_kernel.score_tile, VALUE=decode_kernel.value_tile,
         num_stages=launch.num_stages, **pdl_kwargs(pdl),
     )
     return out if rows_out is None else rows_out

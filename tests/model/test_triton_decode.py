@@ -265,8 +265,7 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
                   "DOT_FP32": False, "GROUP_P2": 4 * rows,
                   "SPLIT_CHUNK": min(launch.splits, triton_decode.MERGE_ELEMENTS // (4 * rows * 128)),
                   "V_F16": cache == "fp8e4nv", "QK_F16": cache == "fp8e4nv", "PDL": batch == 1, "PRELOAD": batch == 1,
-                  "EARLY": batch == 1, "STORE": kernel.store_heads, "QUANT": False, "FMAX": 448.0, "INV_FMAX": 1 / 448,
-                  "SCORE": kernel.score_tile, "VALUE": kernel.value_tile}
+                  "EARLY": batch == 1, "STORE": kernel.store_heads, "QUANT": False, "FMAX": 448.0, "INV_FMAX": 1 / 448}
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
                if n.endswith("_ptr") or n.startswith("stride") or n in ("block_stride", "k_offset", "v_offset")}
@@ -309,7 +308,7 @@ def test_decode_launch_override_reaches_the_kernel_for_the_calls_it_covers(monke
     seen: list[tuple[tuple[int, int, int], int, int, int, int]] = []
 
     class Spy:
-        store_heads = score_tile = value_tile = None
+        store_heads = None
 
         def __getitem__(self, grid: tuple[int, int, int]) -> Any:
             def launch(*args: Any, **kwargs: Any) -> None:
