@@ -67,16 +67,22 @@ def max_mixed_tokens(moe: bool) -> int:
 
 _SMALL = (16, 32, 64, 128, 256)
 _STRIDE = 256
+_FINE = 64  # the ladder's step above a capped prompt chunk (mixed_ladder)
 
 # Rows of the packed 1-D inputs (one pinned host buffer, one copy per step).
 _IDS, _POS, _SLOTS = range(3)
 
 
-def mixed_ladder(token_budget: int, limit: int = MAX_MIXED_TOKENS) -> list[int]:
+def mixed_ladder(token_budget: int, limit: int = MAX_MIXED_TOKENS, chunk: int = 0, max_decodes: int = 0) -> list[int]:
     """Token counts to capture: 16, 32, 64, 128, 256, then every 256 up to min(token_budget, limit)
-    (padding costs at most a quarter of the work from 1024 tokens on, a tenth from 2560 on)."""
+    (padding costs at most a quarter of the work from 1024 tokens on, a tenth from 2560 on). `chunk` and
+    `max_decodes`: a step beside decodes holds a prompt chunk of at most `chunk` tokens
+    (scheduler.prompt_tokens_while_decoding) and up to `max_decodes` decodes; every 64 tokens above the chunk
+    up to their sum is captured too, so such a step (1024 + 40 tokens) pads by at most 63 rows, not 216."""
     top = max(1, min(token_budget, limit))
     sizes = [s for s in _SMALL if s < top] + list(range(2 * _STRIDE, top + 1, _STRIDE))
+    if chunk > 0 and max_decodes > 0:
+        sizes += [s for s in range(chunk + _FINE, chunk + max_decodes + _FINE, _FINE) if s <= top]
     if not sizes or sizes[-1] != top:
         sizes.append(top)
     return sorted(set(sizes))

@@ -41,6 +41,16 @@ def test_ladder_pads_by_at_most_a_quarter_from_1024_tokens() -> None:
     assert mixed_ladder(8) == [8]
 
 
+def test_ladder_is_fine_above_a_capped_chunk() -> None:
+    """A 1024-token chunk beside up to 64 decodes (the defaults) pads to 1088, not 1280; beside up to 256, to the
+    next 64 tokens; no cap, or a chunk at the top, adds nothing."""
+    coarse = mixed_ladder(8192)
+    assert mixed_ladder(8192, 2048, 1024, 64) == sorted([*coarse, 1088])
+    assert mixed_ladder(8192, 2048, 1024, 256) == sorted([*coarse, 1088, 1152, 1216])
+    assert mixed_ladder(8192, 2048, 1024, 40) == sorted([*coarse, 1088])
+    assert mixed_ladder(8192, 2048, 0, 64) == mixed_ladder(8192, 2048, 2048, 64) == coarse
+
+
 def test_moe_models_replay_steps_up_to_the_default_budget_dense_ones_up_to_2048(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PDLAUNCH_MIXED_GRAPH_TOKENS", raising=False)
@@ -105,6 +115,34 @@ def test_piecewise_steps_equal_eager(fixture: str, request: pytest.FixtureReques
     assert eager.runner.mixed is None
     assert [o.output_token_ids for o in run_all(eager, batch, GREEDY)] == got
     assert not pieces_on_cpu
+
+
+def test_a_capped_chunk_beside_decodes_pads_to_the_fine_size_above_it(llama_ckpt: Path, make_engine: MakeEngine,
+                                                                      pieces_on_cpu: GraphRuns) -> None:
+    """--prompt-tokens-while-decoding 256 with 4 sequences: the runner captures 320 beside the coarse ladder, a
+    step of a 256-token chunk and one decode pads to it (not to 512), and the tokens equal an eager engine's."""
+    options = dict(max_num_seqs=4, max_num_batched_tokens=512, prompt_tokens_while_decoding=256,
+                   enable_prefix_caching=False)
+    long_params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    short, long = prompts([5, 300], seed=3)
+
+    def serve(engine: Any) -> dict[str, list[int]]:
+        engine.add_request("short", short, GREEDY)
+        engine.step()  # its prompt alone: it decodes from the next step on
+        engine.add_request("long", long, long_params)
+        done: dict[str, list[int]] = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.output_token_ids
+        return done
+
+    engine = make_engine(llama_ckpt, **options)
+    assert engine.runner.mixed is not None and engine.runner.mixed.sizes == [16, 32, 64, 128, 256, 320, 512]
+    got = serve(engine)
+    assert (257, 320) in pieces_on_cpu  # the chunk and the decode beside it
+    pieces_on_cpu.force = False
+    assert serve(make_engine(llama_ckpt, **options)) == got
 
 
 def test_prompt_logprobs_and_sampling_through_the_pieces(llama_ckpt: Path, make_engine: MakeEngine,
