@@ -260,14 +260,15 @@ class ModelRunner:
             return None
         budget = self.scheduler_config.token_budget(self.role)
         top = min(budget, max_mixed_tokens(self.checkpoint.arch.moe is not None))
-        sched = self.scheduler_config
-        mixed = self._capture_mixed(mixed_ladder(budget, top, sched.prompt_tokens_while_decoding, sched.max_num_seqs))
+        # A capped prompt chunk shares its step with up to max_num_seqs decodes; a prefill instance runs none.
+        chunk = self.scheduler_config.prompt_tokens_while_decoding
+        decodes = 0 if self.role == "prefill" else self.scheduler_config.max_num_seqs
+        mixed = self._capture_mixed(mixed_ladder(budget, top, chunk, decodes))
         if isinstance(mixed, str) and top > MAX_MIXED_TOKENS:
             # An MoE model's larger pieces hold more activation memory: the dense model's ladder may still fit.
             log.warning("capturing piecewise CUDA graphs of steps up to %d tokens failed (%s); trying up to %d, "
                         "larger steps run eagerly", top, mixed, MAX_MIXED_TOKENS)
-            mixed = self._capture_mixed(mixed_ladder(budget, MAX_MIXED_TOKENS, sched.prompt_tokens_while_decoding,
-                                                     sched.max_num_seqs))
+            mixed = self._capture_mixed(mixed_ladder(budget, MAX_MIXED_TOKENS, chunk, decodes))
         if isinstance(mixed, str):
             # Serving still works without them: every such step runs eagerly, as with --enforce-eager.
             log.warning("steps with prompt tokens run eagerly: capturing their piecewise CUDA graphs failed (%s). "

@@ -20,6 +20,7 @@ from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.runner.mixed_graphs import MixedGraphs, max_mixed_tokens, mixed_ladder
 from tests.engine.conftest import MakeEngine, run_all
+from tests.engine.test_engine_connector import spec
 from tests.helpers.graphs import GraphRuns, counting_replays, record_graph_runs
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -120,7 +121,8 @@ def test_piecewise_steps_equal_eager(fixture: str, request: pytest.FixtureReques
 def test_a_capped_chunk_beside_decodes_pads_to_the_fine_size_above_it(llama_ckpt: Path, make_engine: MakeEngine,
                                                                       pieces_on_cpu: GraphRuns) -> None:
     """--prompt-tokens-while-decoding 256 with 4 sequences: the runner captures 320 beside the coarse ladder, a
-    step of a 256-token chunk and one decode pads to it (not to 512), and the tokens equal an eager engine's."""
+    step of a 256-token chunk and one decode pads to it (not to 512), and the tokens equal an eager engine's; a
+    prefill instance, which runs no decodes, keeps the coarse ladder."""
     options = dict(max_num_seqs=4, max_num_batched_tokens=512, prompt_tokens_while_decoding=256,
                    enable_prefix_caching=False)
     long_params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
@@ -141,6 +143,8 @@ def test_a_capped_chunk_beside_decodes_pads_to_the_fine_size_above_it(llama_ckpt
     assert engine.runner.mixed is not None and engine.runner.mixed.sizes == [16, 32, 64, 128, 256, 320, 512]
     got = serve(engine)
     assert (257, 320) in pieces_on_cpu  # the chunk and the decode beside it
+    prefill = make_engine(llama_ckpt, instance=spec("prefill", "prefill"), **options)
+    assert prefill.runner.mixed is not None and prefill.runner.mixed.sizes == [16, 32, 64, 128, 256, 512]  # no decodes
     pieces_on_cpu.force = False
     assert serve(make_engine(llama_ckpt, **options)) == got
 
