@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import struct
 
 from pydantic import ValidationError
 
@@ -63,8 +64,10 @@ def check_unsigned_push(raw: object, allowed: frozenset[tuple[str, int]]) -> Uns
 
 
 def prompt_digest(prompt_token_ids: list[int]) -> str:
-    """What binds a decode's block-id request to the held request of the same prompt."""
-    return hashlib.sha256(b",".join(str(t).encode() for t in prompt_token_ids)).hexdigest()
+    """What binds a decode's block-id request to the held request of the same prompt. The prefill
+    computes it on its engine thread for every request it holds: the ids hash packed as 64-bit
+    integers (~0.1 ms for 8k tokens on a slow core; their decimal text took ~0.9 ms)."""
+    return hashlib.sha256(struct.pack(f"<{len(prompt_token_ids)}q", *prompt_token_ids)).hexdigest()
 
 
 def client_request_id(engine_request_id: str) -> str:
