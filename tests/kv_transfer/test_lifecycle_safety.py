@@ -184,7 +184,6 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
 
     made: list[Any] = []
     started: list[str] = []  # slow transfers begun
-    posters: list[str] = []  # the thread that posted each transfer
     slow = {"op": slow_op}  # "set_slow" changes it (a warm-up load runs at full speed)
     original_init = nixl_connector.NixlConnector.__init__
 
@@ -194,7 +193,6 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
         transfer = self.agent.transfer
 
         def slow_transfer(op: str, *a: Any) -> Any:
-            posters.append(threading.current_thread().name)
             if op == slow["op"]:
                 started.append(op)
                 if op == "READ":
@@ -215,8 +213,7 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
     def set_slow(op: str) -> None:
         slow["op"] = op
 
-    return {**handlers, "fill": fill, "slow_started": lambda: len(started), "set_slow": set_slow,
-            "posters": lambda: list(posters), "thread": lambda: threading.current_thread().name}, close, info
+    return {**handlers, "fill": fill, "slow_started": lambda: len(started), "set_slow": set_slow}, close, info
 
 
 class SlowConnectorProcess(ProcessRPC):
@@ -281,29 +278,17 @@ def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
 
 # -- 3. pull: decode's READ outlasts the prefill lease ------------------------------------------
 def _warm_up(prefill: Any, decode: Any, warm: bool) -> None:
-    """warm: one whole pull first (other blocks), so that the decode has shaken hands with the prefill
-    and the next load's READ is posted by the thread that calls start_load (DecodeLoads.start_pull);
-    otherwise the next load is the first and runs on a loader thread whole."""
+    """warm: one whole pull first (other blocks, nothing slowed), so that the next load is one from a
+    prefill engine the decode has shaken hands with (the steady state); otherwise the next load is the
+    first, and shakes hands itself."""
     if not warm:
         return
-    before = len(decode.call("posters"))
     decode.call("set_slow", "")
     _, params = prefill.call("request_finished", "w", PROMPT, RemoteDecodeRequest(do_remote_decode=True), [[5, 6, 7]])
     decode.call("start_load", "w", PROMPT, params, [[12, 13, 14]], 0, len(PROMPT) - 1)
     _wait(decode, lambda e: "w" in e.finished_recving, what="the warm-up load")
     _wait(prefill, lambda e: "w" in e.finished_sending, what="prefill freeing the warm-up hold")
-    posters = decode.call("posters")[before:]
-    assert posters and all(name.startswith("pdlaunch-kv-loader") for name in posters), posters
     decode.call("set_slow", "READ")
-
-
-def _posted_here_if_warm(decode: Any, warm: bool) -> None:
-    """The last READ was posted by the caller of start_load when warm, else by a loader thread."""
-    poster = decode.call("posters")[-1]
-    if warm:
-        assert poster == decode.call("thread"), f"READ posted by {poster}, not by start_load's caller"
-    else:
-        assert poster.startswith("pdlaunch-kv-loader"), poster
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["first-load", "after-a-handshake"])
@@ -329,7 +314,6 @@ def test_pull_read_keeps_prefill_blocks_past_the_lease(warm: bool) -> None:
             decoded.failed_recving.update(ev.failed_recving)
             time.sleep(0.01)
         assert "r" in decoded.finished_recving, decoded.failed_recving.get("r")
-        _posted_here_if_warm(decode, warm)
         # Had prefill freed (and refilled) its blocks before the READ, decode would hold sentinels.
         assert torch.equal(decode.call("blocks", 0, D_IDS[0]), source)
         if not freed:
@@ -349,7 +333,6 @@ def test_pull_claim_after_the_lease_fails_cleanly(warm: bool) -> None:
         decode.call("start_load", "r", PROMPT, params, D_IDS, 0, len(PROMPT) - 1)
         ev = _wait(decode, lambda e: "r" in e.failed_recving or "r" in e.finished_recving, "the load")
         assert "not held here any more" in ev.failed_recving["r"]
-        _posted_here_if_warm(decode, warm)
         # The refused claim failed the load; its READ ended before the blocks were reported free.
         if "r" in ev.draining:
             _wait(decode, lambda e: "r" in e.safe_to_free, what="the READ to drain")

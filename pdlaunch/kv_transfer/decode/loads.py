@@ -73,48 +73,6 @@ class DecodeLoads:
             logger.exception("KV load of request %s", load.request_id)
             self._set_failed(load, f"{type(e).__name__}: {e}")
 
-    def start_pull(self, load: Load) -> bool:
-        """Engine thread: a plain pull from a prefill engine this decode has shaken hands with posts
-        its READ here, and only the claim of the prefill's hold goes to a loader thread, sent while
-        the READ runs. The hand-over to a loader thread (a thread switch and the interpreter lock)
-        no longer delays the READ's post. False: the load is not such a pull; `run` takes it whole."""
-        if load.plan is not None or load.reshard is not None or self.faults.rate:
-            return False
-        remote = self.peers.cached(load.remote)
-        if remote is None or remote.mode != "pull" or remote.info.staging_slots or self.ctx.staging is not None:
-            return False
-        strategy = PullLoad(self.ctx, remote)
-        spec = self.ctx.spec()
-        with self.ctx.lock:
-            if load.abandoned or load.state != LoadState.HANDSHAKE:
-                return True
-            load.strategy, load.remote_agent = strategy, remote.agent_name
-            load.num_bytes = sum(len(pairs) * spec.block_bytes[g] for g, pairs in enumerate(load.pairs))
-            load.state = LoadState.RUNNING
-        try:
-            posted = strategy.post(load)
-        except KVTransferError as e:
-            self._set_failed(load, e.render())
-            return True
-        except Exception as e:  # a bug must fail the request, not the engine thread
-            logger.exception("KV load of request %s", load.request_id)
-            self._set_failed(load, f"{type(e).__name__}: {e}")
-            return True
-        if posted:
-            self.ctx.executor.submit(self._claim, strategy, load)
-        return True
-
-    def _claim(self, strategy: PullLoad, load: Load) -> None:
-        """Loader thread: the claim of a READ that `start_pull` posted; a failure fails the load (the
-        table drains the READ)."""
-        try:
-            strategy.claim(load)
-        except KVTransferError as e:
-            self._set_failed(load, e.render())
-        except Exception as e:
-            logger.exception("KV load of request %s", load.request_id)
-            self._set_failed(load, f"{type(e).__name__}: {e}")
-
     def _choose(self, remote: RemoteEngine) -> LoadStrategy:
         """The strategy of a load from `remote` (ReshardLoad is chosen in `_run`: it shakes hands itself)."""
         if self.ctx.staging is not None or remote.info.staging_slots:

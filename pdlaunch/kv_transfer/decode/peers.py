@@ -84,22 +84,13 @@ class PeerCache:
             self.agent.forget_remote(agent_name)
             logger.info("dropped the NIXL metadata of prefill agent %s (it goes to sleep)", agent_name)
 
-    @staticmethod
-    def _key(remote: RemoteKV) -> str:
-        # A resharding load talks to several ranks of one prefill engine: one entry per rank.
-        key = remote.engine_id if remote.tp_rank is None else f"{remote.engine_id}/rank{remote.tp_rank}"
-        # A prefill engine that registered its KV again (woke up) has new agent metadata.
-        return key + f"@{remote.kv_epoch}"
-
-    def cached(self, remote: RemoteKV) -> RemoteEngine | None:
-        """The prefill engine (rank) `remote` names if this decode has shaken hands with it; never blocks."""
-        with self._lock:
-            return self._remotes.get(self._key(remote))
-
     def get(self, remote: RemoteKV) -> RemoteEngine:
         """The prefill engine (rank) `remote` names, shaking hands on first use."""
         engine_id, rank = remote.engine_id, remote.tp_rank
-        key = self._key(remote)
+        # A resharding load talks to several ranks of one prefill engine: one entry per rank.
+        key = engine_id if rank is None else f"{engine_id}/rank{rank}"
+        # A prefill engine that registered its KV again (woke up) has new agent metadata.
+        key += f"@{remote.kv_epoch}"
         with self._lock:
             cached = self._remotes.get(key)
             lock = self._locks.setdefault(key, threading.Lock())

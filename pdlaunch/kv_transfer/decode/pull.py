@@ -30,12 +30,6 @@ class PullLoad(LoadStrategy):
         self.remote = remote
 
     def run(self, load: Load) -> None:
-        if self.post(load):
-            self.claim(load)
-
-    def post(self, load: Load) -> bool:
-        """Post the READ (the engine thread may call this for a prefill engine already shaken hands
-        with: decode/loads.py `start_pull`). True: posted, and `claim` must follow."""
         spec, remote = self.ctx.spec(), self.remote
         local: list[tuple[int, int]] = []
         rem: list[tuple[int, int]] = []
@@ -52,7 +46,7 @@ class PullLoad(LoadStrategy):
             with self.ctx.lock:
                 if load.state == LoadState.RUNNING:
                     load.state = LoadState.OK
-            return False
+            return
         # The READ goes first; the claim, sent while it runs, keeps the prefill hold past its lease until our
         # read_done/release (capped), and the READ counts only once the claim is answered.
         xfer = self.ctx.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
@@ -62,10 +56,7 @@ class PullLoad(LoadStrategy):
                 load.xfer = xfer  # from here the table drains the READ before the blocks go back
         if not posted:
             xfer.release()  # timed out or aborted meanwhile
-        return posted
-
-    def claim(self, load: Load) -> None:
-        """Loader thread: claim the prefill hold; the READ counts from the answer on."""
+            return
         claim = self.ctx.send_claim_read(load, load.remote)
         claim.answer(Empty)  # refused: KVTransferError fails the load (the table drains a READ still running)
         with self.ctx.lock:

@@ -84,9 +84,8 @@ class DecodeSide(NixlConnector):
 
     def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
-        """Plan the load the params ask for and hand it to a loader thread (DecodeLoads.run), or post
-        a pull's READ here (DecodeLoads.start_pull); params that cannot be planned give a load that the
-        next get_finished reports failed."""
+        """Plan the load the params ask for and hand it to a loader thread (DecodeLoads.run); params
+        that cannot be planned give a load that the next get_finished reports failed."""
         params = kv_transfer_params
         if not isinstance(params, PrefillAnswer | UnsignedPush):
             return
@@ -107,7 +106,7 @@ class DecodeSide(NixlConnector):
         except KVTransferError as e:
             load.state, load.error = LoadState.FAILED, e.render()
         self.loads.table.add(load)
-        if not load.state.ended and not self.loads.start_pull(load):
+        if not load.state.ended:
             self.ctx.executor.submit(self.loads.run, load)
 
     def _required(self, params: PrefillAnswer) -> RemoteKV:
