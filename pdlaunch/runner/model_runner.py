@@ -27,6 +27,7 @@ from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.blas import select_blas_library
 from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
@@ -87,6 +88,7 @@ class ModelRunner:
         self.num_kv_heads = max(1, arch.num_kv_heads // tp_size)  # per TP rank (replicated when tp > kv heads)
         self.head_dim = arch.head_dim
         free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
+        select_blas_library(device)  # PDLAUNCH_BLAS, before any product (and before graphs are captured)
         with memory_pool_context(use_cumem, "weights"):
             self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
         if arch.moe is not None and tp_rank == 0:

@@ -1,0 +1,57 @@
+"""PDLAUNCH_BLAS: which BLAS library torch's products go through on CUDA (model/blas.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pdlaunch.cli import app
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.blas import select_blas_library
+
+PROMPT = "The quick brown fox jumps over the lazy dog and"
+
+
+def _generate(path: Path, device: str) -> list[int]:
+    out = CliRunner().invoke(app, ["generate", "--model", str(path), "--prompt", PROMPT, "--max-tokens", "16",
+                                   "--device", device, "--dtype", "float32", "--json"])
+    assert out.exit_code == 0, out.output
+    ids: list[int] = json.loads(out.output.strip().splitlines()[-1])["token_ids"]
+    return ids
+
+
+def test_a_library_pdlaunch_cannot_select_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch,
+                                                                         llama_ckpt: Path) -> None:
+    """The user path: an instance started with a misspelt value stops with one line naming the variable."""
+    monkeypatch.setenv("PDLAUNCH_BLAS", "cublas-lt")
+    out = CliRunner().invoke(app, ["generate", "--model", str(llama_ckpt), "--prompt", PROMPT, "--max-tokens", "2",
+                                   "--device", "cpu", "--dtype", "float32"])
+    assert out.exit_code == 1
+    assert "PDLAUNCH_BLAS: 'cublas-lt' is not a BLAS library" in out.output and "cublaslt" in out.output
+    assert "Traceback" not in out.output
+
+
+def test_a_valid_choice_changes_nothing_off_cuda() -> None:
+    assert select_blas_library(torch.device("cpu"), {"PDLAUNCH_BLAS": "cublaslt"}) is None
+    assert select_blas_library(torch.device("cpu"), {}) is None
+    with pytest.raises(PdlaunchError) as caught:
+        select_blas_library(torch.device("cpu"), {"PDLAUNCH_BLAS": "mkl"})
+    assert caught.value.field == "PDLAUNCH_BLAS"
+
+
+@pytest.mark.gpu
+def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest.MonkeyPatch, llama_ckpt: Path) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    default = torch.backends.cuda.preferred_blas_library()
+    try:
+        before = _generate(llama_ckpt, "cuda")
+        monkeypatch.setenv("PDLAUNCH_BLAS", "cublaslt")
+        after = _generate(llama_ckpt, "cuda")
+        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+        assert after == before
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
