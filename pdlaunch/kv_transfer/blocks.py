@@ -49,11 +49,11 @@ def pair_blocks(
     if indices.step == 1 and start < stop <= min(len(local_block_ids), len(remote_block_ids)):
         # No error possible when both tables cover the range and the prefill holds every block: zip the
         # slices (an 8k-token prompt is 512 blocks, and this runs on the engine thread).
-        local, remote = local_block_ids[start:stop], remote_block_ids[start:stop]
-        if min(remote) >= 0:
-            if min(local) >= 0:
-                return list(zip(indices, local, remote))
-            return [(i, lo, r) for i, lo, r in zip(indices, local, remote) if lo >= 0]
+        local_ids, remote_ids = local_block_ids[start:stop], remote_block_ids[start:stop]
+        if min(remote_ids) >= 0:
+            if min(local_ids) >= 0:
+                return list(zip(indices, local_ids, remote_ids))
+            return [(i, lo, r) for i, lo, r in zip(indices, local_ids, remote_ids) if lo >= 0]
     pairs: list[tuple[int, int, int]] = []
     for i in indices:
         if i >= len(local_block_ids):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -33,6 +34,37 @@ def test_pairs_skip_local_holes_and_refuse_remote_ones() -> None:
     assert pair_blocks([5, -1, 7], [1, 2, 3], range(3), 0) == [(0, 5, 1), (2, 7, 3)]
     with pytest.raises(KVTransferError, match="does not hold block 1 of group 0"):
         pair_blocks([5, 6], [1, -1], range(2), 0)
+
+
+def _pairs_one_by_one(local: list[int], remote: list[int], indices: range) -> list[tuple[int, int, int]] | str:
+    """What pair_blocks must give, block by block: the pairs, or the error a needed block raises first."""
+    pairs = []
+    for i in indices:
+        if i >= len(local):
+            return "decode block table"
+        if local[i] < 0:
+            continue
+        if i >= len(remote) or remote[i] < 0:
+            return "does not hold block"
+        pairs.append((i, local[i], remote[i]))
+    return pairs
+
+
+def test_pairs_equal_a_block_by_block_walk_for_any_tables() -> None:
+    """The tables' slices are zipped when no block can raise; the answer (or the error) is the walk's."""
+    rng = random.Random(7)
+    for _ in range(2000):
+        local = [rng.choice([-1, rng.randrange(100)]) if rng.random() < 0.2 else rng.randrange(100)
+                 for _ in range(rng.randrange(0, 12))]
+        remote = [-1 if rng.random() < 0.1 else rng.randrange(100) for _ in range(rng.randrange(0, 12))]
+        start = rng.randrange(0, 8)
+        indices = range(start, start + rng.randrange(0, 8))
+        expected = _pairs_one_by_one(local, remote, indices)
+        if isinstance(expected, str):
+            with pytest.raises(KVTransferError, match=expected):
+                pair_blocks(local, remote, indices, 0)
+        else:
+            assert pair_blocks(local, remote, indices, 0) == expected
 
 
 def test_coalesce_merges_runs_consecutive_on_both_sides() -> None:
