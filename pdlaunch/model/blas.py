@@ -33,5 +33,5 @@ def select_blas_library(device: torch.device, environ: Mapping[str, str] = os.en
     if not value or device.type != "cuda":
         return None
     torch.backends.cuda.preferred_blas_library(value)
-    log.info("%s=%s: matrix products through %s", ENV, value, value)
+    log.info("%s=%s: torch's matrix products through it", ENV, value)
     return value

@@ -45,8 +45,8 @@ def test_a_valid_choice_changes_nothing_off_cuda() -> None:
 
 @pytest.mark.gpu
 def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest.MonkeyPatch, llama_ckpt: Path) -> None:
+    tf32, default = torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.matmul.allow_tf32 = False
-    default = torch.backends.cuda.preferred_blas_library()
     try:
         before = _generate(llama_ckpt, "cuda")
         monkeypatch.setenv("PDLAUNCH_BLAS", "cublaslt")
@@ -55,3 +55,4 @@ def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest
         assert after == before
     finally:
         torch.backends.cuda.preferred_blas_library(default)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
