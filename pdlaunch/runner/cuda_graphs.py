@@ -41,6 +41,7 @@ import torch
 
 from pdlaunch.memory.platform import cuda_stream
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.blas import decode_capture_blas
 from pdlaunch.model.fused_ops import argmax_rows
 from pdlaunch.runner.step_inputs import StepInputs
 
@@ -232,21 +233,23 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         side = cuda_stream(self.device)
         grouped = self.prompt_rows and self.rows_per_program > 1
-        for batch in sorted(self.sizes, reverse=True):
-            for rows_mode in (False, True) if grouped and batch > 1 else (False,):
-                self._rows_mode = rows_mode
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for _ in range(WARMUP_RUNS):  # compiles Triton kernels, sizes cuBLAS workspaces
-                        argmax_rows(forward(batch))
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture (one
-                # run() starts after the KV moved); they touch none of the captured stream's work.
-                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                    out = forward(batch)
-                    ids = argmax_rows(out)
-                (self.row_graphs if rows_mode else self.graphs)[batch] = (graph, out, ids)
+        # PDLAUNCH_BLAS=cublaslt-decode: the products captured here go through cuBLASLt (model/blas.py)
+        with decode_capture_blas(self.device):
+            for batch in sorted(self.sizes, reverse=True):
+                for rows_mode in (False, True) if grouped and batch > 1 else (False,):
+                    self._rows_mode = rows_mode
+                    side.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(side):
+                        for _ in range(WARMUP_RUNS):  # compiles Triton kernels, sizes cuBLAS workspaces
+                            argmax_rows(forward(batch))
+                    torch.cuda.current_stream(self.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    # thread_local: NIXL/UCX threads may make CUDA calls of their own during a capture (one
+                    # run() starts after the KV moved); they touch none of the captured stream's work.
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                        out = forward(batch)
+                        ids = argmax_rows(out)
+                    (self.row_graphs if rows_mode else self.graphs)[batch] = (graph, out, ids)
         self._rows_mode = False
         torch.cuda.synchronize(self.device)
         self._pool = pool

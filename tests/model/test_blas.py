@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pdlaunch.cli import app
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.blas import select_blas_library
+from pdlaunch.model.blas import blas_setting, decode_capture_blas, select_blas_library
 
 PROMPT = "The quick brown fox jumps over the lazy dog and"
 
@@ -43,6 +43,18 @@ def test_a_valid_choice_changes_nothing_off_cuda() -> None:
     assert caught.value.field == "PDLAUNCH_BLAS"
 
 
+def test_the_decode_only_scope_is_a_choice_that_changes_nothing_off_cuda() -> None:
+    env = {"PDLAUNCH_BLAS": " CUBLASLT-decode "}
+    assert blas_setting(env) == "cublaslt-decode"
+    assert blas_setting({}) == ""
+    assert select_blas_library(torch.device("cpu"), env) is None
+    with decode_capture_blas(torch.device("cpu"), env) as library:
+        assert library is None
+    with pytest.raises(PdlaunchError) as caught:
+        blas_setting({"PDLAUNCH_BLAS": "cublaslt-prefill"})
+    assert caught.value.field == "PDLAUNCH_BLAS" and "cublaslt-decode" in (caught.value.hint or "")
+
+
 @pytest.mark.gpu
 def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest.MonkeyPatch, llama_ckpt: Path) -> None:
     tf32, default = torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.preferred_blas_library()
@@ -52,6 +64,35 @@ def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest
         monkeypatch.setenv("PDLAUNCH_BLAS", "cublaslt")
         after = _generate(llama_ckpt, "cuda")
         assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+        assert after == before
+    finally:
+        torch.backends.cuda.preferred_blas_library(default)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@pytest.mark.gpu
+def test_decode_only_cublaslt_holds_for_the_capture_and_is_restored(monkeypatch: pytest.MonkeyPatch,
+                                                                    llama_ckpt: Path) -> None:
+    """cublaslt-decode: cuBLASLt inside the decode graphs' capture only (also when the capture fails), torch's
+    default before and after; greedy tokens through `pdlaunch generate` (which replays the graphs) unchanged."""
+    tf32, default = torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.preferred_blas_library()
+    env = {"PDLAUNCH_BLAS": "cublaslt-decode"}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert select_blas_library(torch.device("cuda"), env) == "cublaslt-decode"
+        assert torch.backends.cuda.preferred_blas_library() == default
+        with decode_capture_blas(torch.device("cuda"), env) as library:
+            assert library == "cublaslt"
+            assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+        assert torch.backends.cuda.preferred_blas_library() == default
+        with pytest.raises(RuntimeError, match="capture failed"):
+            with decode_capture_blas(torch.device("cuda"), env):
+                raise RuntimeError("capture failed")
+        assert torch.backends.cuda.preferred_blas_library() == default
+        before = _generate(llama_ckpt, "cuda")
+        monkeypatch.setenv("PDLAUNCH_BLAS", "cublaslt-decode")
+        after = _generate(llama_ckpt, "cuda")
+        assert torch.backends.cuda.preferred_blas_library() == default
         assert after == before
     finally:
         torch.backends.cuda.preferred_blas_library(default)
