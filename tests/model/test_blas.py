@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pdlaunch.cli import app
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.blas import blas_setting, decode_capture_blas, select_blas_library
+from pdlaunch.model.blas import blas_setting, decode_capture_blas, resolved_setting, select_blas_library
 
 PROMPT = "The quick brown fox jumps over the lazy dog and"
 
@@ -46,7 +46,7 @@ def test_a_valid_choice_changes_nothing_off_cuda() -> None:
 def test_the_decode_only_scope_is_a_choice_that_changes_nothing_off_cuda() -> None:
     env = {"PDLAUNCH_BLAS": " CUBLASLT-decode "}
     assert blas_setting(env) == "cublaslt-decode"
-    assert blas_setting({}) == ""
+    assert blas_setting({}) == "auto" and blas_setting({"PDLAUNCH_BLAS": ""}) == "auto"
     assert select_blas_library(torch.device("cpu"), env) is None
     with decode_capture_blas(torch.device("cpu"), env) as library:
         assert library is None
@@ -55,11 +55,24 @@ def test_the_decode_only_scope_is_a_choice_that_changes_nothing_off_cuda() -> No
     assert caught.value.field == "PDLAUNCH_BLAS" and "cublaslt-decode" in (caught.value.hint or "")
 
 
+@pytest.mark.parametrize(("env", "name", "setting"), [
+    ({}, "NVIDIA H100 80GB HBM3", "cublaslt-decode"),  # measured there: DEVICE_DEFAULTS
+    ({"PDLAUNCH_BLAS": "auto"}, "NVIDIA H100 PCIe", "cublaslt-decode"),
+    ({}, "NVIDIA H200", "cublas"),  # not measured: torch's default
+    ({"PDLAUNCH_BLAS": "cublas"}, "NVIDIA H100 80GB HBM3", "cublas"),  # the user's choice wins
+    ({"PDLAUNCH_BLAS": "cublaslt"}, "NVIDIA H200", "cublaslt"),
+])
+def test_auto_resolves_per_device_and_an_explicit_choice_wins(env: dict[str, str], name: str, setting: str) -> None:
+    assert resolved_setting(torch.device("cuda", 0), env, name=name) == setting
+    assert resolved_setting(torch.device("cpu"), env, name=name) == "cublas"
+
+
 @pytest.mark.gpu
 def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest.MonkeyPatch, llama_ckpt: Path) -> None:
     tf32, default = torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        monkeypatch.setenv("PDLAUNCH_BLAS", "cublas")
         before = _generate(llama_ckpt, "cuda")
         monkeypatch.setenv("PDLAUNCH_BLAS", "cublaslt")
         after = _generate(llama_ckpt, "cuda")
@@ -89,6 +102,7 @@ def test_decode_only_cublaslt_holds_for_the_capture_and_is_restored(monkeypatch:
             with decode_capture_blas(torch.device("cuda"), env):
                 raise RuntimeError("capture failed")
         assert torch.backends.cuda.preferred_blas_library() == default
+        monkeypatch.setenv("PDLAUNCH_BLAS", "cublas")
         before = _generate(llama_ckpt, "cuda")
         monkeypatch.setenv("PDLAUNCH_BLAS", "cublaslt-decode")
         after = _generate(llama_ckpt, "cuda")
