@@ -26,6 +26,12 @@ def test_gpu_smoke_one_shared_gpu(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+        logs = "\n".join(f"--- {log.name} (last 40 lines)\n" + "\n".join(log.read_text().splitlines()[-40:])
+                         for log in sorted((tmp_path / "logs").rglob("*.log")))
+        pytest.fail(f"pdlaunch smoke did not finish within 600 s; its output:\n{output}\n{logs}")
     finally:
         if proc.poll() is None:
             proc.kill()
