@@ -9,8 +9,8 @@
   replayed graph keeps the kernels it captured), torch's default everywhere else, prefill included.
 
 On one H100, every product through cuBLASLt made the 8B decode steps 1-3% faster (128 x 512 9.71-9.75 ms against
-9.95-10.02) and its 4096-token prefill 1.5-3% slower; the decode-only scope kept the decode gain (four passes on
-two machines, every cell: 128 x 512 9.71-9.75 against 9.95-10.02 ms, 48 x 3072 12.75-12.79 against 12.90-12.92)
+9.95-10.02) and its 4096-token prefill 1.5-3% slower; the decode-only scope kept the decode gain (four passes in
+two calls, every cell: 128 x 512 9.71-9.75 against 9.95-10.02 ms, 48 x 3072 12.75-12.79 against 12.90-12.92)
 and left the prefill alone (RESULTS.md, forty-fourth and forty-fifth sessions). Hence the H100's default. The
 H200 was not measured with it and keeps torch's default. Set the variable in an instance's environment (e.g.
 `PDLAUNCH_BLAS=cublas pdlaunch serve ...`) to compare a deployment both ways.
