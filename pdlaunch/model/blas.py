@@ -60,12 +60,15 @@ def resolved_setting(device: torch.device, environ: Mapping[str, str] = os.envir
 
 
 def select_blas_library(device: torch.device, environ: Mapping[str, str] = os.environ) -> str | None:
-    """Apply PDLAUNCH_BLAS for a model on `device`; returns the setting in force (None: torch's default
-    throughout, or not CUDA). `cublaslt-decode` changes nothing here: `decode_capture_blas` applies it around
-    the decode graphs."""
+    """Apply PDLAUNCH_BLAS for a model on `device`; returns the setting in force (None: `auto` left torch's
+    library as it is, or not CUDA). An explicit `cublas` sets torch's default again (a process may have changed
+    it); `cublaslt-decode` changes nothing here: `decode_capture_blas` applies it around the decode graphs."""
     value = resolved_setting(device, environ)
     if value == "cublas":
-        return None
+        if device.type != "cuda" or blas_setting(environ) != "cublas":
+            return None
+        torch.backends.cuda.preferred_blas_library("cublas")
+        return value
     if value != DECODE_ONLY:
         torch.backends.cuda.preferred_blas_library(value)
     log.info("%s: %s (torch's matrix products %s)", ENV, value,

@@ -38,6 +38,7 @@ def test_a_library_pdlaunch_cannot_select_is_refused_naming_the_variable(monkeyp
 def test_a_valid_choice_changes_nothing_off_cuda() -> None:
     assert select_blas_library(torch.device("cpu"), {"PDLAUNCH_BLAS": "cublaslt"}) is None
     assert select_blas_library(torch.device("cpu"), {}) is None
+    assert select_blas_library(torch.device("cpu"), {"PDLAUNCH_BLAS": "cublas"}) is None
     with pytest.raises(PdlaunchError) as caught:
         select_blas_library(torch.device("cpu"), {"PDLAUNCH_BLAS": "mkl"})
     assert caught.value.field == "PDLAUNCH_BLAS"
