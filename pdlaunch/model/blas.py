@@ -64,11 +64,8 @@ def select_blas_library(device: torch.device, environ: Mapping[str, str] = os.en
     library as it is, or not CUDA). An explicit `cublas` sets torch's default again (a process may have changed
     it); `cublaslt-decode` changes nothing here: `decode_capture_blas` applies it around the decode graphs."""
     value = resolved_setting(device, environ)
-    if value == "cublas":
-        if device.type != "cuda" or blas_setting(environ) != "cublas":
-            return None
-        torch.backends.cuda.preferred_blas_library("cublas")
-        return value
+    if device.type != "cuda" or (value == "cublas" and blas_setting(environ) == AUTO):
+        return None
     if value != DECODE_ONLY:
         torch.backends.cuda.preferred_blas_library(value)
     log.info("%s: %s (torch's matrix products %s)", ENV, value,
