@@ -11,9 +11,11 @@
 On one H100, every product through cuBLASLt made the 8B decode steps 1-3% faster (128 x 512 9.71-9.75 ms against
 9.95-10.02) and its 4096-token prefill 1.5-3% slower; the decode-only scope kept the decode gain (four passes in
 two calls, every cell: 128 x 512 9.71-9.75 against 9.95-10.02 ms, 48 x 3072 12.75-12.79 against 12.90-12.92)
-and left the prefill alone (RESULTS.md, forty-fourth and forty-fifth sessions). Hence the H100's default. The
-H200 was not measured with it and keeps torch's default. Set the variable in an instance's environment (e.g.
-`PDLAUNCH_BLAS=cublas pdlaunch serve ...`) to compare a deployment both ways.
+and left the prefill alone (RESULTS.md, forty-fourth and forty-fifth sessions). Hence the H100's default. On
+one H200 (two passes, forty-sixth session) it made 48 x 3072 1.0-1.2% faster and 128 x 512 0.6-1.0%, and
+64 x 1024 moved within +-0.3% (noise): the H200's default too. Other GPUs keep torch's default. Set the
+variable in an instance's environment (e.g. `PDLAUNCH_BLAS=cublas pdlaunch serve ...`) to compare a deployment
+both ways.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ AUTO = "auto"
 DECODE_ONLY = "cublaslt-decode"
 CHOICES = (AUTO, "cublas", "cublaslt", DECODE_ONLY)
 # What `auto` means per device (a substring of torch's device name), measured with benchmarks/blas_round.sh.
-DEVICE_DEFAULTS: dict[str, str] = {"H100": DECODE_ONLY}
+DEVICE_DEFAULTS: dict[str, str] = {"H100": DECODE_ONLY, "H200": DECODE_ONLY}
 
 log = logging.getLogger(__name__)
 

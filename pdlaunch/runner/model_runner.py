@@ -124,12 +124,35 @@ class ModelRunner:
 
     def allocate_kv_caches(self) -> None:
         """(Re)create the zeroed cache tensors, e.g. after a sleep discarded them."""
-        with memory_pool_context(self.use_cumem, "kv_cache"):
-            self.kv_caches = [
-                torch.zeros(self.num_blocks, len(g.layers), 2, self.block_size, self.num_kv_heads, self.head_dim,
-                            dtype=self.kv_dtype, device=self.device)
-                for g in self.groups
-            ]
+        try:
+            with memory_pool_context(self.use_cumem, "kv_cache"):
+                self.kv_caches = [
+                    torch.zeros(self.num_blocks, len(g.layers), 2, self.block_size, self.num_kv_heads,
+                                self.head_dim, dtype=self.kv_dtype, device=self.device)
+                    for g in self.groups
+                ]
+        except torch.OutOfMemoryError as exc:
+            self.kv_caches = []
+            raise self._kv_cache_oom(exc) from None
+
+    def _kv_cache_oom(self, exc: torch.OutOfMemoryError) -> EngineError:
+        """The error for a KV cache that did not fit: usually other processes (another instance's KV cache
+        allocated after this one's profile, or anything else on the GPU) hold memory the budget counted on."""
+        needed = self.num_blocks * self.block_bytes
+        free = ""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free_bytes, total = device_memory_bytes(self.device.index or 0)
+            free = f"; {free_bytes / 2**30:.2f} of {total / 2**30:.2f} GiB are free on {self.device}"
+        field = ("cache.num_gpu_blocks" if self.cache_config.num_gpu_blocks is not None
+                 else "cache.gpu_memory_utilization")
+        return EngineError(
+            f"the KV cache ({self.num_blocks} blocks, {needed / 2**30:.2f} GiB) did not fit in GPU memory{free}: "
+            f"{str(exc).splitlines()[0][:200]}",
+            field=field,
+            hint="lower it; instances sharing a GPU each take their fraction of the whole GPU, so theirs must add "
+                 "up to less than 1 with room for what other processes hold (nvidia-smi lists them)",
+        )
 
     def kv_scales_digest(self) -> str:
         """Digest of the per-layer FP8 KV scales ("" when the cache is not fp8): P and D must agree."""

@@ -59,7 +59,8 @@ def test_the_decode_only_scope_is_a_choice_that_changes_nothing_off_cuda() -> No
 @pytest.mark.parametrize(("env", "name", "setting"), [
     ({}, "NVIDIA H100 80GB HBM3", "cublaslt-decode"),  # measured there: DEVICE_DEFAULTS
     ({"PDLAUNCH_BLAS": "auto"}, "NVIDIA H100 PCIe", "cublaslt-decode"),
-    ({}, "NVIDIA H200", "cublas"),  # not measured: torch's default
+    ({}, "NVIDIA H200", "cublaslt-decode"),
+    ({}, "NVIDIA A100-SXM4-80GB", "cublas"),  # not measured: torch's default
     ({"PDLAUNCH_BLAS": "cublas"}, "NVIDIA H100 80GB HBM3", "cublas"),  # the user's choice wins
     ({"PDLAUNCH_BLAS": "cublaslt"}, "NVIDIA H200", "cublaslt"),
 ])

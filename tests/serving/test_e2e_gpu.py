@@ -78,3 +78,33 @@ def test_sleep_and_wake_through_the_proxy(tmp_path: Path) -> None:
         http.close()
         serve.stop()
     assert serve.proc.returncode == 0, serve.output
+
+
+CROWDED_YAML = """
+device: cuda
+model: {path: tiny, dtype: bfloat16, max_model_len: 1024}
+cache: {gpu_memory_utilization: 0.9}
+instances:
+  - {role: colocated, count: 1, devices: [0]}
+"""
+
+
+def test_kv_cache_that_does_not_fit_next_to_another_process_is_a_clear_error(tmp_path: Path) -> None:
+    """Another process holds half the GPU: an instance asked for 90% of it stops with the field to change and
+    the free memory it found, no traceback, and serve exits 1 with that line."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(0)
+    held = torch.empty(max(0, free - total // 2), dtype=torch.uint8, device="cuda")  # this process: half the GPU
+    config = tmp_path / "crowded.yaml"
+    config.write_text(CROWDED_YAML)
+    port = PortAllocator("127.0.0.1").free("crowded proxy")
+    try:
+        done = subprocess.run([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(port),
+                               "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, timeout=400)
+    finally:
+        del held
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "cache.gpu_memory_utilization: the KV cache" in output and "GiB are free on cuda:0" in output, output
+    assert "Traceback" not in output, output
