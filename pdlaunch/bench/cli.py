@@ -309,6 +309,9 @@ def compare(
         "--disaggregate-max-queue-tokens", help="In that deployment, prompts that would go PD run on their "
         "decode alone too while every prefill has this many prompt tokens queued "
         "(proxy.disaggregate_max_queue_tokens).")] = None,
+    disaggregate_max_itl_ms: Annotated[float | None, typer.Option(
+        "--disaggregate-max-itl-ms", help="In that deployment, prompts that would run on their decode alone "
+        "go PD while its streams wait this many ms or more per token (proxy.disaggregate_max_itl_ms).")] = None,
     prefill: Annotated[int, typer.Option("--prefill", help="Prefill instances of the PD deployment.")] = 1,
     decode: Annotated[int, typer.Option("--decode", help="Decode instances of the PD deployment.")] = 1,
     burstiness: Annotated[
@@ -338,7 +341,8 @@ def compare(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
             rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
             input_lens=_number_list(input_lens, "--input-lens", int), disaggregate_min_tokens=disaggregate_min_tokens,
-            disaggregate_max_queue_tokens=disaggregate_max_queue_tokens, output_len=output_len,
+            disaggregate_max_queue_tokens=disaggregate_max_queue_tokens,
+            disaggregate_max_itl_ms=disaggregate_max_itl_ms, output_len=output_len,
             ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms,
             tight_ttft_slo_ms=tight_ttft_slo_ms, tight_tpot_slo_ms=tight_tpot_slo_ms, advise_for=advise_for,
             run_advised=run_advised,

@@ -67,6 +67,8 @@ class CompareConfig(BaseModel):
     disaggregate_min_tokens: int | None = Field(None, ge=1)  # also run PD with per-request disaggregation
     # ... and in that deployment, spill PD prompts to the decode while the prefill queue holds this many tokens
     disaggregate_max_queue_tokens: int | None = Field(None, ge=1)
+    # ... and no prompt on a decode whose streams wait this many ms per token (proxy.disaggregate_max_itl_ms)
+    disaggregate_max_itl_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
     burstiness: float = Field(1.0, gt=0)
@@ -100,6 +102,9 @@ class CompareConfig(BaseModel):
             raise ValueError("--input-len and --input-lens both set the prompt lengths: give one")
         if self.disaggregate_max_queue_tokens is not None and self.disaggregate_min_tokens is None:
             raise ValueError("--disaggregate-max-queue-tokens applies to the per-request disaggregation "
+                             "deployment: give --disaggregate-min-tokens N too")
+        if self.disaggregate_max_itl_ms is not None and self.disaggregate_min_tokens is None:
+            raise ValueError("--disaggregate-max-itl-ms applies to the per-request disaggregation "
                              "deployment: give --disaggregate-min-tokens N too")
         return self
 
@@ -203,9 +208,9 @@ def advised_layout(layout: Layout, prefill: int, decode: int) -> Layout:
 
 
 def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None,
-             max_queue: int | None = None) -> str:
-    """`min_tokens`, `max_queue`: the conditional deployment's --disaggregate-min-tokens and
-    --disaggregate-max-queue-tokens."""
+             max_queue: int | None = None, max_itl_ms: float | None = None) -> str:
+    """`min_tokens`, `max_queue`, `max_itl_ms`: the conditional deployment's --disaggregate-min-tokens,
+    --disaggregate-max-queue-tokens and --disaggregate-max-itl-ms."""
     def where(gpus: list[int]) -> str:
         return f"GPU {','.join(map(str, gpus))}" if layout.device == "cuda" else "CPU"
 
@@ -216,7 +221,8 @@ def describe(kind: DeploymentKind, layout: Layout, min_tokens: int | None = None
     if kind != "conditional":
         return split
     spill = f", and all while the prefill queue holds >= {max_queue} tokens" if max_queue is not None else ""
-    return split + f", prompts of < {min_tokens} uncached tokens on the decode alone{spill}"
+    busy = f", none while its streams wait >= {max_itl_ms:g} ms a token" if max_itl_ms is not None else ""
+    return split + f", prompts of < {min_tokens} uncached tokens on the decode alone{spill}{busy}"
 
 
 def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) -> DeploymentConfig:
@@ -233,9 +239,11 @@ def deployment_config(cfg: CompareConfig, layout: Layout, kind: DeploymentKind) 
     if kind == "conditional":
         overrides["proxy.disaggregate_min_tokens"] = cfg.disaggregate_min_tokens
         overrides["proxy.disaggregate_max_queue_tokens"] = cfg.disaggregate_max_queue_tokens
+        overrides["proxy.disaggregate_max_itl_ms"] = cfg.disaggregate_max_itl_ms
     elif kind == "colocated":  # colocated instances never disaggregate: a base config's setting is not theirs
         overrides["proxy.disaggregate_min_tokens"] = None
         overrides["proxy.disaggregate_max_queue_tokens"] = None
+        overrides["proxy.disaggregate_max_itl_ms"] = None
     deployment = load_valid_deployment(cfg.config, overrides)
     if kind in ("pd", "advised") and deployment.proxy.disaggregate_min_tokens is not None:
         raise PdlaunchError(
@@ -325,7 +333,9 @@ def _decisions_text(point: RatePoint) -> str:
         return ""
     spilled = f" ({decisions['spilled']} spilled from a full prefill queue)" if decisions.get("spilled") else ""
     alone = decisions.get("decode_only", 0) + decisions.get("spilled", 0)
-    return f", {alone} on a decode alone{spilled} and {decisions.get('pd', 0)} PD"
+    busy = decisions.get("pd_decode_busy", 0)
+    busy_text = f" ({busy} of them because the decode had no TPOT headroom)" if busy else ""
+    return f", {alone} on a decode alone{spilled} and {decisions.get('pd', 0) + busy} PD{busy_text}"
 
 
 def step_limits(config: DeploymentConfig, kind: DeploymentKind) -> dict[str, StepLimits]:
@@ -352,7 +362,7 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
     `yardstick`, every rate point carries its prefill steps' FLOP rate."""
     run = DeploymentRun(kind=kind, label=label(kind, layout),
                         description=describe(kind, layout, cfg.disaggregate_min_tokens,
-                                             cfg.disaggregate_max_queue_tokens),
+                                             cfg.disaggregate_max_queue_tokens, cfg.disaggregate_max_itl_ms),
                         prefill=layout.prefill if kind != "colocated" else 0,
                         decode=layout.decode if kind != "colocated" else 0)
     config = deployment_config(cfg, layout, kind)

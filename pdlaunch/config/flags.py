@@ -41,6 +41,7 @@ class Flag:
     refused: str | None = None
     refused_why: str = "means something else in pdlaunch"
     sets: bool | None = None  # for an on/off flag of its own (`--no-enable-prefix-caching`): the value it sets
+    metavar: str | None = None  # what --help shows for the value (default: from the type)
 
     @property
     def declaration(self) -> str:
@@ -70,6 +71,9 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("disaggregate_max_queue_tokens", int | None, "proxy.disaggregate_max_queue_tokens",
          "While every prefill has this many prompt tokens queued, prompts that would go PD run on their decode "
          "alone (needs --disaggregate-min-tokens)."),
+    Flag("disaggregate_max_itl_ms", float | None, "proxy.disaggregate_max_itl_ms",
+         "Prompts that would run on their decode alone go PD while that decode's streams wait this many ms or more "
+         "per token (set it a little under the TPOT target; needs --disaggregate-min-tokens).", metavar="<ms>"),
     Flag("prefill", int | None, "instances[prefill].count", "Number of prefill instances."),
     Flag("decode", int | None, "instances[decode].count", "Number of decode instances."),
     Flag("colocated", bool, "colocated", "One instance doing both phases (no KV transfer)."),
@@ -167,7 +171,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Mixture of experts": ("enable_expert_parallel", "prefill_expert_parallel", "no_prefill_expert_parallel",
                            "decode_expert_parallel", "no_decode_expert_parallel"),
     "KV transfer": ("kv_connector", "transfer_mode", "kv_transfer_config", "kv_load_failure_policy",
-                    "disaggregate_min_tokens", "disaggregate_max_queue_tokens"),
+                    "disaggregate_min_tokens", "disaggregate_max_queue_tokens", "disaggregate_max_itl_ms"),
     "KV cache": ("block_size", "kv_cache_dtype", "num_gpu_blocks", "enable_prefix_caching", "no_enable_prefix_caching",
                  "kv_offload_gb"),
     "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",
@@ -212,6 +216,7 @@ _SERVE_PARAMS: list[inspect.Parameter] = [
         flag.name, inspect.Parameter.KEYWORD_ONLY, default=False if flag.type is bool else None,
         annotation=Annotated[flag.type, typer.Option(
             flag.declaration, help=flag.help, envvar=flag.envvar, hidden=flag.refused is not None,
+            metavar=flag.metavar,
             show_default=(flag.refused is None and flag.envvar is None and _config_default(flag.path)) or False,
             rich_help_panel=_PANEL_OF.get(flag.name, "Other"))])
     for flag in sorted(SERVE_FLAGS, key=lambda f: _PANEL_ORDER.get(_PANEL_OF.get(f.name, "Other"), len(HELP_PANELS)))

@@ -178,6 +178,11 @@ class ProxyConfig(StrictModel):
         "not answered), a prompt that would go PD runs on its decode alone, up to this many such tokens in flight "
         "per decode: a burst of long prompts waits no longer than this much prefill work. Needs "
         "disaggregate_min_tokens. Unset: PD prompts always queue for a prefill.")
+    disaggregate_max_itl_ms: float | None = Field(
+        None, gt=0, description="A prompt that would run on its decode alone (shorter than "
+        "disaggregate_min_tokens, or spilled) goes PD instead while that decode's streams wait this many ms or more "
+        "per token (the mean over its last second, from its /health): prompt work there would push them past the "
+        "TPOT target. Set it a little under that target. Needs disaggregate_min_tokens. Unset: no such check.")
     migration_limit: int = Field(
         3, ge=0, le=100, description="A request whose decode dies or stalls (health_timeout_seconds) mid-request "
         "goes on on another decode from its prompt + the tokens already sent, at most this many times per request "
@@ -347,6 +352,8 @@ def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> li
         args += ["--disaggregate-min-tokens", str(proxy.disaggregate_min_tokens)]
     if proxy.disaggregate_max_queue_tokens is not None:
         args += ["--disaggregate-max-queue-tokens", str(proxy.disaggregate_max_queue_tokens)]
+    if proxy.disaggregate_max_itl_ms is not None:
+        args += ["--disaggregate-max-itl-ms", repr(proxy.disaggregate_max_itl_ms)]
     if proxy.disaggregate_min_tokens is not None or proxy.routing_policy == "prefix":
         args += ["--tokenizer", tokenizer()]  # the instances' own
     return args

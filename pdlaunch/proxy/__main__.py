@@ -121,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="While every prefill has this many prompt tokens queued, a prompt that would go PD runs "
                         "on its decode alone (at most this many such tokens in flight per decode); needs "
                         "--disaggregate-min-tokens; proxy.disaggregate_max_queue_tokens.")
+    parser.add_argument("--disaggregate-max-itl-ms", type=float, default=None,
+                        help="A prompt that would run on its decode alone goes PD while that decode's streams wait "
+                        "this many ms or more per token (its /health itl_ms); needs --disaggregate-min-tokens; "
+                        "proxy.disaggregate_max_itl_ms.")
     parser.add_argument("--tokenizer", default=None,
                         help="The model (checkpoint directory, FILE.gguf, demo or tiny, as --model) whose "
                         "tokenizer counts and hashes prompt tokens (the launcher passes the model's).")
@@ -133,13 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not 0 < value < float("inf"):
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
-    if args.disaggregate_min_tokens is not None and args.disaggregate_min_tokens < 1:
-        parser.error("--disaggregate-min-tokens must be 1 or more")
-    if args.disaggregate_max_queue_tokens is not None and args.disaggregate_max_queue_tokens < 1:
-        parser.error("--disaggregate-max-queue-tokens must be 1 or more")
-    if args.disaggregate_max_queue_tokens is not None and args.disaggregate_min_tokens is None:
-        parser.error("--disaggregate-max-queue-tokens spills prompts that per-request disaggregation would "
-                     "send PD: give --disaggregate-min-tokens N too (1 sends every prompt PD until the queue fills)")
+    _check_disaggregation(parser, args)
     if args.disaggregate_min_tokens is not None and args.tokenizer is None:
         parser.error("--disaggregate-min-tokens counts prompt tokens with the model's tokenizer: give --tokenizer DIR")
     if args.routing_policy == "prefix" and args.tokenizer is None:
@@ -159,6 +157,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The --disaggregate-* flags: positive, and the load rules only with --disaggregate-min-tokens."""
+    if args.disaggregate_min_tokens is not None and args.disaggregate_min_tokens < 1:
+        parser.error("--disaggregate-min-tokens must be 1 or more")
+    if args.disaggregate_max_queue_tokens is not None and args.disaggregate_max_queue_tokens < 1:
+        parser.error("--disaggregate-max-queue-tokens must be 1 or more")
+    if args.disaggregate_max_queue_tokens is not None and args.disaggregate_min_tokens is None:
+        parser.error("--disaggregate-max-queue-tokens spills prompts that per-request disaggregation would "
+                     "send PD: give --disaggregate-min-tokens N too (1 sends every prompt PD until the queue fills)")
+    itl = args.disaggregate_max_itl_ms
+    if itl is not None and not 0 < itl < float("inf"):
+        parser.error("--disaggregate-max-itl-ms must be a positive number of milliseconds")
+    if itl is not None and args.disaggregate_min_tokens is None:
+        parser.error("--disaggregate-max-itl-ms sends PD the prompts that per-request disaggregation would "
+                     "run on a decode: give --disaggregate-min-tokens N too")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -172,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_request_bytes=args.max_request_bytes, prefill_timeout_s=args.prefill_timeout,
                           load_failure_policy=args.load_failure_policy, migration_limit=args.migration_limit,
                           disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer,
-                                                        args.disaggregate_max_queue_tokens),
+                                                        args.disaggregate_max_queue_tokens,
+                                                        args.disaggregate_max_itl_ms),
                           tokenizer_dir=args.tokenizer)
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(

@@ -31,7 +31,7 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import MAX_REQUEST_ID_CHARS, PARSE_INLINE_BYTES, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.bodies import JsonObject, int_of
-from pdlaunch.proxy.disaggregate import ON_DECODE, PD, SPILLED
+from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.prefill_leg import prompt_chars
 from pdlaunch.proxy.prefix import Choice, PromptBlocks
@@ -206,7 +206,7 @@ class _PromptRequest:
         if prompt is not None and disaggregation.min_tokens is not None:
             uncached = len(prompt.token_ids) - decode.matched_tokens
             queued = state.router.least_queued("prefill")
-            decision = disaggregation.decision(uncached, queued, target.name)
+            decision = disaggregation.decision(uncached, queued, target.name, target.itl_ms)
             state.proxy.metrics.disaggregation.labels(decision).inc()
             if decision == SPILLED:  # counted against the decode's cap until the request ends
                 self.unqueue = _both(self.unqueue, disaggregation.spill(target.name, uncached))
@@ -214,7 +214,10 @@ class _PromptRequest:
                              f"{target.name}, {uncached} uncached; disaggregate_min_tokens "
                              f"{disaggregation.min_tokens}"
                              + (f"; prefill queue {queued} tokens, disaggregate_max_queue_tokens "
-                                f"{disaggregation.max_queue_tokens}" if decision == SPILLED else "") + ")")
+                                f"{disaggregation.max_queue_tokens}" if decision == SPILLED else "")
+                             + (f"; {target.name} streams at {target.itl_ms:.2f} ms a token, "
+                                f"disaggregate_max_itl_ms {disaggregation.max_itl_ms:g}"
+                                if decision == DECODE_BUSY else "") + ")")
         first_token = continues_from_first_token(body)
         answered = None
         if decision not in ON_DECODE:

@@ -16,6 +16,11 @@ burst of long prompts then waits on one prefill GPU no longer than Q tokens of p
 takes its share, as a colocated instance computes its own prompts, and the cap keeps its running streams from
 paying for more than about Q tokens of prompts at a time. This is Dynamo's conditional disaggregation by
 prefill queue size, counted in tokens.
+
+With proxy.disaggregate_max_itl_ms T, a prompt that would run on its decode alone (short, or spilled)
+goes PD instead while that decode's streams wait T ms or more per token (the mean over its last second, as its
+/health last said, polled every second): prompt work on a decode lengthens every running stream's next token,
+and a decode already at the TPOT target has no room for it. Decision `pd_decode_busy`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pdlaunch.proxy.bodies import Body
 from pdlaunch.server.prompts import Prompt, tokenize
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
-PD, DECODE_ONLY, SPILLED = "pd", "decode_only", "spilled"
+PD, DECODE_ONLY, SPILLED, DECODE_BUSY = "pd", "decode_only", "spilled", "pd_decode_busy"
 ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its decode alone
 
 
@@ -58,16 +63,21 @@ class PromptTokens:
 
 class Disaggregation:
     """Decides, per request, PD or decode only; `min_tokens` None: always PD (no tokenizer needed).
-    `max_queue_tokens`: spill PD prompts to the decode while the prefill queue is that full (module doc)."""
+    `max_queue_tokens`: spill PD prompts to the decode while the prefill queue is that full; `max_itl_ms`:
+    no prompt on a decode whose streams wait that long per token (module doc)."""
 
     def __init__(self, min_tokens: int | None, tokenizer_dir: Path | None,
-                 max_queue_tokens: int | None = None) -> None:
+                 max_queue_tokens: int | None = None, max_itl_ms: float | None = None) -> None:
         if min_tokens is not None and (min_tokens < 1 or tokenizer_dir is None):
             raise ValueError("disaggregate_min_tokens needs a positive count and the checkpoint's tokenizer")
         if max_queue_tokens is not None and (min_tokens is None or max_queue_tokens < 1):
             raise ValueError("disaggregate_max_queue_tokens needs a positive count and "
                              "disaggregate_min_tokens")
+        if max_itl_ms is not None and (min_tokens is None or not 0 < max_itl_ms < float("inf")):
+            raise ValueError("disaggregate_max_itl_ms needs a positive number of milliseconds and "
+                             "disaggregate_min_tokens")
         self.min_tokens, self.max_queue_tokens = min_tokens, max_queue_tokens
+        self.max_itl_ms = max_itl_ms
         self.tokens = PromptTokens(tokenizer_dir) if min_tokens is not None and tokenizer_dir else None
         self.spilled: dict[str, int] = {}  # decode name -> uncached tokens of its spilled requests in flight
 
@@ -77,17 +87,23 @@ class Disaggregation:
             raise ValueError("no tokenizer: disaggregate_min_tokens is not set")
         return len(self.tokens.ids_now(body, chat))
 
-    def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: str | None = None) -> str:
-        """PD, DECODE_ONLY or SPILLED for a prompt of which the decode (named `decode`) lacks `uncached_tokens`,
-        while the least-queued ready prefill has `prefill_queued` tokens queued."""
+    def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: str | None = None,
+                 decode_itl_ms: float = 0.0) -> str:
+        """PD, DECODE_ONLY, SPILLED or DECODE_BUSY for a prompt of which the decode (named `decode`, its streams
+        waiting `decode_itl_ms` per token) lacks `uncached_tokens`, while the least-queued ready prefill has
+        `prefill_queued` tokens queued."""
         if self.min_tokens is None:
             return PD
-        if uncached_tokens < self.min_tokens:
-            return DECODE_ONLY
         cap = self.max_queue_tokens
-        if cap is not None and prefill_queued >= cap and self.spilled.get(decode or "", 0) < cap:
-            return SPILLED
-        return PD
+        if uncached_tokens < self.min_tokens:
+            on_decode = DECODE_ONLY
+        elif cap is not None and prefill_queued >= cap and self.spilled.get(decode or "", 0) < cap:
+            on_decode = SPILLED
+        else:
+            return PD
+        if self.max_itl_ms is not None and decode_itl_ms >= self.max_itl_ms:
+            return DECODE_BUSY
+        return on_decode
 
     def spill(self, decode: str, tokens: int) -> Callable[[], None]:
         """Count `tokens` spilled onto `decode` until the returned callable runs (once; later calls do nothing)."""

@@ -37,12 +37,13 @@ class Instance:
     in_flight: int = 0
     detail: str = ""  # why it is not ready
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
+    itl_ms: float = 0.0  # its streams' mean time between tokens over the last second, as its /health last said
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "role": self.role, "url": self.url, "state": self.state,
-                "in_flight": self.in_flight, "detail": self.detail, "engine_id": self.engine_id}
+                "in_flight": self.in_flight, "detail": self.detail, "engine_id": self.engine_id, "itl_ms": self.itl_ms}
 
     @contextmanager
     def lease(self) -> Iterator[Instance]:
@@ -54,14 +55,27 @@ class Instance:
             self.in_flight -= 1
 
 
-def _engine_id(response: httpx.Response) -> str:
-    """The engine_id a pdlaunch instance's /health names ("" for an instance that names none)."""
+def _health_body(response: httpx.Response) -> dict[str, object]:
     try:
         body = response.json()
     except ValueError:
-        return ""
-    engine_id = body.get("engine_id") if isinstance(body, dict) else None
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _engine_id(body: dict[str, object]) -> str:
+    """The engine_id a pdlaunch instance's /health names ("" for an instance that names none)."""
+    engine_id = body.get("engine_id")
     return engine_id if isinstance(engine_id, str) else ""
+
+
+def _itl_ms(body: dict[str, object]) -> float:
+    """The itl_ms a pdlaunch instance's /health names (0.0 for one that names none or a value that is not a
+    finite non-negative number: such an instance is never held to be busy)."""
+    value = body.get("itl_ms")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        return 0.0
+    return float(value)
 
 
 class RoundRobin:
@@ -159,7 +173,9 @@ class InstancePool:
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
         if response.status_code == 200:
-            engine_id = _engine_id(response)
+            body = _health_body(response)
+            engine_id = _engine_id(body)
+            instance.itl_ms = _itl_ms(body)
             since = self._stalled_since.pop(instance.name, None)
             if since is not None and instance.state == "stalled":
                 log.info("%s (%s) answers again after a stall of %.1fs", instance.name, instance.url,

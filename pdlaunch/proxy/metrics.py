@@ -43,7 +43,9 @@ class ProxyMetrics:
         self.disaggregation = Counter(
             "pdlaunch_proxy_disaggregation_decisions", "Requests by how they ran under proxy.disaggregate_min_tokens: "
             "pd (prefill leg + KV transfer), decode_only (a short prompt computed by the decode) or spilled (computed "
-            "by the decode while the prefill queue was full: proxy.disaggregate_max_queue_tokens)", ["decision"],
+            "by the decode while the prefill queue was full: proxy.disaggregate_max_queue_tokens) or pd_decode_busy "
+            "(PD although it would have run on the decode, whose streams had no TPOT headroom: "
+            "proxy.disaggregate_max_itl_ms)", ["decision"],
             registry=self.registry)
         self.prefix_routed = Counter(
             "pdlaunch_proxy_prefix_routed", "Legs sent to an instance for the prompt prefix it caches, more of it "

@@ -25,6 +25,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.kv_transfer.params import KVTransferParams
+from pdlaunch.server.recent_itl import RecentItl
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
     from pdlaunch.engine.llm_engine import LLMEngine
@@ -110,6 +111,7 @@ class EngineLoop:
         self.error: str | None = None
         self.stats: EngineStats | None = None  # the engine's after its last step
         self.num_aborted = 0  # requests stopped before they finished (client went away)
+        self.recent_itl = RecentItl()  # /health's itl_ms
         self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
 
     # -- HTTP side (event loop thread) ------------------------------------------------------------
@@ -310,6 +312,7 @@ class EngineLoop:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
+        gap_seconds, gap_tokens = 0.0, 0
         for out in outputs:
             with self._lock:
                 stream = self._streams.get(out.request_id)
@@ -322,11 +325,15 @@ class EngineLoop:
                     gap = (now - stream.last_token_time) / len(out.new_token_ids)
                     for _ in out.new_token_ids:
                         metrics.INTER_TOKEN_LATENCY.observe(gap)
+                    gap_seconds += now - stream.last_token_time
+                    gap_tokens += len(out.new_token_ids)
                 stream.last_token_time = now
             if out.finished:
                 self._finish(out.request_id, out)
             else:
                 stream.put(out)
+        if gap_tokens:
+            self.recent_itl.add(now, gap_seconds, gap_tokens)
 
     def _finish(self, request_id: str, item: StreamItem) -> None:
         with self._lock:

@@ -23,7 +23,10 @@ async def health(request: Request) -> JSONResponse:
     instance = instance_of(request)
     state, spec = instance.state, instance.spec
     if state == "ready":
-        return JSONResponse({"status": "ok", "role": spec.role, "engine_id": spec.engine_id})
+        # itl_ms: the mean time between streamed tokens over the last second (0 when idle), for the proxy's
+        # proxy.disaggregate_max_itl_ms
+        return JSONResponse({"status": "ok", "role": spec.role, "engine_id": spec.engine_id,
+                             "itl_ms": round(instance.engine_loop.recent_itl.ms(), 3)})
     status = 500 if state == "failed" else 503
     body = error_body(status, instance.engine_loop.error or f"instance is {state}", code=state)
     body["status"] = state

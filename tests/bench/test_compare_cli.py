@@ -51,6 +51,9 @@ def _invoke(args: list[str]) -> Any:
      "--disaggregate-max-queue-tokens"),
     # spilling is part of the per-request disaggregation deployment: alone it has none to apply to
     (["--model", "tiny", "--rates", "2", "--disaggregate-max-queue-tokens", "4096"], "--disaggregate-max-queue-tokens"),
+    (["--model", "tiny", "--rates", "2", "--disaggregate-max-itl-ms", "9"], "--disaggregate-max-itl-ms"),
+    (["--model", "tiny", "--rates", "2", "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "0"],
+     "--disaggregate-max-itl-ms"),
 ])
 def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     result = _invoke([*args, "--out", str(tmp_path / "out")])
@@ -371,3 +374,14 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
     expected = [("colocated", 1, 2), ("pd", 1, 2)] + ([("advised", 2, 1)] if run_advised else [])
     assert ran == expected and [r.kind for r in runs] == [k for k, *_ in expected]
     assert (tmp_path / "advised.json").exists() == run_advised
+
+
+def test_the_itl_threshold_reaches_the_conditional_deployment_only(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, device="cpu", input_len=12, disaggregate_min_tokens=8, disaggregate_max_itl_ms=8.5)
+    layout = resolve_layout(cfg)
+    assert compare.deployment_config(cfg, layout, "conditional").proxy.disaggregate_max_itl_ms == 8.5
+    assert compare.deployment_config(cfg, layout, "pd").proxy.disaggregate_max_itl_ms is None
+    assert "none while its streams wait >= 8.5 ms a token" in compare.describe("conditional", layout, 8, None, 8.5)
+    point = SimpleNamespace(load=SimpleNamespace(decisions={"pd": 2, "decode_only": 3, "pd_decode_busy": 1}))
+    assert compare._decisions_text(point) == (  # type: ignore[arg-type]  # noqa: SLF001
+        ", 3 on a decode alone and 3 PD (1 of them because the decode had no TPOT headroom)")

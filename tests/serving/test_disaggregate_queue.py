@@ -28,7 +28,7 @@ from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.app import build_proxy_app
-from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD, SPILLED, Disaggregation
+from pdlaunch.proxy.disaggregate import DECODE_BUSY, DECODE_ONLY, PD, SPILLED, Disaggregation
 from pdlaunch.proxy.instances import Instance, InstancePool
 from tests.serving.helpers import ThreadServer, wait_for
 
@@ -214,6 +214,39 @@ def test_the_launcher_passes_the_cap_and_the_proxy_refuses_it_alone(tmp_path: Pa
     for extra, message in ((["--disaggregate-max-queue-tokens", "10"], "give --disaggregate-min-tokens"),
                            (["--disaggregate-min-tokens", "4", "--disaggregate-max-queue-tokens", "0"],
                             "must be 1 or more")):
+        with pytest.raises(SystemExit):
+            parse_args(base + extra)
+        assert message in capsys.readouterr().err
+
+
+def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None:
+    decider = Disaggregation(8, resolve_model_path("tiny"), QUEUE, max_itl_ms=9.0)
+    assert decider.decision(4, decode="d", decode_itl_ms=8.9) == DECODE_ONLY
+    assert decider.decision(4, decode="d", decode_itl_ms=9.0) == DECODE_BUSY  # at the threshold: no headroom
+    assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
+    assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=12.0) == DECODE_BUSY
+    assert decider.decision(24, prefill_queued=0, decode="d", decode_itl_ms=12.0) == PD  # PD anyway: plain PD
+    assert Disaggregation(8, resolve_model_path("tiny")).decision(4, decode_itl_ms=1e6) == DECODE_ONLY  # unset
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
+            Disaggregation(8, resolve_model_path("tiny"), max_itl_ms=bad)
+    with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
+        Disaggregation(None, None, max_itl_ms=9.0)
+
+
+def test_the_launcher_passes_the_itl_threshold_and_the_proxy_refuses_it_alone(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = DeploymentConfig.model_validate({
+        "model": {"path": "tiny"}, "device": "cpu",
+        "proxy": {"disaggregate_min_tokens": 64, "disaggregate_max_itl_ms": 8.5}})
+    args = parse_args(Deployment(cfg, log_dir=tmp_path)._proxy_argv()[3:])  # noqa: SLF001
+    assert (args.disaggregate_min_tokens, args.disaggregate_max_itl_ms) == (64, 8.5)
+    base = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--tokenizer", "tiny"]
+    for extra, message in ((["--disaggregate-max-itl-ms", "9"], "give --disaggregate-min-tokens"),
+                           (["--disaggregate-min-tokens", "4", "--disaggregate-max-itl-ms", "0"],
+                            "positive number of milliseconds"),
+                           (["--disaggregate-min-tokens", "4", "--disaggregate-max-itl-ms", "nan"],
+                            "positive number of milliseconds")):
         with pytest.raises(SystemExit):
             parse_args(base + extra)
         assert message in capsys.readouterr().err

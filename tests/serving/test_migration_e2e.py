@@ -273,3 +273,63 @@ def test_short_prompts_run_on_a_decode_alone_and_answer_as_pd(serve: Serve, tmp_
     pd = [_answer(serve.url, path, body) for path, body in short]  # the launcher's proxy: always PD
     assert alone == pd
     assert _kv_bytes_moved(serve) > moved, "PD moved no KV: the check above could not fail"
+
+
+def _stream_until(url: str, stop: threading.Event, errors: list[str]) -> None:
+    """Long greedy streams sent to an instance directly, one after another, until `stop` is set."""
+    body = {"prompt": "Keep this decode busy", "max_tokens": 200, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    try:
+        while not stop.is_set():
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=CLIENT_TIMEOUT_S,
+                              trust_env=False) as response:
+                if response.status_code != 200:
+                    errors.append(f"{url}: {response.status_code}")
+                    return
+                for _ in response.iter_lines():
+                    if stop.is_set():
+                        break
+    except httpx.HTTPError as exc:
+        errors.append(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def test_a_decode_without_tpot_headroom_gets_no_prompt_work(serve: Serve, tmp_path: Any) -> None:
+    """--disaggregate-max-itl-ms: a short prompt runs on its idle decode alone, and goes PD (KV moved, the same
+    text) while every decode streams tokens with gaps over the threshold (0.001 ms: any stream at all), as their
+    /health reports (itl_ms, shown by the proxy's /instances)."""
+    _both_decodes_ready(serve)
+    log_path = tmp_path / "proxy3.log"
+    body = {"prompt": "A short prompt about the sea", "max_tokens": 12, "temperature": 0}
+    with second_proxy(serve, log_path, SECRET, "--disaggregate-min-tokens", "256", "--disaggregate-max-itl-ms",
+                      "0.001", "--tokenizer", str(resolve_model_path("tiny"))) as url:
+        def itls() -> list[float]:
+            listed = httpx.get(f"{url}/instances", timeout=5, trust_env=False).json()
+            return [float(i["itl_ms"]) for i in listed if i["role"] == "decode" and i["state"] == "ready"]
+
+        wait_for(lambda: itls() == [0.0, 0.0], "both decodes ready and idle as the second proxy sees them", 60,
+                 poll=0.2)
+        moved = _kv_bytes_moved(serve)
+        idle = _answer(url, "/v1/completions", body)
+        assert _kv_bytes_moved(serve) == moved, "a short prompt on an idle decode moved KV"
+        stop, errors = threading.Event(), []
+        decodes = [u for name, u in serve.instance_urls().items() if name.startswith("decode")]
+        busy_streams = [threading.Thread(target=_stream_until, args=(u, stop, errors)) for u in decodes]
+        for thread in busy_streams:
+            thread.start()
+        try:
+            wait_for(lambda: len(itls()) == 2 and min(itls()) > 0.001 or bool(errors),
+                     "both decodes' /health to report streams waiting between tokens", 60, poll=0.1)
+            assert not errors, errors
+            busy = _answer(url, "/v1/completions", body)
+        finally:
+            stop.set()
+            for thread in busy_streams:
+                thread.join(CLIENT_TIMEOUT_S)
+        assert not errors, errors
+        assert busy == idle
+        assert _kv_bytes_moved(serve) > moved, "the request on a busy decode moved no KV: it did not go PD"
+        decisions = {d: _metric_at(url, f'pdlaunch_proxy_disaggregation_decisions_total{{decision="{d}"}}')
+                     for d in ("pd", "decode_only", "pd_decode_busy")}
+        assert decisions == {"pd": 0, "decode_only": 1, "pd_decode_busy": 1}
+    log = log_path.read_text()
+    assert "pd_decode_busy (" in log and "disaggregate_max_itl_ms 0.001" in log, log[-3000:]

@@ -227,3 +227,14 @@ def test_a_whole_answer_migrated_off_a_stalled_decode_releases_the_prefills_held
             assert answer.status_code == 200, answer.text
             assert "kv_transfer_params" not in answering.bodies[-1]
             wait_for(lambda: prefill.released == prefill.legs, "the prefill's held KV to be released", 10.0)
+
+
+def test_disaggregate_max_itl_ms_is_checked_as_the_user_typed_it() -> None:
+    base = ["--model", "tiny", "--device", "cpu"]
+    assert_invalid(check([*base, "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "0"]),
+                   "--disaggregate-max-itl-ms", "must be > 0.0")
+    assert_invalid(check([*base, "--disaggregate-max-itl-ms", "9"]), "--disaggregate-max-itl-ms",
+                   "disaggregate_min_tokens is not set")
+    result = check([*base, "--colocated", "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "9"])
+    assert result.exit_code == 1 and "never disaggregates" in result.output, result.output
+    assert check([*base, "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "8.5"]).exit_code == 0

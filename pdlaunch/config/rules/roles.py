@@ -62,6 +62,9 @@ def role_problems(cfg: DeploymentConfig) -> list[Problem]:
         if cfg.proxy.disaggregate_max_queue_tokens is not None:
             problems.append(problem("proxy.disaggregate_max_queue_tokens", "a colocated deployment has no "
                                     "prefill queue to spill from", "drop it, or drop colocated"))
+        if cfg.proxy.disaggregate_max_itl_ms is not None:
+            problems.append(problem("proxy.disaggregate_max_itl_ms", "a colocated deployment never "
+                                    "disaggregates (every prompt runs where it decodes)", "drop it, or drop colocated"))
         return problems
     for i, group in enumerate(cfg.instances):
         if group.role == "colocated":
@@ -75,6 +78,10 @@ def role_problems(cfg: DeploymentConfig) -> list[Problem]:
         problems.append(problem("proxy.disaggregate_max_queue_tokens", "it spills prompts that per-request "
                                 "disaggregation would send PD, and proxy.disaggregate_min_tokens is not set",
                                 "set disaggregate_min_tokens too (1 sends every prompt PD until the queue fills)"))
+    if cfg.proxy.disaggregate_max_itl_ms is not None and cfg.proxy.disaggregate_min_tokens is None:
+        problems.append(problem("proxy.disaggregate_max_itl_ms", "it sends PD the prompts that per-request "
+                                "disaggregation would run on a decode, and proxy.disaggregate_min_tokens is not set",
+                                "set disaggregate_min_tokens too, or drop it"))
     return problems
 
 
