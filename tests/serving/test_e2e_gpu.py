@@ -84,6 +84,7 @@ CROWDED_YAML = """
 device: cuda
 model: {path: tiny, dtype: bfloat16, max_model_len: 1024}
 cache: {gpu_memory_utilization: 0.9}
+colocated: true
 instances:
   - {role: colocated, count: 1, devices: [0]}
 """
