@@ -206,7 +206,8 @@ class _PromptRequest:
         if prompt is not None and disaggregation.min_tokens is not None:
             uncached = len(prompt.token_ids) - decode.matched_tokens
             queued = state.router.least_queued("prefill")
-            decision = disaggregation.decision(uncached, queued, target.name, target.itl_ms)
+            in_flight = target.in_flight
+            decision = disaggregation.decision(uncached, queued, target.name, target.itl_ms, in_flight)
             state.proxy.metrics.disaggregation.labels(decision).inc()
             if decision == SPILLED:  # counted against the decode's cap until the request ends
                 self.unqueue = _both(self.unqueue, disaggregation.spill(target.name, uncached))
@@ -215,7 +216,7 @@ class _PromptRequest:
                              f"{disaggregation.min_tokens}"
                              + (f"; prefill queue {queued} tokens, disaggregate_max_queue_tokens "
                                 f"{disaggregation.max_queue_tokens}" if decision == SPILLED else "")
-                             + (f"; {target.name} streams at {target.itl_ms:.2f} ms a token, "
+                             + (f"; {target.name} {_busy(target.itl_ms, in_flight)}, "
                                 f"disaggregate_max_itl_ms {disaggregation.max_itl_ms:g}"
                                 if decision == DECODE_BUSY else "") + ")")
         first_token = continues_from_first_token(body)
@@ -308,3 +309,10 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
         second()
 
     return run
+
+
+def _busy(itl_ms: float, in_flight: int) -> str:
+    """Why a decode counted as without TPOT headroom (disaggregate.py), for the request's log line."""
+    if itl_ms == 0.0:
+        return f"has {in_flight} requests in flight that its last /health (idle) predates"
+    return f"streams at {itl_ms:.2f} ms a token"

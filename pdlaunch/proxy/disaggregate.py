@@ -20,7 +20,10 @@ prefill queue size, counted in tokens.
 With proxy.disaggregate_max_itl_ms T, a prompt that would run on its decode alone (short, or spilled)
 goes PD instead while that decode's streams wait T ms or more per token (the mean over its last second, as its
 /health last said, polled every second): prompt work on a decode lengthens every running stream's next token,
-and a decode already at the TPOT target has no room for it. Decision `pd_decode_busy`.
+and a decode already at the TPOT target has no room for it. Decision `pd_decode_busy`. A decode whose last
+/health said it streamed nothing while the proxy has requests in flight on it counts as busy too: that reading
+predates them (at the start of a burst the proxy would otherwise spill onto a decode about to be full; measured
+on 2x H100, every request over the tight TPOT target was one of the first ten, RESULTS.md forty-sixth session).
 """
 
 from __future__ import annotations
@@ -88,10 +91,10 @@ class Disaggregation:
         return len(self.tokens.ids_now(body, chat))
 
     def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: str | None = None,
-                 decode_itl_ms: float = 0.0) -> str:
+                 decode_itl_ms: float = 0.0, decode_in_flight: int = 0) -> str:
         """PD, DECODE_ONLY, SPILLED or DECODE_BUSY for a prompt of which the decode (named `decode`, its streams
-        waiting `decode_itl_ms` per token) lacks `uncached_tokens`, while the least-queued ready prefill has
-        `prefill_queued` tokens queued."""
+        waiting `decode_itl_ms` per token, `decode_in_flight` requests of this proxy on it) lacks
+        `uncached_tokens`, while the least-queued ready prefill has `prefill_queued` tokens queued."""
         if self.min_tokens is None:
             return PD
         cap = self.max_queue_tokens
@@ -101,7 +104,8 @@ class Disaggregation:
             on_decode = SPILLED
         else:
             return PD
-        if self.max_itl_ms is not None and decode_itl_ms >= self.max_itl_ms:
+        if self.max_itl_ms is not None and (decode_itl_ms >= self.max_itl_ms
+                                            or (decode_itl_ms == 0.0 and decode_in_flight > 0)):
             return DECODE_BUSY
         return on_decode
 

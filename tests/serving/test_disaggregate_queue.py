@@ -227,6 +227,12 @@ def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None
     assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=12.0) == DECODE_BUSY
     assert decider.decision(24, prefill_queued=0, decode="d", decode_itl_ms=12.0) == PD  # PD anyway: plain PD
     assert Disaggregation(8, resolve_model_path("tiny")).decision(4, decode_itl_ms=1e6) == DECODE_ONLY  # unset
+    # "idle" from a /health that predates the requests the proxy has on the decode now: not known to have room
+    assert decider.decision(4, decode="d", decode_itl_ms=0.0, decode_in_flight=0) == DECODE_ONLY
+    assert decider.decision(4, decode="d", decode_itl_ms=0.0, decode_in_flight=3) == DECODE_BUSY
+    assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0, decode_in_flight=1) == \
+        DECODE_BUSY
+    assert decider.decision(4, decode="d", decode_itl_ms=6.0, decode_in_flight=3) == DECODE_ONLY  # measured room
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
             Disaggregation(8, resolve_model_path("tiny"), max_itl_ms=bad)
@@ -250,3 +256,10 @@ def test_the_launcher_passes_the_itl_threshold_and_the_proxy_refuses_it_alone(
         with pytest.raises(SystemExit):
             parse_args(base + extra)
         assert message in capsys.readouterr().err
+
+
+def test_the_log_line_says_why_a_decode_had_no_headroom() -> None:
+    from pdlaunch.proxy.completions import _busy
+
+    assert _busy(9.126, 4) == "streams at 9.13 ms a token"
+    assert _busy(0.0, 3) == "has 3 requests in flight that its last /health (idle) predates"
