@@ -311,8 +311,8 @@ def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[],
     return run
 
 
-def _busy(itl_ms: float, in_flight: int) -> str:
+def _busy(itl_ms: float | None, in_flight: int) -> str:
     """Why a decode counted as without TPOT headroom (disaggregate.py), for the request's log line."""
-    if itl_ms == 0.0:
+    if not itl_ms:  # 0.0 (never None: such a decode is never busy)
         return f"has {in_flight} requests in flight that its last /health (idle) predates"
     return f"streams at {itl_ms:.2f} ms a token"

@@ -24,6 +24,7 @@ and a decode already at the TPOT target has no room for it. Decision `pd_decode_
 /health said it streamed nothing while the proxy has requests in flight on it counts as busy too: that reading
 predates them (at the start of a burst the proxy would otherwise spill onto a decode about to be full; measured
 on 2x H100, every request over the tight TPOT target was one of the first ten, RESULTS.md forty-sixth session).
+A decode whose /health reports no itl_ms (not a pdlaunch instance) is never held to be busy.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Disaggregation:
         return len(self.tokens.ids_now(body, chat))
 
     def decision(self, uncached_tokens: int, prefill_queued: int = 0, decode: str | None = None,
-                 decode_itl_ms: float = 0.0, decode_in_flight: int = 0) -> str:
+                 decode_itl_ms: float | None = None, decode_in_flight: int = 0) -> str:
         """PD, DECODE_ONLY, SPILLED or DECODE_BUSY for a prompt of which the decode (named `decode`, its streams
         waiting `decode_itl_ms` per token, `decode_in_flight` requests of this proxy on it) lacks
         `uncached_tokens`, while the least-queued ready prefill has `prefill_queued` tokens queued."""
@@ -104,8 +105,8 @@ class Disaggregation:
             on_decode = SPILLED
         else:
             return PD
-        if self.max_itl_ms is not None and (decode_itl_ms >= self.max_itl_ms
-                                            or (decode_itl_ms == 0.0 and decode_in_flight > 0)):
+        if self.max_itl_ms is not None and decode_itl_ms is not None and (
+                decode_itl_ms >= self.max_itl_ms or (decode_itl_ms == 0.0 and decode_in_flight > 0)):
             return DECODE_BUSY
         return on_decode
 

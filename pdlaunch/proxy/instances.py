@@ -37,7 +37,8 @@ class Instance:
     in_flight: int = 0
     detail: str = ""  # why it is not ready
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
-    itl_ms: float = 0.0  # its streams' mean time between tokens over the last second, as its /health last said
+    # its streams' mean time between tokens over the last second, as its /health last said (None: it says none)
+    itl_ms: float | None = None
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
@@ -69,12 +70,12 @@ def _engine_id(body: dict[str, object]) -> str:
     return engine_id if isinstance(engine_id, str) else ""
 
 
-def _itl_ms(body: dict[str, object]) -> float:
-    """The itl_ms a pdlaunch instance's /health names (0.0 for one that names none or a value that is not a
-    finite non-negative number: such an instance is never held to be busy)."""
+def _itl_ms(body: dict[str, object]) -> float | None:
+    """The itl_ms a pdlaunch instance's /health names; None for one that names none (another server) or a value
+    that is not a finite non-negative number: such an instance is never held to be busy."""
     value = body.get("itl_ms")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        return 0.0
+        return None
     return float(value)
 
 

@@ -233,6 +233,8 @@ def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None
     assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0, decode_in_flight=1) == \
         DECODE_BUSY
     assert decider.decision(4, decode="d", decode_itl_ms=6.0, decode_in_flight=3) == DECODE_ONLY  # measured room
+    # a decode that reports no itl_ms (another server) is never held to be busy
+    assert decider.decision(4, decode="d", decode_itl_ms=None, decode_in_flight=3) == DECODE_ONLY
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
             Disaggregation(8, resolve_model_path("tiny"), max_itl_ms=bad)
