@@ -202,18 +202,24 @@ def test_a_spilled_stream_holds_the_decodes_cap_until_it_ends(
     assert _decisions(url) == {"pd": 2.0, "spilled": 1.0}
 
 
-def test_the_launcher_passes_the_cap_and_the_proxy_refuses_it_alone(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("field", "value", "refusals"), [
+    ("disaggregate_max_queue_tokens", 4096, [
+        (["--disaggregate-max-queue-tokens", "10"], "give --disaggregate-min-tokens"),
+        (["--disaggregate-min-tokens", "4", "--disaggregate-max-queue-tokens", "0"], "must be 1 or more")]),
+    ("disaggregate_max_itl_ms", 8.5, [
+        (["--disaggregate-max-itl-ms", "9"], "give --disaggregate-min-tokens"),
+        (["--disaggregate-min-tokens", "4", "--disaggregate-max-itl-ms", "0"], "positive number of milliseconds"),
+        (["--disaggregate-min-tokens", "4", "--disaggregate-max-itl-ms", "nan"], "positive number of milliseconds")]),
+])
+def test_the_launcher_passes_a_load_rule_and_the_proxy_refuses_it_alone(
+        field: str, value: float, refusals: list[tuple[list[str], str]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     cfg = DeploymentConfig.model_validate({
-        "model": {"path": "tiny"}, "device": "cpu",
-        "proxy": {"disaggregate_min_tokens": 64, "disaggregate_max_queue_tokens": 4096}})
-    argv = Deployment(cfg, log_dir=tmp_path)._proxy_argv()  # noqa: SLF001
-    args = parse_args(argv[3:])
-    assert (args.disaggregate_min_tokens, args.disaggregate_max_queue_tokens) == (64, 4096)
+        "model": {"path": "tiny"}, "device": "cpu", "proxy": {"disaggregate_min_tokens": 64, field: value}})
+    args = parse_args(Deployment(cfg, log_dir=tmp_path)._proxy_argv()[3:])  # noqa: SLF001
+    assert (args.disaggregate_min_tokens, getattr(args, field)) == (64, value)
     base = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--tokenizer", "tiny"]
-    for extra, message in ((["--disaggregate-max-queue-tokens", "10"], "give --disaggregate-min-tokens"),
-                           (["--disaggregate-min-tokens", "4", "--disaggregate-max-queue-tokens", "0"],
-                            "must be 1 or more")):
+    for extra, message in refusals:
         with pytest.raises(SystemExit):
             parse_args(base + extra)
         assert message in capsys.readouterr().err
@@ -240,24 +246,6 @@ def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None
             Disaggregation(8, resolve_model_path("tiny"), max_itl_ms=bad)
     with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
         Disaggregation(None, None, max_itl_ms=9.0)
-
-
-def test_the_launcher_passes_the_itl_threshold_and_the_proxy_refuses_it_alone(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = DeploymentConfig.model_validate({
-        "model": {"path": "tiny"}, "device": "cpu",
-        "proxy": {"disaggregate_min_tokens": 64, "disaggregate_max_itl_ms": 8.5}})
-    args = parse_args(Deployment(cfg, log_dir=tmp_path)._proxy_argv()[3:])  # noqa: SLF001
-    assert (args.disaggregate_min_tokens, args.disaggregate_max_itl_ms) == (64, 8.5)
-    base = ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2", "--tokenizer", "tiny"]
-    for extra, message in ((["--disaggregate-max-itl-ms", "9"], "give --disaggregate-min-tokens"),
-                           (["--disaggregate-min-tokens", "4", "--disaggregate-max-itl-ms", "0"],
-                            "positive number of milliseconds"),
-                           (["--disaggregate-min-tokens", "4", "--disaggregate-max-itl-ms", "nan"],
-                            "positive number of milliseconds")):
-        with pytest.raises(SystemExit):
-            parse_args(base + extra)
-        assert message in capsys.readouterr().err
 
 
 def test_the_log_line_says_why_a_decode_had_no_headroom() -> None:
