@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,10 @@ class GatedInstance:
         self.tail = threading.Event()
         self.tail.set()
         self.requests: list[dict[str, Any]] = []
+        self.itl_ms: float | None = None  # reported by /health when set
         self.app = FastAPI()
-        self.app.get("/health")(lambda: {"status": "ok", "engine_id": name})
+        self.app.get("/health")(lambda: {"status": "ok", "engine_id": name}
+                                | ({} if self.itl_ms is None else {"itl_ms": self.itl_ms}))
         self.app.post("/v1/completions")(self.completions)
 
     async def completions(self, request: Request) -> Any:
@@ -81,19 +84,26 @@ def _event(chunk: dict[str, Any]) -> bytes:
 @pytest.fixture
 def fleet() -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation]]:
     """One prefill, one decode, a proxy with disaggregate_min_tokens 8 and the queue cap QUEUE."""
+    with _fleet() as (url, prefill, decode, disaggregation, _):
+        yield url, prefill, decode, disaggregation
+
+
+@contextmanager
+def _fleet(max_itl_ms: float | None = None) -> Iterator[tuple[str, GatedInstance, GatedInstance, Disaggregation,
+                                                              InstancePool]]:
     prefill, decode = GatedInstance("prefill", "prefill-0"), GatedInstance("decode", "decode-0")
     ports = PortAllocator("127.0.0.1")
     with ThreadServer(prefill.app, ports.free("prefill")) as p, ThreadServer(decode.app, ports.free("decode")) as d:
         pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d.url, "decode-0")],
                             "round_robin")
-        disaggregation = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
+        disaggregation = Disaggregation(8, resolve_model_path("tiny"), QUEUE, max_itl_ms=max_itl_ms)
         # migration off: a streamed decode leg is relayed as it comes (the fake's events carry no token ids)
         app = build_proxy_app(pool, 30.0, migration_limit=0, disaggregation=disaggregation,
                               tokenizer_dir=resolve_model_path("tiny"))
         try:
             with ThreadServer(app, ports.free("proxy")) as proxy:
                 wait_for(lambda: all(i.state == "ready" for i in pool.instances), "both fake instances ready")
-                yield proxy.url, prefill, decode, disaggregation
+                yield proxy.url, prefill, decode, disaggregation, pool
         finally:
             prefill.gate.set()
             decode.gate.set()
@@ -253,3 +263,37 @@ def test_the_log_line_says_why_a_decode_had_no_headroom() -> None:
 
     assert _busy(9.126, 4) == "streams at 9.13 ms a token"
     assert _busy(0.0, 3) == "has 3 requests in flight that its last /health (idle) predates"
+
+
+def test_the_proxy_keeps_prompts_off_a_decode_without_headroom() -> None:
+    """Through the proxy, with --disaggregate-max-itl-ms 9: a short prompt runs on the decode alone while its
+    /health says idle and nothing of the proxy's is on it; goes PD while the proxy has a stream on it that the idle
+    reading predates, and while the decode reports 12 ms a token; runs there again at 3 ms."""
+    with _fleet(max_itl_ms=9.0) as (url, prefill, decode, _, pool):
+        decode_instance = next(i for i in pool.instances if i.role == "decode")
+
+        def reports(itl_ms: float) -> None:
+            decode.itl_ms = itl_ms
+            wait_for(lambda: decode_instance.itl_ms == itl_ms, f"the proxy to read itl_ms {itl_ms} from /health")
+
+        reports(0.0)
+        assert _post(url, SHORT, "idle").status_code == 200
+        decode.tail.clear()
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": SHORT, "max_tokens": 4, "stream": True},
+                          timeout=GATE_TIMEOUT_S + 30) as stream:  # a decode-alone stream, held open
+            assert stream.status_code == 200
+            lines = stream.iter_lines()
+            assert '"text": "first"' in next(line for line in lines if line.startswith("data:"))
+            assert decode_instance.in_flight == 1 and decode_instance.itl_ms == 0.0
+            assert _post(url, SHORT, "stale").status_code == 200  # idle per /health, but 1 stream in flight
+            assert len(prefill.requests) == 1
+            decode.tail.set()
+            assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
+        wait_for(lambda: decode_instance.in_flight == 0, "the held stream to end")
+        reports(12.0)
+        assert _post(url, SHORT, "slow").status_code == 200
+        assert len(prefill.requests) == 2
+        reports(3.0)
+        assert _post(url, SHORT, "room").status_code == 200
+        assert len(prefill.requests) == 2
+        assert _decisions(url) == {"decode_only": 3.0, "pd_decode_busy": 2.0}
