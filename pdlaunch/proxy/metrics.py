@@ -69,11 +69,18 @@ class _PoolCollector(Collector):
                                       labels=["instance", "role"])
         up = GaugeMetricFamily("pdlaunch_proxy_instance_up", "1 when the instance is ready",
                                labels=["instance", "role"])
+        itl = GaugeMetricFamily("pdlaunch_proxy_instance_itl_milliseconds", "Mean time between the tokens an "
+                                "instance streamed over the last second, as its /health last said (instances that "
+                                "report none are left out); proxy.disaggregate_max_itl_ms compares it",
+                                labels=["instance", "role"])
         for inst in self._pool.instances:
             in_flight.add_metric([inst.name, inst.role], inst.in_flight)
             up.add_metric([inst.name, inst.role], 1.0 if inst.state == "ready" else 0.0)
+            if inst.itl_ms is not None:
+                itl.add_metric([inst.name, inst.role], inst.itl_ms)
         yield in_flight
         yield up
+        yield itl
 
 
 OTHER_ROUTE = "other"

@@ -291,6 +291,8 @@ def test_the_proxy_keeps_prompts_off_a_decode_without_headroom() -> None:
             assert [line for line in lines if line.startswith("data:")][-1] == "data: [DONE]"
         wait_for(lambda: decode_instance.in_flight == 0, "the held stream to end")
         reports(12.0)
+        assert 'pdlaunch_proxy_instance_itl_milliseconds{instance="decode-0",role="decode"} 12.0' in \
+            httpx.get(f"{url}/metrics", timeout=10).text
         assert _post(url, SHORT, "slow").status_code == 200
         assert len(prefill.requests) == 2
         reports(3.0)
