@@ -52,7 +52,7 @@ proxy:
   migration_limit: 3            # a decode dies or stalls mid-request: go on on another, this many times
   # disaggregate_min_tokens: 256  # shorter prompts run on a decode alone (no KV transfer); unset: all PD
   # disaggregate_max_queue_tokens: 4096  # prefill queue this full: PD prompts run on the decode too
-  # disaggregate_max_itl_ms: 8.5  # ... but none while the decode's streams wait this long a token
+  # disaggregate_max_itl_ms: 8  # ... but none while the decode's streams wait this long a token
 
 instances:              # groups of identical instances; tp/devices/base_port are optional
   - role: prefill
