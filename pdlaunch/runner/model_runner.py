@@ -89,8 +89,17 @@ class ModelRunner:
         self.head_dim = arch.head_dim
         free_at_start = device_memory_bytes(device.index or 0)[0] if device.type == "cuda" else 0
         select_blas_library(device)  # PDLAUNCH_BLAS, before any product (and before graphs are captured)
-        with memory_pool_context(use_cumem, "weights"):
-            self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
+        try:
+            with memory_pool_context(use_cumem, "weights"):
+                self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
+        except torch.OutOfMemoryError as exc:
+            raise EngineError(
+                f"the model's weights did not fit in GPU memory{_free_text(device)}: {_first_line(exc)}",
+                field="model.path",
+                hint="another process may hold the memory (nvidia-smi lists them); otherwise the model needs more "
+                     "than this GPU: split it over more GPUs (--tp), quantize it (--quantization fp8), or give it a "
+                     "GPU of its own",
+            ) from None
         if arch.moe is not None and tp_rank == 0:
             log.info("MoE: %s over TP %d", "whole experts per rank (expert parallel)" if expert_parallel
                      else "every expert's width split", tp_size)
@@ -139,16 +148,11 @@ class ModelRunner:
         """The error for a KV cache that did not fit: usually other processes (another instance's KV cache
         allocated after this one's profile, or anything else on the GPU) hold memory the budget counted on."""
         needed = self.num_blocks * self.block_bytes
-        free = ""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            free_bytes, total = device_memory_bytes(self.device.index or 0)
-            free = f"; {free_bytes / 2**30:.2f} of {total / 2**30:.2f} GiB are free on {self.device}"
         field = ("cache.num_gpu_blocks" if self.cache_config.num_gpu_blocks is not None
                  else "cache.gpu_memory_utilization")
         return EngineError(
-            f"the KV cache ({self.num_blocks} blocks, {needed / 2**30:.2f} GiB) did not fit in GPU memory{free}: "
-            f"{str(exc).splitlines()[0][:200]}",
+            f"the KV cache ({self.num_blocks} blocks, {needed / 2**30:.2f} GiB) did not fit in GPU memory"
+            f"{_free_text(self.device)}: {_first_line(exc)}",
             field=field,
             hint="lower it; instances sharing a GPU each take their fraction of the whole GPU, so theirs must add "
                  "up to less than 1 with room for what other processes hold (nvidia-smi lists them)",
@@ -408,3 +412,17 @@ class ModelRunner:
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _free_text(device: torch.device) -> str:
+    """"; F of T GiB are free on cuda:K" after an allocation failed there (torch's cache emptied first); "" on CPU."""
+    if device.type != "cuda":
+        return ""
+    torch.cuda.empty_cache()
+    free, total = device_memory_bytes(device.index or 0)
+    return f"; {free / 2**30:.2f} of {total / 2**30:.2f} GiB are free on {device}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """torch's out-of-memory message without its advice paragraph (at most 200 characters)."""
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
