@@ -266,7 +266,7 @@ class ModelRunner:
             except torch.OutOfMemoryError as exc:
                 raise EngineError(
                     f"a step of {sum(query_lens)} tokens ({len(query_lens)} sequences) ran out of GPU memory in the "
-                    f"start-up warm-up: {str(exc).splitlines()[0]}",
+                    f"start-up warm-up: {_first_line(exc)}",
                     field="scheduler.max_num_batched_tokens",
                     hint="lower it, or leave more memory to activations: a lower cache.gpu_memory_utilization or "
                          "a smaller cache.num_gpu_blocks",
@@ -317,7 +317,7 @@ class ModelRunner:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
-            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return _first_line(exc)
         return mixed
 
     def _init_graphs(self) -> DecodeGraphs | None:
@@ -424,5 +424,5 @@ def _free_text(device: torch.device) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """torch's out-of-memory message without its advice paragraph (at most 200 characters)."""
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    """An error's first line (torch's out-of-memory message without its advice paragraph); its type if empty."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

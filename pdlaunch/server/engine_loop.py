@@ -322,11 +322,11 @@ class EngineLoop:
                 if stream.last_token_time is None:
                     metrics.TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
                 else:
-                    gap = (now - stream.last_token_time) / len(out.new_token_ids)
+                    elapsed, count = now - stream.last_token_time, len(out.new_token_ids)
                     for _ in out.new_token_ids:
-                        metrics.INTER_TOKEN_LATENCY.observe(gap)
-                    gap_seconds += now - stream.last_token_time
-                    gap_tokens += len(out.new_token_ids)
+                        metrics.INTER_TOKEN_LATENCY.observe(elapsed / count)
+                    gap_seconds += elapsed
+                    gap_tokens += count
                 stream.last_token_time = now
             if out.finished:
                 self._finish(out.request_id, out)

@@ -317,8 +317,11 @@ def test_a_decode_without_tpot_headroom_gets_no_prompt_work(serve: Serve, tmp_pa
         for thread in busy_streams:
             thread.start()
         try:
-            wait_for(lambda: len(itls()) == 2 and min(itls()) > 0.001 or bool(errors),
-                     "both decodes' /health to report streams waiting between tokens", 60, poll=0.1)
+            def both_busy() -> bool:
+                readings = itls()
+                return bool(errors) or (len(readings) == 2 and min(readings) > 0.001)
+
+            wait_for(both_busy, "both decodes' /health to report streams waiting between tokens", 60, poll=0.1)
             assert not errors, errors
             busy = _answer(url, "/v1/completions", body)
         finally:
