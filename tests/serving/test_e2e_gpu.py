@@ -109,3 +109,31 @@ def test_kv_cache_that_does_not_fit_next_to_another_process_is_a_clear_error(tmp
     assert done.returncode == 1, output
     assert "cache.gpu_memory_utilization: the KV cache" in output and "GiB are free on cuda:0" in output, output
     assert "Traceback" not in output, output
+
+
+def test_weights_that_do_not_fit_next_to_another_process_are_a_clear_error(tmp_path: Path) -> None:
+    """Another process leaves 1.5 GiB of the GPU free: an instance of a 3 GiB checkpoint (the 8B shape cut to two
+    layers) stops with model.path, the free memory and what to do, no traceback, and serve exits 1 with that line."""
+    import torch
+
+    checkpoint = tmp_path / "l8b-2"
+    made = subprocess.run([sys.executable, "-m", "pdlaunch", "bench", "make-checkpoint", str(checkpoint),
+                           "--num-layers", "2", "--device", "cuda"], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    config = tmp_path / "crowded.yaml"
+    config.write_text(CROWDED_YAML.replace("path: tiny", f"path: {checkpoint}").replace("0.9}", "0.5}"))
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(0)
+    held = torch.empty(max(0, free - 3 * 2**29), dtype=torch.uint8, device="cuda")  # leaves 1.5 GiB free
+    port = PortAllocator("127.0.0.1").free("crowded proxy")
+    try:
+        done = subprocess.run([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(port),
+                               "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, timeout=400)
+    finally:
+        del held
+        torch.cuda.empty_cache()
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "model.path: the model's weights did not fit in GPU memory" in output, output
+    assert "GiB are free on cuda:0" in output and "--tp" in output, output
+    assert "Traceback" not in output, output
