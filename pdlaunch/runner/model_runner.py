@@ -92,7 +92,9 @@ class ModelRunner:
         try:
             with memory_pool_context(use_cumem, "weights"):
                 self.model = load_model(checkpoint, device, dtype, tp_rank, tp_size, expert_parallel)
-        except torch.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                raise
             raise EngineError(
                 f"the model's weights did not fit in GPU memory{_free_text(device)}: {_first_line(exc)}",
                 field="model.path",
@@ -140,11 +142,13 @@ class ModelRunner:
                                 self.head_dim, dtype=self.kv_dtype, device=self.device)
                     for g in self.groups
                 ]
-        except torch.OutOfMemoryError as exc:
+        except RuntimeError as exc:
+            if not out_of_memory(exc):
+                raise
             self.kv_caches = []
             raise self._kv_cache_oom(exc) from None
 
-    def _kv_cache_oom(self, exc: torch.OutOfMemoryError) -> EngineError:
+    def _kv_cache_oom(self, exc: RuntimeError) -> EngineError:
         """The error for a KV cache that did not fit: usually other processes (another instance's KV cache
         allocated after this one's profile, or anything else on the GPU) hold memory the budget counted on."""
         needed = self.num_blocks * self.block_bytes
@@ -263,7 +267,9 @@ class ModelRunner:
             try:
                 self._dry_step(query_lens, context_lens, self.kv_caches,
                                logit_rows=min(len(query_lens), self.scheduler_config.max_num_seqs))
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not out_of_memory(exc):
+                    raise
                 raise EngineError(
                     f"a step of {sum(query_lens)} tokens ({len(query_lens)} sequences) ran out of GPU memory in the "
                     f"start-up warm-up: {_first_line(exc)}",
@@ -412,6 +418,14 @@ class ModelRunner:
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is the GPU running out of memory: torch's allocator (OutOfMemoryError) or the CUDA runtime
+    itself (`CUDA error: out of memory`, cudaErrorMemoryAllocation: measured on an H100 with 1.5 GiB left, the
+    first launch of a kernel whose module CUDA loads lazily failed so after its tensor had been allocated)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "CUDA error: out of memory" in str(exc))
 
 
 def _free_text(device: torch.device) -> str:

@@ -29,15 +29,31 @@ def test_kv_cache_out_of_memory_names_the_field(monkeypatch: pytest.MonkeyPatch)
     assert runner.kv_caches == []  # nothing half-made is kept
 
 
-def test_weights_out_of_memory_name_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+# torch's allocator running out, and the CUDA runtime itself (what an H100 with 1.5 GiB left raised: a kernel's first
+# launch, after its tensor had been allocated, could not load the kernel's module)
+ALLOCATOR = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB.\nmore lines")
+RUNTIME = torch.AcceleratorError("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation' in ...")
+
+
+@pytest.mark.parametrize("error", [ALLOCATOR, RUNTIME], ids=["allocator", "runtime"])
+def test_weights_out_of_memory_name_the_model(monkeypatch: pytest.MonkeyPatch, error: RuntimeError) -> None:
     def no_memory(*args: object, **kwargs: object) -> None:
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.96 GiB.\nmore lines")
+        raise error
 
     monkeypatch.setattr(model_runner, "load_model", no_memory)
     with pytest.raises(EngineError) as raised:
         ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, CacheConfig(num_gpu_blocks=32),
                     SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), max_model_len=64)
     assert raised.value.field == "model.path"
-    assert raised.value.message == ("the model's weights did not fit in GPU memory: CUDA out of memory. "
-                                    "Tried to allocate 1.96 GiB.")
+    assert raised.value.message == "the model's weights did not fit in GPU memory: " + str(error).splitlines()[0]
     assert "--tp" in (raised.value.hint or "") and "--quantization fp8" in (raised.value.hint or "")
+
+
+def test_other_runtime_errors_while_loading_are_not_called_out_of_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model_runner, "load_model", broken)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        ModelRunner(load_checkpoint("tiny"), torch.device("cpu"), torch.float32, CacheConfig(num_gpu_blocks=32),
+                    SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4), max_model_len=64)
