@@ -24,6 +24,11 @@ and a decode already at the TPOT target has no room for it. Decision `pd_decode_
 /health said it streamed nothing while the proxy has requests in flight on it counts as busy too: that reading
 predates them (at the start of a burst the proxy would otherwise spill onto a decode about to be full; measured
 on 2x H100, every request over the tight TPOT target was one of the first ten, RESULTS.md forty-sixth session).
+With T set, the spill cap Q is also a hard bound: a prompt spills only while the decode's
+spilled prompts in flight and this one together hold at most Q tokens (without T: while they hold fewer than Q before it). The TPOT rule reacts to what the decode's
+streams already wait; a spilled prompt's whole prefill lands on them before the next /health can say so
+(measured on 2x H100 at 24 req/s, RESULTS.md forty-seventh session: the requests over the tight TPOT target were
+those streaming when the burst's first two 3072-token prompts spilled together under Q 4096).
 A decode whose /health reports no itl_ms (not a pdlaunch instance) is never held to be busy.
 """
 
@@ -101,7 +106,7 @@ class Disaggregation:
         cap = self.max_queue_tokens
         if uncached_tokens < self.min_tokens:
             on_decode = DECODE_ONLY
-        elif cap is not None and prefill_queued >= cap and self.spilled.get(decode or "", 0) < cap:
+        elif cap is not None and prefill_queued >= cap and self._room_to_spill(decode, uncached_tokens, cap):
             on_decode = SPILLED
         else:
             return PD
@@ -109,6 +114,12 @@ class Disaggregation:
                 decode_itl_ms >= self.max_itl_ms or (decode_itl_ms == 0.0 and decode_in_flight > 0)):
             return DECODE_BUSY
         return on_decode
+
+    def _room_to_spill(self, decode: str | None, tokens: int, cap: int) -> bool:
+        """Whether `decode` may take a spilled prompt of `tokens`: fewer than `cap` spilled tokens in flight on it;
+        with max_itl_ms, those and this prompt's together no more than `cap` (module doc)."""
+        spilled = self.spilled.get(decode or "", 0)
+        return spilled + tokens <= cap if self.max_itl_ms is not None else spilled < cap
 
     def spill(self, decode: str, tokens: int) -> Callable[[], None]:
         """Count `tokens` spilled onto `decode` until the returned callable runs (once; later calls do nothing)."""

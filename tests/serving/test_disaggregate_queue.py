@@ -239,14 +239,14 @@ def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None
     decider = Disaggregation(8, resolve_model_path("tiny"), QUEUE, max_itl_ms=9.0)
     assert decider.decision(4, decode="d", decode_itl_ms=8.9) == DECODE_ONLY
     assert decider.decision(4, decode="d", decode_itl_ms=9.0) == DECODE_BUSY  # at the threshold: no headroom
-    assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
-    assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=12.0) == DECODE_BUSY
+    assert decider.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
+    assert decider.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=12.0) == DECODE_BUSY
     assert decider.decision(24, prefill_queued=0, decode="d", decode_itl_ms=12.0) == PD  # PD anyway: plain PD
     assert Disaggregation(8, resolve_model_path("tiny")).decision(4, decode_itl_ms=1e6) == DECODE_ONLY  # unset
     # "idle" from a /health that predates the requests the proxy has on the decode now: not known to have room
     assert decider.decision(4, decode="d", decode_itl_ms=0.0, decode_in_flight=0) == DECODE_ONLY
     assert decider.decision(4, decode="d", decode_itl_ms=0.0, decode_in_flight=3) == DECODE_BUSY
-    assert decider.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0, decode_in_flight=1) == \
+    assert decider.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0, decode_in_flight=1) == \
         DECODE_BUSY
     assert decider.decision(4, decode="d", decode_itl_ms=6.0, decode_in_flight=3) == DECODE_ONLY  # measured room
     # a decode that reports no itl_ms (another server) is never held to be busy
@@ -256,6 +256,24 @@ def test_a_decode_without_tpot_headroom_sends_what_it_would_compute_pd() -> None
             Disaggregation(8, resolve_model_path("tiny"), max_itl_ms=bad)
     with pytest.raises(ValueError, match="disaggregate_max_itl_ms"):
         Disaggregation(None, None, max_itl_ms=9.0)
+
+
+def test_with_a_tpot_rule_the_spill_cap_bounds_the_prompts_on_the_decode_this_one_included() -> None:
+    """Without disaggregate_max_itl_ms a prompt spills while the decode holds fewer than Q spilled tokens (a 24-token
+    prompt past Q = 20 does); with it, only while those and the prompt together stay within Q."""
+    plain = Disaggregation(8, resolve_model_path("tiny"), QUEUE)
+    assert plain.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
+    plain.spill("d", 12)
+    assert plain.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED  # 12 < 20 before it
+    ruled = Disaggregation(8, resolve_model_path("tiny"), QUEUE, max_itl_ms=9.0)
+    assert ruled.decision(24, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == PD  # 24 > 20 alone
+    assert ruled.decision(QUEUE, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED  # exactly Q
+    release = ruled.spill("d", 12)
+    assert ruled.decision(8, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED  # 12 + 8 = Q
+    assert ruled.decision(9, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == PD  # 12 + 9 > Q
+    assert ruled.decision(9, prefill_queued=QUEUE, decode="e", decode_itl_ms=0.0) == SPILLED  # another decode
+    release()
+    assert ruled.decision(12, prefill_queued=QUEUE, decode="d", decode_itl_ms=0.0) == SPILLED
 
 
 def test_the_log_line_says_why_a_decode_had_no_headroom() -> None:
