@@ -176,8 +176,9 @@ class ProxyConfig(StrictModel):
     disaggregate_max_queue_tokens: int | None = Field(
         None, ge=1, description="While every ready prefill instance has this many prompt tokens queued (legs sent, "
         "not answered), a prompt that would go PD runs on its decode alone, up to this many such tokens in flight "
-        "per decode: a burst of long prompts waits no longer than this much prefill work. Needs "
-        "disaggregate_min_tokens. Unset: PD prompts always queue for a prefill.")
+        "per decode (with disaggregate_max_itl_ms, the prompt's own tokens included): a burst of long prompts "
+        "waits no longer than this much prefill work. Needs disaggregate_min_tokens. Unset: PD prompts always "
+        "queue for a prefill.")
     disaggregate_max_itl_ms: float | None = Field(
         None, gt=0, description="A prompt that would run on its decode alone (shorter than "
         "disaggregate_min_tokens, or spilled) goes PD instead while that decode's streams wait this many ms or more "

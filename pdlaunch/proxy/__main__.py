@@ -119,7 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "needs --tokenizer; proxy.disaggregate_min_tokens.")
     parser.add_argument("--disaggregate-max-queue-tokens", type=int, default=None,
                         help="While every prefill has this many prompt tokens queued, a prompt that would go PD runs "
-                        "on its decode alone (at most this many such tokens in flight per decode); needs "
+                        "on its decode alone (at most this many such tokens in flight per decode; with "
+                        "--disaggregate-max-itl-ms the prompt's own tokens included); needs "
                         "--disaggregate-min-tokens; proxy.disaggregate_max_queue_tokens.")
     parser.add_argument("--disaggregate-max-itl-ms", type=float, default=None,
                         help="A prompt that would run on its decode alone goes PD while that decode's streams wait "

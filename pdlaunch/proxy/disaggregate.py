@@ -17,18 +17,18 @@ takes its share, as a colocated instance computes its own prompts, and the cap k
 paying for more than about Q tokens of prompts at a time. This is Dynamo's conditional disaggregation by
 prefill queue size, counted in tokens.
 
-With proxy.disaggregate_max_itl_ms T, a prompt that would run on its decode alone (short, or spilled)
-goes PD instead while that decode's streams wait T ms or more per token (the mean over its last second, as its
-/health last said, polled every second): prompt work on a decode lengthens every running stream's next token,
-and a decode already at the TPOT target has no room for it. Decision `pd_decode_busy`. A decode whose last
-/health said it streamed nothing while the proxy has requests in flight on it counts as busy too: that reading
-predates them (at the start of a burst the proxy would otherwise spill onto a decode about to be full; measured
-on 2x H100, every request over the tight TPOT target was one of the first ten, RESULTS.md forty-sixth session).
-With T set, the spill cap Q is also a hard bound: a prompt spills only while the decode's
-spilled prompts in flight and this one together hold at most Q tokens (without T: while they hold fewer than Q before it). The TPOT rule reacts to what the decode's
-streams already wait; a spilled prompt's whole prefill lands on them before the next /health can say so
-(measured on 2x H100 at 24 req/s, RESULTS.md forty-seventh session: the requests over the tight TPOT target were
-those streaming when the burst's first two 3072-token prompts spilled together under Q 4096).
+With proxy.disaggregate_max_itl_ms T, a prompt that would run on its decode alone (short, or spilled) goes PD
+instead while that decode's streams wait T ms or more per token (the mean over its last second, as its /health last
+said, polled every second): prompt work on a decode lengthens every running stream's next token, and a decode
+already at the TPOT target has no room for it. Decision `pd_decode_busy`. A decode whose last /health said it
+streamed nothing while the proxy has requests in flight on it counts as busy too: that reading predates them (at the
+start of a burst the proxy would otherwise spill onto a decode about to be full; measured on 2x H100, every request
+over the tight TPOT target was one of the first ten, RESULTS.md forty-sixth session). With T set, the spill cap Q is
+also a hard bound: a prompt spills only while the decode's spilled prompts in flight and this one together hold at
+most Q tokens (without T: while they hold fewer than Q before it). The TPOT rule reacts to what the decode's streams
+already wait; a spilled prompt's whole prefill lands on them before the next /health can say so (measured on 2x H100
+at 24 req/s, RESULTS.md forty-seventh session: the requests over the tight TPOT target were those streaming when the
+burst's first two 3072-token prompts spilled together under Q 4096).
 A decode whose /health reports no itl_ms (not a pdlaunch instance) is never held to be busy.
 """
 
