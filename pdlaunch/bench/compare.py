@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, JsonValue, field_validator, model_validat
 from rich.console import Console
 
 from pdlaunch.bench.advisor import Advice, DecodePoint, advise
-from pdlaunch.bench.engine_load import LoadProbe
+from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
 from pdlaunch.bench.report import ServeDoc, write_json
@@ -327,6 +327,15 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
     )
 
 
+def _gaps_text(point: RatePoint) -> str:
+    """", N token gaps >= 50 ms (M at the instances)": where the streams' long stalls arose (engine_load.py)."""
+    at_instances = round(point.load.long_token_gaps) if point.load is not None else None
+    if not point.long_itl_gaps and not at_instances:
+        return ""
+    where = f" ({at_instances} at the instances)" if at_instances is not None else ""
+    return f", {point.long_itl_gaps} token gaps >= {LONG_GAP_S * 1000:g} ms{where}"
+
+
 def _decisions_text(point: RatePoint) -> str:
     decisions = point.load.decisions if point.load is not None else None
     if not decisions:
@@ -395,7 +404,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
                           f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
                           f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
-                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_decisions_text(point)}", highlight=False)
+                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}",
+                          highlight=False)
         clean = True
     except ChildExited as exc:
         report_child_exit(console, exc)

@@ -7,7 +7,11 @@ prompt tokens (decodes ride along in them), decode = their decode-only steps. Wi
 `pdlaunch_proxy_disaggregation_decisions_total{decision}` counter (proxy.disaggregate_min_tokens): how many
 requests of the rate ran PD and how many on a decode alone. Also summed over the instances: the KV bytes that
 arrived over transfers (`pdlaunch_kv_transfer_bytes_total`, counted where the KV lands) and the prompt tokens
-computed (`pdlaunch_prompt_tokens_computed_total`).
+computed (`pdlaunch_prompt_tokens_computed_total`); over the instances that stream (decode, colocated): the gaps
+of LONG_GAP_S or more between the tokens they streamed (`pdlaunch_inter_token_latency_seconds`, timed where the
+engine hands tokens out). Set beside the same count from the client's per-request lists (goodput.RatePoint), it
+says where a stall every stream saw came from: the engines (a prompt computed beside the decodes, a slow step)
+or what lies between them and the client (the proxy, the client, the host).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pdlaunch.metrics import STEP_KINDS
 SCRAPE_TIMEOUT_S = 10.0
 KV_BYTES = "pdlaunch_kv_transfer_bytes_total"  # counted where the KV lands
 PROMPT_TOKENS_COMPUTED = "pdlaunch_prompt_tokens_computed_total"
+ITL_FAMILY = "pdlaunch_inter_token_latency_seconds"
+LONG_GAP_S = 0.05  # a histogram bucket bound of ITL_FAMILY (metrics.py): 50 ms, five decode steps of an 8B model
 _FAMILIES = {"pdlaunch_engine_steps": "steps", "pdlaunch_engine_step_seconds": "seconds",
              "pdlaunch_engine_step_tokens": "tokens"}
 
@@ -50,6 +56,7 @@ class InstanceTotals(BaseModel):
     by_kind: dict[str, StepTotals]
     kv_bytes: float = 0.0  # KV that arrived over transfers
     prompt_tokens_computed: float = 0.0
+    long_token_gaps: float = 0.0  # gaps of LONG_GAP_S or more between streamed tokens
 
 
 def sum_samples(text: str, names: Iterable[str]) -> dict[str, float | None]:
@@ -67,7 +74,28 @@ def parse_instance(role: str, text: str) -> InstanceTotals:
     """One instance's counters from its /metrics page (zeros for a counter not there)."""
     totals = sum_samples(text, (KV_BYTES, PROMPT_TOKENS_COMPUTED))
     return InstanceTotals(role=role, by_kind=parse_step_totals(text), kv_bytes=totals[KV_BYTES] or 0.0,
-                          prompt_tokens_computed=totals[PROMPT_TOKENS_COMPUTED] or 0.0)
+                          prompt_tokens_computed=totals[PROMPT_TOKENS_COMPUTED] or 0.0,
+                          long_token_gaps=parse_long_gaps(text))
+
+
+def parse_long_gaps(text: str) -> float:
+    """How many gaps between streamed tokens one /metrics page's ITL histogram holds of LONG_GAP_S or more (0 for a
+    page without it). Raises ValueError for a histogram without the LONG_GAP_S bucket."""
+    count: float | None = None
+    within: float | None = None
+    for family in text_string_to_metric_families(text):
+        if family.name != ITL_FAMILY:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{ITL_FAMILY}_count":
+                count = float(sample.value)
+            elif sample.name == f"{ITL_FAMILY}_bucket" and float(sample.labels.get("le", "nan")) == LONG_GAP_S:
+                within = float(sample.value)
+    if count is None:
+        return 0.0
+    if within is None:
+        raise ValueError(f"{ITL_FAMILY} has no {LONG_GAP_S:g} s bucket")
+    return count - within
 
 
 def parse_step_totals(text: str) -> dict[str, StepTotals]:
@@ -98,6 +126,7 @@ class EngineLoad(BaseModel):
     decisions: dict[str, int] | None = None
     kv_bytes: float = 0.0  # KV bytes moved to the instances over the rate (warm-ups included), all instances
     prompt_tokens_computed: float = 0.0  # prompt tokens the instances computed over the rate (warm-ups included)
+    long_token_gaps: float = 0.0  # gaps >= LONG_GAP_S between tokens the streaming instances handed out (warm-ups too)
 
 
 def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_s: float) -> EngineLoad:
@@ -129,6 +158,7 @@ def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_
         decode_step_ms=1000.0 * decode_steps.seconds / decode_steps.steps if decode_steps.steps > 0 else None,
         kv_bytes=sum(a.kv_bytes - b.kv_bytes for b, a in zip(before, after)),
         prompt_tokens_computed=sum(a.prompt_tokens_computed - b.prompt_tokens_computed for b, a in zip(before, after)),
+        long_token_gaps=sum(a.long_token_gaps - b.long_token_gaps for b, a in decode_side),
     )
 
 

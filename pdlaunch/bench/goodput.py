@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, JsonValue
 
-from pdlaunch.bench.engine_load import EngineLoad
+from pdlaunch.bench.engine_load import LONG_GAP_S, EngineLoad
 from pdlaunch.bench.matmul_ceiling import PrefillShare
 from pdlaunch.bench.report import MS_PER_S, ServeDoc
 
@@ -80,6 +80,7 @@ class RatePoint(BaseModel):
     tight_within_slo: int = 0
     tight_goodput: float = 0.0
     itl_p99_ms: float = 0.0
+    long_itl_gaps: int = 0  # gaps >= engine_load.LONG_GAP_S between the tokens the client received
     load: EngineLoad | None = None  # what the engines did (engine_load.py); None when not read
     prefill_compute: PrefillShare | None = None  # the prefill steps' FLOP rate (matmul_ceiling.py)
 
@@ -104,8 +105,21 @@ def rate_point(rate: float, doc: ServeDoc, slo: Slo, tight: Slo | None = None,
         ttft_p50_ms=number("median_ttft_ms"), ttft_p99_ms=number("p99_ttft_ms"),
         tpot_p50_ms=number("median_tpot_ms"), tpot_p99_ms=number("p99_tpot_ms"),
         tight_within_slo=tight_within, tight_goodput=tight_within / duration if duration > 0 else 0.0,
-        itl_p99_ms=number("p99_itl_ms"), load=load,
+        itl_p99_ms=number("p99_itl_ms"), long_itl_gaps=count_long_gaps(doc), load=load,
     )
+
+
+def count_long_gaps(doc: ServeDoc) -> int:
+    """Gaps of LONG_GAP_S or more between the tokens of each request in one `bench serve` result document (0 for a
+    document without per-request `itls`)."""
+    if "itls" not in doc:
+        return 0
+    gaps = 0
+    for itls in _column(doc, "itls"):
+        if not isinstance(itls, list):
+            raise ValueError("bench serve result: itls holds a request's gaps that are not a list")
+        gaps += sum(1 for gap in itls if _number(gap, "itls") >= LONG_GAP_S)
+    return gaps
 
 
 def highest_rate_within(points: list[RatePoint], share: float = WITHIN_SLO_SHARE) -> float | None:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import math
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from pdlaunch.bench.advisor import DecodeFit, DecodePoint, advise, decode_capacity, fit_decode, within_ttft
-from pdlaunch.bench.engine_load import InstanceTotals, StepTotals, engine_load, parse_step_totals
+from pdlaunch.bench.engine_load import (
+    InstanceTotals,
+    StepTotals,
+    engine_load,
+    parse_instance,
+    parse_long_gaps,
+    parse_step_totals,
+)
 
 
 def test_fit_decode_is_least_squares_and_flat_for_one_batch_or_noise() -> None:
@@ -128,3 +135,22 @@ def test_engine_load_of_pd_and_colocated_deployments() -> None:
     assert load.prefill_tokens_per_s == pytest.approx(20000 / 6.0) and load.decode_batch == pytest.approx(8.0)
     idle = engine_load(colocated, colocated, wall_s=1.0)
     assert (idle.prefill_util, idle.prefill_tokens_per_s, idle.decode_step_ms) == (0.0, None, None)
+
+
+def test_long_token_gaps_are_read_from_the_itl_histogram_of_the_instances_that_stream() -> None:
+    registry = CollectorRegistry()
+    itl = Histogram("pdlaunch_inter_token_latency_seconds", "", registry=registry,
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+    for gap in (0.008, 0.008, 0.05, 0.051, 0.3, 2.0):
+        itl.observe(gap)
+    page = generate_latest(registry).decode()
+    assert parse_long_gaps(page) == 3.0  # 51 ms, 300 ms, 2 s: the 50 ms bucket holds 50 ms itself
+    assert parse_long_gaps("") == 0.0
+    zero = (0.0, 0.0, 0.0)
+    before = [_instance("prefill", zero, zero), _instance("decode", zero, zero)]
+    after = [parse_instance("prefill", page), parse_instance("decode", page)]
+    assert engine_load(before, after, wall_s=1.0).long_token_gaps == 3.0  # the decode's, not the prefill's
+    coarse = CollectorRegistry()
+    Histogram("pdlaunch_inter_token_latency_seconds", "", registry=coarse, buckets=(0.01, 1)).observe(0.2)
+    with pytest.raises(ValueError, match="0.05 s bucket"):
+        parse_long_gaps(generate_latest(coarse).decode())

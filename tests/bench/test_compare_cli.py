@@ -286,6 +286,12 @@ def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: 
         assert sorted(raw["input_lens"]) == [8, 8, 8, 40, 40, 40] and raw["input_len_mix"] == [8, 40]
         (point,) = dep["points"]
         assert point["completed"] == 6
+        # long stalls counted at the client and at the streaming instances, printed when there were any
+        gaps = sum(1 for itls in raw["itls"] for gap in itls if gap >= 0.05)
+        assert point["long_itl_gaps"] == gaps and point["load"]["long_token_gaps"] >= 0
+        at_instances = round(point["load"]["long_token_gaps"])
+        if gaps or at_instances:
+            assert f"{gaps} token gaps >= 50 ms ({at_instances} at the instances)" in text
     pd, conditional = doc["deployments"][1:]
     assert pd["points"][0]["load"]["decisions"] is None  # the always-PD proxy is not asked
     decisions = conditional["points"][0]["load"]["decisions"]  # the 6 requests and the 1 warm-up
@@ -385,3 +391,16 @@ def test_the_itl_threshold_reaches_the_conditional_deployment_only(tmp_path: Pat
     point = SimpleNamespace(load=SimpleNamespace(decisions={"pd": 2, "decode_only": 3, "pd_decode_busy": 1}))
     assert compare._decisions_text(point) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 3 on a decode alone and 3 PD (1 of them because the decode had no TPOT headroom)")
+
+
+def test_the_rate_line_says_where_long_token_gaps_arose() -> None:
+    def point(client: int, instances: float | None) -> SimpleNamespace:
+        load = SimpleNamespace(long_token_gaps=instances) if instances is not None else None
+        return SimpleNamespace(long_itl_gaps=client, load=load)
+
+    assert compare._gaps_text(point(0, 0.0)) == ""  # type: ignore[arg-type]  # noqa: SLF001
+    assert compare._gaps_text(point(31, 0.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
+        ", 31 token gaps >= 50 ms (0 at the instances)")
+    assert compare._gaps_text(point(0, 4.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
+        ", 0 token gaps >= 50 ms (4 at the instances)")
+    assert compare._gaps_text(point(2, None)) == ", 2 token gaps >= 50 ms"  # type: ignore[arg-type]  # noqa: SLF001

@@ -6,7 +6,15 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.bench.goodput import Slo, count_within, highest_rate_within, meets_slo, rate_point, request_tpot_s
+from pdlaunch.bench.goodput import (
+    Slo,
+    count_long_gaps,
+    count_within,
+    highest_rate_within,
+    meets_slo,
+    rate_point,
+    request_tpot_s,
+)
 
 SLO = Slo(ttft_ms=400, tpot_ms=15)
 
@@ -78,3 +86,13 @@ def test_highest_rate_within_is_the_top_of_the_run_of_passing_rates() -> None:
     assert highest_rate_within(_points({2: 1.0, 4: 0.7, 8: 0.95})) == 2
     assert highest_rate_within(_points({2: 0.5, 4: 0.95})) is None
     assert highest_rate_within(_points({2: 0.8, 4: 0.6}), share=0.75) == 2
+
+
+def test_rate_point_counts_the_clients_token_gaps_of_50_ms_or_more() -> None:
+    doc = _doc([("", 0.1, 0.5, 4), ("", 0.1, 0.5, 4)], duration=1.0)
+    doc["itls"] = [[0.008, 0.05, 0.2], [0.049, 0.01, 0.0]]
+    assert count_long_gaps(doc) == 2 and rate_point(4.0, doc, SLO).long_itl_gaps == 2  # 50 ms counts
+    assert count_long_gaps(_doc([("", 0.1, 0.5, 4)], duration=1.0)) == 0  # a document without per-request gaps
+    doc["itls"] = [[0.008, "slow"], []]
+    with pytest.raises(ValueError, match="itls"):
+        count_long_gaps(doc)
