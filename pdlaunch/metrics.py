@@ -56,6 +56,9 @@ ENGINE_STEPS = Counter("pdlaunch_engine_steps", "Engine steps that computed toke
 ENGINE_STEP_SECONDS = Counter("pdlaunch_engine_step_seconds", "Seconds of engine steps (inputs, forward, "
                               "sampling; device time on CUDA: engine/step_clock.py), by kind", ["kind"])
 ENGINE_STEP_TOKENS = Counter("pdlaunch_engine_step_tokens", "Tokens computed in engine steps, by kind", ["kind"])
+ENGINE_SLOW_DECODE_STEPS = Counter("pdlaunch_engine_slow_decode_steps", "Decode steps (no prompt tokens) of 50 ms "
+                                   "or more and 4x the recent decode steps' mean: every stream waited that long "
+                                   "(engine/step_clock.py)")
 STEP_PATHS = ("decode", "rows", "piecewise", "eager")
 ENGINE_STEP_PATHS = Counter("pdlaunch_engine_step_paths", "Forwards by how they ran: a decode CUDA graph (decode), "
                             "a decode graph with prompt tokens as rows (rows), graphs around eager attention "
@@ -195,6 +198,10 @@ def observe_step(num_requests: int, num_tokens: int, seconds: float) -> None:
     ENGINE_STEPS.labels(kind=kind).inc()
     ENGINE_STEP_SECONDS.labels(kind=kind).inc(seconds)
     ENGINE_STEP_TOKENS.labels(kind=kind).inc(num_tokens)
+
+
+def count_slow_decode_step() -> None:
+    ENGINE_SLOW_DECODE_STEPS.inc()
 
 
 def count_step_path(path: str) -> None:

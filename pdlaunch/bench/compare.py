@@ -328,11 +328,15 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
 
 
 def _gaps_text(point: RatePoint) -> str:
-    """", N token gaps >= 50 ms (M at the instances)": where the streams' long stalls arose (engine_load.py)."""
-    at_instances = round(point.load.long_token_gaps) if point.load is not None else None
-    if not point.long_itl_gaps and not at_instances:
+    """", N token gaps >= 50 ms (M at the instances, K slow decode steps)": where the streams' long stalls arose
+    (engine_load.py)."""
+    load = point.load
+    at_instances = round(load.long_token_gaps) if load is not None else None
+    slow = round(load.slow_decode_steps) if load is not None else 0
+    if not point.long_itl_gaps and not at_instances and not slow:
         return ""
-    where = f" ({at_instances} at the instances)" if at_instances is not None else ""
+    steps = f", {slow} slow decode steps" if slow else ""
+    where = f" ({at_instances} at the instances{steps})" if at_instances is not None else ""
     return f", {point.long_itl_gaps} token gaps >= {LONG_GAP_S * 1000:g} ms{where}"
 
 

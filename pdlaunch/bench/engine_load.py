@@ -9,7 +9,8 @@ requests of the rate ran PD and how many on a decode alone. Also summed over the
 arrived over transfers (`pdlaunch_kv_transfer_bytes_total`, counted where the KV lands) and the prompt tokens
 computed (`pdlaunch_prompt_tokens_computed_total`); over the instances that stream (decode, colocated): the gaps
 of LONG_GAP_S or more between the tokens they streamed (`pdlaunch_inter_token_latency_seconds`, timed where the
-engine hands tokens out). Set beside the same count from the client's per-request lists (goodput.RatePoint), it
+engine hands tokens out) and the slow decode steps among them (`pdlaunch_engine_slow_decode_steps_total`,
+engine/step_clock.py). Set beside the same count from the client's per-request lists (goodput.RatePoint), it
 says where a stall every stream saw came from: the engines (a prompt computed beside the decodes, a slow step)
 or what lies between them and the client (the proxy, the client, the host).
 """
@@ -29,6 +30,7 @@ from pdlaunch.metrics import STEP_KINDS
 SCRAPE_TIMEOUT_S = 10.0
 KV_BYTES = "pdlaunch_kv_transfer_bytes_total"  # counted where the KV lands
 PROMPT_TOKENS_COMPUTED = "pdlaunch_prompt_tokens_computed_total"
+SLOW_DECODE_STEPS = "pdlaunch_engine_slow_decode_steps_total"
 ITL_FAMILY = "pdlaunch_inter_token_latency_seconds"
 LONG_GAP_S = 0.05  # a histogram bucket bound of ITL_FAMILY (metrics.py): 50 ms, five decode steps of an 8B model
 _FAMILIES = {"pdlaunch_engine_steps": "steps", "pdlaunch_engine_step_seconds": "seconds",
@@ -57,6 +59,7 @@ class InstanceTotals(BaseModel):
     kv_bytes: float = 0.0  # KV that arrived over transfers
     prompt_tokens_computed: float = 0.0
     long_token_gaps: float = 0.0  # gaps of LONG_GAP_S or more between streamed tokens
+    slow_decode_steps: float = 0.0
 
 
 def sum_samples(text: str, names: Iterable[str]) -> dict[str, float | None]:
@@ -72,10 +75,10 @@ def sum_samples(text: str, names: Iterable[str]) -> dict[str, float | None]:
 
 def parse_instance(role: str, text: str) -> InstanceTotals:
     """One instance's counters from its /metrics page (zeros for a counter not there)."""
-    totals = sum_samples(text, (KV_BYTES, PROMPT_TOKENS_COMPUTED))
+    totals = sum_samples(text, (KV_BYTES, PROMPT_TOKENS_COMPUTED, SLOW_DECODE_STEPS))
     return InstanceTotals(role=role, by_kind=parse_step_totals(text), kv_bytes=totals[KV_BYTES] or 0.0,
                           prompt_tokens_computed=totals[PROMPT_TOKENS_COMPUTED] or 0.0,
-                          long_token_gaps=parse_long_gaps(text))
+                          long_token_gaps=parse_long_gaps(text), slow_decode_steps=totals[SLOW_DECODE_STEPS] or 0.0)
 
 
 def parse_long_gaps(text: str) -> float:
@@ -127,6 +130,7 @@ class EngineLoad(BaseModel):
     kv_bytes: float = 0.0  # KV bytes moved to the instances over the rate (warm-ups included), all instances
     prompt_tokens_computed: float = 0.0  # prompt tokens the instances computed over the rate (warm-ups included)
     long_token_gaps: float = 0.0  # gaps >= LONG_GAP_S between tokens the streaming instances handed out (warm-ups too)
+    slow_decode_steps: float = 0.0  # ... and their slow decode steps (engine/step_clock.py)
 
 
 def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_s: float) -> EngineLoad:
@@ -159,6 +163,7 @@ def engine_load(before: list[InstanceTotals], after: list[InstanceTotals], wall_
         kv_bytes=sum(a.kv_bytes - b.kv_bytes for b, a in zip(before, after)),
         prompt_tokens_computed=sum(a.prompt_tokens_computed - b.prompt_tokens_computed for b, a in zip(before, after)),
         long_token_gaps=sum(a.long_token_gaps - b.long_token_gaps for b, a in decode_side),
+        slow_decode_steps=sum(a.slow_decode_steps - b.slow_decode_steps for b, a in decode_side),
     )
 
 

@@ -11,10 +11,17 @@ sampling is launched; its time is the device time between the two. That time sta
 the step, so it never includes time queued behind the step before. Steps are observed in order once their end
 event has passed, so a step whose results the host never reads (a prompt chunk that samples nothing) counts
 too, once it has run. On CPU a step computes in the calling thread: its time is the host's, taken at its end.
+
+A decode step (no prompt tokens) that takes SLOW_STEP_S or more and SLOW_FACTOR times the mean of recent decode
+steps is counted (`pdlaunch_engine_slow_decode_steps_total`) and logged, at most once per SLOW_LOG_EVERY_S: every
+running stream waited that long for its next token, and nothing in a decode step is meant to take it (a host stall
+inside the step, a kernel compiled on first use, a forward that fell back to eager). Prompt steps are long by
+design and are not judged. `bench compare` reads the counter beside the token gaps the client saw.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +33,13 @@ import torch
 from pdlaunch import metrics
 
 Observe = Callable[[int, int, float], None]  # (requests, tokens, seconds)
+
+log = logging.getLogger(__name__)
+
+SLOW_STEP_S = 0.05  # a decode step at least this long ...
+SLOW_FACTOR = 4.0  # ... and this many times the recent mean is slow
+MEAN_WEIGHT = 0.05  # weight of the newest decode step in the recent mean (slow ones are left out of it)
+SLOW_LOG_EVERY_S = 10.0
 
 
 class DeviceEvent(Protocol):
@@ -93,6 +107,42 @@ class StepClock:
         return len(self._open)
 
 
+class SlowDecodeSteps:
+    """Counts and logs slow decode steps (the module doc); `now` is the clock the log's rate limit reads."""
+
+    def __init__(self, count: Callable[[], None] = metrics.count_slow_decode_step,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        self._count, self._now = count, now
+        self.mean_s: float | None = None  # recent decode steps' mean
+        self._unlogged = 0  # slow steps since the last log line
+        self._longest_s = 0.0  # ... and the longest of them
+        self._logged_at: float | None = None
+
+    def observe(self, requests: int, tokens: int, seconds: float) -> None:
+        if tokens > requests or requests == 0:
+            return  # a step with prompt tokens
+        mean = self.mean_s
+        if mean is None or seconds < SLOW_STEP_S or seconds < SLOW_FACTOR * mean:
+            self.mean_s = seconds if mean is None else (1 - MEAN_WEIGHT) * mean + MEAN_WEIGHT * seconds
+            return
+        self._count()
+        self._unlogged += 1
+        self._longest_s = max(self._longest_s, seconds)
+        now = self._now()
+        if self._logged_at is not None and now - self._logged_at < SLOW_LOG_EVERY_S:
+            return
+        log.info("%d slow decode step(s) since the last report, the longest %.0f ms (the last with %d requests, "
+                 "against %.1f ms of recent decode steps): every running stream waited that long for its next token",
+                 self._unlogged, self._longest_s * 1000, requests, mean * 1000)
+        self._unlogged, self._longest_s, self._logged_at = 0, 0.0, now
+
+
 def step_clock(device: torch.device) -> StepClock:
-    """Device events on CUDA, the host clock elsewhere."""
-    return StepClock(cuda_timing_event if device.type == "cuda" else None)
+    """Device events on CUDA, the host clock elsewhere; each step observed by the step metrics and SlowDecodeSteps."""
+    slow = SlowDecodeSteps()
+
+    def observe(requests: int, tokens: int, seconds: float) -> None:
+        metrics.observe_step(requests, tokens, seconds)
+        slow.observe(requests, tokens, seconds)
+
+    return StepClock(cuda_timing_event if device.type == "cuda" else None, observe)

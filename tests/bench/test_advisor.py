@@ -143,13 +143,15 @@ def test_long_token_gaps_are_read_from_the_itl_histogram_of_the_instances_that_s
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
     for gap in (0.008, 0.008, 0.05, 0.051, 0.3, 2.0):
         itl.observe(gap)
+    Counter("pdlaunch_engine_slow_decode_steps", "", registry=registry).inc(2)
     page = generate_latest(registry).decode()
     assert parse_long_gaps(page) == 3.0  # 51 ms, 300 ms, 2 s: the 50 ms bucket holds 50 ms itself
     assert parse_long_gaps("") == 0.0
     zero = (0.0, 0.0, 0.0)
     before = [_instance("prefill", zero, zero), _instance("decode", zero, zero)]
     after = [parse_instance("prefill", page), parse_instance("decode", page)]
-    assert engine_load(before, after, wall_s=1.0).long_token_gaps == 3.0  # the decode's, not the prefill's
+    load = engine_load(before, after, wall_s=1.0)
+    assert load.long_token_gaps == 3.0 and load.slow_decode_steps == 2.0  # the decode's, not the prefill's
     coarse = CollectorRegistry()
     Histogram("pdlaunch_inter_token_latency_seconds", "", registry=coarse, buckets=(0.01, 1)).observe(0.2)
     with pytest.raises(ValueError, match="0.05 s bucket"):

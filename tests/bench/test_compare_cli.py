@@ -290,8 +290,8 @@ def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: 
         gaps = sum(1 for itls in raw["itls"] for gap in itls if gap >= 0.05)
         assert point["long_itl_gaps"] == gaps and point["load"]["long_token_gaps"] >= 0
         at_instances = round(point["load"]["long_token_gaps"])
-        if gaps or at_instances:
-            assert f"{gaps} token gaps >= 50 ms ({at_instances} at the instances)" in text
+        if gaps or at_instances or round(point["load"]["slow_decode_steps"]):
+            assert f"{gaps} token gaps >= 50 ms ({at_instances} at the instances" in text
     pd, conditional = doc["deployments"][1:]
     assert pd["points"][0]["load"]["decisions"] is None  # the always-PD proxy is not asked
     decisions = conditional["points"][0]["load"]["decisions"]  # the 6 requests and the 1 warm-up
@@ -394,8 +394,8 @@ def test_the_itl_threshold_reaches_the_conditional_deployment_only(tmp_path: Pat
 
 
 def test_the_rate_line_says_where_long_token_gaps_arose() -> None:
-    def point(client: int, instances: float | None) -> SimpleNamespace:
-        load = SimpleNamespace(long_token_gaps=instances) if instances is not None else None
+    def point(client: int, instances: float | None, slow: float = 0.0) -> SimpleNamespace:
+        load = SimpleNamespace(long_token_gaps=instances, slow_decode_steps=slow) if instances is not None else None
         return SimpleNamespace(long_itl_gaps=client, load=load)
 
     assert compare._gaps_text(point(0, 0.0)) == ""  # type: ignore[arg-type]  # noqa: SLF001
@@ -404,3 +404,5 @@ def test_the_rate_line_says_where_long_token_gaps_arose() -> None:
     assert compare._gaps_text(point(0, 4.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 0 token gaps >= 50 ms (4 at the instances)")
     assert compare._gaps_text(point(2, None)) == ", 2 token gaps >= 50 ms"  # type: ignore[arg-type]  # noqa: SLF001
+    assert compare._gaps_text(point(31, 31.0, 1.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
+        ", 31 token gaps >= 50 ms (31 at the instances, 1 slow decode steps)")

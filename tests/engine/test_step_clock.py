@@ -10,7 +10,7 @@ import torch
 
 from pdlaunch import metrics
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.step_clock import DeviceEvent, StepClock, cuda_timing_event
+from pdlaunch.engine.step_clock import DeviceEvent, SlowDecodeSteps, StepClock, cuda_timing_event, step_clock
 from tests.engine.conftest import MakeEngine, run_all
 
 
@@ -139,3 +139,38 @@ def test_on_cuda_a_step_queued_behind_a_long_one_is_not_charged_for_it() -> None
     long_s, short_s = seen[0][2], seen[1][2]
     assert long_s == pytest.approx(start.elapsed_time(stop) / 1000.0, rel=0.1)
     assert short_s < long_s / 20
+
+
+def test_a_decode_step_far_over_the_recent_ones_is_counted_and_logged_at_most_every_ten_seconds(
+        caplog: pytest.LogCaptureFixture) -> None:
+    counted: list[None] = []
+    clock = [0.0]
+    slow = SlowDecodeSteps(count=lambda: counted.append(None), now=lambda: clock[0])
+    for _ in range(20):
+        slow.observe(32, 32, 0.008)  # decode steps: 32 requests, a token each
+    assert slow.mean_s == pytest.approx(0.008)
+    slow.observe(32, 2080, 0.2)  # a prompt chunk beside the decodes: long by design, not judged
+    slow.observe(32, 32, 0.03)  # 3.75x the mean but under 50 ms: not slow
+    assert counted == []
+    mean = slow.mean_s
+    with caplog.at_level("INFO", logger="pdlaunch.engine.step_clock"):
+        slow.observe(31, 31, 0.15)  # a stall every stream waited for
+        clock[0] += 1.0
+        slow.observe(31, 31, 0.18)  # counted, its line held back for ten seconds
+        clock[0] += 10.0
+        slow.observe(30, 30, 0.06)
+    assert len(counted) == 3 and slow.mean_s == mean  # slow steps stay out of the mean
+    lines = [r.getMessage() for r in caplog.records if "slow decode step" in r.getMessage()]
+    assert lines[0].startswith("1 slow decode step(s) since the last report, the longest 150 ms")
+    assert lines[1].startswith("2 slow decode step(s) since the last report, the longest 180 ms (the last with 30")
+    assert len(lines) == 2
+    SlowDecodeSteps(count=lambda: counted.append(None)).observe(1, 1, 5.0)  # the first step sets the mean
+    assert len(counted) == 3
+
+
+def test_the_engines_clock_counts_slow_decode_steps_in_the_metrics() -> None:
+    before = metrics.ENGINE_SLOW_DECODE_STEPS._value.get()  # noqa: SLF001
+    clock = step_clock(torch.device("cpu"))
+    for seconds in [0.004] * 10 + [0.5]:
+        clock._observe(8, 8, seconds)  # noqa: SLF001
+    assert metrics.ENGINE_SLOW_DECODE_STEPS._value.get() == before + 1  # noqa: SLF001
