@@ -26,6 +26,7 @@ import uvicorn
 
 from pdlaunch.config.models import SecurityConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         args.disaggregate_max_queue_tokens,
                                                         args.disaggregate_max_itl_ms),
                           tokenizer_dir=args.tokenizer)
+    freeze_startup_heap()  # no collector walk over the startup heap while relaying streams (memory/heap.py)
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
