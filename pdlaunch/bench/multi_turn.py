@@ -49,6 +49,7 @@ from pdlaunch.bench.serve import (
     BenchRequest,
     ServeBenchConfig,
     arrival_times,
+    frozen_heap,
     resolve_model,
     send_request,
 )
@@ -166,7 +167,8 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
                       f"{cfg.random_output_len} per answer, {starts}")
         before = await _counters(client, cfg)
         start = time.perf_counter()
-        await asyncio.gather(*(c.run(client, model, start, float(o)) for c, o in zip(conversations, offsets)))
+        with frozen_heap():
+            await asyncio.gather(*(c.run(client, model, start, float(o)) for c, o in zip(conversations, offsets)))
         duration = time.perf_counter() - start
         after = await _counters(client, cfg)
     delta = {k: (after[k] or 0.0) - (before[k] or 0.0) if after[k] is not None else None for k in COUNTERS}

@@ -9,10 +9,12 @@ metric definitions: see report.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -316,6 +318,22 @@ async def _run_requests(client: httpx.AsyncClient, cfg: ServeBenchConfig, model:
     return results, time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[None]:
+    """The timed run without the garbage collector's walks over what this process held before it: a full
+    collection of a `bench compare` process's ~74k objects took ~30 ms on a 2-core CI host, and every stream's next
+    token would read that much later (the instances and the proxy freeze theirs for the same reason,
+    memory/heap.py). What the run itself creates is still collected. A process that froze its heap already (an
+    engine built in it) keeps it frozen; otherwise the heap is walked again after the run."""
+    frozen_before = gc.get_freeze_count()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if not frozen_before:
+            gc.unfreeze()
+
+
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestResult], float, str]:
     rng = np.random.default_rng(cfg.seed)
     requests = sample_requests(cfg, cfg.num_prompts, rng)
@@ -335,7 +353,7 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestR
         console.print(f"{cfg.num_prompts} requests to {cfg.url} (model {model}), rate {rate} req/s, "
                       f"burstiness {cfg.burstiness:g}, max concurrency {cfg.max_concurrency or 'none'}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
+        with Progress(*columns, console=console, transient=True) as progress, frozen_heap():
             results, duration = await _run_requests(client, cfg, model, requests, arrivals, progress)
     return results, duration, model
 

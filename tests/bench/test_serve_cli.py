@@ -158,3 +158,28 @@ def test_request_timeout_bounds_a_whole_request() -> None:
                         "--request-timeout", "0.05")
     assert result.exit_code == 1
     assert "all 2 requests failed" in result.output and "timed out after 0.05s" in result.output
+
+
+def test_the_timed_run_does_not_walk_the_heap_it_started_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Warm-ups run with the heap as it is; the timed requests with everything held before them frozen out of the
+    collector's walks; afterwards the heap is as it was."""
+    import gc
+
+    from pdlaunch.bench import serve
+
+    frozen_while_sending: list[int] = []
+    send = serve.send_request
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        frozen_while_sending.append(gc.get_freeze_count())
+        return await send(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(serve, "send_request", counting)
+    before = gc.get_freeze_count()  # 0 unless an engine of an earlier test in this process froze its heap
+    with fake_server() as (url, _):
+        result = _serve(url, "--num-prompts", "3", "--random-input-len", "4", "--random-output-len", "2",
+                        "--num-warmups", "1")
+    assert result.exit_code == 0, result.output
+    assert frozen_while_sending[0] == before, frozen_while_sending  # the warm-up
+    assert len(frozen_while_sending) == 4 and all(n > before for n in frozen_while_sending[1:]), frozen_while_sending
+    assert gc.get_freeze_count() == 0 if before == 0 else gc.get_freeze_count() >= before
