@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SLOW_STEP_S = 0.05  # a decode step at least this long ...
 SLOW_FACTOR = 4.0  # ... and this many times the recent mean is slow
-MEAN_WEIGHT = 0.05  # weight of the newest decode step in the recent mean (slow ones are left out of it)
+MEAN_WEIGHT = 0.05  # weight of the newest decode step in the recent mean
 SLOW_LOG_EVERY_S = 10.0
 
 
@@ -122,8 +122,10 @@ class SlowDecodeSteps:
         if tokens > requests or requests == 0:
             return  # a step with prompt tokens
         mean = self.mean_s
+        # every step joins the mean, slow ones too: a lasting change (a batch grown from 1 to 256) stops reading
+        # as slow within a few dozen steps
+        self.mean_s = seconds if mean is None else (1 - MEAN_WEIGHT) * mean + MEAN_WEIGHT * seconds
         if mean is None or seconds < SLOW_STEP_S or seconds < SLOW_FACTOR * mean:
-            self.mean_s = seconds if mean is None else (1 - MEAN_WEIGHT) * mean + MEAN_WEIGHT * seconds
             return
         self._count()
         self._unlogged += 1
