@@ -6,8 +6,9 @@ middle of serving paused the engine loop for about 86 ms, up to four times in on
 instance, Python 3.12, where a collection runs at the next function call of whatever code is running). Every
 stream in the batch waits that long for its next token: those pauses were the ITL p99 of a colocated instance.
 
-The proxy's process holds fewer (~69k objects once its app and tokenizer are built: a full collection took ~37 ms
-on a 2-core CI host), but every stream it relays waits for one all the same, so it freezes its heap too.
+The proxy's process holds fewer (~69k objects once its app and tokenizer are built), but every stream it relays
+waits for a collection all the same: on a 2-core CI host one full collection in the middle of a `bench serve` run
+took 51 ms, and none ran there once the proxy froze its heap too.
 
 `freeze_startup_heap` moves everything alive once the engine is built into the collector's permanent
 generation (`gc.freeze`), so later collections walk only what serving creates. `thaw_heap` undoes it when the
