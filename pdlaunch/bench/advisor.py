@@ -23,11 +23,25 @@ split's *SLO rate* is the highest r it serves with >= 90% of requests within the
 (goodput.WITHIN_SLO_SHARE, the criterion `bench compare` reports). The advice is the split with the highest
 SLO rate (ties: more prefill GPUs); without a TTFT target, the highest sustained rate. Still left out: a KV
 cache too small for B sequences; `bench compare` runs the advised split so the prediction is checked.
+
+That steady-state queue is the long run a deployment serves in; a `bench compare` rate is a few seconds of it,
+over which the queue never settles (at 24 req/s of a 64/3072-token mix the model read 1.6 req/s of goodput for
+1P1D, the run measured 13.1). So where the PD run's per-request lists are at hand, the goodput predicted for
+each rate *of this workload* replays it instead (`Workload`, `Advice.predicted_goodput`): the PD run's own
+arrivals and prompt lengths, each prompt sent to the split's prefill GPU that frees first and computed there in
+length / P seconds after the ones before it, its TTFT that plus the PD run's median of measured TTFT less that
+same replay on the PD split (the KV transfer, the decode's first step, the hops); within the TTFT target or not;
+the goodput those within over the run's end (last arrival + its TTFT + output_len - 1 decode steps at the PD
+run's mean step time), scaled by the decode GPUs' share of the offered rate they finish. Checked against six
+1P1D runs of that mix at 24 req/s (RESULTS.md forty-seventh session): 12.4-14.3 predicted, 11.9-14.2 measured
+(the overhead taken from the same runs: a median, it does not fit which requests queue past the target).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import statistics
 
 from pydantic import BaseModel, Field
 
@@ -131,6 +145,42 @@ def _slo_rate(split: SplitPrediction) -> float:
     return lo
 
 
+class Workload(BaseModel):
+    """One rate of the PD run, as the replay needs it (module doc)."""
+
+    rate: float
+    arrivals_s: list[float]  # each request's send time after the first's
+    prompt_lens: list[int]
+    ttft_overhead_s: float  # TTFT beyond the replayed prefill wait and compute, the PD run's median
+    decode_step_ms: float  # the PD run's mean decode step at this rate
+
+
+def prefill_times(arrivals_s: list[float], prompt_lens: list[int], prefill_gpus: int,
+                  tokens_per_s: float) -> list[float]:
+    """Per request (in the given order): seconds from its arrival until its prompt is computed, each prompt in
+    arrival order on the prefill GPU that frees first, `tokens_per_s` per GPU."""
+    if prefill_gpus < 1 or tokens_per_s <= 0 or len(arrivals_s) != len(prompt_lens):
+        raise ValueError("a replay needs prefill GPUs, a prefill rate, and a length per arrival")
+    free = [0.0] * prefill_gpus
+    out = [0.0] * len(arrivals_s)
+    for i in sorted(range(len(arrivals_s)), key=lambda k: arrivals_s[k]):
+        start = max(arrivals_s[i], heapq.heappop(free))
+        done = start + prompt_lens[i] / tokens_per_s
+        heapq.heappush(free, done)
+        out[i] = done - arrivals_s[i]
+    return out
+
+
+def workload(rate: float, arrivals_s: list[float], prompt_lens: list[int], ttfts_s: list[float],
+             prefill_gpus: int, tokens_per_s: float, decode_step_ms: float) -> Workload:
+    """A rate of the PD run (`prefill_gpus` prefill GPUs) as a Workload: its overhead is the median of measured TTFT
+    less the replayed prefill time of the same requests."""
+    replayed = prefill_times(arrivals_s, prompt_lens, prefill_gpus, tokens_per_s)
+    overhead = statistics.median(t - r for t, r in zip(ttfts_s, replayed)) if replayed else 0.0
+    return Workload(rate=rate, arrivals_s=arrivals_s, prompt_lens=prompt_lens, ttft_overhead_s=max(0.0, overhead),
+                    decode_step_ms=decode_step_ms)
+
+
 class Advice(BaseModel):
     num_gpus: int
     input_len: int
@@ -141,6 +191,20 @@ class Advice(BaseModel):
     decode_sequences: float  # per decode GPU at the TPOT target
     splits: list[SplitPrediction]  # every xPyD with x + y = num_gpus
     best: SplitPrediction
+    workloads: list[Workload] = []  # the PD run's rates, replayed for the per-rate prediction (module doc)
+
+    def predicted_goodput(self, rate: float) -> float:
+        """The best split's goodput at `rate`: this workload replayed when the PD run measured that rate, else the
+        steady-state queue's."""
+        w = next((w for w in self.workloads if w.rate == rate), None)
+        b = self.best
+        if w is None or b.ttft_target_ms is None or not w.arrivals_s:
+            return b.goodput(rate)
+        ttfts = [t + w.ttft_overhead_s for t in prefill_times(w.arrivals_s, w.prompt_lens, b.prefill,
+                                                              self.prefill_tokens_per_s)]
+        within = sum(1 for t in ttfts if t * MS_PER_S <= b.ttft_target_ms)
+        end = max(a + t for a, t in zip(w.arrivals_s, ttfts)) + (self.output_len - 1) * w.decode_step_ms / MS_PER_S
+        return within / end * min(1.0, b.decode_rate / rate) if end > 0 else 0.0
 
     def sentence(self) -> str:
         b = self.best

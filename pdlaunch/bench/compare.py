@@ -26,7 +26,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
 
-from pdlaunch.bench.advisor import Advice, DecodePoint, advise
+from pdlaunch.bench.advisor import Advice, DecodePoint, Workload, advise, workload
 from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
@@ -452,8 +452,27 @@ def advice_from(cfg: CompareConfig, layout: Layout, pd: DeploymentRun) -> Advice
         return None
     max_num_seqs = deployment_config(cfg, layout, "pd").scheduler.max_num_seqs
     slo = cfg.slo_of(cfg.advise_for)
-    return advise(num_gpus(layout), cfg.mean_input_len, cfg.output_len, slo.tpot_ms, max(prefill), points,
-                  max_num_seqs, ttft_target_ms=slo.ttft_ms)
+    advice = advise(num_gpus(layout), cfg.mean_input_len, cfg.output_len, slo.tpot_ms, max(prefill), points,
+                    max_num_seqs, ttft_target_ms=slo.ttft_ms)
+    advice.workloads = [w for point, doc in zip(pd.points, pd.raw)
+                        if (w := _workload(point, doc, pd.prefill, max(prefill))) is not None]
+    return advice
+
+
+def _workload(point: RatePoint, doc: ServeDoc, prefill_gpus: int, tokens_per_s: float) -> Workload | None:
+    """One rate of the PD run for the advisor's replay (its answered requests); None without per-request lists
+    or a decode step time."""
+    step_ms = point.load.decode_step_ms if point.load is not None else None
+    columns = [doc.get(key) for key in ("start_times", "input_lens", "ttfts", "errors")]
+    if step_ms is None or not all(isinstance(c, list) for c in columns):
+        return None
+    rows = [(float(t0), int(n), float(ttft)) for t0, n, ttft, err in zip(*columns)
+            if not err and isinstance(t0, (int, float)) and isinstance(n, int) and isinstance(ttft, (int, float))]
+    if not rows:
+        return None
+    first = min(t0 for t0, _, _ in rows)
+    return workload(point.rate, [t0 - first for t0, _, _ in rows], [n for _, n, _ in rows], [t for _, _, t in rows],
+                    max(1, prefill_gpus), tokens_per_s, step_ms)
 
 
 class Comparison(BaseModel):

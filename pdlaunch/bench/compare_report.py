@@ -116,7 +116,7 @@ def _per_rate(advice: Advice, run: DeploymentRun | None, cfg: CompareConfig) -> 
             return None
         return run.points[i].goodput if cfg.advise_for == "relaxed" else run.points[i].tight_goodput
 
-    return [(rate, advice.best.goodput(rate), measured(i)) for i, rate in enumerate(cfg.rates)]
+    return [(rate, advice.predicted_goodput(rate), measured(i)) for i, rate in enumerate(cfg.rates)]
 
 
 def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> dict[str, JsonValue]:
@@ -217,7 +217,7 @@ def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path
     for run in runs:
         ax.plot([p.rate for p in run.points], [p.goodput for p in run.points], marker="o", label=run.description)
     if advice is not None:
-        ax.plot(cfg.rates, [advice.best.goodput(r) for r in cfg.rates], linestyle="--", color="black",
+        ax.plot(cfg.rates, [advice.predicted_goodput(r) for r in cfg.rates], linestyle="--", color="black",
                 label=f"advisor: {advice.best.label} predicted ({cfg.advise_for} SLOs)")
     ax.plot(cfg.rates, cfg.rates, linestyle=":", color="grey", label="offered rate")
     ax.set_xlabel("offered rate (requests/s)")

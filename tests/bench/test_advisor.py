@@ -7,7 +7,16 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from pdlaunch.bench.advisor import DecodeFit, DecodePoint, advise, decode_capacity, fit_decode, within_ttft
+from pdlaunch.bench.advisor import (
+    DecodeFit,
+    DecodePoint,
+    advise,
+    decode_capacity,
+    fit_decode,
+    prefill_times,
+    within_ttft,
+    workload,
+)
 from pdlaunch.bench.engine_load import (
     InstanceTotals,
     StepTotals,
@@ -156,3 +165,27 @@ def test_long_token_gaps_are_read_from_the_itl_histogram_of_the_instances_that_s
     Histogram("pdlaunch_inter_token_latency_seconds", "", registry=coarse, buckets=(0.01, 1)).observe(0.2)
     with pytest.raises(ValueError, match="0.05 s bucket"):
         parse_long_gaps(generate_latest(coarse).decode())
+
+
+def test_a_replay_sends_each_prompt_to_the_prefill_that_frees_first() -> None:
+    # 1000 tokens/s: a 500-token prompt takes 0.5 s
+    assert prefill_times([0.0, 0.1, 0.2], [500, 500, 100], 1, 1000.0) == pytest.approx([0.5, 0.9, 0.9])
+    assert prefill_times([0.0, 0.1, 0.2], [500, 500, 100], 2, 1000.0) == pytest.approx([0.5, 0.5, 0.4])
+    assert prefill_times([0.2, 0.0], [100, 500], 1, 1000.0) == pytest.approx([0.4, 0.5])  # arrival order, not list
+    with pytest.raises(ValueError, match="replay"):
+        prefill_times([0.0], [1, 2], 1, 1000.0)
+
+
+def test_the_per_rate_prediction_replays_the_pd_runs_workload() -> None:
+    points = [DecodePoint(batch=16, step_ms=7.0), DecodePoint(batch=64, step_ms=13.0)]
+    advice = advise(2, 300, 11, 15.0, 1000.0, points, 64, ttft_target_ms=400.0)  # 1P1D; 3.3 prompts/s a GPU
+    arrivals, lens = [0.0, 0.1, 0.2, 0.3], [300, 300, 300, 300]
+    # the PD run measured each TTFT 50 ms over its replayed prefill time: the overhead
+    replayed = prefill_times(arrivals, lens, 1, 1000.0)
+    w = workload(4.0, arrivals, lens, [t + 0.05 for t in replayed], 1, 1000.0, decode_step_ms=10.0)
+    assert w.ttft_overhead_s == pytest.approx(0.05)
+    advice.workloads = [w]
+    # TTFTs 0.35, 0.55, 0.75, 0.95 s: one within 400 ms; the run ends at 0.3 + 0.95 + 10 steps of 10 ms = 1.35 s
+    assert advice.predicted_goodput(4.0) == pytest.approx(1 / 1.35)
+    assert advice.predicted_goodput(2.0) == advice.best.goodput(2.0)  # a rate the PD run did not measure
+    assert advice.best.goodput(4.0) != pytest.approx(1 / 1.35)

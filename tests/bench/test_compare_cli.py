@@ -242,6 +242,13 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
     advisor = doc["advisor"]
     assert advisor["split"] == "1P1D" and advisor["measured_by"] == "PD 1P1D" and advisor["num_gpus"] == 2
     assert [r["measured_goodput"] for r in advisor["per_rate"]] == [p["goodput"] for p in pd["points"]]
+    # the per-rate prediction replays the PD run's own requests: its rates, send times, prompt lengths
+    assert [w["rate"] for w in advisor["workloads"]] == [p["rate"] for p in pd["points"]]
+    for w, raw, point in zip(advisor["workloads"], pd["raw"], pd["points"]):
+        answered = [t for t, err in zip(raw["start_times"], raw["errors"]) if not err]
+        assert w["arrivals_s"] == pytest.approx([t - min(answered) for t in answered])
+        assert w["prompt_lens"] == [12] * len(answered) and w["ttft_overhead_s"] >= 0
+        assert w["decode_step_ms"] == point["load"]["decode_step_ms"]
     assert "P:D advisor: advice for 2 GPUs: 1P1D" in " ".join(text.split()) and "ITL" in text
     assert doc["prefill_yardstick"]["ceiling"]["device"].startswith("cpu (")
     assert "matmul ceiling: 1024^3 float32 on cpu" in text and "TFLOP/s" in text
