@@ -90,21 +90,29 @@ instances:
 """
 
 
+def _serve_beside(tmp_path: Path, yaml: str, held_bytes: int) -> subprocess.CompletedProcess[str]:
+    """`pdlaunch serve` of `yaml` run to its end while this process holds `held_bytes` of GPU 0 (freed after)."""
+    import torch
+
+    config = tmp_path / "crowded.yaml"
+    config.write_text(yaml)
+    held = torch.empty(max(0, held_bytes), dtype=torch.uint8, device="cuda")
+    port = PortAllocator("127.0.0.1").free("crowded proxy")
+    try:
+        return subprocess.run([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(port),
+                               "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, timeout=400)
+    finally:
+        del held
+        torch.cuda.empty_cache()
+
+
 def test_kv_cache_that_does_not_fit_next_to_another_process_is_a_clear_error(tmp_path: Path) -> None:
     """Another process holds half the GPU: an instance asked for 90% of it stops with the field to change and
     the free memory it found, no traceback, and serve exits 1 with that line."""
     import torch
 
     free, total = torch.cuda.mem_get_info(0)
-    held = torch.empty(max(0, free - total // 2), dtype=torch.uint8, device="cuda")  # this process: half the GPU
-    config = tmp_path / "crowded.yaml"
-    config.write_text(CROWDED_YAML)
-    port = PortAllocator("127.0.0.1").free("crowded proxy")
-    try:
-        done = subprocess.run([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(port),
-                               "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, timeout=400)
-    finally:
-        del held
+    done = _serve_beside(tmp_path, CROWDED_YAML, held_bytes=free - total // 2)  # this process: half the GPU
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "cache.gpu_memory_utilization: the KV cache" in output and "GiB are free on cuda:0" in output, output
@@ -120,18 +128,10 @@ def test_weights_that_do_not_fit_next_to_another_process_are_a_clear_error(tmp_p
     made = subprocess.run([sys.executable, "-m", "pdlaunch", "bench", "make-checkpoint", str(checkpoint),
                            "--num-layers", "2", "--device", "cuda"], capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stdout + made.stderr
-    config = tmp_path / "crowded.yaml"
-    config.write_text(CROWDED_YAML.replace("path: tiny", f"path: {checkpoint}").replace("0.9}", "0.5}"))
+    yaml = CROWDED_YAML.replace("path: tiny", f"path: {checkpoint}").replace("0.9}", "0.5}")
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(0)
-    held = torch.empty(max(0, free - 3 * 2**29), dtype=torch.uint8, device="cuda")  # leaves 1.5 GiB free
-    port = PortAllocator("127.0.0.1").free("crowded proxy")
-    try:
-        done = subprocess.run([sys.executable, "-m", "pdlaunch", "serve", str(config), "--port", str(port),
-                               "--log-dir", str(tmp_path / "logs")], capture_output=True, text=True, timeout=400)
-    finally:
-        del held
-        torch.cuda.empty_cache()
+    done = _serve_beside(tmp_path, yaml, held_bytes=free - 3 * 2**29)  # leaves 1.5 GiB free
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "model.path: the model's weights did not fit in GPU memory" in output, output
