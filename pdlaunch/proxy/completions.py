@@ -31,7 +31,7 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import MAX_REQUEST_ID_CHARS, PARSE_INLINE_BYTES, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.bodies import JsonObject, int_of
-from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILL_RELEASE_AT_FIRST_TOKEN, SPILLED
+from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.prefill_leg import prompt_chars
 from pdlaunch.proxy.prefix import Choice, PromptBlocks
@@ -135,7 +135,6 @@ class _PromptRequest:
     outcome: str = "error"
     unqueue: Callable[[], None] = lambda: None  # the decode leg's queued tokens end (prefix.py)
     unqueue_prefill: Callable[[], None] = lambda: None  # ... the prefill leg's
-    unspill: Callable[[], None] = lambda: None  # a spilled prompt's tokens leave its decode's spill count
 
     def _leg_id(self) -> str:
         """The prefill leg's X-Request-Id: the request's own when the proxy made it, else, in front of
@@ -178,7 +177,6 @@ class _PromptRequest:
         finally:
             if self.outcome != "streaming":  # a stream's ends when it closes
                 self.unqueue()
-                self.unspill()
             log.debug("request %s %s via %s: %s", self.request_id, self.call.path,
                       " -> ".join(self.legs) or "no instance", self.outcome)
 
@@ -211,8 +209,8 @@ class _PromptRequest:
             in_flight = target.in_flight
             decision = disaggregation.decision(uncached, queued, target.name, target.itl_ms, in_flight)
             state.proxy.metrics.disaggregation.labels(decision).inc()
-            if decision == SPILLED:  # counted against the decode's cap until its prefill ends (disaggregate.py)
-                self.unspill = disaggregation.spill(target.name, uncached)
+            if decision == SPILLED:  # counted against the decode's cap until the request ends
+                self.unqueue = _both(self.unqueue, disaggregation.spill(target.name, uncached))
             self.legs.append(f"{decision} ({len(prompt.token_ids)} prompt tokens, {decode.matched_tokens} cached on "
                              f"{target.name}, {uncached} uncached; disaggregate_min_tokens "
                              f"{disaggregation.min_tokens}"
@@ -287,14 +285,11 @@ class _PromptRequest:
         async def relay() -> AsyncIterator[bytes]:
             nonlocal relayed_all
             async for chunk in events:
-                if SPILL_RELEASE_AT_FIRST_TOKEN:
-                    self.unspill()  # the decode has computed the spilled prompt: its first token is here
                 yield chunk
             relayed_all = True
 
         async def close() -> None:
             self.unqueue()
-            self.unspill()
             await events.aclose()  # its own finally closes a migrated stream's current upstream
             await upstream.close()
             if not relayed_all:
@@ -304,6 +299,16 @@ class _PromptRequest:
 
         return ClosingStreamingResponse(relay(), on_close=close,
                                         headers={"X-Request-Id": self.request_id, "Cache-Control": "no-cache"})
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """One callable that runs `first`, then `second` (two releases that end together)."""
+
+    def run() -> None:
+        first()
+        second()
+
+    return run
 
 
 def _busy(itl_ms: float | None, in_flight: int) -> str:

@@ -35,7 +35,6 @@ A decode whose /health reports no itl_ms (not a pdlaunch instance) is never held
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,9 +45,6 @@ from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 PD, DECODE_ONLY, SPILLED, DECODE_BUSY = "pd", "decode_only", "spilled", "pd_decode_busy"
 ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its decode alone
-# A/B switch (RESULTS.md forty-eighth session): a spilled prompt leaves its decode's spill count at its first token
-# (its prefill done) rather than at the request's end.
-SPILL_RELEASE_AT_FIRST_TOKEN = os.environ.get("PDLAUNCH_SPILL_RELEASE", "end") == "first_token"
 
 
 class PromptTokens:
