@@ -18,7 +18,7 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
-from pdlaunch.engine.async_step import ArrivalWindow, InFlight, deferrable, in_flight
+from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
 from pdlaunch.engine.context_limit import too_long_message
 from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
 from pdlaunch.engine.logits_processors import check_token_ids
@@ -109,7 +109,6 @@ class LLMEngine:
         self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
         self.clock = step_clock(self.device)  # pdlaunch_engine_step_seconds, timed on the device
         self.async_scheduling = self._async_scheduling(config)
-        self._window = ArrivalWindow()  # how long the loop may wait for arrivals before the next step (async_step.py)
         self._admitted: list[RequestOutput] = []  # first tokens taken from a prefill's answer, out next step
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
@@ -362,7 +361,6 @@ class LLMEngine:
             admitted, self._admitted = self._admitted, []
             return admitted
         outputs: list[RequestOutput] = []
-        started = self._window.stepping()
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
             for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
@@ -377,7 +375,6 @@ class LLMEngine:
             metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
             mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
             logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
-            self._window.launched(started)
             argmax = self.executor.runner.argmax  # the greedy ids, when the step's graph computed them
             if self.executor.runner.prompt_logprobs is not None:
                 distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
@@ -407,20 +404,12 @@ class LLMEngine:
         update_metrics(self.scheduler, self.block_manager)
         return outputs
 
-    def arrival_window_s(self) -> float:
-        """Seconds the engine loop may wait for new requests before the next `step` without the device running
-        out of work: with a step in flight on a GPU, what is left of its ArrivalWindow (async_step.py); else 0."""
-        if self._in_flight is None or self._in_flight.ready is None:
-            return 0.0
-        return self._window.seconds(self.clock.decode_step_s)
-
     def _finish_in_flight(self) -> list[RequestOutput]:
         """Read the launched step's sampled tokens and apply them (requests finished meanwhile drop theirs)."""
         if self._in_flight is None:
             return []
         step, self._in_flight = self._in_flight, None
         token_ids = step.read()
-        self._window.read()  # the device has started the step launched after it
         for request in step.requests:
             request.num_pending -= 1
         live = [(r, t) for r, t in zip(step.requests, token_ids) if not r.is_finished]
