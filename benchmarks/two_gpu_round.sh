@@ -8,7 +8,9 @@
 #   mixed       the same with half 64-token and half 3072-token prompts and a third deployment that runs prompts
 #               of fewer than 256 uncached tokens on the decode alone (issue 31's per-request disaggregation);
 #               MAX_QUEUE=N: that deployment also spills prompts to the decode while the prefill has N tokens queued;
-#               MAX_ITL=MS: ... and sends them PD while the decode's streams wait MS ms or more a token
+#               MAX_ITL=MS: ... and sends them PD while the decode's streams wait MS ms or more a token;
+#               BASELINE=DIR (an earlier mixed part's OUT_DIR/mixed): only that third deployment runs, beside DIR's
+#               colocated and PD runs (an A/B of MAX_QUEUE / MAX_ITL at a third of the device time)
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
@@ -83,7 +85,7 @@ mixed)
     TAIL=40 step mixed 520 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,8}" \
         --num-prompts "${NUM_PROMPTS:-64}" --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 \
         ${MAX_QUEUE:+--disaggregate-max-queue-tokens "$MAX_QUEUE"} ${MAX_ITL:+--disaggregate-max-itl-ms "$MAX_ITL"} \
-        ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} \
+        ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} ${BASELINE:+--baseline "$BASELINE"} \
         --no-run-advised --out "$out/mixed"
     ;;
 multiturn)

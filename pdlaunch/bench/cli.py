@@ -324,6 +324,9 @@ def compare(
     config: Annotated[
         Path | None, typer.Option("--config", help="Base deployment YAML (its instances are replaced).")
     ] = None,
+    baseline: Annotated[Path | None, typer.Option(
+        "--baseline", help="The --out folder of an earlier run with the same workload: its colocated and PD runs "
+        "are reused and only the per-request disaggregation deployment runs (A/B of its settings).")] = None,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 600.0,
     ready_timeout: Annotated[
         float, typer.Option("--ready-timeout", help="Seconds to wait for a deployment to be ready.")
@@ -348,7 +351,7 @@ def compare(
             run_advised=run_advised,
             colocated_instances=colocated_instances, prefill=prefill, decode=decode, burstiness=burstiness,
             seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len, config=config,
-            request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
+            baseline=baseline, request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
         ))
         comparison = run_compare(cfg, console)
     report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick)

@@ -13,6 +13,7 @@ it against both always-PD and colocated serving (issue 31's acceptance).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -43,6 +44,10 @@ from pdlaunch.launcher.serve import report_child_exit
 
 DeploymentKind = Literal["colocated", "pd", "conditional", "advised"]
 KINDS: tuple[DeploymentKind, ...] = ("colocated", "pd")
+BASELINE_FILES = ("compare.json", "colocated.json", "pd.json")  # what --baseline reads of an earlier --out
+# Settings a --baseline run may change: the per-request disaggregation deployment's own, and where and how long.
+BASELINE_FREE = frozenset({"out", "baseline", "disaggregate_min_tokens", "disaggregate_max_queue_tokens",
+                           "disaggregate_max_itl_ms", "run_advised", "advise_for", "request_timeout", "ready_timeout"})
 SloSet = Literal["relaxed", "tight"]
 
 
@@ -77,6 +82,8 @@ class CompareConfig(BaseModel):
     vocab_size: int = Field(500, gt=10)
     max_model_len: int | None = Field(None, ge=1)
     config: Path | None = None  # base deployment YAML; its instances/colocated are replaced
+    # an earlier run's --out with the same workload: its colocated and PD runs are reused, only "conditional" runs
+    baseline: Path | None = None
     request_timeout: float = Field(600.0, gt=0)
     ready_timeout: float = Field(READY_TIMEOUT_S, gt=0)
     out: Path
@@ -106,6 +113,14 @@ class CompareConfig(BaseModel):
         if self.disaggregate_max_itl_ms is not None and self.disaggregate_min_tokens is None:
             raise ValueError("--disaggregate-max-itl-ms applies to the per-request disaggregation "
                              "deployment: give --disaggregate-min-tokens N too")
+        if self.baseline is not None:
+            if self.disaggregate_min_tokens is None:
+                raise ValueError("--baseline reuses an earlier run's colocated and PD deployments and runs only the "
+                                 "per-request disaggregation one: give --disaggregate-min-tokens N too")
+            missing = [name for name in BASELINE_FILES if not (self.baseline / name).is_file()]
+            if missing:
+                raise ValueError(f"--baseline: {str(self.baseline)!r} has no {missing[0]} (give the --out folder of "
+                                 "an earlier `bench compare` that ran to its report)")
         return self
 
     @property
@@ -120,7 +135,10 @@ class CompareConfig(BaseModel):
 
     @property
     def kinds(self) -> tuple[DeploymentKind, ...]:
-        """The deployments run before the advised one: colocated, PD, and PD with per-request disaggregation."""
+        """The deployments run before the advised one: colocated, PD, and PD with per-request disaggregation
+        (with --baseline only the last: the others are the baseline's)."""
+        if self.baseline is not None:
+            return ("conditional",)
         return KINDS + (("conditional",) if self.disaggregate_min_tokens is not None else ())
 
     @property
@@ -483,15 +501,41 @@ class Comparison(BaseModel):
     yardstick: Yardstick
 
 
+def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
+    """With --baseline, its colocated and PD runs; every setting outside BASELINE_FREE must equal the baseline's
+    (the same requests, SLOs and devices), else a PdlaunchError naming the first that differs."""
+    if cfg.baseline is None:
+        return []
+    try:
+        earlier = json.loads((cfg.baseline / "compare.json").read_text())["settings"]
+        runs = [DeploymentRun.model_validate_json((cfg.baseline / f"{kind}.json").read_text()) for kind in KINDS]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PdlaunchError(f"could not read the baseline run in {cfg.baseline}: {exc}", field="--baseline",
+                            hint="give the --out folder of an earlier `bench compare` that ran to its report") from None
+    now = cfg.model_dump(mode="json")
+    for name, value in now.items():
+        if name not in BASELINE_FREE and earlier.get(name) != value:
+            raise PdlaunchError(f"the baseline in {cfg.baseline} ran with {name} {earlier.get(name)!r}, this run "
+                                f"with {value!r}", field="--baseline",
+                                hint=f"run with the baseline's --{name.replace('_', '-')}, or without --baseline")
+    return runs
+
+
 def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
     """The matmul ceiling first (prefill_yardstick); then the deployments (`cfg.kinds`) in turn on the same devices,
-    each stopped before the next starts; then the advisor's split, when it differs from the PD split and
-    `run_advised`. Each deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
+    each stopped before the next starts (with --baseline, after the baseline's colocated and PD runs); then the
+    advisor's split, when it differs from the PD split and `run_advised` (never with --baseline). Each
+    deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
-    runs = []
+    runs = baseline_runs(cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for run in runs:  # the out folder holds every deployment the report shows
+        write_json(run.model_dump(mode="json"), cfg.out / f"{run.kind}.json")
+    if runs:
+        console.print(f"colocated and PD runs reused from {cfg.baseline} (the same workload, SLOs and devices)",
+                      highlight=False)
     with _termination_as_interrupt():
         yardstick = prefill_yardstick(cfg, layout, console)
         for kind in cfg.kinds:
@@ -504,7 +548,7 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
             return Comparison(runs=runs, advice=None, yardstick=yardstick)
         console.print(advice.sentence(), highlight=False)
         best = advice.best
-        if cfg.run_advised and (best.prefill, best.decode) != (layout.prefill, layout.decode):
+        if cfg.run_advised and cfg.baseline is None and (best.prefill, best.decode) != (layout.prefill, layout.decode):
             run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console,
                                  yardstick)
             write_json(run.model_dump(mode="json"), cfg.out / "advised.json")

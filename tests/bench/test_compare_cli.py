@@ -54,6 +54,10 @@ def _invoke(args: list[str]) -> Any:
     (["--model", "tiny", "--rates", "2", "--disaggregate-max-itl-ms", "9"], "--disaggregate-max-itl-ms"),
     (["--model", "tiny", "--rates", "2", "--disaggregate-min-tokens", "8", "--disaggregate-max-itl-ms", "0"],
      "--disaggregate-max-itl-ms"),
+    # a baseline is the colocated and PD runs of an earlier --out: only the per-request deployment runs beside it
+    (["--model", "tiny", "--rates", "2", "--baseline", "/no/such/run"], "--baseline"),
+    (["--model", "tiny", "--rates", "2", "--disaggregate-min-tokens", "8", "--baseline", "/no/such/run"],
+     "--baseline"),
 ])
 def test_bad_input_exits_1_naming_the_flag(tmp_path: Path, args: list[str], flag: str) -> None:
     result = _invoke([*args, "--out", str(tmp_path / "out")])
@@ -319,6 +323,20 @@ def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: 
     assert all(c > 0 for c in computed)
     assert doc["advisor"]["measured_by"] == "PD 1P1D"  # the advice comes from the always-PD run
     assert _leftovers(str(out)) == []
+    # An A/B of the per-request deployment's settings: only it runs again, beside the first run's other two.
+    again = tmp_path / "again"
+    result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4", *workload, "--num-prompts", "6",
+                      "--input-lens", "8,40", "--disaggregate-min-tokens", "16", "--config", str(base),
+                      "--baseline", str(out), "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"colocated and PD runs reused from {out}" in text
+    assert "conditional deployment stopped: 3 processes reaped" in text and "pd deployment stopped" not in text
+    redo = json.loads((again / "compare.json").read_text())
+    assert [d["kind"] for d in redo["deployments"]] == ["colocated", "pd", "conditional"]
+    assert redo["deployments"][:2] == doc["deployments"][:2]
+    assert "prompts of < 16 uncached tokens on the decode alone" in text
+    assert _leftovers(str(again)) == []
 
 
 @pytest.mark.e2e
@@ -413,3 +431,63 @@ def test_the_rate_line_says_where_long_token_gaps_arose() -> None:
     assert compare._gaps_text(point(2, None)) == ", 2 token gaps >= 50 ms"  # type: ignore[arg-type]  # noqa: SLF001
     assert compare._gaps_text(point(31, 31.0, 1.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 31 token gaps >= 50 ms (31 at the instances, 1 slow decode steps)")
+
+
+def _baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ran: list[str], **kw: Any) -> CompareConfig:
+    """An earlier run's --out (colocated and PD, run by a fake run_deployment) and the report's compare.json."""
+    from pdlaunch.bench.compare_report import compare_document
+
+    def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
+                 yardstick: Yardstick | None) -> compare.DeploymentRun:
+        ran.append(kind)
+        return _measured_run(kind, layout)
+
+    monkeypatch.setattr(compare, "run_deployment", fake_run)
+    earlier = _cfg(tmp_path / "earlier", device="cpu", input_len=1024, run_advised=False, **kw)
+    comparison = compare.run_compare(earlier, compare.Console(quiet=True))
+    (earlier.out / "compare.json").write_text(json.dumps(compare_document(earlier, comparison.runs,
+                                                                          comparison.advice)))
+    return earlier
+
+
+def test_a_baseline_run_reuses_its_colocated_and_pd_runs_and_runs_only_per_request_disaggregation(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ran: list[str] = []
+    earlier = _baseline(tmp_path, monkeypatch, ran)
+    assert ran == ["colocated", "pd"]
+    ran.clear()
+    cfg = _cfg(tmp_path / "now", device="cpu", input_len=1024, disaggregate_min_tokens=256,
+               disaggregate_max_queue_tokens=4096, baseline=earlier.out)
+    comparison = compare.run_compare(cfg, compare.Console(quiet=True))
+    assert ran == ["conditional"]  # the advised split is not run either: its advice is the baseline's PD run's
+    assert [r.kind for r in comparison.runs] == ["colocated", "pd", "conditional"]
+    assert comparison.advice is not None and comparison.advice.num_gpus == 2  # from the baseline's PD run
+    for kind in ("colocated", "pd"):  # the new --out holds every deployment the report shows
+        assert (cfg.out / f"{kind}.json").read_text() == (earlier.out / f"{kind}.json").read_text()
+    assert (cfg.out / "conditional.json").exists()
+
+
+@pytest.mark.parametrize(("change", "setting"), [
+    ({"rates": [4.0]}, "rates"), ({"num_prompts": 20}, "num_prompts"), ({"tpot_slo_ms": 10.0}, "tpot_slo_ms"),
+    ({"seed": 3}, "seed"),
+])
+def test_a_baseline_of_another_workload_is_refused_naming_the_setting(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: dict[str, Any], setting: str) -> None:
+    ran: list[str] = []
+    earlier = _baseline(tmp_path, monkeypatch, ran)
+    ran.clear()
+    settings: dict[str, Any] = {"model": "tiny", "rates": [2.0], "device": "cpu", "input_len": 1024, **change}
+    cfg = CompareConfig(out=tmp_path / "now", disaggregate_min_tokens=256, baseline=earlier.out, **settings)
+    with pytest.raises(PdlaunchError, match=f"ran with {setting} ") as info:
+        compare.run_compare(cfg, compare.Console(quiet=True))
+    assert info.value.field == "--baseline" and ran == []  # nothing ran
+
+
+def test_a_baseline_whose_files_do_not_parse_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    earlier = _baseline(tmp_path, monkeypatch, [])
+    (earlier.out / "pd.json").write_text("{not json")
+    cfg = _cfg(tmp_path / "now", device="cpu", input_len=1024, disaggregate_min_tokens=256, baseline=earlier.out)
+    with pytest.raises(PdlaunchError, match="could not read the baseline run") as info:
+        compare.run_compare(cfg, compare.Console(quiet=True))
+    assert info.value.field == "--baseline"
