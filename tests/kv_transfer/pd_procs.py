@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.rpc import Built, ProcessRPC
 
 
@@ -90,3 +91,16 @@ def wait_events(get_finished: Any, predicate: Any, timeout: float = 30.0, what: 
             return merged
         time.sleep(0.01)
     raise TimeoutError(f"waited {timeout}s for {what}; got {merged}")
+
+
+def tp_prefill_answer(prefill: list[ConnectorProcess], rid: str, prompt: list[int],
+                      block_ids: list[list[int]]) -> PrefillAnswer:
+    """Every prefill rank holds the request; the params as TPConnector merges them (ports, checksums)."""
+    answers = [p.call("request_finished", rid, prompt, RemoteDecodeRequest(do_remote_decode=True), block_ids)
+               for p in prefill]
+    params: PrefillAnswer = answers[0][1]
+    if len(prefill) > 1:
+        params = params.model_copy(update={
+            "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
+            "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
+    return params

@@ -17,7 +17,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferCon
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.mooncake_skip import requires_mooncake
-from tests.kv_transfer.pd_procs import ConnectorProcess
+from tests.kv_transfer.pd_procs import ConnectorProcess, tp_prefill_answer
 
 pytestmark = [pytest.mark.e2e, requires_mooncake]
 
@@ -139,24 +139,8 @@ def _ranks(role: str, tp: int, heads: int) -> list[ConnectorProcess]:
     return procs
 
 
-@pytest.fixture
-def close_all() -> Iterator[list[ConnectorProcess]]:
-    procs: list[ConnectorProcess] = []
-    yield procs
-    for p in procs:
-        p.close()
-
-
 def _tp_finish(prefill: list[ConnectorProcess], rid: str) -> PrefillAnswer:
-    """Every prefill rank holds the request; the params as TPConnector merges them."""
-    answers = [p.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
-               for p in prefill]
-    params: PrefillAnswer = answers[0][1]
-    if len(prefill) > 1:
-        params = params.model_copy(update={
-            "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
-            "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
-    return params
+    return tp_prefill_answer(prefill, rid, PROMPT, P_IDS)
 
 
 def _load(decode: ConnectorProcess, rid: str, params: PrefillAnswer) -> None:

@@ -8,15 +8,13 @@ ranks still free the request.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
+from pdlaunch.kv_transfer.params import PrefillAnswer
 from tests.kv_transfer.deployment_secret import secured
-from tests.kv_transfer.pd_procs import ConnectorProcess
+from tests.kv_transfer.pd_procs import ConnectorProcess, tp_prefill_answer
 
 BLOCK_SIZE = 4
 SPEC = dict(block_size=BLOCK_SIZE, groups=2, num_blocks=24)
@@ -46,24 +44,8 @@ def _ranks(role: str, tp: int, heads: int, staging_slots: int = 0) -> list[Conne
     return procs
 
 
-@pytest.fixture
-def close_all() -> Iterator[list[ConnectorProcess]]:
-    procs: list[ConnectorProcess] = []
-    yield procs
-    for p in procs:
-        p.close()
-
-
 def _finish(prefill: list[ConnectorProcess], rid: str) -> PrefillAnswer:
-    """Every prefill rank holds the request; the params as TPConnector merges them (ports, checksums)."""
-    answers = [p.call("request_finished", rid, PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
-               for p in prefill]
-    params: PrefillAnswer = answers[0][1]
-    if len(prefill) > 1:
-        params = params.model_copy(update={
-            "remote_ports": [int(p.info["side_channel"].rsplit(":", 1)[1]) for p in prefill],
-            "rank_kv_checksums": [a[1].kv_checksum for a in answers], "kv_checksum": None})
-    return params
+    return tp_prefill_answer(prefill, rid, PROMPT, P_IDS)
 
 
 def _load(decode: ConnectorProcess, rid: str, params: PrefillAnswer) -> None:
