@@ -11,6 +11,9 @@
 #               MAX_ITL=MS: ... and sends them PD while the decode's streams wait MS ms or more a token;
 #               BASELINE=DIR (an earlier mixed part's OUT_DIR/mixed): only that third deployment runs, beside DIR's
 #               colocated and PD runs (an A/B of MAX_QUEUE / MAX_ITL at a third of the device time)
+#   mixed-sweep the mixed part once (MAX_QUEUE / MAX_ITL as given), then only its per-request disaggregation
+#               deployment again for each Q:T of SWEEP (e.g. SWEEP="8192: 6144:9 4096:9"; an empty side leaves that
+#               flag off), each beside the first run's colocated and PD runs (--baseline): OUT_DIR/mixed-Q-T
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
@@ -27,7 +30,7 @@
 #        interpreter lock) over the first SPY_SECONDS (default 6) of every serve round's bench).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
-part=${2:?PART: kv | compare | mixed | multiturn | moe | turns1}
+part=${2:?PART: kv | compare | mixed | mixed-sweep | multiturn | moe | turns1}
 ckpt=${CKPT:-/dev/shm/l8b}
 moe_ckpt=${MOE_CKPT:-/dev/shm/q3}
 port=8000
@@ -88,6 +91,17 @@ mixed)
         ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} ${BASELINE:+--baseline "$BASELINE"} \
         --no-run-advised --out "$out/mixed"
     ;;
+mixed-sweep)
+    BASELINE= bash "$0" "$out" mixed || exit 1
+    for qt in ${SWEEP:?SWEEP: Q:T pairs, e.g. 8192: 6144:9}; do
+        q=${qt%%:*} t=${qt#*:}
+        TAIL=8 step "mixed-$q-$t" 300 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 \
+            --rates "${RATES:-4,8}" --num-prompts "${NUM_PROMPTS:-64}" --input-lens 64,3072 --output-len 128 \
+            --disaggregate-min-tokens 256 ${q:+--disaggregate-max-queue-tokens "$q"} \
+            ${t:+--disaggregate-max-itl-ms "$t"} ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} \
+            --baseline "$out/mixed" --no-run-advised --out "$out/mixed-$q-$t"
+    done
+    ;;
 multiturn)
     need_8b
     # Conversations start 4 a second: started together (this session's first runs) they turn in lockstep, and
@@ -119,6 +133,6 @@ moe)
         --num-prompts 48 --input-len 3072 --output-len 128 --advise-for tight --no-run-advised --out "$out/moe"
     ;;
 *)
-    echo "unknown PART $part: kv | compare | mixed | multiturn | moe | turns1"; exit 2
+    echo "unknown PART $part: kv | compare | mixed | mixed-sweep | multiturn | moe | turns1"; exit 2
     ;;
 esac
