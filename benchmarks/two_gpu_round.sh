@@ -13,7 +13,7 @@
 #               colocated and PD runs (an A/B of MAX_QUEUE / MAX_ITL at a third of the device time)
 #   mixed-sweep the mixed part once (MAX_QUEUE / MAX_ITL as given), then only its per-request disaggregation
 #               deployment again for each Q:T of SWEEP (e.g. SWEEP="8192: 6144:9 4096:9"; an empty side leaves that
-#               flag off), each beside the first run's colocated and PD runs (--baseline): OUT_DIR/mixed-Q-T
+#               flag off), each beside the first run's colocated and PD runs (BASELINE): OUT_DIR/sweep-Q-T/mixed
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
@@ -93,13 +93,8 @@ mixed)
     ;;
 mixed-sweep)
     BASELINE= bash "$0" "$out" mixed || exit 1
-    for qt in ${SWEEP:?SWEEP: Q:T pairs, e.g. 8192: 6144:9}; do
-        q=${qt%%:*} t=${qt#*:}
-        TAIL=8 step "mixed-$q-$t" 300 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 \
-            --rates "${RATES:-4,8}" --num-prompts "${NUM_PROMPTS:-64}" --input-lens 64,3072 --output-len 128 \
-            --disaggregate-min-tokens 256 ${q:+--disaggregate-max-queue-tokens "$q"} \
-            ${t:+--disaggregate-max-itl-ms "$t"} ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} \
-            --baseline "$out/mixed" --no-run-advised --out "$out/mixed-$q-$t"
+    for qt in ${SWEEP:?SWEEP: Q:T pairs, e.g. 8192: 6144:9}; do  # the mixed part again, beside the first run
+        BASELINE="$out/mixed" MAX_QUEUE=${qt%%:*} MAX_ITL=${qt#*:} bash "$0" "$out/sweep-${qt/:/-}" mixed
     done
     ;;
 multiturn)
