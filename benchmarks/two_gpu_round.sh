@@ -13,7 +13,8 @@
 #               colocated and PD runs (an A/B of MAX_QUEUE / MAX_ITL at a third of the device time)
 #   mixed-sweep the mixed part once (MAX_QUEUE / MAX_ITL as given), then only its per-request disaggregation
 #               deployment again for each Q:T of SWEEP (e.g. SWEEP="8192: 6144:9 4096:9"; an empty side leaves that
-#               flag off), each beside the first run's colocated and PD runs (BASELINE): OUT_DIR/sweep-Q-T/mixed
+#               flag off), each beside the first run's colocated and PD runs (BASELINE): OUT_DIR/sweep-Q-T/mixed, its table
+#               also as OUT_DIR/sweep-Q-T.json
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
@@ -95,6 +96,9 @@ mixed-sweep)
     BASELINE= bash "$0" "$out" mixed || exit 1
     for qt in ${SWEEP:?SWEEP: Q:T pairs, e.g. 8192: 6144:9}; do  # the mixed part again, beside the first run
         BASELINE="$out/mixed" MAX_QUEUE=${qt%%:*} MAX_ITL=${qt#*:} bash "$0" "$out/sweep-${qt/:/-}" mixed
+        # a device call brings back files only a few folders deep: each variant's table beside the first run's
+        cp "$out/sweep-${qt/:/-}/mixed/compare.json" "$out/sweep-${qt/:/-}.json" 2> /dev/null ||
+            echo "== sweep ${qt}: no compare.json"
     done
     ;;
 multiturn)
