@@ -224,6 +224,7 @@ def test_every_shipped_tile_file_loads_and_covers_every_size() -> None:
         assert [t.max_tokens for t in tiles] == sorted(t.max_tokens for t in tiles)
         assert tiles[-1].max_tokens >= 1 << 30, path.name
         assert all(t.block_n >= 64 for t in tiles if t.swap_ab), path.name
+        assert all(t.down().block_n >= 64 for t in tiles if t.down().swap_ab), path.name
         assert fp8 or not any(t.fp8_activations for t in tiles), path.name
 
 
@@ -239,6 +240,14 @@ def test_moe_tile_override_replaces_the_file_s_fields_for_the_calls_it_covers(mo
     assert (one.block_n, one.num_stages, one.swap_ab) == (32, 4, True)
     assert (one.block_m, one.block_k, one.max_tokens) == (plain.block_m, plain.block_k, plain.max_tokens)
     assert fused.tile_for(x, 2) == fused.tile_for(torch.zeros(2, 64), 2) != one  # past max_tokens: the file's
+    assert one.down() == one  # no down_ field: the down GEMM launches as the gate/up GEMM
+    monkeypatch.setenv("PDLAUNCH_MOE_TILE", "block_n=32:down_block_n=128:down_block_k=256:down_num_stages=2:"
+                                            "down_num_warps=8:down_swap_ab=0:max_tokens=1")
+    apart, down = fused.tile_for(x, 1), fused.tile_for(x, 1).down()
+    assert (apart.block_n, apart.block_k, apart.num_stages, apart.num_warps) == (32, plain.block_k,
+                                                                                 plain.num_stages, plain.num_warps)
+    assert (down.block_n, down.block_k, down.num_stages, down.num_warps, down.swap_ab) == (128, 256, 2, 8, False)
+    assert down.block_m == apart.block_m  # one row layout for both GEMMs
     monkeypatch.setenv("PDLAUNCH_MOE_TILE", "block_k=32:num_stages=3")
     assert (fused.tile_for(x, 4096).block_k, fused.tile_for(x, 4096).num_stages) == (32, 3)  # every call
     seen: list[TileConfig] = []
@@ -255,7 +264,8 @@ def test_moe_tile_override_replaces_the_file_s_fields_for_the_calls_it_covers(mo
 
 @pytest.mark.parametrize("setting,words", [
     ("block_n=48", "out of range"), ("num_warps=0", "out of range"), ("swap_ab=2", "out of range"),
-    ("num_stages=0", "out of range"), ("max_tokens=0", "out of range"),
+    ("num_stages=0", "out of range"), ("max_tokens=0", "out of range"), ("down_block_k=96", "out of range"),
+    ("down_num_stages=0", "out of range"), ("down_swap_ab=3", "out of range"),
     ("block_size=64", "not a tile field"), ("block_n=big", "not a tile field"), ("block_n", "not a tile field")])
 def test_a_bad_moe_tile_override_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, setting: str,
                                                       words: str) -> None:

@@ -70,6 +70,24 @@ def test_fused_moe_in_a_cuda_graph_equals_the_reference_loop(tokens: int, backen
 
 
 @pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("down", ["down_block_n=32:down_num_stages=4", "down_block_n=128:down_block_k=256:"
+                                  "down_num_stages=2", "block_n=32:swap_ab=0:down_block_n=64:down_swap_ab=1"])
+def test_a_down_tile_of_its_own_equals_the_reference_loop(tokens: int, down: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDLAUNCH_MOE_TILE's down_ fields (TileConfig.down) launch the down GEMM apart, bf16, compiled."""
+    monkeypatch.setenv("PDLAUNCH_MOE_TILE", down)
+    experts, top_k, hidden, inter = 32, 8, 2048, 768
+    gen = torch.Generator(device=CUDA).manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device=CUDA, generator=gen).bfloat16()
+    w13 = (0.05 * torch.randn(experts, 2 * inter, hidden, device=CUDA, generator=gen)).bfloat16()
+    w2 = (0.05 * torch.randn(experts, hidden, inter, device=CUDA, generator=gen)).bfloat16()
+    weights, ids = route(torch.randn(tokens, experts, device=CUDA, generator=gen), top_k, True)
+    out = fused_moe(x, w13, w2, weights, ids, 0, use="triton")
+    want = moe_reference(x.float(), w13.float(), w2.float(), weights, ids, 0)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [1, 64])
 def test_unsummed_expert_rows_through_the_next_norm_equal_the_summed_path(tokens: int) -> None:
     """fused_moe(summed=False) hands the norm the [T, k, H] weighted rows; fused_add_rms_norm adds them in its
     kernel: the same residual stream and normed output as the summed path followed by the norm."""

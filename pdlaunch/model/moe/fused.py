@@ -86,17 +86,21 @@ def tile_for(x: torch.Tensor, num_tokens: int, fp8: bool = False) -> TileConfig:
 
 
 _OVERRIDABLE = {"block_m": int, "block_n": int, "block_k": int, "num_warps": int, "num_stages": int,
-                "swap_ab": bool, "f16_products": bool, "fp8_activations": bool, "max_tokens": int}
+                "swap_ab": bool, "f16_products": bool, "fp8_activations": bool, "max_tokens": int,
+                "down_block_n": int, "down_block_k": int, "down_num_warps": int, "down_num_stages": int,
+                "down_swap_ab": bool}
 
 
 @lru_cache(maxsize=8)
 def tile_override(setting: str) -> dict[str, int | bool]:
     """PDLAUNCH_MOE_TILE, `field=value:field=value` (e.g. `block_n=32:num_stages=4:max_tokens=1`): TileConfig
     fields that replace the tile file's for every call of at most `max_tokens` tokens (default: every call), so
-    a benchmark can time a tile inside whole steps before it goes into a file (moe_speed.py --variants). Block
-    sizes and warps are powers of two; booleans 0 or 1."""
+    a benchmark can time a tile inside whole steps before it goes into a file (moe_speed.py --variants); the
+    down_ fields set the down GEMM's launch apart (TileConfig.down). Block sizes and warps are powers of two;
+    booleans 0 or 1."""
     return field_override("PDLAUNCH_MOE_TILE", setting, _OVERRIDABLE,
-                          frozenset({"block_m", "block_n", "block_k", "num_warps"}), "tile",
+                          frozenset({"block_m", "block_n", "block_k", "num_warps", "down_block_n", "down_block_k",
+                                     "down_num_warps"}), "tile",
                           "block_n=32:max_tokens=1")
 
 

@@ -10,13 +10,14 @@ CUDA graphs. `TileConfig` is one entry of a per-device tile file (model/moe/conf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, TypeVar
 
 import torch
 
 Backend = Literal["reference", "grouped_mm", "triton"]
 BACKENDS: tuple[Backend, ...] = ("reference", "grouped_mm", "triton")
+V = TypeVar("V", int, bool)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,27 @@ class TileConfig:
     # fp8 experts only, without fp8_activations: float16 products (activations rounded to float16, clamped into its
     # range; the weights widened exactly), each 128-wide k block's product scaled by the weight block's scale
     f16_products: bool = False
+    # The down GEMM's own launch where set (None: the fields above). Its K is the experts' intermediate width (768
+    # for Qwen3-30B-A3B: six 128-wide steps) and its N the hidden size, while the gate/up GEMM's N is the
+    # intermediate width (at one token 768 / 64 = 12 column tiles an expert, 96 programs for 8 experts): the two
+    # may want different tiles. block_m is shared (one row layout for both).
+    down_block_n: int | None = None
+    down_block_k: int | None = None
+    down_num_warps: int | None = None
+    down_num_stages: int | None = None
+    down_swap_ab: bool | None = None
+
+    def down(self) -> TileConfig:
+        """The down GEMM's tile: this one with its down_ fields in place where they are set."""
+        return replace(self, block_n=_set(self.down_block_n, self.block_n),
+                       block_k=_set(self.down_block_k, self.block_k),
+                       num_warps=_set(self.down_num_warps, self.num_warps),
+                       num_stages=_set(self.down_num_stages, self.num_stages),
+                       swap_ab=_set(self.down_swap_ab, self.swap_ab))
+
+
+def _set(value: V | None, otherwise: V) -> V:
+    return otherwise if value is None else value
 
 
 @dataclass

@@ -336,6 +336,17 @@ def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token_group(x, SCALE_BLOCK)
 
 
+def _fitted(tile: TileConfig, x: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None) -> TileConfig:
+    """`tile` with a k tile the operands allow: half as wide for float32 operands (the tile files are tuned for
+    bf16; float32 takes twice the shared memory per stage), and no wider than a scale block with fp8 scales (a k
+    tile must not straddle two)."""
+    if x.element_size() > 2:
+        tile = replace(tile, block_k=max(16, tile.block_k // 2))
+    if scales is not None and SCALE_BLOCK % tile.block_k:
+        tile = replace(tile, block_k=SCALE_BLOCK)
+    return tile
+
+
 def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor, topk_ids: torch.Tensor,
                expert_start: int, tile: TileConfig, scales: tuple[torch.Tensor, torch.Tensor] | None = None,
                num_experts: int | None = None, summed: bool = True) -> torch.Tensor:
@@ -351,11 +362,8 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     a_fp8 = tile.fp8_activations and scales is not None
     sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
     f16 = tile.f16_products and scales is not None and not a_fp8 and sixteen_bit
-    if x.element_size() > 2:
-        # Tile files are tuned for bf16; float32 operands take twice the shared memory per stage.
-        tile = replace(tile, block_k=max(16, tile.block_k // 2))
-    if scales is not None and SCALE_BLOCK % tile.block_k:
-        tile = replace(tile, block_k=SCALE_BLOCK)  # a k tile must not straddle two scale blocks
+    down_tile = _fitted(tile.down(), x, scales)
+    tile = _fitted(tile, x, scales)
     s13, s2 = scales if scales is not None else (w13, w2)  # unread without scales (HAS_SCALE=False)
     scale_strides13 = s13.stride() if scales is not None else (0, 0, 0)
     scale_strides2 = s2.stride() if scales is not None else (0, 0, 0)
@@ -388,14 +396,14 @@ def triton_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: to
     out = (torch.empty if every_row_written else torch.zeros)(num_tokens * top_k, hidden, dtype=x.dtype,
                                                                device=x.device)
     a, a_scales = _quantize_groups(act) if a_fp8 else (act, act)
-    k.down[(num_blocks, triton.cdiv(hidden, tile.block_n))](
+    k.down[(num_blocks, triton.cdiv(hidden, down_tile.block_n))](
         a, a_scales, w2, s2, out, rows, block_expert, weights.float().reshape(-1).contiguous(), num_rows,
         inter, hidden, a.stride(0), a_scales.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), *scale_strides2,
-        out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        out.stride(0), **layout, BLOCK_M=tile.block_m, BLOCK_N=down_tile.block_n, BLOCK_K=down_tile.block_k,
         PRECISION=precision, HAS_SCALE=scales is not None, SCALE_BLOCK=SCALE_BLOCK, A_FP8=a_fp8,
-        SWAP_AB=tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16,
-        PDL=pdl, **pdl_kwargs(pdl), num_warps=tile.num_warps,
-        num_stages=tile.num_stages)
+        SWAP_AB=down_tile.swap_ab, MMA=k.mma, BLOCK_ROWS=k.block_rows, F16=f16,
+        PDL=pdl, **pdl_kwargs(pdl), num_warps=down_tile.num_warps,
+        num_stages=down_tile.num_stages)
     # Rows of this layout are already in assignment order: the sum over k needs no unsort.
     rows_per_token = out.view(num_tokens, top_k, hidden)
     return rows_per_token.sum(dim=1) if summed else rows_per_token
