@@ -8,8 +8,9 @@ cell=${CELL:-128x512}
 [ -f /tmp/l8b/config.json ] || step make-checkpoint 120 $py -m pdlaunch bench make-checkpoint /tmp/l8b --device cuda
 TAIL=4 step sweep 150 $py benchmarks/decode_grid.py /tmp/l8b --batch "${cell%x*}" --context "${cell#*x}" --steps 32 \
     --sweep --sweep-cells "$cell" --json "$out/sweep.json"
-best=$($py -c 'import json,sys; r=json.load(open(sys.argv[1]))["sweep"][0]
-print(f"tile={r[\"tile\"]}:num_warps={r[\"num_warps\"]}:num_stages={r[\"num_stages\"]}")' "$out/sweep.json") || exit 1
+best=$($py -c 'import json, sys
+r = json.load(open(sys.argv[1]))["sweep"][0]
+print("tile=%d:num_warps=%d:num_stages=%d" % (r["tile"], r["num_warps"], r["num_stages"]))' "$out/sweep.json") || exit 1
 echo "== the sweep's fastest launch: $best"
 for run in 1 2; do
     for launch in "" "$best"; do
