@@ -7,7 +7,8 @@ token ids and prompt ids a migrating proxy asks for. The proxy runs as `python -
 the default migration limit, info level as the launcher runs it). Reported: the proxy process's CPU
 seconds (/proc) per event the clients received, events a second, and the client's stream wall times.
 
-Usage: python benchmarks/proxy_relay.py [--streams 32] [--tokens 200] [--step-ms 5] [--rounds 3] [--json OUT]
+Usage: python benchmarks/proxy_relay.py [--streams 32] [--tokens 200] [--step-ms 5] [--rounds 3] [--workers N]
+       [--json OUT]   (--workers: the proxy's processes; the CPU counted is the supervisor's and its workers')
 """
 
 from __future__ import annotations
@@ -143,8 +144,20 @@ async def _client_stream(port: int, tokens: int, model: str = "fake") -> tuple[i
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of `pid` and of its live children (the workers of `--workers N`)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    total = 0.0
+    for p in pids:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 async def _round(port: int, streams: int, tokens: int) -> tuple[int, float, list[float]]:
@@ -173,6 +186,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--step-ms", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=1, help="proxy processes sharing the port (proxy.workers)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     ports = {"prefill": _free_port(), "decode": _free_port()}
@@ -182,7 +196,7 @@ def main() -> None:
     proxy_port = _free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "pdlaunch.proxy", "--port", str(proxy_port), "--log-level", "info",
                               "--prefill", f"prefill-0=http://127.0.0.1:{ports['prefill']}",
-                              "--decode", f"decode-0=http://127.0.0.1:{ports['decode']}"])
+                              "--decode", f"decode-0=http://127.0.0.1:{ports['decode']}", "--workers", str(args.workers)])
     rows: list[dict[str, Any]] = []
     try:
         _wait_ready(proxy_port)

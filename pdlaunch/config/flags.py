@@ -63,6 +63,8 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("device", str | None, "device", "auto | cpu | cuda."),
     Flag("host", str | None, "proxy.host", "Proxy bind address."),
     Flag("port", int | None, "proxy.port", "Proxy port."),
+    Flag("proxy_workers", int | None, "proxy.workers",
+         "Proxy processes sharing the port (for streams that outrun one proxy process; each routes on its own)."),
     Flag("routing_policy", str | None, "proxy.routing_policy",
          "round_robin | least_loaded | prefix (the instance caching the longest prefix of the prompt, weighed "
          "against its queue)."),
@@ -177,7 +179,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Memory and scheduling": ("gpu_memory_utilization", "enable_cumem_allocator", "enable_sleep_mode", "max_num_seqs",
                               "max_num_batched_tokens", "prompt_tokens_while_decoding", "async_scheduling",
                               "no_async_scheduling"),
-    "Server": ("host", "port", "routing_policy", "log_dir"),
+    "Server": ("host", "port", "routing_policy", "proxy_workers", "log_dir"),
     "Security": ("api_key",),
 }
 _PANEL_OF = {name: panel for panel, names in HELP_PANELS.items() for name in names}

@@ -163,6 +163,11 @@ class ProxyConfig(StrictModel):
         "events).")
     request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")
     restart: bool = Field(True, description="Restart the proxy if it dies (same port).")
+    workers: int = Field(
+        1, ge=1, le=64, description="Proxy processes sharing the port, for fleets whose streams outrun one proxy "
+        "process (a few thousand events a second per core; README \"Proxy workers\"). Each is a whole proxy with "
+        "its own routing state (round robin, queue weights and disaggregate_max_queue_tokens count its own "
+        "requests); /metrics sums their counters. A worker that dies restarts the whole proxy.")
     health_timeout_seconds: float = Field(
         2.0, gt=0, le=60, description="An instance whose /health does not answer within this is marked stalled "
         "and gets no new requests until it answers again (probed every second; the launcher uses it too).")
@@ -347,6 +352,8 @@ def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> li
             "--health-timeout", str(proxy.health_timeout_seconds),
             "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
             "--migration-limit", str(proxy.migration_limit)]
+    if proxy.workers > 1:
+        args += ["--workers", str(proxy.workers)]
     if proxy.prefill_timeout_seconds is not None:
         args += ["--prefill-timeout", str(proxy.prefill_timeout_seconds)]
     if proxy.disaggregate_min_tokens is not None:

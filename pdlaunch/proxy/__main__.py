@@ -32,6 +32,7 @@ from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.disaggregate import Disaggregation
 from pdlaunch.proxy.instances import HEALTH_TIMEOUT_S, POLICIES, Instance, InstancePool, Role
 from pdlaunch.proxy.migrate import DEFAULT_MIGRATION_LIMIT
+from pdlaunch.proxy.workers import MAX_WORKERS, Supervisor
 from pdlaunch.server.watchdog import watch_parent
 
 DEFAULT_DRAIN_S = 5.0
@@ -99,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S,
                         help="On SIGTERM, wait this long for in-flight requests.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Proxy processes sharing the port (each a whole proxy with its own routing state; "
+                        "counters summed in /metrics); proxy.workers.")
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)  # a worker's socket
+    parser.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=_env_log_level(),
                         help=f"debug adds one line per request (its X-Request-Id, instances, outcome); "
                         f"default from {LOG_LEVEL_ENV}, else info.")
@@ -133,6 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag's range and the combinations the proxy needs (parser.error: exit 2 naming the flag)."""
     if args.max_request_bytes <= 0:
         parser.error("--max-request-bytes must be positive")
     for name in ("health_timeout", "prefill_timeout"):
@@ -152,11 +164,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--tokenizer: {exc.render()}")
     if args.migration_limit < 0:
         parser.error("--migration-limit must be 0 or more")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        parser.error(f"--workers must be 1 to {MAX_WORKERS}")
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
         parser.error("a PD proxy needs at least one --prefill and one --decode instance (or --colocated)")
-    return args
 
 
 def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -178,9 +191,13 @@ def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namesp
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    who = "proxy" if args.worker_index is None else f"proxy[{args.worker_index}]"
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {who} %(name)s: %(message)s")
     quiet_http_client_logs()
+    if args.workers > 1:  # this process supervises; the workers serve (workers.py)
+        return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, args.workers,
+                          args.drain_timeout, args.parent_pid).run()
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
                  + parse_instances("colocated", args.colocated))
     app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout), args.request_timeout,
@@ -200,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ), on_shutdown=lambda: app.state.proxy_state.proxy.begin_shutdown(drain_s))
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
-    server.run()
+    # A worker accepts on the supervisor's socket; a single proxy binds its own.
+    server.run(sockets=None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)])
     return 0
 
 

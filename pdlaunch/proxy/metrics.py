@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.routing import Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pdlaunch.proxy.instances import InstancePool
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set for the workers of proxy.workers > 1 (workers.py)
 
 
 class ProxyMetrics:
@@ -55,7 +59,19 @@ class ProxyMetrics:
             "cache events), by role", ["role"], registry=self.registry)
         pool.on_stall = lambda instance: self.stalls.labels(instance.role).inc()
         pool.on_retry = lambda role, reason: self.legs_retried.labels(role, reason).inc()
-        self.registry.register(_PoolCollector(pool))
+        self.pool_registry = CollectorRegistry(auto_describe=False)  # this process's view, read at scrape time
+        self.pool_registry.register(_PoolCollector(pool))
+
+    def render(self) -> bytes:
+        """The proxy's own series in the text format. Behind proxy.workers > 1 (PROMETHEUS_MULTIPROC_DIR set by
+        the supervisor, workers.py) the counters and histograms are every worker's summed, read from the workers'
+        files; the per-instance gauges are this worker's."""
+        own = self.pool_registry
+        if os.environ.get(MULTIPROC_ENV):
+            summed = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(summed)  # type: ignore[no-untyped-call]
+            return generate_latest(summed) + generate_latest(own)
+        return generate_latest(self.registry) + generate_latest(own)
 
 
 class _PoolCollector(Collector):

@@ -18,7 +18,7 @@ import os
 import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, JsonValue
 
 import pdlaunch
@@ -51,7 +51,7 @@ async def metrics(request: Request) -> Response:
     proxy = state_of(request).proxy
     federated, missed = await instance_metrics(proxy.http(), proxy.pool, proxy.upstream_headers)
     proxy.metrics.federation_errors.inc(missed)
-    return Response(generate_latest(proxy.metrics.registry) + federated, media_type=CONTENT_TYPE_LATEST)
+    return Response(proxy.metrics.render() + federated, media_type=CONTENT_TYPE_LATEST)
 
 
 async def version() -> JSONResponse:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdlaunch import metrics
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -20,8 +21,8 @@ def _exported() -> set[str]:
     metrics.set_model_name("dashboard-test")  # every labelled vllm:* series gets its children
     proxy = ProxyMetrics(InstancePool([Instance("decode", "http://127.0.0.1:1", "decode-0")]))
     proxy.requests.labels("/v1/completions", "200").inc(0)
-    return {s.name for registry in (REGISTRY, proxy.registry) for family in registry.collect()
-            for s in family.samples}
+    rendered = text_string_to_metric_families(proxy.render().decode())  # what the proxy's /metrics answers
+    return {s.name for family in [*REGISTRY.collect(), *rendered] for s in family.samples}
 
 
 def test_every_series_the_dashboard_reads_is_exported() -> None:

@@ -1,0 +1,195 @@
+"""proxy.workers (pdlaunch/proxy/workers.py): N proxy processes on one port behind a supervisor, in front of
+scripted instances. Both workers answer, every answer is right, /metrics sums the workers' counters whichever
+worker answers the scrape, SIGTERM stops and reaps them all, a worker that dies takes the proxy down with exit
+1 (so the launcher restarts it whole), and bad values are refused naming the flag or field."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.workers import worker_argv
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.test_proxy_failures import ScriptedInstance
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            out.append(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2] != "Z"
+
+
+def _health_pid(url: str) -> int | None:
+    try:
+        r = httpx.get(url + "/health", timeout=5)  # a new connection each time: the kernel picks the worker
+    except httpx.HTTPError:
+        return None
+    return int(r.json()["pid"]) if r.status_code == 200 else None
+
+
+def _completions_total(text: str) -> float:
+    for line in text.splitlines():
+        if line.startswith('pdlaunch_proxy_requests_total{') and 'route="/v1/completions"' in line \
+                and 'status="200"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class _Proxy:
+    def __init__(self, log: Path, *extra: str) -> None:
+        ports = PortAllocator("127.0.0.1")
+        self.prefill, self.decode = ScriptedInstance("prefill"), ScriptedInstance("decode")
+        self.p = ThreadServer(self.prefill.app, ports.free("prefill"))
+        self.d = ThreadServer(self.decode.app, ports.free("decode"))
+        self.port = ports.free("proxy")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path, self.extra = log, extra
+
+    def __enter__(self) -> _Proxy:
+        self.p.__enter__()
+        self.d.__enter__()
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pdlaunch.proxy", "--port", str(self.port), "--prefill",
+                                      self.p.url, "--decode", self.d.url, "--workers", "2", *self.extra],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+        self.d.__exit__()
+        self.p.__exit__()
+
+    def read_log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path) -> None:
+    with _Proxy(tmp_path / "proxy.log") as proxy:
+        workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
+                           "the supervisor's two workers", 60)
+        seen: set[int] = set()
+        wait_for(lambda: seen.add(_health_pid(proxy.url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
+                 f"both workers {workers} to answer /health (seen {seen})", 120)
+
+        def ask(i: int) -> str:
+            with httpx.Client(timeout=30) as client:  # its own connection: either worker may take it
+                r = client.post(proxy.url + "/v1/completions", json={"prompt": f"p{i}", "stream": True})
+                assert r.status_code == 200, r.text
+                return r.text
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(40)))
+        assert all('"t0"' in a and '"t2"' in a and "[DONE]" in a for a in answers), answers[:2]
+        assert len(proxy.decode.requests) == 40
+        # Whichever worker answers the scrape, the requests counter is both workers' sum.
+        for _ in range(6):
+            text = httpx.get(proxy.url + "/metrics", timeout=10).text
+            assert _completions_total(text) == 40, [line for line in text.splitlines() if "requests_total" in line]
+            assert "pdlaunch_proxy_instance_up" in text  # the answering worker's own gauges are there too
+
+        proxy.proc.send_signal(signal.SIGTERM)
+        assert proxy.proc.wait(60) == 0, proxy.read_log()[-2000:]
+    assert not any(_alive(pid) for pid in workers), "a worker outlived the supervisor"
+    log = proxy.read_log()
+    assert "2 workers (pids" in log and "stopping 2 workers (SIGTERM)" in log, log[-2000:]
+    assert "proxy[0]" in log and "proxy[1]" in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_takes_the_proxy_down_with_exit_1(tmp_path: Path) -> None:
+    with _Proxy(tmp_path / "proxy.log") as proxy:
+        workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
+                           "the supervisor's two workers", 60)
+        wait_for(lambda: _health_pid(proxy.url) is not None, "a worker to answer /health", 120)
+        os.kill(workers[0], signal.SIGKILL)
+        assert proxy.proc.wait(60) == 1
+    assert not any(_alive(pid) for pid in workers)
+    log = proxy.read_log()
+    assert f"(pid {workers[0]}) exited with status -9 while serving" in log, log[-2000:]
+
+
+def test_bad_worker_counts_are_refused_naming_the_flag_or_field() -> None:
+    for value in ("0", "65"):
+        r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1",
+                            "--workers", value], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "--workers must be 1 to 64" in r.stderr, r.stderr
+    with pytest.raises(ValueError, match="workers"):
+        DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
+
+
+def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket() -> None:
+    cfg = DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 3}})
+    args = proxy_policy_args(cfg, lambda: "tiny")
+    assert args[args.index("--workers") + 1] == "3"
+    assert "--workers" not in proxy_policy_args(DeploymentConfig.model_validate({"model": {"path": "tiny"}}),
+                                                lambda: "tiny")
+    argv = ["--port", "8000", "--workers", "3", "--parent-pid", "77", "--workers=3", "--decode", "x"]
+    assert worker_argv(argv, 9, 1) == ["--port", "8000", "--decode", "x", "--listen-fd", "9", "--worker-index", "1",
+                                       "--parent-pid", str(os.getpid())]
+
+
+@pytest.mark.e2e
+def test_pdlaunch_serve_with_two_proxy_workers(tmp_path: Path) -> None:
+    """The user's path: `pdlaunch serve tiny --prefill 1 --decode 1 --proxy-workers 2`; greedy answers through
+    both workers equal each other, /metrics counts them all, Ctrl-C leaves no worker behind."""
+    from tests.serving.e2e import Serve, wait_gone
+
+    serve = Serve(tmp_path, ["--model", "tiny", "--prefill", "1", "--decode", "1", "--proxy-workers", "2",
+                             "--num-gpu-blocks", "256", "--block-size", "8"])
+    try:
+        serve.wait_ready()
+        workers = next(found for found in map(_children, serve.children) if len(found) == 2)  # the proxy's
+        seen: set[int] = set()
+        wait_for(lambda: seen.add(_health_pid(serve.url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
+                 f"both workers {workers} to answer /health (seen {seen})", 120)
+
+        def ask(_: int) -> str:
+            with httpx.Client(timeout=120) as client:
+                r = client.post(serve.url + "/v1/completions",
+                                json={"prompt": "the same prompt", "max_tokens": 8, "temperature": 0})
+                assert r.status_code == 200, r.text
+                return str(r.json()["choices"][0]["text"])
+
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(ask, range(12)))
+        assert len(set(texts)) == 1, texts
+        assert _completions_total(httpx.get(serve.url + "/metrics", timeout=30).text) == 12
+    finally:
+        serve.stop()
+    wait_gone(workers)
+    assert "proxy[1]" in (serve.log_dir / "proxy.log").read_text()
