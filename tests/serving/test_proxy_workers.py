@@ -150,6 +150,10 @@ def test_bad_worker_counts_are_refused_naming_the_flag_or_field() -> None:
         assert r.returncode == 2 and "--workers must be 1 to 64" in r.stderr, r.stderr
     with pytest.raises(ValueError, match="workers"):
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
+    r = subprocess.run([sys.executable, "-m", "pdlaunch", "check-config", "--model", "tiny", "--proxy-workers", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "--proxy-workers: must be >= 1, got 0" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
 
 
 def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket() -> None:
