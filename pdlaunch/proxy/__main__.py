@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable
 from types import FrameType
@@ -166,6 +167,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--migration-limit must be 0 or more")
     if not 1 <= args.workers <= MAX_WORKERS:
         parser.error(f"--workers must be 1 to {MAX_WORKERS}")
+    if args.listen_fd is not None:  # internal: the supervisor's listening socket (workers.py)
+        try:
+            kind = os.fstat(args.listen_fd).st_mode
+        except OSError:
+            kind = 0
+        if not stat.S_ISSOCK(kind):
+            parser.error(f"--listen-fd {args.listen_fd}: not an open socket (the proxy's supervisor passes it; "
+                         "start the proxy with --workers N instead)")
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):

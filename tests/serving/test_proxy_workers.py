@@ -148,6 +148,9 @@ def test_bad_worker_counts_are_refused_naming_the_flag_or_field() -> None:
         r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1",
                             "--workers", value], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "--workers must be 1 to 64" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1", "--listen-fd",
+                        "99"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--listen-fd 99: not an open socket" in r.stderr, r.stderr
     with pytest.raises(ValueError, match="workers"):
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
     r = subprocess.run([sys.executable, "-m", "pdlaunch", "check-config", "--model", "tiny", "--proxy-workers", "0"],
