@@ -196,7 +196,8 @@ def main() -> None:
     proxy_port = _free_port()
     proxy = subprocess.Popen([sys.executable, "-m", "pdlaunch.proxy", "--port", str(proxy_port), "--log-level", "info",
                               "--prefill", f"prefill-0=http://127.0.0.1:{ports['prefill']}",
-                              "--decode", f"decode-0=http://127.0.0.1:{ports['decode']}", "--workers", str(args.workers)])
+                              "--decode", f"decode-0=http://127.0.0.1:{ports['decode']}",
+                              "--workers", str(args.workers)])
     rows: list[dict[str, Any]] = []
     try:
         _wait_ready(proxy_port)
