@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {who} %(name)s: %(message)s")
     quiet_http_client_logs()
-    if args.workers > 1:  # this process supervises; the workers serve (workers.py)
+    if args.workers > 1 and args.listen_fd is None:  # this process supervises; the workers serve (workers.py)
         return Supervisor(list(sys.argv[1:] if argv is None else argv), args.host, args.port, args.workers,
                           args.drain_timeout, args.parent_pid).run()
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)

@@ -42,7 +42,8 @@ MAX_WORKERS = 64
 
 def worker_argv(argv: list[str], fd: int, index: int) -> list[str]:
     """A worker's command-line flags: the supervisor's, without --workers and --parent-pid (the supervisor is the
-    worker's parent), with the listening socket's descriptor and the worker's index."""
+    worker's parent), with the listening socket's descriptor and the worker's index. (A process given --listen-fd
+    never supervises, whatever --workers says; of two --parent-pid the last, ours, wins.)"""
     out: list[str] = []
     skip = False
     for arg in argv:
