@@ -131,6 +131,45 @@ def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path) 
 
 
 @pytest.mark.slow
+def test_sigterm_ends_open_streams_on_every_worker_with_an_event(tmp_path: Path) -> None:
+    """Each worker drains its own streams: eight open streams, whichever worker relays each, end with the
+    shutting_down event, and the supervisor exits 0 once every worker has."""
+    import json
+    import threading
+
+    with _Proxy(tmp_path / "proxy.log", "--drain-timeout", "2") as proxy:
+        workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
+                           "the supervisor's two workers", 60)
+        seen: set[int] = set()
+        wait_for(lambda: seen.add(_health_pid(proxy.url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
+                 f"both workers {workers} to answer /health (seen {seen})", 120)
+        streams: list[list[str]] = [[] for _ in range(8)]
+        started = threading.Barrier(len(streams) + 1, timeout=60)
+
+        def read(events: list[str]) -> None:
+            with httpx.stream("POST", proxy.url + "/v1/completions", timeout=60,
+                              json={"prompt": "slow", "stream": True}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        if len(events) == 3:
+                            started.wait()
+
+        readers = [threading.Thread(target=read, args=(events,), daemon=True) for events in streams]
+        for reader in readers:
+            reader.start()
+        started.wait()  # every stream has its three tokens and waits for more
+        proxy.proc.send_signal(signal.SIGTERM)
+        for reader in readers:
+            reader.join(60)
+        assert not any(reader.is_alive() for reader in readers), "a stream did not end after SIGTERM"
+        assert proxy.proc.wait(60) == 0, proxy.read_log()[-2000:]
+    for events in streams:
+        assert json.loads(events[-1])["error"]["code"] == "shutting_down", events[-2:]
+    assert not any(_alive(pid) for pid in workers)
+
+
+@pytest.mark.slow
 def test_a_worker_that_dies_takes_the_proxy_down_with_exit_1(tmp_path: Path) -> None:
     with _Proxy(tmp_path / "proxy.log") as proxy:
         workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
