@@ -18,32 +18,22 @@ import pytest
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.workers import worker_argv
+from tests.serving.e2e import Serve, alive, children_of, wait_gone
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_failures import ScriptedInstance
 
 
-def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is `pid`."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            out.append(int(entry))
-    return out
+def _two_workers(supervisor: int) -> list[int]:
+    """The supervisor's two workers (they carry `--parent-pid <supervisor>`), once both are running."""
+    return wait_for(lambda: len(children_of(supervisor)) == 2 and children_of(supervisor),  # type: ignore[no-any-return]
+                    "the supervisor's two workers", 60)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return state[state.rindex(")") + 2] != "Z"
+def _wait_both_answer(url: str, workers: list[int]) -> None:
+    """Until each worker has answered a /health (a new connection each time: the kernel picks the worker)."""
+    seen: set[int] = set()
+    wait_for(lambda: seen.add(_health_pid(url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
+             f"both workers {workers} to answer /health (seen {seen})", 120)
 
 
 def _health_pid(url: str) -> int | None:
@@ -100,11 +90,8 @@ class _Proxy:
 @pytest.mark.slow
 def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path) -> None:
     with _Proxy(tmp_path / "proxy.log") as proxy:
-        workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
-                           "the supervisor's two workers", 60)
-        seen: set[int] = set()
-        wait_for(lambda: seen.add(_health_pid(proxy.url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
-                 f"both workers {workers} to answer /health (seen {seen})", 120)
+        workers = _two_workers(proxy.proc.pid)
+        _wait_both_answer(proxy.url, workers)
 
         def ask(i: int) -> str:
             with httpx.Client(timeout=30) as client:  # its own connection: either worker may take it
@@ -124,7 +111,7 @@ def test_two_workers_serve_sum_their_counters_and_stop_together(tmp_path: Path) 
 
         proxy.proc.send_signal(signal.SIGTERM)
         assert proxy.proc.wait(60) == 0, proxy.read_log()[-2000:]
-    assert not any(_alive(pid) for pid in workers), "a worker outlived the supervisor"
+    assert not alive(workers), "a worker outlived the supervisor"
     log = proxy.read_log()
     assert "2 workers (pids" in log and "stopping 2 workers (SIGTERM)" in log, log[-2000:]
     assert "proxy[0]" in log and "proxy[1]" in log, log[-2000:]
@@ -138,11 +125,8 @@ def test_sigterm_ends_open_streams_on_every_worker_with_an_event(tmp_path: Path)
     import threading
 
     with _Proxy(tmp_path / "proxy.log", "--drain-timeout", "2") as proxy:
-        workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
-                           "the supervisor's two workers", 60)
-        seen: set[int] = set()
-        wait_for(lambda: seen.add(_health_pid(proxy.url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
-                 f"both workers {workers} to answer /health (seen {seen})", 120)
+        workers = _two_workers(proxy.proc.pid)
+        _wait_both_answer(proxy.url, workers)
         streams: list[list[str]] = [[] for _ in range(8)]
         started = threading.Barrier(len(streams) + 1, timeout=60)
 
@@ -166,18 +150,17 @@ def test_sigterm_ends_open_streams_on_every_worker_with_an_event(tmp_path: Path)
         assert proxy.proc.wait(60) == 0, proxy.read_log()[-2000:]
     for events in streams:
         assert json.loads(events[-1])["error"]["code"] == "shutting_down", events[-2:]
-    assert not any(_alive(pid) for pid in workers)
+    assert not alive(workers)
 
 
 @pytest.mark.slow
 def test_a_worker_that_dies_takes_the_proxy_down_with_exit_1(tmp_path: Path) -> None:
     with _Proxy(tmp_path / "proxy.log") as proxy:
-        workers = wait_for(lambda: len(_children(proxy.proc.pid)) == 2 and _children(proxy.proc.pid),
-                           "the supervisor's two workers", 60)
+        workers = _two_workers(proxy.proc.pid)
         wait_for(lambda: _health_pid(proxy.url) is not None, "a worker to answer /health", 120)
         os.kill(workers[0], signal.SIGKILL)
         assert proxy.proc.wait(60) == 1
-    assert not any(_alive(pid) for pid in workers)
+    assert not alive(workers)
     log = proxy.read_log()
     assert f"(pid {workers[0]}) exited with status -9 while serving" in log, log[-2000:]
 
@@ -213,16 +196,12 @@ def test_the_workers_setting_reaches_the_proxy_and_each_worker_gets_the_socket()
 def test_pdlaunch_serve_with_two_proxy_workers(tmp_path: Path) -> None:
     """The user's path: `pdlaunch serve tiny --prefill 1 --decode 1 --proxy-workers 2`; greedy answers through
     both workers equal each other, /metrics counts them all, Ctrl-C leaves no worker behind."""
-    from tests.serving.e2e import Serve, wait_gone
-
     serve = Serve(tmp_path, ["--model", "tiny", "--prefill", "1", "--decode", "1", "--proxy-workers", "2",
                              "--num-gpu-blocks", "256", "--block-size", "8"])
     try:
         serve.wait_ready()
-        workers = next(found for found in map(_children, serve.children) if len(found) == 2)  # the proxy's
-        seen: set[int] = set()
-        wait_for(lambda: seen.add(_health_pid(serve.url) or 0) or set(workers) <= seen,  # type: ignore[func-returns-value]
-                 f"both workers {workers} to answer /health (seen {seen})", 120)
+        workers = next(found for found in map(children_of, serve.children) if len(found) == 2)  # the proxy's
+        _wait_both_answer(serve.url, workers)
 
         def ask(_: int) -> str:
             with httpx.Client(timeout=120) as client:
