@@ -120,7 +120,7 @@ class Supervisor:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        # Only sets a flag and sends signals: the watch loop below notices within POLL_S.
+        # The flag, a log line and SIGTERM to the workers; the watch loop sees the flag within POLL_S.
         self.request_stop(signal.Signals(signum).name)
 
     def _watch(self) -> int:
