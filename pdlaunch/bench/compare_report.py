@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from pydantic import JsonValue
+from pydantic import BaseModel, JsonValue
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -185,10 +185,56 @@ def conditional_against_best(runs: list[DeploymentRun], cfg: CompareConfig) -> l
     return rows
 
 
+def _or_below(rate: float | None) -> float:
+    """A highest rate for ordering: None (already missed at the lowest rate measured) below every rate."""
+    return -1.0 if rate is None else rate
+
+
+class CapacityRow(BaseModel):
+    """One SLO set's highest rates (`conditional_capacity`)."""
+
+    conditional: float | None
+    best_other: str
+    best_other_rate: float | None
+    at_least_best: bool | None  # None: no deployment keeps the share at the lowest rate (nothing to compare)
+
+
+def conditional_capacity(runs: list[DeploymentRun]) -> dict[str, CapacityRow] | None:
+    """Per SLO set ("relaxed", "tight"), the highest rate the conditional deployment keeps >= WITHIN_SLO_SHARE
+    of requests within (`highest_rate_within`: goodput as DistServe defines it, at the resolution of the rates
+    measured) against the better of always-PD and colocated; None without a conditional run."""
+    conditional = next((r for r in runs if r.kind == "conditional"), None)
+    others = [r for r in runs if r.kind in ("pd", "colocated")]
+    if conditional is None or not others:
+        return None
+    rows: dict[str, CapacityRow] = {}
+    for name, tight in (("relaxed", False), ("tight", True)):
+        mine = highest_rate_within(conditional.points, tight=tight)
+        rates = {r.label: highest_rate_within(r.points, tight=tight) for r in others}
+        best = max(rates, key=lambda label: _or_below(rates[label]))
+        theirs = rates[best]
+        rows[name] = CapacityRow(conditional=mine, best_other=best, best_other_rate=theirs,
+                                 at_least_best=None if mine is None and theirs is None
+                                 else _or_below(mine) >= _or_below(theirs))
+    return rows
+
+
+def _capacity_text(capacity: dict[str, CapacityRow]) -> str:
+    def rate(value: float | None) -> str:
+        return "none" if value is None else f"{value:g} req/s"
+
+    verdicts = {None: "neither keeps it at the lowest rate", True: "at least as good", False: "below it"}
+    parts = [f"{name}: per-request disaggregation {rate(row.conditional)} against {rate(row.best_other_rate)} of "
+             f"{row.best_other} ({verdicts[row.at_least_best]})" for name, row in capacity.items()]
+    return (f"highest rate keeping >= {WITHIN_SLO_SHARE:g} of requests within the SLOs, of the rates measured: "
+            + "; ".join(parts))
+
+
 def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advice | None = None,
                      yardstick: Yardstick | None = None) -> dict[str, JsonValue]:
     pd = next(run for run in runs if run.kind == "pd")
     best, sentence = verdict(pd)
+    capacity = conditional_capacity(runs)
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
         "settings": cfg.model_dump(mode="json"),
@@ -198,13 +244,17 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advi
         "verdict": sentence,
         "advisor": advice_document(advice, runs, cfg) if advice is not None else None,
         "conditional_against_best": [*conditional_against_best(runs, cfg)],
+        "conditional_capacity": None if capacity is None else {name: row.model_dump()
+                                                                for name, row in capacity.items()},
         "deployments": [
             {"kind": run.kind, "label": run.label, "description": run.description, "prefill": run.prefill,
              "decode": run.decode, "steps": {role: limits.model_dump() for role, limits in run.steps.items()},
              "pids": [*run.pids],
              "stopped": run.stopped,
-             "points": [{**p.model_dump(), "within_share": p.within_share} for p in run.points],
-             "highest_rate_within_slo": highest_rate_within(run.points), "raw": [*run.raw]}
+             "points": [{**p.model_dump(), "within_share": p.within_share, "tight_within_share": p.tight_within_share}
+                        for p in run.points],
+             "highest_rate_within_slo": highest_rate_within(run.points),
+             "highest_rate_within_tight_slo": highest_rate_within(run.points, tight=True), "raw": [*run.raw]}
             for run in runs
         ],
     }
@@ -258,6 +308,9 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
                       + ("" if row["kv_bytes"] is None or row["pd_kv_bytes"] is None else
                          f"; KV moved {row['kv_bytes']:,.0f} B against PD's {row['pd_kv_bytes']:,.0f} B"),
                       highlight=False)
+    capacity = conditional_capacity(runs)
+    if capacity is not None:
+        console.print(_capacity_text(capacity), highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
     console.print(f"Wrote {json_path}", highlight=False)
     try:

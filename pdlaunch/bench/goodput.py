@@ -88,6 +88,10 @@ class RatePoint(BaseModel):
     def within_share(self) -> float:
         return self.within_slo / self.num_prompts if self.num_prompts else 0.0
 
+    @property
+    def tight_within_share(self) -> float:
+        return self.tight_within_slo / self.num_prompts if self.num_prompts else 0.0
+
 
 def rate_point(rate: float, doc: ServeDoc, slo: Slo, tight: Slo | None = None,
                load: EngineLoad | None = None) -> RatePoint:
@@ -122,13 +126,15 @@ def count_long_gaps(doc: ServeDoc) -> int:
     return gaps
 
 
-def highest_rate_within(points: list[RatePoint], share: float = WITHIN_SLO_SHARE) -> float | None:
-    """The highest rate up to which the deployment *keeps* >= `share` of requests within the SLOs: every
-    measured rate up to and including it qualifies. A pass above a failed lower rate is noise, not
-    capacity, so it does not count. None when the lowest measured rate already misses."""
+def highest_rate_within(points: list[RatePoint], share: float = WITHIN_SLO_SHARE,
+                        tight: bool = False) -> float | None:
+    """The highest rate up to which the deployment *keeps* >= `share` of requests within the SLOs (the
+    tight set's with `tight`): every measured rate up to and including it qualifies. A pass above a failed
+    lower rate is noise, not capacity, so it does not count. None when the lowest measured rate already
+    misses."""
     best: float | None = None
     for point in sorted(points, key=lambda p: p.rate):
-        if point.within_share < share:
+        if (point.tight_within_share if tight else point.within_share) < share:
             break
         best = point.rate
     return best

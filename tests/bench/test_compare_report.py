@@ -73,6 +73,8 @@ def test_report_prints_table_and_verdicts_and_writes_json(tmp_path: Path, monkey
     colocated, pd = on_disk["deployments"]
     assert colocated["highest_rate_within_slo"] is None and pd["highest_rate_within_slo"] == 4
     assert [p["within_share"] for p in pd["points"]] == [1.0, 0.95, 0.6]
+    assert [p["tight_within_share"] for p in pd["points"]] == [0.5, 0.47, 0.3]
+    assert pd["highest_rate_within_tight_slo"] is None and on_disk["conditional_capacity"] is None
     assert on_disk["settings"]["ttft_slo_ms"] == 400 and on_disk["settings"]["tpot_slo_ms"] == 15
     assert on_disk["settings"]["tight_ttft_slo_ms"] == 1000 and on_disk["settings"]["tight_tpot_slo_ms"] == 10
     assert pd["points"][2]["tight_goodput"] == 2.4 and pd["points"][2]["itl_p99_ms"] == 32.0
@@ -100,6 +102,37 @@ def test_per_request_disaggregation_is_set_against_the_better_of_the_other_two(t
     assert rows[2]["ratio"] == pytest.approx(5.0 / 4.8)
     assert "GFLOP per token of 64/3072-token prompts (equal shares)" in flat
     assert [d["kind"] for d in doc["deployments"]] == ["colocated", "pd", "conditional"]
+    # the highest rates that keep 90% within: relaxed 4 req/s both; tight (half within) none anywhere
+    assert doc["conditional_capacity"] == {
+        "relaxed": {"conditional": 4.0, "best_other": "PD 1P1D", "best_other_rate": 4.0, "at_least_best": True},
+        "tight": {"conditional": None, "best_other": "colocated x2", "best_other_rate": None, "at_least_best": None}}
+    assert ("highest rate keeping >= 0.9 of requests within the SLOs, of the rates measured: relaxed: per-request "
+            "disaggregation 4 req/s against 4 req/s of PD 1P1D (at least as good); tight: per-request "
+            "disaggregation none against none of colocated x2 (neither keeps it at the lowest rate)") in flat
+
+
+def _tight(point: RatePoint, within: int) -> RatePoint:
+    return point.model_copy(update={"tight_within_slo": within})
+
+
+def test_capacity_is_the_highest_rate_kept_within_each_slo_set() -> None:
+    colocated, pd = _runs()  # relaxed: colocated none, PD 4 req/s
+    colocated.points = [_tight(p, w) for p, w in zip(colocated.points, (95, 91, 10))]   # tight: 4 req/s
+    pd.points = [_tight(p, w) for p, w in zip(pd.points, (100, 100, 92))]              # tight: 8 req/s
+    cond = DeploymentRun(kind="conditional", label="PD 1P1D cond.", description="1P + 1D, < 256 local",
+                         points=[_tight(_point(2, 100, 2.0), 100), _tight(_point(4, 92, 3.7), 89),
+                                 _tight(_point(8, 95, 7.6), 99)])  # relaxed 8 req/s; tight 2 (4 misses: 89%)
+    assert compare_report.highest_rate_within(pd.points, tight=True) == 8
+    capacity = compare_report.conditional_capacity([colocated, pd, cond])
+    assert capacity is not None
+    assert capacity["relaxed"].model_dump() == {"conditional": 8.0, "best_other": "PD 1P1D", "best_other_rate": 4.0,
+                                                "at_least_best": True}
+    assert capacity["tight"].model_dump() == {"conditional": 2.0, "best_other": "PD 1P1D", "best_other_rate": 8.0,
+                                              "at_least_best": False}
+    cond.points = [_tight(p, 10) for p in cond.points[:1]]  # misses the tight set at its lowest rate
+    capacity = compare_report.conditional_capacity([colocated, pd, cond])
+    assert capacity is not None and capacity["tight"].at_least_best is False
+    assert compare_report.conditional_capacity([colocated, pd]) is None  # no conditional run
 
 
 def test_without_a_ceiling_the_rate_is_shown_and_the_share_is_not(tmp_path: Path) -> None:
