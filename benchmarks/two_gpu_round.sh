@@ -15,6 +15,9 @@
 #               deployment again for each Q:T of SWEEP (e.g. SWEEP="8192: 6144:9 4096:9"; an empty side leaves that
 #               flag off), each beside the first run's colocated and PD runs (BASELINE): OUT_DIR/sweep-Q-T/mixed, its table
 #               also as OUT_DIR/sweep-Q-T.json
+#   mixed-caps  the mixed part once per prompt-token cap of CAPS (e.g. CAPS="384 1024"), all three deployments each
+#               time under `scheduler: {prompt_tokens_while_decoding: CAP}` (the colocated pair and the decode that
+#               takes spilled prompts chunk them alike): OUT_DIR/cap-CAP/mixed, its table also as OUT_DIR/cap-CAP.json
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
 #               robin, prefix routing, prefix routing with --disaggregate-min-tokens MT_MIN_TOKENS (default 512),
 #               each on a fresh deployment (issue 31's prefill tokens, KV bytes and TTFT p50 ratios)
@@ -31,7 +34,7 @@
 #        interpreter lock) over the first SPY_SECONDS (default 6) of every serve round's bench).
 #        A dry run of the multiturn part on a CPU: CKPT=tiny MT_ARGS="--multi-turn --num-conversations 2 ...".
 source "$(dirname "$0")/steps.sh"
-part=${2:?PART: kv | compare | mixed | mixed-sweep | multiturn | moe | turns1}
+part=${2:?PART: kv | compare | mixed | mixed-sweep | mixed-caps | multiturn | moe | turns1}
 ckpt=${CKPT:-/dev/shm/l8b}
 moe_ckpt=${MOE_CKPT:-/dev/shm/q3}
 port=8000
@@ -101,6 +104,13 @@ mixed-sweep)
             echo "== sweep ${qt}: no compare.json"
     done
     ;;
+mixed-caps)
+    for cap in ${CAPS:?CAPS: prompt-token caps, e.g. 384 1024}; do
+        printf 'scheduler:\n  prompt_tokens_while_decoding: %s\n' "$cap" > "$out/cap-$cap.yaml"
+        BASELINE= COMPARE_CONFIG="$out/cap-$cap.yaml" bash "$0" "$out/cap-$cap" mixed
+        cp "$out/cap-$cap/mixed/compare.json" "$out/cap-$cap.json" 2> /dev/null || echo "== cap $cap: no compare.json"
+    done
+    ;;
 multiturn)
     need_8b
     # Conversations start 4 a second: started together (this session's first runs) they turn in lockstep, and
@@ -132,6 +142,6 @@ moe)
         --num-prompts 48 --input-len 3072 --output-len 128 --advise-for tight --no-run-advised --out "$out/moe"
     ;;
 *)
-    echo "unknown PART $part: kv | compare | mixed | mixed-sweep | multiturn | moe | turns1"; exit 2
+    echo "unknown PART $part: kv | compare | mixed | mixed-sweep | mixed-caps | multiturn | moe | turns1"; exit 2
     ;;
 esac
