@@ -24,6 +24,16 @@ split's *SLO rate* is the highest r it serves with >= 90% of requests within the
 SLO rate (ties: more prefill GPUs); without a TTFT target, the highest sustained rate. Still left out: a KV
 cache too small for B sequences; `bench compare` runs the advised split so the prediction is checked.
 
+A decode (or colocated) instance that computes prompt tokens beside its streams stretches their step: a chunk of
+c tokens adds about c / P seconds (the prefill's rate; attention over a long prompt's earlier chunks adds a
+little more). So the streams stay within the TPOT target T with at most
+
+    c = (T - t(b)) * P / 1000     prompt tokens a step beside b decodes
+
+(`Advice.prompt_token_cap`, at the largest batch the PD run's decode measured): a starting value for
+`scheduler.prompt_tokens_while_decoding` where prompts run on decodes (per-request disaggregation's spilled
+prompts) or colocated, to be measured (`bench compare --config`).
+
 That steady-state queue is the long run a deployment serves in; a `bench compare` rate is a few seconds of it,
 over which the queue never settles (at 24 req/s of a 64/3072-token mix the model read 1.6 req/s of goodput for
 1P1D, the run measured 13.1). So where the PD run's per-request lists are at hand, the goodput predicted for
@@ -192,6 +202,13 @@ class Advice(BaseModel):
     splits: list[SplitPrediction]  # every xPyD with x + y = num_gpus
     best: SplitPrediction
     workloads: list[Workload] = []  # the PD run's rates, replayed for the per-rate prediction (module doc)
+    cap_batch: float = 0.0  # the largest decode batch measured: where prompt_token_cap is taken
+
+    def prompt_token_cap(self, batch: float | None = None) -> int:
+        """Prompt tokens a step may carry beside `batch` decodes (default: the largest batch measured) and still end
+        within the TPOT target (module doc); 0 when the decodes alone already take it."""
+        step = self.decode_fit.step_ms(self.cap_batch if batch is None else batch)
+        return max(0, math.floor((self.tpot_target_ms - step) * self.prefill_tokens_per_s / MS_PER_S))
 
     def predicted_goodput(self, rate: float) -> float:
         """The best split's goodput at `rate`: this workload replayed when the PD run measured that rate, else the
@@ -238,4 +255,4 @@ def advise(num_gpus: int, input_len: int, output_len: int, tpot_target_ms: float
     best = max(splits, key=lambda s: (round(s.slo_rate, 9), s.prefill))
     return Advice(num_gpus=num_gpus, input_len=input_len, output_len=output_len, tpot_target_ms=tpot_target_ms,
                   prefill_tokens_per_s=prefill_tokens_per_s, decode_fit=fit, decode_sequences=sequences,
-                  splits=splits, best=best)
+                  splits=splits, best=best, cap_batch=max(p.batch for p in decode_points))

@@ -124,6 +124,7 @@ def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfi
     return {
         **advice.model_dump(mode="json"), "split": advice.best.label, "slo_set": cfg.advise_for,
         "sentence": advice.sentence(), "measured_by": run.label if run is not None else None,
+        "prompt_tokens_while_decoding": advice.prompt_token_cap(),
         "per_rate": [{"rate": rate, "predicted_goodput": predicted, "measured_goodput": measured}
                      for rate, predicted, measured in _per_rate(advice, run, cfg)],
     }
@@ -132,8 +133,13 @@ def advice_document(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfi
 def advice_table(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
     run = advised_run(runs, advice)
     table = Table(title=f"P:D advisor: {advice.sentence()}", title_justify="left", box=box.SIMPLE_HEAD)
+    decode = run.steps.get("decode") if run is not None else None
+    now = f", now {decode.prompt_tokens_while_decoding}" if decode is not None else ""
     table.caption = (f"goodput under the {cfg.advise_for} SLOs, measured on "
-                     f"{run.label if run is not None else 'no run'}")
+                     f"{run.label if run is not None else 'no run'}; where prompts run beside decodes (colocated, "
+                     f"or spilled to a decode), at most {advice.prompt_token_cap()} prompt tokens a step keep "
+                     f"{advice.cap_batch:.0f} streams within TPOT {advice.tpot_target_ms:g} ms "
+                     f"(scheduler.prompt_tokens_while_decoding{now})")
     for col in ("rate /s", "predicted /s", "measured /s"):
         table.add_column(col, justify="right", no_wrap=True)
     for rate, predicted, measured in _per_rate(advice, run, cfg):

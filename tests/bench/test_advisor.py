@@ -46,6 +46,20 @@ def test_decode_capacity_at_the_tpot_target() -> None:
     assert decode_capacity(DecodeFit(intercept_ms=20.0, slope_ms=0.1), 15.0, 64) == 0.0  # one sequence misses
 
 
+def test_the_prompt_token_cap_keeps_the_largest_measured_batch_within_the_tpot_target() -> None:
+    # t(b) = 5 + 0.125 b ms; the largest batch measured is 40 (10 ms), so 5 ms of a 15 ms step are left for
+    # prompt tokens at 30000 tokens/s: 150 tokens.
+    points = [DecodePoint(batch=8, step_ms=6.0), DecodePoint(batch=40, step_ms=10.0)]
+    advice = advise(2, 3000, 100, 15.0, 30000.0, points, 256)
+    assert advice.cap_batch == 40.0 and advice.prompt_token_cap() == 150
+    assert advice.prompt_token_cap(8) == 270  # (15 - 6) ms x 30 tokens/ms
+    assert advice.prompt_token_cap(120) == 0  # the decodes alone take 20 ms
+    # the 2x H200 run of the fiftieth session: a flat 5.717 ms step, 39091 tokens/s, relaxed and tight targets
+    h200 = [DecodePoint(batch=30, step_ms=5.717)]
+    assert advise(2, 1568, 128, 15.0, 39091.0, h200, 256).prompt_token_cap() == 362
+    assert advise(2, 1568, 128, 10.0, 39091.0, h200, 256).prompt_token_cap() == 167
+
+
 def test_advise_picks_the_split_with_the_highest_sustained_rate() -> None:
     # prefill 30000 tokens/s per GPU at 3000-token prompts: 10 req/s per prefill GPU.
     # decode t(b) = 5 + 0.125 b ms, TPOT 15 ms: 80 sequences at 15 ms for 100 tokens = 1.5 s each: 53.3 req/s.

@@ -165,6 +165,10 @@ def test_the_advised_split_is_shown_predicted_against_measured(tmp_path: Path) -
     assert [(r["rate"], r["predicted_goodput"], r["measured_goodput"]) for r in advisor["per_rate"]] == [
         (2, 2.0, 2.0), (4, 4.0, 3.8), (8, 8.0, 4.8)]
     assert advisor["prefill_tokens_per_s"] == 30000.0 and len(advisor["splits"]) == 1
+    # (15 - 13) ms left beside the 64 streams at 30 tokens/ms: 60 prompt tokens a step
+    assert advisor["prompt_tokens_while_decoding"] == 60 and advisor["cap_batch"] == 64
+    assert ("at most 60 prompt tokens a step keep 64 streams within TPOT 15 ms "
+            "(scheduler.prompt_tokens_while_decoding)") in " ".join(text.split())
 
 
 def test_plot_is_written_with_matplotlib(tmp_path: Path) -> None:
