@@ -15,7 +15,7 @@
 #               deployment again for each Q:T of SWEEP (e.g. SWEEP="8192: 6144:9 4096:9"; an empty side leaves that
 #               flag off), each beside the first run's colocated and PD runs (BASELINE): OUT_DIR/sweep-Q-T/mixed, its table
 #               also as OUT_DIR/sweep-Q-T.json
-#   mixed-caps  the mixed part once per prompt-token cap of CAPS (e.g. CAPS="384 1024"), all three deployments each
+#   mixed-caps  the mixed part once per prompt-token cap of CAPS (e.g. CAPS="360 1024"), all three deployments each
 #               time under `scheduler: {prompt_tokens_while_decoding: CAP}` (the colocated pair and the decode that
 #               takes spilled prompts chunk them alike): OUT_DIR/cap-CAP/mixed, its table also as OUT_DIR/cap-CAP.json
 #   multiturn   1P1D, `bench serve --multi-turn`: round robin without prefix caching (no reuse anywhere), round
@@ -105,7 +105,7 @@ mixed-sweep)
     done
     ;;
 mixed-caps)
-    for cap in ${CAPS:?CAPS: prompt-token caps, e.g. 384 1024}; do
+    for cap in ${CAPS:?CAPS: prompt-token caps, e.g. 360 1024}; do
         printf 'scheduler:\n  prompt_tokens_while_decoding: %s\n' "$cap" > "$out/cap-$cap.yaml"
         BASELINE= COMPARE_CONFIG="$out/cap-$cap.yaml" bash "$0" "$out/cap-$cap" mixed
         cp "$out/cap-$cap/mixed/compare.json" "$out/cap-$cap.json" 2> /dev/null || echo "== cap $cap: no compare.json"
