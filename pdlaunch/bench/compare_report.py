@@ -232,8 +232,8 @@ def _capacity_text(capacity: dict[str, CapacityRow]) -> str:
     verdicts = {None: "neither keeps it at the lowest rate", True: "at least as good", False: "below it"}
     parts = [f"{name}: per-request disaggregation {rate(row.conditional)} against {rate(row.best_other_rate)} of "
              f"{row.best_other} ({verdicts[row.at_least_best]})" for name, row in capacity.items()]
-    return (f"highest rate keeping >= {WITHIN_SLO_SHARE:g} of requests within the SLOs, of the rates measured: "
-            + "; ".join(parts))
+    return (f"highest rate keeping >= {100 * WITHIN_SLO_SHARE:.0f}% of requests within the SLOs, of the rates "
+            "measured: " + "; ".join(parts))
 
 
 def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advice | None = None,

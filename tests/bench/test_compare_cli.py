@@ -319,7 +319,7 @@ def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: 
     assert row["at_least_best"] == (row["goodput"] >= row["best_other_goodput"])
     assert "rate 4/s: per-request disaggregation" in text
     assert set(doc["conditional_capacity"]) == {"relaxed", "tight"}  # the highest rates kept within, per SLO set
-    assert "highest rate keeping >= 0.9 of requests within the SLOs, of the rates measured: relaxed:" in text
+    assert "highest rate keeping >= 90% of requests within the SLOs, of the rates measured: relaxed:" in text
     # KV moved over the rate: none between colocated instances, less with the short prompts on the decode alone
     colocated_bytes, pd_bytes, cond_bytes = (d["points"][0]["load"]["kv_bytes"] for d in doc["deployments"])
     assert colocated_bytes == 0 and 0 < cond_bytes < pd_bytes

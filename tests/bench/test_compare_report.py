@@ -106,7 +106,7 @@ def test_per_request_disaggregation_is_set_against_the_better_of_the_other_two(t
     assert doc["conditional_capacity"] == {
         "relaxed": {"conditional": 4.0, "best_other": "PD 1P1D", "best_other_rate": 4.0, "at_least_best": True},
         "tight": {"conditional": None, "best_other": "colocated x2", "best_other_rate": None, "at_least_best": None}}
-    assert ("highest rate keeping >= 0.9 of requests within the SLOs, of the rates measured: relaxed: per-request "
+    assert ("highest rate keeping >= 90% of requests within the SLOs, of the rates measured: relaxed: per-request "
             "disaggregation 4 req/s against 4 req/s of PD 1P1D (at least as good); tight: per-request "
             "disaggregation none against none of colocated x2 (neither keeps it at the lowest rate)") in flat
 
