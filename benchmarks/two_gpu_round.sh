@@ -27,7 +27,8 @@
 #               load and without it (serve_probe.py)
 # Usage: bash benchmarks/two_gpu_round.sh OUT_DIR PART   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
 #        MOE_CKPT: default /dev/shm/q3; RATES overrides a compare part's rates, NUM_PROMPTS the mixed part's
-#        requests per rate (default 64), MT_ARGS the multiturn workload,
+#        requests per rate (default 64), DURATION instead seconds of arrivals per rate (`bench compare --duration`:
+#        rate x DURATION requests each), MT_ARGS the multiturn workload,
 #        COMPARE_CONFIG gives the compare and mixed parts a base deployment YAML, e.g. a smaller chunk budget or
 #        `scheduler: {prompt_tokens_while_decoding: 0}` (no prompt-token cap beside decodes);
 #        SPY=path/to/py-spy records each instance's stacks (raw, per thread; SPY_GIL=1: only while holding the
@@ -89,8 +90,10 @@ compare)
     ;;
 mixed)
     need_8b
+    count=(--num-prompts "${NUM_PROMPTS:-64}")
+    [ -n "${DURATION:-}" ] && count=(--duration "$DURATION")
     TAIL=40 step mixed 520 $py -m pdlaunch bench compare --model "$ckpt" --gpus 0,1 --rates "${RATES:-4,8}" \
-        --num-prompts "${NUM_PROMPTS:-64}" --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 \
+        "${count[@]}" --input-lens 64,3072 --output-len 128 --disaggregate-min-tokens 256 \
         ${MAX_QUEUE:+--disaggregate-max-queue-tokens "$MAX_QUEUE"} ${MAX_ITL:+--disaggregate-max-itl-ms "$MAX_ITL"} \
         ${COMPARE_CONFIG:+--config "$COMPARE_CONFIG"} ${BASELINE:+--baseline "$BASELINE"} \
         --no-run-advised --out "$out/mixed"

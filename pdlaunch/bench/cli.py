@@ -279,6 +279,9 @@ def compare(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     num_prompts: Annotated[int, typer.Option("--num-prompts", help="Requests per rate.")] = 160,
+    duration: Annotated[float | None, typer.Option(
+        "--duration", help="Seconds of arrivals per rate instead of --num-prompts: each rate sends rate x S "
+        "requests, so a high rate is measured over as long a stretch as a low one.")] = None,
     input_len: Annotated[int, typer.Option("--input-len", help="Prompt tokens per request.")] = 3072,
     input_lens: Annotated[str | None, typer.Option(
         "--input-lens", help="A mixed workload instead of --input-len: prompt lengths, comma-separated (64,3072), "
@@ -342,7 +345,8 @@ def compare(
     with _reported("the running deployment was stopped and its processes reaped; no report"):
         cfg = CompareConfig.model_validate(dict(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
-            rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, input_len=input_len,
+            rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, duration=duration,
+            input_len=input_len,
             input_lens=_number_list(input_lens, "--input-lens", int), disaggregate_min_tokens=disaggregate_min_tokens,
             disaggregate_max_queue_tokens=disaggregate_max_queue_tokens,
             disaggregate_max_itl_ms=disaggregate_max_itl_ms, output_len=output_len,

@@ -59,6 +59,9 @@ class CompareConfig(BaseModel):
     gpus: list[int] | None = None  # None: GPUs 0 .. prefill+decode-1
     rates: list[float] = Field(min_length=1)  # requests/s
     num_prompts: int = Field(160, ge=1)
+    # seconds of arrivals per rate: each rate sends round(rate x duration) requests instead of num_prompts, so a
+    # high rate is measured over as long a stretch as a low one
+    duration: float | None = Field(None, gt=0, allow_inf_nan=False)
     input_len: int = Field(3072, ge=1)
     input_lens: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)  # a mix; replaces input_len
     output_len: int = Field(128, ge=1)
@@ -107,6 +110,8 @@ class CompareConfig(BaseModel):
             raise ValueError(f"--config: {str(self.config)!r} is not a file")
         if self.input_lens is not None and self.input_len != type(self).model_fields["input_len"].default:
             raise ValueError("--input-len and --input-lens both set the prompt lengths: give one")
+        if self.duration is not None and self.num_prompts != type(self).model_fields["num_prompts"].default:
+            raise ValueError("--num-prompts and --duration both set how many requests a rate sends: give one")
         if self.disaggregate_max_queue_tokens is not None and self.disaggregate_min_tokens is None:
             raise ValueError("--disaggregate-max-queue-tokens applies to the per-request disaggregation "
                              "deployment: give --disaggregate-min-tokens N too")
@@ -122,6 +127,12 @@ class CompareConfig(BaseModel):
                 raise ValueError(f"--baseline: {str(self.baseline)!r} has no {missing[0]} (give the --out folder of "
                                  "an earlier `bench compare` that ran to its report)")
         return self
+
+    def prompts_at(self, index: int) -> int:
+        """Requests the rate at `index` sends: --num-prompts, or rate x --duration (at least one)."""
+        if self.duration is None:
+            return self.num_prompts
+        return max(1, round(self.rates[index] * self.duration))
 
     @property
     def prompt_lens(self) -> list[int]:
@@ -338,7 +349,7 @@ class DeploymentRun(BaseModel):
 def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchConfig:
     lengths = {"input_lens": cfg.input_lens} if cfg.input_lens is not None else {"random_input_len": cfg.input_len}
     return ServeBenchConfig(
-        base_url=base_url, num_prompts=cfg.num_prompts, **lengths,
+        base_url=base_url, num_prompts=cfg.prompts_at(index), **lengths,
         random_output_len=cfg.output_len, request_rate=cfg.rates[index], burstiness=cfg.burstiness,
         num_warmups=cfg.num_warmups, goodput=cfg.slo.as_goodput_specs(), vocab_size=cfg.vocab_size,
         ignore_eos=True, seed=cfg.seed + index, request_timeout=cfg.request_timeout,

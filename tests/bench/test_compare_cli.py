@@ -39,6 +39,8 @@ def _invoke(args: list[str]) -> Any:
     (["--model", "tiny", "--rates", "2", "--device", "cpu", "--gpus", "0,1"], "--gpus"),
     (["--model", "tiny", "--rates", "2", "--gpus", "0,x"], "--gpus"),
     (["--model", "tiny", "--rates", "2", "--num-prompts", "0"], "--num-prompts"),
+    (["--model", "tiny", "--rates", "2", "--duration", "0"], "--duration"),
+    (["--model", "tiny", "--rates", "2", "--num-prompts", "32", "--duration", "10"], "--num-prompts and --duration"),
     # the default --input-len 3072 does not fit tiny's max_model_len 2048: said before anything starts
     (["--model", "tiny", "--rates", "2", "--device", "cpu"], "--input-len"),
     (["--model", "tiny", "--rates", "2", "--device", "cpu", "--input-lens", "64,3000"], "--input-lens"),
@@ -76,6 +78,14 @@ def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _cfg(tmp_path: Path, **kw: Any) -> CompareConfig:
     return CompareConfig(model="tiny", rates=[2.0], out=tmp_path, **kw)
+
+
+def test_duration_sends_as_many_seconds_of_requests_at_every_rate(tmp_path: Path) -> None:
+    cfg = CompareConfig(model="tiny", rates=[24, 8, 0.1], duration=2.5, out=tmp_path)  # rates are sorted
+    assert [cfg.prompts_at(i) for i in range(3)] == [1, 20, 60]  # at least one request
+    assert [compare.bench_config(cfg, "http://x", i).num_prompts for i in range(3)] == [1, 20, 60]
+    fixed = CompareConfig(model="tiny", rates=[8, 24], num_prompts=32, out=tmp_path)
+    assert [compare.bench_config(fixed, "http://x", i).num_prompts for i in range(2)] == [32, 32]
 
 
 def test_a_base_config_with_per_request_disaggregation_is_refused(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ def test_every_round_script_parses(script: Path) -> None:
 
 # The scripts' settings, unset here unless a test gives them (a developer's shell may hold some).
 SETTINGS = ("LOGS", "BASELINE", "MAX_QUEUE", "MAX_ITL", "COMPARE_CONFIG", "SWEEP", "CAPS", "KS", "DEVICES", "RATES",
-            "NUM_PROMPTS")
+            "NUM_PROMPTS", "DURATION")
 
 
 def _dry_run(script: str, out: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -64,6 +64,13 @@ def test_mixed_caps_runs_all_three_deployments_under_each_cap(tmp_path: Path) ->
         command = _command(tmp_path / f"cap-{cap}" / "mixed.log")
         assert f"--config {config}" in command and "--baseline" not in command  # colocated and PD run again
         assert f"--out {tmp_path}/cap-{cap}/mixed" in command
+
+
+def test_duration_replaces_the_request_count(tmp_path: Path) -> None:
+    result = _dry_run("two_gpu_round.sh", tmp_path, "mixed", DURATION="15", NUM_PROMPTS="32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    command = _command(tmp_path / "mixed.log")
+    assert "--duration 15 --input-lens 64,3072" in command and "--num-prompts" not in command
 
 
 def test_an_unknown_part_is_refused_naming_the_parts(tmp_path: Path) -> None:
