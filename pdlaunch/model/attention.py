@@ -27,6 +27,13 @@ from pdlaunch.model.fused_ops import fused_available, write_kv
 from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.quant.fp8 import Fp8Rows
 from pdlaunch.model.triton_decode import paged_decode, paged_decode_available, paged_decode_fp8
+from pdlaunch.model.triton_prefill import (
+    PAGED_PREFILL_MAX_TOKENS,
+    paged_prefill,
+    paged_prefill_available,
+    prefill_launch,
+    prefill_tiles,
+)
 
 if TYPE_CHECKING:
     from torch.nn.attention.bias import CausalBias
@@ -61,6 +68,10 @@ class GroupPlan:
     write_slots: torch.Tensor | None = None
     decode_only: bool = False  # every token is a decode_tokens row, in order (uniform decode)
     decode_leads: torch.Tensor | None = None  # [Sd] with prompt rows: each row's lead row (triton_decode.paged_decode)
+    # CUDA paged prefill kernel inputs (set instead of `prefills` when it is used): the tiles of every prompt
+    # chunk of the step and the step's block table (triton_prefill.paged_prefill).
+    prefill_tiles: torch.Tensor | None = None  # [n, 4] int32
+    prefill_block_table: torch.Tensor | None = None  # [S, max_blocks]
 
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
@@ -125,11 +136,22 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     starts = [0]
     for qlen in attn.query_lens_cpu:
         starts.append(starts[-1] + qlen)
+    launch = prefill_launch() if kv_cache is not None and paged_prefill_available(kv_cache) else None
+    chunks = [(starts[i], q, n - q, i) for i, (q, n) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu))
+              if not (q == 1 and n > q)]
+    if launch is not None and block_table is not None and 0 < sum(c[1] for c in chunks) <= PAGED_PREFILL_MAX_TOKENS:
+        # Every prompt chunk of the step in one launch a layer, its keys straight from the cache (written first).
+        tiles = prefill_tiles([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
+                              [c[3] for c in chunks], launch.block_q)
+        plan.prefill_tiles = _on_device(tiles, device, torch.int32)
+        plan.prefill_block_table = block_table
     decode_seqs: list[int] = []
     for i, (qlen, slen) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu)):
         ctx = slen - qlen
         if qlen == 1 and ctx > 0:
             decode_seqs.append(i)
+            continue
+        if plan.prefill_tiles is not None:
             continue
         if ctx == 0:
             qpos = torch.arange(qlen, device=device)
@@ -188,9 +210,10 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     return plan
 
 
-def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """A long tensor of `values` on `device`; to CUDA from pinned memory, without blocking the host."""
-    host = torch.tensor(values, dtype=torch.long)
+def _on_device(values: list[int] | list[tuple[int, int, int, int]], device: torch.device,
+               dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A tensor of `values` (long by default) on `device`; to CUDA from pinned memory, without blocking the host."""
+    host = torch.tensor(values, dtype=dtype)
     return host.to(device) if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
 
 
@@ -243,6 +266,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                             leads=plan.decode_leads)
     if out is None:
         out = torch.empty_like(q)
+    if plan.prefill_tiles is not None:
+        assert kv_cache is not None and plan.prefill_block_table is not None
+        paged_prefill(q, kv_cache, layer_in_group, plan.prefill_tiles, plan.prefill_block_table, plan.sliding_window,
+                      scale, out, kv_scales, prefill_launch())
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
         if seq.rows is None:
