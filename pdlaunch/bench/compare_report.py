@@ -138,8 +138,9 @@ def advice_table(advice: Advice, runs: list[DeploymentRun], cfg: CompareConfig) 
     table.caption = (f"goodput under the {cfg.advise_for} SLOs, measured on "
                      f"{run.label if run is not None else 'no run'}; where prompts run beside decodes (colocated, "
                      f"or spilled to a decode), at most {advice.prompt_token_cap()} prompt tokens a step keep "
-                     f"{advice.cap_batch:.0f} streams within TPOT {advice.tpot_target_ms:g} ms "
-                     f"(scheduler.prompt_tokens_while_decoding{now})")
+                     f"{advice.cap_batch:.0f} streams within TPOT {advice.tpot_target_ms:g} ms by the prefill's rate "
+                     f"alone, not counting a step's host work: measure it before lowering "
+                     f"scheduler.prompt_tokens_while_decoding{now}")
     for col in ("rate /s", "predicted /s", "measured /s"):
         table.add_column(col, justify="right", no_wrap=True)
     for rate, predicted, measured in _per_rate(advice, run, cfg):

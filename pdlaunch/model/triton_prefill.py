@@ -7,7 +7,9 @@ of its keys and values out of the cache, a causal mask object and scaled_dot_pro
 375 us of host a layer, 12 ms a step of an 8B model, as much as the GPU's work for a 360-token chunk beside 16
 decodes (benchmarks/RESULTS.md). Under a loaded server's interpreter lock such a step became host-bound.
 
-`paged_prefill` computes all prompt rows of the step in one launch instead: programs per (tile, KV head), a tile
+`paged_prefill` computes all prompt rows of a step of at most PAGED_PREFILL_MAX_TOKENS prompt tokens (the chunk
+caps that keep decodes' TPOT, bench compare's advisor; shorter prompts of up to 128 tokens run as decode-graph rows,
+runner/cuda_graphs.py) in one launch instead: programs per (tile, KV head), a tile
 being up to `block_q` consecutive tokens of one prompt (`prefill_tiles`, built once a step on the host), each
 program the tile's tokens x the GQA group's heads as the rows of one tensor-core product. The keys come straight
 from the block-major cache through the block table, BLOCK_N tokens a loop iteration, causal to each row's
@@ -31,9 +33,12 @@ import torch
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.triton_decode import interpret_mode, paged_decode_available
 
-# Steps with more prompt tokens than this keep scaled_dot_product_attention (a prefill instance's big steps):
-# there the GPU's work, not the host's, sets the step time.
-PAGED_PREFILL_MAX_TOKENS = 2048
+# Steps with more prompt tokens than this keep scaled_dot_product_attention: there the GPU's work sets the step
+# time, and this kernel's products run slower than SDPA's flash kernel. One H200, 8B shape, a 3072-token prompt's
+# chunk steps beside 16 decodes back to back (benchmarks/chunk_step.py): 360-token chunks 15.82 -> 13.78 ms a step
+# with the kernel, 1024-token chunks 29.70 -> 30.8-32.6 ms under six launches, a 2048-token chunk alone 31.5 ->
+# 33.9 ms (benchmarks/RESULTS.md). The crossover is about 750 tokens.
+PAGED_PREFILL_MAX_TOKENS = 512
 TILE_FIELDS = 4  # a tile's row in the tiles tensor: first query row, rows, first row's position, sequence index
 
 

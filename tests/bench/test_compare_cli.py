@@ -267,7 +267,7 @@ def test_compare_demo_on_cpu_runs_both_deployments_and_stops_them(tmp_path: Path
     cap = doc["advisor"]["prompt_tokens_while_decoding"]  # the prompt tokens a step beside decodes keep TPOT
     assert isinstance(cap, int) and cap >= 0
     assert f"at most {cap} prompt tokens a step keep" in " ".join(text.split())
-    assert "(scheduler.prompt_tokens_while_decoding, now 1024)" in " ".join(text.split())
+    assert "before lowering scheduler.prompt_tokens_while_decoding, now 1024" in " ".join(text.split())
     assert doc["prefill_yardstick"]["ceiling"]["device"].startswith("cpu (")
     assert "matmul ceiling: 1024^3 float32 on cpu" in text and "TFLOP/s" in text
     for dep in doc["deployments"]:  # each deployment's figures were saved as soon as it was done
