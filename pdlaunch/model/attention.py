@@ -139,7 +139,10 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
     launch = prefill_launch() if kv_cache is not None and paged_prefill_available(kv_cache) else None
     chunks = [(starts[i], q, n - q, i) for i, (q, n) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu))
               if not (q == 1 and n > q)]
-    if launch is not None and block_table is not None and 0 < sum(c[1] for c in chunks) <= PAGED_PREFILL_MAX_TOKENS:
+    # Steps of fresh prompts alone keep SDPA (no keys to gather, and their host work is not the decodes' wait).
+    mixed = len(chunks) < len(attn.query_lens_cpu) or any(c[2] > 0 for c in chunks)
+    if (launch is not None and block_table is not None and mixed
+            and 0 < sum(c[1] for c in chunks) <= PAGED_PREFILL_MAX_TOKENS):
         # Every prompt chunk of the step in one launch a layer, its keys straight from the cache (written first).
         tiles = prefill_tiles([c[0] for c in chunks], [c[1] for c in chunks], [c[2] for c in chunks],
                               [c[3] for c in chunks], launch.block_q)

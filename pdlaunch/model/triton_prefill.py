@@ -7,9 +7,10 @@ of its keys and values out of the cache, a causal mask object and scaled_dot_pro
 375 us of host a layer, 12 ms a step of an 8B model, as much as the GPU's work for a 360-token chunk beside 16
 decodes (benchmarks/RESULTS.md). Under a loaded server's interpreter lock such a step became host-bound.
 
-`paged_prefill` computes all prompt rows of a step of at most PAGED_PREFILL_MAX_TOKENS prompt tokens (the chunk
-caps that keep decodes' TPOT, bench compare's advisor; shorter prompts of up to 128 tokens run as decode-graph rows,
-runner/cuda_graphs.py) in one launch instead: programs per (tile, KV head), a tile
+`paged_prefill` computes all prompt rows of a step of at most PAGED_PREFILL_MAX_TOKENS prompt tokens that also
+runs decodes or continues a prompt over cached keys (the chunk caps that keep decodes' TPOT, bench compare's
+advisor; shorter prompts of up to 128 tokens run as decode-graph rows, runner/cuda_graphs.py; a step of fresh
+prompts alone keeps SDPA) in one launch instead: programs per (tile, KV head), a tile
 being up to `block_q` consecutive tokens of one prompt (`prefill_tiles`, built once a step on the host), each
 program the tile's tokens x the GQA group's heads as the rows of one tensor-core product. The keys come straight
 from the block-major cache through the block table, BLOCK_N tokens a loop iteration, causal to each row's

@@ -75,7 +75,7 @@ def _step(device: str, dtype: torch.dtype, seqs: list[tuple[int, int]], block_si
 CASES = {  # id: (dtype, [(context, query tokens)], block_size, kv heads, group, head_dim, window, launch)
     "b16-g4-chunks-and-decodes": (torch.float32, [(0, 37), (100, 20), (64, 1), (300, 1), (5, 16)], 16, 2, 4, 64, None,
                                   None),
-    "b8-g1-bf16-fresh": (torch.bfloat16, [(0, 50), (0, 1), (0, 17)], 8, 2, 1, 32, None, None),
+    "b8-g1-bf16-fresh-beside-a-decode": (torch.bfloat16, [(0, 50), (20, 1), (0, 17)], 8, 2, 1, 32, None, None),
     "b16-g3-d24-window": (torch.float32, [(90, 30), (0, 45), (200, 1)], 16, 2, 3, 24, 40, None),
     "b8-g8-small-tiles": (torch.float32, [(33, 21), (7, 9)], 8, 1, 8, 16, None, "4,16,2,1"),
     "b16-g4-bf16-window-beyond-chunk": (torch.bfloat16, [(250, 70), (10, 3)], 16, 2, 4, 64, 64, "16,32,0,2"),
@@ -131,16 +131,25 @@ def test_fp8_cache_matches_the_torch_path(window: int | None, monkeypatch: pytes
 
 
 def test_interpreter_cases_in_a_subprocess() -> None:
-    run_interpreter_child(__file__, "interpret", f"{len(CASES) + 1} passed")
+    run_interpreter_child(__file__, "interpret", f"{len(CASES) + 2} passed")
 
 
 def test_large_prompt_steps_keep_the_torch_path(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Above PAGED_PREFILL_MAX_TOKENS prompt tokens a step (a prefill instance's) keeps SDPA."""
+    """Above PAGED_PREFILL_MAX_TOKENS prompt tokens a step keeps SDPA, whose products are faster there."""
     monkeypatch.setenv("PDLAUNCH_PAGED_PREFILL", "auto" if device == "cuda" else "triton")
-    cache, _, _, _, attn = _step(device, torch.float32, [(0, PAGED_PREFILL_MAX_TOKENS + 1)], 16, 1, 1, 16, None)
+    cache, _, _, _, attn = _step(device, torch.float32, [(16, PAGED_PREFILL_MAX_TOKENS + 1)], 16, 1, 1, 16, None)
     assert build_group_plan(attn, 0, cache, None).prefill_tiles is None
-    cache, _, _, _, attn = _step(device, torch.float32, [(0, PAGED_PREFILL_MAX_TOKENS)], 16, 1, 1, 16, None)
+    cache, _, _, _, attn = _step(device, torch.float32, [(16, PAGED_PREFILL_MAX_TOKENS)], 16, 1, 1, 16, None)
     assert build_group_plan(attn, 0, cache, None).prefill_tiles is not None
+
+
+def test_fresh_prompts_alone_keep_the_torch_path(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of fresh prompts only has no keys to gather and no decode waiting on its host work: SDPA. The same
+    prompts beside a decode, or a chunk over cached keys, take the kernel."""
+    monkeypatch.setenv("PDLAUNCH_PAGED_PREFILL", "auto" if device == "cuda" else "triton")
+    for seqs, used in (([(0, 40), (0, 3)], False), ([(0, 40), (9, 1)], True), ([(5, 40)], True)):
+        cache, _, _, _, attn = _step(device, torch.float32, seqs, 16, 1, 1, 16, None)
+        assert (build_group_plan(attn, 0, cache, None).prefill_tiles is not None) == used, seqs
 
 
 def test_tiles_cover_every_chunk_token_once() -> None:
