@@ -40,7 +40,6 @@ from pdlaunch.model.triton_decode import interpret_mode, paged_decode_available
 # with the kernel, 1024-token chunks 29.70 -> 30.8-32.6 ms under six launches, a 2048-token chunk alone 31.5 ->
 # 33.9 ms (benchmarks/RESULTS.md). The crossover is about 750 tokens.
 PAGED_PREFILL_MAX_TOKENS = 512
-TILE_FIELDS = 4  # a tile's row in the tiles tensor: first query row, rows, first row's position, sequence index
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,13 @@ class PrefillLaunch:
     num_warps: int = 0
     num_stages: int = 2
 
+    def rows(self, group: int) -> int:
+        """A program's rows: block_q tokens x the group's heads (padded), at least the 16 a tensor-core product
+        takes."""
+        return max(16, self.block_q * _pow2(group))
+
     def warps(self, group: int) -> int:
-        return self.num_warps or (4 if self.block_q * _pow2(group) <= 64 else 8)
+        return self.num_warps or (4 if self.rows(group) <= 64 else 8)
 
 
 def _pow2(n: int) -> int:
@@ -119,7 +123,7 @@ def _kernels(interpret: bool):  # noqa: ANN202 (a triton.JITFunction); keyed by 
     def paged_prefill_kernel(
         q_ptr, cache_ptr, block_table_ptr, tiles_ptr, out_ptr, scale, v_scale, window,
         stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, block_stride, k_offset, v_offset,
-        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, WINDOW: tl.constexpr,
     ):
@@ -129,8 +133,9 @@ def _kernels(interpret: bool):  # noqa: ANN202 (a triton.JITFunction); keyed by 
         rows = tl.load(tiles_ptr + tile * 4 + 1)
         pos0 = tl.load(tiles_ptr + tile * 4 + 2)
         seq = tl.load(tiles_ptr + tile * 4 + 3).to(tl.int64)
-        # Row r: token r // GROUP_PAD of the tile, head kv_head * GROUP + r % GROUP_PAD (padding heads unused).
-        r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        # Row r: token r // GROUP_PAD of the tile (a tile's row of tiles_ptr: first query row, tokens, the first
+        # token's position, sequence index), head kv_head * GROUP + r % GROUP_PAD (padding heads and tokens unused).
+        r = tl.arange(0, ROWS)
         token = r // GROUP_PAD
         head = kv_head * GROUP + r % GROUP_PAD
         row_ok = (token < rows) & (r % GROUP_PAD < GROUP)
@@ -152,9 +157,9 @@ def _kernels(interpret: bool):  # noqa: ANN202 (a triton.JITFunction); keyed by 
         # Scores of masked keys are a large finite negative, not -inf: a row none of a tile's keys is visible to
         # (a padding row, or a window's edge) then gets finite weights that the next visible key's larger max
         # scales to zero, never exp(-inf - -inf) = NaN.
-        m = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, tl.float32)
-        denom = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
-        acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_PAD], tl.float32)
+        m = tl.full([ROWS], -1.0e30, tl.float32)
+        denom = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
         head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
         table = block_table_ptr + seq * stride_bt
         offs = tl.arange(0, BLOCK_N)
@@ -208,7 +213,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
         q, kv_cache, block_table, tiles, out, scale * kv_scales[0], kv_scales[1], window or 0,
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=_pow2(group), BLOCK_Q=launch.block_q,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, GROUP_PAD=_pow2(group), ROWS=launch.rows(group),
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=launch.block_n, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
         DOT_FP32=interpret, WINDOW=window is not None, num_warps=launch.warps(group), num_stages=launch.num_stages,

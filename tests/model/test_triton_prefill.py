@@ -78,6 +78,8 @@ CASES = {  # id: (dtype, [(context, query tokens)], block_size, kv heads, group,
     "b8-g1-bf16-fresh-beside-a-decode": (torch.bfloat16, [(0, 50), (20, 1), (0, 17)], 8, 2, 1, 32, None, None),
     "b16-g3-d24-window": (torch.float32, [(90, 30), (0, 45), (200, 1)], 16, 2, 3, 24, 40, None),
     "b8-g8-small-tiles": (torch.float32, [(33, 21), (7, 9)], 8, 1, 8, 16, None, "4,16,2,1"),
+    # 4 tokens x 1 head: rows padded to the 16 a tensor-core product takes
+    "b16-g1-tiny-tiles": (torch.float32, [(20, 9), (0, 5), (30, 1)], 16, 2, 1, 16, None, "4,16,0,1"),
     "b16-g4-bf16-window-beyond-chunk": (torch.bfloat16, [(250, 70), (10, 3)], 16, 2, 4, 64, 64, "16,32,0,2"),
 }
 
