@@ -2,7 +2,9 @@
 
 Each step first writes the new k/v of every token into its slot, then every query attends to
 its sequence's keys: fresh prefills directly over the new k/v (causal; flash SDPA on CUDA),
-prefills with cached context over keys gathered through the block table, and all decode
+prefills with cached context over keys gathered through the block table (on CUDA, a step of up to
+512 prompt tokens beside decodes or over cached keys runs all its prompt chunks in one Triton launch
+that reads the keys from the cache itself: pdlaunch/model/triton_prefill.py), and all decode
 sequences (query_len == 1) together: one batched torch gather (CPU, reference), or the Triton
 paged decode kernel on CUDA (pdlaunch/model/triton_decode.py; PDLAUNCH_PAGED_DECODE=torch forces
 the gather path there). Sliding-window layers follow HF: a
