@@ -92,6 +92,8 @@ def paged_prefill_available(kv_cache: torch.Tensor) -> bool:
     """True when `paged_prefill` serves this cache's prompt steps (model/attention.py build_group_plan): on CUDA
     where the paged decode kernel does; PDLAUNCH_PAGED_PREFILL=torch turns it off, `triton` also takes CPU tensors
     under TRITON_INTERPRET=1 (tests)."""
+    if not kv_cache.is_cuda and not interpret_mode():
+        return False  # a CPU instance: the torch path, whatever the variable says (its steps never reach a GPU)
     choice = os.environ.get("PDLAUNCH_PAGED_PREFILL", "auto")
     if choice not in ("auto", "torch", "triton"):
         raise PdlaunchError(f"PDLAUNCH_PAGED_PREFILL={choice!r} is not a choice", field="PDLAUNCH_PAGED_PREFILL",

@@ -176,7 +176,12 @@ def test_a_bad_launch_is_refused_naming_the_variable(setting: str, monkeypatch: 
 
 
 def test_a_bad_choice_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel could run (CUDA, or the interpreter as here): a GPU instance's start-up warm-up meets it."""
+    pytest.importorskip("triton")
     monkeypatch.setenv("PDLAUNCH_PAGED_PREFILL", "fast")
+    cache = torch.zeros(1, 1, 2, 16, 1, 16)
+    assert not triton_prefill.paged_prefill_available(cache), "a CPU instance ignores it"
+    monkeypatch.setattr(triton_prefill, "interpret_mode", lambda: True)
     with pytest.raises(PdlaunchError) as raised:
-        triton_prefill.paged_prefill_available(torch.zeros(1, 1, 2, 16, 1, 16))
-    assert raised.value.field == "PDLAUNCH_PAGED_PREFILL"
+        triton_prefill.paged_prefill_available(cache)
+    assert raised.value.field == "PDLAUNCH_PAGED_PREFILL" and "fast" in str(raised.value)
