@@ -38,8 +38,8 @@ from pdlaunch.model.triton_decode import interpret_mode, paged_decode_available
 # Steps with more prompt tokens than this keep scaled_dot_product_attention: there the GPU's work sets the step
 # time, and this kernel's products run slower than SDPA's flash kernel. One H200, 8B shape, a 3072-token prompt's
 # chunk steps beside 16 decodes back to back (benchmarks/chunk_step.py): 360-token chunks 15.82 -> 13.78 ms a step
-# with the kernel, 1024-token chunks 29.70 -> 30.8-32.6 ms under six launches, a 2048-token chunk alone 31.5 ->
-# 33.9 ms (benchmarks/RESULTS.md). The crossover is about 750 tokens.
+# with the kernel, 1024-token chunks 29.70 -> 30.8-32.6 ms under six launches; a prompt alone in chunks of 2048 and
+# 1024 tokens 47.4 + 31.5 -> 51.4 + 33.9 ms (benchmarks/RESULTS.md). The crossover is about 750 tokens.
 PAGED_PREFILL_MAX_TOKENS = 512
 
 
