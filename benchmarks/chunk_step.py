@@ -3,7 +3,7 @@ prefilled in chunks of `--budget` tokens (default 512, the colocated budget befo
 running decodes, the GPU kernels of one chunk step (torch.profiler), and with `--cprofile N` the host functions of N
 chunk steps next to 16 decodes (cProfile, by own time). `--enforce-eager`: without CUDA graphs, for comparison with
 the piecewise graphs of steps with prompts (runner/mixed_graphs.py). `--cap C`: scheduler.prompt_tokens_while_decoding
-(the chunk beside decodes; default the config's); the steps next to decodes are then also timed back to back, as
+(the chunk beside decodes; default the config's). The chunk steps next to decodes are also timed back to back, as
 serving runs them (no synchronisation between them: with async scheduling the host's work overlaps the device's).
 Usage: python benchmarks/chunk_step.py CHECKPOINT [--budget B] [--cap C] [--enforce-eager]
 """
