@@ -1,8 +1,9 @@
 """The paged prefill kernel (model/triton_prefill.py) against the torch path (gathered keys, SDPA) for one layer of
 one prompt chunk over its cached context, 8B shape (32 query heads, 8 KV heads, head size 128, bf16, block 16), the
 chunk beside 16 decodes as in a mixed step: per call, eager (host included, what a piecewise step pays) and replayed
-from a CUDA graph (the GPU's time alone), with the GPU time's TFLOP/s on the attention's FLOPs. `--launches` adds
-PDLAUNCH_PREFILL_LAUNCH settings (block_q,block_n,num_warps,num_stages) to time beside the default.
+from a CUDA graph (the GPU's time alone), with the GPU time's TFLOP/s on the attention's FLOPs against the bf16
+matmul rate measured in the same run (limits.matmul_rate). `--launches` adds PDLAUNCH_PREFILL_LAUNCH settings
+(block_q,block_n,num_warps,num_stages) to time beside the default.
 Usage: python benchmarks/prefill_kernel_speed.py [--chunks 128 360 512 1024] [--contexts 0 1024 3072]
        [--launches 32,64,8,2 ...] [--json PATH]
 """
@@ -13,11 +14,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from limits import graph_call_ms, matmul_rate, time_ms  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 from pdlaunch.model import attention  # noqa: E402
@@ -25,7 +28,6 @@ from pdlaunch.model.attention import build_group_plan, paged_attention  # noqa: 
 from pdlaunch.model.attention_metadata import AttentionMetadata  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS, DECODES, DECODE_CONTEXT = 32, 8, 128, 16, 2, 16, 1024
-DEVICE = "cuda"  # --device cpu: a dry run of the script's own code (TRITON_INTERPRET=1 for the kernel's settings)
 
 
 def _step(chunk: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -39,64 +41,40 @@ def _step(chunk: int, context: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
         tables.append(blocks)
         slots += [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(c, c + q)]
     width = max(need)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=DEVICE)
-    cache = torch.randn(sum(need) + 1, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device="cuda")
+    cache = torch.randn(sum(need) + 1, LAYERS, 2, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     tokens = chunk + DECODES
-    q = torch.randn(tokens, HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
-    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    q = torch.randn(tokens, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     qlens = [q_ for _, q_ in seqs]
     lens = [c + q_ for c, q_ in seqs]
-    starts = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], device=DEVICE)
+    starts = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], device="cuda")
     attn = AttentionMetadata(
-        query_start_loc=starts, seq_lens=torch.tensor(lens, device=DEVICE),
-        context_lens=torch.tensor([c for c, _ in seqs], device=DEVICE),
-        slot_mapping=[torch.tensor(slots, device=DEVICE)], block_tables=[table], max_query_len=max(qlens),
+        query_start_loc=starts, seq_lens=torch.tensor(lens, device="cuda"),
+        context_lens=torch.tensor([c for c, _ in seqs], device="cuda"),
+        slot_mapping=[torch.tensor(slots, device="cuda")], block_tables=[table], max_query_len=max(qlens),
         max_seq_len=max(lens), query_lens_cpu=qlens, seq_lens_cpu=lens)
     return cache, q, k, v, attn
 
 
-def _per_call_ms(fn: Callable[[], object], calls: int = 20) -> float:
-    if DEVICE == "cpu":
-        started = time.perf_counter()
-        fn()
-        return (time.perf_counter() - started) * 1e3
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return float(start.elapsed_time(end)) / calls
-
-
 def _graph_ms(fn: Callable[[], object], calls: int = 20) -> float:
-    """Per call from a CUDA graph of `calls` calls; NaN where the call cannot be captured (or on CPU)."""
-    if DEVICE == "cpu":
-        return float("nan")
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    """Per call from a CUDA graph of `calls` calls (limits.graph_call_ms); NaN where the call cannot be captured."""
     try:
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
+        return graph_call_ms(lambda _: fn(), calls)
     except RuntimeError as exc:
         print(f"(not captured: {str(exc).splitlines()[0]})", flush=True)
         return float("nan")
-    return _per_call_ms(graph.replay, 5) / calls
 
 
-def measure(chunk: int, context: int, setting: str) -> dict[str, object]:
+def measure(chunk: int, context: int, setting: str, matmul_tflops: float) -> dict[str, object]:
     """One layer's attention of the step under one setting: `torch`, or a launch for the kernel ('' = default)."""
     cache, q, k, v, attn = _step(chunk, context)
     attention.PAGED_PREFILL_MAX_TOKENS = 1 << 20  # the kernel at every chunk size, past the engine's limit
     if setting == "torch":
         os.environ["PDLAUNCH_PAGED_PREFILL"] = "torch"
     else:
-        os.environ["PDLAUNCH_PAGED_PREFILL"] = "auto" if DEVICE == "cuda" else "triton"
+        os.environ["PDLAUNCH_PAGED_PREFILL"] = "auto"
         os.environ["PDLAUNCH_PREFILL_LAUNCH"] = setting
     try:
         plan = build_group_plan(attn, 0, cache, None)
@@ -107,14 +85,15 @@ def measure(chunk: int, context: int, setting: str) -> dict[str, object]:
         def call() -> object:
             return paged_attention(q, k, v, cache, 1, plan, HEAD_DIM**-0.5, out=out)
 
-        eager, replay = _per_call_ms(call), _graph_ms(call)
+        eager, replay = time_ms(call), _graph_ms(call)
     finally:
         os.environ.pop("PDLAUNCH_PREFILL_LAUNCH", None)
         os.environ.pop("PDLAUNCH_PAGED_PREFILL", None)
     # Causal: the chunk's queries see context + their own position's keys (half the chunk's square on average).
     flops = 4 * HEADS * HEAD_DIM * chunk * (context + (chunk + 1) / 2)
+    tflops = flops / (replay * 1e-3) / 1e12
     return {"chunk": chunk, "context": context, "setting": setting or "kernel", "eager_ms": eager,
-            "gpu_ms": replay, "tflops": flops / (replay * 1e-3) / 1e12}
+            "gpu_ms": replay, "tflops": tflops, "of_matmul": tflops / matmul_tflops}
 
 
 def main() -> None:
@@ -123,26 +102,25 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[0, 1024, 3072])
     parser.add_argument("--launches", nargs="*", default=[], help="PDLAUNCH_PREFILL_LAUNCH settings to add")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = args.device
-    if DEVICE == "cuda" and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
     torch.manual_seed(0)
+    ceiling = matmul_rate(8192)
+    print(f"{torch.cuda.get_device_name()}: bf16 matmul {ceiling['matmul_tflops']:.0f} TFLOP/s (8192^3, this run)")
     rows = []
-    print("| chunk | context | setting | eager ms | GPU ms | TFLOP/s |\n| --- | --- | --- | --- | --- | --- |")
+    print("| chunk | context | setting | eager ms | GPU ms | TFLOP/s | of matmul |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for chunk in args.chunks:
         for context in args.contexts:
             for setting in ["torch", "", *args.launches]:
-                row = measure(chunk, context, setting)
+                row = measure(chunk, context, setting, ceiling["matmul_tflops"])
                 rows.append(row)
                 print(f"| {chunk} | {context} | {row['setting']} | {row['eager_ms']:.3f} | {row['gpu_ms']:.3f} | "
-                      f"{row['tflops']:.0f} |", flush=True)
+                      f"{row['tflops']:.0f} | {row['of_matmul']:.0%} |", flush=True)
     if args.json:
-        name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                         "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                         "matmul": ceiling, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
