@@ -4,14 +4,13 @@
 # prompt-token caps beside decodes of 360 and 1024 (budget 8192) and at a 2048-token budget (a prompt's chunks
 # alone), after one layer's attention alone per chunk and context (`prefill_kernel_speed.py`, JSON in OUT_DIR).
 # Usage: bash benchmarks/prefill_kernel_round.sh OUT_DIR   (CKPT: the 8B checkpoint, default /dev/shm/l8b;
-#        LAUNCHES: PDLAUNCH_PREFILL_LAUNCH settings the speed step times beside the default; by default the variant
-#        kernel's: unmasked keys before the tile and base-2 exponentials, each alone and both)
+#        LAUNCHES: PDLAUNCH_PREFILL_LAUNCH settings the speed step times beside the default)
 source "$(dirname "$0")/steps.sh"
 ckpt=${CKPT:-/dev/shm/l8b}
 TAIL=4 step gpu-tests 240 $py -m pytest -q -p no:cacheprovider -m gpu tests/model/test_triton_prefill.py \
     tests/engine/test_mixed_graphs.py tests/engine/test_prompt_rows.py
 TAIL=30 step kernel-speed 240 $py benchmarks/prefill_kernel_speed.py --json "$out/kernel-speed.json" \
-    --launches ${LAUNCHES:-16,64,0,2,1,1 16,64,0,2,1,0 16,64,0,2,0,1 32,64,8,3,1,1}
+    --launches ${LAUNCHES:-32,64,8,3 16,128,4,2}
 [ -f "$ckpt/config.json" ] || step checkpoint 120 $py -m pdlaunch bench make-checkpoint "$ckpt" --device cuda
 for args in "--budget 8192 --cap 360" "--budget 8192 --cap 1024" "--budget 2048"; do
     for mode in ${MODES:-torch auto}; do

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from types import SimpleNamespace
 
 import torch
 
@@ -52,8 +51,6 @@ class PrefillLaunch:
     block_n: int = 64
     num_warps: int = 0
     num_stages: int = 2
-    split: bool = False  # the variant kernel: keys every row sees in a loop without masks (A/B, not yet timed)
-    exp2: bool = False  # the variant kernel: exponentials in base 2
 
     def rows(self, group: int) -> int:
         """A program's rows: block_q tokens x the group's heads (padded), at least the 16 a tensor-core product
@@ -68,7 +65,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-_LAUNCH_FIELDS = ("block_q", "block_n", "num_warps", "num_stages", "split", "exp2")
+_LAUNCH_FIELDS = ("block_q", "block_n", "num_warps", "num_stages")
 
 
 def prefill_launch() -> PrefillLaunch:
@@ -83,15 +80,12 @@ def _launch(setting: str) -> PrefillLaunch:
         return PrefillLaunch()
     parts = setting.split(",")
     values = [int(p) if p.strip().isdigit() else -1 for p in parts]
-    ok = len(values) in (4, 6) and all(v > 0 and v & (v - 1) == 0 for v in values[:2]) and values[1] >= 16
-    ok = ok and values[2] in (0, 1, 2, 4, 8, 16) and values[3] >= 1 and all(v in (0, 1) for v in values[4:])
-    if not ok:
+    powers = all(v > 0 and v & (v - 1) == 0 for v in values[:2]) and values[2] in (0, 1, 2, 4, 8, 16)
+    if len(values) != len(_LAUNCH_FIELDS) or not powers or values[1] < 16 or values[3] < 1:
         raise PdlaunchError(f"PDLAUNCH_PREFILL_LAUNCH={setting!r} is not a launch", field="PDLAUNCH_PREFILL_LAUNCH",
-                            hint="give block_q,block_n,num_warps,num_stages[,split,exp2], e.g. 16,64,4,2 or "
-                                 "16,64,4,2,1,1 (block sizes powers of 2, block_n at least 16; num_warps 0 for the "
-                                 "default; split and exp2 0 or 1), or unset it")
-    flags = [bool(v) for v in values[4:]] or [False, False]
-    return PrefillLaunch(values[0], values[1], values[2], values[3], flags[0], flags[1])
+                            hint="give block_q,block_n,num_warps,num_stages, e.g. 16,64,4,2 (block sizes powers of "
+                                 "2, block_n at least 16; num_warps 0 for the default), or unset it")
+    return PrefillLaunch(*values)
 
 
 def paged_prefill_available(kv_cache: torch.Tensor) -> bool:
@@ -123,8 +117,7 @@ def prefill_tiles(q_starts: list[int], q_lens: list[int], ctx_lens: list[int], s
 
 
 @lru_cache(maxsize=2)
-def _kernels(interpret: bool) -> SimpleNamespace:
-    """The kernels, decorated in the given interpret mode (the cache key keeps modes apart)."""
+def _kernels(interpret: bool):  # noqa: ANN202 (a triton.JITFunction); keyed by interpret mode
     import triton
     import triton.language as tl
 
@@ -195,99 +188,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
         tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    @triton.jit
-    def key_tile(q, m, denom, acc, kpos, qpos, first, hi, window, scale, table, head_base, k_offset, v_offset,
-                 block_stride, d_ok, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 PRECISION: tl.constexpr, MASKED: tl.constexpr, WINDOW: tl.constexpr, EXP2: tl.constexpr):
-        """One BLOCK_N tile of keys into the online softmax of `q`'s rows -> (m, denom, acc). MASKED False: every
-        key of the tile is visible to every row (before the tile's first position), no masks at all. EXP2: `scale`
-        carries log2(e) and m is in base 2."""
-        if MASKED:
-            k_ok = (kpos < hi) & (kpos >= first)
-            block = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        else:
-            k_ok = kpos >= 0
-            block = tl.load(table + kpos // BLOCK_SIZE).to(tl.int64)
-        row = (block * block_stride + (kpos % BLOCK_SIZE) * (NUM_KV_HEADS * HEAD_DIM))[:, None]
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(head_base + k_offset + row, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, D]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [M, BLOCK_N]
-        if MASKED:
-            visible = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-            if WINDOW:
-                visible = visible & (kpos[None, :] > qpos[:, None] - window)
-            s = tl.where(visible, s, -1.0e30)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        if EXP2:
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-        else:
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
-        v = tl.load(head_base + v_offset + row, mask=kv_mask, other=0.0).to(q.dtype)  # [BLOCK_N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
-        return m_new, denom, acc
-
-    # A variant for A/B runs (PrefillLaunch.split / .exp2, PDLAUNCH_PREFILL_LAUNCH's fifth and sixth fields): the
-    # keys every row sees (those before the tile's first position, no window) in a loop without masks, the rest
-    # masked; exponentials in base 2. The same arithmetic as paged_prefill_kernel up to the exponential's rounding.
-    @triton.jit(do_not_specialize=["stride_bt", "window"])
-    def paged_prefill_split_kernel(
-        q_ptr, cache_ptr, block_table_ptr, tiles_ptr, out_ptr, scale, v_scale, window,
-        stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, block_stride, k_offset, v_offset,
-        NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-        EXP2: tl.constexpr, KEY_TILE: tl.constexpr,
-    ):
-        tile = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        q_start = tl.load(tiles_ptr + tile * 4)
-        rows = tl.load(tiles_ptr + tile * 4 + 1)
-        pos0 = tl.load(tiles_ptr + tile * 4 + 2)
-        seq = tl.load(tiles_ptr + tile * 4 + 3).to(tl.int64)
-        r = tl.arange(0, ROWS)  # rows as in paged_prefill_kernel
-        token = r // GROUP_PAD
-        head = kv_head * GROUP + r % GROUP_PAD
-        row_ok = (token < rows) & (r % GROUP_PAD < GROUP)
-        qpos = pos0 + token
-        d = tl.arange(0, HEAD_PAD)
-        d_ok = d < HEAD_DIM
-        q_rows = (q_start + token).to(tl.int64)
-        dtype = tl.float32 if DOT_FP32 else q_ptr.dtype.element_ty
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(dtype)
-        hi = pos0 + rows
-        first = 0
-        lo = 0
-        if WINDOW:
-            first = tl.maximum(pos0 - window + 1, 0)
-            lo = first // BLOCK_N * BLOCK_N
-        if EXP2:
-            scale = scale * 1.4426950408889634  # log2(e)
-        m = tl.full([ROWS], -1.0e30, tl.float32)
-        denom = tl.zeros([ROWS], tl.float32)
-        acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
-        head_base = cache_ptr + kv_head * HEAD_DIM + d[None, :]
-        table = block_table_ptr + seq * stride_bt
-        offs = tl.arange(0, BLOCK_N)
-        mid = lo
-        if SPLIT and not WINDOW:
-            mid = pos0 // BLOCK_N * BLOCK_N
-            for start in range(0, mid, BLOCK_N):
-                m, denom, acc = KEY_TILE(q, m, denom, acc, start + offs, qpos, first, hi, window, scale, table,
-                                         head_base, k_offset, v_offset, block_stride, d_ok, NUM_KV_HEADS,
-                                         BLOCK_SIZE, HEAD_DIM, PRECISION, False, WINDOW, EXP2)
-        for start in range(mid, hi, BLOCK_N):
-            m, denom, acc = KEY_TILE(q, m, denom, acc, start + offs, qpos, first, hi, window, scale, table,
-                                     head_base, k_offset, v_offset, block_stride, d_ok, NUM_KV_HEADS, BLOCK_SIZE,
-                                     HEAD_DIM, PRECISION, True, WINDOW, EXP2)
-        out = acc * v_scale / denom[:, None]
-        tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-
-    return SimpleNamespace(plain=paged_prefill_kernel, split=paged_prefill_split_kernel, key_tile=key_tile)
+    return paged_prefill_kernel
 
 
 def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, tiles: torch.Tensor,
@@ -310,10 +211,7 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
     plane = block_size * num_kv_heads * head_dim  # elements of one (layer, k|v) slice of a block
     interpret = interpret_mode()
     block_table = block_table.contiguous()
-    kernels = _kernels(interpret)
-    variant = dict(SPLIT=launch.split, EXP2=launch.exp2, KEY_TILE=kernels.key_tile) if launch.split or launch.exp2 \
-        else {}
-    (kernels.split if variant else kernels.plain)[(num_tiles, num_kv_heads)](
+    _kernels(interpret)[(num_tiles, num_kv_heads)](
         q, kv_cache, block_table, tiles, out, scale * kv_scales[0], kv_scales[1], window or 0,
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1),
         layers * 2 * plane, (2 * layer_in_group) * plane, (2 * layer_in_group + 1) * plane,
@@ -321,5 +219,4 @@ def paged_prefill(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: int, 
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=launch.block_n, PRECISION="ieee" if q.dtype == torch.float32 or interpret else "tf32",
         DOT_FP32=interpret, WINDOW=window is not None, num_warps=launch.warps(group), num_stages=launch.num_stages,
-        **variant,
     )

@@ -80,10 +80,6 @@ CASES = {  # id: (dtype, [(context, query tokens)], block_size, kv heads, group,
     "b8-g8-small-tiles": (torch.float32, [(33, 21), (7, 9)], 8, 1, 8, 16, None, "4,16,2,1"),
     # 4 tokens x 1 head: rows padded to the 16 a tensor-core product takes
     "b16-g1-tiny-tiles": (torch.float32, [(20, 9), (0, 5), (30, 1)], 16, 2, 1, 16, None, "4,16,0,1"),
-    # the A/B variant: unmasked keys before the tile, base-2 exponentials (with and without a window)
-    "b16-g4-split-exp2": (torch.float32, [(100, 37), (0, 20), (64, 1), (33, 16)], 16, 2, 4, 64, None, "16,32,0,2,1,1"),
-    "b8-g3-bf16-split-window": (torch.bfloat16, [(90, 30), (7, 9), (50, 1)], 8, 2, 3, 24, 40, "8,16,0,1,1,0"),
-    "b16-g8-exp2-only": (torch.float32, [(40, 21)], 16, 1, 8, 16, None, "4,16,0,2,0,1"),
     "b16-g4-bf16-window-beyond-chunk": (torch.bfloat16, [(250, 70), (10, 3)], 16, 2, 4, 64, 64, "16,32,0,2"),
 }
 
@@ -158,13 +154,12 @@ def test_fresh_prompts_alone_keep_the_torch_path(device: str, monkeypatch: pytes
         assert (build_group_plan(attn, 0, cache, None).prefill_tiles is not None) == used, seqs
 
 
-def test_a_launch_with_the_variant_flags_parses(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PDLAUNCH_PREFILL_LAUNCH", "32,64,8,3,1,0")
+def test_a_launch_parses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDLAUNCH_PREFILL_LAUNCH", "32,64,8,3")
     launch = prefill_launch()
-    assert (launch.block_q, launch.block_n, launch.num_warps, launch.num_stages, launch.split, launch.exp2) == (
-        32, 64, 8, 3, True, False)
+    assert (launch.block_q, launch.block_n, launch.num_warps, launch.num_stages) == (32, 64, 8, 3)
     monkeypatch.setenv("PDLAUNCH_PREFILL_LAUNCH", "16,64,0,2")
-    assert not prefill_launch().split and not prefill_launch().exp2 and prefill_launch().warps(4) == 4
+    assert prefill_launch().warps(4) == 4 and prefill_launch().warps(8) == 8
 
 
 def test_tiles_cover_every_chunk_token_once() -> None:
@@ -181,7 +176,7 @@ def test_the_torch_path_on_cpu_without_the_variable(monkeypatch: pytest.MonkeyPa
 
 
 @pytest.mark.parametrize("setting", ["16,64,4", "16,48,4,2", "16,8,4,2", "a,64,4,2", "16,64,3,2", "16,64,4,0",
-                                     "16,64,4,2,1", "16,64,4,2,2,0"])
+                                     "16,64,4,2,1"])
 def test_a_bad_launch_is_refused_naming_the_variable(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PDLAUNCH_PREFILL_LAUNCH", setting)
     with pytest.raises(PdlaunchError) as raised:
