@@ -31,6 +31,7 @@ from pdlaunch.model.quant.fp8 import Fp8Rows
 from pdlaunch.model.triton_decode import paged_decode, paged_decode_available, paged_decode_fp8
 from pdlaunch.model.triton_prefill import (
     PAGED_PREFILL_MAX_TOKENS,
+    PrefillLaunch,
     paged_prefill,
     paged_prefill_available,
     prefill_launch,
@@ -74,6 +75,7 @@ class GroupPlan:
     # chunk of the step and the step's block table (triton_prefill.paged_prefill).
     prefill_tiles: torch.Tensor | None = None  # [n, 4] int32
     prefill_block_table: torch.Tensor | None = None  # [S, max_blocks]
+    prefill_launch: PrefillLaunch | None = None  # the tiles were cut for this launch's block_q
 
     def layer_offset(self, layer_in_group: int, kv: int) -> int:
         """Row offset of layer `layer_in_group`'s k (kv=0) or v (kv=1) from layer 0's k."""
@@ -150,6 +152,7 @@ def build_group_plan(attn: AttentionMetadata, group: int, kv_cache: torch.Tensor
                               [c[3] for c in chunks], launch.block_q)
         plan.prefill_tiles = _on_device(tiles, device, torch.int32)
         plan.prefill_block_table = block_table
+        plan.prefill_launch = launch
     decode_seqs: list[int] = []
     for i, (qlen, slen) in enumerate(zip(attn.query_lens_cpu, attn.seq_lens_cpu)):
         ctx = slen - qlen
@@ -274,7 +277,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if plan.prefill_tiles is not None:
         assert kv_cache is not None and plan.prefill_block_table is not None
         paged_prefill(q, kv_cache, layer_in_group, plan.prefill_tiles, plan.prefill_block_table, plan.sliding_window,
-                      scale, out, kv_scales, prefill_launch())
+                      scale, out, kv_scales, plan.prefill_launch)
     for seq in plan.prefills:
         qs = q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0)  # [1, Hq, Q, D]
         if seq.rows is None:
