@@ -30,9 +30,12 @@ little more). So the streams stay within the TPOT target T with at most
 
     c = (T - t(b)) * P / 1000     prompt tokens a step beside b decodes
 
-(`Advice.prompt_token_cap`, at the largest batch the PD run's decode measured): a starting value for
+(`Advice.prompt_token_cap`, at the largest batch the PD run's decode measured): a bound on
 `scheduler.prompt_tokens_while_decoding` where prompts run on decodes (per-request disaggregation's spilled
-prompts) or colocated, to be measured (`bench compare --config`).
+prompts) or colocated, by the GPU's time alone. A step with prompt chunks also pays host work (its attention runs
+eagerly between piecewise graphs) that this leaves out: set as the cap on 2x H200, its 360 tokens left a colocated
+pair's prompts queued for seconds (benchmarks/RESULTS.md, fifty-first session), so measure a value before using it
+(`bench compare --config`).
 
 That steady-state queue is the long run a deployment serves in; a `bench compare` rate is a few seconds of it,
 over which the queue never settles (at 24 req/s of a 64/3072-token mix the model read 1.6 req/s of goodput for
