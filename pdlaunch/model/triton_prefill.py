@@ -80,8 +80,9 @@ def _launch(setting: str) -> PrefillLaunch:
         return PrefillLaunch()
     parts = setting.split(",")
     values = [int(p) if p.strip().isdigit() else -1 for p in parts]
-    powers = all(v > 0 and v & (v - 1) == 0 for v in values[:2]) and values[2] in (0, 1, 2, 4, 8, 16)
-    if len(values) != len(_LAUNCH_FIELDS) or not powers or values[1] < 16 or values[3] < 1:
+    fits = (len(values) == len(_LAUNCH_FIELDS) and all(v > 0 and v & (v - 1) == 0 for v in values[:2])
+            and values[2] in (0, 1, 2, 4, 8, 16) and values[1] >= 16 and values[3] >= 1)
+    if not fits:
         raise PdlaunchError(f"PDLAUNCH_PREFILL_LAUNCH={setting!r} is not a launch", field="PDLAUNCH_PREFILL_LAUNCH",
                             hint="give block_q,block_n,num_warps,num_stages, e.g. 16,64,4,2 (block sizes powers of "
                                  "2, block_n at least 16; num_warps 0 for the default), or unset it")

@@ -175,8 +175,8 @@ def test_the_torch_path_on_cpu_without_the_variable(monkeypatch: pytest.MonkeyPa
     assert build_group_plan(attn, 0, cache, None).prefill_tiles is None
 
 
-@pytest.mark.parametrize("setting", ["16,64,4", "16,48,4,2", "16,8,4,2", "a,64,4,2", "16,64,3,2", "16,64,4,0",
-                                     "16,64,4,2,1"])
+@pytest.mark.parametrize("setting", ["16", "16,64", "16,64,4", "16,48,4,2", "16,8,4,2", "a,64,4,2", "16,64,3,2",
+                                     "16,64,4,0", "16,64,4,2,1"])
 def test_a_bad_launch_is_refused_naming_the_variable(setting: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PDLAUNCH_PREFILL_LAUNCH", setting)
     with pytest.raises(PdlaunchError) as raised:
