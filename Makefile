@@ -48,8 +48,9 @@ test: demo-model
 test-fast: demo-model
 	$(BIN)/python -m pytest -q -n 2 -m "not gpu and not slow and not e2e" tests
 
+# The GPU tests (skipped without CUDA), one at a time; --durations says where the time went.
 test-gpu: venv
-	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/python -m pytest -q -m gpu --durations=20 tests
 
 serve: demo-model
 	$(BIN)/pdlaunch serve --model demo --device auto
