@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def blas_setting(environ: Mapping[str, str] = os.environ) -> str:
-    """PDLAUNCH_BLAS as one of CHOICES (unset: `auto`); any other value is refused naming the variable."""
+    """PDLAUNCH_BLAS as one of CHOICES, in any case and with spaces around it (unset or blank: `auto`); any other
+    value is refused naming the variable."""
     value = environ.get(ENV, "").strip().lower() or AUTO
     if value not in CHOICES:
         raise PdlaunchError(f"{environ[ENV]!r} is not a BLAS library pdlaunch can select", field=ENV,

@@ -17,12 +17,12 @@ as before.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.triton_decode import (
     device_entry,
     device_name,
@@ -199,12 +199,17 @@ def config_for(name: str, rows: int, n: int, k: int) -> DecodeGemmConfig | None:
                  if rows <= max_rows and n <= max_n and k <= max_k), None)
 
 
+def decode_gemm_setting() -> str:
+    """PDLAUNCH_DECODE_GEMM: `auto` (unset or empty) or `cublas`; any other value is refused naming the variable."""
+    return env_choice("PDLAUNCH_DECODE_GEMM", ("auto", "cublas"))
+
+
 def decode_gemm_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when x W^T runs this GEMM: 2 to MAX_ROWS rows of fp16/bf16 on CUDA, a contiguous weight of x's dtype,
     and a measured launch for the rows and the weight's shape on this device."""
     return (x.is_cuda and x.dim() == 2 and 2 <= x.shape[0] <= MAX_ROWS and x.dtype in _DTYPES
             and weight.dtype == x.dtype and weight.dim() == 2 and weight.is_contiguous() and x.stride(1) == 1
-            and os.environ.get("PDLAUNCH_DECODE_GEMM", "auto") != "cublas" and triton_importable()
+            and decode_gemm_setting() != "cublas" and triton_importable()
             and config_for(device_name(x.device.index or 0), x.shape[0], *weight.shape) is not None)
 
 

@@ -18,7 +18,6 @@ decorated at `import triton`, so the interpreter needs the variable set before t
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from types import SimpleNamespace
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, pdl_release, triton_importable
@@ -33,11 +33,17 @@ from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 
 
+def fused_ops_setting() -> str:
+    """PDLAUNCH_FUSED_OPS: `auto` (unset or empty) or `torch`; any other value is refused naming the variable."""
+    return env_choice("PDLAUNCH_FUSED_OPS", ("auto", "torch"))
+
+
 def _use_triton(t: torch.Tensor) -> bool:
-    """True when `t`'s op should run the Triton kernel (CUDA or interpreter, not forced off)."""
-    if os.environ.get("PDLAUNCH_FUSED_OPS", "auto") == "torch" or not triton_importable():
+    """True when `t`'s op should run the Triton kernel (CUDA or interpreter, not forced off). A CPU tensor outside
+    the interpreter never reads the variable: a CPU instance does not fail a step on a GPU setting."""
+    if not (t.is_cuda or interpret_mode()):
         return False
-    return t.is_cuda or interpret_mode()
+    return fused_ops_setting() != "torch" and triton_importable()
 
 
 def fused_available(t: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.overrides import env_choice, whole_number
 from pdlaunch.model.triton_decode import device_entry, device_name, pdl_enabled, pdl_kwargs, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
@@ -107,10 +108,13 @@ def config_override(setting: str) -> dict[tuple[int, int], GemvConfig]:
     for entry in filter(None, setting.split(":")):
         shape, _, launch = entry.partition("=")
         numbers = [part.strip() for part in shape.split("x")] + [part.strip() for part in launch.split(",")]
-        if len(numbers) != 5 or not all(part.isdigit() for part in numbers):
+        if len(numbers) != 5 or not all(whole_number(part) for part in numbers):
             raise PdlaunchError(f"PDLAUNCH_GEMV_CONFIG: {entry!r} is not NxK=BLOCK_N,BLOCK_K,WARPS",
                                 field="PDLAUNCH_GEMV_CONFIG", hint="e.g. 5120x2048=4,512,4 (entries joined by ':')")
         n, k, block_n, block_k, warps = (int(part) for part in numbers)
+        if n < 1 or k < 1:  # no weight has that shape: the override would never apply
+            raise PdlaunchError(f"PDLAUNCH_GEMV_CONFIG: {entry!r}: N and K must be 1 or more",
+                                field="PDLAUNCH_GEMV_CONFIG", hint="e.g. 5120x2048=4,512,4")
         if any(v < 1 or v & (v - 1) for v in (block_n, block_k, warps)):
             raise PdlaunchError(f"PDLAUNCH_GEMV_CONFIG: {entry!r}: BLOCK_N, BLOCK_K and WARPS must be powers of two",
                                 field="PDLAUNCH_GEMV_CONFIG", hint="e.g. 5120x2048=4,512,4")
@@ -118,10 +122,15 @@ def config_override(setting: str) -> dict[tuple[int, int], GemvConfig]:
     return configs
 
 
+def gemv_setting() -> str:
+    """PDLAUNCH_GEMV: `auto` (unset or empty) or `cublas`; any other value is refused naming the variable."""
+    return env_choice("PDLAUNCH_GEMV", ("auto", "cublas"))
+
+
 def gemv_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when x W^T runs the GEMV: one row of fp16/bf16 on CUDA, a contiguous weight of x's dtype."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in _DTYPES and weight.dtype == x.dtype
-            and weight.dim() == 2 and weight.is_contiguous() and os.environ.get("PDLAUNCH_GEMV", "auto") != "cublas"
+            and weight.dim() == 2 and weight.is_contiguous() and gemv_setting() != "cublas"
             and triton_importable())
 
 

@@ -1,9 +1,11 @@
 """Launch settings a benchmark sets through an environment variable (`field=value:field=value`) so it can time them
 inside whole steps before they go into a table or tile file (benchmarks/moe_speed.py --variants): the MoE tile
-(PDLAUNCH_MOE_TILE, moe/fused.py) and the paged decode's launch (PDLAUNCH_DECODE_LAUNCH, triton_decode.py)."""
+(PDLAUNCH_MOE_TILE, moe/fused.py) and the paged decode's launch (PDLAUNCH_DECODE_LAUNCH, triton_decode.py); and the
+variables that pick one of a few named choices (`env_choice`, e.g. PDLAUNCH_PDL=off)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -11,6 +13,24 @@ from typing import Any, TypeVar
 from pdlaunch.errors import PdlaunchError
 
 T = TypeVar("T")
+
+
+def whole_number(text: str) -> bool:
+    """`text` is ASCII digits only (str.isdigit also takes `²` and other scripts' digits, which int() refuses or
+    reads as another number)."""
+    return text.isascii() and text.isdigit()
+
+
+def env_choice(variable: str, choices: tuple[str, ...]) -> str:
+    """os.environ's `variable` as one of `choices`, the first (the default) when unset or empty; any other value,
+    a misspelt one included, is refused naming the variable and the choices."""
+    value = os.environ.get(variable, "")
+    if not value:
+        return choices[0]
+    if value not in choices:
+        raise PdlaunchError(f"{variable}={value!r} is not a choice", field=variable,
+                            hint=f"use {', '.join(choices)}, or unset it for {choices[0]}")
+    return value
 
 
 def with_fields(settings: T, fields: Mapping[str, int | bool], size: int, limit: str) -> T:
@@ -33,7 +53,7 @@ def field_override(variable: str, setting: str, kinds: Mapping[str, type], power
         raw_name, _, value = part.partition("=")
         name = raw_name.strip()
         kind = kinds.get(name)
-        if kind is None or not value.strip().isdigit():
+        if kind is None or not whole_number(value.strip()):
             raise PdlaunchError(f"{variable}: {part!r} is not a {noun} field and a whole number", field=variable,
                                 hint=hint)
         number = int(value)

@@ -14,13 +14,13 @@ launch for the row count; elsewhere, and with PDLAUNCH_SWIGLU=cublas, the two la
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from types import SimpleNamespace
 
 import torch
 
 from pdlaunch.model.fused_ops import silu_and_mul_torch
+from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.triton_decode import (
     device_entry,
     device_name,
@@ -107,12 +107,17 @@ def config_for(name: str, rows: int) -> SwigluConfig | None:
     return next((config for max_rows, config in table if rows <= max_rows), None)
 
 
+def swiglu_setting() -> str:
+    """PDLAUNCH_SWIGLU: `auto` (unset or empty) or `cublas`; any other value is refused naming the variable."""
+    return env_choice("PDLAUNCH_SWIGLU", ("auto", "cublas"))
+
+
 def swiglu_available(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when silu(x W_gate^T) * (x W_up^T) runs as one launch: 2+ rows of fp16/bf16 on CUDA with a contiguous
     gate_up weight of x's dtype and a measured launch for that many rows on this device."""
     return (x.is_cuda and x.dim() == 2 and x.shape[0] >= 2 and x.dtype in _DTYPES and weight.dtype == x.dtype
             and weight.dim() == 2 and weight.is_contiguous() and weight.shape[0] % 2 == 0
-            and x.stride(1) == 1 and os.environ.get("PDLAUNCH_SWIGLU", "auto") != "cublas"
+            and x.stride(1) == 1 and swiglu_setting() != "cublas"
             and triton_importable() and config_for(device_name(x.device.index or 0), x.shape[0]) is not None)
 
 

@@ -33,7 +33,7 @@ from typing import TypeVar
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.overrides import field_override, with_fields
+from pdlaunch.model.overrides import env_choice, field_override, with_fields
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
 from pdlaunch.model.split_counters import num_sms as _num_sms  # tests patch triton_decode._num_sms
 from pdlaunch.model.split_counters import split_counters
@@ -57,10 +57,14 @@ def triton_importable() -> bool:
     return True
 
 
+def paged_decode_setting() -> str:
+    """PDLAUNCH_PAGED_DECODE: `auto` (unset or empty) or `torch`; any other value is refused naming the variable."""
+    return env_choice("PDLAUNCH_PAGED_DECODE", ("auto", "torch"))
+
+
 def paged_decode_available(kv_cache: torch.Tensor) -> bool:
     """True when the Triton kernel serves this cache: CUDA, Triton installed, not forced off."""
-    choice = os.environ.get("PDLAUNCH_PAGED_DECODE", "auto")
-    if choice == "torch" or not kv_cache.is_cuda or kv_cache.dtype not in _KERNEL_DTYPES:
+    if not kv_cache.is_cuda or paged_decode_setting() == "torch" or kv_cache.dtype not in _KERNEL_DTYPES:
         return False
     block_size = kv_cache.shape[3]
     return block_size & (block_size - 1) == 0 and triton_importable()
@@ -364,15 +368,22 @@ def pdl_enabled(t: torch.Tensor, rows: int) -> bool:
     48 x 3072: 9.54 -> 9.82 ms). From two rows only the GEMMs that follow a kernel releasing them
     (`pdl_release`) launch dependent. PDLAUNCH_PDL=off turns it off (debugging, benchmarks); PDLAUNCH_PDL=all
     launches every kernel of ours dependent at any row count (A/B runs)."""
-    return (rows == 1 or os.environ.get("PDLAUNCH_PDL") == "all") and _pdl_device(t)
+    return t.is_cuda and (rows == 1 or pdl_setting() == "all") and _pdl_device(t)
+
+
+def pdl_setting() -> str:
+    """PDLAUNCH_PDL: `auto` (unset or empty), `off` or `all` (pdl_enabled); any other value is refused naming the
+    variable."""
+    return env_choice("PDLAUNCH_PDL", ("auto", "off", "all"))
 
 
 def attention_early() -> bool:
     """A batch-1 paged decode (launched dependent) lets the o projection after it start right after its own wait,
     not after its loop: the projection's programs load their first weight columns while the attention's few
     programs walk their chain of round trips (Qwen3-30B-A3B shape, one H100, batch 1: 3.27 -> 3.23 ms a step;
-    benchmarks/RESULTS.md). PDLAUNCH_ATTN_EARLY=off keeps the release after the loop (A/B runs, debugging)."""
-    return os.environ.get("PDLAUNCH_ATTN_EARLY", "on") != "off"
+    benchmarks/RESULTS.md). PDLAUNCH_ATTN_EARLY=off keeps the release after the loop (A/B runs, debugging); values other
+    than on and off are refused."""
+    return env_choice("PDLAUNCH_ATTN_EARLY", ("on", "off")) == "on"
 
 
 def pdl_release(t: torch.Tensor, rows: int) -> bool:
@@ -388,7 +399,7 @@ def pdl_release(t: torch.Tensor, rows: int) -> bool:
 def _pdl_device(t: torch.Tensor) -> bool:
     """`t`'s device can launch dependent kernels (CUDA sm_90 or newer, a Triton with the launch option, compiled
     kernels) and PDLAUNCH_PDL is not off."""
-    return (t.is_cuda and os.environ.get("PDLAUNCH_PDL", "auto") != "off"
+    return (t.is_cuda and pdl_setting() != "off"
             and _capability(t.device.index or 0) >= (9, 0) and _triton_has_pdl() and not interpret_mode())
 
 
@@ -419,8 +430,9 @@ def fp8_qk_f16() -> bool:
     """Over an fp8 cache widened by the hardware (V_F16), the key product runs in float16 too (the e4m3
     widening is one instruction per pair, as for the values): on an H200 the kernel alone went 113.6 -> 100.2 us
     at 48 x 3072 (8 KV heads) and 36.5 -> 32.5 us at 64 x 1024 (4), with the same error against float64
-    (RESULTS.md, thirty-fourth session). PDLAUNCH_FP8_QK=bf16 keeps the bf16 product (A/B runs)."""
-    return os.environ.get("PDLAUNCH_FP8_QK", "f16") != "bf16"
+    (RESULTS.md, thirty-fourth session). PDLAUNCH_FP8_QK=bf16 keeps the bf16 product (A/B runs); values other than
+    f16 and bf16 are refused."""
+    return env_choice("PDLAUNCH_FP8_QK", ("f16", "bf16")) == "f16"
 
 
 def choose_launch(num_seqs: int, num_kv_heads: int, head_dim: int, num_sms: int, waves: int = 2,

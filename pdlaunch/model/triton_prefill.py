@@ -32,6 +32,7 @@ from functools import lru_cache
 import torch
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.overrides import env_choice, whole_number
 from pdlaunch.model.triton_decode import interpret_mode, paged_decode_available
 
 # Steps with more prompt tokens than this keep scaled_dot_product_attention: there the GPU's work sets the step
@@ -79,7 +80,7 @@ def _launch(setting: str) -> PrefillLaunch:
     if not setting:
         return PrefillLaunch()
     parts = setting.split(",")
-    values = [int(p) if p.strip().isdigit() else -1 for p in parts]
+    values = [int(p) if whole_number(p.strip()) else -1 for p in parts]
     fits = (len(values) == len(_LAUNCH_FIELDS) and all(v > 0 and v & (v - 1) == 0 for v in values[:2])
             and values[2] in (0, 1, 2, 4, 8, 16) and values[1] >= 16 and values[3] >= 1)
     if not fits:
@@ -95,15 +96,18 @@ def paged_prefill_available(kv_cache: torch.Tensor) -> bool:
     under TRITON_INTERPRET=1 (tests)."""
     if not kv_cache.is_cuda and not interpret_mode():
         return False  # a CPU instance: the torch path, whatever the variable says (its steps never reach a GPU)
-    choice = os.environ.get("PDLAUNCH_PAGED_PREFILL", "auto")
-    if choice not in ("auto", "torch", "triton"):
-        raise PdlaunchError(f"PDLAUNCH_PAGED_PREFILL={choice!r} is not a choice", field="PDLAUNCH_PAGED_PREFILL",
-                            hint="use auto, torch or triton, or unset it")
+    choice = paged_prefill_setting()
     if choice == "torch":
         return False
     if choice == "triton" and not kv_cache.is_cuda:
         return interpret_mode() and kv_cache.dtype in (torch.float32, torch.bfloat16, torch.float16)
     return paged_decode_available(kv_cache)
+
+
+def paged_prefill_setting() -> str:
+    """PDLAUNCH_PAGED_PREFILL: `auto` (unset or empty), `torch` or `triton`; any other value is refused naming the
+    variable."""
+    return env_choice("PDLAUNCH_PAGED_PREFILL", ("auto", "torch", "triton"))
 
 
 def prefill_tiles(q_starts: list[int], q_lens: list[int], ctx_lens: list[int], seq_ids: list[int],

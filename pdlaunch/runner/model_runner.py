@@ -14,7 +14,6 @@ MiB-sized transfer descriptors. Block count: `cache.num_gpu_blocks` if set; on C
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -29,6 +28,7 @@ from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.blas import select_blas_library
 from pdlaunch.model.loader import Checkpoint, load_model
+from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
@@ -115,7 +115,7 @@ class ModelRunner:
         if prompt_rows is None:  # PDLAUNCH_PROMPT_ROWS=off: such steps replay piecewise (debugging, benchmarks)
             # Not over an fp8 cache: there the paged kernel's fp8 dot products differ from the prompt path's
             # (SDPA over the cache's values), and the tokens of a float32 engine with and without graphs would too.
-            prompt_rows = (device.type == "cuda" and os.environ.get("PDLAUNCH_PROMPT_ROWS", "auto") != "off"
+            prompt_rows = (device.type == "cuda" and prompt_rows_setting() != "off"
                            and self.kv_dtype == dtype)
         self._prompt_rows = prompt_rows
         self.graphs: DecodeGraphs | None = self._init_graphs() if decode_graphs else None
@@ -333,7 +333,7 @@ class ModelRunner:
         rows = graph_rows(self.scheduler_config.max_num_seqs, self._prompt_rows)
         arch = self.checkpoint.arch
         # PDLAUNCH_PROMPT_ROWS=ungrouped: each prompt row in a program of its own (benchmarks, debugging)
-        grouped = os.environ.get("PDLAUNCH_PROMPT_ROWS", "auto") != "ungrouped"
+        grouped = prompt_rows_setting() != "ungrouped"
         per_program = rows_per_program(arch.num_heads // self.tp_size, self.num_kv_heads) if grouped else 1
         graphs = DecodeGraphs(ladder(rows), len(self.groups), self.block_size, max_blocks, self.device,
                               lambda: self.kv_caches, prompt_rows=self._prompt_rows, rows_per_program=per_program)
@@ -418,6 +418,12 @@ class ModelRunner:
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def prompt_rows_setting() -> str:
+    """PDLAUNCH_PROMPT_ROWS (CUDA instances): `auto` (unset or empty), `off` (steps with prompts replay piecewise) or
+    `ungrouped` (a program a prompt row); any other value is refused naming the variable."""
+    return env_choice("PDLAUNCH_PROMPT_ROWS", ("auto", "off", "ungrouped"))
 
 
 def out_of_memory(exc: BaseException) -> bool:
