@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from pdlaunch.config.mooncake_install import INSTALL_HINT, missing_reason
 from pdlaunch.errors import PdlaunchError
@@ -27,7 +28,7 @@ err_console = Console(stderr=True)
 
 def _fail(lines: list[str]) -> typer.Exit:
     for line in lines:
-        err_console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     return typer.Exit(code=1)
 
 
@@ -164,6 +165,9 @@ def make_checkpoint(
     """Write a random-weight checkpoint of a real model's shape (shard by shard) for benchmarks."""
     from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint, parse_dtype
 
+    if not (max_shard_gib > 0 and math.isfinite(max_shard_gib)):
+        raise _fail([f"--max-shard-gib: {max_shard_gib:g} is not a positive size in GiB (e.g. 4; a tensor larger "
+                     "than it gets a shard of its own)"])
     try:
         path = make_shaped_checkpoint(
             out_dir, shape=shape, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
@@ -209,7 +213,7 @@ def kv_transfer(
     import json
 
     from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
-    from pdlaunch.bench.report import print_kv_transfer_table
+    from pdlaunch.bench.report import prepare_output_dir, print_kv_transfer_table
     from pdlaunch.memory.platform import resolve_device
 
     modes = mode or ["pull", "push"]
@@ -218,6 +222,11 @@ def kv_transfer(
         raise _fail([f"--mode: unknown transfer mode {bad[0]!r} (pull or push)"])
     connectors = _bench_connectors(kv_connector or ["nixl"])
     try:
+        if json_path is not None:  # before the run: a path that cannot be written fails now, not after it
+            prepare_output_dir(json_path.parent, "--json")
+            if json_path.is_dir():
+                raise PdlaunchError(f"{str(json_path)!r} is a folder", field="--json",
+                                    hint="give a file name, e.g. kv.json")
         rows = [row for connector in connectors for row in run_kv_transfer_bench(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, block_size=block_size,
             num_tokens_list=num_tokens or [1024, 8192], modes=modes, device=resolve_device(device),
@@ -228,7 +237,10 @@ def kv_transfer(
         raise _fail(exc.render().splitlines()) from None
     print_kv_transfer_table(Console(), rows)
     if json_path is not None:
-        json_path.write_text(json.dumps(rows, indent=2) + "\n")
+        try:
+            json_path.write_text(json.dumps(rows, indent=2) + "\n")
+        except OSError as exc:
+            raise _fail([f"--json: cannot write {str(json_path)!r}: {exc.strerror or exc}"]) from None
     if not all(r["verified"] for r in rows):
         raise _fail(["the decode side's KV bytes differ from the prefill side's after a transfer (rows marked NO)"])
 
@@ -258,15 +270,16 @@ def _number_list(text: str | None, flag: str, cast: type[_N]) -> list[_N] | None
     """`"2,4,8"` -> [2, 4, 8]; None stays None. A bad item fails naming `flag`."""
     if text is None:
         return None
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    try:
-        values = [cast(item) for item in items]
-    except ValueError:
-        kind = "integers" if cast is int else "numbers"
-        raise _fail([f"{flag}: {text!r} is not a comma-separated list of {kind}"]) from None
-    if not values:
+    items = [item.strip() for item in text.split(",")]
+    kind = "integers" if cast is int else "numbers"
+    if not any(items):
         raise _fail([f"{flag}: the list is empty"])
-    return values
+    if not all(items):  # `2,,4` or `2,4,`: a value left out, not one to drop quietly
+        raise _fail([f"{flag}: {text!r} has an empty item; give {kind} separated by single commas, e.g. 2,4,8"])
+    try:
+        return [cast(item) for item in items]
+    except ValueError:
+        raise _fail([f"{flag}: {text!r} is not a comma-separated list of {kind}"]) from None
 
 
 @bench_app.command("compare")

@@ -32,7 +32,7 @@ from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
 from pdlaunch.bench.report import ServeDoc, write_json
-from pdlaunch.bench.serve import ServeBenchConfig, measure
+from pdlaunch.bench.serve import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, Role
@@ -58,13 +58,15 @@ class CompareConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gpus: list[int] | None = None  # None: GPUs 0 .. prefill+decode-1
     rates: list[float] = Field(min_length=1)  # requests/s
-    num_prompts: int = Field(160, ge=1)
+    # the bounds of `bench serve`'s flags (ServeBenchConfig), checked here before any deployment starts
+    num_prompts: int = Field(160, ge=1, le=MAX_PROMPTS)
     # seconds of arrivals per rate: each rate sends round(rate x duration) requests instead of num_prompts, so a
     # high rate is measured over as long a stretch as a low one
     duration: float | None = Field(None, gt=0, allow_inf_nan=False)
-    input_len: int = Field(3072, ge=1)
-    input_lens: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)  # a mix; replaces input_len
-    output_len: int = Field(128, ge=1)
+    input_len: int = Field(3072, ge=1, le=MAX_TOKENS)
+    # a mix; replaces input_len
+    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
+    output_len: int = Field(128, ge=1, le=MAX_TOKENS)
     ttft_slo_ms: float = Field(400.0, gt=0)
     tpot_slo_ms: float = Field(15.0, gt=0)
     tight_ttft_slo_ms: float = Field(1000.0, gt=0)
@@ -80,9 +82,9 @@ class CompareConfig(BaseModel):
     prefill: int = Field(1, ge=1)
     decode: int = Field(1, ge=1)
     burstiness: float = Field(1.0, gt=0)
-    seed: int = 0
-    num_warmups: int = Field(2, ge=0)
-    vocab_size: int = Field(500, gt=10)
+    seed: int = Field(0, ge=0)
+    num_warmups: int = Field(2, ge=0, le=MAX_PROMPTS)
+    vocab_size: int = Field(500, gt=10, le=MAX_VOCAB)
     max_model_len: int | None = Field(None, ge=1)
     config: Path | None = None  # base deployment YAML; its instances/colocated are replaced
     # an earlier run's --out with the same workload: its colocated and PD runs are reused, only "conditional" runs
@@ -112,6 +114,10 @@ class CompareConfig(BaseModel):
             raise ValueError("--input-len and --input-lens both set the prompt lengths: give one")
         if self.duration is not None and self.num_prompts != type(self).model_fields["num_prompts"].default:
             raise ValueError("--num-prompts and --duration both set how many requests a rate sends: give one")
+        if self.duration is not None and self.prompts_at(len(self.rates) - 1) > MAX_PROMPTS:
+            raise ValueError(f"--duration: {self.duration:g} s at {self.rates[-1]:g} req/s is "
+                             f"{self.prompts_at(len(self.rates) - 1)} requests, more than {MAX_PROMPTS}; "
+                             "give a shorter --duration")
         if self.disaggregate_max_queue_tokens is not None and self.disaggregate_min_tokens is None:
             raise ValueError("--disaggregate-max-queue-tokens applies to the per-request disaggregation "
                              "deployment: give --disaggregate-min-tokens N too")
@@ -519,6 +525,8 @@ def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
         return []
     try:
         earlier = json.loads((cfg.baseline / "compare.json").read_text())["settings"]
+        if not isinstance(earlier, dict):
+            raise TypeError(f"compare.json's settings are a {type(earlier).__name__}, not a mapping")
         runs = [DeploymentRun.model_validate_json((cfg.baseline / f"{kind}.json").read_text()) for kind in KINDS]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PdlaunchError(f"could not read the baseline run in {cfg.baseline}: {exc}", field="--baseline",

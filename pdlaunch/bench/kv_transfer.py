@@ -15,6 +15,7 @@ write = posted -> a sender check saw it done, notify = done -> decode reported t
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 import secrets
 import statistics
@@ -30,7 +31,7 @@ from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
-from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
+from pdlaunch.model.quant.kv_cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 
 if TYPE_CHECKING:
     from pdlaunch.kv_transfer.prefill.push_sender import PushTiming
@@ -82,22 +83,26 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
     from pdlaunch.kv_transfer.factory import create_connector
     from pdlaunch.memory import platform
 
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        platform.set_device(dev.index or 0)
-    dtype = _DTYPES[shape.dtype]
-    cache_dtype = resolve_kv_cache_dtype(shape.kv_cache_dtype, dtype)
-    from pdlaunch.memory.cumem import memory_pool_context
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            platform.set_device(dev.index or 0)
+        dtype = _DTYPES[shape.dtype]
+        cache_dtype = resolve_kv_cache_dtype(shape.kv_cache_dtype, dtype)
+        from pdlaunch.memory.cumem import memory_pool_context
 
-    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; in a CuMem pool like the engine's
-    # KV cache under --enable-cumem-allocator when asked.
-    with memory_pool_context(shape.cumem, "kv_cache"):
-        cache = torch.empty((shape.num_blocks, shape.num_layers, 2, shape.block_size,
-                             shape.num_kv_heads, shape.head_dim), dtype=cache_dtype, device=dev)
-    if role == "prefill":
-        cache.copy_(torch.randn(cache.shape, device=dev))  # normal_ has no fp8 kernel
-    else:
-        cache.zero_()
+        # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]; in a CuMem pool like the engine's
+        # KV cache under --enable-cumem-allocator when asked.
+        with memory_pool_context(shape.cumem, "kv_cache"):
+            cache = torch.empty((shape.num_blocks, shape.num_layers, 2, shape.block_size,
+                                 shape.num_kv_heads, shape.head_dim), dtype=cache_dtype, device=dev)
+        if role == "prefill":
+            cache.copy_(torch.randn(cache.shape, device=dev))  # normal_ has no fp8 kernel
+        else:
+            cache.zero_()
+    except Exception as exc:  # the parent waits for this side's start: say why there is none (e.g. out of memory)
+        conn.send(("err", f"{type(exc).__name__}: {exc}"))
+        return
     spec = KVCacheSpec(kv_caches=[cache], num_blocks=shape.num_blocks, block_size=shape.block_size,
                        num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=dtype,
                        group_layers=[list(range(shape.num_layers))], group_sliding_window=[None],
@@ -226,8 +231,14 @@ class _Side:
         self._answer(f"{role} start")
 
     def _answer(self, what: str) -> Any:
-        if not self.conn.poll(_CALL_TIMEOUT):
-            raise KVTransferError(f"kv-transfer bench: the worker did not answer {what} within {_CALL_TIMEOUT:g}s")
+        deadline = time.monotonic() + _CALL_TIMEOUT
+        while not self.conn.poll(1.0):  # a worker that died (e.g. killed for memory) answers nothing: say so
+            if not self.proc.is_alive():
+                raise KVTransferError(f"kv-transfer bench: the worker exited (code {self.proc.exitcode}) before it "
+                                      f"answered {what}")
+            if time.monotonic() > deadline:
+                raise KVTransferError(f"kv-transfer bench: the worker did not answer {what} within "
+                                      f"{_CALL_TIMEOUT:g}s")
         status, value = self.conn.recv()
         if status != "ok":
             raise KVTransferError(f"kv-transfer bench: {what} failed in the worker:\n{value}")
@@ -261,6 +272,34 @@ def _devices(device: str, decode_device: str | None) -> tuple[str, str]:
     return device, decode_device
 
 
+def _check_device(device: str, flag: str) -> None:
+    """cpu, cuda or cuda:N of a visible GPU, else a KVTransferError naming `flag` (not a worker's traceback)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise KVTransferError(f"unknown device {device!r}", field=flag, hint="cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise KVTransferError(f"unsupported device {device!r}", field=flag, hint="cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise KVTransferError(f"{device!r}: no CUDA device is visible on this machine", field=flag,
+                                  hint="use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise KVTransferError(f"{device!r} does not exist (this machine has {count} GPUs: "
+                                  f"cuda:0..cuda:{count - 1})", field=flag, hint="give a visible GPU")
+
+
+def _start_side(role: str, shape: _Shape, device: str, cache_gib: float) -> _Side:
+    """One side's worker, started; a start that fails (most often: no memory for the KV cache) names the flags."""
+    try:
+        return _Side(role, shape, device)
+    except KVTransferError as exc:
+        raise KVTransferError(exc.message, hint=f"each side's synthetic KV cache is {cache_gib:.3g} GiB on {device}; "
+                              "--num-tokens, --concurrency, --num-layers, --num-kv-heads and --head-dim set its size"
+                              ) from None
+
+
 def run_kv_transfer_bench(
     num_layers: int = 32, num_kv_heads: int = 8, head_dim: int = 128, dtype: str = "bfloat16", block_size: int = 16,
     num_tokens_list: list[int] | tuple[int, ...] = (1024, 8192), modes: list[str] | tuple[str, ...] = ("pull", "push"),
@@ -279,8 +318,25 @@ def run_kv_transfer_bench(
     if concurrency < 1:
         raise KVTransferError(f"--concurrency {concurrency} is below 1", field="--concurrency",
                               hint="pass 1 for one transfer at a time, or the number of requests in flight")
+    for flag, value in (("--num-layers", num_layers), ("--num-kv-heads", num_kv_heads), ("--head-dim", head_dim),
+                        ("--block-size", block_size), ("--iterations", iterations)):
+        if value < 1:
+            raise KVTransferError(f"{value} is below 1", field=flag, hint="give a positive integer")
+    short = [n for n in num_tokens_list if n < 2]
+    if short:
+        raise KVTransferError(f"{short[0]} tokens move no KV (the decode side computes the last prompt "
+                              "token itself)", field="--num-tokens", hint="give 2 tokens or more, e.g. 1024")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise KVTransferError(f"{timeout:g} is not a positive number of seconds", field="--timeout",
+                              hint="e.g. 60")
     if dtype not in _DTYPES:
-        raise KVTransferError(f"unknown dtype {dtype!r}", field="dtype", hint=f"one of {', '.join(_DTYPES)}")
+        raise KVTransferError(f"unknown dtype {dtype!r}", field="--dtype", hint=f"one of {', '.join(_DTYPES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise KVTransferError(f"unknown KV cache dtype {kv_cache_dtype!r}", field="--kv-cache-dtype",
+                              hint=f"one of {', '.join(KV_CACHE_DTYPES)}")
+    _check_device(device, "--device")
+    if decode_device is not None:
+        _check_device(decode_device, "--decode-device")
     cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, _DTYPES[dtype])
     prefill_device, decode_device = _devices(device, decode_device)
     max_blocks = -(-max(num_tokens_list) // block_size)
@@ -288,11 +344,12 @@ def run_kv_transfer_bench(
                    block_size=block_size, num_blocks=max_blocks * concurrency + 1, cumem=cumem, connector=connector,
                    kv_cache_dtype=kv_cache_dtype, secret=secrets.token_hex(32))
     block_bytes = num_layers * 2 * block_size * num_kv_heads * head_dim * cache_dtype.itemsize
+    cache_gib = shape.num_blocks * block_bytes / 2**30
     rows: list[KVTransferRow] = []
-    prefill = _Side("prefill", shape, prefill_device)
+    prefill = _start_side("prefill", shape, prefill_device, cache_gib)
     decode = None
     try:
-        decode = _Side("decode", shape, decode_device)
+        decode = _start_side("decode", shape, decode_device, cache_gib)
         for mode in modes:
             info = decode("mode", mode)
             for n in num_tokens_list:

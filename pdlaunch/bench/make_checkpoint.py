@@ -183,6 +183,7 @@ def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
 
 
 FP8_FORMATS = ("block", "channel")
+_SEED_LIMIT = 2**43
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
 
@@ -276,12 +277,16 @@ def make_shaped_checkpoint(
     if device != "cpu" and not (device.split(":")[0] == "cuda" and torch.cuda.is_available()):
         raise PdlaunchError(f"cannot draw weights on {device!r}", field="--device",
                             hint="auto, cpu, or cuda[:N] on a machine with a CUDA device")
+    if out.exists() and not out.is_dir():
+        raise PdlaunchError(f"{out} is a file, not a folder", field="out_dir", hint="give a folder to write into")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PdlaunchError(f"{out} is not empty", field="out_dir", hint="pick an empty folder or pass --overwrite")
     if fp8 is not None and fp8 not in FP8_FORMATS:
         raise PdlaunchError(f"unknown FP8 format {fp8!r}", field="--fp8", hint=f"one of {', '.join(FP8_FORMATS)}")
     if shape not in SHAPES:
         raise PdlaunchError(f"unknown shape {shape!r}", field="--shape", hint=f"one of {', '.join(SHAPES)}")
+    if abs(seed) >= _SEED_LIMIT:  # seed * 1_000_003 + crc32 must fit torch's 64-bit generator seed
+        raise PdlaunchError(f"{seed} is out of range", field="--seed", hint="give a seed of magnitude below 2**43")
     base = SHAPES[shape]
     num_layers = base["num_hidden_layers"] if num_layers is None else num_layers
     if num_layers < 1:
@@ -294,7 +299,11 @@ def make_shaped_checkpoint(
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
     cfg |= {"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": BOS_TOKEN_ID,
             "eos_token_id": EOS_TOKEN_ID}
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot create {out}: {exc.strerror or exc}", field="out_dir",
+                            hint="give a folder you can write, or one that can be created there") from None
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(tensor_shapes(cfg), itemsize, max_shard_bytes)

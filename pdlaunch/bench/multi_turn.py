@@ -50,6 +50,7 @@ from pdlaunch.bench.serve import (
     ServeBenchConfig,
     arrival_times,
     frozen_heap,
+    prepare_outputs,
     resolve_model,
     send_request,
 )
@@ -154,13 +155,13 @@ async def _counters(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> dict[st
 
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Conversation], float, str,
                                                                   dict[str, float | None]]:
-    rng = np.random.default_rng(cfg.seed)
-    system_ids, system_text = _ids(rng, cfg, cfg.system_prompt_len), _text(rng, cfg.system_prompt_len)
-    conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
-    offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
     limits = httpx.Limits(max_connections=cfg.num_conversations + 1)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(cfg.request_timeout, connect=30.0)) as client:
-        model = await resolve_model(client, cfg)
+        model = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
+        rng = np.random.default_rng(cfg.seed)
+        system_ids, system_text = _ids(rng, cfg, cfg.system_prompt_len), _text(rng, cfg.system_prompt_len)
+        conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
+        offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
         starts = "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} started per second"
         console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {cfg.url} (model {model}): "
                       f"system prompt {cfg.system_prompt_len}, +{cfg.random_input_len} per user turn, "
@@ -180,6 +181,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
     if cfg.is_chat and cfg.prompt_format == "ids":
         raise PdlaunchError("--multi-turn over chat sends words", field="--prompt-format", hint="drop --prompt-format")
     goodput_ms = parse_goodput(cfg.goodput)
+    prepare_outputs(cfg)
     conversations, duration, model, delta = asyncio.run(_bench(cfg, console))
     results = [r for c in conversations for r in c.results]
     metrics = calculate_metrics(results, duration, goodput_ms)

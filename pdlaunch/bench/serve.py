@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 import httpx
 import numpy as np
-from pydantic import BaseModel, Field, JsonValue, model_validator
+from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -31,6 +31,7 @@ from pdlaunch.bench.report import (
     ServeDoc,
     calculate_metrics,
     parse_goodput,
+    prepare_output_dir,
     print_report,
     require_matplotlib,
     result_dict,
@@ -47,6 +48,11 @@ _WORDS = (
     "have an they you were her she there one all we their can has been if more when will would who "
     "so no time about many then them these some could other two into first like new only year"
 ).split()
+# Upper bounds of the workload flags: lengths and token ids are drawn as numpy int64s, and every prompt is held in
+# memory before the run starts.
+MAX_PROMPTS = 1_000_000  # requests (or conversations, turns) of one run
+MAX_TOKENS = 2**24  # tokens of one prompt or answer: more than any server's context window
+MAX_VOCAB = 2**31
 
 
 class ServeBenchConfig(BaseModel):
@@ -55,21 +61,21 @@ class ServeBenchConfig(BaseModel):
     base_url: str
     endpoint: str = "/v1/completions"
     model: str | None = None  # None: the first id from GET /v1/models
-    num_prompts: int = Field(1000, ge=1)
-    random_input_len: int = Field(1024, ge=1)
+    num_prompts: int = Field(1000, ge=1, le=MAX_PROMPTS)
+    random_input_len: int = Field(1024, ge=1, le=MAX_TOKENS)
     # --input-lens: a mixed workload, each prompt one of these lengths, in equal shares (replaces random_input_len)
-    input_lens: list[Annotated[int, Field(ge=1)]] | None = Field(None, min_length=1)
-    random_output_len: int = Field(128, ge=1)
+    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
+    random_output_len: int = Field(128, ge=1, le=MAX_TOKENS)
     random_range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     request_rate: float = Field(math.inf, gt=0.0)  # req/s; inf sends everything at once
     burstiness: float = Field(1.0, gt=0.0)  # gamma shape; 1 = Poisson, < 1 burstier, > 1 more regular
     max_concurrency: int | None = Field(None, ge=1)
-    num_warmups: int = Field(0, ge=0)
+    num_warmups: int = Field(0, ge=0, le=MAX_PROMPTS)
     goodput: list[str] = []
     prompt_format: Literal["ids", "words"] | None = None  # None: ids for completions, words for chat
-    vocab_size: int = Field(500, gt=MIN_TOKEN_ID)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
+    vocab_size: int = Field(500, gt=MIN_TOKEN_ID, le=MAX_VOCAB)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
     ignore_eos: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy seeds are non-negative
     request_timeout: float = Field(600.0, gt=0.0)  # s, per request
     save_result: bool = False
     result_dir: Path = Path(".")
@@ -77,9 +83,31 @@ class ServeBenchConfig(BaseModel):
     plot_dir: Path | None = None
     # --multi-turn (multi_turn.py): conversations x turns instead of num_prompts independent prompts
     multi_turn: bool = False
-    num_conversations: int = Field(8, ge=1)
-    num_turns: int = Field(4, ge=1)
-    system_prompt_len: int = Field(256, ge=0)  # the prompt every conversation starts with
+    num_conversations: int = Field(8, ge=1, le=MAX_PROMPTS)
+    num_turns: int = Field(4, ge=1, le=MAX_PROMPTS)
+    system_prompt_len: int = Field(256, ge=0, le=MAX_TOKENS)  # the prompt every conversation starts with
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        """An http(s)://HOST[:PORT] URL, said as a --base-url error rather than as httpx's traceback."""
+        fix = "give the server's root as http://HOST:PORT, e.g. http://127.0.0.1:8000"
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"{url!r} is not a valid URL ({exc}); {fix}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host; {fix}")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ValueError(f"{url!r}: port {parsed.port} is not in 1..65535; {fix}")
+        return url
+
+    @field_validator("result_filename")
+    @classmethod
+    def _file_name(cls, name: str | None) -> str | None:
+        if name is not None and not name.strip():
+            raise ValueError("the file name is empty; give a name such as result.json, or drop the flag")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> ServeBenchConfig:
@@ -335,13 +363,13 @@ def frozen_heap() -> Iterator[None]:
 
 
 async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestResult], float, str]:
-    rng = np.random.default_rng(cfg.seed)
-    requests = sample_requests(cfg, cfg.num_prompts, rng)
-    arrivals = arrival_times(cfg.num_prompts, cfg.request_rate, cfg.burstiness, rng)
     limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
     timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        model = await resolve_model(client, cfg)
+        model = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
+        rng = np.random.default_rng(cfg.seed)
+        requests = sample_requests(cfg, cfg.num_prompts, rng)
+        arrivals = arrival_times(cfg.num_prompts, cfg.request_rate, cfg.burstiness, rng)
         if cfg.num_warmups:
             console.print(f"Warming up with {cfg.num_warmups} request(s) ...")
             warm = sample_requests(cfg, cfg.num_warmups, rng)
@@ -383,11 +411,27 @@ def measure(cfg: ServeBenchConfig, console: Console) -> tuple[BenchMetrics, list
     return metrics, results, result_dict(metrics, results, run_info)
 
 
+def prepare_outputs(cfg: ServeBenchConfig) -> None:
+    """The result file's folder and the plot folder, created before the run: a path that cannot be written fails
+    now, naming its flag, not once the run is over."""
+    if cfg.save_result or cfg.result_filename:
+        name = Path(cfg.result_filename or "result.json")
+        flag = "--result-filename" if name.parent != Path(".") else "--result-dir"
+        path = cfg.result_dir / name
+        prepare_output_dir(path.parent, flag)
+        if path.is_dir():
+            raise PdlaunchError(f"{str(path)!r} is a folder", field="--result-filename",
+                                hint="give the JSON file's name, e.g. result.json")
+    if cfg.plot_dir is not None:
+        prepare_output_dir(cfg.plot_dir, "--plot")
+
+
 def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> ServeDoc:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
     if cfg.plot_dir is not None:
         require_matplotlib()  # fail before the run, not after it
+    prepare_outputs(cfg)
     metrics, results, doc = measure(cfg, console)
     print_report(console, metrics, results, parse_goodput(cfg.goodput))
     model = str(doc["model_id"])
