@@ -2,14 +2,25 @@
 
 Unknown fields are ignored (clients send many optional ones); fields vLLM knows and we cannot
 honour fail with a 400 naming the parameter instead of being silently dropped
-(server/unsupported_fields.py).
+(server/unsupported_fields.py). Types are strict, as OpenAI's: `true` is not the integer 1 (a token id,
+max_tokens, n) and "0.5" is not a number; only logit_bias's keys, JSON strings, are read as token ids.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Sequence
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
@@ -25,7 +36,7 @@ MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -41,7 +52,7 @@ class StreamOptions(BaseModel):
 class _SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: str | None = None
     user: str | None = None  # the client's end-user id: no effect on the output (as in vLLM and OpenAI)
@@ -59,7 +70,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = None
     min_p: float | None = None
     min_tokens: int | None = None
-    logit_bias: dict[int, float] | None = None  # JSON keys are strings of token ids
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = None  # JSON keys are strings of token ids
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     include_stop_str_in_output: bool | None = None
@@ -88,6 +99,17 @@ class _SamplingFields(BaseModel):
             warn_ignored(data, cls._known_fields(), cls.chat)
         return data
 
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop_shape(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        return _one_of(value, handler, "a string or a list of strings")
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> _SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        return self
+
     @classmethod
     def _known_fields(cls) -> set[str]:
         return {name for name, f in cls.model_fields.items()} | {f.alias for f in cls.model_fields.values() if f.alias}
@@ -111,8 +133,9 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def _sampling(self, max_tokens: int | None, logprobs: int | None,
-                  prompt_logprobs: int | None = None) -> SamplingParams:
+    def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                  names: dict[str, str] | None = None) -> SamplingParams:
+        """`names`: the request field a SamplingParams field came from, where they differ (an error names it)."""
         values: dict[str, object] = {
             "prompt_logprobs": prompt_logprobs,
             "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
@@ -131,8 +154,31 @@ class _SamplingFields(BaseModel):
             return SamplingParams.model_validate({k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
             first = exc.errors()[0]
-            param = param_of(first.get("loc", ()))
+            loc = tuple(first.get("loc", ()))
+            param = param_of(((names or {}).get(str(loc[0]), loc[0]), *loc[1:]) if loc else loc)
             raise OpenAIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
+
+
+def _one_of(value: object, handler: ValidatorFunctionWrapHandler, shapes: str) -> object:
+    """A union field's value, or one error naming the field and its shapes (pydantic's name each union
+    member: `prompt.str`, `prompt.list[int]`, ...)."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"must be {shapes} (got {_kind(value)})") from None
+
+
+_JSON_KINDS: dict[type, str] = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object",
+                                list: "list", type(None): "null"}
+
+
+def _kind(value: object) -> str:
+    """What a JSON value is, for an error: `an integer`, `a list of integers and strings`."""
+    if isinstance(value, list):
+        kinds = sorted({_JSON_KINDS.get(type(v), "value") for v in value})
+        return f"a list of {' and '.join(k + 's' for k in kinds)}" if kinds else "an empty list"
+    kind = _JSON_KINDS.get(type(value), "value")
+    return kind if kind == "null" else ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
 _PASSED_THROUGH = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
@@ -147,6 +193,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
     echo: bool = False
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        return _one_of(value, handler, "a string, a list of strings, a list of token ids or a list of token-id lists")
 
     @model_validator(mode="after")
     def _choices(self) -> CompletionRequest:
@@ -187,10 +238,18 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str
     content: str | list[JsonObject] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: str | list[JsonObject] | None) -> str | list[JsonObject] | None:
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is a text part without a string `text`")
+        return content
 
     def as_template_input(self) -> JsonObject:
         content = self.content
@@ -203,6 +262,19 @@ class ChatMessage(BaseModel):
                 parts.append(str(part.get("text", "")))
             content = "".join(parts)
         return template_message(self.role, content, self.model_extra or {})
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    """What OpenAI requires of a message beyond its shape: a tool message answers a call (`tool_call_id`);
+    `name` and `tool_call_id`, when sent, are strings (the chat template would drop anything else)."""
+    for i, message in enumerate(messages):
+        extra = message.model_extra or {}
+        for key in ("name", "tool_call_id"):
+            if extra.get(key) is not None and not isinstance(extra[key], str):
+                raise OpenAIError(400, f"messages.{i}.{key} must be a string", param=f"messages.{i}.{key}")
+        if message.role == "tool" and extra.get("tool_call_id") is None:
+            raise OpenAIError(400, f"messages.{i}: a tool message needs the tool_call_id of the call it answers",
+                              param=f"messages.{i}.tool_call_id")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -218,6 +290,13 @@ class ChatCompletionRequest(_SamplingFields):
     tools: JsonValue = None  # server/tool_calls.py reads these three
     tool_choice: JsonValue = None
     parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_fields(self) -> ChatCompletionRequest:
+        check_messages(self.messages)
+        if self.top_logprobs not in (None, 0) and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
 
     def tool_calling(self) -> ToolCalling | None:
         return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)
@@ -237,7 +316,10 @@ class ChatCompletionRequest(_SamplingFields):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
-        return self._sampling(max_tokens, logprobs, self.prompt_logprobs)
+        names = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return self._sampling(max_tokens, logprobs, self.prompt_logprobs, names)
 
     def template_messages(self) -> ChatPrompt:
         calling = self.tool_calling()

@@ -29,13 +29,13 @@ from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.server.chat_template import ChatPrompt
 from pdlaunch.server.instance import Handler, instance_of
 from pdlaunch.server.prompts import check_prompt_size, tokenize
-from pdlaunch.server.protocol import ChatMessage
+from pdlaunch.server.protocol import ChatMessage, check_messages
 from pdlaunch.server.tool_calls import tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 
 
 class TokenizeCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     prompt: str
@@ -44,7 +44,7 @@ class TokenizeCompletionRequest(BaseModel):
 
 
 class TokenizeChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -65,6 +65,7 @@ class TokenizeChatRequest(BaseModel):
         return data
 
     def chat_prompt(self) -> ChatPrompt:
+        check_messages(self.messages)
         calling = tool_calling_of(list[JsonValue](self.tools) if self.tools is not None else None, None)
         return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
                           self.continue_final_message, calling.template_tools() if calling else None,
@@ -72,7 +73,7 @@ class TokenizeChatRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     tokens: list[int]
