@@ -18,6 +18,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping
 
+from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.models import DeploymentConfig, NodeConfig
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
 from pdlaunch.errors import PdlaunchError
@@ -82,10 +83,18 @@ def slurm_node_addresses(env: Mapping[str, str]) -> list[str]:
 
 def _node_address(name: str) -> str:
     """NodeAddr of `name` (slurm.conf), which is its hostname unless the cluster maps it elsewhere."""
+    address = name
     for word in _scontrol(["show", "node", "--oneliner", name]).split():
         if word.startswith("NodeAddr="):
-            return word.removeprefix("NodeAddr=") or name
-    return name
+            address = word.removeprefix("NodeAddr=") or name
+            break
+    reason = host_syntax_error(address)
+    if reason is not None:
+        raise PdlaunchError(f"SLURM node {name} has the address {address!r} (`scontrol show node {name}`, NodeAddr), "
+                            f"which other nodes cannot connect to: {reason}", field=FIELD,
+                            hint="set the node's NodeAddr in slurm.conf to its IP address or host name, or run "
+                            "in an allocation of other nodes")
+    return address
 
 
 def _scontrol(args: list[str]) -> str:

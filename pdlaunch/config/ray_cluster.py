@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal
 
+from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.models import DeploymentConfig, Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import host_devices
@@ -140,17 +141,31 @@ def check_local_fields(cfg: DeploymentConfig) -> None:
                                 field=f"instances[{i}].node", hint="pin the role with launcher.ray_resources")
 
 
-def gcs_probe(address: str) -> None:
-    """Raise PdlaunchError unless something accepts a TCP connection at HOST:PORT within CONNECT_TIMEOUT_S."""
+def check_address(address: str) -> tuple[str, int]:
+    """The HOST and PORT of a GCS address `HOST:PORT`, or PdlaunchError saying what is wrong with it."""
     host, sep, port = address.rpartition(":")
     if address.startswith("ray://"):
         raise PdlaunchError(f"{address} is a Ray Client address; the launcher connects to the GCS directly",
                             field=FIELD, hint="give the head's GCS HOST:PORT (`ray start --head` prints it)")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise PdlaunchError(f"{address!r} is not HOST:PORT or auto", field=FIELD,
                             hint="e.g. --ray-address 10.0.0.5:6379 (the head's GCS port)")
+    reason = "a scheme" if "://" in host else host_syntax_error(host.removeprefix("[").removesuffix("]"))
+    if reason is not None:
+        raise PdlaunchError(f"{address!r} is not HOST:PORT or auto: {reason}", field=FIELD,
+                            hint="write the head's IP address or host name and its GCS port, e.g. "
+                            "--ray-address 10.0.0.5:6379, no scheme")
+    if not 1 <= int(port) <= 65535:
+        raise PdlaunchError(f"{address!r}: port {port} is outside 1..65535", field=FIELD,
+                            hint="give the head's GCS port, 6379 unless `ray start --head --port` changed it")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def gcs_probe(address: str) -> None:
+    """Raise PdlaunchError unless something accepts a TCP connection at HOST:PORT within CONNECT_TIMEOUT_S."""
+    host, port = check_address(address)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
         raise PdlaunchError(f"no Ray cluster answers at {address} (TCP connect within {CONNECT_TIMEOUT_S:.0f}s: "
                             f"{exc})", field=FIELD, hint="start it with `ray start --head` there, or check the "
@@ -159,10 +174,12 @@ def gcs_probe(address: str) -> None:
 
 def connect(cfg: DeploymentConfig) -> ModuleType:
     """ray, connected to the cluster of `cfg` (once per process). Raises PdlaunchError."""
+    address = cfg.launcher.ray_address
+    if address != "auto":
+        check_address(address)  # a malformed address is named even where ray is not installed
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    address = cfg.launcher.ray_address
     if address != "auto":
         gcs_probe(address)
     logging.getLogger("ray").setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pdlaunch.config.cli_overrides import Overrides
 from pdlaunch.config.flags import with_serve_options
@@ -22,16 +23,21 @@ render_app = typer.Typer(help="Write a deployment's manifests for a cluster mana
 
 def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int) -> DeploymentConfig:
     """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
+    from pdlaunch.config.flag_names import flag_fields, name_flags
     from pdlaunch.config.loader import load_deployment
-    from pdlaunch.config.rules.roles import kv_cache_dtype_problems, role_problems
+    from pdlaunch.config.rules.roles import kv_cache_dtype_problems, role_problems, size_problems
     from pdlaunch.config.validate import TargetHost, resolve
+    from pdlaunch.render.kubernetes import pod_port_problems
 
     cfg = load_deployment(config, overrides)
     target = None if cfg.device == "cpu" else TargetHost(gpus=gpus_per_node, gpu_memory_gib=80.0)
     resolved = resolve(cfg, target)
-    problems = role_problems(resolved) + kv_cache_dtype_problems(resolved)
+    problems = size_problems(resolved)  # first: the rules below (and the manifests) walk every instance and rank
+    if not problems:
+        problems = (role_problems(resolved) + kv_cache_dtype_problems(resolved)
+                    + pod_port_problems(resolved, gpus_per_node))
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     return resolved
 
 
@@ -53,10 +59,13 @@ def kubernetes(
     from pydantic import ValidationError
 
     from pdlaunch.render.kubernetes import render_kubernetes, write_manifests
-    from pdlaunch.render.objects import RenderOptions
+    from pdlaunch.render.objects import RenderOptions, option_problems
 
     console = Console(stderr=True)
     try:
+        flag_problems = option_problems(image, name, namespace)
+        if flag_problems:
+            raise ConfigError(flag_problems)
         cfg = cluster_config(config, overrides, gpus_per_node)
         try:
             options = RenderOptions(image=image, name=name, namespace=namespace, gpus_per_node=gpus_per_node)
@@ -67,9 +76,10 @@ def kubernetes(
                                 "with a letter, at most 40 characters") from None
     except PdlaunchError as exc:
         for line in exc.render().splitlines():
-            console.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))
-    console.print(f"{len(written)} manifests in {out}: `kubectl apply -f {out}` (needs the LeaderWorkerSet "
+    shown = escape(str(out))
+    console.print(f"{len(written)} manifests in {shown}: `kubectl apply -f {shown}` (needs the LeaderWorkerSet "
                   "controller, https://lws.sigs.k8s.io)", highlight=False, soft_wrap=True)

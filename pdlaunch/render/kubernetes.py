@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from pdlaunch.config.models import (
     group_kv_cache_dtype,
 )
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
+from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
     WORKER_INDEX_ENV,
@@ -67,6 +70,7 @@ DEFAULT_HTTP_PORT = 8100  # group g: 8100 + 100 * g, when base_port is unset
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 DEFAULT_MASTER_PORT = 29500
 Manifest = Secret | LeaderWorkerSet | Service | Deployment  # in apply order
+_MANIFEST_FILE = re.compile(r"\d{2,}-(secret|leaderworkerset|service|deployment)-[-a-z0-9]+\.yaml")
 
 
 @dataclass
@@ -104,17 +108,86 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
     return manifests
 
 
+def pod_port_problems(cfg: DeploymentConfig, gpus_per_node: int) -> list[Problem]:
+    """Ports the pods declare outside 1..65535, or twice in a leader pod (a group's HTTP port on its KV
+    side channel's or rendezvous port), named by the config field that sets them (a port set by the config
+    is named before a default it collides with)."""
+    fix = "choose ports inside 1..65535, e.g. 8000-20000"
+    found: list[Problem] = []
+    if not 1 <= cfg.proxy.port <= 65535:
+        found.append(problem("proxy.port", f"port {cfg.proxy.port} (proxy) is outside 1..65535", fix))
+    planned = plan_instances(cfg, [], strict=False)
+    for g, group in enumerate(cfg.instances):
+        if group.count == 0:
+            continue
+        ports = _group_ports(cfg, g, [p for p in planned if p.group == g])
+        tp = group.tp or 1
+        in_leader = 1 if cfg.device == "cuda" and tp > gpus_per_node else tp  # ranks in the leader pod
+        claimed = [  # (set by the config, field, what, every port, the leader pod's)
+            (group.base_port is not None, f"instances[{g}].base_port", "HTTP", range(ports.http, ports.http + 1),
+             range(ports.http, ports.http + 1))]
+        if group.role != "colocated":  # one per TP rank, in the leader pod or in the rank's own
+            claimed.append((cfg.kv_transfer.side_channel_port is not None, "kv_transfer.side_channel_port",
+                            "KV side channel", range(ports.side_channel, ports.side_channel + tp),
+                            range(ports.side_channel, ports.side_channel + in_leader)))
+        if tp > 1:
+            claimed.append((cfg.parallel.master_port is not None, "parallel.master_port", "rendezvous",
+                            range(ports.master, ports.master + 1), range(ports.master, ports.master + 1)))
+        claimed.sort(key=lambda c: c[0])  # defaults first
+        for i, (given, field, what, used, leader) in enumerate(claimed):
+            what = f"instances[{g}] {what}" + ("" if given else ", the default")
+            if used[0] < 1 or used[-1] > 65535:
+                found.append(problem(field, f"{_label(used)} ({what}) is outside 1..65535", fix))
+                continue
+            other = next((c for c in claimed[:i] if c[4][0] <= leader[-1] and leader[0] <= c[4][-1]), None)
+            if other is not None:
+                found.append(problem(field, f"{_label(leader)} ({what}) collides with {other[1]} ({_label(other[4])}"
+                                     f"{'' if other[0] else ', the default'}) in the group's leader pods",
+                                     "set the ports apart: a pod binds its HTTP port (default 8100 + 100 x group), "
+                                     f"a KV side channel port per TP rank (default {DEFAULT_SIDE_CHANNEL_PORT} on) "
+                                     f"and the rendezvous port (default {DEFAULT_MASTER_PORT})"))
+    return found
+
+
+def _label(used: range) -> str:
+    return f"port {used[0]}" if len(used) == 1 else f"ports {used[0]}-{used[-1]}"
+
+
 def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
-    """One YAML file per object, numbered in apply order (`kubectl apply -f DIR` applies them in name order)."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
+    """One YAML file per object, numbered in apply order (`kubectl apply -f DIR` applies them in name order).
+    Raises PdlaunchError (field --out) when `out` is not a directory that can be made and written."""
+    if out.exists() and not out.is_dir():
+        raise PdlaunchError(f"{out} is a file, not a directory", field="--out",
+                            hint="give a directory (it is made if missing) for the manifests")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _write_files(manifests, out)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot write the manifests to {out}: {exc.strerror or exc}"
+                            + (f" ({exc.filename})" if exc.filename else ""), field="--out",
+                            hint="give a directory you can write to; missing parent directories are made") from None
+
+
+def _write_files(manifests: list[Manifest], out: Path) -> list[Path]:
+    files: list[tuple[Path, object]] = []
     for i, manifest in enumerate(manifests):
         if isinstance(manifest, LeaderWorkerSet):
             kind, name = "leaderworkerset", manifest.metadata.name
             data: object = manifest.manifest()
         else:
             kind, name, data = manifest["kind"].lower(), manifest["metadata"]["name"], manifest
-        path = out / f"{i:02d}-{kind}-{name}.yaml"
+        files.append((out / f"{i:02d}-{kind}-{name}.yaml", data))
+    # `kubectl apply -f DIR` would apply an earlier render's objects too (a group since removed, another --name)
+    stale = sorted(p.name for p in out.iterdir() if _MANIFEST_FILE.fullmatch(p.name)) if out.is_dir() else []
+    stale = [name for name in stale if name not in {path.name for path, _ in files}]
+    if stale:
+        raise PdlaunchError(f"{out} holds manifests this render does not write ({', '.join(stale[:3])}"
+                            + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+                            + "), which `kubectl apply -f` would apply too", field="--out",
+                            hint="remove them (kubectl delete -f them first if they were applied) or give "
+                            "an empty directory")
+    written = []
+    for path, data in files:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # the Secret's file holds the secret
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(data, f, sort_keys=False)
