@@ -90,4 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return OpenAIError(exc.status_code, str(exc.detail)).response()
+        # Its headers too: a 405 names the methods the path takes in Allow (RFC 9110 requires it).
+        response = OpenAIError(exc.status_code, str(exc.detail)).response()
+        response.headers.update(exc.headers or {})
+        return response

@@ -114,8 +114,8 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(RequireAuth, policy=AccessPolicy.from_secrets(api_key, deployment_secret))
     app.add_middleware(CountRequests, counter=proxy.metrics.requests, router=app.router)
-    for method, path, handler in ROUTES:
-        app.add_api_route(path, handler, methods=[method])
+    for method, path, handler in ROUTES:  # HEAD wherever GET: a load balancer's probe is no 405 (RFC 9110 9.3.2)
+        app.add_api_route(path, handler, methods=[method, "HEAD"] if method == "GET" else [method])
     return app
 
 

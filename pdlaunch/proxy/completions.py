@@ -96,7 +96,8 @@ async def _serve_prompts(call: _Call, parts: list[JsonObject], body: JsonObject,
                          headers: dict[str, str]) -> Response:
     """A list of prompts in PD: one PD request per prompt, concurrently, merged (prompt_lists.py)."""
     n, response_id = int_of(body.get("n")) or 1, f"cmpl-{request_id}"
-    calls = [_PromptRequest(call, part, f"{request_id}-{p}", {**headers, "X-Request-Id": f"{request_id}-{p}"}).serve()
+    ids = [_suffixed(request_id, f"-{p}") for p in range(len(parts))]
+    calls = [_PromptRequest(call, part, ids[p], {**headers, "X-Request-Id": ids[p]}).serve()
              for p, part in enumerate(parts)]
     answers = await gather_legs(calls, _close_streams)
     if any(a.status_code == CLIENT_CLOSED for a in answers):
@@ -113,6 +114,12 @@ async def _serve_prompts(call: _Call, parts: list[JsonObject], body: JsonObject,
                                         headers={"X-Request-Id": request_id, "Cache-Control": "no-cache"})
     return JSONResponse(merge_answers([json.loads(bytes(a.body)) for a in answers], n, response_id),
                         headers={"X-Request-Id": request_id})
+
+
+def _suffixed(request_id: str, suffix: str) -> str:
+    """`request_id` with `suffix`, within the instances' X-Request-Id limit: the client's id (at most that
+    long) is cut to fit, else the instances refuse the leg (logs still find it by its start)."""
+    return request_id[:MAX_REQUEST_ID_CHARS - len(suffix)] + suffix
 
 
 async def _close_streams(answers: list[Response]) -> None:
@@ -145,8 +152,7 @@ class _PromptRequest:
         secret: no release either) both legs carry the client's id, as vLLM's proxies send them."""
         if self.call.made_request_id or not self.call.state.proxy.kv.enabled:
             return self.request_id
-        suffix = f"-leg{uuid.uuid4().hex[:12]}"
-        return self.request_id[:MAX_REQUEST_ID_CHARS - len(suffix)] + suffix
+        return _suffixed(self.request_id, f"-leg{uuid.uuid4().hex[:12]}")
 
     def release_held(self) -> None:
         if self.held is not None:

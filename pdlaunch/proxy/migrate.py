@@ -238,7 +238,8 @@ class Migrations:
 
     async def _open_unless_stalled(self, instance: Instance, path: str, leg: JsonObject, headers: dict[str, str],
                                    deadline: float) -> Upstream:
-        return await self._unless_stalled(instance, self.proxy.open_stream(instance, path, leg, headers, deadline))
+        return await self._unless_stalled(instance, self.proxy.open_stream(instance, path, leg, headers, deadline),
+                                          discard=Upstream.close)
 
     async def _post_unless_stalled(self, instance: Instance, path: str, leg: JsonObject,
                                    headers: dict[str, str], deadline: float) -> JsonObject:
@@ -246,13 +247,22 @@ class Migrations:
             return await self.proxy.post_json(instance, path, leg, headers, deadline)
         return await self._unless_stalled(instance, self.proxy.post_json(instance, path, leg, headers, deadline))
 
-    async def _unless_stalled(self, instance: Instance, work: Awaitable[T]) -> T:
+    async def _unless_stalled(self, instance: Instance, work: Awaitable[T],
+                              discard: Callable[[T], Awaitable[None]] | None = None) -> T:
         """`work`'s result, or _Stalled when `instance` is marked stalled first and another instance of its
-        role is ready (then `work` is cancelled: its in-flight count ends)."""
+        role is ready (then `work` is cancelled: its in-flight count ends). Cancelled itself (the client left,
+        another prompt of the request failed), it cancels `work` too, and `discard`s a result that came in
+        meanwhile (an open stream nobody will read would hold its in-flight count and its decode forever)."""
         call = asyncio.ensure_future(work)
         stall = asyncio.ensure_future(instance.stalled.wait())
         try:
             await asyncio.wait({call, stall}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            if discard is not None and not call.cancelled() and call.exception() is None:
+                await discard(call.result())
+            raise
         finally:
             stall.cancel()
         if call.done() or not self._others(instance):  # no other decode: wait for this one

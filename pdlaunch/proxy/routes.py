@@ -58,6 +58,12 @@ async def version() -> JSONResponse:
     return JSONResponse({"version": pdlaunch.__version__})
 
 
+def upstream_method(request: Request) -> str:
+    """The method of a relayed call: a HEAD is asked of the instance as the GET it stands for (the server drops
+    the body of the answer to a HEAD)."""
+    return "GET" if request.method == "HEAD" else request.method
+
+
 async def relay_to_one(request: Request) -> Response:
     """The request, as it is, to one ready instance; its answer, as it is, to the client."""
     state = state_of(request)
@@ -70,8 +76,8 @@ async def relay_to_one(request: Request) -> Response:
 
     async def ask(instance: Instance) -> httpx.Response:
         try:
-            return await proxy.http().request(request.method, instance.url + request.url.path, content=raw or None,
-                                              headers=headers, timeout=timeout)
+            return await proxy.http().request(upstream_method(request), instance.url + request.url.path,
+                                              content=raw or None, headers=headers, timeout=timeout)
         except httpx.HTTPError as exc:
             raise proxy.failed(instance, exc) from None
 
@@ -91,7 +97,7 @@ class FannedOut(BaseModel):
 async def _control_one(request: Request, instance: Instance) -> FannedOut:
     proxy = state_of(request).proxy
     try:
-        response = await proxy.http().request(request.method, instance.url + request.url.path,
+        response = await proxy.http().request(upstream_method(request), instance.url + request.url.path,
                                               params=request.query_params, headers=proxy.upstream_headers,
                                               timeout=proxy.request_timeout_s)
         content = response.json() if response.content else {}
