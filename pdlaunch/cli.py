@@ -60,6 +60,16 @@ def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callabl
     raise typer.Exit(code=code)
 
 
+def _print(text: str, what: str) -> None:
+    """`text` on stdout; a stdout that cannot take it (a full disk, a closed file) is an error, not a traceback."""
+    with _reported():
+        try:
+            typer.echo(text)
+        except OSError as exc:
+            raise PdlaunchError(f"cannot write the {what} to standard output: {exc.strerror or exc}",
+                                field="stdout", hint="redirect it (`> FILE`) to a file you can write") from None
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"pdlaunch {__version__}")
@@ -140,7 +150,7 @@ def config_schema() -> None:
 
     from pdlaunch.config.models import DeploymentConfig
 
-    typer.echo(json.dumps(DeploymentConfig.model_json_schema(), indent=2))
+    _print(json.dumps(DeploymentConfig.model_json_schema(), indent=2), "schema")
 
 
 @config_app.command("example")
@@ -148,7 +158,7 @@ def config_example() -> None:
     """Print a commented example deployment YAML."""
     from pdlaunch.config.loader import example_yaml
 
-    typer.echo(example_yaml())
+    _print(example_yaml(), "example")
 
 
 def main() -> None:

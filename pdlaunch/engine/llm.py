@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 import typer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from pdlaunch.config.models import CacheConfig, DeploymentConfig, ModelConfig, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
-from pdlaunch.engine.outputs import CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
-from pdlaunch.errors import EngineError
+from pdlaunch.engine.outputs import MAX_INT32, CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.errors import ConfigError, EngineError, PdlaunchError
 
 _SECTIONS: dict[str, type[BaseModel]] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+# `pdlaunch generate`'s flags by the config path (or engine field) each sets: a problem names what the user typed.
+_GENERATE_FLAGS = {"model.path": "--model", "device": "--device", "model.dtype": "--dtype",
+                   "model.quantization": "--quantization", "cache.kv_cache_dtype": "--kv-cache-dtype",
+                   "prompt": "--prompt"}
 
 
 def build_config(model: str, device: str, dtype: str, overrides: Mapping[str, object]) -> DeploymentConfig:
@@ -94,18 +99,52 @@ class LLM:
         self.shutdown()
 
 
+def _checked_config(model: str, device: str, dtype: str, options: Mapping[str, object]) -> DeploymentConfig:
+    """The resolved config of `pdlaunch generate`, after the checks check-config makes of the same flags
+    (values, model checkpoint, device): each problem is named by its flag."""
+    from pdlaunch.config.errors_format import problems_from_validation_error
+    from pdlaunch.config.flag_names import name_flags
+    from pdlaunch.config.validate import validate_deployment
+    from pdlaunch.memory import host_devices
+
+    try:
+        cfg = build_config(model, device, dtype, options)
+    except ValidationError as exc:
+        raise ConfigError(name_flags(problems_from_validation_error(exc), _GENERATE_FLAGS)) from None
+    if cfg.device == "cuda" and not host_devices.cuda_available():  # check-config's hint names flags not here
+        raise EngineError("cuda requested but no CUDA device is visible on this machine", field="--device",
+                          hint="use --device cpu or auto")
+    problems, resolved = validate_deployment(cfg, target=None)
+    ours = [p for p in problems if p.field in _GENERATE_FLAGS]  # not the proxy's, ports, log_dir: no server here
+    if ours:
+        raise ConfigError(name_flags(ours, _GENERATE_FLAGS))
+    return resolved
+
+
 def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, temperature: float, dtype: str,
                  json_output: bool, options: dict[str, str | None] | None = None) -> None:
     """Generate for every prompt; with `json_output` one {"prompt", "text", "token_ids"} per line.
     `options`: further model/cache config fields (quantization, kv_cache_dtype)."""
+    if not 1 <= max_tokens <= MAX_INT32:
+        raise EngineError(f"{max_tokens} is out of range", field="--max-tokens",
+                          hint=f"give a number of tokens from 1 to {MAX_INT32}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise EngineError(f"{temperature} is not a finite number >= 0", field="--temperature",
+                          hint="0 = greedy, e.g. 0.7 to sample")
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+    limit = _checked_config(model, device, dtype, options or {}).model.max_model_len
+    if limit is not None and max_tokens >= limit:
+        raise EngineError(f"{max_tokens} tokens leave no room for a prompt within the model's max_model_len {limit}",
+                          field="--max-tokens", hint=f"use --max-tokens {limit - 1} or less")
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    except ValueError as exc:
-        field = "--max-tokens" if "max_tokens" in str(exc) else "--temperature"
-        raise EngineError("must be at least 1" if field == "--max-tokens" else "must be at least 0",
-                          field=field) from None
-    with LLM(model, device=device, dtype=dtype, **(options or {})) as llm:
-        outputs = llm.generate(prompts, params)
+        with LLM(model, device=device, dtype=dtype, **(options or {})) as llm:
+            outputs = llm.generate(prompts, params)
+    except PdlaunchError as exc:
+        flag = _GENERATE_FLAGS.get(exc.field or "")
+        if flag is None or isinstance(exc, ConfigError):
+            raise
+        hint = exc.hint.replace("max_tokens", "--max-tokens") if exc.hint else None
+        raise PdlaunchError(exc.message, field=flag, hint=hint) from None
     if json_output:
         for out in outputs:
             typer.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids}))

@@ -32,6 +32,9 @@ from pdlaunch.server.instance import served_model_names
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 CHAT = [{"role": "user", "content": "Name three colors."}]
 MAX_TOKENS = 16
+# The context the smoke requests need: the prompts above (chat template included) and MAX_TOKENS, with room
+# for a long system prompt in the template; a shorter max_model_len would fail every request with a 400.
+MIN_MODEL_LEN = 128
 REQUEST_TIMEOUT_S = 120.0
 
 
@@ -130,6 +133,12 @@ def run_smoke(cfg: DeploymentConfig) -> int:
     if cfg.launcher.backend != "local":
         raise PdlaunchError(f"smoke runs its deployment on this machine, not through --backend {cfg.launcher.backend}",
                             field="launcher.backend", hint="run `pdlaunch smoke` with --backend local")
+    max_len = cfg.model.max_model_len
+    if max_len is not None and max_len < MIN_MODEL_LEN:
+        raise PdlaunchError(f"max_model_len {max_len} is too short for the smoke requests, which need up to "
+                            f"{MIN_MODEL_LEN} tokens (a prompt in its chat template + {MAX_TOKENS} generated)",
+                            field="model.max_model_len",
+                            hint=f"give --max-model-len {MIN_MODEL_LEN} or more, or leave it unset")
     console = Console()
     checks: list[Check] = []
     if not port_is_free(cfg.proxy.host, cfg.proxy.port):
