@@ -213,7 +213,8 @@ def kv_transfer(
     import json
 
     from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
-    from pdlaunch.bench.report import prepare_output_dir, print_kv_transfer_table
+    from pdlaunch.bench.report import print_kv_transfer_table
+    from pdlaunch.config.rules.host import make_output_dir
     from pdlaunch.memory.platform import resolve_device
 
     modes = mode or ["pull", "push"]
@@ -223,7 +224,7 @@ def kv_transfer(
     connectors = _bench_connectors(kv_connector or ["nixl"])
     try:
         if json_path is not None:  # before the run: a path that cannot be written fails now, not after it
-            prepare_output_dir(json_path.parent, "--json")
+            make_output_dir(json_path.parent, "--json")
             if json_path.is_dir():
                 raise PdlaunchError(f"{str(json_path)!r} is a folder", field="--json",
                                     hint="give a file name, e.g. kv.json")

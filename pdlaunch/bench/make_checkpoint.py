@@ -24,6 +24,7 @@ import torch
 from pydantic import JsonValue
 from safetensors.torch import save_file
 
+from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory.platform import resolve_device
 from pdlaunch.model.arch import HFConfigJson
@@ -299,11 +300,7 @@ def make_shaped_checkpoint(
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
     cfg |= {"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": BOS_TOKEN_ID,
             "eos_token_id": EOS_TOKEN_ID}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PdlaunchError(f"cannot create {out}: {exc.strerror or exc}", field="out_dir",
-                            hint="give a folder you can write, or one that can be created there") from None
+    make_output_dir(out, "out_dir")
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(tensor_shapes(cfg), itemsize, max_shard_bytes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,21 +204,6 @@ def result_dict(metrics: BenchMetrics, results: list[RequestResult], run_info: S
     out["itls"] = [[*r.itl] for r in results]
     out["errors"] = [r.error for r in results]
     return out
-
-
-def prepare_output_dir(folder: Path, flag: str) -> None:
-    """Create `folder` (for an output file or plots) before the run, so that a path that cannot be written fails
-    naming `flag` at once, not as a traceback once the run is over."""
-    if folder.exists() and not folder.is_dir():
-        raise PdlaunchError(f"{str(folder)!r} is a file, not a folder", field=flag, hint="give a folder's path")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PdlaunchError(f"cannot create the folder {str(folder)!r}: {exc.strerror or exc}", field=flag,
-                            hint="give a folder you can write, or one that can be created there") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PdlaunchError(f"the folder {str(folder)!r} is not writable", field=flag,
-                            hint="give a folder you can write")
 
 
 def write_json(doc: Mapping[str, object], path: Path) -> None:

@@ -31,13 +31,13 @@ from pdlaunch.bench.report import (
     ServeDoc,
     calculate_metrics,
     parse_goodput,
-    prepare_output_dir,
     print_report,
     require_matplotlib,
     result_dict,
     write_json,
     write_plots,
 )
+from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 
 # Token ids below this are left out: byte-level and sentencepiece vocabularies keep control and
@@ -418,12 +418,12 @@ def prepare_outputs(cfg: ServeBenchConfig) -> None:
         name = Path(cfg.result_filename or "result.json")
         flag = "--result-filename" if name.parent != Path(".") else "--result-dir"
         path = cfg.result_dir / name
-        prepare_output_dir(path.parent, flag)
+        make_output_dir(path.parent, flag)
         if path.is_dir():
             raise PdlaunchError(f"{str(path)!r} is a folder", field="--result-filename",
                                 hint="give the JSON file's name, e.g. result.json")
     if cfg.plot_dir is not None:
-        prepare_output_dir(cfg.plot_dir, "--plot")
+        make_output_dir(cfg.plot_dir, "--plot")
 
 
 def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> ServeDoc:

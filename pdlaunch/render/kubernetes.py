@@ -38,6 +38,7 @@ from pdlaunch.config.models import (
 )
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
@@ -156,11 +157,8 @@ def _label(used: range) -> str:
 def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
     """One YAML file per object, numbered in apply order (`kubectl apply -f DIR` applies them in name order).
     Raises PdlaunchError (field --out) when `out` is not a directory that can be made and written."""
-    if out.exists() and not out.is_dir():
-        raise PdlaunchError(f"{out} is a file, not a directory", field="--out",
-                            hint="give a directory (it is made if missing) for the manifests")
+    make_output_dir(out, "--out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         return _write_files(manifests, out)
     except OSError as exc:
         raise PdlaunchError(f"cannot write the manifests to {out}: {exc.strerror or exc}"

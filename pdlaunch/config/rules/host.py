@@ -1,6 +1,7 @@
 """What this host must provide before serve starts anything: a log_dir serve can create or write in
 (instead of a FileExistsError traceback from the launcher), and what the chosen KV connector needs
-installed (Mooncake's wheel, the libraries it links, RDMA devices).
+installed (Mooncake's wheel, the libraries it links, RDMA devices). Also `make_output_dir`, the same for a
+command's output folder (bench results, manifests, checkpoints), made before the command's work.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from pdlaunch.config import mooncake_install
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
 
 _FIX = "pass --log-dir DIR (or set log_dir) to a directory you can write"
 
@@ -36,6 +38,21 @@ def log_dir_problems(log_dir: str) -> list[Problem]:
         return [problem("log_dir", f"{log_dir!r} cannot be created: {str(parent)!r} is not writable by this user",
                         _FIX)]
     return []
+
+
+def make_output_dir(folder: Path, flag: str) -> None:
+    """Create `folder` (for output files) before the work that fills it, so that a path that cannot be written
+    fails naming `flag` at once, not as a traceback once the work is done."""
+    if folder.exists() and not folder.is_dir():
+        raise PdlaunchError(f"{str(folder)!r} is a file, not a folder", field=flag, hint="give a folder's path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot create the folder {str(folder)!r}: {exc.strerror or exc}", field=flag,
+                            hint="give a folder you can write, or one that can be created there") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PdlaunchError(f"the folder {str(folder)!r} is not writable", field=flag,
+                            hint="give a folder you can write")
 
 
 def kv_connector_problems(cfg: DeploymentConfig) -> list[Problem]:
