@@ -48,9 +48,16 @@ test: demo-model
 test-fast: demo-model
 	$(BIN)/python -m pytest -q -n 2 -m "not gpu and not slow and not e2e" tests
 
-# The GPU tests (skipped without CUDA), one at a time; --durations says where the time went.
+# The GPU tests (skipped without CUDA). The kernel, model and engine tests run side by side on
+# GPU_WORKERS workers sharing the GPU (their engines take a fixed number of KV blocks), then the ones
+# marked gpu_serial (an instance sized by a share of the GPU's memory) and the rest (deployments,
+# several GPUs) one at a time; --durations says where the time went.
+GPU_WORKERS ?= 4
+GPU_SHARED_TESTS := tests/model tests/quant tests/engine
 test-gpu: venv
-	$(BIN)/python -m pytest -q -m gpu --durations=20 tests
+	$(BIN)/python -m pytest -q -n $(GPU_WORKERS) -m "gpu and not gpu_serial" --durations=20 $(GPU_SHARED_TESTS)
+	$(BIN)/python -m pytest -q -m "gpu and gpu_serial" $(GPU_SHARED_TESTS)
+	$(BIN)/python -m pytest -q -m gpu --durations=20 $(addprefix --ignore=,$(GPU_SHARED_TESTS)) tests
 
 serve: demo-model
 	$(BIN)/pdlaunch serve --model demo --device auto

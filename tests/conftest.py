@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +50,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_cache_released(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a GPU test, the CUDA memory torch's caching allocator keeps for reuse goes back to the device:
+    `make test-gpu` runs workers side by side on one GPU, and one worker's cached peak would otherwise stay out
+    of the others' reach for the rest of the run."""
+    yield
+    if "gpu" in request.keywords and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,7 @@ def test_cuda_bfloat16_logprobs_agree_with_transformers(fixture: str, request: p
             assert lp.token_id == int(ref.argmax())
 
 
+@pytest.mark.gpu_serial  # sizes its KV cache by a share of the GPU's memory, which workers beside it would hold
 def test_cuda_memory_profile_sizes_the_kv_cache(llama_ckpt, make_engine: MakeEngine) -> None:  # type: ignore[no-untyped-def]
     free, total = torch.cuda.mem_get_info()
     engine = make_engine(llama_ckpt, device="cuda", num_gpu_blocks=None, gpu_memory_utilization=0.2)

@@ -70,6 +70,7 @@ def test_auto_resolves_per_device_and_an_explicit_choice_wins(env: dict[str, str
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_serial  # `pdlaunch generate` sizes its KV cache by a share of the whole GPU
 def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest.MonkeyPatch, llama_ckpt: Path) -> None:
     tf32, default = torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.preferred_blas_library()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -86,6 +87,7 @@ def test_cublaslt_is_selected_on_cuda_and_greedy_tokens_stay(monkeypatch: pytest
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_serial  # as above
 def test_decode_only_cublaslt_holds_for_the_capture_and_is_restored(monkeypatch: pytest.MonkeyPatch,
                                                                     llama_ckpt: Path) -> None:
     """cublaslt-decode: cuBLASLt inside the decode graphs' capture only (also when the capture fails), torch's
