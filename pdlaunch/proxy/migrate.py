@@ -13,8 +13,10 @@ client's stream (its id, model, object; chat deltas; usage counting the whole re
 
 Not migrated (the stream ends with the error event, as without migration): requests whose output
 depends on state the continuation cannot rebuild from token ids: stop strings (one may span the
-migration point), tools and structured outputs (parser and grammar state), presence / frequency /
-repetition penalties (counted over the output only), logprobs, several choices, echo.
+migration point), tools and structured outputs (parser and grammar state), presence / frequency
+penalties and bad_words (the engine counts and matches them over the output only, and the output before
+the cut is the continuation's prompt), logprobs (`logprobs: 0` too: the chosen tokens' logprobs), several
+choices, echo. A repetition penalty goes on: it counts prompt and output tokens alike.
 
 A request that is not streamed has nothing at the client yet: it is sent again, whole, to another
 decode (which computes the prompt itself). At most `limit` migrations per request; then the request
@@ -48,9 +50,11 @@ DEFAULT_MIGRATION_LIMIT = 3
 T = TypeVar("T")
 LIMIT_CODE = "migration_limit"
 # Fields copied into a continuation: sampling that depends only on the prompt + output token ids.
+# include_stop_str_in_output: the text of a stop token id (or EOS) that ends the continuation.
 _CONTINUED_FIELDS = ("model", "user", "temperature", "top_p", "top_k", "seed", "min_p", "stop_token_ids",
-                     "ignore_eos", "logit_bias", "allowed_token_ids", "bad_words", "skip_special_tokens",
-                     "spaces_between_special_tokens", "stream_options")
+                     "ignore_eos", "logit_bias", "allowed_token_ids", "repetition_penalty",
+                     "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+                     "stream_options")
 
 
 def not_migratable(body: Body, chat: bool) -> str | None:
@@ -62,10 +66,12 @@ def not_migratable(body: Body, chat: bool) -> str | None:
     if any(body.get(k) is not None for k in ("response_format", "structured_outputs", "guided_json",
                                              "guided_regex", "guided_choice", "guided_grammar")):
         return "structured output"
-    if any(body.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")) or \
-            body.get("repetition_penalty") not in (None, 1, 1.0):
+    if any(body.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")):
         return "penalties"
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") is not None:
+    if body.get("bad_words"):
+        return "bad words"
+    logprobs = body.get("logprobs")  # completions' 0 asks for the chosen tokens' logprobs (0 == False in Python)
+    if (logprobs is not None and logprobs is not False) or body.get("top_logprobs") is not None:
         return "logprobs"
     if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) or body.get("echo"):
         return "several choices or echo"
@@ -82,7 +88,7 @@ def continuation_body(body: Body, chat: bool, token_ids: list[int], generated: i
     leg = {k: body[k] for k in _CONTINUED_FIELDS if k in body}
     leg.update(prompt=list(token_ids), max_tokens=max(1, max_tokens_of(body, chat) - generated), stream=True,
                return_token_ids=True)
-    min_tokens = int_of(token_limit(body, chat, "min_completion_tokens", "min_tokens"))
+    min_tokens = int_of(body.get("min_tokens"))  # the instances read no other name (min_completion_tokens is none)
     if min_tokens:
         leg["min_tokens"] = max(0, min_tokens - generated)
     return leg
@@ -101,6 +107,7 @@ class _Progress:
     offset: int = 0  # output ids given in the current decode's prompt
     head: JsonObject | None = None  # id / object / created / model of the client's stream
     finished: bool = False  # a finish_reason was sent
+    usage_sent: bool = False  # a chunk with usage was sent
     done: bool = False  # [DONE] or an error event was sent
 
     def rewrite(self, chunk: JsonObject, continued: bool) -> JsonObject | None:
@@ -125,6 +132,7 @@ class _Progress:
                 choice["token_ids"] = list(shown)
         if self.prompt_ids is None and isinstance(prompt_ids, list):
             self.prompt_ids = ids_of(prompt_ids)
+        self.usage_sent = self.usage_sent or bool(chunk.get("usage"))
         if continued:
             chunk = self._as_client_chunk(chunk)
         if not self.client_ids:
@@ -148,15 +156,32 @@ class _Progress:
                 if self.client_ids:
                     entry["token_ids"] = choice.get("token_ids", [])
                 choices.append(entry)
-            else:
-                choices.append(choice)
+            elif isinstance(choice, dict):  # the continuation's prompt (the client's + output ids) is not the client's
+                choices.append({k: v for k, v in choice.items() if k != "prompt_token_ids"})
         out["choices"] = choices
         usage = as_object(chunk.get("usage"))
         if usage is not None and self.prompt_ids is not None:
-            completion = (int_of(usage.get("completion_tokens")) or 0) + self.offset
-            out["usage"] = {**usage, "prompt_tokens": len(self.prompt_ids), "completion_tokens": completion,
-                            "total_tokens": len(self.prompt_ids) + completion}
+            out["usage"] = self.usage(int_of(usage.get("completion_tokens")) or 0, usage)
         return out
+
+    def usage(self, continued_tokens: int, continuation: JsonObject | None = None) -> JsonObject:
+        """The whole request's usage: the client's prompt once, every output token once (`continued_tokens`
+        made by the current decode after the `offset` its prompt carried); cached tokens, as the continuation's
+        decode counted them, at most the client's prompt (its cache may hold the output ids it was sent too)."""
+        prompt = len(self.prompt_ids or [])
+        completion = continued_tokens + self.offset
+        out: JsonObject = {**(continuation or {}), "prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+        details = as_object(out.get("prompt_tokens_details"))
+        cached = int_of(details.get("cached_tokens")) if details is not None else None
+        if details is not None and cached is not None:
+            out["prompt_tokens_details"] = {**details, "cached_tokens": min(cached, prompt)}
+        return out
+
+    def usage_chunk(self) -> JsonObject:
+        """The usage chunk (stream_options.include_usage) of a stream whose decode failed after its last token's
+        chunk, before the usage chunk: counted from the ids received (the cached tokens are not known)."""
+        return {**(self.head or {}), "choices": [], "usage": self.usage(len(self.ids) - self.offset)}
 
 
 class Migrations:
@@ -318,7 +343,9 @@ class Migrations:
                 if failure is None:
                     failure = _Failure("died", f"{current.instance.name} ({current.instance.url}) closed the stream "
                                                "before it finished")
-                if progress.finished:  # the last chunk arrived; only [DONE] was lost
+                if progress.finished:  # the last token's chunk arrived; the usage chunk and [DONE] were lost
+                    if _include_usage(body) and not progress.usage_sent and progress.prompt_ids is not None:
+                        yield sse_event(progress.usage_chunk())
                     yield sse_data("[DONE]")
                     return
                 if progress.head is not None and progress.prompt_ids is None:
@@ -382,6 +409,11 @@ class Migrations:
                     yield data
         finally:
             reader.close()
+
+
+def _include_usage(body: Body) -> bool:
+    options = as_object(body.get("stream_options"))
+    return options is not None and options.get("include_usage") is True
 
 
 def _carries_nothing(chunk: JsonObject) -> bool:

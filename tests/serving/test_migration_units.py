@@ -40,12 +40,15 @@ def _chunk(text: str, ids: list[int], finish: str | None = None, **top: Any) -> 
 @pytest.mark.parametrize(("body", "why"), [
     ({"stop": ["\n"]}, "stop strings"), ({"tools": [{}]}, "tools"), ({"response_format": {"type": "json_object"}},
                                                                      "structured output"),
-    ({"presence_penalty": 0.5}, "penalties"), ({"repetition_penalty": 1.2}, "penalties"),
-    ({"logprobs": True}, "logprobs"), ({"n": 2}, "several choices or echo"),
+    ({"presence_penalty": 0.5}, "penalties"), ({"frequency_penalty": -1}, "penalties"),
+    ({"bad_words": ["two tokens"]}, "bad words"), ({"logprobs": True}, "logprobs"), ({"logprobs": 0}, "logprobs"),
+    ({"n": 2}, "several choices or echo"),
 ])
 def test_requests_whose_output_needs_more_than_token_ids_do_not_migrate(body: dict[str, Any], why: str) -> None:
     assert not_migratable(body, chat=True) == why
-    assert not_migratable({"max_tokens": 5, "temperature": 0, "seed": 3, "repetition_penalty": 1.0}, True) is None
+    # A repetition penalty counts prompt and output tokens: the continuation's prompt carries the output so far.
+    assert not_migratable({"max_tokens": 5, "temperature": 0, "seed": 3, "repetition_penalty": 1.2,
+                           "logprobs": False, "bad_words": []}, True) is None
 
 
 def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> None:
@@ -55,6 +58,10 @@ def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> 
     assert leg == {"model": "m", "temperature": 0, "prompt": [1, 2, 3, 9], "max_tokens": 9, "min_tokens": 3,
                    "stream": True, "return_token_ids": True}
     assert continuation_body({}, chat=False, token_ids=[1], generated=2)["max_tokens"] == DEFAULT_MAX_TOKENS - 2
+    # min_completion_tokens is no field the instances read (they ignore it): the continuation does not start to.
+    assert "min_tokens" not in continuation_body({"min_completion_tokens": 4}, chat=True, token_ids=[1], generated=1)
+    kept = {"repetition_penalty": 1.3, "include_stop_str_in_output": True, "stop_token_ids": [7]}
+    assert continuation_body(kept, chat=False, token_ids=[1], generated=1).items() >= kept.items()
 
 
 def test_ids_after_the_last_text_are_made_again_and_not_shown_twice() -> None:
