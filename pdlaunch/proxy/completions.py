@@ -264,14 +264,20 @@ class _PromptRequest:
             migrating = state.migrations.streams(body, call.chat)
             if migrating:  # the ids to continue from when this decode fails (migrate.py)
                 leg = {**leg, "return_token_ids": True}
+            if state.migrations.limit > 0:
+                # Whatever the request's shape, a stream of which the client has nothing yet moves whole off a
+                # decode that stalls before its headers; only continuing one mid-way needs `migrating`.
                 upstream, migrated = await call.watch.run(state.migrations.open_stream(
                     target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.release_held))
-                events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
-                                                self.request_id, self.release_held, migrated)
             else:
+                migrated = 0
                 _, upstream = await call.watch.run(on_live_instance(
                     state.pool, target.role, target,
                     lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)))
+            if migrating:
+                events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
+                                                self.request_id, self.release_held, migrated)
+            else:
                 events = state.proxy.relay(upstream, call.deadline)
             self.legs.append(upstream.instance.name)
             self.outcome = "streaming"

@@ -257,7 +257,9 @@ class Migrations:
             self.on_migrate("stalled")
             on_migrate()
             target = self._another(failed)
-            leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, "return_token_ids": True}
+            # return_token_ids as the first leg had it: asked for a stream relayed with migration (relay)
+            asked_ids = {"return_token_ids": True} if leg.get("return_token_ids") else {}
+            leg = {**{k: v for k, v in body.items() if k != "kv_transfer_params"}, **asked_ids}
             log.info("request %s: %s stalled before answering the stream's headers; sent again to %s (migration "
                      "%d of %d)", request_id, failed.name, target.name, migrations, self.limit)
 
