@@ -63,9 +63,11 @@ def not_migratable(body: Body, chat: bool) -> str | None:
         return "stop strings"
     if chat and (body.get("tools") or body.get("tool_choice") not in (None, "none")):
         return "tools"
-    if any(body.get(k) is not None for k in ("response_format", "structured_outputs", "guided_json",
-                                             "guided_regex", "guided_choice", "guided_grammar")):
-        return "structured output"
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}) or \
+            any(body.get(k) is not None for k in ("structured_outputs", "guided_json", "guided_regex",
+                                                  "guided_choice", "guided_grammar")):
+        return "structured output"  # response_format {"type": "text"} (OpenAI's default) constrains nothing
     if any(body.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")):
         return "penalties"
     if body.get("bad_words"):

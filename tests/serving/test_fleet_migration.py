@@ -193,16 +193,19 @@ def test_a_repetition_penalty_goes_on_as_it_would_have(fleet: Fleet, path: str) 
     assert _text(events) == reference.get("text", (reference.get("message") or {}).get("content"))
 
 
-def test_usage_after_a_migration_counts_the_clients_prompt_once(fleet: Fleet) -> None:
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_usage_after_a_migration_counts_the_clients_prompt_once(fleet: Fleet, path: str) -> None:
     """prompt_tokens: the client's prompt; completion_tokens: every output token once; the continuation's
     decode, which caches the output ids it was sent as prompt, does not report more cached tokens than the
     client's prompt has."""
-    body = {**COMPLETION, "stream_options": {"include_usage": True}}
-    reference = _whole(fleet.instance, "/v1/completions", COMPLETION)["usage"]
-    events = _migrated(fleet, "/v1/completions", body, after_text_events(10))
+    asked = COMPLETION if path == "/v1/completions" else \
+        {**{k: v for k, v in COMPLETION.items() if k != "prompt"}, "messages": [{"role": "user", "content": PROMPT}]}
+    body = {**asked, "stream_options": {"include_usage": True}}
+    reference = _whole(fleet.instance, path, asked)["usage"]
+    events = _migrated(fleet, path, body, after_text_events(10))
     assert not _errors(events) and events[-1] == "[DONE]"
     usage = events[-2]["usage"]
-    assert events[-2]["choices"] == []
+    assert events[-2]["choices"] == [] and events[-2]["object"] == events[0]["object"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == \
         (reference["prompt_tokens"], reference["completion_tokens"], reference["total_tokens"])
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"]
@@ -256,3 +259,16 @@ def test_logprobs_zero_is_not_continued_without_its_logprobs(fleet: Fleet) -> No
     texts = [c for e in events if isinstance(e, dict) for c in e.get("choices", []) if c.get("text")]
     assert texts and all(c["logprobs"] is not None for c in texts)
     assert [e["code"] for e in _errors(events)] == ["instance_failed"]
+
+
+def test_a_seeded_sampled_stream_goes_on_from_the_text_the_client_has(fleet: Fleet) -> None:
+    """What a migration guarantees a seeded sample (README "Request migration"): the text before the cut is the
+    seed's, none of it repeated or lost, and the stream ends normally with every token max_tokens allows; the
+    rest is a valid sample, seeded afresh from the cut, not the seed's own continuation."""
+    body = {**COMPLETION, "temperature": 0.9, "seed": 11, "stream_options": {"include_usage": True}}
+    reference = _stream(fleet.instance, "/v1/completions", body)
+    events = _migrated(fleet, "/v1/completions", body, after_text_events(4))
+    texts = [c["text"] for e in reference if isinstance(e, dict) for c in e.get("choices", []) if c.get("text")]
+    assert not _errors(events) and events[-1] == "[DONE]"
+    assert _text(events).startswith("".join(texts[:4]))
+    assert events[-2]["usage"]["completion_tokens"] == COMPLETION["max_tokens"]

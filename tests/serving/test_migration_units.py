@@ -48,7 +48,7 @@ def test_requests_whose_output_needs_more_than_token_ids_do_not_migrate(body: di
     assert not_migratable(body, chat=True) == why
     # A repetition penalty counts prompt and output tokens: the continuation's prompt carries the output so far.
     assert not_migratable({"max_tokens": 5, "temperature": 0, "seed": 3, "repetition_penalty": 1.2,
-                           "logprobs": False, "bad_words": []}, True) is None
+                           "logprobs": False, "bad_words": [], "response_format": {"type": "text"}}, True) is None
 
 
 def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> None:
