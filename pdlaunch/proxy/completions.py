@@ -159,6 +159,13 @@ class _PromptRequest:
             self.call.state.proxy.kv.release_soon(*self.held)
             self.held = None  # once: a migration and the request's end may both ask
 
+    def moved(self) -> None:
+        """The decode leg moves to another decode (migrate.py): the prefill's held KV goes back, and its prompt
+        tokens stop counting as queued (or spilled) on the decode it leaves (a restarted decode would otherwise
+        look busy with requests that run elsewhere until they end)."""
+        self.release_held()
+        self.unqueue()
+
     async def serve(self) -> Response:
         state = self.call.state
         try:
@@ -268,7 +275,7 @@ class _PromptRequest:
                 # Whatever the request's shape, a stream of which the client has nothing yet moves whole off a
                 # decode that stalls before its headers; only continuing one mid-way needs `migrating`.
                 upstream, migrated = await call.watch.run(state.migrations.open_stream(
-                    target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.release_held))
+                    target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.moved))
             else:
                 migrated = 0
                 _, upstream = await call.watch.run(on_live_instance(
@@ -276,14 +283,14 @@ class _PromptRequest:
                     lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)))
             if migrating:
                 events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
-                                                self.request_id, self.release_held, migrated)
+                                                self.request_id, self.moved, migrated)
             else:
                 events = state.proxy.relay(upstream, call.deadline)
             self.legs.append(upstream.instance.name)
             self.outcome = "streaming"
             return self._relayed(upstream, events)
         decode, answer = await call.watch.run(state.migrations.answer(
-            target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.release_held))
+            target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.moved))
         self.legs.append(decode.name)
         self.outcome = "ok"
         if self.prefill_answer is not None and body.get("prompt_logprobs") is not None:
