@@ -33,6 +33,7 @@ from pdlaunch.http.sse import ClosingStreamingResponse
 from pdlaunch.proxy.bodies import JsonObject, int_of
 from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
+from pdlaunch.proxy.migrate import not_migratable
 from pdlaunch.proxy.prefill_leg import prompt_chars
 from pdlaunch.proxy.prefix import Choice, PromptBlocks
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts
@@ -285,7 +286,8 @@ class _PromptRequest:
                 events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
                                                 self.request_id, self.moved, migrated)
             else:
-                events = state.proxy.relay(upstream, call.deadline)
+                events = state.proxy.relay(upstream, call.deadline,
+                                           not_migratable(body, call.chat) if state.migrations.limit else None)
             self.legs.append(upstream.instance.name)
             self.outcome = "streaming"
             return self._relayed(upstream, events)

@@ -58,26 +58,27 @@ _CONTINUED_FIELDS = ("model", "user", "temperature", "top_p", "top_k", "seed", "
 
 
 def not_migratable(body: Body, chat: bool) -> str | None:
-    """Why a streamed request cannot be continued from token ids (module doc), or None when it can."""
+    """The field (module doc) that keeps a streamed request from being continued from token ids, or None."""
     if body.get("stop"):
-        return "stop strings"
+        return "stop"  # a stop string may span the migration point
     if chat and (body.get("tools") or body.get("tool_choice") not in (None, "none")):
-        return "tools"
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}) or \
-            any(body.get(k) is not None for k in ("structured_outputs", "guided_json", "guided_regex",
-                                                  "guided_choice", "guided_grammar")):
-        return "structured output"  # response_format {"type": "text"} (OpenAI's default) constrains nothing
-    if any(body.get(k) not in (None, 0, 0.0) for k in ("presence_penalty", "frequency_penalty")):
-        return "penalties"
+        return "tools" if body.get("tools") else "tool_choice"
+    if body.get("response_format") not in (None, {"type": "text"}):  # {"type": "text"}: OpenAI's default, no grammar
+        return "response_format"
+    constrained = [k for k in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                   if body.get(k) is not None]
+    if constrained:
+        return constrained[0]
+    penalized = [k for k in ("presence_penalty", "frequency_penalty") if body.get(k) not in (None, 0, 0.0)]
+    if penalized:
+        return penalized[0]
     if body.get("bad_words"):
-        return "bad words"
+        return "bad_words"
     logprobs = body.get("logprobs")  # completions' 0 asks for the chosen tokens' logprobs (0 == False in Python)
-    if (logprobs is not None and logprobs is not False) or body.get("top_logprobs") is not None:
+    if logprobs is not None and logprobs is not False:  # chat's top_logprobs asks for nothing without it
         return "logprobs"
-    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1) or body.get("echo"):
-        return "several choices or echo"
-    return None
+    several = [k for k in ("n", "best_of") if body.get(k) not in (None, 1)] + (["echo"] if body.get("echo") else [])
+    return several[0] if several else None
 
 
 def max_tokens_of(body: Body, chat: bool) -> int:

@@ -135,9 +135,13 @@ class Proxy:
             raise error_from_response(instance, response.status_code, content)
         return Upstream(instance, response)
 
-    async def relay(self, upstream: Upstream, deadline: float) -> AsyncGenerator[bytes, None]:
-        """Pass SSE events through one by one; end with an error event if the instance fails."""
+    async def relay(self, upstream: Upstream, deadline: float,
+                    not_migrated: str | None = None) -> AsyncGenerator[bytes, None]:
+        """Pass SSE events through one by one; end with an error event if the instance fails, which names
+        `not_migrated`: the request's field that kept the stream from moving to another instance (migrate.py)."""
         instance = upstream.instance
+        why = f" (not migrated: its `{not_migrated}` field needs more than the token ids so far to go on " \
+              "elsewhere)" if not_migrated else ""
         parser = SSEParser()
         finished = False
         reader = ChunkReader(upstream.response, deadline, stopping=self.stopping)
@@ -158,11 +162,12 @@ class Proxy:
                     yield sse_data(data)
             if not finished:
                 yield sse_event(error_body(502, f"{instance.name} ({instance.url}) closed the stream before it "
-                                                "finished", code="instance_failed"))
+                                                f"finished{why}", code="instance_failed"))
         except OpenAIError as exc:
             yield sse_event(exc.body())
         except (httpx.HTTPError, TimeoutError) as exc:
-            yield sse_event(self.failed(instance, exc).body())
+            failed = self.failed(instance, exc)
+            yield sse_event(error_body(failed.status, failed.message + why, failed.param, failed.code))
         finally:
             reader.close()
             await upstream.close()

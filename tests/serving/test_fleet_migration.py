@@ -258,7 +258,9 @@ def test_logprobs_zero_is_not_continued_without_its_logprobs(fleet: Fleet) -> No
     assert fleet.relay.cuts == cuts + 1 and fleet.migrations() == moved
     texts = [c for e in events if isinstance(e, dict) for c in e.get("choices", []) if c.get("text")]
     assert texts and all(c["logprobs"] is not None for c in texts)
-    assert [e["code"] for e in _errors(events)] == ["instance_failed"]
+    errors = _errors(events)
+    assert [e["code"] for e in errors] == ["instance_failed"] and "not migrated: its `logprobs` field" in \
+        errors[0]["message"], errors
 
 
 def test_a_seeded_sampled_stream_goes_on_from_the_text_the_client_has(fleet: Fleet) -> None:

@@ -38,17 +38,18 @@ def _chunk(text: str, ids: list[int], finish: str | None = None, **top: Any) -> 
 
 
 @pytest.mark.parametrize(("body", "why"), [
-    ({"stop": ["\n"]}, "stop strings"), ({"tools": [{}]}, "tools"), ({"response_format": {"type": "json_object"}},
-                                                                     "structured output"),
-    ({"presence_penalty": 0.5}, "penalties"), ({"frequency_penalty": -1}, "penalties"),
-    ({"bad_words": ["two tokens"]}, "bad words"), ({"logprobs": True}, "logprobs"), ({"logprobs": 0}, "logprobs"),
-    ({"n": 2}, "several choices or echo"),
+    ({"stop": ["\n"]}, "stop"), ({"tools": [{}]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"guided_regex": "a+"}, "guided_regex"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"bad_words": ["two tokens"]}, "bad_words"), ({"logprobs": True}, "logprobs"), ({"logprobs": 0}, "logprobs"),
+    ({"n": 2}, "n"), ({"best_of": 2}, "best_of"), ({"echo": True}, "echo"),
 ])
 def test_requests_whose_output_needs_more_than_token_ids_do_not_migrate(body: dict[str, Any], why: str) -> None:
     assert not_migratable(body, chat=True) == why
     # A repetition penalty counts prompt and output tokens: the continuation's prompt carries the output so far.
     assert not_migratable({"max_tokens": 5, "temperature": 0, "seed": 3, "repetition_penalty": 1.2,
-                           "logprobs": False, "bad_words": [], "response_format": {"type": "text"}}, True) is None
+                           "logprobs": False, "top_logprobs": 0, "bad_words": [], "response_format": {"type": "text"}},
+                          True) is None
 
 
 def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> None:
