@@ -29,13 +29,16 @@ from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.quant.config import QuantConfig, load_quant_config
 from pdlaunch.model.quant.experts import ExpertDequantizer
-from pdlaunch.model.quant.fp8 import FP8_DTYPE
+from pdlaunch.model.quant.fp8 import FP8_DTYPE, scale_problem
 from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 
 PROGRESS_BAR_MIN_BYTES = 1 << 30
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_WEIGHT_SCALES = ("weight_scale_inv", "weight_scale", "input_scale")
+_KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
+SCALE_SUFFIXES = _WEIGHT_SCALES + _KV_SCALES  # FP8 scales: small, their values checked (check-config reads them too)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 log = logging.getLogger(__name__)
@@ -185,10 +188,13 @@ def meta_model(arch: ModelArch, dtype: torch.dtype, tp_rank: int = 0, tp_size: i
 
 
 def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, tensor: torch.Tensor,
-                file: Path) -> bool:
+                file: Path, filled: dict[tuple[str, ShardId], tuple[str, str]] | None = None) -> bool:
     """Copy one checkpoint tensor into its parameter through the parameter's weight_loader (which
     checks the unsharded shape). False when the tensor is deliberately not used. With meta parameters
-    and a meta tensor only the name and shape are checked: what `check-config` does from headers."""
+    and a meta tensor only the name and shape are checked: what `check-config` does from headers.
+    `filled` (parameter, shard) -> (tensor, file) of the tensors loaded so far: a second tensor for the same
+    part (one expert under two names, Mixtral's and Qwen's, or one name in two shards) is an error, not a
+    silent overwrite."""
     if name.endswith(_IGNORED_SUFFIXES):
         return False
     if name == "lm_head.weight" and arch.tie_word_embeddings:
@@ -196,7 +202,7 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     pname, shard = _target(name)
     param = params.get(pname)
     if param is None:
-        scale = name.endswith(("weight_scale_inv", "weight_scale", "input_scale"))
+        scale = name.endswith(_WEIGHT_SCALES)
         raise PdlaunchError(f"unexpected tensor {name!r} in {file.name}", field="model.path",
                             hint="an FP8 scale: config.json lacks (or does not match) the quantization_config it "
                                  "belongs to" if scale else
@@ -205,6 +211,8 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}, "
                             "not a float dtype", field="model.path",
                             hint="pdlaunch loads float32/bfloat16/float16 weights and FP8 (e4m3) checkpoints")
+    if name.endswith(SCALE_SUFFIXES):
+        _check_scale(name, tensor, file)
     if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}",
                             field="model.path", hint="pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only")
@@ -213,6 +221,14 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
                             f"config.json {quantized}", field="model.path",
                             hint="the checkpoint does not match its config.json's quantization_config")
+    if filled is not None:
+        first = filled.setdefault((pname, shard), (name, file.name))
+        if first != (name, file.name):
+            what = f"tensor {name!r} is in both {first[1]} and {file.name}" if first[0] == name else \
+                f"tensors {first[0]!r} ({first[1]}) and {name!r} ({file.name}) load into the same weight"
+            raise PdlaunchError(what, field="model.path",
+                                hint=f"keep one of them: the checkpoint does not match its config.json "
+                                     f"({arch.architecture})")
     loader = getattr(param, "weight_loader", default_weight_loader)
     try:
         loader(param, tensor, shard)
@@ -220,6 +236,18 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
         raise PdlaunchError(f"tensor {name!r} in {file.name}: {exc}", field="model.path",
                             hint="the checkpoint does not match its config.json") from exc
     return True
+
+
+def _check_scale(name: str, scale: torch.Tensor, file: Path) -> None:
+    """An FP8 weight or KV scale: a float wider than 8 bits, every value finite and not negative (a KV scale,
+    a divisor, also not zero)."""
+    if scale.element_size() == 1:
+        raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(scale.dtype).removeprefix('torch.')}",
+                            field="model.path", hint="a scale is float32, bfloat16 or float16")
+    problem = scale_problem(scale, positive=name.endswith(_KV_SCALES))
+    if problem is not None:
+        raise PdlaunchError(f"tensor {name!r} in {file.name} {problem}", field="model.path",
+                            hint="the checkpoint's scales are corrupt: re-download or re-quantize it")
 
 
 def missing_tensors(params: dict[str, nn.Parameter], seen: set[str],
@@ -256,6 +284,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
 
     params = dict(model.named_parameters())
     seen: set[str] = set()
+    filled: dict[tuple[str, ShardId], tuple[str, str]] = {}
     total_bytes = sum(f.stat().st_size for f in files)
     show_bar = total_bytes > PROGRESS_BAR_MIN_BYTES and sys.stdout.isatty()
     progress = None
@@ -271,7 +300,7 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
         with torch.no_grad():
             for raw_name, raw, file in _iter_tensors(files):
                 for name, tensor in experts.feed(raw_name, raw) if experts is not None else [(raw_name, raw)]:
-                    if load_tensor(params, ckpt.arch, name, tensor, file):
+                    if load_tensor(params, ckpt.arch, name, tensor, file, filled):
                         seen.add(name)
                 if progress is not None:
                     progress.advance(task, raw.numel() * raw.element_size())

@@ -39,6 +39,20 @@ class TensorHeader:
     shape: tuple[int, ...]
     dtype: str  # safetensors' name: F32, BF16, F16, I8, ...
     file: Path
+    start: int = 0  # where the tensor's bytes begin in the file
+    nbytes: int = 0
+
+    def read(self) -> bytes:
+        """The tensor's bytes (for small tensors: check-config reads FP8 scales, never weights)."""
+        try:
+            with self.file.open("rb") as f:
+                f.seek(self.start)
+                data = f.read(self.nbytes)
+        except OSError as exc:
+            raise _bad(self.file, f"cannot be read ({exc.strerror or exc})") from exc
+        if len(data) != self.nbytes:
+            raise _bad(self.file, _HEADER_ERRORS["incomplete metadata"])
+        return data
 
 
 def unreadable(file: Path, exc: Exception) -> PdlaunchError:
@@ -91,7 +105,7 @@ def _bad(file: Path, what: str) -> PdlaunchError:
     return PdlaunchError(f"{file} {what}", field="model.path", hint=REFETCH_HINT)
 
 
-def _entry(file: Path, name: str, entry: object) -> tuple[TensorHeader, int, int]:
+def _entry(file: Path, name: str, entry: object, header_end: int) -> tuple[TensorHeader, int, int]:
     """One header entry -> (header, data start, data end), with the checks safetensors makes on load."""
     if not isinstance(entry, dict):
         raise _bad(file, f"has a header entry {name!r} that is not a tensor description: the file is corrupt")
@@ -105,7 +119,8 @@ def _entry(file: Path, name: str, entry: object) -> tuple[TensorHeader, int, int
         raise _bad(file, f"has tensor {name!r} with invalid data_offsets {offsets!r}")
     if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[entry["dtype"]]:
         raise _bad(file, f"has tensor {name!r} whose data_offsets do not match its shape {shape}")
-    return TensorHeader(name, tuple(shape), entry["dtype"], file), offsets[0], offsets[1]
+    return TensorHeader(name, tuple(shape), entry["dtype"], file, header_end + offsets[0],
+                        offsets[1] - offsets[0]), offsets[0], offsets[1]
 
 
 def read_header(file: Path) -> list[TensorHeader]:
@@ -132,7 +147,8 @@ def read_header(file: Path) -> list[TensorHeader]:
         raise _bad(file, _HEADER_ERRORS["invalid json"]) from exc
     if not isinstance(header, dict):
         raise _bad(file, _HEADER_ERRORS["invalid header"])
-    entries = sorted((_entry(file, name, entry) for name, entry in header.items() if name != "__metadata__"),
+    entries = sorted((_entry(file, name, entry, 8 + header_len) for name, entry in header.items()
+                      if name != "__metadata__"),
                      key=lambda item: item[1])
     end = 0
     for tensor, start, stop in entries:

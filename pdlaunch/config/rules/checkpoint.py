@@ -2,7 +2,8 @@
 
 Weights are never read: shapes come from the file headers and are fed as meta tensors through the
 loader's own `load_tensor` (the weight_loader of each parameter), so check-config and the load
-agree on every name and shape by construction. A block-FP8 checkpoint's projections must also split
+agree on every name and shape by construction. FP8 scales (a few KiB each) are read, so that a NaN or
+negative one is refused here as the load refuses it. A block-FP8 checkpoint's projections must also split
 on 128 edges at the TP size of every instance group (each rank's block scales cover whole blocks).
 """
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from pdlaunch.model.arch import ModelArch
+    from pdlaunch.model.layers import ShardId
     from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.weight_files import TensorHeader
 
@@ -28,6 +30,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
                        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 MAX_TENSOR_PROBLEMS = 5  # a checkpoint of another model would otherwise print one line per tensor
+MAX_SCALE_BYTES = 1 << 20  # a block scale of a 65536 x 65536 weight is 1 MiB in float32
 
 
 def as_problem(exc: PdlaunchError, default_field: str = "model.path") -> Problem:
@@ -121,6 +124,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
     except PdlaunchError as exc:
         return [as_problem(exc)]
     seen: set[str] = set()
+    filled: dict[tuple[str, ShardId], tuple[str, str]] = {}
     found: list[Problem] = []
     experts = loader.expert_dequantizer(arch, quant)
     for header in headers:
@@ -131,9 +135,10 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
                                  "weights, or FP8 (e4m3) ones with a quantization_config"))
             continue
         try:
-            meta = torch.empty(header.shape, dtype=dtype, device="meta")
+            scale = _scale_values(header, dtype)
+            meta = scale if scale is not None else torch.empty(header.shape, dtype=dtype, device="meta")
             for name, tensor in experts.feed(header.name, meta) if experts is not None else [(header.name, meta)]:
-                if loader.load_tensor(params, arch, name, tensor, header.file):
+                if loader.load_tensor(params, arch, name, tensor, header.file, filled):
                     seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))
@@ -149,6 +154,18 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
         found = found[:MAX_TENSOR_PROBLEMS] + [problem("model.path", f"{more} more tensor problem(s)",
                                                        "the checkpoint does not match its config.json")]
     return found
+
+
+def _scale_values(header: TensorHeader, dtype: torch.dtype) -> torch.Tensor | None:
+    """An FP8 weight or KV scale with its values (a few KiB each), so the loader's checks of them (NaN, inf,
+    negative) refuse here what the load would refuse; None for every other tensor (weights stay unread)."""
+    import torch
+
+    from pdlaunch.model.loader import SCALE_SUFFIXES
+
+    if not header.name.endswith(SCALE_SUFFIXES) or header.nbytes > MAX_SCALE_BYTES or not header.nbytes:
+        return None
+    return torch.frombuffer(bytearray(header.read()), dtype=torch.uint8).view(dtype).reshape(header.shape)
 
 
 def _torch_dtype(name: str) -> torch.dtype | None:

@@ -9,6 +9,7 @@ expert width's key, a shared expert (Qwen2-MoE), and the checkpoint's naming (Mi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -46,18 +47,55 @@ class MoeArch(BaseModel):
         return self.sparse_layers[layer]
 
 
-def _int(cfg: dict[str, Any], *keys: str) -> int:
+_HINT = "use the checkpoint's original config.json"
+
+
+def _int(cfg: Mapping[str, object], *keys: str, minimum: int = 1) -> int:
+    """The first of `keys` that config.json sets, a JSON integer of at least `minimum` (transformers refuses a
+    string, a float or a boolean there too)."""
     for key in keys:
-        if cfg.get(key) is not None:
-            return int(cfg[key])
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PdlaunchError(f"{key} {value!r} is not an integer", field=f"config.json:{key}", hint=_HINT)
+        if value < minimum:
+            raise PdlaunchError(f"{key} {value} must be at least {minimum}", field=f"config.json:{key}", hint=_HINT)
+        return value
     raise PdlaunchError(f"config.json lacks {keys[0]!r}", field=f"config.json:{keys[0]}")
+
+
+def _bool(cfg: Mapping[str, object], key: str) -> bool:
+    """A JSON true/false (absent: false, transformers' default): bool("false") would be True."""
+    value = cfg.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise PdlaunchError(f"{key} {value!r} is not true or false", field=f"config.json:{key}",
+                            hint="write it as a JSON boolean, without quotes")
+    return value
+
+
+def _dense_layers(cfg: Mapping[str, object], num_layers: int) -> set[int]:
+    """mlp_only_layers: indices of layers that keep the dense MLP, each one of the model's layers."""
+    value = cfg.get("mlp_only_layers")
+    if value is None:
+        return set()
+    field = "config.json:mlp_only_layers"
+    if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in value):
+        raise PdlaunchError(f"mlp_only_layers {value!r} is not a list of layer indices", field=field, hint=_HINT)
+    outside = [i for i in value if not 0 <= i < num_layers]
+    if outside:
+        raise PdlaunchError(f"mlp_only_layers lists layer {outside[0]}, but the model's layers are 0 to "
+                            f"{num_layers - 1}", field=field, hint=_HINT)
+    return set(value)
 
 
 def parse_moe(cfg: dict[str, Any], architecture: str, num_layers: int) -> MoeArch:
     """The MoE part of a config.json of one of `MOE_ARCHITECTURES` (PdlaunchError naming the key)."""
     experts = _int(cfg, "num_experts", "num_local_experts")
     top_k = _int(cfg, "num_experts_per_tok")
-    if not 0 < top_k <= experts:
+    if top_k > experts:
         raise PdlaunchError(f"num_experts_per_tok {top_k} must be between 1 and the {experts} experts",
                             field="config.json:num_experts_per_tok")
     if architecture == "MixtralForCausalLM":
@@ -68,15 +106,16 @@ def parse_moe(cfg: dict[str, Any], architecture: str, num_layers: int) -> MoeArc
             raise PdlaunchError("OLMoE with clip_qkv is not supported", field="config.json:clip_qkv",
                                 hint="only checkpoints with clip_qkv null load")
         return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "intermediate_size"),
-                       norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), sparse_layers=[True] * num_layers)
+                       norm_topk_prob=_bool(cfg, "norm_topk_prob"), sparse_layers=[True] * num_layers)
     # Qwen2-MoE / Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers, every
     # decoder_sparse_step-th layer (1-based), as their decoder layers choose.
-    step = int(cfg.get("decoder_sparse_step") or 1)
-    dense_only = {int(i) for i in cfg.get("mlp_only_layers") or []}
+    step = _int(cfg, "decoder_sparse_step") if cfg.get("decoder_sparse_step") is not None else 1
+    dense_only = _dense_layers(cfg, num_layers)
     sparse = [i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)]
     shared = None
     if architecture == "Qwen2MoeForCausalLM":
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0) or None
+        # Required (transformers would assume 5632); 0 is no shared expert: a zero-width one adds nothing.
+        shared = _int(cfg, "shared_expert_intermediate_size", minimum=0) or None
     return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "moe_intermediate_size"),
-                   norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), sparse_layers=sparse,
+                   norm_topk_prob=_bool(cfg, "norm_topk_prob"), sparse_layers=sparse,
                    shared_expert_intermediate_size=shared)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,32 @@ def _refuse(message: str, key: str = "", hint: str | None = None) -> PdlaunchErr
                                       "per-tensor weight scales and dynamic activation scales")
 
 
+def _object(value: object, key: str) -> dict[str, object]:
+    """A JSON object of quantization_config (`key` names it)."""
+    if not isinstance(value, dict):
+        raise _refuse(f"{key or 'quantization_config'} {value!r} is not a JSON object", key,
+                      "restore the checkpoint's original config.json")
+    return value
+
+
+def _module_names(cfg: Mapping[str, object], key: str) -> tuple[str, ...]:
+    """modules_to_not_convert / ignored_layers / ignore: a list of module names or `re:` patterns (a string
+    would be read a character at a time)."""
+    value = cfg.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _refuse(f"{key} {value!r} is not a list of module names", key,
+                      'list the modules kept unquantized, e.g. ["lm_head"]')
+    for entry in (v for v in value if v.startswith("re:")):
+        try:
+            re.compile(entry[3:])
+        except re.error as exc:
+            raise _refuse(f"{key} entry {entry!r} is not a valid regular expression ({exc})", key,
+                          "fix the pattern after `re:`") from None
+    return tuple(value)
+
+
 def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
     fmt = cfg.get("fmt", "e4m3")
     if fmt != "e4m3":
@@ -63,40 +90,42 @@ def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
     if cfg.get("activation_scheme", "dynamic") != "dynamic":
         raise _refuse(f"activation_scheme {cfg.get('activation_scheme')!r} is not supported (only dynamic)",
                       "activation_scheme")
-    ignore = tuple(cfg.get("modules_to_not_convert") or ()) + tuple(cfg.get("ignored_layers") or ())
+    ignore = _module_names(cfg, "modules_to_not_convert") + _module_names(cfg, "ignored_layers")
     block = cfg.get("weight_block_size")
     if block is None:
         return QuantConfig(scheme="tensor", source="checkpoint", scale_name="weight_scale", ignore=ignore,
                            description="fp8 per-tensor (checkpoint)")
-    if list(block) != [BLOCK, BLOCK]:
+    if not isinstance(block, list) or block != [BLOCK, BLOCK]:
         raise _refuse(f"weight_block_size {block} is not supported (only [{BLOCK}, {BLOCK}])", "weight_block_size")
     return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale_inv", ignore=ignore,
                        description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)")
 
 
 def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
-    groups = cfg.get("config_groups") or {}
+    groups = _object(cfg.get("config_groups") or {}, "config_groups")
     if len(groups) != 1:
         raise _refuse(f"{len(groups)} config_groups; pdlaunch supports exactly one", "config_groups")
     name, group = next(iter(groups.items()))
     key = f"config_groups.{name}"
+    group = _object(group, key)
     fmt = group.get("format") or cfg.get("format")
     if fmt != "float-quantized":
         raise _refuse(f"compressed-tensors format {fmt!r} is not supported (only float-quantized)", f"{key}.format")
-    if list(group.get("targets") or []) != ["Linear"]:
+    if group.get("targets") != ["Linear"]:
         raise _refuse(f"targets {group.get('targets')} are not supported (only [\"Linear\"])", f"{key}.targets")
-    weights = group.get("weights") or {}
+    weights = _object(group.get("weights") or {}, f"{key}.weights")
     if weights.get("num_bits") != 8 or weights.get("type") != "float" or weights.get("dynamic"):
         raise _refuse("weights must be static 8-bit float", f"{key}.weights")
     acts = group.get("input_activations")
+    acts = None if acts is None else _object(acts, f"{key}.input_activations")
     if acts is not None and (not acts.get("dynamic") or acts.get("strategy") not in ("token", "group")):
         raise _refuse("input_activations must be dynamic per token (static input scales are not supported)",
                       f"{key}.input_activations")
-    ignore = tuple(cfg.get("ignore") or ())
+    ignore = _module_names(cfg, "ignore")
     strategy = weights.get("strategy")
     if strategy == "block":
         block = weights.get("block_structure")
-        if list(block or []) != [BLOCK, BLOCK]:
+        if not isinstance(block, list) or block != [BLOCK, BLOCK]:
             raise _refuse(f"block_structure {block} is not supported (only [{BLOCK}, {BLOCK}])",
                           f"{key}.weights.block_structure")
         return QuantConfig(scheme="block", source="checkpoint", scale_name="weight_scale", ignore=ignore,
@@ -112,7 +141,7 @@ def parse_quant_config(cfg: dict[str, Any] | None) -> QuantConfig | None:
     """config.json's `quantization_config` dict -> QuantConfig (None: not quantized)."""
     if not cfg:
         return None
-    method = cfg.get("quant_method")
+    method = _object(cfg, "").get("quant_method")
     if method == "fp8":
         return _block_fp8(cfg)
     if method == "compressed-tensors":

@@ -66,6 +66,14 @@ class ExpertDequantizer:
                                 f"[{rows}, {cols}] expert weight; expected an e4m3 weight and a scale of shape "
                                 f"{want[0]}", field="model.path",
                                 hint="the checkpoint does not match its config.json's quantization_config")
+        # Applied here, the scale never reaches the loader's checks (loader.py _check_scale): they are made here.
+        if not scale.is_floating_point() or scale.element_size() == 1:
+            raise PdlaunchError(f"tensor {scale_name!r} is {str(scale.dtype).removeprefix('torch.')}",
+                                field="model.path", hint="a scale is float32, bfloat16 or float16")
+        problem = fp8.scale_problem(scale)
+        if problem is not None:
+            raise PdlaunchError(f"tensor {scale_name!r} {problem}", field="model.path",
+                                hint="the checkpoint's scales are corrupt: re-download or re-quantize it")
         if weight.is_meta:  # check-config: shapes only
             return torch.empty(weight.shape, dtype=torch.float32, device="meta")
         if self.quant.scheme == "block":

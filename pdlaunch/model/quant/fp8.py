@@ -18,6 +18,20 @@ INV_FP8_MAX = float(torch.tensor(1.0) / FP8_MAX)  # float32 1 / 448, as torch's 
 _MIN_SCALE = 1e-12  # an all-zero row or block gets this scale instead of 0 (no division by zero)
 
 
+def scale_problem(scale: torch.Tensor, positive: bool = False) -> str | None:
+    """What makes a checkpoint's scale unusable, or None: a value that is NaN, infinite or negative (quantizers
+    write amax / 448), or zero where it is a divisor (`positive`: the KV cache stores k / k_scale). None for a
+    meta tensor (check-config without the values) and for a non-float one (the loader names its dtype)."""
+    if scale.is_meta or not scale.is_floating_point() or scale.element_size() == 1:
+        return None
+    values = scale.float().reshape(-1)
+    bad = values[~torch.isfinite(values) | ((values <= 0) if positive else (values < 0))]
+    if not bad.numel():
+        return None
+    more = f" (and {bad.numel() - 1} more such values)" if bad.numel() > 1 else ""
+    return f"holds {bad[0].item()!r}{more}, but a scale is finite and {'positive' if positive else 'not negative'}"
+
+
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x / scale rounded to e4m3 (scale broadcasts against x)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)

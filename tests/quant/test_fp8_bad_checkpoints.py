@@ -1,0 +1,166 @@
+"""Malformed FP8 checkpoints are refused with the quantization_config key or the scale tensor that is wrong, by
+check-config and by the load alike (exit 1, no traceback), never computed with NaN or sign-flipped weights.
+What real checkpoints hold (bfloat16 scales, `re:` ignore patterns, no fmt) stays accepted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.quant.config import parse_quant_config
+from tests.config.cli_helpers import check, invoke
+from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+
+BLOCK: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                         "activation_scheme": "dynamic", "modules_to_not_convert": ["lm_head"]}
+GROUP: dict[str, Any] = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
+                                                            "dynamic": False},
+                         "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}
+CHANNEL: dict[str, Any] = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+                           "config_groups": {"group_0": GROUP}}
+
+
+@pytest.mark.parametrize("cfg,key,text", [
+    ("fp8", "", "quantization_config 'fp8' is not a JSON object"),
+    ([BLOCK], "", "is not a JSON object"),
+    ({**BLOCK, "weight_block_size": 128}, "weight_block_size", "weight_block_size 128 is not supported"),
+    ({**BLOCK, "modules_to_not_convert": "lm_head"}, "modules_to_not_convert", "is not a list of module names"),
+    ({**BLOCK, "modules_to_not_convert": 5}, "modules_to_not_convert", "is not a list of module names"),
+    ({**BLOCK, "modules_to_not_convert": [1]}, "modules_to_not_convert", "is not a list of module names"),
+    ({**BLOCK, "ignored_layers": {"lm_head": 1}}, "ignored_layers", "is not a list of module names"),
+    ({**CHANNEL, "ignore": "lm_head"}, "ignore", "ignore 'lm_head' is not a list of module names"),
+    ({**CHANNEL, "ignore": ["re:(["]}, "ignore", "ignore entry 're:([' is not a valid regular expression"),
+    ({**CHANNEL, "config_groups": [GROUP]}, "config_groups", "is not a JSON object"),
+    ({**CHANNEL, "config_groups": {"g": "x"}}, "config_groups.g", "config_groups.g 'x' is not a JSON object"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "weights": "x"}}}, "config_groups.group_0.weights",
+     "is not a JSON object"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "input_activations": "x"}}},
+     "config_groups.group_0.input_activations", "is not a JSON object"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "targets": 5}}}, "config_groups.group_0.targets",
+     "targets 5 are not supported"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "weights": {**GROUP["weights"], "strategy": "block",
+                                                                    "block_structure": 128}}}},
+     "config_groups.group_0.weights.block_structure", "block_structure 128 is not supported"),
+])
+def test_a_malformed_quantization_config_is_refused_with_its_key(cfg: Any, key: str, text: str) -> None:
+    """Each of these raised a TypeError/AttributeError/re.error/pydantic ValidationError, or (a string for a list)
+    was read a character at a time."""
+    with pytest.raises(PdlaunchError) as err:
+        parse_quant_config(cfg)
+    assert err.value.field == "config.json:quantization_config" + (f".{key}" if key else "")
+    assert text in err.value.message
+
+
+def test_real_checkpoint_layouts_stay_accepted() -> None:
+    qwen3_fp8 = parse_quant_config({**BLOCK, "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate"]})
+    assert qwen3_fp8 is not None and qwen3_fp8.skips("model.layers.0.mlp.gate")
+    no_fmt = parse_quant_config({k: v for k, v in BLOCK.items() if k not in ("fmt", "activation_scheme")})
+    assert no_fmt is not None and no_fmt.scheme == "block"  # transformers' defaults: e4m3, dynamic
+    red_hat = parse_quant_config({**CHANNEL, "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None})
+    assert red_hat is not None and red_hat.skips("model.layers.3.mlp.gate") and red_hat.scheme == "channel"
+
+
+@pytest.fixture(scope="module")
+def fp8_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("fp8-bad")
+    return {"block": make_fp8_qwen3(root, "block")[0], "channel": make_fp8_qwen3(root, "channel")[0],
+            "moe": make_fp8_qwen3(root, "block", moe=True)[0],
+            "kv": make_fp8_qwen3(root / "kv", "block", kv_scales=(0.5, 0.25))[0]}
+
+
+Edit = Callable[[dict[str, torch.Tensor]], None]
+
+
+def _broken(fp8_bases: dict[str, Path], kind: str, tmp_path: Path, edit: Edit) -> Path:
+    path = Path(shutil.copytree(fp8_bases[kind], tmp_path / kind))
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def _set_first(name: str, value: float) -> Edit:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        scale = tensors[name].clone()
+        scale.view(-1)[0] = value
+        tensors[name] = scale
+    return edit
+
+
+def _cast(name: str, dtype: torch.dtype) -> Edit:
+    def edit(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[name] = tensors[name].to(dtype)
+    return edit
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(PdlaunchError) as err:
+        load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+    return str(err.value)
+
+
+DENSE = "model.layers.1.mlp.down_proj.weight_scale_inv"
+CHANNEL_SCALE = "model.layers.0.self_attn.o_proj.weight_scale"
+EXPERT = "model.layers.0.mlp.experts.1.down_proj.weight_scale_inv"
+K_SCALE, V_SCALE = "model.layers.0.self_attn.k_scale", "model.layers.1.self_attn.v_scale"
+
+
+@pytest.mark.parametrize("kind,edit,name,text", [
+    ("block", _set_first(DENSE, float("nan")), DENSE, "holds nan, but a scale is finite and not negative"),
+    ("block", _set_first(DENSE, float("inf")), DENSE, "holds inf"),
+    ("block", _set_first(DENSE, -0.01), DENSE, "holds -0.0099"),
+    ("channel", _set_first(CHANNEL_SCALE, float("nan")), CHANNEL_SCALE, "holds nan"),
+    ("moe", _set_first(EXPERT, float("nan")), EXPERT, "holds nan"),
+    ("moe", _set_first(EXPERT, -1.0), EXPERT, "holds -1.0"),
+    # an expert's scale was applied without the loader's dtype checks: int32 truncated it to 0
+    ("moe", _cast(EXPERT, torch.int32), EXPERT, "a scale is float32, bfloat16 or float16"),
+    # was "... but config.json has no FP8 quantization_config", which it has
+    ("block", _cast(DENSE, torch.float8_e4m3fn), DENSE, "a scale is float32, bfloat16 or float16"),
+    # KV scales divide: k / k_scale
+    ("kv", _set_first(K_SCALE, 0.0), K_SCALE, "holds 0.0, but a scale is finite and positive"),
+    ("kv", _set_first(V_SCALE, float("nan")), V_SCALE, "holds nan"),
+    ("kv", _set_first(K_SCALE, -1.0), K_SCALE, "holds -1.0"),
+])
+def test_a_corrupt_scale_is_refused_by_check_config_and_the_load(kind: str, edit: Edit, name: str, text: str,
+                                                                 fp8_bases: dict[str, Path], tmp_path: Path) -> None:
+    path = _broken(fp8_bases, kind, tmp_path, edit)
+    result = check(["--model", str(path), "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    checked = " ".join(result.output.split())
+    assert f"--model: tensor {name!r}" in checked and text in checked
+    loaded = _load_error(path)
+    assert name in loaded and text in loaded
+
+
+def test_generate_refuses_a_nan_scale_and_a_malformed_config(fp8_bases: dict[str, Path], tmp_path: Path) -> None:
+    path = _broken(fp8_bases, "moe", tmp_path, _set_first(EXPERT, float("nan")))
+    result = invoke(["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--max-tokens", "4"])
+    assert result.exit_code == 1 and f"--model: tensor {EXPERT!r} holds nan" in " ".join(result.output.split())
+    path = Path(shutil.copytree(fp8_bases["block"], tmp_path / "cfg"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = 5
+    (path / "config.json").write_text(json.dumps(cfg))
+    result = invoke(["generate", "--model", str(path), "--device", "cpu", "--prompt", "hi", "--max-tokens", "4"])
+    assert result.exit_code == 1, result.output
+    assert "modules_to_not_convert 5 is not a list of module names" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("kind,edit", [
+    ("block", _cast(DENSE, torch.bfloat16)),  # FP8-Dynamic checkpoints store bfloat16 scales
+    ("moe", _cast(EXPERT, torch.float16)),
+    ("block", _set_first(DENSE, 0.0)),  # an all-zero block's scale: the block is zero, as transformers computes it
+])
+def test_scales_real_checkpoints_hold_stay_accepted(kind: str, edit: Edit, fp8_bases: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    path = _broken(fp8_bases, kind, tmp_path, edit)
+    assert check(["--model", str(path), "--device", "cpu"]).exit_code == 0
+    load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
