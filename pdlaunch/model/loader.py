@@ -216,8 +216,11 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     if tensor.element_size() == 1 and tensor.dtype != FP8_DTYPE:
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')}",
                             field="model.path", hint="pdlaunch loads FP8 weights in e4m3 (float8_e4m3fn) only")
-    if (tensor.dtype == FP8_DTYPE) != (param.dtype == FP8_DTYPE) and not getattr(param, "quantized_on_load", False):
-        quantized = "has no FP8 quantization_config" if param.dtype != FP8_DTYPE else "quantizes this module"
+    # fp8 experts that quantize float tensors as they load (FusedExperts.prepare_fp8_blocks) take no fp8 one: its
+    # values would be taken for real ones without their scale
+    wants_fp8 = param.dtype == FP8_DTYPE and not getattr(param, "quantized_on_load", False)
+    if (tensor.dtype == FP8_DTYPE) != wants_fp8:
+        quantized = "quantizes this module" if wants_fp8 else "has no FP8 quantization_config"
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
                             f"config.json {quantized}", field="model.path",
                             hint="the checkpoint does not match its config.json's quantization_config")

@@ -72,9 +72,9 @@ def test_real_checkpoint_layouts_stay_accepted() -> None:
 @pytest.fixture(scope="module")
 def fp8_bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fp8-bad")
+    moe, moe_float = make_fp8_qwen3(root, "block", moe=True)
     return {"block": make_fp8_qwen3(root, "block")[0], "channel": make_fp8_qwen3(root, "channel")[0],
-            "moe": make_fp8_qwen3(root, "block", moe=True)[0],
-            "kv": make_fp8_qwen3(root / "kv", "block", kv_scales=(0.5, 0.25))[0]}
+            "moe": moe, "moe_float": moe_float, "kv": make_fp8_qwen3(root / "kv", "block", kv_scales=(0.5, 0.25))[0]}
 
 
 Edit = Callable[[dict[str, torch.Tensor]], None]
@@ -164,3 +164,14 @@ def test_scales_real_checkpoints_hold_stay_accepted(kind: str, edit: Edit, fp8_b
     path = _broken(fp8_bases, kind, tmp_path, edit)
     assert check(["--model", str(path), "--device", "cpu"]).exit_code == 0
     load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+
+
+def test_an_fp8_expert_weight_is_refused_where_experts_quantize_on_load(fp8_bases: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    """--quantization fp8 on a GPU with FP8 support: the experts quantize each float weight as it arrives. An fp8
+    weight (here in a float checkpoint) was taken for real values, without any scale; CPU and check-config
+    refused it already."""
+    name = "model.layers.0.mlp.experts.1.down_proj.weight"
+    path = _broken(fp8_bases, "moe_float", tmp_path, _cast(name, torch.float8_e4m3fn))
+    with pytest.raises(PdlaunchError, match=f"tensor '{name}' in model.safetensors is float8_e4m3fn"):
+        load_model(load_checkpoint(str(path), "fp8"), torch.device("cpu"), torch.float32, fp8_experts_on_load=True)
