@@ -14,7 +14,7 @@ from typing import Any, Literal, TypedDict
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError, model_validator
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, parse_moe
+from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, config_int, parse_moe
 
 DENSE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
@@ -155,7 +155,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         # Per-layer-type rope parameters (not used by the supported families).
         raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
     scaling = dict(params) if isinstance(params, dict) else dict(cfg.get("rope_scaling") or {})
-    theta = float(scaling.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    theta = _positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", 10000.0)
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise PdlaunchError(
@@ -173,27 +173,36 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
                             hint="the checkpoint's config.json rope parameters are incomplete") from None
 
 
+def _positive_float(value: object, key: str, default: float) -> float:
+    """A config.json number above 0 (absent or null: `default`)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise PdlaunchError(f"{key} {value!r} is not a positive number", field=f"config.json:{key}",
+                            hint="use the checkpoint's original config.json")
+    return float(value)
+
+
 def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[int | None, list[LayerType]]:
     """(sliding_window, layer_types) as HF derives them for each family."""
-    window = cfg.get("sliding_window")
-    if architecture == "LlamaForCausalLM":
-        window = None
-    elif architecture in _WINDOW_BY_LAYER_TYPES and not cfg.get("use_sliding_window", False):
-        window = None
-    if window is None:
+    unused = architecture == "LlamaForCausalLM" or (architecture in _WINDOW_BY_LAYER_TYPES
+                                                    and not config_bool(cfg, "use_sliding_window"))
+    if unused or cfg.get("sliding_window") is None:  # unused, it may be anything (Qwen2-MoE's is 0)
         return None, ["full_attention"] * num_layers
+    window = config_int(cfg, "sliding_window")
     if architecture == "MistralForCausalLM":
-        return int(window), ["sliding_attention"] * num_layers
+        return window, ["sliding_attention"] * num_layers
     types = cfg.get("layer_types")
     if types is None:
-        first_sliding = cfg.get("max_window_layers", 28)
+        first_sliding = config_int(cfg, "max_window_layers", minimum=0) if "max_window_layers" in cfg else 28
         types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
-    if len(types) != num_layers or any(t not in ("full_attention", "sliding_attention") for t in types):
+    if not isinstance(types, list) or len(types) != num_layers or any(
+            t not in ("full_attention", "sliding_attention") for t in types):
         raise PdlaunchError(
             f"layer_types must list full_attention/sliding_attention for each of {num_layers} layers",
             field="config.json:layer_types",
         )
-    return int(window), list(types)
+    return window, list(types)
 
 
 def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
@@ -226,36 +235,44 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
     family = DENSE_FAMILY.get(architecture, architecture)
     window, types = _layer_types(cfg, family, layers)
     is_qwen2 = family == "Qwen2ForCausalLM"
-    llama_bias = bool(cfg.get("attention_bias", False)) and not is_qwen2
-    qkv_bias = is_qwen2 and bool(cfg.get("qkv_bias", True))  # Qwen2-MoE spells it qkv_bias
+    llama_bias = not is_qwen2 and config_bool(cfg, "attention_bias")
+    qkv_bias = is_qwen2 and config_bool(cfg, "qkv_bias", True)  # Qwen2-MoE spells it qkv_bias
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    return ModelArch(
-        architecture=architecture,
-        model_type=str(cfg.get("model_type", "")),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
-        vocab_size=vocab,
-        intermediate_size=inter,
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=qkv_bias or llama_bias,
-        qk_norm=family == "Qwen3ForCausalLM",
-        qk_norm_full_width=architecture == "OlmoeForCausalLM",
-        o_proj_bias=llama_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        sliding_window=window,
-        layer_types=types,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        torch_dtype=str(dtype).removeprefix("torch."),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=cfg.get("eos_token_id"),
-        moe=parse_moe(cfg, architecture, layers) if architecture in MOE_ARCHITECTURES else None,
-    )
+    max_pos = cfg.get("max_position_embeddings")
+    fields = {
+        "architecture": architecture,
+        "model_type": str(cfg.get("model_type", "")),
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "intermediate_size": inter,
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "rms_norm_eps": _positive_float(cfg.get("rms_norm_eps"), "rms_norm_eps", 1e-6),
+        "tie_word_embeddings": config_bool(cfg, "tie_word_embeddings"),
+        "attention_bias": qkv_bias or llama_bias,
+        "qk_norm": family == "Qwen3ForCausalLM",
+        "qk_norm_full_width": architecture == "OlmoeForCausalLM",
+        "o_proj_bias": llama_bias,
+        "mlp_bias": config_bool(cfg, "mlp_bias"),
+        "sliding_window": window,
+        "layer_types": types,
+        "max_position_embeddings": 2048 if max_pos is None else config_int(cfg, "max_position_embeddings"),
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": cfg.get("bos_token_id"),
+        "eos_token_id": cfg.get("eos_token_id"),
+        "moe": parse_moe(cfg, architecture, layers) if architecture in MOE_ARCHITECTURES else None,
+    }
+    try:
+        return ModelArch.model_validate(fields)
+    except ValidationError as exc:  # what config.json gives as it is (bos_token_id, eos_token_id)
+        error = exc.errors()[0]
+        key = str(error["loc"][0])
+        raise PdlaunchError(f"{key} {error['input']!r} is not valid ({error['msg']})", field=f"config.json:{key}",
+                            hint="use the checkpoint's original config.json") from None
 
 
 def load_arch(directory: Path) -> ModelArch:

@@ -64,7 +64,35 @@ def test_a_bad_moe_config_value_is_refused_with_its_key(base: dict[str, Any], ch
     assert err.value.field == f"config.json:{key}" and text in err.value.message
 
 
+@pytest.mark.parametrize("base,change,key,text", [
+    # read with bool(): "false" was true (a tied lm_head, biases, a sliding window the model does not have)
+    (QWEN3_MOE, {"tie_word_embeddings": "false"}, "tie_word_embeddings", "'false' is not true or false"),
+    (OLMOE, {"attention_bias": "false"}, "attention_bias", "is not true or false"),
+    (QWEN2_MOE, {"qkv_bias": "false"}, "qkv_bias", "is not true or false"),
+    (QWEN3_MOE, {"use_sliding_window": "false", "sliding_window": 8}, "use_sliding_window", "is not true or false"),
+    (QWEN3_MOE, {"mlp_bias": 0}, "mlp_bias", "is not true or false"),
+    # tracebacks (ValueError, pydantic ValidationError) or a negative epsilon under the square root
+    (QWEN3_MOE, {"rms_norm_eps": "x"}, "rms_norm_eps", "'x' is not a positive number"),
+    (QWEN3_MOE, {"rms_norm_eps": -1e-6}, "rms_norm_eps", "is not a positive number"),
+    (QWEN3_MOE, {"rope_theta": 0}, "rope_theta", "0 is not a positive number"),
+    (QWEN3_MOE, {"max_position_embeddings": "x"}, "max_position_embeddings", "'x' is not an integer"),
+    (MIXTRAL, {"sliding_window": "x"}, "sliding_window", "'x' is not an integer"),
+    (MIXTRAL, {"sliding_window": 0}, "sliding_window", "must be at least 1"),
+    (QWEN3_MOE, {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": "x"}, "max_window_layers",
+     "is not an integer"),
+    (QWEN3_MOE, {"eos_token_id": "x"}, "eos_token_id", "'x' is not valid"),
+])
+def test_a_bad_attention_config_value_of_an_moe_model_is_refused(base: dict[str, Any], change: dict[str, Any],
+                                                                 key: str, text: str) -> None:
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**base, **change})
+    assert err.value.field == f"config.json:{key}" and text in err.value.message
+
+
 def test_values_transformers_accepts_stay_accepted() -> None:
+    # Qwen2-MoE as transformers saves it: an unused sliding window of 0
+    assert parse_hf_config({**QWEN2_MOE, "use_sliding_window": False, "sliding_window": 0}).sliding_window is None
+    assert parse_hf_config({**QWEN3_MOE, "eos_token_id": [1, 2], "rms_norm_eps": 1e-6}).eos_token_id == [1, 2]
     moe = parse_hf_config({**QWEN3_MOE, "norm_topk_prob": None, "mlp_only_layers": None,
                            "decoder_sparse_step": None}).moe
     assert moe is not None and not moe.norm_topk_prob and all(moe.sparse_layers)

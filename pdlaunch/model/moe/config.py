@@ -50,9 +50,9 @@ class MoeArch(BaseModel):
 _HINT = "use the checkpoint's original config.json"
 
 
-def _int(cfg: Mapping[str, object], *keys: str, minimum: int = 1) -> int:
+def config_int(cfg: Mapping[str, object], *keys: str, minimum: int = 1) -> int:
     """The first of `keys` that config.json sets, a JSON integer of at least `minimum` (transformers refuses a
-    string, a float or a boolean there too)."""
+    string, a float or a boolean there too). Also read by model/arch.py for the keys every family has."""
     for key in keys:
         value = cfg.get(key)
         if value is None:
@@ -65,11 +65,11 @@ def _int(cfg: Mapping[str, object], *keys: str, minimum: int = 1) -> int:
     raise PdlaunchError(f"config.json lacks {keys[0]!r}", field=f"config.json:{keys[0]}")
 
 
-def _bool(cfg: Mapping[str, object], key: str) -> bool:
-    """A JSON true/false (absent: false, transformers' default): bool("false") would be True."""
-    value = cfg.get(key, False)
+def config_bool(cfg: Mapping[str, object], key: str, default: bool = False) -> bool:
+    """A JSON true/false (absent or null: `default`, transformers' own): bool("false") would be True."""
+    value = cfg.get(key)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise PdlaunchError(f"{key} {value!r} is not true or false", field=f"config.json:{key}",
                             hint="write it as a JSON boolean, without quotes")
@@ -93,29 +93,29 @@ def _dense_layers(cfg: Mapping[str, object], num_layers: int) -> set[int]:
 
 def parse_moe(cfg: dict[str, Any], architecture: str, num_layers: int) -> MoeArch:
     """The MoE part of a config.json of one of `MOE_ARCHITECTURES` (PdlaunchError naming the key)."""
-    experts = _int(cfg, "num_experts", "num_local_experts")
-    top_k = _int(cfg, "num_experts_per_tok")
+    experts = config_int(cfg, "num_experts", "num_local_experts")
+    top_k = config_int(cfg, "num_experts_per_tok")
     if top_k > experts:
         raise PdlaunchError(f"num_experts_per_tok {top_k} must be between 1 and the {experts} experts",
                             field="config.json:num_experts_per_tok")
     if architecture == "MixtralForCausalLM":
-        return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "intermediate_size"),
+        return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=config_int(cfg, "intermediate_size"),
                        norm_topk_prob=True, sparse_layers=[True] * num_layers, checkpoint_style="block_sparse_moe")
     if architecture == "OlmoeForCausalLM":
         if cfg.get("clip_qkv") is not None:
             raise PdlaunchError("OLMoE with clip_qkv is not supported", field="config.json:clip_qkv",
                                 hint="only checkpoints with clip_qkv null load")
-        return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "intermediate_size"),
-                       norm_topk_prob=_bool(cfg, "norm_topk_prob"), sparse_layers=[True] * num_layers)
+        return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=config_int(cfg, "intermediate_size"),
+                       norm_topk_prob=config_bool(cfg, "norm_topk_prob"), sparse_layers=[True] * num_layers)
     # Qwen2-MoE / Qwen3-MoE: a layer is sparse unless listed in mlp_only_layers, every
     # decoder_sparse_step-th layer (1-based), as their decoder layers choose.
-    step = _int(cfg, "decoder_sparse_step") if cfg.get("decoder_sparse_step") is not None else 1
+    step = config_int(cfg, "decoder_sparse_step") if cfg.get("decoder_sparse_step") is not None else 1
     dense_only = _dense_layers(cfg, num_layers)
     sparse = [i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)]
     shared = None
     if architecture == "Qwen2MoeForCausalLM":
         # Required (transformers would assume 5632); 0 is no shared expert: a zero-width one adds nothing.
-        shared = _int(cfg, "shared_expert_intermediate_size", minimum=0) or None
-    return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=_int(cfg, "moe_intermediate_size"),
-                   norm_topk_prob=_bool(cfg, "norm_topk_prob"), sparse_layers=sparse,
+        shared = config_int(cfg, "shared_expert_intermediate_size", minimum=0) or None
+    return MoeArch(num_experts=experts, top_k=top_k, expert_intermediate_size=config_int(cfg, "moe_intermediate_size"),
+                   norm_topk_prob=config_bool(cfg, "norm_topk_prob"), sparse_layers=sparse,
                    shared_expert_intermediate_size=shared)
