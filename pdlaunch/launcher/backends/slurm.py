@@ -12,19 +12,24 @@ It waits for the proxy to answer /health, then supervises the steps: each node's
 its own instances; a step that ends stops the deployment (exit 1, naming the node and its log).
 SIGINT/SIGTERM (`scancel --signal=TERM --batch`, Ctrl-C under salloc) stop it: it sends each srun
 SIGUSR1, which srun forwards to its node's launcher, each node drains and stops its processes, and
-this process exits 0 once every step has ended.
+this process exits 0 once every step has ended. SLURM sends the same SIGTERM when it ends the job
+itself (a node failure, the time limit, preemption, a plain scancel): slurmstepd and srun then say why
+in the steps' output, and the launcher repeats it (exit 1 unless the job was simply cancelled).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
@@ -36,6 +41,42 @@ DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig a
 STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node turns it into a stop)
 STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its processes
 HEALTH_TIMEOUT_S = 2.0
+END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
+
+# slurmstepd, when SLURM ends a step: "slurmstepd-pdn1: error: *** STEP 7.1 ON pdn2 CANCELLED AT
+# 2026-11-28T11:16:47 DUE TO NODE FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***" (no "DUE TO": a scancel)
+_CANCELLED = re.compile(r"\*\*\* (?:JOB|STEP) (\S+) ON (\S+) CANCELLED AT \S+(?: DUE TO ([A-Za-z][A-Za-z ]*))?")
+_NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)")  # srun, when a node of its step fails
+
+
+@dataclass(frozen=True)
+class SlurmEnd:
+    """Why SLURM ended steps of the job, as their output says; `failure`: not a plain cancellation."""
+
+    reason: str
+    failure: bool
+
+
+def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
+    """What slurmstepd and srun wrote in the steps' output when SLURM ended them, or None (they did not)."""
+    failed_nodes: list[str] = []
+    cancelled: list[str] = []
+    failure = False
+    for step in steps:
+        for line in step.tail(END_LINES):
+            if (node := _NODE_FAILURE.search(line)) and node.group(1) not in failed_nodes:
+                failed_nodes.append(node.group(1))
+            if match := _CANCELLED.search(line):
+                step_id, host, due = match.groups()
+                why = f" due to {due.strip().lower()}" if due else " (scancel)"
+                failure = failure or due is not None
+                text = f"SLURM cancelled {'step' if '.' in step_id else 'job'} {step_id} on {host}{why}"
+                if text not in cancelled:
+                    cancelled.append(text)
+    if not failed_nodes and not cancelled:
+        return None
+    parts = ([f"node failure on {', '.join(failed_nodes)}"] if failed_nodes else []) + cancelled
+    return SlurmEnd("; ".join(parts), failure or bool(failed_nodes))
 
 
 def srun_argv(node: int, cpus: int | None) -> list[str]:
@@ -84,6 +125,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     cpus = cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE"), len(cfg.parallel.nodes))
     steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k]), log_dir / f"slurm-node{k}.log", env=env)
              for k in range(len(cfg.parallel.nodes))]
+    job = os.environ.get("SLURM_JOB_ID", "?")
     url = proxy_url(cfg)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
     with StopSignals() as signals:
@@ -96,10 +138,10 @@ def run_slurm(cfg: DeploymentConfig) -> int:
             while not _proxy_ready(url):
                 if signals.requested.wait(POLL_S):
                     console.print(f"{signals.signal_name} received while starting; stopping")
-                    return 0
+                    return stopped_by_signal(console, steps, job)
                 dead = _dead(steps)
                 if dead is not None:
-                    report_failure(console, f"{dead.name}'s srun step {dead.describe_exit()} while starting", dead)
+                    report_failure(console, step_exit(cfg, dead, steps, job, " while starting"), dead)
                     return 1
                 if time.monotonic() > deadline:
                     raise PdlaunchError(f"the proxy at {url} did not answer /health within {READY_TIMEOUT_S:.0f}s",
@@ -109,14 +151,37 @@ def run_slurm(cfg: DeploymentConfig) -> int:
             while not signals.requested.wait(POLL_S):
                 dead = _dead(steps)
                 if dead is not None:
-                    report_failure(console, f"{dead.name}'s srun step {dead.describe_exit()}", dead)
+                    report_failure(console, step_exit(cfg, dead, steps, job), dead)
                     return 1
             console.print(f"{signals.signal_name} received: stopping every node (up to "
                           f"{STEP_STOP_TIMEOUT_S:.0f}s)", highlight=False)
-            return 0
+            return stopped_by_signal(console, steps, job)
         finally:
             stop_steps(steps)
             console.print("stopped: every srun step ended", highlight=False)
+
+
+def step_exit(cfg: DeploymentConfig, dead: ChildProcess, steps: list[ChildProcess], job: str, when: str = "") -> str:
+    """How a step ended, with its node's address, the job, and SLURM's reason when the output gives one."""
+    node = steps.index(dead)
+    end = slurm_end(steps)
+    return (f"{dead.name}'s srun step (on {cfg.parallel.nodes[node].address}, job {job}) {dead.describe_exit()}{when}"
+            + (f": {end.reason}" if end is not None else ""))
+
+
+def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str) -> int:
+    """Stop every step after a stop signal; 1 if SLURM sent it because the job failed (a node failure,
+    the time limit, preemption), saying so, else 0."""
+    stop_steps(steps)
+    end = slurm_end(steps)
+    if end is None:
+        return 0
+    if not end.failure:
+        console.print(f"job {job}: {end.reason}", highlight=False, soft_wrap=True)
+        return 0
+    console.print(f"[red]error:[/red] SLURM ended job {job}: {escape(end.reason)}; the steps' output is in "
+                  f"{escape(str(steps[0].log_path.parent))}/slurm-node*.log", highlight=False, soft_wrap=True)
+    return 1
 
 
 def stop_steps(steps: list[ChildProcess]) -> None:

@@ -1,0 +1,183 @@
+"""`--backend slurm` when SLURM ends the deployment (launcher/backends/slurm.py), with a stand-in `srun` on
+PATH that writes what slurmstepd and srun write when a node fails, the time limit passes or the job is
+cancelled (the lines as Slurm 23 prints them, seen on tests/cluster/slurm_cluster.py). The launcher must
+say why (the node, the job, SLURM's reason) instead of a clean-looking stop, exit 1 for a failure, and
+leave no step running. Fast: no cluster, no engine; a stand-in proxy answers /health."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.backends.slurm import run_slurm
+from tests.helpers.pids import pid_alive
+from tests.serving.helpers import wait_for
+
+JOB = "7"
+NODE_FAILURE = ["srun: error: Node failure on pdn2",
+                "slurmstepd-pdn1: error: *** STEP 7.1 ON pdn2 CANCELLED AT 2026-11-28T11:16:47 DUE TO NODE FAILURE, "
+                "SEE SLURMCTLD LOG FOR DETAILS ***"]
+
+# srun --nodes=1 --ntasks=1 --relative=K ...: node K's step. FAKE_DIR/mode-K picks what it does: "nodefail"
+# (srun's and slurmstepd's lines, exit 1, as when SLURM loses the node), else it runs until SIGUSR1 (the
+# launcher's stop: exit 0). SIGTERM is SLURM ending the step: slurmstepd's line (with FAKE_DIR/due as its
+# reason when that file exists), and the step goes on until the launcher stops it, as a node draining does.
+FAKE_SRUN = r"""#!/bin/bash
+for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
+echo $$ > "$FAKE_DIR/srun-$k.pid"
+if [ "$(cat "$FAKE_DIR/mode-$k" 2>/dev/null)" = nodefail ]; then
+  cat "$FAKE_DIR/nodefail"
+  exit 1
+fi
+due=$(cat "$FAKE_DIR/due" 2>/dev/null)
+trap 'echo "slurmstepd-pdn$((k + 1)): error: *** STEP 7.$k ON pdn$((k + 1)) CANCELLED AT 2026-11-28T11:19:02${due:+ DUE TO $due} ***"' TERM
+trap 'exit 0' USR1
+while :; do sleep 0.1 & wait $!; done
+"""
+
+
+class _Health(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """FAKE_DIR holding the stand-in srun (first on PATH) and its controls; SLURM_JOB_ID set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "nodefail").write_text("\n".join(NODE_FAILURE) + "\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    return tmp_path
+
+
+@pytest.fixture
+def proxy_port() -> Iterator[int]:
+    """A stand-in for node 0's proxy: /health answers 200."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def term_guard() -> Iterator[None]:
+    """A SIGTERM that arrives after run_slurm restored the handlers must not end pytest."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def slurm_cfg(logs: Path, proxy_port: int) -> DeploymentConfig:
+    return DeploymentConfig.model_validate({
+        "launcher": {"backend": "slurm"}, "log_dir": str(logs), "proxy": {"host": "0.0.0.0", "port": proxy_port},
+        "parallel": {"nodes": [{"address": "127.0.0.1"}, {"address": "127.0.0.2"}]}})
+
+
+def srun_pids(fake_dir: Path) -> list[int]:
+    return [int(p.read_text()) for p in sorted(fake_dir.glob("srun-*.pid")) if p.read_text().strip()]
+
+
+def both_started(fake_dir: Path) -> bool:
+    return len(srun_pids(fake_dir)) == 2
+
+
+def slurm_signals_the_steps(fake_dir: Path, logs: Path) -> None:
+    """What slurmctld does when it ends the job: every step is signalled and slurmstepd says why."""
+    for pid in srun_pids(fake_dir):
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: all("CANCELLED AT" in (logs / f"slurm-node{k}.log").read_text() for k in (0, 1)),
+             "slurmstepd's line in both steps' output", 30.0)
+
+
+def said(capsys: pytest.CaptureFixture[str]) -> str:
+    out = capsys.readouterr()
+    return " ".join((out.out + out.err).split())
+
+
+def test_a_node_failure_names_the_node_the_job_and_the_reason(fake_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Node 1's step ends because SLURM lost its node: the error names node 1's address, the job and
+    `node failure on pdn2` (it said only "node 1's srun step exited with code 1"); node 0's step is stopped."""
+    (fake_dir / "mode-1").write_text("nodefail")
+    closed = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    port = int(closed.server_address[1])
+    closed.server_close()  # nothing answers: the launcher is still starting when node 1 fails
+
+    assert run_slurm(slurm_cfg(tmp_path / "logs", port)) == 1
+    text = said(capsys)
+    assert "node 1's srun step (on 127.0.0.2, job 7) exited with code 1 while starting" in text, text
+    assert "node failure on pdn2" in text and "SLURM cancelled step 7.1 on pdn2 due to node failure" in text, text
+    assert "Traceback" not in text, text
+    assert not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "a step was left running"
+
+
+@pytest.mark.parametrize("due", ["TIME LIMIT", "NODE FAILURE"])
+def test_slurm_ending_the_job_is_an_error_not_a_clean_stop(fake_dir: Path, tmp_path: Path, proxy_port: int,
+                                                          term_guard: None, due: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """SLURM ends the running job (time limit, node failure): it signals every step and the batch script at
+    once. The launcher exits 1 naming the job and SLURM's reason (it printed "SIGTERM received" and exit 0)."""
+    (fake_dir / "due").write_text(due)
+
+    def slurm_ends_the_job() -> None:
+        wait_for(lambda: both_started(fake_dir), "both srun steps to start", 60.0)
+        slurm_signals_the_steps(fake_dir, tmp_path / "logs")
+        os.kill(os.getpid(), signal.SIGTERM)  # the batch script's signal
+
+    thread = threading.Thread(target=slurm_ends_the_job, daemon=True)
+    thread.start()
+    code = run_slurm(slurm_cfg(tmp_path / "logs", proxy_port))
+    thread.join(60.0)
+    text = said(capsys)
+    assert code == 1, text
+    assert f"SLURM ended job 7: SLURM cancelled step 7.0 on pdn1 due to {due.lower()}" in text, text
+    assert "stopped: every srun step ended" in text and "Traceback" not in text, text
+    assert not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "a step was left running"
+
+
+@pytest.mark.parametrize("slurm_signals_steps", [True, False], ids=["scancel", "scancel-batch"])
+def test_a_cancelled_job_stops_with_exit_0(fake_dir: Path, tmp_path: Path, proxy_port: int, term_guard: None,
+                                          slurm_signals_steps: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """A plain `scancel` (SLURM signals the steps too) and `scancel --signal=TERM --batch` (only the launcher)
+    are the user's stop: exit 0; the first says SLURM cancelled the job."""
+
+    def user_cancels() -> None:
+        wait_for(lambda: both_started(fake_dir), "both srun steps to start", 60.0)
+        if slurm_signals_steps:
+            slurm_signals_the_steps(fake_dir, tmp_path / "logs")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=user_cancels, daemon=True)
+    thread.start()
+    code = run_slurm(slurm_cfg(tmp_path / "logs", proxy_port))
+    thread.join(60.0)
+    text = said(capsys)
+    assert code == 0, text
+    assert ("job 7: SLURM cancelled step 7.0 on pdn1 (scancel)" in text) == slurm_signals_steps, text
+    assert "error" not in text, text
+    assert not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "a step was left running"
