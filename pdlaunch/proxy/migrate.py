@@ -81,15 +81,21 @@ def not_migratable(body: Body, chat: bool) -> str | None:
     return several[0] if several else None
 
 
-def max_tokens_of(body: Body, chat: bool) -> int:
+def max_tokens_of(body: Body, chat: bool) -> int | None:
+    """The client's output limit; None when it names none that applies (a chat request without one, a
+    completion's null max_tokens): the instance then fills the context (server/protocol.fills_context)."""
     limit = int_of(token_limit(body, chat, "max_completion_tokens", "max_tokens"))
-    return limit if limit is not None else DEFAULT_MAX_TOKENS
+    if limit is not None:
+        return limit
+    return None if chat or "max_tokens" in body else DEFAULT_MAX_TOKENS
 
 
 def continuation_body(body: Body, chat: bool, token_ids: list[int], generated: int) -> JsonObject:
     """The /v1/completions request that goes on from `token_ids` (prompt + `generated` output ids)."""
     leg = {k: body[k] for k in _CONTINUED_FIELDS if k in body}
-    leg.update(prompt=list(token_ids), max_tokens=max(1, max_tokens_of(body, chat) - generated), stream=True,
+    limit = max_tokens_of(body, chat)
+    # null: the continuation, a completion, fills the context as the client's request would have
+    leg.update(prompt=list(token_ids), max_tokens=None if limit is None else max(1, limit - generated), stream=True,
                return_token_ids=True)
     min_tokens = int_of(body.get("min_tokens"))  # the instances read no other name (min_completion_tokens is none)
     if min_tokens:

@@ -70,6 +70,7 @@ class Choices:
         self.engine_loop, self.prompts, self.n, self.best_of = engine_loop, prompts, n, best_of
         self.kv_transfer_params = body.kv_transfer_params
         self.echo = isinstance(body, CompletionRequest) and body.echo
+        self.fills_context = body.fills_context()
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
         self.keep_logprobs = params.logprobs is not None
@@ -109,6 +110,9 @@ class Choices:
         engine = self.engine_loop.engine
         ids = [await prompt_token_ids(engine.tokenizer, p, engine.max_model_len) for p in self.prompts]
         self.prompt_ids = ids
+        if self.fills_context:
+            for c in self.choices:
+                self._fill_context(c, len(ids[c.prompt_index]), engine.max_model_len)
         firsts = [c for c in self.choices if c.sample == 0]
         for c in firsts:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, self.kv_transfer_params)
@@ -126,6 +130,17 @@ class Choices:
             if self.echo:
                 prompt = self.prompts[c.prompt_index]
                 c.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids[c.prompt_index])
+
+    @staticmethod
+    def _fill_context(choice: Choice, prompt_len: int, max_model_len: int) -> None:
+        """A request without an output limit may generate up to max_model_len: its max_tokens is the room
+        its prompt leaves (at least 1, so a prompt that fills the context is refused as too long)."""
+        room = max(1, max_model_len - prompt_len)
+        if choice.params.min_tokens > room:
+            raise OpenAIError(400, f"min_tokens ({choice.params.min_tokens}) does not fit: the prompt has {prompt_len} "
+                                   f"tokens and max_model_len is {max_model_len}", param="min_tokens")
+        choice.params = choice.params.model_copy(update={"max_tokens": room})
+        choice.recorder.max_tokens = room
 
     async def _accepted(self, choice: Choice) -> None:
         first = await choice.queue().get()

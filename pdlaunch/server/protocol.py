@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.engine.outputs import MAX_INT32, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
@@ -31,7 +31,7 @@ from pdlaunch.server.structured_fields import opens_objects, structured_output_o
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported, warn_ignored
 
-DEFAULT_MAX_TOKENS = 16
+DEFAULT_MAX_TOKENS = 16  # a completion that does not name max_tokens (OpenAI's and vLLM's default)
 MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
 
 
@@ -133,12 +133,21 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def fills_context(self) -> bool:
+        """True when the request names no output limit that applies: its answer may run to the model's
+        max_model_len (as in vLLM: a chat request without max_tokens / max_completion_tokens, a completion
+        whose max_tokens is null; a completion without the field gets DEFAULT_MAX_TOKENS)."""
+        return "max_tokens" in self.model_fields_set and self.max_tokens is None
+
     def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                   names: dict[str, str] | None = None) -> SamplingParams:
         """`names`: the request field a SamplingParams field came from, where they differ (an error names it)."""
         values: dict[str, object] = {
             "prompt_logprobs": prompt_logprobs,
-            "max_tokens": max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
+            # A request that fills the context is given its room once its prompt is tokenized
+            # (server/choices.py); until then no limit, so min_tokens is not checked against a made-up one.
+            "max_tokens": max_tokens if max_tokens is not None else MAX_INT32 if self.fills_context()
+            else DEFAULT_MAX_TOKENS,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
@@ -311,6 +320,9 @@ class ChatCompletionRequest(_SamplingFields):
             raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "  # type: ignore[union-attr]
                                    "send one", param="tool_choice")
         return forced or asked
+
+    def fills_context(self) -> bool:
+        return self.max_tokens is None and self.max_completion_tokens is None
 
     def sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
