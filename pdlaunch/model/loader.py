@@ -220,7 +220,13 @@ def load_tensor(params: dict[str, nn.Parameter], arch: ModelArch, name: str, ten
     # values would be taken for real ones without their scale
     wants_fp8 = param.dtype == FP8_DTYPE and not getattr(param, "quantized_on_load", False)
     if (tensor.dtype == FP8_DTYPE) != wants_fp8:
-        quantized = "quantizes this module" if wants_fp8 else "has no FP8 quantization_config"
+        if wants_fp8:
+            quantized = "quantizes this module"
+        elif any(p.dtype == FP8_DTYPE for p in params.values()):
+            quantized = "does not quantize this module (modules_to_not_convert / ignore lists it, or it is an MoE " \
+                        "router)"
+        else:
+            quantized = "has no FP8 quantization_config"
         raise PdlaunchError(f"tensor {name!r} in {file.name} is {str(tensor.dtype).removeprefix('torch.')} but "
                             f"config.json {quantized}", field="model.path",
                             hint="the checkpoint does not match its config.json's quantization_config")

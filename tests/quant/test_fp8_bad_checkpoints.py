@@ -175,3 +175,13 @@ def test_an_fp8_expert_weight_is_refused_where_experts_quantize_on_load(fp8_base
     path = _broken(fp8_bases, "moe_float", tmp_path, _cast(name, torch.float8_e4m3fn))
     with pytest.raises(PdlaunchError, match=f"tensor '{name}' in model.safetensors is float8_e4m3fn"):
         load_model(load_checkpoint(str(path), "fp8"), torch.device("cpu"), torch.float32, fp8_experts_on_load=True)
+
+
+def test_an_fp8_router_is_refused_as_a_module_the_quantization_config_keeps(fp8_bases: dict[str, Path],
+                                                                            tmp_path: Path) -> None:
+    """The message said config.json had no FP8 quantization_config, beside the one it has."""
+    path = _broken(fp8_bases, "moe", tmp_path, _cast("model.layers.0.mlp.gate.weight", torch.float8_e4m3fn))
+    checked = " ".join(check(["--model", str(path), "--device", "cpu"]).output.split())
+    for text in (checked, _load_error(path)):
+        assert "tensor 'model.layers.0.mlp.gate.weight' in model.safetensors is float8_e4m3fn but config.json does " \
+               "not quantize this module" in text
