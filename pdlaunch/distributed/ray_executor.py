@@ -26,7 +26,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
 from pdlaunch.distributed.rank import build_rank
-from pdlaunch.distributed.ray_rank import CONTROL_GROUP
+from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
@@ -86,9 +86,12 @@ class RayTPExecutor:
             ready = [r for r in self._get(setups, RENDEZVOUS_TIMEOUT_S, "setup") if isinstance(r, Ready)]
             nodes = self._get([a.node_address.remote() for a in actors], REPLY_TIMEOUT_S, "node_address")
             self._nodes = [str(ray.util.get_node_ip_address()), *map(str, nodes)]
-        except BaseException:
+        except BaseException as exc:
+            failed = self._failed_setup(setups) if isinstance(exc, Exception) else None
             self._stop_ranks()
             destroy_tp_group()
+            if failed is not None:  # rank 0's rendezvous timed out because that rank never came: name it
+                raise failed from exc
             raise
         self._rank_engine_ids = [self.engine_id] + [r.engine_id for r in ready]
         self._side_ports: list[int | None] = [None, *(r.side_channel_port for r in ready)]
@@ -116,10 +119,22 @@ class RayTPExecutor:
                         raise self._failed(rank, what, rank_exc) from None
             raise EngineError(f"a TP rank failed {what}: {exc}", field="parallel.tp") from None
 
+    def _failed_setup(self, setups: list[ObjectRef[object]]) -> EngineError | None:
+        """The failure of the first rank whose setup call failed (waiting DEATH_REPORT_WAIT_S for the
+        others to report), or None: rank 0 failed on its own."""
+        ray = self._ray
+        done, _ = ray.wait(setups, num_returns=len(setups), timeout=DEATH_REPORT_WAIT_S)
+        for rank, ref in enumerate(setups, start=1):
+            if ref in done:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    return self._failed(rank, "setup", exc)
+        return None
+
     def _failed(self, rank: int, what: str, exc: BaseException) -> EngineError:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"Ray actor on {self._nodes[rank]}" if rank < len(self._nodes) else "Ray actor"
-        self.failure = self.failure or f"TP rank {rank} ({where}) failed {what}: {first}"
+        self.failure = self.failure or f"TP rank {rank} ({where}) failed {what}: {ray_failure(exc)}"
         return EngineError(self.failure, field="parallel.tp", hint="see that rank's log; the instance must restart")
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:
@@ -194,7 +209,7 @@ class RayTPExecutor:
                     ray.get(ref)
                     why = "shut down while the instance was serving"
                 except ray.exceptions.RayError as exc:
-                    why = f"is gone ({type(exc).__name__}: the actor or its node died)"
+                    why = f"is gone (the actor or its node died: {ray_failure(exc)})"
                 self.failure = self.failure or f"TP rank {rank} (Ray actor on {self._nodes[rank]}) {why}"
                 log.error("%s: the instance cannot serve without it", self.failure)
 

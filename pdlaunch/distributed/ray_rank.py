@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -33,6 +34,30 @@ from pdlaunch.runner.step_inputs import StepInputs
 log = logging.getLogger(__name__)
 
 CONTROL_GROUP = "control"  # concurrency group of the calls that must not wait behind a step or serve()
+SUMMARY_CHARS = 300  # a Ray failure is named in at most this many characters
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours the task name in its messages
+
+
+def ray_failure(exc: BaseException) -> str:
+    """What a Ray error says went wrong, in one line. Ray's own first line is a headline (`ray::X.serve()
+    (pid=.., ip=.., actor_id=..)`, `The actor died because of an error raised in its creation task, ...`):
+    the cause is the exception the remote code raised (a task's `cause`, or the last line of the remote
+    traceback Ray quotes for a constructor), or, for an actor that died, the reason after the fields."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        if type(cause).__module__.startswith("ray."):
+            return ray_failure(cause)
+        text = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {text[0]}"[:SUMMARY_CHARS] if text else type(cause).__name__
+    lines = [line.rstrip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if any(line.lstrip().startswith('File "') for line in lines):  # a quoted traceback: its last exception line
+        last_frame = max(i for i, line in enumerate(lines) if line[:1].isspace())
+        tail = lines[last_frame + 1:]
+        return (tail[0] if tail else lines[-1].strip())[:SUMMARY_CHARS]
+    reasons = [line for line in lines[1:] if not line[:1].isspace()]  # after the headline and its fields
+    return (reasons[0] if reasons else lines[0])[:SUMMARY_CHARS]
 
 
 def node_address() -> str:

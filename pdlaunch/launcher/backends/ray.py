@@ -40,9 +40,10 @@ from pdlaunch.config.ray_cluster import (
     live_nodes,
     plan_instance,
 )
-from pdlaunch.distributed.ray_rank import CONTROL_GROUP
+from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
+from pdlaunch.launcher.backends.ray_head import HeadWatch
 from pdlaunch.launcher.deployment import (
     DRAIN_TIMEOUT_S,
     INSTANCE_TERM_TIMEOUT_S,
@@ -114,6 +115,7 @@ class RayDeployment:
         self.policy = RestartPolicy.from_config(cfg.supervision)
         self.role_watch = RoleWatch(self.policy.grace_s)
         self.token = cfg.kv_transfer.engine_id[:8]  # names this deployment's actors and placement groups
+        self.head = HeadWatch.of(self.ray)
         try:
             nodes = live_nodes(self.ray)
         except self.ray.exceptions.RayError as exc:  # the cluster answered the connect, then failed us
@@ -250,7 +252,7 @@ class RayDeployment:
             run.pg_ready = None
 
     def exit_of(self, run: RayRun) -> str | None:
-        """How the instance's rank 0 ended ("exited with code 1", "its Ray actor died: ..."), None while it serves."""
+        """How the instance's rank 0 ended ("exited with code 1", "lost its Ray actor (why)"), None while it serves."""
         if run.serve_ref is None:
             return None
         done, _ = self.ray.wait([run.serve_ref], timeout=0)
@@ -258,9 +260,14 @@ class RayDeployment:
             return None
         try:
             code = self.ray.get(run.serve_ref)
+        except self.ray.exceptions.RayTaskError as exc:  # serve raised: the cause, not Ray's task headline
+            return f"failed in its Ray actor ({ray_failure(exc)})"
+        except self.ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):  # e.g. log_dir not writable on its node
+                return f"could not start its Ray actor ({ray_failure(exc)})"
+            return f"lost its Ray actor ({ray_failure(exc)})"
         except self.ray.exceptions.RayError as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            return f"lost its Ray actor ({type(exc).__name__}: {first[:200]})"
+            return f"lost its Ray actor ({ray_failure(exc)})"
         return f"exited with code {code}"
 
     def answers(self, run: RayRun) -> bool:
@@ -282,6 +289,7 @@ class RayDeployment:
         while any(r.state != "ready" for r in self.runs):
             if should_stop():
                 return False
+            self._check_head(time.monotonic())
             prefills_known = all(r.spec is not None for r in self.runs if r.plan.spec.role == "prefill")
             for run in self.runs:
                 if run.state == "placing" and self._placed(run):
@@ -339,6 +347,7 @@ class RayDeployment:
     def tick(self) -> None:
         """One round of supervision; RayDeploymentFailed when the deployment has to stop."""
         now = time.monotonic()
+        self._check_head(now)
         for run in self.runs:
             if run.state in ("starting", "ready"):
                 how = self.exit_of(run)
@@ -352,6 +361,13 @@ class RayDeployment:
                 self.launch(run)
         self._check_proxy(now)
         self._check_roles(now)
+
+    def _check_head(self, now: float) -> None:
+        lost = self.head.check(now)
+        if lost is not None:
+            raise RayDeploymentFailed(lost, field="launcher.ray_address",
+                                      hint="the head node or its `ray start --head` died (its raylets end the "
+                                      "actors on the other nodes): start the cluster again, then serve again")
 
     def _check_proxy(self, now: float) -> None:
         """A proxy that exited is restarted as the local supervisor does: proxy.restart, the backoff and
@@ -422,6 +438,8 @@ class RayDeployment:
             if self.proxy is not None:
                 self.proxy.stop(DRAIN_TIMEOUT_S + 2.0 if drain else 0.5)
                 self.proxy.close_log()
+            if self.head.lost:  # every Ray call that asks the GCS would block until Ray ends this process
+                return
             refs = []
             for run in self.runs:
                 if run.actors and run.serve_ref is not None:

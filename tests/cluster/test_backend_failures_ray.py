@@ -1,0 +1,217 @@
+"""`--backend ray` when the cluster fails the deployment at run time (launcher/backends/ray.py, ray_head.py,
+distributed/ray_executor.py): what the launcher says and what it leaves behind. Fast: Ray's own exception
+classes (their messages as Ray 2.x builds them) and stand-ins for the ray module; no cluster.
+
+- an actor whose constructor raised, a serve call that raised, an actor whose node died: the message
+  names the cause (the remote exception, the node's death), not Ray's headline (pid, actor_id, colours);
+- the head (GCS) gone: the launcher stops with its error naming the address within
+  ray_head.LOST_S, before Ray ends the process, and does not block on Ray calls while stopping;
+- a TP rank whose setup failed: rank 0's rendezvous timeout is reported as that rank's failure.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import sys
+import traceback
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.ray_cluster import RayNode
+from pdlaunch.distributed.ray_rank import ray_failure
+from pdlaunch.errors import EngineError
+
+ray = pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
+
+from ray.core.generated.common_pb2 import ActorDiedErrorContext  # noqa: E402 (after the importorskip)
+
+from pdlaunch.distributed import ray_executor  # noqa: E402
+from pdlaunch.launcher.backends import ray as backend  # noqa: E402
+from pdlaunch.launcher.backends import ray_head  # noqa: E402
+
+NODES = [RayNode("h", "10.0.0.1", {"CPU": 2.0}), RayNode("w", "10.0.0.2", {"CPU": 2.0})]
+
+
+def task_error(function: str, cause: Exception, as_raised: bool = True) -> Any:
+    """The exception Ray raises in the driver when remote code raised `cause` (as Ray builds it: an
+    instance of both RayTaskError and the cause's class)."""
+    try:
+        raise cause
+    except Exception:
+        trace = traceback.format_exc()
+    error = ray.exceptions.RayTaskError(function, trace, cause, pid=4242, ip="10.0.0.2")
+    return error.as_instanceof_cause() if as_raised else error
+
+
+def creation_error(cause: Exception) -> Any:
+    """An actor whose constructor raised `cause`."""
+    return ray.exceptions.ActorDiedError(task_error("ray::RayInstance.__init__()", cause, as_raised=False))
+
+
+def node_died() -> Any:
+    context = ActorDiedErrorContext(error_message="The actor died because its node has died. Node Id: 6f1c",
+                                    class_name="RayRank", actor_id=b"\x01" * 16, pid=4243,
+                                    node_ip_address="10.0.0.2")
+    return ray.exceptions.ActorDiedError(context)
+
+
+def test_a_ray_failure_is_named_by_its_cause() -> None:
+    """Ray's first line is `ray::X.serve() (pid=.., ip=.., actor_id=..)` or `The actor died because of an
+    error raised in its creation task, ...`: the launcher quoted that (with colour codes), not the cause."""
+    raised = task_error("ray::RayInstance.serve()", ValueError("engine exploded\nsecond line"))
+    assert ray_failure(raised) == "ValueError: engine exploded"
+    missing = FileNotFoundError(2, "No such file or directory")
+    missing.filename = "/shared/logs/prefill-0.log"
+    assert ray_failure(creation_error(missing)) == \
+        "FileNotFoundError: [Errno 2] No such file or directory: '/shared/logs/prefill-0.log'"
+    assert ray_failure(node_died()) == "The actor died because its node has died. Node Id: 6f1c"
+    assert ray_failure(ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")) == \
+        "Get timed out: some object(s) not ready."
+
+
+class FakeRay(types.ModuleType):
+    """The ray module as the launcher uses it: `get` raises what `failures` holds for a ref."""
+
+    exceptions = ray.exceptions
+
+    def __init__(self, gcs_address: str | None = None) -> None:
+        super().__init__("ray")
+        self.failures: dict[str, BaseException] = {}
+        self.calls: list[str] = []
+        self.util = types.SimpleNamespace(remove_placement_group=self._blocks)
+        if gcs_address is not None:
+            self.get_runtime_context = lambda: types.SimpleNamespace(gcs_address=gcs_address)
+
+    def wait(self, refs: list[str], num_returns: int = 1, timeout: float | None = None) -> tuple[list[str], list[str]]:
+        self.calls.append("wait")
+        return list(refs), []
+
+    def get(self, ref: str) -> int:
+        if ref in self.failures:
+            raise self.failures[ref]
+        return 0
+
+    def kill(self, actor: object, no_restart: bool = True) -> None:
+        self.calls.append("kill")
+
+    def shutdown(self) -> None:
+        self.calls.append("shutdown")
+
+    def _blocks(self, pg: object) -> None:
+        raise AssertionError("remove_placement_group asks the GCS: with the head gone it blocks until Ray "
+                             "ends the process")
+
+
+def ray_cfg(tmp_path: Path) -> DeploymentConfig:
+    return DeploymentConfig.model_validate({
+        "device": "cpu", "launcher": {"backend": "ray"}, "proxy": {"port": 0}, "log_dir": str(tmp_path / "logs"),
+        "instances": [{"role": "prefill", "tp": 1}, {"role": "decode", "tp": 1}]})
+
+
+def deployment_on(fake: FakeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> backend.RayDeployment:
+    monkeypatch.setattr(backend, "connect", lambda cfg: fake)
+    monkeypatch.setattr(backend, "live_nodes", lambda ray_module: NODES)
+    return backend.RayDeployment(ray_cfg(tmp_path), Console(file=io.StringIO()))
+
+
+def test_how_an_instance_ended_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRay()
+    deployment = deployment_on(fake, tmp_path, monkeypatch)
+    run = deployment.runs[0]
+    run.serve_ref = "serve"  # type: ignore[assignment]
+    missing = FileNotFoundError(2, "No such file or directory")
+    missing.filename = "/shared/logs/prefill-0.log"
+    fake.failures["serve"] = creation_error(missing)
+    assert deployment.exit_of(run) == ("could not start its Ray actor (FileNotFoundError: [Errno 2] No such file "
+                                       "or directory: '/shared/logs/prefill-0.log')")
+    fake.failures["serve"] = task_error("ray::RayInstance.serve()", RuntimeError("CUDA error: out of memory"))
+    assert deployment.exit_of(run) == "failed in its Ray actor (RuntimeError: CUDA error: out of memory)"
+    fake.failures["serve"] = node_died()
+    assert deployment.exit_of(run) == \
+        "lost its Ray actor (The actor died because its node has died. Node Id: 6f1c)"
+    del fake.failures["serve"]
+    assert deployment.exit_of(run) == "exited with code 0"
+
+
+@pytest.fixture
+def closed_address() -> Iterator[str]:
+    """HOST:PORT where nothing listens (a head whose GCS died)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield f"127.0.0.1:{port}"
+
+
+def test_a_lost_head_is_noticed_after_the_grace_only(closed_address: str) -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        watch = ray_head.HeadWatch(f"127.0.0.1:{listening.getsockname()[1]}")
+        assert watch.check(now=0.0) is None
+    # the socket is closed now: refused from here on
+    assert watch.check(now=10.0) is None  # down since 10 s
+    assert watch.check(now=10.0 + ray_head.PROBE_S) is None  # within the grace (a GCS restarting)
+    lost = watch.check(now=10.0 + ray_head.LOST_S)
+    assert lost is not None and "has not accepted a connection for 15s" in lost and watch.lost
+    assert ray_head.HeadWatch("not an address").check(now=100.0) is None  # nothing to probe: left to Ray
+
+
+@pytest.mark.timeout(60)  # without the watch it would run until the role-down grace (120 s)
+def test_a_lost_head_stops_the_deployment_with_our_error(closed_address: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The GCS stops answering while serving: before, the launcher went on until Ray ended it ~60 s later
+    with a fatal log line of its own (and its cleanup blocked on remove_placement_group until then)."""
+    monkeypatch.setattr(ray_head, "LOST_S", 0.0)
+    fake = FakeRay(gcs_address=closed_address)
+    deployment = deployment_on(fake, tmp_path, monkeypatch)
+    deployment.runs[0].pg = object()  # type: ignore[assignment]  # a placement group that was placed
+    monkeypatch.setattr(backend, "RayDeployment", lambda cfg, console: deployment)
+    monkeypatch.setattr(type(deployment), "start", lambda self, should_stop: True)
+    monkeypatch.setattr(backend, "POLL_S", 0.01)
+
+    assert backend.run_ray(ray_cfg(tmp_path)) == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"launcher.ray_address: the Ray cluster's head is gone: its GCS at {closed_address}" in text, text
+    assert "start the cluster again" in text and "Traceback" not in text, text
+    assert "wait" not in fake.calls and fake.calls[-1] == "shutdown", fake.calls
+
+
+class FakeActor:
+    """A rank actor handle: each call's ref is "<method>-<rank>"."""
+
+    def __init__(self, rank: int) -> None:
+        for method in ("setup", "until_shutdown", "shutdown", "node_address"):
+            call = types.SimpleNamespace(remote=lambda *a, m=method: f"{m}-{rank}")
+            call.options = lambda m=method, **kw: types.SimpleNamespace(remote=lambda: f"{m}-{rank}")
+            setattr(self, method, call)
+
+
+def test_a_rank_whose_setup_failed_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1's setup fails on its node (its checkpoint is missing there): rank 0 waits out its rendezvous
+    and then reported only `TP rank 0 could not join the 2-rank group`, not which rank failed, nor why."""
+    fake = FakeRay()
+    fake.failures["setup-1"] = task_error("ray::RayRank.setup()", FileNotFoundError("/models/llama/config.json"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(ray_executor, "create_store", lambda host, port, size: types.SimpleNamespace(port=29500))
+
+    def rendezvous_times_out(*args: object, **kwargs: object) -> None:
+        raise EngineError("TP rank 0 could not join the 2-rank group at 10.0.0.2:29500 within 120s: timeout",
+                          field="parallel.master_addr")
+
+    monkeypatch.setattr(ray_executor, "build_rank", rendezvous_times_out)
+    spec = InstanceSpec(role="decode", port=8200, tp=2, engine_id="e")
+    with pytest.raises(EngineError) as caught:
+        ray_executor.RayTPExecutor(DeploymentConfig(), spec, None, torch.device("cpu"),  # type: ignore[arg-type]
+                                   torch.float32, 64, "float32", [FakeActor(1)])
+    assert caught.value.message == "TP rank 1 (Ray actor) failed setup: FileNotFoundError: /models/llama/config.json"
+    assert caught.value.field == "parallel.tp"
+    assert fake.calls.count("wait") == 2  # for the setups' outcome, then for the ranks to leave
