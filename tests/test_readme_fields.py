@@ -104,6 +104,8 @@ NOTES: dict[str, str] = {
     "structured_outputs": ", ".join(f"`{o}`" for o in _UNSUPPORTED_OPTIONS) + " refused with 400; "
                           "`disable_additional_properties: false` opens the schema's objects (see Strict JSON schemas)",
     "request_id": "send the `X-Request-Id` header instead",
+    "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "
+                  "(a completion's `null` too)",
     "guided_decoding_backend": "llguidance is the backend we run",
 }
 
