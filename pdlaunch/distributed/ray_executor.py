@@ -107,8 +107,10 @@ class RayTPExecutor:
         try:
             return list(ray.get(refs, timeout=timeout))
         except ray.exceptions.GetTimeoutError:
-            raise EngineError(f"a TP rank did not answer {what} within {timeout:.0f}s", field="parallel.tp",
-                              hint="see the ranks' logs") from None
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            late = [self._where(rank) for rank, ref in enumerate(refs, start=1) if ref not in done]
+            raise EngineError(f"{', '.join(late) or 'a TP rank'} did not answer {what} within {timeout:.0f}s",
+                              field="parallel.tp", hint="see that rank's log (a stuck or overloaded node)") from None
         except ray.exceptions.RayError as exc:
             for rank, ref in enumerate(refs, start=1):
                 done, _ = ray.wait([ref], timeout=0)
@@ -132,9 +134,12 @@ class RayTPExecutor:
                     return self._failed(rank, "setup", exc)
         return None
 
+    def _where(self, rank: int) -> str:
+        return f"TP rank {rank} (Ray actor on {self._nodes[rank]})" if rank < len(self._nodes) else \
+            f"TP rank {rank} (Ray actor)"
+
     def _failed(self, rank: int, what: str, exc: BaseException) -> EngineError:
-        where = f"Ray actor on {self._nodes[rank]}" if rank < len(self._nodes) else "Ray actor"
-        self.failure = self.failure or f"TP rank {rank} ({where}) failed {what}: {ray_failure(exc)}"
+        self.failure = self.failure or f"{self._where(rank)} failed {what}: {ray_failure(exc)}"
         return EngineError(self.failure, field="parallel.tp", hint="see that rank's log; the instance must restart")
 
     def execute(self, inputs: StepInputs) -> torch.Tensor:

@@ -215,3 +215,22 @@ def test_a_rank_whose_setup_failed_is_named(monkeypatch: pytest.MonkeyPatch) -> 
     assert caught.value.message == "TP rank 1 (Ray actor) failed setup: FileNotFoundError: /models/llama/config.json"
     assert caught.value.field == "parallel.tp"
     assert fake.calls.count("wait") == 2  # for the setups' outcome, then for the ranks to leave
+
+
+def test_a_rank_that_does_not_answer_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connector call that rank 2 never answers (its node is stuck): the error named no rank."""
+
+    class Late(FakeRay):
+        def wait(self, refs: list[str], num_returns: int = 1, timeout: float | None = None
+                 ) -> tuple[list[str], list[str]]:
+            return [r for r in refs if r != "call-2"], [r for r in refs if r == "call-2"]
+
+        def get(self, refs: Any, timeout: float | None = None) -> Any:
+            raise ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready.")
+
+    executor = ray_executor.RayTPExecutor.__new__(ray_executor.RayTPExecutor)
+    executor._ray = Late()
+    executor._nodes = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    with pytest.raises(EngineError) as caught:
+        executor._get(["call-1", "call-2"], 30.0, "GetFinished")  # type: ignore[list-item]
+    assert caught.value.message == "TP rank 2 (Ray actor on 10.0.0.3) did not answer GetFinished within 30s"
