@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import threading
 from collections.abc import Iterator
@@ -38,14 +39,19 @@ if [ "$(cat "$FAKE_DIR/mode-$k" 2>/dev/null)" = nodefail ]; then
   exit 1
 fi
 due=$(cat "$FAKE_DIR/due" 2>/dev/null)
-trap 'echo "slurmstepd-pdn$((k + 1)): error: *** STEP 7.$k ON pdn$((k + 1)) CANCELLED AT 2026-11-28T11:19:02${due:+ DUE TO $due} ***"' TERM
+n=pdn$((k + 1))
+line="slurmstepd-$n: error: *** STEP 7.$k ON $n CANCELLED AT 2026-11-28T11:19:02${due:+ DUE TO $due} ***"
+trap 'echo "$line"' TERM
 trap 'exit 0' USR1
 while :; do sleep 0.1 & wait $!; done
 """
 
 
 class _Health(BaseHTTPRequestHandler):
+    probes: list[str] = []  # the paths asked, in order
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.probes.append(self.path)
         self.send_response(200 if self.path == "/health" else 404)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -72,6 +78,7 @@ def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def proxy_port() -> Iterator[int]:
     """A stand-in for node 0's proxy: /health answers 200."""
+    _Health.probes.clear()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -181,3 +188,31 @@ def test_a_cancelled_job_stops_with_exit_0(fake_dir: Path, tmp_path: Path, proxy
     assert ("job 7: SLURM cancelled step 7.0 on pdn1 (scancel)" in text) == slurm_signals_steps, text
     assert "error" not in text, text
     assert not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "a step was left running"
+
+
+def test_an_http_proxy_in_the_environment_does_not_hide_the_deployments_proxy(
+        fake_dir: Path, tmp_path: Path, proxy_port: int, term_guard: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Clusters often set http_proxy for downloads: the readiness probe of node 0's proxy went through it,
+    never reached the proxy, and the launcher gave up after 900 s saying the proxy did not answer."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens: a proxy this node cannot use
+    for var in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(var, dead)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+    def stop_once_probed() -> None:
+        try:
+            wait_for(lambda: "/health" in _Health.probes, "the launcher's probe of the proxy's /health", 20.0)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=stop_once_probed, daemon=True)
+    thread.start()
+    code = run_slurm(slurm_cfg(tmp_path / "logs", proxy_port))
+    thread.join(60.0)
+    text = said(capsys)
+    assert "/health" in _Health.probes, text
+    assert code == 0 and "ready: OpenAI API at" in text, text

@@ -108,7 +108,8 @@ def proxy_url(cfg: DeploymentConfig) -> str:
 
 def _proxy_ready(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S).status_code == 200
+        # trust_env=False: a cluster's http_proxy (set for downloads) cannot reach node 0's proxy
+        return httpx.get(f"{url}/health", timeout=HEALTH_TIMEOUT_S, trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
 
