@@ -366,8 +366,8 @@ class RayDeployment:
         lost = self.head.check(now)
         if lost is not None:
             raise RayDeploymentFailed(lost, field="launcher.ray_address",
-                                      hint="the head node or its `ray start --head` died (its raylets end the "
-                                      "actors on the other nodes): start the cluster again, then serve again")
+                                      hint="the head node or its `ray start --head` died, and the actors end "
+                                      "with it: start the cluster again, then serve again")
 
     def _check_proxy(self, now: float) -> None:
         """A proxy that exited is restarted as the local supervisor does: proxy.restart, the backoff and
