@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pdlaunch.config.addresses import host_syntax_error
 from pdlaunch.config.models import DeploymentConfig, NodeConfig
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
+from pdlaunch.config.validate import TargetHost
 from pdlaunch.errors import PdlaunchError
 
 SCONTROL_TIMEOUT_S = 30.0
@@ -50,6 +51,17 @@ def with_backend_nodes(cfg: DeploymentConfig, env: Mapping[str, str] | None = No
     if len(addresses) > 1 and out.kv_transfer.side_channel_host in LOOPBACK_HOSTS:
         out.kv_transfer.side_channel_host = "0.0.0.0"
     return with_shared_secret(out, env)
+
+
+def backend_target(cfg: DeploymentConfig) -> TargetHost | None:
+    """The GPU host `cfg` is checked against when its instances do not run on this machine: under --backend ray
+    the cluster's GPU nodes (config/ray_cluster.cluster_gpus); None otherwise. Raises PdlaunchError."""
+    if cfg.launcher.backend != "ray":
+        return None
+    from pdlaunch.config.ray_cluster import cluster_gpus
+
+    found = cluster_gpus(cfg)
+    return None if found is None else TargetHost(gpus=found[0], gpu_memory_gib=found[1], source="the Ray cluster")
 
 
 def with_shared_secret(cfg: DeploymentConfig, env: Mapping[str, str]) -> DeploymentConfig:

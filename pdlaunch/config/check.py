@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from pdlaunch.config.backend import with_backend_nodes
+from pdlaunch.config.backend import backend_target, with_backend_nodes
 from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.loader import load_deployment, with_rule_problems
 from pdlaunch.config.models import DeploymentConfig
@@ -44,6 +44,7 @@ def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus
         return problems, None, target
     try:
         cfg = with_backend_nodes(cfg)
+        target = target or backend_target(cfg)  # ray: the cluster's GPUs, unless a target host is declared
     except PdlaunchError as exc:  # what the backend needs and this machine lacks
         found = [problem(exc.field or "launcher.backend", exc.message, exc.hint or "")]
         return name_flags(found, flag_fields(overrides, cfg.instances)), None, target
@@ -53,7 +54,7 @@ def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus
 
 def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
     if target is not None:
-        return f"target host: {target.gpus} GPU(s) x {target.gpu_memory_gib:g} GiB (declared)"
+        return f"target host: {target.gpus} GPU(s) x {target.gpu_memory_gib:g} GiB ({target.source})"
     return f"this machine ({cfg.device})"
 
 

@@ -177,7 +177,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
 
     Raises ConfigError with every problem; the returned config is the resolved one.
     """
-    from pdlaunch.config.backend import with_backend_nodes
+    from pdlaunch.config.backend import backend_target, with_backend_nodes
     from pdlaunch.config.rules.security import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
 
@@ -186,7 +186,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     except ConfigError as exc:
         raise with_rule_problems(exc) from None
     cfg = with_backend_nodes(cfg)  # --backend slurm: the allocation's nodes (PdlaunchError outside one)
-    problems, resolved = validate_deployment(cfg, target=None)
+    problems, resolved = validate_deployment(cfg, target=backend_target(cfg))  # ray: the cluster's GPUs
     for field, message in world_readable_secret_warnings(path):
         logger.warning("warning: %s: %s", field, message)
     if problems:

@@ -9,6 +9,10 @@
 
 The placement plan of an instance (its bundles, PACK or SPREAD) is decided here too, from the live
 nodes' total resources, so that check-config and the launcher agree.
+
+The instances run on the cluster's nodes, not on the machine the launcher runs on (often a head without
+GPUs): `device: auto` means cuda when a live node has a GPU, and a CUDA deployment is checked against the
+cluster's GPUs (per node, and one GPU's memory read by a one-GPU Ray task), not this machine's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pdlaunch.memory import host_devices
 FIELD = "launcher.ray_address"
 INSTALL_HINT = "pip install 'pdlaunch[ray]' (the ray package), on this machine and on every node of the cluster"
 CONNECT_TIMEOUT_S = 5.0  # the GCS port must accept a TCP connection within this
+GPU_PROBE_TIMEOUT_S = 120.0  # a one-GPU task reading the GPU's memory (a node's Python imports torch first)
 NAMESPACE = "pdlaunch"  # Ray namespace of every actor the launcher makes
 
 Strategy = Literal["PACK", "SPREAD"]
@@ -200,11 +205,57 @@ def live_nodes(ray: ModuleType) -> list[RayNode]:
             for n in ray.nodes() if n.get("Alive")]
 
 
+def cluster_has_gpus(nodes: list[RayNode]) -> bool:
+    return any(node.resources.get("GPU", 0.0) >= 1 for node in nodes)
+
+
+def with_cluster_device(cfg: DeploymentConfig, nodes: list[RayNode]) -> DeploymentConfig:
+    """`device: auto` made the cluster's: cuda when a live node has a GPU, else cpu. Resolved on this machine
+    instead, a launcher on a head without GPUs would ask for CPU bundles and run a GPU cluster's instances on
+    CPUs without a word."""
+    if cfg.device != "auto":
+        return cfg
+    device = "cuda" if cluster_has_gpus(nodes) else "cpu"
+    logging.getLogger(__name__).info("device auto: %s (the Ray cluster's live nodes %s GPUs)", device,
+                                     "have" if device == "cuda" else "have no")
+    return cfg.model_copy(update={"device": device})
+
+
+def gpu_total_bytes() -> int:
+    """The memory of the GPU a Ray task was given (runs on a cluster node)."""
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def cluster_gpus(cfg: DeploymentConfig) -> tuple[int, float] | None:
+    """For a CUDA deployment: the most GPUs a live node has and one GPU's memory in GiB (a one-GPU Ray task
+    reads it; the cluster's GPUs are taken to be alike), which the config is checked against instead of this
+    machine's. None for a CPU deployment or a cluster without GPUs (check_cluster names what is missing)."""
+    if cfg.device != "cuda":
+        return None
+    ray = connect(cfg)
+    per_node = max((int(node.resources.get("GPU", 0.0)) for node in live_nodes(ray)), default=0)
+    if per_node == 0:
+        return None
+    probe = ray.remote(num_gpus=1)(gpu_total_bytes)
+    try:
+        total = ray.get(probe.remote(), timeout=GPU_PROBE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 (Ray's task, timeout and node errors have no common base but this)
+        raise PdlaunchError(f"could not read the memory of a GPU of the Ray cluster within {GPU_PROBE_TIMEOUT_S:.0f}s "
+                            f"(a one-GPU task): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                            field=FIELD, hint="every GPU may be held by other tasks (`ray status`), or a node's "
+                            "CUDA or torch is broken; free a GPU, or check the nodes") from None
+    return per_node, int(total) / (1 << 30)
+
+
 def with_ray_cluster(cfg: DeploymentConfig) -> DeploymentConfig:
-    """`cfg` checked against the Ray cluster it names (connecting to it). Raises PdlaunchError."""
+    """`cfg` checked against the Ray cluster it names (connecting to it), its `device: auto` made the
+    cluster's. Raises PdlaunchError."""
     check_local_fields(cfg)
     ray = connect(cfg)
     nodes = live_nodes(ray)
+    cfg = with_cluster_device(cfg, nodes)
     problems = check_cluster(cfg, nodes)
     if problems:
         field_name, message = problems[0]

@@ -41,6 +41,7 @@ class TargetHost:
 
     gpus: int
     gpu_memory_gib: float
+    source: str = "declared"  # where the figures come from, as check-config prints it
 
 
 def target_problems(

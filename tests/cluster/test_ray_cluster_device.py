@@ -1,0 +1,101 @@
+"""`--backend ray` on a launcher machine that is not where the instances run (often a head without GPUs):
+`device: auto` is the cluster's device, and a CUDA deployment is checked against the cluster's GPUs (per node,
+one GPU's memory read by a one-GPU Ray task), not this machine's. A stand-in for the ray module: no cluster here
+(tests/cluster/test_ray.py runs a real CPU one; no GPU cluster is reachable from CI)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pdlaunch.config import ray_cluster
+from pdlaunch.config.backend import backend_target
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.ray_cluster import bundle, with_ray_cluster
+from pdlaunch.errors import PdlaunchError
+from tests.config.cli_helpers import check, check_json
+
+GIB = 1 << 30
+
+
+class StandInRay:
+    """What config/ray_cluster.py asks of ray: the live nodes, and a one-GPU task's answer."""
+
+    def __init__(self, resources: list[dict[str, float]], gpu_bytes: int | Exception = 80 * GIB) -> None:
+        self.resources, self.gpu_bytes = resources, gpu_bytes
+        self.tasks: list[dict[str, Any]] = []
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return [{"NodeID": f"n{i}", "NodeManagerAddress": f"10.0.0.{i + 1}", "Resources": r, "Alive": True}
+                for i, r in enumerate(self.resources)]
+
+    def remote(self, **options: Any) -> Callable[[Callable[[], int]], SimpleNamespace]:
+        self.tasks.append(options)
+        return lambda fn: SimpleNamespace(remote=lambda: fn)
+
+    def get(self, ref: object, timeout: float) -> int:
+        assert ref is ray_cluster.gpu_total_bytes and timeout == ray_cluster.GPU_PROBE_TIMEOUT_S
+        if isinstance(self.gpu_bytes, Exception):
+            raise self.gpu_bytes
+        return self.gpu_bytes
+
+
+CPU_HEAD = {"CPU": 8.0}
+GPU_NODE = {"CPU": 64.0, "GPU": 8.0}
+
+
+def cfg(device: str = "auto") -> DeploymentConfig:
+    return DeploymentConfig.model_validate({
+        "device": device, "launcher": {"backend": "ray"}, "proxy": {"port": 0}, "model": {"path": "tiny"},
+        "instances": [{"role": "prefill"}, {"role": "decode"}]})
+
+
+def test_device_auto_is_the_clusters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: StandInRay([CPU_HEAD, GPU_NODE]))
+    gpu = with_ray_cluster(cfg())
+    assert gpu.device == "cuda" and bundle(gpu, "decode") == {"GPU": 1.0}
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: StandInRay([CPU_HEAD, CPU_HEAD]))
+    assert with_ray_cluster(cfg()).device == "cpu"
+    assert with_ray_cluster(cfg("cpu")).device == "cpu"
+
+
+def test_a_cuda_deployment_is_checked_against_the_clusters_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This machine has no GPU; the cluster's GPU node has eight of 80 GiB: check-config passes there and says
+    which host it checked, where it refused `cuda` on this machine's account before."""
+    ray = StandInRay([CPU_HEAD, GPU_NODE])
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: ray)
+    result = check(["--model", "tiny", "--backend", "ray"])
+    assert result.exit_code == 0, result.output
+    assert "8 GPU(s) x 80 GiB (the Ray cluster)" in result.output
+    assert ray.tasks and ray.tasks[0] == {"num_gpus": 1}
+    report = check_json(["--model", "tiny", "--backend", "ray", "--device", "cuda"])
+    assert report["valid"], report
+    target = backend_target(with_ray_cluster(cfg()))
+    assert target is not None and (target.gpus, target.gpu_memory_gib) == (8, 80.0)
+
+
+def test_the_clusters_gpu_memory_bounds_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster of 1 GiB GPUs: the KV cache the config asks for cannot fit there, and check-config says so."""
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: StandInRay([GPU_NODE], gpu_bytes=GIB // 64))
+    result = check(["--model", "tiny", "--backend", "ray", "--num-gpu-blocks", "1000000"])
+    assert result.exit_code == 1 and "GiB" in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_gpu_the_task_cannot_reach_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: StandInRay([GPU_NODE], gpu_bytes=TimeoutError("timed out")))
+    with pytest.raises(PdlaunchError, match="could not read the memory of a GPU of the Ray cluster") as caught:
+        backend_target(cfg("cuda"))
+    assert caught.value.field == "launcher.ray_address" and "ray status" in (caught.value.hint or "")
+    result = check(["--model", "tiny", "--backend", "ray"])
+    assert result.exit_code == 1 and "could not read the memory" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_cpu_deployment_runs_no_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    ray = StandInRay([CPU_HEAD])
+    monkeypatch.setattr(ray_cluster, "connect", lambda c: ray)
+    assert backend_target(with_ray_cluster(cfg())) is None and ray.tasks == []
+    assert check(["--model", "tiny", "--backend", "ray"]).exit_code == 0
