@@ -192,10 +192,19 @@ def connect(cfg: DeploymentConfig) -> ModuleType:
         ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING,
                  configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}", field=FIELD,
+        raise PdlaunchError(f"cannot connect to the Ray cluster at {address}: {exc}{_cause_of(exc)}", field=FIELD,
                             hint="start one with `ray start --head`, or give its address with --ray-address "
                             "HOST:PORT") from None
     return ray
+
+
+def _cause_of(exc: BaseException) -> str:
+    """The error Ray's headline wraps (e.g. a login token the cluster refuses), as ` (Type: last line)`."""
+    cause = exc.__cause__ or exc.__context__
+    if cause is None:
+        return ""
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f" ({type(cause).__name__}: {lines[-1]})" if lines else f" ({type(cause).__name__})"
 
 
 def live_nodes(ray: ModuleType) -> list[RayNode]:

@@ -99,3 +99,30 @@ def test_a_cpu_deployment_runs_no_task(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ray_cluster, "connect", lambda c: ray)
     assert backend_target(with_ray_cluster(cfg())) is None and ray.tasks == []
     assert check(["--model", "tiny", "--backend", "ray"]).exit_code == 0
+
+
+def test_a_refused_connection_names_rays_underlying_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.init's ConnectionError headline ("Failed to connect") hid why: the cause (here a login token the
+    cluster refuses) is now in the message."""
+
+    class AuthenticationError(Exception):
+        pass
+
+    class RefusingRay:
+        @staticmethod
+        def is_initialized() -> bool:
+            return False
+
+        @staticmethod
+        def init(**kwargs: Any) -> None:
+            try:
+                raise AuthenticationError("handshake failed\n"
+                                          "the token in ~/.ray/auth_token does not match the cluster's")
+            except AuthenticationError as exc:
+                raise ConnectionError("Failed to connect to Ray cluster at auto") from exc
+
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: RefusingRay)
+    with pytest.raises(PdlaunchError) as caught:
+        ray_cluster.connect(cfg())
+    assert "Failed to connect" in caught.value.message and "AuthenticationError: the token in ~/.ray/auth_token" in \
+        caught.value.message and caught.value.field == "launcher.ray_address"
