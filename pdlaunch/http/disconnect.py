@@ -9,7 +9,7 @@ which nobody reads. A streamed answer is watched by the response itself (sse.Clo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
 
@@ -39,19 +39,26 @@ class DisconnectWatch:
         """True once the client has closed the connection."""
         return self._watch.done() and not self._watch.cancelled()
 
-    async def run(self, work: Awaitable[T]) -> T:
+    async def run(self, work: Awaitable[T], discard: Callable[[T], Awaitable[None]] | None = None) -> T:
         """The result of `work` (or its exception). Raises ClientDisconnected when the client leaves
-        first; `work` is then cancelled and has ended. Cancelling the caller cancels `work` too."""
+        first; `work` is then cancelled and has ended. Cancelling the caller cancels `work` too.
+        `discard`: what to do with a result nobody will read, one `work` returned as the caller was
+        cancelled or the client left (an open upstream stream would hold its instance's in-flight count
+        and its request forever): `work` is then awaited to its end first."""
         task = asyncio.ensure_future(work)
         try:
             done, _ = await asyncio.wait({task, self._watch}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             task.cancel()
+            if discard is not None:
+                await _discard_result(task, discard)
             raise
         if task in done:
             return task.result()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)  # cancelled or failed: the client is gone either way
+        if discard is not None:
+            await _discard_result(task, discard)
         raise ClientDisconnected
 
     def close(self) -> None:
@@ -63,6 +70,13 @@ class DisconnectWatch:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+async def _discard_result(task: asyncio.Future[T], discard: Callable[[T], Awaitable[None]]) -> None:
+    """`task` awaited to its end, and its result, if it has one, handed to `discard`."""
+    await asyncio.gather(task, return_exceptions=True)
+    if not task.cancelled() and task.exception() is None:
+        await discard(task.result())
 
 
 async def _wait_disconnect(request: Request) -> None:

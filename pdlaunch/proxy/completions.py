@@ -276,12 +276,14 @@ class _PromptRequest:
                 # Whatever the request's shape, a stream of which the client has nothing yet moves whole off a
                 # decode that stalls before its headers; only continuing one mid-way needs `migrating`.
                 upstream, migrated = await call.watch.run(state.migrations.open_stream(
-                    target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.moved))
+                    target, call.path, leg, body, self.headers, call.deadline, self.request_id, self.moved),
+                    discard=lambda opened: opened[0].close())
             else:
                 migrated = 0
                 _, upstream = await call.watch.run(on_live_instance(
                     state.pool, target.role, target,
-                    lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)))
+                    lambda d: state.proxy.open_stream(d, call.path, leg, self.headers, call.deadline)),
+                    discard=lambda opened: opened[1].close())
             if migrating:
                 events = state.migrations.relay(upstream, call.path, body, call.chat, self.headers, call.deadline,
                                                 self.request_id, self.moved, migrated)

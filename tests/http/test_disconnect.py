@@ -105,3 +105,38 @@ def test_a_closed_watch_is_not_a_disconnect() -> None:
         assert not watch.gone
 
     asyncio.run(main())
+
+
+class Opened:
+    """What a wait may return that holds something until closed (an upstream stream)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_a_result_that_arrives_as_the_caller_is_cancelled_is_discarded() -> None:
+    """The work returns an open stream in the same turn of the loop as its caller is cancelled (another prompt
+    of the request failed, the request's task ended): nobody reads it, so `discard` closes it (before, it stayed
+    open, holding its instance's in-flight count and its request for good)."""
+
+    async def scenario() -> Opened:
+        connection, gate, opened = Connection(), asyncio.Event(), Opened()
+
+        async def work() -> Opened:
+            await gate.wait()
+            return opened
+
+        with DisconnectWatch(connection.request()) as watch:
+            runner = asyncio.ensure_future(watch.run(work(), discard=Opened.close))
+            for _ in range(3):
+                await asyncio.sleep(0)  # the runner waits on the work and the connection
+            gate.set()  # the work ends on the loop's next turn ...
+            runner.cancel()  # ... the turn that delivers the cancellation
+            with pytest.raises(asyncio.CancelledError):
+                await runner
+        return opened
+
+    assert asyncio.run(scenario()).closed

@@ -45,7 +45,10 @@ def busy(serve: Serve) -> list[str]:
 
 
 def wait_idle(serve: Serve, what: str) -> None:
-    wait_for(lambda: not busy(serve), what, timeout=60, poll=0.5)
+    try:
+        wait_for(lambda: not busy(serve), what, timeout=60, poll=0.5)
+    except AssertionError as exc:  # say which series stayed busy
+        raise AssertionError(f"{exc}; still: {busy(serve)}") from None
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict[str, object]:
