@@ -239,10 +239,17 @@ class _PromptRequest:
             leg = prefill_body(body, chat, first_token)
             started = time.monotonic()
             prefill = self._choose("prefill", prompt).instance
+            leg_id = self._leg_id()
+
+            async def release(done: tuple[Instance, JsonObject] | None) -> None:
+                """An answer that came in as the request was cancelled: what the prefill holds goes back."""
+                if done is not None:
+                    state.proxy.kv.release_client_soon(done[0], leg_id)
+
             try:
                 answered = await self.call.watch.run(state.prefill_legs.run(
-                    prefill, self.call.path, leg, {**self.headers, "X-Request-Id": self._leg_id()},
-                    self.call.deadline, prompt_chars(body)))
+                    prefill, self.call.path, leg, {**self.headers, "X-Request-Id": leg_id},
+                    self.call.deadline, prompt_chars(body)), discard=release)
             except OpenAIError as exc:
                 raise client_limit_error(exc, body, chat) from None
             finally:
