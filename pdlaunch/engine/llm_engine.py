@@ -302,6 +302,14 @@ class LLMEngine:
                 break
         return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
 
+    @property
+    def longest_request(self) -> int:
+        """The most tokens (prompt and output) one request may reach: max_model_len, or fewer when a
+        full-attention group's KV cache holds fewer (a request that fills the context asks for no more)."""
+        held = self.block_manager.num_blocks * self.block_size
+        full = any(g.sliding_window is None for g in self.runner.groups)
+        return min(self.max_model_len, held) if full else self.max_model_len
+
     def _max_blocks_needed(self, num_tokens: int) -> int:
         """Most blocks a request of `num_tokens` holds in one group at any step (a request that
         alone needs more than the cache has would preempt itself forever)."""

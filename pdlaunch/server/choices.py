@@ -112,7 +112,7 @@ class Choices:
         self.prompt_ids = ids
         if self.fills_context:
             for c in self.choices:
-                self._fill_context(c, len(ids[c.prompt_index]), engine.max_model_len)
+                self._fill_context(c, len(ids[c.prompt_index]), engine.longest_request)
         firsts = [c for c in self.choices if c.sample == 0]
         for c in firsts:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, self.kv_transfer_params)
@@ -132,13 +132,14 @@ class Choices:
                 c.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids[c.prompt_index])
 
     @staticmethod
-    def _fill_context(choice: Choice, prompt_len: int, max_model_len: int) -> None:
-        """A request without an output limit may generate up to max_model_len: its max_tokens is the room
-        its prompt leaves (at least 1, so a prompt that fills the context is refused as too long)."""
-        room = max(1, max_model_len - prompt_len)
+    def _fill_context(choice: Choice, prompt_len: int, longest: int) -> None:
+        """A request without an output limit may generate up to max_model_len (fewer when the KV cache holds
+        fewer: `longest`, engine.longest_request): its max_tokens is the room its prompt leaves (at least 1, so
+        a prompt that fills the context is refused as too long)."""
+        room = max(1, longest - prompt_len)
         if choice.params.min_tokens > room:
             raise OpenAIError(400, f"min_tokens ({choice.params.min_tokens}) does not fit: the prompt has {prompt_len} "
-                                   f"tokens and max_model_len is {max_model_len}", param="min_tokens")
+                                   f"tokens and a request may reach {longest}", param="min_tokens")
         choice.params = choice.params.model_copy(update={"max_tokens": room})
         choice.recorder.max_tokens = room
 

@@ -90,3 +90,19 @@ def test_a_migrated_continuation_keeps_the_limit_or_its_absence() -> None:
     assert continuation_body({"prompt": "x"}, False, ids, 2)["max_tokens"] == DEFAULT_MAX_TOKENS - 2
     assert continuation_body({"prompt": "x", "max_tokens": None}, False, ids, 2)["max_tokens"] is None
     assert continuation_body({"prompt": "x", "max_tokens": 3}, False, ids, 5)["max_tokens"] == 1
+
+
+def test_a_cache_smaller_than_max_model_len_bounds_the_room() -> None:
+    """A KV cache that holds fewer tokens than max_model_len (sized by memory, not checked against it): a
+    request without a limit runs until the cache is full for it, instead of a 400 for blocks it cannot have."""
+    blocks, block_size = 12, 8  # 96 tokens, against the tiny model's longer max_position_embeddings
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}], "model": {"path": "tiny"},
+        "cache": {"num_gpu_blocks": blocks, "block_size": block_size},
+        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+    })
+    with in_process_instance(cfg, "small-cache-0") as (address, loop):
+        assert loop.engine.max_model_len > blocks * block_size
+        assert loop.engine.longest_request == blocks * block_size
+        usage = post(address, "/v1/chat/completions", messages=CHAT)["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == blocks * block_size
