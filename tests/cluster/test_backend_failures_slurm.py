@@ -11,7 +11,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -126,6 +126,17 @@ def said(capsys: pytest.CaptureFixture[str]) -> str:
     return " ".join((out.out + out.err).split())
 
 
+def run_while(action: Callable[[], None], logs: Path, proxy_port: int,
+              capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """The SLURM launcher's exit code and what it printed, with `action` (what SLURM or the user does to the
+    running job) on a thread beside it."""
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    code = run_slurm(slurm_cfg(logs, proxy_port))
+    thread.join(60.0)
+    return code, said(capsys)
+
+
 def test_a_node_failure_names_the_node_the_job_and_the_reason(fake_dir: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Node 1's step ends because SLURM lost its node: the error names node 1's address, the job and
@@ -156,11 +167,7 @@ def test_slurm_ending_the_job_is_an_error_not_a_clean_stop(fake_dir: Path, tmp_p
         slurm_signals_the_steps(fake_dir, tmp_path / "logs")
         os.kill(os.getpid(), signal.SIGTERM)  # the batch script's signal
 
-    thread = threading.Thread(target=slurm_ends_the_job, daemon=True)
-    thread.start()
-    code = run_slurm(slurm_cfg(tmp_path / "logs", proxy_port))
-    thread.join(60.0)
-    text = said(capsys)
+    code, text = run_while(slurm_ends_the_job, tmp_path / "logs", proxy_port, capsys)
     assert code == 1, text
     assert f"SLURM ended job 7: SLURM cancelled step 7.0 on pdn1 due to {due.lower()}" in text, text
     assert "stopped: every srun step ended" in text and "Traceback" not in text, text
@@ -179,11 +186,7 @@ def test_a_cancelled_job_stops_with_exit_0(fake_dir: Path, tmp_path: Path, proxy
             slurm_signals_the_steps(fake_dir, tmp_path / "logs")
         os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=user_cancels, daemon=True)
-    thread.start()
-    code = run_slurm(slurm_cfg(tmp_path / "logs", proxy_port))
-    thread.join(60.0)
-    text = said(capsys)
+    code, text = run_while(user_cancels, tmp_path / "logs", proxy_port, capsys)
     assert code == 0, text
     assert ("job 7: SLURM cancelled step 7.0 on pdn1 (scancel)" in text) == slurm_signals_steps, text
     assert "error" not in text, text
@@ -209,10 +212,6 @@ def test_an_http_proxy_in_the_environment_does_not_hide_the_deployments_proxy(
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=stop_once_probed, daemon=True)
-    thread.start()
-    code = run_slurm(slurm_cfg(tmp_path / "logs", proxy_port))
-    thread.join(60.0)
-    text = said(capsys)
+    code, text = run_while(stop_once_probed, tmp_path / "logs", proxy_port, capsys)
     assert "/health" in _Health.probes, text
     assert code == 0 and "ready: OpenAI API at" in text, text
