@@ -14,7 +14,7 @@ from pathlib import Path
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import SUPPORTED_ARCHITECTURES  # torch-free: only pydantic and json
-from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, parse_moe
+from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
 
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -114,12 +114,16 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
                               "use the checkpoint's original config.json")]
     family = DENSE_FAMILY.get(arch, arch)  # an MoE family's attention is a dense family's
     moe = None
-    if arch in MOE_ARCHITECTURES:
-        try:
+    try:
+        if arch in MOE_ARCHITECTURES:
             moe = parse_moe(hf, arch, size["num_hidden_layers"])
-        except PdlaunchError as exc:
-            return None, [problem("model.path", f"{source}: {exc.message}", exc.hint or "use the checkpoint's "
-                                  "original config.json")]
+        # the loader's reading (model/arch.py): a quoted "false" is refused here too, not read as true
+        tied = config_bool(hf, "tie_word_embeddings")
+        attention_bias = config_bool(hf, "attention_bias")
+        qwen2_qkv_bias = family == "Qwen2ForCausalLM" and config_bool(hf, "qkv_bias", True)
+    except PdlaunchError as exc:
+        return None, [problem("model.path", f"{source}: {exc.message}", exc.hint or "use the checkpoint's "
+                              "original config.json")]
     info = ModelInfo(
         architecture=arch,
         hidden_size=size["hidden_size"],
@@ -130,10 +134,9 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
         intermediate_size=size["intermediate_size"],
         vocab_size=size["vocab_size"],
         max_position_embeddings=max_pos if isinstance(max_pos, int) and max_pos > 0 else None,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=(family == "Qwen2ForCausalLM" and bool(hf.get("qkv_bias", True)))
-        or (family != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False))),
-        o_proj_bias=family != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
+        tie_word_embeddings=tied,
+        qkv_bias=qwen2_qkv_bias or (family != "Qwen2ForCausalLM" and attention_bias),
+        o_proj_bias=family != "Qwen2ForCausalLM" and attention_bias,
         qk_norm=family == "Qwen3ForCausalLM",
         qk_norm_full_width=arch == "OlmoeForCausalLM",
         moe=moe,

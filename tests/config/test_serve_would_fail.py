@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
 
 import pytest
 
+from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator, port_is_free
 from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
@@ -130,3 +132,25 @@ def test_another_hosts_log_dir_and_addresses_are_not_checked_here(tmp_path: Path
     path = write_yaml(tmp_path, f"log_dir: {tmp_path / 'f'}\nproxy: {{host: 192.0.2.7}}\n")
     target = ["--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
     assert check([str(path), "--model", "tiny", *target]).exit_code == 0
+
+
+# --- config.json flags ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["tie_word_embeddings", "attention_bias"])
+def test_a_quoted_boolean_in_config_json_is_refused_as_the_loader_refuses_it(
+        key: str, llama32_ckpt: Path, tmp_path: Path) -> None:
+    """The model summary (config/model_info.py) read "false" as true (bool("false")), so the memory estimate
+    of a checkpoint the loader refuses was computed for a tied model before the loader's own check said why."""
+    model = tmp_path / "quoted"
+    model.mkdir()
+    for item in llama32_ckpt.iterdir():
+        (model / item.name).symlink_to(item)
+    (model / "config.json").unlink()
+    hf = json.loads((llama32_ckpt / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**hf, key: "false"}))
+    info, problems = load_model_info(str(model))
+    assert info is None and len(problems) == 1
+    assert problems[0].message.startswith(f"{model / 'config.json'}: {key} 'false' is not true or false")
+    result = check(["--model", str(model), "--device", "cpu"])
+    assert_invalid(result, "--model", f"{key} 'false' is not true or false")
+    assert "without quotes" in result.output and "memory estimate" not in result.output
