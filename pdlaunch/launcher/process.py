@@ -2,24 +2,30 @@
 
 Each child leads a new session (process group), so a terminal's Ctrl-C reaches only the launcher,
 which then stops the children in order; signalling the group also reaches TP worker processes.
+A child can also be told to expect a signal when the launcher dies (`parent_death_signal`): the SLURM
+backend's srun steps, whose nodes otherwise serve on after a SIGKILLed launcher.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
 HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @contextmanager
@@ -52,12 +58,44 @@ def signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), signum)
 
 
+@cache
+def _prctl() -> Callable[..., int]:
+    prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
+def parent_death_hook(sig: signal.Signals) -> Callable[[], None] | None:
+    """What a child runs between fork and exec so that the kernel sends it `sig` when this process dies
+    (prctl(PR_SET_PDEATHSIG)); None off Linux, which has no such call: there the child outlives a
+    SIGKILLed launcher. The setting survives exec (not that of a set-user-ID program). The hook only calls
+    prctl and getppid (after fork, in a process that may have had other threads, nothing that takes a
+    lock); prctl is looked up here, before the fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl, signum, parent = _prctl(), int(sig), os.getpid()
+
+    def set_parent_death_signal() -> None:
+        if prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != parent:  # it died between the fork and prctl: no signal will come, end here
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
 class ChildProcess:
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    """`parent_death_signal`: the signal the child gets when the launcher dies, even by SIGKILL (Linux only;
+    see parent_death_hook). The kernel sends it when the *thread* that called start() ends, not the
+    process: start such a child only from a thread that outlives it (run_slurm starts its steps on the
+    thread that waits for them to end). Local children do without: they watch --parent-pid themselves."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 parent_death_signal: signal.Signals | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env or {}
+        self.parent_death_signal = parent_death_signal
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -74,10 +112,11 @@ class ChildProcess:
             self._log.write(f"\n===== pdlaunch: {note} =====\n".encode())
             self._log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
         with signals_deferred():  # a child exists only once self.popen holds it
             self.popen = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=hook,
             )
 
     def describe_exit(self) -> str:

@@ -15,6 +15,8 @@ SIGUSR1, which srun forwards to its node's launcher, each node drains and stops 
 this process exits 0 once every step has ended. SLURM sends the same SIGTERM when it ends the job
 itself (a node failure, the time limit, preemption, a plain scancel): slurmstepd and srun then say why
 in the steps' output, and the launcher repeats it (exit 1 unless the job was simply cancelled).
+If this process dies without stopping the steps (kill -9, the OOM killer), the kernel sends each srun
+the same SIGUSR1 (Linux only), so under salloc the nodes still drain and stop as on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -124,8 +126,11 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     log_dir = Path(cfg.log_dir)
     env = {DEPLOYMENT_ENV: cfg.model_dump_json()}
     cpus = cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE"), len(cfg.parallel.nodes))
-    steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k]), log_dir / f"slurm-node{k}.log", env=env)
-             for k in range(len(cfg.parallel.nodes))]
+    # A launcher that dies (OOM killer, kill -9) leaves its srun clients running, and under salloc the
+    # allocation lives on: the kernel sends each srun STOP_SIGNAL then, so the nodes drain and stop as on
+    # Ctrl-C. This thread starts the steps and waits for them to end, as parent_death_signal requires.
+    steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k]), log_dir / f"slurm-node{k}.log", env=env,
+                          parent_death_signal=STOP_SIGNAL) for k in range(len(cfg.parallel.nodes))]
     job = os.environ.get("SLURM_JOB_ID", "?")
     url = proxy_url(cfg)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)

@@ -1,0 +1,164 @@
+"""How `pdlaunch serve --backend slurm` ends under `salloc` on a real SLURM cluster (slurmctld + two slurmd nodes
+on this machine, tests/cluster/slurm_cluster.py), when the user's stop is not the plain one: the launcher
+SIGKILLed (the OOM killer, kill -9) must not leave its steps serving in the allocation.
+
+The launcher runs as in a user's salloc shell: `salloc --nodes=2 bash -c '...'` starts it in the background
+and the shell lives on after it, so the allocation (and anything left in it) stays until scancel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster.slurm_cluster import SlurmCluster, SlurmUnavailable, _free_port
+from tests.serving.helpers import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 300.0  # slurm steps, then two launchers importing torch and building engines on 2 cores
+STOP_TIMEOUT_S = 120.0  # every node drains (up to 5 s) and stops its processes
+# salloc's command, as a user's shell: the launcher ("$@") in the background, its pid and exit code in files;
+# then the shell lives on, holding the allocation.
+SHELL = ('echo "$SLURM_JOB_ID" > job; "$@" > launcher.out 2>&1 & echo $! > launcher.pid; '
+         'wait $!; echo $? > launcher.exit; sleep 3600')
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        cluster.stop()
+        pytest.skip(f"needs a SLURM cluster on this machine: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def write_config(tmp: Path, model: Path) -> tuple[Path, str]:
+    """A colocated instance on each node (no KV transfer: nothing but the stop is under test), the proxy
+    on node 0; the config's path and the proxy's URL."""
+    proxy_port = _free_port()
+    config = tmp / "pd.yaml"
+    config.write_text(f"""\
+launcher: {{backend: slurm}}
+colocated: true
+device: cpu
+model: {{path: "{model}"}}
+cache: {{num_gpu_blocks: 64}}
+proxy: {{host: 127.0.0.1, port: {proxy_port}}}
+log_dir: {tmp / "logs"}
+parallel: {{nodes: [{{address: 127.0.0.1}}, {{address: 127.0.0.1}}]}}
+instances:
+  - {{role: colocated, count: 1, tp: 1, node: 0, base_port: {_free_port()}}}
+  - {{role: colocated, count: 1, tp: 1, node: 1, base_port: {_free_port()}}}
+""")
+    return config, f"http://127.0.0.1:{proxy_port}"
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class Salloc:
+    """`salloc --nodes=2` running `argv` (the launcher) the way SHELL does, in `tmp`."""
+
+    def __init__(self, slurm: SlurmCluster, argv: list[str], tmp: Path) -> None:
+        self.slurm, self.tmp = slurm, tmp
+        env = {**slurm.env, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self._out = open(tmp / "salloc.out", "wb")
+        self.proc = subprocess.Popen(["salloc", "--nodes=2", "bash", "-c", SHELL, "bash", *argv], cwd=tmp, env=env,
+                                     stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        self.job = wait_for(lambda: self._read("job"), "salloc to grant the allocation", 60.0)
+        self.launcher_pid = int(wait_for(lambda: self._read("launcher.pid"), "the launcher to start", 60.0))
+
+    def _read(self, name: str) -> str:
+        path = self.tmp / name
+        return path.read_text().strip() if path.exists() else ""
+
+    @property
+    def output(self) -> str:
+        return self._read("launcher.out")
+
+    @property
+    def exit_code(self) -> int | None:
+        """The launcher's exit status as the shell saw it (137: SIGKILL), None while it runs."""
+        code = self._read("launcher.exit")
+        return int(code) if code else None
+
+    def steps(self) -> list[str]:
+        """The job's pdlaunch steps still known to slurmctld ("ID NAME")."""
+        listed = self.slurm.run("squeue", "--noheader", "--steps", "--jobs", self.job, "--format=%i %j")
+        return [line.strip() for line in listed.splitlines() if "pdlaunch-node" in line]
+
+    def wait_ready(self, url: str) -> None:
+        def ready() -> bool:
+            assert self.exit_code is None, f"the launcher exited with {self.exit_code}:\n{self.output}"
+            return answers(url)
+
+        wait_for(ready, f"the proxy at {url} to answer under salloc", START_TIMEOUT_S, poll=1.0)
+
+    def close(self) -> None:
+        """scancel the job (what the user had to do before) and wait for its steps to end, so that none is
+        left behind once the cluster's daemons stop; then end salloc and its shell."""
+        subprocess.run(["scancel", self.job], env=self.slurm.env, timeout=30)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while self.slurm.job_state(self.job).get("JobState") in ("RUNNING", "COMPLETING"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(30)
+        self._out.close()
+
+
+@pytest.fixture
+def salloc_serve(slurm: SlurmCluster, llama_ckpt: Path, tmp_path: Path) -> Iterator[tuple[Salloc, str]]:
+    """`pdlaunch serve CONFIG` started in a salloc shell, once its proxy answers: (the allocation, the proxy's URL)."""
+    config, url = write_config(tmp_path, llama_ckpt)
+    allocation = Salloc(slurm, [sys.executable, "-m", "pdlaunch", "serve", str(config)], tmp_path)
+    try:
+        allocation.wait_ready(url)
+        yield allocation, url
+    finally:
+        allocation.close()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_sigkilled_launcher_leaves_no_step_running(salloc_serve: tuple[Salloc, str], tmp_path: Path) -> None:
+    """kill -9 of the launcher: its srun clients were orphaned and kept every node's step, instances and
+    proxy serving in the allocation until a scancel. Now each srun gets SIGUSR1 as the launcher dies (the
+    Ctrl-C stop): every node drains and stops, the steps end, the proxy's port closes."""
+    allocation, url = salloc_serve
+    assert len(allocation.steps()) == 2, allocation.steps()
+    os.kill(allocation.launcher_pid, signal.SIGKILL)
+    wait_for(lambda: allocation.exit_code is not None, "the shell to see the launcher end", 30.0)
+    assert allocation.exit_code == 128 + signal.SIGKILL
+
+    wait_for(lambda: not allocation.steps(), f"job {allocation.job}'s pdlaunch steps to end after the launcher's "
+             "SIGKILL (they ran on until scancel)", STOP_TIMEOUT_S, poll=0.5)
+    wait_for(lambda: not answers(url), f"the proxy at {url} to stop answering", STOP_TIMEOUT_S, poll=0.5)
+    for node in (0, 1):  # each node stopped as on Ctrl-C (its drain), not killed by SLURM
+        node_out = (tmp_path / "logs" / f"slurm-node{node}.log").read_text(errors="replace")
+        assert "stopped: all processes reaped" in node_out, node_out
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "logs")], capture_output=True, text=True).stdout.split()
+    assert not left, f"processes of the deployment left: {left}"
+    assert allocation.slurm.job_state(allocation.job).get("JobState") == "RUNNING", "the allocation itself lives on"
