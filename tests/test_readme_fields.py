@@ -1,5 +1,6 @@
 """README's "### Request fields" table: every request field vLLM's OpenAI server accepts for completions
-and chat, each honoured (a field of our protocol models) or refused with a 400 (server/unsupported_fields.py).
+and chat, each honoured (a field of our protocol models) or refused with a 400 (server/unsupported_fields.py),
+then pdlaunch's own fields (extensions vLLM's requests lack).
 
 The table is generated from those lists: `python -m tests.test_readme_fields` prints it. The test fails
 when a vLLM field is neither modelled nor refused (it would be silently ignored), when a field is both,
@@ -93,6 +94,10 @@ VLLM_FIELDS: dict[str, tuple[str, ...]] = {
     "kv_transfer_params": _BOTH,
     "vllm_xargs": _BOTH,
 }
+# Fields of our protocol models that vLLM's requests lack, after vLLM's in the table.
+PDLAUNCH_FIELDS: dict[str, tuple[str, ...]] = {
+    "seed_offset": _BOTH,
+}
 
 # What an honoured field does not do (each is a 400 naming it), from the code where it has a list.
 NOTES: dict[str, str] = {
@@ -107,6 +112,9 @@ NOTES: dict[str, str] = {
     "max_tokens": "as in vLLM: without it a completion gets 16 tokens and a chat answer may run to `max_model_len` "
                   "(a completion's `null` too)",
     "guided_decoding_backend": "llguidance is the backend we run",
+    "seed_offset": "pdlaunch's: draws of the seed's stream skipped before the first token (0 to "
+                   "`max_model_len`; a 400 when not 0 without `seed`; no effect when greedy; each of `n` samples skips "
+                   "them); request migration sets it",
 }
 
 _MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
@@ -118,7 +126,7 @@ def _refused(endpoint: str) -> dict[str, tuple[Any, ...]]:
 
 def status(field: str, endpoint: str) -> str:
     """"honoured" or "refused with 400", or "-" where vLLM's request for `endpoint` has no such field."""
-    if endpoint not in VLLM_FIELDS[field]:
+    if endpoint not in {**VLLM_FIELDS, **PDLAUNCH_FIELDS}[field]:
         return "-"
     refused = _refused(endpoint)
     if field in refused:
@@ -131,7 +139,7 @@ def status(field: str, endpoint: str) -> str:
 
 def render_table() -> str:
     lines = ["| Field | Completions | Chat | Note |", "| --- | --- | --- | --- |"]
-    for field in VLLM_FIELDS:
+    for field in {**VLLM_FIELDS, **PDLAUNCH_FIELDS}:
         note = NOTES.get(field, "")
         lines.append(f"| `{field}` | {status(field, 'completions')} | {status(field, 'chat')} | {note} |")
     return "\n".join(lines)
@@ -166,10 +174,20 @@ def test_every_vllm_field_is_honoured_or_refused(field: str) -> None:
         assert modelled != refused, f"{field} ({endpoint}): modelled={modelled}, refused={refused}"
 
 
+@pytest.mark.parametrize("endpoint", list(_MODELS))
+def test_every_modelled_field_is_in_the_table(endpoint: str) -> None:
+    """A field of our own (not vLLM's) is listed too, where the models have it."""
+    for field, endpoints in PDLAUNCH_FIELDS.items():
+        assert field not in VLLM_FIELDS and (field in _MODELS[endpoint].model_fields) == (endpoint in endpoints)
+    unlisted = set(_MODELS[endpoint].model_fields) - set(VLLM_FIELDS) - set(PDLAUNCH_FIELDS)
+    assert not unlisted, f"add {sorted(unlisted)} to PDLAUNCH_FIELDS (and the README table)"
+
+
 def test_readme_table_is_the_one_the_code_gives() -> None:
     assert HEADING in README.read_text(), f"README.md has no {HEADING!r} subsection"
     table = readme_table()
-    assert [re.match(r"\| `([a-z_]+)`", row).group(1) for row in table.splitlines()[2:]] == list(VLLM_FIELDS)
+    assert [re.match(r"\| `([a-z_]+)`", row).group(1) for row in table.splitlines()[2:]] == \
+        [*VLLM_FIELDS, *PDLAUNCH_FIELDS]
     assert table == render_table(), "regenerate with: python -m tests.test_readme_fields"
 
 

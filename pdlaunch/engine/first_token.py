@@ -14,6 +14,11 @@ client cannot inject output). A decode that gets them:
   position k uses the random stream colocated would use (sampler.py: one draw of V values per token
   of a non-greedy row).
 
+`skip_draws` is that advance for any number of tokens: a request's `seed_offset` (draws of its seed
+made elsewhere: a migrated stream's continuation, proxy/migrate.py) is skipped when its generator is
+made, on a prefill, a decode and a colocated instance alike; a decode given the first token skips
+one draw more.
+
 A first token that ends the request (EOS, stop id or string, max_tokens) finishes it at admission:
 its KV is never loaded. A decode request without these fields (vLLM's proxies, expired params)
 recomputes the last prompt token as before.
@@ -35,7 +40,7 @@ from pdlaunch.kv_transfer.params import (
     first_token_ids,
 )
 
-__all__ = ["first_token_ids", "first_token_logprob", "skip_prefill_draw", "with_first_token"]
+__all__ = ["first_token_ids", "first_token_logprob", "skip_draws", "skip_prefill_draw", "with_first_token"]
 
 _LOGPROB_FLOOR = -9999.0  # JSON (and the signature) cannot carry -inf
 
@@ -64,10 +69,21 @@ def first_token_logprob(params: PrefillAnswer, token_id: int, wanted: int | None
     return TokenLogprob(token_id, entry.logprob, {t.token_id: t.logprob for t in entry.top[:wanted]})
 
 
+def skip_draws(request: Request, draws: int, vocab_size: int, device: torch.device) -> None:
+    """Advance a seeded random request's generator (made on `device`) past the draws of `draws` tokens:
+    one exponential_ of V values each, as the sampler draws them, into one reused buffer. On CUDA one
+    draw of draws x V values would not leave the generator where `draws` separate draws do (Philox's
+    offset advances by a launch-shaped amount per call). Greedy rows draw nothing."""
+    if request.generator is None or request.params.greedy or draws <= 0:
+        return
+    buffer = torch.empty(vocab_size, device=device)  # [V] float32, as the sampler's race
+    for _ in range(draws):
+        buffer.exponential_(generator=request.generator)
+
+
 def skip_prefill_draw(request: Request, vocab_size: int, device: torch.device) -> None:
     """Advance a seeded random request's generator by the one draw the prefill made for the first token."""
-    if request.generator is not None and not request.params.greedy:
-        torch.empty(vocab_size, device=device).exponential_(generator=request.generator)
+    skip_draws(request, 1, vocab_size, device)
 
 
 def _finite(value: float) -> float:

@@ -20,7 +20,13 @@ from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
 from pdlaunch.engine.context_limit import too_long_message
-from pdlaunch.engine.first_token import first_token_ids, first_token_logprob, skip_prefill_draw, with_first_token
+from pdlaunch.engine.first_token import (
+    first_token_ids,
+    first_token_logprob,
+    skip_draws,
+    skip_prefill_draw,
+    with_first_token,
+)
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
@@ -271,6 +277,10 @@ class LLMEngine:
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
         check_token_ids(params, self.vocab_size)
+        if params.seed_offset > self.max_model_len:  # skipped one draw at a time on this thread
+            raise EngineError(
+                f"seed_offset {params.seed_offset} exceeds max_model_len {self.max_model_len}: no seeded request "
+                "draws more tokens than that", field="seed_offset", hint=f"use at most {self.max_model_len}")
         kv = kv_transfer_params
         if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
             kv = self.check_kv_transfer_params(kv)
@@ -281,6 +291,7 @@ class LLMEngine:
         request = Request(request_id, prompt, params, next(self._arrival), kv)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
+            skip_draws(request, params.seed_offset, self.vocab_size, self.device)
         self.outputs.add(request)
         self.scheduler.add_request(request)
         if first:

@@ -36,6 +36,9 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, le=MAX_INT32)  # -1 or 0 = off
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # Draws of the seed's stream skipped before the first token: the tokens of this seeded request drawn
+    # elsewhere (a migrated stream's continuation: proxy/migrate.py); at most max_model_len (LLMEngine.add_request).
+    seed_offset: int = Field(0, ge=0, le=MAX_INT32)
     # Bounded because every stop string and id is checked on the engine thread after every token.
     stop: list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]] = Field(default_factory=list, max_length=MAX_STOPS)
     stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] = Field(default_factory=list,
@@ -80,6 +83,13 @@ class SamplingParams(BaseModel):
     def _no_empty_stop(cls, value: list[str]) -> list[str]:
         if any(not s for s in value):
             raise ValueError("stop cannot contain an empty string")
+        return value
+
+    @field_validator("seed_offset")
+    @classmethod
+    def _offset_needs_seed(cls, value: int, info: ValidationInfo) -> int:
+        if value and info.data.get("seed") is None:
+            raise ValueError("seed_offset skips draws of a seed's stream: it needs a seed")
         return value
 
     @field_validator("min_tokens")

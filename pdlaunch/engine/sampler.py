@@ -9,7 +9,8 @@ likely one's probability, keep the top_k logits and the smallest set whose proba
 top_p, then sample by the exponential race
 (argmax p_i / E_i with E_i ~ Exp(1), which draws i with probability p_i). A seeded request draws
 its E from its own generator, one draw of V values per token, so its tokens do not depend on what
-else is in the batch; unseeded requests share the engine's generator.
+else is in the batch, and its output token k comes from draw `seed_offset` + k of its seed's stream
+(engine/first_token.py skips the earlier draws); unseeded requests share the engine's generator.
 
 Logprobs are those of the model's distribution (log_softmax of the raw logits), before
 processors, temperature, top_k and top_p (vLLM's default, raw logprobs).

@@ -8,8 +8,11 @@ whose prompt is the prompt's ids + the generated ids whose text the client alrea
 max_tokens (and min_tokens) reduced by their number. Ids generated after the last chunk that carried
 text (the old decode held their text back: a character not complete yet) are not in that prompt: the
 new decode makes them again and hands out their text; a greedy stream is then the uninterrupted
-run's text, with no character repeated or missing. The new decode's chunks are rewritten into the
-client's stream (its id, model, object; chat deltas; usage counting the whole request).
+run's text, with no character repeated or missing. A seeded sampled stream is too: the continuation carries
+`seed_offset` = the client's own (if any) + the generated ids in its prompt, so its generator skips the
+draws those tokens took and draws the rest as the uninterrupted run would (engine/first_token.py
+skip_draws). The new decode's chunks are rewritten into the client's stream (its id, model, object; chat
+deltas; usage counting the whole request).
 
 Not migrated (the stream ends with the error event, as without migration): requests whose output
 depends on state the continuation cannot rebuild from token ids: stop strings (one may span the
@@ -100,6 +103,8 @@ def continuation_body(body: Body, chat: bool, token_ids: list[int], generated: i
     min_tokens = int_of(body.get("min_tokens"))  # the instances read no other name (min_completion_tokens is none)
     if min_tokens:
         leg["min_tokens"] = max(0, min_tokens - generated)
+    if body.get("seed") is not None:  # output token k was the seed's draw seed_offset + k (sampler.py)
+        leg["seed_offset"] = (int_of(body.get("seed_offset")) or 0) + generated
     return leg
 
 

@@ -61,6 +61,9 @@ class _SamplingFields(BaseModel):
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
+    # pdlaunch's extension: the draws this seeded request's generator skips before its first token (its tokens
+    # drawn elsewhere: the proxy sets it on a migrated stream's continuation); sample i of n skips them of seed + i
+    seed_offset: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -152,6 +155,7 @@ class _SamplingFields(BaseModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
+            "seed_offset": self.seed_offset,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids,
             "ignore_eos": self.ignore_eos,

@@ -263,14 +263,14 @@ def test_logprobs_zero_is_not_continued_without_its_logprobs(fleet: Fleet) -> No
         errors[0]["message"], errors
 
 
-def test_a_seeded_sampled_stream_goes_on_from_the_text_the_client_has(fleet: Fleet) -> None:
-    """What a migration guarantees a seeded sample (README "Request migration"): the text before the cut is the
-    seed's, none of it repeated or lost, and the stream ends normally with every token max_tokens allows; the
-    rest is a valid sample, seeded afresh from the cut, not the seed's own continuation."""
-    body = {**COMPLETION, "temperature": 0.9, "seed": 11, "stream_options": {"include_usage": True}}
-    reference = _stream(fleet.instance, "/v1/completions", body)
-    events = _migrated(fleet, "/v1/completions", body, after_text_events(4))
-    texts = [c["text"] for e in reference if isinstance(e, dict) for c in e.get("choices", []) if c.get("text")]
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_seeded_sampled_stream_is_the_uninterrupted_runs_text(fleet: Fleet, path: str) -> None:
+    """The continuation carries seed_offset (the output ids in its prompt): its generator skips the draws those
+    tokens took, so a seeded sample goes on as the uninterrupted run did, as a greedy stream does."""
+    body: dict[str, Any] = {"max_tokens": 24, "temperature": 0.9, "seed": 11, "ignore_eos": True}
+    body |= {"prompt": PROMPT} if path == "/v1/completions" else {"messages": [{"role": "user", "content": PROMPT}]}
+    reference = _whole(fleet.instance, path, body)["choices"][0]
+    events = _migrated(fleet, path, {**body, "stream_options": {"include_usage": True}}, after_text_events(4))
     assert not _errors(events) and events[-1] == "[DONE]"
-    assert _text(events).startswith("".join(texts[:4]))
-    assert events[-2]["usage"]["completion_tokens"] == COMPLETION["max_tokens"]
+    assert _text(events) == reference.get("text", (reference.get("message") or {}).get("content"))
+    assert events[-2]["usage"]["completion_tokens"] == body["max_tokens"]
