@@ -73,12 +73,21 @@ def skip_draws(request: Request, draws: int, vocab_size: int, device: torch.devi
     """Advance a seeded random request's generator (made on `device`) past the draws of `draws` tokens:
     one exponential_ of V values each, as the sampler draws them, into one reused buffer. On CUDA one
     draw of draws x V values would not leave the generator where `draws` separate draws do (Philox's
-    offset advances by a launch-shaped amount per call). Greedy rows draw nothing."""
-    if request.generator is None or request.params.greedy or draws <= 0:
+    offset advances by a launch-shaped amount per call), but every draw of V values advances it by the same
+    amount: there the first draw measures it and the offset jumps past the rest (O(1) launches, so a large
+    offset does not hold the engine thread). A CPU generator (mt19937) has no offset: it draws each.
+    Greedy rows draw nothing."""
+    generator = request.generator
+    if generator is None or request.params.greedy or draws <= 0:
         return
     buffer = torch.empty(vocab_size, device=device)  # [V] float32, as the sampler's race
+    if generator.device.type == "cuda":
+        start = generator.get_offset()
+        buffer.exponential_(generator=generator)
+        generator.set_offset(start + draws * (generator.get_offset() - start))
+        return
     for _ in range(draws):
-        buffer.exponential_(generator=request.generator)
+        buffer.exponential_(generator=generator)
 
 
 def skip_prefill_draw(request: Request, vocab_size: int, device: torch.device) -> None:

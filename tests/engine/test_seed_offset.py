@@ -95,16 +95,21 @@ def test_an_offset_past_max_model_len_is_refused_naming_the_field(make_engine: M
     assert not engine.has_unfinished_requests()
 
 
-def test_skip_draws_leaves_the_generator_where_that_many_sampled_tokens_do() -> None:
-    vocab, draws = 50, 7
-    sampled = torch.Generator().manual_seed(3)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [50, 151936])
+def test_skip_draws_leaves_the_generator_where_that_many_sampled_tokens_do(device: str, vocab: int) -> None:
+    """On CUDA the skip jumps Philox's offset (one draw measures a draw's advance); on CPU it draws each."""
+    dev, draws = torch.device(device), 7
+    sampled = torch.Generator(device=dev).manual_seed(3)
     for _ in range(draws):
-        torch.empty(vocab).exponential_(generator=sampled)
+        torch.empty(vocab, device=dev).exponential_(generator=sampled)
     request = Request("r", [1], SamplingParams(temperature=1.0, seed=3), 0)
-    request.generator = torch.Generator().manual_seed(3)
-    skip_draws(request, draws, vocab, torch.device("cpu"))
+    request.generator = torch.Generator(device=dev).manual_seed(3)
+    skip_draws(request, draws, vocab, dev)
     assert torch.equal(request.generator.get_state(), sampled.get_state())
+    after = [torch.empty(vocab, device=dev).exponential_(generator=g) for g in (request.generator, sampled)]
+    assert torch.equal(after[0], after[1])
     greedy = Request("g", [1], SamplingParams(temperature=0.0, seed=3), 0)
-    greedy.generator = torch.Generator().manual_seed(3)
-    skip_draws(greedy, draws, vocab, torch.device("cpu"))  # greedy rows draw nothing
-    assert torch.equal(greedy.generator.get_state(), torch.Generator().manual_seed(3).get_state())
+    greedy.generator = torch.Generator(device=dev).manual_seed(3)
+    skip_draws(greedy, draws, vocab, dev)  # greedy rows draw nothing
+    assert torch.equal(greedy.generator.get_state(), torch.Generator(device=dev).manual_seed(3).get_state())
