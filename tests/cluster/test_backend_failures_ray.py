@@ -6,7 +6,9 @@ classes (their messages as Ray 2.x builds them) and stand-ins for the ray module
   names the cause (the remote exception, the node's death), not Ray's headline (pid, actor_id, colours);
 - the head (GCS) gone: the launcher stops with its error naming the address within
   ray_head.LOST_S, before Ray ends the process, and does not block on Ray calls while stopping;
-- a TP rank whose setup failed: rank 0's rendezvous timeout is reported as that rank's failure.
+- a TP rank whose setup failed: rank 0's rendezvous timeout is reported as that rank's failure;
+- a second Ctrl-C while the instances stop: the wait for them ends at once and their actors are killed
+  (tests/cluster/test_ray_stop.py shows it on a real cluster).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ray.core.generated.common_pb2 import ActorDiedErrorContext  # noqa: E402 (a
 from pdlaunch.distributed import ray_executor  # noqa: E402
 from pdlaunch.launcher.backends import ray as backend  # noqa: E402
 from pdlaunch.launcher.backends import ray_head  # noqa: E402
+from pdlaunch.launcher.process import HURRY_POLL_S  # noqa: E402
 
 NODES = [RayNode("h", "10.0.0.1", {"CPU": 2.0}), RayNode("w", "10.0.0.2", {"CPU": 2.0})]
 
@@ -234,3 +237,38 @@ def test_a_rank_that_does_not_answer_is_named(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(EngineError) as caught:
         executor._get(["call-1", "call-2"], 30.0, "GetFinished")  # type: ignore[list-item]
     assert caught.value.message == "TP rank 2 (Ray actor on 10.0.0.3) did not answer GetFinished within 30s"
+
+
+class Stuck(FakeRay):
+    """A cluster whose instances never stop by themselves (a server stuck in its drain)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.util = types.SimpleNamespace(remove_placement_group=lambda pg: self.calls.append("remove group"))
+
+    def wait(self, refs: list[str], num_returns: int = 1, timeout: float | None = None) -> tuple[list[str], list[str]]:
+        self.calls.append(f"wait {timeout}")
+        return [], list(refs)
+
+
+class Leader:
+    """Rank 0's actor handle: `stop` as the launcher calls it."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.stop = types.SimpleNamespace(options=lambda **kw: types.SimpleNamespace(
+            remote=lambda: calls.append("stop")))
+
+
+def test_a_second_signal_kills_the_instances_without_waiting_for_them(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, one ray.wait of STOP_TIMEOUT_S (30 s) for the instances, which a second Ctrl-C did not cut."""
+    fake = Stuck()
+    deployment = deployment_on(fake, tmp_path, monkeypatch)
+    for run in deployment.runs:
+        run.actors = [Leader(fake.calls)]
+        run.serve_ref = f"serve-{run.name}"
+        run.pg = object()
+
+    deployment.stop(drain=True, hurry=lambda: fake.calls.count(f"wait {HURRY_POLL_S}") == 3)
+    assert fake.calls == ["stop", "stop", *[f"wait {HURRY_POLL_S}"] * 3, "kill", "remove group", "kill",
+                          "remove group"], fake.calls

@@ -15,7 +15,10 @@ removed and, after the backoff, is placed again where Ray finds room, with a new
 (planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. A
 placement group Ray cannot place within launcher.ray_placement_timeout_seconds stops the deployment
 (exit 1) naming the resources it asked for. Ctrl-C/SIGTERM: the proxy drains, every instance stops,
-then every actor is killed and every placement group removed.
+then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
+those waits short: the proxy is killed, and so are the instances' actors, without waiting for their
+servers to stop. The actors and placement groups are not detached: a launcher that is killed outright
+(SIGKILL) takes them with it, as Ray ends what a dead driver owned.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from pdlaunch.launcher.deployment import (
 )
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import InstancePlan, plan_deployment
-from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.process import HURRY_POLL_S, ChildProcess
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
 from pdlaunch.launcher.serve import StopSignals
 from pdlaunch.model.demo import resolve_model_path
@@ -429,29 +432,44 @@ class RayDeployment:
                                       f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}")
 
     # -- stop --------------------------------------------------------------------------------------
-    def stop(self, drain: bool) -> None:
-        """Proxy first (it drains), then every instance; then every actor and placement group is removed."""
+    def stop(self, drain: bool, hurry: Callable[[], bool] | None = None) -> None:
+        """Proxy first (it drains), then every instance; then every actor and placement group is removed.
+        Each wait ends as soon as `hurry()` turns true (a second Ctrl-C): the proxy is killed, and the
+        instances' actors are killed without waiting for their servers to stop."""
         if self._stopped:
             return
         self._stopped = True
+        hurried = hurry or (lambda: False)
         try:
             if self.proxy is not None:
-                self.proxy.stop(DRAIN_TIMEOUT_S + 2.0 if drain else 0.5)
+                self.proxy.stop(DRAIN_TIMEOUT_S + 2.0 if drain else 0.5, hurried)
                 self.proxy.close_log()
             if self.head.lost:  # every Ray call that asks the GCS would block until Ray ends this process
                 return
             refs = []
             for run in self.runs:
-                if run.actors and run.serve_ref is not None:
+                if run.actors and run.serve_ref is not None and not hurried():
                     refs.append(run.serve_ref)
                     run.actors[0].stop.options(concurrency_group=CONTROL).remote()
             if refs:
-                self.ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S if drain else INSTANCE_TERM_TIMEOUT_S)
+                timeout = STOP_TIMEOUT_S if drain else INSTANCE_TERM_TIMEOUT_S
+                self.say(f"waiting up to {timeout:.0f}s for {len(refs)} instance(s) to stop, then removing their "
+                         "actors and placement groups")
+                self._wait_stopped(refs, timeout, hurried)
             for run in self.runs:
                 self.remove(run)
         finally:
             self._http.close()
             self._lock.release()
+
+    def _wait_stopped(self, refs: list[ObjectRef[int]], timeout: float, hurry: Callable[[], bool]) -> None:
+        """Until every `serve` call in `refs` returned, `timeout` seconds passed, or `hurry()` turned true."""
+        deadline = time.monotonic() + timeout
+        while refs and not hurry():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=min(HURRY_POLL_S, left))
 
 
 def run_ray(cfg: DeploymentConfig) -> int:
@@ -459,6 +477,11 @@ def run_ray(cfg: DeploymentConfig) -> int:
     console = Console()
     deployment = RayDeployment(cfg, console)
     with StopSignals() as signals:
+        signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
+
+        def hurry() -> bool:
+            return signals.forced
+
         try:
             if not deployment.start(should_stop=signals.requested.is_set):
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
@@ -468,21 +491,22 @@ def run_ray(cfg: DeploymentConfig) -> int:
                           f"in {deployment.log_dir}); Ctrl-C to stop", soft_wrap=True)
             while not signals.requested.wait(POLL_S):
                 deployment.tick()
-            console.print(f"{signals.signal_name} received: draining, then removing every actor and placement "
-                          "group", highlight=False)
-            deployment.stop(drain=not signals.forced)
+            console.print(f"{signals.signal_name} received: draining in-flight requests (up to "
+                          f"{DRAIN_TIMEOUT_S:.0f}s), then removing every actor and placement group; Ctrl-C again "
+                          "to stop at once", highlight=False, soft_wrap=True)
+            deployment.stop(drain=not signals.forced, hurry=hurry)
             console.print("stopped: every actor and placement group removed", highlight=False)
             return 0
         except RayDeploymentFailed as exc:
             console.print(f"[red]error:[/red] {escape(exc.render())}; stopping the deployment", highlight=False,
                           soft_wrap=True)
-            deployment.stop(drain=False)
+            deployment.stop(drain=False, hurry=hurry)
             return 1
         except deployment.ray.exceptions.RayError as exc:  # the cluster itself failed us (GCS gone, ...)
             console.print(f"[red]error:[/red] the Ray cluster failed: {escape(str(exc))}; stopping the deployment",
                           highlight=False, soft_wrap=True)
-            deployment.stop(drain=False)
+            deployment.stop(drain=False, hurry=hurry)
             return 1
         finally:
-            deployment.stop(drain=False)
+            deployment.stop(drain=False, hurry=hurry)
             deployment.ray.shutdown()
