@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.backends import slurm
 from pdlaunch.launcher.backends.slurm import run_slurm
-from tests.helpers.pids import pid_alive
+from tests.helpers.pids import pid_alive, signal_pid
 from tests.serving.helpers import wait_for
 
 JOB = "7"
@@ -29,12 +30,14 @@ NODE_FAILURE = ["srun: error: Node failure on pdn2",
 
 # srun --nodes=1 --ntasks=1 --relative=K ...: node K's step. FAKE_DIR/mode-K picks what it does: "nodefail"
 # (srun's and slurmstepd's lines, exit 1, as when SLURM loses the node), else it runs until SIGUSR1 (the
-# launcher's stop: exit 0). SIGTERM is SLURM ending the step: slurmstepd's line (with FAKE_DIR/due as its
-# reason when that file exists), and the step goes on until the launcher stops it, as a node draining does.
+# launcher's stop: FAKE_DIR/asked-K, then exit 0; with "draining", a drain that never ends: it runs on).
+# SIGTERM is SLURM ending the step: slurmstepd's line (with FAKE_DIR/due as its reason when that file
+# exists), and the step goes on until the launcher stops it, as a node draining does.
 FAKE_SRUN = r"""#!/bin/bash
 for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
-echo $$ > "$FAKE_DIR/srun-$k.pid"
-if [ "$(cat "$FAKE_DIR/mode-$k" 2>/dev/null)" = nodefail ]; then
+mode=$(cat "$FAKE_DIR/mode-$k" 2>/dev/null)
+if [ "$mode" = nodefail ]; then
+  echo $$ > "$FAKE_DIR/srun-$k.pid"
   cat "$FAKE_DIR/nodefail"
   exit 1
 fi
@@ -42,7 +45,8 @@ due=$(cat "$FAKE_DIR/due" 2>/dev/null)
 n=pdn$((k + 1))
 line="slurmstepd-$n: error: *** STEP 7.$k ON $n CANCELLED AT 2026-11-28T11:19:02${due:+ DUE TO $due} ***"
 trap 'echo "$line"' TERM
-trap 'exit 0' USR1
+trap 'touch "$FAKE_DIR/asked-$k"; [ "$mode" = draining ] || exit 0' USR1
+echo $$ > "$FAKE_DIR/srun-$k.pid"  # the tests signal it once this file exists: the traps are in place
 while :; do sleep 0.1 & wait $!; done
 """
 
@@ -215,3 +219,35 @@ def test_an_http_proxy_in_the_environment_does_not_hide_the_deployments_proxy(
     code, text = run_while(stop_once_probed, tmp_path / "logs", proxy_port, capsys)
     assert "/health" in _Health.probes, text
     assert code == 0 and "ready: OpenAI API at" in text, text
+
+
+def test_a_second_signal_ends_the_steps_without_waiting_for_the_drain(
+        fake_dir: Path, tmp_path: Path, proxy_port: int, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C, then Ctrl-C again while the nodes drain: the launcher waited for the drain (up to 60 s) whatever
+    the user pressed. Now it ends the steps at once (SIGTERM to srun, then SIGKILL), as `pdlaunch serve` does.
+    Here the drain never ends; the test ends the steps itself only if the launcher did not (and fails)."""
+    for k in (0, 1):
+        (fake_dir / f"mode-{k}").write_text("draining")
+    monkeypatch.setattr(slurm, "STEP_STOP_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(slurm, "STEP_KILL_TIMEOUT_S", 1.0)  # this srun survives SIGTERM (the real one kills its step)
+    left_running: list[int] = []
+
+    def user_presses_ctrl_c_twice() -> None:
+        wait_for(lambda: both_started(fake_dir), "both srun steps to start", 60.0)
+        os.kill(os.getpid(), signal.SIGINT)
+        wait_for(lambda: all((fake_dir / f"asked-{k}").exists() for k in (0, 1)), "both nodes asked to stop", 30.0)
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            wait_for(lambda: not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "the steps to end", 60.0)
+        except AssertionError:
+            left_running.extend(srun_pids(fake_dir))
+            for pid in left_running:
+                signal_pid(pid, signal.SIGKILL)
+
+    code, text = run_while(user_presses_ctrl_c_twice, tmp_path / "logs", proxy_port, capsys)
+    assert not left_running, f"the launcher still waited for the drain after the second signal: {text}"
+    assert code == 0, text
+    assert "Ctrl-C again to stop at once" in text and "second signal: stopping now" in text, text
+    # srun's kill at the launcher's request is no cancellation by SLURM, though slurmstepd says "CANCELLED"
+    assert "stopped: every srun step ended" in text and "SLURM cancelled" not in text, text

@@ -1,6 +1,7 @@
 """How `pdlaunch serve --backend slurm` ends under `salloc` on a real SLURM cluster (slurmctld + two slurmd nodes
 on this machine, tests/cluster/slurm_cluster.py), when the user's stop is not the plain one: the launcher
-SIGKILLed (the OOM killer, kill -9) must not leave its steps serving in the allocation.
+SIGKILLed (the OOM killer, kill -9) must not leave its steps serving in the allocation, and a second Ctrl-C
+must end the steps without waiting for a node's drain.
 
 The launcher runs as in a user's salloc shell: `salloc --nodes=2 bash -c '...'` starts it in the background
 and the shell lives on after it, so the allocation (and anything left in it) stays until scancel."""
@@ -19,14 +20,15 @@ import httpx
 import pytest
 
 from tests.cluster.slurm_cluster import SlurmCluster, SlurmUnavailable, _free_port
+from tests.helpers.pids import signal_pid
 from tests.serving.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 300.0  # slurm steps, then two launchers importing torch and building engines on 2 cores
 STOP_TIMEOUT_S = 120.0  # every node drains (up to 5 s) and stops its processes
 # salloc's command, as a user's shell: the launcher ("$@") in the background, its pid and exit code in files;
-# then the shell lives on, holding the allocation.
-SHELL = ('echo "$SLURM_JOB_ID" > job; "$@" > launcher.out 2>&1 & echo $! > launcher.pid; '
+# then the shell lives on, holding the allocation (salloc gives it a process group of its own).
+SHELL = ('echo "$SLURM_JOB_ID" > job; echo $$ > shell.pid; "$@" > launcher.out 2>&1 & echo $! > launcher.pid; '
          'wait $!; echo $? > launcher.exit; sleep 3600')
 
 
@@ -121,10 +123,11 @@ class Salloc:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for group in filter(None, (self._read("shell.pid"), str(self.proc.pid))):
+            try:
+                os.killpg(int(group), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(30)
         self._out.close()
 
@@ -162,3 +165,63 @@ def test_a_sigkilled_launcher_leaves_no_step_running(salloc_serve: tuple[Salloc,
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "logs")], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the deployment left: {left}"
     assert allocation.slurm.job_state(allocation.job).get("JobState") == "RUNNING", "the allocation itself lives on"
+
+
+def node_launcher_pid(job: str, node: int) -> int | None:
+    """The pid of node `node`'s launcher (slurm_node, its srun step's task) in job `job`, None if none runs
+    (not its srun client, whose arguments end with the same command)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (argv[1:5] == [b"-m", b"pdlaunch.launcher.backends.slurm_node", b"--node-rank", str(node).encode()]
+                and f"SLURM_JOB_ID={job}".encode() in environ):
+            return int(proc.name)
+    return None
+
+
+# `pdlaunch serve`, with the launcher's wait for the nodes' drain (60 s) longer than the test: only the second
+# Ctrl-C can end it.
+PATIENT_LAUNCHER = ("from pdlaunch.launcher.backends import slurm; slurm.STEP_STOP_TIMEOUT_S = 3600.0; "
+                    "from pdlaunch.cli import main; main()")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_second_ctrl_c_ends_the_steps_without_waiting_for_the_drain(slurm: SlurmCluster, llama_ckpt: Path,
+                                                                       tmp_path: Path) -> None:
+    """Ctrl-C, then Ctrl-C again while a node's drain hangs (its launcher stopped with SIGSTOP): the launcher
+    waited up to 60 s for it whatever the user pressed. Now the second one ends the steps at once (SIGTERM to
+    srun, which kills its step), as `pdlaunch serve` does: node 1 drained, node 0 was ended, nothing is left."""
+    config, url = write_config(tmp_path, llama_ckpt)
+    allocation = Salloc(slurm, [sys.executable, "-c", PATIENT_LAUNCHER, "serve", str(config)], tmp_path)
+    hung: int | None = None
+    try:
+        allocation.wait_ready(url)
+        hung = wait_for(lambda: node_launcher_pid(allocation.job, 0), "node 0's launcher process", 30.0)
+        os.kill(hung, signal.SIGSTOP)
+        os.kill(allocation.launcher_pid, signal.SIGINT)
+        wait_for(lambda: "received: stopping every node" in allocation.output, "the launcher to stop the nodes", 60.0)
+        wait_for(lambda: [step.split()[1] for step in allocation.steps()] == ["pdlaunch-node0"],
+                 "node 1 to drain and its step to end, node 0's to hang", STOP_TIMEOUT_S, poll=0.5)
+
+        os.kill(allocation.launcher_pid, signal.SIGINT)
+        wait_for(lambda: allocation.exit_code is not None, "the launcher to exit after the second Ctrl-C (it waited "
+                 "for node 0's drain)", STOP_TIMEOUT_S, poll=0.5)
+        text = allocation.output
+        assert allocation.exit_code == 0, text
+        assert "second signal: stopping now" in text and "stopped: every srun step ended" in text, text
+        assert "SLURM cancelled" not in text, text  # slurmstepd's line for the kill srun asked for is no scancel
+        wait_for(lambda: not allocation.steps(), "node 0's step to leave squeue", STOP_TIMEOUT_S, poll=0.5)
+        wait_for(lambda: not answers(url), f"the proxy at {url} to stop answering", STOP_TIMEOUT_S, poll=0.5)
+        node0, node1 = ((tmp_path / "logs" / f"slurm-node{k}.log").read_text(errors="replace") for k in (0, 1))
+        assert "stopped: all processes reaped" in node1, node1
+        assert "stopped: all processes reaped" not in node0, node0  # ended by the hurry, not by its drain
+    finally:
+        if hung is not None:
+            signal_pid(hung, signal.SIGCONT)
+        allocation.close()

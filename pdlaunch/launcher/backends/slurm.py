@@ -12,9 +12,11 @@ It waits for the proxy to answer /health, then supervises the steps: each node's
 its own instances; a step that ends stops the deployment (exit 1, naming the node and its log).
 SIGINT/SIGTERM (`scancel --signal=TERM --batch`, Ctrl-C under salloc) stop it: it sends each srun
 SIGUSR1, which srun forwards to its node's launcher, each node drains and stops its processes, and
-this process exits 0 once every step has ended. SLURM sends the same SIGTERM when it ends the job
-itself (a node failure, the time limit, preemption, a plain scancel): slurmstepd and srun then say why
-in the steps' output, and the launcher repeats it (exit 1 unless the job was simply cancelled).
+this process exits 0 once every step has ended; a second signal meanwhile ends the steps at once
+(SIGTERM to srun, which kills its step), as `pdlaunch serve` skips the drain. SLURM sends the same
+SIGTERM when it ends the job itself (a node failure, the time limit, preemption, a plain scancel):
+slurmstepd and srun then say why in the steps' output, and the launcher repeats it (exit 1 unless the
+job was simply cancelled).
 If this process dies without stopping the steps (kill -9, the OOM killer), the kernel sends each srun
 the same SIGUSR1 (Linux only), so under salloc the nodes still drain and stop as on Ctrl-C.
 """
@@ -26,6 +28,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from pdlaunch.launcher.serve import StopSignals, report_failure
 DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig as JSON, for slurm_node
 STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node turns it into a stop)
 STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its processes
+STEP_KILL_TIMEOUT_S = 10.0  # srun, on SIGTERM, kills its step and exits; SIGKILL after this
 HEALTH_TIMEOUT_S = 2.0
 END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
 
@@ -135,6 +139,11 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     url = proxy_url(cfg)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
     with StopSignals() as signals:
+        signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
+
+        def hurry() -> bool:  # a second signal: end the steps without waiting for the nodes' drain
+            return signals.forced
+
         try:
             for step in steps:
                 step.start()
@@ -143,8 +152,9 @@ def run_slurm(cfg: DeploymentConfig) -> int:
             deadline = time.monotonic() + READY_TIMEOUT_S
             while not _proxy_ready(url):
                 if signals.requested.wait(POLL_S):
-                    console.print(f"{signals.signal_name} received while starting; stopping")
-                    return stopped_by_signal(console, steps, job)
+                    console.print(f"{signals.signal_name} received while starting; stopping "
+                                  "(Ctrl-C again to stop at once)")
+                    return stopped_by_signal(console, steps, job, hurry)
                 dead = _dead(steps)
                 if dead is not None:
                     report_failure(console, step_exit(cfg, dead, steps, job, " while starting"), dead)
@@ -160,10 +170,10 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                     report_failure(console, step_exit(cfg, dead, steps, job), dead)
                     return 1
             console.print(f"{signals.signal_name} received: stopping every node (up to "
-                          f"{STEP_STOP_TIMEOUT_S:.0f}s)", highlight=False)
-            return stopped_by_signal(console, steps, job)
+                          f"{STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C again to stop at once", highlight=False)
+            return stopped_by_signal(console, steps, job, hurry)
         finally:
-            stop_steps(steps)
+            stop_steps(steps, hurry)
             console.print("stopped: every srun step ended", highlight=False)
 
 
@@ -175,11 +185,10 @@ def step_exit(cfg: DeploymentConfig, dead: ChildProcess, steps: list[ChildProces
             + (f": {end.reason}" if end is not None else ""))
 
 
-def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str) -> int:
-    """Stop every step after a stop signal; 1 if SLURM sent it because the job failed (a node failure,
-    the time limit, preemption), saying so, else 0."""
-    stop_steps(steps)
-    end = slurm_end(steps)
+def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str, hurry: Callable[[], bool]) -> int:
+    """Stop every step after a stop signal (at once when `hurry()` turns true); 1 if SLURM sent it because
+    the job failed (a node failure, the time limit, preemption), saying so, else 0."""
+    end = stop_steps(steps, hurry)
     if end is None:
         return 0
     if not end.failure:
@@ -190,13 +199,19 @@ def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str) -> 
     return 1
 
 
-def stop_steps(steps: list[ChildProcess]) -> None:
+def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = None) -> SlurmEnd | None:
     """Ask every node to stop (SIGUSR1, which srun forwards to its task: SIGTERM would make srun kill
-    the step at once), wait up to STEP_STOP_TIMEOUT_S for all, then end what is left (SIGTERM, SIGKILL)."""
+    the step at once), wait up to STEP_STOP_TIMEOUT_S for all, or until `hurry()` turns true (a second
+    Ctrl-C), then end what is left: SIGTERM, SIGKILL after STEP_KILL_TIMEOUT_S. Returns why SLURM ended
+    steps as their output said before that SIGTERM: slurmstepd writes the same line as for a scancel when
+    srun kills its step at this process's request."""
     for step in steps:
         if step.running:
             step.signal_group(STOP_SIGNAL)
     deadline = time.monotonic() + STEP_STOP_TIMEOUT_S
     for step in steps:
-        step.wait(deadline - time.monotonic())
-    stop_all(steps, 10.0)
+        if not step.wait(deadline - time.monotonic(), hurry) and hurry is not None and hurry():
+            break
+    end = slurm_end(steps)
+    stop_all(steps, STEP_KILL_TIMEOUT_S)
+    return end
