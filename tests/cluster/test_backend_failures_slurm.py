@@ -251,3 +251,51 @@ def test_a_second_signal_ends_the_steps_without_waiting_for_the_drain(
     assert "Ctrl-C again to stop at once" in text and "second signal: stopping now" in text, text
     # srun's kill at the launcher's request is no cancellation by SLURM, though slurmstepd says "CANCELLED"
     assert "stopped: every srun step ended" in text and "SLURM cancelled" not in text, text
+
+
+def test_after_a_failure_one_signal_ends_the_other_steps(
+        fake_dir: Path, tmp_path: Path, proxy_port: int, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Node 1's step fails; the launcher stops node 0, whose drain never ends. Nobody asked for that drain, so
+    one Ctrl-C ends it (it took two: the first only counted as the request a second one hurries)."""
+    (fake_dir / "mode-1").write_text("nodefail")
+    (fake_dir / "mode-0").write_text("draining")
+    monkeypatch.setattr(slurm, "STEP_STOP_TIMEOUT_S", 3600.0)
+    monkeypatch.setattr(slurm, "STEP_KILL_TIMEOUT_S", 1.0)  # this srun survives SIGTERM (the real one kills its step)
+    left_running: list[int] = []
+
+    def user_presses_ctrl_c_once() -> None:
+        wait_for(lambda: (fake_dir / "asked-0").exists(), "node 0 asked to stop after node 1 failed", 60.0)
+        os.kill(os.getpid(), signal.SIGINT)
+        try:
+            wait_for(lambda: not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "the steps to end", 60.0)
+        except AssertionError:
+            left_running.extend(srun_pids(fake_dir))
+            for pid in left_running:
+                signal_pid(pid, signal.SIGKILL)
+
+    code, text = run_while(user_presses_ctrl_c_once, tmp_path / "logs", proxy_port, capsys)
+    assert not left_running, f"one Ctrl-C after the failure did not end the drain: {text}"
+    assert code == 1 and "node 1's srun step (on 127.0.0.2, job 7) exited with code 1" in text, text
+    assert "stopping the other nodes (up to 3600s); Ctrl-C to stop at once" in text, text
+    assert "stopped: every srun step ended" in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize(("environment", "hint"), [("BATCH", "scancel --signal=TERM --batch 7, or Ctrl-C, to stop"),
+                                                   (None, "Ctrl-C (or kill -TERM ")])
+def test_the_ready_line_names_the_stop_the_user_has(
+        fake_dir: Path, tmp_path: Path, proxy_port: int, term_guard: None, monkeypatch: pytest.MonkeyPatch,
+        environment: str | None, hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """In a batch script (sbatch sets ENVIRONMENT=BATCH) a TERM to the batch step stops it; under salloc there
+    is no batch step, and the line said `scancel --signal=TERM --batch JOBID` there too."""
+    if environment is None:
+        monkeypatch.delenv("ENVIRONMENT", raising=False)
+    else:
+        monkeypatch.setenv("ENVIRONMENT", environment)
+
+    def stop_once_started() -> None:
+        wait_for(lambda: both_started(fake_dir) and "/health" in _Health.probes, "the steps and the probe", 60.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    code, text = run_while(stop_once_started, tmp_path / "logs", proxy_port, capsys)
+    assert code == 0 and hint in text, text

@@ -163,7 +163,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                     raise PdlaunchError(f"the proxy at {url} did not answer /health within {READY_TIMEOUT_S:.0f}s",
                                         hint=f"see the steps' output in {log_dir}/slurm-node*.log")
             console.print(f"[green]ready[/green]: OpenAI API at [bold]{url}/v1[/bold] (nodes {nodes}); "
-                          "scancel --signal=TERM --batch JOBID, or Ctrl-C, to stop", soft_wrap=True)
+                          f"{how_to_stop(job)} to stop", soft_wrap=True)
             while not signals.requested.wait(POLL_S):
                 dead = _dead(steps)
                 if dead is not None:
@@ -173,8 +173,21 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                           f"{STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C again to stop at once", highlight=False)
             return stopped_by_signal(console, steps, job, hurry)
         finally:
-            stop_steps(steps, hurry)
+            # After a failure (a step ended, the proxy never answered) nobody asked for a drain: a first
+            # Ctrl-C ends the other steps at once. After a stop signal they have ended already.
+            if any(step.running for step in steps):
+                console.print(f"stopping the other nodes (up to {STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C to stop at "
+                              "once", highlight=False)
+            stop_steps(steps, signals.requested.is_set)
             console.print("stopped: every srun step ended", highlight=False)
+
+
+def how_to_stop(job: str) -> str:
+    """The stop a user has: in a batch script (sbatch sets ENVIRONMENT=BATCH) a TERM to the batch step reaches
+    this process; under salloc there is no batch step, and Ctrl-C (or a TERM to this process) stops it."""
+    if os.environ.get("ENVIRONMENT") == "BATCH":
+        return f"scancel --signal=TERM --batch {job}, or Ctrl-C,"
+    return f"Ctrl-C (or kill -TERM {os.getpid()})"
 
 
 def step_exit(cfg: DeploymentConfig, dead: ChildProcess, steps: list[ChildProcess], job: str, when: str = "") -> str:
