@@ -277,7 +277,7 @@ class LLMEngine:
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
         check_token_ids(params, self.vocab_size)
-        if params.seed_offset > self.max_model_len:  # skipped one draw at a time on this thread
+        if params.seed_offset > self.max_model_len:  # a CPU generator skips them one draw at a time, here
             raise EngineError(
                 f"seed_offset {params.seed_offset} exceeds max_model_len {self.max_model_len}: no seeded request "
                 "draws more tokens than that", field="seed_offset", hint=f"use at most {self.max_model_len}")
