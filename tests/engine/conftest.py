@@ -29,6 +29,8 @@ def make_engine() -> Iterator[MakeEngine]:
              connector: KVConnector | None = None, **overrides: Any) -> LLMEngine:
         overrides.setdefault("block_size", 8)
         overrides.setdefault("num_gpu_blocks", 256)
+        if instance is not None:  # the engine runs on its instance's device: a spec's default ("cpu") would
+            instance = instance.model_copy(update={"device": device})  # turn a device="cuda" test into a CPU one
         engine = LLMEngine(secured(build_config(str(path), device, dtype, overrides)), instance, connector)
         engines.append(engine)
         return engine
