@@ -2,7 +2,8 @@
 PATH that writes what slurmstepd and srun write when a node fails, the time limit passes or the job is
 cancelled (the lines as Slurm 23 prints them, seen on tests/cluster/slurm_cluster.py). The launcher must
 say why (the node, the job, SLURM's reason) instead of a clean-looking stop, exit 1 for a failure, and
-leave no step running. Fast: no cluster, no engine; a stand-in proxy answers /health."""
+leave no step running. Fast: no cluster, no engine; a stand-in proxy answers /health. Stand-in `scontrol` and
+`scancel` play slurmctld's side: the steps still in the job, and the cancel of those a killed srun left."""
 
 from __future__ import annotations
 
@@ -28,13 +29,18 @@ NODE_FAILURE = ["srun: error: Node failure on pdn2",
                 "slurmstepd-pdn1: error: *** STEP 7.1 ON pdn2 CANCELLED AT 2026-11-28T11:16:47 DUE TO NODE FAILURE, "
                 "SEE SLURMCTLD LOG FOR DETAILS ***"]
 
-# srun --nodes=1 --ntasks=1 --relative=K ...: node K's step. FAKE_DIR/mode-K picks what it does: "nodefail"
-# (srun's and slurmstepd's lines, exit 1, as when SLURM loses the node), else it runs until SIGUSR1 (the
-# launcher's stop: FAKE_DIR/asked-K, then exit 0; with "draining", a drain that never ends: it runs on).
+# srun --nodes=1 --ntasks=1 --relative=K --job-name=NAME ...: node K's step. FAKE_DIR/mode-K picks what it does:
+# "nodefail" (srun's and slurmstepd's lines, exit 1, as when SLURM loses the node), else it runs until SIGUSR1
+# (the launcher's stop: FAKE_DIR/asked-K, then exit 0; with "draining", a drain that never ends: it runs on).
 # SIGTERM is SLURM ending the step: slurmstepd's line (with FAKE_DIR/due as its reason when that file
 # exists), and the step goes on until the launcher stops it, as a node draining does.
+# Its step, 7.(10+K), is in the job (FAKE_DIR/steps/ID: "NAME SRUN_PID") until it exits; a SIGKILLed one
+# leaves it there, as a real srun client's leaves its step running.
 FAKE_SRUN = r"""#!/bin/bash
-for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
+for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; --job-name=*) name=${a#--job-name=} ;; esac; done
+step="$FAKE_DIR/steps/$SLURM_JOB_ID.$((10 + k))"
+echo "$name $$" > "$step"
+trap 'rm -f "$step"' EXIT
 mode=$(cat "$FAKE_DIR/mode-$k" 2>/dev/null)
 if [ "$mode" = nodefail ]; then
   echo $$ > "$FAKE_DIR/srun-$k.pid"
@@ -48,6 +54,29 @@ trap 'echo "$line"' TERM
 trap 'touch "$FAKE_DIR/asked-$k"; [ "$mode" = draining ] || exit 0' USR1
 echo $$ > "$FAKE_DIR/srun-$k.pid"  # the tests signal it once this file exists: the traps are in place
 while :; do sleep 0.1 & wait $!; done
+"""
+
+# scontrol show step JOB --oneliner: the steps in FAKE_DIR/steps, in Slurm 22.05's words (exit 1 when none)
+FAKE_SCONTROL = r"""#!/bin/bash
+echo "scontrol $*" >> "$FAKE_DIR/slurm-calls"
+shopt -s nullglob
+steps=("$FAKE_DIR"/steps/*)
+[ ${#steps[@]} = 0 ] && { echo "Job step $3. not found"; exit 1; }
+for f in "${steps[@]}"; do
+  read -r name pid < "$f"
+  echo "StepId=${f##*/} UserId=0 StartTime=2026-11-28T13:50:04 TimeLimit=UNLIMITED State=RUNNING Partition=pd" \
+       "NodeList=pdn1 Nodes=1 CPUs=1 Tasks=1 Name=$name Network=(null) TRES=cpu=1,mem=0,node=1" \
+       "ResvPorts=(null) CPUFreqReq=Default Dist=Cyclic SrunHost:Pid=login1:$pid"
+done
+"""
+# scancel JOB.STEP: the step leaves the job; with FAKE_DIR/scancel-fails, slurmctld refuses
+FAKE_SCANCEL = r"""#!/bin/bash
+echo "scancel $*" >> "$FAKE_DIR/slurm-calls"
+if [ -e "$FAKE_DIR/scancel-fails" ]; then
+  echo "scancel: error: Kill job error on job step id $1: Access/permission denied" >&2
+  exit 1
+fi
+rm -f "$FAKE_DIR/steps/$1"
 """
 
 
@@ -66,12 +95,15 @@ class _Health(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """FAKE_DIR holding the stand-in srun (first on PATH) and its controls; SLURM_JOB_ID set."""
+    """FAKE_DIR holding the stand-in srun, scontrol and scancel (first on PATH) and their controls;
+    SLURM_JOB_ID set."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    srun = bin_dir / "srun"
-    srun.write_text(FAKE_SRUN)
-    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "steps").mkdir()
+    for name, script in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("scancel", FAKE_SCANCEL)):
+        path = bin_dir / name
+        path.write_text(script)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "nodefail").write_text("\n".join(NODE_FAILURE) + "\n")
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_DIR", str(tmp_path))
@@ -299,3 +331,56 @@ def test_the_ready_line_names_the_stop_the_user_has(
 
     code, text = run_while(stop_once_started, tmp_path / "logs", proxy_port, capsys)
     assert code == 0 and hint in text, text
+
+
+def slurm_calls(fake_dir: Path, command: str) -> list[str]:
+    """The arguments each call of the stand-in `command` (scontrol, scancel) was given, in order."""
+    path = fake_dir / "slurm-calls"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.removeprefix(f"{command} ") for line in lines if line.startswith(f"{command} ")]
+
+
+@pytest.mark.parametrize("scancel_fails", [False, True], ids=["cancelled", "scancel-fails"])
+def test_the_step_of_a_killed_srun_client_is_cancelled_through_slurm(
+        fake_dir: Path, tmp_path: Path, proxy_port: int, term_guard: None, monkeypatch: pytest.MonkeyPatch,
+        scancel_fails: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """Node 0's srun client hangs (SIGSTOP): it forwards no stop and does not end its step on SIGTERM, so the
+    launcher SIGKILLs it, and its step ran on in the allocation. Now the launcher scancels exactly that step
+    (7.10: node 0's name and srun pid; not node 1's, which ended, nor another launcher's pdlaunch-node0), and
+    a scancel that fails is an error naming the step, slurmctld's answer and the command to run by hand."""
+    monkeypatch.setattr(slurm, "STEP_STOP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(slurm, "STEP_KILL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(slurm, "CANCEL_WAIT_S", 1.0)
+    (fake_dir / "steps" / "7.5").write_text("pdlaunch-node0 4242\n")  # another launcher's in the same allocation
+    if scancel_fails:
+        (fake_dir / "scancel-fails").touch()
+    hung: list[int] = []
+
+    def srun_hangs_then_user_stops() -> None:
+        wait_for(lambda: both_started(fake_dir), "both srun steps to start", 60.0)
+        hung.append(int((fake_dir / "srun-0.pid").read_text()))
+        os.kill(hung[0], signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        code, text = run_while(srun_hangs_then_user_stops, tmp_path / "logs", proxy_port, capsys)
+    finally:
+        for pid in hung:  # the launcher SIGKILLs it; if it did not, do not leave it stopped
+            signal_pid(pid, signal.SIGCONT)
+            signal_pid(pid, signal.SIGKILL)
+    assert ("node 0's srun client was killed by signal 9 and left its step 7.10 running in job 7: cancelling it "
+            "(scancel 7.10)") in text, text
+    assert slurm_calls(fake_dir, "scancel") == ["7.10"], text
+    assert (fake_dir / "steps" / "7.5").exists(), "another launcher's step was cancelled"
+    assert "Traceback" not in text, text
+    if not scancel_fails:
+        assert code == 0, text
+        assert "stopped: every srun step ended (cancelled through SLURM: 7.10)" in text, text
+        assert sorted(p.name for p in (fake_dir / "steps").iterdir()) == ["7.5"]
+    else:
+        assert code == 1, text
+        assert ("error: could not cancel step 7.10 (node 0's) of job 7: `scancel 7.10` exited with code 1: scancel: "
+                "error: Kill job error on job step id 7.10: Access/permission denied; run `scancel 7.10` by hand "
+                "(`squeue -s -j 7` lists the job's steps)") in text, text
+        assert "stopped, but job 7 may still run step 7.10" in text, text
+        assert "every srun step ended" not in text, text

@@ -1,7 +1,8 @@
 """How `pdlaunch serve --backend slurm` ends under `salloc` on a real SLURM cluster (slurmctld + two slurmd nodes
 on this machine, tests/cluster/slurm_cluster.py), when the user's stop is not the plain one: the launcher
-SIGKILLed (the OOM killer, kill -9) must not leave its steps serving in the allocation, and a second Ctrl-C
-must end the steps without waiting for a node's drain.
+SIGKILLed (the OOM killer, kill -9) must not leave its steps serving in the allocation, a second Ctrl-C
+must end the steps without waiting for a node's drain, and a step whose srun client hangs (the launcher
+SIGKILLs the client) must be cancelled through SLURM, not left in the allocation.
 
 The launcher runs as in a user's salloc shell: `salloc --nodes=2 bash -c '...'` starts it in the background
 and the shell lives on after it, so the allocation (and anything left in it) stays until scancel."""
@@ -224,4 +225,69 @@ def test_a_second_ctrl_c_ends_the_steps_without_waiting_for_the_drain(slurm: Slu
     finally:
         if hung is not None:
             signal_pid(hung, signal.SIGCONT)
+        allocation.close()
+
+
+def srun_client_pid(launcher: int, node: int) -> int | None:
+    """The pid of node `node`'s srun client, the launcher's child (not srun's shepherd, its forked child with the
+    same arguments, which cancels the step if srun dies unless it is killed too), None if none runs."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher and argv[0] == b"srun" and f"--relative={node}".encode() in argv:
+            return int(proc.name)
+    return None
+
+
+def is_srun(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"srun\0")
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_step_whose_srun_client_had_to_be_killed_is_cancelled(slurm: SlurmCluster, llama_ckpt: Path,
+                                                                  tmp_path: Path) -> None:
+    """Node 0's srun client hangs (SIGSTOP: a stuck client, a slow slurmctld): on the stop it forwards no SIGUSR1
+    and does not kill its step on SIGTERM, and the launcher's SIGKILL ended the client (and its shepherd) only.
+    The step ran on in the allocation with node 0's instance and the proxy until a scancel. Now the launcher
+    cancels that step through SLURM, says so, and nothing of the deployment is left."""
+    config, url = write_config(tmp_path, llama_ckpt)
+    allocation = Salloc(slurm, [sys.executable, "-m", "pdlaunch", "serve", str(config)], tmp_path)
+    hung: int | None = None
+    try:
+        allocation.wait_ready(url)
+        node0_step = next(step.split()[0] for step in allocation.steps() if step.endswith(" pdlaunch-node0"))
+        hung = wait_for(lambda: srun_client_pid(allocation.launcher_pid, 0), "node 0's srun client", 30.0)
+        os.kill(hung, signal.SIGSTOP)
+        os.kill(allocation.launcher_pid, signal.SIGINT)
+        wait_for(lambda: [step.split()[1] for step in allocation.steps()] == ["pdlaunch-node0"],
+                 "node 1 to drain and its step to end, node 0's to stay (its srun forwards nothing)",
+                 STOP_TIMEOUT_S, poll=0.5)
+        os.kill(allocation.launcher_pid, signal.SIGINT)  # skip the wait for node 0's drain, which never comes
+        wait_for(lambda: allocation.exit_code is not None, "the launcher to exit after the second Ctrl-C",
+                 STOP_TIMEOUT_S, poll=0.5)
+        wait_for(lambda: not allocation.steps(), f"node 0's step {node0_step} to leave squeue (its srun client was "
+                 f"SIGKILLed and the step ran on in the allocation):\n{allocation.output}", STOP_TIMEOUT_S, poll=0.5)
+        wait_for(lambda: not answers(url), f"the proxy at {url} to stop answering", STOP_TIMEOUT_S, poll=0.5)
+        text = " ".join(allocation.output.split())
+        assert allocation.exit_code == 0, text
+        assert (f"node 0's srun client was killed by signal 9 and left its step {node0_step} running in job "
+                f"{allocation.job}: cancelling it (scancel {node0_step})") in text, text
+        assert f"stopped: every srun step ended (cancelled through SLURM: {node0_step})" in text, text
+        assert "Traceback" not in text, text
+        left = subprocess.run(["pgrep", "-f", str(tmp_path / "logs")], capture_output=True, text=True).stdout.split()
+        assert not left, f"processes of the deployment left: {left}"
+        assert allocation.slurm.job_state(allocation.job).get("JobState") == "RUNNING", "the allocation lives on"
+    finally:
+        if hung is not None and is_srun(hung):  # the launcher SIGKILLs it; if it did not, do not leave it stopped
+            signal_pid(hung, signal.SIGCONT)
+            signal_pid(hung, signal.SIGKILL)
         allocation.close()

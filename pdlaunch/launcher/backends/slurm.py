@@ -13,7 +13,9 @@ its own instances; a step that ends stops the deployment (exit 1, naming the nod
 SIGINT/SIGTERM (`scancel --signal=TERM --batch`, Ctrl-C under salloc) stop it: it sends each srun
 SIGUSR1, which srun forwards to its node's launcher, each node drains and stops its processes, and
 this process exits 0 once every step has ended; a second signal meanwhile ends the steps at once
-(SIGTERM to srun, which kills its step), as `pdlaunch serve` skips the drain. SLURM sends the same
+(SIGTERM to srun, which kills its step), as `pdlaunch serve` skips the drain. An srun that does not exit
+on SIGTERM (hung, stopped, waiting on a slow slurmctld) is SIGKILLed, which leaves its step running in the
+allocation: the launcher then cancels that step through SLURM (`scancel JOB.STEP`) and says so. SLURM sends the same
 SIGTERM when it ends the job itself (a node failure, the time limit, preemption, a plain scancel):
 slurmstepd and srun then say why in the steps' output, and the launcher repeats it (exit 1 unless the
 job was simply cancelled).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +49,8 @@ DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig a
 STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node turns it into a stop)
 STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its processes
 STEP_KILL_TIMEOUT_S = 10.0  # srun, on SIGTERM, kills its step and exits; SIGKILL after this
+SLURM_CALL_TIMEOUT_S = 30.0  # one scontrol/scancel call (a busy slurmctld answers slowly)
+CANCEL_WAIT_S = 60.0  # a cancelled step leaves the job once slurmd has killed its processes (2-3 s seen)
 HEALTH_TIMEOUT_S = 2.0
 END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
 
@@ -85,11 +90,15 @@ def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
     return SlurmEnd("; ".join(parts), failure or bool(failed_nodes))
 
 
+def step_name(node: int) -> str:
+    return f"pdlaunch-node{node}"
+
+
 def srun_argv(node: int, cpus: int | None) -> list[str]:
     """Node `node`'s step, with every CPU and all memory the job has there (`cpus`; a step gets one CPU
     by default) and no CPU binding: its launcher divides them among its instances. --overlap lets the
     steps share the allocation (each keeps access to its node's GPUs); --relative picks the node."""
-    return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", f"--job-name=pdlaunch-node{node}",
+    return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", f"--job-name={step_name(node)}",
             *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0",
             sys.executable, "-m", "pdlaunch.launcher.backends.slurm_node", "--node-rank", str(node)]
 
@@ -144,7 +153,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
         def hurry() -> bool:  # a second signal: end the steps without waiting for the nodes' drain
             return signals.forced
 
-        try:
+        def supervise() -> int:
             for step in steps:
                 step.start()
             console.print(f"slurm: {len(steps)} srun steps on {nodes}; waiting for the proxy at {url} "
@@ -172,6 +181,10 @@ def run_slurm(cfg: DeploymentConfig) -> int:
             console.print(f"{signals.signal_name} received: stopping every node (up to "
                           f"{STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C again to stop at once", highlight=False)
             return stopped_by_signal(console, steps, job, hurry)
+
+        left: list[str] = []
+        try:
+            code = supervise()
         finally:
             # After a failure (a step ended, the proxy never answered) nobody asked for a drain: a first
             # Ctrl-C ends the other steps at once. After a stop signal they have ended already.
@@ -179,7 +192,15 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                 console.print(f"stopping the other nodes (up to {STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C to stop at "
                               "once", highlight=False)
             stop_steps(steps, signals.requested.is_set)
-            console.print("stopped: every srun step ended", highlight=False)
+            cancelled, left = cancel_left_steps(console, steps, job)
+            if left:
+                console.print(f"[red]stopped, but job {job} may still run {', '.join(left)}[/red] (see above)",
+                              highlight=False, soft_wrap=True)
+            else:
+                console.print("stopped: every srun step ended"
+                              + (f" (cancelled through SLURM: {', '.join(cancelled)})" if cancelled else ""),
+                              highlight=False, soft_wrap=True)
+        return 1 if left else code
 
 
 def how_to_stop(job: str) -> str:
@@ -215,9 +236,10 @@ def stopped_by_signal(console: Console, steps: list[ChildProcess], job: str, hur
 def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = None) -> SlurmEnd | None:
     """Ask every node to stop (SIGUSR1, which srun forwards to its task: SIGTERM would make srun kill
     the step at once), wait up to STEP_STOP_TIMEOUT_S for all, or until `hurry()` turns true (a second
-    Ctrl-C), then end what is left: SIGTERM, SIGKILL after STEP_KILL_TIMEOUT_S. Returns why SLURM ended
-    steps as their output said before that SIGTERM: slurmstepd writes the same line as for a scancel when
-    srun kills its step at this process's request."""
+    Ctrl-C), then end what is left: SIGTERM, SIGKILL after STEP_KILL_TIMEOUT_S (the steps of srun clients
+    killed so are cancel_left_steps's). Returns why SLURM ended steps as their output said before that
+    SIGTERM: slurmstepd writes the same line as for a scancel when srun kills its step at this process's
+    request."""
     for step in steps:
         if step.running:
             step.signal_group(STOP_SIGNAL)
@@ -228,3 +250,92 @@ def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = Non
     end = slurm_end(steps)
     stop_all(steps, STEP_KILL_TIMEOUT_S)
     return end
+
+
+class SlurmCallError(Exception):
+    """A scontrol/scancel call that failed or did not answer; the message says which and why."""
+
+
+def slurm_call(*argv: str) -> str:
+    """Run a SLURM command; its stdout. Raises SlurmCallError."""
+    command = " ".join(argv)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=SLURM_CALL_TIMEOUT_S,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise SlurmCallError(f"`{command}` did not answer within {SLURM_CALL_TIMEOUT_S:.0f}s") from exc
+    except OSError as exc:
+        raise SlurmCallError(f"`{command}`: {exc.strerror or exc}") from exc
+    if done.returncode != 0:
+        said = " ".join((done.stderr.strip() or done.stdout.strip()).split())
+        raise SlurmCallError(f"`{command}` exited with code {done.returncode}: {said}")
+    return done.stdout
+
+
+def job_steps(job: str) -> dict[str, tuple[str, int | None]]:
+    """The job's steps slurmctld still lists: step id ("7.1") -> (name, pid of the srun that started it).
+    scontrol, not squeue: only it says which srun started a step, so another launcher's steps of the same
+    name (a second deployment in the allocation) are told apart. Raises SlurmCallError."""
+    try:
+        text = slurm_call("scontrol", "show", "step", job, "--oneliner")
+    except SlurmCallError as exc:
+        # scontrol exits 1 for a job without steps ("Job step 7. not found") or one that ended
+        if "not found" in str(exc) or "Invalid job id" in str(exc):
+            return {}
+        raise
+    listed: dict[str, tuple[str, int | None]] = {}
+    for line in text.splitlines():  # "StepId=7.1 ... Name=pdlaunch-node0 ... SrunHost:Pid=login1:4242"
+        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
+        pid = fields.get("SrunHost:Pid", "").rpartition(":")[2]
+        if "StepId" in fields:
+            listed[fields["StepId"]] = (fields.get("Name", ""), int(pid) if pid.isdigit() else None)
+    return listed
+
+
+def cancel_left_steps(console: Console, steps: list[ChildProcess], job: str) -> tuple[list[str], list[str]]:
+    """After the kill: a step whose srun client did not end it (the client killed by a signal, here SIGKILL
+    when it did not exit on SIGTERM, or not even reaped) may run on in the job with its node's processes;
+    srun's shepherd, which would cancel it, died with the client's process group. Cancel each such step of
+    this launcher (its name and its srun's pid) through SLURM, `scancel JOB.STEP` (SIGKILL to the step's
+    processes at once), and wait up to CANCEL_WAIT_S for them to leave the job. Returns the ids cancelled,
+    and what may still run (after an error printed with the command to run by hand)."""
+    orphans = {step.pid: step for step in steps
+               if step.pid is not None and ((code := step.poll()) is None or code < 0)}
+    if not orphans:
+        return [], []
+    try:
+        listed = job_steps(job)
+    except SlurmCallError as exc:
+        names = [step_name(steps.index(step)) for step in orphans.values()]
+        console.print(f"[red]error:[/red] could not list job {job}'s steps to cancel what the killed srun clients "
+                      f"left ({escape(str(exc))}): find {', '.join(names)} in `squeue -s -j {job}` and run "
+                      f"`scancel {job}.STEP` for each", highlight=False, soft_wrap=True)
+        return [], names
+    ours = {step_id: orphans[pid] for step_id, (name, pid) in listed.items()
+            if pid in orphans and name == step_name(steps.index(orphans[pid]))}
+    failed: dict[str, str] = {}
+    for step_id, step in ours.items():
+        how = step.describe_exit() if step.poll() is not None else "did not end even on SIGKILL"
+        console.print(f"{step.name}'s srun client {how} and left its step {step_id} running in job {job}: "
+                      f"cancelling it (scancel {step_id})", highlight=False, soft_wrap=True)
+        try:
+            slurm_call("scancel", step_id)
+        except SlurmCallError as exc:
+            failed[step_id] = str(exc)  # it may have ended meanwhile: the job's steps say
+    remaining, deadline, unlisted = set(ours), time.monotonic() + CANCEL_WAIT_S, ""
+    while remaining:
+        try:
+            remaining &= set(job_steps(job))
+            unlisted = ""
+        except SlurmCallError as exc:
+            unlisted = str(exc)
+        if not remaining or time.monotonic() > deadline:
+            break
+        time.sleep(POLL_S)
+    for step_id in sorted(remaining):
+        why = (failed.get(step_id) or unlisted
+               or f"it is still in the job {CANCEL_WAIT_S:.0f}s after `scancel {step_id}`")
+        console.print(f"[red]error:[/red] could not cancel step {step_id} ({ours[step_id].name}'s) of job {job}: "
+                      f"{escape(why)}; run `scancel {step_id}` by hand (`squeue -s -j {job}` lists the job's steps)",
+                      highlight=False, soft_wrap=True)
+    return [step_id for step_id in ours if step_id not in remaining], sorted(f"step {s}" for s in remaining)
