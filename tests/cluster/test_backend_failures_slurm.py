@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.models import DeploymentConfig
-from pdlaunch.launcher.backends import slurm
+from pdlaunch.launcher.backends import slurm, slurm_steps
 from pdlaunch.launcher.backends.slurm import run_slurm
 from tests.helpers.pids import pid_alive, signal_pid
 from tests.serving.helpers import wait_for
@@ -350,7 +350,7 @@ def test_the_step_of_a_killed_srun_client_is_cancelled_through_slurm(
     a scancel that fails is an error naming the step, slurmctld's answer and the command to run by hand."""
     monkeypatch.setattr(slurm, "STEP_STOP_TIMEOUT_S", 1.0)
     monkeypatch.setattr(slurm, "STEP_KILL_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(slurm, "CANCEL_WAIT_S", 1.0)
+    monkeypatch.setattr(slurm_steps, "CANCEL_WAIT_S", 1.0)
     (fake_dir / "steps" / "7.5").write_text("pdlaunch-node0 4242\n")  # another launcher's in the same allocation
     if scancel_fails:
         (fake_dir / "scancel-fails").touch()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from rich.markup import escape
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
 from pdlaunch.launcher.deployment import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.serve import StopSignals, report_failure
@@ -49,8 +49,6 @@ DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig a
 STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node turns it into a stop)
 STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its processes
 STEP_KILL_TIMEOUT_S = 10.0  # srun, on SIGTERM, kills its step and exits; SIGKILL after this
-SLURM_CALL_TIMEOUT_S = 30.0  # one scontrol/scancel call (a busy slurmctld answers slowly)
-CANCEL_WAIT_S = 60.0  # a cancelled step leaves the job once slurmd has killed its processes (2-3 s seen)
 HEALTH_TIMEOUT_S = 2.0
 END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
 
@@ -88,10 +86,6 @@ def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
         return None
     parts = ([f"node failure on {', '.join(failed_nodes)}"] if failed_nodes else []) + cancelled
     return SlurmEnd("; ".join(parts), failure or bool(failed_nodes))
-
-
-def step_name(node: int) -> str:
-    return f"pdlaunch-node{node}"
 
 
 def srun_argv(node: int, cpus: int | None) -> list[str]:
@@ -250,92 +244,3 @@ def stop_steps(steps: list[ChildProcess], hurry: Callable[[], bool] | None = Non
     end = slurm_end(steps)
     stop_all(steps, STEP_KILL_TIMEOUT_S)
     return end
-
-
-class SlurmCallError(Exception):
-    """A scontrol/scancel call that failed or did not answer; the message says which and why."""
-
-
-def slurm_call(*argv: str) -> str:
-    """Run a SLURM command; its stdout. Raises SlurmCallError."""
-    command = " ".join(argv)
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=SLURM_CALL_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as exc:
-        raise SlurmCallError(f"`{command}` did not answer within {SLURM_CALL_TIMEOUT_S:.0f}s") from exc
-    except OSError as exc:
-        raise SlurmCallError(f"`{command}`: {exc.strerror or exc}") from exc
-    if done.returncode != 0:
-        said = " ".join((done.stderr.strip() or done.stdout.strip()).split())
-        raise SlurmCallError(f"`{command}` exited with code {done.returncode}: {said}")
-    return done.stdout
-
-
-def job_steps(job: str) -> dict[str, tuple[str, int | None]]:
-    """The job's steps slurmctld still lists: step id ("7.1") -> (name, pid of the srun that started it).
-    scontrol, not squeue: only it says which srun started a step, so another launcher's steps of the same
-    name (a second deployment in the allocation) are told apart. Raises SlurmCallError."""
-    try:
-        text = slurm_call("scontrol", "show", "step", job, "--oneliner")
-    except SlurmCallError as exc:
-        # scontrol exits 1 for a job without steps ("Job step 7. not found") or one that ended
-        if "not found" in str(exc) or "Invalid job id" in str(exc):
-            return {}
-        raise
-    listed: dict[str, tuple[str, int | None]] = {}
-    for line in text.splitlines():  # "StepId=7.1 ... Name=pdlaunch-node0 ... SrunHost:Pid=login1:4242"
-        fields = dict(word.split("=", 1) for word in line.split() if "=" in word)
-        pid = fields.get("SrunHost:Pid", "").rpartition(":")[2]
-        if "StepId" in fields:
-            listed[fields["StepId"]] = (fields.get("Name", ""), int(pid) if pid.isdigit() else None)
-    return listed
-
-
-def cancel_left_steps(console: Console, steps: list[ChildProcess], job: str) -> tuple[list[str], list[str]]:
-    """After the kill: a step whose srun client did not end it (the client killed by a signal, here SIGKILL
-    when it did not exit on SIGTERM, or not even reaped) may run on in the job with its node's processes;
-    srun's shepherd, which would cancel it, died with the client's process group. Cancel each such step of
-    this launcher (its name and its srun's pid) through SLURM, `scancel JOB.STEP` (SIGKILL to the step's
-    processes at once), and wait up to CANCEL_WAIT_S for them to leave the job. Returns the ids cancelled,
-    and what may still run (after an error printed with the command to run by hand)."""
-    orphans = {step.pid: step for step in steps
-               if step.pid is not None and ((code := step.poll()) is None or code < 0)}
-    if not orphans:
-        return [], []
-    try:
-        listed = job_steps(job)
-    except SlurmCallError as exc:
-        names = [step_name(steps.index(step)) for step in orphans.values()]
-        console.print(f"[red]error:[/red] could not list job {job}'s steps to cancel what the killed srun clients "
-                      f"left ({escape(str(exc))}): find {', '.join(names)} in `squeue -s -j {job}` and run "
-                      f"`scancel {job}.STEP` for each", highlight=False, soft_wrap=True)
-        return [], names
-    ours = {step_id: orphans[pid] for step_id, (name, pid) in listed.items()
-            if pid in orphans and name == step_name(steps.index(orphans[pid]))}
-    failed: dict[str, str] = {}
-    for step_id, step in ours.items():
-        how = step.describe_exit() if step.poll() is not None else "did not end even on SIGKILL"
-        console.print(f"{step.name}'s srun client {how} and left its step {step_id} running in job {job}: "
-                      f"cancelling it (scancel {step_id})", highlight=False, soft_wrap=True)
-        try:
-            slurm_call("scancel", step_id)
-        except SlurmCallError as exc:
-            failed[step_id] = str(exc)  # it may have ended meanwhile: the job's steps say
-    remaining, deadline, unlisted = set(ours), time.monotonic() + CANCEL_WAIT_S, ""
-    while remaining:
-        try:
-            remaining &= set(job_steps(job))
-            unlisted = ""
-        except SlurmCallError as exc:
-            unlisted = str(exc)
-        if not remaining or time.monotonic() > deadline:
-            break
-        time.sleep(POLL_S)
-    for step_id in sorted(remaining):
-        why = (failed.get(step_id) or unlisted
-               or f"it is still in the job {CANCEL_WAIT_S:.0f}s after `scancel {step_id}`")
-        console.print(f"[red]error:[/red] could not cancel step {step_id} ({ours[step_id].name}'s) of job {job}: "
-                      f"{escape(why)}; run `scancel {step_id}` by hand (`squeue -s -j {job}` lists the job's steps)",
-                      highlight=False, soft_wrap=True)
-    return [step_id for step_id in ours if step_id not in remaining], sorted(f"step {s}" for s in remaining)
