@@ -69,9 +69,15 @@ for f in "${steps[@]}"; do
        "ResvPorts=(null) CPUFreqReq=Default Dist=Cyclic SrunHost:Pid=login1:$pid"
 done
 """
-# scancel JOB.STEP: the step leaves the job; with FAKE_DIR/scancel-fails, slurmctld refuses
+# scancel JOB.STEP: the step leaves the job; with FAKE_DIR/scancel-fails, slurmctld refuses; with
+# FAKE_DIR/scancel-late, it refuses because the step is ending by itself, and it leaves the job
 FAKE_SCANCEL = r"""#!/bin/bash
 echo "scancel $*" >> "$FAKE_DIR/slurm-calls"
+if [ -e "$FAKE_DIR/scancel-late" ]; then
+  rm -f "$FAKE_DIR/steps/$1"
+  echo "scancel: error: Kill job error on job step id $1: Job/step already completing or completed" >&2
+  exit 1
+fi
 if [ -e "$FAKE_DIR/scancel-fails" ]; then
   echo "scancel: error: Kill job error on job step id $1: Access/permission denied" >&2
   exit 1
@@ -340,20 +346,21 @@ def slurm_calls(fake_dir: Path, command: str) -> list[str]:
     return [line.removeprefix(f"{command} ") for line in lines if line.startswith(f"{command} ")]
 
 
-@pytest.mark.parametrize("scancel_fails", [False, True], ids=["cancelled", "scancel-fails"])
+@pytest.mark.parametrize("scancel", ["ok", "fails", "late"])
 def test_the_step_of_a_killed_srun_client_is_cancelled_through_slurm(
         fake_dir: Path, tmp_path: Path, proxy_port: int, term_guard: None, monkeypatch: pytest.MonkeyPatch,
-        scancel_fails: bool, capsys: pytest.CaptureFixture[str]) -> None:
+        scancel: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Node 0's srun client hangs (SIGSTOP): it forwards no stop and does not end its step on SIGTERM, so the
     launcher SIGKILLs it, and its step ran on in the allocation. Now the launcher scancels exactly that step
     (7.10: node 0's name and srun pid; not node 1's, which ended, nor another launcher's pdlaunch-node0), and
-    a scancel that fails is an error naming the step, slurmctld's answer and the command to run by hand."""
+    a scancel that fails is an error naming the step, slurmctld's answer and the command to run by hand; one
+    refused because the step was ending by itself is no error, and that step is not called cancelled."""
     monkeypatch.setattr(slurm, "STEP_STOP_TIMEOUT_S", 1.0)
     monkeypatch.setattr(slurm, "STEP_KILL_TIMEOUT_S", 1.0)
     monkeypatch.setattr(slurm_steps, "CANCEL_WAIT_S", 1.0)
     (fake_dir / "steps" / "7.5").write_text("pdlaunch-node0 4242\n")  # another launcher's in the same allocation
-    if scancel_fails:
-        (fake_dir / "scancel-fails").touch()
+    if scancel != "ok":
+        (fake_dir / f"scancel-{scancel}").touch()
     hung: list[int] = []
 
     def srun_hangs_then_user_stops() -> None:
@@ -373,10 +380,13 @@ def test_the_step_of_a_killed_srun_client_is_cancelled_through_slurm(
     assert slurm_calls(fake_dir, "scancel") == ["7.10"], text
     assert (fake_dir / "steps" / "7.5").exists(), "another launcher's step was cancelled"
     assert "Traceback" not in text, text
-    if not scancel_fails:
+    if scancel == "ok":
         assert code == 0, text
         assert "stopped: every srun step ended (cancelled through SLURM: 7.10)" in text, text
         assert sorted(p.name for p in (fake_dir / "steps").iterdir()) == ["7.5"]
+    elif scancel == "late":
+        assert code == 0 and "error" not in text, text
+        assert "stopped: every srun step ended" in text and "cancelled through SLURM" not in text, text
     else:
         assert code == 1, text
         assert ("error: could not cancel step 7.10 (node 0's) of job 7: `scancel 7.10` exited with code 1: scancel: "

@@ -71,8 +71,9 @@ def cancel_left_steps(console: Console, steps: list[ChildProcess], job: str) -> 
     when it did not exit on SIGTERM, or not even reaped) may run on in the job with its node's processes;
     srun's shepherd, which would cancel it, died with the client's process group. Cancel each such step of
     this launcher (its name and its srun's pid) through SLURM, `scancel JOB.STEP` (SIGKILL to the step's
-    processes at once), and wait up to CANCEL_WAIT_S for them to leave the job. Returns the ids cancelled,
-    and what may still run (after an error printed with the command to run by hand)."""
+    processes at once), and wait up to CANCEL_WAIT_S for them to leave the job. Returns the ids cancelled
+    (not one whose scancel failed and that ended by itself), and what may still run (after an error printed
+    with the command to run by hand)."""
     orphans = {step.pid: step for step in steps
                if step.pid is not None and ((code := step.poll()) is None or code < 0)}
     if not orphans:
@@ -112,4 +113,6 @@ def cancel_left_steps(console: Console, steps: list[ChildProcess], job: str) -> 
         console.print(f"[red]error:[/red] could not cancel step {step_id} ({ours[step_id].name}'s) of job {job}: "
                       f"{escape(why)}; run `scancel {step_id}` by hand (`squeue -s -j {job}` lists the job's steps)",
                       highlight=False, soft_wrap=True)
-    return [step_id for step_id in ours if step_id not in remaining], sorted(f"step {s}" for s in remaining)
+    # a step whose scancel failed but that left the job ended by itself: not "cancelled through SLURM"
+    return ([step_id for step_id in ours if step_id not in remaining and step_id not in failed],
+            sorted(f"step {s}" for s in remaining))
