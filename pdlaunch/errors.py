@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 class PdlaunchError(Exception):
@@ -39,3 +39,9 @@ class EngineError(PdlaunchError):
 
 class KVTransferError(PdlaunchError):
     """A KV transfer failure: handshake, engine_id mismatch, incompatibility, timeout, checksum."""
+
+
+def error_text(error: Mapping[str, object]) -> str:
+    """A pydantic error's message as a user reads it: our validators' own words, without the "Value error, "
+    pydantic puts before the text of a ValueError."""
+    return str(error.get("msg", "invalid value")).removeprefix("Value error, ")

@@ -14,6 +14,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdlaunch.errors import error_text
+
 # HTTP status -> OpenAI error type (the names OpenAI and vLLM use).
 _ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -67,7 +69,7 @@ def validation_error(exc: ValidationError | RequestValidationError) -> OpenAIErr
         return OpenAIError(400, "invalid request body")
     first = errors[0]
     param = param_of(first.get("loc", ()))
-    message = f"{param}: {first.get('msg', 'invalid value')}"
+    message = f"{param}: {error_text(first)}"
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return OpenAIError(400, message, param=param)

@@ -24,7 +24,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pdlaunch.errors import KVTransferError
+from pdlaunch.errors import KVTransferError, error_text
 from pdlaunch.kv_transfer.auth import PARAMS_PURPOSE, JSONObject, canonical, derive_key, mac, mac_ok
 
 __all__ = ["JSONObject"]  # params on the wire (the HTTP body, the prefill's signed answer) are JSON objects
@@ -223,7 +223,7 @@ def _field_error(exc: ValidationError) -> KVTransferError:
     first = exc.errors()[0]
     path = ".".join(str(p) for p in first["loc"])
     field = "kv_transfer_params" + (f".{path}" if path else "")
-    return KVTransferError(first["msg"], field=field,
+    return KVTransferError(error_text(first), field=field,
                            hint="send the kv_transfer_params the prefill instance answered, unchanged")
 
 

@@ -22,7 +22,7 @@ import struct
 
 from pydantic import ValidationError
 
-from pdlaunch.errors import KVTransferError
+from pdlaunch.errors import KVTransferError, error_text
 from pdlaunch.kv_transfer.params import UnsignedPush
 
 PREFILL_SIDE_CHANNELS_ENV = "PDLAUNCH_PREFILL_SIDE_CHANNELS"  # "host:port,host:port" (set by the launcher)
@@ -52,7 +52,7 @@ def check_unsigned_push(raw: object, allowed: frozenset[tuple[str, int]]) -> Uns
     except ValidationError as exc:
         first = exc.errors()[0]
         path = ".".join(str(p) for p in first["loc"])
-        raise KVTransferError(first["msg"], field="kv_transfer_params" + (f".{path}" if path else ""),
+        raise KVTransferError(error_text(first), field="kv_transfer_params" + (f".{path}" if path else ""),
                               hint="send the kv_transfer_params the prefill instance answered") from None
     if (push.remote_host, push.remote_port) not in allowed:
         raise KVTransferError(

@@ -24,6 +24,7 @@ from pydantic import (
 
 from pdlaunch.engine.outputs import MAX_INT32, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 from pdlaunch.server.chat_template import ChatPrompt, template_message
@@ -169,7 +170,7 @@ class _SamplingFields(BaseModel):
             first = exc.errors()[0]
             loc = tuple(first.get("loc", ()))
             param = param_of(((names or {}).get(str(loc[0]), loc[0]), *loc[1:]) if loc else loc)
-            raise OpenAIError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param) from None
+            raise OpenAIError(400, f"{param}: {error_text(first)}", param=param) from None
 
 
 def _one_of(value: object, handler: ValidatorFunctionWrapHandler, shapes: str) -> object:

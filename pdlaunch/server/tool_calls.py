@@ -36,6 +36,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.errors import error_text
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError, param_of
 
@@ -120,7 +121,7 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
         parsed = [Tool.model_validate(t) for t in tools] if isinstance(tools, list) else None
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise OpenAIError(400, f"tools: {first.get('msg')}", param="tools." + param_of(first.get("loc", ()))) from None
+        raise OpenAIError(400, f"tools: {error_text(first)}", param="tools." + param_of(first.get("loc", ()))) from None
     if parsed is None:
         raise OpenAIError(400, "tools must be a list of function tools", param="tools")
     if tool_choice in (None, "auto"):

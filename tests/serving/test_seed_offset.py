@@ -44,7 +44,8 @@ def complete(url: str, **body: Any) -> dict[str, Any]:
 
 
 BAD = [({"seed_offset": -1}, "greater than or equal to 0"), ({"seed_offset": MAX_MODEL_LEN + 1}, "max_model_len"),
-       ({"seed_offset": 2, "seed": None}, "needs a seed"), ({"seed_offset": 2.0}, "integer")]
+       ({"seed_offset": 2, "seed": None}, "seed_offset: seed_offset skips draws of a seed's stream: it needs a seed"),
+       ({"seed_offset": 2.0}, "integer")]  # our validators' words, without pydantic's "Value error, " before them
 
 
 @pytest.mark.parametrize(("fields", "says"), BAD)
