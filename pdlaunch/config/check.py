@@ -16,6 +16,7 @@ from pdlaunch.config.loader import load_deployment, with_rule_problems
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
+from pdlaunch.config.rules.no_effect import no_effect_warnings
 from pdlaunch.config.rules.resources import port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
@@ -108,6 +109,9 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
     warnings = world_readable_secret_warnings(config_path)
+    if resolved is not None:
+        warnings += name_flags(no_effect_warnings(resolved, model_info_for(resolved)[0]),
+                               flag_fields(overrides, resolved.instances))
     if json_output:
         report = {
             "valid": not problems,

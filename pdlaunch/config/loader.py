@@ -178,6 +178,8 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     Raises ConfigError with every problem; the returned config is the resolved one.
     """
     from pdlaunch.config.backend import backend_target, with_backend_nodes
+    from pdlaunch.config.model_info import load_model_info
+    from pdlaunch.config.rules.no_effect import no_effect_warnings
     from pdlaunch.config.rules.security import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
 
@@ -187,10 +189,12 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
         raise with_rule_problems(exc) from None
     cfg = with_backend_nodes(cfg)  # --backend slurm: the allocation's nodes (PdlaunchError outside one)
     problems, resolved = validate_deployment(cfg, target=backend_target(cfg))  # ray: the cluster's GPUs
-    for field, message in world_readable_secret_warnings(path):
-        logger.warning("warning: %s: %s", field, message)
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
+    info, _ = load_model_info(resolved.model.path)
+    for field, message in world_readable_secret_warnings(path) + name_flags(
+            no_effect_warnings(resolved, info), flag_fields(overrides, resolved.instances)):
+        logger.warning("warning: %s: %s", field, message)
     return resolved
 
 
