@@ -4,16 +4,12 @@ what it does instead, a hub id gets the download command, and `serve --help` rea
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
-from pdlaunch.config.loader import load_valid_deployment
 from tests.config.cli_helpers import check
 
 
@@ -66,24 +62,3 @@ def test_serve_help_in_panels_with_defaults_at_80_columns() -> None:
         assert default in text, default
     assert "--trust-remote-code" not in text  # refused spellings stay out of the help
 
-
-def test_expert_parallel_on_a_dense_model_is_a_warning_naming_what_the_user_set(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """vLLM takes --enable-expert-parallel with a dense model and says nothing; it placed nothing here either,
-    silently. check-config and serve now say so (a warning: the deployment is still valid)."""
-    result = check(["--model", "demo", "--device", "cpu", "--enable-expert-parallel"])
-    assert result.exit_code == 0, result.output
-    assert ("warning: --enable-expert-parallel: has no effect: 'demo' (LlamaForCausalLM) is a dense model, with no "
-            "experts to place; drop it, or serve a Mixture-of-Experts checkpoint") in " ".join(result.output.split())
-    path = tmp_path / "ep.yaml"
-    path.write_text("instances:\n  - {role: prefill, enable_expert_parallel: true}\n  - {role: decode}\n")
-    report = json.loads(check([str(path), "--model", "demo", "--device", "cpu", "--json"]).output)
-    assert report["valid"] and [w["field"] for w in report["warnings"]] == ["instances[0].enable_expert_parallel"]
-    with caplog.at_level(logging.WARNING, logger="pdlaunch"):
-        load_valid_deployment(path, {"model.path": "demo", "device": "cpu"})
-    assert "warning: instances[0].enable_expert_parallel: has no effect" in caplog.text
-
-
-def test_expert_parallel_on_a_moe_model_is_no_warning(moe_ckpt: Callable[[str], Path]) -> None:
-    result = check(["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", "--enable-expert-parallel"])
-    assert result.exit_code == 0 and "warning" not in result.output, result.output

@@ -1,7 +1,9 @@
 """Warnings (not errors) for settings that do nothing with this model, so a user does not believe them on.
 
 vLLM accepts `--enable-expert-parallel` with a dense model and says nothing; here check-config and serve say
-that it places nothing (a dense model has no experts), naming the flag or field the user set.
+that it places nothing (a dense model has no experts), naming the flag or field the user set. Likewise the
+settings of KV transfer and of prefill/decode TP in a deployment without prefill or decode instances (all
+colocated: no KV moves between instances). Only values the user set are named (pydantic's fields_set).
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from pdlaunch.config.problems import Problem, problem
 
 
 def no_effect_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
+    """Every setting of the resolved `cfg` that does nothing here, as warnings."""
+    return expert_parallel_warnings(cfg, info) + colocated_warnings(cfg)
+
+
+def expert_parallel_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
     """Expert parallelism asked for (deployment-wide or per group) on a model without experts."""
     if info is None or info.moe is not None:
         return []
@@ -20,3 +27,17 @@ def no_effect_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Pr
                if group.enable_expert_parallel]
     return [problem(field, f"has no effect: {cfg.model.path!r} ({info.architecture}) is a dense model, with no "
                     "experts to place", "drop it, or serve a Mixture-of-Experts checkpoint") for field in fields]
+
+
+def colocated_warnings(cfg: DeploymentConfig) -> list[Problem]:
+    """KV transfer's connector/mode and prefill/decode TP set for a deployment whose instances are all colocated."""
+    if any(group.role in ("prefill", "decode") for group in cfg.instances):
+        return []
+    hint = "drop it, or serve prefill and decode instances"
+    found = [problem(f"kv_transfer.{name}", "has no effect: every instance is colocated, so no KV moves between "
+                     "instances", hint) for name in ("connector", "transfer_mode")
+             if name in cfg.kv_transfer.model_fields_set]
+    found += [problem(f"parallel.{name}", "has no effect: every instance is colocated, with no prefill or decode "
+                      "instance to take it (parallel.tp sizes colocated ones)", hint)
+              for name in ("prefill_tp", "decode_tp") if name in cfg.parallel.model_fields_set]
+    return found

@@ -1,0 +1,65 @@
+"""Settings that do nothing with this model or layout are warnings naming what the user set
+(config/rules/no_effect.py): check-config prints them (and --json lists them), serve logs them; the deployment
+stays valid. Values left at their defaults are not named."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.config.loader import load_valid_deployment
+from tests.config.cli_helpers import check
+
+CPU = ["--model", "demo", "--device", "cpu"]
+COLOCATED = "has no effect: every instance is colocated"
+
+
+def warnings_of(args: list[str]) -> list[str]:
+    result = check(args)
+    assert result.exit_code == 0, result.output
+    return [" ".join(line.split()) for line in result.output.splitlines() if line.startswith("warning:")]
+
+
+def test_expert_parallel_on_a_dense_model_is_a_warning_naming_what_the_user_set(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM takes --enable-expert-parallel with a dense model and says nothing; it placed nothing here either,
+    silently. check-config and serve now say so (a warning: the deployment is still valid)."""
+    result = check([*CPU, "--enable-expert-parallel"])
+    assert result.exit_code == 0, result.output
+    assert ("warning: --enable-expert-parallel: has no effect: 'demo' (LlamaForCausalLM) is a dense model, with no "
+            "experts to place; drop it, or serve a Mixture-of-Experts checkpoint") in " ".join(result.output.split())
+    path = tmp_path / "ep.yaml"
+    path.write_text("instances:\n  - {role: prefill, enable_expert_parallel: true}\n  - {role: decode}\n")
+    report = json.loads(check([str(path), "--model", "demo", "--device", "cpu", "--json"]).output)
+    assert report["valid"] and [w["field"] for w in report["warnings"]] == ["instances[0].enable_expert_parallel"]
+    with caplog.at_level(logging.WARNING, logger="pdlaunch"):
+        load_valid_deployment(path, {"model.path": "demo", "device": "cpu"})
+    assert "warning: instances[0].enable_expert_parallel: has no effect" in caplog.text
+
+
+def test_expert_parallel_on_a_moe_model_is_no_warning(moe_ckpt: Callable[[str], Path]) -> None:
+    result = check(["--model", str(moe_ckpt("qwen3_moe")), "--device", "cpu", "--enable-expert-parallel"])
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+
+@pytest.mark.parametrize(("flags", "field"), [(["--transfer-mode", "push"], "--transfer-mode"),
+                                              (["--kv-connector", "mooncake"], "--kv-connector"),
+                                              (["--prefill-tp", "3"], "--prefill-tp"),
+                                              (["--decode-tp", "3"], "--decode-tp")])
+def test_kv_transfer_and_role_tp_in_a_colocated_deployment_are_named(flags: list[str], field: str) -> None:
+    said = warnings_of([*CPU, "--colocated", *flags])
+    assert len(said) == 1 and said[0].startswith(f"warning: {field}: {COLOCATED}"), said
+
+
+def test_the_same_settings_with_prefill_and_decode_are_no_warning(tmp_path: Path) -> None:
+    assert warnings_of([*CPU, "--transfer-mode", "pull", "--kv-connector", "nixl", "--prefill-tp", "3"]) == []
+    assert warnings_of([*CPU, "--colocated"]) == []  # defaults are not named
+    path = tmp_path / "colocated.yaml"
+    path.write_text("colocated: true\nkv_transfer: {transfer_mode: pull}\n")
+    said = warnings_of([str(path), *CPU])
+    assert len(said) == 1 and said[0].startswith(f"warning: kv_transfer.transfer_mode: {COLOCATED}"), said
