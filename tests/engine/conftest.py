@@ -22,15 +22,18 @@ _request_ids = itertools.count()
 
 @pytest.fixture
 def make_engine() -> Iterator[MakeEngine]:
-    """make_engine(path, device="cpu", instance=None, connector=None, **config overrides)."""
+    """make_engine(path, device=None (cpu, or the instance's), instance=None, connector=None, **config overrides)."""
     engines: list[LLMEngine] = []
 
-    def make(path: Path | str, device: str = "cpu", dtype: str = "float32", instance: InstanceSpec | None = None,
+    def make(path: Path | str, device: str | None = None, dtype: str = "float32", instance: InstanceSpec | None = None,
              connector: KVConnector | None = None, **overrides: Any) -> LLMEngine:
         overrides.setdefault("block_size", 8)
         overrides.setdefault("num_gpu_blocks", 256)
-        if instance is not None:  # the engine runs on its instance's device: a spec's default ("cpu") would
-            instance = instance.model_copy(update={"device": device})  # turn a device="cuda" test into a CPU one
+        # The engine runs on its instance's device: a device asked for here goes to the instance too (its
+        # default, "cpu", turned a device="cuda" test into a CPU one, silently); else the instance's is used.
+        if instance is not None and device is not None:
+            instance = instance.model_copy(update={"device": device})
+        device = device or (instance.device if instance is not None else "cpu")
         engine = LLMEngine(secured(build_config(str(path), device, dtype, overrides)), instance, connector)
         engines.append(engine)
         return engine
