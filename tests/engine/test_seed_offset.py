@@ -66,9 +66,9 @@ def test_through_pd_the_prefill_and_the_decode_skip_the_offset(make_engine: Make
     recomputes the last prompt token draws it itself after k."""
     ids = reference(make_engine(llama_ckpt, device=device))
     hub = Hub()
-    p_engine, d_engine = (make_engine(llama_ckpt, instance=spec(role, name).model_copy(update={"device": device}),
+    p_engine, d_engine = (make_engine(llama_ckpt, device=device, instance=spec(role, name),
                                       connector=CopyConnector(hub, name))
-                          for role, name in (("prefill", "P"), ("decode", "D")))  # an instance names its device
+                          for role, name in (("prefill", "P"), ("decode", "D")))  # the instance takes the device
     assert p_engine.device.type == d_engine.device.type == device
     k = 5
     prompt = PROMPT + ids[:k]
