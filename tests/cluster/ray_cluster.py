@@ -15,7 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.cluster.slurm_cluster import _free_port
 from tests.helpers.pids import pid_alive, signal_pid
@@ -150,3 +153,18 @@ class RayCluster:
         for pid in tree:
             signal_pid(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def running_ray() -> Iterator[RayCluster]:
+    """A module fixture's body: a started cluster (the test skipped, saying why, where Ray cannot run here),
+    stopped after the last test."""
+    ray_cluster = RayCluster()
+    try:
+        ray_cluster.start()
+    except RayUnavailable as exc:
+        ray_cluster.stop()
+        pytest.skip(f"needs a Ray cluster on this machine: {exc}")
+    try:
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()

@@ -13,7 +13,10 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tests.helpers.pids import pid_alive, signal_pid
 
@@ -135,3 +138,18 @@ PartitionName=pd Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP O
             time.sleep(0.2)
         for pid in pids:
             signal_pid(pid, signal.SIGKILL)
+
+
+def running_slurm(root: Path) -> Iterator[SlurmCluster]:
+    """A module fixture's body: a started cluster under `root` (the test skipped, saying why, where SLURM
+    cannot run here), stopped after the last test."""
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+    except SlurmUnavailable as exc:
+        cluster.stop()
+        pytest.skip(f"needs a SLURM cluster on this machine: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -24,7 +24,7 @@ import pytest
 
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
-from tests.cluster.ray_cluster import HEAD_RESOURCE, WORKERS, RayCluster, RayUnavailable
+from tests.cluster.ray_cluster import HEAD_RESOURCE, WORKERS, RayCluster, running_ray
 from tests.cluster.slurm_cluster import _free_port
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
@@ -39,16 +39,7 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    ray_cluster = RayCluster()
-    try:
-        ray_cluster.start()
-    except RayUnavailable as exc:
-        ray_cluster.stop()
-        pytest.skip(f"needs a Ray cluster on this machine: {exc}")
-    try:
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
+    yield from running_ray()
 
 
 class Serve:

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.ray_cluster import HEAD_RESOURCE, RayCluster, RayUnavailable
+from tests.cluster.ray_cluster import HEAD_RESOURCE, RayCluster, running_ray
 from tests.cluster.slurm_cluster import _free_port
 from tests.helpers.pids import pid_alive, signal_pid
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS
@@ -51,16 +51,7 @@ LONG = ("import sys\n"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    ray_cluster = RayCluster()
-    try:
-        ray_cluster.start()
-    except RayUnavailable as exc:
-        ray_cluster.stop()
-        pytest.skip(f"needs a Ray cluster on this machine: {exc}")
-    try:
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
+    yield from running_ray()
 
 
 class Launcher:

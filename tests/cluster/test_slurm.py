@@ -21,7 +21,7 @@ import pytest
 
 from pdlaunch.engine.llm import LLM
 from pdlaunch.engine.outputs import SamplingParams
-from tests.cluster.slurm_cluster import NODES, SlurmCluster, SlurmUnavailable, _free_port
+from tests.cluster.slurm_cluster import NODES, SlurmCluster, _free_port, running_slurm
 from tests.config.cli_helpers import check
 from tests.multinode.two_node_run import NUM_BLOCKS, PROMPTS, completion, kv_bytes_received
 from tests.serving.helpers import wait_for
@@ -35,16 +35,7 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        cluster.stop()
-        pytest.skip(f"needs a SLURM cluster on this machine: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_slurm(tmp_path_factory.mktemp("slurm"))
 
 
 def test_slurm_backend_outside_an_allocation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.slurm_cluster import SlurmCluster, SlurmUnavailable, _free_port
+from tests.cluster.slurm_cluster import SlurmCluster, _free_port, running_slurm
 from tests.helpers.pids import signal_pid
 from tests.serving.helpers import wait_for
 
@@ -35,16 +35,7 @@ SHELL = ('echo "$SLURM_JOB_ID" > job; echo $$ > shell.pid; "$@" > launcher.out 2
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        cluster.stop()
-        pytest.skip(f"needs a SLURM cluster on this machine: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    yield from running_slurm(tmp_path_factory.mktemp("slurm"))
 
 
 def write_config(tmp: Path, model: Path) -> tuple[Path, str]:
