@@ -50,7 +50,8 @@ def test_expert_parallel_on_a_moe_model_is_no_warning(moe_ckpt: Callable[[str], 
 @pytest.mark.parametrize(("flags", "field"), [(["--transfer-mode", "push"], "--transfer-mode"),
                                               (["--kv-connector", "mooncake"], "--kv-connector"),
                                               (["--prefill-tp", "3"], "--prefill-tp"),
-                                              (["--decode-tp", "3"], "--decode-tp")])
+                                              (["--decode-tp", "3"], "--decode-tp"),
+                                              (["--kv-load-failure-policy", "fail"], "--kv-load-failure-policy")])
 def test_kv_transfer_and_role_tp_in_a_colocated_deployment_are_named(flags: list[str], field: str) -> None:
     said = warnings_of([*CPU, "--colocated", *flags])
     assert len(said) == 1 and said[0].startswith(f"warning: {field}: {COLOCATED}"), said

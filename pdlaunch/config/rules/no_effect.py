@@ -30,12 +30,13 @@ def expert_parallel_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> l
 
 
 def colocated_warnings(cfg: DeploymentConfig) -> list[Problem]:
-    """KV transfer's connector/mode and prefill/decode TP set for a deployment whose instances are all colocated."""
+    """KV transfer's connector, mode, load-failure policy and checksums, and prefill/decode TP, set for a deployment
+    whose instances are all colocated."""
     if any(group.role in ("prefill", "decode") for group in cfg.instances):
         return []
     hint = "drop it, or serve prefill and decode instances"
     found = [problem(f"kv_transfer.{name}", "has no effect: every instance is colocated, so no KV moves between "
-                     "instances", hint) for name in ("connector", "transfer_mode")
+                     "instances", hint) for name in ("connector", "transfer_mode", "load_failure_policy", "verify_kv")
              if name in cfg.kv_transfer.model_fields_set]
     found += [problem(f"parallel.{name}", "has no effect: every instance is colocated, with no prefill or decode "
                       "instance to take it (parallel.tp sizes colocated ones)", hint)
