@@ -161,7 +161,10 @@ def share_one_gpu(cfg: DeploymentConfig) -> None:
         group.devices = [0] * group.count
     share = int(0.9 / sharers * 100) / 100  # leave 10% of the GPU to CUDA contexts and fragmentation
     if cfg.cache.gpu_memory_utilization > share:
+        given = "gpu_memory_utilization" in cfg.cache.model_fields_set
         cfg.cache.gpu_memory_utilization = share
+        if not given:  # fields_set names what the user set (config/rules/no_effect.py), not this split
+            cfg.cache.model_fields_set.discard("gpu_memory_utilization")
     _info_once(f"One GPU: {sharers} instances share GPU 0 with gpu_memory_utilization "
                f"{cfg.cache.gpu_memory_utilization} "
                "each (list `devices` per instance group to choose yourself).")

@@ -64,3 +64,23 @@ def test_the_same_settings_with_prefill_and_decode_are_no_warning(tmp_path: Path
     path.write_text("colocated: true\nkv_transfer: {transfer_mode: pull}\n")
     said = warnings_of([str(path), *CPU])
     assert len(said) == 1 and said[0].startswith(f"warning: kv_transfer.transfer_mode: {COLOCATED}"), said
+
+
+TARGET = ["--model", "demo", "--device", "cuda", "--target-gpus", "1", "--target-gpu-memory", "80"]
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    ([*CPU, "--gpu-memory-utilization", "0.5"],
+     "warning: --gpu-memory-utilization: has no effect on the CPU: cache.cpu_kv_cache_gb sizes the KV cache there"),
+    ([*TARGET, "--num-gpu-blocks", "600", "--gpu-memory-utilization", "0.3"],
+     "warning: --gpu-memory-utilization: has no effect: cache.num_gpu_blocks fixes the KV cache's size")])
+def test_a_kv_budget_setting_another_one_overrides_is_named(args: list[str], said: str) -> None:
+    warned = warnings_of(args)
+    assert len(warned) == 1 and warned[0].startswith(said), warned
+
+
+def test_the_one_gpu_split_of_gpu_memory_utilization_is_not_the_users_setting() -> None:
+    """P and D on one GPU get gpu_memory_utilization 0.45 each from check-config itself: with num_gpu_blocks set,
+    that split is no setting of the user's to warn about."""
+    assert warnings_of([*TARGET, "--num-gpu-blocks", "600"]) == []
+    assert warnings_of([*TARGET]) == []

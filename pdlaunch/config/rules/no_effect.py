@@ -3,7 +3,8 @@
 vLLM accepts `--enable-expert-parallel` with a dense model and says nothing; here check-config and serve say
 that it places nothing (a dense model has no experts), naming the flag or field the user set. Likewise the
 settings of KV transfer and of prefill/decode TP in a deployment without prefill or decode instances (all
-colocated: no KV moves between instances). Only values the user set are named (pydantic's fields_set).
+colocated: no KV moves between instances), and the KV budget settings that another one overrides. Only values the
+user set are named (pydantic's fields_set).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pdlaunch.config.problems import Problem, problem
 
 def no_effect_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
     """Every setting of the resolved `cfg` that does nothing here, as warnings."""
-    return expert_parallel_warnings(cfg, info) + colocated_warnings(cfg)
+    return expert_parallel_warnings(cfg, info) + colocated_warnings(cfg) + kv_budget_warnings(cfg)
 
 
 def expert_parallel_warnings(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Problem]:
@@ -42,3 +43,20 @@ def colocated_warnings(cfg: DeploymentConfig) -> list[Problem]:
                       "instance to take it (parallel.tp sizes colocated ones)", hint)
               for name in ("prefill_tp", "decode_tp") if name in cfg.parallel.model_fields_set]
     return found
+
+
+def kv_budget_warnings(cfg: DeploymentConfig) -> list[Problem]:
+    """The KV cache size comes from one setting: cache.num_gpu_blocks when set, else gpu_memory_utilization on
+    CUDA and cpu_kv_cache_gb on the CPU (runner/model_runner.py); the others set beside it do nothing."""
+    cache, given = cfg.cache, cfg.cache.model_fields_set
+    if cache.num_gpu_blocks is not None:
+        return [problem(f"cache.{name}", "has no effect: cache.num_gpu_blocks fixes the KV cache's size",
+                        "drop one of the two") for name in ("gpu_memory_utilization", "cpu_kv_cache_gb")
+                if name in given]
+    if cfg.device == "cpu" and "gpu_memory_utilization" in given:
+        return [problem("cache.gpu_memory_utilization", "has no effect on the CPU: cache.cpu_kv_cache_gb sizes "
+                        "the KV cache there", "drop it, or set cache.cpu_kv_cache_gb")]
+    if cfg.device == "cuda" and "cpu_kv_cache_gb" in given:
+        return [problem("cache.cpu_kv_cache_gb", "has no effect on CUDA: --gpu-memory-utilization sizes the KV "
+                        "cache there", "drop it, or set --gpu-memory-utilization")]
+    return []
