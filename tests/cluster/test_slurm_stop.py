@@ -100,11 +100,14 @@ class Salloc:
         return [line.strip() for line in listed.splitlines() if "pdlaunch-node" in line]
 
     def wait_ready(self, url: str) -> None:
+        """Until the proxy answers and the launcher has said so: a Ctrl-C before its own probe saw the proxy
+        is one "while starting", another path than the one a test means to take."""
         def ready() -> bool:
             assert self.exit_code is None, f"the launcher exited with {self.exit_code}:\n{self.output}"
-            return answers(url)
+            return answers(url) and "ready: OpenAI API at" in self.output
 
-        wait_for(ready, f"the proxy at {url} to answer under salloc", START_TIMEOUT_S, poll=1.0)
+        wait_for(ready, f"the proxy at {url} to answer under salloc and the launcher to say so", START_TIMEOUT_S,
+                 poll=1.0)
 
     def close(self) -> None:
         """scancel the job (what the user had to do before) and wait for its steps to end, so that none is
