@@ -18,8 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.cluster.running import running
 from tests.cluster.slurm_cluster import _free_port
 from tests.helpers.pids import pid_alive, signal_pid
 
@@ -158,13 +157,4 @@ class RayCluster:
 def running_ray() -> Iterator[RayCluster]:
     """A module fixture's body: a started cluster (the test skipped, saying why, where Ray cannot run here),
     stopped after the last test."""
-    ray_cluster = RayCluster()
-    try:
-        ray_cluster.start()
-    except RayUnavailable as exc:
-        ray_cluster.stop()
-        pytest.skip(f"needs a Ray cluster on this machine: {exc}")
-    try:
-        yield ray_cluster
-    finally:
-        ray_cluster.stop()
+    return running(RayCluster(), RayUnavailable, "a Ray cluster")

@@ -16,8 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from tests.cluster.running import running
 from tests.helpers.pids import pid_alive, signal_pid
 
 NODES = {"pdn1": "127.0.0.1", "pdn2": "127.0.0.2"}
@@ -143,13 +142,4 @@ PartitionName=pd Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=UP O
 def running_slurm(root: Path) -> Iterator[SlurmCluster]:
     """A module fixture's body: a started cluster under `root` (the test skipped, saying why, where SLURM
     cannot run here), stopped after the last test."""
-    cluster = SlurmCluster(root)
-    try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        cluster.stop()
-        pytest.skip(f"needs a SLURM cluster on this machine: {exc}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+    return running(SlurmCluster(root), SlurmUnavailable, "a SLURM cluster")

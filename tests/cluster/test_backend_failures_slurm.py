@@ -163,6 +163,19 @@ def slurm_signals_the_steps(fake_dir: Path, logs: Path) -> None:
              "slurmstepd's line in both steps' output", 30.0)
 
 
+def steps_left_running(fake_dir: Path) -> list[int]:
+    """Waits up to 60 s for the stand-in steps to end; those still running then (the launcher did not end
+    them), SIGKILLed here so that none outlives the test."""
+    try:
+        wait_for(lambda: not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "the steps to end", 60.0)
+        return []
+    except AssertionError:
+        left = srun_pids(fake_dir)
+        for pid in left:
+            signal_pid(pid, signal.SIGKILL)
+        return left
+
+
 def said(capsys: pytest.CaptureFixture[str]) -> str:
     out = capsys.readouterr()
     return " ".join((out.out + out.err).split())
@@ -276,12 +289,7 @@ def test_a_second_signal_ends_the_steps_without_waiting_for_the_drain(
         os.kill(os.getpid(), signal.SIGINT)
         wait_for(lambda: all((fake_dir / f"asked-{k}").exists() for k in (0, 1)), "both nodes asked to stop", 30.0)
         os.kill(os.getpid(), signal.SIGINT)
-        try:
-            wait_for(lambda: not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "the steps to end", 60.0)
-        except AssertionError:
-            left_running.extend(srun_pids(fake_dir))
-            for pid in left_running:
-                signal_pid(pid, signal.SIGKILL)
+        left_running.extend(steps_left_running(fake_dir))
 
     code, text = run_while(user_presses_ctrl_c_twice, tmp_path / "logs", proxy_port, capsys)
     assert not left_running, f"the launcher still waited for the drain after the second signal: {text}"
@@ -305,12 +313,7 @@ def test_after_a_failure_one_signal_ends_the_other_steps(
     def user_presses_ctrl_c_once() -> None:
         wait_for(lambda: (fake_dir / "asked-0").exists(), "node 0 asked to stop after node 1 failed", 60.0)
         os.kill(os.getpid(), signal.SIGINT)
-        try:
-            wait_for(lambda: not [pid for pid in srun_pids(fake_dir) if pid_alive(pid)], "the steps to end", 60.0)
-        except AssertionError:
-            left_running.extend(srun_pids(fake_dir))
-            for pid in left_running:
-                signal_pid(pid, signal.SIGKILL)
+        left_running.extend(steps_left_running(fake_dir))
 
     code, text = run_while(user_presses_ctrl_c_once, tmp_path / "logs", proxy_port, capsys)
     assert not left_running, f"one Ctrl-C after the failure did not end the drain: {text}"

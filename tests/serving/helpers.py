@@ -48,6 +48,18 @@ class ThreadServer:
         self.thread.join(30)
 
 
+def tiny_colocated(max_model_len: int) -> DeploymentConfig:
+    """One colocated instance of the tiny random model on CPU (128 blocks of 8 tokens, a deployment secret),
+    its context `max_model_len` tokens: the config of the module fixtures that serve it in process."""
+    from pdlaunch.config.models import DeploymentConfig
+
+    return DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": max_model_len}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
+        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+    })
+
+
 @contextmanager
 def in_process_instance(cfg: DeploymentConfig, engine_id: str, max_pending_requests: int = 16,
                         ) -> Iterator[tuple[str, EngineLoop]]:

@@ -13,7 +13,7 @@ import pytest
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.proxy.migrate import continuation_body, max_tokens_of
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
-from tests.serving.helpers import in_process_instance
+from tests.serving.helpers import in_process_instance, tiny_colocated
 
 MAX_MODEL_LEN = 96
 CHAT = [{"role": "user", "content": "Tell me a long story"}]
@@ -21,12 +21,7 @@ CHAT = [{"role": "user", "content": "Tell me a long story"}]
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "tiny", "max_model_len": MAX_MODEL_LEN}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
-        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
-    })
-    with in_process_instance(cfg, "default-max-tokens-0") as (address, _):
+    with in_process_instance(tiny_colocated(MAX_MODEL_LEN), "default-max-tokens-0") as (address, _):
         yield address
 
 

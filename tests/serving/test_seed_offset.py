@@ -12,11 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.migrate import continuation_body
 from pdlaunch.proxy.translate import parse_client_body
-from tests.serving.helpers import in_process_instance
+from tests.serving.helpers import in_process_instance, tiny_colocated
 
 MAX_MODEL_LEN = 128
 PROMPT = "A seeded sample goes on where it was cut"
@@ -27,12 +26,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
-        "model": {"path": "tiny", "max_model_len": MAX_MODEL_LEN}, "cache": {"num_gpu_blocks": 128, "block_size": 8},
-        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
-    })
-    with in_process_instance(cfg, "seed-offset-0") as (address, _):
+    with in_process_instance(tiny_colocated(MAX_MODEL_LEN), "seed-offset-0") as (address, _):
         yield address
 
 
