@@ -90,6 +90,9 @@ class SamplingParams(BaseModel):
     def _offset_needs_seed(cls, value: int, info: ValidationInfo) -> int:
         if value and info.data.get("seed") is None:
             raise ValueError("seed_offset skips draws of a seed's stream: it needs a seed")
+        if value and (info.data.get("temperature") == 0.0 or info.data.get("top_k") == 1):
+            raise ValueError("seed_offset skips draws of a sampled request's seed, and a greedy request "
+                             "(temperature 0 or top_k 1) draws nothing: drop seed_offset")
         return value
 
     @field_validator("min_tokens")

@@ -39,6 +39,7 @@ from typing import TypeVar
 import httpx
 from pydantic import JsonValue
 
+from pdlaunch.engine.outputs import SAMPLING_EPS
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, ids_of, int_of, list_of, objects, token_limit
@@ -103,9 +104,17 @@ def continuation_body(body: Body, chat: bool, token_ids: list[int], generated: i
     min_tokens = int_of(body.get("min_tokens"))  # the instances read no other name (min_completion_tokens is none)
     if min_tokens:
         leg["min_tokens"] = max(0, min_tokens - generated)
-    if body.get("seed") is not None:  # output token k was the seed's draw seed_offset + k (sampler.py)
+    if body.get("seed") is not None and not _greedy(body):  # token k was the seed's draw seed_offset + k (sampler.py)
         leg["seed_offset"] = (int_of(body.get("seed_offset")) or 0) + generated
     return leg
+
+
+def _greedy(body: Body) -> bool:
+    """Whether the instance samples `body` greedily (engine/outputs.py SamplingParams.greedy: a temperature below
+    SAMPLING_EPS, absent = 1.0, or top_k 1): it draws nothing, and takes no seed_offset."""
+    temperature = body.get("temperature")
+    cold = isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature < SAMPLING_EPS
+    return cold or int_of(body.get("top_k")) == 1
 
 
 @dataclass

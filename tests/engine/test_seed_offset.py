@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from pdlaunch.engine.first_token import skip_draws
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -51,11 +52,12 @@ def test_a_continuation_with_seed_offset_draws_the_seeded_requests_own_tokens(
     assert fresh.output_token_ids != ids[4:]
 
 
-def test_seed_offset_does_nothing_to_a_greedy_request(make_engine: MakeEngine, llama_ckpt: Path) -> None:
-    engine = make_engine(llama_ckpt)
-    greedy = SEEDED.model_copy(update={"temperature": 0.0})
-    ids = run_all(engine, [PROMPT], greedy)[0].output_token_ids
-    assert run_all(engine, [PROMPT + ids[:3]], going_on(3, greedy))[0].output_token_ids == ids[3:]
+@pytest.mark.parametrize("greedy", [{"temperature": 0.0}, {"top_k": 1}])
+def test_seed_offset_on_a_greedy_request_is_refused(greedy: dict[str, float]) -> None:
+    """A greedy request draws nothing: an offset would be accepted and change nothing, so it is refused."""
+    with pytest.raises(ValidationError, match="a greedy request .* draws nothing"):
+        SamplingParams.model_validate({**SEEDED.model_dump(), **greedy, "seed_offset": 3})
+    assert SamplingParams.model_validate({**SEEDED.model_dump(), **greedy, "seed_offset": 0}).seed_offset == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,5 +1,5 @@
 """seed_offset through the HTTP API and the proxy: a 400 naming it when negative, past max_model_len or without
-a seed; no effect on greedy requests; with n > 1 sample i skips it of seed + i; and the continuation a migration
+a seed or on a greedy request; with n > 1 sample i skips it of seed + i; and the continuation a migration
 sends carries it (proxy/migrate.py). A real instance (tiny model, CPU); engine-level behaviour:
 tests/engine/test_seed_offset.py."""
 
@@ -71,9 +71,11 @@ def test_a_continuation_with_seed_offset_gives_the_rest_of_the_seeded_answer(url
     assert rest["choices"][0]["token_ids"] == ids[k:]
 
 
-def test_seed_offset_does_nothing_to_a_greedy_request(url: str) -> None:
-    greedy = complete(url, temperature=0)["choices"][0]["token_ids"]
-    assert complete(url, temperature=0, seed_offset=5)["choices"][0]["token_ids"] == greedy
+def test_seed_offset_on_a_greedy_request_is_a_400(url: str) -> None:
+    """A greedy request draws nothing: the offset would be accepted and ignored."""
+    answer = httpx.post(f"{url}/v1/completions", json={**SEEDED, "temperature": 0, "seed_offset": 5}, timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "seed_offset", answer.text
+    assert "a greedy request (temperature 0 or top_k 1) draws nothing" in answer.json()["error"]["message"]
 
 
 def test_each_of_n_samples_skips_the_offset_of_its_own_seed(url: str) -> None:
@@ -93,3 +95,5 @@ def test_a_migrations_continuation_carries_seed_offset() -> None:
     assert (own["seed"], own["seed_offset"], own["max_tokens"]) == (11, 6, 9)
     assert "seed_offset" not in continuation_body({"prompt": "x", "temperature": 0.9}, chat=False, token_ids=[1, 9],
                                                   generated=1)
+    for greedy in ({"temperature": 0}, {"temperature": 1e-6}, {"top_k": 1}):  # draws nothing: no offset to carry
+        assert "seed_offset" not in continuation_body({**seeded, **greedy}, chat=False, token_ids=[1, 9], generated=1)
