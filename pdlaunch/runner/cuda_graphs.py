@@ -43,6 +43,7 @@ from pdlaunch.memory.platform import cuda_stream
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.blas import decode_capture_blas
 from pdlaunch.model.fused_ops import argmax_rows
+from pdlaunch.runner.stage_inputs import StageLayout, scatter
 from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ PROMPT_ROWS_MAX_KEYS = 256 * 1024
 # of ~80 new tokens beside 16 running decodes is 96 rows.
 PROMPT_ROWS_GRAPH_ROWS = 128
 
-# Rows of the packed 1-D inputs (one pinned host buffer, one copy per step).
+# Rows of the packed 1-D inputs (with the tables: one pinned host buffer, one copy per step).
 _IDS, _POS, _SEQ_LENS, _CTX_LENS, _SLOTS = range(5)
 
 
@@ -100,15 +101,18 @@ class DecodeGraphs:
         self._kv_caches = kv_caches
         b = self.max_batch
         pin = device.type == "cuda"
-        # [4 + G + 1, B]: ids, positions, seq_lens, context_lens, slots of group 0..G-1, each row's lead row.
+        # [4 + G + 2, B]: ids, positions, seq_lens, context_lens, slots of group 0..G-1, each row's lead row, each
+        # row's source in the in-flight step's ids (async scheduling; -1: its id is the host's).
         self._leads = _SLOTS + num_groups
-        rows = self._leads + 1
-        self.host = torch.zeros(rows, b, dtype=torch.long, pin_memory=pin)
-        self.packed = torch.zeros(rows, b, dtype=torch.long, device=device)
-        self.host_tables = [torch.zeros(b, max_blocks_per_seq, dtype=torch.long, pin_memory=pin)
-                            for _ in range(num_groups)]
+        self._pending = self._leads + 1
+        self._rows = self._pending + 1
+        self.packed = torch.zeros(self._rows, b, dtype=torch.long, device=device)
         self.tables = [torch.zeros(b, max_blocks_per_seq, dtype=torch.long, device=device)
                        for _ in range(num_groups)]
+        # Every input of a step, laid out by StageLayout: one copy from the pinned host buffer (stage_inputs.py).
+        stage_size = self._rows * b + num_groups * b * max_blocks_per_seq
+        self.stage_host = torch.zeros(stage_size, dtype=torch.long, pin_memory=pin)
+        self.stage = torch.zeros(stage_size, dtype=torch.long, device=device) if pin else self.stage_host
         self.query_start_loc = torch.arange(b + 1, dtype=torch.long, device=device)
         # batch size -> (graph, its float32 logits [B, V], their argmax [B] long, computed inside the graph)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -169,34 +173,42 @@ class DecodeGraphs:
         return keys <= PROMPT_ROWS_MAX_KEYS and all(bool((s >= 0).all()) for s in inputs.slot_mapping)
 
     def load(self, inputs: StepInputs, batch: int) -> None:
-        """Copy the step's inputs into the static buffers, one row per token; rows past the step are padding."""
+        """Copy the step's inputs into the static buffers, one row per token; rows past the step are padding.
+        The in-flight step's sampled ids (`inputs.pending_*`) are filled in on the device."""
         n = int(inputs.input_ids.shape[0])
         pad = batch - n
         # Context before each row's token: a decode's context, or a prompt token's position in its sequence.
         ctx = [c + j for q, c in zip(inputs.query_lens, inputs.context_lens) for j in range(q)]
-        if self._loaded is not None:
-            self._loaded.synchronize()
-        # One host tensor of every 1-D input, padded (a few large ops beat many small ones: the GPU
-        # waits for this).
-        rows = [inputs.input_ids.tolist() + [0] * pad, inputs.positions.tolist() + [0] * pad,
-                [c + 1 for c in ctx] + [1] * pad, ctx + [0] * pad,
-                *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups)),
-                self._row_leads(inputs.query_lens, batch)]
-        self.host[:, :batch] = torch.tensor(rows, dtype=torch.long)
+        pending = [-1] * batch
+        source = inputs.pending_source if inputs.pending_rows else None
+        for row, src in zip(inputs.pending_rows, inputs.pending_src):
+            pending[row] = src
         repeats = torch.tensor(inputs.query_lens) if any(q != 1 for q in inputs.query_lens) else None
+        tables = []
         for g in range(self.num_groups):
             table = inputs.block_tables[g]
             if repeats is not None:  # each prompt token's row reads its sequence's blocks
                 table = table.repeat_interleave(repeats, dim=0)
-            width = table.shape[1]
+            tables.append(table)
+        layout = StageLayout.of(self._rows, batch, n, [t.shape[1] for t in tables])
+        if self._loaded is not None:
+            self._loaded.synchronize()
+        # One host buffer of every input, padded (a few large ops beat many small ones: the GPU waits for this).
+        rows = [inputs.input_ids.tolist() + [0] * pad, inputs.positions.tolist() + [0] * pad,
+                [c + 1 for c in ctx] + [1] * pad, ctx + [0] * pad,
+                *(inputs.slot_mapping[g].tolist() + [-1] * pad for g in range(self.num_groups)),
+                self._row_leads(inputs.query_lens, batch), pending]
+        host = self.stage_host
+        host[:self._rows * batch] = torch.tensor(rows, dtype=torch.long).view(-1)
+        for table, width, offset in zip(tables, layout.widths, layout.table_offsets):
             # -1 (a block left the sliding window) reads as block 0, masked by the kernel.
-            self.host_tables[g][:n, :width] = table.clamp(min=0)
-            self.tables[g][:n, :width].copy_(self.host_tables[g][:n, :width], non_blocking=True)
-        self.packed[:, :batch].copy_(self.host[:, :batch], non_blocking=True)
+            host[offset:offset + n * width].view(n, width).copy_(table.clamp(min=0))
+        if self.stage is not host:
+            self.stage[:layout.size].copy_(host[:layout.size], non_blocking=True)
         if self.device.type == "cuda":
             self._loaded = self._loaded or torch.cuda.Event()  # type: ignore[no-untyped-call]
             self._loaded.record()
-        inputs.fill_pending(self.packed[_IDS])
+        scatter(self.stage, layout, self.packed, self.tables, _IDS, self._pending, source)
 
     def _row_leads(self, query_lens: Sequence[int], batch: int) -> list[int]:
         """Each of `batch` rows' lead row: a prompt's rows in runs of rows_per_program, led by the run's first
@@ -222,12 +234,11 @@ class DecodeGraphs:
         start = time.perf_counter()
         self.graphs.clear()
         self.row_graphs.clear()
-        self.host[_SLOTS:] = -1  # warm-up and capture runs write no KV
-        self.host[self._leads] = torch.arange(self.max_batch)  # and every row leads itself
-        self.host[_SEQ_LENS] = 1
-        self.host[_IDS:_SEQ_LENS] = 0
-        self.host[_CTX_LENS] = 0
-        self.packed.copy_(self.host)
+        self.packed[_SLOTS:] = -1  # warm-up and capture runs write no KV
+        self.packed[self._leads] = torch.arange(self.max_batch, device=self.device)  # and every row leads itself
+        self.packed[_SEQ_LENS] = 1
+        self.packed[_IDS:_SEQ_LENS] = 0
+        self.packed[_CTX_LENS] = 0
         for t in self.tables:
             t.zero_()
         pool = torch.cuda.graph_pool_handle()

@@ -26,6 +26,7 @@ from pdlaunch.model.fused_ops import (
     fused_add_rms_norm_torch,
     rms_norm_torch,
     rotary_cos_sin,
+    rotary_cos_sin_torch,
     silu_and_mul_torch,
     write_kv_torch,
 )
@@ -35,7 +36,7 @@ from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 REFERENCES = ["rms_norm_torch", "fused_add_rms_norm_torch", "apply_rotary_torch", "silu_and_mul_torch",
-              "write_kv_torch"]
+              "write_kv_torch", "rotary_cos_sin_torch"]
 # Set when this process started as the interpreter child (before torch or triton were imported).
 LLAMA3_SCALING = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                   original_max_position_embeddings=8192)
@@ -167,6 +168,29 @@ def test_apply_rotary_kernel_matches_reference_bit_for_bit(device: str, dtype: t
     want_q, want_k = apply_rotary_torch(q, k, cos, sin)
     _assert_equal(q_out, want_q)
     _assert_equal(k_out, want_k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,theta,scaling", [(128, 500000.0, LLAMA3_SCALING), (64, 10000.0, None),
+                                                    (80, 1000000.0, None)])
+def test_rotary_cos_sin_kernel_matches_reference(device: str, dtype: torch.dtype, head_dim: int, theta: float,
+                                                 scaling: RopeScaling | None) -> None:
+    """One kernel for a step's cos/sin; on CUDA bit for bit torch's seven ops (cosf/sinf both), every position to
+    128k; the interpreter's numpy cos/sin may differ from torch's CPU ones in the last float32 bit."""
+    step = 37 if device == "cuda" else 4099  # the interpreter runs a program at a time
+    positions = torch.cat([torch.arange(0, 131072, step), torch.tensor([131071])]).to(device)
+    inv_freq = compute_inv_freq(head_dim, theta, scaling, 131072).to(device)
+    cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
+    want_cos, want_sin = rotary_cos_sin_torch(positions, inv_freq, dtype)
+    assert cos.shape == sin.shape == (positions.shape[0], head_dim) and cos.dtype == sin.dtype == dtype
+    if device == "cuda":
+        _assert_equal(cos, want_cos)
+        _assert_equal(sin, want_sin)
+    else:
+        torch.testing.assert_close(cos, want_cos, rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-2)
+        torch.testing.assert_close(sin, want_sin, rtol=0, atol=2e-6 if dtype == torch.float32 else 1e-2)
+    empty = rotary_cos_sin(positions[:0], inv_freq, dtype)
+    assert empty[0].shape == empty[1].shape == (0, head_dim)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
