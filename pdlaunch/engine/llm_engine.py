@@ -277,10 +277,15 @@ class LLMEngine:
                 f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
                 field="prompt", hint="shorten the request or give the KV cache more memory")
         check_token_ids(params, self.vocab_size)
-        if params.seed_offset > self.max_model_len:  # a CPU generator skips them one draw at a time, here
+        # A CPU generator skips them one draw at a time, here: bounded by max_model_len + the prompt's tokens. A
+        # migration's continuation adds the g ids it carries to both (proxy/migrate.py), so an offset the client may
+        # send stays one its continuation may send (a cap of max_model_len alone failed the continuation mid-stream).
+        offset_cap = self.max_model_len + len(prompt)
+        if params.seed_offset > offset_cap:
             raise EngineError(
-                f"seed_offset {params.seed_offset} exceeds max_model_len {self.max_model_len}: no seeded request "
-                "draws more tokens than that", field="seed_offset", hint=f"use at most {self.max_model_len}")
+                f"seed_offset {params.seed_offset} exceeds {offset_cap} (max_model_len {self.max_model_len} + the "
+                f"prompt's {len(prompt)} tokens): no seeded request draws that many tokens before its prompt ends",
+                field="seed_offset", hint=f"use at most {offset_cap}")
         kv = kv_transfer_params
         if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
             kv = self.check_kv_transfer_params(kv)

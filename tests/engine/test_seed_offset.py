@@ -89,12 +89,28 @@ def test_through_pd_the_prefill_and_the_decode_skip_the_offset(make_engine: Make
     p_engine.step()  # the decode's notice: the prefill's held blocks go back
 
 
-def test_an_offset_past_max_model_len_is_refused_naming_the_field(make_engine: MakeEngine, llama_ckpt: Path) -> None:
+def test_an_offset_past_max_model_len_and_the_prompt_is_refused_naming_the_field(make_engine: MakeEngine,
+                                                                                 llama_ckpt: Path) -> None:
     engine = make_engine(llama_ckpt)
-    with pytest.raises(EngineError) as err:
-        engine.add_request("r", PROMPT, SEEDED.model_copy(update={"seed_offset": engine.max_model_len + 1}))
-    assert err.value.field == "seed_offset"
+    cap = engine.max_model_len + len(PROMPT)
+    with pytest.raises(EngineError, match=f"exceeds {cap} .max_model_len {engine.max_model_len} . the prompt's "
+                                          f"{len(PROMPT)} tokens") as err:
+        engine.add_request("r", PROMPT, SEEDED.model_copy(update={"seed_offset": cap + 1}))
+    assert err.value.field == "seed_offset" and err.value.hint == f"use at most {cap}"
     assert not engine.has_unfinished_requests()
+
+
+def test_a_continuation_of_a_request_at_the_cap_is_accepted_and_goes_on(make_engine: MakeEngine,
+                                                                        llama_ckpt: Path) -> None:
+    """A client's offset at its cap, then a migration's continuation (its offset + the k ids it carries, which its
+    prompt carries too): still within the cap, and it draws the client request's own tokens."""
+    engine = make_engine(llama_ckpt)
+    cap = engine.max_model_len + len(PROMPT)
+    at_cap = SEEDED.model_copy(update={"seed_offset": cap})
+    ids = run_all(engine, [PROMPT], at_cap)[0].output_token_ids
+    k = 4
+    rest = at_cap.model_copy(update={"max_tokens": SEEDED.max_tokens - k, "seed_offset": cap + k})
+    assert run_all(engine, [PROMPT + ids[:k]], rest)[0].output_token_ids == ids[k:]
 
 
 @pytest.mark.parametrize("device", DEVICES)

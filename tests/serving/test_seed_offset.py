@@ -1,4 +1,4 @@
-"""seed_offset through the HTTP API and the proxy: a 400 naming it when negative, past max_model_len or without
+"""seed_offset through the HTTP API and the proxy: a 400 naming it when negative, past max_model_len + the prompt or without
 a seed or on a greedy request; with n > 1 sample i skips it of seed + i; and the continuation a migration
 sends carries it (proxy/migrate.py). A real instance (tiny model, CPU); engine-level behaviour:
 tests/engine/test_seed_offset.py."""
@@ -37,7 +37,7 @@ def complete(url: str, **body: Any) -> dict[str, Any]:
     return result
 
 
-BAD = [({"seed_offset": -1}, "greater than or equal to 0"), ({"seed_offset": MAX_MODEL_LEN + 1}, "max_model_len"),
+BAD = [({"seed_offset": -1}, "greater than or equal to 0"), ({"seed_offset": 2 * MAX_MODEL_LEN + 1}, "max_model_len"),
        ({"seed_offset": 2, "seed": None}, "seed_offset: seed_offset skips draws of a seed's stream: it needs a seed"),
        ({"seed_offset": 2.0}, "integer")]  # our validators' words, without pydantic's "Value error, " before them
 
