@@ -21,14 +21,24 @@ def log_dir_problems(log_dir: str) -> list[Problem]:
     """Problems with `log_dir` as the launcher uses it (created with its parents, then written)."""
     if not log_dir.strip():
         return [problem("log_dir", "is empty", _FIX)]
+    if "\0" in log_dir:  # the kernel cannot take the name: every os call on it raises ValueError
+        return [problem("log_dir", f"{log_dir!r} contains a NUL character", _FIX)]
     path = Path(log_dir)
-    if path.exists():
-        if not path.is_dir():
-            return [problem("log_dir", f"{log_dir!r} exists and is a file, not a directory",
-                            f"remove the file or {_FIX}")]
-        if not os.access(path, os.W_OK | os.X_OK):
-            return [problem("log_dir", f"{log_dir!r} is not writable by this user", _FIX)]
-        return []
+    try:
+        return _existing_dir_problems(log_dir, path) if path.exists() else _creatable_problems(log_dir, path)
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks, an I/O error
+        return [problem("log_dir", f"{log_dir!r} cannot be used: {exc.strerror or exc}", _FIX)]
+
+
+def _existing_dir_problems(log_dir: str, path: Path) -> list[Problem]:
+    if not path.is_dir():
+        return [problem("log_dir", f"{log_dir!r} exists and is a file, not a directory", f"remove the file or {_FIX}")]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [problem("log_dir", f"{log_dir!r} is not writable by this user", _FIX)]
+    return []
+
+
+def _creatable_problems(log_dir: str, path: Path) -> list[Problem]:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
