@@ -20,7 +20,7 @@ from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import memory, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
-from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems
+from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
 from pdlaunch.config.rules.security import secret_problems
 from pdlaunch.memory import host_devices
 
@@ -223,6 +223,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         problems += local_bind_problems(out)
         problems += kv_connector_problems(out)
         problems += log_dir_problems(out.log_dir)
+        problems += storage_path_problems(out)
     gpus = visible_gpus(device, target)
     if device == "cuda" and gpus == 1:
         share_one_gpu(out)
