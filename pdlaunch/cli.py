@@ -17,7 +17,7 @@ from rich.console import Console
 from pdlaunch import __version__
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.config.flags import with_serve_options
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ConfigError, PdlaunchError
 from pdlaunch.render.cli import render_app
 
 if TYPE_CHECKING:
@@ -53,10 +53,21 @@ def _reported() -> Iterator[None]:
 def _run_deployment(config: Path | None, overrides: dict[str, Any], run: Callable[[DeploymentConfig], int]
                     ) -> NoReturn:
     """Validate the deployment, `run` it, and exit with the code it returns."""
+    from pdlaunch.config.flag_names import flag_fields
     from pdlaunch.config.loader import load_valid_deployment
 
     with _reported():
-        code = run(load_valid_deployment(config, overrides))
+        cfg: DeploymentConfig | None = None
+        try:
+            cfg = load_valid_deployment(config, overrides)
+            code = run(cfg)
+        except PdlaunchError as exc:
+            # The launcher and the backends name a config path (`proxy.port`); the user typed a flag (`--port`).
+            # A ConfigError's problems are named already.
+            if exc.field is not None and not isinstance(exc, ConfigError):
+                exc.field = flag_fields(overrides, cfg.instances if cfg is not None else None).get(exc.field,
+                                                                                                   exc.field)
+            raise
     raise typer.Exit(code=code)
 
 

@@ -37,7 +37,11 @@ class Overrides(dict[str, object]):
 
 def is_model(arg: str) -> bool:
     path = Path(arg)
-    return arg in MODEL_NAMES or path.is_dir() or path.suffix.lower() == ".gguf"
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # a name too long for the file system (a config's text pasted as the argument): not a model
+        is_dir = False
+    return arg in MODEL_NAMES or is_dir or path.suffix.lower() == ".gguf"
 
 
 def is_config(arg: str) -> bool:

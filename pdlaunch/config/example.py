@@ -29,7 +29,7 @@ cache:
 
 scheduler:
   max_num_seqs: 64
-  # max_num_batched_tokens: 8192  # tokens per step; default 8192 colocated, 2048 prefill/decode
+  # max_num_batched_tokens: 8192  # tokens per step; default 8192 colocated and prefill, 2048 decode
   prompt_tokens_while_decoding: 1024  # prompt tokens in a step that also decodes (0 = no cap)
 
 parallel:

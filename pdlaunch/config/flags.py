@@ -109,7 +109,7 @@ SERVE_FLAGS: tuple[Flag, ...] = (
     Flag("max_model_len", int | None, "model.max_model_len", "Longest prompt + output."),
     Flag("max_num_seqs", int | None, "scheduler.max_num_seqs", "Most sequences per batch."),
     Flag("max_num_batched_tokens", int | None, "scheduler.max_num_batched_tokens",
-         "Most tokens in one step (chunked prefill); default 8192 colocated, 2048 prefill/decode."),
+         "Most tokens in one step (chunked prefill); default 8192 colocated and prefill, 2048 decode."),
     Flag("prompt_tokens_while_decoding", int | None, "scheduler.prompt_tokens_while_decoding",
          "Most prompt tokens in a step that also runs decodes (default 1024; 0: no cap)."),
     Flag("async_scheduling", bool, "scheduler.async_scheduling",

@@ -144,6 +144,7 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
     return info, []
 
 
+_LOCAL_MODEL = "give a local HF checkpoint directory (config.json + safetensors), a .gguf file, `demo` or `tiny`"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -166,16 +167,22 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
         from pdlaunch.model.demo_model import DEMO_MODEL_CONFIG
 
         return _from_hf_dict(dict(DEMO_MODEL_CONFIG), "the demo model")
-    if path.lower().endswith(".gguf") and Path(os.path.expanduser(path)).is_file():
-        return _from_gguf(Path(os.path.expanduser(path)))
     model_dir = Path(os.path.expanduser(path))  # Path.expanduser raises on `~nosuchuser`
-    if not model_dir.is_dir():
-        what = "is a file, not a directory" if model_dir.exists() else "does not exist"
-        return None, [problem("model.path", f"{path!r} {what}", hub_id_hint(path) or
-                              "give a local HF checkpoint directory (config.json + safetensors), a .gguf file, "
-                              "`demo` or `tiny`")]
+    try:
+        is_dir, is_file, exists = model_dir.is_dir(), model_dir.is_file(), model_dir.exists()
+        has_config = is_dir and (model_dir / "config.json").is_file()
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks, an I/O error
+        return None, [problem("model.path", f"{path!r} cannot be read: {exc.strerror or exc}", _LOCAL_MODEL)]
+    if path.lower().endswith(".gguf") and is_file:
+        return _from_gguf(model_dir)
+    if not exists:
+        return None, [problem("model.path", f"{path!r} does not exist", hub_id_hint(path) or _LOCAL_MODEL)]
+    if not is_dir:
+        hint = (f"point at the checkpoint directory that holds it, {str(model_dir.parent)!r}"
+                if model_dir.name == "config.json" or model_dir.suffix == ".safetensors" else _LOCAL_MODEL)
+        return None, [problem("model.path", f"{path!r} is a file, not a directory", hint)]
     config_file = model_dir / "config.json"
-    if not config_file.is_file():
+    if not has_config:
         return None, [problem("model.path", f"{path!r} has no config.json",
                               "point at the checkpoint directory that holds config.json")]
     try:

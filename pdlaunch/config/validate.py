@@ -18,8 +18,9 @@ from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import memory, resources, roles
+from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
-from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems
+from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
 from pdlaunch.config.rules.security import secret_problems
 from pdlaunch.memory import host_devices
 
@@ -204,6 +205,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += model_problems
     if info is not None:  # config.json parsed: now open what serve opens (tokenizer, weight headers)
         problems += checkpoint_problems(out.model.path, out.model.quantization)
+    problems += chat_template_problems(out.model.chat_template)
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
     problems += roles.role_problems(out)
@@ -221,6 +223,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         problems += local_bind_problems(out)
         problems += kv_connector_problems(out)
         problems += log_dir_problems(out.log_dir)
+        problems += storage_path_problems(out)
     gpus = visible_gpus(device, target)
     if device == "cuda" and gpus == 1:
         share_one_gpu(out)

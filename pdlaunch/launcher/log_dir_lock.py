@@ -72,9 +72,14 @@ class LogDirLock:
         """Take the lock or raise LogDirInUse naming the live holder. Writes nothing before it holds it."""
         if self._fd is not None:
             return
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         lock_file = self.log_dir / self.name
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # no O_TRUNC: the holder's note stays
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # no O_TRUNC: the holder's note stays
+        except (OSError, ValueError) as exc:  # check-config's look at the path cannot foresee every refusal
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise PdlaunchError(f"cannot create or write {str(self.log_dir)!r}: {reason}", field="log_dir",
+                                hint="pass --log-dir DIR (or set log_dir) to a directory you can write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

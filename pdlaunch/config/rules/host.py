@@ -1,7 +1,8 @@
 """What this host must provide before serve starts anything: a log_dir serve can create or write in
-(instead of a FileExistsError traceback from the launcher), and what the chosen KV connector needs
-installed (Mooncake's wheel, the libraries it links, RDMA devices). Also `make_output_dir`, the same for a
-command's output folder (bench results, manifests, checkpoints), made before the command's work.
+(instead of a FileExistsError traceback from the launcher), the storage connector's directory, and what the
+chosen KV connector needs installed (Mooncake's wheel, the libraries it links, RDMA devices). Also
+`make_output_dir`, the same for a command's output folder (bench results, manifests, checkpoints), made
+before the command's work.
 """
 
 from __future__ import annotations
@@ -15,28 +16,59 @@ from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 
 _FIX = "pass --log-dir DIR (or set log_dir) to a directory you can write"
+_STORAGE_FIX = "set kv_transfer.storage_path to a directory you can write"
 
 
 def log_dir_problems(log_dir: str) -> list[Problem]:
     """Problems with `log_dir` as the launcher uses it (created with its parents, then written)."""
-    if not log_dir.strip():
-        return [problem("log_dir", "is empty", _FIX)]
-    path = Path(log_dir)
-    if path.exists():
-        if not path.is_dir():
-            return [problem("log_dir", f"{log_dir!r} exists and is a file, not a directory",
-                            f"remove the file or {_FIX}")]
-        if not os.access(path, os.W_OK | os.X_OK):
-            return [problem("log_dir", f"{log_dir!r} is not writable by this user", _FIX)]
+    return writable_dir_problems("log_dir", log_dir, _FIX)
+
+
+def storage_path_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """The storage connector's directory, which every PD instance creates (`~` expanded) when its KV cache is
+    registered: found here, not as an instance exiting after its weights are loaded."""
+    if cfg.colocated or cfg.kv_transfer.connector != "storage":
         return []
+    value = cfg.kv_transfer.storage_path
+    try:
+        path = str(Path(value).expanduser())  # as the instance expands it
+    except RuntimeError:  # `~nosuchuser/kv`: the instance would fail the same way
+        return [problem("kv_transfer.storage_path", f"{value!r} names the home directory of no user here",
+                        _STORAGE_FIX)]
+    return writable_dir_problems("kv_transfer.storage_path", path, _STORAGE_FIX)
+
+
+def writable_dir_problems(field: str, value: str, fix: str) -> list[Problem]:
+    """Problems with the directory `value` (of config `field`) that a process creates with its parents, then writes."""
+    if not value.strip():
+        return [problem(field, "is empty", fix)]
+    if "\0" in value:  # the kernel cannot take the name: every os call on it raises ValueError
+        return [problem(field, f"{value!r} contains a NUL character", fix)]
+    path = Path(value)
+    try:
+        if path.exists():
+            return _existing_dir_problems(field, value, path, fix)
+        return _creatable_problems(field, value, path, fix)
+    except OSError as exc:  # a name too long for the file system, a loop of symlinks, an I/O error
+        return [problem(field, f"{value!r} cannot be used: {exc.strerror or exc}", fix)]
+
+
+def _existing_dir_problems(field: str, value: str, path: Path, fix: str) -> list[Problem]:
+    if not path.is_dir():
+        return [problem(field, f"{value!r} exists and is a file, not a directory", f"remove the file or {fix}")]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return [problem(field, f"{value!r} is not writable by this user", fix)]
+    return []
+
+
+def _creatable_problems(field: str, value: str, path: Path, fix: str) -> list[Problem]:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        return [problem("log_dir", f"{log_dir!r} cannot be created: {str(parent)!r} is a file", _FIX)]
+        return [problem(field, f"{value!r} cannot be created: {str(parent)!r} is a file", fix)]
     if not os.access(parent, os.W_OK | os.X_OK):
-        return [problem("log_dir", f"{log_dir!r} cannot be created: {str(parent)!r} is not writable by this user",
-                        _FIX)]
+        return [problem(field, f"{value!r} cannot be created: {str(parent)!r} is not writable by this user", fix)]
     return []
 
 
