@@ -160,9 +160,13 @@ class Tokenizer:
     def override_chat_template(self, value: str) -> None:
         """Use `value` (a file path, or the template text itself) instead of the checkpoint's template."""
         path = Path(value)
-        if path.is_file():
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # template text longer than a file name may be, or holding a NUL: not a path
+            is_file = False
+        if is_file:
             try:
-                value = path.read_text()
+                value = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise PdlaunchError(f"cannot read chat template {path}: {exc}", field="model.chat_template") from None
         elif "{{" not in value and "{%" not in value:
