@@ -113,8 +113,8 @@ NOTES: dict[str, str] = {
                   "(a completion's `null` too)",
     "guided_decoding_backend": "llguidance is the backend we run",
     "seed_offset": "pdlaunch's: draws of the seed's stream skipped before the first token (0 to "
-                   "`max_model_len` + the prompt's tokens; a 400 when not 0 without `seed` or when greedy; each of `n` samples skips "
-                   "them); request migration sets it",
+                   "`max_model_len` + the prompt's tokens; a 400 when not 0 without `seed` or when greedy; each of "
+                   "`n` samples skips them); request migration sets it",
 }
 
 _MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}

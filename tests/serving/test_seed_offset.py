@@ -1,5 +1,5 @@
-"""seed_offset through the HTTP API and the proxy: a 400 naming it when negative, past max_model_len + the prompt or without
-a seed or on a greedy request; with n > 1 sample i skips it of seed + i; and the continuation a migration
+"""seed_offset through the HTTP API and the proxy: a 400 naming it when negative, past max_model_len + the prompt
+or without a seed or on a greedy request; with n > 1 sample i skips it of seed + i; and the continuation a migration
 sends carries it (proxy/migrate.py). A real instance (tiny model, CPU); engine-level behaviour:
 tests/engine/test_seed_offset.py."""
 
