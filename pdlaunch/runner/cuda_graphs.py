@@ -4,12 +4,12 @@ A decode step of an 8B model is ~400 kernels that each run for microseconds; lau
 from Python the host is the bottleneck (HF `generate`: 55 ms per token on an H100 against a 5.3 ms
 memory floor). A captured graph launches them all at once.
 
-A step qualifies when every scheduled sequence has query length 1 (decodes, and 1-token prompts)
-and there are at most `max(sizes)` of them. Its N rows are padded to the next ladder size B: the
-inputs go into static device buffers (one pinned host buffer, one asynchronous copy and one kernel that
-fills in the in-flight step's ids: stage_inputs.py; no host sync before the sampler's), padding rows get
-slot -1 (their KV is never written) and a sequence length of 1 (their attention reads one key of block 0 and is discarded), the graph of size B is
-replayed, and the first N rows of its logits are returned, with their argmax: the graph ends with it
+A step qualifies when every scheduled sequence has query length 1 (decodes, and 1-token prompts) and there are at
+most `max(sizes)` of them. Its N rows are padded to the next ladder size B: the inputs go into static device buffers
+(one pinned host buffer, one asynchronous copy and one kernel that fills in the in-flight step's ids:
+stage_inputs.py; no host sync before the sampler's), padding rows get slot -1 (their KV is never written) and a
+sequence length of 1 (their attention reads one key of block 0 and is discarded), the graph of size B is replayed,
+and the first N rows of its logits are returned, with their argmax: the graph ends with it
 (`fused_ops.argmax_rows`), so a greedy step launches no sampling kernel of its own.
 
 The graphs read the weights and KV cache at fixed addresses. CuMem sleep/wake keeps them (same
