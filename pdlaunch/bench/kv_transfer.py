@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pdlaunch.bench.report import KVTransferRow
+from pdlaunch.config.models import BLOCK_SIZES
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
@@ -319,9 +320,12 @@ def run_kv_transfer_bench(
         raise KVTransferError(f"--concurrency {concurrency} is below 1", field="--concurrency",
                               hint="pass 1 for one transfer at a time, or the number of requests in flight")
     for flag, value in (("--num-layers", num_layers), ("--num-kv-heads", num_kv_heads), ("--head-dim", head_dim),
-                        ("--block-size", block_size), ("--iterations", iterations)):
+                        ("--iterations", iterations)):
         if value < 1:
             raise KVTransferError(f"{value} is below 1", field=flag, hint="give a positive integer")
+    if block_size not in BLOCK_SIZES:  # serve's: a block size no deployment runs measures nothing a user sees
+        raise KVTransferError(f"{block_size} is not a block size pdlaunch serves", field="--block-size",
+                              hint=f"one of {', '.join(map(str, BLOCK_SIZES))} (16 by default)")
     short = [n for n in num_tokens_list if n < 2]
     if short:
         raise KVTransferError(f"{short[0]} tokens move no KV (the decode side computes the last prompt "

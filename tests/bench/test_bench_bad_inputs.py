@@ -15,7 +15,7 @@ from tests.bench.fake_openai import fake_server, free_port
 
 SMALL = ["--num-prompts", "2", "--random-input-len", "4", "--random-output-len", "2"]
 KV_SMALL = ["--device", "cpu", "--mode", "pull", "--num-tokens", "9", "--num-layers", "2", "--num-kv-heads", "1",
-            "--head-dim", "8", "--block-size", "4", "--iterations", "1"]
+            "--head-dim", "8", "--block-size", "8", "--iterations", "1"]
 TINY_COMPARE = ["--model", "tiny", "--device", "cpu", "--input-len", "12", "--output-len", "4", "--max-model-len", "64",
                 "--rates", "2"]  # passes every check up to the baseline's
 
@@ -102,6 +102,7 @@ def test_serve_multi_turn_unwritable_output_is_refused_before_the_run(tmp_path: 
     (["--num-tokens", "0"], "--num-tokens"),
     (["--block-size", "0"], "--block-size"),
     (["--block-size", "-1"], "--block-size"),
+    (["--block-size", "7"], "--block-size"),  # serve takes 8, 16, 32, 64 or 128
     (["--iterations", "0"], "--iterations"),
     (["--timeout", "0"], "--timeout"),
     (["--timeout", "nan"], "--timeout"),

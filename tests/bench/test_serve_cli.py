@@ -134,16 +134,16 @@ def test_plot_writes_pngs(tmp_path: Path) -> None:
 def test_kv_transfer_command_prints_rows_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "kv.json"
     result = runner.invoke(bench_app, [
-        "kv-transfer", "--device", "cpu", "--mode", "push", "--num-tokens", "9", "--num-layers", "2",
-        "--num-kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--block-size", "4", "--iterations", "1",
+        "kv-transfer", "--device", "cpu", "--mode", "push", "--num-tokens", "17", "--num-layers", "2",
+        "--num-kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--block-size", "8", "--iterations", "1",
         "--json", str(out),
     ])
     assert result.exit_code == 0, result.output
     assert "KV transfer through the connector" in result.output and "push" in result.output
     (row,) = json.loads(out.read_text())
-    assert row["mode"] == "push" and row["num_tokens"] == 9 and row["verified"] is True
-    # 2 blocks (the last prompt token is recomputed) of 2 layers x (k, v) x 4 tokens x 2 heads x 16 x fp32
-    assert row["bytes"] == 2 * (2 * 2 * 4 * 2 * 16 * 4)
+    assert row["mode"] == "push" and row["num_tokens"] == 17 and row["verified"] is True
+    # 2 blocks (the last prompt token is recomputed) of 2 layers x (k, v) x 8 tokens x 2 heads x 16 x fp32
+    assert row["bytes"] == 2 * (2 * 2 * 8 * 2 * 16 * 4)
 
 
 def test_kv_transfer_rejects_unknown_mode() -> None:

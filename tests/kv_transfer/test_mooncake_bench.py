@@ -12,8 +12,8 @@ from pdlaunch.bench.cli import bench_app
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 
 runner = CliRunner()
-SMALL = ["--device", "cpu", "--num-tokens", "9", "--num-layers", "2", "--num-kv-heads", "2", "--head-dim", "16",
-         "--dtype", "float32", "--block-size", "4", "--iterations", "1"]
+SMALL = ["--device", "cpu", "--num-tokens", "17", "--num-layers", "2", "--num-kv-heads", "2", "--head-dim", "16",
+         "--dtype", "float32", "--block-size", "8", "--iterations", "1"]
 
 
 @pytest.mark.e2e
@@ -26,7 +26,7 @@ def test_mooncake_rows_next_to_nixl(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [(r["connector"], r["mode"]) for r in rows] == [
         ("nixl", "pull"), ("nixl", "push"), ("mooncake", "pull"), ("mooncake", "push")]
-    assert all(r["verified"] and r["gbps"] > 0 and r["bytes"] == 2 * (2 * 2 * 4 * 2 * 16 * 4) for r in rows)
+    assert all(r["verified"] and r["gbps"] > 0 and r["bytes"] == 2 * (2 * 2 * 8 * 2 * 16 * 4) for r in rows)
     assert [r["transport"] for r in rows if r["connector"] == "mooncake"] == ["tcp", "tcp"]
     assert "connector (nixl)" in result.output and "connector (mooncake over tcp)" in result.output
 

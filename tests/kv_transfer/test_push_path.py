@@ -85,7 +85,7 @@ def test_wait_write_gives_up_at_the_deadline() -> None:
 
 @pytest.mark.e2e
 def test_bench_splits_push_time_into_phases() -> None:
-    rows = run_kv_transfer_bench(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=4,
+    rows = run_kv_transfer_bench(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", block_size=8,
                                  num_tokens_list=[33], modes=["pull", "push"], device="cpu", iterations=2)
     pull, push = rows
     assert pull["push_phases_ms"] is None
