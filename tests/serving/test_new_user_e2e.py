@@ -144,8 +144,11 @@ def test_a_second_run_leaves_the_live_deployments_files_alone(serve: Serve) -> N
     before = _files(serve.log_dir)
     assert "deployment.json" in before
     cwd = serve.log_dir.parent  # the user's directory: `logs` there is the live deployment's
+    # A port of its own: smoke's default (8000, or another when that is taken) raced other tests' deployments.
+    smoke_port = PortAllocator("127.0.0.1").free("the smoke run")
     smoke = subprocess.run([sys.executable, "-m", "pdlaunch", "smoke", "--colocated", "--model", "tiny", "--device",
-                            "cpu", "--num-gpu-blocks", "64", "--block-size", str(BLOCK), "--max-model-len", "256"],
+                            "cpu", "--num-gpu-blocks", "64", "--block-size", str(BLOCK), "--max-model-len", "256",
+                            "--port", str(smoke_port)],
                            cwd=cwd, capture_output=True, text=True, timeout=240)
     assert smoke.returncode == 0, smoke.stdout + smoke.stderr
     assert "belongs to a running deployment" in smoke.stdout, smoke.stdout
