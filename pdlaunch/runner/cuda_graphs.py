@@ -223,6 +223,15 @@ class DecodeGraphs:
             leads.extend(start + j // per * per for j in range(q))
         return leads + list(range(len(leads), batch))
 
+    def _warm_staging(self) -> None:
+        """Compile the staging kernel's two variants (with and without in-flight ids) now, not at the first steps
+        that need them: they rewrite the packed rows with their own values (every pending source -1)."""
+        rows, batch = self._rows, self.max_batch
+        self.stage[:rows * batch].copy_(self.packed.view(-1))
+        layout = StageLayout.of(rows, batch, 0, [0] * self.num_groups)
+        for source in (None, self.packed[_IDS, :1]):
+            scatter(self.stage, layout, self.packed, self.tables, _IDS, self._pending, source)
+
     # -- capture and replay ----------------------------------------------------------------------
     def _kv_pointers(self) -> list[int]:
         return [t.data_ptr() for t in self._kv_caches()]
@@ -239,6 +248,7 @@ class DecodeGraphs:
         self.packed[_SEQ_LENS] = 1
         self.packed[_IDS:_SEQ_LENS] = 0
         self.packed[_CTX_LENS] = 0
+        self._warm_staging()
         for t in self.tables:
             t.zero_()
         pool = torch.cuda.graph_pool_handle()

@@ -58,7 +58,10 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Every count and offset follows the step's batch and context: specialized on (1, a multiple of 16), each new
+    # class would compile another variant in the middle of serving, where warm-up cannot reach every one.
+    @triton.jit(do_not_specialize=["packed_stride", "batch", "packed_count", "ids_row", "pend_row", "table_stride",
+                                   "table_offset", "width", "table_count"])
     def stage_kernel(stage_ptr, packed_ptr, packed_stride, batch, packed_count, ids_row, pend_row, source_ptr,
                      table_ptr, table_stride, table_offset, width, table_count,
                      HAS_SOURCE: tl.constexpr, BLOCK: tl.constexpr):

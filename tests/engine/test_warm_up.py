@@ -73,6 +73,7 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     from pdlaunch.model.quant.kernels import _kernels as quant_kernels
     from pdlaunch.model.swiglu import _kernels as swiglu_kernels
     from pdlaunch.model.triton_decode import _kernels as decode_kernels
+    from pdlaunch.runner.stage_inputs import _kernels as stage_kernels
 
     def unspecialized(kernel: object) -> set[str]:
         return {p.name for p in kernel.params if p.do_not_specialize}  # type: ignore[attr-defined]
@@ -84,6 +85,10 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     assert unspecialized(moe.align_count) == unspecialized(moe.align_place) == {"num_rows", "num_blocks"}
     assert unspecialized(quant.block_gemm) == unspecialized(quant.block_gemv) == {"M"}
     assert unspecialized(decode_gemm_kernels(False).gemm) == unspecialized(swiglu_kernels(False).gemm) == {"M"}
+    # a replayed step's staged inputs: every count and offset (the batch, its rows, its tables' width)
+    assert unspecialized(stage_kernels(False).stage) == {"packed_stride", "batch", "packed_count", "ids_row",
+                                                          "pend_row", "table_stride", "table_offset", "width",
+                                                          "table_count"}
 
 
 def test_no_warm_up_step_is_longer_than_max_model_len() -> None:
