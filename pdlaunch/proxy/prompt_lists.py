@@ -52,7 +52,11 @@ def merge_answers(answers: list[JsonObject], n: int, response_id: str) -> JsonOb
 class MergedStream:
     """The SSE streams of each prompt's request as one: chunks forwarded as they come with their choice
     index moved to p * n + i, one usage chunk (summed) at the end, then [DONE]. An error event from any
-    stream is forwarded and ends the whole stream."""
+    stream is forwarded and ends the whole stream.
+
+    A prompt's stream of one choice puts that prompt's usage on its last chunk (server/choices.py) when the
+    client did not ask for the usage chunk; the merged stream has several choices, so, as a colocated
+    instance answering the whole list, it carries no usage then (one prompt's counts read as the request's)."""
 
     def __init__(self, streams: list[ClosingStreamingResponse], n: int, response_id: str) -> None:
         self.streams, self.n, self.response_id = streams, n, response_id
@@ -94,6 +98,7 @@ class MergedStream:
                     usages.append(usage)
                     usage_chunk = event
                     continue
+                event.pop("usage", None)
                 event["choices"] = [_reindexed(c, p * self.n) for c in objects(event.get("choices"))]
                 yield sse_event(event)
             if usage_chunk is not None:

@@ -81,3 +81,12 @@ def test_pd_prompt_list_refusal_names_the_field(deployments: dict[str, Serve]) -
     response = httpx.post(deployments["pd"].url + "/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": ["a"] * 65, "max_tokens": 4, "n": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+
+
+def test_pd_prompt_list_stream_without_usage_chunk_carries_no_usage(deployments: dict[str, Serve]) -> None:
+    """Without stream_options.include_usage a streamed list of prompts carries no usage, as a colocated instance
+    streams it: each prompt's leg puts its own counts on its last chunk (one choice per leg), and those were
+    relayed, so a client reading the stream's last usage took one prompt's counts for the request's."""
+    body = {"prompt": PROMPTS, "temperature": 0.0, "stream": True}
+    pd, colocated = _ask(deployments["pd"], body), _ask(deployments["colocated"], body)
+    assert pd == colocated and pd["usage"] is None
