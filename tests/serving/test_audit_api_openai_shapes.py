@@ -1,0 +1,61 @@
+"""OpenAI response and error shapes found wrong by an audit of the HTTP API, through a real instance's HTTP API
+(tiny model, CPU, in this process):
+
+- Completions' `top_logprobs` hold the chosen token as well as the `logprobs` most likely ones (OpenAI's legacy
+  completions: "up to logprobs+1 elements"; vLLM's): `logprobs: 0` answered `{}` at every position, and a
+  sampled token outside the top ones was missing from its position's entry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pdlaunch.http.sse import parse_sse
+from tests.serving.helpers import in_process_instance, tiny_colocated
+
+TIMEOUT = 120.0  # a loaded 2-core machine
+SAMPLED = {"model": "tiny", "prompt": "Tell me about a place", "max_tokens": 12, "temperature": 5.0, "seed": 3,
+           "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with in_process_instance(tiny_colocated(256), "audit-api-shapes-0") as (address, _):
+        yield address
+
+
+def _completion_logprobs(url: str, stream: bool, **body: Any) -> dict[str, list[Any]]:
+    """The choice's logprobs, a stream's chunks folded into one."""
+    answer = httpx.post(f"{url}/v1/completions", json={**SAMPLED, **body, "stream": stream}, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    if not stream:
+        logprobs: dict[str, list[Any]] = answer.json()["choices"][0]["logprobs"]
+        return logprobs
+    folded: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": []}
+    events = parse_sse(answer.content)
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        for choice in json.loads(event)["choices"]:
+            for key in folded:
+                folded[key] += (choice["logprobs"] or {}).get(key, [])
+    return folded
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("k", [0, 1])
+def test_completion_top_logprobs_name_the_chosen_token(url: str, k: int, stream: bool) -> None:
+    logprobs = _completion_logprobs(url, stream, logprobs=k)
+    assert len(logprobs["tokens"]) == 12
+    outside_top = 0
+    for token, logprob, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"],
+                                   strict=True):
+        assert top[token] == logprob, (token, logprob, top)
+        assert 1 <= len(top) <= k + 1
+        outside_top += len(top) == k + 1
+    # temperature 5 samples tokens outside the top one: this checks the case where the chosen one is added
+    assert k == 0 or outside_top > 0, logprobs["top_logprobs"]
