@@ -8,6 +8,7 @@ max_tokens, n) and "0.5" is not a number; only logit_bias's keys, JSON strings, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Annotated, ClassVar, Literal
 
@@ -260,22 +261,29 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_parts(cls, content: str | list[JsonObject] | None) -> str | list[JsonObject] | None:
+        """Only text parts exist for a text model; the error names the part (the field path names the message)."""
         for i, part in enumerate(content if isinstance(content, list) else []):
-            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+            kind = part.get("type")
+            if kind is None:
+                raise ValueError(f'part {i} has no `type`; a text part is {{"type": "text", "text": "..."}}')
+            if kind != "text":
+                raise ValueError(f"part {i} has type {_short_json(kind)}, which this server does not take (it serves "
+                                 'a text model): send text parts {"type": "text", "text": "..."} or a string')
+            if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i} is a text part without a string `text`")
         return content
 
     def as_template_input(self) -> JsonObject:
         content = self.content
-        if isinstance(content, list):  # content parts: only text parts exist for a text model
-            parts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise OpenAIError(400, f"content part type {part.get('type')!r} is not supported",
-                                      param="messages")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
+        if isinstance(content, list):  # text parts (checked by _text_parts), joined
+            content = "".join(str(part["text"]) for part in content)
         return template_message(self.role, content, self.model_extra or {})
+
+
+def _short_json(value: JsonValue) -> str:
+    """A client's value quoted in an error, cut to a readable length."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_messages(messages: Sequence[ChatMessage]) -> None:

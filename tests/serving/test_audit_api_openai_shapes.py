@@ -4,6 +4,9 @@
 - Completions' `top_logprobs` hold the chosen token as well as the `logprobs` most likely ones (OpenAI's legacy
   completions: "up to logprobs+1 elements"; vLLM's): `logprobs: 0` answered `{}` at every position, and a
   sampled token outside the top ones was missing from its position's entry.
+- A chat content part this text model cannot take (an image, a part without `type`) is a 400 whose param and
+  message name the message and the part and say what to send, not `param: "messages"` and
+  "content part type None is not supported".
 """
 
 from __future__ import annotations
@@ -59,3 +62,25 @@ def test_completion_top_logprobs_name_the_chosen_token(url: str, k: int, stream:
         outside_top += len(top) == k + 1
     # temperature 5 samples tokens outside the top one: this checks the case where the chosen one is added
     assert k == 0 or outside_top > 0, logprobs["top_logprobs"]
+
+
+@pytest.mark.parametrize(("part", "says"), [
+    ({"type": "image_url", "image_url": {"url": "http://x/cat.png"}}, 'part 1 has type "image_url"'),
+    ({"text": "hi"}, "part 1 has no `type`"),
+], ids=["image", "no-type"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_content_part_a_text_model_cannot_take_is_named(url: str, path: str, part: dict[str, Any],
+                                                          says: str) -> None:
+    messages = [{"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "look:"}, part]}]
+    answer = httpx.post(f"{url}{path}", json={"model": "tiny", "messages": messages, "max_tokens": 2}
+                        if path != "/tokenize" else {"model": "tiny", "messages": messages}, timeout=TIMEOUT)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "messages.1.content", error
+    assert error["message"].startswith(f"messages.1.content: {says}"), error
+    assert '{"type": "text", "text": "..."}' in error["message"], error
+    # the instance still answers
+    ok = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
+        "model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
