@@ -36,14 +36,23 @@ def prefill_body(body: Body, chat: bool, first_token: bool = False) -> JsonObjec
     return leg
 
 
+_COMPLETION_LIMIT, _LIMIT = " + max_completion_tokens (", " + max_tokens ("
+
+
 def client_limit_error(exc: OpenAIError, body: Body, chat: bool) -> OpenAIError:
     """A prefill leg's "prompt + max_tokens (1) exceeds max_model_len" restated with the client's own
-    max_tokens (the 1 is the leg's, not the client's); any other error unchanged."""
+    max_tokens (the 1 is the leg's, not the client's); any other error unchanged. A chat's instance names
+    max_completion_tokens there when the client sent it (server/choices.py), and so does this."""
     limit = token_limit(body, chat, "max_completion_tokens", "max_tokens")
     if exc.status != 400 or not isinstance(limit, int) or isinstance(limit, bool):
         return exc
-    message = with_max_tokens(exc.message, limit)
-    return exc if message is None else OpenAIError(400, message, param=exc.param, code=exc.code)
+    named = _COMPLETION_LIMIT in exc.message
+    message = with_max_tokens(exc.message.replace(_COMPLETION_LIMIT, _LIMIT), limit)
+    if message is None:
+        return exc
+    if named:
+        message = message.replace(_LIMIT, _COMPLETION_LIMIT)
+    return OpenAIError(400, message, param=exc.param, code=exc.code)
 
 
 def continues_from_first_token(body: Body) -> bool:

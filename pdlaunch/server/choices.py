@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
@@ -70,6 +71,10 @@ class Choices:
         self.engine_loop, self.prompts, self.n, self.best_of = engine_loop, prompts, n, best_of
         self.kv_transfer_params = body.kv_transfer_params
         self.echo = isinstance(body, CompletionRequest) and body.echo
+        # the fields the client sent, to name in the engine's refusals (which say prompt and max_tokens)
+        self.prompt_field = "prompt" if completion else "messages"
+        self.limit_field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and \
+            body.max_completion_tokens is not None else "max_tokens"
         self.fills_context = body.fills_context()
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
@@ -146,9 +151,20 @@ class Choices:
     async def _accepted(self, choice: Choice) -> None:
         first = await choice.queue().get()
         if not isinstance(first, Accepted):
-            raise _error_of(first)
+            raise self._as_sent(_error_of(first))
         choice.builder.num_prompt_tokens = first.num_prompt_tokens
         choice.recorder.accepted(first.num_prompt_tokens)
+
+    def _as_sent(self, error: OpenAIError) -> OpenAIError:
+        """An engine refusal in the names of the fields the client sent: a chat's prompt is its `messages`, and
+        its limit max_completion_tokens when it sent that one."""
+        message = error.message
+        if self.limit_field != "max_tokens" and with_max_tokens(message, 0) is not None:  # prompt + limit too long
+            message = message.replace(" + max_tokens (", f" + {self.limit_field} (").replace(
+                "lower max_tokens", f"lower {self.limit_field}")
+        message = message.replace("shorten the prompt", f"shorten the {self.prompt_field}")
+        param = self.prompt_field if error.param == "prompt" else error.param
+        return OpenAIError(error.status, message, param=param, code=error.code)
 
     async def response(self) -> JsonObject:
         """The whole response once every choice finished."""
