@@ -82,6 +82,9 @@ class Choices:
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
         tokenizer = engine_loop.engine.tokenizer
+        # A logprob's token reads as the choice's text does (special tokens kept or skipped alike), so that
+        # text_offset indexes that text.
+        skip_special = params.skip_special_tokens
         calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
         arrival = time.monotonic()
         self.choices: list[Choice] = []
@@ -91,7 +94,7 @@ class Choices:
                 builder = ResponseBuilder(
                     endpoint="completion" if completion else "chat", model=model_name, index=p * best_of + i,
                     return_token_ids=body.return_token_ids, tool_calling=calling,
-                    detokenize=lambda token_id: tokenizer.decode([token_id]),
+                    detokenize=lambda token_id: tokenizer.decode([token_id], skip_special),
                     response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
                 recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens)
                 self.choices.append(Choice(p * best_of + i, p, i, request_id, _seeded(sample_params, i), builder,

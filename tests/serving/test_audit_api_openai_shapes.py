@@ -4,6 +4,8 @@
 - Completions' `top_logprobs` hold the chosen token as well as the `logprobs` most likely ones (OpenAI's legacy
   completions: "up to logprobs+1 elements"; vLLM's): `logprobs: 0` answered `{}` at every position, and a
   sampled token outside the top ones was missing from its position's entry.
+- A logprob's token reads as the choice's text does: with `skip_special_tokens: false` a special token was ""
+  in the logprobs while the text held it, so text_offset did not index the text.
 - A chat content part this text model cannot take (an image, a part without `type`) is a 400 whose param and
   message name the message and the part and say what to send, not `param: "messages"` and
   "content part type None is not supported".
@@ -84,3 +86,25 @@ def test_a_content_part_a_text_model_cannot_take_is_named(url: str, path: str, p
     ok = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
         "model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-special", "keep-special"])
+def test_logprob_tokens_read_as_the_text_does(url: str, skip: bool) -> None:
+    """A request steered onto the BOS token (a special token) by logit_bias: its logprobs' tokens, joined, are its
+    text, and text_offset indexes that text; chat's logprob tokens likewise make its content."""
+    tokenized = httpx.post(f"{url}/tokenize", json={"prompt": "hi", "return_token_strs": True}, timeout=TIMEOUT).json()
+    bos, bos_text = tokenized["tokens"][0], tokenized["token_strs"][0]
+    steer = {"max_tokens": 3, "temperature": 0.0, "logit_bias": {str(bos): 100}, "skip_special_tokens": skip}
+    answer = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "logprobs": 1, **steer},
+                        timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    tokens, offsets = choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert choice["text"] == ("" if skip else bos_text * 3) == "".join(tokens), choice
+    assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))], choice
+    chat = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, **steer})
+    assert chat.status_code == 200, chat.text
+    chat_choice = chat.json()["choices"][0]
+    content = chat_choice["message"]["content"]
+    assert content == "".join(e["token"] for e in chat_choice["logprobs"]["content"]) == ("" if skip else bos_text * 3)
