@@ -71,6 +71,7 @@ class Choices:
         self.engine_loop, self.prompts, self.n, self.best_of = engine_loop, prompts, n, best_of
         self.kv_transfer_params = body.kv_transfer_params
         self.echo = isinstance(body, CompletionRequest) and body.echo
+        self.echo_only = isinstance(body, CompletionRequest) and body.echo_only()
         # the fields the client sent, to name in the engine's refusals (which say prompt and max_tokens)
         self.prompt_field = "prompt" if completion else "messages"
         self.limit_field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and \
@@ -180,6 +181,11 @@ class Choices:
                     return
 
         await asyncio.gather(*(collect(c) for c in self.choices))
+        if self.echo_only:  # the one token the engine sampled is not part of the answer
+            for c in self.choices:
+                c.builder.text, c.builder.output_token_ids, c.builder.num_output_tokens = "", [], 0
+                c.builder.logprobs = [] if c.builder.logprobs is not None else None
+                c.builder.finish_reason = "length"
         kept = self._best()
         for c in kept:
             builder = c.builder

@@ -224,7 +224,21 @@ class CompletionRequest(_SamplingFields):
         self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
         if self.echo and self.logprobs is not None:
             self._check_prompt_logprobs(self.logprobs, "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens: 0 asks for no output, which only echo: true uses (the prompt and, with "
+                                   "logprobs, its logprobs); send max_tokens of at least 1", param="max_tokens")
+        if self.echo_only() and self.min_tokens:
+            raise OpenAIError(400, f"min_tokens: min_tokens ({self.min_tokens}) must be less than or equal to "
+                                   "max_tokens (0)", param="min_tokens")
+        if self.echo_only() and self.stream:
+            raise OpenAIError(400, "max_tokens: 0 with echo (the prompt only) is answered whole: send stream: false",
+                              param="stream")
         return self
+
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (vLLM's, as lm-evaluation-harness scores a prompt): the answer is the prompt
+        (with logprobs, its logprobs), no output token. The engine samples one, which the answer leaves out."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """Every prompt of the request (a string or token ids): a list of strings or of token-id lists
@@ -249,7 +263,7 @@ class CompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         # vLLM's rule: echo with logprobs asks for as many prompt logprobs as for output tokens.
         asked = self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
-        return self._sampling(self.max_tokens, self.logprobs, asked)
+        return self._sampling(1 if self.echo_only() else self.max_tokens, self.logprobs, asked)
 
 
 class ChatMessage(BaseModel):

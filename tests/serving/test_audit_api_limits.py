@@ -2,7 +2,7 @@
 sees them through a PD and a colocated `pdlaunch serve` (tiny model, CPU): they say how to fix the request and
 name the fields the client sent. Before, the engine's hint ("shorten the prompt or lower max_tokens") was
 dropped, and a chat request was told about `max_tokens` and `prompt`, fields it never sent, when it sent
-`max_completion_tokens` and `messages`; through PD its max_completion_tokens was restated as the prefill leg's 1.
+`max_completion_tokens` and `messages`. And `echo` with `max_tokens: 0`, refused before, answers the prompt.
 """
 
 from __future__ import annotations
@@ -44,3 +44,15 @@ def test_a_refusal_names_the_sent_fields_and_the_fix(deployments: dict[str, Serv
     error = answer.json()["error"]
     assert error["param"] == param, error
     assert all(part in error["message"] for part in says), error
+
+
+@pytest.mark.parametrize("deployment", ["pd", "colocated"])
+def test_echo_with_max_tokens_0_answers_the_prompt(deployments: dict[str, Serve], deployment: str) -> None:
+    """echo with max_tokens 0 (vLLM's "echo without generation"): the prompt, no output token, through PD as
+    colocated (before: a 400 "Input should be greater than or equal to 1")."""
+    prompt = "Score this prompt"
+    answer = httpx.post(deployments[deployment].url + "/v1/completions", timeout=TIMEOUT, json={
+        "model": "tiny", "prompt": prompt, "echo": True, "max_tokens": 0})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["choices"][0]["text"] == prompt and body["usage"]["completion_tokens"] == 0, body

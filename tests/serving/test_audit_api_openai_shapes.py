@@ -6,6 +6,9 @@
   sampled token outside the top ones was missing from its position's entry.
 - A logprob's token reads as the choice's text does: with `skip_special_tokens: false` a special token was ""
   in the logprobs while the text held it, so text_offset did not index the text.
+- `echo: true` with `max_tokens: 0` (how lm-evaluation-harness scores a prompt, which vLLM answers with the prompt
+  and its logprobs) was a 400 "Input should be greater than or equal to 1"; it is the prompt, its logprobs and no
+  output token now, and `max_tokens: 0` without echo says what it is for.
 - A chat content part this text model cannot take (an image, a part without `type`) is a 400 whose param and
   message name the message and the part and say what to send, not `param: "messages"` and
   "content part type None is not supported".
@@ -108,3 +111,34 @@ def test_logprob_tokens_read_as_the_text_does(url: str, skip: bool) -> None:
     chat_choice = chat.json()["choices"][0]
     content = chat_choice["message"]["content"]
     assert content == "".join(e["token"] for e in chat_choice["logprobs"]["content"]) == ("" if skip else bos_text * 3)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(url: str) -> None:
+    prompt = "The quick brown fox"
+    body = {"model": "tiny", "prompt": prompt, "echo": True, "logprobs": 1, "temperature": 0.0}
+    scored = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 0}, timeout=TIMEOUT)
+    assert scored.status_code == 200, scored.text
+    answer = scored.json()
+    choice, usage = answer["choices"][0], answer["usage"]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length", choice
+    assert usage["completion_tokens"] == 0 and usage["total_tokens"] == usage["prompt_tokens"], usage
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == usage["prompt_tokens"] and logprobs["token_logprobs"][0] is None
+    # the same prompt logprobs as an echo that also generates one token, without that token
+    one = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 1}, timeout=TIMEOUT).json()["choices"][0]
+    assert one["logprobs"]["tokens"][:-1] == logprobs["tokens"] and one["text"].startswith(prompt)
+    assert one["logprobs"]["token_logprobs"][1:-1] == pytest.approx(logprobs["token_logprobs"][1:], abs=1e-5)
+    plain = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={**body, "max_tokens": 0, "logprobs": None})
+    assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == prompt, plain.text
+
+
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"max_tokens": 0}, "max_tokens", "only echo: true uses"),
+    ({"max_tokens": 0, "echo": True, "stream": True}, "stream", "send stream: false"),
+    ({"max_tokens": 0, "echo": True, "min_tokens": 1}, "min_tokens", "less than or equal to max_tokens (0)"),
+], ids=["without-echo", "streamed", "min_tokens"])
+def test_max_tokens_0_otherwise_says_what_it_is_for(url: str, fields: dict[str, Any], param: str, says: str) -> None:
+    answer = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", **fields}, timeout=TIMEOUT)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and says in error["message"], error
