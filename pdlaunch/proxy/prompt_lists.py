@@ -15,10 +15,9 @@ from typing import TypeVar
 
 from pydantic import JsonValue
 
-from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects
-from pdlaunch.server.choices import MAX_CHOICES
+from pdlaunch.server.choices import check_choice_count
 
 T = TypeVar("T")
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -30,10 +29,8 @@ def split_prompts(body: Body) -> list[JsonObject] | None:
     prompt = body.get("prompt")
     if not isinstance(prompt, list) or len(prompt) < 2 or all(isinstance(x, int) for x in prompt):
         return None
-    samples = max(int_of(body.get("n")) or 1, int_of(body.get("best_of")) or 1)
-    if len(prompt) * samples > MAX_CHOICES:
-        raise OpenAIError(400, f"{len(prompt)} prompts x {samples} samples exceed {MAX_CHOICES} choices",
-                          param="prompt")
+    n = int_of(body.get("n")) or 1
+    check_choice_count(len(prompt), n, max(n, int_of(body.get("best_of")) or 1))
     return [{**body, "prompt": p} for p in prompt]
 
 

@@ -62,9 +62,7 @@ class Choices:
         completion = isinstance(body, CompletionRequest)
         n = body.n
         best_of = (body.best_of if isinstance(body, CompletionRequest) else None) or n
-        if len(prompts) * best_of > MAX_CHOICES:
-            raise OpenAIError(400, f"{len(prompts)} prompts x {best_of} samples exceed {MAX_CHOICES} choices",
-                              param="best_of" if best_of > n else "n")
+        check_choice_count(len(prompts), n, best_of)
         if body.kv_transfer_params and len(prompts) > 1:
             raise OpenAIError(400, "a list of prompts cannot share one kv_transfer_params; send one request per "
                                    "prompt", param="prompt")
@@ -254,6 +252,16 @@ class Choices:
             for task in pumps:
                 task.cancel()
             self.abort_all()
+
+
+def check_choice_count(num_prompts: int, n: int, best_of: int) -> None:
+    """400 when a request asks for more than MAX_CHOICES engine requests (prompts x samples), naming the field
+    that multiplies them (the proxy splits a list of prompts and checks it with this too)."""
+    if num_prompts * best_of <= MAX_CHOICES:
+        return
+    field = "best_of" if best_of > n else "n"
+    raise OpenAIError(400, f"{num_prompts} prompts x {best_of} samples ({field}) exceed {MAX_CHOICES} choices per "
+                           f"request; lower {field} or send the prompts in several requests", param=field)
 
 
 def _seeded(params: SamplingParams, sample: int) -> SamplingParams:
