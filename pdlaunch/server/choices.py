@@ -17,6 +17,7 @@ choice's text, and with logprobs the prompt's logprobs (engine/prompt_logprobs.p
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -161,10 +162,13 @@ class Choices:
         """An engine refusal in the names of the fields the client sent: a chat's prompt is its `messages`, and
         its limit max_completion_tokens when it sent that one."""
         message = error.message
-        if self.limit_field != "max_tokens" and with_max_tokens(message, 0) is not None:  # prompt + limit too long
+        too_long = with_max_tokens(message, 0) is not None  # prompt + limit past max_model_len
+        if too_long and self.limit_field != "max_tokens":
             message = message.replace(" + max_tokens (", f" + {self.limit_field} (").replace(
                 "lower max_tokens", f"lower {self.limit_field}")
         message = message.replace("shorten the prompt", f"shorten the {self.prompt_field}")
+        if too_long and self.fills_context:
+            message = no_room_hint(message, self.prompt_field)
         param = self.prompt_field if error.param == "prompt" else error.param
         return OpenAIError(error.status, message, param=param, code=error.code)
 
@@ -252,6 +256,18 @@ class Choices:
             for task in pumps:
                 task.cancel()
             self.abort_all()
+
+
+def no_room_hint(message: str, prompt_field: str) -> str:
+    """The "prompt + max_tokens exceeds max_model_len" refusal of a request that named no output limit (its
+    max_tokens is the room its prompt leaves, at least 1): its fix is a shorter prompt, not a lower limit the
+    client never sent."""
+    verb = "leave" if prompt_field == "messages" else "leaves"
+    return _LIMIT_HINT.sub(f"(the {prompt_field} {verb} no room for an answer within max_model_len: shorten the "
+                           f"{prompt_field})", message)
+
+
+_LIMIT_HINT = re.compile(r"\(shorten the \w+ or lower \w+\)$")
 
 
 def check_choice_count(num_prompts: int, n: int, best_of: int) -> None:

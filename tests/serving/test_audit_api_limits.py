@@ -35,7 +35,15 @@ def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     ("/v1/completions", {"prompt": "hi", "max_tokens": TOO_MANY + 3}, "prompt",
      [f" + max_tokens ({TOO_MANY + 3}) = ", "(shorten the prompt or lower max_tokens)"]),
     ("/v1/completions", {"prompt": [[]], "max_tokens": 4}, "prompt", ["the prompt is empty (send at least one token)"]),
-], ids=["chat-max_completion_tokens", "chat-max_tokens", "completion-too-long", "completion-empty-token-ids"])
+    # no limit named: the answer may fill the context, and the prompt leaves it no room
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a " * 2100}]}, "messages",
+     ["(the messages leave no room for an answer within max_model_len: shorten the messages)"]),
+    ("/v1/completions", {"prompt": [5] * 2048, "max_tokens": None}, "prompt",
+     ["(the prompt leaves no room for an answer within max_model_len: shorten the prompt)"]),
+    # no max_tokens in a completion: 16 (through PD too, where the prefill leg asked for 1)
+    ("/v1/completions", {"prompt": [5] * 2048}, "prompt", [" + max_tokens (16) = 2064 "]),
+], ids=["chat-max_completion_tokens", "chat-max_tokens", "completion-too-long", "completion-empty-token-ids",
+        "chat-no-limit", "completion-max_tokens-null", "completion-default-max_tokens"])
 @pytest.mark.parametrize("deployment", ["pd", "colocated"])
 def test_a_refusal_names_the_sent_fields_and_the_fix(deployments: dict[str, Serve], deployment: str, path: str,
                                                      body: dict[str, Any], param: str, says: list[str]) -> None:
