@@ -9,6 +9,8 @@
 - `echo: true` with `max_tokens: 0` (how lm-evaluation-harness scores a prompt, which vLLM answers with the prompt
   and its logprobs) was a 400 "Input should be greater than or equal to 1"; it is the prompt, its logprobs and no
   output token now, and `max_tokens: 0` without echo says what it is for.
+- A malformed tool names its place: `tools.1.function` and that in the message (was "tools: Field required" with
+  no index), and a tool's parameters schema that does not compile names `tools...`, not `tool_choice`.
 - A chat content part this text model cannot take (an image, a part without `type`) is a 400 whose param and
   message name the message and the part and say what to send, not `param: "messages"` and
   "content part type None is not supported".
@@ -142,3 +144,24 @@ def test_max_tokens_0_otherwise_says_what_it_is_for(url: str, fields: dict[str, 
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and says in error["message"], error
+
+
+F = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+BAD_SCHEMA = {"type": "function", "function": {"name": "g", "parameters": {
+    "type": "object", "properties": {"x": {"type": "nonsense"}}}}}
+
+
+@pytest.mark.parametrize(("tools", "tool_choice", "param"), [
+    ([F, {"type": "function"}], None, "tools.1.function"),
+    ([F, {"type": "function", "function": {"name": "g", "parameters": "x"}}], None, "tools.1.function.parameters"),
+    ([F, BAD_SCHEMA], {"type": "function", "function": {"name": "g"}}, "tools.1.function.parameters"),
+    ([F, BAD_SCHEMA], "required", "tools"),
+], ids=["no-function", "parameters-not-an-object", "named-schema-invalid", "required-schema-invalid"])
+def test_a_malformed_tool_is_named_where_it_is(url: str, tools: list[Any], tool_choice: Any, param: str) -> None:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "tools": tools}
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and param in error["message"], error
