@@ -104,6 +104,18 @@ class _SamplingFields(BaseModel):
             warn_ignored(data, cls._known_fields(), cls.chat)
         return data
 
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_keys(cls, value: object) -> object:
+        """Keys are token ids written as JSON strings; one that is not names itself (pydantic's own error read
+        `logit_bias.abc.[key]: Input should be a valid integer`)."""
+        for key in value if isinstance(value, dict) else ():
+            token_id = isinstance(key, int) and not isinstance(key, bool) and key >= 0  # a Python caller's dict
+            if not (token_id or (isinstance(key, str) and key.strip().isdigit())):
+                raise ValueError(f"key {key!r} is not a token id: logit_bias maps token ids, written as strings "
+                                 '(e.g. {"50256": -100}), to a bias')
+        return value
+
     @field_validator("stop", mode="wrap")
     @classmethod
     def _stop_shape(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:

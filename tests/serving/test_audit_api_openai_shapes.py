@@ -11,6 +11,8 @@
   output token now, and `max_tokens: 0` without echo says what it is for.
 - A malformed tool names its place: `tools.1.function` and that in the message (was "tools: Field required" with
   no index), and a tool's parameters schema that does not compile names `tools...`, not `tool_choice`.
+- A logit_bias key that is not a token id names itself and the shape to send (was
+  `logit_bias.abc.[key]: Input should be a valid integer`, param `logit_bias.abc.[key]`).
 - A chat content part this text model cannot take (an image, a part without `type`) is a 400 whose param and
   message name the message and the part and say what to send, not `param: "messages"` and
   "content part type None is not supported".
@@ -165,3 +167,16 @@ def test_a_malformed_tool_is_named_where_it_is(url: str, tools: list[Any], tool_
     assert answer.status_code == 400, answer.text
     error = answer.json()["error"]
     assert error["param"] == param and param in error["message"], error
+
+
+@pytest.mark.parametrize("key", ["abc", "1.5", "-3"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_logit_bias_key_that_is_no_token_id_is_named(url: str, path: str, key: str) -> None:
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 2, "logit_bias": {"5": 1, key: 3}}
+    body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    answer = httpx.post(f"{url}{path}", json=body, timeout=TIMEOUT)
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "logit_bias", error
+    assert error["message"].startswith(f"logit_bias: key {key!r} is not a token id") and '{"50256": -100}' in \
+        error["message"], error
