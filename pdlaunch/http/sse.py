@@ -54,14 +54,40 @@ def parse_sse(body: bytes) -> list[str]:
     return parser.feed(body if body.endswith(b"\n\n") else body + b"\n\n")
 
 
+def _ends_with_error_event(chunk: bytes) -> bool:
+    """Whether the last event of `chunk` (whole SSE events) is an OpenAI error event."""
+    last = chunk.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    return last.startswith(b'data: {"error"')
+
+
+async def ending_with_done(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`events`, with [DONE] after an error event that ends them: every OpenAI stream ends with [DONE], an error
+    mid-stream included (vLLM's too), and a client that reads until [DONE] otherwise takes the end for a cut
+    connection. A stream that stops without an error event (an instance that died) is left as it is: the
+    proxy tells those apart (proxy/upstream.py)."""
+    last = b""
+    try:
+        async for chunk in events:
+            last = chunk
+            yield chunk
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:  # the client left: the source's own `finally` runs now, not at garbage collection
+            await aclose()
+    if last and _ends_with_error_event(last):
+        yield DONE
+
+
 class ClosingStreamingResponse(StreamingResponse):
     """A streaming response whose `on_close` runs however it ends: finished, failed, or the client
     left before the body iterator even started (then the iterator's own `finally` never runs). SSE by
-    default; another `media_type` (e.g. NDJSON) streams the same way."""
+    default (an error event that ends it is followed by [DONE]: ending_with_done); another `media_type`
+    (e.g. NDJSON) streams the same way."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]],
                  headers: Mapping[str, str] | None = None, media_type: str = "text/event-stream") -> None:
-        super().__init__(content, media_type=media_type, headers=headers)
+        sse = media_type == "text/event-stream"
+        super().__init__(ending_with_done(content) if sse else content, media_type=media_type, headers=headers)
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

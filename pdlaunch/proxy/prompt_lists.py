@@ -15,10 +15,9 @@ from typing import TypeVar
 
 from pydantic import JsonValue
 
-from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects
-from pdlaunch.server.choices import MAX_CHOICES
+from pdlaunch.server.choices import check_choice_count
 
 T = TypeVar("T")
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -30,10 +29,8 @@ def split_prompts(body: Body) -> list[JsonObject] | None:
     prompt = body.get("prompt")
     if not isinstance(prompt, list) or len(prompt) < 2 or all(isinstance(x, int) for x in prompt):
         return None
-    samples = max(int_of(body.get("n")) or 1, int_of(body.get("best_of")) or 1)
-    if len(prompt) * samples > MAX_CHOICES:
-        raise OpenAIError(400, f"{len(prompt)} prompts x {samples} samples exceed {MAX_CHOICES} choices",
-                          param="prompt")
+    n = int_of(body.get("n")) or 1
+    check_choice_count(len(prompt), n, max(n, int_of(body.get("best_of")) or 1))
     return [{**body, "prompt": p} for p in prompt]
 
 
@@ -52,7 +49,11 @@ def merge_answers(answers: list[JsonObject], n: int, response_id: str) -> JsonOb
 class MergedStream:
     """The SSE streams of each prompt's request as one: chunks forwarded as they come with their choice
     index moved to p * n + i, one usage chunk (summed) at the end, then [DONE]. An error event from any
-    stream is forwarded and ends the whole stream."""
+    stream is forwarded and ends the whole stream.
+
+    A prompt's stream of one choice puts that prompt's usage on its last chunk (server/choices.py) when the
+    client did not ask for the usage chunk; the merged stream has several choices, so, as a colocated
+    instance answering the whole list, it carries no usage then (one prompt's counts read as the request's)."""
 
     def __init__(self, streams: list[ClosingStreamingResponse], n: int, response_id: str) -> None:
         self.streams, self.n, self.response_id = streams, n, response_id
@@ -94,6 +95,7 @@ class MergedStream:
                     usages.append(usage)
                     usage_chunk = event
                     continue
+                event.pop("usage", None)
                 event["choices"] = [_reindexed(c, p * self.n) for c in objects(event.get("choices"))]
                 yield sse_event(event)
             if usage_chunk is not None:

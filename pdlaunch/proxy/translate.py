@@ -13,7 +13,8 @@ from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, objects, token_limit
 from pdlaunch.proxy.instances import Instance
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.choices import no_room_hint
+from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
 # min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
@@ -36,14 +37,30 @@ def prefill_body(body: Body, chat: bool, first_token: bool = False) -> JsonObjec
     return leg
 
 
+_COMPLETION_LIMIT, _LIMIT = " + max_completion_tokens (", " + max_tokens ("
+
+
 def client_limit_error(exc: OpenAIError, body: Body, chat: bool) -> OpenAIError:
     """A prefill leg's "prompt + max_tokens (1) exceeds max_model_len" restated with the client's own
-    max_tokens (the 1 is the leg's, not the client's); any other error unchanged."""
+    max_tokens (the 1 is the leg's, not the client's); any other error unchanged. A chat's instance names
+    max_completion_tokens there when the client sent it (server/choices.py), and so does this."""
     limit = token_limit(body, chat, "max_completion_tokens", "max_tokens")
-    if exc.status != 400 or not isinstance(limit, int) or isinstance(limit, bool):
+    if limit is None and not chat and "max_tokens" not in body:
+        limit = DEFAULT_MAX_TOKENS  # a completion that names no max_tokens gets 16, as the decode would say
+    if exc.status != 400:
         return exc
-    message = with_max_tokens(exc.message, limit)
-    return exc if message is None else OpenAIError(400, message, param=exc.param, code=exc.code)
+    if limit is None and with_max_tokens(exc.message, 0) is not None:  # no limit named: it may fill the context
+        return OpenAIError(400, no_room_hint(exc.message, "messages" if chat else "prompt"), param=exc.param,
+                           code=exc.code)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return exc
+    named = _COMPLETION_LIMIT in exc.message
+    message = with_max_tokens(exc.message.replace(_COMPLETION_LIMIT, _LIMIT), limit)
+    if message is None:
+        return exc
+    if named:
+        message = message.replace(_LIMIT, _COMPLETION_LIMIT)
+    return OpenAIError(400, message, param=exc.param, code=exc.code)
 
 
 def continues_from_first_token(body: Body) -> bool:

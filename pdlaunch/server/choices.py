@@ -17,11 +17,13 @@ choice's text, and with logprobs the prompt's logprobs (engine/prompt_logprobs.p
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
@@ -61,15 +63,18 @@ class Choices:
         completion = isinstance(body, CompletionRequest)
         n = body.n
         best_of = (body.best_of if isinstance(body, CompletionRequest) else None) or n
-        if len(prompts) * best_of > MAX_CHOICES:
-            raise OpenAIError(400, f"{len(prompts)} prompts x {best_of} samples exceed {MAX_CHOICES} choices",
-                              param="best_of" if best_of > n else "n")
+        check_choice_count(len(prompts), n, best_of)
         if body.kv_transfer_params and len(prompts) > 1:
             raise OpenAIError(400, "a list of prompts cannot share one kv_transfer_params; send one request per "
                                    "prompt", param="prompt")
         self.engine_loop, self.prompts, self.n, self.best_of = engine_loop, prompts, n, best_of
         self.kv_transfer_params = body.kv_transfer_params
         self.echo = isinstance(body, CompletionRequest) and body.echo
+        self.echo_only = isinstance(body, CompletionRequest) and body.echo_only()
+        # the fields the client sent, to name in the engine's refusals (which say prompt and max_tokens)
+        self.prompt_field = "prompt" if completion else "messages"
+        self.limit_field = "max_completion_tokens" if isinstance(body, ChatCompletionRequest) and \
+            body.max_completion_tokens is not None else "max_tokens"
         self.fills_context = body.fills_context()
         self.prompt_ids: list[list[int]] = []
         params = body.sampling_params()
@@ -77,6 +82,9 @@ class Choices:
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
         tokenizer = engine_loop.engine.tokenizer
+        # A logprob's token reads as the choice's text does (special tokens kept or skipped alike), so that
+        # text_offset indexes that text.
+        skip_special = params.skip_special_tokens
         calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
         arrival = time.monotonic()
         self.choices: list[Choice] = []
@@ -86,7 +94,7 @@ class Choices:
                 builder = ResponseBuilder(
                     endpoint="completion" if completion else "chat", model=model_name, index=p * best_of + i,
                     return_token_ids=body.return_token_ids, tool_calling=calling,
-                    detokenize=lambda token_id: tokenizer.decode([token_id]),
+                    detokenize=lambda token_id: tokenizer.decode([token_id], skip_special),
                     response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
                 recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens)
                 self.choices.append(Choice(p * best_of + i, p, i, request_id, _seeded(sample_params, i), builder,
@@ -146,9 +154,23 @@ class Choices:
     async def _accepted(self, choice: Choice) -> None:
         first = await choice.queue().get()
         if not isinstance(first, Accepted):
-            raise _error_of(first)
+            raise self._as_sent(_error_of(first))
         choice.builder.num_prompt_tokens = first.num_prompt_tokens
         choice.recorder.accepted(first.num_prompt_tokens)
+
+    def _as_sent(self, error: OpenAIError) -> OpenAIError:
+        """An engine refusal in the names of the fields the client sent: a chat's prompt is its `messages`, and
+        its limit max_completion_tokens when it sent that one."""
+        message = error.message
+        too_long = with_max_tokens(message, 0) is not None  # prompt + limit past max_model_len
+        if too_long and self.limit_field != "max_tokens":
+            message = message.replace(" + max_tokens (", f" + {self.limit_field} (").replace(
+                "lower max_tokens", f"lower {self.limit_field}")
+        message = message.replace("shorten the prompt", f"shorten the {self.prompt_field}")
+        if too_long and self.fills_context:
+            message = no_room_hint(message, self.prompt_field)
+        param = self.prompt_field if error.param == "prompt" else error.param
+        return OpenAIError(error.status, message, param=param, code=error.code)
 
     async def response(self) -> JsonObject:
         """The whole response once every choice finished."""
@@ -161,6 +183,11 @@ class Choices:
                     return
 
         await asyncio.gather(*(collect(c) for c in self.choices))
+        if self.echo_only:  # the one token the engine sampled is not part of the answer
+            for c in self.choices:
+                c.builder.text, c.builder.output_token_ids, c.builder.num_output_tokens = "", [], 0
+                c.builder.logprobs = [] if c.builder.logprobs is not None else None
+                c.builder.finish_reason = "length"
         kept = self._best()
         for c in kept:
             builder = c.builder
@@ -229,6 +256,28 @@ class Choices:
             for task in pumps:
                 task.cancel()
             self.abort_all()
+
+
+def no_room_hint(message: str, prompt_field: str) -> str:
+    """The "prompt + max_tokens exceeds max_model_len" refusal of a request that named no output limit (its
+    max_tokens is the room its prompt leaves, at least 1): its fix is a shorter prompt, not a lower limit the
+    client never sent."""
+    verb = "leave" if prompt_field == "messages" else "leaves"
+    return _LIMIT_HINT.sub(f"(the {prompt_field} {verb} no room for an answer within max_model_len: shorten the "
+                           f"{prompt_field})", message)
+
+
+_LIMIT_HINT = re.compile(r"\(shorten the \w+ or lower \w+\)$")
+
+
+def check_choice_count(num_prompts: int, n: int, best_of: int) -> None:
+    """400 when a request asks for more than MAX_CHOICES engine requests (prompts x samples), naming the field
+    that multiplies them (the proxy splits a list of prompts and checks it with this too)."""
+    if num_prompts * best_of <= MAX_CHOICES:
+        return
+    field = "best_of" if best_of > n else "n"
+    raise OpenAIError(400, f"{num_prompts} prompts x {best_of} samples ({field}) exceed {MAX_CHOICES} choices per "
+                           f"request; lower {field} or send the prompts in several requests", param=field)
 
 
 def _seeded(params: SamplingParams, sample: int) -> SamplingParams:

@@ -8,6 +8,7 @@ and their outputs come back on per-request asyncio queues, so the event loop nev
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 
@@ -45,7 +46,9 @@ async def serve(instance: Instance, body: CompletionRequest | ChatCompletionRequ
     collides inside the engine."""
     instance.check_serving()
     client_id = client_request_id(request.headers.get("x-request-id"), uuid.uuid4().hex)
-    choices = Choices(instance.engine_loop, body, prompts, client_id, instance.model_name)
+    # Off the event loop, as tokenizing is: the sampling fields' check compiles a structured-output grammar, which
+    # takes seconds for a long guided_choice list, and every other request's stream would wait on it.
+    choices = await asyncio.to_thread(Choices, instance.engine_loop, body, prompts, client_id, instance.model_name)
     headers = {"X-Request-Id": client_id}
     try:
         with DisconnectWatch(request) as watch:

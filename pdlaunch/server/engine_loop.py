@@ -301,8 +301,9 @@ class EngineLoop:
         prompt_ids = command.prompt_token_ids
         try:
             engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params)
-        except PdlaunchError as exc:
-            self._finish(stream.request_id, OpenAIError(400, exc.message, param=exc.field or "prompt"))
+        except PdlaunchError as exc:  # its hint says how to fix the request: it goes to the client too
+            message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            self._finish(stream.request_id, OpenAIError(400, message, param=exc.field or "prompt"))
             return
         except Exception as exc:  # noqa: BLE001 - this request fails, the engine serves on
             log.exception("adding request %s failed", stream.request_id)

@@ -8,6 +8,7 @@ max_tokens, n) and "0.5" is not a number; only logit_bias's keys, JSON strings, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Annotated, ClassVar, Literal
 
@@ -102,6 +103,18 @@ class _SamplingFields(BaseModel):
             refuse_unsupported(data, cls.chat)
             warn_ignored(data, cls._known_fields(), cls.chat)
         return data
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _logit_bias_keys(cls, value: object) -> object:
+        """Keys are token ids written as JSON strings; one that is not names itself (pydantic's own error read
+        `logit_bias.abc.[key]: Input should be a valid integer`)."""
+        for key in value if isinstance(value, dict) else ():
+            token_id = isinstance(key, int) and not isinstance(key, bool) and key >= 0  # a Python caller's dict
+            if not (token_id or (isinstance(key, str) and key.strip().isdigit())):
+                raise ValueError(f"key {key!r} is not a token id: logit_bias maps token ids, written as strings "
+                                 '(e.g. {"50256": -100}), to a bias')
+        return value
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -223,7 +236,21 @@ class CompletionRequest(_SamplingFields):
         self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
         if self.echo and self.logprobs is not None:
             self._check_prompt_logprobs(self.logprobs, "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens: 0 asks for no output, which only echo: true uses (the prompt and, with "
+                                   "logprobs, its logprobs); send max_tokens of at least 1", param="max_tokens")
+        if self.echo_only() and self.min_tokens:
+            raise OpenAIError(400, f"min_tokens: min_tokens ({self.min_tokens}) must be less than or equal to "
+                                   "max_tokens (0)", param="min_tokens")
+        if self.echo_only() and self.stream:
+            raise OpenAIError(400, "max_tokens: 0 with echo (the prompt only) is answered whole: send stream: false",
+                              param="stream")
         return self
+
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0 (vLLM's, as lm-evaluation-harness scores a prompt): the answer is the prompt
+        (with logprobs, its logprobs), no output token. The engine samples one, which the answer leaves out."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """Every prompt of the request (a string or token ids): a list of strings or of token-id lists
@@ -248,7 +275,7 @@ class CompletionRequest(_SamplingFields):
     def sampling_params(self) -> SamplingParams:
         # vLLM's rule: echo with logprobs asks for as many prompt logprobs as for output tokens.
         asked = self.prompt_logprobs if self.prompt_logprobs is not None or not self.echo else self.logprobs
-        return self._sampling(self.max_tokens, self.logprobs, asked)
+        return self._sampling(1 if self.echo_only() else self.max_tokens, self.logprobs, asked)
 
 
 class ChatMessage(BaseModel):
@@ -260,22 +287,29 @@ class ChatMessage(BaseModel):
     @field_validator("content")
     @classmethod
     def _text_parts(cls, content: str | list[JsonObject] | None) -> str | list[JsonObject] | None:
+        """Only text parts exist for a text model; the error names the part (the field path names the message)."""
         for i, part in enumerate(content if isinstance(content, list) else []):
-            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+            kind = part.get("type")
+            if kind is None:
+                raise ValueError(f'part {i} has no `type`; a text part is {{"type": "text", "text": "..."}}')
+            if kind != "text":
+                raise ValueError(f"part {i} has type {_short_json(kind)}, which this server does not take (it serves "
+                                 'a text model): send text parts {"type": "text", "text": "..."} or a string')
+            if not isinstance(part.get("text"), str):
                 raise ValueError(f"part {i} is a text part without a string `text`")
         return content
 
     def as_template_input(self) -> JsonObject:
         content = self.content
-        if isinstance(content, list):  # content parts: only text parts exist for a text model
-            parts = []
-            for part in content:
-                if part.get("type") != "text":
-                    raise OpenAIError(400, f"content part type {part.get('type')!r} is not supported",
-                                      param="messages")
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
+        if isinstance(content, list):  # text parts (checked by _text_parts), joined
+            content = "".join(str(part["text"]) for part in content)
         return template_message(self.role, content, self.model_extra or {})
+
+
+def _short_json(value: JsonValue) -> str:
+    """A client's value quoted in an error, cut to a readable length."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_messages(messages: Sequence[ChatMessage]) -> None:

@@ -170,7 +170,10 @@ class ResponseBuilder:
     # -- logprobs ------------------------------------------------------------------------------------
     def _completion_logprobs(self, items: list[TokenLogprob] | None, offset: int,
                              first_has_none: bool = False) -> JsonObject | None:
-        """`first_has_none`: the first item is an echoed prompt's first token, which nothing predicts."""
+        """`first_has_none`: the first item is an echoed prompt's first token, which nothing predicts.
+        Each position's top_logprobs holds the `logprobs` most likely tokens and the chosen one (OpenAI's
+        legacy completions: "up to logprobs+1 elements"; vLLM's too), so `logprobs: 0` still names the
+        chosen token's logprob."""
         if items is None:
             return None
         tokens = [self.detokenize(lp.token_id) for lp in items]
@@ -179,7 +182,11 @@ class ResponseBuilder:
             offsets.append(offset)
             offset += len(tok)
         token_logprobs: list[JsonValue] = [lp.logprob for lp in items]
-        top: list[JsonValue] = [{self.detokenize(t): v for t, v in lp.top.items()} for lp in items]
+        top: list[JsonValue] = []
+        for tok, lp in zip(tokens, items, strict=True):
+            alternatives: JsonObject = {self.detokenize(t): v for t, v in lp.top.items()}
+            alternatives[tok] = lp.logprob  # the chosen token's own, should another token share its text
+            top.append(alternatives)
         if first_has_none and items:
             token_logprobs[0] = top[0] = None
         return {"tokens": _json_list(tokens), "token_logprobs": token_logprobs, "top_logprobs": top,

@@ -72,9 +72,10 @@ class ToolCalling:
 
     def structured_output(self) -> StructuredOutput | None:
         """The grammar that required / named tool choice imposes (None for auto)."""
-        if self.mode == "named":
-            tool = next(t for t in self.tools if t.function.name == self.named)
-            return StructuredOutput(kind="json", value=json.dumps(_parameters(tool)), field="tool_choice")
+        if self.mode == "named":  # a schema that does not compile is named where the client wrote it
+            i, tool = next((i, t) for i, t in enumerate(self.tools) if t.function.name == self.named)
+            return StructuredOutput(kind="json", value=json.dumps(_parameters(tool)),
+                                    field=f"tools.{i}.function.parameters")
         if self.mode == "required":
             one_of: list[JsonValue] = [{"type": "object",
                        "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)},
@@ -82,7 +83,7 @@ class ToolCalling:
             schema: JsonObject = {"type": "array", "minItems": 1, "items": {"anyOf": one_of}}
             if not self.parallel:
                 schema["maxItems"] = 1
-            return StructuredOutput(kind="json", value=json.dumps(schema), field="tool_choice")
+            return StructuredOutput(kind="json", value=json.dumps(schema), field="tools")  # every tool's parameters
         return None
 
     def parse(self, text: str) -> tuple[str | None, list[JsonObject]]:
@@ -117,13 +118,16 @@ def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | Non
         if tool_choice not in (None, "none", "auto"):
             raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
         return None
-    try:
-        parsed = [Tool.model_validate(t) for t in tools] if isinstance(tools, list) else None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise OpenAIError(400, f"tools: {error_text(first)}", param="tools." + param_of(first.get("loc", ()))) from None
-    if parsed is None:
+    if not isinstance(tools, list):
         raise OpenAIError(400, "tools must be a list of function tools", param="tools")
+    parsed = []
+    for i, tool in enumerate(tools):
+        try:
+            parsed.append(Tool.model_validate(tool))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = f"tools.{i}." + param_of(first.get("loc", ()))
+            raise OpenAIError(400, f"{param}: {error_text(first)}", param=param) from None
     if tool_choice in (None, "auto"):
         return ToolCalling("auto", parsed)
     if tool_choice == "none":

@@ -94,7 +94,7 @@ def test_logit_bias_keys_are_token_ids_and_its_values_numbers(url: str) -> None:
                                              "return_token_ids": True})
     assert_completion(response, chat=False)
     assert response.json()["choices"][0]["token_ids"] == [5, 5, 5]
-    assert_refused(post(url, "/v1/completions", {"prompt": "hi", "logit_bias": {"five": 1}}), "logit_bias.five.[key]")
+    assert_refused(post(url, "/v1/completions", {"prompt": "hi", "logit_bias": {"five": 1}}), "logit_bias")
 
 
 @pytest.mark.parametrize(("body", "param"), [

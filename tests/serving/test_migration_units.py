@@ -176,7 +176,8 @@ def test_after_migration_limit_moves_the_stream_ends_with_a_migration_limit_even
             text = httpx.post(f"{proxy.url}/v1/completions", json={"prompt": "go", "max_tokens": 10, "stream": True},
                               timeout=30).text
             metrics = httpx.get(f"{proxy.url}/metrics", timeout=10).text
-    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert text.endswith("data: [DONE]\n\n"), text[-200:]
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
     assert [e["choices"][0]["text"] for e in events[:-1]] == ["A", "B", "B"]
     assert all(e["id"] == "cmpl-z" and "token_ids" not in e["choices"][0] for e in events[:-1])
     assert events[-1]["error"]["code"] == "migration_limit" and "after 2 migrations" in events[-1]["error"]["message"]

@@ -185,7 +185,8 @@ def test_ctrl_c_ends_an_open_stream_with_an_event_then_a_second_stops_at_once(se
     serve.proc.send_signal(signal.SIGINT)
     reader.join(60)
     assert not reader.is_alive(), "the stream did not end after Ctrl-C"
-    last = json.loads(events[-1])
+    assert events[-1] == "[DONE]", events[-3:]
+    last = json.loads(events[-2])
     assert last["error"]["code"] == "shutting_down" and "shutting down" in last["error"]["message"], events[-3:]
     if serve.proc.poll() is None:
         serve.proc.send_signal(signal.SIGINT)

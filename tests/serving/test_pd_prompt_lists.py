@@ -80,4 +80,27 @@ def test_pd_prompt_list_refusal_names_the_field(deployments: dict[str, Serve]) -
     assert response.status_code == 400 and response.json()["error"]["param"] == "n", response.text
     response = httpx.post(deployments["pd"].url + "/v1/completions", timeout=60, json={
         "model": "tiny", "prompt": ["a"] * 65, "max_tokens": 4, "n": 2})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt", response.text
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n", response.text  # as colocated
+
+
+def test_pd_prompt_list_stream_without_usage_chunk_carries_no_usage(deployments: dict[str, Serve]) -> None:
+    """Without stream_options.include_usage a streamed list of prompts carries no usage, as a colocated instance
+    streams it: each prompt's leg puts its own counts on its last chunk (one choice per leg), and those were
+    relayed, so a client reading the stream's last usage took one prompt's counts for the request's."""
+    body = {"prompt": PROMPTS, "temperature": 0.0, "stream": True}
+    pd, colocated = _ask(deployments["pd"], body), _ask(deployments["colocated"], body)
+    assert pd == colocated and pd["usage"] is None
+
+
+@pytest.mark.parametrize(("fields", "param"), [({"n": 50}, "n"), ({"best_of": 50}, "best_of")])
+def test_too_many_choices_name_the_field_that_multiplies_them(deployments: dict[str, Serve], fields: dict[str, Any],
+                                                              param: str) -> None:
+    """3 prompts x 50 samples: the same 400 through PD as colocated, naming n (or best_of) and the fix (before, PD
+    named `prompt` and neither said what to do)."""
+    for serve in deployments.values():
+        response = httpx.post(serve.url + "/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": PROMPTS, "max_tokens": 4, **fields})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and f"lower {param} or send the prompts in several requests" in \
+            error["message"], error

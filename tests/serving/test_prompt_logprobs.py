@@ -85,10 +85,13 @@ def test_echo_with_logprobs_leads_with_the_prompt(url: str, expected: torch.Tens
     got = logprobs["token_logprobs"][1:len(PROMPT)]
     want = [expected[p - 1, PROMPT[p]].item() for p in range(1, len(PROMPT))]
     assert got == pytest.approx(want, abs=1e-4)
-    # Alternatives are keyed by their text (OpenAI's shape), so two tokens of one text share an entry.
+    # Alternatives are keyed by their text (OpenAI's shape), so two tokens of one text share an entry; the prompt's
+    # own token is among them (OpenAI's "up to logprobs+1 elements").
     for p, top in enumerate(logprobs["top_logprobs"][1:len(PROMPT)], start=1):
-        best = expected[p - 1].topk(2).values.tolist()
-        assert 1 <= len(top) <= 2 and all(min(abs(v - b) for b in best) < 1e-4 for v in top.values())
+        own = expected[p - 1, PROMPT[p]].item()
+        best = [*expected[p - 1].topk(2).values.tolist(), own]
+        assert 1 <= len(top) <= 3 and all(min(abs(v - b) for b in best) < 1e-4 for v in top.values())
+        assert top[logprobs["tokens"][p]] == pytest.approx(own, abs=1e-4)
     plain = post(url, logprobs=2).json()["choices"][0]["logprobs"]
     assert logprobs["token_logprobs"][len(PROMPT):] == pytest.approx(plain["token_logprobs"], abs=1e-5)
 

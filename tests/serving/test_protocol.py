@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -67,6 +68,6 @@ def test_chat_text_content_parts_are_joined_and_images_refused() -> None:
     ])
     expected = [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]
     assert request.template_messages().messages == expected
-    with pytest.raises(OpenAIError) as err:
-        ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}]).template_messages()
-    assert err.value.param == "messages"
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}])
+    assert err.value.errors()[0]["loc"] == ("messages", 0, "content")

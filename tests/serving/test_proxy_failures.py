@@ -130,13 +130,16 @@ def test_unreachable_prefill_without_another_is_a_503(setup: Any) -> None:
 
 
 def test_crash_mid_stream_ends_with_an_openai_error_event(setup: Any) -> None:
+    """The error event, then [DONE], as every OpenAI stream ends (vLLM's after an error too): a client reading
+    until [DONE] took the stream for a cut connection."""
     url, _, pool, _ = setup
     _mark_ready(pool)
     pool.instances[2].state = "down"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "drop", "stream": True}, timeout=10)
     events = parse_sse(r.content)
     assert [json.loads(e)["choices"][0]["text"] for e in events[:3]] == ["t0", "t1", "t2"]
-    error = json.loads(events[-1])["error"]
+    assert len(events) == 5 and events[-1] == "[DONE]", events
+    error = json.loads(events[-2])["error"]
     assert error["code"] == "instance_failed" and "decode-0" in error["message"]
 
 
@@ -148,7 +151,8 @@ def test_hanging_instance_hits_the_request_timeout(setup: Any) -> None:
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hang"}, timeout=30)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hang", "stream": True}, timeout=30)
-    assert json.loads(parse_sse(r.content)[-1])["error"]["code"] == "timeout"
+    events = parse_sse(r.content)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout", events
 
 
 def test_client_disconnect_closes_the_upstream_stream(setup: Any) -> None:

@@ -149,7 +149,7 @@ def test_sigterm_ends_open_streams_on_every_worker_with_an_event(tmp_path: Path)
         assert not any(reader.is_alive() for reader in readers), "a stream did not end after SIGTERM"
         assert proxy.proc.wait(60) == 0, proxy.read_log()[-2000:]
     for events in streams:
-        assert json.loads(events[-1])["error"]["code"] == "shutting_down", events[-2:]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down", events[-2:]
     assert not alive(workers)
 
 

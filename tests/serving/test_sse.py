@@ -46,3 +46,52 @@ def test_any_chunking_gives_the_same_events(payloads: list[dict[str, str]], cuts
         start = cut
     assert [json.loads(e) for e in events[:-1]] == payloads
     assert events[-1] == "[DONE]"
+
+
+def _served(chunks: list[bytes], media_type: str = "text/event-stream") -> tuple[bytes, list[str]]:
+    """The body a client reads from a ClosingStreamingResponse over `chunks` (served by an ASGI app), and the
+    calls of its source's `finally` and of on_close."""
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    import httpx
+    from fastapi import FastAPI
+
+    from pdlaunch.http.sse import ClosingStreamingResponse
+
+    calls: list[str] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        try:
+            for chunk in chunks:
+                yield chunk
+        finally:
+            calls.append("source closed")
+
+    async def closed() -> None:
+        calls.append("on_close")
+
+    app = FastAPI()
+    app.get("/stream")(lambda: ClosingStreamingResponse(source(), on_close=closed, media_type=media_type))
+
+    async def read() -> bytes:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return (await client.get("/stream")).content
+
+    return asyncio.run(read()), calls
+
+
+def test_a_stream_ended_by_an_error_event_ends_with_done() -> None:
+    """OpenAI's streams end with [DONE], after an error event too (vLLM's do): a client that reads until [DONE]
+    took a stream that ended with the error event for a cut connection."""
+    error = sse_event({"error": {"message": "KV transfer failed", "type": "bad_gateway_error", "param": None,
+                                 "code": "502"}})
+    body, calls = _served([sse_event({"choices": [{"text": "a"}]}), error])
+    assert parse_sse(body) == [json.dumps({"choices": [{"text": "a"}]}, separators=(",", ":")),
+                               error[6:-2].decode(), "[DONE]"]
+    assert calls == ["source closed", "on_close"]
+    # already ended by [DONE]; cut short without an error (the proxy's sign of a dead instance); not SSE: as sent
+    for chunks, media_type in [([sse_event({"a": 1}), error, DONE], "text/event-stream"),
+                               ([sse_event({"a": 1})], "text/event-stream"),
+                               ([b'{"error": {}}\n'], "application/x-ndjson")]:
+        assert _served(chunks, media_type)[0] == b"".join(chunks)
