@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,7 +40,7 @@ from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.engine.stats import EngineStats, engine_stats, update_metrics
 from pdlaunch.engine.step_builder import build_step_inputs
 from pdlaunch.engine.step_clock import step_clock
-from pdlaunch.engine.structured_output import grammar_backend
+from pdlaunch.engine.structured_output import StructuredOutput, grammar_backend
 from pdlaunch.errors import EngineError, KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.params import (
@@ -60,6 +61,9 @@ from pdlaunch.memory.platform import current_device_index, resolve_device, set_d
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype, weight_dtype_name
 from pdlaunch.offload.manager import OffloadManager
+
+if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
+    from llguidance import LLMatcher
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +255,17 @@ class LLMEngine:
         return sign_kv_transfer_params(params, self._params_key, self.config.kv_transfer.kv_lease_seconds,
                                        time.time())
 
+    def grammar_matcher(self, spec: StructuredOutput) -> LLMatcher:
+        """A new matcher of a structured-output request's grammar; any thread may build it (the server builds it
+        off the engine thread and hands it to add_request). EngineError naming the field when it cannot be."""
+        return self.outputs.grammar_matcher(spec)
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    kv_transfer_params: KVTransferParams | JSONObject | None = None) -> None:
+                    kv_transfer_params: KVTransferParams | JSONObject | None = None,
+                    matcher: LLMatcher | None = None) -> None:
         """Queue a request. `kv_transfer_params`: the model `check_kv_transfer_params` parsed (the server
-        parses them before it queues the request), or the raw JSON object, parsed here."""
+        parses them before it queues the request), or the raw JSON object, parsed here. `matcher`: a new matcher
+        of its structured output's grammar (grammar_matcher), else one is built here."""
         s = self.scheduler
         if request_id in self.outputs.tracked or request_id in s.held or request_id in s.draining:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
@@ -297,7 +308,7 @@ class LLMEngine:
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)
             skip_draws(request, params.seed_offset, self.vocab_size, self.device)
-        self.outputs.add(request)
+        self.outputs.add(request, matcher)
         self.scheduler.add_request(request)
         if first:
             self._admitted.append(self._continue_from(request, first))

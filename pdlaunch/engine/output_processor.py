@@ -21,7 +21,7 @@ from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.engine.request import Request
 from pdlaunch.engine.sampler import SampleRow
-from pdlaunch.engine.structured_output import GrammarBackend, advance
+from pdlaunch.engine.structured_output import GrammarBackend, StructuredOutput, advance
 from pdlaunch.errors import EngineError
 
 if TYPE_CHECKING:
@@ -45,15 +45,21 @@ class OutputProcessor:
         self.grammars = grammars
         self.tracked: dict[str, TrackedRequest] = {}
 
-    def add(self, request: Request) -> None:
-        """Track a new request; EngineError (naming the field) when its grammar cannot be built."""
+    def grammar_matcher(self, spec: StructuredOutput) -> LLMatcher:
+        """A new matcher of `spec` (any thread); EngineError naming the field when it cannot be built."""
+        if self.grammars is None:
+            raise EngineError("structured output needs the engine's tokenizer", field=spec.field)
+        return self.grammars.matcher(spec)
+
+    def add(self, request: Request, matcher: LLMatcher | None = None) -> None:
+        """Track a new request; its grammar's `matcher` when one was built for it (off the engine thread), else
+        built here. EngineError (naming the field) when its grammar cannot be built."""
         params = request.params
-        matcher = None
-        if params.structured_output is not None:
-            if self.grammars is None:
-                raise EngineError("structured output needs the engine's tokenizer",
-                                  field=params.structured_output.field)
-            matcher = self.grammars.matcher(params.structured_output)
+        if params.structured_output is None:
+            matcher = None
+        else:
+            if matcher is None:
+                matcher = self.grammar_matcher(params.structured_output)
             for token_id in request.output_token_ids:  # a request that already has output replays it
                 advance(matcher, token_id)
         decode = functools.partial(self.decode, skip_special_tokens=params.skip_special_tokens,

@@ -138,11 +138,15 @@ class GrammarBackend:
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._started = False
+        self._start_lock = threading.Lock()  # matchers are built on the server's grammar threads too
         if warm:
             self._start()
 
     def _start(self) -> None:
-        self._started = True
+        with self._start_lock:
+            if self._started:
+                return
+            self._started = True
         threading.Thread(target=self._build, name="llguidance-tokenizer", daemon=True).start()
 
     def _build(self) -> None:
@@ -157,8 +161,7 @@ class GrammarBackend:
             self._ready.set()
 
     def _llg_tokenizer(self, field: str) -> LLTokenizer:
-        if not self._started:
-            self._start()
+        self._start()
         if not self._ready.wait(TOKENIZER_BUILD_TIMEOUT_S):
             raise EngineError(f"llguidance's token table was not built within {TOKENIZER_BUILD_TIMEOUT_S:.0f} s",
                               field=field, hint="retry; the instance is overloaded")
@@ -167,6 +170,9 @@ class GrammarBackend:
         return self._tokenizer
 
     def matcher(self, spec: StructuredOutput) -> LLMatcher:
+        """A new matcher of `spec`'s grammar over the engine's tokenizer: its compile takes as long as the grammar
+        is large (50,000 guided choices: ~1.5 s), so the server builds it off the engine thread (EngineLoop.submit);
+        any thread may call this."""
         import llguidance
 
         tokenizer = self._llg_tokenizer(spec.field)

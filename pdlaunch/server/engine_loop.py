@@ -6,6 +6,10 @@ every step, runs `step()`, and hands each request's outputs to that request's as
 `idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
 quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
 instance costs ~no CPU, and a command still wakes it at once.
+
+A structured-output request's grammar matcher is built on a grammar thread (`submit`) and the request is queued
+once it is: its compile takes as long as the grammar is large (50,000 guided choices: ~1.5 s), and on the engine
+thread it held every running stream that long.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
@@ -28,6 +33,8 @@ from pdlaunch.kv_transfer.params import KVTransferParams
 from pdlaunch.server.recent_itl import RecentItl
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
+    from llguidance import LLMatcher
+
     from pdlaunch.engine.llm_engine import LLMEngine
     from pdlaunch.engine.stats import EngineStats
 
@@ -70,6 +77,7 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     kv_transfer_params: KVTransferParams | None  # parsed by the engine's boundary (submit)
+    matcher: Future[LLMatcher] | None = None  # structured output: its grammar's matcher, built (submit)
 
 
 @dataclass
@@ -113,6 +121,7 @@ class EngineLoop:
         self.num_aborted = 0  # requests stopped before they finished (client went away)
         self.recent_itl = RecentItl()  # /health's itl_ms
         self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
+        self._grammars = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")  # off the engine thread
 
     # -- HTTP side (event loop thread) ------------------------------------------------------------
     def start(self) -> None:
@@ -168,7 +177,18 @@ class EngineLoop:
                     503, f"server overloaded: {len(self._streams)} requests pending "
                     f"(limit {self.max_pending_requests}); retry later", code="overloaded")
             self._streams[request_id] = stream
-        self._commands.put(_Add(stream, prompt_token_ids, params, parsed))
+        add = _Add(stream, prompt_token_ids, params, parsed)
+        spec = params.structured_output
+        if spec is None:
+            self._commands.put(add)
+            return stream
+        try:
+            add.matcher = self._grammars.submit(engine.grammar_matcher, spec)
+        except RuntimeError:  # the pool is shut down: the server is stopping
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise OpenAIError(503, "the server is stopping", code="shutting_down") from None
+        add.matcher.add_done_callback(lambda _: self._commands.put(add))  # queued once its grammar is built
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -228,6 +248,7 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self._grammars.shutdown(wait=False, cancel_futures=True)
         self._commands.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -300,7 +321,8 @@ class EngineLoop:
                 return  # aborted before the engine saw it
         prompt_ids = command.prompt_token_ids
         try:
-            engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params)
+            matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
+            engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
         except PdlaunchError as exc:  # its hint says how to fix the request: it goes to the client too
             message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
             self._finish(stream.request_id, OpenAIError(400, message, param=exc.field or "prompt"))

@@ -47,3 +47,54 @@ def test_health_answers_while_a_grammar_compiles(url: str, monkeypatch: pytest.M
         request.join(TIMEOUT)
     assert answer and answer[0].status_code == 200, answer
     assert answer[0].json()["choices"][0]["text"] in ("yes", "no")
+
+
+def test_other_requests_finish_while_a_grammar_matcher_builds(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matcher over the engine's tokenizer (the grammar's second, larger compile) is built off the engine
+    thread: with it held, a plain request still runs to its end. Built on the engine thread, it held every step."""
+    from pdlaunch.engine import structured_output
+
+    building, plain_done = threading.Event(), threading.Event()
+    build = structured_output.GrammarBackend.matcher
+
+    def held_build(self: structured_output.GrammarBackend, spec: structured_output.StructuredOutput) -> object:
+        building.set()
+        assert plain_done.wait(TIMEOUT), "the plain request did not finish while the matcher was built"
+        return build(self, spec)
+
+    monkeypatch.setattr(structured_output.GrammarBackend, "matcher", held_build)
+    answer: list[httpx.Response] = []
+    structured = threading.Thread(target=lambda: answer.append(httpx.post(
+        f"{url}/v1/completions", timeout=TIMEOUT,
+        json={"model": "tiny", "prompt": "pick", "max_tokens": 3, "guided_choice": ["yes", "no"]})), daemon=True)
+    structured.start()
+    try:
+        assert building.wait(TIMEOUT), "the structured request never reached its matcher"
+        plain = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT,
+                           json={"model": "tiny", "prompt": "go on", "max_tokens": 8, "ignore_eos": True})
+        assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] == 8, plain.text
+    finally:
+        plain_done.set()
+        structured.join(TIMEOUT)
+    assert answer and answer[0].status_code == 200, answer
+    assert answer[0].json()["choices"][0]["text"] in ("yes", "no")
+
+
+def test_a_grammar_the_tokenizer_refuses_is_a_400_naming_it(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error building the matcher (now on a grammar thread) still reaches the client as a 400 naming the field,
+    and the instance serves on."""
+    from pdlaunch.engine import structured_output
+    from pdlaunch.errors import EngineError
+
+    def refused(self: structured_output.GrammarBackend, spec: structured_output.StructuredOutput) -> object:
+        raise EngineError(f"{spec.field}: the token table refuses it", field=spec.field)
+
+    monkeypatch.setattr(structured_output.GrammarBackend, "matcher", refused)
+    bad = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT,
+                     json={"model": "tiny", "prompt": "pick", "max_tokens": 3, "guided_choice": ["yes", "no"]})
+    assert bad.status_code == 400, bad.text
+    assert "the token table refuses it" in bad.json()["error"]["message"], bad.text
+    assert bad.json()["error"]["param"] == "guided_choice", bad.text
+    monkeypatch.undo()
+    ok = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
