@@ -22,3 +22,15 @@ def with_max_tokens(message: str, max_tokens: int) -> str | None:
         return None
     prompt_len, max_model_len = int(match[1]), int(match[4])
     return message[:match.start()] + too_long_message(prompt_len, max_tokens, max_model_len) + message[match.end():]
+
+
+def without_max_tokens(message: str, prompt_field: str) -> str | None:
+    """`message` restated for a request that named no output limit (its max_tokens was the room its prompt left, at
+    least 1): "<prompt_field> (N tokens) leave(s) no room for an answer within max_model_len M: shorten the
+    <prompt_field>", with no max_tokens the client never sent; None when it is not this refusal."""
+    match = _TOO_LONG.search(message)
+    if match is None:
+        return None
+    verb = "leave" if prompt_field == "messages" else "leaves"
+    return (f"the {prompt_field} ({match[1]} tokens) {verb} no room for an answer within max_model_len {match[4]}: "
+            f"shorten the {prompt_field}")

@@ -17,13 +17,12 @@ choice's text, and with logprobs the prompt's logprobs (engine/prompt_logprobs.p
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from pdlaunch.engine.context_limit import with_max_tokens
+from pdlaunch.engine.context_limit import with_max_tokens, without_max_tokens
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
@@ -260,14 +259,9 @@ class Choices:
 
 def no_room_hint(message: str, prompt_field: str) -> str:
     """The "prompt + max_tokens exceeds max_model_len" refusal of a request that named no output limit (its
-    max_tokens is the room its prompt leaves, at least 1): its fix is a shorter prompt, not a lower limit the
-    client never sent."""
-    verb = "leave" if prompt_field == "messages" else "leaves"
-    return _LIMIT_HINT.sub(f"(the {prompt_field} {verb} no room for an answer within max_model_len: shorten the "
-                           f"{prompt_field})", message)
-
-
-_LIMIT_HINT = re.compile(r"\(shorten the \w+ or lower \w+\)$")
+    max_tokens is the room its prompt leaves, at least 1), said without that max_tokens: its fix is a shorter
+    prompt, not a lower limit the client never sent."""
+    return without_max_tokens(message, prompt_field) or message
 
 
 def check_choice_count(num_prompts: int, n: int, best_of: int) -> None:

@@ -37,9 +37,9 @@ def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     ("/v1/completions", {"prompt": [[]], "max_tokens": 4}, "prompt", ["the prompt is empty (send at least one token)"]),
     # no limit named: the answer may fill the context, and the prompt leaves it no room
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a " * 2100}]}, "messages",
-     ["(the messages leave no room for an answer within max_model_len: shorten the messages)"]),
+     ["the messages (", " tokens) leave no room for an answer within max_model_len 2048: shorten the messages"]),
     ("/v1/completions", {"prompt": [5] * 2048, "max_tokens": None}, "prompt",
-     ["(the prompt leaves no room for an answer within max_model_len: shorten the prompt)"]),
+     ["the prompt (2048 tokens) leaves no room for an answer within max_model_len 2048: shorten the prompt"]),
     # no max_tokens in a completion: 16 (through PD too, where the prefill leg asked for 1)
     ("/v1/completions", {"prompt": [5] * 2048}, "prompt", [" + max_tokens (16) = 2064 "]),
 ], ids=["chat-max_completion_tokens", "chat-max_tokens", "completion-too-long", "completion-empty-token-ids",
@@ -52,6 +52,8 @@ def test_a_refusal_names_the_sent_fields_and_the_fix(deployments: dict[str, Serv
     error = answer.json()["error"]
     assert error["param"] == param, error
     assert all(part in error["message"] for part in says), error
+    if any("no room" in part for part in says):  # no limit was sent: none is named (it read "+ max_tokens (1)")
+        assert "max_tokens" not in error["message"] and "max_completion_tokens" not in error["message"], error
 
 
 @pytest.mark.parametrize("deployment", ["pd", "colocated"])
