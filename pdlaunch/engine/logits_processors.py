@@ -37,9 +37,10 @@ class RowState(Protocol):
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """EngineError naming the field when logit_bias or allowed_token_ids hold an id the model lacks
-    (it would index past the logits inside a step)."""
-    for name, ids in (("logit_bias", params.logit_bias.keys()), ("allowed_token_ids", params.allowed_token_ids or ())):
+    """EngineError naming the field when logit_bias or allowed_token_ids hold an id the model lacks (it would index
+    past the logits inside a step), or stop_token_ids does (no sampled token can match it: silently ignored)."""
+    for name, ids in (("logit_bias", params.logit_bias.keys()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                      ("stop_token_ids", params.stop_token_ids)):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise EngineError(f"{name} holds token id {bad[0]} out of the vocabulary [0, {vocab_size})",

@@ -128,7 +128,8 @@ def test_min_tokens_above_max_tokens_is_refused_and_bias_is_clamped() -> None:
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_a_step() -> None:
     for params, field in ((SamplingParams(logit_bias={V: 1.0}), "logit_bias"),
-                          (SamplingParams(allowed_token_ids=[0, V + 5]), "allowed_token_ids")):
+                          (SamplingParams(allowed_token_ids=[0, V + 5]), "allowed_token_ids"),
+                          (SamplingParams(stop_token_ids=[2, V]), "stop_token_ids")):
         with pytest.raises(EngineError) as info:
             check_token_ids(params, V)
         assert info.value.field == field

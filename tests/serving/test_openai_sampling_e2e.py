@@ -109,6 +109,7 @@ def test_seeded_sampling_is_reproducible_across_pd_and_colocated(deployments: di
 @pytest.mark.parametrize(("fields", "param"), [
     ({"repetition_penalty": -1.0}, "repetition_penalty"), ({"presence_penalty": 3}, "presence_penalty"),
     ({"min_tokens": 50}, "min_tokens"), ({"min_p": 2}, "min_p"), ({"logit_bias": {"99999": 1}}, "logit_bias"),
+    ({"stop_token_ids": [99999]}, "stop_token_ids"),  # no token can match it: it was accepted and did nothing
     ({"n": 0}, "n"), ({"n": 3, "best_of": 2}, "best_of"), ({"echo": True, "logprobs": 1, "stream": True}, "echo"),
     ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
     ({"guided_regex": "a(b"}, "guided_regex"),
