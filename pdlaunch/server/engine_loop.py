@@ -320,6 +320,9 @@ class EngineLoop:
             if self._streams.get(stream.request_id) is not stream:
                 return  # aborted before the engine saw it
         prompt_ids = command.prompt_token_ids
+        if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
+            self._finish(stream.request_id, OpenAIError(503, "server is shutting down", code="shutting_down"))
+            return
         try:
             matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
             engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
