@@ -46,5 +46,7 @@ def build_app(engine_loop: EngineLoop, config: DeploymentConfig, spec: InstanceS
     metrics.set_model_name(instance.model_name)
     for module in ROUTE_MODULES:
         for method, path, handler in module.ROUTES:
-            app.add_api_route(path, handler, methods=[method], response_model=None)
+            # HEAD wherever GET, as the proxy: a load balancer's probe of /health is no 405 (RFC 9110 9.3.2)
+            app.add_api_route(path, handler, methods=[method, "HEAD"] if method == "GET" else [method],
+                              response_model=None)
     return app

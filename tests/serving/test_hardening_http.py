@@ -177,3 +177,15 @@ def test_millions_of_token_ids_are_refused_quickly(server: tuple[str, EngineLoop
     assert_400(answer, "prompt")
     assert "2000000 token ids" in answer.json()["error"]["message"]
     assert time.monotonic() - started < 15
+
+
+@pytest.mark.parametrize("path", ["/health", "/v1/models", "/metrics", "/info", "/version"])
+def test_head_answers_as_get_without_a_body_on_an_instance_too(server: tuple[str, EngineLoop], path: str) -> None:
+    """As the proxy does (it answered 200 where the instance answered 405: a load balancer probing an instance
+    with HEAD saw it down)."""
+    url, _ = server
+    get = httpx.get(f"{url}{path}", headers=AUTH, timeout=30)
+    head = httpx.head(f"{url}{path}", headers=AUTH, timeout=30)
+    assert get.status_code == head.status_code == 200, (path, get.status_code, head.status_code)
+    assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    assert httpx.head(f"{url}/v1/completions", headers=AUTH, timeout=30).status_code == 405  # a POST route
