@@ -23,6 +23,21 @@ def url() -> Iterator[str]:
         yield address
 
 
+def _choice_request_in_a_thread(url: str) -> tuple[threading.Thread, list[httpx.Response]]:
+    """A guided_choice completion posted from a started thread; its answer lands in the list."""
+    answer: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: answer.append(httpx.post(
+        f"{url}/v1/completions", timeout=TIMEOUT,
+        json={"model": "tiny", "prompt": "pick", "max_tokens": 3, "guided_choice": ["yes", "no"]})), daemon=True)
+    thread.start()
+    return thread, answer
+
+
+def _assert_chose(answer: list[httpx.Response]) -> None:
+    assert answer and answer[0].status_code == 200, answer
+    assert answer[0].json()["choices"][0]["text"] in ("yes", "no")
+
+
 def test_health_answers_while_a_grammar_compiles(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The grammar check is held until /health has answered: on the event loop it could not answer at all."""
     compiling, health_answered = threading.Event(), threading.Event()
@@ -35,18 +50,14 @@ def test_health_answers_while_a_grammar_compiles(url: str, monkeypatch: pytest.M
         return check(response_format, structured_outputs, guided)
 
     monkeypatch.setattr(protocol, "structured_output_of", held_check)
-    answer: list[httpx.Response] = []
-    request = threading.Thread(target=lambda: answer.append(httpx.post(f"{url}/v1/completions", timeout=TIMEOUT, json={
-        "model": "tiny", "prompt": "pick", "max_tokens": 3, "guided_choice": ["yes", "no"]})), daemon=True)
-    request.start()
+    request, answer = _choice_request_in_a_thread(url)
     try:
         assert compiling.wait(TIMEOUT), "the request never reached its grammar check"
         assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
     finally:
         health_answered.set()
         request.join(TIMEOUT)
-    assert answer and answer[0].status_code == 200, answer
-    assert answer[0].json()["choices"][0]["text"] in ("yes", "no")
+    _assert_chose(answer)
 
 
 def test_other_requests_finish_while_a_grammar_matcher_builds(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -63,11 +74,7 @@ def test_other_requests_finish_while_a_grammar_matcher_builds(url: str, monkeypa
         return build(self, spec)
 
     monkeypatch.setattr(structured_output.GrammarBackend, "matcher", held_build)
-    answer: list[httpx.Response] = []
-    structured = threading.Thread(target=lambda: answer.append(httpx.post(
-        f"{url}/v1/completions", timeout=TIMEOUT,
-        json={"model": "tiny", "prompt": "pick", "max_tokens": 3, "guided_choice": ["yes", "no"]})), daemon=True)
-    structured.start()
+    structured, answer = _choice_request_in_a_thread(url)
     try:
         assert building.wait(TIMEOUT), "the structured request never reached its matcher"
         plain = httpx.post(f"{url}/v1/completions", timeout=TIMEOUT,
@@ -76,8 +83,7 @@ def test_other_requests_finish_while_a_grammar_matcher_builds(url: str, monkeypa
     finally:
         plain_done.set()
         structured.join(TIMEOUT)
-    assert answer and answer[0].status_code == 200, answer
-    assert answer[0].json()["choices"][0]["text"] in ("yes", "no")
+    _assert_chose(answer)
 
 
 def test_a_grammar_the_tokenizer_refuses_is_a_400_naming_it(url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,25 +13,25 @@ from typing import Any
 import pytest
 
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.stats import EngineStats
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.engine_loop import Accepted, EngineLoop, StreamItem
 from tests.serving.helpers import wait_for
+from tests.serving.test_engine_loop_idle import CountingEngine
 
 TIMEOUT = 60.0  # a loaded 2-core machine
 STRUCTURED = SamplingParams(max_tokens=3, structured_output=StructuredOutput(kind="choice", value='["yes", "no"]',
                                                                              field="guided_choice"))
 
 
-class HeldGrammarEngine:
-    """What the loop calls on an engine; `grammar_matcher` waits for `release`, `add_request` records."""
+class HeldGrammarEngine(CountingEngine):
+    """The idle tests' engine stand-in, whose `grammar_matcher` waits for `release`; `add_request` records."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.release = threading.Event()
         self.building = threading.Semaphore(0)
         self.added: list[tuple[str, Any]] = []
-        self.steps = 0
 
     def grammar_matcher(self, spec: StructuredOutput) -> str:
         self.building.release()
@@ -44,26 +44,6 @@ class HeldGrammarEngine:
     def add_request(self, request_id: str, prompt: list[int], params: SamplingParams, kv: object,
                     matcher: object = None) -> None:
         self.added.append((request_id, matcher))
-
-    def is_quiescent(self) -> bool:
-        return not self.added
-
-    def has_unfinished_requests(self) -> bool:
-        return False
-
-    def step(self) -> list[object]:
-        self.steps += 1
-        return []
-
-    def stats(self) -> EngineStats:
-        return {"num_running": 0, "num_waiting": 0, "num_waiting_for_kv": 0, "num_blocks_total": 8,
-                "num_blocks_used": 0}  # type: ignore[typeddict-item]
-
-    def check_integrity(self) -> None:
-        pass
-
-    def shutdown(self) -> None:
-        pass
 
 
 def _started(engine: HeldGrammarEngine) -> EngineLoop:
