@@ -63,7 +63,7 @@ def launches(n: int, k: int, rows: int, sms: int, deep: bool = False) -> list[De
     for bn, bk, warps, stages, swap in DEEP_CONFIGS if deep else CONFIGS:
         if warps == 8 and block_m(rows) < 32 and not swap:
             continue
-        out += [(bn, bk, split, warps, stages, swap) for split in splits(n, k, bn, bk, sms)]
+        out += [(bn, bk, split, warps, stages, swap, 0) for split in splits(n, k, bn, bk, sms)]
     return out
 
 

@@ -137,6 +137,7 @@ def decode_gemm_table(sweep_json: Path, margin: float = 0.0, merge: bool = False
         config = None
         if row.get("best_us") is not None and row["best_us"] < row["cublas_us"] * (1 - margin):
             config = tuple(int(v) for v in row["best"].strip("()").split(","))
+            config += (0,) * (7 - len(config))  # a sweep before the TMA flag: the pointer kernel
         entries.append((row["rows"], row["n"], row["k"], config))
     if merge:
         swept = {entry[:3] for entry in entries}

@@ -32,9 +32,10 @@ from pdlaunch.model.triton_decode import (
     triton_importable,
 )
 
-# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP): SWAP 1 multiplies W x^T (the weight tile as the MMA's
-# M side), 0 x W^T.
-DecodeGemmConfig = tuple[int, int, int, int, int, int]
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP, TMA): SWAP 1 multiplies W x^T (the weight tile as the
+# MMA's M side), 0 x W^T; TMA 1 reads the tiles through the tensor-memory accelerator (`tma_gemm_kernel`; where x or
+# the weight is not 16-byte aligned as TMA needs, the same launch runs the pointer kernel).
+DecodeGemmConfig = tuple[int, int, int, int, int, int, int]
 # Per device (a substring of torch's device name): (largest rows, largest N, largest K, config or None), the first
 # entry that covers the call; None, or no entry: F.linear. BLOCK_M is the rows rounded up to a power of two (16 at
 # least). Ordered by rows, then N, then K, so each measured shape takes its own launch and another takes that of
@@ -45,12 +46,12 @@ DecodeGemmConfig = tuple[int, int, int, int, int, int]
 # Qwen3-30B-A3B's qkv from 17 rows stay on cuBLAS, which was faster there.
 DECODE_GEMM_DEVICE_CONFIGS: dict[str, tuple[tuple[int, int, int, DecodeGemmConfig | None], ...]] = {
     "H200": (
-        (16, 2048, 4096, (64, 128, 4, 4, 6, 1)), (16, 4096, 4096, (32, 128, 1, 4, 6, 0)),
-        (16, 4096, 14336, (64, 256, 2, 4, 4, 1)), (16, 5120, 2048, (64, 128, 1, 4, 6, 1)),
-        (16, 6144, 4096, (64, 128, 1, 4, 6, 1)),
-        (32, 2048, 4096, (64, 128, 4, 4, 4, 1)), (32, 4096, 4096, (64, 128, 2, 4, 4, 1)),
-        (32, 4096, 14336, (32, 256, 1, 4, 6, 0)), (32, 5120, 2048, None), (32, 6144, 4096, (64, 128, 1, 4, 6, 1)),
-        (64, 2048, 4096, (32, 128, 2, 4, 6, 0)), (64, 4096, 4096, None), (64, 4096, 14336, (32, 128, 1, 4, 6, 0)),
+        (16, 2048, 4096, (64, 128, 4, 4, 6, 1, 0)), (16, 4096, 4096, (32, 128, 1, 4, 6, 0, 0)),
+        (16, 4096, 14336, (64, 256, 2, 4, 4, 1, 0)), (16, 5120, 2048, (64, 128, 1, 4, 6, 1, 0)),
+        (16, 6144, 4096, (64, 128, 1, 4, 6, 1, 0)),
+        (32, 2048, 4096, (64, 128, 4, 4, 4, 1, 0)), (32, 4096, 4096, (64, 128, 2, 4, 4, 1, 0)),
+        (32, 4096, 14336, (32, 256, 1, 4, 6, 0, 0)), (32, 5120, 2048, None), (32, 6144, 4096, (64, 128, 1, 4, 6, 1, 0)),
+        (64, 2048, 4096, (32, 128, 2, 4, 6, 0, 0)), (64, 4096, 4096, None), (64, 4096, 14336, (32, 128, 1, 4, 6, 0, 0)),
         (64, 5120, 2048, None), (64, 6144, 4096, None),
     ),
 }
@@ -177,7 +178,45 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
         STORE(acc, y_ptr, b_ptr, part_ptr, count_ptr, rm, rn, M, N, pid_n, split, BLOCK_M, SPLIT_K, HAS_BIAS)
 
-    return SimpleNamespace(gemm=decode_gemm_kernel, split_store=split_store)
+    # The same product with x and the weight read by the tensor-memory accelerator: each [rows, BLOCK_K] and
+    # [BLOCK_N, BLOCK_K] tile is one TMA copy into shared memory through a host-made descriptor (rows past M and
+    # columns past K read as zeros), the pipeliner keeps STAGES of them in flight, and the products are warpgroup
+    # MMAs. k_per_split is a multiple of BLOCK_K, so no tile crosses a range's end.
+    @triton.jit(do_not_specialize=["M"])
+    def tma_gemm_kernel(x_desc, w_desc, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, k_per_split,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLIT_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                        STAGES: tl.constexpr, PDL: tl.constexpr, STORE: tl.constexpr):
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        off_n = pid_n * BLOCK_N
+        k_start = split * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, K)
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=STAGES):
+            wv = w_desc.load([off_n, k0])
+            xv = x_desc.load([0, k0])
+            if DOT_F32:
+                wv = wv.to(tl.float32)
+                xv = xv.to(tl.float32)
+            if SWAP:
+                acc = tl.dot(wv, xv.T, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, wv.T, acc, input_precision="ieee")
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if SWAP:
+            acc = tl.trans(acc)
+        rm = tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        STORE(acc, y_ptr, b_ptr, part_ptr, count_ptr, rm, rn, M, N, pid_n, split, BLOCK_M, SPLIT_K, HAS_BIAS)
+
+    return SimpleNamespace(gemm=decode_gemm_kernel, split_store=split_store, tma_gemm=tma_gemm_kernel)
 
 
 def split_store(interpret: bool):  # noqa: ANN201 (a triton.JITFunction)
@@ -197,6 +236,12 @@ def config_for(name: str, rows: int, n: int, k: int) -> DecodeGemmConfig | None:
     table = device_entry(DECODE_GEMM_DEVICE_CONFIGS, name, ())
     return next((config for max_rows, max_n, max_k, config in table
                  if rows <= max_rows and n <= max_n and k <= max_k), None)
+
+
+def tma_aligned(*tensors: torch.Tensor) -> bool:
+    """True when each 2-D tensor (unit column stride) can be read through a TMA descriptor: its start and its row
+    stride in bytes multiples of 16."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
 
 
 def decode_gemm_setting() -> str:
@@ -234,7 +279,7 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if config is None:
         raise ValueError(f"decode_gemm: no launch for {rows} rows of a [{n}, {k}] weight on this device "
                          "(check decode_gemm_available first)")
-    block_n, block_k, split, warps, stages, swap = config
+    block_n, block_k, split, warps, stages, swap, tma = config
     k_blocks = triton.cdiv(k, block_k)
     k_per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(k, k_per_split)  # ranges that hold any columns
@@ -249,9 +294,22 @@ def decode_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     # Launched dependent wherever the kernel before may release it early (a decode batch on sm_90+).
     pdl = pdl_release(x, rows)
     kernels = _kernels(interpret)
+    bias_arg = bias if bias is not None else out
+    if tma and tma_aligned(x, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [bm, block_k])
+        w_desc = TensorDescriptor(weight, [n, k], [k, 1], [block_n, block_k])
+        kernels.tma_gemm[(tiles, split)](
+            x_desc, w_desc, bias_arg, out, part, counters, rows, n, k, k_per_split,
+            BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SWAP=bool(swap), HAS_BIAS=bias is not None,
+            DOT_F32=interpret, STAGES=stages, PDL=pdl, STORE=kernels.split_store, num_warps=warps,
+            num_stages=stages, **pdl_kwargs(pdl))
+        return out
     kernels.gemm[(tiles, split)](
-        x, weight, bias if bias is not None else out, out, part, counters, rows, n, k, x.stride(0), k_per_split,
+        x, weight, bias_arg, out, part, counters, rows, n, k, x.stride(0), k_per_split,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, SWAP=bool(swap),
         EVEN_K=k % block_k == 0 and k_per_split % block_k == 0, HAS_BIAS=bias is not None, DOT_F32=interpret,
         PDL=pdl, STORE=kernels.split_store, num_warps=warps, num_stages=stages, **pdl_kwargs(pdl))
     return out
+

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.decode_gemm import tma_aligned
 from pdlaunch.model.fused_ops import silu_and_mul_torch
 from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.triton_decode import (
@@ -30,7 +31,9 @@ from pdlaunch.model.triton_decode import (
     triton_importable,
 )
 
-SwigluConfig = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA): TMA 1 reads the tiles through the tensor-memory
+# accelerator (`swiglu_tma_kernel`; where x or the weight is not 16-byte aligned as TMA needs, the pointer kernel).
+SwigluConfig = tuple[int, int, int, int, int, int]
 # Per device (a substring of torch's device name): (largest row count, config or None), the first entry that
 # covers the rows; None, or no entry: cuBLAS's GEMM and the silu_and_mul launch. Measured with
 # benchmarks/swiglu_speed.py on Llama-3-8B's gate_up (4096 -> 2 x 14336), bf16, and kept where whole decode steps
@@ -38,7 +41,7 @@ SwigluConfig = tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num
 # H200: 8-32 rows 1.6-2.4% faster steps, 64 rows 1.1%; at 48 rows (the 64-row tile) and at 128 rows the step was
 # slower or unchanged, so those keep the two launches.
 SWIGLU_DEVICE_CONFIGS: dict[str, tuple[tuple[int, SwigluConfig | None], ...]] = {
-    "H200": ((16, (16, 32, 64, 4, 3)), (32, (32, 128, 128, 8, 3)), (48, None), (64, (64, 128, 64, 8, 4))),
+    "H200": ((16, (16, 32, 64, 4, 3, 0)), (32, (32, 128, 128, 8, 3, 0)), (48, None), (64, (64, 128, 64, 8, 4, 0))),
 }
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -54,7 +57,8 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     @triton.jit(do_not_specialize=["M"])
     def swiglu_gemm_kernel(x_ptr, w_ptr, out_ptr, M, INTER, K, sx_m,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           LIBDEVICE_EXP: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                           LIBDEVICE_EXP: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr,
+                           STORE: tl.constexpr):
         # x [M, K] (rows sx_m apart), w [2 INTER, K] contiguous (gate rows, then up rows), out [M, INTER]
         # contiguous; grid (cdiv(INTER, BLOCK_N), cdiv(M, BLOCK_M)).
         if PDL:  # triton_decode.pdl_release: launched while the RMSNorm computing x ends; x is read after this
@@ -86,6 +90,40 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             up_w += BLOCK_K
         if PDL:  # the down projection after this (model/decode_gemm.py) may start loading its weight
             tl.extra.cuda.gdc_launch_dependents()
+        STORE(gate, up, out_ptr, rm, rn, M, INTER, LIBDEVICE_EXP)
+
+    # x and the gate and up tiles each one TMA copy into shared memory through host-made descriptors (rows past M
+    # read as zeros; a gate tile past INTER reads up rows, whose columns the store masks), STAGES of them in flight,
+    # the products warpgroup MMAs; the same sums and rounding as swiglu_gemm_kernel.
+    @triton.jit(do_not_specialize=["M"])
+    def swiglu_tma_kernel(x_desc, w_desc, out_ptr, M, INTER, K,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          STAGES: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, DOT_F32: tl.constexpr,
+                          PDL: tl.constexpr, STORE: tl.constexpr):
+        m0 = tl.program_id(1) * BLOCK_M
+        n0 = tl.program_id(0) * BLOCK_N
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+            xv = x_desc.load([m0, k0])
+            gate_t = w_desc.load([n0, k0])
+            up_t = w_desc.load([INTER + n0, k0])
+            if DOT_F32:
+                xv = xv.to(tl.float32)
+                gate_t = gate_t.to(tl.float32)
+                up_t = up_t.to(tl.float32)
+            gate = tl.dot(xv, gate_t.T, gate, input_precision="ieee")
+            up = tl.dot(xv, up_t.T, up, input_precision="ieee")
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        STORE(gate, up, out_ptr, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N), M, INTER, LIBDEVICE_EXP)
+
+    # Handed to both kernels as STORE (the interpreter finds no closures): the gate and up products rounded to the
+    # dtype, silu(gate) rounded, the product rounded, for rows rm and columns rn.
+    @triton.jit
+    def store_swiglu(gate, up, out_ptr, rm, rn, M, INTER, LIBDEVICE_EXP: tl.constexpr):
         dtype = out_ptr.dtype.element_ty
         gate = gate.to(dtype).to(tl.float32)
         up = up.to(dtype).to(tl.float32)
@@ -96,9 +134,9 @@ def _kernels(interpret: bool) -> SimpleNamespace:
             e = tl.exp(-gate)  # the interpreter has no libdevice
         silu = tl.math.div_rn(gate, 1.0 + e).to(dtype).to(tl.float32)
         out = out_ptr + rm[:, None].to(tl.int64) * INTER + rn[None, :]
-        tl.store(out, (silu * up).to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(out, (silu * up).to(dtype), mask=(rm < M)[:, None] & (rn < INTER)[None, :])
 
-    return SimpleNamespace(gemm=swiglu_gemm_kernel)
+    return SimpleNamespace(gemm=swiglu_gemm_kernel, tma_gemm=swiglu_tma_kernel, store=store_swiglu)
 
 
 def config_for(name: str, rows: int) -> SwigluConfig | None:
@@ -136,14 +174,23 @@ def swiglu_gemm(x: torch.Tensor, weight: torch.Tensor, config: SwigluConfig | No
         config = config_for(device_name(x.device.index or 0), rows) if x.is_cuda else None
     if config is None:
         raise ValueError(f"swiglu_gemm: no launch for {rows} rows on this device (check swiglu_available first)")
-    block_m, block_n, block_k, warps, stages = config
+    block_m, block_n, block_k, warps, stages, tma = config
     out = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     interpret = interpret_mode()
     pdl = pdl_release(x, rows)
     grid = (triton.cdiv(inter, block_n), triton.cdiv(rows, block_m))
-    _kernels(interpret).gemm[grid](x, weight, out, rows, inter, k, x.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-                                   BLOCK_K=block_k, LIBDEVICE_EXP=not interpret, DOT_F32=interpret, num_warps=warps,
-                                   num_stages=stages, PDL=pdl, enable_fp_fusion=False, **pdl_kwargs(pdl))
+    kernels = _kernels(interpret)
+    common = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, LIBDEVICE_EXP=not interpret, DOT_F32=interpret,
+                  PDL=pdl, STORE=kernels.store, num_warps=warps, num_stages=stages, enable_fp_fusion=False,
+                  **pdl_kwargs(pdl))
+    if tma and tma_aligned(x, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        x_desc = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [block_m, block_k])
+        w_desc = TensorDescriptor(weight, [2 * inter, k], [k, 1], [block_n, block_k])
+        kernels.tma_gemm[grid](x_desc, w_desc, out, rows, inter, k, STAGES=stages, **common)
+    else:
+        kernels.gemm[grid](x, weight, out, rows, inter, k, x.stride(0), **common)
     return out
 
 

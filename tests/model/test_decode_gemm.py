@@ -20,9 +20,10 @@ from tests.model.kernel_cases import close_to, kernel_device  # noqa: F401 (the 
 
 # (rows, N, K): rows and columns that fill no tile, K past one loop iteration and not a multiple of BLOCK_K.
 SHAPES = [(2, 48, 64), (3, 40, 96), (17, 72, 256), (64, 64, 160)]
-# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP): one range, and K split in two and four (the last range short),
-# x W^T and W x^T
-LAUNCHES = [(32, 32, 1, 4, 2, 0), (16, 32, 2, 4, 3, 0), (32, 32, 4, 4, 2, 1), (64, 32, 1, 4, 3, 1)]
+# (BLOCK_N, BLOCK_K, SPLIT_K, warps, stages, SWAP, TMA): one range, and K split in two and four (the last range
+# short), x W^T and W x^T, through pointers and through TMA descriptors
+LAUNCHES = [(32, 32, 1, 4, 2, 0, 0), (16, 32, 2, 4, 3, 0, 0), (32, 32, 4, 4, 2, 1, 0), (64, 32, 1, 4, 3, 1, 0),
+            (32, 32, 1, 4, 2, 0, 1), (16, 32, 2, 4, 3, 0, 1), (32, 32, 4, 4, 2, 1, 1), (64, 32, 1, 4, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -53,6 +54,17 @@ def test_rows_apart_in_a_wider_buffer_are_read_where_they_are(device: str) -> No
     close_to(decode_gemm(x, weight, config=LAUNCHES[1]), F.linear(x.double(), weight.double()).float())
 
 
+def test_a_tma_launch_over_rows_tma_cannot_read_runs_the_pointer_kernel(device: str) -> None:
+    """x starting 2 bytes past a 16-byte boundary, rows 130 bytes apart: TMA cannot describe it, so a TMA launch
+    reads it through pointers and still equals F.linear."""
+    torch.manual_seed(4)
+    wide = torch.randn(5, 65, dtype=torch.bfloat16, device=device)
+    x = wide[:, 1:]
+    assert not decode_gemm_module.tma_aligned(x) and decode_gemm_module.tma_aligned(x.contiguous())
+    weight = torch.randn(40, 64, dtype=torch.bfloat16, device=device) * 0.1
+    close_to(decode_gemm(x, weight, config=LAUNCHES[5]), F.linear(x.double(), weight.double()).to(torch.bfloat16))
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     run_interpreter_child(__file__, "interpret", timeout=420)
@@ -68,7 +80,7 @@ def test_a_call_past_the_rows_or_with_mismatched_columns_is_refused() -> None:
 
 
 def test_the_device_table_picks_the_first_entry_that_covers_rows_and_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    small, large, wide = (32, 64, 2, 4, 3, 0), (64, 128, 4, 8, 4, 1), (128, 64, 1, 4, 4, 0)
+    small, large, wide = (32, 64, 2, 4, 3, 0, 0), (64, 128, 4, 8, 4, 1, 0), (128, 64, 1, 4, 4, 0, 1)
     monkeypatch.setattr(decode_gemm_module, "DECODE_GEMM_DEVICE_CONFIGS",
                         {"H200": ((16, 4096, 4096, small), (64, 4096, 16384, large), (64, 8192, 4096, wide))})
     assert config_for("NVIDIA H200", 2, 4096, 4096) == small and config_for("NVIDIA H200", 16, 4096, 4096) == small
@@ -101,8 +113,8 @@ def test_the_linear_layers_run_it_inside_a_cuda_graph(monkeypatch: pytest.Monkey
         pytest.skip("needs CUDA")
     pytest.importorskip("triton")
     monkeypatch.setattr(decode_gemm_module, "DECODE_GEMM_DEVICE_CONFIGS",
-                        {"": ((16, 1 << 20, 1 << 20, (64, 128, 4, 4, 3, 1)),
-                              (64, 1 << 20, 1 << 20, (128, 64, 2, 8, 4, 0)))})
+                        {"": ((16, 1 << 20, 1 << 20, (64, 128, 4, 4, 3, 1, 0)),
+                              (64, 1 << 20, 1 << 20, (128, 64, 2, 8, 4, 0, 1)))})
     proj = layers.RowParallelLinear(14336, 4096, bias=False).to("cuda", torch.bfloat16)
     torch.manual_seed(0)
     proj.weight.data.normal_(0, 0.02)

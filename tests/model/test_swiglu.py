@@ -20,8 +20,8 @@ from tests.model.kernel_cases import close_to, kernel_device  # noqa: F401 (the 
 
 # (rows, hidden K, intermediate I): rows and columns that fill no tile, and K past one loop iteration.
 SHAPES = [(2, 64, 48), (3, 96, 40), (17, 128, 72), (64, 160, 64)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-LAUNCHES = [(16, 32, 32, 4, 2), (64, 16, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, TMA): the pointer kernel and the TMA one
+LAUNCHES = [(16, 32, 32, 4, 2, 0), (64, 16, 64, 4, 3, 0), (16, 32, 32, 4, 2, 1), (64, 16, 64, 4, 3, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -46,6 +46,15 @@ def test_rows_apart_in_a_wider_buffer_are_read_where_they_are(device: str) -> No
     close_to(swiglu_gemm(x, weight, config=LAUNCHES[0]), swiglu_reference(x.contiguous(), weight))
 
 
+def test_a_tma_launch_over_rows_tma_cannot_read_runs_the_pointer_kernel(device: str) -> None:
+    """x starting 2 bytes past a 16-byte boundary, rows 130 bytes apart: TMA cannot describe it, so a TMA launch
+    reads it through pointers and still equals the two launches."""
+    torch.manual_seed(4)
+    x = torch.randn(5, 65, dtype=torch.bfloat16, device=device)[:, 1:]
+    weight = torch.randn(2 * 40, 64, dtype=torch.bfloat16, device=device) * 0.1
+    close_to(swiglu_gemm(x, weight, config=LAUNCHES[3]), swiglu_reference(x.contiguous(), weight))
+
+
 @pytest.mark.slow
 def test_interpreter_cases_in_a_subprocess() -> None:
     run_interpreter_child(__file__, "interpret", timeout=420)
@@ -60,7 +69,7 @@ def test_a_weight_that_is_not_a_gate_up_pair_is_refused() -> None:
 
 
 def test_the_device_table_picks_the_first_entry_that_covers_the_rows(monkeypatch: pytest.MonkeyPatch) -> None:
-    small, large = (16, 64, 128, 4, 4), (128, 64, 64, 8, 3)
+    small, large = (16, 64, 128, 4, 4, 0), (128, 64, 64, 8, 3, 1)
     monkeypatch.setattr(swiglu, "SWIGLU_DEVICE_CONFIGS", {"H200": ((16, small), (32, None), (128, large))})
     assert config_for("NVIDIA H200", 2) == small and config_for("NVIDIA H200", 16) == small
     assert config_for("NVIDIA H200", 17) is None and config_for("NVIDIA H200", 32) is None
@@ -88,7 +97,8 @@ def test_the_mlp_runs_one_launch_for_a_decode_batch_inside_a_cuda_graph(monkeypa
         pytest.skip("needs CUDA")
     pytest.importorskip("triton")
 
-    monkeypatch.setattr(swiglu, "SWIGLU_DEVICE_CONFIGS", {"": ((16, (16, 64, 128, 4, 4)), (128, (64, 64, 64, 4, 4)))})
+    monkeypatch.setattr(swiglu, "SWIGLU_DEVICE_CONFIGS",
+                        {"": ((16, (16, 64, 128, 4, 4, 0)), (128, (64, 64, 64, 4, 4, 1)))})
     arch = SimpleNamespace(hidden_size=4096, intermediate_size=1024, mlp_bias=False)
     mlp = MLP(arch, 0, 1).to("cuda", torch.bfloat16)  # type: ignore[arg-type]
     torch.manual_seed(0)
