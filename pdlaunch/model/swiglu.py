@@ -41,7 +41,8 @@ SwigluConfig = tuple[int, int, int, int, int, int]
 # H200: 8-32 rows 1.6-2.4% faster steps, 64 rows 1.1%; at 48 rows (the 64-row tile) and at 128 rows the step was
 # slower or unchanged, so those keep the two launches.
 SWIGLU_DEVICE_CONFIGS: dict[str, tuple[tuple[int, SwigluConfig | None], ...]] = {
-    "H200": ((16, (16, 32, 64, 4, 3, 0)), (32, (32, 128, 128, 8, 3, 0)), (48, None), (64, (64, 128, 64, 8, 4, 0))),
+    "H200": ((16, (16, 32, 64, 4, 3, 0)), (32, (32, 128, 128, 8, 3, 0)), (48, None), (64, (64, 32, 64, 4, 3, 1)),
+             (128, (128, 64, 64, 8, 3, 1))),
 }
 _DTYPES = (torch.bfloat16, torch.float16)
 
