@@ -1,5 +1,5 @@
 """A decode batch's projections y = x W^T (+ b) at 2-64 rows on CUDA, as a Triton GEMM launched dependent (the
-kernel takes up to 128 rows; at 128 no launch beat cuBLAS, so the table stops at 64).
+kernels take up to 128 rows; at 128 no launch beat cuBLAS, so the table stops at 64).
 
 From two rows the qkv, o and down projections of a decode step ran through cuBLAS. Its kernels let the next one
 start early, but they are not launched dependent themselves: each starts only once the kernel before it has ended
@@ -9,6 +9,9 @@ BLOCK_N weight rows over a range of K (SPLIT_K ranges where the N tiles alone le
 weight tile before it waits for x (`gdc_wait`, the kernel before computes x), and lets the next kernel start when
 its loop is done. With several ranges each writes a float32 partial and the last range of an N tile to finish adds
 them in range order (deterministic; the counters of model/split_counters.py), then rounds once, as cuBLAS rounds.
+A launch whose TMA field is 1 runs the same product with every tile read by the tensor-memory accelerator through
+host-made descriptors (`tma_gemm_kernel`, benchmarks/tma_gemm_speed.py): at 64-128 rows it streams no faster than
+the pointer kernel by more than ~1 us a call, and loses to cuBLAS for o and down at 128 rows (RESULTS.md, "TMA").
 
 Used only where a per-device table (`DECODE_GEMM_DEVICE_CONFIGS`, measured with benchmarks/decode_gemm_speed.py)
 has a launch for the rows and the weight's shape; elsewhere, and with PDLAUNCH_DECODE_GEMM=cublas, F.linear runs
@@ -42,8 +45,9 @@ DecodeGemmConfig = tuple[int, int, int, int, int, int, int]
 # the next larger one. Measured with benchmarks/decode_gemm_speed.py on one H200 (Llama-3-8B's qkv, o and down,
 # Qwen3-30B-A3B's qkv and o; benchmarks/RESULTS.md, "A decode batch's projections launched dependent"): the fastest
 # launch at 16, 32 and 64 rows where it beat cuBLAS, e.g. o at 16 rows 11.3 against 12.8 us, down at 64 rows 33.7
-# against 35.6; whole decode steps 1.2-1.4% faster at 16-64 x 1024 (0.8% at 8). Llama-3-8B's qkv and o at 64 rows and
-# Qwen3-30B-A3B's qkv from 17 rows stay on cuBLAS, which was faster there.
+# against 35.6; whole decode steps 1.2-1.4% faster at 16-64 x 1024 (0.8% at 8). Llama-3-8B's qkv at 49-64 rows takes
+# the TMA kernel (15.3 against cuBLAS's 15.9 us; benchmarks/tma_gemm_speed.py). Llama-3-8B's qkv up to 48 rows and
+# o at 64, and Qwen3-30B-A3B's qkv from 17 rows, stay on cuBLAS, which was faster or level there.
 DECODE_GEMM_DEVICE_CONFIGS: dict[str, tuple[tuple[int, int, int, DecodeGemmConfig | None], ...]] = {
     "H200": (
         (16, 2048, 4096, (64, 128, 4, 4, 6, 1, 0)), (16, 4096, 4096, (32, 128, 1, 4, 6, 0, 0)),
@@ -51,7 +55,7 @@ DECODE_GEMM_DEVICE_CONFIGS: dict[str, tuple[tuple[int, int, int, DecodeGemmConfi
         (16, 6144, 4096, (64, 128, 1, 4, 6, 1, 0)),
         (32, 2048, 4096, (64, 128, 4, 4, 4, 1, 0)), (32, 4096, 4096, (64, 128, 2, 4, 4, 1, 0)),
         (32, 4096, 14336, (32, 256, 1, 4, 6, 0, 0)), (32, 5120, 2048, None), (32, 6144, 4096, (64, 128, 1, 4, 6, 1, 0)),
-        (48, 2048, 4096, (32, 128, 2, 4, 6, 0, 0)), (48, 4096, 4096, (64, 128, 2, 4, 4, 0, 1)),
+        (48, 5120, 2048, None), (48, 6144, 4096, None),
         (64, 2048, 4096, (32, 128, 2, 4, 6, 0, 0)), (64, 4096, 4096, None), (64, 4096, 14336, (32, 128, 1, 4, 6, 0, 0)),
         (64, 5120, 2048, None), (64, 6144, 4096, (64, 128, 1, 4, 6, 0, 1)),
     ),

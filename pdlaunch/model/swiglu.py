@@ -38,8 +38,9 @@ SwigluConfig = tuple[int, int, int, int, int, int]
 # covers the rows; None, or no entry: cuBLAS's GEMM and the silu_and_mul launch. Measured with
 # benchmarks/swiglu_speed.py on Llama-3-8B's gate_up (4096 -> 2 x 14336), bf16, and kept where whole decode steps
 # (benchmarks/decode_grid.py) got faster (benchmarks/RESULTS.md, "A decode batch's SwiGLU in one launch"). On an
-# H200: 8-32 rows 1.6-2.4% faster steps, 64 rows 1.1%; at 48 rows (the 64-row tile) and at 128 rows the step was
-# slower or unchanged, so those keep the two launches.
+# H200: 8-32 rows 1.6-2.4% faster steps, 64 rows 1.1%; at 48 rows (the 64-row tile) the step was slower or
+# unchanged, so it keeps the two launches. 49-128 rows take the TMA kernel (`swiglu_speed.py --tma`: 60.1 us at 64
+# rows, 66.4 at 128 against 69.3 for the two launches; the 64 x 1024 and 128 x 512 steps ~1.3% faster).
 SWIGLU_DEVICE_CONFIGS: dict[str, tuple[tuple[int, SwigluConfig | None], ...]] = {
     "H200": ((16, (16, 32, 64, 4, 3, 0)), (32, (32, 128, 128, 8, 3, 0)), (48, None), (64, (64, 32, 64, 4, 3, 1)),
              (128, (128, 64, 64, 8, 3, 1))),
