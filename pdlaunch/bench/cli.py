@@ -152,7 +152,7 @@ def make_checkpoint(
                           "(8 experts, top-2).")
     ] = "llama3-8b",
     num_layers: Annotated[
-        int | None, typer.Option("--num-layers", help="Decoder layers [default: the shape's, 32 or 48].")
+        int | None, typer.Option("--num-layers", help="Decoder layers (default: the shape's, 32 or 48).")
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="bfloat16 | float16 | float32.")] = "bfloat16",
     seed: Annotated[int, typer.Option("--seed", help="Weight seed.")] = 0,
@@ -182,10 +182,10 @@ def make_checkpoint(
 def kv_transfer(
     num_tokens: Annotated[
         list[int] | None,
-        typer.Option("--num-tokens", help="Prompt length(s) to move; repeatable [default: 1024 8192]."),
+        typer.Option("--num-tokens", help="Prompt length(s) to move; repeatable (default: 1024 8192)."),
     ] = None,
     mode: Annotated[
-        list[str] | None, typer.Option("--mode", help="pull | push; repeatable [default: both].")
+        list[str] | None, typer.Option("--mode", help="pull | push; repeatable (default: both).")
     ] = None,
     num_layers: Annotated[int, typer.Option("--num-layers", help="KV layers (Llama-3-8B: 32).")] = 32,
     num_kv_heads: Annotated[int, typer.Option("--num-kv-heads", help="KV heads (Llama-3-8B: 8).")] = 8,
@@ -196,7 +196,7 @@ def kv_transfer(
     device: Annotated[str, typer.Option("--device", help="Prefill side: auto | cpu | cuda | cuda:N.")] = "auto",
     decode_device: Annotated[
         str | None,
-        typer.Option("--decode-device", help="Decode side [default: cuda:1 with two GPUs, else --device]."),
+        typer.Option("--decode-device", help="Decode side (default: cuda:1 with two GPUs, else --device)."),
     ] = None,
     iterations: Annotated[int, typer.Option("--iterations", help="Timed transfers per row (median).")] = 5,
     concurrency: Annotated[int, typer.Option("--concurrency", help="Requests started at once per timed transfer "
@@ -205,7 +205,7 @@ def kv_transfer(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows here as JSON.")] = None,
     kv_connector: Annotated[
         list[str] | None,
-        typer.Option("--kv-connector", help="nixl | mooncake; repeatable [default: nixl]. Another connector "
+        typer.Option("--kv-connector", help="nixl | mooncake; repeatable (default: nixl). Another connector "
                      "than nixl is measured next to NIXL (same host, same run) unless nixl cannot run here."),
     ] = None,
 ) -> None:
