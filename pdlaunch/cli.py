@@ -133,9 +133,14 @@ def smoke(config: Path | None, overrides: dict[str, Any]) -> None:
 
 @app.command()
 def generate(
+    model_arg: Annotated[
+        str | None, typer.Argument(metavar="MODEL", help="The model, as --model (either spelling, not both).",
+                                   show_default=False)
+    ] = None,
     model: Annotated[
-        str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")
-    ] = "demo",
+        str | None, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny` "
+                                 "(default: demo).", show_default=False)
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     prompt: Annotated[list[str] | None, typer.Option("--prompt", help="A prompt; repeat for more.")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate per prompt.")] = 32,
@@ -150,8 +155,11 @@ def generate(
     from pdlaunch.engine.llm import run_generate
 
     with _reported():
-        run_generate(model, device, prompt or ["Hello, my name is"], max_tokens, temperature, dtype, json_output,
-                     {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype})
+        if model_arg is not None and model is not None and model_arg != model:
+            raise PdlaunchError(f"MODEL {model_arg!r} and --model {model!r} name two models; give one of them",
+                                field="--model")
+        run_generate(model_arg or model or "demo", device, prompt or ["Hello, my name is"], max_tokens, temperature,
+                     dtype, json_output, {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype})
 
 
 @config_app.command("schema")

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from pdlaunch.config.addresses import Host
 
@@ -18,7 +18,20 @@ Role = Literal["prefill", "decode", "colocated"]
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["fp8"]
-KVCacheDType = Literal["auto", "fp8"]
+
+
+def _kv_cache_dtype_spelling(value: Any) -> Any:
+    """vLLM's `fp8_e4m3` is our `fp8`; its `fp8_e5m2` is refused with the reason (any other value: the Literal's
+    own error)."""
+    if value == "fp8_e4m3":
+        return "fp8"
+    if value == "fp8_e5m2":
+        raise ValueError("'fp8_e5m2' is not supported: the FP8 KV cache is e4m3 (the checkpoints' k_scale/v_scale "
+                         "are for e4m3); use fp8 (or fp8_e4m3)")
+    return value
+
+
+KVCacheDType = Annotated[Literal["auto", "fp8"], BeforeValidator(_kv_cache_dtype_spelling)]
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
 _Name = Annotated[str, Field(min_length=1, max_length=256)]

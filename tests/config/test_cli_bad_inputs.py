@@ -124,3 +124,15 @@ def test_config_output_to_a_full_disk_is_a_message(command: str) -> None:
 def test_config_example_and_schema_still_print() -> None:
     assert "instances:" in invoke(["config", "example"]).output
     assert "properties" in json.loads(invoke(["config", "schema"]).output)
+
+
+def test_generate_takes_the_model_as_its_first_argument_as_serve_does() -> None:
+    result = invoke(["generate", "tiny", "--device", "cpu", "--max-tokens", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    assert invoke(["generate", "tiny", "--model", "tiny", "--device", "cpu", "--max-tokens", "2"]).exit_code == 0
+    assert_names(invoke(["generate", "tiny", "--model", "demo", "--device", "cpu"]), "--model", "two models")
+
+
+def test_kv_cache_dtype_takes_vllms_fp8_e4m3_and_says_why_e5m2_is_refused() -> None:
+    assert invoke([*TINY, "--kv-cache-dtype", "fp8_e4m3"]).exit_code == 0
+    assert_names(invoke([*TINY, "--kv-cache-dtype", "fp8_e5m2"]), "--kv-cache-dtype", "the FP8 KV cache is e4m3")

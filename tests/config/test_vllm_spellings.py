@@ -151,3 +151,10 @@ def test_serve_with_vllm_spellings_and_a_positional_model(tmp_path: Path) -> Non
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
     finally:
         serve.stop()
+
+
+def test_kv_cache_dtype_fp8_e4m3_is_fp8(tmp_path: Path) -> None:
+    assert config_of(["tiny", "--kv-cache-dtype", "fp8_e4m3"])["cache"]["kv_cache_dtype"] == "fp8"
+    grouped = write_yaml(tmp_path, "instances:\n  - {role: prefill, kv_cache_dtype: fp8_e4m3}\n"
+                                   "  - {role: decode, kv_cache_dtype: fp8}\n")
+    assert [g["kv_cache_dtype"] for g in config_of([str(grouped), "tiny"])["instances"]] == ["fp8", "fp8"]
