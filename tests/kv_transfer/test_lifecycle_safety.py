@@ -250,11 +250,14 @@ P_IDS, D_IDS, PROMPT = [[2, 3, 4]], [[9, 10, 11]], list(range(100, 111))  # 10 p
 
 
 # -- 2. push: decode gives up while the WRITE is coming -----------------------------------------
+@pytest.mark.parametrize("staged", ["", "prefill"], ids=["direct", "prefill-staging"])
 @pytest.mark.parametrize("how", ["abort", "timeout"])
 @pytest.mark.slow
-def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
+def test_push_blocks_are_freed_only_after_the_write_ended(how: str, staged: str) -> None:
+    """prefill-staging: the prefill copies its blocks into staging slots and WRITEs them straight into
+    decode's blocks (a staged push, in chunks): the same safety holds."""
     config = _config("push", transfer_timeout=1.5 if how == "timeout" else 20.0)
-    for prefill, decode in _pair(config, slow="prefill", slow_op="WRITE"):
+    for prefill, decode in _pair(config, slow="prefill", slow_op="WRITE", staged=staged):
         source = prefill.call("blocks", 0, P_IDS[0])
         hold, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         assert hold

@@ -26,8 +26,12 @@ class StagedLoad(LoadStrategy):
             self.ctx.release_prefill(load)
 
     def cancel_unsent(self, load: Load) -> None:
+        if self.mode == "push":  # no chunk's WRITE runs (else the load drains), but the prefill may still hold it
+            self.ctx.executor.submit(self.ctx.cancel_push, load)
+
+    def cancel(self, load: Load) -> None:
         if self.mode == "push":
-            self.ctx.cancel_unsent_push(load)
+            self.ctx.cancel_push(load)
 
     def run(self, load: Load) -> None:
         """The whole load in chunks through staging slots (this side's, the prefill side's, or both)."""
