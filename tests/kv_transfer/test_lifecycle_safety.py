@@ -176,10 +176,12 @@ class LateRead:
             real.release()
 
 
-def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str) -> Built:
+def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any], slow_op: str,
+                         staging_slots: int = 0) -> Built:
     """build_connector plus: a `slow_op` "WRITE" is posted SLOW_SECONDS late (after every check that
     precedes posting it), a `slow_op` "READ" starts SLOW_SECONDS after its post returned (LateRead); and
-    fill(group, ids, value) overwrites blocks."""
+    fill(group, ids, value) overwrites blocks. staging_slots: KV moves through a staging buffer of that many
+    slots (what a CuMem KV cache gets on CUDA)."""
     from pdlaunch.kv_transfer import nixl_connector
 
     made: list[Any] = []
@@ -203,7 +205,7 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
         self.agent.transfer = slow_transfer
 
     nixl_connector.NixlConnector.__init__ = init  # type: ignore[method-assign]
-    handlers, close, info = build_connector(config_json, instance_json, spec_kwargs)
+    handlers, close, info = build_connector(config_json, instance_json, spec_kwargs, staging_slots)
     connector = made[0]
 
     def fill(group: int, ids: list[int], value: float) -> None:
@@ -217,9 +219,10 @@ def build_slow_connector(config_json: str, instance_json: str, spec_kwargs: dict
 
 
 class SlowConnectorProcess(ProcessRPC):
-    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, slow_op: str, **spec_kwargs: Any) -> None:
+    def __init__(self, config: DeploymentConfig, instance: InstanceSpec, slow_op: str, staging_slots: int = 0,
+                 **spec_kwargs: Any) -> None:
         super().__init__(build_slow_connector, config.model_dump_json(), instance.model_dump_json(), spec_kwargs,
-                         slow_op)
+                         slow_op, staging_slots)
 
 
 def _config(mode: str, transfer_timeout: float = 20.0, lease: float = 60.0) -> DeploymentConfig:
@@ -228,13 +231,15 @@ def _config(mode: str, transfer_timeout: float = 20.0, lease: float = 60.0) -> D
     return secured(DeploymentConfig(device="cpu", kv_transfer=kv))
 
 
-def _pair(config: DeploymentConfig, slow: str, slow_op: str) -> Iterator[tuple[Any, Any]]:
+def _pair(config: DeploymentConfig, slow: str, slow_op: str, staged: str = "") -> Iterator[tuple[Any, Any]]:
+    """staged: the role ("prefill" | "decode") whose KV moves through a staging buffer (4 slots), "" none."""
     spec = dict(block_size=BLOCK_SIZE, num_blocks=16)
     sides: list[Any] = []
     try:
         for role, seed in (("prefill", 1), ("decode", 2)):
             instance = InstanceSpec(role=role, port=seed, engine_id=f"engine-{role}", device="cpu")
-            sides.append(SlowConnectorProcess(config, instance, slow_op if role == slow else "", seed=seed, **spec))
+            sides.append(SlowConnectorProcess(config, instance, slow_op if role == slow else "",
+                                              4 if role == staged else 0, seed=seed, **spec))
         yield sides[0], sides[1]
     finally:
         for side in sides:
@@ -245,11 +250,14 @@ P_IDS, D_IDS, PROMPT = [[2, 3, 4]], [[9, 10, 11]], list(range(100, 111))  # 10 p
 
 
 # -- 2. push: decode gives up while the WRITE is coming -----------------------------------------
+@pytest.mark.parametrize("staged", ["", "prefill"], ids=["direct", "prefill-staging"])
 @pytest.mark.parametrize("how", ["abort", "timeout"])
 @pytest.mark.slow
-def test_push_blocks_are_freed_only_after_the_write_ended(how: str) -> None:
+def test_push_blocks_are_freed_only_after_the_write_ended(how: str, staged: str) -> None:
+    """prefill-staging: the prefill copies its blocks into staging slots and WRITEs them straight into
+    decode's blocks (a staged push, in chunks): the same safety holds."""
     config = _config("push", transfer_timeout=1.5 if how == "timeout" else 20.0)
-    for prefill, decode in _pair(config, slow="prefill", slow_op="WRITE"):
+    for prefill, decode in _pair(config, slow="prefill", slow_op="WRITE", staged=staged):
         source = prefill.call("blocks", 0, P_IDS[0])
         hold, params = prefill.call("request_finished", "r", PROMPT, RemoteDecodeRequest(do_remote_decode=True), P_IDS)
         assert hold
@@ -291,11 +299,14 @@ def _warm_up(prefill: Any, decode: Any, warm: bool) -> None:
     decode.call("set_slow", "READ")
 
 
+@pytest.mark.parametrize("staged", ["", "decode"], ids=["direct", "decode-staging"])
 @pytest.mark.parametrize("warm", [False, True], ids=["first-load", "after-a-handshake"])
 @pytest.mark.slow
-def test_pull_read_keeps_prefill_blocks_past_the_lease(warm: bool) -> None:
+def test_pull_read_keeps_prefill_blocks_past_the_lease(warm: bool, staged: str) -> None:
+    """decode-staging: decode READs the prefill's blocks into its staging slots (a staged pull): the READ
+    must claim the hold just the same."""
     config = _config("pull", transfer_timeout=20.0, lease=0.5)
-    for prefill, decode in _pair(config, slow="decode", slow_op="READ"):
+    for prefill, decode in _pair(config, slow="decode", slow_op="READ", staged=staged):
         _warm_up(prefill, decode, warm)
         expired = prefill.call("metric", "KV_EXPIRED_REQUESTS")
         source = prefill.call("blocks", 0, P_IDS[0])

@@ -59,22 +59,27 @@ def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
 
 
 class ChunkWaits:
-    """Staged pushes wait in their loader thread for each chunk's notification, keyed by its nonce."""
+    """Staged pushes wait in their loader thread for each chunk's notification, keyed by its nonce. A chunk
+    stays open after its loader stopped waiting (timeout, abort): its WRITE may still land, and only its
+    notification (or the drain's end: `forget`) says it will not."""
 
     def __init__(self) -> None:
-        self._events: dict[str, tuple[threading.Event, list[str]]] = {}
+        # chunk nonce -> (woken when it ended, its error, called first when it ended, the load's nonce)
+        self._events: dict[str, tuple[threading.Event, list[str], Callable[[], None], str]] = {}
         self._lock = threading.Lock()
 
-    def open(self) -> tuple[str, threading.Event, list[str]]:
+    def open(self, owner: str, on_end: Callable[[], None]) -> tuple[str, threading.Event, list[str]]:
         nonce = uuid.uuid4().hex[:16]
         event, errors = threading.Event(), list[str]()
         with self._lock:
-            self._events[nonce] = (event, errors)
+            self._events[nonce] = (event, errors, on_end, owner)
         return nonce, event, errors
 
-    def close(self, nonce: str) -> None:
+    def forget(self, owner: str) -> None:
+        """The load whose nonce is `owner` is gone: a notification of its chunks is ignored from now on."""
         with self._lock:
-            self._events.pop(nonce, None)
+            for nonce in [n for n, chunk in self._events.items() if chunk[3] == owner]:
+                del self._events[nonce]
 
     def on_notif(self, notif: PushDone | PushFailed) -> bool:
         """True when the notification ended a chunk (its loader thread wakes up)."""
@@ -84,6 +89,7 @@ class ChunkWaits:
             return False
         if isinstance(notif, PushFailed):
             chunk[1].append(f"the prefill side could not push: {notif.error}")
+        chunk[2]()  # before waking the loader, which may send the next chunk
         chunk[0].set()
         return True
 
@@ -199,10 +205,10 @@ class LoadContext:
             if load.abandoned or load.state.ended:
                 raise KVTransferError(f"push of request {load.request_id} not sent: {load.error or 'aborted'}")
             if wait:
-                nonce, done, errors = self.chunks.open()
+                nonce, done, errors = self.chunks.open(load.nonce, lambda: self._write_ended(load))
                 event = (done, errors)
-            else:
-                load.push_sent = True  # from here on prefill may WRITE into our blocks: abort/fail drain
+            # From here on prefill may WRITE into our blocks (or slots): abort/fail drain until it says it ended.
+            load.push_sent, load.write_ended = True, False
         runs = [[(r.local_start, r.remote_start, r.count) for r in coalesce(group)] for group in pairs]
         message = PushRequest(
             type="push", request_id=load.remote.held_request_id, nonce=nonce, last=last, agent_name=self.agent.name,
@@ -210,16 +216,16 @@ class LoadContext:
             block_bytes=spec.block_bytes, device_id=self.agent.device_id,
             deadline_in=remaining,  # prefill posts no WRITE after this (seconds from receipt)
         )
-        try:
-            self.ask(load.remote, message, Empty, remaining, "push request")
-            if event is not None:
-                if not event[0].wait(self.remaining(load, "push")):
-                    self.remaining(load, "push")  # raises the timeout
-                if event[1]:
-                    raise KVTransferError(event[1][0])
-        finally:
-            if event is not None:
-                self.chunks.close(nonce)
+        self.ask(load.remote, message, Empty, remaining, "push request")
+        if event is not None:
+            if not event[0].wait(self.remaining(load, "push")):
+                self.remaining(load, "push")  # raises the timeout
+            if event[1]:
+                raise KVTransferError(event[1][0])
+
+    def _write_ended(self, load: Load) -> None:
+        with self.lock:
+            load.write_ended = True
 
     def cancel_unsent_push(self, load: Load) -> None:
         if not load.push_sent:  # never asked: the prefill may free it now

@@ -1,7 +1,8 @@
 """Staged: KV goes through a staging buffer on either side (staging.py: plain memory outside the CuMem
 pools that NIXL can reach). The loader thread runs the whole load in chunks of at most the smaller
 slot count: (prefill stages, decode READs, unstage) or (prefill stages and WRITEs into decode's
-slots), then decode copies its slots into its blocks. It enforces the deadline itself.
+slots), then decode copies its slots into its blocks. It enforces the deadline itself. A pull that
+READs the prefill's blocks themselves (only decode stages) claims the prefill hold first (pull.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ class StagedLoad(LoadStrategy):
             self.ctx.release_prefill(load)
 
     def cancel_unsent(self, load: Load) -> None:
+        if self.mode == "push":  # no chunk's WRITE runs (else the load drains), but the prefill may still hold it
+            self.ctx.executor.submit(self.ctx.cancel_push, load)
+
+    def cancel(self, load: Load) -> None:
         if self.mode == "push":
-            self.ctx.cancel_unsent_push(load)
+            self.ctx.cancel_push(load)
 
     def run(self, load: Load) -> None:
         """The whole load in chunks through staging slots (this side's, the prefill side's, or both)."""
@@ -34,6 +39,10 @@ class StagedLoad(LoadStrategy):
         chunk = min(c for c in (staging.num_slots if staging else 0, remote.info.staging_slots) if c)
         longest = max((len(g) for g in load.pairs), default=0)
         dst_bases = [b.data_ptr() for b in (staging.buffers if staging else spec.kv_caches)]
+        if self.mode == "pull" and longest and not remote.info.staging_slots:
+            # READs of the prefill's own blocks, chunk after chunk: keep them held past the lease (capped)
+            # until our read_done/release, as a direct pull does.
+            ctx.claim_read(load, load.remote)
         for start in range(0, longest, chunk):
             part = [group[start:start + chunk] for group in load.pairs]
             local_ids = [[x[1] for x in group] for group in part]

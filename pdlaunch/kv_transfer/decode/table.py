@@ -121,6 +121,7 @@ class LoadTable:
             with self._lock:
                 del self._draining[load.request_id]
                 self._by_nonce.pop(load.nonce, None)
+            self.ctx.chunks.forget(load.nonce)
             safe.add(load.request_id)
         return new, safe
 
@@ -162,6 +163,7 @@ class LoadTable:
             if self._loads.get(load.request_id) is load:
                 del self._loads[load.request_id]
             self._by_nonce.pop(load.nonce, None)
+        self.ctx.chunks.forget(load.nonce)
 
     def abort(self, request_id: str) -> bool:
         """Drop a load; True when its blocks drain (a transfer may still write them: see poll_draining)."""

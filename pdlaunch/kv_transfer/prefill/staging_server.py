@@ -8,12 +8,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.messages import Empty, StageAnswer, StageRequest, UnstageRequest
-from pdlaunch.kv_transfer.prefill.holds import HoldTable
+from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,23 @@ class StagingServer:
         blocks = message.blocks
         block_bytes = self.spec.block_bytes if self.spec else []
         hold = self.holds.claim(message.request_id, blocks, block_bytes, self.spec)
+        abandoned = threading.Event()
         try:
-            ticket = self.executor.submit(self._stage, message.request_id, blocks).result(timeout=self.transfer_timeout)
-        finally:
+            future = self.executor.submit(self._stage, hold, message.request_id, blocks, abandoned)
+        except BaseException:
             self.holds.unclaim(hold)
+            raise
+        try:
+            ticket = future.result(timeout=self.transfer_timeout)
+        except FutureTimeout:
+            # The copy keeps the hold claimed while it reads the blocks; one still queued never runs.
+            abandoned.set()
+            if future.cancel():
+                self.holds.unclaim(hold)
+            raise KVTransferError(
+                f"staging {max(map(len, blocks), default=0)} blocks of request {message.request_id} did not finish "
+                f"within {self.transfer_timeout:g}s", field="kv_transfer.transfer_timeout_seconds",
+                hint="the prefill's sender threads or staging slots are busy with other transfers") from None
         return StageAnswer(ticket=ticket.id, slots=[ticket.slots[:len(ids)] for ids in blocks])
 
     def unstage(self, message: UnstageRequest) -> Empty:
@@ -74,16 +88,24 @@ class StagingServer:
         with self._lock:
             return {t.request_id for t in self._tickets.values()}
 
-    def _stage(self, request_id: str, blocks: list[list[int]]) -> Ticket:
-        """Sender thread: gather the blocks into free slots (waits for slots up to the transfer timeout)."""
-        assert self.staging is not None and self.spec is not None
-        slots = self.staging.acquire(max(map(len, blocks), default=0), self.transfer_timeout)
+    def _stage(self, hold: Hold, request_id: str, blocks: list[list[int]], abandoned: threading.Event) -> Ticket:
+        """Sender thread: gather the blocks into free slots (waits for slots up to the transfer timeout), then
+        unclaim the hold. A copy whose decode stopped waiting (`abandoned`) keeps no slots."""
         try:
-            self.staging.gather(self.spec.kv_caches, blocks, slots)
-        except Exception:
-            self.staging.release(slots)
-            raise
-        ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id)
-        with self._lock:
-            self._tickets[ticket.id] = ticket
-        return ticket
+            staging, spec = self.staging, self.spec
+            if staging is None or spec is None:
+                raise KVTransferError("this prefill engine does not stage its KV cache")
+            slots = staging.acquire(max(map(len, blocks), default=0), self.transfer_timeout)
+            try:
+                staging.gather(spec.kv_caches, blocks, slots)
+                ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id)
+                with self._lock:
+                    if abandoned.is_set():
+                        raise KVTransferError(f"staging of request {request_id} was given up")
+                    self._tickets[ticket.id] = ticket
+            except BaseException:
+                staging.release(slots)
+                raise
+            return ticket
+        finally:
+            self.holds.unclaim(hold)
