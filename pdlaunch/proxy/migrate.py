@@ -45,7 +45,7 @@ from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, ids_of, int_of, list_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import gone, on_live_instance
-from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, shutting_down_body
+from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, shutting_down_body, stream_payloads
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -430,7 +430,7 @@ class Migrations:
                     return
                 if chunk is None:
                     return
-                for data in parser.feed(chunk):
+                for data in stream_payloads(parser, chunk, instance):
                     yield data
         finally:
             reader.close()

@@ -156,7 +156,7 @@ class Proxy:
                     raise self.timed_out() from None
                 if chunk is None:
                     break
-                for data in parser.feed(chunk):
+                for data in stream_payloads(parser, chunk, instance):
                     if data == "[DONE]" or data.startswith('{"error"'):
                         finished = True
                     yield sse_data(data)
@@ -171,6 +171,16 @@ class Proxy:
         finally:
             reader.close()
             await upstream.close()
+
+
+def stream_payloads(parser: SSEParser, chunk: bytes, instance: Instance) -> list[str]:
+    """The payloads of the events `chunk` completes; a 502 naming `instance` for an event that is not UTF-8
+    (the relay turns it into the stream's error event rather than dropping the client's connection)."""
+    try:
+        return parser.feed(chunk)
+    except UnicodeDecodeError:
+        raise OpenAIError(502, f"{instance.name} ({instance.url}) sent a stream event that is not UTF-8",
+                          code="instance_failed") from None
 
 
 class Interrupted(Exception):

@@ -1,0 +1,99 @@
+"""A decode leg's stream that is not what an instance should send (bytes that are not UTF-8, token ids that are not
+integers, a payload that is not a JSON object) never drops the client's connection: the stream ends with an SSE
+error event (then [DONE]), or passes the payload through as the proxy does for one prompt; a list of prompts is no
+different, and one prompt's stream that fails ends the merged stream with an error, never a silent [DONE]."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.test_proxy_hardening import SECRET, Prefill
+
+
+def _chunk(**choice: Any) -> bytes:
+    body = {"id": "cmpl-d", "object": "text_completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "text": "t", "finish_reason": None, "token_ids": [5], **choice}]}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+# The event a scripted decode sends after one good chunk, by the prompt's name.
+BAD_EVENTS = {
+    "not-utf8": b'data: {"choices":[{"index":0,"text":"\xff\xfe"}]}\n\n',
+    "nan-id": b'data: {"id":"cmpl-d","choices":[{"index":0,"text":"t","finish_reason":null,"token_ids":[NaN]}]}\n\n',
+    "not-json": b"data: hello\n\n",
+    "json-list": b"data: [1,2]\n\n",
+}
+
+
+class ScriptedDecode:
+    """A text prompt: one good chunk (with the prompt's ids), then the prompt's bad event, then [DONE]. A continuation
+    (a prompt of token ids): one finishing chunk and [DONE]."""
+
+    def __init__(self) -> None:
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.post("/v1/completions")(self.completions)
+
+    async def completions(self, request: Request) -> Any:
+        prompt = (await request.json())["prompt"]
+
+        async def events() -> AsyncIterator[bytes]:
+            if isinstance(prompt, list):
+                yield _chunk(text="!", token_ids=[6], finish_reason="length")
+            else:
+                yield _chunk(prompt_token_ids=[1, 2])
+                yield BAD_EVENTS[prompt]
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@pytest.fixture(scope="module")
+def proxies() -> Iterator[dict[int, str]]:
+    """Proxy URLs by migration limit (0, 1), in front of one prefill and two scripted decodes."""
+    ports = PortAllocator("127.0.0.1")
+    with ThreadServer(Prefill().app, ports.free("prefill")) as p, \
+            ThreadServer(ScriptedDecode().app, ports.free("d0")) as d0, \
+            ThreadServer(ScriptedDecode().app, ports.free("d1")) as d1:
+        urls: dict[int, str] = {}
+        servers: list[ThreadServer] = []
+        try:
+            for limit in (0, 1):
+                pool = InstancePool([Instance("prefill", p.url, "prefill-0"), Instance("decode", d0.url, "decode-0"),
+                                     Instance("decode", d1.url, "decode-1")])
+                server = ThreadServer(build_proxy_app(pool, 60.0, deployment_secret=SECRET, migration_limit=limit),
+                                      ports.free(f"proxy{limit}")).__enter__()
+                servers.append(server)
+                urls[limit] = server.url
+                wait_for(lambda: httpx.get(f"{urls[limit]}/health").status_code == 200, "the proxy's instances")
+            yield urls
+        finally:
+            for server in servers:
+                server.__exit__()
+
+
+def _stream(url: str, prompt: str | list[str]) -> list[str]:
+    """The payloads of the proxy's stream (the client's connection must end cleanly)."""
+    answer = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 10, "stream": True},
+                        timeout=30)
+    assert answer.status_code == 200, answer.text
+    return [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_an_event_that_is_not_utf8_ends_the_stream_with_an_error_event(proxies: dict[int, str], limit: int) -> None:
+    payloads = _stream(proxies[limit], "not-utf8")
+    assert payloads[-1] == "[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["code"] == "instance_failed" and "not UTF-8" in error["message"], error
