@@ -135,7 +135,7 @@ class _Progress:
 
     def rewrite(self, chunk: JsonObject, continued: bool) -> JsonObject | None:
         """Record `chunk`'s ids and text; the chunk as the client gets it (None: nothing for the client,
-        a chunk sent only for the ids we asked for)."""
+        a chunk sent only for the ids we asked for). ValueError for ids that are not integers (bodies.ids_of)."""
         if self.head is None:
             self.head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
         prompt_ids = chunk.get("prompt_token_ids")
@@ -358,7 +358,13 @@ class Migrations:
                     if not isinstance(chunk, dict):
                         yield sse_data(event)
                         continue
-                    shown = progress.rewrite(chunk, continued)
+                    try:
+                        shown = progress.rewrite(chunk, continued)
+                    except ValueError as exc:
+                        await events.aclose()
+                        raise OpenAIError(502, f"{current.instance.name} ({current.instance.url}) sent a chunk "
+                                               f"with {exc} in its token_ids or prompt_token_ids",
+                                          code="instance_failed") from None
                     if shown is not None:
                         yield sse_event(shown)
                 await events.aclose()

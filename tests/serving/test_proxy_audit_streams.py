@@ -97,3 +97,12 @@ def test_an_event_that_is_not_utf8_ends_the_stream_with_an_error_event(proxies: 
     assert payloads[-1] == "[DONE]"
     error = json.loads(payloads[-2])["error"]
     assert error["code"] == "instance_failed" and "not UTF-8" in error["message"], error
+
+
+def test_a_token_id_that_is_not_an_integer_ends_a_migrating_stream_with_an_error_event(proxies: dict[int, str]) -> None:
+    """The ids a migration continues from must be integers: NaN (which Python's JSON reads) is no id."""
+    payloads = _stream(proxies[1], "nan-id")
+    assert payloads[-1] == "[DONE]"
+    assert json.loads(payloads[0])["choices"][0]["text"] == "t"
+    error = json.loads(payloads[-2])["error"]
+    assert error["code"] == "instance_failed" and "token_ids" in error["message"], error
