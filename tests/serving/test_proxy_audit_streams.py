@@ -5,6 +5,7 @@ different, and one prompt's stream that fails ends the merged stream with an err
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -14,9 +15,11 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from pdlaunch.http.sse import ClosingStreamingResponse, parse_sse
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.prompt_lists import MergedStream
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill
 
@@ -106,3 +109,39 @@ def test_a_token_id_that_is_not_an_integer_ends_a_migrating_stream_with_an_error
     assert json.loads(payloads[0])["choices"][0]["text"] == "t"
     error = json.loads(payloads[-2])["error"]
     assert error["code"] == "instance_failed" and "token_ids" in error["message"], error
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+@pytest.mark.parametrize("bad", ["not-json", "json-list"])
+def test_a_prompt_lists_merged_stream_passes_a_payload_that_is_no_json_object_through(
+        proxies: dict[int, str], limit: int, bad: str) -> None:
+    """As the stream of one prompt does (the client judges it), rather than dropping the connection."""
+    payloads = _stream(proxies[limit], [bad, bad])
+    assert payloads[-1] == "[DONE]"
+    assert sorted(p for p in payloads if not p.startswith("{")) == sorted([BAD_EVENTS[bad][6:-2].decode()] * 2
+                                                                          + ["[DONE]"])
+    assert sorted(json.loads(p)["choices"][0]["index"] for p in payloads if p.startswith("{")) == [0, 1]
+
+
+def test_a_prompt_stream_that_fails_ends_the_merged_stream_with_an_error_event() -> None:
+    """Not with [DONE] as if the prompt's answer were whole."""
+    async def failing() -> AsyncIterator[bytes]:
+        yield _chunk()
+        raise RuntimeError("the relay broke")
+
+    async def whole() -> AsyncIterator[bytes]:
+        yield _chunk(finish_reason="length")
+        yield b"data: [DONE]\n\n"
+
+    async def nothing() -> None:
+        pass
+
+    async def relayed() -> bytes:
+        merged = MergedStream([ClosingStreamingResponse(failing(), on_close=nothing),
+                               ClosingStreamingResponse(whole(), on_close=nothing)], 1, "cmpl-m")
+        return b"".join([event async for event in merged.events()])
+
+    payloads = parse_sse(asyncio.run(asyncio.wait_for(relayed(), 30)))
+    assert "[DONE]" not in payloads
+    error = json.loads(payloads[-1])["error"]
+    assert error["type"] == "internal_server_error" and "prompt 0" in error["message"], error
