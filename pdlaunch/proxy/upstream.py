@@ -17,6 +17,7 @@ import httpx
 
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
+from pdlaunch.http.limits import parse_json_object
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -101,13 +102,12 @@ class Proxy:
         if response.status_code != 200:
             raise error_from_response(instance, response.status_code, response.content)
         try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON "
-                                   "(an object)", code="instance_failed")
-        return answer
+            # As strict as a client's body: a NaN or a lone surrogate would fail the proxy's own JSON answer (a 500).
+            return parse_json_object(response.content)
+        except OpenAIError as exc:
+            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not a valid "
+                                   f"JSON object ({exc.message.removeprefix('request ')})",
+                              code="instance_failed") from None
 
     async def open_stream(self, instance: Instance, path: str, body: JsonObject, headers: dict[str, str],
                           deadline: float) -> Upstream:

@@ -1,7 +1,8 @@
 """A decode leg's stream that is not what an instance should send (bytes that are not UTF-8, token ids that are not
 integers, a payload that is not a JSON object) never drops the client's connection: the stream ends with an SSE
 error event (then [DONE]), or passes the payload through as the proxy does for one prompt; a list of prompts is no
-different, and one prompt's stream that fails ends the merged stream with an error, never a silent [DONE]."""
+different, and one prompt's stream that fails ends the merged stream with an error, never a silent [DONE]. A whole
+(not streamed) answer that is no valid JSON object is a 502 naming the instance, not a 500 at the proxy."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from pdlaunch.http.sse import ClosingStreamingResponse, parse_sse
 from pdlaunch.launcher.ports import PortAllocator
@@ -30,6 +31,12 @@ def _chunk(**choice: Any) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
+# A scripted decode's whole answer (not streamed), by the prompt's name.
+BAD_ANSWERS = {
+    "nan-answer": b'{"id":"cmpl-d","choices":[{"index":0,"text":"t","logprobs":NaN}]}',
+    "surrogate-answer": b'{"id":"cmpl-d","choices":[{"index":0,"text":"\\ud800"}]}',
+    "not-utf8-answer": b'{"id":"cmpl-d","choices":[{"index":0,"text":"\xff"}]}',
+}
 # The event a scripted decode sends after one good chunk, by the prompt's name.
 BAD_EVENTS = {
     "not-utf8": b'data: {"choices":[{"index":0,"text":"\xff\xfe"}]}\n\n',
@@ -49,7 +56,10 @@ class ScriptedDecode:
         self.app.post("/v1/completions")(self.completions)
 
     async def completions(self, request: Request) -> Any:
-        prompt = (await request.json())["prompt"]
+        body = await request.json()
+        prompt = body["prompt"]
+        if not body.get("stream"):
+            return Response(BAD_ANSWERS[prompt], media_type="application/json")
 
         async def events() -> AsyncIterator[bytes]:
             if isinstance(prompt, list):
@@ -145,3 +155,13 @@ def test_a_prompt_stream_that_fails_ends_the_merged_stream_with_an_error_event()
     assert "[DONE]" not in payloads
     error = json.loads(payloads[-1])["error"]
     assert error["type"] == "internal_server_error" and "prompt 0" in error["message"], error
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+@pytest.mark.parametrize("bad", sorted(BAD_ANSWERS))
+def test_a_whole_answer_that_is_no_valid_json_object_is_a_502_naming_the_decode(
+        proxies: dict[int, str], limit: int, bad: str) -> None:
+    answer = httpx.post(f"{proxies[limit]}/v1/completions", json={"prompt": bad, "max_tokens": 10}, timeout=30)
+    assert answer.status_code == 502, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "instance_failed" and "decode-" in error["message"], error
