@@ -37,8 +37,14 @@ def int_of(value: JsonValue | None) -> int | None:
 
 
 def ids_of(value: JsonValue | None) -> list[int]:
-    """A list of token ids (anything else: none)."""
-    return [int(v) for v in value if isinstance(v, (int, float))] if isinstance(value, list) else []
+    """A list of token ids (no list: none). ValueError for a list with anything but integers in it: ids a
+    stream is continued from (migrate.py) are never guessed from a float, a NaN or a boolean."""
+    if not isinstance(value, list):
+        return []
+    ids = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    if len(ids) != len(value):
+        raise ValueError("token ids that are not all integers")
+    return ids
 
 
 def token_limit(body: Body, chat: bool, chat_key: str, key: str) -> JsonValue | None:

@@ -45,7 +45,7 @@ from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, ids_of, int_of, list_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import gone, on_live_instance
-from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, shutting_down_body
+from pdlaunch.proxy.upstream import ChunkReader, Interrupted, Proxy, Upstream, shutting_down_body, stream_payloads
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 
 log = logging.getLogger("pdlaunch.proxy")
@@ -135,7 +135,7 @@ class _Progress:
 
     def rewrite(self, chunk: JsonObject, continued: bool) -> JsonObject | None:
         """Record `chunk`'s ids and text; the chunk as the client gets it (None: nothing for the client,
-        a chunk sent only for the ids we asked for)."""
+        a chunk sent only for the ids we asked for). ValueError for ids that are not integers (bodies.ids_of)."""
         if self.head is None:
             self.head = {k: chunk.get(k) for k in ("id", "object", "created", "model")}
         prompt_ids = chunk.get("prompt_token_ids")
@@ -358,7 +358,13 @@ class Migrations:
                     if not isinstance(chunk, dict):
                         yield sse_data(event)
                         continue
-                    shown = progress.rewrite(chunk, continued)
+                    try:
+                        shown = progress.rewrite(chunk, continued)
+                    except ValueError as exc:
+                        await events.aclose()
+                        raise OpenAIError(502, f"{current.instance.name} ({current.instance.url}) sent a chunk "
+                                               f"with {exc} in its token_ids or prompt_token_ids",
+                                          code="instance_failed") from None
                     if shown is not None:
                         yield sse_event(shown)
                 await events.aclose()
@@ -430,7 +436,7 @@ class Migrations:
                     return
                 if chunk is None:
                     return
-                for data in parser.feed(chunk):
+                for data in stream_payloads(parser, chunk, instance):
                     yield data
         finally:
             reader.close()

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from pydantic import JsonValue
 
-from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_event
+from pdlaunch.http.errors import error_body
+from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects
 from pdlaunch.server.choices import check_choice_count
+
+log = logging.getLogger("pdlaunch.proxy")
 
 T = TypeVar("T")
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -70,6 +74,10 @@ class MergedStream:
                 async for chunk in body:
                     for data in parser.feed(chunk if isinstance(chunk, bytes) else str(chunk).encode()):
                         await queue.put((p, data))
+            except Exception as exc:  # noqa: BLE001 - the client's stream ends with it, not as if it were whole
+                log.exception("the stream of prompt %d of %s failed", p, self.response_id)
+                error = error_body(500, f"the stream of prompt {p} failed: {type(exc).__name__}: {exc}")
+                await queue.put((p, json.dumps(error, separators=(",", ":"))))
             finally:
                 await queue.put((p, None))  # this stream ended
 
@@ -85,7 +93,14 @@ class MergedStream:
                     continue
                 if data == "[DONE]":
                     continue
-                event: JsonObject = json.loads(data)
+                try:
+                    parsed = json.loads(data)
+                except ValueError:
+                    parsed = None
+                if not isinstance(parsed, dict):  # passed through as the stream of one prompt passes it
+                    yield sse_data(data)
+                    continue
+                event: JsonObject = parsed
                 if "error" in event:
                     yield sse_event(event)
                     return

@@ -12,7 +12,6 @@ checked the caller's API key (http/auth.py); the calls to instances carry the in
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 
 import httpx
@@ -22,7 +21,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, JsonValue
 
 import pdlaunch
-from pdlaunch.http.errors import error_body
+from pdlaunch.http.errors import OpenAIError, error_body
+from pdlaunch.http.limits import parse_json_object
 from pdlaunch.proxy.bodies import as_object
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance
@@ -100,10 +100,15 @@ async def _control_one(request: Request, instance: Instance) -> FannedOut:
         response = await proxy.http().request(upstream_method(request), instance.url + request.url.path,
                                               params=request.query_params, headers=proxy.upstream_headers,
                                               timeout=proxy.request_timeout_s)
-        content = response.json() if response.content else {}
-        return FannedOut(name=instance.name, status=response.status_code, body=content)
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except httpx.HTTPError as exc:
         return FannedOut(name=instance.name, status=502, body=error_body(502, f"{type(exc).__name__}: {exc}"))
+    try:
+        # Strict, as a client's body: a NaN or a lone surrogate would fail this whole answer's JSON (a 500).
+        content = parse_json_object(response.content) if response.content else {}
+    except OpenAIError as exc:
+        message = f"answered with a body that is not a valid JSON object ({exc.message.removeprefix('request ')})"
+        return FannedOut(name=instance.name, status=502, body=error_body(502, message))
+    return FannedOut(name=instance.name, status=response.status_code, body=content)
 
 
 async def fan_out(request: Request) -> JSONResponse:

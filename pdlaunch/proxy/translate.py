@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
-from pydantic import JsonValue
+from pydantic import BaseModel, JsonValue, ValidationError
 
 from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.http.errors import OpenAIError
@@ -130,14 +128,27 @@ def parse_client_body(raw: bytes, chat: bool) -> JsonObject:
     return body
 
 
+class _InstanceError(BaseModel):
+    message: str
+    param: str | None = None
+    code: str | int | None = None  # vLLM's is the HTTP status, a number
+
+
+class _InstanceErrorBody(BaseModel):
+    """An OpenAI-format error answer (other fields, vLLM's `type` and `object` among them, are not read)."""
+
+    error: _InstanceError
+
+
 def error_from_response(instance: Instance, status: int, content: bytes) -> OpenAIError:
     """An instance's non-200 answer. 4xx are the client's problem and pass through unchanged;
-    503 stays 503 (try again); any other 5xx becomes a 502 naming the instance."""
+    503 stays 503 (try again); any other 5xx becomes a 502 naming the instance. A body that is not an
+    OpenAI-format error (a message that is not text, say) is quoted as the message."""
     message, param, code = f"HTTP {status}", None, None
     try:
-        err = json.loads(content).get("error", {})
-        message, param, code = err.get("message", message), err.get("param"), err.get("code")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        err = _InstanceErrorBody.model_validate_json(content).error
+        message, param, code = err.message, err.param, None if err.code is None else str(err.code)
+    except ValidationError:
         if content:
             message = content[:200].decode(errors="replace")
     if status < 500:

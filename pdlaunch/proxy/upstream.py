@@ -17,6 +17,7 @@ import httpx
 
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
+from pdlaunch.http.limits import parse_json_object
 from pdlaunch.http.sse import SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -101,13 +102,12 @@ class Proxy:
         if response.status_code != 200:
             raise error_from_response(instance, response.status_code, response.content)
         try:
-            answer = response.json()
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not JSON "
-                                   "(an object)", code="instance_failed")
-        return answer
+            # As strict as a client's body: a NaN or a lone surrogate would fail the proxy's own JSON answer (a 500).
+            return parse_json_object(response.content)
+        except OpenAIError as exc:
+            raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not a valid "
+                                   f"JSON object ({exc.message.removeprefix('request ')})",
+                              code="instance_failed") from None
 
     async def open_stream(self, instance: Instance, path: str, body: JsonObject, headers: dict[str, str],
                           deadline: float) -> Upstream:
@@ -156,7 +156,7 @@ class Proxy:
                     raise self.timed_out() from None
                 if chunk is None:
                     break
-                for data in parser.feed(chunk):
+                for data in stream_payloads(parser, chunk, instance):
                     if data == "[DONE]" or data.startswith('{"error"'):
                         finished = True
                     yield sse_data(data)
@@ -171,6 +171,16 @@ class Proxy:
         finally:
             reader.close()
             await upstream.close()
+
+
+def stream_payloads(parser: SSEParser, chunk: bytes, instance: Instance) -> list[str]:
+    """The payloads of the events `chunk` completes; a 502 naming `instance` for an event that is not UTF-8
+    (the relay turns it into the stream's error event rather than dropping the client's connection)."""
+    try:
+        return parser.feed(chunk)
+    except UnicodeDecodeError:
+        raise OpenAIError(502, f"{instance.name} ({instance.url}) sent a stream event that is not UTF-8",
+                          code="instance_failed") from None
 
 
 class Interrupted(Exception):
