@@ -21,31 +21,55 @@ def sse_event(payload: Mapping[str, object]) -> bytes:
     return sse_data(json.dumps(payload, separators=(",", ":")))
 
 
+# The longest event a parser holds before it gives up: a long prompt's prompt_logprobs event can pass 100 MiB; a
+# stream that never ends its event (a broken instance) must not grow the proxy's memory until the deadline.
+MAX_EVENT_BYTES = 1 << 30
+
+
+class SSEEventTooLarge(ValueError):
+    """An event passed the parser's byte limit without ending."""
+
+
 class SSEParser:
     """Incremental parser: feed raw bytes as they arrive, get the `data:` payloads of complete events.
 
-    Handles events split across chunks, CRLF line ends, comments and multi-line data fields.
+    Handles events split across chunks (a CRLF split between two included), CRLF line ends, comments and
+    multi-line data fields. Each byte is searched once, however many chunks an event arrives in.
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()  # normalized to LF line ends
+        self._scanned = 0  # no event ends inside _buffer[:_scanned]
+        self._held_cr = False  # the last chunk ended with CR: a CRLF may continue in the next
+        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[str]:
-        self._buffer += chunk.replace(b"\r\n", b"\n")
+        """The payloads of the events `chunk` completes; SSEEventTooLarge once an unfinished event passes the
+        limit, UnicodeDecodeError for an event that is not UTF-8."""
+        if self._held_cr:
+            chunk = b"\r" + chunk
+        self._held_cr = chunk.endswith(b"\r")
+        self._buffer += (chunk[:-1] if self._held_cr else chunk).replace(b"\r\n", b"\n")
         events: list[str] = []
-        while b"\n\n" in self._buffer:
-            raw, self._buffer = self._buffer.split(b"\n\n", 1)
-            data_lines = [
-                line[5:].removeprefix(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")
-            ]
+        start = 0
+        end = self._buffer.find(b"\n\n", max(0, self._scanned - 1))
+        while end >= 0:
+            data_lines = [line[5:].removeprefix(b" ") for line in bytes(self._buffer[start:end]).split(b"\n")
+                          if line.startswith(b"data:")]
             if data_lines:
                 events.append(b"\n".join(data_lines).decode())
+            start = end + 2
+            end = self._buffer.find(b"\n\n", start)
+        del self._buffer[:start]
+        self._scanned = len(self._buffer)
+        if self._scanned > self._max:
+            raise SSEEventTooLarge(f"a stream event passed {self._max} bytes without ending")
         return events
 
     @property
     def pending(self) -> bytes:
         """Bytes of an event not terminated yet (a truncated stream leaves them here)."""
-        return self._buffer
+        return bytes(self._buffer) + (b"\r" if self._held_cr else b"")
 
 
 def parse_sse(body: bytes) -> list[str]:

@@ -18,7 +18,7 @@ import httpx
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
-from pdlaunch.http.sse import SSEParser, sse_data, sse_event
+from pdlaunch.http.sse import SSEEventTooLarge, SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
@@ -174,13 +174,16 @@ class Proxy:
 
 
 def stream_payloads(parser: SSEParser, chunk: bytes, instance: Instance) -> list[str]:
-    """The payloads of the events `chunk` completes; a 502 naming `instance` for an event that is not UTF-8
-    (the relay turns it into the stream's error event rather than dropping the client's connection)."""
+    """The payloads of the events `chunk` completes; a 502 naming `instance` for an event that is not UTF-8 or
+    passes the parser's size limit without ending (the relay turns it into the stream's error event rather than
+    dropping the client's connection)."""
     try:
         return parser.feed(chunk)
     except UnicodeDecodeError:
         raise OpenAIError(502, f"{instance.name} ({instance.url}) sent a stream event that is not UTF-8",
                           code="instance_failed") from None
+    except SSEEventTooLarge as exc:
+        raise OpenAIError(502, f"{instance.name} ({instance.url}): {exc}", code="instance_failed") from None
 
 
 class Interrupted(Exception):
