@@ -62,10 +62,15 @@ def with_deployment_secret(cfg: DeploymentConfig) -> DeploymentConfig:
 
 def write_private(path: Path, text: str) -> None:
     """Write `text` readable by this user only: the file carries the deployment secret and API key."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+            f.write(text)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot write {str(path)!r}: {exc.strerror or exc}", field="log_dir",
+                            hint="pass --log-dir DIR (or set log_dir) to a directory you can write, or remove "
+                            "what is in the way") from None
 
 
 class ChildExited(PdlaunchError):
