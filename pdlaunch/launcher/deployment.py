@@ -5,7 +5,6 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -320,10 +319,13 @@ class Deployment:
     def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
             info = self._http.get(self.url_of(name) + "/info", timeout=timeout).json()
-        except (httpx.HTTPError, json.JSONDecodeError):
+        except (httpx.HTTPError, ValueError):  # ValueError: not JSON, not even text
             return
-        self.rows[name].blocks_used = info.get("num_blocks_used")
-        self.rows[name].blocks_total = info.get("num_blocks_total")
+        # Whatever answers at the instance's address (another server on a remote node's port) is checked.
+        info = info if isinstance(info, dict) else {}
+        used, total = info.get("num_blocks_used"), info.get("num_blocks_total")
+        self.rows[name].blocks_used = used if isinstance(used, int) else None
+        self.rows[name].blocks_total = total if isinstance(total, int) else None
 
     # -- supervise and stop --------------------------------------------------------------------------
     def dead_child(self, only: list[ChildProcess] | None = None) -> tuple[ChildProcess, int] | None:
