@@ -5,7 +5,6 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -62,10 +61,15 @@ def with_deployment_secret(cfg: DeploymentConfig) -> DeploymentConfig:
 
 def write_private(path: Path, text: str) -> None:
     """Write `text` readable by this user only: the file carries the deployment secret and API key."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+            f.write(text)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot write {str(path)!r}: {exc.strerror or exc}", field="log_dir",
+                            hint="pass --log-dir DIR (or set log_dir) to a directory you can write, or remove "
+                            "what is in the way") from None
 
 
 class ChildExited(PdlaunchError):
@@ -315,10 +319,13 @@ class Deployment:
     def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
             info = self._http.get(self.url_of(name) + "/info", timeout=timeout).json()
-        except (httpx.HTTPError, json.JSONDecodeError):
+        except (httpx.HTTPError, ValueError):  # ValueError: not JSON, not even text
             return
-        self.rows[name].blocks_used = info.get("num_blocks_used")
-        self.rows[name].blocks_total = info.get("num_blocks_total")
+        # Whatever answers at the instance's address (another server on a remote node's port) is checked.
+        info = info if isinstance(info, dict) else {}
+        used, total = info.get("num_blocks_used"), info.get("num_blocks_total")
+        self.rows[name].blocks_used = used if isinstance(used, int) else None
+        self.rows[name].blocks_total = total if isinstance(total, int) else None
 
     # -- supervise and stop --------------------------------------------------------------------------
     def dead_child(self, only: list[ChildProcess] | None = None) -> tuple[ChildProcess, int] | None:

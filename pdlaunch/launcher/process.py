@@ -23,6 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from pdlaunch.errors import PdlaunchError
+
 HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -105,19 +107,29 @@ class ChildProcess:
 
     def start(self, note: str | None = None) -> None:
         """Start the process. With `note` (a restart), the log is appended to, after a line saying so."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.close_log()
-        self._log = open(self.log_path, "ab" if note else "wb")
-        if note:
-            self._log.write(f"\n===== pdlaunch: {note} =====\n".encode())
-            self._log.flush()
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = open(self.log_path, "ab" if note else "wb")
+            if note:
+                self._log.write(f"\n===== pdlaunch: {note} =====\n".encode())
+                self._log.flush()
+        except OSError as exc:
+            self.close_log()
+            raise PdlaunchError(f"cannot write {self.name}'s log {str(self.log_path)!r}: {exc.strerror or exc}",
+                                field="log_dir", hint="pass --log-dir DIR (or set log_dir) to a directory you "
+                                "can write, or remove what is in the way") from None
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
         with signals_deferred():  # a child exists only once self.popen holds it
-            self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True, preexec_fn=hook,
-            )
+            try:
+                self.popen = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True, preexec_fn=hook,
+                )
+            except OSError as exc:
+                self.close_log()
+                raise PdlaunchError(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
 
     def describe_exit(self) -> str:
         """How the process ended, in words ("was killed by signal 9", "exited with code 1")."""

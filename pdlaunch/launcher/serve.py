@@ -30,7 +30,8 @@ _Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | N
 
 
 class StopSignals:
-    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising; a second signal asks to skip the drain."""
+    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising; a second signal asks to skip the drain. A SIGHUP
+    that is ignored (nohup) stays ignored."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -50,6 +51,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
+                    continue  # started under nohup: a closed terminal must not stop the deployment
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -1,10 +1,11 @@
 """Which live processes are stalled: alive (no exit), but their /health does not answer in time.
 
 A stopped (SIGSTOP), hung or swapped-out process still has its listening socket: the kernel accepts
-connections into the backlog, so a connect succeeds and only the answer never comes. A probe that
-times out (proxy.health_timeout_seconds) is that stall; a refused connection is a process that is
-gone or restarting, which the supervisor learns from its exit instead. Probes run on a thread of
-their own, so a stalled process never slows the supervisor's tick.
+connections into the backlog, so a connect succeeds and only the answer never comes (once clients
+have filled the backlog, the connect itself times out). A probe that times out
+(proxy.health_timeout_seconds) is that stall; a refused connection is a process that is gone or
+restarting, which the supervisor learns from its exit instead. Probes run on a thread of their own,
+so a stalled process never slows the supervisor's tick.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class StallWatch:
         try:
             self._http.get(self.urls[name], timeout=self.timeout_s)
             answered: bool | None = True
-        except httpx.ReadTimeout:
+        except httpx.TimeoutException:  # no answer, or (its listen backlog full) not even a connect
             answered = False
         except httpx.HTTPError:
             answered = None  # refused or dropped: gone, not stalled (its exit tells the supervisor)

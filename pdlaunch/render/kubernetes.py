@@ -39,6 +39,7 @@ from pdlaunch.config.models import (
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.host import make_output_dir
+from pdlaunch.config.rules.security import MIN_SECRET_CHARS
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
@@ -82,8 +83,16 @@ class GroupPorts:
 
 
 def deployment_secret(cfg: DeploymentConfig) -> str:
-    """The config's deployment secret, else PDLAUNCH_DEPLOYMENT_SECRET, else a fresh one (written into the Secret)."""
-    return cfg.security.deployment_secret or os.environ.get(SECRET_ENV) or secrets.token_hex(32)
+    """The config's deployment secret, else PDLAUNCH_DEPLOYMENT_SECRET, else a fresh one (written into the Secret).
+    Raises PdlaunchError naming the variable when it holds one shorter than the config's own minimum."""
+    if cfg.security.deployment_secret:
+        return cfg.security.deployment_secret
+    given = os.environ.get(SECRET_ENV)
+    if given and len(given) < MIN_SECRET_CHARS:
+        raise PdlaunchError(f"is {len(given)} characters, fewer than {MIN_SECRET_CHARS}", field=SECRET_ENV,
+                            hint="use a longer random value, e.g. `python -c 'import secrets; "
+                            "print(secrets.token_hex(32))'`, or unset it for a fresh one")
+    return given or secrets.token_hex(32)
 
 
 def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Manifest]:

@@ -143,3 +143,20 @@ esac
     result = check(["--model", "tiny", "--device", "cpu", "--backend", "slurm"])
     refused(result, "--backend")
     assert "'gpu!gpu07'" in result.output and "NodeAddr" in result.output
+
+
+def test_a_short_deployment_secret_in_the_environment_is_named_not_blamed_on_the_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDLAUNCH_DEPLOYMENT_SECRET", "abc")
+    result = render(tmp_path / "out", "--name", "pd-llama")
+    refused(result, "PDLAUNCH_DEPLOYMENT_SECRET")
+    assert "3 characters, fewer than 16" in result.output and "--name" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_deployment_secret_from_the_environment_reaches_the_secret(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDLAUNCH_DEPLOYMENT_SECRET", "s" * 16)
+    assert render(tmp_path / "out").exit_code == 0
+    secret = yaml.safe_load((tmp_path / "out" / "00-secret-pdlaunch-deployment.yaml").read_text())
+    assert secret["stringData"]["deployment-secret"] == "s" * 16

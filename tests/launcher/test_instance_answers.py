@@ -1,0 +1,66 @@
+"""What the launcher reads from an instance's /info (the status table's KV blocks) is checked: an answer of
+another shape (another server on the port, a foreign node's service, a garbled body) leaves the column
+unknown instead of ending the launcher with a traceback."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.status import StatusRow
+
+BODIES = {
+    "list": b"[1, 2, 3]",
+    "strings": b'{"num_blocks_used": "many", "num_blocks_total": {"a": 1}}',
+    "not utf-8": b"\xff\xfe\x80{",
+    "null": b"null",
+}
+
+
+class _Info(BaseHTTPRequestHandler):
+    body = b""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(params=sorted(BODIES))
+def info_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    handler = type("Info", (_Info,), {"body": BODIES[request.param]})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_info_answer_of_another_shape_leaves_the_blocks_unknown(info_url: str, tmp_path: Path) -> None:
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+                                           "proxy": {"port": 0}})
+    deployment = Deployment(cfg, Console(file=io.StringIO()), log_dir=tmp_path)
+    try:
+        plan = deployment.plan.instances[0]
+        plan.url = info_url
+        row = deployment.rows[plan.spec.name] = StatusRow(plan.spec.name, "colocated", "cpu", info_url)
+        deployment.refresh_blocks(plan.spec.name)
+        assert (row.blocks_used, row.blocks_total, row.blocks) == (None, None, "-")
+    finally:
+        deployment.stop()
