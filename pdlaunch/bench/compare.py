@@ -461,7 +461,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
 
 @contextmanager
 def _termination_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so that the `finally` stopping the deployment runs."""
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so that the `finally` stopping the deployment runs (SIGHUP unless it is
+    ignored, as under nohup)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -469,7 +470,9 @@ def _termination_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, _: FrameType | None) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # A SIGHUP ignored (nohup) stays ignored: a closed terminal must not stop a long comparison.
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)}
     try:
         yield
     finally:

@@ -164,8 +164,9 @@ class InstancePool:
     async def _check(self, client: httpx.AsyncClient, instance: Instance) -> None:
         try:
             response = await client.get(f"{instance.url}/health", timeout=self.health_timeout_s)
-        except httpx.ReadTimeout:
-            # Connected (the kernel's backlog accepts for a stopped process) but no answer in time.
+        except (httpx.ReadTimeout, httpx.ConnectTimeout):
+            # Connected (the kernel's backlog accepts for a stopped process) but no answer in time, or not even
+            # accepted (that backlog full under client traffic): alive or not, it answers nothing.
             self.mark_stalled(instance, f"/health did not answer within {self.health_timeout_s:g}s "
                                         "(proxy.health_timeout_seconds)")
             return

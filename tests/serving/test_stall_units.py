@@ -138,12 +138,16 @@ def test_a_leg_that_answers_in_time_is_measured_for_the_derived_deadline() -> No
 # -- the proxy's health probe --------------------------------------------------------------------
 
 
-def test_a_health_probe_that_times_out_marks_the_instance_stalled_until_it_answers_again() -> None:
+@pytest.mark.parametrize("timeout", [httpx.ReadTimeout, httpx.ConnectTimeout])
+def test_a_health_probe_that_times_out_marks_the_instance_stalled_until_it_answers_again(
+        timeout: type[httpx.TimeoutException]) -> None:
+    """A read that gets no answer, or a connect that is never accepted (a stopped process whose listen backlog is
+    full, as under client traffic), is a stall, not a dead instance."""
     answering = {"yes": False}
 
     async def handler(request: httpx.Request) -> httpx.Response:
         if not answering["yes"]:
-            raise httpx.ReadTimeout("no answer", request=request)
+            raise timeout("no answer", request=request)
         return httpx.Response(200, json={"status": "ok", "engine_id": "E"})
 
     instance = Instance("prefill", "http://p0", "prefill-0", state="ready", engine_id="E")
