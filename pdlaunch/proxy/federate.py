@@ -43,8 +43,15 @@ async def _scrape(client: httpx.AsyncClient, instance: Instance, headers: dict[s
 
 
 def _merge(families: dict[str, Metric], text: str, instance: Instance) -> None:
+    """Add `instance`'s series to `families`; ValueError (and nothing added) for text that is not Prometheus
+    exposition throughout, or whose family of a name already merged has another type."""
     extra = {"instance": instance.name, "role": instance.role}
-    for family in text_string_to_metric_families(text):
+    parsed = list(text_string_to_metric_families(text))  # all of it first: a bad line halfway adds nothing
+    for family in parsed:
+        merged = families.get(family.name)
+        if merged is not None and merged.type != family.type:
+            raise ValueError(f"{family.name} is a {family.type} here and a {merged.type} on another instance")
+    for family in parsed:
         merged = families.get(family.name)
         if merged is None:
             merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)

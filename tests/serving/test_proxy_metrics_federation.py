@@ -79,3 +79,21 @@ def test_an_unreachable_instance_is_left_out(proxy: tuple[str, InstancePool]) ->
     federated = [dict(labels)["instance"] for name, labels in samples
                  if not name.startswith("pdlaunch_proxy_") and "instance" in dict(labels)]
     assert "decode-1" not in federated and "decode-0" in federated
+
+
+def test_an_instance_whose_text_breaks_halfway_or_retypes_a_family_adds_nothing() -> None:
+    """Its series are all left out (and it is counted missed), not the part before the bad line; a family
+    another instance already gave another type is refused rather than merged under the first type."""
+    from pdlaunch.proxy.federate import _merge
+
+    good = "# TYPE pdlaunch_kv_blocks_used gauge\npdlaunch_kv_blocks_used 3.0\n"
+    families: dict[str, Any] = {}
+    _merge(families, good, Instance("decode", "http://d0", "decode-0"))
+    broken = "# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total 5.0\nnot a sample line at all {\n"
+    with pytest.raises(ValueError):
+        _merge(families, broken, Instance("prefill", "http://p0", "prefill-0"))
+    retyped = "# TYPE pdlaunch_kv_blocks_used counter\npdlaunch_kv_blocks_used_total 9.0\n"
+    with pytest.raises(ValueError, match="a counter here and a gauge"):
+        _merge(families, retyped, Instance("prefill", "http://p1", "prefill-1"))
+    assert list(families) == ["pdlaunch_kv_blocks_used"]
+    assert [s.labels["instance"] for s in families["pdlaunch_kv_blocks_used"].samples] == ["decode-0"]
