@@ -122,7 +122,8 @@ def _run(cfg: DeploymentConfig, label: str, console: Console, checks: list[Check
     except ChildExited as exc:
         report_child_exit(console, exc)
         checks.append(Check(f"{label}: deployment", False, exc.message))
-    except (PdlaunchError, httpx.HTTPError, KeyError, ValueError) as exc:
+    except (PdlaunchError, httpx.HTTPError, KeyError, ValueError, IndexError, TypeError) as exc:
+        # ...TypeError: an answer of the wrong shape (`choices` empty or null) is a failed check, not a traceback
         checks.append(Check(f"{label}: deployment", False, f"{type(exc).__name__}: {exc}"))
     finally:
         deployment.stop()
