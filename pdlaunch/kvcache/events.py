@@ -34,6 +34,8 @@ class KvSnapshot(_Event):
     engine_id: str
     block_size: int = Field(gt=0)
     hashes: list[BlockHashHex]
+    num_blocks: int | None = Field(None, gt=0, description="Blocks of the pool the events describe: it never "
+                                   "caches more hashes than this (absent from older instances).")
 
 
 class KvStored(_Event):

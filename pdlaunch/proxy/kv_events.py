@@ -50,20 +50,21 @@ class CachedBlocks:
     block_size: int = 0  # 0: no snapshot on the current stream: nothing is known
     engine_id: str = ""
     seq: int = -1
+    num_blocks: int | None = None  # the snapshot's: more hashes than this is a broken stream (memory stays bounded)
 
     def usable(self, instance: Instance) -> bool:
         """Known, and of the engine the instance's /health names (when it names one)."""
         return self.block_size > 0 and (not instance.engine_id or instance.engine_id == self.engine_id)
 
     def forget(self) -> None:
-        self.hashes, self.block_size, self.engine_id, self.seq = set(), 0, "", -1
+        self.hashes, self.block_size, self.engine_id, self.seq, self.num_blocks = set(), 0, "", -1, None
 
     def apply(self, event: KvEvent) -> str | None:
         """Apply one event; None, or why the stream must be re-opened (the set is forgotten then)."""
         if isinstance(event, KvSnapshot):
-            self.hashes, self.block_size, self.engine_id, self.seq = \
-                set(event.hashes), event.block_size, event.engine_id, event.seq
-            return None
+            self.hashes, self.block_size, self.engine_id, self.seq, self.num_blocks = \
+                set(event.hashes), event.block_size, event.engine_id, event.seq, event.num_blocks
+            return self._past_the_cache()
         if self.block_size == 0:
             return f"a {event.type} event (seq {event.seq}) before the stream's snapshot"
         if event.seq != self.seq + 1:
@@ -71,8 +72,13 @@ class CachedBlocks:
         self.seq = event.seq
         if isinstance(event, KvStored):
             self.hashes.update(event.hashes)
-        else:
-            self.hashes.difference_update(event.hashes)
+            return self._past_the_cache()
+        self.hashes.difference_update(event.hashes)
+        return None
+
+    def _past_the_cache(self) -> str | None:
+        if self.num_blocks is not None and len(self.hashes) > self.num_blocks:
+            return f"{len(self.hashes)} cached blocks, more than the {self.num_blocks} its cache has"
         return None
 
 

@@ -39,7 +39,8 @@ async def kv_events(request: Request) -> Response:
     log: KvEventLog = engine.block_manager.events
     subscriber, cached = log.subscribe(asyncio.get_running_loop())
     snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
-                          hashes=[hash_hex(h) for h in cached])
+                          hashes=[hash_hex(h) for h in cached],
+                          num_blocks=engine.block_manager.pools[engine.block_manager.event_group].num_blocks)
 
     async def unsubscribe() -> None:
         log.unsubscribe(subscriber)

@@ -49,6 +49,8 @@ def test_stream_names_stored_then_removed_blocks(server: tuple[str, EngineLoop])
         snapshot = KV_EVENT.validate_json(next(lines))
         assert isinstance(snapshot, KvSnapshot) and snapshot.seq == 0
         assert snapshot.engine_id == "kv-events-0" and snapshot.block_size == BLOCK_SIZE
+        manager = loop.engine.block_manager
+        assert snapshot.num_blocks == manager.pools[manager.event_group].num_blocks  # the proxy's bound
         cached = set(snapshot.hashes)
         _complete(url, first)
         wanted = prompt_block_hashes(first, BLOCK_SIZE)

@@ -323,3 +323,18 @@ def test_prompts_the_prefix_policy_cannot_hash_go_to_an_instance_whole() -> None
                     assert fake.requests[-1]["prompt"] == prompt
     finally:
         fake.stop.set()
+
+
+def test_a_stream_naming_more_cached_blocks_than_its_cache_has_is_forgotten() -> None:
+    """The snapshot says how many blocks the instance's cache has: a set that grows past them (a broken or
+    hostile instance) is dropped rather than kept growing in the proxy's memory."""
+    cached = CachedBlocks()
+    assert cached.apply(KvSnapshot(seq=0, engine_id="e", block_size=BLOCK, hashes=H[:2], num_blocks=3)) is None
+    assert cached.apply(KvStored(seq=1, hashes=H[2:3])) is None and len(cached.hashes) == 3
+    assert cached.apply(KvRemoved(seq=2, hashes=H[:1])) is None
+    assert cached.apply(KvStored(seq=3, hashes=H[3:4])) is None  # 3 again
+    assert cached.apply(KvStored(seq=4, hashes=H[4:5])) == "4 cached blocks, more than the 3 its cache has"
+    assert CachedBlocks().apply(KvSnapshot(seq=0, engine_id="e", block_size=BLOCK, hashes=H[:4], num_blocks=2))
+    unbounded = CachedBlocks()  # an instance from before the field: no bound, as before
+    assert unbounded.apply(KvSnapshot(seq=0, engine_id="e", block_size=BLOCK, hashes=H[:4])) is None
+
