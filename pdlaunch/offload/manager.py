@@ -60,6 +60,7 @@ class OffloadManager:
         self.transfer = CpuGpuTransfer(caches, self.tier.caches)
         self._evicted: dict[PrefixNode, dict[int, int]] = {}  # node -> {group: evicted device block}
         self._jobs: dict[int, _JobInfo] = {}
+        self._storing: dict[int, tuple[CPUBlock, int]] = {}  # block hash -> (CPU block, its store job) until polled
         self._job_ids = itertools.count()
         self.stored_blocks = 0
         self.loaded_blocks = 0
@@ -118,6 +119,14 @@ class OffloadManager:
                 break
             found.append(entry)
             parent = block_hash
+        pending = [s[1] for e in found if (s := self._storing.get(e.block_hash)) is not None and s[0] is e]
+        if pending:
+            # A store still copying may fail, and a load queued behind it would then read what it left:
+            # learn its outcome first (poll drops a failed store's blocks), and hit only what it stored.
+            self.transfer.wait_issued(pending)
+            self.poll()
+            found = found[:next((i for i, e in enumerate(found) if self.tier.entries.get(e.block_hash) is not e),
+                                len(found))]
         for m in range(first + len(found), first, -1):
             # Every group needs the blocks its window still sees at position m * bs.
             if all(g in found[j - first].groups for g in range(bm.num_groups)
@@ -155,6 +164,9 @@ class OffloadManager:
         if not self.transfer.transfer_async(job_id, spec):
             raise EngineError("the KV offload transfer thread is shut down", field="offload")
         self._jobs[job_id] = info
+        if info.store:
+            for entry in info.entries:
+                self._storing[entry.block_hash] = (entry, job_id)
 
     @property
     def idle(self) -> bool:
@@ -172,6 +184,10 @@ class OffloadManager:
         for result in self.transfer.get_finished():
             info = self._jobs.pop(result.job_id)
             direction = "store" if info.store else "load"
+            if info.store:
+                for entry in info.entries:
+                    if self._storing.get(entry.block_hash, (None, -1))[1] == result.job_id:
+                        del self._storing[entry.block_hash]
             if not result.success:
                 if not info.store:
                     raise EngineError(f"loading KV blocks from the CPU tier failed: {result.error}",

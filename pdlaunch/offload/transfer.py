@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -234,6 +234,21 @@ class CpuGpuTransfer:
                 continue
             if j.events is not None:
                 torch.cuda.current_stream(self.gpu_caches[0].device).wait_event(j.events.done)
+
+    def wait_issued(self, job_ids: Iterable[int], timeout: float = 60.0) -> None:
+        """Block until the copies of these jobs are issued (on CPU: done): one that failed to issue is
+        then reported by get_finished."""
+        with self._lock:
+            jobs = [self._jobs[j] for j in job_ids if j in self._jobs]
+        deadline = time.monotonic() + timeout
+        for j in jobs:
+            try:
+                j.issued.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError as exc:
+                raise EngineError(f"KV offload job {j.job_id} was not issued within {timeout:.0f}s",
+                                  field="offload", hint="the transfer thread is stuck; see the log") from exc
+            except Exception:  # noqa: BLE001 - a failed job is reported by get_finished
+                continue
 
     def wait_all(self, timeout: float = 60.0) -> None:
         """Block the host until every submitted job has completed (tests, shutdown, sleep)."""

@@ -66,6 +66,7 @@ class ChunkWaits:
     def __init__(self) -> None:
         # chunk nonce -> (woken when it ended, its error, called first when it ended, the load's nonce)
         self._events: dict[str, tuple[threading.Event, list[str], Callable[[], None], str]] = {}
+        self._late: dict[str, Callable[[], None]] = {}  # chunk nonce -> frees its slots once it ended (give_up)
         self._lock = threading.Lock()
 
     def open(self, owner: str, on_end: Callable[[], None]) -> tuple[str, threading.Event, list[str]]:
@@ -75,22 +76,40 @@ class ChunkWaits:
             self._events[nonce] = (event, errors, on_end, owner)
         return nonce, event, errors
 
-    def forget(self, owner: str) -> None:
-        """The load whose nonce is `owner` is gone: a notification of its chunks is ignored from now on."""
+    def give_up(self, nonce: str, release: Callable[[], None]) -> bool:
+        """The loader stopped waiting for chunk `nonce` while its WRITE may still land: `release` is called
+        when the chunk ends (its notification, or `forget` at the drain's end). False when it already
+        ended: the caller releases now."""
         with self._lock:
-            for nonce in [n for n, chunk in self._events.items() if chunk[3] == owner]:
+            if nonce not in self._events:
+                return False
+            self._late[nonce] = release
+            return True
+
+    def forget(self, owner: str) -> None:
+        """The load whose nonce is `owner` is gone (no WRITE of it can land any more): a notification of
+        its chunks is ignored from now on, and the slots of chunks given up are freed."""
+        with self._lock:
+            nonces = [n for n, chunk in self._events.items() if chunk[3] == owner]
+            for nonce in nonces:
                 del self._events[nonce]
+            late = [release for n in nonces if (release := self._late.pop(n, None)) is not None]
+        for release in late:
+            release()
 
     def on_notif(self, notif: PushDone | PushFailed) -> bool:
         """True when the notification ended a chunk (its loader thread wakes up)."""
         with self._lock:
             chunk = self._events.pop(notif.nonce, None)
+            late = self._late.pop(notif.nonce, None)
         if chunk is None:
             return False
         if isinstance(notif, PushFailed):
             chunk[1].append(f"the prefill side could not push: {notif.error}")
         chunk[2]()  # before waking the loader, which may send the next chunk
         chunk[0].set()
+        if late is not None:
+            late()
         return True
 
 
@@ -194,21 +213,27 @@ class LoadContext:
 
     # -- pushes (push, staged push) ---------------------------------------------------------------
     def request_push(self, load: Load, bases: list[int], pairs: list[list[tuple[int, int]]], spec: KVCacheSpec,
-                     last: bool, wait: bool = False) -> None:
+                     last: bool, wait: bool = False, release: Callable[[], None] | None = None) -> None:
         """Ask the prefill side to WRITE pairs [(my_id, its_block), ...] per group into `bases` (my blocks
         or staging slots). wait=True: block until its notification (staged chunks), else the engine
-        thread sees it in poll."""
+        thread sees it in poll. `release` (wait=True) frees the staging slots `bases` name when this
+        raises: at once when no WRITE can land in them, else once the chunk ended (ChunkWaits.give_up)."""
         nonce = load.nonce
         event: tuple[threading.Event, list[str]] | None = None
-        remaining = self.remaining(load, "push request")
-        with self.lock:
-            if load.abandoned or load.state.ended:
-                raise KVTransferError(f"push of request {load.request_id} not sent: {load.error or 'aborted'}")
-            if wait:
-                nonce, done, errors = self.chunks.open(load.nonce, lambda: self._write_ended(load))
-                event = (done, errors)
-            # From here on prefill may WRITE into our blocks (or slots): abort/fail drain until it says it ended.
-            load.push_sent, load.write_ended = True, False
+        try:
+            remaining = self.remaining(load, "push request")
+            with self.lock:
+                if load.abandoned or load.state.ended:
+                    raise KVTransferError(f"push of request {load.request_id} not sent: {load.error or 'aborted'}")
+                if wait:
+                    nonce, done, errors = self.chunks.open(load.nonce, lambda: self._write_ended(load))
+                    event = (done, errors)
+                # From here on prefill may WRITE into our blocks (or slots): abort/fail drain until it says it ended.
+                load.push_sent, load.write_ended = True, False
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         runs = [[(r.local_start, r.remote_start, r.count) for r in coalesce(group)] for group in pairs]
         message = PushRequest(
             type="push", request_id=load.remote.held_request_id, nonce=nonce, last=last, agent_name=self.agent.name,
@@ -216,12 +241,19 @@ class LoadContext:
             block_bytes=spec.block_bytes, device_id=self.agent.device_id,
             deadline_in=remaining,  # prefill posts no WRITE after this (seconds from receipt)
         )
-        self.ask(load.remote, message, Empty, remaining, "push request")
-        if event is not None:
-            if not event[0].wait(self.remaining(load, "push")):
-                self.remaining(load, "push")  # raises the timeout
-            if event[1]:
-                raise KVTransferError(event[1][0])
+        try:
+            self.ask(load.remote, message, Empty, remaining, "push request")
+            if event is not None:
+                if not event[0].wait(self.remaining(load, "push")):
+                    self.remaining(load, "push")  # raises the timeout
+                if event[1]:
+                    raise KVTransferError(event[1][0])
+        except BaseException:
+            # A WRITE posted just before our deadline (or a request whose answer was lost) may still land:
+            # the slots stay taken until the chunk's notification or the drain's end says none will.
+            if release is not None and not (event is not None and self.chunks.give_up(nonce, release)):
+                release()
+            raise
 
     def _write_ended(self, load: Load) -> None:
         with self.lock:

@@ -7,6 +7,8 @@ READs the prefill's blocks themselves (only decode stages) claims the prefill ho
 
 from __future__ import annotations
 
+from functools import partial
+
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
@@ -56,7 +58,13 @@ class StagedLoad(LoadStrategy):
                     ctx.read_chunk(load, remote, load.remote, dst, dst_bases, remote_ids, spec.block_bytes)
                 else:
                     pairs = [list(zip(dst[g], remote_ids[g])) for g in range(len(dst))]
-                    ctx.request_push(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True)
+                    release = partial(staging.release, slots) if staging is not None and slots else None
+                    try:
+                        ctx.request_push(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True,
+                                         release=release)
+                    except BaseException:
+                        slots = []  # request_push frees them, once no WRITE of the chunk can land in them
+                        raise
                 if staging is not None:
                     with ctx.lock:  # never write into blocks the engine freed after a timeout or abort
                         if load.state != LoadState.RUNNING or load.abandoned:

@@ -173,13 +173,20 @@ class LoadTable:
                 return request_id in self._draining
             load.abandoned = True
             was_running = not load.state.ended
+            # Failed but not reported yet: poll will not see it any more, so its failure is handled here.
+            unreported = load.state == LoadState.FAILED
             load.fail("aborted")
-            if self._may_write(load):
+            drain = self._may_write(load)
+            if drain:
                 self._start_drain(load, time.monotonic())
-                return True
-        self._release(load)
-        if was_running and load.strategy is not None:
-            load.strategy.release_prefill(load)
+        if unreported:
+            self._fail(load, drain)  # counts it; not draining: frees and tells the prefill to release
+        elif not drain:
+            self._release(load)
+            if was_running and load.strategy is not None:
+                load.strategy.release_prefill(load)
+        if drain:
+            return True
         self._forget(load)
         return False
 

@@ -99,6 +99,9 @@ class HoldTable:
         # (claim_read answers it as claimed), and a decode's release may come after the proxy's (logged as
         # expected, not as a lost hold). request id -> (when to forget it, the readers that read it, how it ended).
         self._ended: OrderedDict[str, tuple[float, frozenset[str], str]] = OrderedDict()
+        # Nonces of push requests accepted (push nonce -> when to forget it, monotonic): decode's side channel
+        # sends a request again when the connection reset before the answer, and a push is then already queued.
+        self._pushes: OrderedDict[str, float] = OrderedDict()
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self.lock:
@@ -175,6 +178,8 @@ class HoldTable:
                                        hold.request_id, self.lease_seconds)
             while self._ended and next(iter(self._ended.values()))[0] < now:
                 self._ended.popitem(last=False)
+            while self._pushes and next(iter(self._pushes.values())) < now:
+                self._pushes.popitem(last=False)
         return finished
 
     def __len__(self) -> int:
@@ -238,6 +243,23 @@ class HoldTable:
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
               exclusive: bool = False, wait: float = 0.0) -> Hold:
+        hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None)
+        assert hold is not None  # None only for a push nonce
+        return hold
+
+    def claim_push(self, request_id: str, nonce: str, sources: list[list[int]], block_bytes: list[int],
+                   spec: KVCacheSpec | None, wait: float) -> Hold | None:
+        """An exclusive `claim` for the push request `nonce`; None when that push was accepted already (decode
+        sent it again after losing the answer: the first copy's push_done/push_failed ends it). A push
+        that cannot be queued after its claim must `forget_push`, so that a resend is served."""
+        return self._claim(request_id, sources, block_bytes, spec, True, wait, nonce)
+
+    def forget_push(self, nonce: str) -> None:
+        with self.lock:
+            self._pushes.pop(nonce, None)
+
+    def _claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
+               exclusive: bool, wait: float, push_nonce: str | None) -> Hold | None:
         """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
         (sources[g]: prefill block ids of group g). exclusive: one claim at a time (a push); while another
         is active, wait up to `wait` seconds for it to end, then refuse. A staged push's next chunk needs the
@@ -257,6 +279,8 @@ class HoldTable:
         deadline = time.monotonic() + wait
         with self.lock:
             while True:
+                if push_nonce is not None and push_nonce in self._pushes:
+                    return None
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
                     raise self._not_held(request_id)
@@ -271,6 +295,8 @@ class HoldTable:
                 if not set(ids) <= set(hold.block_ids[g]) - {-1}:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
             hold.busy += 1
+            if push_nonce is not None:  # forgotten once decode cannot send it again (its deadline passed)
+                self._pushes[push_nonce] = time.monotonic() + wait + self.lease_seconds
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:

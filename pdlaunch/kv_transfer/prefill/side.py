@@ -177,11 +177,14 @@ class PrefillSide(NixlConnector):
         message.runs[g] = [(decode_start, prefill_start, count), ...]; `last` marks the request's final chunk."""
         received = time.monotonic()
         sources = message.prefill_blocks()
-        hold = self.holds.claim(message.request_id, sources, message.block_bytes, self.spec, exclusive=True,
-                                wait=min(message.deadline_in, self.kv.transfer_timeout_seconds))
+        hold = self.holds.claim_push(message.request_id, message.nonce, sources, message.block_bytes, self.spec,
+                                     wait=min(message.deadline_in, self.kv.transfer_timeout_seconds))
+        if hold is None:  # sent again (the answer to the first copy was lost): that one is queued already
+            return Empty()
         try:
             self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
         except Exception:
+            self.holds.forget_push(message.nonce)
             self.holds.unclaim(hold)
             raise
         return Empty()

@@ -1,0 +1,96 @@
+"""LoadTable.abort of a load that already failed but whose failure poll has not reported yet: the
+prefill is still told to release its blocks, and the failure is counted (poll never sees it now)."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import pytest
+
+from pdlaunch import metrics
+from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
+from pdlaunch.kv_transfer.decode.table import LoadTable
+from pdlaunch.kv_transfer.remote_kv import RemoteKV
+
+
+class _Strategy(LoadStrategy):
+    mode = "pull"
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+        self.cancelled_unsent: list[str] = []
+
+    def run(self, load: Load) -> None:
+        raise AssertionError("not run here")
+
+    def release_prefill(self, load: Load) -> None:
+        self.released.append(load.request_id)
+
+    def cancel_unsent(self, load: Load) -> None:
+        self.cancelled_unsent.append(load.request_id)
+
+
+def _failures() -> float:
+    return float(metrics.KV_TRANSFER_FAILURES._value.get())
+
+
+@pytest.fixture
+def table() -> LoadTable:
+    ctx = LoadContext(agent=cast(Any, None), spec=cast(Any, None), peers=cast(Any, None), keys=cast(Any, None),
+                      handshake_timeout=1.0, transfer_timeout=30.0, verify_kv=False,
+                      executor=cast(ThreadPoolExecutor, None), reader="decode")
+    return LoadTable(ctx)
+
+
+def _load(table: LoadTable, state: LoadState) -> tuple[Load, _Strategy]:
+    now = time.monotonic()
+    load = Load("r-1", RemoteKV(engine_id="prefill", request_id="p-1", host="127.0.0.1", port=1, block_ids=[[1]]),
+                [[(0, 3, 1)]], deadline=now + 30.0, started=now, state=LoadState.RUNNING)
+    strategy = _Strategy()
+    load.strategy, load.remote_agent = strategy, "prefill-agent"
+    table.add(load)
+    if state == LoadState.FAILED:
+        load.fail("NIXL READ of 4096 bytes failed")  # the loader thread failed it; poll has not run since
+    return load, strategy
+
+
+def test_abort_of_a_failed_unreported_load_releases_the_prefill_and_counts_it(table: LoadTable) -> None:
+    load, strategy = _load(table, LoadState.FAILED)
+    before = _failures()
+    assert table.abort(load.request_id) is False
+    assert strategy.released == ["r-1"]
+    assert strategy.cancelled_unsent == ["r-1"]
+    assert _failures() == before + 1
+    assert table.request_ids() == set()
+    assert table.poll(time.monotonic()) == (set(), {})  # reported once: not again by poll
+
+
+def test_abort_of_a_running_load_releases_the_prefill_without_counting_a_failure(table: LoadTable) -> None:
+    load, strategy = _load(table, LoadState.RUNNING)
+    before = _failures()
+    assert table.abort(load.request_id) is False
+    assert strategy.released == ["r-1"]
+    assert _failures() == before
+    assert table.request_ids() == set()
+
+
+def test_abort_of_a_failed_unreported_load_that_drains_counts_it_once(table: LoadTable) -> None:
+    load, strategy = _load(table, LoadState.FAILED)
+    load.push_sent = True  # a WRITE may still land: the blocks drain, the prefill is told when it ends
+    table.ctx.executor = cast(ThreadPoolExecutor, _NoExecutor())
+    before = _failures()
+    assert table.abort(load.request_id) is True
+    assert strategy.released == []
+    assert _failures() == before + 1
+    load.write_ended = True
+    assert table.poll_draining(time.monotonic()) == (set(), {"r-1"})
+    assert strategy.released == ["r-1"]
+    assert _failures() == before + 1
+
+
+class _NoExecutor:
+    def submit(self, fn: Any, *args: Any) -> None:  # the cancel_push call to the prefill is not under test
+        pass
