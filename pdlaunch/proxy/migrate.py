@@ -34,7 +34,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import JsonValue
@@ -350,12 +350,8 @@ class Migrations:
                         progress.done = True
                         yield sse_data(event)
                         continue
-                    try:
-                        chunk = json.loads(event)
-                    except ValueError:
-                        yield sse_data(event)
-                        continue
-                    if not isinstance(chunk, dict):
+                    chunk = _json_object(event)
+                    if chunk is None:  # not a JSON object: passed on as it came
                         yield sse_data(event)
                         continue
                     try:
@@ -440,6 +436,15 @@ class Migrations:
                     yield data
         finally:
             reader.close()
+
+
+def _json_object(event: str) -> dict[str, Any] | None:
+    """The event's payload as a JSON object, or None (not JSON, or JSON of another kind)."""
+    try:
+        value = json.loads(event)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _include_usage(body: Body) -> bool:
