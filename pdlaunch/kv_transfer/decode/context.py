@@ -171,7 +171,7 @@ class LoadContext:
         src, ticket = remote_ids, None
         if remote.info.staging_slots:
             staged = self.ask(source, StageRequest(type="stage", request_id=source.held_request_id,
-                                                   blocks=remote_ids),
+                                                   blocks=remote_ids, nonce=uuid.uuid4().hex),
                               StageAnswer, self.remaining(load, "prefill staging"), "staging request")
             src, ticket = staged.slots, staged.ticket
         try:
