@@ -89,6 +89,9 @@ def test_an_aborted_loader_read_drains_until_it_ended(agent: _Agent) -> None:
     thread.start()
     try:
         assert agent.started.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while load.xfer is None and thread.is_alive() and time.monotonic() < deadline:  # posted, not yet listed
+            time.sleep(0.001)
         assert table.abort("r-1") is True, "the decode's blocks were given back while the READ writes them"
         # The loader stops polling the READ (aborted); the slots it READs into go back once it returns.
         agent.returned.wait(2.0)
