@@ -86,6 +86,7 @@ class StageRequest(_Message):
     type: Literal["stage"]
     request_id: _Name
     blocks: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
+    nonce: _Nonce | None = None  # names this request: one sent again gets the first copy's answer
 
 
 class UnstageRequest(_Message):

@@ -75,8 +75,8 @@ class OffloadManager:
         self._evicted.setdefault(node, {})[group] = block_id
 
     def flush_stores(self, protect: frozenset[int] = frozenset()) -> None:
-        """Queue store jobs for the blocks evicted since the last flush (CPU blocks of `protect`
-        hashes are not evicted to make room: a load is about to read them)."""
+        """Queue store jobs for the blocks evicted since the last flush. CPU blocks of `protect`
+        hashes are neither evicted to make room nor stored again: a load is about to read them."""
         if not self._evicted:
             return
         evicted, self._evicted = self._evicted, {}
@@ -86,6 +86,10 @@ class OffloadManager:
             for g, pool in enumerate(self.block_manager.pools):
                 if g not in blocks and node in pool.node_block:
                     blocks[g] = pool.node_block[node]
+            if node.block_hash in protect:
+                # A store into it (more groups) would run before the load, and one that failed
+                # halfway would leave the load a partial copy.
+                continue
             groups = frozenset(blocks)
             parent = node.parent.block_hash if node.parent is not None else None
             known = self.tier.lookup(node.block_hash, parent, node.token_ids)

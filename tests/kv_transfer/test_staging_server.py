@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.messages import StageRequest
+from pdlaunch.kv_transfer.messages import StageAnswer, StageRequest, UnstageRequest
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -50,4 +50,90 @@ def test_a_stage_that_times_out_in_the_queue_is_dropped_with_its_claim() -> None
         assert stager.users() == set() and stager.staging.num_free() == stager.staging.num_slots
     finally:
         blocker.set()
+        executor.shutdown(wait=True)
+
+
+def _stager(holds: HoldTable, executor: ThreadPoolExecutor) -> StagingServer:
+    spec = make_spec(num_blocks=8)
+    stager = StagingServer(holds, executor, transfer_timeout=WAIT_S)
+    stager.spec, stager.staging = spec, StagingArea(spec.kv_caches, 4 * sum(spec.block_bytes))
+    return stager
+
+
+def _stage(nonce: str = "5e9d0c4b7a3f1e26") -> StageRequest:
+    return StageRequest(type="stage", request_id="r1", blocks=[[3, 4]], nonce=nonce)
+
+
+def test_a_stage_sent_again_while_its_first_copy_runs_gets_that_copys_answer() -> None:
+    """Decode's side channel sends a request again when the connection resets before the answer: the
+    resend must not stage a second copy whose slots nobody unstages until its ticket deadline."""
+    holds = HoldTable(lease_seconds=60.0)
+    holds.hold("r1", [[3, 4]])
+    executor = ThreadPoolExecutor(max_workers=2)
+    stager = _stager(holds, executor)
+    assert stager.staging is not None
+    copying, go_on = threading.Event(), threading.Event()
+    gather = stager.staging.gather
+
+    def slow_gather(kv_caches: list[torch.Tensor], blocks: list[list[int]], slots: list[int]) -> None:
+        copying.set()
+        assert go_on.wait(WAIT_S)
+        gather(kv_caches, blocks, slots)
+
+    stager.staging.gather = slow_gather  # type: ignore[method-assign]
+    answers: list[StageAnswer] = []
+    first = threading.Thread(target=lambda: answers.append(stager.stage(_stage())))
+    try:
+        first.start()
+        assert copying.wait(WAIT_S)
+        resend = threading.Thread(target=lambda: answers.append(stager.stage(_stage())))
+        resend.start()
+        go_on.set()
+        first.join(WAIT_S)
+        resend.join(WAIT_S)
+        assert len(answers) == 2 and answers[0] == answers[1]
+        assert stager.staging.num_free() == stager.staging.num_slots - 2, "the resend took slots of its own"
+        hold = holds.get("r1")
+        assert hold is not None and hold.busy == 0
+        stager.unstage(UnstageRequest(type="unstage", ticket=answers[0].ticket))
+        assert stager.staging.num_free() == stager.staging.num_slots and stager.users() == set()
+    finally:
+        go_on.set()
+        executor.shutdown(wait=True)
+
+
+def test_a_stage_sent_again_after_its_first_copy_is_answered_alike_or_refused() -> None:
+    holds = HoldTable(lease_seconds=60.0)
+    holds.hold("r1", [[3, 4]])
+    executor = ThreadPoolExecutor(max_workers=1)
+    stager = _stager(holds, executor)
+    assert stager.staging is not None
+    try:
+        answer = stager.stage(_stage())
+        assert stager.stage(_stage()) == answer
+        assert stager.staging.num_free() == stager.staging.num_slots - 2
+        other = stager.stage(_stage("0000000000000002"))  # another request's copy is no resend
+        assert other.ticket != answer.ticket
+        stager.unstage(UnstageRequest(type="unstage", ticket=other.ticket))
+        stager.unstage(UnstageRequest(type="unstage", ticket=answer.ticket))
+        with pytest.raises(KVTransferError, match="sent again after its slots were released"):
+            stager.stage(_stage())  # its slots may hold another request's KV now
+        assert stager.staging.num_free() == stager.staging.num_slots and stager.users() == set()
+    finally:
+        executor.shutdown(wait=True)
+
+
+def test_a_stage_whose_first_copy_failed_is_served_when_sent_again() -> None:
+    holds = HoldTable(lease_seconds=60.0)
+    executor = ThreadPoolExecutor(max_workers=1)
+    stager = _stager(holds, executor)
+    assert stager.staging is not None
+    try:
+        with pytest.raises(KVTransferError, match="not held"):
+            stager.stage(_stage())
+        holds.hold("r1", [[3, 4]])
+        answer = stager.stage(_stage())
+        assert len(answer.slots[0]) == 2
+        assert stager.users() == {"r1"}
+    finally:
         executor.shutdown(wait=True)

@@ -12,6 +12,7 @@ import torch
 from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.offload.cpu_tier import CPUTier
 from pdlaunch.offload.manager import OffloadManager
+from pdlaunch.offload.transfer import GPULoadStoreSpec, TransferSpec
 
 BLOCK_SIZE = 4
 SHAPE = (1, 2, BLOCK_SIZE, 1, 2)  # one device block: [layers, 2, block_size, kv_heads, head_dim]
@@ -73,3 +74,66 @@ def test_load_matched_to_a_block_being_stored_reads_its_kv(
     assert torch.equal(caches[0][block], kv)
     assert manager.stored_blocks == 1 and manager.loaded_blocks == 1
     manager.check_integrity()
+
+
+def test_store_into_a_block_a_load_is_about_to_read_does_not_touch_it() -> None:
+    """start_load queues the evictions of its own allocation first; one of them is the prefix block the
+    load reads, cached on the device in more groups than its CPU copy holds. Storing it again would
+    write into that CPU block, and a store that fails halfway would leave the load a partial copy."""
+    # Group 0 full attention, group 1 a window of 8 tokens, group 2 of 4: a 3-block CPU hit needs
+    # block 0 only in group 0, block 1 in groups 0-1, block 2 in all three.
+    bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, sliding_windows=(None, 8, 4))
+    caches = [torch.zeros(4, *SHAPE) for _ in range(3)]
+    gb = 4 * CPUTier.bytes_per_block([SHAPE] * 3, torch.float32) / 2**30
+    manager = OffloadManager(bm, lambda: caches, gb)
+    try:
+        prompt = list(range(1, 3 * BLOCK_SIZE + 1))
+        hashes: list[int] = []
+        parent: int | None = None
+        for j, groups in enumerate([{0}, {0, 1}, {0, 1, 2}]):  # what the CPU tier already holds
+            tokens = tuple(prompt[j * BLOCK_SIZE:(j + 1) * BLOCK_SIZE])
+            block_hash = bm.index.hash_fn(parent, tokens)
+            entry = manager.tier.allocate(block_hash, parent, tokens, frozenset(groups))
+            assert entry is not None
+            for g in groups:
+                manager.tier.caches[g][entry.block_id].fill_(100 * j + g + 1)
+            hashes.append(block_hash)
+            parent = block_hash
+        # The device caches block 0 in groups 0 and 1 but not 2: no device hit.
+        assert bm.allocate("a", BLOCK_SIZE, 2 * BLOCK_SIZE)
+        assert bm.block_ids("a")[2] == [-1]
+        bm.cache_blocks("a", prompt[:BLOCK_SIZE], BLOCK_SIZE)
+        evicted = bm.block_ids("a")[0][0]
+        bm.free("a")
+
+        query = prompt + [99]
+        hit = bm.match_prefix(query, len(prompt))
+        assert hit.num_tokens == 0
+        cpu_hit = manager.match(query, hit, len(prompt))
+        assert cpu_hit is not None and [b.block_hash for b in cpu_hit.blocks] == hashes
+        assert bm.allocate("c", len(query), len(prompt))  # evicts block 0 from the device (groups 0 and 1)
+        target = bm.block_ids("c")[0][0]
+        assert target != evicted
+        caches[0][evicted].fill_(-7.0)  # the bytes a store failing halfway leaves in the CPU block
+
+        good = manager.transfer.cpu_caches
+        submit = manager.transfer.transfer_async
+
+        def store_fails_after_group_0(job_id: int, spec: TransferSpec) -> bool:
+            if not isinstance(spec[0], GPULoadStoreSpec):
+                return submit(job_id, spec)
+            manager.transfer.cpu_caches = [good[0], torch.zeros(good[1].shape[0], *SHAPE[:-1], 3), good[2]]
+            try:
+                return submit(job_id, spec)
+            finally:
+                manager.transfer.cpu_caches = good
+
+        manager.transfer.transfer_async = store_fails_after_group_0  # type: ignore[method-assign]
+        manager.start_load(bm.block_ids("c"), cpu_hit)
+        manager.wait_idle(timeout=60.0)
+        assert torch.equal(caches[0][target], torch.full(SHAPE, 1.0)), "the load read what a failed store left"
+        assert manager.loaded_blocks == 3
+        assert all(manager.tier.entries.get(h) is b for h, b in zip(hashes, cpu_hit.blocks))
+        manager.check_integrity()
+    finally:
+        manager.shutdown()

@@ -42,7 +42,7 @@ from pdlaunch.kv_transfer.messages import (
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.side_channel import Connections, Reply
 from pdlaunch.kv_transfer.staging import StagingArea
-from pdlaunch.kv_transfer.transport import TransferAgent
+from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
 from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 # Strategies that enforce the deadline in their loader thread (staged, reshard): seconds past it
 # before the engine thread fails a running load itself (covers a stuck thread).
 LOADER_DEADLINE_GRACE_SECONDS = 5.0
+# A loader's READ still running after its load's deadline or abort gets this long to end: as long as
+# the table drains a load past its deadline (table.py DRAIN_GRACE_SECONDS).
+READ_END_WAIT_SECONDS = 5.0
 
 
 def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
@@ -171,7 +174,7 @@ class LoadContext:
         src, ticket = remote_ids, None
         if remote.info.staging_slots:
             staged = self.ask(source, StageRequest(type="stage", request_id=source.held_request_id,
-                                                   blocks=remote_ids),
+                                                   blocks=remote_ids, nonce=uuid.uuid4().hex),
                               StageAnswer, self.remaining(load, "prefill staging"), "staging request")
             src, ticket = staged.slots, staged.ticket
         try:
@@ -184,14 +187,17 @@ class LoadContext:
                 rem += ro
             if local:
                 xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, b"")
+                with self.lock:  # from here an abort or failure drains the READ before the blocks go back
+                    load.xfer = xfer
                 try:
                     while (state := xfer.state()) == "PROC":
                         self.remaining(load, "READ")
                         time.sleep(0.0002)
                     if state != "DONE":
-                        raise KVTransferError(f"NIXL READ of {xfer.num_bytes} bytes failed")
+                        why = f": {xfer.error}" if xfer.error else ""
+                        raise KVTransferError(f"READ of {xfer.num_bytes} bytes failed{why}")
                 finally:
-                    xfer.release()
+                    self._end_read(load, xfer)
         finally:
             if ticket is not None:
                 try:
@@ -199,6 +205,22 @@ class LoadContext:
                              "unstage request")
                 except KVTransferError as e:  # the prefill side frees the slots at the ticket deadline
                     logger.warning("%s", e)
+
+    def _end_read(self, load: Load, xfer: Xfer) -> None:
+        """The loader stops polling its READ: wait while it still runs (Mooncake cannot stop a running
+        transfer; its slots go back to the caller after this), at most as long as the load's drain."""
+        until = max(time.monotonic(), load.deadline) + READ_END_WAIT_SECONDS
+        while (state := xfer.state()) == "PROC" and time.monotonic() < until:
+            time.sleep(0.001)
+        if state == "PROC":
+            logger.error("request %s: a READ of %d bytes still runs %.0fs after its load's deadline or abort",
+                         load.request_id, xfer.num_bytes, READ_END_WAIT_SECONDS)
+        with self.lock:
+            mine = load.xfer is xfer  # else the table's drain ended and released it
+            if mine:
+                load.xfer = None
+        if mine:
+            xfer.release()
 
     def release_prefill(self, load: Load) -> None:
         """A load that READ (or would have READ) the prefill's blocks failed or was aborted: send "release"

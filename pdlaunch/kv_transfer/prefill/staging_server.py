@@ -1,5 +1,10 @@
 """Prefill side, staging (staging.py): held blocks copied into plain staging slots that a decode READs
-("stage"), freed when it says it read them ("unstage") or at the ticket's deadline."""
+("stage"), freed when it says it read them ("unstage") or at the ticket's deadline.
+
+Decode's side channel sends a request again when the connection resets before the answer. A stage
+request's nonce names it: a resend gets the first copy's answer (waiting for that copy if it still runs),
+is refused once that copy's slots were released, and is served anew only when the first copy failed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -30,6 +36,15 @@ class Ticket:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
+@dataclass
+class _Staged:
+    """A stage request by nonce: its answer once its copy ended (None: still running, or it failed)."""
+
+    forget_at: float  # time.monotonic()
+    ended: threading.Event = field(default_factory=threading.Event)
+    answer: StageAnswer | None = None
+
+
 class StagingServer:
     def __init__(self, holds: HoldTable, executor: ThreadPoolExecutor, transfer_timeout: float) -> None:
         self.holds = holds
@@ -38,10 +53,52 @@ class StagingServer:
         self.spec: KVCacheSpec | None = None
         self.staging: StagingArea | None = None
         self._tickets: dict[str, Ticket] = {}
+        self._staged: OrderedDict[str, _Staged] = OrderedDict()  # by nonce, oldest first
         self._lock = threading.Lock()
 
     def stage(self, message: StageRequest) -> StageAnswer:
         """Copy held blocks into staging slots for a decode READ; the answer names the slots and a ticket."""
+        if message.nonce is None:
+            return self._stage_once(message)
+        nonce = message.nonce
+        with self._lock:
+            first = self._staged.get(nonce)
+            if first is None:
+                # Kept past the first copy's wait and its ticket's deadline: no resend comes later.
+                staged = self._staged[nonce] = _Staged(time.monotonic() + 2 * self.transfer_timeout
+                                                       + self.holds.lease_seconds)
+        if first is not None:
+            return self._answer_resend(message, first)
+        try:
+            staged.answer = self._stage_once(message)
+        except BaseException:
+            with self._lock:
+                self._staged.pop(nonce, None)  # nothing staged: a resend is served anew
+            raise
+        finally:
+            staged.ended.set()
+        return staged.answer
+
+    def _answer_resend(self, message: StageRequest, first: _Staged) -> StageAnswer:
+        if not first.ended.wait(self.transfer_timeout):
+            raise KVTransferError(f"staging request {message.nonce} of request {message.request_id} was sent again "
+                                  f"and its first copy did not end within {self.transfer_timeout:g}s",
+                                  field="kv_transfer.transfer_timeout_seconds")
+        answer = first.answer
+        if answer is None:
+            raise KVTransferError(f"staging request {message.nonce} of request {message.request_id} was sent again "
+                                  "while its first copy ran, and that copy failed")
+        with self._lock:
+            live = answer.ticket in self._tickets
+        if not live:
+            raise KVTransferError(f"staging request {message.nonce} of request {message.request_id} was sent again "
+                                  "after its slots were released (unstaged, or its ticket expired)",
+                                  hint="the decode computes the prompt, or retries the load")
+        logger.debug("staging request %s of request %s sent again: answered with its ticket", message.nonce,
+                     message.request_id)
+        return answer
+
+    def _stage_once(self, message: StageRequest) -> StageAnswer:
         if self.staging is None:
             raise KVTransferError("this prefill engine does not stage its KV cache")
         blocks = message.blocks
@@ -79,6 +136,8 @@ class StagingServer:
             stale = [t for t in self._tickets.values() if now > t.deadline]
             for ticket in stale:
                 del self._tickets[ticket.id]
+            while self._staged and next(iter(self._staged.values())).forget_at < now:
+                self._staged.popitem(last=False)
         for ticket in stale:
             logger.warning("staging slots of request %s were not unstaged in time: released", ticket.request_id)
             if self.staging is not None:
