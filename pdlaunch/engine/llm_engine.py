@@ -34,7 +34,7 @@ from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
 from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
 from pdlaunch.engine.request import Request, RequestStatus
-from pdlaunch.engine.sampler import Sampler
+from pdlaunch.engine.sampler import NO_TOKEN, Sampler
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.engine.stats import EngineStats, engine_stats, update_metrics
@@ -319,13 +319,14 @@ class LLMEngine:
         text, reason, logprobs = "", None, []
         for token_id in first:
             skip_prefill_draw(request, self.vocab_size, self.device)
-            new_text, reason = self.outputs.append_token(request, token_id)
-            text += new_text
+            appended = self.outputs.append_token(request, token_id)
+            text += appended.text
+            reason = appended.reason
             logprob = first_token_logprob(request.kv_transfer_params, token_id, request.params.logprobs)
             if logprob is not None:
                 logprobs.append(logprob)
             if reason is not None:  # ended by its first token: the prompt's KV is never loaded
-                self.scheduler.finish_request(request, reason)
+                self.scheduler.finish_request(request, reason, appended.error, appended.error_status)
                 break
         return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
 
@@ -455,13 +456,14 @@ class LLMEngine:
         """Each request's sampled token: detokenized, stop rules applied, finished requests ended."""
         outputs = []
         for request, token_id, logprob in zip(requests, token_ids, logprobs):
-            new_text, reason = self.outputs.append_token(request, token_id)
+            appended = self.outputs.append_token(request, token_id)
             kv_params = None
-            if reason is not None:
-                kv_params = self._sign(with_first_token(self.scheduler.finish_request(request, reason),
-                                                        request, logprob))
-            out = self.outputs.output(request.request_id, [token_id], new_text,
-                                      [logprob] if logprob is not None else None, kv_params)
+            if appended.reason is not None:
+                answer = self.scheduler.finish_request(request, appended.reason, appended.error, appended.error_status)
+                kv_params = self._sign(with_first_token(answer, request, logprob))
+            sampled = token_id != NO_TOKEN
+            out = self.outputs.output(request.request_id, [token_id] if sampled else [], appended.text,
+                                      [logprob] if logprob is not None and sampled else None, kv_params)
             if request.wants_prompt_logprobs:
                 out.prompt_logprobs = take_prompt_logprobs(request)
             outputs.append(out)
