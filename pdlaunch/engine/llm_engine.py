@@ -119,7 +119,8 @@ class LLMEngine:
         self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
         self.clock = step_clock(self.device)  # pdlaunch_engine_step_seconds, timed on the device
         self.async_scheduling = self._async_scheduling(config)
-        self._admitted: list[RequestOutput] = []  # first tokens taken from a prefill's answer, out next step
+        # first tokens taken from a prefill's answer, out next step unless their request was aborted meanwhile
+        self._admitted: list[tuple[Request, RequestOutput]] = []
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
@@ -311,7 +312,7 @@ class LLMEngine:
         self.outputs.add(request, matcher)
         self.scheduler.add_request(request)
         if first:
-            self._admitted.append(self._continue_from(request, first))
+            self._admitted.append((request, self._continue_from(request, first)))
 
     def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
         """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""
@@ -395,7 +396,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
             admitted, self._admitted = self._admitted, []
-            return admitted
+            # an aborted request's output was its abort (its id may already name a new request)
+            return [out for request, out in admitted if out.finished or not request.is_finished]
         outputs: list[RequestOutput] = []
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
