@@ -34,7 +34,7 @@ from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
 from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
 from pdlaunch.engine.request import Request, RequestStatus
-from pdlaunch.engine.sampler import Sampler
+from pdlaunch.engine.sampler import NO_TOKEN, Sampler
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
 from pdlaunch.engine.stats import EngineStats, engine_stats, update_metrics
@@ -119,7 +119,8 @@ class LLMEngine:
         self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
         self.clock = step_clock(self.device)  # pdlaunch_engine_step_seconds, timed on the device
         self.async_scheduling = self._async_scheduling(config)
-        self._admitted: list[RequestOutput] = []  # first tokens taken from a prefill's answer, out next step
+        # first tokens taken from a prefill's answer, out next step unless their request was aborted meanwhile
+        self._admitted: list[tuple[Request, RequestOutput]] = []
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None
         metrics.KV_BLOCKS_TOTAL.set(self.block_manager.num_blocks)
@@ -311,7 +312,7 @@ class LLMEngine:
         self.outputs.add(request, matcher)
         self.scheduler.add_request(request)
         if first:
-            self._admitted.append(self._continue_from(request, first))
+            self._admitted.append((request, self._continue_from(request, first)))
 
     def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
         """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""
@@ -319,13 +320,14 @@ class LLMEngine:
         text, reason, logprobs = "", None, []
         for token_id in first:
             skip_prefill_draw(request, self.vocab_size, self.device)
-            new_text, reason = self.outputs.append_token(request, token_id)
-            text += new_text
+            appended = self.outputs.append_token(request, token_id)
+            text += appended.text
+            reason = appended.reason
             logprob = first_token_logprob(request.kv_transfer_params, token_id, request.params.logprobs)
             if logprob is not None:
                 logprobs.append(logprob)
             if reason is not None:  # ended by its first token: the prompt's KV is never loaded
-                self.scheduler.finish_request(request, reason)
+                self.scheduler.finish_request(request, reason, appended.error, appended.error_status)
                 break
         return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
 
@@ -394,7 +396,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
             admitted, self._admitted = self._admitted, []
-            return admitted
+            # an aborted request's output was its abort (its id may already name a new request)
+            return [out for request, out in admitted if out.finished or not request.is_finished]
         outputs: list[RequestOutput] = []
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
@@ -455,13 +458,14 @@ class LLMEngine:
         """Each request's sampled token: detokenized, stop rules applied, finished requests ended."""
         outputs = []
         for request, token_id, logprob in zip(requests, token_ids, logprobs):
-            new_text, reason = self.outputs.append_token(request, token_id)
+            appended = self.outputs.append_token(request, token_id)
             kv_params = None
-            if reason is not None:
-                kv_params = self._sign(with_first_token(self.scheduler.finish_request(request, reason),
-                                                        request, logprob))
-            out = self.outputs.output(request.request_id, [token_id], new_text,
-                                      [logprob] if logprob is not None else None, kv_params)
+            if appended.reason is not None:
+                answer = self.scheduler.finish_request(request, appended.reason, appended.error, appended.error_status)
+                kv_params = self._sign(with_first_token(answer, request, logprob))
+            sampled = token_id != NO_TOKEN
+            out = self.outputs.output(request.request_id, [token_id] if sampled else [], appended.text,
+                                      [logprob] if logprob is not None and sampled else None, kv_params)
             if request.wants_prompt_logprobs:
                 out.prompt_logprobs = take_prompt_logprobs(request)
             outputs.append(out)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from pydantic import JsonValue
 
 from pdlaunch.engine.detokenizer import IncrementalDetokenizer
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.engine.request import Request
-from pdlaunch.engine.sampler import SampleRow
+from pdlaunch.engine.sampler import NO_TOKEN, SampleRow
 from pdlaunch.engine.structured_output import GrammarBackend, StructuredOutput, advance
 from pdlaunch.errors import EngineError
 
@@ -34,6 +34,16 @@ class TrackedRequest:
     detokenizer: IncrementalDetokenizer
     stop_token_ids: frozenset[int]
     matcher: LLMatcher | None = None  # structured output: the grammar's state after the output so far
+
+
+class Appended(NamedTuple):
+    """What one sampled token did: text that may be emitted now, the finish reason (None: goes on), and
+    the error (and its HTTP status) of a request it finished with "error"."""
+
+    text: str
+    reason: str | None
+    error: str | None = None
+    error_status: int = 500
 
 
 class OutputProcessor:
@@ -77,11 +87,25 @@ class OutputProcessor:
     def pop(self, request_id: str) -> TrackedRequest | None:
         return self.tracked.pop(request_id, None)
 
-    def append_token(self, request: Request, token_id: int) -> tuple[str, str | None]:
-        """Add a sampled token: (text that may be emitted now, finish reason or None)."""
+    def append_token(self, request: Request, token_id: int) -> Appended:
+        """Add a sampled token. NO_TOKEN (the request's constraints allowed none) or a token its grammar rejects
+        (one not sampled under it here: a PD decode continues from the prefill's token) finishes the request with
+        "error" (400) and no text for that token."""
         tracked = self.tracked[request.request_id]
         params = request.params
+        if token_id == NO_TOKEN:
+            return Appended("", "error", f"no token may follow the {len(request.output_token_ids)} output tokens: "
+                            "the request's constraints (structured output, allowed_token_ids, bad_words, min_tokens "
+                            "holding back EOS and stop_token_ids) exclude every token", 400)
         request.append_output_token(token_id)
+        grammar_done = False
+        if tracked.matcher is not None:
+            grammar_done = advance(tracked.matcher, token_id)
+            if tracked.matcher.is_error():
+                spec = params.structured_output
+                field = spec.field if spec is not None else "structured_outputs"
+                why = tracked.matcher.get_error().strip().splitlines()[0]  # the rest: the parser's state dump
+                return Appended("", "error", f"{field}: the grammar rejected output token {token_id} ({why})", 400)
         new_text = ""
         reason = None
         may_stop = len(request.output_token_ids) >= params.min_tokens
@@ -95,14 +119,14 @@ class OutputProcessor:
             new_text = tracked.detokenizer.add(token_id)
             if tracked.detokenizer.stopped:
                 reason = "stop"
-        if tracked.matcher is not None and advance(tracked.matcher, token_id) and reason is None:
+        if grammar_done and reason is None:
             reason = "stop"  # the grammar is complete: nothing but EOS may follow
         if reason is None and (len(request.output_token_ids) >= params.max_tokens
                                or request.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             new_text += tracked.detokenizer.finish()
-        return new_text, reason
+        return Appended(new_text, reason)
 
     def output(self, request_id: str, new_token_ids: list[int], new_text: str,
                new_logprobs: list[TokenLogprob] | None = None,

@@ -41,6 +41,8 @@ from pdlaunch.model.fused_ops import argmax_rows
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
+NO_TOKEN = -1  # the id sampled for a row whose grammar and processors left every logit at -inf
+
 
 @dataclass
 class SampleRow:
@@ -113,6 +115,7 @@ class Sampler:
         logits = apply_grammar_masks(logits, [r.matcher for r in rows])
         logits = self.processors(logits, rows)  # both return their input when no row needs them
         chosen = argmax if argmax is not None and logits is raw else argmax_rows(logits)
+        blocked = None if logits is raw else logits.amax(dim=-1) == float("-inf")  # [N] bool
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             dev = logits.device
@@ -140,7 +143,7 @@ class Sampler:
                 if gen is not None:
                     race[j] = torch.empty(vocab, device=logits.device).exponential_(generator=gen)
             chosen = chosen.index_copy(0, idx, argmax_rows(probs / race))
-        return chosen
+        return chosen if blocked is None else chosen.masked_fill(blocked, NO_TOKEN)
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, rows: Sequence[SampleRow], chosen: torch.Tensor,
@@ -149,7 +152,7 @@ class Sampler:
         if all(n is None for n in wanted):
             return [None] * len(rows)
         logp = logits.log_softmax(dim=-1)
-        chosen_lp = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+        chosen_lp = logp.gather(1, chosen.clamp_min(0).unsqueeze(1)).squeeze(1).tolist()
         top_n = max(n or 0 for n in wanted)
         top_vals, top_ids = (logp.topk(top_n, dim=-1) if top_n else (None, None))
         out: list[TokenLogprob | None] = []

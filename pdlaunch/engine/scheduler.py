@@ -6,9 +6,10 @@ chunk that fits the token budget (chunked prefill). While any running request de
 prompt tokens (every chunk of more than one token, or of a prompt) are capped at
 `prompt_tokens_while_decoding` (0: no cap): a long prompt then stalls the decodes a chunk at a
 time, not for its whole length; a step with no decode takes the whole budget. When blocks run out
-the newest running request is preempted (blocks freed, requeued at the front, recomputed later: its
-prefix cache usually makes that cheap). Waiting requests are admitted oldest first while budget,
-sequence slots and blocks last, and only in steps that preempted nothing.
+the newest running request is preempted (blocks freed, requeued at the front but behind requests
+holding KV that arrived, recomputed later: its prefix cache usually makes that cheap). Waiting
+requests are admitted oldest first while budget, sequence slots and blocks last, and only in steps
+that preempted nothing.
 
 KV connector (kv_transfer/base.py): a request whose KV comes from elsewhere holds blocks for its
 whole prompt and sits in `waiting_for_kv` until the connector reports it; a finished request the
@@ -229,7 +230,16 @@ class Scheduler:
         request.num_cached_tokens, request.num_cached_tokens_set = 0, False
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING  # connector_consulted stays set: no second load
-        self.waiting.appendleft(request)
+        self._requeue(request)
+
+    def _requeue(self, request: Request) -> None:
+        """Queue a request that gave its blocks back at the front, but behind the waiting requests that hold
+        theirs (KV that arrived): those run in the blocks they hold, while one ahead of them that needs more
+        blocks than are free would wait for their blocks forever once nothing runs."""
+        i = 0
+        while i < len(self.waiting) and self.block_manager.has_blocks(self.waiting[i].request_id):
+            i += 1
+        self.waiting.insert(i, request)
 
     # -- scheduling ------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -374,7 +384,7 @@ class Scheduler:
         self.block_manager.free(request.request_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(request)
+        self._requeue(request)
         self.num_preemptions += 1
         metrics.vllm(metrics.NUM_PREEMPTIONS).inc()
 

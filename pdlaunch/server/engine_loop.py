@@ -198,12 +198,21 @@ class EngineLoop:
         if known:
             self._commands.put(_Abort(request_id))
 
-    async def call(self, fn: Callable[[LLMEngine], T], timeout: float = 30.0) -> T:
-        """Run fn(engine) on the engine thread (for anything that must not race with step())."""
+    async def call(self, fn: Callable[[LLMEngine], T], timeout: float = 30.0, what: str | None = None) -> T:
+        """Run fn(engine) on the engine thread (for anything that must not race with step()). Past `timeout` the
+        caller gets a 503 naming `what` (else fn's name), and a call the engine thread had not started yet is
+        dropped: a /sleep that timed out must not put the instance to sleep later, unseen."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
+        name = what or getattr(fn, "__name__", "a call")
+        state = {"started": False, "abandoned": False}
+        lock = threading.Lock()
 
         def run(engine: LLMEngine) -> None:
+            with lock:
+                if state["abandoned"]:
+                    return
+                state["started"] = True
             try:
                 result = fn(engine)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
@@ -215,7 +224,12 @@ class EngineLoop:
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise OpenAIError(503, f"engine thread did not answer within {timeout:.0f}s") from None
+            with lock:
+                state["abandoned"] = True
+                started = state["started"]
+            status = "it still runs there" if started else \
+                "it had not started (a step held the thread) and will not run"
+            raise OpenAIError(503, f"engine thread did not finish {name} within {timeout:g}s; {status}") from None
 
     async def release_held_kv(self, request_id: str, timeout: float = 10.0) -> bool:
         """Prefill: free the KV blocks held for a request whose decode leg will not run (the client
@@ -230,13 +244,15 @@ class EngineLoop:
         expired, or a decode is reading it now). Raises OpenAIError 503 when the engine is not
         ready or does not answer within `timeout` seconds."""
         self.require_ready()
-        return await self.call(lambda engine: engine.release_held_kv(request_id), timeout)
+        return await self.call(lambda engine: engine.release_held_kv(request_id), timeout,
+                               f"the release of the KV held for {request_id!r}")
 
     async def release_held_kv_of_client(self, client_request_id: str, timeout: float = 10.0) -> int:
         """Prefill: release_held_kv for every request held for a prefill leg whose X-Request-Id was
         `client_request_id` (a proxy that never read the leg's answer). Returns how many it released."""
         self.require_ready()
-        return await self.call(lambda engine: engine.release_held_kv_of_client(client_request_id), timeout)
+        return await self.call(lambda engine: engine.release_held_kv_of_client(client_request_id), timeout,
+                               f"the release of the KV held for client request {client_request_id!r}")
 
     def release_held_kv_soon(self, request_id: str) -> None:
         """release_held_kv without waiting for it (fire and forget); a failure is logged (the engine is

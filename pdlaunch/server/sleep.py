@@ -33,7 +33,7 @@ async def sleep(request: Request, level: int = Query(1)) -> JsonObject:
     pending = instance.engine_loop.num_pending
     if pending:
         raise OpenAIError(409, f"{pending} request(s) in flight; sleep when idle", code="busy")
-    result = await _on_engine(instance, lambda e: e.sleep(level))
+    result = await _on_engine(instance, lambda e: e.sleep(level), f"sleep (level {level})")
     instance.sleeping = True
     return {"is_sleeping": True, **result.model_dump()}
 
@@ -44,8 +44,8 @@ async def wake_up(request: Request, tags: list[str] | None = Query(None)) -> Jso
     unknown = sorted(set(wanted) - set(TAGS))
     if unknown:
         raise OpenAIError(400, f"unknown tags {unknown}; use weights and/or kv_cache", param="tags")
-    result = await _on_engine(instance, lambda e: e.wake_up(wanted or None))
-    instance.sleeping = await _on_engine(instance, lambda e: e.is_sleeping())
+    result = await _on_engine(instance, lambda e: e.wake_up(wanted or None), f"wake_up ({', '.join(wanted or TAGS)})")
+    instance.sleeping = await _on_engine(instance, lambda e: e.is_sleeping(), "is_sleeping")
     return {**result.model_dump(), "is_sleeping": instance.sleeping}
 
 
@@ -53,7 +53,7 @@ async def is_sleeping(request: Request) -> JsonObject:
     instance = instance_of(request)
     if not instance.config.model.enable_sleep_mode:  # as vLLM answers: an instance that cannot sleep is not sleeping
         return {"is_sleeping": False}
-    instance.sleeping = await _on_engine(instance, lambda e: e.is_sleeping())
+    instance.sleeping = await _on_engine(instance, lambda e: e.is_sleeping(), "is_sleeping")
     return {"is_sleeping": instance.sleeping}
 
 
@@ -65,10 +65,10 @@ def _sleep_mode(request: Request) -> Instance:
     return instance
 
 
-async def _on_engine(instance: Instance, fn: Callable[[LLMEngine], T]) -> T:
+async def _on_engine(instance: Instance, fn: Callable[[LLMEngine], T], what: str) -> T:
     instance.engine_loop.require_ready()  # 503 while the engine loads
     try:
-        return await instance.engine_loop.call(fn, timeout=SLEEP_CALL_TIMEOUT_S)
+        return await instance.engine_loop.call(fn, timeout=SLEEP_CALL_TIMEOUT_S, what=what)
     except PdlaunchError as exc:
         raise OpenAIError(400, exc.render(), param=exc.field, code="sleep_failed") from None
 
