@@ -323,18 +323,25 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str
         raise PdlaunchError(
             f"no answer from {cfg.models_url} within 30s", field="--base-url", hint="is the server overloaded?"
         ) from None
+    except httpx.HTTPError as exc:  # e.g. a port whose server is not HTTP closes the connection
+        raise PdlaunchError(
+            f"{cfg.models_url} gave no HTTP answer ({type(exc).__name__}: {exc})", field="--base-url",
+            hint="is that the OpenAI server's port?",
+        ) from None
     if cfg.model:
         return cfg.model
     try:
-        models = resp.json().get("data", []) if resp.status_code == 200 else []
+        listing = resp.json() if resp.status_code == 200 else {}
     except ValueError:
-        models = []
-    if not models:
+        listing = {}
+    models = listing.get("data") if isinstance(listing, dict) else None
+    first = models[0] if isinstance(models, list) and models else None
+    if not isinstance(first, dict) or not first.get("id"):
         raise PdlaunchError(
             f"{cfg.models_url} answered HTTP {resp.status_code} without a model list", field="--model",
             hint="pass --model NAME",
         )
-    return str(models[0]["id"])
+    return str(first["id"])
 
 
 async def _run_requests(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, requests: list[BenchRequest],

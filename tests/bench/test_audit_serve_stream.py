@@ -4,6 +4,8 @@ ran to its end ([DONE]) and the server did not end it as aborted or failed."""
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -79,3 +81,43 @@ def test_a_chunk_that_is_no_json_object_fails_its_request_not_the_run(tmp_path: 
     assert code == 0, output
     assert doc["completed"] == 2 and doc["failed"] == 2
     assert "Traceback" not in output
+
+
+def test_a_port_that_closes_without_an_http_answer_names_base_url() -> None:
+    """A port whose server is no HTTP server (it accepts and closes): one line naming --base-url, exit 1."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        stop = threading.Event()
+
+        def close_each() -> None:
+            listener.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                conn.close()
+
+        thread = threading.Thread(target=close_each, daemon=True)
+        thread.start()
+        try:
+            port = listener.getsockname()[1]
+            result = CliRunner().invoke(bench_app, ["serve", "--base-url", f"http://127.0.0.1:{port}",
+                                                    "--num-prompts", "2"])
+        finally:
+            stop.set()
+            thread.join(10)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "--base-url" in result.output and "Traceback" not in result.output
+
+
+def test_a_model_list_without_ids_names_model(tmp_path: Path) -> None:
+    app = FastAPI()
+    app.get("/v1/models")(lambda: {"data": [{"object": "model"}]})
+    with ThreadServer(app, PortAllocator("127.0.0.1").free("test server")) as server:
+        result = CliRunner().invoke(bench_app, ["serve", "--base-url", server.url, "--num-prompts", "2"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "--model" in result.output
