@@ -421,15 +421,16 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
     probe = LoadProbe([(p.spec.role, p.url) for p in deployment.plan.instances],
                       internal_headers(deployment.cfg.security.deployment_secret))
     clean = False
+    stage = "did not start"  # what the error of a failed run says the deployment was doing
     try:
         deployment.start(ready_timeout=cfg.ready_timeout)
-        run.pids = [c.pid for c in deployment.children if c.pid is not None]
         if deployment.proxy_url is None:
             raise PdlaunchError("the deployment has no proxy on this node", field="--config",
                                 hint="compare runs on one node; drop parallel.nodes from the config")
         if kind == "conditional":  # how many requests of each rate ran on a decode alone
             probe.proxy_url = deployment.proxy_url
         for i, rate in enumerate(cfg.rates):
+            stage = f"failed at rate {rate:g}/s"
             probe.start()
             _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
             dead = deployment.dead_child()  # figures of a rate that lost a process would mislead
@@ -450,7 +451,12 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
         report_child_exit(console, exc)
         raise PdlaunchError(f"the {kind} deployment lost a process: {exc.message}",
                             hint=f"its log: {exc.child.log_path}") from None
+    except PdlaunchError as exc:
+        # A rate's error names `bench serve`'s flags (--base-url), which compare has not: only start keeps its field.
+        raise PdlaunchError(f"the {kind} deployment ({run.description}) {stage}: {exc.message}",
+                            field=exc.field if stage == "did not start" else None, hint=exc.hint) from None
     finally:
+        run.pids = [c.pid for c in deployment.children if c.pid is not None]  # those a failed start left, too
         probe.close()
         deployment.stop(drain=clean)
         run.stopped = all(c.poll() is not None for c in deployment.children)

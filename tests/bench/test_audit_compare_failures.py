@@ -1,0 +1,79 @@
+"""`bench compare` when a deployment fails: the error says which deployment (and layout) failed and at what
+stage, and the stop line counts the processes that were started even when the start itself failed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from pdlaunch.bench import compare
+from pdlaunch.bench.compare import CompareConfig, Layout, run_deployment
+from pdlaunch.errors import PdlaunchError
+
+LAYOUT = Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1)
+
+
+class _Child:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.stopped = False
+
+    def poll(self) -> int | None:
+        return 0 if self.stopped else None
+
+
+class _NeverReady:
+    """Starts two children, then times out waiting for them, as launcher.Deployment.start does."""
+
+    def __init__(self, cfg: Any, console: Any) -> None:
+        self.proxy_url = "http://127.0.0.1:9"
+        self.cfg = cfg
+        self.plan = SimpleNamespace(instances=[])
+        self.children = [_Child(101), _Child(102)]
+
+    def start(self, ready_timeout: float) -> bool:
+        raise PdlaunchError("not ready after 5s: prefill-0 (loading)", hint="see the logs in /tmp/x")
+
+    def dead_child(self) -> None:
+        return None
+
+    def stop(self, drain: bool = True) -> None:
+        for child in self.children:
+            child.stopped = True
+
+
+def test_a_deployment_that_does_not_start_is_named_and_its_processes_counted(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    monkeypatch.setattr(compare, "Deployment", _NeverReady)
+    console = Console(record=True, width=200)
+    with pytest.raises(PdlaunchError) as info:
+        run_deployment(CompareConfig(model="tiny", rates=[2.0], out=tmp_path), LAYOUT, "pd", console)
+    text = info.value.render()
+    assert "the pd deployment" in text and "1P (CPU) + 1D (CPU)" in text and "did not start" in text
+    assert "not ready after 5s: prefill-0 (loading)" in text and "see the logs in /tmp/x" in text
+    assert "pd deployment stopped: 2 processes reaped" in console.export_text()
+
+
+class _Ready(_NeverReady):
+    def start(self, ready_timeout: float) -> bool:
+        return True
+
+
+def test_a_rate_that_fails_names_the_deployment_and_the_rate_not_a_serve_flag(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    def measure(*_: Any) -> Any:
+        raise PdlaunchError("cannot connect to http://127.0.0.1:9", field="--base-url",
+                            hint="is the server running and the URL right?")
+
+    monkeypatch.setattr(compare, "Deployment", _Ready)
+    monkeypatch.setattr(compare, "measure", measure)
+    with pytest.raises(PdlaunchError) as info:
+        run_deployment(CompareConfig(model="tiny", rates=[2.0, 4.0], out=tmp_path), LAYOUT, "colocated",
+                       Console(quiet=True))
+    text = info.value.render()
+    assert "the colocated deployment" in text and "at rate 2/s" in text and "cannot connect" in text
+    assert "--base-url" not in text  # a flag of `bench serve`, which compare has not
