@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
+from rich.markup import escape
 
 from pdlaunch.bench.advisor import Advice, DecodePoint, Workload, advise, workload
 from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
@@ -375,6 +376,17 @@ def _gaps_text(point: RatePoint) -> str:
     return f", {point.long_itl_gaps} token gaps >= {LONG_GAP_S * 1000:g} ms{where}"
 
 
+def _failed_text(point: RatePoint, doc: ServeDoc) -> str:
+    """", N of M requests failed (first: ERROR)": compare prints no `bench serve` report, and the latencies of a
+    rate are those of its answered requests alone."""
+    errors = doc.get("errors")
+    first = next((e for e in errors if isinstance(e, str) and e), "") if isinstance(errors, list) else ""
+    failed = point.num_prompts - point.completed
+    if not failed:
+        return ""
+    return f", {failed} of {point.num_prompts} requests failed" + (f" (first: {escape(first[:200])})" if first else "")
+
+
 def _decisions_text(point: RatePoint) -> str:
     decisions = point.load.decisions if point.load is not None else None
     if not decisions:
@@ -444,7 +456,8 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
                           f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
                           f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
-                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}",
+                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}"
+                          f"{_failed_text(point, doc)}",
                           highlight=False)
         clean = True
     except ChildExited as exc:

@@ -77,3 +77,21 @@ def test_a_rate_that_fails_names_the_deployment_and_the_rate_not_a_serve_flag(mo
     text = info.value.render()
     assert "the colocated deployment" in text and "at rate 2/s" in text and "cannot connect" in text
     assert "--base-url" not in text  # a flag of `bench serve`, which compare has not
+
+
+def test_the_rate_line_says_how_many_requests_failed_and_why(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """compare prints no `bench serve` report: without this line a rate whose requests failed shows a low goodput
+    and latencies of the few that were answered, with no word of the failures."""
+    def measure(*_: Any) -> Any:
+        return None, [], {"errors": ["", "HTTP 500: KV transfer failed [/x]", "HTTP 500: KV transfer failed [/x]"],
+                          "ttfts": [0.1, 0.0, 0.0], "e2els": [0.2, 0.0, 0.0], "output_lens": [4, 0, 0],
+                          "duration": 1.0, "completed": 1, "request_throughput": 1.0, "median_ttft_ms": 100.0,
+                          "p99_ttft_ms": 100.0, "median_tpot_ms": 33.0, "p99_tpot_ms": 33.0, "p99_itl_ms": 33.0}
+
+    monkeypatch.setattr(compare, "Deployment", _Ready)
+    monkeypatch.setattr(compare, "measure", measure)
+    console = Console(record=True, width=300)
+    run = run_deployment(CompareConfig(model="tiny", rates=[2.0], out=tmp_path), LAYOUT, "pd", console)
+    assert run.points[0].completed == 1
+    text = " ".join(console.export_text().split())
+    assert "2 of 3 requests failed (first: HTTP 500: KV transfer failed [/x])" in text
