@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
@@ -121,3 +121,19 @@ def test_a_model_list_without_ids_names_model(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit)
     assert "--model" in result.output
+
+
+def test_an_error_text_with_markup_brackets_is_printed_as_it_is(tmp_path: Path) -> None:
+    """The report prints the first errors; a server's text such as `[/INST]` is not rich markup (it crashed the
+    report, before the JSON was written)."""
+    app = FastAPI()
+    app.get("/v1/models")(lambda: {"data": [{"id": "m"}]})
+    app.post("/v1/completions")(lambda: PlainTextResponse("prompt ends in [/INST] [bold]", status_code=400))
+    out = tmp_path / "r.json"
+    with ThreadServer(app, PortAllocator("127.0.0.1").free("test server")) as server:
+        result = CliRunner().invoke(bench_app, ["serve", "--base-url", server.url, "--num-prompts", "2",
+                                                "--random-input-len", "4", "--random-output-len", "4",
+                                                "--result-filename", str(out)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "HTTP 400: prompt ends in [/INST] [bold]" in result.output
+    assert json.loads(out.read_text())["failed"] == 2
