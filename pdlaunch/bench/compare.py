@@ -37,6 +37,7 @@ from pdlaunch.bench.serve import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, ServeBenchC
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, Role
+from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
@@ -568,10 +569,10 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
     advisor's split, when it differs from the PD split and `run_advised` (never with --baseline). Each
     deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
+    make_output_dir(cfg.out, "--out")  # before the configs, whose log_dir under it would be said as --log-dir
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = baseline_runs(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     for run in runs:  # the out folder holds every deployment the report shows
         write_json(run.model_dump(mode="json"), cfg.out / f"{run.kind}.json")
     if runs:

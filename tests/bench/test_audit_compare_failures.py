@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 from rich.console import Console
+from typer.testing import CliRunner
 
 from pdlaunch.bench import compare
+from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.compare import CompareConfig, Layout, run_deployment
 from pdlaunch.errors import PdlaunchError
 
@@ -95,3 +97,15 @@ def test_the_rate_line_says_how_many_requests_failed_and_why(monkeypatch: pytest
     assert run.points[0].completed == 1
     text = " ".join(console.export_text().split())
     assert "2 of 3 requests failed (first: HTTP 500: KV transfer failed [/x])" in text
+
+
+def test_an_out_path_that_is_a_file_names_out(tmp_path: Path) -> None:
+    """Compare has no --log-dir: a --out that cannot hold the logs is said as --out's problem, before any start."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out in (afile, afile / "sub"):
+        result = CliRunner().invoke(bench_app, ["compare", "--model", "tiny", "--device", "cpu", "--rates", "1",
+                                                "--input-len", "8", "--output-len", "4", "--out", str(out)])
+        assert result.exit_code == 1, result.output
+        text = " ".join(result.output.split())
+        assert "error: --out:" in text and "--log-dir" not in text
