@@ -26,6 +26,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
+from rich.markup import escape
 
 from pdlaunch.bench.advisor import Advice, DecodePoint, Workload, advise, workload
 from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
@@ -36,6 +37,7 @@ from pdlaunch.bench.serve import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, ServeBenchC
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.models import DeploymentConfig, Role
+from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
@@ -375,6 +377,17 @@ def _gaps_text(point: RatePoint) -> str:
     return f", {point.long_itl_gaps} token gaps >= {LONG_GAP_S * 1000:g} ms{where}"
 
 
+def _failed_text(point: RatePoint, doc: ServeDoc) -> str:
+    """", N of M requests failed (first: ERROR)": compare prints no `bench serve` report, and the latencies of a
+    rate are those of its answered requests alone."""
+    errors = doc.get("errors")
+    first = next((e for e in errors if isinstance(e, str) and e), "") if isinstance(errors, list) else ""
+    failed = point.num_prompts - point.completed
+    if not failed:
+        return ""
+    return f", {failed} of {point.num_prompts} requests failed" + (f" (first: {escape(first[:200])})" if first else "")
+
+
 def _decisions_text(point: RatePoint) -> str:
     decisions = point.load.decisions if point.load is not None else None
     if not decisions:
@@ -421,15 +434,16 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
     probe = LoadProbe([(p.spec.role, p.url) for p in deployment.plan.instances],
                       internal_headers(deployment.cfg.security.deployment_secret))
     clean = False
+    stage = "did not start"  # what the error of a failed run says the deployment was doing
     try:
         deployment.start(ready_timeout=cfg.ready_timeout)
-        run.pids = [c.pid for c in deployment.children if c.pid is not None]
         if deployment.proxy_url is None:
             raise PdlaunchError("the deployment has no proxy on this node", field="--config",
                                 hint="compare runs on one node; drop parallel.nodes from the config")
         if kind == "conditional":  # how many requests of each rate ran on a decode alone
             probe.proxy_url = deployment.proxy_url
         for i, rate in enumerate(cfg.rates):
+            stage = f"failed at rate {rate:g}/s"
             probe.start()
             _, _, doc = measure(bench_config(cfg, deployment.proxy_url, i), console)
             dead = deployment.dead_child()  # figures of a rate that lost a process would mislead
@@ -443,14 +457,20 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
                           f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
                           f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
-                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}",
+                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}"
+                          f"{_failed_text(point, doc)}",
                           highlight=False)
         clean = True
     except ChildExited as exc:
         report_child_exit(console, exc)
         raise PdlaunchError(f"the {kind} deployment lost a process: {exc.message}",
                             hint=f"its log: {exc.child.log_path}") from None
+    except PdlaunchError as exc:
+        # A rate's error names `bench serve`'s flags (--base-url), which compare has not: only start keeps its field.
+        raise PdlaunchError(f"the {kind} deployment ({run.description}) {stage}: {exc.message}",
+                            field=exc.field if stage == "did not start" else None, hint=exc.hint) from None
     finally:
+        run.pids = [c.pid for c in deployment.children if c.pid is not None]  # those a failed start left, too
         probe.close()
         deployment.stop(drain=clean)
         run.stopped = all(c.poll() is not None for c in deployment.children)
@@ -549,10 +569,10 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
     advisor's split, when it differs from the PD split and `run_advised` (never with --baseline). Each
     deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
     layout = resolve_layout(cfg)
+    make_output_dir(cfg.out, "--out")  # before the configs, whose log_dir under it would be said as --log-dir
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = baseline_runs(cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     for run in runs:  # the out folder holds every deployment the report shows
         write_json(run.model_dump(mode="json"), cfg.out / f"{run.kind}.json")
     if runs:

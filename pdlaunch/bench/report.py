@@ -24,6 +24,7 @@ from typing import TypedDict
 import numpy as np
 from pydantic import BaseModel, JsonValue
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.errors import PdlaunchError
@@ -241,7 +242,7 @@ def print_report(console: Console, metrics: BenchMetrics, results: list[RequestR
     if errors:
         console.print(f"[red]{len(errors)} request(s) failed[/red]; first errors:", highlight=False)
         for err in errors[:max_errors]:
-            console.print(f"  - {err}", highlight=False, soft_wrap=True)
+            console.print(f"  - {escape(err)}", highlight=False, soft_wrap=True)  # a server's text, not markup
 
 
 def require_matplotlib() -> ModuleType:

@@ -156,6 +156,8 @@ _MULTI_TURN_ONLY = {"num_conversations": "--num-conversations", "num_turns": "--
                     "system_prompt_len": "--system-prompt-len"}
 
 
+# finish_reason of a request the server gave up on (pdlaunch's engine, vLLM): its answer is not whole
+CUT_SHORT = frozenset({"abort", "error"})
 OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
 
 
@@ -230,9 +232,11 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                   result: RequestResult, st: float, on_choice: OnChoice | None = None) -> int:
     """Send one request and read its stream into `result` (times relative to `st`); returns the
     number of chunks that carried a choice (each handed to `on_choice`). Sets `result.error` for an
-    HTTP or in-stream error."""
+    HTTP or in-stream error, a chunk that is not a JSON object, a choice the server finished as aborted
+    or failed, and a stream that ended before [DONE] (cut short: its tokens are not the whole answer)."""
     chunks = 0
     last = st
+    done = False
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")
@@ -244,14 +248,25 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                 continue
             data_str = line[len("data:"):].strip()
             if data_str == "[DONE]":
+                done = True
                 break
             data = json.loads(data_str)
+            if not isinstance(data, dict):
+                result.error = f"a stream chunk is not a JSON object: {data_str[:300]}"
+                return chunks
             if data.get("error"):
                 result.error = f"server error in stream: {str(data['error'])[:300]}"
                 return chunks
             if data.get("choices"):
+                choices = [c for c in data["choices"] if isinstance(c, dict)] \
+                    if isinstance(data["choices"], list) else []
+                ended = {c.get("finish_reason") for c in choices} & CUT_SHORT
+                if ended:
+                    result.error = (f"the server ended the request with finish_reason {ended.pop()} after "
+                                    f"{chunks + 1} chunk(s)")
+                    return chunks
                 if on_choice is not None:
-                    for choice in data["choices"]:
+                    for choice in choices:
                         on_choice(choice)
                 now = time.perf_counter()
                 if chunks == 0:
@@ -262,9 +277,11 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                 result.latency = now - st
                 chunks += 1
             usage = data.get("usage")
-            if usage:
+            if isinstance(usage, dict):
                 result.output_len = int(usage.get("completion_tokens") or 0)
                 result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
+    if not done:
+        result.error = f"the stream ended before [DONE] after {chunks} chunk(s): the answer was cut short"
     return chunks
 
 
@@ -280,7 +297,7 @@ async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: 
     except (asyncio.TimeoutError, httpx.TimeoutException):
         result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url} to finish a request"
         return result
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (httpx.HTTPError, json.JSONDecodeError, TypeError, ValueError) as exc:  # also a usage count not a number
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     if result.error:
@@ -306,18 +323,25 @@ async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str
         raise PdlaunchError(
             f"no answer from {cfg.models_url} within 30s", field="--base-url", hint="is the server overloaded?"
         ) from None
+    except httpx.HTTPError as exc:  # e.g. a port whose server is not HTTP closes the connection
+        raise PdlaunchError(
+            f"{cfg.models_url} gave no HTTP answer ({type(exc).__name__}: {exc})", field="--base-url",
+            hint="is that the OpenAI server's port?",
+        ) from None
     if cfg.model:
         return cfg.model
     try:
-        models = resp.json().get("data", []) if resp.status_code == 200 else []
+        listing = resp.json() if resp.status_code == 200 else {}
     except ValueError:
-        models = []
-    if not models:
+        listing = {}
+    models = listing.get("data") if isinstance(listing, dict) else None
+    first = models[0] if isinstance(models, list) and models else None
+    if not isinstance(first, dict) or not first.get("id"):
         raise PdlaunchError(
             f"{cfg.models_url} answered HTTP {resp.status_code} without a model list", field="--model",
             hint="pass --model NAME",
         )
-    return str(models[0]["id"])
+    return str(first["id"])
 
 
 async def _run_requests(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, requests: list[BenchRequest],
