@@ -91,7 +91,7 @@ class LoadTable:
 
     def _may_write(self, load: Load) -> bool:
         """Whether a transfer may still write into the load's blocks (the lock is held)."""
-        if load.push_sent and not load.write_ended:
+        if (load.push_sent and not load.write_ended) or load.read_posting:
             return True
         return load.xfer is not None and load.xfer.state() == "PROC"
 
@@ -115,8 +115,9 @@ class LoadTable:
         for load in loads:
             with self._lock:
                 busy = self._may_write(load)
-            if busy and now <= load.drain_until:
-                continue
+                if busy and now <= load.drain_until:
+                    continue
+                load.read_posting = False  # a READ whose post still runs: its loader releases it (post_read)
             if busy:
                 logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
                                "its blocks", load.request_id, now - load.deadline)
