@@ -109,6 +109,8 @@ class XferHandle:
 class KVAgent:
     """One NIXL agent with the KV cache tensors of one engine (one TP rank) registered."""
 
+    release_wait_seconds = 0.0  # XferHandle.release cancels a running transfer
+
     def __init__(self, name: str) -> None:
         api = _nixl()
         # No NIXL metadata listener: it would hand our agent metadata (which lets a peer READ and WRITE

@@ -26,6 +26,9 @@ class Xfer(Protocol):
 class TransferAgent(Protocol):
     name: str
     device_id: int
+    # How long a running WRITE may still land after its sender released it: 0 where release() cancels it
+    # (NIXL); a transport that cannot cancel waits this long for it before the sender says push_failed.
+    release_wait_seconds: float
 
     def register(self, kv_caches: list[torch.Tensor]) -> None: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -39,7 +40,8 @@ def _failures() -> float:
 
 @pytest.fixture
 def table() -> LoadTable:
-    ctx = LoadContext(agent=cast(Any, None), spec=cast(Any, None), peers=cast(Any, None), keys=cast(Any, None),
+    agent = SimpleNamespace(release_wait_seconds=0.0)  # a push drain ends DRAIN_GRACE_SECONDS after the deadline
+    ctx = LoadContext(agent=cast(Any, agent), spec=cast(Any, None), peers=cast(Any, None), keys=cast(Any, None),
                       handshake_timeout=1.0, transfer_timeout=30.0, verify_kv=False,
                       executor=cast(ThreadPoolExecutor, None), reader="decode")
     return LoadTable(ctx)

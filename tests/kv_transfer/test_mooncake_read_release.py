@@ -1,13 +1,14 @@
 """A staged or resharding READ runs in the loader thread (LoadContext.read_chunk). Mooncake cannot stop a
 transfer that runs (MooncakeXfer.release drops only one not started), so a READ the loader gave up
 (abort, deadline) still writes into the decode's blocks or staging slots: the load must drain until it
-ended, and the loader must not hand its slots back before."""
+ended, and the loader must not hand its slots back before. That holds from before the READ is posted (an
+abort can land while the post runs: LoadContext.post_read)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -16,7 +17,8 @@ import pytest
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
-from pdlaunch.kv_transfer.decode.table import LoadTable
+from pdlaunch.kv_transfer.decode.pull import PullLoad
+from pdlaunch.kv_transfer.decode.table import DRAIN_GRACE_SECONDS, LoadTable
 from pdlaunch.kv_transfer.mooncake.sender import MooncakeXfer, TransferPool
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 
@@ -34,6 +36,8 @@ class _Agent:
         self.started, self.finish = threading.Event(), threading.Event()
         self.ended_before_return: list[bool] = []
         self.returned = threading.Event()
+        self.during_post: Callable[[], None] | None = None  # runs once the READ runs, before the post returns
+        self.posted: list[MooncakeXfer] = []
 
     def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
                  remote_device_id: int, notif: bytes) -> MooncakeXfer:
@@ -42,7 +46,12 @@ class _Agent:
             assert self.finish.wait(WAIT_S)
             self.ended_before_return.append(not self.returned.is_set())
 
-        return self.pool.post(run, sum(n for _, n in local), f"{op} with {remote_agent}", wait_on_release=False)
+        xfer = self.pool.post(run, sum(n for _, n in local), f"{op} with {remote_agent}", wait_on_release=False)
+        self.posted.append(xfer)
+        if self.during_post is not None:
+            assert self.started.wait(WAIT_S)
+            self.during_post()
+        return xfer
 
 
 class _Strategy(LoadStrategy):
@@ -63,18 +72,35 @@ def agent() -> Iterator[_Agent]:
     agent.pool.shutdown()
 
 
-def test_an_aborted_loader_read_drains_until_it_ended(agent: _Agent) -> None:
-    ctx = LoadContext(agent=cast(Any, agent), spec=cast(Any, None), peers=cast(Any, None), keys=cast(Any, None),
-                      handshake_timeout=1.0, transfer_timeout=WAIT_S, verify_kv=False,
+REMOTE = SimpleNamespace(agent_name="prefill-agent", info=SimpleNamespace(staging_slots=0, base_addrs=[1 << 20],
+                                                                          device=SimpleNamespace(index=0)))
+
+
+def _table(agent: _Agent, strategy: LoadStrategy) -> tuple[LoadTable, Load]:
+    spec = SimpleNamespace(kv_caches=[SimpleNamespace(data_ptr=lambda: 1 << 16)], block_bytes=[4096])
+    ctx = LoadContext(agent=cast(Any, agent), spec=lambda: cast(Any, spec), peers=cast(Any, None),
+                      keys=cast(Any, None), handshake_timeout=1.0, transfer_timeout=WAIT_S, verify_kv=False,
                       executor=cast(Any, None), reader="decode")
     table = LoadTable(ctx)
     now = time.monotonic()
     load = Load("r-1", RemoteKV(engine_id="prefill", request_id="p-1", host="127.0.0.1", port=1, block_ids=[[5]]),
                 [[(0, 3, 5)]], deadline=now + WAIT_S, started=now, state=LoadState.RUNNING)
-    load.strategy, load.remote_agent = _Strategy(), "prefill-agent"
+    load.strategy, load.remote_agent = strategy, "prefill-agent"
     table.add(load)
-    remote = SimpleNamespace(agent_name="prefill-agent", info=SimpleNamespace(staging_slots=0, base_addrs=[1 << 20],
-                                                                              device=SimpleNamespace(index=0)))
+    return table, load
+
+
+def _freed(table: LoadTable) -> set[str]:
+    """Poll the drain until it frees something (the READ ended), at most WAIT_S."""
+    deadline = time.monotonic() + WAIT_S
+    while not (safe := table.poll_draining(time.monotonic())[1]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return safe
+
+
+def test_an_aborted_loader_read_drains_until_it_ended(agent: _Agent) -> None:
+    table, load = _table(agent, _Strategy())
+    ctx, remote = table.ctx, REMOTE
     errors: list[BaseException] = []
 
     def loader() -> None:
@@ -100,10 +126,103 @@ def test_an_aborted_loader_read_drains_until_it_ended(agent: _Agent) -> None:
         thread.join(WAIT_S)
         assert agent.ended_before_return == [True], "read_chunk returned while its READ still ran"
         assert len(errors) == 1 and isinstance(errors[0], KVTransferError)
-        deadline = time.monotonic() + WAIT_S
-        while not (safe := table.poll_draining(time.monotonic())[1]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert safe == {"r-1"} and load.xfer is None
+        assert _freed(table) == {"r-1"} and load.xfer is None
     finally:
         agent.finish.set()
         thread.join(WAIT_S)
+
+
+def test_a_loader_read_aborted_while_it_is_posted_drains(agent: _Agent) -> None:
+    table, load = _table(agent, _Strategy())
+    aborts: list[bool] = []
+    agent.during_post = lambda: aborts.append(table.abort("r-1"))  # posted, the post not returned yet
+    errors: list[BaseException] = []
+
+    def loader() -> None:
+        try:
+            table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096])
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            errors.append(e)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        _until_aborted(aborts, thread)
+        assert aborts == [True], "the decode's blocks were given back while the READ writes them"
+        assert table.poll_draining(time.monotonic()) == (set(), set())
+        agent.finish.set()
+        thread.join(WAIT_S)
+        assert len(errors) == 1 and isinstance(errors[0], KVTransferError)
+        assert _freed(table) == {"r-1"} and load.xfer is None and not load.read_posting
+    finally:
+        agent.finish.set()
+        thread.join(WAIT_S)
+
+
+def test_a_pull_read_aborted_while_it_is_posted_drains(agent: _Agent) -> None:
+    strategy = PullLoad(cast(Any, None), cast(Any, REMOTE))
+    table, load = _table(agent, strategy)
+    strategy.ctx = table.ctx
+    aborts: list[bool] = []
+    agent.during_post = lambda: aborts.append(table.abort("r-1"))
+    errors: list[BaseException] = []
+
+    def loader() -> None:
+        try:
+            strategy.run(load)  # the claim it sends next sees the abort
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            errors.append(e)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        _until_aborted(aborts, thread)
+        assert aborts == [True], "the decode's blocks were given back while the READ writes them"
+        thread.join(WAIT_S)
+        assert len(errors) == 1 and isinstance(errors[0], KVTransferError)
+        assert table.poll_draining(time.monotonic()) == (set(), set()), "freed while the READ runs"
+        agent.finish.set()
+        assert _freed(table) == {"r-1"} and load.xfer is None
+        assert len(agent.posted) == 1 and agent.posted[0].state() == "DONE"
+    finally:
+        agent.finish.set()
+        thread.join(WAIT_S)
+
+
+def test_a_read_whose_post_fails_does_not_drain(agent: _Agent) -> None:
+    table, load = _table(agent, _Strategy())
+
+    def fail() -> None:
+        raise KVTransferError("post refused")
+
+    agent.during_post = fail
+    agent.finish.set()
+    with pytest.raises(KVTransferError, match="post refused"):
+        table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096])
+    assert not load.read_posting and load.xfer is None
+    assert table.abort("r-1") is False  # nothing posted: the blocks go back now
+
+
+def _until_aborted(aborts: list[bool], thread: threading.Thread) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not aborts and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_a_read_posted_after_its_drain_ran_out_is_released_by_its_loader(agent: _Agent,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    table, load = _table(agent, _Strategy())
+    released: list[MooncakeXfer] = []
+    monkeypatch.setattr(MooncakeXfer, "release", lambda self: released.append(self))
+    freed: list[set[str]] = []
+
+    def abort_and_give_up() -> None:
+        assert table.abort("r-1") is True
+        freed.append(table.poll_draining(load.deadline + DRAIN_GRACE_SECONDS + 1.0)[1])  # the drain's bound
+
+    agent.during_post = abort_and_give_up
+    agent.finish.set()
+    with pytest.raises(KVTransferError, match="given up"):
+        table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096])
+    assert freed == [{"r-1"}]
+    assert released == agent.posted and load.xfer is None  # no one else holds the READ: its loader released it

@@ -21,7 +21,7 @@ from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
-from pdlaunch.kv_transfer.decode.load import Load
+from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.messages import (
     CancelPushAnswer,
@@ -186,9 +186,7 @@ class LoadContext:
                 local += lo
                 rem += ro
             if local:
-                xfer = self.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, b"")
-                with self.lock:  # from here an abort or failure drains the READ before the blocks go back
-                    load.xfer = xfer
+                xfer = self.post_read(load, local, rem, remote.agent_name, remote.info.device.index, b"")
                 try:
                     while (state := xfer.state()) == "PROC":
                         self.remaining(load, "READ")
@@ -205,6 +203,29 @@ class LoadContext:
                              "unstage request")
                 except KVTransferError as e:  # the prefill side frees the slots at the ticket deadline
                     logger.warning("%s", e)
+
+    def post_read(self, load: Load, local: list[tuple[int, int]], rem: list[tuple[int, int]], agent_name: str,
+                  device_index: int, notif: bytes) -> Xfer:
+        """Post a READ into the load's blocks (or slots), listed on the load from before the post: an abort
+        or failure that lands while the post runs drains it like a posted READ (decode/table.py)."""
+        with self.lock:
+            if load.abandoned or load.state != LoadState.RUNNING:
+                raise KVTransferError(f"READ of request {load.request_id} not posted: {load.error or 'aborted'}")
+            load.read_posting = True
+        try:
+            xfer = self.agent.transfer("READ", local, rem, agent_name, device_index, notif)
+        except BaseException:
+            with self.lock:
+                load.read_posting = False
+            raise
+        with self.lock:
+            listed, load.read_posting = load.read_posting, False
+            if listed:
+                load.xfer = xfer
+        if not listed:  # the load's drain ran out while the post ran: no one else releases the READ
+            xfer.release()
+            raise KVTransferError(f"READ of request {load.request_id} posted after its load was given up")
+        return xfer
 
     def _end_read(self, load: Load, xfer: Xfer) -> None:
         """The loader stops polling its READ: wait while it still runs (Mooncake cannot stop a running

@@ -49,14 +49,7 @@ class PullLoad(LoadStrategy):
             return
         # The READ goes first; the claim, sent while it runs, keeps the prefill hold past its lease until our
         # read_done/release (capped), and the READ counts only once the claim is answered.
-        xfer = self.ctx.agent.transfer("READ", local, rem, remote.agent_name, remote.info.device.index, notif)
-        with self.ctx.lock:
-            posted = load.state == LoadState.RUNNING and not load.abandoned
-            if posted:
-                load.xfer = xfer  # from here the table drains the READ before the blocks go back
-        if not posted:
-            xfer.release()  # timed out or aborted meanwhile
-            return
+        self.ctx.post_read(load, local, rem, remote.agent_name, remote.info.device.index, notif)
         claim = self.ctx.send_claim_read(load, load.remote)
         claim.answer(Empty)  # refused: KVTransferError fails the load (the table drains a READ still running)
         with self.ctx.lock:

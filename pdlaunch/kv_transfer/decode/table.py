@@ -3,7 +3,9 @@
 A load that fails or is aborted while a push WRITE may still land (or a READ could not be stopped)
 "drains": decode asks prefill to cancel ("cancel_push") and reports the request in `safe_to_free`
 once prefill says nothing is in flight, the push_done/push_failed notification arrived, the READ
-ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline).
+ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline). A push
+over a transport that cannot cancel a running WRITE (Mooncake) drains up to the agent's
+release_wait_seconds longer: the prefill waits that long for its WRITE before it says push_failed.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pdlaunch.metrics import count_kv_transfer_failure, observe_kv_transfer
 
 logger = logging.getLogger(__name__)
 
-# After a load's deadline: a WRITE the prefill side posted before it has ended (prefill stops
-# waiting for its WRITE at decode's deadline and cancels it), and message latency is covered.
+# After a load's deadline (plus the agent's release_wait_seconds for a push): a WRITE the prefill side
+# posted before it has ended (prefill stops waiting for its WRITE at decode's deadline and cancels it, or
+# waits for it where it cannot), and message latency is covered.
 DRAIN_GRACE_SECONDS = 5.0
 
 
@@ -88,17 +91,19 @@ class LoadTable:
 
     def _may_write(self, load: Load) -> bool:
         """Whether a transfer may still write into the load's blocks (the lock is held)."""
-        if load.push_sent and not load.write_ended:
+        if (load.push_sent and not load.write_ended) or load.read_posting:
             return True
         return load.xfer is not None and load.xfer.state() == "PROC"
 
     def _start_drain(self, load: Load, now: float) -> None:
         """Keep a failed/aborted load's blocks from the engine until no transfer can write them (lock held)."""
-        load.drain_until = max(now, load.deadline) + DRAIN_GRACE_SECONDS
+        pushing = load.push_sent and not load.write_ended
+        wait = self.ctx.agent.release_wait_seconds if pushing else 0.0
+        load.drain_until = max(now, load.deadline) + wait + DRAIN_GRACE_SECONDS
         self._draining[load.request_id] = load
         if self._loads.get(load.request_id) is load:
             del self._loads[load.request_id]
-        if load.push_sent and not load.write_ended and load.strategy is not None:
+        if pushing and load.strategy is not None:
             self.ctx.executor.submit(load.strategy.cancel, load)
 
     def poll_draining(self, now: float) -> tuple[set[str], set[str]]:
@@ -110,11 +115,12 @@ class LoadTable:
         for load in loads:
             with self._lock:
                 busy = self._may_write(load)
-            if busy and now <= load.drain_until:
-                continue
+                if busy and now <= load.drain_until:
+                    continue
+                load.read_posting = False  # a READ whose post still runs: its loader releases it (post_read)
             if busy:
                 logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
-                               "its blocks", load.request_id, DRAIN_GRACE_SECONDS)
+                               "its blocks", load.request_id, now - load.deadline)
             self._release(load)
             if load.strategy is not None:
                 load.strategy.release_prefill(load)

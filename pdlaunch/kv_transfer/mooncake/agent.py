@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
-from pdlaunch.kv_transfer.mooncake.sender import MooncakeXfer, TransferPool
+from pdlaunch.kv_transfer.mooncake.sender import RELEASE_WAIT_SECONDS, MooncakeXfer, TransferPool
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class PeerMetadata(BaseModel):
 
 class MooncakeAgent:
     """One TransferEngine with one engine's (one TP rank's) KV cache registered."""
+
+    release_wait_seconds = RELEASE_WAIT_SECONDS  # MooncakeXfer.release waits for a running WRITE
 
     def __init__(self, name: str, engine: MooncakeEngine, pool: TransferPool, secret: str) -> None:
         self.name = name

@@ -24,7 +24,8 @@ from pdlaunch.memory import platform
 logger = logging.getLogger(__name__)
 
 # Mooncake stops a transfer by its own timeout; release() waits this long for a running one to end
-# before giving up (its blocks then stay with whoever drains them).
+# before giving up (its blocks then stay with whoever drains them). Decode drains a push this much
+# longer than over NIXL (MooncakeAgent.release_wait_seconds, decode/table.py).
 RELEASE_WAIT_SECONDS = 60.0
 
 
