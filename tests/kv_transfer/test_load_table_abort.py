@@ -96,3 +96,27 @@ def test_abort_of_a_failed_unreported_load_that_drains_counts_it_once(table: Loa
 class _NoExecutor:
     def submit(self, fn: Any, *args: Any) -> None:  # the cancel_push call to the prefill is not under test
         pass
+
+
+def test_a_read_the_table_and_its_loader_both_give_up_is_released_once(table: LoadTable) -> None:
+    """The table (an abort) and the loader thread (_end_read) each release a load's READ when they are done
+    with it; whichever takes it from the load releases it. Here the loader's release runs while the table's
+    is in progress, the interleaving of two threads: the READ is still released once (twice: a NIXL handle
+    freed twice)."""
+    load, _ = _load(table, LoadState.RUNNING)
+    releases: list[str] = []
+
+    class _Xfer:
+        num_bytes = 4096
+
+        def state(self) -> str:
+            return "DONE"
+
+        def release(self) -> None:
+            releases.append("release")
+            if len(releases) == 1:  # the loader thread reaches its own release meanwhile
+                table.ctx._end_read(load, cast(Any, self))  # noqa: SLF001
+
+    load.xfer = cast(Any, _Xfer())
+    table._release(load)  # noqa: SLF001
+    assert releases == ["release"] and load.xfer is None

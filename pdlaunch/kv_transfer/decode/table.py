@@ -160,9 +160,11 @@ class LoadTable:
         return error
 
     def _release(self, load: Load) -> None:
-        if load.xfer is not None:
-            load.xfer.release()
-            load.xfer = None
+        # Taken under the lock, as the loader's _end_read takes it: whichever takes it releases it, once.
+        with self._lock:
+            xfer, load.xfer = load.xfer, None
+        if xfer is not None:
+            xfer.release()
 
     def _forget(self, load: Load) -> None:
         with self._lock:
