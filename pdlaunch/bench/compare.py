@@ -364,6 +364,14 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
     )
 
 
+def _latencies_text(point: RatePoint) -> str:
+    """"TTFT p50 X ms, TPOT p50 Y ms, ITL p99 Z ms"; none without a completed request (`bench serve` says 0 then)."""
+    if not point.completed:
+        return "no latencies (no request completed)"
+    return (f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
+            f"ITL p99 {point.itl_p99_ms:.1f} ms")
+
+
 def _gaps_text(point: RatePoint) -> str:
     """", N token gaps >= 50 ms (M at the instances, K slow decode steps)": where the streams' long stalls arose
     (engine_load.py)."""
@@ -456,8 +464,7 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             run.raw.append(doc)
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
                           f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
-                          f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
-                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}"
+                          f"{_latencies_text(point)}{_gaps_text(point)}{_decisions_text(point)}"
                           f"{_failed_text(point, doc)}",
                           highlight=False)
         clean = True

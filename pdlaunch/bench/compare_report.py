@@ -17,7 +17,7 @@ from rich.table import Table
 
 from pdlaunch.bench.advisor import Advice
 from pdlaunch.bench.compare import CompareConfig, DeploymentRun
-from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, highest_rate_within
+from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, RatePoint, highest_rate_within
 from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.report import require_matplotlib, write_json
 from pdlaunch.errors import PdlaunchError
@@ -31,6 +31,12 @@ def prompts_text(cfg: CompareConfig) -> str:
     if cfg.input_lens is None:
         return f"{cfg.input_len}-token prompts"
     return f"{'/'.join(map(str, cfg.input_lens))}-token prompts (equal shares)"
+
+
+def _latency(point: RatePoint, value_ms: float, digits: int) -> str:
+    """A latency figure of a rate; "-" when no request of it completed, for which `bench serve` reports 0 (as
+    vLLM does) and a table would read as instant answers."""
+    return f"{value_ms:.{digits}f}" if point.completed else "-"
 
 
 def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
@@ -48,7 +54,8 @@ def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
             p = run.points[i]
             table.add_row(
                 f"{rate:g}" if k == 0 else "", run.label, f"{p.goodput:.2f}", f"{p.served:.2f}",
-                f"{p.ttft_p50_ms:.0f}", f"{p.ttft_p99_ms:.0f}", f"{p.tpot_p50_ms:.1f}", f"{p.tpot_p99_ms:.1f}",
+                _latency(p, p.ttft_p50_ms, 0), _latency(p, p.ttft_p99_ms, 0), _latency(p, p.tpot_p50_ms, 1),
+                _latency(p, p.tpot_p99_ms, 1),
                 f"{100 * p.within_share:.0f}%",
                 end_section=k == len(runs) - 1,
             )
@@ -75,7 +82,7 @@ def load_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
         for k, run in enumerate(shown):
             p = run.points[i]
             table.add_row(f"{rate:g}" if k == 0 else "", run.label, f"{p.goodput:.2f}", f"{p.tight_goodput:.2f}",
-                          f"{p.itl_p99_ms:.1f}", _pct(p.load.prefill_util if p.load else None),
+                          _latency(p, p.itl_p99_ms, 1), _pct(p.load.prefill_util if p.load else None),
                           _pct(p.load.decode_util if p.load else None), end_section=k == len(shown) - 1)
     return table
 
