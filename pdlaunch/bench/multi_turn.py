@@ -118,21 +118,24 @@ class _Conversation:
         return BenchRequest(prompt=list(self.ids), prompt_len=len(self.ids), output_len=out, return_token_ids=True)
 
     async def run(self, client: httpx.AsyncClient, model: str, start: float, offset: float) -> None:
-        """The turns, the first `offset` seconds after `start` (the conversation's arrival time)."""
+        """The turns, the first `offset` seconds after `start` (the conversation's arrival time); after a failed
+        turn, the turns not sent count as failed requests."""
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         for turn in range(self.cfg.num_turns):
             answer = _Answer()
             result = await send_request(client, self.cfg, model, self.request(turn), start, answer.keep)
             self.results.append(result)
-            if not result.success:
-                return
-            if self.cfg.is_chat:
-                self.messages.append({"role": "assistant", "content": "".join(answer.text)})
-            elif not answer.ids:
+            if result.success and not self.cfg.is_chat and not answer.ids:
                 result.success = False
                 result.error = ("the answer carried no token_ids: --multi-turn over /v1/completions needs "
                                 "return_token_ids (pdlaunch, vLLM >= 0.10.2); try --endpoint /v1/chat/completions")
+            if not result.success:
+                self.results += [RequestResult(start=result.start, error=f"not sent: the conversation stopped at "
+                                               f"turn {turn + 1} of {self.cfg.num_turns}, which failed")
+                                 for _ in range(turn + 1, self.cfg.num_turns)]
                 return
+            if self.cfg.is_chat:
+                self.messages.append({"role": "assistant", "content": "".join(answer.text)})
             else:
                 self.ids += answer.ids
 
