@@ -325,10 +325,10 @@ def prefill_yardstick(cfg: CompareConfig, layout: Layout, console: Console) -> Y
     try:
         ceiling = measure_in_child(layout.device, gpu, dtype)
     except PdlaunchError as exc:
-        console.print(f"[yellow]no matmul ceiling: {exc.render()}; prefill FLOP rates are shown without their "
+        console.print(f"[yellow]no matmul ceiling: {escape(exc.render())}; prefill FLOP rates are shown without their "
                       "share of it[/yellow]", highlight=False)
         return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, no_ceiling=exc.render())
-    console.print(f"matmul ceiling: {ceiling.n}^3 {ceiling.dtype} on {ceiling.device}: {ceiling.tflops:.3g} "
+    console.print(f"matmul ceiling: {ceiling.n}^3 {ceiling.dtype} on {escape(ceiling.device)}: {ceiling.tflops:.3g} "
                   f"TFLOP/s; the workload's prefill: {flops / 1e9:.3g} GFLOP per prompt token", highlight=False)
     return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, ceiling=ceiling)
 
@@ -584,7 +584,7 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
         write_json(run.model_dump(mode="json"), cfg.out / f"{run.kind}.json")
     if runs:
         console.print(f"colocated and PD runs reused from {cfg.baseline} (the same workload, SLOs and devices)",
-                      highlight=False)
+                      highlight=False, markup=False)
     with _termination_as_interrupt():
         yardstick = prefill_yardstick(cfg, layout, console)
         for kind in cfg.kinds:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, JsonValue
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.advisor import Advice
@@ -96,7 +97,7 @@ def prefill_compute_table(runs: list[DeploymentRun], cfg: CompareConfig, yardsti
                         f"instance ({yardstick.flops_per_token / 1e9:.3g} GFLOP per token of "
                         f"{prompts_text(cfg)})", title_justify="left", box=box.SIMPLE_HEAD,
                   caption_justify="left")
-    table.caption = f"matmul ceiling: {ceiling}"
+    table.caption = f"matmul ceiling: {escape(ceiling)}"  # a device name and an error's text, not markup
     for col in ("rate /s", "deployment", "prefill TFLOP/s", "of matmul ceiling"):
         table.add_column(col, justify="left" if col == "deployment" else "right", no_wrap=True)
     for i, rate in enumerate(cfg.rates):
@@ -326,9 +327,10 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     if capacity is not None:
         console.print(_capacity_text(capacity), highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
-    console.print(f"Wrote {json_path}", highlight=False)
+    console.print(f"Wrote {json_path}", highlight=False, markup=False)
     try:
-        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice)}", highlight=False)
+        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice)}", highlight=False,
+                      markup=False)
     except PdlaunchError:
         console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False,
                       markup=False)

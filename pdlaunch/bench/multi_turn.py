@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.engine_load import KV_BYTES, PROMPT_TOKENS_COMPUTED, sum_samples
@@ -166,7 +167,8 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
         conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
         offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
         starts = "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} started per second"
-        console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {cfg.url} (model {model}): "
+        console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {escape(cfg.url)} "
+                      f"(model {escape(model)}): "
                       f"system prompt {cfg.system_prompt_len}, +{cfg.random_input_len} per user turn, "
                       f"{cfg.random_output_len} per answer, {starts}")
         before = await _counters(client, cfg)
@@ -218,7 +220,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
         name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"
         path = cfg.result_dir / name
         write_json(doc, path)
-        console.print(f"Saved results to {path}")
+        console.print(f"Saved results to {path}", markup=False)
     if not answered:
         raise PdlaunchError(f"every turn failed; first error: {results[0].error if results else 'none sent'}",
                             hint="check --base-url, --endpoint, --model and the server log")
