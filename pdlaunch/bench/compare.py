@@ -570,18 +570,25 @@ def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
     return runs
 
 
-def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
+def _keep(run: DeploymentRun, path: Path, kept: list[Path]) -> None:
+    write_json(run.model_dump(mode="json"), path)
+    kept.append(path)
+
+
+def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = None) -> Comparison:
     """The matmul ceiling first (prefill_yardstick); then the deployments (`cfg.kinds`) in turn on the same devices,
     each stopped before the next starts (with --baseline, after the baseline's colocated and PD runs); then the
     advisor's split, when it differs from the PD split and `run_advised` (never with --baseline). Each
-    deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
+    deployment's figures are also written to OUT/<kind>.json as soon as it is done, its path added to `kept`
+    (what an interrupted comparison leaves)."""
+    kept = [] if kept is None else kept
     layout = resolve_layout(cfg)
     make_output_dir(cfg.out, "--out")  # before the configs, whose log_dir under it would be said as --log-dir
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = baseline_runs(cfg)
     for run in runs:  # the out folder holds every deployment the report shows
-        write_json(run.model_dump(mode="json"), cfg.out / f"{run.kind}.json")
+        _keep(run, cfg.out / f"{run.kind}.json", kept)
     if runs:
         console.print(f"colocated and PD runs reused from {cfg.baseline} (the same workload, SLOs and devices)",
                       highlight=False, markup=False)
@@ -589,7 +596,7 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
         yardstick = prefill_yardstick(cfg, layout, console)
         for kind in cfg.kinds:
             run = run_deployment(cfg, layout, kind, console, yardstick)
-            write_json(run.model_dump(mode="json"), cfg.out / f"{kind}.json")
+            _keep(run, cfg.out / f"{kind}.json", kept)
             runs.append(run)
         advice = advice_from(cfg, layout, next(run for run in runs if run.kind == "pd"))
         if advice is None:
@@ -600,6 +607,6 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
         if cfg.run_advised and cfg.baseline is None and (best.prefill, best.decode) != (layout.prefill, layout.decode):
             run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console,
                                  yardstick)
-            write_json(run.model_dump(mode="json"), cfg.out / "advised.json")
+            _keep(run, cfg.out / "advised.json", kept)
             runs.append(run)
     return Comparison(runs=runs, advice=advice, yardstick=yardstick)
