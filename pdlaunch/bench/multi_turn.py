@@ -43,7 +43,6 @@ from pdlaunch.bench.report import (
     parse_goodput,
     print_report,
     result_dict,
-    write_json,
 )
 from pdlaunch.bench.serve import (
     MIN_TOKEN_ID,
@@ -53,6 +52,7 @@ from pdlaunch.bench.serve import (
     frozen_heap,
     prepare_outputs,
     resolve_model,
+    save_result,
     send_request,
 )
 from pdlaunch.errors import PdlaunchError
@@ -219,7 +219,7 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
     if cfg.save_result or cfg.result_filename:
         name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"
         path = cfg.result_dir / name
-        write_json(doc, path)
+        save_result(cfg, doc, path)
         console.print(f"Saved results to {path}", markup=False)
     if not answered:
         raise PdlaunchError(f"every turn failed; first error: {results[0].error if results else 'none sent'}",

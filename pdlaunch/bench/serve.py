@@ -451,6 +451,17 @@ def prepare_outputs(cfg: ServeBenchConfig) -> None:
         make_output_dir(cfg.plot_dir, "--plot")
 
 
+def save_result(cfg: ServeBenchConfig, doc: ServeDoc, path: Path) -> None:
+    """Write the result JSON; an OSError (disk full, no permission) as an error naming the flag and the path. It comes
+    after the report was printed, so the figures are on screen."""
+    try:
+        write_json(doc, path)
+    except OSError as exc:
+        flag = "--result-filename" if cfg.result_filename else "--result-dir"
+        raise PdlaunchError(f"could not write the results to {str(path)!r}: {exc.strerror or exc}", field=flag,
+                            hint="the report above has the figures; free space or give a path you can write") from None
+
+
 def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> ServeDoc:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
@@ -464,7 +475,7 @@ def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> Se
         default_name = f"pdlaunch-{doc['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
         name = cfg.result_filename or default_name
         path = cfg.result_dir / name
-        write_json(doc, path)
+        save_result(cfg, doc, path)
         console.print(f"Saved results to {path}", markup=False)
     if cfg.plot_dir is not None and metrics.completed:
         for path in write_plots(results, cfg.plot_dir):
