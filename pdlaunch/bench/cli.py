@@ -148,7 +148,8 @@ def serve(
 
 @bench_app.command("make-checkpoint")
 def make_checkpoint(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the checkpoint into.",
+                                            show_default=False)],
     shape: Annotated[
         str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8) | mixtral-8x7b "
                           "(8 experts, top-2).")
