@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -33,12 +33,14 @@ def _fail(lines: list[str]) -> typer.Exit:
 
 
 @contextmanager
-def _reported(interrupted: str) -> Iterator[None]:
-    """A command's errors as lines naming the flag (no traceback); Ctrl-C exits 130 saying `interrupted`."""
+def _reported(interrupted: str | Callable[[], str]) -> Iterator[None]:
+    """A command's errors as lines naming the flag (no traceback); Ctrl-C exits 130 saying `interrupted` (or what
+    it returns, then)."""
     try:
         yield
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {interrupted}")
+        said = interrupted if isinstance(interrupted, str) else interrupted()
+        err_console.print(f"interrupted: {escape(said)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=130) from None
     except ValidationError as exc:
         raise _fail(_validation_lines(exc)) from None
@@ -146,7 +148,8 @@ def serve(
 
 @bench_app.command("make-checkpoint")
 def make_checkpoint(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into.", show_default=False)],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the checkpoint into.",
+                                            show_default=False)],
     shape: Annotated[
         str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8) | mixtral-8x7b "
                           "(8 experts, top-2).")
@@ -283,6 +286,12 @@ def _number_list(text: str | None, flag: str, cast: type[_N]) -> list[_N] | None
         raise _fail([f"{flag}: {text!r} is not a comma-separated list of {kind}"]) from None
 
 
+def _compare_interrupted(kept: list[Path]) -> str:
+    files = (f"; the figures of the deployment runs that finished are kept: {', '.join(map(str, kept))}" if kept
+             else " (no deployment run had finished)")
+    return f"the running deployment was stopped and its processes reaped; no report{files}"
+
+
 @bench_app.command("compare")
 def compare(
     model: Annotated[str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")],
@@ -356,7 +365,8 @@ def compare(
     from pdlaunch.bench.compare_report import report_comparison
 
     console = Console()
-    with _reported("the running deployment was stopped and its processes reaped; no report"):
+    kept: list[Path] = []  # OUT/<kind>.json of each deployment run done
+    with _reported(lambda: _compare_interrupted(kept)):
         cfg = CompareConfig.model_validate(dict(
             model=model, device=device, gpus=_number_list(gpus, "--gpus", int),
             rates=_number_list(rates, "--rates", float), num_prompts=num_prompts, duration=duration,
@@ -371,5 +381,5 @@ def compare(
             seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len, config=config,
             baseline=baseline, request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
         ))
-        comparison = run_compare(cfg, console)
+        comparison = run_compare(cfg, console, kept)
     report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick)

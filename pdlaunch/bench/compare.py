@@ -325,10 +325,10 @@ def prefill_yardstick(cfg: CompareConfig, layout: Layout, console: Console) -> Y
     try:
         ceiling = measure_in_child(layout.device, gpu, dtype)
     except PdlaunchError as exc:
-        console.print(f"[yellow]no matmul ceiling: {exc.render()}; prefill FLOP rates are shown without their "
+        console.print(f"[yellow]no matmul ceiling: {escape(exc.render())}; prefill FLOP rates are shown without their "
                       "share of it[/yellow]", highlight=False)
         return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, no_ceiling=exc.render())
-    console.print(f"matmul ceiling: {ceiling.n}^3 {ceiling.dtype} on {ceiling.device}: {ceiling.tflops:.3g} "
+    console.print(f"matmul ceiling: {ceiling.n}^3 {ceiling.dtype} on {escape(ceiling.device)}: {ceiling.tflops:.3g} "
                   f"TFLOP/s; the workload's prefill: {flops / 1e9:.3g} GFLOP per prompt token", highlight=False)
     return Yardstick(input_len=cfg.mean_input_len, flops_per_token=flops, ceiling=ceiling)
 
@@ -362,6 +362,14 @@ def bench_config(cfg: CompareConfig, base_url: str, index: int) -> ServeBenchCon
         num_warmups=cfg.num_warmups, goodput=cfg.slo.as_goodput_specs(), vocab_size=cfg.vocab_size,
         ignore_eos=True, seed=cfg.seed + index, request_timeout=cfg.request_timeout,
     )
+
+
+def _latencies_text(point: RatePoint) -> str:
+    """"TTFT p50 X ms, TPOT p50 Y ms, ITL p99 Z ms"; none without a completed request (`bench serve` says 0 then)."""
+    if not point.completed:
+        return "no latencies (no request completed)"
+    return (f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
+            f"ITL p99 {point.itl_p99_ms:.1f} ms")
 
 
 def _gaps_text(point: RatePoint) -> str:
@@ -456,8 +464,7 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
             run.raw.append(doc)
             console.print(f"  rate {rate:g}/s: goodput {point.goodput:.2f}/s (tight {point.tight_goodput:.2f}/s), "
                           f"served {point.served:.2f}/s, {point.within_slo}/{point.num_prompts} within SLOs, "
-                          f"TTFT p50 {point.ttft_p50_ms:.0f} ms, TPOT p50 {point.tpot_p50_ms:.1f} ms, "
-                          f"ITL p99 {point.itl_p99_ms:.1f} ms{_gaps_text(point)}{_decisions_text(point)}"
+                          f"{_latencies_text(point)}{_gaps_text(point)}{_decisions_text(point)}"
                           f"{_failed_text(point, doc)}",
                           highlight=False)
         clean = True
@@ -563,26 +570,33 @@ def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
     return runs
 
 
-def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
+def _keep(run: DeploymentRun, path: Path, kept: list[Path]) -> None:
+    write_json(run.model_dump(mode="json"), path)
+    kept.append(path)
+
+
+def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = None) -> Comparison:
     """The matmul ceiling first (prefill_yardstick); then the deployments (`cfg.kinds`) in turn on the same devices,
     each stopped before the next starts (with --baseline, after the baseline's colocated and PD runs); then the
     advisor's split, when it differs from the PD split and `run_advised` (never with --baseline). Each
-    deployment's figures are also written to OUT/<kind>.json as soon as it is done."""
+    deployment's figures are also written to OUT/<kind>.json as soon as it is done, its path added to `kept`
+    (what an interrupted comparison leaves)."""
+    kept = [] if kept is None else kept
     layout = resolve_layout(cfg)
     make_output_dir(cfg.out, "--out")  # before the configs, whose log_dir under it would be said as --log-dir
     for kind in cfg.kinds:  # fail on a config problem of any before spending time on the first
         check_request_fits(cfg, deployment_config(cfg, layout, kind))
     runs = baseline_runs(cfg)
     for run in runs:  # the out folder holds every deployment the report shows
-        write_json(run.model_dump(mode="json"), cfg.out / f"{run.kind}.json")
+        _keep(run, cfg.out / f"{run.kind}.json", kept)
     if runs:
         console.print(f"colocated and PD runs reused from {cfg.baseline} (the same workload, SLOs and devices)",
-                      highlight=False)
+                      highlight=False, markup=False)
     with _termination_as_interrupt():
         yardstick = prefill_yardstick(cfg, layout, console)
         for kind in cfg.kinds:
             run = run_deployment(cfg, layout, kind, console, yardstick)
-            write_json(run.model_dump(mode="json"), cfg.out / f"{kind}.json")
+            _keep(run, cfg.out / f"{kind}.json", kept)
             runs.append(run)
         advice = advice_from(cfg, layout, next(run for run in runs if run.kind == "pd"))
         if advice is None:
@@ -593,6 +607,6 @@ def run_compare(cfg: CompareConfig, console: Console) -> Comparison:
         if cfg.run_advised and cfg.baseline is None and (best.prefill, best.decode) != (layout.prefill, layout.decode):
             run = run_deployment(cfg, advised_layout(layout, best.prefill, best.decode), "advised", console,
                                  yardstick)
-            write_json(run.model_dump(mode="json"), cfg.out / "advised.json")
+            _keep(run, cfg.out / "advised.json", kept)
             runs.append(run)
     return Comparison(runs=runs, advice=advice, yardstick=yardstick)

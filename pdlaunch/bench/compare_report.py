@@ -13,11 +13,12 @@ from pathlib import Path
 from pydantic import BaseModel, JsonValue
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.advisor import Advice
 from pdlaunch.bench.compare import CompareConfig, DeploymentRun
-from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, highest_rate_within
+from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, RatePoint, highest_rate_within
 from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.report import require_matplotlib, write_json
 from pdlaunch.errors import PdlaunchError
@@ -31,6 +32,12 @@ def prompts_text(cfg: CompareConfig) -> str:
     if cfg.input_lens is None:
         return f"{cfg.input_len}-token prompts"
     return f"{'/'.join(map(str, cfg.input_lens))}-token prompts (equal shares)"
+
+
+def _latency(point: RatePoint, value_ms: float, digits: int) -> str:
+    """A latency figure of a rate; "-" when no request of it completed, for which `bench serve` reports 0 (as
+    vLLM does) and a table would read as instant answers."""
+    return f"{value_ms:.{digits}f}" if point.completed else "-"
 
 
 def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
@@ -48,7 +55,8 @@ def comparison_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
             p = run.points[i]
             table.add_row(
                 f"{rate:g}" if k == 0 else "", run.label, f"{p.goodput:.2f}", f"{p.served:.2f}",
-                f"{p.ttft_p50_ms:.0f}", f"{p.ttft_p99_ms:.0f}", f"{p.tpot_p50_ms:.1f}", f"{p.tpot_p99_ms:.1f}",
+                _latency(p, p.ttft_p50_ms, 0), _latency(p, p.ttft_p99_ms, 0), _latency(p, p.tpot_p50_ms, 1),
+                _latency(p, p.tpot_p99_ms, 1),
                 f"{100 * p.within_share:.0f}%",
                 end_section=k == len(runs) - 1,
             )
@@ -75,7 +83,7 @@ def load_table(runs: list[DeploymentRun], cfg: CompareConfig) -> Table:
         for k, run in enumerate(shown):
             p = run.points[i]
             table.add_row(f"{rate:g}" if k == 0 else "", run.label, f"{p.goodput:.2f}", f"{p.tight_goodput:.2f}",
-                          f"{p.itl_p99_ms:.1f}", _pct(p.load.prefill_util if p.load else None),
+                          _latency(p, p.itl_p99_ms, 1), _pct(p.load.prefill_util if p.load else None),
                           _pct(p.load.decode_util if p.load else None), end_section=k == len(shown) - 1)
     return table
 
@@ -89,7 +97,7 @@ def prefill_compute_table(runs: list[DeploymentRun], cfg: CompareConfig, yardsti
                         f"instance ({yardstick.flops_per_token / 1e9:.3g} GFLOP per token of "
                         f"{prompts_text(cfg)})", title_justify="left", box=box.SIMPLE_HEAD,
                   caption_justify="left")
-    table.caption = f"matmul ceiling: {ceiling}"
+    table.caption = f"matmul ceiling: {escape(ceiling)}"  # a device name and an error's text, not markup
     for col in ("rate /s", "deployment", "prefill TFLOP/s", "of matmul ceiling"):
         table.add_column(col, justify="left" if col == "deployment" else "right", no_wrap=True)
     for i, rate in enumerate(cfg.rates):
@@ -319,9 +327,10 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     if capacity is not None:
         console.print(_capacity_text(capacity), highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
-    console.print(f"Wrote {json_path}", highlight=False)
+    console.print(f"Wrote {json_path}", highlight=False, markup=False)
     try:
-        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice)}", highlight=False)
+        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice)}", highlight=False,
+                      markup=False)
     except PdlaunchError:
         console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False,
                       markup=False)

@@ -279,9 +279,9 @@ def make_shaped_checkpoint(
         raise PdlaunchError(f"cannot draw weights on {device!r}", field="--device",
                             hint="auto, cpu, or cuda[:N] on a machine with a CUDA device")
     if out.exists() and not out.is_dir():
-        raise PdlaunchError(f"{out} is a file, not a folder", field="out_dir", hint="give a folder to write into")
+        raise PdlaunchError(f"{out} is a file, not a folder", field="OUT_DIR", hint="give a folder to write into")
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PdlaunchError(f"{out} is not empty", field="out_dir", hint="pick an empty folder or pass --overwrite")
+        raise PdlaunchError(f"{out} is not empty", field="OUT_DIR", hint="pick an empty folder or pass --overwrite")
     if fp8 is not None and fp8 not in FP8_FORMATS:
         raise PdlaunchError(f"unknown FP8 format {fp8!r}", field="--fp8", hint=f"one of {', '.join(FP8_FORMATS)}")
     if shape not in SHAPES:
@@ -300,7 +300,7 @@ def make_shaped_checkpoint(
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
     cfg |= {"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": BOS_TOKEN_ID,
             "eos_token_id": EOS_TOKEN_ID}
-    make_output_dir(out, "out_dir")
+    make_output_dir(out, "OUT_DIR")
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = plan_shards(tensor_shapes(cfg), itemsize, max_shard_bytes)

@@ -32,6 +32,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.engine_load import KV_BYTES, PROMPT_TOKENS_COMPUTED, sum_samples
@@ -42,7 +43,6 @@ from pdlaunch.bench.report import (
     parse_goodput,
     print_report,
     result_dict,
-    write_json,
 )
 from pdlaunch.bench.serve import (
     MIN_TOKEN_ID,
@@ -52,6 +52,7 @@ from pdlaunch.bench.serve import (
     frozen_heap,
     prepare_outputs,
     resolve_model,
+    save_result,
     send_request,
 )
 from pdlaunch.errors import PdlaunchError
@@ -118,21 +119,24 @@ class _Conversation:
         return BenchRequest(prompt=list(self.ids), prompt_len=len(self.ids), output_len=out, return_token_ids=True)
 
     async def run(self, client: httpx.AsyncClient, model: str, start: float, offset: float) -> None:
-        """The turns, the first `offset` seconds after `start` (the conversation's arrival time)."""
+        """The turns, the first `offset` seconds after `start` (the conversation's arrival time); after a failed
+        turn, the turns not sent count as failed requests."""
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         for turn in range(self.cfg.num_turns):
             answer = _Answer()
             result = await send_request(client, self.cfg, model, self.request(turn), start, answer.keep)
             self.results.append(result)
-            if not result.success:
-                return
-            if self.cfg.is_chat:
-                self.messages.append({"role": "assistant", "content": "".join(answer.text)})
-            elif not answer.ids:
+            if result.success and not self.cfg.is_chat and not answer.ids:
                 result.success = False
                 result.error = ("the answer carried no token_ids: --multi-turn over /v1/completions needs "
                                 "return_token_ids (pdlaunch, vLLM >= 0.10.2); try --endpoint /v1/chat/completions")
+            if not result.success:
+                self.results += [RequestResult(start=result.start, error=f"not sent: the conversation stopped at "
+                                               f"turn {turn + 1} of {self.cfg.num_turns}, which failed")
+                                 for _ in range(turn + 1, self.cfg.num_turns)]
                 return
+            if self.cfg.is_chat:
+                self.messages.append({"role": "assistant", "content": "".join(answer.text)})
             else:
                 self.ids += answer.ids
 
@@ -163,7 +167,8 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
         conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
         offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
         starts = "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} started per second"
-        console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {cfg.url} (model {model}): "
+        console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {escape(cfg.url)} "
+                      f"(model {escape(model)}): "
                       f"system prompt {cfg.system_prompt_len}, +{cfg.random_input_len} per user turn, "
                       f"{cfg.random_output_len} per answer, {starts}")
         before = await _counters(client, cfg)
@@ -214,8 +219,8 @@ def run_multi_turn(cfg: ServeBenchConfig, console: Console) -> ServeDoc:
     if cfg.save_result or cfg.result_filename:
         name = cfg.result_filename or f"pdlaunch-multi-turn-{model.replace('/', '_')}-{doc['date']}.json"
         path = cfg.result_dir / name
-        write_json(doc, path)
-        console.print(f"Saved results to {path}")
+        save_result(cfg, doc, path)
+        console.print(f"Saved results to {path}", markup=False)
     if not answered:
         raise PdlaunchError(f"every turn failed; first error: {results[0].error if results else 'none sent'}",
                             hint="check --base-url, --endpoint, --model and the server log")

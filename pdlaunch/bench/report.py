@@ -225,7 +225,7 @@ def print_report(console: Console, metrics: BenchMetrics, results: list[RequestR
     summary.add_row("Request throughput (req/s)", f"{metrics.request_throughput:.2f}")
     if metrics.request_goodput is not None:
         slos = ", ".join(f"{k} <= {v:g} ms" for k, v in goodput_ms.items())
-        summary.add_row(f"Request goodput (req/s) [{slos}]", f"{metrics.request_goodput:.2f}")
+        summary.add_row(escape(f"Request goodput (req/s) [{slos}]"), f"{metrics.request_goodput:.2f}")
     summary.add_row("Output token throughput (tok/s)", f"{metrics.output_throughput:.2f}")
     summary.add_row("Total token throughput (tok/s)", f"{metrics.total_token_throughput:.2f}")
     console.print(summary)
@@ -309,7 +309,8 @@ def print_kv_transfer_table(console: Console, rows: list[KVTransferRow]) -> None
     """Rows of run_kv_transfer_bench: GB/s of the connector next to the raw copies of the same run; one
     table per connector (NIXL first when there are several)."""
     if rows:
-        console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False)
+        console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False,
+                      markup=False)
     for connector in dict.fromkeys(r["connector"] for r in rows):
         own = [r for r in rows if r["connector"] == connector]
         transport = f" over {own[0]['transport']}" if own[0]["transport"] else ""

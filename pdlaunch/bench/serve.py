@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pdlaunch.bench.report import (
@@ -402,7 +403,7 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[RequestR
                 raise PdlaunchError(f"every warmup request failed; first error: {warm_results[0].error}",
                                     hint="check --model, --endpoint and the server log")
         rate = "inf" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g}"
-        console.print(f"{cfg.num_prompts} requests to {cfg.url} (model {model}), rate {rate} req/s, "
+        console.print(f"{cfg.num_prompts} requests to {escape(cfg.url)} (model {escape(model)}), rate {rate} req/s, "
                       f"burstiness {cfg.burstiness:g}, max concurrency {cfg.max_concurrency or 'none'}")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=True) as progress, frozen_heap():
@@ -450,6 +451,17 @@ def prepare_outputs(cfg: ServeBenchConfig) -> None:
         make_output_dir(cfg.plot_dir, "--plot")
 
 
+def save_result(cfg: ServeBenchConfig, doc: ServeDoc, path: Path) -> None:
+    """Write the result JSON; an OSError (disk full, no permission) as an error naming the flag and the path. It comes
+    after the report was printed, so the figures are on screen."""
+    try:
+        write_json(doc, path)
+    except OSError as exc:
+        flag = "--result-filename" if cfg.result_filename else "--result-dir"
+        raise PdlaunchError(f"could not write the results to {str(path)!r}: {exc.strerror or exc}", field=flag,
+                            hint="the report above has the figures; free space or give a path you can write") from None
+
+
 def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> ServeDoc:
     """Run the benchmark, print the report, save JSON/plots if asked; returns the JSON document."""
     console = console or Console()
@@ -463,11 +475,11 @@ def run_serve_bench(cfg: ServeBenchConfig, console: Console | None = None) -> Se
         default_name = f"pdlaunch-{doc['request_rate']}qps-{model.replace('/', '_')}-{doc['date']}.json"
         name = cfg.result_filename or default_name
         path = cfg.result_dir / name
-        write_json(doc, path)
-        console.print(f"Saved results to {path}")
+        save_result(cfg, doc, path)
+        console.print(f"Saved results to {path}", markup=False)
     if cfg.plot_dir is not None and metrics.completed:
         for path in write_plots(results, cfg.plot_dir):
-            console.print(f"Wrote {path}")
+            console.print(f"Wrote {path}", markup=False)
     if not metrics.completed:
         raise PdlaunchError(f"all {cfg.num_prompts} requests failed; first error: {results[0].error}",
                             hint="check --base-url, --endpoint, --model and the server log")

@@ -154,8 +154,8 @@ def test_make_checkpoint_bad_numbers_write_nothing(tmp_path: Path, args: list[st
 def test_make_checkpoint_into_a_file(tmp_path: Path) -> None:
     a_file = tmp_path / "a_file"
     a_file.write_text("")
-    _assert_refused(_invoke("make-checkpoint", str(a_file)), "out_dir")
-    _assert_refused(_invoke("make-checkpoint", str(a_file / "sub"), "--device", "cpu"), "out_dir")
+    _assert_refused(_invoke("make-checkpoint", str(a_file)), "OUT_DIR")
+    _assert_refused(_invoke("make-checkpoint", str(a_file / "sub"), "--device", "cpu"), "OUT_DIR")
     assert a_file.read_text() == ""
 
 
