@@ -143,9 +143,13 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
         except PdlaunchError as exc:
             found.append(as_problem(exc))
             seen.add(header.name)  # present, with the problem just named: not also "missing"
+            if experts is not None:  # an expert's scale refused: its weight was present too
+                seen.add(experts.weight_name(header.name) or header.name)
     unpaired = experts.check_complete() if experts is not None else None
     if unpaired is not None:
         found.append(as_problem(unpaired))
+        # named above: a weight waiting for its scale is present, a scale without its weight is that one problem
+        seen.update(experts.pending() if experts is not None else ())
     missing = loader.missing_tensors(params, seen, arch)
     if missing is not None:
         found.append(as_problem(missing))
