@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import PdlaunchError, error_text
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, config_int, parse_moe
 
 DENSE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
@@ -26,6 +26,8 @@ _DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 LayerType = Literal["full_attention", "sliding_attention"]
+# rotary.py divides by each of these: 0 made every position's rotation inf/NaN, a negative one nonsense
+RopeFactor = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class RopeScaling(BaseModel):
@@ -35,10 +37,10 @@ class RopeScaling(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     rope_type: Literal["linear", "llama3"]
-    factor: float
-    low_freq_factor: float | None = None
-    high_freq_factor: float | None = None
-    original_max_position_embeddings: float | None = None
+    factor: RopeFactor
+    low_freq_factor: RopeFactor | None = None
+    high_freq_factor: RopeFactor | None = None
+    original_max_position_embeddings: RopeFactor | None = None
 
     @model_validator(mode="after")
     def _llama3_needs_its_factors(self) -> RopeScaling:
@@ -154,13 +156,18 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if isinstance(params, dict) and "rope_type" not in params and params:
         # Per-layer-type rope parameters (not used by the supported families).
         raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
-    scaling = dict(params) if isinstance(params, dict) else dict(cfg.get("rope_scaling") or {})
+    key = "rope_parameters" if params is not None else "rope_scaling"
+    found = params if params is not None else cfg.get("rope_scaling") or {}
+    if not isinstance(found, dict):  # a string or list was silently plain rope (rope_parameters) or a traceback
+        raise PdlaunchError(f"{key} {found!r} is not a JSON object", field=f"config.json:{key}",
+                            hint="use the checkpoint's original config.json")
+    scaling = dict(found)
     theta = _positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", 10000.0)
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise PdlaunchError(
             f"rope type {rope_type!r} is not supported",
-            field="config.json:rope_scaling",
+            field=f"config.json:{key}",
             hint=f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}",
         )
     if rope_type == "default":
@@ -169,8 +176,13 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     try:
         return theta, RopeScaling.model_validate({**known, "rope_type": rope_type})
     except ValidationError as exc:
-        raise PdlaunchError(f"rope scaling {rope_type!r}: {exc.errors()[0]['msg']}", field="config.json:rope_scaling",
-                            hint="the checkpoint's config.json rope parameters are incomplete") from None
+        error = exc.errors()[0]
+        what = error_text(error)
+        if error["loc"]:  # the factor named, with its value unless it is absent
+            what = f"{error['loc'][0]} is missing" if error["type"] == "missing" else \
+                f"{error['loc'][0]} {error['input']!r}: {what}"
+        raise PdlaunchError(f"rope scaling {rope_type!r}: {what}", field=f"config.json:{key}",
+                            hint="the checkpoint's config.json rope parameters are incomplete or invalid") from None
 
 
 def _positive_float(value: object, key: str, default: float) -> float:

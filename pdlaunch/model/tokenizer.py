@@ -23,9 +23,10 @@ def _read_json(path: Path) -> dict[str, JsonValue]:
     if not path.is_file():
         return {}
     try:
-        data: JsonValue = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
+        data: JsonValue = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
+        raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path",
+                            hint=f"restore the checkpoint's {path.name}") from exc
     if not isinstance(data, dict):
         raise PdlaunchError(f"{path} holds a JSON {type(data).__name__}, not an object", field="model.path")
     return data
@@ -38,16 +39,23 @@ def _token_text(value: JsonValue) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _token_id(value: JsonValue) -> int:
-    if isinstance(value, (int, float, str)):
+def _token_id(value: JsonValue, where: str) -> int:
+    """A token id as `where` (file:key) gives it: an integer, or its digits in a string (as transformers reads
+    it); 2.5, "abc" or true are refused naming `where` rather than truncated or blamed on tokenizer.json."""
+    if isinstance(value, float) and value.is_integer():
         return int(value)
-    raise PdlaunchError(f"token id {value!r} is not a number", field="model.path")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise PdlaunchError(f"{where} {value!r} is not a token id", field="model.path",
+                        hint="a token id is an integer: restore the checkpoint's file")
 
 
-def _as_id_list(value: JsonValue) -> list[int]:
+def _as_id_list(value: JsonValue, where: str) -> list[int]:
     if value is None:
         return []
-    return [_token_id(v) for v in value] if isinstance(value, list) else [_token_id(value)]
+    return [_token_id(v, where) for v in value] if isinstance(value, list) else [_token_id(value, where)]
 
 
 def _raise_exception(message: str) -> None:
@@ -76,15 +84,19 @@ class Tokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token_id: int | None = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         if self.bos_token_id is None and gen_config.get("bos_token_id") is not None:
-            self.bos_token_id = _token_id(gen_config["bos_token_id"])
-        self.add_bos_token = bool(config.get("add_bos_token", False))
+            self.bos_token_id = _token_id(gen_config["bos_token_id"], "generation_config.json:bos_token_id")
+        add_bos = config.get("add_bos_token") or False
+        if not isinstance(add_bos, bool):  # bool("false") would be True: a BOS the model was not trained with
+            raise PdlaunchError(f"tokenizer_config.json:add_bos_token {add_bos!r} is not true or false",
+                                field="model.path", hint="write it as a JSON boolean, without quotes")
+        self.add_bos_token = add_bos
 
         eos: list[int] = []
         eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         if eos_id is not None:
             eos.append(eos_id)
-        for source in (gen_config.get("eos_token_id"), model_config.get("eos_token_id")):
-            eos.extend(_as_id_list(source))
+        for where, source in (("generation_config.json", gen_config), ("config.json", model_config)):
+            eos.extend(_as_id_list(source.get("eos_token_id"), f"{where}:eos_token_id"))
         self.eos_token_ids: list[int] = list(dict.fromkeys(eos))
         self.vocab_size: int = self._tok.get_vocab_size(with_added_tokens=True)
         self.chat_template: str | None = self._load_chat_template(directory, config)
@@ -93,7 +105,11 @@ class Tokenizer:
     def _load_chat_template(directory: Path, config: dict[str, JsonValue]) -> str | None:
         jinja_file = directory / "chat_template.jinja"
         if jinja_file.is_file():
-            return jinja_file.read_text()
+            try:
+                return jinja_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise PdlaunchError(f"cannot read {jinja_file}: {exc}", field="model.path",
+                                    hint="restore the checkpoint's chat_template.jinja (UTF-8 text)") from None
         template = config.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

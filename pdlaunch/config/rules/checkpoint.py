@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from pdlaunch.model.arch import ModelArch
     from pdlaunch.model.layers import ShardId
     from pdlaunch.model.quant.config import QuantConfig
+    from pdlaunch.model.tokenizer import Tokenizer
     from pdlaunch.model.weight_files import TensorHeader
 
 # safetensors dtype names -> torch attribute names (an unknown one is reported, not guessed)
@@ -63,11 +64,25 @@ def checkpoint_problems(model_path: str, quantization: str | None = None) -> lis
         quant = load_quant_config(directory, quantization)
     except PdlaunchError as exc:
         return problems + [as_problem(exc)]
-    if tokenizer is not None and tokenizer.vocab_size > arch.vocab_size:
-        # A token id past the embedding table would fail the request that produced it, at run time.
-        problems.append(problem("model.path", f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
-                                f"vocab_size is {arch.vocab_size}", "use the tokenizer that belongs to these weights"))
+    if tokenizer is not None:
+        problems += _tokenizer_problems(tokenizer, arch)
     return problems + weight_problems(directory, arch, quant)
+
+
+def _tokenizer_problems(tokenizer: Tokenizer, arch: ModelArch) -> list[Problem]:
+    """Token ids the tokenizer would put in a prompt that lie past the embedding table: the engine refuses every
+    request holding one, at run time."""
+    if tokenizer.vocab_size > arch.vocab_size:
+        return [problem("model.path", f"tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
+                        f"vocab_size is {arch.vocab_size}", "use the tokenizer that belongs to these weights")]
+    bos = tokenizer.bos_token_id
+    if tokenizer.add_bos_token and bos is not None and not 0 <= bos < arch.vocab_size:
+        # only generation_config.json's bos_token_id can be one: a BOS named by its text is a tokenizer.json token
+        return [problem("model.path", f"the BOS token id {bos} (generation_config.json:bos_token_id) that "
+                        f"tokenizer_config.json's add_bos_token puts before every prompt is outside config.json's "
+                        f"vocab_size {arch.vocab_size}: every request would be refused",
+                        "use the generation_config.json that belongs to these weights")]
+    return []
 
 
 def gguf_file_problems(path: Path) -> list[Problem]:
@@ -143,9 +158,13 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
         except PdlaunchError as exc:
             found.append(as_problem(exc))
             seen.add(header.name)  # present, with the problem just named: not also "missing"
+            if experts is not None:  # an expert's scale refused: its weight was present too
+                seen.add(experts.weight_name(header.name) or header.name)
     unpaired = experts.check_complete() if experts is not None else None
     if unpaired is not None:
         found.append(as_problem(unpaired))
+        # named above: a weight waiting for its scale is present, a scale without its weight is that one problem
+        seen.update(experts.pending() if experts is not None else ())
     missing = loader.missing_tensors(params, seen, arch)
     if missing is not None:
         found.append(as_problem(missing))

@@ -38,6 +38,15 @@ class ExpertDequantizer:
                 return None if self.quant.skips(module) else module
         return None
 
+    def weight_name(self, name: str) -> str | None:
+        """The expert weight a checkpoint weight or scale `name` pairs into (None: not a quantized expert tensor)."""
+        module = self._module(name)
+        return None if module is None else f"{module}.weight"
+
+    def pending(self) -> set[str]:
+        """Expert weight names fed so far whose partner (weight or scale) has not arrived."""
+        return set(self.weights) | set(self.scales)
+
     def feed(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         module = self._module(name)
         if module is None or self.quant.source == "online":
@@ -61,10 +70,13 @@ class ExpertDequantizer:
             want = ((rows, 1), (rows,))
         else:
             want = ((), (1,))
-        if weight.dtype != fp8.FP8_DTYPE or tuple(scale.shape) not in want:
-            raise PdlaunchError(f"tensor {scale_name!r} has shape {tuple(scale.shape)} for a {weight.dtype} "
-                                f"[{rows}, {cols}] expert weight; expected an e4m3 weight and a scale of shape "
-                                f"{want[0]}", field="model.path",
+        if weight.dtype != fp8.FP8_DTYPE:
+            raise PdlaunchError(f"tensor {weight_name!r} is {str(weight.dtype).removeprefix('torch.')} but has a scale "
+                                f"({scale_name!r}) and config.json quantizes this module", field="model.path",
+                                hint="the checkpoint does not match its config.json's quantization_config")
+        if tuple(scale.shape) not in want:
+            raise PdlaunchError(f"tensor {scale_name!r} has shape {tuple(scale.shape)} for a [{rows}, {cols}] expert "
+                                f"weight; expected {want[0]}", field="model.path",
                                 hint="the checkpoint does not match its config.json's quantization_config")
         # Applied here, the scale never reaches the loader's checks (loader.py _check_scale): they are made here.
         if not scale.is_floating_point() or scale.element_size() == 1:

@@ -1,0 +1,68 @@
+"""Rope scaling values that rotary.py divides by, and rope parameters that are not a JSON object, are refused
+naming the config.json key, by check-config and by `pdlaunch generate` alike (no traceback, no NaN rotation)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.arch import parse_hf_config
+from tests.config.cli_helpers import LLAMA_CONFIG, invoke
+from tests.helpers.checkpoints import make_llama
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope,key,text", [
+    ({"type": "linear", "factor": 0}, "rope_scaling", "factor 0: Input should be greater than 0"),
+    ({"type": "linear", "factor": -2.0}, "rope_scaling", "factor -2.0"),
+    ({"type": "linear", "factor": float("nan")}, "rope_scaling", "finite"),
+    ({"type": "linear"}, "rope_scaling", "factor is missing"),
+    ({**LLAMA3, "low_freq_factor": 0}, "rope_scaling", "low_freq_factor 0"),  # was a ZeroDivisionError at load
+    ({**LLAMA3, "original_max_position_embeddings": -64}, "rope_scaling", "original_max_position_embeddings -64"),
+    ([1, 2], "rope_scaling", "rope_scaling [1, 2] is not a JSON object"),  # was a TypeError
+    ("linear", "rope_scaling", "is not a JSON object"),  # was a ValueError
+])
+def test_bad_rope_scaling_is_refused_with_its_key(rope: Any, key: str, text: str) -> None:
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, "rope_scaling": rope})
+    assert err.value.field == f"config.json:{key}" and text in err.value.message
+    assert "Value error" not in err.value.message
+
+
+def test_rope_parameters_that_are_not_an_object_are_refused() -> None:
+    # was read as "no rope_parameters": a llama3-scaled model silently ran with plain rope
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, "rope_parameters": "llama3"})
+    assert err.value.field == "config.json:rope_parameters"
+
+
+def test_rope_parameters_errors_name_rope_parameters() -> None:
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, "rope_parameters": {**LLAMA3, "factor": 0}})
+    assert err.value.field == "config.json:rope_parameters"
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    assert err.value.field == "config.json:rope_parameters"
+
+
+def test_valid_rope_scaling_still_parses() -> None:
+    arch = parse_hf_config({**LLAMA_CONFIG, "rope_scaling": {**LLAMA3, "factor": 0.5}})
+    assert arch.rope_scaling is not None and arch.rope_scaling.factor == 0.5
+
+
+@pytest.mark.parametrize("command", ["check-config", "generate"])
+def test_zero_low_freq_factor_is_a_model_error_in_the_cli(tmp_path: Path, command: str) -> None:
+    model = make_llama(tmp_path / "llama")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_parameters"]["low_freq_factor"] = 0
+    (model / "config.json").write_text(json.dumps(cfg))
+    extra = ["--prompt", "hi", "--max-tokens", "1"] if command == "generate" else []
+    result = invoke([command, str(model), "--device", "cpu", *extra])
+    assert result.exit_code == 1, result.output
+    assert "low_freq_factor 0" in result.output and "config.json:rope_parameters" in result.output
