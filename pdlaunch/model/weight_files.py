@@ -82,7 +82,8 @@ def index_map(path: Path) -> dict[str, str] | None:
 
 
 def safetensors_files(path: Path) -> list[Path]:
-    """The checkpoint's weight files: those named by model.safetensors.index.json, else *.safetensors."""
+    """The checkpoint's weight files: those named by model.safetensors.index.json, else *.safetensors (without
+    a Mistral-format consolidated*.safetensors when other weight files are there)."""
     weight_map = index_map(path)
     if weight_map is not None:
         files = [path / name for name in sorted(set(weight_map.values()))]
@@ -92,6 +93,9 @@ def safetensors_files(path: Path) -> list[Path]:
                                     hint="copy every shard of the checkpoint")
         return files
     files = sorted(path.glob("*.safetensors"))
+    hf_files = [f for f in files if not f.name.startswith("consolidated")]
+    if hf_files:  # Mistral's consolidated copy beside the transformers-format weights: those (as vLLM does)
+        files = hf_files
     if not files:
         raise PdlaunchError(
             f"no *.safetensors weights in {path}",
