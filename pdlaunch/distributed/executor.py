@@ -42,7 +42,7 @@ from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_sto
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
-from pdlaunch.distributed.remote_link import RankListener, is_closed
+from pdlaunch.distributed.remote_link import RankListener, is_closed, set_send_timeout
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.distributed.worker import run_worker
 from pdlaunch.errors import EngineError
@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 10.0  # a worker that does not exit after "shutdown" within this is terminated
 REPLY_TIMEOUT_S = 30.0  # a rank that does not answer a connector call within this is failed
+# A step's inputs can outgrow the socket buffers (~400 KiB): a rank that takes nothing of a message
+# within this is failed (hung or stopped); "shutdown" is tiny and gets the short bound.
+SEND_TIMEOUT_S = 60.0
+SHUTDOWN_SEND_TIMEOUT_S = 1.0
 DEATH_REPORT_WAIT_S = 2.0  # after a failed collective, how long to wait for the watchdog to name the rank
 
 
@@ -123,6 +127,8 @@ class TPExecutor:
                 links[rank] = parent_end
             if listener is not None:
                 links.update(listener.accept(self._remote, RENDEZVOUS_TIMEOUT_S))
+            for conn in links.values():
+                set_send_timeout(conn, SEND_TIMEOUT_S)
                 for rank in self._remote:
                     send(links[rank], Setup(device.type, dtype_name, max_model_len))
             self._conns = [links[r] for r in range(1, self.tp_size)]
@@ -184,6 +190,10 @@ class TPExecutor:
         for rank, conn in enumerate(self._conns, start=1):
             try:
                 send(conn, message)
+            except BlockingIOError as exc:
+                stuck = TimeoutError(f"it took none of {type(message).__name__} within {SEND_TIMEOUT_S:.0f}s "
+                                     "(hung or stopped)")
+                raise self._rank_failure(stuck, rank) from exc
             except OSError as exc:
                 raise self._rank_failure(exc, rank) from exc
 
@@ -191,7 +201,7 @@ class TPExecutor:
         deadline = time.monotonic() + DEATH_REPORT_WAIT_S
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        message = self.failure or (f"TP rank {rank} is unreachable: {exc}" if rank is not None
+        message = self.failure or (f"{self._where(rank)} is unreachable: {exc}" if rank is not None
                                    else f"a TP collective failed: {exc}")
         self.failure = message
         return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
@@ -267,8 +277,9 @@ class TPExecutor:
         self._closing.set()
         for conn in self._conns:
             try:
+                set_send_timeout(conn, SHUTDOWN_SEND_TIMEOUT_S)
                 send(conn, Shutdown())
-            except OSError:  # that rank is gone already
+            except OSError:  # that rank is gone already, or hung with its buffer full: it is killed below
                 pass
         for rank, proc in self._procs.items():
             proc.join(JOIN_TIMEOUT_S)
