@@ -140,10 +140,14 @@ class TPExecutor:
             self._rank_engine_ids = [self.engine_id] + [r.engine_id for r in ready]
             self._side_ports: list[int | None] = [None, *(r.side_channel_port for r in ready)]
             self._side_hosts: list[str | None] = [None, *(r.side_channel_host for r in ready)]
-        except BaseException:
+        except BaseException as exc:
             self._conns = [links[r] for r in sorted(links)]
+            # Rank 0's own error (a join or collective that timed out) hides why: the rank that failed.
+            failed = self._startup_failure(links) if isinstance(exc, Exception) else None
             self._stop_workers()
             destroy_tp_group()
+            if failed is not None:
+                raise failed from exc
             raise
         finally:
             if listener is not None:
@@ -157,6 +161,29 @@ class TPExecutor:
     def _where(self, rank: int) -> str:
         proc = self._procs.get(rank)
         return f"TP rank {rank} (pid {proc.pid})" if proc is not None else f"TP rank {rank} on {self._remote[rank]}"
+
+    def _startup_failure(self, links: dict[int, Connection]) -> EngineError | None:
+        """The failure of another rank that made this rank's startup fail: its RankFailed reason, or how
+        its process ended; None when every rank is still up (this rank failed on its own)."""
+        sentinels = [p.sentinel for p in self._procs.values()]
+        if sentinels:  # a rank whose collective peer just failed learns it before that peer has exited
+            wait(sentinels, timeout=DEATH_REPORT_WAIT_S)
+        for rank, conn in sorted(links.items()):
+            reason: str | None = None
+            try:
+                while conn.poll(0):
+                    message = recv(conn, self._where(rank))
+                    if isinstance(message, RankFailed):
+                        reason = message.message
+            except (EOFError, OSError, UnexpectedMessage):
+                pass
+            proc = self._procs.get(rank)
+            if proc is not None and not proc.is_alive():
+                ended = f"{self._where(rank)} exited with code {proc.exitcode} during startup"
+                reason = f"{reason} ({ended})" if reason else ended
+            if reason is not None:
+                return EngineError(reason, field="parallel.tp", hint=f"see the log lines of TP rank {rank}")
+        return None
 
     def _wait_ready(self, rank: int) -> Ready:
         """Rank `rank`'s engine_id, side-channel port (or None) and advertised side-channel host."""
