@@ -9,6 +9,7 @@ import pytest
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed import executor as executor_module
 from pdlaunch.distributed import parallel_state
+from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError
 from tests.tp.conftest import MakeTPEngine
 
@@ -34,3 +35,17 @@ def test_a_rank_failing_before_it_joins_names_itself_and_its_reason(  # type: ig
     with pytest.raises(EngineError) as err:
         make_tp_engine(llama_ckpt, 2)
     assert "TP rank 1" in str(err.value) and "not-a-checkpoint" in str(err.value), str(err.value)
+
+
+@pytest.mark.slow
+def test_the_engine_restarts_in_the_same_process_after_a_failed_startup(  # type: ignore[no-untyped-def]
+        llama_ckpt, make_tp_engine: MakeTPEngine, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _break_the_worker(monkeypatch, tmp_path / "not-a-checkpoint")
+    with pytest.raises(EngineError):
+        make_tp_engine(llama_ckpt, 2)
+    monkeypatch.undo()
+    monkeypatch.setattr(parallel_state, "COLLECTIVE_TIMEOUT_S", 20.0)  # a broken restart fails sooner
+    engine = make_tp_engine(llama_ckpt, 2)
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
