@@ -229,9 +229,14 @@ class TPExecutor:
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
         message = self.failure or (f"{self._where(rank)} is unreachable: {exc}" if rank is not None
-                                   else f"a TP collective failed: {exc}")
+                                   else f"a TP collective failed: {exc}{self._stopped_ranks()}")
         self.failure = message
         return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
+
+    def _stopped_ranks(self) -> str:
+        """Which local ranks are stopped (a collective timing out names no peer; a dead one the watchdog names)."""
+        stopped = [self._where(rank) for rank, proc in self._procs.items() if _is_stopped(proc.pid)]
+        return f" ({', '.join(stopped)} stopped: SIGSTOP or a debugger)" if stopped else ""
 
     def wrap_connector(self, connector: KVConnector) -> KVConnector:
         """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
@@ -330,6 +335,15 @@ class TPExecutor:
         self._conns = []
         destroy_tp_group()
         self.runner.release()
+
+
+def _is_stopped(pid: int | None) -> bool:
+    """True when process `pid` is stopped by a signal or traced (Linux /proc; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _as_drawn_by_worker(config: DeploymentConfig, instance: InstanceSpec | None

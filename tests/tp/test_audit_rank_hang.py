@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from pdlaunch.distributed import executor as executor_module
+from pdlaunch.distributed import parallel_state
 from pdlaunch.distributed.executor import TPExecutor
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError
@@ -60,3 +61,23 @@ def test_step_inputs_larger_than_the_pipe_to_a_stopped_rank_fail_by_name(  # typ
     finally:
         if proc.is_alive():
             os.kill(pid, signal.SIGKILL)  # unblocks a broken engine so the fixture can shut it down
+
+
+@pytest.mark.slow
+def test_a_collective_timing_out_on_a_stopped_rank_names_it(  # type: ignore[no-untyped-def]
+        llama_ckpt, make_tp_engine: MakeTPEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parallel_state, "COLLECTIVE_TIMEOUT_S", 5.0)  # rank 0's gloo timeout
+    engine = make_tp_engine(llama_ckpt, 2)
+    assert isinstance(engine.executor, TPExecutor)
+    (proc,) = engine.executor._procs.values()  # noqa: SLF001 - the test stops a real rank process
+    assert proc.pid is not None
+    pid = proc.pid
+    engine.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        step, errors = _in_thread(engine.step)
+        step.join(GUARD_S)
+        assert not step.is_alive() and len(errors) == 1 and isinstance(errors[0], EngineError), errors
+        assert f"TP rank 1 (pid {pid}) stopped" in str(errors[0]), str(errors[0])
+    finally:
+        os.kill(pid, signal.SIGKILL)
