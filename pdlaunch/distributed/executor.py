@@ -42,7 +42,7 @@ from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_sto
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
-from pdlaunch.distributed.remote_link import RankListener, is_closed
+from pdlaunch.distributed.remote_link import RankListener, is_closed, set_send_timeout
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.distributed.worker import run_worker
 from pdlaunch.errors import EngineError
@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 10.0  # a worker that does not exit after "shutdown" within this is terminated
 REPLY_TIMEOUT_S = 30.0  # a rank that does not answer a connector call within this is failed
+# A step's inputs can outgrow the socket buffers (~400 KiB): a rank that takes nothing of a message
+# within this is failed (hung or stopped); "shutdown" is tiny and gets the short bound.
+SEND_TIMEOUT_S = 60.0
+SHUTDOWN_SEND_TIMEOUT_S = 1.0
 DEATH_REPORT_WAIT_S = 2.0  # after a failed collective, how long to wait for the watchdog to name the rank
 
 
@@ -123,6 +127,8 @@ class TPExecutor:
                 links[rank] = parent_end
             if listener is not None:
                 links.update(listener.accept(self._remote, RENDEZVOUS_TIMEOUT_S))
+            for conn in links.values():
+                set_send_timeout(conn, SEND_TIMEOUT_S)
                 for rank in self._remote:
                     send(links[rank], Setup(device.type, dtype_name, max_model_len))
             self._conns = [links[r] for r in range(1, self.tp_size)]
@@ -134,10 +140,14 @@ class TPExecutor:
             self._rank_engine_ids = [self.engine_id] + [r.engine_id for r in ready]
             self._side_ports: list[int | None] = [None, *(r.side_channel_port for r in ready)]
             self._side_hosts: list[str | None] = [None, *(r.side_channel_host for r in ready)]
-        except BaseException:
+        except BaseException as exc:
             self._conns = [links[r] for r in sorted(links)]
+            # Rank 0's own error (a join or collective that timed out) hides why: the rank that failed.
+            failed = self._startup_failure(links) if isinstance(exc, Exception) else None
             self._stop_workers()
             destroy_tp_group()
+            if failed is not None:
+                raise failed from exc
             raise
         finally:
             if listener is not None:
@@ -151,6 +161,29 @@ class TPExecutor:
     def _where(self, rank: int) -> str:
         proc = self._procs.get(rank)
         return f"TP rank {rank} (pid {proc.pid})" if proc is not None else f"TP rank {rank} on {self._remote[rank]}"
+
+    def _startup_failure(self, links: dict[int, Connection]) -> EngineError | None:
+        """The failure of another rank that made this rank's startup fail: its RankFailed reason, or how
+        its process ended; None when every rank is still up (this rank failed on its own)."""
+        sentinels = [p.sentinel for p in self._procs.values()]
+        if sentinels:  # a rank whose collective peer just failed learns it before that peer has exited
+            wait(sentinels, timeout=DEATH_REPORT_WAIT_S)
+        for rank, conn in sorted(links.items()):
+            reason: str | None = None
+            try:
+                while conn.poll(0):
+                    message = recv(conn, self._where(rank))
+                    if isinstance(message, RankFailed):
+                        reason = message.message
+            except (EOFError, OSError, UnexpectedMessage):
+                pass
+            proc = self._procs.get(rank)
+            if proc is not None and not proc.is_alive():
+                ended = f"{self._where(rank)} exited with code {proc.exitcode} during startup"
+                reason = f"{reason} ({ended})" if reason else ended
+            if reason is not None:
+                return EngineError(reason, field="parallel.tp", hint=f"see the log lines of TP rank {rank}")
+        return None
 
     def _wait_ready(self, rank: int) -> Ready:
         """Rank `rank`'s engine_id, side-channel port (or None) and advertised side-channel host."""
@@ -184,6 +217,10 @@ class TPExecutor:
         for rank, conn in enumerate(self._conns, start=1):
             try:
                 send(conn, message)
+            except BlockingIOError as exc:
+                stuck = TimeoutError(f"it took none of {type(message).__name__} within {SEND_TIMEOUT_S:.0f}s "
+                                     "(hung or stopped)")
+                raise self._rank_failure(stuck, rank) from exc
             except OSError as exc:
                 raise self._rank_failure(exc, rank) from exc
 
@@ -191,10 +228,15 @@ class TPExecutor:
         deadline = time.monotonic() + DEATH_REPORT_WAIT_S
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        message = self.failure or (f"TP rank {rank} is unreachable: {exc}" if rank is not None
-                                   else f"a TP collective failed: {exc}")
+        message = self.failure or (f"{self._where(rank)} is unreachable: {exc}" if rank is not None
+                                   else f"a TP collective failed: {exc}{self._stopped_ranks()}")
         self.failure = message
         return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
+
+    def _stopped_ranks(self) -> str:
+        """Which local ranks are stopped (a collective timing out names no peer; a dead one the watchdog names)."""
+        stopped = [self._where(rank) for rank, proc in self._procs.items() if _is_stopped(proc.pid)]
+        return f" ({', '.join(stopped)} stopped: SIGSTOP or a debugger)" if stopped else ""
 
     def wrap_connector(self, connector: KVConnector) -> KVConnector:
         """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
@@ -267,8 +309,9 @@ class TPExecutor:
         self._closing.set()
         for conn in self._conns:
             try:
+                set_send_timeout(conn, SHUTDOWN_SEND_TIMEOUT_S)
                 send(conn, Shutdown())
-            except OSError:  # that rank is gone already
+            except OSError:  # that rank is gone already, or hung with its buffer full: it is killed below
                 pass
         for rank, proc in self._procs.items():
             proc.join(JOIN_TIMEOUT_S)
@@ -292,6 +335,15 @@ class TPExecutor:
         self._conns = []
         destroy_tp_group()
         self.runner.release()
+
+
+def _is_stopped(pid: int | None) -> bool:
+    """True when process `pid` is stopped by a signal or traced (Linux /proc; False elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
 
 
 def _as_drawn_by_worker(config: DeploymentConfig, instance: InstanceSpec | None

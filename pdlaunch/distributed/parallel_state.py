@@ -71,8 +71,16 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     except (RuntimeError, dist.DistError) as exc:
+        if dist.is_initialized():
+            destroy_tp_group()
+        else:
+            # The failed init drew the default group's name ("0", "1", ...) from a process-wide counter
+            # that only destroying a group resets: a restart here would rendezvous under "1" while its
+            # fresh worker ranks wait under "0".
+            dist.distributed_c10d._world.group_count = 0
+        # init_process_group waits for the peers with the group's timeout, not the store's.
         raise EngineError(f"TP rank {rank} could not join the {size}-rank group at {host}:{port} "
-                          f"within {RENDEZVOUS_TIMEOUT_S:.0f}s: {exc}", field="parallel.master_addr",
+                          f"within {COLLECTIVE_TIMEOUT_S:.0f}s: {exc}", field="parallel.master_addr",
                           hint="another rank failed to start (see its log) or the address is unreachable") from exc
     log.info("TP rank %d/%d joined (%s, rendezvous %s:%d)", rank, size, backend, host, port)
     return TPGroup(rank=rank, size=size, backend=backend, cpu_group=cpu_group)

@@ -119,6 +119,18 @@ def open_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:
                           ) from exc
 
 
+def set_send_timeout(conn: Connection, seconds: float) -> None:
+    """Make a send on `conn` (a socket: a duplex pipe or a TCP link) raise BlockingIOError once the
+    peer has taken nothing for `seconds`, instead of blocking for as long as the peer is hung."""
+    whole = int(seconds)
+    probe = socket.socket(fileno=conn.fileno())
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                         struct.pack("ll", whole, int((seconds - whole) * 1_000_000)))
+    finally:
+        probe.detach()  # the fd stays owned by `conn`
+
+
 def is_closed(conn: Connection) -> bool:
     """True when the peer closed `conn` (a pending message is not a close)."""
     probe = socket.socket(fileno=conn.fileno())
