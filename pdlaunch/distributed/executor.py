@@ -89,6 +89,15 @@ class UniprocExecutor:
         self.runner.release()
 
 
+def open_links(links: dict[int, Connection], remote: dict[int, str], setup: Setup) -> None:
+    """Bound every rank link's sends (SEND_TIMEOUT_S), then send each remote rank its Setup, once (a local
+    worker gets its settings as arguments)."""
+    for conn in links.values():
+        set_send_timeout(conn, SEND_TIMEOUT_S)
+    for rank in remote:
+        send(links[rank], setup)
+
+
 class TPExecutor:
     """tp > 1: this process is rank 0 of the instance's TP group."""
 
@@ -127,10 +136,7 @@ class TPExecutor:
                 links[rank] = parent_end
             if listener is not None:
                 links.update(listener.accept(self._remote, RENDEZVOUS_TIMEOUT_S))
-            for conn in links.values():
-                set_send_timeout(conn, SEND_TIMEOUT_S)
-                for rank in self._remote:
-                    send(links[rank], Setup(device.type, dtype_name, max_model_len))
+            open_links(links, self._remote, Setup(device.type, dtype_name, max_model_len))
             self._conns = [links[r] for r in range(1, self.tp_size)]
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, self._store.port,
                                self._store)
