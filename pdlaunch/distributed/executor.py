@@ -53,7 +53,7 @@ from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
 
-JOIN_TIMEOUT_S = 10.0  # a worker that does not exit after "shutdown" within this is terminated
+JOIN_TIMEOUT_S = 10.0  # a worker that does not exit after "shutdown" within this is killed
 REPLY_TIMEOUT_S = 30.0  # a rank that does not answer a connector call within this is failed
 # A step's inputs can outgrow the socket buffers (~400 KiB): a rank that takes nothing of a message
 # within this is failed (hung or stopped); "shutdown" is tiny and gets the short bound.
@@ -321,14 +321,11 @@ class TPExecutor:
                 pass
         for rank, proc in self._procs.items():
             proc.join(JOIN_TIMEOUT_S)
-            if proc.is_alive():
-                log.warning("TP rank %d (pid %s) did not exit within %.0fs: terminating", rank, proc.pid,
+            if proc.is_alive():  # a worker ignores SIGTERM (worker.py): killed, not terminated
+                log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
                             JOIN_TIMEOUT_S)
-                proc.terminate()
-                proc.join(JOIN_TIMEOUT_S)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+                proc.kill()
+                proc.join()
         for conn in self._conns:
             conn.close()  # a remote rank leaves the group on "shutdown"; its own node's launcher reaps it
 
