@@ -334,7 +334,8 @@ class EngineLoop:
         stream = command.stream
         with self._lock:
             if self._streams.get(stream.request_id) is not stream:
-                return  # aborted before the engine saw it
+                self.num_aborted += 1  # aborted before the engine saw it (e.g. while its grammar was built)
+                return
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
             self._finish(stream.request_id, OpenAIError(503, "server is shutting down", code="shutting_down"))

@@ -98,3 +98,22 @@ def test_a_stop_while_builds_wait_answers_each_with_a_503(caplog: pytest.LogCapt
         engine.release.set()
     assert all(isinstance(a, OpenAIError) and a.status == 503 and a.code == "shutting_down" for a in answers), answers
     assert engine.added == [] and not caplog.records, caplog.records
+
+
+def test_a_request_aborted_while_its_grammar_builds_is_counted_aborted_and_never_added() -> None:
+    engine = HeldGrammarEngine()
+    loop = _started(engine)
+
+    async def run() -> None:
+        loop.submit("r1", [1, 2], STRUCTURED)
+        assert await asyncio.to_thread(engine.building.acquire, True, TIMEOUT), "the build never started"
+        loop.abort("r1")
+        engine.release.set()  # the build ends after the abort: the request is dropped when it is queued
+
+    try:
+        asyncio.run(run())
+        wait_for(lambda: loop.num_aborted == 1, "the aborted request to be counted", TIMEOUT)
+        assert engine.added == []
+    finally:
+        engine.release.set()
+        loop.stop()
