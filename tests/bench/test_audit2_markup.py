@@ -67,8 +67,10 @@ def test_a_model_id_and_a_result_path_are_printed_as_written(monkeypatch: pytest
     mode = (["--multi-turn", "--num-conversations", "1", "--num-turns", "1", "--endpoint", "/v1/chat/completions"]
             if multi_turn else ["--num-prompts", "2"])
     with fake_openai.fake_server() as (url, _):
+        # wide enough that the long temporary path is not wrapped (CI's pytest paths are longer)
         result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, *mode, "--random-input-len", "3",
-                                                "--random-output-len", "2", "--result-filename", str(out)])
+                                                "--random-output-len", "2", "--result-filename", str(out)],
+                                    env={"COLUMNS": "1000"}, terminal_width=1000)
     assert result.exit_code == 0, result.output
     text = _flat(result.output)
     assert "(model llama[/INST])" in text and f"Saved results to {out}" in text
