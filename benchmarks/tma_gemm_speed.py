@@ -29,28 +29,16 @@ import torch.nn.functional as F
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
+from decode_gemm_speed import SHAPES, splits  # noqa: E402
+
 from pdlaunch.model.decode_gemm import DecodeGemmConfig, block_m, decode_gemm  # noqa: E402
 from pdlaunch.model.triton_decode import interpret_mode  # noqa: E402
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "down": (4096, 14336), "gate_up": (28672, 4096),
-          "moe-qkv": (5120, 2048), "moe-o": (2048, 4096)}
 SMEM_BYTES = 227 * 1024
 
 
 def smem_ok(rows: int, block_n: int, block_k: int, stages: int) -> bool:
     return stages * (block_m(rows) + block_n) * block_k * 2 + 4096 <= SMEM_BYTES
-
-
-def splits(n: int, k: int, block_n: int, block_k: int, sms: int) -> list[int]:
-    tiles = -(-n // block_n)
-    found: list[int] = []
-    for target in (sms, 2 * sms, 4 * sms):
-        split = 1
-        while tiles * split * 2 <= target and k // (split * 2) >= 2 * block_k:
-            split *= 2
-        if split not in found:
-            found.append(split)
-    return found
 
 
 CONFIGS = list(itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4, 6, 8), (0, 1)))
