@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,24 +103,31 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     part = tuple(int(v) for v in args.part.split("/")) if args.compile_only else None
+    sweep(args.shapes, args.rows, part, args.json,
+          lambda shape, m, weights, floor_us, sms: time_rows(shape, m, weights, floor_us, sms,
+                                                             part, args.deep))  # type: ignore[arg-type]
+
+
+def sweep(shapes: list[str], rows: list[int], part: tuple[int, ...] | None, json_path: Path | None,
+          time_one: Callable[[str, int, list[torch.Tensor], float, int], dict[str, Any]]) -> None:
+    """For each shape, bf16 weight copies in rotation (at least 256 MB; one with --compile-only), then
+    time_one(shape, rows, weights, floor_us, SMs) per row count; the rows with the copy rate to `json_path`."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if part is None:
         doc.update(copy_bandwidth(2.0))
     bw = doc.get("copy_gbps", 1.0) * 1e9
     doc["rows"] = []
-    for shape in args.shapes:
+    for shape in shapes:
         n, k = SHAPES[shape]
         nbytes = n * k * 2
         copies = 1 if part is not None else max(2, -(-(256 << 20) // nbytes))
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        doc["rows"] += [time_rows(shape, m, weights, round(nbytes / bw * 1e6, 2), sms, part,  # type: ignore[arg-type]
-                                  args.deep) for m in args.rows]
+        doc["rows"] += [time_one(shape, m, weights, round(nbytes / bw * 1e6, 2), sms) for m in rows]
         del weights
         torch.cuda.empty_cache()
-    if args.json and part is None:
-        args.json.write_text(json.dumps(doc, indent=1))
-
+    if json_path and part is None:
+        json_path.write_text(json.dumps(doc, indent=1))
 
 if __name__ == "__main__":
     main()

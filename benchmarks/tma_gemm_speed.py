@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 sys.path.append(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from decode_gemm_speed import SHAPES, splits  # noqa: E402
+from decode_gemm_speed import SHAPES, splits, sweep  # noqa: E402
 
 from pdlaunch.model.decode_gemm import DecodeGemmConfig, block_m, decode_gemm  # noqa: E402
 from pdlaunch.model.triton_decode import interpret_mode  # noqa: E402
@@ -114,26 +113,9 @@ def main() -> None:
     if args.check_only:
         check_only()
         return
-    from limits import copy_bandwidth
-
     part = tuple(int(v) for v in args.part.split("/")) if args.compile_only else None
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    doc: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    if part is None:
-        doc.update(copy_bandwidth(2.0))
-    bw = doc.get("copy_gbps", 1.0) * 1e9
-    doc["rows"] = []
-    for shape in args.shapes:
-        n, k = SHAPES[shape]
-        nbytes = n * k * 2
-        copies = 1 if part is not None else max(2, -(-(256 << 20) // nbytes))
-        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        doc["rows"] += [time_rows(shape, m, weights, round(nbytes / bw * 1e6, 2), sms, part) for m in args.rows]
-        del weights
-        torch.cuda.empty_cache()
-    if args.json and part is None:
-        args.json.write_text(json.dumps(doc, indent=1))
-
+    sweep(args.shapes, args.rows, part, args.json,
+          lambda shape, m, weights, floor_us, sms: time_rows(shape, m, weights, floor_us, sms, part))
 
 if __name__ == "__main__":
     main()

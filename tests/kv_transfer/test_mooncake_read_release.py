@@ -132,20 +132,27 @@ def test_an_aborted_loader_read_drains_until_it_ended(agent: _Agent) -> None:
         thread.join(WAIT_S)
 
 
-def test_a_loader_read_aborted_while_it_is_posted_drains(agent: _Agent) -> None:
-    table, load = _table(agent, _Strategy())
-    aborts: list[bool] = []
-    agent.during_post = lambda: aborts.append(table.abort("r-1"))  # posted, the post not returned yet
+def _in_a_loader_thread(run: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    """`run` started on a thread of its own, as the loader pool runs a load; what it raised is collected."""
     errors: list[BaseException] = []
 
     def loader() -> None:
         try:
-            table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096])
+            run()
         except BaseException as e:  # noqa: BLE001 - the test looks at it
             errors.append(e)
 
     thread = threading.Thread(target=loader)
     thread.start()
+    return thread, errors
+
+
+def test_a_loader_read_aborted_while_it_is_posted_drains(agent: _Agent) -> None:
+    table, load = _table(agent, _Strategy())
+    aborts: list[bool] = []
+    agent.during_post = lambda: aborts.append(table.abort("r-1"))  # posted, the post not returned yet
+    thread, errors = _in_a_loader_thread(
+        lambda: table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096]))
     try:
         _until_aborted(aborts, thread)
         assert aborts == [True], "the decode's blocks were given back while the READ writes them"
@@ -165,16 +172,7 @@ def test_a_pull_read_aborted_while_it_is_posted_drains(agent: _Agent) -> None:
     strategy.ctx = table.ctx
     aborts: list[bool] = []
     agent.during_post = lambda: aborts.append(table.abort("r-1"))
-    errors: list[BaseException] = []
-
-    def loader() -> None:
-        try:
-            strategy.run(load)  # the claim it sends next sees the abort
-        except BaseException as e:  # noqa: BLE001 - the test looks at it
-            errors.append(e)
-
-    thread = threading.Thread(target=loader)
-    thread.start()
+    thread, errors = _in_a_loader_thread(lambda: strategy.run(load))  # the claim it sends next sees the abort
     try:
         _until_aborted(aborts, thread)
         assert aborts == [True], "the decode's blocks were given back while the READ writes them"
