@@ -81,6 +81,8 @@ def run_serve(cfg: DeploymentConfig) -> int:
         try:
             if not deployment.start(should_stop=signals.requested.is_set):
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
+                deployment.stop(drain=not signals.forced, hurry=lambda: signals.forced)
+                console.print("stopped: all processes reaped", highlight=False)
                 return 0
             _announce(console, deployment)
             with Supervisor(deployment, console) as supervisor:

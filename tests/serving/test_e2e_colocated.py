@@ -14,7 +14,8 @@ import pytest
 
 from pdlaunch.launcher.ports import port_is_free
 from tests.helpers.checkpoints import hf_greedy
-from tests.serving.e2e import Serve, alive, wait_gone
+from tests.serving.e2e import READY_LINE, START_TIMEOUT_S, Serve, alive, children_of, wait_gone
+from tests.serving.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -69,3 +70,25 @@ def test_ctrl_c_exits_0_and_frees_everything(serve: Serve) -> None:
     assert not alive(children)
     wait_gone(children, timeout=1)
     assert all(port_is_free("127.0.0.1", port) for port in ports)
+
+
+def test_ctrl_c_while_starting_reaps_everything_and_says_so(llama_ckpt: Path, tmp_path: Path) -> None:
+    """Ctrl-C before the instance answered: the launcher said "stopping" and exited without saying whether
+    anything was left (a SLURM node stopped in that window looked like one that never stopped). Now it says
+    every process was reaped once they are, as after a Ctrl-C while serving."""
+    serve = Serve(tmp_path, ["--model", str(llama_ckpt), "--colocated", "--num-gpu-blocks", "64"])
+    try:
+        children = wait_for(lambda: children_of(serve.proc.pid) or None, "the launcher to start its instance",
+                            START_TIMEOUT_S, poll=0.05)
+        assert READY_LINE not in serve.output, serve.output  # an instance importing torch is far from ready
+        serve.proc.send_signal(signal.SIGINT)
+        try:
+            code = serve.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"pdlaunch serve did not exit within 60s of a Ctrl-C while starting:\n{serve.output}")
+        text = serve.output
+        assert code == 0, text
+        assert "SIGINT received while starting; stopping" in text and "stopped: all processes reaped" in text, text
+        assert not alive(children), text
+    finally:
+        serve.stop()

@@ -485,6 +485,8 @@ def run_ray(cfg: DeploymentConfig) -> int:
         try:
             if not deployment.start(should_stop=signals.requested.is_set):
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
+                deployment.stop(drain=False, hurry=hurry)
+                console.print("stopped: every actor and placement group removed", highlight=False)
                 return 0
             console.print(f"[green]ready[/green]: OpenAI API at [bold]{deployment.proxy_url}/v1[/bold] "
                           f"(model {cfg.model.path!r}; {len(deployment.runs)} instance(s) on the Ray cluster; logs "
