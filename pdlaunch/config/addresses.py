@@ -1,5 +1,6 @@
 """Host addresses in the config: syntax (any host), and for the ones this machine binds, that they
-resolve and belong to it, so a bad address is reported as such and not as "port already in use".
+resolve and belong to it, so a bad address is reported as such and not as "port already in use";
+and whether a port on one of them is free now (the launcher's ports and check-config's warning).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
 
 RESOLVE_TIMEOUT_S = 5.0
 # RFC 1123 labels; `_` is accepted because container runtimes name hosts with it.
@@ -81,3 +83,31 @@ def bind_problem(field: str, host: str) -> Problem | None:
                                "this machine's own addresses")
             return problem(field, f"cannot bind {host!r}: {exc.strerror or exc}", HOST_FIX)
     return None
+
+
+def _unusable_host(host: str, reason: str) -> PdlaunchError:
+    return PdlaunchError(f"cannot bind {host}: {reason}", field="host",
+                         hint="set proxy.host / kv_transfer.side_channel_host to 127.0.0.1, 0.0.0.0 or an "
+                              "address of this machine; `pdlaunch check-config` names the key")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when a server could bind host:port now (SO_REUSEADDR, as uvicorn binds), False when the
+    port is taken. A host that does not resolve or is not this machine's raises PdlaunchError
+    instead: "port in use" would send the user after the wrong problem."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise _unusable_host(host, f"the name does not resolve ({exc.strerror or exc})") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise _unusable_host(host, "it is not an address of this machine") from None
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            if exc.errno == errno.EACCES:
+                raise PdlaunchError(f"port {port} on {host} needs privileges (ports below 1024 are root's)",
+                                    field="port", hint="choose a port above 1024") from None
+            raise _unusable_host(host, exc.strerror or str(exc)) from None
+    return True

@@ -17,7 +17,7 @@ from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings
-from pdlaunch.config.rules.resources import port_plan
+from pdlaunch.config.rules.resources import busy_port_warnings, port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
 from pdlaunch.config.validate import (
@@ -25,8 +25,10 @@ from pdlaunch.config.validate import (
     cumem_reason,
     gpu_memory_bytes,
     model_info_for,
+    resolved_device,
     target_problems,
     validate_deployment,
+    visible_gpus,
 )
 from pdlaunch.errors import ConfigError, PdlaunchError
 
@@ -112,6 +114,10 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
     if resolved is not None:
         warnings += name_flags(no_effect_warnings(resolved, model_info_for(resolved)[0]),
                                flag_fields(overrides, resolved.instances))
+    if resolved is not None and not problems and target is None and resolved.launcher.backend == "local":
+        device = resolved_device(resolved, None)  # this machine's ports: another host's cannot be probed
+        visible = visible_gpus(device, None) if device == "cuda" else 0
+        warnings += name_flags(busy_port_warnings(resolved, visible), flag_fields(overrides, resolved.instances))
     if json_output:
         report = {
             "valid": not problems,

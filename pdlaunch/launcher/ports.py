@@ -6,43 +6,14 @@ it for real a moment later. A port handed out once is never handed out again by 
 
 from __future__ import annotations
 
-import errno
 import random
-import socket
 
+from pdlaunch.config.addresses import port_is_free
 from pdlaunch.errors import PdlaunchError
 
 # Free consecutive ranges are searched here: above the usual service ports, below the Linux
 # ephemeral range (32768+), so an outgoing connection cannot take one between test and bind.
 _RANGE_LOW, _RANGE_HIGH = 20000, 32000
-
-
-def _unusable_host(host: str, reason: str) -> PdlaunchError:
-    return PdlaunchError(f"cannot bind {host}: {reason}", field="host",
-                         hint="set proxy.host / kv_transfer.side_channel_host to 127.0.0.1, 0.0.0.0 or an "
-                              "address of this machine; `pdlaunch check-config` names the key")
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True when a server could bind host:port now (SO_REUSEADDR, as uvicorn binds), False when the
-    port is taken. A host that does not resolve or is not this machine's raises PdlaunchError
-    instead: "port in use" would send the user after the wrong problem."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except socket.gaierror as exc:
-            raise _unusable_host(host, f"the name does not resolve ({exc.strerror or exc})") from None
-        except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise _unusable_host(host, "it is not an address of this machine") from None
-            if exc.errno == errno.EADDRINUSE:
-                return False
-            if exc.errno == errno.EACCES:
-                raise PdlaunchError(f"port {port} on {host} needs privileges (ports below 1024 are root's)",
-                                    field="port", hint="choose a port above 1024") from None
-            raise _unusable_host(host, exc.strerror or str(exc)) from None
-    return True
 
 
 class PortAllocator:

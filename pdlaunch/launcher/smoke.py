@@ -19,13 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
+from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.deployment import ChildExited, Deployment
 from pdlaunch.launcher.log_dir_lock import log_dir_holder
-from pdlaunch.launcher.ports import PortAllocator, port_is_free
+from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.launcher.serve import report_child_exit
 from pdlaunch.server.instance import served_model_names
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.ports import PortAllocator, port_is_free
-from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
+from pdlaunch.launcher.ports import PortAllocator
+from tests.config.cli_helpers import assert_invalid, check, check_json, invoke, write_yaml
 
 CPU = ["--model", "tiny", "--device", "cpu"]
 
@@ -105,6 +106,27 @@ def test_port_allocator_tells_a_bad_host_from_a_used_port() -> None:
             PortAllocator("127.0.0.1").claim(port, "proxy.port", "proxy")
         assert err.value.field == "proxy.port"
 
+
+
+def test_a_fixed_port_in_use_now_is_a_warning_naming_the_field(tmp_path: Path) -> None:
+    """check-config said "valid" for a proxy port or base_port that something held, and serve stopped at
+    it. Now it warns (the config is right; the port may be freed first) and names what the user typed."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = check([*CPU, "--port", str(port)])
+        assert result.exit_code == 0, result.output
+        assert f"warning: --port: port {port} (proxy) on 127.0.0.1: {port} in use now" in result.output
+        path = write_yaml(tmp_path, "colocated: true\ninstances:\n"
+                                    f"  - {{role: colocated, count: 2, base_port: {port - 1}}}\n")
+        report = check_json([str(path), *CPU])
+        assert report["valid"], report
+        assert [w["field"] for w in report["warnings"] if "in use now" in w["message"]] == ["instances[0].base_port"]
+        # another host's ports cannot be probed from here: no warning when checking for a target host
+        assert "in use now" not in check([*CPU, "--port", str(port), "--target-gpus", "1",
+                                          "--target-gpu-memory", "80"]).output
+    assert "in use now" not in check([*CPU, "--port", str(port)]).output
 
 # --- duplicate YAML keys ----------------------------------------------------------------------
 

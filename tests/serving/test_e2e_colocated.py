@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from pdlaunch.launcher.ports import port_is_free
+from pdlaunch.config.addresses import port_is_free
 from tests.helpers.checkpoints import hf_greedy
 from tests.serving.e2e import READY_LINE, START_TIMEOUT_S, Serve, alive, children_of, wait_gone
 from tests.serving.helpers import wait_for

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import plan_deployment
-from pdlaunch.launcher.ports import PortAllocator, port_is_free
+from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.launcher.process import ChildProcess, signals_deferred, stop_all
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.errors import PdlaunchError
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,28 @@ def port_problems(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]
         valid.append(used)
     return problems
 
+
+
+def busy_port_warnings(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]:
+    """Fixed ports this machine's node would bind that something else holds now: `pdlaunch serve` stops at
+    the first. A warning, not a problem: the config is right and the port may be freed before it starts
+    (check-config is also run next to a deployment that still serves). Addresses that are not this
+    machine's are skipped (another node's ports, or a bad address bind_problem reports)."""
+    warnings: list[Problem] = []
+    for used in port_plan(cfg, visible_gpus):
+        if used.node != cfg.parallel.node_rank or used.first < 1 or used.last > 65535:
+            continue
+        host = cfg.proxy.host if used.field == "proxy.port" else (
+            cfg.parallel.nodes[used.node].address if cfg.parallel.nodes else "127.0.0.1")
+        try:
+            busy = [port for port in range(used.first, used.last + 1) if not port_is_free(host, port)]
+        except PdlaunchError:
+            continue
+        if busy:
+            ports = ", ".join(map(str, busy[:5])) + (f" and {len(busy) - 5} more" if len(busy) > 5 else "")
+            warnings.append(problem(used.field, f"{used.label()} on {host}: {ports} in use now, so `pdlaunch "
+                                    "serve` would stop there", "stop what holds it or choose another port"))
+    return warnings
 
 def _node_capacity(cfg: DeploymentConfig, visible_gpus: int) -> list[list[int]]:
     """The CUDA device indices usable on each node."""
