@@ -95,7 +95,10 @@ class OffloadManager:
             known = self.tier.lookup(node.block_hash, parent, node.token_ids)
             if known is not None and known.groups >= groups:
                 continue
-            entry = self.tier.allocate(node.block_hash, parent, node.token_ids, groups, protect)
+            # allocate() reuses a known block's CPU block and this store writes only `groups`: the groups
+            # it held stay valid there, unless their own store is still queued (it may yet fail).
+            kept = known.groups if known is not None and node.block_hash not in self._storing else frozenset()
+            entry = self.tier.allocate(node.block_hash, parent, node.token_ids, groups | kept, protect)
             if entry is not None:
                 by_groups.setdefault(groups, []).append((entry, blocks))
         num_groups = self.block_manager.num_groups

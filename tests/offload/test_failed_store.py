@@ -137,3 +137,39 @@ def test_store_into_a_block_a_load_is_about_to_read_does_not_touch_it() -> None:
         manager.check_integrity()
     finally:
         manager.shutdown()
+
+
+def test_storing_a_block_again_in_other_groups_keeps_the_groups_it_held() -> None:
+    """A prefix block the CPU tier holds in group 2 only, evicted from the device later in groups 0 and 1:
+    the new store reused its CPU block but recorded groups {0, 1}, so group 2's KV, still there, was
+    forgotten (a later load of that block in group 2 was a miss). Now the block holds all three."""
+    bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, sliding_windows=(None, 8, 4))
+    caches = [torch.zeros(4, *SHAPE) for _ in range(3)]
+    gb = 4 * CPUTier.bytes_per_block([SHAPE] * 3, torch.float32) / 2**30
+    manager = OffloadManager(bm, lambda: caches, gb)
+    try:
+        prompt = list(range(1, 3 * BLOCK_SIZE + 1))
+        tokens = tuple(prompt[:BLOCK_SIZE])
+        block_hash = bm.index.hash_fn(None, tokens)
+        entry = manager.tier.allocate(block_hash, None, tokens, frozenset({2}))
+        assert entry is not None
+        manager.tier.caches[2][entry.block_id].fill_(42.0)
+        # The device caches block 0 in groups 0 and 1 (not 2, outside its 4-token window), then evicts it.
+        assert bm.allocate("a", BLOCK_SIZE, 2 * BLOCK_SIZE)
+        assert bm.block_ids("a")[2] == [-1]
+        bm.cache_blocks("a", prompt[:BLOCK_SIZE], BLOCK_SIZE)
+        device_block = bm.block_ids("a")[0][0]
+        caches[0][device_block].fill_(7.0)
+        caches[1][bm.block_ids("a")[1][0]].fill_(8.0)
+        bm.free("a")
+        assert bm.allocate("b", 4 * BLOCK_SIZE, 0)  # every device block: block 0's cached copies are evicted
+        manager.wait_idle(timeout=60.0)
+        stored = manager.tier.entries[block_hash]
+        assert stored.groups == frozenset({0, 1, 2})
+        assert stored.block_id == entry.block_id and manager.stored_blocks == 1
+        assert torch.equal(manager.tier.caches[2][stored.block_id], torch.full(SHAPE, 42.0))
+        assert torch.equal(manager.tier.caches[0][stored.block_id], torch.full(SHAPE, 7.0))
+        assert torch.equal(manager.tier.caches[1][stored.block_id], torch.full(SHAPE, 8.0))
+        manager.check_integrity()
+    finally:
+        manager.shutdown()
