@@ -250,3 +250,33 @@ def test_injected_failure_releases_the_prefill_through_a_signed_notification(mon
     finally:
         decode.shutdown()
         prefill.shutdown()
+
+
+@requires_mooncake
+def test_a_registration_failing_halfway_leaves_nothing_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third KV tensor failing to register left the first two registered with Mooncake, known to
+    nobody (deregister before a sleep skipped them) until the engine closed. Now they are undone."""
+    from pdlaunch.errors import KVTransferError
+
+    prefill = _connector("prefill", "halfway-P")
+    try:
+        engine = prefill.transfer_engine
+        real = engine.register
+        calls: list[int] = []
+
+        def third_fails(address: int, nbytes: int, location: str) -> None:
+            calls.append(address)
+            if len(calls) == 3:
+                raise KVTransferError(f"Mooncake could not register {nbytes} bytes at {address:#x}: code -1")
+            real(address, nbytes, location)
+
+        monkeypatch.setattr(engine, "register", third_fails)
+        spec = make_spec(seed=4, groups=3, sliding_window=[None, 8, 8])  # three KV tensors
+        with pytest.raises(KVTransferError, match="could not register"):
+            prefill.register_kv_caches(spec)
+        assert len(calls) == 3 and engine._registered == []
+        monkeypatch.setattr(engine, "register", real)
+        prefill.register_kv_caches(spec)  # a retry registers everything once
+        assert engine._registered == [t.data_ptr() for t in spec.kv_caches]
+    finally:
+        prefill.shutdown()

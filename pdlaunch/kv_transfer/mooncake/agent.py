@@ -73,9 +73,18 @@ class MooncakeAgent:
         self.mem_type = "DRAM" if tensors[0].device.type == "cpu" else "VRAM"
         self.device_id = max(tensors[0].get_device(), 0)
         location = "*" if tensors[0].device.type == "cpu" else f"cuda:{self.device_id}"
-        for t in tensors:
-            self.engine.register(t.data_ptr(), t.numel() * t.element_size(), location)
-        return [t.data_ptr() for t in tensors]
+        done: list[int] = []
+        try:
+            for t in tensors:
+                self.engine.register(t.data_ptr(), t.numel() * t.element_size(), location)
+                done.append(t.data_ptr())
+        except BaseException:
+            # Nobody else knows these addresses: left registered, they outlive the memory (freed by the
+            # failed start, or by a sleep when a wake's registration failed) until the engine closes.
+            for address in done:
+                self.engine.unregister(address)
+            raise
+        return done
 
     def deregister(self) -> None:
         """Deregister what `register` registered (before that memory is freed: sleep)."""
