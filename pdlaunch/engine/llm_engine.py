@@ -312,7 +312,16 @@ class LLMEngine:
         self.outputs.add(request, matcher)
         self.scheduler.add_request(request)
         if first:
-            self._admitted.append((request, self._continue_from(request, first)))
+            try:
+                continued = self._continue_from(request, first)
+            except Exception:
+                # Its first token's grammar or detokenizer raised: the caller gets the error as the request's
+                # refusal, so nothing of it may stay here to run unseen and keep its id taken (a retry's 400).
+                if not request.is_finished:
+                    self.scheduler.finish_request(request, "abort")
+                self.outputs.pop(request_id)
+                raise
+            self._admitted.append((request, continued))
 
     def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
         """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""

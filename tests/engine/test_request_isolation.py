@@ -16,6 +16,7 @@ from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
 from tests.engine.conftest import MakeEngine, run_all
+from tests.engine.test_engine_connector import CopyConnector, Hub, spec
 
 PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 5, 6, 7]
 CHOICES = json.dumps(["alpha", "beta gamma", "delta"])
@@ -53,6 +54,16 @@ def run_batch(engine: LLMEngine, requests: dict[str, SamplingParams], break_one:
             return final
         final.update((out.request_id, out) for out in engine.step() if out.finished)
         engine.check_integrity()
+    raise AssertionError("the engine made no progress in 1000 steps")
+
+
+def run_to_end(engine: LLMEngine) -> dict[str, RequestOutput]:
+    """Step until every request finished (a prefill may still hold KV for its decode); their final outputs."""
+    final: dict[str, RequestOutput] = {}
+    for _ in range(1000):
+        final.update((out.request_id, out) for out in engine.step() if out.finished)
+        if not engine.has_unfinished_requests():
+            return final
     raise AssertionError("the engine made no progress in 1000 steps")
 
 
@@ -136,3 +147,31 @@ def test_a_grammar_that_raises_fails_only_its_request(engine: LLMEngine, hook: s
 
     final = run_batch(engine, {"plain": greedy(), "bad": choice(), "constrained": choice()}, break_one)
     assert_isolated(engine, final, alone, free)
+
+
+def test_a_first_token_that_cannot_be_taken_leaves_no_request_behind(make_engine: MakeEngine, llama_ckpt: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PD decode takes the prefill's first token inside add_request: when that raises, add_request's caller gets
+    the error (the client's refusal), so the request must not stay queued to run unseen with its id taken."""
+    hub = Hub()
+    p_engine, d_engine = (make_engine(llama_ckpt, instance=spec(role, name), connector=CopyConnector(hub, name))
+                          for role, name in (("prefill", "P"), ("decode", "D")))
+    p_engine.add_request("leg", PROMPT, greedy(max_tokens=1),
+                         kv_transfer_params={"do_remote_decode": True, "return_first_token": True})
+    legs = run_to_end(p_engine)
+    answer = legs["leg"].kv_transfer_params
+    assert answer is not None and "first_token_ids" in answer
+    free = d_engine.block_manager.num_free_blocks()
+
+    def decode(*args: object, **kwargs: object) -> str:
+        raise Boom("injected decode failure")
+
+    monkeypatch.setattr(d_engine.outputs, "decode", decode)
+    with pytest.raises(Boom):
+        d_engine.add_request("r", PROMPT, greedy(), answer)
+    assert not d_engine.has_unfinished_requests() and "r" not in d_engine.outputs.tracked
+    assert d_engine.is_quiescent() and d_engine.block_manager.num_free_blocks() == free
+    monkeypatch.undo()
+    d_engine.add_request("r", PROMPT, greedy())  # the client's retry under the same id, computed here
+    retried = run_to_end(d_engine)["r"]
+    assert retried.finish_reason == "length" and len(retried.output_token_ids) == 10
