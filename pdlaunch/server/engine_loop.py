@@ -170,6 +170,10 @@ class EngineLoop:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
         with self._lock:
+            # Checked again under the lock: an engine thread that failed or stopped since require_ready has failed
+            # the streams it knew (_fail_all, after setting the state), and one added now would wait forever.
+            if self.state != "ready":
+                raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
             if request_id in self._streams:
                 raise OpenAIError(409, f"request id {request_id!r} is already in flight", param="X-Request-Id")
             if len(self._streams) >= self.max_pending_requests:
