@@ -30,7 +30,7 @@ from pdlaunch.engine.first_token import (
 )
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
 from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
 from pdlaunch.engine.request import Request, RequestStatus
@@ -272,7 +272,7 @@ class LLMEngine:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
                               hint="use a unique id per request")
         if self.is_sleeping():
-            raise EngineError("the instance is sleeping", field="sleep", hint="POST /wake_up first")
+            raise InstanceAsleep("the instance is sleeping", field="sleep", hint="POST /wake_up first")
         prompt = list(prompt_token_ids)
         if not prompt:
             raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")

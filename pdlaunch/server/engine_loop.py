@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pdlaunch import metrics
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
@@ -347,6 +347,10 @@ class EngineLoop:
         try:
             matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
             engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
+        except InstanceAsleep:  # a /sleep ran while it was queued (admission had found the instance awake)
+            self._finish(stream.request_id, OpenAIError(503, "instance is sleeping; POST /wake_up first",
+                                                        code="sleeping"))
+            return
         except PdlaunchError as exc:  # its hint says how to fix the request: it goes to the client too
             message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
             self._finish(stream.request_id, OpenAIError(400, message, param=exc.field or "prompt"))

@@ -1,11 +1,13 @@
 """/health and request admission follow the engine's sleep state after a /sleep or /wake_up that failed or whose
 engine call outlived the route's timeout (a 503): the state is the engine's once its call ends, with no GET
-/is_sleeping needed to refresh it (tiny model on CPU, in process, sleep mode on)."""
+/is_sleeping needed to refresh it; a request admitted while the sleep was still running gets the 503 of a sleeping
+instance, not a 400 (tiny model on CPU, in process, sleep mode on)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -69,7 +71,13 @@ def test_state_follows_a_timed_out_sleep_and_wake_up(instance: tuple[str, Engine
     timed_out = control(url, "/sleep")
     assert timed_out.status_code == 503 and "still runs there" in timed_out.json()["error"]["message"]
     assert gate.entered.is_set() and health(url) == "ok"  # not asleep yet: still serving is right
-    gate.release.set()
+    with ThreadPoolExecutor(1) as pool:  # admitted now, queued behind the sleep on the engine thread
+        queued = pool.submit(completion, url)
+        wait_for(lambda: loop.num_pending == 1, "the completion to be queued behind the sleep")
+        gate.release.set()
+        behind = queued.result(timeout=120)
+    # The instance's state is why it was refused, not the request: a 503 a proxy retries elsewhere, never a 400.
+    assert behind.status_code == 503 and behind.json()["error"]["code"] == "sleeping", behind.text
     wait_for(lambda: health(url) == "sleeping", "/health to say sleeping once the timed-out sleep ended")
     refused = completion(url)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "sleeping"
