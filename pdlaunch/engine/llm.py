@@ -60,26 +60,28 @@ class LLM:
         order: dict[str, int] = {}
         texts: list[str | None] = []
         token_lists: list[list[int]] = []
-        for i, (prompt, p) in enumerate(zip(prompt_list, params_list)):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            texts.append(prompt if isinstance(prompt, str) else None)
-            token_lists.append(ids)
-            request_id = f"llm-{next(self._ids)}"
-            order[request_id] = i
-            try:
-                self.engine.add_request(request_id, ids, p)
-            except BaseException:
-                for rid in list(order)[:-1]:
-                    self.engine.abort_request(rid)
-                raise
         results: list[CompletionOutput | None] = [None] * len(prompt_list)
-        logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in order}
-        while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                logprobs[out.request_id].extend(out.new_logprobs or [])
-                if out.finished:
-                    i = order[out.request_id]
-                    results[i] = self._completion(texts[i], token_lists[i], out, logprobs[out.request_id])
+        try:
+            for i, (prompt, p) in enumerate(zip(prompt_list, params_list)):
+                ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+                texts.append(prompt if isinstance(prompt, str) else None)
+                token_lists.append(ids)
+                request_id = f"llm-{next(self._ids)}"
+                order[request_id] = i
+                self.engine.add_request(request_id, ids, p)
+            logprobs: dict[str, list[TokenLogprob]] = {rid: [] for rid in order}
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    logprobs[out.request_id].extend(out.new_logprobs or [])
+                    if out.finished:
+                        i = order[out.request_id]
+                        results[i] = self._completion(texts[i], token_lists[i], out, logprobs[out.request_id])
+        except BaseException:
+            # A prompt that fails to tokenize or to be added, or an interrupted step (Ctrl-C): this call's other
+            # requests would stay in the engine holding KV blocks, and their outputs would reach the next call.
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
         return [r for r in results if r is not None]
 
     @staticmethod

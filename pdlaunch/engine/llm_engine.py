@@ -30,7 +30,7 @@ from pdlaunch.engine.first_token import (
 )
 from pdlaunch.engine.logits_processors import check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
 from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
 from pdlaunch.engine.request import Request, RequestStatus
@@ -272,7 +272,7 @@ class LLMEngine:
             raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
                               hint="use a unique id per request")
         if self.is_sleeping():
-            raise EngineError("the instance is sleeping", field="sleep", hint="POST /wake_up first")
+            raise InstanceAsleep("the instance is sleeping", field="sleep", hint="POST /wake_up first")
         prompt = list(prompt_token_ids)
         if not prompt:
             raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")
@@ -312,7 +312,16 @@ class LLMEngine:
         self.outputs.add(request, matcher)
         self.scheduler.add_request(request)
         if first:
-            self._admitted.append((request, self._continue_from(request, first)))
+            try:
+                continued = self._continue_from(request, first)
+            except Exception:
+                # Its first token's grammar or detokenizer raised: the caller gets the error as the request's
+                # refusal, so nothing of it may stay here to run unseen and keep its id taken (a retry's 400).
+                if not request.is_finished:
+                    self.scheduler.finish_request(request, "abort")
+                self.outputs.pop(request_id)
+                raise
+            self._admitted.append((request, continued))
 
     def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
         """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""
@@ -434,7 +443,8 @@ class LLMEngine:
                     self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows, argmax))
                 else:
                     sampled = self.sampler(logits, sample_rows, argmax)
-                    outputs.extend(self._append_sampled(sampling, sampled.token_ids, sampled.logprobs))
+                    outputs.extend(self._append_sampled(sampling, sampled.token_ids, sampled.logprobs,
+                                                        sampled.failed))
             self.clock.end(mark)
         elif self.scheduler.waiting_for_kv and self._in_flight is None:
             time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
@@ -453,12 +463,21 @@ class LLMEngine:
         live = [(r, t) for r, t in zip(step.requests, token_ids) if not r.is_finished]
         return self._append_sampled([r for r, _ in live], [t for _, t in live], [None] * len(live))
 
-    def _append_sampled(self, requests: list[Request], token_ids: list[int],
-                        logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
-        """Each request's sampled token: detokenized, stop rules applied, finished requests ended."""
+    def _append_sampled(self, requests: list[Request], token_ids: list[int], logprobs: list[TokenLogprob | None],
+                        failed: dict[int, Exception] | None = None) -> list[RequestOutput]:
+        """Each request's sampled token: detokenized, stop rules applied, finished requests ended. A request whose
+        own sampling work raised (`failed`: row -> exception) or whose grammar, detokenizer or stop rules raise
+        now ends with an error; the others go on."""
         outputs = []
-        for request, token_id, logprob in zip(requests, token_ids, logprobs):
-            appended = self.outputs.append_token(request, token_id)
+        for i, (request, token_id, logprob) in enumerate(zip(requests, token_ids, logprobs)):
+            if failed and i in failed:
+                outputs.append(self._fail_request(request, "sampling its token", failed[i]))
+                continue
+            try:
+                appended = self.outputs.append_token(request, token_id)
+            except Exception as exc:  # noqa: BLE001 - this request's own code: it fails, the batch goes on
+                outputs.append(self._fail_request(request, "taking its sampled token", exc))
+                continue
             kv_params = None
             if appended.reason is not None:
                 answer = self.scheduler.finish_request(request, appended.reason, appended.error, appended.error_status)
@@ -470,6 +489,15 @@ class LLMEngine:
                 out.prompt_logprobs = take_prompt_logprobs(request)
             outputs.append(out)
         return outputs
+
+    def _fail_request(self, request: Request, stage: str, exc: Exception) -> RequestOutput:
+        """End a request whose own per-request work (grammar, logits processors, detokenizer, stop rules) raised:
+        its client gets a 500 naming what failed, its blocks go back to the free list, and the rest of the batch
+        and the instance go on (an exception out of step() would fail every request here)."""
+        log.error("request %s failed while %s: %s", request.request_id, stage, exc, exc_info=exc)
+        self.scheduler.finish_request(request, "error", f"the engine failed this request while {stage}: "
+                                      f"{type(exc).__name__}: {exc}", 500)
+        return self.outputs.output(request.request_id, [], "")
 
     # -- observability ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:

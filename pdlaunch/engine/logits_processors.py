@@ -70,9 +70,15 @@ class LogitsProcessors:
             self._bad_words[word] = tuple(sorted(s for s in seqs if s))
         return self._bad_words[word]
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[RowState]) -> torch.Tensor:
-        """logits: [N, V] float32; returns the processed logits (a new tensor when any row needs it)."""
-        picked = [i for i, r in enumerate(rows) if r.params.processes_logits]
+    def __call__(self, logits: torch.Tensor, rows: Sequence[RowState],
+                 failed: dict[int, Exception] | None = None) -> torch.Tensor:
+        """logits: [N, V] float32; returns the processed logits (a new tensor when any row needs it). With `failed`,
+        a row whose own processing raises (its bad words cannot be tokenized) is recorded there (row -> exception)
+        and left unprocessed, and so is a row already in it; without it the exception propagates."""
+        picked = [i for i, r in enumerate(rows) if r.params.processes_logits and (failed is None or i not in failed)]
+        banned = self._banned(rows, picked, failed)
+        if failed:
+            picked = [i for i in picked if i not in failed]
         if not picked:
             return logits
         logits = logits.clone()  # the raw scores still give the logprobs
@@ -84,7 +90,6 @@ class LogitsProcessors:
             keep[_flat(allowed, dev)] = True
             keep_rows = keep.index_select(0, masked)
             logits.index_copy_(0, masked, logits.index_select(0, masked).masked_fill(~keep_rows, float("-inf")))
-        banned = self._banned(rows, picked)
         if banned:
             logits[_flat(banned, dev)] = float("-inf")
         bias = [(i, t, b) for i in picked for t, b in rows[i].params.logit_bias.items()]
@@ -97,21 +102,31 @@ class LogitsProcessors:
             self._penalize(logits, rows, penalized)
         return logits
 
-    def _banned(self, rows: Sequence[RowState], picked: list[int]) -> list[tuple[int, int]]:
+    def _banned(self, rows: Sequence[RowState], picked: list[int],
+                failed: dict[int, Exception] | None) -> list[tuple[int, int]]:
         """(row, token) pairs set to -inf: stop ids before min_tokens, the last token of a bad word
-        whose other tokens end the output."""
+        whose other tokens end the output. A row that raises goes to `failed` (when given) with none."""
         out: list[tuple[int, int]] = []
         for i in picked:
-            row = rows[i]
-            p = row.params
-            if len(row.output_token_ids) < p.min_tokens:
-                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-                out.extend((i, t) for t in stops)
-            for word in p.bad_words:
-                for seq in self.bad_word_token_ids(word):
-                    before = len(seq) - 1
-                    if before == 0 or list(row.output_token_ids[-before:]) == list(seq[:-1]):
-                        out.append((i, seq[-1]))
+            try:
+                out.extend(self._banned_row(i, rows[i]))
+            except Exception as exc:
+                if failed is None:
+                    raise
+                failed[i] = exc
+        return out
+
+    def _banned_row(self, i: int, row: RowState) -> list[tuple[int, int]]:
+        p = row.params
+        out: list[tuple[int, int]] = []
+        if len(row.output_token_ids) < p.min_tokens:
+            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+            out.extend((i, t) for t in stops)
+        for word in p.bad_words:
+            for seq in self.bad_word_token_ids(word):
+                before = len(seq) - 1
+                if before == 0 or list(row.output_token_ids[-before:]) == list(seq[:-1]):
+                    out.append((i, seq[-1]))
         return out
 
     @staticmethod

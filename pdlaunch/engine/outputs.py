@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator
 
 from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.errors import EngineError
 
 # vLLM's thresholds (vllm/sampling_params.py): a temperature below SAMPLING_EPS is greedy; one in
 # [SAMPLING_EPS, MIN_RANDOM_TEMPERATURE) is raised to MIN_RANDOM_TEMPERATURE, because dividing float32
@@ -112,6 +113,11 @@ class SamplingParams(BaseModel):
         """Whether the logits need more than temperature / top-k / top-p (engine/logits_processors.py)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.min_tokens or self.logit_bias or self.allowed_token_ids is not None or self.bad_words)
+
+
+class InstanceAsleep(EngineError):
+    """add_request's refusal while the engine sleeps: the instance's state, not the request, is why (a server
+    answers 503, which a proxy retries elsewhere, where a 400 would tell the client its request was wrong)."""
 
 
 @dataclass

@@ -57,6 +57,9 @@ class SampleRow:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
+    # row -> what its own host-side work raised (its grammar's mask, its bad words): that row's token means
+    # nothing, the caller ends its request; every other row was sampled as if it were not in the batch
+    failed: dict[int, Exception] = field(default_factory=dict)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -102,18 +105,21 @@ class Sampler:
                  argmax: torch.Tensor | None = None) -> SamplerOutput:
         """logits: [N, V] float32, one row per request in `rows`; argmax: their argmax when already computed (the
         decode graph does), used as the greedy ids where nothing changes the logits."""
-        chosen = self.sample_ids(logits, rows, argmax)
+        failed: dict[int, Exception] = {}
+        chosen = self.sample_ids(logits, rows, argmax, failed)
         token_ids = chosen.tolist()
-        return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids))
+        return SamplerOutput(token_ids, self._logprobs(logits, rows, chosen, token_ids), failed)
 
-    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SampleRow],
-                   argmax: torch.Tensor | None = None) -> torch.Tensor:
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SampleRow], argmax: torch.Tensor | None = None,
+                   failed: dict[int, Exception] | None = None) -> torch.Tensor:
         """The chosen token ids [N] long, left on the logits' device (no host sync). `argmax`: the raw logits'
-        argmax when already computed; the greedy ids unless a grammar or a processor changed the logits."""
+        argmax when already computed; the greedy ids unless a grammar or a processor changed the logits.
+        `failed`: where a row whose own grammar or processors raise is recorded (SamplerOutput.failed); without
+        it the exception propagates."""
         num_rows, vocab = logits.shape
         raw = logits
-        logits = apply_grammar_masks(logits, [r.matcher for r in rows])
-        logits = self.processors(logits, rows)  # both return their input when no row needs them
+        logits = apply_grammar_masks(logits, [r.matcher for r in rows], failed)
+        logits = self.processors(logits, rows, failed)  # both return their input when no row needs them
         chosen = argmax if argmax is not None and logits is raw else argmax_rows(logits)
         blocked = None if logits is raw else logits.amax(dim=-1) == float("-inf")  # [N] bool
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -198,9 +198,12 @@ def advance(matcher: LLMatcher, token_id: int) -> bool:
     return bool(matcher.is_stopped() or matcher.is_error())
 
 
-def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[LLMatcher | None]) -> torch.Tensor:
+def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[LLMatcher | None],
+                        failed: dict[int, Exception] | None = None) -> torch.Tensor:
     """logits: [N, V]; matchers: one per row, None where unconstrained. Returns masked logits
-    (a new tensor when any row is constrained; the raw ones still give logprobs)."""
+    (a new tensor when any row is constrained; the raw ones still give logprobs). With `failed`, a row whose
+    matcher raises is recorded there (row -> exception) and left unmasked (its caller drops its token); without
+    it the exception propagates."""
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
@@ -213,8 +216,15 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[LLMatcher | Non
     words = -(-vocab // 32)
     mask = torch.full((num_rows, words), -1, dtype=torch.int32)  # all bits set: every token allowed
     for i, matcher in enumerate(matchers):
-        if matcher is not None:
+        if matcher is None:
+            continue
+        try:
             llt.fill_next_token_bitmask(matcher, mask, i)
+        except Exception as exc:
+            if failed is None:
+                raise
+            failed[i] = exc  # one request's grammar: the other rows are sampled as if it were not there
+            mask[i] = -1
     mask = to_device_async(mask, logits.device)
     # Unpacked here rather than by llguidance.torch.apply_token_bitmask_inplace, which
     # torch.compiles its kernel on first use (seconds, and a C++ compiler on CPU).

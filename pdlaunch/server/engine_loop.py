@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pdlaunch import metrics
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
@@ -170,6 +170,10 @@ class EngineLoop:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
         with self._lock:
+            # Checked again under the lock: an engine thread that failed or stopped since require_ready has failed
+            # the streams it knew (_fail_all, after setting the state), and one added now would wait forever.
+            if self.state != "ready":
+                raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
             if request_id in self._streams:
                 raise OpenAIError(409, f"request id {request_id!r} is already in flight", param="X-Request-Id")
             if len(self._streams) >= self.max_pending_requests:
@@ -343,6 +347,10 @@ class EngineLoop:
         try:
             matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
             engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
+        except InstanceAsleep:  # a /sleep ran while it was queued (admission had found the instance awake)
+            self._finish(stream.request_id, OpenAIError(503, "instance is sleeping; POST /wake_up first",
+                                                        code="sleeping"))
+            return
         except PdlaunchError as exc:  # its hint says how to fix the request: it goes to the client too
             message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
             self._finish(stream.request_id, OpenAIError(400, message, param=exc.field or "prompt"))

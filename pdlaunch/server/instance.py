@@ -44,7 +44,9 @@ class Instance:
     engine_loop: EngineLoop
     config: DeploymentConfig
     spec: InstanceSpec
-    sleeping: bool = False  # set by the sleep routes (server/sleep.py); a sleeping instance serves nothing
+    # The engine's sleep state, written on the engine thread as each sleep or wake_up ends and by GET /is_sleeping
+    # (server/sleep.py); a sleeping instance serves nothing
+    sleeping: bool = False
     model_name: str = field(init=False)  # what responses report
     accepted_names: frozenset[str] = field(init=False)
 

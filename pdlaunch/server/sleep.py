@@ -4,6 +4,10 @@ Refused with a 400 naming the fix unless the deployment enables sleep mode; the 
 (`sleep(level)`, `wake_up(tags)`, `is_sleeping()`) run on the engine thread. A sleeping instance
 answers /health with 503, so the proxy routes nothing to it until it wakes. The engine's part is
 EngineSleep (engine/sleep_mode.py), the memory's MemorySleep (memory/sleep.py).
+
+`Instance.sleeping` is set on the engine thread, from the engine, when a sleep or wake_up call ends, however it
+ends: one that raised may have changed part of the memory, and one whose caller gave up at its timeout (a 503)
+may still finish later; either way /health and request admission follow the engine, not the last answer.
 """
 
 from __future__ import annotations
@@ -33,9 +37,8 @@ async def sleep(request: Request, level: int = Query(1)) -> JsonObject:
     pending = instance.engine_loop.num_pending
     if pending:
         raise OpenAIError(409, f"{pending} request(s) in flight; sleep when idle", code="busy")
-    result = await _on_engine(instance, lambda e: e.sleep(level), f"sleep (level {level})")
-    instance.sleeping = True
-    return {"is_sleeping": True, **result.model_dump()}
+    result = await _on_engine(instance, _noting_state(instance, lambda e: e.sleep(level)), f"sleep (level {level})")
+    return {"is_sleeping": instance.sleeping, **result.model_dump()}
 
 
 async def wake_up(request: Request, tags: list[str] | None = Query(None)) -> JsonObject:
@@ -44,8 +47,8 @@ async def wake_up(request: Request, tags: list[str] | None = Query(None)) -> Jso
     unknown = sorted(set(wanted) - set(TAGS))
     if unknown:
         raise OpenAIError(400, f"unknown tags {unknown}; use weights and/or kv_cache", param="tags")
-    result = await _on_engine(instance, lambda e: e.wake_up(wanted or None), f"wake_up ({', '.join(wanted or TAGS)})")
-    instance.sleeping = await _on_engine(instance, lambda e: e.is_sleeping(), "is_sleeping")
+    result = await _on_engine(instance, _noting_state(instance, lambda e: e.wake_up(wanted or None)),
+                              f"wake_up ({', '.join(wanted or TAGS)})")
     return {**result.model_dump(), "is_sleeping": instance.sleeping}
 
 
@@ -63,6 +66,18 @@ def _sleep_mode(request: Request) -> Instance:
         raise OpenAIError(400, "sleep mode is not enabled on this instance (start it with --enable-sleep-mode)",
                           param="enable_sleep_mode", code="sleep_mode_disabled")
     return instance
+
+
+def _noting_state(instance: Instance, fn: Callable[[LLMEngine], T]) -> Callable[[LLMEngine], T]:
+    """`fn` (a sleep or wake_up), then the engine's own sleep state into `instance.sleeping`, on the engine thread:
+    also when `fn` raised, and when the route stopped waiting for it (the route's timeout)."""
+    def run(engine: LLMEngine) -> T:
+        try:
+            return fn(engine)
+        finally:
+            instance.sleeping = engine.is_sleeping()
+
+    return run
 
 
 async def _on_engine(instance: Instance, fn: Callable[[LLMEngine], T], what: str) -> T:

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from pdlaunch.cli import app
 from pdlaunch.engine.llm import LLM
-from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.errors import EngineError
+from pdlaunch.engine.outputs import RequestOutput, SamplingParams
+from pdlaunch.errors import EngineError, PdlaunchError
 
 
 def test_llm_generate_strings_and_token_ids(llama_ckpt) -> None:  # type: ignore[no-untyped-def]
@@ -58,3 +58,32 @@ def test_generate_command_table_and_bad_model(tmp_path) -> None:  # type: ignore
     result = CliRunner().invoke(app, ["generate", "--model", str(tmp_path / "nope"), "--device", "cpu"])
     assert result.exit_code == 1
     assert "model" in result.output and "Traceback" not in result.output
+
+
+def test_a_failed_generate_leaves_no_request_behind(llama_ckpt) -> None:  # type: ignore[no-untyped-def]
+    """A prompt that fails to tokenize after others were added, or a step that raises mid-run (Ctrl-C): the call's
+    other requests are aborted, so the next generate neither gets their outputs nor finds their KV blocks taken."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with LLM(str(llama_ckpt), device="cpu", num_gpu_blocks=64, block_size=8) as llm:
+        with pytest.raises(PdlaunchError, match="surrogate"):
+            llm.generate(["Hello", "bad \ud800 prompt"], params)
+        assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks() == 0
+
+        step = llm.engine.step
+        calls = 0
+
+        def interrupted_step() -> list[RequestOutput]:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise KeyboardInterrupt
+            return step()
+
+        llm.engine.step = interrupted_step  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(["Hello", [5, 6, 7]], params)
+        llm.engine.step = step  # type: ignore[method-assign]
+        assert not llm.engine.has_unfinished_requests() and llm.engine.block_manager.num_used_blocks() == 0
+        [out] = llm.generate([[5, 6, 7]], params)
+        assert len(out.token_ids) == 4 and out.finish_reason == "length"
+        llm.engine.check_integrity()
