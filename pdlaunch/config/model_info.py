@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.arch import HF_DEFAULTS, SUPPORTED_ARCHITECTURES  # torch-free: only pydantic and json
+from pdlaunch.model.arch import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
 
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -92,13 +92,10 @@ def _positive_int(value: object) -> int | None:
 
 def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None, list[Problem]]:
     """A key config.json omits reads as the loader reads it: transformers' default for its architecture."""
-    archs = hf.get("architectures") or []
-    if not isinstance(archs, list):
-        archs = [archs]
-    arch = next((a for a in archs if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        return None, [problem("model.path", f"{source} has architectures {archs!r}, which pdlaunch cannot run",
-                              "use a checkpoint of " + ", ".join(SUPPORTED_ARCHITECTURES))]
+    try:
+        arch = architecture_of(hf, source)  # the loader's words, so check and serve say the same
+    except PdlaunchError as exc:
+        return None, [problem("model.path", exc.message, exc.hint or "")]
     defaults = HF_DEFAULTS[arch]
     ints = {k: _positive_int(hf.get(k)) for k in _REQUIRED_INTS}
     bad = [k for k, v in ints.items() if v is None]

@@ -7,6 +7,7 @@ Accepts both config dialects: transformers 4.x (`rope_theta` + `rope_scaling`, `
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, TypedDict
@@ -251,6 +252,31 @@ def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int,
     return window, list(types)
 
 
+def architecture_of(cfg: Mapping[str, object], source: str = "config.json") -> str:
+    """The model class config.json's `architectures` names, one pdlaunch runs; else a PdlaunchError saying what
+    `source` (the file) holds there and which classes are supported (model_info.py says the same when checking)."""
+    found = cfg.get("architectures")
+    hint = 'write it as a list of the one class the weights are for, e.g. ["LlamaForCausalLM"]'
+    if found is None:
+        what = "has no `architectures` list"
+    elif not isinstance(found, list):
+        what = f"has architectures {found!r}, which is not a list"
+    elif not found:
+        what = "has an empty `architectures` list"
+    elif not all(isinstance(name, str) for name in found):
+        what = f"has architectures {found!r}, which holds something other than a class name"
+    elif len(set(found)) > 1:
+        what = f"has architectures {found!r}: several model classes, and pdlaunch runs a checkpoint as one"
+        hint = "keep only the class the weights are for"
+    elif found[0] not in SUPPORTED_ARCHITECTURES:
+        what = f"has architecture {found[0]!r}, which pdlaunch cannot run"
+        hint = "use a checkpoint of a supported architecture"
+    else:
+        return str(found[0])
+    raise PdlaunchError(f"{source} {what}", field="config.json:architectures",
+                        hint=f"{hint}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
 def _kv_heads(cfg: dict[str, Any], heads: int, defaults: FamilyDefaults) -> int:
     """num_key_value_heads: config.json's, else the family class's default (null: as many as the heads, as every
     class that accepts null reads it)."""
@@ -265,17 +291,10 @@ def _kv_heads(cfg: dict[str, Any], heads: int, defaults: FamilyDefaults) -> int:
     return kv_heads
 
 
-def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
+def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
     """A config.json dict -> ModelArch (PdlaunchError for unsupported or inconsistent configs). A key it omits is
-    what transformers' config class of its architecture gives (HF_DEFAULTS)."""
-    archs = cfg.get("architectures") or []
-    architecture = archs[0] if archs else "<missing `architectures`>"
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise PdlaunchError(
-            f"architecture {architecture!r} is not supported",
-            field="config.json:architectures",
-            hint=f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
+    what transformers' config class of its architecture gives (HF_DEFAULTS); `source` names the file in errors."""
+    architecture = architecture_of(cfg, source)
     defaults = HF_DEFAULTS[architecture]
     try:
         hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
@@ -351,4 +370,7 @@ def load_arch(directory: Path) -> ModelArch:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
-    return parse_hf_config(cfg)
+    if not isinstance(cfg, dict):  # a list or a string was an AttributeError traceback
+        raise PdlaunchError(f"{path} holds a JSON {type(cfg).__name__}, not an object", field="model.path",
+                            hint="restore the checkpoint's config.json")
+    return parse_hf_config(cfg, str(path))
