@@ -277,7 +277,7 @@ def architecture_of(cfg: Mapping[str, object], source: str = "config.json") -> s
                         hint=f"{hint}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def _kv_heads(cfg: dict[str, Any], heads: int, defaults: FamilyDefaults) -> int:
+def _kv_heads(cfg: Mapping[str, object], heads: int, defaults: FamilyDefaults) -> int:
     """num_key_value_heads: config.json's, else the family class's default (null: as many as the heads, as every
     class that accepts null reads it)."""
     if "num_key_value_heads" in cfg:

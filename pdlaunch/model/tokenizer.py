@@ -60,7 +60,7 @@ def _as_id_list(value: JsonValue, where: str) -> list[int]:
 
 def _configured_template(value: JsonValue, path: Path) -> str | None:
     """tokenizer_config.json's chat_template: the template text, or named templates ("default", else the first) as
-    transformers saves them, [{"name": ..., "template": ...}], or as it also reads them, {name: template}. Any
+    transformers saves them, [{"name": ..., "template": ...}], or as it also reads them, {name: template}. Every
     other value is an error naming the file: ignored, it became "this checkpoint has no chat template" later."""
     if value is None or isinstance(value, str):
         return value
