@@ -292,6 +292,13 @@ def _compare_interrupted(kept: list[Path]) -> str:
     return f"the running deployment was stopped and its processes reaped; no report{files}"
 
 
+def _report_interrupted(kept: list[Path]) -> str:
+    """What an interrupted report left: every file in `kept` is whole (compare_report writes each by renaming)."""
+    unwritten = "" if any(path.name == "compare.json" for path in kept) else " before compare.json was written"
+    return f"the report was cut short{unwritten}; every deployment had already stopped; kept: " + \
+        ", ".join(map(str, kept))
+
+
 @bench_app.command("compare")
 def compare(
     model: Annotated[str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")],
@@ -361,7 +368,7 @@ def compare(
     """Colocated instances, then a PD deployment (and with --disaggregate-min-tokens the same split with per-request
     disaggregation), on the same devices: goodput (two SLO sets), TTFT, TPOT, ITL p99 and utilisation per rate,
     side by side; then the advised xPyD split, predicted against measured."""
-    from pdlaunch.bench.compare import CompareConfig, run_compare
+    from pdlaunch.bench.compare import CompareConfig, run_compare, termination_as_interrupt
     from pdlaunch.bench.compare_report import report_comparison
 
     console = Console()
@@ -382,4 +389,6 @@ def compare(
             baseline=baseline, request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
         ))
         comparison = run_compare(cfg, console, kept)
-    report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick)
+    # an unwritable --out or a full disk is one error line; Ctrl-C or SIGTERM leave no half-written file
+    with _reported(lambda: _report_interrupted(kept)), termination_as_interrupt():
+        report_comparison(console, cfg, comparison.runs, comparison.advice, comparison.yardstick, kept)

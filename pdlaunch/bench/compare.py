@@ -13,16 +13,18 @@ it against both always-PD and colocated serving (issue 31's acceptance).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Literal
+from typing import IO, Annotated, Literal
 
 from pydantic import BaseModel, Field, JsonValue, field_validator, model_validator
 from rich.console import Console
@@ -32,7 +34,7 @@ from pdlaunch.bench.advisor import Advice, DecodePoint, Workload, advise, worklo
 from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
-from pdlaunch.bench.report import ServeDoc, write_json
+from pdlaunch.bench.report import ServeDoc
 from pdlaunch.bench.serve import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
@@ -487,9 +489,9 @@ def run_deployment(cfg: CompareConfig, layout: Layout, kind: DeploymentKind, con
 
 
 @contextmanager
-def _termination_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so that the `finally` stopping the deployment runs (SIGHUP unless it is
-    ignored, as under nohup)."""
+def termination_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so that the `finally` stopping the deployment (or removing the report file
+    being written) runs (SIGHUP unless it is ignored, as under nohup)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -570,8 +572,33 @@ def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
     return runs
 
 
+def write_whole(path: Path, write: Callable[[IO[bytes]], object], hint: str) -> None:
+    """`write` into a new file beside `path`, synced and renamed over it: a full disk, an --out that cannot be
+    written, Ctrl-C or SIGTERM leave the earlier file or none, never half of one at `path`. An OSError is a
+    PdlaunchError naming --out and `path`, with `hint`."""
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")  # hidden, and never an earlier run's
+    try:
+        with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(part, path)
+    except OSError as exc:
+        raise PdlaunchError(f"could not write {str(path)!r}: {exc.strerror or exc}", field="--out",
+                            hint=hint) from None
+    finally:
+        with contextlib.suppress(OSError):  # gone already once renamed, or never created
+            part.unlink()
+
+
+def write_json_whole(doc: JsonValue, path: Path, hint: str) -> None:
+    text = json.dumps(doc, indent=2) + "\n"  # first: a value JSON cannot hold fails before any file exists
+    write_whole(path, lambda file: file.write(text.encode()), hint)
+
+
 def _keep(run: DeploymentRun, path: Path, kept: list[Path]) -> None:
-    write_json(run.model_dump(mode="json"), path)
+    write_json_whole(run.model_dump(mode="json"), path, hint=f"the {run.kind} run's figures are not saved and the "
+                     "comparison stops: free space, or give an --out you can write")
     kept.append(path)
 
 
@@ -592,7 +619,7 @@ def run_compare(cfg: CompareConfig, console: Console, kept: list[Path] | None = 
     if runs:
         console.print(f"colocated and PD runs reused from {cfg.baseline} (the same workload, SLOs and devices)",
                       highlight=False, markup=False)
-    with _termination_as_interrupt():
+    with termination_as_interrupt():
         yardstick = prefill_yardstick(cfg, layout, console)
         for kind in cfg.kinds:
             run = run_deployment(cfg, layout, kind, console, yardstick)

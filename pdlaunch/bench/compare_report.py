@@ -17,10 +17,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.advisor import Advice
-from pdlaunch.bench.compare import CompareConfig, DeploymentRun
+from pdlaunch.bench.compare import CompareConfig, DeploymentRun, write_json_whole, write_whole
 from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, RatePoint, highest_rate_within
 from pdlaunch.bench.matmul_ceiling import Yardstick
-from pdlaunch.bench.report import require_matplotlib, write_json
+from pdlaunch.bench.report import require_matplotlib
 from pdlaunch.errors import PdlaunchError
 
 JSON_NAME = "compare.json"
@@ -277,31 +277,39 @@ def compare_document(cfg: CompareConfig, runs: list[DeploymentRun], advice: Advi
 
 def write_goodput_plot(cfg: CompareConfig, runs: list[DeploymentRun], path: Path,
                        advice: Advice | None = None) -> Path:
+    """The goodput-against-rate PNG at `path`, whole or not at all (PdlaunchError when it cannot be written)."""
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        ax.plot([p.rate for p in run.points], [p.goodput for p in run.points], marker="o", label=run.description)
-    if advice is not None:
-        ax.plot(cfg.rates, [advice.predicted_goodput(r) for r in cfg.rates], linestyle="--", color="black",
-                label=f"advisor: {advice.best.label} predicted ({cfg.advise_for} SLOs)")
-    ax.plot(cfg.rates, cfg.rates, linestyle=":", color="grey", label="offered rate")
-    ax.set_xlabel("offered rate (requests/s)")
-    ax.set_ylabel("goodput (requests/s within SLOs)")
-    ax.set_title(f"TTFT <= {cfg.ttft_slo_ms:g} ms, TPOT <= {cfg.tpot_slo_ms:g} ms; "
-                 f"{prompts_text(cfg)}, {cfg.output_len} out")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        for run in runs:
+            ax.plot([p.rate for p in run.points], [p.goodput for p in run.points], marker="o", label=run.description)
+        if advice is not None:
+            ax.plot(cfg.rates, [advice.predicted_goodput(r) for r in cfg.rates], linestyle="--", color="black",
+                    label=f"advisor: {advice.best.label} predicted ({cfg.advise_for} SLOs)")
+        ax.plot(cfg.rates, cfg.rates, linestyle=":", color="grey", label="offered rate")
+        ax.set_xlabel("offered rate (requests/s)")
+        ax.set_ylabel("goodput (requests/s within SLOs)")
+        ax.set_title(f"TTFT <= {cfg.ttft_slo_ms:g} ms, TPOT <= {cfg.tpot_slo_ms:g} ms; "
+                     f"{prompts_text(cfg)}, {cfg.output_len} out")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        write_whole(path, lambda file: fig.savefig(file, format="png", dpi=110),
+                    hint="compare.json has every figure; free space, or give an --out you can write")
+    finally:  # a figure left open stays in pyplot's registry for the life of the process
+        plt.close(fig)
     return path
 
 
 def report_comparison(console: Console, cfg: CompareConfig, runs: list[DeploymentRun],
-                      advice: Advice | None = None, yardstick: Yardstick | None = None) -> dict[str, JsonValue]:
-    """Print the tables and the verdict, write the JSON and (with matplotlib) the plot into `cfg.out`."""
+                      advice: Advice | None = None, yardstick: Yardstick | None = None,
+                      written: list[Path] | None = None) -> dict[str, JsonValue]:
+    """Print the tables and the verdict, then write the JSON and (with matplotlib) the plot into `cfg.out`, each
+    whole or not at all, adding its path to `written` once it is there. A file that cannot be written is a
+    PdlaunchError naming --out, raised once every figure is on screen."""
+    written = [] if written is None else written
     console.print(comparison_table(runs, cfg))
     console.print(load_table(runs, cfg))
     if yardstick is not None:
@@ -309,8 +317,6 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     doc = compare_document(cfg, runs, advice, yardstick)
     if advice is not None:
         console.print(advice_table(advice, runs, cfg))
-    json_path = cfg.out / JSON_NAME
-    write_json(doc, json_path)
     for run in runs:
         if run.kind != "pd":
             console.print(verdict(run)[1], highlight=False)
@@ -327,11 +333,17 @@ def report_comparison(console: Console, cfg: CompareConfig, runs: list[Deploymen
     if capacity is not None:
         console.print(_capacity_text(capacity), highlight=False)
     console.print(f"[bold]{doc['verdict']}[/bold]", highlight=False)
+    json_path = cfg.out / JSON_NAME
+    write_json_whole(doc, json_path, hint="the figures are printed above, and each deployment's are in its "
+                     "OUT/<kind>.json; free space, or give an --out you can write")
+    written.append(json_path)
     console.print(f"Wrote {json_path}", highlight=False, markup=False)
     try:
-        console.print(f"Wrote {write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice)}", highlight=False,
-                      markup=False)
+        require_matplotlib()
     except PdlaunchError:
         console.print("no plot: matplotlib is not installed (pip install 'pdlaunch[bench]')", highlight=False,
                       markup=False)
+        return doc
+    written.append(write_goodput_plot(cfg, runs, cfg.out / PLOT_NAME, advice))
+    console.print(f"Wrote {written[-1]}", highlight=False, markup=False)
     return doc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.arch import SUPPORTED_ARCHITECTURES  # torch-free: only pydantic and json
+from pdlaunch.model.arch import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
 
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -91,13 +91,12 @@ def _positive_int(value: object) -> int | None:
 
 
 def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None, list[Problem]]:
-    archs = hf.get("architectures") or []
-    if not isinstance(archs, list):
-        archs = [archs]
-    arch = next((a for a in archs if isinstance(a, str) and a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        return None, [problem("model.path", f"{source} has architectures {archs!r}, which pdlaunch cannot run",
-                              "use a checkpoint of " + ", ".join(SUPPORTED_ARCHITECTURES))]
+    """A key config.json omits reads as the loader reads it: transformers' default for its architecture."""
+    try:
+        arch = architecture_of(hf, source)  # the loader's words, so check and serve say the same
+    except PdlaunchError as exc:
+        return None, [problem("model.path", exc.message, exc.hint or "")]
+    defaults = HF_DEFAULTS[arch]
     ints = {k: _positive_int(hf.get(k)) for k in _REQUIRED_INTS}
     bad = [k for k, v in ints.items() if v is None]
     if bad:
@@ -105,10 +104,11 @@ def _from_hf_dict(hf: dict[str, object], source: str) -> tuple[ModelInfo | None,
                               "use the checkpoint's original config.json")]
     size = {k: v for k, v in ints.items() if v is not None}
     heads = size["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads") or heads
-    # Qwen3Config defaults head_dim to 128 rather than deriving it.
-    head_dim = hf.get("head_dim") or (128 if arch == "Qwen3ForCausalLM" else size["hidden_size"] // heads)
+    kv_heads = hf["num_key_value_heads"] if "num_key_value_heads" in hf else defaults.num_key_value_heads
+    kv_heads = kv_heads or heads
+    head_dim = hf.get("head_dim") or defaults.head_dim or size["hidden_size"] // heads
     max_pos = hf.get("max_position_embeddings")
+    max_pos = defaults.max_position_embeddings if max_pos is None else max_pos
     if not isinstance(kv_heads, int) or kv_heads <= 0 or not isinstance(head_dim, int) or head_dim <= 0:
         return None, [problem("model.path", f"{source} has invalid num_key_value_heads/head_dim",
                               "use the checkpoint's original config.json")]

@@ -7,9 +7,10 @@ Accepts both config dialects: transformers 4.x (`rope_theta` + `rope_scaling`, `
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, NamedTuple, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
 
@@ -21,8 +22,33 @@ SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 # Families whose sliding window is switched on by `use_sliding_window` and placed by
 # `layer_types` (or, when absent, on every layer from `max_window_layers` on).
 _WINDOW_BY_LAYER_TYPES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
-# transformers' default head_dim per family when config.json omits it (Qwen3Config: 128).
-_DEFAULT_HEAD_DIM = {"Qwen3ForCausalLM": 128}
+
+
+class FamilyDefaults(NamedTuple):
+    """What transformers' config class of a family sets for a key config.json leaves out. A checkpoint's
+    config.json often omits what equals its class's default, so another value here runs another model (an
+    epsilon or a rope base off by 10x changes every logit without any error)."""
+
+    model_type: str  # the config class, as AutoConfig.for_model names it
+    num_key_value_heads: int | None  # None: as many as num_attention_heads
+    head_dim: int | None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    sliding_window: int | None  # the window when the family uses one and config.json gives no size
+
+
+# transformers 5's defaults (tests/model/test_arch_hf_defaults.py compares each with the installed config classes).
+HF_DEFAULTS = {
+    "LlamaForCausalLM": FamilyDefaults("llama", None, None, 1e-6, 10000.0, 2048, None),
+    "Qwen2ForCausalLM": FamilyDefaults("qwen2", 32, None, 1e-6, 10000.0, 32768, 4096),
+    "Qwen3ForCausalLM": FamilyDefaults("qwen3", 32, 128, 1e-6, 10000.0, 32768, 4096),
+    "MistralForCausalLM": FamilyDefaults("mistral", 8, None, 1e-6, 10000.0, 131072, 4096),
+    "MixtralForCausalLM": FamilyDefaults("mixtral", 8, None, 1e-5, 1000000.0, 131072, None),
+    "Qwen2MoeForCausalLM": FamilyDefaults("qwen2_moe", 16, None, 1e-6, 10000.0, 32768, 4096),
+    "Qwen3MoeForCausalLM": FamilyDefaults("qwen3_moe", 4, None, 1e-6, 10000.0, 32768, 4096),
+    "OlmoeForCausalLM": FamilyDefaults("olmoe", None, None, 1e-5, 10000.0, 4096, None),
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 LayerType = Literal["full_attention", "sliding_attention"]
@@ -150,8 +176,8 @@ class ModelArch(BaseModel):
         return where
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling dict or None) from either config dialect."""
+def _rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling dict or None) from either config dialect; `default_theta` where neither gives one."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and "rope_type" not in params and params:
         # Per-layer-type rope parameters (not used by the supported families).
@@ -162,7 +188,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         raise PdlaunchError(f"{key} {found!r} is not a JSON object", field=f"config.json:{key}",
                             hint="use the checkpoint's original config.json")
     scaling = dict(found)
-    theta = _positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", 10000.0)
+    theta = _positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", default_theta)
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise PdlaunchError(
@@ -195,19 +221,28 @@ def _positive_float(value: object, key: str, default: float) -> float:
     return float(value)
 
 
-def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int) -> tuple[int | None, list[LayerType]]:
-    """(sliding_window, layer_types) as HF derives them for each family."""
-    unused = architecture == "LlamaForCausalLM" or (architecture in _WINDOW_BY_LAYER_TYPES
-                                                    and not config_bool(cfg, "use_sliding_window"))
-    if unused or cfg.get("sliding_window") is None:  # unused, it may be anything (Qwen2-MoE's is 0)
+def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int,
+                 default_window: int | None) -> tuple[int | None, list[LayerType]]:
+    """(sliding_window, layer_types) as HF derives them for each architecture; `default_window` when config.json
+    has no sliding_window key (null is no window)."""
+    family = DENSE_FAMILY.get(architecture, architecture)  # an MoE family's switch is its dense family's
+    unused = family == "LlamaForCausalLM" or (family in _WINDOW_BY_LAYER_TYPES
+                                              and not config_bool(cfg, "use_sliding_window"))
+    given = cfg["sliding_window"] if "sliding_window" in cfg else default_window
+    if unused or given is None:  # unused, it may be anything (Qwen2-MoE's is 0)
         return None, ["full_attention"] * num_layers
-    window = config_int(cfg, "sliding_window")
-    if architecture == "MistralForCausalLM":
+    window = config_int(cfg, "sliding_window") if "sliding_window" in cfg else given
+    if family == "MistralForCausalLM":
+        return window, ["sliding_attention"] * num_layers
+    first = config_int(cfg, "max_window_layers", minimum=0) if "max_window_layers" in cfg else 28
+    if architecture == "Qwen3MoeForCausalLM":  # transformers' Qwen3-MoE reads neither key: every layer slides
         return window, ["sliding_attention"] * num_layers
     types = cfg.get("layer_types")
     if types is None:
-        first_sliding = config_int(cfg, "max_window_layers", minimum=0) if "max_window_layers" in cfg else 28
-        types = ["sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)]
+        if architecture == "Qwen2MoeForCausalLM":  # every other layer below max_window_layers, from layer 0
+            types = ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(num_layers)]
+        else:  # Qwen2, Qwen3: every layer from max_window_layers on
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     if not isinstance(types, list) or len(types) != num_layers or any(
             t not in ("full_attention", "sliding_attention") for t in types):
         raise PdlaunchError(
@@ -217,20 +252,54 @@ def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int) -> tup
     return window, list(types)
 
 
-def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
-    """A config.json dict -> ModelArch (PdlaunchError for unsupported or inconsistent configs)."""
-    archs = cfg.get("architectures") or []
-    architecture = archs[0] if archs else "<missing `architectures`>"
-    if architecture not in SUPPORTED_ARCHITECTURES:
+def architecture_of(cfg: Mapping[str, object], source: str = "config.json") -> str:
+    """The model class config.json's `architectures` names, one pdlaunch runs; else a PdlaunchError saying what
+    `source` (the file) holds there and which classes are supported (model_info.py says the same when checking)."""
+    found = cfg.get("architectures")
+    hint = 'write it as a list of the one class the weights are for, e.g. ["LlamaForCausalLM"]'
+    if found is None:
+        what = "has no `architectures` list"
+    elif not isinstance(found, list):
+        what = f"has architectures {found!r}, which is not a list"
+    elif not found:
+        what = "has an empty `architectures` list"
+    elif not all(isinstance(name, str) for name in found):
+        what = f"has architectures {found!r}, which holds something other than a class name"
+    elif len(set(found)) > 1:
+        what = f"has architectures {found!r}: several model classes, and pdlaunch runs a checkpoint as one"
+        hint = "keep only the class the weights are for"
+    elif found[0] not in SUPPORTED_ARCHITECTURES:
+        what = f"has architecture {found[0]!r}, which pdlaunch cannot run"
+        hint = "use a checkpoint of a supported architecture"
+    else:
+        return str(found[0])
+    raise PdlaunchError(f"{source} {what}", field="config.json:architectures",
+                        hint=f"{hint}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _kv_heads(cfg: Mapping[str, object], heads: int, defaults: FamilyDefaults) -> int:
+    """num_key_value_heads: config.json's, else the family class's default (null: as many as the heads, as every
+    class that accepts null reads it)."""
+    if "num_key_value_heads" in cfg:
+        return heads if cfg["num_key_value_heads"] is None else config_int(cfg, "num_key_value_heads")
+    kv_heads = defaults.num_key_value_heads or heads
+    if heads % kv_heads:
         raise PdlaunchError(
-            f"architecture {architecture!r} is not supported",
-            field="config.json:architectures",
-            hint=f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}",
-        )
+            f"config.json has no num_key_value_heads, so it is transformers' default for {defaults.model_type}, "
+            f"{kv_heads}, which does not divide num_attention_heads {heads}", field="config.json:num_key_value_heads",
+            hint="add the checkpoint's num_key_value_heads to config.json (k_proj's rows / head_dim)")
+    return kv_heads
+
+
+def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelArch:
+    """A config.json dict -> ModelArch (PdlaunchError for unsupported or inconsistent configs). A key it omits is
+    what transformers' config class of its architecture gives (HF_DEFAULTS); `source` names the file in errors."""
+    architecture = architecture_of(cfg, source)
+    defaults = HF_DEFAULTS[architecture]
     try:
         hidden, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        head_dim = int(cfg.get("head_dim") or _DEFAULT_HEAD_DIM.get(architecture, hidden // heads))
+        kv_heads = _kv_heads(cfg, heads, defaults)
+        head_dim = int(cfg.get("head_dim") or defaults.head_dim or hidden // heads)
         vocab, inter = int(cfg["vocab_size"]), int(cfg["intermediate_size"])
     except KeyError as exc:
         raise PdlaunchError(f"config.json lacks {exc.args[0]!r}", field=f"config.json:{exc.args[0]}") from exc
@@ -242,10 +311,10 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise PdlaunchError(f"hidden_act {act!r} is not supported (only silu)", field="config.json:hidden_act")
-    theta, scaling = _rope(cfg)
+    theta, scaling = _rope(cfg, defaults.rope_theta)
     # An MoE family parses its attention as the dense family it shares it with.
     family = DENSE_FAMILY.get(architecture, architecture)
-    window, types = _layer_types(cfg, family, layers)
+    window, types = _layer_types(cfg, architecture, layers, defaults.sliding_window)
     is_qwen2 = family == "Qwen2ForCausalLM"
     llama_bias = not is_qwen2 and config_bool(cfg, "attention_bias")
     qkv_bias = is_qwen2 and config_bool(cfg, "qkv_bias", True)  # Qwen2-MoE spells it qkv_bias
@@ -263,7 +332,7 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
         "intermediate_size": inter,
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "rms_norm_eps": _positive_float(cfg.get("rms_norm_eps"), "rms_norm_eps", 1e-6),
+        "rms_norm_eps": _positive_float(cfg.get("rms_norm_eps"), "rms_norm_eps", defaults.rms_norm_eps),
         "tie_word_embeddings": config_bool(cfg, "tie_word_embeddings"),
         "attention_bias": qkv_bias or llama_bias,
         "qk_norm": family == "Qwen3ForCausalLM",
@@ -272,7 +341,8 @@ def parse_hf_config(cfg: dict[str, Any]) -> ModelArch:
         "mlp_bias": config_bool(cfg, "mlp_bias"),
         "sliding_window": window,
         "layer_types": types,
-        "max_position_embeddings": 2048 if max_pos is None else config_int(cfg, "max_position_embeddings"),
+        "max_position_embeddings": defaults.max_position_embeddings if max_pos is None
+        else config_int(cfg, "max_position_embeddings"),
         "torch_dtype": str(dtype).removeprefix("torch."),
         "bos_token_id": cfg.get("bos_token_id"),
         "eos_token_id": cfg.get("eos_token_id"),
@@ -300,4 +370,7 @@ def load_arch(directory: Path) -> ModelArch:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path") from exc
-    return parse_hf_config(cfg)
+    if not isinstance(cfg, dict):  # a list or a string was an AttributeError traceback
+        raise PdlaunchError(f"{path} holds a JSON {type(cfg).__name__}, not an object", field="model.path",
+                            hint="restore the checkpoint's config.json")
+    return parse_hf_config(cfg, str(path))

@@ -58,6 +58,41 @@ def _as_id_list(value: JsonValue, where: str) -> list[int]:
     return [_token_id(v, where) for v in value] if isinstance(value, list) else [_token_id(value, where)]
 
 
+def _configured_template(value: JsonValue, path: Path) -> str | None:
+    """tokenizer_config.json's chat_template: the template text, or named templates ("default", else the first) as
+    transformers saves them, [{"name": ..., "template": ...}], or as it also reads them, {name: template}. Every
+    other value is an error naming the file: ignored, it became "this checkpoint has no chat template" later."""
+    if value is None or isinstance(value, str):
+        return value
+    named: dict[str, str] = {}
+    entries = value if isinstance(value, list) else []
+    for i, entry in enumerate(entries):
+        name, text = (entry.get("name"), entry.get("template")) if isinstance(entry, dict) else (None, None)
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise _bad_template(path, f"entry {i}, {_shown(entry)}, is not {{\"name\": ..., \"template\": ...}}")
+        named[name] = text
+    if isinstance(value, dict):
+        named = {name: text for name, text in value.items() if isinstance(text, str)}
+        if len(named) != len(value):
+            raise _bad_template(path, f"{_shown(value)} maps a name to something other than template text")
+    elif not isinstance(value, list):
+        raise _bad_template(path, f"{_shown(value)} is neither template text nor a list of named templates")
+    if not named:
+        raise _bad_template(path, "lists no template")
+    return named.get("default", next(iter(named.values())))
+
+
+def _shown(value: JsonValue) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bad_template(path: Path, what: str) -> PdlaunchError:
+    return PdlaunchError(f"{path}: chat_template {what}", field="model.path",
+                         hint='write it as the Jinja template text, or as [{"name": "default", "template": "..."}]; '
+                         "or put the template in chat_template.jinja beside it, which is read instead")
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
@@ -110,12 +145,7 @@ class Tokenizer:
             except (OSError, UnicodeDecodeError) as exc:
                 raise PdlaunchError(f"cannot read {jinja_file}: {exc}", field="model.path",
                                     hint="restore the checkpoint's chat_template.jinja (UTF-8 text)") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            found = named.get("default") or next(iter(named.values()), None)
-            return found if isinstance(found, str) else None
-        return template if isinstance(template, str) else None
+        return _configured_template(config.get("chat_template"), directory / "tokenizer_config.json")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with special tokens, exactly one BOS when the tokenizer uses one."""

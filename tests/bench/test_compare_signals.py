@@ -8,13 +8,13 @@ import signal
 
 import pytest
 
-from pdlaunch.bench.compare import _termination_as_interrupt
+from pdlaunch.bench.compare import termination_as_interrupt
 
 
 def test_an_ignored_hangup_stays_ignored_and_sigterm_still_interrupts() -> None:
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with pytest.raises(KeyboardInterrupt, match="SIGTERM"), _termination_as_interrupt():
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"), termination_as_interrupt():
             os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing raised
             os.kill(os.getpid(), signal.SIGTERM)
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
@@ -25,7 +25,7 @@ def test_an_ignored_hangup_stays_ignored_and_sigterm_still_interrupts() -> None:
 def test_a_hangup_interrupts_when_not_ignored() -> None:
     previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
-        with pytest.raises(KeyboardInterrupt, match="SIGHUP"), _termination_as_interrupt():
+        with pytest.raises(KeyboardInterrupt, match="SIGHUP"), termination_as_interrupt():
             os.kill(os.getpid(), signal.SIGHUP)
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
     finally:
