@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 LISTENER_KEY = "pdlaunch/remote_rank_listener"  # store key: "host:port" of rank 0's listener
 HELLO_TIMEOUT_S = 10.0  # a connected peer names its rank within this
+# tcp_info's first byte, the TCP state (Linux include/net/tcp_states.h): CLOSE_WAIT, the peer closed its end;
+# CLOSE, the connection is gone (reset)
+PEER_CLOSED_TCP_STATES = (8, 7)
 
 
 class RankListener:
@@ -132,9 +135,14 @@ def set_send_timeout(conn: Connection, seconds: float) -> None:
 
 
 def is_closed(conn: Connection) -> bool:
-    """True when the peer closed `conn` (a pending message is not a close)."""
+    """True when the peer closed `conn`. A pending message alone is not a close, but a TCP link closed
+    behind one is (a rank sends why it failed, then exits): peeking sees only the message, the TCP state
+    the close."""
     probe = socket.socket(fileno=conn.fileno())
     try:
+        if probe.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
+            if probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in PEER_CLOSED_TCP_STATES:
+                return True
         return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False
