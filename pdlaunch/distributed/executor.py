@@ -2,10 +2,13 @@
 
 `TPExecutor` lives in the engine process, which is TP rank 0: it hosts the rendezvous, spawns one
 worker process per rank 1..T-1, schedules, hands every step's inputs to the workers over pipes
-(the messages of messages.py), runs its own shard, and returns the logits it samples from. A
-watchdog thread follows the workers' process sentinels: a rank that dies fails the next step (idle
-engines step every few seconds too) with an error naming the rank; a collective that a dead rank
-never joins fails with gloo at once and with NCCL at COLLECTIVE_TIMEOUT_S.
+(the messages of messages.py), runs its own shard, and returns the logits it samples from. Rank 0
+joins the group only once every other rank has come to the join (parallel_state.wait_for_joins),
+watching them meanwhile: a rank that dies on its way (an import, its device, its checkpoint) is named
+as it exits. A watchdog thread then follows the workers' process sentinels: a rank that dies fails the
+next step (idle engines step every few seconds too) with an error naming the rank and the reason it
+sent (RankFailed); a collective that a dead rank never joins fails with gloo at once and with NCCL at
+COLLECTIVE_TIMEOUT_S.
 
 A group spanning nodes (distributed/placement.py) spawns only this node's ranks; the others are
 started by their node's launcher (remote_rank.py) and connect here over TCP (remote_link.py),
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 import uuid
@@ -38,7 +43,7 @@ from pdlaunch.distributed.messages import (
     recv,
     send,
 )
-from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
+from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
@@ -60,6 +65,10 @@ REPLY_TIMEOUT_S = 30.0  # a rank that does not answer a connector call within th
 SEND_TIMEOUT_S = 60.0
 SHUTDOWN_SEND_TIMEOUT_S = 1.0
 DEATH_REPORT_WAIT_S = 2.0  # after a failed collective, how long to wait for the watchdog to name the rank
+
+
+class RankEnded(EngineError):
+    """Another rank's failure while the group started, already named (its reason, how it ended, its log)."""
 
 
 class UniprocExecutor:
@@ -105,6 +114,9 @@ class TPExecutor:
                  device: torch.device, dtype: torch.dtype, max_model_len: int, dtype_name: str) -> None:
         self.tp_size = instance.tp if instance is not None else config.parallel.tp
         self.failure: str | None = None
+        self._name = instance.name if instance is not None else "engine"  # as the workers' log lines say
+        # rank -> lock held while reading its link: the engine thread (_mirror) and the watchdog both read them
+        self._recv_locks: dict[int, threading.Lock] = {r: threading.Lock() for r in range(1, self.tp_size)}
         self._closing = threading.Event()
         self._procs: dict[int, BaseProcess] = {}  # local ranks (spawned here)
         self._remote: dict[int, str] = {}  # ranks on other nodes -> "node K (address)"
@@ -138,6 +150,7 @@ class TPExecutor:
                 links.update(listener.accept(self._remote, RENDEZVOUS_TIMEOUT_S))
             open_links(links, self._remote, Setup(device.type, dtype_name, max_model_len))
             self._conns = [links[r] for r in range(1, self.tp_size)]
+            wait_for_joins(self._store, self.tp_size, RENDEZVOUS_TIMEOUT_S, lambda s: self._watch_startup(links, s))
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, self._store.port,
                                self._store)
             self.runner = state.runner
@@ -149,7 +162,8 @@ class TPExecutor:
         except BaseException as exc:
             self._conns = [links[r] for r in sorted(links)]
             # Rank 0's own error (a join or collective that timed out) hides why: the rank that failed.
-            failed = self._startup_failure(links) if isinstance(exc, Exception) else None
+            named = isinstance(exc, RankEnded) or not isinstance(exc, Exception)
+            failed = None if named else self._startup_failure(links)
             self._stop_workers()
             destroy_tp_group()
             if failed is not None:
@@ -168,45 +182,86 @@ class TPExecutor:
         proc = self._procs.get(rank)
         return f"TP rank {rank} (pid {proc.pid})" if proc is not None else f"TP rank {rank} on {self._remote[rank]}"
 
-    def _startup_failure(self, links: dict[int, Connection]) -> EngineError | None:
+    def _log_of(self, rank: int) -> str:
+        """Where rank `rank`'s output is: a local worker writes to this process's stderr (the instance's log
+        under the launcher), a remote rank to its own log on its node."""
+        if rank in self._remote:
+            return f"its log on {self._remote[rank]}: {self._name}-rank{rank}.log in that node's log_dir"
+        try:
+            own = os.readlink("/proc/self/fd/2")
+        except OSError:
+            own = ""
+        where = own if os.path.isfile(own) else "this process's stderr"
+        return f"its lines ('{self._name} rank {rank}') in {where}"
+
+    def _ended(self, rank: int, wait_s: float = 0.0) -> str | None:
+        """How rank `rank`'s local process ended (waiting up to `wait_s` for it), or None: it runs or is remote."""
+        proc = self._procs.get(rank)
+        if proc is None or not wait([proc.sentinel], timeout=wait_s):
+            return None
+        # The sentinel closes as the process exits, a moment before it can be reaped: a timed join waits for that.
+        proc.join(DEATH_REPORT_WAIT_S)
+        return f"{self._where(rank)} {_exit_text(proc.exitcode)}" if proc.exitcode is not None else None
+
+    def _drain_reason(self, rank: int, conn: Connection) -> str | None:
+        """The reason rank `rank` sent before it ended (RankFailed), from what is left on its link."""
+        reason: str | None = None
+        with self._recv_locks[rank]:
+            try:
+                while conn.poll(0):
+                    message = recv(conn, self._where(rank))
+                    if isinstance(message, RankFailed):
+                        reason = message.message
+            except (EOFError, OSError):
+                pass
+            except UnexpectedMessage as exc:
+                reason = reason or str(exc)
+        return reason
+
+    def _rank_ended(self, rank: int, reason: str | None, wait_s: float = 0.0) -> RankEnded:
+        """Rank `rank` failed during startup: its reason, how its process ended, where its log is."""
+        ended = self._ended(rank, wait_s)
+        if ended is None and rank in self._remote:
+            ended = f"{self._where(rank)} closed its link to rank 0"
+        ended = f"{ended or self._where(rank) + ' failed'} during startup"
+        return RankEnded(f"{reason} ({ended})" if reason else ended, field="parallel.tp",
+                         hint=f"see {self._log_of(rank)}")
+
+    def _startup_failure(self, links: dict[int, Connection]) -> RankEnded | None:
         """The failure of another rank that made this rank's startup fail: its RankFailed reason, or how
         its process ended; None when every rank is still up (this rank failed on its own)."""
         sentinels = [p.sentinel for p in self._procs.values()]
         if sentinels:  # a rank whose collective peer just failed learns it before that peer has exited
             wait(sentinels, timeout=DEATH_REPORT_WAIT_S)
         for rank, conn in sorted(links.items()):
-            reason: str | None = None
-            try:
-                while conn.poll(0):
-                    message = recv(conn, self._where(rank))
-                    if isinstance(message, RankFailed):
-                        reason = message.message
-            except (EOFError, OSError, UnexpectedMessage):
-                pass
-            proc = self._procs.get(rank)
-            if proc is not None and not proc.is_alive():
-                ended = f"{self._where(rank)} exited with code {proc.exitcode} during startup"
-                reason = f"{reason} ({ended})" if reason else ended
-            if reason is not None:
-                return EngineError(reason, field="parallel.tp", hint=f"see the log lines of TP rank {rank}")
+            reason = self._drain_reason(rank, conn)
+            if reason is not None or self._ended(rank) is not None or (rank in self._remote and is_closed(conn)):
+                return self._rank_ended(rank, reason)
         return None
+
+    def _watch_startup(self, links: dict[int, Connection], seconds: float) -> None:
+        """Wait up to `seconds` for another rank to end before the group has formed (a local worker's process
+        exits, a remote rank reports its failure or closes its link); then raise RankEnded naming it."""
+        if wait([p.sentinel for p in self._procs.values()] + [links[r] for r in self._remote], timeout=seconds):
+            raise self._startup_failure(links) or RankEnded(
+                "a TP rank sent rank 0 something else than its failure before the group formed", field="parallel.tp",
+                hint="every rank of a TP group (on every node) must run the same pdlaunch version")
 
     def _wait_ready(self, rank: int) -> Ready:
         """Rank `rank`'s engine_id, side-channel port (or None) and advertised side-channel host."""
         conn = self._conns[rank - 1]
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):
             raise EngineError(f"{self._where(rank)} was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
-                              field="parallel.tp", hint="see the rank's log lines")
+                              field="parallel.tp", hint=f"see {self._log_of(rank)}")
         try:
             message = recv(conn, self._where(rank))
         except (EOFError, OSError):
-            raise EngineError(f"{self._where(rank)} exited during startup", field="parallel.tp",
-                              hint="see the rank's log lines") from None
+            raise self._rank_ended(rank, None, DEATH_REPORT_WAIT_S) from None
         match message:
             case Ready():
                 return message
-            case RankFailed(reason):
-                raise EngineError(reason, field="parallel.tp", hint="see the rank's log lines")
+            case RankFailed(reason):  # it exits right after saying so
+                raise self._rank_ended(rank, reason, DEATH_REPORT_WAIT_S)
             case _:
                 raise UnexpectedMessage(self._where(rank), message, "Ready")
 
@@ -260,14 +315,17 @@ class TPExecutor:
                 raise self._rank_failure(TimeoutError(
                     f"no answer to {type(call).__name__} within {REPLY_TIMEOUT_S:.0f}s"), rank)
             try:
-                message = recv(conn, self._where(rank))
+                with self._recv_locks[rank]:
+                    message = recv(conn, self._where(rank))
             except (EOFError, OSError) as exc:
                 raise self._rank_failure(exc, rank) from exc
             match message:
                 case Reply(value) if isinstance(value, call.reply_type):
                     replies.append(value)
-                case RankFailed(reason):
-                    raise EngineError(reason, field="parallel.tp", hint="see that rank's log")
+                case RankFailed(reason):  # the rank exits right after: the instance cannot serve on
+                    self.failure = self.failure or reason
+                    raise EngineError(reason, field="parallel.tp", hint=f"see {self._log_of(rank)}; the instance "
+                                      "must restart")
                 case _:
                     raise UnexpectedMessage(self._where(rank), message, f"the reply to {type(call).__name__}")
         return replies
@@ -298,17 +356,19 @@ class TPExecutor:
                 rank = sentinels.pop(sentinel)
                 if self._closing.is_set():
                     return
-                proc = self._procs[rank]
-                proc.join(0)
-                self._report_dead(f"TP rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}")
+                self._report_dead(rank, self._ended(rank) or f"{self._where(rank)} exited")
             for rank in [r for r in remote if is_closed(self._conns[r - 1])]:
                 if self._closing.is_set():
                     return
-                self._report_dead(f"TP rank {rank} on {remote.pop(rank)} closed its connection (the rank, its "
-                                  "node's launcher or the node is gone)")
+                remote.pop(rank)
+                self._report_dead(rank, f"{self._where(rank)} closed its connection (the rank, its node's launcher "
+                                  "or the node is gone)")
 
-    def _report_dead(self, message: str) -> None:
-        self.failure = message
+    def _report_dead(self, rank: int, ended: str) -> None:
+        """Fail the instance for rank `rank`, which `ended`: with the reason it sent, if it sent one."""
+        reason = self._drain_reason(rank, self._conns[rank - 1])
+        message = f"{reason} ({ended})" if reason else ended
+        self.failure = self.failure or message  # the first failure is the cause (a RankFailed _mirror read)
         log.error("%s: the instance cannot serve without it", message)
 
     def _stop_workers(self) -> None:
@@ -338,6 +398,16 @@ class TPExecutor:
         self._conns = []
         destroy_tp_group()
         self.runner.release()
+
+
+def _exit_text(code: int) -> str:
+    """How a process with exit code `code` ended (multiprocessing: -N for a signal)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def _is_stopped(pid: int | None) -> bool:

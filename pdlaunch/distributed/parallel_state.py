@@ -9,6 +9,8 @@ CUDA); a gloo group beside it carries host-side values (block counts, engine_id)
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 RENDEZVOUS_TIMEOUT_S = 120.0  # every rank must join within this (model loading happens after it)
 COLLECTIVE_TIMEOUT_S = 60.0  # a collective that waits longer on a peer fails instead of hanging
+JOIN_POLL_S = 0.2  # while rank 0 waits for the others to come to the join, how often it looks at the store
 
 
 @dataclass
@@ -67,6 +70,8 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
     if backend == "nccl":
         kwargs["device_id"] = device
     try:
+        if rank > 0:
+            store.set(joining_key(rank), "1")
         dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -84,6 +89,30 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
                           hint="another rank failed to start (see its log) or the address is unreachable") from exc
     log.info("TP rank %d/%d joined (%s, rendezvous %s:%d)", rank, size, backend, host, port)
     return TPGroup(rank=rank, size=size, backend=backend, cpu_group=cpu_group)
+
+
+def joining_key(rank: int) -> str:
+    """The store key rank `rank` sets just before it joins: rank 0 waits for every rank's (wait_for_joins)."""
+    return f"pdlaunch/joining/{rank}"
+
+
+def wait_for_joins(store: dist.Store, size: int, timeout_s: float, watch: Callable[[float], None]) -> None:
+    """Return once ranks 1..size-1 have all come to the join, so rank 0 never waits inside torch's join
+    (blind for COLLECTIVE_TIMEOUT_S) on a rank that died before it got there. `watch(seconds)` waits up to
+    that long for another rank to end and raises naming it; EngineError after `timeout_s` names the ranks
+    that never came."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = [r for r in range(1, size) if not store.check([joining_key(r)])]
+        if not missing:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            ranks = ", ".join(f"TP rank {r}" for r in missing)
+            raise EngineError(f"{ranks} did not come to join the {size}-rank group within {timeout_s:.0f}s "
+                              "(alive, but still starting)", field="parallel.tp",
+                              hint="see that rank's log: a slow device or import, or a stuck node")
+        watch(min(JOIN_POLL_S, remaining))
 
 
 def destroy_tp_group() -> None:

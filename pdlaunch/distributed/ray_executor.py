@@ -153,7 +153,12 @@ class RayTPExecutor:
             while self.failure is None and time.monotonic() < deadline:
                 self._check_pending()
                 time.sleep(0.05)
-            raise EngineError(self.failure or f"a TP collective failed: {exc}", field="parallel.tp",
+            # No rank failed its call: a collective timing out names no peer, but the stuck rank is one whose
+            # step has not finished (stopped, hung, its node stalled).
+            late = sorted(set(self._pending.values()))
+            stuck = f" ({', '.join(map(self._where, late))} still in its step: hung or stopped)" if late else ""
+            self.failure = self.failure or f"a TP collective failed: {exc}{stuck}"
+            raise EngineError(self.failure, field="parallel.tp",
                               hint="see the ranks' logs; the instance must restart") from exc
 
     def _check_pending(self) -> None:
@@ -179,7 +184,11 @@ class RayTPExecutor:
         if call.reply_type is None:
             self._pending.update({ref: r for r, ref in enumerate(refs, start=1)})
             return []
-        replies = self._get(refs, REPLY_TIMEOUT_S, type(call).__name__)
+        try:
+            replies = self._get(refs, REPLY_TIMEOUT_S, type(call).__name__)
+        except EngineError as exc:  # a rank that missed the call no longer holds what rank 0's connector does
+            self.failure = self.failure or exc.message
+            raise
         for rank, value in enumerate(replies, start=1):
             if not isinstance(value, call.reply_type):
                 raise EngineError(f"TP rank {rank} answered {type(call).__name__} with a {type(value).__name__}",

@@ -15,7 +15,7 @@ import struct
 import time
 from datetime import timedelta
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
 import torch.distributed as dist
 
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 LISTENER_KEY = "pdlaunch/remote_rank_listener"  # store key: "host:port" of rank 0's listener
 HELLO_TIMEOUT_S = 10.0  # a connected peer names its rank within this
+# A remote rank's connect and key exchange with rank 0's listener; rank 0 greets one peer at a time, each
+# within HELLO_TIMEOUT_S, so this leaves room for a few ahead in its queue.
+CONNECT_TIMEOUT_S = 60.0
+# tcp_info's first byte, the TCP state (Linux include/net/tcp_states.h): CLOSE_WAIT, the peer closed its end;
+# CLOSE, the connection is gone (reset)
+PEER_CLOSED_TCP_STATES = (8, 7)
 
 
 class RankListener:
@@ -100,11 +106,34 @@ def connect_to_rank0(store: dist.Store, rank: int, authkey: bytes) -> Connection
     address = store.get(LISTENER_KEY).decode()
     host, port = address.rsplit(":", 1)
     try:
-        conn = Client((host, int(port)), authkey=authkey)
-    except (AuthenticationError, OSError) as exc:
+        conn = _dial(host, int(port), authkey)
+    except (BlockingIOError, TimeoutError) as exc:
+        raise EngineError(f"TP rank {rank}: rank 0's link at {address} did not answer within "
+                          f"{CONNECT_TIMEOUT_S:.0f}s", field="parallel.nodes",
+                          hint="rank 0 is stopped, hung, or past accepting its ranks (see its log)") from exc
+    except (AuthenticationError, OSError, EOFError) as exc:
         raise EngineError(f"TP rank {rank} cannot join rank 0's link at {address}: {exc}", field="parallel.nodes",
                           hint="every node must run the same config (and the same PDLAUNCH_TP_SECRET)") from exc
     send(conn, Hello(rank))
+    return conn
+
+
+def _dial(host: str, port: int, authkey: bytes) -> Connection:
+    """An authenticated connection to rank 0's listener, as multiprocessing's Client makes it, but with the
+    connect and the key exchange bounded by CONNECT_TIMEOUT_S (Client waits for an answer forever)."""
+    raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    raw.setblocking(True)  # Connection reads a blocking fd; a silent listener times out through SO_RCVTIMEO
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(CONNECT_TIMEOUT_S), 0))
+    conn = Connection(raw.detach())
+    try:
+        answer_challenge(conn, authkey)
+        deliver_challenge(conn, authkey)
+    except BaseException:
+        conn.close()
+        raise
+    probe = socket.socket(fileno=conn.fileno())
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
+    probe.detach()
     return conn
 
 
@@ -132,9 +161,14 @@ def set_send_timeout(conn: Connection, seconds: float) -> None:
 
 
 def is_closed(conn: Connection) -> bool:
-    """True when the peer closed `conn` (a pending message is not a close)."""
+    """True when the peer closed `conn`. A pending message alone is not a close, but a TCP link closed
+    behind one is (a rank sends why it failed, then exits): peeking sees only the message, the TCP state
+    the close."""
     probe = socket.socket(fileno=conn.fileno())
     try:
+        if probe.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
+            if probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in PEER_CLOSED_TCP_STATES:
+                return True
         return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError:
         return False

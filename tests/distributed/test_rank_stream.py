@@ -154,7 +154,8 @@ def rank0_side(worker_ends: int) -> tuple[TPExecutor, list[Connection]]:
     executor = TPExecutor.__new__(TPExecutor)
     pairs = [Pipe() for _ in range(worker_ends)]
     executor._conns = [rank0 for rank0, _ in pairs]  # noqa: SLF001 - the links alone, no processes
-    executor._procs, executor.failure = {}, None  # noqa: SLF001
+    executor._procs, executor.failure, executor._name = {}, None, "engine"  # noqa: SLF001
+    executor._recv_locks = {r: threading.Lock() for r in range(1, worker_ends + 1)}  # noqa: SLF001
     executor._remote = {r: "node 1 (10.0.0.2)" for r in range(1, worker_ends + 1)}  # noqa: SLF001
     return executor, [worker for _, worker in pairs]
 

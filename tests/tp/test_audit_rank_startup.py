@@ -15,7 +15,8 @@ from tests.tp.conftest import MakeTPEngine
 
 
 def _break_the_worker(monkeypatch: pytest.MonkeyPatch, missing: Path) -> None:
-    """Rank 1 fails loading `missing`, before it joins the group; rank 0 waits 10 s for that join."""
+    """Rank 1 fails loading `missing`, before it joins the group (rank 0 sees it exit; were it to wait in
+    its own join instead, 10 s bounds that)."""
     drawn = executor_module._as_drawn_by_worker  # noqa: SLF001
 
     def broken_for_the_worker(config: DeploymentConfig, instance: InstanceSpec | None

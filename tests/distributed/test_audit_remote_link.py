@@ -1,0 +1,66 @@
+"""A remote rank dialing rank 0's link (remote_link.connect_to_rank0): a listener that accepts the connection
+but never answers (rank 0 stopped, or past accepting its ranks and loading its model) fails the rank within
+CONNECT_TIMEOUT_S, naming the address, instead of hanging it; a listener that answers gives a link with no
+receive timeout left on it (steps may be minutes apart)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import types
+
+import pytest
+
+from pdlaunch.distributed import remote_link
+from pdlaunch.distributed.remote_link import RankListener, connect_to_rank0
+from pdlaunch.errors import EngineError
+
+KEY = b"test-link-key"
+GUARD_S = 60.0  # only bounds a broken test (a hang); the fixed dial gives up after CONNECT_TIMEOUT_S
+
+
+def store_naming(address: str) -> types.SimpleNamespace:
+    return types.SimpleNamespace(get=lambda key: address.encode())
+
+
+def test_a_listener_that_never_answers_fails_the_rank_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(remote_link, "CONNECT_TIMEOUT_S", 1.0, raising=False)
+    errors: list[BaseException] = []
+
+    def dial(address: str) -> None:
+        try:
+            connect_to_rank0(store_naming(address), 1, KEY)  # type: ignore[arg-type]
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    # the kernel completes the connection into the backlog; nobody accepts it, nobody speaks
+    with socket.create_server(("127.0.0.1", 0), backlog=4) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        rank = threading.Thread(target=dial, args=(address,), daemon=True)
+        rank.start()
+        rank.join(GUARD_S)
+        assert not rank.is_alive(), "the rank waited for the silent listener without a bound"
+    assert len(errors) == 1 and isinstance(errors[0], EngineError), errors
+    assert errors[0].message == f"TP rank 1: rank 0's link at {address} did not answer within 1s"
+
+
+def test_a_link_dialed_to_a_listener_keeps_no_receive_timeout() -> None:
+    listener = RankListener("127.0.0.1", KEY)
+    try:
+        dialed: list[object] = []
+        rank = threading.Thread(target=lambda: dialed.append(
+            connect_to_rank0(store_naming(listener.address), 1, KEY)), daemon=True)  # type: ignore[arg-type]
+        rank.start()
+        accepted = listener.accept({1: "node 1 (127.0.0.1)"}, timeout_s=GUARD_S)
+        rank.join(GUARD_S)
+        assert list(accepted) == [1] and len(dialed) == 1
+        probe = socket.socket(fileno=dialed[0].fileno())  # type: ignore[attr-defined]
+        try:
+            assert probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == struct.pack("ll", 0, 0)
+        finally:
+            probe.detach()
+        accepted[1].close()
+        dialed[0].close()  # type: ignore[attr-defined]
+    finally:
+        listener.close()
