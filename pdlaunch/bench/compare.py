@@ -13,11 +13,9 @@ it against both always-PD and colocated serving (issue 31's acceptance).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import secrets
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -34,7 +32,7 @@ from pdlaunch.bench.advisor import Advice, DecodePoint, Workload, advise, worklo
 from pdlaunch.bench.engine_load import LONG_GAP_S, LoadProbe
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
-from pdlaunch.bench.report import ServeDoc
+from pdlaunch.bench.report import ServeDoc, write_atomic
 from pdlaunch.bench.serve import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB, ServeBenchConfig, measure
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
@@ -573,22 +571,12 @@ def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
 
 
 def write_whole(path: Path, write: Callable[[IO[bytes]], object], hint: str) -> None:
-    """`write` into a new file beside `path`, synced and renamed over it: a full disk, an --out that cannot be
-    written, Ctrl-C or SIGTERM leave the earlier file or none, never half of one at `path`. An OSError is a
-    PdlaunchError naming --out and `path`, with `hint`."""
-    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")  # hidden, and never an earlier run's
+    """report.write_atomic, with an OSError as a PdlaunchError naming --out and `path`, with `hint`."""
     try:
-        with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(part, path)
+        write_atomic(path, write)
     except OSError as exc:
         raise PdlaunchError(f"could not write {str(path)!r}: {exc.strerror or exc}", field="--out",
                             hint=hint) from None
-    finally:
-        with contextlib.suppress(OSError):  # gone already once renamed, or never created
-            part.unlink()
 
 
 def write_json_whole(doc: JsonValue, path: Path, hint: str) -> None:

@@ -13,13 +13,16 @@ Percentiles are numpy's linear interpolation; an empty list reports 0, as vLLM d
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
-from collections.abc import Iterable, Mapping
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TypedDict
+from typing import IO, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, JsonValue
@@ -207,9 +210,25 @@ def result_dict(metrics: BenchMetrics, results: list[RequestResult], run_info: S
     return out
 
 
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """`write` into a new file beside `path`, synced and renamed over it: a full disk, a folder that cannot be
+    written, Ctrl-C or SIGTERM leave the earlier file or none, never half of one at `path` (OSError otherwise)."""
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")  # hidden, and never an earlier run's
+    try:
+        with open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(part, path)
+    finally:
+        with contextlib.suppress(OSError):  # gone already once renamed, or never created
+            part.unlink()
+
+
 def write_json(doc: Mapping[str, object], path: Path) -> None:
+    text = json.dumps(doc, indent=2) + "\n"  # first: a value JSON cannot hold fails before any file exists
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def print_report(console: Console, metrics: BenchMetrics, results: list[RequestResult], goodput_ms: dict[str, float],
