@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import MAX_REQUEST_ID_CHARS, PARSE_INLINE_BYTES, client_request_id
-from pdlaunch.http.sse import ClosingStreamingResponse
+from pdlaunch.http.sse import ClosingStreamingResponse, sse_event
 from pdlaunch.proxy.bodies import JsonObject, int_of
 from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
@@ -47,7 +47,9 @@ from pdlaunch.proxy.translate import (
     kv_params_of,
     parse_client_body,
     prefill_body,
+    prefill_cached_tokens,
     refuse_in_pd,
+    with_cached_tokens,
     with_prompt_logprobs,
 )
 from pdlaunch.proxy.upstream import Upstream
@@ -140,6 +142,7 @@ class _PromptRequest:
     legs: list[str] = field(default_factory=list)  # instances that served it, for the DEBUG line
     held: tuple[Instance, JsonObject] | None = None  # a prefill's KV waiting for our decode leg
     prefill_answer: JsonObject | None = None
+    migrated: bool = False  # the decode leg moved to another decode, which computed the prompt itself
     outcome: str = "error"
     unqueue: Callable[[], None] = lambda: None  # the decode leg's queued tokens end (prefix.py)
     unqueue_prefill: Callable[[], None] = lambda: None  # ... the prefill leg's
@@ -166,6 +169,25 @@ class _PromptRequest:
         look busy with requests that run elsewhere until they end)."""
         self.release_held()
         self.unqueue()
+        self.migrated = True
+
+    def _prefill_cached(self) -> int | None:
+        """The prompt tokens the prefill leg's instance had cached, which the answer reports (with_cached_tokens);
+        None when no prefill computed the prompt (the decode did: its own count stands)."""
+        if self.prefill_answer is None or self.migrated:
+            return None
+        return prefill_cached_tokens(self.prefill_answer)
+
+    def _with_prefill_cached(self, chunk: bytes) -> bytes:
+        """A relayed stream event (one `data: ...` event), with the prefill's cached tokens when it carries usage."""
+        cached = self._prefill_cached()
+        if cached is None or b'"usage"' not in chunk or not chunk.startswith(b"data: {"):
+            return chunk  # a key in the JSON, never inside a string (its quotes are escaped there)
+        try:
+            event = json.loads(chunk.removeprefix(b"data: "))
+        except ValueError:
+            return chunk
+        return sse_event(with_cached_tokens(event, cached)) if isinstance(event, dict) else chunk
 
     async def serve(self) -> Response:
         state = self.call.state
@@ -306,6 +328,9 @@ class _PromptRequest:
         self.outcome = "ok"
         if self.prefill_answer is not None and body.get("prompt_logprobs") is not None:
             answer = with_prompt_logprobs(answer, self.prefill_answer, call.chat)
+        cached = self._prefill_cached()
+        if cached is not None:
+            answer = with_cached_tokens(answer, cached)
         return JSONResponse(answer, headers={"X-Request-Id": self.request_id})
 
     def _relayed(self, upstream: Upstream, events: AsyncGenerator[bytes, None]) -> ClosingStreamingResponse:
@@ -315,7 +340,7 @@ class _PromptRequest:
         async def relay() -> AsyncIterator[bytes]:
             nonlocal relayed_all
             async for chunk in events:
-                yield chunk
+                yield self._with_prefill_cached(chunk)
             relayed_all = True
 
         async def close() -> None:

@@ -4,8 +4,9 @@ Instance ports are picked at start (and a restarted instance may move), so users
 discover them: at each scrape the proxy fetches every ready instance's /metrics (internal token, short
 timeout, all at once) and re-emits each sample with `instance` (its name, e.g. decode-0) and `role`
 labels added. Sums across instances are the dashboard's job (`sum by (role) (...)`); vLLM's series
-keep their own labels (model_name, engine, finished_reason). An instance that does not answer in
-time is left out of that scrape and counted in pdlaunch_proxy_federation_errors.
+keep their own labels (model_name, engine, finished_reason). An instance that does not answer whole in
+time (SCRAPE_TIMEOUT_S for the whole answer: a trickle would hold every scrape), or answers more than
+SCRAPE_MAX_BYTES, is left out of that scrape and counted in pdlaunch_proxy_federation_errors.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.instances import Instance, InstancePool
 
 SCRAPE_TIMEOUT_S = 2.0
+SCRAPE_MAX_BYTES = 64 << 20  # an instance's exposition is under 1 MiB; vLLM's histograms per model, a few
 
 
 class _Fetched(Collector):
@@ -36,10 +39,11 @@ class _Fetched(Collector):
 
 async def _scrape(client: httpx.AsyncClient, instance: Instance, headers: dict[str, str]) -> str | None:
     try:
-        response = await client.get(instance.url + "/metrics", headers=headers, timeout=SCRAPE_TIMEOUT_S)
-    except httpx.HTTPError:
+        status, content = await fetch(client, "GET", instance.url + "/metrics", headers=headers,
+                                      timeout_s=SCRAPE_TIMEOUT_S, max_bytes=SCRAPE_MAX_BYTES)
+    except (httpx.HTTPError, TimeoutError, AnswerTooLarge):
         return None
-    return response.text if response.status_code == 200 else None
+    return content.decode(errors="replace") if status == 200 else None
 
 
 def _merge(families: dict[str, Metric], text: str, instance: Instance) -> None:

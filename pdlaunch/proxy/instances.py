@@ -1,14 +1,17 @@
 """The instances behind the proxy: their health, their in-flight counts, and how one is picked.
 
-A /health probe that times out (proxy.health_timeout_seconds) marks the instance "stalled": it took
-the connection (the kernel accepts into the listen backlog even for a SIGSTOPped process) but does
-not answer: stopped, hung, or swapped out. Like "down", it gets no new legs until a probe answers.
+A /health probe that times out (proxy.health_timeout_seconds, for the whole answer: one that trickles in
+is no answer) marks the instance "stalled": it took the connection (the kernel accepts into the listen
+backlog even for a SIGSTOPped process) but does not answer: stopped, hung, or swapped out. Like "down",
+it gets no new legs until a probe answers. A /health body past HEALTH_MAX_BYTES is not read on: the
+instance is unhealthy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +22,7 @@ from typing import Literal
 import httpx
 
 from pdlaunch.http.errors import OpenAIError
+from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 
 log = logging.getLogger("pdlaunch.proxy")
 
@@ -26,6 +30,7 @@ Role = Literal["prefill", "decode", "colocated"]
 State = Literal["starting", "ready", "unhealthy", "down", "stalled"]
 HEALTH_INTERVAL_S = 1.0
 HEALTH_TIMEOUT_S = 2.0
+HEALTH_MAX_BYTES = 64 << 10  # an instance's /health is a few hundred bytes of JSON
 
 
 @dataclass
@@ -56,9 +61,9 @@ class Instance:
             self.in_flight -= 1
 
 
-def _health_body(response: httpx.Response) -> dict[str, object]:
+def _health_body(content: bytes) -> dict[str, object]:
     try:
-        body = response.json()
+        body = json.loads(content)
     except ValueError:
         return {}
     return body if isinstance(body, dict) else {}
@@ -77,6 +82,12 @@ def _itl_ms(body: dict[str, object]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
         return None
     return float(value)
+
+
+def _not_healthy(instance: Instance, why: str) -> None:
+    """It answers, but not as a healthy instance: unhealthy (still starting, if it was)."""
+    instance.state = "unhealthy" if instance.state != "starting" else "starting"
+    instance.detail = why
 
 
 class RoundRobin:
@@ -163,8 +174,12 @@ class InstancePool:
 
     async def _check(self, client: httpx.AsyncClient, instance: Instance) -> None:
         try:
-            response = await client.get(f"{instance.url}/health", timeout=self.health_timeout_s)
-        except (httpx.ReadTimeout, httpx.ConnectTimeout):
+            status, content = await fetch(client, "GET", f"{instance.url}/health", timeout_s=self.health_timeout_s,
+                                          max_bytes=HEALTH_MAX_BYTES)
+        except AnswerTooLarge as exc:
+            _not_healthy(instance, f"/health answered with {exc}")
+            return
+        except (httpx.ReadTimeout, httpx.ConnectTimeout, TimeoutError):
             # Connected (the kernel's backlog accepts for a stopped process) but no answer in time, or not even
             # accepted (that backlog full under client traffic): alive or not, it answers nothing.
             self.mark_stalled(instance, f"/health did not answer within {self.health_timeout_s:g}s "
@@ -174,8 +189,8 @@ class InstancePool:
             if instance.state != "starting":
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
-        if response.status_code == 200:
-            body = _health_body(response)
+        if status == 200:
+            body = _health_body(content)
             engine_id = _engine_id(body)
             instance.itl_ms = _itl_ms(body)
             since = self._stalled_since.pop(instance.name, None)
@@ -191,8 +206,7 @@ class InstancePool:
             instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
             instance.stalled.clear()
         else:
-            instance.state = "unhealthy" if instance.state != "starting" else "starting"
-            instance.detail = f"/health answered {response.status_code}"
+            _not_healthy(instance, f"/health answered {status}")
 
     def start_monitor(self, client: httpx.AsyncClient) -> None:
         """One probe loop per instance: a stalled one, whose probe takes the whole health timeout, does

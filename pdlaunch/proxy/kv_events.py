@@ -12,6 +12,8 @@ block hashes (CachedBlocks). The set is known only between a snapshot and the en
   404) forgets the set and is re-opened after RETRY_MIN_S, doubling up to RETRY_MAX_S while it keeps
   failing (back to RETRY_MIN_S once a snapshot arrives).
 
+- a line longer than MAX_LINE_BYTES (a broken or hostile instance, or whatever answers on its port, that never
+  ends its line) is a bad line too: the proxy holds at most that much of one stream, never all it is sent.
 - a stream silent for READ_TIMEOUT_S (several heartbeats: an idle instance sends an empty line every
   HEARTBEAT_S) is dead though its connection is not closed (a half-open connection after a network
   fault, a stopped process): forgotten and re-opened like one that ended.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -40,6 +43,33 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 3 * HEARTBEAT_S  # no line, not even a heartbeat, for this long: the stream is dead
 RETRY_MIN_S = 0.5
 RETRY_MAX_S = 10.0
+# The longest line is a snapshot: 35 bytes per cached block ("<32 hex digits>",). 256 MiB names 7.6M blocks, more
+# than one instance's pool holds (an H200's 141 GB in 8-token fp8 blocks of a 0.5B model is under 3M).
+MAX_LINE_BYTES = 256 << 20
+
+
+class LineTooLong(ValueError):
+    """A line passed MAX_LINE_BYTES before its end."""
+
+
+async def ndjson_lines(chunks: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    """The lines of a byte stream, without their LF (a last line without one too); LineTooLong as soon as one
+    passes `max_bytes`, before the rest of it is read. Each byte is searched once."""
+    pending = bytearray()
+    async for chunk in chunks:
+        searched = len(pending)
+        pending += chunk
+        start, end = 0, pending.find(b"\n", searched)
+        while end >= 0:
+            if end - start > max_bytes:
+                raise LineTooLong(f"a line of {end - start} bytes (the limit is {max_bytes})")
+            yield bytes(pending[start:end])
+            start, end = end + 1, pending.find(b"\n", end + 1)
+        del pending[:start]
+        if len(pending) > max_bytes:
+            raise LineTooLong(f"a line past {max_bytes} bytes without its end")
+    if pending:
+        yield bytes(pending)
 
 
 @dataclass
@@ -131,14 +161,17 @@ class KvEventFeed:
                                      timeout=timeout) as response:
                 if response.status_code != 200:
                     return f"{EVENTS_PATH} answered HTTP {response.status_code}", False
-                async for line in response.aiter_lines():
+                # Raw bytes: an instance never compresses them, and a compressed answer is not decompressed
+                # (a small one may expand past any bound): it fails validation as a bad line.
+                async for line in ndjson_lines(response.aiter_raw(), MAX_LINE_BYTES):
                     if not line.strip():
                         continue
                     try:
                         event = KV_EVENT.validate_json(line)
                     except ValidationError as exc:
                         log.warning("%s sent a KV event that is not valid (%s): %.200s", instance.name,
-                                    exc.errors()[0]["msg"] if exc.errors() else exc, line)
+                                    exc.errors()[0]["msg"] if exc.errors() else exc,
+                                    line[:200].decode(errors="replace"))
                         return "a line that is not a valid event", snapshot
                     why = cached.apply(event)
                     if why is not None:
@@ -146,6 +179,9 @@ class KvEventFeed:
                         return why, snapshot
                     snapshot = snapshot or isinstance(event, KvSnapshot)
             return "the stream ended", snapshot
+        except LineTooLong as exc:
+            log.warning("%s sent a KV event line that is too long: %s", instance.name, exc)
+            return f"a line longer than {MAX_LINE_BYTES} bytes", snapshot
         except httpx.ReadTimeout:
             return f"no line, not even a heartbeat, for {READ_TIMEOUT_S:.0f}s", snapshot
         except httpx.HTTPError as exc:

@@ -25,6 +25,9 @@ log = logging.getLogger("pdlaunch.proxy")
 
 T = TypeVar("T")
 _USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# Events read ahead of the client, over all prompts. Beyond, each prompt's stream waits for the client (and its
+# instance for the proxy), as the stream of one prompt does: a slow client never has the proxy hold whole answers.
+READ_AHEAD_EVENTS = 64
 
 
 def split_prompts(body: Body) -> list[JsonObject] | None:
@@ -66,7 +69,7 @@ class MergedStream:
         await asyncio.gather(*(s.close() for s in self.streams), return_exceptions=True)
 
     async def events(self) -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, str | None]] = asyncio.Queue(READ_AHEAD_EVENTS)
 
         async def pump(p: int, body: AsyncIterable[str | bytes | memoryview]) -> None:
             parser = SSEParser()

@@ -9,7 +9,7 @@ from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
-from pdlaunch.proxy.bodies import Body, JsonObject, as_object, objects, token_limit
+from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.choices import no_room_hint
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
@@ -105,6 +105,28 @@ def with_prompt_logprobs(answer: JsonObject, prefill_answer: JsonObject, chat: b
     choices = objects(prefill_answer.get("choices"))
     prompt = choices[0].get("prompt_logprobs") if choices else None
     return {**answer, "choices": [{**c, "prompt_logprobs": prompt} for c in objects(answer.get("choices"))]}
+
+
+def prefill_cached_tokens(prefill_answer: JsonObject) -> int | None:
+    """The prompt tokens the prefill found in its prefix cache (its usage's cached_tokens), or None when its answer
+    names no such count."""
+    usage = as_object(prefill_answer.get("usage"))
+    details = as_object(usage.get("prompt_tokens_details")) if usage is not None else None
+    cached = int_of(details.get("cached_tokens")) if details is not None else None
+    return cached if cached is not None and cached >= 0 else None
+
+
+def with_cached_tokens(answer: JsonObject, cached: int) -> JsonObject:
+    """The decode's answer (or a stream chunk of it) with `cached` as its usage's cached_tokens. In PD the prompt is
+    computed by the prefill, minus what its prefix cache held: that is the count a user means (vLLM's too). The
+    decode's own count says how much of the KV it held already rather than loaded, not what was computed. An answer
+    without usage, or whose prompt is shorter than `cached` (not a count of this prompt), is left as it is."""
+    usage = as_object(answer.get("usage"))
+    prompt = int_of(usage.get("prompt_tokens")) if usage is not None else None
+    if usage is None or prompt is None or cached > prompt:
+        return answer
+    details = as_object(usage.get("prompt_tokens_details")) or {}
+    return {**answer, "usage": {**usage, "prompt_tokens_details": {**details, "cached_tokens": cached}}}
 
 
 def kv_params_of(instance: Instance, response_json: JsonValue) -> JsonObject:

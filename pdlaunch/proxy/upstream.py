@@ -2,7 +2,9 @@
 
 Every call runs under the request's deadline (proxy.request_timeout_seconds); a failed or vanished
 instance becomes an OpenAI-format 502/503/504 (mid-stream: an SSE error event), never a hang, and an
-instance that dropped the connection is marked down at once.
+instance that dropped the connection is marked down at once. A whole answer is read up to MAX_ANSWER_BYTES, an
+error answer up to ERROR_MAX_BYTES and by the request's deadline: what an instance sends never grows the proxy's
+memory without bound.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import httpx
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
-from pdlaunch.http.sse import SSEEventTooLarge, SSEParser, sse_data, sse_event
+from pdlaunch.http.sse import MAX_EVENT_BYTES, SSEEventTooLarge, SSEParser, sse_data, sse_event
+from pdlaunch.proxy.answers import AnswerTooLarge, read_body
 from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.metrics import ProxyMetrics
@@ -27,6 +30,8 @@ from pdlaunch.proxy.translate import error_from_exception, error_from_response, 
 
 CONNECT_TIMEOUT_S = 5.0
 SHUTDOWN_MARGIN_S = 1.0  # streams end this long before the server's graceful-shutdown deadline
+MAX_ANSWER_BYTES = MAX_EVENT_BYTES  # as one stream event: a long prompt's prompt_logprobs pass 100 MiB
+ERROR_MAX_BYTES = 1 << 20  # an error answer is a message of a few lines
 
 
 @dataclass
@@ -94,20 +99,28 @@ class Proxy:
         remaining = self._timeout(deadline)
         with instance.lease():
             try:
-                response = await asyncio.wait_for(self.http().post(
-                    instance.url + path, json=body, headers=headers,
-                    timeout=httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))), remaining)
+                status, content = await asyncio.wait_for(self._post(instance.url + path, body, headers, remaining),
+                                                         remaining)
             except (httpx.HTTPError, TimeoutError) as exc:
                 raise self.failed(instance, exc) from None
-        if response.status_code != 200:
-            raise error_from_response(instance, response.status_code, response.content)
+            except AnswerTooLarge as exc:
+                raise OpenAIError(502, f"{instance.name} ({instance.url}) sent {exc}", code="instance_failed") from None
+        if status != 200:
+            raise error_from_response(instance, status, content)
         try:
             # As strict as a client's body: a NaN or a lone surrogate would fail the proxy's own JSON answer (a 500).
-            return parse_json_object(response.content)
+            return parse_json_object(content)
         except OpenAIError as exc:
             raise OpenAIError(502, f"{instance.name} ({instance.url}) answered 200 with a body that is not a valid "
                                    f"JSON object ({exc.message.removeprefix('request ')})",
                               code="instance_failed") from None
+
+    async def _post(self, url: str, body: JsonObject, headers: dict[str, str], remaining: float) -> tuple[int, bytes]:
+        timeout = httpx.Timeout(remaining, connect=min(CONNECT_TIMEOUT_S, remaining))
+        async with self.http().stream("POST", url, json=body, headers=headers, timeout=timeout) as response:
+            if response.status_code != 200:
+                return response.status_code, await _error_body(response)
+            return 200, await read_body(response, MAX_ANSWER_BYTES)
 
     async def open_stream(self, instance: Instance, path: str, body: JsonObject, headers: dict[str, str],
                           deadline: float) -> Upstream:
@@ -126,12 +139,14 @@ class Proxy:
             instance.in_flight -= 1
             raise
         if response.status_code != 200:
-            try:
-                content = await response.aread()
-            except httpx.HTTPError:
+            try:  # by the request's deadline: an answer that trickles in resets each read's timeout
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    content = await _error_body(response)
+            except (httpx.HTTPError, TimeoutError):
                 content = b""
-            await response.aclose()
-            instance.in_flight -= 1
+            finally:  # cancelled too (the client left): the connection and the in-flight count end
+                await response.aclose()
+                instance.in_flight -= 1
             raise error_from_response(instance, response.status_code, content)
         return Upstream(instance, response)
 
@@ -171,6 +186,14 @@ class Proxy:
         finally:
             reader.close()
             await upstream.close()
+
+
+async def _error_body(response: httpx.Response) -> bytes:
+    """An error answer's body, or (past ERROR_MAX_BYTES) what it was, quoted as the error's message."""
+    try:
+        return await read_body(response, ERROR_MAX_BYTES)
+    except AnswerTooLarge as exc:
+        return f"HTTP {response.status_code} with {exc}".encode()
 
 
 def stream_payloads(parser: SSEParser, chunk: bytes, instance: Instance) -> list[str]:

@@ -81,9 +81,9 @@ class Choices:
         sample_params = params if best_of == n or params.logprobs is not None else \
             params.model_copy(update={"logprobs": 0})  # best_of ranks by the chosen tokens' logprobs
         tokenizer = engine_loop.engine.tokenizer
-        # A logprob's token reads as the choice's text does (special tokens kept or skipped alike), so that
-        # text_offset indexes that text.
-        skip_special = params.skip_special_tokens
+        # A logprob's token reads as the choice's text does (special tokens kept or skipped alike), and text_offset
+        # counts in the text decoded as the engine decodes it.
+        skip_special, spaces = params.skip_special_tokens, params.spaces_between_special_tokens
         calling = body.tool_calling() if isinstance(body, ChatCompletionRequest) else None
         arrival = time.monotonic()
         self.choices: list[Choice] = []
@@ -94,6 +94,7 @@ class Choices:
                     endpoint="completion" if completion else "chat", model=model_name, index=p * best_of + i,
                     return_token_ids=body.return_token_ids, tool_calling=calling,
                     detokenize=lambda token_id: tokenizer.decode([token_id], skip_special),
+                    decode=lambda ids: tokenizer.decode(ids, skip_special, spaces),
                     response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
                 recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens)
                 self.choices.append(Choice(p * best_of + i, p, i, request_id, _seeded(sample_params, i), builder,
@@ -132,11 +133,13 @@ class Choices:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, None)
             await self._accepted(c)
         for c in self.choices:
+            c.builder.prompt_ids = ids[c.prompt_index]
             if c.builder.return_token_ids:
                 c.builder.prompt_token_ids = ids[c.prompt_index]
             if self.echo:
                 prompt = self.prompts[c.prompt_index]
                 c.echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids[c.prompt_index])
+                c.builder.echo_chars = len(c.echo_text)
 
     @staticmethod
     def _fill_context(choice: Choice, prompt_len: int, longest: int) -> None:
@@ -198,7 +201,7 @@ class Choices:
                 first = TokenLogprob(self.prompt_ids[c.prompt_index][0], 0.0)
                 prompt = [lp for lp in builder.prompt_logprobs[1:] if lp is not None]
                 builder.logprobs = [first, *prompt, *(builder.logprobs or [])]
-                builder.echo_logprobs = True
+                builder.echo_logprobs = 1 + len(prompt)
         return kept[0].builder.response([c.builder.choice(i) for i, c in enumerate(kept)], self._usage())
 
     def _best(self) -> list[Choice]:

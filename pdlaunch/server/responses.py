@@ -3,15 +3,59 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pdlaunch.engine.detokenizer import Decode
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.server.protocol import Endpoint
 from pdlaunch.server.tool_calls import ToolCalling, ToolStream
 
 Detokenize = Callable[[int], str]
+CONTEXT_TOKENS = 6  # prompt tokens decoded before the output, as the engine's detokenizer does (leading spaces)
+
+
+class TextOffsets:
+    """Completions' text_offset: where each token begins in the choice's text, in characters of that text as the
+    engine's incremental detokenizer makes it (engine/detokenizer.py: the same windows of context, and text handed
+    out only once it does not end in U+FFFD). A token inside a multi-byte character begins where the character
+    does: its bytes make no character of their own (decoded alone each is a U+FFFD, and summing those put every
+    later token past its place in the text). A U+FFFD that a later token leaves as it is stood for bytes that
+    never become a character, so that token begins after it."""
+
+    def __init__(self, decode: Decode, start: int = 0, context: Sequence[int] = ()) -> None:
+        self._decode = decode
+        self._ids = list(context[-CONTEXT_TOKENS:])
+        self._prefix, self._read = 0, len(self._ids)  # the window: context, then the held tokens
+        self._prefix_text = decode(self._ids)
+        self._held = ""  # the text of the tokens after _read, not handed out (it ends in U+FFFD)
+        self._done = start  # characters of the text before the held tokens
+
+    def of(self, token_ids: Iterable[int]) -> list[int]:
+        """The offsets of the next tokens of the text."""
+        offsets = []
+        for token_id in token_ids:
+            self._ids.append(token_id)
+            text = self._decode(self._ids[self._prefix:])[len(self._prefix_text):]
+            same = _common_prefix(self._held, text)
+            # A new character after the ones it leaves as they were, or (none new) the last one it continues.
+            offsets.append(self._done + (same if len(text) > same else max(0, same - 1)))
+            if text and not text.endswith("\ufffd"):
+                self._done += len(text)
+                self._prefix, self._read = self._read, len(self._ids)
+                self._prefix_text, self._held = self._decode(self._ids[self._prefix:]), ""
+            else:
+                self._held = text
+        return offsets
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """How many leading characters `a` and `b` share."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
 
 
 @dataclass
@@ -21,7 +65,8 @@ class ResponseBuilder:
     endpoint: Endpoint
     response_id: str
     model: str
-    detokenize: Detokenize
+    detokenize: Detokenize  # one token's own text (a logprob's token)
+    decode: Decode  # token ids' text, as the choice's text is decoded (text_offset counts in it)
     index: int = 0  # the choice's index in its request's streamed chunks
     num_prompt_tokens: int = 0
     return_token_ids: bool = False
@@ -35,9 +80,11 @@ class ResponseBuilder:
     kv_transfer_params: JsonObject | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # vLLM's prompt_logprobs (first entry None)
-    echo_logprobs: bool = False  # `logprobs` starts with the echoed prompt: its first token has none
+    echo_logprobs: int = 0  # `logprobs` starts with this many tokens of the echoed prompt: the first has none
+    prompt_ids: Sequence[int] = ()  # the output's decoding context; an echoed prompt's tokens
+    echo_chars: int = 0  # characters of the echoed prompt before the output in the text
     tool_calling: ToolCalling | None = None  # chat with tools (server/tool_calls.py)
-    _text_offset: int = 0
+    _stream_offsets: TextOffsets | None = None
     _sent_role: bool = False
     _tool_stream: ToolStream | None = None
 
@@ -64,8 +111,8 @@ class ResponseBuilder:
         """This choice, numbered `index`, as a whole response lists it."""
         choice: JsonObject
         if self.endpoint == "completion":
-            choice = {"index": index, "text": self.text, "finish_reason": self.finish_reason,
-                      "logprobs": self._completion_logprobs(self.logprobs, 0, self.echo_logprobs)}
+            logprobs = self._completion_logprobs(self.logprobs, self._whole_offsets(), self.echo_logprobs > 0)
+            choice = {"index": index, "text": self.text, "finish_reason": self.finish_reason, "logprobs": logprobs}
             if self.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
             if self.return_token_ids and self.prompt_token_ids is not None:
@@ -112,13 +159,15 @@ class ResponseBuilder:
         finish = out.finish_reason if out.finished else None
         choice: JsonObject
         if self.endpoint == "completion":
+            if self._stream_offsets is None:
+                self._stream_offsets = TextOffsets(self.decode, self.echo_chars, self.prompt_ids)
+            offsets = self._stream_offsets.of(lp.token_id for lp in out.new_logprobs or [])
             choice = {"index": self.index, "text": out.new_text, "finish_reason": finish,
-                      "logprobs": self._completion_logprobs(out.new_logprobs, self._text_offset)}
+                      "logprobs": self._completion_logprobs(out.new_logprobs, offsets)}
             obj = "text_completion"
         else:
             delta = self._delta(out)
             if delta is None:
-                self._text_offset += len(out.new_text)
                 return None  # held back: a tool call may be starting
             finish = self._tool_finish_reason("tool_calls" in delta or self._tool_stream.opened) \
                 if finish is not None and self._tool_stream is not None else finish
@@ -127,7 +176,6 @@ class ResponseBuilder:
             obj = "chat.completion.chunk"
         if self.return_token_ids:
             choice["token_ids"] = _json_list(out.new_token_ids)
-        self._text_offset += len(out.new_text)
         body: JsonObject = {"id": self.response_id, "object": obj, "created": self.created,
                             "model": self.model, "choices": [choice]}
         if self.return_token_ids and self.prompt_token_ids is not None:
@@ -168,19 +216,23 @@ class ResponseBuilder:
                 "choices": [], "usage": usage}
 
     # -- logprobs ------------------------------------------------------------------------------------
-    def _completion_logprobs(self, items: list[TokenLogprob] | None, offset: int,
+    def _whole_offsets(self) -> list[int]:
+        """The text_offset of a whole response's logprobs: an echoed prompt's tokens from the text's start, then
+        the output's after the echoed prompt."""
+        ids = [lp.token_id for lp in self.logprobs or []]
+        echoed = self.echo_logprobs
+        return TextOffsets(self.decode).of(ids[:echoed]) + \
+            TextOffsets(self.decode, self.echo_chars, self.prompt_ids).of(ids[echoed:])
+
+    def _completion_logprobs(self, items: list[TokenLogprob] | None, offsets: list[int],
                              first_has_none: bool = False) -> JsonObject | None:
-        """`first_has_none`: the first item is an echoed prompt's first token, which nothing predicts.
-        Each position's top_logprobs holds the `logprobs` most likely tokens and the chosen one (OpenAI's
-        legacy completions: "up to logprobs+1 elements"; vLLM's too), so `logprobs: 0` still names the
-        chosen token's logprob."""
+        """`offsets`: each item's text_offset (TextOffsets). `first_has_none`: the first item is an echoed prompt's
+        first token, which nothing predicts. Each position's top_logprobs holds the `logprobs` most likely tokens and
+        the chosen one (OpenAI's legacy completions: "up to logprobs+1 elements"; vLLM's too), so `logprobs: 0` still
+        names the chosen token's logprob."""
         if items is None:
             return None
         tokens = [self.detokenize(lp.token_id) for lp in items]
-        offsets: list[JsonValue] = []
-        for tok in tokens:
-            offsets.append(offset)
-            offset += len(tok)
         token_logprobs: list[JsonValue] = [lp.logprob for lp in items]
         top: list[JsonValue] = []
         for tok, lp in zip(tokens, items, strict=True):
@@ -190,7 +242,7 @@ class ResponseBuilder:
         if first_has_none and items:
             token_logprobs[0] = top[0] = None
         return {"tokens": _json_list(tokens), "token_logprobs": token_logprobs, "top_logprobs": top,
-                "text_offset": offsets}
+                "text_offset": _json_list(offsets)}
 
     def _vllm_prompt_logprobs(self, items: list[TokenLogprob | None]) -> list[JsonValue]:
         """vLLM's shape: per prompt position None (the first) or {token id: {logprob, rank, decoded_token}},
