@@ -76,16 +76,20 @@ def test_load_matched_to_a_block_being_stored_reads_its_kv(
     manager.check_integrity()
 
 
+def _three_groups() -> tuple[BlockManager, list[torch.Tensor], OffloadManager]:
+    """4 device blocks in three groups: full attention, a window of 8 tokens, one of 4; a CPU tier of 4 blocks."""
+    bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, sliding_windows=(None, 8, 4))
+    caches = [torch.zeros(4, *SHAPE) for _ in range(3)]
+    gb = 4 * CPUTier.bytes_per_block([SHAPE] * 3, torch.float32) / 2**30
+    return bm, caches, OffloadManager(bm, lambda: caches, gb)
+
 def test_store_into_a_block_a_load_is_about_to_read_does_not_touch_it() -> None:
     """start_load queues the evictions of its own allocation first; one of them is the prefix block the
     load reads, cached on the device in more groups than its CPU copy holds. Storing it again would
     write into that CPU block, and a store that fails halfway would leave the load a partial copy."""
     # Group 0 full attention, group 1 a window of 8 tokens, group 2 of 4: a 3-block CPU hit needs
     # block 0 only in group 0, block 1 in groups 0-1, block 2 in all three.
-    bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, sliding_windows=(None, 8, 4))
-    caches = [torch.zeros(4, *SHAPE) for _ in range(3)]
-    gb = 4 * CPUTier.bytes_per_block([SHAPE] * 3, torch.float32) / 2**30
-    manager = OffloadManager(bm, lambda: caches, gb)
+    bm, caches, manager = _three_groups()
     try:
         prompt = list(range(1, 3 * BLOCK_SIZE + 1))
         hashes: list[int] = []
@@ -143,10 +147,7 @@ def test_storing_a_block_again_in_other_groups_keeps_the_groups_it_held() -> Non
     """A prefix block the CPU tier holds in group 2 only, evicted from the device later in groups 0 and 1:
     the new store reused its CPU block but recorded groups {0, 1}, so group 2's KV, still there, was
     forgotten (a later load of that block in group 2 was a miss). Now the block holds all three."""
-    bm = BlockManager(num_blocks=4, block_size=BLOCK_SIZE, sliding_windows=(None, 8, 4))
-    caches = [torch.zeros(4, *SHAPE) for _ in range(3)]
-    gb = 4 * CPUTier.bytes_per_block([SHAPE] * 3, torch.float32) / 2**30
-    manager = OffloadManager(bm, lambda: caches, gb)
+    bm, caches, manager = _three_groups()
     try:
         prompt = list(range(1, 3 * BLOCK_SIZE + 1))
         tokens = tuple(prompt[:BLOCK_SIZE])
