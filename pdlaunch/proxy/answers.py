@@ -8,6 +8,7 @@ byte limit; the caller says what either means for the instance.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import httpx
 
@@ -32,9 +33,12 @@ async def read_body(response: httpx.Response, max_bytes: int) -> bytes:
 
 
 async def fetch(client: httpx.AsyncClient, method: str, url: str, *, timeout_s: float, max_bytes: int,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+                headers: dict[str, str] | None = None, content: bytes | None = None,
+                params: Mapping[str, str] | None = None, connect_timeout_s: float | None = None) -> tuple[int, bytes]:
     """(status, body) of one call. TimeoutError when the whole answer took longer than `timeout_s`, httpx's
     ConnectTimeout / ReadTimeout when a step did, AnswerTooLarge, or another httpx.HTTPError."""
+    timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s if connect_timeout_s is not None else timeout_s)
     async with asyncio.timeout(timeout_s):
-        async with client.stream(method, url, headers=headers, timeout=timeout_s) as response:
+        async with client.stream(method, url, headers=headers, content=content, params=params,
+                                 timeout=timeout) as response:
             return response.status_code, await read_body(response, max_bytes)

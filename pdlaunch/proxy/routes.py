@@ -23,12 +23,18 @@ from pydantic import BaseModel, JsonValue
 import pdlaunch
 from pdlaunch.http.errors import OpenAIError, error_body
 from pdlaunch.http.limits import parse_json_object
+from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.bodies import as_object
 from pdlaunch.proxy.federate import instance_metrics
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.state import state_of
 from pdlaunch.proxy.upstream import CONNECT_TIMEOUT_S
+
+# What an instance's answer to a relayed call may hold: /tokenize of a prompt at the longest max_model_len
+# (about 10 bytes per token id) and /v1/models are far below it; a control call's answer is a few fields.
+RELAY_MAX_BYTES = 64 << 20
+CONTROL_MAX_BYTES = 1 << 20
 
 
 async def health(request: Request) -> JSONResponse:
@@ -72,18 +78,20 @@ async def relay_to_one(request: Request) -> Response:
     headers = state.forwarded_headers(request)
     if request.method == "POST":
         headers["Content-Type"] = "application/json"
-    timeout = httpx.Timeout(proxy.request_timeout_s, connect=CONNECT_TIMEOUT_S)
 
-    async def ask(instance: Instance) -> httpx.Response:
+    async def ask(instance: Instance) -> tuple[int, bytes]:
         try:
-            return await proxy.http().request(upstream_method(request), instance.url + request.url.path,
-                                              content=raw or None, headers=headers, timeout=timeout)
-        except httpx.HTTPError as exc:
+            return await fetch(proxy.http(), upstream_method(request), instance.url + request.url.path,
+                               timeout_s=proxy.request_timeout_s, connect_timeout_s=CONNECT_TIMEOUT_S,
+                               max_bytes=RELAY_MAX_BYTES, headers=headers, content=raw or None)
+        except (httpx.HTTPError, TimeoutError) as exc:
             raise proxy.failed(instance, exc) from None
+        except AnswerTooLarge as exc:
+            raise OpenAIError(502, f"{instance.name} ({instance.url}) sent {exc}", code="instance_failed") from None
 
     role = pool.required_roles()[-1]
-    _, answer = await on_live_instance(pool, role, pool.pick(role), ask)
-    return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+    _, (status, content) = await on_live_instance(pool, role, pool.pick(role), ask)
+    return Response(content, status_code=status, media_type="application/json")
 
 
 class FannedOut(BaseModel):
@@ -97,18 +105,23 @@ class FannedOut(BaseModel):
 async def _control_one(request: Request, instance: Instance) -> FannedOut:
     proxy = state_of(request).proxy
     try:
-        response = await proxy.http().request(upstream_method(request), instance.url + request.url.path,
-                                              params=request.query_params, headers=proxy.upstream_headers,
-                                              timeout=proxy.request_timeout_s)
+        status, raw = await fetch(proxy.http(), upstream_method(request), instance.url + request.url.path,
+                                  timeout_s=proxy.request_timeout_s, max_bytes=CONTROL_MAX_BYTES,
+                                  params=request.query_params, headers=proxy.upstream_headers)
     except httpx.HTTPError as exc:
         return FannedOut(name=instance.name, status=502, body=error_body(502, f"{type(exc).__name__}: {exc}"))
+    except TimeoutError:
+        return FannedOut(name=instance.name, status=504, body=error_body(
+            504, f"no whole answer within proxy.request_timeout_seconds ({proxy.request_timeout_s:g}s)"))
+    except AnswerTooLarge as exc:
+        return FannedOut(name=instance.name, status=502, body=error_body(502, f"sent {exc}"))
     try:
         # Strict, as a client's body: a NaN or a lone surrogate would fail this whole answer's JSON (a 500).
-        content = parse_json_object(response.content) if response.content else {}
+        content = parse_json_object(raw) if raw else {}
     except OpenAIError as exc:
         message = f"answered with a body that is not a valid JSON object ({exc.message.removeprefix('request ')})"
         return FannedOut(name=instance.name, status=502, body=error_body(502, message))
-    return FannedOut(name=instance.name, status=response.status_code, body=content)
+    return FannedOut(name=instance.name, status=status, body=content)
 
 
 async def fan_out(request: Request) -> JSONResponse:

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.proxy import upstream
+from pdlaunch.proxy import routes, upstream
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import HEALTH_MAX_BYTES, Instance, InstancePool
 from tests.serving.helpers import ThreadServer, wait_for
@@ -175,3 +175,55 @@ def test_answers_past_their_bound_are_not_read_whole(refused: tuple[str, Refusin
     assert whole.status_code == 502, whole.text
     assert whole.json()["error"]["message"] == \
         f"colocated-0 ({instance.url}) sent an answer of more than {1 << 20} bytes"
+
+
+class Relayed:
+    """/v1/models trickles (never whole), /tokenize answers past the relay's bound, /is_sleeping trickles."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.app = FastAPI()
+        self.app.get("/health")(lambda: {"status": "ok"})
+        self.app.get("/v1/models")(self.trickle)
+        self.app.get("/is_sleeping")(self.trickle)
+        self.app.post("/tokenize")(self.huge)
+
+    async def trickle(self) -> Any:
+        async def body() -> AsyncIterator[bytes]:
+            yield b'{"data": ['
+            while not self.stop.is_set():
+                await asyncio.sleep(0.2)
+                yield b" "
+
+        return StreamingResponse(body(), media_type="application/json")
+
+    async def huge(self) -> Any:
+        return Response(json.dumps({"tokens": [1] * (1 << 20)}), media_type="application/json")
+
+
+def test_relayed_and_control_answers_are_bounded(ports: PortAllocator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/v1/models, /tokenize and the control fan-out read an instance's answer with httpx's per-read timeout and
+    no size bound: one that trickled held the client's call forever, one without end was read whole. Now the
+    whole answer has proxy.request_timeout_seconds and a size bound."""
+    monkeypatch.setattr(routes, "RELAY_MAX_BYTES", 1 << 20)
+    fake = Relayed()
+    with ThreadServer(fake.app, ports.free("fake")) as server:
+        instance = Instance("colocated", server.url, "colocated-0")
+        try:
+            app = build_proxy_app(InstancePool([instance]), 2.0, api_key="key")
+            with ThreadServer(app, ports.free("proxy")) as proxy:
+                wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see it")
+                auth = {"Authorization": "Bearer key"}
+                models = httpx.get(f"{proxy.url}/v1/models", headers=auth, timeout=20)
+                assert models.status_code == 504, models.text
+                tokens = httpx.post(f"{proxy.url}/tokenize", json={"prompt": "hi"}, headers=auth, timeout=20)
+                assert tokens.status_code == 502, tokens.text
+                assert tokens.json()["error"]["message"] == \
+                    f"colocated-0 ({instance.url}) sent an answer of more than {1 << 20} bytes"
+                sleeping = httpx.get(f"{proxy.url}/is_sleeping", headers=auth, timeout=20)
+                assert sleeping.status_code == 502, sleeping.text  # the fan-out's status for an instance's 5xx
+                assert sleeping.json()["instances"][0]["status"] == 504
+                assert sleeping.json()["error"]["message"] == \
+                    "colocated-0: no whole answer within proxy.request_timeout_seconds (2s)"
+        finally:
+            fake.stop.set()
