@@ -49,8 +49,12 @@ class ChatPrompt:
                                    "fields set them)", param=f"chat_template_kwargs.{clash[0]}")
 
     def num_chars(self) -> int:
-        """Characters the template will see (for the size bound before tokenizing)."""
-        return sum(len(_text(m.get("content"))) for m in self.messages) + len(json.dumps(self.tools or []))
+        """Characters of the request that the template may render (for the size bound before tokenizing): every
+        message field it gets (a role, a name, tool calls' arguments, not only the content), the tools and the
+        chat_template_kwargs. JSON without ASCII escapes: a CJK character counts once, not as six."""
+        values: list[object] = [*(v for m in self.messages for v in m.values()), self.tools, self.template_kwargs]
+        return sum(len(v) if isinstance(v, str) else len(json.dumps(v, ensure_ascii=False))
+                   for v in values if v is not None)
 
 
 def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:

@@ -1,0 +1,92 @@
+"""Client input an instance took without a word, or answered with a 500 (real HTTP, the tiny random model on CPU,
+one instance for every probe): each is now a 400 naming the field, what was wrong and what to send.
+
+- A chat's size bound counted the messages' text only: 3,000 empty messages (400,000 tokens once templated for
+  100,000) or tool-call arguments of 70,000 characters were rendered and tokenized before any refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.server.engine_loop import EngineLoop
+from tests.serving.helpers import in_process_instance
+
+API_KEY = "sk-audit-inputs"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_MODEL_LEN = 2048
+TIMEOUT = 120.0  # a loaded 2-core machine
+# As Llama 3 templates do: namespace() for state, a date string added to text, every message's tool calls.
+TEMPLATE = (
+    "{% set ns = namespace(turns=0) %}"
+    "{% if date_string is defined %}{{ 'Today Date: ' + date_string }}{% endif %}"
+    "{% if tools %}{{ tools | tojson }}{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>"
+    "{% for c in m.tool_calls or [] %}{{ c.function.arguments | tojson }}{% endfor %}"
+    "{{ m.content }}{% set ns.turns = ns.turns + 1 %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, EngineLoop]]:
+    template = tmp_path_factory.mktemp("template") / "llama_like.jinja"
+    template.write_text(TEMPLATE)
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": MAX_MODEL_LEN, "chat_template": str(template)},
+        "cache": {"num_gpu_blocks": 64},
+        "security": {"api_key": API_KEY, "deployment_secret": "audit-inputs-secret-0123456789"},
+    })
+    with in_process_instance(cfg, "audit-inputs-0", max_pending_requests=16) as (url, loop):
+        yield url, loop
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, headers=AUTH, timeout=TIMEOUT)
+
+
+def assert_400(answer: httpx.Response, param: str, *says: str) -> None:
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    assert all(part in error["message"] for part in says), error
+
+
+def chat_body(messages: list[dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {"messages": messages, "max_tokens": 2, **fields}
+
+
+EMPTY_MESSAGES = [{"role": "user", "content": ""}] * 3000
+LONG_CALL = [*HI, {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": "' + "x" * 70_000 + '"}'}}]}]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(("messages", "says"), [
+    (EMPTY_MESSAGES, ["3000 message(s) of ", "cannot fit in max_model_len 2048", "send fewer or shorter messages"]),
+    (LONG_CALL, ["2 message(s) of ", "cannot fit in max_model_len 2048"]),
+], ids=["3000-empty-messages", "70000-character-tool-call"])
+def test_a_chat_is_bounded_by_everything_its_template_renders(server: tuple[str, EngineLoop], path: str,
+                                                              messages: list[dict[str, Any]], says: list[str]) -> None:
+    """Refused before templating, as a long prompt is (before: rendered and tokenized, then refused by the engine for
+    its tokens, or counted by /tokenize)."""
+    url, _ = server
+    body = chat_body(messages) if path.startswith("/v1") else {"messages": messages}
+    assert_400(post(url, path, body), "messages", *says)
+
+
+def test_tools_in_cjk_count_their_characters_once(server: tuple[str, EngineLoop]) -> None:
+    """A tool description of 20,000 CJK characters fits the bound of 65,536 characters (it was counted as
+    ASCII-escaped JSON, six characters each: a 400 saying 120,000)."""
+    url, _ = server
+    tools = [{"type": "function", "function": {"name": "f", "description": "天" * 20_000}}]
+    answer = post(url, "/tokenize", {"messages": HI, "tools": tools})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["count"] > 0
