@@ -3,6 +3,8 @@ one instance for every probe): each is now a 400 naming the field, what was wron
 
 - A chat's size bound counted the messages' text only: 3,000 empty messages (400,000 tokens once templated for
   100,000) or tool-call arguments of 70,000 characters were rendered and tokenized before any refusal.
+- A chat template that fails on a request's values (Llama 3's `"Today Date: " + date_string` with a number, a
+  chat_template_kwargs `namespace` hiding jinja's) was a 500 with a traceback in the log.
 """
 
 from __future__ import annotations
@@ -90,3 +92,22 @@ def test_tools_in_cjk_count_their_characters_once(server: tuple[str, EngineLoop]
     answer = post(url, "/tokenize", {"messages": HI, "tools": tools})
     assert answer.status_code == 200, answer.text
     assert answer.json()["count"] > 0
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(("kwargs", "param", "says"), [
+    ({"date_string": 5}, "chat_template_kwargs",
+     ["the chat template failed on this request's values (TypeError: can only concatenate str",
+      "check the types of chat_template_kwargs"]),
+    ({"namespace": 1}, "chat_template_kwargs.namespace", ["chat_template_kwargs may not set namespace"]),
+    ({"raise_exception": "x"}, "chat_template_kwargs.raise_exception", ["may not set raise_exception"]),
+], ids=["number-added-to-text", "shadows-namespace", "shadows-raise_exception"])
+def test_a_template_failing_on_the_request_is_a_400(server: tuple[str, EngineLoop], path: str, kwargs: dict[str, Any],
+                                                    param: str, says: list[str]) -> None:
+    url, _ = server
+    body: dict[str, Any] = {"messages": HI, "chat_template_kwargs": kwargs}
+    if path.startswith("/v1"):
+        body["max_tokens"] = 2
+    assert_400(post(url, path, body), param, *says)
+    fine = post(url, path, {**body, "chat_template_kwargs": {"date_string": "26 Jul 2024"}})
+    assert fine.status_code == 200, fine.text
