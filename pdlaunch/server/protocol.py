@@ -284,10 +284,12 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[JsonObject] | None = None
 
-    @field_validator("content")
+    @field_validator("content", mode="wrap")
     @classmethod
-    def _text_parts(cls, content: str | list[JsonObject] | None) -> str | list[JsonObject] | None:
-        """Only text parts exist for a text model; the error names the part (the field path names the message)."""
+    def _text_parts(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """Only text parts exist for a text model; the error names the part (the field path names the message).
+        A content of neither shape is named as such (pydantic's named each shape: `messages.0.content.str`)."""
+        content = _one_of(value, handler, "a string, a list of content parts or null")
         for i, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type")
             if kind is None:

@@ -5,6 +5,7 @@ one instance for every probe): each is now a 400 naming the field, what was wron
   100,000) or tool-call arguments of 70,000 characters were rendered and tokenized before any refusal.
 - A chat template that fails on a request's values (Llama 3's `"Today Date: " + date_string` with a number, a
   chat_template_kwargs `namespace` hiding jinja's) was a 500 with a traceback in the log.
+- A message content of neither shape read `messages.0.content.str: Input should be a valid string`.
 """
 
 from __future__ import annotations
@@ -111,3 +112,15 @@ def test_a_template_failing_on_the_request_is_a_400(server: tuple[str, EngineLoo
     assert_400(post(url, path, body), param, *says)
     fine = post(url, path, {**body, "chat_template_kwargs": {"date_string": "26 Jul 2024"}})
     assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize(("content", "got"), [(5, "an integer"), (["hi"], "a list of strings"),
+                                              ({"type": "text"}, "an object")])
+def test_a_content_of_neither_shape_names_the_content(server: tuple[str, EngineLoop], path: str, content: object,
+                                                       got: str) -> None:
+    url, _ = server
+    messages = [{"role": "user", "content": content}]
+    body = chat_body(messages) if path.startswith("/v1") else {"messages": messages}
+    assert_400(post(url, path, body), "messages.0.content",
+               f"messages.0.content: must be a string, a list of content parts or null (got {got})")
