@@ -6,6 +6,8 @@ one instance for every probe): each is now a 400 naming the field, what was wron
 - A chat template that fails on a request's values (Llama 3's `"Today Date: " + date_string` with a number, a
   chat_template_kwargs `namespace` hiding jinja's) was a 500 with a traceback in the log.
 - A message content of neither shape read `messages.0.content.str: Input should be a valid string`.
+- structured_outputs with a key it does not take (`jsn`) or a switch that is no boolean asked for nothing: a 200,
+  unconstrained.
 """
 
 from __future__ import annotations
@@ -124,3 +126,21 @@ def test_a_content_of_neither_shape_names_the_content(server: tuple[str, EngineL
     body = chat_body(messages) if path.startswith("/v1") else {"messages": messages}
     assert_400(post(url, path, body), "messages.0.content",
                f"messages.0.content: must be a string, a list of content parts or null (got {got})")
+
+
+@pytest.mark.parametrize(("options", "param", "says"), [
+    ({"jsn": {"type": "object"}}, "structured_outputs.jsn",
+     ["structured_outputs.jsn is not an option of structured_outputs (it takes json, regex, choice"]),
+    ({"choice": ["a", "b"], "disable_any_whitespace": "no"}, "structured_outputs.disable_any_whitespace",
+     ["structured_outputs.disable_any_whitespace must be true or false"]),
+    ({"json_object": "no"}, "structured_outputs.json_object", ["structured_outputs.json_object must be true or false"]),
+], ids=["misspelt-json", "string-switch", "string-json_object"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_structured_outputs_takes_only_its_options(server: tuple[str, EngineLoop], path: str, options: dict[str, Any],
+                                                    param: str, says: list[str]) -> None:
+    url, _ = server
+    prompt: dict[str, Any] = {"prompt": "hi"} if path == "/v1/completions" else {"messages": HI}
+    assert_400(post(url, path, {**prompt, "max_tokens": 4, "structured_outputs": options}), param, *says)
+    fine = post(url, path, {**prompt, "max_tokens": 4, "structured_outputs": {"choice": ["yes", "no"],
+                                                                              "disable_any_whitespace": True}})
+    assert fine.status_code == 200, fine.text
