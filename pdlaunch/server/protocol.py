@@ -111,7 +111,8 @@ class _SamplingFields(BaseModel):
         `logit_bias.abc.[key]: Input should be a valid integer`)."""
         for key in value if isinstance(value, dict) else ():
             token_id = isinstance(key, int) and not isinstance(key, bool) and key >= 0  # a Python caller's dict
-            if not (token_id or (isinstance(key, str) and key.strip().isdigit())):
+            # ASCII digits only: "²" and "٣" are digits to str.isdigit, not integers to pydantic
+            if not (token_id or (isinstance(key, str) and key.strip().isascii() and key.strip().isdigit())):
                 raise ValueError(f"key {key!r} is not a token id: logit_bias maps token ids, written as strings "
                                  '(e.g. {"50256": -100}), to a bias')
         return value

@@ -8,6 +8,7 @@ one instance for every probe): each is now a 400 naming the field, what was wron
 - A message content of neither shape read `messages.0.content.str: Input should be a valid string`.
 - structured_outputs with a key it does not take (`jsn`) or a switch that is no boolean asked for nothing: a 200,
   unconstrained.
+- A logit_bias key of non-ASCII digits ("²") read `logit_bias.².[key]: Input should be a valid integer`.
 """
 
 from __future__ import annotations
@@ -144,3 +145,10 @@ def test_structured_outputs_takes_only_its_options(server: tuple[str, EngineLoop
     fine = post(url, path, {**prompt, "max_tokens": 4, "structured_outputs": {"choice": ["yes", "no"],
                                                                               "disable_any_whitespace": True}})
     assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize("key", ["²", "٣", "1²"])
+def test_a_logit_bias_key_of_other_digits_is_named(server: tuple[str, EngineLoop], key: str) -> None:
+    url, _ = server
+    answer = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {key: 5}})
+    assert_400(answer, "logit_bias", f"logit_bias: key {key!r} is not a token id", '{"50256": -100}')
