@@ -9,10 +9,12 @@ one instance for every probe): each is now a 400 naming the field, what was wron
 - structured_outputs with a key it does not take (`jsn`) or a switch that is no boolean asked for nothing: a 200,
   unconstrained.
 - A logit_bias key of non-ASCII digits ("²") read `logit_bias.².[key]: Input should be a valid integer`.
+- /detokenize checked millions of ids on the event loop, every stream waiting.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -152,3 +154,36 @@ def test_a_logit_bias_key_of_other_digits_is_named(server: tuple[str, EngineLoop
     url, _ = server
     answer = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {key: 5}})
     assert_400(answer, "logit_bias", f"logit_bias: key {key!r} is not a token id", '{"50256": -100}')
+
+
+class _ThreadOfComparison(int):
+    """A vocabulary size that notes the thread comparing a token id with it."""
+
+    threads: list[str]
+
+    def __gt__(self, other: object) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return int(self) > other  # type: ignore[operator]
+
+    def __le__(self, other: object) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return int(self) <= other  # type: ignore[operator]
+
+
+def test_detokenize_checks_the_ids_off_the_event_loop(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    tokenizer = loop.engine.tokenizer
+    vocab = tokenizer.vocab_size
+    recording = _ThreadOfComparison(vocab)
+    recording.threads = []
+    tokenizer.vocab_size = recording
+    try:
+        answer = post(url, "/detokenize", {"tokens": [1] * 1000 + [vocab]})
+    finally:
+        tokenizer.vocab_size = vocab
+    assert_400(answer, "tokens", f"tokens[1000] = {vocab} is not a token id")
+    assert recording.threads, "the ids were never compared with the vocabulary size"
+    assert all(name.startswith("asyncio_") for name in set(recording.threads)), set(recording.threads)
+
+
+API_KEY_UTF8 = "sk-clé-secrète"
