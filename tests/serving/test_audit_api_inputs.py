@@ -10,6 +10,7 @@ one instance for every probe): each is now a 400 naming the field, what was wron
   unconstrained.
 - A logit_bias key of non-ASCII digits ("²") read `logit_bias.².[key]: Input should be a valid integer`.
 - /detokenize checked millions of ids on the event loop, every stream waiting.
+- An API key with a non-ASCII character never matched the UTF-8 bytes curl sends (only latin-1).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
 
 from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.http.auth import AccessPolicy, RequireAuth
+from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.engine_loop import EngineLoop
-from tests.serving.helpers import in_process_instance
+from tests.serving.helpers import ThreadServer, in_process_instance
 
 API_KEY = "sk-audit-inputs"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -187,3 +193,38 @@ def test_detokenize_checks_the_ids_off_the_event_loop(server: tuple[str, EngineL
 
 
 API_KEY_UTF8 = "sk-clé-secrète"
+
+
+async def _ok(scope: Scope, receive: Receive, send: Send) -> None:
+    await PlainTextResponse(Request(scope, receive).url.path)(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def utf8_key_server() -> Iterator[str]:
+    port = PortAllocator("127.0.0.1").free("auth test server")
+    app = RequireAuth(_ok, AccessPolicy.from_secrets(API_KEY_UTF8, None))
+    with ThreadServer(app, port) as srv:
+        yield srv.url
+
+
+@pytest.mark.parametrize(("header", "status"), [
+    (b"Bearer " + API_KEY_UTF8.encode(), 200),  # as curl sends a key typed in a UTF-8 terminal
+    (b"Bearer " + API_KEY_UTF8.encode("latin-1"), 200),  # as Python's http.client sends it
+    (b"Bearer sk-cl\xc3\xa9", 401),  # its first bytes
+    (b"Bearer " + API_KEY_UTF8.encode() + b"x", 401),
+    (b"Bearer \xff\xfe", 401),
+    (b"Basic " + API_KEY_UTF8.encode(), 401),
+])
+def test_a_non_ascii_api_key_is_the_bytes_a_client_sends(utf8_key_server: str, header: bytes, status: int) -> None:
+    answer = httpx.get(f"{utf8_key_server}/v1/models", headers={"Authorization": header}, timeout=30)
+    assert answer.status_code == status, answer.text
+    if status == 401:
+        assert answer.json()["error"]["code"] == "invalid_api_key" and answer.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_non_ascii_api_key_never_matches_text_outside_latin_1() -> None:
+    """A caller other than the middleware (its headers are bytes read as latin-1) may hand any text."""
+    policy = AccessPolicy.from_secrets(API_KEY_UTF8, None)
+    error = policy.check("/v1/models", "Bearer 天", None)
+    assert error is not None and error.status == 401
+    assert policy.check("/v1/models", "Bearer " + API_KEY_UTF8.encode().decode("latin-1"), None) is None
