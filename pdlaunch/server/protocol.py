@@ -117,6 +117,13 @@ class _SamplingFields(BaseModel):
                                  '(e.g. {"50256": -100}), to a bias')
         return value
 
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _distinct_allowed(cls, value: list[int] | None) -> list[int] | None:
+        """Each id once: the sampler masks a request's logits with every entry at every step, and a million copies
+        of a few ids held the engine thread (every stream of the instance) for seconds a step."""
+        return sorted(set(value)) if value is not None else None
+
     @field_validator("stop", mode="wrap")
     @classmethod
     def _stop_shape(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:

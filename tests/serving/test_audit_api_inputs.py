@@ -9,7 +9,8 @@ one instance for every probe): each is now a 400 naming the field, what was wron
 - structured_outputs with a key it does not take (`jsn`) or a switch that is no boolean asked for nothing: a 200,
   unconstrained.
 - A logit_bias key of non-ASCII digits ("²") read `logit_bias.².[key]: Input should be a valid integer`.
-- /detokenize checked millions of ids on the event loop, every stream waiting.
+- /detokenize checked millions of ids on the event loop, every stream waiting; a million allowed_token_ids entries
+  held the engine thread for seconds a step.
 - An API key with a non-ASCII character never matched the UTF-8 bytes curl sends (only latin-1).
 """
 
@@ -160,6 +161,29 @@ def test_a_logit_bias_key_of_other_digits_is_named(server: tuple[str, EngineLoop
     url, _ = server
     answer = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {key: 5}})
     assert_400(answer, "logit_bias", f"logit_bias: key {key!r} is not a token id", '{"50256": -100}')
+
+
+def test_allowed_token_ids_reach_the_engine_once_each(server: tuple[str, EngineLoop]) -> None:
+    """The sampler masks the logits with every entry at every step: 1,000,000 entries (2 ids repeated) held the engine
+    thread, every stream of the instance, for seconds a step."""
+    url, loop = server
+    engine = loop.engine
+    add_request = engine.add_request
+    seen: list[list[int] | None] = []
+
+    def recording(request_id: str, prompt: list[int], params: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(params.allowed_token_ids)
+        return add_request(request_id, prompt, params, *args, **kwargs)
+
+    engine.add_request = recording  # type: ignore[method-assign]
+    try:
+        answer = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "return_token_ids": True,
+                                               "allowed_token_ids": [7, 3] * 500_000})
+    finally:
+        engine.add_request = add_request  # type: ignore[method-assign]
+    assert answer.status_code == 200, answer.text
+    assert seen == [[3, 7]]
+    assert set(answer.json()["choices"][0]["token_ids"]) <= {3, 7}
 
 
 class _ThreadOfComparison(int):
