@@ -11,11 +11,14 @@ one instance for every probe): each is now a 400 naming the field, what was wron
 - A logit_bias key of non-ASCII digits ("²") read `logit_bias.².[key]: Input should be a valid integer`.
 - /detokenize checked millions of ids on the event loop, every stream waiting; a million allowed_token_ids entries
   held the engine thread for seconds a step.
+- A client that sent its headers and part of its body held its connection forever: no answer came.
 - An API key with a non-ASCII character never matched the UTF-8 bytes curl sends (only latin-1).
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +30,7 @@ from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
 from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.http import limits
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.engine_loop import EngineLoop
@@ -214,6 +218,28 @@ def test_detokenize_checks_the_ids_off_the_event_loop(server: tuple[str, EngineL
     assert_400(answer, "tokens", f"tokens[1000] = {vocab} is not a token id")
     assert recording.threads, "the ids were never compared with the vocabulary size"
     assert all(name.startswith("asyncio_") for name in set(recording.threads)), set(recording.threads)
+
+
+def test_a_body_that_stops_arriving_is_answered_408(server: tuple[str, EngineLoop],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    url, _ = server
+    monkeypatch.setattr(limits, "BODY_IDLE_SECONDS", 1.0)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: {AUTH['Authorization']}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n".encode() + b'{"prompt": ')
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)  # socket timeout: 60 s with no byte fails the test
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 "), answer
+    error = json.loads(body)["error"]
+    assert error["param"] == "body" and error["code"] == "request_timeout", error
+    assert error["message"] == ("the request body stopped arriving: 11 bytes of the 100 its Content-Length announced "
+                                "came, then nothing for 1 s; send the whole body"), error
 
 
 API_KEY_UTF8 = "sk-clé-secrète"
