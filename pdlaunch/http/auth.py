@@ -41,9 +41,20 @@ def internal_headers(deployment_secret: str | None) -> dict[str, str]:
 
 
 def _same(given: str | None, expected: str | None) -> bool:
+    """Whether a header value (its bytes as sent, read as latin-1 by ASGI) is `expected`, in either encoding a
+    client may send text in: UTF-8 (curl, a key typed in a UTF-8 terminal) or latin-1 (Python's http.client).
+    Digests of equal length are compared, so that the time taken does not tell the key's length either."""
     if not given or not expected:
         return False
-    return hmac.compare_digest(given.encode(errors="surrogateescape"), expected.encode())
+    try:
+        sent = hashlib.sha256(given.encode("latin-1")).digest()
+    except UnicodeEncodeError:  # not from a header: no byte string holds it
+        return False
+    encodings = [expected.encode()]
+    if not expected.isascii() and all(ord(c) < 256 for c in expected):
+        encodings.append(expected.encode("latin-1"))
+    matches = [hmac.compare_digest(sent, hashlib.sha256(key).digest()) for key in encodings]  # each one compared
+    return any(matches)
 
 
 @dataclass(frozen=True)

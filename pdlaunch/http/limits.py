@@ -1,7 +1,8 @@
 """Bounds on what a client may send, checked before anything else looks at it.
 
 - Body size: `BodyLimit` reads the body itself, counting bytes as they arrive (a Content-Length is
-  a claim, not a bound), and answers 413 past `security.max_request_bytes`, before any parsing.
+  a claim, not a bound), and answers 413 past `security.max_request_bytes`, before any parsing, and 408
+  when the body stops arriving for BODY_IDLE_SECONDS.
 - JSON shape: `parse_json_object` refuses, with a 400 naming the field, what Python's json accepts
   but nothing downstream can handle: NaN/Infinity (and 1e999, which parses as inf), nesting deeper
   than MAX_JSON_DEPTH (1,000 levels raise RecursionError), lone UTF-16 surrogates ("a\\ud800b"
@@ -27,6 +28,9 @@ MAX_JSON_DEPTH = 64  # OpenAI bodies nest 4-5 levels (messages -> content parts 
 # client, still sending, receives the 413 instead of a reset connection.
 DRAIN_BYTES = 64 << 20
 DRAIN_SECONDS = 5.0
+# A body that stops arriving for this long is answered 408 (uvicorn bounds the wait between requests, not inside
+# one): a client that sent its headers and part of its body held its connection and this task forever.
+BODY_IDLE_SECONDS = 30.0
 PARSE_INLINE_BYTES = 64 << 10
 
 
@@ -96,6 +100,12 @@ def _too_large(limit: int) -> OpenAIError:
                        param="body", code="request_too_large")
 
 
+def _body_stalled(received: int, declared: int | None) -> OpenAIError:
+    of = f" of the {declared} its Content-Length announced" if declared is not None else ""
+    return OpenAIError(408, f"the request body stopped arriving: {received} bytes{of} came, then nothing for "
+                            f"{BODY_IDLE_SECONDS:g} s; send the whole body", param="body", code="request_timeout")
+
+
 class BodyLimit(HTTPMiddleware):
     """ASGI middleware: buffer the body up to `max_bytes`, then hand it to the app; 413 beyond."""
 
@@ -111,7 +121,11 @@ class BodyLimit(HTTPMiddleware):
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), BODY_IDLE_SECONDS)
+            except asyncio.TimeoutError:
+                await _body_stalled(size, _content_length(scope)).response()(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -18,13 +18,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jinja2.defaults import DEFAULT_NAMESPACE
+
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 
 if TYPE_CHECKING:
     from pdlaunch.model.tokenizer import Tokenizer
 
-RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+# The variables the server sets, and the functions templates call (jinja's own, such as namespace(), and those
+# the tokenizer adds): a kwarg of that name would replace them (`"namespace": 1` failed every Llama 3 render).
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                         "raise_exception", "strftime_now", *DEFAULT_NAMESPACE})
+# What a template raises on values it cannot use (a chat_template_kwargs number where it adds strings, a length of
+# an integer): the request's values, not the server, so a 400. Jinja's own errors arrive as PdlaunchError.
+_RENDER_ERRORS = (TypeError, ValueError, ArithmeticError, LookupError)
 
 
 @dataclass
@@ -49,13 +57,23 @@ class ChatPrompt:
                                    "fields set them)", param=f"chat_template_kwargs.{clash[0]}")
 
     def num_chars(self) -> int:
-        """Characters the template will see (for the size bound before tokenizing)."""
-        return sum(len(_text(m.get("content"))) for m in self.messages) + len(json.dumps(self.tools or []))
+        """Characters of the request that the template may render (for the size bound before tokenizing): every
+        message field it gets (a role, a name, tool calls' arguments, not only the content), the tools and the
+        chat_template_kwargs. JSON without ASCII escapes: a CJK character counts once, not as six."""
+        values: list[object] = [*(v for m in self.messages for v in m.values()), self.tools, self.template_kwargs]
+        return sum(len(v) if isinstance(v, str) else len(json.dumps(v, ensure_ascii=False))
+                   for v in values if v is not None)
 
 
 def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:
-    text = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools,
-                                              prompt.template_kwargs)
+    try:
+        text = tokenizer.apply_chat_template(prompt.messages, prompt.add_generation_prompt, prompt.tools,
+                                             prompt.template_kwargs)
+    except _RENDER_ERRORS as exc:
+        param = "chat_template_kwargs" if prompt.template_kwargs else "messages"
+        raise OpenAIError(400, f"{param}: the chat template failed on this request's values ({type(exc).__name__}: "
+                               f"{exc}); check the types of chat_template_kwargs, messages and tools against what the "
+                               "model's template expects", param=param) from None
     if prompt.continue_final_message:
         final = _text(prompt.messages[-1].get("content"))
         end = text.rfind(final)

@@ -111,10 +111,18 @@ class _SamplingFields(BaseModel):
         `logit_bias.abc.[key]: Input should be a valid integer`)."""
         for key in value if isinstance(value, dict) else ():
             token_id = isinstance(key, int) and not isinstance(key, bool) and key >= 0  # a Python caller's dict
-            if not (token_id or (isinstance(key, str) and key.strip().isdigit())):
+            # ASCII digits only: "²" and "٣" are digits to str.isdigit, not integers to pydantic
+            if not (token_id or (isinstance(key, str) and key.strip().isascii() and key.strip().isdigit())):
                 raise ValueError(f"key {key!r} is not a token id: logit_bias maps token ids, written as strings "
                                  '(e.g. {"50256": -100}), to a bias')
         return value
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _distinct_allowed(cls, value: list[int] | None) -> list[int] | None:
+        """Each id once: the sampler masks a request's logits with every entry at every step, and a million copies
+        of a few ids held the engine thread (every stream of the instance) for seconds a step."""
+        return sorted(set(value)) if value is not None else None
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -284,10 +292,12 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[JsonObject] | None = None
 
-    @field_validator("content")
+    @field_validator("content", mode="wrap")
     @classmethod
-    def _text_parts(cls, content: str | list[JsonObject] | None) -> str | list[JsonObject] | None:
-        """Only text parts exist for a text model; the error names the part (the field path names the message)."""
+    def _text_parts(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """Only text parts exist for a text model; the error names the part (the field path names the message).
+        A content of neither shape is named as such (pydantic's named each shape: `messages.0.content.str`)."""
+        content = _one_of(value, handler, "a string, a list of content parts or null")
         for i, part in enumerate(content if isinstance(content, list) else []):
             kind = part.get("type")
             if kind is None:

@@ -21,6 +21,11 @@ from pdlaunch.http.errors import OpenAIError
 # structured_outputs keys that ask for something we do not do (when truthy).
 _UNSUPPORTED_OPTIONS = ("structural_tag", "whitespace_pattern")
 _KINDS = ("json", "regex", "choice", "grammar")
+# structured_outputs keys that are switches (disable_additional_properties: opens_objects checks it).
+_SWITCHES = ("json_object", "disable_fallback", "disable_any_whitespace")
+# Every key vLLM's StructuredOutputsParams takes: another one (a typo, `jsn`) asked for nothing, and the output
+# came back unconstrained with a 200.
+_OPTIONS = (*_KINDS, *_SWITCHES, "disable_additional_properties", *_UNSUPPORTED_OPTIONS)
 
 
 def structured_output_of(response_format: JsonValue, structured_outputs: JsonValue,
@@ -73,6 +78,14 @@ def _from_response_format(value: JsonValue) -> StructuredOutput | None:
 def _from_structured_outputs(value: JsonValue) -> list[StructuredOutput]:
     if not isinstance(value, Mapping):
         raise OpenAIError(400, "structured_outputs must be an object", param="structured_outputs")
+    unknown = next((key for key in value if key not in _OPTIONS), None)
+    if unknown is not None:
+        raise OpenAIError(400, f"structured_outputs.{unknown} is not an option of structured_outputs (it takes "
+                               f"{', '.join(_OPTIONS)})", param=f"structured_outputs.{unknown}")
+    switch = next((key for key in _SWITCHES if value.get(key) is not None and not isinstance(value[key], bool)), None)
+    if switch is not None:
+        raise OpenAIError(400, f"structured_outputs.{switch} must be true or false",
+                          param=f"structured_outputs.{switch}")
     for option in _UNSUPPORTED_OPTIONS:
         if value.get(option):
             raise OpenAIError(400, f"structured_outputs.{option} is not supported",
