@@ -28,7 +28,7 @@ from pdlaunch.engine.first_token import (
     skip_prefill_draw,
     with_first_token,
 )
-from pdlaunch.engine.logits_processors import check_token_ids
+from pdlaunch.engine.logits_processors import check_in_vocab, check_token_ids
 from pdlaunch.engine.output_processor import OutputProcessor
 from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
@@ -276,8 +276,7 @@ class LLMEngine:
         prompt = list(prompt_token_ids)
         if not prompt:
             raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise EngineError(f"token ids must lie in [0, {self.vocab_size})", field="prompt")
+        check_in_vocab(prompt, self.vocab_size, "prompt")
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise EngineError(
@@ -302,9 +301,7 @@ class LLMEngine:
         if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
             kv = self.check_kv_transfer_params(kv)
         first = first_token_ids(kv)
-        if any(not 0 <= t < self.vocab_size for t in first):
-            raise EngineError(f"token ids must lie in [0, {self.vocab_size})",
-                              field="kv_transfer_params.first_token_ids")
+        check_in_vocab(first, self.vocab_size, "kv_transfer_params.first_token_ids")
         request = Request(request_id, prompt, params, next(self._arrival), kv)
         if params.seed is not None:
             request.generator = self.sampler.new_request_generator(params.seed)

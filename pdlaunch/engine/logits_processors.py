@@ -47,6 +47,16 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
                               field=name, hint=f"use token ids below {vocab_size}")
 
 
+def check_in_vocab(token_ids: Sequence[int], vocab_size: int, field: str) -> None:
+    """EngineError naming `field`, the first id outside [0, vocab_size) and where it is (the model has no row
+    for it: it would index past the embedding)."""
+    for i, t in enumerate(token_ids):
+        if not 0 <= t < vocab_size:
+            raise EngineError(f"{field}[{i}] is token id {t}, outside the model's vocabulary [0, {vocab_size})",
+                              field=field, hint=f"send token ids from 0 to {vocab_size - 1} (the checkpoint's "
+                              "vocab_size), as /tokenize gives them")
+
+
 def _flat(pairs: list[tuple[int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, tokens = zip(*pairs)
     return (to_device_async(torch.tensor(rows, dtype=torch.long), device),

@@ -29,8 +29,11 @@ def test_bad_requests_are_clear_errors(llama_ckpt, make_engine: MakeEngine) -> N
     with pytest.raises(EngineError, match="exceeds max_model_len 64") as info:
         engine.add_request("b", list(range(60)), greedy(8))
     assert info.value.field == "prompt"
-    with pytest.raises(EngineError, match=r"\[0, 512\)"):
+    with pytest.raises(EngineError, match=r"prompt\[2\] is token id 100000, outside the model's vocabulary \[0, 512\)"):
         engine.add_request("c", [1, 2, 100000], greedy())
+    with pytest.raises(EngineError, match=r"prompt\[0\] is token id -1") as info:
+        engine.add_request("c", [-1, 2], greedy())
+    assert info.value.field == "prompt" and "0 to 511" in (info.value.hint or "")
     engine.add_request("d", PROMPT, greedy())
     with pytest.raises(EngineError, match="already in use") as info:
         engine.add_request("d", PROMPT, greedy())
