@@ -84,8 +84,8 @@ def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:
     return text
 
 
-def template_message(role: str, content: str | None, extra: Mapping[str, object]) -> JsonObject:
-    """One message for the template: role, text content, and what tool calling adds."""
+def template_message(role: str, content: str | None, extra: Mapping[str, object], index: int) -> JsonObject:
+    """One message (messages[`index`]) for the template: role, text content, and what tool calling adds."""
     message: JsonObject = {"role": role, "content": content or ""}
     for key in ("name", "tool_call_id"):
         value = extra.get(key)
@@ -93,12 +93,13 @@ def template_message(role: str, content: str | None, extra: Mapping[str, object]
             message[key] = value
     calls = extra.get("tool_calls")
     if calls is not None:
-        message["tool_calls"] = [_template_tool_call(call, i) for i, call in enumerate(_as_list(calls))]
+        where = f"messages.{index}.tool_calls"
+        message["tool_calls"] = [_template_tool_call(call, f"{where}.{i}")
+                                 for i, call in enumerate(_as_list(calls, where))]
     return message
 
 
-def _template_tool_call(call: object, index: int) -> JsonObject:
-    param = f"messages.tool_calls.{index}"
+def _template_tool_call(call: object, param: str) -> JsonObject:
     function_of = call.get("function") if isinstance(call, dict) else None
     if not isinstance(call, dict) or not isinstance(function_of, dict):
         raise OpenAIError(400, "a tool call needs a `function` object", param=param)
@@ -116,9 +117,9 @@ def _template_tool_call(call: object, index: int) -> JsonObject:
     return {**call, "type": call.get("type", "function"), "function": function}
 
 
-def _as_list(value: object) -> list[object]:
+def _as_list(value: object, param: str) -> list[object]:
     if not isinstance(value, list):
-        raise OpenAIError(400, "tool_calls must be a list", param="messages.tool_calls")
+        raise OpenAIError(400, "tool_calls must be a list", param=param)
     return value
 
 

@@ -309,11 +309,12 @@ class ChatMessage(BaseModel):
                 raise ValueError(f"part {i} is a text part without a string `text`")
         return content
 
-    def as_template_input(self) -> JsonObject:
+    def as_template_input(self, index: int) -> JsonObject:
+        """This message as messages[`index`] goes to the chat template (errors name that index)."""
         content = self.content
         if isinstance(content, list):  # text parts (checked by _text_parts), joined
             content = "".join(str(part["text"]) for part in content)
-        return template_message(self.role, content, self.model_extra or {})
+        return template_message(self.role, content, self.model_extra or {}, index)
 
 
 def _short_json(value: JsonValue) -> str:
@@ -384,7 +385,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> ChatPrompt:
         calling = self.tool_calling()
-        return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
+        return ChatPrompt([m.as_template_input(i) for i, m in enumerate(self.messages)], self.add_generation_prompt,
                           self.continue_final_message, calling.template_tools() if calling else None,
                           self.chat_template_kwargs, self.add_special_tokens)
 

@@ -67,7 +67,7 @@ class TokenizeChatRequest(BaseModel):
     def chat_prompt(self) -> ChatPrompt:
         check_messages(self.messages)
         calling = tool_calling_of(list[JsonValue](self.tools) if self.tools is not None else None, None)
-        return ChatPrompt([m.as_template_input() for m in self.messages], self.add_generation_prompt,
+        return ChatPrompt([m.as_template_input(i) for i, m in enumerate(self.messages)], self.add_generation_prompt,
                           self.continue_final_message, calling.template_tools() if calling else None,
                           self.chat_template_kwargs, self.add_special_tokens)
 

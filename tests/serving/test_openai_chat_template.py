@@ -131,6 +131,6 @@ def test_chat_template_file_and_controls_over_http(server: tuple[str, LLMEngine]
     bad = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": "tiny",
         "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]})
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages.tool_calls.0.function.arguments"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages.0.tool_calls.0.function.arguments"
     assert json.loads(json.dumps(HISTORY))  # the history itself stays OpenAI-shaped (arguments a string)
     assert isinstance(HISTORY[1]["tool_calls"][0]["function"]["arguments"], str)  # type: ignore[index]
