@@ -34,6 +34,7 @@ from pdlaunch.distributed.messages import (
     ConnectorCall,
     Execute,
     Message,
+    MessageStalled,
     RankFailed,
     Ready,
     Reply,
@@ -254,7 +255,9 @@ class TPExecutor:
             raise EngineError(f"{self._where(rank)} was not ready within {RENDEZVOUS_TIMEOUT_S:.0f}s",
                               field="parallel.tp", hint=f"see {self._log_of(rank)}")
         try:
-            message = recv(conn, self._where(rank))
+            message = recv(conn, self._where(rank), "Ready")
+        except MessageStalled as exc:  # the rank still runs: no "how it ended" to add
+            raise RankEnded(str(exc), field="parallel.tp", hint=f"see {self._log_of(rank)}") from None
         except (EOFError, OSError):
             raise self._rank_ended(rank, None, DEATH_REPORT_WAIT_S) from None
         match message:
@@ -289,8 +292,11 @@ class TPExecutor:
         deadline = time.monotonic() + DEATH_REPORT_WAIT_S
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        message = self.failure or (f"{self._where(rank)} is unreachable: {exc}" if rank is not None
-                                   else f"a TP collective failed: {exc}{self._stopped_ranks()}")
+        if isinstance(exc, MessageStalled):  # it names the rank already
+            message = self.failure or str(exc)
+        else:
+            message = self.failure or (f"{self._where(rank)} is unreachable: {exc}" if rank is not None
+                                       else f"a TP collective failed: {exc}{self._stopped_ranks()}")
         self.failure = message
         return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
 
@@ -316,7 +322,7 @@ class TPExecutor:
                     f"no answer to {type(call).__name__} within {REPLY_TIMEOUT_S:.0f}s"), rank)
             try:
                 with self._recv_locks[rank]:
-                    message = recv(conn, self._where(rank))
+                    message = recv(conn, self._where(rank), f"the reply to {type(call).__name__}")
             except (EOFError, OSError) as exc:
                 raise self._rank_failure(exc, rank) from exc
             match message:

@@ -17,12 +17,15 @@ Rank r -> rank 0:
   RankFailed(message)                      the reason, just before the rank exits non-zero
 
 Anything else that arrives (a peer running another pdlaunch version, a message in the wrong place)
-is an `UnexpectedMessage` naming the peer and what it sent.
+is an `UnexpectedMessage` naming the peer and what it sent; a peer that stops in the middle of a message
+is a `MessageStalled`.
 """
 
 from __future__ import annotations
 
 import pickle
+import socket
+import struct
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import ClassVar, Final, TypeAlias, TypeVar
@@ -31,6 +34,12 @@ from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnectorEvents
 from pdlaunch.kv_transfer.params import KVTransferParams
 from pdlaunch.runner.step_inputs import StepInputs
+
+# Once poll says a link is readable, the rest of the message follows as fast as the peer's kernel sends it (well
+# under a second for a step's inputs of a few MiB): a peer that sends nothing more of it for this long is
+# stopped, hung, or its node unreachable, and reading on would block the reader for as long.
+MESSAGE_STALL_S = 30.0
+_TIMEVAL = struct.Struct("ll")  # struct timeval, as SO_RCVTIMEO takes it
 
 # Frozen slotted dataclasses: pickled as the class name plus their fields, built without validation
 # (Execute goes out every engine step; an isinstance check on each end is all it costs).
@@ -141,6 +150,17 @@ class UnexpectedMessage(EngineError):
                          hint="every rank of a TP group (on every node) must run the same pdlaunch version")
 
 
+class MessageStalled(TimeoutError):
+    """A peer sent part of a message, then nothing for MESSAGE_STALL_S. An OSError as a broken link is: the
+    link is out of step (a later read would start inside this message) and the peer must be failed."""
+
+    def __init__(self, peer: str, expected: str | None, seconds: float) -> None:
+        self.peer = peer
+        wanted = f" ({expected} was expected)" if expected else ""
+        super().__init__(f"{peer} stopped in the middle of a message{wanted} and sent nothing more for "
+                         f"{seconds:g}s (stopped, hung, or its node is unreachable)")
+
+
 def describe(arrived: object) -> str:
     """What arrived, short enough for one log line."""
     text = repr(arrived)
@@ -153,23 +173,45 @@ def send(conn: Connection, msg: Message) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def recv(conn: Connection, peer: str) -> Message:
-    """The next message from `peer` (e.g. "TP rank 2 (pid 41)", "rank 0"): blocks until one arrives.
+def recv(conn: Connection, peer: str, expected: str | None = None) -> Message:
+    """The next message from `peer` (e.g. "TP rank 2 (pid 41)", "rank 0"), once `conn.poll` said one is
+    arriving; `expected` names what the caller waits for (the errors say it).
 
-    EOFError/OSError when the connection is closed; UnexpectedMessage for anything but a message."""
-    data = conn.recv_bytes()
+    EOFError/OSError when the connection is closed; MessageStalled (an OSError) when the peer sends nothing
+    for MESSAGE_STALL_S before the message is whole; UnexpectedMessage for anything but a message."""
+    data = _read_message(conn, peer, expected)
     try:
         msg: object = pickle.loads(data)
     except Exception as exc:  # noqa: BLE001 - a class or layout this version does not have
         raise UnexpectedMessage(peer, data, unreadable=f"{type(exc).__name__}: {exc}") from None
     if not isinstance(msg, MESSAGE_TYPES):
-        raise UnexpectedMessage(peer, msg)
+        raise UnexpectedMessage(peer, msg, expected)
     return msg
+
+
+def _read_message(conn: Connection, peer: str, expected: str | None) -> bytes:
+    """One message's bytes, with each wait for more of them bounded by MESSAGE_STALL_S. The link is a socket
+    (a TCP link, or a local worker's duplex pipe: a socket pair): SO_RCVTIMEO bounds its reads for this one
+    message, then goes back to what it was (a link may idle between messages for as long as it likes)."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
+        whole = int(MESSAGE_STALL_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        _TIMEVAL.pack(whole, int((MESSAGE_STALL_S - whole) * 1_000_000)))
+        try:
+            return conn.recv_bytes()
+        except BlockingIOError:  # what a read past SO_RCVTIMEO raises
+            raise MessageStalled(peer, expected, MESSAGE_STALL_S) from None
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, before)
+    finally:
+        sock.detach()  # the fd stays owned by `conn`
 
 
 def recv_as(conn: Connection, peer: str, kind: type[M]) -> M:
     """The next message from `peer`, which must be a `kind`."""
-    msg = recv(conn, peer)
+    msg = recv(conn, peer, kind.__name__)
     if not isinstance(msg, kind):
         raise UnexpectedMessage(peer, msg, kind.__name__)
     return msg

@@ -6,7 +6,10 @@ Rank 0 hosts the rendezvous store on its node's address (parallel.master_addr, w
 to the node Ray placed rank 0 on); the tensor collectives run over torch.distributed (gloo on CPU, NCCL
 on CUDA) as everywhere else. A step is sent to every rank without waiting (calls of one caller run in
 order on each actor); the replies of those calls are checked at the next health check, and a failed
-one names its rank. A watchdog holds each rank's `until_shutdown` call, which Ray fails at once when
+one names its rank. Rank 0 joins the group only once every other rank has come to the join
+(parallel_state.wait_for_joins), watching their setup calls meanwhile: a rank whose setup fails on its
+way (its checkpoint, its device, its actor or node dying) is named as it fails, not after the join's
+timeout. A watchdog holds each rank's `until_shutdown` call, which Ray fails at once when
 the actor or its node dies: the next step then fails naming the rank, as with a dead local worker.
 
 The launcher hands rank 0's actor the rank handles (use_rank_actors) before the engine is built; then
@@ -24,7 +27,7 @@ import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.messages import ConnectorCall, Ready
-from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group
+from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.distributed.tp_connector import TPConnector
@@ -80,6 +83,7 @@ class RayTPExecutor:
         self._watches = {a.until_shutdown.options(concurrency_group=CONTROL_GROUP).remote(): r
                          for r, a in enumerate(actors, start=1)}
         try:
+            wait_for_joins(self._store, self.tp_size, RENDEZVOUS_TIMEOUT_S, lambda s: self._watch_setups(setups, s))
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, port, self._store)
             self.runner = state.runner
             self.engine_id = state.engine_id
@@ -87,7 +91,9 @@ class RayTPExecutor:
             nodes = self._get([a.node_address.remote() for a in actors], REPLY_TIMEOUT_S, "node_address")
             self._nodes = [str(ray.util.get_node_ip_address()), *map(str, nodes)]
         except BaseException as exc:
-            failed = self._failed_setup(setups) if isinstance(exc, Exception) else None
+            # A rank's failure already named (self.failure, by _watch_setups) needs no second look at the setups.
+            named = self.failure is not None or not isinstance(exc, Exception)
+            failed = None if named else self._failed_setup(setups)
             self._stop_ranks()
             destroy_tp_group()
             if failed is not None:  # rank 0's rendezvous timed out because that rank never came: name it
@@ -133,6 +139,16 @@ class RayTPExecutor:
                 except ray.exceptions.RayError as exc:
                     return self._failed(rank, "setup", exc)
         return None
+
+    def _watch_setups(self, setups: list[ObjectRef[object]], seconds: float) -> None:
+        """Wait up to `seconds` for a rank's setup call to end before the group has formed. A setup returns
+        only after its join, which waits for rank 0: one that ended failed, so raise its failure."""
+        done, _ = self._ray.wait(setups, num_returns=1, timeout=seconds)
+        if done:
+            rank = setups.index(done[0]) + 1
+            raise self._failed_setup(setups) or EngineError(
+                f"{self._where(rank)} finished its setup before rank 0 joined the group", field="parallel.tp",
+                hint="every rank of a TP group must run the same pdlaunch version")
 
     def _where(self, rank: int) -> str:
         return f"TP rank {rank} (Ray actor on {self._nodes[rank]})" if rank < len(self._nodes) else \

@@ -29,6 +29,14 @@ HELLO_TIMEOUT_S = 10.0  # a connected peer names its rank within this
 # A remote rank's connect and key exchange with rank 0's listener; rank 0 greets one peer at a time, each
 # within HELLO_TIMEOUT_S, so this leaves room for a few ahead in its queue.
 CONNECT_TIMEOUT_S = 60.0
+# A node that vanishes without closing its links (power loss, a network partition) sends no FIN or reset, and
+# Linux probes an idle connection only after 2 hours: neither end would learn it before a collective timed out,
+# or ever on an idle link. Both ends probe after KEEPALIVE_IDLE_S of silence, then every KEEPALIVE_INTERVAL_S;
+# KEEPALIVE_PROBES unanswered ones close the link, which the watchdog (rank 0) or the rank's poll then sees.
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 3
+LINK_DEAD_AFTER_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_PROBES
 # tcp_info's first byte, the TCP state (Linux include/net/tcp_states.h): CLOSE_WAIT, the peer closed its end;
 # CLOSE, the connection is gone (reset)
 PEER_CLOSED_TCP_STATES = (8, 7)
@@ -93,7 +101,9 @@ class RankListener:
             return None
         probe = socket.socket(fileno=conn.fileno())
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        # No bound on unacknowledged sends here: rank 0 bounds its own (executor.SEND_TIMEOUT_S, longer than
+        # LINK_DEAD_AFTER_S), and TCP_USER_TIMEOUT would also cut a live rank whose receive window stays full.
+        keep_alive(probe, unacked_s=None)
         probe.detach()
         return hello.rank, conn
 
@@ -133,8 +143,21 @@ def _dial(host: str, port: int, authkey: bytes) -> Connection:
         raise
     probe = socket.socket(fileno=conn.fileno())
     probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
+    keep_alive(probe, unacked_s=LINK_DEAD_AFTER_S)  # a reply in flight to a vanished rank 0: no keepalive probes
     probe.detach()
     return conn
+
+
+def keep_alive(sock: socket.socket, unacked_s: int | None) -> None:
+    """Make the idle TCP link `sock` fail within LINK_DEAD_AFTER_S once its peer's node is gone without a word.
+    Keepalive does not probe while sent data awaits its acknowledgement (TCP retransmits it for ~15 minutes):
+    `unacked_s` (TCP_USER_TIMEOUT) fails the link when data stays unacknowledged that long."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    if unacked_s is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, unacked_s * 1000)
 
 
 def open_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:

@@ -47,6 +47,7 @@ from pdlaunch.runner.model_runner import ModelRunner
 log = logging.getLogger(__name__)
 
 PARENT_POLL_S = 1.0  # how often an idle worker checks that rank 0 is still alive
+EXPECTED_FROM_RANK0 = "a step, a connector call or shutdown"
 
 
 def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
@@ -132,7 +133,7 @@ def _serve(rank: int, tp: int, runner: ModelRunner, connector: KVConnector | Non
                 return
             continue
         try:
-            message = recv(conn, "rank 0")
+            message = recv(conn, "rank 0", EXPECTED_FROM_RANK0)
         except EOFError:
             log.error("TP rank %d: rank 0 closed the pipe, exiting", rank)
             return
@@ -149,4 +150,4 @@ def _serve(rank: int, tp: int, runner: ModelRunner, connector: KVConnector | Non
                 log.info("TP rank %d shutting down", rank)
                 return
             case _:
-                raise UnexpectedMessage("rank 0", message, "a step, a connector call or shutdown")
+                raise UnexpectedMessage("rank 0", message, EXPECTED_FROM_RANK0)

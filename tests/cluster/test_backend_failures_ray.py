@@ -6,7 +6,8 @@ classes (their messages as Ray 2.x builds them) and stand-ins for the ray module
   names the cause (the remote exception, the node's death), not Ray's headline (pid, actor_id, colours);
 - the head (GCS) gone: the launcher stops with its error naming the address within
   ray_head.LOST_S, before Ray ends the process, and does not block on Ray calls while stopping;
-- a TP rank whose setup failed: rank 0's rendezvous timeout is reported as that rank's failure;
+- a TP rank whose setup failed: named as it fails when rank 0 waits for the ranks to come to the join, and
+  rank 0's rendezvous timeout reported as that rank's failure after it;
 - a second Ctrl-C while the instances stop: the wait for them ends at once and their actors are killed
   (tests/cluster/test_ray_stop.py shows it on a real cluster).
 """
@@ -28,6 +29,7 @@ from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.config.ray_cluster import RayNode
+from pdlaunch.distributed.parallel_state import joining_key
 from pdlaunch.distributed.ray_rank import ray_failure
 from pdlaunch.errors import EngineError
 
@@ -198,25 +200,86 @@ class FakeActor:
             setattr(self, method, call)
 
 
-def test_a_rank_whose_setup_failed_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rank 1's setup fails on its node (its checkpoint is missing there): rank 0 waits out its rendezvous
-    and then reported only `TP rank 0 could not join the 2-rank group`, not which rank failed, nor why."""
+class JoinStore:
+    """Rank 0's rendezvous store as wait_for_joins reads it: the keys the ranks set."""
+
+    port = 29500
+
+    def __init__(self, *keys: str) -> None:
+        self.keys = set(keys)
+
+    def check(self, keys: list[str]) -> bool:
+        return all(k in self.keys for k in keys)
+
+
+class Join:
+    """build_rank as rank 0 calls it: records that rank 0 entered its join, where it would wait for every rank."""
+
+    def __init__(self) -> None:
+        self.entered = False
+
+    def __call__(self, *args: object) -> None:
+        self.entered = True
+        raise EngineError("TP rank 0 could not join the group within 60s: timeout", field="parallel.master_addr")
+
+
+def rank0_on(fake: FakeRay, store: JoinStore, build_rank: Join, monkeypatch: pytest.MonkeyPatch, tp: int = 2
+             ) -> ray_executor.RayTPExecutor:
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(ray_executor, "create_store", lambda host, port, size: store)
+    monkeypatch.setattr(ray_executor, "build_rank", build_rank)
+    spec = InstanceSpec(role="decode", port=8200, tp=tp, engine_id="e")
+    return ray_executor.RayTPExecutor(DeploymentConfig(), spec, None, torch.device("cpu"),  # type: ignore[arg-type]
+                                      torch.float32, 64, "float32", [FakeActor(r) for r in range(1, tp)])
+
+
+def test_a_rank_whose_setup_failed_before_the_join_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1's setup fails on its node before it joins (its checkpoint is missing there): rank 0 sat in its
+    own join until the rendezvous timed out (60-120 s) before it looked at the setups. Now it waits for the
+    ranks to come to the join while watching their setups, and never enters the join."""
     fake = FakeRay()
     fake.failures["setup-1"] = task_error("ray::RayRank.setup()", FileNotFoundError("/models/llama/config.json"))
-    monkeypatch.setitem(sys.modules, "ray", fake)
-    monkeypatch.setattr(ray_executor, "create_store", lambda host, port, size: types.SimpleNamespace(port=29500))
-
-    def rendezvous_times_out(*args: object, **kwargs: object) -> None:
-        raise EngineError("TP rank 0 could not join the 2-rank group at 10.0.0.2:29500 within 120s: timeout",
-                          field="parallel.master_addr")
-
-    monkeypatch.setattr(ray_executor, "build_rank", rendezvous_times_out)
-    spec = InstanceSpec(role="decode", port=8200, tp=2, engine_id="e")
+    join = Join()
     with pytest.raises(EngineError) as caught:
-        ray_executor.RayTPExecutor(DeploymentConfig(), spec, None, torch.device("cpu"),  # type: ignore[arg-type]
-                                   torch.float32, 64, "float32", [FakeActor(1)])
+        rank0_on(fake, JoinStore(), join, monkeypatch)
     assert caught.value.message == "TP rank 1 (Ray actor) failed setup: FileNotFoundError: /models/llama/config.json"
     assert caught.value.field == "parallel.tp"
+    assert not join.entered, "rank 0 entered its join although rank 1 had failed"
+    # for a setup to end while rank 0 waited for the join, for the setups' outcome, for the ranks to leave
+    assert fake.calls.count("wait") == 3
+
+
+def test_a_rank_failing_while_others_join_is_named_as_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TP 3: rank 1 has come to the join; rank 2's actor dies a few polls later (its node is lost)."""
+
+    class LaterDeath(FakeRay):
+        def wait(self, refs: list[str], num_returns: int = 1, timeout: float | None = None
+                 ) -> tuple[list[str], list[str]]:
+            self.calls.append("wait")
+            if self.calls.count("wait") <= 3:  # the first polls of the join wait: every setup still runs
+                return [], list(refs)
+            return [r for r in refs if r in self.failures], [r for r in refs if r not in self.failures]
+
+    fake = LaterDeath()
+    fake.failures["setup-2"] = node_died()
+    join = Join()
+    with pytest.raises(EngineError) as caught:
+        rank0_on(fake, JoinStore(joining_key(1)), join, monkeypatch, tp=3)
+    assert caught.value.message == ("TP rank 2 (Ray actor) failed setup: The actor died because its node has "
+                                    "died. Node Id: 6f1c"), caught.value.message
+    assert not join.entered, "rank 0 entered its join although rank 2's node was lost"
+
+
+def test_a_rank_that_fails_after_the_join_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank came to the join, then rank 1's setup failed (its shard's load): rank 0's own error (a
+    collective that timed out) is reported as that rank's failure."""
+    fake = FakeRay()
+    fake.failures["setup-1"] = task_error("ray::RayRank.setup()", RuntimeError("CUDA error: out of memory"))
+    join = Join()
+    with pytest.raises(EngineError) as caught:
+        rank0_on(fake, JoinStore(joining_key(1)), join, monkeypatch)
+    assert join.entered
+    assert caught.value.message == "TP rank 1 (Ray actor) failed setup: RuntimeError: CUDA error: out of memory"
     assert fake.calls.count("wait") == 2  # for the setups' outcome, then for the ranks to leave
 
 

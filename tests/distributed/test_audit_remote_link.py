@@ -1,7 +1,8 @@
 """A remote rank dialing rank 0's link (remote_link.connect_to_rank0): a listener that accepts the connection
 but never answers (rank 0 stopped, or past accepting its ranks and loading its model) fails the rank within
 CONNECT_TIMEOUT_S, naming the address, instead of hanging it; a listener that answers gives a link with no
-receive timeout left on it (steps may be minutes apart)."""
+receive timeout left on it (steps may be minutes apart), and both ends of it probe a silent peer (TCP keepalive)
+so a node that vanishes without closing its links is noticed within a minute."""
 
 from __future__ import annotations
 
@@ -64,3 +65,43 @@ def test_a_link_dialed_to_a_listener_keeps_no_receive_timeout() -> None:
         dialed[0].close()  # type: ignore[attr-defined]
     finally:
         listener.close()
+
+
+def tcp_options(conn: object) -> dict[str, int]:
+    """The keepalive and user-timeout settings of the socket under a link (a Connection)."""
+    probe = socket.socket(fileno=conn.fileno())  # type: ignore[attr-defined]
+    try:
+        return {"keepalive": probe.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                "idle": probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                "interval": probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                "probes": probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                "user_timeout_ms": probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)}
+    finally:
+        probe.detach()
+
+
+def test_both_ends_of_a_link_notice_a_vanished_node_within_a_minute() -> None:
+    """A node that loses power or its network sends no FIN: with Linux's keepalive defaults (first probe after
+    2 h idle) neither end noticed before a collective timed out, or ever on an idle link. A vanished host
+    cannot be simulated here: the settings on the sockets both ends really use are what is checked."""
+    listener = RankListener("127.0.0.1", KEY)
+    try:
+        dialed: list[object] = []
+        rank = threading.Thread(target=lambda: dialed.append(
+            connect_to_rank0(store_naming(listener.address), 1, KEY)), daemon=True)  # type: ignore[arg-type]
+        rank.start()
+        accepted = listener.accept({1: "node 1 (127.0.0.1)"}, timeout_s=GUARD_S)
+        rank.join(GUARD_S)
+        assert list(accepted) == [1] and len(dialed) == 1
+        rank0_end, rank_end = tcp_options(accepted[1]), tcp_options(dialed[0])
+        accepted[1].close()
+        dialed[0].close()  # type: ignore[attr-defined]
+    finally:
+        listener.close()
+    for end in (rank0_end, rank_end):
+        assert end["keepalive"] == 1, end
+        assert end["idle"] + end["interval"] * end["probes"] == remote_link.LINK_DEAD_AFTER_S < 60, end
+    # The rank's replies to a vanished rank 0 are never acknowledged (keepalive does not probe then); rank 0
+    # bounds its own sends (SEND_TIMEOUT_S) and leaves a busy rank's full receive window alone.
+    assert rank_end["user_timeout_ms"] == remote_link.LINK_DEAD_AFTER_S * 1000, rank_end
+    assert rank0_end["user_timeout_ms"] == 0, rank0_end
