@@ -50,7 +50,7 @@ class SamplingParams(BaseModel):
     # vLLM's ranges (vllm/sampling_params.py _verify_args).
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, allow_inf_nan=False)  # vLLM: finite and > 0, no upper bound
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     min_tokens: int = Field(0, ge=0, le=MAX_INT32)
     logit_bias: dict[Annotated[int, Field(ge=0, le=MAX_INT32)], float] = Field(default_factory=dict,

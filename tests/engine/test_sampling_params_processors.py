@@ -109,7 +109,7 @@ def test_logprobs_stay_those_of_the_model() -> None:
 
 @pytest.mark.parametrize("field, value", [
     ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("frequency_penalty", 3.0),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", 2.5),
+    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", float("inf")),
     ("min_p", -0.1), ("min_p", 1.5), ("min_tokens", -1), ("allowed_token_ids", []), ("bad_words", [""]),
     ("stop", [""]), ("logit_bias", {-1: 1.0}),
 ])
@@ -117,6 +117,12 @@ def test_out_of_range_values_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as info:
         SamplingParams(**{field: value})  # type: ignore[arg-type]
     assert info.value.errors()[0]["loc"][0] == field
+
+
+def test_repetition_penalty_takes_any_finite_value_above_zero_as_vllm() -> None:
+    """It stopped at 2.0, so a request vLLM serves with repetition_penalty 3 was a 400 here."""
+    assert SamplingParams(repetition_penalty=3.0).repetition_penalty == 3.0
+    assert SamplingParams(repetition_penalty=1e-3).processes_logits
 
 
 def test_min_tokens_above_max_tokens_is_refused_and_bias_is_clamped() -> None:
