@@ -84,7 +84,8 @@ def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunRes
     base = deployment.proxy_url
     greedy = {"model": served_model_names(deployment.cfg)[0], "max_tokens": MAX_TOKENS, "temperature": 0.0}
     api_key = deployment.cfg.security.api_key
-    client_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # Bytes: httpx writes a text header in ASCII only, and the proxy takes a key in UTF-8 (http/auth.py).
+    client_headers: dict[bytes, bytes] = {b"Authorization": b"Bearer " + api_key.encode()} if api_key else {}
     with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S, headers=client_headers) as client:
         for i, prompt in enumerate(PROMPTS):
             answer = _post(client, f"{base}/v1/completions", {**greedy, "prompt": prompt}).json()
