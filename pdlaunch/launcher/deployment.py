@@ -30,7 +30,7 @@ from pdlaunch.launcher.plan import (
     instance_config,
     plan_deployment,
 )
-from pdlaunch.launcher.process import ChildProcess, stop_all
+from pdlaunch.launcher.process import ChildProcess, signals_deferred, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
 
@@ -355,6 +355,12 @@ class Deployment:
                 self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5, hurry)
             hurried = hurry is not None and hurry()
             stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain and not hurried else 0.5, hurry)
+        except BaseException:
+            # Interrupted (a second Ctrl-C where the handler raises: smoke, bench compare): a second call is a
+            # no-op, so what still runs is killed and reaped now, not left serving after the launcher gave up.
+            with signals_deferred():
+                stop_all(self.children, 0.0)
+            raise
         finally:
             for child in self.children + self._ended:
                 child.close_log()
