@@ -30,7 +30,7 @@ from pdlaunch.launcher.plan import (
     instance_config,
     plan_deployment,
 )
-from pdlaunch.launcher.process import ChildProcess, stop_all
+from pdlaunch.launcher.process import ChildProcess, signals_deferred, stop_all
 from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
 
@@ -153,6 +153,7 @@ class Deployment:
         # No second run writes into a live deployment's log_dir.
         self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
+        self._engine_ids = {p.spec.name: p.spec.engine_id for p in self.plan.local}  # current, restarts included
 
     @property
     def proxy_url(self) -> str | None:
@@ -243,6 +244,7 @@ class Deployment:
         spec = plan.spec.model_copy(update={"engine_id": engine_id})
         child.argv = _instance_argv(self.deployment_file, InstancePlan(spec, plan.url, plan.local))
         child.start(note=f"restart {restart} of {child.name} ({why}); engine_id {engine_id}")
+        self._engine_ids[child.name] = engine_id
         return engine_id
 
     def health_url(self, child: ChildProcess) -> str:
@@ -311,10 +313,31 @@ class Deployment:
             response = self._http.get(self.health_url(child))
         except httpx.HTTPError:
             return row.state
-        row.state = "ready" if response.status_code == 200 else "loading"
-        if row.state == "ready" and child is not self.proxy:
-            self.refresh_blocks(child.name)
+        if response.status_code != 200:
+            row.state = "loading"
+        elif self.answers_as_itself(child, response):
+            row.state = "ready"
+            if child is not self.proxy:
+                self.refresh_blocks(child.name)
+        else:
+            row.state = "port taken"  # by another server; the child's own exit (address in use) follows
         return row.state
+
+    def answers_as_itself(self, child: ChildProcess, response: httpx.Response) -> bool:
+        """Whether a /health answer at `child`'s address is its own, not that of another server that took the
+        port while it loaded (another deployment's proxy or instance, any service with a /health): an
+        instance's names its engine_id, the proxy's lists this deployment's instances."""
+        try:
+            body = response.json()
+        except ValueError:  # not JSON, not even text
+            return False
+        if not isinstance(body, dict):
+            return False
+        if child is self.proxy:
+            listed = body.get("instances")
+            urls = {i.get("url") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else set()
+            return {p.url for p in self.plan.instances} <= urls
+        return body.get("engine_id") == self._engine_ids.get(child.name)
 
     def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
@@ -355,6 +378,12 @@ class Deployment:
                 self.proxy.stop(self.drain_timeout_s + 2.0 if drain else 0.5, hurry)
             hurried = hurry is not None and hurry()
             stop_all(self.instances + self.ranks, INSTANCE_TERM_TIMEOUT_S if drain and not hurried else 0.5, hurry)
+        except BaseException:
+            # Interrupted (a second Ctrl-C where the handler raises: smoke, bench compare): a second call is a
+            # no-op, so what still runs is killed and reaped now, not left serving after the launcher gave up.
+            with signals_deferred():
+                stop_all(self.children, 0.0)
+            raise
         finally:
             for child in self.children + self._ended:
                 child.close_log()

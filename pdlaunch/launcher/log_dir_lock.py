@@ -86,8 +86,14 @@ class LogDirLock:
             os.close(fd)
             raise LogDirInUse(self.log_dir, _describe(lock_file)) from None
         note = {"pid": os.getpid(), "command": " ".join(["pdlaunch", *sys.argv[1:]])[:300], "proxy_url": proxy_url}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(note).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(note).encode())
+        except OSError as exc:  # a full disk or quota: the lock goes with the fd, or it outlives this failed run
+            os.close(fd)
+            raise PdlaunchError(f"cannot write {str(lock_file)!r}: {exc.strerror or exc}", field="log_dir",
+                                hint="free space there, or pass --log-dir DIR (or set log_dir) on another "
+                                "file system") from None
         self._fd = fd
 
     def release(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pdlaunch.config.models import SupervisionConfig
 
 MAX_BACKOFF_S = 30.0
+MAX_DOUBLINGS = 64  # a backoff_s of a nanosecond or more has reached MAX_BACKOFF_S by then
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class RestartPolicy:
 
     def delay(self, failures: int) -> float:
         """Seconds to wait before the next restart after `failures` failed restarts in a row."""
-        return min(self.backoff_s * 2.0 ** failures, max(MAX_BACKOFF_S, self.backoff_s))
+        # 2.0 ** 1024 raises OverflowError: a large max_restarts gets there after hours of failed restarts
+        doubled = self.backoff_s * 2.0 ** min(failures, MAX_DOUBLINGS)
+        return min(doubled, max(MAX_BACKOFF_S, self.backoff_s))
 
 
 @dataclass

@@ -52,6 +52,7 @@ class RunResult:
 
     texts: dict[str, str] = field(default_factory=dict)
     kv_bytes: float = 0.0
+    step: str = ""  # the request in flight, named by a failure
 
 
 def colocated_variant(cfg: DeploymentConfig) -> DeploymentConfig:
@@ -78,24 +79,27 @@ def _post(client: httpx.Client, url: str, body: dict[str, object]) -> httpx.Resp
     return response
 
 
-def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunResult:
-    """Send the smoke requests through the proxy; record checks prefixed by `label`."""
-    result = RunResult()
+def _exercise(deployment: Deployment, label: str, checks: list[Check], result: RunResult) -> RunResult:
+    """Send the smoke requests through the proxy; record checks prefixed by `label`, answers in `result`."""
     base = deployment.proxy_url
     greedy = {"model": served_model_names(deployment.cfg)[0], "max_tokens": MAX_TOKENS, "temperature": 0.0}
     api_key = deployment.cfg.security.api_key
-    client_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # Bytes: httpx writes a text header in ASCII only, and the proxy takes a key in UTF-8 (http/auth.py).
+    client_headers: dict[bytes, bytes] = {b"Authorization": b"Bearer " + api_key.encode()} if api_key else {}
     with httpx.Client(trust_env=False, timeout=REQUEST_TIMEOUT_S, headers=client_headers) as client:
         for i, prompt in enumerate(PROMPTS):
+            result.step = f"completion {i} (POST {base}/v1/completions)"
             answer = _post(client, f"{base}/v1/completions", {**greedy, "prompt": prompt}).json()
             result.texts[f"completion {i}"] = answer["choices"][0]["text"]
         ok = all(result.texts[f"completion {i}"] for i in range(len(PROMPTS)))
         checks.append(Check(f"{label}: completions", ok, f"{len(PROMPTS)} prompts, {MAX_TOKENS} tokens each"))
 
+        result.step = f"chat completion (POST {base}/v1/chat/completions)"
         chat = _post(client, f"{base}/v1/chat/completions", {**greedy, "messages": CHAT}).json()
         result.texts["chat"] = chat["choices"][0]["message"]["content"]
         checks.append(Check(f"{label}: chat completion", bool(result.texts["chat"]), repr(result.texts["chat"][:40])))
 
+        result.step = f"streamed completion (POST {base}/v1/completions)"
         body = {**greedy, "prompt": PROMPTS[0], "stream": True, "stream_options": {"include_usage": True}}
         events = parse_sse(_post(client, f"{base}/v1/completions", body).content)
         chunks = [json.loads(e) for e in events if e != "[DONE]"]
@@ -107,28 +111,42 @@ def _exercise(deployment: Deployment, label: str, checks: list[Check]) -> RunRes
 
         if not deployment.cfg.colocated:
             for plan in deployment.plan.local:
+                result.step = f"KV transfer metrics of {plan.spec.name} (GET {plan.url}/metrics)"
                 result.kv_bytes += _kv_bytes(client, plan.url,
                                              internal_headers(deployment.cfg.security.deployment_secret))
             checks.append(Check(f"{label}: KV bytes moved", result.kv_bytes > 0,
                                 f"pdlaunch_kv_transfer_bytes_total = {result.kv_bytes:.0f} B over the instances"))
+    result.step = ""
     return result
 
 
 def _run(cfg: DeploymentConfig, label: str, console: Console, checks: list[Check]) -> RunResult | None:
     console.rule(f"smoke: {label} deployment")
     deployment = Deployment(cfg, console)
+    result = RunResult()
     try:
         deployment.start()
-        return _exercise(deployment, label, checks)
+        return _exercise(deployment, label, checks, result)
     except ChildExited as exc:
         report_child_exit(console, exc)
-        checks.append(Check(f"{label}: deployment", False, exc.message))
+        checks.append(Check(f"{label}: deployment", False, f"{exc.message}; its log: {exc.child.log_path}"))
     except (PdlaunchError, httpx.HTTPError, KeyError, ValueError, IndexError, TypeError) as exc:
         # ...TypeError: an answer of the wrong shape (`choices` empty or null) is a failed check, not a traceback
-        checks.append(Check(f"{label}: deployment", False, f"{type(exc).__name__}: {exc}"))
+        checks.append(Check(f"{label}: deployment", False, _failure(deployment, result.step, exc)))
     finally:
         deployment.stop()
     return None
+
+
+def _failure(deployment: Deployment, step: str, exc: Exception) -> str:
+    """What failed, in which request (or while starting), a process that died meanwhile, and where the logs are:
+    a failed request alone (a 502, a timeout) does not say which process to look at."""
+    text = f"{type(exc).__name__} {f'in {step}' if step else 'while starting'}: {exc}"
+    dead = deployment.dead_child()
+    if dead is not None:
+        child = dead[0]
+        text += f"; {child.name} (pid {child.pid}) {child.describe_exit()}, its log: {child.log_path}"
+    return text if str(deployment.log_dir) in text else f"{text}; logs in {deployment.log_dir}"
 
 
 def run_smoke(cfg: DeploymentConfig) -> int:

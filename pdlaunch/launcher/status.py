@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow",
-                "failed": "red", "exited": "red", "stalled": "red", "stopping": "magenta", "stopped": "dim"}
+_STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow", "failed": "red",
+                "exited": "red", "stalled": "red", "port": "red", "stopping": "magenta", "stopped": "dim"}
 
 
 @dataclass
@@ -18,7 +18,8 @@ class StatusRow:
     role: str
     devices: str  # "cpu", "cuda:0,1"
     url: str
-    # starting | loading | ready | stalled (alive, no answer) | restarting (N) | failed | exited | stopping | stopped
+    # starting | loading | ready | port taken (another server answers there) | stalled (alive, no answer) |
+    # restarting (N) | failed | exited | stopping | stopped
     state: str = "starting"
     blocks_used: int | None = None
     blocks_total: int | None = None

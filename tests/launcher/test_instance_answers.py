@@ -1,10 +1,12 @@
-"""What the launcher reads from an instance's /info (the status table's KV blocks) is checked: an answer of
-another shape (another server on the port, a foreign node's service, a garbled body) leaves the column
-unknown instead of ending the launcher with a traceback."""
+"""What the launcher reads from an instance's /info (the status table's KV blocks) and /health (its readiness) is
+checked: an answer of another shape (another server on the port, a foreign node's service, a garbled body) leaves the
+column unknown, and is not taken for the instance's readiness, instead of ending the launcher with a traceback or
+announcing a deployment that is not serving."""
 
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +17,7 @@ from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.status import StatusRow
 
 BODIES = {
@@ -62,5 +65,48 @@ def test_an_info_answer_of_another_shape_leaves_the_blocks_unknown(info_url: str
         row = deployment.rows[plan.spec.name] = StatusRow(plan.spec.name, "colocated", "cpu", info_url)
         deployment.refresh_blocks(plan.spec.name)
         assert (row.blocks_used, row.blocks_total, row.blocks) == (None, None, "-")
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture()
+def health_server() -> Iterator[tuple[str, list[bytes]]]:
+    """A server whose /health answers 200 with the body last put in the list."""
+    bodies: list[bytes] = [b"{}"]
+
+    class Health(_Info):
+        @property  # type: ignore[override]
+        def body(self) -> bytes:
+            return bodies[-1]
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", bodies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_another_servers_health_at_an_instance_port_is_not_its_readiness(
+        health_server: tuple[str, list[bytes]], tmp_path: Path) -> None:
+    """Another deployment's instance (another engine_id) or any service with a /health that took the port while
+    the instance loaded: the row says so, and the launcher waits for the instance's own answer (or its exit)."""
+    url, bodies = health_server
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+                                           "proxy": {"port": 0}})
+    deployment = Deployment(cfg, Console(file=io.StringIO()), log_dir=tmp_path)
+    try:
+        plan = deployment.plan.instances[0]
+        plan.url = url
+        child = ChildProcess(plan.spec.name, ["true"], tmp_path / "x.log")  # never started: only its name is asked
+        deployment.rows[plan.spec.name] = StatusRow(plan.spec.name, "colocated", "cpu", url)
+        for other in (b'{"status": "ok", "role": "colocated", "engine_id": "another-deployment-colocated-0"}',
+                      b'{"status": "ok"}', b"OK", b"[]"):
+            bodies.append(other)
+            assert deployment._probe(child) == "port taken", other  # noqa: SLF001
+        bodies.append(json.dumps({"status": "ok", "engine_id": plan.spec.engine_id}).encode())
+        assert deployment._probe(child) == "ready"  # noqa: SLF001
     finally:
         deployment.stop()
