@@ -184,12 +184,14 @@ class Supervisor:
 
     def _answers(self, child: ChildProcess) -> bool:
         """An instance is ready when /health says 200; the proxy once it answers at all (it says 503 while
-        an instance role is down, which is not the proxy's fault)."""
+        an instance role is down, which is not the proxy's fault). Either answer must be the child's own,
+        not that of a server that took its port while it was down (Deployment.answers_as_itself)."""
         try:
             response = self._http.get(self.deployment.health_url(child))
         except httpx.HTTPError:
             return False
-        return child is self.deployment.proxy or response.status_code == 200
+        return ((child is self.deployment.proxy or response.status_code == 200)
+                and self.deployment.answers_as_itself(child, response))
 
     def _check_ranks(self) -> None:
         dead = self.deployment.dead_child(only=self.deployment.ranks)

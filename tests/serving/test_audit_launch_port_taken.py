@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.serving.e2e import READY_LINE, Serve, alive, children_of, wait_gone
@@ -71,3 +73,32 @@ def test_another_server_on_the_proxy_port_is_not_taken_for_the_proxy(serve: Serv
     assert "Traceback" not in output, output
     wait_gone(children)
     assert not alive(children_of(serve.proc.pid))
+
+
+def test_a_server_on_a_dead_proxy_s_port_is_not_taken_for_the_restarted_proxy(serve: Serve) -> None:
+    """The proxy dies while serving and another server takes its port before the restart binds it: the
+    supervisor took that server's /health for the restarted proxy's ("ready again"), while the restart itself
+    failed on the taken port. Now each restart fails as what it is and none is called ready."""
+    serve.wait_ready()
+    proxy_pid = int(httpx.get(f"{serve.url}/health", timeout=10).json()["pid"])
+    os.kill(proxy_pid, signal.SIGKILL)
+    wait_for(lambda: not alive([proxy_pid]), "the proxy to die", 30)
+    squatter = wait_for(lambda: _squat(serve.port), "the proxy's port to be free for the squatter", 30, poll=0.01)
+    thread = threading.Thread(target=squatter.serve_forever, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: "proxy: restart 2" in serve.output or serve.proc.poll() is not None,
+                 "the first restart of the proxy to fail on the taken port and a second to start", EXIT_TIMEOUT_S)
+    finally:
+        squatter.shutdown()
+        squatter.server_close()
+    output = " ".join(serve.output.split())
+    assert "proxy: restart 2" in output, output
+    assert "proxy is ready again" not in output, output
+
+
+def _squat(port: int) -> ThreadingHTTPServer | None:
+    try:
+        return ThreadingHTTPServer(("127.0.0.1", port), _Healthy)
+    except OSError:  # the dying proxy's socket may linger a moment
+        return None
