@@ -179,6 +179,7 @@ DEPLOYMENT_FILE = f"{CONFIG_DIR}/deployment.json"
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
 API_KEY_ENV = "PDLAUNCH_API_KEY"
 PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"  # as distributed/placement.py reads it
+TP_SECRET_ENV = "PDLAUNCH_TP_SECRET"  # as distributed/placement.py mixes it into the TP rank link's key
 GPU_RESOURCE = "nvidia.com/gpu"
 ROLE_LABEL = "pdlaunch.io/role"
 LEADER_LABEL = "pdlaunch.io/leader"
@@ -243,6 +244,11 @@ def pod_env(extra: list[EnvVar] | None = None) -> list[EnvVar]:
     ]
 
 
+def secret_env(name: str, key: str, options: RenderOptions) -> EnvVar:
+    """The environment variable `name` holding `key` of the deployment's Secret (never the value itself)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": f"{options.name}-deployment", "key": key}}}
+
+
 def container(options: RenderOptions, module: str, args: list[str],
               env: list[EnvVar], ports: list[ContainerPort], gpus: int, leader: bool) -> Container:
     engine: Container = {
@@ -283,11 +289,9 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, lambda: cfg.model.path)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
-    secret_name = f"{options.name}-deployment"
-    env: list[EnvVar] = [
-        {"name": SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "deployment-secret"}}}]
+    env = [secret_env(SECRET_ENV, "deployment-secret", options)]
     if cfg.security.api_key:
-        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}})
+        env.append(secret_env(API_KEY_ENV, "api-key", options))
     labels = {**app_labels(options), ROLE_LABEL: "proxy"}
     proxy: Container = {"name": "proxy", "image": options.image, "command": ["python", "-m", "pdlaunch.proxy"],
                  "args": args, "env": env,
