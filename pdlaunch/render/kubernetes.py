@@ -23,6 +23,7 @@ picked free get the fixed defaults below, as a pod must declare them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -109,12 +110,14 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
     secret = deployment_secret(cfg)
     pod_cfg = _pod_config(cfg, secret)
     planned = plan_instances(cfg, [], strict=False)
-    manifests: list[Manifest] = [_secret(cfg, pod_cfg, secret, options)]
+    secret_object = _secret(cfg, pod_cfg, secret, options)
+    digest = hashlib.sha256(json.dumps(secret_object["stringData"], sort_keys=True).encode()).hexdigest()[:16]
+    manifests: list[Manifest] = [secret_object]
     urls: list[tuple[str, str, str]] = []  # (role, instance name, URL) for the proxy
     groups = [(g, group) for g, group in enumerate(cfg.instances) if group.count > 0]
     for g, group in groups:
         ports = _group_ports(cfg, g, [p for p in planned if p.group == g])
-        lws = _leader_worker_set(cfg, g, group, ports, options)
+        lws = _leader_worker_set(cfg, g, group, ports, options, digest)
         manifests.append(lws)
         lws_name = lws.metadata.name
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
@@ -123,7 +126,7 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
         http_ports = [_group_ports(cfg, g, [p for p in planned if p.group == g]).http
                       for g, group in groups if group.role == role]
         manifests.append(role_service(role, http_ports, options))
-    manifests += [proxy_deployment(cfg, urls, options), proxy_service(cfg, options)]
+    manifests += [proxy_deployment(cfg, urls, options, digest), proxy_service(cfg, options)]
     return manifests
 
 
@@ -298,7 +301,7 @@ def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: boo
 
 
 def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, ports: GroupPorts,
-                       options: RenderOptions) -> LeaderWorkerSet:
+                       options: RenderOptions, secret_digest: str) -> LeaderWorkerSet:
     tp = group.tp or 1
     spread = _spread(cfg, group, options)
     ranks_here = 1 if spread else tp
@@ -313,8 +316,8 @@ def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
     leader = container(options, "pdlaunch.server", ["--instance", spec.model_dump_json()], env,
                         _ports(ports, group.role, range(ranks_here), tp, leader=True), gpus, leader=True)
-    template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, leader=True),
-                                    worker_template=pod_template(options, group.role, leader, leader=True),
+    template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, True, secret_digest),
+                                    worker_template=pod_template(options, group.role, leader, True, secret_digest),
                                     size=1, restart_policy="RecreateGroupOnPodRestart")
     if spread:
         # Worker pod r is TP rank r (LWS_WORKER_INDEX); it binds side_channel_port + r on its own address.
@@ -326,7 +329,7 @@ def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig
                              "--placement", placement],
                             pod_env(link_secret), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus,
                             leader=False)
-        template.worker_template = pod_template(options, group.role, worker, leader=False)
+        template.worker_template = pod_template(options, group.role, worker, False, secret_digest)
         template.size = tp
     return LeaderWorkerSet(
         metadata=ObjectMeta(name=_lws_name(options, group.role, g), namespace=options.namespace,
