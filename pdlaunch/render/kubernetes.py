@@ -157,6 +157,16 @@ def _check_statefulset_names(cfg: DeploymentConfig, options: RenderOptions) -> N
                             f"StatefulSet's name takes at most {STATEFULSET_NAME_MAX}", field="--name", hint=fix)
 
 
+def storage_connector_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """PD over the storage connector: prefill pods would write KV files to their own filesystem and decode pods look
+    in theirs (the manifests mount no shared volume), so every prompt would be computed twice."""
+    if cfg.colocated or cfg.kv_transfer.connector != "storage":
+        return []
+    return [problem("kv_transfer.connector", "'storage' passes KV through files in kv_transfer.storage_path, and "
+                    "every pod has its own filesystem: decode pods would never find what prefill pods stored and "
+                    "would compute every prompt again", "use connector 'nixl' (or 'mooncake') in Kubernetes")]
+
+
 def pod_port_problems(cfg: DeploymentConfig, gpus_per_node: int) -> list[Problem]:
     """Ports the pods declare outside 1..65535, or twice in a leader pod (a group's HTTP port on its KV
     side channel's or rendezvous port), named by the config field that sets them (a port set by the config
