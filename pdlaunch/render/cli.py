@@ -27,7 +27,7 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     from pdlaunch.config.loader import load_deployment
     from pdlaunch.config.rules.roles import kv_cache_dtype_problems, role_problems, size_problems
     from pdlaunch.config.validate import TargetHost, resolve
-    from pdlaunch.render.kubernetes import pod_port_problems
+    from pdlaunch.render.kubernetes import pod_port_problems, storage_connector_problems
 
     cfg = load_deployment(config, overrides)
     target = None if cfg.device == "cpu" else TargetHost(gpus=gpus_per_node, gpu_memory_gib=80.0)
@@ -35,7 +35,7 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     problems = size_problems(resolved)  # first: the rules below (and the manifests) walk every instance and rank
     if not problems:
         problems = (role_problems(resolved) + kv_cache_dtype_problems(resolved)
-                    + pod_port_problems(resolved, gpus_per_node))
+                    + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved))
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     return resolved

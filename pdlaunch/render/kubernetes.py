@@ -3,11 +3,14 @@
 What the launcher does on one host, Kubernetes does here; the objects, in apply order:
 
 - Secret `NAME-deployment`: the validated deployment as JSON (it carries the deployment secret, so it
-  is a Secret, not a ConfigMap), the deployment secret alone for the proxy, and the API key if any.
+  is a Secret, not a ConfigMap), the deployment secret alone for the proxy (and for the rank link of a TP
+  group spread over pods, PDLAUNCH_TP_SECRET), and the API key if any.
 - One LeaderWorkerSet per instance group: a replica per instance, its leader pod is TP rank 0 (the
   instance's HTTP server and engine). A TP group that fits one node (tp <= --gpus-per-node) is one
   pod holding all its GPUs; a larger one is one pod per rank, the workers being
-  `pdlaunch.distributed.remote_rank` processes that rendezvous at `LWS_LEADER_ADDRESS`.
+  `pdlaunch.distributed.remote_rank` processes that rendezvous at `LWS_LEADER_ADDRESS`. The LWS controller
+  makes a StatefulSet of each group's workers named after its leader pod (`<lws>-<k>`): --name is refused
+  when one would pass the 52 characters a StatefulSet's pods can be labelled with.
   Each pod advertises its own `status.podIP` (downward API) for HTTP and the KV side channel.
 - A Service per role (its instances' leader pods), then the proxy's Deployment and Service. The proxy
   names each instance by its leader's DNS name in the LeaderWorkerSet's headless service.
@@ -20,6 +23,7 @@ picked free get the fixed defaults below, as a pod must declare them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -53,6 +57,7 @@ from pdlaunch.render.objects import (
     PLACEMENT_ENV,
     ROLE_LABEL,
     SECRET_ENV,
+    TP_SECRET_ENV,
     ContainerPort,
     Deployment,
     RenderOptions,
@@ -66,11 +71,15 @@ from pdlaunch.render.objects import (
     proxy_deployment,
     proxy_service,
     role_service,
+    secret_env,
 )
 
 DEFAULT_HTTP_PORT = 8100  # group g: 8100 + 100 * g, when base_port is unset
 DEFAULT_SIDE_CHANNEL_PORT = 5600
 DEFAULT_MASTER_PORT = 29500
+# The StatefulSet controller labels each pod `controller-revision-hash: <StatefulSet>-<10-character hash>`, at most
+# 63 characters: a longer StatefulSet gets no pod at all (kubernetes/kubernetes#64023).
+STATEFULSET_NAME_MAX = 52
 Manifest = Secret | LeaderWorkerSet | Service | Deployment  # in apply order
 _MANIFEST_FILE = re.compile(r"\d{2,}-(secret|leaderworkerset|service|deployment)-[-a-z0-9]+\.yaml")
 
@@ -97,15 +106,18 @@ def deployment_secret(cfg: DeploymentConfig) -> str:
 
 def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Manifest]:
     """Every manifest of the (resolved: device, dtype and per-group TP concrete) deployment, in apply order."""
+    _check_statefulset_names(cfg, options)
     secret = deployment_secret(cfg)
     pod_cfg = _pod_config(cfg, secret)
     planned = plan_instances(cfg, [], strict=False)
-    manifests: list[Manifest] = [_secret(cfg, pod_cfg, secret, options)]
+    secret_object = _secret(cfg, pod_cfg, secret, options)
+    digest = hashlib.sha256(json.dumps(secret_object["stringData"], sort_keys=True).encode()).hexdigest()[:16]
+    manifests: list[Manifest] = [secret_object]
     urls: list[tuple[str, str, str]] = []  # (role, instance name, URL) for the proxy
     groups = [(g, group) for g, group in enumerate(cfg.instances) if group.count > 0]
     for g, group in groups:
         ports = _group_ports(cfg, g, [p for p in planned if p.group == g])
-        lws = _leader_worker_set(cfg, g, group, ports, options)
+        lws = _leader_worker_set(cfg, g, group, ports, options, digest)
         manifests.append(lws)
         lws_name = lws.metadata.name
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
@@ -114,8 +126,45 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
         http_ports = [_group_ports(cfg, g, [p for p in planned if p.group == g]).http
                       for g, group in groups if group.role == role]
         manifests.append(role_service(role, http_ports, options))
-    manifests += [proxy_deployment(cfg, urls, options), proxy_service(cfg, options)]
+    manifests += [proxy_deployment(cfg, urls, options, digest), proxy_service(cfg, options)]
     return manifests
+
+
+def _lws_name(options: RenderOptions, role: str, g: int) -> str:
+    return f"{options.name}-{role}-{g}"
+
+
+def _spread(cfg: DeploymentConfig, group: InstanceGroupConfig, options: RenderOptions) -> bool:
+    """One pod per TP rank: the group's TP does not fit one node."""
+    return cfg.device == "cuda" and (group.tp or 1) > options.gpus_per_node
+
+
+def _check_statefulset_names(cfg: DeploymentConfig, options: RenderOptions) -> None:
+    """Raise PdlaunchError (--name) unless every StatefulSet the LWS controller makes gets pods: its leaders' one
+    takes the LeaderWorkerSet's name, and a group of several pods a workers' one named after its leader pod."""
+    names = []
+    for g, group in enumerate(cfg.instances):
+        if group.count > 0:
+            lws = _lws_name(options, group.role, g)
+            names.append(f"{lws}-{group.count - 1}" if _spread(cfg, group, options) else lws)
+    longest = max(names, key=len, default="")
+    excess = len(longest) - STATEFULSET_NAME_MAX
+    if excess > 0:
+        fix = (f"use a --name of at most {len(options.name) - excess} characters" if excess < len(options.name)
+               else "use fewer instances per group")
+        raise PdlaunchError(f"{options.name!r} makes the LeaderWorkerSet controller create the StatefulSet "
+                            f"{longest!r} ({len(longest)} characters), whose pods Kubernetes cannot label: a "
+                            f"StatefulSet's name takes at most {STATEFULSET_NAME_MAX}", field="--name", hint=fix)
+
+
+def storage_connector_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """PD over the storage connector: prefill pods would write KV files to their own filesystem and decode pods look
+    in theirs (the manifests mount no shared volume), so every prompt would be computed twice."""
+    if cfg.colocated or cfg.kv_transfer.connector != "storage":
+        return []
+    return [problem("kv_transfer.connector", "'storage' passes KV through files in kv_transfer.storage_path, and "
+                    "every pod has its own filesystem: decode pods would never find what prefill pods stored and "
+                    "would compute every prompt again", "use connector 'nixl' (or 'mooncake') in Kubernetes")]
 
 
 def pod_port_problems(cfg: DeploymentConfig, gpus_per_node: int) -> list[Problem]:
@@ -262,20 +311,23 @@ def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: boo
 
 
 def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, ports: GroupPorts,
-                       options: RenderOptions) -> LeaderWorkerSet:
+                       options: RenderOptions, secret_digest: str) -> LeaderWorkerSet:
     tp = group.tp or 1
-    spread = cfg.device == "cuda" and tp > options.gpus_per_node  # one rank per pod
+    spread = _spread(cfg, group, options)
     ranks_here = 1 if spread else tp
     gpus = ranks_here if cfg.device == "cuda" else 0
     spec = _instance_spec(cfg, group, ports, ranks_here, ports.side_channel)
-    env = pod_env()
+    # The ranks in other pods join rank 0 over the cluster network: without a secret in their link's key, anyone
+    # who can read the config's model path and ports could join in their place.
+    link_secret = [secret_env(TP_SECRET_ENV, "deployment-secret", options)] if spread else []
+    env = pod_env(link_secret)
     if spread:  # ranks 1..tp-1 are the worker pods `<leader pod>-<r>`; rank 0 listens on its pod's address
         hosts = ["$(POD_IP)"] + [f"$(POD_NAME)-{r}" for r in range(1, tp)]
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
     leader = container(options, "pdlaunch.server", ["--instance", spec.model_dump_json()], env,
                         _ports(ports, group.role, range(ranks_here), tp, leader=True), gpus, leader=True)
-    template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, leader=True),
-                                    worker_template=pod_template(options, group.role, leader, leader=True),
+    template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, True, secret_digest),
+                                    worker_template=pod_template(options, group.role, leader, True, secret_digest),
                                     size=1, restart_policy="RecreateGroupOnPodRestart")
     if spread:
         # Worker pod r is TP rank r (LWS_WORKER_INDEX); it binds side_channel_port + r on its own address.
@@ -285,11 +337,12 @@ def _leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig
         worker = container(options, "pdlaunch.distributed.remote_rank",
                             ["--instance", worker_spec.model_dump_json(), "--rank", f"$({WORKER_INDEX_ENV})",
                              "--placement", placement],
-                            pod_env(), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus, leader=False)
-        template.worker_template = pod_template(options, group.role, worker, leader=False)
+                            pod_env(link_secret), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus,
+                            leader=False)
+        template.worker_template = pod_template(options, group.role, worker, False, secret_digest)
         template.size = tp
     return LeaderWorkerSet(
-        metadata=ObjectMeta(name=f"{options.name}-{group.role}-{g}", namespace=options.namespace,
+        metadata=ObjectMeta(name=_lws_name(options, group.role, g), namespace=options.namespace,
                             labels={**app_labels(options), ROLE_LABEL: group.role}),
         spec=LeaderWorkerSetSpec(replicas=group.count, leader_worker_template=template,
                                  startup_policy="LeaderCreated"))

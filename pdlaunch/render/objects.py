@@ -122,6 +122,7 @@ class PodSpec(TypedDict):
 @with_config(_STRICT)
 class PodMetadata(TypedDict):
     labels: dict[str, str]
+    annotations: NotRequired[dict[str, str]]
 
 
 @with_config(_STRICT)
@@ -179,9 +180,14 @@ DEPLOYMENT_FILE = f"{CONFIG_DIR}/deployment.json"
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
 API_KEY_ENV = "PDLAUNCH_API_KEY"
 PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"  # as distributed/placement.py reads it
+TP_SECRET_ENV = "PDLAUNCH_TP_SECRET"  # as distributed/placement.py mixes it into the TP rank link's key
 GPU_RESOURCE = "nvidia.com/gpu"
 ROLE_LABEL = "pdlaunch.io/role"
 LEADER_LABEL = "pdlaunch.io/leader"
+# A digest of the Secret's data on every pod that reads it: a pod reads the Secret only when it starts, so a render
+# with another secret or API key must change the pod templates for `kubectl apply` to replace the pods (else a
+# proxy that kept the old deployment secret is refused by every instance pod started since).
+SECRET_DIGEST_ANNOTATION = "pdlaunch.io/secret-digest"
 
 
 NAME_MAX = 40  # `NAME-colocated-G`, a LeaderWorkerSet's (so its StatefulSets') name, must stay within 52
@@ -243,6 +249,11 @@ def pod_env(extra: list[EnvVar] | None = None) -> list[EnvVar]:
     ]
 
 
+def secret_env(name: str, key: str, options: RenderOptions) -> EnvVar:
+    """The environment variable `name` holding `key` of the deployment's Secret (never the value itself)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": f"{options.name}-deployment", "key": key}}}
+
+
 def container(options: RenderOptions, module: str, args: list[str],
               env: list[EnvVar], ports: list[ContainerPort], gpus: int, leader: bool) -> Container:
     engine: Container = {
@@ -259,9 +270,10 @@ def container(options: RenderOptions, module: str, args: list[str],
     return engine
 
 
-def pod_template(options: RenderOptions, role: str, engine: Container, leader: bool) -> PodTemplateSpec:
+def pod_template(options: RenderOptions, role: str, engine: Container, leader: bool,
+                 secret_digest: str) -> PodTemplateSpec:
     labels = {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true" if leader else "false"}
-    return {"metadata": {"labels": labels}, "spec": {
+    return {"metadata": {"labels": labels, "annotations": {SECRET_DIGEST_ANNOTATION: secret_digest}}, "spec": {
         "containers": [engine],
         "volumes": [{"name": "deployment", "secret": {"secretName": f"{options.name}-deployment"}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory"}}],  # TP workers share tensors there
@@ -278,16 +290,14 @@ def role_service(role: str, http_ports: list[int], options: RenderOptions) -> Se
 
 
 def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
-                      options: RenderOptions) -> Deployment:
+                      options: RenderOptions, secret_digest: str) -> Deployment:
     # The proxy's tokenizer is the model in the image, as the instances read it.
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, lambda: cfg.model.path)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
-    secret_name = f"{options.name}-deployment"
-    env: list[EnvVar] = [
-        {"name": SECRET_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "deployment-secret"}}}]
+    env = [secret_env(SECRET_ENV, "deployment-secret", options)]
     if cfg.security.api_key:
-        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": "api-key"}}})
+        env.append(secret_env(API_KEY_ENV, "api-key", options))
     labels = {**app_labels(options), ROLE_LABEL: "proxy"}
     proxy: Container = {"name": "proxy", "image": options.image, "command": ["python", "-m", "pdlaunch.proxy"],
                  "args": args, "env": env,
@@ -296,7 +306,9 @@ def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(f"{options.name}-proxy", options,
                                                                              {ROLE_LABEL: "proxy"}),
             "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels}, "spec": {"containers": [proxy]}}}}
+                     "template": {"metadata": {"labels": dict(labels),
+                                               "annotations": {SECRET_DIGEST_ANNOTATION: secret_digest}},
+                                  "spec": {"containers": [proxy]}}}}
 
 
 def proxy_service(cfg: DeploymentConfig, options: RenderOptions) -> Service:
