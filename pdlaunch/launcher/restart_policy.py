@@ -48,6 +48,7 @@ class ProcessRecord:
     started: float = 0.0  # monotonic time of the last restart
     last_exit: str = ""  # "was killed by signal 9"
     outage_cause: str = ""  # how it ended when it was last live: the first cause of the current outage
+    killed_for: str = ""  # why the supervisor killed it ("was stalled for 40s ..."): its exit says only SIGKILL
 
     @property
     def live(self) -> bool:

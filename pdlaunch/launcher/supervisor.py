@@ -163,6 +163,8 @@ class Supervisor:
             self._say(f"{name} (pid {child.pid}) has been stalled for {stalled_for:.0f}s "
                       f"(supervision.stall_restart_seconds: {self.stall_restart_s:g}); killing it to restart it")
             self._forget_stall(name)
+            record.killed_for = (f"was stalled for {stalled_for:.0f}s (no /health answer; supervision."
+                                 f"stall_restart_seconds: {self.stall_restart_s:g}) and killed to restart it")
             child.signal_group(signal.SIGKILL)  # a stopped process dies of SIGKILL too; its exit restarts it
 
     def _forget_stall(self, name: str) -> None:
@@ -171,7 +173,7 @@ class Supervisor:
 
     def _ended(self, child: ChildProcess, record: ProcessRecord, now: float) -> None:
         self._forget_stall(record.name)
-        how = child.describe_exit()
+        how, record.killed_for = record.killed_for or child.describe_exit(), ""
         decision = on_exit(record, how, now, self.policy)
         row = self.deployment.rows[record.name]
         if isinstance(decision, GiveUp):

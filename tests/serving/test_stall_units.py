@@ -274,6 +274,11 @@ def test_a_stall_longer_than_stall_restart_seconds_kills_the_instance_and_it_is_
     _stalled(supervisor, {})
     supervisor.tick(now=31.5)
     assert deployment.rows["decode-0"].state == "restarting (1)"
+    # its exit says SIGKILL; what the user has to look at is the stall (and a give-up names it as the cause)
+    stalled = "was stalled for 31s (no /health answer; supervision.stall_restart_seconds: 30) and killed to restart it"
+    assert any(f"decode-0 (pid {decode.pid}) {stalled}; restart 1" in line for line in supervisor.lines)
+    record = next(r for _, r in supervisor.records if r.name == "decode-0")
+    assert record.outage_cause == stalled and record.killed_for == ""
     supervisor.tick(now=33.0)
     assert deployment.restarted == [("decode-0", 1, "planned-decode-0-r1")]
 
