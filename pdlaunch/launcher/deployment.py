@@ -152,6 +152,7 @@ class Deployment:
         self.deployment_file = self.log_dir / "deployment.json"
         # No second run writes into a live deployment's log_dir.
         self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
+        self.left_running: list[str] = []  # after stop(): children still alive past their SIGKILL
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
         self._engine_ids = {p.spec.name: p.spec.engine_id for p in self.plan.local}  # current, restarts included
 
@@ -385,6 +386,9 @@ class Deployment:
                 stop_all(self.children, 0.0)
             raise
         finally:
+            # A process SIGKILL did not end (stuck in the kernel: an uninterruptible device or NFS wait): named,
+            # so that serve does not say everything was reaped.
+            self.left_running = [f"{c.name} (pid {c.pid})" for c in self.children if c.running]
             for child in self.children + self._ended:
                 child.close_log()
             self._http.close()

@@ -82,8 +82,7 @@ def run_serve(cfg: DeploymentConfig) -> int:
             if not deployment.start(should_stop=signals.requested.is_set):
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
                 deployment.stop(drain=not signals.forced, hurry=lambda: signals.forced)
-                console.print("stopped: all processes reaped", highlight=False)
-                return 0
+                return _say_stopped(console, deployment)
             _announce(console, deployment)
             with Supervisor(deployment, console) as supervisor:
                 while not signals.requested.wait(SUPERVISE_POLL_S):
@@ -93,8 +92,7 @@ def run_serve(cfg: DeploymentConfig) -> int:
                           highlight=False)
             signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
             deployment.stop(drain=not signals.forced, hurry=lambda: signals.forced)
-            console.print("stopped: all processes reaped", highlight=False)
-            return 0
+            return _say_stopped(console, deployment)
         except (ChildExited, SupervisionFailed) as exc:
             report_failure(console, exc.message, exc.child)
             deployment.stop(drain=False)
@@ -104,6 +102,17 @@ def run_serve(cfg: DeploymentConfig) -> int:
             raise
         finally:
             deployment.stop(drain=not signals.forced)
+
+
+def _say_stopped(console: Console, deployment: Deployment) -> int:
+    """0 and "all processes reaped" when they were; 1 naming the ones a SIGKILL left running."""
+    if not deployment.left_running:
+        console.print("stopped: all processes reaped", highlight=False)
+        return 0
+    console.print(f"[red]error:[/red] stopped, but {', '.join(deployment.left_running)} still run(s) after SIGKILL "
+                  "(stuck in the kernel: a device or network filesystem wait); `ps -o pid,stat,wchan -p PID` shows "
+                  "where, and they may still hold their ports and GPU memory", highlight=False, soft_wrap=True)
+    return 1
 
 
 def _announce(console: Console, deployment: Deployment) -> None:

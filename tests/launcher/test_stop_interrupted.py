@@ -70,3 +70,34 @@ def test_an_interrupt_while_the_proxy_drains_still_stops_the_instances(tmp_path:
     finally:
         for child in (proxy, instance):
             child.stop(0.0)
+
+
+def test_a_child_that_outlives_its_sigkill_is_named_not_called_reaped(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process in an uninterruptible wait (a device, an NFS mount) lives on after SIGKILL: stop() dropped it
+    after 10 s and serve said "stopped: all processes reaped". Such a process cannot be made here, so this
+    instance's exit is hidden from the launcher; the stop must name it and serve must say so, exit 1."""
+    from pdlaunch.launcher.serve import _say_stopped
+
+    cfg = DeploymentConfig.model_validate({"device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+                                           "proxy": {"port": 0}})
+    deployment = Deployment(cfg, Console(file=io.StringIO()), log_dir=tmp_path / "logs", drain_timeout_s=0.0)
+    deployment._log_lock.acquire(deployment.proxy_url)  # noqa: SLF001  (what start() takes first)
+    stuck = ChildProcess("colocated-0", [sys.executable, "-c", "import time; time.sleep(300)"],
+                         tmp_path / "colocated-0.log")
+    deployment.instances = [stuck]
+    real_running, real_wait = ChildProcess.running, ChildProcess.wait
+    monkeypatch.setattr(ChildProcess, "running", property(lambda c: c is stuck or real_running.fget(c)))
+    monkeypatch.setattr(ChildProcess, "wait",
+                        lambda c, timeout, hurry=None: c is not stuck and real_wait(c, timeout, hurry))
+    try:
+        stuck.start()
+        deployment.stop(drain=False)
+        assert deployment.left_running == [f"colocated-0 (pid {stuck.pid})"]
+        out = io.StringIO()
+        assert _say_stopped(Console(file=out, width=1000), deployment) == 1
+        assert f"stopped, but colocated-0 (pid {stuck.pid}) still run(s) after SIGKILL" in out.getvalue()
+        assert "all processes reaped" not in out.getvalue()
+    finally:
+        monkeypatch.undo()
+        stuck.stop(0.0)
