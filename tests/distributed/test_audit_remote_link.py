@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import types
+from multiprocessing.connection import Connection
 
 import pytest
 
@@ -46,23 +47,28 @@ def test_a_listener_that_never_answers_fails_the_rank_naming_it(monkeypatch: pyt
     assert errors[0].message == f"TP rank 1: rank 0's link at {address} did not answer within 1s"
 
 
+def _linked(listener: RankListener) -> tuple[Connection, Connection]:
+    """(rank 0's end, rank 1's end) of a link rank 1 dialed to `listener`, as a remote rank does."""
+    dialed: list[Connection] = []
+    rank = threading.Thread(target=lambda: dialed.append(
+        connect_to_rank0(store_naming(listener.address), 1, KEY)), daemon=True)  # type: ignore[arg-type]
+    rank.start()
+    accepted = listener.accept({1: "node 1 (127.0.0.1)"}, timeout_s=GUARD_S)
+    rank.join(GUARD_S)
+    assert list(accepted) == [1] and len(dialed) == 1
+    return accepted[1], dialed[0]
+
 def test_a_link_dialed_to_a_listener_keeps_no_receive_timeout() -> None:
     listener = RankListener("127.0.0.1", KEY)
     try:
-        dialed: list[object] = []
-        rank = threading.Thread(target=lambda: dialed.append(
-            connect_to_rank0(store_naming(listener.address), 1, KEY)), daemon=True)  # type: ignore[arg-type]
-        rank.start()
-        accepted = listener.accept({1: "node 1 (127.0.0.1)"}, timeout_s=GUARD_S)
-        rank.join(GUARD_S)
-        assert list(accepted) == [1] and len(dialed) == 1
-        probe = socket.socket(fileno=dialed[0].fileno())  # type: ignore[attr-defined]
+        rank0_conn, rank_conn = _linked(listener)
+        probe = socket.socket(fileno=rank_conn.fileno())
         try:
             assert probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16) == struct.pack("ll", 0, 0)
         finally:
             probe.detach()
-        accepted[1].close()
-        dialed[0].close()  # type: ignore[attr-defined]
+        rank0_conn.close()
+        rank_conn.close()
     finally:
         listener.close()
 
@@ -86,16 +92,10 @@ def test_both_ends_of_a_link_notice_a_vanished_node_within_a_minute() -> None:
     cannot be simulated here: the settings on the sockets both ends really use are what is checked."""
     listener = RankListener("127.0.0.1", KEY)
     try:
-        dialed: list[object] = []
-        rank = threading.Thread(target=lambda: dialed.append(
-            connect_to_rank0(store_naming(listener.address), 1, KEY)), daemon=True)  # type: ignore[arg-type]
-        rank.start()
-        accepted = listener.accept({1: "node 1 (127.0.0.1)"}, timeout_s=GUARD_S)
-        rank.join(GUARD_S)
-        assert list(accepted) == [1] and len(dialed) == 1
-        rank0_end, rank_end = tcp_options(accepted[1]), tcp_options(dialed[0])
-        accepted[1].close()
-        dialed[0].close()  # type: ignore[attr-defined]
+        rank0_conn, rank_conn = _linked(listener)
+        rank0_end, rank_end = tcp_options(rank0_conn), tcp_options(rank_conn)
+        rank0_conn.close()
+        rank_conn.close()
     finally:
         listener.close()
     for end in (rank0_end, rank_end):
