@@ -333,7 +333,8 @@ class LLMEngine:
             if logprob is not None:
                 logprobs.append(logprob)
             if reason is not None:  # ended by its first token: the prompt's KV is never loaded
-                self.scheduler.finish_request(request, reason, appended.error, appended.error_status)
+                self.scheduler.finish_request(request, reason, appended.error, appended.error_status,
+                                              error_param=appended.error_param)
                 break
         return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
 
@@ -477,7 +478,8 @@ class LLMEngine:
                 continue
             kv_params = None
             if appended.reason is not None:
-                answer = self.scheduler.finish_request(request, appended.reason, appended.error, appended.error_status)
+                answer = self.scheduler.finish_request(request, appended.reason, appended.error, appended.error_status,
+                                                       error_param=appended.error_param)
                 kv_params = self._sign(with_first_token(answer, request, logprob))
             sampled = token_id != NO_TOKEN
             out = self.outputs.output(request.request_id, [token_id] if sampled else [], appended.text,

@@ -44,6 +44,7 @@ class Appended(NamedTuple):
     reason: str | None
     error: str | None = None
     error_status: int = 500
+    error_param: str | None = None  # the request field the error is about, when it is one
 
 
 class OutputProcessor:
@@ -105,7 +106,8 @@ class OutputProcessor:
                 spec = params.structured_output
                 field = spec.field if spec is not None else "structured_outputs"
                 why = tracked.matcher.get_error().strip().splitlines()[0]  # the rest: the parser's state dump
-                return Appended("", "error", f"{field}: the grammar rejected output token {token_id} ({why})", 400)
+                return Appended("", "error", f"{field}: the grammar rejected output token {token_id} ({why})", 400,
+                                field)
         new_text = ""
         reason = None
         may_stop = len(request.output_token_ids) >= params.min_tokens
@@ -146,6 +148,7 @@ class OutputProcessor:
             finish_reason=r.finish_reason,
             error=r.error,
             error_status=r.error_status,
+            error_param=r.error_param,
             new_logprobs=new_logprobs,
             num_prompt_tokens=r.num_prompt_tokens,
             num_cached_tokens=r.num_cached_tokens,

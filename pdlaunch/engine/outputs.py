@@ -141,6 +141,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # set with finish_reason == "error" (e.g. KV transfer failed)
     error_status: int = 500  # HTTP status a server should use for `error`
+    error_param: str | None = None  # the request field `error` is about (the OpenAI error's `param`)
     new_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not KV loaded from a prefill)

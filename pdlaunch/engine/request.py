@@ -43,6 +43,7 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     error_status: int = 500
+    error_param: str | None = None  # the request field `error` is about (an OpenAI error's `param`)
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
     # position -> logprob of the prompt token there, filled chunk by chunk (engine/prompt_logprobs.py)
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
@@ -76,8 +77,10 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
-    def finish(self, reason: str, error: str | None = None, error_status: int = 500) -> None:
+    def finish(self, reason: str, error: str | None = None, error_status: int = 500,
+               error_param: str | None = None) -> None:
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.error = error
         self.error_status = error_status
+        self.error_param = error_param

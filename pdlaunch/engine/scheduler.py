@@ -122,7 +122,7 @@ class Scheduler:
 
     def finish_request(self, request: Request, reason: str, error: str | None = None,
                        error_status: int = 500, abort_load: bool = True,
-                       blocks_busy: bool = False) -> PrefillAnswer | None:
+                       blocks_busy: bool = False, error_param: str | None = None) -> PrefillAnswer | None:
         """End a request in any state; returns the connector's answer (the prefill's kv_transfer_params).
 
         Only a request that completed normally (stop/length) is offered to the connector's
@@ -150,7 +150,7 @@ class Scheduler:
                 blocks_busy = self._abort_load(rid) or blocks_busy
         self.requests.pop(rid, None)
         self._queued_at.pop(rid, None)
-        request.finish(reason, error, error_status)
+        request.finish(reason, error, error_status, error_param)
         hold, params = False, None
         if self.connector is not None and reason in ("stop", "length"):
             try:

@@ -303,5 +303,6 @@ def _error_of(item: StreamItem) -> OpenAIError:
     if isinstance(item, OpenAIError):
         return item
     if isinstance(item, RequestOutput) and item.finish_reason == "error":
-        return OpenAIError(item.error_status, item.error or "the engine failed the request", code="engine_error")
+        return OpenAIError(item.error_status, item.error or "the engine failed the request", param=item.error_param,
+                           code="engine_error")
     return OpenAIError(500, f"unexpected {type(item).__name__} on a request's output queue")

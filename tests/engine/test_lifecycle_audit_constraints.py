@@ -54,4 +54,16 @@ def test_a_token_its_grammar_rejects_fails_the_request(llama_ckpt: Path, make_en
     assert appended.text == "" and appended.reason == "error" and appended.error_status == 400
     assert appended.error is not None and appended.error.startswith("structured_outputs: the grammar rejected")
     assert "\n" not in appended.error  # llguidance's parser state dump is left out
+    assert appended.error_param == "structured_outputs"  # the client's 400 names the field in `param` too
     engine.abort_request("r")
+
+
+def test_an_engine_error_about_a_field_names_it_in_the_answer_s_param() -> None:
+    """The grammar's rejection said its field only in the message text: the 400's `param` was null."""
+    from pdlaunch.engine.outputs import RequestOutput
+    from pdlaunch.server.choices import _error_of
+
+    failed = RequestOutput("r", [], "", [], "", finished=True, finish_reason="error", error="structured_outputs: no",
+                           error_status=400, error_param="structured_outputs")
+    error = _error_of(failed)
+    assert (error.status, error.param, error.message) == (400, "structured_outputs", "structured_outputs: no")
