@@ -68,7 +68,8 @@ def sigterm_fails_the_test() -> Iterator[None]:
 
 
 def _invoke(out: Path) -> Any:
-    return CliRunner().invoke(bench_app, [*ARGS, "--out", str(out)])
+    """Wide enough that rich never breaks a long path inside a word (CI runs without a terminal: 80 columns)."""
+    return CliRunner().invoke(bench_app, [*ARGS, "--out", str(out)], env={"COLUMNS": "1000"}, terminal_width=1000)
 
 
 def _flat(text: str) -> str:
