@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -80,7 +81,8 @@ class _Shape:
 
 
 class _NoTraceback(logging.Formatter):
-    def formatException(self, ei: Any) -> str:
+    def formatException(self, ei: tuple[type[BaseException], BaseException, TracebackType | None]
+                        | tuple[None, None, None]) -> str:
         return ""
 
 
