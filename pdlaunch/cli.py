@@ -83,7 +83,7 @@ def _print(text: str, what: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"pdlaunch {__version__}")
+        _print(f"pdlaunch {__version__}", "version")
         raise typer.Exit()
 
 
@@ -155,6 +155,10 @@ def generate(
     from pdlaunch.engine.llm import run_generate
 
     with _reported():
+        for flag, given in (("MODEL", model_arg), ("--model", model)):
+            if given is not None and not given.strip():  # an unset shell variable: not the demo model
+                raise PdlaunchError(f"{given!r} names no model", field=flag,
+                                    hint="give a checkpoint directory, a FILE.gguf, `demo` or `tiny`")
         if model_arg is not None and model is not None and model_arg != model:
             raise PdlaunchError(f"MODEL {model_arg!r} and --model {model!r} name two models; give one of them",
                                 field="--model")

@@ -17,8 +17,10 @@ or what lies between them and the client (the proxy, the client, the host).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +35,7 @@ PROMPT_TOKENS_COMPUTED = "pdlaunch_prompt_tokens_computed_total"
 SLOW_DECODE_STEPS = "pdlaunch_engine_slow_decode_steps_total"
 ITL_FAMILY = "pdlaunch_inter_token_latency_seconds"
 LONG_GAP_S = 0.05  # a histogram bucket bound of ITL_FAMILY (metrics.py): 50 ms, five decode steps of an 8B model
+_T = TypeVar("_T")
 _FAMILIES = {"pdlaunch_engine_steps": "steps", "pdlaunch_engine_step_seconds": "seconds",
              "pdlaunch_engine_step_tokens": "tokens"}
 
@@ -200,11 +203,20 @@ class LoadProbe:
                                 hint=f"{whose} log says why") from None
         return response.text
 
+    def _page(self, url: str, parse: Callable[[str], _T], what: str = "instance") -> _T:
+        text = self._get(url, f"the {what}'s")
+        try:
+            return parse(text)
+        except (ValueError, OverflowError) as exc:  # not Prometheus text (another server on the port), or a
+            # series of another shape (a decision count of +Inf): figures read from it would mean nothing
+            raise PdlaunchError(f"{url}/metrics is not the metrics page of a pdlaunch {what}: {exc}",
+                                hint=f"is {url} the deployment's? the {what}'s log says what runs there") from None
+
     def decisions(self) -> dict[str, int]:
-        return parse_decisions(self._get(self.proxy_url, "the proxy's")) if self.proxy_url is not None else {}
+        return self._page(self.proxy_url, parse_decisions, "proxy") if self.proxy_url is not None else {}
 
     def read(self) -> list[InstanceTotals]:
-        return [parse_instance(role, self._get(url)) for role, url in self.instances]
+        return [self._page(url, functools.partial(parse_instance, role)) for role, url in self.instances]
 
     def start(self) -> None:
         self._decisions_before = self.decisions()

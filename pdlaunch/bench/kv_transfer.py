@@ -14,22 +14,25 @@ write = posted -> a sender check saw it done, notify = done -> decode reported t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
 import secrets
+import signal
 import statistics
+import threading
 import time
-import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.config.models import BLOCK_SIZES
-from pdlaunch.errors import KVTransferError
+from pdlaunch.errors import KVTransferError, PdlaunchError
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.model.quant.kv_cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
@@ -77,6 +80,20 @@ class _Shape:
     secret: str  # both sides sign side-channel messages with it, as a deployment does
 
 
+class _NoTraceback(logging.Formatter):
+    def formatException(self, ei: tuple[type[BaseException], BaseException, TracebackType | None]
+                        | tuple[None, None, None]) -> str:
+        return ""
+
+
+def _quiet_logging() -> None:
+    """The connector's warnings and errors on this worker's stderr, each one line: the parent reports what failed
+    (a load the connector logs with its traceback, say) as the user's error line."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_NoTraceback("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
     """One side: builds connectors on a synthetic KV cache and answers the parent's commands."""
     from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig, ModelConfig, SecurityConfig
@@ -84,6 +101,7 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
     from pdlaunch.kv_transfer.factory import create_connector
     from pdlaunch.memory import platform
 
+    _quiet_logging()
     try:
         dev = torch.device(device)
         if dev.type == "cuda":
@@ -130,7 +148,10 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
             connector = make("auto")
         conn.send(("ok", None))
         while True:
-            cmd, args = conn.recv()
+            try:
+                cmd, args = conn.recv()
+            except (EOFError, OSError):  # the parent died (killed): nobody is left to answer
+                break
             if cmd == "close":
                 break
             try:
@@ -169,12 +190,17 @@ def _worker(conn: Connection, role: str, shape: _Shape, device: str) -> None:
                 else:
                     raise ValueError(f"unknown command {cmd}")
                 conn.send(("ok", result))
-            except Exception:
-                conn.send(("err", traceback.format_exc()))
+            except Exception as exc:  # the parent shows it as the user's error line: what failed, not a traceback
+                conn.send(("err", _one_line(exc)))
     finally:
         if connector is not None:
             connector.shutdown()
-        conn.send(("ok", None))
+        with contextlib.suppress(OSError):  # the parent may be gone
+            conn.send(("ok", None))
+
+
+def _one_line(exc: Exception) -> str:
+    return exc.render() if isinstance(exc, PdlaunchError) else f"{type(exc).__name__}: {exc}"
 
 
 def _timed_loads(connector: Any, loads: list[tuple[str, int, list[int], PrefillAnswer]],
@@ -223,30 +249,67 @@ def _push_phases(
     return {k: statistics.median(v) * 1e3 for k, v in phases.items()}
 
 
+class _WorkerExited(KVTransferError):
+    """A worker process is gone (killed for memory, by a user, or crashed in native code)."""
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 class _Side:
     def __init__(self, role: str, shape: _Shape, device: str) -> None:
+        self.role = role
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, role, shape, device), daemon=True)
-        self.proc.start()
-        self._answer(f"{role} start")
+        # Ctrl-C reaches the whole process group: the worker is born ignoring SIGINT (the disposition survives
+        # spawn's exec), and this process stops it, so that the connector shuts down once and no worker prints a
+        # KeyboardInterrupt traceback, even during its imports.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self.proc.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        child.close()  # the worker's end: once the worker is gone, reading this end says so at once
+        try:
+            self._answer("start")
+        except BaseException:  # Ctrl-C or a failed start: a worker still building its KV cache waits for nothing
+            self.proc.kill()
+            self.proc.join(10)
+            raise
+
+    def _exited(self, what: str) -> _WorkerExited:
+        self.proc.join(5)  # the pipe closes as the process ends; its exit code comes a moment later
+        return _WorkerExited(f"kv-transfer bench: the {self.role} worker exited ({_exit_text(self.proc.exitcode)}) "
+                             f"before it answered {what}")
 
     def _answer(self, what: str) -> Any:
         deadline = time.monotonic() + _CALL_TIMEOUT
         while not self.conn.poll(1.0):  # a worker that died (e.g. killed for memory) answers nothing: say so
             if not self.proc.is_alive():
-                raise KVTransferError(f"kv-transfer bench: the worker exited (code {self.proc.exitcode}) before it "
-                                      f"answered {what}")
+                raise self._exited(what)
             if time.monotonic() > deadline:
-                raise KVTransferError(f"kv-transfer bench: the worker did not answer {what} within "
+                raise KVTransferError(f"kv-transfer bench: the {self.role} worker did not answer {what} within "
                                       f"{_CALL_TIMEOUT:g}s")
-        status, value = self.conn.recv()
+        try:
+            status, value = self.conn.recv()
+        except (EOFError, OSError):  # poll() also returns at once for a pipe whose other end is gone
+            raise self._exited(what) from None
         if status != "ok":
-            raise KVTransferError(f"kv-transfer bench: {what} failed in the worker:\n{value}")
+            raise KVTransferError(f"kv-transfer bench: {self.role} {what} failed in the worker: {value}")
         return value
 
     def __call__(self, cmd: str, *args: Any) -> Any:
-        self.conn.send((cmd, args))
+        try:
+            self.conn.send((cmd, args))
+        except OSError:
+            raise self._exited(cmd) from None
         return self._answer(cmd)
 
     def close(self) -> None:
@@ -261,6 +324,22 @@ class _Side:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
+
+
+def _dead_side_named(exc: KVTransferError, sides: tuple[_Side | None, ...]) -> KVTransferError:
+    """A command that failed because the other side's worker died (a decode load from a killed prefill ends in
+    NIXL_ERR_REMOTE_DISCONNECT) says first which worker died."""
+    if isinstance(exc, _WorkerExited):
+        return exc
+    for side in sides:  # a killed worker's connections close a moment before it can be reaped
+        if side is not None:
+            side.proc.join(0.5)
+    dead = [side for side in sides if side is not None and not side.proc.is_alive()]
+    if not dead:
+        return exc
+    return KVTransferError(f"kv-transfer bench: the {dead[0].role} worker exited "
+                           f"({_exit_text(dead[0].proc.exitcode)}) during the run; then "
+                           + exc.message.removeprefix("kv-transfer bench: "), hint=exc.hint)
 
 
 def _devices(device: str, decode_device: str | None) -> tuple[str, str]:
@@ -387,6 +466,8 @@ def run_kv_transfer_bench(
                 })
                 logger.info("kv-transfer %s %s %d tokens: %.2f GB/s (raw copy %.1f GB/s)", connector, mode, n,
                             rows[-1]["gbps"], copies["raw"])
+    except KVTransferError as exc:
+        raise _dead_side_named(exc, (prefill, decode)) from None
     finally:
         if decode is not None:
             decode.close()

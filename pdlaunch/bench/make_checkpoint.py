@@ -14,14 +14,18 @@ FP8-Dynamic one (weight_scale per output channel).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import JsonValue
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from pdlaunch.config.rules.host import make_output_dir
@@ -184,6 +188,7 @@ def plan_shards(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int,
 
 
 FP8_FORMATS = ("block", "channel")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # what write_tokenizer writes
 _SEED_LIMIT = 2**43
 _LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3")
 
@@ -300,10 +305,73 @@ def make_shaped_checkpoint(
         raise PdlaunchError("num_attention_heads must be a multiple of num_key_value_heads", field="overrides")
     cfg |= {"torch_dtype": str(dtype).removeprefix("torch."), "bos_token_id": BOS_TOKEN_ID,
             "eos_token_id": EOS_TOKEN_ID}
-    make_output_dir(out, "OUT_DIR")
-
     itemsize = torch.empty((), dtype=dtype).element_size()
+    _check_free_space(out, _checkpoint_bytes(cfg, itemsize, fp8))
+    existed = out.exists()
+    make_output_dir(out, "OUT_DIR")
     shards = plan_shards(tensor_shapes(cfg), itemsize, max_shard_bytes)
+    written: list[Path] = []
+    try:
+        _write_checkpoint(out, cfg, shards, dtype, seed, device, fp8, progress, written)
+    except BaseException as exc:
+        # a folder of some shards and no config.json is no checkpoint, and a rerun would call it "not empty"
+        _remove(written, out if not existed else None)
+        if isinstance(exc, KeyboardInterrupt) and progress:
+            print(f"interrupted: the files written so far were removed from {out}", file=sys.stderr)
+        if isinstance(exc, OSError | SafetensorError):  # the disk filled up, or the folder went away
+            raise PdlaunchError(f"cannot write the checkpoint into {out}: {_write_failure(exc)}", field="OUT_DIR",
+                                hint="the files written so far were removed; free space there or give another "
+                                "folder") from None
+        raise
+    return out
+
+
+def _weight_bytes(shapes: list[tuple[str, tuple[int, ...]]], itemsize: int, fp8: str | None) -> int:
+    """FP8 linear weights count one byte each and their scales none: a lower bound of the bytes written."""
+    return sum(math.prod(shape) * (1 if fp8 is not None and name.removesuffix(".weight").rsplit(".", 1)[-1]
+                                   in _LINEARS else itemsize) for name, shape in shapes)
+
+
+def _checkpoint_bytes(cfg: HFConfigJson, itemsize: int, fp8: str | None) -> int:
+    """The weights' bytes from a one- and a two-layer model (every layer of a SHAPES model is alike): listing
+    the tensors of a --num-layers typed with a few zeros too many would take longer than refusing it."""
+    one, two = (_weight_bytes(tensor_shapes({**cfg, "num_hidden_layers": n}), itemsize, fp8) for n in (1, 2))
+    return one + (cfg["num_hidden_layers"] - 1) * (two - one)
+
+
+def _check_free_space(out: Path, needed: int) -> None:
+    """Refuse before the first shard a checkpoint the disk cannot hold, rather than fill the disk and fail on the
+    last shard. With --overwrite the weights already in `out` count as free: they are replaced."""
+    there = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(there).free
+    if out.is_dir():
+        free += sum(f.stat().st_size for f in out.glob("*.safetensors") if f.is_file())
+    if needed > free:
+        raise PdlaunchError(f"the checkpoint takes {needed / 2**30:,.1f} GiB but the disk holding {out} has "
+                            f"{free / 2**30:,.1f} GiB free", field="OUT_DIR",
+                            hint="free space there, give a folder on another disk, or fewer --num-layers")
+
+
+def _remove(files: list[Path], folder: Path | None) -> None:
+    """Each of `files`, then `folder` once it is empty; what cannot be removed (the folder went away) stays."""
+    with contextlib.suppress(OSError):
+        for path in files:
+            path.unlink(missing_ok=True)
+        if folder is not None and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _write_failure(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc).removeprefix("Error while serializing: ")  # safetensors' wording of an I/O error
+
+
+def _write_checkpoint(out: Path, cfg: HFConfigJson, shards: list[list[tuple[str, tuple[int, ...]]]],
+                      dtype: torch.dtype, seed: int, device: str, fp8: str | None, progress: bool,
+                      written: list[Path]) -> None:
+    """The shards, then the index, config and tokenizer files; every path goes into `written` before it is
+    opened, so that a failure partway can remove each one."""
     weight_map: dict[str, str] = {}
     total = 0
     for k, shard in enumerate(shards, start=1):
@@ -311,6 +379,7 @@ def make_shaped_checkpoint(
         std = cfg["initializer_range"]
         tensors = {key: t for name, shape in shard
                    for key, t in _random_tensors(name, shape, dtype, seed, std, device, fp8).items()}
+        written.append(out / fname)
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update(dict.fromkeys(tensors, fname))
@@ -319,10 +388,11 @@ def make_shaped_checkpoint(
             print(f"wrote {fname} ({k}/{len(shards)})", flush=True)
 
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if fp8 is not None:
         cfg["quantization_config"] = fp8_quant_config(fp8)
+    written += [out / name for name in ("model.safetensors.index.json", "config.json", "generation_config.json",
+                                        *TOKENIZER_FILES)]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(), indent=2) + "\n")
     write_tokenizer(out, cfg["vocab_size"], cfg["max_position_embeddings"])
-    return out

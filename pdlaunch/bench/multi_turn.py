@@ -23,6 +23,7 @@ Both are None for a server that does not export them (vLLM). Nothing else may us
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -91,8 +92,12 @@ class _Answer:
         ids, text, delta = choice.get("token_ids"), choice.get("text"), choice.get("delta")
         if isinstance(delta, Mapping):
             text = delta.get("content")
-        if isinstance(ids, list):
-            self.ids.extend(int(i) for i in ids if isinstance(i, int))
+        if ids is not None:
+            # The next turn resends these as the server's own tokens: an id dropped or made up here would make
+            # every later prompt of the conversation diverge from what the server has cached.
+            if not (isinstance(ids, list) and all(type(i) is int and i >= 0 for i in ids)):
+                raise ValueError(f"the answer's token_ids {json.dumps(ids)[:80]} are not token ids (integers >= 0)")
+            self.ids.extend(ids)
         if isinstance(text, str):
             self.text.append(text)
 

@@ -46,7 +46,9 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
 def kubernetes(
     config: Path | None,
     overrides: Overrides,
-    out: Annotated[Path, typer.Option("--out", help="Directory the manifests are written to.")],
+    # A str, not a Path: typer turns "" into Path("."), and `--out "$DIR"` with DIR unset would write the
+    # Secret's file into the current directory.
+    out: Annotated[str, typer.Option("--out", metavar="PATH", help="Directory the manifests are written to.")],
     image: Annotated[str, typer.Option("--image", help="Container image with pdlaunch installed (and the model, "
                                                        "or a volume at model.path).")],
     name: Annotated[str, typer.Option("--name", help="Prefix of every object's name.")] = "pdlaunch",
@@ -64,12 +66,15 @@ def kubernetes(
     console = Console(stderr=True)
     try:
         flag_problems = option_problems(image, name, namespace)
+        if not out.strip():
+            flag_problems.append(("--out", f"{out!r} names no directory; give the directory to write the "
+                                  "manifests to, e.g. --out manifests/"))
         if flag_problems:
             raise ConfigError(flag_problems)
         cfg = cluster_config(config, overrides, gpus_per_node)
         try:
             options = RenderOptions(image=image, name=name, namespace=namespace, gpus_per_node=gpus_per_node)
-            written = write_manifests(render_kubernetes(cfg, options), out)
+            written = write_manifests(render_kubernetes(cfg, options), Path(out))
         except ValidationError as exc:  # a name Kubernetes refuses (the LeaderWorkerSet model checks it)
             raise PdlaunchError(f"--name {name!r} makes invalid object names: {exc.errors()[0]['msg']}",
                                 field="--name", hint="use lowercase letters, digits and '-', starting "
@@ -80,6 +85,6 @@ def kubernetes(
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))
-    shown = escape(str(out))
+    shown = escape(out)
     console.print(f"{len(written)} manifests in {shown}: `kubectl apply -f {shown}` (needs the LeaderWorkerSet "
                   "controller, https://lws.sigs.k8s.io)", highlight=False, soft_wrap=True)
