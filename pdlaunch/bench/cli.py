@@ -148,8 +148,8 @@ def serve(
 
 @bench_app.command("make-checkpoint")
 def make_checkpoint(
-    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Folder to write the checkpoint into.",
-                                            show_default=False)],
+    out_dir: Annotated[str, typer.Argument(metavar="OUT_DIR", help="Folder to write the checkpoint into.",
+                                           show_default=False)],
     shape: Annotated[
         str, typer.Option("--shape", help="llama3-8b | qwen3-30b-a3b (128 experts, top-8) | mixtral-8x7b "
                           "(8 experts, top-2).")
@@ -168,12 +168,15 @@ def make_checkpoint(
     """Write a random-weight checkpoint of a real model's shape (shard by shard) for benchmarks."""
     from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint, parse_dtype
 
-    if not (max_shard_gib > 0 and math.isfinite(max_shard_gib)):
+    if not (max_shard_gib > 0 and math.isfinite(max_shard_gib * 2**30)):
         raise _fail([f"--max-shard-gib: {max_shard_gib:g} is not a positive size in GiB (e.g. 4; a tensor larger "
                      "than it gets a shard of its own)"])
+    if not out_dir.strip():  # typer would make "" the current folder: an unset $DIR wrote the shards here
+        raise _fail(["OUT_DIR: is empty (an unset variable?); give the folder to write the checkpoint into, "
+                     "e.g. /data/llama3-8b-random"])
     try:
         path = make_shaped_checkpoint(
-            out_dir, shape=shape, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
+            Path(out_dir), shape=shape, num_layers=num_layers, dtype=parse_dtype(dtype), seed=seed,
             max_shard_bytes=int(max_shard_gib * 2**30), overwrite=overwrite, progress=True, device=device, fp8=fp8,
         )
     except PdlaunchError as exc:

@@ -94,3 +94,18 @@ def test_a_checkpoint_larger_than_the_disk_is_refused_before_any_file(tmp_path: 
     flat = " ".join(result.output.split())
     assert "error: OUT_DIR: the checkpoint takes 40,628.5 GiB" in flat and f"the disk holding {out} has" in flat, flat
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["", "--overwrite"], "error: OUT_DIR: is empty (an unset variable?)"),
+    (["ckpt", "--max-shard-gib", "1e300"], "error: --max-shard-gib: 1e+300 is not a positive size in GiB"),
+])
+def test_an_empty_out_dir_or_an_endless_shard_size_is_one_error_line(args: list[str], message: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make-checkpoint ""` (an unset $DIR) became the current folder, which --overwrite then filled with shards;
+    --max-shard-gib 1e300 overflowed into a traceback."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(bench_app, ["make-checkpoint", *args], env={"COLUMNS": "1000"}, terminal_width=1000)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output, result.output
+    assert list(tmp_path.iterdir()) == []
