@@ -147,11 +147,15 @@ def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, t
             raise
         hint = exc.hint.replace("max_tokens", "--max-tokens") if exc.hint else None
         raise PdlaunchError(exc.message, field=flag, hint=hint) from None
-    if json_output:
+    try:
+        if json_output:
+            for out in outputs:
+                typer.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids}))
+            return
+        table = Table("prompt", "completion", "tokens", "finish", title=f"pdlaunch generate ({model})")
         for out in outputs:
-            typer.echo(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids}))
-        return
-    table = Table("prompt", "completion", "tokens", "finish", title=f"pdlaunch generate ({model})")
-    for out in outputs:
-        table.add_row(out.prompt or "", out.text, str(len(out.token_ids)), out.finish_reason or "")
-    Console().print(table)
+            table.add_row(out.prompt or "", out.text, str(len(out.token_ids)), out.finish_reason or "")
+        Console().print(table)
+    except OSError as exc:  # a full disk or a closed pipe behind stdout: the generation itself went fine
+        raise PdlaunchError(f"cannot write the generated text to standard output: {exc.strerror or exc}",
+                            field="stdout", hint="redirect it (`> FILE`) to a file you can write") from None

@@ -23,7 +23,10 @@ def test_an_empty_model_is_refused_not_the_demo(args: list[str], field: str) -> 
     assert "pdlaunch generate (demo)" not in result.output
 
 
-@pytest.mark.parametrize("args", [["--version"], ["config", "schema"], ["config", "example"]])
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+@pytest.mark.parametrize("args", [["--version"], ["config", "schema"], ["config", "example"],
+                                  ["generate", "tiny", "--device", "cpu", "--max-tokens", "2", "--json"],
+                                  ["generate", "tiny", "--device", "cpu", "--max-tokens", "2"]])
 def test_output_into_a_full_stdout_is_one_error_line(args: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "CI": "true"}
     with open(os.devnull, "rb") as stdin, open("/dev/full", "w") as full:
