@@ -396,7 +396,7 @@ def run_kv_transfer_bench(
     `kv_cache_dtype`: auto (= dtype) or fp8 (e4m3 blocks: half of bf16's bytes).
     """
     if concurrency < 1:
-        raise KVTransferError(f"--concurrency {concurrency} is below 1", field="--concurrency",
+        raise KVTransferError(f"{concurrency} is below 1", field="--concurrency",
                               hint="pass 1 for one transfer at a time, or the number of requests in flight")
     for flag, value in (("--num-layers", num_layers), ("--num-kv-heads", num_kv_heads), ("--head-dim", head_dim),
                         ("--iterations", iterations)):
