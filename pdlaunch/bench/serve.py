@@ -114,7 +114,8 @@ class ServeBenchConfig(BaseModel):
     def _check(self) -> ServeBenchConfig:
         parse_goodput(self.goodput)
         if self.is_chat and self.prompt_format == "ids":
-            raise ValueError("token-id prompts need a completions endpoint; use --prompt-format words for chat")
+            raise ValueError("--prompt-format: ids (token-id prompts) need a completions --endpoint, and this one is "
+                             "chat; use --prompt-format words for chat")
         # Flags of one mode that the other does not read: refused rather than ignored.
         other_mode = _INDEPENDENT_ONLY if self.multi_turn else _MULTI_TURN_ONLY
         defaults = type(self).model_fields

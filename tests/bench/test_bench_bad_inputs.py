@@ -57,6 +57,9 @@ def test_serve_malformed_base_url(url: str) -> None:
     (["--goodput", "ttft:nan"], "--goodput"),
     (["--goodput", "ttft:100", "--goodput", "ttft:200"], "--goodput"),
     (["--result-filename", ""], "--result-filename"),
+    # token-id prompts to a chat endpoint, alone or in multi-turn mode: the flag first, not a sentence about it
+    (["--endpoint", "/v1/chat/completions", "--prompt-format", "ids"], "--prompt-format: ids"),
+    (["--multi-turn", "--endpoint", "/v1/chat/completions", "--prompt-format", "ids"], "--prompt-format: ids"),
 ])
 def test_serve_bad_numbers_and_lists(args: list[str], flag: str) -> None:
     _assert_refused(_invoke("serve", "--base-url", _closed_url(), *args), flag)
