@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,33 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0, pol
         assert time.monotonic() < deadline, f"gave up after {timeout:.0f}s waiting for {what}"
         time.sleep(poll)
 
+
+
+def follow_decode_feed(url: str, until: Callable[[Any], bool], stop: threading.Event, polls: int = 600) -> set[Any]:
+    """Follow the KV events of the one decode instance ("decode-0") at `url` with the proxy's feed until
+    `until(its cached blocks)` holds, polling every 0.05 s at most `polls` times; then its cached hashes. `stop`
+    is set once the feed stopped (it ends a scripted instance's held streams)."""
+    import httpx
+
+    from pdlaunch.proxy.instances import Instance
+    from pdlaunch.proxy.kv_events import KvEventFeed
+
+    feed = KvEventFeed([Instance("decode", url, "decode-0", state="ready")], {})
+
+    async def follow() -> set[Any]:
+        async with httpx.AsyncClient() as client:
+            feed.start(client)
+            try:
+                for _ in range(polls):
+                    if until(feed.cached["decode-0"]):
+                        break
+                    await asyncio.sleep(0.05)
+                return set(feed.cached["decode-0"].hashes)
+            finally:
+                await feed.stop()
+                stop.set()
+
+    return asyncio.run(follow())
 
 class ThreadServer:
     """Serve an ASGI app on 127.0.0.1:port from a daemon thread (lifespan included)."""

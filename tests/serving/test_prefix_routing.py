@@ -37,7 +37,7 @@ from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.kv_events import CachedBlocks, KvEventFeed
 from pdlaunch.proxy.prefix import PrefixRouter, PromptBlocks
 from pdlaunch.proxy.state import ProxyState
-from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.helpers import ThreadServer, follow_decode_feed, wait_for
 
 BLOCK = 4
 SECRET = "prefix-routing-test-secret-0123"
@@ -221,23 +221,9 @@ def test_bad_lines_gaps_and_ended_streams_reopen_the_stream_and_never_crash() ->
     fake = FakeInstance("decode", "e", scripts)
     ports = PortAllocator("127.0.0.1")
     with ThreadServer(fake.app, ports.free("fake")) as server:
-        instance = Instance("decode", server.url, "decode-0", state="ready")
-        feed = KvEventFeed([instance], {})
-
-        async def follow() -> set[str]:
-            async with httpx.AsyncClient() as client:
-                feed.start(client)
-                try:
-                    for _ in range(600):  # 5 streams, re-opened after 0.5 + 1 + 2 + 4 s of backoff at most
-                        if fake.connections >= 5 and feed.cached["decode-0"].seq == 1:
-                            break
-                        await asyncio.sleep(0.05)
-                    return set(feed.cached["decode-0"].hashes)
-                finally:
-                    await feed.stop()
-                    fake.stop.set()
-
-        assert asyncio.run(follow()) == set(H[1:5])
+        # 5 streams, re-opened after 0.5 + 1 + 2 + 4 s of backoff at most
+        hashes = follow_decode_feed(server.url, lambda cached: fake.connections >= 5 and cached.seq == 1, fake.stop)
+        assert hashes == set(H[1:5])
     assert fake.connections == 5
 
 

@@ -9,7 +9,6 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
@@ -17,9 +16,8 @@ from fastapi.responses import StreamingResponse
 import pdlaunch.proxy.kv_events as feed_module
 from pdlaunch.kvcache.events import KvSnapshot, prompt_block_hashes
 from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.proxy.instances import Instance
-from pdlaunch.proxy.kv_events import KvEventFeed, LineTooLong, ndjson_lines
-from tests.serving.helpers import ThreadServer
+from pdlaunch.proxy.kv_events import LineTooLong, ndjson_lines
+from tests.serving.helpers import ThreadServer, follow_decode_feed
 
 LIMIT = 64 << 10
 HASHES = prompt_block_hashes(list(range(64)), 4)
@@ -58,23 +56,9 @@ def test_a_line_without_end_drops_the_stream_and_it_is_reopened(monkeypatch: pyt
     monkeypatch.setattr(feed_module, "MAX_LINE_BYTES", LIMIT)
     fake = EndlessLine()
     with ThreadServer(fake.app, PortAllocator("127.0.0.1").free("fake")) as server:
-        instance = Instance("decode", server.url, "decode-0", state="ready")
-        feed = KvEventFeed([instance], {})
-
-        async def follow() -> set[str]:
-            async with httpx.AsyncClient() as client:
-                feed.start(client)
-                try:
-                    for _ in range(600):  # the second stream's snapshot, after 0.5 s of backoff (30 s at most)
-                        if feed.cached["decode-0"].hashes == set(HASHES[:5]):
-                            break
-                        await asyncio.sleep(0.05)
-                    return set(feed.cached["decode-0"].hashes)
-                finally:
-                    await feed.stop()
-                    fake.stop.set()
-
-        assert asyncio.run(follow()) == set(HASHES[:5])
+        # the second stream's snapshot, after 0.5 s of backoff (30 s at most)
+        hashes = follow_decode_feed(server.url, lambda cached: cached.hashes == set(HASHES[:5]), fake.stop)
+        assert hashes == set(HASHES[:5])
     assert fake.connections == 2
 
 
