@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -219,19 +219,26 @@ class CpuGpuTransfer:
                                           None if exc is None else f"{type(exc).__name__}: {exc}"))
         return results
 
-    def order_before_compute(self, timeout: float = 60.0) -> None:
-        """Make the next compute on this device wait for every job submitted so far."""
-        with self._lock:
-            jobs = list(self._jobs.values())
+    def _issued(self, jobs: list[_Job], timeout: float, what: str) -> Iterator[_Job]:
+        """Yield each of `jobs` once its copies are issued (on CPU: done), skipping one that failed to
+        issue (get_finished reports it). One deadline for all; EngineError naming `what` past it."""
         deadline = time.monotonic() + timeout
         for j in jobs:
             try:
                 j.issued.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError as exc:
-                raise EngineError(f"KV offload job {j.job_id} was not issued within {timeout:.0f}s",
-                                  field="offload", hint="the transfer thread is stuck; see the log") from exc
+                raise EngineError(f"KV offload job {j.job_id} was not issued within {timeout:.0f}s "
+                                  f"(waiting {what})", field="offload",
+                                  hint="the transfer thread is stuck; see the log") from exc
             except Exception:  # noqa: BLE001 - a failed job is reported by get_finished
                 continue
+            yield j
+
+    def order_before_compute(self, timeout: float = 60.0) -> None:
+        """Make the next compute on this device wait for every job submitted so far."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for j in self._issued(jobs, timeout, "to order the next compute after it"):
             if j.events is not None:
                 torch.cuda.current_stream(self.gpu_caches[0].device).wait_event(j.events.done)
 
@@ -240,15 +247,8 @@ class CpuGpuTransfer:
         then reported by get_finished."""
         with self._lock:
             jobs = [self._jobs[j] for j in job_ids if j in self._jobs]
-        deadline = time.monotonic() + timeout
-        for j in jobs:
-            try:
-                j.issued.result(timeout=max(0.0, deadline - time.monotonic()))
-            except TimeoutError as exc:
-                raise EngineError(f"KV offload job {j.job_id} was not issued within {timeout:.0f}s",
-                                  field="offload", hint="the transfer thread is stuck; see the log") from exc
-            except Exception:  # noqa: BLE001 - a failed job is reported by get_finished
-                continue
+        for _ in self._issued(jobs, timeout, "for a store that a prefix hit reads"):
+            pass
 
     def wait_all(self, timeout: float = 60.0) -> None:
         """Block the host until every submitted job has completed (tests, shutdown, sleep)."""

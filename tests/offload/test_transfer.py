@@ -4,6 +4,7 @@ round trips. The same tests run on CUDA (marked gpu) with pinned CPU caches and 
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -161,3 +162,25 @@ def test_bad_specs_are_rejected() -> None:
 def test_block_runs_coalesce() -> None:
     assert block_runs([3, 4, 5, 9, 10], [0, 1, 2, 7, 6]) == [(3, 0, 3), (9, 7, 1), (10, 6, 1)]
     assert block_runs([], []) == []
+
+
+@pytest.mark.parametrize("wait", ["order_before_compute", "wait_issued"])
+def test_a_stuck_transfer_thread_times_out_naming_the_wait(wait: str) -> None:
+    """Both waits on issued jobs share one deadline and say which job and what they waited for."""
+    gpu = _caches(4, [1], "cpu", fill=True)
+    cpu = _caches(4, [1], "cpu", fill=False)
+    transfer = CpuGpuTransfer(gpu, cpu)
+    stuck = threading.Event()
+    try:
+        transfer._pool.submit(stuck.wait, 60)  # the one worker is busy: job 5 cannot be issued
+        assert transfer.transfer_async(5, (GPULoadStoreSpec((1,), (1,), (0,)), CPULoadStoreSpec((2,))))
+        calls = {"order_before_compute": (lambda: transfer.order_before_compute(0.05), "to order the next compute"),
+                 "wait_issued": (lambda: transfer.wait_issued([5], 0.05), "for a store that a prefix hit reads")}
+        call, what = calls[wait]
+        with pytest.raises(EngineError, match=f"job 5 was not issued within 0s \\(waiting {what}"):
+            call()
+        stuck.set()
+        _finish(transfer, {5})
+    finally:
+        stuck.set()
+        transfer.shutdown()
