@@ -59,6 +59,11 @@ def is_sleep_mode_available() -> bool:
     return is_cumem_allocator_available()
 
 
+def host_memory_bytes() -> int:
+    """Physical RAM of this host, bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def expandable_segments_enabled() -> bool:
     """True when PYTORCH_CUDA_ALLOC_CONF turns on expandable_segments (it breaks RDMA registration, vLLM #33540)."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")

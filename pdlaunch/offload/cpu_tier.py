@@ -19,6 +19,9 @@ import torch
 
 from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_manager import BlockIntegrityError
+from pdlaunch.memory.host_devices import host_memory_bytes
+
+_SIZE_HINT = "lower --kv-offload-gb to what the host can spare next to the model, or 0 to turn offload off"
 
 
 @dataclass
@@ -38,10 +41,25 @@ class CPUTier:
             raise EngineError(f"the CPU offload tier would hold {num_blocks} blocks", field="cache.kv_offload_gb",
                               hint="raise --kv-offload-gb to at least one KV block, or 0 to turn offload off")
         self.num_blocks = num_blocks
-        self.caches = [torch.zeros(num_blocks, *shape, dtype=dtype, pin_memory=pin_memory) for shape in block_shapes]
+        self.caches = self._allocate(num_blocks, block_shapes, dtype, pin_memory)
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.entries: OrderedDict[int, CPUBlock] = OrderedDict()  # block hash -> block, LRU first
         self.num_evicted = 0
+
+    @classmethod
+    def _allocate(cls, num_blocks: int, block_shapes: Sequence[Sequence[int]], dtype: torch.dtype,
+                  pin_memory: bool) -> list[torch.Tensor]:
+        """One zeroed region per group. Refused before allocating when it exceeds the host's RAM: zeroing
+        it would get the process killed for memory rather than fail."""
+        need, ram = num_blocks * cls.bytes_per_block(block_shapes, dtype), host_memory_bytes()
+        if need > ram:
+            raise EngineError(f"the CPU offload tier needs {need / 2**30:.1f} GiB but this host has "
+                              f"{ram / 2**30:.1f} GiB of RAM", field="cache.kv_offload_gb", hint=_SIZE_HINT)
+        try:
+            return [torch.zeros(num_blocks, *shape, dtype=dtype, pin_memory=pin_memory) for shape in block_shapes]
+        except RuntimeError as exc:  # torch.OutOfMemoryError too (pinned memory)
+            raise EngineError(f"the CPU offload tier of {need / 2**30:.1f} GiB{' pinned' if pin_memory else ''} "
+                              f"could not be allocated: {exc}", field="cache.kv_offload_gb", hint=_SIZE_HINT) from exc
 
     @staticmethod
     def bytes_per_block(block_shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> int:
