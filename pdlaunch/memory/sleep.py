@@ -88,6 +88,7 @@ class MemorySleep:
         self._busy = threading.Lock()
         self._level: int | None = None
         self._weights_need_reload = False
+        self._unfinished: set[str] = set()  # woken tags whose reload or after-wake hooks have not succeeded
         self._before_sleep: list[Callable[[int], None]] = []
         self._after_wake: list[Callable[[tuple[str, ...]], None]] = []
 
@@ -121,7 +122,11 @@ class MemorySleep:
             start = time.perf_counter()
             for hook in self._before_sleep:
                 hook(level)
-            freed = self._backend.sleep(LEVEL_OFFLOAD_TAGS[level])
+            try:
+                freed = self._backend.sleep(LEVEL_OFFLOAD_TAGS[level])
+            except BaseException:
+                self._undo_sleep(level)
+                raise
             self._level = level
             self._weights_need_reload = level == 2
             result = SleepResult(level=level, freed_bytes=freed, seconds=time.perf_counter() - start)
@@ -133,23 +138,41 @@ class MemorySleep:
         wanted = parse_tags(tags, self._tags)
         with self._exclusive("wake_up"):
             start = time.perf_counter()
-            asleep = self._backend.asleep_tags()
-            waking = tuple(sorted(asleep) if wanted is None else (t for t in wanted if t in asleep))
-            restored = self._backend.wake_up(None if wanted is None else list(waking)) if waking else 0
-            if "weights" in waking and self._weights_need_reload and self._reload_weights is not None:
-                self._reload_weights()  # level 2: the weights' memory came back uninitialised
-                self._weights_need_reload = False
-            if waking:
-                for hook in self._after_wake:
-                    hook(waking)
-            if self._level is not None and not self._backend.asleep_tags():
-                self._level = None
+            waking, restored = self._wake(wanted)
             sleeping = self.is_sleeping()
             result = WakeResult(tags=list(waking), restored_bytes=restored,
                                 seconds=time.perf_counter() - start, is_sleeping=sleeping)
         logger.info("woke %s in %.3f s (still asleep: %s)", list(waking) or "nothing", result.seconds,
                     sorted(self._backend.asleep_tags()) or "none")
         return result
+
+    def _wake(self, wanted: tuple[str, ...] | None) -> tuple[tuple[str, ...], int]:
+        """Give `wanted` (None: all) memory, reload the weights after level 2, run the after-wake hooks.
+        A tag stays unfinished until all of that succeeded: a wake_up after a failure redoes it."""
+        pending = self._backend.asleep_tags() | self._unfinished
+        waking = tuple(sorted(pending) if wanted is None else (t for t in wanted if t in pending))
+        self._unfinished.update(waking)
+        restored = self._backend.wake_up(None if wanted is None else list(waking)) if waking else 0
+        if "weights" in waking and self._weights_need_reload and self._reload_weights is not None:
+            self._reload_weights()  # level 2: the weights' memory came back uninitialised
+            self._weights_need_reload = False
+        if waking:
+            for hook in self._after_wake:
+                hook(waking)
+        self._unfinished.difference_update(waking)
+        if self._level is not None and not self._backend.asleep_tags() and not self._unfinished:
+            self._level = None
+        return waking, restored
+
+    def _undo_sleep(self, level: int) -> None:
+        """The backend raised after the before-sleep hooks ran (an engine's connector has dropped its
+        staging buffer and KV registration): wake what it released and run the after-wake hooks on
+        every tag, leaving the instance awake and whole. Should that fail too, the instance counts as
+        asleep at `level` and a wake_up finishes it."""
+        self._level = level
+        self._weights_need_reload = level == 2 and "weights" in self._backend.asleep_tags()
+        self._unfinished.update(self._tags)
+        self._wake(None)
 
     @contextlib.contextmanager
     def _exclusive(self, what: str) -> Iterator[None]:

@@ -1,0 +1,93 @@
+"""Sleep and wake calls that raise halfway leave a state the next call can finish from: memory
+released by a failed sleep comes back and the before-sleep hooks' work is redone; a wake whose reload,
+hook or allocation failed is redone by the next wake_up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdlaunch.memory.sleep import MemorySleep, TensorSleepBackend
+from tests.memory.test_sleep import Instance
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Instance:
+    return Instance(tmp_path)
+
+
+def test_level2_wake_whose_reload_failed_reloads_on_the_next_wake(instance: Instance) -> None:
+    before = instance.forward()
+    attempts: list[int] = []
+
+    def reload_fails_once() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("checkpoint unreadable")
+        instance.reload_weights()
+
+    controller = MemorySleep(instance.backend, reload_weights=reload_fails_once)
+    controller.sleep(level=2)
+    with pytest.raises(RuntimeError, match="checkpoint unreadable"):
+        controller.wake_up()
+    assert controller.is_sleeping()  # the weights' memory is back but holds no weights yet
+    result = controller.wake_up()
+    assert len(attempts) == 2 and "weights" in result.tags and not result.is_sleeping
+    assert torch.equal(instance.forward(), before)
+
+
+def test_wake_whose_after_wake_hook_failed_runs_it_again(instance: Instance) -> None:
+    calls: list[tuple[str, ...]] = []
+
+    def reregister_fails_once(tags: tuple[str, ...]) -> None:
+        calls.append(tags)
+        if len(calls) == 1:
+            raise RuntimeError("KV registration failed")
+
+    instance.controller.add_after_wake_hook(reregister_fails_once)
+    instance.controller.sleep(level=1)
+    with pytest.raises(RuntimeError, match="KV registration failed"):
+        instance.controller.wake_up()
+    assert instance.controller.is_sleeping()
+    result = instance.controller.wake_up()
+    assert calls == [("kv_cache", "weights"), ("kv_cache", "weights")]
+    assert result.tags == ["kv_cache", "weights"] and not instance.controller.is_sleeping()
+
+
+class FailingSleep:
+    """A backend whose sleep raises, before releasing anything or after releasing everything."""
+
+    def __init__(self, inner: TensorSleepBackend, after_release: bool) -> None:
+        self.inner = inner
+        self.after_release = after_release
+
+    def sleep(self, offload_tags: Sequence[str]) -> int:
+        if self.after_release:
+            self.inner.sleep(offload_tags)
+        raise RuntimeError("pinned host memory exhausted")
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> int:
+        return self.inner.wake_up(tags)
+
+    def asleep_tags(self) -> set[str]:
+        return self.inner.asleep_tags()
+
+
+@pytest.mark.parametrize("after_release", [False, True])
+def test_failed_sleep_wakes_what_it_released_and_redoes_the_hooks_work(instance: Instance, after_release: bool) -> None:
+    """The before-sleep hooks ran (an engine's connector dropped its staging buffer and KV registration):
+    the after-wake hooks run on every tag, so the instance is left awake and whole."""
+    before = instance.forward()
+    events: list[object] = []
+    controller = MemorySleep(FailingSleep(instance.backend, after_release), reload_weights=instance.reload_weights)
+    controller.add_before_sleep_hook(lambda level: events.append(("before", level)))
+    controller.add_after_wake_hook(lambda tags: events.append(("after", tags)))
+    with pytest.raises(RuntimeError, match="pinned host memory exhausted"):
+        controller.sleep(level=1)
+    assert events == [("before", 1), ("after", ("kv_cache", "weights"))]
+    assert not controller.is_sleeping() and instance.backend.asleep_tags() == set()
+    assert torch.equal(instance.forward(), before) and instance.reloads == 0
+
