@@ -233,12 +233,15 @@ class TensorSleepBackend:
     def wake_up(self, tags: Sequence[str] | None = None) -> int:
         restored = 0
         for tag in [t for t in self._tensors if t in self._asleep and (tags is None or t in tags)]:
-            for tensor, nbytes, backup in zip(self._tensors[tag], self._sizes[tag], self._backups.pop(tag)):
+            for tensor, nbytes, backup in zip(self._tensors[tag], self._sizes[tag], self._backups[tag]):
                 storage = tensor.untyped_storage()
+                if storage.nbytes() == nbytes:
+                    continue  # restored by an earlier call that failed on a later tensor
                 storage.resize_(nbytes)
                 if backup is not None:
                     storage.copy_(backup)
                 restored += nbytes
+            del self._backups[tag]  # only now: a retry after a failure above still needs them
             self._asleep.discard(tag)
         return restored
 

@@ -91,3 +91,27 @@ def test_failed_sleep_wakes_what_it_released_and_redoes_the_hooks_work(instance:
     assert not controller.is_sleeping() and instance.backend.asleep_tags() == set()
     assert torch.equal(instance.forward(), before) and instance.reloads == 0
 
+
+def test_wake_that_ran_out_of_memory_halfway_resumes(instance: Instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorSleepBackend: the second weight tensor's storage cannot be re-allocated; the next wake
+    restores the rest from the CPU copies kept at sleep."""
+    before = instance.forward()
+    instance.controller.sleep(level=1)
+    real_resize = torch.UntypedStorage.resize_
+    grown: list[int] = []
+
+    def out_of_memory_on_second_grow(storage: torch.UntypedStorage, nbytes: int) -> torch.UntypedStorage:
+        if nbytes:
+            grown.append(nbytes)
+            if len(grown) == 2:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_resize(storage, nbytes)
+
+    monkeypatch.setattr(torch.UntypedStorage, "resize_", out_of_memory_on_second_grow)
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        instance.controller.wake_up(["weights"])
+    assert instance.controller.is_sleeping() and "weights" in instance.backend.asleep_tags()
+    monkeypatch.undo()
+    result = instance.controller.wake_up(["weights"])
+    assert result.tags == ["weights"]
+    assert torch.equal(instance.forward(), before) and instance.reloads == 0
