@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.decode import context
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.pull import PullLoad
@@ -289,6 +290,27 @@ def test_a_draining_read_is_cancelled_at_the_drains_end_where_release_cancels_it
     assert table.poll_draining(load.drain_until - 1.0) == (set(), set())
     assert _drained_past_its_end(table, load) == {"r-1"}
     assert xfer.released and load.xfer is None
+
+
+def test_a_loader_read_past_its_deadline_holds_its_slots_until_it_ended(agent: _Agent,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context, "READ_END_WAIT_SECONDS", 0.05)
+    table, load = _table(agent, _Strategy())
+    load.deadline = time.monotonic() + 0.5
+    thread, errors = _in_a_loader_thread(
+        lambda: table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096]))
+    try:
+        assert agent.started.wait(WAIT_S)
+        thread.join(2.0)  # well past the deadline and READ_END_WAIT_SECONDS
+        assert thread.is_alive(), "read_chunk gave its slots back while its READ still writes them"
+        assert load.xfer is not None  # the table's drain sees the READ run
+        agent.finish.set()
+        thread.join(WAIT_S)
+        assert len(errors) == 1 and isinstance(errors[0], KVTransferError)
+        assert load.xfer is None
+    finally:
+        agent.finish.set()
+        thread.join(WAIT_S)
 
 
 class _ReleaseRecorder(_Strategy):
