@@ -110,6 +110,7 @@ class KVAgent:
     """One NIXL agent with the KV cache tensors of one engine (one TP rank) registered."""
 
     release_wait_seconds = 0.0  # XferHandle.release cancels a running transfer
+    release_cancels = True
 
     def __init__(self, name: str) -> None:
         api = _nixl()

@@ -30,7 +30,8 @@ Lifecycle contract (no block is written, read or held after the engine lets it g
     READ that could not be cancelled): the engine then keeps the blocks out of the free list
     ("draining") until `get_finished().safe_to_free` names the request. A failed load does the
     same by naming the request in `draining` next to `failed_recving`. The connector bounds this:
-    at most the transfer timeout plus a grace period after the load started.
+    at most the transfer timeout plus a grace period after the load started, or, for a READ the
+    transport cannot cancel (Mooncake), until that READ ended (its own transfer timeout bounds it).
   - Pull: decode claims a held request's blocks on the prefill side (side channel) as it posts its
     READ, and counts the READ only once the claim is answered; a claimed hold outlives its lease
     until decode's "read_done" / "release" notification or a hard cap (decode's transfer deadline

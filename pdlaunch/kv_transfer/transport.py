@@ -29,6 +29,9 @@ class TransferAgent(Protocol):
     # How long a running WRITE may still land after its sender released it: 0 where release() cancels it
     # (NIXL); a transport that cannot cancel waits this long for it before the sender says push_failed.
     release_wait_seconds: float
+    # Whether Xfer.release() stops a transfer that runs (NIXL). False (Mooncake): a running transfer goes on
+    # until it ends or the transport's own timeout stops it, so the memory it writes stays taken until then.
+    release_cancels: bool
 
     def register(self, kv_caches: list[torch.Tensor]) -> None: ...
 

@@ -87,7 +87,8 @@ def test_a_mooncake_push_drain_ends_after_the_senders_wait(mooncake_agent: Moonc
 
 
 def test_a_nixl_push_drain_ends_at_the_grace_after_the_deadline() -> None:
-    agent = SimpleNamespace(release_wait_seconds=KVAgent.release_wait_seconds)  # NIXL cancels at the deadline
+    agent = SimpleNamespace(release_wait_seconds=KVAgent.release_wait_seconds,  # NIXL cancels at the deadline
+                            release_cancels=KVAgent.release_cancels)
     table, load, strategy = _aborted_push(agent)
     assert table.poll_draining(load.deadline + DRAIN_GRACE_SECONDS) == (set(), set())
     assert table.poll_draining(load.deadline + DRAIN_GRACE_SECONDS + 0.5) == (set(), {"r-1"})

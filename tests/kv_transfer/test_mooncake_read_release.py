@@ -15,6 +15,7 @@ from typing import Any, cast
 import pytest
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.kv_transfer.decode import context
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.pull import PullLoad
@@ -30,6 +31,7 @@ class _Agent:
 
     name = "decode-agent"
     device_id = 0
+    release_cancels = False  # MooncakeAgent's: a running READ is not stopped by its release
 
     def __init__(self) -> None:
         self.pool = TransferPool(0, workers=1)
@@ -209,6 +211,7 @@ def _until_aborted(aborts: list[bool], thread: threading.Thread) -> None:
 
 def test_a_read_posted_after_its_drain_ran_out_is_released_by_its_loader(agent: _Agent,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent, "release_cancels", True)  # NIXL: releasing the READ cancels it
     table, load = _table(agent, _Strategy())
     released: list[MooncakeXfer] = []
     monkeypatch.setattr(MooncakeXfer, "release", lambda self: released.append(self))
@@ -224,3 +227,111 @@ def test_a_read_posted_after_its_drain_ran_out_is_released_by_its_loader(agent: 
         table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096])
     assert freed == [{"r-1"}]
     assert released == agent.posted and load.xfer is None  # no one else holds the READ: its loader released it
+
+
+def _drained_past_its_end(table: LoadTable, load: Load) -> set[str]:
+    """What poll_draining frees well after the drain's bound (drain_until) ran out."""
+    return table.poll_draining(load.drain_until + 60.0)[1]
+
+
+def test_a_draining_read_that_cannot_be_cancelled_keeps_its_blocks_past_the_drain(
+        agent: _Agent, caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _ReleaseRecorder()
+    table, load = _table(agent, strategy)
+    xfer = table.ctx.post_read(load, [(1 << 16, 4096)], [(1 << 20, 4096)], "prefill-agent", 0, b"")
+    assert agent.started.wait(WAIT_S)
+    assert table.abort("r-1") is True
+    with caplog.at_level("WARNING", logger="pdlaunch.kv_transfer.decode.table"):
+        assert _drained_past_its_end(table, load) == set(), "blocks freed while the READ still writes them"
+        assert _drained_past_its_end(table, load) == set()
+    held = [r.getMessage() for r in caplog.records if "stay held until the READ ends" in r.getMessage()]
+    assert len(held) == 1 and held[0].startswith("request r-1: its KV READ still runs")  # said once
+    assert load.xfer is xfer and strategy.released == []
+    agent.finish.set()
+    assert _freed(table) == {"r-1"}
+    assert xfer.state() == "DONE" and load.xfer is None and strategy.released == ["r-1"]
+
+
+def test_a_read_that_cannot_be_cancelled_keeps_the_blocks_of_its_timed_out_load(agent: _Agent) -> None:
+    table, load = _table(agent, _Strategy())
+    table.ctx.post_read(load, [(1 << 16, 4096)], [(1 << 20, 4096)], "prefill-agent", 0, b"")
+    assert agent.started.wait(WAIT_S)
+    finished, failed = table.poll(load.deadline + 1.0)  # the engine thread fails it at its deadline
+    assert finished == set() and "did not arrive" in failed["r-1"]
+    assert table.poll_draining(load.deadline + 1.0) == ({"r-1"}, set())
+    assert _drained_past_its_end(table, load) == set(), "blocks freed while the READ still writes them"
+    agent.finish.set()
+    assert _freed(table) == {"r-1"}
+
+
+def test_a_read_posted_after_its_drain_ran_out_keeps_the_blocks_when_it_cannot_be_cancelled(agent: _Agent) -> None:
+    table, load = _table(agent, _Strategy())
+    freed: list[set[str]] = []
+
+    def abort_and_poll_past_the_drain() -> None:
+        assert table.abort("r-1") is True
+        freed.append(_drained_past_its_end(table, load))
+
+    agent.during_post = abort_and_poll_past_the_drain
+    xfer = table.ctx.post_read(load, [(1 << 16, 4096)], [(1 << 20, 4096)], "prefill-agent", 0, b"")
+    assert freed == [set()], "blocks freed while the READ being posted may write them"
+    assert load.xfer is xfer  # listed on the load: the drain sees it run
+    assert _drained_past_its_end(table, load) == set()
+    agent.finish.set()
+    assert _freed(table) == {"r-1"}
+
+
+def test_a_draining_read_is_cancelled_at_the_drains_end_where_release_cancels_it(agent: _Agent) -> None:
+    agent.release_cancels = True  # NIXL: XferHandle.release cancels a running transfer
+    table, load = _table(agent, _Strategy())
+    xfer = _CancellableXfer()
+    load.xfer = xfer
+    assert table.abort("r-1") is True
+    assert table.poll_draining(load.drain_until - 1.0) == (set(), set())
+    assert _drained_past_its_end(table, load) == {"r-1"}
+    assert xfer.released and load.xfer is None
+
+
+def test_a_loader_read_past_its_deadline_holds_its_slots_until_it_ended(agent: _Agent,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(context, "READ_END_WAIT_SECONDS", 0.05)
+    table, load = _table(agent, _Strategy())
+    load.deadline = time.monotonic() + 0.5
+    thread, errors = _in_a_loader_thread(
+        lambda: table.ctx.read_chunk(load, cast(Any, REMOTE), load.remote, [[3]], [1 << 16], [[5]], [4096]))
+    try:
+        assert agent.started.wait(WAIT_S)
+        thread.join(2.0)  # well past the deadline and READ_END_WAIT_SECONDS
+        assert thread.is_alive(), "read_chunk gave its slots back while its READ still writes them"
+        assert load.xfer is not None  # the table's drain sees the READ run
+        agent.finish.set()
+        thread.join(WAIT_S)
+        assert len(errors) == 1 and isinstance(errors[0], KVTransferError)
+        assert load.xfer is None
+    finally:
+        agent.finish.set()
+        thread.join(WAIT_S)
+
+
+class _ReleaseRecorder(_Strategy):
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def release_prefill(self, load: Load) -> None:
+        self.released.append(load.request_id)
+
+
+class _CancellableXfer:
+    """A READ that runs until it is released (which cancels it, as NIXL's release does)."""
+
+    num_bytes = 4096
+    error: str | None = None
+
+    def __init__(self) -> None:
+        self.released = False
+
+    def state(self) -> str:
+        return "ERR" if self.released else "PROC"
+
+    def release(self) -> None:
+        self.released = True

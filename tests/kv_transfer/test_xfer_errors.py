@@ -45,5 +45,5 @@ def test_pull_load_fails_with_the_reason_when_its_read_raises() -> None:
     load.xfer = _xfer(_Agent())
     PullLoad(None, None).progress(load, now)  # type: ignore[arg-type]  # progress reads only the load
     assert load.state == LoadState.FAILED
-    assert load.error is not None and "NIXL READ of 4096 bytes failed" in load.error
+    assert load.error is not None and "READ of 4096 bytes failed" in load.error
     assert "NIXL_ERR_REMOTE_DISCONNECT" in load.error

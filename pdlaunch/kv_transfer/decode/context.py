@@ -228,12 +228,21 @@ class LoadContext:
         return xfer
 
     def _end_read(self, load: Load, xfer: Xfer) -> None:
-        """The loader stops polling its READ: wait while it still runs (Mooncake cannot stop a running
-        transfer; its slots go back to the caller after this), at most as long as the load's drain."""
+        """The loader stops polling its READ: wait while it still runs (its slots go back to the caller
+        after this), as long as the load's drain where releasing the READ cancels it (NIXL), else until it
+        ended (Mooncake: its own transfer timeout bounds the wait; until then the READ writes the slots,
+        and the load's blocks stay with the table's drain)."""
         until = max(time.monotonic(), load.deadline) + READ_END_WAIT_SECONDS
         while (state := xfer.state()) == "PROC" and time.monotonic() < until:
             time.sleep(0.001)
-        if state == "PROC":
+        if state == "PROC" and not self.agent.release_cancels:
+            logger.warning("request %s: a READ of %d bytes still runs %.0fs after its load's deadline or abort and "
+                           "this transport cannot cancel it; its staging slots and blocks stay held until it ends "
+                           "(at the latest at Mooncake's transfer timeout, MC_TRANSFER_TIMEOUT)", load.request_id,
+                           xfer.num_bytes, READ_END_WAIT_SECONDS)
+            while xfer.state() == "PROC":
+                time.sleep(0.01)
+        elif state == "PROC":
             logger.error("request %s: a READ of %d bytes still runs %.0fs after its load's deadline or abort",
                          load.request_id, xfer.num_bytes, READ_END_WAIT_SECONDS)
         with self.lock:

@@ -79,6 +79,7 @@ class Load:
     push_sent: bool = False  # a push request (WRITE into the local blocks) may have reached prefill
     write_ended: bool = False  # prefill said no WRITE of this load is in flight any more
     drain_until: float = 0.0  # draining: blocks may be freed after this even without word from prefill
+    held_past_drain: bool = False  # draining past drain_until: a READ that cannot be cancelled still runs
     reshard: ReshardPlan | None = None  # prefill has another TP size (decode/reshard_load.py)
     # Params without block ids (vLLM's push proxy): ask the prefill for them, then plan the pairs.
     plan: Callable[[RemoteKV], Pairs] | None = None

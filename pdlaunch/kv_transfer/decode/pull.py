@@ -63,7 +63,7 @@ class PullLoad(LoadStrategy):
             load.state = LoadState.OK  # (after the deadline the prefill hold's cap may have passed)
         elif xfer_state == "ERR":
             why = f": {load.xfer.error}" if load.xfer.error else ""
-            load.fail(f"NIXL READ of {load.xfer.num_bytes} bytes failed{why}")
+            load.fail(f"READ of {load.xfer.num_bytes} bytes failed{why}")
 
     def release_prefill(self, load: Load) -> None:
         self.ctx.release_prefill(load)

@@ -6,6 +6,11 @@ once prefill says nothing is in flight, the push_done/push_failed notification a
 ended, or DRAIN_GRACE_SECONDS after the deadline (prefill posts no WRITE after decode's deadline). A push
 over a transport that cannot cancel a running WRITE (Mooncake) drains up to the agent's
 release_wait_seconds longer: the prefill waits that long for its WRITE before it says push_failed.
+A READ of ours that the transport cannot cancel (Mooncake: `agent.release_cancels` is False) keeps the
+blocks past the drain's end until it ended: freed under it, they would be given to another request while
+the READ still writes them. Mooncake ends every transfer by its own timeout (MC_TRANSFER_TIMEOUT, 30 s by
+default), which bounds that wait; no cap of ours frees them earlier, since that would be the silent
+corruption this prevents. Over NIXL the drain's end releases the READ, which cancels it.
 """
 
 from __future__ import annotations
@@ -113,14 +118,8 @@ class LoadTable:
             loads = list(self._draining.values())
             new, self._new_draining = self._new_draining, set()
         for load in loads:
-            with self._lock:
-                busy = self._may_write(load)
-                if busy and now <= load.drain_until:
-                    continue
-                load.read_posting = False  # a READ whose post still runs: its loader releases it (post_read)
-            if busy:
-                logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
-                               "its blocks", load.request_id, now - load.deadline)
+            if not self._drain_over(load, now):
+                continue
             self._release(load)
             if load.strategy is not None:
                 load.strategy.release_prefill(load)
@@ -130,6 +129,37 @@ class LoadTable:
             self.ctx.chunks.forget(load.nonce)
             safe.add(load.request_id)
         return new, safe
+
+    def _drain_over(self, load: Load, now: float) -> bool:
+        """Whether the draining load's blocks may be freed now: no transfer can write them any more, or
+        its drain ran out and what may still write them is a push (the prefill stopped it by then) or a
+        READ that releasing cancels."""
+        with self._lock:
+            busy = self._may_write(load)
+            if busy and now <= load.drain_until:
+                return False
+            held = busy and self._runs_uncancellable(load)
+            first_hold = held and not load.held_past_drain
+            load.held_past_drain = load.held_past_drain or held
+            if not held:
+                load.read_posting = False  # a READ whose post still runs: its loader releases it (post_read)
+        if first_hold:
+            logger.warning("request %s: its KV READ still runs %.0fs after its deadline and this transport cannot "
+                           "cancel it; its blocks stay held until the READ ends (at the latest at Mooncake's "
+                           "transfer timeout, MC_TRANSFER_TIMEOUT)", load.request_id, now - load.deadline)
+        elif busy and not held:
+            logger.warning("request %s: no word that its KV transfer ended %.0fs after its deadline; freeing "
+                           "its blocks", load.request_id, now - load.deadline)
+        elif load.held_past_drain and not held:
+            logger.info("request %s: its KV READ ended %.0fs after its deadline; freeing its blocks",
+                        load.request_id, now - load.deadline)
+        return not held
+
+    def _runs_uncancellable(self, load: Load) -> bool:
+        """A READ into the load's blocks is being posted or runs, and releasing it would not stop it (lock held)."""
+        if self.ctx.agent.release_cancels:
+            return False
+        return load.read_posting or (load.xfer is not None and load.xfer.state() == "PROC")
 
     def _complete(self, load: Load, now: float) -> None:
         expected = load.remote.checksums if load.reshard is None else None  # resharded: checked per chunk

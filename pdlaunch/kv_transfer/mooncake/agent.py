@@ -47,6 +47,7 @@ class MooncakeAgent:
     """One TransferEngine with one engine's (one TP rank's) KV cache registered."""
 
     release_wait_seconds = RELEASE_WAIT_SECONDS  # MooncakeXfer.release waits for a running WRITE
+    release_cancels = False  # a running READ or WRITE ends only by itself or by Mooncake's transfer timeout
 
     def __init__(self, name: str, engine: MooncakeEngine, pool: TransferPool, secret: str) -> None:
         self.name = name

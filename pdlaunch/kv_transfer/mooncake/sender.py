@@ -72,8 +72,8 @@ class MooncakeXfer:
     def release(self) -> None:
         """Mooncake cannot cancel a transfer that runs: one not started is dropped. A running WRITE
         (prefill push sender thread) is waited for, at most RELEASE_WAIT_SECONDS, so that push_failed
-        means nothing more lands in the decode's blocks. A running READ is not: the decode's engine
-        thread releases it only after its drain bounded the wait (decode/table.py)."""
+        means nothing more lands in the decode's blocks. A running READ is not: the decode keeps the
+        memory it writes until it ended (MooncakeAgent.release_cancels; decode/table.py, decode/context.py)."""
         if self._future.cancel() or self._future.done() or not self._wait_on_release:
             return
         deadline = time.monotonic() + RELEASE_WAIT_SECONDS

@@ -98,9 +98,10 @@ class PushSender:
             posted = time.monotonic()
             state = wait_write(xfer, posted, deadline)
             if state != "DONE":
+                why = f"failed: {xfer.error}" if xfer.error else "failed"
                 raise KVTransferError(
                     f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
-                    + ("failed in NIXL" if state == "ERR" else "did not finish before decode's deadline"))
+                    + (why if state == "ERR" else "did not finish before decode's deadline"))
             self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posting, posted,
                                             time.monotonic()))
         except Exception as e:
