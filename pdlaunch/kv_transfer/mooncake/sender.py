@@ -14,8 +14,10 @@ current device while initialising); each pool thread binds that index once, in t
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from pdlaunch.errors import KVTransferError
@@ -23,10 +25,28 @@ from pdlaunch.memory import platform
 
 logger = logging.getLogger(__name__)
 
+MC_TRANSFER_TIMEOUT_DEFAULT_S = 30.0  # Mooncake's own transfer timeout when MC_TRANSFER_TIMEOUT is not set
+
+
+def release_wait_seconds(environ: Mapping[str, str]) -> float:
+    """How long release() waits for a running WRITE: past Mooncake's own transfer timeout
+    (MC_TRANSFER_TIMEOUT, seconds), which ends every transfer, with 15 s for the notification; at least 60 s.
+    A shorter wait would let the decode free blocks that a WRITE still lands in."""
+    raw = environ.get("MC_TRANSFER_TIMEOUT", "").strip()
+    try:
+        mooncake = float(raw) if raw else MC_TRANSFER_TIMEOUT_DEFAULT_S
+    except ValueError:
+        mooncake = MC_TRANSFER_TIMEOUT_DEFAULT_S
+    if not math.isfinite(mooncake) or mooncake <= 0:
+        mooncake = MC_TRANSFER_TIMEOUT_DEFAULT_S
+    return max(60.0, mooncake + 15.0)
+
+
 # Mooncake stops a transfer by its own timeout; release() waits this long for a running one to end
 # before giving up (its blocks then stay with whoever drains them). Decode drains a push this much
-# longer than over NIXL (MooncakeAgent.release_wait_seconds, decode/table.py).
-RELEASE_WAIT_SECONDS = 60.0
+# longer than over NIXL (MooncakeAgent.release_wait_seconds, decode/table.py). Both sides of a
+# deployment start with the launcher's environment, so they agree on it.
+RELEASE_WAIT_SECONDS = release_wait_seconds(os.environ)
 
 
 class TransferPool:
