@@ -9,6 +9,7 @@ what the rank cannot read from its own config (Setup). The messages are those of
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -199,3 +200,29 @@ def is_closed(conn: Connection) -> bool:
         return True
     finally:
         probe.detach()  # the fd stays owned by `conn`
+
+
+def peer_address(conn: Connection) -> str | None:
+    """"HOST:PORT" of the far end of `conn` when it is a TCP link (None for a local pipe)."""
+    probe = socket.socket(fileno=conn.fileno())
+    try:
+        if probe.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        host, port = probe.getpeername()[:2]
+        return f"[{host}]:{port}" if probe.family == socket.AF_INET6 else f"{host}:{port}"
+    except OSError:
+        return None
+    finally:
+        probe.detach()  # the fd stays owned by `conn`
+
+
+def link_timed_out(exc: BaseException, peer: str, address: str) -> EngineError | None:
+    """What ETIMEDOUT on the link to `peer` (at `address`, "HOST:PORT") means, or None for another error: the
+    kernel gave the link up after LINK_DEAD_AFTER_S of unanswered keepalive probes (or unacknowledged sends)."""
+    if not isinstance(exc, OSError) or exc.errno != errno.ETIMEDOUT:
+        return None
+    host = address.rsplit(":", 1)[0]
+    return EngineError(f"the link to {peer} at {address} stopped answering keepalive probes for {LINK_DEAD_AFTER_S}s "
+                       "(its host, or the network between the nodes, went away)", field="parallel.nodes",
+                       hint=f"check that {host} is up and that this node reaches it: a rebooted or powered-off "
+                       f"host, a network partition or a firewall; if it is up, its log says why {peer} stopped")
