@@ -114,7 +114,12 @@ class RankListener:
 
 def connect_to_rank0(store: dist.Store, rank: int, authkey: bytes) -> Connection:
     """A remote rank's side: find rank 0's listener in the store and say who we are."""
-    address = store.get(LISTENER_KEY).decode()
+    try:
+        address = store.get(LISTENER_KEY).decode()
+    except (RuntimeError, dist.DistError) as exc:  # the store's own wait timed out, or rank 0 (its host) went
+        raise EngineError(f"TP rank {rank} found no link of rank 0 in its rendezvous store: {exc}",
+                          field="parallel.nodes", hint="rank 0 failed before it listened for its ranks, or its "
+                          "store is gone: see rank 0's log on node 0") from exc
     host, port = address.rsplit(":", 1)
     try:
         conn = _dial(host, int(port), authkey)
