@@ -419,7 +419,11 @@ class TPExecutor:
                 log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
                             JOIN_TIMEOUT_S)
                 proc.kill()
-                proc.join()
+                proc.join(JOIN_TIMEOUT_S)
+                if proc.is_alive():  # SIGKILL waits for it to leave the kernel: it is stuck there
+                    log.error("TP rank %d (pid %s) did not exit within %gs of SIGKILL: it is stuck in an "
+                              "uninterruptible call (a hung device driver or file system) and is left behind; check "
+                              "the device (nvidia-smi) and dmesg", rank, proc.pid, JOIN_TIMEOUT_S)
         for conn in self._conns:
             conn.close()  # a remote rank leaves the group on "shutdown"; its own node's launcher reaps it
 
