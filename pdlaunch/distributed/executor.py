@@ -66,6 +66,11 @@ REPLY_TIMEOUT_S = 30.0  # a rank that does not answer a connector call within th
 SEND_TIMEOUT_S = 60.0
 SHUTDOWN_SEND_TIMEOUT_S = 1.0
 DEATH_REPORT_WAIT_S = 2.0  # after a failed collective, how long to wait for the watchdog to name the rank
+# A rank that ended sent its reason (RankFailed) whole before it went: reading what is left on its link takes
+# milliseconds. This bounds that read (and the wait for the link's lock) when the peer stopped mid-message,
+# so the reader does not hold the link, and the engine thread waiting for it, for MESSAGE_STALL_S.
+REASON_READ_S = 2.0
+LINK_BUSY_WAIT_S = 2 * REASON_READ_S + 1.0  # the longest the engine thread waits for a link the watchdog reads
 
 
 class RankEnded(EngineError):
@@ -205,18 +210,27 @@ class TPExecutor:
         return f"{self._where(rank)} {_exit_text(proc.exitcode)}" if proc.exitcode is not None else None
 
     def _drain_reason(self, rank: int, conn: Connection) -> str | None:
-        """The reason rank `rank` sent before it ended (RankFailed), from what is left on its link."""
+        """The reason rank `rank` sent before it ended (RankFailed), from what is left on its link. No message is
+        begun after REASON_READ_S and each may stall that long at most (2 x REASON_READ_S in all); a peer that
+        stopped mid-message gives that as the reason."""
+        lock = self._recv_locks[rank]
+        if not lock.acquire(timeout=REASON_READ_S):
+            log.warning("%s: its link stayed busy (the engine thread reading a reply) for %.0fs; its failure is "
+                        "reported without the reason it may have sent", self._where(rank), REASON_READ_S)
+            return None
         reason: str | None = None
-        with self._recv_locks[rank]:
-            try:
-                while conn.poll(0):
-                    message = recv(conn, self._where(rank))
-                    if isinstance(message, RankFailed):
-                        reason = message.message
-            except (EOFError, OSError):
-                pass
-            except UnexpectedMessage as exc:
-                reason = reason or str(exc)
+        deadline = time.monotonic() + REASON_READ_S
+        try:
+            while conn.poll(0) and time.monotonic() < deadline:
+                message = recv(conn, self._where(rank), stall_s=REASON_READ_S)
+                if isinstance(message, RankFailed):
+                    reason = message.message
+        except (MessageStalled, UnexpectedMessage) as exc:
+            reason = reason or str(exc)
+        except (EOFError, OSError):
+            pass
+        finally:
+            lock.release()
         return reason
 
     def _rank_ended(self, rank: int, reason: str | None, wait_s: float = 0.0) -> RankEnded:
@@ -321,9 +335,8 @@ class TPExecutor:
                 raise self._rank_failure(TimeoutError(
                     f"no answer to {type(call).__name__} within {REPLY_TIMEOUT_S:.0f}s"), rank)
             try:
-                with self._recv_locks[rank]:
-                    message = recv(conn, self._where(rank), f"the reply to {type(call).__name__}")
-            except (EOFError, OSError) as exc:
+                message = self._read_reply(rank, conn, call)
+            except (EOFError, OSError) as exc:  # raised with the link's lock released: the watchdog may name it
                 raise self._rank_failure(exc, rank) from exc
             match message:
                 case Reply(value) if isinstance(value, call.reply_type):
@@ -335,6 +348,21 @@ class TPExecutor:
                 case _:
                     raise UnexpectedMessage(self._where(rank), message, f"the reply to {type(call).__name__}")
         return replies
+
+    def _read_reply(self, rank: int, conn: Connection, call: ConnectorCall) -> Message:
+        """Rank `rank`'s answer to `call`, which poll said is arriving. The watchdog reads a link too (why its
+        rank ended, for 2 x REASON_READ_S at most): a longer wait for the link fails the rank saying so, and a
+        reply the watchdog took went with its rank (EOFError)."""
+        lock = self._recv_locks[rank]
+        if not lock.acquire(timeout=LINK_BUSY_WAIT_S):
+            raise TimeoutError(f"its link stayed busy (the watchdog reading why the rank ended) for "
+                               f"{LINK_BUSY_WAIT_S:.0f}s while the reply to {type(call).__name__} waited")
+        try:
+            if not conn.poll(0):
+                raise EOFError(f"the watchdog took what it sent for the reply to {type(call).__name__}: it ended")
+            return recv(conn, self._where(rank), f"the reply to {type(call).__name__}")
+        finally:
+            lock.release()
 
     def check_health(self) -> None:
         """Raise EngineError naming the rank if a worker died."""
@@ -391,7 +419,11 @@ class TPExecutor:
                 log.warning("TP rank %d (pid %s) did not exit within %.0fs: killing it", rank, proc.pid,
                             JOIN_TIMEOUT_S)
                 proc.kill()
-                proc.join()
+                proc.join(JOIN_TIMEOUT_S)
+                if proc.is_alive():  # SIGKILL waits for it to leave the kernel: it is stuck there
+                    log.error("TP rank %d (pid %s) did not exit within %gs of SIGKILL: it is stuck in an "
+                              "uninterruptible call (a hung device driver or file system) and is left behind; check "
+                              "the device (nvidia-smi) and dmesg", rank, proc.pid, JOIN_TIMEOUT_S)
         for conn in self._conns:
             conn.close()  # a remote rank leaves the group on "shutdown"; its own node's launcher reaps it
 

@@ -173,13 +173,14 @@ def send(conn: Connection, msg: Message) -> None:
     conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def recv(conn: Connection, peer: str, expected: str | None = None) -> Message:
+def recv(conn: Connection, peer: str, expected: str | None = None, stall_s: float | None = None) -> Message:
     """The next message from `peer` (e.g. "TP rank 2 (pid 41)", "rank 0"), once `conn.poll` said one is
     arriving; `expected` names what the caller waits for (the errors say it).
 
     EOFError/OSError when the connection is closed; MessageStalled (an OSError) when the peer sends nothing
-    for MESSAGE_STALL_S before the message is whole; UnexpectedMessage for anything but a message."""
-    data = _read_message(conn, peer, expected)
+    for `stall_s` (default MESSAGE_STALL_S) before the message is whole; UnexpectedMessage for anything but a
+    message."""
+    data = _read_message(conn, peer, expected, MESSAGE_STALL_S if stall_s is None else stall_s)
     try:
         msg: object = pickle.loads(data)
     except Exception as exc:  # noqa: BLE001 - a class or layout this version does not have
@@ -189,20 +190,19 @@ def recv(conn: Connection, peer: str, expected: str | None = None) -> Message:
     return msg
 
 
-def _read_message(conn: Connection, peer: str, expected: str | None) -> bytes:
-    """One message's bytes, with each wait for more of them bounded by MESSAGE_STALL_S. The link is a socket
+def _read_message(conn: Connection, peer: str, expected: str | None, stall_s: float) -> bytes:
+    """One message's bytes, with each wait for more of them bounded by `stall_s`. The link is a socket
     (a TCP link, or a local worker's duplex pipe: a socket pair): SO_RCVTIMEO bounds its reads for this one
     message, then goes back to what it was (a link may idle between messages for as long as it likes)."""
     sock = socket.socket(fileno=conn.fileno())
     try:
         before = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.size)
-        whole = int(MESSAGE_STALL_S)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
-                        _TIMEVAL.pack(whole, int((MESSAGE_STALL_S - whole) * 1_000_000)))
+        micros = max(1, round(stall_s * 1_000_000))  # SO_RCVTIMEO 0 would mean no bound at all
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(*divmod(micros, 1_000_000)))
         try:
             return conn.recv_bytes()
         except BlockingIOError:  # what a read past SO_RCVTIMEO raises
-            raise MessageStalled(peer, expected, MESSAGE_STALL_S) from None
+            raise MessageStalled(peer, expected, stall_s) from None
         finally:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, before)
     finally:

@@ -9,6 +9,7 @@ what the rank cannot read from its own config (Setup). The messages are those of
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -113,7 +114,12 @@ class RankListener:
 
 def connect_to_rank0(store: dist.Store, rank: int, authkey: bytes) -> Connection:
     """A remote rank's side: find rank 0's listener in the store and say who we are."""
-    address = store.get(LISTENER_KEY).decode()
+    try:
+        address = store.get(LISTENER_KEY).decode()
+    except (RuntimeError, dist.DistError) as exc:  # the store's own wait timed out, or rank 0 (its host) went
+        raise EngineError(f"TP rank {rank} found no link of rank 0 in its rendezvous store: {exc}",
+                          field="parallel.nodes", hint="rank 0 failed before it listened for its ranks, or its "
+                          "store is gone: see rank 0's log on node 0") from exc
     host, port = address.rsplit(":", 1)
     try:
         conn = _dial(host, int(port), authkey)
@@ -199,3 +205,29 @@ def is_closed(conn: Connection) -> bool:
         return True
     finally:
         probe.detach()  # the fd stays owned by `conn`
+
+
+def peer_address(conn: Connection) -> str | None:
+    """"HOST:PORT" of the far end of `conn` when it is a TCP link (None for a local pipe)."""
+    probe = socket.socket(fileno=conn.fileno())
+    try:
+        if probe.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        host, port = probe.getpeername()[:2]
+        return f"[{host}]:{port}" if probe.family == socket.AF_INET6 else f"{host}:{port}"
+    except OSError:
+        return None
+    finally:
+        probe.detach()  # the fd stays owned by `conn`
+
+
+def link_timed_out(exc: BaseException, peer: str, address: str) -> EngineError | None:
+    """What ETIMEDOUT on the link to `peer` (at `address`, "HOST:PORT") means, or None for another error: the
+    kernel gave the link up after LINK_DEAD_AFTER_S of unanswered keepalive probes (or unacknowledged sends)."""
+    if not isinstance(exc, OSError) or exc.errno != errno.ETIMEDOUT:
+        return None
+    host = address.rsplit(":", 1)[0]
+    return EngineError(f"the link to {peer} at {address} stopped answering keepalive probes for {LINK_DEAD_AFTER_S}s "
+                       "(its host, or the network between the nodes, went away)", field="parallel.nodes",
+                       hint=f"check that {host} is up and that this node reaches it: a rebooted or powered-off "
+                       f"host, a network partition or a firewall; if it is up, its log says why {peer} stopped")

@@ -24,7 +24,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.messages import Setup, recv_as
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
-from pdlaunch.distributed.remote_link import connect_to_rank0, open_store
+from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address
 from pdlaunch.distributed.worker import serve_rank
 from pdlaunch.errors import PdlaunchError
 
@@ -63,16 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     if port is None:
         log.error("instance %s has no rendezvous port: set parallel.master_port", spec.name)
         return 1
+    link: str | None = None
     try:
         log.info("TP rank %d of %s: waiting for rank 0 at %s:%d (node %d)", rank, spec.name, host, port,
                  placement.nodes[0])
         store = open_store(host, port, STORE_WAIT_S)
         conn = connect_to_rank0(store, rank, link_authkey(config, spec.name, port))
+        link = peer_address(conn)
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):
             raise PdlaunchError(f"rank 0 of {spec.name} sent no setup within {RENDEZVOUS_TIMEOUT_S:.0f}s")
         setup = recv_as(conn, f"rank 0 of {spec.name}", Setup)
     except (PdlaunchError, OSError, EOFError) as exc:
-        log.error("TP rank %d cannot join %s: %s", rank, spec.name, exc)
+        lost = link_timed_out(exc, f"rank 0 of {spec.name}", link) if link is not None else None
+        log.error("TP rank %d cannot join %s: %s", rank, spec.name, lost or exc)
         return 1
     # rank 0's config names its own node's loopback as master_addr; this rank's store client is at `host`
     config = config.model_copy(update={"parallel": config.parallel.model_copy(update={"master_addr": host})})

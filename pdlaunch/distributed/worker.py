@@ -37,6 +37,7 @@ from pdlaunch.distributed.messages import (
 )
 from pdlaunch.distributed.parallel_state import destroy_tp_group
 from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device
+from pdlaunch.distributed.remote_link import link_timed_out, peer_address
 from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
@@ -70,6 +71,8 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     """Build rank `rank` (joining the group through `store` when given), report ready, serve rank 0's
     messages until it says shutdown or is gone (`parent` is the process whose end ends this rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp
+    rank0 = f"rank 0 of {instance.name if instance is not None else 'the engine'}"
+    link = peer_address(conn)  # a TCP link's (a rank on another node), read while it is connected
     state: RankState | None = None
     connector: KVConnector | None = None
     try:
@@ -79,6 +82,10 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         freeze_startup_heap()  # as rank 0's engine does (memory/heap.py)
         _serve(rank, tp, state.runner, connector, conn, parent)
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, then this rank exits non-zero
+        lost = link_timed_out(exc, rank0, link) if link is not None else None
+        if lost is not None:  # no one to report it to
+            log.error("TP rank %d: %s", rank, lost)
+            sys.exit(1)
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
         try:
             send(conn, RankFailed(f"TP rank {rank} failed: {exc}"))

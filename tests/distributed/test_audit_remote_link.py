@@ -13,6 +13,7 @@ import types
 from multiprocessing.connection import Connection
 
 import pytest
+from torch.distributed import TCPStore
 
 from pdlaunch.distributed import remote_link
 from pdlaunch.distributed.remote_link import RankListener, connect_to_rank0
@@ -105,3 +106,15 @@ def test_both_ends_of_a_link_notice_a_vanished_node_within_a_minute() -> None:
     # bounds its own sends (SEND_TIMEOUT_S) and leaves a busy rank's full receive window alone.
     assert rank_end["user_timeout_ms"] == remote_link.LINK_DEAD_AFTER_S * 1000, rank_end
     assert rank0_end["user_timeout_ms"] == 0, rank0_end
+
+
+def test_a_store_without_rank0s_link_fails_the_rank_naming_it() -> None:
+    """Rank 0 opens its store, then its listener: one that fails in between (its listener cannot bind, it dies)
+    leaves the rank's store read to time out or break. That torch error escaped remote_rank.main's handling
+    (PdlaunchError, OSError, EOFError) as a bare traceback; it is now the rank's error, naming what it waited for."""
+    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = remote_link.open_store("127.0.0.1", master.port, timeout_s=0.5)
+    with pytest.raises(EngineError) as failed:
+        connect_to_rank0(store, 1, KEY)
+    assert failed.value.message.startswith("TP rank 1 found no link of rank 0 in its rendezvous store: "), failed.value
+    assert failed.value.field == "parallel.nodes" and "rank 0's log" in (failed.value.hint or "")

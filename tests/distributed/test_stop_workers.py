@@ -4,9 +4,15 @@ stops them), so terminating it first only waited another JOIN_TIMEOUT_S."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
+import pytest
+
+from pdlaunch.distributed import executor as executor_module
 from pdlaunch.distributed.executor import TPExecutor
+
+GUARD_S = 20.0  # only bounds a broken test: without a bound the second join never returns
 
 
 class _HungWorker:
@@ -36,3 +42,35 @@ def test_a_worker_that_does_not_exit_is_killed_after_one_wait() -> None:
     executor._closing, executor._conns, executor._procs = threading.Event(), [], {1: worker}  # type: ignore[dict-item]
     executor._stop_workers()  # noqa: SLF001
     assert worker.calls == ["join", "kill", "join"]
+
+
+class _UnkillableWorker(_HungWorker):
+    """A worker stuck in the kernel (uninterruptible: a hung device driver): SIGKILL takes effect only once it
+    leaves, so a join without a timeout never returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited: list[float | None] = []
+
+    def join(self, timeout: float | None = None) -> None:
+        self.waited.append(timeout)
+        threading.Event().wait(timeout)
+
+    def kill(self) -> None:
+        self.calls.append("kill")
+
+
+def test_a_worker_that_survives_sigkill_is_named_and_left_within_a_bound(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(executor_module, "JOIN_TIMEOUT_S", 0.1)
+    executor = TPExecutor.__new__(TPExecutor)
+    worker = _UnkillableWorker()
+    executor._closing, executor._conns, executor._procs = threading.Event(), [], {1: worker}  # type: ignore[dict-item]
+    stopper = threading.Thread(target=executor._stop_workers, daemon=True)  # noqa: SLF001
+    with caplog.at_level(logging.ERROR, logger=executor_module.__name__):
+        stopper.start()
+        stopper.join(GUARD_S)
+    assert not stopper.is_alive(), f"stopping the workers waited over {GUARD_S:.0f}s on a worker SIGKILL cannot end"
+    assert worker.waited == [0.1, 0.1]
+    assert "TP rank 1 (pid 4242) did not exit within 0.1s of SIGKILL: it is stuck in an uninterruptible call" in \
+        caplog.text, caplog.text
