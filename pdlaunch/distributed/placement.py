@@ -46,10 +46,13 @@ class RankPlacement(BaseModel):
 
 def link_authkey(cfg: DeploymentConfig, instance_name: str, master_port: int) -> bytes:
     """The key rank 0 and its remote ranks prove to each other: the same on every node that parsed
-    the same config (engine_ids may differ there), different per instance; PDLAUNCH_TP_SECRET, when
-    set on every node, makes it unguessable for others on the network."""
+    the same config (engine_ids may differ there), different per instance. The link carries pickled
+    messages, so the key must be secret: it mixes in the deployment secret, which a multi-node
+    deployment must give every node (security.deployment_secret / PDLAUNCH_DEPLOYMENT_SECRET), and
+    PDLAUNCH_TP_SECRET where set (the Kubernetes manifests' own Secret)."""
     nodes = ",".join(n.address for n in cfg.parallel.nodes)
-    seed = f"{os.environ.get(SECRET_ENV, '')}|{cfg.model.path}|{nodes}|{instance_name}|{master_port}"
+    shared = cfg.security.deployment_secret or ""
+    seed = f"{os.environ.get(SECRET_ENV, '')}|{shared}|{cfg.model.path}|{nodes}|{instance_name}|{master_port}"
     return hashlib.sha256(seed.encode()).digest()
 
 
