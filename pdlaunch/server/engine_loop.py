@@ -404,12 +404,11 @@ class EngineLoop:
             stream.put(error)
 
     def _update_stats(self, engine: LLMEngine) -> None:
+        """/info's stats. The running, waiting and KV-usage gauges are the engine's own, set as each step ends
+        (engine/stats.update_metrics): set again here from these stats, they left out requests waiting to
+        compute their prompt after a failed KV load, and disagreed with vllm:num_requests_waiting."""
         stats = self.stats = engine.stats()
-        metrics.REQUESTS_RUNNING.set(stats["num_running"])
-        # Waiting for KV is waiting too (it was left out, and overwrote the engine's full count each step).
-        metrics.REQUESTS_WAITING.set(stats["num_waiting"] + stats["num_waiting_for_kv"])
         metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
-        metrics.KV_BLOCKS_USED.set(stats["num_blocks_used"])
 
     def _check_integrity(self, engine: LLMEngine) -> None:
         try:
