@@ -38,6 +38,9 @@ class Request:
     num_cached_tokens: int = 0
     scheduled_at: float | None = None  # time.monotonic() at first admission (vLLM's prefill/inference times)
     num_cached_tokens_set: bool = False
+    # Its remote prefill's KV could not be loaded: the prompt was computed here instead (load_failure_policy
+    # recompute), so num_cached_tokens is this instance's own prefix-cache hit, not the prefill's.
+    prompt_recomputed: bool = False
     # The connector has been consulted for this request (done once, not again after preemption).
     connector_consulted: bool = False
     finish_reason: str | None = None

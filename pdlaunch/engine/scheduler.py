@@ -215,6 +215,7 @@ class Scheduler:
         blocks are free of any transfer that may still write them)."""
         rid = request.request_id
         del self.waiting_for_kv[rid]
+        request.prompt_recomputed = True
         self.num_recomputed_loads += 1
         metrics.KV_LOAD_RECOMPUTES.inc()
         log.warning("request %s: KV could not be loaded (%s); computing its prompt here "

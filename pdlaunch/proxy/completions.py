@@ -171,23 +171,26 @@ class _PromptRequest:
         self.unqueue()
         self.migrated = True
 
-    def _prefill_cached(self) -> int | None:
-        """The prompt tokens the prefill leg's instance had cached, which the answer reports (with_cached_tokens);
-        None when no prefill computed the prompt (the decode did: its own count stands)."""
+    def _reported(self, answer: JsonObject) -> JsonObject:
+        """The decode's answer (or a stream event of it with usage) with the cached tokens this request reused: the
+        prefill leg's instance's, unless the decode computed the prompt itself (with_cached_tokens). Without a
+        prefill leg, or after a migration (the new decode computed the prompt), the decode's own count stands."""
         if self.prefill_answer is None or self.migrated:
-            return None
-        return prefill_cached_tokens(self.prefill_answer)
+            return answer
+        return with_cached_tokens(answer, prefill_cached_tokens(self.prefill_answer))
 
-    def _with_prefill_cached(self, chunk: bytes) -> bytes:
-        """A relayed stream event (one `data: ...` event), with the prefill's cached tokens when it carries usage."""
-        cached = self._prefill_cached()
-        if cached is None or b'"usage"' not in chunk or not chunk.startswith(b"data: {"):
+    def _with_reported_usage(self, chunk: bytes) -> bytes:
+        """A relayed stream event (one `data: ...` event), with the reported cached tokens when it carries usage."""
+        if self.prefill_answer is None or b'"usage"' not in chunk or not chunk.startswith(b"data: {"):
             return chunk  # a key in the JSON, never inside a string (its quotes are escaped there)
         try:
             event = json.loads(chunk.removeprefix(b"data: "))
         except ValueError:
             return chunk
-        return sse_event(with_cached_tokens(event, cached)) if isinstance(event, dict) else chunk
+        if not isinstance(event, dict):
+            return chunk
+        reported = self._reported(event)
+        return chunk if reported is event else sse_event(reported)
 
     async def serve(self) -> Response:
         state = self.call.state
@@ -328,10 +331,7 @@ class _PromptRequest:
         self.outcome = "ok"
         if self.prefill_answer is not None and body.get("prompt_logprobs") is not None:
             answer = with_prompt_logprobs(answer, self.prefill_answer, call.chat)
-        cached = self._prefill_cached()
-        if cached is not None:
-            answer = with_cached_tokens(answer, cached)
-        return JSONResponse(answer, headers={"X-Request-Id": self.request_id})
+        return JSONResponse(self._reported(answer), headers={"X-Request-Id": self.request_id})
 
     def _relayed(self, upstream: Upstream, events: AsyncGenerator[bytes, None]) -> ClosingStreamingResponse:
         """The decode's stream (`events`) passed through to the client."""
@@ -340,7 +340,7 @@ class _PromptRequest:
         async def relay() -> AsyncIterator[bytes]:
             nonlocal relayed_all
             async for chunk in events:
-                yield self._with_prefill_cached(chunk)
+                yield self._with_reported_usage(chunk)
             relayed_all = True
 
         async def close() -> None:

@@ -13,6 +13,7 @@ from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects, 
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.choices import no_room_hint
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.responses import PROMPT_RECOMPUTED
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule
 # min_tokens <= max_tokens (a vLLM prefill answers 400); n / best_of / echo: the prompt's KV is
@@ -116,17 +117,34 @@ def prefill_cached_tokens(prefill_answer: JsonObject) -> int | None:
     return cached if cached is not None and cached >= 0 else None
 
 
-def with_cached_tokens(answer: JsonObject, cached: int) -> JsonObject:
-    """The decode's answer (or a stream chunk of it) with `cached` as its usage's cached_tokens. In PD the prompt is
-    computed by the prefill, minus what its prefix cache held: that is the count a user means (vLLM's too). The
-    decode's own count says how much of the KV it held already rather than loaded, not what was computed. An answer
-    without usage, or whose prompt is shorter than `cached` (not a count of this prompt), is left as it is."""
+def with_cached_tokens(answer: JsonObject, cached: int | None) -> JsonObject:
+    """The decode's answer (or a stream chunk of it) with `cached`, the prefill's count, as its usage's cached_tokens.
+    In PD the prompt is computed by the prefill, minus what its prefix cache held: that is the count a user means
+    (vLLM's too). The decode's own count says how much of the KV it held already rather than loaded, not what was
+    computed; it stands when the decode computed the prompt itself after all (its answer says so: the KV could not
+    be loaded, server/responses.PROMPT_RECOMPUTED; the mark is not passed on). An answer without usage, or whose
+    prompt is shorter than `cached` (not a count of this prompt), or `cached` None, is left as it is."""
+    recomputed, answer = _without_recompute_mark(answer)
+    if recomputed or cached is None:
+        return answer
     usage = as_object(answer.get("usage"))
     prompt = int_of(usage.get("prompt_tokens")) if usage is not None else None
     if usage is None or prompt is None or cached > prompt:
         return answer
     details = as_object(usage.get("prompt_tokens_details")) or {}
     return {**answer, "usage": {**usage, "prompt_tokens_details": {**details, "cached_tokens": cached}}}
+
+
+def _without_recompute_mark(answer: JsonObject) -> tuple[bool, JsonObject]:
+    """(whether the decode's answer says it computed the prompt itself, the answer without that mark)."""
+    params = as_object(answer.get("kv_transfer_params"))
+    if params is None or PROMPT_RECOMPUTED not in params:
+        return False, answer
+    rest = {k: v for k, v in params.items() if k != PROMPT_RECOMPUTED}
+    out = {k: v for k, v in answer.items() if k != "kv_transfer_params"}
+    if rest:
+        out["kv_transfer_params"] = rest
+    return params[PROMPT_RECOMPUTED] is True, out
 
 
 def kv_params_of(instance: Instance, response_json: JsonValue) -> JsonObject:

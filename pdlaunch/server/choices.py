@@ -31,7 +31,7 @@ from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, Str
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdlaunch.server.request_metrics import RequestMetrics
-from pdlaunch.server.responses import ResponseBuilder, usage_body
+from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body
 
 MAX_CHOICES = 128  # engine requests one HTTP request may start (prompts x best_of)
 
@@ -124,6 +124,7 @@ class Choices:
         firsts = [c for c in self.choices if c.sample == 0]
         for c in firsts:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, self.kv_transfer_params)
+            c.builder.prompt_recomputed = c.stream.prompt_recomputed  # its params had expired
         for c in firsts:
             await self._accepted(c)
         rest = [c for c in self.choices if c.sample > 0]
@@ -202,7 +203,7 @@ class Choices:
                 prompt = [lp for lp in builder.prompt_logprobs[1:] if lp is not None]
                 builder.logprobs = [first, *prompt, *(builder.logprobs or [])]
                 builder.echo_logprobs = 1 + len(prompt)
-        return kept[0].builder.response([c.builder.choice(i) for i, c in enumerate(kept)], self._usage())
+        return self._marked(kept[0].builder.response([c.builder.choice(i) for i, c in enumerate(kept)], self._usage()))
 
     def _best(self) -> list[Choice]:
         """The n choices of each prompt to return: all of them, or best_of's top n by cumulative logprob."""
@@ -213,6 +214,13 @@ class Choices:
                 group = sorted(group, key=lambda c: -sum(lp.logprob for lp in c.builder.logprobs or []))[:self.n]
             kept.extend(group)
         return kept
+
+    def _marked(self, body: JsonObject) -> JsonObject:
+        """`body` (the whole answer or the usage chunk), saying so when a prompt was computed here rather than
+        loaded from its remote prefill: its usage's cached tokens are this instance's (responses.PROMPT_RECOMPUTED)."""
+        if any(c.builder.prompt_recomputed for c in self.choices if c.sample == 0):
+            mark_recomputed(body)
+        return body
 
     def _usage(self) -> JsonObject:
         """Prompt and cached tokens once per prompt, completion tokens of every sample (vLLM's accounting)."""
@@ -252,7 +260,7 @@ class Choices:
                     yield sse_event(chunk)
                 remaining -= out.finished
             if include_usage:
-                yield sse_event(self.choices[0].builder.usage_chunk(self._usage()))
+                yield sse_event(self._marked(self.choices[0].builder.usage_chunk(self._usage())))
             yield DONE
         finally:
             for task in pumps:

@@ -63,6 +63,9 @@ class RequestStream:
     queue: asyncio.Queue[StreamItem] = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None
+    # It asked for a remote prefill whose params had expired: the prompt is computed here (load_failure_policy
+    # recompute), as when a load fails (RequestOutput.prompt_recomputed).
+    prompt_recomputed: bool = False
 
     def put(self, item: StreamItem) -> None:
         try:
@@ -168,7 +171,9 @@ class EngineLoop:
             parsed = engine.check_kv_transfer_params(kv_transfer_params)
         except PdlaunchError as exc:
             raise OpenAIError(400, exc.render(), param=exc.field or "kv_transfer_params") from None
-        stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop())
+        remote_prefill = (kv_transfer_params or {}).get("do_remote_prefill") not in (None, False)
+        stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop(),
+                               prompt_recomputed=remote_prefill and parsed is None)
         with self._lock:
             # Checked again under the lock: an engine thread that failed or stopped since require_ready has failed
             # the streams it knew (_fail_all, after setting the state), and one added now would wait forever.
@@ -399,12 +404,11 @@ class EngineLoop:
             stream.put(error)
 
     def _update_stats(self, engine: LLMEngine) -> None:
+        """/info's stats. The running, waiting and KV-usage gauges are the engine's own, set as each step ends
+        (engine/stats.update_metrics): set again here from these stats, they left out requests waiting to
+        compute their prompt after a failed KV load, and disagreed with vllm:num_requests_waiting."""
         stats = self.stats = engine.stats()
-        metrics.REQUESTS_RUNNING.set(stats["num_running"])
-        # Waiting for KV is waiting too (it was left out, and overwrote the engine's full count each step).
-        metrics.REQUESTS_WAITING.set(stats["num_waiting"] + stats["num_waiting_for_kv"])
         metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
-        metrics.KV_BLOCKS_USED.set(stats["num_blocks_used"])
 
     def _check_integrity(self, engine: LLMEngine) -> None:
         try:

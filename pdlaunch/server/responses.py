@@ -14,6 +14,9 @@ from pdlaunch.server.tool_calls import ToolCalling, ToolStream
 
 Detokenize = Callable[[int], str]
 CONTEXT_TOKENS = 6  # prompt tokens decoded before the output, as the engine's detokenizer does (leading spaces)
+# kv_transfer_params key of a decode's answer (and of its stream event with usage) whose remote prefill's KV was
+# not loaded: it computed the prompt itself, so its cached_tokens are its own prefix-cache hits (proxy/translate.py).
+PROMPT_RECOMPUTED = "prompt_recomputed"
 
 
 class TextOffsets:
@@ -76,6 +79,7 @@ class ResponseBuilder:
     num_output_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
+    prompt_recomputed: bool = False  # its remote prefill's KV was not loaded: the prompt was computed here
     finish_reason: str | None = None
     kv_transfer_params: JsonObject | None = None
     logprobs: list[TokenLogprob] | None = None
@@ -95,6 +99,7 @@ class ResponseBuilder:
         if out.num_prompt_tokens:
             self.num_prompt_tokens = out.num_prompt_tokens
         self.num_cached_tokens = out.num_cached_tokens
+        self.prompt_recomputed = self.prompt_recomputed or out.prompt_recomputed
         if out.new_logprobs is not None:
             self.logprobs = (self.logprobs or []) + list(out.new_logprobs)
         if out.prompt_logprobs is not None:
@@ -183,10 +188,12 @@ class ResponseBuilder:
             (choice if self.endpoint == "completion" else body)["prompt_token_ids"] = _json_list(self.prompt_token_ids)
             self.prompt_token_ids = None
         if out.finished:
-            if final_usage:
-                body["usage"] = self.usage()
             if self.kv_transfer_params is not None:
                 body["kv_transfer_params"] = self.kv_transfer_params
+            if final_usage:
+                body["usage"] = self.usage()
+                if self.prompt_recomputed:
+                    mark_recomputed(body)
         return body
 
     def _delta(self, out: RequestOutput) -> JsonObject | None:
@@ -278,6 +285,14 @@ class ResponseBuilder:
 def _json_list(values: Sequence[JsonValue]) -> list[JsonValue]:
     """`values` as a JSON list (a list[int] is one, but lists are invariant for the type checker)."""
     return list(values)
+
+
+def mark_recomputed(body: JsonObject) -> JsonObject:
+    """`body` (an answer, or its stream event with usage) saying that its prompt was computed here rather than
+    loaded from its remote prefill (PROMPT_RECOMPUTED)."""
+    params = body.get("kv_transfer_params")
+    body["kv_transfer_params"] = {**(params if isinstance(params, dict) else {}), PROMPT_RECOMPUTED: True}
+    return body
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> JsonObject:
