@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
 
 
@@ -45,3 +46,17 @@ def error_text(error: Mapping[str, object]) -> str:
     """A pydantic error's message as a user reads it: our validators' own words, without the "Value error, "
     pydantic puts before the text of a ValueError."""
     return str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+
+
+def exit_text(code: int | None) -> str:
+    """How a process ended, from its exit status as subprocess and multiprocessing report it (-N: signal N):
+    "exited with code 1", "was killed by signal 9 (SIGKILL)", "was killed by signal 99" (a number with no
+    name here); None (it has not ended, or is not reaped yet): "is running"."""
+    if code is None:
+        return "is running"
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+    except ValueError:
+        return f"was killed by signal {-code}"

@@ -32,7 +32,7 @@ import torch
 
 from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.config.models import BLOCK_SIZES
-from pdlaunch.errors import KVTransferError, PdlaunchError
+from pdlaunch.errors import KVTransferError, PdlaunchError, exit_text
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from pdlaunch.model.quant.kv_cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
@@ -254,10 +254,8 @@ class _WorkerExited(KVTransferError):
 
 
 def _exit_text(code: int | None) -> str:
-    if code is not None and code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
+    """How a worker ended (errors.exit_text); None: its pipe closed, but its process has not exited within the wait."""
+    return "closed its pipe but has not exited" if code is None else exit_text(code)
 
 
 class _Side:
@@ -286,7 +284,7 @@ class _Side:
 
     def _exited(self, what: str) -> _WorkerExited:
         self.proc.join(5)  # the pipe closes as the process ends; its exit code comes a moment later
-        return _WorkerExited(f"kv-transfer bench: the {self.role} worker exited ({_exit_text(self.proc.exitcode)}) "
+        return _WorkerExited(f"kv-transfer bench: the {self.role} worker {_exit_text(self.proc.exitcode)} "
                              f"before it answered {what}")
 
     def _answer(self, what: str) -> Any:
@@ -337,8 +335,8 @@ def _dead_side_named(exc: KVTransferError, sides: tuple[_Side | None, ...]) -> K
     dead = [side for side in sides if side is not None and not side.proc.is_alive()]
     if not dead:
         return exc
-    return KVTransferError(f"kv-transfer bench: the {dead[0].role} worker exited "
-                           f"({_exit_text(dead[0].proc.exitcode)}) during the run; then "
+    return KVTransferError(f"kv-transfer bench: the {dead[0].role} worker "
+                           f"{_exit_text(dead[0].proc.exitcode)} during the run; then "
                            + exc.message.removeprefix("kv-transfer bench: "), hint=exc.hint)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import signal
 import threading
 import time
 import uuid
@@ -52,6 +51,7 @@ from pdlaunch.distributed.remote_link import RankListener, is_closed, set_send_t
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.distributed.worker import run_worker
 from pdlaunch.errors import EngineError
+from pdlaunch.errors import exit_text as _exit_text
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.model.loader import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
@@ -436,16 +436,6 @@ class TPExecutor:
         self._conns = []
         destroy_tp_group()
         self.runner.release()
-
-
-def _exit_text(code: int) -> str:
-    """How a process with exit code `code` ended (multiprocessing: -N for a signal)."""
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        return f"was killed by {signal.Signals(-code).name}"
-    except ValueError:
-        return f"was killed by signal {-code}"
 
 
 def _is_stopped(pid: int | None) -> bool:

@@ -18,7 +18,7 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.log_dir_lock import LogDirLock
@@ -78,8 +78,7 @@ class ChildExited(PdlaunchError):
     def __init__(self, child: ChildProcess, code: int) -> None:
         self.child = child
         self.code = code
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        super().__init__(f"{child.name} (pid {child.pid}) {how}", hint=f"its log: {child.log_path}")
+        super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}", hint=f"its log: {child.log_path}")
 
 
 def _instance_argv(deployment_file: Path, plan: InstancePlan) -> list[str]:

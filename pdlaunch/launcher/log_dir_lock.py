@@ -78,8 +78,11 @@ class LogDirLock:
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o600)  # no O_TRUNC: the holder's note stays
         except (OSError, ValueError) as exc:  # check-config's look at the path cannot foresee every refusal
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise PdlaunchError(f"cannot create or write {str(self.log_dir)!r}: {reason}", field="log_dir",
-                                hint="pass --log-dir DIR (or set log_dir) to a directory you can write") from None
+            # the directory, or the lock file in it (a directory in its place, a file of another user's)
+            where = exc.filename if isinstance(exc, OSError) and exc.filename else self.log_dir
+            raise PdlaunchError(f"cannot create or write {str(where)!r}: {reason}", field="log_dir",
+                                hint="pass --log-dir DIR (or set log_dir) to a directory you can write, or "
+                                "remove what is in the way") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import PdlaunchError, exit_text
 
 HURRY_POLL_S = 0.1  # how often a wait for a child to exit looks whether it should stop waiting
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -132,11 +132,8 @@ class ChildProcess:
                 raise PdlaunchError(f"cannot start {self.name} ({self.argv[0]}): {exc.strerror or exc}") from None
 
     def describe_exit(self) -> str:
-        """How the process ended, in words ("was killed by signal 9", "exited with code 1")."""
-        code = self.poll()
-        if code is None:
-            return "is running"
-        return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        """How the process ended, in words ("was killed by signal 9 (SIGKILL)", "exited with code 1")."""
+        return exit_text(self.poll())
 
     def poll(self) -> int | None:
         """Exit code once the process ended (it is reaped then), else None."""

@@ -46,7 +46,7 @@ class ProcessRecord:
     ready: bool = True  # ready since its last (re)start; the launcher only supervises a started deployment
     due: float | None = None  # dead, to be restarted at this monotonic time
     started: float = 0.0  # monotonic time of the last restart
-    last_exit: str = ""  # "was killed by signal 9"
+    last_exit: str = ""  # "was killed by signal 9 (SIGKILL)"
     outage_cause: str = ""  # how it ended when it was last live: the first cause of the current outage
     killed_for: str = ""  # why the supervisor killed it ("was stalled for 40s ..."): its exit says only SIGKILL
 
@@ -67,7 +67,7 @@ class GiveUp:
 
 
 def on_exit(record: ProcessRecord, how: str, now: float, policy: RestartPolicy) -> Restart | GiveUp:
-    """Record that the process ended (`how`: "was killed by signal 9") and decide what follows."""
+    """Record that the process ended (`how`: "was killed by signal 9 (SIGKILL)") and decide what follows."""
     record.last_exit = how
     if record.ready:
         record.outage_cause = how

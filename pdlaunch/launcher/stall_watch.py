@@ -6,6 +6,9 @@ have filled the backlog, the connect itself times out). A probe that times out
 (proxy.health_timeout_seconds) is that stall; a refused connection is a process that is gone or
 restarting, which the supervisor learns from its exit instead. Probes run on a thread of their own,
 so a stalled process never slows the supervisor's tick.
+
+Each probe's outcome is also kept as a status row's state (`health`): node 0 has no process of the
+instances other nodes run, so their rows follow what their /health says.
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ from collections.abc import Callable
 import httpx
 
 PROBE_INTERVAL_S = 1.0
+
+
+def health_state(response: httpx.Response) -> str:
+    """A /health answer as a status row's state: "ready" (200), else the state the instance names in its
+    body ("loading", "failed"), else "unhealthy (HTTP N)"."""
+    if response.status_code == 200:
+        return "ready"
+    try:
+        said = response.json().get("status")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        said = None
+    return said if isinstance(said, str) and said.isidentifier() else f"unhealthy (HTTP {response.status_code})"
 
 
 class StallWatch:
@@ -32,6 +47,7 @@ class StallWatch:
         self._http = httpx.Client(trust_env=False, headers=headers or {})
         self._watched: set[str] = set()
         self._since: dict[str, float] = {}  # name -> when its first unanswered probe was sent
+        self._health: dict[str, str] = {}  # name -> its last probe's outcome as a row state
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pdlaunch-stall-watch", daemon=True)
@@ -55,25 +71,34 @@ class StallWatch:
             else:
                 self._watched.discard(name)
                 self._since.pop(name, None)
+                self._health.pop(name, None)
 
     def stalled_for(self, name: str) -> float | None:
         with self._lock:
             since = self._since.get(name)
         return None if since is None else self._clock() - since
 
+    def health(self, name: str) -> str | None:
+        """What the last probe of `name` said, as a status row's state: "ready", the state its /health names
+        ("loading", "failed"), "stalled" (no answer in time) or "down" (refused: gone or restarting); None
+        before the first probe."""
+        with self._lock:
+            return self._health.get(name)
+
     def probe(self, name: str) -> None:
         """One probe of `name` (the thread's loop; tests call it directly)."""
         sent = self._clock()
         try:
-            self._http.get(self.urls[name], timeout=self.timeout_s)
+            health = health_state(self._http.get(self.urls[name], timeout=self.timeout_s))
             answered: bool | None = True
         except httpx.TimeoutException:  # no answer, or (its listen backlog full) not even a connect
-            answered = False
+            answered, health = False, "stalled"
         except httpx.HTTPError:
-            answered = None  # refused or dropped: gone, not stalled (its exit tells the supervisor)
+            answered, health = None, "down"  # refused or dropped: gone, not stalled (its exit tells the supervisor)
         with self._lock:
             if name not in self._watched:
                 return
+            self._health[name] = health
             if answered is False:
                 self._since.setdefault(name, sent)
             else:

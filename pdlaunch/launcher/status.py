@@ -9,7 +9,8 @@ from rich.live import Live
 from rich.table import Table
 
 _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow", "failed": "red",
-                "exited": "red", "stalled": "red", "port": "red", "stopping": "magenta", "stopped": "dim"}
+                "exited": "red", "stalled": "red", "port": "red", "down": "red", "unhealthy": "red",
+                "stopping": "magenta", "stopped": "dim"}
 
 
 @dataclass
@@ -19,7 +20,8 @@ class StatusRow:
     devices: str  # "cpu", "cuda:0,1"
     url: str
     # starting | loading | ready | port taken (another server answers there) | stalled (alive, no answer) |
-    # restarting (N) | failed | exited | stopping | stopped
+    # restarting (N) | failed | exited | stopping | stopped. An instance another node runs: on node 0, what its
+    # /health says (ready | loading | failed | stalled | down: refused | unhealthy (HTTP N)); elsewhere "remote"
     state: str = "starting"
     blocks_used: int | None = None
     blocks_total: int | None = None

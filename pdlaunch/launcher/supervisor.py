@@ -6,7 +6,8 @@ down and its health monitor brings it back). A process that is alive but does no
 time (SIGSTOPped, hung, swapped out) is shown as stalled (stall_watch.py), apart from a dead one, and
 killed to be restarted once it has been stalled for supervision.stall_restart_seconds (when set).
 Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
-stops this node, as before.
+stops this node, as before. Node 0 (the proxy's) shows the instances other nodes run too: their rows
+follow their /health (ready, loading, stalled, down), as their own node's launcher restarts them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
+from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
 from pdlaunch.launcher.stall_watch import StallWatch
@@ -81,8 +83,13 @@ class Supervisor:
         self._blocks_due = 0.0
         self.stall_timeout_s = deployment.cfg.proxy.health_timeout_seconds
         self.stall_restart_s = deployment.cfg.supervision.stall_restart_seconds
-        self.stall_watch = StallWatch({r.name: deployment.health_url(c) for c, r in self.records},
-                                      self.stall_timeout_s)
+        # node 0's rows of instances other nodes run: set ready by the start's wait, then by their /health
+        self.remote = ([p for p in deployment.plan.instances if not p.local]
+                       if deployment.plan.proxy_url is not None else [])
+        self.stall_watch = StallWatch({r.name: deployment.health_url(c) for c, r in self.records}
+                                      | {p.spec.name: p.url + "/health" for p in self.remote}, self.stall_timeout_s)
+        for plan in self.remote:
+            self.stall_watch.watch(plan.spec.name, True)
         self._stalled: set[str] = set()  # names shown as stalled
 
     def __enter__(self) -> Supervisor:
@@ -127,6 +134,8 @@ class Supervisor:
                 self._say(f"{record.name} is ready again after restart {record.restarts}")
                 if child is not self.deployment.proxy:
                     self.deployment.refresh_blocks(record.name)
+        for plan in self.remote:
+            self._follow_remote(plan)
         self._check_roles(now)
         if now >= self._blocks_due:  # the KV blocks column follows the load, not just the moment of readiness
             self._blocks_due = now + BLOCKS_REFRESH_S
@@ -135,7 +144,25 @@ class Supervisor:
                 if (record.ready and child is not self.deployment.proxy and child.poll() is None
                         and record.name not in self._stalled):
                     self.deployment.refresh_blocks(record.name, timeout=BLOCKS_TIMEOUT_S)
+            for plan in self.remote:
+                if self.deployment.rows[plan.spec.name].state == "ready":
+                    self.deployment.refresh_blocks(plan.spec.name, timeout=BLOCKS_TIMEOUT_S)
         self.view.update()
+
+    def _follow_remote(self, plan: InstancePlan) -> None:
+        """The row of an instance another node runs (and restarts) says what its /health said last."""
+        name, row = plan.spec.name, self.deployment.rows[plan.spec.name]
+        health = self.stall_watch.health(name)
+        if health is None or health == row.state:
+            return
+        if row.state == "ready":
+            what = {"down": "refuses connections",
+                    "stalled": f"has not answered within {self.stall_timeout_s:g}s"}.get(health, f"says {health}")
+            self._say(f"{name} on node {plan.node} ({plan.url}) is no longer ready: its /health {what}; node "
+                      f"{plan.node}'s launcher supervises it, and the proxy routes around it meanwhile")
+        elif health == "ready":
+            self._say(f"{name} on node {plan.node} ({plan.url}) answers /health again")
+        row.state = health
 
     def _check_stall(self, child: ChildProcess, record: ProcessRecord) -> None:
         """A ready process that has stopped answering /health (alive: its exit was checked first) is

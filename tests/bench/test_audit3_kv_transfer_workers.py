@@ -102,7 +102,7 @@ def test_a_killed_worker_is_named_with_how_it_ended(tmp_path: Path, which: int, 
     assert proc.returncode == 1
     errors = _errors(tmp_path)
     assert len(errors) == 1 and errors[0].startswith(
-        f"error: kv-transfer bench: the {role} worker exited (killed by SIGKILL)"), errors
+        f"error: kv-transfer bench: the {role} worker was killed by signal 9 (SIGKILL)"), errors
 
 
 def test_ctrl_c_exits_130_without_a_traceback_from_the_workers(tmp_path: Path) -> None:

@@ -335,3 +335,17 @@ def test_a_second_signal_kills_the_instances_without_waiting_for_them(tmp_path: 
     deployment.stop(drain=True, hurry=lambda: fake.calls.count(f"wait {HURRY_POLL_S}") == 3)
     assert fake.calls == ["stop", "stop", *[f"wait {HURRY_POLL_S}"] * 3, "kill", "remove group", "kill",
                           "remove group"], fake.calls
+
+
+def test_a_ready_instance_whose_actor_died_is_down_and_due_for_a_restart(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --backend ray the launcher's view of an instance on another node follows its rank-0 actor: once
+    the actor's node dies, the instance is no longer ready (node 0 of a multi-node serve followed /health)."""
+    fake = FakeRay()
+    deployment = deployment_on(fake, tmp_path, monkeypatch)
+    run = deployment.runs[1]
+    run.state, run.serve_ref = "ready", "serve"  # type: ignore[assignment]
+    fake.failures["serve"] = node_died()
+    deployment.tick()
+    assert [run.state, run.serve_ref] == ["down", None] and run.record.due is not None
+    assert run.record.last_exit == "lost its Ray actor (The actor died because its node has died. Node Id: 6f1c)"

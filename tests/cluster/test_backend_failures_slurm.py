@@ -378,8 +378,8 @@ def test_the_step_of_a_killed_srun_client_is_cancelled_through_slurm(
         for pid in hung:  # the launcher SIGKILLs it; if it did not, do not leave it stopped
             signal_pid(pid, signal.SIGCONT)
             signal_pid(pid, signal.SIGKILL)
-    assert ("node 0's srun client was killed by signal 9 and left its step 7.10 running in job 7: cancelling it "
-            "(scancel 7.10)") in text, text
+    assert ("node 0's srun client was killed by signal 9 (SIGKILL) and left its step 7.10 running in job 7: "
+            "cancelling it (scancel 7.10)") in text, text
     assert slurm_calls(fake_dir, "scancel") == ["7.10"], text
     assert (fake_dir / "steps" / "7.5").exists(), "another launcher's step was cancelled"
     assert "Traceback" not in text, text

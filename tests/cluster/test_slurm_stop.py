@@ -273,7 +273,7 @@ def test_a_step_whose_srun_client_had_to_be_killed_is_cancelled(slurm: SlurmClus
         wait_for(lambda: not answers(url), f"the proxy at {url} to stop answering", STOP_TIMEOUT_S, poll=0.5)
         text = " ".join(allocation.output.split())
         assert allocation.exit_code == 0, text
-        assert (f"node 0's srun client was killed by signal 9 and left its step {node0_step} running in job "
+        assert (f"node 0's srun client was killed by signal 9 (SIGKILL) and left its step {node0_step} running in job "
                 f"{allocation.job}: cancelling it (scancel {node0_step})") in text, text
         assert f"stopped: every srun step ended (cancelled through SLURM: {node0_step})" in text, text
         assert "Traceback" not in text, text

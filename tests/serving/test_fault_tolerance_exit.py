@@ -30,7 +30,8 @@ CASES = {
                       "(supervision.max_restarts: 2); the outage began when it was killed by signal 9",
                       "address already in use"]),  # 3: uvicorn could not bind
     "restart_off": ("instances: [{role: colocated, restart: false}]\n",
-                    ["colocated-0 was killed by signal 9, and restarts are off for it (instances[0].restart: false)"]),
+                    ["colocated-0 was killed by signal 9 (SIGKILL), and restarts are off for it "
+                     "(instances[0].restart: false)"]),
 }
 
 

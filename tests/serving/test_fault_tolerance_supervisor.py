@@ -11,6 +11,7 @@ import pytest
 from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import exit_text
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.status import StatusRow
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
@@ -32,9 +33,7 @@ class FakeChild:
         return self.code is None
 
     def describe_exit(self) -> str:
-        if self.code is None:
-            return "is running"
-        return f"was killed by signal {-self.code}" if self.code < 0 else f"exited with code {self.code}"
+        return exit_text(self.code)
 
     def signal_group(self, sig: int) -> None:
         self.signals.append(sig)
@@ -129,7 +128,8 @@ def test_a_role_down_past_the_grace_stops_serve_naming_its_instances(make) -> No
         supervisor.tick(now=10.5)
     message = err.value.message
     assert message.startswith("no live prefill instance for 10s (supervision.role_down_grace_seconds: 10)")
-    assert "prefill-0 restarting (1) (it was killed by signal 9; log " in message and str(prefill.log_path) in message
+    assert "prefill-0 restarting (1) (it was killed by signal 9 (SIGKILL); log " in message
+    assert str(prefill.log_path) in message
 
 
 def test_a_role_down_past_the_grace_names_the_first_cause_of_the_outage(make) -> None:  # type: ignore[no-untyped-def]
@@ -147,8 +147,8 @@ def test_a_role_down_past_the_grace_names_the_first_cause_of_the_outage(make) ->
     supervisor.tick(now=4.0)  # restart 2, never answers
     with pytest.raises(SupervisionFailed) as err:
         supervisor.tick(now=10.5)
-    assert ("prefill-0 restarting (2) (it was killed by signal 9; its last restart exited with code 3; log "
-            in err.value.message)
+    assert ("prefill-0 restarting (2) (it was killed by signal 9 (SIGKILL); its last restart exited with code 3; "
+            "log " in err.value.message)
 
 
 def test_max_restarts_failures_in_a_row_stop_serve(make) -> None:  # type: ignore[no-untyped-def]
@@ -167,7 +167,7 @@ def test_max_restarts_failures_in_a_row_stop_serve(make) -> None:  # type: ignor
     decode.code = -11
     with pytest.raises(SupervisionFailed) as err:
         supervisor.tick(now=5.0)
-    assert ("decode-0 was killed by signal 11 before it was ready again: 2 restart(s) in a row failed"
+    assert ("decode-0 was killed by signal 11 (SIGSEGV) before it was ready again: 2 restart(s) in a row failed"
             in err.value.message)
     assert "the outage began when it was killed by signal 9" in err.value.message
 

@@ -35,7 +35,8 @@ def test_a_worker_killed_at_start_is_named_with_its_signal_and_log(  # type: ign
     error, took = started_and_failed(make_tp_engine, llama_ckpt)
     assert took < JOIN_WAIT_S / 2, f"the dead rank was noticed after {took:.0f}s"
     assert error.field == "parallel.tp"
-    assert "TP rank 1 (pid " in error.message and error.message.endswith(") was killed by SIGKILL during startup")
+    assert "TP rank 1 (pid " in error.message
+    assert error.message.endswith(") was killed by signal 9 (SIGKILL) during startup"), error.message
     assert error.hint is not None and "'engine rank 1'" in error.hint, error.hint
 
 

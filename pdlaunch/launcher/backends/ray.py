@@ -44,7 +44,7 @@ from pdlaunch.config.ray_cluster import (
     plan_instance,
 )
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.backends.ray_head import HeadWatch
 from pdlaunch.launcher.deployment import (
@@ -271,7 +271,7 @@ class RayDeployment:
             return f"lost its Ray actor ({ray_failure(exc)})"
         except self.ray.exceptions.RayError as exc:
             return f"lost its Ray actor ({ray_failure(exc)})"
-        return f"exited with code {code}"
+        return exit_text(code)
 
     def answers(self, run: RayRun) -> bool:
         try:

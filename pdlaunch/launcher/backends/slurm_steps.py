@@ -15,6 +15,7 @@ import time
 from rich.console import Console
 from rich.markup import escape
 
+from pdlaunch.errors import exit_text
 from pdlaunch.launcher.deployment import POLL_S
 from pdlaunch.launcher.process import ChildProcess
 
@@ -42,7 +43,7 @@ def slurm_call(*argv: str) -> str:
         raise SlurmCallError(f"`{command}`: {exc.strerror or exc}") from exc
     if done.returncode != 0:
         said = " ".join((done.stderr.strip() or done.stdout.strip()).split())
-        raise SlurmCallError(f"`{command}` exited with code {done.returncode}: {said}")
+        raise SlurmCallError(f"`{command}` {exit_text(done.returncode)}: {said}")
     return done.stdout
 
 
