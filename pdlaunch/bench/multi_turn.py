@@ -37,6 +37,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.engine_load import KV_BYTES, PROMPT_TOKENS_COMPUTED, sum_samples
+from pdlaunch.bench.openai_client import resolve_model, send_request
 from pdlaunch.bench.report import (
     RequestResult,
     ServeDoc,
@@ -45,17 +46,9 @@ from pdlaunch.bench.report import (
     print_report,
     result_dict,
 )
-from pdlaunch.bench.serve import (
-    MIN_TOKEN_ID,
-    BenchRequest,
-    ServeBenchConfig,
-    arrival_times,
-    frozen_heap,
-    prepare_outputs,
-    resolve_model,
-    save_result,
-    send_request,
-)
+from pdlaunch.bench.serve import frozen_heap, prepare_outputs, save_result
+from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
+from pdlaunch.bench.workload import BenchRequest, arrival_times
 from pdlaunch.errors import PdlaunchError
 
 COUNTERS = {"prompt_tokens_computed": PROMPT_TOKENS_COMPUTED, "kv_bytes_moved": KV_BYTES}

@@ -19,7 +19,8 @@ from rich.console import Console
 
 from pdlaunch.bench import multi_turn
 from pdlaunch.bench.report import RequestResult
-from pdlaunch.bench.serve import BenchRequest, ServeBenchConfig, arrival_times
+from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.workload import BenchRequest, arrival_times
 
 DIGESTS = {
     "/v1/completions": "31f2cc9c91fe1db5e9780fc2647dbfb02c870b3814398c3446c8450996be03aa",
