@@ -15,8 +15,8 @@ from pdlaunch.bench.report import parse_goodput
 # Token ids below this are left out: byte-level and sentencepiece vocabularies keep control and
 # special tokens there.
 MIN_TOKEN_ID = 10
-# Upper bounds of the workload flags: lengths and token ids are drawn as numpy int64s, and every prompt is held in
-# memory before the run starts.
+# Upper bounds of the workload flags: lengths and token ids are drawn as numpy int64s, and every independent prompt
+# is held in memory before the run starts.
 MAX_PROMPTS = 1_000_000  # requests (or conversations, turns) of one run
 MAX_TOKENS = 2**24  # tokens of one prompt or answer: more than any server's context window
 MAX_VOCAB = 2**31

@@ -1,6 +1,7 @@
 """`bench serve --multi-turn`'s workload for a fixed seed: every prompt of every conversation, in the order sent,
-and the conversations' arrival offsets. The digests were recorded from the code that drew every conversation's
-turns before sending anything (before each turn was drawn when it is sent): a seed's workload must not change.
+and the conversations' arrival offsets. The digests were recorded from the code that drew every turn of every
+conversation before sending anything; each user message is now drawn when its turn is sent, and a seed's workload
+must not change with that.
 
 No server: `send_request` is replaced by one that answers each turn at once with an answer that depends only on
 the prompt, so the order of the requests is asyncio's (conversations in turn, round by round) and every prompt is
@@ -35,12 +36,14 @@ def _config(endpoint: str, **extra: Any) -> ServeBenchConfig:
                             random_output_len=2, vocab_size=1000, seed=7, request_timeout=5.0, **extra)
 
 
-def _sent(monkeypatch: pytest.MonkeyPatch, cfg: ServeBenchConfig) -> list[Any]:
-    """The prompts (token ids, or chat messages) in the order the run sent them."""
+def _sent(monkeypatch: pytest.MonkeyPatch, cfg: ServeBenchConfig,
+          on_send: Callable[[], None] = lambda: None) -> list[Any]:
+    """The prompts (token ids, or chat messages) in the order the run sent them; `on_send` runs at each."""
     sent: list[Any] = []
 
     async def answer(client: object, cfg: object, model: str, req: BenchRequest, bench_start: float,
                      on_choice: Callable[[Mapping[str, object]], None] | None = None) -> RequestResult:
+        on_send()
         sent.append(req.messages if req.messages else req.prompt)
         seen = len(req.messages) if req.messages else len(req.prompt)
         assert on_choice is not None
@@ -77,3 +80,21 @@ def test_a_seed_draws_the_recorded_arrival_offsets(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(multi_turn, "arrival_times", recording)
     _sent(monkeypatch, _config("/v1/completions", request_rate=1000.0))
     assert drawn == [OFFSETS]
+
+
+@pytest.mark.parametrize(("endpoint", "made"), [("/v1/completions", "_ids"), ("/v1/chat/completions", "_text")])
+def test_a_user_message_is_made_when_its_turn_is_sent(monkeypatch: pytest.MonkeyPatch, endpoint: str,
+                                                      made: str) -> None:
+    """Not every conversation's every turn before the first request: at the n-th request, the system prompt and n
+    user messages have been made (the conversations' turns follow one another here, as the fake answers at once)."""
+    calls: list[int] = []
+    make = getattr(multi_turn, made)
+
+    def counting(*args: Any) -> Any:
+        calls.append(1)
+        return make(*args)
+
+    monkeypatch.setattr(multi_turn, made, counting)
+    made_at_send: list[int] = []
+    _sent(monkeypatch, _config(endpoint), on_send=lambda: made_at_send.append(len(calls)))
+    assert made_at_send == [1 + n for n in range(1, 13)]
