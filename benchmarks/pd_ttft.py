@@ -32,7 +32,8 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
+from pdlaunch.bench.serve import run_serve_bench
+from pdlaunch.bench.serve_config import ServeBenchConfig
 
 READY_TIMEOUT_S = 900.0  # an 8B checkpoint loads and profiles in minutes on a cold disk
 

@@ -123,7 +123,8 @@ def serve(
 ) -> None:
     """Benchmark an OpenAI-compatible server: TTFT, TPOT, ITL, E2EL, throughput, goodput (vLLM definitions)."""
     from pdlaunch.bench.multi_turn import run_multi_turn
-    from pdlaunch.bench.serve import ServeBenchConfig, run_serve_bench
+    from pdlaunch.bench.serve import run_serve_bench
+    from pdlaunch.bench.serve_config import ServeBenchConfig
 
     stray = [a for a in slo_args or [] if ":" not in a]
     if stray:
@@ -371,7 +372,8 @@ def compare(
     """Colocated instances, then a PD deployment (and with --disaggregate-min-tokens the same split with per-request
     disaggregation), on the same devices: goodput (two SLO sets), TTFT, TPOT, ITL p99 and utilisation per rate,
     side by side; then the advised xPyD split, predicted against measured."""
-    from pdlaunch.bench.compare import CompareConfig, run_compare, termination_as_interrupt
+    from pdlaunch.bench.compare import run_compare, termination_as_interrupt
+    from pdlaunch.bench.compare_config import CompareConfig
     from pdlaunch.bench.compare_report import report_comparison
 
     console = Console()

@@ -17,9 +17,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.advisor import Advice
-from pdlaunch.bench.compare import CompareConfig, DeploymentRun, write_json_whole, write_whole
+from pdlaunch.bench.compare import write_json_whole, write_whole
+from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, RatePoint, highest_rate_within
 from pdlaunch.bench.matmul_ceiling import Yardstick
+from pdlaunch.bench.rate_sweep import DeploymentRun
 from pdlaunch.bench.report import require_matplotlib
 from pdlaunch.errors import PdlaunchError
 

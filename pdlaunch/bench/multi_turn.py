@@ -6,11 +6,12 @@ answer, then a new user message (`--random-input-len`), and asks for `--random-o
 /v1/completions the answer is taken as the server's own token ids (`return_token_ids`), so each prompt
 extends the previous one token for token, as a chat client's resend does; over /v1/chat/completions it is
 the answer's text, as an assistant message. Each turn is sent when the previous one's answer is complete;
-a failed turn ends its conversation (the next prompt would not extend what the server has seen). The C
-conversations start at once, or with `--request-rate R` at R conversations per second (gamma gaps of
-`--burstiness`, as independent prompts arrive): started together, conversations turn in near lockstep, so
-every turn's prompts reach the deployment in one burst and TTFT measures that burst's queue as much as the
-deployment.
+a failed turn ends its conversation (the next prompt would not extend what the server has seen). A user
+message is drawn when its turn is sent, so the run holds the conversations so far, not every turn of all of
+them (a seed gives the messages that drawing them all before the run gave). The C conversations start at
+once, or with `--request-rate R` at R conversations per second (gamma gaps of `--burstiness`, as independent
+prompts arrive): started together, conversations turn in near lockstep, so every turn's prompts reach the
+deployment in one burst and TTFT measures that burst's queue as much as the deployment.
 
 Besides the usual latencies (report.py, TTFT p50 among them), the run reads the deployment's `/metrics`
 before and after (pdlaunch's proxy serves every instance's series) and reports per request:
@@ -23,6 +24,7 @@ Both are None for a server that does not export them (vLLM). Nothing else may us
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
 import time
@@ -37,6 +39,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pdlaunch.bench.engine_load import KV_BYTES, PROMPT_TOKENS_COMPUTED, sum_samples
+from pdlaunch.bench.openai_client import resolve_model, send_request
 from pdlaunch.bench.report import (
     RequestResult,
     ServeDoc,
@@ -45,17 +48,9 @@ from pdlaunch.bench.report import (
     print_report,
     result_dict,
 )
-from pdlaunch.bench.serve import (
-    MIN_TOKEN_ID,
-    BenchRequest,
-    ServeBenchConfig,
-    arrival_times,
-    frozen_heap,
-    prepare_outputs,
-    resolve_model,
-    save_result,
-    send_request,
-)
+from pdlaunch.bench.serve import frozen_heap, prepare_outputs, save_result
+from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
+from pdlaunch.bench.workload import BenchRequest, arrival_times
 from pdlaunch.errors import PdlaunchError
 
 COUNTERS = {"prompt_tokens_computed": PROMPT_TOKENS_COMPUTED, "kv_bytes_moved": KV_BYTES}
@@ -73,12 +68,34 @@ class MultiTurnSummary(BaseModel):
     ttft_p50_ms: float
 
 
+def _draw_words(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, len(_WORDS), size=n)
+
+
+def _draw_ids(rng: np.random.Generator, cfg: ServeBenchConfig, n: int) -> np.ndarray:
+    return rng.integers(MIN_TOKEN_ID, cfg.vocab_size, size=n)
+
+
 def _text(rng: np.random.Generator, n: int) -> str:
-    return " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), size=n).tolist())
+    return " ".join(_WORDS[i] for i in _draw_words(rng, n).tolist())
 
 
 def _ids(rng: np.random.Generator, cfg: ServeBenchConfig, n: int) -> list[int]:
-    return [int(t) for t in rng.integers(MIN_TOKEN_ID, cfg.vocab_size, size=n).tolist()]
+    return [int(t) for t in _draw_ids(rng, cfg, n).tolist()]
+
+
+def _user_turns(cfg: ServeBenchConfig, rng: np.random.Generator) -> np.random.Generator:
+    """A copy of `rng` at the first of one conversation's user messages, from which the conversation draws them
+    turn by turn; `rng` moves past all of them, drawn and dropped. In the seeded stream a conversation's T
+    token-id messages come first, then its T word messages (the order of drawing them all before the run):
+    completions send the first, chat the second."""
+    ids_at = copy.deepcopy(rng)
+    for _ in range(cfg.num_turns):
+        _draw_ids(rng, cfg, cfg.random_input_len)
+    words_at = copy.deepcopy(rng)
+    for _ in range(cfg.num_turns):
+        _draw_words(rng, cfg.random_input_len)
+    return words_at if cfg.is_chat else ids_at
 
 
 @dataclass
@@ -105,22 +122,22 @@ class _Answer:
 class _Conversation:
     """One conversation's history and its turns' results."""
 
-    def __init__(self, cfg: ServeBenchConfig, rng: np.random.Generator, system_ids: list[int],
+    def __init__(self, cfg: ServeBenchConfig, user_turns: np.random.Generator, system_ids: list[int],
                  system_text: str) -> None:
         self.cfg = cfg
+        self.user_turns = user_turns  # _user_turns: the next turn's user message is its next draw
         self.ids = list(system_ids)
         self.messages = [{"role": "system", "content": system_text}] if system_text else []
-        self.user_ids = [_ids(rng, cfg, cfg.random_input_len) for _ in range(cfg.num_turns)]
-        self.user_texts = [_text(rng, cfg.random_input_len) for _ in range(cfg.num_turns)]
         self.results: list[RequestResult] = []
 
-    def request(self, turn: int) -> BenchRequest:
-        out = self.cfg.random_output_len
+    def next_request(self) -> BenchRequest:
+        """The next turn: the conversation so far and a new user message."""
+        out, user_len = self.cfg.random_output_len, self.cfg.random_input_len
         if self.cfg.is_chat:
-            self.messages.append({"role": "user", "content": self.user_texts[turn]})
+            self.messages.append({"role": "user", "content": _text(self.user_turns, user_len)})
             return BenchRequest(prompt="", prompt_len=sum(len(m["content"].split()) for m in self.messages),
                                 output_len=out, messages=list(self.messages))
-        self.ids += self.user_ids[turn]
+        self.ids += _ids(self.user_turns, self.cfg, user_len)
         return BenchRequest(prompt=list(self.ids), prompt_len=len(self.ids), output_len=out, return_token_ids=True)
 
     async def run(self, client: httpx.AsyncClient, model: str, start: float, offset: float) -> None:
@@ -129,7 +146,7 @@ class _Conversation:
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         for turn in range(self.cfg.num_turns):
             answer = _Answer()
-            result = await send_request(client, self.cfg, model, self.request(turn), start, answer.keep)
+            result = await send_request(client, self.cfg, model, self.next_request(), start, answer.keep)
             self.results.append(result)
             if result.success and not self.cfg.is_chat and not answer.ids:
                 result.success = False
@@ -169,7 +186,8 @@ async def _bench(cfg: ServeBenchConfig, console: Console) -> tuple[list[_Convers
         model = await resolve_model(client, cfg)  # before the workload is drawn: a wrong --base-url fails at once
         rng = np.random.default_rng(cfg.seed)
         system_ids, system_text = _ids(rng, cfg, cfg.system_prompt_len), _text(rng, cfg.system_prompt_len)
-        conversations = [_Conversation(cfg, rng, system_ids, system_text) for _ in range(cfg.num_conversations)]
+        conversations = [_Conversation(cfg, _user_turns(cfg, rng), system_ids, system_text)
+                         for _ in range(cfg.num_conversations)]
         offsets = arrival_times(cfg.num_conversations, cfg.request_rate, cfg.burstiness, rng)  # after the content
         starts = "all at once" if math.isinf(cfg.request_rate) else f"{cfg.request_rate:g} started per second"
         console.print(f"{cfg.num_conversations} conversations x {cfg.num_turns} turns to {escape(cfg.url)} "

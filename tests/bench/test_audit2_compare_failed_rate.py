@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from pdlaunch.bench import compare
-from pdlaunch.bench.compare import CompareConfig, DeploymentRun, Layout, run_deployment
+from pdlaunch.bench import rate_sweep
+from pdlaunch.bench.compare_config import CompareConfig
+from pdlaunch.bench.compare_layout import Layout
 from pdlaunch.bench.compare_report import comparison_table, load_table
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
+from pdlaunch.bench.rate_sweep import DeploymentRun, run_deployment
 from pdlaunch.bench.report import RequestResult, ServeDoc, calculate_metrics, result_dict
 from tests.bench.test_audit_compare_failures import _Ready
 
@@ -60,9 +62,9 @@ def test_the_per_rate_line_says_no_request_completed(monkeypatch: pytest.MonkeyP
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(compare, "Deployment", _Ready)
-    monkeypatch.setattr(compare, "LoadProbe", Probe)
-    monkeypatch.setattr(compare, "measure", lambda *_: (None, [], json.loads(json.dumps(_all_failed_doc()))))
+    monkeypatch.setattr(rate_sweep, "Deployment", _Ready)
+    monkeypatch.setattr(rate_sweep, "LoadProbe", Probe)
+    monkeypatch.setattr(rate_sweep, "measure", lambda *_: (None, [], json.loads(json.dumps(_all_failed_doc()))))
     console = Console(record=True, width=300)
     run_deployment(CompareConfig(model="tiny", rates=[2.0], out=tmp_path), LAYOUT, "colocated", console)
     line = next(x for x in console.export_text().splitlines() if "rate 2/s" in x)

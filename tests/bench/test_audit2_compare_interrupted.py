@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from pdlaunch.bench import compare
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.compare import DeploymentRun
 from pdlaunch.bench.matmul_ceiling import Yardstick
+from pdlaunch.bench.rate_sweep import DeploymentRun
 
 ARGS = ["compare", "--model", "tiny", "--device", "cpu", "--rates", "2", "--input-len", "12", "--output-len", "4",
         "--max-model-len", "64"]

@@ -11,11 +11,13 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from pdlaunch.bench import compare, compare_report
+from pdlaunch.bench import compare_layout, compare_report
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.compare import CompareConfig, DeploymentRun, Layout, prefill_yardstick
+from pdlaunch.bench.compare_config import CompareConfig
+from pdlaunch.bench.compare_layout import Layout, prefill_yardstick
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import PrefillShare, Yardstick
+from pdlaunch.bench.rate_sweep import DeploymentRun
 from pdlaunch.bench.report import RequestResult, calculate_metrics, print_report
 from pdlaunch.errors import PdlaunchError
 from tests.bench import fake_openai
@@ -31,7 +33,7 @@ def test_a_matmul_ceiling_error_is_printed_as_written(monkeypatch: pytest.Monkey
     def fails(*_: Any) -> Any:
         raise PdlaunchError(ODD)
 
-    monkeypatch.setattr(compare, "measure_in_child", fails)
+    monkeypatch.setattr(compare_layout, "measure_in_child", fails)
     console = Console(record=True, width=300)
     cfg = CompareConfig(model="tiny", rates=[2.0], input_len=12, output_len=4, out=tmp_path)
     yardstick = prefill_yardstick(cfg, Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1), console)

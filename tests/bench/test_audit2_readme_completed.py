@@ -1,10 +1,10 @@
-"""The README's `bench serve` row says when a request counts as completed, in the terms serve.py applies."""
+"""The README's `bench serve` row says when a request counts as completed, in the terms openai_client.py applies."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pdlaunch.bench.serve import CUT_SHORT
+from pdlaunch.bench.openai_client import CUT_SHORT
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

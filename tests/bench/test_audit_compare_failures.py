@@ -11,9 +11,11 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from pdlaunch.bench import compare
+from pdlaunch.bench import rate_sweep
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.compare import CompareConfig, Layout, run_deployment
+from pdlaunch.bench.compare_config import CompareConfig
+from pdlaunch.bench.compare_layout import Layout
+from pdlaunch.bench.rate_sweep import run_deployment
 from pdlaunch.errors import PdlaunchError
 
 LAYOUT = Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1)
@@ -50,7 +52,7 @@ class _NeverReady:
 
 def test_a_deployment_that_does_not_start_is_named_and_its_processes_counted(monkeypatch: pytest.MonkeyPatch,
                                                                               tmp_path: Path) -> None:
-    monkeypatch.setattr(compare, "Deployment", _NeverReady)
+    monkeypatch.setattr(rate_sweep, "Deployment", _NeverReady)
     console = Console(record=True, width=200)
     with pytest.raises(PdlaunchError) as info:
         run_deployment(CompareConfig(model="tiny", rates=[2.0], out=tmp_path), LAYOUT, "pd", console)
@@ -71,8 +73,8 @@ def test_a_rate_that_fails_names_the_deployment_and_the_rate_not_a_serve_flag(mo
         raise PdlaunchError("cannot connect to http://127.0.0.1:9", field="--base-url",
                             hint="is the server running and the URL right?")
 
-    monkeypatch.setattr(compare, "Deployment", _Ready)
-    monkeypatch.setattr(compare, "measure", measure)
+    monkeypatch.setattr(rate_sweep, "Deployment", _Ready)
+    monkeypatch.setattr(rate_sweep, "measure", measure)
     with pytest.raises(PdlaunchError) as info:
         run_deployment(CompareConfig(model="tiny", rates=[2.0, 4.0], out=tmp_path), LAYOUT, "colocated",
                        Console(quiet=True))
@@ -90,8 +92,8 @@ def test_the_rate_line_says_how_many_requests_failed_and_why(monkeypatch: pytest
                           "duration": 1.0, "completed": 1, "request_throughput": 1.0, "median_ttft_ms": 100.0,
                           "p99_ttft_ms": 100.0, "median_tpot_ms": 33.0, "p99_tpot_ms": 33.0, "p99_itl_ms": 33.0}
 
-    monkeypatch.setattr(compare, "Deployment", _Ready)
-    monkeypatch.setattr(compare, "measure", measure)
+    monkeypatch.setattr(rate_sweep, "Deployment", _Ready)
+    monkeypatch.setattr(rate_sweep, "measure", measure)
     console = Console(record=True, width=300)
     run = run_deployment(CompareConfig(model="tiny", rates=[2.0], out=tmp_path), LAYOUT, "pd", console)
     assert run.points[0].completed == 1

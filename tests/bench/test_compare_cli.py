@@ -14,12 +14,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
-from pdlaunch.bench import compare
+from pdlaunch.bench import compare, compare_layout, rate_sweep
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.compare import CompareConfig, Layout, resolve_layout, run_deployment
+from pdlaunch.bench.compare_config import CompareConfig
+from pdlaunch.bench.compare_layout import Layout, resolve_layout
 from pdlaunch.bench.matmul_ceiling import Yardstick
+from pdlaunch.bench.rate_sweep import DeploymentRun, run_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import platform
 
@@ -83,9 +86,9 @@ def _cfg(tmp_path: Path, **kw: Any) -> CompareConfig:
 def test_duration_sends_as_many_seconds_of_requests_at_every_rate(tmp_path: Path) -> None:
     cfg = CompareConfig(model="tiny", rates=[24, 8, 0.1], duration=2.5, out=tmp_path)  # rates are sorted
     assert [cfg.prompts_at(i) for i in range(3)] == [1, 20, 60]  # at least one request
-    assert [compare.bench_config(cfg, "http://x", i).num_prompts for i in range(3)] == [1, 20, 60]
+    assert [rate_sweep.bench_config(cfg, "http://x", i).num_prompts for i in range(3)] == [1, 20, 60]
     fixed = CompareConfig(model="tiny", rates=[8, 24], num_prompts=32, out=tmp_path)
-    assert [compare.bench_config(fixed, "http://x", i).num_prompts for i in range(2)] == [32, 32]
+    assert [rate_sweep.bench_config(fixed, "http://x", i).num_prompts for i in range(2)] == [32, 32]
 
 
 def test_a_base_config_with_per_request_disaggregation_is_refused(tmp_path: Path) -> None:
@@ -147,11 +150,11 @@ def test_deployment_is_stopped_when_the_run_is_interrupted(monkeypatch: pytest.M
         raise exc
 
     _FakeDeployment.made = []
-    monkeypatch.setattr(compare, "Deployment", _FakeDeployment)
-    monkeypatch.setattr(compare, "measure", measure)
+    monkeypatch.setattr(rate_sweep, "Deployment", _FakeDeployment)
+    monkeypatch.setattr(rate_sweep, "measure", measure)
     layout = Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1)
     with pytest.raises(type(exc)):
-        run_deployment(_cfg(tmp_path), layout, "pd", compare.Console(quiet=True))
+        run_deployment(_cfg(tmp_path), layout, "pd", Console(quiet=True))
     assert [d.stops for d in _FakeDeployment.made] == [[False]]  # stopped once, without waiting for a drain
 
 
@@ -173,9 +176,9 @@ def test_a_process_lost_during_a_rate_fails_the_run_naming_it(monkeypatch: pytes
                           "median_tpot_ms": 33.0, "p99_tpot_ms": 33.0, "p99_itl_ms": 33.0}
 
     _FakeDeployment.made = []
-    monkeypatch.setattr(compare, "Deployment", Dying)
-    monkeypatch.setattr(compare, "measure", measure)
-    console = compare.Console(record=True, width=200)
+    monkeypatch.setattr(rate_sweep, "Deployment", Dying)
+    monkeypatch.setattr(rate_sweep, "measure", measure)
+    console = Console(record=True, width=200)
     layout = Layout(device="cpu", gpus=[], colocated=2, prefill=1, decode=1)
     with pytest.raises(PdlaunchError) as info:
         run_deployment(_cfg(tmp_path), layout, "pd", console)
@@ -384,7 +387,7 @@ def test_sigterm_while_starting_stops_the_deployment(tmp_path: Path) -> None:
     assert not (out / "compare.json").exists()
 
 
-def _measured_run(kind: str, layout: Layout) -> compare.DeploymentRun:
+def _measured_run(kind: str, layout: Layout) -> DeploymentRun:
     """A run whose PD figures make the advisor prefer 2P1D of 3: prefill 30000 tokens/s (9.8 req/s of 3072
     tokens per GPU), decode t(b) = 5 + 0.125 b ms (64 sequences at 13 ms for 128 tokens: 38 req/s per GPU)."""
     from pdlaunch.bench.engine_load import EngineLoad
@@ -395,8 +398,8 @@ def _measured_run(kind: str, layout: Layout) -> compare.DeploymentRun:
                         load=EngineLoad(wall_s=5.0, prefill_util=0.2, decode_util=0.3, prefill_tokens_per_s=30000.0,
                                         decode_batch=batch, decode_step_ms=5 + 0.125 * batch))
               for batch in (16.0, 64.0)]
-    return compare.DeploymentRun(kind=kind, label=compare.label(kind, layout),  # type: ignore[arg-type]
-                                 description=compare.describe(kind, layout), prefill=layout.prefill,
+    return DeploymentRun(kind=kind, label=compare_layout.label(kind, layout),  # type: ignore[arg-type]
+                                 description=compare_layout.describe(kind, layout), prefill=layout.prefill,
                                  decode=layout.decode, points=points)
 
 
@@ -406,7 +409,7 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
     ran: list[tuple[str, int, int]] = []
 
     def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
-                 yardstick: Yardstick | None) -> compare.DeploymentRun:
+                 yardstick: Yardstick | None) -> DeploymentRun:
         assert yardstick is not None and yardstick.ceiling is not None  # measured before the first deployment
         ran.append((kind, layout.prefill, layout.decode))
         return _measured_run(kind, layout)
@@ -414,7 +417,7 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
     monkeypatch.setattr(compare, "run_deployment", fake_run)
     cfg = _cfg(tmp_path, device="cpu", prefill=1, decode=2, run_advised=run_advised,
                input_len=1024)
-    comparison = compare.run_compare(cfg, compare.Console(quiet=True))
+    comparison = compare.run_compare(cfg, Console(quiet=True))
     runs, advice = comparison.runs, comparison.advice
     assert advice is not None and advice.best.label == "2P1D" and advice.num_gpus == 3
     assert advice.decode_sequences == 64.0  # the tiny model's max_num_seqs caps the fit's 80
@@ -426,11 +429,12 @@ def test_the_advised_split_runs_when_it_is_not_the_pd_split(monkeypatch: pytest.
 def test_the_itl_threshold_reaches_the_conditional_deployment_only(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, device="cpu", input_len=12, disaggregate_min_tokens=8, disaggregate_max_itl_ms=8.5)
     layout = resolve_layout(cfg)
-    assert compare.deployment_config(cfg, layout, "conditional").proxy.disaggregate_max_itl_ms == 8.5
-    assert compare.deployment_config(cfg, layout, "pd").proxy.disaggregate_max_itl_ms is None
-    assert "none while its streams wait >= 8.5 ms a token" in compare.describe("conditional", layout, 8, None, 8.5)
+    assert compare_layout.deployment_config(cfg, layout, "conditional").proxy.disaggregate_max_itl_ms == 8.5
+    assert compare_layout.deployment_config(cfg, layout, "pd").proxy.disaggregate_max_itl_ms is None
+    described = compare_layout.describe("conditional", layout, 8, None, 8.5)
+    assert "none while its streams wait >= 8.5 ms a token" in described
     point = SimpleNamespace(load=SimpleNamespace(decisions={"pd": 2, "decode_only": 3, "pd_decode_busy": 1}))
-    assert compare._decisions_text(point) == (  # type: ignore[arg-type]  # noqa: SLF001
+    assert rate_sweep._decisions_text(point) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 3 on a decode alone and 3 PD (1 of them because the decode had no TPOT headroom)")
 
 
@@ -439,13 +443,13 @@ def test_the_rate_line_says_where_long_token_gaps_arose() -> None:
         load = SimpleNamespace(long_token_gaps=instances, slow_decode_steps=slow) if instances is not None else None
         return SimpleNamespace(long_itl_gaps=client, load=load)
 
-    assert compare._gaps_text(point(0, 0.0)) == ""  # type: ignore[arg-type]  # noqa: SLF001
-    assert compare._gaps_text(point(31, 0.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
+    assert rate_sweep._gaps_text(point(0, 0.0)) == ""  # type: ignore[arg-type]  # noqa: SLF001
+    assert rate_sweep._gaps_text(point(31, 0.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 31 token gaps >= 50 ms (0 at the instances)")
-    assert compare._gaps_text(point(0, 4.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
+    assert rate_sweep._gaps_text(point(0, 4.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 0 token gaps >= 50 ms (4 at the instances)")
-    assert compare._gaps_text(point(2, None)) == ", 2 token gaps >= 50 ms"  # type: ignore[arg-type]  # noqa: SLF001
-    assert compare._gaps_text(point(31, 31.0, 1.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
+    assert rate_sweep._gaps_text(point(2, None)) == ", 2 token gaps >= 50 ms"  # type: ignore[arg-type]  # noqa: SLF001
+    assert rate_sweep._gaps_text(point(31, 31.0, 1.0)) == (  # type: ignore[arg-type]  # noqa: SLF001
         ", 31 token gaps >= 50 ms (31 at the instances, 1 slow decode steps)")
 
 
@@ -454,13 +458,13 @@ def _baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ran: list[str], *
     from pdlaunch.bench.compare_report import compare_document
 
     def fake_run(cfg: CompareConfig, layout: Layout, kind: str, console: Any,
-                 yardstick: Yardstick | None) -> compare.DeploymentRun:
+                 yardstick: Yardstick | None) -> DeploymentRun:
         ran.append(kind)
         return _measured_run(kind, layout)
 
     monkeypatch.setattr(compare, "run_deployment", fake_run)
     earlier = _cfg(tmp_path / "earlier", device="cpu", input_len=1024, run_advised=False, **kw)
-    comparison = compare.run_compare(earlier, compare.Console(quiet=True))
+    comparison = compare.run_compare(earlier, Console(quiet=True))
     (earlier.out / "compare.json").write_text(json.dumps(compare_document(earlier, comparison.runs,
                                                                           comparison.advice)))
     return earlier
@@ -474,7 +478,7 @@ def test_a_baseline_run_reuses_its_colocated_and_pd_runs_and_runs_only_per_reque
     ran.clear()
     cfg = _cfg(tmp_path / "now", device="cpu", input_len=1024, disaggregate_min_tokens=256,
                disaggregate_max_queue_tokens=4096, baseline=earlier.out)
-    comparison = compare.run_compare(cfg, compare.Console(quiet=True))
+    comparison = compare.run_compare(cfg, Console(quiet=True))
     assert ran == ["conditional"]  # the advised split is not run either: its advice is the baseline's PD run's
     assert [r.kind for r in comparison.runs] == ["colocated", "pd", "conditional"]
     assert comparison.advice is not None and comparison.advice.num_gpus == 2  # from the baseline's PD run
@@ -495,7 +499,7 @@ def test_a_baseline_of_another_workload_is_refused_naming_the_setting(
     settings: dict[str, Any] = {"model": "tiny", "rates": [2.0], "device": "cpu", "input_len": 1024, **change}
     cfg = CompareConfig(out=tmp_path / "now", disaggregate_min_tokens=256, baseline=earlier.out, **settings)
     with pytest.raises(PdlaunchError, match=f"ran with {setting} ") as info:
-        compare.run_compare(cfg, compare.Console(quiet=True))
+        compare.run_compare(cfg, Console(quiet=True))
     assert info.value.field == "--baseline" and ran == []  # nothing ran
 
 
@@ -505,5 +509,5 @@ def test_a_baseline_whose_files_do_not_parse_is_a_clear_error(monkeypatch: pytes
     (earlier.out / "pd.json").write_text("{not json")
     cfg = _cfg(tmp_path / "now", device="cpu", input_len=1024, disaggregate_min_tokens=256, baseline=earlier.out)
     with pytest.raises(PdlaunchError, match="could not read the baseline run") as info:
-        compare.run_compare(cfg, compare.Console(quiet=True))
+        compare.run_compare(cfg, Console(quiet=True))
     assert info.value.field == "--baseline"

@@ -10,10 +10,11 @@ from rich.console import Console
 
 from pdlaunch.bench import compare_report
 from pdlaunch.bench.advisor import DecodePoint, advise
-from pdlaunch.bench.compare import CompareConfig, DeploymentRun
+from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.engine_load import EngineLoad
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import MatmulCeiling, PrefillShare, Yardstick
+from pdlaunch.bench.rate_sweep import DeploymentRun
 from pdlaunch.errors import PdlaunchError
 
 

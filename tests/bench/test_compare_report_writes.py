@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from pdlaunch.bench import compare, compare_report
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.compare import DeploymentRun
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import Yardstick
+from pdlaunch.bench.rate_sweep import DeploymentRun
 from pdlaunch.errors import PdlaunchError
 
 ARGS = ["compare", "--model", "tiny", "--device", "cpu", "--rates", "2", "--input-len", "12", "--output-len", "4",

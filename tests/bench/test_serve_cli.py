@@ -166,9 +166,9 @@ def test_the_timed_run_does_not_walk_the_heap_it_started_with(monkeypatch: pytes
     import gc
 
     from pdlaunch.bench import serve
+    from pdlaunch.bench.openai_client import send_request as send
 
     frozen_while_sending: list[int] = []
-    send = serve.send_request
 
     async def counting(*args: object, **kwargs: object) -> object:
         frozen_while_sending.append(gc.get_freeze_count())

@@ -18,7 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.serve import ServeBenchConfig, sample_requests
+from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.workload import sample_requests
 from tests.bench.fake_openai import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pdlaunch.bench.serve import MIN_TOKEN_ID, ServeBenchConfig, arrival_times, sample_requests
+from pdlaunch.bench.serve_config import MIN_TOKEN_ID, ServeBenchConfig
+from pdlaunch.bench.workload import arrival_times, sample_requests
 
 
 def test_arrivals_count_and_order() -> None:

@@ -1,0 +1,142 @@
+"""The settings of `pdlaunch bench compare` (every flag, checked before any deployment starts) and the kinds of
+deployment it runs: colocated, PD, PD with per-request disaggregation, and the advised split."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from pdlaunch.bench.goodput import Slo
+from pdlaunch.bench.serve_config import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB
+from pdlaunch.launcher.deployment import READY_TIMEOUT_S
+
+DeploymentKind = Literal["colocated", "pd", "conditional", "advised"]
+KINDS: tuple[DeploymentKind, ...] = ("colocated", "pd")
+BASELINE_FILES = ("compare.json", "colocated.json", "pd.json")  # what --baseline reads of an earlier --out
+# Settings a --baseline run may change: the per-request disaggregation deployment's own, and where and how long.
+BASELINE_FREE = frozenset({"out", "baseline", "disaggregate_min_tokens", "disaggregate_max_queue_tokens",
+                           "disaggregate_max_itl_ms", "run_advised", "advise_for", "request_timeout", "ready_timeout"})
+SloSet = Literal["relaxed", "tight"]
+
+
+class CompareConfig(BaseModel):
+    """Every flag of `bench compare`; field names are the flag names (`input_len` -> `--input-len`)."""
+
+    model: str
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gpus: list[int] | None = None  # None: GPUs 0 .. prefill+decode-1
+    rates: list[float] = Field(min_length=1)  # requests/s
+    # the bounds of `bench serve`'s flags (ServeBenchConfig), checked here before any deployment starts
+    num_prompts: int = Field(160, ge=1, le=MAX_PROMPTS)
+    # seconds of arrivals per rate: each rate sends round(rate x duration) requests instead of num_prompts, so a
+    # high rate is measured over as long a stretch as a low one
+    duration: float | None = Field(None, gt=0, allow_inf_nan=False)
+    input_len: int = Field(3072, ge=1, le=MAX_TOKENS)
+    # a mix; replaces input_len
+    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
+    output_len: int = Field(128, ge=1, le=MAX_TOKENS)
+    ttft_slo_ms: float = Field(400.0, gt=0)
+    tpot_slo_ms: float = Field(15.0, gt=0)
+    tight_ttft_slo_ms: float = Field(1000.0, gt=0)
+    tight_tpot_slo_ms: float = Field(10.0, gt=0)
+    advise_for: SloSet = "relaxed"  # whose TPOT target sizes the decode side
+    run_advised: bool = True  # run the advised split when it is not the PD split already run
+    colocated_instances: int | None = Field(None, ge=1)  # None: one per GPU (CPU: prefill + decode)
+    disaggregate_min_tokens: int | None = Field(None, ge=1)  # also run PD with per-request disaggregation
+    # ... and in that deployment, spill PD prompts to the decode while the prefill queue holds this many tokens
+    disaggregate_max_queue_tokens: int | None = Field(None, ge=1)
+    # ... and no prompt on a decode whose streams wait this many ms per token (proxy.disaggregate_max_itl_ms)
+    disaggregate_max_itl_ms: float | None = Field(None, gt=0, allow_inf_nan=False)
+    prefill: int = Field(1, ge=1)
+    decode: int = Field(1, ge=1)
+    burstiness: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0)
+    num_warmups: int = Field(2, ge=0, le=MAX_PROMPTS)
+    vocab_size: int = Field(500, gt=10, le=MAX_VOCAB)
+    max_model_len: int | None = Field(None, ge=1)
+    config: Path | None = None  # base deployment YAML; its instances/colocated are replaced
+    # an earlier run's --out with the same workload: its colocated and PD runs are reused, only "conditional" runs
+    baseline: Path | None = None
+    request_timeout: float = Field(600.0, gt=0)
+    ready_timeout: float = Field(READY_TIMEOUT_S, gt=0)
+    out: Path
+
+    @field_validator("rates")
+    @classmethod
+    def _positive_rates(cls, rates: list[float]) -> list[float]:
+        bad = [r for r in rates if not (r > 0 and math.isfinite(r))]
+        if bad:
+            raise ValueError(f"every rate must be a positive, finite number of requests/s; got {bad[0]:g}")
+        if len(set(rates)) != len(rates):
+            raise ValueError("a rate is listed twice")
+        return sorted(rates)
+
+    @model_validator(mode="after")
+    def _check_model(self) -> CompareConfig:
+        if self.model not in ("demo", "tiny") and not Path(os.path.expanduser(self.model)).exists():
+            raise ValueError(f"--model: {self.model!r} does not exist (give a local HF checkpoint, a .gguf file, "
+                             "`demo` or `tiny`)")
+        if self.config is not None and not self.config.is_file():
+            raise ValueError(f"--config: {str(self.config)!r} is not a file")
+        if self.input_lens is not None and self.input_len != type(self).model_fields["input_len"].default:
+            raise ValueError("--input-len and --input-lens both set the prompt lengths: give one")
+        if self.duration is not None and self.num_prompts != type(self).model_fields["num_prompts"].default:
+            raise ValueError("--num-prompts and --duration both set how many requests a rate sends: give one")
+        if self.duration is not None and self.prompts_at(len(self.rates) - 1) > MAX_PROMPTS:
+            raise ValueError(f"--duration: {self.duration:g} s at {self.rates[-1]:g} req/s is "
+                             f"{self.prompts_at(len(self.rates) - 1)} requests, more than {MAX_PROMPTS}; "
+                             "give a shorter --duration")
+        if self.disaggregate_max_queue_tokens is not None and self.disaggregate_min_tokens is None:
+            raise ValueError("--disaggregate-max-queue-tokens applies to the per-request disaggregation "
+                             "deployment: give --disaggregate-min-tokens N too")
+        if self.disaggregate_max_itl_ms is not None and self.disaggregate_min_tokens is None:
+            raise ValueError("--disaggregate-max-itl-ms applies to the per-request disaggregation "
+                             "deployment: give --disaggregate-min-tokens N too")
+        if self.baseline is not None:
+            if self.disaggregate_min_tokens is None:
+                raise ValueError("--baseline reuses an earlier run's colocated and PD deployments and runs only the "
+                                 "per-request disaggregation one: give --disaggregate-min-tokens N too")
+            missing = [name for name in BASELINE_FILES if not (self.baseline / name).is_file()]
+            if missing:
+                raise ValueError(f"--baseline: {str(self.baseline)!r} has no {missing[0]} (give the --out folder of "
+                                 "an earlier `bench compare` that ran to its report)")
+        return self
+
+    def prompts_at(self, index: int) -> int:
+        """Requests the rate at `index` sends: --num-prompts, or rate x --duration (at least one)."""
+        if self.duration is None:
+            return self.num_prompts
+        return max(1, round(self.rates[index] * self.duration))
+
+    @property
+    def prompt_lens(self) -> list[int]:
+        """The workload's prompt lengths: the mix of --input-lens, or --input-len alone."""
+        return [*self.input_lens] if self.input_lens is not None else [self.input_len]
+
+    @property
+    def mean_input_len(self) -> int:
+        """Prompt tokens per request, averaged over the mix (its lengths come in equal shares)."""
+        return round(sum(self.prompt_lens) / len(self.prompt_lens))
+
+    @property
+    def kinds(self) -> tuple[DeploymentKind, ...]:
+        """The deployments run before the advised one: colocated, PD, and PD with per-request disaggregation
+        (with --baseline only the last: the others are the baseline's)."""
+        if self.baseline is not None:
+            return ("conditional",)
+        return KINDS + (("conditional",) if self.disaggregate_min_tokens is not None else ())
+
+    @property
+    def slo(self) -> Slo:
+        return Slo(ttft_ms=self.ttft_slo_ms, tpot_ms=self.tpot_slo_ms)
+
+    @property
+    def tight_slo(self) -> Slo:
+        return Slo(ttft_ms=self.tight_ttft_slo_ms, tpot_ms=self.tight_tpot_slo_ms)
+
+    def slo_of(self, which: SloSet) -> Slo:
+        return self.slo if which == "relaxed" else self.tight_slo

@@ -1,0 +1,160 @@
+"""One streaming request of `pdlaunch bench serve` to an OpenAI-compatible server (`ignore_eos` and `max_tokens`,
+so output lengths are exact), timed as report.py defines; and the model the server serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+
+import httpx
+from pydantic import JsonValue
+
+from pdlaunch.bench.report import RequestResult
+from pdlaunch.bench.serve_config import ServeBenchConfig
+from pdlaunch.bench.workload import BenchRequest
+from pdlaunch.errors import PdlaunchError
+
+# finish_reason of a request the server gave up on (pdlaunch's engine, vLLM): its answer is not whole
+CUT_SHORT = frozenset({"abort", "error"})
+OnChoice = Callable[[Mapping[str, object]], None]  # sees every streamed choice (multi_turn.py keeps the answers)
+
+
+def _payload(cfg: ServeBenchConfig, model: str, req: BenchRequest) -> dict[str, JsonValue]:
+    body: dict[str, JsonValue] = {
+        "model": model,
+        "max_tokens": req.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    if req.return_token_ids:
+        body["return_token_ids"] = True
+    prompt: JsonValue = req.prompt if isinstance(req.prompt, str) else [*req.prompt]
+    if cfg.is_chat:
+        first_turn: JsonValue = {"role": "user", "content": prompt}
+        turns: list[JsonValue] = [{**m} for m in req.messages] if req.messages else [first_turn]
+        body["messages"] = turns
+        body["max_completion_tokens"] = req.output_len
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
+                  result: RequestResult, st: float, on_choice: OnChoice | None = None) -> int:
+    """Send one request and read its stream into `result` (times relative to `st`); returns the
+    number of chunks that carried a choice (each handed to `on_choice`). Sets `result.error` for an
+    HTTP or in-stream error, a chunk that is not a JSON object, a choice the server finished as aborted
+    or failed, and a stream that ended before [DONE] (cut short: its tokens are not the whole answer)."""
+    chunks = 0
+    last = st
+    done = False
+    async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
+        if resp.status_code != 200:
+            body = (await resp.aread()).decode(errors="replace")
+            result.error = f"HTTP {resp.status_code}: {body[:300]}"
+            return chunks
+        async for line in resp.aiter_lines():
+            line = line.strip()
+            if not line.startswith("data:"):
+                continue
+            data_str = line[len("data:"):].strip()
+            if data_str == "[DONE]":
+                done = True
+                break
+            data = json.loads(data_str)
+            if not isinstance(data, dict):
+                result.error = f"a stream chunk is not a JSON object: {data_str[:300]}"
+                return chunks
+            if data.get("error"):
+                result.error = f"server error in stream: {str(data['error'])[:300]}"
+                return chunks
+            if data.get("choices"):
+                choices = [c for c in data["choices"] if isinstance(c, dict)] \
+                    if isinstance(data["choices"], list) else []
+                ended = {c.get("finish_reason") for c in choices} & CUT_SHORT
+                if ended:
+                    result.error = (f"the server ended the request with finish_reason {ended.pop()} after "
+                                    f"{chunks + 1} chunk(s)")
+                    return chunks
+                if on_choice is not None:
+                    for choice in choices:
+                        on_choice(choice)
+                now = time.perf_counter()
+                if chunks == 0:
+                    result.ttft = now - st
+                else:
+                    result.itl.append(now - last)
+                last = now
+                result.latency = now - st
+                chunks += 1
+            usage = data.get("usage")
+            if isinstance(usage, dict):
+                result.output_len = int(usage.get("completion_tokens") or 0)
+                result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
+    if not done:
+        result.error = f"the stream ended before [DONE] after {chunks} chunk(s): the answer was cut short"
+    return chunks
+
+
+async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, req: BenchRequest,
+                       bench_start: float, on_choice: OnChoice | None = None) -> RequestResult:
+    """One streaming request, at most `request_timeout` s in all. Never raises: a failure is a
+    result with `error` set."""
+    result = RequestResult(prompt_len=req.prompt_len)
+    st = time.perf_counter()
+    result.start = st - bench_start
+    try:
+        chunks = await asyncio.wait_for(_stream(client, cfg, model, req, result, st, on_choice), cfg.request_timeout)
+    except (asyncio.TimeoutError, httpx.TimeoutException):
+        result.error = f"timed out after {cfg.request_timeout:g}s waiting for {cfg.url} to finish a request"
+        return result
+    except (httpx.HTTPError, json.JSONDecodeError, TypeError, ValueError) as exc:  # also a usage count not a number
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if result.error:
+        return result
+    if chunks == 0:
+        result.error = "no chunk with a choice received (cannot measure TTFT)"
+        return result
+    result.success = True
+    if result.output_len == 0:
+        result.output_len = chunks  # server sent no usage: one token per chunk
+    return result
+
+
+async def resolve_model(client: httpx.AsyncClient, cfg: ServeBenchConfig) -> str:
+    """Check the server answers, and pick the model: --model, else the first of GET /v1/models."""
+    try:
+        resp = await client.get(cfg.models_url, timeout=30.0)
+    except httpx.ConnectError:
+        raise PdlaunchError(
+            f"cannot connect to {cfg.base_url}", field="--base-url", hint="is the server running and the URL right?"
+        ) from None
+    except httpx.TimeoutException:
+        raise PdlaunchError(
+            f"no answer from {cfg.models_url} within 30s", field="--base-url", hint="is the server overloaded?"
+        ) from None
+    except httpx.HTTPError as exc:  # e.g. a port whose server is not HTTP closes the connection
+        raise PdlaunchError(
+            f"{cfg.models_url} gave no HTTP answer ({type(exc).__name__}: {exc})", field="--base-url",
+            hint="is that the OpenAI server's port?",
+        ) from None
+    if cfg.model:
+        return cfg.model
+    try:
+        listing = resp.json() if resp.status_code == 200 else {}
+    except ValueError:
+        listing = {}
+    models = listing.get("data") if isinstance(listing, dict) else None
+    first = models[0] if isinstance(models, list) and models else None
+    if not isinstance(first, dict) or not first.get("id"):
+        raise PdlaunchError(
+            f"{cfg.models_url} answered HTTP {resp.status_code} without a model list", field="--model",
+            hint="pass --model NAME",
+        )
+    return str(first["id"])

@@ -1,0 +1,124 @@
+"""The settings of one `pdlaunch bench serve` run (every flag, checked before anything is sent) and the bounds of
+its workload flags."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+
+import httpx
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from pdlaunch.bench.report import parse_goodput
+
+# Token ids below this are left out: byte-level and sentencepiece vocabularies keep control and
+# special tokens there.
+MIN_TOKEN_ID = 10
+# Upper bounds of the workload flags: lengths and token ids are drawn as numpy int64s, and every independent prompt
+# is held in memory before the run starts.
+MAX_PROMPTS = 1_000_000  # requests (or conversations, turns) of one run
+MAX_TOKENS = 2**24  # tokens of one prompt or answer: more than any server's context window
+MAX_VOCAB = 2**31
+
+
+class ServeBenchConfig(BaseModel):
+    """Everything one `bench serve` run needs; built from the CLI flags."""
+
+    base_url: str
+    endpoint: str = "/v1/completions"
+    model: str | None = None  # None: the first id from GET /v1/models
+    num_prompts: int = Field(1000, ge=1, le=MAX_PROMPTS)
+    random_input_len: int = Field(1024, ge=1, le=MAX_TOKENS)
+    # --input-lens: a mixed workload, each prompt one of these lengths, in equal shares (replaces random_input_len)
+    input_lens: list[Annotated[int, Field(ge=1, le=MAX_TOKENS)]] | None = Field(None, min_length=1)
+    random_output_len: int = Field(128, ge=1, le=MAX_TOKENS)
+    random_range_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    request_rate: float = Field(math.inf, gt=0.0)  # req/s; inf sends everything at once
+    burstiness: float = Field(1.0, gt=0.0)  # gamma shape; 1 = Poisson, < 1 burstier, > 1 more regular
+    max_concurrency: int | None = Field(None, ge=1)
+    num_warmups: int = Field(0, ge=0, le=MAX_PROMPTS)
+    goodput: list[str] = []
+    prompt_format: Literal["ids", "words"] | None = None  # None: ids for completions, words for chat
+    vocab_size: int = Field(500, gt=MIN_TOKEN_ID, le=MAX_VOCAB)  # ids drawn from [MIN_TOKEN_ID, vocab_size)
+    ignore_eos: bool = True
+    seed: int = Field(0, ge=0)  # numpy seeds are non-negative
+    request_timeout: float = Field(600.0, gt=0.0)  # s, per request
+    save_result: bool = False
+    result_dir: Path = Path(".")
+    result_filename: str | None = None
+    plot_dir: Path | None = None
+    # --multi-turn (multi_turn.py): conversations x turns instead of num_prompts independent prompts
+    multi_turn: bool = False
+    num_conversations: int = Field(8, ge=1, le=MAX_PROMPTS)
+    num_turns: int = Field(4, ge=1, le=MAX_PROMPTS)
+    system_prompt_len: int = Field(256, ge=0, le=MAX_TOKENS)  # the prompt every conversation starts with
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        """An http(s)://HOST[:PORT] URL, said as a --base-url error rather than as httpx's traceback."""
+        fix = "give the server's root as http://HOST:PORT, e.g. http://127.0.0.1:8000"
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise ValueError(f"{url!r} is not a valid URL ({exc}); {fix}") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL with a host; {fix}")
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise ValueError(f"{url!r}: port {parsed.port} is not in 1..65535; {fix}")
+        return url
+
+    @field_validator("result_filename")
+    @classmethod
+    def _file_name(cls, name: str | None) -> str | None:
+        if name is not None and not name.strip():
+            raise ValueError("the file name is empty; give a name such as result.json, or drop the flag")
+        return name
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeBenchConfig:
+        parse_goodput(self.goodput)
+        if self.is_chat and self.prompt_format == "ids":
+            raise ValueError("--prompt-format: ids (token-id prompts) need a completions --endpoint, and this one is "
+                             "chat; use --prompt-format words for chat")
+        # Flags of one mode that the other does not read: refused rather than ignored.
+        other_mode = _INDEPENDENT_ONLY if self.multi_turn else _MULTI_TURN_ONLY
+        defaults = type(self).model_fields
+        ignored = [flag for name, flag in other_mode.items() if getattr(self, name) != defaults[name].default]
+        if self.multi_turn and not self.is_chat and self.prompt_format == "words":
+            ignored.append("--prompt-format words (multi-turn completions resend the server's token ids)")
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)}: not used {'with' if self.multi_turn else 'without'} --multi-turn")
+        if self.input_lens is not None:
+            if self.random_input_len != defaults["random_input_len"].default:
+                raise ValueError("--random-input-len and --input-lens both set the prompt lengths: give one")
+            if self.random_range_ratio:
+                raise ValueError("--random-range-ratio varies the lengths around --random-input-len; --input-lens "
+                                 "fixes each prompt's length: drop one")
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.endpoint.rstrip("/").endswith("chat/completions")
+
+    @property
+    def url(self) -> str:
+        base = self.base_url.rstrip("/")
+        path = "/" + self.endpoint.lstrip("/")
+        if base.endswith("/v1") and path.startswith("/v1/"):
+            path = path[3:]
+        return base + path
+
+    @property
+    def models_url(self) -> str:
+        base = self.base_url.rstrip("/")
+        return base + ("/models" if base.endswith("/v1") else "/v1/models")
+
+
+# Flags only one mode reads (field -> flag): `--multi-turn` runs conversations, not independent prompts.
+_INDEPENDENT_ONLY = {"num_prompts": "--num-prompts", "random_range_ratio": "--random-range-ratio",
+                     "input_lens": "--input-lens",
+                     "max_concurrency": "--max-concurrency", "num_warmups": "--num-warmups", "plot_dir": "--plot"}
+_MULTI_TURN_ONLY = {"num_conversations": "--num-conversations", "num_turns": "--num-turns",
+                    "system_prompt_len": "--system-prompt-len"}
