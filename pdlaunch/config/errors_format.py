@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 
@@ -91,8 +92,14 @@ def did_you_mean(key: str, loc: tuple[int | str, ...]) -> str:
     return "valid keys here: " + ", ".join(local) if local else "remove it"
 
 
+# A value's repr in a message: bounded in depth and items, so that a YAML alias bomb (nine aliases of nine
+# aliases... ten deep: 1 KB of text, 10**9 items) is not printed whole before being cut to 60 characters.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 200, 200
+
+
 def _short(value: object) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -3,10 +3,14 @@ now end as one problem naming the key path or flag, exit 1."""
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from pdlaunch.config.errors_format import problems_from_validation_error
+from pdlaunch.config.models import DeploymentConfig
 from tests.config.cli_helpers import assert_invalid, check, write_yaml
 
 CPU = ["--model", "tiny", "--device", "cpu"]
@@ -23,3 +27,29 @@ CPU = ["--model", "tiny", "--device", "cpu"]
 ])
 def test_yaml_value_its_tag_cannot_read_names_the_key(tmp_path: Path, text: str, field: str, said: str) -> None:
     assert_invalid(check([str(write_yaml(tmp_path, text)), *CPU]), field, said)
+
+
+def test_a_yaml_alias_bomb_in_a_typed_field_is_reported_without_printing_it_whole() -> None:
+    """Nine aliases of nine aliases, seven deep (4.8M items from a few hundred bytes of YAML): the problem shows
+    the value's first characters; formatting it once printed it whole (tens of MB here; at ten deep, minutes
+    and GBs)."""
+    bomb: object = ["lol"] * 9
+    for _ in range(6):
+        bomb = [bomb] * 9
+    with pytest.raises(ValidationError) as caught:
+        DeploymentConfig.model_validate({"parallel": {"tp": bomb}})
+    tracemalloc.start()
+    try:
+        problems = problems_from_validation_error(caught.value)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert problems[0].field == "parallel.tp" and "[[[" in problems[0].message
+    assert peak < 5 * 2**20, f"formatting the problem allocated {peak / 2**20:.0f} MiB"
+
+
+def test_alias_bomb_through_check_config(tmp_path: Path) -> None:
+    anchors = "x0: &x0 [lol, lol, lol]\n" + "".join(f"x{i + 1}: &x{i + 1} [*x{i}, *x{i}, *x{i}]\n" for i in range(5))
+    result = check([str(write_yaml(tmp_path, anchors + "log_dir: *x5\n")), *CPU])
+    assert_invalid(result, "log_dir", "input should be a valid string, got [[[")
+    assert_invalid(result, "x0", "unknown key")
