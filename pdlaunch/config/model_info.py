@@ -187,8 +187,9 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
                               "point at the checkpoint directory that holds config.json")]
     try:
         hf = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return None, [problem("model.path", f"{str(config_file)!r} is not valid JSON ({exc})",
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        why = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc).split("; use sys.")[0]
+        return None, [problem("model.path", f"{str(config_file)!r} is not valid JSON ({why})",
                               "restore the checkpoint's config.json")]
     if not isinstance(hf, dict):
         return None, [problem("model.path", f"{str(config_file)!r} is not a JSON object",

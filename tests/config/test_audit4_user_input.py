@@ -53,3 +53,24 @@ def test_alias_bomb_through_check_config(tmp_path: Path) -> None:
     result = check([str(write_yaml(tmp_path, anchors + "log_dir: *x5\n")), *CPU])
     assert_invalid(result, "log_dir", "input should be a valid string, got [[[")
     assert_invalid(result, "x0", "unknown key")
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ('{"kv_connector": "NixlConnector", "kv_port": ' + "9" * 5000 + "}", "5000 digits"),
+])
+def test_kv_transfer_config_json_python_cannot_read_names_the_flag(text: str, said: str) -> None:
+    result = check([*CPU, "--kv-transfer-config", text])
+    assert_invalid(result, "--kv-transfer-config", said)
+    assert "set_int_max_str_digits" not in result.output
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+    ('{"hidden_size": ' + "9" * 5000 + "}", "5000 digits"),
+])
+def test_a_config_json_python_cannot_read_names_the_model(tmp_path: Path, text: str, said: str) -> None:
+    (tmp_path / "config.json").write_text(text)
+    result = check(["--model", str(tmp_path), "--device", "cpu"])
+    assert_invalid(result, "--model", said)
+    assert "set_int_max_str_digits" not in result.output
