@@ -74,3 +74,17 @@ def test_a_config_json_python_cannot_read_names_the_model(tmp_path: Path, text: 
     result = check(["--model", str(tmp_path), "--device", "cpu"])
     assert_invalid(result, "--model", said)
     assert "set_int_max_str_digits" not in result.output
+
+
+@pytest.mark.parametrize(("args", "flag", "said"), [
+    (["--target-gpus", str(10**100), "--target-gpu-memory", "80"], "--target-gpus", "must be 1..16384"),
+    (["--target-gpus", "2", "--target-gpu-memory", "1e300"], "--target-gpu-memory", "up to 1048576"),
+    (["--kv-offload-gb", "1e300"], "--kv-offload-gb", "must be <= 1048576"),  # its bytes: int(inf) at serve
+])
+def test_sizes_too_large_to_count_in_bytes_name_the_flag(args: list[str], flag: str, said: str) -> None:
+    assert_invalid(check(["--model", "tiny", *args]), flag, said)
+
+
+def test_a_cpu_kv_cache_too_large_to_count_in_bytes_names_the_key(tmp_path: Path) -> None:
+    result = check([str(write_yaml(tmp_path, "cache: {cpu_kv_cache_gb: 1e300}\n")), *CPU])
+    assert_invalid(result, "cache.cpu_kv_cache_gb", "must be <= 1048576")
