@@ -167,6 +167,8 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
         from pdlaunch.model.demo_model import DEMO_MODEL_CONFIG
 
         return _from_hf_dict(dict(DEMO_MODEL_CONFIG), "the demo model")
+    if not path.strip():  # `--model "$MODEL"` with MODEL unset: Path("") is the working directory, not a model
+        return None, [problem("model.path", f"{path!r} names no model", _LOCAL_MODEL)]
     model_dir = Path(os.path.expanduser(path))  # Path.expanduser raises on `~nosuchuser`
     try:
         is_dir, is_file, exists = model_dir.is_dir(), model_dir.is_file(), model_dir.exists()

@@ -88,3 +88,14 @@ def test_sizes_too_large_to_count_in_bytes_name_the_flag(args: list[str], flag: 
 def test_a_cpu_kv_cache_too_large_to_count_in_bytes_names_the_key(tmp_path: Path) -> None:
     result = check([str(write_yaml(tmp_path, "cache: {cpu_kv_cache_gb: 1e300}\n")), *CPU])
     assert_invalid(result, "cache.cpu_kv_cache_gb", "must be <= 1048576")
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--model", "", "--device", "cpu"], "--model"),  # `--model "$MODEL"` with MODEL unset
+    (["", "--device", "cpu"], "MODEL"),
+    (["--model", " ", "--device", "cpu"], "--model"),
+])
+def test_an_empty_model_names_no_model_rather_than_the_working_directory(args: list[str], field: str) -> None:
+    result = check(args)
+    assert_invalid(result, field, "names no model")
+    assert "config.json" not in result.output.split("names no model")[0]
