@@ -99,3 +99,35 @@ def test_an_empty_model_names_no_model_rather_than_the_working_directory(args: l
     result = check(args)
     assert_invalid(result, field, "names no model")
     assert "config.json" not in result.output.split("names no model")[0]
+
+
+def test_a_flag_that_replaces_a_file_value_is_a_warning_naming_both(tmp_path: Path) -> None:
+    config = str(write_yaml(tmp_path, "proxy: {port: 8006}\ninstances: [{role: prefill}, {role: decode, count: 1}]\n"))
+    result = check([config, *CPU, "--port", "8005", "--decode", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: --port: sets proxy.port to 8005, replacing 8006 in {config!r}: flags win" in result.output
+    assert "warning: --decode: sets instances[1].count to 2, replacing 1" in result.output
+    assert "warning: --port" not in check([config, *CPU, "--port", "8006"]).output  # the same value: nothing to say
+
+
+def test_a_secret_replaced_by_its_environment_variable_is_named_not_shown(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    config = write_yaml(tmp_path, "security: {api_key: file-key-1234}\n")
+    config.chmod(0o600)
+    monkeypatch.setenv("PDLAUNCH_API_KEY", "env-key-5678")
+    result = check([str(config), *CPU])
+    assert "warning: --api-key: this flag or PDLAUNCH_API_KEY sets security.api_key, replacing" in result.output
+    assert "key-1234" not in result.output and "key-5678" not in result.output
+
+
+def test_serve_logs_the_same_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pdlaunch.config.cli_overrides import Overrides
+    from pdlaunch.config.loader import load_valid_deployment
+
+    overrides = Overrides()
+    for path, value, flag in (("model.path", "tiny", "--model"), ("device", "cpu", "--device"),
+                              ("proxy.port", 8005, "--port")):
+        overrides.set(path, value, flag)
+    with caplog.at_level("WARNING"):
+        load_valid_deployment(write_yaml(tmp_path, "proxy: {port: 8006}\n"), overrides)
+    assert "--port: sets proxy.port to 8005, replacing 8006" in caplog.text
