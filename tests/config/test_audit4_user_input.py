@@ -3,6 +3,8 @@ now end as one problem naming the key path or flag, exit 1."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
@@ -131,3 +133,15 @@ def test_serve_logs_the_same_warning(tmp_path: Path, caplog: pytest.LogCaptureFi
     with caplog.at_level("WARNING"):
         load_valid_deployment(write_yaml(tmp_path, "proxy: {port: 8006}\n"), overrides)
     assert "--port: sets proxy.port to 8005, replacing 8006" in caplog.text
+
+
+@pytest.mark.parametrize("args", [
+    ["--kv-transfer-config", "[" * 100_000],  # json's own recursion, in a fresh interpreter
+    ["--target-gpus", str(10**100), "--target-gpu-memory", "80"],
+])
+def test_as_a_process_bad_input_exits_1_without_a_traceback(args: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-m", "pdlaunch", "check-config", *CPU, *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert f"error: {args[0]}:" in done.stdout
