@@ -12,7 +12,7 @@ from rich.text import Text
 
 from pdlaunch.config.backend import backend_target, with_backend_nodes
 from pdlaunch.config.flag_names import flag_fields, name_flags
-from pdlaunch.config.loader import load_deployment, with_rule_problems
+from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
@@ -110,7 +110,7 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
               target_gpus: int | None, target_gpu_memory: float | None) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
-    warnings = world_readable_secret_warnings(config_path)
+    warnings = world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
     if resolved is not None:
         warnings += name_flags(no_effect_warnings(resolved, model_info_for(resolved)[0]),
                                flag_fields(overrides, resolved.instances))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 import types
 import typing
 
@@ -91,8 +92,15 @@ def did_you_mean(key: str, loc: tuple[int | str, ...]) -> str:
     return "valid keys here: " + ", ".join(local) if local else "remove it"
 
 
-def _short(value: object) -> str:
-    text = repr(value)
+# A value's repr in a message: bounded in depth and items, so that a YAML alias bomb (nine aliases of nine
+# aliases... ten deep: 1 KB of text, 10**9 items) is not printed whole before being cut to 60 characters.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 200, 200
+
+
+def short_repr(value: object) -> str:
+    """`value` as a message shows it: its repr, at most 60 characters."""
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -108,24 +116,24 @@ def _describe(err: ErrorDetails) -> tuple[str, str]:
     if kind == "extra_forbidden":
         return f"unknown key `{loc[-1]}`", did_you_mean(str(loc[-1]), loc)
     if kind == "invalid_key":
-        return f"key {_short(value)} is not a string", "config keys are names like `block_size`"
+        return f"key {short_repr(value)} is not a string", "config keys are names like `block_size`"
     if kind == "missing":
         return "required key is missing", f"add it ({hint})"
     if kind == "literal_error":
-        return f"{_short(value)} is not allowed", f"use {err.get('ctx', {}).get('expected', 'a listed value')}"
+        return f"{short_repr(value)} is not allowed", f"use {err.get('ctx', {}).get('expected', 'a listed value')}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"expected a mapping of keys, got {type(value).__name__}", "write `key: value` pairs under it"
     if kind == "list_type":
         return f"expected a list, got {type(value).__name__}", hint
     if kind in _BOUNDS:
         symbol, key = _BOUNDS[kind]
-        return f"must be {symbol} {err.get('ctx', {}).get(key)}, got {_short(value)}", hint
+        return f"must be {symbol} {err.get('ctx', {}).get(key)}, got {short_repr(value)}", hint
     if kind == "value_error":  # our own validators write "what is wrong; how to fix it"
         what, _, fix = str(err.get("msg", "")).removeprefix("Value error, ").partition("; ")
         return what, fix or hint
     msg = str(err.get("msg", "invalid value"))
     msg = msg[0].lower() + msg[1:] if msg else "invalid value"
-    return f"{msg}, got {_short(value)}", hint
+    return f"{msg}, got {short_repr(value)}", hint
 
 
 def problems_from_validation_error(exc: ValidationError) -> list[Problem]:

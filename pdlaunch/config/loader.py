@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from pdlaunch.config.cli_overrides import Overrides
-from pdlaunch.config.errors_format import problems_from_validation_error
-from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
+from pdlaunch.config.errors_format import problems_from_validation_error, short_repr
+from pdlaunch.config.flag_names import ENV_OF_FLAG, FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.yaml_strict import read_yaml
@@ -137,6 +137,50 @@ def load_deployment(path: Path | None, overrides: Mapping[str, object]) -> Deplo
     return cfg
 
 
+def _file_value(raw: dict[str, object], path: str) -> tuple[str, object] | None:
+    """(the file's key path, its value) where the file sets override path `path` (`instances[prefill].count`:
+    the file's one group of that role), else None."""
+    node: object = raw
+    where, parts = path, path.split(".")
+    role = ROLE_PATH.match(path)
+    if role is not None:
+        found = raw.get("instances")
+        groups = found if isinstance(found, list) else []
+        matching = [i for i, g in enumerate(groups) if isinstance(g, dict) and g.get("role") == role[1]]
+        if len(matching) != 1:
+            return None
+        node, where, parts = groups[matching[0]], f"instances[{matching[0]}].{role[2]}", [role[2]]
+    for part in parts:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return where, node
+
+
+def flag_over_file_warnings(path: Path | None, overrides: Mapping[str, object]) -> list[Problem]:
+    """A warning for each flag that replaces a different value the file sets: the flag wins, silently otherwise."""
+    if path is None or not overrides:
+        return []
+    try:
+        raw = read_yaml(path)
+    except ConfigError:  # reported as the config's own problems
+        return []
+    typed = typed_flags(overrides)
+    warnings: list[Problem] = []
+    for key, value in overrides.items():
+        found = _file_value(raw, key)
+        if found is None or found[1] == value:
+            continue
+        where, in_file = found
+        flag = typed.get(key) or FLAG_FOR_PATH.get(key, key)
+        env = ENV_OF_FLAG.get(flag)
+        what = (f"sets {where}, replacing the value in {str(path)!r}" if key.startswith("security.")  # no secret shown
+                else f"sets {where} to {short_repr(value)}, replacing {short_repr(in_file)} in {str(path)!r}")
+        warnings.append(problem(flag, f"{f'this flag or {env} ' if env else ''}{what}: flags win over the file",
+                                "drop one of the two if that is not what you meant"))
+    return warnings
+
+
 def _salvage(raw: dict[str, object], exc: ValidationError) -> DeploymentConfig | None:
     """The config with every invalid value put back to its default, so that the cross-field rules
     can still report their problems next to the field errors; None when that does not parse."""
@@ -192,7 +236,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     info, _ = load_model_info(resolved.model.path)
-    for field, message in world_readable_secret_warnings(path) + name_flags(
+    for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + name_flags(
             no_effect_warnings(resolved, info), flag_fields(overrides, resolved.instances)):
         logger.warning("warning: %s: %s", field, message)
     return resolved

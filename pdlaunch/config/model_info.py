@@ -167,6 +167,8 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
         from pdlaunch.model.demo_model import DEMO_MODEL_CONFIG
 
         return _from_hf_dict(dict(DEMO_MODEL_CONFIG), "the demo model")
+    if not path.strip():  # `--model "$MODEL"` with MODEL unset: Path("") is the working directory, not a model
+        return None, [problem("model.path", f"{path!r} names no model", _LOCAL_MODEL)]
     model_dir = Path(os.path.expanduser(path))  # Path.expanduser raises on `~nosuchuser`
     try:
         is_dir, is_file, exists = model_dir.is_dir(), model_dir.is_file(), model_dir.exists()
@@ -187,8 +189,9 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
                               "point at the checkpoint directory that holds config.json")]
     try:
         hf = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return None, [problem("model.path", f"{str(config_file)!r} is not valid JSON ({exc})",
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
+        why = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc).split("; use sys.")[0]
+        return None, [problem("model.path", f"{str(config_file)!r} is not valid JSON ({why})",
                               "restore the checkpoint's config.json")]
     if not isinstance(hf, dict):
         return None, [problem("model.path", f"{str(config_file)!r} is not a JSON object",

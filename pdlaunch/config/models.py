@@ -34,6 +34,7 @@ def _kv_cache_dtype_spelling(value: Any) -> Any:
 KVCacheDType = Annotated[Literal["auto", "fp8"], BeforeValidator(_kv_cache_dtype_spelling)]
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
+MAX_GIB = 2**20  # the most GiB any size takes (1 PiB): more is a typo, and GiB x 2**30 must stay a finite float
 _Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
@@ -70,13 +71,13 @@ class CacheConfig(StrictModel):
     block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of device memory an instance may use.")
     num_gpu_blocks: int | None = Field(None, gt=0, description="Override the profiled KV block count.")
-    kv_offload_gb: float = Field(0.0, ge=0, description="CPU tier for KV blocks evicted from the GPU prefix cache, "
-                                 "GiB; 0 = off. Was `cpu_offload_gb` (still read, with a warning).")
+    kv_offload_gb: float = Field(0.0, ge=0, le=MAX_GIB, description="CPU tier for KV blocks evicted from the GPU "
+                                 "prefix cache, GiB; 0 = off. Was `cpu_offload_gb` (still read, with a warning).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
     kv_cache_dtype: KVCacheDType = Field(
         "auto", description="KV cache element type: auto = the model dtype; fp8 = e4m3 with the checkpoint's "
         "per-layer k_scale/v_scale (else 1.0): half the bytes of bf16 per token held and moved.")
-    cpu_kv_cache_gb: float = Field(1.0, gt=0, description="KV cache budget when running on CPU, GiB.")
+    cpu_kv_cache_gb: float = Field(1.0, gt=0, le=MAX_GIB, description="KV cache budget when running on CPU, GiB.")
 
 
 # Step token budgets when scheduler.max_num_batched_tokens is not set. A colocated instance runs prompt chunks in

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from pdlaunch.config.addresses import bind_problem
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.config.models import BLOCK_SIZES, DeploymentConfig, InstanceGroupConfig
+from pdlaunch.config.models import BLOCK_SIZES, MAX_GIB, DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import memory, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
@@ -56,11 +56,12 @@ def target_problems(
         missing = "--target-gpus" if target_gpus is None else "--target-gpu-memory"
         problems.append(problem(missing, "a target host needs both --target-gpus and --target-gpu-memory",
                                 f"add {missing}"))
-    if target_gpus is not None and target_gpus < 1:
-        problems.append(problem("--target-gpus", f"must be at least 1, got {target_gpus}", "give the GPU count"))
-    if target_gpu_memory is not None and not 0 < target_gpu_memory < float("inf"):
-        problems.append(problem("--target-gpu-memory", f"must be a positive number of GiB, got {target_gpu_memory}",
-                                "e.g. --target-gpu-memory 80"))
+    if target_gpus is not None and not 1 <= target_gpus <= roles.MAX_RANKS:
+        problems.append(problem("--target-gpus", f"must be 1..{roles.MAX_RANKS}, got {target_gpus}",
+                                "give the GPU count of one host"))
+    if target_gpu_memory is not None and not 0 < target_gpu_memory <= MAX_GIB:
+        problems.append(problem("--target-gpu-memory", f"must be a positive number of GiB up to {MAX_GIB}, "
+                                f"got {target_gpu_memory}", "e.g. --target-gpu-memory 80"))
     if problems:
         return None, problems
     assert target_gpus is not None and target_gpu_memory is not None

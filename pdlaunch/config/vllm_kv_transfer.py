@@ -65,6 +65,10 @@ def kv_transfer_overrides(text: str) -> tuple[dict[str, object], list[Problem]]:
     except json.JSONDecodeError as exc:
         return {}, [problem(FLAG, f"not valid JSON ({exc.msg} at character {exc.pos})",
                             "quote it for the shell: --kv-transfer-config '{\"kv_connector\":\"NixlConnector\"}'")]
+    except (ValueError, RecursionError) as exc:  # an integer of more than 4300 digits; nesting past Python's stack
+        why = "it nests too deeply" if isinstance(exc, RecursionError) else str(exc).split("; use sys.")[0]
+        return {}, [problem(FLAG, f"JSON that pdlaunch cannot read ({why})",
+                            "write e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")]
     if not isinstance(data, dict):
         return {}, [problem(FLAG, f"expected a JSON object, got {type(data).__name__}",
                             "write e.g. '{\"kv_connector\":\"NixlConnector\",\"kv_role\":\"kv_both\"}'")]

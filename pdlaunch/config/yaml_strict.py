@@ -1,6 +1,8 @@
 """Reading a deployment YAML file: duplicate keys refused (PyYAML keeps the last of two equal keys
-without a word, so a file that sets `port` twice would silently run on the second value), and every
-other failure reported as a problem naming the file, line and column.
+without a word, so a file that sets `port` twice would silently run on the second value), a value
+that is not what its tag says (`!!int abc`, `!!bool maybe`, a date with month 13) or an integer too
+long to print refused by its key path, and every other failure reported as a problem naming the
+file, line and column.
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import ConfigError
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by explicit keys
+# Python refuses to print an int of more than 4300 digits (sys.get_int_max_str_digits), and no setting takes one.
+_MAX_INT_BITS = 4000 * 332 // 100  # 4000 digits
+_KINDS = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false, yes/no, on/off)",
+          "timestamp": "a date", "binary": "base64 bytes"}
+
+
+class UnreadableValue(Exception):
+    """A scalar that its YAML tag cannot turn into a value: `problem` names its key path and line."""
+
+    def __init__(self, found: Problem) -> None:
+        super().__init__(found.message)
+        self.problem = found
 
 
 class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types: its classes are untyped
@@ -22,11 +36,35 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no ty
     def __init__(self, text: str, source: str) -> None:
         super().__init__(text)
         self.source = source
+        self.paths: dict[int, str] = {}  # id(node) -> its key path, filled by duplicate_keys
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
+        try:
+            data = super().construct_object(node, deep)
+        except (ValueError, KeyError, OverflowError) as exc:  # PyYAML's constructors raise these for `!!int abc`
+            raise UnreadableValue(self._unreadable(node, exc)) from None
+        if isinstance(data, int) and data.bit_length() > _MAX_INT_BITS:  # `0xfff...`: hex is not length-limited
+            raise UnreadableValue(self._unreadable(node, None))
+        return data
+
+    def _unreadable(self, node: yaml.Node, exc: Exception | None) -> Problem:
+        where = f"in {self.source} at line {node.start_mark.line + 1}, column {node.start_mark.column + 1}"
+        path = self.paths.get(id(node), "config")
+        text = str(node.value)
+        shown = repr(text if len(text) <= 40 else text[:37] + "...")
+        if exc is None or (node.tag.endswith(":int") and len(text) > 4000):
+            return problem(path, f"the integer {shown} {where} has more than 4000 digits",
+                           "give a value in the setting's range")
+        kind = _KINDS.get(node.tag.rsplit(":", 1)[-1], node.tag)
+        reason = "" if isinstance(exc, KeyError) else f" ({str(exc).split('; use sys.')[0]})"
+        return problem(path, f"{shown} {where} is not {kind}{reason}",
+                       "write a value of that kind, or drop the tag and quote it to make it a string")
 
     def duplicate_keys(self, node: yaml.Node, path: str, seen: set[int]) -> list[Problem]:
         if id(node) in seen:  # an alias to a node already walked (or a recursive anchor)
             return []
         seen.add(id(node))
+        self.paths[id(node)] = path or "config"
         problems: list[Problem] = []
         if isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
@@ -51,7 +89,8 @@ class StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no ty
 
 
 def load_strict(text: str, source: str) -> tuple[object, list[Problem]]:
-    """The document, and a problem for every duplicate key (named by its dotted path and line).
+    """The document, and a problem for every duplicate key (named by its dotted path and line); a value
+    its tag cannot read is a problem too, and the document then None.
 
     Raises yaml.YAMLError for a syntax error, as yaml.safe_load does.
     """
@@ -61,7 +100,10 @@ def load_strict(text: str, source: str) -> tuple[object, list[Problem]]:
         if node is None:
             return None, []
         problems = loader.duplicate_keys(node, "", set())
-        return loader.construct_document(node), problems
+        try:
+            return loader.construct_document(node), problems
+        except UnreadableValue as exc:
+            return None, [*problems, exc.problem]
     finally:
         loader.dispose()
 
