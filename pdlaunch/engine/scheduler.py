@@ -320,7 +320,8 @@ class Scheduler:
                 else:
                     if not bm.allocate(rid, start + n, start, hit):
                         break
-                    self._load_from_cpu(rid, cpu_hit)
+                    if not self._load_from_cpu(request, cpu_hit):
+                        continue
                     self._note_cached(request, start)
                 request.num_computed_tokens = start
             self.waiting.popleft()
@@ -332,10 +333,11 @@ class Scheduler:
 
     def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int,
                            cpu_hit: CPUHit | None = None) -> bool | None:
-        """Ask the connector about a fresh request. Returns True when the request was parked
-        waiting for KV, False when it runs `num_new_tokens` now (blocks allocated), None when
-        blocks ran out (nothing changed). The local prefix (device hit, extended by `cpu_hit`
-        from the CPU offload tier) is not asked of the connector."""
+        """Ask the connector about a fresh request. Returns True when the request left the queue
+        (parked waiting for KV, or failed: its CPU-tier load could not be queued), False when it
+        runs `num_new_tokens` now (blocks allocated), None when blocks ran out (nothing changed).
+        The local prefix (device hit, extended by `cpu_hit` from the CPU offload tier) is not
+        asked of the connector."""
         assert self.connector is not None
         rid = request.request_id
         k = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
@@ -348,7 +350,8 @@ class Scheduler:
         # else cache_blocks would register never-written blocks as this prompt's prefix.
         if not self.block_manager.allocate(rid, total, k + ext, hit):
             return None
-        self._load_from_cpu(rid, cpu_hit)
+        if not self._load_from_cpu(request, cpu_hit):
+            return True
         request.connector_consulted = True
         self._note_cached(request, k + ext, local=k)
         if remote:
@@ -363,10 +366,24 @@ class Scheduler:
         self.waiting_for_kv[rid] = request
         return True
 
-    def _load_from_cpu(self, request_id: str, cpu_hit: CPUHit | None) -> None:
-        """Queue the CPU-tier part of a prefix hit into the blocks just allocated for it."""
-        if cpu_hit is not None and self.offload is not None:
-            self.offload.start_load(self.block_manager.block_ids(request_id), cpu_hit)
+    def _load_from_cpu(self, request: Request, cpu_hit: CPUHit | None) -> bool:
+        """Queue the CPU-tier part of a prefix hit into the blocks just allocated for it. False when that
+        failed: nothing was queued into the blocks, so the request ends with an error at once (its blocks
+        freed, the engine answers it from `failed`) and the other requests go on."""
+        if cpu_hit is None or self.offload is None:
+            return True
+        rid = request.request_id
+        try:
+            self.offload.start_load(self.block_manager.block_ids(rid), cpu_hit)
+        except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
+            log.error("request %s: loading its prefix from the CPU offload tier failed: %s", rid, exc,
+                      exc_info=not isinstance(exc, PdlaunchError))
+            text = exc.render() if isinstance(exc, PdlaunchError) else f"{type(exc).__name__}: {exc}"
+            self.finish_request(request, "error", f"loading its cached prefix from the CPU offload tier "
+                                f"(--kv-offload-gb) failed: {text}", 500)
+            self.failed.append(request)
+            return False
+        return True
 
     def _note_cached(self, request: Request, num_cached: int, local: int | None = None) -> None:
         """Once per admission: cached prompt positions (`local` of them from this instance's prefix

@@ -28,7 +28,7 @@ from pdlaunch.kvcache.block_manager import BlockManager, PrefixHit
 from pdlaunch.kvcache.prefix_cache import PrefixNode
 from pdlaunch.offload import metrics
 from pdlaunch.offload.cpu_tier import CPUBlock, CPUTier
-from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec
+from pdlaunch.offload.transfer import CpuGpuTransfer, CPULoadStoreSpec, GPULoadStoreSpec, TransferResult
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,25 @@ class OffloadManager:
             entry = self.tier.allocate(node.block_hash, parent, node.token_ids, groups | kept, protect)
             if entry is not None:
                 by_groups.setdefault(groups, []).append((entry, blocks))
-        num_groups = self.block_manager.num_groups
         for groups, items in by_groups.items():
+            self._submit_store(groups, items)
+
+    def _submit_store(self, groups: frozenset[int], items: list[tuple[CPUBlock, dict[int, int]]]) -> None:
+        """Queue one store job; one that cannot be queued drops its CPU blocks (never written) as a failed
+        store does: a lost cache entry, not a lookup that would load what they hold."""
+        num_groups = self.block_manager.num_groups
+        entries = [entry for entry, _ in items]
+        try:
             ids = tuple(blocks[g] for g in range(num_groups) if g in groups for _, blocks in items)
             sizes = tuple(len(items) if g in groups else 0 for g in range(num_groups))
             gpu = GPULoadStoreSpec(ids, sizes, (0,) * num_groups)
-            cpu = CPULoadStoreSpec(tuple(entry.block_id for entry, _ in items))
-            self._submit(_JobInfo(True, len(items), [entry for entry, _ in items]), (gpu, cpu))
+            cpu = CPULoadStoreSpec(tuple(entry.block_id for entry in entries))
+            self._submit(_JobInfo(True, len(items), entries), (gpu, cpu))
+        except Exception as exc:  # noqa: BLE001 - a store only fills a cache: drop it, the step goes on
+            log.error("queueing a store of %d KV blocks to the CPU tier failed: %s", len(entries), exc,
+                      exc_info=not isinstance(exc, EngineError))
+            for entry in entries:
+                self.tier.drop(entry)
 
     # -- loads -----------------------------------------------------------------------------------
     def match(self, token_ids: Sequence[int], hit: PrefixHit, max_tokens: int) -> CPUHit | None:
@@ -159,9 +171,9 @@ class OffloadManager:
             indices.append(lo - first)
         gpu = GPULoadStoreSpec(tuple(ids), tuple(sizes), tuple(indices))
         cpu = CPULoadStoreSpec(tuple(b.block_id for b in cpu_hit.blocks))
+        self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks)), (cpu, gpu))
         self.hit_blocks += len(cpu_hit.blocks)
         metrics.OFFLOAD_HIT_BLOCKS.inc(len(cpu_hit.blocks))
-        self._submit(_JobInfo(False, len(cpu_hit.blocks), list(cpu_hit.blocks)), (cpu, gpu))
 
     # -- jobs ------------------------------------------------------------------------------------
     def _submit(self, info: _JobInfo, spec: tuple[GPULoadStoreSpec, CPULoadStoreSpec] |
@@ -187,30 +199,41 @@ class OffloadManager:
         self.poll()
 
     def poll(self) -> None:
-        """Account finished jobs; a failed store drops its CPU blocks, a failed load is fatal."""
+        """Account finished jobs; a failed store drops its CPU blocks, a failed load is fatal (raised once
+        every finished job is accounted)."""
+        failed_load: str | None = None
         for result in self.transfer.get_finished():
-            info = self._jobs.pop(result.job_id)
-            direction = "store" if info.store else "load"
-            if info.store:
-                for entry in info.entries:
-                    if self._storing.get(entry.block_hash, (None, -1))[1] == result.job_id:
-                        del self._storing[entry.block_hash]
-            if not result.success:
-                if not info.store:
-                    raise EngineError(f"loading KV blocks from the CPU tier failed: {result.error}",
-                                      field="cache.kv_offload_gb", hint="restart the instance; see the log")
-                log.error("storing KV blocks to the CPU tier failed: %s", result.error)
-                for entry in info.entries:
-                    self.tier.drop(entry)
-                continue
-            if info.store:
-                self.stored_blocks += info.num_blocks
-                metrics.OFFLOAD_STORED_BLOCKS.inc(info.num_blocks)
-            else:
-                self.loaded_blocks += info.num_blocks
-                metrics.OFFLOAD_LOADED_BLOCKS.inc(info.num_blocks)
-            metrics.OFFLOAD_BYTES.labels(direction).inc(result.num_bytes)
-            metrics.OFFLOAD_SECONDS.labels(direction).observe(result.seconds)
+            if not self._account(result) and failed_load is None:
+                failed_load = result.error
+        if failed_load is not None:
+            raise EngineError(f"loading KV blocks from the CPU tier failed: {failed_load}",
+                              field="cache.kv_offload_gb", hint="restart the instance; see the log")
+
+    def _account(self, result: TransferResult) -> bool:
+        """One finished job; False when it was a load that failed."""
+        info = self._jobs.pop(result.job_id)
+        direction = "store" if info.store else "load"
+        if info.store:
+            for entry in info.entries:
+                if self._storing.get(entry.block_hash, (None, -1))[1] == result.job_id:
+                    del self._storing[entry.block_hash]
+        if not result.success:
+            if not info.store:
+                log.error("loading KV blocks from the CPU tier failed: %s", result.error)
+                return False
+            log.error("storing KV blocks to the CPU tier failed: %s", result.error)
+            for entry in info.entries:
+                self.tier.drop(entry)
+            return True
+        if info.store:
+            self.stored_blocks += info.num_blocks
+            metrics.OFFLOAD_STORED_BLOCKS.inc(info.num_blocks)
+        else:
+            self.loaded_blocks += info.num_blocks
+            metrics.OFFLOAD_LOADED_BLOCKS.inc(info.num_blocks)
+        metrics.OFFLOAD_BYTES.labels(direction).inc(result.num_bytes)
+        metrics.OFFLOAD_SECONDS.labels(direction).observe(result.seconds)
+        return True
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Queue pending stores and block until every job finished (sleep, tests)."""

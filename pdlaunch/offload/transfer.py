@@ -126,11 +126,15 @@ class CpuGpuTransfer:
         # Captured here, in the constructing thread: the worker binds it once at start (vLLM #39548).
         self.device_index = device.index if self.cuda and device.index is not None else 0
         self.stream = cuda_stream(device) if self.cuda else None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-offload",
-                                        initializer=set_device, initargs=(self.device_index,))
+        self._worker: threading.Thread | None = None  # the pool's one thread, once it started
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-offload", initializer=self._start_worker)
         self._jobs: dict[int, _Job] = {}
         self._lock = threading.Lock()
         self._closed = False
+
+    def _start_worker(self) -> None:
+        self._worker = threading.current_thread()
+        set_device(self.device_index)
 
     # -- addressing ------------------------------------------------------------------------------
     def _copies(self, gpu: GPULoadStoreSpec, cpu: CPULoadStoreSpec) -> list[tuple[int, list[tuple[int, int, int]]]]:
@@ -251,22 +255,38 @@ class CpuGpuTransfer:
             pass
 
     def wait_all(self, timeout: float = 60.0) -> None:
-        """Block the host until every submitted job has completed (tests, shutdown, sleep)."""
+        """Block the host until every submitted job has completed (tests, shutdown, sleep); one deadline
+        for all, EngineError naming the job past it."""
+        deadline = time.monotonic() + timeout
         self.order_before_compute(timeout)
         with self._lock:
-            events = [j.events.done for j in self._jobs.values() if j.events is not None]
-        for e in events:
-            e.synchronize()
+            done = [(j.job_id, j.events.done) for j in self._jobs.values() if j.events is not None]
+        for job_id, event in done:
+            while not event_done(event):
+                if time.monotonic() >= deadline:
+                    raise EngineError(f"KV offload job {job_id} did not complete within {timeout:.0f}s "
+                                      "(waiting for its copies on the transfer stream)", field="offload",
+                                      hint="the device is stuck; see the log and restart the instance")
+                time.sleep(0.001)  # a CUDA event has no wait with a timeout: poll it
 
     def num_pending(self) -> int:
         with self._lock:
             return len(self._jobs)
 
-    def shutdown(self) -> None:
-        """Finish what was queued, stop the worker thread. Idempotent."""
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Finish what was queued, stop the worker thread (one deadline for both). Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self.wait_all()
-        self._pool.shutdown(wait=True)
+        deadline = time.monotonic() + timeout
+        try:
+            self.wait_all(timeout)
+        finally:
+            self._pool.shutdown(wait=False)  # its thread exits once its queue is done
+        if self._worker is not None:
+            self._worker.join(max(0.0, deadline - time.monotonic()))
+            if self._worker.is_alive():
+                raise EngineError(f"the KV offload transfer thread did not stop within {timeout:.0f}s "
+                                  "(waiting for it to finish its queued work and exit)", field="offload",
+                                  hint="the transfer thread is stuck; see the log")
 
