@@ -138,3 +138,26 @@ def check_compatible(local: KVCacheSpec, remote: HandshakeInfo, remote_role: str
         f"{remote.compat_hash}, this engine: {compat_hash(mine)}) although every field matches",
         hint="run the same pdlaunch version on both instances",
     )
+
+
+def check_layout(local: KVCacheSpec, remote: HandshakeInfo, where: str, reshard: bool = False) -> None:
+    """Raise KVTransferError unless the handshake of `where` (the peer's engine and address) gives what a
+    load indexes and strides by: one base address and block size per KV-cache group of this engine, the
+    size of this engine's blocks (resharding: of a block of the peer's KV heads), and counts of blocks
+    and staging slots that bound the ids a READ names."""
+    groups = len(local.kv_caches)
+    expected = local.block_bytes
+    if reshard:  # a block is [layers, 2, block_size, heads, head_dim]: its size is linear in the heads
+        expected = [b // local.num_kv_heads * remote.num_kv_heads for b in local.block_bytes]
+    problems = []
+    if len(remote.base_addrs) != groups:
+        problems.append(f"base_addrs names {len(remote.base_addrs)} KV-cache groups, this engine has {groups}")
+    if remote.block_bytes != expected:
+        problems.append(f"block_bytes is {remote.block_bytes}, expected {expected}")
+    if remote.num_blocks < 1:
+        problems.append(f"num_blocks is {remote.num_blocks}, expected at least 1")
+    if remote.staging_slots < 0:
+        problems.append(f"staging_slots is {remote.staging_slots}, expected 0 (no staging) or more")
+    if problems:
+        raise KVTransferError(f"the KV handshake of {where} does not fit this engine: {'; '.join(problems)}",
+                              hint="run the same pdlaunch version on prefill and decode")

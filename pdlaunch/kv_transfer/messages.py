@@ -66,6 +66,9 @@ class PushRequest(_Message):
 
     @model_validator(mode="after")
     def _runs_in_range(self) -> PushRequest:
+        if not len(self.runs) == len(self.base_addrs) == len(self.block_bytes):  # the sender indexes each per group
+            raise ValueError(f"runs, base_addrs and block_bytes name {len(self.runs)}, {len(self.base_addrs)} and "
+                             f"{len(self.block_bytes)} KV-cache groups: one entry per group each")
         for g, group in enumerate(self.runs):
             if sum(count for _, _, count in group) > MAX_PUSH_BLOCKS:
                 raise ValueError(f"runs[{g}] names more than {MAX_PUSH_BLOCKS} blocks")

@@ -23,6 +23,7 @@ from pdlaunch.kv_transfer.agent import KVAgent
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.decode.peers import PeerCache
+from pdlaunch.kv_transfer.decode.table import DRAIN_GRACE_SECONDS
 from pdlaunch.kv_transfer.handshake import KV_LAYOUT, DeviceInfo, device_info
 from pdlaunch.kv_transfer.messages import Notification, parse_notification
 from pdlaunch.kv_transfer.side_channel import SideChannelServer
@@ -47,6 +48,20 @@ def bind_ucx_to_loopback(side_channel_host: str) -> None:
     routable address and keep UCX's default devices."""
     if side_channel_host in _LOOPBACK_HOSTS or side_channel_host.startswith("127."):
         os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+
+def staging_wait_hint(agent: TransferAgent, transfer_timeout: float, title: str) -> str:
+    """How long the transfers holding staging slots may still hold them (a refused sleep's hint). A load's
+    slots go back by its deadline (kv_transfer.transfer_timeout_seconds) plus DRAIN_GRACE_SECONDS (a READ
+    ending, a chunk's drain), a prefill's by its ticket's or push's deadline; a transport that cannot cancel
+    a running transfer adds its release_wait_seconds (Mooncake: past MC_TRANSFER_TIMEOUT, which ends it)."""
+    grace = DRAIN_GRACE_SECONDS + (0.0 if agent.release_cancels else agent.release_wait_seconds)
+    hint = (f"sleep once the KV transfers using them have ended: within {transfer_timeout + grace:g}s "
+            f"(kv_transfer.transfer_timeout_seconds + {grace:g}s)")
+    if agent.release_cancels:
+        return hint
+    return (f"{hint}; {title} cannot cancel a READ or WRITE that runs, which keeps its slots until it ends (at the "
+            "latest at Mooncake's transfer timeout, MC_TRANSFER_TIMEOUT)")
 
 
 AnswerMode = Literal["pull", "push"]  # what a prefill's answer names (vLLM's field; never "auto")
@@ -207,7 +222,7 @@ class NixlConnector(KVConnector):
                 f"{in_use} of {staging.num_slots} KV staging slots are in use by "
                 + (f"request(s) {', '.join(sorted(users))}" if users else "a transfer that is ending"),
                 field="sleep",
-                hint="sleep once the KV transfers have ended (at most kv_transfer.transfer_timeout_seconds)",
+                hint=staging_wait_hint(self.agent, self.kv.transfer_timeout_seconds, self.title),
             )
         self._forget_peers(self.kv_epoch)
         if staging is None:

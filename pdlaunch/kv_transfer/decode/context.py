@@ -116,6 +116,32 @@ class ChunkWaits:
         return True
 
 
+_SAME_VERSION = "run the same pdlaunch version on prefill and decode"
+
+
+def check_block_ids(load: Load, remote: RemoteEngine, where: str) -> None:
+    """The prefill block ids the load names lie in the prefill's KV cache (its handshake's num_blocks): a
+    READ strides base_addrs by them, and one past the cache would read memory outside it."""
+    top = max((p[2] for group in load.pairs for p in group), default=-1)
+    if top >= remote.info.num_blocks:
+        raise KVTransferError(f"request {load.request_id}: the prefill's block ids name block {top} of {where}, "
+                              f"whose handshake announced {remote.info.num_blocks} blocks", hint=_SAME_VERSION)
+
+
+def _check_staged(slots: list[list[int]], asked: list[list[int]], num_slots: int, source: RemoteKV,
+                  request_id: str) -> None:
+    """A staging answer names, per KV-cache group, one of the prefill's `num_slots` staging slots for each
+    block asked for: fewer would READ fewer blocks than the load needs, others memory outside the slots."""
+    sent, wanted = [len(group) for group in slots], [len(ids) for ids in asked]
+    if sent != wanted:
+        raise KVTransferError(f"request {request_id}: {source.where} answered a staging request with slots for "
+                              f"{sent} blocks per KV-cache group, {wanted} were asked for", hint=_SAME_VERSION)
+    outside = next((s for group in slots for s in group if not 0 <= s < num_slots), None)
+    if outside is not None:
+        raise KVTransferError(f"request {request_id}: {source.where} answered a staging request with slot {outside}, "
+                              f"outside the {num_slots} staging slots of its handshake", hint=_SAME_VERSION)
+
+
 @dataclass
 class LoadContext:
     agent: TransferAgent
@@ -178,6 +204,8 @@ class LoadContext:
                               StageAnswer, self.remaining(load, "prefill staging"), "staging request")
             src, ticket = staged.slots, staged.ticket
         try:
+            if ticket is not None:
+                _check_staged(staged.slots, remote_ids, remote.info.staging_slots, source, load.request_id)
             local: list[tuple[int, int]] = []
             rem: list[tuple[int, int]] = []
             for g in range(len(dst)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.decode.context import LoadContext
+from pdlaunch.kv_transfer.decode.context import LoadContext, check_block_ids
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import PullLoad
@@ -54,6 +54,7 @@ class DecodeLoads:
                 strategy.run(load)
                 return
             remote = self.peers.get(load.remote)
+            check_block_ids(load, remote, load.where)
             strategy = self._choose(remote)
             with self.ctx.lock:
                 if load.abandoned or load.state != LoadState.HANDSHAKE:

@@ -15,7 +15,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible
+from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, check_layout
 from pdlaunch.kv_transfer.messages import HandshakeAnswer, HandshakeRequest, ListenAnswer, ListenRequest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
@@ -133,7 +133,10 @@ class PeerCache:
             raise KVTransferError(f"the side channel at {host}:{port} is TP rank {info.tp_rank} of prefill engine "
                                   f"{engine_id}, not rank {rank}",
                                   hint="the prefill instance restarted or its ports moved; retry the request")
-        check_compatible(self._spec(), info, reshard=rank is not None)
+        spec = self._spec()
+        check_compatible(spec, info, reshard=rank is not None)
+        where = f"prefill engine {engine_id} at {host}:{port}" + ("" if rank is None else f" (TP rank {rank})")
+        check_layout(spec, info, where, reshard=rank is not None)
         self.agent.forget_remote(info.agent_name)  # stale metadata of an earlier epoch
         agent_name = self.agent.add_remote(bytes.fromhex(info.agent_metadata))
         mode, reason = resolve_transfer_mode(self.transfer_mode, self._local_device(), info.device)

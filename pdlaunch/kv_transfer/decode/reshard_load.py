@@ -15,7 +15,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.checksum import verify_blocks
-from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
+from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext, check_block_ids
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.messages import ReadDone
@@ -73,6 +73,7 @@ class ReshardLoad(LoadStrategy):
             for src in plan.sources:
                 remotes[src.rank] = ctx.peers.get(src.remote)
                 _check_source(src, remotes[src.rank], plan, spec)
+                check_block_ids(load, remotes[src.rank], src.remote.where)
             reading = [src for src in plan.sources if src.slices]
             moved = any(load.pairs)
             if ctx.verify_kv and moved and any(src.checksums is None for src in reading):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
+from pdlaunch.kv_transfer.messages import parse_notification
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake.sender import RELEASE_WAIT_SECONDS, MooncakeXfer, TransferPool
 
@@ -33,6 +34,19 @@ logger = logging.getLogger(__name__)
 NOTIFY_PURPOSE = "pdlaunch mooncake notification v1"
 MAX_NOTIFY_CHARS = 8192
 _MAC_HEX = 64
+
+# What a notification that never arrives costs its peer: each waits for its own timeout instead.
+_LOST_READ = "the prefill keeps the request's blocks until its hold's lease (kv_transfer.kv_lease_seconds) or the " \
+    "decode's READ claim ends"
+LOST_NOTIFICATION = {
+    "push_done": "the decode waits for it until its load's deadline (kv_transfer.transfer_timeout_seconds), "
+                 "then fails the request",
+    "push_failed": "the decode fails the request at its load's deadline (kv_transfer.transfer_timeout_seconds) "
+                   "and keeps its blocks until its drain ends",
+    "read_done": _LOST_READ,
+    "release": _LOST_READ,
+    "forget": "the decode keeps this prefill's Mooncake session until its next handshake with it",
+}
 
 
 class PeerMetadata(BaseModel):
@@ -143,16 +157,24 @@ class MooncakeAgent:
         return self.pool.post(run, num_bytes, f"{op} with {remote_agent}", wait_on_release=op == "WRITE")
 
     def notify(self, remote_agent: str, message: bytes) -> None:
-        """Queue `message` for the peer (best effort, like a NIXL notification: a failure is logged)."""
+        """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
+        logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised."""
         session, signed = self._session(remote_agent), self._sign(message)
+        self._notifier.executor.submit(self._send, remote_agent, session, signed, message)
 
-        def send() -> None:
-            try:
-                self.engine.notify(session, self.name, signed)
-            except KVTransferError as e:
-                self._bad.warn("notify-send", "Mooncake notification to %s not delivered: %s", remote_agent, e)
-
-        self._notifier.executor.submit(send)
+    def _send(self, remote_agent: str, session: str, signed: str, message: bytes) -> None:
+        """Notifier thread: one notification; whatever fails is logged (an exception left in the
+        executor's future would be dropped unseen)."""
+        try:
+            self.engine.notify(session, self.name, signed)
+        except Exception as e:  # noqa: BLE001 - any failure loses the notification: say so
+            notif = parse_notification(message)
+            kind = notif.kind if notif is not None else "malformed"
+            expected = isinstance(e, KVTransferError)
+            why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
+            logger.log(logging.WARNING if expected else logging.ERROR,
+                       "Mooncake %s notification to %s (session %s) not delivered: %s; %s", kind, remote_agent,
+                       session, why, LOST_NOTIFICATION.get(kind, "the peer ignores it"), exc_info=not expected)
 
     def _sign(self, message: bytes) -> str:
         return mac(self._key, message).hex() + message.decode()
