@@ -42,6 +42,7 @@ log = logging.getLogger("pdlaunch.server")
 
 EngineState = Literal["loading", "ready", "failed", "stopped"]
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 @dataclass
@@ -88,11 +89,13 @@ class _Abort:
     request_id: str
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
-    """Run fn(engine) on the engine thread; `run` hands its result or exception to the caller's future."""
+    """Run fn(engine) on the engine thread; `run` hands its result or exception to the caller's future, `fail` an
+    error instead (the engine thread ended before it ran the call)."""
 
     run: Callable[[LLMEngine], None]
+    fail: Callable[[OpenAIError], None]
 
 
 class EngineLoop:
@@ -113,6 +116,7 @@ class EngineLoop:
         self._on_fatal = on_fatal
         self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
+        self._calls: set[_Call] = set()  # queued, not started: failed with the streams when the engine thread ends
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -210,7 +214,8 @@ class EngineLoop:
     async def call(self, fn: Callable[[LLMEngine], T], timeout: float = 30.0, what: str | None = None) -> T:
         """Run fn(engine) on the engine thread (for anything that must not race with step()). Past `timeout` the
         caller gets a 503 naming `what` (else fn's name), and a call the engine thread had not started yet is
-        dropped: a /sleep that timed out must not put the instance to sleep later, unseen."""
+        dropped: a /sleep that timed out must not put the instance to sleep later, unseen. A call the engine thread
+        will not run (it failed or stopped) fails at once with the error its requests get."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         name = what or getattr(fn, "__name__", "a call")
@@ -225,11 +230,16 @@ class EngineLoop:
             try:
                 result = fn(engine)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(_fail, future, exc)
+                _settle(loop, _fail, future, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, future, result)
+                _settle(loop, _resolve, future, result)
 
-        self._commands.put(_Call(run))
+        call = _Call(run, lambda error: _settle(loop, _fail, future, _copy(error)))
+        with self._lock:  # as submit: an engine thread that ended has failed the calls it knew (_fail_all)
+            if self.state in ("failed", "stopped"):
+                raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+            self._calls.add(call)
+        self._commands.put(call)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
@@ -239,6 +249,9 @@ class EngineLoop:
             status = "it still runs there" if started else \
                 "it had not started (a step held the thread) and will not run"
             raise OpenAIError(503, f"engine thread did not finish {name} within {timeout:g}s; {status}") from None
+        finally:
+            with self._lock:
+                self._calls.discard(call)
 
     async def release_held_kv(self, request_id: str, timeout: float = 10.0) -> bool:
         """Prefill: free the KV blocks held for a request whose decode leg will not run (the client
@@ -326,6 +339,8 @@ class EngineLoop:
             elif isinstance(command, _Abort):
                 self._abort(engine, command.request_id)
             else:
+                with self._lock:
+                    self._calls.discard(command)  # started: its own outcome settles it
                 command.run(engine)
             try:
                 command = self._commands.get_nowait()
@@ -398,10 +413,14 @@ class EngineLoop:
             stream.put(item)
 
     def _fail_all(self, error: OpenAIError) -> None:
+        """Every request and every call not started gets `error` (the engine thread ended: none would be answered)."""
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls), set()
         for stream in streams:
             stream.put(error)
+        for call in calls:
+            call.fail(error)
 
     def _update_stats(self, engine: LLMEngine) -> None:
         """/info's stats. The running, waiting and KV-usage gauges are the engine's own, set as each step ends
@@ -441,6 +460,20 @@ def _log_release_failure(request_id: str) -> Callable[[asyncio.Task[bool]], None
             log.error("releasing the KV held for %s failed: %s", request_id, exc)
 
     return done
+
+
+def _settle(loop: asyncio.AbstractEventLoop, settle: Callable[[asyncio.Future[T], V], None],
+            future: asyncio.Future[T], value: V) -> None:
+    """`settle(future, value)` on the future's event loop, from any thread (nothing once that loop is closed)."""
+    try:
+        loop.call_soon_threadsafe(settle, future, value)
+    except RuntimeError:  # the event loop is closed: nobody waits for the call any more
+        pass
+
+
+def _copy(error: OpenAIError) -> OpenAIError:
+    """A fresh exception per caller: each raise writes its own traceback into the one it raises."""
+    return OpenAIError(error.status, error.message, param=error.param, code=error.code)
 
 
 def _resolve(future: asyncio.Future[T], result: T) -> None:
