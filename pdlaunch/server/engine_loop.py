@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on th
 log = logging.getLogger("pdlaunch.server")
 
 EngineState = Literal["loading", "ready", "failed", "stopped"]
+CONNECTOR_INFO_REFRESH_S = 0.25  # /info's connector part (held and loading requests, peers) is this fresh
 T = TypeVar("T")
 V = TypeVar("V")
 
@@ -125,6 +126,13 @@ class EngineLoop:
         self.state: EngineState = "loading"
         self.error: str | None = None
         self.stats: EngineStats | None = None  # the engine's after its last step
+        # What /info shows of the engine, read on the engine thread so that /info never waits for it (a step, or a
+        # sleep or wake_up of up to two minutes): the TP ranks' engine ids and nodes once it is built (fixed from
+        # then on; [] when the executor does not know them), the KV connector's description as steps run.
+        self.rank_engine_ids: list[str] = []
+        self.rank_nodes: list[str] = []
+        self.connector_info: JsonObject = {}
+        self._connector_info_at = float("-inf")  # time.monotonic() of its last refresh
         self.num_aborted = 0  # requests stopped before they finished (client went away)
         self.recent_itl = RecentItl()  # /health's itl_ms
         self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
@@ -302,6 +310,7 @@ class EngineLoop:
             self._ready.set()
             return
         # /info and the gauges have numbers from the start: a quiescent loop steps first quiescent_wait_s later
+        self.rank_engine_ids, self.rank_nodes = engine.rank_engine_ids, engine.rank_nodes
         self._update_stats(engine)
         self.state = "ready"
         self._ready.set()
@@ -423,11 +432,15 @@ class EngineLoop:
             call.fail(error)
 
     def _update_stats(self, engine: LLMEngine) -> None:
-        """/info's stats. The running, waiting and KV-usage gauges are the engine's own, set as each step ends
-        (engine/stats.update_metrics): set again here from these stats, they left out requests waiting to
-        compute their prompt after a failed KV load, and disagreed with vllm:num_requests_waiting."""
+        """/info's stats and connector description. The running, waiting and KV-usage gauges are the engine's own, set
+        as each step ends (engine/stats.update_metrics), not set again here from these stats."""
         stats = self.stats = engine.stats()
         metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
+        now = time.monotonic()
+        if now - self._connector_info_at >= CONNECTOR_INFO_REFRESH_S:
+            self._connector_info_at = now
+            connector = engine.connector
+            self.connector_info = connector.info() if connector is not None else {}
 
     def _check_integrity(self, engine: LLMEngine) -> None:
         try:

@@ -24,6 +24,10 @@ ANSWERED_WITHIN_S = 10.0  # an answered call's error comes in ms; far below CALL
 class HeldEngine:
     """Its step holds the engine thread until released, then raises when told to fail."""
 
+    rank_engine_ids: list[str] = []  # what /info shows: the executor knows no ranks, no connector
+    rank_nodes: list[str] = []
+    connector = None
+
     def __init__(self) -> None:
         self.in_step, self.release, self.fail = threading.Event(), threading.Event(), threading.Event()
 
