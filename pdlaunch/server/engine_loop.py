@@ -133,7 +133,7 @@ class EngineLoop:
         self.rank_nodes: list[str] = []
         self.connector_info: JsonObject = {}
         self._connector_info_at = float("-inf")  # time.monotonic() of its last refresh
-        self.num_aborted = 0  # requests stopped before they finished (client went away)
+        self.num_aborted = 0  # requests stopped before they finished (client went away): _count_abort
         self.recent_itl = RecentItl()  # /health's itl_ms
         self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
         self._grammars = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")  # off the engine thread
@@ -359,15 +359,22 @@ class EngineLoop:
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         try:
             if engine.abort_request(request_id) is not None:
-                self.num_aborted += 1
+                self._count_abort()
         except Exception:  # a request not running here is None, not this: its blocks may not have come back
             log.exception("aborting request %s failed; the instance goes on serving the others", request_id)
+
+    def _count_abort(self) -> None:
+        """A request stopped before it finished (its client left, or another choice of its HTTP request failed):
+        /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per engine request as
+        vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
+        self.num_aborted += 1
+        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
 
     def _add(self, engine: LLMEngine, command: _Add) -> None:
         stream = command.stream
         with self._lock:
             if self._streams.get(stream.request_id) is not stream:
-                self.num_aborted += 1  # aborted before the engine saw it (e.g. while its grammar was built)
+                self._count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
                 return
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
