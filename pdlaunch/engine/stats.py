@@ -12,8 +12,12 @@ from pdlaunch.offload.manager import OffloadManager
 
 class EngineStats(TypedDict):
     num_running: int
+    # Waiting to run: for blocks or a sequence slot, or to compute the prompt whose KV load failed
+    # (kv_transfer.load_failure_policy recompute: num_recomputing of them wait for their old blocks to be safe to free)
     num_waiting: int
-    num_waiting_for_kv: int
+    num_waiting_for_kv: int  # waiting for their KV from a prefill instance
+    num_recomputing: int
+    num_recomputed_loads: int  # requests whose KV load failed and that computed their prompt here, since start
     num_held: int
     num_blocks_total: int
     num_blocks_used: int
@@ -28,8 +32,10 @@ class EngineStats(TypedDict):
 def engine_stats(s: Scheduler, block_manager: BlockManager, offload: OffloadManager | None) -> EngineStats:
     return EngineStats(
         num_running=len(s.running),
-        num_waiting=len(s.waiting),
+        num_waiting=len(s.waiting) + len(s.recomputing),
         num_waiting_for_kv=len(s.waiting_for_kv),
+        num_recomputing=len(s.recomputing),
+        num_recomputed_loads=s.num_recomputed_loads,
         num_held=len(s.held),
         num_blocks_total=block_manager.num_blocks,
         num_blocks_used=block_manager.num_used_blocks(),

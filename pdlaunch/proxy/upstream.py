@@ -145,8 +145,10 @@ class Proxy:
             except (httpx.HTTPError, TimeoutError):
                 content = b""
             finally:  # cancelled too (the client left): the connection and the in-flight count end
-                await response.aclose()
-                instance.in_flight -= 1
+                try:
+                    await response.aclose()
+                finally:  # a second cancellation may interrupt the close: the count ends all the same
+                    instance.in_flight -= 1
             raise error_from_response(instance, response.status_code, content)
         return Upstream(instance, response)
 

@@ -41,7 +41,9 @@ if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on th
 log = logging.getLogger("pdlaunch.server")
 
 EngineState = Literal["loading", "ready", "failed", "stopped"]
+CONNECTOR_INFO_REFRESH_S = 0.25  # /info's connector part (held and loading requests, peers) is this fresh
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 @dataclass
@@ -88,11 +90,13 @@ class _Abort:
     request_id: str
 
 
-@dataclass
+@dataclass(eq=False)
 class _Call:
-    """Run fn(engine) on the engine thread; `run` hands its result or exception to the caller's future."""
+    """Run fn(engine) on the engine thread; `run` hands its result or exception to the caller's future, `fail` an
+    error instead (the engine thread ended before it ran the call)."""
 
     run: Callable[[LLMEngine], None]
+    fail: Callable[[OpenAIError], None]
 
 
 class EngineLoop:
@@ -113,6 +117,7 @@ class EngineLoop:
         self._on_fatal = on_fatal
         self._commands: queue.Queue[_Add | _Abort | _Call | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
+        self._calls: set[_Call] = set()  # queued, not started: failed with the streams when the engine thread ends
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
@@ -121,7 +126,14 @@ class EngineLoop:
         self.state: EngineState = "loading"
         self.error: str | None = None
         self.stats: EngineStats | None = None  # the engine's after its last step
-        self.num_aborted = 0  # requests stopped before they finished (client went away)
+        # What /info shows of the engine, read on the engine thread so that /info never waits for it (a step, or a
+        # sleep or wake_up of up to two minutes): the TP ranks' engine ids and nodes once it is built (fixed from
+        # then on; [] when the executor does not know them), the KV connector's description as steps run.
+        self.rank_engine_ids: list[str] = []
+        self.rank_nodes: list[str] = []
+        self.connector_info: JsonObject = {}
+        self._connector_info_at = float("-inf")  # time.monotonic() of its last refresh
+        self.num_aborted = 0  # requests stopped before they finished (client went away): _count_abort
         self.recent_itl = RecentItl()  # /health's itl_ms
         self._releases: set[asyncio.Task[bool]] = set()  # referenced until done, or the loop may drop them
         self._grammars = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")  # off the engine thread
@@ -210,7 +222,8 @@ class EngineLoop:
     async def call(self, fn: Callable[[LLMEngine], T], timeout: float = 30.0, what: str | None = None) -> T:
         """Run fn(engine) on the engine thread (for anything that must not race with step()). Past `timeout` the
         caller gets a 503 naming `what` (else fn's name), and a call the engine thread had not started yet is
-        dropped: a /sleep that timed out must not put the instance to sleep later, unseen."""
+        dropped: a /sleep that timed out must not put the instance to sleep later, unseen. A call the engine thread
+        will not run (it failed or stopped) fails at once with the error its requests get."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         name = what or getattr(fn, "__name__", "a call")
@@ -225,11 +238,16 @@ class EngineLoop:
             try:
                 result = fn(engine)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(_fail, future, exc)
+                _settle(loop, _fail, future, exc)
             else:
-                loop.call_soon_threadsafe(_resolve, future, result)
+                _settle(loop, _resolve, future, result)
 
-        self._commands.put(_Call(run))
+        call = _Call(run, lambda error: _settle(loop, _fail, future, _copy(error)))
+        with self._lock:  # as submit: an engine thread that ended has failed the calls it knew (_fail_all)
+            if self.state in ("failed", "stopped"):
+                raise OpenAIError(503, f"engine is not ready (state: {self.state})", code="not_ready")
+            self._calls.add(call)
+        self._commands.put(call)
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
@@ -239,6 +257,9 @@ class EngineLoop:
             status = "it still runs there" if started else \
                 "it had not started (a step held the thread) and will not run"
             raise OpenAIError(503, f"engine thread did not finish {name} within {timeout:g}s; {status}") from None
+        finally:
+            with self._lock:
+                self._calls.discard(call)
 
     async def release_held_kv(self, request_id: str, timeout: float = 10.0) -> bool:
         """Prefill: free the KV blocks held for a request whose decode leg will not run (the client
@@ -289,6 +310,7 @@ class EngineLoop:
             self._ready.set()
             return
         # /info and the gauges have numbers from the start: a quiescent loop steps first quiescent_wait_s later
+        self.rank_engine_ids, self.rank_nodes = engine.rank_engine_ids, engine.rank_nodes
         self._update_stats(engine)
         self.state = "ready"
         self._ready.set()
@@ -326,6 +348,8 @@ class EngineLoop:
             elif isinstance(command, _Abort):
                 self._abort(engine, command.request_id)
             else:
+                with self._lock:
+                    self._calls.discard(command)  # started: its own outcome settles it
                 command.run(engine)
             try:
                 command = self._commands.get_nowait()
@@ -335,15 +359,22 @@ class EngineLoop:
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         try:
             if engine.abort_request(request_id) is not None:
-                self.num_aborted += 1
+                self._count_abort()
         except Exception:  # a request not running here is None, not this: its blocks may not have come back
             log.exception("aborting request %s failed; the instance goes on serving the others", request_id)
+
+    def _count_abort(self) -> None:
+        """A request stopped before it finished (its client left, or another choice of its HTTP request failed):
+        /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per engine request as
+        vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
+        self.num_aborted += 1
+        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
 
     def _add(self, engine: LLMEngine, command: _Add) -> None:
         stream = command.stream
         with self._lock:
             if self._streams.get(stream.request_id) is not stream:
-                self.num_aborted += 1  # aborted before the engine saw it (e.g. while its grammar was built)
+                self._count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
                 return
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
@@ -398,17 +429,25 @@ class EngineLoop:
             stream.put(item)
 
     def _fail_all(self, error: OpenAIError) -> None:
+        """Every request and every call not started gets `error` (the engine thread ended: none would be answered)."""
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls), set()
         for stream in streams:
             stream.put(error)
+        for call in calls:
+            call.fail(error)
 
     def _update_stats(self, engine: LLMEngine) -> None:
-        """/info's stats. The running, waiting and KV-usage gauges are the engine's own, set as each step ends
-        (engine/stats.update_metrics): set again here from these stats, they left out requests waiting to
-        compute their prompt after a failed KV load, and disagreed with vllm:num_requests_waiting."""
+        """/info's stats and connector description. The running, waiting and KV-usage gauges are the engine's own, set
+        as each step ends (engine/stats.update_metrics), not set again here from these stats."""
         stats = self.stats = engine.stats()
         metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
+        now = time.monotonic()
+        if now - self._connector_info_at >= CONNECTOR_INFO_REFRESH_S:
+            self._connector_info_at = now
+            connector = engine.connector
+            self.connector_info = connector.info() if connector is not None else {}
 
     def _check_integrity(self, engine: LLMEngine) -> None:
         try:
@@ -441,6 +480,20 @@ def _log_release_failure(request_id: str) -> Callable[[asyncio.Task[bool]], None
             log.error("releasing the KV held for %s failed: %s", request_id, exc)
 
     return done
+
+
+def _settle(loop: asyncio.AbstractEventLoop, settle: Callable[[asyncio.Future[T], V], None],
+            future: asyncio.Future[T], value: V) -> None:
+    """`settle(future, value)` on the future's event loop, from any thread (nothing once that loop is closed)."""
+    try:
+        loop.call_soon_threadsafe(settle, future, value)
+    except RuntimeError:  # the event loop is closed: nobody waits for the call any more
+        pass
+
+
+def _copy(error: OpenAIError) -> OpenAIError:
+    """A fresh exception per caller: each raise writes its own traceback into the one it raises."""
+    return OpenAIError(error.status, error.message, param=error.param, code=error.code)
 
 
 def _resolve(future: asyncio.Future[T], result: T) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import PurePath
+from typing import Literal
 
 from starlette.requests import Request
 
@@ -19,6 +20,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.engine_loop import EngineLoop
 
+SleepTransition = Literal["falling_asleep", "waking_up"]
 # A route handler: a module-level coroutine function taking the request (FastAPI injects its parameters).
 Handler = Callable[..., Coroutine[object, object, object]]
 
@@ -47,6 +49,8 @@ class Instance:
     # The engine's sleep state, written on the engine thread as each sleep or wake_up ends and by GET /is_sleeping
     # (server/sleep.py); a sleeping instance serves nothing
     sleeping: bool = False
+    # "falling_asleep" or "waking_up" while the engine thread runs a sleep or wake_up (server/sleep.py), else None
+    sleep_transition: SleepTransition | None = None
     model_name: str = field(init=False)  # what responses report
     accepted_names: frozenset[str] = field(init=False)
 

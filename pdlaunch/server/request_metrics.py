@@ -3,9 +3,17 @@
 Times run from when the instance received the request: time to first token, inter-token latency,
 end-to-end latency, decode time (first to last token), time per output token; prefill time (first
 admission to first token) and inference time (first admission to last token) from when the scheduler
-first admitted it; the request's n and max_tokens; counts are exact:
-every prompt token of an accepted request, every generated token, one success per request that
-finished (stop / length) under its finished_reason.
+first admitted it; the request's n and max_tokens; counts are exact: every generated token, one success per
+request that finished (stop / length) under its finished_reason (aborts are counted where they happen:
+EngineLoop._count_abort).
+
+vllm:prompt_tokens means what it means in vLLM: a prompt's whole length, its cached tokens included (vLLM's
+IterationStats adds prompt_len when a request's first output after its prefill comes), counted once that prefill
+ran: at the request's first token computed here after the scheduler admitted it. A request aborted or failed
+before that adds nothing; a PD decode's first token, which its prefill sampled, does not count, its next one (the
+KV loaded) does. Once per prompt: the later samples of n > 1 / best_of share the first one's prompt blocks and
+compute less than a block, and usage.prompt_tokens counts the prompt once (vLLM counts it once per sample, each
+being one of its requests).
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ class RequestMetrics:
     """One request's series; `arrival` is time.monotonic() when the instance received it."""
 
     def __init__(self, request_id: str, endpoint: str, arrival: float, n: int = 1,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, counts_prompt: bool = True) -> None:
         self.request_id, self.endpoint, self.arrival = request_id, endpoint, arrival
         self.n, self.max_tokens = n, max_tokens  # the request's parameters (vllm:request_params_*)
+        self._prompt_pending = counts_prompt  # the first sample of its prompt adds it to vllm:prompt_tokens, once
         self._scheduled: float | None = None  # first admission by the scheduler
         self._first_token: float | None = None
         self._last_token: float | None = None
@@ -38,13 +47,14 @@ class RequestMetrics:
 
     def accepted(self, num_prompt_tokens: int) -> None:
         self._num_prompt = num_prompt_tokens
-        metrics.vllm(metrics.PROMPT_TOKENS).inc(num_prompt_tokens)
-        metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(num_prompt_tokens)
 
     def output(self, out: RequestOutput) -> None:
         now, count = time.monotonic(), len(out.new_token_ids)
         if self._scheduled is None and out.scheduled_at is not None:
             self._scheduled = out.scheduled_at
+        if count and self._scheduled is not None and self._prompt_pending:  # its prefill ran here
+            self._prompt_pending = False
+            metrics.vllm(metrics.PROMPT_TOKENS).inc(self._num_prompt)
         if count:
             if self._last_token is None:
                 self._first_token = now
@@ -69,6 +79,7 @@ class RequestMetrics:
             return
         metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=reason).inc()
         metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
+        metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(self._num_prompt)  # as vLLM: per finished request
         metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
         metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
         if self.max_tokens is not None and metrics.REQUEST_PARAMS_MAX_TOKENS is not None:

@@ -20,7 +20,7 @@ from fastapi import Query, Request
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.server.instance import Handler, Instance, instance_of
+from pdlaunch.server.instance import Handler, Instance, SleepTransition, instance_of
 
 if TYPE_CHECKING:
     from pdlaunch.engine.llm_engine import LLMEngine
@@ -37,7 +37,8 @@ async def sleep(request: Request, level: int = Query(1)) -> JsonObject:
     pending = instance.engine_loop.num_pending
     if pending:
         raise OpenAIError(409, f"{pending} request(s) in flight; sleep when idle", code="busy")
-    result = await _on_engine(instance, _noting_state(instance, lambda e: e.sleep(level)), f"sleep (level {level})")
+    result = await _on_engine(instance, _noting_state(instance, "falling_asleep", lambda e: e.sleep(level)),
+                              f"sleep (level {level})")
     return {"is_sleeping": instance.sleeping, **result.model_dump()}
 
 
@@ -47,7 +48,7 @@ async def wake_up(request: Request, tags: list[str] | None = Query(None)) -> Jso
     unknown = sorted(set(wanted) - set(TAGS))
     if unknown:
         raise OpenAIError(400, f"unknown tags {unknown}; use weights and/or kv_cache", param="tags")
-    result = await _on_engine(instance, _noting_state(instance, lambda e: e.wake_up(wanted or None)),
+    result = await _on_engine(instance, _noting_state(instance, "waking_up", lambda e: e.wake_up(wanted or None)),
                               f"wake_up ({', '.join(wanted or TAGS)})")
     return {**result.model_dump(), "is_sleeping": instance.sleeping}
 
@@ -68,14 +69,18 @@ def _sleep_mode(request: Request) -> Instance:
     return instance
 
 
-def _noting_state(instance: Instance, fn: Callable[[LLMEngine], T]) -> Callable[[LLMEngine], T]:
-    """`fn` (a sleep or wake_up), then the engine's own sleep state into `instance.sleeping`, on the engine thread:
-    also when `fn` raised, and when the route stopped waiting for it (the route's timeout)."""
+def _noting_state(instance: Instance, transition: SleepTransition,
+                  fn: Callable[[LLMEngine], T]) -> Callable[[LLMEngine], T]:
+    """`fn` (a sleep or wake_up, `transition` while it runs: /info says so), then the engine's own sleep state into
+    `instance.sleeping`, on the engine thread: also when `fn` raised, and when the route stopped waiting for it (the
+    route's timeout)."""
     def run(engine: LLMEngine) -> T:
+        instance.sleep_transition = transition
         try:
             return fn(engine)
         finally:
             instance.sleeping = engine.is_sleeping()
+            instance.sleep_transition = None
 
     return run
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -12,9 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import error_body
 from pdlaunch.server.instance import Handler, instance_of, served_model_names
-
-if TYPE_CHECKING:
-    from pdlaunch.engine.llm_engine import LLMEngine
 
 KV_LAYOUT = "block-major [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]"
 
@@ -34,11 +30,12 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def info(request: Request) -> JsonObject:
+    """What the instance is, from what the engine thread last recorded (engine_loop.py): answered at once, also
+    while a step, a sleep or a wake_up holds that thread; `sleep_transition` says when one of those two runs."""
     instance = instance_of(request)
     engine_loop, spec, config = instance.engine_loop, instance.spec, instance.config
     engine = engine_loop.built_engine
-    ready = engine_loop.state == "ready"
-    rank_ids, rank_nodes, connector_info = await engine_loop.call(_engine_snapshot) if ready else (None, None, {})
+    connector_info = engine_loop.connector_info
     engine_id = engine.engine_id if engine is not None else spec.engine_id
     stats = engine_loop.stats
     pd = spec.role != "colocated"
@@ -47,11 +44,12 @@ async def info(request: Request) -> JsonObject:
         "pid": os.getpid(),
         "role": spec.role,
         "state": instance.state,
+        "sleep_transition": instance.sleep_transition,
         "model": instance.model_name,
         "engine_id": engine_id,
         "tp_size": spec.tp,
-        "rank_engine_ids": list[JsonValue](rank_ids or [engine_id] * spec.tp),
-        "rank_nodes": list[JsonValue](rank_nodes or [spec.host] * spec.tp),
+        "rank_engine_ids": list[JsonValue](engine_loop.rank_engine_ids or [engine_id] * spec.tp),
+        "rank_nodes": list[JsonValue](engine_loop.rank_nodes or [spec.host] * spec.tp),
         "device": spec.device,
         "devices": list[JsonValue](spec.devices),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
@@ -69,13 +67,6 @@ async def info(request: Request) -> JsonObject:
         "stats": dict[str, JsonValue](**stats) if stats is not None else {},
         "connector": connector_info,
     }
-
-
-def _engine_snapshot(engine: LLMEngine) -> tuple[list[str], list[str], JsonObject]:
-    """What /info reads from the engine itself (runs on the engine thread: no race with step()): the TP
-    ranks' engine ids and nodes (empty when the executor does not know them), the KV connector's description."""
-    connector = engine.connector
-    return engine.rank_engine_ids, engine.rank_nodes, connector.info() if connector is not None else {}
 
 
 async def prometheus_metrics(request: Request) -> Response:

@@ -20,6 +20,10 @@ class FailingEngine:
     """Steps until told to fail; `check_kv_transfer_params` (what submit asks between its readiness check and
     queuing the request) is where the test makes the engine thread fail and end."""
 
+    rank_engine_ids: list[str] = []  # what /info shows: the executor knows no ranks, no connector
+    rank_nodes: list[str] = []
+    connector = None
+
     def __init__(self) -> None:
         self.fail = threading.Event()
         self.shut_down = threading.Event()

@@ -15,6 +15,10 @@ from tests.serving.helpers import wait_for
 class CountingEngine:
     """What the loop calls on an engine, counting steps; `quiescent` is what the test sets."""
 
+    rank_engine_ids: list[str] = []  # what /info shows: the executor knows no ranks, no connector
+    rank_nodes: list[str] = []
+    connector = None
+
     def __init__(self) -> None:
         self.quiescent = True
         self.steps = 0

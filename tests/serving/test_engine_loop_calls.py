@@ -1,0 +1,111 @@
+"""A call queued for the engine thread (what /sleep, /wake_up, /is_sleeping and the KV release routes run there) as
+that thread fails or stops is answered at once with the error a request gets then, and one made after it ended is
+refused at once: neither waits out its timeout for a thread that will never run it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from pdlaunch.engine.stats import EngineStats
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.server.engine_loop import EngineLoop
+from tests.serving.helpers import wait_for
+
+WAIT_S = 60.0
+CALL_TIMEOUT_S = 30.0  # what the call would wait for an answer that never comes
+ANSWERED_WITHIN_S = 10.0  # an answered call's error comes in ms; far below CALL_TIMEOUT_S
+
+
+class HeldEngine:
+    """Its step holds the engine thread until released, then raises when told to fail."""
+
+    rank_engine_ids: list[str] = []  # what /info shows: the executor knows no ranks, no connector
+    rank_nodes: list[str] = []
+    connector = None
+
+    def __init__(self) -> None:
+        self.in_step, self.release, self.fail = threading.Event(), threading.Event(), threading.Event()
+
+    def is_quiescent(self) -> bool:
+        return False
+
+    def has_unfinished_requests(self) -> bool:
+        return False
+
+    def step(self) -> list[object]:
+        self.in_step.set()
+        assert self.release.wait(WAIT_S), "the test never released the step"
+        if self.fail.is_set():
+            raise RuntimeError("injected step failure")
+        return []
+
+    def stats(self) -> EngineStats:
+        return {"num_blocks_total": 8}  # type: ignore[typeddict-item]
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _started(engine: HeldEngine) -> EngineLoop:
+    loop = EngineLoop(lambda: engine, idle_wait_s=0.001)  # type: ignore[arg-type,return-value]
+    loop.start()
+    assert loop.wait_ready(WAIT_S), "the engine loop to start"
+    assert engine.in_step.wait(WAIT_S), "the engine thread to enter a step"
+    return loop
+
+
+async def _call_while(loop: EngineLoop, end: Callable[[], None]) -> tuple[OpenAIError, float]:
+    """Queue a call while a step holds the engine thread, then end the thread with `end` (run in a thread): the
+    call's error and how long it took to come."""
+    start = time.monotonic()
+    call = asyncio.ensure_future(loop.call(lambda engine: "ran", timeout=CALL_TIMEOUT_S, what="a test call"))
+    await asyncio.sleep(0)  # the call runs up to its wait: queued behind the held step
+    ending = asyncio.ensure_future(asyncio.to_thread(end))
+    with pytest.raises(OpenAIError) as info:
+        await call
+    took = time.monotonic() - start
+    await ending
+    return info.value, took
+
+
+def test_a_call_queued_as_the_engine_fails_gets_the_failure_at_once() -> None:
+    engine = HeldEngine()
+    loop = _started(engine)
+    try:
+        def fail() -> None:
+            engine.fail.set()
+            engine.release.set()
+
+        error, took = asyncio.run(_call_while(loop, fail))
+        assert took < ANSWERED_WITHIN_S, f"the call waited {took:.1f}s for a failed engine thread"
+        assert (error.status, error.code) == (500, "engine_failed") and "injected step failure" in error.message
+        later, took = asyncio.run(_call_while(loop, lambda: None))
+        assert took < ANSWERED_WITHIN_S and (later.status, later.code) == (503, "not_ready")
+        assert "state: failed" in later.message
+    finally:
+        engine.release.set()
+        loop.stop()
+
+
+def test_a_call_queued_as_the_engine_stops_gets_the_shutdown_at_once() -> None:
+    engine = HeldEngine()
+    loop = _started(engine)
+    stopper = threading.Thread(target=loop.stop)  # stop() joins the engine thread: the held step must end first
+
+    def stop() -> None:
+        stopper.start()
+        wait_for(loop._stop.is_set, "stop() to ask the engine thread to stop")
+        engine.release.set()  # the step ends; the loop sees the stop before it drains the call
+
+    try:
+        error, took = asyncio.run(_call_while(loop, stop))
+        assert took < ANSWERED_WITHIN_S, f"the call waited {took:.1f}s for a stopped engine thread"
+        assert (error.status, error.code) == (503, "shutting_down")
+    finally:
+        engine.release.set()
+        stopper.join(WAIT_S)

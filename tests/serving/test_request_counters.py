@@ -1,0 +1,70 @@
+"""vllm:prompt_tokens and vllm:request_success{finished_reason="abort"} as an instance's /metrics shows them: the
+prompt counts once per prompt once its prefill ran (not when the request is accepted: a request aborted before it
+ran added its prompt, and n > 1 added it once per sample), and a request the client left counts once as an abort
+(the series existed but stayed 0). Tiny model on CPU, in process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.server.engine_loop import EngineLoop
+from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for
+
+PROMPT = "Counters count what ran"
+
+
+@pytest.fixture(scope="module")
+def instance() -> Iterator[tuple[str, EngineLoop]]:
+    with in_process_instance(tiny_colocated(256), "test-request-counters-0") as served:
+        yield served
+
+
+def counter(url: str, name: str, reason: str | None = None) -> float:
+    """`name`'s value on the instance's /metrics (of finished_reason `reason` when given)."""
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith(name + "{") and (reason is None or f'finished_reason="{reason}"' in series):
+            return float(value)
+    raise AssertionError(f"{name} ({reason}) is not on /metrics")
+
+
+def test_a_prompt_of_n_samples_counts_once(instance: tuple[str, EngineLoop]) -> None:
+    url, _ = instance
+    before = counter(url, "vllm:prompt_tokens_total")
+    answer = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "model": "tiny", "prompt": PROMPT, "max_tokens": 3, "n": 3, "temperature": 1.0, "seed": 7})
+    assert answer.status_code == 200, answer.text
+    prompt_tokens = answer.json()["usage"]["prompt_tokens"]
+    assert counter(url, "vllm:prompt_tokens_total") - before == prompt_tokens
+
+
+def test_a_request_the_client_left_before_it_ran_counts_one_abort_and_no_prompt(
+        instance: tuple[str, EngineLoop]) -> None:
+    url, loop = instance
+    seqs = loop.engine.scheduler.max_num_seqs
+
+    def admit(limit: int) -> None:
+        def set_limit(engine: LLMEngine) -> None:
+            engine.scheduler.max_num_seqs = limit  # 0: the scheduler admits nothing, requests wait
+
+        asyncio.run(loop.call(set_limit))
+
+    prompt_before = counter(url, "vllm:prompt_tokens_total")
+    aborts_before = counter(url, "vllm:request_success_total", "abort")
+    admit(0)
+    try:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200  # accepted: its stream began, it waits for the scheduler
+        wait_for(lambda: loop.num_pending == 0, "the instance to abort the request its client left")
+        wait_for(lambda: counter(url, "vllm:request_success_total", "abort") > aborts_before,
+                 "the abort to be counted", timeout=10)
+    finally:
+        admit(seqs)
+    assert counter(url, "vllm:request_success_total", "abort") - aborts_before == 1
+    assert counter(url, "vllm:prompt_tokens_total") == prompt_before
