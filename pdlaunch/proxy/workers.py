@@ -29,6 +29,7 @@ import threading
 import time
 from types import FrameType
 
+from pdlaunch.errors import exit_text
 from pdlaunch.proxy.metrics import MULTIPROC_ENV
 from pdlaunch.server.watchdog import watch_parent
 
@@ -133,10 +134,10 @@ class Supervisor:
                 for index, proc in enumerate(self.procs):
                     code = proc.poll()
                     if code is not None:
-                        log.error("proxy worker %d (pid %d) exited with status %d while serving; stopping the "
-                                  "others so that the proxy restarts whole", index, proc.pid, code)
+                        log.error("proxy worker %d (pid %d) %s while serving; stopping the others so that the "
+                                  "proxy restarts whole", index, proc.pid, exit_text(code))
                         failed = True
-                        self.request_stop(f"worker {index} exited")
+                        self.request_stop(f"worker {index} {exit_text(code)}")
                         break
             if self._stop.is_set():
                 stop_at = time.monotonic() if stop_at is None else stop_at

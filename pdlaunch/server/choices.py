@@ -96,8 +96,7 @@ class Choices:
                     detokenize=lambda token_id: tokenizer.decode([token_id], skip_special),
                     decode=lambda ids: tokenizer.decode(ids, skip_special, spaces),
                     response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
-                recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens,
-                                          counts_prompt=i == 0)
+                recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens)
                 self.choices.append(Choice(p * best_of + i, p, i, request_id, _seeded(sample_params, i), builder,
                                            recorder))
 

@@ -11,9 +11,8 @@ vllm:prompt_tokens means what it means in vLLM: a prompt's whole length, its cac
 IterationStats adds prompt_len when a request's first output after its prefill comes), counted once that prefill
 ran: at the request's first token computed here after the scheduler admitted it. A request aborted or failed
 before that adds nothing; a PD decode's first token, which its prefill sampled, does not count, its next one (the
-KV loaded) does. Once per prompt: the later samples of n > 1 / best_of share the first one's prompt blocks and
-compute less than a block, and usage.prompt_tokens counts the prompt once (vLLM counts it once per sample, each
-being one of its requests).
+KV loaded) does. Once per sample with n > 1 / best_of, as vLLM counts it (each sample is one of its requests), so
+dashboards built on vLLM's series read the same; usage.prompt_tokens counts the prompt once, as vLLM's does.
 """
 
 from __future__ import annotations
@@ -34,10 +33,10 @@ class RequestMetrics:
     """One request's series; `arrival` is time.monotonic() when the instance received it."""
 
     def __init__(self, request_id: str, endpoint: str, arrival: float, n: int = 1,
-                 max_tokens: int | None = None, counts_prompt: bool = True) -> None:
+                 max_tokens: int | None = None) -> None:
         self.request_id, self.endpoint, self.arrival = request_id, endpoint, arrival
         self.n, self.max_tokens = n, max_tokens  # the request's parameters (vllm:request_params_*)
-        self._prompt_pending = counts_prompt  # the first sample of its prompt adds it to vllm:prompt_tokens, once
+        self._prompt_pending = True  # its prompt goes into vllm:prompt_tokens once, when its prefill ran
         self._scheduled: float | None = None  # first admission by the scheduler
         self._first_token: float | None = None
         self._last_token: float | None = None

