@@ -6,6 +6,7 @@ so a node that vanishes without closing its links is noticed within a minute."""
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 import threading
@@ -112,9 +113,15 @@ def test_a_store_without_rank0s_link_fails_the_rank_naming_it() -> None:
     """Rank 0 opens its store, then its listener: one that fails in between (its listener cannot bind, it dies)
     leaves the rank's store read to time out or break. That torch error escaped remote_rank.main's handling
     (PdlaunchError, OSError, EOFError) as a bare traceback; it is now the rank's error, naming what it waited for."""
+    # torch's store server listens on every interface: dropped at the end, it leaves no socket in this worker
+    # (test_side_channel_auth checks that this process listens on loopback only).
     master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    store = remote_link.open_store("127.0.0.1", master.port, timeout_s=0.5)
-    with pytest.raises(EngineError) as failed:
-        connect_to_rank0(store, 1, KEY)
+    try:
+        store = remote_link.open_store("127.0.0.1", master.port, timeout_s=0.5)
+        with pytest.raises(EngineError) as failed:
+            connect_to_rank0(store, 1, KEY)
+    finally:
+        del master
+        gc.collect()
     assert failed.value.message.startswith("TP rank 1 found no link of rank 0 in its rendezvous store: "), failed.value
     assert failed.value.field == "parallel.nodes" and "rank 0's log" in (failed.value.hint or "")
