@@ -254,7 +254,8 @@ def test_a_mooncake_pull_completes_when_its_reads_read_done_is_lost(
 
 
 def test_a_mooncake_write_whose_push_done_is_lost_fails(pool: TransferPool) -> None:
-    """push_done is how the decode learns that the WRITE landed: without it the push failed."""
+    """push_done is how the decode learns that the WRITE landed: when it cannot be sent (a second send fails
+    too), the push failed."""
     agent, engine = _mooncake(RuntimeError("engine closed"), pool)
     xfer = agent.transfer("WRITE", [(1 << 16, 64)], [(1 << 20, 64)], "prefill-agent", 0,
                           encode_notification(PushDone(kind="push_done", nonce="n-1")))

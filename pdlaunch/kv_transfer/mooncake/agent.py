@@ -10,11 +10,12 @@ What maps to what:
   connect timeout when the peer's host is gone), sent from one notifier thread so that the engine
   thread never waits on the network and notifications leave in order; push_done and read_done leave
   from the transfer's own thread right after the bytes. Only push_done's failure fails its transfer
-  (the decode learns of the WRITE only through it); a lost read_done is logged and its READ counts
-  (its bytes are in; the prefill frees the blocks at its lease's end instead). Any process that
-  reaches the engine's port can send one, so each carries an HMAC of its payload under a key derived
-  from the deployment secret; one without a valid MAC is dropped (a forged push_done would pass
-  garbage KV to the model, a forged release would free another request's blocks).
+  (the decode learns of the WRITE only through it), once a second send failed too; a lost read_done
+  is logged and its READ counts (its bytes are in; the prefill frees the blocks at its lease's end
+  instead). Any process that reaches the engine's port can send one, so each carries an HMAC of its
+  payload under a key derived from the deployment secret; one without a valid MAC is dropped (a
+  forged push_done would pass garbage KV to the model, a forged release would free another
+  request's blocks).
 """
 
 from __future__ import annotations
@@ -142,10 +143,21 @@ class MooncakeAgent:
             if notif and op == "READ":  # read_done: the bytes are in whatever becomes of it (logged when lost)
                 self._send(remote_agent, session, self._sign(notif), notif)
             elif notif:  # push_done: the decode learns of the WRITE only through it, so the WRITE fails with it
-                self.engine.notify(session, self.name, self._sign(notif))
+                self._push_done(remote_agent, session, self._sign(notif))
 
         num_bytes = sum(n for _, n in local)
         return self.pool.post(run, num_bytes, f"{op} with {remote_agent}", wait_on_release=op == "WRITE")
+
+    def _push_done(self, remote_agent: str, session: str, signed: str) -> None:
+        """A WRITE's thread, its bytes landed: send its push_done, once more when the first send fails (the
+        WRITE fails when both do, and the prefill then tells the decode push_failed: its request fails)."""
+        try:
+            self.engine.notify(session, self.name, signed)
+        except Exception as e:  # noqa: BLE001 - any failure: the second send raises its own
+            why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
+            logger.warning("Mooncake push_done notification to %s (session %s) not delivered: %s; sending it again",
+                           remote_agent, session, why)
+            self.engine.notify(session, self.name, signed)
 
     def notify(self, remote_agent: str, message: bytes) -> None:
         """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
