@@ -226,6 +226,19 @@ class Forget(_Notif):
 
 
 Notification = Annotated[ReadDone | PushDone | PushFailed | Forget, Field(discriminator="kind")]
+
+# What a notification that never arrives costs its peer, by kind: each waits for its own timeout instead.
+_LOST_READ = "the prefill keeps the request's blocks until its hold's lease (kv_transfer.kv_lease_seconds) or the " \
+    "decode's READ claim ends"
+LOST_NOTIFICATION = {
+    "push_done": "the decode waits for it until its load's deadline (kv_transfer.transfer_timeout_seconds), "
+                 "then fails the request",
+    "push_failed": "the decode fails the request at its load's deadline (kv_transfer.transfer_timeout_seconds) "
+                   "and keeps its blocks until its drain ends",
+    "read_done": _LOST_READ,
+    "release": _LOST_READ,
+    "forget": "the decode keeps this prefill's Mooncake session until its next handshake with it",
+}
 _NOTIFICATION = TypeAdapter(Notification)
 
 

@@ -4,6 +4,14 @@ staging buffer, the lock that guards every Load's fields, and the calls to the p
 more than one strategy makes (claim a hold, READ a chunk through the prefill's staging, ask for a
 push, cancel it, release the prefill's blocks). The strategies (pull.py, push.py, staged.py,
 reshard_load.py) import this module and load.py, never each other.
+
+Notifications to the prefill (read_done once a load's bytes are in, release when it gave up) are best
+effort, and `notify_prefill` is their one sender: they only let the prefill free a hold before its lease
+(or our READ claim's cap) ends, so a send that fails at once (a Mooncake peer no longer known, a NIXL send
+that raises) is logged once with the peer, the kind and what its loss costs (messages.LOST_NOTIFICATION),
+and the load goes on: one whose bytes landed completes. What must reach the prefill for the bytes to move
+at all (a claim, a staging request, a push request: its delivery IS the transfer) goes on the side channel
+and fails the load when it fails.
 """
 
 from __future__ import annotations
@@ -24,11 +32,11 @@ from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.messages import (
+    LOST_NOTIFICATION,
     CancelPushAnswer,
     CancelPushRequest,
     ClaimReadRequest,
     Empty,
-    Notification,
     PushDone,
     PushFailed,
     PushRequest,
@@ -177,8 +185,15 @@ class LoadContext:
         return side_channel.request(remote.host, remote.port, message, reply, timeout, f"{what} to {remote.where}",
                                     self.keys, self.connections)
 
-    def notify(self, agent_name: str, notif: Notification) -> None:
-        self.agent.notify(agent_name, encode_notification(notif))
+    def notify_prefill(self, agent_name: str, notif: ReadDone, request_id: str) -> None:
+        """Send read_done/release to the prefill agent `agent_name`, best effort (module docstring): a send
+        that fails is logged, never raised."""
+        try:
+            self.agent.notify(agent_name, encode_notification(notif))
+        except Exception as e:  # noqa: BLE001 - a NIXL error type per backend; Mooncake: KVTransferError
+            why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
+            logger.warning("request %s: %s notification to prefill agent %s not sent: %s; %s", request_id,
+                           notif.kind, agent_name, why, LOST_NOTIFICATION[notif.kind])
 
     # -- reads (pull, staged pull, reshard) -------------------------------------------------------
     def claim_read(self, load: Load, remote: RemoteKV) -> None:
@@ -283,13 +298,9 @@ class LoadContext:
     def release_prefill(self, load: Load) -> None:
         """A load that READ (or would have READ) the prefill's blocks failed or was aborted: send "release"
         (best effort: the prefill's lease frees them anyway)."""
-        if load.remote_agent is None:
-            return
-        try:
-            self.notify(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id,
-                                                    reader=self.reader))
-        except Exception as e:  # noqa: BLE001 - a NIXL error type per backend; the lease frees it anyway
-            logger.debug("could not tell prefill to release request %s: %s", load.request_id, e)
+        if load.remote_agent is not None:
+            self.notify_prefill(load.remote_agent, ReadDone(kind="release", request_id=load.remote.held_request_id,
+                                                            reader=self.reader), load.request_id)
 
     # -- pushes (push, staged push) ---------------------------------------------------------------
     def request_push(self, load: Load, bases: list[int], pairs: list[list[tuple[int, int]]], spec: KVCacheSpec,

@@ -10,7 +10,9 @@ read_done/release (a claim served after the READ's read_done is answered as held
 refused claim (the lease had expired) fails the load whatever the READ read, and the table drains the READ
 before the blocks go back. The
 READ carries a "read_done" notification for the prefill agent, and the engine thread polls it. A READ
-seen done after the load's deadline does not count (the hold's cap may have passed).
+seen done after the load's deadline does not count (the hold's cap may have passed). A read_done is
+best effort, as every notification to the prefill (decode/context.py): one that is lost costs the prefill
+its blocks until its lease ends, never the load.
 """
 
 from __future__ import annotations
@@ -39,17 +41,17 @@ class PullLoad(LoadStrategy):
                                      spec.block_bytes[g])
             local += lo
             rem += ro
-        notif = encode_notification(ReadDone(kind="read_done", request_id=load.remote.held_request_id,
-                                             reader=self.ctx.reader))
+        done = ReadDone(kind="read_done", request_id=load.remote.held_request_id, reader=self.ctx.reader)
         if not local:  # nothing to read (1-token prompt, full prefix hit): still let prefill free
-            self.ctx.agent.notify(remote.agent_name, notif)
+            self.ctx.notify_prefill(remote.agent_name, done, load.request_id)
             with self.ctx.lock:
                 if load.state == LoadState.RUNNING:
                     load.state = LoadState.OK
             return
         # The READ goes first; the claim, sent while it runs, keeps the prefill hold past its lease until our
         # read_done/release (capped), and the READ counts only once the claim is answered.
-        self.ctx.post_read(load, local, rem, remote.agent_name, remote.info.device.index, notif)
+        self.ctx.post_read(load, local, rem, remote.agent_name, remote.info.device.index,
+                           encode_notification(done))
         claim = self.ctx.send_claim_read(load, load.remote)
         claim.answer(Empty)  # refused: KVTransferError fails the load (the table drains a READ still running)
         with self.ctx.lock:

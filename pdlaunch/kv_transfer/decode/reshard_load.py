@@ -53,7 +53,8 @@ class ReshardStaging:
 class ReshardLoad(LoadStrategy):
     """Each source prefill rank gets exactly one notification per request from this rank: read_done
     after its blocks were read, release when the load failed or was aborted (each names `readers`,
-    so the prefill rank frees after the last one). It enforces the deadline in its loader thread."""
+    so the prefill rank frees after the last one); both best effort (decode/context.py): a lost one
+    costs that rank its blocks until its lease ends. It enforces the deadline in its loader thread."""
 
     mode = "pull"
     deadline_grace = LOADER_DEADLINE_GRACE_SECONDS
@@ -91,22 +92,19 @@ class ReshardLoad(LoadStrategy):
             for src in plan.sources:
                 if src.slices and area is not None:
                     _read_source(ctx, load, src, remotes[src.rank], area, spec)
-                ctx.notify(remotes[src.rank].agent_name, ReadDone(
-                    kind="read_done", request_id=load.remote.held_request_id, reader=ctx.reader, readers=src.readers))
-                notified.add(src.rank)
+                notified.add(src.rank)  # its one notification, sent or lost: no release follows it
+                ctx.notify_prefill(remotes[src.rank].agent_name, ReadDone(
+                    kind="read_done", request_id=load.remote.held_request_id, reader=ctx.reader, readers=src.readers),
+                    load.request_id)
             with ctx.lock:
                 if load.state == LoadState.RUNNING:
                     load.state = LoadState.OK
         finally:
             for src in plan.sources:
                 if src.rank in remotes and src.rank not in notified:
-                    try:  # best effort: otherwise that prefill rank frees at lease expiry
-                        ctx.notify(remotes[src.rank].agent_name, ReadDone(
-                            kind="release", request_id=load.remote.held_request_id, reader=ctx.reader,
-                            readers=src.readers))
-                    except Exception as e:  # noqa: BLE001 - a NIXL error type per backend
-                        logger.debug("could not tell prefill rank %d to release request %s: %s", src.rank,
-                                     load.request_id, e)
+                    ctx.notify_prefill(remotes[src.rank].agent_name, ReadDone(
+                        kind="release", request_id=load.remote.held_request_id, reader=ctx.reader,
+                        readers=src.readers), load.request_id)
 
 
 def _check_source(src: Source, remote: RemoteEngine, plan: ReshardPlan, spec: KVCacheSpec) -> None:

@@ -3,6 +3,7 @@ pools that NIXL can reach). The loader thread runs the whole load in chunks of a
 slot count: (prefill stages, decode READs, unstage) or (prefill stages and WRITEs into decode's
 slots), then decode copies its slots into its blocks. It enforces the deadline itself. A pull that
 READs the prefill's blocks themselves (only decode stages) claims the prefill hold first (pull.py).
+The read_done after the last chunk is best effort (decode/context.py): the load completes without it.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class StagedLoad(LoadStrategy):
                 if slots and staging is not None:
                     staging.release(slots)
         if self.mode == "pull" or longest == 0:
-            ctx.notify(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id,
-                                                   reader=ctx.reader))
+            ctx.notify_prefill(remote.agent_name, ReadDone(kind="read_done", request_id=load.remote.held_request_id,
+                                                           reader=ctx.reader), load.request_id)
         with ctx.lock:
             if load.state == LoadState.RUNNING:
                 load.state = LoadState.OK

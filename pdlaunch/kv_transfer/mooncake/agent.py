@@ -9,10 +9,13 @@ What maps to what:
 - notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
   connect timeout when the peer's host is gone), sent from one notifier thread so that the engine
   thread never waits on the network and notifications leave in order; push_done and read_done leave
-  from the transfer's own thread right after the bytes. Any process that reaches the engine's port
-  can send one, so each carries an HMAC of its payload under a key derived from the deployment
-  secret; one without a valid MAC is dropped (a forged push_done would pass garbage KV to the model,
-  a forged release would free another request's blocks).
+  from the transfer's own thread right after the bytes. Only push_done's failure fails its transfer
+  (the decode learns of the WRITE only through it), once a second send failed too; a lost read_done
+  is logged and its READ counts (its bytes are in; the prefill frees the blocks at its lease's end
+  instead). Any process that reaches the engine's port can send one, so each carries an HMAC of its
+  payload under a key derived from the deployment secret; one without a valid MAC is dropped (a
+  forged push_done would pass garbage KV to the model, a forged release would free another
+  request's blocks).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
-from pdlaunch.kv_transfer.messages import parse_notification
+from pdlaunch.kv_transfer.messages import LOST_NOTIFICATION, parse_notification
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
 from pdlaunch.kv_transfer.mooncake.sender import RELEASE_WAIT_SECONDS, MooncakeXfer, TransferPool
 
@@ -34,19 +37,6 @@ logger = logging.getLogger(__name__)
 NOTIFY_PURPOSE = "pdlaunch mooncake notification v1"
 MAX_NOTIFY_CHARS = 8192
 _MAC_HEX = 64
-
-# What a notification that never arrives costs its peer: each waits for its own timeout instead.
-_LOST_READ = "the prefill keeps the request's blocks until its hold's lease (kv_transfer.kv_lease_seconds) or the " \
-    "decode's READ claim ends"
-LOST_NOTIFICATION = {
-    "push_done": "the decode waits for it until its load's deadline (kv_transfer.transfer_timeout_seconds), "
-                 "then fails the request",
-    "push_failed": "the decode fails the request at its load's deadline (kv_transfer.transfer_timeout_seconds) "
-                   "and keeps its blocks until its drain ends",
-    "read_done": _LOST_READ,
-    "release": _LOST_READ,
-    "forget": "the decode keeps this prefill's Mooncake session until its next handshake with it",
-}
 
 
 class PeerMetadata(BaseModel):
@@ -150,11 +140,24 @@ class MooncakeAgent:
 
         def run() -> None:
             self.engine.transfer(op, session, local, remote)
-            if notif:
-                self.engine.notify(session, self.name, self._sign(notif))
+            if notif and op == "READ":  # read_done: the bytes are in whatever becomes of it (logged when lost)
+                self._send(remote_agent, session, self._sign(notif), notif)
+            elif notif:  # push_done: the decode learns of the WRITE only through it, so the WRITE fails with it
+                self._push_done(remote_agent, session, self._sign(notif))
 
         num_bytes = sum(n for _, n in local)
         return self.pool.post(run, num_bytes, f"{op} with {remote_agent}", wait_on_release=op == "WRITE")
+
+    def _push_done(self, remote_agent: str, session: str, signed: str) -> None:
+        """A WRITE's thread, its bytes landed: send its push_done, once more when the first send fails (the
+        WRITE fails when both do, and the prefill then tells the decode push_failed: its request fails)."""
+        try:
+            self.engine.notify(session, self.name, signed)
+        except Exception as e:  # noqa: BLE001 - any failure: the second send raises its own
+            why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
+            logger.warning("Mooncake push_done notification to %s (session %s) not delivered: %s; sending it again",
+                           remote_agent, session, why)
+            self.engine.notify(session, self.name, signed)
 
     def notify(self, remote_agent: str, message: bytes) -> None:
         """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
@@ -163,8 +166,8 @@ class MooncakeAgent:
         self._notifier.executor.submit(self._send, remote_agent, session, signed, message)
 
     def _send(self, remote_agent: str, session: str, signed: str, message: bytes) -> None:
-        """Notifier thread: one notification; whatever fails is logged (an exception left in the
-        executor's future would be dropped unseen)."""
+        """Notifier thread (or a READ's own thread: its read_done): one notification; whatever fails is
+        logged (an exception left in the executor's future would be dropped unseen)."""
         try:
             self.engine.notify(session, self.name, signed)
         except Exception as e:  # noqa: BLE001 - any failure loses the notification: say so

@@ -3,7 +3,8 @@
 A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
 - pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
   the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
-- push: a sender thread WROTE the blocks into decode's blocks and notified decode, or
+- push: a sender thread WROTE the blocks into decode's blocks and notified decode, or decode
+  cancelled its push ("cancel_push") and no chunk of it is in flight any more, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
@@ -300,8 +301,11 @@ class HoldTable:
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:
-        """A claim ended; done: the hold may be freed (its last push chunk was sent, or failed)."""
+        """A claim ended; done: the hold may be freed (its last push chunk was sent, or failed). So may a
+        hold whose push the decode cancelled while a chunk was in flight, once no claim runs: no WRITE
+        follows (as `cancel_push` frees one with nothing in flight), unless a decode READ claimed it."""
         with self.lock:
             hold.busy -= 1
-            hold.done = hold.done or done
+            idle_cancelled = hold.cancelled and not hold.busy and not hold.read_claimed
+            hold.done = hold.done or done or idle_cancelled
             self._unclaimed.notify_all()

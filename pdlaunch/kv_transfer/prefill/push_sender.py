@@ -3,6 +3,12 @@ announced, then notify it (push_done, or push_failed once nothing more lands).
 
 A WRITE is never posted after decode's deadline (its remaining time travels with the push request)
 nor after decode cancelled it ("cancel_push"); an in-flight WRITE is waited for (bounded).
+
+Its notifications to the decode: push_done is the decode's only word that the bytes landed, so its
+delivery is part of the transfer: it travels with the WRITE (the transport sends it once the bytes are
+in; Mooncake tries twice), and a push of nothing sends it alone; a send that fails fails the push.
+push_failed is best effort (logged when its send fails): a lost one costs the decode a wait until its
+load's deadline (messages.LOST_NOTIFICATION).
 """
 
 from __future__ import annotations
