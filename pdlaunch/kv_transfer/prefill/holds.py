@@ -10,7 +10,8 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
 READ, and counts the READ only once the claim was answered; a claimed hold lives until the
 read_done/release notification or a hard cap (decode's remaining transfer time plus
-READ_GRACE_SECONDS), whichever comes first, even past its lease: its blocks are never reused mid-read.
+READ_GRACE_SECONDS), whichever comes first, even past its lease, a proxy's release or a cancelled push: its
+blocks are never reused mid-read.
 A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
 answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
 hold that expired fails, and so does the load, whatever its READ read.
@@ -82,10 +83,12 @@ def _how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
 
 
 def _read_by(hold: Hold) -> frozenset[str]:
-    """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry)."""
-    if hold.expired or hold.cancelled:
+    """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry):
+    a claimed READ's hold outlives a cancelled push (`cancel_push`)."""
+    if hold.expired:
         return frozenset()
-    return frozenset(r for r, n in hold.read.items() if n >= hold.readers.get(r, 1))
+    return frozenset(r for r, n in hold.read.items()
+                     if n >= hold.readers.get(r, 1) and (not hold.cancelled or r in hold.claimed_by))
 
 
 class HoldTable:
@@ -217,7 +220,9 @@ class HoldTable:
                 _, read_by, how = self._ended.get(message.request_id, (0.0, frozenset(), None))
             if message.reader in read_by:
                 return Empty()  # its READ ended (read_done) before this claim was served: it was held throughout
-            if hold is None or not hold.servable:
+            # Another rank of a reader that claimed the hold (resharding) may claim it while it lives.
+            claimed = hold is not None and message.reader in hold.claimed_by and not hold.done
+            if hold is None or not (hold.servable or claimed):
                 if read_by:
                     raise KVTransferError(
                         f"request {message.request_id} was read by another decode ({', '.join(sorted(read_by))}) "
@@ -230,15 +235,18 @@ class HoldTable:
         return Empty()
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
-        """Decode gave up a push (abort, timeout). Answers in_flight: whether a WRITE may still land in
-        its blocks; if so, the sender thread's push_done/push_failed notification says when it ended."""
+        """Decode gave up a push (abort, timeout): no WRITE is posted for the request any more. Answers
+        in_flight: whether a WRITE may still land in its blocks; if so, the sender thread's push_done/push_failed
+        notification says when it ended. Frees the hold once nothing is in flight, unless a decode READ claimed
+        it (`release` leaves such a hold alone too)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is None:
                 return CancelPushAnswer(in_flight=False)
             hold.cancelled = True
             in_flight = bool(hold.busy)
-            if not in_flight:
+            # A hold another decode's READ claimed stays until that READ's notification or the claim's cap.
+            if not (in_flight or hold.read_claimed):
                 hold.done = True
         return CancelPushAnswer(in_flight=in_flight)
 
