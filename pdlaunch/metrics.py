@@ -28,6 +28,9 @@ KV_TRANSFER_SECONDS = Histogram(
 MODEL_DTYPES = Info("pdlaunch_model_dtypes", "What the weights are computed in and the KV cache element type")
 KV_TRANSFER_FAILURES = Counter("pdlaunch_kv_transfer_failures", "KV transfers that failed")
 KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by lease expiry")
+KV_CLAIM_CAP_FREES = Counter(
+    "pdlaunch_kv_claim_cap_frees", "Held KV a decode's READ claimed, freed at that claim's hard cap: the READ's "
+    "read_done/release never came (the decode died or timed out, or the notification was lost)")
 KV_LOAD_RECOMPUTES = Counter(
     "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
     "locally instead (kv_transfer.load_failure_policy: recompute)")

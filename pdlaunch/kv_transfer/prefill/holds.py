@@ -11,7 +11,8 @@ Pull: decode sends its claim of the hold ("claim_read" on the side channel) righ
 READ, and counts the READ only once the claim was answered; a claimed hold lives until the
 read_done/release notification or a hard cap (decode's remaining transfer time plus
 READ_GRACE_SECONDS), whichever comes first, even past its lease, a proxy's release or a cancelled push: its
-blocks are never reused mid-read.
+blocks are never reused mid-read. One freed at its cap is counted as such (KV_CLAIM_CAP_FREES: the claiming
+READ's notification never came), not as a lease expiry.
 A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
 answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
 hold that expired fails, and so does the load, whatever its READ read.
@@ -35,7 +36,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, ReadDone
 from pdlaunch.kv_transfer.push_params import client_request_id
-from pdlaunch.metrics import KV_EXPIRED_REQUESTS
+from pdlaunch.metrics import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class Hold:
     readers: dict[str, int] = field(default_factory=dict)
     claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
     expired: bool = False
+    unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: readers that never notified
     cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
     prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
@@ -72,11 +74,18 @@ def _finished(hold: Hold, reader: str) -> bool:
     return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
 
 
+_LEASE_EXPIRED = "its lease expired"
+_CLAIM_CAPPED = "freed at the hard cap of the READ claim of "
+
+
 def _how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
     if hold.expired:
-        return "its lease expired"
+        return _LEASE_EXPIRED
     if read_by:
         return "read by " + ", ".join(sorted(read_by))
+    if hold.unended_claims:
+        return (_CLAIM_CAPPED + ", ".join(hold.unended_claims)
+                + ", whose read_done/release never came")
     if hold.cancelled:
         return "released: its decode leg will not run"
     return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
@@ -164,12 +173,7 @@ class HoldTable:
         with self.lock:
             for hold in list(self._holds.values()):
                 if not hold.done and not hold.busy and now > hold.deadline:
-                    hold.done = True
-                    hold.expired = not _read_by(hold)  # fetched by one decode: not an expiry
-                    if hold.read_claimed:
-                        waiting = sorted(r for r in hold.claimed_by if not _finished(hold, r))
-                        logger.warning("decode's READ of request %s did not end by its hard cap (no notification "
-                                       "from %s)", hold.request_id, ", ".join(waiting) or "its reader")
+                    self._end_at_deadline(hold)
                 if hold.done and not hold.busy:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
@@ -186,6 +190,18 @@ class HoldTable:
                 self._pushes.popitem(last=False)
         return finished
 
+    def _end_at_deadline(self, hold: Hold) -> None:
+        """The hold's lease, or the cap of a decode READ's claim, passed (under the lock)."""
+        hold.done = True
+        hold.unended_claims = sorted(r for r in hold.claimed_by if not _finished(hold, r))
+        # Fetched by one decode, or claimed by a READ that never said it ended: not a lease expiry.
+        hold.expired = not (_read_by(hold) or hold.unended_claims)
+        if hold.unended_claims:
+            KV_CLAIM_CAP_FREES.inc()
+            logger.warning("KV of request %s freed at the hard cap of the READ claim of %s: no read_done/release "
+                           "came from it (the decode died, timed out, or its notification was lost)",
+                           hold.request_id, ", ".join(hold.unended_claims))
+
     def __len__(self) -> int:
         with self.lock:
             return len(self._holds)
@@ -195,9 +211,11 @@ class HoldTable:
             return {h.request_id for h in self._holds.values() if h.busy}
 
     def _not_held(self, request_id: str, how: str | None = None) -> KVTransferError:
-        if how is not None and how != "its lease expired":
+        if how is not None and how != _LEASE_EXPIRED:
+            why = ("a decode that claimed its READ died or timed out" if how.startswith(_CLAIM_CAPPED)
+                   else "its client left or its decode leg was given up")
             return KVTransferError(f"request {request_id} is not held here any more: {how}",
-                                   hint="its client left or its decode leg was given up; nothing to load")
+                                   hint=f"{why}; nothing to load")
         return KVTransferError(
             f"request {request_id} is not held here any more: its lease ({self.lease_seconds:g}s) expired "
             "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
