@@ -37,6 +37,16 @@ class Ticket:
 
 
 @dataclass
+class _Copy:
+    """One staging copy's outcome, guarded by StagingServer._lock: the ticket it registered, or that its
+    requester stopped waiting first (then it registers none). Either the answer names the ticket, or the
+    slots go back."""
+
+    ticket: Ticket | None = None
+    abandoned: bool = False
+
+
+@dataclass
 class _Staged:
     """A stage request by nonce: its answer once its copy ended (None: still running, or it failed)."""
 
@@ -104,23 +114,27 @@ class StagingServer:
         blocks = message.blocks
         block_bytes = self.spec.block_bytes if self.spec else []
         hold = self.holds.claim(message.request_id, blocks, block_bytes, self.spec)
-        abandoned = threading.Event()
+        copy = _Copy()
         try:
-            future = self.executor.submit(self._stage, hold, message.request_id, blocks, abandoned)
+            future = self.executor.submit(self._stage, hold, message.request_id, blocks, copy)
         except BaseException:
             self.holds.unclaim(hold)
             raise
         try:
             ticket = future.result(timeout=self.transfer_timeout)
         except FutureTimeout:
-            # The copy keeps the hold claimed while it reads the blocks; one still queued never runs.
-            abandoned.set()
-            if future.cancel():
-                self.holds.unclaim(hold)
-            raise KVTransferError(
-                f"staging {max(map(len, blocks), default=0)} blocks of request {message.request_id} did not finish "
-                f"within {self.transfer_timeout:g}s", field="kv_transfer.transfer_timeout_seconds",
-                hint="the prefill's sender threads or staging slots are busy with other transfers") from None
+            with self._lock:
+                copy.abandoned = True
+                staged = copy.ticket  # registered as the wait ran out: the answer names it
+            if staged is None:
+                # The copy keeps the hold claimed while it reads the blocks; one still queued never runs.
+                if future.cancel():
+                    self.holds.unclaim(hold)
+                raise KVTransferError(
+                    f"staging {max(map(len, blocks), default=0)} blocks of request {message.request_id} did not "
+                    f"finish within {self.transfer_timeout:g}s", field="kv_transfer.transfer_timeout_seconds",
+                    hint="the prefill's sender threads or staging slots are busy with other transfers") from None
+            ticket = staged
         return StageAnswer(ticket=ticket.id, slots=[ticket.slots[:len(ids)] for ids in blocks])
 
     def unstage(self, message: UnstageRequest) -> Empty:
@@ -147,9 +161,9 @@ class StagingServer:
         with self._lock:
             return {t.request_id for t in self._tickets.values()}
 
-    def _stage(self, hold: Hold, request_id: str, blocks: list[list[int]], abandoned: threading.Event) -> Ticket:
+    def _stage(self, hold: Hold, request_id: str, blocks: list[list[int]], copy: _Copy) -> Ticket:
         """Sender thread: gather the blocks into free slots (waits for slots up to the transfer timeout), then
-        unclaim the hold. A copy whose decode stopped waiting (`abandoned`) keeps no slots."""
+        unclaim the hold. A copy whose decode stopped waiting (`copy.abandoned`) keeps no slots."""
         try:
             staging, spec = self.staging, self.spec
             if staging is None or spec is None:
@@ -159,9 +173,9 @@ class StagingServer:
                 staging.gather(spec.kv_caches, blocks, slots)
                 ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id)
                 with self._lock:
-                    if abandoned.is_set():
+                    if copy.abandoned:
                         raise KVTransferError(f"staging of request {request_id} was given up")
-                    self._tickets[ticket.id] = ticket
+                    self._tickets[ticket.id] = copy.ticket = ticket
             except BaseException:
                 staging.release(slots)
                 raise
