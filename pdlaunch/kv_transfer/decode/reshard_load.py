@@ -18,7 +18,7 @@ from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext, check_block_ids
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.messages import ReadDone
+from pdlaunch.kv_transfer.messages import LOST_NOTIFICATION, ReadDone
 from pdlaunch.kv_transfer.reshard import HeadSlice, ReshardPlan, Source
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent
@@ -54,7 +54,9 @@ class ReshardLoad(LoadStrategy):
     """Each source prefill rank gets exactly one notification per request from this rank: read_done
     after its blocks were read, release when the load failed or was aborted (each names `readers`,
     so the prefill rank frees after the last one); both best effort (decode/context.py): a lost one
-    costs that rank its blocks until its lease ends. It enforces the deadline in its loader thread."""
+    costs that rank its blocks until its lease ends. A rank whose handshake failed, or was not tried (an
+    earlier rank's failed), is shaken hands with once more for its release. It enforces the deadline in
+    its loader thread."""
 
     mode = "pull"
     deadline_grace = LOADER_DEADLINE_GRACE_SECONDS
@@ -101,10 +103,23 @@ class ReshardLoad(LoadStrategy):
                     load.state = LoadState.OK
         finally:
             for src in plan.sources:
-                if src.rank in remotes and src.rank not in notified:
-                    ctx.notify_prefill(remotes[src.rank].agent_name, ReadDone(
-                        kind="release", request_id=load.remote.held_request_id, reader=ctx.reader,
-                        readers=src.readers), load.request_id)
+                if src.rank not in notified:
+                    self._release(load, src, remotes.get(src.rank))
+
+    def _release(self, load: Load, src: Source, remote: RemoteEngine | None) -> None:
+        """Best effort: send source rank `src` its release, shaking hands with it first if need be."""
+        ctx = self.ctx
+        notif = ReadDone(kind="release", request_id=load.remote.held_request_id, reader=ctx.reader,
+                         readers=src.readers)
+        if remote is None:
+            try:
+                remote = ctx.peers.get(src.remote)
+            except Exception as e:  # noqa: BLE001 - best effort, and it runs in `run`'s finally
+                why = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
+                logger.warning("request %s: release notification to %s not sent: %s; %s", load.request_id,
+                               f"{src.remote.where} (TP rank {src.rank})", why, LOST_NOTIFICATION["release"])
+                return
+        ctx.notify_prefill(remote.agent_name, notif, load.request_id)
 
 
 def _check_source(src: Source, remote: RemoteEngine, plan: ReshardPlan, spec: KVCacheSpec) -> None:
