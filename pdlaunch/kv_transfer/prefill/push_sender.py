@@ -39,6 +39,10 @@ _MIN_CHECK_SECONDS = 0.00002
 _MAX_CHECK_SECONDS = 0.00025
 
 
+class PushCancelled(KVTransferError):
+    """Decode cancelled the push (cancel_push), or the proxy released its hold: an expected end, logged at INFO."""
+
+
 @dataclass
 class PushTiming:
     """Where one push spent its time; time.monotonic() values (comparable across processes of one host)."""
@@ -97,8 +101,13 @@ class PushSender:
                 return
             # A cancel that comes after this check answers in_flight (busy): decode then waits for our
             # push_done/push_failed, so posting without the lock is safe.
-            if hold.cancelled or time.monotonic() >= deadline:
-                raise KVTransferError(f"push of request {hold.request_id} cancelled: decode gave up on it")
+            if hold.cancelled:
+                raise PushCancelled(f"push of request {hold.request_id} cancelled: its decode gave up on it, or "
+                                    "its client left")
+            if time.monotonic() >= deadline:
+                raise KVTransferError(f"push of request {hold.request_id} not posted: decode's deadline passed "
+                                      "first", field="kv_transfer.transfer_timeout_seconds",
+                                      hint="the prefill's sender threads are busy with other pushes")
             posting = time.monotonic()
             xfer = self.agent.transfer("WRITE", local, remote, peer, message.device_id, notif)
             posted = time.monotonic()
@@ -113,7 +122,10 @@ class PushSender:
         except Exception as e:
             failed = True  # decode fails the request: free the blocks now
             text = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
-            logger.error("push of request %s failed: %s", hold.request_id, text)
+            if isinstance(e, PushCancelled):
+                logger.info("%s", text)
+            else:
+                logger.error("push of request %s failed: %s", hold.request_id, text)
             if xfer is not None:  # cancel a WRITE still running before telling decode nothing more lands
                 xfer.release()
                 xfer = None
