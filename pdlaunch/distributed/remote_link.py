@@ -192,8 +192,11 @@ def set_send_timeout(conn: Connection, seconds: float) -> None:
 def is_closed(conn: Connection) -> bool:
     """True when the peer closed `conn`. A pending message alone is not a close, but a TCP link closed
     behind one is (a rank sends why it failed, then exits): peeking sees only the message, the TCP state
-    the close."""
-    probe = socket.socket(fileno=conn.fileno())
+    the close. A `conn` closed here (rank 0 shutting down under its watchdog) is closed too."""
+    try:
+        probe = socket.socket(fileno=conn.fileno())
+    except OSError:  # "handle is closed", or its fd already gone
+        return True
     try:
         if probe.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
             if probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in PEER_CLOSED_TCP_STATES:
@@ -208,8 +211,11 @@ def is_closed(conn: Connection) -> bool:
 
 
 def peer_address(conn: Connection) -> str | None:
-    """"HOST:PORT" of the far end of `conn` when it is a TCP link (None for a local pipe)."""
-    probe = socket.socket(fileno=conn.fileno())
+    """"HOST:PORT" of the far end of `conn` when it is a TCP link (None for a local pipe, or a closed link)."""
+    try:
+        probe = socket.socket(fileno=conn.fileno())
+    except OSError:
+        return None
     try:
         if probe.family not in (socket.AF_INET, socket.AF_INET6):
             return None
