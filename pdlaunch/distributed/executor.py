@@ -36,10 +36,10 @@ from pdlaunch.distributed.messages import (
     MessageStalled,
     RankFailed,
     Ready,
-    Reply,
     Setup,
     Shutdown,
     UnexpectedMessage,
+    check_reply,
     recv,
     send,
 )
@@ -338,15 +338,15 @@ class TPExecutor:
                 message = self._read_reply(rank, conn, call)
             except (EOFError, OSError) as exc:  # raised with the link's lock released: the watchdog may name it
                 raise self._rank_failure(exc, rank) from exc
-            match message:
-                case Reply(value) if isinstance(value, call.reply_type):
-                    replies.append(value)
-                case RankFailed(reason):  # the rank exits right after: the instance cannot serve on
-                    self.failure = self.failure or reason
-                    raise EngineError(reason, field="parallel.tp", hint=f"see {self._log_of(rank)}; the instance "
-                                      "must restart")
-                case _:
-                    raise UnexpectedMessage(self._where(rank), message, f"the reply to {type(call).__name__}")
+            if isinstance(message, RankFailed):  # the rank exits right after: the instance cannot serve on
+                self.failure = self.failure or message.message
+                raise EngineError(message.message, field="parallel.tp", hint=f"see {self._log_of(rank)}; the "
+                                  "instance must restart")
+            try:
+                replies.append(check_reply(call, message, self._where(rank)))
+            except UnexpectedMessage as exc:  # the later ranks' replies stay unread: their links are out of step
+                self.failure = self.failure or exc.message
+                raise
         return replies
 
     def _read_reply(self, rank: int, conn: Connection, call: ConnectorCall) -> Message:
