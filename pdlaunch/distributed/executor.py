@@ -36,10 +36,10 @@ from pdlaunch.distributed.messages import (
     MessageStalled,
     RankFailed,
     Ready,
-    Reply,
     Setup,
     Shutdown,
     UnexpectedMessage,
+    check_reply,
     recv,
     send,
 )
@@ -338,15 +338,15 @@ class TPExecutor:
                 message = self._read_reply(rank, conn, call)
             except (EOFError, OSError) as exc:  # raised with the link's lock released: the watchdog may name it
                 raise self._rank_failure(exc, rank) from exc
-            match message:
-                case Reply(value) if isinstance(value, call.reply_type):
-                    replies.append(value)
-                case RankFailed(reason):  # the rank exits right after: the instance cannot serve on
-                    self.failure = self.failure or reason
-                    raise EngineError(reason, field="parallel.tp", hint=f"see {self._log_of(rank)}; the instance "
-                                      "must restart")
-                case _:
-                    raise UnexpectedMessage(self._where(rank), message, f"the reply to {type(call).__name__}")
+            if isinstance(message, RankFailed):  # the rank exits right after: the instance cannot serve on
+                self.failure = self.failure or message.message
+                raise EngineError(message.message, field="parallel.tp", hint=f"see {self._log_of(rank)}; the "
+                                  "instance must restart")
+            try:
+                replies.append(check_reply(call, message, self._where(rank)))
+            except UnexpectedMessage as exc:  # the later ranks' replies stay unread: their links are out of step
+                self.failure = self.failure or exc.message
+                raise
         return replies
 
     def _read_reply(self, rank: int, conn: Connection, call: ConnectorCall) -> Message:
@@ -381,6 +381,7 @@ class TPExecutor:
     def _watch(self) -> None:
         sentinels = {p.sentinel: rank for rank, p in self._procs.items()}
         remote = dict(self._remote)
+        links = dict(enumerate(self._conns, start=1))  # shutdown empties self._conns under this thread
         while not self._closing.is_set() and (sentinels or remote):
             # wait() hands back some of the objects it was given: here process sentinels, ints.
             ended = [s for s in wait(list(sentinels), timeout=0.5) if isinstance(s, int)] if sentinels else []
@@ -390,17 +391,17 @@ class TPExecutor:
                 rank = sentinels.pop(sentinel)
                 if self._closing.is_set():
                     return
-                self._report_dead(rank, self._ended(rank) or f"{self._where(rank)} exited")
-            for rank in [r for r in remote if is_closed(self._conns[r - 1])]:
+                self._report_dead(rank, links[rank], self._ended(rank) or f"{self._where(rank)} exited")
+            for rank in [r for r in remote if is_closed(links[r])]:
                 if self._closing.is_set():
                     return
                 remote.pop(rank)
-                self._report_dead(rank, f"{self._where(rank)} closed its connection (the rank, its node's launcher "
-                                  "or the node is gone)")
+                self._report_dead(rank, links[rank], f"{self._where(rank)} closed its connection (the rank, its "
+                                  "node's launcher or the node is gone)")
 
-    def _report_dead(self, rank: int, ended: str) -> None:
-        """Fail the instance for rank `rank`, which `ended`: with the reason it sent, if it sent one."""
-        reason = self._drain_reason(rank, self._conns[rank - 1])
+    def _report_dead(self, rank: int, conn: Connection, ended: str) -> None:
+        """Fail the instance for rank `rank`, which `ended`: with the reason it sent on `conn`, if it sent one."""
+        reason = self._drain_reason(rank, conn)
         message = f"{reason} ({ended})" if reason else ended
         self.failure = self.failure or message  # the first failure is the cause (a RankFailed _mirror read)
         log.error("%s: the instance cannot serve without it", message)

@@ -17,8 +17,9 @@ Rank r -> rank 0:
   RankFailed(message)                      the reason, just before the rank exits non-zero
 
 Anything else that arrives (a peer running another pdlaunch version, a message in the wrong place)
-is an `UnexpectedMessage` naming the peer and what it sent; a peer that stops in the middle of a message
-is a `MessageStalled`.
+is an `UnexpectedMessage` naming the peer and what it sent; a message whose fields do not hold what it
+carries (a type, a range, a length: `problem()`, and a call's `reply_problem` for a Reply) is a
+`MalformedMessage`, one of them; a peer that stops in the middle of a message is a `MessageStalled`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,14 @@ import socket
 import struct
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import ClassVar, Final, TypeAlias, TypeVar
+from typing import ClassVar, Final, TypeAlias, TypeVar, get_args
 
+import torch
+
+from pdlaunch.config.models import DType
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnectorEvents
-from pdlaunch.kv_transfer.params import KVTransferParams
+from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, RemoteDecodeRequest, UnsignedPush
 from pdlaunch.runner.step_inputs import StepInputs
 
 # Once poll says a link is readable, the rest of the message follows as fast as the peer's kernel sends it (well
@@ -40,9 +44,75 @@ from pdlaunch.runner.step_inputs import StepInputs
 # stopped, hung, or its node unreachable, and reading on would block the reader for as long.
 MESSAGE_STALL_S = 30.0
 _TIMEVAL = struct.Struct("ll")  # struct timeval, as SO_RCVTIMEO takes it
+DEVICE_TYPES: Final = ("cuda", "cpu")  # what rank_device (rank.py) places a rank on
+DTYPE_NAMES: Final = get_args(DType)
+MAX_PORT = 65535
+_PARAMS_TYPES: Final = (RemoteDecodeRequest, PrefillAnswer, UnsignedPush)  # KVTransferParams' members
 
-# Frozen slotted dataclasses: pickled as the class name plus their fields, built without validation
-# (Execute goes out every engine step; an isinstance check on each end is all it costs).
+# Frozen slotted dataclasses: pickled as the class name plus their fields, built without validation. `recv`
+# checks the fields with `problem()`: a few isinstance checks, no walk over a payload (Execute goes out every
+# engine step, and a prompt's token ids may be long).
+
+
+def _a(value: object) -> str:
+    """"a str", "an int": the type of `value` in words."""
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _int_problem(name: str, value: object, low: int, high: int | None = None) -> str | None:
+    """Why `value` is not an int in [low, high], or None."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{name} is {_a(value)}, not an int"
+    if value < low or (high is not None and value > high):
+        return f"{name} is {value}, out of range [{low}, {'...' if high is None else high}]"
+    return None
+
+
+def _type_problem(name: str, value: object, kind: type | tuple[type, ...], what: str) -> str | None:
+    """Why `value` is not a `kind` (`what` says it in words), or None."""
+    return None if isinstance(value, kind) else f"{name} is {_a(value)}, not {what}"
+
+
+def _first(*problems: str | None) -> str | None:
+    return next((p for p in problems if p is not None), None)
+
+
+def _block_ids_problem(block_ids: object) -> str | None:
+    """Why `block_ids` is not a list of lists (one per KV-cache group: a few), or None."""
+    if not isinstance(block_ids, list):
+        return f"block_ids is {_a(block_ids)}, not a list (one list per KV-cache group)"
+    bad = next((b for b in block_ids if not isinstance(b, list)), None)
+    return None if bad is None else f"block_ids holds {_a(bad)}, not a list of block ids"
+
+
+def _request_problem(request_id: object, prompt_token_ids: object, params: object, block_ids: object) -> str | None:
+    return _first(_type_problem("request_id", request_id, str, "a str"),
+                  _type_problem("prompt_token_ids", prompt_token_ids, list, "a list"),
+                  None if params is None else _type_problem("kv_transfer_params", params, _PARAMS_TYPES,
+                                                            "kv_transfer_params or None"),
+                  _block_ids_problem(block_ids))
+
+
+def _ids_problem(name: str, ids: object, kind: type[set[str]] | type[dict[str, str]]) -> str | None:
+    """Why `ids` (a few request ids of one step's events) is not a `kind` of strs, or None."""
+    if not isinstance(ids, kind):
+        return f"{name} is {_a(ids)}, not a {kind.__name__}"
+    bad = next((i for i in ids if not isinstance(i, str)), None)
+    return None if bad is None else f"{name} holds {_a(bad)}, not a request id (str)"
+
+
+def _events_problem(events: object) -> str | None:
+    """Why `events` is not KVConnectorEvents of request ids, or None."""
+    if not isinstance(events, KVConnectorEvents):
+        return f"the value is {_a(events)}, not KVConnectorEvents"
+    failed = events.failed_recving
+    return _first(*(_ids_problem(name, getattr(events, name), set) for name in
+                    ("finished_sending", "finished_recving", "draining", "safe_to_free")),
+                  _ids_problem("failed_recving", failed, dict),
+                  None if not isinstance(failed, dict) or all(isinstance(e, str) for e in failed.values())
+                  else "failed_recving holds an error that is not a str")
+
 
 @dataclass(frozen=True, slots=True)
 class Setup:
@@ -50,18 +120,45 @@ class Setup:
     dtype_name: str
     max_model_len: int
 
+    def problem(self) -> str | None:
+        return _first(None if self.device_type in DEVICE_TYPES else
+                      f"device_type is {self.device_type!r}, not one of {', '.join(DEVICE_TYPES)}",
+                      None if self.dtype_name in DTYPE_NAMES else
+                      f"dtype_name is {self.dtype_name!r}, not one of {', '.join(DTYPE_NAMES)}",
+                      _int_problem("max_model_len", self.max_model_len, 1))
+
 
 @dataclass(frozen=True, slots=True)
 class Execute:
     inputs: StepInputs
+
+    def problem(self) -> str | None:
+        inputs = self.inputs
+        if not isinstance(inputs, StepInputs):
+            return f"inputs is {_a(inputs)}, not StepInputs"
+        if not isinstance(inputs.input_ids, torch.Tensor) or not isinstance(inputs.positions, torch.Tensor):
+            return "input_ids or positions is not a tensor"
+        if inputs.input_ids.shape != inputs.positions.shape:
+            return f"input_ids {tuple(inputs.input_ids.shape)} and positions {tuple(inputs.positions.shape)} differ"
+        if not isinstance(inputs.slot_mapping, list) or not isinstance(inputs.block_tables, list) or \
+                len(inputs.slot_mapping) != len(inputs.block_tables):
+            return "slot_mapping and block_tables are not lists of one entry per KV-cache group"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
 class MirroredCall:
     """A scheduler-side call rank 0 made on its connector, to repeat on rank r's (tp_connector.py)."""
 
-    # Type of the value rank r answers with (isinstance-checked by rank 0); None: no answer is sent.
+    # Type of the value rank r answers with (reply_problem checks it); None: no answer is sent.
     reply_type: ClassVar[type | tuple[type, ...] | None] = bool
+
+    def problem(self) -> str | None:
+        return None
+
+    def reply_problem(self, value: object) -> str | None:
+        """Why `value` is not an answer to this call, or None."""
+        return _type_problem("the value", value, bool, "a bool")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +171,12 @@ class StartLoad(MirroredCall):
     num_local_computed_tokens: int
     num_external_tokens: int
 
+    def problem(self) -> str | None:
+        return _first(_request_problem(self.request_id, self.prompt_token_ids, self.kv_transfer_params,
+                                       self.block_ids),
+                      _int_problem("num_local_computed_tokens", self.num_local_computed_tokens, 0),
+                      _int_problem("num_external_tokens", self.num_external_tokens, 0))
+
 
 @dataclass(frozen=True, slots=True)
 class RequestFinished(MirroredCall):
@@ -83,30 +186,54 @@ class RequestFinished(MirroredCall):
     kv_transfer_params: KVTransferParams | None
     block_ids: list[list[int]]
 
+    def problem(self) -> str | None:
+        return _request_problem(self.request_id, self.prompt_token_ids, self.kv_transfer_params, self.block_ids)
+
+    def reply_problem(self, value: object) -> str | None:
+        if not isinstance(value, tuple) or len(value) != 2:
+            size = f" of {len(value)}" if isinstance(value, tuple) else ""
+            return f"the value is {_a(value)}{size}, not a pair (hold, kv_transfer_params)"
+        return _first(_type_problem("hold", value[0], bool, "a bool"),
+                      None if value[1] is None else
+                      _type_problem("kv_transfer_params", value[1], PrefillAnswer, "a PrefillAnswer or None"))
+
 
 @dataclass(frozen=True, slots=True)
 class GetFinished(MirroredCall):
     reply_type: ClassVar[type | tuple[type, ...] | None] = KVConnectorEvents
+
+    def reply_problem(self, value: object) -> str | None:
+        return _events_problem(value)
 
 
 @dataclass(frozen=True, slots=True)
 class AbortLoad(MirroredCall):
     request_id: str
 
+    def problem(self) -> str | None:
+        return _type_problem("request_id", self.request_id, str, "a str")
+
 
 @dataclass(frozen=True, slots=True)
 class ReleaseHeld(MirroredCall):
     request_id: str
 
+    def problem(self) -> str | None:
+        return _type_problem("request_id", self.request_id, str, "a str")
+
 
 @dataclass(frozen=True, slots=True)
 class Shutdown:
-    pass
+    def problem(self) -> str | None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
 class Hello:
     rank: int  # the sender's TP rank; rank 0 accepts each awaited rank once
+
+    def problem(self) -> str | None:
+        return _int_problem("rank", self.rank, 1)  # rank 0 is the listener
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +245,30 @@ class Ready:
     side_channel_port: int | None
     side_channel_host: str | None
 
+    def problem(self) -> str | None:
+        return _first(None if isinstance(self.engine_id, str) and self.engine_id else
+                      f"engine_id is {describe(self.engine_id)}, not a non-empty str",
+                      None if self.side_channel_port is None else
+                      _int_problem("side_channel_port", self.side_channel_port, 1, MAX_PORT),
+                      None if self.side_channel_host is None or
+                      (isinstance(self.side_channel_host, str) and self.side_channel_host) else
+                      f"side_channel_host is {describe(self.side_channel_host)}, not a non-empty str or None")
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    value: object  # what the connector call returned: an instance of that call's reply_type
+    value: object  # what the connector call returned: the call's reply_problem checks it where it is awaited
+
+    def problem(self) -> str | None:
+        return None
 
 
 @dataclass(frozen=True, slots=True)
 class RankFailed:
     message: str
+
+    def problem(self) -> str | None:
+        return _type_problem("message", self.message, str, "a str")
 
 
 ConnectorCall: TypeAlias = StartLoad | RequestFinished | GetFinished | AbortLoad | ReleaseHeld
@@ -141,13 +283,25 @@ M = TypeVar("M", bound=Message)
 class UnexpectedMessage(EngineError):
     """A peer sent something that is not a message of this module, or not the one awaited."""
 
-    def __init__(self, peer: str, arrived: object, expected: str | None = None, unreadable: str | None = None) -> None:
+    def __init__(self, peer: str, arrived: object, expected: str | None = None, unreadable: str | None = None,
+                 what: str | None = None) -> None:
         self.peer = peer
         self.arrived = arrived  # the object, or the raw bytes when `unreadable` says why they could not be read
-        what = f"a message this version cannot read ({unreadable})" if unreadable else describe(arrived)
+        if what is None:
+            what = f"a message this version cannot read ({unreadable})" if unreadable else describe(arrived)
         wanted = f" where {expected} was expected" if expected else ""
         super().__init__(f"{peer} sent {what}{wanted}", field="parallel.tp",
                          hint="every rank of a TP group (on every node) must run the same pdlaunch version")
+
+
+class MalformedMessage(UnexpectedMessage):
+    """A peer sent a message of this module whose fields do not hold what it carries; `problem` says which.
+    `role` names it where its type alone does not (a Reply: "the reply to GetFinished")."""
+
+    def __init__(self, peer: str, arrived: object, problem: str, role: str | None = None) -> None:
+        self.problem = problem
+        super().__init__(peer, arrived, what=f"a malformed {role or type(arrived).__name__} ({problem}): "
+                         f"{_short(arrived)}")
 
 
 class MessageStalled(TimeoutError):
@@ -163,8 +317,12 @@ class MessageStalled(TimeoutError):
 
 def describe(arrived: object) -> str:
     """What arrived, short enough for one log line."""
+    return f"{type(arrived).__name__} {_short(arrived)}"
+
+
+def _short(arrived: object) -> str:
     text = repr(arrived)
-    return f"{type(arrived).__name__} {text[:120]}{'...' if len(text) > 120 else ''}"
+    return f"{text[:120]}{'...' if len(text) > 120 else ''}"
 
 
 def send(conn: Connection, msg: Message) -> None:
@@ -187,7 +345,22 @@ def recv(conn: Connection, peer: str, expected: str | None = None, stall_s: floa
         raise UnexpectedMessage(peer, data, unreadable=f"{type(exc).__name__}: {exc}") from None
     if not isinstance(msg, MESSAGE_TYPES):
         raise UnexpectedMessage(peer, msg, expected)
+    problem = msg.problem()
+    if problem is not None:
+        raise MalformedMessage(peer, msg, problem)
     return msg
+
+
+def check_reply(call: ConnectorCall, message: Message, peer: str) -> object:
+    """The value of `message`, `peer`'s answer to `call`: a Reply holding what the call answers with, or
+    UnexpectedMessage (MalformedMessage: a Reply whose value does not fit)."""
+    role = f"reply to {type(call).__name__}"
+    if not isinstance(message, Reply):
+        raise UnexpectedMessage(peer, message, f"the {role}")
+    problem = call.reply_problem(message.value)
+    if problem is not None:
+        raise MalformedMessage(peer, message, problem, role)
+    return message.value
 
 
 def _read_message(conn: Connection, peer: str, expected: str | None, stall_s: float) -> bytes:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.distributed.messages import ConnectorCall, Ready
+from pdlaunch.distributed.messages import ConnectorCall, MalformedMessage, Ready, UnexpectedMessage
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
@@ -87,7 +87,8 @@ class RayTPExecutor:
             state = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, port, self._store)
             self.runner = state.runner
             self.engine_id = state.engine_id
-            ready = [r for r in self._get(setups, RENDEZVOUS_TIMEOUT_S, "setup") if isinstance(r, Ready)]
+            ready = [self._ready(r, value) for r, value in
+                     enumerate(self._get(setups, RENDEZVOUS_TIMEOUT_S, "setup"), start=1)]
             nodes = self._get([a.node_address.remote() for a in actors], REPLY_TIMEOUT_S, "node_address")
             self._nodes = [str(ray.util.get_node_ip_address()), *map(str, nodes)]
         except BaseException as exc:
@@ -150,6 +151,15 @@ class RayTPExecutor:
                 f"{self._where(rank)} finished its setup before rank 0 joined the group", field="parallel.tp",
                 hint="every rank of a TP group must run the same pdlaunch version")
 
+    def _ready(self, rank: int, value: object) -> Ready:
+        """Rank `rank`'s answer to its setup call, which must be a well-formed Ready."""
+        if not isinstance(value, Ready):
+            raise UnexpectedMessage(self._where(rank), value, "Ready")
+        problem = value.problem()
+        if problem is not None:
+            raise MalformedMessage(self._where(rank), value, problem)
+        return value
+
     def _where(self, rank: int) -> str:
         return f"TP rank {rank} (Ray actor on {self._nodes[rank]})" if rank < len(self._nodes) else \
             f"TP rank {rank} (Ray actor)"
@@ -206,9 +216,11 @@ class RayTPExecutor:
             self.failure = self.failure or exc.message
             raise
         for rank, value in enumerate(replies, start=1):
-            if not isinstance(value, call.reply_type):
-                raise EngineError(f"TP rank {rank} answered {type(call).__name__} with a {type(value).__name__}",
-                                  field="parallel.tp", hint="every rank must run the same pdlaunch version")
+            problem = call.reply_problem(value)
+            if problem is not None:
+                bad = MalformedMessage(self._where(rank), value, problem, f"reply to {type(call).__name__}")
+                self.failure = self.failure or bad.message  # the rank's connector no longer matches rank 0's
+                raise bad
         return replies
 
     def check_health(self) -> None:

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.distributed.messages import ConnectorCall, Ready
+from pdlaunch.distributed.messages import ConnectorCall, MalformedMessage, Ready
 from pdlaunch.distributed.parallel_state import destroy_tp_group
 from pdlaunch.distributed.rank import RankState
 from pdlaunch.distributed.tp_connector import rank_connector_call
@@ -111,6 +111,9 @@ class RayRank:
         self.state.runner.run(inputs)
 
     def connector_call(self, call: ConnectorCall) -> object:
+        problem = call.problem()
+        if problem is not None:
+            raise MalformedMessage("rank 0", call, problem)
         if self.connector is None:
             raise RuntimeError(f"rank 0 mirrored {type(call).__name__} but TP rank {self.rank} has no connector")
         return rank_connector_call(self.connector, self.rank, self.spec.tp, call)

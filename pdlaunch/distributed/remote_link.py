@@ -13,6 +13,7 @@ import errno
 import logging
 import socket
 import struct
+import threading
 import time
 from datetime import timedelta
 from multiprocessing import AuthenticationError
@@ -26,7 +27,7 @@ from pdlaunch.errors import EngineError
 log = logging.getLogger(__name__)
 
 LISTENER_KEY = "pdlaunch/remote_rank_listener"  # store key: "host:port" of rank 0's listener
-HELLO_TIMEOUT_S = 10.0  # a connected peer names its rank within this
+HELLO_TIMEOUT_S = 10.0  # a connected peer passes the key exchange and names its rank within this
 # A remote rank's connect and key exchange with rank 0's listener; rank 0 greets one peer at a time, each
 # within HELLO_TIMEOUT_S, so this leaves room for a few ahead in its queue.
 CONNECT_TIMEOUT_S = 60.0
@@ -55,51 +56,67 @@ class RankListener:
         store.set(LISTENER_KEY, self.address)
 
     def accept(self, expected: dict[int, str], timeout_s: float) -> dict[int, Connection]:
-        """Connections of every rank in `expected` (rank -> "node K (address)"), or EngineError naming
-        the ranks that never came."""
+        """Connections of every rank in `expected` (rank -> "node K (address)") within `timeout_s` in all (each
+        handshake gets HELLO_TIMEOUT_S at most, and no more than what is left), or EngineError naming the ranks
+        that never came and the peers refused meanwhile."""
         conns: dict[int, Connection] = {}
+        refused: list[str] = []
         deadline = time.monotonic() + timeout_s
         while len(conns) < len(expected):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                missing = ", ".join(f"TP rank {r} on {where}" for r, where in expected.items() if r not in conns)
                 for conn in conns.values():
                     conn.close()
-                raise EngineError(f"{missing} did not connect to rank 0 at {self.address} within {timeout_s:.0f}s",
-                                  field="parallel.nodes",
-                                  hint="run `pdlaunch serve CONFIG --node-rank K` on that node with the same "
-                                  "config (and PDLAUNCH_TP_SECRET), and check it reaches this address")
+                raise self._missing(expected, conns, refused, timeout_s)
             self._sock.settimeout(remaining)
             try:
                 raw, peer = self._sock.accept()
             except TimeoutError:
                 continue
-            hello = self._handshake(raw, peer)
-            if hello is None:
+            where = f"a peer at {peer[0]}:{peer[1]}"
+            hello = self._handshake(raw, where, min(remaining, HELLO_TIMEOUT_S))
+            if isinstance(hello, str):
+                log.warning("refused a connection from %s:%d: %s", peer[0], peer[1], hello)
+                refused.append(f"{where} ({hello})")
                 continue
             rank, conn = hello
             if rank not in expected or rank in conns:
-                log.warning("a peer at %s claimed TP rank %s, which is not awaited here: ignored", peer, rank)
+                log.warning("%s claimed TP rank %d, which is not awaited here: ignored", where, rank)
+                refused.append(f"{where} (it claimed TP rank {rank}, not awaited)")
                 conn.close()
                 continue
             conns[rank] = conn
             log.info("TP rank %d connected from %s:%d", rank, peer[0], peer[1])
         return conns
 
-    def _handshake(self, raw: socket.socket, peer: tuple[str, int]) -> tuple[int, Connection] | None:
-        raw.setblocking(True)  # Connection reads a blocking fd; a silent peer times out through SO_RCVTIMEO
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(HELLO_TIMEOUT_S), 0))
+    def _missing(self, expected: dict[int, str], conns: dict[int, Connection], refused: list[str],
+                 timeout_s: float) -> EngineError:
+        missing = ", ".join(f"TP rank {r} on {where}" for r, where in expected.items() if r not in conns)
+        meanwhile = f"; refused meanwhile: {'; '.join(refused[-3:])}" if refused else ""
+        return EngineError(f"{missing} did not connect to rank 0 at {self.address} within {timeout_s:.0f}s"
+                           f"{meanwhile}", field="parallel.nodes",
+                           hint="run `pdlaunch serve CONFIG --node-rank K` on that node with the same "
+                           "config (and PDLAUNCH_TP_SECRET), and check it reaches this address")
+
+    def _handshake(self, raw: socket.socket, peer: str, seconds: float) -> tuple[int, Connection] | str:
+        """(rank, link) of the peer on `raw` once it passed the key exchange and named its rank, all within
+        `seconds`; else why it was refused."""
+        raw.setblocking(True)  # Connection reads a blocking fd; the cutoff ends a read still blocked at the bound
         conn = Connection(raw.detach())
+        cutoff = _Cutoff(conn, seconds)
         try:
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
-            if not conn.poll(HELLO_TIMEOUT_S):
+            if not conn.poll(seconds):
                 raise TimeoutError("no hello")
-            hello = recv_as(conn, f"a peer at {peer[0]}:{peer[1]}", Hello)
-        except (AuthenticationError, OSError, EOFError, TimeoutError, UnexpectedMessage) as exc:
-            log.warning("refused a connection from %s:%d: %s", peer[0], peer[1], exc)
+            hello = recv_as(conn, peer, Hello)
+        except (AuthenticationError, OSError, EOFError, UnexpectedMessage) as exc:
+            cut = cutoff.end()
             conn.close()
-            return None
+            return f"it did not finish its handshake within {seconds:.1f}s" if cut else str(exc) or type(exc).__name__
+        if cutoff.end():
+            conn.close()
+            return f"it did not finish its handshake within {seconds:.1f}s"
         probe = socket.socket(fileno=conn.fileno())
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
         # No bound on unacknowledged sends here: rank 0 bounds its own (executor.SEND_TIMEOUT_S, longer than
@@ -110,6 +127,40 @@ class RankListener:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class _Cutoff:
+    """Shuts the socket under `conn` down once `seconds` have passed, unless ended first: a read blocked on it
+    (a peer silent or trickling in the middle of a handshake) then ends at once, whatever the step."""
+
+    def __init__(self, conn: Connection, seconds: float) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._ended = False
+        self._cut = False
+        self._timer = threading.Timer(max(0.0, seconds), self._shut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _shut(self) -> None:
+        with self._lock:  # `conn` stays open until end() has run: its fd is still this socket's
+            if self._ended:
+                return
+            self._cut = True
+            probe = socket.socket(fileno=self._conn.fileno())
+            try:
+                probe.shutdown(socket.SHUT_RDWR)
+            except OSError:  # the peer reset it already
+                pass
+            finally:
+                probe.detach()
+
+    def end(self) -> bool:
+        """Stop the clock; True when the bound passed first (the socket is shut down: the link is unusable)."""
+        self._timer.cancel()
+        with self._lock:
+            self._ended = True
+            return self._cut
 
 
 def connect_to_rank0(store: dist.Store, rank: int, authkey: bytes) -> Connection:
@@ -192,8 +243,11 @@ def set_send_timeout(conn: Connection, seconds: float) -> None:
 def is_closed(conn: Connection) -> bool:
     """True when the peer closed `conn`. A pending message alone is not a close, but a TCP link closed
     behind one is (a rank sends why it failed, then exits): peeking sees only the message, the TCP state
-    the close."""
-    probe = socket.socket(fileno=conn.fileno())
+    the close. A `conn` closed here (rank 0 shutting down under its watchdog) is closed too."""
+    try:
+        probe = socket.socket(fileno=conn.fileno())
+    except OSError:  # "handle is closed", or its fd already gone
+        return True
     try:
         if probe.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
             if probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in PEER_CLOSED_TCP_STATES:
@@ -208,8 +262,11 @@ def is_closed(conn: Connection) -> bool:
 
 
 def peer_address(conn: Connection) -> str | None:
-    """"HOST:PORT" of the far end of `conn` when it is a TCP link (None for a local pipe)."""
-    probe = socket.socket(fileno=conn.fileno())
+    """"HOST:PORT" of the far end of `conn` when it is a TCP link (None for a local pipe, or a closed link)."""
+    try:
+        probe = socket.socket(fileno=conn.fileno())
+    except OSError:
+        return None
     try:
         if probe.family not in (socket.AF_INET, socket.AF_INET6):
             return None

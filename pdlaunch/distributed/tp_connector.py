@@ -211,7 +211,7 @@ def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, call: C
         case GetFinished():
             return connector.get_finished()
         case AbortLoad():
-            return connector.abort_load(call.request_id)
+            return bool(connector.abort_load(call.request_id))  # None (base.py's contract) is no transfer: False
         case ReleaseHeld():
             return connector.release_held(call.request_id)
     raise TypeError(f"{type(call).__name__} is not a mirrored connector call")

@@ -12,6 +12,7 @@ from multiprocessing.connection import Client, Connection
 from typing import Any
 
 import pytest
+import torch
 
 from pdlaunch.distributed.executor import TPExecutor
 from pdlaunch.distributed.messages import (
@@ -36,6 +37,7 @@ from pdlaunch.distributed.worker import _serve
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.params import PrefillAnswer
+from pdlaunch.runner.step_inputs import StepInputs
 from tests.tp.test_tp_connector_drain import ScriptedRank
 
 KEY = b"test-link-key"
@@ -94,11 +96,13 @@ def run_worker_loop(conn: Connection, connector: KVConnector | None, runner: Rec
 def test_worker_runs_steps_answers_calls_that_want_it_and_stops_on_shutdown() -> None:
     rank0, worker = Pipe()
     connector, runner = RecordingConnector(), RecordingRunner()
-    for message in (Execute("step-1"), StartLoad("r", [1], None, [[2]], 0, 1), ReleaseHeld("r"),  # type: ignore[arg-type]
-                    GetFinished(), Shutdown()):
+    step = StepInputs(input_ids=torch.tensor([5]), positions=torch.tensor([0]), query_lens=[1], context_lens=[0],
+                      slot_mapping=[torch.tensor([16])], block_tables=[torch.tensor([[1]])], sample_rows=[0])
+    for message in (Execute(step), StartLoad("r", [1], None, [[2]], 0, 1), ReleaseHeld("r"), GetFinished(),
+                    Shutdown()):
         send(rank0, message)
     run_worker_loop(worker, connector, runner)  # returns on Shutdown
-    assert runner.steps == ["step-1"]
+    assert [s.input_ids.tolist() for s in runner.steps] == [[5]]
     assert [name for name, _ in connector.calls] == ["start_load", "release_held"]
     assert recv(rank0, "TP rank 1") == Reply(True)  # release_held; start_load is not answered
     assert recv(rank0, "TP rank 1") == Reply(KVConnectorEvents())
@@ -169,12 +173,14 @@ def test_rank0_takes_replies_of_the_type_the_call_answers_with() -> None:
     assert executor._mirror(StartLoad("r", [1], None, [[2]], 0, 1)) == []  # noqa: SLF001 - not answered
 
 
-@pytest.mark.parametrize("answer", [Reply({"finished": []}), Ready("e", None, None)], ids=["wrong reply", "ready"])
-def test_rank0_names_the_rank_whose_answer_does_not_fit(answer: Reply | Ready) -> None:
+@pytest.mark.parametrize(("answer", "said"), [
+    (Reply({"finished": []}), r"a malformed reply to GetFinished \(the value is a dict, not KVConnectorEvents\)"),
+    (Ready("e", None, None), r"Ready .* where the reply to GetFinished was expected"),
+], ids=["wrong reply", "ready"])
+def test_rank0_names_the_rank_whose_answer_does_not_fit(answer: Reply | Ready, said: str) -> None:
     executor, (rank1,) = rank0_side(1)
     send(rank1, answer)
-    with pytest.raises(UnexpectedMessage, match=r"TP rank 1 on node 1 \(10.0.0.2\) sent .* where the reply to "
-                       "GetFinished was expected"):
+    with pytest.raises(UnexpectedMessage, match=r"TP rank 1 on node 1 \(10.0.0.2\) sent " + said):
         executor._mirror(GetFinished())  # noqa: SLF001
 
 

@@ -50,7 +50,7 @@ def in_thread(run: Callable[[], object]) -> tuple[threading.Event, list[BaseExce
 def test_the_watchdog_reads_a_half_sent_reason_within_the_bound_and_says_it_stalled() -> None:
     executor, (rank1,) = rank0_side(1)
     half_message(rank1)
-    done, raised = in_thread(lambda: executor._report_dead(1, ENDED))  # noqa: SLF001
+    done, raised = in_thread(lambda: executor._report_dead(1, executor._conns[0], ENDED))  # noqa: SLF001
     finished = done.wait(GUARD_S)
     rank1.close()  # ends a read still blocked (EOF inside the message)
     assert finished, f"reading the reason of a rank that stalled mid-message took over {GUARD_S:.0f}s"
