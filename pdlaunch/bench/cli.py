@@ -220,7 +220,7 @@ def kv_transfer(
     import json
 
     from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
-    from pdlaunch.bench.report import print_kv_transfer_table
+    from pdlaunch.bench.kv_transfer_report import print_kv_transfer_table
     from pdlaunch.config.rules.host import make_output_dir
     from pdlaunch.memory.platform import resolve_device
 

@@ -21,8 +21,8 @@ from pdlaunch.bench.compare import write_json_whole, write_whole
 from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.goodput import WITHIN_SLO_SHARE, RatePoint, highest_rate_within
 from pdlaunch.bench.matmul_ceiling import Yardstick
+from pdlaunch.bench.plots import require_matplotlib
 from pdlaunch.bench.rate_sweep import DeploymentRun
-from pdlaunch.bench.report import require_matplotlib
 from pdlaunch.errors import PdlaunchError
 
 JSON_NAME = "compare.json"

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdlaunch.bench.kv_transfer_report import KVTransferRow
 from pdlaunch.bench.kv_transfer_side import Side, dead_side_named, start_side
 from pdlaunch.bench.kv_transfer_worker import DTYPES, Shape
-from pdlaunch.bench.report import KVTransferRow
 from pdlaunch.config.models import BLOCK_SIZES
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
