@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
-from pdlaunch.bench.make_checkpoint import LLAMA3_8B, tensor_shapes  # noqa: E402
+from pdlaunch.bench.checkpoint_shapes import LLAMA3_8B, tensor_shapes  # noqa: E402
 
 BF16_BYTES = 2
 

@@ -54,7 +54,8 @@ from ready_kv import ReadyKVConnector  # noqa: E402
 
 import pdlaunch.model.moe.block as moe_block  # noqa: E402
 import pdlaunch.runner.model_runner as model_runner  # noqa: E402
-from pdlaunch.bench.make_checkpoint import QWEN3_30B_A3B, write_tokenizer  # noqa: E402
+from pdlaunch.bench.checkpoint_shapes import QWEN3_30B_A3B  # noqa: E402
+from pdlaunch.bench.checkpoint_tokenizer import write_tokenizer  # noqa: E402
 from pdlaunch.config.model_info import load_model_info  # noqa: E402
 from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402

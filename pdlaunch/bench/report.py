@@ -1,4 +1,4 @@
-"""What `pdlaunch bench serve` reports: per-request results -> metrics, table, JSON and plots.
+"""What `pdlaunch bench serve` reports: per-request results -> metrics, table and JSON (the plots: plots.py).
 
 Metric definitions follow vLLM's `bench serve` so figures compare across systems:
 - TTFT: request sent -> first chunk that carries a choice.
@@ -18,11 +18,10 @@ import datetime as _dt
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
-from typing import IO, TypedDict
+from typing import IO
 
 import numpy as np
 from pydantic import BaseModel, JsonValue
@@ -34,34 +33,11 @@ from pdlaunch.errors import PdlaunchError
 
 ServeDoc = dict[str, JsonValue]  # a `bench serve` result document (vLLM's field names), as written to JSON
 
-
-class KVTransferRow(TypedDict):
-    """One (connector, mode, prompt length) row of `bench kv-transfer` (bench/kv_transfer.py)."""
-
-    connector: str
-    transport: str | None
-    mode: str
-    num_tokens: int
-    concurrency: int  # requests started at once per timed transfer; bytes and seconds are all of theirs
-    bytes: int
-    descriptors: int
-    seconds: float
-    gbps: float
-    raw_copy_gbps: float
-    peer_copy_gbps: float | None
-    verified: bool
-    prefill_device: str
-    decode_device: str
-    cumem: bool
-    staging: dict[str, int] | None  # the connector's staging buffer, if it stages
-    push_phases_ms: dict[str, float] | None
-
-
 MS_PER_S = 1000.0
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 PERCENTILES = (90, 99)
-_TITLES = {
+TITLES = {
     "ttft": "Time to first token",
     "tpot": "Time per output token (excl. 1st)",
     "itl": "Inter-token latency",
@@ -254,7 +230,7 @@ def print_report(console: Console, metrics: BenchMetrics, results: list[RequestR
         latency.add_column(col, justify="left" if col == "metric" else "right")
     for name in LATENCY_METRICS:
         s = metrics.latency_ms[name]
-        latency.add_row(f"{name.upper()}  {_TITLES[name]}", *(f"{v:.2f}" for v in (s.mean, s.median, s.p90, s.p99)))
+        latency.add_row(f"{name.upper()}  {TITLES[name]}", *(f"{v:.2f}" for v in (s.mean, s.median, s.p90, s.p99)))
     console.print(latency)
 
     errors = [r.error for r in results if not r.success]
@@ -262,94 +238,3 @@ def print_report(console: Console, metrics: BenchMetrics, results: list[RequestR
         console.print(f"[red]{len(errors)} request(s) failed[/red]; first errors:", highlight=False)
         for err in errors[:max_errors]:
             console.print(f"  - {escape(err)}", highlight=False, soft_wrap=True)  # a server's text, not markup
-
-
-def require_matplotlib() -> ModuleType:
-    """matplotlib.pyplot on the Agg backend; matplotlib is optional, so say how to get it."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PdlaunchError(
-            "--plot needs matplotlib, which is not installed",
-            field="--plot",
-            hint="pip install matplotlib  (or pip install 'pdlaunch[bench]')",
-        ) from None
-    return plt
-
-
-def write_plots(results: list[RequestResult], out_dir: Path) -> list[Path]:
-    """PNG histograms of TTFT/TPOT/ITL/E2EL and latency over the run. Needs matplotlib (optional)."""
-    plt = require_matplotlib()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in results if not r.error]
-
-    def ms(seconds: Iterable[float]) -> list[float]:
-        return [x * MS_PER_S for x in seconds]
-
-    series = {
-        "ttft": ms(r.ttft for r in ok),
-        "tpot": ms((r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1),
-        "itl": ms(gap for r in ok for gap in r.itl),
-        "e2el": ms(r.latency for r in ok),
-    }
-    written: list[Path] = []
-    for name, values in series.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(values, bins=min(50, max(1, len(values))))
-        ax.set_title(f"{_TITLES[name]} ({len(values)} samples)")
-        ax.set_xlabel("ms")
-        ax.set_ylabel("count")
-        path = out_dir / f"{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    starts = [r.start for r in ok]
-    ax.scatter(starts, series["ttft"], s=6, label="TTFT")
-    ax.scatter(starts, series["e2el"], s=6, label="E2EL")
-    ax.set_xlabel("request sent at (s since start)")
-    ax.set_ylabel("ms")
-    ax.set_title("Latency over the run")
-    ax.legend()
-    path = out_dir / "latency_over_time.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    written.append(path)
-    return written
-
-
-def print_kv_transfer_table(console: Console, rows: list[KVTransferRow]) -> None:
-    """Rows of run_kv_transfer_bench: GB/s of the connector next to the raw copies of the same run; one
-    table per connector (NIXL first when there are several)."""
-    if rows:
-        console.print(f"prefill on {rows[0]['prefill_device']}, decode on {rows[0]['decode_device']}", highlight=False,
-                      markup=False)
-    for connector in dict.fromkeys(r["connector"] for r in rows):
-        own = [r for r in rows if r["connector"] == connector]
-        transport = f" over {own[0]['transport']}" if own[0]["transport"] else ""
-        _print_kv_connector_table(console, own, "" if connector == "nixl" and len(own) == len(rows)
-                                  else f" ({connector}{transport})")
-
-
-def _print_kv_connector_table(console: Console, rows: list[KVTransferRow], which: str) -> None:
-    table = Table(title=f"KV transfer through the connector{which}", title_justify="left",
-                  caption="raw, peer: GB/s of torch copies of the same bytes", caption_justify="left")
-    for col in ("mode", "tokens", "MiB", "descs", "ms", "GB/s", "raw", "%raw", "peer", "%peer", "ok"):
-        table.add_column(col, justify="left" if col in ("mode", "ok") else "right")
-    for r in rows:
-        peer = r["peer_copy_gbps"]
-        table.add_row(
-            str(r["mode"]), str(r["num_tokens"]) if r["concurrency"] == 1 else f"{r['concurrency']}x{r['num_tokens']}",
-            f"{r['bytes'] / 2**20:.1f}", str(r["descriptors"]),
-            f"{r['seconds'] * MS_PER_S:.2f}", f"{r['gbps']:.2f}", f"{r['raw_copy_gbps']:.1f}",
-            f"{100 * r['gbps'] / r['raw_copy_gbps']:.0f}%", "-" if peer is None else f"{peer:.1f}",
-            "-" if peer is None else f"{100 * r['gbps'] / peer:.0f}%", "yes" if r["verified"] else "[red]NO[/red]",
-        )
-    console.print(table)
-

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pdlaunch.bench.openai_client import resolve_model, send_request
+from pdlaunch.bench.plots import require_matplotlib, write_plots
 from pdlaunch.bench.report import (
     BenchMetrics,
     RequestResult,
@@ -28,10 +29,8 @@ from pdlaunch.bench.report import (
     calculate_metrics,
     parse_goodput,
     print_report,
-    require_matplotlib,
     result_dict,
     write_json,
-    write_plots,
 )
 from pdlaunch.bench.serve_config import ServeBenchConfig
 from pdlaunch.bench.workload import BenchRequest, arrival_times, sample_requests

@@ -13,7 +13,7 @@ from rich.console import Console
 from pdlaunch.bench import rate_sweep
 from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.compare_layout import Layout
-from pdlaunch.bench.compare_report import comparison_table, load_table
+from pdlaunch.bench.compare_tables import comparison_table, load_table
 from pdlaunch.bench.goodput import RatePoint, Slo, rate_point
 from pdlaunch.bench.rate_sweep import DeploymentRun, run_deployment
 from pdlaunch.bench.report import RequestResult, ServeDoc, calculate_metrics, result_dict

@@ -15,6 +15,7 @@ from pdlaunch.bench import compare_layout, compare_report
 from pdlaunch.bench.cli import bench_app
 from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.compare_layout import Layout, prefill_yardstick
+from pdlaunch.bench.compare_tables import prefill_compute_table
 from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import PrefillShare, Yardstick
 from pdlaunch.bench.rate_sweep import DeploymentRun
@@ -48,8 +49,7 @@ def test_the_prefill_table_caption_shows_the_error_as_written(tmp_path: Path) ->
                       prefill_compute=PrefillShare(tflops=1.0, of_matmul=None))
     runs = [DeploymentRun(kind="pd", label="PD 1P1D", description="1P + 1D", points=[point])]
     console = Console(record=True, width=300)
-    console.print(compare_report.prefill_compute_table(runs, CompareConfig(model="tiny", rates=[2.0], out=tmp_path),
-                                                       yardstick))
+    console.print(prefill_compute_table(runs, CompareConfig(model="tiny", rates=[2.0], out=tmp_path), yardstick))
     assert f"matmul ceiling: none ({ODD})" in console.export_text()
 
 

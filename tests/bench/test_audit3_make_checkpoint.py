@@ -12,18 +12,19 @@ import pytest
 from safetensors import SafetensorError
 from typer.testing import CliRunner
 
-from pdlaunch.bench import make_checkpoint
+from pdlaunch.bench import checkpoint_shapes, make_checkpoint
+from pdlaunch.bench.checkpoint_tokenizer import TOKENIZER_FILES
 from pdlaunch.bench.cli import bench_app
 
 # llama3-8b's shape, small enough to write in a moment; 64 KiB shards make several files
-TINY = {**make_checkpoint.LLAMA3_8B, "hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4,
+TINY = {**checkpoint_shapes.LLAMA3_8B, "hidden_size": 64, "intermediate_size": 160, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1024}
 ARGS = ["--num-layers", "2", "--max-shard-gib", str(64 / 2**20), "--device", "cpu"]
 
 
 @pytest.fixture
 def tiny_shape(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(make_checkpoint.SHAPES, "llama3-8b", TINY)
+    monkeypatch.setitem(checkpoint_shapes.SHAPES, "llama3-8b", TINY)
 
 
 def _failing_save(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list[str]:
@@ -80,7 +81,7 @@ def test_the_checkpoint_is_whole_when_nothing_goes_wrong(tmp_path: Path) -> None
     result = _run(str(out), *ARGS)
     assert result.exit_code == 0, result.output
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "generation_config.json", *make_checkpoint.TOKENIZER_FILES
+    assert {"config.json", "model.safetensors.index.json", "generation_config.json", *TOKENIZER_FILES
             } <= names and len([n for n in names if n.endswith(".safetensors")]) > 1
 
 

@@ -10,9 +10,10 @@ from rich.console import Console
 
 from pdlaunch.bench import compare_report
 from pdlaunch.bench.advisor import DecodePoint, advise
+from pdlaunch.bench.compare_conditional import conditional_capacity
 from pdlaunch.bench.compare_config import CompareConfig
 from pdlaunch.bench.engine_load import EngineLoad
-from pdlaunch.bench.goodput import RatePoint
+from pdlaunch.bench.goodput import RatePoint, highest_rate_within
 from pdlaunch.bench.matmul_ceiling import MatmulCeiling, PrefillShare, Yardstick
 from pdlaunch.bench.rate_sweep import DeploymentRun
 from pdlaunch.errors import PdlaunchError
@@ -123,17 +124,17 @@ def test_capacity_is_the_highest_rate_kept_within_each_slo_set() -> None:
     cond = DeploymentRun(kind="conditional", label="PD 1P1D cond.", description="1P + 1D, < 256 local",
                          points=[_tight(_point(2, 100, 2.0), 100), _tight(_point(4, 92, 3.7), 89),
                                  _tight(_point(8, 95, 7.6), 99)])  # relaxed 8 req/s; tight 2 (4 misses: 89%)
-    assert compare_report.highest_rate_within(pd.points, tight=True) == 8
-    capacity = compare_report.conditional_capacity([colocated, pd, cond])
+    assert highest_rate_within(pd.points, tight=True) == 8
+    capacity = conditional_capacity([colocated, pd, cond])
     assert capacity is not None
     assert capacity["relaxed"].model_dump() == {"conditional": 8.0, "best_other": "PD 1P1D", "best_other_rate": 4.0,
                                                 "at_least_best": True}
     assert capacity["tight"].model_dump() == {"conditional": 2.0, "best_other": "PD 1P1D", "best_other_rate": 8.0,
                                               "at_least_best": False}
     cond.points = [_tight(p, 10) for p in cond.points[:1]]  # misses the tight set at its lowest rate
-    capacity = compare_report.conditional_capacity([colocated, pd, cond])
+    capacity = conditional_capacity([colocated, pd, cond])
     assert capacity is not None and capacity["tight"].at_least_best is False
-    assert compare_report.conditional_capacity([colocated, pd]) is None  # no conditional run
+    assert conditional_capacity([colocated, pd]) is None  # no conditional run
 
 
 def test_without_a_ceiling_the_rate_is_shown_and_the_share_is_not(tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from pdlaunch.bench.checkpoint_shapes import LLAMA3_8B, tensor_shapes
 from pdlaunch.bench.cli import bench_app
-from pdlaunch.bench.make_checkpoint import LLAMA3_8B, make_llama3_8b_shaped, plan_shards, tensor_shapes
+from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped, plan_shards
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.demo_tokenizer import build_demo_tokenizer
 
@@ -108,7 +109,7 @@ def test_qwen3_30b_a3b_shape_matches_transformers_parameter_for_parameter() -> N
     """Every name and shape of the full 48-layer, 128-expert model, against transformers' own (meta device)."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from pdlaunch.bench.make_checkpoint import QWEN3_30B_A3B
+    from pdlaunch.bench.checkpoint_shapes import QWEN3_30B_A3B
 
     shapes = dict(tensor_shapes(QWEN3_30B_A3B))
     assert shapes["model.layers.47.mlp.experts.127.down_proj.weight"] == (2048, 768)
@@ -142,7 +143,7 @@ def test_mixtral_8x7b_shape_matches_transformers_parameter_for_parameter() -> No
     (meta device) and its 46.7B parameters; the config parses as the MoE our engine serves."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from pdlaunch.bench.make_checkpoint import MIXTRAL_8X7B
+    from pdlaunch.bench.checkpoint_shapes import MIXTRAL_8X7B
     from pdlaunch.model.arch import parse_hf_config
 
     shapes = dict(tensor_shapes(MIXTRAL_8X7B))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pdlaunch.bench import matmul_ceiling
-from pdlaunch.bench.make_checkpoint import LLAMA3_8B, QWEN3_30B_A3B
+from pdlaunch.bench.checkpoint_shapes import LLAMA3_8B, QWEN3_30B_A3B
 from pdlaunch.bench.matmul_ceiling import MatmulCeiling, Yardstick, measure_in_child
 from pdlaunch.config.model_info import ModelInfo, _from_hf_dict
 from pdlaunch.errors import PdlaunchError
