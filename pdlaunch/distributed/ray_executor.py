@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.problems import with_article
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
 from pdlaunch.distributed.rank import build_rank
@@ -207,8 +208,9 @@ class RayTPExecutor:
             raise
         for rank, value in enumerate(replies, start=1):
             if not isinstance(value, call.reply_type):
-                raise EngineError(f"TP rank {rank} answered {type(call).__name__} with a {type(value).__name__}",
-                                  field="parallel.tp", hint="every rank must run the same pdlaunch version")
+                answer = with_article(type(value).__name__)
+                raise EngineError(f"TP rank {rank} answered {type(call).__name__} with {answer}", field="parallel.tp",
+                                  hint="every rank must run the same pdlaunch version")
         return replies
 
     def check_health(self) -> None:
