@@ -16,6 +16,7 @@ from rich.console import Console
 
 from pdlaunch import __version__
 from pdlaunch.bench.cli import bench_app
+from pdlaunch.config.command_line import PdlaunchGroup, parse_strictly
 from pdlaunch.config.flags import with_serve_options
 from pdlaunch.errors import ConfigError, PdlaunchError
 from pdlaunch.render.cli import render_app
@@ -30,6 +31,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=PdlaunchGroup,
 )
 config_app = typer.Typer(help="Config schema and examples.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -182,6 +184,9 @@ def config_example() -> None:
     from pdlaunch.config.loader import example_yaml
 
     _print(example_yaml(), "example")
+
+
+parse_strictly(app)
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ from pdlaunch.bench.goodput import RatePoint
 from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.rate_sweep import DeploymentRun, run_deployment
 from pdlaunch.bench.report import ServeDoc, write_atomic
+from pdlaunch.config.problems import with_article
 from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.errors import PdlaunchError
 
@@ -114,7 +115,7 @@ def baseline_runs(cfg: CompareConfig) -> list[DeploymentRun]:
     try:
         earlier = json.loads((cfg.baseline / "compare.json").read_text())["settings"]
         if not isinstance(earlier, dict):
-            raise TypeError(f"compare.json's settings are a {type(earlier).__name__}, not a mapping")
+            raise TypeError(f"compare.json's settings are {with_article(type(earlier).__name__)}, not a mapping")
         runs = [DeploymentRun.model_validate_json((cfg.baseline / f"{kind}.json").read_text()) for kind in KINDS]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PdlaunchError(f"could not read the baseline run in {cfg.baseline}: {exc}", field="--baseline",

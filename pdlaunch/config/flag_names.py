@@ -17,7 +17,6 @@ FLAG_FOR_PATH: dict[str, str] = {}
 for _flag in SERVE_FLAGS:
     if _flag.refused is None:
         FLAG_FOR_PATH.setdefault(_flag.path, _flag.option)
-ENV_OF_FLAG = {flag.option: flag.envvar for flag in SERVE_FLAGS if flag.envvar}  # `--api-key`: PDLAUNCH_API_KEY
 ROLE_PATH = re.compile(r"^instances\[(prefill|decode|colocated)\]\.(\w+)$")
 
 

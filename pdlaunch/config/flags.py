@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, cast
 
 import typer
 
 from pdlaunch.config.cli_overrides import Overrides, split_positionals
-from pdlaunch.config.problems import problem
+from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.vllm_kv_transfer import kv_transfer_overrides
 
 
@@ -205,7 +206,9 @@ def _config_default(path: str) -> str | None:
 
 
 FLAG_PATHS: dict[str, str] = {flag.name: flag.path for flag in SERVE_FLAGS if flag.refused is None}
+ENV_VARS = frozenset(flag.envvar for flag in SERVE_FLAGS if flag.envvar)  # PDLAUNCH_API_KEY
 _BY_NAME = {flag.name: flag for flag in SERVE_FLAGS}
+_CONTEXT = "serve_context"  # the typer context the wrapper asks for: where each value came from
 
 _SERVE_PARAMS: list[inspect.Parameter] = [
     inspect.Parameter("targets", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=Annotated[
@@ -229,8 +232,10 @@ def _given(flag: Flag, value: object) -> bool:
     return value is not None and not (flag.type is bool and value is False)
 
 
-def collect_overrides(given: Mapping[str, object], targets: list[str]) -> tuple[Path | None, Overrides]:
-    """(config file or None, overrides) from the flags' values by parameter name and the positionals."""
+def collect_overrides(given: Mapping[str, object], targets: list[str], from_env: frozenset[str] = frozenset()
+                      ) -> tuple[Path | None, Overrides]:
+    """(config file or None, overrides) from the flags' values by parameter name and the positionals.
+    A value of a parameter named in `from_env` came from the flag's environment variable, and is named by it."""
     overrides = Overrides()
     for name, value in given.items():
         flag = _BY_NAME[name]
@@ -244,8 +249,18 @@ def collect_overrides(given: Mapping[str, object], targets: list[str]) -> tuple[
             for path, item in values.items():
                 overrides.set(path, item, flag.option)
         else:
-            overrides.set(flag.path, value if flag.sets is None else flag.sets, flag.option)
+            spelling = flag.envvar if name in from_env and flag.envvar else flag.option
+            overrides.set(flag.path, value if flag.sets is None else flag.sets, spelling)
     return split_positionals(targets, overrides), overrides
+
+
+def empty_variable_problems(given: Mapping[str, object], env: Mapping[str, str]) -> list[Problem]:
+    """A flag's environment variable set to "" (`PDLAUNCH_API_KEY="$KEY"` with KEY unset) is read as no value at
+    all: serving with no API key is not what whoever set it meant."""
+    return [problem(flag.envvar, "is set but empty, so it would be ignored", f"set it to the value of {flag.option}, "
+                    f"or unset it (`unset {flag.envvar}`)")
+            for name, value in given.items() if (flag := _BY_NAME[name]).envvar is not None and value is None
+            and env.get(flag.envvar) == ""]
 
 
 def with_serve_options(fn: Callable[..., R]) -> Callable[..., R]:
@@ -256,14 +271,25 @@ def with_serve_options(fn: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(fn)
     def wrapper(**kwargs: object) -> R:
         targets = kwargs.pop("targets", None)
+        ctx = cast(typer.Context, kwargs.pop(_CONTEXT))
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in _BY_NAME}
-        config, overrides = collect_overrides(given, [str(t) for t in targets] if isinstance(targets, list) else [])
+        from_env = frozenset(name for name in given if _from_environment(ctx, name))
+        config, overrides = collect_overrides(given, [str(t) for t in targets] if isinstance(targets, list) else [],
+                                              from_env)
+        overrides.problems += empty_variable_problems(given, os.environ)
         return fn(config=config, overrides=overrides, **kwargs)
 
     params = _SERVE_PARAMS[:1] + [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + _SERVE_PARAMS[1:]
+    params.append(inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     # typer also reads get_type_hints(wrapper): evaluated annotations, not fn's strings (they would be
     # evaluated in this module's namespace)
     wrapper.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
     del wrapper.__wrapped__
     return wrapper
+
+
+def _from_environment(ctx: typer.Context, name: str) -> bool:
+    """Whether parameter `name` took its value from its environment variable (click's ParameterSource)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "ENVIRONMENT"

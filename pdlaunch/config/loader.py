@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from pdlaunch.config.cli_overrides import Overrides
 from pdlaunch.config.errors_format import problems_from_validation_error, short_repr
-from pdlaunch.config.flag_names import ENV_OF_FLAG, FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
+from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
+from pdlaunch.config.flags import ENV_VARS
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.yaml_strict import read_yaml
@@ -173,11 +174,11 @@ def flag_over_file_warnings(path: Path | None, overrides: Mapping[str, object]) 
             continue
         where, in_file = found
         flag = typed.get(key) or FLAG_FOR_PATH.get(key, key)
-        env = ENV_OF_FLAG.get(flag)
         what = (f"sets {where}, replacing the value in {str(path)!r}" if key.startswith("security.")  # no secret shown
                 else f"sets {where} to {short_repr(value)}, replacing {short_repr(in_file)} in {str(path)!r}")
-        warnings.append(problem(flag, f"{f'this flag or {env} ' if env else ''}{what}: flags win over the file",
-                                "drop one of the two if that is not what you meant"))
+        wins = "the environment wins" if flag in ENV_VARS else "flags win"
+        warnings.append(problem(flag, f"{what}: {wins} over the file", "drop one of the two if that is not what you "
+                                "meant"))
     return warnings
 
 

@@ -6,11 +6,13 @@ Cross-field rules live in `pdlaunch.config.validate`; these models only check si
 
 from __future__ import annotations
 
+import types
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pdlaunch.config.addresses import Host
 
@@ -35,11 +37,52 @@ KVCacheDType = Annotated[Literal["auto", "fp8"], BeforeValidator(_kv_cache_dtype
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 SEED_MAX = 2**64 - 1  # seeds are unsigned 64-bit (torch.Generator.manual_seed)
 MAX_GIB = 2**20  # the most GiB any size takes (1 PiB): more is a typo, and GiB x 2**30 must stay a finite float
+# Upper bounds of the counts and durations that size memory or loops (a batch ladder of max_num_seqs entries, a
+# timer of that many seconds): more is a typo, and a huge value would run for ever or overflow a timer.
+MAX_SEQS = 2**14
+MAX_TOKENS = 2**24  # tokens of one sequence, step or queue: 16M, above the longest context of any checkpoint
+MAX_BLOCKS = 2**24
+MAX_SECONDS = 7 * 24 * 3600  # any timeout or wait: one week
+MAX_REQUEST_BYTES = 2**30
+MAX_ITL_MS = 60_000
 _Name = Annotated[str, Field(min_length=1, max_length=256)]
+DeviceIndex = Annotated[int, Field(ge=0)]
+
+
+def _admits_bool(annotation: object) -> bool:
+    inner = typing.get_args(annotation)[0] if typing.get_origin(annotation) is Annotated else annotation
+    return inner is bool
+
+
+def _bool_read_as_number(annotation: object, value: object) -> bool:
+    """Whether `value` is, or holds (in a list, or as a mapping's value), a bool where `annotation` wants an int or
+    a float: pydantic would read `true` as 1."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _bool_read_as_number(args[0], value)
+    if origin in (typing.Union, types.UnionType):
+        if isinstance(value, bool) and any(_admits_bool(arg) for arg in args):
+            return False
+        return any(_bool_read_as_number(arg, value) for arg in args)
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if origin is list and isinstance(value, list):
+        return any(_bool_read_as_number(args[0], item) for item in value)
+    if origin is dict and isinstance(value, dict):
+        return any(_bool_read_as_number(args[1], item) for item in value.values())
+    return False
 
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: object, info: ValidationInfo) -> object:
+        if info.field_name is not None and _bool_read_as_number(cls.model_fields[info.field_name].annotation, value):
+            raise ValueError("a boolean is not a number (YAML reads true, false, yes, no, on and off as booleans); "
+                             "write the number")
+        return value
 
 
 class ModelConfig(StrictModel):
@@ -49,7 +92,8 @@ class ModelConfig(StrictModel):
     quantization: Quantization | None = Field(
         None, description="fp8: quantize a bf16/fp16/fp32 checkpoint's linear weights to FP8 at load, one scale per "
         "output channel (vLLM's --quantization fp8). FP8 checkpoints are detected from config.json without it.")
-    max_model_len: int | None = Field(None, gt=0, description="Longest prompt+output; default: the model's limit.")
+    max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS, description="Longest prompt+output (at most "
+                                         f"{MAX_TOKENS}); default: the model's limit.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Default sampling seed of the engine (0..2**64-1).")
     enable_sleep_mode: bool = Field(False, description="Allow /sleep and /wake_up; turns the cumem allocator on.")
     enable_cumem_allocator: bool = Field(False, description="Put weights and KV cache in CuMem pools (CUDA only).")
@@ -70,7 +114,8 @@ class ModelConfig(StrictModel):
 class CacheConfig(StrictModel):
     block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of device memory an instance may use.")
-    num_gpu_blocks: int | None = Field(None, gt=0, description="Override the profiled KV block count.")
+    num_gpu_blocks: int | None = Field(None, gt=0, le=MAX_BLOCKS,
+                                         description=f"Override the profiled KV block count (1..{MAX_BLOCKS}).")
     kv_offload_gb: float = Field(0.0, ge=0, le=MAX_GIB, description="CPU tier for KV blocks evicted from the GPU "
                                  "prefix cache, GiB; 0 = off. Was `cpu_offload_gb` (still read, with a warning).")
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of identical prompt prefixes.")
@@ -100,16 +145,17 @@ PROMPT_TOKENS_WHILE_DECODING = 1024
 
 
 class SchedulerConfig(StrictModel):
-    max_num_seqs: int = Field(64, gt=0, description="Most sequences in one batch.")
+    max_num_seqs: int = Field(64, gt=0, le=MAX_SEQS, description=f"Most sequences in one batch (1..{MAX_SEQS}).")
     max_num_batched_tokens: int | None = Field(
-        None, gt=0, description=f"Most tokens in one step (chunked prefill: running decodes first, then prompt chunks "
-        f"within the rest); default {PROMPT_TOKEN_BUDGET} in colocated and prefill "
-        f"instances, {DECODE_TOKEN_BUDGET} in decode instances.")
+        None, gt=0, le=MAX_TOKENS, description=f"Most tokens in one step (chunked prefill: running decodes first, "
+        f"then prompt chunks within the rest; at most {MAX_TOKENS}); default {PROMPT_TOKEN_BUDGET} in colocated and "
+        f"prefill instances, {DECODE_TOKEN_BUDGET} in decode instances.")
     prompt_tokens_while_decoding: int = Field(
-        PROMPT_TOKENS_WHILE_DECODING, ge=0, description="Most prompt tokens in a step that also runs decodes: a long "
-        "prompt is computed in chunks of this size while other requests generate, so it stalls each of their "
-        "tokens for one chunk's time, not its whole prompt's (inter-token latency p99); a step with no decode takes "
-        "the whole max_num_batched_tokens. 0: no cap (a prompt takes the whole budget alongside decodes).")
+        PROMPT_TOKENS_WHILE_DECODING, ge=0, le=MAX_TOKENS, description="Most prompt tokens in a step that also runs "
+        "decodes: a long prompt is computed in chunks of this size while other requests generate, so it stalls "
+        "each of their tokens for one chunk's time, not its whole prompt's (inter-token latency p99); a step with "
+        "no decode takes the whole max_num_batched_tokens. 0: no cap (a prompt takes the whole budget alongside "
+        f"decodes); at most {MAX_TOKENS}.")
 
     async_scheduling: bool | None = Field(
         None, description="Overlap the host's work with the device's: step N+1 is prepared and launched while "
@@ -127,7 +173,8 @@ class SchedulerConfig(StrictModel):
 
 class NodeConfig(StrictModel):
     address: Host = Field(..., description="Address other nodes reach this node at.")
-    devices: list[int] = Field(default_factory=list, description="CUDA device indices on this node.")
+    devices: list[DeviceIndex] = Field(default_factory=list, description="CUDA device indices on this node (0 "
+                                       "and up).")
 
 
 class ParallelConfig(StrictModel):
@@ -152,9 +199,12 @@ class KVTransferConfig(StrictModel):
     engine_id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="Base engine id of instances.")
     side_channel_host: Host = Field("127.0.0.1", description="Host the handshake side channel binds to.")
     side_channel_port: int | None = Field(None, description="First side-channel port; default: free ports.")
-    kv_lease_seconds: float = Field(60.0, gt=0, description="Prefill frees unread KV blocks after this.")
-    handshake_timeout_seconds: float = Field(10.0, gt=0, description="Decode gives up a handshake after this.")
-    transfer_timeout_seconds: float = Field(30.0, gt=0, description="Decode fails a request whose KV is late.")
+    kv_lease_seconds: float = Field(60.0, gt=0, le=MAX_SECONDS, description="Prefill frees unread KV blocks after "
+                                    "this (at most a week).")
+    handshake_timeout_seconds: float = Field(10.0, gt=0, le=MAX_SECONDS, description="Decode gives up a handshake "
+                                             "after this (at most a week).")
+    transfer_timeout_seconds: float = Field(30.0, gt=0, le=MAX_SECONDS, description="Decode fails a request whose "
+                                            "KV is late (at most a week).")
     storage_path: str = Field("~/.cache/pdlaunch/kv", description="Directory of the storage connector.")
     verify_kv: bool = Field(False, description="Checksum every transferred request end to end.")
     load_failure_policy: Literal["recompute", "fail"] = Field(
@@ -175,7 +225,8 @@ class ProxyConfig(StrictModel):
         "round_robin", description="Instance choice: round_robin, least_loaded, or prefix (the instance caching the "
         "longest prefix of the prompt, weighed against the prompt tokens queued there; from the instances' KV cache "
         "events).")
-    request_timeout_seconds: float = Field(300.0, gt=0, description="Whole-request timeout at the proxy.")
+    request_timeout_seconds: float = Field(300.0, gt=0, le=MAX_SECONDS, description="Whole-request timeout at the "
+                                           "proxy (at most a week).")
     restart: bool = Field(True, description="Restart the proxy if it dies (same port).")
     workers: int = Field(
         1, ge=1, le=64, description="Proxy processes sharing the port, for fleets whose streams outrun one proxy "
@@ -186,23 +237,27 @@ class ProxyConfig(StrictModel):
         2.0, gt=0, le=60, description="An instance whose /health does not answer within this is marked stalled "
         "and gets no new requests until it answers again (probed every second; the launcher uses it too).")
     prefill_timeout_seconds: float | None = Field(
-        None, gt=0, description="Deadline of the prefill leg: past it the leg is abandoned and retried once on "
-        "another prefill, else computed by the decode (kv_transfer.load_failure_policy: recompute) or failed with a "
-        "504. Unset: derived from the prompt's length and the measured prefill speed (README).")
+        None, gt=0, le=MAX_SECONDS, description="Deadline of the prefill leg: past it the leg is abandoned and retried "
+        "once on another prefill, else computed by the decode (kv_transfer.load_failure_policy: recompute) or "
+        "failed with a 504 (at most a week). Unset: derived from the prompt's length and the measured prefill "
+        "speed (README).")
     disaggregate_min_tokens: int | None = Field(
-        None, ge=1, description="A prompt of fewer tokens (counted by the proxy with the model's tokenizer) runs on a "
-        "decode instance alone: no prefill leg, no KV transfer. Unset: every request is PD.")
+        None, ge=1, le=MAX_TOKENS, description=f"A prompt of fewer tokens (counted by the proxy with the model's "
+        f"tokenizer; at most {MAX_TOKENS}) runs on a decode instance alone: no prefill leg, no KV transfer. Unset: "
+        "every request is PD.")
     disaggregate_max_queue_tokens: int | None = Field(
-        None, ge=1, description="While every ready prefill instance has this many prompt tokens queued (legs sent, "
+        None, ge=1, le=MAX_TOKENS, description=f"While every ready prefill instance has this many (at most "
+        f"{MAX_TOKENS}) prompt tokens queued (legs sent, "
         "not answered), a prompt that would go PD runs on its decode alone, up to this many such tokens in flight "
         "per decode (with disaggregate_max_itl_ms, the prompt's own tokens included): a burst of long prompts "
         "waits no longer than this much prefill work. Needs disaggregate_min_tokens. Unset: PD prompts always "
         "queue for a prefill.")
     disaggregate_max_itl_ms: float | None = Field(
-        None, gt=0, description="A prompt that would run on its decode alone (shorter than "
+        None, gt=0, le=MAX_ITL_MS, description="A prompt that would run on its decode alone (shorter than "
         "disaggregate_min_tokens, or spilled) goes PD instead while that decode's streams wait this many ms or more "
         "per token (the mean over its last second, from its /health): prompt work there would push them past the "
-        "TPOT target. Set it a little under that target. Needs disaggregate_min_tokens. Unset: no such check.")
+        "TPOT target. Set it a little under that target (at most 60000). Needs disaggregate_min_tokens. Unset: no "
+        "such check.")
     migration_limit: int = Field(
         3, ge=0, le=100, description="A request whose decode dies or stalls (health_timeout_seconds) mid-request "
         "goes on on another decode from its prompt + the tokens already sent, at most this many times per request "
@@ -216,19 +271,30 @@ class SecurityConfig(StrictModel):
                                           "the proxy to authenticate KV side-channel messages and internal "
                                           "kv_transfer_params (also PDLAUNCH_DEPLOYMENT_SECRET). Unset: the "
                                           "launcher makes one; multi-node: give the same value on every node.")
-    max_request_bytes: int = Field(16 << 20, gt=0, description="Largest HTTP request body accepted (413 above).")
+    max_request_bytes: int = Field(16 << 20, gt=0, le=MAX_REQUEST_BYTES, description="Largest HTTP request body "
+                                   f"accepted (413 above; at most {MAX_REQUEST_BYTES}, 1 GiB).")
+
+    @field_validator("api_key", "deployment_secret")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"{len(value)} whitespace characters are not a secret; give a random value (e.g. "
+                             "`python -c 'import secrets; print(secrets.token_hex(32))'`), or leave it unset")
+        return value
 
 
 class SupervisionConfig(StrictModel):
-    restart_backoff_seconds: float = Field(1.0, gt=0, description="Wait before the first restart of a dead "
-                                           "process; doubles per consecutive failure (at most 30 s).")
+    restart_backoff_seconds: float = Field(1.0, gt=0, le=MAX_SECONDS, description="Wait before the first restart "
+                                           "of a dead process (at most a week); doubles per consecutive failure "
+                                           "(at most 30 s).")
     max_restarts: int = Field(5, ge=0, description="Consecutive failed restarts (died before ready) of one "
                               "process before the deployment stops with exit 1.")
-    role_down_grace_seconds: float = Field(120.0, gt=0, description="Stop with exit 1 when a role has had no "
-                                           "live instance for this long.")
+    role_down_grace_seconds: float = Field(120.0, gt=0, le=MAX_SECONDS, description="Stop with exit 1 when a role "
+                                           "has had no live instance for this long (at most a week).")
     stall_restart_seconds: float | None = Field(
-        None, gt=0, description="Restart an instance that is alive but has not answered /health for this long "
-        "(stalled). Unset: never; it is shown as stalled and the proxy routes around it until it answers again.")
+        None, gt=0, le=MAX_SECONDS, description="Restart an instance that is alive but has not answered /health for "
+        "this long (stalled; at most a week). Unset: never; it is shown as stalled and the proxy routes around it "
+        "until it answers again.")
 
 
 class InstanceGroupConfig(StrictModel):
@@ -242,7 +308,8 @@ class InstanceGroupConfig(StrictModel):
         None, description="This group's KV cache element type (default: cache.kv_cache_dtype). Colocated groups "
         "may differ (e.g. an fp8 group next to a bf16 one behind one proxy); prefill and decode groups must agree, "
         "since KV moves between them as stored.")
-    devices: list[int] | None = Field(None, description="CUDA devices for the group, tp per instance, in order.")
+    devices: list[DeviceIndex] | None = Field(None, description="CUDA devices for the group (indices, 0 and up), "
+                                              "tp per instance, in order.")
     node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
     base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
     restart: bool = Field(True, description="Restart a dead instance of this group (with backoff) instead of "
@@ -296,8 +363,8 @@ class LauncherConfig(StrictModel):
                              "(HOST:PORT, as `ray start --head` prints it), or auto (the cluster this machine runs).")
     ray_resources: RayResourcesConfig = Field(default_factory=RayResourcesConfig)
     ray_placement_timeout_seconds: float = Field(
-        120.0, gt=0, description="ray backend: an instance whose placement group Ray cannot place within this "
-        "long stops the deployment (exit 1, naming the resources asked for).")
+        120.0, gt=0, le=MAX_SECONDS, description="ray backend: an instance whose placement group Ray cannot place "
+        "within this long (at most a week) stops the deployment (exit 1, naming the resources asked for).")
 
 
 def default_instances() -> list[InstanceGroupConfig]:

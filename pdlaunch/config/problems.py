@@ -21,3 +21,8 @@ class Problem(NamedTuple):
 def problem(field: str, what: str, hint: str) -> Problem:
     """What is wrong, then how to fix it, in one line."""
     return Problem(field, f"{what}; {hint}")
+
+
+def with_article(noun: str) -> str:
+    """`noun` after its indefinite article, chosen by its first letter: "a list", "an int"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

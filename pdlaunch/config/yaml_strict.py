@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.problems import Problem, problem, with_article
 from pdlaunch.errors import ConfigError
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"  # `<<: *defaults` may be overridden by explicit keys
@@ -133,6 +133,6 @@ def read_yaml(path: Path) -> dict[str, object]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError([problem("config", f"{str(path)!r} holds a {type(data).__name__}, not a mapping of keys",
-                                   "write `key: value` lines, e.g. `model: {path: demo}`")])
+        what = f"{str(path)!r} holds {with_article(type(data).__name__)}, not a mapping of keys"
+        raise ConfigError([problem("config", what, "write `key: value` lines, e.g. `model: {path: demo}`")])
     return data

@@ -27,6 +27,9 @@ def _read_json(path: Path) -> dict[str, JsonValue]:
     except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
         raise PdlaunchError(f"cannot read {path}: {exc}", field="model.path",
                             hint=f"restore the checkpoint's {path.name}") from exc
+    except RecursionError:  # arrays or objects nested past Python's stack
+        raise PdlaunchError(f"cannot read {path}: its JSON nests too deeply", field="model.path",
+                            hint=f"restore the checkpoint's {path.name}") from None
     if not isinstance(data, dict):
         raise PdlaunchError(f"{path} holds a JSON {type(data).__name__}, not an object", field="model.path")
     return data

@@ -69,6 +69,9 @@ def _weight_map(index: Path) -> dict[str, str]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise PdlaunchError(f"cannot read {index}: {exc}", field="model.path", hint=REFETCH_HINT) from exc
+    except RecursionError:  # arrays or objects nested past Python's stack
+        raise PdlaunchError(f"cannot read {index}: its JSON nests too deeply", field="model.path",
+                            hint=REFETCH_HINT) from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise PdlaunchError(f"{index} has no weight_map of tensor name -> file name", field="model.path",
                             hint=REFETCH_HINT)
@@ -147,7 +150,7 @@ def read_header(file: Path) -> list[TensorHeader]:
         raise _bad(file, f"cannot be read ({exc.strerror or exc})") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested past Python's stack
         raise _bad(file, _HEADER_ERRORS["invalid json"]) from exc
     if not isinstance(header, dict):
         raise _bad(file, _HEADER_ERRORS["invalid header"])

@@ -24,6 +24,13 @@ def _invoke(*args: str) -> Any:
     return CliRunner().invoke(bench_app, list(args))
 
 
+def _replacing(base: list[str], args: list[str]) -> list[str]:
+    """`base` (flag, value pairs) with the flags `args` gives set to its values instead: a flag is given once."""
+    given = set(args[::2])
+    return [item for flag, value in zip(base[::2], base[1::2], strict=True) if flag not in given
+            for item in (flag, value)] + args
+
+
 def _assert_refused(result: Any, flag: str) -> None:
     """Exit 1 through typer.Exit (not an exception escaping the command), the message naming `flag`."""
     assert result.exit_code == 1, result.output
@@ -125,7 +132,7 @@ def test_kv_transfer_bad_input_is_refused_before_the_workers_start(tmp_path: Pat
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     args = [a.format(file=a_file, dir=tmp_path) for a in args]
-    _assert_refused(_invoke("kv-transfer", *KV_SMALL, *args), flag)
+    _assert_refused(_invoke("kv-transfer", *_replacing(KV_SMALL, args)), flag)
 
 
 @pytest.mark.e2e
@@ -133,7 +140,7 @@ def test_kv_transfer_worker_that_cannot_start_fails_at_once() -> None:
     """A KV cache no machine can hold (10**15 tokens, beyond the address space): the worker says so right away;
     it used to die silently while the parent waited 300 s for its answer."""
     pytest.importorskip("nixl")
-    result = _invoke("kv-transfer", *KV_SMALL, "--num-tokens", str(10**15))
+    result = _invoke("kv-transfer", *_replacing(KV_SMALL, ["--num-tokens", str(10**15)]))
     assert result.exit_code == 1, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     flat = " ".join(result.output.split())

@@ -295,7 +295,7 @@ def test_a_mixed_workload_runs_pd_with_per_request_disaggregation_too(tmp_path: 
     out = tmp_path / "mix"
     base = tmp_path / "base.yaml"
     base.write_text("scheduler:\n  max_num_batched_tokens: 512\n  prompt_tokens_while_decoding: 16\n")
-    workload = [a for a in WORKLOAD if a not in ("--input-len", "12")]
+    workload = [a for a in WORKLOAD if a not in ("--input-len", "12", "--num-prompts", "5")]
     result = _invoke(["--model", "tiny", "--device", "cpu", "--rates", "4", *workload, "--num-prompts", "6",
                       "--input-lens", "8,40", "--disaggregate-min-tokens", "24", "--config", str(base),
                       "--out", str(out)])

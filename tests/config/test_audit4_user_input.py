@@ -118,7 +118,8 @@ def test_a_secret_replaced_by_its_environment_variable_is_named_not_shown(tmp_pa
     config.chmod(0o600)
     monkeypatch.setenv("PDLAUNCH_API_KEY", "env-key-5678")
     result = check([str(config), *CPU])
-    assert "warning: --api-key: this flag or PDLAUNCH_API_KEY sets security.api_key, replacing" in result.output
+    assert "warning: PDLAUNCH_API_KEY: sets security.api_key, replacing" in result.output
+    assert "the environment wins over the file" in result.output
     assert "key-1234" not in result.output and "key-5678" not in result.output
 
 

@@ -12,7 +12,13 @@ from pdlaunch.config.rules.security import SECRET_ENV
 from pdlaunch.config.validate import SLEEP_ENABLES_CUMEM
 from tests.config.cli_helpers import assert_invalid, check, check_json, write_model, write_yaml
 
-GPU2 = ["--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+
+def gpus(count: int) -> list[str]:
+    """Check as if on a CUDA host with `count` 80 GiB GPUs."""
+    return ["--device", "cuda", "--target-gpus", str(count), "--target-gpu-memory", "80"]
+
+
+GPU2 = gpus(2)
 
 
 @pytest.fixture(autouse=True)
@@ -127,32 +133,30 @@ def test_supported_architectures(tmp_path: Path, arch: str) -> None:
 
 def test_tp_must_divide_attention_heads(tmp_path: Path) -> None:
     model = write_model(tmp_path, num_attention_heads=12, num_key_value_heads=12, hidden_size=192)
-    assert_invalid(check(["--model", str(model), *GPU2, "--tp", "8", "--target-gpus", "16"]),
+    assert_invalid(check(["--model", str(model), *gpus(16), "--tp", "8"]),
                    "instances[0].tp", "12 attention heads")
 
 
 def test_tp_and_kv_heads_must_divide_each_other(tmp_path: Path) -> None:
     model = write_model(tmp_path, num_attention_heads=12, num_key_value_heads=4, hidden_size=192)
-    result = check(["--model", str(model), *GPU2, "--decode-tp", "6", "--target-gpus", "8"])
+    result = check(["--model", str(model), *gpus(8), "--decode-tp", "6"])
     assert_invalid(result, "instances[1].tp", "4 KV heads")
     # kv heads dividing tp (replicated KV heads) is fine
     model8 = write_model(tmp_path, "m8", num_attention_heads=8, num_key_value_heads=2)
-    assert check(["--model", str(model8), *GPU2, "--tp", "4", "--target-gpus", "8"]).exit_code == 0
+    assert check(["--model", str(model8), *gpus(8), "--tp", "4"]).exit_code == 0
 
 
 def test_prefill_decode_tp_ratio(tmp_path: Path) -> None:
     model = write_model(tmp_path, num_attention_heads=24, num_key_value_heads=24, hidden_size=192)
-    result = check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "3", "--target-gpus", "8"])
+    result = check(["--model", str(model), *gpus(8), "--prefill-tp", "2", "--decode-tp", "3"])
     assert_invalid(result, "--decode-tp", "prefill TP 2 and decode TP 3")
     # dividing sizes reshard KV heads on the decode side, which reads (pull)
     for p_tp, d_tp in (("2", "4"), ("4", "2")):
-        assert check(["--model", str(model), *GPU2, "--prefill-tp", p_tp, "--decode-tp", d_tp,
-                      "--target-gpus", "8"]).exit_code == 0
-    result = check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "4", "--target-gpus", "8",
+        assert check(["--model", str(model), *gpus(8), "--prefill-tp", p_tp, "--decode-tp", d_tp]).exit_code == 0
+    result = check(["--model", str(model), *gpus(8), "--prefill-tp", "2", "--decode-tp", "4",
                     "--transfer-mode", "push"])
     assert_invalid(result, "--transfer-mode", "pull only")
-    assert check(["--model", str(model), *GPU2, "--prefill-tp", "2", "--decode-tp", "2",
-                  "--target-gpus", "8"]).exit_code == 0
+    assert check(["--model", str(model), *gpus(8), "--prefill-tp", "2", "--decode-tp", "2"]).exit_code == 0
 
 
 # --- cache and lengths ------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def test_explicit_devices_beyond_host(tmp_path: Path) -> None:
 
 def test_explicit_devices_length_must_be_count_times_tp(tmp_path: Path) -> None:
     path = write_yaml(tmp_path, "instances:\n  - {role: prefill, tp: 2, devices: [0]}\n  - {role: decode}\n")
-    assert_invalid(check([str(path), "--model", "tiny", *GPU2, "--target-gpus", "4"]), "instances[0].devices")
+    assert_invalid(check([str(path), "--model", "tiny", *gpus(4)]), "instances[0].devices")
 
 
 def test_explicit_devices_overlap_needs_memory_shares_that_fit(tmp_path: Path) -> None:
@@ -300,7 +304,7 @@ def test_model_too_big_for_the_target_gpus(tmp_path: Path) -> None:
                       max_position_embeddings=8192)
     result = check(["--model", str(big), *GPU2])
     assert_invalid(result, "instances[0]", "GiB per GPU")
-    assert check(["--model", str(big), *GPU2, "--tp", "4", "--target-gpus", "8"]).exit_code == 0
+    assert check(["--model", str(big), *gpus(8), "--tp", "4"]).exit_code == 0
 
 
 def test_cpu_kv_budget_must_hold_one_sequence(tmp_path: Path) -> None:

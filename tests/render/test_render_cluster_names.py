@@ -19,7 +19,8 @@ DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def render(out: Path, *args: str) -> tuple[int, str]:
-    result = invoke(["render", "kubernetes", "--model", "tiny", *args, "--out", str(out), "--image", "pdlaunch:test"])
+    model = [] if "--model" in args else ["--model", "tiny"]
+    result = invoke(["render", "kubernetes", *model, *args, "--out", str(out), "--image", "pdlaunch:test"])
     return result.exit_code, result.output
 
 
