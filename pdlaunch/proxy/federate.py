@@ -20,6 +20,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from pdlaunch.config.problems import with_article
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 from pdlaunch.proxy.instances import Instance, InstancePool
 
@@ -54,7 +55,8 @@ def _merge(families: dict[str, Metric], text: str, instance: Instance) -> None:
     for family in parsed:
         merged = families.get(family.name)
         if merged is not None and merged.type != family.type:
-            raise ValueError(f"{family.name} is a {family.type} here and a {merged.type} on another instance")
+            raise ValueError(f"{family.name} is {with_article(family.type)} here and {with_article(merged.type)} on "
+                             "another instance")
     for family in parsed:
         merged = families.get(family.name)
         if merged is None:
