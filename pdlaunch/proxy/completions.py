@@ -31,9 +31,9 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import MAX_REQUEST_ID_CHARS, PARSE_INLINE_BYTES, client_request_id
 from pdlaunch.http.sse import ClosingStreamingResponse, sse_event
 from pdlaunch.proxy.bodies import JsonObject, int_of
+from pdlaunch.proxy.continuation import not_migratable
 from pdlaunch.proxy.disaggregate import DECODE_BUSY, ON_DECODE, PD, SPILLED
 from pdlaunch.proxy.instances import Instance
-from pdlaunch.proxy.migrate import not_migratable
 from pdlaunch.proxy.prefill_leg import prompt_chars
 from pdlaunch.proxy.prefix import Choice, PromptBlocks
 from pdlaunch.proxy.prompt_lists import MergedStream, gather_legs, merge_answers, split_prompts

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pdlaunch.config.models import DeploymentConfig
-from pdlaunch.proxy.migrate import continuation_body, max_tokens_of
+from pdlaunch.proxy.continuation import continuation_body, max_tokens_of
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from tests.serving.helpers import in_process_instance, tiny_colocated
 

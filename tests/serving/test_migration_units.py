@@ -1,6 +1,6 @@
-"""Request migration's pieces (proxy/migrate.py): what can migrate, the continuation request, and the
-rewriting of a continuation's chunks into the client's stream; per-request disaggregation's count and
-settings (proxy/disaggregate.py)."""
+"""Request migration's pieces: what can migrate, the continuation request (proxy/continuation.py), and the
+rewriting of a continuation's chunks into the client's stream (proxy/stream_progress.py); per-request
+disaggregation's count and settings (proxy/disaggregate.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.continuation import continuation_body, not_migratable
 from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD, Disaggregation
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.proxy.migrate import _Progress, continuation_body, not_migratable
+from pdlaunch.proxy.stream_progress import Progress
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
 from tests.config.cli_helpers import assert_invalid, check
 from tests.serving.helpers import ThreadServer, wait_for
@@ -66,7 +67,7 @@ def test_continuation_goes_on_from_the_ids_with_what_is_left_of_the_limits() -> 
 
 
 def test_ids_after_the_last_text_are_made_again_and_not_shown_twice() -> None:
-    progress = _Progress(chat=False, client_ids=True)
+    progress = Progress(chat=False, client_ids=True)
     first = progress.rewrite(_chunk("a", [5], prompt_token_ids=None) | {"choices": [
         {"index": 0, "text": "a", "finish_reason": None, "token_ids": [5], "prompt_token_ids": [1, 2]}]}, False)
     assert first is not None and progress.prompt_ids == [1, 2]
@@ -83,7 +84,7 @@ def test_ids_after_the_last_text_are_made_again_and_not_shown_twice() -> None:
 
 
 def test_a_chat_stream_gets_chat_deltas_and_no_ids_it_did_not_ask_for() -> None:
-    progress = _Progress(chat=True, client_ids=False)
+    progress = Progress(chat=True, client_ids=False)
     first = progress.rewrite({"id": "chatcmpl-y", "object": "chat.completion.chunk", "created": 2, "model": "m",
                               "prompt_token_ids": [1], "choices": [{"index": 0, "delta": {"role": "assistant",
                                                                     "content": "Hi"}, "token_ids": [4]}]}, False)

@@ -1,6 +1,6 @@
 """seed_offset through the HTTP API and the proxy: a 400 naming it when negative, past max_model_len + the prompt
 or without a seed or on a greedy request; with n > 1 sample i skips it of seed + i; and the continuation a migration
-sends carries it (proxy/migrate.py). A real instance (tiny model, CPU); engine-level behaviour:
+sends carries it (proxy/continuation.py). A real instance (tiny model, CPU); engine-level behaviour:
 tests/engine/test_seed_offset.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.proxy.migrate import continuation_body
+from pdlaunch.proxy.continuation import continuation_body
 from pdlaunch.proxy.translate import parse_client_body
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
