@@ -27,10 +27,11 @@ from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, sse_event
-from pdlaunch.server.engine_loop import Accepted, EngineLoop, RequestStream, StreamItem
+from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
 from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdlaunch.server.request_metrics import RequestMetrics
+from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
 from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body
 
 MAX_CHOICES = 128  # engine requests one HTTP request may start (prompts x best_of)

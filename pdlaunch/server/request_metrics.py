@@ -5,7 +5,7 @@ end-to-end latency, decode time (first to last token), time per output token; pr
 admission to first token) and inference time (first admission to last token) from when the scheduler
 first admitted it; the request's n and max_tokens; counts are exact: every generated token, one success per
 request that finished (stop / length) under its finished_reason (aborts are counted where they happen:
-EngineLoop._count_abort).
+EngineThread._count_abort).
 
 vllm:prompt_tokens means what it means in vLLM: a prompt's whole length, its cached tokens included (vLLM's
 IterationStats adds prompt_len when a request's first output after its prefill comes), counted once that prefill

@@ -30,7 +30,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def info(request: Request) -> JsonObject:
-    """What the instance is, from what the engine thread last recorded (engine_loop.py): answered at once, also
+    """What the instance is, from what the engine thread last recorded (engine_thread.py): answered at once, also
     while a step, a sleep or a wake_up holds that thread; `sleep_transition` says when one of those two runs."""
     instance = instance_of(request)
     engine_loop, spec, config = instance.engine_loop, instance.spec, instance.config

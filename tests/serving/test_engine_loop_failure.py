@@ -78,7 +78,7 @@ def test_an_abort_that_raises_is_logged_as_an_error(caplog: pytest.LogCaptureFix
     """An exception out of abort_request (its blocks may not have come back) was logged at debug level, so
     nobody saw it; a request not running here is not an exception (abort_request returns None)."""
     loop = EngineLoop(lambda: AbortFails())  # type: ignore[arg-type, return-value]
-    with caplog.at_level("DEBUG", logger="pdlaunch.server.engine_loop"):
+    with caplog.at_level("DEBUG", logger="pdlaunch.server"):
         loop._abort(AbortFails(), "req-1")  # type: ignore[arg-type]
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "aborting request req-1 failed" in errors[0].getMessage()

@@ -15,7 +15,8 @@ import pytest
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.server.engine_loop import Accepted, EngineLoop, StreamItem
+from pdlaunch.server.engine_loop import EngineLoop
+from pdlaunch.server.request_stream import Accepted, StreamItem
 from tests.serving.helpers import wait_for
 from tests.serving.test_engine_loop_idle import CountingEngine
 

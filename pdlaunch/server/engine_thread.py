@@ -1,0 +1,261 @@
+"""The engine thread: the only thread that touches the LLMEngine (it is not thread-safe).
+
+HTTP handlers (asyncio) send commands through a thread-safe queue (engine_loop.py); the thread drains it before
+every step, runs `step()`, and hands each request's outputs to that request's asyncio queue with
+`loop.call_soon_threadsafe`. When nothing runs it blocks on the command queue for at most
+`idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
+quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
+instance costs ~no CPU, and a command still wakes it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pdlaunch import metrics
+from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.http import JsonObject
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.kv_transfer.params import KVTransferParams
+from pdlaunch.server.engine_call import Call
+from pdlaunch.server.recent_itl import RecentItl
+from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
+
+if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
+    from llguidance import LLMatcher
+
+    from pdlaunch.engine.llm_engine import LLMEngine
+    from pdlaunch.engine.stats import EngineStats
+
+log = logging.getLogger("pdlaunch.server")
+
+EngineState = Literal["loading", "ready", "failed", "stopped"]
+CONNECTOR_INFO_REFRESH_S = 0.25  # /info's connector part (held and loading requests, peers) is this fresh
+
+
+@dataclass
+class Add:
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    kv_transfer_params: KVTransferParams | None  # parsed by the engine's boundary (submit)
+    matcher: Future[LLMatcher] | None = None  # structured output: its grammar's matcher, built (submit)
+
+
+@dataclass
+class Abort:
+    request_id: str
+
+
+class EngineThread:
+    """The engine thread and what it runs; EngineLoop (engine_loop.py) adds what the HTTP side calls.
+    `engine_factory` runs on that thread (device binding stays there)."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], LLMEngine],
+        idle_wait_s: float,
+        quiescent_wait_s: float,
+        on_fatal: Callable[[str], None] | None,
+    ) -> None:
+        self._factory = engine_factory
+        self.idle_wait_s = idle_wait_s
+        self.quiescent_wait_s = quiescent_wait_s
+        self._on_fatal = on_fatal
+        self._commands: queue.Queue[Add | Abort | Call[object] | None] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        # queued, not started: failed with the streams when the engine thread ends
+        self._calls: set[Call[object]] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._engine: LLMEngine | None = None
+        self.state: EngineState = "loading"
+        self.error: str | None = None
+        self.stats: EngineStats | None = None  # the engine's after its last step
+        # What /info shows of the engine, read on the engine thread so that /info never waits for it (a step, or a
+        # sleep or wake_up of up to two minutes): the TP ranks' engine ids and nodes once it is built (fixed from
+        # then on; [] when the executor does not know them), the KV connector's description as steps run.
+        self.rank_engine_ids: list[str] = []
+        self.rank_nodes: list[str] = []
+        self.connector_info: JsonObject = {}
+        self._connector_info_at = float("-inf")  # time.monotonic() of its last refresh
+        self.num_aborted = 0  # requests stopped before they finished (client went away): _count_abort
+        self.recent_itl = RecentItl()  # /health's itl_ms
+
+    def _run(self) -> None:
+        try:
+            engine = self._engine = self._factory()
+        except Exception as exc:  # noqa: BLE001 - any build failure ends the instance with its message
+            self._fatal(f"engine failed to start: {exc}", exc)
+            self._ready.set()
+            return
+        # /info and the gauges have numbers from the start: a quiescent loop steps first quiescent_wait_s later
+        self.rank_engine_ids, self.rank_nodes = engine.rank_engine_ids, engine.rank_nodes
+        self._update_stats(engine)
+        self.state = "ready"
+        self._ready.set()
+        log.info("engine ready")
+        busy = False
+        try:
+            while not self._stop.is_set():
+                wait = 0.0 if busy else self.quiescent_wait_s if engine.is_quiescent() else self.idle_wait_s
+                self._drain_commands(engine, wait)
+                if self._stop.is_set():
+                    break
+                self._dispatch(engine.step())
+                self._update_stats(engine)
+                was_busy, busy = busy, engine.has_unfinished_requests()
+                if was_busy and not busy:
+                    self._check_integrity(engine)
+        except Exception as exc:  # noqa: BLE001 - a crashed engine fails every request and the instance
+            self._fatal(f"engine step failed: {exc}", exc)
+            return
+        finally:
+            if self.state == "ready":  # not failed by _fatal
+                self.state = "stopped"
+            self._fail_all(OpenAIError(503, "server is shutting down", code="shutting_down"))
+            self._shutdown_engine(engine)
+
+    def _drain_commands(self, engine: LLMEngine, wait: float) -> None:
+        """Run the queued commands; with none queued, wait up to `wait` seconds for the first."""
+        try:
+            command = self._commands.get(timeout=wait) if wait > 0 else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while command is not None:  # None: the stop sentinel
+            if isinstance(command, Add):
+                self._add(engine, command)
+            elif isinstance(command, Abort):
+                self._abort(engine, command.request_id)
+            else:
+                with self._lock:
+                    self._calls.discard(command)  # started: its own outcome settles it
+                command.run(engine)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        try:
+            if engine.abort_request(request_id) is not None:
+                self._count_abort()
+        except Exception:  # a request not running here is None, not this: its blocks may not have come back
+            log.exception("aborting request %s failed; the instance goes on serving the others", request_id)
+
+    def _count_abort(self) -> None:
+        """A request stopped before it finished (its client left, or another choice of its HTTP request failed):
+        /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per engine request as
+        vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
+        self.num_aborted += 1
+        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
+
+    def _add(self, engine: LLMEngine, command: Add) -> None:
+        stream = command.stream
+        with self._lock:
+            if self._streams.get(stream.request_id) is not stream:
+                self._count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
+                return
+        prompt_ids = command.prompt_token_ids
+        if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
+            self._finish(stream.request_id, OpenAIError(503, "server is shutting down", code="shutting_down"))
+            return
+        try:
+            matcher = command.matcher.result() if command.matcher is not None else None  # done: it queued this
+            engine.add_request(stream.request_id, prompt_ids, command.params, command.kv_transfer_params, matcher)
+        except InstanceAsleep:  # a /sleep ran while it was queued (admission had found the instance awake)
+            self._finish(stream.request_id, OpenAIError(503, "instance is sleeping; POST /wake_up first",
+                                                        code="sleeping"))
+            return
+        except PdlaunchError as exc:  # its hint says how to fix the request: it goes to the client too
+            message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            self._finish(stream.request_id, OpenAIError(400, message, param=exc.field or "prompt"))
+            return
+        except Exception as exc:  # noqa: BLE001 - this request fails, the engine serves on
+            log.exception("adding request %s failed", stream.request_id)
+            self._finish(stream.request_id, OpenAIError(500, f"could not add the request: {exc}"))
+            return
+        stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        gap_seconds, gap_tokens = 0.0, 0
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted: the client is gone
+            if out.new_token_ids:
+                if stream.last_token_time is None:
+                    metrics.TIME_TO_FIRST_TOKEN.observe(now - stream.arrival)
+                else:
+                    elapsed, count = now - stream.last_token_time, len(out.new_token_ids)
+                    for _ in out.new_token_ids:
+                        metrics.INTER_TOKEN_LATENCY.observe(elapsed / count)
+                    gap_seconds += elapsed
+                    gap_tokens += count
+                stream.last_token_time = now
+            if out.finished:
+                self._finish(out.request_id, out)
+            else:
+                stream.put(out)
+        if gap_tokens:
+            self.recent_itl.add(now, gap_seconds, gap_tokens)
+
+    def _finish(self, request_id: str, item: StreamItem) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.put(item)
+
+    def _fail_all(self, error: OpenAIError) -> None:
+        """Every request and every call not started gets `error` (the engine thread ended: none would be answered)."""
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+            calls, self._calls = list(self._calls), set()
+        for stream in streams:
+            stream.put(error)
+        for call in calls:
+            call.fail(error)
+
+    def _update_stats(self, engine: LLMEngine) -> None:
+        """/info's stats and connector description. The running, waiting and KV-usage gauges are the engine's own, set
+        as each step ends (engine/stats.update_metrics), not set again here from these stats."""
+        stats = self.stats = engine.stats()
+        metrics.KV_BLOCKS_TOTAL.set(stats["num_blocks_total"])
+        now = time.monotonic()
+        if now - self._connector_info_at >= CONNECTOR_INFO_REFRESH_S:
+            self._connector_info_at = now
+            connector = engine.connector
+            self.connector_info = connector.info() if connector is not None else {}
+
+    def _check_integrity(self, engine: LLMEngine) -> None:
+        try:
+            engine.check_integrity()
+        except Exception as exc:  # noqa: BLE001 - a leak is logged loudly, serving goes on
+            log.error("KV block integrity check failed after the engine went idle: %s", exc)
+
+    def _fatal(self, message: str, exc: BaseException) -> None:
+        self.state = "failed"
+        self.error = message
+        # A PdlaunchError is a user-facing problem: its message says it all, no traceback.
+        log.error("%s", message, exc_info=None if isinstance(exc, PdlaunchError) else exc)
+        self._fail_all(OpenAIError(500, message, code="engine_failed"))
+        if self._on_fatal is not None:
+            self._on_fatal(message)
+
+    def _shutdown_engine(self, engine: LLMEngine) -> None:
+        try:
+            engine.shutdown()
+        except Exception as exc:  # noqa: BLE001 - shutting down anyway
+            log.warning("engine shutdown raised: %s", exc)
