@@ -19,6 +19,7 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
@@ -150,7 +151,7 @@ class Deployment:
         self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S,
                                   headers=internal_headers(cfg.security.deployment_secret))
         self._stopping = False
-        self.deployment_file = self.log_dir / "deployment.json"
+        self.deployment_file = self.log_dir / DEPLOYMENT_FILE
         # No second run writes into a live deployment's log_dir.
         self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
         self.left_running: list[str] = []  # after stop(): children still alive past their SIGKILL
