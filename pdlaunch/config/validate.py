@@ -223,7 +223,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if target is None:  # another host's addresses and directories cannot be checked from here
         problems += local_bind_problems(out)
         problems += kv_connector_problems(out)
-        problems += log_dir_problems(out.log_dir)
+        problems += log_dir_problems(out)
         problems += storage_path_problems(out)
     gpus = visible_gpus(device, target)
     if device == "cuda" and gpus == 1:

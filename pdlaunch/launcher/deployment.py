@@ -6,6 +6,7 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import sys
@@ -18,6 +19,7 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
@@ -31,6 +33,7 @@ from pdlaunch.launcher.plan import (
     plan_deployment,
 )
 from pdlaunch.launcher.process import ChildProcess, signals_deferred, stop_all
+from pdlaunch.launcher.stall_watch import NOT_ITSELF, health_state
 from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
 
@@ -148,12 +151,14 @@ class Deployment:
         self._http = httpx.Client(trust_env=False, timeout=HTTP_TIMEOUT_S,
                                   headers=internal_headers(cfg.security.deployment_secret))
         self._stopping = False
-        self.deployment_file = self.log_dir / "deployment.json"
+        self.deployment_file = self.log_dir / DEPLOYMENT_FILE
         # No second run writes into a live deployment's log_dir.
         self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
         self.left_running: list[str] = []  # after stop(): children still alive past their SIGKILL
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
         self._engine_ids = {p.spec.name: p.spec.engine_id for p in self.plan.local}  # current, restarts included
+        # The base of other nodes' engine_ids: the config's when it sets one; else each node draws its own uuid.
+        self._shared_base = cfg.kv_transfer.engine_id if "engine_id" in cfg.kv_transfer.model_fields_set else None
 
     @property
     def proxy_url(self) -> str | None:
@@ -264,7 +269,7 @@ class Deployment:
                      should_stop: Callable[[], bool]) -> bool:
         """Node 0: wait until every instance other nodes' launchers start answers /health."""
         def late(pending: list[InstancePlan]) -> PdlaunchError:
-            waiting = ", ".join(f"{p.spec.name} on node {p.node} ({p.url})" for p in pending)
+            waiting = ", ".join(f"{p.spec.name} on node {p.node} ({p.url}{self._foreign(p)})" for p in pending)
             nodes = sorted({p.node for p in pending})
             return PdlaunchError(f"instances on other nodes not ready after {timeout:.0f}s: {waiting}",
                                  hint="run `pdlaunch serve CONFIG --node-rank K` on node(s) "
@@ -272,6 +277,12 @@ class Deployment:
 
         remote = [plan for plan in self.plan.instances if not plan.local]
         return self._poll(remote, self._remote_ready, view, deadline, should_stop, late)
+
+    def _foreign(self, plan: InstancePlan) -> str:
+        """For the start's timeout: what says that another server answers at a remote instance's address."""
+        if self.rows[plan.spec.name].state != NOT_ITSELF:
+            return ""
+        return f": {NOT_ITSELF}, another server answers its /health, not with {self.remote_identity(plan)}"
 
     def _poll(self, waiting_for: list[T], is_ready: Callable[[T], bool], view: StatusView, deadline: float,
               should_stop: Callable[[], bool], late: Callable[[list[T]], PdlaunchError]) -> bool:
@@ -298,13 +309,15 @@ class Deployment:
     def _remote_ready(self, plan: InstancePlan) -> bool:
         """GET /health of an instance another node's launcher started; updates its status row."""
         try:
-            ready = self._http.get(plan.url + "/health").status_code == 200
+            state = health_state(self._http.get(plan.url + "/health"),
+                                 lambda response: self.answers_as_remote(plan, response))
         except httpx.HTTPError:
             return False
-        if ready:
-            self.rows[plan.spec.name].state = "ready"
+        if state in ("ready", NOT_ITSELF):
+            self.rows[plan.spec.name].state = state
+        if state == "ready":
             self.refresh_blocks(plan.spec.name)
-        return ready
+        return state == "ready"
 
     def _probe(self, child: ChildProcess) -> str:
         """GET /health (and /info for block counts) of one child; updates its status row."""
@@ -327,17 +340,35 @@ class Deployment:
         """Whether a /health answer at `child`'s address is its own, not that of another server that took the
         port while it loaded (another deployment's proxy or instance, any service with a /health): an
         instance's names its engine_id, the proxy's lists this deployment's instances."""
-        try:
-            body = response.json()
-        except ValueError:  # not JSON, not even text
-            return False
-        if not isinstance(body, dict):
+        body = _json_object(response)
+        if body is None:
             return False
         if child is self.proxy:
             listed = body.get("instances")
             urls = {i.get("url") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else set()
             return {p.url for p in self.plan.instances} <= urls
         return body.get("engine_id") == self._engine_ids.get(child.name)
+
+    def answers_as_remote(self, plan: InstancePlan, response: httpx.Response) -> bool:
+        """Whether a /health answer at the address of an instance another node runs is that instance's, not
+        another server's that took the port (while that node's launcher restarted it, say): it names the
+        instance's role and an engine_id that node's launcher gives it (`remote_identity`)."""
+        body = _json_object(response)
+        if body is None or body.get("role") != plan.spec.role:
+            return False
+        engine_id = body.get("engine_id")
+        base = re.escape(self._shared_base) if self._shared_base is not None else ".+"
+        return (isinstance(engine_id, str)
+                and re.fullmatch(rf"{base}-{re.escape(plan.spec.name)}(-r[1-9][0-9]*)?", engine_id) is not None)
+
+    def remote_identity(self, plan: InstancePlan) -> str:
+        """What `answers_as_remote` expects, for messages. Each node's launcher names an instance's engine_id
+        "<base>-<name>", and "<base>-<name>-rN" after its N-th restart; the base is known here only when the
+        config sets kv_transfer.engine_id (every node reads it), else each node draws its own."""
+        name = plan.spec.name
+        engine_id = (f"engine_id {self._shared_base}-{name}" if self._shared_base is not None
+                     else f"an engine_id ending in -{name}")
+        return f"role {plan.spec.role} and {engine_id} (or that with -rN after a restart)"
 
     def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
@@ -398,3 +429,12 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _json_object(response: httpx.Response) -> dict[str, object] | None:
+    """A /health body as a JSON object; None for any other answer (not JSON, not even text, not an object)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None

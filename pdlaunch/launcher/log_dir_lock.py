@@ -16,9 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+from pdlaunch.config.rules.host import LOCK_NAME, lock_name
 from pdlaunch.errors import PdlaunchError
 
-LOCK_NAME = ".pdlaunch.lock"
+__all__ = ["LOCK_NAME", "LogDirInUse", "LogDirLock", "lock_name", "log_dir_holder"]
 
 
 class LogDirInUse(PdlaunchError):
@@ -52,12 +53,6 @@ def log_dir_holder(log_dir: Path) -> str | None:
     finally:
         os.close(fd)  # closing drops the shared lock we may have taken
     return None
-
-
-def lock_name(node_rank: int) -> str:
-    """Node 0's lock, or node K's: the launchers of one multi-node deployment may share a directory
-    (a home on NFS, the default `logs`), and each holds only its own node's files."""
-    return LOCK_NAME if node_rank == 0 else f".pdlaunch.node{node_rank}.lock"
 
 
 class LogDirLock:

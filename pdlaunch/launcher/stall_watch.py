@@ -8,7 +8,7 @@ restarting, which the supervisor learns from its exit instead. Probes run on a t
 so a stalled process never slows the supervisor's tick.
 
 Each probe's outcome is also kept as a status row's state (`health`): node 0 has no process of the
-instances other nodes run, so their rows follow what their /health says.
+instances other nodes run, so their rows follow what their /health says, once it is checked to be theirs.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from collections.abc import Callable
 import httpx
 
 PROBE_INTERVAL_S = 1.0
+NOT_ITSELF = "not this instance"  # the state of a row whose address another server answers
 
 
-def health_state(response: httpx.Response) -> str:
-    """A /health answer as a status row's state: "ready" (200), else the state the instance names in its
-    body ("loading", "failed"), else "unhealthy (HTTP N)"."""
+def health_state(response: httpx.Response, is_itself: Callable[[httpx.Response], bool] | None = None) -> str:
+    """A /health answer as a status row's state: "ready" (200), or "not this instance" for a 200 that
+    `is_itself` says another server gave; else the state the instance names in its body ("loading",
+    "failed"), else "unhealthy (HTTP N)"."""
     if response.status_code == 200:
-        return "ready"
+        return "ready" if is_itself is None or is_itself(response) else NOT_ITSELF
     try:
         said = response.json().get("status")
     except (ValueError, AttributeError):  # not JSON, or not an object
@@ -36,11 +38,14 @@ def health_state(response: httpx.Response) -> str:
 
 class StallWatch:
     """Probes the /health of every watched process once a second; `stalled_for(name)` says since when
-    one has not answered (seconds), or None when its last probe got an answer (or none timed out)."""
+    one has not answered (seconds), or None when its last probe got an answer (or none timed out).
+    `is_itself`: name -> whether a 200 answer is that process's own (`health_state`)."""
 
     def __init__(self, urls: dict[str, str], timeout_s: float, headers: dict[str, str] | None = None,
-                 interval_s: float = PROBE_INTERVAL_S, clock: Callable[[], float] = time.monotonic) -> None:
+                 interval_s: float = PROBE_INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 is_itself: dict[str, Callable[[httpx.Response], bool]] | None = None) -> None:
         self.urls = dict(urls)  # name -> its /health URL
+        self.is_itself = dict(is_itself or {})
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self._clock = clock
@@ -79,9 +84,9 @@ class StallWatch:
         return None if since is None else self._clock() - since
 
     def health(self, name: str) -> str | None:
-        """What the last probe of `name` said, as a status row's state: "ready", the state its /health names
-        ("loading", "failed"), "stalled" (no answer in time) or "down" (refused: gone or restarting); None
-        before the first probe."""
+        """What the last probe of `name` said, as a status row's state: "ready", "not this instance", the state
+        its /health names ("loading", "failed"), "stalled" (no answer in time) or "down" (refused: gone or
+        restarting); None before the first probe."""
         with self._lock:
             return self._health.get(name)
 
@@ -89,7 +94,7 @@ class StallWatch:
         """One probe of `name` (the thread's loop; tests call it directly)."""
         sent = self._clock()
         try:
-            health = health_state(self._http.get(self.urls[name], timeout=self.timeout_s))
+            health = health_state(self._http.get(self.urls[name], timeout=self.timeout_s), self.is_itself.get(name))
             answered: bool | None = True
         except httpx.TimeoutException:  # no answer, or (its listen backlog full) not even a connect
             answered, health = False, "stalled"

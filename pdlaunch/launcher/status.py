@@ -9,7 +9,7 @@ from rich.live import Live
 from rich.table import Table
 
 _STATE_STYLE = {"ready": "green", "loading": "yellow", "starting": "yellow", "restarting": "yellow", "failed": "red",
-                "exited": "red", "stalled": "red", "port": "red", "down": "red", "unhealthy": "red",
+                "exited": "red", "stalled": "red", "not": "red", "port": "red", "down": "red", "unhealthy": "red",
                 "stopping": "magenta", "stopped": "dim"}
 
 
@@ -21,7 +21,8 @@ class StatusRow:
     url: str
     # starting | loading | ready | port taken (another server answers there) | stalled (alive, no answer) |
     # restarting (N) | failed | exited | stopping | stopped. An instance another node runs: on node 0, what its
-    # /health says (ready | loading | failed | stalled | down: refused | unhealthy (HTTP N)); elsewhere "remote"
+    # /health says (ready | loading | failed | stalled | down: refused | unhealthy (HTTP N) | not this instance:
+    # another server answers there); elsewhere "remote"
     state: str = "starting"
     blocks_used: int | None = None
     blocks_total: int | None = None

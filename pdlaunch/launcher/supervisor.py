@@ -7,13 +7,15 @@ time (SIGSTOPped, hung, swapped out) is shown as stalled (stall_watch.py), apart
 killed to be restarted once it has been stalled for supervision.stall_restart_seconds (when set).
 Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
 stops this node, as before. Node 0 (the proxy's) shows the instances other nodes run too: their rows
-follow their /health (ready, loading, stalled, down), as their own node's launcher restarts them.
+follow their /health (ready, loading, stalled, down), as their own node's launcher restarts them, and say
+"not this instance" where another server answers there (Deployment.answers_as_remote).
 """
 
 from __future__ import annotations
 
 import signal
 import time
+from functools import partial
 
 import httpx
 from rich.console import Console
@@ -23,7 +25,7 @@ from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deploymen
 from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
-from pdlaunch.launcher.stall_watch import StallWatch
+from pdlaunch.launcher.stall_watch import NOT_ITSELF, StallWatch
 from pdlaunch.launcher.status import StatusView
 
 PROBE_TIMEOUT_S = 1.0
@@ -87,7 +89,9 @@ class Supervisor:
         self.remote = ([p for p in deployment.plan.instances if not p.local]
                        if deployment.plan.proxy_url is not None else [])
         self.stall_watch = StallWatch({r.name: deployment.health_url(c) for c, r in self.records}
-                                      | {p.spec.name: p.url + "/health" for p in self.remote}, self.stall_timeout_s)
+                                      | {p.spec.name: p.url + "/health" for p in self.remote}, self.stall_timeout_s,
+                                      is_itself={p.spec.name: partial(deployment.answers_as_remote, p)
+                                                 for p in self.remote})
         for plan in self.remote:
             self.stall_watch.watch(plan.spec.name, True)
         self._stalled: set[str] = set()  # names shown as stalled
@@ -155,13 +159,18 @@ class Supervisor:
         health = self.stall_watch.health(name)
         if health is None or health == row.state:
             return
-        if row.state == "ready":
+        where = f"{name} on node {plan.node} ({plan.url})"
+        if health == NOT_ITSELF:
+            self._say(f"{where} is {'no longer ready' if row.state == 'ready' else 'not ready'}: another server "
+                      f"answers its /health, not with {self.deployment.remote_identity(plan)}; check what listens "
+                      f"on node {plan.node}'s port {plan.spec.port} (the proxy may still send it requests)")
+        elif row.state == "ready":
             what = {"down": "refuses connections",
                     "stalled": f"has not answered within {self.stall_timeout_s:g}s"}.get(health, f"says {health}")
-            self._say(f"{name} on node {plan.node} ({plan.url}) is no longer ready: its /health {what}; node "
+            self._say(f"{where} is no longer ready: its /health {what}; node "
                       f"{plan.node}'s launcher supervises it, and the proxy routes around it meanwhile")
         elif health == "ready":
-            self._say(f"{name} on node {plan.node} ({plan.url}) answers /health again")
+            self._say(f"{where} answers /health again")
         row.state = health
 
     def _check_stall(self, child: ChildProcess, record: ProcessRecord) -> None:

@@ -1,27 +1,79 @@
-"""What this host must provide before serve starts anything: a log_dir serve can create or write in
-(instead of a FileExistsError traceback from the launcher), the storage connector's directory, and what the
+"""What this host must provide before serve starts anything: a log_dir serve can create and write its files
+in (instead of a FileExistsError traceback from the launcher), the storage connector's directory, and what the
 chosen KV connector needs installed (Mooncake's wheel, the libraries it links, RDMA devices). Also
 `make_output_dir`, the same for a command's output folder (bench results, manifests, checkpoints), made
 before the command's work.
+
+A directory is checked as serve makes it (`mkdir(parents=True, exist_ok=True)`, then files opened in it),
+without making anything: each step of its path, what the kernel takes no new files in (/proc, /sys), and the
+files serve opens in an existing log_dir.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
 from pathlib import Path
 
 from pdlaunch.config import mooncake_install
 from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 
 _FIX = "pass --log-dir DIR (or set log_dir) to a directory you can write"
 _STORAGE_FIX = "set kv_transfer.storage_path to a directory you can write"
+LOCK_NAME = ".pdlaunch.lock"  # node 0's lock in log_dir (launcher/log_dir_lock.py)
+DEPLOYMENT_FILE = "deployment.json"  # what the launcher writes in log_dir for its instances
+# The kernel's own file systems: their paths name kernel state, and no directory or file can be made there.
+_KERNEL_FS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
+                        "efivarfs", "configfs"})
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
-def log_dir_problems(log_dir: str) -> list[Problem]:
-    """Problems with `log_dir` as the launcher uses it (created with its parents, then written)."""
-    return writable_dir_problems("log_dir", log_dir, _FIX)
+def lock_name(node_rank: int) -> str:
+    """Node 0's lock, or node K's: the launchers of one multi-node deployment may share a directory
+    (a home on NFS, the default `logs`), and each holds only its own node's files."""
+    return LOCK_NAME if node_rank == 0 else f".pdlaunch.node{node_rank}.lock"
+
+
+def log_dir_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """Problems with `log_dir` as this node's launcher uses it: created with its parents, then its lock,
+    deployment.json and one log per process opened in it."""
+    problems = writable_dir_problems("log_dir", cfg.log_dir, _FIX)
+    if problems or not Path(cfg.log_dir).is_dir():
+        return problems
+    for name in _served_files(cfg):
+        path = Path(cfg.log_dir) / name
+        try:
+            refusal = _file_refusal(path)
+        except OSError as exc:
+            refusal = f"cannot be used: {exc.strerror or exc}"
+        if refusal is not None:
+            return [problem("log_dir", f"{str(path)!r} {refusal}", f"remove it or {_FIX}")]
+    return []
+
+
+def _served_files(cfg: DeploymentConfig) -> list[str]:
+    """The files this node's launcher opens in log_dir: its lock, deployment.json, a log per instance it runs,
+    and the proxy's on node 0."""
+    me = cfg.parallel.node_rank
+    logs = [f"{planned.name}.log" for planned in plan_instances(cfg, [], strict=False) if planned.node == me]
+    return [lock_name(me), DEPLOYMENT_FILE, *logs, *(["proxy.log"] if me == 0 else [])]
+
+
+def _file_refusal(path: Path) -> str | None:
+    """Why opening `path` for writing (creating it if missing) would fail, when it exists already."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return None  # created in its directory, which was checked writable
+    if stat.S_ISDIR(mode):
+        return "is a directory, where serve writes a file"
+    if not os.access(path, os.W_OK):
+        return "is not writable by this user"
+    return None
 
 
 def storage_path_problems(cfg: DeploymentConfig) -> list[Problem]:
@@ -44,32 +96,66 @@ def writable_dir_problems(field: str, value: str, fix: str) -> list[Problem]:
         return [problem(field, "is empty", fix)]
     if "\0" in value:  # the kernel cannot take the name: every os call on it raises ValueError
         return [problem(field, f"{value!r} contains a NUL character", fix)]
-    path = Path(value)
     try:
-        if path.exists():
-            return _existing_dir_problems(field, value, path, fix)
-        return _creatable_problems(field, value, path, fix)
+        refusal = _dir_refusal(Path(value))
     except OSError as exc:  # a name too long for the file system, a loop of symlinks, an I/O error
         return [problem(field, f"{value!r} cannot be used: {exc.strerror or exc}", fix)]
+    if refusal is None:
+        return []
+    reason, remove = refusal
+    return [problem(field, f"{value!r} {reason}", f"{remove}{fix}")]
 
 
-def _existing_dir_problems(field: str, value: str, path: Path, fix: str) -> list[Problem]:
-    if not path.is_dir():
-        return [problem(field, f"{value!r} exists and is a file, not a directory", f"remove the file or {fix}")]
-    if not os.access(path, os.W_OK | os.X_OK):
-        return [problem(field, f"{value!r} is not writable by this user", fix)]
-    return []
+def _dir_refusal(path: Path) -> tuple[str, str] | None:
+    """Why `path.mkdir(parents=True, exist_ok=True)`, then writing in it, would fail: (what is wrong, what to
+    remove first: "" or "remove the file or "); None when it would work. Walks the path from its first step,
+    as the kernel does (`f/../x` fails at the file f), and makes nothing."""
+    for step in [*reversed(path.parents), path]:
+        try:
+            is_dir = stat.S_ISDIR(os.stat(step).st_mode)
+        except FileNotFoundError:
+            if os.path.islink(step):  # mkdir finds the name taken, by a link to nothing
+                return (f"cannot be created: {str(step)!r} is a symlink to {os.readlink(step)!r}, which does not "
+                        "exist", "remove the symlink or ")
+            reason = _no_new_entries(step.parent)
+            return None if reason is None else (f"cannot be created: {str(step.parent)!r} {reason}", "")
+        if not is_dir and step == path:
+            return "exists and is a file, not a directory", "remove the file or "
+        if not is_dir:
+            return f"cannot be created: {str(step)!r} is a file", ""
+    reason = _no_new_entries(path)
+    return None if reason is None else (reason, "")
 
 
-def _creatable_problems(field: str, value: str, path: Path, fix: str) -> list[Problem]:
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return [problem(field, f"{value!r} cannot be created: {str(parent)!r} is a file", fix)]
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return [problem(field, f"{value!r} cannot be created: {str(parent)!r} is not writable by this user", fix)]
-    return []
+def _no_new_entries(directory: Path) -> str | None:
+    """Why no directory or file can be made in the existing `directory`; None when they can."""
+    if not os.access(directory, os.W_OK | os.X_OK):  # also a read-only mount, for root too
+        return "is not writable by this user"
+    kernel = _kernel_file_system(directory)
+    if kernel is not None:  # root passes the permission look; the kernel still refuses (ENOENT, EPERM)
+        return f"is on the kernel's {kernel} file system, where no directory or file can be made"
+    return None
+
+
+def _kernel_file_system(directory: Path) -> str | None:
+    """The kernel file system (proc, sysfs, ...) `directory` is on, by the mount closest above it; None for
+    any other, or when this host's mounts cannot be read."""
+    try:
+        mounts = MOUNTINFO.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    real, best, found = os.path.realpath(directory), -1, None
+    for line in mounts:  # "ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [TAGS] - FS_TYPE SOURCE OPTIONS"
+        mount, _, fs = line.partition(" - ")
+        fields = mount.split(" ")
+        if len(fields) < 5 or not fs:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
+        fs_type = fs.split(" ")[0]
+        under = real == point or real.startswith(point.rstrip("/") + "/")
+        if under and len(point) >= best:  # the deepest mount; of two on one point, the later (on top)
+            best, found = len(point), fs_type
+    return found if found in _KERNEL_FS else None
 
 
 def make_output_dir(folder: Path, flag: str) -> None:
