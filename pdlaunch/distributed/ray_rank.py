@@ -1,4 +1,4 @@
-"""The Ray actors of one instance under `--backend ray` (launcher/backends/ray.py makes them, one per
+"""The Ray actors of one instance under `--backend ray` (launcher/backends/ray_actors.py makes them, one per
 TP rank, each in its bundle of the instance's placement group).
 
 - TP rank 0 (launcher/backends/ray_instance.py) runs the instance's HTTP server and engine; its engine

@@ -1,4 +1,4 @@
-"""`--backend ray` when the cluster fails the deployment at run time (launcher/backends/ray.py, ray_head.py,
+"""`--backend ray` when the cluster fails the deployment at run time (launcher/backends/ray*.py,
 distributed/ray_executor.py): what the launcher says and what it leaves behind. Fast: Ray's own exception
 classes (their messages as Ray 2.x builds them) and stand-ins for the ray module; no cluster.
 
@@ -39,7 +39,7 @@ from ray.core.generated.common_pb2 import ActorDiedErrorContext  # noqa: E402 (a
 
 from pdlaunch.distributed import ray_executor  # noqa: E402
 from pdlaunch.launcher.backends import ray as backend  # noqa: E402
-from pdlaunch.launcher.backends import ray_head  # noqa: E402
+from pdlaunch.launcher.backends import ray_deployment, ray_head  # noqa: E402
 from pdlaunch.launcher.process import HURRY_POLL_S  # noqa: E402
 
 NODES = [RayNode("h", "10.0.0.1", {"CPU": 2.0}), RayNode("w", "10.0.0.2", {"CPU": 2.0})]
@@ -121,10 +121,10 @@ def ray_cfg(tmp_path: Path) -> DeploymentConfig:
         "instances": [{"role": "prefill", "tp": 1}, {"role": "decode", "tp": 1}]})
 
 
-def deployment_on(fake: FakeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> backend.RayDeployment:
-    monkeypatch.setattr(backend, "connect", lambda cfg: fake)
-    monkeypatch.setattr(backend, "live_nodes", lambda ray_module: NODES)
-    return backend.RayDeployment(ray_cfg(tmp_path), Console(file=io.StringIO()))
+def deployment_on(fake: FakeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ray_deployment.RayDeployment:
+    monkeypatch.setattr(ray_deployment, "connect", lambda cfg: fake)
+    monkeypatch.setattr(ray_deployment, "live_nodes", lambda ray_module: NODES)
+    return ray_deployment.RayDeployment(ray_cfg(tmp_path), Console(file=io.StringIO()))
 
 
 def test_how_an_instance_ended_names_the_cause(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,15 +135,15 @@ def test_how_an_instance_ended_names_the_cause(tmp_path: Path, monkeypatch: pyte
     missing = FileNotFoundError(2, "No such file or directory")
     missing.filename = "/shared/logs/prefill-0.log"
     fake.failures["serve"] = creation_error(missing)
-    assert deployment.exit_of(run) == ("could not start its Ray actor (FileNotFoundError: [Errno 2] No such file "
-                                       "or directory: '/shared/logs/prefill-0.log')")
+    assert deployment.actors.exit_of(run) == ("could not start its Ray actor (FileNotFoundError: [Errno 2] No such "
+                                              "file or directory: '/shared/logs/prefill-0.log')")
     fake.failures["serve"] = task_error("ray::RayInstance.serve()", RuntimeError("CUDA error: out of memory"))
-    assert deployment.exit_of(run) == "failed in its Ray actor (RuntimeError: CUDA error: out of memory)"
+    assert deployment.actors.exit_of(run) == "failed in its Ray actor (RuntimeError: CUDA error: out of memory)"
     fake.failures["serve"] = node_died()
-    assert deployment.exit_of(run) == \
+    assert deployment.actors.exit_of(run) == \
         "lost its Ray actor (The actor died because its node has died. Node Id: 6f1c)"
     del fake.failures["serve"]
-    assert deployment.exit_of(run) == "exited with code 0"
+    assert deployment.actors.exit_of(run) == "exited with code 0"
 
 
 @pytest.fixture

@@ -128,7 +128,8 @@ def test_the_ray_launcher_keeps_proxy_restart_off_and_backs_off(monkeypatch: pyt
     proxy.restart false, else after the backoff (not on every tick)."""
     import types
 
-    from pdlaunch.launcher.backends import ray as backend
+    from pdlaunch.launcher.backends import ray_deployment as backend
+    from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
     from pdlaunch.launcher.process import ChildProcess
 
     monkeypatch.setattr(backend, "connect", lambda cfg: types.ModuleType("ray"))
@@ -137,17 +138,17 @@ def test_the_ray_launcher_keeps_proxy_restart_off_and_backs_off(monkeypatch: pyt
         cfg = ray_cfg().model_copy(update={"log_dir": str(tmp_path / str(restart))})
         cfg.proxy.restart = restart
         deployment = backend.RayDeployment(cfg, Console(file=io.StringIO()))
-        deployment.proxy = ChildProcess("proxy", [sys.executable, "-c", "raise SystemExit(3)"],
-                                        tmp_path / f"proxy-{restart}.log")
-        deployment.proxy.start()
-        wait_for(lambda: deployment.proxy is not None and deployment.proxy.poll() is not None, "the proxy to exit")
+        proxy = deployment.proxy.process = ChildProcess("proxy", [sys.executable, "-c", "raise SystemExit(3)"],
+                                                        tmp_path / f"proxy-{restart}.log")
+        proxy.start()
+        wait_for(lambda: proxy.poll() is not None, "the proxy to exit")
         if not restart:
-            with pytest.raises(backend.RayDeploymentFailed, match=r"proxy\.restart: false"):
+            with pytest.raises(RayDeploymentFailed, match=r"proxy\.restart: false"):
                 deployment.tick()
         else:
             deployment.tick()
-            assert deployment.proxy_record.due is not None and deployment.proxy.poll() is not None  # waits
-        deployment.proxy.close_log()
+            assert deployment.proxy.record.due is not None and proxy.poll() is not None  # waits
+        proxy.close_log()
 
 
 def test_ray_fields_without_the_ray_backend_are_refused_not_ignored() -> None:
@@ -161,7 +162,8 @@ def test_a_cluster_that_fails_after_the_connect_is_an_error_not_a_traceback(monk
     """`ray.nodes()` raising (the GCS went away after `ray.init`) ends serve with our error naming
     launcher.ray_address, and the driver is disconnected."""
     ray = pytest.importorskip("ray", reason="pip install 'pdlaunch[ray]'")
-    from pdlaunch.launcher.backends import ray as backend
+    from pdlaunch.launcher.backends import ray_deployment as backend
+    from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 
     calls: list[str] = []
 
@@ -177,7 +179,7 @@ def test_a_cluster_that_fails_after_the_connect_is_an_error_not_a_traceback(monk
             calls.append("shutdown")
 
     monkeypatch.setattr(backend, "connect", lambda cfg: FailingRay)
-    with pytest.raises(backend.RayDeploymentFailed) as info:
+    with pytest.raises(RayDeploymentFailed) as info:
         backend.RayDeployment(ray_cfg(), Console(file=io.StringIO()))
     assert info.value.field == "launcher.ray_address" and "GCS unavailable" in info.value.message
     assert calls == ["shutdown"]

@@ -43,8 +43,8 @@ EXIT_TIMEOUT_S = 120.0  # far below the hour the LONG launcher would wait for it
 MAX_TOKENS = 400
 # `pdlaunch serve` with the proxy's drain and the instances' stop given an hour, not seconds.
 LONG = ("import sys\n"
-        "from pdlaunch.launcher.backends import ray as backend\n"
-        "backend.DRAIN_TIMEOUT_S = backend.STOP_TIMEOUT_S = 3600.0\n"
+        "from pdlaunch.launcher.backends import ray, ray_actors, ray_proxy\n"
+        "ray.DRAIN_TIMEOUT_S = ray_proxy.DRAIN_TIMEOUT_S = ray_actors.STOP_TIMEOUT_S = 3600.0\n"
         "from pdlaunch.cli import main\n"
         "main()\n")
 

@@ -1,10 +1,10 @@
 """TP rank 0 of an instance under `--backend ray`: a Ray actor that runs the instance's HTTP server and
 engine (the `pdlaunch.server` entry point) in its own process, on the node Ray placed its bundle on. The
-launcher (ray.py) gives it the instance's spec with that node's address as host and side channel, and
+launcher (ray_actors.py) gives it the instance's spec with that node's address as host and side channel, and
 the handles of the instance's other rank actors (distributed/ray_rank.py), which its engine drives
 through Ray calls (distributed/ray_executor.py).
 
-A plain class: ray.py wraps it with ray.remote. `serve` runs in the actor's default concurrency group
+A plain class: ray_actors.py wraps it with ray.remote. `serve` runs in the actor's default concurrency group
 until the server stops; `stop` and `node_address` run in CONTROL_GROUP beside it.
 """
 

@@ -1,0 +1,187 @@
+"""`--backend ray`: each instance's placement group and actors on the cluster, from the placement Ray is
+asked for to the actors killed and the group removed.
+
+Once Ray has placed an instance's group, rank 0 is a `RayInstance` actor in bundle 0 (ray_instance.py)
+and ranks 1..T-1 are `RayRank` actors in the other bundles (distributed/ray_rank.py); each binds and
+advertises the address of the node Ray placed its bundle on. Rank 0's `serve` call runs until the
+instance ends; how it ended (the engine failed, an actor died, its node is gone) is read from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.ray_cluster import NAMESPACE, live_nodes
+from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
+from pdlaunch.errors import exit_text
+from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
+from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
+from pdlaunch.launcher.deployment import INSTANCE_TERM_TIMEOUT_S
+from pdlaunch.launcher.process import HURRY_POLL_S
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.util.placement_group import PlacementGroup
+
+STOP_TIMEOUT_S = 30.0  # instances drain and stop their ranks within this before their actors are killed
+CONTROL = CONTROL_GROUP  # the concurrency group of RayInstance.stop and RayRank.until_shutdown
+
+
+class RayActors:
+    """Places, starts, watches and removes the instances' placement groups and actors through `ray`."""
+
+    def __init__(self, ray: ModuleType, cfg: DeploymentConfig, log_dir: Path, say: Callable[[str], None]) -> None:
+        self.ray, self.cfg, self.log_dir, self.say = ray, cfg, log_dir, say
+        self.token = cfg.kv_transfer.engine_id[:8]  # names this deployment's actors and placement groups
+
+    def place(self, run: RayRun) -> None:
+        """Ask Ray for the instance's placement group (placing -> starting once Ray has placed it)."""
+        from ray.util import placement_group
+
+        run.pg = placement_group(run.placement.bundles, strategy=run.placement.strategy,
+                                 name=f"pdlaunch-{self.token}-{run.name}-r{run.record.restarts}")
+        run.pg_ready = run.pg.ready()
+        run.placed_by = time.monotonic() + self.cfg.launcher.ray_placement_timeout_seconds
+        run.state = "placing"
+
+    def placed(self, run: RayRun) -> bool:
+        """True once the placement group is placed; RayDeploymentFailed past the timeout."""
+        assert run.pg_ready is not None
+        done, _ = self.ray.wait([run.pg_ready], timeout=0)
+        if done:
+            return True
+        if time.monotonic() > run.placed_by:
+            nodes = "; ".join(f"{n.address} {n.resources}" for n in live_nodes(self.ray))
+            raise RayDeploymentFailed(
+                f"Ray could not place {run.name}'s placement group within "
+                f"{self.cfg.launcher.ray_placement_timeout_seconds:g}s: it asks for {run.placement.describe()} "
+                f"(live nodes: {nodes})", field="launcher.ray_placement_timeout_seconds",
+                hint="free or add nodes with those resources (`ray status` shows what is in use), lower the TP "
+                "size, or change launcher.ray_resources")
+        return False
+
+    def _bundle_nodes(self, pg: PlacementGroup) -> list[str] | None:
+        """The address of the node holding each bundle of `pg`, in bundle order (None: a node is gone)."""
+        table = self.ray.util.placement_group_table(pg)
+        address = {str(n["NodeID"]): str(n["NodeManagerAddress"]) for n in self.ray.nodes() if n.get("Alive")}
+        by_bundle = {int(k): str(v) for k, v in dict(table.get("bundles_to_node_id") or {}).items()}
+        nodes = [address.get(by_bundle.get(i, "")) for i in range(len(pg.bundle_specs))]
+        return None if None in nodes else [n for n in nodes if n is not None]
+
+    def launch(self, run: RayRun, prefill_side_channels: str) -> bool:
+        """The placement group is placed: start the instance's actors in its bundles (False: a node of the
+        group died between placement and now, and nothing was started). A decode is told the prefills'
+        side channels (HOST:PORT,...)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from pdlaunch.distributed.ray_rank import RayRank
+        from pdlaunch.launcher.backends.ray_instance import RayInstance
+
+        assert run.pg is not None
+        hosts = self._bundle_nodes(run.pg)
+        if hosts is None:
+            return False
+        restart = run.record.restarts
+        engine_id = run.plan.spec.engine_id + (f"-r{restart}" if restart else "")
+        spec = run.plan.spec.model_copy(update={"host": hosts[0], "engine_id": engine_id,
+                                                "devices": [0] * run.plan.spec.tp if run.plan.spec.devices else []})
+        run.spec = spec
+        own = {k: v for k, v in run.placement.bundles[0].items() if k not in ("CPU", "GPU")}
+        gpus = run.placement.bundles[0].get("GPU", 0.0)
+        env = {"PYTHONUNBUFFERED": "1"}
+        if spec.role == "decode":
+            env[PREFILL_SIDE_CHANNELS_ENV] = prefill_side_channels
+        base = f"pdlaunch-{self.token}-{run.name}-r{restart}"
+
+        def options(rank: int) -> dict[str, object]:
+            return {"name": f"{base}-rank{rank}", "namespace": NAMESPACE, "max_restarts": 0,
+                    "num_cpus": 0 if gpus else 1, "num_gpus": gpus, "resources": own,
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(run.pg, placement_group_bundle_index=rank)}
+
+        ranks = []
+        for rank in range(1, spec.tp):
+            cfg = self._config_on(hosts[0], hosts[rank])
+            ranks.append(self.ray.remote(concurrency_groups={CONTROL: 1})(RayRank).options(**options(rank)).remote(
+                rank, cfg.model_dump_json(), spec.model_copy(update={"host": hosts[rank]}).model_dump_json(),
+                str(self.log_dir / f"{run.name}-rank{rank}.log"), env))
+        leader = self.ray.remote(concurrency_groups={CONTROL: 2})(RayInstance).options(**options(0)).remote(
+            run.name, str(run.log_path), env)
+        run.actors = [leader, *ranks]
+        run.serve_ref = leader.serve.remote(self._config_on(hosts[0], hosts[0]).model_dump_json(),
+                                            spec.model_dump_json(), ranks)
+        run.state = "starting"
+        run.started = time.monotonic()
+        where = ", ".join(f"rank {r} on {h}" for r, h in enumerate(hosts))
+        self.say(f"{run.name}: placed ({run.placement.strategy}; {where}); engine_id {engine_id}; "
+                 f"log {run.log_path}")
+        return True
+
+    def _config_on(self, rank0_host: str, host: str) -> DeploymentConfig:
+        """The config as a rank on `host` runs it: the rendezvous at rank 0's node, its own side channel."""
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.parallel.master_addr = rank0_host
+        cfg.kv_transfer.side_channel_host = host
+        return cfg
+
+    def remove(self, run: RayRun) -> None:
+        """Kill the instance's actors and remove its placement group (idempotent)."""
+        for actor in run.actors:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except (ValueError, self.ray.exceptions.RayError):
+                pass  # gone already
+        run.actors = []
+        run.serve_ref = None
+        if run.pg is not None:
+            self.ray.util.remove_placement_group(run.pg)
+            run.pg = None
+            run.pg_ready = None
+
+    def exit_of(self, run: RayRun) -> str | None:
+        """How the instance's rank 0 ended ("exited with code 1", "lost its Ray actor (why)"), None while it serves."""
+        if run.serve_ref is None:
+            return None
+        done, _ = self.ray.wait([run.serve_ref], timeout=0)
+        if not done:
+            return None
+        try:
+            code = self.ray.get(run.serve_ref)
+        except self.ray.exceptions.RayTaskError as exc:  # serve raised: the cause, not Ray's task headline
+            return f"failed in its Ray actor ({ray_failure(exc)})"
+        except self.ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):  # e.g. log_dir not writable on its node
+                return f"could not start its Ray actor ({ray_failure(exc)})"
+            return f"lost its Ray actor ({ray_failure(exc)})"
+        except self.ray.exceptions.RayError as exc:
+            return f"lost its Ray actor ({ray_failure(exc)})"
+        return exit_text(code)
+
+    def stop(self, runs: list[RayRun], drain: bool, hurry: Callable[[], bool]) -> None:
+        """Ask every instance to stop (its server drains when `drain`), wait for them, then kill every actor
+        and remove every placement group; `hurry()` turning true ends the wait at once."""
+        refs = []
+        for run in runs:
+            if run.actors and run.serve_ref is not None and not hurry():
+                refs.append(run.serve_ref)
+                run.actors[0].stop.options(concurrency_group=CONTROL).remote()
+        if refs:
+            timeout = STOP_TIMEOUT_S if drain else INSTANCE_TERM_TIMEOUT_S
+            self.say(f"waiting up to {timeout:.0f}s for {len(refs)} instance(s) to stop, then removing their "
+                     "actors and placement groups")
+            self._wait_stopped(refs, timeout, hurry)
+        for run in runs:
+            self.remove(run)
+
+    def _wait_stopped(self, refs: list[ObjectRef[int]], timeout: float, hurry: Callable[[], bool]) -> None:
+        """Until every `serve` call in `refs` returned, `timeout` seconds passed, or `hurry()` turned true."""
+        deadline = time.monotonic() + timeout
+        while refs and not hurry():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            _, refs = self.ray.wait(refs, num_returns=len(refs), timeout=min(HURRY_POLL_S, left))

@@ -1,0 +1,203 @@
+"""`--backend ray`: the deployment on the cluster: connected at launcher.ray_address, every instance placed
+and started, then the proxy; supervised (each instance restarted where Ray finds room, with the local
+supervisor's restart policy; the head watched); stopped proxy first, then every instance."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import httpx
+from rich.console import Console
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.ray_cluster import RayNode, connect, live_nodes, plan_instance
+from pdlaunch.launcher.backends.ray_actors import RayActors
+from pdlaunch.launcher.backends.ray_head import HeadWatch
+from pdlaunch.launcher.backends.ray_proxy import RayProxy
+from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
+from pdlaunch.launcher.deployment import POLL_S, READY_TIMEOUT_S, with_deployment_secret
+from pdlaunch.launcher.log_dir_lock import LogDirLock
+from pdlaunch.launcher.plan import InstancePlan, plan_deployment
+from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
+from pdlaunch.model.demo import resolve_model_path
+
+HEALTH_TIMEOUT_S = 2.0
+
+
+class RayDeployment:
+    """Every instance of `cfg` on the Ray cluster, and the proxy on this machine."""
+
+    def __init__(self, cfg: DeploymentConfig, console: Console) -> None:
+        self.ray: ModuleType = connect(cfg)
+        self.cfg = cfg = with_deployment_secret(cfg)
+        self.console = console
+        self.log_dir = Path(cfg.log_dir).resolve()
+        self.plan = plan_deployment(cfg)
+        self.policy = RestartPolicy.from_config(cfg.supervision)
+        self.role_watch = RoleWatch(self.policy.grace_s)
+        self.head = HeadWatch.of(self.ray)
+        try:
+            nodes = live_nodes(self.ray)
+        except self.ray.exceptions.RayError as exc:  # the cluster answered the connect, then failed us
+            self.ray.shutdown()
+            raise RayDeploymentFailed(f"could not list the Ray cluster's nodes: {exc}", field="launcher.ray_address",
+                                      hint="check the cluster with `ray status`, then serve again") from None
+        groups = iter(g for g, group in enumerate(cfg.instances) for _ in range(group.count))
+        self.runs = [self._run(plan, next(groups), nodes) for plan in self.plan.instances]
+        self.actors = RayActors(self.ray, cfg, self.log_dir, self.say)
+        self._http = httpx.Client(trust_env=False, timeout=HEALTH_TIMEOUT_S)
+        self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, self.say)
+        self._lock = LogDirLock(self.log_dir)
+        self._stopped = False
+
+    def _run(self, plan: InstancePlan, g: int, nodes: list[RayNode]) -> RayRun:
+        group = self.cfg.instances[g]
+        record = ProcessRecord(plan.spec.name, group.role, f"instances[{g}].restart", group.restart)
+        placement = plan_instance(self.cfg, group.role, plan.spec.tp, nodes)
+        return RayRun(plan, g, record, placement, self.log_dir / f"{plan.spec.name}.log")
+
+    @property
+    def proxy_url(self) -> str | None:
+        return self.plan.proxy_url
+
+    def say(self, text: str) -> None:
+        self.console.print(f"[pdlaunch] {text}", highlight=False, markup=False, soft_wrap=True)
+
+    def launch(self, run: RayRun) -> None:
+        """The placement group is placed: start the instance's actors in its bundles."""
+        if not self.actors.launch(run, self._prefill_side_channels()):  # a node died since: place it again
+            self._ended(run, "lost a node of its placement group before it started", time.monotonic())
+
+    def _prefill_side_channels(self) -> str:
+        return ",".join(f"{r.spec.host}:{r.spec.side_channel_port}" for r in self.runs
+                        if r.spec is not None and r.spec.role == "prefill" and r.spec.side_channel_port)
+
+    def answers(self, run: RayRun) -> bool:
+        try:
+            return run.url is not None and self._http.get(f"{run.url}/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    # -- start -------------------------------------------------------------------------------------
+    def start(self, should_stop: Callable[[], bool]) -> bool:
+        """Place and start every instance, then the proxy; False when a stop signal came meanwhile."""
+        self._lock.acquire(self.plan.proxy_url)
+        resolve_model_path(self.cfg.model.path, say=lambda text: self.console.print(f"[dim]{text}[/dim]"))
+        for run in self.runs:
+            self.actors.place(run)
+        self.say(f"ray: {len(self.runs)} placement group(s) asked of the cluster at {self.cfg.launcher.ray_address} "
+                 f"(timeout {self.cfg.launcher.ray_placement_timeout_seconds:g}s); logs in {self.log_dir}")
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while any(r.state != "ready" for r in self.runs):
+            if should_stop():
+                return False
+            self._check_head(time.monotonic())
+            prefills_known = all(r.spec is not None for r in self.runs if r.plan.spec.role == "prefill")
+            for run in self.runs:
+                if run.state == "placing" and self.actors.placed(run):
+                    if run.plan.spec.role != "decode" or prefills_known:  # decodes learn the prefills' addresses
+                        self.launch(run)
+                elif run.state == "down":  # lost a node while being placed
+                    self._restart_when_due(run, time.monotonic())
+                elif run.state == "starting":
+                    how = self.actors.exit_of(run)
+                    if how is not None:
+                        raise RayDeploymentFailed(f"{run.name} {how} while starting", hint=f"its log: {run.log_path}")
+                    if self.answers(run):
+                        run.state = "ready"
+                        self.say(f"{run.name} is ready at {run.url}")
+            if time.monotonic() > deadline:
+                late = ", ".join(f"{r.name} ({r.state})" for r in self.runs if r.state != "ready")
+                raise RayDeploymentFailed(f"not ready after {READY_TIMEOUT_S:.0f}s: {late}",
+                                          hint=f"see the logs in {self.log_dir}")
+            time.sleep(POLL_S)
+        self.proxy.start(self.runs, note=None)
+        return self.proxy.wait_ready(deadline, should_stop)
+
+    # -- supervise ---------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """One round of supervision; RayDeploymentFailed when the deployment has to stop."""
+        now = time.monotonic()
+        self._check_head(now)
+        for run in self.runs:
+            if run.state in ("starting", "ready"):
+                how = self.actors.exit_of(run)
+                if how is not None:
+                    self._ended(run, how, now)
+                elif run.state == "starting":
+                    self._check_started(run, now)
+            elif run.state == "down":
+                self._restart_when_due(run, now)
+            elif run.state == "placing" and self.actors.placed(run):
+                self.launch(run)
+        self.proxy.check(self.runs, now, self.policy)
+        self._check_roles(now)
+
+    def _check_head(self, now: float) -> None:
+        lost = self.head.check(now)
+        if lost is not None:
+            raise RayDeploymentFailed(lost, field="launcher.ray_address",
+                                      hint="the head node or its `ray start --head` died, and the actors end "
+                                      "with it: start the cluster again, then serve again")
+
+    def _restart_when_due(self, run: RayRun, now: float) -> None:
+        record = run.record
+        if record.due is not None and now >= record.due:
+            record.due = None
+            record.restarts += 1
+            record.started = now
+            self.actors.place(run)
+            self.say(f"{run.name}: restart {record.restarts}: placement group asked of Ray")
+
+    def _ended(self, run: RayRun, how: str, now: float) -> None:
+        self.actors.remove(run)
+        run.state = "down"
+        decision = on_exit(run.record, how, now, self.policy)
+        if isinstance(decision, GiveUp):
+            raise RayDeploymentFailed(f"{decision.reason} (log: {run.log_path})")
+        self.say(f"{run.name} {how}; its actors and placement group are removed; restart {run.record.restarts + 1} "
+                 f"in {decision.delay:.1f}s, where Ray places it")
+
+    def _check_started(self, run: RayRun, now: float) -> None:
+        if self.answers(run):
+            run.state = "ready"
+            run.record.ready = True
+            self.say(f"{run.name} is ready again after restart {run.record.restarts} at {run.url}")
+            if run.url != self.proxy.urls.get(run.name) and self.proxy.process is not None:
+                self.say(f"{run.name} moved to {run.url}: restarting the proxy with its new address")
+                self.proxy.start(self.runs, note=f"{run.name} moved to {run.url}")
+        elif now - run.started > READY_TIMEOUT_S:
+            self.say(f"{run.name} is not ready {READY_TIMEOUT_S:.0f}s after restart {run.record.restarts}; "
+                     "removing its actors")
+            self._ended(run, "was not ready in time", now)
+
+    def _check_roles(self, now: float) -> None:
+        roles = sorted({r.record.role for r in self.runs})
+        live = {role: any(r.record.live and r.state == "ready" for r in self.runs if r.record.role == role)
+                for role in roles}
+        role = self.role_watch.overdue(live, now)
+        if role is not None:
+            states = "; ".join(f"{r.name} {r.state} (log {r.log_path})" for r in self.runs if r.record.role == role)
+            raise RayDeploymentFailed(f"no live {role} instance for {self.role_watch.down_for(role, now):.0f}s "
+                                      f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}")
+
+    # -- stop --------------------------------------------------------------------------------------
+    def stop(self, drain: bool, hurry: Callable[[], bool] | None = None) -> None:
+        """Proxy first (it drains), then every instance; then every actor and placement group is removed.
+        Each wait ends as soon as `hurry()` turns true (a second Ctrl-C): the proxy is killed, and the
+        instances' actors are killed without waiting for their servers to stop."""
+        if self._stopped:
+            return
+        self._stopped = True
+        hurried = hurry or (lambda: False)
+        try:
+            self.proxy.stop(drain, hurried)
+            if self.head.lost:  # every Ray call that asks the GCS would block until Ray ends this process
+                return
+            self.actors.stop(self.runs, drain, hurried)
+        finally:
+            self._http.close()
+            self._lock.release()

@@ -1,0 +1,89 @@
+"""`--backend ray`: the proxy, a child process of the launcher on this machine, that knows each instance at
+the address of the node Ray placed it on; started once every instance is ready, restarted when one moved,
+and supervised as the local supervisor supervises it (proxy.restart, the backoff, supervision.max_restarts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
+from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, POLL_S, READY_TIMEOUT_S, proxy_argv, proxy_env
+from pdlaunch.launcher.plan import DeploymentPlan
+from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, on_exit
+
+
+class RayProxy:
+    """The proxy's process (None until started), the URL it knows each instance at, its restart record."""
+
+    def __init__(self, cfg: DeploymentConfig, plan: DeploymentPlan, log_dir: Path, http: httpx.Client,
+                 say: Callable[[str], None]) -> None:
+        self.cfg, self.plan, self.log_dir, self.http, self.say = cfg, plan, log_dir, http, say
+        self.process: ChildProcess | None = None
+        self.urls: dict[str, str] = {}  # instance name -> URL the running proxy knows it at
+        self.record = ProcessRecord("proxy", "proxy", "proxy.restart", cfg.proxy.restart)
+
+    def start(self, runs: list[RayRun], note: str | None) -> None:
+        """Start (or restart, with `note`) the proxy with every instance at its current address."""
+        assert self.plan.proxy_port is not None
+        self.urls = {r.name: r.url or r.plan.url for r in runs}
+        argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port, DRAIN_TIMEOUT_S,
+                          [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs])
+        if self.process is None:
+            self.process = ChildProcess("proxy", argv, self.log_dir / "proxy.log", env=proxy_env(self.cfg))
+        else:
+            self.process.stop(1.0)
+            self.process.argv = argv
+        self.process.start(note=note)
+
+    def answers(self) -> bool:
+        try:
+            self.http.get(f"{self.plan.proxy_url}/health")
+        except httpx.HTTPError:
+            return False
+        return True
+
+    def wait_ready(self, deadline: float, should_stop: Callable[[], bool]) -> bool:
+        """Until the started proxy answers (True) or a stop signal came (False); RayDeploymentFailed when it
+        exited or did not answer by `deadline` (monotonic)."""
+        while not self.answers():
+            if should_stop():
+                return False
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RayDeploymentFailed(f"the proxy {self.process.describe_exit()} while starting",
+                                          hint=f"its log: {self.process.log_path}")
+            if time.monotonic() > deadline:
+                raise RayDeploymentFailed(f"the proxy did not answer within {READY_TIMEOUT_S:.0f}s",
+                                          hint=f"its log: {self.process.log_path}")
+            time.sleep(POLL_S)
+        return True
+
+    def check(self, runs: list[RayRun], now: float, policy: RestartPolicy) -> None:
+        """A proxy that exited is restarted as the local supervisor does: proxy.restart, the backoff and
+        supervision.max_restarts (restarts in a row that never answered) apply."""
+        proxy, record = self.process, self.record
+        if proxy is None:
+            return
+        if record.due is None and proxy.poll() is not None:
+            decision = on_exit(record, proxy.describe_exit(), now, policy)
+            if isinstance(decision, GiveUp):
+                raise RayDeploymentFailed(f"{decision.reason} (log: {proxy.log_path})")
+            self.say(f"the proxy {record.last_exit}; restarting it in {decision.delay:.1f}s (log {proxy.log_path})")
+        elif record.due is not None and now >= record.due:
+            record.due, record.started = None, now
+            record.restarts += 1
+            self.start(runs, note=f"restart {record.restarts} of the proxy ({record.last_exit})")
+        elif record.due is None and not record.ready and self.answers():
+            record.ready = True
+
+    def stop(self, drain: bool, hurry: Callable[[], bool]) -> None:
+        """Let it drain (up to the drain timeout, when `drain`) and stop; killed once `hurry()` turns true."""
+        if self.process is not None:
+            self.process.stop(DRAIN_TIMEOUT_S + 2.0 if drain else 0.5, hurry)
+            self.process.close_log()

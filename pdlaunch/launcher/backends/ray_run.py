@@ -1,0 +1,52 @@
+"""`--backend ray`: one instance as the launcher sees it on the cluster (its plan, its current placement
+group and actors, its supervision record), and the error that stops the deployment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.ray_cluster import InstancePlacement
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.plan import InstancePlan
+from pdlaunch.launcher.restart_policy import ProcessRecord
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
+
+State = Literal["placing", "starting", "ready", "down"]
+
+
+class RayDeploymentFailed(PdlaunchError):
+    """The deployment cannot keep serving on the cluster (restarts keep failing, a placement timed out)."""
+
+
+@dataclass
+class RayRun:
+    """One instance on the cluster: its plan, its current placement group and actors, its supervision."""
+
+    plan: InstancePlan
+    group: int
+    record: ProcessRecord
+    placement: InstancePlacement
+    log_path: Path
+    state: State = "down"
+    pg: PlacementGroup | None = None
+    pg_ready: ObjectRef[bool] | None = None
+    placed_by: float = 0.0  # monotonic deadline of the current placement
+    actors: list[ActorHandle] = field(default_factory=list)  # rank 0 first
+    serve_ref: ObjectRef[int] | None = None
+    spec: InstanceSpec | None = None  # as running now: its node's address, its engine_id
+    started: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.plan.spec.name
+
+    @property
+    def url(self) -> str | None:
+        return None if self.spec is None else f"http://{self.spec.host}:{self.spec.port}"
