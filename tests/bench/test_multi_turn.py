@@ -71,7 +71,8 @@ def _run(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
 
 def _run_doc(url: str, tmp_path: Path, *extra: str) -> dict[str, Any]:
     out = tmp_path / "mt.json"
-    result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", "--num-conversations", "2",
+    conversations = [] if "--num-conversations" in extra else ["--num-conversations", "2"]  # each flag given once
+    result = CliRunner().invoke(bench_app, ["serve", "--base-url", url, "--multi-turn", *conversations,
                                             "--num-turns", "3", "--system-prompt-len", "5", "--random-input-len", "2",
                                             "--random-output-len", str(ANSWER), "--result-filename", str(out), *extra])
     assert result.exit_code == 0, result.output
