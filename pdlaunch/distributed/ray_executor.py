@@ -1,7 +1,7 @@
 """The TP executor of an instance under `--backend ray`: rank 0 drives ranks 1..T-1, which are Ray
 actors (ray_rank.py) placed by the launcher in the instance's placement group, through Ray actor calls.
 
-It has TPExecutor's shape (executor.py) with Ray as the control path: no pipes, no TCP link of our own.
+It has TPExecutor's shape (tp_executor.py) with Ray as the control path: no pipes, no TCP link of our own.
 Rank 0 hosts the rendezvous store on its node's address (parallel.master_addr, which the launcher sets
 to the node Ray placed rank 0 on); the tensor collectives run over torch.distributed (gloo on CPU, NCCL
 on CUDA) as everywhere else. A step is sent to every rank without waiting (calls of one caller run in
@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.distributed.messages import ConnectorCall, MalformedMessage, Ready, UnexpectedMessage
+from pdlaunch.distributed.message_stream import MalformedMessage, UnexpectedMessage
+from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure

@@ -23,7 +23,8 @@ import threading
 from pathlib import Path
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.distributed.messages import ConnectorCall, MalformedMessage, Ready
+from pdlaunch.distributed.message_stream import MalformedMessage
+from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import destroy_tp_group
 from pdlaunch.distributed.rank import RankState
 from pdlaunch.distributed.tp_connector import rank_connector_call

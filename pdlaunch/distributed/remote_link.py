@@ -21,7 +21,8 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 import torch.distributed as dist
 
-from pdlaunch.distributed.messages import Hello, UnexpectedMessage, recv_as, send
+from pdlaunch.distributed.message_stream import UnexpectedMessage, recv_as, send
+from pdlaunch.distributed.messages import Hello
 from pdlaunch.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class RankListener:
             return f"it did not finish its handshake within {seconds:.1f}s"
         probe = socket.socket(fileno=conn.fileno())
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))  # steps may idle long
-        # No bound on unacknowledged sends here: rank 0 bounds its own (executor.SEND_TIMEOUT_S, longer than
+        # No bound on unacknowledged sends here: rank 0 bounds its own (tp_startup.SEND_TIMEOUT_S, longer than
         # LINK_DEAD_AFTER_S), and TCP_USER_TIMEOUT would also cut a live rank whose receive window stays full.
         keep_alive(probe, unacked_s=None)
         probe.detach()

@@ -21,7 +21,8 @@ from pathlib import Path
 from types import FrameType
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.distributed.messages import Setup, recv_as
+from pdlaunch.distributed.message_stream import recv_as
+from pdlaunch.distributed.messages import Setup
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address

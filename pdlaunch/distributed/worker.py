@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import (
     AbortLoad,
     Execute,
@@ -31,9 +32,6 @@ from pdlaunch.distributed.messages import (
     RequestFinished,
     Shutdown,
     StartLoad,
-    UnexpectedMessage,
-    recv,
-    send,
 )
 from pdlaunch.distributed.parallel_state import destroy_tp_group
 from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device

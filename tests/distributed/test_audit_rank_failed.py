@@ -12,9 +12,12 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from pdlaunch.distributed.executor import TPExecutor
-from pdlaunch.distributed.messages import GetFinished, RankFailed, send
+from pdlaunch.distributed.message_stream import send
+from pdlaunch.distributed.messages import GetFinished, RankFailed
 from pdlaunch.distributed.remote_link import is_closed
+from pdlaunch.distributed.tp_executor import TPExecutor
+from pdlaunch.distributed.tp_ranks import TPRanks
+from pdlaunch.distributed.tp_watchdog import watch
 from pdlaunch.errors import EngineError
 from tests.distributed.rank_exits import say_and_exit
 from tests.distributed.test_rank_stream import rank0_side
@@ -25,18 +28,18 @@ WHY = "TP rank 1 failed: CUDA error: an illegal memory access was encountered"
 
 def rank0_with(conn: Connection, procs: dict[int, mp.process.BaseProcess], remote: dict[int, str]) -> TPExecutor:
     """Rank 0's executor with one rank link and its process (local) or node (remote): what the watchdog reads."""
+    ranks = TPRanks("engine", 2)
+    ranks.links, ranks.procs, ranks.remote = [conn], procs, remote
     executor = TPExecutor.__new__(TPExecutor)
-    executor._conns, executor._procs, executor._remote = [conn], procs, remote  # noqa: SLF001
-    executor.failure, executor._name, executor._closing = None, "engine", threading.Event()  # noqa: SLF001
-    executor._recv_locks = {1: threading.Lock()}  # noqa: SLF001
+    executor._ranks, executor.failure = ranks, None  # noqa: SLF001
     return executor
 
 
 def watch_until_reported(executor: TPExecutor) -> None:
-    watchdog = threading.Thread(target=executor._watch, daemon=True)  # noqa: SLF001
+    watchdog = threading.Thread(target=watch, args=(executor._ranks, executor._fail), daemon=True)  # noqa: SLF001
     watchdog.start()
     watchdog.join(GUARD_S)
-    executor._closing.set()  # noqa: SLF001 - ends a watchdog that never saw the rank go
+    executor._ranks.closing.set()  # noqa: SLF001 - ends a watchdog that never saw the rank go
     assert not watchdog.is_alive(), "the watchdog never reported the rank"
 
 

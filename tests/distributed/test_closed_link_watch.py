@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.distributed import executor as executor_module
+from pdlaunch.distributed import tp_watchdog
 from pdlaunch.distributed.remote_link import is_closed, peer_address
 from tests.distributed.test_rank_stream import rank0_side
 
@@ -42,19 +42,18 @@ def thread_errors() -> Any:
 def test_the_watchdog_survives_links_closed_and_dropped_under_it(thread_errors: list[BaseException | None],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     executor, (rank1,) = rank0_side(1)
-    executor._closing = threading.Event()  # noqa: SLF001
     watching = threading.Event()
 
     def first_look(conn: Connection) -> bool:
         watching.set()
         return is_closed(conn)
 
-    monkeypatch.setattr(executor_module, "is_closed", first_look)
-    watchdog = threading.Thread(target=executor._watch, daemon=True)  # noqa: SLF001
+    monkeypatch.setattr(tp_watchdog, "is_closed", first_look)
+    watchdog = threading.Thread(target=tp_watchdog.watch, args=(executor._ranks, executor._fail), daemon=True)  # noqa: SLF001
     watchdog.start()
     assert watching.wait(GUARD_S)
-    executor._conns[0].close()  # noqa: SLF001 - as shutdown closes them, the watchdog past its closing check
-    executor._conns = []  # noqa: SLF001 - and then drops them
+    executor._ranks.links[0].close()  # noqa: SLF001 - as shutdown closes them, the watchdog past its closing check
+    executor._ranks.links = []  # noqa: SLF001 - and then drops them
     watchdog.join(GUARD_S)
     assert not watchdog.is_alive(), "the watchdog kept watching a closed link"
     assert thread_errors == []

@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from pdlaunch.distributed import ray_executor
+from pdlaunch.distributed.message_stream import MalformedMessage, recv, recv_as, send
 from pdlaunch.distributed.messages import (
     AbortLoad,
     Execute,
     GetFinished,
     Hello,
-    MalformedMessage,
     Message,
     RankFailed,
     Ready,
@@ -34,12 +34,10 @@ from pdlaunch.distributed.messages import (
     Setup,
     Shutdown,
     StartLoad,
-    recv,
-    recv_as,
-    send,
 )
 from pdlaunch.distributed.remote_link import RankListener
 from pdlaunch.distributed.tp_connector import rank_connector_call
+from pdlaunch.distributed.tp_startup import wait_ready
 from pdlaunch.distributed.worker import _serve
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnectorEvents
@@ -172,7 +170,7 @@ def test_a_malformed_ready_fails_the_startup_naming_the_rank() -> None:
     executor, (rank1,) = rank0_side(1)
     send(rank1, Ready("e1", 0, "10.0.0.2"))
     with pytest.raises(MalformedMessage) as err:
-        executor._wait_ready(1)  # noqa: SLF001
+        wait_ready(executor._ranks, 1)  # noqa: SLF001
     assert err.value.message.startswith(f"{PEER} sent a malformed Ready (side_channel_port is 0, out of range"), err
 
 

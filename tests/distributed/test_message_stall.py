@@ -15,9 +15,10 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from pdlaunch.distributed import messages
-from pdlaunch.distributed.executor import RankEnded
-from pdlaunch.distributed.messages import GetFinished, MessageStalled, Reply, recv, send
+from pdlaunch.distributed import message_stream
+from pdlaunch.distributed.message_stream import MessageStalled, recv, send
+from pdlaunch.distributed.messages import GetFinished, Reply
+from pdlaunch.distributed.tp_startup import RankEnded, wait_ready
 from pdlaunch.errors import EngineError
 from tests.distributed.test_rank_stream import RecordingRunner, rank0_side, run_worker_loop
 
@@ -27,7 +28,7 @@ GUARD_S = 60.0  # only bounds a broken test: without the bound the read never re
 
 @pytest.fixture(autouse=True)
 def short_stall(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(messages, "MESSAGE_STALL_S", STALL_S)
+    monkeypatch.setattr(message_stream, "MESSAGE_STALL_S", STALL_S)
 
 
 def half_message(conn: Connection) -> None:
@@ -97,7 +98,7 @@ def test_rank0_fails_the_instance_for_a_rank_that_stalls_in_its_reply() -> None:
 def test_rank0_names_a_rank_that_stalls_in_its_ready_at_startup() -> None:
     executor, (rank1,) = rank0_side(1)
     half_message(rank1)
-    error = outcome_of(lambda: executor._wait_ready(1), rank1)  # noqa: SLF001
+    error = outcome_of(lambda: wait_ready(executor._ranks, 1), rank1)  # noqa: SLF001
     assert isinstance(error, RankEnded), repr(error)
     assert error.message == ("TP rank 1 on node 1 (10.0.0.2) stopped in the middle of a message (Ready was "
                              "expected) and sent nothing more for 0.5s (stopped, hung, or its node is unreachable)")

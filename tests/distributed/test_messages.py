@@ -9,6 +9,7 @@ from multiprocessing import Pipe
 import pytest
 import torch
 
+from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, recv_as, send
 from pdlaunch.distributed.messages import (
     AbortLoad,
     Execute,
@@ -23,10 +24,6 @@ from pdlaunch.distributed.messages import (
     Setup,
     Shutdown,
     StartLoad,
-    UnexpectedMessage,
-    recv,
-    recv_as,
-    send,
 )
 from pdlaunch.kv_transfer.base import KVConnectorEvents
 from pdlaunch.kv_transfer.params import PrefillAnswer

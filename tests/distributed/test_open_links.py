@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
-from pdlaunch.distributed.executor import open_links
 from pdlaunch.distributed.messages import Setup
+from pdlaunch.distributed.tp_startup import open_links
 
 
 def test_each_remote_rank_gets_one_setup_and_a_local_rank_none() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.distributed.executor import TPExecutor
+from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import (
     AbortLoad,
     Execute,
@@ -27,12 +27,12 @@ from pdlaunch.distributed.messages import (
     RequestFinished,
     Shutdown,
     StartLoad,
-    UnexpectedMessage,
-    recv,
-    send,
 )
 from pdlaunch.distributed.remote_link import RankListener
 from pdlaunch.distributed.tp_connector import rank_connector_call
+from pdlaunch.distributed.tp_executor import TPExecutor
+from pdlaunch.distributed.tp_ranks import TPRanks
+from pdlaunch.distributed.tp_startup import wait_ready
 from pdlaunch.distributed.worker import _serve
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
@@ -155,12 +155,12 @@ def test_listener_accepts_a_hello_and_refuses_an_old_tuple_naming_the_peer(caplo
 
 def rank0_side(worker_ends: int) -> tuple[TPExecutor, list[Connection]]:
     """Rank 0's executor with only its links (ranks 1.. on node 1): enough for its receiving half."""
-    executor = TPExecutor.__new__(TPExecutor)
     pairs = [Pipe() for _ in range(worker_ends)]
-    executor._conns = [rank0 for rank0, _ in pairs]  # noqa: SLF001 - the links alone, no processes
-    executor._procs, executor.failure, executor._name = {}, None, "engine"  # noqa: SLF001
-    executor._recv_locks = {r: threading.Lock() for r in range(1, worker_ends + 1)}  # noqa: SLF001
-    executor._remote = {r: "node 1 (10.0.0.2)" for r in range(1, worker_ends + 1)}  # noqa: SLF001
+    ranks = TPRanks("engine", worker_ends + 1)
+    ranks.links = [rank0 for rank0, _ in pairs]  # the links alone, no processes
+    ranks.remote = {r: "node 1 (10.0.0.2)" for r in range(1, worker_ends + 1)}
+    executor = TPExecutor.__new__(TPExecutor)
+    executor._ranks, executor.failure = ranks, None  # noqa: SLF001
     return executor, [worker for _, worker in pairs]
 
 
@@ -190,7 +190,7 @@ def test_rank0_reports_a_rank_failure_and_a_stray_message_at_startup() -> None:
     with pytest.raises(EngineError, match="TP rank 1 failed: no memory"):
         executor._mirror(GetFinished())  # noqa: SLF001
     send(rank1, Ready("e1", 5601, "10.0.0.2"))
-    assert executor._wait_ready(1) == Ready("e1", 5601, "10.0.0.2")  # noqa: SLF001
+    assert wait_ready(executor._ranks, 1) == Ready("e1", 5601, "10.0.0.2")  # noqa: SLF001
     send(rank1, Reply(True))
     with pytest.raises(UnexpectedMessage, match="sent Reply .* where Ready was expected"):
-        executor._wait_ready(1)  # noqa: SLF001
+        wait_ready(executor._ranks, 1)  # noqa: SLF001

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from pdlaunch.distributed import executor as executor_module
-from pdlaunch.distributed.executor import TPExecutor
+from pdlaunch.distributed import tp_ranks
+from pdlaunch.distributed.tp_ranks import TPRanks
 
 GUARD_S = 20.0  # only bounds a broken test: without a bound the second join never returns
 
@@ -37,10 +37,10 @@ class _HungWorker:
 
 
 def test_a_worker_that_does_not_exit_is_killed_after_one_wait() -> None:
-    executor = TPExecutor.__new__(TPExecutor)  # only what _stop_workers reads
+    ranks = TPRanks("engine", 2)
     worker = _HungWorker()
-    executor._closing, executor._conns, executor._procs = threading.Event(), [], {1: worker}  # type: ignore[dict-item]
-    executor._stop_workers()  # noqa: SLF001
+    ranks.procs = {1: worker}  # type: ignore[dict-item]
+    ranks.stop()
     assert worker.calls == ["join", "kill", "join"]
 
 
@@ -62,12 +62,12 @@ class _UnkillableWorker(_HungWorker):
 
 def test_a_worker_that_survives_sigkill_is_named_and_left_within_a_bound(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(executor_module, "JOIN_TIMEOUT_S", 0.1)
-    executor = TPExecutor.__new__(TPExecutor)
+    monkeypatch.setattr(tp_ranks, "JOIN_TIMEOUT_S", 0.1)
+    ranks = TPRanks("engine", 2)
     worker = _UnkillableWorker()
-    executor._closing, executor._conns, executor._procs = threading.Event(), [], {1: worker}  # type: ignore[dict-item]
-    stopper = threading.Thread(target=executor._stop_workers, daemon=True)  # noqa: SLF001
-    with caplog.at_level(logging.ERROR, logger=executor_module.__name__):
+    ranks.procs = {1: worker}  # type: ignore[dict-item]
+    stopper = threading.Thread(target=ranks.stop, daemon=True)
+    with caplog.at_level(logging.ERROR, logger=tp_ranks.__name__):
         stopper.start()
         stopper.join(GUARD_S)
     assert not stopper.is_alive(), f"stopping the workers waited over {GUARD_S:.0f}s on a worker SIGKILL cannot end"

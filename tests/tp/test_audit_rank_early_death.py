@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.distributed import executor as executor_module
-from pdlaunch.distributed import parallel_state
+from pdlaunch.distributed import parallel_state, tp_startup
 from pdlaunch.errors import EngineError
 from tests.distributed.rank_exits import killed_at_start
 from tests.tp.conftest import MakeTPEngine
@@ -31,7 +30,7 @@ def started_and_failed(make: MakeTPEngine, ckpt: Path) -> tuple[EngineError, flo
 def test_a_worker_killed_at_start_is_named_with_its_signal_and_log(  # type: ignore[no-untyped-def]
         llama_ckpt, make_tp_engine: MakeTPEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(parallel_state, "COLLECTIVE_TIMEOUT_S", JOIN_WAIT_S)
-    monkeypatch.setattr(executor_module, "run_worker", killed_at_start)
+    monkeypatch.setattr(tp_startup, "run_worker", killed_at_start)
     error, took = started_and_failed(make_tp_engine, llama_ckpt)
     assert took < JOIN_WAIT_S / 2, f"the dead rank was noticed after {took:.0f}s"
     assert error.field == "parallel.tp"

@@ -9,9 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from pdlaunch.distributed import executor as executor_module
-from pdlaunch.distributed import parallel_state
-from pdlaunch.distributed.executor import TPExecutor
+from pdlaunch.distributed import parallel_state, tp_executor, tp_startup
+from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError
 from tests.tp.conftest import MakeTPEngine
@@ -38,10 +37,11 @@ def test_step_inputs_larger_than_the_pipe_to_a_stopped_rank_fail_by_name(  # typ
         llama_ckpt, make_tp_engine: MakeTPEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     # 64 prompts of 500 tokens in one step: the Execute message (~770 KiB) outgrows the socket
     # buffers, so sending it blocked for as long as the stopped rank was stopped.
-    monkeypatch.setattr(executor_module, "SEND_TIMEOUT_S", 3.0, raising=False)
+    monkeypatch.setattr(tp_startup, "SEND_TIMEOUT_S", 3.0, raising=False)  # the bound on the links
+    monkeypatch.setattr(tp_executor, "SEND_TIMEOUT_S", 3.0, raising=False)  # what the error says of it
     engine = make_tp_engine(llama_ckpt, 2, num_gpu_blocks=4200, max_num_batched_tokens=32768, max_num_seqs=64)
     assert isinstance(engine.executor, TPExecutor)
-    (proc,) = engine.executor._procs.values()  # noqa: SLF001 - the test stops a real rank process
+    (proc,) = engine.executor._ranks.procs.values()  # noqa: SLF001 - the test stops a real rank process
     assert proc.pid is not None
     pid = proc.pid
     for i in range(64):
@@ -69,7 +69,7 @@ def test_a_collective_timing_out_on_a_stopped_rank_names_it(  # type: ignore[no-
     monkeypatch.setattr(parallel_state, "COLLECTIVE_TIMEOUT_S", 5.0)  # rank 0's gloo timeout
     engine = make_tp_engine(llama_ckpt, 2)
     assert isinstance(engine.executor, TPExecutor)
-    (proc,) = engine.executor._procs.values()  # noqa: SLF001 - the test stops a real rank process
+    (proc,) = engine.executor._ranks.procs.values()  # noqa: SLF001 - the test stops a real rank process
     assert proc.pid is not None
     pid = proc.pid
     engine.add_request("r", [1, 2, 3, 4], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))

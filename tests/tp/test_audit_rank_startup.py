@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
-from pdlaunch.distributed import executor as executor_module
-from pdlaunch.distributed import parallel_state
+from pdlaunch.distributed import parallel_state, tp_startup
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError
 from tests.tp.conftest import MakeTPEngine
@@ -17,7 +16,7 @@ from tests.tp.conftest import MakeTPEngine
 def _break_the_worker(monkeypatch: pytest.MonkeyPatch, missing: Path) -> None:
     """Rank 1 fails loading `missing`, before it joins the group (rank 0 sees it exit; were it to wait in
     its own join instead, 10 s bounds that)."""
-    drawn = executor_module._as_drawn_by_worker  # noqa: SLF001
+    drawn = tp_startup._as_drawn_by_worker  # noqa: SLF001
 
     def broken_for_the_worker(config: DeploymentConfig, instance: InstanceSpec | None
                               ) -> tuple[DeploymentConfig, InstanceSpec | None]:
@@ -25,7 +24,7 @@ def _break_the_worker(monkeypatch: pytest.MonkeyPatch, missing: Path) -> None:
         config.model.path = str(missing)
         return config, instance
 
-    monkeypatch.setattr(executor_module, "_as_drawn_by_worker", broken_for_the_worker)
+    monkeypatch.setattr(tp_startup, "_as_drawn_by_worker", broken_for_the_worker)
     monkeypatch.setattr(parallel_state, "COLLECTIVE_TIMEOUT_S", 10.0)
 
 

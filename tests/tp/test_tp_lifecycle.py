@@ -27,7 +27,7 @@ def test_rank_engine_ids_all_equal_the_instance_engine_id(llama_ckpt, make_tp_en
 
 
 def _worker_pid(engine) -> int:  # type: ignore[no-untyped-def]
-    workers = list(engine.executor._procs.values())  # noqa: SLF001 - the test kills a real rank process
+    workers = list(engine.executor._ranks.procs.values())  # noqa: SLF001 - the test kills a real rank process
     assert len(workers) == 1 and workers[0].is_alive()
     return int(workers[0].pid)
 
