@@ -6,7 +6,6 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import sys
@@ -18,6 +17,7 @@ from typing import TypeVar
 import httpx
 from rich.console import Console
 
+from pdlaunch.config.engine_ids import is_engine_of_named
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.errors import PdlaunchError, exit_text
@@ -356,10 +356,7 @@ class Deployment:
         body = _json_object(response)
         if body is None or body.get("role") != plan.spec.role:
             return False
-        engine_id = body.get("engine_id")
-        base = re.escape(self._shared_base) if self._shared_base is not None else ".+"
-        return (isinstance(engine_id, str)
-                and re.fullmatch(rf"{base}-{re.escape(plan.spec.name)}(-r[1-9][0-9]*)?", engine_id) is not None)
+        return is_engine_of_named(body.get("engine_id"), plan.spec.name, self._shared_base)
 
     def remote_identity(self, plan: InstancePlan) -> str:
         """What `answers_as_remote` expects, for messages. Each node's launcher names an instance's engine_id
