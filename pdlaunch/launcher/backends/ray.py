@@ -331,7 +331,8 @@ class RayDeployment:
         assert self.plan.proxy_port is not None
         self.proxy_urls = {r.name: r.url or r.plan.url for r in self.runs}
         argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port, DRAIN_TIMEOUT_S,
-                          [(r.plan.spec.role, r.name, self.proxy_urls[r.name]) for r in self.runs])
+                          [(r.plan.spec.role, r.name, self.proxy_urls[r.name]) for r in self.runs],
+                          {r.name: r.plan.spec.engine_id for r in self.runs})
         if self.proxy is None:
             self.proxy = ChildProcess("proxy", argv, self.log_dir / "proxy.log", env=proxy_env(self.cfg))
         else:
