@@ -6,7 +6,6 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import sys
@@ -18,6 +17,7 @@ from typing import TypeVar
 import httpx
 from rich.console import Console
 
+from pdlaunch.config.engine_ids import is_engine_of_named
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.errors import PdlaunchError, exit_text
@@ -112,13 +112,16 @@ def _cpu_threads(num_local: int) -> dict[str, str]:
 
 
 def proxy_argv(cfg: DeploymentConfig, host: str, port: int, drain_timeout_s: float,
-               instances: list[tuple[str, str, str]]) -> list[str]:
-    """The proxy's command line; `instances` are (role, name, url). The ray launcher builds it too."""
+               instances: list[tuple[str, str, str]], engine_ids: dict[str, str] | None = None) -> list[str]:
+    """The proxy's command line; `instances` are (role, name, url), `engine_ids` name -> the engine_id planned for
+    it, where known (its /health must name that, or that with -rN). The ray launcher builds it too."""
     argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", host, "--port", str(port),
             "--drain-timeout", str(drain_timeout_s), "--parent-pid", str(os.getpid()),
             *proxy_policy_args(cfg, lambda: str(resolve_model_path(cfg.model.path)))]
     for role, name, url in instances:
         argv += [f"--{role}", f"{name}={url}"]
+    for name, engine_id in (engine_ids or {}).items():
+        argv += ["--engine-id", f"{name}={engine_id}"]
     return argv
 
 
@@ -230,8 +233,11 @@ class Deployment:
             view.stop()
 
     def _proxy_argv(self) -> list[str]:
+        # Another node's launcher plans its instances' engine_ids from its own base unless the config shares one.
+        known = [p for p in self.plan.instances if p.local or self._shared_base is not None]
         return proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port or 0, self.drain_timeout_s,
-                          [(p.spec.role, p.spec.name, p.url) for p in self.plan.instances])
+                          [(p.spec.role, p.spec.name, p.url) for p in self.plan.instances],
+                          {p.spec.name: p.spec.engine_id for p in known})
 
     def _proxy_env(self) -> dict[str, str]:
         return proxy_env(self.cfg)
@@ -356,10 +362,7 @@ class Deployment:
         body = _json_object(response)
         if body is None or body.get("role") != plan.spec.role:
             return False
-        engine_id = body.get("engine_id")
-        base = re.escape(self._shared_base) if self._shared_base is not None else ".+"
-        return (isinstance(engine_id, str)
-                and re.fullmatch(rf"{base}-{re.escape(plan.spec.name)}(-r[1-9][0-9]*)?", engine_id) is not None)
+        return is_engine_of_named(body.get("engine_id"), plan.spec.name, self._shared_base)
 
     def remote_identity(self, plan: InstancePlan) -> str:
         """What `answers_as_remote` expects, for messages. Each node's launcher names an instance's engine_id

@@ -4,7 +4,9 @@
     python -m pdlaunch.proxy --port 8000 --colocated http://127.0.0.1:8100
 
 Instances may be named as NAME=URL (the launcher does: prefill-0=http://...); repeat a flag for more.
-It also drives vLLM-style instances that speak the same kv_transfer_params.
+It also drives vLLM-style instances that speak the same kv_transfer_params. A 200 /health that names
+another role than the instance's, or (with --engine-id NAME=ID) another engine_id than ID or ID-rN, is
+another server's: the instance is unhealthy until its own answers.
 
 Secrets come from the environment, never argv (visible in `ps`): PDLAUNCH_API_KEY (clients must send
 `Authorization: Bearer KEY`) and PDLAUNCH_DEPLOYMENT_SECRET (the proxy's calls to instances carry
@@ -75,10 +77,16 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _named(value: str) -> tuple[str, str]:
+    """--prefill/--decode/--colocated NAME=URL as (NAME, URL); a bare URL as ("", URL)."""
+    name, _, url = value.partition("=") if "=" in value.split("://", 1)[0] else ("", "", value)
+    return name, url
+
+
 def parse_instances(role: Role, values: list[str]) -> list[Instance]:
     out = []
     for index, value in enumerate(values):
-        name, _, url = value.partition("=") if "=" in value.split("://", 1)[0] else ("", "", value)
+        name, url = _named(value)
         if not url.startswith(("http://", "https://")):
             raise SystemExit(f"--{role} {value!r}: expected http://HOST:PORT (optionally NAME=URL)")
         out.append(Instance(role=role, url=url.rstrip("/"), name=name or f"{role}-{index}"))
@@ -93,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill", action="append", default=[], help="Prefill instance URL (repeatable).")
     parser.add_argument("--decode", action="append", default=[], help="Decode instance URL (repeatable).")
     parser.add_argument("--colocated", action="append", default=[], help="Colocated instance URL.")
+    parser.add_argument("--engine-id", action="append", default=[], metavar="NAME=ENGINE_ID",
+                        help="The engine_id planned for the instance NAME (repeatable; the launcher passes each one "
+                        "it knows): a /health that names another one than it or it-rN (after a restart) is "
+                        "another server's, and the instance gets no requests.")
     parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="round_robin",
                         help="round_robin, least_loaded, or prefix: the instance that caches the longest prefix of "
                         "the prompt, weighed against its queue (needs --tokenizer; the instances' KV cache events); "
@@ -175,10 +187,27 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if not stat.S_ISSOCK(kind):
             parser.error(f"--listen-fd {args.listen_fd}: not an open socket (the proxy's supervisor passes it; "
                          "start the proxy with --workers N instead)")
+    _check_engine_ids(parser, args)
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
         parser.error("a PD proxy needs at least one --prefill and one --decode instance (or --colocated)")
+
+
+def _check_engine_ids(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--engine-id NAME=ID names an instance given as NAME=URL, once; becomes args.engine_ids (NAME -> ID)."""
+    names = {_named(value)[0] for value in args.prefill + args.decode + args.colocated} - {""}
+    args.engine_ids = {}
+    for value in args.engine_id:
+        name, _, engine_id = value.partition("=")
+        if not engine_id:
+            parser.error(f"--engine-id {value!r}: expected NAME=ENGINE_ID")
+        if name not in names:
+            parser.error(f"--engine-id {value!r}: no instance is named {name!r}; name it as "
+                         f"--prefill/--decode/--colocated {name}=URL (named: {', '.join(sorted(names)) or 'none'})")
+        if name in args.engine_ids:
+            parser.error(f"--engine-id {value!r}: {name} already has engine_id {args.engine_ids[name]!r}")
+        args.engine_ids[name] = engine_id
 
 
 def _check_disaggregation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -209,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                           args.drain_timeout, args.parent_pid).run()
     instances = (parse_instances("prefill", args.prefill) + parse_instances("decode", args.decode)
                  + parse_instances("colocated", args.colocated))
+    for instance in instances:
+        instance.planned_engine_id = args.engine_ids.get(instance.name, "")
     app = build_proxy_app(InstancePool(instances, args.routing_policy, args.health_timeout), args.request_timeout,
                           api_key=os.environ.get(API_KEY_ENV) or None,
                           deployment_secret=os.environ.get(SECRET_ENV) or None,

@@ -5,6 +5,11 @@ is no answer) marks the instance "stalled": it took the connection (the kernel a
 backlog even for a SIGSTOPped process) but does not answer: stopped, hung, or swapped out. Like "down",
 it gets no new legs until a probe answers. A /health body past HEALTH_MAX_BYTES is not read on: the
 instance is unhealthy.
+
+A 200 from another server that took an instance's address (another deployment's instance, or one that moved
+to another node) makes the instance unhealthy too: its body names another role, or another engine_id than
+the one the launcher planned for it (`Instance.planned_engine_id`, that or that with -rN after a restart).
+A body that names neither (vLLM answers an empty 200) is taken at its word.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Literal
 
 import httpx
 
+from pdlaunch.config.engine_ids import is_engine_of
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 
@@ -44,6 +50,7 @@ class Instance:
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
     # its streams' mean time between tokens over the last second, as its /health last said (None: it says none)
     itl_ms: float | None = None
+    planned_engine_id: str = ""  # the one the launcher planned for it ("" unknown): its /health must name it
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
@@ -82,6 +89,19 @@ def _itl_ms(body: dict[str, object]) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
         return None
     return float(value)
+
+
+def foreign_answer(instance: Instance, body: dict[str, object]) -> str:
+    """What says that a 200 /health `body` is another server's, not `instance`'s ("" when nothing does)."""
+    said_role = "role" in body and body["role"] != instance.role
+    planned = instance.planned_engine_id
+    said_engine = bool(planned) and not is_engine_of(body.get("engine_id"), planned)
+    if not (said_role or said_engine):
+        return ""
+    answered = ", ".join(f"{key} {body.get(key)!r}" for key in ("role", "engine_id") if key in body) or "neither"
+    expected = f"role {instance.role!r}" + (f" and engine_id {planned!r} (or that with -rN after a restart)"
+                                            if planned else "")
+    return f"another server answers its /health: it names {answered}, not {expected}"
 
 
 def _not_healthy(instance: Instance, why: str) -> None:
@@ -189,24 +209,35 @@ class InstancePool:
             if instance.state != "starting":
                 self.mark_down(instance, f"health check failed: {type(exc).__name__}")
             return
-        if status == 200:
-            body = _health_body(content)
-            engine_id = _engine_id(body)
-            instance.itl_ms = _itl_ms(body)
-            since = self._stalled_since.pop(instance.name, None)
-            if since is not None and instance.state == "stalled":
-                log.info("%s (%s) answers again after a stall of %.1fs", instance.name, instance.url,
-                         time.monotonic() - since)
-            elif instance.state != "ready":
-                log.info("%s (%s) is ready (engine_id %s)", instance.name, instance.url, engine_id or "unknown")
-            elif instance.engine_id and engine_id != instance.engine_id:
-                # Restarted between two checks: it was never seen down, but it is a new engine.
-                log.warning("%s (%s) restarted: engine_id %s -> %s", instance.name, instance.url,
-                            instance.engine_id, engine_id)
-            instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
-            instance.stalled.clear()
-        else:
+        if status != 200:
             _not_healthy(instance, f"/health answered {status}")
+            return
+        body = _health_body(content)
+        foreign = foreign_answer(instance, body)
+        if foreign:
+            if instance.detail != foreign:
+                log.warning("%s (%s) marked unhealthy, it gets no new requests: %s", instance.name, instance.url,
+                            foreign)
+            _not_healthy(instance, foreign)
+        else:
+            self._answered(instance, body)
+
+    def _answered(self, instance: Instance, body: dict[str, object]) -> None:
+        """A 200 /health of the instance itself: ready."""
+        engine_id = _engine_id(body)
+        instance.itl_ms = _itl_ms(body)
+        since = self._stalled_since.pop(instance.name, None)
+        if since is not None and instance.state == "stalled":
+            log.info("%s (%s) answers again after a stall of %.1fs", instance.name, instance.url,
+                     time.monotonic() - since)
+        elif instance.state != "ready":
+            log.info("%s (%s) is ready (engine_id %s)", instance.name, instance.url, engine_id or "unknown")
+        elif instance.engine_id and engine_id != instance.engine_id:
+            # Restarted between two checks: it was never seen down, but it is a new engine.
+            log.warning("%s (%s) restarted: engine_id %s -> %s", instance.name, instance.url,
+                        instance.engine_id, engine_id)
+        instance.state, instance.detail, instance.engine_id = "ready", "", engine_id
+        instance.stalled.clear()
 
     def start_monitor(self, client: httpx.AsyncClient) -> None:
         """One probe loop per instance: a stalled one, whose probe takes the whole health timeout, does

@@ -33,7 +33,8 @@ class RayProxy:
         assert self.plan.proxy_port is not None
         self.urls = {r.name: r.url or r.plan.url for r in runs}
         argv = proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port, DRAIN_TIMEOUT_S,
-                          [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs])
+                          [(r.plan.spec.role, r.name, self.urls[r.name]) for r in runs],
+                          {r.name: r.plan.spec.engine_id for r in runs})
         if self.process is None:
             self.process = ChildProcess("proxy", argv, self.log_dir / "proxy.log", env=proxy_env(self.cfg))
         else:
