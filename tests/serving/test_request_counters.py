@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for
@@ -25,10 +26,13 @@ def instance() -> Iterator[tuple[str, EngineLoop]]:
 
 
 def counter(url: str, name: str, reason: str | None = None) -> float:
-    """`name`'s value on the instance's /metrics (of finished_reason `reason` when given)."""
+    """`name`'s value on the instance's /metrics (of finished_reason `reason` when given), in this instance's series:
+    the registry is the process's, and an instance run in this worker before may have left series of its own model."""
+    ours = f'model_name="{metrics.vllm(metrics.NUM_REQUESTS_WAITING)._labelvalues[0]}"'
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         series, _, value = line.rpartition(" ")
-        if series.startswith(name + "{") and (reason is None or f'finished_reason="{reason}"' in series):
+        if (series.startswith(name + "{") and ours in series
+                and (reason is None or f'finished_reason="{reason}"' in series)):
             return float(value)
     raise AssertionError(f"{name} ({reason}) is not on /metrics")
 

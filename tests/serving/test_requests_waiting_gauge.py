@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request
@@ -25,10 +26,14 @@ def instance() -> Iterator[tuple[str, EngineLoop]]:
 
 
 def _gauges(url: str) -> dict[str, float]:
+    """The two gauges of this instance: vLLM's series of its model_name (the registry is the process's, and an
+    instance run in this worker before may have left its own series under another model_name)."""
+    ours = f'model_name="{metrics.vllm(metrics.NUM_REQUESTS_WAITING)._labelvalues[0]}"'
     values = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         name, _, value = line.rpartition(" ")
-        if name.startswith(("pdlaunch_requests_waiting", "vllm:num_requests_waiting{")):
+        if name.startswith("pdlaunch_requests_waiting") or (name.startswith("vllm:num_requests_waiting{")
+                                                              and ours in name):
             values[name.partition("{")[0]] = float(value)
     return values
 
