@@ -9,7 +9,9 @@ instance is unhealthy.
 A 200 from another server that took an instance's address (another deployment's instance, or one that moved
 to another node) makes the instance unhealthy too: its body names another role, or another engine_id than
 the one the launcher planned for it (`Instance.planned_engine_id`, that or that with -rN after a restart).
-A body that names neither (vLLM answers an empty 200) is taken at its word.
+An instance with no planned engine_id (one given by URL alone, such as a vLLM server, which answers an empty
+200) is checked by the role its body names, if any; one the launcher planned (a pdlaunch instance, whose /health
+always names its engine_id) must name it.
 """
 
 from __future__ import annotations
