@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnectorEvents
+from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, compat_fields, compat_hash
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.rpc import Built, ProcessRPC
 
@@ -31,6 +32,19 @@ def make_spec(
         group_sliding_window=sliding_window or [None] * groups, model_name=model_name,
         tp_size=tp_size, tp_rank=tp_rank,
     )
+
+
+def handshake_for(spec: KVCacheSpec, **overrides: Any) -> HandshakeInfo:
+    """A prefill's handshake that fits `spec` (one TP rank, on CPU), with `overrides`."""
+    fields = compat_fields(spec)
+    values: dict[str, Any] = dict(
+        engine_id="P", agent_name="prefill-agent", agent_metadata="00",
+        base_addrs=[(g + 1) << 20 for g in range(len(spec.kv_caches))],
+        block_bytes=spec.block_bytes, num_blocks=spec.num_blocks, block_size=spec.block_size, dtype=fields["dtype"],
+        kv_layout=fields["kv_layout"], num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+        group_layers=spec.group_layers, model_name=spec.model_name, tp_size=1, tp_rank=0,
+        device=DeviceInfo(type="cpu"), compat_hash=compat_hash(fields))
+    return HandshakeInfo(**{**values, **overrides})
 
 
 def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any],

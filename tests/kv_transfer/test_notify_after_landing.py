@@ -25,7 +25,7 @@ from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
-from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, compat_fields, compat_hash
+from pdlaunch.kv_transfer.handshake import HandshakeInfo
 from pdlaunch.kv_transfer.messages import (
     Empty,
     PushDone,
@@ -39,7 +39,7 @@ from pdlaunch.kv_transfer.mooncake.sender import TransferPool
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import plan_reshard
 from tests.kv_transfer.deployment_secret import KEYS
-from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.pd_procs import handshake_for, make_spec
 
 SPEC = make_spec(groups=2)  # 2 KV heads per block
 LOGGER = "pdlaunch.kv_transfer.decode.context"
@@ -78,14 +78,8 @@ class _Agent:
 
 
 def _info(**overrides: Any) -> HandshakeInfo:
-    fields = compat_fields(SPEC)
-    values: dict[str, Any] = dict(
-        engine_id="P", agent_name="prefill-agent", agent_metadata="00", base_addrs=[1 << 20, 2 << 20],
-        block_bytes=SPEC.block_bytes, num_blocks=SPEC.num_blocks, block_size=SPEC.block_size, dtype=fields["dtype"],
-        kv_layout=fields["kv_layout"], num_kv_heads=SPEC.num_kv_heads, head_dim=SPEC.head_dim,
-        group_layers=SPEC.group_layers, model_name=SPEC.model_name, tp_size=1, tp_rank=0,
-        device=DeviceInfo(type="cpu"), compat_hash=compat_hash(fields))
-    return HandshakeInfo(**{**values, **overrides})
+    """A handshake that fits SPEC, with `overrides`."""
+    return handshake_for(SPEC, **overrides)
 
 
 @pytest.fixture
