@@ -18,7 +18,7 @@ import torch
 
 from pdlaunch.engine.async_step import InFlight
 from pdlaunch.engine.prompt_logprobs import prompt_rows
-from pdlaunch.engine.scheduler import ScheduledRequest
+from pdlaunch.engine.scheduler_output import ScheduledRequest
 from pdlaunch.errors import EngineError
 from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.runner.step_inputs import StepInputs

@@ -9,7 +9,7 @@ import pytest
 from pdlaunch.config.models import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.scheduler import SchedulerOutput
+from pdlaunch.engine.scheduler_output import SchedulerOutput
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_batching import mixed_prompts, tokens
 from tests.engine.test_engine_connector import spec

@@ -6,7 +6,8 @@ import itertools
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request, RequestStatus
-from pdlaunch.engine.scheduler import Scheduler, SchedulerOutput
+from pdlaunch.engine.scheduler import Scheduler
+from pdlaunch.engine.scheduler_output import SchedulerOutput
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.params import (
     KVTransferParams,

@@ -1,0 +1,149 @@
+"""Admitting waiting requests, oldest first, while the step's budget, sequence slots and blocks last: each one's
+prefix found in the prefix cache, the KV connector consulted once for a fresh request, and queue time recorded.
+
+KV offload (offload/manager.py): a fresh request's device prefix hit is extended with blocks from
+the CPU tier; they are loaded into the blocks allocated for it and it runs from the end of the hit
+in the same step (the load is ordered before the step's compute).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pdlaunch import metrics
+from pdlaunch.engine.request import Request, RequestStatus
+from pdlaunch.engine.scheduler_output import ScheduledRequest, SchedulerOutput
+from pdlaunch.engine.scheduler_state import SchedulerState, describe
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.kv_transfer.params import wants_remote_prefill
+from pdlaunch.kvcache.block_manager import PrefixHit
+
+if TYPE_CHECKING:
+    from pdlaunch.offload.manager import CPUHit
+
+log = logging.getLogger("pdlaunch.engine.scheduler")  # the scheduler's one logger name, across its files
+
+
+class SchedulerAdmission(SchedulerState):
+    def _left_queue(self, request_id: str) -> None:
+        """First admission (to run, or to wait for its KV): vllm:request_queue_time_seconds."""
+        queued = self._queued_at.pop(request_id, None)
+        if queued is not None:
+            now = time.monotonic()
+            metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(now - queued)
+            self.requests[request_id].scheduled_at = now
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting requests, oldest first, into `budget` tokens (every admitted request computes prompt
+        tokens, or the last prompt token of KV that came through the connector)."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            rid = request.request_id
+            if bm.has_blocks(rid):  # its KV arrived through the connector
+                start = request.num_computed_tokens
+                n = min(request.num_tokens - start, budget)
+                bm.release_out_of_window(rid, start)
+                if not bm.allocate(rid, start + n, start):
+                    break
+            else:
+                # Prompt logprobs need every prompt position computed here: no prefix hit (as vLLM).
+                usable = 0 if request.wants_prompt_logprobs else request.num_tokens - 1
+                hit = bm.match_prefix(request.all_token_ids, usable)
+                cpu_hit = self.offload.match(request.all_token_ids, hit, usable) \
+                    if self.offload is not None else None
+                start = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
+                n = min(request.num_tokens - start, budget)
+                if self.connector is not None and not request.connector_consulted:
+                    try:
+                        parked = self._consult_connector(request, hit, n, cpu_hit)
+                    except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
+                        self.finish_request(request, "error", f"KV transfer failed: {describe(rid, exc)}", 502)
+                        self.failed.append(request)
+                        continue
+                    if parked is None:
+                        break  # not enough free blocks yet
+                    if parked:
+                        continue
+                else:
+                    if not bm.allocate(rid, start + n, start, hit):
+                        break
+                    if not self._load_from_cpu(request, cpu_hit):
+                        continue
+                    self._note_cached(request, start)
+                request.num_computed_tokens = start
+            self.waiting.popleft()
+            self._left_queue(rid)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, start, n))
+            budget -= n
+
+    def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int,
+                           cpu_hit: CPUHit | None = None) -> bool | None:
+        """Ask the connector about a fresh request. Returns True when the request left the queue
+        (parked waiting for KV, or failed: its CPU-tier load could not be queued), False when it
+        runs `num_new_tokens` now (blocks allocated), None when blocks ran out (nothing changed).
+        The local prefix (device hit, extended by `cpu_hit` from the CPU offload tier) is not
+        asked of the connector."""
+        assert self.connector is not None
+        rid = request.request_id
+        k = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
+        params = request.kv_transfer_params
+        ext = self.connector.get_num_new_matched_tokens(rid, request.prompt_token_ids, params, k)
+        ext = max(0, min(ext, request.num_tokens - 1 - k))
+        remote = ext > 0 or wants_remote_prefill(params)
+        total = request.num_tokens if remote else k + num_new_tokens
+        # The load fills a sliding-window group only from k + ext - window on: entries before that stay -1,
+        # else cache_blocks would register never-written blocks as this prompt's prefix.
+        if not self.block_manager.allocate(rid, total, k + ext, hit):
+            return None
+        if not self._load_from_cpu(request, cpu_hit):
+            return True
+        request.connector_consulted = True
+        self._note_cached(request, k + ext, local=k)
+        if remote:
+            metrics.DECODE_PREFIX_HIT_TOKENS.inc(k)  # the load skips these (decode-side prefix reuse)
+            self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
+        if ext == 0:
+            return False
+        self.waiting.popleft()
+        self._left_queue(rid)
+        request.num_computed_tokens = k + ext  # valid once the connector reports the load
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        self.waiting_for_kv[rid] = request
+        return True
+
+    def _load_from_cpu(self, request: Request, cpu_hit: CPUHit | None) -> bool:
+        """Queue the CPU-tier part of a prefix hit into the blocks just allocated for it. False when that
+        failed: nothing was queued into the blocks, so the request ends with an error at once (its blocks
+        freed, the engine answers it from `failed`) and the other requests go on."""
+        if cpu_hit is None or self.offload is None:
+            return True
+        rid = request.request_id
+        try:
+            self.offload.start_load(self.block_manager.block_ids(rid), cpu_hit)
+        except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
+            log.error("request %s: loading its prefix from the CPU offload tier failed: %s", rid, exc,
+                      exc_info=not isinstance(exc, PdlaunchError))
+            text = exc.render() if isinstance(exc, PdlaunchError) else f"{type(exc).__name__}: {exc}"
+            self.finish_request(request, "error", f"loading its cached prefix from the CPU offload tier "
+                                f"(--kv-offload-gb) failed: {text}", 500)
+            self.failed.append(request)
+            return False
+        return True
+
+    def _note_cached(self, request: Request, num_cached: int, local: int | None = None) -> None:
+        """Once per admission: cached prompt positions (`local` of them from this instance's prefix
+        cache and CPU tier, the rest from a connector). The request reports only the local ones as
+        usage.prompt_tokens_details.cached_tokens: tokens served from a prefix cache, which KV a decode
+        loaded from its prefill is not (vLLM counts those too; ours read 0 on a first request)."""
+        if not request.num_cached_tokens_set:
+            request.num_cached_tokens = num_cached if local is None else local
+            request.num_cached_tokens_set = True
+            self.prompt_tokens_cached += request.num_cached_tokens
+            metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
+            metrics.vllm(metrics.PREFIX_CACHE_HITS).inc(num_cached if local is None else local)
+            metrics.PROMPT_TOKENS_COMPUTED.inc(max(0, request.num_prompt_tokens - num_cached))
