@@ -4,14 +4,15 @@ A step polls the KV connector, schedules, runs the model, samples, detokenizes, 
 rules and frees what finished. With async scheduling (engine/async_step.py, the default with CUDA) a step launches
 its forward before it reads the previous step's sampled tokens, so its outputs are those of the previous
 step. Not thread-safe: the server drives it from one engine thread.
+
+Here: its construction, sleep mode, what it reports and its shutdown. Its requests (add, abort, release held KV)
+are in engine/engine_requests.py, the step and its outputs in engine/engine_step.py.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,56 +20,33 @@ from pdlaunch import metrics
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
-from pdlaunch.engine.async_step import InFlight, deferrable, in_flight
-from pdlaunch.engine.context_limit import too_long_message
-from pdlaunch.engine.first_token import (
-    first_token_ids,
-    first_token_logprob,
-    skip_draws,
-    skip_prefill_draw,
-    with_first_token,
-)
-from pdlaunch.engine.logits_processors import check_in_vocab, check_token_ids
+from pdlaunch.engine.async_step import InFlight
+from pdlaunch.engine.engine_requests import EngineRequests
+from pdlaunch.engine.engine_step import EngineStep
 from pdlaunch.engine.output_processor import OutputProcessor
-from pdlaunch.engine.outputs import InstanceAsleep, RequestOutput, SamplingParams, TokenLogprob
-from pdlaunch.engine.prompt_logprobs import distribute as distribute_prompt_logprobs
-from pdlaunch.engine.prompt_logprobs import take as take_prompt_logprobs
+from pdlaunch.engine.outputs import RequestOutput
 from pdlaunch.engine.request import Request, RequestStatus
-from pdlaunch.engine.sampler import NO_TOKEN, Sampler
+from pdlaunch.engine.sampler import Sampler
 from pdlaunch.engine.scheduler import Scheduler
 from pdlaunch.engine.sleep_mode import EngineSleep
-from pdlaunch.engine.stats import EngineStats, engine_stats, update_metrics
-from pdlaunch.engine.step_builder import build_step_inputs
+from pdlaunch.engine.stats import EngineStats, engine_stats
 from pdlaunch.engine.step_clock import step_clock
-from pdlaunch.engine.structured_output import StructuredOutput, grammar_backend
-from pdlaunch.errors import EngineError, KVTransferError
+from pdlaunch.engine.structured_output import grammar_backend
+from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
-from pdlaunch.kv_transfer.params import (
-    EXPIRY_FIELD,
-    JSONObject,
-    KVTransferParams,
-    PrefillAnswer,
-    answer_json,
-    check_kv_transfer_params,
-    params_key,
-    sign_kv_transfer_params,
-)
-from pdlaunch.kv_transfer.push_params import check_unsigned_push, is_unsigned_push, prefill_side_channels
-from pdlaunch.kv_transfer.push_params import client_request_id as client_request_id_of
+from pdlaunch.kv_transfer.params import params_key
+from pdlaunch.kv_transfer.push_params import prefill_side_channels
 from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
-from pdlaunch.memory.platform import current_device_index, resolve_device, set_device, to_device_async
+from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.memory.sleep import SleepResult, WakeResult
 from pdlaunch.model.loader import load_checkpoint, resolve_dtype, weight_dtype_name
 from pdlaunch.offload.manager import OffloadManager
 
-if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
-    from llguidance import LLMatcher
-
 log = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(EngineRequests, EngineStep):
     def __init__(self, config: DeploymentConfig, instance: InstanceSpec | None = None,
                  connector: KVConnector | None = None) -> None:
         self.config = config
@@ -224,158 +202,7 @@ class LLMEngine:
     def is_sleeping(self) -> bool:
         return self._sleep is not None and self._sleep.is_sleeping()
 
-    # -- requests --------------------------------------------------------------------------------
-    def check_kv_transfer_params(self, raw: object) -> KVTransferParams | None:
-        """The engine's boundary for kv_transfer_params: `raw` (the request's JSON) parsed once into its
-        model (typed, bounded, and signed by a prefill of this deployment when it asks for a remote
-        prefill), or KVTransferError naming the field. Thread-safe: the HTTP side calls it before the
-        request reaches the engine thread; everything below takes the model."""
-        max_blocks = -(-self.max_model_len // self.block_size) + 1
-        if is_unsigned_push(raw):  # vLLM's push proxy: only to a prefill of this deployment (push_params.py)
-            return check_unsigned_push(raw, self._prefill_side_channels)
-        try:
-            return check_kv_transfer_params(raw, self._params_key, max_blocks=max_blocks,
-                                            lease_seconds=self.config.kv_transfer.kv_lease_seconds, now=time.time())
-        except KVTransferError as exc:
-            # Signed by our prefill but past its lease: the KV is gone, the prompt is not (recompute policy).
-            expired = exc.field == f"kv_transfer_params.{EXPIRY_FIELD}" and exc.message.startswith("expired")
-            if not expired or self.config.kv_transfer.load_failure_policy != "recompute":
-                raise
-            log.warning("kv_transfer_params %s; computing the prompt here (kv_transfer.load_failure_policy: "
-                        "recompute)", exc.message)
-            metrics.KV_LOAD_RECOMPUTES.inc()
-            return None
-
-    def _sign(self, answer: PrefillAnswer | None) -> JSONObject | None:
-        """A prefill's answer leaves the engine as JSON, signed, valid for the KV lease (the blocks go after it)."""
-        if answer is None:
-            return None
-        params = answer_json(answer)
-        if self._params_key is None:
-            return params
-        return sign_kv_transfer_params(params, self._params_key, self.config.kv_transfer.kv_lease_seconds,
-                                       time.time())
-
-    def grammar_matcher(self, spec: StructuredOutput) -> LLMatcher:
-        """A new matcher of a structured-output request's grammar; any thread may build it (the server builds it
-        off the engine thread and hands it to add_request). EngineError naming the field when it cannot be."""
-        return self.outputs.grammar_matcher(spec)
-
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    kv_transfer_params: KVTransferParams | JSONObject | None = None,
-                    matcher: LLMatcher | None = None) -> None:
-        """Queue a request. `kv_transfer_params`: the model `check_kv_transfer_params` parsed (the server
-        parses them before it queues the request), or the raw JSON object, parsed here. `matcher`: a new matcher
-        of its structured output's grammar (grammar_matcher), else one is built here."""
-        s = self.scheduler
-        if request_id in self.outputs.tracked or request_id in s.held or request_id in s.draining:
-            raise EngineError(f"request id {request_id!r} is already in use", field="request_id",
-                              hint="use a unique id per request")
-        if self.is_sleeping():
-            raise InstanceAsleep("the instance is sleeping", field="sleep", hint="POST /wake_up first")
-        prompt = list(prompt_token_ids)
-        if not prompt:
-            raise EngineError("the prompt is empty", field="prompt", hint="send at least one token")
-        check_in_vocab(prompt, self.vocab_size, "prompt")
-        total = len(prompt) + params.max_tokens
-        if total > self.max_model_len:
-            raise EngineError(
-                too_long_message(len(prompt), params.max_tokens, self.max_model_len), field="prompt",
-                hint="shorten the prompt or lower max_tokens")
-        need = self._max_blocks_needed(total)
-        if need > self.block_manager.num_blocks:
-            raise EngineError(
-                f"the request needs up to {need} KV blocks but the cache has {self.block_manager.num_blocks}",
-                field="prompt", hint="shorten the request or give the KV cache more memory")
-        check_token_ids(params, self.vocab_size)
-        # A CPU generator skips them one draw at a time, here: bounded by max_model_len + the prompt's tokens. A
-        # migration's continuation adds the g ids it carries to both (proxy/migrate.py), so an offset the client may
-        # send stays one its continuation may send (a cap of max_model_len alone failed the continuation mid-stream).
-        offset_cap = self.max_model_len + len(prompt)
-        if params.seed_offset > offset_cap:
-            raise EngineError(
-                f"seed_offset {params.seed_offset} exceeds {offset_cap} (max_model_len {self.max_model_len} + the "
-                f"prompt's {len(prompt)} tokens): no seeded request draws that many tokens before its prompt ends",
-                field="seed_offset", hint=f"use at most {offset_cap}")
-        kv = kv_transfer_params
-        if isinstance(kv, dict):  # raw JSON (a direct engine user): parsed here, once
-            kv = self.check_kv_transfer_params(kv)
-        first = first_token_ids(kv)
-        check_in_vocab(first, self.vocab_size, "kv_transfer_params.first_token_ids")
-        request = Request(request_id, prompt, params, next(self._arrival), kv)
-        if params.seed is not None:
-            request.generator = self.sampler.new_request_generator(params.seed)
-            skip_draws(request, params.seed_offset, self.vocab_size, self.device)
-        self.outputs.add(request, matcher)
-        self.scheduler.add_request(request)
-        if first:
-            try:
-                continued = self._continue_from(request, first)
-            except Exception:
-                # Its first token's grammar or detokenizer raised: the caller gets the error as the request's
-                # refusal, so nothing of it may stay here to run unseen and keep its id taken (a retry's 400).
-                if not request.is_finished:
-                    self.scheduler.finish_request(request, "abort")
-                self.outputs.pop(request_id)
-                raise
-            self._admitted.append((request, continued))
-
-    def _continue_from(self, request: Request, first: list[int]) -> RequestOutput:
-        """Take the prefill's sampled token(s) as this request's first output (engine/first_token.py)."""
-        assert isinstance(request.kv_transfer_params, PrefillAnswer)  # first_token_ids: signed prefill answers only
-        text, reason, logprobs = "", None, []
-        for token_id in first:
-            skip_prefill_draw(request, self.vocab_size, self.device)
-            appended = self.outputs.append_token(request, token_id)
-            text += appended.text
-            reason = appended.reason
-            logprob = first_token_logprob(request.kv_transfer_params, token_id, request.params.logprobs)
-            if logprob is not None:
-                logprobs.append(logprob)
-            if reason is not None:  # ended by its first token: the prompt's KV is never loaded
-                self.scheduler.finish_request(request, reason, appended.error, appended.error_status,
-                                              error_param=appended.error_param)
-                break
-        return self.outputs.output(request.request_id, list(request.output_token_ids), text, logprobs or None)
-
-    @property
-    def longest_request(self) -> int:
-        """The most tokens (prompt and output) one request may reach: max_model_len, or fewer when a
-        full-attention group's KV cache holds fewer (a request that fills the context asks for no more)."""
-        held = self.block_manager.num_blocks * self.block_size
-        full = any(g.sliding_window is None for g in self.runner.groups)
-        return min(self.max_model_len, held) if full else self.max_model_len
-
-    def _max_blocks_needed(self, num_tokens: int) -> int:
-        """Most blocks a request of `num_tokens` holds in one group at any step (a request that
-        alone needs more than the cache has would preempt itself forever)."""
-        bs = self.block_size
-        whole = -(-num_tokens // bs)
-        chunk = self.scheduler.max_num_batched_tokens
-        return max(whole if g.sliding_window is None else min(whole, -(-(chunk + g.sliding_window) // bs) + 1)
-                   for g in self.runner.groups)
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is and free its blocks; None when it is not running here."""
-        tracked = self.outputs.tracked.get(request_id)
-        if tracked is None:
-            return None
-        self.scheduler.finish_request(tracked.request, "abort")
-        return self.outputs.output(request_id, [], "")
-
-    def release_held_kv(self, request_id: str) -> bool:
-        """Prefill: free the blocks held for `request_id`'s decode leg now (it will not run); the next
-        step frees them. False when nothing is held for it (never held, already sent or expired)."""
-        if self.connector is None or request_id not in self.scheduler.held:
-            return False
-        return self.connector.release_held(request_id)
-
-    def release_held_kv_of_client(self, client_request_id: str) -> int:
-        """release_held_kv for every held request whose engine id names the client's X-Request-Id
-        ("{client id}-{8 hex}"); returns how many were released."""
-        held = [rid for rid in self.scheduler.held if client_request_id_of(rid) == client_request_id]
-        return sum(self.release_held_kv(rid) for rid in held)
-
+    # -- state -----------------------------------------------------------------------------------
     @property
     def rank_engine_ids(self) -> list[str]:
         """engine_id as each TP rank holds it, in rank order (all equal after the sync); /info shows it."""
@@ -398,105 +225,6 @@ class LLMEngine:
         return not (s.requests or s.held or s.draining or s.waiting_for_kv or s.recomputing
                     or self._admitted or self._in_flight is not None
                     or (self.offload is not None and not self.offload.idle))
-
-    # -- the step --------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
-            admitted, self._admitted = self._admitted, []
-            # an aborted request's output was its abort (its id may already name a new request)
-            return [out for request, out in admitted if out.finished or not request.is_finished]
-        outputs: list[RequestOutput] = []
-        self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
-        if self.connector is not None:
-            for request in self.scheduler.handle_connector_events(self.connector.get_finished()):
-                outputs.append(self.outputs.output(request.request_id, [], ""))
-        sched = self.scheduler.schedule()
-        for request in self.scheduler.take_failed():  # the connector raised for it
-            outputs.append(self.outputs.output(request.request_id, [], ""))
-        if self.offload is not None:
-            self.offload.before_compute()  # stores of evicted blocks, then loads, before compute
-        logits = None
-        if sched.scheduled:
-            metrics.vllm(metrics.ITERATION_TOKENS).observe(sched.num_batched_tokens)
-            mark = self.clock.begin(len(sched.scheduled), sched.num_batched_tokens)
-            logits = self.executor.execute(build_step_inputs(sched.scheduled, self.block_manager, self._in_flight))
-            argmax = self.executor.runner.argmax  # the greedy ids, when the step's graph computed them
-            if self.executor.runner.prompt_logprobs is not None:
-                distribute_prompt_logprobs([(s.request, s.start, s.end) for s in sched.scheduled],
-                                           self.executor.runner.prompt_logprobs)
-            self.scheduler.after_step(sched)
-        outputs.extend(self._finish_in_flight())  # host work while the device computes this step
-        if logits is not None:
-            # a request that finished meanwhile (its last token was in flight) is not sampled again
-            sampled_rows = [s.request for s in sched.scheduled if s.needs_sample]  # one logits row each
-            rows = [i for i, r in enumerate(sampled_rows) if not r.is_finished]
-            sampling = [sampled_rows[i] for i in rows]
-            if sampling:
-                if len(sampling) < len(sampled_rows):
-                    keep = to_device_async(torch.tensor(rows), logits.device)
-                    logits = logits.index_select(0, keep)
-                    argmax = None if argmax is None else argmax.index_select(0, keep)
-                sample_rows = self.outputs.sample_rows(sampling)
-                if self.async_scheduling and deferrable(sample_rows):
-                    self._in_flight = in_flight(sampling, self.sampler.sample_ids(logits, sample_rows, argmax))
-                else:
-                    sampled = self.sampler(logits, sample_rows, argmax)
-                    outputs.extend(self._append_sampled(sampling, sampled.token_ids, sampled.logprobs,
-                                                        sampled.failed))
-            self.clock.end(mark)
-        elif self.scheduler.waiting_for_kv and self._in_flight is None:
-            time.sleep(0.001)  # only transfers are in flight: do not spin a core on polling
-        self.clock.collect()
-        update_metrics(self.scheduler, self.block_manager)
-        return outputs
-
-    def _finish_in_flight(self) -> list[RequestOutput]:
-        """Read the launched step's sampled tokens and apply them (requests finished meanwhile drop theirs)."""
-        if self._in_flight is None:
-            return []
-        step, self._in_flight = self._in_flight, None
-        token_ids = step.read()
-        for request in step.requests:
-            request.num_pending -= 1
-        live = [(r, t) for r, t in zip(step.requests, token_ids) if not r.is_finished]
-        return self._append_sampled([r for r, _ in live], [t for _, t in live], [None] * len(live))
-
-    def _append_sampled(self, requests: list[Request], token_ids: list[int], logprobs: list[TokenLogprob | None],
-                        failed: dict[int, Exception] | None = None) -> list[RequestOutput]:
-        """Each request's sampled token: detokenized, stop rules applied, finished requests ended. A request whose
-        own sampling work raised (`failed`: row -> exception) or whose grammar, detokenizer or stop rules raise
-        now ends with an error; the others go on."""
-        outputs = []
-        for i, (request, token_id, logprob) in enumerate(zip(requests, token_ids, logprobs)):
-            if failed and i in failed:
-                outputs.append(self._fail_request(request, "sampling its token", failed[i]))
-                continue
-            try:
-                appended = self.outputs.append_token(request, token_id)
-            except Exception as exc:  # noqa: BLE001 - this request's own code: it fails, the batch goes on
-                outputs.append(self._fail_request(request, "taking its sampled token", exc))
-                continue
-            kv_params = None
-            if appended.reason is not None:
-                answer = self.scheduler.finish_request(request, appended.reason, appended.error, appended.error_status,
-                                                       error_param=appended.error_param)
-                kv_params = self._sign(with_first_token(answer, request, logprob))
-            sampled = token_id != NO_TOKEN
-            out = self.outputs.output(request.request_id, [token_id] if sampled else [], appended.text,
-                                      [logprob] if logprob is not None and sampled else None, kv_params)
-            if request.wants_prompt_logprobs:
-                out.prompt_logprobs = take_prompt_logprobs(request)
-            outputs.append(out)
-        return outputs
-
-    def _fail_request(self, request: Request, stage: str, exc: Exception) -> RequestOutput:
-        """End a request whose own per-request work (grammar, logits processors, detokenizer, stop rules) raised:
-        its client gets a 500 naming what failed, its blocks go back to the free list, and the rest of the batch
-        and the instance go on (an exception out of step() would fail every request here)."""
-        log.error("request %s failed while %s: %s", request.request_id, stage, exc, exc_info=exc)
-        self.scheduler.finish_request(request, "error", f"the engine failed this request while {stage}: "
-                                      f"{type(exc).__name__}: {exc}", 500)
-        return self.outputs.output(request.request_id, [], "")
 
     # -- observability ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
@@ -539,4 +267,3 @@ class LLMEngine:
             self.connector.shutdown()
         self.executor.shutdown()
         thaw_heap()
-

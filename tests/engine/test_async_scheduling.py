@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.engine import llm_engine
+from pdlaunch.engine import engine_step
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.engine.structured_output import StructuredOutput
@@ -33,13 +33,13 @@ def _engines(make_engine: MakeEngine, path: Path, **kw: Any) -> dict[str, LLMEng
 def deferred(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many sampled steps left their ids on the device (the overlapped path ran)."""
     count: list[int] = []
-    real = llm_engine.in_flight
+    real = engine_step.in_flight
 
     def counting(*args: Any) -> Any:
         count.append(1)
         return real(*args)
 
-    monkeypatch.setattr(llm_engine, "in_flight", counting)
+    monkeypatch.setattr(engine_step, "in_flight", counting)
     return count
 
 
