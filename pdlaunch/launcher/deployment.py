@@ -17,7 +17,7 @@ from typing import TypeVar
 import httpx
 from rich.console import Console
 
-from pdlaunch.config.engine_ids import is_engine_of_named
+from pdlaunch.config.engine_ids import is_engine_of_named, planned_engine_id
 from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.errors import PdlaunchError, exit_text
@@ -233,11 +233,14 @@ class Deployment:
             view.stop()
 
     def _proxy_argv(self) -> list[str]:
-        # Another node's launcher plans its instances' engine_ids from its own base unless the config shares one.
-        known = [p for p in self.plan.instances if p.local or self._shared_base is not None]
         return proxy_argv(self.cfg, self.plan.proxy_host, self.plan.proxy_port or 0, self.drain_timeout_s,
                           [(p.spec.role, p.spec.name, p.url) for p in self.plan.instances],
-                          {p.spec.name: p.spec.engine_id for p in known})
+                          {p.spec.name: self._expected_engine_id(p) for p in self.plan.instances})
+
+    def _expected_engine_id(self, plan: InstancePlan) -> str:
+        """The engine_id the proxy expects an instance's /health to name: the planned one; another node's launcher
+        plans its instances' from its own base unless the config shares one ("*-<name>" then: any base)."""
+        return plan.spec.engine_id if plan.local else planned_engine_id(plan.spec.name, self._shared_base)
 
     def _proxy_env(self) -> dict[str, str]:
         return proxy_env(self.cfg)

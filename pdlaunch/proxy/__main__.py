@@ -6,7 +6,10 @@
 Instances may be named as NAME=URL (the launcher does: prefill-0=http://...); repeat a flag for more.
 It also drives vLLM-style instances that speak the same kv_transfer_params. A 200 /health that names
 another role than the instance's, or (with --engine-id NAME=ID) another engine_id than ID or ID-rN, is
-another server's: the instance is unhealthy until its own answers.
+another server's: the instance is unhealthy until its own answers. A * in ID stands for the part the
+instance's start fills in (one or more characters): `--engine-id prefill-0=BASE-POD-*` for a Kubernetes pod
+named POD whatever its UID, `--engine-id prefill-1=*-prefill-1` for another node's instance whose base
+engine_id that node's launcher draws.
 
 Secrets come from the environment, never argv (visible in `ps`): PDLAUNCH_API_KEY (clients must send
 `Authorization: Bearer KEY`) and PDLAUNCH_DEPLOYMENT_SECRET (the proxy's calls to instances carry
@@ -104,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engine-id", action="append", default=[], metavar="NAME=ENGINE_ID",
                         help="The engine_id planned for the instance NAME (repeatable; the launcher passes each one "
                         "it knows): a /health that names another one than it or it-rN (after a restart) is "
-                        "another server's, and the instance gets no requests.")
+                        "another server's, and the instance gets no requests. A * in it stands for one or more "
+                        "characters the instance's start fills in (a Kubernetes pod's UID).")
     parser.add_argument("--routing-policy", choices=sorted(POLICIES), default="round_robin",
                         help="round_robin, least_loaded, or prefix: the instance that caches the longest prefix of "
                         "the prompt, weighed against its queue (needs --tokenizer; the instances' KV cache events); "

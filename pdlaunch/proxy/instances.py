@@ -8,7 +8,8 @@ instance is unhealthy.
 
 A 200 from another server that took an instance's address (another deployment's instance, or one that moved
 to another node) makes the instance unhealthy too: its body names another role, or another engine_id than
-the one the launcher planned for it (`Instance.planned_engine_id`, that or that with -rN after a restart).
+the one the launcher planned for it (`Instance.planned_engine_id`, that or that with -rN after a restart; a `*`
+in it is the part the instance's start fills in, such as a Kubernetes pod's UID: config/engine_ids.py).
 An instance with no planned engine_id (one given by URL alone, such as a vLLM server, which answers an empty
 200) is checked by the role its body names, if any; one the launcher planned (a pdlaunch instance, whose /health
 always names its engine_id) must name it.
@@ -28,7 +29,7 @@ from typing import Literal
 
 import httpx
 
-from pdlaunch.config.engine_ids import is_engine_of
+from pdlaunch.config.engine_ids import FILLED_IN, is_engine_of
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.proxy.answers import AnswerTooLarge, fetch
 
@@ -52,7 +53,8 @@ class Instance:
     engine_id: str = ""  # as its /health last said; a restarted instance answers with a new one
     # its streams' mean time between tokens over the last second, as its /health last said (None: it says none)
     itl_ms: float | None = None
-    planned_engine_id: str = ""  # the one the launcher planned for it ("" unknown): its /health must name it
+    # the one the launcher planned for it ("" unknown; a * in it: any text, engine_ids.py): its /health must name it
+    planned_engine_id: str = ""
     # Set while it is stalled: prefill legs waiting on it are abandoned then (prefill_leg.py).
     stalled: asyncio.Event = field(default_factory=asyncio.Event, repr=False, compare=False)
 
@@ -101,9 +103,17 @@ def foreign_answer(instance: Instance, body: dict[str, object]) -> str:
     if not (said_role or said_engine):
         return ""
     answered = ", ".join(f"{key} {body.get(key)!r}" for key in ("role", "engine_id") if key in body) or "neither"
-    expected = f"role {instance.role!r}" + (f" and engine_id {planned!r} (or that with -rN after a restart)"
+    expected = f"role {instance.role!r}" + (f" and engine_id {planned!r} ({_planned_note(planned)})"
                                             if planned else "")
     return f"another server answers its /health: it names {answered}, not {expected}"
+
+
+def _planned_note(planned: str) -> str:
+    """How `planned` is matched, for messages."""
+    restarted = "or that with -rN after a restart"
+    if FILLED_IN not in planned:
+        return restarted
+    return f"{FILLED_IN}: any text the instance's start fills in, such as its pod's UID; {restarted}"
 
 
 def _not_healthy(instance: Instance, why: str) -> None:

@@ -13,7 +13,9 @@ What the launcher does on one host, Kubernetes does here; the objects, in apply 
   when one would pass the 52 characters a StatefulSet's pods can be labelled with.
   Each pod advertises its own `status.podIP` (downward API) for HTTP and the KV side channel.
 - A Service per role (its instances' leader pods), then the proxy's Deployment and Service. The proxy
-  names each instance by its leader's DNS name in the LeaderWorkerSet's headless service.
+  names each instance by its leader's DNS name in the LeaderWorkerSet's headless service, and is given its
+  engine_id but for the pod's UID (`--engine-id NAME=<kv_transfer.engine_id>-<leader pod>-*`): a pod
+  recreated with a new UID is still the instance, a server answering with another base or pod is not.
 
 Ports come from the port plan (config/port_plan.py): a group's HTTP port is its instance 0's, the KV
 side channel's and the rendezvous' are the plan's first ones. Every instance is a pod of its own
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from pdlaunch.config.engine_ids import FILLED_IN
 from pdlaunch.config.models import (
     DeploymentConfig,
     InstanceGroupConfig,
@@ -114,6 +117,7 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
     digest = hashlib.sha256(json.dumps(secret_object["stringData"], sort_keys=True).encode()).hexdigest()[:16]
     manifests: list[Manifest] = [secret_object]
     urls: list[tuple[str, str, str]] = []  # (role, instance name, URL) for the proxy
+    engine_ids: dict[str, str] = {}  # instance name -> the engine_id the proxy expects of it
     groups = [(g, group) for g, group in enumerate(cfg.instances) if group.count > 0]
     for g, group in groups:
         ports = _group_ports(cfg, g, [p for p in planned if p.group == g])
@@ -121,12 +125,14 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
         manifests.append(lws)
         lws_name = lws.metadata.name
         for k in range(group.count):  # LWS names leader k `<lws>-<k>` in the headless service `<lws>`
-            urls.append((group.role, f"{group.role}-{g}-{k}", f"http://{lws_name}-{k}.{lws_name}:{ports.http}"))
+            name = f"{group.role}-{g}-{k}"
+            urls.append((group.role, name, f"http://{lws_name}-{k}.{lws_name}:{ports.http}"))
+            engine_ids[name] = pod_engine_id(cfg, f"{lws_name}-{k}", FILLED_IN)  # whichever pod UID it gets
     for role in dict.fromkeys(group.role for _, group in groups):
         http_ports = [_group_ports(cfg, g, [p for p in planned if p.group == g]).http
                       for g, group in groups if group.role == role]
         manifests.append(role_service(role, http_ports, options))
-    manifests += [proxy_deployment(cfg, urls, options, digest), proxy_service(cfg, options)]
+    manifests += [proxy_deployment(cfg, urls, engine_ids, options, digest), proxy_service(cfg, options)]
     return manifests
 
 
@@ -282,10 +288,16 @@ def _secret(cfg: DeploymentConfig, pod_cfg: DeploymentConfig, secret: str, optio
             "type": "Opaque", "stringData": data}
 
 
+def pod_engine_id(cfg: DeploymentConfig, pod_name: str, pod_uid: str) -> str:
+    """The engine_id of the instance whose leader pod is `pod_name`: a recreated pod keeps its name but has a new
+    UID, hence a new engine_id (as a restart by the local launcher): peers must not reuse what they cached for the
+    dead one. The pods get it with $(POD_NAME) and $(POD_UID), the proxy with the name and `*` for the UID."""
+    return f"{cfg.kv_transfer.engine_id}-{pod_name}-{pod_uid}"
+
+
 def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
                    side_channel_port: int) -> InstanceSpec:
-    """The instance as its pod sees it. A recreated pod has a new UID, hence a new engine_id (as a
-    restart by the local launcher): peers must not reuse what they cached for the dead one."""
+    """The instance as its pod sees it."""
     tp = group.tp or 1
     return InstanceSpec(
         role=group.role, index=0, host="$(POD_IP)", port=ports.http, tp=tp,
@@ -293,7 +305,7 @@ def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: Gro
         kv_cache_dtype=group_kv_cache_dtype(cfg.cache, group),
         devices=list(range(ranks_here)) if cfg.device == "cuda" else [],
         device="cuda" if cfg.device == "cuda" else "cpu",
-        engine_id=f"{cfg.kv_transfer.engine_id}-$(POD_NAME)-$(POD_UID)",
+        engine_id=pod_engine_id(cfg, "$(POD_NAME)", "$(POD_UID)"),
         side_channel_port=None if group.role == "colocated" else side_channel_port,
         master_port=ports.master if tp > 1 else None)
 

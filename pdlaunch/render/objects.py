@@ -289,12 +289,16 @@ def role_service(role: str, http_ports: list[int], options: RenderOptions) -> Se
             "spec": {"selector": {**app_labels(options), ROLE_LABEL: role, LEADER_LABEL: "true"}, "ports": ports}}
 
 
-def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]],
-                      options: RenderOptions, secret_digest: str) -> Deployment:
+def proxy_deployment(cfg: DeploymentConfig, urls: list[tuple[str, str, str]], engine_ids: dict[str, str],
+                     options: RenderOptions, secret_digest: str) -> Deployment:
+    """The proxy's pod: `urls` are (role, instance name, URL), `engine_ids` instance name -> the engine_id its
+    /health must name (a * for the pod's UID)."""
     # The proxy's tokenizer is the model in the image, as the instances read it.
     args = ["--host", "0.0.0.0", "--port", str(cfg.proxy.port), *proxy_policy_args(cfg, lambda: cfg.model.path)]
     for role, name, url in urls:
         args += [f"--{role}", f"{name}={url}"]
+    for name, engine_id in engine_ids.items():
+        args += ["--engine-id", f"{name}={engine_id}"]
     env = [secret_env(SECRET_ENV, "deployment-secret", options)]
     if cfg.security.api_key:
         env.append(secret_env(API_KEY_ENV, "api-key", options))

@@ -1,0 +1,63 @@
+"""The rendered proxy is given each instance's engine_id but for its leader pod's UID (`--engine-id
+NAME=<kv_transfer.engine_id>-<leader pod>-*`): the engine_id that pod's container gets, whatever UID Kubernetes
+gives it (a recreated pod has a new one), is the instance's; one of another instance's pod, or another
+deployment's base, is another server's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from typer.testing import CliRunner
+
+from pdlaunch.cli import app
+from pdlaunch.config.engine_ids import is_engine_of
+from pdlaunch.config.models import InstanceSpec
+from pdlaunch.proxy.__main__ import parse_args
+
+UIDS = ("0f6c9e58-2b1d-4c3e-9a57-5d0c1e7b8a21", "7e21d4a0-93c5-4b6f-8d1e-2c4a9b0f3e57")  # as recreated
+
+
+def _render(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    out = tmp_path / "manifests"
+    result = CliRunner().invoke(app, ["render", "kubernetes", "--model", "tiny", "--device", "cpu", *args,
+                                      "--out", str(out), "--image", "pdlaunch:test"])
+    assert result.exit_code == 0, result.output
+    return [yaml.safe_load(path.read_text()) for path in sorted(out.glob("*.yaml"))]
+
+
+def _leader_engine_ids(lws: dict[str, Any], k: int, uid: str) -> str:
+    """The engine_id leader pod k of `lws` names in its /health, its args expanded as the kubelet does."""
+    container = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"][0]
+    env = {"POD_IP": "10.0.0.9", "POD_NAME": f"{lws['metadata']['name']}-{k}", "POD_UID": uid}
+    spec_json = container["args"][container["args"].index("--instance") + 1]
+    return InstanceSpec.model_validate_json(re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], spec_json)).engine_id
+
+
+def test_the_proxy_expects_each_leader_pods_engine_id_whatever_its_uid(tmp_path: Path) -> None:
+    manifests = _render(tmp_path, "--prefill", "2", "--decode", "1", "--kv-transfer-config",
+                        '{"engine_id": "dep"}', "--name", "pd")
+    proxy = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = proxy["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--engine-id"] == [
+        "prefill-0-0=dep-pd-prefill-0-0-*", "prefill-0-1=dep-pd-prefill-0-1-*", "decode-1-0=dep-pd-decode-1-0-*"]
+    expected = parse_args(args).engine_ids
+    prefill, decode = (m for m in manifests if m["kind"] == "LeaderWorkerSet")
+    for lws, name, k in ((prefill, "prefill-0-0", 0), (prefill, "prefill-0-1", 1), (decode, "decode-1-0", 0)):
+        for uid in UIDS:
+            assert is_engine_of(_leader_engine_ids(lws, k, uid), expected[name]), (name, uid)
+    assert not is_engine_of(_leader_engine_ids(prefill, 1, UIDS[0]), expected["prefill-0-0"])
+    assert not is_engine_of(_leader_engine_ids(prefill, 0, UIDS[0]), expected["decode-1-0"])
+
+
+def test_another_render_base_is_another_deployment(tmp_path: Path) -> None:
+    """With no kv_transfer.engine_id the render draws one base for the pods and the proxy alike."""
+    manifests = _render(tmp_path / "a", "--colocated")
+    proxy = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    planned = parse_args(proxy["args"]).engine_ids["colocated-0-0"]
+    (lws,) = (m for m in manifests if m["kind"] == "LeaderWorkerSet")
+    assert is_engine_of(_leader_engine_ids(lws, 0, UIDS[1]), planned)
+    (other,) = (m for m in _render(tmp_path / "b", "--colocated") if m["kind"] == "LeaderWorkerSet")
+    assert not is_engine_of(_leader_engine_ids(other, 0, UIDS[1]), planned)
