@@ -95,6 +95,7 @@ class EngineLoop(EngineThread):
         remote_prefill = (kv_transfer_params or {}).get("do_remote_prefill") not in (None, False)
         stream = RequestStream(request_id=request_id, loop=asyncio.get_running_loop(),
                                prompt_recomputed=remote_prefill and parsed is None)
+        add = Add(stream, prompt_token_ids, params, parsed)
         with self._lock:
             # Checked again under the lock: an engine thread that failed or stopped since require_ready has failed
             # the streams it knew (_fail_all, after setting the state), and one added now would wait forever.
@@ -107,7 +108,7 @@ class EngineLoop(EngineThread):
                     503, f"server overloaded: {len(self._streams)} requests pending "
                     f"(limit {self.max_pending_requests}); retry later", code="overloaded")
             self._streams[request_id] = stream
-        add = Add(stream, prompt_token_ids, params, parsed)
+            self._adds.add(add)
         spec = params.structured_output
         if spec is None:
             self._commands.put(add)
@@ -117,6 +118,7 @@ class EngineLoop(EngineThread):
         except RuntimeError:  # the pool is shut down: the server is stopping
             with self._lock:
                 self._streams.pop(request_id, None)
+                self._adds.discard(add)
             raise OpenAIError(503, "the server is stopping", code="shutting_down") from None
         add.matcher.add_done_callback(lambda _: self._commands.put(add))  # queued once its grammar is built
         return stream

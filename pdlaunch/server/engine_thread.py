@@ -6,6 +6,10 @@ every step, runs `step()`, and hands each request's outputs to that request's as
 `idle_wait_s` and then steps anyway: step() also polls KV transfers and leases. When the engine is
 quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
 instance costs ~no CPU, and a command still wakes it at once.
+
+vLLM's counts of what the engine did are taken here, as its outputs come, whether or not a client reads them: each
+engine request's tokens (request_metrics.EngineTokens) and its end, once: stop / length, or an abort (its client
+left, or the server stopped while it was open).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pdlaunch.http.errors import OpenAIError
 from pdlaunch.kv_transfer.params import KVTransferParams
 from pdlaunch.server.engine_call import Call
 from pdlaunch.server.recent_itl import RecentItl
+from pdlaunch.server.request_metrics import EngineTokens
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
@@ -41,7 +46,7 @@ EngineState = Literal["loading", "ready", "failed", "stopped"]
 CONNECTOR_INFO_REFRESH_S = 0.25  # /info's connector part (held and loading requests, peers) is this fresh
 
 
-@dataclass
+@dataclass(eq=False)  # one per request submitted: EngineThread._adds holds them by identity
 class Add:
     stream: RequestStream
     prompt_token_ids: list[int]
@@ -72,6 +77,9 @@ class EngineThread:
         self._on_fatal = on_fatal
         self._commands: queue.Queue[Add | Abort | Call[object] | None] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
+        # submitted, not yet taken by the engine thread (queued, or its grammar builds): aborts if it stops first
+        self._adds: set[Add] = set()
+        self._running: dict[str, EngineTokens] = {}  # in the engine, not ended; the engine thread's own
         # queued, not started: failed with the streams when the engine thread ends
         self._calls: set[Call[object]] = set()
         self._lock = threading.Lock()
@@ -89,7 +97,7 @@ class EngineThread:
         self.rank_nodes: list[str] = []
         self.connector_info: JsonObject = {}
         self._connector_info_at = float("-inf")  # time.monotonic() of its last refresh
-        self.num_aborted = 0  # requests stopped before they finished (client went away): _count_abort
+        self.num_aborted = 0  # requests stopped before they finished (client went away, shutdown): _count_abort
         self.recent_itl = RecentItl()  # /health's itl_ms
 
     def _run(self) -> None:
@@ -123,6 +131,7 @@ class EngineThread:
         finally:
             if self.state == "ready":  # not failed by _fatal
                 self.state = "stopped"
+                self._abort_open(engine)
             self._fail_all(OpenAIError(503, "server is shutting down", code="shutting_down"))
             self._shutdown_engine(engine)
 
@@ -148,26 +157,57 @@ class EngineThread:
 
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         try:
-            if engine.abort_request(request_id) is not None:
-                self._count_abort()
+            out = engine.abort_request(request_id)
         except Exception:  # a request not running here is None, not this: its blocks may not have come back
             log.exception("aborting request %s failed; the instance goes on serving the others", request_id)
+            return
+        if out is not None:
+            self._counted(out)
+
+    def _abort_open(self, engine: LLMEngine) -> None:
+        """The engine thread stops: every request still open ends as an abort, counted once; those the engine holds
+        are aborted here (engine.shutdown would), those it never took are only counted."""
+        for request_id in list(self._running):
+            self._abort(engine, request_id)
+            if self._running.pop(request_id, None) is not None:  # ended there, its output not stepped out yet
+                self._count_abort()
+        with self._lock:  # after the state left "ready": no submit adds one now
+            adds, self._adds = self._adds, set()
+        for _ in adds:
+            self._count_abort()
 
     def _count_abort(self) -> None:
-        """A request stopped before it finished (its client left, or another choice of its HTTP request failed):
-        /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per engine request as
-        vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
+        """A request stopped before it finished (its client left, another choice of its HTTP request failed, or the
+        server stopped): /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per
+        engine request as vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
         self.num_aborted += 1
         metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
+
+    def _counted(self, out: RequestOutput) -> None:
+        """vLLM's counts of an output the engine produced, read by a client or not: its tokens, and the end of its
+        request once (stop and length: request_success; abort: _count_abort; an error is not counted)."""
+        tokens = self._running.get(out.request_id)
+        if tokens is None:
+            return
+        tokens.output(out)
+        if not out.finished:
+            return
+        del self._running[out.request_id]
+        if out.finish_reason == "abort":
+            self._count_abort()
+        elif out.finish_reason in ("stop", "length"):
+            metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
 
     def _add(self, engine: LLMEngine, command: Add) -> None:
         stream = command.stream
         with self._lock:
+            self._adds.discard(command)  # taken: counted below if it is an abort
             if self._streams.get(stream.request_id) is not stream:
                 self._count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
                 return
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
+            self._count_abort()
             self._finish(stream.request_id, OpenAIError(503, "server is shutting down", code="shutting_down"))
             return
         try:
@@ -185,12 +225,14 @@ class EngineThread:
             log.exception("adding request %s failed", stream.request_id)
             self._finish(stream.request_id, OpenAIError(500, f"could not add the request: {exc}"))
             return
+        self._running[stream.request_id] = EngineTokens()
         stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         gap_seconds, gap_tokens = 0.0, 0
         for out in outputs:
+            self._counted(out)
             with self._lock:
                 stream = self._streams.get(out.request_id)
             if stream is None:

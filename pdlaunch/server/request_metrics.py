@@ -1,18 +1,22 @@
-"""vLLM's per-request series, recorded as an instance answers one request (pdlaunch/metrics.py).
+"""vLLM's per-request series of an instance (pdlaunch/metrics.py): what the engine computed, counted where the engine
+produces its outputs (EngineTokens, on the engine thread), and what the client saw (RequestMetrics, as the HTTP
+handler reads those outputs).
 
-Times run from when the instance received the request: time to first token, inter-token latency,
-end-to-end latency, decode time (first to last token), time per output token; prefill time (first
-admission to first token) and inference time (first admission to last token) from when the scheduler
-first admitted it; the request's n and max_tokens; counts are exact: every generated token, one success per
-request that finished (stop / length) under its finished_reason (aborts are counted where they happen:
-EngineThread._count_abort).
+EngineTokens: vllm:prompt_tokens and vllm:generation_tokens, exact whether or not a client reads the outputs (one
+that left, a request aborted mid-stream): every token the engine generated here, as vLLM's engine counts them in
+its output processing. vllm:prompt_tokens means what it means in vLLM: a prompt's whole length, its cached tokens
+included (vLLM's IterationStats adds prompt_len when a request's first output after its prefill comes), counted
+once that prefill ran: at the request's first token computed here after the scheduler admitted it. A request
+aborted or failed before that adds nothing; a PD decode's first token, which its prefill sampled, does not count,
+its next one (the KV loaded) does. Once per sample with n > 1 / best_of, as vLLM counts it (each sample is one of
+its requests), so dashboards built on vLLM's series read the same; usage.prompt_tokens counts the prompt once, as
+vLLM's does. Each engine request's end is counted on the engine thread too, once (EngineThread._counted:
+request_success by finished_reason, aborts through EngineThread._count_abort).
 
-vllm:prompt_tokens means what it means in vLLM: a prompt's whole length, its cached tokens included (vLLM's
-IterationStats adds prompt_len when a request's first output after its prefill comes), counted once that prefill
-ran: at the request's first token computed here after the scheduler admitted it. A request aborted or failed
-before that adds nothing; a PD decode's first token, which its prefill sampled, does not count, its next one (the
-KV loaded) does. Once per sample with n > 1 / best_of, as vLLM counts it (each sample is one of its requests), so
-dashboards built on vLLM's series read the same; usage.prompt_tokens counts the prompt once, as vLLM's does.
+RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
+end-to-end latency, decode time (first to last token), time per output token; prefill time (first admission to
+first token) and inference time (first admission to last token) from when the scheduler first admitted it; the
+request's n and max_tokens, its prompt and generated token counts, of a request that finished (stop / length).
 """
 
 from __future__ import annotations
@@ -29,6 +33,23 @@ if os.environ.get("PDLAUNCH_LOG_LEVEL", "").lower() == "debug":  # as the proxy'
     log.setLevel(logging.DEBUG)
 
 
+class EngineTokens:
+    """One engine request's vllm:prompt_tokens and vllm:generation_tokens, counted from each output the engine
+    produces for it (on the engine thread)."""
+
+    def __init__(self) -> None:
+        self._prompt_pending = True  # its prompt goes into vllm:prompt_tokens once, when its prefill ran
+
+    def output(self, out: RequestOutput) -> None:
+        count = len(out.new_token_ids)
+        if not count:
+            return
+        if self._prompt_pending and out.scheduled_at is not None:  # its prefill ran here
+            self._prompt_pending = False
+            metrics.vllm(metrics.PROMPT_TOKENS).inc(out.num_prompt_tokens)
+        metrics.vllm(metrics.GENERATION_TOKENS).inc(count)
+
+
 class RequestMetrics:
     """One request's series; `arrival` is time.monotonic() when the instance received it."""
 
@@ -36,7 +57,6 @@ class RequestMetrics:
                  max_tokens: int | None = None) -> None:
         self.request_id, self.endpoint, self.arrival = request_id, endpoint, arrival
         self.n, self.max_tokens = n, max_tokens  # the request's parameters (vllm:request_params_*)
-        self._prompt_pending = True  # its prompt goes into vllm:prompt_tokens once, when its prefill ran
         self._scheduled: float | None = None  # first admission by the scheduler
         self._first_token: float | None = None
         self._last_token: float | None = None
@@ -51,9 +71,6 @@ class RequestMetrics:
         now, count = time.monotonic(), len(out.new_token_ids)
         if self._scheduled is None and out.scheduled_at is not None:
             self._scheduled = out.scheduled_at
-        if count and self._scheduled is not None and self._prompt_pending:  # its prefill ran here
-            self._prompt_pending = False
-            metrics.vllm(metrics.PROMPT_TOKENS).inc(self._num_prompt)
         if count:
             if self._last_token is None:
                 self._first_token = now
@@ -65,7 +82,6 @@ class RequestMetrics:
                     metrics.vllm(metrics.INTER_TOKEN_LATENCY_VLLM).observe((now - self._last_token) / count)
             self._last_token = now
             self._num_generated += count
-            metrics.vllm(metrics.GENERATION_TOKENS).inc(count)
         if out.finished and not self._ended:
             self._ended = True
             self._finished(out.finish_reason or "", now)
@@ -76,7 +92,6 @@ class RequestMetrics:
                   reason, self._num_prompt, self._num_generated, now - self.arrival)
         if reason not in ("stop", "length"):
             return
-        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=reason).inc()
         metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
         metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(self._num_prompt)  # as vLLM: per finished request
         metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)

@@ -1,7 +1,8 @@
 """vllm:prompt_tokens and vllm:request_success{finished_reason="abort"} as an instance's /metrics shows them: the
 prompt counts once its prefill ran (not when the request is accepted: a request aborted before it ran added its
 prompt), once per sample with n > 1 as vLLM counts it, and a request the client left counts once as an abort
-(the series existed but stayed 0). Tiny model on CPU, in process."""
+(the series existed but stayed 0); a request nobody reads counts its prompt, tokens and end all the same (the engine
+thread counts them). Tiny model on CPU, in process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for
 
@@ -72,3 +74,18 @@ def test_a_request_the_client_left_before_it_ran_counts_one_abort_and_no_prompt(
         admit(seqs)
     assert counter(url, "vllm:request_success_total", "abort") - aborts_before == 1
     assert counter(url, "vllm:prompt_tokens_total") == prompt_before
+
+
+def test_a_request_nobody_reads_counts_its_prompt_generated_tokens_and_success(
+        instance: tuple[str, EngineLoop]) -> None:
+    url, loop = instance
+    names = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total")
+    before = [counter(url, name) for name in names] + [counter(url, "vllm:request_success_total", "length")]
+
+    async def submit_and_leave() -> None:  # its event loop closes: no reader for any output
+        loop.submit("unread", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4, ignore_eos=True))
+
+    asyncio.run(submit_and_leave())
+    wait_for(lambda: loop.num_pending == 0, "the engine to finish the unread request")
+    after = [counter(url, name) for name in names] + [counter(url, "vllm:request_success_total", "length")]
+    assert [a - b for a, b in zip(after, before)] == [5, 4, 1]
