@@ -162,7 +162,7 @@ class EngineThread:
             log.exception("aborting request %s failed; the instance goes on serving the others", request_id)
             return
         if out is not None:
-            self._counted(out)
+            _add_generated(self._counted(out))
 
     def _abort_open(self, engine: LLMEngine) -> None:
         """The engine thread stops: every request still open ends as an abort, counted once; those the engine holds
@@ -183,20 +183,22 @@ class EngineThread:
         self.num_aborted += 1
         metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
 
-    def _counted(self, out: RequestOutput) -> None:
-        """vLLM's counts of an output the engine produced, read by a client or not: its tokens, and the end of its
-        request once (stop and length: request_success; abort: _count_abort; an error is not counted)."""
+    def _counted(self, out: RequestOutput) -> int:
+        """vLLM's counts of an output the engine produced, read by a client or not: its prompt, and the end of its
+        request once (stop and length: request_success; abort: _count_abort; an error is not counted). Returns its
+        generated tokens, which the caller adds to vllm:generation_tokens."""
         tokens = self._running.get(out.request_id)
         if tokens is None:
-            return
-        tokens.output(out)
+            return 0
+        generated = tokens.output(out)
         if not out.finished:
-            return
+            return generated
         del self._running[out.request_id]
         if out.finish_reason == "abort":
             self._count_abort()
         elif out.finish_reason in ("stop", "length"):
             metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
+        return generated
 
     def _add(self, engine: LLMEngine, command: Add) -> None:
         stream = command.stream
@@ -230,9 +232,9 @@ class EngineThread:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
-        gap_seconds, gap_tokens = 0.0, 0
+        gap_seconds, gap_tokens, generated = 0.0, 0, 0
         for out in outputs:
-            self._counted(out)
+            generated += self._counted(out)
             with self._lock:
                 stream = self._streams.get(out.request_id)
             if stream is None:
@@ -253,6 +255,7 @@ class EngineThread:
                 stream.put(out)
         if gap_tokens:
             self.recent_itl.add(now, gap_seconds, gap_tokens)
+        _add_generated(generated)
 
     def _finish(self, request_id: str, item: StreamItem) -> None:
         with self._lock:
@@ -301,3 +304,8 @@ class EngineThread:
             engine.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("engine shutdown raised: %s", exc)
+
+
+def _add_generated(count: int) -> None:
+    if count:
+        metrics.vllm(metrics.GENERATION_TOKENS).inc(count)

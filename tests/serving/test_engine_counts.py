@@ -184,10 +184,10 @@ def test_a_pd_decodes_prompt_counts_at_its_first_token_computed_here() -> None:
     """A PD decode's first token, sampled by its prefill, comes before the scheduler admitted it: its prompt counts
     with the next token (the KV loaded); an output without tokens counts nothing."""
     tokens, before = EngineTokens(), counts()
-    tokens.output(_output(1, scheduled=False))
-    assert delta(before)["prompt"] == 0 and delta(before)["generation"] == 1
-    tokens.output(_output(0, scheduled=True))
+    assert tokens.output(_output(1, scheduled=False)) == 1  # generated tokens: the caller adds them
     assert delta(before)["prompt"] == 0
-    tokens.output(_output(2, scheduled=True))
-    tokens.output(_output(1, scheduled=True, finished=True))
-    assert delta(before) == {"prompt": 10, "generation": 4, "length": 0, "abort": 0}
+    assert tokens.output(_output(0, scheduled=True)) == 0
+    assert delta(before)["prompt"] == 0
+    assert tokens.output(_output(2, scheduled=True)) == 2
+    assert tokens.output(_output(1, scheduled=True, finished=True)) == 1
+    assert delta(before) == {"prompt": 10, "generation": 0, "length": 0, "abort": 0}
