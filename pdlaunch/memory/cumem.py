@@ -334,8 +334,8 @@ class CuMemAllocator:
         why = exc.message if isinstance(exc, CuMemError) else f"{type(exc).__name__}: {exc}"
         return CuMemError(f"restoring {sum(a.size for a in allocs)} bytes of memory pool(s) {tags} from their host "
                           f"backup failed: {why}", field=FIELD,
-                          hint="the backup is kept and the pool stays asleep: wake_up again (if the CUDA error "
-                               "persists, restart the instance)")
+                          hint="the backup is kept and the pool stays asleep: call wake_up again; if the CUDA "
+                               "error persists, restart the instance")
 
     def _copy_stream(self, device: int) -> torch.cuda.Stream:
         if device not in self._copy_streams:
