@@ -277,26 +277,65 @@ class CuMemAllocator:
     def wake_up(self, tags: Sequence[str] | None = None) -> int:
         """Map physical memory again for the released allocations of `tags` (all when None) at their old
         addresses, restoring backed-up contents; others come back uninitialised. Awake ones are left
-        alone (safe to repeat); after a failure (e.g. out of memory) a retry resumes. Returns bytes mapped."""
+        alone (safe to repeat); after a failure (e.g. out of memory) a retry resumes: an allocation whose
+        restore failed is asleep again with its backup kept. Returns bytes mapped."""
         with self._lock:
             asleep = [a for a in self._allocations.values()
                       if a.handle is None and (tags is None or a.tag in tags)]
             woken: list[_Allocation] = []
             try:
                 for alloc in asleep:
-                    alloc.handle = self._map(alloc.ptr, alloc.size, alloc.device)
+                    self._wake(alloc)
                     woken.append(alloc)
-                    if alloc.backup is not None:
-                        self._check(self._cu.cuMemcpyHtoDAsync(alloc.ptr, alloc.backup.data_ptr(), alloc.size,
-                                                               self._copy_stream(alloc.device).cuda_stream),
-                                    "cuMemcpyHtoDAsync (restore)")
             finally:
-                self._sync_copies({a.device for a in woken})
-                for alloc in woken:
-                    alloc.backup = None
+                self._finish_restores(woken)
             mapped = sum(a.size for a in woken)
         logger.info("cumem: woke %s, mapped %.2f GiB", sorted(tags) if tags else "all", mapped / 2**30)
         return mapped
+
+    def _wake(self, alloc: _Allocation) -> None:
+        """Map `alloc` and queue the copy of its backup (if any) on the copy stream."""
+        alloc.handle = self._map(alloc.ptr, alloc.size, alloc.device)
+        if alloc.backup is None:
+            return
+        try:
+            self._check(self._cu.cuMemcpyHtoDAsync(alloc.ptr, alloc.backup.data_ptr(), alloc.size,
+                                                   self._copy_stream(alloc.device).cuda_stream),
+                        "cuMemcpyHtoDAsync (restore)")
+        except CuMemError as exc:
+            self._back_to_sleep(alloc)
+            raise self._restore_failed([alloc], exc) from exc
+
+    def _finish_restores(self, woken: list[_Allocation]) -> None:
+        """Wait for the restore copies of `woken`; a backup is dropped only once its copy landed."""
+        restoring = [a for a in woken if a.backup is not None]
+        try:
+            self._sync_copies({a.device for a in woken})
+        except Exception as exc:  # the copies' outcome is unknown: restore them all again on the next wake_up
+            if not restoring:
+                raise
+            for alloc in restoring:
+                self._back_to_sleep(alloc)
+            raise self._restore_failed(restoring, exc) from exc
+        for alloc in restoring:
+            alloc.backup = None
+
+    def _back_to_sleep(self, alloc: _Allocation) -> None:
+        """Unmap `alloc` whose restore did not land, keeping its backup: it is asleep again."""
+        try:
+            self._unmap(alloc)
+        except CuMemError:
+            logger.exception("cumem: %d bytes of pool %r at %#x whose restore failed stay mapped, without their "
+                             "contents", alloc.size, alloc.tag, alloc.ptr)
+
+    @staticmethod
+    def _restore_failed(allocs: list[_Allocation], exc: Exception) -> CuMemError:
+        tags = sorted({a.tag for a in allocs})
+        why = exc.message if isinstance(exc, CuMemError) else f"{type(exc).__name__}: {exc}"
+        return CuMemError(f"restoring {sum(a.size for a in allocs)} bytes of memory pool(s) {tags} from their host "
+                          f"backup failed: {why}", field=FIELD,
+                          hint="the backup is kept and the pool stays asleep: call wake_up again; if the CUDA "
+                               "error persists, restart the instance")
 
     def _copy_stream(self, device: int) -> torch.cuda.Stream:
         if device not in self._copy_streams:

@@ -89,12 +89,16 @@ class MemorySleep:
         self._level: int | None = None
         self._weights_need_reload = False
         self._unfinished: set[str] = set()  # woken tags whose reload or after-wake hooks have not succeeded
-        self._before_sleep: list[Callable[[int], None]] = []
+        # (hook, its undo or None): hook(level) runs before any memory is released, undo(level) puts back what it did
+        self._before_sleep: list[tuple[Callable[[int], None], Callable[[int], None] | None]] = []
         self._after_wake: list[Callable[[tuple[str, ...]], None]] = []
 
-    def add_before_sleep_hook(self, hook: Callable[[int], None]) -> None:
-        """`hook(level)` runs before any memory is released; raising aborts the sleep."""
-        self._before_sleep.append(hook)
+    def add_before_sleep_hook(self, hook: Callable[[int], None], undo: Callable[[int], None] | None = None) -> None:
+        """`hook(level)` runs before any memory is released; raising aborts the sleep. `undo(level)` puts back
+        what the hook did (None: nothing to put back); it runs when a hook registered later raises, so the
+        instance stays awake and as before. Should the memory's release fail instead, the after-wake hooks
+        redo every tag (`_undo_sleep`)."""
+        self._before_sleep.append((hook, undo))
 
     def add_after_wake_hook(self, hook: Callable[[tuple[str, ...]], None]) -> None:
         """`hook(tags)` runs after `tags` have memory again (and weights were reloaded at level 2)."""
@@ -120,8 +124,7 @@ class MemorySleep:
                 logger.info("sleep(level=%d) ignored: already asleep at level %s", level, self._level)
                 return SleepResult(level=self._level or level, freed_bytes=0, seconds=0.0)
             start = time.perf_counter()
-            for hook in self._before_sleep:
-                hook(level)
+            self._run_before_sleep(level)
             try:
                 freed = self._backend.sleep(LEVEL_OFFLOAD_TAGS[level])
             except BaseException:
@@ -163,6 +166,22 @@ class MemorySleep:
         if self._level is not None and not self._backend.asleep_tags() and not self._unfinished:
             self._level = None
         return waking, restored
+
+    def _run_before_sleep(self, level: int) -> None:
+        """The before-sleep hooks in order; when one raises, the undos of those that ran, newest first."""
+        ran: list[Callable[[int], None] | None] = []
+        try:
+            for hook, undo in self._before_sleep:
+                hook(level)
+                ran.append(undo)
+        except BaseException:
+            for undo in reversed(ran):
+                if undo is not None:
+                    try:
+                        undo(level)
+                    except Exception:  # the first error is the one the caller must see; this one is logged
+                        logger.exception("undoing a before-sleep hook after a later one failed")
+            raise
 
     def _undo_sleep(self, level: int) -> None:
         """The backend raised after the before-sleep hooks ran (an engine's connector has dropped its

@@ -61,7 +61,7 @@ def test_a_resent_push_is_answered_without_a_second_push() -> None:
     assert len(pusher.queued) == 1
     hold = pusher.queued[0][0]
     assert hold.busy == 1
-    holds.unclaim(hold, done=True)  # the sender thread: WRITE done, last chunk
+    holds.unclaim_push(hold, done=True)  # the sender thread: WRITE done, last chunk
     assert holds.poll(time.monotonic()) == {"p-1"}
     assert _on_push(side, message) == Empty()  # a resend arriving after the hold was freed
     assert len(pusher.queued) == 1
@@ -71,7 +71,7 @@ def test_another_push_of_the_request_is_not_taken_for_a_resend() -> None:
     pusher = _Pusher()
     side, holds = _side(pusher)
     _on_push(side, _push("0000000000000001", last=False))
-    holds.unclaim(pusher.queued[0][0])
+    holds.unclaim_push(pusher.queued[0][0])
     _on_push(side, _push("0000000000000002"))
     assert [m.nonce for _, m in pusher.queued] == ["0000000000000001", "0000000000000002"]
 

@@ -115,3 +115,33 @@ def test_wake_that_ran_out_of_memory_halfway_resumes(instance: Instance, monkeyp
     result = instance.controller.wake_up(["weights"])
     assert result.tags == ["weights"]
     assert torch.equal(instance.forward(), before) and instance.reloads == 0
+
+
+def test_a_before_sleep_hook_that_raises_undoes_the_hooks_before_it(instance: Instance) -> None:
+    """Two hooks (say: the connector drops its KV registration, then a second check refuses): the first hook's
+    undo puts its work back, newest first, and nothing is released. It used to leave the first hook's work done
+    on an instance that stays awake."""
+    before = instance.forward()
+    events: list[tuple[str, int]] = []
+    registered = [True]
+
+    def deregister(level: int) -> None:
+        events.append(("deregister", level))
+        registered[0] = False
+
+    def reregister(level: int) -> None:
+        events.append(("reregister", level))
+        registered[0] = True
+
+    def refuse(level: int) -> None:
+        events.append(("refuse", level))
+        raise RuntimeError("a transfer started meanwhile")
+
+    instance.controller.add_before_sleep_hook(lambda level: events.append(("check", level)))  # nothing to undo
+    instance.controller.add_before_sleep_hook(deregister, undo=reregister)
+    instance.controller.add_before_sleep_hook(refuse, undo=lambda level: events.append(("undo refuse", level)))
+    with pytest.raises(RuntimeError, match="a transfer started meanwhile"):
+        instance.controller.sleep(level=1)
+    assert events == [("check", 1), ("deregister", 1), ("refuse", 1), ("reregister", 1)]
+    assert registered[0] and not instance.controller.is_sleeping()
+    assert instance.backend.asleep_tags() == set() and torch.equal(instance.forward(), before)

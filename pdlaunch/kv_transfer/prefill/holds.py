@@ -51,6 +51,7 @@ class Hold:
     block_ids: list[list[int]]
     deadline: float  # time.monotonic() when the lease expires
     busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
+    pushing: int = 0  # of them push WRITEs (not staging copies): a cancelled push's WRITE may still land
     done: bool = False  # may be freed
     # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
     # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
@@ -254,15 +255,18 @@ class HoldTable:
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
         """Decode gave up a push (abort, timeout): no WRITE is posted for the request any more. Answers
-        in_flight: whether a WRITE may still land in its blocks; if so, the sender thread's push_done/push_failed
-        notification says when it ended. Frees the hold once nothing is in flight, unless a decode READ claimed
-        it (`release` leaves such a hold alone too)."""
+        in_flight: whether a push WRITE may still land in its blocks; if so, the sender thread's push_done/push_failed
+        notification says when it ended. Another decode's staging copy is no WRITE into this one's blocks: not in
+        flight for it, yet its blocks stay held until the copy ends (`poll` frees no busy hold). Frees the hold
+        once nothing is in flight, unless a decode READ claimed it (`release` leaves such a hold alone too).
+        Pushes are exclusive claims: one in flight is this decode's, or one of a decode its proxy gave up (a
+        staged chunk's nonce does not name its load's, so that one is answered in flight too: safe)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is None:
                 return CancelPushAnswer(in_flight=False)
             hold.cancelled = True
-            in_flight = bool(hold.busy)
+            in_flight = bool(hold.pushing)
             # A hold another decode's READ claimed stays until that READ's notification or the claim's cap.
             if not (in_flight or hold.read_claimed):
                 hold.done = True
@@ -323,15 +327,25 @@ class HoldTable:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
             hold.busy += 1
             if push_nonce is not None:  # forgotten once decode cannot send it again (its deadline passed)
+                hold.pushing += 1
                 self._pushes[push_nonce] = time.monotonic() + wait + self.lease_seconds
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:
-        """A claim ended; done: the hold may be freed (its last push chunk was sent, or failed). So may a
-        hold whose push the decode cancelled while a chunk was in flight, once no claim runs: no WRITE
-        follows (as `cancel_push` frees one with nothing in flight), unless a decode READ claimed it."""
+        """A `claim` ended; done: the hold may be freed. So may a hold whose push the decode cancelled,
+        once no claim runs: no WRITE follows (as `cancel_push` frees one with nothing in flight), unless a
+        decode READ claimed it."""
+        self._unclaim(hold, done, push=False)
+
+    def unclaim_push(self, hold: Hold, done: bool = False) -> None:
+        """A `claim_push` ended: its WRITE ended or was never posted; done: its last chunk was sent, or it failed."""
+        self._unclaim(hold, done, push=True)
+
+    def _unclaim(self, hold: Hold, done: bool, push: bool) -> None:
         with self.lock:
             hold.busy -= 1
+            if push:
+                hold.pushing -= 1
             idle_cancelled = hold.cancelled and not hold.busy and not hold.read_claimed
             hold.done = hold.done or done or idle_cancelled
             self._unclaimed.notify_all()

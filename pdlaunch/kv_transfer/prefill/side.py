@@ -185,7 +185,7 @@ class PrefillSide(NixlConnector):
             self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
         except Exception:
             self.holds.forget_push(message.nonce)
-            self.holds.unclaim(hold)
+            self.holds.unclaim_push(hold)
             raise
         return Empty()
 
