@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.structured_fields import _UNSUPPORTED_OPTIONS
 from pdlaunch.server.unsupported_fields import _COMMON, CHAT_ONLY, COMPLETION_ONLY
 

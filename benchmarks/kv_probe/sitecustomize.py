@@ -63,8 +63,8 @@ if os.environ.get("PDL_PROBE"):
         context.LoadContext.send_claim_read = timed_send_claim_read  # type: ignore[method-assign]
         wrap(agent.KVAgent, "transfer", "e_read_post", "f_read_posted")
         if os.environ.get("PDL_PROBE") == "send":  # inside the claim's send: when it takes its kept connection
-            from pdlaunch.kv_transfer import side_channel
-            wrap(side_channel.Connections, "take", "c1_take", "c2_taken")
+            from pdlaunch.kv_transfer.side_channel import client
+            wrap(client.Connections, "take", "c1_take", "c2_taken")
         progress = pull.PullLoad.progress
 
         read_done: set[int] = set()

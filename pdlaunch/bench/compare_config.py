@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from pdlaunch.bench.goodput import Slo
 from pdlaunch.bench.serve_config import MAX_PROMPTS, MAX_TOKENS, MAX_VOCAB
-from pdlaunch.launcher.deployment import READY_TIMEOUT_S
+from pdlaunch.launcher.readiness import READY_TIMEOUT_S
 
 DeploymentKind = Literal["colocated", "pd", "conditional", "advised"]
 KINDS: tuple[DeploymentKind, ...] = ("colocated", "pd")

@@ -19,7 +19,8 @@ from pdlaunch.bench.serve_config import ServeBenchConfig
 from pdlaunch.config.models import DeploymentConfig, Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.serve import report_child_exit
 
 

@@ -5,136 +5,45 @@ Used by `pdlaunch serve` (with signals and supervision) and `pdlaunch smoke` / t
 
 from __future__ import annotations
 
-import os
-import secrets
 import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 from rich.console import Console
 
-from pdlaunch.config.engine_ids import is_engine_of_named, planned_engine_id
-from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.engine_ids import planned_engine_id
+from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
-from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
+from pdlaunch.launcher.child_commands import (
+    cpu_threads,
+    instance_argv,
+    prefill_side_channels_env,
+    proxy_argv,
+    proxy_env,
+    rank_argv,
+)
+from pdlaunch.launcher.deployment_secret import with_deployment_secret, write_private
+from pdlaunch.launcher.health_identity import is_remote_instance, lists_instances, names_engine_id, remote_identity
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import (
     DeploymentPlan,
     InstancePlan,
-    RemoteRankPlan,
     check_side_channel_reach,
     instance_config,
     plan_deployment,
 )
 from pdlaunch.launcher.process import ChildProcess, signals_deferred, stop_all
+from pdlaunch.launcher.readiness import READY_TIMEOUT_S, ReadyWait
 from pdlaunch.launcher.stall_watch import NOT_ITSELF, health_state
 from pdlaunch.launcher.status import StatusRow, StatusView
 from pdlaunch.model.demo import resolve_model_path
 
-READY_TIMEOUT_S = 900.0  # a large checkpoint on a slow disk; a dead child is noticed at once anyway
-POLL_S = 0.25
 HTTP_TIMEOUT_S = 2.0
 DRAIN_TIMEOUT_S = 5.0  # in-flight requests finish at the proxy before the instances are stopped
 INSTANCE_TERM_TIMEOUT_S = 5.0
-
-
-SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
-API_KEY_ENV = "PDLAUNCH_API_KEY"
-
-
-def with_deployment_secret(cfg: DeploymentConfig) -> DeploymentConfig:
-    """The config with `security.deployment_secret` filled: the user's (config or PDLAUNCH_DEPLOYMENT_SECRET,
-    needed to be the same on every node), else a fresh random one for this single-node deployment."""
-    if cfg.security.deployment_secret:
-        return cfg
-    given = os.environ.get(SECRET_ENV)
-    if not given and cfg.parallel.nodes and len(cfg.parallel.nodes) > 1:
-        raise PdlaunchError("a multi-node deployment needs one shared secret", field="security.deployment_secret",
-                            hint=f"set security.deployment_secret (16+ characters) or {SECRET_ENV} to the same "
-                                 "value on every node, e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`")
-    security = cfg.security.model_copy(update={"deployment_secret": given or secrets.token_hex(32)})
-    return cfg.model_copy(update={"security": security})
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write `text` readable by this user only: the file carries the deployment secret and API key."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
-            f.write(text)
-    except OSError as exc:
-        raise PdlaunchError(f"cannot write {str(path)!r}: {exc.strerror or exc}", field="log_dir",
-                            hint="pass --log-dir DIR (or set log_dir) to a directory you can write, or remove "
-                            "what is in the way") from None
-
-
-class ChildExited(PdlaunchError):
-    """A child process ended while it should have been serving."""
-
-    def __init__(self, child: ChildProcess, code: int) -> None:
-        self.child = child
-        self.code = code
-        super().__init__(f"{child.name} (pid {child.pid}) {exit_text(code)}", hint=f"its log: {child.log_path}")
-
-
-def _instance_argv(deployment_file: Path, plan: InstancePlan) -> list[str]:
-    return [sys.executable, "-m", "pdlaunch.server", "--deployment", str(deployment_file),
-            "--instance", plan.spec.model_dump_json(), "--parent-pid", str(os.getpid())]
-
-
-def _rank_argv(deployment_file: Path, plan: RemoteRankPlan) -> list[str]:
-    return [sys.executable, "-m", "pdlaunch.distributed.remote_rank", "--deployment", str(deployment_file),
-            "--instance", plan.spec.model_dump_json(), "--rank", str(plan.rank),
-            "--placement", plan.placement.model_dump_json()]
-
-
-def prefill_side_channels_env(cfg: DeploymentConfig, plan: DeploymentPlan) -> dict[str, str]:
-    """Decode instances learn the prefill side channels of the deployment (the addresses the prefills'
-    answers name): params without a signature may point only there (kv_transfer/push_params.py)."""
-    bound = cfg.kv_transfer.side_channel_host
-    channels = [f"{p.spec.host if bound in ('', '0.0.0.0', '::') else bound}:{p.spec.side_channel_port}"
-                for p in plan.instances if p.spec.role == "prefill" and p.spec.side_channel_port]
-    return {PREFILL_SIDE_CHANNELS_ENV: ",".join(channels)}
-
-
-def _cpu_threads(num_local: int) -> dict[str, str]:
-    """Instances on CPU share the cores instead of each spawning one thread per core."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, num_local)))}
-
-
-def proxy_argv(cfg: DeploymentConfig, host: str, port: int, drain_timeout_s: float,
-               instances: list[tuple[str, str, str]], engine_ids: dict[str, str] | None = None) -> list[str]:
-    """The proxy's command line; `instances` are (role, name, url), `engine_ids` name -> the engine_id planned for
-    it, where known (its /health must name that, or that with -rN). The ray launcher builds it too."""
-    argv = [sys.executable, "-m", "pdlaunch.proxy", "--host", host, "--port", str(port),
-            "--drain-timeout", str(drain_timeout_s), "--parent-pid", str(os.getpid()),
-            *proxy_policy_args(cfg, lambda: str(resolve_model_path(cfg.model.path)))]
-    for role, name, url in instances:
-        argv += [f"--{role}", f"{name}={url}"]
-    for name, engine_id in (engine_ids or {}).items():
-        argv += ["--engine-id", f"{name}={engine_id}"]
-    return argv
-
-
-def proxy_env(cfg: DeploymentConfig) -> dict[str, str]:
-    """Secrets reach the proxy through its environment, never its argv (visible in `ps`)."""
-    security = cfg.security
-    env = {SECRET_ENV: security.deployment_secret or ""}
-    if security.api_key:
-        env[API_KEY_ENV] = security.api_key
-    return env
-
-
-T = TypeVar("T")  # what _poll waits for: our children, or instances on other nodes
 
 
 class Deployment:
@@ -190,7 +99,7 @@ class Deployment:
         deployment_file = self.deployment_file
         write_private(deployment_file, instance_config(self.cfg).model_dump_json(indent=2))
         device = self.plan.instances[0].spec.device
-        threads = _cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
+        threads = cpu_threads(len(self.plan.local) + len(self.plan.remote_ranks)) if device == "cpu" else {}
         prefills = prefill_side_channels_env(self.cfg, self.plan)
         for plan in self.plan.instances:
             spec = plan.spec
@@ -198,7 +107,7 @@ class Deployment:
             self.rows[spec.name] = StatusRow(spec.name, spec.role, devices, plan.url,
                                              state="starting" if plan.local else "remote")
             if plan.local:
-                child = ChildProcess(spec.name, _instance_argv(deployment_file, plan),
+                child = ChildProcess(spec.name, instance_argv(deployment_file, plan),
                                      self.log_dir / f"{spec.name}.log",
                                      env={**threads, **plan.env, **(prefills if spec.role == "decode" else {})})
                 self.instances.append(child)  # known before it runs: stop() then reaches it whenever it comes
@@ -208,7 +117,7 @@ class Deployment:
             devices = f"cuda:{rank.physical_device}" if rank.physical_device is not None else rank.spec.device
             self.rows[rank.name] = StatusRow(rank.name, f"rank {rank.rank}", devices, f"rank 0 on {where}",
                                              state="running")
-            child = ChildProcess(rank.name, _rank_argv(deployment_file, rank), self.log_dir / f"{rank.name}.log",
+            child = ChildProcess(rank.name, rank_argv(deployment_file, rank), self.log_dir / f"{rank.name}.log",
                                  env={**threads, **rank.env})
             self.ranks.append(child)
             child.start()
@@ -216,19 +125,19 @@ class Deployment:
             self.rows["proxy"] = StatusRow("proxy", "proxy", "-", self.plan.proxy_url, state="waiting")
         view = StatusView(self.console, list(self.rows.values()), title=f"pdlaunch: {self.cfg.model.path}")
         view.start()
-        deadline = time.monotonic() + ready_timeout
+        wait = ReadyWait(view, self.rows, self.dead_child, time.monotonic() + ready_timeout, ready_timeout, should_stop)
         try:
-            if not self._wait_ready(self.instances, view, deadline, ready_timeout, should_stop):
+            if not self._wait_ready(self.instances, wait):
                 return False
             if self.plan.proxy_url is None:
                 return True
-            if not self._wait_remote(view, deadline, ready_timeout, should_stop):
+            if not self._wait_remote(wait):
                 return False
             self.proxy = ChildProcess("proxy", self._proxy_argv(), self.log_dir / "proxy.log", env=self._proxy_env())
             self.proxy.start()
             self.rows["proxy"].state = "starting"
             view.update()
-            return self._wait_ready([self.proxy], view, deadline, ready_timeout, should_stop)
+            return self._wait_ready([self.proxy], wait)
         finally:
             view.stop()
 
@@ -256,7 +165,7 @@ class Deployment:
         plan = next(p for p in self.plan.local if p.spec.name == child.name)
         engine_id = f"{plan.spec.engine_id}-r{restart}"
         spec = plan.spec.model_copy(update={"engine_id": engine_id})
-        child.argv = _instance_argv(self.deployment_file, InstancePlan(spec, plan.url, plan.local))
+        child.argv = instance_argv(self.deployment_file, InstancePlan(spec, plan.url, plan.local))
         child.start(note=f"restart {restart} of {child.name} ({why}); engine_id {engine_id}")
         self._engine_ids[child.name] = engine_id
         return engine_id
@@ -266,54 +175,20 @@ class Deployment:
         assert base is not None, "a proxy child runs only on the node whose plan has a proxy port"
         return base + "/health"
 
-    def _wait_ready(self, children: list[ChildProcess], view: StatusView, deadline: float, timeout: float,
-                    should_stop: Callable[[], bool]) -> bool:
-        def late(pending: list[ChildProcess]) -> PdlaunchError:
-            waiting = ", ".join(f"{c.name} ({self.rows[c.name].state})" for c in pending)
-            return PdlaunchError(f"not ready after {timeout:.0f}s: {waiting}", hint=f"see the logs in {self.log_dir}")
+    def _wait_ready(self, children: list[ChildProcess], wait: ReadyWait) -> bool:
+        return wait.until(children, lambda child: self._probe(child) == "ready",
+                          lambda pending: wait.children_late(pending, self.log_dir))
 
-        return self._poll(children, lambda child: self._probe(child) == "ready", view, deadline, should_stop, late)
-
-    def _wait_remote(self, view: StatusView, deadline: float, timeout: float,
-                     should_stop: Callable[[], bool]) -> bool:
+    def _wait_remote(self, wait: ReadyWait) -> bool:
         """Node 0: wait until every instance other nodes' launchers start answers /health."""
-        def late(pending: list[InstancePlan]) -> PdlaunchError:
-            waiting = ", ".join(f"{p.spec.name} on node {p.node} ({p.url}{self._foreign(p)})" for p in pending)
-            nodes = sorted({p.node for p in pending})
-            return PdlaunchError(f"instances on other nodes not ready after {timeout:.0f}s: {waiting}",
-                                 hint="run `pdlaunch serve CONFIG --node-rank K` on node(s) "
-                                 f"{', '.join(map(str, nodes))} and check that node 0 reaches their addresses")
-
         remote = [plan for plan in self.plan.instances if not plan.local]
-        return self._poll(remote, self._remote_ready, view, deadline, should_stop, late)
+        return wait.until(remote, self._remote_ready, lambda pending: wait.remote_late(pending, self._foreign))
 
     def _foreign(self, plan: InstancePlan) -> str:
         """For the start's timeout: what says that another server answers at a remote instance's address."""
         if self.rows[plan.spec.name].state != NOT_ITSELF:
             return ""
         return f": {NOT_ITSELF}, another server answers its /health, not with {self.remote_identity(plan)}"
-
-    def _poll(self, waiting_for: list[T], is_ready: Callable[[T], bool], view: StatusView, deadline: float,
-              should_stop: Callable[[], bool], late: Callable[[list[T]], PdlaunchError]) -> bool:
-        """Probe every POLL_S until all of `waiting_for` are ready (True) or should_stop() (False); a
-        child of ours that exits raises ChildExited, the deadline raises `late(those still pending)`."""
-        pending = list(waiting_for)
-        while pending:
-            if should_stop():
-                return False
-            dead = self.dead_child()
-            if dead is not None:
-                self.rows[dead[0].name].state = f"exited ({dead[1]})"
-                view.update()
-                raise ChildExited(*dead)
-            pending = [item for item in pending if not is_ready(item)]
-            view.update()
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                raise late(pending)
-            time.sleep(POLL_S)
-        return True
 
     def _remote_ready(self, plan: InstancePlan) -> bool:
         """GET /health of an instance another node's launcher started; updates its status row."""
@@ -347,34 +222,21 @@ class Deployment:
 
     def answers_as_itself(self, child: ChildProcess, response: httpx.Response) -> bool:
         """Whether a /health answer at `child`'s address is its own, not that of another server that took the
-        port while it loaded (another deployment's proxy or instance, any service with a /health): an
-        instance's names its engine_id, the proxy's lists this deployment's instances."""
-        body = _json_object(response)
-        if body is None:
-            return False
+        port while it loaded (health_identity.py): an instance's names its engine_id, the proxy's lists this
+        deployment's instances."""
         if child is self.proxy:
-            listed = body.get("instances")
-            urls = {i.get("url") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else set()
-            return {p.url for p in self.plan.instances} <= urls
-        return body.get("engine_id") == self._engine_ids.get(child.name)
+            return lists_instances(response, self.plan)
+        return names_engine_id(response, self._engine_ids.get(child.name))
 
     def answers_as_remote(self, plan: InstancePlan, response: httpx.Response) -> bool:
         """Whether a /health answer at the address of an instance another node runs is that instance's, not
         another server's that took the port (while that node's launcher restarted it, say): it names the
         instance's role and an engine_id that node's launcher gives it (`remote_identity`)."""
-        body = _json_object(response)
-        if body is None or body.get("role") != plan.spec.role:
-            return False
-        return is_engine_of_named(body.get("engine_id"), plan.spec.name, self._shared_base)
+        return is_remote_instance(plan, response, self._shared_base)
 
     def remote_identity(self, plan: InstancePlan) -> str:
-        """What `answers_as_remote` expects, for messages. Each node's launcher names an instance's engine_id
-        "<base>-<name>", and "<base>-<name>-rN" after its N-th restart; the base is known here only when the
-        config sets kv_transfer.engine_id (every node reads it), else each node draws its own."""
-        name = plan.spec.name
-        engine_id = (f"engine_id {self._shared_base}-{name}" if self._shared_base is not None
-                     else f"an engine_id ending in -{name}")
-        return f"role {plan.spec.role} and {engine_id} (or that with -rN after a restart)"
+        """What `answers_as_remote` expects, for messages."""
+        return remote_identity(plan, self._shared_base)
 
     def refresh_blocks(self, name: str, timeout: float = HTTP_TIMEOUT_S) -> None:
         try:
@@ -436,11 +298,3 @@ class Deployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-
-def _json_object(response: httpx.Response) -> dict[str, object] | None:
-    """A /health body as a JSON object; None for any other answer (not JSON, not even text, not an object)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return None
-    return body if isinstance(body, dict) else None

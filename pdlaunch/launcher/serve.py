@@ -18,8 +18,9 @@ from rich.markup import escape
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, ChildExited, Deployment
+from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, Deployment
 from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
 
 SUPERVISE_POLL_S = 0.2

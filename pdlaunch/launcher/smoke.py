@@ -24,9 +24,10 @@ from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse
-from pdlaunch.launcher.deployment import ChildExited, Deployment
+from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.log_dir_lock import log_dir_holder
 from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.serve import report_child_exit
 from pdlaunch.server.instance import served_model_names
 

@@ -21,9 +21,10 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.deployment import READY_TIMEOUT_S, ChildExited, Deployment
+from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.readiness import READY_TIMEOUT_S, ChildExited
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
 from pdlaunch.launcher.stall_watch import NOT_ITSELF, StallWatch
 from pdlaunch.launcher.status import StatusView

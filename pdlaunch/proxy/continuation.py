@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pdlaunch.engine.outputs import SAMPLING_EPS
 from pdlaunch.proxy.bodies import Body, JsonObject, int_of, token_limit
-from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
+from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 
 # Fields copied into a continuation: sampling that depends only on the prompt + output token ids.
 # include_stop_str_in_output: the text of a stop token id (or EOS) that ends the continuation.
@@ -54,7 +54,7 @@ def not_migratable(body: Body, chat: bool) -> str | None:
 
 def max_tokens_of(body: Body, chat: bool) -> int | None:
     """The client's output limit; None when it names none that applies (a chat request without one, a
-    completion's null max_tokens): the instance then fills the context (server/protocol.fills_context)."""
+    completion's null max_tokens): the instance then fills the context (server/request_fields.fills_context)."""
     limit = int_of(token_limit(body, chat, "max_completion_tokens", "max_tokens"))
     if limit is not None:
         return limit

@@ -40,8 +40,9 @@ from pathlib import Path
 
 from pdlaunch.model.tokenizer import Tokenizer
 from pdlaunch.proxy.bodies import Body
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.prompts import Prompt, tokenize
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 PD, DECODE_ONLY, SPILLED, DECODE_BUSY = "pd", "decode_only", "spilled", "pd_decode_busy"
 ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its decode alone

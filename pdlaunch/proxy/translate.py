@@ -11,8 +11,10 @@ from pdlaunch.http.limits import parse_json_object
 from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
+from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.choices import no_room_hint
-from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
+from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from pdlaunch.server.responses import PROMPT_RECOMPUTED
 
 # Dropped from the prefill leg: with max_tokens=1, a min_tokens of 2+ breaks vLLM's rule

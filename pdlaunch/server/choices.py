@@ -27,9 +27,10 @@ from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, sse_event
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 from pdlaunch.server.request_metrics import RequestMetrics
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
 from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body

@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse, Response
 from pdlaunch.http.disconnect import CLIENT_CLOSED, ClientDisconnected, DisconnectWatch
 from pdlaunch.http.limits import client_request_id, read_json_object
 from pdlaunch.http.sse import ClosingStreamingResponse
+from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.choices import Choices
+from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.instance import Handler, Instance, instance_of
 from pdlaunch.server.prompts import Prompt
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 async def completions(request: Request) -> Response:

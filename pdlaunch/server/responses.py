@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pdlaunch.engine.detokenizer import Decode
 from pdlaunch.engine.outputs import RequestOutput, TokenLogprob
 from pdlaunch.http import JsonObject, JsonValue
-from pdlaunch.server.protocol import Endpoint
+from pdlaunch.server.request_fields import Endpoint
 from pdlaunch.server.tool_calls import ToolCalling, ToolStream
 
 Detokenize = Callable[[int], str]

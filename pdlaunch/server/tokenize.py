@@ -26,10 +26,10 @@ from pdlaunch.http import JsonObject, JsonValue
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.limits import read_json_object
 from pdlaunch.model.tokenizer import Tokenizer
+from pdlaunch.server.chat_request import ChatMessage, check_messages
 from pdlaunch.server.chat_template import ChatPrompt
 from pdlaunch.server.instance import Handler, instance_of
 from pdlaunch.server.prompts import check_prompt_size, tokenize
-from pdlaunch.server.protocol import ChatMessage, check_messages
 from pdlaunch.server.tool_calls import tool_calling_of
 from pdlaunch.server.unsupported_fields import refuse_unsupported
 

@@ -3,7 +3,7 @@
 Each is refused with a 400 naming it as soon as it asks for something, instead of being accepted
 and ignored (a 200 with a wrong answer). A field sent at its neutral value (`"n": 1`,
 `"echo": false`, `"tools": []`) asks for nothing and passes. Fields not listed here and not
-modelled in protocol.py are unknown to vLLM too: ignored as OpenAI clients expect, and named in a
+modelled in request_fields.py are unknown to vLLM too: ignored as OpenAI clients expect, and named in a
 warning (as vLLM logs "fields were present in the request but ignored"), once per field per process
 so that a client repeating one cannot flood the log.
 """

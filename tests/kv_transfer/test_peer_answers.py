@@ -16,7 +16,6 @@ import pytest
 from pydantic import ValidationError
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
@@ -24,6 +23,7 @@ from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo
 from pdlaunch.kv_transfer.messages import Empty, HandshakeAnswer, PushRequest, StageAnswer, UnstageRequest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.kv_transfer.side_channel import client
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import handshake_for, make_spec
 
@@ -51,7 +51,7 @@ class _Agent:
 
 def _handshake(monkeypatch: pytest.MonkeyPatch, info: HandshakeInfo, rank: int | None = None) -> _Agent:
     """PeerCache._handshake against a side channel that answers `info` (push mode: no listen request)."""
-    monkeypatch.setattr(side_channel, "request", lambda *args, **kwargs: HandshakeAnswer(info=info))
+    monkeypatch.setattr(client, "request", lambda *args, **kwargs: HandshakeAnswer(info=info))
     agent = _Agent()
     cache = PeerCache(cast(Any, agent), spec=lambda: SPEC, local_device=lambda: DeviceInfo(type="cpu"),
                       transfer_mode="push", handshake_timeout=1.0, keys=KEYS)

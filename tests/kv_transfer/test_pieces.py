@@ -11,11 +11,14 @@ import torch
 from pydantic import BaseModel
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer import side_channel, transfer_mode
+from pdlaunch.kv_transfer import transfer_mode
 from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, needed_block_indices, pair_blocks, run_descriptors
 from pdlaunch.kv_transfer.checksum import block_checksums, verify_blocks
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, compat_fields, compat_hash
 from pdlaunch.kv_transfer.messages import ForgetRequest, StageAnswer, UnstageRequest
+from pdlaunch.kv_transfer.side_channel import client
+from pdlaunch.kv_transfer.side_channel import server as side_channel_server
+from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
@@ -111,23 +114,23 @@ def test_side_channel_round_trip_and_errors() -> None:
     def echo(message: ForgetRequest) -> Got:
         return Got(got=message.agent_name)
 
-    server = side_channel.SideChannelServer("127.0.0.1", 0, {"forget": echo, "unstage": boom}, KEYS)
+    server = SideChannelServer("127.0.0.1", 0, {"forget": echo, "unstage": boom}, KEYS)
     try:
-        answer = side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "a"}, 5, "echo", KEYS)
+        answer = client.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "a"}, 5, "echo", KEYS)
         assert answer["got"] == "a"
-        typed = side_channel.request("127.0.0.1", server.port, ForgetRequest(type="forget", agent_name="b"), Got, 5,
-                                     "echo", KEYS)
+        typed = client.request("127.0.0.1", server.port, ForgetRequest(type="forget", agent_name="b"), Got, 5,
+                               "echo", KEYS)
         assert typed == Got(got="b")
         with pytest.raises(KVTransferError, match="does not fit"):
-            side_channel.request("127.0.0.1", server.port, ForgetRequest(type="forget", agent_name="b"),
-                                 StageAnswer, 5, "echo", KEYS)
+            client.request("127.0.0.1", server.port, ForgetRequest(type="forget", agent_name="b"),
+                           StageAnswer, 5, "echo", KEYS)
         with pytest.raises(KVTransferError, match="refused on purpose"):
-            side_channel.call("127.0.0.1", server.port, {"type": "unstage", "ticket": "t"}, 5, "boom", KEYS)
+            client.call("127.0.0.1", server.port, {"type": "unstage", "ticket": "t"}, 5, "boom", KEYS)
         with pytest.raises(KVTransferError, match="is not served here"):
-            side_channel.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
-                              5, "listen", KEYS)
+            client.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
+                        5, "listen", KEYS)
         with pytest.raises(KVTransferError, match=r"invalid side-channel message: msg: .*'nope'"):
-            side_channel.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope", KEYS)
+            client.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope", KEYS)
     finally:
         server.close()
 
@@ -140,8 +143,8 @@ def test_side_channel_kept_connections_are_reused_and_replaced_when_closed(monke
         return Got(got=message.agent_name)
 
     def ask(name: str) -> str:
-        return side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": name}, 5, "echo", KEYS,
-                                 connections)["got"]
+        return client.call("127.0.0.1", server.port, {"type": "forget", "agent_name": name}, 5, "echo", KEYS,
+                           connections)["got"]
 
     def wait_connections(n: int) -> None:
         deadline = time.monotonic() + 30
@@ -149,27 +152,27 @@ def test_side_channel_kept_connections_are_reused_and_replaced_when_closed(monke
             time.sleep(0.01)
         assert server.num_connections() == n, f"{server.num_connections()} side-channel connections, not {n}"
 
-    server = side_channel.SideChannelServer("127.0.0.1", 0, {"forget": echo}, KEYS)
-    connections = side_channel.Connections(per_peer=2)
+    server = SideChannelServer("127.0.0.1", 0, {"forget": echo}, KEYS)
+    connections = client.Connections(per_peer=2)
     try:
         assert [ask(str(i)) for i in range(5)] == ["0", "1", "2", "3", "4"]
         wait_connections(1)  # one connection served all five
         with pytest.raises(KVTransferError, match="is not served here"):  # an error answer keeps it too
-            side_channel.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
-                              5, "listen", KEYS, connections)
+            client.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
+                        5, "listen", KEYS, connections)
         wait_connections(1)
         # The server closes a connection left idle (quietly); a kept one it closed is replaced, even when
         # the client still thinks it fresh.
-        monkeypatch.setattr(side_channel, "FRAME_READ_SECONDS", 0.2)
+        monkeypatch.setattr(side_channel_server, "FRAME_READ_SECONDS", 0.2)
         assert ask("a") == "a"  # the server thread now waits at most 0.2s for the next frame
         wait_connections(0)
-        monkeypatch.setattr(side_channel, "POOL_IDLE_SECONDS", 60.0)
+        monkeypatch.setattr(client, "POOL_IDLE_SECONDS", 60.0)
         assert ask("b") == "b"
         server.close()  # ends the connection kept from the last call too
         wait_connections(0)
         with pytest.raises(KVTransferError, match="no answer"):
-            side_channel.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "c"}, 1, "echo", KEYS,
-                              connections)
+            client.call("127.0.0.1", server.port, {"type": "forget", "agent_name": "c"}, 1, "echo", KEYS,
+                        connections)
     finally:
         connections.close()
         server.close()
@@ -182,7 +185,7 @@ def test_side_channel_silent_peer_times_out_with_what_was_awaited() -> None:
         silent.listen()
         port = silent.getsockname()[1]
         with pytest.raises(KVTransferError, match=r"KV handshake with prefill engine E: no answer .* within 0.3s"):
-            side_channel.call("127.0.0.1", port, {"type": "handshake"}, 0.3, "KV handshake with prefill engine E", KEYS)
+            client.call("127.0.0.1", port, {"type": "handshake"}, 0.3, "KV handshake with prefill engine E", KEYS)
 
 
 def test_block_checksums_detect_one_changed_value() -> None:

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 import pytest
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
+from pdlaunch.kv_transfer.side_channel import client
+from pdlaunch.kv_transfer.side_channel import server as side_channel_server
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
 from tests.kv_transfer.side_channel_client import authed, envelope, exchange, frame, read_answer
@@ -80,7 +81,7 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
     assert prefill.info()["held_requests"] == 1
     # The client library refuses an answer it cannot authenticate (a decode with the wrong secret).
     with pytest.raises(KVTransferError, match="not authenticated for this request"):
-        side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", WRONG)
+        client.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", WRONG)
     assert "Traceback" not in caplog.text
     assert "KV side channel: refused" in caplog.text
 
@@ -106,7 +107,7 @@ def test_claims_are_bounded_by_the_lease(prefill: NixlConnector) -> None:
         assert "msg.claim_read.seconds" in answer["answer"]["error"] and why in answer["answer"]["error"]
     assert not _hold(prefill).read_claimed
     claim = {"type": "claim_read", "request_id": HOLD, "seconds": 3000.0, "reader": "auth-D"}
-    side_channel.call("127.0.0.1", port, claim, 5, "claim", KEYS)
+    client.call("127.0.0.1", port, claim, 5, "claim", KEYS)
     hold = _hold(prefill)
     assert hold.read_claimed and hold.deadline - time.monotonic() <= 60.0 + 5.0 + 1.0  # lease + READ grace
 
@@ -127,19 +128,19 @@ def test_oversized_frames_and_too_many_connections_are_refused(prefill: NixlConn
             time.sleep(0.02)
         assert server.num_connections() == server.max_connections
         with pytest.raises(KVTransferError, match="too many side-channel connections"):
-            side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", KEYS)
+            client.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", KEYS)
     finally:
         for sock in held:
             sock.close()
     deadline = time.monotonic() + 10
     while server.num_connections() and time.monotonic() < deadline:
         time.sleep(0.02)
-    answer = side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", KEYS)
+    answer = client.call("127.0.0.1", port, {"type": "handshake", "engine_id": "auth-P"}, 5, "handshake", KEYS)
     assert answer["info"]["engine_id"] == "auth-P"
 
 
 def test_a_slow_loris_is_dropped_within_the_frame_timeout(prefill: NixlConnector, monkeypatch) -> None:
-    monkeypatch.setattr(side_channel, "FRAME_READ_SECONDS", 0.5)
+    monkeypatch.setattr(side_channel_server, "FRAME_READ_SECONDS", 0.5)
     with socket.create_connection(("127.0.0.1", prefill.sender.server.port), timeout=15) as sock:
         sock.sendall(b"\0\0")  # half a header, then nothing
         started = time.monotonic()
@@ -164,7 +165,7 @@ def test_ucx_listens_on_loopback_only_on_one_host(prefill: NixlConnector) -> Non
 def test_a_decode_closing_a_claim_it_no_longer_reads_is_not_a_refused_peer(prefill: NixlConnector,
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     # A decode whose load was aborted while its claim travelled closes the connection unread: a reset, not an attack.
-    caplog.set_level(logging.DEBUG, logger="pdlaunch.kv_transfer.side_channel")
+    caplog.set_level(logging.DEBUG, logger="pdlaunch.kv_transfer.side_channel.server")
     claim = {"type": "claim_read", "request_id": HOLD, "seconds": 1.0, "reader": "auth-D"}
     sock = socket.create_connection(("127.0.0.1", prefill.sender.server.port), timeout=15)
     sock.sendall(authed(KEYS, claim))

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
+from pdlaunch.kv_transfer.side_channel import client
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
 from tests.kv_transfer.side_channel_client import authed, frame, read_answer
@@ -127,7 +127,7 @@ def test_after_fuzzing_the_server_serves_and_holds_nothing(prefill: NixlConnecto
     assert prefill.sender.server._thread.is_alive()
     assert records.records, "the refusals are logged (rate-limited)"
     assert not [r for r in records.records if r.exc_info or "Traceback" in r.getMessage()]
-    answer = side_channel.call("127.0.0.1", port, {"type": "handshake", "engine_id": "fuzz-P"}, 10, "handshake", KEYS)
+    answer = client.call("127.0.0.1", port, {"type": "handshake", "engine_id": "fuzz-P"}, 10, "handshake", KEYS)
     assert answer["info"]["engine_id"] == "fuzz-P"
     assert prefill.info()["held_requests"] == 0
     assert prefill.sender.staging_users() == set()

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
+from pdlaunch.kv_transfer.side_channel import client
 from tests.kv_transfer.deployment_secret import KEYS, secured
 from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.pd_procs import build_connector
@@ -179,12 +179,12 @@ def test_sleep_refused_while_a_staging_slot_is_held() -> None:
                                  RemoteDecodeRequest(do_remote_decode=True), [[4, 5, 6]])
         host, port = params.remote_host, params.remote_port
         # What a pulling decode does first: prefill copies the blocks into slots until "unstage".
-        staged = side_channel.call(host, port, {"type": "stage", "request_id": "req-held", "blocks": [[4, 5]]},
-                                   10.0, "stage request", KEYS)
+        staged = client.call(host, port, {"type": "stage", "request_id": "req-held", "blocks": [[4, 5]]},
+                             10.0, "stage request", KEYS)
         with pytest.raises(RuntimeError, match=r"2 of 3 KV staging slots are in use by request\(s\) req-held"):
             prefill.call("before_sleep")
         assert prefill.call("info")["staging"]["slots"] == 3, "a refused sleep must keep the buffer"
-        side_channel.call(host, port, {"type": "unstage", "ticket": staged["ticket"]}, 10.0, "unstage request", KEYS)
+        client.call(host, port, {"type": "unstage", "ticket": staged["ticket"]}, 10.0, "unstage request", KEYS)
         assert prefill.call("before_sleep")["staging"] is None
         woke = prefill.call("wake")
         assert woke["staging"]["slots"] == 3 and woke["kv_epoch"] == 1

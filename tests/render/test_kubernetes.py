@@ -156,7 +156,7 @@ def test_errors_are_one_line_each(tmp_path: Path) -> None:
 
 
 def test_the_rendered_proxy_gets_the_proxy_settings_the_local_launcher_passes(tmp_path: Path) -> None:
-    from pdlaunch.launcher.deployment import proxy_argv
+    from pdlaunch.launcher.child_commands import proxy_argv
     from pdlaunch.proxy.__main__ import parse_args
 
     example = next(p for p in EXAMPLES if p.name == "gpu-2p1d-tp2-decode.yaml")

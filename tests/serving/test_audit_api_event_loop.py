@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pdlaunch.http import JsonObject, JsonValue
-from pdlaunch.server import protocol
+from pdlaunch.server import request_fields
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
 TIMEOUT = 120.0  # a loaded 2-core machine
@@ -41,15 +41,15 @@ def _assert_chose(answer: list[httpx.Response]) -> None:
 def test_health_answers_while_a_grammar_compiles(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The grammar check is held until /health has answered: on the event loop it could not answer at all."""
     compiling, health_answered = threading.Event(), threading.Event()
-    check = protocol.structured_output_of
+    check = request_fields.structured_output_of
 
     def held_check(response_format: JsonValue, structured_outputs: JsonValue, guided: JsonObject
-                   ) -> protocol.StructuredOutput | None:
+                   ) -> request_fields.StructuredOutput | None:
         compiling.set()
         assert health_answered.wait(TIMEOUT), "/health did not answer while the grammar compiled"
         return check(response_format, structured_outputs, guided)
 
-    monkeypatch.setattr(protocol, "structured_output_of", held_check)
+    monkeypatch.setattr(request_fields, "structured_output_of", held_check)
     request, answer = _choice_request_in_a_thread(url)
     try:
         assert compiling.wait(TIMEOUT), "the request never reached its grammar check"

@@ -12,7 +12,9 @@ import pytest
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.proxy.continuation import continuation_body, max_tokens_of
-from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
+from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
 MAX_MODEL_LEN = 96

@@ -26,7 +26,7 @@ from pdlaunch.proxy.continuation import continuation_body, not_migratable
 from pdlaunch.proxy.disaggregate import DECODE_ONLY, PD, Disaggregation
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.stream_progress import Progress
-from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS
+from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from tests.config.cli_helpers import assert_invalid, check
 from tests.serving.helpers import ThreadServer, wait_for
 from tests.serving.test_proxy_hardening import SECRET, Prefill

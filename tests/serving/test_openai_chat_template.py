@@ -17,8 +17,8 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.model.demo_tokenizer import write_tokenizer_files
 from pdlaunch.model.tokenizer import Tokenizer
+from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.chat_template import ChatPrompt, render
-from pdlaunch.server.protocol import ChatCompletionRequest
 from tests.serving.helpers import in_process_instance
 
 # Renders what the demo template drops: tool calls (arguments as a mapping), tool results, tools,

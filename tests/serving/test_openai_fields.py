@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.unsupported_fields import _COMMON, CHAT_ONLY, COMPLETION_ONLY
 
 ASKING: dict[str, Any] = {

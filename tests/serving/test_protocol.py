@@ -6,7 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from pdlaunch.http.errors import OpenAIError
-from pdlaunch.server.protocol import ChatCompletionRequest, CompletionRequest
+from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.completion_request import CompletionRequest
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from pathlib import Path
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_token
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV, prefill_side_channels
-from pdlaunch.launcher.deployment import Deployment, prefill_side_channels_env
+from pdlaunch.launcher.child_commands import prefill_side_channels_env
+from pdlaunch.launcher.deployment import Deployment
 
 
 def _deployment(tmp_path: Path) -> Deployment:

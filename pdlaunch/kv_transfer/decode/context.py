@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
@@ -48,7 +47,8 @@ from pdlaunch.kv_transfer.messages import (
     encode_notification,
 )
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
-from pdlaunch.kv_transfer.side_channel import Connections, Reply
+from pdlaunch.kv_transfer.side_channel import client
+from pdlaunch.kv_transfer.side_channel.client import Connections, Reply
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
 from pdlaunch.memory import platform
@@ -182,8 +182,8 @@ class LoadContext:
     def ask(self, remote: RemoteKV, message: SideChannelRequest, reply: type[Reply], timeout: float,
             what: str) -> Reply:
         """One side-channel request to the prefill rank `remote` names."""
-        return side_channel.request(remote.host, remote.port, message, reply, timeout, f"{what} to {remote.where}",
-                                    self.keys, self.connections)
+        return client.request(remote.host, remote.port, message, reply, timeout, f"{what} to {remote.where}",
+                              self.keys, self.connections)
 
     def notify_prefill(self, agent_name: str, notif: ReadDone, request_id: str) -> None:
         """Send read_done/release to the prefill agent `agent_name`, best effort (module docstring): a send
@@ -200,13 +200,13 @@ class LoadContext:
         """Keep the prefill's hold of `remote` past its lease (capped) while this load READs its blocks."""
         self.send_claim_read(load, remote).answer(Empty)
 
-    def send_claim_read(self, load: Load, remote: RemoteKV) -> side_channel.PendingCall:
+    def send_claim_read(self, load: Load, remote: RemoteKV) -> client.PendingCall:
         """`claim_read`, sent now; the claim holds once its answer is read (`PendingCall.answer(Empty)`)."""
         remaining = self.remaining(load, "READ claim")
         message = ClaimReadRequest(type="claim_read", request_id=remote.held_request_id, seconds=remaining,
                                    reader=self.reader)
-        return side_channel.send(remote.host, remote.port, message, remaining, f"READ claim to {remote.where}",
-                                 self.keys, self.connections)
+        return client.send(remote.host, remote.port, message, remaining, f"READ claim to {remote.where}",
+                           self.keys, self.connections)
 
     def read_chunk(self, load: Load, remote: RemoteEngine, source: RemoteKV, dst: list[list[int]],
                    dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None:

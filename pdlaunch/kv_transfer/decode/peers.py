@@ -12,12 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.handshake import DeviceInfo, HandshakeInfo, check_compatible, check_layout
 from pdlaunch.kv_transfer.messages import HandshakeAnswer, HandshakeRequest, ListenAnswer, ListenRequest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.kv_transfer.side_channel import client
 from pdlaunch.kv_transfer.transfer_mode import resolve_transfer_mode
 from pdlaunch.kv_transfer.transport import TransferAgent
 
@@ -120,7 +120,7 @@ class PeerCache:
     def _handshake(self, engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:
         message = HandshakeRequest(type="handshake", engine_id=engine_id)
         what = f"KV handshake with prefill engine {engine_id}"
-        info = side_channel.request(host, port, message, HandshakeAnswer, self.handshake_timeout, what, self.keys).info
+        info = client.request(host, port, message, HandshakeAnswer, self.handshake_timeout, what, self.keys).info
         if info.engine_id != engine_id:
             raise KVTransferError(
                 f"engine_id mismatch: kv_transfer_params name prefill engine {engine_id}, but the side "
@@ -152,7 +152,7 @@ class PeerCache:
         try:
             message = ListenRequest(type="listen", agent_name=self.agent.name,
                                     agent_metadata=self.agent.connection_metadata().hex())
-            side_channel.request(host, port, message, ListenAnswer, self.handshake_timeout,
-                                 f"giving prefill engine {engine_id} our connection info", self.keys)
+            client.request(host, port, message, ListenAnswer, self.handshake_timeout,
+                           f"giving prefill engine {engine_id} our connection info", self.keys)
         except KVTransferError as exc:
             logger.warning("%s; if it sleeps, its freed KV memory stays mapped here until our next handshake", exc)

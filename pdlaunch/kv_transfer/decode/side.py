@@ -26,7 +26,7 @@ from pdlaunch.kv_transfer.params import (
 from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import ReshardPlan, plan_reshard
-from pdlaunch.kv_transfer.side_channel import request
+from pdlaunch.kv_transfer.side_channel.client import request
 from pdlaunch.kv_transfer.staging import StagingArea
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ strategies, drains, resharding) run unchanged on Mooncake.
 
 What maps to what:
 - agent metadata: {"name", "session"} (the engine's "host:rpc_port"); the prefill gives it only in its
-  authenticated handshake answer, the decode only in an authenticated push request (side_channel.py).
+  authenticated handshake answer, the decode only in an authenticated push request (side_channel/).
 - READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake/sender.py).
 - notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
   connect timeout when the peer's host is gone), sent from one notifier thread so that the engine

@@ -34,7 +34,7 @@ from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender, PushTiming
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.push_params import prompt_digest
-from pdlaunch.kv_transfer.side_channel import SideChannelServer
+from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
 

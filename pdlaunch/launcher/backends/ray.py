@@ -33,7 +33,8 @@ from rich.markup import escape
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
-from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, POLL_S
+from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
+from pdlaunch.launcher.readiness import POLL_S
 from pdlaunch.launcher.serve import StopSignals
 
 

@@ -18,9 +18,10 @@ from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch
 from pdlaunch.launcher.backends.ray_proxy import RayProxy
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
-from pdlaunch.launcher.deployment import POLL_S, READY_TIMEOUT_S, with_deployment_secret
+from pdlaunch.launcher.deployment_secret import with_deployment_secret
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import InstancePlan, plan_deployment
+from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
 from pdlaunch.model.demo import resolve_model_path
 

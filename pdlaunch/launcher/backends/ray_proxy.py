@@ -12,9 +12,11 @@ import httpx
 
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
-from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, POLL_S, READY_TIMEOUT_S, proxy_argv, proxy_env
+from pdlaunch.launcher.child_commands import proxy_argv, proxy_env
+from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
 from pdlaunch.launcher.plan import DeploymentPlan
 from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, on_exit
 
 

@@ -41,8 +41,8 @@ from rich.markup import escape
 from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
-from pdlaunch.launcher.deployment import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.process import ChildProcess, stop_all
+from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.serve import StopSignals, report_failure
 
 DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig as JSON, for slurm_node

@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.errors import exit_text
-from pdlaunch.launcher.deployment import POLL_S
 from pdlaunch.launcher.process import ChildProcess
+from pdlaunch.launcher.readiness import POLL_S
 
 SLURM_CALL_TIMEOUT_S = 30.0  # one scontrol/scancel call (a busy slurmctld answers slowly)
 CANCEL_WAIT_S = 60.0  # a cancelled step leaves the job once slurmd has killed its processes (2-3 s seen)

@@ -1,0 +1,40 @@
+"""The deployment secret every process of a deployment shares: the user's, or a fresh one for one node, and
+the file that carries it written readable by this user only."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+
+SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
+
+
+def with_deployment_secret(cfg: DeploymentConfig) -> DeploymentConfig:
+    """The config with `security.deployment_secret` filled: the user's (config or PDLAUNCH_DEPLOYMENT_SECRET,
+    needed to be the same on every node), else a fresh random one for this single-node deployment."""
+    if cfg.security.deployment_secret:
+        return cfg
+    given = os.environ.get(SECRET_ENV)
+    if not given and cfg.parallel.nodes and len(cfg.parallel.nodes) > 1:
+        raise PdlaunchError("a multi-node deployment needs one shared secret", field="security.deployment_secret",
+                            hint=f"set security.deployment_secret (16+ characters) or {SECRET_ENV} to the same "
+                                 "value on every node, e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`")
+    security = cfg.security.model_copy(update={"deployment_secret": given or secrets.token_hex(32)})
+    return cfg.model_copy(update={"security": security})
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` readable by this user only: the file carries the deployment secret and API key."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_CREAT
+            f.write(text)
+    except OSError as exc:
+        raise PdlaunchError(f"cannot write {str(path)!r}: {exc.strerror or exc}", field="log_dir",
+                            hint="pass --log-dir DIR (or set log_dir) to a directory you can write, or remove "
+                            "what is in the way") from None

@@ -1,0 +1,56 @@
+"""Whose /health answers at a child's address: the child's own, or another server's that took the port (another
+deployment's proxy or instance, any service with a /health). An instance's names its engine_id, the proxy's lists
+the deployment's instances, and an instance another node runs names its role and an engine_id that node's launcher
+gives it."""
+
+from __future__ import annotations
+
+import httpx
+
+from pdlaunch.config.engine_ids import is_engine_of_named
+from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan
+
+
+def lists_instances(response: httpx.Response, plan: DeploymentPlan) -> bool:
+    """Whether a /health answer at the proxy's address lists every instance of `plan`."""
+    body = json_object(response)
+    if body is None:
+        return False
+    listed = body.get("instances")
+    urls = {i.get("url") for i in listed if isinstance(i, dict)} if isinstance(listed, list) else set()
+    return {p.url for p in plan.instances} <= urls
+
+
+def names_engine_id(response: httpx.Response, engine_id: str | None) -> bool:
+    """Whether a /health answer names `engine_id` (the one planned for the instance at that address)."""
+    body = json_object(response)
+    if body is None:
+        return False
+    return body.get("engine_id") == engine_id
+
+
+def is_remote_instance(plan: InstancePlan, response: httpx.Response, shared_base: str | None) -> bool:
+    """Whether a /health answer names the role of `plan` and an engine_id another node's launcher gives it."""
+    body = json_object(response)
+    if body is None or body.get("role") != plan.spec.role:
+        return False
+    return is_engine_of_named(body.get("engine_id"), plan.spec.name, shared_base)
+
+
+def remote_identity(plan: InstancePlan, shared_base: str | None) -> str:
+    """What `is_remote_instance` expects, for messages. Each node's launcher names an instance's engine_id
+    "<base>-<name>", and "<base>-<name>-rN" after its N-th restart; the base is known here only when the
+    config sets kv_transfer.engine_id (every node reads it), else each node draws its own."""
+    name = plan.spec.name
+    engine_id = (f"engine_id {shared_base}-{name}" if shared_base is not None
+                 else f"an engine_id ending in -{name}")
+    return f"role {plan.spec.role} and {engine_id} (or that with -rN after a restart)"
+
+
+def json_object(response: httpx.Response) -> dict[str, object] | None:
+    """A /health body as a JSON object; None for any other answer (not JSON, not even text, not an object)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None

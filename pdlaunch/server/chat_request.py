@@ -1,0 +1,124 @@
+"""`ChatCompletionRequest`: the body of /v1/chat/completions, and its messages (shared fields:
+request_fields.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, field_validator, model_validator
+
+from pdlaunch.engine.outputs import SamplingParams
+from pdlaunch.engine.structured_output import StructuredOutput
+from pdlaunch.http import JsonObject, JsonValue
+from pdlaunch.http.errors import OpenAIError
+from pdlaunch.server.chat_template import ChatPrompt, template_message
+from pdlaunch.server.request_fields import SamplingFields, one_of
+from pdlaunch.server.structured_fields import opens_objects
+from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: str
+    content: str | list[JsonObject] | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _text_parts(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """Only text parts exist for a text model; the error names the part (the field path names the message).
+        A content of neither shape is named as such (pydantic's named each shape: `messages.0.content.str`)."""
+        content = one_of(value, handler, "a string, a list of content parts or null")
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type")
+            if kind is None:
+                raise ValueError(f'part {i} has no `type`; a text part is {{"type": "text", "text": "..."}}')
+            if kind != "text":
+                raise ValueError(f"part {i} has type {_short_json(kind)}, which this server does not take (it serves "
+                                 'a text model): send text parts {"type": "text", "text": "..."} or a string')
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i} is a text part without a string `text`")
+        return content
+
+    def as_template_input(self, index: int) -> JsonObject:
+        """This message as messages[`index`] goes to the chat template (errors name that index)."""
+        content = self.content
+        if isinstance(content, list):  # text parts (checked by _text_parts), joined
+            content = "".join(str(part["text"]) for part in content)
+        return template_message(self.role, content, self.model_extra or {}, index)
+
+
+def _short_json(value: JsonValue) -> str:
+    """A client's value quoted in an error, cut to a readable length."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_messages(messages: Sequence[ChatMessage]) -> None:
+    """What OpenAI requires of a message beyond its shape: a tool message answers a call (`tool_call_id`);
+    `name` and `tool_call_id`, when sent, are strings (the chat template would drop anything else)."""
+    for i, message in enumerate(messages):
+        extra = message.model_extra or {}
+        for key in ("name", "tool_call_id"):
+            if extra.get(key) is not None and not isinstance(extra[key], str):
+                raise OpenAIError(400, f"messages.{i}.{key} must be a string", param=f"messages.{i}.{key}")
+        if message.role == "tool" and extra.get("tool_call_id") is None:
+            raise OpenAIError(400, f"messages.{i}: a tool message needs the tool_call_id of the call it answers",
+                              param=f"messages.{i}.tool_call_id")
+
+
+class ChatCompletionRequest(SamplingFields):
+    chat: ClassVar[bool] = True
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: JsonObject | None = None
+    add_special_tokens: bool | None = None
+    tools: JsonValue = None  # server/tool_calls.py reads these three
+    tool_choice: JsonValue = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _chat_fields(self) -> ChatCompletionRequest:
+        check_messages(self.messages)
+        if self.top_logprobs not in (None, 0) and not self.logprobs:
+            raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
+
+    def tool_calling(self) -> ToolCalling | None:
+        return tool_calling_of(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_output(self) -> StructuredOutput | None:
+        asked = super().structured_output()
+        calling = self.tool_calling()
+        forced = calling.structured_output() if calling is not None else None
+        if forced is not None and opens_objects(self.structured_outputs):
+            forced = forced.model_copy(update={"open_objects": True})
+        if forced is not None and asked is not None:
+            raise OpenAIError(400, f"tool_choice {calling.mode} and {asked.field} both constrain the output; "  # type: ignore[union-attr]
+                                   "send one", param="tool_choice")
+        return forced or asked
+
+    def fills_context(self) -> bool:
+        return self.max_tokens is None and self.max_completion_tokens is None
+
+    def sampling_params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        self._check_prompt_logprobs(self.prompt_logprobs, "prompt_logprobs")
+        names = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return self._sampling(max_tokens, logprobs, self.prompt_logprobs, names)
+
+    def template_messages(self) -> ChatPrompt:
+        calling = self.tool_calling()
+        return ChatPrompt([m.as_template_input(i) for i, m in enumerate(self.messages)], self.add_generation_prompt,
+                          self.continue_final_message, calling.template_tools() if calling else None,
+                          self.chat_template_kwargs, self.add_special_tokens)
+
