@@ -4,20 +4,35 @@ Rank 0 (the engine process) hosts the rendezvous store. With no configured port 
 so the OS picks a free one and two instances can never collide; the port is then handed to the
 worker processes it spawns. The model's collectives run on the default group (gloo on CPU, NCCL on
 CUDA); a gloo group beside it carries host-side values (block counts, engine_id) on both.
+
+The store is a TCPStore: anyone who reaches its port may list, read and write its keys (torch has no
+authentication, and `list_keys` shows every key, so a secret key prefix hides nothing). So it listens
+only on the address its ranks dial (TCPStore alone would listen on every interface): loopback when the
+group is on one host. A store that other hosts reach (a group spanning nodes, or under Ray) is used
+through a SealedStore by every rank: key names are MACs, values are encrypted and MACed under a key
+derived from the rank link's (which mixes in the deployment secret).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import ipaddress
 import logging
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
 
+from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.distributed.placement import link_authkey
 from pdlaunch.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -25,6 +40,10 @@ log = logging.getLogger(__name__)
 RENDEZVOUS_TIMEOUT_S = 120.0  # every rank must join within this (model loading happens after it)
 COLLECTIVE_TIMEOUT_S = 60.0  # a collective that waits longer on a peer fails instead of hanging
 JOIN_POLL_S = 0.2  # while rank 0 waits for the others to come to the join, how often it looks at the store
+LOCAL_STORE_HOST = "127.0.0.1"  # where the store of a group on one host listens (and its ranks dial)
+STORE_PURPOSE = b"pdlaunch tp rendezvous store v1"
+NONCE_BYTES = 16
+MAC_BYTES = 32  # SHA-256
 
 
 @dataclass
@@ -35,6 +54,7 @@ class TPGroup:
     size: int
     backend: str  # "gloo" | "nccl"
     cpu_group: Any  # gloo group for host-side values
+    store: dist.Store  # the groups hold it in C++: a Python store (SealedStore) must outlive them
 
     def min_int(self, value: int) -> int:
         """The minimum of `value` over every rank."""
@@ -50,22 +70,134 @@ class TPGroup:
 
 
 def create_store(host: str, port: int | None, world_size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous store; port None or 0 lets the OS choose a free port (read `store.port`)."""
+    """Rank 0's rendezvous store, listening on `host` only; port None or 0 lets the OS choose a free port
+    (read `store.port`)."""
     try:
-        return dist.TCPStore(host, port or 0, world_size, is_master=True,
-                             timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S), wait_for_workers=False)
+        listener = socket.create_server((host, port or 0), family=_family(host))
+        # the store owns the listening socket from here (and closes it when it goes)
+        return dist.TCPStore(host, listener.getsockname()[1], world_size, is_master=True,
+                             timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S), wait_for_workers=False,
+                             master_listen_fd=listener.detach())
     except (RuntimeError, OSError) as exc:
         raise EngineError(f"cannot open the TP rendezvous at {host}:{port or 0}: {exc}", field="parallel.master_port",
                           hint="pick a free port (or leave parallel.master_port unset) and check parallel.master_addr"
                           ) from exc
 
 
-def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: int,
-                  store: dist.TCPStore | None = None) -> TPGroup:
-    """Join the instance's TP group (blocks until every rank joined, at most RENDEZVOUS_TIMEOUT_S)."""
+def _family(host: str) -> socket.AddressFamily:
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0]
+    except OSError:  # create_server then names the unresolvable host
+        return socket.AF_INET
+
+
+def store_key(config: DeploymentConfig, instance: InstanceSpec | None, port: int) -> bytes:
+    """The key of the group's SealedStore: the rank link's (placement.link_authkey, which mixes in the deployment
+    secret), for another purpose; every rank of the group derives the same from its config."""
+    link = link_authkey(config, instance.name if instance is not None else "engine", port)
+    return hmac.new(link, STORE_PURPOSE, hashlib.sha256).digest()
+
+
+def guarded(store: dist.Store, host: str, key: bytes) -> dist.Store:
+    """`store` (listening on `host`) as every rank of the group uses it: sealed with `key` unless only this host
+    reaches it (loopback). Each rank decides from the same host, so they all agree."""
+    return store if _is_loopback(host) else SealedStore(store, key)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def connect_store(host: str, port: int, key: bytes) -> dist.Store:
+    """A rank's client of rank 0's store at host:port (waits up to RENDEZVOUS_TIMEOUT_S for it), guarded with
+    `key`."""
+    client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
+    return guarded(client, host, key)
+
+
+class StoreTampered(EngineError):
+    """A value in the rendezvous store that the group did not write (a peer without the secret wrote it)."""
+
+
+class SealedStore(dist.Store):
+    """`inner` as only holders of `key` can use it: each key is stored under its MAC (a peer listing the
+    store learns nothing, and cannot name a key before a rank set it), each value encrypted (HMAC-SHA256
+    in counter mode, a fresh nonce each) and MACed with its name. A value that fails its MAC raises
+    StoreTampered; a counter (`add`) is hidden by name only."""
+
+    def __init__(self, inner: dist.Store, key: bytes) -> None:
+        super().__init__()
+        self.inner = inner
+        self._name_key, self._pad_key, self._mac_key = (
+            hmac.new(key, purpose, hashlib.sha256).digest() for purpose in (b"names", b"pad", b"mac"))
+
+    def _name(self, key: str) -> str:
+        return "pdlaunch/" + hmac.new(self._name_key, key.encode(), hashlib.sha256).hexdigest()
+
+    def _pad(self, nonce: bytes, size: int) -> bytes:
+        blocks = (hmac.new(self._pad_key, nonce + i.to_bytes(8, "big"), hashlib.sha256).digest()
+                  for i in range(-(-size // MAC_BYTES)))
+        return b"".join(blocks)[:size]
+
+    def _seal(self, name: str, value: bytes) -> str:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        body = nonce + bytes(a ^ b for a, b in zip(value, self._pad(nonce, len(value)), strict=True))
+        tag = hmac.new(self._mac_key, name.encode() + body, hashlib.sha256).digest()
+        return base64.b64encode(body + tag).decode()
+
+    def _open(self, key: str, name: str, sealed: bytes) -> bytes:
+        try:
+            raw = base64.b64decode(sealed, validate=True)
+        except ValueError:
+            raw = b""
+        body, tag = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
+        expected = hmac.new(self._mac_key, name.encode() + body, hashlib.sha256).digest()
+        if len(body) < NONCE_BYTES or not hmac.compare_digest(tag, expected):
+            raise StoreTampered(f"the TP rendezvous store holds a value for {key!r} that no rank of this group "
+                                "wrote (another process reached the store's port)", field="parallel.master_port",
+                                hint="a process without the deployment secret wrote into it: keep "
+                                "parallel.master_port on a private network")
+        nonce, cipher = body[:NONCE_BYTES], body[NONCE_BYTES:]
+        return bytes(a ^ b for a, b in zip(cipher, self._pad(nonce, len(cipher)), strict=True))
+
+    def set(self, key: str, value: str | bytes) -> None:
+        name = self._name(key)
+        self.inner.set(name, self._seal(name, value.encode() if isinstance(value, str) else bytes(value)))
+
+    def get(self, key: str) -> bytes:
+        name = self._name(key)
+        return self._open(key, name, self.inner.get(name))
+
+    def add(self, key: str, value: int) -> int:
+        return self.inner.add(self._name(key), value)
+
+    def check(self, keys: list[str]) -> bool:
+        return self.inner.check([self._name(k) for k in keys])
+
+    def delete_key(self, key: str) -> bool:
+        return self.inner.delete_key(self._name(key))
+
+    @overload
+    def wait(self, keys: list[str]) -> None: ...
+
+    @overload
+    def wait(self, keys: list[str], timeout: timedelta) -> None: ...
+
+    def wait(self, keys: list[str], timeout: timedelta | None = None) -> None:
+        names = [self._name(k) for k in keys]
+        if timeout is None:
+            self.inner.wait(names)
+        else:
+            self.inner.wait(names, timeout)
+
+
+def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: int, store: dist.Store) -> TPGroup:
+    """Join the instance's TP group through `store` (rank 0's, at host:port) (blocks until every rank joined, at
+    most RENDEZVOUS_TIMEOUT_S)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if store is None:
-        store = dist.TCPStore(host, port, size, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
         kwargs["device_id"] = device
@@ -75,7 +207,7 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
         dist.init_process_group(backend, store=store, rank=rank, world_size=size,
                                 timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S), **kwargs)
         cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    except (RuntimeError, dist.DistError) as exc:
+    except (RuntimeError, dist.DistError, StoreTampered) as exc:
         if dist.is_initialized():
             destroy_tp_group()
         else:
@@ -83,12 +215,14 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
             # that only destroying a group resets: a restart here would rendezvous under "1" while its
             # fresh worker ranks wait under "0".
             dist.distributed_c10d._world.group_count = 0
+        if isinstance(exc, StoreTampered):
+            raise
         # init_process_group waits for the peers with the group's timeout, not the store's.
         raise EngineError(f"TP rank {rank} could not join the {size}-rank group at {host}:{port} "
                           f"within {COLLECTIVE_TIMEOUT_S:.0f}s: {exc}", field="parallel.master_addr",
                           hint="another rank failed to start (see its log) or the address is unreachable") from exc
     log.info("TP rank %d/%d joined (%s, rendezvous %s:%d)", rank, size, backend, host, port)
-    return TPGroup(rank=rank, size=size, backend=backend, cpu_group=cpu_group)
+    return TPGroup(rank=rank, size=size, backend=backend, cpu_group=cpu_group, store=store)
 
 
 def joining_key(rank: int) -> str:

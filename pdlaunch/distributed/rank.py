@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.engine_id import sync_engine_id
-from pdlaunch.distributed.parallel_state import TPGroup, init_tp_group
+from pdlaunch.distributed.parallel_state import TPGroup, connect_store, init_tp_group, store_key
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.model.loader import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
@@ -39,10 +39,13 @@ def rank_device(device_type: str, instance: InstanceSpec | None, rank: int) -> t
 
 def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
                device: torch.device, dtype: torch.dtype, max_model_len: int, master_port: int,
-               store: dist.TCPStore | None = None) -> RankState:
-    """Steps 1-3 for `rank`; rank 0 passes the store it hosts."""
+               store: dist.Store | None = None) -> RankState:
+    """Steps 1-3 for `rank`; rank 0 passes the store it hosts (sealed), another rank may pass its client."""
     tp = instance.tp if instance is not None else config.parallel.tp
-    group = init_tp_group(rank, tp, device, config.parallel.master_addr, master_port, store)
+    host = config.parallel.master_addr
+    if store is None:
+        store = connect_store(host, master_port, store_key(config, instance, master_port))
+    group = init_tp_group(rank, tp, device, host, master_port, store)
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler, max_model_len,
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,

@@ -28,7 +28,14 @@ import torch
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MalformedMessage, UnexpectedMessage
 from pdlaunch.distributed.messages import ConnectorCall, Ready
-from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
+from pdlaunch.distributed.parallel_state import (
+    RENDEZVOUS_TIMEOUT_S,
+    create_store,
+    destroy_tp_group,
+    guarded,
+    store_key,
+    wait_for_joins,
+)
 from pdlaunch.distributed.rank import build_rank
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.distributed.tp_connector import TPConnector
@@ -78,8 +85,9 @@ class RayTPExecutor:
         self._closing = threading.Event()
         self._nodes: list[str] = []  # each rank's node address, once every rank is built
         self._pending: dict[ObjectRef[None], int] = {}  # calls not yet known to have succeeded -> rank
-        self._store = create_store(config.parallel.master_addr, instance.master_port, self.tp_size)
-        port = self._store.port
+        raw = create_store(config.parallel.master_addr, instance.master_port, self.tp_size)
+        port = raw.port
+        self._store = guarded(raw, config.parallel.master_addr, store_key(config, instance, port))
         setups = [a.setup.remote(device.type, dtype_name, max_model_len, port) for a in actors]
         self._watches = {a.until_shutdown.options(concurrency_group=CONTROL_GROUP).remote(): r
                          for r, a in enumerate(actors, start=1)}

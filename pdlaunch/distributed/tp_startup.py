@@ -24,7 +24,15 @@ import torch.distributed as dist
 from pdlaunch.config.models import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import RankFailed, Ready, Setup
-from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, create_store, destroy_tp_group, wait_for_joins
+from pdlaunch.distributed.parallel_state import (
+    LOCAL_STORE_HOST,
+    RENDEZVOUS_TIMEOUT_S,
+    create_store,
+    destroy_tp_group,
+    guarded,
+    store_key,
+    wait_for_joins,
+)
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.rank import RankState, build_rank
 from pdlaunch.distributed.remote_link import RankListener, is_closed, set_send_timeout
@@ -45,7 +53,7 @@ class RankEnded(EngineError):
 @dataclass(frozen=True)
 class StartedGroup:
     ranks: TPRanks
-    store: dist.TCPStore  # rank 0 hosts it
+    store: dist.Store  # rank 0 hosts it
     hosts: list[str]  # each rank's node address when the group spans nodes; else []
     rank0: RankState
     ready: list[Ready]  # ranks 1..T-1 in order
@@ -60,25 +68,28 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
     placement = RankPlacement.from_env()
     hosts = list(placement.hosts) if placement is not None else []
     port = instance.master_port if instance is not None else config.parallel.master_port
-    store = create_store(config.parallel.master_addr, port, tp_size)
+    # the store listens only where its ranks dial: loopback, or this node's address when ranks run elsewhere
+    store_host = placement.hosts[0] if placement is not None else LOCAL_STORE_HOST
+    raw = create_store(store_host, port, tp_size)
+    store = guarded(raw, store_host, store_key(config, instance, raw.port))
     listener: RankListener | None = None
     links: dict[int, Connection] = {}
     try:
         if placement is not None and instance is not None:
             ranks.remote = {r: f"node {placement.nodes[r]} ({placement.hosts[r]})" for r in placement.remote_ranks()}
-            listener = RankListener(placement.hosts[0], link_authkey(config, instance.name, store.port))
+            listener = RankListener(placement.hosts[0], link_authkey(config, instance.name, raw.port))
             listener.publish(store)
         for rank in range(1, tp_size):
             if rank in ranks.remote:
                 continue
             ranks.procs[rank], links[rank] = _spawn_worker(rank, config, instance, device.type, dtype_name,
-                                                           max_model_len, store.port)
+                                                           max_model_len, store_host, raw.port)
         if listener is not None:
             links.update(listener.accept(ranks.remote, RENDEZVOUS_TIMEOUT_S))
         open_links(links, ranks.remote, Setup(device.type, dtype_name, max_model_len))
         ranks.links = [links[r] for r in range(1, tp_size)]
         wait_for_joins(store, tp_size, RENDEZVOUS_TIMEOUT_S, lambda s: _watch_startup(ranks, links, s))
-        rank0 = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, store.port, store)
+        rank0 = build_rank(0, config, instance, checkpoint, device, dtype, max_model_len, raw.port, store)
         ready = [wait_ready(ranks, r) for r in range(1, tp_size)]
     except BaseException as exc:
         ranks.links = [links[r] for r in sorted(links)]
@@ -97,11 +108,14 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
 
 
 def _spawn_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
-                  dtype_name: str, max_model_len: int, store_port: int) -> tuple[BaseProcess, Connection]:
-    """Start local rank `rank`'s worker process (worker.py); its process, and rank 0's end of its pipe."""
+                  dtype_name: str, max_model_len: int, store_host: str, store_port: int
+                  ) -> tuple[BaseProcess, Connection]:
+    """Start local rank `rank`'s worker process (worker.py), which joins the store at store_host:store_port; its
+    process, and rank 0's end of its pipe."""
     ctx = mp.get_context("spawn")
     parent_end, child_end = ctx.Pipe(duplex=True)
     worker_config, worker_instance = _as_drawn_by_worker(config, instance)
+    worker_config.parallel.master_addr = store_host
     proc = ctx.Process(target=run_worker, name=f"pdlaunch-tp-rank-{rank}", daemon=True,
                        args=(rank, worker_config, worker_instance, device_type, dtype_name, max_model_len,
                              store_port, child_end))

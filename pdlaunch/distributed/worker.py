@@ -65,7 +65,7 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
 
 def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
                dtype_name: str, max_model_len: int, master_port: int, conn: Connection, parent: int,
-               store: dist.TCPStore | None = None) -> None:
+               store: dist.Store | None = None) -> None:
     """Build rank `rank` (joining the group through `store` when given), report ready, serve rank 0's
     messages until it says shutdown or is gone (`parent` is the process whose end ends this rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp
@@ -100,7 +100,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
 
 
 def build_worker_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
-                      dtype_name: str, max_model_len: int, master_port: int, store: dist.TCPStore | None = None
+                      dtype_name: str, max_model_len: int, master_port: int, store: dist.Store | None = None
                       ) -> tuple[RankState, KVConnector | None, Ready]:
     """Rank `rank` (> 0) built: its shard joined to the group, its own connector (PD roles), and the
     Ready it reports to rank 0. A Ray rank actor (ray_rank.py) builds itself the same way."""
