@@ -190,3 +190,24 @@ def test_a_tp_group_on_one_host_keeps_its_store_on_loopback(llama_ckpt: Path) ->
         assert not any(reachable(a, port) for a in addresses), f"the store answers on {addresses}"
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_an_nccl_group_forms_and_runs_through_a_sealed_store() -> None:
+    """A group spanning nodes on GPUs joins NCCL through a SealedStore: NCCL's ids go through the Python store
+    (torch's trampoline, its C++ threads included). Rank 0 alone here (one GPU)."""
+    raw = create_store("127.0.0.1", None, 1)
+    sealed = SealedStore(raw, store_key(config("s" * 32), SPEC, raw.port))
+    group = init_tp_group(0, 1, torch.device("cuda:0"), "127.0.0.1", raw.port, sealed)
+    try:
+        assert group.backend == "nccl"
+        x = torch.ones(4, device="cuda:0")
+        dist.all_reduce(x)
+        torch.cuda.synchronize()
+        assert x.tolist() == [1.0] * 4
+        assert group.all_gather_object("rank 0") == ["rank 0"]
+        names = raw.list_keys()
+        assert names and all(n.startswith("pdlaunch/") for n in names)
+    finally:
+        destroy_tp_group()
