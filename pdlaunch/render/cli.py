@@ -63,7 +63,7 @@ def kubernetes(
 
     from pdlaunch.render.kubernetes import render_kubernetes
     from pdlaunch.render.manifest_files import write_manifests
-    from pdlaunch.render.objects import RenderOptions, option_problems
+    from pdlaunch.render.options import RenderOptions, option_problems
 
     console = Console(stderr=True)
     try:

@@ -20,6 +20,7 @@ from pdlaunch.config.models import (
     group_kv_cache_dtype,
 )
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.render.core_api import ContainerPort
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
     WORKER_INDEX_ENV,
@@ -32,14 +33,13 @@ from pdlaunch.render.objects import (
     PLACEMENT_ENV,
     ROLE_LABEL,
     TP_SECRET_ENV,
-    ContainerPort,
-    RenderOptions,
     app_labels,
     container,
     pod_env,
     pod_template,
     secret_env,
 )
+from pdlaunch.render.options import RenderOptions
 from pdlaunch.render.pod_ports import GroupPorts
 
 # The StatefulSet controller labels each pod `controller-revision-hash: <StatefulSet>-<10-character hash>`, at most

@@ -28,19 +28,11 @@ from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.security import MIN_SECRET_CHARS
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.render.core_api import Deployment, Secret, Service
 from pdlaunch.render.instance_groups import check_statefulset_names, leader_worker_set, pod_engine_id
 from pdlaunch.render.lws import LeaderWorkerSet
-from pdlaunch.render.objects import (
-    SECRET_ENV,
-    Deployment,
-    RenderOptions,
-    Secret,
-    Service,
-    meta,
-    proxy_deployment,
-    proxy_service,
-    role_service,
-)
+from pdlaunch.render.objects import SECRET_ENV, meta, proxy_deployment, proxy_service, role_service
+from pdlaunch.render.options import RenderOptions
 from pdlaunch.render.pod_ports import group_ports
 
 Manifest = Secret | LeaderWorkerSet | Service | Deployment  # in apply order
