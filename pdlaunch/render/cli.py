@@ -27,7 +27,8 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     from pdlaunch.config.loader import load_deployment
     from pdlaunch.config.rules.roles import kv_cache_dtype_problems, role_problems, size_problems
     from pdlaunch.config.validate import TargetHost, resolve
-    from pdlaunch.render.kubernetes import pod_port_problems, storage_connector_problems
+    from pdlaunch.render.kubernetes import storage_connector_problems
+    from pdlaunch.render.pod_ports import pod_port_problems
 
     cfg = load_deployment(config, overrides)
     target = None if cfg.device == "cpu" else TargetHost(gpus=gpus_per_node, gpu_memory_gib=80.0)
@@ -60,8 +61,9 @@ def kubernetes(
     """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
     from pydantic import ValidationError
 
-    from pdlaunch.render.kubernetes import render_kubernetes, write_manifests
-    from pdlaunch.render.objects import RenderOptions, option_problems
+    from pdlaunch.render.kubernetes import render_kubernetes
+    from pdlaunch.render.manifest_files import write_manifests
+    from pdlaunch.render.options import RenderOptions, option_problems
 
     console = Console(stderr=True)
     try:

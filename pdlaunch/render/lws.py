@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 from pydantic.alias_generators import to_camel
 
-from pdlaunch.render.objects import PodTemplateSpec
+from pdlaunch.render.core_api import PodTemplateSpec
 
 # What LWS sets on every container of a group (the leader's address is the group's rendezvous).
 LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
