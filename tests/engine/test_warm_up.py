@@ -1,4 +1,4 @@
-"""The runner's start-up warm-up (runner/model_runner.py `_warm_up`, CUDA only at start): the step shapes it
+"""The runner's start-up warm-up (runner/dry_steps.py `_warm_up`, CUDA only at start): the step shapes it
 runs cover every prompt size class and every paged-decode launch, and running them writes nothing."""
 
 from __future__ import annotations
