@@ -17,8 +17,8 @@ from typing import TypeVar
 import httpx
 from rich.console import Console
 
+from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
 from pdlaunch.config.engine_ids import is_engine_of_named
-from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.errors import PdlaunchError, exit_text
 from pdlaunch.http.auth import internal_headers

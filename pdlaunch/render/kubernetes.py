@@ -33,17 +33,12 @@ from pathlib import Path
 
 import yaml
 
-from pdlaunch.config.models import (
-    DeploymentConfig,
-    InstanceGroupConfig,
-    InstanceSpec,
-    group_expert_parallel,
-    group_kv_cache_dtype,
-)
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.host import make_output_dir
 from pdlaunch.config.rules.security import MIN_SECRET_CHARS
+from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pydantic import ConfigDict, with_config
 from typing_extensions import NotRequired, TypedDict  # pydantic reads these TypedDicts (Python 3.11)
 
-from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
 
 _STRICT = ConfigDict(extra="forbid")
 

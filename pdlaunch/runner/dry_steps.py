@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from pdlaunch.config.models import Role, SchedulerConfig
+from pdlaunch.config.engine_config import SchedulerConfig
+from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import EngineError
 from pdlaunch.model.arch import KVCacheGroup
 from pdlaunch.model.llama import CausalLM

@@ -10,7 +10,8 @@ import logging
 
 import torch
 
-from pdlaunch.config.models import Role, SchedulerConfig
+from pdlaunch.config.engine_config import SchedulerConfig
+from pdlaunch.config.strict_model import Role
 from pdlaunch.model.arch import KVCacheGroup
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.llama import CausalLM

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from pdlaunch.config.models import CacheConfig
+from pdlaunch.config.engine_config import CacheConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes

@@ -16,7 +16,8 @@ from collections.abc import Callable
 import torch
 
 from pdlaunch import metrics
-from pdlaunch.config.models import CacheConfig, Role, SchedulerConfig
+from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
+from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async

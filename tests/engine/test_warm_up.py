@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.model.loader import load_checkpoint
 from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes

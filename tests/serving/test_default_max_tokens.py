@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.proxy.continuation import continuation_body, max_tokens_of
 from pdlaunch.server.protocol import DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from tests.serving.helpers import in_process_instance, tiny_colocated

@@ -9,8 +9,8 @@ user set are named (pydantic's fields_set).
 
 from __future__ import annotations
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 
 

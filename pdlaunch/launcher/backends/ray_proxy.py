@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, POLL_S, READY_TIMEOUT_S, proxy_argv, proxy_env
 from pdlaunch.launcher.plan import DeploymentPlan
