@@ -22,7 +22,7 @@ from pdlaunch.errors import ConfigError, PdlaunchError
 from pdlaunch.render.cli import render_app
 
 if TYPE_CHECKING:
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
 
 app = typer.Typer(
     name="pdlaunch",
@@ -173,7 +173,7 @@ def config_schema() -> None:
     """Print the JSON Schema of the deployment config."""
     import json
 
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
 
     _print(json.dumps(DeploymentConfig.model_json_schema(), indent=2), "schema")
 

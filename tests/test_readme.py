@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.topology_config import InstanceGroupConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

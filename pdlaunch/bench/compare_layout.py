@@ -12,9 +12,9 @@ from rich.markup import escape
 
 from pdlaunch.bench.compare_config import CompareConfig, DeploymentKind
 from pdlaunch.bench.matmul_ceiling import Yardstick, measure_in_child
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.loader import load_valid_deployment
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator
 

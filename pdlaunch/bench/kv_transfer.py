@@ -26,7 +26,7 @@ import torch
 from pdlaunch.bench.kv_transfer_report import KVTransferRow
 from pdlaunch.bench.kv_transfer_side import Side, dead_side_named, start_side
 from pdlaunch.bench.kv_transfer_worker import DTYPES, Shape
-from pdlaunch.config.models import BLOCK_SIZES
+from pdlaunch.config.strict_model import BLOCK_SIZES
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.model.quant.kv_cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype

@@ -72,7 +72,10 @@ def _quiet_logging() -> None:
 
 def worker(conn: Connection, role: str, shape: Shape, device: str) -> None:
     """One side: builds connectors on a synthetic KV cache and answers the parent's commands."""
-    from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig, ModelConfig, SecurityConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+    from pdlaunch.config.engine_config import ModelConfig
+    from pdlaunch.config.kv_transfer_config import KVTransferConfig
+    from pdlaunch.config.launcher_config import SecurityConfig
     from pdlaunch.kv_transfer.base import KVCacheSpec
     from pdlaunch.kv_transfer.factory import create_connector
     from pdlaunch.memory import platform

@@ -16,7 +16,8 @@ from pdlaunch.bench.matmul_ceiling import Yardstick
 from pdlaunch.bench.report import ServeDoc
 from pdlaunch.bench.serve import measure
 from pdlaunch.bench.serve_config import ServeBenchConfig
-from pdlaunch.config.models import DeploymentConfig, Role
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import Deployment

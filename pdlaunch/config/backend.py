@@ -19,8 +19,9 @@ import subprocess
 from collections.abc import Mapping
 
 from pdlaunch.config.addresses import host_syntax_error
-from pdlaunch.config.models import DeploymentConfig, NodeConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS
+from pdlaunch.config.topology_config import NodeConfig
 from pdlaunch.config.validate import TargetHost
 from pdlaunch.errors import PdlaunchError
 

@@ -11,9 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from pdlaunch.config.backend import backend_target, with_backend_nodes
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings

@@ -189,7 +189,7 @@ _PANEL_ORDER = {panel: i for i, panel in enumerate(HELP_PANELS)}
 
 def _config_default(path: str) -> str | None:
     """The value a flag's config path has when neither the flag nor the YAML sets it, for `--help`."""
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
 
     defaults = DeploymentConfig()
     value: object = defaults

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from pdlaunch.config.cli_overrides import Overrides
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.errors_format import problems_from_validation_error, short_repr
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.flags import ENV_VARS
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.placement import PlacedRank, node_pool, place_group
+from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
 
 

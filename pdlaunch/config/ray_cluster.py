@@ -25,7 +25,8 @@ from types import ModuleType
 from typing import Literal
 
 from pdlaunch.config.addresses import host_syntax_error
-from pdlaunch.config.models import DeploymentConfig, Role
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory import host_devices
 

@@ -14,14 +14,16 @@ import os
 from dataclasses import dataclass
 
 from pdlaunch.config.addresses import bind_problem
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import ModelInfo, load_model_info
-from pdlaunch.config.models import BLOCK_SIZES, MAX_GIB, DeploymentConfig, InstanceGroupConfig
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules import memory, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
 from pdlaunch.config.rules.security import secret_problems
+from pdlaunch.config.strict_model import BLOCK_SIZES, MAX_GIB
+from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.memory import host_devices
 
 logger = logging.getLogger(__name__)

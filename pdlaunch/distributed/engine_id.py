@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 
 logger = logging.getLogger(__name__)
 

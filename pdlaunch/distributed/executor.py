@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
 from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.errors import EngineError

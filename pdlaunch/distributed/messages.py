@@ -26,7 +26,7 @@ from typing import ClassVar, Final, TypeAlias, get_args
 
 import torch
 
-from pdlaunch.config.models import DType
+from pdlaunch.config.strict_model import DType
 from pdlaunch.kv_transfer.base import KVConnectorEvents
 from pdlaunch.kv_transfer.params import KVTransferParams, PrefillAnswer, RemoteDecodeRequest, UnsignedPush
 from pdlaunch.runner.step_inputs import StepInputs

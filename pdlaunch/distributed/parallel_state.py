@@ -31,7 +31,7 @@ from typing import Any, overload
 import torch
 import torch.distributed as dist
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.placement import link_authkey
 from pdlaunch.errors import EngineError
 

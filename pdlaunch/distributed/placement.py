@@ -15,7 +15,7 @@ import struct
 
 from pydantic import BaseModel
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 
 PLACEMENT_ENV = "PDLAUNCH_TP_PLACEMENT"
 SECRET_ENV = "PDLAUNCH_TP_SECRET"  # optional: mixed into the rank link's authkey on every node

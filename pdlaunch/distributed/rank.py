@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.engine_id import sync_engine_id
 from pdlaunch.distributed.parallel_state import TPGroup, connect_store, init_tp_group, store_key
 from pdlaunch.kv_transfer.base import KVCacheSpec

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MalformedMessage, UnexpectedMessage
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import (

@@ -22,7 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MalformedMessage
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import destroy_tp_group

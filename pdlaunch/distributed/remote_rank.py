@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import recv_as
 from pdlaunch.distributed.messages import Setup
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, guarded, store_key

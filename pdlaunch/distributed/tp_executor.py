@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, check_reply, send
 from pdlaunch.distributed.messages import ConnectorCall, Execute, Message, RankFailed
 from pdlaunch.distributed.parallel_state import destroy_tp_group

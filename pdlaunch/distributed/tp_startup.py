@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 import torch
 import torch.distributed as dist
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import RankFailed, Ready, Setup
 from pdlaunch.distributed.parallel_state import (

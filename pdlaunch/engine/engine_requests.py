@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # llguidance is imported where a grammar is first needed
     import torch
     from llguidance import LLMatcher
 
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
     from pdlaunch.engine.output_processor import OutputProcessor
     from pdlaunch.engine.sampler import Sampler
     from pdlaunch.engine.scheduler import Scheduler

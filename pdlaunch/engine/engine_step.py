@@ -25,7 +25,7 @@ from pdlaunch.kv_transfer.params import JSONObject, PrefillAnswer, answer_json, 
 from pdlaunch.memory.platform import to_device_async
 
 if TYPE_CHECKING:
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
     from pdlaunch.distributed.executor import UniprocExecutor
     from pdlaunch.distributed.ray_executor import RayTPExecutor
     from pdlaunch.distributed.tp_executor import TPExecutor

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from pdlaunch.config.models import CacheConfig, DeploymentConfig, ModelConfig, SchedulerConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.engine_config import CacheConfig, ModelConfig, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import MAX_INT32, CompletionOutput, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.errors import ConfigError, EngineError, PdlaunchError

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from pdlaunch import metrics
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.executor import create_executor
 from pdlaunch.distributed.rank import kv_cache_spec
 from pdlaunch.engine.async_step import InFlight

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.kv_transfer.base import KVConnector
 
 

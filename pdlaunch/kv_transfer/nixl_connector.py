@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.agent import KVAgent
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, SideChannelKeys, require_secret

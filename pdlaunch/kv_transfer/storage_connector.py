@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnector, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices

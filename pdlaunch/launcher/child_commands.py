@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV
 from pdlaunch.launcher.deployment_secret import SECRET_ENV
 from pdlaunch.launcher.plan import DeploymentPlan, InstancePlan, RemoteRankPlan

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 from rich.console import Console
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_ids import planned_engine_id
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.rules.host import DEPLOYMENT_FILE
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.child_commands import (

@@ -7,7 +7,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"

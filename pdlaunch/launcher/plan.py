@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, group_expert_parallel, group_kv_cache_dtype
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.placement import PlacedRank
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
+from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.distributed.placement import RankPlacement, interface_env
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.ports import PortAllocator

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdlaunch.config.models import SupervisionConfig
+from pdlaunch.config.launcher_config import SupervisionConfig
 
 MAX_BACKOFF_S = 30.0
 MAX_DOUBLINGS = 64  # a backoff_s of a nanosecond or more has reached MAX_BACKOFF_S by then

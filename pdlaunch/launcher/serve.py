@@ -16,7 +16,7 @@ from types import FrameType
 from rich.console import Console
 from rich.markup import escape
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, Deployment
 from pdlaunch.launcher.process import ChildProcess

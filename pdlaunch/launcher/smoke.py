@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pdlaunch.config.addresses import port_is_free
-from pdlaunch.config.models import DeploymentConfig, InstanceGroupConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse

@@ -30,7 +30,7 @@ from types import FrameType
 
 import uvicorn
 
-from pdlaunch.config.models import SecurityConfig
+from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path

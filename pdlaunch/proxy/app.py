@@ -14,7 +14,7 @@ import httpx
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from pdlaunch.config.models import SecurityConfig
+from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.limits import BodyLimit

@@ -14,8 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.cli_overrides import Overrides
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flags import with_serve_options
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import ConfigError, PdlaunchError
 
 render_app = typer.Typer(help="Write a deployment's manifests for a cluster manager.", no_args_is_help=True)

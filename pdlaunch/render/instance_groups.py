@@ -12,13 +12,8 @@ from __future__ import annotations
 
 import json
 
-from pdlaunch.config.models import (
-    DeploymentConfig,
-    InstanceGroupConfig,
-    InstanceSpec,
-    group_expert_parallel,
-    group_kv_cache_dtype,
-)
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.core_api import ContainerPort
 from pdlaunch.render.lws import (

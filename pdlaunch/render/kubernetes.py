@@ -22,8 +22,8 @@ import json
 import os
 import secrets
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_ids import FILLED_IN
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.security import MIN_SECRET_CHARS

@@ -5,7 +5,7 @@ Deployment and Service. Their shapes are the TypedDicts of render/core_api.py.
 
 from __future__ import annotations
 
-from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
 from pdlaunch.render.core_api import (
     Container,
     ContainerPort,

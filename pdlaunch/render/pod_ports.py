@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.problems import Problem, problem
 

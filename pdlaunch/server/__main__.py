@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.watchdog import watch_parent

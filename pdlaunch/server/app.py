@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from pdlaunch import metrics
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.http.errors import install_error_handlers
 from pdlaunch.http.limits import BodyLimit

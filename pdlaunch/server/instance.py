@@ -16,7 +16,7 @@ from typing import Literal
 
 from starlette.requests import Request
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.engine_loop import EngineLoop
 

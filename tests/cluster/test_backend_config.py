@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.backend import with_backend_nodes
-from pdlaunch.config.models import DeploymentConfig, NodeConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.topology_config import NodeConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm import cpus_per_node, srun_argv
 from tests.cluster.slurm_cluster import _free_port

@@ -27,7 +27,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.ray_cluster import RayNode
 from pdlaunch.distributed.parallel_state import joining_key
 from pdlaunch.distributed.ray_rank import ray_failure

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends import slurm, slurm_steps
 from pdlaunch.launcher.backends.slurm import run_slurm
 from tests.helpers.pids import pid_alive, signal_pid

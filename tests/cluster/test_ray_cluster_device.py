@@ -13,7 +13,7 @@ import pytest
 
 from pdlaunch.config import ray_cluster
 from pdlaunch.config.backend import backend_target
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_cluster import bundle, with_ray_cluster
 from pdlaunch.errors import PdlaunchError
 from tests.config.cli_helpers import check, check_json

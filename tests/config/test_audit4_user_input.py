@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.errors_format import problems_from_validation_error
-from pdlaunch.config.models import DeploymentConfig
 from tests.config.cli_helpers import assert_invalid, check, write_yaml
 
 CPU = ["--model", "tiny", "--device", "cpu"]

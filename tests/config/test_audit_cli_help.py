@@ -5,7 +5,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
-from pdlaunch.config.models import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
+from pdlaunch.config.engine_config import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
 
 
 def test_max_num_batched_tokens_help_gives_the_defaults_of_each_role() -> None:

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.errors_format import _model_in, all_key_paths
-from pdlaunch.config.models import DeploymentConfig
 from tests.config.cli_helpers import check
 
 REAL_KEYS = sorted({p.replace("[]", "").rsplit(".", 1)[-1] for p in all_key_paths()})

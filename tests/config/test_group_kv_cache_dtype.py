@@ -11,8 +11,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.config.loader import load_valid_deployment
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.launcher.ports import PortAllocator
 from tests.config.cli_helpers import assert_invalid, check, check_json

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.loader import example_yaml, load_deployment, load_valid_deployment
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import ConfigError
 from tests.config.cli_helpers import invoke, write_yaml
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.resources import port_plan, port_problems
 from pdlaunch.distributed.placement import PLACEMENT_ENV, RankPlacement
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment

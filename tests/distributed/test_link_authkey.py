@@ -3,7 +3,7 @@ the deployment secret that every node of a multi-node deployment shares (and PDL
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.distributed.placement import SECRET_ENV, link_authkey
 
 

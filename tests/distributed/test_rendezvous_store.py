@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.parallel_state import (
     SealedStore,
     StoreTampered,

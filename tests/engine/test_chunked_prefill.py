@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.models import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
+from pdlaunch.config.engine_config import DECODE_TOKEN_BUDGET, PROMPT_TOKEN_BUDGET, SchedulerConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.scheduler_output import SchedulerOutput
@@ -69,7 +69,7 @@ def test_prompts_beside_decodes_run_in_capped_chunks_with_the_same_tokens(llama_
     """--prompt-tokens-while-decoding: a step that runs a decode computes at most that many prompt tokens; a step
     with none takes the whole budget; the tokens are those of unchunked steps, with the host's work overlapped
     (async scheduling, the default with CUDA: a request's pending token makes it a decode) or not."""
-    from pdlaunch.config.models import PROMPT_TOKENS_WHILE_DECODING
+    from pdlaunch.config.engine_config import PROMPT_TOKENS_WHILE_DECODING
 
     prompts = mixed_prompts(8, seed=21, max_len=90)
     reference = tokens(run_all(make_engine(llama_ckpt, prompt_tokens_while_decoding=0, enable_prefix_caching=False),

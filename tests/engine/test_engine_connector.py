@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector, KVConnectorEvents

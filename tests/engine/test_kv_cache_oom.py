@@ -1,15 +1,15 @@
-"""Weights or a KV cache that run out of device memory at start (runner/model_runner.py): an EngineError naming
-the field to change, not torch's OutOfMemoryError and its traceback."""
+"""Weights or a KV cache that run out of device memory at start (runner/model_runner.py, kv_cache_tensors.py): an
+EngineError naming the field to change, not torch's OutOfMemoryError and its traceback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.model.loader import load_checkpoint
-from pdlaunch.runner import model_runner
+from pdlaunch.runner import kv_cache_tensors, model_runner
 from pdlaunch.runner.model_runner import ModelRunner
 
 
@@ -20,7 +20,7 @@ def test_kv_cache_out_of_memory_names_the_field(monkeypatch: pytest.MonkeyPatch)
     def no_memory(*args: object, **kwargs: object) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 33.55 GiB.\nmore lines")
 
-    monkeypatch.setattr(model_runner.torch, "zeros", no_memory)
+    monkeypatch.setattr(kv_cache_tensors.torch, "zeros", no_memory)
     with pytest.raises(EngineError) as raised:
         runner.allocate_kv_caches()
     assert raised.value.field == "cache.num_gpu_blocks"  # the block count was given: that is what to lower

@@ -79,7 +79,7 @@ def test_an_moe_model_whose_large_pieces_do_not_fit_keeps_the_dense_ladder(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
 
     monkeypatch.setattr(MixedGraphs, "capture", capture)
-    with caplog.at_level(logging.WARNING, logger="pdlaunch.runner.model_runner"):
+    with caplog.at_level(logging.WARNING, logger="pdlaunch.runner.graph_setup"):
         engine = make_engine(moe_ckpt("qwen3_moe"), max_num_batched_tokens=8192)
     assert tried == [8192, 2048]
     assert engine.runner.mixed is not None and engine.runner.mixed.sizes[-1] == 2048
@@ -248,7 +248,7 @@ def test_a_failed_capture_leaves_those_steps_eager_with_a_warning(llama_ckpt: Pa
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(MixedGraphs, "capture", failing_capture)
-    with caplog.at_level("WARNING", logger="pdlaunch.runner.model_runner"):
+    with caplog.at_level("WARNING", logger="pdlaunch.runner.graph_setup"):
         engine = make_engine(llama_ckpt)
     assert engine.runner.mixed is None
     assert "capturing their piecewise CUDA graphs failed (operation not permitted when stream is capturing)" \

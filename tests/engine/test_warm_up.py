@@ -1,4 +1,4 @@
-"""The runner's start-up warm-up (runner/model_runner.py `_warm_up`, CUDA only at start): the step shapes it
+"""The runner's start-up warm-up (runner/dry_steps.py `_warm_up`, CUDA only at start): the step shapes it
 runs cover every prompt size class and every paged-decode launch, and running them writes nothing."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.config.models import CacheConfig, SchedulerConfig
+from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.model.loader import load_checkpoint
 from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.params import params_key, sign_kv_transfer_params
 

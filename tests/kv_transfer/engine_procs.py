@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm import build_config
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.rpc import Built, ProcessRPC

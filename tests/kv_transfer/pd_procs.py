@@ -50,7 +50,7 @@ def handshake_for(spec: KVCacheSpec, **overrides: Any) -> HandshakeInfo:
 def build_connector(config_json: str, instance_json: str, spec_kwargs: dict[str, Any],
                     staging_slots: int = 0) -> Built:
     from pdlaunch import metrics
-    from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+    from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
     from pdlaunch.kv_transfer.factory import create_connector
 
     config = DeploymentConfig.model_validate_json(config_json)

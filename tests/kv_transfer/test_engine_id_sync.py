@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.distributed.engine_id import sync_engine_id
 from tests.kv_transfer.deployment_secret import secured
 

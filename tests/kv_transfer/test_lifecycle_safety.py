@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from pdlaunch import metrics
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.engine.request import Request

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.base import KVConnectorEvents
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured

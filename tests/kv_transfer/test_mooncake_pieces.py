@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from pdlaunch.config import mooncake_install
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.config.rules.host import kv_connector_problems
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.fault import ENV

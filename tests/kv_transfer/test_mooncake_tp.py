@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.kv_transfer.test_pd_engines import PROMPTS, colocated

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.params import PrefillAnswer, RemoteDecodeRequest
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.mooncake_skip import requires_mooncake

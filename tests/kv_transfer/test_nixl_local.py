@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVConnectorEvents
 from pdlaunch.kv_transfer.factory import create_connector

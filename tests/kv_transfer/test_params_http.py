@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.server.app import build_app

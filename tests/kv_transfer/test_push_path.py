@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pdlaunch.bench.kv_transfer import run_kv_transfer_bench
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.nixl_connector import NixlConnector
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest

@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.params import PrefillAnswer
 from tests.kv_transfer.deployment_secret import secured
 from tests.kv_transfer.pd_procs import ConnectorProcess, tp_prefill_answer

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.kv_transfer.side_channel import client
 from tests.kv_transfer.deployment_secret import KEYS, secured

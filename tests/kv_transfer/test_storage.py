@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec, KVTransferConfig
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.kv_transfer.factory import create_connector
 from pdlaunch.kv_transfer.params import RemoteDecodeRequest
 from pdlaunch.kv_transfer.storage_connector import StorageConnector

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.engine.sleep_mode import HOLD_DRAIN_S
 from pdlaunch.errors import PdlaunchError
 from tests.kv_transfer.engine_procs import build_engine, pd_config

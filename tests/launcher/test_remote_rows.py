@@ -19,7 +19,7 @@ import httpx
 import pytest
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.stall_watch import StallWatch, health_state

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher import smoke
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.launcher.process import ChildProcess

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.log_dir_lock import log_dir_holder
 from pdlaunch.launcher.process import ChildProcess

@@ -197,7 +197,7 @@ def test_valid_prefill_launches_parse(monkeypatch: pytest.MonkeyPatch, setting: 
 
 @pytest.mark.parametrize("value,want", [("", "auto"), ("auto", "auto"), ("off", "off"), ("ungrouped", "ungrouped")])
 def test_prompt_rows_settings_parse(monkeypatch: pytest.MonkeyPatch, value: str, want: str) -> None:
-    from pdlaunch.runner.model_runner import prompt_rows_setting
+    from pdlaunch.runner.graph_setup import prompt_rows_setting
 
     monkeypatch.setenv("PDLAUNCH_PROMPT_ROWS", value)
     assert prompt_rows_setting() == want
@@ -206,6 +206,6 @@ def test_prompt_rows_settings_parse(monkeypatch: pytest.MonkeyPatch, value: str,
 @pytest.mark.parametrize("value", ["Off", "of", "grouped", "zz", "0"])
 def test_a_bad_prompt_rows_setting_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     """It compared against `off` and `ungrouped` and took anything else (`Off`) as auto."""
-    from pdlaunch.runner.model_runner import prompt_rows_setting
+    from pdlaunch.runner.graph_setup import prompt_rows_setting
 
     _refused(monkeypatch, "PDLAUNCH_PROMPT_ROWS", value, prompt_rows_setting)

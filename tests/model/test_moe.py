@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import load_model_info
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.model.arch import parse_hf_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.distributed.placement import PLACEMENT_ENV, RankPlacement
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.deployment import Deployment

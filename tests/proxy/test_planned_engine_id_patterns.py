@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_ids import is_engine_of, is_engine_of_named
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.proxy.__main__ import parse_args
 from pdlaunch.proxy.instances import Instance, InstancePool, foreign_answer

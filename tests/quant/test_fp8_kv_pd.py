@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from tests.kv_transfer.engine_procs import build_engine, pd_config
 from tests.kv_transfer.mooncake_skip import requires_mooncake
 from tests.kv_transfer.rpc import ProcessRPC

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.render.lws import LeaderWorkerSet
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")

@@ -13,8 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
+from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.config.engine_ids import is_engine_of
-from pdlaunch.config.models import InstanceSpec
 from pdlaunch.proxy.__main__ import parse_args
 
 UIDS = ("0f6c9e58-2b1d-4c3e-9a57-5d0c1e7b8a21", "7e21d4a0-93c5-4b6f-8d1e-2c4a9b0f3e57")  # as recreated

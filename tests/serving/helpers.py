@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 if TYPE_CHECKING:
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
     from pdlaunch.server.engine_loop import EngineLoop
 
 
@@ -79,7 +79,7 @@ class ThreadServer:
 def tiny_colocated(max_model_len: int) -> DeploymentConfig:
     """One colocated instance of the tiny random model on CPU (128 blocks of 8 tokens, a deployment secret),
     its context `max_model_len` tokens: the config of the module fixtures that serve it in process."""
-    from pdlaunch.config.models import DeploymentConfig
+    from pdlaunch.config.deployment_config import DeploymentConfig
 
     return DeploymentConfig.model_validate({
         "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
@@ -95,7 +95,7 @@ def in_process_instance(cfg: DeploymentConfig, engine_id: str, max_pending_reque
     yields (its URL, its engine loop) once /health answers; stopped on exit."""
     import httpx
 
-    from pdlaunch.config.models import InstanceSpec
+    from pdlaunch.config.deployment_config import InstanceSpec
     from pdlaunch.engine.llm_engine import LLMEngine
     from pdlaunch.launcher.ports import PortAllocator
     from pdlaunch.server.app import build_app

@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http import limits
 from pdlaunch.http.auth import AccessPolicy, RequireAuth
 from pdlaunch.launcher.ports import PortAllocator

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.proxy.continuation import continuation_body, max_tokens_of
 from pdlaunch.server.chat_request import ChatCompletionRequest
 from pdlaunch.server.completion_request import CompletionRequest

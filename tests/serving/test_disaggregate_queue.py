@@ -23,7 +23,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.model.demo import resolve_model_path

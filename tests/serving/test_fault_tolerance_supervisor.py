@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import exit_text
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.status import StatusRow

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdlaunch.config.models import SupervisionConfig
+from pdlaunch.config.launcher_config import SupervisionConfig
 from pdlaunch.launcher.restart_policy import (
     MAX_BACKOFF_S,
     GiveUp,

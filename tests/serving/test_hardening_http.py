@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import MAX_PROMPT_CHARS_PER_TOKEN

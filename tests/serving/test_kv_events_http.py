@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kvcache.events import KV_EVENT, KvSnapshot, hash_hex, prompt_block_hashes
 from pdlaunch.server.engine_loop import EngineLoop

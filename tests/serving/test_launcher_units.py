@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.config.addresses import port_is_free
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import plan_deployment
 from pdlaunch.launcher.ports import PortAllocator

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.http.errors import OpenAIError

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.sse import parse_sse
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.tool_calls import ToolStream, parse_auto, tool_calling_of
 from tests.serving.helpers import in_process_instance

@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from typer.testing import CliRunner
 
 from pdlaunch.cli import app
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_headers
 from pdlaunch.kvcache.events import KvRemoved, KvSnapshot, KvStored, prompt_block_hashes
 from pdlaunch.launcher.deployment import Deployment

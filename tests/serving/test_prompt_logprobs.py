@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from tests.helpers.checkpoints import hf_logits, make_llama
 from tests.serving.helpers import in_process_instance
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.responses import JSONResponse, Response
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.__main__ import parse_args

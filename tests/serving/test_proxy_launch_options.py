@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, internal_token
 from pdlaunch.kv_transfer.push_params import PREFILL_SIDE_CHANNELS_ENV, prefill_side_channels
 from pdlaunch.launcher.child_commands import prefill_side_channels_env

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, proxy_policy_args
+from pdlaunch.config.deployment_config import DeploymentConfig, proxy_policy_args
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.workers import worker_argv
 from tests.serving.e2e import Serve, alive, children_of, wait_gone

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse

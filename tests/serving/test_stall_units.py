@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.stall_watch import StallWatch

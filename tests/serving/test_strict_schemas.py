@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.structured_output import StructuredOutput, check, close_objects
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.server.structured_fields import structured_output_of

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.server.instance import accepted_model_names, served_model_names
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.http.sse import parse_sse

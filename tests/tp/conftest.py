@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.model.demo_tokenizer import (

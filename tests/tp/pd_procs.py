@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from tests.kv_transfer.engine_procs import EngineProcess, build_engine, pd_config
 from tests.kv_transfer.rpc import ProcessRPC, _serve, context
 

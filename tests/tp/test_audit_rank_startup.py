@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed import parallel_state, tp_startup
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError

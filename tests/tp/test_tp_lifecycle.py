@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError
 from tests.tp.conftest import MakeTPEngine

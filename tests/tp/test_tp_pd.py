@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from tests.kv_transfer.engine_procs import pd_config
 from tests.kv_transfer.test_pd_engines import GREEDY, PROMPTS, colocated
 from tests.tp.pd_procs import TPEngineProcess, tp_pd_pair

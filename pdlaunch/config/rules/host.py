@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 
 from pdlaunch.config import mooncake_install
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError

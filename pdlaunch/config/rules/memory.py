@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import DTYPE_BYTES, ModelInfo
-from pdlaunch.config.models import DeploymentConfig, group_kv_cache_dtype
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.topology_config import group_kv_cache_dtype
 
 GIB = 1 << 30
 

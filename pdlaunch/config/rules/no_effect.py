@@ -9,8 +9,8 @@ user set are named (pydantic's fields_set).
 
 from __future__ import annotations
 
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import DeploymentConfig
 from pdlaunch.config.problems import Problem, problem
 
 
@@ -47,7 +47,7 @@ def colocated_warnings(cfg: DeploymentConfig) -> list[Problem]:
 
 def kv_budget_warnings(cfg: DeploymentConfig) -> list[Problem]:
     """The KV cache size comes from one setting: cache.num_gpu_blocks when set, else gpu_memory_utilization on
-    CUDA and cpu_kv_cache_gb on the CPU (runner/model_runner.py); the others set beside it do nothing."""
+    CUDA and cpu_kv_cache_gb on the CPU (runner/kv_cache_tensors.py); the others set beside it do nothing."""
     cache, given = cfg.cache, cfg.cache.model_fields_set
     if cache.num_gpu_blocks is not None:
         return [problem(f"cache.{name}", "has no effect: cache.num_gpu_blocks fixes the KV cache's size",

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from pdlaunch.config.addresses import port_is_free
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError

@@ -5,15 +5,12 @@ Each rule takes the resolved config (group.tp filled in) and returns problems; n
 
 from __future__ import annotations
 
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.launcher_config import LauncherConfig
 from pdlaunch.config.model_info import ModelInfo
-from pdlaunch.config.models import (
-    BLOCK_SIZES,
-    DeploymentConfig,
-    LauncherConfig,
-    group_expert_parallel,
-    group_kv_cache_dtype,
-)
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.strict_model import BLOCK_SIZES
+from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
 
 # More ranks (processes, one per GPU on CUDA) than a deployment runs: the rules after size_problems walk every
 # rank, so a typo such as `count: 3000000` must stop there instead of filling memory.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks

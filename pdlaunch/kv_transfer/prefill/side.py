@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from pdlaunch.config.models import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.checksum import block_checksums

@@ -7,7 +7,7 @@ ray (ray.py): one placement group per instance and one actor per TP rank on a Ra
 
 from __future__ import annotations
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 
 
 def run_deployment(cfg: DeploymentConfig) -> int:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.markup import escape
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_cluster import NAMESPACE, live_nodes
 from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.errors import exit_text

@@ -12,7 +12,7 @@ from types import ModuleType
 import httpx
 from rich.console import Console
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_cluster import RayNode, connect, live_nodes, plan_instance
 from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.child_commands import proxy_argv, proxy_env
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S

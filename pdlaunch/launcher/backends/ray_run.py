@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pdlaunch.config.models import InstanceSpec
+from pdlaunch.config.deployment_config import InstanceSpec
 from pdlaunch.config.ray_cluster import InstancePlacement
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import InstancePlan

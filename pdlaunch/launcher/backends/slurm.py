@@ -38,7 +38,7 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
 from pdlaunch.launcher.process import ChildProcess, stop_all

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from pdlaunch.config.models import DeploymentConfig
+from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV, STOP_SIGNAL

@@ -1,0 +1,103 @@
+"""Deployment config: one pydantic model per concern, composed into `DeploymentConfig`.
+
+Field names are the YAML keys. Every CLI flag maps onto one of them (see `pdlaunch.config.flags`).
+Cross-field rules live in `pdlaunch.config.validate`; these models only check single values. The sections:
+engine_config.py (`model`, `cache`, `scheduler`), topology_config.py (`parallel`, `instances`),
+kv_transfer_config.py, proxy_config.py, launcher_config.py (`launcher`, `supervision`, `security`), on the base
+and field types of strict_model.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pdlaunch.config.engine_config import CacheConfig, ModelConfig, SchedulerConfig
+from pdlaunch.config.kv_transfer_config import KVTransferConfig
+from pdlaunch.config.launcher_config import LauncherConfig, SecurityConfig, SupervisionConfig
+from pdlaunch.config.proxy_config import ProxyConfig
+from pdlaunch.config.strict_model import Device, KVCacheDType, Role, StrictModel
+from pdlaunch.config.topology_config import InstanceGroupConfig, ParallelConfig
+
+
+def default_instances() -> list[InstanceGroupConfig]:
+    return [InstanceGroupConfig(role="prefill"), InstanceGroupConfig(role="decode")]
+
+
+class DeploymentConfig(StrictModel):
+    device: Device = Field("auto", description="auto picks cuda when available, else cpu.")
+    colocated: bool = Field(False, description="One instance doing both phases, no KV transfer.")
+    log_dir: str = Field("logs", description="One log file per instance is written here.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
+    supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    instances: list[InstanceGroupConfig] = Field(default_factory=default_instances)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _colocated_default_instances(cls, data: object) -> object:
+        # Without an explicit `instances`, a colocated deployment is one colocated instance.
+        if isinstance(data, dict) and data.get("colocated") is True and "instances" not in data:
+            return {**data, "instances": [{"role": "colocated"}]}
+        return data
+
+
+class InstanceSpec(StrictModel):
+    """What one instance process needs to know about itself; produced by the launcher."""
+
+    role: Role
+    index: int = 0
+    host: str = "127.0.0.1"
+    port: int
+    tp: int = 1
+    expert_parallel: bool = False
+    kv_cache_dtype: KVCacheDType | None = None  # None: the deployment's cache.kv_cache_dtype
+    devices: list[int] = Field(default_factory=list)
+    device: Literal["cpu", "cuda"] = "cpu"
+    engine_id: str
+    side_channel_port: int | None = None
+    master_port: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+def instance_cache(config: DeploymentConfig, instance: InstanceSpec | None) -> CacheConfig:
+    """The cache settings one instance runs with: the deployment's, with its group's KV cache dtype."""
+    if instance is None or instance.kv_cache_dtype is None:
+        return config.cache
+    return config.cache.model_copy(update={"kv_cache_dtype": instance.kv_cache_dtype})
+
+
+def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> list[str]:
+    """The proxy's routing, timeout, size and failure flags from the deployment (`python -m pdlaunch.proxy`),
+    one list for every way it is started (the local and Ray launchers, the Kubernetes manifests).
+    `tokenizer()`: the model path as the proxy will read it, asked for only when routing needs token ids."""
+    proxy = cfg.proxy
+    args = ["--routing-policy", proxy.routing_policy, "--request-timeout", str(proxy.request_timeout_seconds),
+            "--max-request-bytes", str(cfg.security.max_request_bytes),
+            "--health-timeout", str(proxy.health_timeout_seconds),
+            "--load-failure-policy", cfg.kv_transfer.load_failure_policy,
+            "--migration-limit", str(proxy.migration_limit)]
+    if proxy.workers > 1:
+        args += ["--workers", str(proxy.workers)]
+    if proxy.prefill_timeout_seconds is not None:
+        args += ["--prefill-timeout", str(proxy.prefill_timeout_seconds)]
+    if proxy.disaggregate_min_tokens is not None:
+        args += ["--disaggregate-min-tokens", str(proxy.disaggregate_min_tokens)]
+    if proxy.disaggregate_max_queue_tokens is not None:
+        args += ["--disaggregate-max-queue-tokens", str(proxy.disaggregate_max_queue_tokens)]
+    if proxy.disaggregate_max_itl_ms is not None:
+        args += ["--disaggregate-max-itl-ms", repr(proxy.disaggregate_max_itl_ms)]
+    if proxy.disaggregate_min_tokens is not None or proxy.routing_policy == "prefix":
+        args += ["--tokenizer", tokenizer()]  # the instances' own
+    return args

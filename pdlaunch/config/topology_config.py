@@ -1,0 +1,58 @@
+"""Where the instances run and how each is split: the `parallel` section (TP sizes, nodes) and the `instances`
+groups, with the settings a group may take from the deployment's."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from pdlaunch.config.addresses import Host
+from pdlaunch.config.engine_config import CacheConfig
+from pdlaunch.config.strict_model import DeviceIndex, KVCacheDType, Role, StrictModel
+
+
+class NodeConfig(StrictModel):
+    address: Host = Field(..., description="Address other nodes reach this node at.")
+    devices: list[DeviceIndex] = Field(default_factory=list, description="CUDA device indices on this node (0 "
+                                       "and up).")
+
+
+class ParallelConfig(StrictModel):
+    tp: int = Field(1, gt=0, description="Default tensor-parallel size of every instance.")
+    prefill_tp: int | None = Field(None, gt=0, description="TP size of prefill instances (default: tp).")
+    decode_tp: int | None = Field(None, gt=0, description="TP size of decode instances (default: tp).")
+    enable_expert_parallel: bool = Field(
+        False, description="MoE models: place whole experts on each TP rank (the number of experts must divide by "
+        "the TP size) instead of splitting every expert's intermediate dimension (the default).")
+    nodes: list[NodeConfig] = Field(default_factory=list, description="Multi-node: one entry per node.")
+    node_rank: int = Field(0, ge=0, description="Which entry of `nodes` this process runs.")
+    master_addr: Host = Field("127.0.0.1", description="torch.distributed rendezvous address.")
+    master_port: int | None = Field(None, description="Rendezvous port; default: a free port.")
+
+
+class InstanceGroupConfig(StrictModel):
+    role: Role
+    count: int = Field(1, ge=0, description="Number of instances in this group.")
+    tp: int | None = Field(None, gt=0, description="TP size (default: parallel.prefill_tp/decode_tp/tp).")
+    enable_expert_parallel: bool | None = Field(
+        None, description="MoE models: whole experts per TP rank in this group (default: "
+        "parallel.enable_expert_parallel). Prefill and decode may differ; KV transfer is unchanged.")
+    kv_cache_dtype: KVCacheDType | None = Field(
+        None, description="This group's KV cache element type (default: cache.kv_cache_dtype). Colocated groups "
+        "may differ (e.g. an fp8 group next to a bf16 one behind one proxy); prefill and decode groups must agree, "
+        "since KV moves between them as stored.")
+    devices: list[DeviceIndex] | None = Field(None, description="CUDA devices for the group (indices, 0 and up), "
+                                              "tp per instance, in order.")
+    node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
+    base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
+    restart: bool = Field(True, description="Restart a dead instance of this group (with backoff) instead of "
+                                            "stopping the deployment.")
+
+
+def group_kv_cache_dtype(cache: CacheConfig, group: InstanceGroupConfig) -> KVCacheDType:
+    """The group's KV cache dtype: its own setting, else the deployment's."""
+    return cache.kv_cache_dtype if group.kv_cache_dtype is None else group.kv_cache_dtype
+
+
+def group_expert_parallel(parallel: ParallelConfig, group: InstanceGroupConfig) -> bool:
+    """The group's expert-parallel mode: its own setting, else the deployment's."""
+    return parallel.enable_expert_parallel if group.enable_expert_parallel is None else group.enable_expert_parallel
