@@ -124,7 +124,7 @@ class PrefillLegs:
                   request_deadline: float, chars: int) -> tuple[Instance, JsonObject] | None:
         """(prefill that answered, its answer), or None: no prefill answered in time and the decode is to
         compute the prompt itself. Raises a 504 OpenAIError naming the stall under policy fail.
-        The leg's X-Request-Id (headers) is one no other request uses (completions._leg_id): cancelled (the
+        The leg's X-Request-Id (headers) is one no other request uses (prompt_request._leg_id): cancelled (the
         client left), the leg asks every prefill it was sent to, a replacement for one that was gone
         included, to release what it holds for that id: one that answered as the client left holds KV
         for params nobody read (it saw no disconnect: its answer was already sent). In front of foreign

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from pdlaunch.memory.cumem import CuMemAllocator, CuMemError, _expandable_segments_on, memory_pool_context
+from pdlaunch.memory.cumem import CuMemAllocator, _expandable_segments_on, memory_pool_context
+from pdlaunch.memory.cumem_driver import CuMemError
 from pdlaunch.memory.sleep import MemorySleep
 
 MiB = 1 << 20

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from pdlaunch.memory.cumem import CuMemAllocator, CuMemError, _Allocation, _DeviceProps
+from pdlaunch.memory.cumem import CuMemAllocator
+from pdlaunch.memory.cumem_driver import Allocation, CuMemError, DeviceProps
 
 SIZE = 4096  # bytes of the one allocation, a multiple of the fake granularity
 PTR = 0x7F0000000000  # its virtual address
@@ -69,27 +70,27 @@ class _Stream:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
-def _asleep_allocator() -> tuple[CuMemAllocator, _Driver, _Stream, _Allocation, torch.Tensor]:
+def _asleep_allocator() -> tuple[CuMemAllocator, _Driver, _Stream, Allocation, torch.Tensor]:
     """An allocator (no CUDA, no __init__) holding one "weights" allocation asleep with its backup."""
     allocator = object.__new__(CuMemAllocator)
     driver, stream = _Driver(), _Stream()
     backup = torch.randint(0, 256, (SIZE,), dtype=torch.uint8)
-    alloc = _Allocation(PTR, SIZE, device=0, tag="weights", backup=backup)
+    alloc = Allocation(PTR, SIZE, device=0, tag="weights", backup=backup)
     allocator._cu = driver
     allocator._lock = threading.RLock()
     allocator._allocations = {PTR: alloc}
-    allocator._devices = {0: _DeviceProps(prop=None, access=None, granularity=SIZE, rdma_capable=False)}
+    allocator._devices = {0: DeviceProps(prop=None, access=None, granularity=SIZE, rdma_capable=False)}
     allocator._copy_streams = {0: stream}  # type: ignore[dict-item]
     return allocator, driver, stream, alloc, backup.clone()
 
 
-def _assert_asleep_with_backup(allocator: CuMemAllocator, driver: _Driver, alloc: _Allocation,
+def _assert_asleep_with_backup(allocator: CuMemAllocator, driver: _Driver, alloc: Allocation,
                                expected: torch.Tensor) -> None:
     assert allocator.asleep_tags() == {"weights"} and alloc.handle is None and driver.handles == 0
     assert alloc.backup is not None and torch.equal(alloc.backup, expected)
 
 
-def _assert_restored(allocator: CuMemAllocator, driver: _Driver, alloc: _Allocation, expected: torch.Tensor) -> None:
+def _assert_restored(allocator: CuMemAllocator, driver: _Driver, alloc: Allocation, expected: torch.Tensor) -> None:
     assert allocator.asleep_tags() == set() and alloc.handle is not None and alloc.backup is None
     assert driver.device[PTR] == expected.numpy().tobytes()
 

@@ -277,7 +277,7 @@ def test_with_a_tpot_rule_the_spill_cap_bounds_the_prompts_on_the_decode_this_on
 
 
 def test_the_log_line_says_why_a_decode_had_no_headroom() -> None:
-    from pdlaunch.proxy.completions import _busy
+    from pdlaunch.proxy.prompt_request import _busy
 
     assert _busy(9.126, 4) == "streams at 9.13 ms a token"
     assert _busy(0.0, 3) == "has 3 requests in flight that its last /health (idle) predates"
