@@ -19,7 +19,7 @@ dequantized bf16 weights; the matmul itself runs in bf16 (decode is weight-read 
 (Scaling the bf16 product of the unscaled tile instead, one multiply per output, measured slower on an
 H200: 0.86x against 0.79x of the bf16 decode step at batch 64, and 240 against 198 ms at 8k prefill.)
 FP8 activations (W8A8, a tile entry's `fp8_activations`): x and the SiLU-and-mul product are quantized per
-row and 128 columns (quant/kernels.py quantize_rows) and each k block's fp8 x fp8 product is scaled by its
+row and 128 columns (quant/activations.py quantize_rows) and each k block's fp8 x fp8 product is scaled by its
 row's and its column's scale. From 64-row tiles up the products are fp8 warpgroup MMAs; below (decode),
 Triton turns both fp8 tiles into f16 with one conversion per two elements, which is all the weights cost in
 registers. The activations' rounding to 3 mantissa bits costs about 3% relative error against the float32
@@ -328,7 +328,7 @@ def _quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (fp8 [M, K], float32 scales [M, K/128]): one scale per row and 128 columns (the Triton
     kernel on CUDA, torch elsewhere: the interpreter)."""
     if x.is_cuda:
-        from pdlaunch.model.quant.kernels import quantize_rows
+        from pdlaunch.model.quant.activations import quantize_rows
 
         return quantize_rows(x, SCALE_BLOCK)
     from pdlaunch.model.quant.fp8 import quantize_per_token_group
