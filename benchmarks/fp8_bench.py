@@ -4,7 +4,7 @@
 
 1. GEMMs (per linear of the 8B shape: qkv 4096->6144, o 4096->4096, gate_up 4096->28672,
    down 14336->4096), M = 1 (decode) and 4096 (prefill): bf16 F.linear, FP8 per-channel
-   (`torch._scaled_mm` row-wise) and FP8 128x128-block (Triton, model/quant/kernels.py).
+   (`torch._scaled_mm` row-wise) and FP8 128x128-block (Triton, model/quant/gemm.py).
    Accuracy: ||y - ref|| / ||ref|| against (a) float32 on the same quantized operands (kernel error)
    and (b) bf16 on the dequantized weight with unquantized activations (what the model sees).
    Speed: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), summed over 32 layers,
@@ -55,7 +55,9 @@ def gemms(out: dict[str, Any]) -> None:
     import triton.testing
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_linear, channel_fp8_linear, quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
+    from pdlaunch.model.quant.block_gemv import GEMV_MAX_ROWS
+    from pdlaunch.model.quant.gemm import block_fp8_linear, channel_fp8_linear
 
     torch.manual_seed(0)
     acc: dict[str, Any] = {}
@@ -127,7 +129,7 @@ def gemv_sweep(out: dict[str, Any]) -> None:
     bandwidth each reaches (FP8 weight bytes / time)."""
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import block_fp8_gemv
+    from pdlaunch.model.quant.block_gemv import block_fp8_gemv
 
     bw = copy_bandwidth()
     result: dict[str, dict[str, float]] = {}
@@ -146,7 +148,7 @@ def gemv_sweep(out: dict[str, Any]) -> None:
     out["gemv_sweep_ms"] = result
 
 
-# The shapes behind kernels.gemv_fold's rule: Llama-3-8B, Qwen3-30B-A3B (2048 / 5120 rows), Llama-3-70B (8192+).
+# The shapes behind block_gemv.gemv_fold's rule: Llama-3-8B, Qwen3-30B-A3B (2048 / 5120 rows), Llama-3-70B (8192+).
 FOLD_SHAPES = [(2048, 4096), (5120, 2048), (4096, 4096), (6144, 4096), (4096, 14336), (28672, 4096),
                (8192, 8192), (10240, 8192), (8192, 28672), (57344, 8192)]
 
@@ -155,7 +157,7 @@ def _fold_row(n: int, k: int, bw: float) -> dict[str, Any]:
     from limits import graph_call_ms
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import block_fp8_gemv, gemv_launch
+    from pdlaunch.model.quant.block_gemv import block_fp8_gemv, gemv_launch
 
     rotate = max(2, -(-(256 << 20) // (n * k)))
     weights = [fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02) for _ in range(rotate)]
@@ -196,7 +198,7 @@ def _rotated_times(name: str, n: int, k: int) -> dict[str, float]:
     from limits import graph_call_ms
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import block_fp8_gemv
+    from pdlaunch.model.quant.block_gemv import block_fp8_gemv
 
     rotate = max(2, -(-(256 << 20) // (n * k)))
     ws = [fp8.quantize_block(torch.randn(n, k, device="cuda") * 0.02) for _ in range(rotate)]
@@ -220,7 +222,7 @@ def gemv_rotated_sweep(out: dict[str, Any]) -> None:
     """block_fp8_gemv at one row over ROTATED_SWEEP's configs x folded or not, per model projection, weights in
     rotation (at least 256 MB, so L2 holds none; --gemv-sweep reuses one weight), us per call in CUDA-graph
     replays of 20 dependent calls; the best per shape and the launch the kernel takes today (gemv_launch)."""
-    from pdlaunch.model.quant.kernels import gemv_launch
+    from pdlaunch.model.quant.block_gemv import gemv_launch
 
     bw = copy_bandwidth()
     result: dict[str, Any] = {}
@@ -241,7 +243,7 @@ def sweep(out: dict[str, Any]) -> None:
     """block_fp8_linear configs (BLOCK_M, BLOCK_N, warps, stages) per shape: decode and prefill medians."""
 
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import block_fp8_linear
+    from pdlaunch.model.quant.gemm import block_fp8_linear
 
     result: dict[str, dict[str, float]] = {}
     for name, (n, k) in SHAPES.items():
@@ -273,7 +275,8 @@ def small_m(out: dict[str, Any], split_sweep: bool) -> None:
     quantized by quantize_rows first) against the tiled GEMM it replaced (`quant+gemm`), in us per call and in
     share of copy bandwidth (FP8 weight bytes / time); with `split_sweep`, every SPLIT_CONFIGS entry too."""
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import _config, block_fp8_linear, block_fp8_split_gemm, split_config
+    from pdlaunch.model.quant.gemm import _config, block_fp8_linear
+    from pdlaunch.model.quant.split_gemm import block_fp8_split_gemm, split_config
 
     bw = copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -301,7 +304,9 @@ def cublas_block(out: dict[str, Any]) -> None:
     quantized operands, us per call (x quantized in each) at decode batches and one prefill size, and the share of
     copy bandwidth (FP8 weight bytes / time)."""
     from pdlaunch.model.quant import fp8
-    from pdlaunch.model.quant.kernels import _config, block_fp8_linear, cublas_block_linear, quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
+    from pdlaunch.model.quant.cublas_gemm import cublas_block_linear
+    from pdlaunch.model.quant.gemm import _config, block_fp8_linear
 
     bw = copy_bandwidth()
     rows: list[dict[str, Any]] = []

@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
 from pdlaunch.model.quant import fp8  # noqa: E402
-from pdlaunch.model.quant.kernels import block_fp8_linear, block_fp8_split_gemm, quantize_rows, split_config  # noqa: E402
+from pdlaunch.model.quant.activations import quantize_rows  # noqa: E402
+from pdlaunch.model.quant.gemm import block_fp8_linear  # noqa: E402
+from pdlaunch.model.quant.split_gemm import block_fp8_split_gemm, split_config  # noqa: E402
 
 SHAPES = {"moe_qkv": (5120, 2048), "moe_o": (2048, 4096), "llama_qkv": (6144, 4096), "llama_o": (4096, 4096),
           "llama_down": (4096, 14336), "llama_gate_up": (28672, 4096)}

@@ -79,11 +79,11 @@ def launch_checks(fn: Callable[[], torch.Tensor], want: torch.Tensor, label: str
 
 def untuned_fp8_gemv() -> None:
     """The block-FP8 GEMV as before its per-shape launches and the fold rule: GEMV_CONFIG for every weight, scales
-    never folded into x (`kernels.gemv_launch` replaced), for A/B runs in one call (decode_grid.py, moe_speed.py
+    never folded into x (`block_gemv.gemv_launch` replaced), for A/B runs in one call (decode_grid.py, moe_speed.py
     --no-gemv-fold)."""
-    import pdlaunch.model.quant.kernels as quant_kernels
+    import pdlaunch.model.quant.block_gemv as block_gemv
 
-    quant_kernels.gemv_launch = lambda name, n, k: (quant_kernels.GEMV_CONFIG, False)  # type: ignore[assignment]
+    block_gemv.gemv_launch = lambda name, n, k: (block_gemv.GEMV_CONFIG, False)  # type: ignore[assignment]
 
 
 ARGMAX_VARIANTS = ("graph", "rows", "torch")

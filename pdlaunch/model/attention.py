@@ -238,7 +238,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q: [T, Hq, D], k/v: [T, Hkv, D] (rotated) -> [T, Hq, D]; writes k/v into kv_cache unless
     `kv_written` (the caller wrote them to their slots: fused_ops.rotary_write_kv). `out`: where to write the
     result (a piecewise step's static buffer, model/pieces.py); not with a uniform-decode plan. `fp8` (head_dim
-    128, a block-FP8 o projection's layout, quant/kernels.py fp8_input_layout): a uniform-decode plan's kernel
+    128, a block-FP8 o projection's layout, quant/gemm.py fp8_input_layout): a uniform-decode plan's kernel
     returns its output [T, Hq * D] as Fp8Rows (triton_decode.paged_decode_fp8); other plans return the tensor.
 
     kv_scales: this layer's (k_scale, v_scale), applied when the cache is fp8 (model/quant/kv_cache.py).

@@ -66,7 +66,7 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 @lru_cache(maxsize=2)
 def _kernels(interpret: bool) -> SimpleNamespace:
-    """The kernel (`gemm`) and the epilogue of a GEMM split over K (`split_store`, also quant/kernels.py's block-FP8
+    """The kernel (`gemm`) and the epilogue of a GEMM split over K (`split_store`, also quant/split_gemm.py's block-FP8
     split GEMM's), built per interpret mode (Triton reads TRITON_INTERPRET when it decorates)."""
     import triton
     import triton.language as tl
@@ -226,7 +226,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
 
 def split_store(interpret: bool):  # noqa: ANN201 (a triton.JITFunction)
     """The epilogue of a GEMM split over K (see `_kernels`), for another module's split GEMM to take as its STORE
-    constexpr (quant/kernels.py's block-FP8 one), built in the given interpret mode."""
+    constexpr (quant/split_gemm.py's block-FP8 one), built in the given interpret mode."""
     return _kernels(interpret).split_store
 
 

@@ -69,8 +69,10 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     not a multiple of 16 (or is 1), in the middle of serving, where warm-up cannot reach every count."""
     pytest.importorskip("triton")
     from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels
-    from pdlaunch.model.moe.triton_moe import _kernels as moe_kernels
-    from pdlaunch.model.quant.kernels import _kernels as quant_kernels
+    from pdlaunch.model.moe.align_kernels import _kernels as moe_align_kernels
+    from pdlaunch.model.moe.gemm_kernels import gemm_kernels as moe_gemm_kernels
+    from pdlaunch.model.quant.block_gemv import _kernels as quant_gemv_kernels
+    from pdlaunch.model.quant.gemm import _kernels as quant_gemm_kernels
     from pdlaunch.model.swiglu import _kernels as swiglu_kernels
     from pdlaunch.model.triton_decode import _kernels as decode_kernels
     from pdlaunch.runner.stage_inputs import _kernels as stage_kernels
@@ -78,12 +80,12 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     def unspecialized(kernel: object) -> set[str]:
         return {p.name for p in kernel.params if p.do_not_specialize}  # type: ignore[attr-defined]
 
-    moe, quant = moe_kernels(False), quant_kernels()
+    moe, align = moe_gemm_kernels(False), moe_align_kernels(False)
     # (and the attention output's scale strides: with cuBLAS's column-major scales one of them is the row count)
     assert unspecialized(decode_kernels(False)) == {"stride_bt", "stride_st", "stride_sh"}
     assert unspecialized(moe.up) == unspecialized(moe.down) == {"num_rows"}
-    assert unspecialized(moe.align_count) == unspecialized(moe.align_place) == {"num_rows", "num_blocks"}
-    assert unspecialized(quant.block_gemm) == unspecialized(quant.block_gemv) == {"M"}
+    assert unspecialized(align.align_count) == unspecialized(align.align_place) == {"num_rows", "num_blocks"}
+    assert unspecialized(quant_gemm_kernels().block_gemm) == unspecialized(quant_gemv_kernels().block_gemv) == {"M"}
     assert unspecialized(decode_gemm_kernels(False).gemm) == unspecialized(swiglu_kernels(False).gemm) == {"M"}
     # a replayed step's staged inputs: every count and offset (the batch, its rows, its tables' width)
     assert unspecialized(stage_kernels(False).stage) == {"packed_stride", "batch", "packed_count", "ids_row",

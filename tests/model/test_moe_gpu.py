@@ -32,9 +32,9 @@ def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
 @pytest.mark.parametrize("tokens", [1, 7, 64, 256, 512])
 @pytest.mark.parametrize("local", [128, 64])
 def test_align_kernel_equals_the_sorted_layout_on_cuda(tokens: int, local: int) -> None:
-    """triton_moe.align_rows (one launch up to 4096 assignments) == layout.align_to_blocks on the GPU."""
+    """align_kernels.align_rows (one launch up to 4096 assignments) == layout.align_to_blocks on the GPU."""
+    from pdlaunch.model.moe.align_kernels import align_rows
     from pdlaunch.model.moe.layout import align_to_blocks, local_expert_ids
-    from pdlaunch.model.moe.triton_moe import align_rows
 
     gen = torch.Generator(device=CUDA).manual_seed(tokens)
     _, ids = route(torch.randn(tokens, 128, device=CUDA, generator=gen), 8, True)

@@ -198,7 +198,7 @@ def test_attention_and_experts_launched_dependent_read_only_finished_results(
     between.
     A graph replayed with a new token and a new cache each time equals the same kernels launched plainly, bit for
     bit (a read of anything the kernel before writes, before the wait, would see the last replay's values)."""
-    from pdlaunch.model.moe.triton_moe import few_assignments
+    from pdlaunch.model.moe.align_kernels import few_assignments
 
     torch.manual_seed(1)
     dt, hidden, dim, block_size, experts = torch.bfloat16, 1024, 128, 16, 64

@@ -1,7 +1,7 @@
-"""The Triton MoE kernels (model/moe/triton_moe.py) without a GPU: on CPU tensors under TRITON_INTERPRET=1 (in a
-child pytest started with the variable set, as in test_triton_decode.py) against the per-expert reference loop,
-and compiled for sm_90 to read the PTX. The CUDA cases (graphs, the tile files, speed) are in test_moe_gpu.py
-and tests/quant/test_fp8_moe_gpu.py.
+"""The Triton MoE kernels (model/moe/triton_moe.py, gemm_kernels.py, align_kernels.py) without a GPU: on CPU
+tensors under TRITON_INTERPRET=1 (in a child pytest started with the variable set, as in test_triton_decode.py)
+against the per-expert reference loop, and compiled for sm_90 to read the PTX. The CUDA cases (graphs, the tile
+files, speed) are in test_moe_gpu.py and tests/quant/test_fp8_moe_gpu.py.
 
 Interpreter cases: float32 at 1, 7 and 64 tokens, all experts here and half of them (expert parallel: the other
 rank's assignments add nothing), an expert width that is not a multiple of the column tile (masked columns);
@@ -79,6 +79,7 @@ def test_interpret_few_assignments_read_their_experts_from_the_ids(interpret: No
     """Two tokens' four assignments for 16 local experts (few_assignments): the kernels take each assignment's
     expert from the routed ids, with no layout launch; assignments to the other rank's experts add nothing."""
     from pdlaunch.model.moe import triton_moe
+    from pdlaunch.model.moe.align_kernels import few_assignments
 
     def no_layout(*args: object) -> None:
         raise AssertionError("align_rows launched for a batch the kernels lay out themselves")
@@ -92,7 +93,7 @@ def test_interpret_few_assignments_read_their_experts_from_the_ids(interpret: No
     logits = torch.randn(2, experts, generator=gen)
     logits[0, expert_start:expert_start + local] += 10  # token 0 routed here only; token 1 spread
     weights, ids = route(logits, top_k, True)
-    assert triton_moe.few_assignments(ids.numel(), local)
+    assert few_assignments(ids.numel(), local)
     if fp8_experts:
         (w13, s13), (w2, s2) = fp8.quantize_stacked_blocks(w13), fp8.quantize_stacked_blocks(w2)
         out = fused_moe(x, w13, w2, weights, ids, expert_start, use="triton", tile=TILE, scales=(s13, s2))
@@ -202,12 +203,12 @@ def test_interpret_swapped_operand_tiles_equal_the_plain_ones(interpret: None, t
     (100, 2, 8, 8, 32), (257, 8, 128, 128, 16)])
 def test_interpret_align_kernel_equals_the_sorted_layout(interpret: None, tokens: int, top_k: int, experts: int,
                                                          local: int, block_m: int) -> None:
-    """The two-launch layout (triton_moe.align_rows, from global ids and the rank's first expert) gives
+    """The two-launch layout (align_kernels.align_rows, from global ids and the rank's first expert) gives
     layout.align_to_blocks's rows and block experts on the local ids exactly: the few-assignment layout, the
     last or the first `local` experts on the rank (the others' assignments dropped), 16-64-row blocks, and
     2056 rows (over 2048: 128 assignments a program; 4096 took 21 s in the interpreter, this 7)."""
+    from pdlaunch.model.moe.align_kernels import align_rows
     from pdlaunch.model.moe.layout import align_to_blocks, local_expert_ids
-    from pdlaunch.model.moe.triton_moe import align_rows
 
     _, ids = route(torch.randn(tokens, experts, generator=torch.Generator().manual_seed(tokens)), top_k, True)
     for start in sorted({0, experts - local}):
@@ -231,7 +232,7 @@ def test_align_kernel_compiles_for_h100(few: bool) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pdlaunch.model.moe.triton_moe import _kernels
+    from pdlaunch.model.moe.align_kernels import _kernels
 
     kernels = _kernels(False)
     types = {"ids_ptr": "*i64", "rows_ptr": "*i64", "block_expert_ptr": "*i32", "hist_ptr": "*i32"}
@@ -268,10 +269,11 @@ def test_kernels_compile_for_h100_to_tensor_cores(has_scale: bool, a_fp8: bool, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pdlaunch.model.moe.triton_moe import SCALE_BLOCK, _kernels
+    from pdlaunch.model.moe.gemm_kernels import gemm_kernels
+    from pdlaunch.model.moe.triton_moe import SCALE_BLOCK
 
     weight = "*fp8e4nv" if has_scale else "*bf16"
-    kernels = _kernels(False)
+    kernels = gemm_kernels(False)
     for kernel in (kernels.up, kernels.down):
         activations = "*fp8e4nv" if a_fp8 else "*bf16"
         # with f16 the up kernel writes float16 and the down kernel reads it

@@ -43,7 +43,7 @@ def _assert_rows_equal(got: fp8.Fp8Rows, q: torch.Tensor, s: torch.Tensor, colum
 def test_interpret_norm_quantizes_as_quantize_rows(interpret: None, tokens: int, hidden: int, parts: int,
                                                    residual: bool, column_major: bool) -> None:
     from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm, rms_norm_fp8
-    from pdlaunch.model.quant.kernels import quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
 
     gen = torch.Generator().manual_seed(tokens * hidden + parts)
     shape = (tokens, parts, hidden) if parts > 1 else (tokens, hidden)
@@ -68,7 +68,7 @@ def test_interpret_norm_quantizes_as_quantize_rows(interpret: None, tokens: int,
 def test_interpret_silu_and_mul_quantizes_as_quantize_rows(interpret: None, tokens: int, inter: int,
                                                            column_major: bool) -> None:
     from pdlaunch.model.fused_ops import silu_and_mul, silu_and_mul_fp8
-    from pdlaunch.model.quant.kernels import quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
 
     gen = torch.Generator().manual_seed(tokens + inter)
     gate_up = (4 * torch.randn(tokens, 2 * inter, generator=gen)).bfloat16()
@@ -89,7 +89,7 @@ def test_interpret_attention_output_quantizes_as_quantize_rows(interpret: None, 
     the bytes and scales quantize_rows gives for paged_decode's bf16 output, whether the program that stores
     a head is the only range or the merging one."""
     from pdlaunch.model.fused_ops import write_kv
-    from pdlaunch.model.quant.kernels import quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
     from pdlaunch.model.triton_decode import DecodeLaunch, paged_decode, paged_decode_fp8
     from tests.model.test_triton_decode import _case
 
@@ -132,14 +132,14 @@ def test_interpret_fp8_mlp_gives_the_same_output_with_its_inputs_quantized_by_th
     """RMSNorm.into and the MLP: the norm hands gate_up Fp8Rows and the SwiGLU hands down_proj Fp8Rows (one
     quantize_rows launch fewer each); the output equals the run where each layer quantizes its own input."""
     from pdlaunch.model import fused_ops
-    from pdlaunch.model.quant import kernels
+    from pdlaunch.model.quant import activations, gemm
 
     module = _fp8_mlp(256, 384)
     gen = torch.Generator().manual_seed(7)
     o, residual = (torch.randn(4, 256, generator=gen).bfloat16() for _ in range(2))
     launches: list[str] = []
-    real_quantize, real_silu = kernels.quantize_rows, fused_ops.silu_and_mul_fp8
-    monkeypatch.setattr(kernels, "quantize_rows",
+    real_quantize, real_silu = activations.quantize_rows, fused_ops.silu_and_mul_fp8
+    monkeypatch.setattr(activations, "quantize_rows",
                         lambda *a, **k: launches.append("quantize") or real_quantize(*a, **k))
     monkeypatch.setattr("pdlaunch.model.llama.silu_and_mul_fp8",
                         lambda *a: launches.append("silu_fp8") or real_silu(*a))
@@ -152,7 +152,7 @@ def test_interpret_fp8_mlp_gives_the_same_output_with_its_inputs_quantized_by_th
     fused_out, fused_residual = run(fused=True)
     assert launches == ["silu_fp8"]
     launches.clear()
-    monkeypatch.setattr(kernels, "fp8_input_layout", lambda *a: None)
+    monkeypatch.setattr(gemm, "fp8_input_layout", lambda *a: None)
     plain_out, plain_residual = run(fused=False)
     assert launches == ["quantize", "quantize"]
     assert torch.equal(fused_out, plain_out) and torch.equal(fused_residual, plain_residual)
@@ -165,7 +165,7 @@ def test_interpreter_cases_in_a_subprocess() -> None:
 def test_layout_follows_the_gemm_block_fp8_linear_runs() -> None:
     """fp8_input_layout on CPU tensors (no CUDA: the GEMV or the tiled GEMM): one row reads x unquantized (None),
     more rows take row-major scales, a K not in 128-column groups is quantized by the layer itself."""
-    from pdlaunch.model.quant.kernels import fp8_input_layout
+    from pdlaunch.model.quant.gemm import fp8_input_layout
 
     q, s = fp8.quantize_block(torch.randn(256, 384))
     assert fp8_input_layout(1, q, s) is None
@@ -185,12 +185,12 @@ def test_gpu_fp8_mlp_equals_itself_unfused_on_every_gemm(rows: int, fused: bool,
     one; from 65 rows both run cuBLAS, which takes the scales column-major and 96 rows as they are, but would pad
     66 (no fusion there). Output and residual equal the unfused run's bit for bit, eagerly and replayed from a
     CUDA graph."""
-    from pdlaunch.model.quant import kernels
+    from pdlaunch.model.quant import gemm, split_gemm
 
     module = _fp8_mlp(512, 2048, "cuda")
     o, residual = (torch.randn(rows, 512, device="cuda").bfloat16() for _ in range(2))
-    layout = kernels.fp8_input_layout(rows, module.mlp.down_proj.weight, module.mlp.down_proj.weight_scale_fp8)
-    assert layout is ((rows > kernels.SPLIT_MAX_ROWS) if fused else None)
+    layout = gemm.fp8_input_layout(rows, module.mlp.down_proj.weight, module.mlp.down_proj.weight_scale_fp8)
+    assert layout is ((rows > split_gemm.SPLIT_MAX_ROWS) if fused else None)
 
     def run(quantized: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x, new_residual = module.norm.into(module.mlp.gate_up_proj, o, residual)
@@ -203,7 +203,7 @@ def test_gpu_fp8_mlp_equals_itself_unfused_on_every_gemm(rows: int, fused: bool,
     with torch.cuda.graph(graph):
         replay_out, replay_residual = run(fused)
     graph.replay()
-    monkeypatch.setattr(kernels, "fp8_input_layout", lambda *a: None)
+    monkeypatch.setattr(gemm, "fp8_input_layout", lambda *a: None)
     plain_out, plain_residual = run(False)
     torch.cuda.synchronize()
     for got in (out, replay_out):
@@ -222,7 +222,7 @@ def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels
     logprobs equal the run where every layer quantizes its own input."""
     from pdlaunch.engine.outputs import SamplingParams
     from pdlaunch.model import attention
-    from pdlaunch.model.quant import kernels
+    from pdlaunch.model.quant import gemm
     from tests.engine.test_engine_parity import random_prompts
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
 
@@ -246,5 +246,5 @@ def test_gpu_fp8_model_decodes_the_same_with_its_inputs_quantized_by_the_kernels
 
     fused = run()
     assert attention_fp8, "no decode step took the attention kernel's fp8 output"
-    monkeypatch.setattr(kernels, "fp8_input_layout", lambda *a: None)
+    monkeypatch.setattr(gemm, "fp8_input_layout", lambda *a: None)
     assert run() == fused

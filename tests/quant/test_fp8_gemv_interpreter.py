@@ -1,4 +1,4 @@
-"""The weight-only FP8 kernel of decode (`block_fp8_gemv`, model/quant/kernels.py) without a GPU: on CPU
+"""The weight-only FP8 kernel of decode (`block_fp8_gemv`, model/quant/block_gemv.py) without a GPU: on CPU
 tensors under TRITON_INTERPRET=1 (a child pytest, as in tests/model/test_triton_moe.py) against float32 on
 the dequantized weight, at row counts 1-4 (the linear layer takes it for 1), widths that are not a multiple
 of the row tile (masked rows), K that is not a multiple of the column tile (masked scale blocks), and the
@@ -36,7 +36,8 @@ def interpret() -> None:
 ])
 def test_interpret_gemv_equals_float32_on_the_dequantized_weight(
         interpret: None, m: int, n: int, k: int, config: tuple[int, int, int] | None, fold: bool) -> None:
-    from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_gemv, block_fp8_linear
+    from pdlaunch.model.quant.block_gemv import GEMV_MAX_ROWS, block_fp8_gemv
+    from pdlaunch.model.quant.gemm import block_fp8_linear
 
     gen = torch.Generator().manual_seed(m * n + k)
     q, s = fp8.quantize_block(0.02 * torch.randn(n, k, generator=gen))
@@ -57,7 +58,7 @@ def test_fold_choice_follows_the_measured_shapes() -> None:
     (4096 rows), Qwen3-30B-A3B's o (2048), Llama-3-70B's down (8192 rows, 28672 columns); not for Llama-3-8B's
     q/k/v (6144 x 4096) and gate_up (28672), Qwen3-30B-A3B's q/k/v (5120 x 2048), Llama-3-70B's q/k/v
     (10240 x 8192)."""
-    from pdlaunch.model.quant.kernels import gemv_fold
+    from pdlaunch.model.quant.block_gemv import gemv_fold
 
     assert all(gemv_fold(n, k) for n, k in [(4096, 4096), (4096, 14336), (2048, 4096), (8192, 28672), (8192, 8192)])
     assert not any(gemv_fold(n, k) for n, k in [(6144, 4096), (28672, 4096), (5120, 2048), (10240, 8192),
@@ -67,7 +68,7 @@ def test_fold_choice_follows_the_measured_shapes() -> None:
 def test_launch_per_shape_on_the_h200_and_the_rule_elsewhere() -> None:
     """gemv_launch: the H200's measured launches for the Llama-3-8B and Qwen3-30B-A3B projections, the H100's for
     Qwen3-30B-A3B's; any other weight, and every weight on another device, GEMV_CONFIG with gemv_fold's choice."""
-    from pdlaunch.model.quant.kernels import GEMV_CONFIG, gemv_fold, gemv_launch
+    from pdlaunch.model.quant.block_gemv import GEMV_CONFIG, gemv_fold, gemv_launch
 
     assert gemv_launch("NVIDIA H200", 4096, 14336) == ((4, 2048, 4), False)
     assert gemv_launch("NVIDIA H200", 2048, 4096) == ((4, 2048, 4), True)
@@ -83,7 +84,7 @@ def test_split_ranges_follow_the_rows_and_the_weight() -> None:
     gate_up-sized weights (448 tiles) keep the one-per-SM rule, as does every weight from 33 rows but those of a
     long K, which take 32-row tiles in ranges of at least 8 blocks within 4 programs a SM (benchmarks/
     fp8_small_m_rotated.py timings in the constants' comment)."""
-    from pdlaunch.model.quant.kernels import split_config
+    from pdlaunch.model.quant.split_gemm import split_config
 
     def ranges(n: int, k: int, rows: int) -> int:
         return split_config(n, k, 132, rows)[1]

@@ -30,7 +30,8 @@ def test_block_gemm_matches_references(m: int, n: int, k: int) -> None:
     """Up to GEMV_MAX_ROWS rows the weight-only kernel (activations as they are); above, the split GEMM (up to
     SPLIT_MAX_ROWS), the tiled one and cuBLAS's (from CUBLAS_MIN_ROWS on sm_90), on activations quantized per
     128-column group."""
-    from pdlaunch.model.quant.kernels import GEMV_MAX_ROWS, block_fp8_linear
+    from pdlaunch.model.quant.block_gemv import GEMV_MAX_ROWS
+    from pdlaunch.model.quant.gemm import block_fp8_linear
 
     w = torch.randn(n, k, device="cuda") * 0.05
     x = torch.randn(m, k, device="cuda").bfloat16()
@@ -61,7 +62,8 @@ def test_split_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: 
     the same operands within the MMA's rounding, bit-equal from call to call, counters left at zero, and the same
     values replayed from a CUDA graph."""
     from pdlaunch.model import split_counters
-    from pdlaunch.model.quant.kernels import block_fp8_split_gemm, quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
+    from pdlaunch.model.quant.split_gemm import block_fp8_split_gemm
 
     gen = torch.Generator(device="cuda").manual_seed(m * n + k)
     wq, ws = fp8.quantize_block(0.05 * torch.randn(n, k, device="cuda", generator=gen))
@@ -87,7 +89,7 @@ def test_split_gemm_equals_float32_on_its_quantized_operands(m: int, n: int, k: 
 
 @needs_fp8
 def test_quantize_rows_pads_rows_with_zeros_and_lays_scales_out_column_major() -> None:
-    from pdlaunch.model.quant.kernels import quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
 
     x = torch.randn(66, 384, device="cuda").bfloat16()
     q, s = quantize_rows(x, 128)
@@ -104,13 +106,9 @@ def test_cublas_block_gemm_equals_float32_on_its_quantized_operands(m: int, n: i
     """torch._scaled_mm with 1x128 x 128x128 block scales, where the device has it (sm_90): row counts that are not
     a multiple of 4 padded and cut back, float32 on the same quantized operands within the MMA's rounding, the
     path block_fp8_linear takes from CUBLAS_MIN_ROWS rows, and the same values replayed from a CUDA graph."""
-    from pdlaunch.model.quant.kernels import (
-        CUBLAS_MIN_ROWS,
-        block_fp8_linear,
-        cublas_block_linear,
-        cublas_block_scaled,
-        quantize_rows,
-    )
+    from pdlaunch.model.quant.activations import quantize_rows
+    from pdlaunch.model.quant.cublas_gemm import cublas_block_linear, cublas_block_scaled
+    from pdlaunch.model.quant.gemm import CUBLAS_MIN_ROWS, block_fp8_linear
 
     if not cublas_block_scaled(torch.device("cuda")):
         pytest.skip("torch._scaled_mm has no block scales on this GPU (cuBLAS has them on sm_90)")
@@ -139,17 +137,16 @@ def test_large_weights_take_cublas_from_17_rows(m: int) -> None:
     """A weight of CUBLAS_LARGE_WEIGHT elements (gate_up-sized) runs cuBLAS's GEMM from CUBLAS_LARGE_MIN_ROWS rows
     (bit-equal to cublas_block_linear), the Triton tiled GEMM below; on a device LARGE_WEIGHT_TILED names (the
     H100), the tiled GEMM in that config from LARGE_TILED_MIN_ROWS to SPLIT_MAX_ROWS rows."""
-    from pdlaunch.model.quant.kernels import (
+    from pdlaunch.model.quant.cublas_gemm import cublas_block_linear, cublas_block_scaled
+    from pdlaunch.model.quant.gemm import (
         CUBLAS_LARGE_MIN_ROWS,
         CUBLAS_LARGE_WEIGHT,
         LARGE_TILED_MIN_ROWS,
         LARGE_WEIGHT_TILED,
-        SPLIT_MAX_ROWS,
         _config,
         block_fp8_linear,
-        cublas_block_linear,
-        cublas_block_scaled,
     )
+    from pdlaunch.model.quant.split_gemm import SPLIT_MAX_ROWS
 
     if not cublas_block_scaled(torch.device("cuda")):
         pytest.skip("torch._scaled_mm has no block scales on this GPU (cuBLAS has them on sm_90)")
@@ -170,7 +167,7 @@ def test_large_weights_take_cublas_from_17_rows(m: int) -> None:
 @needs_fp8
 @pytest.mark.parametrize("m", [1, 33, 1024])
 def test_channel_scaled_mm_matches_references(m: int) -> None:
-    from pdlaunch.model.quant.kernels import quantize_rows
+    from pdlaunch.model.quant.activations import quantize_rows
 
     w = torch.randn(1536, 512, device="cuda") * 0.05
     x = torch.randn(m, 512, device="cuda").bfloat16()

@@ -106,7 +106,7 @@ def quantize_per_token_group(x: torch.Tensor, group: int = 128) -> tuple[torch.T
 class Fp8Rows:
     """Activations [M, K] already quantized per row and 128-column group, by the kernel that computed them (an
     RMSNorm, the SwiGLU), for the block-FP8 linear layer that reads them: that layer then skips its own
-    quantization launch. The scales lie as the layer's GEMM takes them (quant/kernels.py `fp8_input_layout`)."""
+    quantization launch. The scales lie as the layer's GEMM takes them (quant/gemm.py `fp8_input_layout`)."""
 
     q: torch.Tensor  # [M, K] fp8
     scales: torch.Tensor  # [M, K / 128] float32; strides (1, M) when `column_major`

@@ -13,7 +13,7 @@ capability < 8.9), weights are dequantized into the model dtype and the layer is
 again (the exact reference the CPU tests compare against). On FP8 GPUs the weight stays fp8 and
 `Fp8LinearMethod.apply` quantizes activations per token (per 128-column group for block weights)
 and runs `torch._scaled_mm` (per channel; block scales too on sm_90 from 65 rows, 17 for gate_up-sized
-weights) or the Triton block-scaled GEMMs (model/quant/kernels.py).
+weights) or the Triton block-scaled GEMMs (model/quant/gemm.py).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Fp8LinearMethod:
         self.block = quant.scheme == "block"
 
     def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
-        from pdlaunch.model.quant.kernels import block_fp8_linear, channel_fp8_linear  # layering: lazy (triton)
+        from pdlaunch.model.quant.gemm import block_fp8_linear, channel_fp8_linear  # layering: lazy (triton)
 
         weight, scale = _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8")
         if isinstance(x, Fp8Rows):  # quantized by the kernel before, as input_layout said
@@ -61,10 +61,10 @@ class Fp8LinearMethod:
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def input_layout(self, layer: nn.Module, rows: int) -> bool | None:
-        """Block weights: quant/kernels.py's fp8_input_layout for x of `rows` rows; per-channel ones: None."""
+        """Block weights: quant/gemm.py's fp8_input_layout for x of `rows` rows; per-channel ones: None."""
         if not self.block:
             return None
-        from pdlaunch.model.quant.kernels import fp8_input_layout  # layering: lazy (triton)
+        from pdlaunch.model.quant.gemm import fp8_input_layout  # layering: lazy (triton)
 
         return fp8_input_layout(rows, _tensor(layer, "weight"), _tensor(layer, "weight_scale_fp8"))
 
@@ -191,7 +191,7 @@ def finish_loading(model: nn.Module, dtype: torch.dtype) -> None:
             continue
         layer.weight = nn.Parameter(weight, requires_grad=False)
         if method.block:
-            from pdlaunch.model.quant.kernels import cublas_block_scaled  # layering: lazy (triton)
+            from pdlaunch.model.quant.cublas_gemm import cublas_block_scaled  # layering: lazy (triton)
 
             cublas_block_scaled(weight.device)  # checked here, at load, never inside a CUDA-graph capture
         # Block: [O/128, I/128] float32; per channel: [1, O] float32 (the row-wise scale_b of _scaled_mm).
