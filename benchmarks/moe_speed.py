@@ -60,8 +60,9 @@ from pdlaunch.config.model_info import load_model_info  # noqa: E402
 from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
+from pdlaunch.model.checkpoint import Checkpoint  # noqa: E402
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
-from pdlaunch.model.loader import Checkpoint, _materialize, fp8_experts, meta_model  # noqa: E402
+from pdlaunch.model.loader import _materialize, fp8_experts, meta_model  # noqa: E402
 from pdlaunch.model.moe.router import route  # noqa: E402
 
 WARMUP_STEPS = 4

@@ -17,7 +17,7 @@ from pdlaunch.config.models import DeploymentConfig, InstanceSpec, instance_cach
 from pdlaunch.distributed.engine_id import sync_engine_id
 from pdlaunch.distributed.parallel_state import TPGroup, init_tp_group
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.model.loader import Checkpoint
+from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
 
 

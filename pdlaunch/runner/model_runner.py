@@ -27,7 +27,8 @@ from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.blas import select_blas_library
-from pdlaunch.model.loader import Checkpoint, load_model
+from pdlaunch.model.checkpoint import Checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
 from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
