@@ -165,7 +165,7 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     - experts: the MoE layers return zeros;
     - norms: every RMSNorm that adds a residual (`ablate_norms`; none folded into the router's product)."""
     import pdlaunch.model.attention as attention
-    import pdlaunch.model.llama as llama
+    import pdlaunch.model.decoder_layer as decoder_layer
     import pdlaunch.model.moe.experts as moe_experts
 
     unknown = sorted(set(names) - set(ABLATIONS))
@@ -174,7 +174,7 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     if "attention" in names:
         attention.paged_decode = lambda q, kv_cache, layer_in_group, tokens, *a, **kw: q[: tokens.shape[0]]
     if "rotary" in names:
-        llama.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
+        decoder_layer.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
     if "router" in names:
         def routing(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             t = torch.arange(n, device=device)[:, None]
