@@ -60,8 +60,9 @@ from pdlaunch.config.model_info import load_model_info  # noqa: E402
 from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
+from pdlaunch.model.checkpoint import Checkpoint  # noqa: E402
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, generation_config  # noqa: E402
-from pdlaunch.model.loader import Checkpoint, _materialize, fp8_experts, meta_model  # noqa: E402
+from pdlaunch.model.loader import _materialize, fp8_experts, meta_model  # noqa: E402
 from pdlaunch.model.moe.router import route  # noqa: E402
 
 WARMUP_STEPS = 4
@@ -164,7 +165,7 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     - experts: the MoE layers return zeros;
     - norms: every RMSNorm that adds a residual (`ablate_norms`; none folded into the router's product)."""
     import pdlaunch.model.attention as attention
-    import pdlaunch.model.llama as llama
+    import pdlaunch.model.decoder_layer as decoder_layer
     import pdlaunch.model.moe.experts as moe_experts
 
     unknown = sorted(set(names) - set(ABLATIONS))
@@ -173,7 +174,7 @@ def ablate(names: list[str], max_tokens: int, top_k: int, num_experts: int, hidd
     if "attention" in names:
         attention.paged_decode = lambda q, kv_cache, layer_in_group, tokens, *a, **kw: q[: tokens.shape[0]]
     if "rotary" in names:
-        llama.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
+        decoder_layer.rotary_write_kv = lambda q, k, *a, **kw: (q, k)  # type: ignore[assignment]
     if "router" in names:
         def routing(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             t = torch.arange(n, device=device)[:, None]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.arch import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
+from pdlaunch.model.families import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
 
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")

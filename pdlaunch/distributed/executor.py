@@ -14,7 +14,7 @@ from pdlaunch.distributed.ray_executor import RayTPExecutor, rank_actors
 from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
-from pdlaunch.model.loader import Checkpoint
+from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
 from pdlaunch.runner.step_inputs import StepInputs
 

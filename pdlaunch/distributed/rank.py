@@ -17,7 +17,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, in
 from pdlaunch.distributed.engine_id import sync_engine_id
 from pdlaunch.distributed.parallel_state import TPGroup, connect_store, init_tp_group, store_key
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.model.loader import Checkpoint
+from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
 
 

@@ -41,7 +41,7 @@ from pdlaunch.distributed.ray_rank import CONTROL_GROUP, ray_failure
 from pdlaunch.distributed.tp_connector import TPConnector
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
-from pdlaunch.model.loader import Checkpoint
+from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.step_inputs import StepInputs
 
 if TYPE_CHECKING:

@@ -25,7 +25,7 @@ from pdlaunch.distributed.tp_startup import SEND_TIMEOUT_S, start_group
 from pdlaunch.distributed.tp_watchdog import watch
 from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVConnector
-from pdlaunch.model.loader import Checkpoint
+from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from pdlaunch.distributed.remote_link import RankListener, is_closed, set_send_t
 from pdlaunch.distributed.tp_ranks import DEATH_REPORT_WAIT_S, TPRanks
 from pdlaunch.distributed.worker import run_worker
 from pdlaunch.errors import EngineError
-from pdlaunch.model.loader import Checkpoint
+from pdlaunch.model.checkpoint import Checkpoint
 
 # A step's inputs can outgrow the socket buffers (~400 KiB): a rank that takes nothing of a message
 # within this is failed (hung or stopped); "shutdown" gets a short bound (tp_ranks.py).

@@ -40,7 +40,7 @@ from pdlaunch.distributed.tp_connector import rank_connector_call
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import set_device
-from pdlaunch.model.loader import load_checkpoint, resolve_dtype
+from pdlaunch.model.checkpoint import load_checkpoint, resolve_dtype
 from pdlaunch.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.memory.sleep import SleepResult, WakeResult
-from pdlaunch.model.loader import load_checkpoint, resolve_dtype, weight_dtype_name
+from pdlaunch.model.checkpoint import load_checkpoint, resolve_dtype, weight_dtype_name
 from pdlaunch.offload.manager import OffloadManager
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pdlaunch.engine.scheduler import Scheduler
     from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
     from pdlaunch.kvcache.block_manager import BlockManager
-    from pdlaunch.model.loader import Checkpoint
+    from pdlaunch.model.checkpoint import Checkpoint
     from pdlaunch.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Parse a HF config.json into `ModelArch`: the shapes and options the Llama-family model needs.
 
 Accepts both config dialects: transformers 4.x (`rope_theta` + `rope_scaling`, `torch_dtype`) and
-5.x (`rope_parameters`, `dtype`). Per-layer attention types follow HF's own derivation rules.
+5.x (`rope_parameters`, `dtype`). Per-layer attention types follow HF's own derivation rules
+(model/families.py); rope keys are read by model/rope_config.py.
 """
 
 from __future__ import annotations
@@ -10,69 +11,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, TypedDict
+from typing import Any, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
-from pdlaunch.errors import PdlaunchError, error_text
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.families import HF_DEFAULTS, FamilyDefaults, LayerType, architecture_of, layer_types
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, config_int, parse_moe
-
-DENSE_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
-# Families whose sliding window is switched on by `use_sliding_window` and placed by
-# `layer_types` (or, when absent, on every layer from `max_window_layers` on).
-_WINDOW_BY_LAYER_TYPES = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
-
-
-class FamilyDefaults(NamedTuple):
-    """What transformers' config class of a family sets for a key config.json leaves out. A checkpoint's
-    config.json often omits what equals its class's default, so another value here runs another model (an
-    epsilon or a rope base off by 10x changes every logit without any error)."""
-
-    model_type: str  # the config class, as AutoConfig.for_model names it
-    num_key_value_heads: int | None  # None: as many as num_attention_heads
-    head_dim: int | None  # None: hidden_size // num_attention_heads
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    sliding_window: int | None  # the window when the family uses one and config.json gives no size
-
-
-# transformers 5's defaults (tests/model/test_arch_hf_defaults.py compares each with the installed config classes).
-HF_DEFAULTS = {
-    "LlamaForCausalLM": FamilyDefaults("llama", None, None, 1e-6, 10000.0, 2048, None),
-    "Qwen2ForCausalLM": FamilyDefaults("qwen2", 32, None, 1e-6, 10000.0, 32768, 4096),
-    "Qwen3ForCausalLM": FamilyDefaults("qwen3", 32, 128, 1e-6, 10000.0, 32768, 4096),
-    "MistralForCausalLM": FamilyDefaults("mistral", 8, None, 1e-6, 10000.0, 131072, 4096),
-    "MixtralForCausalLM": FamilyDefaults("mixtral", 8, None, 1e-5, 1000000.0, 131072, None),
-    "Qwen2MoeForCausalLM": FamilyDefaults("qwen2_moe", 16, None, 1e-6, 10000.0, 32768, 4096),
-    "Qwen3MoeForCausalLM": FamilyDefaults("qwen3_moe", 4, None, 1e-6, 10000.0, 32768, 4096),
-    "OlmoeForCausalLM": FamilyDefaults("olmoe", None, None, 1e-5, 10000.0, 4096, None),
-}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-LayerType = Literal["full_attention", "sliding_attention"]
-# rotary.py divides by each of these: 0 made every position's rotation inf/NaN, a negative one nonsense
-RopeFactor = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-
-
-class RopeScaling(BaseModel):
-    """Scaled rope as config.json gives it: `linear` (factor) or `llama3` (factor, low/high_freq_factor,
-    original_max_position_embeddings, by default the model's max_position_embeddings)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    rope_type: Literal["linear", "llama3"]
-    factor: RopeFactor
-    low_freq_factor: RopeFactor | None = None
-    high_freq_factor: RopeFactor | None = None
-    original_max_position_embeddings: RopeFactor | None = None
-
-    @model_validator(mode="after")
-    def _llama3_needs_its_factors(self) -> RopeScaling:
-        if self.rope_type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
-            raise ValueError("llama3 rope scaling needs low_freq_factor and high_freq_factor")
-        return self
+from pdlaunch.model.rope_config import RopeScaling, positive_float, rope
 
 
 class HFConfigJson(TypedDict, total=False):
@@ -176,107 +122,6 @@ class ModelArch(BaseModel):
         return where
 
 
-def _rope(cfg: dict[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling dict or None) from either config dialect; `default_theta` where neither gives one."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_type" not in params and params:
-        # Per-layer-type rope parameters (not used by the supported families).
-        raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
-    key = "rope_parameters" if params is not None else "rope_scaling"
-    found = params if params is not None else cfg.get("rope_scaling") or {}
-    if not isinstance(found, dict):  # a string or list was silently plain rope (rope_parameters) or a traceback
-        raise PdlaunchError(f"{key} {found!r} is not a JSON object", field=f"config.json:{key}",
-                            hint="use the checkpoint's original config.json")
-    scaling = dict(found)
-    theta = _positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", default_theta)
-    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise PdlaunchError(
-            f"rope type {rope_type!r} is not supported",
-            field=f"config.json:{key}",
-            hint=f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}",
-        )
-    if rope_type == "default":
-        return theta, None
-    known = {k: v for k, v in scaling.items() if k in RopeScaling.model_fields}
-    try:
-        return theta, RopeScaling.model_validate({**known, "rope_type": rope_type})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        what = error_text(error)
-        if error["loc"]:  # the factor named, with its value unless it is absent
-            what = f"{error['loc'][0]} is missing" if error["type"] == "missing" else \
-                f"{error['loc'][0]} {error['input']!r}: {what}"
-        raise PdlaunchError(f"rope scaling {rope_type!r}: {what}", field=f"config.json:{key}",
-                            hint="the checkpoint's config.json rope parameters are incomplete or invalid") from None
-
-
-def _positive_float(value: object, key: str, default: float) -> float:
-    """A config.json number above 0 (absent or null: `default`)."""
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
-        raise PdlaunchError(f"{key} {value!r} is not a positive number", field=f"config.json:{key}",
-                            hint="use the checkpoint's original config.json")
-    return float(value)
-
-
-def _layer_types(cfg: dict[str, Any], architecture: str, num_layers: int,
-                 default_window: int | None) -> tuple[int | None, list[LayerType]]:
-    """(sliding_window, layer_types) as HF derives them for each architecture; `default_window` when config.json
-    has no sliding_window key (null is no window)."""
-    family = DENSE_FAMILY.get(architecture, architecture)  # an MoE family's switch is its dense family's
-    unused = family == "LlamaForCausalLM" or (family in _WINDOW_BY_LAYER_TYPES
-                                              and not config_bool(cfg, "use_sliding_window"))
-    given = cfg["sliding_window"] if "sliding_window" in cfg else default_window
-    if unused or given is None:  # unused, it may be anything (Qwen2-MoE's is 0)
-        return None, ["full_attention"] * num_layers
-    window = config_int(cfg, "sliding_window") if "sliding_window" in cfg else given
-    if family == "MistralForCausalLM":
-        return window, ["sliding_attention"] * num_layers
-    first = config_int(cfg, "max_window_layers", minimum=0) if "max_window_layers" in cfg else 28
-    if architecture == "Qwen3MoeForCausalLM":  # transformers' Qwen3-MoE reads neither key: every layer slides
-        return window, ["sliding_attention"] * num_layers
-    types = cfg.get("layer_types")
-    if types is None:
-        if architecture == "Qwen2MoeForCausalLM":  # every other layer below max_window_layers, from layer 0
-            types = ["sliding_attention" if i % 2 == 0 and i < first else "full_attention" for i in range(num_layers)]
-        else:  # Qwen2, Qwen3: every layer from max_window_layers on
-            types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-    if not isinstance(types, list) or len(types) != num_layers or any(
-            t not in ("full_attention", "sliding_attention") for t in types):
-        raise PdlaunchError(
-            f"layer_types must list full_attention/sliding_attention for each of {num_layers} layers",
-            field="config.json:layer_types",
-        )
-    return window, list(types)
-
-
-def architecture_of(cfg: Mapping[str, object], source: str = "config.json") -> str:
-    """The model class config.json's `architectures` names, one pdlaunch runs; else a PdlaunchError saying what
-    `source` (the file) holds there and which classes are supported (model_info.py says the same when checking)."""
-    found = cfg.get("architectures")
-    hint = 'write it as a list of the one class the weights are for, e.g. ["LlamaForCausalLM"]'
-    if found is None:
-        what = "has no `architectures` list"
-    elif not isinstance(found, list):
-        what = f"has architectures {found!r}, which is not a list"
-    elif not found:
-        what = "has an empty `architectures` list"
-    elif not all(isinstance(name, str) for name in found):
-        what = f"has architectures {found!r}, which holds something other than a class name"
-    elif len(set(found)) > 1:
-        what = f"has architectures {found!r}: several model classes, and pdlaunch runs a checkpoint as one"
-        hint = "keep only the class the weights are for"
-    elif found[0] not in SUPPORTED_ARCHITECTURES:
-        what = f"has architecture {found[0]!r}, which pdlaunch cannot run"
-        hint = "use a checkpoint of a supported architecture"
-    else:
-        return str(found[0])
-    raise PdlaunchError(f"{source} {what}", field="config.json:architectures",
-                        hint=f"{hint}; supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
-
-
 def _kv_heads(cfg: Mapping[str, object], heads: int, defaults: FamilyDefaults) -> int:
     """num_key_value_heads: config.json's, else the family class's default (null: as many as the heads, as every
     class that accepts null reads it)."""
@@ -311,10 +156,10 @@ def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelAr
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise PdlaunchError(f"hidden_act {act!r} is not supported (only silu)", field="config.json:hidden_act")
-    theta, scaling = _rope(cfg, defaults.rope_theta)
+    theta, scaling = rope(cfg, defaults.rope_theta)
     # An MoE family parses its attention as the dense family it shares it with.
     family = DENSE_FAMILY.get(architecture, architecture)
-    window, types = _layer_types(cfg, architecture, layers, defaults.sliding_window)
+    window, types = layer_types(cfg, architecture, layers, defaults.sliding_window)
     is_qwen2 = family == "Qwen2ForCausalLM"
     llama_bias = not is_qwen2 and config_bool(cfg, "attention_bias")
     qkv_bias = is_qwen2 and config_bool(cfg, "qkv_bias", True)  # Qwen2-MoE spells it qkv_bias
@@ -332,7 +177,7 @@ def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelAr
         "intermediate_size": inter,
         "rope_theta": theta,
         "rope_scaling": scaling,
-        "rms_norm_eps": _positive_float(cfg.get("rms_norm_eps"), "rms_norm_eps", defaults.rms_norm_eps),
+        "rms_norm_eps": positive_float(cfg.get("rms_norm_eps"), "rms_norm_eps", defaults.rms_norm_eps),
         "tie_word_embeddings": config_bool(cfg, "tie_word_embeddings"),
         "attention_bias": qkv_bias or llama_bias,
         "qk_norm": family == "Qwen3ForCausalLM",

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from pdlaunch.model.arch import RopeScaling
 from pdlaunch.model.fused_ops import apply_rotary, rotary_cos_sin
+from pdlaunch.model.rope_config import RopeScaling
 
 
 def compute_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,

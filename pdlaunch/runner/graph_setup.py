@@ -14,8 +14,8 @@ from pdlaunch.config.engine_config import SchedulerConfig
 from pdlaunch.config.strict_model import Role
 from pdlaunch.model.arch import KVCacheGroup
 from pdlaunch.model.attention import graph_safe
+from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.llama import CausalLM
-from pdlaunch.model.loader import Checkpoint
 from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.triton_decode import rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder

@@ -22,7 +22,8 @@ from pdlaunch.errors import EngineError
 from pdlaunch.memory.cumem import memory_pool_context
 from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.blas import select_blas_library
-from pdlaunch.model.loader import Checkpoint, load_model
+from pdlaunch.model.checkpoint import Checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype
 from pdlaunch.runner.cuda_graphs import DecodeGraphs
 from pdlaunch.runner.graph_setup import GraphSetup, prompt_rows_setting

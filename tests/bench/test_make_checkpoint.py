@@ -124,7 +124,8 @@ def test_qwen3_30b_a3b_shape_matches_transformers_parameter_for_parameter() -> N
 
 def test_tiny_qwen3_moe_shaped_checkpoint_loads_and_checks(tmp_path: Path) -> None:
     from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint
-    from pdlaunch.model.loader import load_checkpoint, load_model
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
     from tests.config.cli_helpers import check
 
     tiny = {"hidden_size": 64, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
@@ -168,7 +169,8 @@ def test_tiny_mixtral_shaped_checkpoint_loads_in_transformers_and_ours(tmp_path:
     from transformers import AutoModelForCausalLM
 
     from pdlaunch.bench.make_checkpoint import make_shaped_checkpoint
-    from pdlaunch.model.loader import load_checkpoint, load_model
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
     from tests.config.cli_helpers import check
 
     tiny = {"hidden_size": 64, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,

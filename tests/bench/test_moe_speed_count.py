@@ -66,9 +66,9 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
     experts and the residual norms; the paged decode is CUDA's) never reaches them, and the fixed routing is what
     the experts get. The attention stand-in returns the decode rows of q."""
     import pdlaunch.model.attention as attention
+    import pdlaunch.model.decoder_layer as decoder_layer
     import pdlaunch.model.fused_ops as fused_ops
     import pdlaunch.model.layers as layers
-    import pdlaunch.model.llama as llama
     import pdlaunch.model.moe.experts as moe_experts
     import pdlaunch.model.moe.fused as moe_fused
     import pdlaunch.model.moe.router as moe_router
@@ -78,7 +78,7 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("an ablated kernel ran")
 
-    for module, name in [(attention, "paged_decode"), (llama, "rotary_write_kv"), (moe_block, "router_logits"),
+    for module, name in [(attention, "paged_decode"), (decoder_layer, "rotary_write_kv"), (moe_block, "router_logits"),
                          (moe_block, "route"), (moe_block, "norm_route_available"), (moe_experts, "fused_moe"),
                          (layers, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test

@@ -8,7 +8,7 @@ import torch
 
 from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
 from pdlaunch.errors import EngineError
-from pdlaunch.model.loader import load_checkpoint
+from pdlaunch.model.checkpoint import load_checkpoint
 from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes
 from pdlaunch.runner.model_runner import ModelRunner
 

@@ -12,7 +12,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.arch import HF_DEFAULTS, SUPPORTED_ARCHITECTURES, ModelArch, parse_hf_config
+from pdlaunch.model.arch import ModelArch, parse_hf_config
+from pdlaunch.model.families import HF_DEFAULTS, SUPPORTED_ARCHITECTURES
 from pdlaunch.model.moe.config import MOE_ARCHITECTURES
 
 # 32 heads: every family's default KV head count (32, 16, 8, 4 or the head count) divides it

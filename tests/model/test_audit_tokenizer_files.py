@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.checkpoint import open_tokenizer
 from pdlaunch.model.demo_tokenizer import write_tokenizer_files
-from pdlaunch.model.loader import open_tokenizer
 from tests.config.cli_helpers import check
 from tests.helpers.checkpoints import make_llama
 

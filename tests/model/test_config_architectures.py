@@ -12,7 +12,8 @@ import pytest
 
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.arch import SUPPORTED_ARCHITECTURES, load_arch
+from pdlaunch.model.arch import load_arch
+from pdlaunch.model.families import SUPPORTED_ARCHITECTURES
 
 CONFIG = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
           "vocab_size": 512, "intermediate_size": 128}

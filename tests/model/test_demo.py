@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.checkpoint import load_checkpoint
 from pdlaunch.model.demo import DEMO_HF_CONFIG, build_demo_checkpoint, ensure_demo_checkpoint, resolve_model_path
 from pdlaunch.model.demo_tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.tokenizer import Tokenizer
 from tests.helpers.checkpoints import hf_greedy
 from tests.model.paged_runner import PagedRunner

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_ops
-from pdlaunch.model.arch import RopeScaling
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.fused_ops import (
@@ -31,6 +30,7 @@ from pdlaunch.model.fused_ops import (
     write_kv_torch,
 )
 from pdlaunch.model.layers import RMSNorm
+from pdlaunch.model.rope_config import RopeScaling
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 

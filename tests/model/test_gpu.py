@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.triton_decode import paged_decode_available
 from tests.helpers.checkpoints import hf_greedy, hf_logits
 from tests.model.paged_runner import PagedRunner

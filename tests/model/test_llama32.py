@@ -16,7 +16,8 @@ from safetensors import safe_open
 
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.model.arch import load_arch, parse_hf_config
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.rotary import compute_inv_freq
 from tests.config.cli_helpers import check
 from tests.helpers.checkpoints import hf_model

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import KVCacheGroup, parse_hf_config
-from pdlaunch.model.loader import load_checkpoint, load_model, resolve_dtype
+from pdlaunch.model.checkpoint import load_checkpoint, resolve_dtype
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.rotary import compute_inv_freq
 
 

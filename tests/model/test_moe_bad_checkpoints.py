@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import parse_hf_config
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from tests.config.cli_helpers import check, invoke
 
 QWEN3_MOE: dict[str, Any] = {

@@ -88,7 +88,8 @@ def test_a_block_fp8_checkpoint_loads_its_experts_as_fp8_blocks(tmp_path: Path, 
     dequantized checkpoint computes. With expert parallel, rank 1 of 2 holds experts 2 and 3 whole."""
     from safetensors.torch import load_file
 
-    from pdlaunch.model.loader import load_checkpoint, load_model
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
     from tests.model.paged_runner import PagedRunner
 
@@ -122,7 +123,8 @@ def test_a_block_fp8_checkpoint_loads_its_experts_as_fp8_blocks(tmp_path: Path, 
 def test_quantization_fp8_makes_a_bf16_moe_checkpoints_experts_fp8_blocks_on_load(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from pdlaunch.model.loader import load_checkpoint, load_model
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
     from tests.helpers.fp8_checkpoints import make_fp8_qwen3
 
     served, _ = make_fp8_qwen3(tmp_path, "online", seed=12, moe=True)  # a plain float32 checkpoint

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.moe.fused import fused_moe, moe_reference
 from pdlaunch.model.moe.router import route
 from tests.engine.conftest import MakeEngine, make_engine, run_all  # noqa: F401  (pytest fixture)

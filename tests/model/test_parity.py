@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from tests.helpers.checkpoints import hf_greedy, hf_logits, make_llama
 from tests.model.paged_runner import PagedRunner
 

@@ -19,7 +19,8 @@ from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_ops
 from pdlaunch.model.arch import parse_hf_config
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from tests.config.cli_helpers import check
 from tests.helpers.checkpoints import hf_greedy, hf_model
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.triton_decode import paged_decode_available
 from tests.engine.conftest import MakeEngine, make_engine, run_all  # noqa: F401  (pytest fixture)
 from tests.helpers.checkpoints import hf_greedy

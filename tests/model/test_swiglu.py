@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pdlaunch.model import llama, swiglu
-from pdlaunch.model.llama import MLP
+from pdlaunch.model import decoder_layer, swiglu
+from pdlaunch.model.decoder_layer import MLP
 from pdlaunch.model.swiglu import config_for, swiglu_available, swiglu_gemm, swiglu_reference
 from tests.model.interpreter import run_interpreter_child
 from tests.model.kernel_cases import close_to, kernel_device  # noqa: F401 (the `device` fixture)
@@ -105,8 +105,8 @@ def test_the_mlp_runs_one_launch_for_a_decode_batch_inside_a_cuda_graph(monkeypa
     mlp.gate_up_proj.weight.data.normal_(0, 0.02)
     mlp.down_proj.weight.data.normal_(0, 0.02)
     ran: list[int] = []
-    real = llama.silu_and_mul
-    monkeypatch.setattr(llama, "silu_and_mul", lambda t: ran.append(t.shape[0]) or real(t))
+    real = decoder_layer.silu_and_mul
+    monkeypatch.setattr(decoder_layer, "silu_and_mul", lambda t: ran.append(t.shape[0]) or real(t))
     for rows in (2, 7, 64, 128):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         mlp(x)

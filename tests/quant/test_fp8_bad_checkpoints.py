@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.config import parse_quant_config
 from tests.config.cli_helpers import check, invoke
 from tests.helpers.fp8_checkpoints import make_fp8_qwen3

@@ -16,7 +16,8 @@ from pdlaunch.bench.make_checkpoint import make_llama3_8b_shaped
 from pdlaunch.cli import app
 from pdlaunch.config.rules.checkpoint import checkpoint_problems
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from tests.helpers.fp8_checkpoints import Scheme, make_fp8_qwen3
 
 SCALE = "model.layers.1.mlp.down_proj.weight_scale_inv"  # block FP8's name

@@ -107,8 +107,8 @@ def _fp8_mlp(hidden: int, inter: int, device: str = "cpu") -> torch.nn.Module:
     """An MLP and its post-attention norm whose linear layers hold 128x128-block FP8 weights, as finish_loading
     leaves them on an FP8 GPU."""
     from pdlaunch.model.arch import ModelArch
+    from pdlaunch.model.decoder_layer import MLP
     from pdlaunch.model.layers import RMSNorm
-    from pdlaunch.model.llama import MLP
     from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.quant.linear import Fp8LinearMethod
 
@@ -141,7 +141,7 @@ def test_interpret_fp8_mlp_gives_the_same_output_with_its_inputs_quantized_by_th
     real_quantize, real_silu = activations.quantize_rows, fused_ops.silu_and_mul_fp8
     monkeypatch.setattr(activations, "quantize_rows",
                         lambda *a, **k: launches.append("quantize") or real_quantize(*a, **k))
-    monkeypatch.setattr("pdlaunch.model.llama.silu_and_mul_fp8",
+    monkeypatch.setattr("pdlaunch.model.decoder_layer.silu_and_mul_fp8",
                         lambda *a: launches.append("silu_fp8") or real_silu(*a))
 
     def run(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pdlaunch.model.loader import load_checkpoint, load_model
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.moe.fused import fused_moe, moe_reference, tile_for
 from pdlaunch.model.moe.router import route
 from pdlaunch.model.quant import fp8

@@ -76,7 +76,8 @@ def test_block_scales_follow_tp_shards(fp8_ckpts: dict[str, tuple[Path, Path]]) 
     its down_proj is the reference's second column half and its qkv the q rows then KV head 1."""
     from safetensors.torch import load_file
 
-    from pdlaunch.model.loader import load_checkpoint, load_model
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
 
     served, reference = fp8_ckpts["block"]
     model = load_model(load_checkpoint(str(served)), torch.device("cpu"), torch.float32, tp_rank=1, tp_size=2)

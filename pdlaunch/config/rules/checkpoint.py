@@ -49,14 +49,14 @@ def checkpoint_problems(model_path: str, quantization: str | None = None) -> lis
     if model_path.lower().endswith(".gguf"):
         return gguf_file_problems(Path(os.path.expanduser(model_path)))
     directory = Path(os.path.expanduser(model_path))
-    from pdlaunch.model import loader  # lazy: imports torch
     from pdlaunch.model.arch import load_arch
+    from pdlaunch.model.checkpoint import open_tokenizer  # lazy: imports torch
     from pdlaunch.model.quant.config import load_quant_config
 
     problems: list[Problem] = []
     tokenizer = None
     try:
-        tokenizer = loader.open_tokenizer(directory)
+        tokenizer = open_tokenizer(directory)
     except PdlaunchError as exc:
         problems.append(as_problem(exc))
     try:
@@ -130,6 +130,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
     import torch
 
     from pdlaunch.model import loader
+    from pdlaunch.model.checkpoint_tensors import load_tensor, missing_tensors
 
     headers, problems = _headers(directory)
     if problems:
@@ -153,7 +154,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
             scale = _scale_values(header, dtype)
             meta = scale if scale is not None else torch.empty(header.shape, dtype=dtype, device="meta")
             for name, tensor in experts.feed(header.name, meta) if experts is not None else [(header.name, meta)]:
-                if loader.load_tensor(params, arch, name, tensor, header.file, filled):
+                if load_tensor(params, arch, name, tensor, header.file, filled):
                     seen.add(name)
         except PdlaunchError as exc:
             found.append(as_problem(exc))
@@ -165,7 +166,7 @@ def weight_problems(directory: Path, arch: ModelArch, quant: QuantConfig | None 
         found.append(as_problem(unpaired))
         # named above: a weight waiting for its scale is present, a scale without its weight is that one problem
         seen.update(experts.pending() if experts is not None else ())
-    missing = loader.missing_tensors(params, seen, arch)
+    missing = missing_tensors(params, seen, arch)
     if missing is not None:
         found.append(as_problem(missing))
     if len(found) > MAX_TENSOR_PROBLEMS:
@@ -180,7 +181,7 @@ def _scale_values(header: TensorHeader, dtype: torch.dtype) -> torch.Tensor | No
     negative) refuse here what the load would refuse; None for every other tensor (weights stay unread)."""
     import torch
 
-    from pdlaunch.model.loader import SCALE_SUFFIXES
+    from pdlaunch.model.checkpoint_tensors import SCALE_SUFFIXES
 
     if not header.name.endswith(SCALE_SUFFIXES) or header.nbytes > MAX_SCALE_BYTES or not header.nbytes:
         return None

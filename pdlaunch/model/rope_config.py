@@ -1,0 +1,80 @@
+"""Rope as config.json gives it, in either dialect: transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x
+(`rope_parameters`). `RopeScaling` is what model/rotary.py computes the frequencies from."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pdlaunch.errors import PdlaunchError, error_text
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+# rotary.py divides by each of these: 0 made every position's rotation inf/NaN, a negative one nonsense
+RopeFactor = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class RopeScaling(BaseModel):
+    """Scaled rope as config.json gives it: `linear` (factor) or `llama3` (factor, low/high_freq_factor,
+    original_max_position_embeddings, by default the model's max_position_embeddings)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rope_type: Literal["linear", "llama3"]
+    factor: RopeFactor
+    low_freq_factor: RopeFactor | None = None
+    high_freq_factor: RopeFactor | None = None
+    original_max_position_embeddings: RopeFactor | None = None
+
+    @model_validator(mode="after")
+    def _llama3_needs_its_factors(self) -> RopeScaling:
+        if self.rope_type == "llama3" and (self.low_freq_factor is None or self.high_freq_factor is None):
+            raise ValueError("llama3 rope scaling needs low_freq_factor and high_freq_factor")
+        return self
+
+
+def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling dict or None) from either config dialect; `default_theta` where neither gives one."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "rope_type" not in params and params:
+        # Per-layer-type rope parameters (not used by the supported families).
+        raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
+    key = "rope_parameters" if params is not None else "rope_scaling"
+    found = params if params is not None else cfg.get("rope_scaling") or {}
+    if not isinstance(found, dict):  # a string or list was silently plain rope (rope_parameters) or a traceback
+        raise PdlaunchError(f"{key} {found!r} is not a JSON object", field=f"config.json:{key}",
+                            hint="use the checkpoint's original config.json")
+    scaling = dict(found)
+    theta = positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", default_theta)
+    rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise PdlaunchError(
+            f"rope type {rope_type!r} is not supported",
+            field=f"config.json:{key}",
+            hint=f"supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}",
+        )
+    if rope_type == "default":
+        return theta, None
+    known = {k: v for k, v in scaling.items() if k in RopeScaling.model_fields}
+    try:
+        return theta, RopeScaling.model_validate({**known, "rope_type": rope_type})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        what = error_text(error)
+        if error["loc"]:  # the factor named, with its value unless it is absent
+            what = f"{error['loc'][0]} is missing" if error["type"] == "missing" else \
+                f"{error['loc'][0]} {error['input']!r}: {what}"
+        raise PdlaunchError(f"rope scaling {rope_type!r}: {what}", field=f"config.json:{key}",
+                            hint="the checkpoint's config.json rope parameters are incomplete or invalid") from None
+
+
+def positive_float(value: object, key: str, default: float) -> float:
+    """A config.json number above 0 (absent or null: `default`)."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise PdlaunchError(f"{key} {value!r} is not a positive number", field=f"config.json:{key}",
+                            hint="use the checkpoint's original config.json")
+    return float(value)
