@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.overrides import env_choice
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs, pdl_release
 from pdlaunch.model.quant import kv_cache as fp8_kv
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs, pdl_release, triton_importable
+from pdlaunch.model.triton_env import interpret_mode, triton_importable
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 

@@ -27,10 +27,10 @@ from pdlaunch.memory.platform import device_memory_bytes, to_device_async
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.blas import select_blas_library
+from pdlaunch.model.decode_launch import launch_batch_sizes, rows_per_program
 from pdlaunch.model.loader import Checkpoint, load_model
 from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.quant.kv_cache import resolve_kv_cache_dtype, scales_digest
-from pdlaunch.model.triton_decode import launch_batch_sizes, rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
 from pdlaunch.runner.mixed_graphs import MAX_MIXED_TOKENS, MixedGraphs, max_mixed_tokens, mixed_ladder
 from pdlaunch.runner.prompt_logprobs import PromptLogprobsOut, PromptRows

@@ -8,15 +8,15 @@ import torch
 
 from pdlaunch.config.models import CacheConfig, SchedulerConfig
 from pdlaunch.errors import EngineError
+from pdlaunch.model.decode_launch import choose_launch, launch_batch_sizes
 from pdlaunch.model.loader import load_checkpoint
-from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes
 from pdlaunch.runner.model_runner import ModelRunner
 
 
 @pytest.mark.parametrize("kv_heads,sms,elem", [(8, 132, 2), (4, 132, 2), (4, 132, 1), (1, 16, 2), (8, 78, 2)])
 def test_launch_batch_sizes_give_every_launch_once(kv_heads: int, sms: int, elem: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import pdlaunch.model.triton_decode as td
+    import pdlaunch.model.decode_launch as td
 
     monkeypatch.setattr(td, "_num_sms", lambda index: sms)
     sizes = launch_batch_sizes(256, kv_heads, 128, torch.device("cuda", 0), element_size=elem)
@@ -70,9 +70,9 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     pytest.importorskip("triton")
     from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels
     from pdlaunch.model.moe.triton_moe import _kernels as moe_kernels
+    from pdlaunch.model.paged_decode_kernel import kernel_for as decode_kernels
     from pdlaunch.model.quant.kernels import _kernels as quant_kernels
     from pdlaunch.model.swiglu import _kernels as swiglu_kernels
-    from pdlaunch.model.triton_decode import _kernels as decode_kernels
     from pdlaunch.runner.stage_inputs import _kernels as stage_kernels
 
     def unspecialized(kernel: object) -> set[str]:

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (triton_decode.pdl_enabled) and the GEMV's per-device launches."""
+"""Programmatic dependent launch (pdl.pdl_enabled) and the GEMV's per-device launches."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model import fused_ops, triton_decode
+from pdlaunch.model import fused_ops
 from pdlaunch.model import gemv as gemv_module
+from pdlaunch.model import pdl as pdl_module
 from pdlaunch.model.gemv import GEMV_CONFIG, GEMV_DEVICE_CONFIGS, config_for, gemv
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
@@ -45,11 +46,11 @@ def test_a_triton_without_the_launch_option_never_launches_dependently(monkeypat
         if name not in sys.modules:
             monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setattr(sys.modules["triton.language.extra"], "cuda", old_cuda, raising=False)
-    triton_decode._triton_has_pdl.cache_clear()
+    pdl_module._triton_has_pdl.cache_clear()
     try:
-        assert not triton_decode._triton_has_pdl()
+        assert not pdl_module._triton_has_pdl()
     finally:
-        triton_decode._triton_has_pdl.cache_clear()
+        pdl_module._triton_has_pdl.cache_clear()
 
 
 def test_gemv_launch_per_device_and_rows() -> None:

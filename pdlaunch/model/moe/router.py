@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.fused_ops import fused_available
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import interpret_mode
 
 ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the Triton product; more: cuBLAS
 NORM_ROUTE_MAX_HIDDEN = 4096  # norm_and_route holds a whole row per program up to this width

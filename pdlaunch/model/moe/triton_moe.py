@@ -39,7 +39,8 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.moe.layout import TileConfig, align_to_blocks, local_expert_ids
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import interpret_mode
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
 

@@ -16,8 +16,9 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
-from pdlaunch.model.triton_decode import device_entry, device_name, interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import device_entry, device_name, interpret_mode
 
 GROUP = 128  # activation group = weight block edge
 
