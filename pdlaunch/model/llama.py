@@ -15,7 +15,9 @@ from torch import nn
 from pdlaunch.model.arch import KVCacheGroup, ModelArch
 from pdlaunch.model.attention import GroupPlan, build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import fused_available, rms_norm, rotary_write_kv, silu_and_mul, silu_and_mul_fp8
+from pdlaunch.model.fused_norm import rms_norm
+from pdlaunch.model.fused_ops import fused_available, silu_and_mul, silu_and_mul_fp8
+from pdlaunch.model.fused_rotary import rotary_write_kv
 from pdlaunch.model.layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,

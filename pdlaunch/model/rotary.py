@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from pdlaunch.model.arch import RopeScaling
-from pdlaunch.model.fused_ops import apply_rotary, rotary_cos_sin
+from pdlaunch.model.fused_rotary import apply_rotary, rotary_cos_sin
 
 
 def compute_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None,

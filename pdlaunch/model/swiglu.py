@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.decode_gemm import tma_aligned
-from pdlaunch.model.fused_ops import silu_and_mul_torch
+from pdlaunch.model.fused_reference import silu_and_mul_torch
 from pdlaunch.model.overrides import env_choice
 from pdlaunch.model.pdl import pdl_kwargs, pdl_release
 from pdlaunch.model.triton_env import device_entry, device_name, interpret_mode, triton_importable

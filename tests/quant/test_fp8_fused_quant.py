@@ -42,7 +42,7 @@ def _assert_rows_equal(got: fp8.Fp8Rows, q: torch.Tensor, s: torch.Tensor, colum
 ])
 def test_interpret_norm_quantizes_as_quantize_rows(interpret: None, tokens: int, hidden: int, parts: int,
                                                    residual: bool, column_major: bool) -> None:
-    from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm, rms_norm_fp8
+    from pdlaunch.model.fused_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
     from pdlaunch.model.quant.kernels import quantize_rows
 
     gen = torch.Generator().manual_seed(tokens * hidden + parts)

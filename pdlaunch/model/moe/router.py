@@ -174,7 +174,7 @@ def _router_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """router_gemv_kernel's launch -> (logits [T, E] in x's dtype, the normed rows and the new residual with
     `residual`, else None, None)."""
-    from pdlaunch.model.fused_ops import normalize_helper
+    from pdlaunch.model.fused_kernels import normalize_helper
 
     kernels = _kernels(interpret_mode())
     num_tokens, hidden = x.shape
