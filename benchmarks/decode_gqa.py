@@ -23,7 +23,8 @@ from decode_grid import KernelBench  # noqa: E402
 from decode_sweep import sweep  # noqa: E402
 from limits import copy_bandwidth, fill_kv_caches  # noqa: E402
 
-from pdlaunch.model.triton_decode import MIN_SPLIT_TOKENS, DecodeLaunch, choose_launch, paged_decode  # noqa: E402
+from pdlaunch.model.decode_launch import MIN_SPLIT_TOKENS, DecodeLaunch, choose_launch  # noqa: E402
+from pdlaunch.model.triton_decode import paged_decode  # noqa: E402
 
 HEADS, HEAD_DIM, BLOCK = 32, 128, 16
 

@@ -57,7 +57,7 @@ from ready_kv import ReadyKVConnector  # noqa: E402
 from pdlaunch.engine.llm import build_config  # noqa: E402
 from pdlaunch.engine.llm_engine import LLMEngine  # noqa: E402
 from pdlaunch.engine.outputs import SamplingParams  # noqa: E402
-from pdlaunch.model import triton_decode  # noqa: E402
+from pdlaunch.model import decode_launch, triton_decode  # noqa: E402
 
 WARMUP_STEPS = 4  # connector hand-off and first replays
 TRACE_STEPS = 12  # `--step-trace`: engine steps traced after the timed ones
@@ -114,7 +114,7 @@ class KernelBench:
             lambda i: decode(q, self.cache, 0, tokens, tables[i % tables.shape[0]], lens, None, scale, **kw),
             GRAPH_CALLS)
 
-    def check(self, batch: int, context: int, launch: triton_decode.DecodeLaunch | None = None) -> float:
+    def check(self, batch: int, context: int, launch: decode_launch.DecodeLaunch | None = None) -> float:
         """Relative error of the kernel against float64 attention over the same keys."""
         q, tokens, tables, lens = self.inputs(min(batch, 4), context)
         table = tables[0]

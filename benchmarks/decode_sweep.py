@@ -2,7 +2,7 @@
 
 For each cell and each (tile, num_warps, num_stages, waves) the kernel's KV bandwidth is timed
 (one layer, CUDA events), each configuration's output checked against float64 attention once;
-the best per cell is printed. `choose_launch` in pdlaunch/model/triton_decode.py is set from this.
+the best per cell is printed. `choose_launch` in pdlaunch/model/decode_launch.py is set from this.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from pdlaunch.model.triton_decode import MIN_SPLIT_TOKENS, DecodeLaunch, choose_launch, paged_decode
+from pdlaunch.model.decode_launch import MIN_SPLIT_TOKENS, DecodeLaunch, choose_launch
+from pdlaunch.model.triton_decode import paged_decode
 
 CELLS = [(48, 3072), (64, 1024), (1, 8000), (128, 1024), (8, 16384), (64, 128)]
 TILES = [32, 64, 128]

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
 from limits import copy_bandwidth, graph_call_ms  # noqa: E402
 
-from pdlaunch.model.triton_decode import DecodeLaunch, paged_decode  # noqa: E402
+from pdlaunch.model.decode_launch import DecodeLaunch  # noqa: E402
+from pdlaunch.model.triton_decode import paged_decode  # noqa: E402
 
 GRAPH_CALLS = 10
 BLOCK_SIZE = 16

@@ -31,7 +31,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 from decode_gemm_speed import SHAPES, splits, sweep  # noqa: E402
 
 from pdlaunch.model.decode_gemm import DecodeGemmConfig, block_m, decode_gemm  # noqa: E402
-from pdlaunch.model.triton_decode import interpret_mode  # noqa: E402
+from pdlaunch.model.triton_env import interpret_mode  # noqa: E402
 
 SMEM_BYTES = 227 * 1024
 

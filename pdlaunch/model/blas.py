@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model.triton_decode import device_entry, device_name
+from pdlaunch.model.triton_env import device_entry, device_name
 
 ENV = "PDLAUNCH_BLAS"
 AUTO = "auto"

@@ -26,14 +26,8 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.overrides import env_choice
-from pdlaunch.model.triton_decode import (
-    device_entry,
-    device_name,
-    interpret_mode,
-    pdl_kwargs,
-    pdl_release,
-    triton_importable,
-)
+from pdlaunch.model.pdl import pdl_kwargs, pdl_release
+from pdlaunch.model.triton_env import device_entry, device_name, interpret_mode, triton_importable
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, SWAP, TMA): SWAP 1 multiplies W x^T (the weight tile as the
 # MMA's M side), 0 x W^T; TMA 1 reads the tiles through the tensor-memory accelerator (`tma_gemm_kernel`; where x or

@@ -10,7 +10,9 @@ from torch import nn
 
 from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.attention import GroupPlan, paged_attention
-from pdlaunch.model.fused_ops import fused_available, rms_norm, rotary_write_kv, silu_and_mul, silu_and_mul_fp8
+from pdlaunch.model.fused_norm import rms_norm
+from pdlaunch.model.fused_ops import fused_available, silu_and_mul, silu_and_mul_fp8
+from pdlaunch.model.fused_rotary import rotary_write_kv
 from pdlaunch.model.layers import MergedColumnParallelLinear, QKVParallelLinear, RMSNorm, RowParallelLinear
 from pdlaunch.model.moe.block import Routed, SparseMoeBlock
 from pdlaunch.model.quant.fp8 import Fp8Rows

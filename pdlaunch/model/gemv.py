@@ -22,7 +22,8 @@ import torch
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.overrides import env_choice, whole_number
-from pdlaunch.model.triton_decode import device_entry, device_name, pdl_enabled, pdl_kwargs, triton_importable
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import device_entry, device_name, triton_importable
 
 GemvConfig = tuple[int, int, int]  # (BLOCK_N, BLOCK_K, num_warps)
 # 8 weight rows x 512 columns (8 KiB of bf16) a loop iteration, 4 warps (benchmarks/gemv_speed.py).

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.decode_gemm import decode_gemm, decode_gemm_available
-from pdlaunch.model.fused_ops import fused_add_rms_norm, fused_available, rms_norm, rms_norm_fp8
+from pdlaunch.model.fused_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
+from pdlaunch.model.fused_ops import fused_available
 from pdlaunch.model.gemv import gemv, gemv_available
 from pdlaunch.model.quant.fp8 import Fp8Rows
 

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from pdlaunch.model.fused_ops import apply_rotary, rotary_cos_sin
+from pdlaunch.model.fused_rotary import apply_rotary, rotary_cos_sin
 from pdlaunch.model.rope_config import RopeScaling
 
 

@@ -20,16 +20,10 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.decode_gemm import tma_aligned
-from pdlaunch.model.fused_ops import silu_and_mul_torch
+from pdlaunch.model.fused_reference import silu_and_mul_torch
 from pdlaunch.model.overrides import env_choice
-from pdlaunch.model.triton_decode import (
-    device_entry,
-    device_name,
-    interpret_mode,
-    pdl_kwargs,
-    pdl_release,
-    triton_importable,
-)
+from pdlaunch.model.pdl import pdl_kwargs, pdl_release
+from pdlaunch.model.triton_env import device_entry, device_name, interpret_mode, triton_importable
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA): TMA 1 reads the tiles through the tensor-memory
 # accelerator (`swiglu_tma_kernel`; where x or the weight is not 16-byte aligned as TMA needs, the pointer kernel).

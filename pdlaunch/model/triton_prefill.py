@@ -33,7 +33,8 @@ import torch
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.overrides import env_choice, whole_number
-from pdlaunch.model.triton_decode import interpret_mode, paged_decode_available
+from pdlaunch.model.triton_decode import paged_decode_available
+from pdlaunch.model.triton_env import interpret_mode
 
 # Steps with more prompt tokens than this keep scaled_dot_product_attention: there the GPU's work sets the step
 # time, and this kernel's products run slower than SDPA's flash kernel. One H200, 8B shape, a 3072-token prompt's

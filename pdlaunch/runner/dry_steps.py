@@ -15,8 +15,8 @@ from pdlaunch.config.engine_config import SchedulerConfig
 from pdlaunch.config.strict_model import Role
 from pdlaunch.errors import EngineError
 from pdlaunch.model.arch import KVCacheGroup
+from pdlaunch.model.decode_launch import launch_batch_sizes
 from pdlaunch.model.llama import CausalLM
-from pdlaunch.model.triton_decode import launch_batch_sizes
 from pdlaunch.runner.out_of_memory import first_line, out_of_memory
 from pdlaunch.runner.step_metadata import step_metadata
 

@@ -15,9 +15,9 @@ from pdlaunch.config.strict_model import Role
 from pdlaunch.model.arch import KVCacheGroup
 from pdlaunch.model.attention import graph_safe
 from pdlaunch.model.checkpoint import Checkpoint
+from pdlaunch.model.decode_launch import rows_per_program
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.overrides import env_choice
-from pdlaunch.model.triton_decode import rows_per_program
 from pdlaunch.runner.cuda_graphs import DecodeGraphs, graph_rows, ladder
 from pdlaunch.runner.mixed_graphs import MAX_MIXED_TOKENS, MixedGraphs, max_mixed_tokens, mixed_ladder
 from pdlaunch.runner.out_of_memory import first_line

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.fused_ops import fused_ops_setting
-from pdlaunch.model.triton_decode import interpret_mode, triton_importable
+from pdlaunch.model.triton_env import interpret_mode, triton_importable
 
 BLOCK = 1024  # elements a program of the kernel writes
 

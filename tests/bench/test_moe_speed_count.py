@@ -67,7 +67,8 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
     the experts get. The attention stand-in returns the decode rows of q."""
     import pdlaunch.model.attention as attention
     import pdlaunch.model.decoder_layer as decoder_layer
-    import pdlaunch.model.fused_ops as fused_ops
+    import pdlaunch.model.fused_norm as fused_norm
+    import pdlaunch.model.fused_rotary as fused_rotary
     import pdlaunch.model.layers as layers
     import pdlaunch.model.moe.experts as moe_experts
     import pdlaunch.model.moe.fused as moe_fused
@@ -82,9 +83,9 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
                          (moe_block, "route"), (moe_block, "norm_route_available"), (moe_experts, "fused_moe"),
                          (layers, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
-    for module, name in [(fused_ops, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
+    for module, name in [(fused_rotary, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
                          (moe_router, "router_logits"), (moe_block, "norm_and_route"),
-                         (fused_ops, "fused_add_rms_norm")]:
+                         (fused_norm, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, fail)  # a call path the ablation missed would reach these
     engine = LLMEngine(build_config(str(moe_ckpt("qwen3_moe")), "cpu", "float32",
                                     {"max_num_seqs": 4, "enable_prefix_caching": False}))

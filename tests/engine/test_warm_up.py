@@ -9,14 +9,14 @@ import torch
 from pdlaunch.config.engine_config import CacheConfig, SchedulerConfig
 from pdlaunch.errors import EngineError
 from pdlaunch.model.checkpoint import load_checkpoint
-from pdlaunch.model.triton_decode import choose_launch, launch_batch_sizes
+from pdlaunch.model.decode_launch import choose_launch, launch_batch_sizes
 from pdlaunch.runner.model_runner import ModelRunner
 
 
 @pytest.mark.parametrize("kv_heads,sms,elem", [(8, 132, 2), (4, 132, 2), (4, 132, 1), (1, 16, 2), (8, 78, 2)])
 def test_launch_batch_sizes_give_every_launch_once(kv_heads: int, sms: int, elem: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import pdlaunch.model.triton_decode as td
+    import pdlaunch.model.decode_launch as td
 
     monkeypatch.setattr(td, "_num_sms", lambda index: sms)
     sizes = launch_batch_sizes(256, kv_heads, 128, torch.device("cuda", 0), element_size=elem)
@@ -71,10 +71,10 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels
     from pdlaunch.model.moe.align_kernels import _kernels as moe_align_kernels
     from pdlaunch.model.moe.gemm_kernels import gemm_kernels as moe_gemm_kernels
+    from pdlaunch.model.paged_decode_kernel import kernel_for as decode_kernels
     from pdlaunch.model.quant.block_gemv import _kernels as quant_gemv_kernels
     from pdlaunch.model.quant.gemm import _kernels as quant_gemm_kernels
     from pdlaunch.model.swiglu import _kernels as swiglu_kernels
-    from pdlaunch.model.triton_decode import _kernels as decode_kernels
     from pdlaunch.runner.stage_inputs import _kernels as stage_kernels
 
     def unspecialized(kernel: object) -> set[str]:

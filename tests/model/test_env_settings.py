@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model import decode_gemm, fused_ops, gemv, swiglu, triton_decode, triton_prefill
+from pdlaunch.model import decode_gemm, decode_launch, fused_ops, gemv, pdl, swiglu, triton_decode, triton_prefill
 from pdlaunch.model.blas import blas_setting
 from pdlaunch.model.moe import fused
 
@@ -21,7 +21,7 @@ MALFORMED = [" ", "zz", "1,2", "=", ":", "tile=", "tile=abc", "-1", "0", "999999
 @pytest.fixture(autouse=True)
 def _fresh_parsers() -> Iterator[None]:
     """The structured parsers cache a setting's result; each test starts, and leaves, them empty."""
-    cached = (gemv.config_override, triton_decode.launch_override, fused.tile_override, triton_prefill._launch)
+    cached = (gemv.config_override, decode_launch.launch_override, fused.tile_override, triton_prefill._launch)
     for parser in cached:
         parser.cache_clear()
     yield
@@ -48,7 +48,7 @@ CHOICES: dict[str, tuple[Callable[[], object], dict[str, object]]] = {
     "PDLAUNCH_DECODE_GEMM": (decode_gemm.decode_gemm_setting, {"auto": "auto", "cublas": "cublas", "": "auto"}),
     "PDLAUNCH_FUSED_OPS": (fused_ops.fused_ops_setting, {"auto": "auto", "torch": "torch", "": "auto"}),
     "PDLAUNCH_PAGED_DECODE": (triton_decode.paged_decode_setting, {"auto": "auto", "torch": "torch", "": "auto"}),
-    "PDLAUNCH_PDL": (triton_decode.pdl_setting, {"auto": "auto", "off": "off", "all": "all", "": "auto"}),
+    "PDLAUNCH_PDL": (pdl.pdl_setting, {"auto": "auto", "off": "off", "all": "all", "": "auto"}),
     "PDLAUNCH_ATTN_EARLY": (triton_decode.attention_early, {"on": True, "off": False, "": True}),
     "PDLAUNCH_FP8_QK": (triton_decode.fp8_qk_f16, {"f16": True, "bf16": False, "": True}),
     "PDLAUNCH_PAGED_PREFILL": (triton_prefill.paged_prefill_setting,
@@ -95,13 +95,13 @@ def test_a_bad_choice_is_refused_naming_the_variable(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("variable,value,check", [
     ("PDLAUNCH_FUSED_OPS", "tourch", lambda: fused_ops.fused_available(torch.zeros(2))),
     ("PDLAUNCH_PAGED_DECODE", "troch", lambda: triton_decode.paged_decode_available(torch.zeros(1, 1, 2, 16, 1, 8))),
-    ("PDLAUNCH_PDL", "of", lambda: triton_decode.pdl_enabled(torch.zeros(2), 2)),
+    ("PDLAUNCH_PDL", "of", lambda: pdl.pdl_enabled(torch.zeros(2), 2)),
 ])
 def test_a_cpu_instance_never_reads_a_gpu_setting(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
                                                   check: Callable[[], object]) -> None:
     """On CPU tensors (outside the Triton interpreter) the callers answer without the variable: a CPU instance does
     not fail a step on a misspelt GPU setting; where the kernels could run, the same value is refused."""
-    monkeypatch.setattr(triton_decode, "interpret_mode", lambda: False)
+    monkeypatch.setattr(pdl, "interpret_mode", lambda: False)
     monkeypatch.setattr(fused_ops, "interpret_mode", lambda: False)
     monkeypatch.setenv(variable, value)
     assert check() is False
@@ -121,7 +121,7 @@ def _gemv() -> object:
 
 
 def _decode() -> object:
-    return triton_decode.with_override(triton_decode.choose_launch(1, 8, 128, num_sms=132), 1)
+    return decode_launch.with_override(decode_launch.choose_launch(1, 8, 128, num_sms=132), 1)
 
 
 def _moe() -> object:
@@ -167,13 +167,13 @@ def test_valid_gemv_configs_parse(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_valid_decode_launches_parse(monkeypatch: pytest.MonkeyPatch) -> None:
-    default = triton_decode.choose_launch(1, 8, 128, num_sms=132)
+    default = decode_launch.choose_launch(1, 8, 128, num_sms=132)
     monkeypatch.setenv("PDLAUNCH_DECODE_LAUNCH", "tile=32:splits=4:short_tiles=0:num_warps=8:max_seqs=1")
-    launch = triton_decode.with_override(default, 1)
+    launch = decode_launch.with_override(default, 1)
     assert (launch.tile, launch.splits, launch.short_tiles, launch.num_warps) == (32, 4, 0, 8)
-    assert triton_decode.with_override(default, 2) == default
+    assert decode_launch.with_override(default, 2) == default
     monkeypatch.setenv("PDLAUNCH_DECODE_LAUNCH", "")
-    assert triton_decode.with_override(default, 1) == default
+    assert decode_launch.with_override(default, 1) == default
 
 
 def test_valid_moe_tiles_parse(monkeypatch: pytest.MonkeyPatch) -> None:

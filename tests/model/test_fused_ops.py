@@ -5,7 +5,7 @@ Kernel cases run on "cuda" (gpu marker) and on CPU tensors under TRITON_INTERPRE
 skipped without triton). Triton decorates its own library helpers (tl.sum) when it is first
 imported, so the interpreter cases need the variable set before any import of triton: they run in
 a child pytest started with it (test_interpreter_cases_in_a_subprocess). In the kernel cases the
-torch references inside fused_ops are replaced by a function that fails, so a silent fallback
+torch references inside the ops' modules are replaced by a function that fails, so a silent fallback
 cannot compare the reference with itself.
 """
 
@@ -17,26 +17,28 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model import fused_ops
+from pdlaunch.model import fused_kernels, fused_norm, fused_ops, fused_rotary
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.fused_ops import (
+from pdlaunch.model.fused_reference import (
     apply_rotary_torch,
     fused_add_rms_norm_torch,
     rms_norm_torch,
-    rotary_cos_sin,
     rotary_cos_sin_torch,
     silu_and_mul_torch,
     write_kv_torch,
 )
+from pdlaunch.model.fused_rotary import rotary_cos_sin
 from pdlaunch.model.layers import RMSNorm
 from pdlaunch.model.rope_config import RopeScaling
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-REFERENCES = ["rms_norm_torch", "fused_add_rms_norm_torch", "apply_rotary_torch", "silu_and_mul_torch",
-              "write_kv_torch", "rotary_cos_sin_torch"]
+# Each torch reference, with the module whose ops fall back to it (where the kernel cases replace it).
+REFERENCES = [(fused_norm, "rms_norm_torch"), (fused_norm, "fused_add_rms_norm_torch"),
+              (fused_rotary, "apply_rotary_torch"), (fused_ops, "silu_and_mul_torch"), (fused_ops, "write_kv_torch"),
+              (fused_rotary, "rotary_cos_sin_torch")]
 # Set when this process started as the interpreter child (before torch or triton were imported).
 LLAMA3_SCALING = RopeScaling(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                   original_max_position_embeddings=8192)
@@ -76,8 +78,8 @@ def device(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         _interpreter_rounds_bf16_to_nearest_even(monkeypatch)
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    for name in REFERENCES:
-        monkeypatch.setattr(fused_ops, name, _forbid(name))
+    for module, name in REFERENCES:
+        monkeypatch.setattr(module, name, _forbid(name))
     return "cuda" if request.param == "cuda" else "cpu"
 
 
@@ -122,7 +124,7 @@ def test_rms_norm_kernel_matches_reference(device: str, dtype: torch.dtype, toke
     wide = torch.randn(tokens, hidden + 16, dtype=dtype, device=device) * 3
     x = wide[:, 8:8 + hidden]  # a strided view
     weight = torch.randn(hidden, dtype=dtype, device=device)
-    _assert_rms_close(fused_ops.rms_norm(x, weight, 1e-5), rms_norm_torch(x, weight, 1e-5))
+    _assert_rms_close(fused_norm.rms_norm(x, weight, 1e-5), rms_norm_torch(x, weight, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,7 +135,7 @@ def test_fused_add_rms_norm_sums_partial_rows_first(device: str, dtype: torch.dt
     rows = torch.randn(5, 8, 96, dtype=dtype, device=device)
     residual = torch.randn(5, 96, dtype=dtype, device=device) * 4
     weight = torch.randn(96, dtype=dtype, device=device)
-    y, new_residual = fused_ops.fused_add_rms_norm(rows, residual, weight, 1e-6)
+    y, new_residual = fused_norm.fused_add_rms_norm(rows, residual, weight, 1e-6)
     want_residual = rows.sum(dim=1) + residual
     if dtype == torch.float32:  # eight float32 values added in another order than torch's: not bit-equal
         torch.testing.assert_close(new_residual, want_residual, rtol=1e-5, atol=1e-5)
@@ -149,7 +151,7 @@ def test_fused_add_rms_norm_kernel_matches_reference(device: str, dtype: torch.d
     x = torch.randn(5, 96, dtype=dtype, device=device)
     residual = torch.randn(5, 96, dtype=dtype, device=device) * 4
     weight = torch.randn(96, dtype=dtype, device=device)
-    y, new_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-6)
+    y, new_residual = fused_norm.fused_add_rms_norm(x, residual, weight, 1e-6)
     want_residual = x + residual
     want_y = rms_norm_torch(want_residual, weight, 1e-6)
     _assert_equal(new_residual, want_residual)
@@ -164,7 +166,7 @@ def test_apply_rotary_kernel_matches_reference_bit_for_bit(device: str, dtype: t
     positions = torch.tensor([0, 1, 17, 4095, 131000], device=device)
     inv_freq = compute_inv_freq(head_dim, 500000.0, LLAMA3_SCALING, 131072).to(device)
     cos, sin = rotary_cos_sin(positions, inv_freq, dtype)
-    q_out, k_out = fused_ops.apply_rotary(q, k, cos, sin)
+    q_out, k_out = fused_rotary.apply_rotary(q, k, cos, sin)
     want_q, want_k = apply_rotary_torch(q, k, cos, sin)
     _assert_equal(q_out, want_q)
     _assert_equal(k_out, want_k)
@@ -255,7 +257,7 @@ def test_rotary_write_kv_kernel_equals_norm_rotary_and_write_in_turn(device: str
     want_cache = cache.clone()
     slots = torch.tensor([3, -1, 9, 20, 27], device=device)
     scales = (0.5, 2.0) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
-    got_q, got_k = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slots, layer, scales, norm)
+    got_q, got_k = fused_rotary.rotary_write_kv(q, k, v, cos, sin, cache, slots, layer, scales, norm)
     want_q, want_k = q, k
     if norm is not None:
         want_q = rms_norm_torch(q.reshape(-1, head_dim), norm[0], norm[2]).view(tokens, hq, head_dim)
@@ -321,9 +323,9 @@ def test_interpreter_cases_in_a_subprocess() -> None:
 def test_interpret_mode_builds_interpreted_kernels(device: str) -> None:
     if device == "cuda":
         pytest.skip("interpreter check")
-    kernels = fused_ops._kernels(fused_ops.interpret_mode())
+    kernels = fused_kernels.kernels_for(fused_ops.interpret_mode())
     assert type(kernels.rms_norm).__name__ == "InterpretedFunction"
-    assert fused_ops._use_triton(torch.zeros(1)) and fused_ops.fused_available(torch.zeros(1))
+    assert fused_ops.use_triton(torch.zeros(1)) and fused_ops.fused_available(torch.zeros(1))
     assert not fused_ops.fused_available(torch.zeros(1, dtype=torch.float64))  # no kernel: the reference
 
 
@@ -338,7 +340,7 @@ def test_kernels_compile_for_h100_with_the_rounding_the_spec_needs() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernels = fused_ops._kernels(False)
+    kernels = fused_kernels.kernels_for(False)
 
     def ptx(fn: object, types: dict[str, str], constexprs: dict[str, object]) -> str:
         signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
@@ -401,11 +403,11 @@ def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatc
     slots = torch.tensor([3, -1, 9, 20], device=device)
 
     def step() -> tuple[torch.Tensor, ...]:
-        normed = fused_ops.rms_norm(x, weight, 1e-5)
-        y, new_residual = fused_ops.fused_add_rms_norm(x, residual, weight, 1e-5)
-        q_out, k_out = fused_ops.apply_rotary(q, k, cos, sin)
+        normed = fused_norm.rms_norm(x, weight, 1e-5)
+        y, new_residual = fused_norm.fused_add_rms_norm(x, residual, weight, 1e-5)
+        q_out, k_out = fused_rotary.apply_rotary(q, k, cos, sin)
         fused_ops.write_kv(cache, k_out, v, slots, 1)
-        fused_q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, fused_cache, slots, 0, head_norm=(hw, hw, 1e-6))
+        fused_q, _ = fused_rotary.rotary_write_kv(q, k, v, cos, sin, fused_cache, slots, 0, head_norm=(hw, hw, 1e-6))
         return normed, y, new_residual, q_out, k_out, fused_ops.silu_and_mul(gate_up), fused_q
 
     side = torch.cuda.Stream()
@@ -449,12 +451,12 @@ def test_ops_replay_in_a_cuda_graph_with_new_inputs_and_padding_slots(monkeypatc
 def test_cpu_without_interpreter_runs_the_references(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
-    assert not fused_ops._use_triton(torch.zeros(1))
+    assert not fused_ops.use_triton(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("PDLAUNCH_FUSED_OPS", "torch")
-    assert not fused_ops._use_triton(torch.zeros(1))
+    assert not fused_ops.use_triton(torch.zeros(1))
     x, w = torch.randn(2, 32), torch.randn(32)
-    assert torch.equal(fused_ops.rms_norm(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
+    assert torch.equal(fused_norm.rms_norm(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
 
 
 def test_write_kv_rejects_a_non_contiguous_cache() -> None:

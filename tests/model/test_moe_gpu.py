@@ -92,7 +92,7 @@ def test_a_down_tile_of_its_own_equals_the_reference_loop(tokens: int, down: str
 def test_unsummed_expert_rows_through_the_next_norm_equal_the_summed_path(tokens: int) -> None:
     """fused_moe(summed=False) hands the norm the [T, k, H] weighted rows; fused_add_rms_norm adds them in its
     kernel: the same residual stream and normed output as the summed path followed by the norm."""
-    from pdlaunch.model.fused_ops import fused_add_rms_norm
+    from pdlaunch.model.fused_norm import fused_add_rms_norm
 
     experts, top_k, hidden, inter = 32, 4, 512, 256
     gen = torch.Generator(device=CUDA).manual_seed(10 + tokens)

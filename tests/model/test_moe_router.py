@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdlaunch.model import fused_ops
+from pdlaunch.model import fused_norm
 from pdlaunch.model.moe import router
 from pdlaunch.model.moe.router import (
     ROUTER_GEMV_MAX_TOKENS,
@@ -107,7 +107,7 @@ def test_norm_and_route_is_the_norm_then_the_router(device: str, monkeypatch: py
     norm_weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(device)
     w = (torch.randn(experts, hidden, generator=gen) * hidden**-0.5).to(dtype).to(device)
     assert norm_route_available(o, residual, w)
-    want_y, want_residual = fused_ops.fused_add_rms_norm(o, residual, norm_weight, 1e-6)
+    want_y, want_residual = fused_norm.fused_add_rms_norm(o, residual, norm_weight, 1e-6)
     picked: list[torch.Tensor] = []
 
     def watching(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +119,7 @@ def test_norm_and_route_is_the_norm_then_the_router(device: str, monkeypatch: py
 
     with monkeypatch.context() as patched:
         patched.setattr(router, "route", watching)
-        patched.setattr(fused_ops, "_rms_norm_launch", fail)
+        patched.setattr(fused_norm, "_rms_norm_launch", fail)
         y, new_residual, weights, ids = norm_and_route(o, residual, norm_weight, 1e-6, w, top_k, True)
     assert torch.equal(new_residual, want_residual)
     if dtype == torch.float32:

@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (triton_decode.pdl_enabled) and the GEMV's per-device launches."""
+"""Programmatic dependent launch (pdl.pdl_enabled) and the GEMV's per-device launches."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model import fused_ops, triton_decode
+from pdlaunch.model import fused_norm, fused_rotary
 from pdlaunch.model import gemv as gemv_module
+from pdlaunch.model import pdl as pdl_module
 from pdlaunch.model.gemv import GEMV_CONFIG, GEMV_DEVICE_CONFIGS, config_for, gemv
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
@@ -45,11 +46,11 @@ def test_a_triton_without_the_launch_option_never_launches_dependently(monkeypat
         if name not in sys.modules:
             monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setattr(sys.modules["triton.language.extra"], "cuda", old_cuda, raising=False)
-    triton_decode._triton_has_pdl.cache_clear()
+    pdl_module._triton_has_pdl.cache_clear()
     try:
-        assert not triton_decode._triton_has_pdl()
+        assert not pdl_module._triton_has_pdl()
     finally:
-        triton_decode._triton_has_pdl.cache_clear()
+        pdl_module._triton_has_pdl.cache_clear()
 
 
 def test_gemv_launch_per_device_and_rows() -> None:
@@ -82,12 +83,12 @@ def _chain(x: torch.Tensor, residual: torch.Tensor, weights: list[tuple[torch.Te
            norm_w: torch.Tensor) -> torch.Tensor:
     # A batch-1 decoder's kernels in a row, each reading what the one before wrote: norm, GEMV, GEMV with the
     # SiLU fused, fused add + norm, and so on; every launch dependent on the one before.
-    h = fused_ops.rms_norm(x, norm_w, 1e-6)
+    h = fused_norm.rms_norm(x, norm_w, 1e-6)
     for up, down, square in weights:
         h = gemv(h, square)
-        h, residual = fused_ops.fused_add_rms_norm(h, residual, norm_w, 1e-6)
+        h, residual = fused_norm.fused_add_rms_norm(h, residual, norm_w, 1e-6)
         h = gemv(gemv(h, up), down, silu_mul=True)
-        h, residual = fused_ops.fused_add_rms_norm(h, residual, norm_w, 1e-6)
+        h, residual = fused_norm.fused_add_rms_norm(h, residual, norm_w, 1e-6)
     return h + residual
 
 
@@ -174,9 +175,9 @@ def _attention_and_experts(x: torch.Tensor, p: dict[str, torch.Tensor], cache: t
     from pdlaunch.model.triton_decode import paged_decode
 
     hq, hkv, dim = 8, 2, 128
-    qkv = gemv(fused_ops.rms_norm(x, p["norm"], 1e-6), p["qkv"])
+    qkv = gemv(fused_norm.rms_norm(x, p["norm"], 1e-6), p["qkv"])
     q, k, v = qkv.view(1, hq + 2 * hkv, dim).split([hq, hkv, hkv], dim=1)
-    q, _ = fused_ops.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0, kv_scales)
+    q, _ = fused_rotary.rotary_write_kv(q, k, v, cos, sin, cache, slot, 0, kv_scales)
     attn = paged_decode(q, cache, 0, torch.zeros(1, dtype=torch.long, device=x.device), table, seq_len, None, 0.09,
                         kv_scales=kv_scales)
     h, residual, weights, ids = norm_and_route(gemv(attn.view(1, -1), p["o"]), x, p["norm"], 1e-6, p["router"], 8,
@@ -218,7 +219,7 @@ def test_attention_and_experts_launched_dependent_read_only_finished_results(
     newest = table[0, (context - 1) // block_size] * block_size + (context - 1) % block_size
     slot = newest.view(1).long()
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
-    cos, sin = fused_ops.rotary_cos_sin(seq_len - 1, inv_freq, dt)
+    cos, sin = fused_rotary.rotary_cos_sin(seq_len - 1, inv_freq, dt)
     x = torch.randn(1, hidden, device="cuda", dtype=dt)
     assert pdl_enabled(x, 1)
     _attention_and_experts(x, p, cache, slot, table, seq_len, cos, sin, scales)  # compiles outside the capture

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pdlaunch.config.model_info import load_model_info
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model import fused_ops
+from pdlaunch.model import fused_norm, fused_ops, fused_rotary
 from pdlaunch.model.arch import parse_hf_config
 from pdlaunch.model.checkpoint import load_checkpoint
 from pdlaunch.model.loader import load_model
@@ -108,9 +108,10 @@ def test_fused_kernels_in_the_interpreter_match_transformers(qwen3_tied_ckpt: Pa
     if not INTERPRET_AT_START:
         pytest.skip("runs in the child of test_interpreter_case_in_a_subprocess")
     monkeypatch.delenv("PDLAUNCH_FUSED_OPS", raising=False)
-    for name in ("rms_norm_torch", "fused_add_rms_norm_torch", "apply_rotary_torch", "silu_and_mul_torch",
-                 "write_kv_torch"):
-        monkeypatch.setattr(fused_ops, name, _forbid(name))
+    for module, name in ((fused_norm, "rms_norm_torch"), (fused_norm, "fused_add_rms_norm_torch"),
+                         (fused_rotary, "apply_rotary_torch"), (fused_ops, "silu_and_mul_torch"),
+                         (fused_ops, "write_kv_torch")):
+        monkeypatch.setattr(module, name, _forbid(name))
     model = load_model(load_checkpoint(str(qwen3_tied_ckpt)), torch.device("cpu"), torch.float32)
     assert fused_ops.fused_available(next(model.parameters()))
     ours = PagedRunner(model, block_size=4).greedy(PROMPT, 6, chunk=8)

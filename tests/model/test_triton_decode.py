@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.model import split_counters, triton_decode
+from pdlaunch.model import decode_launch, split_counters, triton_decode, triton_env
 from pdlaunch.model.attention import build_group_plan, paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
-from pdlaunch.model.triton_decode import DecodeLaunch, choose_launch, paged_decode
+from pdlaunch.model.decode_launch import DecodeLaunch, choose_launch
+from pdlaunch.model.triton_decode import paged_decode
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 
 POISON = 0  # block id of padded table entries and released blocks: filled with NaN
@@ -133,7 +134,7 @@ def test_prompt_rows_with_leads_equal_each_row_alone(device: str, case: str) -> 
     lengths = [n for n, _ in prompts] + decodes
     # Blocks out of the window stay (None): a prompt's first row still sees keys its last row's window left.
     cache, _, _, attn = _case(device, dtype, lengths, block_size, hkv, group, head_dim, None)
-    table, per_row = attn.block_tables[0], triton_decode.rows_per_program(hkv * group, hkv)
+    table, per_row = attn.block_tables[0], decode_launch.rows_per_program(hkv * group, hkv)
     tables, lens, leads = [], [], []
     order = [("decode", len(prompts))] + [("prompt", i) for i in range(len(prompts))] + \
         [("decode", len(prompts) + j) for j in range(1, len(decodes))]
@@ -207,18 +208,18 @@ def test_cpu_mode_reads_the_variable_on_a_triton_without_knobs(monkeypatch: pyte
     old_triton = types.ModuleType("triton")
     monkeypatch.setitem(sys.modules, "triton", old_triton)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not triton_decode.interpret_mode()
+    assert not triton_env.interpret_mode()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert triton_decode.interpret_mode()
+    assert triton_env.interpret_mode()
     # Triton 3.4 and newer: its knobs answer (they also follow a value set in the program)
     old_triton.knobs = types.SimpleNamespace(runtime=types.SimpleNamespace(interpret=False))  # type: ignore[attr-defined]
-    assert not triton_decode.interpret_mode()
+    assert not triton_env.interpret_mode()
 
 
 def test_launch_depends_on_batch_and_heads_only() -> None:
     one = choose_launch(1, 8, 128, num_sms=132)
     assert one.splits == 64 and one.tile * one.min_tiles >= 256  # 8 programs: split the context
-    assert one.tile * one.short_tiles == triton_decode.SHORT_SPLIT_CONTEXT  # shorter: one-tile ranges
+    assert one.tile * one.short_tiles == decode_launch.SHORT_SPLIT_CONTEXT  # shorter: one-tile ranges
     many = choose_launch(128, 8, 128, num_sms=132)
     assert many.splits == 1 and many.tile == 64  # 1024 programs fill 132 SMs
     assert many.short_tiles == 0  # unsplit: nothing to shorten
@@ -251,9 +252,9 @@ def test_kernel_compiles_for_h100_to_tensor_cores_and_pipelined_vector_loads(cac
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pdlaunch.model.triton_decode import _kernels
+    from pdlaunch.model.paged_decode_kernel import kernel_for
 
-    kernel = _kernels(False)
+    kernel = kernel_for(False)
     types = {"q_ptr": "*bf16", "cache_ptr": f"*{cache}", "block_table_ptr": "*i64", "seq_lens_ptr": "*i64",
              "tokens_ptr": "*i64", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "lead_ptr": "*i64",
              "s_ptr": "*fp32", "scale": "fp32"}
@@ -315,7 +316,7 @@ def test_decode_launch_override_reaches_the_kernel_for_the_calls_it_covers(monke
                 seen.append((grid, kwargs["TILE"], kwargs["SHORT_TILES"], kwargs["num_warps"], kwargs["num_stages"]))
             return launch
 
-    monkeypatch.setattr(triton_decode, "_kernels", lambda interpret: Spy())
+    monkeypatch.setattr(triton_decode, "kernel_for", lambda interpret: Spy())
     monkeypatch.setenv("PDLAUNCH_DECODE_LAUNCH", "tile=64:splits=16:short_tiles=0:num_warps=8:num_stages=3:max_seqs=1")
     for lens in ([300], [300, 40]):
         cache, q, _, attn = _case("cpu", torch.float32, lens, 16, 2, 4, 64, None)
@@ -334,6 +335,6 @@ def test_a_bad_decode_launch_override_is_refused_naming_it(monkeypatch: pytest.M
                                                            words: str) -> None:
     monkeypatch.setenv("PDLAUNCH_DECODE_LAUNCH", setting)
     with pytest.raises(PdlaunchError) as caught:
-        triton_decode.with_override(choose_launch(1, 8, 128, num_sms=132), 1)
+        decode_launch.with_override(choose_launch(1, 8, 128, num_sms=132), 1)
     assert caught.value.field == "PDLAUNCH_DECODE_LAUNCH"
     assert words in str(caught.value) and setting in str(caught.value)

@@ -42,7 +42,7 @@ def _assert_rows_equal(got: fp8.Fp8Rows, q: torch.Tensor, s: torch.Tensor, colum
 ])
 def test_interpret_norm_quantizes_as_quantize_rows(interpret: None, tokens: int, hidden: int, parts: int,
                                                    residual: bool, column_major: bool) -> None:
-    from pdlaunch.model.fused_ops import fused_add_rms_norm, rms_norm, rms_norm_fp8
+    from pdlaunch.model.fused_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
     from pdlaunch.model.quant.activations import quantize_rows
 
     gen = torch.Generator().manual_seed(tokens * hidden + parts)
@@ -88,9 +88,10 @@ def test_interpret_attention_output_quantizes_as_quantize_rows(interpret: None, 
     """The paged decode kernel writes the o projection's input as Fp8Rows (head_dim 128: a head is one group):
     the bytes and scales quantize_rows gives for paged_decode's bf16 output, whether the program that stores
     a head is the only range or the merging one."""
+    from pdlaunch.model.decode_launch import DecodeLaunch
     from pdlaunch.model.fused_ops import write_kv
     from pdlaunch.model.quant.activations import quantize_rows
-    from pdlaunch.model.triton_decode import DecodeLaunch, paged_decode, paged_decode_fp8
+    from pdlaunch.model.triton_decode import paged_decode, paged_decode_fp8
     from tests.model.test_triton_decode import _case
 
     cache, q, kv, attn = _case("cpu", torch.bfloat16, seq_lens, 16, 2, 4, 128, None, layers=1)

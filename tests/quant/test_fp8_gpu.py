@@ -183,7 +183,8 @@ def test_channel_scaled_mm_matches_references(m: int) -> None:
 @needs_fp8
 def test_fp8_kv_kernels_match_torch_path() -> None:
     """The fused fp8 write and the Triton paged decode (scales folded in) against the torch path."""
-    from pdlaunch.model.fused_ops import write_kv, write_kv_torch
+    from pdlaunch.model.fused_ops import write_kv
+    from pdlaunch.model.fused_reference import write_kv_torch
     from pdlaunch.model.triton_decode import paged_decode
 
     torch.manual_seed(1)

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import torch
 
 from pdlaunch.model.moe.layout import align_to_blocks, local_expert_ids
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import interpret_mode
 
 
 @lru_cache(maxsize=2)

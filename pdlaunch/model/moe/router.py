@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.fused_ops import fused_available
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import interpret_mode
 
 ROUTER_GEMV_MAX_TOKENS = 16  # up to this many tokens the Triton product; more: cuBLAS
 NORM_ROUTE_MAX_HIDDEN = 4096  # norm_and_route holds a whole row per program up to this width
@@ -173,7 +174,7 @@ def _router_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: to
                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """router_gemv_kernel's launch -> (logits [T, E] in x's dtype, the normed rows and the new residual with
     `residual`, else None, None)."""
-    from pdlaunch.model.fused_ops import normalize_helper
+    from pdlaunch.model.fused_kernels import normalize_helper
 
     kernels = _kernels(interpret_mode())
     num_tokens, hidden = x.shape

@@ -15,7 +15,8 @@ import torch
 from pdlaunch.model.moe.align_kernels import align_rows, few_assignments
 from pdlaunch.model.moe.gemm_kernels import gemm_kernels
 from pdlaunch.model.moe.layout import TileConfig
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import interpret_mode
 
 SCALE_BLOCK = 128  # the block edge of fp8 expert weight scales (model/quant/config.py BLOCK)
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, FP8_MAX, INV_FP8_MAX, Fp8Rows
-from pdlaunch.model.triton_decode import pdl_enabled, pdl_kwargs
 
 GROUP = 128  # activation group = weight block edge
 CUBLAS_ROW_MULTIPLE = 4  # the 1x128 scales' column stride must be 16-byte aligned: M a multiple of 4

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import torch
 
-from pdlaunch.model.triton_decode import device_entry, device_name, pdl_enabled, pdl_kwargs
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import device_entry, device_name
 
 
 @functools.cache

@@ -17,12 +17,13 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
 from pdlaunch.model.quant.activations import CUBLAS_ROW_MULTIPLE, GROUP, quantize_rows, quantized
 from pdlaunch.model.quant.block_gemv import GEMV_MAX_ROWS, block_fp8_gemv
 from pdlaunch.model.quant.cublas_gemm import cublas_block_linear, cublas_block_scaled, cublas_shape_ok
 from pdlaunch.model.quant.fp8 import Fp8Rows
 from pdlaunch.model.quant.split_gemm import SPLIT_MAX_ROWS, WIDE_SPLIT_MAX_ROWS, block_fp8_split_gemm, split_config
-from pdlaunch.model.triton_decode import device_entry, device_name, pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import device_entry, device_name
 
 
 @functools.cache

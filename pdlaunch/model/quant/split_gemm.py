@@ -9,9 +9,10 @@ from types import SimpleNamespace
 
 import torch
 
+from pdlaunch.model.pdl import pdl_enabled, pdl_kwargs
 from pdlaunch.model.quant.activations import GROUP, quantized
 from pdlaunch.model.quant.fp8 import Fp8Rows
-from pdlaunch.model.triton_decode import interpret_mode, pdl_enabled, pdl_kwargs
+from pdlaunch.model.triton_env import interpret_mode
 
 
 @functools.cache
