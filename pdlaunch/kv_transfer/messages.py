@@ -6,6 +6,11 @@ Notifications are built from these models too (`encode_notification`), never as 
 Bounds: ids and names at most 512 characters, at most MAX_GROUPS KV-cache groups, block ids in
 [-1, 2**31), NIXL metadata as lowercase hex, seconds finite and within a day (the prefill clamps
 claims to its lease on top).
+
+A push and its cancel name their `owner`: the nonce of the decode's load. A staged push's chunks each carry
+their own nonce (their push_done/push_failed names it), so only the owner tells the prefill whose WRITE is in
+flight when two decodes push one request id (a proxy retried the decode leg). Both ends run the same pdlaunch
+version: a push or cancel without an owner (an older decode) is refused, naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from pdlaunch.kv_transfer.auth import JSONObject
 from pdlaunch.kv_transfer.handshake import HandshakeInfo
@@ -46,7 +51,22 @@ class HandshakeRequest(_Message):
     engine_id: _Name
 
 
-class PushRequest(_Message):
+class _Owned(_Message):
+    # The nonce of the decode's load (module docstring). Its default is refused: a message of an older decode
+    # lacks it. (A model-level "before" validator would see the JSON as Python objects, which strict mode then
+    # refuses for tuples.)
+    owner: _Nonce = Field("", validate_default=True)
+
+    @field_validator("owner", mode="before")
+    @classmethod
+    def _has_owner(cls, owner: object) -> object:
+        if owner == "":
+            raise ValueError("owner (the nonce of the decode's load) is missing: the decode runs an older "
+                             "pdlaunch; run the same pdlaunch version on prefill and decode")
+        return owner
+
+
+class PushRequest(_Owned):
     """WRITE held blocks into the decode's blocks (or staging slots). runs[g] = [[decode_start, prefill_start,
     count], ...]: decode ids [decode_start, +count) receive prefill blocks [prefill_start, +count). Runs, not
     one pair per block: an 8k-token prompt is 512 pairs, whose encoding and validation on both ends cost
@@ -54,7 +74,7 @@ class PushRequest(_Message):
 
     type: Literal["push"]
     request_id: _Name
-    nonce: _Nonce
+    nonce: _Nonce  # this push (a staged push: this chunk); its push_done/push_failed names it
     last: bool = True
     agent_name: _Name
     agent_metadata: _Hex
@@ -104,10 +124,11 @@ class ClaimReadRequest(_Message):
     reader: _Name  # the decode engine id (its TP ranks share it): holds.py ends a hold per reader
 
 
-class CancelPushRequest(_Message):
+class CancelPushRequest(_Owned):
+    """Decode gave up its pushes of `request_id` (those of `owner`, its load)."""
+
     type: Literal["cancel_push"]
     request_id: _Name
-    nonce: _Nonce | None = None
 
 
 class ForgetRequest(_Message):
@@ -170,7 +191,7 @@ class StageAnswer(_Reply):
 
 
 class CancelPushAnswer(_Reply):
-    in_flight: bool  # a WRITE may still land in the decode's blocks: push_done/push_failed follows
+    in_flight: bool  # a WRITE of the owner's may still land in the decode's blocks: push_done/push_failed follows
 
 
 class HeldBlocksAnswer(_Reply):

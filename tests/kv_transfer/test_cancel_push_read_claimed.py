@@ -11,7 +11,7 @@ from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 
 
 def _cancel(table: HoldTable) -> CancelPushAnswer:
-    return table.cancel_push(CancelPushRequest(type="cancel_push", request_id="r1", nonce="a1b2c3d4e5f60718"))
+    return table.cancel_push(CancelPushRequest(type="cancel_push", request_id="r1", owner="a1b2c3d4e5f60718"))
 
 
 def _claim(table: HoldTable, reader: str) -> Empty:

@@ -11,17 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, StageAnswer, StageRequest
+from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushRequest, StageAnswer, StageRequest
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.staging import StagingArea
 from tests.kv_transfer.pd_procs import make_spec
 
 WAIT_S = 30.0  # generous: every wait here ends by its event, never by this
+LOAD = "a1b2c3d4e5f60718"  # the nonce of the cancelling decode's load
 
 
 def _cancel(holds: HoldTable) -> CancelPushAnswer:
-    return holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="r1", nonce="a1b2c3d4e5f60718"))
+    return holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="r1", owner=LOAD))
 
 
 def test_a_cancel_during_another_decodes_staging_copy_is_not_in_flight_and_frees_after_the_copy() -> None:
@@ -61,11 +62,14 @@ def test_a_cancel_during_a_push_is_in_flight_and_frees_only_after_the_staging_co
     spec = make_spec()
     holds = HoldTable(lease_seconds=60.0)
     holds.hold("r1", [[3, 4]])
-    push = holds.claim_push("r1", "0000000000000001", [[3, 4]], spec.block_bytes, spec, wait=0.0)
+    message = PushRequest(type="push", request_id="r1", nonce="0000000000000001", owner=LOAD, agent_name="decode",
+                          agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
+                          deadline_in=WAIT_S)  # a chunk of the cancelling load
+    push = holds.claim_push(message, spec, wait=0.0)
     assert push is not None
     copy = holds.claim("r1", [[3, 4]], spec.block_bytes, spec)  # a staging copy: not exclusive
     assert _cancel(holds) == CancelPushAnswer(in_flight=True)
-    holds.unclaim_push(push)  # the WRITE ended: its push_done/push_failed tells the decode
+    holds.unclaim_push(push, message)  # the WRITE ended: its push_done/push_failed tells the decode
     assert _cancel(holds) == CancelPushAnswer(in_flight=False)
     assert holds.poll(time.monotonic()) == set(), "freed while the staging copy reads the blocks"
     holds.unclaim(copy)

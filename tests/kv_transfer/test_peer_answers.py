@@ -174,7 +174,7 @@ def test_block_ids_past_the_prefills_cache_fail_the_load_before_any_read() -> No
 
 # -- a decode's push request --------------------------------------------------------------------
 def test_a_push_request_names_one_base_address_per_group() -> None:
-    fields: dict[str, Any] = dict(type="push", request_id="p-1", nonce="n-1", agent_name="decode",
+    fields: dict[str, Any] = dict(type="push", request_id="p-1", nonce="n-1", owner="n-1", agent_name="decode",
                                   agent_metadata="00", runs=[[(0, 3, 2)], [(0, 3, 2)]], block_bytes=[64, 64],
                                   deadline_in=5.0)
     PushRequest.model_validate({**fields, "base_addrs": [4096, 8192]})

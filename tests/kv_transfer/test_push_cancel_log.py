@@ -47,13 +47,13 @@ class _Agent:
 def _push(agent: _Agent, cancel: bool, deadline_in: float = 30.0) -> HoldTable:
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
-    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, agent_name="decode", agent_metadata="00",
-                          runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
+    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
+                          agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
                           deadline_in=deadline_in)
-    hold = holds.claim_push("p-1", message.nonce, message.prefill_blocks(), spec.block_bytes, spec, wait=0.0)
+    hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     if cancel:  # the decode gave up while the push waited for a sender thread
-        answer = holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="p-1", nonce=NONCE))
+        answer = holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="p-1", owner=NONCE))
         assert answer == CancelPushAnswer(in_flight=True)
     sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)
     sender.spec = spec

@@ -19,7 +19,8 @@ from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from tests.kv_transfer.pd_procs import make_spec
 
 LEASE_S = 60.0
-NONCE = "a1b2c3d4e5f60718"
+NONCE = "a1b2c3d4e5f60718"  # the chunk's
+LOAD = "0123456789abcdef"  # the nonce of the decode's load: its chunks' owner
 
 
 class _Agent:
@@ -33,7 +34,7 @@ class _Agent:
     def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
                  remote_device_id: int, notif: bytes) -> Any:
         self.answers.append(self.holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="p-1",
-                                                                     nonce=NONCE)))
+                                                                     owner=LOAD)))
         self.sent.append(notif)  # NIXL hands push_done over with the WRITE
         return SimpleNamespace(state=lambda: "DONE", release=lambda: None, num_bytes=sum(n for _, n in local),
                                error=None)
@@ -43,10 +44,10 @@ def test_a_chunk_cancelled_while_its_write_runs_frees_the_hold_when_it_ends(capl
     spec, holds = make_spec(), HoldTable(lease_seconds=LEASE_S)
     holds.hold("p-1", [[3, 4, 5, 6]])
     agent = _Agent(holds)
-    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, last=False, agent_name="decode",
+    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, owner=LOAD, last=False, agent_name="decode",
                           agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
                           deadline_in=30.0)  # the first of two chunks
-    hold = holds.claim_push("p-1", message.nonce, message.prefill_blocks(), spec.block_bytes, spec, wait=0.0)
+    hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)
     sender.spec = spec

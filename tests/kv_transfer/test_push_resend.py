@@ -42,8 +42,9 @@ def _side(pusher: _Pusher) -> tuple[Any, HoldTable]:
 
 def _push(nonce: str = "a1b2c3d4e5f60718", last: bool = True) -> PushRequest:
     spec = make_spec()
-    return PushRequest(type="push", request_id="p-1", nonce=nonce, last=last, agent_name="decode", agent_metadata="00",
-                       runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes, deadline_in=WAIT_S)
+    return PushRequest(type="push", request_id="p-1", nonce=nonce, owner="0123456789abcdef", last=last,
+                       agent_name="decode", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
+                       block_bytes=spec.block_bytes, deadline_in=WAIT_S)
 
 
 def _on_push(side: Any, message: PushRequest) -> Empty:
@@ -61,7 +62,7 @@ def test_a_resent_push_is_answered_without_a_second_push() -> None:
     assert len(pusher.queued) == 1
     hold = pusher.queued[0][0]
     assert hold.busy == 1
-    holds.unclaim_push(hold, done=True)  # the sender thread: WRITE done, last chunk
+    holds.unclaim_push(hold, pusher.queued[0][1], done=True)  # the sender thread: WRITE done, last chunk
     assert holds.poll(time.monotonic()) == {"p-1"}
     assert _on_push(side, message) == Empty()  # a resend arriving after the hold was freed
     assert len(pusher.queued) == 1
@@ -71,7 +72,7 @@ def test_another_push_of_the_request_is_not_taken_for_a_resend() -> None:
     pusher = _Pusher()
     side, holds = _side(pusher)
     _on_push(side, _push("0000000000000001", last=False))
-    holds.unclaim_push(pusher.queued[0][0])
+    holds.unclaim_push(*pusher.queued[0])
     _on_push(side, _push("0000000000000002"))
     assert [m.nonce for _, m in pusher.queued] == ["0000000000000001", "0000000000000002"]
 

@@ -22,7 +22,7 @@ from tests.kv_transfer.side_channel_client import authed, frame, read_answer
 from tests.kv_transfer.test_nixl_local import _connector
 
 TYPES = ["handshake", "push", "stage", "unstage", "claim_read", "cancel_push", "forget", "listen", "nope", ""]
-FIELDS = ["engine_id", "request_id", "nonce", "last", "agent_name", "agent_metadata", "runs", "base_addrs",
+FIELDS = ["engine_id", "request_id", "nonce", "owner", "last", "agent_name", "agent_metadata", "runs", "base_addrs",
           "block_bytes", "device_id", "deadline_in", "blocks", "ticket", "seconds", "extra"]
 
 scalars = st.one_of(

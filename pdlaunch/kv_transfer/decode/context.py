@@ -327,8 +327,8 @@ class LoadContext:
             raise
         runs = [[(r.local_start, r.remote_start, r.count) for r in coalesce(group)] for group in pairs]
         message = PushRequest(
-            type="push", request_id=load.remote.held_request_id, nonce=nonce, last=last, agent_name=self.agent.name,
-            agent_metadata=self.agent.metadata().hex(), runs=runs, base_addrs=bases,
+            type="push", request_id=load.remote.held_request_id, nonce=nonce, owner=load.nonce, last=last,
+            agent_name=self.agent.name, agent_metadata=self.agent.metadata().hex(), runs=runs, base_addrs=bases,
             block_bytes=spec.block_bytes, device_id=self.agent.device_id,
             deadline_in=remaining,  # prefill posts no WRITE after this (seconds from receipt)
         )
@@ -356,7 +356,7 @@ class LoadContext:
 
     def cancel_push(self, load: Load) -> None:
         """Loader thread: ask prefill to drop the push; no WRITE in flight ends the drain at once."""
-        message = CancelPushRequest(type="cancel_push", request_id=load.remote.held_request_id, nonce=load.nonce)
+        message = CancelPushRequest(type="cancel_push", request_id=load.remote.held_request_id, owner=load.nonce)
         try:
             answer = self.ask(load.remote, message, CancelPushAnswer, self.handshake_timeout, "push cancel")
         except KVTransferError as e:  # the drain then ends by notification or at drain_until

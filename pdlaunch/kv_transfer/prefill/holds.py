@@ -4,7 +4,7 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 - pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
   the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
 - push: a sender thread WROTE the blocks into decode's blocks and notified decode, or decode
-  cancelled its push ("cancel_push") and no chunk of it is in flight any more, or
+  cancelled its push ("cancel_push") and no chunk of any push is in flight any more, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
@@ -34,7 +34,14 @@ from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, ClaimReadRequest, Empty, ReadDone
+from pdlaunch.kv_transfer.messages import (
+    CancelPushAnswer,
+    CancelPushRequest,
+    ClaimReadRequest,
+    Empty,
+    PushRequest,
+    ReadDone,
+)
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
@@ -51,7 +58,9 @@ class Hold:
     block_ids: list[list[int]]
     deadline: float  # time.monotonic() when the lease expires
     busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
-    pushing: int = 0  # of them push WRITEs (not staging copies): a cancelled push's WRITE may still land
+    # Of them push WRITEs (not staging copies), by owner (the nonce of the decode load that asked): a cancelled
+    # push's WRITE may still land. A count per owner: a staged push's chunk nonces do not name its load.
+    pushing: dict[str, int] = field(default_factory=dict)
     done: bool = False  # may be freed
     # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
     # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
@@ -255,18 +264,18 @@ class HoldTable:
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
         """Decode gave up a push (abort, timeout): no WRITE is posted for the request any more. Answers
-        in_flight: whether a push WRITE may still land in its blocks; if so, the sender thread's push_done/push_failed
-        notification says when it ended. Another decode's staging copy is no WRITE into this one's blocks: not in
-        flight for it, yet its blocks stay held until the copy ends (`poll` frees no busy hold). Frees the hold
-        once nothing is in flight, unless a decode READ claimed it (`release` leaves such a hold alone too).
-        Pushes are exclusive claims: one in flight is this decode's, or one of a decode its proxy gave up (a
-        staged chunk's nonce does not name its load's, so that one is answered in flight too: safe)."""
+        in_flight: whether a push WRITE of the cancelling load (`owner`) may still land in its blocks; if so, the
+        sender thread's push_done/push_failed notification says when it ended. Another decode's push of the same
+        request id (its proxy retried the decode leg there) or staging copy is no WRITE into this one's blocks:
+        not in flight for it (that push's notification goes to that decode alone), yet the blocks stay held
+        until it ends (`poll` frees no busy hold). Frees the hold once nothing is in flight, unless a decode
+        READ claimed it (`release` leaves such a hold alone too)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is None:
                 return CancelPushAnswer(in_flight=False)
             hold.cancelled = True
-            in_flight = bool(hold.pushing)
+            in_flight = message.owner in hold.pushing
             # A hold another decode's READ claimed stays until that READ's notification or the claim's cap.
             if not (in_flight or hold.read_claimed):
                 hold.done = True
@@ -275,22 +284,23 @@ class HoldTable:
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
               exclusive: bool = False, wait: float = 0.0) -> Hold:
         hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None)
-        assert hold is not None  # None only for a push nonce
+        assert hold is not None  # None only for a push
         return hold
 
-    def claim_push(self, request_id: str, nonce: str, sources: list[list[int]], block_bytes: list[int],
-                   spec: KVCacheSpec | None, wait: float) -> Hold | None:
-        """An exclusive `claim` for the push request `nonce`; None when that push was accepted already (decode
-        sent it again after losing the answer: the first copy's push_done/push_failed ends it). A push
-        that cannot be queued after its claim must `forget_push`, so that a resend is served."""
-        return self._claim(request_id, sources, block_bytes, spec, True, wait, nonce)
+    def claim_push(self, message: PushRequest, spec: KVCacheSpec | None, wait: float) -> Hold | None:
+        """An exclusive `claim` of the blocks the push request `message` names, counted for its owner until
+        `unclaim_push`; None when that push (its nonce) was accepted already (decode sent it again after losing
+        the answer: the first copy's push_done/push_failed ends it). A push that cannot be queued after its
+        claim must `forget_push`, so that a resend is served."""
+        return self._claim(message.request_id, message.prefill_blocks(), message.block_bytes, spec, True, wait,
+                           message)
 
     def forget_push(self, nonce: str) -> None:
         with self.lock:
             self._pushes.pop(nonce, None)
 
     def _claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
-               exclusive: bool, wait: float, push_nonce: str | None) -> Hold | None:
+               exclusive: bool, wait: float, push: PushRequest | None) -> Hold | None:
         """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
         (sources[g]: prefill block ids of group g). exclusive: one claim at a time (a push); while another
         is active, wait up to `wait` seconds for it to end, then refuse. A staged push's next chunk needs the
@@ -310,7 +320,7 @@ class HoldTable:
         deadline = time.monotonic() + wait
         with self.lock:
             while True:
-                if push_nonce is not None and push_nonce in self._pushes:
+                if push is not None and push.nonce in self._pushes:
                     return None
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
@@ -326,26 +336,29 @@ class HoldTable:
                 if not set(ids) <= set(hold.block_ids[g]) - {-1}:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
             hold.busy += 1
-            if push_nonce is not None:  # forgotten once decode cannot send it again (its deadline passed)
-                hold.pushing += 1
-                self._pushes[push_nonce] = time.monotonic() + wait + self.lease_seconds
+            if push is not None:  # its nonce is forgotten once decode cannot send it again (its deadline passed)
+                hold.pushing[push.owner] = hold.pushing.get(push.owner, 0) + 1
+                self._pushes[push.nonce] = time.monotonic() + wait + self.lease_seconds
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:
         """A `claim` ended; done: the hold may be freed. So may a hold whose push the decode cancelled,
         once no claim runs: no WRITE follows (as `cancel_push` frees one with nothing in flight), unless a
         decode READ claimed it."""
-        self._unclaim(hold, done, push=False)
+        self._unclaim(hold, done, None)
 
-    def unclaim_push(self, hold: Hold, done: bool = False) -> None:
-        """A `claim_push` ended: its WRITE ended or was never posted; done: its last chunk was sent, or it failed."""
-        self._unclaim(hold, done, push=True)
+    def unclaim_push(self, hold: Hold, message: PushRequest, done: bool = False) -> None:
+        """The `claim_push` of `message` ended: its WRITE ended or was never posted; done: its last chunk was
+        sent, or it failed."""
+        self._unclaim(hold, done, message.owner)
 
-    def _unclaim(self, hold: Hold, done: bool, push: bool) -> None:
+    def _unclaim(self, hold: Hold, done: bool, push_owner: str | None) -> None:
         with self.lock:
             hold.busy -= 1
-            if push:
-                hold.pushing -= 1
+            if push_owner is not None:
+                left = hold.pushing.pop(push_owner) - 1
+                if left:
+                    hold.pushing[push_owner] = left
             idle_cancelled = hold.cancelled and not hold.busy and not hold.read_claimed
             hold.done = hold.done or done or idle_cancelled
             self._unclaimed.notify_all()

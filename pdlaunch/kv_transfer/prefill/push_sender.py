@@ -139,7 +139,7 @@ class PushSender:
                 xfer.release()
             if slots and self.staging is not None:
                 self.staging.release(slots)
-            self.holds.unclaim_push(hold, done=failed or message.last)
+            self.holds.unclaim_push(hold, message, done=failed or message.last)
 
 
 def wait_write(xfer: Xfer, posted: float, deadline: float) -> str:

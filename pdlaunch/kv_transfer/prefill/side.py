@@ -176,8 +176,7 @@ class PrefillSide(NixlConnector):
         """Decode asks: WRITE held blocks into its blocks (or staging slots), then notify it (its nonce).
         message.runs[g] = [(decode_start, prefill_start, count), ...]; `last` marks the request's final chunk."""
         received = time.monotonic()
-        sources = message.prefill_blocks()
-        hold = self.holds.claim_push(message.request_id, message.nonce, sources, message.block_bytes, self.spec,
+        hold = self.holds.claim_push(message, self.spec,
                                      wait=min(message.deadline_in, self.kv.transfer_timeout_seconds))
         if hold is None:  # sent again (the answer to the first copy was lost): that one is queued already
             return Empty()
@@ -185,7 +184,7 @@ class PrefillSide(NixlConnector):
             self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
         except Exception:
             self.holds.forget_push(message.nonce)
-            self.holds.unclaim_push(hold)
+            self.holds.unclaim_push(hold, message)
             raise
         return Empty()
 
