@@ -58,10 +58,10 @@ def kernels_for(interpret: bool) -> SimpleNamespace:
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
         w = tl.load(w_ptr + cols * w_stride, mask=mask, other=0.0).to(tl.float32)  # a weight: no kernel writes it
-        if PDL:  # triton_decode.pdl_enabled
+        if PDL:  # pdl.pdl_enabled
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        elif RELEASE:  # triton_decode.pdl_release: a decode batch's SwiGLU GEMM after this kernel may start
+        elif RELEASE:  # pdl.pdl_release: a decode batch's SwiGLU GEMM after this kernel may start
             tl.extra.cuda.gdc_launch_dependents()
         dtype = w_ptr.dtype.element_ty  # x's (checked); y's too, but for QUANT
         if PARTS > 1:
@@ -119,7 +119,7 @@ def kernels_for(interpret: bool) -> SimpleNamespace:
         # One program per token: cos/sin [D] loaded once for its q [Hq, D] and k [Hkv, D];
         # outputs are contiguous. rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (d >= D/2).
         # WRITE_KV: the rotated k and the token's v also go to its cache slot, as write_kv_kernel writes them.
-        if PDL:  # triton_decode.pdl_enabled
+        if PDL:  # pdl.pdl_enabled
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
@@ -154,7 +154,7 @@ def kernels_for(interpret: bool) -> SimpleNamespace:
                             INV_FMAX: tl.constexpr):
         # grid (T, cdiv(I, BLOCK)); x: [T, 2I] -> out: [T, I] contiguous. QUANT: out is fp8 in 128-column groups,
         # their scales at s_ptr (as rms_norm_kernel's).
-        if PDL:  # triton_decode.pdl_enabled
+        if PDL:  # pdl.pdl_enabled
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
@@ -182,7 +182,7 @@ def kernels_for(interpret: bool) -> SimpleNamespace:
                         D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, FP8: tl.constexpr,
                         PDL: tl.constexpr):
         # One program per token; the cache plane [block_size, Hkv, D] of (block, layer, k|v) is contiguous.
-        if PDL:  # triton_decode.pdl_enabled
+        if PDL:  # pdl.pdl_enabled
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)

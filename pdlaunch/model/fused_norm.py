@@ -77,7 +77,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
                  column_major: bool) -> tuple[Fp8Rows, torch.Tensor | None]:
     """rms_norm (residual None) or fused_add_rms_norm, its output quantized per row and 128-column group in the
-    same kernel, as quant/kernels.py's quantize_rows would quantize it (equal values) -> (Fp8Rows for a block-FP8
+    same kernel, as quant/activations.py's quantize_rows would quantize it (equal values) -> (Fp8Rows for a block-FP8
     layer, scales column-major when `column_major`; the new residual or None). Needs the fused ops
     (`fused_available(x)`) and H a multiple of 128."""
     check(fused_available(x), "x", f"a {x.device.type} {x.dtype} tensor has no fused kernels",

@@ -68,7 +68,7 @@ def fp8_rows(tokens: int, width: int, column_major: bool, like: torch.Tensor) ->
 
 def check_fp8_width(width: int, field: str) -> None:
     check(width % 128 == 0, field, f"{width} columns do not split into 128-column FP8 groups",
-          "quantize in the kernel only for a block-FP8 layer's input (quant/kernels.py fp8_input_layout)")
+          "quantize in the kernel only for a block-FP8 layer's input (quant/gemm.py fp8_input_layout)")
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -81,7 +81,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_fp8(gate_up: torch.Tensor, column_major: bool) -> Fp8Rows:
-    """silu_and_mul, its output quantized per row and 128-column group in the same kernel, as quant/kernels.py's
+    """silu_and_mul, its output quantized per row and 128-column group in the same kernel, as quant/activations.py's
     quantize_rows would quantize it (equal values): Fp8Rows for a block-FP8 down projection, scales column-major
     when `column_major`. Needs the fused ops (`fused_available(gate_up)`) and I a multiple of 128."""
     check(fused_available(gate_up), "gate_up", f"a {gate_up.device.type} {gate_up.dtype} tensor has no fused kernels",

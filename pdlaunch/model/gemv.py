@@ -7,7 +7,7 @@ columns per loop iteration, multiplying by x in float32 and summing once at the 
 Used for bf16/fp16 weights and one row only (`gemv_available`); from two rows cuBLAS's GEMMs read each weight tile
 once for every row and stay. PDLAUNCH_GEMV=cublas turns it off (benchmarks, debugging).
 
-On Hopper the GEMV launches dependent on the kernel before it (triton_decode.pdl_enabled): its programs start
+On Hopper the GEMV launches dependent on the kernel before it (pdl.pdl_enabled): its programs start
 while that kernel (the RMSNorm computing x, usually) ends, and load their first weight columns before they wait
 for x. Weights are written only by loading and waking, never by the kernel right before a projection.
 """
@@ -64,7 +64,7 @@ def _kernels() -> SimpleNamespace:
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, X_CHUNK: tl.constexpr):
-        # PDL (triton_decode.pdl_enabled): the first BLOCK_K columns of the weight rows load while the kernel
+        # PDL (pdl.pdl_enabled): the first BLOCK_K columns of the weight rows load while the kernel
         # before, which computes x, still runs; x is read after gdc_wait. X_CHUNK is x_chunk, handed over as a
         # constexpr because the kernels are built in this function.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

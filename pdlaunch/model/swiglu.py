@@ -57,7 +57,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                            STORE: tl.constexpr):
         # x [M, K] (rows sx_m apart), w [2 INTER, K] contiguous (gate rows, then up rows), out [M, INTER]
         # contiguous; grid (cdiv(INTER, BLOCK_N), cdiv(M, BLOCK_M)).
-        if PDL:  # triton_decode.pdl_release: launched while the RMSNorm computing x ends; x is read after this
+        if PDL:  # pdl.pdl_release: launched while the RMSNorm computing x ends; x is read after this
             tl.extra.cuda.gdc_wait()
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)

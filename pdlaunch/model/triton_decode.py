@@ -83,7 +83,7 @@ def paged_decode_fp8(q: torch.Tensor, kv_cache: torch.Tensor, layer_in_group: in
                      leads: torch.Tensor | None = None, launch: DecodeLaunch | None = None) -> Fp8Rows:
     """paged_decode, its output [Sd, Hq * 128] quantized in the same kernel for a block-FP8 o projection: fp8
     with one float32 scale a head (head_dim 128: a head is one 128-column group), the values quantize_rows gives
-    for paged_decode's output (quant/kernels.py `fp8_input_layout` says the scales' layout). `launch` as
+    for paged_decode's output (quant/gemm.py `fp8_input_layout` says the scales' layout). `launch` as
     paged_decode's."""
     out = _paged_decode(q, kv_cache, layer_in_group, tokens, block_table, seq_lens, window, scale, launch, kv_scales,
                         leads, column_major)

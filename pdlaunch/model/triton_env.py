@@ -48,5 +48,5 @@ def device_entry(table: Mapping[str, T], name: str, default: T) -> T:
 @lru_cache(maxsize=8)
 def device_name(device_index: int) -> str:
     """torch's name of CUDA device `device_index`, looked up once: the key of the per-device launch tables
-    (gemv.GEMV_DEVICE_CONFIGS, quant/kernels.GEMV_SHAPE_CONFIGS), read on every eager one-row projection."""
+    (gemv.GEMV_DEVICE_CONFIGS, quant/block_gemv.GEMV_SHAPE_CONFIGS), read on every eager one-row projection."""
     return torch.cuda.get_device_name(device_index)

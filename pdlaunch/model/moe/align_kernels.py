@@ -33,7 +33,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     def moe_align_count_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
                                num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                                FEW: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before, then let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         chunk = tl.program_id(0)
@@ -62,7 +62,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     def moe_align_place_kernel(ids_ptr, rows_ptr, block_expert_ptr, hist_ptr, num_rows, expert_start, num_local,
                                num_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                                CHUNKS_PAD: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before, then let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         chunk = tl.program_id(0)

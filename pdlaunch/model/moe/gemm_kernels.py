@@ -91,7 +91,7 @@ def gemm_kernels(interpret: bool) -> SimpleNamespace:
                       PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                       A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
                       DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr, TO_F16: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
         e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)
@@ -158,7 +158,7 @@ def gemm_kernels(interpret: bool) -> SimpleNamespace:
                         PRECISION: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_BLOCK: tl.constexpr,
                         A_FP8: tl.constexpr, SWAP_AB: tl.constexpr, MMA: tl.constexpr, PDL: tl.constexpr,
                         DIRECT: tl.constexpr, BLOCK_ROWS: tl.constexpr, F16: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         pid_m = tl.program_id(0)
         e, rows = BLOCK_ROWS(rows_ptr, block_expert_ptr, pid_m, num_rows, expert_start, num_local, BLOCK_M, DIRECT)

@@ -60,7 +60,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
     def topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_experts, stride_t,
                             TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr,
                             RENORMALIZE: tl.constexpr, LIBDEVICE_EXP: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before, then let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
@@ -92,7 +92,7 @@ def _kernels(interpret: bool) -> SimpleNamespace:
                            stride_xt, stride_rt, stride_we, stride_ot, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
                            PDL: tl.constexpr, NORM: tl.constexpr, NORMALIZE: tl.constexpr):
         """logits[t, e] = sum_h x[t, h] * w[e, h] for BLOCK_E experts of one token, float32 sums. With PDL
-        (triton_decode.pdl_enabled) the first BLOCK_H columns of the rows load before the wait for the kernel
+        (pdl.pdl_enabled) the first BLOCK_H columns of the rows load before the wait for the kernel
         before (the one computing x): no kernel writes router weights. NORM: x is the RMSNorm (weight nw_ptr) of
         x_ptr's row + r_ptr's row (the o projection's output and the residual stream; hidden <= BLOCK_H), computed by
         every program, and stored with the new residual stream by the token's first (y_ptr, res_out_ptr:

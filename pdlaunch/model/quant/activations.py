@@ -26,7 +26,7 @@ def _kernels() -> SimpleNamespace:
     def quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, M_OUT, K, stride_x, stride_sr, stride_sg,
                           GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, FMAX: tl.constexpr,
                           INV_FMAX: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before, then let the next one start
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before, then let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         # ROWS rows x one group of columns per program (one row a program made a decode step's MoE

@@ -25,7 +25,7 @@ def _kernels() -> SimpleNamespace:
         # the rows of one weight tile are neighbours in the grid, so the M programs reading a tile
         # share it through L2. Products on CUDA cores in float32: bf16 activations as they are (no
         # quantization launch), each fp8 weight scaled once per 128-column block. PDL
-        # (triton_decode.pdl_enabled): the first weight columns and their scales load before the wait for the
+        # (pdl.pdl_enabled): the first weight columns and their scales load before the wait for the
         # kernel before, which computes x (no kernel writes weights).
         # FOLD: the scales multiply x's columns (one product per column, shared by the BLOCK_N rows) and the
         # products add up in a [BLOCK_N, BLOCK_K] float32 tile summed once after the loop, as the bf16 GEMV does;

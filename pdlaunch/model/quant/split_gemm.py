@@ -24,7 +24,7 @@ def _kernels() -> SimpleNamespace:
     def block_gemm_split_kernel(x_ptr, xs_ptr, w_ptr, y_ptr, ws_ptr, part_ptr, count_ptr, M, N, K, stride_x,
                                 stride_ws, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 SPLIT_K: tl.constexpr, PDL: tl.constexpr, STORE: tl.constexpr):
-        if PDL:  # triton_decode.pdl_enabled: wait for the kernel before; the next one starts as these
+        if PDL:  # pdl.pdl_enabled: wait for the kernel before; the next one starts as these
             tl.extra.cuda.gdc_wait()  # programs end (a big grid: started early, it would share the SMs)
         # Few rows: one program per (BLOCK_N weight rows, K range), so that a decode batch's GEMM has enough
         # programs to stream the weight at the copy rate; x is fp8 with a scale per row and 128-column block (xs),
