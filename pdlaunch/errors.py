@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 
 class PdlaunchError(Exception):
@@ -60,3 +62,12 @@ def exit_text(code: int | None) -> str:
         return f"was killed by signal {-code} ({signal.Signals(-code).name})"
     except ValueError:
         return f"was killed by signal {-code}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the `python -m pdlaunch....` entry points, with the CLI's exit status for a usage error: 1
+    (argparse's own is 2), and the error on one line that names the flag, not after the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+

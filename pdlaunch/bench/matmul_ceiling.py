@@ -14,7 +14,6 @@ its share of the ceiling.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ArgumentParser, PdlaunchError
 
 CHILD_TIMEOUT_S = 180.0  # CUDA start-up plus the timing, on a busy host
 SIZES = {"cuda": 8192, "cpu": 1024}  # large enough to run at the device's rate, small enough to take < 1 s
@@ -126,7 +125,7 @@ def measure_in_child(device: Literal["cpu", "cuda"], gpu: int, dtype: DTypeName)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pdlaunch.bench.matmul_ceiling", description=__doc__)
+    parser = ArgumentParser(prog="python -m pdlaunch.bench.matmul_ceiling", description=__doc__)
     parser.add_argument("--device", choices=["cpu", "cuda"], required=True)
     parser.add_argument("--gpu", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], required=True)

@@ -27,7 +27,7 @@ from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, guarded, s
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address
 from pdlaunch.distributed.worker import serve_rank
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ArgumentParser, PdlaunchError
 
 log = logging.getLogger("pdlaunch.remote_rank")
 
@@ -36,7 +36,7 @@ STORE_WAIT_S = 900.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pdlaunch.distributed.remote_rank", description=__doc__)
+    parser = ArgumentParser(prog="python -m pdlaunch.distributed.remote_rank", description=__doc__)
     parser.add_argument("--deployment", required=True, type=Path, help="DeploymentConfig as JSON.")
     parser.add_argument("--instance", required=True, help="InstanceSpec as JSON (as this rank sees it).")
     parser.add_argument("--rank", required=True, type=int, help="This process's TP rank.")

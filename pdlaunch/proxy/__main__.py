@@ -31,7 +31,7 @@ from types import FrameType
 import uvicorn
 
 from pdlaunch.config.launcher_config import SecurityConfig
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
@@ -97,7 +97,7 @@ def parse_instances(role: Role, values: list[str]) -> list[Instance]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pdlaunch.proxy", description=__doc__,
+    parser = ArgumentParser(prog="python -m pdlaunch.proxy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

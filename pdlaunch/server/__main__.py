@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.errors import ArgumentParser
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.watchdog import watch_parent
@@ -33,7 +34,7 @@ log = logging.getLogger("pdlaunch.server")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pdlaunch.server", description=__doc__)
+    parser = ArgumentParser(prog="python -m pdlaunch.server", description=__doc__)
     parser.add_argument("--deployment", required=True, type=Path, help="DeploymentConfig as JSON.")
     parser.add_argument("--instance", required=True, help="InstanceSpec as JSON.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")

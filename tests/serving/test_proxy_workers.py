@@ -169,10 +169,10 @@ def test_bad_worker_counts_are_refused_naming_the_flag_or_field() -> None:
     for value in ("0", "65"):
         r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1",
                             "--workers", value], capture_output=True, text=True, timeout=60)
-        assert r.returncode == 2 and "--workers must be 1 to 64" in r.stderr, r.stderr
+        assert r.returncode == 1 and "--workers must be 1 to 64" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "pdlaunch.proxy", "--colocated", "http://127.0.0.1:1", "--listen-fd",
                         "99"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--listen-fd 99: not an open socket" in r.stderr, r.stderr
+    assert r.returncode == 1 and "--listen-fd 99: not an open socket" in r.stderr, r.stderr
     with pytest.raises(ValueError, match="workers"):
         DeploymentConfig.model_validate({"model": {"path": "tiny"}, "proxy": {"workers": 0}})
     r = subprocess.run([sys.executable, "-m", "pdlaunch", "check-config", "--model", "tiny", "--proxy-workers", "0"],
@@ -218,3 +218,16 @@ def test_pdlaunch_serve_with_two_proxy_workers(tmp_path: Path) -> None:
         serve.stop()
     wait_gone(workers)
     assert "proxy[1]" in (serve.log_dir / "proxy.log").read_text()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("module", ["pdlaunch.proxy", "pdlaunch.server", "pdlaunch.launcher.backends.slurm_node",
+                                    "pdlaunch.distributed.remote_rank"])
+def test_a_usage_error_of_an_entry_point_exits_1_naming_the_flag(module: str) -> None:
+    """As the CLI's: exit 1, one line naming the flag and where the usage is (argparse's own: exit 2, usage first)."""
+    r = subprocess.run([sys.executable, "-m", module, "--no-such-flag"], capture_output=True, text=True, timeout=100,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    [line] = r.stderr.strip().splitlines()  # a missing required flag, or the unknown one, named on one line
+    assert line.startswith(f"python -m {module}: error: ") and "--" in line, line
+    assert line.endswith(f"(see python -m {module} --help)"), line

@@ -6,14 +6,13 @@ checks it against this node (ports, checkpoint, log directory) and serves node K
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.validate import validate_deployment
-from pdlaunch.errors import PdlaunchError
+from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV, STOP_SIGNAL
 from pdlaunch.launcher.serve import run_serve
 
@@ -34,7 +33,7 @@ def node_config(raw: str, node_rank: int) -> DeploymentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pdlaunch.launcher.backends.slurm_node", description=__doc__)
+    parser = ArgumentParser(prog="python -m pdlaunch.launcher.backends.slurm_node", description=__doc__)
     parser.add_argument("--node-rank", required=True, type=int, help="This node's index in parallel.nodes.")
     args = parser.parse_args(argv)
     raw = os.environ.get(DEPLOYMENT_ENV)
