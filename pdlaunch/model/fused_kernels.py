@@ -26,7 +26,7 @@ def kernels_for(interpret: bool) -> SimpleNamespace:
                         INV_FMAX: tl.constexpr):
         # BLOCK float32 values of a row (already rounded to the activations' dtype) as fp8 from q_ptr, in groups of
         # 128 columns, the first `width` of them stored, each group's scale at s_ptr + group * stride_sg: the same
-        # float32 operations as quant/kernels.py's quant_rows_kernel, so the values are equal to its.
+        # float32 operations as quant/activations.py's quant_rows_kernel, so the values are equal to its.
         g = tl.reshape(y, (BLOCK // 128, 128))
         scale = tl.maximum(tl.max(tl.abs(g), axis=1) * INV_FMAX, 1e-12)
         q = tl.clamp(tl.math.div_rn(g, scale[:, None]), -FMAX, FMAX)

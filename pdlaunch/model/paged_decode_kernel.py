@@ -31,7 +31,7 @@ def kernel_for(interpret: bool):  # noqa: ANN202 (triton.JITFunctions); keyed by
                     QUANT: tl.constexpr, FMAX: tl.constexpr, INV_FMAX: tl.constexpr):
         # value [G, D] float32, one row of heads a row: the output in out's dtype, or (QUANT) rounded to the
         # activations' dtype and quantized to fp8 per head (one 128-wide group; head_dim is 128), each head's
-        # float32 scale at s_ptr (the same float32 operations as quant/kernels.py's quant_rows_kernel).
+        # float32 scale at s_ptr (the same float32 operations as quant/activations.py's quant_rows_kernel).
         ptrs = out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
         if QUANT:
             scale = tl.maximum(tl.max(tl.abs(value), axis=1) * INV_FMAX, 1e-12)
