@@ -66,15 +66,20 @@ def interface_of(address: str) -> str | None:
         wanted = socket.gethostbyname(address)
     except OSError:
         return None
+    return next((name for name, held in interface_addresses().items() if held == wanted), None)
+
+
+def interface_addresses() -> dict[str, str]:
+    """This machine's network interfaces that hold an IPv4 address: name -> address."""
+    found = {}
     for _, name in socket.if_nameindex():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             try:
                 packed = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
             except OSError:  # no IPv4 address on it
                 continue
-        if socket.inet_ntoa(packed[20:24]) == wanted:
-            return name
-    return None
+        found[name] = socket.inet_ntoa(packed[20:24])
+    return found
 
 
 def interface_env(address: str) -> dict[str, str]:

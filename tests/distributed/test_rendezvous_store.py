@@ -5,10 +5,8 @@ with a key derived from the deployment secret, so a process without the secret c
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing as mp
 import socket
-import struct
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,29 +26,19 @@ from pdlaunch.distributed.parallel_state import (
     init_tp_group,
     store_key,
 )
+from pdlaunch.distributed.placement import interface_addresses
 from pdlaunch.distributed.remote_link import LISTENER_KEY
 from pdlaunch.distributed.tp_executor import TPExecutor
 from pdlaunch.engine.llm import build_config
 from pdlaunch.engine.llm_engine import LLMEngine
 from tests.kv_transfer.deployment_secret import secured
 
-SIOCGIFADDR = 0x8915
 LISTENER = b"10.1.2.3:40000"  # what rank 0 publishes for its remote ranks
 
 
 def non_loopback_addresses() -> list[str]:
     """This machine's IPv4 addresses other than 127/8 (where another host would reach it)."""
-    found = []
-    for _, name in socket.if_nameindex():
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                packed = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
-            except OSError:  # no IPv4 address on it
-                continue
-        address = socket.inet_ntoa(packed[20:24])
-        if not address.startswith("127."):
-            found.append(address)
-    return found
+    return [a for a in interface_addresses().values() if not a.startswith("127.")]
 
 
 def reachable(address: str, port: int) -> bool:
