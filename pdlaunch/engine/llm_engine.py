@@ -36,7 +36,8 @@ from pdlaunch.errors import EngineError
 from pdlaunch.kv_transfer.base import KVCacheSpec, KVConnector
 from pdlaunch.kv_transfer.params import params_key
 from pdlaunch.kv_transfer.push_params import prefill_side_channels
-from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.kvcache.block_integrity import BlockIntegrityError
+from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import current_device_index, resolve_device, set_device
 from pdlaunch.memory.sleep import SleepResult, WakeResult

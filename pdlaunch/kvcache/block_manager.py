@@ -1,9 +1,9 @@
 """Paged KV cache bookkeeping: free lists, ref counts, prefix caching, sliding-window release.
 
 One `BlockManager` manages every KV-cache group of the model (model/attention_metadata.py): each
-group has its own pool of `num_blocks` blocks (its own cache tensor) and each request one block
-table per group. A request's tables are allocated and freed together, so a request either holds
-what it needs in every group or nothing.
+group has its own pool of `num_blocks` blocks (its own cache tensor; kvcache/group_pool.py) and each
+request one block table per group. A request's tables are allocated and freed together, so a request
+either holds what it needs in every group or nothing.
 
 Prefix caching (kvcache/prefix_cache.py): a block is registered under its prefix node once all its
 positions hold KV. Freed cached blocks stay findable and are reused least-recently-freed first;
@@ -18,72 +18,16 @@ W + 1 visible keys, is safe.)
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.errors import EngineError
+from pdlaunch.kvcache.block_integrity import BlockIntegrityError, check_blocks, check_events, check_prefix_index
 from pdlaunch.kvcache.event_log import KvEventLog
+from pdlaunch.kvcache.group_pool import GroupPool
 from pdlaunch.kvcache.prefix_cache import HashFn, PrefixIndex, PrefixNode, hash_block
 
-__all__ = ["BlockIntegrityError", "BlockManager", "PrefixHit", "hash_block"]
-
-
-class BlockIntegrityError(EngineError):
-    """The block bookkeeping is inconsistent: a bug, never a user error."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, field="kv_cache", hint="a pdlaunch bug; please report it with the log")
-
-
-class _GroupPool:
-    """Blocks of one KV-cache group."""
-
-    def __init__(self, num_blocks: int, index: PrefixIndex) -> None:
-        self.num_blocks = num_blocks
-        self.index = index
-        self.ref_cnt = [0] * num_blocks
-        # Free blocks in reuse order: uncached ones at the front, cached ones appended (LRU).
-        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.block_node: dict[int, PrefixNode] = {}  # cached block -> the prefix it holds
-        self.node_block: dict[PrefixNode, int] = {}  # prefix -> the block caching it in this group
-        # Called with (block_id, node) when a cached block is reused, before its KV is overwritten.
-        self.on_evict: Callable[[int, PrefixNode], None] | None = None
-        self.events: KvEventLog | None = None  # told what enters and leaves the cache (one group's pool)
-
-    def take(self, block_id: int) -> None:
-        if self.ref_cnt[block_id] == 0:
-            del self.free[block_id]
-        self.ref_cnt[block_id] += 1
-
-    def allocate(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
-        if block_id in self.block_node:
-            node = self.block_node.pop(block_id)
-            del self.node_block[node]
-            if self.events is not None:
-                self.events.removed(node.block_hash)
-            if self.on_evict is not None:
-                self.on_evict(block_id, node)
-            self.index.unref(node)
-        self.ref_cnt[block_id] = 1
-        return block_id
-
-    def release(self, block_id: int) -> None:
-        self.ref_cnt[block_id] -= 1
-        if self.ref_cnt[block_id] == 0:
-            self.free[block_id] = None
-            if block_id not in self.block_node:
-                self.free.move_to_end(block_id, last=False)
-
-    def cache(self, block_id: int, node: PrefixNode) -> None:
-        if block_id in self.block_node or node in self.node_block:
-            return  # same content computed twice: the first copy stays the findable one
-        self.block_node[block_id] = node
-        self.node_block[node] = block_id
-        self.index.ref(node)
-        if self.events is not None:
-            self.events.stored(node.block_hash)
+__all__ = ["BlockManager", "PrefixHit", "hash_block"]
 
 
 @dataclass
@@ -112,7 +56,7 @@ class BlockManager:
         self.sliding_windows = list(sliding_windows)
         self.enable_prefix_caching = enable_prefix_caching
         self.index = PrefixIndex(hash_fn)
-        self.pools = [_GroupPool(num_blocks, self.index) for _ in self.sliding_windows]
+        self.pools = [GroupPool(num_blocks, self.index) for _ in self.sliding_windows]
         self.tables: dict[str, list[list[int]]] = {}
         self.chains: dict[str, list[PrefixNode]] = {}  # prefix nodes of a request's registered blocks
         # KV cache events (GET /v1/kv_events): the blocks a full-attention group caches, which bound any
@@ -267,65 +211,7 @@ class BlockManager:
     # -- integrity -------------------------------------------------------------------------------
     def check_integrity(self) -> None:
         """Raise BlockIntegrityError unless every block is free xor owned, ref counts equal the
-        owners, and the cached-hash index matches the blocks' contents."""
-        for g, pool in enumerate(self.pools):
-            owners = [0] * self.num_blocks
-            for request_id, tables in self.tables.items():
-                held = [b for b in tables[g] if b >= 0]
-                if len(set(held)) != len(held):
-                    raise BlockIntegrityError(f"group {g}: {request_id} holds a block twice: {tables[g]}")
-                for b in held:
-                    if not 0 <= b < self.num_blocks:
-                        raise BlockIntegrityError(f"group {g}: {request_id} holds block {b} out of range")
-                    owners[b] += 1
-            for b in range(self.num_blocks):
-                if (b in pool.free) == (pool.ref_cnt[b] > 0):
-                    raise BlockIntegrityError(
-                        f"group {g}: block {b} has ref count {pool.ref_cnt[b]} and free={b in pool.free}")
-                if pool.ref_cnt[b] != owners[b]:
-                    raise BlockIntegrityError(
-                        f"group {g}: block {b} has ref count {pool.ref_cnt[b]} but {owners[b]} owners")
-            if len(pool.free) + sum(1 for r in pool.ref_cnt if r > 0) != self.num_blocks:
-                raise BlockIntegrityError(f"group {g}: free list and owned blocks do not add up")
-            for b, node in pool.block_node.items():
-                if pool.node_block.get(node) != b:
-                    raise BlockIntegrityError(f"group {g}: cached block {b} and its prefix node disagree")
-            if len(pool.node_block) != len(pool.block_node):
-                raise BlockIntegrityError(f"group {g}: cached-block maps differ in size")
-        self._check_events()
-        self._check_prefix_index()
-
-    def _check_events(self) -> None:
-        cached: dict[int, int] = {}
-        for node in self.pools[self.event_group].node_block:
-            cached[node.block_hash] = cached.get(node.block_hash, 0) + 1
-        if self.events.cached_counts() != cached:
-            raise BlockIntegrityError(f"the KV event log names {len(self.events.cached_counts())} cached blocks, "
-                                      f"group {self.event_group} caches {len(cached)}")
-
-    def _check_prefix_index(self) -> None:
-        for block_hash, bucket in self.index.buckets.items():
-            if not bucket or any(n.block_hash != block_hash for n in bucket):
-                raise BlockIntegrityError(f"prefix index bucket {block_hash:x} is empty or holds a wrong node")
-        live = self.index.nodes()
-        expected: dict[PrefixNode, int] = {n: 0 for n in live}
-        for pool in self.pools:
-            for node in pool.node_block:
-                if node not in expected:
-                    raise BlockIntegrityError("a cached block refers to a prefix node not in the index")
-                expected[node] += 1
-        for request_id, chain in self.chains.items():
-            for j, node in enumerate(chain):
-                if node not in expected or node.parent is not (chain[j - 1] if j else None):
-                    raise BlockIntegrityError(f"{request_id}: prefix chain broken at block {j}")
-                expected[node] += 1
-        for node in live:
-            if node.parent is not None:
-                if node.parent not in expected:
-                    raise BlockIntegrityError("a prefix node's parent left the index before it")
-                expected[node.parent] += 1
-            if self.index.hash_fn(node.parent.block_hash if node.parent else None, node.token_ids) != node.block_hash:
-                raise BlockIntegrityError("a prefix node is indexed under a hash it does not have")
-        for node, refs in expected.items():
-            if node.refs != refs:
-                raise BlockIntegrityError(f"a prefix node has {node.refs} references but {refs} referrers")
+        owners, and the cached-hash index matches the blocks' contents (kvcache/block_integrity.py)."""
+        check_blocks(self.pools, self.tables, self.num_blocks)
+        check_events(self.events, self.pools[self.event_group], self.event_group)
+        check_prefix_index(self.index, self.pools, self.chains)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pdlaunch.errors import EngineError
-from pdlaunch.kvcache.block_manager import BlockIntegrityError
+from pdlaunch.kvcache.block_integrity import BlockIntegrityError
 from pdlaunch.memory.host_devices import host_memory_bytes
 
 _SIZE_HINT = "lower --kv-offload-gb to what the host can spare next to the model, or 0 to turn offload off"

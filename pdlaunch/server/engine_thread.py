@@ -7,9 +7,8 @@ every step, runs `step()`, and hands each request's outputs to that request's as
 quiescent (nothing held, loading or draining either) it blocks for up to `quiescent_wait_s`: an idle
 instance costs ~no CPU, and a command still wakes it at once.
 
-vLLM's counts of what the engine did are taken here, as its outputs come, whether or not a client reads them: each
-engine request's tokens (request_metrics.EngineTokens) and its end, once: stop / length, or an abort (its client
-left, or the server stopped while it was open).
+vLLM's counts of what the engine did are taken here, as its outputs come, whether or not a client reads them
+(engine_counts.py).
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.kv_transfer.params import KVTransferParams
 from pdlaunch.server.engine_call import Call
+from pdlaunch.server.engine_counts import EngineCounts, add_generated
 from pdlaunch.server.recent_itl import RecentItl
-from pdlaunch.server.request_metrics import EngineTokens
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
 
 if TYPE_CHECKING:  # the engine module pulls in torch and the model: built on the engine thread only
@@ -79,7 +78,7 @@ class EngineThread:
         self._streams: dict[str, RequestStream] = {}
         # submitted, not yet taken by the engine thread (queued, or its grammar builds): aborts if it stops first
         self._adds: set[Add] = set()
-        self._running: dict[str, EngineTokens] = {}  # in the engine, not ended; the engine thread's own
+        self.counts = EngineCounts()  # the engine thread's own
         # queued, not started: failed with the streams when the engine thread ends
         self._calls: set[Call[object]] = set()
         self._lock = threading.Lock()
@@ -97,8 +96,12 @@ class EngineThread:
         self.rank_nodes: list[str] = []
         self.connector_info: JsonObject = {}
         self._connector_info_at = float("-inf")  # time.monotonic() of its last refresh
-        self.num_aborted = 0  # requests stopped before they finished (client went away, shutdown): _count_abort
         self.recent_itl = RecentItl()  # /health's itl_ms
+
+    @property
+    def num_aborted(self) -> int:
+        """Requests stopped before they finished (client went away, shutdown): /info's num_aborted_requests."""
+        return self.counts.num_aborted
 
     def _run(self) -> None:
         try:
@@ -162,54 +165,30 @@ class EngineThread:
             log.exception("aborting request %s failed; the instance goes on serving the others", request_id)
             return
         if out is not None:
-            _add_generated(self._counted(out))
+            add_generated(self.counts.counted(out))
 
     def _abort_open(self, engine: LLMEngine) -> None:
         """The engine thread stops: every request still open ends as an abort, counted once; those the engine holds
         are aborted here (engine.shutdown would), those it never took are only counted."""
-        for request_id in list(self._running):
+        for request_id in list(self.counts.running):
             self._abort(engine, request_id)
-            if self._running.pop(request_id, None) is not None:  # ended there, its output not stepped out yet
-                self._count_abort()
+            if self.counts.running.pop(request_id, None) is not None:  # ended there, its output not stepped out yet
+                self.counts.count_abort()
         with self._lock:  # after the state left "ready": no submit adds one now
             adds, self._adds = self._adds, set()
         for _ in adds:
-            self._count_abort()
-
-    def _count_abort(self) -> None:
-        """A request stopped before it finished (its client left, another choice of its HTTP request failed, or the
-        server stopped): /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per
-        engine request as vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
-        self.num_aborted += 1
-        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
-
-    def _counted(self, out: RequestOutput) -> int:
-        """vLLM's counts of an output the engine produced, read by a client or not: its prompt, and the end of its
-        request once (stop and length: request_success; abort: _count_abort; an error is not counted). Returns its
-        generated tokens, which the caller adds to vllm:generation_tokens."""
-        tokens = self._running.get(out.request_id)
-        if tokens is None:
-            return 0
-        generated = tokens.output(out)
-        if not out.finished:
-            return generated
-        del self._running[out.request_id]
-        if out.finish_reason == "abort":
-            self._count_abort()
-        elif out.finish_reason in ("stop", "length"):
-            metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
-        return generated
+            self.counts.count_abort()
 
     def _add(self, engine: LLMEngine, command: Add) -> None:
         stream = command.stream
         with self._lock:
             self._adds.discard(command)  # taken: counted below if it is an abort
             if self._streams.get(stream.request_id) is not stream:
-                self._count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
+                self.counts.count_abort()  # aborted before the engine saw it (e.g. while its grammar was built)
                 return
         prompt_ids = command.prompt_token_ids
         if command.matcher is not None and command.matcher.cancelled():  # stop() cancelled its build
-            self._count_abort()
+            self.counts.count_abort()
             self._finish(stream.request_id, OpenAIError(503, "server is shutting down", code="shutting_down"))
             return
         try:
@@ -227,14 +206,14 @@ class EngineThread:
             log.exception("adding request %s failed", stream.request_id)
             self._finish(stream.request_id, OpenAIError(500, f"could not add the request: {exc}"))
             return
-        self._running[stream.request_id] = EngineTokens()
+        self.counts.started(stream.request_id)
         stream.put(Accepted(num_prompt_tokens=len(prompt_ids)))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
         gap_seconds, gap_tokens, generated = 0.0, 0, 0
         for out in outputs:
-            generated += self._counted(out)
+            generated += self.counts.counted(out)
             with self._lock:
                 stream = self._streams.get(out.request_id)
             if stream is None:
@@ -255,7 +234,7 @@ class EngineThread:
                 stream.put(out)
         if gap_tokens:
             self.recent_itl.add(now, gap_seconds, gap_tokens)
-        _add_generated(generated)
+        add_generated(generated)
 
     def _finish(self, request_id: str, item: StreamItem) -> None:
         with self._lock:
@@ -304,8 +283,3 @@ class EngineThread:
             engine.shutdown()
         except Exception as exc:  # noqa: BLE001 - shutting down anyway
             log.warning("engine shutdown raised: %s", exc)
-
-
-def _add_generated(count: int) -> None:
-    if count:
-        metrics.vllm(metrics.GENERATION_TOKENS).inc(count)

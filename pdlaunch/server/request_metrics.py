@@ -10,8 +10,8 @@ once that prefill ran: at the request's first token computed here after the sche
 aborted or failed before that adds nothing; a PD decode's first token, which its prefill sampled, does not count,
 its next one (the KV loaded) does. Once per sample with n > 1 / best_of, as vLLM counts it (each sample is one of
 its requests), so dashboards built on vLLM's series read the same; usage.prompt_tokens counts the prompt once, as
-vLLM's does. Each engine request's end is counted on the engine thread too, once (EngineThread._counted:
-request_success by finished_reason, aborts through EngineThread._count_abort).
+vLLM's does. Each engine request's end is counted on the engine thread too, once (engine_counts.EngineCounts.counted:
+request_success by finished_reason, aborts through EngineCounts.count_abort).
 
 RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
 end-to-end latency, decode time (first to last token), time per output token; prefill time (first admission to

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdlaunch.errors import EngineError
-from pdlaunch.kvcache.block_manager import BlockIntegrityError, BlockManager
+from pdlaunch.kvcache.block_integrity import BlockIntegrityError
+from pdlaunch.kvcache.block_manager import BlockManager
 from pdlaunch.kvcache.prefix_cache import hash_block
 
 BS = 4

@@ -1,4 +1,4 @@
-"""vLLM's counts of what the engine did, taken on the engine thread as its outputs come (engine_thread.py,
+"""vLLM's counts of what the engine did, taken on the engine thread as its outputs come (engine_counts.py,
 request_metrics.EngineTokens): a request nobody reads, or one aborted mid-stream, still counts every prompt and
 generated token; a stop counts every request still open once as an abort (not again one counted before). Here with
 an engine stand-in that knows what it generated; the registry is the process's: deltas of this process's series."""

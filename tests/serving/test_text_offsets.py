@@ -18,7 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from pdlaunch.http.sse import parse_sse
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.model.tokenizer import Tokenizer
-from pdlaunch.server.responses import TextOffsets
+from pdlaunch.server.text_offsets import TextOffsets
 from tests.serving.helpers import in_process_instance, tiny_colocated
 
 TIMEOUT = 120.0  # a loaded 2-core machine

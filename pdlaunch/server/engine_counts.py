@@ -1,0 +1,50 @@
+"""vLLM's counts of what the engine did, taken on the engine thread (engine_thread.py) as its outputs come, whether or
+not a client reads them: each engine request's tokens (request_metrics.EngineTokens) and its end, once: stop / length,
+or an abort (its client left, or the server stopped while it was open)."""
+
+from __future__ import annotations
+
+from pdlaunch import metrics
+from pdlaunch.engine.outputs import RequestOutput
+from pdlaunch.server.request_metrics import EngineTokens
+
+
+class EngineCounts:
+    """The engine thread's own: the engine requests not ended yet, and /info's num_aborted_requests."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, EngineTokens] = {}  # in the engine, not ended
+        self.num_aborted = 0  # requests stopped before they finished (client went away, shutdown): count_abort
+
+    def started(self, request_id: str) -> None:
+        """The engine took the request: its outputs and its end are counted from now on."""
+        self.running[request_id] = EngineTokens()
+
+    def count_abort(self) -> None:
+        """A request stopped before it finished (its client left, another choice of its HTTP request failed, or the
+        server stopped): /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per
+        engine request as vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
+        self.num_aborted += 1
+        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
+
+    def counted(self, out: RequestOutput) -> int:
+        """vLLM's counts of an output the engine produced, read by a client or not: its prompt, and the end of its
+        request once (stop and length: request_success; abort: count_abort; an error is not counted). Returns its
+        generated tokens, which the caller adds to vllm:generation_tokens (add_generated)."""
+        tokens = self.running.get(out.request_id)
+        if tokens is None:
+            return 0
+        generated = tokens.output(out)
+        if not out.finished:
+            return generated
+        del self.running[out.request_id]
+        if out.finish_reason == "abort":
+            self.count_abort()
+        elif out.finish_reason in ("stop", "length"):
+            metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
+        return generated
+
+
+def add_generated(count: int) -> None:
+    if count:
+        metrics.vllm(metrics.GENERATION_TOKENS).inc(count)
