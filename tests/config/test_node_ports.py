@@ -1,7 +1,7 @@
 """check-config probes the fixed ports planned on the other nodes (config/rules/node_ports.py): a TCP connect
 to each, all at once. Something listening at one is a warning naming the field, the node and host:port (as a
 port in use on this machine is); a node that does not answer within the timeout is a warning that its ports were
-not checked.
+not checked. `serve --backend slurm` runs the probe before its srun steps and stops at a port in use.
 
 127.0.0.2 plays node 1 (any 127/8 address is this machine's loopback on Linux). A listener whose accept queue
 is full drops new connections' SYNs, as a firewall or a host that is down does: the probe's timeout, without
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -209,3 +210,41 @@ def test_which_nodes_are_probed(backend: str, rank: int, nodes: int, probed: lis
     assert node_ports.probed_nodes(cfg) == probed
     ray = cfg.model_copy(update={"launcher": cfg.launcher.model_copy(update={"backend": "ray"})})
     assert node_ports.probed_nodes(ray) == []  # Ray places every rank itself: no node address is known
+
+
+@pytest.fixture
+def allocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A SLURM allocation of gpu07 (127.0.0.1) and gpu08 (127.0.0.2): stand-in `scontrol`, and an `srun` that
+    leaves a file when it runs (the returned path)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    started = tmp_path / "srun-started"
+    scripts = {
+        "scontrol": """#!/bin/sh
+case "$1 $2" in
+  "show hostnames") printf 'gpu07\\ngpu08\\n' ;;
+  "show node") case "$4" in gpu07) a=127.0.0.1 ;; *) a=127.0.0.2 ;; esac; echo "NodeName=$4 NodeAddr=$a" ;;
+  *) exit 2 ;;
+esac
+""",
+        "srun": f"#!/bin/sh\ntouch {started}\nexit 1\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[07-08]")
+    return started
+
+
+def test_serve_under_slurm_stops_at_a_port_in_use_before_any_step(tmp_path: Path, allocation: Path) -> None:
+    with listening(NODE1) as port:
+        path = two_nodes(tmp_path, port)
+        result = invoke(["serve", str(path), *CPU, "--backend", "slurm"])
+        checked = invoke(["check-config", str(path), *CPU, "--backend", "slurm"])
+    assert result.exit_code == 1, result.output
+    assert (f"error: instances[1].base_port: ports {port}-{port + 1} (decode HTTP) on node 1: something listens at "
+            f"{NODE1}:{port} now, so node 1's launcher would stop there") in result.output, result.output
+    assert not allocation.exists(), "an srun step started"
+    assert checked.exit_code == 0 and warnings_of(checked.output, "instances[1].base_port"), checked.output
