@@ -1,6 +1,7 @@
 """Host addresses in the config: syntax (any host), and for the ones this machine binds, that they
 resolve and belong to it, so a bad address is reported as such and not as "port already in use";
-and whether a port on one of them is free now (the launcher's ports and check-config's warning).
+and whether a port on one of them is free now (the launcher's ports and check-config's warning); on another
+node's address, whether something listens at a port (a TCP connect: check-config's other nodes).
 """
 
 from __future__ import annotations
@@ -8,9 +9,14 @@ from __future__ import annotations
 import concurrent.futures
 import errno
 import ipaddress
+import os
 import re
+import selectors
 import socket
-from typing import Annotated
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Literal, cast
 
 from pydantic import AfterValidator
 
@@ -111,3 +117,101 @@ def port_is_free(host: str, port: int) -> bool:
                                     field="port", hint="choose a port above 1024") from None
             raise _unusable_host(host, exc.strerror or str(exc)) from None
     return True
+
+
+PROBE_TIMEOUT_S = 1.5  # per batch of connects: a node on the cluster's network answers in milliseconds
+_PROBE_BATCH = 256  # sockets open at once, well below the usual limit of 1024 descriptors
+_WAITING = (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+@dataclass(frozen=True)
+class PortAnswer:
+    """How host:port answered a TCP connect: `listening` (it accepted), `free` (refused) or `unreached`
+    (no answer within the timeout, no route, a name that does not resolve: `reason` says which)."""
+
+    state: Literal["listening", "free", "unreached"]
+    reason: str = ""
+
+
+def probe_ports(targets: Iterable[tuple[str, int]], timeout_s: float = PROBE_TIMEOUT_S
+                ) -> dict[tuple[str, int], PortAnswer]:
+    """Whether something listens at each host:port of another machine, by a TCP connect closed at once:
+    nothing is bound and nothing is sent. All connects of a batch run at once, so one batch takes
+    `timeout_s` at most whatever the count (host names resolve first, within RESOLVE_TIMEOUT_S)."""
+    wanted = list(dict.fromkeys(targets))
+    addresses = _resolve_all({host for host, _ in wanted})
+    answers: dict[tuple[str, int], PortAnswer] = {}
+    reachable: list[tuple[tuple[str, int], tuple[int, tuple[str, int]]]] = []
+    for host, port in wanted:
+        found = addresses[host]
+        if isinstance(found, PortAnswer):
+            answers[(host, port)] = found
+        else:
+            reachable.append(((host, port), (found[0], (found[1][0], port))))
+    for start in range(0, len(reachable), _PROBE_BATCH):
+        answers.update(_connect_batch(reachable[start:start + _PROBE_BATCH], timeout_s))
+    return answers
+
+
+def _resolve_all(hosts: set[str]) -> dict[str, tuple[int, tuple[str, int]] | PortAnswer]:
+    """Each host's first address (as bind_problem takes it), or why it has none; all looked up at once."""
+    if not hosts:
+        return {}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(hosts))
+    try:
+        futures = {host: pool.submit(_resolve, host) for host in hosts}
+        concurrent.futures.wait(futures.values(), timeout=RESOLVE_TIMEOUT_S)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a lookup still hanging is left to finish alone
+    found: dict[str, tuple[int, tuple[str, int]] | PortAnswer] = {}
+    for host, future in futures.items():
+        if not future.done():
+            found[host] = PortAnswer("unreached", f"{host} did not resolve within {RESOLVE_TIMEOUT_S:.0f}s")
+        elif future.exception() is not None:  # socket.gaierror, or UnicodeError for a label too long for IDNA
+            found[host] = PortAnswer("unreached", f"{host} does not resolve here ({future.exception()})")
+        else:
+            found[host] = future.result()[0]
+    return found
+
+
+def _connect_batch(batch: list[tuple[tuple[str, int], tuple[int, tuple[str, int]]]], timeout_s: float
+                   ) -> dict[tuple[str, int], PortAnswer]:
+    """Non-blocking connects to every (key, (family, sockaddr)) of `batch`, waited for together."""
+    answers: dict[tuple[str, int], PortAnswer] = {}
+    with selectors.DefaultSelector() as selector:
+        try:
+            for key, (family, sockaddr) in batch:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                code = sock.connect_ex(sockaddr)
+                if code in _WAITING:
+                    selector.register(sock, selectors.EVENT_WRITE, key)
+                    continue
+                answers[key] = _answer(sock, code)
+                sock.close()
+            deadline = time.monotonic() + timeout_s
+            while selector.get_map() and (left := deadline - time.monotonic()) > 0:
+                for ready, _ in selector.select(left):
+                    sock = cast(socket.socket, ready.fileobj)
+                    selector.unregister(sock)
+                    answers[ready.data] = _answer(sock, sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+                    sock.close()
+        finally:
+            for ready in list(selector.get_map().values()):
+                answers.setdefault(ready.data, PortAnswer("unreached", f"no answer within {timeout_s:g}s"))
+                selector.unregister(ready.fileobj)
+                cast(socket.socket, ready.fileobj).close()
+    return answers
+
+
+def _answer(sock: socket.socket, code: int) -> PortAnswer:
+    if code == errno.ECONNREFUSED:
+        return PortAnswer("free")
+    if code != 0:
+        return PortAnswer("unreached", os.strerror(code))
+    try:
+        if sock.getsockname() == sock.getpeername():  # TCP's self-connect: this socket, on a free local port
+            return PortAnswer("free")
+    except OSError:  # the listener accepted, then reset the connection already
+        pass
+    return PortAnswer("listening")

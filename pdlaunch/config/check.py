@@ -17,6 +17,7 @@ from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, wit
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings
+from pdlaunch.config.rules.node_ports import node_port_warnings
 from pdlaunch.config.rules.resources import busy_port_warnings, port_plan
 from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
@@ -106,6 +107,17 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
     console.print(memory)
 
 
+def _port_warnings(cfg: DeploymentConfig) -> list[Problem]:
+    """Fixed ports something holds now: this node's by a bind test (local backend), the other nodes' whose
+    addresses are known by a TCP connect (rules/node_ports.py). Not for a target host: its ports are not here."""
+    if cfg.launcher.backend == "ray":  # Ray places every rank: no port of this machine or a known node
+        return []
+    device = resolved_device(cfg, None)
+    visible = visible_gpus(device, None) if device == "cuda" else 0
+    here = busy_port_warnings(cfg, visible) if cfg.launcher.backend == "local" else []
+    return here + node_port_warnings(cfg, visible)
+
+
 def run_check(config_path: Path | None, overrides: Mapping[str, object], json_output: bool,
               target_gpus: int | None, target_gpu_memory: float | None) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
@@ -114,10 +126,8 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
     if resolved is not None:
         warnings += name_flags(no_effect_warnings(resolved, model_info_for(resolved)[0]),
                                flag_fields(overrides, resolved.instances))
-    if resolved is not None and not problems and target is None and resolved.launcher.backend == "local":
-        device = resolved_device(resolved, None)  # this machine's ports: another host's cannot be probed
-        visible = visible_gpus(device, None) if device == "cuda" else 0
-        warnings += name_flags(busy_port_warnings(resolved, visible), flag_fields(overrides, resolved.instances))
+    if resolved is not None and not problems and target is None:
+        warnings += name_flags(_port_warnings(resolved), flag_fields(overrides, resolved.instances))
     if json_output:
         report = {
             "valid": not problems,

@@ -114,6 +114,9 @@ def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_DIR", str(tmp_path))
     monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    # The stand-in proxy listens at node 0's proxy port before the launcher starts: its probe of the nodes'
+    # ports (tests/config/test_node_ports.py) would stop it there.
+    monkeypatch.setattr(slurm, "check_node_ports", lambda cfg, visible_gpus: [])
     return tmp_path
 
 

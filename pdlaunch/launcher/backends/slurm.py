@@ -1,7 +1,8 @@
 """`--backend slurm`: one `srun` step per node of the allocation, each running that node's launcher.
 
 Inside `sbatch`/`salloc`, config/backend.py has made the allocation's nodes `parallel.nodes`. This
-process (the batch script's, or the salloc shell's) starts one step per node,
+process (the batch script's, or the salloc shell's) probes every node's fixed ports (config/rules/node_ports.py:
+something listening at one stops it before any step starts), then starts one step per node,
 `srun --nodes=1 --ntasks=1 --relative=K --overlap python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
@@ -39,6 +40,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.rules.node_ports import check_node_ports
+from pdlaunch.config.validate import visible_gpus
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
 from pdlaunch.launcher.process import ChildProcess, stop_all
@@ -130,6 +133,9 @@ def _dead(steps: list[ChildProcess]) -> ChildProcess | None:
 def run_slurm(cfg: DeploymentConfig) -> int:
     """Serve `cfg` (nodes already taken from the allocation) until a signal; 0 after a clean stop."""
     console = Console()
+    # Before any step binds a port: one something else listens at is named here, not in that node's step log.
+    for field, message in check_node_ports(cfg, visible_gpus(cfg.device, None)):
+        console.print(f"[yellow]warning:[/yellow] {escape(field)}: {escape(message)}", highlight=False, soft_wrap=True)
     log_dir = Path(cfg.log_dir)
     env = {DEPLOYMENT_ENV: cfg.model_dump_json()}
     cpus = cpus_per_node(os.environ.get("SLURM_JOB_CPUS_PER_NODE"), len(cfg.parallel.nodes))
