@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pdlaunch.model.arch import ModelArch
-from pdlaunch.model.attention import GroupPlan, paged_attention
+from pdlaunch.model.attention import paged_attention
+from pdlaunch.model.attention_plan import GroupPlan
 from pdlaunch.model.fused_norm import rms_norm
 from pdlaunch.model.fused_ops import fused_available, silu_and_mul, silu_and_mul_fp8
 from pdlaunch.model.fused_rotary import rotary_write_kv

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_kernels, fused_norm, fused_ops, fused_rotary
-from pdlaunch.model.attention import build_group_plan, paged_attention
+from pdlaunch.model.attention import paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.attention_plan import build_group_plan
 from pdlaunch.model.fused_reference import (
     apply_rotary_torch,
     fused_add_rms_norm_torch,
