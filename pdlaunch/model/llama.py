@@ -16,8 +16,10 @@ from pdlaunch.model.arch import KVCacheGroup, ModelArch
 from pdlaunch.model.attention_metadata import AttentionMetadata
 from pdlaunch.model.attention_plan import GroupPlan, build_group_plan
 from pdlaunch.model.decoder_layer import DecoderLayer
-from pdlaunch.model.layers import ParallelLMHead, RMSNorm, ShardId, VocabParallelEmbedding
 from pdlaunch.model.pieces import PieceBuffers
+from pdlaunch.model.rms_norm import RMSNorm
+from pdlaunch.model.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from pdlaunch.model.weight_loader import ShardId
 
 
 class LlamaModel(nn.Module):

@@ -30,7 +30,7 @@ from pdlaunch.model.fused_reference import (
     write_kv_torch,
 )
 from pdlaunch.model.fused_rotary import rotary_cos_sin
-from pdlaunch.model.layers import RMSNorm
+from pdlaunch.model.rms_norm import RMSNorm
 from pdlaunch.model.rope_config import RopeScaling
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
