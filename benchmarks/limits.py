@@ -112,7 +112,7 @@ def bf16_logits() -> None:
     import torch.nn.functional as F
 
     from pdlaunch.model.gemv import gemv, gemv_available
-    from pdlaunch.model.layers import ParallelLMHead
+    from pdlaunch.model.vocab_parallel import ParallelLMHead
 
     def product_then_float(self: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor:
         on_gemv = gemv_available(hidden, self.weight)

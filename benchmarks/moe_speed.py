@@ -121,7 +121,7 @@ def random_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp_
 def fp8_attention(model: torch.nn.Module) -> int:
     """The attention projections as 128x128-block fp8 (quantized from the drawn weights), as an FP8
     checkpoint such as Qwen3-30B-A3B-FP8 ships them; on a GPU without FP8 GEMMs they would stay bf16."""
-    from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear
+    from pdlaunch.model.parallel_linear import ColumnParallelLinear, RowParallelLinear
     from pdlaunch.model.quant import fp8
     from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.quant.linear import Fp8LinearMethod
@@ -209,9 +209,9 @@ def ablate_norms() -> None:
     """Every RMSNorm that adds a residual (two a layer; the first layer's input norm excepted) launches nothing
     and hands on the residual stream as its output: what a step would save if the norms lived inside the
     kernels around them. Outputs are wrong; step times only."""
-    import pdlaunch.model.layers as layers
+    import pdlaunch.model.rms_norm as rms_norm
 
-    layers.fused_add_rms_norm = lambda x, residual, weight, eps: (residual, residual)  # type: ignore[assignment]
+    rms_norm.fused_add_rms_norm = lambda x, residual, weight, eps: (residual, residual)  # type: ignore[assignment]
     moe_block.norm_route_available = lambda *args: False  # type: ignore[assignment]
 
 

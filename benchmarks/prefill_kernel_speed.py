@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from limits import graph_call_ms, matmul_rate, time_ms  # noqa: E402
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH: a tree put there wins
-from pdlaunch.model import attention  # noqa: E402
-from pdlaunch.model.attention import build_group_plan, paged_attention  # noqa: E402
+from pdlaunch.model import attention_plan  # noqa: E402
+from pdlaunch.model.attention import paged_attention  # noqa: E402
 from pdlaunch.model.attention_metadata import AttentionMetadata  # noqa: E402
+from pdlaunch.model.attention_plan import build_group_plan  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, LAYERS, DECODES, DECODE_CONTEXT = 32, 8, 128, 16, 2, 16, 1024
 
@@ -70,7 +71,7 @@ def _graph_ms(fn: Callable[[], object], calls: int = 20) -> float:
 def measure(chunk: int, context: int, setting: str, matmul_tflops: float) -> dict[str, object]:
     """One layer's attention of the step under one setting: `torch`, or a launch for the kernel ('' = default)."""
     cache, q, k, v, attn = _step(chunk, context)
-    attention.PAGED_PREFILL_MAX_TOKENS = 1 << 20  # the kernel at every chunk size, past the engine's limit
+    attention_plan.PAGED_PREFILL_MAX_TOKENS = 1 << 20  # the kernel at every chunk size, past the engine's limit
     if setting == "torch":
         os.environ["PDLAUNCH_PAGED_PREFILL"] = "torch"
     else:

@@ -1,7 +1,7 @@
 """KV resharding: a decode rank loads its KV heads from prefill ranks of another TP size.
 
 Heads: a model has K KV heads; rank r of a TP-T instance holds heads [r*K/T, (r+1)*K/T) when T <= K,
-else the single head r*K//T (replicated on T/K consecutive ranks, model/layers.py).
+else the single head r*K//T (replicated on T/K consecutive ranks, model/parallel_linear.py).
 A head slice is not contiguous inside a block ([layers, 2, block_size, heads, head_dim]), so a
 decode rank READs whole prefill blocks (MiB-sized descriptors) into registered staging slots shaped
 like a prefill block, then copies its head slice into its own blocks (a strided device copy).

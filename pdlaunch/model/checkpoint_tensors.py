@@ -13,10 +13,10 @@ from torch import nn
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch
-from pdlaunch.model.layers import ShardId, default_weight_loader
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.names import expert_checkpoint_names, expert_target
 from pdlaunch.model.quant.fp8 import FP8_DTYPE, scale_problem
+from pdlaunch.model.weight_loader import ShardId, default_weight_loader
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _WEIGHT_SCALES = ("weight_scale_inv", "weight_scale", "input_scale")

@@ -9,14 +9,16 @@ import torch
 from torch import nn
 
 from pdlaunch.model.arch import ModelArch
-from pdlaunch.model.attention import GroupPlan, paged_attention
+from pdlaunch.model.attention import paged_attention
+from pdlaunch.model.attention_plan import GroupPlan
 from pdlaunch.model.fused_norm import rms_norm
 from pdlaunch.model.fused_ops import fused_available, silu_and_mul, silu_and_mul_fp8
 from pdlaunch.model.fused_rotary import rotary_write_kv
-from pdlaunch.model.layers import MergedColumnParallelLinear, QKVParallelLinear, RMSNorm, RowParallelLinear
 from pdlaunch.model.moe.block import Routed, SparseMoeBlock
+from pdlaunch.model.parallel_linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from pdlaunch.model.quant.fp8 import Fp8Rows
 from pdlaunch.model.quant.kv_cache import kv_scale_parameter
+from pdlaunch.model.rms_norm import RMSNorm
 from pdlaunch.model.rotary import RotaryEmbedding
 from pdlaunch.model.sharded_norm import ShardedRMSNorm
 from pdlaunch.model.swiglu import swiglu_available, swiglu_gemm

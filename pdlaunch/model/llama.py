@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 from pdlaunch.model.arch import KVCacheGroup, ModelArch
-from pdlaunch.model.attention import GroupPlan, build_group_plan
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.attention_plan import GroupPlan, build_group_plan
 from pdlaunch.model.decoder_layer import DecoderLayer
-from pdlaunch.model.layers import ParallelLMHead, RMSNorm, ShardId, VocabParallelEmbedding
 from pdlaunch.model.pieces import PieceBuffers
+from pdlaunch.model.rms_norm import RMSNorm
+from pdlaunch.model.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from pdlaunch.model.weight_loader import ShardId
 
 
 class LlamaModel(nn.Module):
@@ -100,7 +102,7 @@ class CausalLM(nn.Module):
         return out
 
     def group_plans(self, attn: AttentionMetadata, kv_caches: list[torch.Tensor]) -> list[GroupPlan]:
-        """The step's attention plan of every KV-cache group (model/attention.py)."""
+        """The step's attention plan of every KV-cache group (model/attention_plan.py)."""
         caches: list[torch.Tensor | None] = list(kv_caches) if kv_caches else [None] * len(self.kv_cache_groups)
         if len(caches) != len(self.kv_cache_groups):
             raise ValueError(f"model has {len(self.kv_cache_groups)} KV cache groups, got {len(caches)} caches")

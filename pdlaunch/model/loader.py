@@ -20,13 +20,13 @@ from torch import nn
 from pdlaunch.model.arch import ModelArch
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.checkpoint_tensors import load_tensor, missing_tensors
-from pdlaunch.model.layers import ShardId
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.quant.config import QuantConfig
 from pdlaunch.model.quant.experts import ExpertDequantizer
 from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.weight_files import safetensors_files, unreadable
+from pdlaunch.model.weight_loader import ShardId
 
 PROGRESS_BAR_MIN_BYTES = 1 << 30
 

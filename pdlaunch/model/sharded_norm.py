@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pdlaunch.model.layers import ShardId
+from pdlaunch.model.weight_loader import ShardId
 
 
 class ShardedRMSNorm(nn.Module):

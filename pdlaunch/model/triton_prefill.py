@@ -92,7 +92,7 @@ def _launch(setting: str) -> PrefillLaunch:
 
 
 def paged_prefill_available(kv_cache: torch.Tensor) -> bool:
-    """True when `paged_prefill` serves this cache's prompt steps (model/attention.py build_group_plan): on CUDA
+    """True when `paged_prefill` serves this cache's prompt steps (model/attention_plan.py build_group_plan): on CUDA
     where the paged decode kernel does; PDLAUNCH_PAGED_PREFILL=torch turns it off, `triton` also takes CPU tensors
     under TRITON_INTERPRET=1 (tests)."""
     if not kv_cache.is_cuda and not interpret_mode():

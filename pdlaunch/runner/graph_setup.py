@@ -13,7 +13,7 @@ import torch
 from pdlaunch.config.engine_config import SchedulerConfig
 from pdlaunch.config.strict_model import Role
 from pdlaunch.model.arch import KVCacheGroup
-from pdlaunch.model.attention import graph_safe
+from pdlaunch.model.attention_plan import graph_safe
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.model.decode_launch import rows_per_program
 from pdlaunch.model.llama import CausalLM

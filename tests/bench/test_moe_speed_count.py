@@ -69,10 +69,10 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
     import pdlaunch.model.decoder_layer as decoder_layer
     import pdlaunch.model.fused_norm as fused_norm
     import pdlaunch.model.fused_rotary as fused_rotary
-    import pdlaunch.model.layers as layers
     import pdlaunch.model.moe.experts as moe_experts
     import pdlaunch.model.moe.fused as moe_fused
     import pdlaunch.model.moe.router as moe_router
+    import pdlaunch.model.rms_norm as rms_norm
 
     moe_speed = _moe_speed(monkeypatch)
 
@@ -81,7 +81,7 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
 
     for module, name in [(attention, "paged_decode"), (decoder_layer, "rotary_write_kv"), (moe_block, "router_logits"),
                          (moe_block, "route"), (moe_block, "norm_route_available"), (moe_experts, "fused_moe"),
-                         (layers, "fused_add_rms_norm")]:
+                         (rms_norm, "fused_add_rms_norm")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
     for module, name in [(fused_rotary, "rotary_write_kv"), (moe_fused, "fused_moe"), (moe_router, "route"),
                          (moe_router, "router_logits"), (moe_block, "norm_and_route"),
@@ -105,7 +105,7 @@ def test_ablations_take_their_kernels_out_of_every_step(moe_ckpt: Callable[[str]
         q = torch.randn(2, arch.num_heads, arch.head_dim)
         assert torch.equal(attention.paged_decode(q, None, 0, torch.zeros(2), None, None, None, 1.0), q)
         residual = torch.randn(2, arch.hidden_size)
-        assert all(t is residual for t in layers.fused_add_rms_norm(torch.zeros(2, 2), residual, None, 1e-6))
+        assert all(t is residual for t in rms_norm.fused_add_rms_norm(torch.zeros(2, 2), residual, None, 1e-6))
         engine.add_request("r", [5, 9, 11, 3], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         steps = 0
         while engine.has_unfinished_requests() and steps < 20:

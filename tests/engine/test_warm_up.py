@@ -68,7 +68,7 @@ def test_kernels_compile_one_variant_for_every_batch() -> None:
     specialized on: Triton would otherwise compile a second variant of a kernel the first time a count is
     not a multiple of 16 (or is 1), in the middle of serving, where warm-up cannot reach every count."""
     pytest.importorskip("triton")
-    from pdlaunch.model.decode_gemm import _kernels as decode_gemm_kernels
+    from pdlaunch.model.decode_gemm_kernels import kernels_for as decode_gemm_kernels
     from pdlaunch.model.moe.align_kernels import _kernels as moe_align_kernels
     from pdlaunch.model.moe.gemm_kernels import gemm_kernels as moe_gemm_kernels
     from pdlaunch.model.paged_decode_kernel import kernel_for as decode_kernels

@@ -1,6 +1,6 @@
 """Resharding plans (which prefill rank supplies which KV heads) and the head-slice copy, without NIXL.
 
-The end-to-end check per (K, Tp, Td): split one KV cache the way TP ranks hold it (model/layers.py),
+The end-to-end check per (K, Tp, Td): split one KV cache the way TP ranks hold it (model/parallel_linear.py),
 then rebuild every decode rank's slice through staging slots shaped like a prefill block, following
 the plan, and compare with the decode rank's own split.
 """

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model import decode_gemm as decode_gemm_module
-from pdlaunch.model import layers
+from pdlaunch.model import parallel_linear
 from pdlaunch.model.decode_gemm import MAX_ROWS, config_for, decode_gemm, decode_gemm_available
 from pdlaunch.model.split_counters import leftover
 from tests.model.interpreter import run_interpreter_child
@@ -115,12 +115,12 @@ def test_the_linear_layers_run_it_inside_a_cuda_graph(monkeypatch: pytest.Monkey
     monkeypatch.setattr(decode_gemm_module, "DECODE_GEMM_DEVICE_CONFIGS",
                         {"": ((16, 1 << 20, 1 << 20, (64, 128, 4, 4, 3, 1, 0)),
                               (64, 1 << 20, 1 << 20, (128, 64, 2, 8, 4, 0, 1)))})
-    proj = layers.RowParallelLinear(14336, 4096, bias=False).to("cuda", torch.bfloat16)
+    proj = parallel_linear.RowParallelLinear(14336, 4096, bias=False).to("cuda", torch.bfloat16)
     torch.manual_seed(0)
     proj.weight.data.normal_(0, 0.02)
     linear_rows: list[int] = []
-    real = layers.F.linear
-    monkeypatch.setattr(layers.F, "linear", lambda x, *a: linear_rows.append(x.shape[0]) or real(x, *a))
+    real = parallel_linear.F.linear
+    monkeypatch.setattr(parallel_linear.F, "linear", lambda x, *a: linear_rows.append(x.shape[0]) or real(x, *a))
     for rows in (2, 7, 64, 65):
         x = torch.randn(rows, 14336, device="cuda", dtype=torch.bfloat16)
         proj(x)

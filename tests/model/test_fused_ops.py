@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import fused_kernels, fused_norm, fused_ops, fused_rotary
-from pdlaunch.model.attention import build_group_plan, paged_attention
+from pdlaunch.model.attention import paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.attention_plan import build_group_plan
 from pdlaunch.model.fused_reference import (
     apply_rotary_torch,
     fused_add_rms_norm_torch,
@@ -29,7 +30,7 @@ from pdlaunch.model.fused_reference import (
     write_kv_torch,
 )
 from pdlaunch.model.fused_rotary import rotary_cos_sin
-from pdlaunch.model.layers import RMSNorm
+from pdlaunch.model.rms_norm import RMSNorm
 from pdlaunch.model.rope_config import RopeScaling
 from pdlaunch.model.rotary import RotaryEmbedding, compute_inv_freq
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from pdlaunch.model.gemv import gemv, gemv_available
-from pdlaunch.model.layers import ColumnParallelLinear, ParallelLMHead
+from pdlaunch.model.parallel_linear import ColumnParallelLinear
+from pdlaunch.model.vocab_parallel import ParallelLMHead
 
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -81,7 +82,7 @@ def test_silu_mul_inside_the_gemv_equals_silu_and_mul_then_the_gemv(dtype: torch
 
 @cuda
 def test_the_mlp_of_one_row_multiplies_silu_inside_the_down_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pdlaunch.model.layers import RowParallelLinear
+    from pdlaunch.model.parallel_linear import RowParallelLinear
 
     torch.manual_seed(0)
     down = RowParallelLinear(512, 256, bias=True).to("cuda", torch.bfloat16)

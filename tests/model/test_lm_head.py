@@ -1,11 +1,11 @@
-"""The LM head's logits are float32, written so by the kernel that sums them on CUDA (model/layers.py)."""
+"""The LM head's logits are float32, written so by the kernel that sums them on CUDA (model/vocab_parallel.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pdlaunch.model.layers import ParallelLMHead
+from pdlaunch.model.vocab_parallel import ParallelLMHead
 
 
 def _head(vocab: int, hidden: int, dtype: torch.dtype, device: str) -> ParallelLMHead:

@@ -150,9 +150,9 @@ def test_norm_and_route_only_at_a_decode_batch(device: str) -> None:
 def test_moe_block_takes_its_routing_from_the_folded_norm(device: str, tokens: int) -> None:
     """SparseMoeBlock.norm_into at a decode batch hands the block its rows already routed (router.norm_and_route),
     and the block's output equals the norm then the block routing itself; above the batch it gives the rows."""
-    from pdlaunch.model.layers import RMSNorm
     from pdlaunch.model.moe.block import Routed, SparseMoeBlock
     from pdlaunch.model.moe.config import MoeArch
+    from pdlaunch.model.rms_norm import RMSNorm
 
     torch.manual_seed(5)
     hidden = 64

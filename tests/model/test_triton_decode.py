@@ -18,8 +18,9 @@ import torch
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import decode_launch, split_counters, triton_decode, triton_env
-from pdlaunch.model.attention import build_group_plan, paged_attention
+from pdlaunch.model.attention import paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.attention_plan import build_group_plan
 from pdlaunch.model.decode_launch import DecodeLaunch, choose_launch
 from pdlaunch.model.triton_decode import paged_decode
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child

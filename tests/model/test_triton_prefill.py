@@ -14,8 +14,9 @@ import torch
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model import triton_prefill
-from pdlaunch.model.attention import build_group_plan, paged_attention
+from pdlaunch.model.attention import paged_attention
 from pdlaunch.model.attention_metadata import AttentionMetadata
+from pdlaunch.model.attention_plan import build_group_plan
 from pdlaunch.model.triton_prefill import PAGED_PREFILL_MAX_TOKENS, prefill_launch, prefill_tiles
 from tests.model.interpreter import INTERPRET_AT_START, run_interpreter_child
 

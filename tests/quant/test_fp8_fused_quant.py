@@ -109,9 +109,9 @@ def _fp8_mlp(hidden: int, inter: int, device: str = "cpu") -> torch.nn.Module:
     leaves them on an FP8 GPU."""
     from pdlaunch.model.arch import ModelArch
     from pdlaunch.model.decoder_layer import MLP
-    from pdlaunch.model.layers import RMSNorm
     from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.quant.linear import Fp8LinearMethod
+    from pdlaunch.model.rms_norm import RMSNorm
 
     gen = torch.Generator().manual_seed(hidden + inter)
     mlp = MLP(ModelArch.model_construct(hidden_size=hidden, intermediate_size=inter, mlp_bias=False), 0, 1)

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     import torch
 
     from pdlaunch.model.arch import ModelArch
-    from pdlaunch.model.layers import ShardId
     from pdlaunch.model.quant.config import QuantConfig
     from pdlaunch.model.tokenizer import Tokenizer
     from pdlaunch.model.weight_files import TensorHeader
+    from pdlaunch.model.weight_loader import ShardId
 
 # safetensors dtype names -> torch attribute names (an unknown one is reported, not guessed)
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",

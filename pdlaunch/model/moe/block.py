@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.fused_ops import silu_and_mul
-from pdlaunch.model.layers import MergedColumnParallelLinear, RMSNorm, RowParallelLinear, default_weight_loader
 from pdlaunch.model.moe.config import MoeArch
 from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.moe.router import norm_and_route, norm_route_available, route, router_logits
+from pdlaunch.model.parallel_linear import MergedColumnParallelLinear, RowParallelLinear
+from pdlaunch.model.rms_norm import RMSNorm
+from pdlaunch.model.weight_loader import default_weight_loader
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,11 @@ from torch import nn
 
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.arch import ModelArch
-from pdlaunch.model.layers import ColumnParallelLinear, RowParallelLinear, ShardId
+from pdlaunch.model.parallel_linear import ColumnParallelLinear, RowParallelLinear
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
 from pdlaunch.model.quant.fp8 import Fp8Rows
+from pdlaunch.model.weight_loader import ShardId
 
 Linear = ColumnParallelLinear | RowParallelLinear
 

@@ -133,7 +133,7 @@ def block_fp8_split_gemm(x: torch.Tensor | Fp8Rows, weight: torch.Tensor, weight
     ranges whose float32 partials the last range of each N tile adds in order."""
     import triton
 
-    from pdlaunch.model.decode_gemm import split_store  # layering: lazy, like the kernels
+    from pdlaunch.model.decode_gemm_kernels import split_store  # layering: lazy, like the kernels
     from pdlaunch.model.split_counters import num_sms, split_counters
 
     m, k = x.shape

@@ -1,16 +1,15 @@
-"""Model layers whose parameters carry their own `weight_loader` (tensor-parallel sharding at load).
+"""Linear layers split over the tensor-parallel group, each parameter with its own `weight_loader`
+(weight_loader.py): column-parallel ones split the output dim (one projection, several merged, or q/k/v),
+row-parallel ones the input dim and all-reduce their partial sums when tp_size > 1 (a torch.distributed group
+must then exist).
 
-A weight loader receives the full checkpoint tensor and copies this rank's shard into the
-parameter in place: column-parallel layers split the output dim, row-parallel ones the input dim,
-vocab-parallel ones the vocabulary. At tp_size=1 every loader is a plain copy. Forward passes
-all-reduce / all-gather only when tp_size > 1 (a torch.distributed group must then exist).
+Which product runs: a quantized layer's `LinearMethod` (model/quant/linear.py); else one row through the GEMV
+(gemv.py), a decode batch through the dependent-launched GEMM where its table has a launch (decode_gemm.py), or
+F.linear.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from functools import lru_cache
 from typing import Protocol
 
 import torch
@@ -19,34 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdlaunch.model.decode_gemm import decode_gemm, decode_gemm_available
-from pdlaunch.model.fused_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
 from pdlaunch.model.fused_ops import fused_available
 from pdlaunch.model.gemv import gemv, gemv_available
 from pdlaunch.model.quant.fp8 import Fp8Rows
-
-# Which part of a parameter a checkpoint tensor fills: None (the whole), a merged projection's index,
-# "q" / "k" / "v" (QKVParallelLinear), or an MoE expert's (half, expert) / expert (model/moe/names.py).
-ShardId = str | int | tuple[str, int] | None
-
-
-def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model {tuple(param.shape)}")
-    param.data.copy_(loaded)
+from pdlaunch.model.weight_loader import ShardId, copy_checked, default_weight_loader, set_loader
 
 
 def _check_full(loaded: torch.Tensor, expected: tuple[int, ...], name: str) -> None:
     """The checkpoint tensor must have the unsharded size, not merely one that can be narrowed."""
     if tuple(loaded.shape) != expected:
         raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(loaded.shape)}, model expects {expected}")
-
-
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-    _copy_checked(param, loaded, "parameter")
-
-
-def _set_loader(param: nn.Parameter, loader: Callable[..., None]) -> None:
-    param.weight_loader = loader  # type: ignore[attr-defined]
 
 
 def _per_rank(size: int, tp_size: int, what: str) -> int:
@@ -101,11 +82,11 @@ class ColumnParallelLinear(nn.Module):
         self.in_features = in_features
         rows = _per_rank(out_features, tp_size, "output")
         self.weight = nn.Parameter(torch.empty(rows, in_features), requires_grad=False)
-        _set_loader(self.weight, self.weight_loader)
+        set_loader(self.weight, self.weight_loader)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(rows), requires_grad=False)
-            _set_loader(self.bias, self.weight_loader)
+            set_loader(self.bias, self.weight_loader)
 
     def row_shard(self, shard_id: ShardId = None) -> tuple[int, int, int, int]:
         """(checkpoint rows, first row taken, rows taken, first row in this rank's weight)."""
@@ -116,7 +97,7 @@ class ColumnParallelLinear(nn.Module):
         full, src, size, dest = self.row_shard(shard_id)
         what = self.shard_label(shard_id)
         _check_full(loaded, (full, *param.shape[1:]), what)
-        _copy_checked(param.data.narrow(0, dest, size), loaded.narrow(0, src, size), what)
+        copy_checked(param.data.narrow(0, dest, size), loaded.narrow(0, src, size), what)
 
     def shard_label(self, shard_id: ShardId = None) -> str:
         return "column-parallel weight" if shard_id is None else f"{self.SHARD_KIND} shard {shard_id}"
@@ -194,11 +175,11 @@ class RowParallelLinear(nn.Module):
         self.in_features = in_features
         self.weight = nn.Parameter(torch.empty(out_features, _per_rank(in_features, tp_size, "input")),
                                    requires_grad=False)
-        _set_loader(self.weight, self.weight_loader)
+        set_loader(self.weight, self.weight_loader)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            _set_loader(self.bias, default_weight_loader)
+            set_loader(self.bias, default_weight_loader)
 
     def col_shard(self) -> tuple[int, int]:
         """(first checkpoint column taken, columns taken) of this rank."""
@@ -208,7 +189,7 @@ class RowParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         src, size = self.col_shard()
         _check_full(loaded, (param.shape[0], size * self.tp_size), "row-parallel weight")
-        _copy_checked(param, loaded.narrow(1, src, size), "row-parallel weight")
+        copy_checked(param, loaded.narrow(1, src, size), "row-parallel weight")
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
@@ -232,101 +213,3 @@ class RowParallelLinear(nn.Module):
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y + self.bias if self.bias is not None else y
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Embedding table split along the vocabulary; ids outside this rank's range contribute 0."""
-
-    def __init__(self, vocab_size: int, hidden: int, tp_rank: int = 0, tp_size: int = 1) -> None:
-        super().__init__()
-        self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.shard_size = math.ceil(vocab_size / tp_size)
-        self.vocab_start = tp_rank * self.shard_size
-        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden), requires_grad=False)
-        _set_loader(self.weight, self.weight_loader)
-
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        rows = max(0, min(self.shard_size, loaded.shape[0] - self.vocab_start))
-        if loaded.shape[1] != param.shape[1]:
-            raise ValueError(f"embedding width mismatch: checkpoint {loaded.shape[1]}, model {param.shape[1]}")
-        param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
-        param.data[rows:].zero_()
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
-        local = input_ids - self.vocab_start
-        in_range = (local >= 0) & (local < self.shard_size)
-        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_range.unsqueeze(-1)
-        dist.all_reduce(out)
-        return out
-
-
-class ParallelLMHead(VocabParallelEmbedding):
-    """Output projection split along the vocabulary; logits are gathered to full width."""
-
-    def __init__(self, vocab_size: int, hidden: int, tp_rank: int = 0, tp_size: int = 1) -> None:
-        super().__init__(vocab_size, hidden, tp_rank, tp_size)
-        self.vocab_size = vocab_size
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        logits = self._float32_logits(hidden)  # [N, vocab / tp]
-        if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, dim=-1)
-        return logits[..., : self.vocab_size]
-
-    def _float32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """On CUDA the product is written as float32 by the kernel that sums it: one row through the GEMV, as the
-        projections, more rows through cuBLAS's `mm` with a float32 output (where torch has it). That skips
-        rounding the logits to bf16 and the launch that widened them again (H200, Llama-3-8B head: 19 us at 64
-        rows, 41 at 128, 79 at 256; benchmarks/RESULTS.md, "Two leads for the batched cells"). Elsewhere: the
-        product, then float32."""
-        if gemv_available(hidden, self.weight):
-            return gemv(hidden, self.weight, out_dtype=torch.float32)
-        if (hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype == hidden.dtype
-                and _mm_writes_float32()):
-            return torch.mm(hidden.reshape(-1, hidden.shape[-1]), self.weight.t(), out_dtype=torch.float32
-                            ).reshape(*hidden.shape[:-1], -1)
-        return F.linear(hidden, self.weight).float()
-
-
-@lru_cache(maxsize=1)
-def _mm_writes_float32() -> bool:
-    """torch has `mm(a, b, out_dtype=...)` (aten::mm.dtype, torch 2.8 and newer); before, the head's logits are
-    the product in its dtype, then float32."""
-    return hasattr(torch.ops.aten.mm, "dtype")
-
-
-class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalise in float32, cast back, then scale (order matters for bf16 parity).
-
-    With `residual`, first adds it (the decoder's skip connection) and returns (normed, x + residual):
-    one fused kernel on CUDA (model/fused_ops.py), the same rounding steps as eager torch.
-    """
-
-    def __init__(self, hidden: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
-        _set_loader(self.weight, default_weight_loader)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps)
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
-
-    def into(self, linear: ColumnParallelLinear, x: torch.Tensor,
-             residual: torch.Tensor | None) -> tuple[torch.Tensor | Fp8Rows, torch.Tensor]:
-        """(the norm of x (+ residual) as `linear` reads it, the residual stream after it): quantized in the norm's
-        kernel where linear's FP8 GEMM would quantize it itself (`fp8_input`), else as forward gives it."""
-        layout = linear.fp8_input(x.shape[0]) if fused_available(x) else None
-        if layout is not None:
-            y, new_residual = rms_norm_fp8(x, self.weight, self.eps, residual, layout)
-            return y, x if new_residual is None else new_residual
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps), x
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
