@@ -3,8 +3,9 @@
 A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
 - pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
   the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
-- push: a sender thread WROTE the blocks into decode's blocks and notified decode, or decode
-  cancelled its push ("cancel_push") and no chunk of any push is in flight any more, or
+- push: a sender thread WROTE the last chunk into decode's blocks and notified decode, or a decode
+  cancelled its push ("cancel_push") and no other decode pushed from the hold (without cancelling since),
+  pushes or READs it, or
 - decode says it gave up ("release"), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
@@ -21,6 +22,10 @@ a reader's notifications are all in and every reader that claimed it has sent it
 retries a decode leg on another decode (the first one died) sends that decode the same params, and its
 READ must neither see the blocks freed by the first decode's read_done nor be told "held throughout"
 of a hold another decode read. Such a late claim fails, and the second decode computes the prompt.
+A cancel ends the cancelling decode load's interest only (it names the load: `owner`): a proxy that retried
+the decode leg on another decode sends it the same params, and that decode's push goes on. The push that
+comes first takes the hold (its last chunk ends it); one that comes after the hold ended fails its load, and
+that decode computes the prompt.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
 
@@ -61,6 +66,8 @@ class Hold:
     # Of them push WRITEs (not staging copies), by owner (the nonce of the decode load that asked): a cancelled
     # push's WRITE may still land. A count per owner: a staged push's chunk nonces do not name its load.
     pushing: dict[str, int] = field(default_factory=dict)
+    push_owners: set[str] = field(default_factory=set)  # loads that pushed from the hold and did not cancel
+    cancelled_by: set[str] = field(default_factory=set)  # loads that cancelled their push: post no WRITE of theirs
     done: bool = False  # may be freed
     # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
     # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
@@ -70,13 +77,23 @@ class Hold:
     claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
     expired: bool = False
     unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: readers that never notified
-    cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
+    cancelled: bool = False  # the proxy released it (`release`): post no WRITE for it any more
     read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
     prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
 
     @property
     def servable(self) -> bool:
         return not (self.done or self.cancelled)
+
+    def push_cancelled(self, owner: str) -> bool:
+        """No WRITE of the push of load `owner` is posted any more."""
+        return self.cancelled or owner in self.cancelled_by
+
+
+def _given_up(hold: Hold) -> bool:
+    """A decode cancelled its push and no other wants the blocks: none pushed from them without cancelling
+    since, none pushes, none READs (a READ's claim keeps them until its notification or cap)."""
+    return bool(hold.cancelled_by) and not (hold.push_owners or hold.pushing or hold.read_claimed)
 
 
 def _finished(hold: Hold, reader: str) -> bool:
@@ -98,6 +115,8 @@ def _how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
                 + ", whose read_done/release never came")
     if hold.cancelled:
         return "released: its decode leg will not run"
+    if _given_up(hold):
+        return "its decode cancelled its push"
     return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
 
 
@@ -263,22 +282,22 @@ class HoldTable:
         return Empty()
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
-        """Decode gave up a push (abort, timeout): no WRITE is posted for the request any more. Answers
-        in_flight: whether a push WRITE of the cancelling load (`owner`) may still land in its blocks; if so, the
+        """Decode gave up a push (abort, timeout): no WRITE of the cancelling load (`owner`) is posted any
+        more. Answers in_flight: whether a push WRITE of that load may still land in its blocks; if so, the
         sender thread's push_done/push_failed notification says when it ended. Another decode's push of the same
         request id (its proxy retried the decode leg there) or staging copy is no WRITE into this one's blocks:
-        not in flight for it (that push's notification goes to that decode alone), yet the blocks stay held
-        until it ends (`poll` frees no busy hold). Frees the hold once nothing is in flight, unless a decode
-        READ claimed it (`release` leaves such a hold alone too)."""
+        not in flight for it (that push's notification goes to that decode alone). Frees the hold once no decode
+        wants it any more (`_given_up`): another decode's push goes on, and its blocks stay held until it ends
+        or the lease does; a staging copy still reading them keeps them until it ends (`poll` frees no busy
+        hold)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is None:
                 return CancelPushAnswer(in_flight=False)
-            hold.cancelled = True
+            hold.cancelled_by.add(message.owner)
+            hold.push_owners.discard(message.owner)
             in_flight = message.owner in hold.pushing
-            # A hold another decode's READ claimed stays until that READ's notification or the claim's cap.
-            if not (in_flight or hold.read_claimed):
-                hold.done = True
+            hold.done = hold.done or _given_up(hold)
         return CancelPushAnswer(in_flight=in_flight)
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
@@ -325,6 +344,9 @@ class HoldTable:
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
                     raise self._not_held(request_id)
+                if push is not None and push.owner in hold.cancelled_by:
+                    raise KVTransferError(f"push of request {request_id} refused: its decode load {push.owner} "
+                                          "cancelled it before", hint="that load was given up; nothing to load")
                 if not (exclusive and hold.busy):
                     break
                 left = deadline - time.monotonic()
@@ -338,27 +360,30 @@ class HoldTable:
             hold.busy += 1
             if push is not None:  # its nonce is forgotten once decode cannot send it again (its deadline passed)
                 hold.pushing[push.owner] = hold.pushing.get(push.owner, 0) + 1
+                hold.push_owners.add(push.owner)
                 self._pushes[push.nonce] = time.monotonic() + wait + self.lease_seconds
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:
-        """A `claim` ended; done: the hold may be freed. So may a hold whose push the decode cancelled,
-        once no claim runs: no WRITE follows (as `cancel_push` frees one with nothing in flight), unless a
-        decode READ claimed it."""
-        self._unclaim(hold, done, None)
+        """A `claim` ended; done: the hold may be freed. So may a hold whose push a decode cancelled once no
+        decode wants it any more (`_given_up`, as `cancel_push` frees one)."""
+        self._unclaim(hold, done)
 
-    def unclaim_push(self, hold: Hold, message: PushRequest, done: bool = False) -> None:
+    def unclaim_push(self, hold: Hold, message: PushRequest, done: bool = False, failed: bool = False) -> None:
         """The `claim_push` of `message` ended: its WRITE ended or was never posted; done: its last chunk was
-        sent, or it failed."""
-        self._unclaim(hold, done, message.owner)
+        sent. failed (or cancelled): its load fails, which ends that load's interest in the hold, as its
+        `cancel_push` would."""
+        self._unclaim(hold, done, message.owner, failed)
 
-    def _unclaim(self, hold: Hold, done: bool, push_owner: str | None) -> None:
+    def _unclaim(self, hold: Hold, done: bool, push_owner: str | None = None, failed: bool = False) -> None:
         with self.lock:
             hold.busy -= 1
             if push_owner is not None:
                 left = hold.pushing.pop(push_owner) - 1
                 if left:
                     hold.pushing[push_owner] = left
-            idle_cancelled = hold.cancelled and not hold.busy and not hold.read_claimed
-            hold.done = hold.done or done or idle_cancelled
+                if failed:
+                    hold.cancelled_by.add(push_owner)
+                    hold.push_owners.discard(push_owner)
+            hold.done = hold.done or done or _given_up(hold)
             self._unclaimed.notify_all()
