@@ -23,7 +23,8 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, run_descriptors
 from pdlaunch.kv_transfer.messages import PushDone, PushFailed, PushRequest, encode_notification
-from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
+from pdlaunch.kv_transfer.prefill.hold import Hold
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
 
