@@ -8,7 +8,8 @@ import pytest
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
-from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
+from pdlaunch.kv_transfer.prefill.hold import Hold
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from tests.kv_transfer.pd_procs import make_spec
 
 WAIT_S = 30.0  # generous: the waiting claim must end by the unclaim, never by this

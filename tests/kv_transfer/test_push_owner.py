@@ -2,9 +2,9 @@
 their own nonces, so the prefill could not tell one decode's push chunk from another's push of the same request
 id (a proxy retried the decode leg on a second decode). A cancel then answered in_flight for the other
 decode's WRITE, and the cancelling decode drained, waiting for a push_done/push_failed that was never its own.
-Now a cancel answers in_flight for its owner's pushes only; the other's WRITE still keeps the blocks held until it
-ends, and its notification goes to its own decode. A push or cancel without an owner (an older decode) is
-refused, naming the fix."""
+Now a cancel answers in_flight for its owner's pushes only; the other's push keeps the blocks held
+(test_cancel_push_one_owner.py), and its notification goes to its own decode. A push or cancel without an owner
+(an older decode) is refused, naming the fix."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer import side_channel
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
@@ -36,6 +35,8 @@ from pdlaunch.kv_transfer.messages import (
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
+from pdlaunch.kv_transfer.side_channel.client import call
+from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
@@ -70,7 +71,7 @@ class _Agent:
         self.sent.append((peer, message))
 
 
-def test_a_cancel_during_another_decodes_push_chunk_is_not_in_flight_and_frees_after_its_write() -> None:
+def test_a_cancel_during_another_decodes_push_chunk_is_not_in_flight_and_leaves_the_hold_to_it() -> None:
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4, 5, 6]])
     agent = _Agent(holds)
@@ -86,7 +87,7 @@ def test_a_cancel_during_another_decodes_push_chunk_is_not_in_flight_and_frees_a
     assert agent.freed_mid_write == set(), "the blocks were freed under B's WRITE"
     assert [(peer, parse_notification(n)) for peer, n in agent.sent] == [
         ("decode-b-agent", PushDone(kind="push_done", nonce=CHUNK_B))]
-    assert holds.poll(time.monotonic()) == {"p-1"}  # A's cancel frees it once B's WRITE ended
+    assert holds.poll(time.monotonic()) == set(), "A's cancel freed the hold before B's next chunk"
 
 
 def test_a_cancel_answers_in_flight_for_its_own_chunk_only() -> None:
@@ -155,13 +156,13 @@ def test_a_staged_push_and_its_cancel_name_the_load_as_owner(ctx: LoadContext, m
     {"type": "cancel_push", "request_id": "p-1", "nonce": LOAD_A},
 ], ids=["push", "cancel_push"])
 def test_a_message_without_owner_is_refused_naming_the_fix(message: dict[str, Any]) -> None:
-    server = side_channel.SideChannelServer("127.0.0.1", 0, {}, KEYS)
+    server = SideChannelServer("127.0.0.1", 0, {}, KEYS)
     refused = (rf"invalid side-channel message: msg\.{message['type']}\.owner: .*owner \(the nonce of the decode's "
                r"load\) is missing: the decode runs an older pdlaunch; run the same pdlaunch version on prefill and "
                r"decode")
     try:
         with pytest.raises(KVTransferError, match=refused):
-            side_channel.call("127.0.0.1", server.port, message, 5, "old decode", KEYS)
+            call("127.0.0.1", server.port, message, 5, "old decode", KEYS)
     finally:
         server.close()
 

@@ -12,7 +12,8 @@ import pytest
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.messages import Empty, PushRequest
-from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
+from pdlaunch.kv_transfer.prefill.hold import Hold
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.side import PrefillSide
 from tests.kv_transfer.pd_procs import make_spec
 

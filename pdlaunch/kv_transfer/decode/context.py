@@ -2,8 +2,9 @@
 makes it): the agent, the prefill side channels, the loader threads, a load's remaining time, the
 staging buffer, the lock that guards every Load's fields, and the calls to the prefill side that
 more than one strategy makes (claim a hold, READ a chunk through the prefill's staging, ask for a
-push, cancel it, release the prefill's blocks). The strategies (pull.py, push.py, staged.py,
-reshard_load.py) import this module and load.py, never each other.
+push, cancel it, release the prefill's blocks); staged pushes wait for their chunks in chunk_waits.py,
+and answer_checks.py checks what a prefill answered. The strategies (pull.py, push.py, staged.py,
+reshard_load.py) import these modules and load.py, never each other.
 
 Notifications to the prefill (read_done once a load's bytes are in, release when it gave up) are best
 effort, and `notify_prefill` is their one sender: they only let the prefill free a hold before its lease
@@ -28,6 +29,8 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import SideChannelKeys
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
+from pdlaunch.kv_transfer.decode.answer_checks import check_staged
+from pdlaunch.kv_transfer.decode.chunk_waits import ChunkWaits
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.messages import (
@@ -36,8 +39,6 @@ from pdlaunch.kv_transfer.messages import (
     CancelPushRequest,
     ClaimReadRequest,
     Empty,
-    PushDone,
-    PushFailed,
     PushRequest,
     ReadDone,
     SideChannelRequest,
@@ -67,87 +68,6 @@ def loader_pool(device_index: int, workers: int = 4) -> ThreadPoolExecutor:
     """The loader threads; each binds the instance's device when it starts (they copy KV: vLLM #39548)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pdlaunch-kv-loader",
                               initializer=platform.set_device, initargs=(device_index,))
-
-
-class ChunkWaits:
-    """Staged pushes wait in their loader thread for each chunk's notification, keyed by its nonce. A chunk
-    stays open after its loader stopped waiting (timeout, abort): its WRITE may still land, and only its
-    notification (or the drain's end: `forget`) says it will not."""
-
-    def __init__(self) -> None:
-        # chunk nonce -> (woken when it ended, its error, called first when it ended, the load's nonce)
-        self._events: dict[str, tuple[threading.Event, list[str], Callable[[], None], str]] = {}
-        self._late: dict[str, Callable[[], None]] = {}  # chunk nonce -> frees its slots once it ended (give_up)
-        self._lock = threading.Lock()
-
-    def open(self, owner: str, on_end: Callable[[], None]) -> tuple[str, threading.Event, list[str]]:
-        nonce = uuid.uuid4().hex[:16]
-        event, errors = threading.Event(), list[str]()
-        with self._lock:
-            self._events[nonce] = (event, errors, on_end, owner)
-        return nonce, event, errors
-
-    def give_up(self, nonce: str, release: Callable[[], None]) -> bool:
-        """The loader stopped waiting for chunk `nonce` while its WRITE may still land: `release` is called
-        when the chunk ends (its notification, or `forget` at the drain's end). False when it already
-        ended: the caller releases now."""
-        with self._lock:
-            if nonce not in self._events:
-                return False
-            self._late[nonce] = release
-            return True
-
-    def forget(self, owner: str) -> None:
-        """The load whose nonce is `owner` is gone (no WRITE of it can land any more): a notification of
-        its chunks is ignored from now on, and the slots of chunks given up are freed."""
-        with self._lock:
-            nonces = [n for n, chunk in self._events.items() if chunk[3] == owner]
-            for nonce in nonces:
-                del self._events[nonce]
-            late = [release for n in nonces if (release := self._late.pop(n, None)) is not None]
-        for release in late:
-            release()
-
-    def on_notif(self, notif: PushDone | PushFailed) -> bool:
-        """True when the notification ended a chunk (its loader thread wakes up)."""
-        with self._lock:
-            chunk = self._events.pop(notif.nonce, None)
-            late = self._late.pop(notif.nonce, None)
-        if chunk is None:
-            return False
-        if isinstance(notif, PushFailed):
-            chunk[1].append(f"the prefill side could not push: {notif.error}")
-        chunk[2]()  # before waking the loader, which may send the next chunk
-        chunk[0].set()
-        if late is not None:
-            late()
-        return True
-
-
-_SAME_VERSION = "run the same pdlaunch version on prefill and decode"
-
-
-def check_block_ids(load: Load, remote: RemoteEngine, where: str) -> None:
-    """The prefill block ids the load names lie in the prefill's KV cache (its handshake's num_blocks): a
-    READ strides base_addrs by them, and one past the cache would read memory outside it."""
-    top = max((p[2] for group in load.pairs for p in group), default=-1)
-    if top >= remote.info.num_blocks:
-        raise KVTransferError(f"request {load.request_id}: the prefill's block ids name block {top} of {where}, "
-                              f"whose handshake announced {remote.info.num_blocks} blocks", hint=_SAME_VERSION)
-
-
-def _check_staged(slots: list[list[int]], asked: list[list[int]], num_slots: int, source: RemoteKV,
-                  request_id: str) -> None:
-    """A staging answer names, per KV-cache group, one of the prefill's `num_slots` staging slots for each
-    block asked for: fewer would READ fewer blocks than the load needs, others memory outside the slots."""
-    sent, wanted = [len(group) for group in slots], [len(ids) for ids in asked]
-    if sent != wanted:
-        raise KVTransferError(f"request {request_id}: {source.where} answered a staging request with slots for "
-                              f"{sent} blocks per KV-cache group, {wanted} were asked for", hint=_SAME_VERSION)
-    outside = next((s for group in slots for s in group if not 0 <= s < num_slots), None)
-    if outside is not None:
-        raise KVTransferError(f"request {request_id}: {source.where} answered a staging request with slot {outside}, "
-                              f"outside the {num_slots} staging slots of its handshake", hint=_SAME_VERSION)
 
 
 @dataclass
@@ -220,7 +140,7 @@ class LoadContext:
             src, ticket = staged.slots, staged.ticket
         try:
             if ticket is not None:
-                _check_staged(staged.slots, remote_ids, remote.info.staging_slots, source, load.request_id)
+                check_staged(staged.slots, remote_ids, remote.info.staging_slots, source, load.request_id)
             local: list[tuple[int, int]] = []
             rem: list[tuple[int, int]] = []
             for g in range(len(dst)):

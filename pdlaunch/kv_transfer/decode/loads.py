@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 
 from pdlaunch.errors import KVTransferError
-from pdlaunch.kv_transfer.decode.context import LoadContext, check_block_ids
+from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids
+from pdlaunch.kv_transfer.decode.context import LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
 from pdlaunch.kv_transfer.decode.pull import PullLoad

@@ -1,27 +1,6 @@
-"""The prefill side's held requests: blocks kept for a remote decode until it has them, with leases.
-
-A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
-- pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
-  the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
-- push: a sender thread WROTE the blocks into decode's blocks and notified decode, or decode
-  cancelled its push ("cancel_push") and no chunk of any push is in flight any more, or
-- decode says it gave up ("release"), or
-- the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
-Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
-READ, and counts the READ only once the claim was answered; a claimed hold lives until the
-read_done/release notification or a hard cap (decode's remaining transfer time plus
-READ_GRACE_SECONDS), whichever comes first, even past its lease, a proxy's release or a cancelled push: its
-blocks are never reused mid-read. One freed at its cap is counted as such (KV_CLAIM_CAP_FREES: the claiming
-READ's notification never came), not as a lease expiry.
-A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
-answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
-hold that expired fails, and so does the load, whatever its READ read.
-Claims and notifications name their reader (the decode engine; its TP ranks share it). A hold ends when
-a reader's notifications are all in and every reader that claimed it has sent its own: a proxy that
-retries a decode leg on another decode (the first one died) sends that decode the same params, and its
-READ must neither see the blocks freed by the first decode's read_done nor be told "held throughout"
-of a hold another decode read. Such a late claim fails, and the second decode computes the prompt.
-Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
+"""The prefill side's table of held requests (`HoldTable`, by request id): holds, their leases, the claims
+of decode READs, pushes and staging copies, cancels and release notifications. What one hold holds and
+when it ends: hold.py.
 """
 
 from __future__ import annotations
@@ -30,7 +9,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
@@ -42,6 +20,7 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     ReadDone,
 )
+from pdlaunch.kv_transfer.prefill.hold import Hold, given_up, how_it_ended, not_held, reader_done, readers_that_read
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
@@ -50,64 +29,6 @@ logger = logging.getLogger(__name__)
 # A claimed READ may outlive decode's deadline by this much (message latency, a READ completing as
 # decode gives up); decode accepts a READ only when it saw it done before its own deadline.
 READ_GRACE_SECONDS = 5.0
-
-
-@dataclass
-class Hold:
-    request_id: str
-    block_ids: list[list[int]]
-    deadline: float  # time.monotonic() when the lease expires
-    busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
-    # Of them push WRITEs (not staging copies), by owner (the nonce of the decode load that asked): a cancelled
-    # push's WRITE may still land. A count per owner: a staged push's chunk nonces do not name its load.
-    pushing: dict[str, int] = field(default_factory=dict)
-    done: bool = False  # may be freed
-    # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
-    # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
-    notified: dict[str, int] = field(default_factory=dict)
-    read: dict[str, int] = field(default_factory=dict)
-    readers: dict[str, int] = field(default_factory=dict)
-    claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
-    expired: bool = False
-    unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: readers that never notified
-    cancelled: bool = False  # decode gave up a push: post no WRITE for it any more
-    read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
-    prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
-
-    @property
-    def servable(self) -> bool:
-        return not (self.done or self.cancelled)
-
-
-def _finished(hold: Hold, reader: str) -> bool:
-    """`reader` sent every notification it will send."""
-    return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
-
-
-_LEASE_EXPIRED = "its lease expired"
-_CLAIM_CAPPED = "freed at the hard cap of the READ claim of "
-
-
-def _how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
-    if hold.expired:
-        return _LEASE_EXPIRED
-    if read_by:
-        return "read by " + ", ".join(sorted(read_by))
-    if hold.unended_claims:
-        return (_CLAIM_CAPPED + ", ".join(hold.unended_claims)
-                + ", whose read_done/release never came")
-    if hold.cancelled:
-        return "released: its decode leg will not run"
-    return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
-
-
-def _read_by(hold: Hold) -> frozenset[str]:
-    """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry):
-    a claimed READ's hold outlives a cancelled push (`cancel_push`)."""
-    if hold.expired:
-        return frozenset()
-    return frozenset(r for r, n in hold.read.items()
-                     if n >= hold.readers.get(r, 1) and (not hold.cancelled or r in hold.claimed_by))
 
 
 class HoldTable:
@@ -154,8 +75,8 @@ class HoldTable:
                 hold.notified[reader] = hold.notified.get(reader, 0) + 1
                 hold.read[reader] = hold.read.get(reader, 0) + (notif.kind == "read_done")
                 hold.readers[reader] = max(hold.readers.get(reader, 1), notif.readers)
-                hold.done = hold.done or (_finished(hold, reader)
-                                          and all(_finished(hold, r) for r in hold.claimed_by))
+                hold.done = hold.done or (reader_done(hold, reader)
+                                          and all(reader_done(hold, r) for r in hold.claimed_by))
             ended = None if hold is not None else self._ended.get(notif.request_id)
         if ended is not None:  # e.g. the proxy released it (its client left), then the decode aborted its load
             logger.debug("KV %s notification from %s for request %s after its hold ended (%s)", notif.kind,
@@ -187,8 +108,8 @@ class HoldTable:
                 if hold.done and not hold.busy:
                     finished.add(hold.request_id)
                     del self._holds[hold.request_id]
-                    read_by = _read_by(hold)
-                    self._ended[hold.request_id] = (now + self.lease_seconds, read_by, _how_it_ended(hold, read_by))
+                    read_by = readers_that_read(hold)
+                    self._ended[hold.request_id] = (now + self.lease_seconds, read_by, how_it_ended(hold, read_by))
                     self._ended.move_to_end(hold.request_id)
                     if hold.expired:
                         KV_EXPIRED_REQUESTS.inc()
@@ -203,9 +124,9 @@ class HoldTable:
     def _end_at_deadline(self, hold: Hold) -> None:
         """The hold's lease, or the cap of a decode READ's claim, passed (under the lock)."""
         hold.done = True
-        hold.unended_claims = sorted(r for r in hold.claimed_by if not _finished(hold, r))
+        hold.unended_claims = sorted(r for r in hold.claimed_by if not reader_done(hold, r))
         # Fetched by one decode, or claimed by a READ that never said it ended: not a lease expiry.
-        hold.expired = not (_read_by(hold) or hold.unended_claims)
+        hold.expired = not (readers_that_read(hold) or hold.unended_claims)
         if hold.unended_claims:
             KV_CLAIM_CAP_FREES.inc()
             logger.warning("KV of request %s freed at the hard cap of the READ claim of %s: no read_done/release "
@@ -220,17 +141,6 @@ class HoldTable:
         with self.lock:
             return {h.request_id for h in self._holds.values() if h.busy}
 
-    def _not_held(self, request_id: str, how: str | None = None) -> KVTransferError:
-        if how is not None and how != _LEASE_EXPIRED:
-            why = ("a decode that claimed its READ died or timed out" if how.startswith(_CLAIM_CAPPED)
-                   else "its client left or its decode leg was given up")
-            return KVTransferError(f"request {request_id} is not held here any more: {how}",
-                                   hint=f"{why}; nothing to load")
-        return KVTransferError(
-            f"request {request_id} is not held here any more: its lease ({self.lease_seconds:g}s) expired "
-            "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
-            hint="raise the lease if decode queues requests longer than that")
-
     def claim_read(self, message: ClaimReadRequest) -> Empty:
         """Decode is about to READ the blocks of a held request: keep them past the lease until its
         read_done/release notification, at most `seconds` (decode's remaining time, clamped to the lease:
@@ -242,8 +152,8 @@ class HoldTable:
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is not None:
-                read_by = _read_by(hold)
-                how = _how_it_ended(hold, read_by) if not hold.servable else None
+                read_by = readers_that_read(hold)
+                how = how_it_ended(hold, read_by) if not hold.servable else None
             else:  # freed: who read it, if it was read
                 _, read_by, how = self._ended.get(message.request_id, (0.0, frozenset(), None))
             if message.reader in read_by:
@@ -256,29 +166,29 @@ class HoldTable:
                         f"request {message.request_id} was read by another decode ({', '.join(sorted(read_by))}) "
                         "and its blocks freed", hint="the proxy sent one prefill's KV to two decodes (the first "
                         "died): this one computes the prompt itself")
-                raise self._not_held(message.request_id, how)
+                raise not_held(message.request_id, self.lease_seconds, how)
             hold.read_claimed = True
             hold.claimed_by.add(message.reader)
             hold.deadline = max(hold.deadline, cap)
         return Empty()
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
-        """Decode gave up a push (abort, timeout): no WRITE is posted for the request any more. Answers
-        in_flight: whether a push WRITE of the cancelling load (`owner`) may still land in its blocks; if so, the
+        """Decode gave up a push (abort, timeout): no WRITE of the cancelling load (`owner`) is posted any
+        more. Answers in_flight: whether a push WRITE of that load may still land in its blocks; if so, the
         sender thread's push_done/push_failed notification says when it ended. Another decode's push of the same
         request id (its proxy retried the decode leg there) or staging copy is no WRITE into this one's blocks:
-        not in flight for it (that push's notification goes to that decode alone), yet the blocks stay held
-        until it ends (`poll` frees no busy hold). Frees the hold once nothing is in flight, unless a decode
-        READ claimed it (`release` leaves such a hold alone too)."""
+        not in flight for it (that push's notification goes to that decode alone). Frees the hold once no decode
+        wants it any more (`given_up`): another decode's push goes on, and its blocks stay held until it ends
+        or the lease does; a staging copy still reading them keeps them until it ends (`poll` frees no busy
+        hold)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is None:
                 return CancelPushAnswer(in_flight=False)
-            hold.cancelled = True
+            hold.cancelled_by.add(message.owner)
+            hold.push_owners.discard(message.owner)
             in_flight = message.owner in hold.pushing
-            # A hold another decode's READ claimed stays until that READ's notification or the claim's cap.
-            if not (in_flight or hold.read_claimed):
-                hold.done = True
+            hold.done = hold.done or given_up(hold)
         return CancelPushAnswer(in_flight=in_flight)
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
@@ -324,7 +234,10 @@ class HoldTable:
                     return None
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
-                    raise self._not_held(request_id)
+                    raise not_held(request_id, self.lease_seconds)
+                if push is not None and push.owner in hold.cancelled_by:
+                    raise KVTransferError(f"push of request {request_id} refused: its decode load {push.owner} "
+                                          "cancelled it before", hint="that load was given up; nothing to load")
                 if not (exclusive and hold.busy):
                     break
                 left = deadline - time.monotonic()
@@ -338,27 +251,30 @@ class HoldTable:
             hold.busy += 1
             if push is not None:  # its nonce is forgotten once decode cannot send it again (its deadline passed)
                 hold.pushing[push.owner] = hold.pushing.get(push.owner, 0) + 1
+                hold.push_owners.add(push.owner)
                 self._pushes[push.nonce] = time.monotonic() + wait + self.lease_seconds
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:
-        """A `claim` ended; done: the hold may be freed. So may a hold whose push the decode cancelled,
-        once no claim runs: no WRITE follows (as `cancel_push` frees one with nothing in flight), unless a
-        decode READ claimed it."""
-        self._unclaim(hold, done, None)
+        """A `claim` ended; done: the hold may be freed. So may a hold whose push a decode cancelled once no
+        decode wants it any more (`given_up`, as `cancel_push` frees one)."""
+        self._unclaim(hold, done)
 
-    def unclaim_push(self, hold: Hold, message: PushRequest, done: bool = False) -> None:
+    def unclaim_push(self, hold: Hold, message: PushRequest, done: bool = False, failed: bool = False) -> None:
         """The `claim_push` of `message` ended: its WRITE ended or was never posted; done: its last chunk was
-        sent, or it failed."""
-        self._unclaim(hold, done, message.owner)
+        sent. failed (or cancelled): its load fails, which ends that load's interest in the hold, as its
+        `cancel_push` would."""
+        self._unclaim(hold, done, message.owner, failed)
 
-    def _unclaim(self, hold: Hold, done: bool, push_owner: str | None) -> None:
+    def _unclaim(self, hold: Hold, done: bool, push_owner: str | None = None, failed: bool = False) -> None:
         with self.lock:
             hold.busy -= 1
             if push_owner is not None:
                 left = hold.pushing.pop(push_owner) - 1
                 if left:
                     hold.pushing[push_owner] = left
-            idle_cancelled = hold.cancelled and not hold.busy and not hold.read_claimed
-            hold.done = hold.done or done or idle_cancelled
+                if failed:
+                    hold.cancelled_by.add(push_owner)
+                    hold.push_owners.discard(push_owner)
+            hold.done = hold.done or done or given_up(hold)
             self._unclaimed.notify_all()

@@ -23,7 +23,8 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import BlockRun, coalesce, run_descriptors
 from pdlaunch.kv_transfer.messages import PushDone, PushFailed, PushRequest, encode_notification
-from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
+from pdlaunch.kv_transfer.prefill.hold import Hold
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.kv_transfer.transport import TransferAgent, Xfer
 
@@ -99,9 +100,9 @@ class PushSender:
             if not local:
                 self.agent.notify(peer, notif)
                 return
-            # A cancel that comes after this check answers in_flight (busy): decode then waits for our
+            # A cancel that comes after this check answers in_flight (pushing): decode then waits for our
             # push_done/push_failed, so posting without the lock is safe.
-            if hold.cancelled:
+            if hold.push_cancelled(message.owner):
                 raise PushCancelled(f"push of request {hold.request_id} cancelled: its decode gave up on it, or "
                                     "its client left")
             if time.monotonic() >= deadline:
@@ -120,7 +121,7 @@ class PushSender:
             self._timings.append(PushTiming(hold.request_id, xfer.num_bytes, received, posting, posted,
                                             time.monotonic()))
         except Exception as e:
-            failed = True  # decode fails the request: free the blocks now
+            failed = True  # decode fails the request: the hold is freed unless another decode wants it
             text = e.render() if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}"
             if isinstance(e, PushCancelled):
                 logger.info("%s", text)
@@ -139,7 +140,7 @@ class PushSender:
                 xfer.release()
             if slots and self.staging is not None:
                 self.staging.release(slots)
-            self.holds.unclaim_push(hold, message, done=failed or message.last)
+            self.holds.unclaim_push(hold, message, done=message.last and not failed, failed=failed)
 
 
 def wait_write(xfer: Xfer, posted: float, deadline: float) -> str:

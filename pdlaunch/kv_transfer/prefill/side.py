@@ -1,7 +1,7 @@
 """The prefill role of the NIXL connector (nixl_connector.py holds the agent and the KV memory): holds
-and leases (prefill/holds.py), the push sender pool (prefill/push_sender.py), the staging server
-(prefill/staging_server.py), the decode agents it knows (prefill/decode_peers.py), and the
-authenticated side channel that serves them to decode engines.
+and leases (prefill/holds.py; one hold and how it ends: prefill/hold.py), the push sender pool
+(prefill/push_sender.py), the staging server (prefill/staging_server.py), the decode agents it knows
+(prefill/decode_peers.py), and the authenticated side channel that serves them to decode engines.
 
 The side channel listens on instance.side_channel_port (+ tp_rank); a decode connects to it with the
 kv_transfer_params this side answered (`request_finished`).

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.messages import Empty, StageAnswer, StageRequest, UnstageRequest
-from pdlaunch.kv_transfer.prefill.holds import Hold, HoldTable
+from pdlaunch.kv_transfer.prefill.hold import Hold
+from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.staging import StagingArea
 
 logger = logging.getLogger(__name__)

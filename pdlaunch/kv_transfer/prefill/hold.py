@@ -1,0 +1,123 @@
+"""One held request (`Hold`): blocks the prefill keeps for a remote decode until it has them, and the
+rules that end it; the table of holds and its lease clock are holds.py.
+
+A request that finished prefill with do_remote_decode keeps its blocks ("hold") until
+- pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
+  the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
+- push: a sender thread WROTE the last chunk into decode's blocks and notified decode, or a decode
+  cancelled its push ("cancel_push") and no other decode pushed from the hold (without cancelling since),
+  pushes or READs it, or
+- decode says it gave up ("release"), or
+- the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
+Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
+READ, and counts the READ only once the claim was answered; a claimed hold lives until the
+read_done/release notification or a hard cap (decode's remaining transfer time plus
+holds.READ_GRACE_SECONDS), whichever comes first, even past its lease, a proxy's release or a cancelled push: its
+blocks are never reused mid-read. One freed at its cap is counted as such (KV_CLAIM_CAP_FREES: the claiming
+READ's notification never came), not as a lease expiry.
+A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
+answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
+hold that expired fails, and so does the load, whatever its READ read.
+Claims and notifications name their reader (the decode engine; its TP ranks share it). A hold ends when
+a reader's notifications are all in and every reader that claimed it has sent its own: a proxy that
+retries a decode leg on another decode (the first one died) sends that decode the same params, and its
+READ must neither see the blocks freed by the first decode's read_done nor be told "held throughout"
+of a hold another decode read. Such a late claim fails, and the second decode computes the prompt.
+A cancel ends the cancelling decode load's interest only (it names the load: `owner`): a proxy that retried
+the decode leg on another decode sends it the same params, and that decode's push goes on. The push that
+comes first takes the hold (its last chunk ends it); one that comes after the hold ended fails its load, and
+that decode computes the prompt.
+Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdlaunch.errors import KVTransferError
+
+
+@dataclass
+class Hold:
+    request_id: str
+    block_ids: list[list[int]]
+    deadline: float  # time.monotonic() when the lease expires
+    busy: int = 0  # pushes/stagings reading these blocks now: neither expire nor free them yet
+    # Of them push WRITEs (not staging copies), by owner (the nonce of the decode load that asked): a cancelled
+    # push's WRITE may still land. A count per owner: a staged push's chunk nonces do not name its load.
+    pushing: dict[str, int] = field(default_factory=dict)
+    push_owners: set[str] = field(default_factory=set)  # loads that pushed from the hold and did not cancel
+    cancelled_by: set[str] = field(default_factory=set)  # loads that cancelled their push: post no WRITE of theirs
+    done: bool = False  # may be freed
+    # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
+    # to wait for (the largest `readers` its notifications named: its ranks each send one when resharding).
+    notified: dict[str, int] = field(default_factory=dict)
+    read: dict[str, int] = field(default_factory=dict)
+    readers: dict[str, int] = field(default_factory=dict)
+    claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
+    expired: bool = False
+    unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: readers that never notified
+    cancelled: bool = False  # the proxy released it (`release`): post no WRITE for it any more
+    read_claimed: bool = False  # a decode READ runs: the deadline is the read's hard cap, not the lease
+    prompt_digest: str | None = None  # push_params.prompt_digest of its prompt ("held_blocks" matches it)
+
+    @property
+    def servable(self) -> bool:
+        return not (self.done or self.cancelled)
+
+    def push_cancelled(self, owner: str) -> bool:
+        """No WRITE of the push of load `owner` is posted any more."""
+        return self.cancelled or owner in self.cancelled_by
+
+
+def given_up(hold: Hold) -> bool:
+    """A decode cancelled its push and no other wants the blocks: none pushed from them without cancelling
+    since, none pushes, none READs (a READ's claim keeps them until its notification or cap)."""
+    return bool(hold.cancelled_by) and not (hold.push_owners or hold.pushing or hold.read_claimed)
+
+
+def reader_done(hold: Hold, reader: str) -> bool:
+    """`reader` sent every notification it will send."""
+    return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
+
+
+LEASE_EXPIRED = "its lease expired"
+CLAIM_CAPPED = "freed at the hard cap of the READ claim of "
+
+
+def how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
+    if hold.expired:
+        return LEASE_EXPIRED
+    if read_by:
+        return "read by " + ", ".join(sorted(read_by))
+    if hold.unended_claims:
+        return (CLAIM_CAPPED + ", ".join(hold.unended_claims)
+                + ", whose read_done/release never came")
+    if hold.cancelled:
+        return "released: its decode leg will not run"
+    if given_up(hold):
+        return "its decode cancelled its push"
+    return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
+
+
+def readers_that_read(hold: Hold) -> frozenset[str]:
+    """Readers each of whose ranks READ the blocks while they were held (read_done, no release, no expiry):
+    a claimed READ's hold outlives a proxy's release (`HoldTable.release`)."""
+    if hold.expired:
+        return frozenset()
+    return frozenset(r for r, n in hold.read.items()
+                     if n >= hold.readers.get(r, 1) and (not hold.cancelled or r in hold.claimed_by))
+
+
+def not_held(request_id: str, lease_seconds: float, how: str | None = None) -> KVTransferError:
+    """Why a claim of `request_id` finds no hold: how it ended (`how_it_ended`), else its lease, or its KV was
+    sent."""
+    if how is not None and how != LEASE_EXPIRED:
+        why = ("a decode that claimed its READ died or timed out" if how.startswith(CLAIM_CAPPED)
+               else "its client left or its decode leg was given up")
+        return KVTransferError(f"request {request_id} is not held here any more: {how}",
+                               hint=f"{why}; nothing to load")
+    return KVTransferError(
+        f"request {request_id} is not held here any more: its lease ({lease_seconds:g}s) expired "
+        "or its KV was already sent", field="kv_transfer.kv_lease_seconds",
+        hint="raise the lease if decode queues requests longer than that")
