@@ -19,7 +19,7 @@ from pydantic import JsonValue
 from pdlaunch.http.errors import error_body
 from pdlaunch.http.sse import DONE, ClosingStreamingResponse, SSEParser, sse_data, sse_event
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects
-from pdlaunch.server.choices import check_choice_count
+from pdlaunch.server.choice_limits import check_choice_count
 
 log = logging.getLogger("pdlaunch.proxy")
 

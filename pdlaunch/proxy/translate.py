@@ -12,7 +12,7 @@ from pdlaunch.kv_transfer.params import FIRST_TOKEN_IDS, RETURN_FIRST_TOKEN
 from pdlaunch.proxy.bodies import Body, JsonObject, as_object, int_of, objects, token_limit
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.server.chat_request import ChatCompletionRequest
-from pdlaunch.server.choices import no_room_hint
+from pdlaunch.server.choice_limits import no_room_hint
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 from pdlaunch.server.responses import PROMPT_RECOMPUTED

@@ -22,20 +22,19 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from pdlaunch.engine.context_limit import with_max_tokens, without_max_tokens
+from pdlaunch.engine.context_limit import with_max_tokens
 from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, sse_event
 from pdlaunch.server.chat_request import ChatCompletionRequest
+from pdlaunch.server.choice_limits import check_choice_count, no_room_hint
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
 from pdlaunch.server.request_metrics import RequestMetrics
-from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem
+from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem, error_of, output_of, peek
 from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body
-
-MAX_CHOICES = 128  # engine requests one HTTP request may start (prompts x best_of)
 
 
 @dataclass
@@ -131,7 +130,7 @@ class Choices:
             await self._accepted(c)
         rest = [c for c in self.choices if c.sample > 0]
         if rest:  # after the first output of each first sample: its prompt KV is cached (or loaded) by then
-            await asyncio.gather(*(_peek(c.queue()) for c in firsts))
+            await asyncio.gather(*(peek(c.queue()) for c in firsts))
         for c in rest:
             c.stream = self.engine_loop.submit(c.request_id, ids[c.prompt_index], c.params, None)
             await self._accepted(c)
@@ -159,7 +158,7 @@ class Choices:
     async def _accepted(self, choice: Choice) -> None:
         first = await choice.queue().get()
         if not isinstance(first, Accepted):
-            raise self._as_sent(_error_of(first))
+            raise self._as_sent(error_of(first))
         choice.builder.num_prompt_tokens = first.num_prompt_tokens
         choice.recorder.accepted(first.num_prompt_tokens)
 
@@ -181,7 +180,7 @@ class Choices:
         """The whole response once every choice finished."""
         async def collect(c: Choice) -> None:
             while True:
-                out = _output(await c.queue().get())
+                out = output_of(await c.queue().get())
                 c.builder.add(out)
                 c.recorder.output(out)
                 if out.finished:
@@ -250,7 +249,7 @@ class Choices:
             while remaining:
                 c, item = await merged.get()
                 try:
-                    out = _output(item)
+                    out = output_of(item)
                 except OpenAIError as exc:
                     yield sse_event(exc.body())
                     return
@@ -270,49 +269,7 @@ class Choices:
             self.abort_all()
 
 
-def no_room_hint(message: str, prompt_field: str) -> str:
-    """The "prompt + max_tokens exceeds max_model_len" refusal of a request that named no output limit (its
-    max_tokens is the room its prompt leaves, at least 1), said without that max_tokens: its fix is a shorter
-    prompt, not a lower limit the client never sent."""
-    return without_max_tokens(message, prompt_field) or message
-
-
-def check_choice_count(num_prompts: int, n: int, best_of: int) -> None:
-    """400 when a request asks for more than MAX_CHOICES engine requests (prompts x samples), naming the field
-    that multiplies them (the proxy splits a list of prompts and checks it with this too)."""
-    if num_prompts * best_of <= MAX_CHOICES:
-        return
-    field = "best_of" if best_of > n else "n"
-    raise OpenAIError(400, f"{num_prompts} prompts x {best_of} samples ({field}) exceed {MAX_CHOICES} choices per "
-                           f"request; lower {field} or send the prompts in several requests", param=field)
-
-
 def _seeded(params: SamplingParams, sample: int) -> SamplingParams:
     if params.seed is None or sample == 0:
         return params
     return params.model_copy(update={"seed": (params.seed + sample) % 2**64})
-
-
-async def _peek(queue: asyncio.Queue[StreamItem]) -> None:
-    """Wait for the queue's next item and put it back in front."""
-    item = await queue.get()
-    rest = []
-    while not queue.empty():
-        rest.append(queue.get_nowait())
-    for x in (item, *rest):
-        queue.put_nowait(x)
-
-
-def _output(item: StreamItem) -> RequestOutput:
-    if isinstance(item, RequestOutput) and not (item.finished and item.finish_reason == "error"):
-        return item
-    raise _error_of(item)
-
-
-def _error_of(item: StreamItem) -> OpenAIError:
-    if isinstance(item, OpenAIError):
-        return item
-    if isinstance(item, RequestOutput) and item.finish_reason == "error":
-        return OpenAIError(item.error_status, item.error or "the engine failed the request", param=item.error_param,
-                           code="engine_error")
-    return OpenAIError(500, f"unexpected {type(item).__name__} on a request's output queue")

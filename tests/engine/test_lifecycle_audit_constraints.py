@@ -61,9 +61,9 @@ def test_a_token_its_grammar_rejects_fails_the_request(llama_ckpt: Path, make_en
 def test_an_engine_error_about_a_field_names_it_in_the_answer_s_param() -> None:
     """The grammar's rejection said its field only in the message text: the 400's `param` was null."""
     from pdlaunch.engine.outputs import RequestOutput
-    from pdlaunch.server.choices import _error_of
+    from pdlaunch.server.request_stream import error_of
 
     failed = RequestOutput("r", [], "", [], "", finished=True, finish_reason="error", error="structured_outputs: no",
                            error_status=400, error_param="structured_outputs")
-    error = _error_of(failed)
+    error = error_of(failed)
     assert (error.status, error.param, error.message) == (400, "structured_outputs", "structured_outputs: no")
