@@ -22,6 +22,7 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     parse_notification,
 )
+from pdlaunch.kv_transfer.prefill.hold import Hold
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
 from tests.kv_transfer.pd_procs import make_spec
@@ -61,6 +62,15 @@ def _chunk(spec: KVCacheSpec, owner: str, nonce: str, last: bool, start: int = 3
                        deadline_in=30.0)
 
 
+def _pushed(spec: KVCacheSpec, holds: HoldTable, owner: str, nonce: str) -> Hold:
+    """A first (not last) chunk of load `owner`'s push landed: the hold it pushed from."""
+    message = _chunk(spec, owner, nonce, last=False)
+    hold = holds.claim_push(message, spec, wait=0.0)
+    assert hold is not None
+    holds.unclaim_push(hold, message)
+    return hold
+
+
 def _cancel(holds: HoldTable, owner: str) -> CancelPushAnswer:
     return holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="p-1", owner=owner))
 
@@ -89,10 +99,7 @@ def test_another_decodes_push_chunk_is_accepted_and_written_after_a_cancel() -> 
 
 def test_a_cancel_with_nothing_in_flight_does_not_free_a_hold_another_decode_pushed_from() -> None:
     spec, holds = _table()
-    message = _chunk(spec, LOAD_B, "00000000000000b1", last=False)
-    hold = holds.claim_push(message, spec, wait=0.0)
-    assert hold is not None
-    holds.unclaim_push(hold, message)  # B's first chunk landed
+    hold = _pushed(spec, holds, LOAD_B, "00000000000000b1")  # its first chunk landed
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=False)
     assert holds.poll(time.monotonic()) == set()
     assert holds.get("p-1") is not None and not hold.done
@@ -102,10 +109,7 @@ def test_a_cancel_with_nothing_in_flight_does_not_free_a_hold_another_decode_pus
 
 def test_a_cancel_during_its_own_write_leaves_the_hold_to_the_decode_that_pushed_before() -> None:
     spec, holds = _table()
-    first_b = _chunk(spec, LOAD_B, "00000000000000b1", last=False)
-    hold = holds.claim_push(first_b, spec, wait=0.0)
-    assert hold is not None
-    holds.unclaim_push(hold, first_b)
+    hold = _pushed(spec, holds, LOAD_B, "00000000000000b1")
     chunk_a = _chunk(spec, LOAD_A, "00000000000000a1", last=False)
     assert holds.claim_push(chunk_a, spec, wait=0.0) is hold
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=True)
@@ -115,10 +119,7 @@ def test_a_cancel_during_its_own_write_leaves_the_hold_to_the_decode_that_pushed
 
 def test_a_cancelled_decodes_later_chunk_is_refused() -> None:
     spec, holds = _table()
-    message = _chunk(spec, LOAD_B, "00000000000000b1", last=False)
-    hold = holds.claim_push(message, spec, wait=0.0)
-    assert hold is not None
-    holds.unclaim_push(hold, message)
+    hold = _pushed(spec, holds, LOAD_B, "00000000000000b1")  # its first chunk landed
     _cancel(holds, LOAD_A)
     with pytest.raises(KVTransferError, match="cancelled"):
         holds.claim_push(_chunk(spec, LOAD_A, "00000000000000a1", last=False), spec, wait=0.0)
@@ -127,20 +128,14 @@ def test_a_cancelled_decodes_later_chunk_is_refused() -> None:
 
 def test_a_lone_decodes_cancel_frees_the_hold_it_pushed_from_at_once() -> None:
     spec, holds = _table()
-    message = _chunk(spec, LOAD_A, "00000000000000a1", last=False)
-    hold = holds.claim_push(message, spec, wait=0.0)
-    assert hold is not None
-    holds.unclaim_push(hold, message)
+    _pushed(spec, holds, LOAD_A, "00000000000000a1")  # its first chunk landed
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=False)
     assert holds.poll(time.monotonic()) == {"p-1"}
 
 
 def test_a_hold_kept_for_a_decode_that_never_comes_back_ends_at_its_lease() -> None:
     spec, holds = _table()
-    message = _chunk(spec, LOAD_B, "00000000000000b1", last=False)
-    hold = holds.claim_push(message, spec, wait=0.0)
-    assert hold is not None
-    holds.unclaim_push(hold, message)
+    _pushed(spec, holds, LOAD_B, "00000000000000b1")  # its first chunk landed
     _cancel(holds, LOAD_A)
     assert holds.poll(time.monotonic() + LEASE_S / 2) == set()
     assert holds.poll(time.monotonic() + LEASE_S + 1.0) == {"p-1"}
@@ -156,11 +151,6 @@ class _FailingAgent(_Agent):
                                error="remote access error")
 
 
-def _pushed_by_b(spec: KVCacheSpec, holds: HoldTable) -> None:
-    message = _chunk(spec, LOAD_B, "00000000000000b1", last=False)
-    hold = holds.claim_push(message, spec, wait=0.0)
-    assert hold is not None
-    holds.unclaim_push(hold, message)
 
 
 @pytest.mark.parametrize("cancelled", [True, False], ids=["cancelled-before-its-write", "its-write-failed"])
@@ -168,7 +158,7 @@ def test_a_push_that_ends_without_landing_leaves_the_hold_to_the_decode_that_pus
     """Decode A's push ends without a WRITE landing (A cancelled it while it waited for a sender thread, or its
     WRITE failed): A hears push_failed and computes the prompt; decode B's next chunk still finds the blocks."""
     spec, holds = _table()
-    _pushed_by_b(spec, holds)
+    _pushed(spec, holds, LOAD_B, "00000000000000b1")
     chunk_a = _chunk(spec, LOAD_A, "00000000000000a1", last=True)
     hold = holds.claim_push(chunk_a, spec, wait=0.0)
     assert hold is not None
