@@ -13,6 +13,7 @@ import uvicorn
 
 if TYPE_CHECKING:
     from pdlaunch.config.deployment_config import DeploymentConfig
+    from pdlaunch.engine.llm_engine import LLMEngine
     from pdlaunch.server.engine_loop import EngineLoop
 
 
@@ -107,3 +108,26 @@ def in_process_instance(cfg: DeploymentConfig, engine_id: str, max_pending_reque
     with ThreadServer(build_app(loop, cfg, spec), port) as srv:
         wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, "the engine to load", 120)
         yield srv.url, loop
+
+
+@contextmanager
+def waiting_to_recompute(loop: EngineLoop, request_id: str) -> Iterator[None]:
+    """A request in the scheduler's recompute queue (its KV load failed; it waits for its old blocks to be safe to
+    free) while the block runs, put there and taken out on the engine thread between two steps."""
+    from pdlaunch.engine.outputs import SamplingParams
+    from pdlaunch.engine.request import Request
+
+    request = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=1), arrival=0)
+
+    def park(engine: LLMEngine) -> None:
+        engine.scheduler.recomputing[request_id] = request
+
+    def unpark(engine: LLMEngine) -> None:
+        engine.scheduler.recomputing.pop(request_id, None)
+
+    asyncio.run(loop.call(park))
+    try:
+        yield
+    finally:
+        asyncio.run(loop.call(unpark))
+

@@ -5,7 +5,6 @@ on)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,11 +13,8 @@ import httpx
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.engine.llm_engine import LLMEngine
-from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.request import Request
 from pdlaunch.server.engine_loop import EngineLoop
-from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for
+from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for, waiting_to_recompute
 from tests.serving.test_sleep_state_http import Gate, control
 
 INFO_TIMEOUT_S = 5.0  # /info reads no engine: it answers in ms, even with the engine thread held
@@ -63,20 +59,9 @@ def test_info_answers_while_a_sleep_or_wake_up_holds_the_engine_thread(instance:
 
 def test_info_counts_a_request_waiting_to_recompute_as_waiting(instance: tuple[str, EngineLoop]) -> None:
     url, loop = instance
-    request = Request("waits-to-recompute", [1, 2, 3], SamplingParams(max_tokens=1), arrival=0)
-
-    def park(engine: LLMEngine) -> None:
-        engine.scheduler.recomputing[request.request_id] = request
-
-    def unpark(engine: LLMEngine) -> None:
-        engine.scheduler.recomputing.pop(request.request_id, None)
-
-    asyncio.run(loop.call(park))
-    try:
+    with waiting_to_recompute(loop, "waits-to-recompute"):
         wait_for(lambda: info(url)["stats"]["num_waiting"] == 1, "/info to count the request waiting to recompute",
                  timeout=10)  # a quiescent engine steps every 0.5 s
         stats = info(url)["stats"]
         assert (stats["num_recomputing"], stats["num_waiting_for_kv"]) == (1, 0)
-    finally:
-        asyncio.run(loop.call(unpark))
     wait_for(lambda: info(url)["stats"]["num_waiting"] == 0, "/info to drop it once it is gone")

@@ -5,18 +5,14 @@ disagreed while such a request waited (tiny model on CPU, in process)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from pdlaunch import metrics
-from pdlaunch.engine.llm_engine import LLMEngine
-from pdlaunch.engine.outputs import SamplingParams
-from pdlaunch.engine.request import Request
 from pdlaunch.server.engine_loop import EngineLoop
-from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for
+from tests.serving.helpers import in_process_instance, tiny_colocated, wait_for, waiting_to_recompute
 
 
 @pytest.fixture(scope="module")
@@ -38,28 +34,12 @@ def _gauges(url: str) -> dict[str, float]:
     return values
 
 
-def _on_engine(loop: EngineLoop, fn: Callable[[LLMEngine], None]) -> None:
-    """`fn(engine)` on the engine thread, between two steps."""
-    asyncio.run(loop.call(fn))
-
-
 def test_a_request_waiting_to_recompute_counts_as_waiting(instance: tuple[str, EngineLoop]) -> None:
     url, loop = instance
-    request = Request("waits-to-recompute", [1, 2, 3], SamplingParams(max_tokens=1), arrival=0)
-
-    def park(engine: LLMEngine) -> None:
-        engine.scheduler.recomputing[request.request_id] = request
-
-    def unpark(engine: LLMEngine) -> None:
-        engine.scheduler.recomputing.pop(request.request_id, None)
-
-    _on_engine(loop, park)
-    try:
-        both = {"pdlaunch_requests_waiting": 1.0, "vllm:num_requests_waiting": 1.0}
+    both = {"pdlaunch_requests_waiting": 1.0, "vllm:num_requests_waiting": 1.0}
+    with waiting_to_recompute(loop, "waits-to-recompute"):
         # Steps run every few ms while a request waits: sample until the gauges were read after several.
         for _ in range(20):
             wait_for(lambda: _gauges(url).get("vllm:num_requests_waiting") == 1.0, "the engine to count it", 30)
             assert _gauges(url) == both
-    finally:
-        _on_engine(loop, unpark)
     wait_for(lambda: _gauges(url) == {k: 0.0 for k in both}, "the gauges to drop back to 0", 30)
