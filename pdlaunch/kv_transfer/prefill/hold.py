@@ -5,28 +5,32 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
 - pull: the decode agent's READ completes and its notification ("read_done") arrives (from each of
   the `readers` decode ranks the notification names, when decode reshards between TP sizes), or
 - push: a sender thread WROTE the last chunk into decode's blocks and notified decode, or a decode
-  cancelled its push ("cancel_push") and no other decode pushed from the hold (without cancelling since),
-  pushes or READs it, or
-- decode says it gave up ("release"), or
+  cancelled its push ("cancel_push") or its push failed, or
+- decode says it gave up ("release"),
+  each only once no other decode that took the hold is still at it (below), or
+- the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ still keeps it), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
 READ, and counts the READ only once the claim was answered; a claimed hold lives until the
 read_done/release notification or a hard cap (decode's remaining transfer time plus
-holds.READ_GRACE_SECONDS), whichever comes first, even past its lease, a proxy's release or a cancelled push: its
-blocks are never reused mid-read. One freed at its cap is counted as such (KV_CLAIM_CAP_FREES: the claiming
-READ's notification never came), not as a lease expiry.
+holds.READ_GRACE_SECONDS), whichever comes first, even past its lease, a proxy's release, a cancelled push or
+another decode's push: its blocks are never reused mid-read. One freed at its cap is counted as such
+(KV_CLAIM_CAP_FREES: the claiming READ's notification never came), not as a lease expiry.
 A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
 answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
 hold that expired fails, and so does the load, whatever its READ read.
-Claims and notifications name their reader (the decode engine; its TP ranks share it). A hold ends when
-a reader's notifications are all in and every reader that claimed it has sent its own: a proxy that
-retries a decode leg on another decode (the first one died) sends that decode the same params, and its
-READ must neither see the blocks freed by the first decode's read_done nor be told "held throughout"
-of a hold another decode read. Such a late claim fails, and the second decode computes the prompt.
-A cancel ends the cancelling decode load's interest only (it names the load: `owner`): a proxy that retried
-the decode leg on another decode sends it the same params, and that decode's push goes on. The push that
-comes first takes the hold (its last chunk ends it); one that comes after the hold ended fails its load, and
-that decode computes the prompt.
+Claims and notifications name their reader (the decode engine; its TP ranks share it); pushes and cancels
+name their decode load (`owner`). A proxy that retries a decode leg on another decode (the first one died)
+sends that decode the same params, so several decodes may take one hold, reading or pushing (decodes may load
+in different transfer modes). Every decode that took the hold keeps it until it is through (`through`): a
+reader whose READ claimed it until all its notifications are in, a push the side channel accepted until its
+last chunk landed or it failed or was cancelled. The hold ends when a decode is through with it (a reader's
+notifications all in, a push's last chunk landed, a cancelled or failed push) and no other that took it is
+still at it; so a read_done never ends a hold another decode pushes from (between two chunks of a staged
+push), and a push's last chunk never ends one under a claimed READ. A decode that comes after the hold ended
+fails its load and computes the prompt: a late claim (its READ must neither see blocks freed after another
+decode's read_done nor be told "held throughout" of a hold another decode read) or a push.
+A cancel ends the cancelling decode load's interest only: another decode's push goes on.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
 
@@ -46,7 +50,10 @@ class Hold:
     # Of them push WRITEs (not staging copies), by owner (the nonce of the decode load that asked): a cancelled
     # push's WRITE may still land. A count per owner: a staged push's chunk nonces do not name its load.
     pushing: dict[str, int] = field(default_factory=dict)
-    push_owners: set[str] = field(default_factory=set)  # loads that pushed from the hold and did not cancel
+    # Loads whose push from the hold is under way: accepted, and neither its last chunk landed nor it failed or
+    # was cancelled (`through`).
+    push_owners: set[str] = field(default_factory=set)
+    pushed: bool = False  # a push's last chunk landed
     cancelled_by: set[str] = field(default_factory=set)  # loads that cancelled their push: post no WRITE of theirs
     done: bool = False  # may be freed
     # Per reader (decode engine id): read_done/release notifications received, of them read_done, and how many
@@ -70,15 +77,21 @@ class Hold:
         return self.cancelled or owner in self.cancelled_by
 
 
-def given_up(hold: Hold) -> bool:
-    """A decode cancelled its push and no other wants the blocks: none pushed from them without cancelling
-    since, none pushes, none READs (a READ's claim keeps them until its notification or cap)."""
-    return bool(hold.cancelled_by) and not (hold.push_owners or hold.pushing or hold.read_claimed)
-
-
 def reader_done(hold: Hold, reader: str) -> bool:
     """`reader` sent every notification it will send."""
     return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
+
+
+def through(hold: Hold) -> bool:
+    """No decode that took the hold is still at it: no push from it is under way (accepted, and neither its last
+    chunk landed nor it failed or was cancelled), and every reader whose READ claimed it sent its notifications
+    (a READ's claim keeps the blocks until then, or until its cap)."""
+    return not (hold.push_owners or hold.pushing) and all(reader_done(hold, r) for r in hold.claimed_by)
+
+
+def given_up(hold: Hold) -> bool:
+    """A decode cancelled its push (or its push failed) and no other wants the blocks (`through`)."""
+    return bool(hold.cancelled_by) and through(hold)
 
 
 LEASE_EXPIRED = "its lease expired"
@@ -95,6 +108,8 @@ def how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
                 + ", whose read_done/release never came")
     if hold.cancelled:
         return "released: its decode leg will not run"
+    if hold.pushed:
+        return "pushed to a decode"
     if given_up(hold):
         return "its decode cancelled its push"
     return "released by " + (", ".join(sorted(hold.notified)) or "its reader")

@@ -20,7 +20,15 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     ReadDone,
 )
-from pdlaunch.kv_transfer.prefill.hold import Hold, given_up, how_it_ended, not_held, reader_done, readers_that_read
+from pdlaunch.kv_transfer.prefill.hold import (
+    Hold,
+    given_up,
+    how_it_ended,
+    not_held,
+    reader_done,
+    readers_that_read,
+    through,
+)
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
 
@@ -67,7 +75,9 @@ class HoldTable:
         return None
 
     def on_read_done(self, notif: ReadDone) -> None:
-        """A decode agent finished reading (read_done) or gave up (release) on a request."""
+        """A decode agent finished reading (read_done) or gave up (release) on a request: the hold ends once
+        that reader's notifications are all in and no other decode that took the hold is still at it (`through`:
+        a claimed READ, a push between its chunks)."""
         with self.lock:
             hold = self._holds.get(notif.request_id)
             if hold is not None:
@@ -75,8 +85,7 @@ class HoldTable:
                 hold.notified[reader] = hold.notified.get(reader, 0) + 1
                 hold.read[reader] = hold.read.get(reader, 0) + (notif.kind == "read_done")
                 hold.readers[reader] = max(hold.readers.get(reader, 1), notif.readers)
-                hold.done = hold.done or (reader_done(hold, reader)
-                                          and all(reader_done(hold, r) for r in hold.claimed_by))
+                hold.done = hold.done or (reader_done(hold, reader) and through(hold))
             ended = None if hold is not None else self._ended.get(notif.request_id)
         if ended is not None:  # e.g. the proxy released it (its client left), then the decode aborted its load
             logger.debug("KV %s notification from %s for request %s after its hold ended (%s)", notif.kind,
@@ -256,13 +265,14 @@ class HoldTable:
         return hold
 
     def unclaim(self, hold: Hold, done: bool = False) -> None:
-        """A `claim` ended; done: the hold may be freed. So may a hold whose push a decode cancelled once no
-        decode wants it any more (`given_up`, as `cancel_push` frees one)."""
+        """A `claim` ended; done: the hold may be freed once no other decode is at it (`through`). So may a hold
+        whose push a decode cancelled once no decode wants it any more (`given_up`, as `cancel_push` frees one)."""
         self._unclaim(hold, done)
 
     def unclaim_push(self, hold: Hold, message: PushRequest, done: bool = False, failed: bool = False) -> None:
         """The `claim_push` of `message` ended: its WRITE ended or was never posted; done: its last chunk was
-        sent. failed (or cancelled): its load fails, which ends that load's interest in the hold, as its
+        sent, which ends that load's push (a claimed READ or another decode's push under way still keeps the
+        hold). failed (or cancelled): its load fails, which ends that load's interest in the hold, as its
         `cancel_push` would."""
         self._unclaim(hold, done, message.owner, failed)
 
@@ -275,6 +285,8 @@ class HoldTable:
                     hold.pushing[push_owner] = left
                 if failed:
                     hold.cancelled_by.add(push_owner)
+                if failed or done:
                     hold.push_owners.discard(push_owner)
-            hold.done = hold.done or done or given_up(hold)
+                hold.pushed = hold.pushed or done
+            hold.done = hold.done or (done and through(hold)) or given_up(hold)
             self._unclaimed.notify_all()
