@@ -1,6 +1,6 @@
 """vLLM's counts of what the engine did, taken on the engine thread (engine_thread.py) as its outputs come, whether or
 not a client reads them: each engine request's tokens (request_metrics.EngineTokens) and its end, once: stop / length,
-or an abort (its client left, or the server stopped while it was open)."""
+or an abort (its client left, or the server stopped or the engine failed while it was open)."""
 
 from __future__ import annotations
 
@@ -14,18 +14,26 @@ class EngineCounts:
 
     def __init__(self) -> None:
         self.running: dict[str, EngineTokens] = {}  # in the engine, not ended
-        self.num_aborted = 0  # requests stopped before they finished (client went away, shutdown): count_abort
+        self.num_aborted = 0  # requests stopped before they finished (client gone, shutdown, failure): count_abort
 
     def started(self, request_id: str) -> None:
         """The engine took the request: its outputs and its end are counted from now on."""
         self.running[request_id] = EngineTokens()
 
     def count_abort(self) -> None:
-        """A request stopped before it finished (its client left, another choice of its HTTP request failed, or the
-        server stopped): /info's num_aborted_requests and vllm:request_success{finished_reason="abort"}, once per
-        engine request as vLLM counts each of its requests (a choice of n > 1 too), as stop and length are."""
+        """A request stopped before it finished (its client left, another choice of its HTTP request failed, the
+        server stopped or the engine failed): /info's num_aborted_requests and
+        vllm:request_success{finished_reason="abort"}, once per engine request as vLLM counts each of its requests (a
+        choice of n > 1 too), as stop and length are."""
         self.num_aborted += 1
         metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
+
+    def abort_running(self) -> None:
+        """Every request the engine took and has not ended ends as an abort, counted once (the server stopped or the
+        engine failed: no output of theirs will come)."""
+        running, self.running = self.running, {}
+        for _ in running:
+            self.count_abort()
 
     def counted(self, out: RequestOutput) -> int:
         """vLLM's counts of an output the engine produced, read by a client or not: its prompt, and the end of its

@@ -100,7 +100,8 @@ class EngineThread:
 
     @property
     def num_aborted(self) -> int:
-        """Requests stopped before they finished (client went away, shutdown): /info's num_aborted_requests."""
+        """Requests stopped before they finished (client went away, shutdown, engine failure): /info's
+        num_aborted_requests."""
         return self.counts.num_aborted
 
     def _run(self) -> None:
@@ -169,12 +170,16 @@ class EngineThread:
 
     def _abort_open(self, engine: LLMEngine) -> None:
         """The engine thread stops: every request still open ends as an abort, counted once; those the engine holds
-        are aborted here (engine.shutdown would), those it never took are only counted."""
+        are aborted here (engine.shutdown would), the rest only counted (_count_open)."""
         for request_id in list(self.counts.running):
             self._abort(engine, request_id)
-            if self.counts.running.pop(request_id, None) is not None:  # ended there, its output not stepped out yet
-                self.counts.count_abort()
-        with self._lock:  # after the state left "ready": no submit adds one now
+        self._count_open()
+
+    def _count_open(self) -> None:
+        """Every request still open ends as an abort, counted once: those the engine took whose end it did not hand
+        out, and those it never took (queued, or their grammar still built). Called once the state left "ready"."""
+        self.counts.abort_running()
+        with self._lock:  # the state is no longer "ready": no submit adds one now
             adds, self._adds = self._adds, set()
         for _ in adds:
             self.counts.count_abort()
@@ -274,6 +279,9 @@ class EngineThread:
         self.error = message
         # A PdlaunchError is a user-facing problem: its message says it all, no traceback.
         log.error("%s", message, exc_info=None if isinstance(exc, PdlaunchError) else exc)
+        # Its open requests end as aborts (vLLM's count of a request ended neither by stop nor length), counted before
+        # their clients get the error; the failed engine is not asked to abort them (its shutdown frees them).
+        self._count_open()
         self._fail_all(OpenAIError(500, message, code="engine_failed"))
         if self._on_fatal is not None:
             self._on_fatal(message)
