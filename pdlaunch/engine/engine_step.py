@@ -58,9 +58,7 @@ class EngineStep:
 
     def step(self) -> list[RequestOutput]:
         if self._admitted:  # first tokens out before this step's compute: the loop steps again at once
-            admitted, self._admitted = self._admitted, []
-            # an aborted request's output was its abort (its id may already name a new request)
-            return [out for request, out in admitted if out.finished or not request.is_finished]
+            return self.take_admitted()
         outputs: list[RequestOutput] = []
         self.executor.check_health()  # a dead TP rank fails the instance even while it is idle
         if self.connector is not None:
@@ -105,6 +103,14 @@ class EngineStep:
         self.clock.collect()
         update_metrics(self.scheduler, self.block_manager)
         return outputs
+
+    def take_admitted(self) -> list[RequestOutput]:
+        """The outputs of the PD decodes admitted since the last step with their prefill's first token(s) (add_request),
+        without any compute: step() hands them out first; a server that stops takes them, so that a request its first
+        token ended is answered and counted as it ended (stop or length) rather than aborted."""
+        admitted, self._admitted = self._admitted, []
+        # an aborted request's output was its abort (its id may already name a new request)
+        return [out for request, out in admitted if out.finished or not request.is_finished]
 
     def _finish_in_flight(self) -> list[RequestOutput]:
         """Read the launched step's sampled tokens and apply them (requests finished meanwhile drop theirs)."""

@@ -98,7 +98,7 @@ class LLMEngine(EngineRequests, EngineStep):
         self._in_flight: InFlight | None = None  # the launched step whose sampled tokens the host has not read
         self.clock = step_clock(self.device)  # pdlaunch_engine_step_seconds, timed on the device
         self.async_scheduling = self._async_scheduling(config)
-        # first tokens taken from a prefill's answer, out next step unless their request was aborted meanwhile
+        # first tokens taken from a prefill's answer, out next step (or take_admitted) unless their request was aborted
         self._admitted: list[tuple[Request, RequestOutput]] = []
         self._shut_down = False
         self._sleep = EngineSleep(self) if config.model.enable_sleep_mode else None

@@ -170,7 +170,13 @@ class EngineThread:
 
     def _abort_open(self, engine: LLMEngine) -> None:
         """The engine thread stops: every request still open ends as an abort, counted once; those the engine holds
-        are aborted here (engine.shutdown would), the rest only counted (_count_open)."""
+        are aborted here (engine.shutdown would), the rest only counted (_count_open). A PD decode its prefill's first
+        token ended at admission has its output still in the engine (the next step would hand it out): handed out
+        first, it is answered and counted as it ended."""
+        try:
+            self._dispatch(engine.take_admitted())
+        except Exception:  # noqa: BLE001 - they end as aborts below; the stop goes on
+            log.exception("handing out the outputs of requests admitted with their first token failed")
         for request_id in list(self.counts.running):
             self._abort(engine, request_id)
         self._count_open()

@@ -44,6 +44,9 @@ class HeldEngine:
             raise RuntimeError("injected step failure")
         return []
 
+    def take_admitted(self) -> list[object]:  # no PD decode admitted with its first token
+        return []
+
     def stats(self) -> EngineStats:
         return {"num_blocks_total": 8}  # type: ignore[typeddict-item]
 

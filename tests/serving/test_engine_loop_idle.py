@@ -35,6 +35,9 @@ class CountingEngine:
             self.steps += 1
         return []
 
+    def take_admitted(self) -> list[object]:  # no PD decode admitted with its first token
+        return []
+
     def stats(self) -> EngineStats:
         return {"num_running": 0, "num_waiting": 0, "num_waiting_for_kv": 0, "num_blocks_total": 8,
                 "num_blocks_used": 0}  # type: ignore[typeddict-item]
