@@ -26,10 +26,8 @@ from pdlaunch.config.validate import (
     cumem_reason,
     gpu_memory_bytes,
     model_info_for,
-    resolved_device,
     target_problems,
     validate_deployment,
-    visible_gpus,
 )
 from pdlaunch.errors import ConfigError, PdlaunchError
 
@@ -112,10 +110,8 @@ def _port_warnings(cfg: DeploymentConfig) -> list[Problem]:
     addresses are known by a TCP connect (rules/node_ports.py). Not for a target host: its ports are not here."""
     if cfg.launcher.backend == "ray":  # Ray places every rank: no port of this machine or a known node
         return []
-    device = resolved_device(cfg, None)
-    visible = visible_gpus(device, None) if device == "cuda" else 0
-    here = busy_port_warnings(cfg, visible) if cfg.launcher.backend == "local" else []
-    return here + node_port_warnings(cfg, visible)
+    here = busy_port_warnings(cfg) if cfg.launcher.backend == "local" else []
+    return here + node_port_warnings(cfg)
 
 
 def run_check(config_path: Path | None, overrides: Mapping[str, object], json_output: bool,

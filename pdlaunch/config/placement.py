@@ -1,8 +1,14 @@
 """Where the ranks of one TP group run: which node (and device) each rank gets.
 
-A group fits on its own node when it can; a group with more ranks than its node has devices fills
+A group fits on its own node when it can; a group with more ranks than its node lists `devices` fills
 that node's remaining devices first, then the next node's, and so on (a spanning group). On CPU a
-node's `devices` are just rank slots: a node that lists none hosts any number of ranks.
+node's `devices` are just rank slots.
+
+Every node's launcher computes the same placement, so it may depend only on the config: a node of
+`parallel.nodes` that lists no `devices` holds every rank placed on it (a group there never spans, and a
+spanning group reaching it puts its remaining ranks there), whatever GPU count the launcher computing the
+plan sees. That node's own launcher checks that it has the GPUs (config/rules/resources.device_problems).
+Only a deployment of one node (no `parallel.nodes`) takes its devices from this machine.
 
 check-config (config/port_plan.py, through config/rules/resources.py) and the launcher (launcher/plan.py)
 both place ranks with these functions, so the ports and devices check-config reports are the ones
@@ -11,6 +17,7 @@ the launcher uses. How a placed rank is started lives in distributed/placement.p
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.config.deployment_config import DeploymentConfig
@@ -23,15 +30,23 @@ class PlacedRank:
     device: int | None  # CUDA index on that node; None on CPU
 
 
-def node_pool(cfg: DeploymentConfig, node: int, cuda_devices: list[int]) -> list[int] | None:
-    """The devices (CUDA) or rank slots (CPU) of `node`; None: unlimited (CPU node listing none)."""
-    if cfg.parallel.nodes and cfg.parallel.nodes[node].devices:
-        return list(cfg.parallel.nodes[node].devices)
-    return cuda_devices if cuda_devices else None
+def node_pool(cfg: DeploymentConfig, node: int, cuda_devices: list[int]) -> Sequence[int] | None:
+    """The devices (CUDA) or rank slots (CPU) of `node`; None: unlimited, device None (CPU).
+
+    `cuda_devices`: this machine's CUDA indices ([] on CPU). One node: those. Several: the node's listed
+    `devices`; a node listing none holds every rank placed on it: CUDA indices 0, 1, ... as many as the
+    deployment has ranks (a CUDA plan, `cuda_devices` not empty), else unlimited. Either way the nodes
+    ranks are placed on do not depend on `cuda_devices`, only the device indices of a CUDA plan do."""
+    nodes = cfg.parallel.nodes
+    if not nodes:
+        return cuda_devices if cuda_devices else None
+    if nodes[node].devices:
+        return list(nodes[node].devices)
+    return range(sum(group.count * (group.tp or 1) for group in cfg.instances)) if cuda_devices else None
 
 
 def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
-                pool_of: dict[int, list[int] | None], field: str) -> list[PlacedRank]:
+                pool_of: Mapping[int, Sequence[int] | None], field: str) -> list[PlacedRank]:
     """The node and device of every rank of one instance placed on `node`. `used[k]` counts the
     devices of node k taken so far (updated). A group that fits its node comes back short when the
     node's devices are taken; a spanning group the nodes cannot host raises PdlaunchError."""

@@ -11,10 +11,15 @@
 - Rendezvous, parallel.master_port m: the n-th instance with TP > 1 whose rank 0 is on a node uses
   m + n on that node (n from 0).
 A port left unset is picked free by the launcher (None here) and cannot collide.
+
+The nodes ranks run on, and so every port above, come from the config alone (config/placement.py): each
+node's launcher, check-config and the `--backend slurm` batch process compute the same plan whatever GPUs
+their machines have. Only the CUDA indices of a one-node plan, and of this node's ranks, are this machine's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdlaunch.config.deployment_config import DeploymentConfig
@@ -58,9 +63,10 @@ class PlannedInstance:
 
 
 def plan_instances(cfg: DeploymentConfig, cuda_devices: list[int], strict: bool = True) -> list[PlannedInstance]:
-    """Every instance of `cfg`, in group order. `cuda_devices`: the CUDA indices of a node that lists
-    none ([] on CPU). strict: a spanning group the nodes cannot host raises PdlaunchError; otherwise
-    (check-config, which reports it as a device problem) its ranks stay on its node."""
+    """Every instance of `cfg`, in group order. `cuda_devices`: this machine's CUDA indices ([] on CPU, or
+    when only nodes and ports matter), the devices of a one-node deployment (placement.node_pool). strict: a
+    spanning group the nodes cannot host raises PdlaunchError; otherwise (check-config, which reports it as a
+    device problem) its ranks stay on its node."""
     pools = {k: node_pool(cfg, k, cuda_devices) for k in range(max(1, len(cfg.parallel.nodes)))}
     used_devices: dict[int, int] = {}  # node -> devices (rank slots on CPU) taken so far
     side_offsets: dict[int, int] = {}  # node -> side-channel ports taken so far
@@ -85,7 +91,7 @@ def plan_instances(cfg: DeploymentConfig, cuda_devices: list[int], strict: bool 
 
 
 def _place(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, k: int, used: dict[int, int],
-           pools: dict[int, list[int] | None], strict: bool) -> list[PlacedRank]:
+           pools: dict[int, Sequence[int] | None], strict: bool) -> list[PlacedRank]:
     """Instance k's ranks, always tp of them: ranks without a device (a full node) keep device None."""
     tp = group.tp or 1
     if group.devices is not None:

@@ -175,10 +175,22 @@ def share_one_gpu(cfg: DeploymentConfig) -> None:
 
 
 def visible_gpus(device: str, target: TargetHost | None) -> int:
-    """GPUs per node that devices are checked against: the target host's, else this machine's."""
+    """GPUs per node that devices are checked against: the target host's, else this machine's (the nodes
+    gpu_nodes_here names)."""
     if target is not None:
         return target.gpus
     return host_devices.device_count() if device == "cuda" else 0
+
+
+def gpu_nodes_here(cfg: DeploymentConfig, target: TargetHost | None) -> list[int]:
+    """The nodes whose GPUs visible_gpus counts: each node, for a target host (it describes every host);
+    else the node this machine is (parallel.node_rank), and none for the batch process of `--backend slurm`,
+    which runs no node's instances (each node's step checks its own GPUs, launcher/backends/slurm_node.py).
+    The other nodes' GPUs are unknown here: placement never depends on them (config/placement.py)."""
+    nodes = max(1, len(cfg.parallel.nodes))
+    if target is not None or not cfg.parallel.nodes:
+        return list(range(nodes))
+    return [] if cfg.launcher.backend == "slurm" else [cfg.parallel.node_rank]
 
 
 def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
@@ -220,19 +232,20 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if info is not None:
         problems += roles.tp_problems(out, info)
         problems += fp8_tp_problems(out)
-    problems += resources.port_problems(out, visible_gpus(device, target) if device == "cuda" else 0)
+    problems += resources.port_problems(out)
     problems += secret_problems(out, os.environ)
     if target is None:  # another host's addresses and directories cannot be checked from here
         problems += local_bind_problems(out)
         problems += kv_connector_problems(out)
         problems += log_dir_problems(out)
         problems += storage_path_problems(out)
-    gpus = visible_gpus(device, target)
+    gpus, here = visible_gpus(device, target), gpu_nodes_here(out, target)
     if device == "cuda" and gpus == 1:
         share_one_gpu(out)
-    if device == "cuda" and (gpus > 0 or target is not None):
+    # A node checked here without GPUs is _device_rules's; the slurm batch process checks listed devices only.
+    if device == "cuda" and (gpus > 0 or target is not None or not here):
         where = "the target host" if target is not None else "this machine"
-        problems += resources.device_problems(out, gpus, where)
+        problems += resources.device_problems(out, gpus, where, here)
     if info is not None and out.model.max_model_len is not None and out.cache.block_size in BLOCK_SIZES:
         estimates = memory.estimate(out, info)
         problems += memory.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))

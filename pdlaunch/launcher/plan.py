@@ -140,7 +140,10 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
     cuda_pool = list(range(host_devices.device_count())) if device == "cuda" and host_devices.cuda_available() else []
     plans: list[InstancePlan] = []
     remote_ranks: list[RemoteRankPlan] = []
-    for planned in plan_instances(cfg, cuda_pool if device == "cuda" else []):
+    every = plan_instances(cfg, cuda_pool if device == "cuda" else [])
+    if device == "cuda" and cfg.parallel.nodes:
+        check_node_gpus(cfg, every, len(cuda_pool))
+    for planned in every:
         plan, remotes = _plan_instance(cfg, planned, device, ports, len(cuda_pool))
         plans.append(plan)
         remote_ranks += remotes
@@ -149,6 +152,32 @@ def plan_deployment(cfg: DeploymentConfig) -> DeploymentPlan:
                             hint="pass --prefill 1 --decode 1, or --colocated")
     return DeploymentPlan(instances=plans, proxy_host=cfg.proxy.host, proxy_port=proxy_port,
                           remote_ranks=remote_ranks)
+
+
+def check_node_gpus(cfg: DeploymentConfig, planned: list[PlannedInstance], gpus: int) -> None:
+    """This node has every GPU the plan puts its ranks on (`gpus`: the CUDA devices it sees). The plan is
+    the same on every node and never asks this machine (config/placement.py), so each node checks its own
+    count here. Raises PdlaunchError naming the field that placed ranks on a GPU this node lacks."""
+    me = cfg.parallel.node_rank
+    sees = f"node {me} ({_node_host(cfg, me)}) sees {gpus} GPU(s)" + (f", CUDA devices 0-{gpus - 1}" if gpus else "")
+    over = [(instance, rank.device) for instance in planned for rank in instance.ranks
+            if rank.node == me and rank.device is not None and rank.device >= gpus]
+    if not over:
+        return
+    instance, device = over[0]
+    group = f"instances[{instance.group}]"
+    if cfg.instances[instance.group].devices is not None and instance.node == me:
+        raise PdlaunchError(f"{instance.name} runs on GPU {device} ({group}.devices), but {sees}",
+                            field=f"{group}.devices", hint="list only this node's GPUs")
+    if cfg.parallel.nodes[me].devices:
+        raise PdlaunchError(f"parallel.nodes[{me}].devices lists GPU {device} ({instance.name} runs a rank there), "
+                            f"but {sees}", field=f"parallel.nodes[{me}].devices", hint="list only this node's GPUs")
+    names = ", ".join(dict.fromkeys(i.name for i, _ in over))
+    raise PdlaunchError(f"{sees}, but the plan puts {1 + max(d for _, d in over)} ranks on it, one GPU each ({names} "
+                        f"on GPU {gpus} and up): a node that lists no devices holds every rank placed on it, so "
+                        "that every node's launcher plans the same", field=f"parallel.nodes[{me}].devices",
+                        hint=f"list node {me}'s GPUs (devices: {list(range(gpus))}) so that a TP group larger than "
+                        "that spans the nodes after it, or place fewer ranks on this node")
 
 
 class _Allocators:

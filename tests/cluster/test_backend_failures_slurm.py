@@ -116,7 +116,7 @@ def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SLURM_JOB_ID", JOB)
     # The stand-in proxy listens at node 0's proxy port before the launcher starts: its probe of the nodes'
     # ports (tests/config/test_node_ports.py) would stop it there.
-    monkeypatch.setattr(slurm, "check_node_ports", lambda cfg, visible_gpus: [])
+    monkeypatch.setattr(slurm, "check_node_ports", lambda cfg: [])
     return tmp_path
 
 

@@ -257,11 +257,15 @@ def test_pull_between_instances_on_one_gpu_fails(tmp_path: Path) -> None:
 
 
 def test_multi_node_tp_spans_nodes(tmp_path: Path) -> None:
+    groups = "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 4, node: 1}\n"
     path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: a}, {address: b}]\n"
-                      "kv_transfer: {side_channel_host: 0.0.0.0}\n"
-                      "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 4, node: 1}\n")
+                      "kv_transfer: {side_channel_host: 0.0.0.0}\n" + groups)
     base = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpu-memory", "80"]
     assert check([*base, "--target-gpus", "4"]).exit_code == 0
+    # A node that lists no devices holds its group: it never spans on a count only that node sees.
+    assert_invalid(check([*base, "--target-gpus", "2"]), "parallel.nodes[0].devices", "needs 4 GPUs")
+    path.write_text("parallel:\n  nodes: [{address: a, devices: [0, 1]}, {address: b, devices: [0, 1]}]\n"
+                    "  master_port: 29500\nkv_transfer: {side_channel_host: 0.0.0.0}\n" + groups)
     assert_invalid(check([*base, "--target-gpus", "2"]), "instances[1].tp", "more GPUs")
 
 

@@ -59,7 +59,8 @@ def test_node0_names_the_instances_of_a_node_that_never_came_up(tmp_path: Path) 
 def test_check_config_lets_a_tp_group_span_the_nodes_after_its_own(tmp_path: Path) -> None:
     # prefill TP 4 fills node 0's two GPUs, then node 1's two: decode TP 2 no longer fits on node 1.
     path = tmp_path / "span.yaml"
-    path.write_text("parallel: {nodes: [{address: a}, {address: b}], master_port: 29500}\n"
+    path.write_text("parallel: {nodes: [{address: a, devices: [0, 1]}, {address: b, devices: [0, 1]}], "
+                    "master_port: 29500}\n"
                     "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                     "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 2, node: 1}\n")
     args = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
@@ -72,7 +73,8 @@ def test_check_config_lets_a_tp_group_span_the_nodes_after_its_own(tmp_path: Pat
 
 def test_check_config_refuses_a_tp_group_larger_than_the_nodes_together(tmp_path: Path) -> None:
     path = tmp_path / "span.yaml"
-    path.write_text("parallel: {nodes: [{address: a}, {address: b}], master_port: 29500}\n"
+    path.write_text("parallel: {nodes: [{address: a, devices: [0, 1]}, {address: b, devices: [0, 1]}], "
+                    "master_port: 29500}\n"
                     "kv_transfer: {side_channel_host: 0.0.0.0}\n"
                     "instances:\n  - {role: prefill, tp: 8, node: 0}\n  - {role: decode, tp: 2, node: 1}\n")
     args = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
@@ -80,6 +82,22 @@ def test_check_config_refuses_a_tp_group_larger_than_the_nodes_together(tmp_path
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.startswith("error: instances[0].tp:")]
     assert lines and "TP 8 needs more GPUs than nodes 0..1 have together (4" in lines[0], result.output
+
+
+def test_check_config_keeps_a_group_on_a_node_that_lists_no_devices(tmp_path: Path) -> None:
+    # Without devices listed the nodes' GPU counts are unknown to each other: the group stays on node 0
+    # (every node plans the same), and the target host's 2 GPUs are too few there.
+    path = tmp_path / "span.yaml"
+    path.write_text("parallel: {nodes: [{address: a}, {address: b}], master_port: 29500}\n"
+                    "kv_transfer: {side_channel_host: 0.0.0.0}\n"
+                    "instances:\n  - {role: prefill, tp: 4, node: 0}\n  - {role: decode, tp: 2, node: 1}\n")
+    args = [str(path), "--model", "tiny", "--device", "cuda", "--target-gpus", "2", "--target-gpu-memory", "80"]
+    result = check(args)
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    [node0] = [line for line in errors if line.startswith("error: parallel.nodes[0].devices:")]
+    assert "node 0 needs 4 GPUs" in node0 and "devices: [0, 1]" in node0, result.output
+    assert not any("node 1" in line or "instances[0].tp" in line for line in errors), result.output
 
 
 def test_spanning_group_plan_places_ranks_and_needs_a_fixed_rendezvous_port(tmp_path: Path) -> None:

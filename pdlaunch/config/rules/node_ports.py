@@ -63,14 +63,15 @@ def _probe_host(cfg: DeploymentConfig, used: PortRange) -> str:
     return cfg.parallel.nodes[used.node].address
 
 
-def node_port_findings(cfg: DeploymentConfig, visible_gpus: int = 0) -> tuple[list[NodePortsInUse], list[Problem]]:
+def node_port_findings(cfg: DeploymentConfig) -> tuple[list[NodePortsInUse], list[Problem]]:
     """The planned ranges of the probed nodes with ports something listens at now, and a warning per node that
-    did not answer (its ports unchecked). `visible_gpus`: as for port_plan. Takes PROBE_TIMEOUT_S at most per
-    256 ports when a node does not answer; nothing when no node is probed."""
+    did not answer (its ports unchecked). The ranges are the ones each node's launcher plans, whatever GPUs this
+    machine has (config/port_plan.py). Takes PROBE_TIMEOUT_S at most per 256 ports when a node does not answer;
+    nothing when no node is probed."""
     nodes = probed_nodes(cfg)
     if not nodes:
         return [], []
-    ranges = [(used, _probe_host(cfg, used)) for used in port_plan(cfg, visible_gpus)
+    ranges = [(used, _probe_host(cfg, used)) for used in port_plan(cfg)
               if used.node in nodes and used.first >= 1 and used.last <= 65535]
     if not ranges:
         return [], []
@@ -97,18 +98,18 @@ def _unreached_warning(cfg: DeploymentConfig, node: int, items: list[tuple[PortR
                    f"check that this machine reaches {address}, or ignore this when checking away from the cluster")
 
 
-def node_port_warnings(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]:
+def node_port_warnings(cfg: DeploymentConfig) -> list[Problem]:
     """check-config's: a port in use on another node, like one in use here, is a warning (it may be freed
     before serve starts there, and check-config also runs next to a deployment that serves)."""
-    in_use, unreached = node_port_findings(cfg, visible_gpus)
+    in_use, unreached = node_port_findings(cfg)
     return [found.as_problem() for found in in_use] + unreached
 
 
-def check_node_ports(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]:
+def check_node_ports(cfg: DeploymentConfig) -> list[Problem]:
     """Before the other nodes' launchers start (`--backend slurm`, before its srun steps): raises
     PdlaunchError naming the field of the first range with a port in use, as the launcher itself stops
     at the first; returns the warnings for nodes that did not answer."""
-    in_use, unreached = node_port_findings(cfg, visible_gpus)
+    in_use, unreached = node_port_findings(cfg)
     if in_use:
         first = in_use[0]
         raise PdlaunchError(first.what(), field=first.used.field, hint=first.hint())

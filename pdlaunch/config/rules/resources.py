@@ -8,6 +8,7 @@ gpu_memory_utilization shares fit.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pdlaunch.config.addresses import port_is_free
@@ -34,11 +35,11 @@ class PortRange:
         return f"{ports} ({self.what})"
 
 
-def port_plan(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[PortRange]:
-    """Every fixed port range of the (resolved) deployment. `visible_gpus`: CUDA devices of a node that
-    lists none (0 on CPU); a TP group larger than its node's devices spans the nodes after it."""
+def port_plan(cfg: DeploymentConfig) -> list[PortRange]:
+    """Every fixed port range of the (resolved) deployment. A TP group larger than its node's listed devices
+    spans the nodes after it; no range depends on this machine's GPUs (config/port_plan.py)."""
     plan = [PortRange("proxy.port", 0, cfg.proxy.port, 1, "proxy")]
-    instances = plan_instances(cfg, list(range(visible_gpus)), strict=False)
+    instances = plan_instances(cfg, [], strict=False)
     master = cfg.parallel.master_port
     if master is not None:
         rendezvous = Counter(i.node for i in instances if i.rendezvous_index is not None)
@@ -57,11 +58,11 @@ def port_plan(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[PortRange]:
     return plan
 
 
-def port_problems(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]:
+def port_problems(cfg: DeploymentConfig) -> list[Problem]:
     """Ports in 1..65535 and no two ranges overlapping on one node."""
     problems: list[Problem] = []
     valid: list[PortRange] = []
-    for used in port_plan(cfg, visible_gpus):
+    for used in port_plan(cfg):
         if used.first < 1 or used.last > 65535:
             problems.append(problem(used.field, f"{used.label()} is outside 1..65535",
                                     "choose ports inside 1..65535, e.g. 8000-20000"))
@@ -77,13 +78,13 @@ def port_problems(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]
 
 
 
-def busy_port_warnings(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Problem]:
+def busy_port_warnings(cfg: DeploymentConfig) -> list[Problem]:
     """Fixed ports this machine's node would bind that something else holds now: `pdlaunch serve` stops at
     the first. A warning, not a problem: the config is right and the port may be freed before it starts
     (check-config is also run next to a deployment that still serves). Addresses that are not this
     machine's are skipped (another node's ports, or a bad address bind_problem reports)."""
     warnings: list[Problem] = []
-    for used in port_plan(cfg, visible_gpus):
+    for used in port_plan(cfg):
         if used.node != cfg.parallel.node_rank or used.first < 1 or used.last > 65535:
             continue
         host = cfg.proxy.host if used.field == "proxy.port" else (
@@ -98,14 +99,33 @@ def busy_port_warnings(cfg: DeploymentConfig, visible_gpus: int = 0) -> list[Pro
                                     "serve` would stop there", "stop what holds it or choose another port"))
     return warnings
 
-def _node_capacity(cfg: DeploymentConfig, visible_gpus: int) -> list[list[int]]:
-    """The CUDA device indices usable on each node."""
+def _node_capacity(cfg: DeploymentConfig, visible_gpus: int, checked: Collection[int]) -> list[list[int] | None]:
+    """The CUDA device indices usable on each node: the node's listed `devices`; else, on a node whose GPUs
+    `visible_gpus` counts (`checked`), those; else None: unknown here, that node's own launcher checks them."""
     if not cfg.parallel.nodes:
         return [list(range(visible_gpus))]
-    return [node.devices or list(range(visible_gpus)) for node in cfg.parallel.nodes]
+    return [list(node.devices) if node.devices else list(range(visible_gpus)) if k in checked else None
+            for k, node in enumerate(cfg.parallel.nodes)]
 
 
-def _explicit_device_problems(cfg: DeploymentConfig, capacity: list[list[int]], where: str,
+def _listed_device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str,
+                            checked: Collection[int]) -> list[Problem]:
+    """A checked node's listed `devices` exist there: the plan places ranks on them."""
+    problems: list[Problem] = []
+    for k, node in enumerate(cfg.parallel.nodes):
+        missing = [dev for dev in node.devices if dev >= visible_gpus]
+        if k in checked and missing:
+            problems.append(problem(f"parallel.nodes[{k}].devices", f"lists GPU(s) {missing} but {where} has "
+                                    f"{visible_gpus} (CUDA devices {_indices(visible_gpus)})",
+                                    f"list only node {k}'s GPUs"))
+    return problems
+
+
+def _indices(count: int) -> str:
+    return "none" if count == 0 else "0" if count == 1 else f"0-{count - 1}"
+
+
+def _explicit_device_problems(cfg: DeploymentConfig, capacity: list[list[int] | None], where: str,
                               users: dict[tuple[int, int], list[int]]) -> list[Problem]:
     """Explicit lists: count*tp long, indices on the node. Fills `users`: (node, device) -> group indices."""
     problems: list[Problem] = []
@@ -117,9 +137,12 @@ def _explicit_device_problems(cfg: DeploymentConfig, capacity: list[list[int]], 
             problems.append(problem(field, f"{len(group.devices)} devices for {group.count} instance(s) of TP {tp}",
                                     f"list exactly count*tp = {group.count * tp} device indices"))
         for dev in group.devices:
-            if dev not in capacity[node]:
-                problems.append(problem(field, f"device {dev} does not exist on node {node} ({where} has "
-                                        f"{capacity[node]})", "use indices of that node's GPUs"))
+            known = capacity[node]
+            if known is not None and dev not in known:
+                has = (f"parallel.nodes[{node}].devices lists {known}" if cfg.parallel.nodes
+                       and cfg.parallel.nodes[node].devices else f"{where} has {known}")
+                problems.append(problem(field, f"device {dev} does not exist on node {node} ({has})",
+                                        "use indices of that node's GPUs"))
             else:
                 users.setdefault((node, dev), []).append(i)
     return problems
@@ -146,46 +169,80 @@ def _sharing_problems(cfg: DeploymentConfig, users: dict[tuple[int, int], list[i
     return problems
 
 
-def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str) -> list[Problem]:
+def _spanned(cfg: DeploymentConfig, node: int, tp: int) -> list[int]:
+    """The nodes a group of TP `tp` on `node` places ranks on (config/placement.py): its node alone, unless it
+    lists fewer devices than tp; then the nodes after it too, up to the first that lists none (it holds the rest)
+    or the last."""
+    nodes = cfg.parallel.nodes
+    if not nodes or not nodes[node].devices or tp <= len(nodes[node].devices):
+        return [node]
+    spanned = [node]
+    for k in range(node + 1, len(nodes)):
+        spanned.append(k)
+        if not nodes[k].devices:
+            break
+    return spanned
+
+
+def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checked: Collection[int]) -> list[Problem]:
     """Explicit device lists are valid (sharing a GPU only if the memory shares fit); count*tp per node
     fits the node's GPUs.
 
-    `visible_gpus`: GPUs per node (this host's, or the declared target's); `where` names them in messages.
-    A TP group larger than its node spans the nodes after it (multi-node only).
+    `visible_gpus`: the GPUs of each node in `checked` that lists no devices, and the count its listed devices
+    are checked against (this host's, or the declared target's); `where` names them in messages. Another node's
+    GPUs are unknown here (its own launcher checks them). A TP group larger than its node's listed devices
+    spans the nodes after it (multi-node only); a node that lists none holds every rank placed on it.
     """
-    capacity = _node_capacity(cfg, visible_gpus)
+    capacity = _node_capacity(cfg, visible_gpus, checked)
     users: dict[tuple[int, int], list[int]] = {}
-    problems = _explicit_device_problems(cfg, capacity, where, users)
+    problems = _listed_device_problems(cfg, visible_gpus, where, checked)
+    problems += _explicit_device_problems(cfg, capacity, where, users)
     problems += _sharing_problems(cfg, users)
     demand = [len({dev for (n, dev) in users if n == k}) for k in range(len(capacity))]
     for i, group in enumerate(cfg.instances):
         tp, node = group.tp or 1, group.node
         if group.devices is not None or node >= len(capacity) or group.count == 0:
             continue
-        if tp <= len(capacity[node]):
+        one_node = capacity[0] if not cfg.parallel.nodes else None
+        if one_node is not None and tp > len(one_node):
+            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than this deployment has "
+                                    f"({len(one_node)} on {where})", "lower the TP size, or list parallel.nodes "
+                                    "so that a group larger than a node spans the nodes after it"))
+            continue
+        spanned = _spanned(cfg, node, tp)
+        listed = [len(cfg.parallel.nodes[k].devices) for k in spanned] if cfg.parallel.nodes else [0]
+        if not listed[0] or tp <= listed[0]:  # on its node alone
             demand[node] += group.count * tp
             continue
-        # A group larger than its node spans it and the nodes after it (distributed/placement.py):
-        # its ranks fill its node's GPUs first, then the next node's.
-        spanned = range(node, len(capacity)) if cfg.parallel.nodes else range(node, node + 1)
-        if sum(len(capacity[k]) for k in spanned) < tp:
-            have = sum(len(capacity[k]) for k in spanned)
-            where_nodes = f"nodes {node}..{spanned[-1]} have together" if cfg.parallel.nodes else "this deployment has"
-            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than {where_nodes} ({have} on "
-                                    f"{where}); a group larger than its node spans the nodes after it",
-                                    "lower the TP size, or add nodes/devices after the group's node"))
+        if all(listed) and sum(listed) < tp:  # no node that lists none takes the rest
+            problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than nodes {node}..{spanned[-1]} "
+                                    f"have together ({sum(listed)} listed in their devices); a group larger than "
+                                    "its node spans the nodes after it", "lower the TP size, or add nodes/devices "
+                                    "after the group's node"))
             continue
+        # Its ranks fill its node's GPUs first, then the next node's; the last node takes what is left.
         left = group.count * tp
-        for k in spanned:
-            take = min(left, len(capacity[k]) - demand[k]) if k != spanned[-1] else left
-            demand[k] += max(0, take)
-            left -= max(0, take)
+        for k, count in zip(spanned[:-1], listed):
+            take = max(0, min(left, count - demand[k]))
+            demand[k] += take
+            left -= take
+        demand[spanned[-1]] += left
     for k, cap in enumerate(capacity):
-        if demand[k] > len(cap):
-            node_name = f"node {k}" if cfg.parallel.nodes else "this deployment"
-            problems.append(problem("instances", f"{node_name} needs {demand[k]} GPUs (count x tp summed over groups) "
-                                    f"but {where} has {len(cap)}",
-                                    "lower --prefill/--decode or TP; or let instances share a GPU by listing "
-                                    "`devices` per group with gpu_memory_utilization <= 1/sharers "
-                                    "(examples/gpu-1p1d-single.yaml); or check for a larger host with --target-gpus"))
+        if cap is not None and demand[k] > len(cap):
+            problems.append(_over_capacity(cfg, k, demand[k], len(cap), where))
     return problems
+
+
+def _over_capacity(cfg: DeploymentConfig, node: int, demand: int, have: int, where: str) -> Problem:
+    if cfg.parallel.nodes and not cfg.parallel.nodes[node].devices:
+        return problem(f"parallel.nodes[{node}].devices", f"node {node} needs {demand} GPUs (count x tp summed over "
+                       f"the ranks placed on it) but {where} has {have}; a node that lists no devices holds every "
+                       "rank placed on it, since the other nodes' launchers cannot see its GPUs",
+                       f"list node {node}'s GPUs (devices: [{', '.join(map(str, range(have)))}]) so that a TP group "
+                       "larger than that spans the nodes after it; or lower --prefill/--decode or TP there")
+    node_name = f"node {node}" if cfg.parallel.nodes else "this deployment"
+    has = f"parallel.nodes[{node}].devices lists" if cfg.parallel.nodes else f"{where} has"
+    return problem("instances", f"{node_name} needs {demand} GPUs (count x tp summed over groups) but {has} "
+                   f"{have}", "lower --prefill/--decode or TP; or let instances share a GPU by listing `devices` per "
+                   "group with gpu_memory_utilization <= 1/sharers (examples/gpu-1p1d-single.yaml); or check for a "
+                   "larger host with --target-gpus")

@@ -41,7 +41,6 @@ from rich.markup import escape
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.node_ports import check_node_ports
-from pdlaunch.config.validate import visible_gpus
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
 from pdlaunch.launcher.process import ChildProcess, stop_all
@@ -134,7 +133,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     """Serve `cfg` (nodes already taken from the allocation) until a signal; 0 after a clean stop."""
     console = Console()
     # Before any step binds a port: one something else listens at is named here, not in that node's step log.
-    for field, message in check_node_ports(cfg, visible_gpus(cfg.device, None)):
+    # The ports are the ones each step plans, whatever GPUs this process's machine has (a login node's none).
+    for field, message in check_node_ports(cfg):
         console.print(f"[yellow]warning:[/yellow] {escape(field)}: {escape(message)}", highlight=False, soft_wrap=True)
     log_dir = Path(cfg.log_dir)
     env = {DEPLOYMENT_ENV: cfg.model_dump_json()}
