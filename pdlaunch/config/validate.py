@@ -129,7 +129,10 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
 
 def _device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
     problems: list[Problem] = []
-    if cfg.device == "cuda" and target is None and not host_devices.cuda_available():
+    # The batch process of --backend slurm may run where no GPU is (salloc on a login node): each node's step
+    # checks its own CUDA (launcher/backends/slurm_node.py).
+    on_this_machine = target is None and cfg.launcher.backend != "slurm"
+    if cfg.device == "cuda" and on_this_machine and not host_devices.cuda_available():
         problems.append(problem("device", "cuda requested but no CUDA device is visible on this machine",
                                 "use --device cpu, or declare the GPU host with "
                                 "--target-gpus N --target-gpu-memory GIB"))

@@ -161,3 +161,4 @@ def test_each_node_checks_its_own_gpus_and_the_slurm_batch_process_none(monkeypa
     assert gpu_fields(on[0], 3) == ["parallel.nodes[0].devices"]
     batch = cfg.model_copy(update={"launcher": cfg.launcher.model_copy(update={"backend": "slurm"})})
     assert gpu_fields(batch, 1) == []  # node 0's four GPUs are its step's to check
+    assert gpu_fields(batch, 0) == []  # salloc's shell on a login node: --device cuda is for the nodes
