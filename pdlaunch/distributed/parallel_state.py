@@ -6,11 +6,16 @@ worker processes it spawns. The model's collectives run on the default group (gl
 CUDA); a gloo group beside it carries host-side values (block counts, engine_id) on both.
 
 The store is a TCPStore: anyone who reaches its port may list, read and write its keys (torch has no
-authentication, and `list_keys` shows every key, so a secret key prefix hides nothing). So it listens
-only on the address its ranks dial (TCPStore alone would listen on every interface): loopback when the
-group is on one host. A store that other hosts reach (a group spanning nodes, or under Ray) is used
-through a SealedStore by every rank: key names are MACs, values are encrypted and MACed under a key
-derived from the rank link's (which mixes in the deployment secret).
+authentication, and `list_keys` shows every key, so a secret key prefix hides nothing). On one host that
+is every local user of a shared machine, loopback or not. So it listens only on the address its ranks
+dial (TCPStore alone would listen on every interface): loopback when the group is on one host, rank 0's
+node address when it spans nodes or runs under Ray. And every rank, whatever the host, uses it only
+through a SealedStore: key names are MACs, values are encrypted and MACed, and a value that fails its
+MAC stops the rank (StoreTampered). Its key is fresh for a group on one host (rank 0 hands it to the
+workers it spawns, never through the store or the command line: fresh_store_key); a group whose ranks
+start elsewhere (other nodes, Ray actors) derives it from the deployment secret on every rank
+(store_key). torch and its backends read the store only through that wrapper (the joining keys, gloo's
+addresses, NCCL's unique id, rank 0's link address), so no one reads it raw.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import socket
@@ -54,7 +58,7 @@ class TPGroup:
     size: int
     backend: str  # "gloo" | "nccl"
     cpu_group: Any  # gloo group for host-side values
-    store: dist.Store  # the groups hold it in C++: a Python store (SealedStore) must outlive them
+    store: SealedStore  # the groups hold it in C++: a Python store must outlive them
 
     def min_int(self, value: int) -> int:
         """The minimum of `value` over every rank."""
@@ -98,39 +102,35 @@ def store_key(config: DeploymentConfig, instance: InstanceSpec | None, port: int
     return hmac.new(link, STORE_PURPOSE, hashlib.sha256).digest()
 
 
-def guarded(store: dist.Store, host: str, key: bytes) -> dist.Store:
-    """`store` (listening on `host`) as every rank of the group uses it: sealed with `key` unless only this host
-    reaches it (loopback). Each rank decides from the same host, so they all agree."""
-    return store if _is_loopback(host) else SealedStore(store, key)
+def fresh_store_key() -> bytes:
+    """The key of the SealedStore of a group on one host: random, so no one outside this process and the
+    workers it hands it to can derive it (the deployment secret may be unset, e.g. under the offline LLM)."""
+    return secrets.token_bytes(MAC_BYTES)
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
-
-
-def connect_store(host: str, port: int, key: bytes) -> dist.Store:
-    """A rank's client of rank 0's store at host:port (waits up to RENDEZVOUS_TIMEOUT_S for it), guarded with
+def connect_store(host: str, port: int, key: bytes) -> SealedStore:
+    """A rank's client of rank 0's store at host:port (waits up to RENDEZVOUS_TIMEOUT_S for it), sealed with
     `key`."""
     client = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
-    return guarded(client, host, key)
+    return SealedStore(client, key)
 
 
 class StoreTampered(EngineError):
-    """A value in the rendezvous store that the group did not write (a peer without the secret wrote it)."""
+    """A value in the rendezvous store that the group did not write (a process without the key wrote it)."""
 
 
 class SealedStore(dist.Store):
     """`inner` as only holders of `key` can use it: each key is stored under its MAC (a peer listing the
     store learns nothing, and cannot name a key before a rank set it), each value encrypted (HMAC-SHA256
     in counter mode, a fresh nonce each) and MACed with its name. A value that fails its MAC raises
-    StoreTampered; a counter (`add`) is hidden by name only."""
+    StoreTampered, and is kept in `tampered`: NCCL reads the store from C++ and reports what it raised as its
+    own error (DistBackendError), so init_tp_group raises this one instead. A counter (`add`) is hidden by name
+    only."""
 
     def __init__(self, inner: dist.Store, key: bytes) -> None:
         super().__init__()
         self.inner = inner
+        self.tampered: StoreTampered | None = None
         self._name_key, self._pad_key, self._mac_key = (
             hmac.new(key, purpose, hashlib.sha256).digest() for purpose in (b"names", b"pad", b"mac"))
 
@@ -156,10 +156,13 @@ class SealedStore(dist.Store):
         body, tag = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
         expected = hmac.new(self._mac_key, name.encode() + body, hashlib.sha256).digest()
         if len(body) < NONCE_BYTES or not hmac.compare_digest(tag, expected):
-            raise StoreTampered(f"the TP rendezvous store holds a value for {key!r} that no rank of this group "
-                                "wrote (another process reached the store's port)", field="parallel.master_port",
-                                hint="a process without the deployment secret wrote into it: keep "
-                                "parallel.master_port on a private network")
+            self.tampered = StoreTampered(
+                f"the TP rendezvous store holds a value for {key!r} that no rank of this group wrote (another "
+                "process reached the store's port)", field="parallel.master_port",
+                hint="a process without the group's key wrote into it: on one host another user's process (the "
+                "store listens on loopback, which every local user reaches), across nodes keep "
+                "parallel.master_port on a private network")
+            raise self.tampered
         nonce, cipher = body[:NONCE_BYTES], body[NONCE_BYTES:]
         return bytes(a ^ b for a, b in zip(cipher, self._pad(nonce, len(cipher)), strict=True))
 
@@ -194,9 +197,9 @@ class SealedStore(dist.Store):
             self.inner.wait(names, timeout)
 
 
-def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: int, store: dist.Store) -> TPGroup:
-    """Join the instance's TP group through `store` (rank 0's, at host:port) (blocks until every rank joined, at
-    most RENDEZVOUS_TIMEOUT_S)."""
+def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: int, store: SealedStore) -> TPGroup:
+    """Join the instance's TP group through `store` (rank 0's, at host:port, sealed: torch and its backends read
+    it only through that) (blocks until every rank joined, at most RENDEZVOUS_TIMEOUT_S)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
@@ -215,8 +218,11 @@ def init_tp_group(rank: int, size: int, device: torch.device, host: str, port: i
             # that only destroying a group resets: a restart here would rendezvous under "1" while its
             # fresh worker ranks wait under "0".
             dist.distributed_c10d._world.group_count = 0
-        if isinstance(exc, StoreTampered):
+        tampered = getattr(store, "tampered", None)  # NCCL reports it as its own error
+        if tampered is exc:
             raise
+        if isinstance(tampered, StoreTampered):
+            raise tampered from exc
         # init_process_group waits for the peers with the group's timeout, not the store's.
         raise EngineError(f"TP rank {rank} could not join the {size}-rank group at {host}:{port} "
                           f"within {COLLECTIVE_TIMEOUT_S:.0f}s: {exc}", field="parallel.master_addr",
@@ -230,7 +236,7 @@ def joining_key(rank: int) -> str:
     return f"pdlaunch/joining/{rank}"
 
 
-def wait_for_joins(store: dist.Store, size: int, timeout_s: float, watch: Callable[[float], None]) -> None:
+def wait_for_joins(store: SealedStore, size: int, timeout_s: float, watch: Callable[[float], None]) -> None:
     """Return once ranks 1..size-1 have all come to the join, so rank 0 never waits inside torch's join
     (blind for COLLECTIVE_TIMEOUT_S) on a rank that died before it got there. `watch(seconds)` waits up to
     that long for another rank to end and raises naming it; EngineError after `timeout_s` names the ranks

@@ -11,11 +11,10 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_cache
 from pdlaunch.distributed.engine_id import sync_engine_id
-from pdlaunch.distributed.parallel_state import TPGroup, connect_store, init_tp_group, store_key
+from pdlaunch.distributed.parallel_state import SealedStore, TPGroup, connect_store, init_tp_group, store_key
 from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.model.checkpoint import Checkpoint
 from pdlaunch.runner.model_runner import ModelRunner
@@ -39,12 +38,14 @@ def rank_device(device_type: str, instance: InstanceSpec | None, rank: int) -> t
 
 def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, checkpoint: Checkpoint,
                device: torch.device, dtype: torch.dtype, max_model_len: int, master_port: int,
-               store: dist.Store | None = None) -> RankState:
-    """Steps 1-3 for `rank`; rank 0 passes the store it hosts (sealed), another rank may pass its client."""
+               store: SealedStore | None = None, key: bytes | None = None) -> RankState:
+    """Steps 1-3 for `rank`. Rank 0 passes the store it hosts, a rank on another node its client; else this rank
+    connects to rank 0's store sealed with `key` (a local worker: the key rank 0 handed it) or, without one, with
+    the key every rank derives from the deployment secret (a Ray rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp
     host = config.parallel.master_addr
     if store is None:
-        store = connect_store(host, master_port, store_key(config, instance, master_port))
+        store = connect_store(host, master_port, key if key is not None else store_key(config, instance, master_port))
     group = init_tp_group(rank, tp, device, host, master_port, store)
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler, max_model_len,

@@ -30,9 +30,9 @@ from pdlaunch.distributed.message_stream import MalformedMessage, UnexpectedMess
 from pdlaunch.distributed.messages import ConnectorCall, Ready
 from pdlaunch.distributed.parallel_state import (
     RENDEZVOUS_TIMEOUT_S,
+    SealedStore,
     create_store,
     destroy_tp_group,
-    guarded,
     store_key,
     wait_for_joins,
 )
@@ -87,7 +87,8 @@ class RayTPExecutor:
         self._pending: dict[ObjectRef[None], int] = {}  # calls not yet known to have succeeded -> rank
         raw = create_store(config.parallel.master_addr, instance.master_port, self.tp_size)
         port = raw.port
-        self._store = guarded(raw, config.parallel.master_addr, store_key(config, instance, port))
+        # every rank actor derives the same key from its copy of the config (deployment secret included)
+        self._store = SealedStore(raw, store_key(config, instance, port))
         setups = [a.setup.remote(device.type, dtype_name, max_model_len, port) for a in actors]
         self._watches = {a.until_shutdown.options(concurrency_group=CONTROL_GROUP).remote(): r
                          for r, a in enumerate(actors, start=1)}

@@ -23,7 +23,7 @@ from types import FrameType
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import recv_as
 from pdlaunch.distributed.messages import Setup
-from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, guarded, store_key
+from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, SealedStore, store_key
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address
 from pdlaunch.distributed.worker import serve_rank
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("TP rank %d of %s: waiting for rank 0 at %s:%d (node %d)", rank, spec.name, host, port,
                  placement.nodes[0])
-        store = guarded(open_store(host, port, STORE_WAIT_S), host, store_key(config, spec, port))
+        store = SealedStore(open_store(host, port, STORE_WAIT_S), store_key(config, spec, port))
         conn = connect_to_rank0(store, rank, link_authkey(config, spec.name, port))
         link = peer_address(conn)
         if not conn.poll(RENDEZVOUS_TIMEOUT_S):

@@ -19,7 +19,6 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
 import torch
-import torch.distributed as dist
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import MessageStalled, UnexpectedMessage, recv, send
@@ -27,9 +26,11 @@ from pdlaunch.distributed.messages import RankFailed, Ready, Setup
 from pdlaunch.distributed.parallel_state import (
     LOCAL_STORE_HOST,
     RENDEZVOUS_TIMEOUT_S,
+    SealedStore,
+    StoreTampered,
     create_store,
     destroy_tp_group,
-    guarded,
+    fresh_store_key,
     store_key,
     wait_for_joins,
 )
@@ -53,7 +54,7 @@ class RankEnded(EngineError):
 @dataclass(frozen=True)
 class StartedGroup:
     ranks: TPRanks
-    store: dist.Store  # rank 0 hosts it
+    store: SealedStore  # rank 0 hosts it
     hosts: list[str]  # each rank's node address when the group spans nodes; else []
     rank0: RankState
     ready: list[Ready]  # ranks 1..T-1 in order
@@ -68,10 +69,13 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
     placement = RankPlacement.from_env()
     hosts = list(placement.hosts) if placement is not None else []
     port = instance.master_port if instance is not None else config.parallel.master_port
-    # the store listens only where its ranks dial: loopback, or this node's address when ranks run elsewhere
+    # the store listens only where its ranks dial: loopback, or this node's address when ranks run elsewhere;
+    # sealed either way (a local user reaches loopback). Ranks on other nodes derive the key from the deployment
+    # secret; a group on one host gets a fresh one, which only the workers spawned here learn.
     store_host = placement.hosts[0] if placement is not None else LOCAL_STORE_HOST
     raw = create_store(store_host, port, tp_size)
-    store = guarded(raw, store_host, store_key(config, instance, raw.port))
+    key = store_key(config, instance, raw.port) if placement is not None else fresh_store_key()
+    store = SealedStore(raw, key)
     listener: RankListener | None = None
     links: dict[int, Connection] = {}
     try:
@@ -83,7 +87,7 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
             if rank in ranks.remote:
                 continue
             ranks.procs[rank], links[rank] = _spawn_worker(rank, config, instance, device.type, dtype_name,
-                                                           max_model_len, store_host, raw.port)
+                                                           max_model_len, store_host, raw.port, key)
         if listener is not None:
             links.update(listener.accept(ranks.remote, RENDEZVOUS_TIMEOUT_S))
         open_links(links, ranks.remote, Setup(device.type, dtype_name, max_model_len))
@@ -93,8 +97,9 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
         ready = [wait_ready(ranks, r) for r in range(1, tp_size)]
     except BaseException as exc:
         ranks.links = [links[r] for r in sorted(links)]
-        # Rank 0's own error (a join or collective that timed out) hides why: the rank that failed.
-        named = isinstance(exc, RankEnded) or not isinstance(exc, Exception)
+        # Rank 0's own error (a join or collective that timed out) hides why: the rank that failed. A tampered
+        # store is the cause itself (the other ranks then fail on their own join).
+        named = isinstance(exc, RankEnded | StoreTampered) or not isinstance(exc, Exception)
         failed = None if named else _startup_failure(ranks, links)
         ranks.stop()
         destroy_tp_group()
@@ -108,17 +113,17 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
 
 
 def _spawn_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
-                  dtype_name: str, max_model_len: int, store_host: str, store_port: int
+                  dtype_name: str, max_model_len: int, store_host: str, store_port: int, key: bytes
                   ) -> tuple[BaseProcess, Connection]:
-    """Start local rank `rank`'s worker process (worker.py), which joins the store at store_host:store_port; its
-    process, and rank 0's end of its pipe."""
+    """Start local rank `rank`'s worker process (worker.py), which joins the store at store_host:store_port
+    sealed with `key`; its process, and rank 0's end of its pipe."""
     ctx = mp.get_context("spawn")
     parent_end, child_end = ctx.Pipe(duplex=True)
     worker_config, worker_instance = _as_drawn_by_worker(config, instance)
     worker_config.parallel.master_addr = store_host
     proc = ctx.Process(target=run_worker, name=f"pdlaunch-tp-rank-{rank}", daemon=True,
                        args=(rank, worker_config, worker_instance, device_type, dtype_name, max_model_len,
-                             store_port, child_end))
+                             store_port, key, child_end))
     proc.start()
     child_end.close()
     return proc, parent_end

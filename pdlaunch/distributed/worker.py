@@ -17,7 +17,6 @@ import traceback
 from multiprocessing.connection import Connection
 
 import torch
-import torch.distributed as dist
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, send
@@ -33,7 +32,7 @@ from pdlaunch.distributed.messages import (
     Shutdown,
     StartLoad,
 )
-from pdlaunch.distributed.parallel_state import destroy_tp_group
+from pdlaunch.distributed.parallel_state import SealedStore, destroy_tp_group
 from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device
 from pdlaunch.distributed.remote_link import link_timed_out, peer_address
 from pdlaunch.distributed.tp_connector import rank_connector_call
@@ -50,8 +49,9 @@ EXPECTED_FROM_RANK0 = "a step, a connector call or shutdown"
 
 
 def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
-               dtype_name: str, max_model_len: int, master_port: int, conn: Connection) -> None:
-    """Process entry point (multiprocessing spawn target) of TP rank `rank`."""
+               dtype_name: str, max_model_len: int, master_port: int, store_key: bytes, conn: Connection) -> None:
+    """Process entry point (multiprocessing spawn target) of TP rank `rank`; `store_key` seals rank 0's store
+    (spawn hands it over a pipe, not the command line)."""
     name = instance.name if instance is not None else "engine"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {name} rank {rank} %(name)s: %(message)s")
@@ -60,14 +60,16 @@ def run_worker(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     # while it shuts down cleanly. SIGKILL (the launcher's last resort) still ends it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    serve_rank(rank, config, instance, device_type, dtype_name, max_model_len, master_port, conn, os.getppid())
+    serve_rank(rank, config, instance, device_type, dtype_name, max_model_len, master_port, conn, os.getppid(),
+               key=store_key)
 
 
 def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
                dtype_name: str, max_model_len: int, master_port: int, conn: Connection, parent: int,
-               store: dist.Store | None = None) -> None:
-    """Build rank `rank` (joining the group through `store` when given), report ready, serve rank 0's
-    messages until it says shutdown or is gone (`parent` is the process whose end ends this rank)."""
+               store: SealedStore | None = None, key: bytes | None = None) -> None:
+    """Build rank `rank` (joining the group through `store`, or a client of rank 0's sealed with `key`: see
+    rank.build_rank), report ready, serve rank 0's messages until it says shutdown or is gone (`parent` is the
+    process whose end ends this rank)."""
     tp = instance.tp if instance is not None else config.parallel.tp
     rank0 = f"rank 0 of {instance.name if instance is not None else 'the engine'}"
     link = peer_address(conn)  # a TCP link's (a rank on another node), read while it is connected
@@ -75,7 +77,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     connector: KVConnector | None = None
     try:
         state, connector, ready = build_worker_rank(rank, config, instance, device_type, dtype_name, max_model_len,
-                                                    master_port, store)
+                                                    master_port, store, key)
         send(conn, ready)
         freeze_startup_heap()  # as rank 0's engine does (memory/heap.py)
         _serve(rank, tp, state.runner, connector, conn, parent)
@@ -100,8 +102,8 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
 
 
 def build_worker_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
-                      dtype_name: str, max_model_len: int, master_port: int, store: dist.Store | None = None
-                      ) -> tuple[RankState, KVConnector | None, Ready]:
+                      dtype_name: str, max_model_len: int, master_port: int, store: SealedStore | None = None,
+                      key: bytes | None = None) -> tuple[RankState, KVConnector | None, Ready]:
     """Rank `rank` (> 0) built: its shard joined to the group, its own connector (PD roles), and the
     Ready it reports to rank 0. A Ray rank actor (ray_rank.py) builds itself the same way."""
     tp = instance.tp if instance is not None else config.parallel.tp
@@ -111,7 +113,7 @@ def build_worker_rank(rank: int, config: DeploymentConfig, instance: InstanceSpe
         set_device(device.index or 0)
     checkpoint = load_checkpoint(config.model.path, config.model.quantization)
     dtype = resolve_dtype(dtype_name, device)
-    state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port, store)
+    state = build_rank(rank, config, instance, checkpoint, device, dtype, max_model_len, master_port, store, key)
     connector: KVConnector | None = None
     try:
         if instance is not None and instance.role in ("prefill", "decode") and not config.colocated:

@@ -29,7 +29,7 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.ray_cluster import RayNode
-from pdlaunch.distributed.parallel_state import joining_key
+from pdlaunch.distributed.parallel_state import SealedStore, create_store, joining_key, store_key
 from pdlaunch.distributed.ray_rank import ray_failure
 from pdlaunch.errors import EngineError
 
@@ -200,18 +200,6 @@ class FakeActor:
             setattr(self, method, call)
 
 
-class JoinStore:
-    """Rank 0's rendezvous store as wait_for_joins reads it: the keys the ranks set."""
-
-    port = 29500
-
-    def __init__(self, *keys: str) -> None:
-        self.keys = set(keys)
-
-    def check(self, keys: list[str]) -> bool:
-        return all(k in self.keys for k in keys)
-
-
 class Join:
     """build_rank as rank 0 calls it: records that rank 0 entered its join, where it would wait for every rank."""
 
@@ -223,13 +211,19 @@ class Join:
         raise EngineError("TP rank 0 could not join the group within 60s: timeout", field="parallel.master_addr")
 
 
-def rank0_on(fake: FakeRay, store: JoinStore, build_rank: Join, monkeypatch: pytest.MonkeyPatch, tp: int = 2
+def rank0_on(fake: FakeRay, came: tuple[int, ...], build_rank: Join, monkeypatch: pytest.MonkeyPatch, tp: int = 2
              ) -> ray_executor.RayTPExecutor:
+    """Rank 0 of a TP-`tp` instance under Ray, whose ranks `came` have come to the join (set their joining key,
+    through the seal every rank derives from the config)."""
     monkeypatch.setitem(sys.modules, "ray", fake)
+    config = DeploymentConfig()
+    spec = InstanceSpec(role="decode", port=8200, tp=tp, engine_id="e")
+    store = create_store("127.0.0.1", None, tp)
+    for rank in came:
+        SealedStore(store, store_key(config, spec, store.port)).set(joining_key(rank), "1")
     monkeypatch.setattr(ray_executor, "create_store", lambda host, port, size: store)
     monkeypatch.setattr(ray_executor, "build_rank", build_rank)
-    spec = InstanceSpec(role="decode", port=8200, tp=tp, engine_id="e")
-    return ray_executor.RayTPExecutor(DeploymentConfig(), spec, None, torch.device("cpu"),  # type: ignore[arg-type]
+    return ray_executor.RayTPExecutor(config, spec, None, torch.device("cpu"),  # type: ignore[arg-type]
                                       torch.float32, 64, "float32", [FakeActor(r) for r in range(1, tp)])
 
 
@@ -241,7 +235,7 @@ def test_a_rank_whose_setup_failed_before_the_join_is_named_at_once(monkeypatch:
     fake.failures["setup-1"] = task_error("ray::RayRank.setup()", FileNotFoundError("/models/llama/config.json"))
     join = Join()
     with pytest.raises(EngineError) as caught:
-        rank0_on(fake, JoinStore(), join, monkeypatch)
+        rank0_on(fake, (), join, monkeypatch)
     assert caught.value.message == "TP rank 1 (Ray actor) failed setup: FileNotFoundError: /models/llama/config.json"
     assert caught.value.field == "parallel.tp"
     assert not join.entered, "rank 0 entered its join although rank 1 had failed"
@@ -264,7 +258,7 @@ def test_a_rank_failing_while_others_join_is_named_as_it_fails(monkeypatch: pyte
     fake.failures["setup-2"] = node_died()
     join = Join()
     with pytest.raises(EngineError) as caught:
-        rank0_on(fake, JoinStore(joining_key(1)), join, monkeypatch, tp=3)
+        rank0_on(fake, (1,), join, monkeypatch, tp=3)
     assert caught.value.message == ("TP rank 2 (Ray actor) failed setup: The actor died because its node has "
                                     "died. Node Id: 6f1c"), caught.value.message
     assert not join.entered, "rank 0 entered its join although rank 2's node was lost"
@@ -277,7 +271,7 @@ def test_a_rank_that_fails_after_the_join_is_named(monkeypatch: pytest.MonkeyPat
     fake.failures["setup-1"] = task_error("ray::RayRank.setup()", RuntimeError("CUDA error: out of memory"))
     join = Join()
     with pytest.raises(EngineError) as caught:
-        rank0_on(fake, JoinStore(joining_key(1)), join, monkeypatch)
+        rank0_on(fake, (1,), join, monkeypatch)
     assert join.entered
     assert caught.value.message == "TP rank 1 (Ray actor) failed setup: RuntimeError: CUDA error: out of memory"
     assert fake.calls.count("wait") == 2  # for the setups' outcome, then for the ranks to leave

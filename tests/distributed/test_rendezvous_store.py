@@ -1,7 +1,8 @@
 """The TP rendezvous store (a torch TCPStore) has no authentication, and any client may list its keys. A group on
-one host keeps it off the network (it listens on loopback only); a group whose store other hosts reach seals it
-with a key derived from the deployment secret, so a process without the secret can neither read the group's ids
-(gloo addresses, the NCCL unique id, rank 0's link) nor write a value a rank would take."""
+one host keeps it off the network (it listens on loopback only); every group seals it, and a group whose store
+other hosts reach with a key derived from the deployment secret, so a process without the secret can neither read
+the group's ids (gloo addresses, the NCCL unique id, rank 0's link) nor write a value a rank would take. The
+sealed store on one host: test_sealed_local_store.py and tests/tp/test_local_store_sealed.py."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pdlaunch.distributed.parallel_state import (
     connect_store,
     create_store,
     destroy_tp_group,
-    guarded,
     init_tp_group,
     store_key,
 )
@@ -120,12 +120,6 @@ def test_a_value_an_outsider_wrote_is_refused_naming_it(store: dist.TCPStore) ->
     assert caught.value.field == "parallel.master_port" and "private network" in (caught.value.hint or "")
 
 
-def test_only_a_store_beyond_loopback_is_sealed(store: dist.TCPStore) -> None:
-    assert guarded(store, "127.0.0.1", b"k" * 32) is store
-    assert guarded(store, "localhost", b"k" * 32) is store
-    assert isinstance(guarded(store, "10.0.0.1", b"k" * 32), SealedStore)
-
-
 def join_as_rank_1(host: str, port: int, key: bytes) -> None:
     """Rank 1 of a 2-rank gloo group whose store is at host:port (a rank on another node)."""
     group = init_tp_group(1, 2, torch.device("cpu"), host, port, connect_store(host, port, key))
@@ -146,7 +140,7 @@ def test_a_group_forms_through_a_sealed_store_an_outsider_cannot_read() -> None:
     rank1 = mp.get_context("spawn").Process(target=join_as_rank_1, args=(host, raw.port, key))
     rank1.start()
     try:
-        group = init_tp_group(0, 2, torch.device("cpu"), host, raw.port, guarded(raw, host, key))
+        group = init_tp_group(0, 2, torch.device("cpu"), host, raw.port, SealedStore(raw, key))
         assert group.all_gather_object("rank 0") == ["rank 0", "rank 1"]
         spy = dist.TCPStore(host, raw.port, is_master=False, timeout=timedelta(seconds=5))
         names = spy.list_keys()
@@ -161,7 +155,8 @@ def test_a_group_forms_through_a_sealed_store_an_outsider_cannot_read() -> None:
 
 @pytest.mark.slow
 def test_a_tp_group_on_one_host_keeps_its_store_on_loopback(llama_ckpt: Path) -> None:
-    """End to end: a TP-2 engine (rank 0 here, rank 1 a worker process) formed its group through its store."""
+    """End to end: a TP-2 engine (rank 0 here, rank 1 a worker process) formed its group through its store, which
+    no other address reaches (sealed all the same: tests/tp/test_local_store_sealed.py)."""
     addresses = non_loopback_addresses()
     if not addresses:
         pytest.skip("this machine has no address but loopback")
@@ -172,8 +167,7 @@ def test_a_tp_group_on_one_host_keeps_its_store_on_loopback(llama_ckpt: Path) ->
         executor = engine.executor
         assert isinstance(executor, TPExecutor)
         store = executor._store  # noqa: SLF001
-        assert isinstance(store, dist.TCPStore)  # not sealed: nothing beyond this host reaches it
-        port = store.port
+        port = store.inner.port
         assert reachable("127.0.0.1", port)
         assert not any(reachable(a, port) for a in addresses), f"the store answers on {addresses}"
     finally:
