@@ -113,9 +113,10 @@ def _remote_rank_plan(spec: InstanceSpec, rank: int, placement: RankPlacement, p
 
 def instance_config(cfg: DeploymentConfig) -> DeploymentConfig:
     """The config this node's instances run with. Multi-node: each group's rendezvous store is hosted
-    by its rank 0 (on every interface); ranks on its node reach it on loopback, while parallel.master_addr
-    names node 0 and would send node K's ranks into node 0's stores (same master_port numbering).
-    Ranks on other nodes (a spanning group) connect to the rank-0 node's address instead."""
+    by its rank 0 on its own node (on loopback for a group on one node, where its ranks reach it), while
+    parallel.master_addr names node 0 and would send node K's ranks into node 0's stores (same master_port
+    numbering). A spanning group's store listens on the rank-0 node's address, which ranks on other nodes dial
+    (distributed/parallel_state.py)."""
     if not cfg.parallel.nodes or cfg.parallel.master_addr in LOOPBACK_HOSTS:
         return cfg
     parallel = cfg.parallel.model_copy(update={"master_addr": "127.0.0.1"})
