@@ -13,6 +13,7 @@ from rich.text import Text
 from pdlaunch.config.backend import backend_target, with_backend_nodes
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flag_names import flag_fields, name_flags
+from pdlaunch.config.instance_names import instance_name, role_numbers
 from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
@@ -67,16 +68,23 @@ def _ports_of_group(cfg: DeploymentConfig, index: int) -> str:
     return f"{group.base_port}" if group.count <= 1 else f"{group.base_port}-{group.base_port + group.count - 1}"
 
 
+def _names_of_group(role: str, numbers: list[int]) -> str:
+    """The group's instance names (numbered per role across groups): `decode-1`, or `decode-1..3` for several."""
+    if not numbers:
+        return "none"
+    return instance_name(role, numbers[0]) + (f"..{numbers[-1]}" if len(numbers) > 1 else "")
+
+
 def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None) -> None:
     console.print(Text(f"model {cfg.model.path}  dtype {cfg.model.dtype}  max_model_len {cfg.model.max_model_len}  "
                        f"block_size {cfg.cache.block_size}  on {_host_line(cfg, target)}"))
     table = Table(title="instances", title_justify="left")
-    for column in ("group", "role", "count", "tp", "devices", "node", "http ports"):
+    for column in ("group", "role", "count", "names", "tp", "devices", "node", "http ports"):
         table.add_column(column)
-    for i, group in enumerate(cfg.instances):
+    for i, (group, numbers) in enumerate(zip(cfg.instances, role_numbers(cfg.instances))):
         devices = "cpu" if cfg.device == "cpu" else (",".join(map(str, group.devices)) if group.devices else "auto")
-        table.add_row(str(i), group.role, str(group.count), str(group.tp), devices, str(group.node),
-                      _ports_of_group(cfg, i))
+        table.add_row(str(i), group.role, str(group.count), _names_of_group(group.role, numbers), str(group.tp),
+                      devices, str(group.node), _ports_of_group(cfg, i))
     console.print(table)
     if size_problems(cfg):  # reported below; planning its ports or memory would walk every rank
         return

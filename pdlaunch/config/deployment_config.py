@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pdlaunch.config.engine_config import CacheConfig, ModelConfig, SchedulerConfig
+from pdlaunch.config.instance_names import instance_name
 from pdlaunch.config.kv_transfer_config import KVTransferConfig
 from pdlaunch.config.launcher_config import LauncherConfig, SecurityConfig, SupervisionConfig
 from pdlaunch.config.proxy_config import ProxyConfig
@@ -54,7 +55,7 @@ class InstanceSpec(StrictModel):
     """What one instance process needs to know about itself; produced by the launcher."""
 
     role: Role
-    index: int = 0
+    index: int = 0  # its number among the deployment's instances of its role (config/instance_names.py)
     host: str = "127.0.0.1"
     port: int
     tp: int = 1
@@ -68,7 +69,7 @@ class InstanceSpec(StrictModel):
 
     @property
     def name(self) -> str:
-        return f"{self.role}-{self.index}"
+        return instance_name(self.role, self.index)
 
 
 def instance_cache(config: DeploymentConfig, instance: InstanceSpec | None) -> CacheConfig:

@@ -3,6 +3,9 @@
 `plan_instances` is the one source of it: check-config reports its ranges and their collisions
 (config/rules/resources.py) and the launcher claims exactly these ports (launcher/plan.py).
 
+Instances are named per role across groups (config/instance_names.py: decode-0, decode-1 for two decode
+groups of one), while ports and devices are per group, by the instance's place k in its group:
+
 - proxy.port: on node 0.
 - HTTP: instance k of group i with base_port b uses b + k on the group's node.
 - KV side channel, kv_transfer.side_channel_port s: on each node, one port per TP rank placed on that
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.instance_names import instance_name, role_numbers
 from pdlaunch.config.placement import PlacedRank, node_pool, place_group
 from pdlaunch.config.topology_config import InstanceGroupConfig
 from pdlaunch.errors import PdlaunchError
@@ -40,7 +44,7 @@ class SideChannelPorts:
 @dataclass
 class PlannedInstance:
     group: int  # index into cfg.instances
-    index: int  # instance index within the group
+    number: int  # the instance's number among the deployment's instances of its role (its name's)
     role: str
     node: int  # the group's node, where rank 0 (the instance's HTTP server) runs
     ranks: list[PlacedRank]  # ranks[r]: TP rank r's node and device
@@ -51,7 +55,7 @@ class PlannedInstance:
 
     @property
     def name(self) -> str:
-        return f"{self.role}-{self.index}"
+        return instance_name(self.role, self.number)
 
     @property
     def rank_nodes(self) -> list[int]:
@@ -72,6 +76,7 @@ def plan_instances(cfg: DeploymentConfig, cuda_devices: list[int], strict: bool 
     side_offsets: dict[int, int] = {}  # node -> side-channel ports taken so far
     rendezvous: dict[int, int] = {}  # node -> instances with TP > 1 whose rank 0 is there
     planned: list[PlannedInstance] = []
+    numbers = role_numbers(cfg.instances)
     for g, group in enumerate(cfg.instances):
         tp = group.tp or 1
         for k in range(group.count):
@@ -82,7 +87,7 @@ def plan_instances(cfg: DeploymentConfig, cuda_devices: list[int], strict: bool 
                 rendezvous[group.node] = rank_index + 1
             master = cfg.parallel.master_port
             planned.append(PlannedInstance(
-                group=g, index=k, role=group.role, node=group.node, ranks=ranks,
+                group=g, number=numbers[g][k], role=group.role, node=group.node, ranks=ranks,
                 http_port=None if group.base_port is None else group.base_port + k,
                 side_channels=_side_channels(cfg, group.role, ranks, side_offsets),
                 rendezvous_index=rank_index,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.engine_ids import planned_engine_id
 from pdlaunch.config.placement import PlacedRank
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
@@ -219,11 +220,12 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
 
     # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.
     spec = InstanceSpec(
-        role=planned.role, index=planned.index, host=host, port=port, tp=len(planned.ranks),
+        role=planned.role, index=planned.number, host=host, port=port, tp=len(planned.ranks),
         expert_parallel=group_expert_parallel(cfg.parallel, cfg.instances[g]),
         kv_cache_dtype=group_kv_cache_dtype(cfg.cache, cfg.instances[g]),
         devices=list(range(len(devices))), device=device,
-        engine_id=f"{cfg.kv_transfer.engine_id}-{name}", side_channel_port=side_port, master_port=master_port,
+        engine_id=planned_engine_id(name, cfg.kv_transfer.engine_id), side_channel_port=side_port,
+        master_port=master_port,
     )
     remotes: list[RemoteRankPlan] = []
     for rank, placed_rank in enumerate(planned.ranks):

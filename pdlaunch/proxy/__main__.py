@@ -30,6 +30,7 @@ from types import FrameType
 
 import uvicorn
 
+from pdlaunch.config.instance_names import instance_name
 from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.memory.heap import freeze_startup_heap
@@ -86,13 +87,18 @@ def _named(value: str) -> tuple[str, str]:
     return name, url
 
 
+def _names(role: Role, values: list[str]) -> list[str]:
+    """The instances' names: NAME of NAME=URL, else the launcher's name of the n-th instance of the role."""
+    return [_named(value)[0] or instance_name(role, index) for index, value in enumerate(values)]
+
+
 def parse_instances(role: Role, values: list[str]) -> list[Instance]:
     out = []
-    for index, value in enumerate(values):
-        name, url = _named(value)
+    for name, value in zip(_names(role, values), values):
+        url = _named(value)[1]
         if not url.startswith(("http://", "https://")):
             raise SystemExit(f"--{role} {value!r}: expected http://HOST:PORT (optionally NAME=URL)")
-        out.append(Instance(role=role, url=url.rstrip("/"), name=name or f"{role}-{index}"))
+        out.append(Instance(role=role, url=url.rstrip("/"), name=name))
     return out
 
 
@@ -191,11 +197,23 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         if not stat.S_ISSOCK(kind):
             parser.error(f"--listen-fd {args.listen_fd}: not an open socket (the proxy's supervisor passes it; "
                          "start the proxy with --workers N instead)")
+    _check_names(parser, args)
     _check_engine_ids(parser, args)
     if args.colocated and (args.prefill or args.decode):
         parser.error("give either --colocated or --prefill/--decode instances, not both")
     if not args.colocated and not (args.prefill and args.decode):
         parser.error("a PD proxy needs at least one --prefill and one --decode instance (or --colocated)")
+
+
+def _check_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every instance has a name of its own: the proxy's routing, /instances, metrics and --engine-id key on it."""
+    seen: set[str] = set()
+    roles: tuple[Role, ...] = ("prefill", "decode", "colocated")
+    for role in roles:
+        for name in _names(role, getattr(args, role)):
+            if name in seen:
+                parser.error(f"--{role}: two instances are named {name!r}; give each its own NAME=URL")
+            seen.add(name)
 
 
 def _check_engine_ids(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

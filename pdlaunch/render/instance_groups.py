@@ -78,7 +78,8 @@ def pod_engine_id(cfg: DeploymentConfig, pod_name: str, pod_uid: str) -> str:
 
 def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
                    side_channel_port: int) -> InstanceSpec:
-    """The instance as its pod sees it."""
+    """The instance as its pod sees it: one spec for every replica of the group, so it carries no number of its
+    own (index 0); the pod's name, in its engine_id, and the proxy's `<role>-<group>-<k>` tell the replicas apart."""
     tp = group.tp or 1
     return InstanceSpec(
         role=group.role, index=0, host="$(POD_IP)", port=ports.http, tp=tp,
