@@ -61,3 +61,25 @@ def test_another_render_base_is_another_deployment(tmp_path: Path) -> None:
     assert is_engine_of(_leader_engine_ids(lws, 0, UIDS[1]), planned)
     (other,) = (m for m in _render(tmp_path / "b", "--colocated") if m["kind"] == "LeaderWorkerSet")
     assert not is_engine_of(_leader_engine_ids(other, 0, UIDS[1]), planned)
+
+
+def test_two_groups_of_one_role_are_distinct_objects_and_instances(tmp_path: Path) -> None:
+    """Two decode groups (say, different TP) render two LeaderWorkerSets, and the proxy gets each of their
+    instances under a name and an engine_id of its own: the group is in the LeaderWorkerSet's and pod's name."""
+    config = tmp_path / "two-decode-groups.yaml"
+    config.write_text("kv_transfer: {engine_id: dep}\ninstances:\n  - {role: prefill}\n  - {role: decode}\n"
+                      "  - {role: decode, count: 2, tp: 2}\n")
+    manifests = _render(tmp_path, str(config), "--name", "pd")
+    names = [(m["kind"], m["metadata"]["name"]) for m in manifests]
+    assert len(set(names)) == len(names)
+    groups = [m for m in manifests if m["kind"] == "LeaderWorkerSet"]
+    assert [m["metadata"]["name"] for m in groups] == ["pd-prefill-0", "pd-decode-1", "pd-decode-2"]
+    proxy = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    args = parse_args(proxy["args"])
+    assert [d.split("=", 1)[0] for d in args.decode] == ["decode-1-0", "decode-2-0", "decode-2-1"]
+    assert args.engine_ids == {"prefill-0-0": "dep-pd-prefill-0-0-*", "decode-1-0": "dep-pd-decode-1-0-*",
+                               "decode-2-0": "dep-pd-decode-2-0-*", "decode-2-1": "dep-pd-decode-2-1-*"}
+    for lws, k, name in ((groups[1], 0, "decode-1-0"), (groups[2], 0, "decode-2-0"), (groups[2], 1, "decode-2-1")):
+        assert is_engine_of(_leader_engine_ids(lws, k, UIDS[0]), args.engine_ids[name])
+        others = [planned for other, planned in args.engine_ids.items() if other != name]
+        assert not any(is_engine_of(_leader_engine_ids(lws, k, UIDS[0]), planned) for planned in others)
