@@ -24,6 +24,7 @@ from pdlaunch.config.rules.roles import size_problems
 from pdlaunch.config.rules.security import world_readable_secret_warnings
 from pdlaunch.config.validate import (
     TargetHost,
+    checked_on_nodes,
     cumem_reason,
     gpu_memory_bytes,
     model_info_for,
@@ -58,6 +59,8 @@ def check(config_path: Path | None, overrides: Mapping[str, object], target_gpus
 def _host_line(cfg: DeploymentConfig, target: TargetHost | None) -> str:
     if target is not None:
         return f"target host: {target.gpus} GPU(s) x {target.gpu_memory_gib:g} GiB ({target.source})"
+    if checked_on_nodes(cfg, target):
+        return f"the allocation's nodes ({cfg.device}; each node's step checks its own GPUs)"
     return f"this machine ({cfg.device})"
 
 
@@ -98,14 +101,16 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
     console.print(Text(f"kv transfer: {transfer}   cumem allocator: {cumem_reason(cfg)}   "
                        f"sleep mode: {'on' if cfg.model.enable_sleep_mode else 'off'}"))
     info, _ = model_info_for(cfg)
-    if info is None or cfg.model.max_model_len is None:
+    if info is None or cfg.model.max_model_len is None or cfg.device == "auto":  # auto: dtype too is each node's
         return
     memory = Table(title="memory estimate per TP rank (weights + KV of one max_model_len sequence)",
                    title_justify="left")
     for column in ("group", "role", "weights GiB", "kv GiB", "total GiB", "budget GiB"):
         memory.add_column(column)
-    gpu_bytes = gpu_memory_bytes(cfg.device, target)
+    on_nodes = checked_on_nodes(cfg, target)
+    gpu_bytes = None if on_nodes else gpu_memory_bytes(cfg.device, target)
     budget = (f"{device_budget_bytes(cfg, gpu_bytes) / GIB:.2f}" if gpu_bytes is not None
+              else "each node's GPU" if on_nodes and cfg.device == "cuda"
               else f"{cfg.cache.cpu_kv_cache_gb:g} (cpu kv)")
     for est in estimate(cfg, info):
         memory.add_row(str(est.group), est.role, f"{est.weights_bytes / GIB:.3f}", f"{est.kv_bytes / GIB:.3f}",

@@ -5,6 +5,11 @@ more than roles.MAX_RANKS ranks gets only those size problems: the other rules w
 config: device and dtype made concrete, TP filled in per instance group, `max_model_len` from the
 model, and the cumem allocator turned on by sleep mode (vLLM #33540, docs/ARCHITECTURE.md "Upstream behaviours
 we reproduce").
+
+The batch process of `--backend slurm` (checked_on_nodes) runs no instance: it checks the config only, leaves
+`device: auto` (and so dtype auto) unresolved, and leaves what depends on a node's machine (CUDA, GPU count and
+memory, sleep mode / the cumem allocator, RAM) to each node's step, which validates again on its node
+(launcher/backends/slurm_node.py).
 """
 
 from __future__ import annotations
@@ -70,12 +75,22 @@ def target_problems(
     return TargetHost(gpus=target_gpus, gpu_memory_gib=target_gpu_memory), []
 
 
+def checked_on_nodes(cfg: DeploymentConfig, target: TargetHost | None) -> bool:
+    """Whether this is the batch process of `--backend slurm`: no instance runs on this machine (salloc's shell
+    is often a login node without GPUs), each node's step checks its own (launcher/backends/slurm_node.py)."""
+    return target is None and cfg.launcher.backend == "slurm"
+
+
 def resolved_device(cfg: DeploymentConfig, target: TargetHost | None) -> str:
-    """cpu | cuda. With a target host, `auto` means cuda (the config is checked as if on that host)."""
+    """cpu | cuda. With a target host, `auto` means cuda (the config is checked as if on that host); in the
+    slurm batch process it stays `auto`: each node's step resolves it on its node, and the nodes must agree
+    (launcher/backends/slurm_lines.py)."""
     if cfg.device == "cpu":
         return "cpu"
     if target is not None:
         return "cuda"
+    if checked_on_nodes(cfg, target):
+        return cfg.device
     return host_devices.resolve_device(cfg.device)
 
 
@@ -99,11 +114,15 @@ def cumem_reason(cfg: DeploymentConfig) -> str:
 def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
     """Seed 003: sleep mode turns cumem on; cumem needs CUDA; expandable_segments + connector needs cumem.
 
-    Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy).
+    Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy). In the slurm batch process CUDA's
+    support is each node's to check, and with `device: auto` so is all of this (the device is not known here).
     """
     problems: list[Problem] = []
-    cumem_available = device == "cuda" and (target is not None or host_devices.is_cumem_allocator_available())
-    sleep_available = device == "cuda" and (target is not None or host_devices.is_sleep_mode_available())
+    if device == "auto":
+        return problems
+    elsewhere = target is not None or checked_on_nodes(cfg, target)
+    cumem_available = device == "cuda" and (elsewhere or host_devices.is_cumem_allocator_available())
+    sleep_available = device == "cuda" and (elsewhere or host_devices.is_sleep_mode_available())
     model = cfg.model
     if model.enable_sleep_mode:
         if not sleep_available:
@@ -129,9 +148,7 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
 
 def _device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
     problems: list[Problem] = []
-    # The batch process of --backend slurm may run where no GPU is (salloc on a login node): each node's step
-    # checks its own CUDA (launcher/backends/slurm_node.py).
-    on_this_machine = target is None and cfg.launcher.backend != "slurm"
+    on_this_machine = target is None and not checked_on_nodes(cfg, target)
     if cfg.device == "cuda" and on_this_machine and not host_devices.cuda_available():
         problems.append(problem("device", "cuda requested but no CUDA device is visible on this machine",
                                 "use --device cpu, or declare the GPU host with "
@@ -147,7 +164,7 @@ def resolve(cfg: DeploymentConfig, target: TargetHost | None) -> DeploymentConfi
     out = cfg.model_copy(deep=True)
     device = resolved_device(cfg, target)
     out.device = device  # type: ignore[assignment]
-    if out.model.dtype == "auto":
+    if out.model.dtype == "auto" and device != "auto":
         out.model.dtype = "bfloat16" if device == "cuda" else "float32"
     for group in out.instances:
         group.tp = group_tp(cfg, group)
@@ -193,7 +210,7 @@ def gpu_nodes_here(cfg: DeploymentConfig, target: TargetHost | None) -> list[int
     nodes = max(1, len(cfg.parallel.nodes))
     if target is not None or not cfg.parallel.nodes:
         return list(range(nodes))
-    return [] if cfg.launcher.backend == "slurm" else [cfg.parallel.node_rank]
+    return [] if checked_on_nodes(cfg, target) else [cfg.parallel.node_rank]
 
 
 def gpu_memory_bytes(device: str, target: TargetHost | None) -> int | None:
@@ -242,16 +259,22 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
         problems += kv_connector_problems(out)
         problems += log_dir_problems(out)
         problems += storage_path_problems(out)
-    gpus, here = visible_gpus(device, target), gpu_nodes_here(out, target)
+    here = gpu_nodes_here(out, target)
+    gpus = 0 if checked_on_nodes(out, target) else visible_gpus(device, target)  # no torch import there
     if device == "cuda" and gpus == 1:
         share_one_gpu(out)
     # A node checked here without GPUs is _device_rules's; the slurm batch process checks listed devices only.
     if device == "cuda" and (gpus > 0 or target is not None or not here):
         where = "the target host" if target is not None else "this machine"
         problems += resources.device_problems(out, gpus, where, here)
-    if info is not None and out.model.max_model_len is not None and out.cache.block_size in BLOCK_SIZES:
+    # `auto` in the slurm batch process: each node estimates against the device it resolves to.
+    if (info is not None and out.model.max_model_len is not None and out.cache.block_size in BLOCK_SIZES
+            and device != "auto"):
         estimates = memory.estimate(out, info)
-        problems += memory.memory_problems(out, estimates, device, gpu_memory_bytes(device, target))
+        # None: the slurm batch process's machine runs no instance; each node's step checks its GPUs and RAM
+        gpu_bytes, ram = ((None, None) if checked_on_nodes(out, target)
+                          else (gpu_memory_bytes(device, target), memory.host_ram_bytes()))
+        problems += memory.memory_problems(out, estimates, device, gpu_bytes, ram)
     return problems, out
 
 

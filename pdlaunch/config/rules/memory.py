@@ -59,8 +59,9 @@ def host_ram_bytes() -> int | None:
 
 
 def memory_problems(cfg: DeploymentConfig, estimates: list[GroupMemory], device: str,
-                    gpu_memory_bytes: int | None) -> list[Problem]:
-    """Groups whose per-rank need exceeds the device budget (GPU) or the CPU KV budget / RAM (CPU)."""
+                    gpu_memory_bytes: int | None, ram_bytes: int | None) -> list[Problem]:
+    """Groups whose per-rank need exceeds the device budget (GPU) or the CPU KV budget / RAM (CPU). None for a
+    machine's GPU memory or RAM: not checked (the slurm batch process leaves them to each node's step)."""
     problems: list[Problem] = []
     if device == "cuda":
         if gpu_memory_bytes is None:
@@ -84,13 +85,12 @@ def memory_problems(cfg: DeploymentConfig, estimates: list[GroupMemory], device:
                 f"{est.role} needs {est.kv_bytes / GIB:.2f} GiB of KV for one max_model_len sequence, "
                 f"more than cpu_kv_cache_gb {cfg.cache.cpu_kv_cache_gb}",
                 "raise cache.cpu_kv_cache_gb or lower --max-model-len"))
-    ram = host_ram_bytes()
-    if ram is not None:
+    if ram_bytes is not None:
         # On CPU each instance holds its weights plus its whole KV budget (allocated up front).
         total = sum(cfg.instances[e.group].count * e.tp * (e.weights_bytes + max(e.kv_bytes, kv_budget))
                     for e in estimates)
-        if total > ram:
+        if total > ram_bytes:
             problems.append(problem("instances", f"the CPU instances need about {total / GIB:.1f} GiB, more than "
-                                    f"this machine's {ram / GIB:.1f} GiB of RAM",
+                                    f"this machine's {ram_bytes / GIB:.1f} GiB of RAM",
                                     "run fewer instances, a smaller model, or a smaller cache.cpu_kv_cache_gb"))
     return problems

@@ -1,0 +1,114 @@
+"""What the `--backend slurm` batch process checks and what it leaves to each node's step (config/validate.py's
+checked_on_nodes, launcher/backends/slurm_node.py): salloc's shell runs on a login node, here one without GPUs,
+while the nodes have 8. The batch process must not resolve `device: auto` on its own machine (it became cpu for
+every node), nor refuse sleep mode / the cumem allocator, nor check GPU memory or RAM there; each node's step
+still does. No GPU is needed: each machine's devices are patched
+(pdlaunch/memory/host_devices.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.rules import memory
+from pdlaunch.config.validate import validate_deployment
+from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends import slurm_node
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.memory import host_devices
+
+GIB = 1 << 30
+GPU_FIELDS = ("device", "model.enable_sleep_mode", "model.enable_cumem_allocator", "instances", "instances[0]",
+              "instances[1]")
+
+
+def sees(monkeypatch: pytest.MonkeyPatch, gpus: int, gib: float = 80.0) -> None:
+    """This machine, with `gpus` CUDA devices of `gib` GiB (cumem and sleep mode work where CUDA does)."""
+    monkeypatch.setattr(host_devices, "cuda_available", lambda: gpus > 0)
+    monkeypatch.setattr(host_devices, "device_count", lambda: gpus)
+    monkeypatch.setattr(host_devices, "device_total_bytes", lambda index=0: int(gib * GIB))
+    monkeypatch.setattr(host_devices, "is_cumem_allocator_available", lambda: gpus > 0)
+    monkeypatch.setattr(host_devices, "is_sleep_mode_available", lambda: gpus > 0)
+
+
+def batch_cfg(tmp_path: Path, device: str, **model: Any) -> DeploymentConfig:
+    """What config/backend.py makes of a 1P1D config inside a two-node allocation: every port fixed."""
+    base = PortAllocator("127.0.0.1").free_range(60, "slurm batch checks test")
+    return DeploymentConfig.model_validate({
+        "launcher": {"backend": "slurm"}, "device": device, "log_dir": str(tmp_path / "logs"),
+        "model": {"path": "tiny", **model}, "security": {"deployment_secret": "slurm-batch-checks-secret-0123"},
+        "proxy": {"host": "0.0.0.0", "port": base},
+        "parallel": {"nodes": [{"address": "127.0.0.1"}, {"address": "127.0.0.2"}], "master_port": base + 1},
+        "kv_transfer": {"side_channel_host": "0.0.0.0", "side_channel_port": base + 10},
+        "instances": [{"role": "prefill", "node": 0, "base_port": base + 30},
+                      {"role": "decode", "node": 1, "base_port": base + 40}],
+    })
+
+
+def on_node(cfg: DeploymentConfig, node: int) -> DeploymentConfig:
+    """Node `node`'s step's config (slurm_node.node_config), or the PdlaunchError its checks raise."""
+    return slurm_node.node_config(cfg.model_dump_json(), node)
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_the_batch_process_on_a_login_node_leaves_device_and_sleep_mode_to_the_nodes(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str) -> None:
+    sees(monkeypatch, 0)
+    problems, resolved = validate_deployment(batch_cfg(tmp_path, device, enable_sleep_mode=True), target=None)
+    assert problems == []
+    assert resolved.device == device  # auto is not this machine's cpu: each node resolves it
+    assert resolved.model.dtype == ("auto" if device == "auto" else "bfloat16")
+    # cuda: sleep mode turns cumem on for every node; auto: each node decides once it knows its device
+    assert resolved.model.enable_cumem_allocator is (device == "cuda")
+
+    sees(monkeypatch, 8)  # the nodes
+    for node in (0, 1):
+        served = on_node(resolved, node)
+        assert served.device == "cuda" and served.model.dtype == "bfloat16"
+        assert served.model.enable_sleep_mode and served.model.enable_cumem_allocator
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_node_without_gpus_still_refuses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, device: str) -> None:
+    sees(monkeypatch, 0)
+    _, resolved = validate_deployment(batch_cfg(tmp_path, device, enable_sleep_mode=True), target=None)
+    with pytest.raises(PdlaunchError) as err:  # the node is as GPU-less as the login node
+        on_node(resolved, 1)
+    message = err.value.message
+    assert "model.enable_sleep_mode: sleep mode is not supported on current platform" in message, message
+    if device == "cuda":
+        assert "device: cuda requested but no CUDA device is visible" in message, message
+    assert err.value.hint == "checked on node 1 (127.0.0.2)"
+
+
+def test_gpu_memory_is_checked_on_the_nodes_not_the_batch_host(monkeypatch: pytest.MonkeyPatch,
+                                                               tmp_path: Path) -> None:
+    """The batch script's machine (or a login node) with a small GPU: its memory is not the nodes'."""
+    sees(monkeypatch, 1, gib=0.001)
+    problems, resolved = validate_deployment(batch_cfg(tmp_path, "cuda"), target=None)
+    assert [field for field, _ in problems if field in GPU_FIELDS] == []
+
+    sees(monkeypatch, 8, gib=0.001)  # nodes whose GPUs are too small: each step says so
+    with pytest.raises(PdlaunchError) as err:
+        on_node(resolved, 0)
+    assert "instances[0]: prefill needs" in err.value.message and "but the budget is" in err.value.message
+    sees(monkeypatch, 8)
+    assert on_node(resolved, 0).device == "cuda"
+
+
+def test_ram_is_checked_on_the_nodes_and_config_only_rules_in_the_batch_process(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sees(monkeypatch, 0)
+    monkeypatch.setattr(memory, "host_ram_bytes", lambda: 1 << 20)  # 1 MiB of RAM, on every machine here
+    problems, resolved = validate_deployment(batch_cfg(tmp_path, "cpu"), target=None)
+    assert problems == []
+    with pytest.raises(PdlaunchError, match="instances: the CPU instances need about"):
+        on_node(resolved, 1)
+
+    # What the config alone says stays the batch process's: sleep mode on --device cpu
+    problems, _ = validate_deployment(batch_cfg(tmp_path, "cpu", enable_sleep_mode=True), target=None)
+    assert [field for field, _ in problems] == ["model.enable_sleep_mode"]
+
