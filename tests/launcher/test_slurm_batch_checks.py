@@ -2,7 +2,7 @@
 checked_on_nodes, launcher/backends/slurm_node.py): salloc's shell runs on a login node, here one without GPUs,
 while the nodes have 8. The batch process must not resolve `device: auto` on its own machine (it became cpu for
 every node), nor refuse sleep mode / the cumem allocator, nor check GPU memory or RAM there; each node's step
-still does. No GPU is needed: each machine's devices are patched
+still does, and says the device it resolved. No GPU is needed: each machine's devices are patched
 (pdlaunch/memory/host_devices.py)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pdlaunch.config.rules import memory
 from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends import slurm_node
+from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
 
@@ -112,3 +113,23 @@ def test_ram_is_checked_on_the_nodes_and_config_only_rules_in_the_batch_process(
     problems, _ = validate_deployment(batch_cfg(tmp_path, "cpu", enable_sleep_mode=True), target=None)
     assert [field for field, _ in problems] == ["model.enable_sleep_mode"]
 
+
+def test_the_step_says_its_device_or_one_error_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    sees(monkeypatch, 0)
+    _, resolved = validate_deployment(batch_cfg(tmp_path, "auto", enable_sleep_mode=True), target=None)
+    monkeypatch.setenv(DEPLOYMENT_ENV, resolved.model_dump_json())
+    served: list[DeploymentConfig] = []
+    monkeypatch.setattr(slurm_node, "run_serve", lambda cfg: served.append(cfg) or 0)
+
+    sees(monkeypatch, 8)
+    assert slurm_node.main(["--node-rank", "1"]) == 0
+    assert [cfg.device for cfg in served] == ["cuda"]
+    assert capsys.readouterr().out.splitlines() == ["node 1: device cuda"]
+
+    sees(monkeypatch, 0)
+    assert slurm_node.main(["--node-rank", "1"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.splitlines()) == 1, out
+    assert out.err.startswith("error: node 1: model.enable_sleep_mode: sleep mode is not supported"), out.err
+    assert "Traceback" not in out.err

@@ -7,10 +7,14 @@ something listening at one stops it before any step starts), then starts one ste
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
 node), and on node 0 the proxy. The validated config, with one deployment secret for every node,
-reaches the steps through their environment (srun passes it on), not a shared file.
+reaches the steps through their environment (srun passes it on), not a shared file. This process checks the
+config only: `device: auto`, CUDA, GPU counts and memory, sleep mode / the cumem allocator are each node's
+step's to check on its own machine (config/validate.checked_on_nodes); the steps say which device they serve
+on, and a node whose `auto` resolved otherwise than node 0's stops the deployment (slurm_lines.py).
 
 It waits for the proxy to answer /health, then supervises the steps: each node's launcher restarts
-its own instances; a step that ends stops the deployment (exit 1, naming the node and its log).
+its own instances; a step that ends stops the deployment (exit 1, naming the node and its log, and
+repeating the step's own error line, `error: node K: FIELD: MESSAGE`, when it printed one).
 SIGINT/SIGTERM (`scancel --signal=TERM --batch`, Ctrl-C under salloc) stop it: it sends each srun
 SIGUSR1, which srun forwards to its node's launcher, each node drains and stops its processes, and
 this process exits 0 once every step has ended; a second signal meanwhile ends the steps at once
@@ -42,6 +46,7 @@ from rich.markup import escape
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.node_ports import check_node_ports
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
@@ -129,6 +134,31 @@ def _dead(steps: list[ChildProcess]) -> ChildProcess | None:
     return next((step for step in steps if step.poll() is not None), None)
 
 
+def failed(console: Console, cfg: DeploymentConfig, steps: list[ChildProcess], devices: NodeDevices, job: str,
+           when: str = "") -> bool:
+    """Whether the deployment failed, saying why: a node serving on another device than node 0 (checked first:
+    a step that then fails on the mismatch would hide it), or a step that ended."""
+    disagreement = devices.disagreement()
+    if disagreement is not None:
+        node, error = disagreement
+        console.print(f"[red]error:[/red] node {node}: {escape(error.render())}; stopping the deployment",
+                      highlight=False, soft_wrap=True)
+        return True
+    dead = _dead(steps)
+    if dead is None:
+        return False
+    node = steps.index(dead)
+    said = node_error(dead.tail(END_LINES), node)
+    if said is None:
+        report_failure(console, step_exit(cfg, dead, steps, job, when), dead)
+        return True
+    # The step's own reason (a check of its node failed) is the error; its output has nothing more to show.
+    console.print(f"[red]error:[/red] {escape(said)}", highlight=False, soft_wrap=True)
+    console.print(f"{escape(step_exit(cfg, dead, steps, job, when))}; stopping the deployment (its output: "
+                  f"{escape(str(dead.log_path))})", highlight=False, soft_wrap=True)
+    return True
+
+
 def run_slurm(cfg: DeploymentConfig) -> int:
     """Serve `cfg` (nodes already taken from the allocation) until a signal; 0 after a clean stop."""
     console = Console()
@@ -147,6 +177,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     job = os.environ.get("SLURM_JOB_ID", "?")
     url = proxy_url(cfg)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
+    devices = NodeDevices(cfg, [step.log_path for step in steps])
     with StopSignals() as signals:
         signals.on_second = lambda: console.print("second signal: stopping now", highlight=False)
 
@@ -164,9 +195,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                     console.print(f"{signals.signal_name} received while starting; stopping "
                                   "(Ctrl-C again to stop at once)")
                     return stopped_by_signal(console, steps, job, hurry)
-                dead = _dead(steps)
-                if dead is not None:
-                    report_failure(console, step_exit(cfg, dead, steps, job, " while starting"), dead)
+                if failed(console, cfg, steps, devices, job, " while starting"):
                     return 1
                 if time.monotonic() > deadline:
                     raise PdlaunchError(f"the proxy at {url} did not answer /health within {READY_TIMEOUT_S:.0f}s",
@@ -174,9 +203,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
             console.print(f"[green]ready[/green]: OpenAI API at [bold]{url}/v1[/bold] (nodes {nodes}); "
                           f"{how_to_stop(job)} to stop", soft_wrap=True)
             while not signals.requested.wait(POLL_S):
-                dead = _dead(steps)
-                if dead is not None:
-                    report_failure(console, step_exit(cfg, dead, steps, job), dead)
+                if failed(console, cfg, steps, devices, job):
                     return 1
             console.print(f"{signals.signal_name} received: stopping every node (up to "
                           f"{STEP_STOP_TIMEOUT_S:.0f}s); Ctrl-C again to stop at once", highlight=False)

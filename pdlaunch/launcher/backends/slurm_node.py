@@ -1,7 +1,10 @@
 """One node's launcher under `--backend slurm`: `python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
 started by launcher/backends/slurm.py through srun. It reads the deployment from PDLAUNCH_SLURM_DEPLOYMENT,
-checks it against this node (ports, checkpoint, log directory) and serves node K exactly as
-`pdlaunch serve --node-rank K` does. Its logs go to LOG_DIR/nodeK/ (log_dir is often shared).
+checks it against this node (ports, checkpoint, log directory, and what the batch process left to the nodes:
+`device: auto`, CUDA, GPU count and memory, sleep mode / the cumem allocator, RAM), says which device it serves
+on and serves node K exactly as `pdlaunch serve --node-rank K` does; a failed check is one line, `error: node K:
+FIELD: MESSAGE`, which the batch process repeats (slurm_lines.py). Its logs go to LOG_DIR/nodeK/ (log_dir is
+often shared).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV, STOP_SIGNAL
+from pdlaunch.launcher.backends.slurm_lines import device_line, error_line
 from pdlaunch.launcher.serve import run_serve
 
 
@@ -44,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     # srun forwards SIGUSR1 (launcher/backends/slurm.py sends it to stop): stop as on SIGTERM.
     signal.signal(STOP_SIGNAL, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:
-        return run_serve(node_config(raw, args.node_rank))
+        cfg = node_config(raw, args.node_rank)
+        print(device_line(args.node_rank, cfg.device), flush=True)
+        return run_serve(cfg)
     except PdlaunchError as exc:
-        print(f"error: node {args.node_rank}: {exc.render()}", file=sys.stderr)
+        print(error_line(args.node_rank, exc), file=sys.stderr, flush=True)
         return 1
 
 

@@ -1,0 +1,82 @@
+"""What a node's step under `--backend slurm` (slurm_node.py) says in its output for the batch process (slurm.py),
+which reads it back from LOG_DIR/slurm-nodeK.log (srun's output: the batch process writes that file itself, so
+no shared filesystem is needed):
+
+- `node K: device cuda`, once the node's checks passed and before it starts anything: the device it serves on.
+  `device: auto` is resolved by each node's step on its own machine, never by the batch process (salloc's shell
+  is often a login node without GPUs, and `auto` there would make every node serve on CPU). The nodes must
+  agree: one that resolves otherwise than node 0 (its GPUs not visible to the job) stops the deployment with
+  `error: node K: device: ...`. The steps start at once, without waiting for each other; the batch process
+  reads these lines while it waits for the proxy and supervises, so a disagreement stops the deployment within
+  a poll of the second line.
+- `error: node K: FIELD: MESSAGE (HINT)`, why the step stopped (its checks, its plan): the batch process repeats
+  it as its own error line instead of the step's bare exit code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.errors import PdlaunchError
+
+_DEVICE = re.compile(r"node (\d+): device (cpu|cuda)\b")
+HEAD_BYTES = 64 * 1024  # the device line comes before anything the node's launcher starts
+
+
+def device_line(node: int, device: str) -> str:
+    """What node `node`'s step prints once its checks passed: the device it serves on (`auto` resolved there)."""
+    return f"node {node}: device {device}"
+
+
+def error_line(node: int, error: PdlaunchError) -> str:
+    """What node `node`'s step prints (stderr) when it stops on `error`: one line."""
+    return f"error: node {node}: " + "; ".join(error.render().splitlines())
+
+
+def node_error(lines: list[str], node: int) -> str | None:
+    """The last error node `node`'s step printed (error_line, without `error: `), or None (it printed none)."""
+    prefix = f"error: node {node}: "
+    found = [line.removeprefix("error: ") for line in lines if line.startswith(prefix)]
+    return found[-1] if found else None
+
+
+def reported_device(log_path: Path, node: int) -> str | None:
+    """The device node `node`'s step said it serves on (device_line), or None while it has not said so."""
+    try:
+        with open(log_path, "rb") as f:
+            head = f.read(HEAD_BYTES).decode(errors="replace")
+    except OSError:
+        return None
+    for line in head.split("\n")[:-1]:  # whole lines only: srun may be writing the last one
+        match = _DEVICE.match(line)
+        if match and int(match.group(1)) == node:
+            return match.group(2)
+    return None
+
+
+class NodeDevices:
+    """The devices the nodes' steps say they serve on, read from their output (`log_paths[K]`: node K's) until
+    every node has said; a node that disagrees with node 0 is an error."""
+
+    def __init__(self, cfg: DeploymentConfig, log_paths: list[Path]) -> None:
+        self.addresses = [node.address for node in cfg.parallel.nodes]
+        self.log_paths = log_paths
+        self.devices: dict[int, str] = {}  # node -> device, as its step said
+
+    def disagreement(self) -> tuple[int, PdlaunchError] | None:
+        """The first node whose device differs from node 0's and why, or None (none does, as far as said)."""
+        for node, path in enumerate(self.log_paths):
+            if node not in self.devices and (device := reported_device(path, node)) is not None:
+                self.devices[node] = device
+        first = self.devices.get(0)
+        for node, device in sorted(self.devices.items()):
+            if first is not None and device != first:
+                without = node if device == "cpu" else 0
+                return node, PdlaunchError(
+                    f"auto resolved to {device} on node {node} ({self.addresses[node]}) but to {first} on node 0 "
+                    f"({self.addresses[0]}); every node must serve on the same device", field="device",
+                    hint=f"node {without} sees no CUDA device: make its GPUs visible to the job (e.g. "
+                         "--gpus-per-node), or set --device cuda to have a node without one refuse, or --device cpu")
+        return None

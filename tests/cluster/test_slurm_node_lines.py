@@ -1,0 +1,143 @@
+"""What the `--backend slurm` batch process makes of its steps' own lines (launcher/backends/slurm_lines.py): the
+device each node resolved `auto` to (the nodes must agree with node 0), and a step's error line, which becomes
+the launcher's one error line (`error: node K: FIELD: MESSAGE`), exit 1, no traceback. A stand-in `srun` on
+PATH prints what FAKE_DIR/say-K holds as node K's step, then exits with FAKE_DIR/exit-K's code or runs until
+the launcher stops it; nothing answers at the proxy's port, so the launcher is still starting throughout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher.backends import slurm
+from pdlaunch.launcher.backends.slurm import run_slurm
+from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
+
+FAKE_SRUN = r"""#!/bin/bash
+for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
+echo $$ > "$FAKE_DIR/srun-$k.pid"
+cat "$FAKE_DIR/say-$k" 2>/dev/null
+[ -e "$FAKE_DIR/exit-$k" ] && exit "$(cat "$FAKE_DIR/exit-$k")"
+trap 'exit 0' USR1 TERM
+while :; do sleep 0.1 & wait $!; done
+"""
+SRUN_LINE = "srun: error: pdn2: task 0: Exited with exit code 1"
+
+
+@pytest.fixture
+def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setattr(slurm, "check_node_ports", lambda cfg: [])
+    monkeypatch.setattr(slurm, "READY_TIMEOUT_S", 60.0)  # a launcher that missed the failure gives up sooner
+    return tmp_path
+
+
+@pytest.fixture
+def term_guard() -> Iterator[None]:
+    """A SIGTERM that arrives after run_slurm restored the handlers must not end pytest."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cfg(logs: Path) -> DeploymentConfig:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens: the proxy never answers
+    return DeploymentConfig.model_validate({
+        "launcher": {"backend": "slurm"}, "log_dir": str(logs), "proxy": {"host": "127.0.0.1", "port": port},
+        "parallel": {"nodes": [{"address": "127.0.0.1"}, {"address": "127.0.0.2"}]}})
+
+
+def launcher_says(fake_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = run_slurm(cfg(fake_dir / "logs"))
+    out = capsys.readouterr()
+    return code, (out.out + out.err).splitlines()
+
+
+def alive(fake_dir: Path) -> list[int]:
+    pids = [int(p.read_text()) for p in fake_dir.glob("srun-*.pid") if p.read_text().strip()]
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_a_node_resolving_auto_otherwise_than_node_0_stops_the_deployment(
+        fake_dir: Path, term_guard: None, capsys: pytest.CaptureFixture[str]) -> None:
+    (fake_dir / "say-0").write_text("node 0: device cuda\n")
+    (fake_dir / "say-1").write_text("node 1: device cpu\n")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error: node 1: device: auto resolved to cpu on node 1 (127.0.0.2) but to cuda on node 0 (127.0.0.1)"), lines
+    assert "node 1 sees no CUDA device" in errors[0], errors
+    assert "stopped: every srun step ended" in lines and not any("Traceback" in line for line in lines), lines
+    assert not alive(fake_dir), "a step was left running"
+
+
+def test_a_steps_error_line_is_the_launchers_error(fake_dir: Path, term_guard: None,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    said = ("error: node 1: device: cuda requested but no CUDA device is visible on this machine; use --device "
+            "cpu (checked on node 1 (127.0.0.2))")
+    (fake_dir / "say-1").write_text(f"{said}\n{SRUN_LINE}\n")
+    (fake_dir / "exit-1").write_text("1")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    assert [line for line in lines if line.startswith("error:")] == [said], lines
+    assert ("node 1's srun step (on 127.0.0.2, job 7) exited with code 1 while starting; stopping the deployment "
+            f"(its output: {fake_dir / 'logs' / 'slurm-node1.log'})") in lines, lines
+    assert not any(line.startswith("last ") for line in lines), lines  # the step's output says nothing more
+    assert not any("Traceback" in line for line in lines) and not alive(fake_dir), lines
+
+
+def test_a_step_ending_without_its_own_error_shows_its_output(fake_dir: Path, term_guard: None,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (fake_dir / "say-1").write_text(f"node 1: device cpu\nKilled\n{SRUN_LINE}\n")
+    (fake_dir / "exit-1").write_text("137")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    assert ("error: node 1's srun step (on 127.0.0.2, job 7) exited with code 137 while starting; stopping the "
+            "deployment") in lines, lines
+    assert "  Killed" in lines, lines  # the last lines of its output follow
+
+
+def test_node_lines_are_read_whole_and_per_node(tmp_path: Path) -> None:
+    logs = [tmp_path / "slurm-node0.log", tmp_path / "slurm-node1.log"]
+    devices = NodeDevices(cfg(tmp_path), logs)
+    assert devices.disagreement() is None  # nothing said yet
+    logs[1].write_text("node 1: device cpu\n")
+    assert devices.disagreement() is None  # node 0 has not said: no reference yet
+    logs[0].write_text("node 1: device cuda\nnode 0: device cp")  # another node's line; a line still written
+    assert devices.disagreement() is None
+    with logs[0].open("a") as f:
+        f.write("u\n")
+    assert devices.disagreement() is None  # both on cpu
+    agreed = NodeDevices(cfg(tmp_path), logs)
+    logs[0].write_text("node 0: device cuda\n")
+    found = agreed.disagreement()
+    assert found is not None and found[0] == 1 and found[1].field == "device", found
+
+    assert node_error(["error: node 0: x: y", "error: node 1: device: a", SRUN_LINE], 1) == "node 1: device: a"
+    assert node_error(["error: instance decode-0 exited", SRUN_LINE], 1) is None
