@@ -8,8 +8,8 @@ we reproduce").
 
 The batch process of `--backend slurm` (checked_on_nodes) runs no instance: it checks the config only, leaves
 `device: auto` (and so dtype auto) unresolved, and leaves what depends on a node's machine (CUDA, GPU count and
-memory, sleep mode / the cumem allocator, RAM) to each node's step, which validates again on its node
-(launcher/backends/slurm_node.py).
+memory, sleep mode / the cumem allocator, RAM, the addresses its processes bind, the KV connector's libraries and
+devices, the storage path) to each node's step, which validates again on its node (launcher/backends/slurm_node.py).
 """
 
 from __future__ import annotations
@@ -255,9 +255,10 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems += resources.port_problems(out)
     problems += secret_problems(out, os.environ)
     if target is None:  # another host's addresses and directories cannot be checked from here
+        problems += log_dir_problems(out)
+    if target is None and not checked_on_nodes(out, target):  # the slurm batch process: the nodes' own checks
         problems += local_bind_problems(out)
         problems += kv_connector_problems(out)
-        problems += log_dir_problems(out)
         problems += storage_path_problems(out)
     here = gpu_nodes_here(out, target)
     gpus = 0 if checked_on_nodes(out, target) else visible_gpus(device, target)  # no torch import there

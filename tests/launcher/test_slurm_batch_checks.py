@@ -133,3 +133,15 @@ def test_the_step_says_its_device_or_one_error_line(monkeypatch: pytest.MonkeyPa
     assert out.out == "" and len(out.err.splitlines()) == 1, out
     assert out.err.startswith("error: node 1: model.enable_sleep_mode: sleep mode is not supported"), out.err
     assert "Traceback" not in out.err
+
+
+def test_the_nodes_addresses_are_bound_on_the_nodes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """proxy.host set to node 0's own address, which a login node does not have: node 0's step binds it."""
+    sees(monkeypatch, 0)
+    cfg = batch_cfg(tmp_path, "cpu")
+    cfg.proxy.host = "192.0.2.1"  # TEST-NET-1: an address of no machine here
+    problems, resolved = validate_deployment(cfg, target=None)
+    assert problems == []
+    with pytest.raises(PdlaunchError, match=r"proxy.host: 192.0.2.1 is not an address of this machine"):
+        on_node(resolved, 0)
+    assert on_node(resolved, 1).proxy.host == "192.0.2.1"  # node 1 runs no proxy
