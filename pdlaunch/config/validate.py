@@ -114,15 +114,15 @@ def cumem_reason(cfg: DeploymentConfig) -> str:
 def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
     """Seed 003: sleep mode turns cumem on; cumem needs CUDA; expandable_segments + connector needs cumem.
 
-    Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy). In the slurm batch process CUDA's
-    support is each node's to check, and with `device: auto` so is all of this (the device is not known here).
+    Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy). The slurm batch process leaves all of
+    it to each node's step unless the device is cpu: CUDA's support is the node's, and so is turning cumem on (a
+    node without CUDA would otherwise be told to drop an --enable-cumem-allocator the user never gave).
     """
     problems: list[Problem] = []
-    if device == "auto":
+    if device != "cpu" and checked_on_nodes(cfg, target):
         return problems
-    elsewhere = target is not None or checked_on_nodes(cfg, target)
-    cumem_available = device == "cuda" and (elsewhere or host_devices.is_cumem_allocator_available())
-    sleep_available = device == "cuda" and (elsewhere or host_devices.is_sleep_mode_available())
+    cumem_available = device == "cuda" and (target is not None or host_devices.is_cumem_allocator_available())
+    sleep_available = device == "cuda" and (target is not None or host_devices.is_sleep_mode_available())
     model = cfg.model
     if model.enable_sleep_mode:
         if not sleep_available:

@@ -62,8 +62,7 @@ def test_the_batch_process_on_a_login_node_leaves_device_and_sleep_mode_to_the_n
     assert problems == []
     assert resolved.device == device  # auto is not this machine's cpu: each node resolves it
     assert resolved.model.dtype == ("auto" if device == "auto" else "bfloat16")
-    # cuda: sleep mode turns cumem on for every node; auto: each node decides once it knows its device
-    assert resolved.model.enable_cumem_allocator is (device == "cuda")
+    assert not resolved.model.enable_cumem_allocator  # each node turns it on for sleep mode, if it has CUDA
 
     sees(monkeypatch, 8)  # the nodes
     for node in (0, 1):
@@ -80,6 +79,7 @@ def test_a_node_without_gpus_still_refuses(monkeypatch: pytest.MonkeyPatch, tmp_
         on_node(resolved, 1)
     message = err.value.message
     assert "model.enable_sleep_mode: sleep mode is not supported on current platform" in message, message
+    assert "model.enable_cumem_allocator" not in message, message  # the user gave no --enable-cumem-allocator
     if device == "cuda":
         assert "device: cuda requested but no CUDA device is visible" in message, message
     assert err.value.hint == "checked on node 1 (127.0.0.2)"
