@@ -2,7 +2,9 @@
 sbatch script serves 1P1D across the two nodes (the prefill on the second, the decode's TP 2 group
 spanning both: its rank 1 is started by the second node's step and joins rank 0's rendezvous on the
 first), answers equal a colocated engine's, the KV crosses from prefill to decode, and
-`scancel --signal=TERM --batch` stops every node cleanly. Outside an allocation the backend is an error.
+`scancel --signal=TERM --batch` stops every node cleanly; its `device: auto` is resolved by each node's step
+(cpu on both here), not by the batch script. Under salloc a node's failed check is the launcher's one error
+line. Outside an allocation the backend is an error.
 
 Both "nodes" share this machine's kernel, so only one TP group may rendezvous (the port plan numbers
 rendezvous ports per node, from parallel.master_port on each)."""
@@ -10,6 +12,7 @@ rendezvous ports per node, from parallel.master_port on each)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,7 +58,7 @@ def test_sbatch_example_serves_1p1d_across_two_nodes(slurm: SlurmCluster, llama_
     config = tmp_path / "pd.yaml"
     config.write_text(f"""\
 launcher: {{backend: slurm}}
-device: cpu
+device: auto  # each node resolves it (the batch process does not): cpu on both here
 model: {{path: "{llama_ckpt}"}}
 cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
 kv_transfer: {{connector: nixl, side_channel_host: 0.0.0.0}}
@@ -120,5 +123,28 @@ instances:
     for node in (0, 1):
         node_out = (tmp_path / "logs" / f"slurm-node{node}.log").read_text(errors="replace")
         assert "stopped: all processes reaped" in node_out, node_out
+        assert f"node {node}: device cpu" in node_out.splitlines(), node_out  # the nodes agree on auto
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the deployment left: {left}"
+
+
+@pytest.mark.e2e
+def test_a_nodes_failed_check_is_the_launchers_one_error_line(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """salloc runs the launcher where salloc runs (here, as on a login node, without a GPU): --device cuda with
+    sleep mode passes its checks, since the GPUs are the nodes'; each node's step then refuses (no GPU there
+    either), and the launcher repeats the step's own error as its one error line: exit 1, no traceback."""
+    env = {**slurm.env, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(["salloc", "--nodes=2", sys.executable, "-m", "pdlaunch", "serve", "--model", "tiny",
+                           "--backend", "slurm", "--device", "cuda", "--enable-sleep-mode", "--port", str(_free_port()),
+                           "--log-dir", str(tmp_path / "logs")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=START_TIMEOUT_S)
+    text = done.stdout + done.stderr
+    assert done.returncode == 1, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    assert re.match(r"error: node [01]: device: cuda requested but no CUDA device is visible on this machine",
+                    errors[0]), text
+    assert "model.enable_sleep_mode: sleep mode is not supported" in errors[0], text
+    assert "enable_cumem_allocator" not in errors[0], text  # only what the user asked for is named
+    assert "stopped: every srun step ended" in text and "Traceback" not in text, text
