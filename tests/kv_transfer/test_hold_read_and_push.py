@@ -192,3 +192,30 @@ def test_a_push_that_comes_after_a_read_done_is_refused() -> None:
     with pytest.raises(KVTransferError, match="not held here any more"):
         holds.claim_push(_chunk(spec, LOAD_B, "00000000000000b1", last=True), spec, wait=0.0)
     assert holds.poll(time.monotonic()) == {"p-1"}
+
+
+def test_the_proxys_release_ends_a_hold_whose_claimed_read_ended() -> None:
+    """Decode A READ the blocks and said so while decode B's push was between chunks; then the proxy releases the
+    hold (B's leg ended: its client left, or B died). A's READ no longer keeps it: it ends at the next poll rather
+    than at its lease, counted as read by A, and B's next chunk is refused."""
+    spec, holds = _table()
+    _claim(holds)
+    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=False))
+    _notify(holds)
+    assert holds.release("p-1"), "refused for a READ that had ended"
+    assert holds.poll(time.monotonic()) == {"p-1"}
+    assert _claim(holds) == Empty(), "A read the blocks while they were held"
+    with pytest.raises(KVTransferError, match="not held here any more"):
+        holds.claim_push(_chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5), spec, wait=0.0)
+
+
+def test_the_proxys_release_leaves_a_hold_to_a_claimed_read_still_running() -> None:
+    """The other half: decode A's READ claimed the hold and has not said it ended: the release is refused, and the
+    hold lives until A's notification, even with decode B's push through."""
+    spec, holds = _table()
+    _claim(holds)
+    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=True))
+    assert not holds.release("p-1")
+    assert holds.poll(time.monotonic()) == set()
+    _notify(holds)
+    assert holds.poll(time.monotonic()) == {"p-1"}
