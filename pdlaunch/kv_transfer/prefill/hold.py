@@ -8,7 +8,7 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
   cancelled its push ("cancel_push") or its push failed, or
 - decode says it gave up ("release"),
   each only once no other decode that took the hold is still at it (below), or
-- the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ still keeps it), or
+- the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ that has not ended keeps it), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
 READ, and counts the READ only once the claim was answered; a claimed hold lives until the
@@ -82,11 +82,16 @@ def reader_done(hold: Hold, reader: str) -> bool:
     return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
 
 
+def read_running(hold: Hold) -> bool:
+    """A reader whose READ claimed the hold has not sent all its notifications: the claim keeps the blocks until
+    then, or until its cap (`read_claimed` stays set once a READ claimed the hold, after it ended too)."""
+    return not all(reader_done(hold, r) for r in hold.claimed_by)
+
+
 def through(hold: Hold) -> bool:
     """No decode that took the hold is still at it: no push from it is under way (accepted, and neither its last
-    chunk landed nor it failed or was cancelled), and every reader whose READ claimed it sent its notifications
-    (a READ's claim keeps the blocks until then, or until its cap)."""
-    return not (hold.push_owners or hold.pushing) and all(reader_done(hold, r) for r in hold.claimed_by)
+    chunk landed nor it failed or was cancelled), and no READ that claimed it runs (`read_running`)."""
+    return not (hold.push_owners or hold.pushing or read_running(hold))
 
 
 def given_up(hold: Hold) -> bool:

@@ -25,6 +25,7 @@ from pdlaunch.kv_transfer.prefill.hold import (
     given_up,
     how_it_ended,
     not_held,
+    read_running,
     reader_done,
     readers_that_read,
     through,
@@ -98,10 +99,11 @@ class HoldTable:
     def release(self, request_id: str) -> bool:
         """The decode leg of `request_id` will not run: free the hold at the next `poll`, or once a push
         or staging copy reading it ends (no new one starts: cancelled). A hold a decode READ claimed
-        stays until that READ's notification or cap."""
+        stays until that READ's notification or cap; one whose claimed READs all ended (the hold lived on for
+        another decode's push, between its chunks) is released."""
         with self.lock:
             hold = self._holds.get(request_id)
-            if hold is None or hold.read_claimed:
+            if hold is None or read_running(hold):
                 return False
             hold.cancelled = hold.done = True
         logger.info("KV of request %s released early: its decode leg will not run", request_id)
