@@ -107,13 +107,15 @@ class EngineThread:
     def _run(self) -> None:
         try:
             engine = self._engine = self._factory()
-        except Exception as exc:  # noqa: BLE001 - any build failure ends the instance with its message
+            # /info and the gauges have numbers from the start: a quiescent loop steps first quiescent_wait_s later
+            self.rank_engine_ids, self.rank_nodes = engine.rank_engine_ids, engine.rank_nodes
+            self._update_stats(engine)
+        except Exception as exc:  # noqa: BLE001 - any build failure ends the instance with its message, never "loading"
             self._fatal(f"engine failed to start: {exc}", exc)
             self._ready.set()
+            if self._engine is not None:  # built, its first stats failed: its memory and agent go back
+                self._shutdown_engine(self._engine)
             return
-        # /info and the gauges have numbers from the start: a quiescent loop steps first quiescent_wait_s later
-        self.rank_engine_ids, self.rank_nodes = engine.rank_engine_ids, engine.rank_nodes
-        self._update_stats(engine)
         self.state = "ready"
         self._ready.set()
         log.info("engine ready")
