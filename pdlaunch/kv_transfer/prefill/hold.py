@@ -24,7 +24,9 @@ name their decode load (`owner`). A proxy that retries a decode leg on another d
 sends that decode the same params, so several decodes may take one hold, reading or pushing (decodes may load
 in different transfer modes). Every decode that took the hold keeps it until it is through (`through`): a
 reader whose READ claimed it until all its notifications are in, a push the side channel accepted until its
-last chunk landed or it failed or was cancelled. The hold ends when a decode is through with it (a reader's
+last chunk landed or it failed or was cancelled (not a staged pull: its chunks through the prefill's staging
+slots take no claim, so another decode's end may end the hold between them, and that decode computes the
+prompt). The hold ends when a decode is through with it (a reader's
 notifications all in, a push's last chunk landed, a cancelled or failed push) and no other that took it is
 still at it; so a read_done never ends a hold another decode pushes from (between two chunks of a staged
 push), and a push's last chunk never ends one under a claimed READ. A decode that comes after the hold ended
