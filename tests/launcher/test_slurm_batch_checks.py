@@ -145,3 +145,29 @@ def test_the_nodes_addresses_are_bound_on_the_nodes(monkeypatch: pytest.MonkeyPa
     with pytest.raises(PdlaunchError, match=r"proxy.host: 192.0.2.1 is not an address of this machine"):
         on_node(resolved, 0)
     assert on_node(resolved, 1).proxy.host == "192.0.2.1"  # node 1 runs no proxy
+
+
+@pytest.mark.parametrize("raw", ['{"device": "tpu"', '{"device": "tpu"}', '[]'])
+def test_a_corrupt_deployment_in_the_steps_environment_is_one_error_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], raw: str) -> None:
+    """Cut short, a value out of range, not an object: the step says so on one line and exits 1, no traceback."""
+    monkeypatch.setenv(DEPLOYMENT_ENV, raw)
+    monkeypatch.setattr(slurm_node, "run_serve", lambda cfg: pytest.fail("a corrupt deployment must not serve"))
+    assert slurm_node.main(["--node-rank", "1"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and len(out.err.splitlines()) == 1, out
+    assert out.err.startswith(f"error: node 1: {DEPLOYMENT_ENV}: "), out.err
+    assert "pdlaunch serve --backend slurm" in out.err and "Traceback" not in out.err
+
+
+def test_a_corrupt_deployment_is_named_without_its_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The step's output is a log file the batch process repeats: the value's secret must not appear in it."""
+    raw = batch_cfg(tmp_path, "cpu").model_dump_json()
+    secret = "slurm-batch-checks-secret-0123"
+    for corrupt in (raw[:raw.index(secret) + 20], raw.replace(secret, "short")):
+        monkeypatch.setenv(DEPLOYMENT_ENV, corrupt)
+        assert slurm_node.main(["--node-rank", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: node 0: {DEPLOYMENT_ENV}: does not hold a valid deployment"), err
+        assert "slurm-batch" not in err and "short" not in err, err

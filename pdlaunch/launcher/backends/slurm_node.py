@@ -13,9 +13,12 @@ import os
 import signal
 import sys
 
+from pydantic import ValidationError
+
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.errors_format import loc_to_path
 from pdlaunch.config.validate import validate_deployment
-from pdlaunch.errors import ArgumentParser, PdlaunchError
+from pdlaunch.errors import ArgumentParser, PdlaunchError, error_text
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV, STOP_SIGNAL
 from pdlaunch.launcher.backends.slurm_lines import device_line, error_line
 from pdlaunch.launcher.serve import run_serve
@@ -23,7 +26,7 @@ from pdlaunch.launcher.serve import run_serve
 
 def node_config(raw: str, node_rank: int) -> DeploymentConfig:
     """The deployment as node `node_rank` runs it, checked on this node. Raises PdlaunchError."""
-    cfg = DeploymentConfig.model_validate_json(raw)
+    cfg = _parsed(raw)
     if node_rank >= len(cfg.parallel.nodes):
         raise PdlaunchError(f"node rank {node_rank} is not among the deployment's {len(cfg.parallel.nodes)} nodes")
     cfg.launcher.backend = "local"  # this process runs its node's processes itself
@@ -34,6 +37,20 @@ def node_config(raw: str, node_rank: int) -> DeploymentConfig:
         raise PdlaunchError("; ".join(f"{field}: {message}" for field, message in problems),
                             hint=f"checked on node {node_rank} ({cfg.parallel.nodes[node_rank].address})")
     return resolved
+
+
+def _parsed(raw: str) -> DeploymentConfig:
+    """The deployment the batch process handed over. The value comes from outside this process (a step started by
+    hand, an environment altered or cut short on the way): a bad one is PdlaunchError naming the variable. Its
+    values are not shown: the value holds the deployment secret and API key, and the step's output is a log."""
+    try:
+        return DeploymentConfig.model_validate_json(raw)
+    except ValidationError as exc:
+        found = "; ".join(f"{loc_to_path(tuple(err['loc']))}: {error_text(err)}"
+                          for err in exc.errors(include_url=False, include_input=False))
+        raise PdlaunchError(f"does not hold a valid deployment: {found}", field=DEPLOYMENT_ENV,
+                            hint="`pdlaunch serve --backend slurm` sets it for its srun steps: start the deployment "
+                                 "with that, not this module by hand") from None
 
 
 def main(argv: list[str] | None = None) -> int:
