@@ -171,3 +171,14 @@ def test_a_corrupt_deployment_is_named_without_its_secret(monkeypatch: pytest.Mo
         err = capsys.readouterr().err
         assert err.startswith(f"error: node 0: {DEPLOYMENT_ENV}: does not hold a valid deployment"), err
         assert "slurm-batch" not in err and "short" not in err, err
+
+
+@pytest.mark.parametrize("rank", ["-1", "2"])
+def test_a_node_rank_outside_the_allocation_is_one_error_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str], rank: str) -> None:
+    monkeypatch.setenv(DEPLOYMENT_ENV, batch_cfg(tmp_path, "cpu").model_dump_json())
+    monkeypatch.setattr(slurm_node, "run_serve", lambda cfg: pytest.fail("no node of the deployment to serve"))
+    assert slurm_node.main(["--node-rank", rank]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: node {rank}: node rank {rank} is not among the deployment's 2 nodes"), err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -27,8 +27,9 @@ from pdlaunch.launcher.serve import run_serve
 def node_config(raw: str, node_rank: int) -> DeploymentConfig:
     """The deployment as node `node_rank` runs it, checked on this node. Raises PdlaunchError."""
     cfg = _parsed(raw)
-    if node_rank >= len(cfg.parallel.nodes):
-        raise PdlaunchError(f"node rank {node_rank} is not among the deployment's {len(cfg.parallel.nodes)} nodes")
+    if not 0 <= node_rank < len(cfg.parallel.nodes):  # a negative one would be refused by the assignment below
+        raise PdlaunchError(f"node rank {node_rank} is not among the deployment's {len(cfg.parallel.nodes)} nodes",
+                            hint=f"--node-rank is 0..{len(cfg.parallel.nodes) - 1}")
     cfg.launcher.backend = "local"  # this process runs its node's processes itself
     cfg.parallel.node_rank = node_rank
     cfg.log_dir = os.path.join(cfg.log_dir, f"node{node_rank}")
