@@ -161,7 +161,8 @@ def check_node_gpus(cfg: DeploymentConfig, planned: list[PlannedInstance], gpus:
     the same on every node and never asks this machine (config/placement.py), so each node checks its own
     count here. Raises PdlaunchError naming the field that placed ranks on a GPU this node lacks."""
     me = cfg.parallel.node_rank
-    sees = f"node {me} ({_node_host(cfg, me)}) sees {gpus} GPU(s)" + (f", CUDA devices 0-{gpus - 1}" if gpus else "")
+    indices = {0: "", 1: ", CUDA device 0"}.get(gpus, f", CUDA devices 0-{gpus - 1}")
+    sees = f"node {me} ({_node_host(cfg, me)}) sees {gpus} GPU(s){indices}"
     over = [(instance, rank.device) for instance in planned for rank in instance.ranks
             if rank.node == me and rank.device is not None and rank.device >= gpus]
     if not over:
