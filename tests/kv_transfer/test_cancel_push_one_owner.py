@@ -25,46 +25,15 @@ from pdlaunch.kv_transfer.messages import (
 from pdlaunch.kv_transfer.prefill.hold import Hold
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
-from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.push_fakes import LEASE_S, LandingAgent, held_table, push_chunk
 
-LEASE_S = 60.0
 LOAD_A = "aaaaaaaaaaaaaaaa"  # the load nonce of decode A, which gives the request up
 LOAD_B = "bbbbbbbbbbbbbbbb"  # of decode B, where the proxy retried it
 
 
-class _Agent:
-    """Every WRITE lands at once."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-        self.sent: list[tuple[str, bytes]] = []  # (peer, notification)
-
-    def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
-                 remote_device_id: int, notif: bytes) -> Any:
-        self.writes += 1
-        self.sent.append((remote_agent, notif))  # NIXL hands push_done over with the WRITE
-        return SimpleNamespace(state=lambda: "DONE", release=lambda: None, num_bytes=sum(n for _, n in local),
-                               error=None)
-
-    def notify(self, peer: str, message: bytes) -> None:
-        self.sent.append((peer, message))
-
-
-def _table() -> tuple[KVCacheSpec, HoldTable]:
-    holds = HoldTable(lease_seconds=LEASE_S)
-    holds.hold("p-1", [[3, 4, 5, 6]])
-    return make_spec(), holds
-
-
-def _chunk(spec: KVCacheSpec, owner: str, nonce: str, last: bool, start: int = 3) -> PushRequest:
-    return PushRequest(type="push", request_id="p-1", nonce=nonce, owner=owner, last=last, agent_name="decode",
-                       agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                       deadline_in=30.0)
-
-
 def _pushed(spec: KVCacheSpec, holds: HoldTable, owner: str, nonce: str) -> Hold:
     """A first (not last) chunk of load `owner`'s push landed: the hold it pushed from."""
-    message = _chunk(spec, owner, nonce, last=False)
+    message = push_chunk(spec, owner, nonce, last=False)
     hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     holds.unclaim_push(hold, message)
@@ -75,7 +44,7 @@ def _cancel(holds: HoldTable, owner: str) -> CancelPushAnswer:
     return holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="p-1", owner=owner))
 
 
-def _push(holds: HoldTable, spec: KVCacheSpec, agent: _Agent, message: PushRequest) -> None:
+def _push(holds: HoldTable, spec: KVCacheSpec, agent: LandingAgent, message: PushRequest) -> None:
     """The side channel accepts the push request; a sender thread WRITEs it."""
     hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
@@ -85,12 +54,12 @@ def _push(holds: HoldTable, spec: KVCacheSpec, agent: _Agent, message: PushReque
 
 
 def test_another_decodes_push_chunk_is_accepted_and_written_after_a_cancel() -> None:
-    spec, holds = _table()
-    agent = _Agent()
-    _push(holds, spec, agent, _chunk(spec, LOAD_B, "00000000000000b1", last=False))
+    spec, holds = held_table()
+    agent = LandingAgent()
+    _push(holds, spec, agent, push_chunk(spec, LOAD_B, "00000000000000b1", last=False))
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=False)
     assert holds.poll(time.monotonic()) == set(), "freed under decode B, which pushed from it"
-    _push(holds, spec, agent, _chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5))
+    _push(holds, spec, agent, push_chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5))
     assert agent.writes == 2, "decode B's next chunk was not written"
     assert [parse_notification(n) for _, n in agent.sent] == [PushDone(kind="push_done", nonce="00000000000000b1"),
                                                              PushDone(kind="push_done", nonce="00000000000000b2")]
@@ -98,7 +67,7 @@ def test_another_decodes_push_chunk_is_accepted_and_written_after_a_cancel() -> 
 
 
 def test_a_cancel_with_nothing_in_flight_does_not_free_a_hold_another_decode_pushed_from() -> None:
-    spec, holds = _table()
+    spec, holds = held_table()
     hold = _pushed(spec, holds, LOAD_B, "00000000000000b1")  # its first chunk landed
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=False)
     assert holds.poll(time.monotonic()) == set()
@@ -108,9 +77,9 @@ def test_a_cancel_with_nothing_in_flight_does_not_free_a_hold_another_decode_pus
 
 
 def test_a_cancel_during_its_own_write_leaves_the_hold_to_the_decode_that_pushed_before() -> None:
-    spec, holds = _table()
+    spec, holds = held_table()
     hold = _pushed(spec, holds, LOAD_B, "00000000000000b1")
-    chunk_a = _chunk(spec, LOAD_A, "00000000000000a1", last=False)
+    chunk_a = push_chunk(spec, LOAD_A, "00000000000000a1", last=False)
     assert holds.claim_push(chunk_a, spec, wait=0.0) is hold
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=True)
     holds.unclaim_push(hold, chunk_a)  # A's WRITE ended: its push_done/push_failed told A
@@ -118,30 +87,30 @@ def test_a_cancel_during_its_own_write_leaves_the_hold_to_the_decode_that_pushed
 
 
 def test_a_cancelled_decodes_later_chunk_is_refused() -> None:
-    spec, holds = _table()
+    spec, holds = held_table()
     hold = _pushed(spec, holds, LOAD_B, "00000000000000b1")  # its first chunk landed
     _cancel(holds, LOAD_A)
     with pytest.raises(KVTransferError, match="cancelled"):
-        holds.claim_push(_chunk(spec, LOAD_A, "00000000000000a1", last=False), spec, wait=0.0)
+        holds.claim_push(push_chunk(spec, LOAD_A, "00000000000000a1", last=False), spec, wait=0.0)
     assert hold.busy == 0 and not hold.pushing
 
 
 def test_a_lone_decodes_cancel_frees_the_hold_it_pushed_from_at_once() -> None:
-    spec, holds = _table()
+    spec, holds = held_table()
     _pushed(spec, holds, LOAD_A, "00000000000000a1")  # its first chunk landed
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=False)
     assert holds.poll(time.monotonic()) == {"p-1"}
 
 
 def test_a_hold_kept_for_a_decode_that_never_comes_back_ends_at_its_lease() -> None:
-    spec, holds = _table()
+    spec, holds = held_table()
     _pushed(spec, holds, LOAD_B, "00000000000000b1")  # its first chunk landed
     _cancel(holds, LOAD_A)
     assert holds.poll(time.monotonic() + LEASE_S / 2) == set()
     assert holds.poll(time.monotonic() + LEASE_S + 1.0) == {"p-1"}
 
 
-class _FailingAgent(_Agent):
+class _FailingAgent(LandingAgent):
     """Every WRITE fails."""
 
     def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
@@ -157,9 +126,9 @@ class _FailingAgent(_Agent):
 def test_a_push_that_ends_without_landing_leaves_the_hold_to_the_decode_that_pushed_before(cancelled: bool) -> None:
     """Decode A's push ends without a WRITE landing (A cancelled it while it waited for a sender thread, or its
     WRITE failed): A hears push_failed and computes the prompt; decode B's next chunk still finds the blocks."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _pushed(spec, holds, LOAD_B, "00000000000000b1")
-    chunk_a = _chunk(spec, LOAD_A, "00000000000000a1", last=True)
+    chunk_a = push_chunk(spec, LOAD_A, "00000000000000a1", last=True)
     hold = holds.claim_push(chunk_a, spec, wait=0.0)
     assert hold is not None
     if cancelled:
@@ -171,13 +140,13 @@ def test_a_push_that_ends_without_landing_leaves_the_hold_to_the_decode_that_pus
     assert agent.writes == (0 if cancelled else 1)
     assert [type(parse_notification(n)) for _, n in agent.sent] == [PushFailed]
     assert holds.poll(time.monotonic()) == set(), "freed under decode B, which pushed from it"
-    _push(holds, spec, _Agent(), _chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5))
+    _push(holds, spec, LandingAgent(), push_chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5))
     assert holds.poll(time.monotonic()) == {"p-1"}
 
 
 def test_a_lone_decodes_failed_push_frees_the_hold_at_once() -> None:
-    spec, holds = _table()
-    message = _chunk(spec, LOAD_A, "00000000000000a1", last=False)
+    spec, holds = held_table()
+    message = push_chunk(spec, LOAD_A, "00000000000000a1", last=False)
     hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     sender = PushSender(cast(Any, _FailingAgent()), holds, cast(Any, None), transfer_timeout=30.0)

@@ -10,7 +10,6 @@ refused: that decode recomputed the prompt), and a push's last chunk ended it un
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -30,42 +29,11 @@ from pdlaunch.kv_transfer.messages import (
 from pdlaunch.kv_transfer.prefill.hold import Hold
 from pdlaunch.kv_transfer.prefill.holds import READ_GRACE_SECONDS, HoldTable
 from pdlaunch.kv_transfer.prefill.push_sender import PushSender
-from tests.kv_transfer.pd_procs import make_spec
+from tests.kv_transfer.push_fakes import LEASE_S, LandingAgent, held_table, push_chunk
 
-LEASE_S = 60.0
 READER_A = "decode-a-engine"  # decode A pulls (READ)
 LOAD_B = "bbbbbbbbbbbbbbbb"  # the load nonce of decode B, which pushes
 LOAD_C = "cccccccccccccccc"  # of decode C, which pushes too
-
-
-class _Agent:
-    """Every WRITE lands at once; records what it sent."""
-
-    def __init__(self) -> None:
-        self.writes = 0
-        self.sent: list[bytes] = []
-
-    def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
-                 remote_device_id: int, notif: bytes) -> Any:
-        self.writes += 1
-        self.sent.append(notif)  # NIXL hands push_done over with the WRITE
-        return SimpleNamespace(state=lambda: "DONE", release=lambda: None, num_bytes=sum(n for _, n in local),
-                               error=None)
-
-    def notify(self, peer: str, message: bytes) -> None:
-        self.sent.append(message)
-
-
-def _table() -> tuple[KVCacheSpec, HoldTable]:
-    holds = HoldTable(lease_seconds=LEASE_S)
-    holds.hold("p-1", [[3, 4, 5, 6]])
-    return make_spec(), holds
-
-
-def _chunk(spec: KVCacheSpec, owner: str, nonce: str, last: bool, start: int = 3) -> PushRequest:
-    return PushRequest(type="push", request_id="p-1", nonce=nonce, owner=owner, last=last, agent_name="decode",
-                       agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                       deadline_in=30.0)
 
 
 def _accept(spec: KVCacheSpec, holds: HoldTable, message: PushRequest) -> Hold:
@@ -75,14 +43,14 @@ def _accept(spec: KVCacheSpec, holds: HoldTable, message: PushRequest) -> Hold:
     return hold
 
 
-def _send(spec: KVCacheSpec, holds: HoldTable, agent: _Agent, hold: Hold, message: PushRequest) -> None:
+def _send(spec: KVCacheSpec, holds: HoldTable, agent: LandingAgent, hold: Hold, message: PushRequest) -> None:
     """A sender thread runs the accepted push: WRITE, push_done, unclaim."""
     sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)
     sender.spec = spec
     sender._push(hold, message, "decode-agent", time.monotonic())
 
 
-def _push(spec: KVCacheSpec, holds: HoldTable, agent: _Agent, message: PushRequest) -> None:
+def _push(spec: KVCacheSpec, holds: HoldTable, agent: LandingAgent, message: PushRequest) -> None:
     _send(spec, holds, agent, _accept(spec, holds, message), message)
 
 
@@ -94,8 +62,8 @@ def _notify(holds: HoldTable, kind: str = "read_done", reader: str = READER_A) -
     holds.on_read_done(ReadDone(kind=kind, request_id="p-1", reader=reader))  # type: ignore[arg-type]
 
 
-def _done_nonces(agent: _Agent) -> list[str]:
-    done = [parse_notification(n) for n in agent.sent]
+def _done_nonces(agent: LandingAgent) -> list[str]:
+    done = [parse_notification(n) for _, n in agent.sent]
     assert all(isinstance(n, PushDone) for n in done), done
     return [cast(PushDone, n).nonce for n in done]
 
@@ -104,13 +72,13 @@ def _done_nonces(agent: _Agent) -> list[str]:
 def test_a_read_done_leaves_the_hold_to_a_push_between_its_chunks(kind: str) -> None:
     """Decode B's staged push landed its first chunk; decode A READ the blocks (or gave up) and said so: B's next
     chunk is still accepted and written, and the hold ends with B's last chunk."""
-    spec, holds = _table()
-    agent = _Agent()
+    spec, holds = held_table()
+    agent = LandingAgent()
     _claim(holds)
-    _push(spec, holds, agent, _chunk(spec, LOAD_B, "00000000000000b1", last=False))
+    _push(spec, holds, agent, push_chunk(spec, LOAD_B, "00000000000000b1", last=False))
     _notify(holds, kind)
     assert holds.poll(time.monotonic()) == set(), "freed under decode B's push, between its chunks"
-    _push(spec, holds, agent, _chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5))
+    _push(spec, holds, agent, push_chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5))
     assert _done_nonces(agent) == ["00000000000000b1", "00000000000000b2"]
     assert holds.poll(time.monotonic()) == {"p-1"}
 
@@ -118,9 +86,9 @@ def test_a_read_done_leaves_the_hold_to_a_push_between_its_chunks(kind: str) -> 
 def test_a_read_done_during_an_accepted_push_frees_nothing_before_its_write_ended() -> None:
     """Decode B's push was accepted (queued for a sender thread, not started) when decode A's read_done came: the
     blocks stay until the WRITE posted from them ended, and it is posted (B loads the prompt)."""
-    spec, holds = _table()
-    agent = _Agent()
-    message = _chunk(spec, LOAD_B, "00000000000000b1", last=True)
+    spec, holds = held_table()
+    agent = LandingAgent()
+    message = push_chunk(spec, LOAD_B, "00000000000000b1", last=True)
     hold = _accept(spec, holds, message)
     _notify(holds)
     assert holds.poll(time.monotonic()) == set(), "freed under an accepted push"
@@ -131,9 +99,9 @@ def test_a_read_done_during_an_accepted_push_frees_nothing_before_its_write_ende
 
 def test_a_pushs_last_chunk_leaves_the_hold_to_a_claimed_read() -> None:
     """Decode A's READ claimed the hold; decode B's push landed whole: the blocks stay until A's read_done."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _claim(holds)
-    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=True))
+    _push(spec, holds, LandingAgent(), push_chunk(spec, LOAD_B, "00000000000000b1", last=True))
     assert holds.poll(time.monotonic()) == set(), "freed under decode A's claimed READ"
     _notify(holds)
     assert holds.poll(time.monotonic()) == {"p-1"}
@@ -143,12 +111,12 @@ def test_a_pushs_last_chunk_leaves_the_hold_to_a_claimed_read() -> None:
 def test_a_pushs_last_chunk_leaves_the_hold_to_another_push_between_its_chunks() -> None:
     """Decode C's staged push came first and landed a chunk; decode B's push landed whole: C's next chunk is still
     accepted and written (the push that came first took the hold), and its last one ends the hold."""
-    spec, holds = _table()
-    agent = _Agent()
-    _push(spec, holds, agent, _chunk(spec, LOAD_C, "00000000000000c1", last=False))
-    _push(spec, holds, agent, _chunk(spec, LOAD_B, "00000000000000b1", last=True))
+    spec, holds = held_table()
+    agent = LandingAgent()
+    _push(spec, holds, agent, push_chunk(spec, LOAD_C, "00000000000000c1", last=False))
+    _push(spec, holds, agent, push_chunk(spec, LOAD_B, "00000000000000b1", last=True))
     assert holds.poll(time.monotonic()) == set(), "freed under decode C's push, between its chunks"
-    _push(spec, holds, agent, _chunk(spec, LOAD_C, "00000000000000c2", last=True, start=5))
+    _push(spec, holds, agent, push_chunk(spec, LOAD_C, "00000000000000c2", last=True, start=5))
     assert _done_nonces(agent) == ["00000000000000c1", "00000000000000b1", "00000000000000c2"]
     assert holds.poll(time.monotonic()) == {"p-1"}
 
@@ -156,9 +124,9 @@ def test_a_pushs_last_chunk_leaves_the_hold_to_another_push_between_its_chunks()
 def test_a_push_that_ends_without_landing_after_a_read_done_frees_the_hold() -> None:
     """Decode A READ the blocks while decode B's push was between chunks; B then cancels (or its push fails): no
     decode is at the hold any more, and it ends at once rather than at its lease."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _claim(holds)
-    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=False))
+    _push(spec, holds, LandingAgent(), push_chunk(spec, LOAD_B, "00000000000000b1", last=False))
     _notify(holds)
     assert holds.poll(time.monotonic()) == set()
     answer = holds.cancel_push(CancelPushRequest(type="cancel_push", request_id="p-1", owner=LOAD_B))
@@ -170,9 +138,9 @@ def test_a_push_that_ends_without_landing_after_a_read_done_frees_the_hold() -> 
 def test_a_push_that_never_comes_back_keeps_a_read_hold_until_its_lease_counted_as_read() -> None:
     """Decode B died between chunks without cancelling: the lease (or the READ claim's cap, if later) bounds the
     hold, and it counts as read by decode A, not as a lease expiry."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _claim(holds)
-    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=False))
+    _push(spec, holds, LandingAgent(), push_chunk(spec, LOAD_B, "00000000000000b1", last=False))
     _notify(holds)
     now = time.monotonic()
     assert holds.poll(now + LEASE_S / 2) == set()
@@ -186,11 +154,11 @@ def test_a_push_that_never_comes_back_keeps_a_read_hold_until_its_lease_counted_
 def test_a_push_that_comes_after_a_read_done_is_refused() -> None:
     """The rule's other half: a decode that comes after the hold ended (here: decode A read it, no other decode
     had taken it) fails its load, and computes the prompt."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _claim(holds)
     _notify(holds)
     with pytest.raises(KVTransferError, match="not held here any more"):
-        holds.claim_push(_chunk(spec, LOAD_B, "00000000000000b1", last=True), spec, wait=0.0)
+        holds.claim_push(push_chunk(spec, LOAD_B, "00000000000000b1", last=True), spec, wait=0.0)
     assert holds.poll(time.monotonic()) == {"p-1"}
 
 
@@ -198,23 +166,23 @@ def test_the_proxys_release_ends_a_hold_whose_claimed_read_ended() -> None:
     """Decode A READ the blocks and said so while decode B's push was between chunks; then the proxy releases the
     hold (B's leg ended: its client left, or B died). A's READ no longer keeps it: it ends at the next poll rather
     than at its lease, counted as read by A, and B's next chunk is refused."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _claim(holds)
-    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=False))
+    _push(spec, holds, LandingAgent(), push_chunk(spec, LOAD_B, "00000000000000b1", last=False))
     _notify(holds)
     assert holds.release("p-1"), "refused for a READ that had ended"
     assert holds.poll(time.monotonic()) == {"p-1"}
     assert _claim(holds) == Empty(), "A read the blocks while they were held"
     with pytest.raises(KVTransferError, match="not held here any more"):
-        holds.claim_push(_chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5), spec, wait=0.0)
+        holds.claim_push(push_chunk(spec, LOAD_B, "00000000000000b2", last=True, start=5), spec, wait=0.0)
 
 
 def test_the_proxys_release_leaves_a_hold_to_a_claimed_read_still_running() -> None:
     """The other half: decode A's READ claimed the hold and has not said it ended: the release is refused, and the
     hold lives until A's notification, even with decode B's push through."""
-    spec, holds = _table()
+    spec, holds = held_table()
     _claim(holds)
-    _push(spec, holds, _Agent(), _chunk(spec, LOAD_B, "00000000000000b1", last=True))
+    _push(spec, holds, LandingAgent(), push_chunk(spec, LOAD_B, "00000000000000b1", last=True))
     assert not holds.release("p-1")
     assert holds.poll(time.monotonic()) == set()
     _notify(holds)
