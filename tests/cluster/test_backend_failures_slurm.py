@@ -134,16 +134,6 @@ def proxy_port() -> Iterator[int]:
         server.server_close()
 
 
-@pytest.fixture
-def term_guard() -> Iterator[None]:
-    """A SIGTERM that arrives after run_slurm restored the handlers must not end pytest."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def slurm_cfg(logs: Path, proxy_port: int) -> DeploymentConfig:
     return DeploymentConfig.model_validate({
         "launcher": {"backend": "slurm"}, "log_dir": str(logs), "proxy": {"host": "0.0.0.0", "port": proxy_port},

@@ -7,10 +7,8 @@ the launcher stops it; nothing answers at the proxy's port, so the launcher is s
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,16 +42,6 @@ def fake_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(slurm, "check_node_ports", lambda cfg: [])
     monkeypatch.setattr(slurm, "READY_TIMEOUT_S", 60.0)  # a launcher that missed the failure gives up sooner
     return tmp_path
-
-
-@pytest.fixture
-def term_guard() -> Iterator[None]:
-    """A SIGTERM that arrives after run_slurm restored the handlers must not end pytest."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def cfg(logs: Path) -> DeploymentConfig:
