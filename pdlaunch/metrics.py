@@ -91,6 +91,9 @@ PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Number of prefill tokens processe
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Number of generation tokens processed.", LABELS)
 REQUEST_SUCCESS = Counter("vllm:request_success", "Count of successfully processed requests.",
                           LABELS + ["finished_reason"])
+# its finished_reason of a request the engine ended, as vLLM's FinishReason names them (a request that failed on its
+# own is "error"); the fourth, "abort", is counted by server/engine_counts.EngineCounts.count_abort
+ENDED_REASONS = ("stop", "length", "error")
 PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
                                "queried tokens.", LABELS)
 PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
@@ -141,7 +144,7 @@ def set_model_name(name: str) -> None:
                    REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS,
                    REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
-    for reason in ("stop", "length", "abort"):
+    for reason in (*ENDED_REASONS, "abort"):
         vllm(REQUEST_SUCCESS, finished_reason=reason)
 
 

@@ -1,6 +1,8 @@
 """vLLM's counts of what the engine did, taken on the engine thread (engine_thread.py) as its outputs come, whether or
 not a client reads them: each engine request's tokens (request_metrics.EngineTokens) and its end, once: stop / length,
-or an abort (its client left, or the server stopped or the engine failed while it was open)."""
+an error (the engine ended that one request with finish_reason "error": its KV load failed under
+kv_transfer.load_failure_policy fail, its constraints left no token, its own sampling work raised, ...; vLLM's
+FinishReason.ERROR), or an abort (its client left, or the server stopped or the engine failed while it was open)."""
 
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ class EngineCounts:
             self.count_abort()
 
     def counted(self, out: RequestOutput) -> int:
-        """vLLM's counts of an output the engine produced, read by a client or not: its prompt, and the end of its
-        request once (stop and length: request_success; abort: count_abort; an error is not counted). Returns its
-        generated tokens, which the caller adds to vllm:generation_tokens (add_generated)."""
+        """vLLM's counts of an output the engine produced, read by a client or not: its prompt (once its prefill ran
+        here, whatever the request's end: one that failed before its first token computed here adds none, as an abort
+        does not), and the end of its request once (stop, length and error: request_success by finished_reason, as
+        vLLM's FinishReason names them; abort: count_abort). The request stops being running here at its end: an
+        abort or a stop after it (its client left, the server stopped) counts nothing more. Returns its generated
+        tokens, which the caller adds to vllm:generation_tokens (add_generated)."""
         tokens = self.running.get(out.request_id)
         if tokens is None:
             return 0
@@ -48,7 +53,7 @@ class EngineCounts:
         del self.running[out.request_id]
         if out.finish_reason == "abort":
             self.count_abort()
-        elif out.finish_reason in ("stop", "length"):
+        elif out.finish_reason in metrics.ENDED_REASONS:
             metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason=out.finish_reason).inc()
         return generated
 

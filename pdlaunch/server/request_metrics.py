@@ -11,7 +11,7 @@ aborted or failed before that adds nothing; a PD decode's first token, which its
 its next one (the KV loaded) does. Once per sample with n > 1 / best_of, as vLLM counts it (each sample is one of
 its requests), so dashboards built on vLLM's series read the same; usage.prompt_tokens counts the prompt once, as
 vLLM's does. Each engine request's end is counted on the engine thread too, once (engine_counts.EngineCounts.counted:
-request_success by finished_reason, aborts through EngineCounts.count_abort).
+request_success by finished_reason, stop, length or error, aborts through EngineCounts.count_abort).
 
 RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
 end-to-end latency, decode time (first to last token), time per output token; prefill time (first admission to

@@ -98,7 +98,8 @@ def sample(metric: Counter, **labels: str) -> float:
 def counts() -> dict[str, float]:
     return {"prompt": sample(metrics.PROMPT_TOKENS), "generation": sample(metrics.GENERATION_TOKENS),
             "length": sample(metrics.REQUEST_SUCCESS, finished_reason="length"),
-            "abort": sample(metrics.REQUEST_SUCCESS, finished_reason="abort")}
+            "abort": sample(metrics.REQUEST_SUCCESS, finished_reason="abort"),
+            "error": sample(metrics.REQUEST_SUCCESS, finished_reason="error")}
 
 
 def delta(before: dict[str, float]) -> dict[str, float]:
@@ -129,7 +130,7 @@ def test_a_request_nobody_reads_counts_its_prompt_tokens_and_end(engine: Scripte
 
         asyncio.run(submit_and_leave())
         wait_for(lambda: loop.num_pending == 0, "the engine to finish the request", TIMEOUT)
-        assert delta(before) == {"prompt": 3, "generation": 5, "length": 1, "abort": 0}
+        assert delta(before) == {"prompt": 3, "generation": 5, "length": 1, "abort": 0, "error": 0}
     finally:
         loop.stop()
 
@@ -146,7 +147,7 @@ def test_a_request_aborted_mid_stream_counts_every_token_the_engine_made(engine:
 
         asyncio.run(run())
         wait_for(lambda: loop.num_aborted == 1, "the abort to be counted", TIMEOUT)
-        assert delta(before) == {"prompt": 4, "generation": 4, "length": 0, "abort": 1}
+        assert delta(before) == {"prompt": 4, "generation": 4, "length": 0, "abort": 1, "error": 0}
     finally:
         loop.stop()
 
@@ -171,7 +172,7 @@ def test_a_stop_counts_every_open_request_once_as_an_abort(engine: ScriptedEngin
     asyncio.run(run())
     assert loop.state == "stopped"
     # left once, open at the stop, the three structured ones the engine never took
-    assert delta(before) == {"prompt": 2 + 3 + 2, "generation": 5, "length": 1, "abort": 5}
+    assert delta(before) == {"prompt": 2 + 3 + 2, "generation": 5, "length": 1, "abort": 5, "error": 0}
     assert loop.num_aborted == 5 and engine.requests == {}
 
 
@@ -190,4 +191,4 @@ def test_a_pd_decodes_prompt_counts_at_its_first_token_computed_here() -> None:
     assert delta(before)["prompt"] == 0
     assert tokens.output(_output(2, scheduled=True)) == 2
     assert tokens.output(_output(1, scheduled=True, finished=True)) == 1
-    assert delta(before) == {"prompt": 10, "generation": 0, "length": 0, "abort": 0}
+    assert delta(before) == {"prompt": 10, "generation": 0, "length": 0, "abort": 0, "error": 0}

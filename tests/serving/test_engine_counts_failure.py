@@ -81,7 +81,7 @@ def test_an_engine_failure_counts_each_open_request_once_as_an_abort() -> None:
         ends = asyncio.run(run())
         assert loop.state == "failed"
         assert all(isinstance(e, OpenAIError) and e.code == "engine_failed" for e in ends), ends
-        expected = {"prompt": 2 + 3 + 2, "generation": 2 + 2 + 1, "length": 1, "abort": 3}
+        expected = {"prompt": 2 + 3 + 2, "generation": 2 + 2 + 1, "length": 1, "abort": 3, "error": 0}
         assert delta(before) == expected and loop.num_aborted == 3
     finally:
         engine.go.set()
@@ -113,4 +113,5 @@ def test_a_request_that_finished_counts_its_end_once(leave: bool) -> None:
         wait_for(lambda: not loop.counts.running, "the request's end to be counted", TIMEOUT)
     finally:
         loop.stop()
-    assert delta(before) == {"prompt": 3, "generation": 3, "length": 1, "abort": 0} and loop.num_aborted == 0
+    assert delta(before) == {"prompt": 3, "generation": 3, "length": 1, "abort": 0, "error": 0}
+    assert loop.num_aborted == 0

@@ -33,7 +33,7 @@ from tests.serving.helpers import ThreadServer, wait_for
 
 TIMEOUT = 180.0  # a loaded 2-core machine
 PROMPT = "The capital of France is"
-REASONS = ("stop", "length", "abort")
+REASONS = ("stop", "length", "abort", "error")
 
 
 def _config() -> DeploymentConfig:
@@ -200,7 +200,7 @@ def test_a_client_that_leaves_before_its_first_token_is_handed_out_counts_it_as_
 
     asyncio.run(ask_and_leave())
     wait_for(lambda: not loop.counts.running, "the request's end to be counted", TIMEOUT)
-    assert _delta(before) == {"stop": 0, "length": 1, "abort": 0}
+    assert _delta(before) == {"stop": 0, "length": 1, "abort": 0, "error": 0}
     _release(deployment, params)
 
 
@@ -239,7 +239,7 @@ def test_a_decode_that_stops_before_handing_out_a_first_token_end_counts_that_en
         thread.join(TIMEOUT)
         assert not thread.is_alive(), f"{thread} still runs"
     assert loop.state == "stopped"
-    assert _delta(before) == {"stop": 0, "length": 1, "abort": 0} and loop.num_aborted == 0
+    assert _delta(before) == {"stop": 0, "length": 1, "abort": 0, "error": 0} and loop.num_aborted == 0
     assert answer[0].status_code == 200, answer[0].text  # answered, not the stop's 503
     assert answer[0].json()["choices"][0]["finish_reason"] == "length"
     _release(deployment, params)

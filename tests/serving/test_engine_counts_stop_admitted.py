@@ -75,7 +75,7 @@ def test_a_stop_answers_admitted_outputs_and_aborts_the_rest_once() -> None:
     assert ended[-1].finish_reason == "length", ended
     assert [type(i) for i in opened[1:]] == [RequestOutput, RequestOutput, OpenAIError], opened
     assert isinstance(opened[-1], OpenAIError) and opened[-1].code == "shutting_down"
-    assert delta(before) == {"prompt": 2 + 2, "generation": 2 + 2, "length": 1, "abort": 1}
+    assert delta(before) == {"prompt": 2 + 2, "generation": 2 + 2, "length": 1, "abort": 1, "error": 0}
     assert loop.num_aborted == 1 and not loop.counts.running
 
 
@@ -94,5 +94,5 @@ def test_a_stop_whose_hand_out_fails_still_ends_each_open_request_once() -> None
     ends = asyncio.run(run())
     assert loop.state == "stopped" and engine.shut_down
     assert all(isinstance(e[-1], OpenAIError) and e[-1].code == "shutting_down" for e in ends), ends
-    assert delta(before) == {"prompt": 2 + 2, "generation": 2, "length": 0, "abort": 2}
+    assert delta(before) == {"prompt": 2 + 2, "generation": 2, "length": 0, "abort": 2, "error": 0}
     assert loop.num_aborted == 2 and not loop.counts.running and engine.requests == {}

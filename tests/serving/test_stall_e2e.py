@@ -113,10 +113,12 @@ def _complete(serve: Serve, prompt: str, client: httpx.Client | None = None) -> 
 
 
 def _requests_served(serve: Serve, name: str) -> float:
-    """Requests `name` finished (stop or length; aborted ones, such as legs the proxy gave up on, are not served)."""
+    """Requests `name` finished (stop or length; aborted or failed ones, such as legs the proxy gave up on, are not
+    served)."""
     text = httpx.get(f"{_urls(serve)[name]}/metrics", headers=AUTH, timeout=5, trust_env=False).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:request_success_total") and 'finished_reason="abort"' not in line)
+               if line.startswith("vllm:request_success_total")
+               and any(f'finished_reason="{reason}"' in line for reason in ("stop", "length")))
 
 
 def _proxy_metric(serve: Serve, prefix: str) -> float:
