@@ -10,6 +10,12 @@ spanning group reaching it puts its remaining ranks there), whatever GPU count t
 plan sees. That node's own launcher checks that it has the GPUs (config/rules/resources.device_problems).
 Only a deployment of one node (no `parallel.nodes`) takes its devices from this machine.
 
+A group that lists its own `devices` runs there (port_plan.py). A group that lists none takes, on each node,
+the devices no group on that node lists, in order: two instances share a GPU only when both groups list it
+(with gpu_memory_utilization at most 1/sharers, config/rules/resources.py). When too few are left, the
+error names that group's `devices` and the GPUs taken (unplaced_error, which check-config and the launcher
+both raise). Whether a group spans nodes depends only on how many devices its node lists.
+
 check-config (config/port_plan.py, through config/rules/resources.py) and the launcher (launcher/plan.py)
 both place ranks with these functions, so the ports and devices check-config reports are the ones
 the launcher uses. How a placed rank is started lives in distributed/placement.py.
@@ -36,13 +42,61 @@ def node_pool(cfg: DeploymentConfig, node: int, cuda_devices: list[int]) -> Sequ
     `cuda_devices`: this machine's CUDA indices ([] on CPU). One node: those. Several: the node's listed
     `devices`; a node listing none holds every rank placed on it: CUDA indices 0, 1, ... as many as the
     deployment has ranks (a CUDA plan, `cuda_devices` not empty), else unlimited. Either way the nodes
-    ranks are placed on do not depend on `cuda_devices`, only the device indices of a CUDA plan do."""
+    ranks are placed on do not depend on `cuda_devices`, only the device indices of a CUDA plan do.
+    Devices a group on `node` lists are left out: groups that list none do not take them. (The deployment's
+    ranks count those groups' ranks too, so a node listing none still has an index for every rank placed
+    on it.)"""
     nodes = cfg.parallel.nodes
+    taken = listed_devices(cfg, node)
     if not nodes:
-        return cuda_devices if cuda_devices else None
+        return [d for d in cuda_devices if d not in taken] if cuda_devices else None
     if nodes[node].devices:
-        return list(nodes[node].devices)
-    return range(sum(group.count * (group.tp or 1) for group in cfg.instances)) if cuda_devices else None
+        return [d for d in nodes[node].devices if d not in taken]
+    if not cuda_devices:
+        return None
+    ranks = sum(group.count * (group.tp or 1) for group in cfg.instances)
+    return [d for d in range(ranks) if d not in taken]
+
+
+def listed_devices(cfg: DeploymentConfig, node: int) -> dict[int, list[int]]:
+    """Device -> the groups (indices into cfg.instances) on `node` that list it in their own `devices`."""
+    taken: dict[int, list[int]] = {}
+    for g, group in enumerate(cfg.instances):
+        if group.devices is not None and group.count > 0 and group.node == node:
+            for dev in dict.fromkeys(group.devices):
+                taken.setdefault(dev, []).append(g)
+    return taken
+
+
+def _gpus(devices: Sequence[int]) -> str:
+    return f"GPU {devices[0]}" if len(devices) == 1 else f"GPUs {', '.join(map(str, devices))}"
+
+
+def _taken_text(taken: Mapping[int, list[int]]) -> str:
+    """'instances[0].devices lists GPU 0; instances[1].devices and instances[2].devices list GPUs 1, 2'."""
+    by_groups: dict[tuple[int, ...], list[int]] = {}
+    for dev, groups in sorted(taken.items()):
+        by_groups.setdefault(tuple(groups), []).append(dev)
+    return "; ".join(" and ".join(f"instances[{g}].devices" for g in groups)
+                     + (" lists " if len(groups) == 1 else " list ") + _gpus(devs)
+                     for groups, devs in by_groups.items())
+
+
+def unplaced_error(cfg: DeploymentConfig, g: int, devices: Sequence[int], has: str) -> PdlaunchError:
+    """Group g lists no devices and the devices of its node (`devices`, which `has` names: "this machine has
+    2 GPU(s)") that no group lists are too few for it: its field, the GPUs taken by which group, how to share."""
+    group = cfg.instances[g]
+    taken = {dev: groups for dev, groups in listed_devices(cfg, group.node).items() if dev in devices}
+    free = [d for d in devices if d not in taken]
+    on = f" on node {group.node}" if cfg.parallel.nodes else ""
+    taken_part = f"; {_taken_text(taken)}" if taken else ""
+    return PdlaunchError(
+        f"instances[{g}] lists no devices, so its {group.count * (group.tp or 1)} GPU(s){on} come from the ones "
+        f"no group lists there, in group order, and too few are left: {has}{taken_part}; that leaves "
+        f"{_gpus(free) if free else 'none'} for the groups that list none", field=f"instances[{g}].devices",
+        hint=f"list instances[{g}].devices: GPUs of its own, or GPUs another group lists, to share them on "
+        "purpose with gpu_memory_utilization at most 1/sharers (examples/gpu-1p1d-single.yaml); or lower "
+        "--prefill/--decode or TP")
 
 
 def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
@@ -54,7 +108,8 @@ def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
     if pool is None:
         return [PlacedRank(node, None) for _ in range(tp)]
     start = used.get(node, 0)
-    if tp <= len(pool) or not cfg.parallel.nodes:  # fits its node: short when the node is full (caller says so)
+    listed = cfg.parallel.nodes[node].devices if cfg.parallel.nodes else []
+    if not listed or tp <= len(listed):  # fits its node: short when the node is full (caller says so)
         used[node] = start + tp
         return [PlacedRank(node, d) for d in pool[start:start + tp]]
     placed: list[PlacedRank] = []

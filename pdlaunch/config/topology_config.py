@@ -41,7 +41,8 @@ class InstanceGroupConfig(StrictModel):
         "may differ (e.g. an fp8 group next to a bf16 one behind one proxy); prefill and decode groups must agree, "
         "since KV moves between them as stored.")
     devices: list[DeviceIndex] | None = Field(None, description="CUDA devices for the group (indices, 0 and up), "
-                                              "tp per instance, in order.")
+                                              "tp per instance, in order. Default: the GPUs of its node that no "
+                                              "group lists, in order.")
     node: int = Field(0, ge=0, description="Index into parallel.nodes where the group runs.")
     base_port: int | None = Field(None, description="First HTTP port of the group; default: free ports.")
     restart: bool = Field(True, description="Restart a dead instance of this group (with backoff) instead of "

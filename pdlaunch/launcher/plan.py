@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.engine_ids import planned_engine_id
-from pdlaunch.config.placement import PlacedRank
+from pdlaunch.config.placement import PlacedRank, listed_devices, unplaced_error
 from pdlaunch.config.port_plan import PlannedInstance, plan_instances
 from pdlaunch.config.rules.roles import LOOPBACK_HOSTS, side_channel_reach_problem
 from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
@@ -175,12 +175,27 @@ def check_node_gpus(cfg: DeploymentConfig, planned: list[PlannedInstance], gpus:
     if cfg.parallel.nodes[me].devices:
         raise PdlaunchError(f"parallel.nodes[{me}].devices lists GPU {device} ({instance.name} runs a rank there), "
                             f"but {sees}", field=f"parallel.nodes[{me}].devices", hint="list only this node's GPUs")
+    if instance.node == me and cfg.instances[instance.group].devices is None and listed_devices(cfg, me):
+        raise unplaced_error(cfg, instance.group, range(gpus), sees)  # it skipped GPUs other groups list
     names = ", ".join(dict.fromkeys(i.name for i, _ in over))
     raise PdlaunchError(f"{sees}, but the plan puts {1 + max(d for _, d in over)} ranks on it, one GPU each ({names} "
                         f"on GPU {gpus} and up): a node that lists no devices holds every rank placed on it, so "
                         "that every node's launcher plans the same", field=f"parallel.nodes[{me}].devices",
                         hint=f"list node {me}'s GPUs (devices: {list(range(gpus))}) so that a TP group larger than "
                         "that spans the nodes after it, or place fewer ranks on this node")
+
+
+def _short_of_gpus(cfg: DeploymentConfig, g: int, name: str, ranks: int, num_cuda: int) -> PdlaunchError:
+    """Instance `name` of group g, on its node, got fewer GPUs than its ranks. A group that lists no devices takes
+    the ones no group lists there (config/placement.py), so the error names those taken."""
+    node, nodes = cfg.instances[g].node, cfg.parallel.nodes
+    if cfg.instances[g].devices is None:
+        if nodes and nodes[node].devices:
+            return unplaced_error(cfg, g, nodes[node].devices, f"parallel.nodes[{node}].devices lists "
+                                  f"{nodes[node].devices}")
+        return unplaced_error(cfg, g, range(num_cuda), f"this machine has {num_cuda} GPU(s)")
+    return PdlaunchError(f"{name} needs {ranks} GPU(s) but instances[{g}].devices lists fewer",
+                         field=f"instances[{g}].devices", hint="list count*tp device indices")
 
 
 class _Allocators:
@@ -214,9 +229,7 @@ def _plan_instance(cfg: DeploymentConfig, planned: PlannedInstance, device: str,
     if device == "cuda":
         devices = [p.device for p in planned.ranks[:len(here)] if p.device is not None]
         if len(devices) < len(here) and local:
-            raise PdlaunchError(f"{name} needs {len(planned.ranks)} GPU(s) but node {node} has only "
-                                f"{num_cuda} for all instances", field=f"instances[{g}].devices",
-                                hint="lower --prefill/--decode or TP, or list devices to share")
+            raise _short_of_gpus(cfg, g, name, len(planned.ranks), num_cuda)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
 
     # The instance sees only its CUDA_VISIBLE_DEVICES, renumbered from 0: spec.devices are those indices.

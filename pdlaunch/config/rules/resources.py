@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.placement import unplaced_error
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
@@ -191,7 +192,9 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
     `visible_gpus`: the GPUs of each node in `checked` that lists no devices, and the count its listed devices
     are checked against (this host's, or the declared target's); `where` names them in messages. Another node's
     GPUs are unknown here (its own launcher checks them). A TP group larger than its node's listed devices
-    spans the nodes after it (multi-node only); a node that lists none holds every rank placed on it.
+    spans the nodes after it (multi-node only); a node that lists none holds every rank placed on it. A group
+    that lists no devices takes the GPUs no group on its node lists: running out of those is reported on its
+    `devices` field with the GPUs taken, in the launcher's words (config/placement.py unplaced_error).
     """
     capacity = _node_capacity(cfg, visible_gpus, checked)
     users: dict[tuple[int, int], list[int]] = {}
@@ -199,6 +202,7 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
     problems += _explicit_device_problems(cfg, capacity, where, users)
     problems += _sharing_problems(cfg, users)
     demand = [len({dev for (n, dev) in users if n == k}) for k in range(len(capacity))]
+    short: set[int] = set()  # nodes where a group listing no devices ran out of the GPUs no group lists
     for i, group in enumerate(cfg.instances):
         tp, node = group.tp or 1, group.node
         if group.devices is not None or node >= len(capacity) or group.count == 0:
@@ -213,6 +217,14 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
         listed = [len(cfg.parallel.nodes[k].devices) for k in spanned] if cfg.parallel.nodes else [0]
         if not listed[0] or tp <= listed[0]:  # on its node alone
             demand[node] += group.count * tp
+            cap = capacity[node]
+            if cap is not None and demand[node] > len(cap) and node not in short \
+                    and any(n == node for n, _ in users):  # it runs out of the GPUs no group lists
+                short.add(node)
+                has = (f"parallel.nodes[{node}].devices lists {cap}" if cfg.parallel.nodes
+                       and cfg.parallel.nodes[node].devices else f"{where} has {len(cap)} GPU(s)")
+                err = unplaced_error(cfg, i, cap, has)
+                problems.append(problem(f"instances[{i}].devices", err.message, err.hint or ""))
             continue
         if all(listed) and sum(listed) < tp:  # no node that lists none takes the rest
             problems.append(problem(f"instances[{i}].tp", f"TP {tp} needs more GPUs than nodes {node}..{spanned[-1]} "
@@ -228,7 +240,7 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
             left -= take
         demand[spanned[-1]] += left
     for k, cap in enumerate(capacity):
-        if cap is not None and demand[k] > len(cap):
+        if cap is not None and demand[k] > len(cap) and k not in short:
             problems.append(_over_capacity(cfg, k, demand[k], len(cap), where))
     return problems
 
