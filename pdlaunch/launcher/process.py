@@ -92,11 +92,12 @@ class ChildProcess:
     thread that waits for them to end). Local children do without: they watch --parent-pid themselves."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 parent_death_signal: signal.Signals | None = None) -> None:
+                 parent_death_signal: signal.Signals | None = None, unset_env: tuple[str, ...] = ()) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self.env = env or {}
+        self.unset_env = unset_env  # variables of this process's environment the child must not inherit
         self.parent_death_signal = parent_death_signal
         self.popen: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -119,7 +120,7 @@ class ChildProcess:
             raise PdlaunchError(f"cannot write {self.name}'s log {str(self.log_path)!r}: {exc.strerror or exc}",
                                 field="log_dir", hint="pass --log-dir DIR (or set log_dir) to a directory you "
                                 "can write, or remove what is in the way") from None
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**{k: v for k, v in os.environ.items() if k not in self.unset_env}, "PYTHONUNBUFFERED": "1", **self.env}
         hook = parent_death_hook(self.parent_death_signal) if self.parent_death_signal is not None else None
         with signals_deferred():  # a child exists only once self.popen holds it
             try:

@@ -2,7 +2,8 @@
 device each node resolved `auto` to (the nodes must agree with node 0), and a step's error line, which becomes
 the launcher's one error line (`error: node K: FIELD: MESSAGE`), exit 1, no traceback. A stand-in `srun` on
 PATH prints what FAKE_DIR/say-K holds as node K's step, then exits with FAKE_DIR/exit-K's code or runs until
-the launcher stops it; nothing answers at the proxy's port, so the launcher is still starting throughout."""
+the launcher stops it; nothing answers at the proxy's port, so the launcher is still starting throughout. Like
+srun, it labels each line with its task number (`0: `) when SLURM_LABELIO is in its environment."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
 FAKE_SRUN = r"""#!/bin/bash
 for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
 echo $$ > "$FAKE_DIR/srun-$k.pid"
-cat "$FAKE_DIR/say-$k" 2>/dev/null
+if [ -n "${SLURM_LABELIO+set}" ]; then sed 's/^/0: /' "$FAKE_DIR/say-$k" 2>/dev/null
+else cat "$FAKE_DIR/say-$k" 2>/dev/null; fi
 [ -e "$FAKE_DIR/exit-$k" ] && exit "$(cat "$FAKE_DIR/exit-$k")"
 trap 'exit 0' USR1 TERM
 while :; do sleep 0.1 & wait $!; done
@@ -85,6 +87,19 @@ def test_a_node_resolving_auto_otherwise_than_node_0_stops_the_deployment(
     assert not alive(fake_dir), "a step was left running"
 
 
+def test_steps_are_not_labelled_when_the_users_srun_labels(fake_dir: Path, term_guard: None,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_LABELIO", "1")  # the user's own `srun --label` habit, exported
+    (fake_dir / "say-0").write_text("node 0: device cuda\n")
+    (fake_dir / "say-1").write_text("node 1: device cpu\n")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    assert any(line.startswith("error: node 1: device: auto resolved to cpu on node 1") for line in lines), lines
+    assert (fake_dir / "logs" / "slurm-node1.log").read_text() == "node 1: device cpu\n"
+    assert not alive(fake_dir), "a step was left running"
+
+
 def test_a_steps_error_line_is_the_launchers_error(fake_dir: Path, term_guard: None,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     said = ("error: node 1: device: cuda requested but no CUDA device is visible on this machine; use --device "
@@ -129,3 +144,14 @@ def test_node_lines_are_read_whole_and_per_node(tmp_path: Path) -> None:
 
     assert node_error(["error: node 0: x: y", "error: node 1: device: a", SRUN_LINE], 1) == "node 1: device: a"
     assert node_error(["error: instance decode-0 exited", SRUN_LINE], 1) is None
+
+
+def test_lines_labelled_by_srun_are_read_too(tmp_path: Path) -> None:
+    """A site's srun may still label (`--label` added by its own wrapper): `K: ` before each line, K the task."""
+    logs = [tmp_path / "slurm-node0.log", tmp_path / "slurm-node1.log"]
+    logs[0].write_text("0: node 0: device cuda\n")
+    logs[1].write_text("  0: node 1: device cpu\n")
+    found = NodeDevices(cfg(tmp_path), logs).disagreement()
+    assert found is not None and found[0] == 1 and found[1].field == "device", found
+    assert node_error(["0: error: node 1: device: a", f"0: {SRUN_LINE}"], 1) == "node 1: device: a"
+    assert node_error(["0: node 1: device cpu", "10:error: node 1: x"], 1) is None

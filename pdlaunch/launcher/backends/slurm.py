@@ -4,6 +4,7 @@ Inside `sbatch`/`salloc`, config/backend.py has made the allocation's nodes `par
 process (the batch script's, or the salloc shell's) probes every node's fixed ports (config/rules/node_ports.py:
 something listening at one stops it before any step starts), then starts one step per node,
 `srun --nodes=1 --ntasks=1 --relative=K --overlap python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
+(srun's environment without SLURM_LABELIO, so that srun does not label the lines the step prints for this process),
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
 node), and on node 0 the proxy. The validated config, with one deployment secret for every node,
@@ -57,6 +58,9 @@ STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node 
 STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its processes
 STEP_KILL_TIMEOUT_S = 10.0  # srun, on SIGTERM, kills its step and exits; SIGKILL after this
 HEALTH_TIMEOUT_S = 2.0
+# srun reads these from its environment as if given on its command line. SLURM_LABELIO (`--label`, which users
+# export for their own jobs) would put "0: " before every line the step prints, lines slurm_lines.py reads.
+SRUN_UNSET_ENV = ("SLURM_LABELIO",)
 END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
 
 # slurmstepd, when SLURM ends a step: "slurmstepd-pdn1: error: *** STEP 7.1 ON pdn2 CANCELLED AT
@@ -173,7 +177,8 @@ def run_slurm(cfg: DeploymentConfig) -> int:
     # allocation lives on: the kernel sends each srun STOP_SIGNAL then, so the nodes drain and stop as on
     # Ctrl-C. This thread starts the steps and waits for them to end, as parent_death_signal requires.
     steps = [ChildProcess(f"node {k}", srun_argv(k, cpus[k]), log_dir / f"slurm-node{k}.log", env=env,
-                          parent_death_signal=STOP_SIGNAL) for k in range(len(cfg.parallel.nodes))]
+                          parent_death_signal=STOP_SIGNAL, unset_env=SRUN_UNSET_ENV)
+             for k in range(len(cfg.parallel.nodes))]
     job = os.environ.get("SLURM_JOB_ID", "?")
     url = proxy_url(cfg)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)

@@ -11,6 +11,10 @@ no shared filesystem is needed):
   a poll of the second line.
 - `error: node K: FIELD: MESSAGE (HINT)`, why the step stopped (its checks, its plan): the batch process repeats
   it as its own error line instead of the step's bare exit code.
+
+srun labels every line with its task number (`0: node 1: device cuda`) under `--label` or SLURM_LABELIO. The
+batch process starts its steps without SLURM_LABELIO (slurm.py), and a label that is there anyway (a site's
+srun wrapper adding --label) is skipped when these lines are read.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
 
 _DEVICE = re.compile(r"node (\d+): device (cpu|cuda)\b")
+_SRUN_LABEL = re.compile(r"\s*\d+: ")  # srun --label: the task number, padded to the widest
 HEAD_BYTES = 64 * 1024  # the device line comes before anything the node's launcher starts
 
 
@@ -35,10 +40,16 @@ def error_line(node: int, error: PdlaunchError) -> str:
     return f"error: node {node}: " + "; ".join(error.render().splitlines())
 
 
+def unlabelled(line: str) -> str:
+    """`line` without the task label srun puts before it under --label ("0: "), if any."""
+    label = _SRUN_LABEL.match(line)
+    return line[label.end():] if label else line
+
+
 def node_error(lines: list[str], node: int) -> str | None:
     """The last error node `node`'s step printed (error_line, without `error: `), or None (it printed none)."""
     prefix = f"error: node {node}: "
-    found = [line.removeprefix("error: ") for line in lines if line.startswith(prefix)]
+    found = [text.removeprefix("error: ") for text in map(unlabelled, lines) if text.startswith(prefix)]
     return found[-1] if found else None
 
 
@@ -50,7 +61,7 @@ def reported_device(log_path: Path, node: int) -> str | None:
     except OSError:
         return None
     for line in head.split("\n")[:-1]:  # whole lines only: srun may be writing the last one
-        match = _DEVICE.match(line)
+        match = _DEVICE.match(unlabelled(line))
         if match and int(match.group(1)) == node:
             return match.group(2)
     return None
