@@ -22,6 +22,7 @@ from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
 FAKE_SRUN = r"""#!/bin/bash
 for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
 echo $$ > "$FAKE_DIR/srun-$k.pid"
+[ -n "${SLURM_STDOUTMODE+set}" ] && exec > "$SLURM_STDOUTMODE"
 if [ -n "${SLURM_LABELIO+set}" ]; then sed 's/^/0: /' "$FAKE_DIR/say-$k" 2>/dev/null
 else cat "$FAKE_DIR/say-$k" 2>/dev/null; fi
 [ -e "$FAKE_DIR/exit-$k" ] && exit "$(cat "$FAKE_DIR/exit-$k")"
@@ -98,6 +99,19 @@ def test_steps_are_not_labelled_when_the_users_srun_labels(fake_dir: Path, term_
     assert any(line.startswith("error: node 1: device: auto resolved to cpu on node 1") for line in lines), lines
     assert (fake_dir / "logs" / "slurm-node1.log").read_text() == "node 1: device cpu\n"
     assert not alive(fake_dir), "a step was left running"
+
+
+def test_steps_output_reaches_their_log_when_the_users_srun_writes_to_a_file(
+        fake_dir: Path, term_guard: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = fake_dir / "elsewhere.out"
+    monkeypatch.setenv("SLURM_STDOUTMODE", str(elsewhere))  # `srun -o FILE`, exported for the user's own jobs
+    (fake_dir / "say-0").write_text("node 0: device cuda\n")
+    (fake_dir / "say-1").write_text("node 1: device cpu\n")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    assert any(line.startswith("error: node 1: device: auto resolved to cpu on node 1") for line in lines), lines
+    assert (fake_dir / "logs" / "slurm-node1.log").read_text() == "node 1: device cpu\n"
+    assert not elsewhere.exists() and not alive(fake_dir), lines
 
 
 def test_a_steps_error_line_is_the_launchers_error(fake_dir: Path, term_guard: None,

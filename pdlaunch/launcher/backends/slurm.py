@@ -59,8 +59,10 @@ STEP_STOP_TIMEOUT_S = 60.0  # each node drains in-flight requests and stops its 
 STEP_KILL_TIMEOUT_S = 10.0  # srun, on SIGTERM, kills its step and exits; SIGKILL after this
 HEALTH_TIMEOUT_S = 2.0
 # srun reads these from its environment as if given on its command line. SLURM_LABELIO (`--label`, which users
-# export for their own jobs) would put "0: " before every line the step prints, lines slurm_lines.py reads.
-SRUN_UNSET_ENV = ("SLURM_LABELIO",)
+# export for their own jobs) would put "0: " before every line the step prints, lines slurm_lines.py reads;
+# SLURM_STDOUTMODE / SLURM_STDERRMODE / SLURM_STDINMODE (`-o` / `-e` / `-i`) would send the step's output to a file
+# of their own instead of LOG_DIR/slurm-nodeK.log (or feed it another input).
+SRUN_UNSET_ENV = ("SLURM_LABELIO", "SLURM_STDOUTMODE", "SLURM_STDERRMODE", "SLURM_STDINMODE")
 END_LINES = 50  # the last lines of each step's output searched for why SLURM ended it
 
 # slurmstepd, when SLURM ends a step: "slurmstepd-pdn1: error: *** STEP 7.1 ON pdn2 CANCELLED AT
