@@ -38,10 +38,10 @@ class EngineCounts:
             self.count_abort()
 
     def counted(self, out: RequestOutput) -> int:
-        """vLLM's counts of an output the engine produced, read by a client or not: its prompt (once its prefill ran
-        here, whatever the request's end: one that failed before its first token computed here adds none, as an abort
-        does not), and the end of its request once (stop, length and error: request_success by finished_reason, as
-        vLLM's FinishReason names them; abort: count_abort). The request stops being running here at its end: an
+        """vLLM's counts of an output the engine produced, read by a client or not: its prompt (once, with its first
+        output after admission, a token or the error that ended it, as vLLM adds it; not with an abort), and the end
+        of its request once (stop, length and error: request_success by finished_reason, as vLLM's FinishReason names
+        them; abort: count_abort). The request stops being running here at its end: an
         abort or a stop after it (its client left, the server stopped) counts nothing more. Returns its generated
         tokens, which the caller adds to vllm:generation_tokens (add_generated)."""
         tokens = self.running.get(out.request_id)

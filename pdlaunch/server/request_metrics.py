@@ -5,13 +5,16 @@ handler reads those outputs).
 EngineTokens: vllm:prompt_tokens and vllm:generation_tokens, exact whether or not a client reads the outputs (one
 that left, a request aborted mid-stream): every token the engine generated here, as vLLM's engine counts them in
 its output processing. vllm:prompt_tokens means what it means in vLLM: a prompt's whole length, its cached tokens
-included (vLLM's IterationStats adds prompt_len when a request's first output after its prefill comes), counted
-once that prefill ran: at the request's first token computed here after the scheduler admitted it. A request
-aborted or failed before that adds nothing; a PD decode's first token, which its prefill sampled, does not count,
-its next one (the KV loaded) does. Once per sample with n > 1 / best_of, as vLLM counts it (each sample is one of
-its requests), so dashboards built on vLLM's series read the same; usage.prompt_tokens counts the prompt once, as
-vLLM's does. Each engine request's end is counted on the engine thread too, once (engine_counts.EngineCounts.counted:
-request_success by finished_reason, stop, length or error, aborts through EngineCounts.count_abort).
+included, added once, with the request's first output after the scheduler admitted it (to run, or to wait for its
+KV), whether that output carries a token or is the error that ended it: vLLM's IterationStats adds prompt_len with
+a request's first output while it is prefilling, with or without a token (a KV load that failed, say). A request
+aborted before that output adds nothing (vLLM drops a request its client aborted before any output of it is
+processed); a PD decode's first token, which its prefill sampled before the scheduler admitted the decode, does not
+count, its next output (the KV loaded, or the load's error) does. Once per sample with n > 1 / best_of, as vLLM
+counts it (each sample is one of its requests), so dashboards built on vLLM's series read the same;
+usage.prompt_tokens counts the prompt once, as vLLM's does. Each engine request's end is counted on the engine
+thread too, once (engine_counts.EngineCounts.counted: request_success by finished_reason, stop, length or error,
+aborts through EngineCounts.count_abort).
 
 RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
 end-to-end latency, decode time (first to last token), time per output token; prefill time (first admission to
@@ -38,13 +41,16 @@ class EngineTokens:
     produces for it (on the engine thread)."""
 
     def __init__(self) -> None:
-        self._prompt_pending = True  # its prompt goes into vllm:prompt_tokens once, when its prefill ran
+        self._prompt_pending = True  # its prompt goes into vllm:prompt_tokens once (output)
 
     def output(self, out: RequestOutput) -> int:
-        """Counts its prompt once its prefill ran; returns its generated tokens, for the caller to add to
-        vllm:generation_tokens (once per step for all requests: a labelled increment costs ~4 us)."""
+        """Counts its prompt once, with its first output after admission that is not its abort; returns its
+        generated tokens, for the caller to add to vllm:generation_tokens (once per step for all requests: a labelled
+        increment costs ~4 us)."""
         count = len(out.new_token_ids)
-        if count and self._prompt_pending and out.scheduled_at is not None:  # its prefill ran here
+        if self._prompt_pending and out.scheduled_at is not None and out.finish_reason != "abort":
+            # vLLM adds a prompt with its request's first output, a token or not (an error ending it): an abort is
+            # its client's (or the server's), whose request vLLM drops before any output of it counts
             self._prompt_pending = False
             metrics.vllm(metrics.PROMPT_TOKENS).inc(out.num_prompt_tokens)
         return count

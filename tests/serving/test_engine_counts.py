@@ -176,19 +176,28 @@ def test_a_stop_counts_every_open_request_once_as_an_abort(engine: ScriptedEngin
     assert loop.num_aborted == 5 and engine.requests == {}
 
 
-def _output(tokens: int, scheduled: bool, finished: bool = False) -> RequestOutput:
-    return RequestOutput("r", [7] * tokens, "", [], "", finished=finished, finish_reason="stop" if finished else None,
+def _output(tokens: int, scheduled: bool, reason: str | None = None) -> RequestOutput:
+    return RequestOutput("r", [7] * tokens, "", [], "", finished=reason is not None, finish_reason=reason,
                          num_prompt_tokens=10, scheduled_at=1.0 if scheduled else None)
 
 
-def test_a_pd_decodes_prompt_counts_at_its_first_token_computed_here() -> None:
+def test_a_pd_decodes_prompt_counts_at_its_first_output_after_admission() -> None:
     """A PD decode's first token, sampled by its prefill, comes before the scheduler admitted it: its prompt counts
-    with the next token (the KV loaded); an output without tokens counts nothing."""
+    with its next output (the KV loaded), once."""
     tokens, before = EngineTokens(), counts()
     assert tokens.output(_output(1, scheduled=False)) == 1  # generated tokens: the caller adds them
     assert delta(before)["prompt"] == 0
-    assert tokens.output(_output(0, scheduled=True)) == 0
-    assert delta(before)["prompt"] == 0
     assert tokens.output(_output(2, scheduled=True)) == 2
-    assert tokens.output(_output(1, scheduled=True, finished=True)) == 1
+    assert delta(before)["prompt"] == 10
+    assert tokens.output(_output(1, scheduled=True, reason="stop")) == 1
     assert delta(before) == {"prompt": 10, "generation": 0, "length": 0, "abort": 0, "error": 0}
+
+
+@pytest.mark.parametrize(("reason", "prompt"), [("error", 10), ("abort", 0)])
+def test_an_end_without_a_token_after_admission_counts_the_prompt_unless_an_abort(reason: str, prompt: int) -> None:
+    """vLLM adds a prompt with its request's first output, a token or not: an error that ended the request (a KV
+    load that failed) counts it; an abort (its client left) does not, as vLLM drops a request its client aborted
+    before any output of it counts."""
+    tokens, before = EngineTokens(), counts()
+    assert tokens.output(_output(0, scheduled=True, reason=reason)) == 0
+    assert delta(before)["prompt"] == prompt

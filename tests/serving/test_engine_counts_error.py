@@ -1,9 +1,10 @@
 """A request the engine ends with finish_reason "error" (its KV load failed under load_failure_policy fail, its
 constraints left no token, its own sampling work raised: vLLM's FinishReason.ERROR) counts its end once as
-vllm:request_success{finished_reason="error"} (engine_counts.EngineCounts.counted), not as an abort, and its prompt as
-an abort's would: once its first token was computed here, not when it failed before that. Its client leaving after the
-error and the server's stop count nothing more. Here with an engine stand-in (test_engine_counts.ScriptedEngine); the
-registry is the process's: deltas of this process's series (test_engine_counts.counts)."""
+vllm:request_success{finished_reason="error"} (engine_counts.EngineCounts.counted), not as an abort, and its prompt
+once, with its first output after admission, a token or the error itself (vLLM adds a prompt with its request's first
+output, with or without a token). Its client leaving after the error and the server's stop count nothing more. Here
+with an engine stand-in (test_engine_counts.ScriptedEngine); the registry is the process's: deltas of this process's
+series (test_engine_counts.counts)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class ErringEngine(ScriptedEngine):
                 failed.append(RequestOutput(request_id, [], "", [7] * r.emitted, "x" * r.emitted, finished=True,
                                             finish_reason="error", error="KV transfer failed: injected",
                                             error_status=502, num_prompt_tokens=r.num_prompt,
-                                            scheduled_at=time.monotonic()))  # admitted: only a token counts it
+                                            scheduled_at=time.monotonic()))  # admitted: its prompt counts
         return failed + super().step()
 
 
@@ -50,9 +51,8 @@ async def _read_to_end(queue: asyncio.Queue[StreamItem]) -> list[StreamItem]:
 
 
 @pytest.mark.parametrize("tokens", [0, 2])
-def test_an_error_counts_once_as_an_error_with_its_prompt_as_an_abort_would(tokens: int) -> None:
-    """`tokens`: made before the error. None: the prompt never counted (as a request aborted before its first token
-    was computed here); two: the prompt counted once, with the first."""
+def test_an_error_counts_once_as_an_error_with_its_prompt_once(tokens: int) -> None:
+    """`tokens`: made before the error. None: the prompt counted with the error; two: once, with the first token."""
     engine = ErringEngine()
     engine.fail_after["r"] = tokens
     loop = _started(engine)
@@ -69,7 +69,7 @@ def test_an_error_counts_once_as_an_error_with_its_prompt_as_an_abort_would(toke
         error = error_of(items[-1])
         assert error.status == 502 and "KV transfer failed" in error.message, error
         wait_for(lambda: not loop.counts.running, "the request's end to be counted", TIMEOUT)
-        expected = {"prompt": 3 if tokens else 0, "generation": tokens, "length": 0, "abort": 0, "error": 1}
+        expected = {"prompt": 3, "generation": tokens, "length": 0, "abort": 0, "error": 1}
         assert delta(before) == expected
     finally:
         loop.stop()

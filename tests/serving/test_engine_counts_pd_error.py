@@ -1,7 +1,8 @@
 """A PD decode whose KV load fails under kv_transfer.load_failure_policy fail (its prefill's hold was released before
 the decode loaded it, as the proxy has a prefill do when no decode will read its KV) is answered 502 and counts its
 end once as vllm:request_success{finished_reason="error"} on the decode's /metrics, as vLLM counts its
-FinishReason.ERROR: not as an abort, and no prompt tokens (its prompt was never computed here). Real instances (tiny
+FinishReason.ERROR: not as an abort, and its prompt once in vllm:prompt_tokens (vLLM adds a prompt with its request's
+first output, the load's error here, though its prompt was never computed here). Real instances (tiny
 model, real NIXL on CPU) in this process: the registry is the process's, both instances count into the series of
 model_name "tiny"; the prefill leg ends before the counts are taken, so the delta is the decode's."""
 
@@ -103,6 +104,8 @@ def test_a_decode_whose_kv_load_failed_counts_one_error(pair: tuple[str, str, En
     # The handler queued its abort before it answered (completions.serve): once a call queued after it has run, the
     # abort of the request that had ended with its error has counted nothing more.
     asyncio.run(loop.call(lambda engine: None, timeout=TIMEOUT, what="the commands queued before it"))
-    assert {k: v - before[k] for k, v in _scrape(decode).items()} == {**dict.fromkeys(before, 0), "error": 1}
+    prompt = leg.json()["usage"]["prompt_tokens"]  # the decode's prompt is the prefill's
+    assert {k: v - before[k] for k, v in _scrape(decode).items()} == {**dict.fromkeys(before, 0), "error": 1,
+                                                                    "prompt": prompt}
     assert loop.num_aborted == aborted and not loop.counts.running
     _no_blocks(prefill, decode)
