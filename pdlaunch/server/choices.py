@@ -180,9 +180,8 @@ class Choices:
         """The whole response once every choice finished."""
         async def collect(c: Choice) -> None:
             while True:
-                out = output_of(await c.queue().get())
+                out = output_of(recorded(c, await c.queue().get()))
                 c.builder.add(out)
-                c.recorder.output(out)
                 if out.finished:
                     return
 
@@ -249,11 +248,10 @@ class Choices:
             while remaining:
                 c, item = await merged.get()
                 try:
-                    out = output_of(item)
+                    out = output_of(recorded(c, item))
                 except OpenAIError as exc:
                     yield sse_event(exc.body())
                     return
-                c.recorder.output(out)
                 if c.echo_text and (out.new_text or out.finished):
                     out.new_text, c.echo_text = c.echo_text + out.new_text, ""
                 chunk = c.builder.chunk(out, final_usage)
@@ -267,6 +265,14 @@ class Choices:
             for task in pumps:
                 task.cancel()
             self.abort_all()
+
+
+def recorded(choice: Choice, item: StreamItem) -> StreamItem:
+    """`item`, its choice's series recorded first when it is an output: also the error output that ended the choice,
+    which the caller raises (vLLM records a request's end histograms for an error as for a stop)."""
+    if isinstance(item, RequestOutput):
+        choice.recorder.output(item)
+    return item
 
 
 def _seeded(params: SamplingParams, sample: int) -> SamplingParams:

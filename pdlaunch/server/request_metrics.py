@@ -19,7 +19,11 @@ aborts through EngineCounts.count_abort).
 RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
 end-to-end latency, decode time (first to last token), time per output token; prefill time (first admission to
 first token) and inference time (first admission to last token) from when the scheduler first admitted it; the
-request's n and max_tokens, its prompt and generated token counts, of a request that finished (stop / length).
+request's n and max_tokens, its prompt and generated token counts. The histograms of a request's end (e2e, prompt
+and generation tokens, n, max_tokens, inference, decode, time per output token) are recorded once for every request
+the engine ended, stop, length or error alike, as vLLM records them for every request its engine finishes, errors
+included; not for an abort (its client left, the server stopped, the engine failed): vLLM records none for a request
+its frontend aborted either. A phase a request never reached (no token: no decode time) is not recorded.
 """
 
 from __future__ import annotations
@@ -96,18 +100,19 @@ class RequestMetrics:
         # One line per request at DEBUG (the proxy logs the same X-Request-Id with the instances it used).
         log.debug("request %s %s: %s, %d prompt + %d generated tokens, %.3fs", self.request_id, self.endpoint,
                   reason, self._num_prompt, self._num_generated, now - self.arrival)
-        if reason not in ("stop", "length"):
-            return
+        if reason not in metrics.ENDED_REASONS:  # vLLM records these for every request its engine finished, errors
+            return  # included; a frontend abort, never
         metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
         metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(self._num_prompt)  # as vLLM: per finished request
         metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
         metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
         if self.max_tokens is not None and metrics.REQUEST_PARAMS_MAX_TOKENS is not None:
             metrics.vllm(metrics.REQUEST_PARAMS_MAX_TOKENS).observe(self.max_tokens)
-        if self._scheduled is not None:  # RUNNING phase: first admission to the last token
-            metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, now - self._scheduled))
-        if self._first_token is not None:
-            metrics.vllm(metrics.REQUEST_DECODE_TIME).observe(now - self._first_token)
+        last = self._last_token  # an error's output may carry none: the phases end at the last token, as vLLM's
+        if self._scheduled is not None and last is not None:  # RUNNING phase: first admission to the last token
+            metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, last - self._scheduled))
+        if self._first_token is not None and last is not None:
+            metrics.vllm(metrics.REQUEST_DECODE_TIME).observe(last - self._first_token)
             if self._num_generated > 1:
-                per_token = (now - self._first_token) / (self._num_generated - 1)
+                per_token = (last - self._first_token) / (self._num_generated - 1)
                 metrics.vllm(metrics.TIME_PER_OUTPUT_TOKEN).observe(per_token)
