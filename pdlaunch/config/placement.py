@@ -1,8 +1,10 @@
 """Where the ranks of one TP group run: which node (and device) each rank gets.
 
 A group fits on its own node when it can; a group with more ranks than its node lists `devices` fills
-that node's remaining devices first, then the next node's, and so on (a spanning group). On CPU a
-node's `devices` are just rank slots.
+that node's remaining devices first, then the next node's, and so on (a spanning group). Each instance of
+a spanning group starts on its own node, where rank 0 serves its HTTP API: when no device of that node is
+left for it, the plan is refused (first_rank_error), never moved to the next node. On CPU a node's
+`devices` are just rank slots.
 
 Every node's launcher computes the same placement, so it may depend only on the config: a node of
 `parallel.nodes` that lists no `devices` holds every rank placed on it (a group there never spans, and a
@@ -99,11 +101,32 @@ def unplaced_error(cfg: DeploymentConfig, g: int, devices: Sequence[int], has: s
         "--prefill/--decode or TP")
 
 
-def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
-                pool_of: Mapping[int, Sequence[int] | None], field: str) -> list[PlacedRank]:
-    """The node and device of every rank of one instance placed on `node`. `used[k]` counts the
-    devices of node k taken so far (updated). A group that fits its node comes back short when the
-    node's devices are taken; a spanning group the nodes cannot host raises PdlaunchError."""
+def first_rank_error(cfg: DeploymentConfig, g: int) -> PdlaunchError:
+    """Group g spans nodes, and the devices its node lists are all taken before one of its instances comes (by
+    earlier instances placed there, or listed by groups there): that instance's rank 0 has no device on the node
+    where it must run. check-config (config/rules/resources.py) and the launcher (place_group) raise this."""
+    group = cfg.instances[g]
+    node, tp = group.node, group.tp or 1
+    devices = cfg.parallel.nodes[node].devices
+    taken = {dev: groups for dev, groups in listed_devices(cfg, node).items() if dev in devices}
+    taken_part = f" ({_taken_text(taken)})" if taken else ""
+    return PdlaunchError(
+        f"instances[{g}] has TP {tp}, more than the {len(devices)} device(s) parallel.nodes[{node}].devices lists, "
+        f"so each of its instances spans from node {node} to the nodes after it, with rank 0 (which serves the "
+        f"instance's HTTP API) on node {node}; but the instances placed there before one of them and the devices "
+        f"groups there list{taken_part} take every device of node {node}, leaving none for its rank 0",
+        field=f"instances[{g}].tp",
+        hint=f"list more of node {node}'s GPUs in parallel.nodes[{node}].devices, lower instances[{g}].count or its "
+        f"TP, or move the group to a node with devices left (instances[{g}].node)")
+
+
+def place_group(cfg: DeploymentConfig, g: int, used: dict[int, int],
+                pool_of: Mapping[int, Sequence[int] | None]) -> list[PlacedRank]:
+    """The node and device of every rank of one instance of group g (which lists no devices). `used[k]` counts
+    the devices of node k taken so far (updated). A group that fits its node comes back short when the node's
+    devices are taken; a spanning group the nodes cannot host, or whose node has no device left for the
+    instance's rank 0, raises PdlaunchError (`used` then unchanged by this instance on its node)."""
+    node, tp = cfg.instances[g].node, cfg.instances[g].tp or 1
     pool = pool_of[node]
     if pool is None:
         return [PlacedRank(node, None) for _ in range(tp)]
@@ -112,6 +135,8 @@ def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
     if not listed or tp <= len(listed):  # fits its node: short when the node is full (caller says so)
         used[node] = start + tp
         return [PlacedRank(node, d) for d in pool[start:start + tp]]
+    if start >= len(pool):  # rank 0 must run on the instance's node: never start it on the next one
+        raise first_rank_error(cfg, g)
     placed: list[PlacedRank] = []
     for k in range(node, len(cfg.parallel.nodes)):
         k_pool = pool_of[k]
@@ -126,7 +151,7 @@ def place_group(cfg: DeploymentConfig, node: int, tp: int, used: dict[int, int],
             break
     if len(placed) < tp:
         raise PdlaunchError(f"TP {tp} needs {tp} devices but nodes {node}..{len(cfg.parallel.nodes) - 1} have only "
-                            f"{len(placed)} left together", field=field,
+                            f"{len(placed)} left together", field=f"instances[{g}].tp",
                             hint="a group spans its node and the nodes after it in parallel.nodes; lower TP or "
                             "add devices/nodes")
     return placed

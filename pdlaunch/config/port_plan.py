@@ -105,7 +105,7 @@ def _place(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig, k: int, us
         placed = []
     else:
         try:
-            placed = place_group(cfg, group.node, tp, used, pools, f"instances[{g}].tp")
+            placed = place_group(cfg, g, used, pools)
         except PdlaunchError:
             if strict:
                 raise

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pdlaunch.config.addresses import port_is_free
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.placement import unplaced_error
+from pdlaunch.config.placement import first_rank_error, unplaced_error
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
@@ -192,7 +192,8 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
     `visible_gpus`: the GPUs of each node in `checked` that lists no devices, and the count its listed devices
     are checked against (this host's, or the declared target's); `where` names them in messages. Another node's
     GPUs are unknown here (its own launcher checks them). A TP group larger than its node's listed devices
-    spans the nodes after it (multi-node only); a node that lists none holds every rank placed on it. A group
+    spans the nodes after it (multi-node only), each instance from its own node, where rank 0 runs (refused when
+    no GPU is left there: placement.first_rank_error); a node that lists none holds every rank placed on it. A group
     that lists no devices takes the GPUs no group on its node lists: running out of those is reported on its
     `devices` field with the GPUs taken, in the launcher's words (config/placement.py unplaced_error).
     """
@@ -232,13 +233,19 @@ def device_problems(cfg: DeploymentConfig, visible_gpus: int, where: str, checke
                                     "its node spans the nodes after it", "lower the TP size, or add nodes/devices "
                                     "after the group's node"))
             continue
-        # Its ranks fill its node's GPUs first, then the next node's; the last node takes what is left.
-        left = group.count * tp
-        for k, count in zip(spanned[:-1], listed):
-            take = max(0, min(left, count - demand[k]))
-            demand[k] += take
-            left -= take
-        demand[spanned[-1]] += left
+        # Each instance's ranks fill its node's GPUs first, then the next node's; the last node takes what is left.
+        # Rank 0 runs on the group's node: an instance that finds no GPU left there is refused (as the launcher does).
+        for _ in range(group.count):
+            if listed[0] <= demand[node]:
+                err = first_rank_error(cfg, i)
+                problems.append(problem(err.field or f"instances[{i}].tp", err.message, err.hint or ""))
+                break
+            left = tp
+            for k, count in zip(spanned[:-1], listed):
+                take = max(0, min(left, count - demand[k]))
+                demand[k] += take
+                left -= take
+            demand[spanned[-1]] += left
     for k, cap in enumerate(capacity):
         if cap is not None and demand[k] > len(cap) and k not in short:
             problems.append(_over_capacity(cfg, k, demand[k], len(cap), where))
