@@ -3,7 +3,8 @@ device each node resolved `auto` to (the nodes must agree with node 0), and a st
 the launcher's one error line (`error: node K: FIELD: MESSAGE`), exit 1, no traceback. A stand-in `srun` on
 PATH prints what FAKE_DIR/say-K holds as node K's step, then exits with FAKE_DIR/exit-K's code or runs until
 the launcher stops it; nothing answers at the proxy's port, so the launcher is still starting throughout. Like
-srun, it labels each line with its task number (`0: `) when SLURM_LABELIO is in its environment."""
+srun, it labels each line with its task number (`0: `) when SLURM_LABELIO is in its environment, and its task
+gets no deployment unless srun exports the whole environment (--export, SRUN_EXPORT_ENV, SLURM_EXPORT_ENV)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,12 @@ from pdlaunch.launcher.backends.slurm import run_slurm
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
 
 FAKE_SRUN = r"""#!/bin/bash
-for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; esac; done
+export=${SRUN_EXPORT_ENV:-${SLURM_EXPORT_ENV:-ALL}}  # srun's --export: its flag, else these, SRUN_ first
+for a in "$@"; do case $a in --relative=*) k=${a#--relative=} ;; --export=*) export=${a#--export=} ;; esac; done
 echo $$ > "$FAKE_DIR/srun-$k.pid"
+case $export in ALL|ALL,*) ;; *)  # the task gets SLURM_* only: slurm_node's own line when the deployment is missing
+  echo "error: PDLAUNCH_SLURM_DEPLOYMENT is not set: this module is started by \`pdlaunch serve --backend slurm\`" >&2
+  exit 1 ;; esac
 [ -n "${SLURM_STDOUTMODE+set}" ] && exec > "$SLURM_STDOUTMODE"
 if [ -n "${SLURM_LABELIO+set}" ]; then sed 's/^/0: /' "$FAKE_DIR/say-$k" 2>/dev/null
 else cat "$FAKE_DIR/say-$k" 2>/dev/null; fi
@@ -112,6 +117,19 @@ def test_steps_output_reaches_their_log_when_the_users_srun_writes_to_a_file(
     assert any(line.startswith("error: node 1: device: auto resolved to cpu on node 1") for line in lines), lines
     assert (fake_dir / "logs" / "slurm-node1.log").read_text() == "node 1: device cpu\n"
     assert not elsewhere.exists() and not alive(fake_dir), lines
+
+
+@pytest.mark.parametrize("variable", ["SLURM_EXPORT_ENV", "SRUN_EXPORT_ENV"])
+def test_steps_get_the_deployment_when_the_batch_script_exports_nothing(
+        fake_dir: Path, term_guard: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        variable: str) -> None:
+    monkeypatch.setenv(variable, "NONE")  # `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE for the script's srun
+    (fake_dir / "say-0").write_text("node 0: device cuda\n")
+    (fake_dir / "say-1").write_text("node 1: device cpu\n")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    assert any(line.startswith("error: node 1: device: auto resolved to cpu on node 1") for line in lines), lines
+    assert not any("PDLAUNCH_SLURM_DEPLOYMENT" in line for line in lines) and not alive(fake_dir), lines
 
 
 def test_a_steps_error_line_is_the_launchers_error(fake_dir: Path, term_guard: None,

@@ -3,8 +3,9 @@
 Inside `sbatch`/`salloc`, config/backend.py has made the allocation's nodes `parallel.nodes`. This
 process (the batch script's, or the salloc shell's) probes every node's fixed ports (config/rules/node_ports.py:
 something listening at one stops it before any step starts), then starts one step per node,
-`srun --nodes=1 --ntasks=1 --relative=K --overlap python -m pdlaunch.launcher.backends.slurm_node --node-rank K`,
-(srun's environment without SLURM_LABELIO, so that srun does not label the lines the step prints for this process),
+`srun --nodes=1 --ntasks=1 --relative=K --overlap --export=ALL python -m pdlaunch.launcher.backends.slurm_node
+--node-rank K` (srun's environment without SRUN_UNSET_ENV, so that srun neither labels the lines the step prints for
+this process nor sends them elsewhere than its log; --export=ALL over a batch script's SLURM_EXPORT_ENV=NONE),
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
 node), and on node 0 the proxy. The validated config, with one deployment secret for every node,
@@ -104,8 +105,11 @@ def slurm_end(steps: list[ChildProcess]) -> SlurmEnd | None:
 def srun_argv(node: int, cpus: int | None) -> list[str]:
     """Node `node`'s step, with every CPU and all memory the job has there (`cpus`; a step gets one CPU
     by default) and no CPU binding: its launcher divides them among its instances. --overlap lets the
-    steps share the allocation (each keeps access to its node's GPUs); --relative picks the node."""
-    return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", f"--job-name={step_name(node)}",
+    steps share the allocation (each keeps access to its node's GPUs); --relative picks the node.
+    --export=ALL: the step needs this process's environment (the deployment, DEPLOYMENT_ENV; PATH and the
+    rest), and `sbatch --export=NONE` leaves SLURM_EXPORT_ENV=NONE, which srun would otherwise obey."""
+    return ["srun", "--nodes=1", "--ntasks=1", f"--relative={node}", "--overlap", "--export=ALL",
+            f"--job-name={step_name(node)}",
             *([f"--cpus-per-task={cpus}"] if cpus else []), "--cpu-bind=none", "--mem=0",
             sys.executable, "-m", "pdlaunch.launcher.backends.slurm_node", "--node-rank", str(node)]
 
