@@ -12,7 +12,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.resources import port_plan, port_problems
 from pdlaunch.distributed.placement import PLACEMENT_ENV, RankPlacement
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
-from pdlaunch.launcher.ports import PortAllocator
+from tests.launcher.free_ports import free_on_both
 
 SECRET = {"deployment_secret": "port-plan-test-secret-0123456789"}
 TWO_NODES = [{"address": "127.0.0.1"}, {"address": "127.0.0.2"}]
@@ -73,7 +73,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_launcher_binds_exactly_the_ports_check_config_plans(case: str) -> None:
     nodes, instances = CASES[case]
-    cfg = _cfg(PortAllocator("127.0.0.1").free_range(40, "port plan test"), nodes, instances)
+    cfg = _cfg(free_on_both(40, "port plan test"), nodes, instances)
     assert launcher_ports(cfg) == check_config_ports(cfg)
     assert port_problems(cfg) == []
 

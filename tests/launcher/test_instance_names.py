@@ -14,9 +14,9 @@ from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.rules.host import _served_files
 from pdlaunch.launcher.deployment import Deployment
 from pdlaunch.launcher.plan import plan_deployment
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.__main__ import parse_args, parse_instances
 from tests.config.cli_helpers import check
+from tests.launcher.free_ports import free_on_both
 
 SECRET = {"deployment_secret": "instance-names-secret-0123456789"}
 TWO_DECODE_GROUPS = [{"role": "prefill"}, {"role": "decode"}, {"role": "decode"}]
@@ -47,7 +47,7 @@ def test_names_count_per_role_across_groups(instances: list[dict[str, Any]], nam
 
 def test_ports_stay_per_group() -> None:
     """A group's HTTP ports are base_port + k, k its instance's place in the group, whatever its name's number."""
-    b = PortAllocator("127.0.0.1").free_range(5, "instance names test")  # the launcher claims the ports it plans
+    b = free_on_both(5, "instance names test")  # the launcher claims the ports it plans
     cfg = _cfg([{"role": "prefill", "base_port": b}, {"role": "decode", "count": 2, "base_port": b + 1},
                 {"role": "decode", "base_port": b + 3}])
     planned = plan_instances(cfg, [])
@@ -79,7 +79,7 @@ def test_the_proxy_the_launcher_starts_gets_every_instance(tmp_path: Path) -> No
 
 def test_every_node_names_the_instances_alike(tmp_path: Path) -> None:
     """A decode group per node: node 1's launcher runs decode-1, the name node 0's proxy expects of it."""
-    b = PortAllocator("127.0.0.1").free_range(2, "instance names test")
+    b = free_on_both(2, "instance names test")
 
     def on(node: int) -> DeploymentConfig:
         return _cfg([{"role": "prefill", "base_port": b}, {"role": "decode", "base_port": b + 1},

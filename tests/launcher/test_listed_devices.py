@@ -19,9 +19,9 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.security import SECRET_ENV
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
 from tests.config.cli_helpers import assert_invalid, check, write_yaml
+from tests.launcher.free_ports import free_on_both
 
 SECRET = "listed-devices-test-secret-012345"
 GIB = 1 << 30
@@ -101,7 +101,7 @@ def test_groups_listing_the_same_gpu_still_share_it(monkeypatch: pytest.MonkeyPa
 
 def _nodes(node0: dict[str, Any], node1: dict[str, Any], instances: list[dict[str, Any]]) -> dict[str, Any]:
     """Two nodes; the ports each node must know of the other's instances are fixed, and free here."""
-    base = PortAllocator("127.0.0.1").free_range(1 + 2 * len(instances), "listed devices test")
+    base = free_on_both(1 + 2 * len(instances), "listed devices test")
     return _config([{**group, "base_port": base + 1 + 2 * i} for i, group in enumerate(instances)],
                    parallel={"nodes": [{"address": "127.0.0.1", **node0}, {"address": "127.0.0.2", **node1}],
                              "master_port": base},

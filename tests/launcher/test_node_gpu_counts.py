@@ -20,8 +20,8 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends import slurm_node
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
+from tests.launcher.free_ports import free_on_both
 
 SECRET = {"deployment_secret": "node-gpu-counts-test-secret-0123"}
 GIB = 1 << 30
@@ -73,7 +73,7 @@ def _rank_nodes(env: dict[str, str], node: int, tp: int) -> list[int]:
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_rank_starts_once_whatever_gpus_each_node_sees(monkeypatch: pytest.MonkeyPatch, scenario: str) -> None:
     nodes, instances, gpus = SCENARIOS[scenario]
-    cfg = _cfg(nodes, instances, PortAllocator("127.0.0.1").free_range(60, "node GPU counts test"))
+    cfg = _cfg(nodes, instances, free_on_both(60, "node GPU counts test"))
     started: list[tuple[str, int, int]] = []  # (instance, TP rank, node whose launcher starts it)
     placements: dict[str, set[tuple[int, ...]]] = {}  # instance -> its ranks' nodes, as each node plans them
     for node, count in enumerate(gpus):
@@ -97,7 +97,7 @@ def test_every_rank_starts_once_whatever_gpus_each_node_sees(monkeypatch: pytest
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_the_batch_process_probes_the_ports_the_nodes_claim(monkeypatch: pytest.MonkeyPatch, scenario: str) -> None:
     nodes, instances, gpus = SCENARIOS[scenario]
-    cfg = _cfg(nodes, instances, PortAllocator("127.0.0.1").free_range(60, "node GPU counts test"))
+    cfg = _cfg(nodes, instances, free_on_both(60, "node GPU counts test"))
     claimed: set[tuple[int, int]] = set()
     for node, count in enumerate(gpus):
         plan = _node_plan(monkeypatch, cfg, node, count)

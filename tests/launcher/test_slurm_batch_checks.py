@@ -18,8 +18,8 @@ from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends import slurm_node
 from pdlaunch.launcher.backends.slurm import DEPLOYMENT_ENV
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
+from tests.launcher.free_ports import free_on_both
 
 GIB = 1 << 30
 GPU_FIELDS = ("device", "model.enable_sleep_mode", "model.enable_cumem_allocator", "instances", "instances[0]",
@@ -37,7 +37,7 @@ def sees(monkeypatch: pytest.MonkeyPatch, gpus: int, gib: float = 80.0) -> None:
 
 def batch_cfg(tmp_path: Path, device: str, **model: Any) -> DeploymentConfig:
     """What config/backend.py makes of a 1P1D config inside a two-node allocation: every port fixed."""
-    base = PortAllocator("127.0.0.1").free_range(60, "slurm batch checks test")
+    base = free_on_both(60, "slurm batch checks test")
     return DeploymentConfig.model_validate({
         "launcher": {"backend": "slurm"}, "device": device, "log_dir": str(tmp_path / "logs"),
         "model": {"path": "tiny", **model}, "security": {"deployment_secret": "slurm-batch-checks-secret-0123"},

@@ -20,9 +20,9 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.security import SECRET_ENV
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.plan import DeploymentPlan, plan_deployment
-from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.memory import host_devices
 from tests.config.cli_helpers import assert_invalid, check, write_yaml
+from tests.launcher.free_ports import free_on_both
 
 SECRET = "spanning-first-rank-test-secret-01"
 GIB = 1 << 30
@@ -84,7 +84,7 @@ def test_an_instance_whose_node_has_no_gpu_left_for_its_rank_0_is_refused(
 
 def test_a_spanning_instance_with_a_gpu_left_on_its_node_starts_there(monkeypatch: pytest.MonkeyPatch,
                                                                       tmp_path: Path) -> None:
-    base = PortAllocator("127.0.0.1").free_range(30, "spanning first rank test")  # these plans claim them
+    base = free_on_both(30, "spanning first rank test")  # these plans claim them
     config = _config([{"role": "prefill", "devices": [0]}, {"role": "prefill", "tp": 4}, {"role": "decode", "node": 1}],
                      base)
     node0 = _plan(monkeypatch, config, 0)
