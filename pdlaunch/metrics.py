@@ -77,6 +77,7 @@ _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                     240.0, 480.0, 960.0, 1920.0, 7680.0)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+# vLLM's inter-token-latency buckets, which its per-request mean time per output token shares
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0)
 _XFER_SECONDS_BUCKETS = (0.001, 0.005, 0.0125, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
@@ -104,8 +105,11 @@ INTER_TOKEN_LATENCY_VLLM = Histogram("vllm:inter_token_latency_seconds", "Histog
                                      "seconds.", LABELS, buckets=_ITL_BUCKETS)
 E2E_REQUEST_LATENCY = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
                                 "seconds.", LABELS, buckets=_REQUEST_BUCKETS)
-TIME_PER_OUTPUT_TOKEN = Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in "
-                                  "seconds.", LABELS, buckets=_ITL_BUCKETS)
+# A finished request's mean time per output token (its first token excluded; 0 with fewer than two), as vLLM computes
+# it. Not vllm:time_per_output_token_seconds: that was vLLM's old name of inter_token_latency_seconds, deprecated in
+# 0.11, hidden from 0.12 (shown only on request) and no longer made by 0.33, so not exported here.
+REQUEST_TIME_PER_OUTPUT_TOKEN = Histogram("vllm:request_time_per_output_token_seconds", "Histogram of "
+                                          "time_per_output_token_seconds per request.", LABELS, buckets=_ITL_BUCKETS)
 REQUEST_DECODE_TIME = Histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for "
                                 "request.", LABELS, buckets=_REQUEST_BUCKETS)
 ITERATION_TOKENS = Histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", LABELS,
@@ -120,6 +124,7 @@ REQUEST_PREFILL_TIME = Histogram("vllm:request_prefill_time_seconds", "Histogram
                                  "for request.", LABELS, buckets=_REQUEST_BUCKETS)
 REQUEST_INFERENCE_TIME = Histogram("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING "
                                    "phase for request.", LABELS, buckets=_REQUEST_BUCKETS)
+# once per parent request: a prompt's samples, when the last of them ended (request_metrics.SampleGroup), as vLLM's
 REQUEST_PARAMS_N = Histogram("vllm:request_params_n", "Histogram of the n request parameter.", LABELS,
                              buckets=(1, 2, 5, 10, 20))
 NIXL_XFER_TIME = Histogram("vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache "
@@ -140,7 +145,7 @@ def set_model_name(name: str) -> None:
     for metric in (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, NUM_PREEMPTIONS, PROMPT_TOKENS,
                    GENERATION_TOKENS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, TIME_TO_FIRST_TOKEN_VLLM,
                    INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_PROMPT_TOKENS,
-                   TIME_PER_OUTPUT_TOKEN, REQUEST_DECODE_TIME, ITERATION_TOKENS,
+                   REQUEST_TIME_PER_OUTPUT_TOKEN, REQUEST_DECODE_TIME, ITERATION_TOKENS,
                    REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS,
                    REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
@@ -149,7 +154,8 @@ def set_model_name(name: str) -> None:
 
 
 def _one_two_five(limit: int) -> tuple[float, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for request_params_max_tokens)."""
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for request_params_max_tokens and
+    request_max_num_generation_tokens)."""
     out: list[int] = []
     scale = 1
     while True:
@@ -161,24 +167,32 @@ def _one_two_five(limit: int) -> tuple[float, ...]:
 
 
 _engine_info_lock = threading.Lock()
-REQUEST_PARAMS_MAX_TOKENS: Histogram | None = None  # buckets follow max_model_len: made by engine_info()
+# buckets follow max_model_len (1-2-5, as vLLM's): made by engine_info()
+REQUEST_PARAMS_MAX_TOKENS: Histogram | None = None
+REQUEST_MAX_NUM_GENERATION_TOKENS: Histogram | None = None  # per parent request (request_metrics.SampleGroup)
 CACHE_CONFIG_INFO: Gauge | None = None
 CACHE_INFO_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
                      "num_gpu_blocks", "num_gpu_blocks_override", "kv_offload_gb", "engine")
 
 
 def engine_info(max_model_len: int, cache: dict[str, Any]) -> None:
-    """vllm:cache_config_info (one series at 1, labelled with the cache settings, as vLLM's) and
-    vllm:request_params_max_tokens (1-2-5 buckets up to max_model_len). Once per engine; the series
-    are made by the first engine of the process, later ones relabel cache_config_info."""
-    global REQUEST_PARAMS_MAX_TOKENS, CACHE_CONFIG_INFO
+    """vllm:cache_config_info (one series at 1, labelled with the cache settings, as vLLM's),
+    vllm:request_params_max_tokens and vllm:request_max_num_generation_tokens (1-2-5 buckets up to max_model_len).
+    Once per engine; the series are made by the first engine of the process, later ones relabel cache_config_info."""
+    global REQUEST_PARAMS_MAX_TOKENS, REQUEST_MAX_NUM_GENERATION_TOKENS, CACHE_CONFIG_INFO
     with _engine_info_lock:
         if REQUEST_PARAMS_MAX_TOKENS is None:
+            buckets = _one_two_five(max_model_len)
             REQUEST_PARAMS_MAX_TOKENS = Histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens "
-                                                  "request parameter.", LABELS, buckets=_one_two_five(max_model_len))
+                                                  "request parameter.", LABELS, buckets=buckets)
+            REQUEST_MAX_NUM_GENERATION_TOKENS = Histogram(
+                "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation "
+                "tokens.", LABELS, buckets=buckets)
             CACHE_CONFIG_INFO = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                       list(CACHE_INFO_LABELS))
+        assert REQUEST_MAX_NUM_GENERATION_TOKENS is not None
         vllm(REQUEST_PARAMS_MAX_TOKENS)
+        vllm(REQUEST_MAX_NUM_GENERATION_TOKENS)
         assert CACHE_CONFIG_INFO is not None
         CACHE_CONFIG_INFO.clear()
         labels = {k: str(cache.get(k)) for k in CACHE_INFO_LABELS}

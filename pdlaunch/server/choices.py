@@ -32,7 +32,7 @@ from pdlaunch.server.choice_limits import check_choice_count, no_room_hint
 from pdlaunch.server.completion_request import CompletionRequest
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.prompts import Prompt, prompt_token_ids
-from pdlaunch.server.request_metrics import RequestMetrics
+from pdlaunch.server.request_metrics import RequestMetrics, SampleGroup
 from pdlaunch.server.request_stream import Accepted, RequestStream, StreamItem, error_of, output_of, peek
 from pdlaunch.server.responses import ResponseBuilder, mark_recomputed, usage_body
 
@@ -89,6 +89,7 @@ class Choices:
         arrival = time.monotonic()
         self.choices: list[Choice] = []
         for p in range(len(prompts)):
+            group = SampleGroup(n, best_of)  # vLLM's parent request: the prompt's samples
             for i in range(best_of):
                 request_id = f"{client_id}-{uuid.uuid4().hex[:8]}"
                 builder = ResponseBuilder(
@@ -97,7 +98,7 @@ class Choices:
                     detokenize=lambda token_id: tokenizer.decode([token_id], skip_special),
                     decode=lambda ids: tokenizer.decode(ids, skip_special, spaces),
                     response_id=("cmpl-" if completion else "chatcmpl-") + client_id)
-                recorder = RequestMetrics(request_id, builder.endpoint, arrival, n=n, max_tokens=params.max_tokens)
+                recorder = RequestMetrics(request_id, builder.endpoint, arrival, group, params.max_tokens)
                 self.choices.append(Choice(p * best_of + i, p, i, request_id, _seeded(sample_params, i), builder,
                                            recorder))
 

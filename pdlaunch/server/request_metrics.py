@@ -17,13 +17,20 @@ thread too, once (engine_counts.EngineCounts.counted: request_success by finishe
 aborts through EngineCounts.count_abort).
 
 RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
-end-to-end latency, decode time (first to last token), time per output token; prefill time (first admission to
-first token) and inference time (first admission to last token) from when the scheduler first admitted it; the
-request's n and max_tokens, its prompt and generated token counts. The histograms of a request's end (e2e, prompt
-and generation tokens, n, max_tokens, inference, decode, time per output token) are recorded once for every request
-the engine ended, stop, length or error alike, as vLLM records them for every request its engine finishes, errors
-included; not for an abort (its client left, the server stopped, the engine failed): vLLM records none for a request
-its frontend aborted either. A phase a request never reached (no token: no decode time) is not recorded.
+end-to-end latency, decode time (first to last token), its mean time per output token
+(vllm:request_time_per_output_token_seconds: decode time over the tokens after the first, 0 with fewer than two, as
+vLLM's); prefill time (first admission to first token) and inference time (first admission to last token) from when
+the scheduler first admitted it; the request's max_tokens, its prompt and generated token counts. The histograms of a
+request's end (e2e, prompt and generation tokens, max_tokens, inference, decode, time per output token) are recorded
+once for every request the engine ended, stop, length or error alike, as vLLM records them for every request its
+engine finishes, errors included; not for an abort (its client left, the server stopped, the engine failed): vLLM
+records none for a request its frontend aborted either. A phase a request never reached (no token: no decode time)
+is not recorded.
+
+SampleGroup: the samples of one prompt (n > 1, best_of), each an engine request, as vLLM's parent request and its
+children: vllm:request_params_n (the request's n) and vllm:request_max_num_generation_tokens (the most tokens one of
+them generated) are observed once per group, when the last of them ended, none if one was aborted (vLLM records
+them when its parent's last child finishes; an aborted child never does). A plain request is a group of one.
 """
 
 from __future__ import annotations
@@ -60,13 +67,34 @@ class EngineTokens:
         return count
 
 
-class RequestMetrics:
-    """One request's series; `arrival` is time.monotonic() when the instance received it."""
+class SampleGroup:
+    """The `size` samples of one prompt of a request whose n is `n`: its parent request's series, once."""
 
-    def __init__(self, request_id: str, endpoint: str, arrival: float, n: int = 1,
+    def __init__(self, n: int = 1, size: int = 1) -> None:
+        self.n = n
+        self._open = size  # samples not ended yet
+        self._max_generated = 0
+
+    def ended(self, num_generated: int) -> None:
+        """One sample ended by the engine (stop, length or error) after generating `num_generated` tokens."""
+        self._max_generated = max(self._max_generated, num_generated)
+        self._open -= 1
+        if self._open:
+            return
+        metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
+        if metrics.REQUEST_MAX_NUM_GENERATION_TOKENS is not None:  # made with the engine (metrics.engine_info)
+            metrics.vllm(metrics.REQUEST_MAX_NUM_GENERATION_TOKENS).observe(self._max_generated)
+
+
+class RequestMetrics:
+    """One engine request's series; `arrival` is time.monotonic() when the instance received it, `group` the samples
+    of its prompt (a group of its own by default)."""
+
+    def __init__(self, request_id: str, endpoint: str, arrival: float, group: SampleGroup | None = None,
                  max_tokens: int | None = None) -> None:
         self.request_id, self.endpoint, self.arrival = request_id, endpoint, arrival
-        self.n, self.max_tokens = n, max_tokens  # the request's parameters (vllm:request_params_*)
+        self.group = group if group is not None else SampleGroup()
+        self.max_tokens = max_tokens  # the request's parameter (vllm:request_params_max_tokens)
         self._scheduled: float | None = None  # first admission by the scheduler
         self._first_token: float | None = None
         self._last_token: float | None = None
@@ -105,14 +133,15 @@ class RequestMetrics:
         metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
         metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(self._num_prompt)  # as vLLM: per finished request
         metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
-        metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
+        self.group.ended(self._num_generated)
         if self.max_tokens is not None and metrics.REQUEST_PARAMS_MAX_TOKENS is not None:
             metrics.vllm(metrics.REQUEST_PARAMS_MAX_TOKENS).observe(self.max_tokens)
         last = self._last_token  # an error's output may carry none: the phases end at the last token, as vLLM's
         if self._scheduled is not None and last is not None:  # RUNNING phase: first admission to the last token
             metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, last - self._scheduled))
+        per_token = 0.0  # vLLM's for a request with fewer than two tokens (none after the first)
         if self._first_token is not None and last is not None:
             metrics.vllm(metrics.REQUEST_DECODE_TIME).observe(last - self._first_token)
             if self._num_generated > 1:
                 per_token = (last - self._first_token) / (self._num_generated - 1)
-                metrics.vllm(metrics.TIME_PER_OUTPUT_TOKEN).observe(per_token)
+        metrics.vllm(metrics.REQUEST_TIME_PER_OUTPUT_TOKEN).observe(per_token)

@@ -102,11 +102,13 @@ def test_vllm_series_present_and_no_created_series(serve: Serve) -> None:
     text = httpx.get(f"{serve.url}/metrics", timeout=10).text
     for series in ("vllm:request_prefill_time_seconds_count", "vllm:request_inference_time_seconds_count",
                    "vllm:request_params_n_bucket", "vllm:request_params_max_tokens_bucket",
+                   "vllm:request_max_num_generation_tokens_bucket", "vllm:request_time_per_output_token_seconds_bucket",
                    "vllm:cache_config_info"):
         assert series in text, f"{series} missing from /metrics"
     assert re.search(r'vllm:cache_config_info\{[^}]*block_size="8"[^}]*\} 1\.0', text)
     assert re.search(r'vllm:request_params_max_tokens_bucket\{[^}]*le="5\.0"', text)
     assert "_created" not in text
+    assert "vllm:time_per_output_token_seconds" not in text  # vLLM's removed name of the inter-token latency
 
 
 def test_status_table_follows_the_kv_blocks(serve: Serve) -> None:

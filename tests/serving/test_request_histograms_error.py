@@ -1,8 +1,9 @@
 """The histograms of a request's end (vllm:e2e_request_latency_seconds, request_prompt_tokens,
-request_generation_tokens, request_params_n / max_tokens, request_inference_time, request_decode_time,
-time_per_output_token) count a request the engine ended with "error" once, as vLLM records them for every request its
-engine finished, errors included, whether the client reads the whole answer or a stream; a phase it never reached
-(no token: no decode time) is not recorded. A request its client left (an abort) records none, as vLLM records none
+request_generation_tokens, request_params_n / max_tokens, request_max_num_generation_tokens, request_inference_time,
+request_decode_time, request_time_per_output_token) count a request the engine ended with "error" once, as vLLM
+records them for every request its engine finished, errors included, whether the client reads the whole answer or a
+stream; a phase it never reached (no token: no decode time) is not recorded, its time per output token is 0 (vLLM's
+with fewer than two tokens). A request its client left (an abort) records none, as vLLM records none
 for a request its frontend aborted. Choices (server/choices.py) over an engine stand-in
 (test_engine_counts_error.ErringEngine); the registry is the process's: deltas of this process's series."""
 
@@ -45,11 +46,12 @@ class ChoicesEngine(ErringEngine):
 def _histograms() -> dict[str, Histogram]:
     if metrics.REQUEST_PARAMS_MAX_TOKENS is None:  # made by the first engine of the process: none built here yet
         metrics.engine_info(MAX_MODEL_LEN, {})
-    assert metrics.REQUEST_PARAMS_MAX_TOKENS is not None
+    assert metrics.REQUEST_PARAMS_MAX_TOKENS is not None and metrics.REQUEST_MAX_NUM_GENERATION_TOKENS is not None
     return {"e2e": metrics.E2E_REQUEST_LATENCY, "prompt": metrics.REQUEST_PROMPT_TOKENS,
             "generation": metrics.REQUEST_GENERATION_TOKENS, "n": metrics.REQUEST_PARAMS_N,
-            "max_tokens": metrics.REQUEST_PARAMS_MAX_TOKENS, "inference": metrics.REQUEST_INFERENCE_TIME,
-            "decode": metrics.REQUEST_DECODE_TIME, "tpot": metrics.TIME_PER_OUTPUT_TOKEN}
+            "max_tokens": metrics.REQUEST_PARAMS_MAX_TOKENS, "max_gen": metrics.REQUEST_MAX_NUM_GENERATION_TOKENS,
+            "inference": metrics.REQUEST_INFERENCE_TIME, "decode": metrics.REQUEST_DECODE_TIME,
+            "tpot": metrics.REQUEST_TIME_PER_OUTPUT_TOKEN}
 
 
 def _sample(metric: Histogram, suffix: str) -> float:
@@ -66,6 +68,8 @@ def observed() -> dict[str, float]:
     found = {name: _sample(h, "count") for name, h in _histograms().items()}
     found["prompt_sum"] = _sample(metrics.REQUEST_PROMPT_TOKENS, "sum")
     found["generation_sum"] = _sample(metrics.REQUEST_GENERATION_TOKENS, "sum")
+    found["n_sum"] = _sample(metrics.REQUEST_PARAMS_N, "sum")
+    found["max_gen_sum"] = _sample(_histograms()["max_gen"], "sum")
     return found
 
 
@@ -98,8 +102,9 @@ async def _stream(choices: Choices) -> list[bytes]:
 @pytest.mark.parametrize("tokens", [0, 2])
 def test_an_error_records_each_end_histogram_once(loop: tuple[EngineLoop, ChoicesEngine], tokens: int,
                                                   stream: bool) -> None:
-    """`tokens`: made before the error. None: no decode, inference or per-token time (no token came); two: each
-    once. The prompt counts in vllm:prompt_tokens either way (its output after admission, an error or a token)."""
+    """`tokens`: made before the error. None: no decode or inference time (no token came), a time per output token
+    of 0; two: each once. The prompt counts in vllm:prompt_tokens either way (its output after admission, an error or
+    a token)."""
     engine_loop, engine = loop
     before, counted = observed(), counts()
     choices = _choices(engine_loop, [1, 2, 3], stream)
@@ -119,8 +124,8 @@ def test_an_error_records_each_end_histogram_once(loop: tuple[EngineLoop, Choice
     wait_for(lambda: not engine_loop.counts.running, "the request's end to be counted", TIMEOUT)
     phases = 1 if tokens else 0
     assert observed_since(before) == {
-        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "inference": phases, "decode": phases,
-        "tpot": 1 if tokens > 1 else 0, "prompt_sum": 3, "generation_sum": tokens}
+        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": phases,
+        "decode": phases, "tpot": 1, "prompt_sum": 3, "generation_sum": tokens, "n_sum": 1, "max_gen_sum": tokens}
     assert delta(counted) == {"prompt": 3, "generation": tokens, "length": 0, "abort": 0, "error": 1}
 
 
@@ -142,7 +147,7 @@ def test_an_abort_records_no_end_histogram(loop: tuple[EngineLoop, ChoicesEngine
     asyncio.run(run())
     wait_for(lambda: engine_loop.num_aborted == 1, "the abort to be counted", TIMEOUT)
     assert observed_since(before) == {
-        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "inference": 1, "decode": 1, "tpot": 1,
-        "prompt_sum": 3, "generation_sum": MAX_TOKENS}
+        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": 1, "decode": 1,
+        "tpot": 1, "prompt_sum": 3, "generation_sum": MAX_TOKENS, "n_sum": 1, "max_gen_sum": MAX_TOKENS}
     # every token the engine made counts, the left one's too (those made before its abort was taken)
     assert delta(counted) == {"prompt": 3 + 4, "generation": engine.generated, "length": 1, "abort": 1, "error": 0}

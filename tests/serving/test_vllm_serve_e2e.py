@@ -26,7 +26,8 @@ VLLM_SERIES = [
     "vllm:e2e_request_latency_seconds_count", "vllm:request_queue_time_seconds_count",
     "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
     "vllm:nixl_xfer_time_seconds_count", "vllm:nixl_bytes_transferred_sum",
-    "vllm:time_per_output_token_seconds_count", "vllm:request_decode_time_seconds_count",
+    "vllm:request_time_per_output_token_seconds_count", "vllm:request_decode_time_seconds_count",
+    "vllm:request_params_n_count", "vllm:request_max_num_generation_tokens_count",
     "vllm:iteration_tokens_total_count", "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_sum",
 ]
 IDLE_S = 6.0
@@ -93,7 +94,13 @@ def test_one_scrape_has_every_vllm_series_with_exact_token_counts(serve: Serve) 
     assert delta("vllm:e2e_request_latency_seconds_count", "decode") == len(prompts)
     assert delta("vllm:request_queue_time_seconds_count", "decode") == len(prompts)
     assert delta("vllm:prefix_cache_queries_total", "decode") == prompt_tokens
-    assert delta("vllm:time_per_output_token_seconds_count", "decode") == len(prompts)
+    assert delta("vllm:request_time_per_output_token_seconds_count", "decode") == len(prompts)
+    # the prefill legs (one token each) observe 0 there, as vLLM's prefill instances do: one per request
+    assert delta("vllm:request_time_per_output_token_seconds_count", "prefill") == \
+        delta("vllm:e2e_request_latency_seconds_count", "prefill") == len(prompts)
+    assert delta("vllm:request_params_n_count", "decode") == len(prompts)
+    assert delta("vllm:request_max_num_generation_tokens_sum", "decode") == 5 * len(prompts)
+    assert ("vllm:time_per_output_token_seconds_count", "decode") not in after  # vLLM's removed name
     assert delta("vllm:request_generation_tokens_sum", "decode") == 5 * len(prompts)
     assert delta("vllm:nixl_xfer_time_seconds_count", "decode") >= 1
     assert delta("vllm:nixl_bytes_transferred_sum", "decode") > 0
