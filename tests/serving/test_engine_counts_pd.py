@@ -17,42 +17,21 @@ import httpx
 import pytest
 
 from pdlaunch import metrics
-from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
-from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.internal import KV_RELEASE_PATH
 from pdlaunch.server.request_stream import Accepted
 from tests.kv_transfer.deployment_secret import TEST_SECRET
 from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.tiny_instances import TIMEOUT, serve_tiny
 
-TIMEOUT = 180.0  # a loaded 2-core machine
 PROMPT = "The capital of France is"
 REASONS = ("stop", "length", "abort", "error")
-
-
-def _config() -> DeploymentConfig:
-    return DeploymentConfig.model_validate({
-        "device": "cpu", "instances": [{"role": "prefill"}, {"role": "decode"}],
-        "model": {"path": "tiny", "max_model_len": 256}, "cache": {"num_gpu_blocks": 64, "block_size": 8},
-        "kv_transfer": {"transfer_mode": "pull", "kv_lease_seconds": 30.0},
-        "security": {"deployment_secret": TEST_SECRET},
-    })
-
-
-def _serve(role: str, name: str) -> tuple[ThreadServer, EngineLoop]:
-    """An instance of `role` (engine id `name`) served on a free port, once /health answers."""
-    cfg = _config()
-    spec = InstanceSpec(role=role, port=PortAllocator("127.0.0.1").free(f"test {name}"), engine_id=name, device="cpu")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
-    srv = ThreadServer(build_app(loop, cfg, spec), spec.port).__enter__()
-    wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, f"the {name} engine", TIMEOUT)
-    return srv, loop
 
 
 @dataclass
@@ -69,7 +48,7 @@ def deployment() -> Iterator[Deployment]:
     loops: list[EngineLoop] = []
     try:
         for role in ("prefill", "decode"):
-            srv, loop = _serve(role, f"counts-pd-{role}")
+            srv, loop = serve_tiny(role, f"counts-pd-{role}")
             servers.append(srv)
             loops.append(loop)
         pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
@@ -207,7 +186,7 @@ def test_a_client_that_leaves_before_its_first_token_is_handed_out_counts_it_as_
 @pytest.fixture()
 def decode() -> Iterator[tuple[str, EngineLoop]]:
     """A decode instance of the deployment's that the test stops."""
-    srv, loop = _serve("decode", "counts-pd-stopped-decode")
+    srv, loop = serve_tiny("decode", "counts-pd-stopped-decode")
     try:
         yield srv.url, loop
     finally:

@@ -16,35 +16,15 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
-from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.http.auth import internal_headers
-from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.internal import KV_RELEASE_PATH
 from tests.kv_transfer.deployment_secret import TEST_SECRET
 from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.tiny_instances import MODEL, TIMEOUT, serve_tiny
 
-TIMEOUT = 180.0  # a loaded 2-core machine
 PROMPT = "The capital of France is"
-MODEL = "tiny"  # the served model name of both instances: the model_name label of their vllm:* series
 REASONS = ("stop", "length", "abort", "error")
-
-
-def _serve(role: str) -> tuple[ThreadServer, EngineLoop]:
-    cfg = DeploymentConfig.model_validate({
-        "device": "cpu", "instances": [{"role": "prefill"}, {"role": "decode"}],
-        "model": {"path": MODEL, "max_model_len": 256}, "cache": {"num_gpu_blocks": 64, "block_size": 8},
-        "kv_transfer": {"transfer_mode": "pull", "kv_lease_seconds": 30.0, "load_failure_policy": "fail"},
-        "security": {"deployment_secret": TEST_SECRET},
-    })
-    name = f"counts-pd-error-{role}"
-    spec = InstanceSpec(role=role, port=PortAllocator("127.0.0.1").free(f"test {name}"), engine_id=name, device="cpu")
-    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
-    srv = ThreadServer(build_app(loop, cfg, spec), spec.port).__enter__()
-    wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, f"the {name} engine", TIMEOUT)
-    return srv, loop
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +32,9 @@ def pair() -> Iterator[tuple[str, str, EngineLoop]]:
     """The prefill's URL, the decode's URL and its engine loop."""
     servers: list[ThreadServer] = []
     try:
-        prefill, _ = _serve("prefill")
+        prefill, _ = serve_tiny("prefill", "counts-pd-error-prefill", load_failure_policy="fail")
         servers.append(prefill)
-        decode, loop = _serve("decode")
+        decode, loop = serve_tiny("decode", "counts-pd-error-decode", load_failure_policy="fail")
         servers.append(decode)
         yield prefill.url, decode.url, loop
     finally:

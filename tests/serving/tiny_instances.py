@@ -1,0 +1,39 @@
+"""A tiny-model instance served in this process (real engine, real NIXL on CPU) for the PD counting tests: prefill
+and decode pull KV from each other under one deployment secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.engine.llm_engine import LLMEngine
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.server.app import build_app
+from pdlaunch.server.engine_loop import EngineLoop
+from tests.kv_transfer.deployment_secret import TEST_SECRET
+from tests.serving.helpers import ThreadServer, wait_for
+
+TIMEOUT = 180.0  # a loaded 2-core machine
+MODEL = "tiny"  # the served model name: the model_name label of the instances' vllm:* series
+
+
+def tiny_config(**kv_transfer: Any) -> DeploymentConfig:
+    """A 1P1D CPU deployment of the tiny model, pull mode, a 30 s lease; `kv_transfer` adds to its kv_transfer."""
+    return DeploymentConfig.model_validate({
+        "device": "cpu", "instances": [{"role": "prefill"}, {"role": "decode"}],
+        "model": {"path": MODEL, "max_model_len": 256}, "cache": {"num_gpu_blocks": 64, "block_size": 8},
+        "kv_transfer": {"transfer_mode": "pull", "kv_lease_seconds": 30.0, **kv_transfer},
+        "security": {"deployment_secret": TEST_SECRET},
+    })
+
+
+def serve_tiny(role: str, name: str, **kv_transfer: Any) -> tuple[ThreadServer, EngineLoop]:
+    """An instance of `role` (engine id `name`) served on a free port, once /health answers."""
+    cfg = tiny_config(**kv_transfer)
+    spec = InstanceSpec(role=role, port=PortAllocator("127.0.0.1").free(f"test {name}"), engine_id=name, device="cpu")
+    loop = EngineLoop(lambda: LLMEngine(cfg, spec), max_pending_requests=16)
+    srv = ThreadServer(build_app(loop, cfg, spec), spec.port).__enter__()
+    wait_for(lambda: httpx.get(f"{srv.url}/health").status_code == 200, f"the {name} engine", TIMEOUT)
+    return srv, loop
