@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import signal
-from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 class PdlaunchError(Exception):
@@ -71,3 +73,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+
+def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """`parse` as an argparse `type`: its PdlaunchError becomes the usage error of the argument (one line naming
+    the flag and the field, exit code 1 with ArgumentParser), not a traceback."""
+    def parsed(text: str) -> T:
+        try:
+            return parse(text)
+        except PdlaunchError as exc:
+            raise argparse.ArgumentTypeError(exc.render()) from None
+
+    return parsed

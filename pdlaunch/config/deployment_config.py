@@ -9,10 +9,11 @@ and field types of strict_model.py.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pdlaunch.config.engine_config import CacheConfig, ModelConfig, SchedulerConfig
 from pdlaunch.config.instance_names import instance_name
@@ -21,6 +22,10 @@ from pdlaunch.config.launcher_config import LauncherConfig, SecurityConfig, Supe
 from pdlaunch.config.proxy_config import ProxyConfig
 from pdlaunch.config.strict_model import Device, KVCacheDType, Role, StrictModel
 from pdlaunch.config.topology_config import InstanceGroupConfig, ParallelConfig
+from pdlaunch.errors import PdlaunchError, error_text
+
+# A pod name as a StatefulSet's pods have one (a DNS-1123 label, their hostname): safe in log lines and file names.
+POD_NAME_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def default_instances() -> list[InstanceGroupConfig]:
@@ -66,10 +71,33 @@ class InstanceSpec(StrictModel):
     engine_id: str
     side_channel_port: int | None = None
     master_port: int | None = None
+    # Under Kubernetes: the instance's leader pod (render/instance_groups.py), whose name is the instance's in every
+    # pod of it, as `kubectl get pods` shows it; None elsewhere: `<role>-<index>`.
+    pod: str | None = None
+
+    @field_validator("pod")
+    @classmethod
+    def _pod_name(cls, value: str | None) -> str | None:
+        if value is not None and POD_NAME_PATTERN.fullmatch(value) is None:
+            left = " (a $(VAR) the kubelet left as it is: the container has no such variable)" if "$(" in value else ""
+            raise ValueError(f"{value!r} is not a pod name{left}; the instance takes it as its name, in its log lines "
+                             "and file names, so it must be a DNS label: at most 63 lowercase letters, digits and "
+                             "'-', starting and ending with a letter or digit")
+        return value
 
     @property
     def name(self) -> str:
-        return instance_name(self.role, self.index)
+        return self.pod if self.pod is not None else instance_name(self.role, self.index)
+
+
+def instance_spec_from_json(text: str) -> InstanceSpec:
+    """An instance process's `--instance` JSON. Raises PdlaunchError naming the field where it is not an
+    InstanceSpec (say `pod`: a Kubernetes $(POD_NAME) the kubelet did not expand)."""
+    try:
+        return InstanceSpec.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise PdlaunchError(error_text(first), field=".".join(str(p) for p in first["loc"]) or None) from None
 
 
 def instance_cache(config: DeploymentConfig, instance: InstanceSpec | None) -> CacheConfig:

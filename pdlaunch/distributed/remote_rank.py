@@ -20,14 +20,14 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
 from pdlaunch.distributed.message_stream import recv_as
 from pdlaunch.distributed.messages import Setup
 from pdlaunch.distributed.parallel_state import RENDEZVOUS_TIMEOUT_S, SealedStore, store_key
 from pdlaunch.distributed.placement import RankPlacement, link_authkey
 from pdlaunch.distributed.remote_link import connect_to_rank0, link_timed_out, open_store, peer_address
 from pdlaunch.distributed.worker import serve_rank
-from pdlaunch.errors import ArgumentParser, PdlaunchError
+from pdlaunch.errors import ArgumentParser, PdlaunchError, argument_type
 
 log = logging.getLogger("pdlaunch.remote_rank")
 
@@ -38,7 +38,8 @@ STORE_WAIT_S = 900.0
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m pdlaunch.distributed.remote_rank", description=__doc__)
     parser.add_argument("--deployment", required=True, type=Path, help="DeploymentConfig as JSON.")
-    parser.add_argument("--instance", required=True, help="InstanceSpec as JSON (as this rank sees it).")
+    parser.add_argument("--instance", required=True, type=argument_type(instance_spec_from_json),
+                        help="InstanceSpec as JSON (as this rank sees it).")
     parser.add_argument("--rank", required=True, type=int, help="This process's TP rank.")
     parser.add_argument("--placement", required=True, help="RankPlacement as JSON.")
     return parser.parse_args(argv)
@@ -53,7 +54,7 @@ def _stop(signum: int, _: FrameType | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = DeploymentConfig.model_validate_json(args.deployment.read_text())
-    spec = InstanceSpec.model_validate_json(args.instance)
+    spec: InstanceSpec = args.instance
     placement = RankPlacement.model_validate_json(args.placement)
     rank = args.rank
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

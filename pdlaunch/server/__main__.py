@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
-from pdlaunch.errors import ArgumentParser
+from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
+from pdlaunch.errors import ArgumentParser, argument_type
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.watchdog import watch_parent
@@ -36,7 +36,8 @@ log = logging.getLogger("pdlaunch.server")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m pdlaunch.server", description=__doc__)
     parser.add_argument("--deployment", required=True, type=Path, help="DeploymentConfig as JSON.")
-    parser.add_argument("--instance", required=True, help="InstanceSpec as JSON.")
+    parser.add_argument("--instance", required=True, type=argument_type(instance_spec_from_json),
+                        help="InstanceSpec as JSON.")
     parser.add_argument("--parent-pid", type=int, default=None, help="Exit when this process is gone.")
     return parser.parse_args(argv)
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
     """`on_server` receives the server before it runs (a Ray rank-0 actor stops it through should_exit)."""
     args = parse_args(argv)
     config = DeploymentConfig.model_validate_json(args.deployment.read_text())
-    spec = InstanceSpec.model_validate_json(args.instance)
+    spec: InstanceSpec = args.instance
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s {spec.name} %(name)s: %(message)s")
     log.info("starting %s on %s:%d (engine_id %s, device %s %s)",
