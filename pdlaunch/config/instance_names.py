@@ -8,8 +8,9 @@ instance names and metrics. So it counts across groups: two groups of one role n
 give two instances one name. What belongs to a group (its HTTP port `base_port + k`, its `devices`) uses the
 instance's place k in its group instead (config/port_plan.py).
 
-`pdlaunch render kubernetes` names an instance after its leader pod instead (`<role>-<group>-<k>`,
-render/kubernetes.py): a pod's name is its LeaderWorkerSet's (one per group) and its replica's.
+Under `pdlaunch render kubernetes` an instance takes its leader pod's name instead (`<name>-<role>-<group>-<k>`,
+InstanceSpec.pod, render/instance_groups.py), which the proxy shortens to `<role>-<group>-<k>`
+(render/kubernetes.py): a pod's name is its LeaderWorkerSet's (one per group) and its replica's.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ that fits one node (tp <= --gpus-per-node) is one pod holding all its GPUs; a la
 rank, the workers being `pdlaunch.distributed.remote_rank` processes that rendezvous at `LWS_LEADER_ADDRESS`.
 The LWS controller makes a StatefulSet of each group's workers named after its leader pod (`<lws>-<k>`):
 --name is refused when one would pass the 52 characters a StatefulSet's pods can be labelled with.
-Each pod advertises its own `status.podIP` (downward API) for HTTP and the KV side channel.
+Each pod advertises its own `status.podIP` (downward API) for HTTP and the KV side channel. An instance is named
+after its leader pod (`<lws>-<k>`, InstanceSpec.pod) in all its pods: in its /info and log lines, and in the key of
+its TP rank link, which its worker pods must derive alike (they read the leader's name from the pod annotation LWS
+gives them).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import json
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.render.core_api import ContainerPort
+from pdlaunch.render.core_api import ContainerPort, EnvVar
 from pdlaunch.render.lws import (
     LEADER_ADDRESS_ENV,
+    LEADER_NAME_ANNOTATION,
     WORKER_INDEX_ENV,
     LeaderWorkerSet,
     LeaderWorkerSetSpec,
@@ -37,6 +41,8 @@ from pdlaunch.render.objects import (
 from pdlaunch.render.options import RenderOptions
 from pdlaunch.render.pod_ports import GroupPorts
 
+# Where a worker pod's container finds its leader pod's name (from LEADER_NAME_ANNOTATION).
+LEADER_NAME_ENV = "PDLAUNCH_LEADER_POD"
 # The StatefulSet controller labels each pod `controller-revision-hash: <StatefulSet>-<10-character hash>`, at most
 # 63 characters: a longer StatefulSet gets no pod at all (kubernetes/kubernetes#64023).
 STATEFULSET_NAME_MAX = 52
@@ -78,8 +84,9 @@ def pod_engine_id(cfg: DeploymentConfig, pod_name: str, pod_uid: str) -> str:
 
 def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: GroupPorts, ranks_here: int,
                    side_channel_port: int) -> InstanceSpec:
-    """The instance as its pod sees it: one spec for every replica of the group, so it carries no number of its
-    own (index 0); the pod's name, in its engine_id, and the proxy's `<role>-<group>-<k>` tell the replicas apart."""
+    """The instance as its leader pod sees it: one spec for every replica of the group, so it carries no number of
+    its own (index 0); its pod's name (the kubelet expands $(POD_NAME)), as its name and in its engine_id, tells the
+    replicas apart, as `<role>-<group>-<k>` does in the proxy."""
     tp = group.tp or 1
     return InstanceSpec(
         role=group.role, index=0, host="$(POD_IP)", port=ports.http, tp=tp,
@@ -90,6 +97,12 @@ def _instance_spec(cfg: DeploymentConfig, group: InstanceGroupConfig, ports: Gro
         engine_id=pod_engine_id(cfg, "$(POD_NAME)", "$(POD_UID)"),
         side_channel_port=None if group.role == "colocated" else side_channel_port,
         master_port=ports.master if tp > 1 else None)
+
+
+def _instance_arg(spec: InstanceSpec, pod: str) -> str:
+    """The `--instance` JSON of a pod: `spec` named after `pod`, a $(VAR) the kubelet expands to a pod's name (so
+    the spec is checked only in the pod, by instance_spec_from_json)."""
+    return json.dumps(spec.model_dump(mode="json") | {"pod": pod}, separators=(",", ":"))
 
 
 def _ports(ports: GroupPorts, role: str, side_ranks: range, tp: int, leader: bool) -> list[ContainerPort]:
@@ -118,21 +131,24 @@ def leader_worker_set(cfg: DeploymentConfig, g: int, group: InstanceGroupConfig,
     if spread:  # ranks 1..tp-1 are the worker pods `<leader pod>-<r>`; rank 0 listens on its pod's address
         hosts = ["$(POD_IP)"] + [f"$(POD_NAME)-{r}" for r in range(1, tp)]
         env.append({"name": PLACEMENT_ENV, "value": json.dumps({"nodes": list(range(tp)), "hosts": hosts})})
-    leader = container(options, "pdlaunch.server", ["--instance", spec.model_dump_json()], env,
+    leader = container(options, "pdlaunch.server", ["--instance", _instance_arg(spec, "$(POD_NAME)")], env,
                         _ports(ports, group.role, range(ranks_here), tp, leader=True), gpus, leader=True)
     template = LeaderWorkerTemplate(leader_template=pod_template(options, group.role, leader, True, secret_digest),
                                     worker_template=pod_template(options, group.role, leader, True, secret_digest),
                                     size=1, restart_policy="RecreateGroupOnPodRestart")
     if spread:
         # Worker pod r is TP rank r (LWS_WORKER_INDEX); it binds side_channel_port + r on its own address.
-        # Its one GPU is index 0 in its pod, whichever rank it is (remote_rank reads devices[rank]).
+        # Its one GPU is index 0 in its pod, whichever rank it is (remote_rank reads devices[rank]). It takes the
+        # instance's name, its leader pod's: the rank link's key mixes the name in (distributed/placement.py).
         worker_spec = spec.model_copy(update={"devices": [0] * tp if cfg.device == "cuda" else []})
+        leader_name: EnvVar = {"name": LEADER_NAME_ENV, "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{LEADER_NAME_ANNOTATION}']"}}}
         placement = json.dumps({"nodes": list(range(tp)), "hosts": [f"$({LEADER_ADDRESS_ENV})"] * tp})
         worker = container(options, "pdlaunch.distributed.remote_rank",
-                            ["--instance", worker_spec.model_dump_json(), "--rank", f"$({WORKER_INDEX_ENV})",
-                             "--placement", placement],
-                            pod_env(link_secret), _ports(ports, group.role, range(1, tp), tp, leader=False), gpus,
-                            leader=False)
+                            ["--instance", _instance_arg(worker_spec, f"$({LEADER_NAME_ENV})"),
+                             "--rank", f"$({WORKER_INDEX_ENV})", "--placement", placement],
+                            pod_env([*link_secret, leader_name]),
+                            _ports(ports, group.role, range(1, tp), tp, leader=False), gpus, leader=False)
         template.worker_template = pod_template(options, group.role, worker, False, secret_digest)
         template.size = tp
     return LeaderWorkerSet(

@@ -19,6 +19,9 @@ from pdlaunch.render.core_api import PodTemplateSpec
 # What LWS sets on every container of a group (the leader's address is the group's rendezvous).
 LEADER_ADDRESS_ENV = "LWS_LEADER_ADDRESS"
 WORKER_INDEX_ENV = "LWS_WORKER_INDEX"
+# What LWS annotates each worker pod with: its group's leader pod's name (kubernetes-sigs/lws,
+# LeaderPodNameAnnotationKey); a container reads it through the downward API.
+LEADER_NAME_ANNOTATION = "leaderworkerset.sigs.k8s.io/leader-name"
 
 
 class LwsModel(BaseModel):

@@ -161,3 +161,4 @@ instances:
     assert [a["choices"][0]["token_ids"] for a in answers] == [r.token_ids for r in reference]
     assert moved > 0, "the decode pod received no KV from the prefill pod (it recomputed)"
     assert info["engine_id"].endswith("-pdlaunch-decode-1-0-uid-decode")
+    assert info["name"] == "pdlaunch-decode-1-0"  # its pod's, as `kubectl get pods` lists it
