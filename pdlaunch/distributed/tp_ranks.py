@@ -35,8 +35,10 @@ LINK_BUSY_WAIT_S = 2 * REASON_READ_S + 1.0  # the longest the engine thread wait
 class TPRanks:
     """Ranks 1..T-1 of one instance's TP group, as its rank 0 started them or accepted their links."""
 
-    def __init__(self, name: str, tp_size: int) -> None:
+    def __init__(self, name: str, tp_size: int, in_pods: bool = False) -> None:
         self.name = name  # the instance's, as the workers' log lines say
+        # Kubernetes: `name` is the leader pod's, and remote rank r runs in the worker pod `<name>-<r>` (LWS's naming)
+        self.in_pods = in_pods
         # rank -> lock held while reading its link: the engine thread (read_reply) and the watchdog both read them
         self.recv_locks: dict[int, threading.Lock] = {r: threading.Lock() for r in range(1, tp_size)}
         self.closing = threading.Event()
@@ -50,7 +52,9 @@ class TPRanks:
 
     def log_of(self, rank: int) -> str:
         """Where rank `rank`'s output is: a local worker writes to this process's stderr (the instance's log
-        under the launcher), a remote rank to its own log on its node."""
+        under the launcher), a remote rank to its own log on its node, or its worker pod's output."""
+        if rank in self.remote and self.in_pods:
+            return f"its pod's output (`kubectl logs {self.name}-{rank}`)"
         if rank in self.remote:
             return f"its log on {self.remote[rank]}: {self.name}-rank{rank}.log in that node's log_dir"
         try:

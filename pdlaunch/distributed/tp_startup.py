@@ -65,7 +65,8 @@ def start_group(config: DeploymentConfig, instance: InstanceSpec | None, checkpo
     """Start the instance's TP group with this process as rank 0; on a failure, stop the ranks started and
     raise the failing rank's error (RankEnded) where another rank made this one fail."""
     tp_size = instance.tp if instance is not None else config.parallel.tp
-    ranks = TPRanks(instance.name if instance is not None else "engine", tp_size)
+    ranks = TPRanks(instance.name if instance is not None else "engine", tp_size,
+                    in_pods=instance is not None and instance.pod is not None)
     placement = RankPlacement.from_env()
     hosts = list(placement.hosts) if placement is not None else []
     port = instance.master_port if instance is not None else config.parallel.master_port
