@@ -55,6 +55,7 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
     """Every manifest of the (resolved: device, dtype and per-group TP concrete) deployment, in apply order."""
     check_statefulset_names(cfg, options)
     secret = deployment_secret(cfg)
+    cfg = _with_engine_id_base(cfg, secret, options)
     pod_cfg = _pod_config(cfg, secret)
     planned = plan_instances(cfg, [], strict=False)
     secret_object = _secret(cfg, pod_cfg, secret, options)
@@ -88,6 +89,19 @@ def storage_connector_problems(cfg: DeploymentConfig) -> list[Problem]:
     return [problem("kv_transfer.connector", "'storage' passes KV through files in kv_transfer.storage_path, and "
                     "every pod has its own filesystem: decode pods would never find what prefill pods stored and "
                     "would compute every prompt again", "use connector 'nixl' (or 'mooncake') in Kubernetes")]
+
+
+def _with_engine_id_base(cfg: DeploymentConfig, secret: str, options: RenderOptions) -> DeploymentConfig:
+    """`cfg` with its engine_id base, when it names none, drawn from the deployment secret, the namespace and
+    --name: a re-render with the same secret keeps the base, so the running proxy accepts the new pods during the
+    rollout (they take its signed params); a new secret, or another deployment, gets another base, so an old proxy
+    (whose params the new pods would refuse) does not take them. A hash: /health shows the base, never the secret."""
+    if "engine_id" in cfg.kv_transfer.model_fields_set:
+        return cfg
+    seed = "\0".join(("pdlaunch engine_id base", secret, options.namespace or "", options.name))
+    out = cfg.model_copy(deep=True)
+    out.kv_transfer.engine_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
+    return out
 
 
 def _pod_config(cfg: DeploymentConfig, secret: str) -> DeploymentConfig:

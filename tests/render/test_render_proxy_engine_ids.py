@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -52,15 +53,32 @@ def test_the_proxy_expects_each_leader_pods_engine_id_whatever_its_uid(tmp_path:
     assert not is_engine_of(_leader_engine_ids(prefill, 0, UIDS[0]), expected["decode-1-0"])
 
 
-def test_another_render_base_is_another_deployment(tmp_path: Path) -> None:
-    """With no kv_transfer.engine_id the render draws one base for the pods and the proxy alike."""
-    manifests = _render(tmp_path / "a", "--colocated")
-    proxy = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    planned = parse_args(proxy["args"]).engine_ids["colocated-0-0"]
-    (lws,) = (m for m in manifests if m["kind"] == "LeaderWorkerSet")
-    assert is_engine_of(_leader_engine_ids(lws, 0, UIDS[1]), planned)
-    (other,) = (m for m in _render(tmp_path / "b", "--colocated") if m["kind"] == "LeaderWorkerSet")
-    assert not is_engine_of(_leader_engine_ids(other, 0, UIDS[1]), planned)
+def test_without_an_engine_id_the_base_follows_the_deployment_secret(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no kv_transfer.engine_id the base comes from the deployment secret, the namespace and --name: a
+    re-render with the same secret keeps it (the running proxy accepts the new pods, which take its signed
+    params), a new secret or another deployment gets another (the old proxy, whose params the new pods would
+    refuse, does not take them)."""
+    monkeypatch.setenv("PDLAUNCH_DEPLOYMENT_SECRET", "s" * 64)
+
+    def base(where: Path, *args: str) -> tuple[str, str]:
+        manifests = _render(where, "--colocated", *args)
+        proxy = next(m for m in manifests if m["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        (lws,) = (m for m in manifests if m["kind"] == "LeaderWorkerSet")
+        return parse_args(proxy["args"]).engine_ids["colocated-0-0"], _leader_engine_ids(lws, 0, UIDS[1])
+
+    planned, pod = base(tmp_path / "a")
+    assert is_engine_of(pod, planned)
+    again, pod_again = base(tmp_path / "b")
+    assert again == planned and is_engine_of(pod_again, planned)
+    assert "s" * 16 not in planned  # the secret is not readable from /health
+    for where, args in (("ns", ("--namespace", "other")), ("name", ("--name", "other"))):
+        other, _ = base(tmp_path / where, *args)
+        assert other.split("-")[0] != planned.split("-")[0], where
+    monkeypatch.setenv("PDLAUNCH_DEPLOYMENT_SECRET", "t" * 64)
+    rekeyed, pod_rekeyed = base(tmp_path / "c")
+    assert not is_engine_of(pod_rekeyed, planned)
+    assert is_engine_of(pod_rekeyed, rekeyed)
 
 
 def test_two_groups_of_one_role_are_distinct_objects_and_instances(tmp_path: Path) -> None:
