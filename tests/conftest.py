@@ -62,6 +62,17 @@ def _gpu_cache_released(request: pytest.FixtureRequest) -> Iterator[None]:
         torch.cuda.empty_cache()
 
 
+@pytest.fixture(autouse=True)
+def _free_host_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check-config and serve refuse a CPU deployment that does not fit this machine's free memory
+    (config/rules/host_memory.py). Tests of other rules check CPU configs of several GiB (1 GiB of KV cache per
+    rank by default, TP 8 in some) and must not pass or fail with what other processes on the test machine hold
+    at the moment: in-process checks see 256 GiB free, unless a test patches it itself."""
+    from pdlaunch.config.rules import host_memory
+
+    monkeypatch.setattr(host_memory, "available_memory_bytes", lambda: 256 << 30)
+
+
 @pytest.fixture(scope="session")
 def llama_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Llama, llama3 rope scaling, GQA, 2 layers, untied."""

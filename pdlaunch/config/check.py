@@ -16,6 +16,7 @@ from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.instance_names import instance_name, role_numbers
 from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_line
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
 from pdlaunch.config.rules.no_effect import no_effect_warnings
 from pdlaunch.config.rules.node_ports import node_port_warnings
@@ -111,11 +112,15 @@ def _summary(console: Console, cfg: DeploymentConfig, target: TargetHost | None)
     gpu_bytes = None if on_nodes else gpu_memory_bytes(cfg.device, target)
     budget = (f"{device_budget_bytes(cfg, gpu_bytes) / GIB:.2f}" if gpu_bytes is not None
               else "each node's GPU" if on_nodes and cfg.device == "cuda"
+              else f"{cfg.cache.num_gpu_blocks} blocks (cpu kv)" if cfg.cache.num_gpu_blocks is not None
               else f"{cfg.cache.cpu_kv_cache_gb:g} (cpu kv)")
     for est in estimate(cfg, info):
         memory.add_row(str(est.group), est.role, f"{est.weights_bytes / GIB:.3f}", f"{est.kv_bytes / GIB:.3f}",
                        f"{est.total_bytes / GIB:.3f}", budget)
     console.print(memory)
+    here = host_memory_line(cfg, info) if target is None else None
+    if here is not None:
+        console.print(Text(here))
 
 
 def _port_warnings(cfg: DeploymentConfig) -> list[Problem]:
@@ -133,10 +138,11 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
     warnings = world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
     if resolved is not None:
-        warnings += name_flags(no_effect_warnings(resolved, model_info_for(resolved)[0]),
-                               flag_fields(overrides, resolved.instances))
+        info = model_info_for(resolved)[0]
+        warnings += name_flags(no_effect_warnings(resolved, info), flag_fields(overrides, resolved.instances))
     if resolved is not None and not problems and target is None:
-        warnings += name_flags(_port_warnings(resolved), flag_fields(overrides, resolved.instances))
+        found = _port_warnings(resolved) + host_memory_findings(resolved, info)[1]
+        warnings += name_flags(found, flag_fields(overrides, resolved.instances))
     if json_output:
         report = {
             "valid": not problems,

@@ -224,6 +224,7 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     """
     from pdlaunch.config.backend import backend_target, with_backend_nodes
     from pdlaunch.config.model_info import load_model_info
+    from pdlaunch.config.rules.host_memory import host_memory_findings
     from pdlaunch.config.rules.no_effect import no_effect_warnings
     from pdlaunch.config.rules.security import world_readable_secret_warnings
     from pdlaunch.config.validate import validate_deployment
@@ -237,8 +238,9 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     info, _ = load_model_info(resolved.model.path)
+    found = no_effect_warnings(resolved, info) + host_memory_findings(resolved, info)[1]  # ray: not this machine's
     for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + name_flags(
-            no_effect_warnings(resolved, info), flag_fields(overrides, resolved.instances)):
+            found, flag_fields(overrides, resolved.instances)):
         logger.warning("warning: %s: %s", field, message)
     return resolved
 

@@ -8,8 +8,9 @@ we reproduce").
 
 The batch process of `--backend slurm` (checked_on_nodes) runs no instance: it checks the config only, leaves
 `device: auto` (and so dtype auto) unresolved, and leaves what depends on a node's machine (CUDA, GPU count and
-memory, sleep mode / the cumem allocator, RAM, the addresses its processes bind, the KV connector's libraries and
-devices, the storage path) to each node's step, which validates again on its node (launcher/backends/slurm_node.py).
+memory, sleep mode / the cumem allocator, free memory, the addresses its processes bind, the KV connector's
+libraries and devices, the storage path) to each node's step, which validates again on its node
+(launcher/backends/slurm_node.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pdlaunch.config.addresses import bind_problem
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.model_info import ModelInfo, load_model_info
 from pdlaunch.config.problems import Problem, problem
-from pdlaunch.config.rules import memory, resources, roles
+from pdlaunch.config.rules import host_memory, memory, resources, roles
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.config.rules.checkpoint import checkpoint_problems, fp8_tp_problems
 from pdlaunch.config.rules.host import kv_connector_problems, log_dir_problems, storage_path_problems
@@ -272,10 +273,11 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if (info is not None and out.model.max_model_len is not None and out.cache.block_size in BLOCK_SIZES
             and device != "auto"):
         estimates = memory.estimate(out, info)
-        # None: the slurm batch process's machine runs no instance; each node's step checks its GPUs and RAM
-        gpu_bytes, ram = ((None, None) if checked_on_nodes(out, target)
-                          else (gpu_memory_bytes(device, target), memory.host_ram_bytes()))
-        problems += memory.memory_problems(out, estimates, device, gpu_bytes, ram)
+        # None: the slurm batch process's machine runs no instance; each node's step checks its GPUs
+        gpu_bytes = None if checked_on_nodes(out, target) else gpu_memory_bytes(device, target)
+        problems += memory.memory_problems(out, estimates, device, gpu_bytes)
+    if target is None:  # the CPU instances this machine runs, against its free memory (warnings: check.py)
+        problems += host_memory.host_memory_findings(out, info)[0]
     return problems, out
 
 

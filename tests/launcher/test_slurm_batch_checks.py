@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pdlaunch.config.deployment_config import DeploymentConfig
-from pdlaunch.config.rules import memory
+from pdlaunch.config.rules import host_memory
 from pdlaunch.config.validate import validate_deployment
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends import slurm_node
@@ -103,10 +103,10 @@ def test_gpu_memory_is_checked_on_the_nodes_not_the_batch_host(monkeypatch: pyte
 def test_ram_is_checked_on_the_nodes_and_config_only_rules_in_the_batch_process(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     sees(monkeypatch, 0)
-    monkeypatch.setattr(memory, "host_ram_bytes", lambda: 1 << 20)  # 1 MiB of RAM, on every machine here
+    monkeypatch.setattr(host_memory, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB free, on every machine
     problems, resolved = validate_deployment(batch_cfg(tmp_path, "cpu"), target=None)
     assert problems == []
-    with pytest.raises(PdlaunchError, match="instances: the CPU instances need about"):
+    with pytest.raises(PdlaunchError, match="instances: the 1 CPU rank.s. on this machine need about"):
         on_node(resolved, 1)
 
     # What the config alone says stays the batch process's: sleep mode on --device cpu

@@ -1,12 +1,13 @@
 """Memory estimate per instance group: weights + the KV cache of one max_model_len sequence, per TP rank.
 
-GPU: compared with gpu_memory_utilization x device memory. CPU: the KV part with cache.cpu_kv_cache_gb
-and all instances together with the machine's RAM. Activations are not counted: this is a lower bound.
+GPU: compared with gpu_memory_utilization x device memory. CPU: the KV part with cache.cpu_kv_cache_gb (when
+it sizes the KV cache: cache.num_gpu_blocks does when set, config/rules/roles.py checks that against one
+sequence); what every CPU instance on this machine takes together is config/rules/host_memory.py's. Activations
+are not counted: this is a lower bound.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from pdlaunch.config.deployment_config import DeploymentConfig
@@ -24,6 +25,7 @@ class GroupMemory:
     tp: int
     weights_bytes: int  # per TP rank
     kv_bytes: int  # per TP rank: num_gpu_blocks if set, else one max_model_len sequence
+    kv_block_bytes: int  # one KV block of every layer, per TP rank (runner/kv_cache_tensors.py block_bytes)
 
     @property
     def total_bytes(self) -> int:
@@ -42,8 +44,8 @@ def estimate(cfg: DeploymentConfig, info: ModelInfo) -> list[GroupMemory]:
         tp = group.tp or 1
         # (FP8 weights: counted at dtype)
         kv_dtype_bytes = 1 if group_kv_cache_dtype(cfg.cache, group) == "fp8" else dtype_bytes
-        out.append(GroupMemory(i, group.role, tp, -(-weights // tp),
-                               tokens * info.kv_bytes_per_token(kv_dtype_bytes, tp)))
+        per_token = info.kv_bytes_per_token(kv_dtype_bytes, tp)
+        out.append(GroupMemory(i, group.role, tp, -(-weights // tp), tokens * per_token, block * per_token))
     return out
 
 
@@ -51,17 +53,10 @@ def device_budget_bytes(cfg: DeploymentConfig, gpu_memory_bytes: int) -> int:
     return int(cfg.cache.gpu_memory_utilization * gpu_memory_bytes)
 
 
-def host_ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def memory_problems(cfg: DeploymentConfig, estimates: list[GroupMemory], device: str,
-                    gpu_memory_bytes: int | None, ram_bytes: int | None) -> list[Problem]:
-    """Groups whose per-rank need exceeds the device budget (GPU) or the CPU KV budget / RAM (CPU). None for a
-    machine's GPU memory or RAM: not checked (the slurm batch process leaves them to each node's step)."""
+                    gpu_memory_bytes: int | None) -> list[Problem]:
+    """Groups whose per-rank need exceeds the device budget (GPU) or whose one sequence exceeds the CPU KV budget
+    (CPU). None for a machine's GPU memory: not checked (the slurm batch process leaves it to each node's step)."""
     problems: list[Problem] = []
     if device == "cuda":
         if gpu_memory_bytes is None:
@@ -77,6 +72,8 @@ def memory_problems(cfg: DeploymentConfig, estimates: list[GroupMemory], device:
                     f"({cfg.cache.gpu_memory_utilization} x {gpu_memory_bytes / GIB:.1f} GiB)",
                     "raise TP, lower --max-model-len/--num-gpu-blocks, or raise --gpu-memory-utilization"))
         return problems
+    if cfg.cache.num_gpu_blocks is not None:  # it sizes the KV cache, cpu_kv_cache_gb does nothing
+        return problems
     kv_budget = int(cfg.cache.cpu_kv_cache_gb * GIB)
     for est in estimates:
         if cfg.instances[est.group].count and est.kv_bytes > kv_budget:
@@ -85,12 +82,4 @@ def memory_problems(cfg: DeploymentConfig, estimates: list[GroupMemory], device:
                 f"{est.role} needs {est.kv_bytes / GIB:.2f} GiB of KV for one max_model_len sequence, "
                 f"more than cpu_kv_cache_gb {cfg.cache.cpu_kv_cache_gb}",
                 "raise cache.cpu_kv_cache_gb or lower --max-model-len"))
-    if ram_bytes is not None:
-        # On CPU each instance holds its weights plus its whole KV budget (allocated up front).
-        total = sum(cfg.instances[e.group].count * e.tp * (e.weights_bytes + max(e.kv_bytes, kv_budget))
-                    for e in estimates)
-        if total > ram_bytes:
-            problems.append(problem("instances", f"the CPU instances need about {total / GIB:.1f} GiB, more than "
-                                    f"this machine's {ram_bytes / GIB:.1f} GiB of RAM",
-                                    "run fewer instances, a smaller model, or a smaller cache.cpu_kv_cache_gb"))
     return problems

@@ -1,0 +1,166 @@
+"""A CPU deployment that cannot fit in this machine's free memory is refused before anything starts
+(config/rules/host_memory.py): weights + the whole KV cache of every CPU rank this machine runs, against
+MemAvailable, which each test sets by patching the one function that reads it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.config.loader import load_deployment, load_valid_deployment
+from pdlaunch.config.model_info import load_model_info
+from pdlaunch.config.rules import host_memory
+from pdlaunch.config.rules.host_memory import available_memory_bytes as read_available
+from pdlaunch.config.rules.security import SECRET_ENV
+from pdlaunch.config.validate import validate_deployment
+from pdlaunch.errors import ConfigError
+from pdlaunch.launcher import backends
+from tests.config.cli_helpers import assert_invalid, check, invoke, write_yaml
+
+GIB = 1 << 30
+CPU = ["--model", "tiny", "--device", "cpu"]  # float32 weights: about 0.01 GiB per rank
+CPU_FIELDS: dict[str, object] = {"model.path": "tiny", "device": "cpu"}  # CPU as load_deployment takes it
+KV2 = "cache: {cpu_kv_cache_gb: 2}\n"  # 1P1D: two ranks of 2 GiB each, about 4.02 GiB in all
+
+
+def free(monkeypatch: pytest.MonkeyPatch, gib: float) -> None:
+    monkeypatch.setattr(host_memory, "available_memory_bytes", lambda: int(gib * GIB))
+
+
+def host_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "CPU rank(s) on this machine" in line]
+
+
+def suggested(output: str, field: str) -> str:
+    """The value the hint suggests for `field`."""
+    found = re.search(rf"lower {re.escape(field)} to ([0-9.]+) or less", output)
+    assert found, output
+    return found.group(1)
+
+
+def test_refused_naming_the_kv_setting_with_needed_and_available(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    free(monkeypatch, 3)
+    result = check([str(write_yaml(tmp_path, KV2)), *CPU])
+    assert_invalid(result, "cache.cpu_kv_cache_gb", "the 2 CPU rank(s) on this machine need about 4.0")
+    assert "(weights 0.02 + KV cache 4.00 GiB) but only 3.00 GiB is available (MemAvailable" in result.output
+    assert "each of the 2 ranks allocates it whole" in result.output
+    value = suggested(result.output, "cache.cpu_kv_cache_gb")
+    fixed = check([str(write_yaml(tmp_path, f"cache: {{cpu_kv_cache_gb: {value}}}\n")), *CPU])
+    assert fixed.exit_code == 0 and host_lines(fixed.output) == [], fixed.output  # the value clears the warning
+
+
+def test_close_to_what_is_available_is_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    free(monkeypatch, 4.3)  # 4.02 of 4.3: 93%
+    result = check([str(write_yaml(tmp_path, KV2)), *CPU])
+    assert result.exit_code == 0, result.output
+    assert host_lines(result.output) == [line for line in result.output.splitlines()
+                                         if line.startswith("warning: cache.cpu_kv_cache_gb: the 2 CPU rank(s)")]
+    assert "93% of the 4.30 GiB available" in result.output and "killed for memory" in result.output
+
+
+def test_room_to_spare_is_neither(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    free(monkeypatch, 8)
+    result = check([str(write_yaml(tmp_path, KV2)), *CPU])
+    assert result.exit_code == 0 and host_lines(result.output) == [], result.output
+    assert "this machine: 2 CPU rank(s) allocate about 4.02 GiB at start" in result.output
+    assert "of 8.00 GiB available" in result.output
+
+
+def test_every_tp_rank_allocates_the_whole_kv_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    free(monkeypatch, 3)  # 1 GiB of KV per rank (the default): 2 ranks fit, 4 do not
+    assert check(CPU).exit_code == 0
+    assert_invalid(check([*CPU, "--tp", "2"]), "cache.cpu_kv_cache_gb", "the 4 CPU rank(s) on this machine")
+
+
+def test_only_the_ranks_of_this_node_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Node 0 runs two prefill ranks, node 1 four decode ranks: each node checks its own against its memory
+    (before, every node counted all six ranks against its RAM)."""
+    monkeypatch.setenv(SECRET_ENV, "host-memory-test-secret-0123456789")
+    free(monkeypatch, 3)
+    path = write_yaml(tmp_path, "parallel:\n  nodes: [{address: 127.0.0.1}, {address: 127.0.0.2}]\n"
+                                "kv_transfer: {side_channel_host: 0.0.0.0}\n"
+                                "instances:\n  - {role: prefill, count: 2, node: 0}\n"
+                                "  - {role: decode, count: 2, tp: 2, node: 1}\n")
+    node0 = check([str(path), *CPU])
+    assert node0.exit_code == 0 and "this machine: 2 CPU rank(s)" in node0.output, node0.output
+    assert_invalid(check([str(path), *CPU, "--node-rank", "1"]), "cache.cpu_kv_cache_gb",
+                   "the 4 CPU rank(s) on this machine")
+
+
+def test_num_gpu_blocks_sizes_the_cpu_kv_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """With cache.num_gpu_blocks set, cpu_kv_cache_gb does nothing: the blocks are what is allocated and named
+    (before, 100000 blocks were refused as more KV than cpu_kv_cache_gb's 1 GiB for one sequence)."""
+    free(monkeypatch, 8)
+    path = write_yaml(tmp_path, "cache: {num_gpu_blocks: 100000}\n")  # 6.1 GiB per rank of tiny
+    result = check([str(path), *CPU])
+    assert_invalid(result, "cache.num_gpu_blocks", "the 2 CPU rank(s) on this machine need about 12.2")
+    assert "cpu_kv_cache_gb" not in result.output and "100000 blocks (cpu kv)" in result.output
+    value = suggested(result.output, "cache.num_gpu_blocks")
+    fixed = check([str(write_yaml(tmp_path, f"cache: {{num_gpu_blocks: {value}}}\n")), *CPU])
+    assert fixed.exit_code == 0 and host_lines(fixed.output) == [], fixed.output
+
+
+def test_weights_alone_too_large_name_the_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    free(monkeypatch, 0.01)  # less than the two ranks' weights
+    result = check(CPU)
+    assert_invalid(result, "instances", "the 2 CPU rank(s) on this machine need about")
+    assert "run fewer instances on this machine or spread them over parallel.nodes" in result.output
+    assert "--dtype bfloat16" in result.output
+
+
+def test_the_kv_offload_tier_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    free(monkeypatch, 6)
+    path = write_yaml(tmp_path, "cache: {kv_offload_gb: 2}\n")  # one tier per instance: 4 GiB + 2 GiB of KV
+    result = check([str(path), *CPU])
+    assert_invalid(result, "cache.cpu_kv_cache_gb", "+ KV offload tier 4.00 GiB")
+    assert "or a smaller cache.kv_offload_gb" in result.output
+
+
+def test_serve_refuses_before_starting_anything(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    free(monkeypatch, 3)
+    started: list[DeploymentConfig] = []  # a deployment that got past the checks is recorded, not run
+    monkeypatch.setattr(backends, "run_deployment", lambda cfg: started.append(cfg) or 0)
+    logs = tmp_path / "logs"
+    served = invoke(["serve", str(write_yaml(tmp_path, KV2)), *CPU, "--log-dir", str(logs)])
+    assert served.exit_code == 1 and started == [], served.output
+    assert "error: cache.cpu_kv_cache_gb: the 2 CPU rank(s) on this machine need about 4.0" in served.output
+    assert not logs.exists()
+
+
+def test_serve_warns_when_close(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                caplog: pytest.LogCaptureFixture) -> None:
+    free(monkeypatch, 4.3)
+    caplog.set_level(logging.WARNING, logger="pdlaunch.config.loader")
+    load_valid_deployment(write_yaml(tmp_path, KV2), CPU_FIELDS)
+    assert any("warning: cache.cpu_kv_cache_gb: the 2 CPU rank(s)" in r.getMessage() for r in caplog.records)
+    free(monkeypatch, 3)
+    with pytest.raises(ConfigError) as err:
+        load_valid_deployment(write_yaml(tmp_path, KV2), CPU_FIELDS)
+    assert [field for field, _ in err.value.problems] == ["cache.cpu_kv_cache_gb"]
+
+
+def test_ray_places_the_ranks_on_its_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    free(monkeypatch, 0.01)
+    problems, resolved = validate_deployment(load_deployment(write_yaml(tmp_path, "device: cpu\n"), CPU_FIELDS),
+                                             target=None)
+    assert [field for field, _ in problems] == ["instances"]
+    resolved.launcher.backend = "ray"  # its actors run where Ray places them, not on this machine
+    assert host_memory.host_memory_findings(resolved, load_model_info("tiny")[0]) == ([], [])
+
+
+def test_mem_available_is_read_from_meminfo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24684092 kB\nMemFree:         1000000 kB\nMemAvailable:    2097152 kB\n")
+    monkeypatch.setattr(host_memory, "MEMINFO", meminfo)
+    assert read_available() == 2 * GIB
+    meminfo.write_text("MemTotal:       24684092 kB\nMemFree:         1000000 kB\n")  # a kernel before 3.14
+    physical = read_available()
+    assert physical == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the machine's RAM
+    monkeypatch.setattr(host_memory, "MEMINFO", tmp_path / "absent")
+    assert read_available() == physical
