@@ -9,8 +9,10 @@ claims to its lease on top).
 
 A push and its cancel name their `owner`: the nonce of the decode's load. A staged push's chunks each carry
 their own nonce (their push_done/push_failed names it), so only the owner tells the prefill whose WRITE is in
-flight when two decodes push one request id (a proxy retried the decode leg). Both ends run the same pdlaunch
-version: a push or cancel without an owner (an older decode) is refused, naming the field and the fix.
+flight when two decodes push one request id (a proxy retried the decode leg). A stage request names its
+`reader` (the decode engine, as a claim_read does) and that decode's remaining `seconds`: it claims the hold for
+that reader (prefill/holds.py). Both ends run the same pdlaunch version: a push or cancel without an owner, or a
+stage without a reader (an older decode), is refused, naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -51,19 +53,23 @@ class HandshakeRequest(_Message):
     engine_id: _Name
 
 
+def _sent(value: object, what: str) -> object:
+    """A field whose default ("") is refused: a message of an older decode lacks it (module docstring). (A
+    model-level "before" validator would see the JSON as Python objects, which strict mode then refuses for
+    tuples.)"""
+    if value == "":
+        raise ValueError(f"{what} is missing: the decode runs an older pdlaunch; run the same pdlaunch version on "
+                         "prefill and decode")
+    return value
+
+
 class _Owned(_Message):
-    # The nonce of the decode's load (module docstring). Its default is refused: a message of an older decode
-    # lacks it. (A model-level "before" validator would see the JSON as Python objects, which strict mode then
-    # refuses for tuples.)
-    owner: _Nonce = Field("", validate_default=True)
+    owner: _Nonce = Field("", validate_default=True)  # the nonce of the decode's load (module docstring)
 
     @field_validator("owner", mode="before")
     @classmethod
     def _has_owner(cls, owner: object) -> object:
-        if owner == "":
-            raise ValueError("owner (the nonce of the decode's load) is missing: the decode runs an older "
-                             "pdlaunch; run the same pdlaunch version on prefill and decode")
-        return owner
+        return _sent(owner, "owner (the nonce of the decode's load)")
 
 
 class PushRequest(_Owned):
@@ -106,10 +112,20 @@ class PushRequest(_Owned):
 
 
 class StageRequest(_Message):
+    """Copy held blocks into staging slots for decode `reader` to READ. Like a claim_read, it claims the hold for
+    `reader` (capped by `seconds`, decode's remaining time) until that reader's read_done/release."""
+
     type: Literal["stage"]
     request_id: _Name
     blocks: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
     nonce: _Nonce | None = None  # names this request: one sent again gets the first copy's answer
+    reader: _Name = Field("", validate_default=True)  # the decode engine id, as in its claim_read
+    seconds: _Seconds
+
+    @field_validator("reader", mode="before")
+    @classmethod
+    def _has_reader(cls, reader: object) -> object:
+        return _sent(reader, "reader (the decode engine id)")
 
 
 class UnstageRequest(_Message):

@@ -1,7 +1,8 @@
 """A decode's cancel_push answers in_flight only for a push WRITE, never for another decode's staging copy of
 the same hold (a proxy retried the decode leg there; that one stages and READs): it used to answer in_flight
 for any claim, so the cancelling decode drained, waiting for a push_done/push_failed that never comes. Either
-way the blocks stay held until the copy reading them ends."""
+way the blocks stay held until the copy reading them ends, and a staging decode's stage request claims them
+for it until its read_done (its next chunk needs them)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pdlaunch.kv_transfer.messages import CancelPushAnswer, CancelPushRequest, PushRequest, StageAnswer, StageRequest
+from pdlaunch.kv_transfer.messages import (
+    CancelPushAnswer,
+    CancelPushRequest,
+    PushRequest,
+    ReadDone,
+    StageAnswer,
+    StageRequest,
+)
 from pdlaunch.kv_transfer.prefill.holds import HoldTable
 from pdlaunch.kv_transfer.prefill.staging_server import StagingServer
 from pdlaunch.kv_transfer.staging import StagingArea
@@ -43,7 +51,7 @@ def test_a_cancel_during_another_decodes_staging_copy_is_not_in_flight_and_frees
     stager.staging.gather = blocking_gather  # type: ignore[method-assign]
     answers: list[StageAnswer] = []
     stage = threading.Thread(target=lambda: answers.append(
-        stager.stage(StageRequest(type="stage", request_id="r1", blocks=[[3, 4]]))))
+        stager.stage(StageRequest(type="stage", request_id="r1", blocks=[[3, 4]], reader="decode", seconds=WAIT_S))))
     try:
         stage.start()
         assert copying.wait(WAIT_S), "the staging copy did not start"
@@ -52,6 +60,8 @@ def test_a_cancel_during_another_decodes_staging_copy_is_not_in_flight_and_frees
         finish.set()
         stage.join(WAIT_S)
         assert not stage.is_alive() and len(answers) == 1
+        assert holds.poll(time.monotonic()) == set(), "freed under the staging decode's claim"
+        holds.on_read_done(ReadDone(kind="read_done", request_id="r1", reader="decode"))
         assert holds.poll(time.monotonic()) == {"r1"}
     finally:
         finish.set()

@@ -300,12 +300,13 @@ def _warm_up(prefill: Any, decode: Any, warm: bool) -> None:
     decode.call("set_slow", "READ")
 
 
-@pytest.mark.parametrize("staged", ["", "decode"], ids=["direct", "decode-staging"])
+@pytest.mark.parametrize("staged", ["", "decode", "prefill"], ids=["direct", "decode-staging", "prefill-staging"])
 @pytest.mark.parametrize("warm", [False, True], ids=["first-load", "after-a-handshake"])
 @pytest.mark.slow
 def test_pull_read_keeps_prefill_blocks_past_the_lease(warm: bool, staged: str) -> None:
     """decode-staging: decode READs the prefill's blocks into its staging slots (a staged pull): the READ
-    must claim the hold just the same."""
+    must claim the hold just the same. prefill-staging: decode READs the prefill's staging slots; its stage
+    request claims the hold, which ends with its read_done, not at the lease."""
     config = _config("pull", transfer_timeout=20.0, lease=0.5)
     for prefill, decode in _pair(config, slow="decode", slow_op="READ", staged=staged):
         _warm_up(prefill, decode, warm)

@@ -70,7 +70,7 @@ def test_unauthenticated_peers_get_no_metadata_and_cannot_hold_or_free(prefill: 
     for message in ({"type": "handshake", "engine_id": "auth-P"},
                     {"type": "claim_read", "request_id": HOLD, "seconds": 1e5, "reader": "auth-D"},
                     {"type": "cancel_push", "request_id": HOLD, "owner": "n"},
-                    {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]]}):
+                    {"type": "stage", "request_id": HOLD, "blocks": [[3, 4]], "reader": "auth-D", "seconds": 1e5}):
         answer = exchange(port, authed(WRONG, message))
         assert answer is not None and answer["answer"] == {
             "ok": False, "error": "refused: the frame is not authenticated with this deployment's secret"}

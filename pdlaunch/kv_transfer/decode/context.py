@@ -134,9 +134,12 @@ class LoadContext:
         `block_bytes` per group into dst[g] slots/blocks of dst_bases[g]; waits for the READ."""
         src, ticket = remote_ids, None
         if remote.info.staging_slots:
+            # Each stage claims the hold for us (as claim_read does) until our read_done/release.
+            remaining = self.remaining(load, "prefill staging")
             staged = self.ask(source, StageRequest(type="stage", request_id=source.held_request_id,
-                                                   blocks=remote_ids, nonce=uuid.uuid4().hex),
-                              StageAnswer, self.remaining(load, "prefill staging"), "staging request")
+                                                   blocks=remote_ids, nonce=uuid.uuid4().hex, reader=self.reader,
+                                                   seconds=remaining),
+                              StageAnswer, remaining, "staging request")
             src, ticket = staged.slots, staged.ticket
         try:
             if ticket is not None:

@@ -142,7 +142,9 @@ def _check_source(src: Source, remote: RemoteEngine, plan: ReshardPlan, spec: KV
 def _read_source(ctx: LoadContext, load: Load, src: Source, remote: RemoteEngine, area: StagingArea,
                  spec: KVCacheSpec) -> None:
     """Chunks of at most the slot count: READ remote blocks into slots, verify, copy the head slices."""
-    if not remote.info.staging_slots:  # READs its blocks directly: keep them held past the lease (capped)
+    # Keep the rank's blocks held past the lease (capped) until our notification: a READ of its blocks claims
+    # them first, one of its staging slots with each stage request (read_chunk).
+    if not remote.info.staging_slots:
         ctx.claim_read(load, src.remote)
     chunk = min(c for c in (area.num_slots, remote.info.staging_slots) if c)
     longest = max((len(group) for group in load.pairs), default=0)

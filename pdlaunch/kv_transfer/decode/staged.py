@@ -1,9 +1,12 @@
 """Staged: KV goes through a staging buffer on either side (staging.py: plain memory outside the CuMem
 pools that NIXL can reach). The loader thread runs the whole load in chunks of at most the smaller
 slot count: (prefill stages, decode READs, unstage) or (prefill stages and WRITEs into decode's
-slots), then decode copies its slots into its blocks. It enforces the deadline itself. A pull that
-READs the prefill's blocks themselves (only decode stages) claims the prefill hold first (pull.py).
-The read_done after the last chunk is best effort (decode/context.py): the load completes without it.
+slots), then decode copies its slots into its blocks. It enforces the deadline itself. A pull keeps
+the prefill hold (past its lease, capped) until its read_done/release, as a direct pull does (pull.py):
+one that READs the prefill's blocks themselves (only decode stages) claims it first ("claim_read"), one
+through the prefill's staging slots claims it with each stage request (its reader travels with it), so
+another decode's end between two chunks does not end the hold. The read_done after the last chunk is best
+effort (decode/context.py): the load completes without it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class StagedLoad(LoadStrategy):
         dst_bases = [b.data_ptr() for b in (staging.buffers if staging else spec.kv_caches)]
         if self.mode == "pull" and longest and not remote.info.staging_slots:
             # READs of the prefill's own blocks, chunk after chunk: keep them held past the lease (capped)
-            # until our read_done/release, as a direct pull does.
+            # until our read_done/release, as a direct pull does (through its staging slots, each stage claims).
             ctx.claim_read(load, load.remote)
         for start in range(0, longest, chunk):
             part = [group[start:start + chunk] for group in load.pairs]

@@ -8,7 +8,8 @@ A request that finished prefill with do_remote_decode keeps its blocks ("hold") 
   cancelled its push ("cancel_push") or its push failed, or
 - decode says it gave up ("release"),
   each only once no other decode that took the hold is still at it (below), or
-- the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ that has not ended keeps it), or
+- the proxy says the decode leg will not run (`HoldTable.release`; a claimed READ, or staged pull, that has not
+  ended keeps it), or
 - the lease (kv_transfer.kv_lease_seconds) expires: decode died or the client went away.
 Pull: decode sends its claim of the hold ("claim_read" on the side channel) right after it posts its
 READ, and counts the READ only once the claim was answered; a claimed hold lives until the
@@ -19,19 +20,24 @@ another decode's push: its blocks are never reused mid-read. One freed at its ca
 A claim that arrives after the READ's read_done (a small READ ends before the claim is served) is
 answered as claimed: the hold lived until that notification, so the READ saw its blocks. A claim of a
 hold that expired fails, and so does the load, whatever its READ read.
-Claims and notifications name their reader (the decode engine; its TP ranks share it); pushes and cancels
-name their decode load (`owner`). A proxy that retries a decode leg on another decode (the first one died)
-sends that decode the same params, so several decodes may take one hold, reading or pushing (decodes may load
-in different transfer modes). Every decode that took the hold keeps it until it is through (`through`): a
-reader whose READ claimed it until all its notifications are in, a push the side channel accepted until its
-last chunk landed or it failed or was cancelled (not a staged pull: its chunks through the prefill's staging
-slots take no claim, so another decode's end may end the hold between them, and that decode computes the
-prompt). The hold ends when a decode is through with it (a reader's
-notifications all in, a push's last chunk landed, a cancelled or failed push) and no other that took it is
-still at it; so a read_done never ends a hold another decode pushes from (between two chunks of a staged
-push), and a push's last chunk never ends one under a claimed READ. A decode that comes after the hold ended
-fails its load and computes the prompt: a late claim (its READ must neither see blocks freed after another
-decode's read_done nor be told "held throughout" of a hold another decode read) or a push.
+Staged pull (decode READs the prefill's staging slots, chunk after chunk: staging_server.py): each stage
+request claims the hold for its reader the same way (its copy takes the blocks only while the hold is servable,
+and the claim keeps them until that reader's read_done/release after its last chunk, or the cap), so no other
+decode's end, proxy release or lease ends the hold between two of its chunks. A staging copy, like a push
+WRITE, also keeps the blocks while it reads them (`busy`): no hold is freed under a copy.
+Claims, stage requests and notifications name their reader (the decode engine; its TP ranks share it); pushes
+and cancels name their decode load (`owner`). A proxy that retries a decode leg on another decode (the first
+one died) sends that decode the same params, so several decodes may take one hold, reading or pushing (decodes
+may load in different transfer modes). Every decode that took the hold keeps it until it is through
+(`through`): a reader whose READ (or staged pull) claimed it until all its notifications are in, a push the
+side channel accepted until its last chunk landed or it failed or was cancelled. The hold ends when a decode
+is through with it (a reader's notifications all in, a push's last chunk landed, a cancelled or failed push)
+and no other that took it is still at it; so a read_done never ends a hold another decode pushes from (between
+two chunks of a staged push) or pulls through staging slots (between two chunks), and a push's last chunk
+never ends one under a claimed READ. A decode that comes after the hold ended fails its load and computes the
+prompt: a late claim (its READ must neither see blocks freed after another decode's read_done nor be told
+"held throughout" of a hold another decode read), a stage request, or a push. A push whose decode died between
+its chunks (no cancel comes) keeps the hold until the lease, or a claimed READ's cap if later.
 A cancel ends the cancelling decode load's interest only: another decode's push goes on.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
@@ -88,6 +94,14 @@ def read_running(hold: Hold) -> bool:
     """A reader whose READ claimed the hold has not sent all its notifications: the claim keeps the blocks until
     then, or until its cap (`read_claimed` stays set once a READ claimed the hold, after it ended too)."""
     return not all(reader_done(hold, r) for r in hold.claimed_by)
+
+
+def claim_for_read(hold: Hold, reader: str, cap: float) -> None:
+    """`reader` READs the blocks (a claim_read, or a staged pull's stage request): the hold lives until that
+    reader's notifications are all in, or until `cap` (time.monotonic()), even past its lease."""
+    hold.read_claimed = True
+    hold.claimed_by.add(reader)
+    hold.deadline = max(hold.deadline, cap)
 
 
 def through(hold: Hold) -> bool:

@@ -1,6 +1,6 @@
 """The prefill side's table of held requests (`HoldTable`, by request id): holds, their leases, the claims
-of decode READs, pushes and staging copies, cancels and release notifications. What one hold holds and
-when it ends: hold.py.
+of decode READs (claim_read, or a staged pull's stage request), pushes and staging copies, cancels and release
+notifications. What one hold holds and when it ends: hold.py.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pdlaunch.kv_transfer.messages import (
 )
 from pdlaunch.kv_transfer.prefill.hold import (
     Hold,
+    claim_for_read,
     given_up,
     how_it_ended,
     not_held,
@@ -156,10 +157,7 @@ class HoldTable:
         """Decode is about to READ the blocks of a held request: keep them past the lease until its
         read_done/release notification, at most `seconds` (decode's remaining time, clamped to the lease:
         a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
-        seconds = message.seconds
-        if not 0.0 <= seconds < float("inf"):  # messages.py refuses these already; the clamp must hold alone
-            raise KVTransferError(f"claim of {seconds!r} seconds", field="claim_read.seconds")
-        cap = time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
+        cap = self._cap(message.seconds, "claim_read.seconds")
         with self.lock:
             hold = self._holds.get(message.request_id)
             if hold is not None:
@@ -178,10 +176,14 @@ class HoldTable:
                         "and its blocks freed", hint="the proxy sent one prefill's KV to two decodes (the first "
                         "died): this one computes the prompt itself")
                 raise not_held(message.request_id, self.lease_seconds, how)
-            hold.read_claimed = True
-            hold.claimed_by.add(message.reader)
-            hold.deadline = max(hold.deadline, cap)
+            claim_for_read(hold, message.reader, cap)
         return Empty()
+
+    def _cap(self, seconds: float, field: str) -> float:
+        """When a READ claim of decode's remaining `seconds` ends at the latest (time.monotonic())."""
+        if not 0.0 <= seconds < float("inf"):  # messages.py refuses these already; the clamp must hold alone
+            raise KVTransferError(f"claim of {seconds!r} seconds", field=field)
+        return time.monotonic() + min(seconds, self.lease_seconds) + READ_GRACE_SECONDS
 
     def cancel_push(self, message: CancelPushRequest) -> CancelPushAnswer:
         """Decode gave up a push (abort, timeout): no WRITE of the cancelling load (`owner`) is posted any
@@ -203,8 +205,12 @@ class HoldTable:
         return CancelPushAnswer(in_flight=in_flight)
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
-              exclusive: bool = False, wait: float = 0.0) -> Hold:
-        hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None)
+              exclusive: bool = False, wait: float = 0.0, reader: tuple[str, float] | None = None) -> Hold:
+        """reader: (decode engine id, its remaining seconds) of a staging copy, which also claims the hold for that
+        reader as `claim_read` does: a staged pull READs the slots chunk after chunk, and the blocks stay held
+        (past the lease, capped) until its read_done/release."""
+        cap = None if reader is None else (reader[0], self._cap(reader[1], "stage.seconds"))
+        hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None, cap)
         assert hold is not None  # None only for a push
         return hold
 
@@ -221,13 +227,14 @@ class HoldTable:
             self._pushes.pop(nonce, None)
 
     def _claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
-               exclusive: bool, wait: float, push: PushRequest | None) -> Hold | None:
+               exclusive: bool, wait: float, push: PushRequest | None, reader: tuple[str, float] | None = None,
+               ) -> Hold | None:
         """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
         (sources[g]: prefill block ids of group g). exclusive: one claim at a time (a push); while another
         is active, wait up to `wait` seconds for it to end, then refuse. A staged push's next chunk needs the
         wait: NIXL hands decode the last chunk's push_done with the WRITE, so decode can ask for the next one
         before this side's sender thread has seen the WRITE end and unclaimed. Stagings of several decode
-        ranks reading one request (resharding) may overlap."""
+        ranks reading one request (resharding) may overlap. reader: (its id, cap) of a staging copy's reader."""
         if spec is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
         if block_bytes != spec.block_bytes:
@@ -260,6 +267,8 @@ class HoldTable:
                 if not set(ids) <= set(hold.block_ids[g]) - {-1}:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
             hold.busy += 1
+            if reader is not None:
+                claim_for_read(hold, *reader)
             if push is not None:  # its nonce is forgotten once decode cannot send it again (its deadline passed)
                 hold.pushing[push.owner] = hold.pushing.get(push.owner, 0) + 1
                 hold.push_owners.add(push.owner)

@@ -1,5 +1,6 @@
 """Prefill side, staging (staging.py): held blocks copied into plain staging slots that a decode READs
-("stage"), freed when it says it read them ("unstage") or at the ticket's deadline.
+("stage"), freed when it says it read them ("unstage") or at the ticket's deadline. A stage request also
+claims the hold for its reader (prefill/hold.py), so a staged pull's next chunk finds the blocks held.
 
 Decode's side channel sends a request again when the connection resets before the answer. A stage
 request's nonce names it: a resend gets the first copy's answer (waiting for that copy if it still runs),
@@ -114,7 +115,9 @@ class StagingServer:
             raise KVTransferError("this prefill engine does not stage its KV cache")
         blocks = message.blocks
         block_bytes = self.spec.block_bytes if self.spec else []
-        hold = self.holds.claim(message.request_id, blocks, block_bytes, self.spec)
+        # Claims the hold for the staged pull's reader too, until its read_done/release (capped).
+        hold = self.holds.claim(message.request_id, blocks, block_bytes, self.spec,
+                                reader=(message.reader, message.seconds))
         copy = _Copy()
         try:
             future = self.executor.submit(self._stage, hold, message.request_id, blocks, copy)
