@@ -5,7 +5,11 @@ read_done/release after the last chunk ends its interest (prefill/hold.py `throu
 Before, it took no claim: between two of its chunks another decode's read_done, a push's last chunk or the proxy's
 release ended the hold, the staged pull's next stage request was refused, and its decode computed the prompt
 again. Driven through the decode's StagedLoad, whose side-channel requests reach a real StagingServer and
-HoldTable; the other decode (it took the same hold: a proxy retried the decode leg there) ends after chunk 1."""
+HoldTable; the other decode (it took the same hold: a proxy retried the decode leg there) ends after chunk 1.
+
+A chunk's READ of the staging slots counts only when seen done before the load's deadline: the slots' ticket
+ends a transfer timeout after the copy, which may be only milliseconds after that deadline, and then the slots
+may hold another request's KV. A READ seen done after it used to count."""
 
 from __future__ import annotations
 
@@ -49,7 +53,8 @@ LOAD_B = "bbbbbbbbbbbbbbbb"  # or pushes (the nonce of its load)
 
 
 class _ReadingAgent:
-    """The staged pull's NIXL agent: every READ completes at once; records the notifications it sends."""
+    """The staged pull's NIXL agent: every READ completes at once (the second, with `late_load` set, as that load's
+    deadline passes: its loader sees it done only after the deadline); records the notifications it sends."""
 
     name = "decode-a-agent"
     device_id = 0
@@ -58,12 +63,18 @@ class _ReadingAgent:
     def __init__(self) -> None:
         self.reads = 0
         self.sent: list[ReadDone] = []
+        self.late_load: Load | None = None
 
     def transfer(self, op: str, local: list[tuple[int, int]], remote: list[tuple[int, int]], remote_agent: str,
                  remote_device_id: int, notif: bytes) -> Any:
         self.reads += 1
-        return SimpleNamespace(state=lambda: "DONE", release=lambda: None, num_bytes=sum(n for _, n in local),
+        return SimpleNamespace(state=self._state, release=lambda: None, num_bytes=sum(n for _, n in local),
                                error=None)
+
+    def _state(self) -> str:
+        if self.late_load is not None and self.reads == 2:
+            self.late_load.deadline = min(self.late_load.deadline, time.monotonic() - 1.0)
+        return "DONE"
 
     def notify(self, remote_agent: str, message: bytes) -> None:
         notif = parse_notification(message)
@@ -94,9 +105,10 @@ def _claim(holds: HoldTable, reader: str) -> Empty:
 
 
 def _staged_pull(spec: KVCacheSpec, stager: StagingServer, executor: ThreadPoolExecutor,
-                 after_chunk_1: Callable[[], None]) -> tuple[_ReadingAgent, list[str]]:
+                 after_chunk_1: Callable[[], None], late: bool = False) -> tuple[_ReadingAgent, list[str]]:
     """Decode A's staged pull of p-1's blocks 3-6; `after_chunk_1` runs once its first chunk was unstaged. Returns
-    its agent and the types of the side-channel requests it sent."""
+    its agent and the types of the side-channel requests it sent. late: its last READ is seen done only after
+    the load's deadline (the load then fails)."""
     agent = _ReadingAgent()
     ctx = LoadContext(agent=cast(Any, agent), spec=lambda: spec, peers=cast(Any, None), keys=KEYS,
                       handshake_timeout=1.0, transfer_timeout=WAIT_S, verify_kv=False, executor=executor,
@@ -120,6 +132,11 @@ def _staged_pull(spec: KVCacheSpec, stager: StagingServer, executor: ThreadPoolE
                                 block_ids=[[3, 4, 5, 6]]),
                 [[(0, 10, 3), (1, 11, 4), (2, 12, 5), (3, 13, 6)]], deadline=now + WAIT_S, started=now,
                 state=LoadState.RUNNING)
+    if late:
+        agent.late_load = load
+        with pytest.raises(KVTransferError, match=r"did not arrive within 30s .*, stage: READ\)"):
+            StagedLoad(ctx, remote).run(load)
+        return agent, sent
     StagedLoad(ctx, remote).run(load)
     assert load.state == LoadState.OK and agent.reads == 2
     return agent, sent
@@ -180,6 +197,19 @@ def test_the_hold_of_a_staged_pull_whose_decode_died_ends_at_its_claims_cap(exec
     assert hold is not None
     assert holds.poll(now + LEASE_S + READ_GRACE_SECONDS + WAIT_S) == {"p-1"}
     assert hold.unended_claims == [READER_A] and not hold.expired
+
+
+def test_a_chunk_read_seen_done_after_the_loads_deadline_does_not_count(executor: ThreadPoolExecutor) -> None:
+    """Decode A's READ of its last chunk's slots completes as its load's deadline passes: the load fails (its
+    release then ends its claim) rather than completing with slots whose ticket may have ended, and the slots
+    are unstaged all the same."""
+    spec, holds = held_table()
+    stager = _stager(spec, holds, executor)
+    agent, sent = _staged_pull(spec, stager, executor, lambda: None, late=True)
+    assert agent.reads == 2 and not agent.sent, "a load whose last READ was seen done too late completed"
+    assert sent == ["stage", "unstage", "stage", "unstage"]
+    assert stager.users() == set() and stager.staging is not None
+    assert stager.staging.num_free() == stager.staging.num_slots
 
 
 def test_a_staging_copy_refused_for_its_blocks_claims_nothing(executor: ThreadPoolExecutor) -> None:

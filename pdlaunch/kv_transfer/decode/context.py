@@ -131,7 +131,8 @@ class LoadContext:
     def read_chunk(self, load: Load, remote: RemoteEngine, source: RemoteKV, dst: list[list[int]],
                    dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None:
         """READ remote blocks (or, from a staging prefill side, the slots it stages them in) of
-        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g]; waits for the READ."""
+        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g]; waits for the READ, which counts
+        only when seen done before the load's deadline."""
         src, ticket = remote_ids, None
         if remote.info.staging_slots:
             # Each stage claims the hold for us (as claim_read does) until our read_done/release.
@@ -160,6 +161,9 @@ class LoadContext:
                     if state != "DONE":
                         why = f": {xfer.error}" if xfer.error else ""
                         raise KVTransferError(f"READ of {xfer.num_bytes} bytes failed{why}")
+                    # Seen done after our deadline, it does not count (as pull.py): the prefill's staging ticket
+                    # (or READ claim) outlives the deadline only by a margin, then its slots (blocks) serve others.
+                    self.remaining(load, "READ")
                 finally:
                     self._end_read(load, xfer)
         finally:

@@ -2,6 +2,11 @@
 ("stage"), freed when it says it read them ("unstage") or at the ticket's deadline. A stage request also
 claims the hold for its reader (prefill/hold.py), so a staged pull's next chunk finds the blocks held.
 
+A ticket outlives the decode's use of its slots: it ends a transfer timeout after its copy, the decode's load
+a transfer timeout after it started (before its stage request), and the decode counts a READ of the slots
+only when it saw it done before that (decode/context.py `read_chunk`). Only then may `expire` hand the slots
+to another request's copy.
+
 Decode's side channel sends a request again when the connection resets before the answer. A stage
 request's nonce names it: a resend gets the first copy's answer (waiting for that copy if it still runs),
 is refused once that copy's slots were released, and is served anew only when the first copy failed.
