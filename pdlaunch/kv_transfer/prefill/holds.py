@@ -209,8 +209,8 @@ class HoldTable:
         """reader: (decode engine id, its remaining seconds) of a staging copy, which also claims the hold for that
         reader as `claim_read` does: a staged pull READs the slots chunk after chunk, and the blocks stay held
         (past the lease, capped) until its read_done/release."""
-        cap = None if reader is None else (reader[0], self._cap(reader[1], "stage.seconds"))
-        hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None, cap)
+        read_claim = None if reader is None else (reader[0], self._cap(reader[1], "stage.seconds"))
+        hold = self._claim(request_id, sources, block_bytes, spec, exclusive, wait, None, read_claim)
         assert hold is not None  # None only for a push
         return hold
 
@@ -227,14 +227,14 @@ class HoldTable:
             self._pushes.pop(nonce, None)
 
     def _claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
-               exclusive: bool, wait: float, push: PushRequest | None, reader: tuple[str, float] | None = None,
-               ) -> Hold | None:
+               exclusive: bool, wait: float, push: PushRequest | None,
+               read_claim: tuple[str, float] | None = None) -> Hold | None:
         """The hold of `request_id`, marked busy, after checking the request only names blocks it holds
         (sources[g]: prefill block ids of group g). exclusive: one claim at a time (a push); while another
         is active, wait up to `wait` seconds for it to end, then refuse. A staged push's next chunk needs the
         wait: NIXL hands decode the last chunk's push_done with the WRITE, so decode can ask for the next one
         before this side's sender thread has seen the WRITE end and unclaimed. Stagings of several decode
-        ranks reading one request (resharding) may overlap. reader: (its id, cap) of a staging copy's reader."""
+        ranks reading one request (resharding) may overlap. read_claim: (reader, cap) a staging copy claims."""
         if spec is None:
             raise KVTransferError("this prefill engine has not registered its KV cache yet")
         if block_bytes != spec.block_bytes:
@@ -267,8 +267,8 @@ class HoldTable:
                 if not set(ids) <= set(hold.block_ids[g]) - {-1}:
                     raise KVTransferError(f"request {request_id} names blocks of group {g} it does not hold")
             hold.busy += 1
-            if reader is not None:
-                claim_for_read(hold, *reader)
+            if read_claim is not None:
+                claim_for_read(hold, *read_claim)
             if push is not None:  # its nonce is forgotten once decode cannot send it again (its deadline passed)
                 hold.pushing[push.owner] = hold.pushing.get(push.owner, 0) + 1
                 hold.push_owners.add(push.owner)
