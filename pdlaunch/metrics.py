@@ -93,7 +93,8 @@ GENERATION_TOKENS = Counter("vllm:generation_tokens", "Number of generation toke
 REQUEST_SUCCESS = Counter("vllm:request_success", "Count of successfully processed requests.",
                           LABELS + ["finished_reason"])
 # its finished_reason of a request the engine ended, as vLLM's FinishReason names them (a request that failed on its
-# own is "error"); the fourth, "abort", is counted by server/engine_counts.EngineCounts.count_abort
+# own is "error"). The fourth, "abort", exists at 0 and stays there, as vLLM's: its frontend drops a request its client
+# aborted before the engine's outputs are counted (server/engine_counts.py)
 ENDED_REASONS = ("stop", "length", "error")
 PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of "
                                "queried tokens.", LABELS)

@@ -2,7 +2,11 @@
 not a client reads them: each engine request's tokens (request_metrics.EngineTokens) and its end, once: stop / length,
 an error (the engine ended that one request with finish_reason "error": its KV load failed under
 kv_transfer.load_failure_policy fail, its constraints left no token, its own sampling work raised, ...; vLLM's
-FinishReason.ERROR), or an abort (its client left, or the server stopped or the engine failed while it was open)."""
+FinishReason.ERROR), or an abort (its client left, or the server stopped or the engine failed while it was open).
+
+An abort is counted in /info's num_aborted_requests only, not in vllm:request_success: vLLM's frontend drops a
+request its client aborted from its output processing before the engine's outputs are counted, so its
+request_success{finished_reason="abort"} series exists but stays 0 (vLLM 0.11-0.13), and ours with it."""
 
 from __future__ import annotations
 
@@ -24,11 +28,9 @@ class EngineCounts:
 
     def count_abort(self) -> None:
         """A request stopped before it finished (its client left, another choice of its HTTP request failed, the
-        server stopped or the engine failed): /info's num_aborted_requests and
-        vllm:request_success{finished_reason="abort"}, once per engine request as vLLM counts each of its requests (a
-        choice of n > 1 too), as stop and length are."""
+        server stopped or the engine failed): /info's num_aborted_requests, once per engine request (a choice of
+        n > 1 too). Not vllm:request_success (module docstring)."""
         self.num_aborted += 1
-        metrics.vllm(metrics.REQUEST_SUCCESS, finished_reason="abort").inc()
 
     def abort_running(self) -> None:
         """Every request the engine took and has not ended ends as an abort, counted once (the server stopped or the
@@ -41,7 +43,7 @@ class EngineCounts:
         """vLLM's counts of an output the engine produced, read by a client or not: its prompt (once, with its first
         output after admission, a token or the error that ended it, as vLLM adds it; not with an abort), and the end
         of its request once (stop, length and error: request_success by finished_reason, as vLLM's FinishReason names
-        them; abort: count_abort). The request stops being running here at its end: an
+        them; abort: count_abort, not in request_success). The request stops being running here at its end: an
         abort or a stop after it (its client left, the server stopped) counts nothing more. Returns its generated
         tokens, which the caller adds to vllm:generation_tokens (add_generated)."""
         tokens = self.running.get(out.request_id)

@@ -13,8 +13,8 @@ processed); a PD decode's first token, which its prefill sampled before the sche
 count, its next output (the KV loaded, or the load's error) does. Once per sample with n > 1 / best_of, as vLLM
 counts it (each sample is one of its requests), so dashboards built on vLLM's series read the same;
 usage.prompt_tokens counts the prompt once, as vLLM's does. Each engine request's end is counted on the engine
-thread too, once (engine_counts.EngineCounts.counted: request_success by finished_reason, stop, length or error,
-aborts through EngineCounts.count_abort).
+thread too, once (engine_counts.EngineCounts.counted: request_success by finished_reason, stop, length or error;
+an abort only in /info's num_aborted_requests, through EngineCounts.count_abort, as vLLM never counts one there).
 
 RequestMetrics: times run from when the instance received the request: time to first token, inter-token latency,
 end-to-end latency, decode time (first to last token), its mean time per output token

@@ -1,7 +1,9 @@
 """vLLM's counts of what the engine did, taken on the engine thread as its outputs come (engine_counts.py,
 request_metrics.EngineTokens): a request nobody reads, or one aborted mid-stream, still counts every prompt and
-generated token; a stop counts every request still open once as an abort (not again one counted before). Here with
-an engine stand-in that knows what it generated; the registry is the process's: deltas of this process's series."""
+generated token; a stop counts every request still open once as an abort (not again one counted before), in /info's
+num_aborted_requests only: vllm:request_success{finished_reason="abort"} stays 0, as vLLM's (its frontend drops a
+request its client aborted before the engine's outputs count). Here with an engine stand-in that knows what it
+generated; the registry is the process's: deltas of this process's series."""
 
 from __future__ import annotations
 
@@ -147,7 +149,7 @@ def test_a_request_aborted_mid_stream_counts_every_token_the_engine_made(engine:
 
         asyncio.run(run())
         wait_for(lambda: loop.num_aborted == 1, "the abort to be counted", TIMEOUT)
-        assert delta(before) == {"prompt": 4, "generation": 4, "length": 0, "abort": 1, "error": 0}
+        assert delta(before) == {"prompt": 4, "generation": 4, "length": 0, "abort": 0, "error": 0}
     finally:
         loop.stop()
 
@@ -171,8 +173,8 @@ def test_a_stop_counts_every_open_request_once_as_an_abort(engine: ScriptedEngin
 
     asyncio.run(run())
     assert loop.state == "stopped"
-    # left once, open at the stop, the three structured ones the engine never took
-    assert delta(before) == {"prompt": 2 + 3 + 2, "generation": 5, "length": 1, "abort": 5, "error": 0}
+    # aborted: left once, open at the stop, the three structured ones the engine never took; none in request_success
+    assert delta(before) == {"prompt": 2 + 3 + 2, "generation": 5, "length": 1, "abort": 0, "error": 0}
     assert loop.num_aborted == 5 and engine.requests == {}
 
 

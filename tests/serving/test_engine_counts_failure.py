@@ -1,8 +1,8 @@
 """An engine step that raises fails the instance and every request open in it (engine_thread.py): each of those
-requests ends as an abort in vLLM's counts (vllm:request_success{finished_reason="abort"} and /info's
-num_aborted_requests), once: the ones the engine ran, one whose client left while the failing step ran (its abort
-still queued), one the engine never took (its grammar still built). One that finished before the failure keeps its
-end, and neither a client leaving after the failure nor the server's stop counts any of them again. The registry is
+requests ends as an abort, counted in /info's num_aborted_requests (not in vllm:request_success, as vLLM), once:
+the ones the engine ran, one whose client left while the failing step ran (its abort still queued), one the engine
+never took (its grammar still built). One that finished before the failure keeps its end, and neither a client
+leaving after the failure nor the server's stop counts any of them again. The registry is
 the process's: deltas of this process's series (test_engine_counts.counts)."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_an_engine_failure_counts_each_open_request_once_as_an_abort() -> None:
         ends = asyncio.run(run())
         assert loop.state == "failed"
         assert all(isinstance(e, OpenAIError) and e.code == "engine_failed" for e in ends), ends
-        expected = {"prompt": 2 + 3 + 2, "generation": 2 + 2 + 1, "length": 1, "abort": 3, "error": 0}
+        expected = {"prompt": 2 + 3 + 2, "generation": 2 + 2 + 1, "length": 1, "abort": 0, "error": 0}
         assert delta(before) == expected and loop.num_aborted == 3
     finally:
         engine.go.set()

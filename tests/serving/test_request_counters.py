@@ -1,8 +1,9 @@
 """vllm:prompt_tokens and vllm:request_success{finished_reason="abort"} as an instance's /metrics shows them: the
 prompt counts once its prefill ran (not when the request is accepted: a request aborted before it ran added its
-prompt), once per sample with n > 1 as vLLM counts it, and a request the client left counts once as an abort
-(the series existed but stayed 0); a request nobody reads counts its prompt, tokens and end all the same (the engine
-thread counts them). Tiny model on CPU, in process."""
+prompt), once per sample with n > 1 as vLLM counts it, and a request the client left counts once in /info's
+num_aborted_requests while request_success{finished_reason="abort"} stays where it was (vLLM's frontend drops a
+request its client aborted before its outputs count); a request nobody reads counts its prompt, tokens and end all the
+same (the engine thread counts them). Tiny model on CPU, in process."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def counter(url: str, name: str, reason: str | None = None) -> float:
     raise AssertionError(f"{name} ({reason}) is not on /metrics")
 
 
+def aborted(url: str) -> int:
+    """The instance's /info num_aborted_requests."""
+    value: int = httpx.get(f"{url}/info", timeout=30).json()["num_aborted_requests"]
+    return value
+
+
 def test_a_prompt_of_n_samples_counts_once_per_sample_as_vllm(instance: tuple[str, EngineLoop]) -> None:
     url, _ = instance
     before = counter(url, "vllm:prompt_tokens_total")
@@ -49,7 +56,7 @@ def test_a_prompt_of_n_samples_counts_once_per_sample_as_vllm(instance: tuple[st
     assert counter(url, "vllm:prompt_tokens_total") - before == 3 * prompt_tokens
 
 
-def test_a_request_the_client_left_before_it_ran_counts_one_abort_and_no_prompt(
+def test_a_request_the_client_left_before_it_ran_counts_one_abort_in_info_only_and_no_prompt(
         instance: tuple[str, EngineLoop]) -> None:
     url, loop = instance
     seqs = loop.engine.scheduler.max_num_seqs
@@ -62,17 +69,18 @@ def test_a_request_the_client_left_before_it_ran_counts_one_abort_and_no_prompt(
 
     prompt_before = counter(url, "vllm:prompt_tokens_total")
     aborts_before = counter(url, "vllm:request_success_total", "abort")
+    info_before = aborted(url)
     admit(0)
     try:
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
             assert response.status_code == 200  # accepted: its stream began, it waits for the scheduler
         wait_for(lambda: loop.num_pending == 0, "the instance to abort the request its client left")
-        wait_for(lambda: counter(url, "vllm:request_success_total", "abort") > aborts_before,
-                 "the abort to be counted", timeout=10)
+        wait_for(lambda: aborted(url) > info_before, "the abort to be counted in /info", timeout=10)
     finally:
         admit(seqs)
-    assert counter(url, "vllm:request_success_total", "abort") - aborts_before == 1
+    assert aborted(url) - info_before == 1
+    assert counter(url, "vllm:request_success_total", "abort") == aborts_before
     assert counter(url, "vllm:prompt_tokens_total") == prompt_before
 
 
