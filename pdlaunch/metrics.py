@@ -10,9 +10,10 @@ Two families in the one default registry:
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
 
 # No `*_created` series beside every counter and histogram (vLLM turns them off too): they double the
@@ -117,10 +118,6 @@ ITERATION_TOKENS = Histogram("vllm:iteration_tokens_total", "Histogram of number
                              buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384))
 REQUEST_QUEUE_TIME = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase "
                                "for request.", LABELS, buckets=_REQUEST_BUCKETS)
-REQUEST_PROMPT_TOKENS = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", LABELS,
-                                  buckets=tuple(float(2**k) for k in range(0, 18)))
-REQUEST_GENERATION_TOKENS = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.",
-                                      LABELS, buckets=tuple(float(2**k) for k in range(0, 18)))
 REQUEST_PREFILL_TIME = Histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase "
                                  "for request.", LABELS, buckets=_REQUEST_BUCKETS)
 REQUEST_INFERENCE_TIME = Histogram("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING "
@@ -145,18 +142,17 @@ def set_model_name(name: str) -> None:
     _model_name = name
     for metric in (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, NUM_PREEMPTIONS, PROMPT_TOKENS,
                    GENERATION_TOKENS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, TIME_TO_FIRST_TOKEN_VLLM,
-                   INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_PROMPT_TOKENS,
-                   REQUEST_TIME_PER_OUTPUT_TOKEN, REQUEST_DECODE_TIME, ITERATION_TOKENS,
-                   REQUEST_GENERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED, NIXL_NUM_FAILED_TRANSFERS,
-                   REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N):
+                   INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_TIME_PER_OUTPUT_TOKEN,
+                   REQUEST_DECODE_TIME, ITERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED,
+                   NIXL_NUM_FAILED_TRANSFERS, REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N,
+                   *(_token_histograms.all() if _token_histograms is not None else ())):
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
     for reason in (*ENDED_REASONS, "abort"):
         vllm(REQUEST_SUCCESS, finished_reason=reason)
 
 
 def _one_two_five(limit: int) -> tuple[float, ...]:
-    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's buckets for request_params_max_tokens and
-    request_max_num_generation_tokens)."""
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's build_1_2_5_buckets, for TokenHistograms)."""
     out: list[int] = []
     scale = 1
     while True:
@@ -167,37 +163,60 @@ def _one_two_five(limit: int) -> tuple[float, ...]:
         scale *= 10
 
 
+@dataclass(frozen=True)
+class TokenHistograms:
+    """vLLM's histograms of a request's token counts, whose buckets (1-2-5) run up to max_model_len: made with the
+    instance's engine (engine_info), as vLLM makes them from its model config; observed in server/request_metrics.py."""
+
+    prompt: Histogram  # vllm:request_prompt_tokens: its prompt's length
+    generation: Histogram  # vllm:request_generation_tokens
+    params_max_tokens: Histogram  # vllm:request_params_max_tokens
+    max_num_generation: Histogram  # vllm:request_max_num_generation_tokens: per parent request
+
+    @classmethod
+    def make(cls, max_model_len: int, registry: CollectorRegistry = REGISTRY) -> TokenHistograms:
+        def histogram(name: str, documentation: str) -> Histogram:
+            return Histogram(name, documentation, LABELS, buckets=_one_two_five(max_model_len), registry=registry)
+
+        return cls(histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed."),
+                   histogram("vllm:request_generation_tokens", "Number of generation tokens processed."),
+                   histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter."),
+                   histogram("vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested "
+                             "generation tokens."))
+
+    def all(self) -> tuple[Histogram, ...]:
+        return self.prompt, self.generation, self.params_max_tokens, self.max_num_generation
+
+
 _engine_info_lock = threading.Lock()
-# buckets follow max_model_len (1-2-5, as vLLM's): made by engine_info()
-REQUEST_PARAMS_MAX_TOKENS: Histogram | None = None
-REQUEST_MAX_NUM_GENERATION_TOKENS: Histogram | None = None  # per parent request (request_metrics.SampleGroup)
+_token_histograms: TokenHistograms | None = None  # made by engine_info()
 CACHE_CONFIG_INFO: Gauge | None = None
 CACHE_INFO_LABELS = ("block_size", "cache_dtype", "enable_prefix_caching", "gpu_memory_utilization",
                      "num_gpu_blocks", "num_gpu_blocks_override", "kv_offload_gb", "engine")
 
 
 def engine_info(max_model_len: int, cache: dict[str, Any]) -> None:
-    """vllm:cache_config_info (one series at 1, labelled with the cache settings, as vLLM's),
-    vllm:request_params_max_tokens and vllm:request_max_num_generation_tokens (1-2-5 buckets up to max_model_len).
-    Once per engine; the series are made by the first engine of the process, later ones relabel cache_config_info."""
-    global REQUEST_PARAMS_MAX_TOKENS, REQUEST_MAX_NUM_GENERATION_TOKENS, CACHE_CONFIG_INFO
+    """vllm:cache_config_info (one series at 1, labelled with the cache settings, as vLLM's) and the
+    TokenHistograms (buckets up to max_model_len). Once per engine; the series are made by the first engine of the
+    process (its max_model_len sets the buckets; a served instance is a process of its own), later ones relabel
+    cache_config_info."""
+    global _token_histograms, CACHE_CONFIG_INFO
     with _engine_info_lock:
-        if REQUEST_PARAMS_MAX_TOKENS is None:
-            buckets = _one_two_five(max_model_len)
-            REQUEST_PARAMS_MAX_TOKENS = Histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens "
-                                                  "request parameter.", LABELS, buckets=buckets)
-            REQUEST_MAX_NUM_GENERATION_TOKENS = Histogram(
-                "vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested generation "
-                "tokens.", LABELS, buckets=buckets)
+        if _token_histograms is None:
+            _token_histograms = TokenHistograms.make(max_model_len)
             CACHE_CONFIG_INFO = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                                       list(CACHE_INFO_LABELS))
-        assert REQUEST_MAX_NUM_GENERATION_TOKENS is not None
-        vllm(REQUEST_PARAMS_MAX_TOKENS)
-        vllm(REQUEST_MAX_NUM_GENERATION_TOKENS)
+        for histogram in _token_histograms.all():
+            vllm(histogram)
         assert CACHE_CONFIG_INFO is not None
         CACHE_CONFIG_INFO.clear()
         labels = {k: str(cache.get(k)) for k in CACHE_INFO_LABELS}
         CACHE_CONFIG_INFO.labels(**{**labels, "engine": "0"}).set(1)
+
+
+def token_histograms() -> TokenHistograms | None:
+    """The TokenHistograms, None before an engine of this process made them (nothing to record them for)."""
+    return _token_histograms
 
 
 def vllm(metric: M, **extra: str) -> M:

@@ -82,8 +82,9 @@ class SampleGroup:
         if self._open:
             return
         metrics.vllm(metrics.REQUEST_PARAMS_N).observe(self.n)
-        if metrics.REQUEST_MAX_NUM_GENERATION_TOKENS is not None:  # made with the engine (metrics.engine_info)
-            metrics.vllm(metrics.REQUEST_MAX_NUM_GENERATION_TOKENS).observe(self._max_generated)
+        tokens = metrics.token_histograms()
+        if tokens is not None:
+            metrics.vllm(tokens.max_num_generation).observe(self._max_generated)
 
 
 class RequestMetrics:
@@ -131,11 +132,13 @@ class RequestMetrics:
         if reason not in metrics.ENDED_REASONS:  # vLLM records these for every request its engine finished, errors
             return  # included; a frontend abort, never
         metrics.vllm(metrics.E2E_REQUEST_LATENCY).observe(now - self.arrival)
-        metrics.vllm(metrics.REQUEST_PROMPT_TOKENS).observe(self._num_prompt)  # as vLLM: per finished request
-        metrics.vllm(metrics.REQUEST_GENERATION_TOKENS).observe(self._num_generated)
         self.group.ended(self._num_generated)
-        if self.max_tokens is not None and metrics.REQUEST_PARAMS_MAX_TOKENS is not None:
-            metrics.vllm(metrics.REQUEST_PARAMS_MAX_TOKENS).observe(self.max_tokens)
+        tokens = metrics.token_histograms()
+        if tokens is not None:  # made with the engine (metrics.engine_info)
+            metrics.vllm(tokens.prompt).observe(self._num_prompt)  # as vLLM: per finished request
+            metrics.vllm(tokens.generation).observe(self._num_generated)
+            if self.max_tokens is not None:
+                metrics.vllm(tokens.params_max_tokens).observe(self.max_tokens)
         last = self._last_token  # an error's output may carry none: the phases end at the last token, as vLLM's
         if self._scheduled is not None and last is not None:  # RUNNING phase: first admission to the last token
             metrics.vllm(metrics.REQUEST_INFERENCE_TIME).observe(max(0.0, last - self._scheduled))

@@ -3,7 +3,8 @@ prompt counts once its prefill ran (not when the request is accepted: a request 
 prompt), once per sample with n > 1 as vLLM counts it, and a request the client left counts once in /info's
 num_aborted_requests while request_success{finished_reason="abort"} stays where it was (vLLM's frontend drops a
 request its client aborted before its outputs count); a request nobody reads counts its prompt, tokens and end all the
-same (the engine thread counts them). Tiny model on CPU, in process."""
+same (the engine thread counts them); the histograms of token counts have vLLM's 1-2-5 buckets up to max_model_len.
+Tiny model on CPU, in process."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -97,3 +99,42 @@ def test_a_request_nobody_reads_counts_its_prompt_generated_tokens_and_success(
     wait_for(lambda: loop.num_pending == 0, "the engine to finish the unread request")
     after = [counter(url, name) for name in names] + [counter(url, "vllm:request_success_total", "length")]
     assert [a - b for a, b in zip(after, before)] == [5, 4, 1]
+
+
+def buckets(url: str, name: str) -> list[str]:
+    """The `le` bounds of histogram `name` on the instance's /metrics, in this instance's series."""
+    ours = f'model_name="{metrics.vllm(metrics.NUM_REQUESTS_WAITING)._labelvalues[0]}"'
+    found = []
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + "_bucket{") and ours in line:
+            found.append(line.partition('le="')[2].partition('"')[0])
+    return found
+
+
+def test_the_token_count_histograms_have_vllms_1_2_5_buckets(instance: tuple[str, EngineLoop]) -> None:
+    """vLLM buckets request_prompt_tokens, request_generation_tokens, request_params_max_tokens and
+    request_max_num_generation_tokens alike: 1, 2, 5, 10, ... up to max_model_len (of
+    this process's first engine, made in this worker by whichever test built one first)."""
+    url, _ = instance
+    names = ("vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_max_tokens",
+             "vllm:request_max_num_generation_tokens")
+    found = {name: buckets(url, name) for name in names}
+    bounds = [float(le) for le in found["vllm:request_params_max_tokens"][:-1]]
+    one_two_five = [float(m * 10**e) for e in range(10) for m in (1, 2, 5)]
+    assert len(bounds) >= 6 and bounds == one_two_five[:len(bounds)], bounds  # max_model_len >= 100 in tests
+    assert found["vllm:request_params_max_tokens"][-1] == "+Inf"
+    assert all(les == found["vllm:request_params_max_tokens"] for les in found.values()), found
+
+
+@pytest.mark.parametrize(("max_model_len", "last"), [(100, 100), (256, 200), (2048, 2000)])
+def test_the_token_count_buckets_run_up_to_max_model_len(max_model_len: int, last: int) -> None:
+    """vLLM's build_1_2_5_buckets(max_model_len): the last bound is the largest 1-2-5 value not above it."""
+    registry = CollectorRegistry()
+    made = metrics.TokenHistograms.make(max_model_len, registry)
+    for histogram in made.all():
+        histogram.labels(model_name="m", engine="0")
+    expected = [str(float(m * 10**e)) for e in range(5) for m in (1, 2, 5) if m * 10**e <= last] + ["+Inf"]
+    for family in registry.collect():
+        les = [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]
+        assert les == expected, family.name
+    assert len(list(registry.collect())) == len(made.all())

@@ -1,11 +1,12 @@
 """The histograms of a request's end (vllm:e2e_request_latency_seconds, request_prompt_tokens,
-request_generation_tokens, request_params_n / max_tokens, request_max_num_generation_tokens, request_inference_time,
-request_decode_time, request_time_per_output_token) count a request the engine ended with "error" once, as vLLM
-records them for every request its engine finished, errors included, whether the client reads the whole answer or a
-stream; a phase it never reached (no token: no decode time) is not recorded, its time per output token is 0 (vLLM's
-with fewer than two tokens). A request its client left (an abort) records none, as vLLM records none
-for a request its frontend aborted. Choices (server/choices.py) over an engine stand-in
-(test_engine_counts_error.ErringEngine); the registry is the process's: deltas of this process's series."""
+request_generation_tokens, request_params_n / max_tokens,
+request_max_num_generation_tokens, request_inference_time, request_decode_time, request_time_per_output_token) count a
+request the engine ended with "error" once, as vLLM records them for every request its engine finished, errors
+included, whether the client reads the whole answer or a stream; a phase it never reached (no token: no decode time)
+is not recorded, its time per output token is 0 (vLLM's with fewer than two tokens). A request its client left (an
+abort) records none, as vLLM records none for a request its frontend aborted. Choices (server/choices.py) over an
+engine stand-in (test_engine_counts_error.ErringEngine); the registry is the process's: deltas of this process's
+series."""
 
 from __future__ import annotations
 
@@ -43,13 +44,20 @@ class ChoicesEngine(ErringEngine):
     tokenizer = Tokenizer()
 
 
-def _histograms() -> dict[str, Histogram]:
-    if metrics.REQUEST_PARAMS_MAX_TOKENS is None:  # made by the first engine of the process: none built here yet
+def token_histograms() -> metrics.TokenHistograms:
+    """The process's TokenHistograms: made by its first engine, here when none was built in this worker yet."""
+    if metrics.token_histograms() is None:
         metrics.engine_info(MAX_MODEL_LEN, {})
-    assert metrics.REQUEST_PARAMS_MAX_TOKENS is not None and metrics.REQUEST_MAX_NUM_GENERATION_TOKENS is not None
-    return {"e2e": metrics.E2E_REQUEST_LATENCY, "prompt": metrics.REQUEST_PROMPT_TOKENS,
-            "generation": metrics.REQUEST_GENERATION_TOKENS, "n": metrics.REQUEST_PARAMS_N,
-            "max_tokens": metrics.REQUEST_PARAMS_MAX_TOKENS, "max_gen": metrics.REQUEST_MAX_NUM_GENERATION_TOKENS,
+    tokens = metrics.token_histograms()
+    assert tokens is not None
+    return tokens
+
+
+def _histograms() -> dict[str, Histogram]:
+    tokens = token_histograms()
+    return {"e2e": metrics.E2E_REQUEST_LATENCY, "prompt": tokens.prompt, "generation": tokens.generation,
+            "n": metrics.REQUEST_PARAMS_N,
+            "max_tokens": tokens.params_max_tokens, "max_gen": tokens.max_num_generation,
             "inference": metrics.REQUEST_INFERENCE_TIME, "decode": metrics.REQUEST_DECODE_TIME,
             "tpot": metrics.REQUEST_TIME_PER_OUTPUT_TOKEN}
 
@@ -65,11 +73,10 @@ def _sample(metric: Histogram, suffix: str) -> float:
 
 def observed() -> dict[str, float]:
     """Each histogram's count, and the token histograms' sums."""
-    found = {name: _sample(h, "count") for name, h in _histograms().items()}
-    found["prompt_sum"] = _sample(metrics.REQUEST_PROMPT_TOKENS, "sum")
-    found["generation_sum"] = _sample(metrics.REQUEST_GENERATION_TOKENS, "sum")
-    found["n_sum"] = _sample(metrics.REQUEST_PARAMS_N, "sum")
-    found["max_gen_sum"] = _sample(_histograms()["max_gen"], "sum")
+    histograms = _histograms()
+    found = {name: _sample(h, "count") for name, h in histograms.items()}
+    for name in ("prompt", "generation", "n", "max_gen"):
+        found[f"{name}_sum"] = _sample(histograms[name], "sum")
     return found
 
 
@@ -124,8 +131,9 @@ def test_an_error_records_each_end_histogram_once(loop: tuple[EngineLoop, Choice
     wait_for(lambda: not engine_loop.counts.running, "the request's end to be counted", TIMEOUT)
     phases = 1 if tokens else 0
     assert observed_since(before) == {
-        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": phases,
-        "decode": phases, "tpot": 1, "prompt_sum": 3, "generation_sum": tokens, "n_sum": 1, "max_gen_sum": tokens}
+        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1,
+        "inference": phases, "decode": phases, "tpot": 1, "prompt_sum": 3, "generation_sum": tokens,
+        "n_sum": 1, "max_gen_sum": tokens}
     assert delta(counted) == {"prompt": 3, "generation": tokens, "length": 0, "abort": 0, "error": 1}
 
 
@@ -147,8 +155,9 @@ def test_an_abort_records_no_end_histogram(loop: tuple[EngineLoop, ChoicesEngine
     asyncio.run(run())
     wait_for(lambda: engine_loop.num_aborted == 1, "the abort to be counted", TIMEOUT)
     assert observed_since(before) == {
-        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": 1, "decode": 1,
-        "tpot": 1, "prompt_sum": 3, "generation_sum": MAX_TOKENS, "n_sum": 1, "max_gen_sum": MAX_TOKENS}
+        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": 1,
+        "decode": 1, "tpot": 1, "prompt_sum": 3, "generation_sum": MAX_TOKENS, "n_sum": 1,
+        "max_gen_sum": MAX_TOKENS}
     # every token the engine made counts, the left one's too (those made before its abort was taken)
     # the abort counts in num_aborted_requests alone (above), not in request_success: vLLM never counts one there
     assert delta(counted) == {"prompt": 3 + 4, "generation": engine.generated, "length": 1, "abort": 0, "error": 0}
