@@ -170,6 +170,7 @@ class TokenHistograms:
 
     prompt: Histogram  # vllm:request_prompt_tokens: its prompt's length
     generation: Histogram  # vllm:request_generation_tokens
+    prefill_kv_computed: Histogram  # vllm:request_prefill_kv_computed_tokens: prompt tokens not cached nor loaded
     params_max_tokens: Histogram  # vllm:request_params_max_tokens
     max_num_generation: Histogram  # vllm:request_max_num_generation_tokens: per parent request
 
@@ -180,12 +181,15 @@ class TokenHistograms:
 
         return cls(histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed."),
                    histogram("vllm:request_generation_tokens", "Number of generation tokens processed."),
+                   histogram("vllm:request_prefill_kv_computed_tokens", "Histogram of new KV tokens computed during "
+                             "prefill (excluding cached tokens)."),
                    histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter."),
                    histogram("vllm:request_max_num_generation_tokens", "Histogram of maximum number of requested "
                              "generation tokens."))
 
     def all(self) -> tuple[Histogram, ...]:
-        return self.prompt, self.generation, self.params_max_tokens, self.max_num_generation
+        return (self.prompt, self.generation, self.prefill_kv_computed, self.params_max_tokens,
+                self.max_num_generation)
 
 
 _engine_info_lock = threading.Lock()

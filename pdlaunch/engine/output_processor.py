@@ -152,6 +152,7 @@ class OutputProcessor:
             new_logprobs=new_logprobs,
             num_prompt_tokens=r.num_prompt_tokens,
             num_cached_tokens=r.num_cached_tokens,
+            num_external_tokens=r.num_external_tokens,
             prompt_recomputed=r.prompt_recomputed,
             scheduled_at=r.scheduled_at,
             kv_transfer_params=kv_transfer_params,

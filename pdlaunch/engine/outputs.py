@@ -145,6 +145,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (not KV loaded from a prefill)
+    num_external_tokens: int = 0  # prompt tokens whose KV was loaded from a prefill
     prompt_recomputed: bool = False  # a remote prefill's KV could not be loaded: the prompt was computed here
     scheduled_at: float | None = None  # time.monotonic() when the request was first admitted
     kv_transfer_params: dict[str, JsonValue] | None = None  # prefill side: what decode needs

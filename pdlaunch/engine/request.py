@@ -36,6 +36,8 @@ class Request:
     num_pending: int = 0
     # Prompt tokens served from this instance's prefix cache (or CPU tier), set at first admission.
     num_cached_tokens: int = 0
+    # Prompt tokens whose KV a connector loaded (from a prefill), set with num_cached_tokens.
+    num_external_tokens: int = 0
     scheduled_at: float | None = None  # time.monotonic() at first admission (vLLM's prefill/inference times)
     num_cached_tokens_set: bool = False
     # Its remote prefill's KV could not be loaded: the prompt was computed here instead (load_failure_policy

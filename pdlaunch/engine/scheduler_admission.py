@@ -142,6 +142,7 @@ class SchedulerAdmission(SchedulerState):
         loaded from its prefill is not (vLLM counts those too; ours read 0 on a first request)."""
         if not request.num_cached_tokens_set:
             request.num_cached_tokens = num_cached if local is None else local
+            request.num_external_tokens = num_cached - request.num_cached_tokens
             request.num_cached_tokens_set = True
             self.prompt_tokens_cached += request.num_cached_tokens
             metrics.vllm(metrics.PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)

@@ -151,6 +151,7 @@ class SchedulerState:
             if request is not None and self.recompute_failed_loads:
                 self._recompute(request, message, busy=rid in events.draining)
             elif request is not None:
+                request.num_external_tokens = 0  # its KV never came
                 self.finish_request(request, "error", f"KV transfer failed: {message}", 502, abort_load=False,
                                     blocks_busy=rid in events.draining)
                 failed.append(request)
@@ -181,6 +182,7 @@ class SchedulerState:
     def _requeue_for_recompute(self, request: Request) -> None:
         self.prompt_tokens_cached -= request.num_cached_tokens  # counted again when it is admitted
         request.num_cached_tokens, request.num_cached_tokens_set = 0, False
+        request.num_external_tokens = 0  # its load failed: none came
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING  # connector_consulted stays set: no second load
         self._requeue(request)

@@ -20,8 +20,12 @@ RequestMetrics: times run from when the instance received the request: time to f
 end-to-end latency, decode time (first to last token), its mean time per output token
 (vllm:request_time_per_output_token_seconds: decode time over the tokens after the first, 0 with fewer than two, as
 vLLM's); prefill time (first admission to first token) and inference time (first admission to last token) from when
-the scheduler first admitted it; the request's max_tokens, its prompt and generated token counts. The histograms of a
-request's end (e2e, prompt and generation tokens, max_tokens, inference, decode, time per output token) are recorded
+the scheduler first admitted it; the request's max_tokens, its prompt and generated token counts, and the prompt tokens
+whose KV the engine computed (vllm:request_prefill_kv_computed_tokens: the prompt less its tokens found in the prefix
+cache or loaded over a KV transfer when the scheduler admitted it to run, as vLLM's: a PD decode that loaded its
+prompt's KV computed none of it, or its last token alone when its prefill's first token did not come with it). The
+histograms of a request's end (e2e, prompt and generation tokens,
+prefill KV computed tokens, max_tokens, inference, decode, time per output token) are recorded
 once for every request the engine ended, stop, length or error alike, as vLLM records them for every request its
 engine finishes, errors included; not for an abort (its client left, the server stopped, the engine failed): vLLM
 records none for a request its frontend aborted either. A phase a request never reached (no token: no decode time)
@@ -100,6 +104,7 @@ class RequestMetrics:
         self._first_token: float | None = None
         self._last_token: float | None = None
         self._num_prompt = 0
+        self._num_kv_reused = 0  # prompt tokens the engine did not compute: prefix cache hits and KV loaded
         self._num_generated = 0
         self._ended = False
 
@@ -110,6 +115,7 @@ class RequestMetrics:
         now, count = time.monotonic(), len(out.new_token_ids)
         if self._scheduled is None and out.scheduled_at is not None:
             self._scheduled = out.scheduled_at
+        self._num_kv_reused = out.num_cached_tokens + out.num_external_tokens  # its last admission's
         if count:
             if self._last_token is None:
                 self._first_token = now
@@ -137,6 +143,7 @@ class RequestMetrics:
         if tokens is not None:  # made with the engine (metrics.engine_info)
             metrics.vllm(tokens.prompt).observe(self._num_prompt)  # as vLLM: per finished request
             metrics.vllm(tokens.generation).observe(self._num_generated)
+            metrics.vllm(tokens.prefill_kv_computed).observe(max(0, self._num_prompt - self._num_kv_reused))
             if self.max_tokens is not None:
                 metrics.vllm(tokens.params_max_tokens).observe(self.max_tokens)
         last = self._last_token  # an error's output may carry none: the phases end at the last token, as vLLM's

@@ -2,7 +2,8 @@
 stop or length, on both instances, never as an abort: through the real proxy in front of a prefill and a decode
 instance (tiny model, real NIXL on CPU, in this process), and when the decode instance stops between admitting such
 a request (engine/engine_requests.py: the decode ends it at admission, from the prefill's token) and the step that
-would hand its output out: that output is handed out then, and the request answered and counted as it ended. Both
+would hand its output out: that output is handed out then, and the request answered and counted as it ended. A PD
+decode counts none of its prompt in vllm:request_prefill_kv_computed_tokens: it loaded the prompt's KV. Both
 instances count into this process's series (one model_name): deltas of both; /info's num_aborted_requests apiece."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from pdlaunch import metrics
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -104,6 +106,29 @@ def test_a_pd_request_its_first_token_ends_counts_as_it_ended(deployment: Deploy
     # Each leg counted once the engine thread handed its output out (before its answer was sent).
     assert _delta(before) == {**dict.fromkeys(REASONS, 0), reason: 2}  # the prefill leg's end and the decode's
     assert [loop.num_aborted for loop in deployment.loops] == aborted
+    _held_blocks_go(deployment)
+
+
+def _computed() -> tuple[float, float]:
+    """vllm:request_prefill_kv_computed_tokens' count and sum over this process's instances (model_name "tiny")."""
+    labels = {"model_name": "tiny", "engine": "0"}
+    name = "vllm:request_prefill_kv_computed_tokens"
+    count, total = (REGISTRY.get_sample_value(f"{name}_{suffix}", labels) for suffix in ("count", "sum"))
+    assert count is not None and total is not None, f"{name} is not in the registry"
+    return count, total
+
+
+def test_a_pd_decode_computes_none_of_the_prompt_its_prefill_sent(deployment: Deployment) -> None:
+    """vllm:request_prefill_kv_computed_tokens (a prompt less its tokens cached or loaded): the prefill leg computed
+    the whole prompt (shorter than a block: no prefix hit), the decode none of it, as it loaded the prompt's KV
+    (its first token's KV, a generated token's, is what it computes)."""
+    before = _computed()
+    r = httpx.post(f"{deployment.proxy}/v1/completions", json=_body(max_tokens=3), timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] < 8 and usage["prompt_tokens_details"]["cached_tokens"] == 0, usage
+    count, total = _computed()
+    assert (count - before[0], total - before[1]) == (2, usage["prompt_tokens"])  # the prefill leg's and the decode's
     _held_blocks_go(deployment)
 
 

@@ -2,7 +2,9 @@
 the decode loaded it, as the proxy has a prefill do when no decode will read its KV) is answered 502 and counts its
 end once as vllm:request_success{finished_reason="error"} on the decode's /metrics, as vLLM counts its
 FinishReason.ERROR: not as an abort, and its prompt once in vllm:prompt_tokens (vLLM adds a prompt with its request's
-first output, the load's error here, though its prompt was never computed here). Real instances (tiny
+first output, the load's error here, though its prompt was never computed here). Its
+vllm:request_prefill_kv_computed_tokens is its whole prompt: none of its KV came (vLLM's, never admitted to run,
+counts none as cached either). Real instances (tiny
 model, real NIXL on CPU) in this process: the registry is the process's, both instances count into the series of
 model_name "tiny"; the prefill leg ends before the counts are taken, so the delta is the decode's."""
 
@@ -43,7 +45,8 @@ def pair() -> Iterator[tuple[str, str, EngineLoop]]:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    """The instance's /metrics: vllm:request_success by finished_reason and vllm:prompt_tokens, of MODEL's series."""
+    """The instance's /metrics: vllm:request_success by finished_reason, vllm:prompt_tokens and the sum of
+    vllm:request_prefill_kv_computed_tokens ("computed"), of MODEL's series."""
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
         for s in family.samples:
@@ -53,7 +56,9 @@ def _scrape(url: str) -> dict[str, float]:
                 found[s.labels["finished_reason"]] = s.value
             elif s.name == "vllm:prompt_tokens_total":
                 found["prompt"] = s.value
-    assert set(found) == {*REASONS, "prompt"}, f"series missing on {url}/metrics: {sorted(found)}"
+            elif s.name == "vllm:request_prefill_kv_computed_tokens_sum":
+                found["computed"] = s.value
+    assert set(found) == {*REASONS, "prompt", "computed"}, f"series missing on {url}/metrics: {sorted(found)}"
     return found
 
 
@@ -86,6 +91,6 @@ def test_a_decode_whose_kv_load_failed_counts_one_error(pair: tuple[str, str, En
     asyncio.run(loop.call(lambda engine: None, timeout=TIMEOUT, what="the commands queued before it"))
     prompt = leg.json()["usage"]["prompt_tokens"]  # the decode's prompt is the prefill's
     assert {k: v - before[k] for k, v in _scrape(decode).items()} == {**dict.fromkeys(before, 0), "error": 1,
-                                                                    "prompt": prompt}
+                                                                    "prompt": prompt, "computed": prompt}
     assert loop.num_aborted == aborted and not loop.counts.running
     _no_blocks(prefill, decode)

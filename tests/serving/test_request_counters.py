@@ -3,8 +3,8 @@ prompt counts once its prefill ran (not when the request is accepted: a request 
 prompt), once per sample with n > 1 as vLLM counts it, and a request the client left counts once in /info's
 num_aborted_requests while request_success{finished_reason="abort"} stays where it was (vLLM's frontend drops a
 request its client aborted before its outputs count); a request nobody reads counts its prompt, tokens and end all the
-same (the engine thread counts them); the histograms of token counts have vLLM's 1-2-5 buckets up to max_model_len.
-Tiny model on CPU, in process."""
+same (the engine thread counts them); the histograms of token counts have vLLM's 1-2-5 buckets up to max_model_len,
+and vllm:request_prefill_kv_computed_tokens leaves out a prompt's prefix cache hit. Tiny model on CPU, in process."""
 
 from __future__ import annotations
 
@@ -112,12 +112,12 @@ def buckets(url: str, name: str) -> list[str]:
 
 
 def test_the_token_count_histograms_have_vllms_1_2_5_buckets(instance: tuple[str, EngineLoop]) -> None:
-    """vLLM buckets request_prompt_tokens, request_generation_tokens, request_params_max_tokens and
-    request_max_num_generation_tokens alike: 1, 2, 5, 10, ... up to max_model_len (of
+    """vLLM buckets request_prompt_tokens, request_generation_tokens, request_prefill_kv_computed_tokens,
+    request_params_max_tokens and request_max_num_generation_tokens alike: 1, 2, 5, 10, ... up to max_model_len (of
     this process's first engine, made in this worker by whichever test built one first)."""
     url, _ = instance
-    names = ("vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_params_max_tokens",
-             "vllm:request_max_num_generation_tokens")
+    names = ("vllm:request_prompt_tokens", "vllm:request_generation_tokens", "vllm:request_prefill_kv_computed_tokens",
+             "vllm:request_params_max_tokens", "vllm:request_max_num_generation_tokens")
     found = {name: buckets(url, name) for name in names}
     bounds = [float(le) for le in found["vllm:request_params_max_tokens"][:-1]]
     one_two_five = [float(m * 10**e) for e in range(10) for m in (1, 2, 5)]
@@ -138,3 +138,21 @@ def test_the_token_count_buckets_run_up_to_max_model_len(max_model_len: int, las
         les = [s.labels["le"] for s in family.samples if s.name.endswith("_bucket")]
         assert les == expected, family.name
     assert len(list(registry.collect())) == len(made.all())
+
+
+def test_prefill_kv_computed_tokens_leave_out_the_prefix_cache_hit(instance: tuple[str, EngineLoop]) -> None:
+    """vllm:request_prefill_kv_computed_tokens: a request's prompt less its tokens found in the prefix cache, once
+    per request; the second of two equal prompts finds the first's blocks."""
+    url, _ = instance
+    prompt = "Prefix caching reuses the blocks of a prompt seen before: " * 4
+    name = "vllm:request_prefill_kv_computed_tokens"
+    for _ in range(2):
+        before = (counter(url, f"{name}_count"), counter(url, f"{name}_sum"))
+        answer = httpx.post(f"{url}/v1/completions", timeout=120, json={
+            "model": "tiny", "prompt": prompt, "max_tokens": 2, "temperature": 0.0})
+        assert answer.status_code == 200, answer.text
+        usage = answer.json()["usage"]
+        computed = usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+        after = (counter(url, f"{name}_count"), counter(url, f"{name}_sum"))
+        assert (after[0] - before[0], after[1] - before[1]) == (1, computed)
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 0, usage  # the second found the first's blocks

@@ -1,5 +1,5 @@
 """The histograms of a request's end (vllm:e2e_request_latency_seconds, request_prompt_tokens,
-request_generation_tokens, request_params_n / max_tokens,
+request_generation_tokens, request_prefill_kv_computed_tokens, request_params_n / max_tokens,
 request_max_num_generation_tokens, request_inference_time, request_decode_time, request_time_per_output_token) count a
 request the engine ended with "error" once, as vLLM records them for every request its engine finished, errors
 included, whether the client reads the whole answer or a stream; a phase it never reached (no token: no decode time)
@@ -56,7 +56,7 @@ def token_histograms() -> metrics.TokenHistograms:
 def _histograms() -> dict[str, Histogram]:
     tokens = token_histograms()
     return {"e2e": metrics.E2E_REQUEST_LATENCY, "prompt": tokens.prompt, "generation": tokens.generation,
-            "n": metrics.REQUEST_PARAMS_N,
+            "computed": tokens.prefill_kv_computed, "n": metrics.REQUEST_PARAMS_N,
             "max_tokens": tokens.params_max_tokens, "max_gen": tokens.max_num_generation,
             "inference": metrics.REQUEST_INFERENCE_TIME, "decode": metrics.REQUEST_DECODE_TIME,
             "tpot": metrics.REQUEST_TIME_PER_OUTPUT_TOKEN}
@@ -75,7 +75,7 @@ def observed() -> dict[str, float]:
     """Each histogram's count, and the token histograms' sums."""
     histograms = _histograms()
     found = {name: _sample(h, "count") for name, h in histograms.items()}
-    for name in ("prompt", "generation", "n", "max_gen"):
+    for name in ("prompt", "generation", "computed", "n", "max_gen"):
         found[f"{name}_sum"] = _sample(histograms[name], "sum")
     return found
 
@@ -131,9 +131,9 @@ def test_an_error_records_each_end_histogram_once(loop: tuple[EngineLoop, Choice
     wait_for(lambda: not engine_loop.counts.running, "the request's end to be counted", TIMEOUT)
     phases = 1 if tokens else 0
     assert observed_since(before) == {
-        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1,
+        "e2e": 1, "prompt": 1, "generation": 1, "computed": 1, "n": 1, "max_tokens": 1, "max_gen": 1,
         "inference": phases, "decode": phases, "tpot": 1, "prompt_sum": 3, "generation_sum": tokens,
-        "n_sum": 1, "max_gen_sum": tokens}
+        "computed_sum": 3, "n_sum": 1, "max_gen_sum": tokens}
     assert delta(counted) == {"prompt": 3, "generation": tokens, "length": 0, "abort": 0, "error": 1}
 
 
@@ -155,8 +155,8 @@ def test_an_abort_records_no_end_histogram(loop: tuple[EngineLoop, ChoicesEngine
     asyncio.run(run())
     wait_for(lambda: engine_loop.num_aborted == 1, "the abort to be counted", TIMEOUT)
     assert observed_since(before) == {
-        "e2e": 1, "prompt": 1, "generation": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": 1,
-        "decode": 1, "tpot": 1, "prompt_sum": 3, "generation_sum": MAX_TOKENS, "n_sum": 1,
+        "e2e": 1, "prompt": 1, "generation": 1, "computed": 1, "n": 1, "max_tokens": 1, "max_gen": 1, "inference": 1,
+        "decode": 1, "tpot": 1, "prompt_sum": 3, "generation_sum": MAX_TOKENS, "computed_sum": 3, "n_sum": 1,
         "max_gen_sum": MAX_TOKENS}
     # every token the engine made counts, the left one's too (those made before its abort was taken)
     # the abort counts in num_aborted_requests alone (above), not in request_success: vLLM never counts one there

@@ -1,5 +1,7 @@
 """kv_transfer.load_failure_policy recompute (default): a decode whose KV load failed computes the prompt
-itself; with its old blocks still draining it waits for safe_to_free; an abort meanwhile frees them."""
+itself; with its old blocks still draining it waits for safe_to_free; an abort meanwhile frees them. Either policy:
+the request's num_external_tokens (its prompt tokens loaded, which vllm:request_prefill_kv_computed_tokens leaves out)
+goes back to 0, as none came."""
 
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ def test_failed_load_is_recomputed_from_the_first_token() -> None:
     r = req("d", 10, max_tokens=2, params={"do_remote_prefill": True})
     s.add_request(r)
     step(s)
+    assert r.num_external_tokens == 9  # all but the last prompt token, which it computes
     before = _recomputes()
     conn.events.failed_recving["d"] = "prefill engine unreachable"
     assert s.handle_connector_events(conn.get_finished()) == []
     assert r.status == RequestStatus.WAITING and not r.is_finished and _recomputes() == before + 1
+    assert r.num_external_tokens == 0
     out = step(s)
     assert [(x.start, x.num_new_tokens, x.needs_sample) for x in out.scheduled] == [(0, 10, True)]
     assert len(conn.loads) == 1  # the connector is not asked a second time
@@ -76,8 +80,10 @@ def test_fail_policy_keeps_the_error() -> None:
     r = req("d", 10, params={"do_remote_prefill": True})
     s.add_request(r)
     step(s)
+    assert r.num_external_tokens == 9
     conn.events.failed_recving["d"] = "handshake timed out"
     assert s.handle_connector_events(conn.get_finished()) == [r] and r.finish_reason == "error"
+    assert r.num_external_tokens == 0
 
 
 def test_engine_recompute_answers_what_a_colocated_engine_answers(llama_ckpt, make_engine) -> None:  # type: ignore[no-untyped-def]  # noqa: F811 - the fixture imported above
