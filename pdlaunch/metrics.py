@@ -101,6 +101,10 @@ PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries", "Prefix cache querie
                                "queried tokens.", LABELS)
 PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
                             LABELS)
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # set_sleep_state
+ENGINE_SLEEP_STATE = Gauge("vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping; awake "
+                           "= 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 "
+                           "means sleep level 2.", LABELS + ["sleep_state"])
 TIME_TO_FIRST_TOKEN_VLLM = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in "
                                      "seconds.", LABELS, buckets=_TTFT_BUCKETS)
 INTER_TOKEN_LATENCY_VLLM = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in "
@@ -149,6 +153,15 @@ def set_model_name(name: str) -> None:
         vllm(metric)  # every series exists (at 0) from the start, as a dashboard expects
     for reason in (*ENDED_REASONS, "abort"):
         vllm(REQUEST_SUCCESS, finished_reason=reason)
+    set_sleep_state(None)  # an instance starts awake
+
+
+def set_sleep_state(level: int | None) -> None:
+    """vllm:engine_sleep_state after a sleep or wake-up: awake 1 while fully awake (`level` None), else 0 and
+    weights_offloaded (level 1) or discard_all (level 2) 1. Partly woken is still asleep at its level (vLLM's says
+    awake after any wake_up)."""
+    for state, on in zip(SLEEP_STATES, (level is None, level == 1, level == 2), strict=True):
+        vllm(ENGINE_SLEEP_STATE, sleep_state=state).set(int(on))
 
 
 def _one_two_five(limit: int) -> tuple[float, ...]:

@@ -5,7 +5,8 @@ allocator the pools keep their virtual addresses; otherwise (CPU, tests) the ten
 freed and re-allocated. What the engine adds: sleep only when idle, forget the prefix cache (the
 KV is discarded), let the connector drop its own device memory (a staging buffer), zero the KV cache
 after it wakes, re-register it with the connector (its physical pages, and without cumem its
-addresses, are new), and reload the weights after a level-2 sleep.
+addresses, are new), reload the weights after a level-2 sleep, and set vllm:engine_sleep_state after each sleep
+and wake-up.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from pdlaunch import metrics
 from pdlaunch.errors import EngineError
 from pdlaunch.memory.sleep import MemorySleep, SleepBackend, SleepResult, TensorSleepBackend, WakeResult
 from pdlaunch.model.loader import load_model
@@ -70,6 +72,7 @@ class EngineSleep:
 
     def sleep(self, level: int) -> SleepResult:
         result = self.controller.sleep(level)
+        metrics.set_sleep_state(self.controller.level)
         if self.engine.runner.device.type == "cuda":
             # What stays on the device while asleep: the CUDA context, the CUDA graphs' pool, NIXL/UCX.
             free, total = torch.cuda.mem_get_info(self.engine.runner.device)
@@ -79,7 +82,10 @@ class EngineSleep:
         return result
 
     def wake_up(self, tags: list[str] | None = None) -> WakeResult:
-        return self.controller.wake_up(tags)
+        try:
+            return self.controller.wake_up(tags)
+        finally:  # a wake-up that failed may have woken some of the memory
+            metrics.set_sleep_state(self.controller.level)
 
     def is_sleeping(self) -> bool:
         return self.controller.is_sleeping()

@@ -1,7 +1,8 @@
 """/health and request admission follow the engine's sleep state after a /sleep or /wake_up that failed or whose
 engine call outlived the route's timeout (a 503): the state is the engine's once its call ends, with no GET
 /is_sleeping needed to refresh it; a request admitted while the sleep was still running gets the 503 of a sleeping
-instance, not a 400 (tiny model on CPU, in process, sleep mode on)."""
+instance, not a 400; vllm:engine_sleep_state on /metrics says the same (tiny model on CPU, in process, sleep mode
+on)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.engine.llm_engine import LLMEngine
@@ -37,6 +39,20 @@ def instance() -> Iterator[tuple[str, EngineLoop]]:
 def control(url: str, path: str) -> httpx.Response:
     """POST /sleep or /wake_up as the deployment's own processes may (control routes need the internal token)."""
     return httpx.post(f"{url}{path}", headers=internal_headers(SECRET), timeout=60)
+
+
+def sleep_state(url: str) -> dict[str, float]:
+    """vllm:engine_sleep_state by sleep_state on the instance's /metrics (model "tiny")."""
+    found = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name == "vllm:engine_sleep_state" and sample.labels["model_name"] == "tiny":
+                found[sample.labels["sleep_state"]] = sample.value
+    return found
+
+
+AWAKE = {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+ASLEEP_AT_1 = {"awake": 0.0, "weights_offloaded": 1.0, "discard_all": 0.0}
 
 
 def health(url: str) -> str:
@@ -104,15 +120,18 @@ def test_state_follows_a_sleep_that_failed_after_the_memory_went(instance: tuple
         wake_up(["weights"])
         raise EngineError("injected failure after waking the weights", field="tags")
 
+    assert sleep_state(url) == AWAKE
     monkeypatch.setattr(engine, "sleep", sleep_then_fail)
     failed = control(url, "/sleep")
     assert failed.status_code == 400 and failed.json()["error"]["code"] == "sleep_failed"
     assert health(url) == "sleeping" and completion(url).status_code == 503  # the engine is asleep
+    assert sleep_state(url) == ASLEEP_AT_1
 
     monkeypatch.setattr(engine, "wake_up", wake_weights_then_fail)
     assert control(url, "/wake_up").status_code == 400
-    assert health(url) == "sleeping"  # the KV cache still is
+    assert health(url) == "sleeping" and sleep_state(url) == ASLEEP_AT_1  # the KV cache still is
     monkeypatch.setattr(engine, "wake_up", wake_up)
     woke = control(url, "/wake_up")
     assert woke.status_code == 200 and woke.json()["is_sleeping"] is False
     assert health(url) == "ok" and completion(url).status_code == 200
+    assert sleep_state(url) == AWAKE
