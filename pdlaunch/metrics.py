@@ -101,6 +101,13 @@ PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries", "Prefix cache querie
                                "queried tokens.", LABELS)
 PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
                             LABELS)
+# Once per request whose KV connector was asked (engines with one: PD roles), when it was asked: its prompt tokens, and
+# those the connector had (loaded from a prefill)
+EXTERNAL_PREFIX_CACHE_QUERIES = Counter("vllm:external_prefix_cache_queries", "External prefix cache queries from KV "
+                                        "connector cross-instance cache sharing, in terms of number of queried "
+                                        "tokens.", LABELS)
+EXTERNAL_PREFIX_CACHE_HITS = Counter("vllm:external_prefix_cache_hits", "External prefix cache hits from KV connector "
+                                     "cross-instance cache sharing, in terms of number of cached tokens.", LABELS)
 SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")  # set_sleep_state
 ENGINE_SLEEP_STATE = Gauge("vllm:engine_sleep_state", "Engine sleep state; awake = 0 means engine is sleeping; awake "
                            "= 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 "
@@ -146,6 +153,7 @@ def set_model_name(name: str) -> None:
     _model_name = name
     for metric in (NUM_REQUESTS_RUNNING, NUM_REQUESTS_WAITING, KV_CACHE_USAGE, NUM_PREEMPTIONS, PROMPT_TOKENS,
                    GENERATION_TOKENS, PREFIX_CACHE_QUERIES, PREFIX_CACHE_HITS, TIME_TO_FIRST_TOKEN_VLLM,
+                   EXTERNAL_PREFIX_CACHE_QUERIES, EXTERNAL_PREFIX_CACHE_HITS,
                    INTER_TOKEN_LATENCY_VLLM, E2E_REQUEST_LATENCY, REQUEST_QUEUE_TIME, REQUEST_TIME_PER_OUTPUT_TOKEN,
                    REQUEST_DECODE_TIME, ITERATION_TOKENS, NIXL_XFER_TIME, NIXL_BYTES_TRANSFERRED,
                    NIXL_NUM_FAILED_TRANSFERS, REQUEST_PREFILL_TIME, REQUEST_INFERENCE_TIME, REQUEST_PARAMS_N,

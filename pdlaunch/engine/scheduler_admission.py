@@ -104,6 +104,8 @@ class SchedulerAdmission(SchedulerState):
             return True
         request.connector_consulted = True
         self._note_cached(request, k + ext, local=k)
+        metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_QUERIES).inc(request.num_prompt_tokens)
+        metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_HITS).inc(ext)
         if remote:
             metrics.DECODE_PREFIX_HIT_TOKENS.inc(k)  # the load skips these (decode-side prefix reuse)
             self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)

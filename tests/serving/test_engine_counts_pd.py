@@ -3,8 +3,9 @@ stop or length, on both instances, never as an abort: through the real proxy in 
 instance (tiny model, real NIXL on CPU, in this process), and when the decode instance stops between admitting such
 a request (engine/engine_requests.py: the decode ends it at admission, from the prefill's token) and the step that
 would hand its output out: that output is handed out then, and the request answered and counted as it ended. A PD
-decode counts none of its prompt in vllm:request_prefill_kv_computed_tokens: it loaded the prompt's KV. Both
-instances count into this process's series (one model_name): deltas of both; /info's num_aborted_requests apiece."""
+decode counts none of its prompt in vllm:request_prefill_kv_computed_tokens: it loaded the prompt's KV, all of it in
+vllm:external_prefix_cache_hits. Both instances count into this process's series (one model_name): deltas of both;
+/info's num_aborted_requests apiece."""
 
 from __future__ import annotations
 
@@ -109,26 +110,32 @@ def test_a_pd_request_its_first_token_ends_counts_as_it_ended(deployment: Deploy
     _held_blocks_go(deployment)
 
 
-def _computed() -> tuple[float, float]:
-    """vllm:request_prefill_kv_computed_tokens' count and sum over this process's instances (model_name "tiny")."""
+def _prompt_sources() -> dict[str, float]:
+    """Over this process's instances (model_name "tiny"): vllm:request_prefill_kv_computed_tokens' count and sum,
+    vllm:external_prefix_cache_queries and _hits."""
     labels = {"model_name": "tiny", "engine": "0"}
-    name = "vllm:request_prefill_kv_computed_tokens"
-    count, total = (REGISTRY.get_sample_value(f"{name}_{suffix}", labels) for suffix in ("count", "sum"))
-    assert count is not None and total is not None, f"{name} is not in the registry"
-    return count, total
+    names = {"computed_count": "vllm:request_prefill_kv_computed_tokens_count",
+             "computed_sum": "vllm:request_prefill_kv_computed_tokens_sum",
+             "queries": "vllm:external_prefix_cache_queries_total", "hits": "vllm:external_prefix_cache_hits_total"}
+    found = {key: REGISTRY.get_sample_value(name, labels) for key, name in names.items()}
+    assert None not in found.values(), found
+    return {key: float(value or 0) for key, value in found.items()}
 
 
 def test_a_pd_decode_computes_none_of_the_prompt_its_prefill_sent(deployment: Deployment) -> None:
     """vllm:request_prefill_kv_computed_tokens (a prompt less its tokens cached or loaded): the prefill leg computed
     the whole prompt (shorter than a block: no prefix hit), the decode none of it, as it loaded the prompt's KV
-    (its first token's KV, a generated token's, is what it computes)."""
-    before = _computed()
+    (its first token's KV, a generated token's, is what it computes). Both asked their connector about the prompt
+    (vllm:external_prefix_cache_queries); the decode's had all of it (_hits), the prefill's none."""
+    before = _prompt_sources()
     r = httpx.post(f"{deployment.proxy}/v1/completions", json=_body(max_tokens=3), timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
-    assert usage["prompt_tokens"] < 8 and usage["prompt_tokens_details"]["cached_tokens"] == 0, usage
-    count, total = _computed()
-    assert (count - before[0], total - before[1]) == (2, usage["prompt_tokens"])  # the prefill leg's and the decode's
+    prompt = usage["prompt_tokens"]
+    assert prompt < 8 and usage["prompt_tokens_details"]["cached_tokens"] == 0, usage
+    delta = {key: value - before[key] for key, value in _prompt_sources().items()}
+    # the prefill leg's and the decode's
+    assert delta == {"computed_count": 2, "computed_sum": prompt, "queries": 2 * prompt, "hits": prompt}
     _held_blocks_go(deployment)
 
 
