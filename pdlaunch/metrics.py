@@ -81,8 +81,9 @@ _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.7
 # vLLM's inter-token-latency buckets, which its per-request mean time per output token shares
 _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                 40.0, 80.0)
-_XFER_SECONDS_BUCKETS = (0.001, 0.005, 0.0125, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
-_XFER_BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 35, 2))  # 1 KiB .. 16 GiB
+# vLLM's NixlConnector's (0.13)
+_XFER_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0)
+_XFER_BYTES_BUCKETS = tuple(float(2**k) for k in range(11, 34, 2))  # 2 KiB .. 8 GiB
 
 NUM_REQUESTS_RUNNING = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", LABELS)
 NUM_REQUESTS_WAITING = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed "

@@ -4,8 +4,8 @@ instance (tiny model, real NIXL on CPU, in this process), and when the decode in
 a request (engine/engine_requests.py: the decode ends it at admission, from the prefill's token) and the step that
 would hand its output out: that output is handed out then, and the request answered and counted as it ended. A PD
 decode counts none of its prompt in vllm:request_prefill_kv_computed_tokens: it loaded the prompt's KV, all of it in
-vllm:external_prefix_cache_hits. Both instances count into this process's series (one model_name): deltas of both;
-/info's num_aborted_requests apiece."""
+vllm:external_prefix_cache_hits; the NIXL histograms have the buckets of vLLM's NixlConnector. Both instances count
+into this process's series (one model_name): deltas of both; /info's num_aborted_requests apiece."""
 
 from __future__ import annotations
 
@@ -254,3 +254,15 @@ def test_a_decode_that_stops_before_handing_out_a_first_token_end_counts_that_en
     assert answer[0].status_code == 200, answer[0].text  # answered, not the stop's 503
     assert answer[0].json()["choices"][0]["finish_reason"] == "length"
     _release(deployment, params)
+
+
+def test_the_nixl_histograms_have_the_nixl_connectors_buckets(deployment: Deployment) -> None:
+    """vllm:nixl_xfer_time_seconds and vllm:nixl_bytes_transferred as vLLM's NixlConnector buckets them (0.13)."""
+    expected = {"vllm:nixl_xfer_time_seconds": [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0],
+                "vllm:nixl_bytes_transferred": [float(2 ** (10 + i)) for i in range(1, 25, 2)]}  # 2 KiB .. 8 GiB
+    found: dict[str, list[float]] = {name: [] for name in expected}
+    for line in httpx.get(f"{deployment.decode}/metrics", timeout=30).text.splitlines():
+        name = line.partition("_bucket{")[0]
+        if name in found and 'model_name="tiny"' in line:
+            found[name].append(float(line.partition('le="')[2].partition('"')[0]))
+    assert found == {name: [*bounds, float("inf")] for name, bounds in expected.items()}
