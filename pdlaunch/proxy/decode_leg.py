@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, Response
 
-from pdlaunch.http.sse import ClosingStreamingResponse, sse_event
+from pdlaunch.http.sse import DONE, ClosingStreamingResponse, sse_event
 from pdlaunch.proxy.bodies import JsonObject
 from pdlaunch.proxy.call import Call
 from pdlaunch.proxy.continuation import not_migratable
@@ -19,6 +19,8 @@ from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.retry import on_live_instance
 from pdlaunch.proxy.translate import prefill_cached_tokens, with_cached_tokens, with_prompt_logprobs
 from pdlaunch.proxy.upstream import Upstream
+
+_ERROR_EVENT = b'data: {"error"'  # an OpenAI error event, as the relays pass it on (upstream.py, migrate.py)
 
 
 class DecodeLeg:
@@ -108,21 +110,24 @@ class DecodeLeg:
 
     def _relayed(self, upstream: Upstream, events: AsyncGenerator[bytes, None]) -> ClosingStreamingResponse:
         """The decode's stream (`events`) passed through to the client."""
-        relayed_all = False
+        whole = False  # the last event relayed is [DONE], and no error event came before it
 
         async def relay() -> AsyncIterator[bytes]:
-            nonlocal relayed_all
+            nonlocal whole
+            failed = False
             async for chunk in events:
+                failed = failed or chunk.startswith(_ERROR_EVENT)
+                whole = chunk == DONE and not failed  # the decode's side ended whole, whether the client reads it
                 yield self._with_reported_usage(chunk)
-            relayed_all = True
 
         async def close() -> None:
             self.unqueue()
             await events.aclose()  # its own finally closes a migrated stream's current upstream
             await upstream.close()
-            if not relayed_all:
-                # The client left mid-stream (the decode streams the first token before the KV
-                # arrives): the decode may never read the prefill's KV, so it goes back now.
+            if not whole:
+                # The client left mid-stream, or the decode failed mid-stream and the stream ended with the error
+                # event (not continued elsewhere): the decode streams the first token before the KV arrives, so it
+                # may never read the prefill's KV, which goes back now rather than at the end of its lease.
                 self.release_held()
 
         return ClosingStreamingResponse(relay(), on_close=close,

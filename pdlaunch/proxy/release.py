@@ -1,11 +1,11 @@
 """Tell a prefill to free the KV it holds for a decode leg that will not run.
 
 After a prefill leg the prefill keeps the request's blocks for the decode side until the decode
-reads them or kv_transfer.kv_lease_seconds pass. When the proxy knows the decode leg will not run
-(the client went away, the decode refused the request or could not be reached), it calls the
-prefill's `POST /internal/kv/release` with the internal token, so the blocks come back at once. A client
-that leaves while the prefill leg's answer is on its way leaves no params to name: the proxy then names
-the leg's X-Request-Id (only one it made itself, so no other request shares it).
+reads them or kv_transfer.kv_lease_seconds pass. When the proxy knows the decode leg will not run or
+not read them (the client went away, the decode refused the request, could not be reached, or failed
+mid-stream), it calls the prefill's `POST /internal/kv/release` with the internal token, so the blocks
+come back at once. A client that leaves while the prefill leg's answer is on its way leaves no params to
+name: the proxy then names the leg's X-Request-Id (only one it made itself, so no other request shares it).
 A prefill that a decode is reading from answers `released: false` and keeps them: nothing is freed
 under a transfer. Fire and forget: the client's answer never waits for this.
 """
