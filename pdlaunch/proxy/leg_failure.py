@@ -1,7 +1,8 @@
 """How a decode leg is seen to fail, and the decode that takes it over.
 
 A leg fails when its decode drops the connection, ends its stream without a final chunk, or is marked
-stalled (its /health probe past proxy.health_timeout_seconds: instances.py). `unless_stalled` races a call
+stalled (its /health probe past proxy.health_timeout_seconds: instances.py) while another decode is ready to take
+the leg over (with none, the leg waits for its own decode to go on). `unless_stalled` races a call
 against its instance's stall; `leg_events` reads a stream's payloads and ends with a `Failure` when it
 failed. `others` and `another` are the ready decodes it may go on on (migrate.py).
 """
@@ -71,9 +72,14 @@ def another(pool: InstancePool, failed: Instance) -> Instance:
 
 
 async def leg_events(proxy: Proxy, upstream: Upstream, deadline: float) -> AsyncGenerator[str | Failure, None]:
-    """`upstream`'s SSE payloads, then a Failure if it failed (dropped, or its instance stalled)."""
+    """`upstream`'s SSE payloads, then a Failure if it failed (dropped, or its instance stalled while another of its
+    role was ready: with none, the stream has nowhere to go and is read on, as `unless_stalled` waits)."""
     instance, parser = upstream.instance, SSEParser()
-    reader = ChunkReader(upstream.response, deadline, stalled=instance.stalled, stopping=proxy.stopping)
+
+    def heed(event: str) -> bool:
+        return event != "stalled" or bool(others(proxy.pool, instance))
+
+    reader = ChunkReader(upstream.response, deadline, heed, stalled=instance.stalled, stopping=proxy.stopping)
     try:
         while True:
             try:

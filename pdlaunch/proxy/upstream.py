@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -225,10 +225,13 @@ class ChunkReader:
     the request's deadline (monotonic seconds) and each watched event (a stall, the shutdown drain's end)
     cancel the read being awaited, as asyncio.timeout does, and never anything else the task awaits (the
     client's write); one that comes between two reads ends the next. A chunk that arrived as the
-    interruption came is dropped with the stream. `close()` when done."""
+    interruption came is dropped with the stream. `heed(name)`, asked as a watched event is set, says whether it
+    interrupts at all (a stall with nowhere to move the stream: the reads go on). `close()` when done."""
 
-    def __init__(self, response: httpx.Response, deadline: float, **events: asyncio.Event) -> None:
+    def __init__(self, response: httpx.Response, deadline: float, heed: Callable[[str], bool] = lambda name: True,
+                 **events: asyncio.Event) -> None:
         self._chunks = response.aiter_raw()
+        self._heed = heed
         self.reason: str | None = None
         self._reading: asyncio.Task[object] | None = None  # the task awaiting a chunk, while it does
         self._cancelled = False
@@ -241,7 +244,7 @@ class ChunkReader:
             self._watches.append(watch)
 
     def _on_event(self, name: str, watch: asyncio.Future[object]) -> None:
-        if not watch.cancelled():
+        if not watch.cancelled() and self._heed(name):
             self._interrupt(name)
 
     def _interrupt(self, reason: str) -> None:
