@@ -47,6 +47,12 @@ def ids_of(value: JsonValue | None) -> list[int]:
     return ids
 
 
+def several_prompts(prompt: JsonValue | None) -> bool:
+    """A /v1/completions `prompt` that is a list of prompts (strings or token id lists), not one prompt."""
+    return isinstance(prompt, list) and len(prompt) != 1 and \
+        not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+
+
 def token_limit(body: Body, chat: bool, chat_key: str, key: str) -> JsonValue | None:
     """The client's limit `key` (max_tokens, min_tokens), or for chat `chat_key` when given (OpenAI's
     max_completion_tokens / min_completion_tokens names)."""

@@ -11,13 +11,14 @@ depends on state the continuation cannot rebuild from token ids: stop strings (o
 migration point), tools and structured outputs (parser and grammar state), presence / frequency
 penalties and bad_words (the engine counts and matches them over the output only, and the output before
 the cut is the continuation's prompt), logprobs (`logprobs: 0` too: the chosen tokens' logprobs), several
-choices, echo. A repetition penalty goes on: it counts prompt and output tokens alike.
+choices (`n` / `best_of` > 1, or a list of prompts, which only colocated instances get whole), echo. A
+repetition penalty goes on: it counts prompt and output tokens alike.
 """
 
 from __future__ import annotations
 
 from pdlaunch.engine.outputs import SAMPLING_EPS
-from pdlaunch.proxy.bodies import Body, JsonObject, int_of, token_limit
+from pdlaunch.proxy.bodies import Body, JsonObject, int_of, several_prompts, token_limit
 from pdlaunch.server.request_fields import DEFAULT_MAX_TOKENS
 
 # Fields copied into a continuation: sampling that depends only on the prompt + output token ids.
@@ -49,6 +50,8 @@ def not_migratable(body: Body, chat: bool) -> str | None:
     if logprobs is not None and logprobs is not False:  # chat's top_logprobs asks for nothing without it
         return "logprobs"
     several = [k for k in ("n", "best_of") if body.get(k) not in (None, 1)] + (["echo"] if body.get("echo") else [])
+    if not chat and several_prompts(body.get("prompt")):  # a choice per prompt (colocated: sent whole)
+        several.append("prompt")
     return several[0] if several else None
 
 

@@ -26,10 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pydantic import JsonValue
-
 from pdlaunch.kvcache.events import matched_blocks, prompt_block_hashes
-from pdlaunch.proxy.bodies import Body
+from pdlaunch.proxy.bodies import Body, several_prompts
 from pdlaunch.proxy.disaggregate import PromptTokens
 from pdlaunch.proxy.instances import Instance, InstancePool
 from pdlaunch.proxy.kv_events import KvEventFeed
@@ -72,7 +70,7 @@ class PrefixRouter:
     async def prompt(self, body: Body, chat: bool) -> PromptBlocks | None:
         """The request's prompt as token ids, when there is a tokenizer to count them and one prompt to count
         (else None: a list of prompts sent colocated as one request goes where the pool's policy says)."""
-        if self.tokens is None or (not chat and _several_prompts(body.get("prompt"))):
+        if self.tokens is None or (not chat and several_prompts(body.get("prompt"))):
             return None
         ids = await self.tokens.ids(body, chat)
         if not all(0 <= t < _ID_BOUND for t in ids):  # no model's ids (the instance answers the 400): unhashable
@@ -117,9 +115,3 @@ class PrefixRouter:
                 self.queued[instance.name] -= tokens
 
         return release
-
-
-def _several_prompts(prompt: JsonValue | None) -> bool:
-    """A /v1/completions `prompt` that is a list of prompts (strings or token id lists), not one prompt."""
-    return isinstance(prompt, list) and len(prompt) != 1 and \
-        not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
