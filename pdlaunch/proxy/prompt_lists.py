@@ -81,8 +81,9 @@ class MergedStream:
                 log.exception("the stream of prompt %d of %s failed", p, self.response_id)
                 error = error_body(500, f"the stream of prompt {p} failed: {type(exc).__name__}: {exc}")
                 await queue.put((p, json.dumps(error, separators=(",", ":"))))
-            finally:
-                await queue.put((p, None))  # this stream ended
+            # This stream ended. Not when cancelled: the merged stream ended, and nobody reads the queue (waiting
+            # for room in it, full, would keep this task, and the stream it holds, forever).
+            await queue.put((p, None))
 
         pumps = [asyncio.ensure_future(pump(p, s.body_iterator)) for p, s in enumerate(self.streams)]
         usages: list[JsonObject] = []
@@ -122,6 +123,7 @@ class MergedStream:
         finally:
             for task in pumps:
                 task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)  # each ends at its next await
             await self.close()
 
 
