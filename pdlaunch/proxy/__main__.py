@@ -170,10 +170,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     """Every flag's range and the combinations the proxy needs (parser.error: exit 2 naming the flag)."""
     if args.max_request_bytes <= 0:
         parser.error("--max-request-bytes must be positive")
-    for name in ("health_timeout", "prefill_timeout"):
+    for name in ("request_timeout", "health_timeout", "prefill_timeout"):
         value = getattr(args, name)
-        if value is not None and not 0 < value < float("inf"):
+        if value is not None and not 0 < value < float("inf"):  # nan too
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if not 0 <= args.drain_timeout < float("inf"):
+        parser.error("--drain-timeout must be 0 or more seconds")
     _check_disaggregation(parser, args)
     if args.disaggregate_min_tokens is not None and args.tokenizer is None:
         parser.error("--disaggregate-min-tokens counts prompt tokens with the model's tokenizer: give --tokenizer DIR")
