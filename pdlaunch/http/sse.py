@@ -12,8 +12,12 @@ DONE = b"data: [DONE]\n\n"  # the last event of every OpenAI stream
 
 
 def sse_data(data: str) -> bytes:
-    """One event carrying `data` as it is (a payload relayed from another stream, or [DONE])."""
-    return b"data: " + data.encode() + b"\n\n"
+    """One event carrying `data` as it is (a payload relayed from another stream, or [DONE]): each of its lines in a
+    `data:` field of its own (SSEParser joins a foreign event's several `data:` lines with "\\n"; a line without the
+    field would be dropped by the client)."""
+    if "\n" not in data:
+        return b"data: " + data.encode() + b"\n\n"
+    return b"".join(b"data: " + line.encode() + b"\n" for line in data.split("\n")) + b"\n"
 
 
 def sse_event(payload: Mapping[str, object]) -> bytes:

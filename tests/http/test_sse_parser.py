@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdlaunch.http.sse import SSEEventTooLarge, SSEParser
+from pdlaunch.http.sse import SSEEventTooLarge, SSEParser, sse_data
 from pdlaunch.proxy.instances import Instance
 from pdlaunch.proxy.translate import OpenAIError
 from pdlaunch.proxy.upstream import stream_payloads
@@ -34,3 +34,14 @@ def test_an_event_past_the_limit_is_refused_and_a_relay_names_the_instance() -> 
         stream_payloads(SSEParser(max_event_bytes=8), b"data: 0123456789", decode)
     assert caught.value.status == 502
     assert "decode-0" in caught.value.message and "passed 8 bytes" in caught.value.message
+
+
+def test_an_event_of_several_data_lines_relayed_is_the_same_event() -> None:
+    """A foreign server may split one event's data over several `data:` lines (the parser joins them with "\\n",
+    as SSE says); relayed, every line keeps its `data:` field, so the client reads the same payload."""
+    payload = '{"a":\n1}'
+    parser = SSEParser()
+    assert parser.feed(b"data: {\"a\":\ndata: 1}\n\n") == [payload]
+    relayed = SSEParser()
+    assert relayed.feed(sse_data(payload)) == [payload]
+    assert sse_data(payload) == b'data: {"a":\ndata: 1}\n\n'
