@@ -93,11 +93,16 @@ class EngineSleep:
     def _before_sleep(self, level: int) -> None:
         engine = self.engine
         self._drain_holds()
-        if engine.has_unfinished_requests() or engine.scheduler.held:
-            raise EngineError(
-                f"{len(engine.scheduler.requests)} request(s) running and {len(engine.scheduler.held)} "
-                f"KV hold(s) waiting for a decode instance (after {HOLD_DRAIN_S:g}s)", field="sleep",
-                hint="sleep when the instance is idle")
+        s = engine.scheduler
+        if engine.has_unfinished_requests() or s.held or s.draining:
+            text = f"{len(s.requests)} request(s) running"
+            holds = f"{len(s.held)} KV hold(s) waiting for a decode instance"
+            if s.draining:  # their transfer may still write their blocks: the KV memory must outlive it
+                text += f", {holds} and {len(s.draining)} ended KV load(s) whose transfer may still write their blocks"
+            else:
+                text += f" and {holds}"
+            raise EngineError(f"{text} (after {HOLD_DRAIN_S:g}s)", field="sleep",
+                              hint="sleep when the instance is idle")
         engine.block_manager.reset_prefix_cache()
         if engine.connector is not None:  # last: a connector that refuses leaves everything in place
             engine.connector.before_sleep()
@@ -105,11 +110,14 @@ class EngineSleep:
     def _drain_holds(self) -> None:
         """A prefill with no request running may still hold the KV of one that just finished: its decode
         has the blocks (the client may already have its answer) but the prefill learns so on a later
-        step. Step for up to HOLD_DRAIN_S while only such holds are left, so a /sleep sent right after
-        the last answer does not fail; a hold that outlives it (a decode that never reads) is refused."""
+        step. A decode may still keep the blocks of a load it aborted (`draining`) until its connector
+        says no transfer writes them any more. Step for up to HOLD_DRAIN_S while only such holds are
+        left, so a /sleep sent right after the last answer or abort does not fail; one that outlives it
+        (a decode that never reads, a transfer that runs on) is refused."""
         engine = self.engine
+        s = engine.scheduler
         deadline = time.monotonic() + HOLD_DRAIN_S
-        while engine.scheduler.held and not engine.has_unfinished_requests() and time.monotonic() < deadline:
+        while (s.held or s.draining) and not engine.has_unfinished_requests() and time.monotonic() < deadline:
             engine.step()  # polls the connector and the leases; no request runs, so it produces no output
             time.sleep(HOLD_POLL_S)
 
