@@ -72,7 +72,8 @@ def test_kubernetes_pods_carry_the_group_kv_dtype_and_expert_parallel(tmp_path: 
         if manifest["kind"] != "LeaderWorkerSet":
             continue
         (engine,) = manifest["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]["containers"]
-        spec = InstanceSpec.model_validate_json(engine["args"][engine["args"].index("--instance") + 1])
+        arg = engine["args"][engine["args"].index("--instance") + 1]  # as the kubelet expands it in the pod
+        spec = InstanceSpec.model_validate_json(arg.replace("$(POD_NAME)", f"{manifest['metadata']['name']}-0"))
         specs[spec.role] = spec
     assert (specs["prefill"].expert_parallel, specs["decode"].expert_parallel) == (True, False)
     assert specs["prefill"].kv_cache_dtype == specs["decode"].kv_cache_dtype == "fp8"
