@@ -9,7 +9,8 @@ time, not for its whole length; a step with no decode takes the whole budget. Wh
 the newest running request is preempted (blocks freed, requeued at the front but behind requests
 holding KV that arrived, recomputed later: its prefix cache usually makes that cheap). Waiting
 requests are admitted oldest first while budget, sequence slots and blocks last, and only in steps
-that preempted nothing.
+that preempted nothing; one whose whole prompt's KV arrived through the connector computes only its last
+prompt token, a decode's row, so the prompt cap does not hold it back.
 
 The waiting queue's admission is in engine/scheduler_admission.py; the queues themselves and the moves a KV
 connector reports, in engine/scheduler_state.py.
@@ -62,7 +63,7 @@ class Scheduler(SchedulerAdmission):
                 continue
             break
         if not out.preempted:
-            self._admit_waiting(out, min(budget, prompt_budget))
+            self._admit_waiting(out, budget, min(budget, prompt_budget))
         for s in out.scheduled:
             self.prompt_tokens_computed += max(0, min(s.end, s.request.num_prompt_tokens) - s.start)
         return out

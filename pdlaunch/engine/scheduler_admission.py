@@ -35,27 +35,35 @@ class SchedulerAdmission(SchedulerState):
             metrics.vllm(metrics.REQUEST_QUEUE_TIME).observe(now - queued)
             self.requests[request_id].scheduled_at = now
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        """Admit waiting requests, oldest first, into `budget` tokens (every admitted request computes prompt
-        tokens, or the last prompt token of KV that came through the connector)."""
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, prompt_budget: int) -> None:
+        """Admit waiting requests, oldest first, into `budget` tokens, of them at most `prompt_budget` prompt
+        tokens (the cap beside decodes). A request whose whole prompt's KV came through the connector computes only
+        its last prompt token, which yields its first output as a decode's row does: it takes `budget` alone."""
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             rid = request.request_id
+            decode_row = False  # computes only the last prompt token of KV that arrived: not charged to the cap
             if bm.has_blocks(rid):  # its KV arrived through the connector
                 start = request.num_computed_tokens
-                n = min(request.num_tokens - start, budget)
+                left = request.num_tokens - start
+                decode_row = left == 1
+                n = min(left, budget if decode_row else prompt_budget)
+                if n == 0:  # the cap is spent and it has prompt tokens to compute: oldest first, so none after it
+                    break
                 bm.release_out_of_window(rid, start)
                 if not bm.allocate(rid, start + n, start):
                     break
             else:
+                if prompt_budget <= 0:
+                    break
                 # Prompt logprobs need every prompt position computed here: no prefix hit (as vLLM).
                 usable = 0 if request.wants_prompt_logprobs else request.num_tokens - 1
                 hit = bm.match_prefix(request.all_token_ids, usable)
                 cpu_hit = self.offload.match(request.all_token_ids, hit, usable) \
                     if self.offload is not None else None
                 start = cpu_hit.num_tokens if cpu_hit is not None else hit.num_tokens
-                n = min(request.num_tokens - start, budget)
+                n = min(request.num_tokens - start, prompt_budget)
                 if self.connector is not None and not request.connector_consulted:
                     try:
                         parked = self._consult_connector(request, hit, n, cpu_hit)
@@ -80,6 +88,8 @@ class SchedulerAdmission(SchedulerState):
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, start, n))
             budget -= n
+            if not decode_row:
+                prompt_budget -= n
 
     def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int,
                            cpu_hit: CPUHit | None = None) -> bool | None:

@@ -287,3 +287,25 @@ def test_abort_never_holds_blocks() -> None:
     step(s)
     assert s.finish_request(r, "abort") is None
     assert not s.held and s.block_manager.num_used_blocks() == 0
+
+
+def test_a_request_whose_kv_arrived_runs_beside_decodes_after_the_prompt_cap_is_spent() -> None:
+    """A decode whose prompt's KV came through the connector computes only its last prompt token, a decode's row:
+    a step whose prompt tokens (prompt_tokens_while_decoding) a local prompt spent still admits it; a request whose
+    KV arrived only in part still counts its prompt tokens against the cap."""
+    conn = FakeConnector()
+    s = Scheduler(BlockManager(128, BS), max_num_seqs=8, max_num_batched_tokens=64, prompt_tokens_while_decoding=8,
+                  connector=conn)
+    a = req("a", 3, max_tokens=10)
+    s.add_request(a)
+    step(s)  # a decodes from now on
+    d = req("d", 10, max_tokens=2, params={"do_remote_prefill": True})
+    s.add_request(d)
+    s.add_request(req("b", 30, max_tokens=1))
+    step(s)  # d's load starts; b runs its first 8 prompt tokens beside a
+    conn.events.finished_recving.add("d")
+    s.handle_connector_events(conn.get_finished())
+    out = s.schedule()  # b, running, takes this step's 8 prompt tokens before any admission
+    got = [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
+    assert ("a", 1) in got and ("d", 1) in got, got
+    assert sum(n for rid, n in got if rid not in ("a", "d")) <= 8, got
