@@ -125,7 +125,9 @@ class KVConnector(ABC):
         group, entries before the window of the last loaded position are -1: nothing reads them, so
         nothing is loaded there). Asynchronous: the outcome comes from `get_finished`. Called even
         when num_external_tokens == 0 and params ask for remote prefill, so the prefill side is told
-        it may free its blocks."""
+        it may free its blocks. Called on the thread that launches the forwards, whose last ones may
+        still write these blocks (freed under them): a write from another thread or stream waits for
+        them (decode/compute_order.py)."""
 
     def request_finished(self, request_id: str, prompt_token_ids: list[int],
                          kv_transfer_params: KVTransferParams | None,

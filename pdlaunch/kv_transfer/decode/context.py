@@ -31,6 +31,7 @@ from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce, run_descriptors
 from pdlaunch.kv_transfer.decode.answer_checks import check_staged
 from pdlaunch.kv_transfer.decode.chunk_waits import ChunkWaits
+from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.load import Load, LoadState
 from pdlaunch.kv_transfer.decode.peers import PeerCache, RemoteEngine
 from pdlaunch.kv_transfer.messages import (
@@ -129,10 +130,11 @@ class LoadContext:
                            self.keys, self.connections)
 
     def read_chunk(self, load: Load, remote: RemoteEngine, source: RemoteKV, dst: list[list[int]],
-                   dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int]) -> None:
+                   dst_bases: list[int], remote_ids: list[list[int]], block_bytes: list[int], *,
+                   into_blocks: bool = True) -> None:
         """READ remote blocks (or, from a staging prefill side, the slots it stages them in) of
-        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g]; waits for the READ, which counts
-        only when seen done before the load's deadline."""
+        `block_bytes` per group into dst[g] slots/blocks of dst_bases[g] (`into_blocks`: the load's blocks);
+        waits for the READ, which counts only when seen done before the load's deadline."""
         src, ticket = remote_ids, None
         if remote.info.staging_slots:
             # Each stage claims the hold for us (as claim_read does) until our read_done/release.
@@ -153,7 +155,8 @@ class LoadContext:
                 local += lo
                 rem += ro
             if local:
-                xfer = self.post_read(load, local, rem, remote.agent_name, remote.info.device.index, b"")
+                xfer = self.post_read(load, local, rem, remote.agent_name, remote.info.device.index, b"",
+                                      into_blocks=into_blocks)
                 try:
                     while (state := xfer.state()) == "PROC":
                         self.remaining(load, "READ")
@@ -175,9 +178,11 @@ class LoadContext:
                     logger.warning("%s", e)
 
     def post_read(self, load: Load, local: list[tuple[int, int]], rem: list[tuple[int, int]], agent_name: str,
-                  device_index: int, notif: bytes) -> Xfer:
-        """Post a READ into the load's blocks (or slots), listed on the load from before the post: an abort
-        or failure that lands while the post runs drains it like a posted READ (decode/table.py)."""
+                  device_index: int, notif: bytes, *, into_blocks: bool = True) -> Xfer:
+        """Post a READ into the load's blocks (after wait_compute) or slots, listed on the load from before the
+        post: an abort or failure that lands while the post runs drains it like a posted READ (decode/table.py)."""
+        if into_blocks:
+            wait_compute(load, self.remaining)
         with self.lock:
             if load.abandoned or load.state != LoadState.RUNNING:
                 raise KVTransferError(f"READ of request {load.request_id} not posted: {load.error or 'aborted'}")
@@ -231,14 +236,18 @@ class LoadContext:
 
     # -- pushes (push, staged push) ---------------------------------------------------------------
     def request_push(self, load: Load, bases: list[int], pairs: list[list[tuple[int, int]]], spec: KVCacheSpec,
-                     last: bool, wait: bool = False, release: Callable[[], None] | None = None) -> None:
-        """Ask the prefill side to WRITE pairs [(my_id, its_block), ...] per group into `bases` (my blocks
-        or staging slots). wait=True: block until its notification (staged chunks), else the engine
-        thread sees it in poll. `release` (wait=True) frees the staging slots `bases` name when this
-        raises: at once when no WRITE can land in them, else once the chunk ended (ChunkWaits.give_up)."""
+                     last: bool, wait: bool = False, release: Callable[[], None] | None = None, *,
+                     into_blocks: bool = True) -> None:
+        """Ask the prefill side to WRITE pairs [(my_id, its_block), ...] per group into `bases` (my blocks,
+        `into_blocks`: after wait_compute; or staging slots). wait=True: block until its notification (staged
+        chunks), else the engine thread sees it in poll. `release` (wait=True) frees the staging slots `bases`
+        name when this raises: at once when no WRITE can land in them, else once the chunk ended
+        (ChunkWaits.give_up)."""
         nonce = load.nonce
         event: tuple[threading.Event, list[str]] | None = None
         try:
+            if into_blocks:
+                wait_compute(load, self.remaining)
             remaining = self.remaining(load, "push request")
             with self.lock:
                 if load.abandoned or load.state.ended:

@@ -6,7 +6,8 @@ handshake said how KV moves with that prefill engine: PullLoad (pull.py: decode 
 blocks), PushLoad (push.py: the prefill WRITEs into blocks decode announced), StagedLoad (staged.py:
 either, in chunks through staging slots), ReshardLoad (reshard_load.py: the prefill has another TP
 size: READ whole prefill blocks, keep this rank's heads). The strategies are siblings: what more than
-one of them needs lives in decode/context.py.
+one of them needs lives in decode/context.py. Each waits, before the first write into the load's blocks,
+for the forwards the engine launched before the load (decode/compute_order.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+
+import torch
 
 from pdlaunch.kv_transfer.remote_kv import RemoteKV
 from pdlaunch.kv_transfer.reshard import ReshardPlan
@@ -84,6 +87,9 @@ class Load:
     # Params without block ids (vLLM's push proxy): ask the prefill for them, then plan the pairs.
     plan: Callable[[RemoteKV], Pairs] | None = None
     prompt_digest: str = ""
+    # Recorded on the compute stream by start_load (None on CPU): nothing writes the blocks before it completed
+    # (compute_order.py). Set before the load reaches a loader thread, read there only.
+    compute: torch.cuda.Event | None = None
 
     @property
     def where(self) -> str:

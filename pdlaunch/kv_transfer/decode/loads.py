@@ -7,6 +7,8 @@ A load moves the blocks covering positions [num_local_computed, + num_external) 
 prefill's sender thread WRITEs (push) and its notification arrives on the engine thread again.
 Safety (base.py's lifecycle contract): a pull first claims the prefill hold ("claim_read") so it
 outlives its lease while the READ runs, and a READ seen done after the load's deadline does not count.
+Nothing writes the load's blocks before the forwards the engine launched before start_load ended: one of
+them may still write a block freed under it (decode/compute_order.py).
 Handshakes and side-channel calls block, so they run on loader threads, never on the engine thread;
 loader threads bind the instance's device when they start (vLLM #39548), since they copy KV.
 """

@@ -12,7 +12,8 @@ before the blocks go back. The
 READ carries a "read_done" notification for the prefill agent, and the engine thread polls it. A READ
 seen done after the load's deadline does not count (the hold's cap may have passed). A read_done is
 best effort, as every notification to the prefill (decode/context.py): one that is lost costs the prefill
-its blocks until its lease ends, never the load.
+its blocks until its lease ends, never the load. The READ is posted once the forwards the engine launched
+before the load ended (decode/compute_order.py): one of them may still write a block it lands in.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class PullLoad(LoadStrategy):
         # The READ goes first; the claim, sent while it runs, keeps the prefill hold past its lease until our
         # read_done/release (capped), and the READ counts only once the claim is answered.
         self.ctx.post_read(load, local, rem, remote.agent_name, remote.info.device.index,
-                           encode_notification(done))
+                           encode_notification(done), into_blocks=True)
         claim = self.ctx.send_claim_read(load, load.remote)
         claim.answer(Empty)  # refused: KVTransferError fails the load (the table drains a READ still running)
         with self.ctx.lock:

@@ -1,7 +1,9 @@
 """The decode side of a resharding load (plan: reshard.py): READ whole prefill blocks into staging
 slots shaped like a prefill block, verify them, copy this rank's head slices into its own blocks.
 
-A pull-only strategy (chosen in decode/loads.py), since a rank needs whole prefill blocks.
+A pull-only strategy (chosen in decode/loads.py), since a rank needs whole prefill blocks. The READs land
+in the staging slots; the copy into the blocks waits for the forwards the engine launched before the load
+(decode/compute_order.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pdlaunch.kv_transfer.base import KVCacheSpec
 from pdlaunch.kv_transfer.blocks import coalesce
 from pdlaunch.kv_transfer.checksum import verify_blocks
 from pdlaunch.kv_transfer.decode.answer_checks import check_block_ids
+from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
@@ -155,11 +158,12 @@ def _read_source(ctx: LoadContext, load: Load, src: Source, remote: RemoteEngine
         try:
             dst = [slots[:len(group)] for group in part]
             ctx.read_chunk(load, remote, src.remote, dst, bases, [[x[2] for x in g] for g in part],
-                       remote.info.block_bytes)
+                           remote.info.block_bytes, into_blocks=False)
             if src.checksums is not None:  # digests of whole prefill blocks, checked before slicing
                 for g, group in enumerate(part):
                     verify_blocks(area.buffers[g], g, dst[g], [src.checksums[g][x[0]] for x in group],
                                   load.request_id)
+            wait_compute(load, ctx.remaining)  # the forwards launched before the load ended
             with ctx.lock:  # never write into blocks the engine freed after a timeout or abort
                 if load.state != LoadState.RUNNING or load.abandoned:
                     raise KVTransferError(f"KV load of request {load.request_id} was aborted")

@@ -1,6 +1,8 @@
 """The decode role of the NIXL connector (nixl_connector.py holds the agent and KV memory): turns a
 request's kv_transfer_params into a planned load (decode/loads.py runs it), and answers the engine's
-polls, aborts and sleeps."""
+polls, aborts and sleeps. A load's blocks may have been freed under a forward still running on the device:
+it marks the compute stream when it starts, and writes nothing into them before that mark completed
+(decode/compute_order.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.base import ConnectorInfo, KVCacheSpec, KVConnectorEvents
 from pdlaunch.kv_transfer.blocks import needed_block_indices, pair_blocks
+from pdlaunch.kv_transfer.decode.compute_order import ComputeStream
 from pdlaunch.kv_transfer.decode.context import LoadContext, loader_pool
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, Pairs
 from pdlaunch.kv_transfer.decode.loads import DecodeLoads
@@ -43,6 +46,7 @@ class DecodeSide(NixlConnector):
                                reader=self.engine_id)
         self.loads = DecodeLoads(self.ctx)
         self.faults = self.loads.faults  # test only (PDLAUNCH_TEST_FAIL_TRANSFER_RATE)
+        self.compute: ComputeStream | None = None  # the stream the engine's forwards run on, once registered
 
     @property
     def receiver(self) -> DecodeSide:
@@ -51,6 +55,7 @@ class DecodeSide(NixlConnector):
     # -- KV memory ----------------------------------------------------------------------------
     def _attach(self, spec: KVCacheSpec, staging: StagingArea | None, kv_epoch: int) -> None:
         self.ctx.staging = staging
+        self.compute = ComputeStream(spec.device)
 
     def _drop_staging(self) -> None:
         self.ctx.staging = None
@@ -85,12 +90,16 @@ class DecodeSide(NixlConnector):
     def start_load(self, request_id: str, prompt_token_ids: list[int], kv_transfer_params: KVTransferParams | None,
                    block_ids: list[list[int]], num_local_computed_tokens: int, num_external_tokens: int) -> None:
         """Plan the load the params ask for and hand it to a loader thread (DecodeLoads.run); params
-        that cannot be planned give a load that the next get_finished reports failed."""
+        that cannot be planned give a load that the next get_finished reports failed. Runs on the thread that
+        launches this rank's forwards (the engine thread; a TP rank's worker between its steps), after the
+        steps launched so far: the load's mark of the compute stream covers every forward that may still write
+        `block_ids` (decode/compute_order.py), and nothing writes them before it completed."""
         params = kv_transfer_params
         if not isinstance(params, PrefillAnswer | UnsignedPush):
             return
         now = time.monotonic()
-        load = Load(request_id, _unknown(params), [], deadline=now + self.ctx.transfer_timeout, started=now)
+        load = Load(request_id, _unknown(params), [], deadline=now + self.ctx.transfer_timeout, started=now,
+                    compute=self.compute.mark() if self.compute is not None else None)
         try:
             if isinstance(params, UnsignedPush):  # vLLM's push proxy: the block ids come from the prefill itself
                 load.remote = RemoteKV.from_params(params)

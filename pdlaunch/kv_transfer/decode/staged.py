@@ -6,13 +6,16 @@ the prefill hold (past its lease, capped) until its read_done/release, as a dire
 one that READs the prefill's blocks themselves (only decode stages) claims it first ("claim_read"), one
 through the prefill's staging slots claims it with each stage request (its reader travels with it), so
 another decode's end between two chunks does not end the hold. The read_done after the last chunk is best
-effort (decode/context.py): the load completes without it.
+effort (decode/context.py): the load completes without it. Nothing writes the load's blocks (a chunk's READ or
+WRITE straight into them, or the scatter out of this side's slots) before the forwards the engine launched
+before the load ended (decode/compute_order.py); a READ or WRITE into slots need not wait.
 """
 
 from __future__ import annotations
 
 from functools import partial
 
+from pdlaunch.kv_transfer.decode.compute_order import wait_compute
 from pdlaunch.kv_transfer.decode.context import LOADER_DEADLINE_GRACE_SECONDS, LoadContext
 from pdlaunch.kv_transfer.decode.load import Load, LoadState, LoadStrategy
 from pdlaunch.kv_transfer.decode.peers import RemoteEngine
@@ -58,18 +61,21 @@ class StagedLoad(LoadStrategy):
                 slots = staging.acquire(max(map(len, local_ids)), ctx.remaining(load, "staging slots"))
             try:
                 dst = [slots[:len(ids)] for ids in local_ids] if staging is not None else local_ids
+                direct = staging is None  # the chunk lands in the load's blocks themselves
                 if self.mode == "pull":
-                    ctx.read_chunk(load, remote, load.remote, dst, dst_bases, remote_ids, spec.block_bytes)
+                    ctx.read_chunk(load, remote, load.remote, dst, dst_bases, remote_ids, spec.block_bytes,
+                                   into_blocks=direct)
                 else:
                     pairs = [list(zip(dst[g], remote_ids[g])) for g in range(len(dst))]
                     release = partial(staging.release, slots) if staging is not None and slots else None
                     try:
                         ctx.request_push(load, dst_bases, pairs, spec, last=start + chunk >= longest, wait=True,
-                                         release=release)
+                                         release=release, into_blocks=direct)
                     except BaseException:
                         slots = []  # request_push frees them, once no WRITE of the chunk can land in them
                         raise
                 if staging is not None:
+                    wait_compute(load, ctx.remaining)  # the forwards launched before the load ended
                     with ctx.lock:  # never write into blocks the engine freed after a timeout or abort
                         if load.state != LoadState.RUNNING or load.abandoned:
                             return
