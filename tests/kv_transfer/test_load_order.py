@@ -243,12 +243,18 @@ def test_a_load_whose_mark_never_completes_fails_at_its_deadline_and_frees_its_b
 
 def test_an_aborted_load_stops_waiting_for_its_mark(executor: ThreadPoolExecutor,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """An abort while the loader waits ends the wait: the load writes nothing and its blocks go back at once."""
-    loads, load, harness = _loads(CASES["pull"], _Mark(busy=None), executor, monkeypatch)
+    """An abort while the loader waits for the mark ends the wait: the load writes nothing, and its blocks go back
+    at once (nothing may write them, so no drain)."""
+    mark = _Mark(busy=None)
+    loads, load, harness = _loads(CASES["pull"], mark, executor, monkeypatch)
+    ran = executor.submit(loads.run, load)
+    deadline = time.monotonic() + WAIT_S / 2
+    while mark.queries == 0 and time.monotonic() < deadline:  # the loader reached the wait
+        time.sleep(0.001)
+    assert mark.queries > 0 and not ran.done(), "the loader did not wait for the mark"
     assert loads.table.abort("r-1") is False, "an aborted load that wrote nothing drains"
-    started = time.monotonic()
-    loads.run(load)
-    assert time.monotonic() - started < WAIT_S / 2 and harness.writes == []
+    ran.result(WAIT_S / 2)
+    assert harness.writes == [] and load.error == "aborted"
 
 
 def test_the_mark_is_an_event_recorded_on_the_devices_current_stream(monkeypatch: pytest.MonkeyPatch) -> None:
