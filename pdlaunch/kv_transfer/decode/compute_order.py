@@ -18,9 +18,10 @@ a READ into them (pull; a staged pull straight into the blocks), the push reques
 it; a staged push straight into the blocks), a staged chunk's scatter out of this side's slots, a resharding
 load's copy of head slices. The wait thus overlaps the load's control path (handshake, block ids, a staged
 chunk's READ or WRITE into slots) and never blocks a step; it is a poll bounded by the load's deadline, so a
-device that never finishes fails the load naming this stage, with nothing posted: its blocks go back as any
-failed load's. Cost: a load's first write may wait for the end of the step the device ran when the load
-started (one decode step, or one prompt chunk); everything before that write overlaps it.
+device that never finishes fails the load naming this stage (an abort ends the wait too), with nothing posted
+into its blocks: they go back as any failed load's. Cost: a load's first write may wait for the end of the
+step the device ran when the load started (one decode step, or one prompt chunk); everything before that write
+overlaps it.
 
 On CPU there is no mark: the host ran a forward before step() returned. The other writers of the KV blocks
 are ordered already: the CPU offload tier's loads wait for an event recorded on the compute stream
