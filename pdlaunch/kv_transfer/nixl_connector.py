@@ -105,12 +105,8 @@ class NixlConnector(KVConnector):
                     self._mode, self._mode_reason)
 
     def _make_agent(self, name: str) -> TransferAgent:
-        """The transport's agent (the hook MooncakeConnector overrides)."""
-        if self.config.model.enable_sleep_mode:
-            # A mapped buffer stays allocated after its owner frees it, so a sleeping peer's staging
-            # buffer must be unmapped here: before_sleep drops the peers' keys, and with UCX's mapping
-            # cache on, mappings can outlive the keys (UCX issue 11753).
-            os.environ.setdefault("UCX_CUDA_IPC_CACHE", "n")
+        """The transport's agent (the hook MooncakeConnector overrides). KVAgent turns UCX's CUDA IPC cache
+        off (agent.py): a mapping of a sleeping or dead peer's memory must go when its agent is forgotten."""
         bind_ucx_to_loopback(self.kv.side_channel_host)
         return KVAgent(name)
 
