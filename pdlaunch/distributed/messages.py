@@ -6,7 +6,7 @@ TCP link to a rank on another node (remote_link.py); message_stream.py sends and
 Rank 0 -> rank r:
   Setup(device_type, dtype_name, max_model_len)  what a remote rank cannot read from its own config
   Execute(inputs)                          forward this rank's shard of one engine step
-  StartLoad / RequestFinished / GetFinished / AbortLoad / ReleaseHeld
+  StartLoad / RequestFinished / GetFinished / AbortLoad / ReleaseHeld / ForgetEngine
                                            mirror a scheduler-side call on rank r's own connector
   Shutdown()                               leave the group and exit 0
 Rank r -> rank 0:
@@ -210,6 +210,20 @@ class ReleaseHeld(MirroredCall):
 
 
 @dataclass(frozen=True, slots=True)
+class ForgetEngine(MirroredCall):
+    """Another engine died: drop its agents (KVConnector.forget_engine); the rank answers how many went."""
+
+    reply_type: ClassVar[type | tuple[type, ...] | None] = int
+    engine_id: str
+
+    def problem(self) -> str | None:
+        return _type_problem("engine_id", self.engine_id, str, "a str")
+
+    def reply_problem(self, value: object) -> str | None:
+        return _int_problem("the value", value, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     def problem(self) -> str | None:
         return None
@@ -258,11 +272,11 @@ class RankFailed:
         return _type_problem("message", self.message, str, "a str")
 
 
-ConnectorCall: TypeAlias = StartLoad | RequestFinished | GetFinished | AbortLoad | ReleaseHeld
+ConnectorCall: TypeAlias = StartLoad | RequestFinished | GetFinished | AbortLoad | ReleaseHeld | ForgetEngine
 Message: TypeAlias = Execute | ConnectorCall | Shutdown | Setup | Hello | Ready | Reply | RankFailed
 # The step message first: isinstance walks the tuple in order.
-MESSAGE_TYPES: Final = (Execute, GetFinished, StartLoad, RequestFinished, AbortLoad, ReleaseHeld, Reply, Shutdown,
-                        Setup, Hello, Ready, RankFailed)
+MESSAGE_TYPES: Final = (Execute, GetFinished, StartLoad, RequestFinished, AbortLoad, ReleaseHeld, ForgetEngine, Reply,
+                        Shutdown, Setup, Hello, Ready, RankFailed)
 
 
 def describe(arrived: object) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from pdlaunch.distributed.messages import (
     AbortLoad,
     ConnectorCall,
+    ForgetEngine,
     GetFinished,
     ReleaseHeld,
     RequestFinished,
@@ -187,6 +188,11 @@ class TPConnector(KVConnector):
         replies = [*self.mirror(ReleaseHeld(request_id)), self.local.release_held(request_id)]
         return any(replies)
 
+    def forget_engine(self, engine_id: str) -> int:
+        """Every rank loaded its own agents of the dead engine: each drops them; the agents dropped on all ranks."""
+        replies = self.mirror(ForgetEngine(engine_id))
+        return self.local.forget_engine(engine_id) + sum(int(n) for n in replies)
+
     def info(self) -> dict[str, Any]:
         info = dict(self.local.info())
         info["tp_size"] = self.tp_size
@@ -214,4 +220,6 @@ def rank_connector_call(connector: KVConnector, rank: int, tp_size: int, call: C
             return bool(connector.abort_load(call.request_id))  # None (base.py's contract) is no transfer: False
         case ReleaseHeld():
             return connector.release_held(call.request_id)
+        case ForgetEngine():
+            return connector.forget_engine(call.engine_id)
     raise TypeError(f"{type(call).__name__} is not a mirrored connector call")

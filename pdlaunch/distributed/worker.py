@@ -23,6 +23,7 @@ from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, send
 from pdlaunch.distributed.messages import (
     AbortLoad,
     Execute,
+    ForgetEngine,
     GetFinished,
     RankFailed,
     Ready,
@@ -147,7 +148,7 @@ def _serve(rank: int, tp: int, runner: ModelRunner, connector: KVConnector | Non
         match message:
             case Execute(inputs):
                 runner.run(inputs)
-            case StartLoad() | RequestFinished() | GetFinished() | AbortLoad() | ReleaseHeld():
+            case StartLoad() | RequestFinished() | GetFinished() | AbortLoad() | ReleaseHeld() | ForgetEngine():
                 if connector is None:
                     raise RuntimeError(f"rank 0 mirrored {type(message).__name__} but TP rank {rank} has no connector")
                 result = rank_connector_call(connector, rank, tp, message)

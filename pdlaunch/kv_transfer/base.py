@@ -154,6 +154,13 @@ class KVConnector(ABC):
         or a decode READ has claimed it (that claim's own cap bounds it)."""
         return False
 
+    def forget_engine(self, engine_id: str) -> int:
+        """Another engine of the deployment died (its launcher restarts it with a new engine_id): drop what this
+        connector keeps of it, above all the transport's metadata of its agents, whose mapping of its memory
+        would keep that memory allocated on its GPU. Returns how many agents were dropped (0: none known). A
+        transfer with that engine in flight fails as it would anyway; transfers with other engines go on."""
+        return 0
+
     def before_sleep(self) -> None:  # noqa: B027 - an optional hook: most connectors hold no device memory
         """The engine is idle and about to release its device memory (sleep mode): drop the device
         memory this connector holds itself (e.g. a staging buffer). `register_kv_caches`, called

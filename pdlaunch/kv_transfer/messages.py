@@ -11,8 +11,10 @@ A push and its cancel name their `owner`: the nonce of the decode's load. A stag
 their own nonce (their push_done/push_failed names it), so only the owner tells the prefill whose WRITE is in
 flight when two decodes push one request id (a proxy retried the decode leg). A stage request names its
 `reader` (the decode engine, as a claim_read does) and that decode's remaining `seconds`: it claims the hold for
-that reader (prefill/holds.py). Both ends run the same pdlaunch version: a push or cancel without an owner, or a
-stage without a reader (an older decode), is refused, naming the field and the fix.
+that reader (prefill/holds.py). A push and a listen name their `reader` too: the prefill keeps which decode engine
+each decode agent it loaded belongs to, so that it can forget a dead engine's agents (prefill/decode_peers.py; an
+agent's name does not say it). Both ends run the same pdlaunch version: a push or cancel without an owner, or a
+stage, push or listen without a reader (an older decode), is refused, naming the field and the fix.
 """
 
 from __future__ import annotations
@@ -72,7 +74,16 @@ class _Owned(_Message):
         return _sent(owner, "owner (the nonce of the decode's load)")
 
 
-class PushRequest(_Owned):
+class _FromReader(_Message):
+    reader: _Name = Field("", validate_default=True)  # the decode engine id (its TP ranks share it)
+
+    @field_validator("reader", mode="before")
+    @classmethod
+    def _has_reader(cls, reader: object) -> object:
+        return _sent(reader, "reader (the decode engine id)")
+
+
+class PushRequest(_Owned, _FromReader):
     """WRITE held blocks into the decode's blocks (or staging slots). runs[g] = [[decode_start, prefill_start,
     count], ...]: decode ids [decode_start, +count) receive prefill blocks [prefill_start, +count). Runs, not
     one pair per block: an 8k-token prompt is 512 pairs, whose encoding and validation on both ends cost
@@ -111,7 +122,7 @@ class PushRequest(_Owned):
         return [[b for _, p, count in group for b in range(p, p + count)] for group in self.runs]
 
 
-class StageRequest(_Message):
+class StageRequest(_FromReader):
     """Copy held blocks into staging slots for decode `reader` to READ. Like a claim_read, it claims the hold for
     `reader` (capped by `seconds`, decode's remaining time) until that reader's read_done/release."""
 
@@ -119,13 +130,7 @@ class StageRequest(_Message):
     request_id: _Name
     blocks: list[list[_BlockId]] = Field(max_length=MAX_GROUPS)
     nonce: _Nonce | None = None  # names this request: one sent again gets the first copy's answer
-    reader: _Name = Field("", validate_default=True)  # the decode engine id, as in its claim_read
     seconds: _Seconds
-
-    @field_validator("reader", mode="before")
-    @classmethod
-    def _has_reader(cls, reader: object) -> object:
-        return _sent(reader, "reader (the decode engine id)")
 
 
 class UnstageRequest(_Message):
@@ -152,7 +157,7 @@ class ForgetRequest(_Message):
     agent_name: _Name
 
 
-class ListenRequest(_Message):
+class ListenRequest(_FromReader):
     type: Literal["listen"]
     agent_name: _Name
     agent_metadata: _Hex

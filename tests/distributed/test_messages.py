@@ -13,6 +13,7 @@ from pdlaunch.distributed.message_stream import UnexpectedMessage, recv, recv_as
 from pdlaunch.distributed.messages import (
     AbortLoad,
     Execute,
+    ForgetEngine,
     GetFinished,
     Hello,
     Message,
@@ -39,6 +40,7 @@ MESSAGES: list[Message] = [
     GetFinished(),
     AbortLoad("r1"),
     ReleaseHeld("r1"),
+    ForgetEngine("decode-engine-0"),
     Shutdown(),
     Hello(3),
     Ready("engine-0", 5601, "10.0.0.2"),
@@ -77,8 +79,8 @@ def test_step_message_carries_its_tensors() -> None:
 
 def test_which_calls_are_answered() -> None:
     assert StartLoad.reply_type is None
-    assert (RequestFinished.reply_type, GetFinished.reply_type, AbortLoad.reply_type, ReleaseHeld.reply_type) == (
-        tuple, KVConnectorEvents, bool, bool)
+    assert (RequestFinished.reply_type, GetFinished.reply_type, AbortLoad.reply_type, ReleaseHeld.reply_type,
+            ForgetEngine.reply_type) == (tuple, KVConnectorEvents, bool, bool, int)
 
 
 def test_messages_are_immutable() -> None:

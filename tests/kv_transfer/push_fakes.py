@@ -41,6 +41,6 @@ def held_table() -> tuple[KVCacheSpec, HoldTable]:
 
 def push_chunk(spec: KVCacheSpec, owner: str, nonce: str, last: bool, start: int = 3) -> PushRequest:
     """A push of two of p-1's blocks from `start` by decode load `owner`; `last`: the push's last chunk."""
-    return PushRequest(type="push", request_id="p-1", nonce=nonce, owner=owner, last=last, agent_name="decode",
-                       agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                       deadline_in=30.0)
+    return PushRequest(type="push", reader="d", request_id="p-1", nonce=nonce, owner=owner, last=last,
+                       agent_name="decode", agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096],
+                       block_bytes=spec.block_bytes, deadline_in=30.0)

@@ -72,9 +72,9 @@ def test_a_cancel_during_a_push_is_in_flight_and_frees_only_after_the_staging_co
     spec = make_spec()
     holds = HoldTable(lease_seconds=60.0)
     holds.hold("r1", [[3, 4]])
-    message = PushRequest(type="push", request_id="r1", nonce="0000000000000001", owner=LOAD, agent_name="decode",
-                          agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                          deadline_in=WAIT_S)  # a chunk of the cancelling load
+    message = PushRequest(type="push", reader="d", request_id="r1", nonce="0000000000000001", owner=LOAD,
+                          agent_name="decode", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
+                          block_bytes=spec.block_bytes, deadline_in=WAIT_S)  # a chunk of the cancelling load
     push = holds.claim_push(message, spec, wait=0.0)
     assert push is not None
     copy = holds.claim("r1", [[3, 4]], spec.block_bytes, spec)  # a staging copy: not exclusive

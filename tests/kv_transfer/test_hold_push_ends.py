@@ -97,7 +97,7 @@ class _Prefill:
         self.queued: list[tuple[Hold, PushRequest, float]] = []
         self.submit_fails = False
         self.kv = SimpleNamespace(transfer_timeout_seconds=WAIT_S)
-        self.decodes = SimpleNamespace(peer=lambda name, metadata: "decode-agent")
+        self.decodes = SimpleNamespace(peer=lambda name, metadata, engine_id: "decode-agent")
         self.pusher = self
         self.sender = PushSender(cast(Any, self.agent), self.holds, cast(Any, None), transfer_timeout=WAIT_S)
         self.sender.spec = self.spec
@@ -108,8 +108,8 @@ class _Prefill:
         self.queued.append((hold, message, received))
 
     def chunk(self, nonce: str, last: bool = True, start: int = 3) -> PushRequest:
-        return PushRequest(type="push", request_id="p-1", nonce=nonce, owner=LOAD, last=last, agent_name="decode",
-                           agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096],
+        return PushRequest(type="push", reader="d", request_id="p-1", nonce=nonce, owner=LOAD, last=last,
+                           agent_name="decode", agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096],
                            block_bytes=self.spec.block_bytes, deadline_in=self.deadline_in)
 
     def on_push(self, message: PushRequest) -> Empty:

@@ -54,7 +54,7 @@ def test_a_push_done_whose_first_send_fails_is_sent_again_and_the_push_succeeds(
     peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000").model_dump_json().encode())
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
-    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
+    message = PushRequest(type="push", reader="d", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
                           agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
                           deadline_in=30.0)
     hold = holds.claim_push(message, spec, wait=0.0)

@@ -54,7 +54,7 @@ def _handshake(monkeypatch: pytest.MonkeyPatch, info: HandshakeInfo, rank: int |
     monkeypatch.setattr(client, "request", lambda *args, **kwargs: HandshakeAnswer(info=info))
     agent = _Agent()
     cache = PeerCache(cast(Any, agent), spec=lambda: SPEC, local_device=lambda: DeviceInfo(type="cpu"),
-                      transfer_mode="push", handshake_timeout=1.0, keys=KEYS)
+                      transfer_mode="push", handshake_timeout=1.0, keys=KEYS, reader="decode-engine")
     cache._handshake("P", "10.0.0.9", 7000, rank)
     return agent
 
@@ -174,9 +174,9 @@ def test_block_ids_past_the_prefills_cache_fail_the_load_before_any_read() -> No
 
 # -- a decode's push request --------------------------------------------------------------------
 def test_a_push_request_names_one_base_address_per_group() -> None:
-    fields: dict[str, Any] = dict(type="push", request_id="p-1", nonce="n-1", owner="n-1", agent_name="decode",
-                                  agent_metadata="00", runs=[[(0, 3, 2)], [(0, 3, 2)]], block_bytes=[64, 64],
-                                  deadline_in=5.0)
+    fields: dict[str, Any] = dict(type="push", request_id="p-1", nonce="n-1", owner="n-1", reader="d",
+                                  agent_name="decode", agent_metadata="00", runs=[[(0, 3, 2)], [(0, 3, 2)]],
+                                  block_bytes=[64, 64], deadline_in=5.0)
     PushRequest.model_validate({**fields, "base_addrs": [4096, 8192]})
     with pytest.raises(ValidationError, match="name 2, 1 and 2 KV-cache groups"):
         PushRequest.model_validate({**fields, "base_addrs": [4096]})

@@ -21,7 +21,7 @@ class RecordingAgent:
 def _cache(mode: str) -> tuple[PeerCache, RecordingAgent, list[int]]:
     agent = RecordingAgent()
     cache = PeerCache(agent, spec=lambda: None, local_device=lambda: None,  # type: ignore[arg-type]
-                      transfer_mode=mode, handshake_timeout=1.0, keys=KEYS)
+                      transfer_mode=mode, handshake_timeout=1.0, keys=KEYS, reader="decode-engine")
     handshakes: list[int] = []
 
     def handshake(engine_id: str, host: str, port: int, rank: int | None = None) -> RemoteEngine:

@@ -23,6 +23,8 @@ from pdlaunch.kv_transfer.staging import StagingArea
 from tests.kv_transfer.deployment_secret import KEYS
 from tests.kv_transfer.pd_procs import make_spec
 
+LISTEN = {"type": "listen", "agent_name": "a", "agent_metadata": "00", "reader": "d"}  # a valid listen request
+
 
 def test_needed_blocks_cover_the_loaded_positions() -> None:
     assert list(needed_block_indices(4, 0, 16, None)) == [0, 1, 2, 3]
@@ -127,8 +129,7 @@ def test_side_channel_round_trip_and_errors() -> None:
         with pytest.raises(KVTransferError, match="refused on purpose"):
             client.call("127.0.0.1", server.port, {"type": "unstage", "ticket": "t"}, 5, "boom", KEYS)
         with pytest.raises(KVTransferError, match="is not served here"):
-            client.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
-                        5, "listen", KEYS)
+            client.call("127.0.0.1", server.port, LISTEN, 5, "listen", KEYS)
         with pytest.raises(KVTransferError, match=r"invalid side-channel message: msg: .*'nope'"):
             client.call("127.0.0.1", server.port, {"type": "nope"}, 5, "nope", KEYS)
     finally:
@@ -158,8 +159,7 @@ def test_side_channel_kept_connections_are_reused_and_replaced_when_closed(monke
         assert [ask(str(i)) for i in range(5)] == ["0", "1", "2", "3", "4"]
         wait_connections(1)  # one connection served all five
         with pytest.raises(KVTransferError, match="is not served here"):  # an error answer keeps it too
-            client.call("127.0.0.1", server.port, {"type": "listen", "agent_name": "a", "agent_metadata": "00"},
-                        5, "listen", KEYS, connections)
+            client.call("127.0.0.1", server.port, LISTEN, 5, "listen", KEYS, connections)
         wait_connections(1)
         # The server closes a connection left idle (quietly); a kept one it closed is replaced, even when
         # the client still thinks it fresh.

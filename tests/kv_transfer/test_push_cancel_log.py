@@ -47,7 +47,7 @@ class _Agent:
 def _push(agent: _Agent, cancel: bool, deadline_in: float = 30.0) -> HoldTable:
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
-    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
+    message = PushRequest(type="push", reader="d", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",
                           agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
                           deadline_in=deadline_in)
     hold = holds.claim_push(message, spec, wait=0.0)

@@ -44,9 +44,9 @@ def test_a_chunk_cancelled_while_its_write_runs_frees_the_hold_when_it_ends(capl
     spec, holds = make_spec(), HoldTable(lease_seconds=LEASE_S)
     holds.hold("p-1", [[3, 4, 5, 6]])
     agent = _Agent(holds)
-    message = PushRequest(type="push", request_id="p-1", nonce=NONCE, owner=LOAD, last=False, agent_name="decode",
-                          agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                          deadline_in=30.0)  # the first of two chunks
+    message = PushRequest(type="push", reader="d", request_id="p-1", nonce=NONCE, owner=LOAD, last=False,
+                          agent_name="decode", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
+                          block_bytes=spec.block_bytes, deadline_in=30.0)  # the first of two chunks
     hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     sender = PushSender(cast(Any, agent), holds, cast(Any, None), transfer_timeout=30.0)

@@ -75,7 +75,7 @@ def test_a_cancel_during_another_decodes_push_chunk_is_not_in_flight_and_leaves_
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4, 5, 6]])
     agent = _Agent(holds)
-    message = PushRequest(type="push", request_id="p-1", nonce=CHUNK_B, owner=LOAD_B, last=False,
+    message = PushRequest(type="push", reader="d", request_id="p-1", nonce=CHUNK_B, owner=LOAD_B, last=False,
                           agent_name="decode-b", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
                           block_bytes=spec.block_bytes, deadline_in=30.0)
     hold = holds.claim_push(message, spec, wait=0.0)
@@ -93,9 +93,9 @@ def test_a_cancel_during_another_decodes_push_chunk_is_not_in_flight_and_leaves_
 def test_a_cancel_answers_in_flight_for_its_own_chunk_only() -> None:
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
-    message = PushRequest(type="push", request_id="p-1", nonce=CHUNK_B, owner=LOAD_B, last=False, agent_name="b",
-                          agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=spec.block_bytes,
-                          deadline_in=30.0)
+    message = PushRequest(type="push", reader="d", request_id="p-1", nonce=CHUNK_B, owner=LOAD_B, last=False,
+                          agent_name="b", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
+                          block_bytes=spec.block_bytes, deadline_in=30.0)
     hold = holds.claim_push(message, spec, wait=0.0)
     assert hold is not None
     assert _cancel(holds, LOAD_A) == CancelPushAnswer(in_flight=False)
@@ -151,7 +151,7 @@ def test_a_staged_push_and_its_cancel_name_the_load_as_owner(ctx: LoadContext, m
 
 # -- an older decode ------------------------------------------------------------------------------
 @pytest.mark.parametrize("message", [
-    {"type": "push", "request_id": "p-1", "nonce": CHUNK_B, "agent_name": "b", "agent_metadata": "00",
+    {"type": "push", "request_id": "p-1", "nonce": CHUNK_B, "reader": "d", "agent_name": "b", "agent_metadata": "00",
      "runs": [[[0, 3, 2]]], "base_addrs": [4096], "block_bytes": [64], "deadline_in": 5.0},
     {"type": "cancel_push", "request_id": "p-1", "nonce": LOAD_A},
 ], ids=["push", "cancel_push"])
@@ -169,7 +169,7 @@ def test_a_message_without_owner_is_refused_naming_the_fix(message: dict[str, An
 
 def test_a_push_with_owner_validates_from_json() -> None:
     """What a decode sends travels as JSON: its runs are arrays, which strict validation accepts as tuples."""
-    push = PushRequest(type="push", request_id="p-1", nonce=CHUNK_B, owner=LOAD_B, agent_name="b",
+    push = PushRequest(type="push", reader="d", request_id="p-1", nonce=CHUNK_B, owner=LOAD_B, agent_name="b",
                        agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096], block_bytes=[64], deadline_in=5.0)
     body = json.dumps({"ts": time.time(), "nonce": "0" * 32, "msg": push.model_dump(mode="json")})
     assert Envelope.model_validate_json(body).msg == push

@@ -37,13 +37,13 @@ def _side(pusher: _Pusher) -> tuple[Any, HoldTable]:
     holds.hold("p-1", [[3, 4]])
     side = SimpleNamespace(holds=holds, spec=make_spec(), pusher=pusher,
                            kv=SimpleNamespace(transfer_timeout_seconds=WAIT_S),
-                           decodes=SimpleNamespace(peer=lambda name, metadata: "decode-agent"))
+                           decodes=SimpleNamespace(peer=lambda name, metadata, engine_id: "decode-agent"))
     return side, holds
 
 
 def _push(nonce: str = "a1b2c3d4e5f60718", last: bool = True) -> PushRequest:
     spec = make_spec()
-    return PushRequest(type="push", request_id="p-1", nonce=nonce, owner="0123456789abcdef", last=last,
+    return PushRequest(type="push", reader="d", request_id="p-1", nonce=nonce, owner="0123456789abcdef", last=last,
                        agent_name="decode", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
                        block_bytes=spec.block_bytes, deadline_in=WAIT_S)
 

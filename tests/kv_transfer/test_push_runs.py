@@ -13,7 +13,7 @@ from pdlaunch.kv_transfer.messages import MAX_PUSH_BLOCKS, PushRequest
 
 
 def _push(runs: list[list[Any]]) -> dict[str, Any]:
-    return {"type": "push", "request_id": "r", "nonce": "n" * 32, "owner": "o" * 16, "agent_name": "a",
+    return {"type": "push", "request_id": "r", "nonce": "n" * 32, "owner": "o" * 16, "reader": "d", "agent_name": "a",
             "agent_metadata": "ab", "runs": runs, "base_addrs": [0] * len(runs), "block_bytes": [64] * len(runs),
             "deadline_in": 5.0}
 

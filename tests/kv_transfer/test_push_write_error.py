@@ -44,7 +44,7 @@ class _Agent:
 def test_a_failed_write_tells_the_decode_why() -> None:
     spec, agent, holds = make_spec(), _Agent(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
-    message = PushRequest(type="push", request_id="p-1", nonce="a1b2c3d4e5f60718", owner="a1b2c3d4e5f60718",
+    message = PushRequest(type="push", reader="d", request_id="p-1", nonce="a1b2c3d4e5f60718", owner="a1b2c3d4e5f60718",
                           agent_name="decode", agent_metadata="00", runs=[[(0, 3, 2)]], base_addrs=[4096],
                           block_bytes=spec.block_bytes, deadline_in=30.0)
     hold = holds.claim_push(message, spec, wait=0.0)

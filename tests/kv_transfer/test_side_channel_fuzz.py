@@ -122,7 +122,7 @@ def test_after_fuzzing_the_server_serves_and_holds_nothing(prefill: NixlConnecto
     port = prefill.sender.server.port
     for data in (b"\0\0\0\5hello", frame(b"{}", b"\1" * 32), authed(KEYS, {"type": "push"}),
                  authed(KEYS, {"type": "claim_read", "request_id": "x", "seconds": float("nan")}),
-                 authed(KEYS, {"type": "listen", "agent_name": "a", "agent_metadata": "00ff"})):
+                 authed(KEYS, {"type": "listen", "agent_name": "a", "agent_metadata": "00ff", "reader": "d"})):
         _send(port, data)
     assert prefill.sender.server._thread.is_alive()
     assert records.records, "the refusals are logged (rate-limited)"

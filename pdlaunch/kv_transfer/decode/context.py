@@ -264,8 +264,8 @@ class LoadContext:
         runs = [[(r.local_start, r.remote_start, r.count) for r in coalesce(group)] for group in pairs]
         message = PushRequest(
             type="push", request_id=load.remote.held_request_id, nonce=nonce, owner=load.nonce, last=last,
-            agent_name=self.agent.name, agent_metadata=self.agent.metadata().hex(), runs=runs, base_addrs=bases,
-            block_bytes=spec.block_bytes, device_id=self.agent.device_id,
+            reader=self.reader, agent_name=self.agent.name, agent_metadata=self.agent.metadata().hex(), runs=runs,
+            base_addrs=bases, block_bytes=spec.block_bytes, device_id=self.agent.device_id,
             deadline_in=remaining,  # prefill posts no WRITE after this (seconds from receipt)
         )
         try:

@@ -1,7 +1,9 @@
 """Decode side: the prefill engines it has shaken hands with, cached per engine_id.
 
 One handshake per remote engine (concurrent loads for the same engine wait for the first one); a
-failed handshake is not cached, so the next request tries again.
+failed handshake is not cached, so the next request tries again. A prefill engine that died is
+forgotten when its launcher asks (`forget_engine`, before it restarts the instance): its NIXL agent
+goes, and with it our mapping of its memory, which would keep that memory allocated on its GPU.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class RemoteEngine:
 
 class PeerCache:
     def __init__(self, agent: TransferAgent, spec: Callable[[], KVCacheSpec], local_device: Callable[[], DeviceInfo],
-                 transfer_mode: str, handshake_timeout: float, keys: SideChannelKeys) -> None:
+                 transfer_mode: str, handshake_timeout: float, keys: SideChannelKeys, reader: str) -> None:
         self.agent, self.keys, self._spec, self._local_device = agent, keys, spec, local_device
+        self.reader = reader  # this decode's engine id: prefills keep it with our agent (forget_engine there)
         self.transfer_mode = transfer_mode  # kv_transfer.transfer_mode: pull | push | auto (per engine)
         self.handshake_timeout = handshake_timeout
         self._remotes: dict[str, RemoteEngine] = {}
@@ -83,6 +86,22 @@ class PeerCache:
         if keys and not still_used:
             self.agent.forget_remote(agent_name)
             logger.info("dropped the NIXL metadata of prefill agent %s (it goes to sleep)", agent_name)
+
+    def forget_engine(self, engine_id: str) -> int:
+        """Drop every entry of prefill engine `engine_id` (every rank and epoch; it died and its launcher restarts
+        it with a new engine_id) and the NIXL agents no other entry uses; returns how many agents went. A load
+        from that engine in flight fails as it would anyway; loads from other engines go on."""
+        with self._lock:
+            keys = [key for key, remote in self._remotes.items() if remote.info.engine_id == engine_id]
+            gone = {self._remotes.pop(key).agent_name for key in keys}
+            for key in keys:
+                self._locks.pop(key, None)
+            gone -= {remote.agent_name for remote in self._remotes.values()}
+            self._pushers = {address: eid for address, eid in self._pushers.items() if eid != engine_id}
+        for name in sorted(gone):
+            self.agent.forget_remote(name)
+            logger.info("dropped the NIXL metadata of prefill agent %s: its engine %s ended", name, engine_id)
+        return len(gone)
 
     def get(self, remote: RemoteKV) -> RemoteEngine:
         """The prefill engine (rank) `remote` names, shaking hands on first use."""
@@ -151,7 +170,7 @@ class PeerCache:
         that release depends on it, so a failure is logged and the load goes on."""
         try:
             message = ListenRequest(type="listen", agent_name=self.agent.name,
-                                    agent_metadata=self.agent.connection_metadata().hex())
+                                    agent_metadata=self.agent.connection_metadata().hex(), reader=self.reader)
             client.request(host, port, message, ListenAnswer, self.handshake_timeout,
                            f"giving prefill engine {engine_id} our connection info", self.keys)
         except KVTransferError as exc:

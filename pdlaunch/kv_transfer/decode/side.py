@@ -39,7 +39,7 @@ class DecodeSide(NixlConnector):
         super().__init__(config, instance, staging_bytes)
         kv = self.kv
         self.peers = self.peer_cache(self.agent, self._require_spec, self._device, kv.transfer_mode,
-                                     kv.handshake_timeout_seconds, self.keys)
+                                     kv.handshake_timeout_seconds, self.keys, self.engine_id)
         # What every load shares, built once here: loads.py and the strategies take it.
         self.ctx = LoadContext(self.agent, self._require_spec, self.peers, self.keys, kv.handshake_timeout_seconds,
                                kv.transfer_timeout_seconds, kv.verify_kv, loader_pool(self.device_index),
@@ -76,6 +76,10 @@ class DecodeSide(NixlConnector):
             except KVTransferError as exc:
                 logger.warning("%s; its mapping of the staging buffer stays until it exits", exc)
         self.peers.forget_all()
+
+    def forget_engine(self, engine_id: str) -> int:
+        """A prefill engine died: drop its agents (decode/peers.py), so that our mapping of its memory goes."""
+        return self.peers.forget_engine(engine_id)
 
     # -- scheduler side -----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request_id: str, prompt_token_ids: list[int],

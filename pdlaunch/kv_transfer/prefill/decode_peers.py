@@ -1,6 +1,11 @@
 """Prefill side: the decode agents this engine knows. Those it pushed to (their full metadata: it
 WRITEs into their memory) and those that READ from it (their connection info only, "listen"), so that
-a sleep can ask each to drop this engine's metadata ("forget" notification)."""
+a sleep can ask each to drop this engine's metadata ("forget" notification).
+
+Each agent is kept with the decode engine it belongs to (the `reader` of its push or listen request):
+when a decode engine dies, its launcher asks us to forget it (`forget_engine`) before it restarts the
+instance, since our UCX mapping of its memory would keep that memory allocated on its GPU.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ class DecodePeers:
         self.agent = agent
         self._peers: dict[str, tuple[str, str]] = {}  # decode agent name -> (loaded name, its metadata hex)
         self._listeners: dict[str, str] = {}  # decode agents that READ from us: name -> loaded name
+        self._engines: dict[str, str] = {}  # decode agent name (of _peers or _listeners) -> its engine id
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -26,10 +32,16 @@ class DecodePeers:
         with self._lock:
             return sorted(self._peers)
 
-    def peer(self, name: str, metadata_hex: str) -> str:
-        """The decode agent `name` loaded with `metadata_hex`. A decode that woke up registered new memory
-        (its staging buffer, or on CPU its KV tensors, moved): its push carries new metadata, which
-        replaces the stale one. Under the lock: two pushes of a woken decode must not load it twice."""
+    def engines(self) -> list[str]:
+        """The decode engines whose agents are loaded here (pushed to, or reading from us)."""
+        with self._lock:
+            return sorted(set(self._engines.values()))
+
+    def peer(self, name: str, metadata_hex: str, engine_id: str) -> str:
+        """The decode agent `name` (of decode engine `engine_id`) loaded with `metadata_hex`. A decode that woke
+        up registered new memory (its staging buffer, or on CPU its KV tensors, moved): its push carries new
+        metadata, which replaces the stale one. Under the lock: two pushes of a woken decode must not load it
+        twice."""
         with self._lock:
             loaded = self._peers.get(name)
             if loaded is not None and loaded[1] == metadata_hex:
@@ -40,6 +52,7 @@ class DecodePeers:
             if listener is not None:  # its connection info only: the full metadata replaces it
                 self.agent.forget_remote(listener)
             self._peers[name] = (self.agent.add_remote(bytes.fromhex(metadata_hex)), metadata_hex)
+            self._engines[name] = engine_id
             return self._peers[name][0]
 
     def listen(self, message: ListenRequest) -> ListenAnswer:
@@ -48,6 +61,7 @@ class DecodePeers:
         with self._lock:
             if message.agent_name not in self._peers and message.agent_name not in self._listeners:
                 self._listeners[message.agent_name] = self.agent.add_remote(bytes.fromhex(message.agent_metadata))
+                self._engines[message.agent_name] = message.reader
         return ListenAnswer(listening=True)
 
     def forget(self, message: ForgetRequest) -> ForgetAnswer:
@@ -56,8 +70,32 @@ class DecodePeers:
         with self._lock:
             loaded = self._peers.pop(message.agent_name, None)
             if loaded is not None:
+                self._engines.pop(message.agent_name, None)
                 self.agent.forget_remote(loaded[0])
         return ForgetAnswer(forgot=loaded is not None)
+
+    def forget_engine(self, engine_id: str) -> int:
+        """Decode engine `engine_id` died: drop the metadata of each of its agents (pushed to or reading from
+        us), so that UCX unmaps its memory (agent.py); returns how many agents went. A push to that engine in
+        flight fails as it would anyway; pushes to other engines go on (their agents stay)."""
+        forgotten = 0
+        with self._lock:
+            names = [name for name, engine in self._engines.items() if engine == engine_id]
+            for name in names:
+                del self._engines[name]
+                pushed = self._peers.pop(name, None)  # an agent is pushed to or listening, never both (peer())
+                remote = pushed[0] if pushed is not None else self._listeners.pop(name, None)
+                if remote is None:
+                    continue
+                try:
+                    self.agent.forget_remote(remote)
+                    forgotten += 1
+                except Exception as exc:  # noqa: BLE001 (an error type per transport): the others still go
+                    logger.warning("could not drop the metadata of decode agent %s (engine %s): %s", remote,
+                                   engine_id, exc)
+        if forgotten:
+            logger.info("dropped the metadata of %d agent(s) of decode engine %s: it ended", forgotten, engine_id)
+        return forgotten
 
     def tell_to_forget(self, kv_epoch: int) -> None:
         """Before this prefill frees the memory it registered (sleep): ask every decode it pushed to

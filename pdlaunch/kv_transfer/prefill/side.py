@@ -140,6 +140,10 @@ class PrefillSide(NixlConnector):
     def _forget_peers(self, kv_epoch: int) -> None:
         self.decodes.tell_to_forget(kv_epoch)
 
+    def forget_engine(self, engine_id: str) -> int:
+        """A decode engine died: drop its agents (prefill/decode_peers.py), so that our mapping of its memory goes."""
+        return self.decodes.forget_engine(engine_id)
+
     def staging_users(self) -> set[str]:
         """Stagings not yet unstaged, and holds a push or staging copy is reading."""
         return self.stager.users() | self.holds.busy_ids()
@@ -165,6 +169,7 @@ class PrefillSide(NixlConnector):
             host, port = self.address()
             info["side_channel"] = f"{host}:{port}"
             info["held_requests"] = self.num_held()
+            info["decode_engines"] = list(self.decodes.engines())  # whose agents are loaded here
 
     # -- side-channel threads -----------------------------------------------------------------
     def _on_handshake(self, message: HandshakeRequest) -> HandshakeAnswer:
@@ -181,7 +186,8 @@ class PrefillSide(NixlConnector):
         if hold is None:  # sent again (the answer to the first copy was lost): that one is queued already
             return Empty()
         try:
-            self.pusher.submit(hold, message, self.decodes.peer(message.agent_name, message.agent_metadata), received)
+            peer = self.decodes.peer(message.agent_name, message.agent_metadata, message.reader)
+            self.pusher.submit(hold, message, peer, received)
         except Exception:
             self.holds.forget_push(message.nonce)
             self.holds.unclaim_push(hold, message)
