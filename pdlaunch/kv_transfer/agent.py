@@ -3,17 +3,17 @@
 The agent is used from the engine thread (polling, notifications), the side-channel threads (adding
 peers) and the push sender threads, so it runs in NIXL's STRICT thread-sync mode.
 
-UCX's CUDA IPC cache is off (UCX_CUDA_IPC_CACHE=n) in every process that makes an agent, unless the user set
-that variable. A peer that loaded an agent's metadata and READ or WROTE its GPU memory maps that memory (CUDA
-IPC), and the mapping keeps it allocated after its owner died. Measured on one H200 (nixl 1.5.1, UCX): process A
-registered a 20 GiB cudaMalloc tensor, B wrote into it, A died: A's 20 GiB stayed allocated while B lived. With
-the cache on (UCX's default), neither `forget_remote` (remove_remote_agent) nor closing B's agent freed them,
-only B's exit; with it off, `forget_remote` did. A dead decode's KV cache would otherwise stay held by every
-prefill that pushed into it, and the instance restarted on that GPU would find its memory taken (a smaller KV
-cache, or an out-of-memory error at start). Sleep relies on it too (peers forget a sleeping engine's agent).
-The cost: each transfer maps the peer's memory anew, ~0.2 ms a push of 8192 tokens within one H200 (1.93-1.98
-ms with the cache, 2.13-2.23 without; 1024 tokens 1.19-1.37 against 1.21-1.42 ms). UCX_CUDA_IPC_CACHE=y turns
-the cache back on, and a dead peer's memory then stays allocated until this process exits.
+UCX's CUDA IPC cache is off (UCX_CUDA_IPC_CACHE=n) in every process that makes an agent on a host with CUDA, unless
+the user set that variable. A peer that loaded an agent's metadata and READ or WROTE its GPU memory maps that memory
+(CUDA IPC), and the mapping keeps it allocated after its owner died. Measured on one H200 (nixl 1.5.1, UCX): process
+A registered a 20 GiB cudaMalloc tensor, B wrote into it, A died: A's 20 GiB stayed allocated while B lived. With
+the cache on (UCX's default), neither `forget_remote` (remove_remote_agent) nor closing B's agent freed them, only
+B's exit; with it off, `forget_remote` did. A dead decode's KV cache would otherwise stay held by every prefill that
+pushed into it, and the instance restarted on that GPU would find its memory taken (a smaller KV cache, or an out-
+of-memory error at start). Sleep relies on it too (peers forget a sleeping engine's agent). The cost, measured with
+`pdlaunch bench kv-transfer` (push within one H200, two runs each): ~0.2 ms more a push of 8192 tokens (1.93-1.98 ms
+with the cache, 2.13-2.23 without; 1024 tokens 1.19-1.37 against 1.21-1.42 ms). UCX_CUDA_IPC_CACHE=y turns the cache
+back on, and a dead peer's memory then stays allocated until this process exits.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from pdlaunch.errors import KVTransferError
+from pdlaunch.memory.host_devices import cuda_available
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,16 @@ IPC_CACHE_ENV = "UCX_CUDA_IPC_CACHE"
 _ipc_cache_said: list[str] = []  # the value this process's agents use, once logged
 
 
-def use_ipc_cache_setting() -> str:
-    """UCX_CUDA_IPC_CACHE for this process's agents: "n" unless the user set it (module docstring). UCX reads it
-    when an agent's UCX context starts, so this runs before each agent is built; the value is logged once."""
+def use_ipc_cache_setting() -> str | None:
+    """UCX_CUDA_IPC_CACHE for this process's agents: "n" unless the user set it (module docstring), on a host with
+    CUDA only: elsewhere UCX has no CUDA transport and would warn at every start that the variable is unused. UCX
+    reads it when an agent's UCX context starts, so this runs before each agent is built; the value is logged once."""
     with _agent_lock:
         user = os.environ.get(IPC_CACHE_ENV)
-        value = os.environ.setdefault(IPC_CACHE_ENV, "n")
-        if not _ipc_cache_said:
+        if user is None and cuda_available():
+            os.environ[IPC_CACHE_ENV] = "n"
+        value = os.environ.get(IPC_CACHE_ENV)
+        if value is not None and not _ipc_cache_said:
             _ipc_cache_said.append(value)
             if user is None:
                 logger.info("%s=n: a peer's GPU memory is unmapped when its agent is forgotten (set %s=y to "
