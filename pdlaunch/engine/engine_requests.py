@@ -1,6 +1,6 @@
 """The engine's requests: checked and queued (a PD decode continues from its prefill's first token), aborted,
-and the KV held for a decode leg released. `LLMEngine` (engine/llm_engine.py) is built from this and
-`EngineStep` (engine/engine_step.py).
+the KV held for a decode leg released, and a dead peer engine's agents forgotten. `LLMEngine`
+(engine/llm_engine.py) is built from this and `EngineStep` (engine/engine_step.py).
 """
 
 from __future__ import annotations
@@ -198,6 +198,11 @@ class EngineRequests:
         if self.connector is None or request_id not in self.scheduler.held:
             return False
         return self.connector.release_held(request_id)
+
+    def forget_engine(self, engine_id: str) -> int:
+        """Another engine of the deployment died: its agents go from this engine's connector (every TP rank's),
+        so that no mapping here keeps its memory allocated. Returns how many agents went (0 without a connector)."""
+        return self.connector.forget_engine(engine_id) if self.connector is not None else 0
 
     def release_held_kv_of_client(self, client_request_id: str) -> int:
         """release_held_kv for every held request whose engine id names the client's X-Request-Id

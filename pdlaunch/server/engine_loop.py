@@ -170,6 +170,15 @@ class EngineLoop(EngineThread):
         return await self.call(lambda engine: engine.release_held_kv_of_client(client_request_id), timeout,
                                f"the release of the KV held for client request {client_request_id!r}")
 
+    async def forget_engine(self, engine_id: str, timeout: float = 10.0) -> int:
+        """Drop what this instance's KV connector keeps of engine `engine_id`, which died (its launcher asks before
+        it restarts it): its agents, whose mapping of its memory would keep that memory allocated. On the engine
+        thread, like a release. Returns how many agents went; OpenAIError 503 when the engine is not ready or does
+        not answer within `timeout` seconds."""
+        self.require_ready()
+        return await self.call(lambda engine: engine.forget_engine(engine_id), timeout,
+                               f"forgetting the agents of engine {engine_id!r}")
+
     def release_held_kv_soon(self, request_id: str) -> None:
         """release_held_kv without waiting for it (fire and forget); a failure is logged (the engine is
         not ready: the lease frees the blocks later)."""

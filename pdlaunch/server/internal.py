@@ -10,6 +10,11 @@ is unreachable) now, instead of after kv_transfer.kv_lease_seconds. The id is th
 X-Request-Id it was, for a proxy whose client left while that leg's answer was on its way (the proxy never
 read the params, and the prefill had answered before it saw the connection close). The proxy sends it only
 for ids it made itself (unique), never for a client's own X-Request-Id, which another request may reuse.
+
+`POST /internal/kv/forget_engine {"engine_id": ...}`: another instance of the deployment died, and its launcher asks
+every peer, before it restarts it, to drop the transfer agents of that engine from its KV connector (on every TP
+rank): a peer's mapping of the dead engine's GPU memory would keep that memory allocated, and the restarted
+instance would find it taken (kv_transfer/agent.py). Answers {"engine_id": ..., "forgotten": n}, n agents dropped.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pdlaunch.http.limits import read_json_object
 from pdlaunch.server.instance import Handler, instance_of
 
 KV_RELEASE_PATH = "/internal/kv/release"
+KV_FORGET_ENGINE_PATH = "/internal/kv/forget_engine"
 
 
 class KVReleaseRequest(BaseModel):
@@ -47,4 +53,17 @@ async def release_kv(request: Request) -> JsonObject:
     return {"request_id": body.request_id, "released": await loop.release_held_kv(body.request_id)}
 
 
-ROUTES: list[tuple[str, str, Handler]] = [("POST", KV_RELEASE_PATH, release_kv)]
+class KVForgetEngineRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    engine_id: str = Field(min_length=1, max_length=512)
+
+
+async def forget_engine(request: Request) -> JsonObject:
+    body = KVForgetEngineRequest.model_validate(await read_json_object(request))
+    forgotten = await instance_of(request).engine_loop.forget_engine(body.engine_id)
+    return {"engine_id": body.engine_id, "forgotten": forgotten}
+
+
+ROUTES: list[tuple[str, str, Handler]] = [("POST", KV_RELEASE_PATH, release_kv),
+                                          ("POST", KV_FORGET_ENGINE_PATH, forget_engine)]
