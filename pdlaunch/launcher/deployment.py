@@ -68,7 +68,7 @@ class Deployment:
         self._log_lock = LogDirLock(self.log_dir, cfg.parallel.node_rank)
         self.left_running: list[str] = []  # after stop(): children still alive past their SIGKILL
         self._ended: list[ChildProcess] = []  # remote ranks that ended cleanly (their logs still close on stop)
-        self._engine_ids = {p.spec.name: p.spec.engine_id for p in self.plan.local}  # current, restarts included
+        self.engine_ids = {p.spec.name: p.spec.engine_id for p in self.plan.local}  # current ones: restarts renew them
         # The base of other nodes' engine_ids: the config's when it sets one; else each node draws its own uuid.
         self._shared_base = cfg.kv_transfer.engine_id if "engine_id" in cfg.kv_transfer.model_fields_set else None
 
@@ -167,7 +167,7 @@ class Deployment:
         spec = plan.spec.model_copy(update={"engine_id": engine_id})
         child.argv = instance_argv(self.deployment_file, InstancePlan(spec, plan.url, plan.local))
         child.start(note=f"restart {restart} of {child.name} ({why}); engine_id {engine_id}")
-        self._engine_ids[child.name] = engine_id
+        self.engine_ids[child.name] = engine_id
         return engine_id
 
     def health_url(self, child: ChildProcess) -> str:
@@ -226,7 +226,7 @@ class Deployment:
         deployment's instances."""
         if child is self.proxy:
             return lists_instances(response, self.plan)
-        return names_engine_id(response, self._engine_ids.get(child.name))
+        return names_engine_id(response, self.engine_ids.get(child.name))
 
     def answers_as_remote(self, plan: InstancePlan, response: httpx.Response) -> bool:
         """Whether a /health answer at the address of an instance another node runs is that instance's, not

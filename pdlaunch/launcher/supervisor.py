@@ -5,6 +5,8 @@ A dead instance is restarted with backoff on its planned ports and with a new en
 down and its health monitor brings it back). A process that is alive but does not answer /health in
 time (SIGSTOPped, hung, swapped out) is shown as stalled (stall_watch.py), apart from a dead one, and
 killed to be restarted once it has been stalled for supervision.stall_restart_seconds (when set).
+A dead prefill or decode is forgotten by its peers before it restarts (forget_peers.py): a peer's mapping of
+its GPU memory would keep that memory allocated, and the restarted instance would find it taken.
 Ranks this node runs for instances whose rank 0 is on another node are not restarted: a failing one
 stops this node, as before. Node 0 (the proxy's) shows the instances other nodes run too: their rows
 follow their /health (ready, loading, stalled, down), as their own node's launcher restarts them, and say
@@ -21,7 +23,9 @@ import httpx
 from rich.console import Console
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.deployment import Deployment
+from pdlaunch.launcher.forget_peers import FORGET_TIMEOUT_S, KV_ROLES, TRANSPORT_TITLES, Peer, PeerForget, http_ask
 from pdlaunch.launcher.plan import InstancePlan
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import READY_TIMEOUT_S, ChildExited
@@ -96,6 +100,9 @@ class Supervisor:
         for plan in self.remote:
             self.stall_watch.watch(plan.spec.name, True)
         self._stalled: set[str] = set()  # names shown as stalled
+        self.ask_forget = http_ask(internal_headers(deployment.cfg.security.deployment_secret))
+        self.forget_timeout_s = FORGET_TIMEOUT_S
+        self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited at its restart
 
     def __enter__(self) -> Supervisor:
         self.view.start(print_rows=False)
@@ -116,6 +123,7 @@ class Supervisor:
                 self._ended(child, record, now)
             elif record.due is not None and now >= record.due:
                 record.due = None
+                self._peers_forgot(record.name)
                 record.restarts += 1
                 record.started = now
                 engine_id = self.deployment.restart_child(child, record.restarts, record.last_exit)
@@ -220,6 +228,30 @@ class Supervisor:
         row.state = f"restarting ({record.restarts + 1})"
         self._say(f"{record.name} (pid {child.pid}) {how}; restart {record.restarts + 1} "
                   f"in {decision.delay:.1f}s")
+        self._forget(record)
+
+    def _forget(self, record: ProcessRecord) -> None:
+        """Ask the dead instance's peers to forget its engine, from now until its restart (forget_peers.py): the
+        prefill and decode instances that are ready and alive (another node's: that its /health said so, or, on a
+        node without the proxy, that the plan has its URL)."""
+        title = TRANSPORT_TITLES.get(self.deployment.cfg.kv_transfer.connector)
+        engine_id = self.deployment.engine_ids.get(record.name)
+        if record.role not in KV_ROLES or title is None or not engine_id:
+            return
+        dead = {r.name for c, r in self.records if c.poll() is not None}  # also those this tick has not reached
+        peers = [Peer(p.spec.name, p.url) for p in self.deployment.plan.instances
+                 if p.spec.role in KV_ROLES and p.spec.name not in dead | {record.name}
+                 and self.deployment.rows[p.spec.name].state in ("ready", "remote")]
+        if peers:
+            self._forgets[record.name] = PeerForget(record.name, engine_id, peers, self.ask_forget, title,
+                                                    self.forget_timeout_s)
+
+    def _peers_forgot(self, name: str) -> None:
+        """Before `name` restarts: wait for its peers' forget (at most until its deadline) and say how it went."""
+        forget = self._forgets.pop(name, None)
+        if forget is not None:
+            for line in forget.wait():
+                self._say(line)
 
     def _answers(self, child: ChildProcess) -> bool:
         """An instance is ready when /health says 200; the proxy once it answers at all (it says 503 while

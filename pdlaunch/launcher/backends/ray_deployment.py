@@ -1,6 +1,7 @@
 """`--backend ray`: the deployment on the cluster: connected at launcher.ray_address, every instance placed
 and started, then the proxy; supervised (each instance restarted where Ray finds room, with the local
-supervisor's restart policy; the head watched); stopped proxy first, then every instance."""
+supervisor's restart policy; the head watched; a dead prefill or decode forgotten by its peers before it is placed
+again, as the local supervisor does: launcher/forget_peers.py); stopped proxy first, then every instance."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.ray_cluster import RayNode, connect, live_nodes, plan_instance
+from pdlaunch.http.auth import internal_headers
 from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch
 from pdlaunch.launcher.backends.ray_proxy import RayProxy
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
 from pdlaunch.launcher.deployment_secret import with_deployment_secret
+from pdlaunch.launcher.forget_peers import FORGET_TIMEOUT_S, KV_ROLES, TRANSPORT_TITLES, Peer, PeerForget, http_ask
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import InstancePlan, plan_deployment
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
@@ -53,6 +56,9 @@ class RayDeployment:
         self.proxy = RayProxy(cfg, self.plan, self.log_dir, self._http, self.say)
         self._lock = LogDirLock(self.log_dir)
         self._stopped = False
+        self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
+        self.forget_timeout_s = FORGET_TIMEOUT_S
+        self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before it is placed
 
     def _run(self, plan: InstancePlan, g: int, nodes: list[RayNode]) -> RayRun:
         group = self.cfg.instances[g]
@@ -148,6 +154,9 @@ class RayDeployment:
         record = run.record
         if record.due is not None and now >= record.due:
             record.due = None
+            forget = self._forgets.pop(run.name, None)
+            for line in forget.wait() if forget is not None else []:
+                self.say(line)
             record.restarts += 1
             record.started = now
             self.actors.place(run)
@@ -161,6 +170,12 @@ class RayDeployment:
             raise RayDeploymentFailed(f"{decision.reason} (log: {run.log_path})")
         self.say(f"{run.name} {how}; its actors and placement group are removed; restart {run.record.restarts + 1} "
                  f"in {decision.delay:.1f}s, where Ray places it")
+        title = TRANSPORT_TITLES.get(self.cfg.kv_transfer.connector)
+        peers = [Peer(r.name, r.url) for r in self.runs
+                 if r is not run and r.state == "ready" and r.url is not None and r.plan.spec.role in KV_ROLES]
+        if run.spec is not None and run.plan.spec.role in KV_ROLES and title is not None and peers:
+            self._forgets[run.name] = PeerForget(run.name, run.spec.engine_id, peers, self.ask_forget, title,
+                                                 self.forget_timeout_s)
 
     def _check_started(self, run: RayRun, now: float) -> None:
         if self.answers(run):
