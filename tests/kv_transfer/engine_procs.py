@@ -76,7 +76,8 @@ def build_engine(config_json: str, instance_json: str) -> Built:
     def info() -> dict[str, Any]:
         return engine.connector.info() if engine.connector is not None else {}
 
-    return {"generate": generate, "drain": drain, "check": check, "info": info}, engine.shutdown, info()
+    return ({"generate": generate, "drain": drain, "check": check, "info": info, "forget_engine": engine.forget_engine},
+            engine.shutdown, info())
 
 
 class EngineProcess(ProcessRPC):
