@@ -13,7 +13,6 @@ at the restart, at most until FORGET_TIMEOUT_S after they began.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,11 +23,8 @@ import httpx
 
 from pdlaunch.server.internal import KV_FORGET_ENGINE_PATH
 
-log = logging.getLogger(__name__)
-
 FORGET_TIMEOUT_S = 5.0
 KV_ROLES = ("prefill", "decode")  # the roles with a KV connector: they load peers' agents
-MAX_THREADS = 16
 TRANSPORT_TITLES = {"nixl": "NIXL", "mooncake": "Mooncake"}  # connectors with agents (not the storage one)
 
 # Ask one peer (base URL) to forget an engine id within a timeout: how many agents it dropped.
@@ -64,8 +60,8 @@ class PeerForget:
                  timeout: float = FORGET_TIMEOUT_S) -> None:
         self.dead, self.engine_id, self.title, self.timeout = dead, engine_id, title, timeout
         self.deadline = time.monotonic() + timeout
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(len(peers), MAX_THREADS)),
-                                        thread_name_prefix="pdlaunch-forget")
+        # a thread per peer: all asked at once, so that one that hangs delays no other (a deployment has a few)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(peers)), thread_name_prefix="pdlaunch-forget")
         self._asked: list[tuple[Peer, Future[int]]] = [(p, self._pool.submit(ask, p.url, engine_id, timeout))
                                                         for p in peers]
         self._pool.shutdown(wait=False)  # its threads end with their requests, each bounded by `timeout`
@@ -76,7 +72,6 @@ class PeerForget:
         wait_futures([f for _, f in self._asked], timeout=max(0.0, self.deadline - time.monotonic()))
         lines = []
         for peer, future in self._asked:
-            what = f"{peer.name} forgot {self.dead}'s {self.title} agent"
             if not future.done():
                 lines.append(f"{peer.name} did not answer within {self.timeout:g}s when asked to forget {self.dead}'s "
                              f"{self.title} agent (engine {self.engine_id}); a mapping it holds of {self.dead}'s "
@@ -85,10 +80,9 @@ class PeerForget:
                 lines.append(f"{peer.name} could not be asked to forget {self.dead}'s {self.title} agent (engine "
                              f"{self.engine_id}): {_short(future.exception())}; a mapping it holds of "
                              f"{self.dead}'s memory stays until it exits")
-            elif future.result() > 0:
-                lines.append(f"{what} ({future.result()})")
-        for line in lines:
-            log.info("%s", line)
+            elif future.result() > 0:  # one agent a TP rank, or per resharding source
+                agents = "agent" if future.result() == 1 else "agents"
+                lines.append(f"{peer.name} forgot {self.dead}'s {self.title} {agents} ({future.result()})")
         return lines
 
 

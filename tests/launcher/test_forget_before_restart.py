@@ -116,7 +116,7 @@ def test_a_peer_that_hangs_delays_the_restart_by_the_timeout_only(supervised: An
     assert deployment.restarted == [("decode-1", 1, "planned-decode-1-r1")]
     output = deployment.console.export_text()
     assert "prefill-0 did not answer within 1s when asked to forget decode-1's NIXL agent" in output, output
-    assert "prefill-1 forgot decode-1's NIXL agent (2)" in output
+    assert "prefill-1 forgot decode-1's NIXL agents (2)" in output
 
 
 def test_a_peer_that_cannot_be_reached_is_named_and_skipped(supervised: Any) -> None:
