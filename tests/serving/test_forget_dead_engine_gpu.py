@@ -33,6 +33,7 @@ instances:
 """
 RESTART_TIMEOUT_S = 400.0  # a restarted instance loads, profiles and captures its CUDA graphs again
 MEMORY_TIMEOUT_S = 60.0
+BLOCKS_KEPT = 0.97  # of the first start's KV blocks, at least
 SLACK_BYTES = 2 << 30  # allocator and graph-pool noise between two starts; the dead KV cache is ~0.4 of the GPU
 
 
@@ -65,7 +66,10 @@ def test_a_killed_decode_gets_its_gpu_memory_back(tmp_path: Path) -> None:
         wait_for(lambda: back(serve, decode, f"{dead['engine_id']}-r1"), "decode-0 to be back after SIGKILL",
                  RESTART_TIMEOUT_S, poll=1.0)
         assert "prefill-0 forgot decode-0's NIXL agent (1)" in serve.output, serve.output
-        assert info(decode)["num_blocks_total"] == blocks, "the restarted decode has a smaller KV cache"
+        # Not exactly equal: the first start profiled beside the prefill's own start (H200: 1800368 blocks first,
+        # 1825506 after the restart); with the dead KV cache still mapped the restart found no room at all.
+        again = info(decode)["num_blocks_total"]
+        assert again >= BLOCKS_KEPT * blocks, f"the restarted decode has a smaller KV cache: {again} < {blocks}"
         assert complete(serve) == first
         wait_for(lambda: used_bytes() <= before + SLACK_BYTES,
                  f"the GPU's used memory to come back to its level before the kill ({before / 2**30:.1f} GiB)",
