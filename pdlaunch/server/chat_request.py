@@ -45,8 +45,8 @@ class ChatMessage(BaseModel):
     def as_template_input(self, index: int) -> JsonObject:
         """This message as messages[`index`] goes to the chat template (errors name that index)."""
         content = self.content
-        if isinstance(content, list):  # text parts (checked by _text_parts), joined
-            content = "".join(str(part["text"]) for part in content)
+        if isinstance(content, list):  # text parts (checked by _text_parts), one a line as vLLM joins them
+            content = "\n".join(str(part["text"]) for part in content)
         return template_message(self.role, content, self.model_extra or {}, index)
 
 

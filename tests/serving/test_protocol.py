@@ -67,7 +67,7 @@ def test_chat_text_content_parts_are_joined_and_images_refused() -> None:
         {"role": "system", "content": None},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
     ])
-    expected = [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]
+    expected = [{"role": "system", "content": ""}, {"role": "user", "content": "a\nb"}]
     assert request.template_messages().messages == expected
     with pytest.raises(ValidationError) as err:
         ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "image_url"}]}])
