@@ -58,10 +58,12 @@ def _short_json(value: JsonValue) -> str:
 
 def check_messages(messages: Sequence[ChatMessage]) -> None:
     """What OpenAI requires of a message beyond its shape: a tool message answers a call (`tool_call_id`);
-    `name` and `tool_call_id`, when sent, are strings (the chat template would drop anything else)."""
+    `name`, `tool_call_id` and an assistant's reasoning, when sent, are strings (the chat template would drop
+    anything else)."""
     for i, message in enumerate(messages):
         extra = message.model_extra or {}
-        for key in ("name", "tool_call_id"):
+        reasoning = ("reasoning", "reasoning_content") if message.role == "assistant" else ()  # others: unread
+        for key in ("name", "tool_call_id", *reasoning):
             if extra.get(key) is not None and not isinstance(extra[key], str):
                 raise OpenAIError(400, f"messages.{i}.{key} must be a string", param=f"messages.{i}.{key}")
         if message.role == "tool" and extra.get("tool_call_id") is None:

@@ -9,6 +9,8 @@
 - tools: the request's tool definitions, the `tools` variable of Qwen / Llama 3 templates.
 - Assistant tool_calls keep their arguments as a mapping (OpenAI sends a JSON string; templates
   render `arguments | tojson`), as vLLM does.
+- An assistant's `reasoning` / `reasoning_content` (a reasoning model's earlier thinking, which clients send
+  back between tool calls) reaches the template under both names, as vLLM passes it.
 """
 
 from __future__ import annotations
@@ -59,8 +61,10 @@ class ChatPrompt:
     def num_chars(self) -> int:
         """Characters of the request that the template may render (for the size bound before tokenizing): every
         message field it gets (a role, a name, tool calls' arguments, not only the content), the tools and the
-        chat_template_kwargs. JSON without ASCII escapes: a CJK character counts once, not as six."""
-        values: list[object] = [*(v for m in self.messages for v in m.values()), self.tools, self.template_kwargs]
+        chat_template_kwargs. JSON without ASCII escapes: a CJK character counts once, not as six. An assistant's
+        reasoning counts once, though the template gets it under two names."""
+        values: list[object] = [*(v for m in self.messages for k, v in m.items() if k != "reasoning"), self.tools,
+                                self.template_kwargs]
         return sum(len(v) if isinstance(v, str) else len(json.dumps(v, ensure_ascii=False))
                    for v in values if v is not None)
 
@@ -85,12 +89,18 @@ def render(tokenizer: Tokenizer, prompt: ChatPrompt) -> str:
 
 
 def template_message(role: str, content: str | None, extra: Mapping[str, object], index: int) -> JsonObject:
-    """One message (messages[`index`]) for the template: role, text content, and what tool calling adds."""
+    """One message (messages[`index`]) for the template: role, text content, what tool calling adds, and an
+    assistant's earlier reasoning."""
     message: JsonObject = {"role": role, "content": content or ""}
     for key in ("name", "tool_call_id"):
         value = extra.get(key)
         if isinstance(value, str):
             message[key] = value
+    # vLLM's: an assistant's `reasoning` (or its older name `reasoning_content`) reaches the template
+    # under both names, as reasoning templates (Qwen3's after the last user turn) render it back in <think>.
+    reasoning = extra.get("reasoning") or extra.get("reasoning_content")
+    if role == "assistant" and isinstance(reasoning, str):
+        message["reasoning"] = message["reasoning_content"] = reasoning
     calls = extra.get("tool_calls")
     if calls is not None:
         where = f"messages.{index}.tool_calls"

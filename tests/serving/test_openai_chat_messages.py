@@ -1,9 +1,12 @@
 """Chat messages reach the chat template as vLLM's OpenAI server passes them, through a real instance's HTTP API
-(tiny model, CPU, in this process): the prompt a chat request sends (its `prompt_token_ids` with
-`return_token_ids`) is the one a client gets from vLLM for the same messages.
+(tiny model, CPU, in this process, a template that shows what it gets): the prompt a chat request sends (its
+`prompt_token_ids` with `return_token_ids`) is the text a client gets from vLLM for the same messages.
 
 - A message's text parts are joined one a line (vLLM's "\\n".join for a template that takes string content):
   they were run together, `[{"text": "a"}, {"text": "b"}]` read as "ab".
+- An assistant's `reasoning` / `reasoning_content` (a reasoning model's earlier thinking, which clients send back
+  between tool calls, and Qwen3's template renders in <think>) reaches the template under both names: it was
+  dropped without a word.
 """
 
 from __future__ import annotations
@@ -14,28 +17,63 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.serving.helpers import in_process_instance, tiny_colocated
+from pdlaunch.config.deployment_config import DeploymentConfig
+from tests.serving.helpers import in_process_instance
 
 TIMEOUT = 120.0  # a loaded 2-core machine
+# Every message as <role>content</role>; an assistant's reasoning, under each name the template reads, before it.
+TEMPLATE = ("{% for m in messages %}<{{ m.role }}>"
+            "{% if m.reasoning_content is defined %}[{{ m.reasoning_content }}|{{ m.reasoning }}]{% endif %}"
+            "{{ m.content }}</{{ m.role }}>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 @pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    with in_process_instance(tiny_colocated(256), "chat-messages-0") as (address, _):
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    template = tmp_path_factory.mktemp("template") / "shows.jinja"
+    template.write_text(TEMPLATE)
+    cfg = DeploymentConfig.model_validate({
+        "device": "cpu", "colocated": True, "instances": [{"role": "colocated"}],
+        "model": {"path": "tiny", "max_model_len": 256, "chat_template": str(template)},
+        "cache": {"num_gpu_blocks": 64, "block_size": 8},
+        "security": {"deployment_secret": "test-deployment-secret-0123456789"},
+    })
+    with in_process_instance(cfg, "chat-messages-0") as (address, _):
         yield address
 
 
-def _prompt_ids(url: str, messages: list[dict[str, Any]]) -> list[int]:
-    """The token ids a chat request with `messages` sends the engine, as its answer reports them."""
-    answer = httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
+def _chat(url: str, messages: list[dict[str, Any]]) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=TIMEOUT, json={
         "model": "tiny", "messages": messages, "max_tokens": 1, "return_token_ids": True})
+
+
+def _sent(url: str, messages: list[dict[str, Any]]) -> list[int]:
+    """The token ids a chat request with `messages` sends the engine, as its answer reports them."""
+    answer = _chat(url, messages)
     assert answer.status_code == 200, answer.text
     ids: list[int] = answer.json()["prompt_token_ids"]
     return ids
 
 
+def _ids(url: str, text: str) -> list[int]:
+    """The token ids of a rendered prompt `text` (a chat request encodes its rendering so, BOS included)."""
+    answer = httpx.post(f"{url}/tokenize", json={"model": "tiny", "prompt": text}, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    ids: list[int] = answer.json()["tokens"]
+    return ids
+
+
 def test_text_parts_are_joined_one_a_line(url: str) -> None:
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
-    as_parts = _prompt_ids(url, [{"role": "user", "content": parts}])
-    assert as_parts == _prompt_ids(url, [{"role": "user", "content": "Hello\nworld"}])
-    assert as_parts != _prompt_ids(url, [{"role": "user", "content": "Helloworld"}])
+    assert _sent(url, [{"role": "user", "content": parts}]) == _ids(url, "<user>Hello\nworld</user><assistant>")
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_an_assistants_reasoning_reaches_the_template(url: str, field: str) -> None:
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Sunny.", field: "look it up"},
+                {"role": "user", "content": "Thanks", field: "a user's is not read"}]
+    assert _sent(url, messages) == _ids(url, "<user>Weather?</user><assistant>[look it up|look it up]Sunny."
+                                             "</assistant><user>Thanks</user><assistant>")
+    bad = _chat(url, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", field: ["x"]}])
+    assert bad.status_code == 400, bad.text
+    assert bad.json()["error"]["param"] == f"messages.1.{field}", bad.text
