@@ -4,7 +4,9 @@
 Unknown fields are ignored (clients send many optional ones); fields vLLM knows and we cannot
 honour fail with a 400 naming the parameter instead of being silently dropped
 (server/unsupported_fields.py). Types are strict, as OpenAI's: `true` is not the integer 1 (a token id,
-max_tokens, n) and "0.5" is not a number; only logit_bias's keys, JSON strings, are read as token ids.
+max_tokens, n) and "0.5" is not a number; only logit_bias's keys, JSON strings, are read as token ids. A null
+is "not sent", as OpenAI's nullable fields have it, for the optional fields and for n, stream, logprobs, echo
+and return_token_ids (NULL_IS_DEFAULT).
 The requests themselves: completion_request.py, chat_request.py.
 """
 
@@ -33,6 +35,9 @@ from pdlaunch.server.unsupported_fields import refuse_unsupported, warn_ignored
 
 DEFAULT_MAX_TOKENS = 16  # a completion that does not name max_tokens (OpenAI's and vLLM's default)
 MAX_CHOICES = 128  # n, best_of: engine requests one HTTP request may start
+# Fields whose null is their default (OpenAI's schema makes them nullable and vLLM types them `... | None`, so a
+# client that writes every field, unset ones as null, sends `"stream": null`); typed here by their default.
+NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo", "return_token_ids")
 
 
 class StreamOptions(BaseModel):
@@ -100,6 +105,7 @@ class SamplingFields(BaseModel):
         if isinstance(data, dict):
             refuse_unsupported(data, cls.chat)
             warn_ignored(data, cls._known_fields(), cls.chat)
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT)}
         return data
 
     @field_validator("logit_bias", mode="before")
