@@ -40,7 +40,7 @@ class TokenizeCompletionRequest(BaseModel):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = True
-    return_token_strs: bool = False
+    return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
 
 
 class TokenizeChatRequest(BaseModel):
@@ -53,7 +53,7 @@ class TokenizeChatRequest(BaseModel):
     add_special_tokens: bool | None = None  # None: one BOS, as /v1/chat/completions encodes
     chat_template_kwargs: JsonObject | None = None
     tools: list[JsonObject] | None = None
-    return_token_strs: bool = False
+    return_token_strs: bool | None = False  # null: not sent (vLLM's is nullable)
     mm_processor_kwargs: JsonObject | None = None  # a text model: only {} (asks for nothing) passes
 
     @model_validator(mode="before")

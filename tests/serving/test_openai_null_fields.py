@@ -2,7 +2,8 @@
 chat's logprobs, echo, return_token_ids), through a real instance's HTTP API (tiny model, CPU, in this process).
 A client that writes every field, its unset ones as null, got a 400 "n: Input should be a valid integer" (or
 "stream: Input should be a valid boolean") where OpenAI and vLLM answer. A null for a field vLLM does not make
-nullable (ignore_eos) stays a 400 naming it.
+nullable (ignore_eos) stays a 400 naming it. /tokenize's `return_token_strs: null` (vLLM's is nullable too) was
+a 400 as well.
 """
 
 from __future__ import annotations
@@ -47,3 +48,10 @@ def test_a_null_where_vllm_takes_none_is_named(url: str) -> None:
     answer = httpx.post(f"{url}/v1/completions", json={**COMPLETION, "ignore_eos": None}, timeout=TIMEOUT)
     assert answer.status_code == 400, answer.text
     assert answer.json()["error"]["param"] == "ignore_eos"
+
+
+@pytest.mark.parametrize("body", [{"prompt": "hi"}, {"messages": CHAT["messages"]}], ids=["prompt", "messages"])
+def test_tokenize_takes_a_null_return_token_strs(url: str, body: dict[str, object]) -> None:
+    answer = httpx.post(f"{url}/tokenize", json={**body, "return_token_strs": None}, timeout=TIMEOUT)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["token_strs"] is None and answer.json()["count"] > 0
