@@ -36,6 +36,7 @@ class IncrementalDetokenizer:
         self.decoded = ""  # all output text decoded so far (may include a held-back tail)
         self.emitted = 0  # characters of `decoded` already handed out
         self.stopped = False
+        self.stop_str: str | None = None  # the stop string that stopped it (vLLM's stop_reason)
 
     @property
     def text(self) -> str:
@@ -78,10 +79,11 @@ class IncrementalDetokenizer:
         if not self._stop or not self.check_stop:
             return
         search_from = max(0, old_len - self._max_stop_len + 1)
-        hits = [(i, i + len(s) if self._include_stop else i)
+        hits = [(i, i + len(s) if self._include_stop else i, s)
                 for i, s in ((self.decoded.find(s, search_from), s) for s in self._stop) if i >= 0]
         if hits:
-            self.decoded = self.decoded[:min(hits)[1]]
+            _, end, self.stop_str = min(hits)
+            self.decoded = self.decoded[:end]
             self.stopped = True
 
     def _release(self) -> str:

@@ -2,7 +2,8 @@
 
 Stop order for a new token: a stop token id or (unless ignore_eos) an EOS id finishes with "stop"
 (its id is returned, its text only with include_stop_str_in_output); a stop string in the text
-finishes with "stop" (text cut before it, or after it with include_stop_str_in_output); otherwise
+finishes with "stop" (text cut before it, or after it with include_stop_str_in_output); the stop token id
+or stop string is the request's stop_reason (vLLM's; an EOS leaves it None); otherwise
 max_tokens or max_model_len finishes with "length". Before min_tokens tokens are out, neither stop
 ids nor stop strings finish a request (the sampler also holds EOS and stop ids back until then).
 Text is decoded with the request's skip_special_tokens.
@@ -115,12 +116,14 @@ class OutputProcessor:
         if may_stop and (token_id in tracked.stop_token_ids
                          or (not params.ignore_eos and token_id in self.eos_token_ids)):
             reason = "stop"
+            request.stop_reason = token_id if token_id in tracked.stop_token_ids else None
             if params.include_stop_str_in_output:
                 new_text = tracked.detokenizer.add(token_id)
         else:
             new_text = tracked.detokenizer.add(token_id)
             if tracked.detokenizer.stopped:
                 reason = "stop"
+                request.stop_reason = tracked.detokenizer.stop_str
         if grammar_done and reason is None:
             reason = "stop"  # the grammar is complete: nothing but EOS may follow
         if reason is None and (len(request.output_token_ids) >= params.max_tokens
@@ -146,6 +149,7 @@ class OutputProcessor:
             text=tracked.detokenizer.text,
             finished=r.is_finished,
             finish_reason=r.finish_reason,
+            stop_reason=r.stop_reason if r.is_finished else None,
             error=r.error,
             error_status=r.error_status,
             error_param=r.error_param,

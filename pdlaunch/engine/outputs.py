@@ -139,6 +139,7 @@ class RequestOutput:
     text: str  # all generated text so far
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None  # with finish_reason "stop": the stop token id or stop string (not EOS)
     error: str | None = None  # set with finish_reason == "error" (e.g. KV transfer failed)
     error_status: int = 500  # HTTP status a server should use for `error`
     error_param: str | None = None  # the request field `error` is about (the OpenAI error's `param`)

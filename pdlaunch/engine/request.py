@@ -46,6 +46,9 @@ class Request:
     # The connector has been consulted for this request (done once, not again after preemption).
     connector_consulted: bool = False
     finish_reason: str | None = None
+    # What stopped it, as vLLM's stop_reason: the stop_token_ids entry or the stop string (None: EOS, a length
+    # limit, a completed grammar)
+    stop_reason: int | str | None = None
     error: str | None = None
     error_status: int = 500
     error_param: str | None = None  # the request field `error` is about (an OpenAI error's `param`)

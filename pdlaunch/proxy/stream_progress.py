@@ -75,7 +75,8 @@ class Progress:
         for choice in list_of(chunk.get("choices")):
             if self.chat and isinstance(choice, dict):
                 entry: JsonObject = {"index": 0, "delta": {"content": choice.get("text", "")},
-                                     "finish_reason": choice.get("finish_reason"), "logprobs": None}
+                                     "finish_reason": choice.get("finish_reason"),
+                                     "stop_reason": choice.get("stop_reason"), "logprobs": None}
                 if self.client_ids:
                     entry["token_ids"] = choice.get("token_ids", [])
                 choices.append(entry)

@@ -1,4 +1,5 @@
-"""OpenAI response bodies built from engine outputs: whole responses and streamed chunks."""
+"""OpenAI response bodies built from engine outputs: whole responses and streamed chunks. Every choice carries
+vLLM's `stop_reason` besides `finish_reason`: the stop_token_ids entry or stop string that ended it, else null."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class ResponseBuilder:
     num_cached_tokens: int = 0
     prompt_recomputed: bool = False  # its remote prefill's KV was not loaded: the prompt was computed here
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it
     kv_transfer_params: JsonObject | None = None
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # vLLM's prompt_logprobs (first entry None)
@@ -64,6 +66,7 @@ class ResponseBuilder:
             self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason = out.finish_reason
+            self.stop_reason = out.stop_reason
             self.kv_transfer_params = out.kv_transfer_params
 
     def usage(self) -> JsonObject:
@@ -75,7 +78,8 @@ class ResponseBuilder:
         choice: JsonObject
         if self.endpoint == "completion":
             logprobs = self._completion_logprobs(self.logprobs, self._whole_offsets(), self.echo_logprobs > 0)
-            choice = {"index": index, "text": self.text, "finish_reason": self.finish_reason, "logprobs": logprobs}
+            choice = {"index": index, "text": self.text, "finish_reason": self.finish_reason,
+                      "stop_reason": self.stop_reason, "logprobs": logprobs}
             if self.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = self._vllm_prompt_logprobs(self.prompt_logprobs)
             if self.return_token_ids and self.prompt_token_ids is not None:
@@ -88,7 +92,7 @@ class ResponseBuilder:
                 message = {"role": "assistant", "content": content, "tool_calls": _json_list(calls)}
                 finish_reason = self._tool_finish_reason(bool(calls))
             choice = {"index": index, "message": message, "finish_reason": finish_reason,
-                      "logprobs": self._chat_logprobs(self.logprobs)}
+                      "stop_reason": self.stop_reason, "logprobs": self._chat_logprobs(self.logprobs)}
         if self.return_token_ids:
             choice["token_ids"] = _json_list(self.output_token_ids)
         return choice
@@ -126,6 +130,7 @@ class ResponseBuilder:
                 self._stream_offsets = TextOffsets(self.decode, self.echo_chars, self.prompt_ids)
             offsets = self._stream_offsets.of(lp.token_id for lp in out.new_logprobs or [])
             choice = {"index": self.index, "text": out.new_text, "finish_reason": finish,
+                      "stop_reason": out.stop_reason if out.finished else None,
                       "logprobs": self._completion_logprobs(out.new_logprobs, offsets)}
             obj = "text_completion"
         else:
@@ -135,6 +140,7 @@ class ResponseBuilder:
             finish = self._tool_finish_reason("tool_calls" in delta or self._tool_stream.opened) \
                 if finish is not None and self._tool_stream is not None else finish
             choice = {"index": self.index, "delta": delta, "finish_reason": finish,
+                      "stop_reason": out.stop_reason if out.finished else None,
                       "logprobs": self._chat_logprobs(out.new_logprobs)}
             obj = "chat.completion.chunk"
         if self.return_token_ids:

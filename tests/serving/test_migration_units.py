@@ -90,10 +90,12 @@ def test_a_chat_stream_gets_chat_deltas_and_no_ids_it_did_not_ask_for() -> None:
                                                                     "content": "Hi"}, "token_ids": [4]}]}, False)
     assert first is not None and "prompt_token_ids" not in first and "token_ids" not in first["choices"][0]
     assert progress.rewrite(_chunk("", [8]), True) is None  # only ids: nothing for this client
-    last = progress.rewrite(_chunk(" there", [9], finish="length"), True)
+    stopped = _chunk(" there", [9], finish="stop")
+    stopped["choices"][0]["stop_reason"] = "."  # the stop string that ended it, as the decode's chunk names it
+    last = progress.rewrite(stopped, True)
     assert last == {"id": "chatcmpl-y", "object": "chat.completion.chunk", "created": 2, "model": "m",
-                    "choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "length",
-                                 "logprobs": None}]}
+                    "choices": [{"index": 0, "delta": {"content": " there"}, "finish_reason": "stop",
+                                 "stop_reason": ".", "logprobs": None}]}
     assert progress.finished
 
 

@@ -1,5 +1,5 @@
 """PD first token (engine/first_token.py) through real `pdlaunch serve` processes, `--model tiny` on CPU:
-a 1P1D deployment answers exactly what a colocated one does (text, token ids, logprobs, finish reason,
+a 1P1D deployment answers exactly what a colocated one does (text, token ids, logprobs, finish and stop reason,
 usage) for greedy and seeded sampling, streaming or not, including max_tokens 1, a first token that
 is a stop token or contains a stop string, and min_tokens (which takes the recompute path); the
 decode continues from the prefill's token (no recomputed last prompt token); no KV stays held.
@@ -32,7 +32,7 @@ def deployments(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 def _ask(serve: Serve, body: dict[str, Any], chat: bool = False) -> dict[str, Any]:
     """One request; a streamed answer is folded into the shape of a whole one (text, token ids, logprobs,
-    finish reason, usage) so streamed and whole answers compare field by field."""
+    finish and stop reason, usage) so streamed and whole answers compare field by field."""
     path = "/v1/chat/completions" if chat else "/v1/completions"
     response = httpx.post(serve.url + path, json={"model": "tiny", "return_token_ids": True, **body}, timeout=120)
     assert response.status_code == 200, response.text
@@ -41,8 +41,10 @@ def _ask(serve: Serve, body: dict[str, Any], chat: bool = False) -> dict[str, An
         choice = answer["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
         return {"text": text, "token_ids": choice["token_ids"], "finish_reason": choice["finish_reason"],
-                "logprobs": _logprobs(choice.get("logprobs"), chat), "usage": answer["usage"]}
-    folded: dict[str, Any] = {"text": "", "token_ids": [], "finish_reason": None, "logprobs": [], "usage": None}
+                "stop_reason": choice["stop_reason"], "logprobs": _logprobs(choice.get("logprobs"), chat),
+                "usage": answer["usage"]}
+    folded: dict[str, Any] = {"text": "", "token_ids": [], "finish_reason": None, "stop_reason": None, "logprobs": [],
+                              "usage": None}
     for data in parse_sse(response.content):
         if data == "[DONE]":
             continue
@@ -55,6 +57,8 @@ def _ask(serve: Serve, body: dict[str, Any], chat: bool = False) -> dict[str, An
             folded["token_ids"] += choice.get("token_ids") or []
             folded["logprobs"] += _logprobs(choice.get("logprobs"), chat)
             folded["finish_reason"] = choice.get("finish_reason") or folded["finish_reason"]
+            if choice.get("finish_reason"):
+                folded["stop_reason"] = choice["stop_reason"]
     return folded
 
 
@@ -128,10 +132,12 @@ def test_first_token_that_is_a_stop_token_or_string(deployments: dict[str, Serve
     first = _ask(deployments["colocated"], {**base, "max_tokens": 1})
     by_id = _same(deployments, {**(_stream(base) if stream else base), "stop_token_ids": first["token_ids"]})
     assert by_id["token_ids"] == first["token_ids"] and by_id["finish_reason"] == "stop" and by_id["text"] == ""
+    assert by_id["stop_reason"] == first["token_ids"][0]
     if first["text"].strip():
         by_text = _same(deployments, {**(_stream(base) if stream else base), "stop": [first["text"].strip()]})
         # Ends at the token whose text completes the stop string (the first, unless its bytes are partial).
         assert by_text["finish_reason"] == "stop" and by_text["token_ids"][:1] == first["token_ids"]
+        assert by_text["stop_reason"] == first["text"].strip()
     _no_blocks_held(deployments["pd"])
 
 
