@@ -18,6 +18,10 @@ from pdlaunch.server.request_fields import SamplingFields, one_of
 from pdlaunch.server.structured_fields import opens_objects
 from pdlaunch.server.tool_calls import ToolCalling, tool_calling_of
 
+# Content parts that carry text, and the key holding it (vLLM's text parts: OpenAI's text and an assistant's refusal,
+# the Responses API's input_text / output_text).
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -35,18 +39,18 @@ class ChatMessage(BaseModel):
             kind = part.get("type")
             if kind is None:
                 raise ValueError(f'part {i} has no `type`; a text part is {{"type": "text", "text": "..."}}')
-            if kind != "text":
+            if not isinstance(kind, str) or kind not in TEXT_PARTS:
                 raise ValueError(f"part {i} has type {_short_json(kind)}, which this server does not take (it serves "
                                  'a text model): send text parts {"type": "text", "text": "..."} or a string')
-            if not isinstance(part.get("text"), str):
-                raise ValueError(f"part {i} is a text part without a string `text`")
+            if not isinstance(part.get(TEXT_PARTS[kind]), str):
+                raise ValueError(f"part {i} is a {kind} part without a string `{TEXT_PARTS[kind]}`")
         return content
 
     def as_template_input(self, index: int) -> JsonObject:
         """This message as messages[`index`] goes to the chat template (errors name that index)."""
         content = self.content
         if isinstance(content, list):  # text parts (checked by _text_parts), one a line as vLLM joins them
-            content = "\n".join(str(part["text"]) for part in content)
+            content = "\n".join(str(part[TEXT_PARTS[str(part["type"])]]) for part in content)
         return template_message(self.role, content, self.model_extra or {}, index)
 
 

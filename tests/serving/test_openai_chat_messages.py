@@ -4,6 +4,8 @@
 
 - A message's text parts are joined one a line (vLLM's "\\n".join for a template that takes string content):
   they were run together, `[{"text": "a"}, {"text": "b"}]` read as "ab".
+- Parts vLLM reads as text besides `text` (OpenAI's `refusal` of an assistant message, the Responses API's
+  `input_text` / `output_text`) are text too: they were a 400 saying the server "serves a text model".
 - An assistant's `reasoning` / `reasoning_content` (a reasoning model's earlier thinking, which clients send back
   between tool calls, and Qwen3's template renders in <think>) reaches the template under both names: it was
   dropped without a word.
@@ -65,6 +67,16 @@ def _ids(url: str, text: str) -> list[int]:
 def test_text_parts_are_joined_one_a_line(url: str) -> None:
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
     assert _sent(url, [{"role": "user", "content": parts}]) == _ids(url, "<user>Hello\nworld</user><assistant>")
+
+
+def test_refusal_and_responses_text_parts_are_text(url: str) -> None:
+    messages = [{"role": "user", "content": [{"type": "input_text", "text": "Hello"}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Hi."},
+                                                  {"type": "refusal", "refusal": "I cannot."}]}]
+    assert _sent(url, messages) == _ids(url, "<user>Hello</user><assistant>Hi.\nI cannot.</assistant><assistant>")
+    bad = _chat(url, [{"role": "assistant", "content": [{"type": "refusal", "text": "no"}]}])
+    assert bad.status_code == 400, bad.text
+    assert "part 0 is a refusal part without a string `refusal`" in bad.json()["error"]["message"], bad.text
 
 
 @pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
