@@ -17,6 +17,7 @@ SAMPLING_EPS = 1e-5
 MIN_RANDOM_TEMPERATURE = 1e-2
 MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+MIN_SEED = -(2**63)  # and a negative int64, as its two's complement (seed + 2**64)
 MAX_STOPS = 256
 MAX_STOP_CHARS = 4096
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range; vLLM clamps to it
@@ -36,7 +37,8 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0)  # 0 (or below SAMPLING_EPS) = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, le=MAX_INT32)  # -1 or 0 = off
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # vLLM takes any int64 (torch.long) seed; torch.Generator.manual_seed takes a negative one as seed + 2**64
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     # Draws of the seed's stream skipped before the first token: the tokens of this seeded request drawn
     # elsewhere (a migrated stream's continuation: proxy/migrate.py); at most max_model_len (LLMEngine.add_request).
     seed_offset: int = Field(0, ge=0, le=MAX_INT32)

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from pdlaunch.engine.context_limit import with_max_tokens
-from pdlaunch.engine.outputs import RequestOutput, SamplingParams, TokenLogprob
+from pdlaunch.engine.outputs import MAX_SEED, RequestOutput, SamplingParams, TokenLogprob
 from pdlaunch.http import JsonObject
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import DONE, sse_event
@@ -279,4 +279,5 @@ def recorded(choice: Choice, item: StreamItem) -> StreamItem:
 def _seeded(params: SamplingParams, sample: int) -> SamplingParams:
     if params.seed is None or sample == 0:
         return params
-    return params.model_copy(update={"seed": (params.seed + sample) % 2**64})
+    seed = params.seed + sample  # a negative one stays so: torch takes it as seed + 2**64, as vLLM passes it on
+    return params.model_copy(update={"seed": seed if seed <= MAX_SEED else seed - 2**64})

@@ -56,7 +56,7 @@ def assert_400(response: httpx.Response, param: str) -> None:
     ('{"prompt": "x", "top_p": -Infinity}', "top_p"),
     ('{"prompt": "x", "temperature": 1e999}', "temperature"),
     ('{"prompt": "x", "seed": 18446744073709551616}', "seed"),
-    ('{"prompt": "x", "seed": -1}', "seed"),
+    ('{"prompt": "x", "seed": -9223372036854775809}', "seed"),  # below int64, vLLM's lower bound
     ('{"prompt": "x", "max_tokens": 1099511627776}', "max_tokens"),
     ('{"prompt": "x", "top_k": 1000000000000000000000000000000}', "top_k"),
     ('{"prompt": "x", "logprobs": 100000000000000000000}', "logprobs"),
@@ -189,3 +189,21 @@ def test_head_answers_as_get_without_a_body_on_an_instance_too(server: tuple[str
     assert get.status_code == head.status_code == 200, (path, get.status_code, head.status_code)
     assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
     assert httpx.head(f"{url}/v1/completions", headers=AUTH, timeout=30).status_code == 405  # a POST route
+
+
+def test_a_negative_seed_is_a_seed_as_vllm_takes_it(server: tuple[str, EngineLoop]) -> None:
+    """vLLM takes any int64 seed (`seed: -1` is what some clients send); torch's generator takes a negative one as
+    its two's complement (seed + 2**64), so a negative seed is as reproducible as any, and n > 1 seeds each sample
+    seed + i."""
+    url, _ = server
+    body = {"prompt": "hello", "max_tokens": 8, "temperature": 1.0, "ignore_eos": True, "n": 2}
+
+    def texts(seed: int) -> list[str]:
+        response = httpx.post(f"{url}/v1/completions", json={**body, "seed": seed}, headers=AUTH, timeout=60)
+        assert response.status_code == 200, response.text
+        return [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
+
+    first = texts(-1)
+    assert texts(-1) == first
+    assert texts(2**64 - 1) == first  # -1's two's complement: sample 0's seed, then 0 for sample 1 (wrapped)
+    assert texts(-2)[1] == first[0]  # sample 1 of seed -2 draws from seed -1
