@@ -131,7 +131,7 @@ def test_invalid_sampling_values_name_the_field() -> None:
 
 @pytest.mark.parametrize("bad", [
     {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
-    {"seed": -1}, {"seed": 2**64}, {"max_tokens": 2**40}, {"top_k": 10**30}, {"stop_token_ids": [-1]},
+    {"seed": -(2**63) - 1}, {"seed": 2**64}, {"max_tokens": 2**40}, {"top_k": 10**30}, {"stop_token_ids": [-1]},
     {"stop": ["x"] * 257}, {"stop": ["x" * 5000]},
 ])
 def test_non_finite_and_out_of_range_values_are_refused(bad: dict) -> None:
