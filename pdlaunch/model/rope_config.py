@@ -1,5 +1,6 @@
 """Rope as config.json gives it, in either dialect: transformers 4.x (`rope_theta` + `rope_scaling`) and 5.x
-(`rope_parameters`). `RopeScaling` is what model/rotary.py computes the frequencies from."""
+(`rope_parameters`). `RopeScaling` is what model/rotary.py computes the frequencies from; rotary.py rotates whole
+heads, so a `partial_rotary_factor` other than 1 is refused."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeSc
         raise PdlaunchError(f"{key} {found!r} is not a JSON object", field=f"config.json:{key}",
                             hint="use the checkpoint's original config.json")
     scaling = dict(found)
+    _whole_head_rotated(cfg, scaling, key)
     theta = positive_float(scaling.pop("rope_theta", cfg.get("rope_theta")), "rope_theta", default_theta)
     rope_type = scaling.pop("rope_type", scaling.pop("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -68,6 +70,23 @@ def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeSc
                 f"{error['loc'][0]} {error['input']!r}: {what}"
         raise PdlaunchError(f"rope scaling {rope_type!r}: {what}", field=f"config.json:{key}",
                             hint="the checkpoint's config.json rope parameters are incomplete or invalid") from None
+
+
+def _whole_head_rotated(cfg: Mapping[str, object], scaling: Mapping[str, object], key: str) -> None:
+    """Refuse a partial_rotary_factor other than 1 (in the rope parameters or beside them, as transformers reads
+    it): rotary.py rotates every dimension of a head, and vLLM rotates only that fraction of it for these
+    families, so serving it would give other logits than vLLM without any error."""
+    for field, source in ((key, scaling), ("partial_rotary_factor", cfg)):
+        if source.get("partial_rotary_factor") is None:
+            continue
+        value = source["partial_rotary_factor"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != 1:
+            raise PdlaunchError(f"partial_rotary_factor {value!r} rotates only part of each head, which pdlaunch "
+                                "does not implement (it rotates all head_dim dimensions)",
+                                field=f"config.json:{field}",
+                                hint="only checkpoints that rotate whole heads (partial_rotary_factor 1.0 or "
+                                     "absent) load")
+        return  # the rope parameters' own value wins over the top-level one, as in transformers
 
 
 def positive_float(value: object, key: str, default: float) -> float:

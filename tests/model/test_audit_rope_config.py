@@ -66,3 +66,37 @@ def test_zero_low_freq_factor_is_a_model_error_in_the_cli(tmp_path: Path, comman
     result = invoke([command, str(model), "--device", "cpu", *extra])
     assert result.exit_code == 1, result.output
     assert "low_freq_factor 0" in result.output and "config.json:rope_parameters" in result.output
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+     "rope_parameters"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0, "partial_rotary_factor": 0.25}}, "rope_scaling"),
+    ({"rope_parameters": {**LLAMA3, "partial_rotary_factor": 0.5}, "partial_rotary_factor": 1.0}, "rope_parameters"),
+    ({"partial_rotary_factor": "half"}, "partial_rotary_factor"),
+])
+def test_a_partial_rotary_factor_is_refused_with_its_key(changes: dict[str, Any], key: str) -> None:
+    """vLLM rotates only that fraction of each head for these families; rotary.py rotates all of it, so the
+    model was served with other logits and no word of it."""
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, **changes})
+    assert err.value.field == f"config.json:{key}" and "partial_rotary_factor" in err.value.message
+
+
+def test_a_whole_head_partial_rotary_factor_still_parses() -> None:
+    arch = parse_hf_config({**LLAMA_CONFIG, "partial_rotary_factor": 1.0,
+                            "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1}})
+    assert arch.rope_scaling is None
+
+
+@pytest.mark.parametrize("command", ["check-config", "generate"])
+def test_a_partial_rotary_factor_is_a_model_error_in_the_cli(tmp_path: Path, command: str) -> None:
+    model = make_llama(tmp_path / "llama")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["partial_rotary_factor"] = 0.5
+    (model / "config.json").write_text(json.dumps(cfg))
+    extra = ["--prompt", "hi", "--max-tokens", "1"] if command == "generate" else []
+    result = invoke([command, str(model), "--device", "cpu", *extra])
+    assert result.exit_code == 1, result.output
+    assert "partial_rotary_factor 0.5" in result.output and "config.json:partial_rotary_factor" in result.output
