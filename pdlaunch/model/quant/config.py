@@ -1,5 +1,6 @@
-"""Which FP8 weight format a checkpoint uses, from config.json's `quantization_config`, or from
-`--quantization fp8` (a bf16/fp16/fp32 checkpoint quantized at load, per output channel).
+"""Which FP8 weight format a checkpoint uses, from config.json's `quantization_config` (or the
+`compression_config` older compressed-tensors checkpoints write instead), or from `--quantization fp8`
+(a bf16/fp16/fp32 checkpoint quantized at load, per output channel).
 
 Supported, all with e4m3 weights and dynamic activation scales:
 - `quant_method: fp8` with `weight_block_size: [128, 128]` (DeepSeek-V3, Qwen3-*-FP8): one float32
@@ -8,7 +9,8 @@ Supported, all with e4m3 weights and dynamic activation scales:
   `weight_scale` per output channel ([out, 1]) or per tensor, or per 128x128 block;
 - `quant_method: fp8` without a block size (per-tensor `weight_scale`, dynamic activations).
 Anything else (static activation scales, e5m2, other block sizes, int formats) is refused with the
-config.json key that says so.
+config.json key that says so, and so is a quantization declared beside config.json (ModelOpt's
+hf_quant_config.json, GPTQ's quantize_config.json, AWQ's quant_config.json).
 """
 
 from __future__ import annotations
@@ -156,16 +158,56 @@ def online_quant_config() -> QuantConfig:
                        description="fp8 per-channel (quantized at load)")
 
 
+# Quantization a checkpoint declares beside config.json, which pdlaunch does not load (ModelOpt, AutoGPTQ, AutoAWQ):
+# without this its packed or FP8 tensors were refused as not matching a config.json that "has no quantization".
+_SIDE_FILES = {"hf_quant_config.json": "ModelOpt", "quantize_config.json": "GPTQ", "quant_config.json": "AWQ"}
+
+
+def _declared(cfg: object) -> tuple[str, Any]:
+    """(config.json key, value) of the checkpoint's quantization: `quantization_config`, else `compression_config`
+    (the key compressed-tensors wrote before it used quantization_config; vLLM reads it too)."""
+    if not isinstance(cfg, dict):
+        return "quantization_config", None  # load_arch reports a config.json that is not an object
+    if cfg.get("quantization_config") is None and cfg.get("compression_config") is not None:
+        found = cfg["compression_config"]
+        if isinstance(found, dict) and "quant_method" not in found:  # compressed-tensors' own key names no method
+            found = {**found, "quant_method": "compressed-tensors"}
+        return "compression_config", found
+    return "quantization_config", cfg.get("quantization_config")
+
+
+def _side_file_refusal(directory: Path) -> PdlaunchError | None:
+    """The error naming a quantization file beside config.json (config.json itself declares none), or None."""
+    for name, method in _SIDE_FILES.items():
+        if (directory / name).is_file():
+            return PdlaunchError(f"{directory / name} says the weights are {method}-quantized, which pdlaunch does "
+                                 "not load", field="model.path",
+                                 hint="pdlaunch loads bf16/fp16/fp32 checkpoints and FP8 ones whose config.json has "
+                                      "a quantization_config (fp8 or compressed-tensors float-quantized)")
+    return None
+
+
 def load_quant_config(directory: Path, quantization: str | None = None) -> QuantConfig | None:
     """The checkpoint's FP8 format, or the online one `quantization` asks for (None: unquantized).
 
     `--quantization fp8` on a checkpoint that is already FP8 keeps the checkpoint's scales."""
     path = Path(directory) / "config.json"
     try:
-        raw = json.loads(path.read_text()).get("quantization_config") if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        raw = None  # load_arch reports the unreadable config.json
-    found = parse_quant_config(raw)
+        key, raw = _declared(json.loads(path.read_text()) if path.is_file() else None)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        key, raw = "quantization_config", None  # load_arch reports the unreadable config.json
+    try:
+        found = parse_quant_config(raw)
+    except PdlaunchError as exc:
+        if key == "quantization_config":
+            raise
+        # the same checks, the key the checkpoint spells named
+        raise PdlaunchError(exc.message, (exc.field or _FIELD).replace(_FIELD, f"config.json:{key}", 1),
+                            exc.hint) from None
+    if found is None and path.is_file():
+        refusal = _side_file_refusal(Path(directory))
+        if refusal is not None:
+            raise refusal
     if quantization is not None and quantization not in QUANTIZATION_METHODS:
         raise PdlaunchError(f"unknown quantization {quantization!r}", field="model.quantization",
                             hint=f"use one of: {', '.join(QUANTIZATION_METHODS)} (or leave it unset)")
