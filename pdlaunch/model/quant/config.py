@@ -139,15 +139,17 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
                        description=f"fp8 per-{strategy} (compressed-tensors)")
 
 
-def parse_quant_config(cfg: dict[str, Any] | None) -> QuantConfig | None:
-    """config.json's `quantization_config` dict -> QuantConfig (None: not quantized)."""
+def parse_quant_config(cfg: object) -> QuantConfig | None:
+    """config.json's `quantization_config` (any JSON value: what is not an object is refused) -> QuantConfig
+    (None: not quantized)."""
     if not cfg:
         return None
-    method = _object(cfg, "").get("quant_method")
+    found = _object(cfg, "")
+    method = found.get("quant_method")
     if method == "fp8":
-        return _block_fp8(cfg)
+        return _block_fp8(found)
     if method == "compressed-tensors":
-        return _compressed_tensors(cfg)
+        return _compressed_tensors(found)
     raise _refuse(f"quant_method {method!r} is not supported", "quant_method",
                   "pdlaunch loads fp8 (block or per-tensor) and compressed-tensors float-quantized checkpoints")
 
@@ -163,7 +165,7 @@ def online_quant_config() -> QuantConfig:
 _SIDE_FILES = {"hf_quant_config.json": "ModelOpt", "quantize_config.json": "GPTQ", "quant_config.json": "AWQ"}
 
 
-def _declared(cfg: object) -> tuple[str, Any]:
+def _declared(cfg: object) -> tuple[str, object]:
     """(config.json key, value) of the checkpoint's quantization: `quantization_config`, else `compression_config`
     (the key compressed-tensors wrote before it used quantization_config; vLLM reads it too)."""
     if not isinstance(cfg, dict):
