@@ -15,6 +15,7 @@ from pdlaunch.config.problems import Problem, problem
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.families import HF_DEFAULTS, architecture_of  # torch-free: only pydantic and json
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, parse_moe
+from pdlaunch.model.weight_files import gguf_hint  # torch-free: reads headers and file names only
 
 _REQUIRED_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -186,7 +187,7 @@ def load_model_info(path: str) -> tuple[ModelInfo | None, list[Problem]]:
     config_file = model_dir / "config.json"
     if not has_config:
         return None, [problem("model.path", f"{path!r} has no config.json",
-                              "point at the checkpoint directory that holds config.json")]
+                              gguf_hint(model_dir) or "point at the checkpoint directory that holds config.json")]
     try:
         hf = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply

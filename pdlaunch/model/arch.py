@@ -19,6 +19,7 @@ from pdlaunch.errors import PdlaunchError
 from pdlaunch.model.families import HF_DEFAULTS, FamilyDefaults, LayerType, architecture_of, layer_types
 from pdlaunch.model.moe.config import DENSE_FAMILY, MOE_ARCHITECTURES, MoeArch, config_bool, config_int, parse_moe
 from pdlaunch.model.rope_config import RopeScaling, positive_float, rope
+from pdlaunch.model.weight_files import gguf_hint
 
 
 class HFConfigJson(TypedDict, total=False):
@@ -209,7 +210,8 @@ def load_arch(directory: Path) -> ModelArch:
         raise PdlaunchError(
             f"{path} is missing",
             field="model.path",
-            hint="a checkpoint directory needs config.json, *.safetensors and tokenizer.json",
+            hint=gguf_hint(Path(directory)) or "a checkpoint directory needs config.json, *.safetensors and "
+                                               "tokenizer.json",
         )
     try:
         cfg = json.loads(path.read_text())

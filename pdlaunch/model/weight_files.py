@@ -84,6 +84,19 @@ def index_map(path: Path) -> dict[str, str] | None:
     return _weight_map(index) if index.is_file() else None
 
 
+def gguf_hint(directory: Path) -> str | None:
+    """How to serve the GGUF file `directory` holds (pdlaunch reads a .gguf file, not the folder it lies in), or
+    None when it holds none."""
+    try:
+        found = sorted(p for p in directory.glob("*.gguf") if p.is_file())
+    except OSError:
+        return None
+    if not found:
+        return None
+    more = f" (or another of its {len(found)} .gguf files)" if len(found) > 1 else ""
+    return f"the directory holds {found[0].name}: pass the .gguf file itself, --model {found[0]}{more}"
+
+
 def safetensors_files(path: Path) -> list[Path]:
     """The checkpoint's weight files: those named by model.safetensors.index.json, else *.safetensors (without
     a Mistral-format consolidated*.safetensors when other weight files are there)."""
@@ -103,7 +116,8 @@ def safetensors_files(path: Path) -> list[Path]:
         raise PdlaunchError(
             f"no *.safetensors weights in {path}",
             field="model.path",
-            hint="pdlaunch loads safetensors only; convert .bin/.pt weights with transformers' save_pretrained",
+            hint=gguf_hint(path) or "pdlaunch loads safetensors only; convert .bin/.pt weights with transformers' "
+                                    "save_pretrained",
         )
     return files
 

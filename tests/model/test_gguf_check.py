@@ -96,3 +96,24 @@ def test_without_the_gguf_package_the_error_says_how_to_get_it(llama_dir: Path, 
     path = write_gguf(llama_dir, tmp_path / "m.gguf", "llama")
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now fails as on a host without it
     assert_invalid(_check(path), "--model", "reading m.gguf needs the gguf package, which is not installed")
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+@pytest.mark.parametrize("command", ["check-config", "generate"])
+def test_a_directory_holding_a_gguf_file_names_the_file_to_pass(llama_dir: Path, tmp_path: Path, command: str,
+                                                                 with_config: bool) -> None:
+    """A GGUF repository downloaded into a folder (with or without the original config.json) was refused as a
+    checkpoint directory lacking config.json or safetensors ("convert .bin/.pt weights"), never saying that
+    pdlaunch serves the .gguf file it holds."""
+    folder = tmp_path / "gguf-repo"
+    folder.mkdir()
+    gguf = write_gguf(llama_dir, folder / "model-Q8_0.gguf", "llama", quant="Q8_0")
+    if with_config:
+        (folder / "config.json").write_text((llama_dir / "config.json").read_text())
+        (folder / "tokenizer.json").write_text((llama_dir / "tokenizer.json").read_text())
+    extra = ["--prompt", "hi", "--max-tokens", "1"] if command == "generate" else []
+    result = invoke([command, "--model", str(folder), *CPU, *extra])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert f"the directory holds model-Q8_0.gguf: pass the .gguf file itself, --model {gguf}" in said
+    assert ".bin/.pt" not in said
