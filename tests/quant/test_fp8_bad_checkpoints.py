@@ -19,7 +19,7 @@ from pdlaunch.model.checkpoint import load_checkpoint
 from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.config import parse_quant_config
 from tests.config.cli_helpers import check, invoke
-from tests.helpers.fp8_checkpoints import make_fp8_qwen3
+from tests.helpers.fp8_checkpoints import keep_in_model_dtype, make_fp8_qwen3
 
 BLOCK: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
                          "activation_scheme": "dynamic", "modules_to_not_convert": ["lm_head"]}
@@ -68,6 +68,25 @@ def test_real_checkpoint_layouts_stay_accepted() -> None:
     assert no_fmt is not None and no_fmt.scheme == "block"  # transformers' defaults: e4m3, dynamic
     red_hat = parse_quant_config({**CHANNEL, "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None})
     assert red_hat is not None and red_hat.skips("model.layers.3.mlp.gate") and red_hat.scheme == "channel"
+
+
+def test_an_ignore_pattern_matches_from_the_start_of_the_name_as_compressed_tensors_does(tmp_path: Path) -> None:
+    """compressed-tensors (which quantized the checkpoint) and vLLM match a `re:` entry with re.match: `re:.*self_attn`
+    kept every attention projection unquantized. pdlaunch matched the whole name only, so it expected fp8 there and
+    refused the checkpoint ("is float32 but config.json quantizes this module")."""
+    served, reference = make_fp8_qwen3(tmp_path, "channel")
+    keep_in_model_dtype(served, reference, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    cfg = json.loads((served / "config.json").read_text())
+    cfg["quantization_config"]["ignore"] = ["lm_head", "re:.*self_attn"]
+    (served / "config.json").write_text(json.dumps(cfg))
+    assert check(["--model", str(served), "--device", "cpu"]).exit_code == 0
+    model = load_model(load_checkpoint(str(served)), torch.device("cpu"), torch.float32)
+    o_proj = model.model.layer(1).self_attn.o_proj.weight
+    assert torch.equal(o_proj, load_file(reference / "model.safetensors")["model.layers.1.self_attn.o_proj.weight"])
+    quant = parse_quant_config(cfg["quantization_config"])
+    assert quant is not None and not quant.skips("model.layers.0.mlp.down_proj")
+    ends = parse_quant_config({**CHANNEL, "ignore": ["re:.*mlp.gate$"]})
+    assert ends is not None and ends.skips("model.layers.0.mlp.gate") and not ends.skips("model.layers.0.mlp.gate_proj")
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,12 @@ class QuantConfig(BaseModel):
     description: str  # for /info and logs, e.g. "fp8 block 128x128 (checkpoint)"
 
     def skips(self, module: str) -> bool:
-        """True when checkpoint module `module` (e.g. model.layers.0.mlp.down_proj) is not quantized."""
+        """True when checkpoint module `module` (e.g. model.layers.0.mlp.down_proj) is not quantized. A `re:`
+        pattern matches from the start of the name, as compressed-tensors (which wrote the checkpoint) and vLLM match
+        it: `re:.*self_attn` keeps every attention projection unquantized, not only a module named self_attn."""
         for entry in self.ignore:
             if entry.startswith("re:"):
-                if re.fullmatch(entry[3:], module):
+                if re.match(entry[3:], module):
                     return True
             elif module == entry or module.endswith("." + entry) or module.startswith(entry + "."):
                 return True
