@@ -61,6 +61,31 @@ def test_a_malformed_quantization_config_is_refused_with_its_key(cfg: Any, key: 
     assert text in err.value.message
 
 
+INT = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
+
+
+@pytest.mark.parametrize("cfg,key,text", [
+    # W8A8 int8 (llm-compressor): the format is checkpoint-wide, and the error named config_groups.group_0.format,
+    # a key the file does not have, without saying what the checkpoint is
+    ({**CHANNEL, "format": "int-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": INT, "input_activations": {**INT, "strategy": "token", "dynamic": True}}}},
+     "format", "format 'int-quantized' (int 8-bit weights, int 8-bit activations) is not supported"),
+    ({**CHANNEL, "format": "pack-quantized", "config_groups": {"group_0": {
+        "targets": ["Linear"], "weights": {**INT, "num_bits": 4, "strategy": "group", "group_size": 128}}}},
+     "format", "format 'pack-quantized' (int 4-bit weights) is not supported"),
+    ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "format": "naive-quantized"}}}, "config_groups.group_0.format",
+     "format 'naive-quantized' (float 8-bit weights, float 8-bit activations) is not supported"),
+    ({**CHANNEL, "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": False}}}},
+     "config_groups.group_0.weights", "weights must be static 8-bit float; the group quantizes float 4-bit weights"),
+])
+def test_an_unsupported_compressed_tensors_scheme_is_named_with_the_key_that_says_it(cfg: Any, key: str,
+                                                                                    text: str) -> None:
+    with pytest.raises(PdlaunchError) as err:
+        parse_quant_config(cfg)
+    assert err.value.field == f"config.json:quantization_config.{key}" and text in err.value.message
+
+
 def test_real_checkpoint_layouts_stay_accepted() -> None:
     qwen3_fp8 = parse_quant_config({**BLOCK, "modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate"]})
     assert qwen3_fp8 is not None and qwen3_fp8.skips("model.layers.0.mlp.gate")

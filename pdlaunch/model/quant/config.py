@@ -105,6 +105,17 @@ def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
                        description=f"fp8 block {BLOCK}x{BLOCK} (checkpoint)")
 
 
+def _scheme(group: dict[str, object]) -> str:
+    """What a compressed-tensors group quantizes, for a refusal: "int 8-bit weights, int 8-bit activations" (W8A8),
+    "int 4-bit weights" (W4A16); empty when it says neither."""
+    parts = []
+    for args, what in ((group.get("weights"), "weights"), (group.get("input_activations"), "activations")):
+        if isinstance(args, dict) and args.get("num_bits") is not None:
+            dynamic = " dynamic" if what == "weights" and args.get("dynamic") else ""
+            parts.append(f"{args.get('type', '?')} {args['num_bits']}-bit{dynamic} {what}")
+    return ", ".join(parts)
+
+
 def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
     groups = _object(cfg.get("config_groups") or {}, "config_groups")
     if len(groups) != 1:
@@ -112,14 +123,18 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
     name, group = next(iter(groups.items()))
     key = f"config_groups.{name}"
     group = _object(group, key)
-    fmt = group.get("format") or cfg.get("format")
+    # the group's own format, else the checkpoint-wide one (where llm-compressor writes it): the error names that key
+    fmt, fmt_key = (group["format"], f"{key}.format") if group.get("format") else (cfg.get("format"), "format")
     if fmt != "float-quantized":
-        raise _refuse(f"compressed-tensors format {fmt!r} is not supported (only float-quantized)", f"{key}.format")
+        what = f" ({_scheme(group)})" if _scheme(group) else ""
+        raise _refuse(f"compressed-tensors format {fmt!r}{what} is not supported (only float-quantized: FP8 weights)",
+                      fmt_key)
     if group.get("targets") != ["Linear"]:
         raise _refuse(f"targets {group.get('targets')} are not supported (only [\"Linear\"])", f"{key}.targets")
     weights = _object(group.get("weights") or {}, f"{key}.weights")
     if weights.get("num_bits") != 8 or weights.get("type") != "float" or weights.get("dynamic"):
-        raise _refuse("weights must be static 8-bit float", f"{key}.weights")
+        raise _refuse(f"weights must be static 8-bit float; the group quantizes {_scheme(group) or 'no weights'}",
+                      f"{key}.weights")
     acts = group.get("input_activations")
     acts = None if acts is None else _object(acts, f"{key}.input_activations")
     if acts is not None and (not acts.get("dynamic") or acts.get("strategy") not in ("token", "group")):
