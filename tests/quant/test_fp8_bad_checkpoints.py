@@ -78,6 +78,10 @@ INT = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "
     ({**CHANNEL, "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "dynamic": False}}}},
      "config_groups.group_0.weights", "weights must be static 8-bit float; the group quantizes float 4-bit weights"),
+    # 2:4 sparse weights stored as values and a bitmask: accepted, then each such tensor refused as "unexpected"
+    ({**CHANNEL, "sparsity_config": {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}},
+     "sparsity_config.format", "sparsity_config format 'sparse-24-bitmask' is not supported"),
+    ({**CHANNEL, "sparsity_config": "2:4"}, "sparsity_config", "is not a JSON object"),
 ])
 def test_an_unsupported_compressed_tensors_scheme_is_named_with_the_key_that_says_it(cfg: Any, key: str,
                                                                                     text: str) -> None:
@@ -91,6 +95,8 @@ def test_real_checkpoint_layouts_stay_accepted() -> None:
     assert qwen3_fp8 is not None and qwen3_fp8.skips("model.layers.0.mlp.gate")
     no_fmt = parse_quant_config({k: v for k, v in BLOCK.items() if k not in ("fmt", "activation_scheme")})
     assert no_fmt is not None and no_fmt.scheme == "block"  # transformers' defaults: e4m3, dynamic
+    dense_sparse = parse_quant_config({**CHANNEL, "sparsity_config": {"format": "dense", "sparsity_structure": "2:4"}})
+    assert dense_sparse is not None and dense_sparse.scheme == "channel"  # 2:4 zeros in whole matrices: as they are
     red_hat = parse_quant_config({**CHANNEL, "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None})
     assert red_hat is not None and red_hat.skips("model.layers.3.mlp.gate") and red_hat.scheme == "channel"
 

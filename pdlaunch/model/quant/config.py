@@ -117,6 +117,12 @@ def _scheme(group: dict[str, object]) -> str:
 
 
 def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
+    sparsity = cfg.get("sparsity_config")
+    sparse_format = _object(sparsity, "sparsity_config").get("format") if sparsity is not None else None
+    if sparse_format not in (None, "dense"):  # "dense" stores whole weights: they load as they are
+        raise _refuse(f"sparsity_config format {sparse_format!r} is not supported: its weights are stored compressed "
+                      "(values and a bitmask), not as matrices", "sparsity_config.format",
+                      "use a checkpoint saved with dense weights (sparsity_config format dense, or none)")
     groups = _object(cfg.get("config_groups") or {}, "config_groups")
     if len(groups) != 1:
         raise _refuse(f"{len(groups)} config_groups; pdlaunch supports exactly one", "config_groups")
