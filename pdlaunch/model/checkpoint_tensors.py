@@ -20,12 +20,20 @@ from pdlaunch.model.weight_loader import ShardId, default_weight_loader
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _WEIGHT_SCALES = ("weight_scale_inv", "weight_scale", "input_scale")
-_KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale")
+# Other names FP8 KV cache scales are written under, as vLLM maps them: older compressed-tensors
+# (`k_proj.output_scale`, the k projection's output) and ModelOpt (`k_proj.k_scale`).
+_KV_SCALE_NAMES = {"self_attn.k_proj.output_scale": "self_attn.k_scale",
+                   "self_attn.v_proj.output_scale": "self_attn.v_scale",
+                   "self_attn.k_proj.k_scale": "self_attn.k_scale", "self_attn.v_proj.v_scale": "self_attn.v_scale"}
+_KV_SCALES = ("self_attn.k_scale", "self_attn.v_scale", *_KV_SCALE_NAMES)
 SCALE_SUFFIXES = _WEIGHT_SCALES + _KV_SCALES  # FP8 scales: small, their values checked (check-config reads them too)
 
 
 def _target(name: str) -> tuple[str, ShardId]:
     """Checkpoint tensor name -> (our parameter name, shard id for its weight_loader)."""
+    for other, ours in _KV_SCALE_NAMES.items():
+        if name.endswith("." + other):
+            return name.removesuffix(other) + ours, None
     moe = expert_target(name)  # one expert's projection -> the layer's stacked experts
     if moe is not None:
         return moe

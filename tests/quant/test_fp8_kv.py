@@ -4,15 +4,20 @@ scales differ, naming both sides."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.handshake import check_compatible
+from pdlaunch.model.checkpoint import load_checkpoint
+from pdlaunch.model.loader import load_model
 from pdlaunch.model.quant.fp8 import FP8_DTYPE
+from tests.config.cli_helpers import check
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_parity import random_prompts
 from tests.helpers.fp8_checkpoints import make_fp8_qwen3
@@ -85,3 +90,31 @@ def test_fp8_blocks_through_prefix_cache_and_cpu_tier(scaled_ckpts: tuple[Path, 
     again = run_all(engine, [prompt], GREEDY)[0]
     assert engine.stats()["offload_hit_blocks"] - before["offload_hit_blocks"] == (len(prompt) - 1) // 4
     assert again.output_token_ids == first.output_token_ids
+
+
+def _renamed(scaled: Path, tmp_path: Path, names: dict[str, str], value: float | None = None) -> Path:
+    """The scaled checkpoint with its k/v scales under other names (`value`: layer 0's first one set to it)."""
+    path = Path(shutil.copytree(scaled, tmp_path / "renamed"))
+    tensors = load_file(path / "model.safetensors")
+    for layer in range(2):
+        for ours, theirs in names.items():
+            tensors[f"model.layers.{layer}.self_attn.{theirs}"] = tensors.pop(f"model.layers.{layer}.self_attn.{ours}")
+    if value is not None:
+        tensors[f"model.layers.0.self_attn.{names['k_scale']}"] = torch.tensor(value)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.parametrize("names", [{"k_scale": "k_proj.output_scale", "v_scale": "v_proj.output_scale"},
+                                   {"k_scale": "k_proj.k_scale", "v_scale": "v_proj.v_scale"}])
+def test_kv_scales_under_the_names_other_quantizers_write_load(scaled_ckpts: tuple[Path, Path], tmp_path: Path,
+                                                               names: dict[str, str]) -> None:
+    """Older compressed-tensors (`k_proj.output_scale`) and ModelOpt (`k_proj.k_scale`) name the KV cache scales
+    otherwise; vLLM maps them. They were refused as "unexpected tensor ... does not match its config.json"."""
+    path = _renamed(scaled_ckpts[0], tmp_path, names)
+    assert check(["--model", str(path), "--device", "cpu"]).exit_code == 0
+    model = load_model(load_checkpoint(str(path)), torch.device("cpu"), torch.float32)
+    assert model.kv_scales() == [(K_SCALE, V_SCALE)] * 2
+    zero = _renamed(scaled_ckpts[0], tmp_path / "zero", names, value=0.0)  # a divisor: check-config reads its value
+    checked = " ".join(check(["--model", str(zero), "--device", "cpu"]).output.split())
+    assert f"tensor 'model.layers.0.self_attn.{names['k_scale']}' in model.safetensors holds 0.0" in checked

@@ -2,8 +2,10 @@
 
 With fp8 the cache tensors are float8_e4m3fn: a key is stored as k / k_scale (clamped to +-448) and
 read back as fp8 * k_scale, values likewise with v_scale. Scales come from the checkpoint's
-`self_attn.k_scale` / `self_attn.v_scale` tensors (llm-compressor and vLLM FP8-KV checkpoints), else
-1.0. With auto the cache has the model dtype and checkpoint scales are loaded but not applied.
+`self_attn.k_scale` / `self_attn.v_scale` tensors (llm-compressor and vLLM FP8-KV checkpoints; older
+compressed-tensors' `k_proj.output_scale` and ModelOpt's `k_proj.k_scale` names load as those,
+model/checkpoint_tensors.py), else 1.0. With auto the cache has the model dtype and checkpoint scales are
+loaded but not applied.
 """
 
 from __future__ import annotations
