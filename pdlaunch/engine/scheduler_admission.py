@@ -118,6 +118,8 @@ class SchedulerAdmission(SchedulerState):
         metrics.vllm(metrics.EXTERNAL_PREFIX_CACHE_HITS).inc(ext)
         if remote:
             metrics.DECODE_PREFIX_HIT_TOKENS.inc(k)  # the load skips these (decode-side prefix reuse)
+            if self.offload is not None:  # the blocks just allocated may be evicted ones still to store
+                self.offload.before_external_write()
             self.connector.start_load(rid, request.prompt_token_ids, params, self.block_manager.block_ids(rid), k, ext)
         if ext == 0:
             return False

@@ -6,7 +6,8 @@ Flow inside an engine step:
    block manager's evict hook (`on_evict`). Its KV is still intact: nothing has run since.
 2. `flush_stores` turns the evicted prefix blocks into store jobs (every group's copy of a block in
    one CPU block). It runs before any load and before the step's compute, and transfers run in
-   submission order, so the copy always precedes the block's reuse.
+   submission order, so the copy always precedes the block's reuse. A connector about to write a
+   request's fresh blocks (a PD decode's load) flushes first too (`before_external_write`).
 3. For a waiting request, `match` extends the device prefix hit with consecutive blocks found in
    the CPU tier; after allocation `start_load` moves them, all groups in one job, each group's
    device blocks starting at its own `block_indices` entry (a sliding-window group loads only what
@@ -120,6 +121,14 @@ class OffloadManager:
                       exc_info=not isinstance(exc, EngineError))
             for entry in entries:
                 self.tier.drop(entry)
+
+    def before_external_write(self) -> None:
+        """Queue pending stores and order what this thread runs next after them (CUDA: its stream waits
+        for every job; CPU: the host does). A connector about to write blocks just allocated calls this
+        first: some may be evicted cached blocks whose KV a store has yet to read, and storing what the
+        connector wrote would file another prompt's KV under their prefix."""
+        self.flush_stores()
+        self.transfer.order_before_compute()
 
     # -- loads -----------------------------------------------------------------------------------
     def match(self, token_ids: Sequence[int], hit: PrefixHit, max_tokens: int) -> CPUHit | None:

@@ -44,3 +44,30 @@ def test_decode_loads_local_prefix_from_cpu_tier(hybrid_ckpt: Path, make_engine:
 
     p_engine.step()  # the decode side's notification frees the prefill side's held blocks
     assert p_engine.block_manager.num_used_blocks() == 0
+
+
+def test_connector_load_into_evicted_blocks_does_not_reach_cpu_tier(hybrid_ckpt: Path,
+                                                                    make_engine: MakeEngine) -> None:
+    """A PD request's blocks may be cached ones just evicted, whose KV the CPU tier has yet to store: the
+    connector's load must not overwrite them first, or the tier keeps the other prompt's KV under this
+    prefix and a later hit on it loads wrong KV."""
+    hub = Hub()
+    p_conn, d_conn = CopyConnector(hub, "P"), CopyConnector(hub, "D")
+    p_engine = make_engine(hybrid_ckpt, instance=spec("prefill", "P"), connector=p_conn, block_size=4)
+    d_engine = make_engine(hybrid_ckpt, instance=spec("decode", "D"), connector=d_conn, **OPTIONS)
+    cached, remote = _prompts([30, 30], seed=43)
+    reference = hf_greedy(hybrid_ckpt, cached, GREEDY.max_tokens)
+    assert run_all(d_engine, [cached], GREEDY)[0].output_token_ids == reference
+
+    # The PD request's allocation evicts `cached`'s blocks; the connector writes `remote`'s KV into them.
+    (p_out,) = prefill(p_engine, [remote])
+    d_engine.add_request("d0", remote, GREEDY, p_out.kv_transfer_params)
+    while d_engine.has_unfinished_requests():
+        d_engine.step()
+        d_engine.check_integrity()
+    assert d_engine.stats()["offload_stored_blocks"] > 0
+    p_engine.step()  # the decode side's notification frees the prefill side's held blocks
+
+    before = d_engine.stats()
+    assert run_all(d_engine, [cached], GREEDY)[0].output_token_ids == reference
+    assert d_engine.stats()["offload_loaded_blocks"] > before["offload_loaded_blocks"]  # the tier served it
