@@ -11,7 +11,8 @@ Flow inside an engine step:
 3. For a waiting request, `match` extends the device prefix hit with consecutive blocks found in
    the CPU tier; after allocation `start_load` moves them, all groups in one job, each group's
    device blocks starting at its own `block_indices` entry (a sliding-window group loads only what
-   its window still needs). The request is scheduled in the same step from the end of the hit.
+   its window still needs, seen from the end of the hit or of a connector's part after it). The
+   request is scheduled in the same step from the end of the hit.
 4. `before_compute` orders every job before the step's compute (CUDA: stream waits on events).
 """
 
@@ -171,6 +172,11 @@ class OffloadManager:
         sizes, indices = [], []
         for g in range(bm.num_groups):
             lo = max(first, bm._first_needed_block(g, end * bm.block_size))
+            if bm.sliding_windows[g] is not None:
+                # A connector's part after the hit moves the window on: allocate left the table -1 before
+                # where the request's first computed position reads, and nothing reads those blocks.
+                while lo < end and block_ids[g][lo] < 0:
+                    lo += 1
             segment = list(block_ids[g][lo:end])
             if any(b < 0 for b in segment):
                 raise EngineError(f"group {g}: no device block to load CPU blocks into: {segment}",

@@ -71,3 +71,33 @@ def test_connector_load_into_evicted_blocks_does_not_reach_cpu_tier(hybrid_ckpt:
     before = d_engine.stats()
     assert run_all(d_engine, [cached], GREEDY)[0].output_token_ids == reference
     assert d_engine.stats()["offload_loaded_blocks"] > before["offload_loaded_blocks"]  # the tier served it
+
+
+def test_decode_loads_short_cpu_prefix_before_a_long_remote_part(hybrid_ckpt: Path,
+                                                                  make_engine: MakeEngine) -> None:
+    """A CPU-tier prefix far before where the connector's part ends: the sliding-window group needs none
+    of its blocks any more (its table has no device blocks there); the full group's still load."""
+    hub = Hub()
+    p_conn, d_conn = CopyConnector(hub, "P"), CopyConnector(hub, "D")
+    p_engine = make_engine(hybrid_ckpt, instance=spec("prefill", "P"), connector=p_conn, block_size=4)
+    d_engine = make_engine(hybrid_ckpt, instance=spec("decode", "D"), connector=d_conn, **OPTIONS)
+    cached, tail = _prompts([30, 16], seed=44)
+    prompt = cached[:14] + tail
+    reference = hf_greedy(hybrid_ckpt, prompt, GREEDY.max_tokens)
+    run_all(d_engine, [cached], GREEDY)
+    for flush in _prompts([30, 29, 31], seed=45):
+        run_all(d_engine, [flush], GREEDY)
+    assert d_engine.block_manager.match_prefix(prompt, len(prompt) - 1).num_tokens == 0
+
+    (p_out,) = prefill(p_engine, [prompt])
+    before = d_engine.stats()
+    d_engine.add_request("d0", prompt, GREEDY, p_out.kv_transfer_params)
+    final: dict[str, RequestOutput] = {}
+    while d_engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in d_engine.step() if o.finished})
+        d_engine.check_integrity()
+    assert final["d0"].finish_reason != "error", final["d0"]
+    assert final["d0"].output_token_ids == reference
+    assert d_conn.calls[-1] == ("d0", 12, len(prompt) - 1 - 12)  # 3 blocks from the CPU tier, the rest remote
+    assert d_engine.stats()["offload_loaded_blocks"] - before["offload_loaded_blocks"] == 3
+    p_engine.step()
