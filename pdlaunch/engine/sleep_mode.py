@@ -71,8 +71,10 @@ class EngineSleep:
         return backend
 
     def sleep(self, level: int) -> SleepResult:
-        result = self.controller.sleep(level)
-        metrics.set_sleep_state(self.controller.level)
+        try:
+            result = self.controller.sleep(level)
+        finally:  # a sleep that failed may have left the memory asleep (MemorySleep._undo_sleep)
+            metrics.set_sleep_state(self.controller.level)
         if self.engine.runner.device.type == "cuda":
             # What stays on the device while asleep: the CUDA context, the CUDA graphs' pool, NIXL/UCX.
             free, total = torch.cuda.mem_get_info(self.engine.runner.device)

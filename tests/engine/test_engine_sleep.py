@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pdlaunch import metrics
 from pdlaunch.engine.outputs import SamplingParams
 from pdlaunch.errors import EngineError, PdlaunchError
 from tests.engine.conftest import MakeEngine, run_all
@@ -41,3 +42,36 @@ def test_sleep_refused_while_busy_or_disabled(llama_ckpt, make_engine: MakeEngin
     with pytest.raises(EngineError, match="not enabled") as info:
         plain.sleep(1)
     assert info.value.field == "model.enable_sleep_mode" and not plain.is_sleeping()
+
+
+def test_sleep_state_metric_follows_a_sleep_left_half_done(llama_ckpt, make_engine: MakeEngine,  # type: ignore[no-untyped-def]
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory's release failed after the weights went, and so did waking them back: the engine stays
+    asleep at that level (a wake_up finishes it), and vllm:engine_sleep_state says so, not awake."""
+    engine = make_engine(llama_ckpt, enable_sleep_mode=True)
+    controller = engine._sleep.controller
+    backend = controller._backend
+    release, wake = backend.sleep, backend.wake_up
+
+    def release_then_fail(offload_tags: list[str]) -> int:
+        release(offload_tags)
+        raise RuntimeError("injected failure after releasing the memory")
+
+    def wake_fails(tags: list[str] | None = None) -> int:
+        raise RuntimeError("injected failure waking the memory")
+
+    metrics.set_sleep_state(None)  # as the instance starts
+    monkeypatch.setattr(backend, "sleep", release_then_fail)
+    monkeypatch.setattr(backend, "wake_up", wake_fails)
+    with pytest.raises(RuntimeError, match="waking"):
+        engine.sleep(1)
+    assert engine.is_sleeping()
+    state = {s: metrics.vllm(metrics.ENGINE_SLEEP_STATE, sleep_state=s)._value.get() for s in metrics.SLEEP_STATES}
+    assert state == {"awake": 0, "weights_offloaded": 1, "discard_all": 0}
+
+    monkeypatch.setattr(backend, "wake_up", wake)
+    engine.wake_up()
+    assert not engine.is_sleeping()
+    assert metrics.vllm(metrics.ENGINE_SLEEP_STATE, sleep_state="awake")._value.get() == 1
+    assert [o.output_token_ids for o in run_all(engine, PROMPTS, GREEDY)] == \
+        [o.output_token_ids for o in run_all(make_engine(llama_ckpt), PROMPTS, GREEDY)]
