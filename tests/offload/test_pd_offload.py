@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pdlaunch.engine.outputs import RequestOutput
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_connector import CopyConnector, Hub, prefill, spec
@@ -46,15 +48,16 @@ def test_decode_loads_local_prefix_from_cpu_tier(hybrid_ckpt: Path, make_engine:
     assert p_engine.block_manager.num_used_blocks() == 0
 
 
-def test_connector_load_into_evicted_blocks_does_not_reach_cpu_tier(hybrid_ckpt: Path,
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_connector_load_into_evicted_blocks_does_not_reach_cpu_tier(device: str, hybrid_ckpt: Path,
                                                                     make_engine: MakeEngine) -> None:
     """A PD request's blocks may be cached ones just evicted, whose KV the CPU tier has yet to store: the
     connector's load must not overwrite them first, or the tier keeps the other prompt's KV under this
     prefix and a later hit on it loads wrong KV."""
     hub = Hub()
     p_conn, d_conn = CopyConnector(hub, "P"), CopyConnector(hub, "D")
-    p_engine = make_engine(hybrid_ckpt, instance=spec("prefill", "P"), connector=p_conn, block_size=4)
-    d_engine = make_engine(hybrid_ckpt, instance=spec("decode", "D"), connector=d_conn, **OPTIONS)
+    p_engine = make_engine(hybrid_ckpt, device=device, instance=spec("prefill", "P"), connector=p_conn, block_size=4)
+    d_engine = make_engine(hybrid_ckpt, device=device, instance=spec("decode", "D"), connector=d_conn, **OPTIONS)
     cached, remote = _prompts([30, 30], seed=43)
     reference = hf_greedy(hybrid_ckpt, cached, GREEDY.max_tokens)
     assert run_all(d_engine, [cached], GREEDY)[0].output_token_ids == reference
