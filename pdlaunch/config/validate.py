@@ -112,33 +112,40 @@ def cumem_reason(cfg: DeploymentConfig) -> str:
     return "off"
 
 
-def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
-    """Seed 003: sleep mode turns cumem on; cumem needs CUDA; expandable_segments + connector needs cumem.
-
-    Mutates `cfg.model.enable_cumem_allocator` (cfg is the resolved copy). The slurm batch process leaves all of
-    it to each node's step unless the device is cpu: CUDA's support is the node's, and so is turning cumem on (a
-    node without CUDA would otherwise be told to drop an --enable-cumem-allocator the user never gave).
-    """
+def cumem_problems(cfg: DeploymentConfig, device: str, cuda: bool) -> list[Problem]:
+    """Seed 003: sleep mode turns cumem on (mutates `cfg.model.enable_cumem_allocator`: cfg is the resolved copy);
+    both need CUDA, which `cuda` says the instances' hosts have. render kubernetes settles its pods' deployment
+    with it too."""
     problems: list[Problem] = []
-    if device != "cpu" and checked_on_nodes(cfg, target):
-        return problems
-    cumem_available = device == "cuda" and (target is not None or host_devices.is_cumem_allocator_available())
-    sleep_available = device == "cuda" and (target is not None or host_devices.is_sleep_mode_available())
     model = cfg.model
     if model.enable_sleep_mode:
-        if not sleep_available:
+        if not cuda:
             problems.append(problem("model.enable_sleep_mode", "sleep mode is not supported on current platform",
                                     f"it needs CUDA (device is {device}); "
                                     "drop --enable-sleep-mode or use --device cuda"))
         elif not model.enable_cumem_allocator:
             _info_once(SLEEP_ENABLES_CUMEM)
             model.enable_cumem_allocator = True
-    if model.enable_cumem_allocator and not cumem_available:
+    if model.enable_cumem_allocator and not cuda:
         problems.append(problem("model.enable_cumem_allocator", "cumem allocator is not supported on current platform",
                                 f"it needs CUDA (device is {device}); "
                                 "drop --enable-cumem-allocator or use --device cuda"))
-    uses_connector = not cfg.colocated
-    if (device == "cuda" and uses_connector and not model.enable_cumem_allocator
+    return problems
+
+
+def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
+    """cumem_problems on this host (or the target), and expandable_segments + connector needs cumem.
+
+    The slurm batch process leaves all of it to each node's step unless the device is cpu: CUDA's support is the
+    node's, and so is turning cumem on (a node without CUDA would otherwise be told to drop an
+    --enable-cumem-allocator the user never gave).
+    """
+    if device != "cpu" and checked_on_nodes(cfg, target):
+        return []
+    # One check stands for both: sleep mode needs of the platform what the cumem allocator needs.
+    cuda = device == "cuda" and (target is not None or host_devices.is_cumem_allocator_available())
+    problems = cumem_problems(cfg, device, cuda)
+    if (device == "cuda" and not cfg.colocated and not cfg.model.enable_cumem_allocator
             and host_devices.expandable_segments_enabled()):
         problems.append(problem(
             "model.enable_cumem_allocator",
@@ -147,7 +154,8 @@ def _cumem_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) 
     return problems
 
 
-def _device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
+def device_rules(cfg: DeploymentConfig, device: str, target: TargetHost | None) -> list[Problem]:
+    """CUDA asked for where none is visible (this machine only), and a dtype the device cannot run."""
     problems: list[Problem] = []
     on_this_machine = target is None and not checked_on_nodes(cfg, target)
     if cfg.device == "cuda" and on_this_machine and not host_devices.cuda_available():
@@ -235,7 +243,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     problems: list[Problem] = roles.size_problems(out)
     if problems:  # the rules below walk every rank: a typo like `count: 3000000` would fill memory there
         return problems, out
-    problems += _device_rules(cfg, device, target)
+    problems += device_rules(cfg, device, target)
     problems += _cumem_rules(out, device, target)
     info, model_problems = model_info_for(out)
     problems += model_problems

@@ -1,7 +1,8 @@
 """`pdlaunch render kubernetes CONFIG --out DIR --image IMAGE`: the deployment as Kubernetes manifests.
 
 The config is checked as a cluster deployment (parsed, roles, per-group TP resolved; `device: auto`
-means cuda there), not against this machine: the pods run elsewhere.
+means cuda there, where sleep mode turns the cumem allocator on), with the rules of check-config that hold on any
+host, not against this machine: the pods run elsewhere.
 """
 
 from __future__ import annotations
@@ -25,8 +26,14 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
     from pdlaunch.config.flag_names import flag_fields, name_flags
     from pdlaunch.config.loader import load_deployment
-    from pdlaunch.config.rules.roles import kv_cache_dtype_problems, role_problems, size_problems
-    from pdlaunch.config.validate import TargetHost, resolve
+    from pdlaunch.config.rules.roles import (
+        cache_problems,
+        kv_cache_dtype_problems,
+        role_problems,
+        size_problems,
+        stall_timeout_problems,
+    )
+    from pdlaunch.config.validate import TargetHost, cumem_problems, device_rules, resolve
     from pdlaunch.render.kubernetes import storage_connector_problems
     from pdlaunch.render.pod_ports import pod_port_problems
 
@@ -35,7 +42,11 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     resolved = resolve(cfg, target)
     problems = size_problems(resolved)  # first: the rules below (and the manifests) walk every instance and rank
     if not problems:
-        problems = (role_problems(resolved) + kv_cache_dtype_problems(resolved)
+        # The rules check-config applies that hold on any host: the pods run the deployment as written, unchecked.
+        # cumem_problems also turns the cumem allocator on for sleep mode, as serve's launcher does.
+        problems = (role_problems(resolved) + kv_cache_dtype_problems(resolved) + cache_problems(resolved, None)
+                    + stall_timeout_problems(resolved) + device_rules(cfg, resolved.device, target)
+                    + cumem_problems(resolved, resolved.device, cuda=resolved.device == "cuda")
                     + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved))
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))

@@ -1,0 +1,71 @@
+"""`pdlaunch render kubernetes` writes the deployment its pods run: settled as `pdlaunch serve` settles it (sleep mode
+turns the cumem allocator on), and refused, as check-config refuses it, where a rule holds on any host (the pods start
+`python -m pdlaunch.server` on the deployment as written, and no check runs there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import Result
+
+from tests.config.cli_helpers import invoke, write_yaml
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def render(out: Path, *args: str) -> Result:
+    return invoke(["render", "kubernetes", *args, "--out", str(out), "--image", "pdlaunch:test"])
+
+
+def deployment(out: Path) -> dict[str, object]:
+    """The deployment the pods read, from the rendered Secret."""
+    secret = yaml.safe_load((out / "00-secret-pdlaunch-deployment.yaml").read_text())
+    found: dict[str, object] = json.loads(secret["stringData"]["deployment.json"])
+    return found
+
+
+def test_sleep_mode_turns_the_cumem_allocator_on_in_the_pods_deployment(tmp_path: Path) -> None:
+    # Without it the pods would keep weights and KV outside the CuMem pools, and a sleep could neither give the
+    # memory back at the same addresses nor keep NIXL's registrations valid.
+    out = tmp_path / "out"
+    result = render(out, str(EXAMPLES / "sleep-mode.yaml"))
+    assert result.exit_code == 0, result.output
+    model = deployment(out)["model"]
+    assert isinstance(model, dict)
+    assert model["enable_sleep_mode"] is True and model["enable_cumem_allocator"] is True
+
+
+def test_a_rendered_deployment_without_sleep_mode_keeps_cumem_off(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert render(out, "--model", "tiny").exit_code == 0
+    model = deployment(out)["model"]
+    assert isinstance(model, dict) and model["enable_cumem_allocator"] is False
+
+
+@pytest.mark.parametrize(("args", "flag", "text"), [
+    (["--enable-sleep-mode"], "--enable-sleep-mode", "it needs CUDA (device is cpu)"),
+    (["--enable-cumem-allocator"], "--enable-cumem-allocator", "it needs CUDA (device is cpu)"),
+    (["--block-size", "7"], "--block-size", "7 is not a supported block size"),
+    (["--dtype", "float16"], "--dtype", "float16 is not supported on CPU"),
+    (["--num-gpu-blocks", "4", "--max-model-len", "1024"], "--num-gpu-blocks", "cannot hold one 1024-token sequence"),
+])
+def test_what_check_config_refuses_on_any_host_is_refused_before_writing(tmp_path: Path, args: list[str], flag: str,
+                                                                         text: str) -> None:
+    out = tmp_path / "out"
+    result = render(out, "--model", "tiny", "--device", "cpu", *args)
+    assert result.exit_code == 1, result.output
+    assert any(line.startswith(f"error: {flag}:") and text in line for line in result.output.splitlines()), \
+        result.output
+    assert not out.exists()
+
+
+def test_a_stall_deadline_past_the_request_deadline_is_refused_by_its_key(tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, "proxy: {request_timeout_seconds: 10, health_timeout_seconds: 30}\n")
+    out = tmp_path / "out"
+    result = render(out, str(config), "--model", "tiny")
+    assert result.exit_code == 1, result.output
+    assert "error: proxy.health_timeout_seconds: 30s is not below proxy.request_timeout_seconds" in result.output
+    assert not out.exists()
