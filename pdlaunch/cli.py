@@ -165,7 +165,8 @@ def generate(
             raise PdlaunchError(f"MODEL {model_arg!r} and --model {model!r} name two models; give one of them",
                                 field="--model")
         run_generate(model_arg or model or "demo", device, prompt or ["Hello, my name is"], max_tokens, temperature,
-                     dtype, json_output, {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype})
+                     dtype, json_output, {"quantization": quantization, "kv_cache_dtype": kv_cache_dtype},
+                     model_flag="MODEL" if model_arg is not None else "--model")
 
 
 @config_app.command("schema")

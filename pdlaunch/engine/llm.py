@@ -102,9 +102,10 @@ class LLM:
         self.shutdown()
 
 
-def _checked_config(model: str, device: str, dtype: str, options: Mapping[str, object]) -> DeploymentConfig:
+def _checked_config(model: str, device: str, dtype: str, options: Mapping[str, object],
+                    flags: Mapping[str, str]) -> DeploymentConfig:
     """The resolved config of `pdlaunch generate`, after the checks check-config makes of the same flags
-    (values, model checkpoint, device): each problem is named by its flag."""
+    (values, model checkpoint, device): each problem is named by its flag (`flags`: config path -> flag)."""
     from pdlaunch.config.errors_format import problems_from_validation_error
     from pdlaunch.config.flag_names import name_flags
     from pdlaunch.config.validate import validate_deployment
@@ -113,21 +114,23 @@ def _checked_config(model: str, device: str, dtype: str, options: Mapping[str, o
     try:
         cfg = build_config(model, device, dtype, options)
     except ValidationError as exc:
-        raise ConfigError(name_flags(problems_from_validation_error(exc), _GENERATE_FLAGS)) from None
+        raise ConfigError(name_flags(problems_from_validation_error(exc), dict(flags))) from None
     if cfg.device == "cuda" and not host_devices.cuda_available():  # check-config's hint names flags not here
         raise EngineError("cuda requested but no CUDA device is visible on this machine", field="--device",
                           hint="use --device cpu or auto")
     problems, resolved = validate_deployment(cfg, target=None)
-    ours = [p for p in problems if p.field in _GENERATE_FLAGS]  # not the proxy's, ports, log_dir: no server here
+    ours = [p for p in problems if p.field in flags]  # not the proxy's, ports, log_dir: no server here
     if ours:
-        raise ConfigError(name_flags(ours, _GENERATE_FLAGS))
+        raise ConfigError(name_flags(ours, dict(flags)))
     return resolved
 
 
 def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, temperature: float, dtype: str,
-                 json_output: bool, options: dict[str, str | None] | None = None) -> None:
+                 json_output: bool, options: dict[str, str | None] | None = None, model_flag: str = "--model") -> None:
     """Generate for every prompt; with `json_output` one {"prompt", "text", "token_ids"} per line.
-    `options`: further model/cache config fields (quantization, kv_cache_dtype)."""
+    `options`: further model/cache config fields (quantization, kv_cache_dtype); `model_flag`: how the user gave
+    the model (`MODEL`, the positional argument, or `--model`), which a problem with it names."""
+    flags = {**_GENERATE_FLAGS, "model.path": model_flag}
     if not 1 <= max_tokens <= MAX_INT32:
         raise EngineError(f"{max_tokens} is out of range", field="--max-tokens",
                           hint=f"give a number of tokens from 1 to {MAX_INT32}")
@@ -135,7 +138,7 @@ def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, t
         raise EngineError(f"{temperature} is not a finite number >= 0", field="--temperature",
                           hint="0 = greedy, e.g. 0.7 to sample")
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-    limit = _checked_config(model, device, dtype, options or {}).model.max_model_len
+    limit = _checked_config(model, device, dtype, options or {}, flags).model.max_model_len
     if limit is not None and max_tokens >= limit:
         raise EngineError(f"{max_tokens} tokens leave no room for a prompt within the model's max_model_len {limit}",
                           field="--max-tokens", hint=f"use --max-tokens {limit - 1} or less")
@@ -143,7 +146,7 @@ def run_generate(model: str, device: str, prompts: list[str], max_tokens: int, t
         with LLM(model, device=device, dtype=dtype, **(options or {})) as llm:
             outputs = llm.generate(prompts, params)
     except PdlaunchError as exc:
-        flag = _GENERATE_FLAGS.get(exc.field or "")
+        flag = flags.get(exc.field or "")
         if flag is None or isinstance(exc, ConfigError):
             raise
         hint = exc.hint.replace("max_tokens", "--max-tokens") if exc.hint else None

@@ -35,3 +35,11 @@ def test_output_into_a_full_stdout_is_one_error_line(args: list[str]) -> None:
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
     assert done.stderr.startswith("error: stdout: cannot write the ") and "No space left on device" in done.stderr
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_a_model_that_is_not_there_is_named_as_the_user_gave_it(tmp_path: Path, positional: bool) -> None:
+    for model, text in ((str(tmp_path / "missing"), "does not exist"), (str(tmp_path), "has no config.json")):
+        args = [model] if positional else ["--model", model]
+        result = invoke(["generate", *args, "--max-tokens", "1", "--device", "cpu"])
+        assert_invalid(result, "MODEL" if positional else "--model", text)
