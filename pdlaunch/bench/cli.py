@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdlaunch.bench.cli_errors import fail, number_list, reported
+from pdlaunch.bench.cli_errors import fail, number_list, path_flag, reported
 from pdlaunch.bench.compare_cli import compare
 from pdlaunch.bench.kv_transfer_cli import kv_transfer
 from pdlaunch.errors import PdlaunchError
@@ -70,12 +70,13 @@ def serve(
     seed: Annotated[int, typer.Option("--seed", help="Seed for prompts, lengths and arrivals.")] = 0,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 600.0,
     save_result: Annotated[bool, typer.Option("--save-result", help="Write the JSON result file.")] = False,
-    result_dir: Annotated[Path, typer.Option("--result-dir", help="Folder of the JSON result file.")] = Path("."),
+    result_dir: Annotated[str, typer.Option("--result-dir", metavar="PATH", help="Folder of the JSON result file.")
+                          ] = ".",
     result_filename: Annotated[
         str | None, typer.Option("--result-filename", help="JSON file name (implies --save-result).")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option("--plot", help="Write PNG latency plots here (needs matplotlib).")
+        str | None, typer.Option("--plot", metavar="PATH", help="Write PNG latency plots here (needs matplotlib).")
     ] = None,
     multi_turn: Annotated[bool, typer.Option(
         "--multi-turn", help="Conversations instead of independent prompts: each turn resends the conversation "
@@ -103,8 +104,10 @@ def serve(
             random_range_ratio=random_range_ratio, request_rate=request_rate, burstiness=burstiness,
             max_concurrency=max_concurrency, num_warmups=num_warmups, goodput=[*(goodput or []), *(slo_args or [])],
             prompt_format=prompt_format, vocab_size=vocab_size, ignore_eos=ignore_eos, seed=seed,
-            request_timeout=request_timeout, save_result=save_result, result_dir=result_dir,
-            result_filename=result_filename, plot_dir=plot, multi_turn=multi_turn,
+            request_timeout=request_timeout, save_result=save_result,
+            result_dir=path_flag(result_dir, "--result-dir", "the folder for the result file, or drop the flag"),
+            result_filename=result_filename, plot_dir=path_flag(plot, "--plot", "the folder for the plots, or drop "
+                                                                "the flag"), multi_turn=multi_turn,
             num_conversations=num_conversations, num_turns=num_turns, system_prompt_len=system_prompt_len,
         ))
         if multi_turn:

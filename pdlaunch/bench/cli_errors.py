@@ -1,10 +1,12 @@
 """How a `pdlaunch bench` command reports a user's mistake: one line per problem naming the flag, exit 1, never a
-traceback; Ctrl-C exits 130 saying what was left. Comma-separated flags are read with the same one-line errors."""
+traceback; Ctrl-C exits 130 saying what was left. Comma-separated flags and paths are read with the same one-line
+errors."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import typer
@@ -65,3 +67,14 @@ def number_list(text: str | None, flag: str, cast: type[_N]) -> list[_N] | None:
     except ValueError:
         raise fail([f"{flag}: {text!r} is not a comma-separated list of {kind}"]) from None
 
+
+
+def path_flag(text: str | None, flag: str, example: str) -> Path | None:
+    """`text` as a path; None stays None. Path flags are typed str, not Path, because typer reads "" (`--out "$DIR"`
+    with DIR unset) as the current folder, which would get the files meant for DIR: an empty value fails naming
+    `flag`, with `example` (what to give instead)."""
+    if text is None:
+        return None
+    if not text.strip():
+        raise fail([f"{flag}: is empty (an unset variable?); give {example}"])
+    return Path(text)

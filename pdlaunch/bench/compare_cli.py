@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pdlaunch.bench.cli_errors import number_list, reported
+from pdlaunch.bench.cli_errors import number_list, path_flag, reported
 
 
 def _compare_interrupted(kept: list[Path]) -> str:
@@ -28,7 +28,8 @@ def _report_interrupted(kept: list[Path]) -> str:
 def compare(
     model: Annotated[str, typer.Option("--model", help="HF checkpoint directory, FILE.gguf, `demo` or `tiny`.")],
     rates: Annotated[str, typer.Option("--rates", help="Offered request rates, req/s, comma-separated: 2,4,8.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for compare.json, goodput.png and the logs.")],
+    out: Annotated[str, typer.Option("--out", metavar="PATH",
+                                     help="Folder for compare.json, goodput.png and the logs.")],
     gpus: Annotated[
         str | None, typer.Option("--gpus", help="GPU indices both deployments use, e.g. 0,1 (default: 0..P+D-1).")
     ] = None,
@@ -80,11 +81,13 @@ def compare(
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="Prompt token ids drawn from [10, V).")] = 500,
     max_model_len: Annotated[int | None, typer.Option("--max-model-len", help="Longest prompt + output.")] = None,
     config: Annotated[
-        Path | None, typer.Option("--config", help="Base deployment YAML (its instances are replaced).")
+        str | None, typer.Option("--config", metavar="PATH",
+                                 help="Base deployment YAML (its instances are replaced).")
     ] = None,
-    baseline: Annotated[Path | None, typer.Option(
-        "--baseline", help="The --out folder of an earlier run with the same workload: its colocated and PD runs "
-        "are reused and only the per-request disaggregation deployment runs (A/B of its settings).")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", metavar="PATH", help="The --out folder of an earlier run with the same workload: its colocated "
+        "and PD runs are reused and only the per-request disaggregation deployment runs (A/B of its settings).")
+    ] = None,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 600.0,
     ready_timeout: Annotated[
         float, typer.Option("--ready-timeout", help="Seconds to wait for a deployment to be ready.")
@@ -111,8 +114,11 @@ def compare(
             tight_ttft_slo_ms=tight_ttft_slo_ms, tight_tpot_slo_ms=tight_tpot_slo_ms, advise_for=advise_for,
             run_advised=run_advised,
             colocated_instances=colocated_instances, prefill=prefill, decode=decode, burstiness=burstiness,
-            seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len, config=config,
-            baseline=baseline, request_timeout=request_timeout, ready_timeout=ready_timeout, out=out,
+            seed=seed, num_warmups=num_warmups, vocab_size=vocab_size, max_model_len=max_model_len,
+            config=path_flag(config, "--config", "the base deployment YAML, or drop the flag"),
+            baseline=path_flag(baseline, "--baseline", "the --out folder of an earlier run, or drop the flag"),
+            request_timeout=request_timeout, ready_timeout=ready_timeout,
+            out=path_flag(out, "--out", "the folder to write the report into, e.g. --out compare/"),
         ))
         comparison = run_compare(cfg, console, kept)
     # an unwritable --out or a full disk is one error line; Ctrl-C or SIGTERM leave no half-written file

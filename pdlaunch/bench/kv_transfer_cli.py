@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from pdlaunch.bench.cli_errors import fail
+from pdlaunch.bench.cli_errors import fail, path_flag
 from pdlaunch.config.mooncake_install import INSTALL_HINT, missing_reason
 from pdlaunch.errors import PdlaunchError
 
@@ -36,7 +35,8 @@ def kv_transfer(
     concurrency: Annotated[int, typer.Option("--concurrency", help="Requests started at once per timed transfer "
                                              "(disjoint blocks); a row is all of them, until the last ends.")] = 1,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for one transfer.")] = 60.0,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the rows here as JSON.")] = None,
+    json_file: Annotated[str | None, typer.Option("--json", metavar="PATH", help="Write the rows here as JSON.")
+                         ] = None,
     kv_connector: Annotated[
         list[str] | None,
         typer.Option("--kv-connector", help="nixl | mooncake; repeatable (default: nixl). Another connector "
@@ -56,6 +56,7 @@ def kv_transfer(
     if bad:
         raise fail([f"--mode: unknown transfer mode {bad[0]!r} (pull or push)"])
     connectors = _bench_connectors(kv_connector or ["nixl"])
+    json_path = path_flag(json_file, "--json", "a file name, e.g. kv.json, or drop the flag")
     try:
         if json_path is not None:  # before the run: a path that cannot be written fails now, not after it
             make_output_dir(json_path.parent, "--json")

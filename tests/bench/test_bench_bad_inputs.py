@@ -191,3 +191,23 @@ def test_compare_baseline_of_the_wrong_shape(tmp_path: Path) -> None:
     result = _invoke("compare", *TINY_COMPARE, "--disaggregate-min-tokens", "8", "--baseline", str(baseline),
                      "--out", str(tmp_path / "out"))
     _assert_refused(result, "--baseline")
+
+
+@pytest.mark.parametrize(("command", "args", "flag"), [
+    ("compare", [*TINY_COMPARE, "--out", ""], "--out"),
+    ("compare", [*TINY_COMPARE, "--out", "{out}", "--config", " "], "--config"),
+    ("compare", [*TINY_COMPARE, "--out", "{out}", "--disaggregate-min-tokens", "8", "--baseline", ""], "--baseline"),
+    ("serve", ["--base-url", "{url}", *SMALL, "--plot", ""], "--plot"),
+    ("serve", ["--base-url", "{url}", *SMALL, "--save-result", "--result-dir", ""], "--result-dir"),
+    ("kv-transfer", [*KV_SMALL, "--json", ""], "--json"),
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  command: str, args: list[str], flag: str) -> None:
+    """`--out "$OUT"` with OUT unset: typer reads "" as the current folder, where compare wrote its reports, runs and
+    logs (and bench serve its plots or result) instead of the folder the user meant."""
+    monkeypatch.chdir(tmp_path)
+    with fake_server() as (url, seen):
+        result = _invoke(command, *[a.format(url=url, out=tmp_path / "out") for a in args])
+    _assert_refused(result, flag)
+    assert "is empty (an unset variable?)" in result.output, result.output
+    assert seen == [] and list(tmp_path.iterdir()) == []
