@@ -26,6 +26,7 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     """The deployment resolved for a cluster whose nodes have `gpus_per_node` GPUs. Raises ConfigError."""
     from pdlaunch.config.flag_names import flag_fields, name_flags
     from pdlaunch.config.loader import load_deployment
+    from pdlaunch.config.problems import problem
     from pdlaunch.config.rules.roles import (
         cache_problems,
         kv_cache_dtype_problems,
@@ -48,6 +49,9 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
                     + stall_timeout_problems(resolved) + device_rules(cfg, resolved.device, target)
                     + cumem_problems(resolved, resolved.device, cuda=resolved.device == "cuda")
                     + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved))
+    if not resolved.model.path.strip():  # `--model "$MODEL"` with MODEL unset: no pod would find a model there
+        problems.append(problem("model.path", f"{resolved.model.path!r} names no model", "give the model's path in "
+                                "the image (or on a volume there), `demo` or `tiny`"))
     if problems:
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     return resolved

@@ -69,3 +69,16 @@ def test_a_stall_deadline_past_the_request_deadline_is_refused_by_its_key(tmp_pa
     assert result.exit_code == 1, result.output
     assert "error: proxy.health_timeout_seconds: 30s is not below proxy.request_timeout_seconds" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "field"), [([""], "MODEL"), (["--model", ""], "--model"),
+                                             (["--model", " "], "--model"), (["{yaml}"], "model.path")])
+def test_an_empty_model_is_refused_not_rendered(tmp_path: Path, args: list[str], field: str) -> None:
+    """`render kubernetes "$CONFIG"` or `--model "$MODEL"` with the variable unset: the manifests named no model,
+    and every pod would have failed to load one."""
+    config = write_yaml(tmp_path, "model: {path: ''}\n")
+    out = tmp_path / "out"
+    result = render(out, *[arg.format(yaml=config) for arg in args])
+    assert result.exit_code == 1, result.output
+    assert f"error: {field}: " in result.output and "names no model" in result.output, result.output
+    assert not out.exists()
