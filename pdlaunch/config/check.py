@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.flag_names import flag_fields, name_flags
 from pdlaunch.config.instance_names import instance_name, role_numbers
 from pdlaunch.config.loader import flag_over_file_warnings, load_deployment, with_rule_problems
+from pdlaunch.config.log_level import log_level_warnings
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.rules.host_memory import host_memory_findings, host_memory_line
 from pdlaunch.config.rules.memory import GIB, device_budget_bytes, estimate
@@ -136,7 +138,8 @@ def run_check(config_path: Path | None, overrides: Mapping[str, object], json_ou
               target_gpus: int | None, target_gpu_memory: float | None) -> int:
     """Print the report (or one JSON object with --json); 0 when valid, 1 when any problem was found."""
     problems, resolved, target = check(config_path, overrides, target_gpus, target_gpu_memory)
-    warnings = world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
+    warnings = (world_readable_secret_warnings(config_path) + flag_over_file_warnings(config_path, overrides)
+                + log_level_warnings(os.environ))
     if resolved is not None:
         info = model_info_for(resolved)[0]
         warnings += name_flags(no_effect_warnings(resolved, info), flag_fields(overrides, resolved.instances))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.errors_format import problems_from_validation_error, short_repr
 from pdlaunch.config.flag_names import FLAG_FOR_PATH, ROLE_PATH, flag_fields, name_flags, typed_flags
 from pdlaunch.config.flags import ENV_VARS
+from pdlaunch.config.log_level import log_level_warnings
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.yaml_strict import read_yaml
 from pdlaunch.errors import ConfigError
@@ -239,8 +241,8 @@ def load_valid_deployment(path: Path | None, overrides: Mapping[str, object]) ->
         raise ConfigError(name_flags(problems, flag_fields(overrides, cfg.instances)))
     info, _ = load_model_info(resolved.model.path)
     found = no_effect_warnings(resolved, info) + host_memory_findings(resolved, info)[1]  # ray: not this machine's
-    for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + name_flags(
-            found, flag_fields(overrides, resolved.instances)):
+    found = name_flags(found, flag_fields(overrides, resolved.instances)) + log_level_warnings(os.environ)
+    for field, message in world_readable_secret_warnings(path) + flag_over_file_warnings(path, overrides) + found:
         logger.warning("warning: %s: %s", field, message)
     return resolved
 

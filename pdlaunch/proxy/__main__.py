@@ -32,6 +32,7 @@ import uvicorn
 
 from pdlaunch.config.instance_names import instance_name
 from pdlaunch.config.launcher_config import SecurityConfig
+from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
@@ -45,11 +46,10 @@ from pdlaunch.server.watchdog import watch_parent
 DEFAULT_DRAIN_S = 5.0
 API_KEY_ENV = "PDLAUNCH_API_KEY"
 SECRET_ENV = "PDLAUNCH_DEPLOYMENT_SECRET"
-LOG_LEVEL_ENV = "PDLAUNCH_LOG_LEVEL"  # `PDLAUNCH_LOG_LEVEL=debug pdlaunch serve`: per-request lines everywhere
-LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def _env_log_level() -> str:
+    """PDLAUNCH_LOG_LEVEL's level, else info (serve and check-config warn about a value that is none)."""
     level = os.environ.get(LOG_LEVEL_ENV, "info").lower()
     return level if level in LOG_LEVELS else "info"
 
