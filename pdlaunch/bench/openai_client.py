@@ -49,10 +49,12 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
     """Send one request and read its stream into `result` (times relative to `st`); returns the
     number of chunks that carried a choice (each handed to `on_choice`). Sets `result.error` for an
     HTTP or in-stream error, a chunk that is not a JSON object, a choice the server finished as aborted
-    or failed, and a stream that ended before [DONE] (cut short: its tokens are not the whole answer)."""
+    or failed, a stream that ended before [DONE] (cut short: its tokens are not the whole answer), and an
+    answer the server's usage counts 0 completion tokens for (no token: nothing to time)."""
     chunks = 0
     last = st
     done = False
+    usage_seen = False  # the server counted the answer's tokens (usage.completion_tokens)
     async with client.stream("POST", cfg.url, json=_payload(cfg, model, req)) as resp:
         if resp.status_code != 200:
             body = (await resp.aread()).decode(errors="replace")
@@ -94,10 +96,16 @@ async def _stream(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: str, 
                 chunks += 1
             usage = data.get("usage")
             if isinstance(usage, dict):
-                result.output_len = int(usage.get("completion_tokens") or 0)
+                completion = usage.get("completion_tokens")
+                if completion is not None:  # 0 is a count (an answer without a token), not a missing one
+                    result.output_len = int(completion)
+                    usage_seen = True
                 result.prompt_len = int(usage.get("prompt_tokens") or req.prompt_len)
     if not done:
         result.error = f"the stream ended before [DONE] after {chunks} chunk(s): the answer was cut short"
+    elif usage_seen and result.output_len == 0 and chunks:
+        # Its chunks carried no token (a role, an empty text): a TTFT taken from them times no token.
+        result.error = f"the server reported 0 completion tokens after {chunks} chunk(s): no token was generated"
     return chunks
 
 
@@ -123,7 +131,7 @@ async def send_request(client: httpx.AsyncClient, cfg: ServeBenchConfig, model: 
         return result
     result.success = True
     if result.output_len == 0:
-        result.output_len = chunks  # server sent no usage: one token per chunk
+        result.output_len = chunks  # server sent no completion_tokens: one token per chunk
     return result
 
 

@@ -12,5 +12,5 @@ README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 def test_the_bench_serve_row_says_what_completed_means() -> None:
     row = next(line for line in README.splitlines() if line.startswith("| `pdlaunch bench serve"))
     reasons = "/".join(sorted(CUT_SHORT))
-    assert ("a request counts as completed only if its stream reaches `[DONE]` and the server did not end it with "
-            f"finish_reason {reasons}") in row
+    assert ("a request counts as completed only if its stream reaches `[DONE]`, the server did not end it with "
+            f"finish_reason {reasons}, and its usage does not count 0 completion tokens") in row

@@ -33,6 +33,13 @@ def _app(mode: str) -> FastAPI:
         n = int(body["max_tokens"])
 
         async def events() -> AsyncIterator[bytes]:
+            if bad and mode == "no-token":  # one chunk with no text, and usage counting no token
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': '', 'finish_reason': 'stop'}]})}\n\n" \
+                    .encode()
+                usage = {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4}
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+                return
             for i in range(n):
                 cut = bad and i == n // 2
                 if cut and mode == "cut":
@@ -74,6 +81,16 @@ def test_a_request_the_server_aborted_is_a_failed_request(tmp_path: Path) -> Non
     assert code == 0, output
     assert doc["completed"] == 2 and doc["failed"] == 2
     assert sum("abort" in err for err in doc["errors"]) == 2
+
+
+def test_an_answer_the_server_counts_no_token_for_is_a_failed_request(tmp_path: Path) -> None:
+    """A chunk without a token times nothing: counted as one token (the chunk count) and as a success, its TTFT
+    and goodput would stand for an answer that never came."""
+    code, output, doc = _run("no-token", tmp_path)
+    assert code == 0, output
+    assert doc["completed"] == 2 and doc["failed"] == 2
+    assert doc["total_output_tokens"] == 16  # the two whole answers only, not one per empty chunk
+    assert sum("0 completion tokens" in err for err in doc["errors"]) == 2
 
 
 def test_a_chunk_that_is_no_json_object_fails_its_request_not_the_run(tmp_path: Path) -> None:
