@@ -5,7 +5,8 @@
         [-- extra serve flags]
 
 Runs `pdlaunch serve --colocated`, then `pdlaunch serve` (1 prefill + 1 decode), each with the same
-`pdlaunch bench serve` workload (one request in flight at a time: low load), and reads the mean
+`pdlaunch bench serve` workload (one request in flight at a time: low load) after two warm-up requests of
+other prompts (never the measured ones: prefix caching would answer those from the cache), and reads the mean
 KV transfer time of the PD run from the instances' `pdlaunch_kv_transfer_seconds` histograms.
 Target (issue 15): PD median TTFT <= colocated median TTFT + mean KV transfer time + 10 ms (--slack-ms).
 It also reports how many prompt positions the decode computed itself in the PD run: 0 when every
@@ -36,6 +37,7 @@ from pdlaunch.bench.serve import run_serve_bench
 from pdlaunch.bench.serve_config import ServeBenchConfig
 
 READY_TIMEOUT_S = 900.0  # an 8B checkpoint loads and profiles in minutes on a cold disk
+WARMUP_PROMPTS = 2
 
 
 def _free_port() -> int:
@@ -96,11 +98,22 @@ def decode_prompt_tokens_computed(proxy_url: str) -> int:
                for inst in httpx.get(f"{proxy_url}/instances", timeout=10).json() if inst["role"] == "decode")
 
 
-def bench(url: str, args: argparse.Namespace, console: Console, num_prompts: int) -> dict[str, Any]:
+def bench(url: str, args: argparse.Namespace, console: Console, num_prompts: int, seed: int) -> dict[str, Any]:
     cfg = ServeBenchConfig(base_url=url, num_prompts=num_prompts, random_input_len=args.input_len,
                            random_output_len=args.output_len, request_rate=args.request_rate, max_concurrency=1,
-                           vocab_size=args.vocab_size, seed=args.seed)
+                           vocab_size=args.vocab_size, seed=seed)
     return run_serve_bench(cfg, console)
+
+
+def warm_up(url: str, args: argparse.Namespace, console: Console) -> None:
+    """WARMUP_PROMPTS requests (first-use compiles; on PD the NIXL handshake) whose prompts the measured run does not
+    send: drawn from another seed. With the measured run's seed they were its first prompts, which prefix caching
+    (on by default) then answered from the cache: TTFTs of one computed token among those of whole prompts."""
+    bench(url, args, console, WARMUP_PROMPTS, args.seed + 1)
+
+
+def measure(url: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    return bench(url, args, console, args.num_prompts, args.seed)
 
 
 def main() -> None:
@@ -124,13 +137,13 @@ def main() -> None:
 
     console.rule("colocated")
     with deployment([*common, "--colocated"], logs / "colocated") as url:
-        bench(url, args, console, 2)  # warm-up
-        colo = bench(url, args, console, args.num_prompts)
+        warm_up(url, args, console)
+        colo = measure(url, args, console)
     console.rule("PD (1 prefill + 1 decode)")
     with deployment(common, logs / "pd") as url:
-        bench(url, args, console, 2)  # warm-up, NIXL handshake included
+        warm_up(url, args, console)
         before, computed_before = transfer_totals(url), decode_prompt_tokens_computed(url)
-        pd = bench(url, args, console, args.num_prompts)
+        pd = measure(url, args, console)
         after, computed = transfer_totals(url), decode_prompt_tokens_computed(url) - computed_before
     n_transfers = after[1] - before[1]
     if n_transfers < 1:
