@@ -253,6 +253,7 @@ def validate_deployment(cfg: DeploymentConfig, target: TargetHost | None) -> tup
     if info is not None and out.model.max_model_len is None and info.max_position_embeddings is not None:
         out.model.max_model_len = info.max_position_embeddings
     problems += roles.role_problems(out)
+    problems += roles.tp_support_problems(out)
     problems += roles.node_problems(out)
     problems += roles.kv_cache_dtype_problems(out)
     problems += roles.ray_field_problems(out)

@@ -33,6 +33,7 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
         role_problems,
         size_problems,
         stall_timeout_problems,
+        tp_support_problems,
     )
     from pdlaunch.config.validate import TargetHost, cumem_problems, device_rules, resolve
     from pdlaunch.render.kubernetes import storage_connector_problems
@@ -46,7 +47,8 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
         # The rules check-config applies that hold on any host: the pods run the deployment as written, unchecked.
         # cumem_problems also turns the cumem allocator on for sleep mode, as serve's launcher does.
         problems = (role_problems(resolved) + kv_cache_dtype_problems(resolved) + cache_problems(resolved, None)
-                    + stall_timeout_problems(resolved) + device_rules(cfg, resolved.device, target)
+                    + stall_timeout_problems(resolved) + tp_support_problems(resolved)
+                    + device_rules(cfg, resolved.device, target)
                     + cumem_problems(resolved, resolved.device, cuda=resolved.device == "cuda")
                     + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved))
     if not resolved.model.path.strip():  # `--model "$MODEL"` with MODEL unset: no pod would find a model there

@@ -10,7 +10,7 @@ from pdlaunch.config.launcher_config import LauncherConfig
 from pdlaunch.config.model_info import ModelInfo
 from pdlaunch.config.problems import Problem, problem
 from pdlaunch.config.strict_model import BLOCK_SIZES
-from pdlaunch.config.topology_config import group_expert_parallel, group_kv_cache_dtype
+from pdlaunch.config.topology_config import InstanceGroupConfig, group_expert_parallel, group_kv_cache_dtype
 
 # More ranks (processes, one per GPU on CUDA) than a deployment runs: the rules after size_problems walk every
 # rank, so a typo such as `count: 3000000` must stop there instead of filling memory.
@@ -266,4 +266,25 @@ def cache_problems(cfg: DeploymentConfig, info: ModelInfo | None) -> list[Proble
             problems.append(problem("cache.num_gpu_blocks", f"{blocks} blocks of {block_size} tokens cannot hold one "
                                     f"{max_len}-token sequence ({needed} blocks)",
                                     f"use at least {needed} blocks or a smaller --max-model-len"))
+    return problems
+
+
+
+def tp_support_problems(cfg: DeploymentConfig) -> list[Problem]:
+    """What an instance of TP > 1 refuses at start (distributed/executor.py), refused here first: sleep mode, and the
+    storage connector on prefill and decode instances (colocated ones move no KV). One problem each, naming the
+    groups."""
+    spanning = [(i, g) for i, g in enumerate(cfg.instances) if (g.tp or 1) > 1 and g.count > 0]
+    moving = [(i, g) for i, g in spanning if g.role != "colocated"]
+
+    def named(groups: list[tuple[int, InstanceGroupConfig]]) -> str:
+        return ", ".join(f"instances[{i}] ({g.role}, TP {g.tp})" for i, g in groups)
+
+    problems: list[Problem] = []
+    if cfg.model.enable_sleep_mode and spanning:
+        problems.append(problem("model.enable_sleep_mode", f"sleep mode is not supported with TP > 1 yet: "
+                                f"{named(spanning)}", "run sleep mode with --tp 1"))
+    if cfg.kv_transfer.connector == "storage" and moving:
+        problems.append(problem("kv_transfer.connector", f"the storage connector does not run with TP > 1 yet: "
+                                f"{named(moving)}", "use --kv-connector nixl or mooncake with TP > 1"))
     return problems
