@@ -27,6 +27,7 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
     from pdlaunch.config.flag_names import flag_fields, name_flags
     from pdlaunch.config.loader import load_deployment
     from pdlaunch.config.problems import problem
+    from pdlaunch.config.rules.chat_template import chat_template_problems, template_file
     from pdlaunch.config.rules.roles import (
         cache_problems,
         kv_cache_dtype_problems,
@@ -51,6 +52,8 @@ def cluster_config(config: Path | None, overrides: Overrides, gpus_per_node: int
                     + device_rules(cfg, resolved.device, target)
                     + cumem_problems(resolved, resolved.device, cuda=resolved.device == "cuda")
                     + pod_port_problems(resolved, gpus_per_node) + storage_connector_problems(resolved))
+    if template_file(resolved.model.chat_template) is not None:  # carried into the pods as its text: check it here
+        problems += chat_template_problems(resolved.model.chat_template)
     if not resolved.model.path.strip():  # `--model "$MODEL"` with MODEL unset: no pod would find a model there
         problems.append(problem("model.path", f"{resolved.model.path!r} names no model", "give the model's path in "
                                 "the image (or on a volume there), `demo` or `tiny`"))
@@ -78,6 +81,7 @@ def kubernetes(
     """Kubernetes manifests of the deployment: a LeaderWorkerSet per instance group, Services, the proxy, a Secret."""
     from pydantic import ValidationError
 
+    from pdlaunch.config.rules.chat_template import template_file
     from pdlaunch.render.kubernetes import render_kubernetes
     from pdlaunch.render.manifest_files import write_manifests
     from pdlaunch.render.options import RenderOptions, option_problems
@@ -104,6 +108,9 @@ def kubernetes(
         raise typer.Exit(code=1) from None
     for path in written:
         typer.echo(str(path))
+    if (template := template_file(cfg.model.chat_template)) is not None:
+        console.print(f"the pods carry the text of the chat template {escape(str(template))} (a file of this "
+                      "machine): render again after changing it", highlight=False, soft_wrap=True)
     shown = escape(out)
     console.print(f"{len(written)} manifests in {shown}: `kubectl apply -f {shown}` (needs the LeaderWorkerSet "
                   "controller, https://lws.sigs.k8s.io)", highlight=False, soft_wrap=True)

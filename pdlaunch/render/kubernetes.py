@@ -26,6 +26,7 @@ from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.engine_ids import FILLED_IN
 from pdlaunch.config.port_plan import plan_instances
 from pdlaunch.config.problems import Problem, problem
+from pdlaunch.config.rules.chat_template import template_file
 from pdlaunch.config.rules.security import MIN_SECRET_CHARS
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.render.core_api import Deployment, Secret, Service
@@ -107,13 +108,17 @@ def _with_engine_id_base(cfg: DeploymentConfig, secret: str, options: RenderOpti
 def _pod_config(cfg: DeploymentConfig, secret: str) -> DeploymentConfig:
     """The config every pod reads: Kubernetes places the pods, so no node list; the side channel binds
     every interface and each rank advertises its pod's address; TP ranks in the leader pod reach its
-    rendezvous store on loopback (ranks in worker pods are given the leader's address)."""
+    rendezvous store on loopback (ranks in worker pods are given the leader's address); a chat template file of this
+    machine is carried as its text (a path that is no file here, one in the image, stays a path)."""
     out = cfg.model_copy(deep=True)
     out.parallel.nodes = []
     out.parallel.node_rank = 0
     out.parallel.master_addr = "127.0.0.1"
     out.kv_transfer.side_channel_host = "0.0.0.0"
     out.security.deployment_secret = secret
+    local = template_file(out.model.chat_template)
+    if local is not None:  # a pod has none of this machine's files: it gets the template's text
+        out.model.chat_template = local.read_text(encoding="utf-8")
     return out
 
 

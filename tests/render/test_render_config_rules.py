@@ -82,3 +82,31 @@ def test_an_empty_model_is_refused_not_rendered(tmp_path: Path, args: list[str],
     assert result.exit_code == 1, result.output
     assert f"error: {field}: " in result.output and "names no model" in result.output, result.output
     assert not out.exists()
+
+
+def test_a_local_chat_template_file_reaches_the_pods_as_its_text(tmp_path: Path) -> None:
+    """A pod has no file of the machine that rendered it: a --chat-template naming a local file is written into the
+    pods' deployment as the template's text; a path that is no local file (one inside the image) stays a path."""
+    template = tmp_path / "chat.jinja"
+    text = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    template.write_text(text)
+    out = tmp_path / "out"
+    result = render(out, "--model", "tiny", "--device", "cpu", "--chat-template", str(template))
+    assert result.exit_code == 0, result.output
+    model = deployment(out)["model"]
+    assert isinstance(model, dict) and model["chat_template"] == text
+    assert str(template) in result.output  # said, so the user knows the pods carry a copy
+
+    inline = tmp_path / "inline"
+    result = render(inline, "--model", "tiny", "--device", "cpu", "--chat-template", "{{ messages[0]['content'] }}")
+    assert result.exit_code == 0, result.output
+    model = deployment(inline)["model"]
+    assert isinstance(model, dict) and model["chat_template"] == "{{ messages[0]['content'] }}"
+
+
+def test_a_local_chat_template_file_that_does_not_parse_is_refused(tmp_path: Path) -> None:
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}")
+    result = render(tmp_path / "out", "--model", "tiny", "--device", "cpu", "--chat-template", str(template))
+    assert result.exit_code == 1 and "--chat-template" in result.output and "does not parse" in result.output
+    assert "Traceback" not in result.output

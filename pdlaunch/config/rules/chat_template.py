@@ -24,6 +24,12 @@ def _kind(value: str) -> str | None:
         return None
 
 
+def template_file(value: str | None) -> Path | None:
+    """The file `model.chat_template` names, when it names one that exists here (else it is the template's text, or
+    a path on another machine)."""
+    return Path(value) if value is not None and _kind(value) == "file" else None
+
+
 def chat_template_problems(value: str | None) -> list[Problem]:
     """Why the instances would refuse `value` as their chat template; [] when they take it (or it is unset)."""
     if value is None:
