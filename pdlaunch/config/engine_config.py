@@ -48,6 +48,15 @@ class ModelConfig(StrictModel):
     def _one_name_is_a_list(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value  # --served-model-name NAME, or a YAML list
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_clients_can_send(cls, names: list[str] | None) -> list[str] | None:
+        for name in names or []:
+            if name != name.strip():  # " " or "m ": a typo no client means to send as `model`
+                raise ValueError(f"{name!r} starts or ends with whitespace (or is blank): give the name clients "
+                                 "send as `model`, without surrounding spaces")
+        return names
+
 
 class CacheConfig(StrictModel):
     block_size: int = Field(16, description="Tokens per KV block: 8, 16, 32, 64 or 128.")

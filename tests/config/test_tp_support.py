@@ -32,3 +32,4 @@ def test_render_kubernetes_refuses_sleep_mode_with_tp_2(tmp_path: Path) -> None:
                                       "--enable-sleep-mode", "--out", str(tmp_path / "m"), "--image", "x"])
     assert result.exit_code == 1 and "sleep mode is not supported with TP > 1" in result.output, result.output
     assert "Traceback" not in result.output and not (tmp_path / "m").exists()
+

@@ -158,3 +158,10 @@ def test_kv_cache_dtype_fp8_e4m3_is_fp8(tmp_path: Path) -> None:
     grouped = write_yaml(tmp_path, "instances:\n  - {role: prefill, kv_cache_dtype: fp8_e4m3}\n"
                                    "  - {role: decode, kv_cache_dtype: fp8}\n")
     assert [g["kv_cache_dtype"] for g in config_of([str(grouped), "tiny"])["instances"]] == ["fp8", "fp8"]
+
+
+def test_a_blank_served_model_name_is_refused() -> None:
+    for name in (" ", " tiny", "tiny "):
+        assert_invalid(check(["--model", "tiny", "--device", "cpu", "--served-model-name", name]),
+                       "--served-model-name", "whitespace")
+    assert check(["--model", "tiny", "--device", "cpu", "--served-model-name", "my model"]).exit_code == 0
