@@ -9,10 +9,12 @@ this process nor sends them elsewhere than its log; --export=ALL over a batch sc
 which is the multi-node path of `pdlaunch serve --node-rank K` on node K: its instances, its ranks of
 TP groups spanning nodes (rendezvous through torch.distributed with the store on the group's first
 node), and on node 0 the proxy. The validated config, with one deployment secret for every node,
-reaches the steps through their environment (srun passes it on), not a shared file. This process checks the
-config only: `device: auto`, CUDA, GPU counts and memory, sleep mode / the cumem allocator are each node's
-step's to check on its own machine (config/validate.checked_on_nodes); the steps say which device they serve
-on, and a node whose `auto` resolved otherwise than node 0's stops the deployment (slurm_lines.py).
+reaches the steps through their environment (srun passes it on), not a shared file. This process writes
+LOG_DIR/slurm-nodeK.log itself and holds LOG_DIR's lock (launcher/log_dir_lock.py) from before the first step
+starts until the last has ended. It checks the config only: `device: auto`, CUDA, GPU counts and memory,
+sleep mode / the cumem allocator are each node's step's to check on its own machine
+(config/validate.checked_on_nodes); the steps say which device they serve on, and a node whose `auto`
+resolved otherwise than node 0's stops the deployment (slurm_lines.py).
 
 It waits for the proxy to answer /health, then supervises the steps: each node's launcher restarts
 its own instances; a step that ends stops the deployment (exit 1, naming the node and its log, and
@@ -50,6 +52,7 @@ from pdlaunch.config.rules.node_ports import check_node_ports
 from pdlaunch.errors import PdlaunchError
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
+from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.serve import StopSignals, report_failure
@@ -187,6 +190,10 @@ def run_slurm(cfg: DeploymentConfig) -> int:
              for k in range(len(cfg.parallel.nodes))]
     job = os.environ.get("SLURM_JOB_ID", "?")
     url = proxy_url(cfg)
+    # This process writes LOG_DIR/slurm-nodeK.log: a second deployment in a live one's directory (a second job
+    # with the default `logs`) is refused here, before it truncates those logs or starts a step (LogDirInUse).
+    lock = LogDirLock(log_dir)
+    lock.acquire(url)
     nodes = ", ".join(node.address for node in cfg.parallel.nodes)
     devices = NodeDevices(cfg, [step.log_path for step in steps])
     with StopSignals() as signals:
@@ -238,6 +245,7 @@ def run_slurm(cfg: DeploymentConfig) -> int:
                 console.print("stopped: every srun step ended"
                               + (f" (cancelled through SLURM: {', '.join(cancelled)})" if cancelled else ""),
                               highlight=False, soft_wrap=True)
+            lock.release()  # last: the directory is this deployment's until every step has ended
         return 1 if left else code
 
 
