@@ -49,4 +49,8 @@ class RayRun:
 
     @property
     def url(self) -> str | None:
-        return None if self.spec is None else f"http://{self.spec.host}:{self.spec.port}"
+        """Where the instance answers: its node's address as Ray reports it, bracketed when IPv6 (`fd00::2`)."""
+        if self.spec is None:
+            return None
+        host = self.spec.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.spec.port}"
