@@ -183,8 +183,13 @@ class RayDeployment:
             run.record.ready = True
             self.say(f"{run.name} is ready again after restart {run.record.restarts} at {run.url}")
             if run.url != self.proxy.urls.get(run.name) and self.proxy.process is not None:
-                self.say(f"{run.name} moved to {run.url}: restarting the proxy with its new address")
-                self.proxy.start(self.runs, note=f"{run.name} moved to {run.url}")
+                # The proxy exited (its restart pending, or its exit not yet seen by proxy.check): the restart that
+                # check makes after the backoff reads every address; one now would be stopped again by that one.
+                if self.proxy.record.due is not None or self.proxy.process.poll() is not None:
+                    self.say(f"{run.name} moved to {run.url}: the proxy's pending restart takes its new address")
+                else:
+                    self.say(f"{run.name} moved to {run.url}: restarting the proxy with its new address")
+                    self.proxy.start(self.runs, note=f"{run.name} moved to {run.url}")
         elif now - run.started > READY_TIMEOUT_S:
             self.say(f"{run.name} is not ready {READY_TIMEOUT_S:.0f}s after restart {run.record.restarts}; "
                      "removing its actors")

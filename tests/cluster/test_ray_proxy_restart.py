@@ -1,0 +1,79 @@
+"""`--backend ray`: the proxy is started once per restart. An instance that comes back at another node's address
+while the proxy waits out its restart backoff (the proxy had exited) is handed to the proxy by that restart,
+which reads every instance's current address. Before, the instance's move started the proxy at once and the
+backoff's restart then stopped that serving proxy (1 s, no drain: its requests cut) to start it again.
+Stand-ins for the ray module and the proxy's process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray", reason="--backend ray needs the ray package (pip install 'pdlaunch[ray]')")
+
+from pdlaunch.launcher.backends import ray_proxy  # noqa: E402 (after the importorskip)
+from tests.cluster.test_backend_failures_ray import FakeRay, deployment_on  # noqa: E402
+
+
+class _Proxy:
+    """The proxy's ChildProcess: `exited` is its exit code once it ended; `events` what the launcher did to it."""
+
+    events: list[str] = []
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv, self.log_path, self.exited = argv, log_path, None
+        _Proxy.events.clear()
+
+    def start(self, note: str | None = None) -> None:
+        self.exited = None
+        _Proxy.events.append(f"start ({note})" if note else "start")
+
+    def stop(self, term_timeout: float, hurry: object = None) -> None:
+        if self.exited is None:
+            _Proxy.events.append("stopped while serving")
+        self.exited = -15
+
+    def poll(self) -> int | None:
+        return self.exited
+
+    def describe_exit(self) -> str:
+        return f"exited with code {self.exited}"
+
+
+@pytest.mark.parametrize("exit_seen", [True, False], ids=["in-backoff", "exit-not-yet-seen"])
+def test_an_instance_that_moved_while_the_proxy_was_down_gets_one_proxy_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_seen: bool) -> None:
+    """`exit-not-yet-seen`: the proxy exited in the same round, before proxy.check saw it: the move restarted it
+    at once and its exit never reached the restart policy (its backoff and supervision.max_restarts)."""
+    deployment = deployment_on(FakeRay(), tmp_path, monkeypatch)
+    monkeypatch.setattr(ray_proxy, "ChildProcess", _Proxy)
+    monkeypatch.setattr(deployment.proxy, "answers", lambda: True)
+    said: list[str] = []
+    monkeypatch.setattr(deployment, "say", said.append)
+    for port, run in enumerate(deployment.runs, start=9000):
+        run.spec = run.plan.spec.model_copy(update={"host": "10.0.0.2", "port": port})
+        run.state = "ready"
+    proxy = deployment.proxy
+    proxy.start(deployment.runs, note=None)
+    assert isinstance(proxy.process, _Proxy)
+    proxy.record.ready = True
+
+    proxy.process.exited = 1  # the proxy exits: its restart is due after the backoff
+    if exit_seen:
+        proxy.check(deployment.runs, now=100.0, policy=deployment.policy)
+
+    decode = deployment.runs[1]  # meanwhile decode-0 came back on another node
+    decode.spec = decode.plan.spec.model_copy(update={"host": "10.0.0.3", "port": 9001})
+    decode.state = "starting"
+    monkeypatch.setattr(deployment, "answers", lambda run: True)
+    deployment._check_started(decode, now=100.5)
+    if not exit_seen:
+        proxy.check(deployment.runs, now=100.5, policy=deployment.policy)
+    due = proxy.record.due
+    assert due is not None and due > 100.0 and proxy.record.last_exit == "exited with code 1", said
+    proxy.check(deployment.runs, now=due, policy=deployment.policy)
+    proxy.check(deployment.runs, now=due + 1.0, policy=deployment.policy)
+
+    assert _Proxy.events == ["start", "start (restart 1 of the proxy (exited with code 1))"], (_Proxy.events, said)
+    assert proxy.urls["decode-0"] == "http://10.0.0.3:9001" and proxy.record.restarts == 1
