@@ -5,9 +5,12 @@ For every ready instance i of the role:
 
     score(i) = matched_tokens(i) - ALPHA * queued_tokens(i)
 
-- matched_tokens(i): tokens of the prompt's leading full blocks that i caches: the prompt's chained block
-  hashes (kvcache/events.prompt_block_hashes over the token ids the proxy tokenized) against i's set from its
-  KV cache events (kv_events.py); 0 while that set is unknown.
+- matched_tokens(i): tokens of the prompt's leading full blocks that i caches and would take from its cache:
+  the prompt's chained block hashes (kvcache/events.prompt_block_hashes over the token ids the proxy
+  tokenized) against i's set from its KV cache events (kv_events.py); 0 while that set is unknown. Only the
+  blocks before the prompt's last token count: an instance computes that token whatever it caches (its logits
+  are the first output token; engine/scheduler_admission.py looks up num_tokens - 1), so a prompt whose every
+  block is cached still costs i the last block, and counts that block as queued work there.
 - queued_tokens(i): uncached prompt tokens of the legs this proxy has in flight on i (a prefill leg until it
   answers, a decode leg until its answer ends).
 - ALPHA = 1: a token queued ahead of ours costs i about what a token of our prompt that it must compute
@@ -38,14 +41,15 @@ _ID_BOUND = 1 << 63  # block hashes pack token ids as int64 (kvcache/prefix_cach
 
 @dataclass
 class PromptBlocks:
-    """A prompt's token ids and, per block size, its chained block hashes (hashed once)."""
+    """A prompt's token ids and, per block size, the chained hashes of the blocks an instance may take from its
+    prefix cache (hashed once): the full blocks before the last token, which an instance always computes."""
 
     token_ids: list[int]
     _hashes: dict[int, list[str]] = field(default_factory=dict)
 
     def hashes(self, block_size: int) -> list[str]:
         if block_size not in self._hashes:
-            self._hashes[block_size] = prompt_block_hashes(self.token_ids, block_size)
+            self._hashes[block_size] = prompt_block_hashes(self.token_ids[:-1], block_size)
         return self._hashes[block_size]
 
 

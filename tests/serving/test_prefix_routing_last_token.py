@@ -1,0 +1,68 @@
+"""Prefix routing counts what an instance takes from its cache, not all it caches: an instance computes a
+prompt's last token whatever it holds (engine/scheduler_admission.py looks up num_tokens - 1), so the block
+holding that token is never a hit. Counting it made a prompt whose every block is cached cost its instance
+nothing: identical prompts piled onto that instance without end, and disaggregation took 0 uncached tokens
+for a prompt the decode must compute a block of.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pdlaunch.kvcache.block_manager import BlockManager
+from pdlaunch.kvcache.events import hash_hex
+from pdlaunch.model.demo import resolve_model_path
+from pdlaunch.proxy.disaggregate import PromptTokens
+from pdlaunch.proxy.instances import Instance, InstancePool
+from pdlaunch.proxy.kv_events import CachedBlocks, KvEventFeed
+from pdlaunch.proxy.prefix import PrefixRouter, PromptBlocks
+
+BS = 4
+
+
+def _router(names: list[str]) -> tuple[PrefixRouter, KvEventFeed, list[Instance]]:
+    instances = [Instance("prefill", f"http://127.0.0.1:{9 + i}", name, state="ready") for i, name in enumerate(names)]
+    feed = KvEventFeed(instances, {})
+    router = PrefixRouter(InstancePool(instances, "prefix"), feed, PromptTokens(resolve_model_path("tiny")),
+                          by_prefix=True)
+    return router, feed, instances
+
+
+def _cached_after(prompts: list[list[int]]) -> tuple[BlockManager, CachedBlocks]:
+    """An instance's block manager after serving `prompts` (one at a time), and the proxy's view of its cache."""
+    bm = BlockManager(32, BS)
+    for n, tokens in enumerate(prompts):
+        hit = bm.match_prefix(tokens, len(tokens) - 1)  # as the scheduler admits a prompt
+        assert bm.allocate(f"r{n}", len(tokens), hit.num_tokens, hit)
+        bm.cache_blocks(f"r{n}", tokens, len(tokens))
+        bm.free(f"r{n}")
+    return bm, CachedBlocks({hash_hex(h) for h in bm.events.cached_counts()}, BS, "", 0)
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 5, 8, 11, 12, 13])
+def test_matched_tokens_are_what_the_instance_reuses(length: int) -> None:
+    served = list(range(1000, 1016))  # 4 full blocks cached
+    bm, cached = _cached_after([served])
+    router, feed, instances = _router(["prefill-0"])
+    feed.cached["prefill-0"] = cached
+    prompt = served[:length]
+    reused = bm.match_prefix(prompt, len(prompt) - 1).num_tokens
+    assert router.matched_tokens(instances[0], PromptBlocks(prompt)) == reused
+
+
+def test_an_identical_prompt_does_not_pile_onto_the_instance_that_caches_it() -> None:
+    """12 tokens, all 3 blocks cached on prefill-0: it reuses 8 and computes 4 per request, so its queue grows
+    by 4 per request in flight and the third goes to prefill-1 (score 8 - 4 * 2 = 0 ties, then 8 - 4 * 3 < 0)."""
+    prompt = list(range(500, 512))
+    _, cached = _cached_after([prompt])
+    router, feed, _ = _router(["prefill-0", "prefill-1"])
+    feed.cached["prefill-0"] = cached
+    feed.cached["prefill-1"] = CachedBlocks(set(), BS, "", 0)
+    blocks = PromptBlocks(prompt)
+    chosen = []
+    for _ in range(4):
+        choice = router.choose("prefill", blocks)
+        router.enqueue(choice.instance, len(prompt) - choice.matched_tokens)
+        chosen.append((choice.instance.name, choice.matched_tokens))
+    assert chosen[:2] == [("prefill-0", 8), ("prefill-0", 8)]
+    assert ("prefill-1", 0) in chosen[2:]
