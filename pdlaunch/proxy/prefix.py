@@ -10,7 +10,11 @@ For every ready instance i of the role:
   tokenized) against i's set from its KV cache events (kv_events.py); 0 while that set is unknown. Only the
   blocks before the prompt's last token count: an instance computes that token whatever it caches (its logits
   are the first output token; engine/scheduler_admission.py looks up num_tokens - 1), so a prompt whose every
-  block is cached still costs i the last block, and counts that block as queued work there.
+  block is cached still costs i the last block, and counts that block as queued work there. A request for
+  prompt logprobs (prompt_logprobs, or echo with logprobs) matches nothing: an instance computes every
+  position of such a prompt for its logits, taking nothing from its cache, so all its tokens count as queued
+  (a PD decode leg, which loads the prompt without its logprobs, is counted so too: its count also decides
+  whether the decode computes the prompt alone, logprobs and all).
 - queued_tokens(i): uncached prompt tokens of the legs this proxy has in flight on i (a prefill leg until it
   answers, a decode leg until its answer ends).
 - ALPHA = 1: a token queued ahead of ours costs i about what a token of our prompt that it must compute
@@ -45,9 +49,12 @@ class PromptBlocks:
     prefix cache (hashed once): the full blocks before the last token, which an instance always computes."""
 
     token_ids: list[int]
+    reuses_cache: bool = True  # False: the request wants prompt logprobs, so an instance computes every token
     _hashes: dict[int, list[str]] = field(default_factory=dict)
 
     def hashes(self, block_size: int) -> list[str]:
+        if not self.reuses_cache:
+            return []
         if block_size not in self._hashes:
             self._hashes[block_size] = prompt_block_hashes(self.token_ids[:-1], block_size)
         return self._hashes[block_size]
@@ -79,7 +86,7 @@ class PrefixRouter:
         ids = await self.tokens.ids(body, chat)
         if not all(0 <= t < _ID_BOUND for t in ids):  # no model's ids (the instance answers the 400): unhashable
             return None
-        return PromptBlocks(ids)
+        return PromptBlocks(ids, reuses_cache=not wants_prompt_logprobs(body, chat))
 
     def matched_tokens(self, instance: Instance, prompt: PromptBlocks | None) -> int:
         cached = self.feed.usable(instance) if self.feed is not None and prompt is not None else None
@@ -119,3 +126,11 @@ class PrefixRouter:
                 self.queued[instance.name] -= tokens
 
         return release
+
+
+def wants_prompt_logprobs(body: Body, chat: bool) -> bool:
+    """Whether an instance serving `body` computes the prompt's logprobs, as the instances read the request
+    (server/completion_request.py: prompt_logprobs, else echo's logprobs; a chat's prompt_logprobs)."""
+    if body.get("prompt_logprobs") is not None:
+        return True
+    return not chat and bool(body.get("echo")) and body.get("logprobs") is not None

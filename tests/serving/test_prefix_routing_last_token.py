@@ -2,10 +2,12 @@
 prompt's last token whatever it holds (engine/scheduler_admission.py looks up num_tokens - 1), so the block
 holding that token is never a hit. Counting it made a prompt whose every block is cached cost its instance
 nothing: identical prompts piled onto that instance without end, and disaggregation took 0 uncached tokens
-for a prompt the decode must compute a block of.
+for a prompt the decode must compute a block of. A request for prompt logprobs takes nothing from the cache.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
@@ -66,3 +68,31 @@ def test_an_identical_prompt_does_not_pile_onto_the_instance_that_caches_it() ->
         chosen.append((choice.instance.name, choice.matched_tokens))
     assert chosen[:2] == [("prefill-0", 8), ("prefill-0", 8)]
     assert ("prefill-1", 0) in chosen[2:]
+
+
+@pytest.mark.parametrize(("body", "chat", "reuses"), [
+    ({"prompt": "x"}, False, True),
+    ({"prompt": "x", "prompt_logprobs": 0}, False, False),
+    ({"prompt": "x", "echo": True, "logprobs": 1}, False, False),
+    ({"prompt": "x", "echo": True}, False, True),
+    ({"prompt": "x", "logprobs": 1}, False, True),
+    ({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2}, True, False),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, True, True),
+])
+def test_a_prompt_whose_logprobs_are_asked_matches_nothing(body: dict[str, object], chat: bool,
+                                                            reuses: bool) -> None:
+    """An instance computes every position of a prompt whose logprobs it returns (no prefix hit): routing it by
+    the prefix another request cached piled such requests (an evaluation's shared context) onto one instance,
+    each counted as a few queued tokens while it computed the whole prompt."""
+    served = list(range(1000, 1016))
+    _, cached = _cached_after([served])
+    router, feed, instances = _router(["prefill-0"])
+    feed.cached["prefill-0"] = cached
+    if not chat:
+        body = {**body, "prompt": served}
+    prompt = asyncio.run(router.prompt(body, chat))
+    assert prompt is not None and len(prompt.token_ids) > BS
+    if chat:  # the chat template's tokens: what the instance caches is the same prompt's blocks
+        feed.cached["prefill-0"] = _cached_after([prompt.token_ids])[1]
+    expected = (len(prompt.token_ids) - 1) // BS * BS if reuses else 0
+    assert router.matched_tokens(instances[0], prompt) == expected
