@@ -14,6 +14,8 @@ block hashes (CachedBlocks). The set is known only between a snapshot and the en
 
 - a line longer than MAX_LINE_BYTES (a broken or hostile instance, or whatever answers on its port, that never
   ends its line) is a bad line too: the proxy holds at most that much of one stream, never all it is sent.
+- a set that grows past the snapshot's num_blocks, or past MAX_CACHED_HASHES whatever the stream says (an older
+  instance names no num_blocks), is a broken stream too: the proxy holds a bounded set of each instance.
 - a stream silent for READ_TIMEOUT_S (several heartbeats: an idle instance sends an empty line every
   HEARTBEAT_S) is dead though its connection is not closed (a half-open connection after a network
   fault, a stopped process): forgotten and re-opened like one that ended.
@@ -46,6 +48,10 @@ RETRY_MAX_S = 10.0
 # The longest line is a snapshot: 35 bytes per cached block ("<32 hex digits>",). 256 MiB names 7.6M blocks, more
 # than one instance's pool holds (an H200's 141 GB in 8-token fp8 blocks of a 0.5B model is under 3M).
 MAX_LINE_BYTES = 256 << 20
+# The most hashes a set may hold whatever the stream says its cache has: as many as the longest snapshot line names.
+# An instance's own bound (the snapshot's num_blocks) is absent from older ones, and a broken or hostile one names
+# any; without this, `stored` events (each line within MAX_LINE_BYTES) would grow the set without end.
+MAX_CACHED_HASHES = MAX_LINE_BYTES // 35
 
 
 class LineTooLong(ValueError):
@@ -109,6 +115,8 @@ class CachedBlocks:
     def _past_the_cache(self) -> str | None:
         if self.num_blocks is not None and len(self.hashes) > self.num_blocks:
             return f"{len(self.hashes)} cached blocks, more than the {self.num_blocks} its cache has"
+        if len(self.hashes) > MAX_CACHED_HASHES:
+            return f"{len(self.hashes)} cached blocks, more than the {MAX_CACHED_HASHES} the proxy keeps of an instance"
         return None
 
 

@@ -1,6 +1,7 @@
 """The proxy's KV event feed holds at most MAX_LINE_BYTES of one line: an instance (or anything answering on its
 port) that sends a line without end has its stream dropped and re-opened, as a bad event is, rather than the
-proxy buffering all it is sent. Over real HTTP from a small server."""
+proxy buffering all it is sent. Over real HTTP from a small server. The set of one instance's cached blocks is
+bounded too, also where the instance names no bound of its own."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 import pdlaunch.proxy.kv_events as feed_module
-from pdlaunch.kvcache.events import KvSnapshot, prompt_block_hashes
+from pdlaunch.kvcache.events import KvSnapshot, KvStored, prompt_block_hashes
 from pdlaunch.launcher.ports import PortAllocator
-from pdlaunch.proxy.kv_events import LineTooLong, ndjson_lines
+from pdlaunch.proxy.kv_events import CachedBlocks, LineTooLong, ndjson_lines
 from tests.serving.helpers import ThreadServer, follow_decode_feed
 
 LIMIT = 64 << 10
@@ -81,3 +82,24 @@ def test_lines_are_split_across_and_within_chunks() -> None:
 def test_a_line_past_the_limit_is_refused(chunks: tuple[bytes, ...]) -> None:
     with pytest.raises(LineTooLong):
         asyncio.run(_collect(_chunks(*chunks), 16))
+
+
+@pytest.mark.parametrize("num_blocks", [None, 1 << 40], ids=["no-bound-named", "a-bound-past-the-proxys"])
+def test_a_set_past_what_the_proxy_keeps_is_a_broken_stream(monkeypatch: pytest.MonkeyPatch,
+                                                            num_blocks: int | None) -> None:
+    """An older instance names no num_blocks and a broken one any: `stored` events grew the set without end."""
+    monkeypatch.setattr(feed_module, "MAX_CACHED_HASHES", 4)
+    cached = CachedBlocks()
+    assert cached.apply(KvSnapshot(seq=0, engine_id="e", block_size=4, hashes=HASHES[:2], num_blocks=num_blocks)) \
+        is None
+    assert cached.apply(KvStored(seq=1, hashes=HASHES[2:4])) is None
+    assert cached.apply(KvStored(seq=2, hashes=HASHES[4:5])) == \
+        "5 cached blocks, more than the 4 the proxy keeps of an instance"
+    assert CachedBlocks().apply(KvSnapshot(seq=0, engine_id="e", block_size=4, hashes=HASHES[:5]))
+
+
+def test_the_proxy_keeps_as_many_hashes_as_the_longest_snapshot_names() -> None:
+    """The bound refuses no set that a snapshot within MAX_LINE_BYTES can name: one naming a hash more is longer."""
+    line = KvSnapshot(seq=0, engine_id="e", block_size=4, hashes=HASHES[:1] * 1000).model_dump_json().encode()
+    per_hash = len(line) // 1000  # '"<32 hex digits>",'
+    assert per_hash == 35 and (feed_module.MAX_CACHED_HASHES + 1) * per_hash > feed_module.MAX_LINE_BYTES
