@@ -129,4 +129,6 @@ def proxy_policy_args(cfg: DeploymentConfig, tokenizer: Callable[[], str]) -> li
         args += ["--disaggregate-max-itl-ms", repr(proxy.disaggregate_max_itl_ms)]
     if proxy.disaggregate_min_tokens is not None or proxy.routing_policy == "prefix":
         args += ["--tokenizer", tokenizer()]  # the instances' own
+        if cfg.model.chat_template is not None:  # and their chat template: the prompts' ids are theirs
+            args += ["--chat-template", cfg.model.chat_template]
     return args

@@ -33,6 +33,7 @@ import uvicorn
 from pdlaunch.config.instance_names import instance_name
 from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
+from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.errors import ArgumentParser, PdlaunchError
 from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
@@ -159,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None,
                         help="The model (checkpoint directory, FILE.gguf, demo or tiny, as --model) whose "
                         "tokenizer counts and hashes prompt tokens (the launcher passes the model's).")
+    parser.add_argument("--chat-template", default=None,
+                        help="The deployment's chat template (a file or the template text; model.chat_template), "
+                        "applied to chat prompts before their tokens are counted and hashes; needs --tokenizer.")
     parser.add_argument("--max-request-bytes", type=int, default=SecurityConfig().max_request_bytes,
                         help="Largest request body accepted (413 above); security.max_request_bytes.")
     args = parser.parse_args(argv)
@@ -187,6 +191,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             args.tokenizer = resolve_model_path(args.tokenizer)
         except PdlaunchError as exc:
             parser.error(f"--tokenizer: {exc.render()}")
+    if args.chat_template is not None:
+        if args.tokenizer is None:
+            parser.error("--chat-template applies to the prompts the model's tokenizer counts: give --tokenizer DIR")
+        for _, message in chat_template_problems(args.chat_template):
+            parser.error(f"--chat-template: {message}")
     if args.migration_limit < 0:
         parser.error("--migration-limit must be 0 or more")
     if not 1 <= args.workers <= MAX_WORKERS:
@@ -271,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                           load_failure_policy=args.load_failure_policy, migration_limit=args.migration_limit,
                           disaggregation=Disaggregation(args.disaggregate_min_tokens, args.tokenizer,
                                                         args.disaggregate_max_queue_tokens,
-                                                        args.disaggregate_max_itl_ms),
-                          tokenizer_dir=args.tokenizer)
+                                                        args.disaggregate_max_itl_ms, args.chat_template),
+                          tokenizer_dir=args.tokenizer, chat_template=args.chat_template)
     freeze_startup_heap()  # no collector walk over the startup heap while relaying streams (memory/heap.py)
     drain_s = max(1, int(round(args.drain_timeout)))
     server = DrainingServer(uvicorn.Config(

@@ -60,19 +60,21 @@ def build_proxy_app(pool: InstancePool, request_timeout_s: float, api_key: str |
                     max_request_bytes: int = SecurityConfig().max_request_bytes,
                     prefill_timeout_s: float | None = None, load_failure_policy: str = "recompute",
                     migration_limit: int = DEFAULT_MIGRATION_LIMIT,
-                    disaggregation: Disaggregation | None = None, tokenizer_dir: Path | None = None) -> FastAPI:
+                    disaggregation: Disaggregation | None = None, tokenizer_dir: Path | None = None,
+                    chat_template: str | None = None) -> FastAPI:
     """The proxy app. Access as at the instances (http/auth.py): `api_key` for clients, the internal
     token derived from `deployment_secret` towards the instances. The prefill leg runs under its own
     deadline (`prefill_timeout_s`, None: derived; prefill_leg.py); a decode leg whose instance dies or
     stalls goes on on another decode, at most `migration_limit` times (migrate.py); `disaggregation`
     sends prompts with few uncached tokens to a decode alone (disaggregate.py; None: every request is PD);
     the pool's policy `prefix` routes by cached prefix (prefix.py), hashing prompts tokenized with the
-    checkpoint's tokenizer at `tokenizer_dir` (or disaggregation's)."""
+    checkpoint's tokenizer at `tokenizer_dir` (or disaggregation's), with the deployment's `chat_template` if any."""
     if load_failure_policy not in ("recompute", "fail"):
         raise ValueError(f"load_failure_policy {load_failure_policy!r}: choose recompute or fail")
     proxy = Proxy(pool, request_timeout_s, deployment_secret)
     disaggregation = disaggregation or Disaggregation(None, None)
-    tokens = disaggregation.tokens or (PromptTokens(tokenizer_dir) if tokenizer_dir is not None else None)
+    tokens = disaggregation.tokens or (PromptTokens(tokenizer_dir, chat_template) if tokenizer_dir is not None
+                                       else None)
     by_prefix = pool.policy_name == "prefix"
     if by_prefix and tokens is None:
         raise ValueError("routing policy prefix hashes the prompt's token ids: give the checkpoint's tokenizer")

@@ -51,8 +51,10 @@ ON_DECODE = (DECODE_ONLY, SPILLED)  # the decisions that run a request on its de
 class PromptTokens:
     """A request's prompt token ids as an instance computes them (a 400 for a prompt it would refuse)."""
 
-    def __init__(self, tokenizer_dir: Path) -> None:
+    def __init__(self, tokenizer_dir: Path, chat_template: str | None = None) -> None:
         self._tokenizer = Tokenizer(tokenizer_dir)
+        if chat_template is not None:  # the deployment's own (model.chat_template), as its instances apply it
+            self._tokenizer.override_chat_template(chat_template)
 
     def ids_now(self, body: Body, chat: bool) -> list[int]:
         prompt: Prompt
@@ -77,7 +79,8 @@ class Disaggregation:
     no prompt on a decode whose streams wait that long per token (module doc)."""
 
     def __init__(self, min_tokens: int | None, tokenizer_dir: Path | None,
-                 max_queue_tokens: int | None = None, max_itl_ms: float | None = None) -> None:
+                 max_queue_tokens: int | None = None, max_itl_ms: float | None = None,
+                 chat_template: str | None = None) -> None:
         if min_tokens is not None and (min_tokens < 1 or tokenizer_dir is None):
             raise ValueError("disaggregate_min_tokens needs a positive count and the checkpoint's tokenizer")
         if max_queue_tokens is not None and (min_tokens is None or max_queue_tokens < 1):
@@ -88,7 +91,7 @@ class Disaggregation:
                              "disaggregate_min_tokens")
         self.min_tokens, self.max_queue_tokens = min_tokens, max_queue_tokens
         self.max_itl_ms = max_itl_ms
-        self.tokens = PromptTokens(tokenizer_dir) if min_tokens is not None and tokenizer_dir else None
+        self.tokens = PromptTokens(tokenizer_dir, chat_template) if min_tokens is not None and tokenizer_dir else None
         self.spilled: dict[str, int] = {}  # decode name -> uncached tokens of its spilled requests in flight
 
     def prompt_tokens(self, body: Body, chat: bool) -> int:

@@ -78,7 +78,10 @@ def render_kubernetes(cfg: DeploymentConfig, options: RenderOptions) -> list[Man
         http_ports = [group_ports(cfg, g, [p for p in planned if p.group == g]).http
                       for g, group in groups if group.role == role]
         manifests.append(role_service(role, http_ports, options))
-    manifests += [proxy_deployment(cfg, urls, engine_ids, options, digest), proxy_service(cfg, options)]
+    # The proxy pod tokenizes chat prompts as the instances do: with the template text they were given.
+    template = pod_cfg.model.chat_template
+    proxy_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"chat_template": template})})
+    manifests += [proxy_deployment(proxy_cfg, urls, engine_ids, options, digest), proxy_service(cfg, options)]
     return manifests
 
 

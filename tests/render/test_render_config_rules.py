@@ -110,3 +110,17 @@ def test_a_local_chat_template_file_that_does_not_parse_is_refused(tmp_path: Pat
     result = render(tmp_path / "out", "--model", "tiny", "--device", "cpu", "--chat-template", str(template))
     assert result.exit_code == 1 and "--chat-template" in result.output and "does not parse" in result.output
     assert "Traceback" not in result.output
+
+
+def test_the_proxy_pod_gets_the_template_text_the_instances_get(tmp_path: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    text = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    template.write_text(text)
+    out = tmp_path / "out"
+    result = render(out, "--model", "tiny", "--device", "cpu", "--routing-policy", "prefix", "--chat-template",
+                    str(template))
+    assert result.exit_code == 0, result.output
+    proxy = next(yaml.safe_load(p.read_text()) for p in out.glob("*.yaml") if "proxy" in p.name
+                 and yaml.safe_load(p.read_text())["kind"] == "Deployment")
+    args = proxy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--chat-template") + 1] == text
