@@ -22,6 +22,8 @@ WAIT_S = 30.0
 class _Engine:
     """Fails every notification with `error`."""
 
+    protocol = "tcp"
+
     def __init__(self, error: Exception) -> None:
         self.error = error
         self.tried = threading.Event()
@@ -41,7 +43,8 @@ def pool() -> Iterator[TransferPool]:
 def _send(pool: TransferPool, error: Exception, message: bytes) -> None:
     """notify() once through an engine that fails with `error`, and wait for the notifier thread."""
     agent = MooncakeAgent("prefill-agent", cast(Any, _Engine(error)), pool, "s" * 32)
-    peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000").model_dump_json().encode())
+    peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000",
+                                         protocol="tcp").model_dump_json().encode())
     try:
         agent.notify(peer, message)
     finally:

@@ -26,6 +26,8 @@ NONCE = "a1b2c3d4e5f60718"
 class _Engine:
     """Every WRITE lands; the first notification's send fails, later ones are delivered."""
 
+    protocol = "tcp"
+
     def __init__(self) -> None:
         self.writes = 0
         self.delivered: list[Any] = []
@@ -51,7 +53,8 @@ def pool() -> Iterator[TransferPool]:
 def test_a_push_done_whose_first_send_fails_is_sent_again_and_the_push_succeeds(pool: TransferPool) -> None:
     engine = _Engine()
     agent = MooncakeAgent("prefill-agent", cast(Any, engine), pool, "s" * 32)
-    peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000").model_dump_json().encode())
+    peer = agent.add_remote(PeerMetadata(name="decode-agent", session="10.0.0.7:17000",
+                                         protocol="tcp").model_dump_json().encode())
     spec, holds = make_spec(), HoldTable(lease_seconds=60.0)
     holds.hold("p-1", [[3, 4]])
     message = PushRequest(type="push", reader="d", request_id="p-1", nonce=NONCE, owner=NONCE, agent_name="decode",

@@ -190,6 +190,8 @@ def test_a_resharding_load_completes_when_its_read_dones_are_lost(
 class _MooncakeEngine:
     """Every transfer lands; every notification fails with `error`."""
 
+    protocol = "tcp"
+
     def __init__(self, error: Exception) -> None:
         self.error = error
         self.transfers: list[str] = []
@@ -211,7 +213,8 @@ def pool() -> Iterator[TransferPool]:
 def _mooncake(error: Exception, pool: TransferPool) -> tuple[MooncakeAgent, _MooncakeEngine]:
     engine = _MooncakeEngine(error)
     agent = MooncakeAgent("decode-agent", cast(Any, engine), pool, "s" * 32)
-    agent.add_remote(PeerMetadata(name="prefill-agent", session="10.0.0.9:17000").model_dump_json().encode())
+    agent.add_remote(PeerMetadata(name="prefill-agent", session="10.0.0.9:17000",
+                                  protocol="tcp").model_dump_json().encode())
     return agent, engine
 
 

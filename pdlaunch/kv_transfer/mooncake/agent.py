@@ -3,8 +3,11 @@ prefill side (prefill/: holds, leases, push sender pool) and decode side (decode
 strategies, drains, resharding) run unchanged on Mooncake.
 
 What maps to what:
-- agent metadata: {"name", "session"} (the engine's "host:rpc_port"); the prefill gives it only in its
-  authenticated handshake answer, the decode only in an authenticated push request (side_channel/).
+- agent metadata: {"name", "session", "protocol"} (the engine's "host:rpc_port", and tcp or rdma); the
+  prefill gives it only in its authenticated handshake answer, the decode only in an authenticated push
+  request (side_channel/). Each engine resolves `mooncake_protocol: auto` on its own host, and engines
+  on different protocols cannot move bytes between each other: a peer on another one is refused when it
+  is added (the decode's handshake, the prefill's push request), not at each transfer with a bare code.
 - READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake/sender.py).
 - notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
   connect timeout when the peer's host is gone), sent from one notifier thread so that the engine
@@ -21,7 +24,7 @@ What maps to what:
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -40,11 +43,13 @@ _MAC_HEX = 64
 
 
 class PeerMetadata(BaseModel):
-    """What a Mooncake agent tells its peers: its name and the session id transfers address."""
+    """What a Mooncake agent tells its peers: its name, the session id transfers address, and the protocol its
+    engine moves bytes with (a peer must use the same one)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Annotated[str, Field(min_length=1, max_length=512)]
     session: Annotated[str, Field(min_length=3, max_length=300, pattern=r"^[A-Za-z0-9_.:\[\]-]+:\d{1,5}$")]
+    protocol: Literal["tcp", "rdma"]
 
 
 class MooncakeAgent:
@@ -108,7 +113,8 @@ class MooncakeAgent:
 
     # -- peers --------------------------------------------------------------------------------
     def metadata(self) -> bytes:
-        return PeerMetadata(name=self.name, session=self.engine.session_id).model_dump_json().encode()
+        return PeerMetadata(name=self.name, session=self.engine.session_id,
+                            protocol=self.engine.protocol).model_dump_json().encode()
 
     def connection_metadata(self) -> bytes:
         """Mooncake's metadata holds no memory keys: the same as `metadata`."""
@@ -120,6 +126,13 @@ class MooncakeAgent:
         except ValidationError as e:
             raise KVTransferError(f"the peer's Mooncake metadata is not valid: {e.errors()[0]['msg']}",
                                   hint="peers must run the same pdlaunch version") from None
+        if peer.protocol != self.engine.protocol:
+            raise KVTransferError(
+                f"Mooncake peer {peer.name} (session {peer.session}) moves KV over {peer.protocol} and this engine "
+                f"over {self.engine.protocol}: Mooncake cannot transfer between the two",
+                field="kv_transfer.mooncake_protocol",
+                hint="mooncake_protocol auto picks rdma on hosts that list an RDMA device (/sys/class/infiniband) "
+                "and tcp elsewhere: set it to tcp, or to rdma with an RDMA device on every node")
         self._remotes[peer.name] = peer.session
         return peer.name
 
