@@ -113,8 +113,8 @@ class MooncakeAgent:
 
     # -- peers --------------------------------------------------------------------------------
     def metadata(self) -> bytes:
-        return PeerMetadata(name=self.name, session=self.engine.session_id,
-                            protocol=self.engine.protocol).model_dump_json().encode()
+        ours = {"name": self.name, "session": self.engine.session_id, "protocol": self.engine.protocol}
+        return PeerMetadata.model_validate(ours).model_dump_json().encode()
 
     def connection_metadata(self) -> bytes:
         """Mooncake's metadata holds no memory keys: the same as `metadata`."""
