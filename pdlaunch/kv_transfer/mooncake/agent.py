@@ -10,15 +10,15 @@ What maps to what:
   is added (the decode's handshake, the prefill's push request), not at each transfer with a bare code.
 - READ/WRITE: a batch of (address, length) runs on the transfer pool (mooncake/sender.py).
 - notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
-  connect timeout when the peer's host is gone), sent from one notifier thread so that the engine
-  thread never waits on the network and notifications leave in order; push_done and read_done leave
-  from the transfer's own thread right after the bytes. Only push_done's failure fails its transfer
-  (the decode learns of the WRITE only through it), once a second send failed too; a lost read_done
-  is logged and its READ counts (its bytes are in; the prefill frees the blocks at its lease's end
-  instead). Any process that reaches the engine's port can send one, so each carries an HMAC of its
-  payload under a key derived from the deployment secret; one without a valid MAC is dropped (a
-  forged push_done would pass garbage KV to the model, a forged release would free another
-  request's blocks).
+  timeout when the peer does not answer), sent from notifier threads (mooncake/notifier.py) so that the
+  engine thread never waits on the network; a peer gets them in order, and one that does not answer
+  delays only its own. push_done and read_done leave from the transfer's own thread right after the
+  bytes. Only push_done's failure fails its transfer (the decode learns of the WRITE only through it),
+  once a second send failed too; a lost read_done is logged and its READ counts (its bytes are in; the
+  prefill frees the blocks at its lease's end instead). Any process that reaches the engine's port can
+  send one, so each carries an HMAC of its payload under a key derived from the deployment secret; one
+  without a valid MAC is dropped (a forged push_done would pass garbage KV to the model, a forged
+  release would free another request's blocks).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pdlaunch.errors import KVTransferError
 from pdlaunch.kv_transfer.auth import RateLimitedWarning, derive_key, mac, mac_ok
 from pdlaunch.kv_transfer.messages import LOST_NOTIFICATION, parse_notification
 from pdlaunch.kv_transfer.mooncake.engine import MooncakeEngine
+from pdlaunch.kv_transfer.mooncake.notifier import SessionNotifier
 from pdlaunch.kv_transfer.mooncake.sender import RELEASE_WAIT_SECONDS, MooncakeXfer, TransferPool
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class MooncakeAgent:
         self.name = name
         self.engine = engine
         self.pool = pool
-        self._notifier = TransferPool(pool.device_index, workers=1, name="pdlaunch-mooncake-notify")
+        self._notifier = SessionNotifier(pool.device_index)
         self._key = derive_key(secret, NOTIFY_PURPOSE)
         self._remotes: dict[str, str] = {}  # agent name -> session id
         self._kv_addrs: list[int] = []  # what `register` registered (extra buffers stay across a sleep)
@@ -176,11 +177,11 @@ class MooncakeAgent:
         """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
         logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised."""
         session, signed = self._session(remote_agent), self._sign(message)
-        self._notifier.executor.submit(self._send, remote_agent, session, signed, message)
+        self._notifier.submit(session, lambda: self._send(remote_agent, session, signed, message))
 
     def _send(self, remote_agent: str, session: str, signed: str, message: bytes) -> None:
         """Notifier thread (or a READ's own thread: its read_done): one notification; whatever fails is
-        logged (an exception left in the executor's future would be dropped unseen)."""
+        logged with what its loss costs the peer."""
         try:
             self.engine.notify(session, self.name, signed)
         except Exception as e:  # noqa: BLE001 - any failure loses the notification: say so
