@@ -12,13 +12,13 @@ What maps to what:
 - notifications: Mooncake's TransferNotify (a zero-length transfer: a network round trip, and a
   timeout when the peer does not answer), sent from notifier threads (mooncake/notifier.py) so that the
   engine thread never waits on the network; a peer gets them in order, and one that does not answer
-  delays only its own. push_done and read_done leave from the transfer's own thread right after the
-  bytes. Only push_done's failure fails its transfer (the decode learns of the WRITE only through it),
-  once a second send failed too; a lost read_done is logged and its READ counts (its bytes are in; the
-  prefill frees the blocks at its lease's end instead). Any process that reaches the engine's port can
-  send one, so each carries an HMAC of its payload under a key derived from the deployment secret; one
-  without a valid MAC is dropped (a forged push_done would pass garbage KV to the model, a forged
-  release would free another request's blocks).
+  delays only its own. push_done leaves from the WRITE's own thread right after the bytes, and its
+  failure fails the WRITE (the decode learns of the WRITE only through it), once a second send failed
+  too. read_done is queued once the READ's bytes are in and the READ counts without waiting for it: a
+  lost one is logged (the prefill frees the blocks at its lease's end instead). Any process that
+  reaches the engine's port can send a notification, so each carries an HMAC of its payload under a
+  key derived from the deployment secret; one without a valid MAC is dropped (a forged push_done would
+  pass garbage KV to the model, a forged release would free another request's blocks).
 """
 
 from __future__ import annotations
@@ -154,8 +154,14 @@ class MooncakeAgent:
 
         def run() -> None:
             self.engine.transfer(op, session, local, remote)
-            if notif and op == "READ":  # read_done: the bytes are in whatever becomes of it (logged when lost)
-                self._send(remote_agent, session, self._sign(notif), notif)
+            if notif and op == "READ":
+                # read_done: queued now that the bytes are in, not awaited: the READ counts whatever becomes of
+                # it (logged when lost), and a prefill that does not answer would hold it up for a minute.
+                try:
+                    self._queue(remote_agent, session, notif)
+                except KVTransferError as e:  # the agent is closing: its bytes are in all the same
+                    logger.warning("Mooncake read_done notification to %s (session %s) not sent: %s; %s",
+                                   remote_agent, session, e.render(), LOST_NOTIFICATION["read_done"])
             elif notif:  # push_done: the decode learns of the WRITE only through it, so the WRITE fails with it
                 self._push_done(remote_agent, session, self._sign(notif))
 
@@ -176,11 +182,14 @@ class MooncakeAgent:
     def notify(self, remote_agent: str, message: bytes) -> None:
         """Queue `message` for the peer (best effort, like a NIXL notification): a failure to deliver it is
         logged with the peer, the kind and what its loss costs (LOST_NOTIFICATION), never raised."""
-        session, signed = self._session(remote_agent), self._sign(message)
+        self._queue(remote_agent, self._session(remote_agent), message)
+
+    def _queue(self, remote_agent: str, session: str, message: bytes) -> None:
+        signed = self._sign(message)
         self._notifier.submit(session, lambda: self._send(remote_agent, session, signed, message))
 
     def _send(self, remote_agent: str, session: str, signed: str, message: bytes) -> None:
-        """Notifier thread (or a READ's own thread: its read_done): one notification; whatever fails is
+        """Notifier thread: one notification; whatever fails is
         logged with what its loss costs the peer."""
         try:
             self.engine.notify(session, self.name, signed)

@@ -3,8 +3,9 @@
 Mooncake's Python transfers block until they end (mooncake/engine.py), so every READ and WRITE runs
 on this pool: the caller (the prefill's push sender thread, the decode's loader thread) gets a handle
 at once and polls `state()` like a NIXL transfer. A transfer that carries a notification sends it
-from the same pool thread right after the bytes landed, so the peer learns of the transfer only once
-it is complete (push_done, read_done).
+only once the bytes landed, so the peer learns of the transfer only once it is complete: a WRITE's
+push_done from the same pool thread (the WRITE fails with it), a READ's read_done queued on the
+agent's notifier (mooncake/agent.py).
 
 Seed 000: the CUDA device is per thread, and Mooncake's NVLink/CUDA-IPC paths use the calling thread's
 device. The connector captures the device index before the TransferEngine exists (it may change the
