@@ -10,7 +10,8 @@ the newest running request is preempted (blocks freed, requeued at the front but
 holding KV that arrived, recomputed later: its prefix cache usually makes that cheap). Waiting
 requests are admitted oldest first while budget, sequence slots and blocks last, and only in steps
 that preempted nothing; one whose whole prompt's KV arrived through the connector computes only its last
-prompt token, a decode's row, so the prompt cap does not hold it back.
+prompt token, a decode's row, so the prompt cap does not hold it back, nor does it hold back a PD request's
+consult of the connector (its load starts: nothing is computed until its KV arrives).
 
 The waiting queue's admission is in engine/scheduler_admission.py; the queues themselves and the moves a KV
 connector reports, in engine/scheduler_state.py.

@@ -55,7 +55,8 @@ class SchedulerAdmission(SchedulerState):
                 if not bm.allocate(rid, start + n, start):
                     break
             else:
-                if prompt_budget <= 0:
+                # Past a spent prompt cap only a PD request goes on: starting its load computes nothing now.
+                if prompt_budget <= 0 and not self._starts_remote_load(request):
                     break
                 # Prompt logprobs need every prompt position computed here: no prefix hit (as vLLM).
                 usable = 0 if request.wants_prompt_logprobs else request.num_tokens - 1
@@ -75,6 +76,9 @@ class SchedulerAdmission(SchedulerState):
                         break  # not enough free blocks yet
                     if parked:
                         continue
+                    if n == 0:  # consulted past the cap, nothing to load: it computes later, within the cap
+                        request.num_computed_tokens = start
+                        break
                 else:
                     if not bm.allocate(rid, start + n, start, hit):
                         break
@@ -90,6 +94,11 @@ class SchedulerAdmission(SchedulerState):
             budget -= n
             if not decode_row:
                 prompt_budget -= n
+
+    def _starts_remote_load(self, request: Request) -> bool:
+        """The connector has not seen the request yet and it asks for a remote prefill's KV (a PD decode leg)."""
+        return (self.connector is not None and not request.connector_consulted
+                and wants_remote_prefill(request.kv_transfer_params))
 
     def _consult_connector(self, request: Request, hit: PrefixHit, num_new_tokens: int,
                            cpu_hit: CPUHit | None = None) -> bool | None:

@@ -309,3 +309,50 @@ def test_a_request_whose_kv_arrived_runs_beside_decodes_after_the_prompt_cap_is_
     got = [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
     assert ("a", 1) in got and ("d", 1) in got, got
     assert sum(n for rid, n in got if rid not in ("a", "d")) <= 8, got
+
+
+def test_a_pd_request_starts_its_load_in_a_step_whose_prompt_cap_is_spent() -> None:
+    """Starting a KV load computes nothing: a PD request is consulted (its blocks allocated, its load started) even in
+    a step whose prompt tokens running prompts took; a local prompt behind it still waits for the cap."""
+    conn = FakeConnector()
+    s = Scheduler(BlockManager(128, BS), max_num_seqs=8, max_num_batched_tokens=64, prompt_tokens_while_decoding=8,
+                  connector=conn)
+    s.add_request(req("a", 3, max_tokens=10))
+    step(s)  # a decodes from now on
+    s.add_request(req("b", 30, max_tokens=1))
+    step(s)  # b runs its first 8 prompt tokens beside a
+    d = req("d", 10, max_tokens=2, params={"do_remote_prefill": True})
+    s.add_request(d)
+    s.add_request(req("c", 5, max_tokens=1))
+    out = step(s)  # b, running, takes this step's 8 prompt tokens first
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 8)]
+    assert [load[0] for load in conn.loads] == ["d"] and d.status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert [r.request_id for r in s.waiting] == ["c"]
+    conn.events.finished_recving.add("d")
+    s.handle_connector_events(conn.get_finished())
+    drain(s)
+    assert d.finish_reason == "length" and s.block_manager.num_used_blocks() == 0
+
+
+def test_a_pd_request_whose_prefix_is_all_local_computes_later_within_the_cap() -> None:
+    """A PD request consulted past a spent cap whose connector has nothing to load (its prompt cached here but for
+    its last token) waits, blocks allocated, and runs that one token in a later step, as a decode's row."""
+    conn = FakeConnector(external=0)
+    s = Scheduler(BlockManager(128, BS), max_num_seqs=8, max_num_batched_tokens=64, prompt_tokens_while_decoding=8,
+                  connector=conn)
+    s.add_request(req("a", 3, max_tokens=10))
+    step(s)
+    shared = req("p", 13, max_tokens=1, base=500)
+    s.add_request(shared)
+    drain_until = 0
+    while not shared.is_finished and drain_until < 20:
+        step(s)
+        drain_until += 1
+    s.add_request(req("b", 30, max_tokens=1))
+    step(s)  # b takes the cap from now on
+    d = req("d", 13, max_tokens=2, params={"do_remote_prefill": True}, base=500)  # p's prompt: all but 1 token cached
+    s.add_request(d)
+    out = step(s)
+    assert ("d", 0) not in [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
+    drain(s)
+    assert d.finish_reason == "length" and s.block_manager.num_used_blocks() == 0
