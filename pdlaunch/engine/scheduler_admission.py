@@ -44,7 +44,7 @@ class SchedulerAdmission(SchedulerState):
             request = self.waiting[0]
             rid = request.request_id
             decode_row = False  # computes only the last prompt token of KV that arrived: not charged to the cap
-            if bm.has_blocks(rid):  # its KV arrived through the connector
+            if bm.has_blocks(rid):  # its KV arrived through the connector (or, consulted past the cap, none comes)
                 start = request.num_computed_tokens
                 left = request.num_tokens - start
                 decode_row = left == 1
