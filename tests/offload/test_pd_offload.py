@@ -7,11 +7,23 @@ from pathlib import Path
 
 import pytest
 
+from pdlaunch.engine.llm_engine import LLMEngine
 from pdlaunch.engine.outputs import RequestOutput
 from tests.engine.conftest import MakeEngine, run_all
 from tests.engine.test_engine_connector import CopyConnector, Hub, prefill, spec
 from tests.helpers.checkpoints import hf_greedy
 from tests.offload.test_engine_offload import GREEDY, OPTIONS, _prompts
+
+
+def decode_leg(d_engine: LLMEngine, prompt: list[int], p_out: RequestOutput) -> dict[str, RequestOutput]:
+    """Request "d0" of `prompt` on the decode with the prefill's answer, stepped to its end (block integrity checked
+    after every step); the finished outputs by request id."""
+    d_engine.add_request("d0", prompt, GREEDY, p_out.kv_transfer_params)
+    final: dict[str, RequestOutput] = {}
+    while d_engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in d_engine.step() if o.finished})
+        d_engine.check_integrity()
+    return final
 
 
 def test_decode_loads_local_prefix_from_cpu_tier(hybrid_ckpt: Path, make_engine: MakeEngine) -> None:
@@ -31,11 +43,7 @@ def test_decode_loads_local_prefix_from_cpu_tier(hybrid_ckpt: Path, make_engine:
 
     (p_out,) = prefill(p_engine, [prompt])
     before = d_engine.stats()
-    d_engine.add_request("d0", prompt, GREEDY, p_out.kv_transfer_params)
-    final: dict[str, RequestOutput] = {}
-    while d_engine.has_unfinished_requests():
-        final.update({o.request_id: o for o in d_engine.step() if o.finished})
-        d_engine.check_integrity()
+    final = decode_leg(d_engine, prompt, p_out)
     after = d_engine.stats()
     assert final["d0"].output_token_ids == reference
     cpu_tokens = 4 * ((len(prompt) - 1) // 4)
@@ -64,10 +72,7 @@ def test_connector_load_into_evicted_blocks_does_not_reach_cpu_tier(device: str,
 
     # The PD request's allocation evicts `cached`'s blocks; the connector writes `remote`'s KV into them.
     (p_out,) = prefill(p_engine, [remote])
-    d_engine.add_request("d0", remote, GREEDY, p_out.kv_transfer_params)
-    while d_engine.has_unfinished_requests():
-        d_engine.step()
-        d_engine.check_integrity()
+    decode_leg(d_engine, remote, p_out)
     assert d_engine.stats()["offload_stored_blocks"] > 0
     p_engine.step()  # the decode side's notification frees the prefill side's held blocks
 
@@ -94,11 +99,7 @@ def test_decode_loads_short_cpu_prefix_before_a_long_remote_part(hybrid_ckpt: Pa
 
     (p_out,) = prefill(p_engine, [prompt])
     before = d_engine.stats()
-    d_engine.add_request("d0", prompt, GREEDY, p_out.kv_transfer_params)
-    final: dict[str, RequestOutput] = {}
-    while d_engine.has_unfinished_requests():
-        final.update({o.request_id: o for o in d_engine.step() if o.finished})
-        d_engine.check_integrity()
+    final = decode_leg(d_engine, prompt, p_out)
     assert final["d0"].finish_reason != "error", final["d0"]
     assert final["d0"].output_token_ids == reference
     assert d_conn.calls[-1] == ("d0", 12, len(prompt) - 1 - 12)  # 3 blocks from the CPU tier, the rest remote
