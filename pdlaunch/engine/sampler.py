@@ -5,8 +5,8 @@ The logits first go through the grammar masks of structured-output requests
 allowed_token_ids, bad_words, min_tokens, logit_bias, penalties). Greedy rows (temperature below
 SAMPLING_EPS, or top_k 1) take the argmax. Random rows scale by temperature (at least
 MIN_RANDOM_TEMPERATURE, so the division stays finite), drop tokens below min_p times the most
-likely one's probability, keep the top_k logits and the smallest set whose probability reaches
-top_p, then sample by the exponential race
+likely one's probability, then (vLLM's order) of what is left keep the top_k logits and the smallest
+set whose renormalized probability reaches top_p, then sample by the exponential race
 (argmax p_i / E_i with E_i ~ Exp(1), which draws i with probability p_i). A seeded request draws
 its E from its own generator, one draw of V values per token, so its tokens do not depend on what
 else is in the batch, and its output token k comes from draw `seed_offset` + k of its seed's stream
@@ -83,10 +83,12 @@ def to_device(values: Sequence[float] | Sequence[int], dtype: torch.dtype, devic
     return to_device_async(torch.tensor(values, dtype=dtype), device)
 
 
-def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Zero the probabilities below min_p x the row's largest. probs: [N, V]; min_p: [N]."""
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf the logits whose probability is below min_p x the row's largest (vLLM's MinPLogitsProcessor,
+    on the temperature-scaled logits). logits: [N, V] float32; min_p: [N] (0 = off)."""
+    probs = logits.softmax(dim=-1)
     floor = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)
-    return probs.masked_fill(probs < floor, 0.0)
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 class Sampler:
@@ -131,14 +133,15 @@ class Sampler:
             # SamplingParams already keeps temperatures >= MIN_RANDOM_TEMPERATURE; the clamp keeps the
             # division finite for params built without validation (model_construct).
             sub = sub / temps.clamp_min(MIN_RANDOM_TEMPERATURE).unsqueeze(1)
+            # min_p before top_k / top_p, as vLLM: top_p then measures the mass of what min_p left
+            min_p = [rows[i].params.min_p for i in random_rows]
+            if any(min_p):
+                sub = apply_min_p(sub, to_device(min_p, sub.dtype, dev))
             top_k = [rows[i].params.top_k if rows[i].params.top_k > 0 else vocab for i in random_rows]
             top_p = [rows[i].params.top_p for i in random_rows]
             if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
                 sub = apply_top_k_top_p(sub, to_device(top_k, torch.long, dev), to_device(top_p, sub.dtype, dev))
             probs = sub.softmax(dim=-1)
-            min_p = [rows[i].params.min_p for i in random_rows]
-            if any(min_p):
-                probs = apply_min_p(probs, to_device(min_p, probs.dtype, dev))
             race = torch.empty_like(probs)
             shared = [j for j, i in enumerate(random_rows) if rows[i].generator is None]
             if shared:

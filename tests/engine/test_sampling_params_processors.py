@@ -92,11 +92,22 @@ def test_rows_without_processing_are_not_copied() -> None:
 
 def test_min_p_drops_unlikely_tokens() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    assert (apply_min_p(probs, torch.tensor([0.5])) > 0).tolist() == [[True, True, False, False]]
-    sampler = Sampler("cpu", seed=3)
     logits = torch.log(probs)
+    assert torch.isfinite(apply_min_p(logits, torch.tensor([0.5]))).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(apply_min_p(logits, torch.tensor([0.0]))).all()
+    sampler = Sampler("cpu", seed=3)
     row = SampleRow(SamplingParams(temperature=1.0, min_p=0.5))
     assert {sampler(logits, [row]).token_ids[0] for _ in range(200)} == {0, 1}
+
+
+def test_min_p_comes_before_top_p_as_in_vllm() -> None:
+    """vLLM drops the tokens below min_p first, then takes top_p of what is left, renormalized: min_p 0.5 leaves
+    [0.625, 0.375], whose first token alone reaches top_p 0.6. Taking top_p of the full distribution first kept
+    token 1 too (0.5 < 0.6)."""
+    sampler = Sampler("cpu", seed=5)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    row = SampleRow(SamplingParams(temperature=1.0, min_p=0.5, top_p=0.6))
+    assert {sampler(logits, [row]).token_ids[0] for _ in range(200)} == {0}
 
 
 def test_logprobs_stay_those_of_the_model() -> None:
