@@ -7,7 +7,8 @@ character, so nothing is emitted until a later token completes it (or the reques
 
 Stop strings: the text is cut before the first stop string found, or after it with
 `include_stop_str_in_output` (which then finishes the request with "stop"); no stop string is
-looked for while `check_stop` is off (min_tokens not reached yet); while streaming, a tail that
+looked for while `check_stop` is off (the text of the first min_tokens tokens: one that starts there
+and ends later is found); while streaming, a tail that
 could still grow into a stop string is held
 back and only released when it cannot, or when the request finishes for another reason.
 """

@@ -4,8 +4,9 @@ Stop order for a new token: a stop token id or (unless ignore_eos) an EOS id fin
 (its id is returned, its text only with include_stop_str_in_output); a stop string in the text
 finishes with "stop" (text cut before it, or after it with include_stop_str_in_output); the stop token id
 or stop string is the request's stop_reason (vLLM's; an EOS leaves it None); otherwise
-max_tokens or max_model_len finishes with "length". Before min_tokens tokens are out, neither stop
-ids nor stop strings finish a request (the sampler also holds EOS and stop ids back until then).
+max_tokens or max_model_len finishes with "length". Before min_tokens tokens are out, no stop id finishes a
+request (the sampler also holds EOS and stop ids back until then), and, as in vLLM, a stop string must end
+in the text of a later token than those min_tokens.
 Text is decoded with the request's skip_special_tokens.
 """
 
@@ -112,7 +113,9 @@ class OutputProcessor:
         new_text = ""
         reason = None
         may_stop = len(request.output_token_ids) >= params.min_tokens
-        tracked.detokenizer.check_stop = may_stop
+        # vLLM's detokenizer: the text of the first min_tokens tokens is no stop string (one may start there and end
+        # later), as those tokens cannot be EOS or a stop id either (the sampler holds them back)
+        tracked.detokenizer.check_stop = len(request.output_token_ids) > params.min_tokens
         if may_stop and (token_id in tracked.stop_token_ids
                          or (not params.ignore_eos and token_id in self.eos_token_ids)):
             reason = "stop"
