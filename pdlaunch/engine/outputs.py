@@ -88,6 +88,12 @@ class SamplingParams(BaseModel):
             raise ValueError("stop cannot contain an empty string")
         return value
 
+    @field_validator("seed")
+    @classmethod
+    def _minus_one_is_no_seed(cls, value: int | None) -> int | None:
+        # vLLM's SamplingParams reads seed -1 as unset (clients send it for "random"): no generator of its own
+        return None if value == -1 else value
+
     @field_validator("seed_offset")
     @classmethod
     def _offset_needs_seed(cls, value: int, info: ValidationInfo) -> int:

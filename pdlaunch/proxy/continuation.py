@@ -74,7 +74,8 @@ def continuation_body(body: Body, chat: bool, token_ids: list[int], generated: i
     min_tokens = int_of(body.get("min_tokens"))  # the instances read no other name (min_completion_tokens is none)
     if min_tokens:
         leg["min_tokens"] = max(0, min_tokens - generated)
-    if body.get("seed") is not None and not _greedy(body):  # token k was the seed's draw seed_offset + k (sampler.py)
+    # token k was the seed's draw seed_offset + k (sampler.py); seed -1 is vLLM's "no seed" (engine/outputs.py)
+    if body.get("seed") not in (None, -1) and not _greedy(body):
         leg["seed_offset"] = (int_of(body.get("seed_offset")) or 0) + generated
     return leg
 

@@ -192,9 +192,9 @@ def test_head_answers_as_get_without_a_body_on_an_instance_too(server: tuple[str
 
 
 def test_a_negative_seed_is_a_seed_as_vllm_takes_it(server: tuple[str, EngineLoop]) -> None:
-    """vLLM takes any int64 seed (`seed: -1` is what some clients send); torch's generator takes a negative one as
-    its two's complement (seed + 2**64), so a negative seed is as reproducible as any, and n > 1 seeds each sample
-    seed + i."""
+    """vLLM takes any int64 seed; torch's generator takes a negative one as its two's complement (seed + 2**64), so a
+    negative seed is as reproducible as any, and n > 1 seeds each sample seed + i. `seed: -1` alone is vLLM's "no
+    seed" (what clients send for a random draw): it gets no generator of its own, so it takes no seed_offset."""
     url, _ = server
     body = {"prompt": "hello", "max_tokens": 8, "temperature": 1.0, "ignore_eos": True, "n": 2}
 
@@ -203,7 +203,10 @@ def test_a_negative_seed_is_a_seed_as_vllm_takes_it(server: tuple[str, EngineLoo
         assert response.status_code == 200, response.text
         return [c["text"] for c in sorted(response.json()["choices"], key=lambda c: c["index"])]
 
-    first = texts(-1)
-    assert texts(-1) == first
-    assert texts(2**64 - 1) == first  # -1's two's complement: sample 0's seed, then 0 for sample 1 (wrapped)
-    assert texts(-2)[1] == first[0]  # sample 1 of seed -2 draws from seed -1
+    first = texts(-3)
+    assert texts(-3) == first
+    assert texts(2**64 - 3) == first  # -3's two's complement: the same seed
+    assert texts(-4)[1] == first[0]  # sample 1 of seed -4 draws from seed -3
+    unseeded = httpx.post(f"{url}/v1/completions", json={**body, "seed": -1, "seed_offset": 2}, headers=AUTH,
+                          timeout=60)
+    assert unseeded.status_code == 400 and "it needs a seed" in unseeded.json()["error"]["message"], unseeded.text

@@ -95,5 +95,7 @@ def test_a_migrations_continuation_carries_seed_offset() -> None:
     assert (own["seed"], own["seed_offset"], own["max_tokens"]) == (11, 6, 9)
     assert "seed_offset" not in continuation_body({"prompt": "x", "temperature": 0.9}, chat=False, token_ids=[1, 9],
                                                   generated=1)
+    # vLLM's "no seed": the instance draws from its shared generator, so there is no stream to skip along
+    assert "seed_offset" not in continuation_body({**seeded, "seed": -1}, chat=False, token_ids=[1, 9], generated=1)
     for greedy in ({"temperature": 0}, {"temperature": 1e-6}, {"top_k": 1}):  # draws nothing: no offset to carry
         assert "seed_offset" not in continuation_body({**seeded, **greedy}, chat=False, token_ids=[1, 9], generated=1)
