@@ -10,7 +10,9 @@
 - "required": structured output forces a JSON array of {"name", "parameters"} of the given
   tools (at least one), as vLLM does; each element is a call. Cut by max_tokens, the answer keeps
   finish_reason "length" and reports the calls written so far, the last one with its arguments as
-  far as they got (partial_required_calls), never the raw array as content.
+  far as they got (partial_required_calls), never the raw array as content. Over `tools: []` it is
+  plain chat (vLLM's and OpenAI's "none"); any tool_choice but "none" without the tools field is a
+  400, as in vLLM.
 - Tool parameter schemas are strict (engine/structured_output.close_objects): a required or
   named call has only the properties its tool declares, unless the schema says
   `"additionalProperties": true`.
@@ -114,10 +116,15 @@ def tool_calling_of(tools: JsonValue, tool_choice: JsonValue, parallel: bool | N
 
 
 def _tool_calling(tools: JsonValue, tool_choice: JsonValue) -> ToolCalling | None:
-    if tools is None or tools == []:
-        if tool_choice not in (None, "none", "auto"):
-            raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+    # As vLLM's check_tool_usage: a tool_choice but "none" needs the tools field, and "required" over an empty
+    # list is plain chat ("none" without tools, as OpenAI answers it).
+    if tools is None:
+        if tool_choice not in (None, "none"):
+            raise OpenAIError(400, "tool_choice needs tools: send the tools it chooses from, or leave it out",
+                              param="tool_choice")
         return None
+    if tools == [] and tool_choice in (None, "none", "auto", "required"):
+        return None  # a named function is not among no tools: refused below
     if not isinstance(tools, list):
         raise OpenAIError(400, "tools must be a list of function tools", param="tools")
     parsed = []

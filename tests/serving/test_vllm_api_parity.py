@@ -1,0 +1,81 @@
+"""Where pdlaunch's OpenAI API answered other than vLLM's (0.11-0.13) does, through the HTTP path: a decode
+instance asked directly (it computes the prompt itself, as a colocated one) and the proxy in front of a prefill and
+that decode (tiny model, real NIXL on CPU, in this process), which must pass the instances' answers on unchanged.
+
+- `tool_choice: "required"` with `tools: []` is a plain chat answer (vLLM: "none" without tools, as OpenAI); a
+  tool_choice other than "none" without tools is a 400 naming tool_choice (vLLM refuses "auto" too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from pdlaunch.launcher.ports import PortAllocator
+from pdlaunch.proxy.app import build_proxy_app
+from pdlaunch.proxy.instances import Instance, InstancePool
+from tests.kv_transfer.deployment_secret import TEST_SECRET
+from tests.serving.helpers import ThreadServer, wait_for
+from tests.serving.tiny_instances import TIMEOUT, serve_tiny
+
+HI = [{"role": "user", "content": "hi"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def urls() -> Iterator[dict[str, str]]:
+    """{"decode": the decode instance's URL, "proxy": the proxy's}."""
+    servers: list[ThreadServer] = []
+    try:
+        for role in ("prefill", "decode"):
+            servers.append(serve_tiny(role, f"parity-{role}")[0])
+        pool = InstancePool([Instance("prefill", servers[0].url, "prefill-0"),
+                             Instance("decode", servers[1].url, "decode-0")])
+        proxy = ThreadServer(build_proxy_app(pool, 120.0, deployment_secret=TEST_SECRET),
+                             PortAllocator("127.0.0.1").free("proxy")).__enter__()
+        servers.append(proxy)
+        wait_for(lambda: httpx.get(f"{proxy.url}/health").status_code == 200, "the proxy to see both instances")
+        yield {"decode": servers[1].url, "proxy": proxy.url}
+    finally:
+        for srv in reversed(servers):
+            srv.__exit__(None, None, None)
+
+
+def post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json={"model": "tiny", "max_tokens": 3, **body}, timeout=TIMEOUT)
+
+
+VIA = pytest.mark.parametrize("via", ["decode", "proxy"])
+
+
+@VIA
+def test_required_tool_choice_with_no_tools_is_plain_chat(urls: dict[str, str], via: str) -> None:
+    answer = post(urls[via], "/v1/chat/completions", {"messages": HI, "tools": [], "tool_choice": "required"})
+    assert answer.status_code == 200, answer.text
+    choice = answer.json()["choices"][0]
+    assert isinstance(choice["message"]["content"], str) and not choice["message"].get("tool_calls"), choice
+    assert choice["finish_reason"] in ("stop", "length"), choice
+
+
+@VIA
+@pytest.mark.parametrize("tools", ["absent", None])
+@pytest.mark.parametrize("tool_choice", ["required", "auto", {"type": "function", "function": {"name": "f"}}],
+                         ids=["required", "auto", "named"])
+def test_tool_choice_without_tools_is_refused(urls: dict[str, str], via: str, tools: Any, tool_choice: Any) -> None:
+    body: dict[str, Any] = {"messages": HI, "tool_choice": tool_choice}
+    if tools != "absent":
+        body["tools"] = tools
+    answer = post(urls[via], "/v1/chat/completions", body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == "tool_choice", answer.text
+
+
+@VIA
+def test_none_tool_choice_without_tools_is_plain_chat(urls: dict[str, str], via: str) -> None:
+    answer = post(urls[via], "/v1/chat/completions", {"messages": HI, "tool_choice": "none"})
+    assert answer.status_code == 200, answer.text
+    assert isinstance(answer.json()["choices"][0]["message"]["content"], str), answer.text
