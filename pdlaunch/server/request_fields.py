@@ -43,7 +43,7 @@ NULL_IS_DEFAULT = ("n", "stream", "logprobs", "echo", "return_token_ids")
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    include_usage: bool = False
+    include_usage: bool = True  # vLLM's default: `stream_options: {}` asks for the usage chunk
     continuous_usage_stats: bool = False
 
     @model_validator(mode="after")

@@ -4,8 +4,8 @@ as OpenAI documents, a 400 in OpenAI's error shape naming the field, or a 200 of
 
 - Types are strict: `true` is not the token id / count 1 and "0.5" is not a number.
 - A union field of the wrong shape (prompt, stop) names the field, not pydantic's `prompt.str`.
-- stream_options without stream, and chat's top_logprobs without logprobs, are refused (OpenAI and vLLM
-  refuse both) instead of ignored.
+- stream_options without stream, and chat's top_logprobs without logprobs, are refused (OpenAI refuses both, and
+  so does vLLM but for an empty `stream_options: {}`) instead of ignored.
 - Chat errors name the field the client sent (top_logprobs, max_completion_tokens), not the engine's.
 - A text content part needs a string `text`; a tool message needs its tool_call_id; a message's name is a
   string (the chat template dropped anything else).

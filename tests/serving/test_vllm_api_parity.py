@@ -4,16 +4,19 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
 
 - `tool_choice: "required"` with `tools: []` is a plain chat answer (vLLM: "none" without tools, as OpenAI); a
   tool_choice other than "none" without tools is a 400 naming tool_choice (vLLM refuses "auto" too).
+- `stream_options: {}` with `stream: true` gets the usage chunk: vLLM's include_usage defaults to true.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from pdlaunch.http.sse import parse_sse
 from pdlaunch.launcher.ports import PortAllocator
 from pdlaunch.proxy.app import build_proxy_app
 from pdlaunch.proxy.instances import Instance, InstancePool
@@ -79,3 +82,22 @@ def test_none_tool_choice_without_tools_is_plain_chat(urls: dict[str, str], via:
     answer = post(urls[via], "/v1/chat/completions", {"messages": HI, "tool_choice": "none"})
     assert answer.status_code == 200, answer.text
     assert isinstance(answer.json()["choices"][0]["message"]["content"], str), answer.text
+
+
+@VIA
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("options", "usage_chunk"), [
+    ({}, True), ({"include_usage": True}, True), ({"include_usage": False}, False), (None, False)],
+    ids=["empty", "include_usage", "no_usage", "null"])
+def test_stream_options_include_usage_defaults_to_true(urls: dict[str, str], via: str, path: str,
+                                                      options: Any, usage_chunk: bool) -> None:
+    prompt = {"prompt": "hi"} if path == "/v1/completions" else {"messages": HI}
+    answer = post(urls[via], path, {**prompt, "stream": True, "stream_options": options})
+    assert answer.status_code == 200, answer.text
+    events = parse_sse(answer.content)
+    assert events[-1] == "[DONE]", events
+    chunks = [json.loads(e) for e in events[:-1]]
+    separate = [c for c in chunks if c["choices"] == []]
+    assert len(separate) == usage_chunk, chunks
+    if usage_chunk:
+        assert chunks[-1] is separate[0] and separate[0]["usage"]["completion_tokens"] == 3, chunks
