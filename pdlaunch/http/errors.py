@@ -1,6 +1,9 @@
 """OpenAI-format errors: `{"error": {"message", "type", "param", "code"}}` with a matching HTTP status.
 
-Used by the instance server and the proxy, so a client sees the same shape whichever answered.
+Used by the instance server and the proxy, so a client sees the same shape whichever answered. `code` is a
+string naming the condition where we have one (OpenAI's: `invalid_api_key`, `model_not_found`; ours:
+`shutting_down`, `overloaded`, ...), else the HTTP status as a number, as vLLM's ErrorInfo.code (an int) has it.
+`type` is OpenAI's name for the status (vLLM writes its exception's: `BadRequestError`, `NotFoundError`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdlaunch.errors import error_text
 
-# HTTP status -> OpenAI error type (the names OpenAI and vLLM use).
+# HTTP status -> OpenAI error type (OpenAI's names).
 _ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
     401: "invalid_request_error",  # OpenAI answers a bad key with this type and code "invalid_api_key"
@@ -52,8 +55,9 @@ class OpenAIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The error answer's body; without a named `code`, vLLM's: the status."""
     kind = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "internal_server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code or str(status)}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or status}}
 
 
 def param_of(loc: Sequence[object]) -> str:

@@ -189,7 +189,8 @@ def error_from_response(instance: Instance, status: int, content: bytes) -> Open
     message, param, code = f"HTTP {status}", None, None
     try:
         err = _InstanceErrorBody.model_validate_json(content).error
-        message, param, code = err.message, err.param, None if err.code is None else str(err.code)
+        # vLLM's int code is the HTTP status: error_body writes it again from the status answered here
+        message, param, code = err.message, err.param, err.code if isinstance(err.code, str) else None
     except ValidationError:
         if content:
             message = content[:200].decode(errors="replace")

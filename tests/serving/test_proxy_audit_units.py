@@ -35,8 +35,12 @@ def test_an_error_answer_of_any_shape_becomes_an_error_with_a_text_message(conte
 
 
 def test_a_well_formed_error_answer_keeps_its_message_param_and_code() -> None:
+    """A named code passes on; vLLM's number (the status) is written again from the status the proxy answers."""
     error = error_from_response(PREFILL, 400, b'{"error": {"message": "too long", "param": "prompt", "code": 400}}')
-    assert (error.message, error.param, error.code) == ("too long", "prompt", "400")
+    assert (error.message, error.param, error.code) == ("too long", "prompt", None)
+    assert error.body()["error"]["code"] == 400
+    error = error_from_response(PREFILL, 500, b'{"error": {"message": "boom", "code": 500}}')
+    assert (error.status, error.code) == (502, "instance_failed")
     error = error_from_response(PREFILL, 500, b'{"error": {"message": "boom", "code": "engine_dead"}}')
     assert (error.status, error.code) == (502, "engine_dead") and "boom" in error.message
 

@@ -80,7 +80,7 @@ def test_head_answers_as_get_without_a_body(serve: Serve, path: str) -> None:
 
 def test_unknown_paths_are_404_in_openai_shape(serve: Serve) -> None:
     for path in ("/nope", "/v1/nope", "/v1/models/tiny"):
-        assert assert_openai_error(httpx.get(f"{serve.url}{path}", headers=AUTH, timeout=30), 404)["code"] == "404"
+        assert assert_openai_error(httpx.get(f"{serve.url}{path}", headers=AUTH, timeout=30), 404)["code"] == 404
     assert httpx.head(f"{serve.url}/nope", headers=AUTH, timeout=30).status_code == 404
 
 

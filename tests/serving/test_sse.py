@@ -85,7 +85,7 @@ def test_a_stream_ended_by_an_error_event_ends_with_done() -> None:
     """OpenAI's streams end with [DONE], after an error event too (vLLM's do): a client that reads until [DONE]
     took a stream that ended with the error event for a cut connection."""
     error = sse_event({"error": {"message": "KV transfer failed", "type": "bad_gateway_error", "param": None,
-                                 "code": "502"}})
+                                 "code": 502}})
     body, calls = _served([sse_event({"choices": [{"text": "a"}]}), error])
     assert parse_sse(body) == [json.dumps({"choices": [{"text": "a"}]}, separators=(",", ":")),
                                error[6:-2].decode(), "[DONE]"]

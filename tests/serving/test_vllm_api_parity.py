@@ -5,6 +5,7 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
 - `tool_choice: "required"` with `tools: []` is a plain chat answer (vLLM: "none" without tools, as OpenAI); a
   tool_choice other than "none" without tools is a 400 naming tool_choice (vLLM refuses "auto" too).
 - `stream_options: {}` with `stream: true` gets the usage chunk: vLLM's include_usage defaults to true.
+- An error without a named code carries vLLM's `code`, the HTTP status as a number (was the string "400").
 """
 
 from __future__ import annotations
@@ -101,3 +102,28 @@ def test_stream_options_include_usage_defaults_to_true(urls: dict[str, str], via
     assert len(separate) == usage_chunk, chunks
     if usage_chunk:
         assert chunks[-1] is separate[0] and separate[0]["usage"]["completion_tokens"] == 3, chunks
+
+
+@VIA
+def test_an_error_without_a_named_code_carries_the_status_as_a_number(urls: dict[str, str], via: str) -> None:
+    """vLLM's ErrorInfo.code is the HTTP status, an int: a validation error, an unknown path, a prompt too long for
+    the model (through the proxy: the prefill leg's 400, passed on), a method the path does not take."""
+    answers = {
+        400: post(urls[via], "/v1/completions", {"prompt": "hi", "temperature": "hot"}),
+        404: httpx.get(f"{urls[via]}/v1/nowhere", timeout=TIMEOUT),
+        405: httpx.get(f"{urls[via]}/v1/completions", timeout=TIMEOUT),
+    }
+    too_long = post(urls[via], "/v1/completions", {"prompt": "hi " * 400})
+    for status, answer in [*answers.items(), (400, too_long)]:
+        assert answer.status_code == status, answer.text
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == status, error
+    assert "max_model_len" in too_long.json()["error"]["message"], too_long.text
+
+
+@VIA
+def test_a_named_code_stays_a_string(urls: dict[str, str], via: str) -> None:
+    """Codes that name the condition (README: invalid_api_key, shutting_down, ...) are OpenAI's strings."""
+    answer = post(urls[via], "/v1/completions", {"model": "not-served", "prompt": "hi"})
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["error"]["code"] == "model_not_found", answer.text
