@@ -101,8 +101,9 @@ class ResponseBuilder:
         """The whole response around `choices`; what a chat body carries once (prompt token ids and
         logprobs) and the prefill's kv_transfer_params come from this, the first choice."""
         obj = "text_completion" if self.endpoint == "completion" else "chat.completion"
+        # system_fingerprint: null as vLLM's whole answers carry it (its stream chunks have none)
         body: JsonObject = {"id": self.response_id, "object": obj, "created": self.created, "model": self.model,
-                            "choices": _json_list(choices), "usage": usage}
+                            "choices": _json_list(choices), "system_fingerprint": None, "usage": usage}
         if self.endpoint == "chat" and self.return_token_ids and self.prompt_token_ids is not None:
             body["prompt_token_ids"] = _json_list(self.prompt_token_ids)
         if self.endpoint == "chat" and self.prompt_logprobs is not None:

@@ -6,6 +6,7 @@ that decode (tiny model, real NIXL on CPU, in this process), which must pass the
   tool_choice other than "none" without tools is a 400 naming tool_choice (vLLM refuses "auto" too).
 - `stream_options: {}` with `stream: true` gets the usage chunk: vLLM's include_usage defaults to true.
 - An error without a named code carries vLLM's `code`, the HTTP status as a number (was the string "400").
+- Whole chat and completion answers carry `system_fingerprint: null`, as vLLM's; stream chunks do not.
 """
 
 from __future__ import annotations
@@ -127,3 +128,18 @@ def test_a_named_code_stays_a_string(urls: dict[str, str], via: str) -> None:
     answer = post(urls[via], "/v1/completions", {"model": "not-served", "prompt": "hi"})
     assert answer.status_code == 404, answer.text
     assert answer.json()["error"]["code"] == "model_not_found", answer.text
+
+
+@VIA
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_whole_answers_carry_system_fingerprint_null_and_chunks_do_not(urls: dict[str, str], via: str,
+                                                                      path: str) -> None:
+    prompt = {"prompt": "hi"} if path == "/v1/completions" else {"messages": HI}
+    whole = post(urls[via], path, prompt)
+    assert whole.status_code == 200, whole.text
+    body = whole.json()
+    assert "system_fingerprint" in body and body["system_fingerprint"] is None, body
+    streamed = post(urls[via], path, {**prompt, "stream": True, "stream_options": {"include_usage": True}})
+    assert streamed.status_code == 200, streamed.text
+    chunks = [json.loads(e) for e in parse_sse(streamed.content) if e != "[DONE]"]
+    assert chunks and not any("system_fingerprint" in c for c in chunks), chunks
