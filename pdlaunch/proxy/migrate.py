@@ -216,5 +216,7 @@ def _json_object(event: str) -> dict[str, Any] | None:
 
 
 def _include_usage(body: Body) -> bool:
+    """Whether the client asked for a usage chunk: stream_options given, its include_usage not false (vLLM's
+    default is true, server/request_fields.py)."""
     options = as_object(body.get("stream_options"))
-    return options is not None and options.get("include_usage") is True
+    return options is not None and options.get("include_usage", True) is not False

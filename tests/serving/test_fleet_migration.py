@@ -211,9 +211,12 @@ def test_usage_after_a_migration_counts_the_clients_prompt_once(fleet: Fleet, pa
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"]
 
 
-def test_a_decode_that_dies_after_the_last_token_still_gives_the_usage_asked_for(fleet: Fleet) -> None:
-    """max_tokens reached at the cut: nothing is continued, and stream_options.include_usage still gets its chunk."""
-    body = {**COMPLETION, "stream_options": {"include_usage": True}}
+@pytest.mark.parametrize("options", [{"include_usage": True}, {}])
+def test_a_decode_that_dies_after_the_last_token_still_gives_the_usage_asked_for(fleet: Fleet,
+                                                                                  options: dict[str, bool]) -> None:
+    """max_tokens reached at the cut: nothing is continued, and stream_options.include_usage (true unless set
+    false, as vLLM) still gets its chunk."""
+    body = {**COMPLETION, "stream_options": options}
     reference = _whole(fleet.instance, "/v1/completions", COMPLETION)
     cuts = fleet.relay.cuts
     fleet.relay.cut = after_the_finish
