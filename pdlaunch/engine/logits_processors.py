@@ -130,7 +130,8 @@ class LogitsProcessors:
         p = row.params
         out: list[tuple[int, int]] = []
         if len(row.output_token_ids) < p.min_tokens:
-            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+            # with ignore_eos too: vLLM holds EOS back until min_tokens whether or not it would stop the request
+            stops = list(p.stop_token_ids) + self.eos_token_ids
             out.extend((i, t) for t in stops)
         for word in p.bad_words:
             for seq in self.bad_word_token_ids(word):

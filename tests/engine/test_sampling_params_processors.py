@@ -48,8 +48,10 @@ def test_min_tokens_hold_back_eos_and_stop_ids_until_reached() -> None:
     early = SampleRow(params, output_token_ids=[1, 2])
     done = SampleRow(params, output_token_ids=[1, 2, 3])
     assert sample([early, done], ramp(2)) == [EOS - 2, EOS]
-    ignoring = SampleRow(greedy(min_tokens=3, ignore_eos=True), output_token_ids=[])  # EOS is no stop then
-    assert sample([ignoring], ramp()) == [EOS]
+    # ignore_eos: EOS stops nothing, but min_tokens still holds it back (vLLM's _all_stop_token_ids keep the EOS)
+    ignoring = SampleRow(greedy(min_tokens=3, ignore_eos=True), output_token_ids=[])
+    ignored = SampleRow(greedy(min_tokens=3, ignore_eos=True), output_token_ids=[1, 2, 3])
+    assert sample([ignoring, ignored], ramp(2)) == [EOS - 1, EOS]
 
 
 def test_bad_words_ban_single_tokens_and_the_last_token_of_a_sequence() -> None:
