@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from pdlaunch.model.checkpoint_tensors import load_tensor, missing_tensors
 from pdlaunch.model.llama import CausalLM
 from pdlaunch.model.moe.experts import FusedExperts
 from pdlaunch.model.quant.config import QuantConfig
-from pdlaunch.model.quant.experts import ExpertDequantizer
+from pdlaunch.model.quant.experts import ExpertDequantizer, keeps_experts
 from pdlaunch.model.quant.linear import finish_loading, fp8_gemm_available, quantize_model
 from pdlaunch.model.weight_files import safetensors_files, unreadable
 from pdlaunch.model.weight_loader import ShardId
@@ -92,12 +92,15 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     """Build the model on the meta device and load the checkpoint's weights in place
     (`expert_parallel`: whole MoE experts per TP rank, model/moe/experts.py). The MoE experts of an FP8
     checkpoint (or --quantization fp8) are held as 128x128-block fp8 where the device has FP8 support
-    (`fp8_experts_on_load` forces it either way: tests), else in `dtype`."""
+    (`fp8_experts_on_load` forces it either way: tests), else in `dtype`, as are experts the checkpoint's ignore
+    list keeps unquantized."""
     device = torch.device(device)
     files = safetensors_files(ckpt.path)
     model = meta_model(ckpt.arch, dtype, tp_rank, tp_size, expert_parallel, ckpt.quant)
-    if ckpt.quant is not None and (fp8_gemm_available(device) if fp8_experts_on_load is None else fp8_experts_on_load):
-        fp8_experts(model, prepare=True)
+    quant, moe = ckpt.quant, ckpt.arch.moe
+    if quant is not None and moe is not None and (
+            fp8_gemm_available(device) if fp8_experts_on_load is None else fp8_experts_on_load):
+        fp8_experts(model, prepare=True, keep=lambda layer: keeps_experts(layer, moe, quant))
     _materialize(model, device)
     model.eval()
 
@@ -138,14 +141,15 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     return model
 
 
-def fp8_experts(model: nn.Module, prepare: bool = False) -> int:
+def fp8_experts(model: nn.Module, prepare: bool = False, keep: Callable[[str], bool] | None = None) -> int:
     """Make every MoE layer's experts 128x128-block fp8: `prepare` on the meta model, before loading
     (FusedExperts.prepare_fp8_blocks: the loaders quantize each expert as it arrives), else experts
     already loaded (FusedExperts.to_fp8_blocks, one layer at a time). The number of layers made fp8 (a
-    layer whose widths are not multiples of 128 stays in the model dtype, and the log says so once)."""
+    layer whose widths are not multiples of 128 stays in the model dtype, and the log says so once; a layer whose
+    module name `keep` is true for stays too: experts the checkpoint keeps unquantized)."""
     converted, kept = 0, None
-    for module in model.modules():
-        if isinstance(module, FusedExperts):
+    for name, module in model.named_modules():
+        if isinstance(module, FusedExperts) and not (keep is not None and keep(name)):
             if module.prepare_fp8_blocks() if prepare else module.to_fp8_blocks():
                 converted += 1
             else:

@@ -135,3 +135,38 @@ def test_quantization_fp8_makes_a_bf16_moe_checkpoints_experts_fp8_blocks_on_loa
     want = load_file(served / "model.safetensors")["model.layers.0.mlp.experts.2.down_proj.weight"]
     got = fp8.dequantize_stacked_blocks(experts.w2.data, experts.w2_scale.data)[2]
     assert 0 < ((got - want).norm() / want.norm()).item() < 0.05  # e4m3 rounding of the float32 weights
+
+
+def test_experts_the_checkpoint_keeps_unquantized_stay_in_the_model_dtype(tmp_path: Path) -> None:
+    """A block-FP8 checkpoint whose modules_to_not_convert lists the experts of layer 0 (their weights in float32,
+    no scales): on an FP8 GPU they were quantized into fp8 blocks at load all the same, computing another model
+    than the checkpoint's. They stay as they are, and the model computes what it computes without FP8 experts."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
+    from tests.helpers.fp8_checkpoints import make_fp8_qwen3, make_qwen3_moe_base
+    from tests.model.paged_runner import PagedRunner
+
+    served, _ = make_fp8_qwen3(tmp_path, "block", seed=12, moe=True)
+    original = load_file(make_qwen3_moe_base(tmp_path / "original", seed=12) / "model.safetensors")
+    experts = [f"model.layers.0.mlp.experts.{e}.{proj}" for e in range(4) for proj in ("gate_proj", "up_proj",
+                                                                                         "down_proj")]
+    tensors = {name: t for name, t in load_file(served / "model.safetensors").items()
+               if name.rsplit(".", 1)[0] not in experts}
+    tensors.update({f"{module}.weight": original[f"{module}.weight"] for module in experts})  # not e4m3-exact
+    save_file(tensors, served / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((served / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = ["lm_head", *experts]
+    (served / "config.json").write_text(json.dumps(cfg))
+
+    ckpt = load_checkpoint(str(served))
+    model = load_model(ckpt, torch.device("cpu"), torch.float32, fp8_experts_on_load=True)
+    layer = model.model.layers[0].mlp.experts
+    assert layer.w13.dtype == layer.w2.dtype == torch.float32 and layer.w13_scale is None
+    assert torch.equal(layer.w2.data[3], original["model.layers.0.mlp.experts.3.down_proj.weight"])
+    prompt = list(range(5, 40))
+    want = PagedRunner(load_model(ckpt, torch.device("cpu"), torch.float32)).step({"s": prompt})["s"]
+    assert torch.equal(PagedRunner(model).step({"s": prompt})["s"], want)

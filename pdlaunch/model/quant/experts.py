@@ -2,7 +2,8 @@
 dequantized before it reaches the stacked expert parameters (model/moe/experts.py), so the loaders
 shard one layout whatever the checkpoint's scheme. On CPU the experts stay in the model dtype (the exact
 reference of the CPU tests); on a GPU with FP8 support the expert loaders quantize each one again into
-128x128-block fp8 as it arrives (model/moe/experts.py `prepare_fp8_blocks`), which the fused MoE kernels read.
+128x128-block fp8 as it arrives (model/moe/experts.py `prepare_fp8_blocks`), which the fused MoE kernels read,
+unless the checkpoint keeps the layer's experts unquantized (`keeps_experts`).
 
 Checkpoint order is free (a weight may come before or after its scale, in another shard), so tensors
 wait here until their partner arrives; `check_complete` names any that never found one.
@@ -13,12 +14,22 @@ from __future__ import annotations
 import torch
 
 from pdlaunch.errors import PdlaunchError
+from pdlaunch.model.moe.config import MoeArch
+from pdlaunch.model.moe.names import expert_checkpoint_names
 from pdlaunch.model.quant import fp8
 from pdlaunch.model.quant.config import BLOCK, QuantConfig
 
 
 def _blocks(size: int) -> int:
     return -(-size // BLOCK)
+
+
+def keeps_experts(layer: str, moe: MoeArch, quant: QuantConfig) -> bool:
+    """True when the checkpoint keeps an expert of FusedExperts `layer` (e.g. model.layers.0.mlp.experts)
+    unquantized: its modules_to_not_convert / ignored_layers / ignore names one of the layer's expert projections.
+    The layer then stays in the model dtype on an FP8 GPU too, as the checkpoint's own weights are."""
+    names = [name for param in ("w13", "w2") for name in expert_checkpoint_names(f"{layer}.{param}", moe) or []]
+    return any(quant.skips(name.removesuffix(".weight")) for name in names)
 
 
 class ExpertDequantizer:
