@@ -193,7 +193,12 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         # The bias is added once, after the reduction, not once per rank.
-        return self._reduced(_matmul(self, x, self.weight, None))
+        return self._reduced(self.partial(x))
+
+    def partial(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        """This rank's partial product x W_r^T, neither all-reduced nor biased, through the layer's own matmul (an
+        FP8 weight's LinearMethod): for a caller that adds it to other partial sums before one all-reduce."""
+        return _matmul(self, x, self.weight, None)
 
     def fp8_input(self, rows: int) -> bool | None:
         """LinearMethod.input_layout of this layer's weights for x of `rows` rows (None without FP8 weights)."""

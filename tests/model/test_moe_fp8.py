@@ -1,6 +1,7 @@
 """FP8 MoE experts held as 128x128-block fp8 (FusedExperts.to_fp8_blocks), on CPU: the stacked
 quantization equals the per-matrix one, the reference backend with scales equals the reference on the
-dequantized weights, and widths that are not multiples of 128 stay as they are."""
+dequantized weights, and widths that are not multiples of 128 stay as they are; experts a checkpoint keeps
+unquantized stay so, and Qwen2-MoE's shared expert multiplies through its FP8 down projection."""
 
 from __future__ import annotations
 
@@ -170,3 +171,36 @@ def test_experts_the_checkpoint_keeps_unquantized_stay_in_the_model_dtype(tmp_pa
     prompt = list(range(5, 40))
     want = PagedRunner(load_model(ckpt, torch.device("cpu"), torch.float32)).step({"s": prompt})["s"]
     assert torch.equal(PagedRunner(model).step({"s": prompt})["s"], want)
+
+
+def test_the_shared_expert_multiplies_through_its_fp8_down_projection(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Qwen2-MoE with --quantization fp8, its linear layers kept fp8 as on an FP8 GPU (emulated here: FP8 GEMMs
+    said available, the per-channel GEMM a float32 product of the dequantized weight): the shared expert's
+    down_proj holds fp8 weights, which its F.linear on the bare weight refused (float != Float8_e4m3fn) on every
+    FP8 GPU. It now runs the layer's FP8 matmul and the logits are those of the weights dequantized at load."""
+    import torch.nn.functional as F
+
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
+    from pdlaunch.model.quant import gemm, linear
+    from tests.helpers.checkpoints import make_qwen2_moe
+    from tests.model.paged_runner import PagedRunner
+
+    ckpt = load_checkpoint(str(make_qwen2_moe(tmp_path / "qwen2-moe")), "fp8")
+    prompt = list(range(5, 30))
+    want = PagedRunner(load_model(ckpt, torch.device("cpu"), torch.float32)).step({"s": prompt})["s"]
+    calls: list[tuple[int, ...]] = []
+
+    def channel_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        calls.append(tuple(weight.shape))
+        return F.linear(x.float(), fp8.dequantize(weight, scale.reshape(-1))).to(dtype)
+
+    monkeypatch.setattr(linear, "fp8_gemm_available", lambda device: True)
+    monkeypatch.setattr(gemm, "channel_fp8_linear", channel_gemm)
+    model = load_model(ckpt, torch.device("cpu"), torch.float32, fp8_experts_on_load=False)
+    down = model.model.layers[0].mlp.shared_expert.down_proj
+    assert down.weight.dtype == fp8.FP8_DTYPE and down.quant_method is not None
+    got = PagedRunner(model).step({"s": prompt})["s"]
+    assert tuple(down.weight.shape) in calls
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -57,7 +57,8 @@ class SharedExpert(nn.Module):
         self.down_proj = RowParallelLinear(intermediate, hidden, False, tp_rank, tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(silu_and_mul(self.gate_up_proj(x)), self.down_proj.weight)
+        # down_proj.partial, not F.linear on its weight: an FP8 down_proj holds fp8 weights on an FP8 GPU
+        return self.down_proj.partial(silu_and_mul(self.gate_up_proj(x)))
 
 
 class SparseMoeBlock(nn.Module):
