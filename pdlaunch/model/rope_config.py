@@ -19,7 +19,7 @@ RopeFactor = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 class RopeScaling(BaseModel):
     """Scaled rope as config.json gives it: `linear` (factor) or `llama3` (factor, low/high_freq_factor,
-    original_max_position_embeddings, by default the model's max_position_embeddings)."""
+    original_max_position_embeddings, else config.json's top-level one, else the model's max_position_embeddings)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -60,6 +60,8 @@ def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeSc
     if rope_type == "default":
         return theta, None
     known = {k: v for k, v in scaling.items() if k in RopeScaling.model_fields}
+    if rope_type == "llama3":
+        _top_level_original_context(cfg, known, key)
     try:
         return theta, RopeScaling.model_validate({**known, "rope_type": rope_type})
     except ValidationError as exc:
@@ -70,6 +72,25 @@ def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeSc
                 f"{error['loc'][0]} {error['input']!r}: {what}"
         raise PdlaunchError(f"rope scaling {rope_type!r}: {what}", field=f"config.json:{key}",
                             hint="the checkpoint's config.json rope parameters are incomplete or invalid") from None
+
+
+def _top_level_original_context(cfg: Mapping[str, object], known: dict[str, object], key: str) -> None:
+    """A top-level `original_max_position_embeddings` beside llama3 rope parameters: transformers 5 takes it over
+    the one in the rope parameters (standardize_rope_params), transformers 4.x read only the rope parameters' own.
+    Given alone it is the llama3 old context (it was max_position_embeddings here: other frequencies than
+    transformers'); given with a different value inside, the two readings disagree and it is refused."""
+    given = cfg.get("original_max_position_embeddings")
+    if given is None:
+        return
+    top = positive_float(given, "original_max_position_embeddings", 0.0)
+    inner = known.get("original_max_position_embeddings")
+    if inner is None:
+        known["original_max_position_embeddings"] = top
+    elif inner != top:
+        raise PdlaunchError(f"original_max_position_embeddings is {given!r} at the top level of config.json and "
+                            f"{inner!r} in {key}: transformers 5 uses the first, 4.x the second",
+                            field="config.json:original_max_position_embeddings",
+                            hint=f"keep the one the model was trained with, in {key}, and remove the other")
 
 
 def _whole_head_rotated(cfg: Mapping[str, object], scaling: Mapping[str, object], key: str) -> None:

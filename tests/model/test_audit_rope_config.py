@@ -1,5 +1,6 @@
 """Rope scaling values that rotary.py divides by, and rope parameters that are not a JSON object, are refused
-naming the config.json key, by check-config and by `pdlaunch generate` alike (no traceback, no NaN rotation)."""
+naming the config.json key, by check-config and by `pdlaunch generate` alike (no traceback, no NaN rotation); a
+top-level original_max_position_embeddings beside llama3 rope is read as transformers 5 reads it."""
 
 from __future__ import annotations
 
@@ -100,3 +101,37 @@ def test_a_partial_rotary_factor_is_a_model_error_in_the_cli(tmp_path: Path, com
     result = invoke([command, str(model), "--device", "cpu", *extra])
     assert result.exit_code == 1, result.output
     assert "partial_rotary_factor 0.5" in result.output and "config.json:partial_rotary_factor" in result.output
+
+
+def test_a_top_level_original_context_is_the_llama3_one_as_in_transformers(tmp_path: Path) -> None:
+    """transformers 5 takes config.json's top-level original_max_position_embeddings as llama3's old context; it
+    was ignored here (max_position_embeddings instead: every position's rotation differed, no error)."""
+    import torch
+
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
+    from tests.helpers.checkpoints import hf_logits
+    from tests.model.paged_runner import PagedRunner
+
+    model = make_llama(tmp_path / "llama")
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["rope_parameters"]["original_max_position_embeddings"]  # 64; max_position_embeddings is 512
+    cfg["original_max_position_embeddings"] = 128
+    (model / "config.json").write_text(json.dumps(cfg))
+    ckpt = load_checkpoint(str(model))
+    assert ckpt.arch.rope_scaling is not None and ckpt.arch.rope_scaling.original_max_position_embeddings == 128
+    prompt = [507, 72, 366, 111, 44, 432, 108, 100, 33, 300, 301, 302, 303, 304, 305, 306]
+    logits = PagedRunner(load_model(ckpt, torch.device("cpu"), torch.float32)).step({"s": prompt})["s"]
+    torch.testing.assert_close(logits, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
+
+
+def test_a_top_level_original_context_that_differs_from_the_rope_parameters_is_refused() -> None:
+    """transformers 4.x read the rope parameters' value, 5.x the top-level one: which model is meant is unknown."""
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, "rope_scaling": LLAMA3, "original_max_position_embeddings": 8192})
+    assert err.value.field == "config.json:original_max_position_embeddings"
+    assert "8192 at the top level" in err.value.message and "64 in rope_scaling" in err.value.message
+    same = parse_hf_config({**LLAMA_CONFIG, "rope_scaling": LLAMA3, "original_max_position_embeddings": 64})
+    assert same.rope_scaling is not None and same.rope_scaling.original_max_position_embeddings == 64
+    plain = parse_hf_config({**LLAMA_CONFIG, "original_max_position_embeddings": 8192})  # no llama3: unused
+    assert plain.rope_scaling is None
