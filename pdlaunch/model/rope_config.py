@@ -37,13 +37,16 @@ class RopeScaling(BaseModel):
 
 
 def rope(cfg: Mapping[str, object], default_theta: float) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling dict or None) from either config dialect; `default_theta` where neither gives one."""
-    params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and "rope_type" not in params and params:
+    """(rope_theta, scaling dict or None) from either config dialect; `default_theta` where neither gives one.
+    A `rope_scaling` beside `rope_parameters` wins, as in transformers 5 (convert_rope_params_to_dict: `rope_scaling
+    or rope_parameters`) and 4.x (which reads no rope_parameters): e.g. the YaRN rope_scaling Qwen's model cards
+    say to add to config.json, added to a config.json transformers 5 wrote."""
+    params, legacy = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    if isinstance(params, dict) and "rope_type" not in params and params and not legacy:
         # Per-layer-type rope parameters (not used by the supported families).
         raise PdlaunchError("per-layer rope_parameters are not supported", field="config.json:rope_parameters")
-    key = "rope_parameters" if params is not None else "rope_scaling"
-    found = params if params is not None else cfg.get("rope_scaling") or {}
+    key = "rope_parameters" if params is not None and not legacy else "rope_scaling"
+    found = params if key == "rope_parameters" else legacy or {}
     if not isinstance(found, dict):  # a string or list was silently plain rope (rope_parameters) or a traceback
         raise PdlaunchError(f"{key} {found!r} is not a JSON object", field=f"config.json:{key}",
                             hint="use the checkpoint's original config.json")

@@ -1,6 +1,7 @@
 """Rope scaling values that rotary.py divides by, and rope parameters that are not a JSON object, are refused
 naming the config.json key, by check-config and by `pdlaunch generate` alike (no traceback, no NaN rotation); a
-top-level original_max_position_embeddings beside llama3 rope is read as transformers 5 reads it."""
+top-level original_max_position_embeddings beside llama3 rope, and a rope_scaling beside rope_parameters, are read
+as transformers reads them."""
 
 from __future__ import annotations
 
@@ -135,3 +136,30 @@ def test_a_top_level_original_context_that_differs_from_the_rope_parameters_is_r
     assert same.rope_scaling is not None and same.rope_scaling.original_max_position_embeddings == 64
     plain = parse_hf_config({**LLAMA_CONFIG, "original_max_position_embeddings": 8192})  # no llama3: unused
     assert plain.rope_scaling is None
+
+
+def test_a_rope_scaling_beside_rope_parameters_wins_as_in_transformers(tmp_path: Path) -> None:
+    """A config.json transformers 5 wrote (rope_parameters) with a rope_scaling added, as Qwen's model cards say to
+    add YaRN: transformers (5 and 4.x) reads rope_scaling; it was ignored here, so a YaRN config ran plain rope
+    without the refusal YaRN gets, and a linear one ran unscaled."""
+    import torch
+
+    from pdlaunch.model.checkpoint import load_checkpoint
+    from pdlaunch.model.loader import load_model
+    from tests.helpers.checkpoints import hf_logits
+    from tests.model.paged_runner import PagedRunner
+
+    plain = {"rope_type": "default", "rope_theta": 10000.0}
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config({**LLAMA_CONFIG, "rope_parameters": plain,
+                         "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}})
+    assert err.value.field == "config.json:rope_scaling" and "'yarn' is not supported" in err.value.message
+    model = make_llama(tmp_path / "llama")  # rope_parameters: llama3
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (model / "config.json").write_text(json.dumps(cfg))
+    ckpt = load_checkpoint(str(model))
+    assert ckpt.arch.rope_scaling is not None and ckpt.arch.rope_scaling.rope_type == "linear"
+    prompt = [507, 72, 366, 111, 44, 432, 108, 100, 33, 300, 301, 302, 303, 304, 305, 306]
+    logits = PagedRunner(load_model(ckpt, torch.device("cpu"), torch.float32)).step({"s": prompt})["s"]
+    torch.testing.assert_close(logits, hf_logits(model, prompt), atol=1e-4, rtol=1e-4)
