@@ -115,6 +115,41 @@ def given_up(hold: Hold) -> bool:
     return bool(hold.cancelled_by) and through(hold)
 
 
+def take_notification(hold: Hold, reader: str, read: bool, readers: int) -> None:
+    """A read_done (`read`) or release notification from one of the `readers` ranks of decode `reader`: the hold
+    ends once that reader's notifications are all in and no other decode is at it (`through`)."""
+    hold.notified[reader] = hold.notified.get(reader, 0) + 1
+    hold.read[reader] = hold.read.get(reader, 0) + read
+    hold.readers[reader] = max(hold.readers.get(reader, 1), readers)
+    hold.done = hold.done or (reader_done(hold, reader) and through(hold))
+
+
+def cancel_push(hold: Hold, owner: str) -> bool:
+    """Decode load `owner` cancelled its push: no WRITE of its is posted any more, and the hold ends once no decode
+    wants it (`given_up`). True when a WRITE of that load may still land in its blocks (in flight)."""
+    hold.cancelled_by.add(owner)
+    hold.push_owners.discard(owner)
+    hold.done = hold.done or given_up(hold)
+    return owner in hold.pushing
+
+
+def end_claim(hold: Hold, done: bool, push_owner: str | None, failed: bool) -> None:
+    """A push WRITE (of load `push_owner`) or staging copy reading the blocks ended (HoldTable.unclaim); done: the
+    last chunk of that push landed (or the copy asked to end the hold); failed: that push failed or was cancelled,
+    which ends its load's interest, as its cancel would."""
+    hold.busy -= 1
+    if push_owner is not None:
+        left = hold.pushing.pop(push_owner) - 1
+        if left:
+            hold.pushing[push_owner] = left
+        if failed:
+            hold.cancelled_by.add(push_owner)
+        if failed or done:
+            hold.push_owners.discard(push_owner)
+        hold.pushed = hold.pushed or done
+    hold.done = hold.done or (done and through(hold)) or given_up(hold)
+
+
 LEASE_EXPIRED = "its lease expired"
 CLAIM_CAPPED = "freed at the hard cap of the READ claim of "
 

@@ -22,14 +22,15 @@ from pdlaunch.kv_transfer.messages import (
 )
 from pdlaunch.kv_transfer.prefill.hold import (
     Hold,
+    cancel_push,
     claim_for_read,
-    given_up,
+    end_claim,
     how_it_ended,
     not_held,
     read_running,
     reader_done,
     readers_that_read,
-    through,
+    take_notification,
 )
 from pdlaunch.kv_transfer.push_params import client_request_id
 from pdlaunch.metrics import KV_CLAIM_CAP_FREES, KV_EXPIRED_REQUESTS
@@ -83,11 +84,7 @@ class HoldTable:
         with self.lock:
             hold = self._holds.get(notif.request_id)
             if hold is not None:
-                reader = notif.reader
-                hold.notified[reader] = hold.notified.get(reader, 0) + 1
-                hold.read[reader] = hold.read.get(reader, 0) + (notif.kind == "read_done")
-                hold.readers[reader] = max(hold.readers.get(reader, 1), notif.readers)
-                hold.done = hold.done or (reader_done(hold, reader) and through(hold))
+                take_notification(hold, notif.reader, notif.kind == "read_done", notif.readers)
             ended = None if hold is not None else self._ended.get(notif.request_id)
         if ended is not None:  # e.g. the proxy released it (its client left), then the decode aborted its load
             logger.debug("KV %s notification from %s for request %s after its hold ended (%s)", notif.kind,
@@ -196,13 +193,7 @@ class HoldTable:
         hold)."""
         with self.lock:
             hold = self._holds.get(message.request_id)
-            if hold is None:
-                return CancelPushAnswer(in_flight=False)
-            hold.cancelled_by.add(message.owner)
-            hold.push_owners.discard(message.owner)
-            in_flight = message.owner in hold.pushing
-            hold.done = hold.done or given_up(hold)
-        return CancelPushAnswer(in_flight=in_flight)
+            return CancelPushAnswer(in_flight=hold is not None and cancel_push(hold, message.owner))
 
     def claim(self, request_id: str, sources: list[list[int]], block_bytes: list[int], spec: KVCacheSpec | None,
               exclusive: bool = False, wait: float = 0.0, reader: tuple[str, float] | None = None) -> Hold:
@@ -289,15 +280,5 @@ class HoldTable:
 
     def _unclaim(self, hold: Hold, done: bool, push_owner: str | None = None, failed: bool = False) -> None:
         with self.lock:
-            hold.busy -= 1
-            if push_owner is not None:
-                left = hold.pushing.pop(push_owner) - 1
-                if left:
-                    hold.pushing[push_owner] = left
-                if failed:
-                    hold.cancelled_by.add(push_owner)
-                if failed or done:
-                    hold.push_owners.discard(push_owner)
-                hold.pushed = hold.pushed or done
-            hold.done = hold.done or (done and through(hold)) or given_up(hold)
+            end_claim(hold, done, push_owner, failed)
             self._unclaimed.notify_all()
