@@ -39,8 +39,9 @@ def held_table() -> tuple[KVCacheSpec, HoldTable]:
     return make_spec(), holds
 
 
-def push_chunk(spec: KVCacheSpec, owner: str, nonce: str, last: bool, start: int = 3) -> PushRequest:
-    """A push of two of p-1's blocks from `start` by decode load `owner`; `last`: the push's last chunk."""
-    return PushRequest(type="push", reader="d", request_id="p-1", nonce=nonce, owner=owner, last=last,
+def push_chunk(spec: KVCacheSpec, owner: str, nonce: str, last: bool, start: int = 3, reader: str = "d") -> PushRequest:
+    """A push of two of p-1's blocks from `start` by decode load `owner` of decode engine `reader`; `last`: the
+    push's last chunk."""
+    return PushRequest(type="push", reader=reader, request_id="p-1", nonce=nonce, owner=owner, last=last,
                        agent_name="decode", agent_metadata="00", runs=[[(0, start, 2)]], base_addrs=[4096],
                        block_bytes=spec.block_bytes, deadline_in=30.0)

@@ -76,8 +76,8 @@ class DecodePeers:
 
     def forget_engine(self, engine_id: str) -> int:
         """Decode engine `engine_id` died: drop the metadata of each of its agents (pushed to or reading from
-        us), so that UCX unmaps its memory (agent.py); returns how many agents went. A push to that engine in
-        flight fails as it would anyway; pushes to other engines go on (their agents stay)."""
+        us), so that UCX unmaps its memory (agent.py); returns how many agents went. PrefillSide.forget_engine
+        stopped that engine's pushes and ended its holds first; pushes to other engines go on (their agents stay)."""
         forgotten = 0
         with self._lock:
             names = [name for name, engine in self._engines.items() if engine == engine_id]

@@ -36,8 +36,12 @@ and no other that took it is still at it; so a read_done never ends a hold anoth
 two chunks of a staged push) or pulls through staging slots (between two chunks), and a push's last chunk
 never ends one under a claimed READ. A decode that comes after the hold ended fails its load and computes the
 prompt: a late claim (its READ must neither see blocks freed after another decode's read_done nor be told
-"held throughout" of a hold another decode read), a stage request, or a push. A push whose decode died between
-its chunks (no cancel comes) keeps the hold until the lease, or a claimed READ's cap if later.
+"held throughout" of a hold another decode read), a stage request, or a push. A decode that died without a word
+(between two chunks of its push, or during its claimed READ or staged pull) is through once the prefill is told
+it ended (`drop_engine`: its launcher asks, HoldTable.forget_engine): its claims and notifications count no more,
+its pushes are given up (a WRITE of one still running keeps the blocks until it ends), and the hold ends unless
+another decode is still at it. Untold (a decode of another deployment, or the ask lost), such a hold lives until
+its lease, or a claimed READ's cap if later. A hold no decode took stays: the proxy may still send its decode leg.
 A cancel ends the cancelling decode load's interest only: another decode's push goes on.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
@@ -61,6 +65,7 @@ class Hold:
     # Loads whose push from the hold is under way: accepted, and neither its last chunk landed nor it failed or
     # was cancelled (`through`).
     push_owners: set[str] = field(default_factory=set)
+    push_readers: dict[str, str] = field(default_factory=dict)  # load (owner) -> its decode engine id
     pushed: bool = False  # a push's last chunk landed
     cancelled_by: set[str] = field(default_factory=set)  # loads that cancelled their push: post no WRITE of theirs
     done: bool = False  # may be freed
@@ -70,6 +75,8 @@ class Hold:
     read: dict[str, int] = field(default_factory=dict)
     readers: dict[str, int] = field(default_factory=dict)
     claimed_by: set[str] = field(default_factory=set)  # readers whose READ claimed the hold
+    # Decode engines that ended while at the hold (`drop_engine`): through with it, their pushes given up.
+    ended_engines: set[str] = field(default_factory=set)
     expired: bool = False
     unended_claims: list[str] = field(default_factory=list)  # freed at the claim's cap: readers that never notified
     cancelled: bool = False  # the proxy released it (`release`): post no WRITE for it any more
@@ -82,12 +89,12 @@ class Hold:
 
     def push_cancelled(self, owner: str) -> bool:
         """No WRITE of the push of load `owner` is posted any more."""
-        return self.cancelled or owner in self.cancelled_by
+        return self.cancelled or owner in self.cancelled_by or self.push_readers.get(owner) in self.ended_engines
 
 
 def reader_done(hold: Hold, reader: str) -> bool:
-    """`reader` sent every notification it will send."""
-    return hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
+    """`reader` sent every notification it will send (or ended: it sends none any more)."""
+    return reader in hold.ended_engines or hold.notified.get(reader, 0) >= hold.readers.get(reader, 1)
 
 
 def read_running(hold: Hold) -> bool:
@@ -111,8 +118,9 @@ def through(hold: Hold) -> bool:
 
 
 def given_up(hold: Hold) -> bool:
-    """A decode cancelled its push (or its push failed) and no other wants the blocks (`through`)."""
-    return bool(hold.cancelled_by) and through(hold)
+    """A decode cancelled its push (or its push failed), or a decode at the hold ended, and no other wants the
+    blocks (`through`)."""
+    return bool(hold.cancelled_by or hold.ended_engines) and through(hold)
 
 
 def take_notification(hold: Hold, reader: str, read: bool, readers: int) -> None:
@@ -150,8 +158,28 @@ def end_claim(hold: Hold, done: bool, push_owner: str | None, failed: bool) -> N
     hold.done = hold.done or (done and through(hold)) or given_up(hold)
 
 
+def drop_engine(hold: Hold, engine_id: str) -> bool:
+    """Decode engine `engine_id` ended (died: its launcher told the prefill to forget it): its READ claims and
+    notifications count no more, and its pushes are given up, as if it had cancelled them (a WRITE of one still
+    running keeps the blocks until it ends: `pushing`). The hold ends once no other decode is at it (`through`).
+    True when that engine was at the hold: a push of its under way, a claimed READ or staged pull, or some of its
+    ranks' notifications in and not all."""
+    if hold.done:
+        return False
+    owners = {owner for owner, engine in hold.push_readers.items()
+              if engine == engine_id and (owner in hold.push_owners or owner in hold.pushing)}
+    reading = (engine_id in hold.claimed_by or engine_id in hold.notified) and not reader_done(hold, engine_id)
+    if not (owners or reading):
+        return False
+    hold.ended_engines.add(engine_id)
+    hold.push_owners -= owners
+    hold.done = through(hold)
+    return True
+
+
 LEASE_EXPIRED = "its lease expired"
 CLAIM_CAPPED = "freed at the hard cap of the READ claim of "
+ENGINE_ENDED = "the decode engine that took it ended: "
 
 
 def how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
@@ -166,6 +194,8 @@ def how_it_ended(hold: Hold, read_by: frozenset[str]) -> str:
         return "released: its decode leg will not run"
     if hold.pushed:
         return "pushed to a decode"
+    if hold.ended_engines:
+        return ENGINE_ENDED + ", ".join(sorted(hold.ended_engines))
     if given_up(hold):
         return "its decode cancelled its push"
     return "released by " + (", ".join(sorted(hold.notified)) or "its reader")
@@ -185,6 +215,7 @@ def not_held(request_id: str, lease_seconds: float, how: str | None = None) -> K
     sent."""
     if how is not None and how != LEASE_EXPIRED:
         why = ("a decode that claimed its READ died or timed out" if how.startswith(CLAIM_CAPPED)
+               else "another decode took it, then died" if how.startswith(ENGINE_ENDED)
                else "its client left or its decode leg was given up")
         return KVTransferError(f"request {request_id} is not held here any more: {how}",
                                hint=f"{why}; nothing to load")

@@ -1,6 +1,6 @@
 """The prefill side's table of held requests (`HoldTable`, by request id): holds, their leases, the claims
 of decode READs (claim_read, or a staged pull's stage request), pushes and staging copies, cancels and release
-notifications. What one hold holds and when it ends: hold.py.
+notifications, and decode engines that ended (`forget_engine`). What one hold holds and when it ends: hold.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     ReadDone,
 )
+from pdlaunch.kv_transfer.prefill.ended_engines import EndedEngines
 from pdlaunch.kv_transfer.prefill.hold import (
     Hold,
     cancel_push,
     claim_for_read,
+    drop_engine,
     end_claim,
     how_it_ended,
     not_held,
@@ -57,6 +59,7 @@ class HoldTable:
         # Nonces of push requests accepted (push nonce -> when to forget it, monotonic): decode's side channel
         # sends a request again when the connection reset before the answer, and a push is then already queued.
         self._pushes: OrderedDict[str, float] = OrderedDict()
+        self._ended_engines = EndedEngines(lease_seconds)
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self.lock:
@@ -107,6 +110,16 @@ class HoldTable:
         logger.info("KV of request %s released early: its decode leg will not run", request_id)
         return True
 
+    def forget_engine(self, engine_id: str) -> list[str]:
+        """Decode engine `engine_id` ended (its launcher asks before restarting it): end its part in every hold it
+        was at (hold.py `drop_engine`: its claims, notifications and pushes), and refuse any claim or push it sent
+        before it died that is still on its way. A hold no other decode is at is freed at the next `poll` (once a
+        push WRITE or staging copy still reading it ended); one another decode is at, or none took, stays.
+        Returns the request ids of the holds it was at."""
+        with self.lock:
+            self._ended_engines.add(engine_id, time.monotonic())
+            return [hold.request_id for hold in self._holds.values() if drop_engine(hold, engine_id)]
+
     def poll(self, now: float) -> set[str]:
         """Requests whose blocks may be freed now; counts lease expiries."""
         finished: set[str] = set()
@@ -128,6 +141,7 @@ class HoldTable:
                 self._ended.popitem(last=False)
             while self._pushes and next(iter(self._pushes.values())) < now:
                 self._pushes.popitem(last=False)
+            self._ended_engines.prune(now)
         return finished
 
     def _end_at_deadline(self, hold: Hold) -> None:
@@ -156,6 +170,7 @@ class HoldTable:
         a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
         cap = self._cap(message.seconds, "claim_read.seconds")
         with self.lock:
+            self._ended_engines.refuse(message.request_id, message.reader)
             hold = self._holds.get(message.request_id)
             if hold is not None:
                 read_by = readers_that_read(hold)
@@ -241,6 +256,8 @@ class HoldTable:
             while True:
                 if push is not None and push.nonce in self._pushes:
                     return None
+                self._ended_engines.refuse(request_id, push.reader if push is not None
+                                           else read_claim[0] if read_claim is not None else None)
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
                     raise not_held(request_id, self.lease_seconds)
@@ -263,6 +280,7 @@ class HoldTable:
             if push is not None:  # its nonce is forgotten once decode cannot send it again (its deadline passed)
                 hold.pushing[push.owner] = hold.pushing.get(push.owner, 0) + 1
                 hold.push_owners.add(push.owner)
+                hold.push_readers[push.owner] = push.reader
                 self._pushes[push.nonce] = time.monotonic() + wait + self.lease_seconds
         return hold
 

@@ -9,14 +9,20 @@ delivery is part of the transfer: it travels with the WRITE (the transport sends
 in; Mooncake tries twice), and a push of nothing sends it alone; a send that fails fails the push.
 push_failed is best effort (logged when its send fails): a lost one costs the decode a wait until its
 load's deadline (messages.LOST_NOTIFICATION).
+
+A decode engine that ended (`drop_queued`, HoldTable.forget_engine) gets nothing more: its pushes still queued are
+dropped, one whose WRITE runs stops waiting for it (the WRITE is released, which cancels it where the transport
+can), and no push_failed goes to it.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pdlaunch.errors import KVTransferError
@@ -66,12 +72,33 @@ class PushSender:
         self.spec: KVCacheSpec | None = None
         self.staging: StagingArea | None = None
         self._timings: deque[PushTiming] = deque(maxlen=256)
+        self._queued: dict[Future[None], tuple[Hold, PushRequest]] = {}  # submitted pushes, until they end
+        self._lock = threading.Lock()
 
     def timings(self) -> list[PushTiming]:
         return list(self._timings)  # deque appends are atomic; a copy is a consistent snapshot
 
     def submit(self, hold: Hold, message: PushRequest, peer: str, received: float) -> None:
-        self.executor.submit(self._push, hold, message, peer, received)
+        future = self.executor.submit(self._push, hold, message, peer, received)
+        with self._lock:
+            self._queued[future] = (hold, message)
+        future.add_done_callback(self._ended)  # outside the lock: it runs here if the push already ended
+
+    def _ended(self, future: Future[None]) -> None:
+        with self._lock:
+            self._queued.pop(future, None)
+
+    def drop_queued(self, engine_id: str) -> int:
+        """Decode engine `engine_id` ended: its pushes not yet started never run (their claim of the hold ends as
+        a failed push's does). Returns how many were dropped."""
+        with self._lock:
+            mine = [(f, hm) for f, hm in self._queued.items() if hm[1].reader == engine_id]
+        dropped = 0
+        for future, (hold, message) in mine:
+            if future.cancel():  # False once a sender thread took it: that push ends by itself (`_push`)
+                self.holds.unclaim_push(hold, message, failed=True)
+                dropped += 1
+        return dropped
 
     def _push(self, hold: Hold, message: PushRequest, peer: str, received: float) -> None:
         assert self.spec is not None
@@ -81,6 +108,7 @@ class PushSender:
         slots: list[int] = []
         failed = False
         try:
+            check_wanted(hold, message, cancels=False)  # an ended decode's push waits for no staging slots
             bases = [t.data_ptr() for t in self.spec.kv_caches]
             # (prefill start, decode start, count) per run, or per run of staging slots
             runs = [[BlockRun(p, d, count) for d, p, count in group] for group in message.runs]
@@ -102,9 +130,7 @@ class PushSender:
                 return
             # A cancel that comes after this check answers in_flight (pushing): decode then waits for our
             # push_done/push_failed, so posting without the lock is safe.
-            if hold.push_cancelled(message.owner):
-                raise PushCancelled(f"push of request {hold.request_id} cancelled: its decode gave up on it, or "
-                                    "its client left")
+            check_wanted(hold, message)
             if time.monotonic() >= deadline:
                 raise KVTransferError(f"push of request {hold.request_id} not posted: decode's deadline passed "
                                       "first", field="kv_transfer.transfer_timeout_seconds",
@@ -112,8 +138,9 @@ class PushSender:
             posting = time.monotonic()
             xfer = self.agent.transfer("WRITE", local, remote, peer, message.device_id, notif)
             posted = time.monotonic()
-            state = wait_write(xfer, posted, deadline)
+            state = wait_write(xfer, posted, deadline, lambda: message.reader in hold.ended_engines)
             if state != "DONE":
+                check_wanted(hold, message, cancels=False)  # a WRITE to an ended decode fails as expected
                 why = f"failed: {xfer.error}" if xfer.error else "failed"
                 raise KVTransferError(
                     f"WRITE of {xfer.num_bytes} bytes for request {hold.request_id} "
@@ -131,8 +158,9 @@ class PushSender:
                 xfer.release()
                 xfer = None
             try:
-                self.agent.notify(peer, encode_notification(PushFailed(kind="push_failed", nonce=message.nonce,
-                                                                       error=text[:4096])))
+                if message.reader not in hold.ended_engines:  # an ended decode's agent is forgotten
+                    self.agent.notify(peer, encode_notification(PushFailed(kind="push_failed", nonce=message.nonce,
+                                                                           error=text[:4096])))
             except Exception as notify_error:  # noqa: BLE001 - decode then times out with its own message
                 logger.warning("could not tell decode that the push failed: %s", notify_error)
         finally:
@@ -143,11 +171,22 @@ class PushSender:
             self.holds.unclaim_push(hold, message, done=message.last and not failed, failed=failed)
 
 
-def wait_write(xfer: Xfer, posted: float, deadline: float) -> str:
-    """The WRITE's final state ("DONE"/"ERR"), or "PROC" when `deadline` (time.monotonic()) came first."""
+def check_wanted(hold: Hold, message: PushRequest, cancels: bool = True) -> None:
+    """Raise PushCancelled when the push of `message` is not wanted any more: its decode engine ended, or (with
+    `cancels`) its decode cancelled it or the proxy released its hold."""
+    if message.reader in hold.ended_engines:
+        raise PushCancelled(f"push of request {hold.request_id} stopped: its decode engine {message.reader} ended")
+    if cancels and hold.push_cancelled(message.owner):
+        raise PushCancelled(f"push of request {hold.request_id} cancelled: its decode gave up on it, or its client "
+                            "left")
+
+
+def wait_write(xfer: Xfer, posted: float, deadline: float, stop: Callable[[], bool] = lambda: False) -> str:
+    """The WRITE's final state ("DONE"/"ERR"), or "PROC" when `deadline` (time.monotonic()) came first or `stop()`
+    said nothing waits for it any more."""
     while (state := xfer.state()) == "PROC":
         now = time.monotonic()
-        if now >= deadline:
+        if now >= deadline or stop():
             break
         time.sleep(min(max((now - posted) / 16, _MIN_CHECK_SECONDS), _MAX_CHECK_SECONDS, deadline - now))
     return state

@@ -141,7 +141,19 @@ class PrefillSide(NixlConnector):
         self.decodes.tell_to_forget(kv_epoch)
 
     def forget_engine(self, engine_id: str) -> int:
-        """A decode engine died: drop its agents (prefill/decode_peers.py), so that our mapping of its memory goes."""
+        """A decode engine died: end its part in every hold it was at (its READ claims, staged pulls and pushes:
+        prefill/holds.py), so that a hold no other decode is at frees its blocks at the next `get_finished` rather
+        than at its lease or claim's cap; drop its queued pushes and the staging slots it read; then its agents
+        (prefill/decode_peers.py), so that our mapping of its memory goes. Returns how many agents went."""
+        took = self.holds.forget_engine(engine_id)  # first: it refuses what that engine sent and is still on its way
+        dropped = self.pusher.drop_queued(engine_id)
+        slots = self.stager.forget_engine(engine_id)
+        if took or slots:
+            kept = [r for r in took if (hold := self.holds.get(r)) is not None and not hold.done]
+            logger.info("decode engine %s ended: of the %d held request(s) it was at, %d freed (%d queued push(es) "
+                        "to it dropped, %d staging slot(s) it read released), %d kept until another decode, or a "
+                        "WRITE to it still running, is through with them", engine_id, len(took),
+                        len(took) - len(kept), dropped, slots, len(kept))
         return self.decodes.forget_engine(engine_id)
 
     def staging_users(self) -> set[str]:

@@ -5,7 +5,8 @@ claims the hold for its reader (prefill/hold.py), so a staged pull's next chunk 
 A ticket outlives the decode's use of its slots: it ends a transfer timeout after its copy, the decode's load
 a transfer timeout after it started (before its stage request), and the decode counts a READ of the slots
 only when it saw it done before that (decode/context.py `read_chunk`). Only then may `expire` hand the slots
-to another request's copy.
+to another request's copy. A decode engine that ended (its launcher told the prefill to forget it: `forget_engine`)
+reads nothing more: its tickets' slots go back at once, and a copy for it still queued or running keeps none.
 
 Decode's side channel sends a request again when the connection resets before the answer. A stage
 request's nonce names it: a resend gets the first copy's answer (waiting for that copy if it still runs),
@@ -40,6 +41,7 @@ class Ticket:
     slots: list[int]
     deadline: float
     request_id: str = ""
+    reader: str = ""  # the decode engine that READs the slots
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -125,7 +127,7 @@ class StagingServer:
                                 reader=(message.reader, message.seconds))
         copy = _Copy()
         try:
-            future = self.executor.submit(self._stage, hold, message.request_id, blocks, copy)
+            future = self.executor.submit(self._stage, hold, message.request_id, message.reader, blocks, copy)
         except BaseException:
             self.holds.unclaim(hold)
             raise
@@ -166,23 +168,38 @@ class StagingServer:
             if self.staging is not None:
                 self.staging.release(ticket.slots)
 
+    def forget_engine(self, engine_id: str) -> int:
+        """Decode engine `engine_id` ended: release the slots of its tickets now (nothing READs them any more).
+        Returns how many slots went back."""
+        with self._lock:
+            gone = [t for t in self._tickets.values() if t.reader == engine_id]
+            for ticket in gone:
+                del self._tickets[ticket.id]
+        if self.staging is not None:
+            for ticket in gone:
+                self.staging.release(ticket.slots)
+        return sum(len(t.slots) for t in gone)
+
     def users(self) -> set[str]:
         with self._lock:
             return {t.request_id for t in self._tickets.values()}
 
-    def _stage(self, hold: Hold, request_id: str, blocks: list[list[int]], copy: _Copy) -> Ticket:
+    def _stage(self, hold: Hold, request_id: str, reader: str, blocks: list[list[int]], copy: _Copy) -> Ticket:
         """Sender thread: gather the blocks into free slots (waits for slots up to the transfer timeout), then
-        unclaim the hold. A copy whose decode stopped waiting (`copy.abandoned`) keeps no slots."""
+        unclaim the hold. A copy whose decode stopped waiting (`copy.abandoned`) or ended keeps no slots: the ended
+        check under the lock, after HoldTable.forget_engine marked the hold, leaves no ticket `forget_engine` missed."""
         try:
             staging, spec = self.staging, self.spec
             if staging is None or spec is None:
                 raise KVTransferError("this prefill engine does not stage its KV cache")
+            if reader in hold.ended_engines:
+                raise KVTransferError(f"staging of request {request_id} dropped: its decode engine {reader} ended")
             slots = staging.acquire(max(map(len, blocks), default=0), self.transfer_timeout)
             try:
                 staging.gather(spec.kv_caches, blocks, slots)
-                ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id)
+                ticket = Ticket(slots, time.monotonic() + self.transfer_timeout, request_id, reader)
                 with self._lock:
-                    if copy.abandoned:
+                    if copy.abandoned or reader in hold.ended_engines:
                         raise KVTransferError(f"staging of request {request_id} was given up")
                     self._tickets[ticket.id] = copy.ticket = ticket
             except BaseException:
