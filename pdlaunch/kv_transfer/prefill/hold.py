@@ -39,9 +39,10 @@ prompt: a late claim (its READ must neither see blocks freed after another decod
 "held throughout" of a hold another decode read), a stage request, or a push. A decode that died without a word
 (between two chunks of its push, or during its claimed READ or staged pull) is through once the prefill is told
 it ended (`drop_engine`: its launcher asks, HoldTable.forget_engine): its claims and notifications count no more,
-its pushes are given up (a WRITE of one still running keeps the blocks until it ends), and the hold ends unless
-another decode is still at it. Untold (a decode of another deployment, or the ask lost), such a hold lives until
-its lease, or a claimed READ's cap if later. A hold no decode took stays: the proxy may still send its decode leg.
+its pushes are given up (a WRITE of one still running keeps the blocks until it ends), a claim or push of its
+still on its way is refused (`engine_ended`), and the hold ends unless another decode is still at it. Untold (a
+decode of another deployment, or the ask lost), such a hold lives until its lease, or a claimed READ's cap if
+later. A hold no decode took stays: the proxy may still send its decode leg.
 A cancel ends the cancelling decode load's interest only: another decode's push goes on.
 Each of these reports the request in `finished_sending` exactly once, so the engine frees it.
 """
@@ -210,12 +211,19 @@ def readers_that_read(hold: Hold) -> frozenset[str]:
                      if n >= hold.readers.get(r, 1) and (not hold.cancelled or r in hold.claimed_by))
 
 
+def engine_ended(request_id: str, engine_id: str) -> KVTransferError:
+    """A claim or push of `request_id` that decode engine `engine_id` sent before it ended (`drop_engine`), served
+    after: it takes the hold no more."""
+    return KVTransferError(f"request {request_id}: decode engine {engine_id} ended (this prefill was told to forget "
+                           "it) before its message was served", hint="nothing to load")
+
+
 def not_held(request_id: str, lease_seconds: float, how: str | None = None) -> KVTransferError:
     """Why a claim of `request_id` finds no hold: how it ended (`how_it_ended`), else its lease, or its KV was
     sent."""
     if how is not None and how != LEASE_EXPIRED:
         why = ("a decode that claimed its READ died or timed out" if how.startswith(CLAIM_CAPPED)
-               else "another decode took it, then died" if how.startswith(ENGINE_ENDED)
+               else "a decode that took it died" if how.startswith(ENGINE_ENDED)
                else "its client left or its decode leg was given up")
         return KVTransferError(f"request {request_id} is not held here any more: {how}",
                                hint=f"{why}; nothing to load")

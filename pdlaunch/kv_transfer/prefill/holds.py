@@ -20,13 +20,13 @@ from pdlaunch.kv_transfer.messages import (
     PushRequest,
     ReadDone,
 )
-from pdlaunch.kv_transfer.prefill.ended_engines import EndedEngines
 from pdlaunch.kv_transfer.prefill.hold import (
     Hold,
     cancel_push,
     claim_for_read,
     drop_engine,
     end_claim,
+    engine_ended,
     how_it_ended,
     not_held,
     read_running,
@@ -59,7 +59,6 @@ class HoldTable:
         # Nonces of push requests accepted (push nonce -> when to forget it, monotonic): decode's side channel
         # sends a request again when the connection reset before the answer, and a push is then already queued.
         self._pushes: OrderedDict[str, float] = OrderedDict()
-        self._ended_engines = EndedEngines(lease_seconds)
 
     def hold(self, request_id: str, block_ids: list[list[int]], prompt_digest: str | None = None) -> None:
         with self.lock:
@@ -112,12 +111,11 @@ class HoldTable:
 
     def forget_engine(self, engine_id: str) -> list[str]:
         """Decode engine `engine_id` ended (its launcher asks before restarting it): end its part in every hold it
-        was at (hold.py `drop_engine`: its claims, notifications and pushes), and refuse any claim or push it sent
-        before it died that is still on its way. A hold no other decode is at is freed at the next `poll` (once a
-        push WRITE or staging copy still reading it ended); one another decode is at, or none took, stays.
+        was at (hold.py `drop_engine`: its claims, notifications and pushes; a claim or push of such a hold it sent
+        before it died and still on its way is refused). A hold no other decode is at is freed at the next `poll`
+        (once a push WRITE or staging copy still reading it ended); one another decode is at, or none took, stays.
         Returns the request ids of the holds it was at."""
         with self.lock:
-            self._ended_engines.add(engine_id, time.monotonic())
             return [hold.request_id for hold in self._holds.values() if drop_engine(hold, engine_id)]
 
     def poll(self, now: float) -> set[str]:
@@ -141,7 +139,6 @@ class HoldTable:
                 self._ended.popitem(last=False)
             while self._pushes and next(iter(self._pushes.values())) < now:
                 self._pushes.popitem(last=False)
-            self._ended_engines.prune(now)
         return finished
 
     def _end_at_deadline(self, hold: Hold) -> None:
@@ -170,8 +167,9 @@ class HoldTable:
         a peer cannot pin blocks longer than an unread hold lives) + READ_GRACE_SECONDS."""
         cap = self._cap(message.seconds, "claim_read.seconds")
         with self.lock:
-            self._ended_engines.refuse(message.request_id, message.reader)
             hold = self._holds.get(message.request_id)
+            if hold is not None and message.reader in hold.ended_engines:
+                raise engine_ended(message.request_id, message.reader)
             if hold is not None:
                 read_by = readers_that_read(hold)
                 how = how_it_ended(hold, read_by) if not hold.servable else None
@@ -256,11 +254,12 @@ class HoldTable:
             while True:
                 if push is not None and push.nonce in self._pushes:
                     return None
-                self._ended_engines.refuse(request_id, push.reader if push is not None
-                                           else read_claim[0] if read_claim is not None else None)
                 hold = self._holds.get(request_id)
                 if hold is None or not hold.servable:
                     raise not_held(request_id, self.lease_seconds)
+                reader = push.reader if push is not None else read_claim[0] if read_claim is not None else ""
+                if reader in hold.ended_engines:
+                    raise engine_ended(request_id, reader)
                 if push is not None and push.owner in hold.cancelled_by:
                     raise KVTransferError(f"push of request {request_id} refused: its decode load {push.owner} "
                                           "cancelled it before", hint="that load was given up; nothing to load")

@@ -145,7 +145,7 @@ class PrefillSide(NixlConnector):
         prefill/holds.py), so that a hold no other decode is at frees its blocks at the next `get_finished` rather
         than at its lease or claim's cap; drop its queued pushes and the staging slots it read; then its agents
         (prefill/decode_peers.py), so that our mapping of its memory goes. Returns how many agents went."""
-        took = self.holds.forget_engine(engine_id)  # first: it refuses what that engine sent and is still on its way
+        took = self.holds.forget_engine(engine_id)  # first: its pushes and staging copies see it ended and stop
         dropped = self.pusher.drop_queued(engine_id)
         slots = self.stager.forget_engine(engine_id)
         if took or slots:
