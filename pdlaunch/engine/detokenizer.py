@@ -38,6 +38,8 @@ class IncrementalDetokenizer:
         self.emitted = 0  # characters of `decoded` already handed out
         self.stopped = False
         self.stop_str: str | None = None  # the stop string that stopped it (vLLM's stop_reason)
+        self._held = 0  # the held-back tail's length when it was last looked for (_partial_stop_len) ...
+        self._held_at = 0  # ... and len(decoded) then
 
     @property
     def text(self) -> str:
@@ -96,10 +98,13 @@ class IncrementalDetokenizer:
         return out
 
     def _partial_stop_len(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        """Length of the longest tail of the text (shorter than the longest stop string) that is a prefix of a
+        stop string. Such a tail, less the characters added since the last look, was such a tail then (a prefix
+        of a prefix): so no tail longer than the last one plus those characters is looked at. Each look costs the
+        stop strings times the characters added plus those the held-back tail lost, not times the longest stop
+        string (256 stop strings of 4,096 characters took ~50 ms a token on the engine thread)."""
         text = self.decoded
-        for n in range(min(self._max_stop_len - 1, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self._stop):
-                return n
-        return 0
+        longest = min(self._max_stop_len - 1, len(text), self._held + len(text) - self._held_at)
+        held = next((n for n in range(longest, 0, -1) if any(s.startswith(text[-n:]) for s in self._stop)), 0)
+        self._held, self._held_at = held, len(text)
+        return held

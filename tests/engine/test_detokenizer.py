@@ -79,3 +79,29 @@ def test_stop_string_spanning_tokens(tok) -> None:  # type: ignore[no-untyped-de
     ids = tok.encode("hello world, again", add_special_tokens=False).ids
     detok = IncrementalDetokenizer(decode_fn(tok), stop=["o w", "zzz"])
     assert "".join(stream(detok, ids)) == "hell"
+
+
+def _held_back_by_definition(text: str, stops: list[str]) -> int:
+    """The longest tail of `text`, shorter than the longest stop string, that is a prefix of a stop string."""
+    longest = max(len(s) for s in stops)
+    return max((n for n in range(1, min(len(text), longest - 1) + 1) for s in stops if s.startswith(text[-n:])),
+               default=0)
+
+
+def test_the_held_back_tail_is_the_longest_stop_prefix_after_every_token() -> None:
+    """The search for the held-back tail starts from the last one plus the new characters (a tail that is a stop
+    prefix now was one, less those characters, before); on random pieces over a two-letter alphabet, where partial
+    matches grow, break and regrow, every release holds back exactly the longest tail that could still become a
+    stop string."""
+    import random
+
+    rng = random.Random(5)
+    for trial in range(200):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 4))]
+        pieces = {i: "".join(rng.choice("ab") for _ in range(rng.randint(1, 3))) for i in range(1, 40)}
+        detok = IncrementalDetokenizer(lambda ids: "".join(pieces[i] for i in ids), (), stops)
+        detok.check_stop = False  # no stop ends it: only the held-back tail is under test
+        for _ in range(30):
+            detok.add(rng.randint(1, 39))
+            held = len(detok.decoded) - detok.emitted
+            assert held == _held_back_by_definition(detok.decoded, stops), (trial, stops, detok.decoded, held)
