@@ -155,7 +155,7 @@ def parse_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelAr
             field="config.json:num_key_value_heads",
         )
     act = cfg.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' ACT2FN: "swish" is SiLU
         raise PdlaunchError(f"hidden_act {act!r} is not supported (only silu)", field="config.json:hidden_act")
     theta, scaling = rope(cfg, defaults.rope_theta)
     # An MoE family parses its attention as the dense family it shares it with.

@@ -86,6 +86,14 @@ def test_given_keys_win_over_the_defaults(architecture: str) -> None:
     assert parse_hf_config(_config(architecture, num_key_value_heads=None)).num_kv_heads == 32
 
 
+def test_swish_is_silu_and_another_activation_is_refused_naming_it() -> None:
+    """transformers' ACT2FN maps "swish" to SiLU: such a config.json is the same model."""
+    assert parse_hf_config(_config("LlamaForCausalLM", hidden_act="swish")).hidden_size == 4096
+    with pytest.raises(PdlaunchError) as err:
+        parse_hf_config(_config("LlamaForCausalLM", hidden_act="gelu"))
+    assert err.value.field == "config.json:hidden_act" and "'gelu'" in err.value.message
+
+
 def test_a_default_kv_head_count_that_cannot_fit_names_the_key_and_the_default() -> None:
     with pytest.raises(PdlaunchError) as err:
         parse_hf_config(_config("Qwen2ForCausalLM", num_attention_heads=28, hidden_size=3584))

@@ -95,6 +95,8 @@ def test_real_checkpoint_layouts_stay_accepted() -> None:
     assert qwen3_fp8 is not None and qwen3_fp8.skips("model.layers.0.mlp.gate")
     no_fmt = parse_quant_config({k: v for k, v in BLOCK.items() if k not in ("fmt", "activation_scheme")})
     assert no_fmt is not None and no_fmt.scheme == "block"  # transformers' defaults: e4m3, dynamic
+    shouting = parse_quant_config({**BLOCK, "activation_scheme": "Dynamic"})
+    assert shouting is not None and shouting.scheme == "block"  # transformers lowercases the scheme
     dense_sparse = parse_quant_config({**CHANNEL, "sparsity_config": {"format": "dense", "sparsity_structure": "2:4"}})
     assert dense_sparse is not None and dense_sparse.scheme == "channel"  # 2:4 zeros in whole matrices: as they are
     red_hat = parse_quant_config({**CHANNEL, "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None})

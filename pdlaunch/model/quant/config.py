@@ -91,7 +91,8 @@ def _block_fp8(cfg: dict[str, Any]) -> QuantConfig:
     fmt = cfg.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise _refuse(f"FP8 format {fmt!r} is not supported (only e4m3)", "fmt")
-    if cfg.get("activation_scheme", "dynamic") != "dynamic":
+    scheme = cfg.get("activation_scheme", "dynamic")
+    if not isinstance(scheme, str) or scheme.lower() != "dynamic":  # transformers lowercases it
         raise _refuse(f"activation_scheme {cfg.get('activation_scheme')!r} is not supported (only dynamic)",
                       "activation_scheme")
     ignore = _module_names(cfg, "modules_to_not_convert") + _module_names(cfg, "ignored_layers")
