@@ -51,6 +51,10 @@ CHANNEL: dict[str, Any] = {"quant_method": "compressed-tensors", "format": "floa
     ({**CHANNEL, "config_groups": {"group_0": {**GROUP, "weights": {**GROUP["weights"], "strategy": "block",
                                                                     "block_structure": 128}}}},
      "config_groups.group_0.weights.block_structure", "block_structure 128 is not supported"),
+    # the KV cache's scales of an int8 scheme, applied as fp8 ones under --kv-cache-dtype fp8, were silently wrong
+    ({**CHANNEL, "kv_cache_scheme": {"num_bits": 8, "type": "int", "strategy": "tensor", "dynamic": False}},
+     "kv_cache_scheme", "kv_cache_scheme quantizes the KV cache to int 8-bit; pdlaunch's FP8 KV cache"),
+    ({**CHANNEL, "kv_cache_scheme": "fp8"}, "kv_cache_scheme", "kv_cache_scheme 'fp8' is not a JSON object"),
 ])
 def test_a_malformed_quantization_config_is_refused_with_its_key(cfg: Any, key: str, text: str) -> None:
     """Each of these raised a TypeError/AttributeError/re.error/pydantic ValidationError, or (a string for a list)
@@ -99,6 +103,8 @@ def test_real_checkpoint_layouts_stay_accepted() -> None:
     assert shouting is not None and shouting.scheme == "block"  # transformers lowercases the scheme
     dense_sparse = parse_quant_config({**CHANNEL, "sparsity_config": {"format": "dense", "sparsity_structure": "2:4"}})
     assert dense_sparse is not None and dense_sparse.scheme == "channel"  # 2:4 zeros in whole matrices: as they are
+    fp8_kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    assert parse_quant_config({**CHANNEL, "kv_cache_scheme": fp8_kv}) is not None  # what --kv-cache-dtype fp8 reads
     red_hat = parse_quant_config({**CHANNEL, "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None})
     assert red_hat is not None and red_hat.skips("model.layers.3.mlp.gate") and red_hat.scheme == "channel"
 

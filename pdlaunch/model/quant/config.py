@@ -147,6 +147,7 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
     if acts is not None and (not acts.get("dynamic") or acts.get("strategy") not in ("token", "group")):
         raise _refuse("input_activations must be dynamic per token (static input scales are not supported)",
                       f"{key}.input_activations")
+    _kv_cache_scheme(cfg.get("kv_cache_scheme"))
     ignore = _module_names(cfg, "ignore")
     strategy = weights.get("strategy")
     if strategy == "block":
@@ -161,6 +162,19 @@ def _compressed_tensors(cfg: dict[str, Any]) -> QuantConfig:
                       f"{key}.weights.strategy")
     return QuantConfig(scheme=strategy, source="checkpoint", scale_name="weight_scale", ignore=ignore,
                        description=f"fp8 per-{strategy} (compressed-tensors)")
+
+
+def _kv_cache_scheme(scheme: object) -> None:
+    """The scheme of the checkpoint's k/v scale tensors: --kv-cache-dtype fp8 divides by them as e4m3 scales, so
+    those of another format (an int8 KV cache's amax / 127) are refused, as vLLM refuses them; per-head scales
+    are refused where they load (their shape)."""
+    if scheme is None:
+        return
+    found = _object(scheme, "kv_cache_scheme")
+    if found.get("num_bits") != 8 or found.get("type") != "float":
+        raise _refuse(f"kv_cache_scheme quantizes the KV cache to {found.get('type', '?')} {found.get('num_bits', '?')}"
+                      "-bit; pdlaunch's FP8 KV cache reads only 8-bit float (e4m3) k/v scales", "kv_cache_scheme",
+                      "use a checkpoint whose kv_cache_scheme is 8-bit float, or none")
 
 
 def parse_quant_config(cfg: object) -> QuantConfig | None:
