@@ -211,3 +211,20 @@ def test_fp8_experts_with_the_attention_kept_in_bf16(tmp_path: Path) -> None:
     assert layers[1].mlp.gate_up_proj.weight.dtype == fp8.FP8_DTYPE
     logits = PagedRunner(model).step({"s": [random.Random(7).randrange(3, 500) for _ in range(9)]})["s"]
     assert logits.shape[0] == 9 and torch.isfinite(logits).all()
+
+
+@needs_fp8
+def test_a_qwen2_moe_quantized_at_load_runs_its_shared_expert_in_fp8(tmp_path: Path) -> None:
+    """`--quantization fp8` on a Qwen2-MoE: the shared expert's down projection is an fp8 layer whose product goes
+    through its own FP8 matmul (a bare F.linear on its weight failed on every FP8 GPU); the logits stay near the
+    bf16 model's (fp8 weights and per-token fp8 activations: a few percent)."""
+    from tests.helpers.checkpoints import make_qwen2_moe
+
+    path = str(make_qwen2_moe(tmp_path / "qwen2-moe"))
+    prompt = {"s": [random.Random(9).randrange(3, 500) for _ in range(21)]}
+    want = PagedRunner(load_model(load_checkpoint(path), CUDA, torch.bfloat16)).step(prompt)["s"]
+    model = load_model(load_checkpoint(path, "fp8"), CUDA, torch.bfloat16)
+    mlp = model.model.layers[0].mlp
+    assert mlp.shared_expert.down_proj.weight.dtype == fp8.FP8_DTYPE and mlp.experts.w13.dtype == fp8.FP8_DTYPE
+    got = PagedRunner(model).step(prompt)["s"]
+    assert torch.isfinite(got).all() and _rel(got, want) < 0.1
