@@ -225,6 +225,7 @@ def test_a_qwen2_moe_quantized_at_load_runs_its_shared_expert_in_fp8(tmp_path: P
     want = PagedRunner(load_model(load_checkpoint(path), CUDA, torch.bfloat16)).step(prompt)["s"]
     model = load_model(load_checkpoint(path, "fp8"), CUDA, torch.bfloat16)
     mlp = model.model.layers[0].mlp
-    assert mlp.shared_expert.down_proj.weight.dtype == fp8.FP8_DTYPE and mlp.experts.w13.dtype == fp8.FP8_DTYPE
+    # (the tiny experts, 32 wide over a hidden size of 64, are not tiled by 128x128 blocks: they stay bf16)
+    assert mlp.shared_expert.down_proj.weight.dtype == fp8.FP8_DTYPE and mlp.shared_expert.down_proj.quant_method
     got = PagedRunner(model).step(prompt)["s"]
     assert torch.isfinite(got).all() and _rel(got, want) < 0.1
