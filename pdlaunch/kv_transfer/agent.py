@@ -12,7 +12,8 @@ B's exit; with it off, `forget_remote` did. A dead decode's KV cache would other
 pushed into it, and the instance restarted on that GPU would find its memory taken (a smaller KV cache, or an out-
 of-memory error at start). Sleep relies on it too (peers forget a sleeping engine's agent). The cost, measured with
 `pdlaunch bench kv-transfer` (push within one H200, two runs each): ~0.2 ms more a push of 8192 tokens (1.93-1.98 ms
-with the cache, 2.13-2.23 without; 1024 tokens 1.19-1.37 against 1.21-1.42 ms). UCX_CUDA_IPC_CACHE=y turns the cache
+with the cache, 2.13-2.23 without; 1024 tokens 1.19-1.37 against 1.21-1.42 ms); across two H200s (NVLink) none
+shows within run-to-run noise (benchmarks/RESULTS.md, 2026-11-29). UCX_CUDA_IPC_CACHE=y turns the cache
 back on, and a dead peer's memory then stays allocated until this process exits.
 """
 
