@@ -32,6 +32,9 @@ KV_EXPIRED_REQUESTS = Counter("pdlaunch_kv_expired_requests", "Held KV freed by 
 KV_CLAIM_CAP_FREES = Counter(
     "pdlaunch_kv_claim_cap_frees", "Held KV a decode's READ claimed, freed at that claim's hard cap: the READ's "
     "read_done/release never came (the decode died or timed out, or the notification was lost)")
+KV_DEAD_READER_FREES = Counter(
+    "pdlaunch_kv_dead_reader_frees", "Held KV freed because the decode engine reading or pushed it died (its "
+    "launcher asked this prefill to forget that engine) and no other decode was at it")
 KV_LOAD_RECOMPUTES = Counter(
     "pdlaunch_kv_load_recomputes", "Requests whose KV could not be loaded and that computed their prompt "
     "locally instead (kv_transfer.load_failure_policy: recompute)")

@@ -37,6 +37,7 @@ from pdlaunch.kv_transfer.push_params import prompt_digest
 from pdlaunch.kv_transfer.side_channel.server import SideChannelServer
 from pdlaunch.kv_transfer.staging import StagingArea
 from pdlaunch.memory import platform
+from pdlaunch.metrics import KV_DEAD_READER_FREES
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class PrefillSide(NixlConnector):
         slots = self.stager.forget_engine(engine_id)
         if took or slots:
             kept = [r for r in took if (hold := self.holds.get(r)) is not None and not hold.done]
+            KV_DEAD_READER_FREES.inc(len(took) - len(kept))
             logger.info("decode engine %s ended: of the %d held request(s) it was at, %d freed (%d queued push(es) "
                         "to it dropped, %d staging slot(s) it read released), %d kept until another decode, or a "
                         "WRITE to it still running, is through with them", engine_id, len(took),
