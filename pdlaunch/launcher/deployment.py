@@ -91,7 +91,8 @@ class Deployment:
         """Start the instances, wait until they answer /health, then the proxy likewise.
 
         Returns False when `should_stop()` turned true meanwhile. Raises ChildExited if a child died,
-        PdlaunchError if not everything was ready within `ready_timeout` seconds.
+        PdlaunchError if not everything was ready within `ready_timeout` seconds. Call it on a thread that
+        outlives the deployment: the ranks it starts for other nodes' instances end with it (parent_death_signal).
         """
         self._log_lock.acquire(self.plan.proxy_url)
         # Fetch/convert a built-in or GGUF model once here, not in every instance at the same time.
@@ -117,8 +118,9 @@ class Deployment:
             devices = f"cuda:{rank.physical_device}" if rank.physical_device is not None else rank.spec.device
             self.rows[rank.name] = StatusRow(rank.name, f"rank {rank.rank}", devices, f"rank 0 on {where}",
                                              state="running")
+            # No --parent-pid watch, and no SIGTERM while it waits for rank 0's store: it dies with this launcher.
             child = ChildProcess(rank.name, rank_argv(deployment_file, rank), self.log_dir / f"{rank.name}.log",
-                                 env={**threads, **rank.env})
+                                 env={**threads, **rank.env}, parent_death_signal=signal.SIGKILL)
             self.ranks.append(child)
             child.start()
         if self.plan.proxy_url is not None:

@@ -3,7 +3,8 @@
 Each child leads a new session (process group), so a terminal's Ctrl-C reaches only the launcher,
 which then stops the children in order; signalling the group also reaches TP worker processes.
 A child can also be told to expect a signal when the launcher dies (`parent_death_signal`): the SLURM
-backend's srun steps, whose nodes otherwise serve on after a SIGKILLed launcher.
+backend's srun steps, whose nodes otherwise serve on after a SIGKILLed launcher, and the TP ranks a node
+runs for instances whose rank 0 is on another node.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class ChildProcess:
     """`parent_death_signal`: the signal the child gets when the launcher dies, even by SIGKILL (Linux only;
     see parent_death_hook). The kernel sends it when the *thread* that called start() ends, not the
     process: start such a child only from a thread that outlives it (run_slurm starts its steps on the
-    thread that waits for them to end). Local children do without: they watch --parent-pid themselves."""
+    thread that waits for them to end; serve its TP ranks of other nodes' instances on its main thread).
+    Instances and the proxy do without: they watch --parent-pid themselves."""
 
     def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
                  parent_death_signal: signal.Signals | None = None, unset_env: tuple[str, ...] = ()) -> None:
