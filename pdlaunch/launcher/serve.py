@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 from rich.console import Console
@@ -22,6 +23,7 @@ from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S, Deployment
 from pdlaunch.launcher.process import ChildProcess
 from pdlaunch.launcher.readiness import ChildExited
 from pdlaunch.launcher.supervisor import SupervisionFailed, Supervisor
+from pdlaunch.model.demo import resolve_model_path
 
 SUPERVISE_POLL_S = 0.2
 LOG_TAIL_LINES = 20
@@ -30,9 +32,14 @@ LOG_TAIL_LINES = 20
 _Handler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None  # what signal.signal returns
 
 
+class StopRequested(BaseException):
+    """A stop signal inside StopSignals.raising(): the work under way ends (not an Exception: no `except
+    Exception` in that work may swallow it)."""
+
+
 class StopSignals:
-    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising; a second signal asks to skip the drain. A SIGHUP
-    that is ignored (nohup) stays ignored."""
+    """SIGINT/SIGTERM/SIGHUP set a flag instead of raising (inside `raising()` they raise as well); a second
+    signal asks to skip the drain. A SIGHUP that is ignored (nohup) stays ignored."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -40,6 +47,7 @@ class StopSignals:
         self.signal_name = ""
         self.on_second: Callable[[], None] | None = None  # said once when a second signal hurries the stop
         self._previous: dict[int, _Handler] = {}
+        self._raising = False
 
     def _handle(self, signum: int, _: FrameType | None) -> None:
         if self.requested.is_set() and not self.forced:
@@ -48,6 +56,21 @@ class StopSignals:
                 self.on_second()
         self.signal_name = signal.Signals(signum).name
         self.requested.set()
+        if self._raising:
+            self._raising = False  # once: the cleanup of the work it ends is not cut short by a second signal
+            raise StopRequested(self.signal_name)
+
+    @contextmanager
+    def raising(self) -> Iterator[None]:
+        """Inside the block a stop signal also raises StopRequested: for work that never looks at `requested`
+        and may take minutes (fetching or converting the model)."""
+        if self.requested.is_set():
+            raise StopRequested(self.signal_name)
+        self._raising = True
+        try:
+            yield
+        finally:
+            self._raising = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -80,6 +103,10 @@ def run_serve(cfg: DeploymentConfig) -> int:
     deployment = Deployment(cfg, console)
     with StopSignals() as signals:
         try:
+            if not _model_fetched(console, deployment, signals):
+                console.print(f"{signals.signal_name} received while fetching or converting the model; stopping")
+                deployment.stop(drain=False)
+                return _say_stopped(console, deployment)
             if not deployment.start(should_stop=signals.requested.is_set):
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
                 deployment.stop(drain=not signals.forced, hurry=lambda: signals.forced)
@@ -103,6 +130,17 @@ def run_serve(cfg: DeploymentConfig) -> int:
             raise
         finally:
             deployment.stop(drain=not signals.forced)
+
+
+def _model_fetched(console: Console, deployment: Deployment, signals: StopSignals) -> bool:
+    """Fetch or convert a built-in or GGUF model (cached: start() then finds it at once) where a stop signal
+    ends it; False when one did."""
+    try:
+        with signals.raising():
+            resolve_model_path(deployment.cfg.model.path, say=lambda text: console.print(f"[dim]{text}[/dim]"))
+    except StopRequested:
+        return False
+    return True
 
 
 def _say_stopped(console: Console, deployment: Deployment) -> int:
