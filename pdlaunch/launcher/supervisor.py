@@ -217,6 +217,9 @@ class Supervisor:
         self._stalled.discard(name)
 
     def _ended(self, child: ChildProcess, record: ProcessRecord, now: float) -> None:
+        # The workers a dead TP leader left in its group hold their GPU memory: they go now, not at the restart
+        # (after the backoff, and when the group's id may have been taken by another process).
+        child.signal_group(signal.SIGKILL)
         self._forget_stall(record.name)
         how, record.killed_for = record.killed_for or child.describe_exit(), ""
         decision = on_exit(record, how, now, self.policy)

@@ -3,6 +3,7 @@ restarted when, with which engine_id, what the status rows say, and when serve g
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,11 +89,12 @@ def test_a_killed_decode_is_restarted_after_the_backoff_with_a_new_engine_id(mak
     decode.code = -9
     supervisor.tick(now=100.0)
     assert deployment.rows["decode-0"].state == "restarting (1)" and deployment.restarted == []
+    # its group (TP workers it left, which hold GPU memory) is killed when the death is seen, not after the backoff
+    assert decode.signals == [signal.SIGKILL]
     supervisor.tick(now=101.9)
     assert deployment.restarted == []
     supervisor.tick(now=102.0)
     assert deployment.restarted == [("decode-0", 1, "planned-decode-0-r1")]
-    assert decode.signals == []  # the restart itself (Deployment.restart_child) clears the old group
     supervisor.tick(now=103.0)
     assert deployment.rows["decode-0"].state == "restarting (1)"  # not answering /health yet
     _answering(supervisor, {"decode-0"})
@@ -179,10 +181,11 @@ def test_a_restart_stuck_starting_is_killed_after_the_ready_timeout(make, monkey
     decode = deployment.instances[1]
     decode.code = -9
     supervisor.tick(now=0.0)
+    assert decode.signals == [9]  # the dead one's group
     supervisor.tick(now=1.0)
     supervisor.tick(now=50.0)
-    assert decode.signals == []
-    supervisor.tick(now=51.5)
     assert decode.signals == [9]
+    supervisor.tick(now=51.5)
+    assert decode.signals == [9, 9]  # the stuck restart
     supervisor.tick(now=52.0)
-    assert decode.signals == [9]  # once, not every tick
+    assert decode.signals == [9, 9]  # once, not every tick
