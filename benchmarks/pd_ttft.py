@@ -9,6 +9,8 @@ Runs `pdlaunch serve --colocated`, then `pdlaunch serve` (1 prefill + 1 decode),
 other prompts (never the measured ones: prefix caching would answer those from the cache), and reads the mean
 KV transfer time of the PD run from the instances' `pdlaunch_kv_transfer_seconds` histograms.
 Target (issue 15): PD median TTFT <= colocated median TTFT + mean KV transfer time + 10 ms (--slack-ms).
+It also splits the PD run's mean TTFT into the prefill leg as the proxy saw it, the prefill request inside its
+instance, and the decode's own time to first token (the instances' and the proxy's histograms).
 It also reports how many prompt positions the decode computed itself in the PD run: 0 when every
 request continued from the prefill's first token (engine/first_token.py), one per request when the
 decode recomputed the last prompt token (the path vLLM's proxies take).
@@ -80,16 +82,50 @@ def deployment(serve_args: list[str], log_dir: Path) -> Iterator[str]:
         out.close()
 
 
+def histogram_totals(url: str, name: str) -> tuple[float, float]:
+    """(sum, count) of histogram `name` in the /metrics of the server at `url`, over its label sets."""
+    total = count = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        series = line.split("{", 1)[0].split(" ", 1)[0]
+        if series == f"{name}_sum":
+            total += float(line.split()[-1])
+        elif series == f"{name}_count":
+            count += float(line.split()[-1])
+    return total, count
+
+
+def instance_totals(proxy_url: str, name: str, role: str | None = None) -> tuple[float, float]:
+    """`histogram_totals` summed over the instances behind the proxy (of `role`, or all)."""
+    totals = [histogram_totals(inst["url"], name) for inst in httpx.get(f"{proxy_url}/instances", timeout=10).json()
+              if role is None or inst["role"] == role]
+    return sum(t for t, _ in totals), sum(c for _, c in totals)
+
+
 def transfer_totals(proxy_url: str) -> tuple[float, float]:
     """(sum of seconds, count) of pdlaunch_kv_transfer_seconds over every instance behind the proxy."""
-    total = count = 0.0
-    for inst in httpx.get(f"{proxy_url}/instances", timeout=10).json():
-        for line in httpx.get(f"{inst['url']}/metrics", timeout=10).text.splitlines():
-            if line.startswith("pdlaunch_kv_transfer_seconds_sum"):
-                total += float(line.split()[-1])
-            elif line.startswith("pdlaunch_kv_transfer_seconds_count"):
-                count += float(line.split()[-1])
-    return total, count
+    return instance_totals(proxy_url, "pdlaunch_kv_transfer_seconds")
+
+
+# Where a PD request's time to first token goes, each as a mean over the measured requests (ms): the prefill leg
+# as the proxy saw it (its HTTP round trip included), the prefill request inside its instance (arrival to end),
+# and the decode's own time to first token (arrival to the first token it handed out).
+PD_PARTS = {"proxy_prefill_leg_ms": ("proxy", "pdlaunch_proxy_prefill_seconds"),
+            "prefill_instance_e2e_ms": ("prefill", "vllm:e2e_request_latency_seconds"),
+            "decode_instance_ttft_ms": ("decode", "vllm:time_to_first_token_seconds")}
+
+
+def part_totals(proxy_url: str) -> dict[str, tuple[float, float]]:
+    return {part: histogram_totals(proxy_url, name) if where == "proxy" else instance_totals(proxy_url, name, where)
+            for part, (where, name) in PD_PARTS.items()}
+
+
+def part_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Each part's mean over the requests between `before` and `after` (ms; NaN when it recorded none)."""
+    means = {}
+    for part in PD_PARTS:
+        total, count = after[part][0] - before[part][0], after[part][1] - before[part][1]
+        means[part] = total / count * 1e3 if count else float("nan")
+    return means
 
 
 def decode_prompt_tokens_computed(proxy_url: str) -> int:
@@ -138,13 +174,19 @@ def main() -> None:
     console.rule("colocated")
     with deployment([*common, "--colocated"], logs / "colocated") as url:
         warm_up(url, args, console)
+        ttft_before = instance_totals(url, "vllm:time_to_first_token_seconds")
         colo = measure(url, args, console)
+        ttft_after = instance_totals(url, "vllm:time_to_first_token_seconds")
+    colo_count = ttft_after[1] - ttft_before[1]
+    colo_instance_ttft_ms = (ttft_after[0] - ttft_before[0]) / colo_count * 1e3 if colo_count else float("nan")
     console.rule("PD (1 prefill + 1 decode)")
     with deployment(common, logs / "pd") as url:
         warm_up(url, args, console)
         before, computed_before = transfer_totals(url), decode_prompt_tokens_computed(url)
+        parts_before = part_totals(url)
         pd = measure(url, args, console)
         after, computed = transfer_totals(url), decode_prompt_tokens_computed(url) - computed_before
+        parts = part_means(parts_before, part_totals(url))
     n_transfers = after[1] - before[1]
     if n_transfers < 1:
         raise SystemExit("the PD run recorded no KV transfer (pdlaunch_kv_transfer_seconds_count did not move)")
@@ -156,7 +198,8 @@ def main() -> None:
            "colocated_median_tpot_ms": colo.get("median_tpot_ms"), "pd_median_tpot_ms": pd.get("median_tpot_ms"),
            "mean_transfer_ms": transfer_ms, "transfers": n_transfers, "slack_ms": args.slack_ms,
            "target_ttft_ms": bound_ms, "met": pd["median_ttft_ms"] <= bound_ms,
-           "decode_prompt_tokens_computed": computed, "logs": str(logs)}
+           "decode_prompt_tokens_computed": computed, "pd_parts": parts,
+           "colocated_instance_ttft_ms": colo_instance_ttft_ms, "logs": str(logs)}
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
     console.print(f"colocated median TTFT {doc['colocated_median_ttft_ms']:.1f} ms; PD median TTFT "
@@ -164,6 +207,12 @@ def main() -> None:
                   f"{n_transfers:.0f} requests; bound colocated + transfer + {args.slack_ms:g} ms = {bound_ms:.1f} ms: "
                   f"{'met' if doc['met'] else 'MISSED'}; decode computed {computed} prompt positions "
                   f"({'continued from the first token' if computed == 0 else 'recomputed'})")
+    console.print(f"PD parts (means): prefill leg as the proxy saw it {parts['proxy_prefill_leg_ms']:.1f} ms, of it "
+                  f"in the prefill instance {parts['prefill_instance_e2e_ms']:.1f} ms; decode's own time to first "
+                  f"token {parts['decode_instance_ttft_ms']:.1f} ms; the rest of the mean PD TTFT "
+                  f"({pd.get('mean_ttft_ms', float('nan')):.1f} ms) is the proxy's and the HTTP hops' (each leg's "
+                  f"parsing and tokenizing included); colocated: its instance's own mean time to first token "
+                  f"{colo_instance_ttft_ms:.1f} ms of the mean {colo.get('mean_ttft_ms', float('nan')):.1f} ms")
 
 
 if __name__ == "__main__":
