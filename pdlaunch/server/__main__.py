@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
+from pdlaunch.config.gil_switch import gil_switch_seconds
 from pdlaunch.errors import ArgumentParser, argument_type
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
@@ -49,6 +50,7 @@ def max_pending_requests(config: DeploymentConfig) -> int:
 
 def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], None] | None = None) -> int:
     """`on_server` receives the server before it runs (a Ray rank-0 actor stops it through should_exit)."""
+    sys.setswitchinterval(gil_switch_seconds(os.environ))  # the engine thread and the event loop: config/gil_switch.py
     args = parse_args(argv)
     config = DeploymentConfig.model_validate_json(args.deployment.read_text())
     spec: InstanceSpec = args.instance
