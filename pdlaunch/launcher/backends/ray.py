@@ -18,7 +18,9 @@ call ends (the engine failed, an actor died, its node is gone) has its actors an
 removed and, after the backoff, is placed again where Ray finds room, with a new engine_id
 (planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. A
 placement group Ray cannot place within launcher.ray_placement_timeout_seconds stops the deployment
-(exit 1) naming the resources it asked for. Ctrl-C/SIGTERM: the proxy drains, every instance stops,
+(exit 1) naming the resources it asked for. A built-in or GGUF model is fetched or converted here before any
+placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0). Ctrl-C/SIGTERM while serving:
+the proxy drains, every instance stops,
 then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
 those waits short: the proxy is killed, and so are the instances' actors, without waiting for their
 servers to stop. The actors and placement groups are not detached: a launcher that is killed outright
@@ -35,7 +37,8 @@ from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
 from pdlaunch.launcher.readiness import POLL_S
-from pdlaunch.launcher.serve import StopSignals
+from pdlaunch.launcher.serve import StopRequested, StopSignals
+from pdlaunch.model.demo import resolve_model_path
 
 
 def run_ray(cfg: DeploymentConfig) -> int:
@@ -49,6 +52,11 @@ def run_ray(cfg: DeploymentConfig) -> int:
             return signals.forced
 
         try:
+            if not _model_prepared(console, deployment.cfg, signals):
+                console.print(f"{signals.signal_name} received while fetching or converting the model; stopping "
+                              "(nothing was placed on the cluster)", highlight=False)
+                deployment.stop(drain=False, hurry=hurry)
+                return 0
             if not deployment.start(should_stop=signals.requested.is_set):
                 console.print(f"{signals.signal_name or 'stop'} received while starting; stopping")
                 deployment.stop(drain=False, hurry=hurry)
@@ -78,3 +86,15 @@ def run_ray(cfg: DeploymentConfig) -> int:
         finally:
             deployment.stop(drain=False, hurry=hurry)
             deployment.ray.shutdown()
+
+
+def _model_prepared(console: Console, cfg: DeploymentConfig, signals: StopSignals) -> bool:
+    """Fetch or convert a built-in or GGUF model (the first use of `demo`, or of a GGUF file: minutes) before any
+    placement group is asked for, where a stop signal ends it, as `pdlaunch serve` does locally; False when one
+    did. The ranks on the nodes find it in the cache (shared storage, as log_dir)."""
+    try:
+        with signals.raising():
+            resolve_model_path(cfg.model.path, say=lambda text: console.print(f"[dim]{text}[/dim]"))
+    except StopRequested:
+        return False
+    return True

@@ -26,7 +26,6 @@ from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.plan import InstancePlan, plan_deployment
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
 from pdlaunch.launcher.restart_policy import GiveUp, ProcessRecord, RestartPolicy, RoleWatch, on_exit
-from pdlaunch.model.demo import resolve_model_path
 
 HEALTH_TIMEOUT_S = 2.0
 
@@ -91,8 +90,7 @@ class RayDeployment:
     # -- start -------------------------------------------------------------------------------------
     def start(self, should_stop: Callable[[], bool]) -> bool:
         """Place and start every instance, then the proxy; False when a stop signal came meanwhile."""
-        self._lock.acquire(self.plan.proxy_url)
-        resolve_model_path(self.cfg.model.path, say=lambda text: self.console.print(f"[dim]{text}[/dim]"))
+        self._lock.acquire(self.plan.proxy_url)  # the model is ready: ray.run_ray fetched or converted it
         for run in self.runs:
             self.actors.place(run)
         self.say(f"ray: {len(self.runs)} placement group(s) asked of the cluster at {self.cfg.launcher.ray_address} "
