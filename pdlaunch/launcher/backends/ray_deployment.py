@@ -112,7 +112,8 @@ class RayDeployment:
                     if how is not None:
                         raise RayDeploymentFailed(f"{run.name} {how} while starting", hint=f"its log: {run.log_path}")
                     if self.answers(run):
-                        run.state = "ready"
+                        # ready for its restart record too: one placed again meanwhile (it lost a node) is live
+                        run.state, run.record.ready = "ready", True
                         self.say(f"{run.name} is ready at {run.url}")
             if time.monotonic() > deadline:
                 late = ", ".join(f"{r.name} ({r.state})" for r in self.runs if r.state != "ready")
