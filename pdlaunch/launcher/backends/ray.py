@@ -18,9 +18,10 @@ call ends (the engine failed, an actor died, its node is gone) has its actors an
 removed and, after the backoff, is placed again where Ray finds room, with a new engine_id
 (planned id + "-r<restart>"); if its address changed, the proxy is restarted with the new one. A
 placement group Ray cannot place within launcher.ray_placement_timeout_seconds stops the deployment
-(exit 1) naming the resources it asked for. A built-in or GGUF model is fetched or converted here before any
-placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0). Ctrl-C/SIGTERM while serving:
-the proxy drains, every instance stops,
+(exit 1) naming the resources it asked for; an instance (or the proxy) that fails for good stops it with its
+error and the last lines of its log (read through log_dir's shared storage). A built-in or GGUF model is fetched
+or converted here before any placement group is asked for; Ctrl-C/SIGTERM meanwhile ends that work (exit 0).
+Ctrl-C/SIGTERM while serving: the proxy drains, every instance stops,
 then every actor is killed and every placement group removed. A second Ctrl-C/SIGTERM cuts each of
 those waits short: the proxy is killed, and so are the instances' actors, without waiting for their
 servers to stop. The actors and placement groups are not detached: a launcher that is killed outright
@@ -28,6 +29,10 @@ servers to stop. The actors and placement groups are not detached: a launcher th
 """
 
 from __future__ import annotations
+
+import os
+from collections import deque
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -37,8 +42,10 @@ from pdlaunch.launcher.backends.ray_deployment import RayDeployment
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed
 from pdlaunch.launcher.deployment import DRAIN_TIMEOUT_S
 from pdlaunch.launcher.readiness import POLL_S
-from pdlaunch.launcher.serve import StopRequested, StopSignals
+from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopRequested, StopSignals
 from pdlaunch.model.demo import resolve_model_path
+
+LOG_TAIL_BYTES = 64 * 1024  # the tail is read from this much of the log's end (as ChildProcess.tail)
 
 
 def run_ray(cfg: DeploymentConfig) -> int:
@@ -76,6 +83,8 @@ def run_ray(cfg: DeploymentConfig) -> int:
         except RayDeploymentFailed as exc:
             console.print(f"[red]error:[/red] {escape(exc.render())}; stopping the deployment", highlight=False,
                           soft_wrap=True)
+            if exc.log_path is not None:
+                show_log_tail(console, exc.log_path)
             deployment.stop(drain=False, hurry=hurry)
             return 1
         except deployment.ray.exceptions.RayError as exc:  # the cluster itself failed us (GCS gone, ...)
@@ -98,3 +107,20 @@ def _model_prepared(console: Console, cfg: DeploymentConfig, signals: StopSignal
     except StopRequested:
         return False
     return True
+
+
+def show_log_tail(console: Console, log_path: Path) -> None:
+    """The last LOG_TAIL_LINES lines of a failed instance's (or the proxy's) log, as the local backend shows a
+    failed child's: an instance's reason (its engine's error) is in its log, on the node Ray placed it on, which
+    log_dir's shared storage makes readable here. Nothing when it is not (log_dir local to that node)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
+            lines = [line.decode(errors="replace").rstrip() for line in deque(f, maxlen=LOG_TAIL_LINES)]
+    except OSError:
+        return
+    if lines:
+        console.print(f"last {len(lines)} lines of {log_path}:", highlight=False, markup=False, soft_wrap=True)
+        for line in lines:
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)

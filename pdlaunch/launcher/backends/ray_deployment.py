@@ -110,7 +110,8 @@ class RayDeployment:
                 elif run.state == "starting":
                     how = self.actors.exit_of(run)
                     if how is not None:
-                        raise RayDeploymentFailed(f"{run.name} {how} while starting", hint=f"its log: {run.log_path}")
+                        raise RayDeploymentFailed(f"{run.name} {how} while starting", hint=f"its log: {run.log_path}",
+                                                  log_path=run.log_path)
                     if self.answers(run):
                         # ready for its restart record too: one placed again meanwhile (it lost a node) is live
                         run.state, run.record.ready = "ready", True
@@ -166,7 +167,7 @@ class RayDeployment:
         run.state = "down"
         decision = on_exit(run.record, how, now, self.policy)
         if isinstance(decision, GiveUp):
-            raise RayDeploymentFailed(f"{decision.reason} (log: {run.log_path})")
+            raise RayDeploymentFailed(f"{decision.reason} (log: {run.log_path})", log_path=run.log_path)
         self.say(f"{run.name} {how}; its actors and placement group are removed; restart {run.record.restarts + 1} "
                  f"in {decision.delay:.1f}s, where Ray places it")
         title = TRANSPORT_TITLES.get(self.cfg.kv_transfer.connector)
@@ -200,9 +201,11 @@ class RayDeployment:
                 for role in roles}
         role = self.role_watch.overdue(live, now)
         if role is not None:
-            states = "; ".join(f"{r.name} {r.state} (log {r.log_path})" for r in self.runs if r.record.role == role)
+            members = [r for r in self.runs if r.record.role == role]
+            states = "; ".join(f"{r.name} {r.state} (log {r.log_path})" for r in members)
             raise RayDeploymentFailed(f"no live {role} instance for {self.role_watch.down_for(role, now):.0f}s "
-                                      f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}")
+                                      f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): {states}",
+                                      log_path=members[0].log_path)
 
     # -- stop --------------------------------------------------------------------------------------
     def stop(self, drain: bool, hurry: Callable[[], bool] | None = None) -> None:

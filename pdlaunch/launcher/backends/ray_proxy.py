@@ -60,10 +60,10 @@ class RayProxy:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RayDeploymentFailed(f"the proxy {self.process.describe_exit()} while starting",
-                                          hint=f"its log: {self.process.log_path}")
+                                          hint=f"its log: {self.process.log_path}", log_path=self.process.log_path)
             if time.monotonic() > deadline:
                 raise RayDeploymentFailed(f"the proxy did not answer within {READY_TIMEOUT_S:.0f}s",
-                                          hint=f"its log: {self.process.log_path}")
+                                          hint=f"its log: {self.process.log_path}", log_path=self.process.log_path)
             time.sleep(POLL_S)
         return True
 
@@ -76,7 +76,7 @@ class RayProxy:
         if record.due is None and proxy.poll() is not None:
             decision = on_exit(record, proxy.describe_exit(), now, policy)
             if isinstance(decision, GiveUp):
-                raise RayDeploymentFailed(f"{decision.reason} (log: {proxy.log_path})")
+                raise RayDeploymentFailed(f"{decision.reason} (log: {proxy.log_path})", log_path=proxy.log_path)
             self.say(f"the proxy {record.last_exit}; restarting it in {decision.delay:.1f}s (log {proxy.log_path})")
         elif record.due is not None and now >= record.due:
             record.due, record.started = None, now

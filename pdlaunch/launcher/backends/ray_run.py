@@ -22,7 +22,13 @@ State = Literal["placing", "starting", "ready", "down"]
 
 
 class RayDeploymentFailed(PdlaunchError):
-    """The deployment cannot keep serving on the cluster (restarts keep failing, a placement timed out)."""
+    """The deployment cannot keep serving on the cluster (restarts keep failing, a placement timed out);
+    `log_path`: the log of the instance (or the proxy) that failed, whose last lines the launcher shows."""
+
+    def __init__(self, message: str, field: str | None = None, hint: str | None = None,
+                 log_path: Path | None = None) -> None:
+        self.log_path = log_path
+        super().__init__(message, field=field, hint=hint)
 
 
 @dataclass
