@@ -1,7 +1,8 @@
 """`--backend ray`: the deployment on the cluster: connected at launcher.ray_address, every instance placed
 and started, then the proxy; supervised (each instance restarted where Ray finds room, with the local
-supervisor's restart policy; the head watched; a dead prefill or decode forgotten by its peers before it is placed
-again, as the local supervisor does: launcher/forget_peers.py); stopped proxy first, then every instance."""
+supervisor's restart policy; the head watched; a stalled instance restarted after supervision.stall_restart_seconds:
+ray_stall.py; a dead prefill or decode forgotten by its peers before it is placed again, as the local supervisor
+does: launcher/forget_peers.py); stopped proxy first, then every instance."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pdlaunch.launcher.backends.ray_actors import RayActors
 from pdlaunch.launcher.backends.ray_head import HeadWatch
 from pdlaunch.launcher.backends.ray_proxy import RayProxy
 from pdlaunch.launcher.backends.ray_run import RayDeploymentFailed, RayRun
+from pdlaunch.launcher.backends.ray_stall import RayStalls
 from pdlaunch.launcher.deployment_secret import with_deployment_secret
 from pdlaunch.launcher.forget_peers import FORGET_TIMEOUT_S, KV_ROLES, TRANSPORT_TITLES, Peer, PeerForget, http_ask
 from pdlaunch.launcher.log_dir_lock import LogDirLock
@@ -58,6 +60,7 @@ class RayDeployment:
         self.ask_forget = http_ask(internal_headers(cfg.security.deployment_secret))
         self.forget_timeout_s = FORGET_TIMEOUT_S
         self._forgets: dict[str, PeerForget] = {}  # dead instance -> its peers' forget, awaited before it is placed
+        self.stalls = RayStalls(cfg, lambda text: self.say(text))  # ready instances alive but not answering /health
 
     def _run(self, plan: InstancePlan, g: int, nodes: list[RayNode]) -> RayRun:
         group = self.cfg.instances[g]
@@ -136,6 +139,8 @@ class RayDeployment:
                     self._ended(run, how, now)
                 elif run.state == "starting":
                     self._check_started(run, now)
+                elif (stalled := self.stalls.check(run)) is not None:
+                    self._ended(run, stalled, now)
             elif run.state == "down":
                 self._restart_when_due(run, now)
             elif run.state == "placing" and self.actors.placed(run):
@@ -163,6 +168,7 @@ class RayDeployment:
             self.say(f"{run.name}: restart {record.restarts}: placement group asked of Ray")
 
     def _ended(self, run: RayRun, how: str, now: float) -> None:
+        self.stalls.forget(run.name)
         self.actors.remove(run)
         run.state = "down"
         decision = on_exit(run.record, how, now, self.policy)
@@ -222,5 +228,6 @@ class RayDeployment:
                 return
             self.actors.stop(self.runs, drain, hurried)
         finally:
+            self.stalls.stop()
             self._http.close()
             self._lock.release()

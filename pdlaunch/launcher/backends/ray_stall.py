@@ -1,0 +1,69 @@
+"""`--backend ray`: instances that are alive but stalled, as the local supervisor sees them (launcher/stall_watch.py).
+
+A rank-0 actor whose engine hangs, or whose process is stopped or swapping, keeps its `serve` call running: Ray
+reports nothing, and only its /health, which no longer answers within proxy.health_timeout_seconds, shows it. The
+launcher probes every ready instance's /health at its node's address once a second, says when one stalls and when
+it answers again, and, once one has been stalled for supervision.stall_restart_seconds (when set), has it ended
+like a dead one: its actors killed, its placement group removed, its peers asked to forget it, and a restart after
+the backoff (ray_deployment.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pdlaunch.config.deployment_config import DeploymentConfig
+from pdlaunch.launcher.backends.ray_run import RayRun
+from pdlaunch.launcher.stall_watch import StallWatch
+
+
+class RayStalls:
+    """The stalls of the ready instances; `check(run)` once per supervision round for each."""
+
+    def __init__(self, cfg: DeploymentConfig, say: Callable[[str], None]) -> None:
+        self.timeout_s = cfg.proxy.health_timeout_seconds
+        self.restart_s = cfg.supervision.stall_restart_seconds
+        self.say = say
+        self.watch = StallWatch({}, self.timeout_s)  # name -> /health URL, set as each instance is checked
+        self._started = False
+        self._stalled: set[str] = set()  # names said to be stalled
+
+    def check(self, run: RayRun) -> str | None:
+        """For a ready instance whose `serve` call still runs: None, or how it ended (for its restart record) when
+        it has been stalled for supervision.stall_restart_seconds; the caller then ends it as a dead one."""
+        name, url = run.name, f"{run.url}/health"
+        if self.watch.urls.get(name) != url:  # first seen, or back at another node's address after a restart
+            self.forget(name)
+            self.watch.urls[name] = url
+        self.watch.watch(name, True)
+        if not self._started:  # the probe thread starts with the first ready instance
+            self._started = True
+            self.watch.start()
+        stalled_for = self.watch.stalled_for(name)
+        if stalled_for is None:
+            if name in self._stalled:
+                self._stalled.discard(name)
+                self.say(f"{name} answers /health again at {run.url}; no longer stalled")
+            return None
+        if name not in self._stalled:
+            self._stalled.add(name)
+            if self.restart_s is None:
+                then = "it is left running (supervision.stall_restart_seconds is unset)"
+            else:
+                then = f"it is restarted after supervision.stall_restart_seconds: {self.restart_s:g}s"
+            self.say(f"{name} is stalled: its Ray actor is alive, but /health at {run.url} has not answered within "
+                     f"{self.timeout_s:g}s (hung, stopped or swapping?); the proxy routes around it; {then}")
+        if self.restart_s is None or stalled_for < self.restart_s:
+            return None
+        self.forget(name)
+        return (f"was stalled for {stalled_for:.0f}s (no /health answer; supervision.stall_restart_seconds: "
+                f"{self.restart_s:g})")
+
+    def forget(self, name: str) -> None:
+        """`name` is no longer watched (it ended, or it is checked at a new address): its stall is forgotten."""
+        self.watch.watch(name, False)
+        self._stalled.discard(name)
+
+    def stop(self) -> None:
+        """End the probe thread (within the probe timeout and a second) and close its HTTP client."""
+        self.watch.stop()
