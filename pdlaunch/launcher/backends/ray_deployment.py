@@ -205,7 +205,15 @@ class RayDeployment:
         roles = sorted({r.record.role for r in self.runs})
         live = {role: any(r.record.live and r.state == "ready" for r in self.runs if r.record.role == role)
                 for role in roles}
+        if self.proxy.process is not None:  # watched once started, as the local supervisor watches it
+            live["proxy"] = self.proxy.live
         role = self.role_watch.overdue(live, now)
+        if role == "proxy":
+            assert self.proxy.process is not None
+            raise RayDeploymentFailed(f"the proxy has not been live for {self.role_watch.down_for(role, now):.0f}s "
+                                      f"(supervision.role_down_grace_seconds: {self.policy.grace_s:g}): "
+                                      f"{self.proxy.outage()} (log {self.proxy.process.log_path})",
+                                      log_path=self.proxy.process.log_path)
         if role is not None:
             members = [r for r in self.runs if r.record.role == role]
             states = "; ".join(f"{r.name} {r.state} (log {r.log_path})" for r in members)

@@ -1,9 +1,11 @@
 """`--backend ray`: the proxy, a child process of the launcher on this machine, that knows each instance at
 the address of the node Ray placed it on; started once every instance is ready, restarted when one moved,
-and supervised as the local supervisor supervises it (proxy.restart, the backoff, supervision.max_restarts)."""
+and supervised as the local supervisor supervises it (proxy.restart, the backoff, supervision.max_restarts, a restart
+killed when not ready in time, supervision.role_down_grace_seconds through ray_deployment.py)."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,7 +71,8 @@ class RayProxy:
 
     def check(self, runs: list[RayRun], now: float, policy: RestartPolicy) -> None:
         """A proxy that exited is restarted as the local supervisor does: proxy.restart, the backoff and
-        supervision.max_restarts (restarts in a row that never answered) apply."""
+        supervision.max_restarts (restarts in a row that never answered) apply, and a restart that has not
+        answered within READY_TIMEOUT_S is killed (its exit a failed restart)."""
         proxy, record = self.process, self.record
         if proxy is None:
             return
@@ -82,8 +85,26 @@ class RayProxy:
             record.due, record.started = None, now
             record.restarts += 1
             self.start(runs, note=f"restart {record.restarts} of the proxy ({record.last_exit})")
-        elif record.due is None and not record.ready and self.answers():
-            record.ready = True
+        elif record.due is None and not record.ready:
+            if self.answers():
+                record.ready = True
+            elif now - record.started > READY_TIMEOUT_S:
+                # Stuck while starting: killed, as the local supervisor does; its exit then counts as a failed restart.
+                self.say(f"the proxy is not ready {READY_TIMEOUT_S:.0f}s after restart {record.restarts}; killing it "
+                         f"(log {proxy.log_path})")
+                record.started = now
+                proxy.signal_group(signal.SIGKILL)
+
+    @property
+    def live(self) -> bool:
+        """Running and ready since its last (re)start: what supervision.role_down_grace_seconds watches."""
+        return self.process is not None and self.process.poll() is None and self.record.live
+
+    def outage(self) -> str:
+        """What began the proxy's outage, then how its restarts end (as the local supervisor says it)."""
+        record = self.record
+        later = f"; its last restart {record.last_exit}" if record.failures else ""
+        return f"it {record.outage_cause or 'did not answer'}{later}"
 
     def stop(self, drain: bool, hurry: Callable[[], bool]) -> None:
         """Let it drain (up to the drain timeout, when `drain`) and stop; killed once `hurry()` turns true."""
