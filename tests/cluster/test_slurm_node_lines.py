@@ -8,17 +8,21 @@ gets no deployment unless srun exports the whole environment (--export, SRUN_EXP
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import stat
+import types
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.launcher.backends import slurm
 from pdlaunch.launcher.backends.slurm import run_slurm
 from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
+from pdlaunch.launcher.serve import report_failure
 
 FAKE_SRUN = r"""#!/bin/bash
 export=${SRUN_EXPORT_ENV:-${SLURM_EXPORT_ENV:-ALL}}  # srun's --export: its flag, else these, SRUN_ first
@@ -156,6 +160,32 @@ def test_a_step_ending_without_its_own_error_shows_its_output(fake_dir: Path, te
     assert ("error: node 1's srun step (on 127.0.0.2, job 7) exited with code 137 while starting; stopping the "
             "deployment") in lines, lines
     assert "  Killed" in lines, lines  # the last lines of its output follow
+
+
+def test_a_step_whose_instance_failed_shows_its_launchers_error_and_the_instances_lines(
+        fake_dir: Path, term_guard: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """Node 1's launcher gave up on its decode (serve.report_failure: its error, then the last 20 lines of the
+    decode's log), and srun added its own line: the batch process showed the last 20 lines of that output, which
+    left out the node's error, the one line that says why (restarts off or spent, a role down)."""
+    engine = [f"2026-11-29 INFO decode-0 engine: step {i}" for i in range(30)] + [
+        "2026-11-29 ERROR decode-0 server: exiting: engine failed: CUDA error: out of memory"]
+    written = io.StringIO()
+    failed_child = types.SimpleNamespace(tail=lambda lines: engine[-lines:], log_path="logs/node1/decode-0.log")
+    report_failure(Console(file=written, width=80), "decode-0 exited with code 1, and restarts are off for it "
+                   "(instances[1].restart: false) (log: logs/node1/decode-0.log)", failed_child)  # type: ignore[arg-type]
+    report = written.getvalue().splitlines()
+    reason = report[0]
+    assert reason.startswith("error: decode-0 exited with code 1") and len(report) == 22, report
+    (fake_dir / "say-1").write_text("\n".join(["node 1: device cpu", *(f"INFO start {i}" for i in range(30)),
+                                                *report, SRUN_LINE]) + "\n")
+    (fake_dir / "exit-1").write_text("1")
+    code, lines = launcher_says(fake_dir, capsys)
+    assert code == 1, lines
+    assert ("error: node 1's srun step (on 127.0.0.2, job 7) exited with code 1 while starting; stopping the "
+            "deployment") in lines, lines
+    assert f"  {reason}" in lines, lines
+    shown = lines[lines.index(f"last 23 lines of {fake_dir / 'logs' / 'slurm-node1.log'}:") + 1:][:23]
+    assert shown == [f"  {line}" for line in [*report, SRUN_LINE]], lines
 
 
 def test_node_lines_are_read_whole_and_per_node(tmp_path: Path) -> None:

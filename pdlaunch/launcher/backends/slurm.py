@@ -17,8 +17,8 @@ sleep mode / the cumem allocator are each node's step's to check on its own mach
 resolved otherwise than node 0's stops the deployment (slurm_lines.py).
 
 It waits for the proxy to answer /health, then supervises the steps: each node's launcher restarts
-its own instances; a step that ends stops the deployment (exit 1, naming the node and its log, and
-repeating the step's own error line, `error: node K: FIELD: MESSAGE`, when it printed one).
+its own instances; a step that ends stops the deployment (exit 1, naming the node and its log; the step's own error
+line, `error: node K: FIELD: MESSAGE`, repeated, else its output from its launcher's last error: failure_lines).
 SIGINT/SIGTERM (`scancel --signal=TERM --batch`, Ctrl-C under salloc) stop it: it sends each srun
 SIGUSR1, which srun forwards to its node's launcher, each node drains and stops its processes, and
 this process exits 0 once every step has ended; a second signal meanwhile ends the steps at once
@@ -50,12 +50,12 @@ from rich.markup import escape
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.config.rules.node_ports import check_node_ports
 from pdlaunch.errors import PdlaunchError
-from pdlaunch.launcher.backends.slurm_lines import NodeDevices, node_error
+from pdlaunch.launcher.backends.slurm_lines import NodeDevices, failure_lines, node_error, show_lines
 from pdlaunch.launcher.backends.slurm_steps import cancel_left_steps, step_name
 from pdlaunch.launcher.log_dir_lock import LogDirLock
 from pdlaunch.launcher.process import ChildProcess, stop_all
 from pdlaunch.launcher.readiness import POLL_S, READY_TIMEOUT_S
-from pdlaunch.launcher.serve import StopSignals, report_failure
+from pdlaunch.launcher.serve import LOG_TAIL_LINES, StopSignals
 
 DEPLOYMENT_ENV = "PDLAUNCH_SLURM_DEPLOYMENT"  # the validated DeploymentConfig as JSON, for slurm_node
 STOP_SIGNAL = signal.SIGUSR1  # srun forwards it to the step's task (slurm_node turns it into a stop)
@@ -163,7 +163,9 @@ def failed(console: Console, cfg: DeploymentConfig, steps: list[ChildProcess], d
     node = steps.index(dead)
     said = node_error(dead.tail(END_LINES), node)
     if said is None:
-        report_failure(console, step_exit(cfg, dead, steps, job, when), dead)
+        console.print(f"[red]error:[/red] {escape(step_exit(cfg, dead, steps, job, when))}; stopping the deployment",
+                      highlight=False, soft_wrap=True)
+        show_lines(console, dead.log_path, failure_lines(dead.tail(END_LINES), LOG_TAIL_LINES))
         return True
     # The step's own reason (a check of its node failed) is the error; its output has nothing more to show.
     console.print(f"[red]error:[/red] {escape(said)}", highlight=False, soft_wrap=True)

@@ -11,6 +11,9 @@ no shared filesystem is needed):
   a poll of the second line.
 - `error: node K: FIELD: MESSAGE (HINT)`, why the step stopped (its checks, its plan): the batch process repeats
   it as its own error line instead of the step's bare exit code.
+- `error: MESSAGE; stopping the deployment`, then `last N lines of LOG:` and those lines: the node's launcher
+  gave up on one of its processes (launcher/serve.report_failure). A step that ended without its own error line
+  has its output shown from there (failure_lines), so that the node's reason is not cut off by the tail.
 
 srun labels every line with its task number (`0: node 1: device cuda`) under `--label` or SLURM_LABELIO. The
 batch process starts its steps without SLURM_LABELIO (slurm.py), and a label that is there anyway (a site's
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from rich.console import Console
 
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.errors import PdlaunchError
@@ -44,6 +49,22 @@ def unlabelled(line: str) -> str:
     """`line` without the task label srun puts before it under --label ("0: "), if any."""
     label = _SRUN_LABEL.match(line)
     return line[label.end():] if label else line
+
+
+def failure_lines(lines: list[str], count: int) -> list[str]:
+    """What of a step's last output `lines` the batch process shows when the step ended without its own error line:
+    from the last error its node's launcher printed (`error: ...`, which the last lines of the failed process's log
+    follow, up to 20, then srun's own lines) to the end, else the last `count`."""
+    starts = [i for i, line in enumerate(lines) if unlabelled(line).startswith("error: ")]
+    return lines[starts[-1]:] if starts else lines[-count:]
+
+
+def show_lines(console: Console, log_path: Path, lines: list[str]) -> None:
+    """`lines` of a step's output (LOG_DIR/slurm-nodeK.log), as serve.report_failure shows a failed child's."""
+    if lines:
+        console.print(f"last {len(lines)} lines of {log_path}:", highlight=False, markup=False, soft_wrap=True)
+        for line in lines:
+            console.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)
 
 
 def node_error(lines: list[str], node: int) -> str | None:
