@@ -55,9 +55,11 @@ def cluster() -> Iterator[RayCluster]:
 
 
 class Launcher:
-    """`pdlaunch serve CONFIG` on the Ray backend (through `argv_head`), output in a file."""
+    """`pdlaunch serve CONFIG` on the Ray backend (through `argv_head`), output in a file; `supervision`: the
+    config's supervision section, as YAML flow mapping."""
 
-    def __init__(self, cluster: RayCluster, ckpt: Path, tmp: Path, argv_head: list[str]) -> None:
+    def __init__(self, cluster: RayCluster, ckpt: Path, tmp: Path, argv_head: list[str],
+                 supervision: str = "{}") -> None:
         self.cluster, self.ckpt, self.logs = cluster, ckpt, tmp / "logs"
         self.proxy_port = _free_port()
         self.proxy = f"http://127.0.0.1:{self.proxy_port}"
@@ -75,6 +77,7 @@ cache: {{num_gpu_blocks: {NUM_BLOCKS}}}
 kv_transfer: {{connector: nixl, engine_id: {self.engine_id}}}
 # a stream whose decode is frozen stays open (no migration, no request deadline) until the drain ends
 proxy: {{host: 127.0.0.1, port: {self.proxy_port}, migration_limit: 0, request_timeout_seconds: 3600}}
+supervision: {supervision}
 log_dir: {self.logs}
 instances:
   - {{role: prefill, count: 1, tp: 1, base_port: {_free_port()}}}
