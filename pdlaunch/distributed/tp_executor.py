@@ -106,16 +106,15 @@ class TPExecutor:
                     f"no answer to {type(call).__name__} within {REPLY_TIMEOUT_S:.0f}s"), rank)
             try:
                 message = self._ranks.read_reply(rank, conn, call)
+                if isinstance(message, RankFailed):  # the rank exits right after: the instance cannot serve on
+                    self._fail(message.message)
+                    raise EngineError(message.message, field="parallel.tp", hint=f"see {self._ranks.log_of(rank)}; "
+                                      "the instance must restart")
+                replies.append(check_reply(call, message, self._ranks.where(rank)))
             except (EOFError, OSError) as exc:  # raised with the link's lock released: the watchdog may name it
                 raise self._rank_failure(exc, rank) from exc
-            if isinstance(message, RankFailed):  # the rank exits right after: the instance cannot serve on
-                self._fail(message.message)
-                raise EngineError(message.message, field="parallel.tp", hint=f"see {self._ranks.log_of(rank)}; "
-                                  "the instance must restart")
-            try:
-                replies.append(check_reply(call, message, self._ranks.where(rank)))
-            except UnexpectedMessage as exc:  # the later ranks' replies stay unread: their links are out of step
-                self._fail(exc.message)
+            except UnexpectedMessage as exc:  # unreadable, or no answer to `call`: the later ranks' replies stay
+                self._fail(exc.message)  # unread, their links out of step (a later call would take them as its own)
                 raise
         return replies
 
