@@ -78,6 +78,8 @@ class TPExecutor:
         self.failure = self.failure or message  # the first failure is the cause (a RankFailed _mirror read)
 
     def _rank_failure(self, exc: BaseException, rank: int | None = None) -> EngineError:
+        if self.failure is None:  # a link read stopped mid-message is out of step: nothing more is read there
+            self._read_sent_reason(skip=rank if isinstance(exc, MessageStalled) else None)
         deadline = time.monotonic() + DEATH_REPORT_WAIT_S
         while self.failure is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -88,6 +90,20 @@ class TPExecutor:
                                        else f"a TP collective failed: {exc}{self._ranks.stopped()}")
         self.failure = message
         return EngineError(message, field="parallel.tp", hint="see that rank's log; the instance must restart")
+
+    def _read_sent_reason(self, skip: int | None) -> None:
+        """Fail with the reason a rank sent (RankFailed) that waits unread on its link. A rank sends it before it
+        leaves the group, so it is there once a collective failed for that; the watchdog names the rank only once
+        its process ended, after a teardown (connector, memory, interpreter) that may outlast DEATH_REPORT_WAIT_S."""
+        for rank, conn in enumerate(self._ranks.links, start=1):
+            try:
+                pending = rank != skip and conn.poll(0)
+            except OSError:  # closed here already
+                continue
+            reason = self._ranks.drain_reason(rank, conn) if pending else None
+            if reason is not None:
+                self._fail(f"{reason} (sent by {self._ranks.where(rank)})")
+                return
 
     def wrap_connector(self, connector: KVConnector) -> KVConnector:
         """Rank 0's connector, with every scheduler-side call mirrored to the other ranks' connectors."""
