@@ -4,7 +4,8 @@ Messages are pickled with plain pickle (a tensor is copied, never shared through
 Anything that arrives and is not a message (a peer running another pdlaunch version, a message in the
 wrong place) is an `UnexpectedMessage` naming the peer and what it sent; a message whose fields do not hold
 what it carries (`problem()`, and a call's `reply_problem` for a Reply) is a `MalformedMessage`, one of
-them; a peer that stops in the middle of a message is a `MessageStalled`.
+them; a peer that stops in the middle of a message is a `MessageStalled`; a frame announcing more than
+MAX_MESSAGE_BYTES is an `OversizedMessage`, refused before anything is allocated for it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from pdlaunch.errors import EngineError
 # stopped, hung, or its node unreachable, and reading on would block the reader for as long.
 MESSAGE_STALL_S = 30.0
 _TIMEVAL = struct.Struct("ll")  # struct timeval, as SO_RCVTIMEO takes it
+# Far above any message: the largest, a step's block tables ([requests, blocks] int64 per KV-cache group), is
+# 512 MiB a group for 1,024 requests beside one of 1M tokens in 16-token blocks. A frame announcing more is a link
+# out of step or a peer not speaking this stream; read as given, its length was asked of the OS in one piece.
+MAX_MESSAGE_BYTES = 4 << 30
+_BAD_LENGTH = ("bad message length",)  # the OSError Connection.recv_bytes raises for a frame over its maxlength
 
 M = TypeVar("M", bound=Message)
 
@@ -51,6 +57,14 @@ class MalformedMessage(UnexpectedMessage):
                          f"{short(arrived)}")
 
 
+class OversizedMessage(UnexpectedMessage):
+    """A peer's frame announced more than MAX_MESSAGE_BYTES. The link is out of step: the peer must be failed."""
+
+    def __init__(self, peer: str, expected: str | None) -> None:
+        super().__init__(peer, None, expected, what=f"a message longer than {MAX_MESSAGE_BYTES} bytes (the bound: "
+                         "a link out of step)")
+
+
 class MessageStalled(TimeoutError):
     """A peer sent part of a message, then nothing for MESSAGE_STALL_S. An OSError as a broken link is: the
     link is out of step (a later read would start inside this message) and the peer must be failed."""
@@ -65,7 +79,11 @@ class MessageStalled(TimeoutError):
 def send(conn: Connection, msg: Message) -> None:
     if not isinstance(msg, MESSAGE_TYPES):
         raise TypeError(f"not a TP message: {describe(msg)}")
-    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) > MAX_MESSAGE_BYTES:  # the peer would refuse it as a link out of step
+        raise EngineError(f"a {type(msg).__name__} of {len(data)} bytes is longer than the {MAX_MESSAGE_BYTES} bytes "
+                          "a rank reads", field="parallel.tp", hint="lower scheduler.max_num_seqs or max_model_len")
+    conn.send_bytes(data)
 
 
 def recv(conn: Connection, peer: str, expected: str | None = None, stall_s: float | None = None) -> Message:
@@ -74,7 +92,7 @@ def recv(conn: Connection, peer: str, expected: str | None = None, stall_s: floa
 
     EOFError/OSError when the connection is closed; MessageStalled (an OSError) when the peer sends nothing
     for `stall_s` (default MESSAGE_STALL_S) before the message is whole; UnexpectedMessage for anything but a
-    message."""
+    message (OversizedMessage: a frame announcing more than MAX_MESSAGE_BYTES)."""
     data = _read_message(conn, peer, expected, MESSAGE_STALL_S if stall_s is None else stall_s)
     try:
         msg: object = pickle.loads(data)
@@ -110,9 +128,13 @@ def _read_message(conn: Connection, peer: str, expected: str | None, stall_s: fl
         micros = max(1, round(stall_s * 1_000_000))  # SO_RCVTIMEO 0 would mean no bound at all
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _TIMEVAL.pack(*divmod(micros, 1_000_000)))
         try:
-            return conn.recv_bytes()
+            return conn.recv_bytes(MAX_MESSAGE_BYTES)
         except BlockingIOError:  # what a read past SO_RCVTIMEO raises
             raise MessageStalled(peer, expected, stall_s) from None
+        except OSError as exc:
+            if exc.args == _BAD_LENGTH:
+                raise OversizedMessage(peer, expected) from None
+            raise
         finally:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, before)
     finally:
