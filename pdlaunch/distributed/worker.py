@@ -37,6 +37,7 @@ from pdlaunch.distributed.parallel_state import SealedStore, destroy_tp_group
 from pdlaunch.distributed.rank import RankState, build_rank, kv_cache_spec, rank_device
 from pdlaunch.distributed.remote_link import link_timed_out, peer_address
 from pdlaunch.distributed.tp_connector import rank_connector_call
+from pdlaunch.errors import PdlaunchError
 from pdlaunch.kv_transfer.base import KVConnector
 from pdlaunch.memory.heap import freeze_startup_heap, thaw_heap
 from pdlaunch.memory.platform import set_device
@@ -89,7 +90,7 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
             sys.exit(1)
         log.error("TP rank %d failed: %s\n%s", rank, exc, traceback.format_exc())
         try:
-            send(conn, RankFailed(f"TP rank {rank} failed: {exc}"))
+            send(conn, RankFailed(f"TP rank {rank} failed: {failure_text(exc)}"))
         except OSError:
             pass
         sys.exit(1)
@@ -100,6 +101,18 @@ def serve_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
         if state is not None:
             state.runner.release()
         destroy_tp_group()
+
+
+def failure_text(exc: BaseException) -> str:
+    """`exc` in one line for rank 0's error: ours as written for the user; another with its type and the line that
+    raised it (its text alone may be empty: a bare assert, MemoryError; the traceback stays in this rank's log)."""
+    if isinstance(exc, PdlaunchError):
+        return str(exc)
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return text
+    return f"{text} (raised at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name})"
 
 
 def build_worker_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | None, device_type: str,
