@@ -9,6 +9,7 @@ dead rank never joins fails with gloo at once and with NCCL at COLLECTIVE_TIMEOU
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -52,6 +53,9 @@ class TPExecutor:
         self._watchdog = threading.Thread(target=watch, args=(self._ranks, self._fail), name="pdlaunch-tp-watchdog",
                                           daemon=True)
         self._watchdog.start()
+        # A process that ends without shutdown() would wait at exit for good: multiprocessing's exit handler (run after
+        # this one: registered first) SIGTERMs the workers, which ignore it (worker.py), then joins them unbounded.
+        atexit.register(self._ranks.stop)
         log.info("TP group of %d ranks ready (local worker pids %s, ranks on other nodes: %s)", self.tp_size,
                  [p.pid for p in self._ranks.procs.values()], self._ranks.remote or "none")
 
@@ -151,6 +155,7 @@ class TPExecutor:
         """Stop and reap every worker, leave the group, free this rank's memory. Idempotent."""
         if self._ranks.closing.is_set() and not self._ranks.links:
             return
+        atexit.unregister(self._ranks.stop)
         self._ranks.stop()
         self._ranks.procs = {}
         self._ranks.links = []
