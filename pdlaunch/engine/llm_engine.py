@@ -73,6 +73,15 @@ class LLMEngine(EngineRequests, EngineStep):
         # tp > 1: this process becomes TP rank 0 and spawns the other ranks (pdlaunch.distributed).
         self.executor = create_executor(config, instance, self.checkpoint, self.device, self.dtype,
                                         self.max_model_len, self.engine_id)
+        self.connector: KVConnector | None = None
+        try:
+            self._build(config, instance, connector)
+        except BaseException:
+            self._discard_partial_build()
+            raise
+
+    def _build(self, config: DeploymentConfig, instance: InstanceSpec | None, connector: KVConnector | None) -> None:
+        """What the engine builds once its executor runs (a failure here shuts that executor down: __init__)."""
         self.engine_id = self.executor.engine_id  # rank 0's, adopted by every rank (vLLM #39907)
         self.runner = self.executor.runner
         groups = self.runner.groups
@@ -80,10 +89,9 @@ class LLMEngine(EngineRequests, EngineStep):
                                           [g.sliding_window for g in groups], config.cache.enable_prefix_caching)
         if connector is None and instance is not None and self.role in ("prefill", "decode"):
             connector = self._create_connector(config, instance)
-        if connector is not None:
-            connector = self.executor.wrap_connector(connector)  # tp > 1: mirrored to every rank's own
         self.connector = connector
         if connector is not None:
+            self.connector = connector = self.executor.wrap_connector(connector)  # tp > 1: mirrored to every rank
             connector.register_kv_caches(self.kv_cache_spec())
         self.offload = self._create_offload(config)
         self.scheduler = Scheduler(self.block_manager, config.scheduler.max_num_seqs,
@@ -117,6 +125,20 @@ class LLMEngine(EngineRequests, EngineStep):
                  self.engine_id, self.role, self.checkpoint.name, self.device, self.dtype,
                  self.block_manager.num_blocks, self.block_size, self.max_model_len)
         freeze_startup_heap()  # no collector walk over the startup heap while serving (memory/heap.py)
+
+    def _discard_partial_build(self) -> None:
+        """The build failed after the executor started: its TP ranks and the runner's memory, a connector already
+        made (its agent, side channel) and the offload tier go before the error does; a failure here is logged,
+        not raised over the build's own."""
+        parts = (("CPU offload tier", getattr(self, "offload", None)), ("KV connector", self.connector),
+                 ("executor", self.executor))
+        for what, part in parts:
+            if part is None:
+                continue
+            try:
+                part.shutdown()
+            except Exception:  # noqa: BLE001 - the build's error is the one to report
+                log.exception("shutting down the %s of a failed engine build failed", what)
 
     # -- construction helpers --------------------------------------------------------------------
     def _bind_device(self, device: str) -> torch.device:
