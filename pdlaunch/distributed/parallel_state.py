@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 RENDEZVOUS_TIMEOUT_S = 120.0  # every rank must join within this (model loading happens after it)
 COLLECTIVE_TIMEOUT_S = 60.0  # a collective that waits longer on a peer fails instead of hanging
+LOAD_WAIT_S = 900.0  # how far apart the ranks may finish loading their weights (TPGroup.loaded)
 JOIN_POLL_S = 0.2  # while rank 0 waits for the others to come to the join, how often it looks at the store
 LOCAL_STORE_HOST = "127.0.0.1"  # where the store of a group on one host listens (and its ranks dial)
 STORE_PURPOSE = b"pdlaunch tp rendezvous store v1"
@@ -65,6 +66,20 @@ class TPGroup:
         t = torch.tensor([value], dtype=torch.long)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.cpu_group)
         return int(t.item())
+
+    def loaded(self, timeout_s: float = LOAD_WAIT_S) -> None:
+        """Wait until every rank loaded its weights (a gloo barrier with its own, longer timeout), so that the
+        first collective after loading (the profiling forward's, or the KV block count's) never waits on a rank
+        still loading: a node reading a cold disk can be minutes behind, past COLLECTIVE_TIMEOUT_S. EngineError
+        naming what it waited for when the ranks do not all come within `timeout_s`."""
+        try:
+            dist.monitored_barrier(group=self.cpu_group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        except RuntimeError as exc:
+            raise EngineError(f"TP rank {self.rank}: the {self.size} ranks did not all load their weights within "
+                              f"{timeout_s:.0f}s of each other: {(str(exc) or type(exc).__name__).splitlines()[0]}",
+                              field="parallel.tp",
+                              hint="see the log of the rank named: a slow disk, or a rank that failed while "
+                                   "loading") from None
 
     def all_gather_object(self, value: Any) -> list[Any]:
         """`value` of every rank, in rank order."""

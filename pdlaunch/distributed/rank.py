@@ -50,7 +50,7 @@ def build_rank(rank: int, config: DeploymentConfig, instance: InstanceSpec | Non
     engine_id = sync_engine_id(config, group.cpu_group, instance)
     runner = ModelRunner(checkpoint, device, dtype, instance_cache(config, instance), config.scheduler, max_model_len,
                          tp_rank=rank, tp_size=tp, use_cumem=config.model.enable_cumem_allocator,
-                         agree_num_blocks=group.min_int,
+                         agree_num_blocks=group.min_int, after_load=group.loaded,
                          expert_parallel=(instance.expert_parallel if instance is not None
                                           else config.parallel.enable_expert_parallel),
                          role=instance.role if instance is not None else "colocated")

@@ -51,6 +51,7 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         tp_size: int = 1,
         use_cumem: bool = False,
         agree_num_blocks: Callable[[int], int] | None = None,
+        after_load: Callable[[], None] | None = None,
         decode_graphs: bool = False,
         expert_parallel: bool = False,
         role: Role = "colocated",
@@ -58,7 +59,8 @@ class ModelRunner(KVCacheTensors, GraphSetup):
         prompt_rows: bool | None = None,
     ) -> None:
         """`agree_num_blocks` turns this rank's block count into the one every TP rank uses
-        (the minimum over ranks), so block ids mean the same slots on every rank.
+        (the minimum over ranks), so block ids mean the same slots on every rank. `after_load` runs once the
+        weights are loaded, before anything that waits on the other TP ranks (TPGroup.loaded).
 
         `decode_graphs`: replay decode steps from CUDA graphs (runner/cuda_graphs.py; TP 1 and a
         cache the Triton kernels serve, else eager). On CPU the same padded path runs eagerly.
@@ -97,6 +99,8 @@ class ModelRunner(KVCacheTensors, GraphSetup):
                      "than this GPU: split it over more GPUs (--tp), quantize it (--quantization fp8), or give it a "
                      "GPU of its own",
             ) from None
+        if after_load is not None:
+            after_load()
         if arch.moe is not None and tp_rank == 0:
             log.info("MoE: %s over TP %d", "whole experts per rank (expert parallel)" if expert_parallel
                      else "every expert's width split", tp_size)
