@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from pdlaunch.config.deployment_config import DeploymentConfig, InstanceSpec, instance_spec_from_json
 from pdlaunch.config.gil_switch import gil_switch_seconds
 from pdlaunch.errors import ArgumentParser, argument_type
+from pdlaunch.http.header_timeout import HeaderTimeoutProtocol
 from pdlaunch.server.app import build_app
 from pdlaunch.server.engine_loop import EngineLoop
 from pdlaunch.server.watchdog import watch_parent
@@ -48,6 +50,15 @@ def max_pending_requests(config: DeploymentConfig) -> int:
     return max(256, 8 * config.scheduler.max_num_seqs)
 
 
+def server_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    """How an instance serves its app: h11 with a bound on the wait for a request's headers
+    (http/header_timeout.py), which uvicorn's own protocols lack."""
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="info", access_log=False, http=HeaderTimeoutProtocol,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, timeout_keep_alive=KEEP_ALIVE_S, lifespan="on",
+    )
+
+
 def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], None] | None = None) -> int:
     """`on_server` receives the server before it runs (a Ray rank-0 actor stops it through should_exit)."""
     sys.setswitchinterval(gil_switch_seconds(os.environ))  # the engine thread and the event loop: config/gil_switch.py
@@ -74,10 +85,7 @@ def main(argv: list[str] | None = None, on_server: Callable[[uvicorn.Server], No
 
     engine_loop = EngineLoop(build_engine, max_pending_requests=max_pending_requests(config), on_fatal=on_fatal)
     app = build_app(engine_loop, config, spec)
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=spec.host, port=spec.port, log_level="info", access_log=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, timeout_keep_alive=KEEP_ALIVE_S, lifespan="on",
-    ))
+    server = uvicorn.Server(server_config(app, spec.host, spec.port))
     if on_server is not None:
         on_server(server)
     if args.parent_pid is not None:

@@ -56,11 +56,12 @@ def follow_decode_feed(url: str, until: Callable[[Any], bool], stop: threading.E
     return asyncio.run(follow())
 
 class ThreadServer:
-    """Serve an ASGI app on 127.0.0.1:port from a daemon thread (lifespan included)."""
+    """Serve an ASGI app on 127.0.0.1:port from a daemon thread (lifespan included); `config`: uvicorn's
+    settings of a real process instead (their app and port)."""
 
-    def __init__(self, app: Any, port: int, start_timeout: float = 120.0) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
-                                                   timeout_graceful_shutdown=1))
+    def __init__(self, app: Any, port: int, start_timeout: float = 120.0, config: uvicorn.Config | None = None) -> None:
+        self.server = uvicorn.Server(config or uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error",
+                                                             timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{port}"
         self.start_timeout = start_timeout

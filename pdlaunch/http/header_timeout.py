@@ -1,0 +1,70 @@
+"""A bound on the wait for a request's headers, which uvicorn does not have.
+
+uvicorn times out a connection only between two requests (timeout_keep_alive, and only until a byte of the
+next one arrives): a client that connects and sends nothing, or sends its headers a byte now and then (a
+slowloris), held its connection and file descriptor forever, and enough of them left the process none to
+accept the proxy's requests with. `HeaderTimeoutProtocol` (uvicorn's h11 protocol, given as uvicorn.Config's
+`http`) closes a connection whose request headers have not all come HEADER_TIMEOUT_SECONDS after it opened or
+after the first byte of a request on a kept-alive connection: with a 408 naming the wait when part of them came,
+silently when nothing did (as uvicorn ends an idle kept-alive connection). h11 bounds the headers' size (16 KiB).
+The body's own wait is BodyLimit's (limits.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from pdlaunch.http.errors import error_body
+
+HEADER_TIMEOUT_SECONDS = 30.0
+
+
+def _timeout_response() -> bytes:
+    body = json.dumps(error_body(408, f"the request's headers did not all arrive within {HEADER_TIMEOUT_SECONDS:g} s",
+                                 code="request_timeout")).encode()
+    head = (f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol (h11), closing a connection whose request headers take too long."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._wait_for_headers()
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # a request's first bytes on a kept-alive connection
+            self._wait_for_headers()
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # its headers came (or the connection failed or closed)
+            self._stop_waiting()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def _wait_for_headers(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._headers_late)
+
+    def _stop_waiting(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        received, _ = self.conn.trailing_data  # what came of the request, not parsed yet
+        if received:  # a client that sends nothing (a port probe, an idle pooled socket) gets no answer
+            self.transport.write(_timeout_response())
+        self.transport.close()
