@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from functools import partial
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+
+from pdlaunch.http import stalled_reader
+
+log = logging.getLogger("pdlaunch.http")
 
 DONE = b"data: [DONE]\n\n"  # the last event of every OpenAI stream
 
@@ -107,8 +113,9 @@ async def ending_with_done(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """A streaming response whose `on_close` runs however it ends: finished, failed, or the client
-    left before the body iterator even started (then the iterator's own `finally` never runs). SSE by
+    """A streaming response whose `on_close` runs however it ends: finished, failed, the client left
+    before the body iterator even started (then the iterator's own `finally` never runs), or it stopped
+    reading (a send waited SEND_STALL_SECONDS: the stream ends unfinished, stalled_reader.py). SSE by
     default (an error event that ends it is followed by [DONE]: ending_with_done); another `media_type`
     (e.g. NDJSON) streams the same way."""
 
@@ -119,8 +126,12 @@ class ClosingStreamingResponse(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = partial(StreamingResponse.__call__, self, scope, receive)
         try:
-            await super().__call__(scope, receive, send)
+            if not await stalled_reader.stream_while_read(stream, send):
+                # uvicorn then logs that the response is incomplete, and closes the connection once it can
+                log.warning("%s %s: the client read nothing of the stream for %g s; the stream ends unfinished",
+                            scope.get("method"), scope.get("path"), stalled_reader.SEND_STALL_SECONDS)
         finally:
             await self._on_close()
 
