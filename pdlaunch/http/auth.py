@@ -68,11 +68,15 @@ class AccessPolicy:
     def from_secrets(cls, api_key: str | None, deployment_secret: str | None) -> AccessPolicy:
         return cls(api_key or None, internal_token(deployment_secret) if deployment_secret else None)
 
+    def is_internal(self, token: str | None) -> bool:
+        """Whether an INTERNAL_TOKEN_HEADER value is this deployment's internal token."""
+        return _same(token, self.internal)
+
     def check(self, path: str, authorization: str | None, token: str | None) -> OpenAIError | None:
         """None when the caller may use `path`, else the error to answer with."""
         if path in OPEN_PATHS:
             return None
-        is_internal = _same(token, self.internal)
+        is_internal = self.is_internal(token)
         if path.startswith(INTERNAL_PREFIX):
             if is_internal:
                 return None

@@ -7,6 +7,11 @@ ends when the client goes away, when the client falls behind by more
 than the log's bound (reconnect: a new snapshot follows), or when the engine stops; the client tells
 those apart only by reconnecting. Access is that of /info (http/auth.py): the API key, or the
 deployment's internal token that the proxy sends.
+
+A caller without the internal token opens a stream only while fewer than MAX_SUBSCRIBERS are open (a 503
+otherwise): the engine thread hands every change to every subscriber and the event loop wakes each of them, so
+thousands of idle streams slowed every request of the instance many times over. The deployment's own (the
+proxy's, one per proxy worker) always open.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import Response
 
+from pdlaunch.http.auth import INTERNAL_TOKEN_HEADER, AccessPolicy
 from pdlaunch.http.disconnect import ClientDisconnected, DisconnectWatch
 from pdlaunch.http.errors import OpenAIError
 from pdlaunch.http.sse import ClosingStreamingResponse
@@ -29,14 +35,22 @@ from pdlaunch.server.instance import Handler, instance_of
 KV_EVENTS_PATH = "/v1/kv_events"
 NDJSON = "application/x-ndjson"
 ENGINE_CHECK_S = 1.0  # how often an idle stream checks that the engine still runs
+MAX_SUBSCRIBERS = 32  # the proxy's workers and a few routers of a few processes each
 
 
 async def kv_events(request: Request) -> Response:
-    engine_loop = instance_of(request).engine_loop
+    instance = instance_of(request)
+    engine_loop = instance.engine_loop
     if engine_loop.state != "ready":
         raise OpenAIError(503, f"engine is not ready (state: {engine_loop.state})", code="not_ready")
     engine = engine_loop.engine
     log: KvEventLog = engine.block_manager.events
+    internal = AccessPolicy.from_secrets(None, instance.config.security.deployment_secret).is_internal(
+        request.headers.get(INTERNAL_TOKEN_HEADER))
+    if not internal and log.num_subscribers >= MAX_SUBSCRIBERS:
+        raise OpenAIError(503, f"{log.num_subscribers} streams of this instance's KV events are open; a client opens "
+                               f"one while fewer than {MAX_SUBSCRIBERS} are: close one and retry",
+                          code="too_many_subscribers")
     subscriber, cached = log.subscribe(asyncio.get_running_loop())
     snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
                           hashes=[hash_hex(h) for h in cached],

@@ -1,10 +1,12 @@
 """GET /v1/kv_events on a real instance (engine thread + HTTP API, tiny model): the snapshot, then the
 prompt's block hashes as `stored`, their `removed` once a small cache reuses the blocks; the API key
-guards it as it guards /info; a client that leaves is unsubscribed; an idle stream sends heartbeats."""
+guards it as it guards /info; a client that leaves is unsubscribed; an idle stream sends heartbeats; clients open a
+bounded number of streams, the deployment's own processes any."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -12,6 +14,7 @@ import pytest
 from pdlaunch.config.deployment_config import DeploymentConfig
 from pdlaunch.http.auth import internal_headers
 from pdlaunch.kvcache.events import KV_EVENT, KvSnapshot, hash_hex, prompt_block_hashes
+from pdlaunch.server import kv_events
 from pdlaunch.server.engine_loop import EngineLoop
 from tests.serving.helpers import in_process_instance, wait_for
 
@@ -93,3 +96,34 @@ def test_an_idle_stream_sends_heartbeats(server: tuple[str, EngineLoop], monkeyp
         lines = stream.iter_lines()
         assert isinstance(KV_EVENT.validate_json(next(lines)), KvSnapshot)
         assert [next(lines), next(lines)] == ["", ""]  # nothing cached changes: two heartbeats, nothing else
+
+
+def test_clients_open_a_bounded_number_of_streams_the_deployment_any(server: tuple[str, EngineLoop],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kv_events, "MAX_SUBSCRIBERS", 2)
+    url, loop = server
+    client = {"Authorization": f"Bearer {API_KEY}"}
+    events = loop.engine.block_manager.events
+    lines: list[Iterator[str]] = []  # each open stream's reader: one dropped closes its stream
+
+    def opened(streams: ExitStack, headers: dict[str, str]) -> httpx.Response:
+        stream = streams.enter_context(httpx.stream("GET", f"{url}/v1/kv_events", headers=headers, timeout=60))
+        if stream.status_code == 200:
+            lines.append(stream.iter_lines())
+            assert isinstance(KV_EVENT.validate_json(next(lines[-1])), KvSnapshot)  # subscribed by then
+        return stream
+
+    with ExitStack() as streams:
+        assert [opened(streams, client).status_code for _ in range(2)] == [200, 200]
+        refused = opened(streams, client)
+        assert refused.status_code == 503, "a third client stream was opened"
+        error = refused.read() and refused.json()["error"]
+        assert error["code"] == "too_many_subscribers", error
+        assert error["message"] == ("2 streams of this instance's KV events are open; a client opens one while fewer "
+                                    "than 2 are: close one and retry"), error
+        assert opened(streams, internal_headers(SECRET)).status_code == 200  # the proxy's feed is never refused
+        assert events.num_subscribers == 3
+    lines.clear()
+    wait_for(lambda: events.num_subscribers == 0, "the streams' unsubscribes", 30)
+    with ExitStack() as streams:
+        assert opened(streams, client).status_code == 200  # closed streams free their places
