@@ -34,6 +34,7 @@ from pdlaunch.server.instance import Handler, instance_of
 
 KV_EVENTS_PATH = "/v1/kv_events"
 NDJSON = "application/x-ndjson"
+HEADERS = {"Cache-Control": "no-cache"}
 ENGINE_CHECK_S = 1.0  # how often an idle stream checks that the engine still runs
 MAX_SUBSCRIBERS = 32  # the proxy's workers and a few routers of a few processes each
 
@@ -51,6 +52,8 @@ async def kv_events(request: Request) -> Response:
         raise OpenAIError(503, f"{log.num_subscribers} streams of this instance's KV events are open; a client opens "
                                f"one while fewer than {MAX_SUBSCRIBERS} are: close one and retry",
                           code="too_many_subscribers")
+    if request.method == "HEAD":  # what a GET would answer, less the stream: one never ends, nor its connection
+        return Response(media_type=NDJSON, headers=HEADERS)
     subscriber, cached = log.subscribe(asyncio.get_running_loop())
     snapshot = KvSnapshot(seq=0, engine_id=engine.engine_id, block_size=engine.block_size,
                           hashes=[hash_hex(h) for h in cached],
@@ -60,7 +63,7 @@ async def kv_events(request: Request) -> Response:
         log.unsubscribe(subscriber)
 
     return ClosingStreamingResponse(_lines(request, engine_loop, log, subscriber, snapshot), on_close=unsubscribe,
-                                    headers={"Cache-Control": "no-cache"}, media_type=NDJSON)
+                                    headers=HEADERS, media_type=NDJSON)
 
 
 async def _lines(request: Request, engine_loop: EngineLoop, log: KvEventLog, subscriber: KvEventSubscription,

@@ -1,7 +1,7 @@
 """GET /v1/kv_events on a real instance (engine thread + HTTP API, tiny model): the snapshot, then the
 prompt's block hashes as `stored`, their `removed` once a small cache reuses the blocks; the API key
 guards it as it guards /info; a client that leaves is unsubscribed; an idle stream sends heartbeats; clients open a
-bounded number of streams, the deployment's own processes any."""
+bounded number of streams, the deployment's own processes any; a HEAD answers without a stream."""
 
 from __future__ import annotations
 
@@ -127,3 +127,15 @@ def test_clients_open_a_bounded_number_of_streams_the_deployment_any(server: tup
     wait_for(lambda: events.num_subscribers == 0, "the streams' unsubscribes", 30)
     with ExitStack() as streams:
         assert opened(streams, client).status_code == 200  # closed streams free their places
+
+
+def test_a_head_answers_the_headers_and_opens_no_stream(server: tuple[str, EngineLoop]) -> None:
+    url, loop = server
+    events = loop.engine.block_manager.events
+    wait_for(lambda: events.num_subscribers == 0, "the earlier tests' streams to close", 30)
+    with httpx.Client(headers=internal_headers(SECRET), timeout=60) as client:
+        head = client.head(f"{url}/v1/kv_events")
+        assert head.status_code == 200 and head.headers["content-type"].startswith("application/x-ndjson")
+        # the same connection serves the next request: the HEAD's answer ended (a stream never did)
+        assert client.get(f"{url}/health").status_code == 200
+        assert events.num_subscribers == 0
