@@ -29,12 +29,14 @@ from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from pdlaunch.config.instance_names import instance_name
 from pdlaunch.config.launcher_config import SecurityConfig
 from pdlaunch.config.log_level import LOG_LEVEL_ENV, LOG_LEVELS
 from pdlaunch.config.rules.chat_template import chat_template_problems
 from pdlaunch.errors import ArgumentParser, PdlaunchError
+from pdlaunch.http.header_timeout import HeaderTimeoutProtocol
 from pdlaunch.memory.heap import freeze_startup_heap
 from pdlaunch.model.demo import resolve_model_path
 from pdlaunch.proxy.app import build_proxy_app
@@ -170,6 +172,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def proxy_server_config(app: ASGIApp, host: str, port: int, access_log: bool, drain_s: int) -> uvicorn.Config:
+    """How the proxy (each of its workers) serves: h11 with a bound on the wait for a request's headers
+    (http/header_timeout.py), as an instance serves."""
+    return uvicorn.Config(app, host=host, port=port, log_level="info", access_log=access_log,
+                          http=HeaderTimeoutProtocol, timeout_graceful_shutdown=drain_s, lifespan="on")
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every flag's range and the combinations the proxy needs (parser.error: exit 2 naming the flag)."""
     if args.max_request_bytes <= 0:
@@ -284,10 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                           tokenizer_dir=args.tokenizer, chat_template=args.chat_template)
     freeze_startup_heap()  # no collector walk over the startup heap while relaying streams (memory/heap.py)
     drain_s = max(1, int(round(args.drain_timeout)))
-    server = DrainingServer(uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
-        timeout_graceful_shutdown=drain_s, lifespan="on",
-    ), on_shutdown=lambda: app.state.proxy_state.proxy.begin_shutdown(drain_s))
+    server = DrainingServer(proxy_server_config(app, args.host, args.port, args.access_log, drain_s),
+                            on_shutdown=lambda: app.state.proxy_state.proxy.begin_shutdown(drain_s))
     if args.parent_pid is not None:
         watch_parent(args.parent_pid, lambda: setattr(server, "should_exit", True))
     # A worker accepts on the supervisor's socket; a single proxy binds its own.
