@@ -109,7 +109,7 @@ class RankListener:
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
             if not conn.poll(seconds):
-                raise TimeoutError("no hello")
+                raise TimeoutError(f"it did not finish its handshake within {seconds:.1f}s (no Hello)")
             hello = recv_as(conn, peer, Hello)
         except (AuthenticationError, OSError, EOFError, UnexpectedMessage) as exc:
             cut = cutoff.end()

@@ -50,7 +50,8 @@ def test_a_stream_nobody_reads_stops_its_request(server: tuple[str, EngineLoop],
         conn.connect((host, int(port)))
         conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        wait_for(lambda: info(url)["num_pending_requests"] == 1, "the request to start", 60)
-        wait_for(lambda: info(url)["num_pending_requests"] == 0, "the unread request to end", 300)
+        # (no wait for it to start first: on a loaded machine it may start and be stopped between two polls)
+        wait_for(lambda: info(url)["num_aborted_requests"] >= aborted + N, "the unread request's samples to be "
+                 "aborted (not run to their end)", 300)
         ended = info(url)
-        assert ended["num_aborted_requests"] == aborted + N, f"it ran to its end: {ended}"  # not stopped
+        assert ended["num_pending_requests"] == 0 and ended["num_aborted_requests"] == aborted + N, ended
